@@ -114,7 +114,13 @@ class Compiled:
 
         return {
             "llmc_version": __import__("llmc").__version__,
-            "spec": {"path": self.spec_path, "sha256": self.spec_sha256, "name": self.spec.name},
+            "spec": {
+                "path": self.spec_path,
+                "sha256": self.spec_sha256,
+                "name": self.spec.name,
+                # the whole resolved spec: the runtime reads data/training/stages from here
+                "resolved": self.spec.model_dump(mode="json"),
+            },
             "model": {"architecture": self.spec.model.model_dump(mode="json"), **dc(self.model)},
             "hardware": dc(self.gpu) if self.gpu is not None else None,
             "compute": dc(self.compute),
