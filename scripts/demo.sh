@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The embedded default: plan, build and train the tiny example on this CPU (no network needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+SPEC=${1:-examples/tiny_cpu.yaml}
+NAME=$(basename "$SPEC" .yaml)
+.venv/bin/llmc plan "$SPEC"
+.venv/bin/llmc build "$SPEC" -o "build/$NAME"
+.venv/bin/llmc launch "build/$NAME"

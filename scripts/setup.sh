@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv and install llmc with every extra (torch 2.14.1, torchtitan 0.3.0, deepspeed 0.19.8, test tools).
+# Idempotent: skips the install when pyproject.toml has not changed since the last successful run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.llmc-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  .venv/bin/pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+  # DS_BUILD_OPS=0: DeepSpeed JIT-builds only the ops a run needs (none for llmc's CPU tests but shm_comm).
+  DS_BUILD_OPS=0 .venv/bin/pip install --quiet -e '.[all]'
+  echo "$want" > "$stamp"
+fi
