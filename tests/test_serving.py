@@ -1,0 +1,130 @@
+"""Serving plans: KV-cache math against independent hand calculations, TP/PP choice, V001."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from llmc.compiler.serving import GiB, plan_serving
+from llmc.spec.model import MLA, Architecture
+from llmc.spec.run import RunSpec
+
+# Published shapes (Meta's config.json files)
+LLAMA3_8B = dict(name="llama3-8b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336,
+                 vocab_size=128256, rope_theta=500000.0)
+LLAMA3_70B = dict(name="llama3-70b", n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8, d_ff=28672,
+                  vocab_size=128256, rope_theta=500000.0)
+LLAMA3_405B = dict(name="llama3-405b", n_layers=126, d_model=16384, n_heads=128, n_kv_heads=8, d_ff=53248,
+                   vocab_size=128256, rope_theta=500000.0)
+LLAMA2_7B = dict(name="llama2-7b", n_layers=32, d_model=4096, n_heads=32, d_ff=11008, vocab_size=32000)
+
+H100 = SimpleNamespace(hbm_bytes=80 * GiB, gpus_per_node=8)
+
+
+def gpus(key):
+    if key in ("h100-sxm", "h100"):
+        return H100
+    raise KeyError(key)
+
+
+def run_with(arch: dict, serving: list[dict], seq_len=8192, stages=()):
+    return RunSpec.model_validate({
+        "name": "t", "model": Architecture(**arch).model_dump(),
+        "data": {"seq_len": seq_len, "tokens": 1e9},
+        "hardware": {"gpu": "h100-sxm", "count": 8},
+        "stages": list(stages),
+        "serving": serving,
+    })
+
+
+def test_llama3_8b_kv_bytes_per_token_matches_published():
+    # 2 (K,V) x 32 layers x 8 kv heads x 128 head_dim x 2 bytes = 131,072 B/token (seed-facts-a App. B)
+    plans, diags = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 64}]), gpus)
+    assert plans[0]["kv_bytes_per_token"] == 131_072
+    assert plans[0]["max_model_len"] == 8192
+
+
+def test_llama3_8b_8k_x_64_needs_64_gib_and_fails_on_one_gpu():
+    # 131072 B x 8192 tokens x 64 seqs = 2^17 * 2^13 * 2^6 = 2^36 B = 64 GiB on one GPU (tp=1)
+    plans, diags = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 64, "gpus": 1}]), gpus)
+    p = plans[0]
+    assert p["kv_gib_needed"] == pytest.approx(64.0)
+    assert p["kv_gib_per_seq"] == pytest.approx(1.0)  # 1 GiB per 8K sequence (seed-facts-a table)
+    assert not p["fits"]
+    v001 = [d for d in diags if d.code == "V001"]
+    assert len(v001) == 1 and v001[0].severity == "error"
+    assert "needs 64.0 GiB" in v001[0].message
+    assert "fp8" in v001[0].hint
+    # the budget: 0.9 x 80 GiB - 8.03e9 params x 2 B - workspace; so < 64 GiB
+    assert p["kv_budget_gib"] < 64 and p["max_seqs_that_fit"] == int(p["kv_budget_gib"] // 1.0)
+
+
+def test_llama3_8b_auto_tp_picks_two_gpus():
+    plans, diags = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 64}]), gpus)
+    p = plans[0]
+    assert not [d for d in diags if d.severity == "error"]
+    assert p["fits"] and p["tensor_parallel_size"] == 2 and p["pipeline_parallel_size"] == 1
+    assert p["kv_gib_needed"] == pytest.approx(32.0)  # 64 GiB over 2 KV shards
+    assert p["max_num_seqs"] == 64 and p["max_seqs_that_fit"] >= 64
+
+
+def test_fp8_kv_halves_the_cache_and_fits_one_gpu():
+    plans, diags = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 64, "kv_cache_dtype": "fp8"}]), gpus)
+    p = plans[0]
+    assert p["kv_bytes_per_token"] == 65_536
+    assert p["tensor_parallel_size"] == 1 and p["fits"]
+    assert p["kv_gib_needed"] == pytest.approx(32.0)
+
+
+def test_llama3_70b_needs_a_full_node():
+    # 327,680 B/token (seed-facts-a); 8192 x 64 = 160 GiB of KV; weights 70.55e9 x 2 B = 131 GiB
+    plans, diags = plan_serving(run_with(LLAMA3_70B, [{"concurrency": 64}]), gpus)
+    p = plans[0]
+    assert p["kv_bytes_per_token"] == 327_680
+    assert p["weights_gib"] == pytest.approx(70.55e9 * 2 / GiB, rel=0.01)
+    assert p["tensor_parallel_size"] == 8 and p["fits"]
+
+
+def test_llama3_405b_pipelines_across_nodes():
+    # 405.8e9 x 2 B = 756 GiB of weights alone > 8 x 72 GiB usable: a second node is needed
+    plans, diags = plan_serving(run_with(LLAMA3_405B, [{"concurrency": 16}]), gpus)
+    p = plans[0]
+    assert p["weights_gib"] > 8 * 0.9 * 80
+    assert p["tensor_parallel_size"] == 8 and p["pipeline_parallel_size"] >= 2 and p["fits"]
+
+
+def test_awq_7b_weights_about_4_gb():
+    # seed-facts-a 8: "7B: 14 GB bf16 -> ~4 GB 4-bit"
+    plans, _ = plan_serving(run_with(LLAMA2_7B, [{"quantization": "awq", "concurrency": 1}], seq_len=4096), gpus)
+    gb = plans[0]["weights_gib"] * GiB / 1e9
+    assert 3.5 < gb < 4.5
+    plans, _ = plan_serving(run_with(LLAMA2_7B, [{"concurrency": 1}], seq_len=4096), gpus)
+    assert 13 < plans[0]["weights_gib"] * GiB / 1e9 < 14
+
+
+def test_llama2_7b_mha_kv_is_512_kib_per_token():
+    plans, _ = plan_serving(run_with(LLAMA2_7B, [{"concurrency": 1}], seq_len=4096), gpus)
+    assert plans[0]["kv_bytes_per_token"] == 512 * 1024
+
+
+def test_max_model_len_defaults_to_long_context_stage():
+    stages = [{"name": "base", "kind": "pretrain"},
+              {"name": "long", "kind": "long_context", "init_from": "base", "seq_len": 32768}]
+    plans, _ = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 4}], stages=stages), gpus)
+    assert plans[0]["max_model_len"] == 32768 and plans[0]["stage"] == "long"
+
+
+def test_mla_cache_is_replicated_over_tp():
+    arch = dict(LLAMA3_8B, mla=MLA(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                                   v_head_dim=128).model_dump())
+    plans, _ = plan_serving(run_with(arch, [{"concurrency": 8, "gpus": 2}]), gpus)
+    p = plans[0]
+    assert p["kv_bytes_per_token"] == 32 * 576 * 2
+    # not divided by tp: per-GPU per-sequence KV is the full latent cache
+    assert p["kv_gib_per_seq"] == pytest.approx(32 * 576 * 2 * 8192 / GiB, abs=1e-4)
+
+
+def test_unknown_gpu_is_a_diagnostic():
+    plans, diags = plan_serving(run_with(LLAMA3_8B, [{"gpu": "tpu-v9"}]), gpus)
+    assert plans == [] and diags[0].code == "V003"
