@@ -291,6 +291,10 @@ class Stage(BaseModel):
     """grpo: PPO ratio clip epsilon."""
     max_new_tokens: int | None = Field(default=None, gt=0)
     """grpo: generation length per completion (default 256)."""
+    prompts_per_step: int | None = Field(default=None, gt=0)
+    """grpo: prompts per optimizer step (each sampled G times). None = 1024 // G (DeepSeekMath batch 1024)."""
+    max_prompt_tokens: int | None = Field(default=None, gt=0)
+    """grpo: prompt length budget for the rollout cost / KV cache (default 512)."""
     reward: Literal["arithmetic", "none"] | None = None
     """grpo: verifier (``arithmetic`` checks the answer exactly with sympy)."""
     seq_len: int | None = Field(default=None, gt=0)
