@@ -35,6 +35,9 @@ class MoE(BaseModel):
     """Load-balancing loss coefficient (Switch Transformer 0.01). 0 = none / aux-free."""
     score_func: Literal["softmax", "sigmoid"] = "softmax"
     """Router score function (Mixtral softmax, DeepSeek-V3 sigmoid)."""
+    expert_bias: bool = False
+    """Learned per-expert routing bias for aux-loss-free balancing (DeepSeek-V3
+    ``e_score_correction_bias``, ``topk_method: noaux_tc``): num_experts extra parameters per MoE layer."""
 
 
 class MLA(BaseModel):

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmc.spec.model import Architecture
+from llmc.spec.numbers import HumanFloat
 
 _CFG = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
@@ -46,7 +47,7 @@ class Source(BaseModel):
     """Field holding the document text (jsonl/parquet)."""
     weight: float = Field(default=1.0, gt=0)
     """Mixture weight (normalised over sources)."""
-    tokens: float | None = Field(default=None, gt=0)
+    tokens: HumanFloat | None = Field(default=None, gt=0)
     """Unique tokens available in this source; used to warn about repeated epochs."""
     kind: Literal["general", "domain", "code", "math", "multilingual", "chat", "preference", "prompts"] = "general"
     """What the source is, for the forgetting / mixture checks."""
@@ -78,8 +79,8 @@ class Data(BaseModel):
     """Tokenizer to use."""
     seq_len: int = Field(gt=0)
     """Packed sequence length in tokens (documents joined with EOS)."""
-    tokens: float = Field(gt=0)
-    """Total training tokens (D), e.g. ``15.6e12``."""
+    tokens: HumanFloat = Field(gt=0)
+    """Total training tokens (D), e.g. ``15.6e12`` or ``15.6T``."""
 
 
 class Hardware(BaseModel):
@@ -106,7 +107,7 @@ class Budget(BaseModel):
 
     max_days: float | None = Field(default=None, gt=0)
     """Wall-clock limit in days."""
-    max_usd: float | None = Field(default=None, gt=0)
+    max_usd: HumanFloat | None = Field(default=None, gt=0)
     """Compute spend limit in US dollars."""
 
 
@@ -181,7 +182,7 @@ class Training(BaseModel):
 
     precision: Literal["bf16", "fp8", "fp32"] = "bf16"
     """Compute precision of matmuls. fp8 needs Hopper or newer."""
-    global_batch_tokens: float | None = Field(default=None, gt=0)
+    global_batch_tokens: HumanFloat | None = Field(default=None, gt=0)
     """Tokens per optimizer step. None = size-aware default (2M-16M tokens; small for tiny runs)."""
     optimizer: Optimizer = Field(default_factory=Optimizer)
     """Optimizer."""
@@ -273,7 +274,7 @@ class Stage(BaseModel):
     """Peak LR. None = size-aware default for the stage kind."""
     steps: int | None = Field(default=None, gt=0)
     """Optimizer steps. None = data.tokens / batch."""
-    global_batch_tokens: float | None = Field(default=None, gt=0)
+    global_batch_tokens: HumanFloat | None = Field(default=None, gt=0)
     """Tokens per step. None = default for the stage kind."""
     lora: LoRA | None = None
     """Train LoRA/QLoRA adapters instead of all weights."""

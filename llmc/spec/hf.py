@@ -1,0 +1,126 @@
+"""Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
+
+Supported ``model_type`` values: ``llama``, ``mistral``, ``mixtral``, ``qwen2``, ``deepseek_v3``.
+The mapping is a plain key-by-key translation (no math beyond copying numbers):
+
+=============================  =====================================
+HF key                         Architecture field
+=============================  =====================================
+num_hidden_layers              n_layers
+hidden_size                    d_model
+intermediate_size              d_ff
+num_attention_heads            n_heads
+num_key_value_heads            n_kv_heads (absent = n_heads)
+head_dim                       head_dim (DeepSeek-V3: qk_nope + qk_rope)
+vocab_size                     vocab_size
+tie_word_embeddings            tied_embeddings
+attention_bias                 qkv_bias (qwen2: always True)
+rope_theta / rope_scaling      rope_theta / rope_scaling
+max_position_embeddings        max_seq_len
+rms_norm_eps                   norm_eps
+num_local_experts, *_per_tok   moe.num_experts, moe.top_k (mixtral)
+n_routed_experts, ...          moe.* and mla.* (deepseek_v3)
+=============================  =====================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmc.spec.model import MLA, Architecture, MoE, RopeScaling
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "deepseek_v3")
+
+
+class HFConfigError(ValueError):
+    """The config.json cannot be imported; the message says why (and what is supported)."""
+
+
+def _req(cfg: dict[str, Any], key: str) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise HFConfigError(f"config.json has no {key!r} (needed for model_type {cfg.get('model_type')!r})")
+    return cfg[key]
+
+
+def _rope_scaling(rs: dict[str, Any] | None) -> RopeScaling | None:
+    """HF ``rope_scaling`` dict -> :class:`RopeScaling` (``rope_type`` or legacy ``type`` key)."""
+    if not rs:
+        return None
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind not in ("llama3", "yarn", "linear"):
+        raise HFConfigError(f"unsupported rope_scaling type {kind!r} (supported: llama3, yarn, linear)")
+    kw: dict[str, Any] = {"type": kind, "factor": float(_req(rs, "factor"))}
+    if "original_max_position_embeddings" in rs:
+        kw["original_max_position"] = int(rs["original_max_position_embeddings"])
+    if kind == "llama3":
+        kw["low_freq_factor"] = float(rs.get("low_freq_factor", 1.0))
+        kw["high_freq_factor"] = float(rs.get("high_freq_factor", 4.0))
+    if kind == "yarn":
+        kw["beta_fast"] = float(rs.get("beta_fast", 32.0))
+        kw["beta_slow"] = float(rs.get("beta_slow", 1.0))
+    return RopeScaling(**kw)
+
+
+def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Architecture:
+    """Translate an HF ``config.json`` (already parsed) into an :class:`Architecture`.
+
+    Raises :class:`HFConfigError` for an unsupported ``model_type`` / activation or a missing key,
+    and pydantic's ``ValidationError`` if the values themselves are invalid.
+    """
+    mt = cfg.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise HFConfigError(f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise HFConfigError(f"unsupported hidden_act {act!r} (llmc models SwiGLU, i.e. silu)")
+
+    n_heads = int(_req(cfg, "num_attention_heads"))
+    kw: dict[str, Any] = {
+        "name": name,
+        "n_layers": int(_req(cfg, "num_hidden_layers")),
+        "d_model": int(_req(cfg, "hidden_size")),
+        "n_heads": n_heads,
+        "n_kv_heads": int(cfg.get("num_key_value_heads") or n_heads),
+        "d_ff": int(_req(cfg, "intermediate_size")),
+        "vocab_size": int(_req(cfg, "vocab_size")),
+        "tied_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        # Qwen2 always has q/k/v biases (the HF Qwen2 attention hard-codes bias=True).
+        "qkv_bias": True if mt == "qwen2" else bool(cfg.get("attention_bias", False)),
+        "rope_theta": float(cfg.get("rope_theta", 10000.0)),
+        "rope_scaling": _rope_scaling(cfg.get("rope_scaling")),
+        "norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+        "max_seq_len": int(_req(cfg, "max_position_embeddings")),
+    }
+    if cfg.get("head_dim"):
+        kw["head_dim"] = int(cfg["head_dim"])
+
+    if mt == "mixtral":
+        kw["moe"] = MoE(
+            num_experts=int(_req(cfg, "num_local_experts")),
+            top_k=int(_req(cfg, "num_experts_per_tok")),
+            aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.01)),
+            score_func="softmax",
+        )
+    elif mt == "deepseek_v3":
+        kw["mla"] = MLA(
+            q_lora_rank=int(cfg["q_lora_rank"]) if cfg.get("q_lora_rank") else None,
+            kv_lora_rank=int(_req(cfg, "kv_lora_rank")),
+            qk_rope_head_dim=int(_req(cfg, "qk_rope_head_dim")),
+            qk_nope_head_dim=int(_req(cfg, "qk_nope_head_dim")),
+            v_head_dim=int(_req(cfg, "v_head_dim")),
+        )
+        kw["head_dim"] = kw["mla"].qk_nope_head_dim + kw["mla"].qk_rope_head_dim  # q/k head dim
+        if cfg.get("n_routed_experts"):
+            kw["moe"] = MoE(
+                num_experts=int(cfg["n_routed_experts"]),
+                top_k=int(_req(cfg, "num_experts_per_tok")),
+                num_shared_experts=int(cfg.get("n_shared_experts") or 0),
+                expert_d_ff=int(_req(cfg, "moe_intermediate_size")),
+                dense_layers=int(cfg.get("first_k_dense_replace", 0)),
+                aux_loss_coef=float(cfg.get("aux_loss_alpha", 0.0)),
+                score_func="sigmoid" if cfg.get("scoring_func", "sigmoid") == "sigmoid" else "softmax",
+                expert_bias=cfg.get("topk_method") == "noaux_tc",
+            )
+    return Architecture(**kw)

@@ -1,0 +1,534 @@
+"""Load a run spec from YAML: line numbers, model resolution, validation, every error at once.
+
+``load_spec(path)`` returns the validated :class:`~llmc.spec.run.RunSpec` and a map from dotted
+paths (``training.optimizer.lr``, ``stages.0.kind``, ``model.n_kv_heads``) to 1-based YAML lines,
+which the compiler uses to put lines on its own diagnostics (:func:`line_for` falls back to the
+nearest parent for paths the YAML does not spell out, e.g. fields that came from a preset).
+
+Problems are never raised one at a time: the loader collects every one and raises a single
+:class:`~llmc.compiler.diagnostics.SpecError`. Codes (stable; tests and docs cite them):
+
+======  ====================================================================================
+S000    spec file not found / unreadable
+S001    unknown key (with did-you-mean)
+S002    wrong type or value out of range; YAML syntax error
+S003    missing required field
+S004    unknown model preset (with did-you-mean)
+S005    bad ``hf_config``: missing/invalid file, unsupported model_type, missing keys
+S006    duplicate key in a YAML mapping (the later value would silently win)
+S010    ``serving[].stage`` names no stage
+S011    ``serving[].max_model_len`` beyond the model's context (max_seq_len and long_context stages)
+M001    n_heads not divisible by n_kv_heads
+M002    d_model not divisible by n_heads while head_dim is unset
+M003    moe.top_k greater than moe.num_experts
+M004    moe.dense_layers greater than n_layers
+M005    tokenizer vocab_size differs from the model's vocab_size
+G001    duplicate stage name
+======  ====================================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from llmc.compiler.diagnostics import Diagnostic, SpecError
+from llmc.spec.hf import HFConfigError, architecture_from_hf_config
+from llmc.spec.model import Architecture
+from llmc.spec.presets import PRESETS
+from llmc.spec.run import Data, RunSpec, Serving, Stage, Tokenizer
+
+__all__ = ["load_spec", "loads_spec", "line_for", "json_schema", "check_run"]
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def load_spec(path: str | Path) -> tuple[RunSpec, dict[str, int]]:
+    """Read, resolve and validate a YAML run spec.
+
+    Returns ``(spec, lines)`` where ``lines`` maps dotted paths to 1-based YAML lines.
+    Raises :class:`SpecError` carrying every diagnostic (never a bare exception or traceback).
+    """
+    p = Path(path)
+    file = str(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([_diag("S000", "", f"spec file not found: {file}", file=file,
+                               hint="check the path")]) from None
+    except IsADirectoryError:
+        raise SpecError([_diag("S000", "", f"spec path is a directory: {file}", file=file,
+                               hint="pass the YAML file")]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError([_diag("S000", "", f"cannot read spec: {e}", file=file)]) from None
+    return loads_spec(text, file=file, base_dir=p.parent)
+
+
+def loads_spec(text: str, file: str = "<spec>", base_dir: str | Path = ".") -> tuple[RunSpec, dict[str, int]]:
+    """Like :func:`load_spec` for YAML text; ``base_dir`` resolves relative ``hf_config`` paths."""
+    raw, lines, diags = _parse_yaml(text, file)
+    if raw is None and diags:
+        raise SpecError(diags)
+    if not isinstance(raw, dict):
+        got = "an empty file" if raw is None else _got(raw)
+        raise SpecError(diags + [_diag("S002", "", f"a spec must be a YAML mapping (got {got})", line=1,
+                                       file=file, hint="start with `name: my-run`")])
+
+    ctx = _Ctx(file=file, lines=lines, diags=diags)
+    data = dict(raw)
+    model_ok = True
+    if "model" in data:
+        resolved = _resolve_model(data["model"], Path(base_dir), ctx)
+        if resolved is None:
+            model_ok = False
+            data.pop("model")
+        else:
+            data["model"] = resolved
+
+    try:
+        run = RunSpec.model_validate(data)
+    except ValidationError as e:
+        run = None
+        for err in e.errors():
+            if not model_ok and err["loc"][:1] == ("model",):
+                continue  # already reported by the model resolution
+            ctx.diags.append(_from_pydantic(err, ctx))
+
+    ctx.diags.extend(_checks_from_raw(data, ctx))
+    if any(d.severity == "error" for d in ctx.diags):
+        raise SpecError(_dedupe(ctx.diags))
+    assert run is not None
+    return run, lines
+
+
+def line_for(lines: dict[str, int], path: str) -> int | None:
+    """The YAML line of ``path``, or of its nearest parent present in ``lines`` (None if none)."""
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path.rpartition(".")[0]
+    return None
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the run spec for editors (``llmc schema``); field docstrings are descriptions.
+
+    ``model`` is widened to what the YAML accepts: a preset name, ``{preset|hf_config, overrides}``
+    or an explicit architecture.
+    """
+    schema = RunSpec.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    arch = defs["Architecture"]
+    overrides = {
+        "type": "object",
+        "title": "ModelRef",
+        "description": "A preset or an HF config.json, plus optional Architecture overrides.",
+        "properties": {
+            "preset": {"type": "string", "enum": sorted(PRESETS),
+                       "description": "Name of a built-in preset (`llmc presets`)."},
+            "hf_config": {"type": "string",
+                          "description": "Path to a Hugging Face config.json, relative to the spec file."},
+            **arch.get("properties", {}),
+        },
+        "additionalProperties": False,
+    }
+    desc = schema["properties"]["model"].get("description", "")
+    schema["properties"]["model"] = {
+        "description": desc,
+        "anyOf": [
+            {"type": "string", "enum": sorted(PRESETS), "description": "A preset name."},
+            overrides,
+            {"$ref": "#/$defs/Architecture"},
+        ],
+    }
+    return schema
+
+
+def check_run(run: RunSpec, lines: dict[str, int] | None = None, file: str | None = None) -> list[Diagnostic]:
+    """The structural (no-math) checks of :func:`load_spec` on an already validated spec."""
+    ctx = _Ctx(file=file, lines=lines or {}, diags=[])
+    return _structural(run.model, run.data, list(run.stages), list(run.serving), ctx)
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+class _Ctx:
+    def __init__(self, file: str | None, lines: dict[str, int], diags: list[Diagnostic]):
+        self.file = file
+        self.lines = lines
+        self.diags = diags
+
+    def diag(self, code: str, path: str, message: str, hint: str = "", severity: str = "error") -> Diagnostic:
+        return Diagnostic(code=code, severity=severity, path=path, message=message, hint=hint,  # type: ignore[arg-type]
+                          line=line_for(self.lines, path), file=self.file)
+
+
+def _diag(code: str, path: str, message: str, *, file: str | None, line: int | None = None,
+          hint: str = "") -> Diagnostic:
+    return Diagnostic(code=code, severity="error", path=path, message=message, hint=hint, line=line, file=file)
+
+
+def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
+    seen: set[tuple] = set()
+    out = []
+    for d in diags:
+        key = (d.code, d.path, d.message, d.line)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return sorted(out, key=lambda d: (d.line or 0, d.code, d.path))
+
+
+# --- YAML with line numbers
+
+
+def _parse_yaml(text: str, file: str) -> tuple[Any, dict[str, int], list[Diagnostic]]:
+    """Compose (for marks) and construct (for values) in one pass; map every path to its line."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        raw = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        problem = e.problem or "invalid YAML"
+        if e.context:
+            problem = f"{problem} ({e.context})"
+        return None, {}, [_diag("S002", "", f"YAML syntax error: {problem}", file=file,
+                                line=mark.line + 1 if mark else None,
+                                hint="check indentation, colons and quotes")]
+    except yaml.YAMLError as e:
+        return None, {}, [_diag("S002", "", f"YAML error: {e}", file=file)]
+    finally:
+        loader.dispose()
+    lines: dict[str, int] = {}
+    diags: list[Diagnostic] = []
+    if node is not None:
+        _walk(node, "", lines, diags, file)
+    return raw, lines, diags
+
+
+def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], diags: list[Diagnostic], file: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for k, v in node.value:
+            key = str(k.value)
+            if key == "<<":  # merge key: the merged entries keep their own anchors' lines
+                if isinstance(v, yaml.MappingNode):
+                    _walk(v, prefix, lines, diags, file)
+                continue
+            path = f"{prefix}.{key}" if prefix else key
+            if key in seen:
+                diags.append(_diag("S006", path, f"duplicate key {key!r}", file=file, line=k.start_mark.line + 1,
+                                   hint="the later value would silently replace the earlier one"))
+            seen.add(key)
+            lines[path] = k.start_mark.line + 1
+            _walk(v, path, lines, diags, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            path = f"{prefix}.{i}" if prefix else str(i)
+            lines[path] = item.start_mark.line + 1
+            _walk(item, path, lines, diags, file)
+
+
+# --- model resolution
+
+
+def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+def _preset_hint(name: str) -> str:
+    dym = _did_you_mean(name, PRESETS)
+    return dym or "`llmc presets` lists them"
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _resolve_model(value: Any, base_dir: Path, ctx: _Ctx) -> dict[str, Any] | None:
+    """YAML ``model:`` -> a dict for :class:`Architecture` (None after reporting a diagnostic)."""
+    if isinstance(value, str):
+        if value not in PRESETS:
+            ctx.diags.append(ctx.diag("S004", "model", f"unknown preset {value!r}", _preset_hint(value)))
+            return None
+        return PRESETS[value].model_dump(exclude_unset=True)
+    if isinstance(value, Architecture):
+        return value.model_dump()
+    if not isinstance(value, dict):
+        ctx.diags.append(ctx.diag("S002", "model", f"must be a preset name or a mapping (got {_got(value)})",
+                                  "e.g. `model: llama3-8b` or `model: {preset: llama3-8b, n_layers: 16}`"))
+        return None
+    over = dict(value)
+    preset = over.pop("preset", None)
+    hf = over.pop("hf_config", None)
+    if preset is not None and hf is not None:
+        ctx.diags.append(ctx.diag("S002", "model.hf_config", "give either `preset` or `hf_config`, not both"))
+        return None
+    if preset is not None:
+        if not isinstance(preset, str) or preset not in PRESETS:
+            ctx.diags.append(ctx.diag("S004", "model.preset", f"unknown preset {preset!r}", _preset_hint(str(preset))))
+            return None
+        return _deep_merge(PRESETS[preset].model_dump(exclude_unset=True), over)
+    if hf is not None:
+        base = _load_hf(hf, base_dir, ctx)
+        return None if base is None else _deep_merge(base, over)
+    return over  # explicit architecture
+
+
+def _load_hf(hf: Any, base_dir: Path, ctx: _Ctx) -> dict[str, Any] | None:
+    path = "model.hf_config"
+    if not isinstance(hf, str):
+        ctx.diags.append(ctx.diag("S005", path, f"must be a path to a config.json (got {_got(hf)})"))
+        return None
+    f = Path(hf) if Path(hf).is_absolute() else base_dir / hf
+    if f.is_dir():
+        f = f / "config.json"
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        ctx.diags.append(ctx.diag("S005", path, f"HF config not found: {f}", "paths are relative to the spec file"))
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        ctx.diags.append(ctx.diag("S005", path, f"cannot read HF config {f}: {e}"))
+        return None
+    if not isinstance(cfg, dict):
+        ctx.diags.append(ctx.diag("S005", path, f"HF config {f} is not a JSON object"))
+        return None
+    name = f.parent.name if f.stem == "config" else f.stem
+    try:
+        arch = architecture_from_hf_config(cfg, name=name or "custom")
+    except HFConfigError as e:
+        ctx.diags.append(ctx.diag("S005", path, str(e)))
+        return None
+    except ValidationError as e:
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            ctx.diags.append(ctx.diag("S005", path, f"{f.name}: {loc} {_human_message(err)}"))
+        return None
+    return arch.model_dump(exclude_unset=True)
+
+
+# --- pydantic errors -> diagnostics
+
+
+def _got(v: Any) -> str:
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list | tuple):
+        return "a list"
+    if v is None:
+        return "null"
+    if isinstance(v, str):
+        return repr(v)
+    return str(v)
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Optional/Annotated/list to reach a BaseModel class (or return the bare type)."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            tp = models[0] if models else (args[0] if len(args) == 1 else tp)
+            if not models and len(args) != 1:
+                return tp
+        else:
+            return tp
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at ``loc`` (RunSpec-relative)."""
+    cur: Any = RunSpec
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            origin = typing.get_origin(cur)
+            if origin in (list, tuple):
+                cur = _unwrap(typing.get_args(cur)[0])
+                continue
+            return None
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        cur = _unwrap(cur.model_fields[part].annotation)
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+_OPS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
+        "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
+
+
+def _human_message(err: dict[str, Any]) -> str:
+    t = err["type"]
+    ctx = err.get("ctx") or {}
+    inp = err.get("input")
+    got = _got(inp)
+    if t in _OPS:
+        key, op = _OPS[t]
+        bound = ctx.get(key)
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        return f"must be {op} {bound} (got {got})"
+    if t == "literal_error":
+        return f"must be one of {ctx.get('expected')} (got {got})"
+    if t in ("int_parsing", "int_type", "int_from_float"):
+        return f"must be an integer (got {got})"
+    if t in ("float_parsing", "float_type", "finite_number"):
+        return f"must be a number (got {got})"
+    if t in ("bool_parsing", "bool_type"):
+        return f"must be true or false (got {got})"
+    if t == "string_type":
+        return f"must be a string (got {got})"
+    if t in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping (got {got})"
+    if t in ("list_type", "tuple_type"):
+        return f"must be a list (got {got})"
+    if t in ("too_short", "too_long"):
+        return f"must have {ctx.get('min_length', ctx.get('max_length'))} items (got {ctx.get('actual_length')})"
+    if t == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        return msg.removeprefix("Value error, ")
+    msg = err["msg"]
+    return f"{msg[:1].lower()}{msg[1:]} (got {got})"
+
+
+def _from_pydantic(err: dict[str, Any], ctx: _Ctx) -> Diagnostic:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    path = ".".join(str(p) for p in loc)
+    t = err["type"]
+    holder = _model_at(loc) if loc else None
+    if t == "extra_forbidden":
+        key = str(loc[-1])
+        options = sorted(holder.model_fields) if holder else []
+        if holder is Architecture and len(loc) >= 1 and loc[0] == "model":
+            options += ["preset", "hf_config"]
+        hint = _did_you_mean(key, options) or (f"valid keys: {', '.join(options)}" if options else "")
+        return ctx.diag("S001", path, f"unknown key {key!r}", hint)
+    if t == "missing":
+        key = str(loc[-1])
+        desc = ""
+        if holder and key in holder.model_fields:
+            desc = (holder.model_fields[key].description or "").split("\n")[0]
+        d = ctx.diag("S003", path, f"missing required field {key!r}", desc.replace("``", "`"))
+        return d if d.line is not None else dataclasses.replace(d, line=1)
+    hint = ""
+    if t == "literal_error":
+        opts = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        hint = _did_you_mean(str(err.get("input")), opts) if opts else ""
+    return ctx.diag("S002", path, _human_message(err), hint)
+
+
+# --- structural checks (pure validation, no math)
+
+
+def _try(cls: type[BaseModel], value: Any) -> Any:
+    try:
+        return cls.model_validate(value)
+    except (ValidationError, TypeError):
+        return None
+
+
+def _known(cls: type[BaseModel], value: Any) -> Any:
+    """``value`` without keys ``cls`` does not know (already reported as S001), recursively for models."""
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for k, v in value.items():
+        if k in cls.model_fields:
+            sub = _unwrap(cls.model_fields[k].annotation)
+            out[k] = _known(sub, v) if isinstance(sub, type) and issubclass(sub, BaseModel) else v
+    return out
+
+
+def _lenient(cls: type[BaseModel], value: Any) -> Any:
+    """Validate ``value`` ignoring unknown keys; None if it is still invalid."""
+    return _try(cls, _known(cls, value)) if isinstance(value, dict) else None
+
+
+def _checks_from_raw(data: dict[str, Any], ctx: _Ctx) -> list[Diagnostic]:
+    """Validate each section on its own so checks still run when another section has errors."""
+    arch = _lenient(Architecture, data.get("model"))
+    dat = _lenient(Data, data.get("data"))
+    if dat is None and isinstance(data.get("data"), dict):  # e.g. tokens missing: still check the tokenizer
+        tok = _lenient(Tokenizer, data["data"].get("tokenizer"))
+        if tok is not None:
+            dat = Data.model_construct(tokenizer=tok, sources=[], seq_len=1, tokens=1.0)
+    stages_raw = data.get("stages") if isinstance(data.get("stages"), list) else []
+    serving_raw = data.get("serving") if isinstance(data.get("serving"), list) else []
+    stages = [_lenient(Stage, s) for s in stages_raw]
+    serving = [_lenient(Serving, s) for s in serving_raw]
+    return _structural(arch, dat, stages, serving, ctx)
+
+
+def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage | None],
+                serving: list[Serving | None], ctx: _Ctx) -> list[Diagnostic]:
+    out: list[Diagnostic] = []
+    if arch is not None:
+        if arch.n_heads % arch.kv_heads:
+            out.append(ctx.diag("M001", "model.n_kv_heads",
+                                f"n_heads ({arch.n_heads}) must be divisible by n_kv_heads ({arch.kv_heads})",
+                                "each KV head serves an equal group of query heads"))
+        if arch.head_dim is None and arch.d_model % arch.n_heads:
+            out.append(ctx.diag("M002", "model.n_heads",
+                                f"d_model ({arch.d_model}) must be divisible by n_heads ({arch.n_heads})",
+                                "or set head_dim explicitly"))
+        if arch.moe is not None:
+            if arch.moe.top_k > arch.moe.num_experts:
+                out.append(ctx.diag("M003", "model.moe.top_k",
+                                    f"top_k ({arch.moe.top_k}) exceeds num_experts ({arch.moe.num_experts})"))
+            if arch.moe.dense_layers > arch.n_layers:
+                out.append(ctx.diag("M004", "model.moe.dense_layers",
+                                    f"dense_layers ({arch.moe.dense_layers}) exceeds n_layers ({arch.n_layers})"))
+    datas: list[tuple[str, Data | None]] = [("data", data)]
+    datas += [(f"stages.{i}.data", s.data) for i, s in enumerate(stages) if s is not None and s.data is not None]
+    if arch is not None:
+        for prefix, d in datas:
+            if d is not None and d.tokenizer.vocab_size is not None and d.tokenizer.vocab_size != arch.vocab_size:
+                out.append(ctx.diag("M005", f"{prefix}.tokenizer.vocab_size",
+                                    f"tokenizer vocab_size ({d.tokenizer.vocab_size}) differs from the model's "
+                                    f"vocab_size ({arch.vocab_size})",
+                                    "they must match: the embedding has one row per token"))
+    names: dict[str, int] = {}
+    for i, s in enumerate(stages):
+        if s is None:
+            continue
+        if s.name in names:
+            out.append(ctx.diag("G001", f"stages.{i}.name", f"duplicate stage name {s.name!r}",
+                                f"already used by stages.{names[s.name]}"))
+        else:
+            names[s.name] = i
+    context = arch.max_seq_len if arch is not None else None
+    for s in stages:
+        if s is not None and s.kind == "long_context" and s.seq_len and context is not None:
+            context = max(context, s.seq_len)
+    for i, sv in enumerate(serving):
+        if sv is None:
+            continue
+        if sv.stage is not None and sv.stage not in names:
+            hint = _did_you_mean(sv.stage, names) or (f"stages: {', '.join(names)}" if names else "no stages defined")
+            out.append(ctx.diag("S010", f"serving.{i}.stage", f"unknown stage {sv.stage!r}", hint))
+        if sv.max_model_len is not None and context is not None and sv.max_model_len > context:
+            out.append(ctx.diag("S011", f"serving.{i}.max_model_len",
+                                f"max_model_len ({sv.max_model_len}) exceeds the model's context ({context})",
+                                "raise model.max_seq_len (with rope_scaling) or add a long_context stage"))
+    return out

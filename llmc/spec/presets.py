@@ -1,0 +1,117 @@
+"""Built-in model presets: exact architectures of published models, plus tiny CPU models.
+
+Every value is copied from the model's Hugging Face ``config.json`` (URL above each entry);
+``tests/fixtures/hf/<name>.json`` holds those configs and ``tests/test_spec_hf.py`` checks that
+:func:`llmc.spec.hf.architecture_from_hf_config` turns each one into exactly its preset.
+Published parameter totals these shapes must reproduce (checked by the compiler's tests):
+Llama-2-7B 6,738,415,616; Llama-3-8B 8,030,261,248; Llama-3.1-405B 405,853,388,800;
+Llama-3.2-1B 1,235,814,400 (tied); Mistral-7B 7,241,732,096; Mixtral-8x7B 46,702,792,704;
+Qwen2.5-7B 7,615,616,512; Qwen2.5-72B 72,706,203,648; DeepSeek-V3 671,026,419,200 (without MTP).
+"""
+
+from __future__ import annotations
+
+from llmc.spec.model import MLA, Architecture, MoE, RopeScaling
+
+# Llama-3.1 frequency-band RoPE scaling (config.json "rope_scaling", rope_type "llama3").
+_LLAMA31_ROPE = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position=8192)
+# Llama-3.2 uses the same rule with factor 32.
+_LLAMA32_ROPE = RopeScaling(type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position=8192)
+
+
+def _arch(name: str, **kw) -> Architecture:
+    return Architecture(name=name, **kw)
+
+
+PRESETS: dict[str, Architecture] = {
+    # https://huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json
+    "llama2-7b": _arch(
+        "llama2-7b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, d_ff=11008, vocab_size=32000,
+        rope_theta=10000.0, norm_eps=1e-5, max_seq_len=4096,
+    ),
+    # https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json
+    "llama3-8b": _arch(
+        "llama3-8b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336, vocab_size=128256,
+        rope_theta=500000.0, norm_eps=1e-5, max_seq_len=8192,
+    ),
+    # https://huggingface.co/meta-llama/Meta-Llama-3-70B/blob/main/config.json
+    "llama3-70b": _arch(
+        "llama3-70b", n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8, d_ff=28672, vocab_size=128256,
+        rope_theta=500000.0, norm_eps=1e-5, max_seq_len=8192,
+    ),
+    # https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json
+    "llama3.1-8b": _arch(
+        "llama3.1-8b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336, vocab_size=128256,
+        rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE, norm_eps=1e-5, max_seq_len=131072,
+    ),
+    # https://huggingface.co/meta-llama/Llama-3.1-70B/blob/main/config.json
+    "llama3.1-70b": _arch(
+        "llama3.1-70b", n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8, d_ff=28672, vocab_size=128256,
+        rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE, norm_eps=1e-5, max_seq_len=131072,
+    ),
+    # https://huggingface.co/meta-llama/Llama-3.1-405B/blob/main/config.json
+    "llama3.1-405b": _arch(
+        "llama3.1-405b", n_layers=126, d_model=16384, n_heads=128, n_kv_heads=8, d_ff=53248,
+        vocab_size=128256, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE, norm_eps=1e-5,
+        max_seq_len=131072,
+    ),
+    # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json (head_dim 64, tied embeddings)
+    "llama3.2-1b": _arch(
+        "llama3.2-1b", n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, head_dim=64, d_ff=8192,
+        vocab_size=128256, tied_embeddings=True, rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE,
+        norm_eps=1e-5, max_seq_len=131072,
+    ),
+    # https://huggingface.co/mistralai/Mistral-7B-v0.1/blob/main/config.json
+    # (sliding_window 4096 is not modelled; attention is treated as full causal)
+    "mistral-7b": _arch(
+        "mistral-7b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336, vocab_size=32000,
+        rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32768,
+    ),
+    # https://huggingface.co/mistralai/Mixtral-8x7B-v0.1/blob/main/config.json
+    # (num_local_experts 8, num_experts_per_tok 2, router_aux_loss_coef 0.02)
+    "mixtral-8x7b": _arch(
+        "mixtral-8x7b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336, vocab_size=32000,
+        rope_theta=1e6, norm_eps=1e-5, max_seq_len=32768,
+        moe=MoE(num_experts=8, top_k=2, aux_loss_coef=0.02, score_func="softmax"),
+    ),
+    # https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json (Qwen2: bias on q/k/v)
+    "qwen2.5-7b": _arch(
+        "qwen2.5-7b", n_layers=28, d_model=3584, n_heads=28, n_kv_heads=4, d_ff=18944, vocab_size=152064,
+        qkv_bias=True, rope_theta=1e6, norm_eps=1e-6, max_seq_len=131072,
+    ),
+    # https://huggingface.co/Qwen/Qwen2.5-72B/blob/main/config.json
+    "qwen2.5-72b": _arch(
+        "qwen2.5-72b", n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8, d_ff=29568, vocab_size=152064,
+        qkv_bias=True, rope_theta=1e6, norm_eps=1e-5, max_seq_len=131072,
+    ),
+    # https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json
+    # MLA (q_lora_rank 1536, kv_lora_rank 512, qk_rope 64, qk_nope 128, v 128; head_dim here is the
+    # q/k head dim 128 + 64 = 192), 3 dense layers (intermediate_size 18432) then 58 MoE layers with
+    # 256 routed + 1 shared expert of moe_intermediate_size 2048, top-8, sigmoid scores.
+    # aux_loss_coef mirrors config.json's aux_loss_alpha 0.001 (the paper balances mainly with the
+    # aux-loss-free bias and a sequence-wise loss of alpha 1e-4, arXiv:2412.19437 sec. 4.2).
+    # expert_bias: the 256-entry e_score_correction_bias per MoE layer (counted in the 671,026,419,200).
+    # YaRN rope_scaling: factor 40 from 4096 (mscale 1.0 not modelled). The MTP module is not part of it.
+    "deepseek-v3": _arch(
+        "deepseek-v3", n_layers=61, d_model=7168, n_heads=128, n_kv_heads=128, head_dim=192, d_ff=18432,
+        vocab_size=129280, rope_theta=10000.0, norm_eps=1e-6, max_seq_len=163840,
+        rope_scaling=RopeScaling(type="yarn", factor=40.0, original_max_position=4096, beta_fast=32.0,
+                                 beta_slow=1.0),
+        moe=MoE(num_experts=256, top_k=8, num_shared_experts=1, expert_d_ff=2048, dense_layers=3,
+                aux_loss_coef=0.001, score_func="sigmoid", expert_bias=True),
+        mla=MLA(q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128),
+    ),
+    # llmc's own CPU model (~1.8M params): small enough to train visibly on 2 cores in minutes.
+    "tiny": _arch(
+        "tiny", n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, d_ff=384, vocab_size=2048,
+        rope_theta=10000.0, norm_eps=1e-5, max_seq_len=256,
+    ),
+    # The same with a small MoE FFN (4 routed experts, top-2, 1 shared expert), for CPU MoE tests.
+    "tiny-moe": _arch(
+        "tiny-moe", n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, d_ff=384, vocab_size=2048,
+        rope_theta=10000.0, norm_eps=1e-5, max_seq_len=256,
+        moe=MoE(num_experts=4, top_k=2, num_shared_experts=1),
+    ),
+}
