@@ -1,0 +1,133 @@
+"""Training / forward FLOPs per token, recomputation FLOPs and total training compute.
+
+Convention (one, used everywhere in llmc, the one torchtitan uses for its MFU log line so that the
+planned and the measured MFU agree):
+
+    train FLOPs/token = 6 * N_mm + 6 * L * s * H * (d_qk + d_v)
+
+* ``N_mm`` = active parameters that take part in a matmul per token: all active parameters minus the
+  token-embedding lookup (which is a gather, no FLOPs); the output head is a matmul and is included
+  (also when tied). MoE: only the top_k routed experts + shared experts + router (params.params_active).
+  The factor 6 = 2 FLOPs per multiply-add x (1 forward + 2 backward matmuls) -- Kaplan et al. 2020
+  sec. 2.1, "C = 6N" per token.
+* attention scores (Q K^T) and weighted values (A V): per token per layer 2*s*H*d_qk + 2*s*H*d_v
+  forward, x3 for forward+backward -> 6*L*s*H*(d_qk+d_v). This is PaLM (Chowdhery et al. 2022,
+  App. B: 6N + 12*L*H*Q*T) and Megatron-LM (Narayanan et al. 2021, eq. 3: the 12*s*l*h term) and
+  torchtitan ``get_dense_model_nparams_and_flops``.
+* **No causal halving.** With a causal mask only about half the score entries are needed (FlashAttention
+  skips masked blocks), so "useful" attention FLOPs are half of this term. PaLM, Megatron and torchtitan
+  all count the full s x s product; so do we (``attention_flops_per_token(..., causal_halved=True)``
+  gives the halved variant for comparison).
+* Recomputation (activation checkpointing, FlashAttention's backward recompute) is excluded: these are
+  *model* FLOPs (MFU). :func:`recompute_flops_per_token` gives the extra work for HFU.
+"""
+
+from __future__ import annotations
+
+from llmc.compiler.params import (
+    matmul_params_active,
+    params_active,
+)
+from llmc.spec.model import Architecture
+
+CONVENTION: str = (
+    "torchtitan/Megatron-LM/PaLM: 6*N_matmul_active + 6*L*s*n_heads*(d_qk+d_v) per token (fwd+bwd); "
+    "N excludes the embedding lookup and includes the output head; MoE counts top_k+shared experts; "
+    "attention NOT halved for the causal mask; recompute excluded (model FLOPs, for MFU)"
+)
+
+
+def _attn_dims(arch: Architecture) -> tuple[int, int]:
+    """(d_qk, d_v) per head. MLA: q/k carry nope+rope dims, v its own (DeepSeek-V3 192 / 128)."""
+    if arch.mla is not None:
+        return arch.mla.qk_nope_head_dim + arch.mla.qk_rope_head_dim, arch.mla.v_head_dim
+    return arch.hd, arch.hd
+
+
+def attention_flops_per_token(
+    arch: Architecture, seq_len: int, *, causal_halved: bool = False, backward: bool = True
+) -> float:
+    """Score + value FLOPs per token, all layers: 2*L*s*H*(d_qk+d_v) forward, x3 with backward.
+
+    Narayanan et al. 2021 eq. 3 / PaLM App. B (not halved); ``causal_halved`` divides by 2.
+    """
+    dqk, dv = _attn_dims(arch)
+    fwd = 2.0 * arch.n_layers * seq_len * arch.n_heads * (dqk + dv)
+    f = fwd * (3 if backward else 1)
+    return f / 2 if causal_halved else f
+
+
+def forward_flops_per_token(arch: Architecture, seq_len: int, *, attention: bool = True) -> float:
+    """Forward pass: 2*N_mm + 2*L*s*H*(d_qk+d_v) (Kaplan et al. 2020 Table 1, C_forward)."""
+    f = 2.0 * matmul_params_active(arch)
+    if attention:
+        f += attention_flops_per_token(arch, seq_len, backward=False)
+    return f
+
+
+def train_flops_per_token(arch: Architecture, seq_len: int, *, attention: bool = True) -> float:
+    """Forward + backward model FLOPs per token = 3 x forward (backward = 2 x forward: gradients w.r.t.
+    inputs and weights). See :data:`CONVENTION`. ``attention=False`` gives the pure 6N part."""
+    return 3.0 * forward_flops_per_token(arch, seq_len, attention=attention)
+
+
+def _head_params(arch: Architecture) -> int:
+    return arch.vocab_size * arch.d_model
+
+
+def recompute_flops_per_token(arch: Architecture, seq_len: int, ac_mode: str) -> float:
+    """Extra forward FLOPs per token spent on activation recomputation (HFU - MFU numerator).
+
+    * ``none``: 0.
+    * ``full``: every transformer block is re-run once in the backward (torchtitan wraps each block in
+      ``checkpoint_wrapper``; the output head is not recomputed): 2*(N_mm - V*d) + attention forward.
+      Hence "full AC = 8N instead of 6N" (+33%, seed-facts-b 1.2; Narayanan et al. 2021's 96 vs 72).
+    * ``selective``: torchtitan's per-op SAC saves the outputs of every *other* matmul and of attention
+      and recomputes the rest (elementwise ops and every second mm): we count half of the block matmul
+      forward FLOPs, and no attention recompute. (Korthikanti et al. 2022's selective recompute instead
+      recomputes only Q K^T/softmax/A V: 2*L*s*H*(d_qk+d_v); with FlashAttention that recompute already
+      happens inside the kernel's backward and is not counted.) Approximation: for MoE the alternation
+      is over the linears actually called, which this halving only approximates.
+    """
+    if ac_mode == "none":
+        return 0.0
+    block_mm = 2.0 * (matmul_params_active(arch) - _head_params(arch))
+    if ac_mode == "full":
+        return block_mm + attention_flops_per_token(arch, seq_len, backward=False)
+    if ac_mode == "selective":
+        return 0.5 * block_mm
+    raise ValueError(f"unknown activation checkpointing mode {ac_mode!r}")
+
+
+def hardware_flops_per_token(arch: Architecture, seq_len: int, ac_mode: str) -> float:
+    """Model FLOPs + recompute FLOPs (numerator of HFU)."""
+    return train_flops_per_token(arch, seq_len) + recompute_flops_per_token(arch, seq_len, ac_mode)
+
+
+def training_flops(arch: Architecture, seq_len: int, tokens: float, *, attention: bool = True) -> float:
+    """Total training model FLOPs for ``tokens`` tokens at sequence length ``seq_len``."""
+    return train_flops_per_token(arch, seq_len, attention=attention) * float(tokens)
+
+
+def six_nd(n_params: float, tokens: float) -> float:
+    """The textbook C = 6*N*D (Kaplan et al. 2020; Hoffmann et al. 2022): dense part only, N as given."""
+    return 6.0 * float(n_params) * float(tokens)
+
+
+def attention_share(arch: Architecture, seq_len: int) -> float:
+    """Fraction of training FLOPs spent in attention scores/values (grows linearly with seq_len)."""
+    return attention_flops_per_token(arch, seq_len) / train_flops_per_token(arch, seq_len)
+
+
+__all__ = [
+    "CONVENTION",
+    "attention_flops_per_token",
+    "attention_share",
+    "forward_flops_per_token",
+    "hardware_flops_per_token",
+    "params_active",
+    "recompute_flops_per_token",
+    "six_nd",
+    "train_flops_per_token",
+    "training_flops",
+]

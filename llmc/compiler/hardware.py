@@ -1,0 +1,310 @@
+"""Accelerator table: peak dense throughput, memory, interconnect and a reference price.
+
+Everything here is data with a source. Conventions (read these before using a number):
+
+* ``bf16_tflops`` / ``fp8_tflops`` are **dense** tensor-core peaks. NVIDIA datasheets print the
+  2:4-structured-sparsity figure first (H100 SXM "1,979 TFLOPS BF16"); the dense figure is half of it
+  (989.4). Using the sparse figure halves every predicted training time (seed-facts-a Appendix A #1).
+* ``fp32_tflops`` is the plain (non-tensor-core) FP32 peak: PyTorch does not use TF32 for matmuls by
+  default (``torch.backends.cuda.matmul.allow_tf32 = False`` since 1.12), so "fp32" training runs at this
+  rate. ``tf32_tflops`` (dense) is given where it exists.
+* ``hbm_bytes`` is the marketed capacity in decimal GB x 1e9. The driver usually reports a little more
+  (H100 80 GB: 81,559 MiB = 85.5e9 B), and the CUDA context / NCCL take 0.5-2 GB of it, so the decimal
+  figure is a deliberately conservative usable capacity.
+* ``hbm_gbps`` is memory bandwidth in GB/s (1e9 B/s).
+* ``nvlink_gbps`` is scale-up bandwidth **per GPU per direction** in GB/s. Datasheets quote the
+  bidirectional total (H100 "900 GB/s" = 18 links x 50 GB/s bidirectional), so the value here is half.
+  0 = no GPU-to-GPU fabric (PCIe only).
+* ``net_gbps`` is the scale-out NIC per GPU in **Gbit/s** (HGX/DGX H100: one 400 Gb/s ConnectX-7 per GPU).
+* ``usd_per_hour`` is a rough on-demand reference price per GPU-hour (volatile; users override it in
+  ``hardware.usd_per_gpu_hour``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TERA = 1e12
+GB = 10**9
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    key: str
+    name: str
+    bf16_tflops: float  # dense (not the 2:4 sparsity figure)
+    fp8_tflops: float | None  # dense; None = no FP8 tensor cores
+    fp32_tflops: float  # non-tensor-core FP32
+    hbm_bytes: int
+    hbm_gbps: float  # GB/s
+    nvlink_gbps: float  # GB/s per GPU per direction; 0 = none
+    net_gbps: float  # Gbit/s per GPU (scale-out NIC)
+    gpus_per_node: int
+    usd_per_hour: float  # reference on-demand price per GPU-hour
+    source: str  # datasheet URL
+    tf32_tflops: float | None = None  # dense TF32 tensor core, where it exists
+    notes: str = ""
+
+    @property
+    def hbm_gib(self) -> float:
+        return self.hbm_bytes / GiB
+
+
+# ----------------------------------------------------------------------------------------------- table
+# One row per accelerator. Sources are the vendor datasheets / whitepapers; the comment on each row
+# says which figure was halved (sparse -> dense) or divided (bidirectional -> per direction).
+_ROWS: list[dict] = [
+    dict(
+        key="h100-sxm",
+        name="NVIDIA H100 SXM5 80GB",
+        # datasheet: BF16 1,979 TF / FP8 3,958 TF "with sparsity" -> dense 989.4 / 1,978.9 (H100 whitepaper
+        # table 3, SXM5 at boost clock); FP32 67 TF; TF32 989 sparse -> 494.7 dense; 80 GB HBM3 3.35 TB/s;
+        # NVLink4 900 GB/s bidirectional; HGX H100: 8 x ConnectX-7 400 Gb/s.
+        bf16_tflops=989.4,
+        fp8_tflops=1978.9,
+        fp32_tflops=66.9,
+        tf32_tflops=494.7,
+        hbm_bytes=80 * GB,
+        hbm_gbps=3350,
+        nvlink_gbps=450,
+        net_gbps=400,
+        gpus_per_node=8,
+        usd_per_hour=2.5,
+        source="https://www.nvidia.com/en-us/data-center/h100/ ; https://resources.nvidia.com/en-us-tensor-core/gtc22-whitepaper-hopper",
+    ),
+    dict(
+        key="h100-pcie",
+        name="NVIDIA H100 PCIe 80GB",
+        # datasheet: BF16 1,513 TF sparse -> 756.5 dense; FP8 3,026 sparse -> 1,513 dense; FP32 51 TF;
+        # 80 GB HBM2e 2.0 TB/s; NVLink bridge 600 GB/s bidirectional (pairs only) -> 300 per direction.
+        bf16_tflops=756.5,
+        fp8_tflops=1513.0,
+        fp32_tflops=51.2,
+        tf32_tflops=378.0,
+        hbm_bytes=80 * GB,
+        hbm_gbps=2000,
+        nvlink_gbps=300,
+        net_gbps=200,
+        gpus_per_node=8,
+        usd_per_hour=2.0,
+        source="https://www.nvidia.com/en-us/data-center/h100/",
+        notes="NVLink bridge connects pairs of cards only; an 8-GPU PCIe server is PCIe-switched otherwise",
+    ),
+    dict(
+        key="h800",
+        name="NVIDIA H800 SXM5 80GB",
+        # Export variant of H100 SXM: same tensor cores and HBM3, NVLink cut to 400 GB/s bidirectional
+        # (-> 200 per direction). DeepSeek-V3 report (arXiv 2412.19437 sec. 3.1): 8 GPUs/node over
+        # NVLink/NVSwitch, InfiniBand across nodes; $2/GPU-hour rental assumption (sec. 1).
+        bf16_tflops=989.4,
+        fp8_tflops=1978.9,
+        fp32_tflops=66.9,
+        tf32_tflops=494.7,
+        hbm_bytes=80 * GB,
+        hbm_gbps=3350,
+        nvlink_gbps=200,
+        net_gbps=400,
+        gpus_per_node=8,
+        usd_per_hour=2.0,
+        source="https://arxiv.org/abs/2412.19437 ; https://www.nvidia.com/en-us/data-center/h800/",
+    ),
+    dict(
+        key="h200",
+        name="NVIDIA H200 SXM 141GB",
+        # datasheet: same compute as H100 SXM (BF16 1,979 sparse / FP8 3,958 sparse); 141 GB HBM3e 4.8 TB/s;
+        # NVLink 900 GB/s bidirectional.
+        bf16_tflops=989.4,
+        fp8_tflops=1978.9,
+        fp32_tflops=66.9,
+        tf32_tflops=494.7,
+        hbm_bytes=141 * GB,
+        hbm_gbps=4800,
+        nvlink_gbps=450,
+        net_gbps=400,
+        gpus_per_node=8,
+        usd_per_hour=3.5,
+        source="https://www.nvidia.com/en-us/data-center/h200/",
+    ),
+    dict(
+        key="b200",
+        name="NVIDIA B200 180GB (HGX)",
+        # HGX B200 datasheet (8 GPUs): FP8 72 PF sparse -> 4.5 PF dense per GPU; BF16 36 PF sparse
+        # -> 2.25 PF dense per GPU; FP32 600 TF -> 75 TF per GPU; 1.44 TB HBM3e total -> 180 GB per GPU;
+        # 64 TB/s -> 8 TB/s per GPU; NVLink5 1.8 TB/s bidirectional per GPU; 8 x 400 Gb/s ConnectX-7.
+        bf16_tflops=2250.0,
+        fp8_tflops=4500.0,
+        fp32_tflops=75.0,
+        tf32_tflops=1100.0,
+        hbm_bytes=180 * GB,
+        hbm_gbps=8000,
+        nvlink_gbps=900,
+        net_gbps=400,
+        gpus_per_node=8,
+        usd_per_hour=5.0,
+        source="https://www.nvidia.com/en-us/data-center/hgx/",
+        notes="some B200 SKUs list 192 GB; HGX/DGX B200 expose 180 GB per GPU",
+    ),
+    dict(
+        key="a100-40g",
+        name="NVIDIA A100 SXM4 40GB",
+        # datasheet: BF16 312 TF dense (624 sparse); FP32 19.5 TF; TF32 156 dense; 40 GB HBM2 1,555 GB/s;
+        # NVLink3 600 GB/s bidirectional; DGX A100: 8 x 200 Gb/s HDR.
+        bf16_tflops=312.0,
+        fp8_tflops=None,
+        fp32_tflops=19.5,
+        tf32_tflops=156.0,
+        hbm_bytes=40 * GB,
+        hbm_gbps=1555,
+        nvlink_gbps=300,
+        net_gbps=200,
+        gpus_per_node=8,
+        usd_per_hour=1.3,
+        source="https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf",
+    ),
+    dict(
+        key="a100-80g",
+        name="NVIDIA A100 SXM4 80GB",
+        # datasheet: as the 40GB part, with 80 GB HBM2e 2,039 GB/s.
+        bf16_tflops=312.0,
+        fp8_tflops=None,
+        fp32_tflops=19.5,
+        tf32_tflops=156.0,
+        hbm_bytes=80 * GB,
+        hbm_gbps=2039,
+        nvlink_gbps=300,
+        net_gbps=200,
+        gpus_per_node=8,
+        usd_per_hour=1.8,
+        source="https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf",
+    ),
+    dict(
+        key="mi300x",
+        name="AMD Instinct MI300X 192GB",
+        # AMD datasheet: BF16 1,307.4 TF dense (2,614.9 with sparsity); FP8 2,614.9 dense; FP32 vector
+        # 81.7 TF (matrix 163.4); 192 GB HBM3 5.3 TB/s; 7 Infinity Fabric links, 896 GB/s aggregate
+        # bidirectional -> 448 per direction (a fully connected mesh: 64 GB/s per direction to each peer).
+        bf16_tflops=1307.4,
+        fp8_tflops=2614.9,
+        fp32_tflops=163.4,
+        tf32_tflops=653.7,
+        hbm_bytes=192 * GB,
+        hbm_gbps=5300,
+        nvlink_gbps=448,
+        net_gbps=400,
+        gpus_per_node=8,
+        usd_per_hour=2.5,
+        source="https://www.amd.com/content/dam/amd/en/documents/instinct-tech-docs/data-sheets/amd-instinct-mi300x-data-sheet.pdf",
+        notes="Infinity Fabric mesh: all-reduce over 8 GPUs uses all 7 links; one peer gets 64 GB/s",
+    ),
+    dict(
+        key="l40s",
+        name="NVIDIA L40S 48GB",
+        # datasheet: BF16 362.05 TF dense (733 sparse); FP8 733 dense (1,466 sparse); FP32 91.6 TF;
+        # TF32 183 dense; 48 GB GDDR6 864 GB/s; no NVLink (PCIe Gen4 x16).
+        bf16_tflops=362.05,
+        fp8_tflops=733.0,
+        fp32_tflops=91.6,
+        tf32_tflops=183.0,
+        hbm_bytes=48 * GB,
+        hbm_gbps=864,
+        nvlink_gbps=0,
+        net_gbps=100,
+        gpus_per_node=8,
+        usd_per_hour=1.0,
+        source="https://www.nvidia.com/en-us/data-center/l40s/",
+    ),
+    dict(
+        key="rtx4090",
+        name="NVIDIA GeForce RTX 4090 24GB",
+        # Ada whitepaper (appendix table): FP16/BF16 tensor with FP32 accumulate 165.2 TF dense (330.3
+        # sparse) -- training accumulates in FP32; FP8 with FP32 accumulate 330.3 dense; FP32 82.6 TF;
+        # 24 GB GDDR6X 1,008 GB/s; no NVLink. Seed S003 gives $0.50/hour.
+        bf16_tflops=165.2,
+        fp8_tflops=330.3,
+        fp32_tflops=82.6,
+        tf32_tflops=82.6,
+        hbm_bytes=24 * GB,
+        hbm_gbps=1008,
+        nvlink_gbps=0,
+        net_gbps=10,
+        gpus_per_node=8,
+        usd_per_hour=0.5,
+        source="https://images.nvidia.com/aem-dam/Solutions/geforce/ada/nvidia-ada-gpu-architecture.pdf",
+    ),
+    dict(
+        key="cpu",
+        name="Local CPU (pseudo-device)",
+        # Not a datasheet part: a deliberately conservative stand-in so that `llmc plan` on a laptop/CI box
+        # gives finite, pessimistic numbers. 0.5 TFLOPS ~ a few AVX-512/AMX cores doing bf16 GEMMs in
+        # PyTorch; 16 GiB of RAM assumed usable by the job; 20 GB/s DRAM bandwidth; no GPU fabric;
+        # 10 Gb/s Ethernet; one "device" per node (multi-process CPU runs are gloo over loopback/TCP);
+        # price 0 (you already own it). No fp8.
+        bf16_tflops=0.5,
+        fp8_tflops=None,
+        fp32_tflops=0.5,
+        tf32_tflops=None,
+        hbm_bytes=16 * GiB,
+        hbm_gbps=20,
+        nvlink_gbps=0,
+        net_gbps=10,
+        gpus_per_node=1,
+        usd_per_hour=0.0,
+        source="llmc convention (no datasheet): conservative local-CPU stand-in",
+    ),
+]
+
+GPUS: dict[str, GPU] = {r["key"]: GPU(**r) for r in _ROWS}
+
+_ALIASES = {
+    "h100": "h100-sxm",
+    "h100-sxm5": "h100-sxm",
+    "h200-sxm": "h200",
+    "a100": "a100-80g",
+    "a100-80gb": "a100-80g",
+    "a100-40gb": "a100-40g",
+    "4090": "rtx4090",
+    "rtx-4090": "rtx4090",
+    "mi300": "mi300x",
+}
+
+
+def get_gpu(key: str) -> GPU | None:
+    """Look up a GPU by key (case-insensitive; a few common aliases accepted). None if unknown."""
+    k = key.strip().lower()
+    k = _ALIASES.get(k, k)
+    return GPUS.get(k)
+
+
+_PRECISION = {
+    "bf16": "bf16_tflops",
+    "fp16": "bf16_tflops",  # same tensor-core rate as bf16 on every part listed
+    "fp8": "fp8_tflops",
+    "fp32": "fp32_tflops",
+    "tf32": "tf32_tflops",
+}
+
+
+def supports(gpu: GPU, precision: str) -> bool:
+    """True when the part has a peak for this precision (fp8 needs Hopper/Ada/Blackwell/CDNA3)."""
+    attr = _PRECISION.get(precision)
+    return attr is not None and getattr(gpu, attr) is not None
+
+
+def peak_flops(gpu: GPU, precision: str) -> float:
+    """Dense peak in FLOP/s for a training precision (``bf16``, ``fp16``, ``fp8``, ``fp32``, ``tf32``).
+
+    Raises ValueError for an unknown precision or one the part lacks (fp8 on A100); callers that
+    want a diagnostic should check :func:`supports` first.
+
+    Note for fp8: torchao float8 training only runs the Linear matmuls in fp8 (attention, norms and
+    the optimizer stay bf16/fp32), so the fp8 peak is an upper bound; MFU is conventionally quoted
+    against the bf16 peak.
+    """
+    attr = _PRECISION.get(precision)
+    if attr is None:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(_PRECISION)}")
+    tf = getattr(gpu, attr)
+    if tf is None:
+        raise ValueError(f"{gpu.name} has no {precision} tensor cores")
+    return float(tf) * TERA

@@ -1,0 +1,478 @@
+"""Per-GPU training memory: model states (weights, grads, optimizer), activations and buffers.
+
+Everything is in bytes and per pipeline stage; ``per_gpu_bytes`` is the peak stage. Pure arithmetic.
+
+Model states (Rajbhandari et al. 2020, "ZeRO", arXiv 1910.02054, sec. 3.1 and Figure 1)
+    mixed-precision AdamW: 2 B bf16 weights + 2 B bf16 grads + K=12 B optimizer (fp32 master, m, v)
+    = 16 B/param. ZeRO-1 shards the optimizer over the data-parallel shard group N_d (4 + 12/N_d),
+    ZeRO-2 also the grads (2 + 14/N_d), ZeRO-3/FSDP also the weights (16/N_d). The replicate dimension
+    of HSDP (``dp_replicate``) does not shard. The shard group is dp_shard x cp (torchtitan's FSDP mesh
+    ``dp_shard_cp``: context-parallel ranks hold the same weights, so FSDP shards over them too).
+    fp32 training: weights are the master copy -> 4 + 4 + (K - 4). fp8 (torchao float8): parameters stay
+    bf16/fp32 exactly as for bf16 (the fp8 casts are transient), so model states are the bf16 ones.
+    ``grad_bytes_per_param=4`` models fp32 gradient accumulation; 6 = bf16 grads + an fp32 copy (what
+    DeepSpeed's estimator assumes for ZeRO-2: 18 = 2 + 4 + 12).
+    Offloaded optimizer (ZeRO-Offload, Ren et al. 2021): the fp32 master/m/v and the fp32 grads live on
+    the CPU; the GPU keeps the bf16 weights (DeepSpeed estimator: ZeRO-2 offload GPU = 2P).
+
+Tensor / expert / pipeline sharding of the states
+    Attention and MLP matmul weights (and Qwen q/k/v biases) / tp (Megatron column/row parallel);
+    token embedding and output head / tp (torchtitan shards both along the vocabulary: vocab-parallel
+    embedding + loss_parallel); norms, the MoE router and MLA's small down-projections (wq_a, wkv_a) are
+    replicated over tp. Routed experts / ep (torchtitan ETP=1: not tp-sharded); under ZeRO the remaining
+    expert shard group is (dp_shard x cp) / ep because EP is carved out of those ranks. Pipeline: each
+    stage holds its blocks; the embedding lives on the first stage, the final norm and output head on the
+    last (a tied embedding is held by both when pp > 1).
+
+Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+arXiv 2205.05198, sec. 4.1 and Table 2) -- see :func:`layer_activation_bytes_per_token` for the
+SwiGLU/GQA/MLA/MoE derivation and :func:`korthikanti_layer_bytes` for the paper's GPT formula.
+    Sharded / tp with sequence parallelism (torchtitan turns SP on with TP), / cp for context parallel.
+    Pipeline: stage i of p with 1F1B keeps min(p - i, m) micro-batches in flight (Narayanan et al. 2021,
+    "Efficient Large-Scale Language Model Training on GPU Clusters", sec. 2.2.1); interleaved 1F1B with v
+    chunks per rank multiplies by (1 + (p - 1)/(p v)) (Korthikanti et al. 2022 sec. 4.2.3); GPipe keeps
+    all m micro-batches.
+
+Buffers: FSDP all-gather/reduce-scatter buffers (two unsharded units in bf16 for current + prefetch, one
+unit's fp32 gradient before reduce-scatter, torchtitan reduce_dtype=fp32); DeepSpeed ZeRO-1/2 reduce and
+all-gather buckets (default 5e8 elements each); DDP buckets (25 MiB); fp32 logits/loss memory on the last
+stage; 1 GiB workspace (CUDA context, cuBLAS workspace, NCCL). Not modelled: allocator fragmentation
+(leave ~5-10% headroom), CP ring-attention K/V exchange buffers, MoE load imbalance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from llmc.compiler.compiled import MemoryNumbers
+from llmc.compiler.params import (
+    expert_d_ff,
+    is_moe_layer,
+    kv_bytes_per_token,  # noqa: F401  (re-exported for callers that look for it here)
+    layer_components,
+)
+from llmc.compiler.plan import ParallelPlan
+from llmc.spec.model import Architecture
+
+GiB = 2**30
+MiB = 2**20
+WORKSPACE_BYTES = 1 * GiB  # CUDA context + cuBLAS workspace + NCCL internal buffers (estimate)
+DS_BUCKET_ELEMS = 500_000_000  # DeepSpeed reduce_bucket_size / allgather_bucket_size defaults (5e8)
+DDP_BUCKET_BYTES = 25 * MiB  # torch DDP bucket_cap_mb default
+LOGITS_BYTES_PER_ELEM = 4  # fp32 logits for the loss (torchtitan upcasts before cross_entropy)
+
+# ----------------------------------------------------------------------------- parameter groups
+
+#: how each labelled component (params.layer_components / param_breakdown) is sharded
+_TP_SHARDED = {
+    "attn/wq", "attn/wkv", "attn/wo", "attn/bias",
+    "mla/wq", "mla/wq_b", "mla/wkv_b", "mla/wo",
+    "mlp/dense", "moe/shared",
+}  # fmt: skip
+_EXPERT = {"moe/experts"}
+_VOCAB = {"embed/tok", "head/output"}
+
+
+def _group(label: str) -> str:
+    if label in _TP_SHARDED:
+        return "tp"
+    if label in _EXPERT:
+        return "expert"
+    if label in _VOCAB:
+        return "vocab"
+    return "replicated"  # norms, router, expert bias, mla/wq_a, mla/q_norm, mla/wkv_a, mla/kv_norm
+
+
+def stage_layers(n_layers: int, pp: int) -> list[list[int]]:
+    """Split blocks 0..n_layers-1 into pp contiguous stages as evenly as possible.
+
+    Leftover layers (n_layers % pp) go first to the middle stages, then to the last, then to the first
+    stage, because the first stage also carries the embedding and the last the head and the loss.
+    """
+    if pp < 1:
+        raise ValueError("pp must be >= 1")
+    if pp > n_layers:
+        raise ValueError(f"pp={pp} exceeds n_layers={n_layers}")
+    base, rem = divmod(n_layers, pp)
+    counts = [base] * pp
+    order = list(range(1, pp - 1)) + ([pp - 1] if pp > 1 else []) + [0]
+    for k in range(rem):
+        counts[order[k % len(order)]] += 1
+    out, start = [], 0
+    for c in counts:
+        out.append(list(range(start, start + c)))
+        start += c
+    return out
+
+
+def stage_param_groups(arch: Architecture, pp: int) -> list[dict[str, int]]:
+    """Per stage: parameter counts by sharding group ("tp", "expert", "vocab", "replicated")."""
+    stages = stage_layers(arch.n_layers, pp)
+    V, d = arch.vocab_size, arch.d_model
+    out = []
+    for si, layers in enumerate(stages):
+        g = {"tp": 0, "expert": 0, "vocab": 0, "replicated": 0}
+        for i in layers:
+            for label, n in layer_components(arch, i).items():
+                g[_group(label)] += n
+        if si == 0:
+            g["vocab"] += V * d
+        if si == pp - 1:
+            g["replicated"] += d  # final norm
+            if not arch.tied_embeddings or pp > 1:
+                # untied head; or the tied matrix again on the last stage when the model is split
+                g["vocab"] += V * d
+        out.append(g)
+    return out
+
+
+# ----------------------------------------------------------------------------- model states
+
+
+def model_state_bytes(
+    n_params: float,
+    *,
+    zero_stage: int = 0,
+    shard: int = 1,
+    weight_bytes: float = 2,
+    grad_bytes: float = 2,
+    optimizer_bytes: float = 12,
+    offload_optimizer: bool = False,
+) -> dict[str, float]:
+    """Weights / grads / optimizer bytes for n_params replicated over a shard group of size ``shard``.
+
+    ZeRO paper sec. 5 / Figure 1: stage 1 shards the optimizer, 2 also the grads, 3 also the weights.
+    With ``offload_optimizer`` the optimizer states and the (fp32) grads are on the CPU (GPU part 0).
+    """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0..3, got {zero_stage}")
+    n = max(1, int(shard))
+    w = n_params * weight_bytes / (n if zero_stage >= 3 else 1)
+    g = n_params * grad_bytes / (n if zero_stage >= 2 else 1)
+    o = n_params * optimizer_bytes / (n if zero_stage >= 1 else 1)
+    if offload_optimizer:
+        g, o = 0.0, 0.0
+    return {"weights": w, "grads": g, "optimizer": o}
+
+
+def _precision_bytes(precision: str, optimizer_bytes_per_param: float, grad_bytes_per_param: float | None):
+    if precision == "fp32":
+        # fp32 weights are the master copy: 4 + 4 + (K - 4) (K=12 -> m, v) = 16 B/param
+        return (
+            4.0,
+            (4.0 if grad_bytes_per_param is None else grad_bytes_per_param),
+            optimizer_bytes_per_param - 4,
+        )
+    if precision in ("bf16", "fp16", "fp8"):
+        # fp8: torchao float8 keeps bf16 (sharded fp32) parameters; fp8 copies are transient
+        return 2.0, (2.0 if grad_bytes_per_param is None else grad_bytes_per_param), optimizer_bytes_per_param
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+def _shard_groups(plan: ParallelPlan) -> dict[str, tuple[int, int]]:
+    """(model-parallel divisor, ZeRO shard group) per parameter group."""
+    z = plan.dp_shard * plan.cp
+    ep = max(1, plan.ep)
+    return {
+        "tp": (plan.tp, z),
+        "vocab": (plan.tp, z),
+        "replicated": (1, z),
+        "expert": (ep, max(1, z // ep)),
+    }
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def _attn_act_per_token(arch: Architecture) -> tuple[float, float, float]:
+    """(saved elements excluding norms, linear-output elements, attention-output elements) per token,
+    attention sub-block, no recompute."""
+    H = arch.n_heads
+    if arch.mla is not None:
+        m = arch.mla
+        dqk, dv = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+        inter = 0.0
+        lin_out = 0.0
+        if m.q_lora_rank is not None:
+            inter += 2 * m.q_lora_rank  # wq_a output (q_norm input) + q_norm output (wq_b input)
+            lin_out += m.q_lora_rank + H * dqk  # wq_a, wq_b
+        else:
+            lin_out += H * dqk  # wq
+        inter += (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank  # wkv_a out + kv_norm out
+        lin_out += (m.kv_lora_rank + m.qk_rope_head_dim) + H * (m.qk_nope_head_dim + dv) + arch.d_model
+        qkv = H * dqk + H * dqk + H * dv  # per-head K after broadcasting the shared rope key
+        return inter + qkv, lin_out, H * dv
+    hd, kv = arch.hd, arch.kv_heads
+    qkv = H * hd + 2 * kv * hd  # post-RoPE q, k and v saved by SDPA (GQA: K/V at n_kv heads)
+    lin_out = H * hd + 2 * kv * hd + arch.d_model  # wq, wk, wv, wo outputs
+    return qkv, lin_out, H * hd
+
+
+def _ffn_act_per_token(arch: Architecture, i: int) -> tuple[float, float]:
+    """(saved elements, linear-output elements) per token for the FFN of block i, no recompute.
+
+    SwiGLU: w1 output (SiLU input), w3 output, SiLU output, and their product (w2 input) = 4 x d_ff
+    (Shazeer 2020 FFN_SwiGLU; each is saved by autograd for the backward of SiLU / mul / w2).
+    MoE: each token is processed by top_k experts, so the expert part scales with top_k: per routed copy
+    the permuted input (h), 4 x f_e SwiGLU intermediates and the expert output (h, needed for the
+    gradient of the routing weights); shared experts 4 x S x f_e; router scores E (fp32 -> 2 elements).
+    """
+    d = arch.d_model
+    if not is_moe_layer(arch, i):
+        return 4.0 * arch.d_ff, 2.0 * arch.d_ff + d
+    moe = arch.moe
+    f = expert_d_ff(arch)
+    k, S, E = moe.top_k, moe.num_shared_experts, moe.num_experts
+    saved = k * (d + 4 * f + d) + 4 * S * f + 2 * E
+    lin = k * (2 * f + d) + (S and (2 * S * f + d)) + E
+    return float(saved), float(lin)
+
+
+def layer_activation_bytes_per_token(
+    arch: Architecture,
+    i: int,
+    ac_mode: str = "none",
+    *,
+    seq_len: int = 0,
+    flash_attention: bool = True,
+    bytes_per_elem: float = 2,
+) -> float:
+    """Activation bytes kept per token for block i until its backward (no sharding, b = 1).
+
+    Derivation for a Llama block, adapted from Korthikanti et al. 2022 sec. 4.1 (which counts
+    34 s b h + 5 a s^2 b for a GPT block with dropout), with 16-bit elements and no dropout:
+
+    * the two RMSNorms: input and output of each (the output is the next matmul's saved input): 4 h
+      (Korthikanti's two LayerNorm inputs 4sbh + the QKV/MLP matmul inputs 2sbh + 2sbh, minus nothing);
+    * attention: post-RoPE Q (H d_qk), K, V (n_kv heads for GQA; per-head for MLA), the
+      FlashAttention output O (H d_v, saved by the kernel) and its log-sum-exp (H fp32 = 2H elements),
+      the contiguous copy of O that feeds wo (H d_v); MLA adds its low-rank intermediates;
+    * FFN: SwiGLU 4 d_ff (see :func:`_ffn_act_per_token`); MoE scales the expert part with top_k;
+    * without FlashAttention the softmax output a s^2 b (2 a s bytes per token) is saved too;
+      Korthikanti's 5as/h term also counts the dropout mask and output (1 + 2).
+
+    For MHA with d_ff = 4h and a GeLU MLP this reproduces Korthikanti's 34 minus the dropout masks
+    (2 x sbh) plus 2 for the saved flash output (tests/test_memory.py checks the term-by-term match).
+
+    ``ac_mode``:
+    * ``none``: everything above.
+    * ``selective`` (torchtitan per-op SAC): the block input (h), the attention output + LSE, and the
+      outputs of every other matmul (half the linear outputs) are kept; norms, SiLU, products and the
+      other matmuls are recomputed; the non-flash score term is dropped (Korthikanti's selective
+      recompute of the attention core).
+    * ``full``: only the block input, 2 s b h bytes (Korthikanti Table 2 "full"); the one-layer working
+      set during recompute is added by the caller once per stage.
+    """
+    d, H = arch.d_model, arch.n_heads
+    if ac_mode == "full":
+        return d * bytes_per_elem
+    attn_saved, attn_lin, attn_out = _attn_act_per_token(arch)
+    ffn_saved, ffn_lin = _ffn_act_per_token(arch, i)
+    if ac_mode == "none":
+        elems = 4 * d + attn_saved + 2 * attn_out + 2 * H + ffn_saved
+        score = 0.0 if flash_attention else H * seq_len  # softmax output, a s^2 b per sequence
+        return (elems + score) * bytes_per_elem
+    if ac_mode == "selective":
+        elems = d + attn_out + 2 * H + 0.5 * (attn_lin + ffn_lin)
+        return elems * bytes_per_elem
+    raise ValueError(f"unknown activation checkpointing mode {ac_mode!r}")
+
+
+def korthikanti_layer_bytes(
+    s: int, b: int, h: int, a: int, t: int = 1, *, sp: bool = False, recompute: str = "none"
+) -> float:
+    """Korthikanti et al. 2022 Table 2: activation bytes per GPT transformer layer (16-bit, dropout).
+
+    no parallelism: s b h (34 + 5 a s / h); tensor parallel t: s b h (10 + 24/t + 5 a s/(h t));
+    + sequence parallel: s b h (34/t + 5 a s/(h t)); selective recompute drops the 5as/h term;
+    full recompute keeps 2 s b h.
+    """
+    sbh = s * b * h
+    score = 5.0 * a * s / h
+    if recompute == "full":
+        return 2.0 * sbh
+    if recompute == "selective":
+        score = 0.0
+    if sp:
+        return sbh * (34.0 / t + score / t)
+    return sbh * (10.0 + 24.0 / t + score / t)
+
+
+def in_flight_microbatches(plan: ParallelPlan, stage: int) -> float:
+    """Micro-batches whose activations stage ``stage`` holds at its peak.
+
+    1F1B (PipeDream-Flush, Narayanan et al. 2021 sec. 2.2.1): min(p - i, m). Interleaved 1F1B with v
+    chunks: x (1 + (p - 1)/(p v)) (Korthikanti et al. 2022 sec. 4.2.3). GPipe: all m. ZBV zero-bubble:
+    treated like 1F1B (its peak is about p micro-batches' worth on the first rank; approximation).
+    """
+    p, m = plan.pp, max(1, plan.grad_accum)
+    if p == 1:
+        return 1.0
+    if plan.pp_schedule == "GPipe":
+        return float(m)
+    n = float(min(p - stage, m))
+    if plan.pp_schedule == "Interleaved1F1B":
+        v = max(1, plan.pp_virtual_stages)
+        n *= 1.0 + (p - 1) / (p * v)
+    return n
+
+
+# ----------------------------------------------------------------------------- the whole GPU
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    buffers: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.buffers
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "weights": int(self.weights),
+            "grads": int(self.grads),
+            "optimizer": int(self.optimizer),
+            "activations": int(self.activations),
+            "buffers": int(self.buffers),
+        }
+
+
+def stage_memory(
+    arch: Architecture,
+    plan: ParallelPlan,
+    seq_len: int,
+    precision: str = "bf16",
+    *,
+    optimizer_bytes_per_param: float = 12,
+    offload_optimizer: bool = False,
+    grad_bytes_per_param: float | None = None,
+    flash_attention: bool = True,
+) -> list[StageMemory]:
+    """Memory of one GPU in each pipeline stage (see the module docstring for every term)."""
+    wb, gb, ob = _precision_bytes(precision, optimizer_bytes_per_param, grad_bytes_per_param)
+    act_b = 4.0 if precision == "fp32" else 2.0
+    groups = stage_param_groups(arch, plan.pp)
+    shard = _shard_groups(plan)
+    stages = stage_layers(arch.n_layers, plan.pp)
+    tokens_mb = plan.micro_batch * seq_len / plan.cp  # tokens per micro-batch on this rank
+    act_div = plan.tp  # sequence parallel: every activation is split over tp (Korthikanti Table 2)
+    zs = plan.zero_stage
+
+    out: list[StageMemory] = []
+    for si, (g, layers) in enumerate(zip(groups, stages, strict=True)):
+        w = gr = op = 0.0
+        unsharded_local = 0.0  # params of this stage after tp/ep split, before ZeRO
+        for name, n in g.items():
+            if n == 0:
+                continue
+            mp, z = shard[name]
+            local = n / mp
+            unsharded_local += local
+            st = model_state_bytes(
+                local,
+                zero_stage=zs,
+                shard=z,
+                weight_bytes=wb,
+                grad_bytes=gb,
+                optimizer_bytes=ob,
+                offload_optimizer=offload_optimizer,
+            )
+            w += st["weights"]
+            gr += st["grads"]
+            op += st["optimizer"]
+
+        # --- activations
+        per_tok = sum(
+            layer_activation_bytes_per_token(
+                arch, i, plan.activation_checkpointing, seq_len=seq_len,
+                flash_attention=flash_attention, bytes_per_elem=act_b,
+            )
+            for i in layers
+        )  # fmt: skip
+        if si == plan.pp - 1:
+            per_tok += 2 * arch.d_model * act_b  # final norm input + head input
+        acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div
+        if plan.activation_checkpointing != "none":
+            # one block's full working set while it is recomputed and back-propagated
+            work = max(
+                layer_activation_bytes_per_token(
+                    arch, i, "none", seq_len=seq_len, flash_attention=flash_attention, bytes_per_elem=act_b
+                )
+                for i in layers
+            )
+            acts += tokens_mb * work / act_div
+
+        # --- buffers
+        buf = float(WORKSPACE_BYTES)
+        if si == plan.pp - 1:
+            buf += tokens_mb * arch.vocab_size * LOGITS_BYTES_PER_ELEM / plan.tp
+        z_dense = plan.dp_shard * plan.cp
+        if zs >= 3 and z_dense > 1:
+            # FSDP unit = one block (or the embedding / head): 2 units all-gathered in the compute dtype
+            # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter
+            units = [_block_local_params(arch, i, plan) for i in layers]
+            if si == 0:
+                units.append(arch.vocab_size * arch.d_model / plan.tp)
+            if si == plan.pp - 1:
+                units.append(arch.vocab_size * arch.d_model / plan.tp)
+            blocks = units[: len(layers)]
+            # the largest unit gathered (wb) with its fp32 gradient (4) + the next block prefetched (wb)
+            buf += max(units) * (wb + 4) + max(blocks) * wb
+        elif zs in (1, 2) and plan.dp > 1:
+            buf += 2 * min(DS_BUCKET_ELEMS, unsharded_local) * wb  # reduce + all-gather buckets
+        elif plan.dp > 1:
+            buf += 2 * DDP_BUCKET_BYTES
+        out.append(StageMemory(w, gr, op, acts, buf))
+    return out
+
+
+def _block_local_params(arch: Architecture, i: int, plan: ParallelPlan) -> float:
+    shard = _shard_groups(plan)
+    tot = 0.0
+    for label, n in layer_components(arch, i).items():
+        tot += n / shard[_group(label)][0]
+    return tot
+
+
+def memory_per_gpu(
+    arch: Architecture,
+    plan: ParallelPlan,
+    seq_len: int,
+    precision: str,
+    capacity_bytes: int,
+    optimizer_bytes_per_param: int = 12,
+    offload_optimizer: bool = False,
+    *,
+    grad_bytes_per_param: float | None = None,
+    flash_attention: bool = True,
+) -> MemoryNumbers:
+    """Peak bytes per GPU over the pipeline stages, with the breakdown of the peak stage."""
+    stages = stage_memory(
+        arch,
+        plan,
+        seq_len,
+        precision,
+        optimizer_bytes_per_param=optimizer_bytes_per_param,
+        offload_optimizer=offload_optimizer,
+        grad_bytes_per_param=grad_bytes_per_param,
+        flash_attention=flash_attention,
+    )
+    totals = [int(math.ceil(s.total)) for s in stages]
+    peak = max(range(len(stages)), key=lambda k: totals[k])
+    return MemoryNumbers(
+        per_gpu_bytes=totals[peak],
+        capacity_bytes=int(capacity_bytes),
+        breakdown=stages[peak].as_dict(),
+        per_stage_bytes=totals,
+    )
+
+
+def fits(mem: MemoryNumbers, headroom: float = 0.92) -> bool:
+    """True when the peak stays under ``headroom`` x capacity (allocator fragmentation margin)."""
+    return mem.per_gpu_bytes <= headroom * mem.capacity_bytes
