@@ -1,0 +1,112 @@
+"""Direct Preference Optimisation (Rafailov et al. 2023).
+
+    L = -log sigma( beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ] )
+
+with sequence log-probs summed over the response tokens (labels != -100), not averaged
+(seed-facts-b §2: "sums token log-probs over unmasked tokens"). The reference is the frozen
+init model: a deep copy for full fine-tuning, or the same model with LoRA adapters disabled.
+At step 0 policy == reference, so the margin is 0 and L = log 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmc.runtime.chat import IGNORE_INDEX, encode_prompt_response
+from llmc.runtime.lora import disable_adapters, lora_modules
+from llmc.runtime.sft import pad_batch
+
+
+def sequence_logprobs(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over t of log p(labels[t+1] | ids[:t+1]) where labels != -100; returns (B,)."""
+    logits = model(ids)[:, :-1].float()
+    tgt = labels[:, 1:]
+    mask = tgt != IGNORE_INDEX
+    lp = torch.gather(F.log_softmax(logits, -1), 2, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (lp * mask).sum(-1)
+
+
+def dpo_loss(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
+             beta: float = 0.1) -> tuple[torch.Tensor, dict]:
+    """Mean DPO loss over the batch and its implicit rewards beta*(log pi - log pi_ref)."""
+    chosen = beta * (pi_w - ref_w)
+    rejected = beta * (pi_l - ref_l)
+    margin = chosen - rejected
+    loss = -F.logsigmoid(margin).mean()
+    return loss, {"loss": float(loss), "chosen_reward": float(chosen.mean()),
+                  "rejected_reward": float(rejected.mean()), "margin": float(margin.mean()),
+                  "accuracy": float((margin > 0).float().mean())}
+
+
+def encode_pairs(pairs: list[dict], tok, template: str = "llama3") -> list[tuple[tuple, tuple]]:
+    """[(chosen (ids, labels), rejected (ids, labels))] from {prompt, chosen, rejected} dicts."""
+    return [(encode_prompt_response(p["prompt"], p["chosen"], tok, template),
+             encode_prompt_response(p["prompt"], p["rejected"], tok, template)) for p in pairs]
+
+
+class Reference:
+    """The frozen reference policy: the adapters-off base for LoRA models, else a frozen deep copy."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.shared = any(True for _ in lora_modules(model))
+        if not self.shared:
+            self.copy = copy.deepcopy(model).eval()
+            for p in self.copy.parameters():
+                p.requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.shared:
+            was = self.model.training
+            self.model.eval()
+            with disable_adapters(self.model):
+                out = sequence_logprobs(self.model, ids, labels)
+            self.model.train(was)
+            return out
+        return sequence_logprobs(self.copy, ids, labels)
+
+    @contextlib.contextmanager
+    def as_module(self):
+        """The reference as a callable module (context: adapters disabled for the LoRA case)."""
+        if self.shared:
+            with disable_adapters(self.model):
+                yield self.model
+        else:
+            yield self.copy
+
+
+def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int, lr: float, beta: float = 0.1,
+              batch_size: int = 8, pad_id: int = 0, max_len: int | None = None, grad_clip: float | None = 1.0,
+              seed: int = 0, reference: Reference | None = None,
+              log: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """DPO with AdamW (constant LR); returns per-step stats (loss, margin, rewards, accuracy)."""
+    ref = reference or Reference(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(seed)
+    hist = []
+    model.train()
+    for step in range(steps):
+        batch = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
+        ids, labels = pad_batch([b[0] for b in batch] + [b[1] for b in batch], pad_id, max_len)
+        ref_lp = ref.logprobs(ids, labels)
+        pol_lp = sequence_logprobs(model, ids, labels)
+        n = len(batch)
+        loss, stats = dpo_loss(pol_lp[:n], pol_lp[n:], ref_lp[:n], ref_lp[n:], beta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        hist.append(stats)
+        if log:
+            log(step, stats)
+    return hist

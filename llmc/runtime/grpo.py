@@ -1,0 +1,162 @@
+"""Group Relative Policy Optimisation (Shao et al. 2024, DeepSeekMath) with verifiable rewards.
+
+Per prompt: sample G completions, score them with a verifier, advantage
+A_i = (r_i - mean(r)) / (std(r) + eps) with the *sample* std (ddof=1, torch.std default, as TRL),
+shared by every token of completion i (seed-facts-a §7.6: 8 samples, 5 correct -> +0.7246 / -1.2076;
+a group with equal rewards has zero advantage and teaches nothing).
+
+Per token: ratio = exp(logp - logp_old); surrogate min(ratio*A, clip(ratio, 1-eps, 1+eps)*A);
+KL to the frozen reference by the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020),
+which is >= 0 and exactly 0 when policy == reference. Loss = -(surrogate - beta*KL), averaged over
+all completion tokens of the batch ((x*mask).sum()/mask.sum(), seed-facts-b §2).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmc.runtime.chat import TokAdapter, encode_prompt, end_token_id
+from llmc.runtime.dpo import Reference
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(..., G) rewards -> advantages normalised within each group (sample std, ddof=1)."""
+    r = rewards.float()
+    if r.shape[-1] < 2:
+        return torch.zeros_like(r)
+    mean = r.mean(-1, keepdim=True)
+    std = r.std(-1, keepdim=True, unbiased=True)
+    return (r - mean) / (std + eps)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) from samples of pi: e^(ref-logp) - (ref-logp) - 1."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+              ref_logp: torch.Tensor | None = None, clip_eps: float = 0.2, kl_coef: float = 0.04
+              ) -> tuple[torch.Tensor, dict]:
+    """logp/old_logp/ref_logp/mask: (B, T) over completion tokens; adv: (B,). Returns (loss, stats)."""
+    mask = mask.float()
+    a = adv.float()[:, None]
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * a
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a
+    surr = torch.minimum(unclipped, clipped)
+    per_tok = -surr
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and kl_coef > 0:
+        kl = kl_k3(logp, ref_logp)
+        per_tok = per_tok + kl_coef * kl
+    denom = mask.sum().clamp_min(1.0)
+    loss = (per_tok * mask).sum() / denom
+    clip_active = ((ratio < 1 - clip_eps) | (ratio > 1 + clip_eps)).float()
+    stats = {"loss": float(loss), "kl": float((kl * mask).sum() / denom),
+             "clip_frac": float((clip_active * mask).sum() / denom),
+             "ratio_mean": float((ratio * mask).sum() / denom)}
+    return loss, stats
+
+
+def completion_logprobs(model: nn.Module, full: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """log p(full[:, t] | full[:, :t]) for the completion positions t >= n_prompt; (B, T - n_prompt)."""
+    logits = model(full)[:, n_prompt - 1:-1].float()
+    return torch.gather(F.log_softmax(logits, -1), 2, full[:, n_prompt:].unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_group(model: nn.Module, prompt_ids: list[int], G: int, max_new_tokens: int, stop_id: int,
+                 pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """G temperature samples of one prompt (no KV cache). Returns (full ids (G, T0+n), completion mask (G, n)).
+
+    Tokens after a sequence's stop token are padding with mask 0; the stop token itself is kept (mask 1),
+    so the policy is also trained on when to stop.
+    """
+    was = model.training
+    model.eval()
+    x = torch.tensor(prompt_ids, dtype=torch.long).repeat(G, 1)
+    done = torch.zeros(G, dtype=torch.bool)
+    masks = []
+    for _ in range(max_new_tokens):
+        logits = model(x)[:, -1].float()
+        if temperature <= 0:
+            nxt = logits.argmax(-1)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        masks.append((~done).long())
+        x = torch.cat([x, nxt[:, None]], dim=1)
+        done = done | (nxt == stop_id)
+        if bool(done.all()):
+            break
+    model.train(was)
+    return x, torch.stack(masks, dim=1)
+
+
+def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: float,
+               reward_fn: Callable[[str, dict], float], template: str = "llama3", group_size: int = 8,
+               prompts_per_step: int = 4, max_new_tokens: int = 8, kl_coef: float = 0.04, clip_eps: float = 0.2,
+               temperature: float = 1.0, inner_steps: int = 2, grad_clip: float | None = 1.0, pad_id: int = 0,
+               seed: int = 0, reference: Reference | None = None,
+               log: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """GRPO on ``prompts`` ({prompt: messages, ...}); ``reward_fn(completion_text, item)``. Returns stats per step."""
+    if group_size < 2:
+        raise ValueError("GRPO needs group_size >= 2 (one sample always has zero advantage)")
+    a = TokAdapter(tok)
+    stop = end_token_id(tok, template)
+    ref = reference if reference is not None else (Reference(model) if kl_coef > 0 else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    encoded = [encode_prompt(p["prompt"], tok, template) for p in prompts]
+    hist: list[dict] = []
+    for step in range(steps):
+        batch = []
+        rewards_all = []
+        for _ in range(prompts_per_step):
+            j = rng.randrange(len(prompts))
+            full, cmask = sample_group(model, encoded[j], group_size, max_new_tokens, stop, pad_id,
+                                       temperature, gen)
+            n0 = len(encoded[j])
+            texts = [a.decode([t for t, m in zip(row[n0:].tolist(), mrow.tolist(), strict=True) if m])
+                     for row, mrow in zip(full, cmask, strict=True)]
+            r = torch.tensor([float(reward_fn(t, prompts[j])) for t in texts])
+            rewards_all.append(r)
+            adv = group_advantages(r)
+            with torch.no_grad():
+                old = completion_logprobs(model, full, n0)
+                ref_lp = None
+                if ref is not None:
+                    with ref.as_module() as rm:
+                        ref_lp = completion_logprobs(rm, full, n0)
+            batch.append((full, n0, cmask, adv, old, ref_lp))
+        stats: dict = {}
+        for _ in range(inner_steps):
+            opt.zero_grad(set_to_none=True)
+            tot_tokens = sum(float(b[2].sum()) for b in batch)
+            agg = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+            for full, n0, cmask, adv, old, ref_lp in batch:
+                lp = completion_logprobs(model, full, n0)
+                loss, st = grpo_loss(lp, old, adv, cmask, ref_lp, clip_eps, kl_coef)
+                w = float(cmask.sum()) / max(tot_tokens, 1.0)  # token-level mean over the whole batch
+                (loss * w).backward()
+                for k in agg:
+                    agg[k] += st[k] * w
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            stats = agg
+        rw = torch.cat(rewards_all)
+        stats.update(reward_mean=float(rw.mean()), reward_std=float(rw.std()) if rw.numel() > 1 else 0.0)
+        hist.append(stats)
+        if log:
+            log(step, stats)
+    return hist

@@ -1,0 +1,229 @@
+"""LoRA / QLoRA adapters for the runtime model (torchtitan parameter names).
+
+LoRA (Hu et al. 2021): y = W x + (alpha / r) * B A dropout(x), with A [r, d_in] initialised like
+nn.Linear (Kaiming-uniform, a=sqrt(5), as PEFT does) and B [d_out, r] zeros, so training starts
+from the base model exactly. The base is frozen. ``merge_lora`` folds (alpha/r) * B @ A into the
+weight and removes the adapters, so later stages see a plain model.
+
+QLoRA (Dettmers et al. 2023): the frozen base weights are stored in 4-bit NormalFloat (NF4):
+blockwise absmax scaling (block 64) onto the 16 NF4 levels (quantiles of N(0,1), exact zero),
+optionally with double quantisation of the absmax constants (8-bit, one fp32 scale per 256 blocks).
+On CPU we dequantise to float for the matmul (what bitsandbytes does on GPU, in a fused kernel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ALL_LINEAR = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+# The 16 NF4 code values (QLoRA paper, Appendix E; bitsandbytes `NF4` table).
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+NF4_BLOCK = 64
+DQ_BLOCK = 256  # absmax constants per second-level block (double quantisation)
+
+
+# ----------------------------------------------------------------------------- NF4
+
+
+class NF4Tensor:
+    """A weight quantised to NF4: packed 4-bit codes + per-block absmax (optionally 8-bit double-quantised)."""
+
+    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor | None, shape: torch.Size, numel: int,
+                 block: int, dq_codes: torch.Tensor | None = None, dq_scale: torch.Tensor | None = None,
+                 dq_offset: float = 0.0):
+        self.packed, self.absmax, self.shape, self.numel, self.block = packed, absmax, shape, numel, block
+        self.dq_codes, self.dq_scale, self.dq_offset = dq_codes, dq_scale, dq_offset
+
+    def nbytes(self) -> int:
+        n = self.packed.numel()
+        if self.dq_codes is not None:
+            n += self.dq_codes.numel() + self.dq_scale.numel() * 4 + 4
+        else:
+            n += self.absmax.numel() * 4
+        return n
+
+    def bits_per_param(self) -> float:
+        return 8 * self.nbytes() / self.numel
+
+    def block_absmax(self) -> torch.Tensor:
+        if self.dq_codes is None:
+            return self.absmax
+        nb = self.dq_codes.numel()
+        scale = self.dq_scale.repeat_interleave(DQ_BLOCK)[:nb]
+        return self.dq_codes.float() * scale + self.dq_offset
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_nf4(self, dtype)
+
+
+def quantize_nf4(w: torch.Tensor, block: int = NF4_BLOCK, double_quant: bool = False) -> NF4Tensor:
+    """Blockwise absmax NF4 quantisation: each block is scaled into [-1, 1] and rounded to the nearest level."""
+    flat = w.detach().float().reshape(-1)
+    numel = flat.numel()
+    pad = (-numel) % block
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    blocks = flat.view(-1, block)
+    absmax = blocks.abs().amax(dim=1).clamp_min(1e-12)
+    normed = blocks / absmax[:, None]
+    codes = (normed[..., None] - NF4_LEVELS).abs().argmin(dim=-1).to(torch.uint8).reshape(-1)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    packed = (codes[0::2] << 4) | codes[1::2]
+    if not double_quant:
+        return NF4Tensor(packed, absmax, w.shape, numel, block)
+    # double quantisation: absmax (positive) - mean, symmetric int8 per DQ_BLOCK constants, fp32 scale each
+    offset = float(absmax.mean())
+    centred = absmax - offset
+    pad2 = (-centred.numel()) % DQ_BLOCK
+    c2 = torch.cat([centred, centred.new_zeros(pad2)]).view(-1, DQ_BLOCK)
+    scale = (c2.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    q = torch.round(c2 / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: absmax.numel()]
+    return NF4Tensor(packed, None, w.shape, numel, block, dq_codes=q, dq_scale=scale, dq_offset=offset)
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1).long()
+    vals = NF4_LEVELS[codes][: math.ceil(q.numel / q.block) * q.block].view(-1, q.block)
+    out = (vals * q.block_absmax()[:, None]).reshape(-1)[: q.numel]
+    return out.view(q.shape).to(dtype)
+
+
+class NF4Linear(nn.Module):
+    """Frozen linear layer whose weight is stored in NF4 (QLoRA base)."""
+
+    def __init__(self, linear: nn.Linear, block: int = NF4_BLOCK, double_quant: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_nf4 = quantize_nf4(linear.weight, block, double_quant)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # the dequantised weight (for merge / inspection)
+        return self.weight_nf4.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_nf4.dequantize(x.dtype), self.bias)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+class LoRALinear(nn.Module):
+    """base(x) + (alpha/r) * B(A(dropout(x))); base frozen, A/B trainable."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        d_in, d_out = base.in_features, base.out_features
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, d_in))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear / PEFT
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+
+def _targets(model: nn.Module, targets: Iterable[str]) -> list[tuple[nn.Module, str, nn.Module]]:
+    tset = set(targets)
+    found = []
+    for name, mod in model.named_modules():
+        for child_name, child in mod.named_children():
+            if child_name in tset and isinstance(child, nn.Linear | NF4Linear):
+                found.append((mod, child_name, child))
+        del name
+    return found
+
+
+def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+               targets: Iterable[str] = ALL_LINEAR, quantize_base: str = "none") -> int:
+    """Freeze the model, wrap every target linear with a LoRA adapter; returns the trainable param count.
+
+    ``quantize_base="nf4"`` first replaces each target's weight with an NF4 copy (QLoRA).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sites = _targets(model, targets)
+    if not sites:
+        raise ValueError(f"no LoRA targets {sorted(set(targets))} found in the model")
+    for parent, cname, child in sites:
+        base = NF4Linear(child) if quantize_base == "nf4" and isinstance(child, nn.Linear) else child
+        setattr(parent, cname, LoRALinear(base, rank, alpha, dropout))
+    return lora_param_count(model)
+
+
+def lora_modules(model: nn.Module) -> Iterator[LoRALinear]:
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            yield m
+
+
+def lora_param_count(model: nn.Module) -> int:
+    return sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_modules(model))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Run the base model (adapters off): the DPO/GRPO reference without a second weight copy."""
+    mods = list(lora_modules(model))
+    prev = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, e in zip(mods, prev, strict=True):
+            m.enabled = e
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold (alpha/r)·B@A into each base weight and replace the adapter by a plain nn.Linear."""
+    for parent in list(model.modules()):
+        for cname, child in list(parent.named_children()):
+            if not isinstance(child, LoRALinear):
+                continue
+            base = child.base
+            w = base.weight.detach().float()  # NF4 bases dequantise here
+            lin = nn.Linear(child.in_features, child.out_features, bias=base.bias is not None)
+            lin.weight.copy_(w + child.delta_weight().float())
+            if base.bias is not None:
+                lin.bias.copy_(base.bias)
+            lin.to(child.lora_A.dtype)
+            setattr(parent, cname, lin)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
