@@ -1,0 +1,159 @@
+"""``llmc launch``: dry-run commands per backend, DONE.json stage skipping, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_build_fakes import make_compiled, make_run
+from typer.testing import CliRunner
+
+from llmc.cli import _write_tree_atomic, app
+from llmc.compiler.launch import LaunchError, launch_commands
+from llmc.compiler.render import render_artifacts
+
+STAGES = [{"name": "base", "kind": "pretrain", "init_from": None},
+          {"name": "chat", "kind": "sft", "init_from": "base"},
+          {"name": "align", "kind": "dpo", "init_from": "chat"}]
+
+
+def _build(tmp_path: Path, **kw) -> Path:
+    run = kw.pop("run", None) or make_run(stages=[{k: v for k, v in s.items() if v is not None} for s in STAGES])
+    c = make_compiled(run, stages=STAGES, **kw)
+    out = tmp_path / "b"
+    _write_tree_atomic(out, render_artifacts(c))
+    return out
+
+
+def test_native_dry_run_commands(tmp_path):
+    b = _build(tmp_path)
+    cmds = launch_commands(b, backend="native", gpu=False)
+    assert [c.stage for c in cmds] == ["prepare", "base", "chat", "align"]
+    assert "--prepare" in cmds[0].argv
+    for c, s in zip(cmds[1:], ["base", "chat", "align"], strict=True):
+        assert Path(c.argv[0]).name == "torchrun"
+        assert c.argv[1:4] == ["--standalone", "--nproc_per_node", "1"]  # CPU default: 1 process
+        i = c.argv.index("-m")
+        assert c.argv[i + 1] == "llmc.runtime.run"
+        assert c.argv[c.argv.index("--lock") + 1] == str(b.resolve() / "plan.lock.json")
+        assert c.argv[c.argv.index("--stage") + 1] == s
+        assert c.argv[c.argv.index("--out") + 1] == str(b.resolve() / "run")
+        assert c.skip_reason is None
+
+
+def test_default_nproc_on_gpu_is_gpus_per_node(tmp_path):
+    b = _build(tmp_path)
+    cmds = launch_commands(b, backend="native", gpu=True)
+    assert cmds[1].argv[cmds[1].argv.index("--nproc_per_node") + 1] == "8"
+    cmds = launch_commands(b, backend="native", nproc=3, gpu=True)
+    assert cmds[1].argv[cmds[1].argv.index("--nproc_per_node") + 1] == "3"
+
+
+def test_deepspeed_dry_run(tmp_path):
+    b = _build(tmp_path)
+    cmds = launch_commands(b, backend="deepspeed", nproc=2, gpu=False)
+    ds = [c for c in cmds if Path(c.argv[0]).name == "deepspeed"]
+    assert [c.stage for c in ds] == ["base", "chat"]  # dpo runs on the native runtime
+    c = ds[0]
+    assert c.env == {"DS_ACCELERATOR": "cpu"}
+    assert c.argv[1:3] == ["--num_gpus", "2"]
+    assert "--module" in c.argv and c.argv[c.argv.index("--module") + 1] == "llmc.runtime.ds_train"
+    assert c.argv[c.argv.index("--ds-config") + 1] == str(b.resolve() / "deepspeed" / "ds_config.json")
+    align = cmds[-1]
+    assert align.stage == "align" and "llmc.runtime.run" in align.argv
+    # on a GPU machine no CPU accelerator override
+    assert launch_commands(b, backend="deepspeed", gpu=True)[1].env == {}
+
+
+def test_deepspeed_launcher_accepts_the_flags():
+    """The flags we pass exist in deepspeed 0.19.8's launcher parser."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.launcher.runner import parse_args
+
+    args = parse_args(["--num_gpus", "2", "--master_port", "29500", "--module", "llmc.runtime.ds_train",
+                       "--lock", "x", "--ds-config", "y"])
+    assert args.num_gpus == 2 and args.module and args.user_script == "llmc.runtime.ds_train"
+    assert args.user_args == ["--lock", "x", "--ds-config", "y"]
+
+
+def test_torchtitan_dry_run_uses_cpu_shim_only_without_gpu(tmp_path):
+    b = _build(tmp_path)
+    if not (b / "torchtitan" / "llmc_job.py").exists():
+        pytest.skip("torchtitan renderer did not emit a job module")
+    cpu = launch_commands(b, backend="torchtitan", nproc=2, gpu=False)
+    gpu = launch_commands(b, backend="torchtitan", nproc=8, gpu=True)
+    base_cpu = next(c for c in cpu if c.stage == "base")
+    base_gpu = next(c for c in gpu if c.stage == "base")
+    assert "llmc.runtime.titan_cpu_shim" in base_cpu.argv and "torchtitan.train" not in base_cpu.argv
+    assert "torchtitan.train" in base_gpu.argv and "llmc.runtime.titan_cpu_shim" not in base_gpu.argv
+    for c in (base_cpu, base_gpu):
+        assert c.argv[c.argv.index("--module") + 1] == "llmc_job"
+        assert c.argv[c.argv.index("--config") + 1] == "job"
+        assert str(b.resolve() / "torchtitan") in c.env["PYTHONPATH"]
+    # the post-training stages run on llmc's runtime
+    assert "llmc.runtime.run" in next(c for c in cpu if c.stage == "chat").argv
+
+
+def test_stage_skipping_resumes_at_first_unfinished(tmp_path):
+    b = _build(tmp_path)
+    (b / "run" / "base").mkdir(parents=True)
+    (b / "run" / "base" / "DONE.json").write_text(json.dumps({"stage": "base"}))
+    cmds = launch_commands(b, gpu=False)
+    skipped = {c.stage: c.skip_reason for c in cmds}
+    assert skipped["base"] and "DONE.json" in skipped["base"]
+    assert skipped["prepare"] is None and skipped["chat"] is None and skipped["align"] is None
+    for s in ("chat", "align"):
+        (b / "run" / s).mkdir(parents=True)
+        (b / "run" / s / "DONE.json").write_text("{}")
+    cmds = launch_commands(b, gpu=False)
+    assert all(c.skip_reason for c in cmds)
+
+
+def test_single_stage_and_unknown_stage(tmp_path):
+    b = _build(tmp_path)
+    cmds = launch_commands(b, stage="chat", gpu=False)
+    assert [c.stage for c in cmds] == ["prepare", "chat"]
+    with pytest.raises(LaunchError, match="no stage named 'nope'"):
+        launch_commands(b, stage="nope", gpu=False)
+
+
+def test_no_stages_means_one_pretrain_stage(tmp_path):
+    c = make_compiled()
+    out = tmp_path / "b"
+    _write_tree_atomic(out, render_artifacts(c))
+    assert [c.stage for c in launch_commands(out, gpu=False)] == ["prepare", "pretrain"]
+
+
+def test_errors(tmp_path):
+    with pytest.raises(LaunchError, match="no such build directory"):
+        launch_commands(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LaunchError, match="plan.lock.json not found"):
+        launch_commands(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "plan.lock.json").write_text("{not json")
+    with pytest.raises(LaunchError, match="invalid JSON"):
+        launch_commands(tmp_path / "bad")
+    b = _build(tmp_path)
+    with pytest.raises(LaunchError, match="unknown backend"):
+        launch_commands(b, backend="megatron")
+
+
+def test_cli_missing_lock_is_one_line_exit_1(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(app, ["launch", str(tmp_path / "empty"), "--dry-run"])
+    assert r.exit_code == 1
+    out = r.output.strip().splitlines()
+    assert len(out) == 1 and "error[L001]" in out[0] and "plan.lock.json not found" in out[0]
+    assert "Traceback" not in r.output
+
+
+def test_cli_dry_run_prints_commands(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMC_FORCE_CPU", "1")
+    b = _build(tmp_path)
+    r = CliRunner().invoke(app, ["launch", str(b), "--backend", "deepspeed", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("+ ")]
+    assert len(lines) == 4
+    assert lines[1].startswith("+ DS_ACCELERATOR=cpu ") and "--module llmc.runtime.ds_train" in lines[1]
