@@ -16,14 +16,13 @@ S003    missing required field
 S004    unknown model preset (with did-you-mean)
 S005    bad ``hf_config``: missing/invalid file, unsupported model_type, missing keys
 S006    duplicate key in a YAML mapping (the later value would silently win)
-S010    ``serving[].stage`` names no stage
-S011    ``serving[].max_model_len`` beyond the model's context (max_seq_len and long_context stages)
 M001    n_heads not divisible by n_kv_heads
 M002    d_model not divisible by n_heads while head_dim is unset
 M003    moe.top_k greater than moe.num_experts
 M004    moe.dense_layers greater than n_layers
 M005    tokenizer vocab_size differs from the model's vocab_size
-G001    duplicate stage name
+G001    duplicate stage name (same code as the compiler's stage-graph check)
+V004    ``serving.N.stage`` names no stage (same code as the compiler's serving check)
 ======  ====================================================================================
 """
 
@@ -517,18 +516,8 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
                                 f"already used by stages.{names[s.name]}"))
         else:
             names[s.name] = i
-    context = arch.max_seq_len if arch is not None else None
-    for s in stages:
-        if s is not None and s.kind == "long_context" and s.seq_len and context is not None:
-            context = max(context, s.seq_len)
     for i, sv in enumerate(serving):
-        if sv is None:
-            continue
-        if sv.stage is not None and sv.stage not in names:
+        if sv is not None and sv.stage is not None and sv.stage not in names:
             hint = _did_you_mean(sv.stage, names) or (f"stages: {', '.join(names)}" if names else "no stages defined")
-            out.append(ctx.diag("S010", f"serving.{i}.stage", f"unknown stage {sv.stage!r}", hint))
-        if sv.max_model_len is not None and context is not None and sv.max_model_len > context:
-            out.append(ctx.diag("S011", f"serving.{i}.max_model_len",
-                                f"max_model_len ({sv.max_model_len}) exceeds the model's context ({context})",
-                                "raise model.max_seq_len (with rope_scaling) or add a long_context stage"))
+            out.append(ctx.diag("V004", f"serving.{i}.stage", f"unknown stage {sv.stage!r}", hint))
     return out

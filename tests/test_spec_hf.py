@@ -1,0 +1,103 @@
+"""HF config.json import and presets: each real config in tests/fixtures/hf equals its preset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmc.spec.hf import HFConfigError, architecture_from_hf_config
+from llmc.spec.presets import PRESETS
+
+HF = Path(__file__).resolve().parent / "fixtures" / "hf"
+CONFIGS = sorted(HF.glob("*.json"))
+
+REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
+            "llama3.2-1b", "mistral-7b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "deepseek-v3",
+            "tiny", "tiny-moe"]
+
+
+def test_required_presets_exist():
+    assert set(REQUIRED) <= set(PRESETS)
+    for name, arch in PRESETS.items():
+        assert arch.name == name
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_hf_config_equals_preset(path: Path):
+    cfg = json.loads(path.read_text())
+    arch = architecture_from_hf_config(cfg, name=path.stem)
+    assert arch.model_dump() == PRESETS[path.stem].model_dump()
+
+
+def test_every_published_preset_has_a_fixture():
+    have = {p.stem for p in CONFIGS}
+    assert set(REQUIRED) - {"tiny", "tiny-moe"} <= have
+
+
+def test_published_shapes():
+    # Independent facts from the model cards / papers, not from our own tables.
+    l8 = PRESETS["llama3-8b"]
+    assert (l8.n_layers, l8.d_model, l8.n_heads, l8.n_kv_heads, l8.d_ff, l8.vocab_size) == (
+        32, 4096, 32, 8, 14336, 128256)
+    assert l8.head_dim == 128 and l8.rope_theta == 500000.0
+    l405 = PRESETS["llama3.1-405b"]
+    assert (l405.n_layers, l405.d_model, l405.n_heads, l405.d_ff) == (126, 16384, 128, 53248)
+    rs = l405.rope_scaling
+    assert (rs.type, rs.factor, rs.low_freq_factor, rs.high_freq_factor, rs.original_max_position) == (
+        "llama3", 8.0, 1.0, 4.0, 8192)
+    assert l405.max_seq_len == 131072
+    assert PRESETS["llama3.2-1b"].tied_embeddings and PRESETS["llama3.2-1b"].head_dim == 64
+    assert PRESETS["qwen2.5-72b"].qkv_bias and not PRESETS["qwen2.5-72b"].tied_embeddings
+    ds = PRESETS["deepseek-v3"]
+    assert (ds.mla.q_lora_rank, ds.mla.kv_lora_rank, ds.mla.qk_rope_head_dim, ds.mla.qk_nope_head_dim,
+            ds.mla.v_head_dim) == (1536, 512, 64, 128, 128)
+    assert (ds.moe.num_experts, ds.moe.num_shared_experts, ds.moe.top_k, ds.moe.expert_d_ff,
+            ds.moe.dense_layers, ds.moe.score_func) == (256, 1, 8, 2048, 3, "sigmoid")
+    assert (ds.n_layers, ds.d_model, ds.n_heads, ds.d_ff, ds.vocab_size) == (61, 7168, 128, 18432, 129280)
+    mx = PRESETS["mixtral-8x7b"]
+    assert (mx.moe.num_experts, mx.moe.top_k, mx.moe.expert_d_ff) == (8, 2, None)
+
+
+def test_tiny_presets_are_cpu_sized():
+    t, tm = PRESETS["tiny"], PRESETS["tiny-moe"]
+    assert (t.n_layers, t.d_model, t.n_heads, t.n_kv_heads, t.d_ff, t.vocab_size, t.max_seq_len) == (
+        4, 128, 4, 2, 384, 2048, 256)
+    assert tm.moe.num_experts == 4 and tm.moe.top_k == 2 and tm.moe.num_shared_experts == 1
+    assert tm.model_dump(exclude={"name", "moe"}) == t.model_dump(exclude={"name", "moe"})
+
+
+def test_preset_params_match_published_totals():
+    """Cross-check the preset shapes against published totals with the compiler's own count, if present."""
+    params = pytest.importorskip("llmc.compiler.params")
+    fn = getattr(params, "params_total", None)
+    if fn is None:
+        pytest.skip("compiler param counter not available")
+    published = {"llama3-8b": 8_030_261_248, "mixtral-8x7b": 46_702_792_704, "llama3.1-405b": 405_853_388_800,
+                 "qwen2.5-72b": 72_706_203_648, "qwen2.5-7b": 7_615_616_512, "mistral-7b": 7_241_732_096,
+                 "llama2-7b": 6_738_415_616, "llama3.2-1b": 1_235_814_400, "deepseek-v3": 671_026_419_200}
+    for name, total in published.items():
+        assert fn(PRESETS[name]) == total, name
+
+
+@pytest.mark.parametrize("cfg, msg", [
+    ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'"),
+    ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "llama", "hidden_size": 64}, "num_attention_heads"),
+    ({"model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "hidden_size": 64,
+      "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64,
+      "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+])
+def test_hf_errors(cfg, msg):
+    with pytest.raises(HFConfigError, match=msg):
+        architecture_from_hf_config(cfg)
+
+
+def test_hf_defaults_mha_and_qwen_bias():
+    base = {"num_attention_heads": 4, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+            "vocab_size": 100, "max_position_embeddings": 64}
+    a = architecture_from_hf_config({"model_type": "llama", **base})
+    assert a.n_kv_heads == 4 and not a.qkv_bias and a.rope_scaling is None
+    q = architecture_from_hf_config({"model_type": "qwen2", **base})
+    assert q.qkv_bias

@@ -1,0 +1,68 @@
+"""JSON Schema export (``llmc schema``) and human-number parsing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmc.spec.load import json_schema
+from llmc.spec.numbers import parse_human_number
+from llmc.spec.presets import PRESETS
+
+
+def test_schema_has_descriptions_and_model_forms():
+    s = json_schema()
+    json.dumps(s)  # serialisable
+    assert s["title"] == "RunSpec"
+    assert set(s["required"]) >= {"name", "model", "data", "hardware"}
+    data = s["$defs"]["Data"]["properties"]
+    assert "Total training tokens" in data["tokens"]["description"]
+    arch = s["$defs"]["Architecture"]["properties"]
+    assert "KV heads" in arch["n_kv_heads"]["description"]
+    forms = s["properties"]["model"]["anyOf"]
+    assert forms[0]["enum"] == sorted(PRESETS)
+    assert "hf_config" in forms[1]["properties"] and "n_layers" in forms[1]["properties"]
+
+
+def test_schema_accepts_human_numbers():
+    tokens = json_schema()["$defs"]["Data"]["properties"]["tokens"]
+    types = {t.get("type") for t in tokens.get("anyOf", [tokens])}
+    assert {"number", "string"} <= types
+
+
+def test_cli_schema():
+    typer_testing = pytest.importorskip("typer.testing")
+    from llmc.cli import app
+
+    res = typer_testing.CliRunner().invoke(app, ["schema"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["title"] == "RunSpec"
+
+
+@pytest.mark.parametrize("text, value", [
+    ("15.6e12", 15.6e12), ("15.6T", 15.6e12), ("16M", 16_000_000), ("2_000_000", 2_000_000),
+    ("1.4e+12", 1.4e12), ("$2.5M", 2_500_000), ("8k", 8000), ("1.5B", 1.5e9), ("2G", 2e9), (" 7 ", 7),
+])
+def test_parse_human_number(text, value):
+    assert parse_human_number(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "1.2.3", "16X", "T", "1e", True])
+def test_parse_human_number_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_human_number(bad)
+
+
+@given(st.floats(min_value=1e-3, max_value=1e15, allow_nan=False, allow_infinity=False))
+def test_parse_roundtrips_repr(x):
+    assert parse_human_number(repr(x)) == x
+    assert parse_human_number(x) == x
+
+
+@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(["K", "M", "B", "G", "T"]))
+def test_suffix_is_exact_for_integers(n, suffix):
+    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}[suffix]
+    assert parse_human_number(f"{n}{suffix}") == float(n * mult)
