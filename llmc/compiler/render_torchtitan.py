@@ -146,10 +146,10 @@ def torchtitan_values(compiled) -> TitanValues:
         raise SpecError([_diag("X300", "parallelism", "no feasible parallelism plan; nothing to render for torchtitan")])
 
     family = _family(arch)
-    if arch.qkv_bias:
+    if arch.qkv_bias and family == "deepseek_v3":
         errs.append(_diag(
             "X302", "model.qkv_bias",
-            f"torchtitan {TORCHTITAN_VERSION} llama3/qwen3/deepseek_v3 attention configs have no q/k/v bias",
+            f"torchtitan {TORCHTITAN_VERSION} deepseek_v3 MLA attention has no q/k/v bias",
             "set qkv_bias: false or use another backend",
         ))
     if arch.tied_embeddings and plan.pp > 1:
@@ -266,15 +266,21 @@ def torchtitan_values(compiled) -> TitanValues:
             # Mixtral / DeepSeek-V3 renormalise the top-k weights (norm_topk_prob)
             "route_norm": True,
             "router_bias": bool(moe.router_bias),
-            "load_balance_coeff": LOAD_BALANCE_COEFF,
+            # torchtitan 0.3.0 MoE has no auxiliary balancing loss, only aux-loss-free balancing
+            # (per-expert routing bias buffer updated before each optimizer step, arXiv:2408.15664).
+            # expert_bias -> that mechanism; aux_loss_coef > 0 -> the same mechanism as substitute.
+            "load_balance_coeff": LOAD_BALANCE_COEFF if (moe.expert_bias or moe.aux_loss_coef > 0) else None,
         }
         if moe.aux_loss_coef > 0:
             notes.append(
-                f"model.moe.aux_loss_coef={moe.aux_loss_coef}: torchtitan balances experts without an aux "
-                f"loss (expert-bias updates, load_balance_coeff={LOAD_BALANCE_COEFF})"
+                f"model.moe.aux_loss_coef={moe.aux_loss_coef}: torchtitan {TORCHTITAN_VERSION} has no auxiliary "
+                f"balancing loss; experts are balanced aux-loss-free instead (routing-bias buffer, "
+                f"load_balance_coeff={LOAD_BALANCE_COEFF})"
             )
-        if family == "qwen3_moe" and moe.router_bias:
-            errs.append(_diag("X309", "model.moe.router_bias", "router bias is not supported for GQA+MoE here"))
+        if moe.router_bias:
+            errs.append(_diag("X309", "model.moe.router_bias",
+                              "a bias on the router gate linear is not emitted by llmc's torchtitan target",
+                              "set router_bias: false or use the native backend"))
     mla_ctx: dict[str, Any] = {}
     if arch.mla is not None:
         m = arch.mla
@@ -334,6 +340,8 @@ def torchtitan_values(compiled) -> TitanValues:
         "vocab_size": arch.vocab_size,
         "norm_eps": float(arch.norm_eps),
         "tied": bool(arch.tied_embeddings),
+        # fused wqkv Linear gets a bias (colwise TP shards it S(0): models/common/decoder_sharding.py)
+        "qkv_bias": bool(arch.qkv_bias),
         "base_init_std": BASE_INIT_STD,
         "output_init_std": float(arch.d_model ** -0.5),
         "output_init_bound": float(3 * arch.d_model ** -0.5),
@@ -429,11 +437,35 @@ def launch_lines(ctx: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def render_torchtitan(compiled) -> dict[str, str]:
-    """Files of the torchtitan target, relative to the build directory."""
+def torchtitan_diagnostics(compiled) -> list[Diagnostic]:
+    """Why the torchtitan target cannot be emitted for this run (empty when it can)."""
+    try:
+        torchtitan_values(compiled)
+    except SpecError as e:
+        return list(e.diagnostics)
+    return []
+
+
+def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
+    """Files of the torchtitan target, relative to the build directory.
+
+    When the run cannot be expressed in torchtitan 0.3.0 (see ``torchtitan_diagnostics``): with
+    ``strict`` raise ``SpecError``; otherwise emit only ``torchtitan/NOT_EMITTED.txt`` listing the
+    diagnostics, so the other backends still build and no wrong job module is written.
+    """
     import llmc
 
-    vals = torchtitan_values(compiled)
+    try:
+        vals = torchtitan_values(compiled)
+    except SpecError as e:
+        if strict:
+            raise
+        lines = [
+            f"# llmc {llmc.__version__}: no torchtitan {TORCHTITAN_VERSION} job for this spec "
+            f"(sha256 {compiled.spec_sha256})",
+            *[d.render() for d in e.diagnostics],
+        ]
+        return {f"{OUT_DIR}/NOT_EMITTED.txt": "\n".join(lines) + "\n"}
     ctx = dict(vals.ctx)
     ctx.update(
         llmc_version=llmc.__version__,

@@ -1,0 +1,167 @@
+"""Fast checks of the torchtitan renderer and command builder (no torch, no torchtitan import)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmc.compiler.compiled import Compiled, ComputeNumbers, Hyper, ModelNumbers
+from llmc.compiler.diagnostics import SpecError
+from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.render_torchtitan import (
+    _pp_module_fqns,
+    render_torchtitan,
+    torchtitan_diagnostics,
+    torchtitan_values,
+)
+from llmc.runtime.titan_launch import dry_run_command, torchtitan_command
+from llmc.spec.run import RunSpec
+
+TINY = dict(name="tiny", n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=192, vocab_size=512,
+            rope_theta=500000.0, max_seq_len=256)
+
+
+def compiled_for(model=None, plan=None, gpu="h100-sxm", precision="bf16", schedule=None, seq=64, steps=100,
+                 grad_clip=1.0, **over) -> Compiled:
+    plan = plan or ParallelPlan(dp_shard=8, micro_batch=2, grad_accum=2)
+    training = {"precision": precision, "grad_clip": grad_clip}
+    if schedule:
+        training["schedule"] = schedule
+    run = RunSpec.model_validate({
+        "name": "t", "model": model or TINY, "data": {"seq_len": seq, "tokens": 1e6},
+        "hardware": {"gpu": gpu, "count": plan.world}, "training": training, **over,
+    })
+    hyper = Hyper(lr=3e-4, min_lr=3e-5, warmup_steps=10, steps=steps, global_batch_tokens=plan.global_batch_seqs * seq,
+                  global_batch_seqs=plan.global_batch_seqs, seq_len=seq, schedule=run.training.schedule.kind,
+                  checkpoint_interval=50, checkpoint_async=False)
+    sha = hashlib.sha256(run.model_dump_json().encode()).hexdigest()
+    return Compiled("t.yaml", sha, run, None, ModelNumbers(0, 0, 0, {}, 0),
+                    ComputeNumbers("", 0, 0, 0, 0, 0, 0, 0), hyper, plan, None, None, None, [], [], [], [])
+
+
+def test_render_is_deterministic_valid_python_with_header():
+    c = compiled_for()
+    a, b = render_torchtitan(c), render_torchtitan(c)
+    assert a == b
+    assert set(a) == {"torchtitan/llmc_job.py", "torchtitan/run_single_node.sh", "torchtitan/run_multi_node.sh",
+                      "torchtitan/slurm.sbatch"}
+    src = a["torchtitan/llmc_job.py"]
+    tree = ast.parse(src)
+    fns = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert {"job", "job_without_converters", "model_config", "model_spec"} <= fns
+    job = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "job")
+    assert not job.args.args  # zero-argument config function
+    head = src.splitlines()[:6]
+    assert any("torchtitan 0.3.0" in h and "torch 2.14.1" in h for h in head)
+    assert any(c.spec_sha256 in h for h in head)
+    assert "--module llmc_job --config job" in src
+    assert "titan_cpu_shim" not in a["torchtitan/run_single_node.sh"] + a["torchtitan/run_multi_node.sh"]
+    assert "/tmp" not in src and "/work" not in src  # paths come from the environment at launch
+
+
+def test_values_follow_the_plan():
+    plan = ParallelPlan(dp_replicate=2, dp_shard=4, tp=2, pp=2, pp_schedule="GPipe", micro_batch=2, grad_accum=8,
+                        activation_checkpointing="full")
+    v = torchtitan_values(compiled_for(plan=plan)).ctx
+    assert (v["dp_replicate"], v["dp_shard"], v["tp"], v["pp"], v["cp"], v["ep"]) == (2, 4, 2, 2, 1, 1)
+    # PP: local batch = pipeline micro-batches per step; global = local x dp
+    assert v["local_batch_size"] == 16 and v["pp_microbatch"] == 2
+    assert v["global_batch_size"] == plan.global_batch_seqs == 16 * 8
+    assert v["disable_cuda_graphs"] is True  # torchtitan rejects CUDA graphs with PP
+    assert v["ac"] == "full" and v["pp_schedule"] == "GPipe"
+    v1 = torchtitan_values(compiled_for()).ctx
+    assert v1["local_batch_size"] == 2 and v1["global_batch_size"] == 2 * 2 * 8  # grad accumulation 2
+    assert v1["disable_cuda_graphs"] is False
+
+
+@pytest.mark.parametrize("kind,ratio,dtype,factor", [
+    ("cosine", None, "cosine", 0.1), ("linear", None, "linear", 0.1), ("wsd", 0.2, "sqrt", 0.1),
+    ("constant", None, "linear", 1.0)])
+def test_schedule_mapping(kind, ratio, dtype, factor):
+    v = torchtitan_values(compiled_for(schedule={"kind": kind})).ctx
+    assert (v["decay_ratio"], v["decay_type"]) == (ratio, dtype)
+    assert v["min_lr_factor"] == pytest.approx(factor)
+
+
+def test_fp8_emits_float8_converter_and_no_clip_is_inf():
+    src = render_torchtitan(compiled_for(precision="fp8", grad_clip=None))["torchtitan/llmc_job.py"]
+    assert "Float8LinearConverter.Config(" in src and "recipe_name='rowwise'" in src
+    assert 'max_norm=float("inf")' in src
+
+
+def test_unexpressible_architectures_give_diagnostics_not_modules():
+    bad = {**TINY, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    c = compiled_for(model=bad)
+    codes = [d.code for d in torchtitan_diagnostics(c)]
+    assert codes == ["X301"]
+    files = render_torchtitan(c)
+    assert list(files) == ["torchtitan/NOT_EMITTED.txt"] and "X301" in files["torchtitan/NOT_EMITTED.txt"]
+    with pytest.raises(SpecError):
+        render_torchtitan(c, strict=True)
+    tied_pp = compiled_for(model={**TINY, "tied_embeddings": True},
+                           plan=ParallelPlan(pp=2, micro_batch=1, grad_accum=4))
+    assert [d.code for d in torchtitan_diagnostics(tied_pp)] == ["X303"]
+    long = compiled_for(seq=512)  # > max_seq_len 256
+    assert "X305" in [d.code for d in torchtitan_diagnostics(long)]
+
+
+def test_pp_module_split_covers_every_layer_once():
+    for layers, stages in [(126, 32), (61, 16), (8, 4), (5, 4)]:
+        parts = _pp_module_fqns(layers, stages)
+        assert len(parts) == stages and all(any(m.startswith("layers.") for m in p) for p in parts)
+        got = [m for p in parts for m in p if m.startswith("layers.")]
+        assert got == [f"layers.{i}" for i in range(layers)]
+        assert parts[0][0] == "tok_embeddings" and parts[-1][-2:] == ["norm", "lm_head"]
+    plan = ParallelPlan(pp=4, pp_schedule="Interleaved1F1B", pp_virtual_stages=4, micro_batch=1, grad_accum=8)
+    v = torchtitan_values(compiled_for(model={**TINY, "n_layers": 32}, plan=plan)).ctx
+    assert len(v["pp_module_fqns"]) == 16
+
+
+def test_torchtitan_command_gpu_and_cpu(tmp_path):
+    mod = tmp_path / "build" / "torchtitan" / "llmc_job.py"
+    mod.parent.mkdir(parents=True)
+    mod.write_text("")
+    argv, env = torchtitan_command(mod, 8, False, ["--training.steps", "3"])
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc_per_node=8" in argv
+    i = argv.index("torchtitan.train")
+    assert argv[i - 1] == "-m" and argv[i + 1:] == ["--module", "llmc_job", "--config", "job", "--training.steps", "3"]
+    assert "llmc.runtime.titan_cpu_shim" not in argv
+    assert env["PYTHONPATH"].split(":")[0] == str(mod.parent.resolve())
+    assert env["LLMC_RUN_DIR"] == str((tmp_path / "build").resolve())
+    assert {env[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")} == {"1"} and env["WANDB_MODE"] == "disabled"
+    argv, env = torchtitan_command(mod, 2, True, run_dir=tmp_path / "run")
+    assert "llmc.runtime.titan_cpu_shim" in argv and "torchtitan.train" not in argv
+    assert env["LLMC_RUN_DIR"] == str((tmp_path / "run").resolve())
+    argv, env = dry_run_command(mod, 64)
+    assert "torch.distributed.run" not in argv and env["NGPU"] == "64" and env["LOCAL_RANK"] == "0"
+    assert argv[argv.index("--comm.mode") + 1] == "fake_backend"
+    with pytest.raises(ValueError):
+        torchtitan_command(mod, 0, True)
+
+
+def test_every_family_renders():
+    moe = {**TINY, "moe": {"num_experts": 4, "top_k": 2}}
+    mla = {**TINY, "n_kv_heads": 4, "moe": {"num_experts": 4, "top_k": 2, "num_shared_experts": 1, "dense_layers": 1,
+                                            "score_func": "sigmoid"},
+           "mla": {"kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16}}
+    for model, fam in [(TINY, "llama3"), (moe, "qwen3_moe"), (mla, "deepseek_v3")]:
+        c = compiled_for(model=model)
+        assert torchtitan_values(c).ctx["family"] == fam
+        ast.parse(render_torchtitan(c)["torchtitan/llmc_job.py"])
+    c = dataclasses.replace(compiled_for(), plan=None)
+    assert [d.code for d in torchtitan_diagnostics(c)] == ["X300"]
+
+
+def test_templates_have_no_arithmetic():
+    root = Path(__file__).resolve().parents[1] / "llmc" / "templates" / "torchtitan"
+    import re
+
+    for t in root.glob("*.j2"):
+        for expr in re.findall(r"{{(.*?)}}", t.read_text()):
+            assert not re.search(r"[-+*/%]\s*\d|\d\s*[-+*/%]", expr), (t.name, expr)
