@@ -1,0 +1,69 @@
+"""Hardware table: datasheet figures, the dense-vs-sparse trap, units."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmc.compiler.hardware import GB, GPUS, get_gpu, peak_flops, supports
+
+REQUIRED = ["h100-sxm", "h100-pcie", "h800", "h200", "b200", "a100-40g", "a100-80g", "mi300x", "l40s", "rtx4090",
+            "cpu"]  # fmt: skip
+
+
+def test_required_keys_and_fields():
+    for k in REQUIRED:
+        g = get_gpu(k)
+        assert g is not None and g.key == k
+        assert g.bf16_tflops > 0 and g.fp32_tflops > 0 and g.hbm_bytes > 0 and g.gpus_per_node >= 1
+        assert g.source
+    assert get_gpu("nope") is None
+    assert get_gpu("H100") is GPUS["h100-sxm"]
+
+
+def test_datasheet_values():
+    h100 = GPUS["h100-sxm"]
+    # NVIDIA H100 SXM datasheet: "1,979 TFLOPS BF16" is with 2:4 sparsity -> dense 989.4
+    assert h100.bf16_tflops == pytest.approx(1979 / 2, rel=1e-3)
+    assert h100.fp8_tflops == pytest.approx(3958 / 2, rel=1e-3)
+    assert h100.hbm_bytes == 80 * GB and h100.hbm_gbps == 3350
+    assert h100.nvlink_gbps == 900 / 2  # 900 GB/s bidirectional -> per direction
+    assert GPUS["h200"].hbm_bytes == 141 * GB and GPUS["h200"].hbm_gbps == 4800
+    assert GPUS["b200"].bf16_tflops == pytest.approx(2250) and GPUS["b200"].fp8_tflops == pytest.approx(4500)
+    assert GPUS["a100-80g"].bf16_tflops == 312 and GPUS["a100-40g"].bf16_tflops == 312
+    mi = GPUS["mi300x"]
+    assert mi.bf16_tflops == pytest.approx(1307.4) and mi.hbm_bytes == 192 * GB and mi.hbm_gbps == 5300
+    # H800: same compute as H100 SXM, NVLink cut to 400 GB/s bidirectional
+    assert GPUS["h800"].bf16_tflops == h100.bf16_tflops and GPUS["h800"].nvlink_gbps == 200
+    assert GPUS["l40s"].nvlink_gbps == 0 and GPUS["rtx4090"].hbm_bytes == 24 * GB
+
+
+def test_no_sparse_figures():
+    # Guard against copying the sparsity figure: dense BF16 of every part is below 2.5 PFLOPS,
+    # and fp8 (where present) is 2x bf16 within 2% (L40S datasheet: 362.05 vs 733).
+    for g in GPUS.values():
+        assert g.bf16_tflops < 2500
+        if g.fp8_tflops is not None and g.key != "cpu":
+            assert g.fp8_tflops == pytest.approx(2 * g.bf16_tflops, rel=0.02)
+
+
+def test_peak_flops_units_and_errors():
+    assert peak_flops(GPUS["h100-sxm"], "bf16") == pytest.approx(989.4e12)
+    assert peak_flops(GPUS["h100-sxm"], "fp8") == pytest.approx(1978.9e12)
+    assert peak_flops(GPUS["a100-80g"], "fp32") == pytest.approx(19.5e12)
+    assert not supports(GPUS["a100-80g"], "fp8")
+    with pytest.raises(ValueError):
+        peak_flops(GPUS["a100-80g"], "fp8")
+    with pytest.raises(ValueError):
+        peak_flops(GPUS["h100-sxm"], "int3")
+
+
+def test_cpu_pseudo_device_is_conservative():
+    cpu = GPUS["cpu"]
+    assert cpu.gpus_per_node == 1 and cpu.nvlink_gbps == 0 and cpu.fp8_tflops is None
+    assert cpu.bf16_tflops <= 1.0 and cpu.usd_per_hour == 0
+
+
+def test_ridge_point_h100():
+    # seed-facts-a 5.2: ridge point ~ 989 / 3.35 ~ 295 FLOP/byte
+    h = GPUS["h100-sxm"]
+    assert peak_flops(h, "bf16") / (h.hbm_gbps * 1e9) == pytest.approx(295, rel=0.01)
