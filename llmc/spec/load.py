@@ -42,7 +42,7 @@ from pydantic import BaseModel, ValidationError
 
 from llmc.compiler.diagnostics import Diagnostic, SpecError
 from llmc.spec.hf import HFConfigError, architecture_from_hf_config
-from llmc.spec.model import Architecture
+from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.presets import PRESETS
 from llmc.spec.run import Data, RunSpec, Serving, Stage, Tokenizer
 
@@ -411,15 +411,22 @@ def _human_message(err: dict[str, Any]) -> str:
     return f"{msg[:1].lower()}{msg[1:]} (got {got})"
 
 
-def _from_pydantic(err: dict[str, Any], ctx: _Ctx) -> Diagnostic:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+def _from_pydantic(err: dict[str, Any], ctx: _Ctx, prefix: tuple = (), root: type[BaseModel] | None = None
+                   ) -> Diagnostic:
+    """One pydantic error -> one diagnostic. ``root``/``prefix``: the error came from validating
+    ``root`` at ``prefix`` on its own (e.g. a stage's ``rope_scaling`` dict as :class:`RopeScaling`)."""
+    rel = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    loc = prefix + rel
     path = ".".join(str(p) for p in loc)
     t = err["type"]
-    holder = _model_at(loc) if loc else None
+    if root is None:
+        holder = _model_at(loc) if loc else None
+    else:
+        holder = root if len(rel) == 1 else None
     if t == "extra_forbidden":
         key = str(loc[-1])
         options = sorted(holder.model_fields) if holder else []
-        if holder is Architecture and len(loc) >= 1 and loc[0] == "model":
+        if holder is Architecture and loc[:1] == ("model",):
             options += ["preset", "hf_config"]
         hint = _did_you_mean(key, options) or (f"valid keys: {', '.join(options)}" if options else "")
         return ctx.diag("S001", path, f"unknown key {key!r}", hint)
@@ -475,8 +482,17 @@ def _checks_from_raw(data: dict[str, Any], ctx: _Ctx) -> list[Diagnostic]:
     stages_raw = data.get("stages") if isinstance(data.get("stages"), list) else []
     serving_raw = data.get("serving") if isinstance(data.get("serving"), list) else []
     stages = [_lenient(Stage, s) for s in stages_raw]
+    out: list[Diagnostic] = []
+    for i, s in enumerate(stages_raw):
+        # Stage.rope_scaling is a plain dict in the contract; hold it to the RopeScaling schema here.
+        rs = s.get("rope_scaling") if isinstance(s, dict) else None
+        if isinstance(rs, dict):
+            try:
+                RopeScaling.model_validate(rs)
+            except ValidationError as e:
+                out += [_from_pydantic(err, ctx, ("stages", i, "rope_scaling"), RopeScaling) for err in e.errors()]
     serving = [_lenient(Serving, s) for s in serving_raw]
-    return _structural(arch, dat, stages, serving, ctx)
+    return out + _structural(arch, dat, stages, serving, ctx)
 
 
 def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage | None],
