@@ -40,9 +40,10 @@ def dpo_loss(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l:
     rejected = beta * (pi_l - ref_l)
     margin = chosen - rejected
     loss = -F.logsigmoid(margin).mean()
-    return loss, {"loss": float(loss), "chosen_reward": float(chosen.mean()),
-                  "rejected_reward": float(rejected.mean()), "margin": float(margin.mean()),
-                  "accuracy": float((margin > 0).float().mean())}
+    d = {"chosen": chosen.detach(), "rejected": rejected.detach(), "margin": margin.detach()}
+    return loss, {"loss": loss.item(), "chosen_reward": float(d["chosen"].mean()),
+                  "rejected_reward": float(d["rejected"].mean()), "margin": float(d["margin"].mean()),
+                  "accuracy": float((d["margin"] > 0).float().mean())}
 
 
 def encode_pairs(pairs: list[dict], tok, template: str = "llama3") -> list[tuple[tuple, tuple]]:

@@ -58,9 +58,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mas
     denom = mask.sum().clamp_min(1.0)
     loss = (per_tok * mask).sum() / denom
     clip_active = ((ratio < 1 - clip_eps) | (ratio > 1 + clip_eps)).float()
-    stats = {"loss": float(loss), "kl": float((kl * mask).sum() / denom),
-             "clip_frac": float((clip_active * mask).sum() / denom),
-             "ratio_mean": float((ratio * mask).sum() / denom)}
+    with torch.no_grad():
+        stats = {"loss": loss.item(), "kl": float((kl * mask).sum() / denom),
+                 "clip_frac": float((clip_active * mask).sum() / denom),
+                 "ratio_mean": float((ratio * mask).sum() / denom)}
     return loss, stats
 
 
