@@ -245,3 +245,19 @@ def test_no_traceback_on_garbage():
             loads_spec(text, file="g.yaml")
         assert ei.value.diagnostics, text
         assert all(d.code.startswith("S") for d in ei.value.diagnostics)
+
+
+def test_empty_optional_sections_are_absent():
+    run, _ = loads_spec(BASE + "model: tiny\nstages:\nserving:\nbudget:\ntraining:\n")
+    assert run.stages == [] and run.serving == [] and run.budget.max_days is None
+    with pytest.raises(SpecError) as ei:  # required sections may not be empty
+        loads_spec("name: t\nmodel: tiny\nhardware:\ndata: {seq_len: 128, tokens: 1M}\n")
+    (d,) = ei.value.diagnostics
+    assert (d.code, d.path, d.line) == ("S002", "hardware", 3)
+
+
+def test_line_for_accepts_brackets():
+    lines = {"serving": 10, "serving.0": 11, "serving.0.gpus": 12}
+    assert line_for(lines, "serving[0].gpus") == 12
+    assert line_for(lines, "serving[0].concurrency") == 11
+    assert line_for(lines, "serving[3]") == 10

@@ -84,7 +84,8 @@ def loads_spec(text: str, file: str = "<spec>", base_dir: str | Path = ".") -> t
                                        file=file, hint="start with `name: my-run`")])
 
     ctx = _Ctx(file=file, lines=lines, diags=diags)
-    data = dict(raw)
+    # An empty section (`serving:` with nothing under it) is YAML null: treat it as absent.
+    data = {k: v for k, v in raw.items() if not (v is None and k in _OPTIONAL_SECTIONS)}
     model_ok = True
     if "model" in data:
         resolved = _resolve_model(data["model"], Path(base_dir), ctx)
@@ -111,7 +112,11 @@ def loads_spec(text: str, file: str = "<spec>", base_dir: str | Path = ".") -> t
 
 
 def line_for(lines: dict[str, int], path: str) -> int | None:
-    """The YAML line of ``path``, or of its nearest parent present in ``lines`` (None if none)."""
+    """The YAML line of ``path``, or of its nearest parent present in ``lines`` (None if none).
+
+    ``serving[0].gpus`` is accepted as a spelling of ``serving.0.gpus``.
+    """
+    path = re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
     while path:
         if path in lines:
             return lines[path]
@@ -188,6 +193,8 @@ def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
             out.append(d)
     return sorted(out, key=lambda d: (d.line or 0, d.code, d.path))
 
+
+_OPTIONAL_SECTIONS = frozenset(k for k, f in RunSpec.model_fields.items() if not f.is_required())
 
 # --- YAML with line numbers
 
@@ -404,6 +411,8 @@ def _human_message(err: dict[str, Any]) -> str:
         return f"must be a list (got {got})"
     if t in ("too_short", "too_long"):
         return f"must have {ctx.get('min_length', ctx.get('max_length'))} items (got {ctx.get('actual_length')})"
+    if t == "string_pattern_mismatch":
+        return f"must be a simple name: letters, digits, '.', '_' or '-', not starting with a symbol (got {got})"
     if t == "value_error":
         msg = str(ctx.get("error", err["msg"]))
         return msg.removeprefix("Value error, ")

@@ -16,6 +16,9 @@ from llmc.spec.numbers import HumanFloat
 
 _CFG = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
+#: Run and stage names become job names and folder names: no spaces, slashes or leading dots.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
 
 class ModelRef(BaseModel):
     """``model:`` as a mapping: a preset (with optional overrides), an HF config.json, or explicit fields.
@@ -262,8 +265,8 @@ class Stage(BaseModel):
 
     model_config = _CFG
 
-    name: str
-    """Unique stage name."""
+    name: str = Field(pattern=NAME_PATTERN)
+    """Unique stage name (letters, digits, ``.``, ``_``, ``-``; used in folder names)."""
     kind: StageKind
     """What the stage does."""
     init_from: str | None = None
@@ -341,8 +344,8 @@ class RunSpec(BaseModel):
 
     model_config = _CFG
 
-    name: str
-    """Run name; used for job names and output folders."""
+    name: str = Field(pattern=NAME_PATTERN)
+    """Run name; used for job names and output folders (letters, digits, ``.``, ``_``, ``-``)."""
     model: Architecture
     """The resolved model architecture (the YAML may give a preset name, overrides or hf_config)."""
     data: Data
