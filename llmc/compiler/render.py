@@ -29,7 +29,7 @@ are left out with warning X104. A pinned ``zero_stage: 3`` with pipeline paralle
 from __future__ import annotations
 
 import json
-import shlex
+from dataclasses import replace
 from typing import Any
 
 from llmc.compiler.diagnostics import Diagnostic, SpecError, errors, sort_diagnostics
@@ -272,10 +272,6 @@ def stage_list(compiled) -> list[dict]:
     return out
 
 
-def _q(s: str) -> str:
-    return shlex.quote(s)
-
-
 def _serving_files(compiled, env, ctx) -> dict[str, str]:
     files: dict[str, str] = {}
     counts: dict[str, int] = {}
@@ -364,11 +360,9 @@ def render_artifacts(compiled) -> dict[str, str]:
         object.__setattr__(compiled, "serving", plans)
 
     ds_cfg, diags = build_diagnostics(compiled)
+    diags = [d if d.file else replace(d, file=compiled.spec_path) for d in diags]
     errs = errors(diags)
     if errs:
-        for d in errs:
-            if d.file is None:
-                object.__setattr__(d, "file", compiled.spec_path)
         raise SpecError(sort_diagnostics(errs))
     warnings = sort_diagnostics([d for d in diags if d.severity != "error"])
 
