@@ -1,0 +1,95 @@
+"""plan.lock.json: round trip, clear errors for non-locks, and diffs that say what changed and why."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_build_fakes import make_compiled, make_run
+from typer.testing import CliRunner
+
+from llmc.cli import app
+from llmc.compiler.diagnostics import Diagnostic
+from llmc.compiler.lockfile import diff_lock, lock_dict, lock_text, read_lock, spec_changes
+from llmc.compiler.plan import ParallelPlan
+
+
+def test_round_trip(tmp_path):
+    c = make_compiled()
+    p = tmp_path / "plan.lock.json"
+    p.write_text(lock_text(c))
+    d = read_lock(p)
+    assert d == json.loads(json.dumps(c.to_json() | {"_llmc": d["_llmc"]}))
+    assert d["spec"]["sha256"] == c.spec_sha256 and d["spec"]["resolved"]["name"] == "fake"
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("{oops", "invalid JSON at line 1"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"name": "x"}', "missing llmc_version, spec, plan"),
+    ('{"llmc_version": "0.1.0", "spec": {}, "plan": null}', "spec.sha256 missing"),
+])
+def test_not_a_lock(tmp_path, text, msg):
+    p = tmp_path / "x.json"
+    p.write_text(text)
+    with pytest.raises(ValueError, match="not an llmc lockfile") as e:
+        read_lock(p)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        read_lock(tmp_path / "nope.json")
+
+
+def test_spec_changes_lists_dotted_paths():
+    old = {"training": {"optimizer": {"lr": 1e-3, "betas": [0.9, 0.95]}}, "stages": [{"name": "a"}]}
+    new = {"training": {"optimizer": {"lr": 2e-3, "betas": [0.9, 0.95]}}, "stages": [{"name": "b"}, {"name": "c"}]}
+    assert spec_changes(old, new) == [("stages[0].name", "a", "b"), ("stages[1].name", "<absent>", "c"),
+                                      ("training.optimizer.lr", 1e-3, 2e-3)]
+
+
+def test_diff_says_what_and_why():
+    old_c = make_compiled(make_run(hardware={"gpu": "h100-sxm", "count": 8}))
+    new_c = make_compiled(
+        make_run(hardware={"gpu": "h100-sxm", "count": 16}, training={"optimizer": {"lr": 2e-3}}),
+        plan=ParallelPlan(dp_shard=16, micro_batch=2, grad_accum=1), step_s=0.5, mfu=0.38,
+        mem_bytes=6 * 2**30)
+    new_c.diagnostics.append(Diagnostic("T001", "warning", "training.optimizer.lr", "lr is high"))
+    text = diff_lock(lock_dict(old_c), new_c)
+    assert "hardware.count: 8 -> 16" in text
+    assert "training.optimizer.lr: 0.001 -> 0.002" in text
+    assert "dp_shard: 8 -> 16" in text and "grad_accum: 2 -> 1" in text
+    assert "step time (s): 1 -> 0.5  (x0.5)" in text
+    assert "MFU: 40.0% -> 38.0%" in text
+    assert "memory per GPU: 10.00 GiB -> 6.00 GiB" in text
+    assert "+ warning[T001] training.optimizer.lr: lr is high" in text
+    assert text.splitlines()[0].startswith("spec sha256 ")
+
+    data = json.loads(diff_lock(lock_dict(old_c), new_c, fmt="json"))
+    assert data["changed"] is True
+    assert {"path": "hardware.count", "old": 8, "new": 16} in data["why"]
+    assert {"field": "dp_shard", "old": 8, "new": 16} in data["plan"]
+    mfu = next(m for m in data["metrics"] if m["metric"] == "MFU")
+    assert mfu["old"] == 0.4 and mfu["new"] == 0.38
+
+
+def test_no_change():
+    c = make_compiled()
+    text = diff_lock(lock_dict(c), c)
+    assert text.startswith("spec unchanged") and "no differences" in text
+
+
+def test_cli_plan_diff(tmp_path, monkeypatch):
+    import llmc.cli as cli
+
+    pytest.importorskip("llmc.compiler.report")  # the CLI imports it before --diff
+    old = tmp_path / "plan.lock.json"
+    old.write_text(lock_text(make_compiled()))
+    new_c = make_compiled(make_run(training={"optimizer": {"lr": 5e-3}}))
+    monkeypatch.setattr(cli, "_compile", lambda spec: new_c)
+    r = CliRunner().invoke(app, ["plan", "x.yaml", "--diff", str(old)])
+    assert r.exit_code == 0, r.output
+    assert "training.optimizer.lr: 0.001 -> 0.005" in r.output
+    r = CliRunner().invoke(app, ["plan", "x.yaml", "--diff", str(tmp_path / "missing.json")])
+    assert r.exit_code == 1 and "error[X001]" in r.output and len(r.output.strip().splitlines()) == 1
