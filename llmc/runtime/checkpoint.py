@@ -1,0 +1,295 @@
+"""Atomic, verified checkpoints with exact resume.
+
+Layout of ``<folder>/step-00000N/``::
+
+    model.pt        full (unsharded) model state dict, torchtitan FQNs, written by rank 0
+    optimizer.pt    full optimizer state dict keyed by FQN (torch.distributed.checkpoint.state_dict)
+    train.json      step, tokens, scheduler, data-loader position, loss window, rewinds
+    rank-R.pt       per-rank RNG states (python, numpy, torch CPU, CUDA)
+    manifest.json   {"format", "step", "world", "files": {name: {"bytes", "sha256"}}} -- written last
+
+Choice (documented): state is GATHERED to full tensors on rank 0 (``get_model_state_dict`` /
+``get_optimizer_state_dict`` with ``full_state_dict=True, cpu_offload=True``) instead of sharded DCP.
+The native trainer targets small models; full checkpoints are layout-independent (resume a DDP run
+with FSDP2 or TP), and post-training/DeepSpeed code loads ``model.pt`` with a plain
+``load_state_dict``. Loading re-shards with ``set_model_state_dict`` / ``set_optimizer_state_dict``.
+(For models that do not fit one host, use the torchtitan backend, whose DCP checkpoints are sharded.)
+
+Atomicity: everything goes to ``step-N.tmp/``; files are fsynced; rank 0 writes the manifest with the
+sha256 of every file, fsyncs, renames the folder to ``step-N`` and fsyncs the parent. A crash leaves at
+worst a ``.tmp`` folder, which is never loaded. On load every file is checked against the manifest;
+a mismatch raises :class:`CheckpointError` with a one-line message naming the file. By default the
+newest checkpoint must verify (refuse, do not silently fall back); ``fallback=True`` walks back to the
+newest complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+FORMAT = 1
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be loaded (corrupt, partial, incompatible). ``str(e)`` is one line."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if _world() > 1:
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _sd_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kw)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict (collective under FSDP/TP: call on every rank)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    if _world() == 1:
+        return {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+    return get_model_state_dict(model, options=_sd_options(full_state_dict=True, cpu_offload=True))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+
+
+# ----------------------------------------------------------------------------- listing and verifying
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """Complete-looking checkpoint folders (``step-N``; ``.tmp`` ignored), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    return sorted(out)
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """Return the manifest if every listed file exists with the recorded size and sha256; else raise."""
+    path = Path(path)
+    mf = path / "manifest.json"
+    if not mf.exists():
+        raise CheckpointError(f"checkpoint {path}: manifest.json missing (partial or foreign checkpoint); refusing to load")
+    try:
+        manifest = json.loads(mf.read_text())
+        files = manifest["files"]
+        int(manifest["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {mf}: unreadable manifest ({type(e).__name__}: {e}); refusing to load") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {mf}: format {manifest.get('format')!r}, expected {FORMAT}")
+    for name, info in sorted(files.items()):
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {f}: file missing (partial checkpoint); refusing to load")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"checkpoint {f}: {size} bytes, manifest says {info['bytes']} "
+                                  f"(truncated or partial); refusing to load")
+        if sha256_file(f) != info["sha256"]:
+            raise CheckpointError(f"checkpoint {f}: sha256 mismatch with manifest (corrupt); refusing to load")
+    return manifest
+
+
+def latest_checkpoint(folder: str | Path, fallback: bool = False, log=print) -> Path | None:
+    """The newest checkpoint that verifies. Default: the newest must verify or CheckpointError is raised
+    (with a hint to delete it or use fallback); ``fallback=True`` skips bad ones, newest first."""
+    ckpts = list_checkpoints(folder)
+    for tmp in sorted(Path(folder).glob("step-*.tmp")) if Path(folder).is_dir() else []:
+        log(f"note: ignoring unfinished checkpoint {tmp} (interrupted save)")
+    for i, (_, path) in enumerate(reversed(ckpts)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            if not fallback:
+                older = "; an older complete one may exist: rerun with --fallback-checkpoint" if i + 1 < len(ckpts) else ""
+                raise CheckpointError(f"{e}{older}") from None
+            log(f"warning: skipping bad checkpoint: {e}")
+    return None
+
+
+# ----------------------------------------------------------------------------- save and load
+
+
+def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    train_state: dict, keep_latest: int | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final ``step-N`` path."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    folder = Path(folder)
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f"step-{step:08d}.tmp"
+    rank, world = _rank(), _world()
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    model_sd = full_model_state(model)  # collectives: all ranks
+    optim_sd = None
+    if optimizer is not None:
+        if world == 1:
+            optim_sd = get_optimizer_state_dict(_unwrap(model), optimizer, options=_sd_options(full_state_dict=True))
+        else:
+            optim_sd = get_optimizer_state_dict(model, optimizer, options=_sd_options(full_state_dict=True,
+                                                                                          cpu_offload=True))
+    _save(rng_state(), tmp / f"rank-{rank}.pt")
+    if rank == 0:
+        _save(model_sd, tmp / "model.pt")
+        if optim_sd is not None:
+            _save(optim_sd, tmp / "optimizer.pt")
+        _write_json({**train_state, "step": step}, tmp / "train.json")
+    _barrier()
+    if rank == 0:
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
+        _write_json({"format": FORMAT, "step": step, "world": world, "files": files}, tmp / "manifest.json")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+        if keep_latest:
+            for _, old in list_checkpoints(folder)[:-keep_latest]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    restore_rng: bool = True) -> dict:
+    """Verify, then load model (+ optimizer, + this rank's RNG) in place; returns train.json's dict.
+
+    Collective under FSDP/TP (every rank calls it). Works across layouts because the files are full.
+    """
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    path = Path(path)
+    manifest = verify_checkpoint(path)
+    model_sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    if _world() == 1:
+        _unwrap(model).load_state_dict(model_sd, strict=True)
+    else:
+        set_model_state_dict(model, model_sd, options=_sd_options(full_state_dict=True))
+    if optimizer is not None:
+        if not (path / "optimizer.pt").exists():
+            raise CheckpointError(f"checkpoint {path}: no optimizer.pt (model-only checkpoint); cannot resume training")
+        optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        target = _unwrap(model) if _world() == 1 else model
+        set_optimizer_state_dict(target, optimizer, optim_sd, options=_sd_options(full_state_dict=True))
+    if restore_rng:
+        rank_file = path / f"rank-{_rank()}.pt"
+        if not rank_file.exists():  # world size changed: reuse rank 0's generator state
+            rank_file = path / "rank-0.pt"
+        set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False))
+    state = json.loads((path / "train.json").read_text())
+    state.setdefault("step", manifest["step"])
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) -> int:
+    """Load only the weights of a checkpoint folder (``step-N`` or a stage dir with DONE.json / checkpoints).
+
+    For ``init_from`` and for post-training / DeepSpeed code; returns the checkpoint's step.
+    """
+    path = resolve_checkpoint(path)
+    manifest = verify_checkpoint(path)
+    sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    if _world() == 1:
+        _unwrap(model).load_state_dict(sd, strict=strict)
+    else:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, sd, options=_sd_options(full_state_dict=True, strict=strict))
+    return int(manifest["step"])
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``step-N`` folder as is; a stage output dir -> DONE.json's checkpoint, else its newest checkpoint."""
+    p = Path(path)
+    if (p / "manifest.json").exists():
+        return p
+    done = p / "DONE.json"
+    if done.exists():
+        ck = json.loads(done.read_text()).get("checkpoint")
+        if ck:
+            return Path(ck) if Path(ck).is_absolute() else p / ck
+    for sub in (p / "checkpoints", p):
+        found = latest_checkpoint(sub) if sub.is_dir() else None
+        if found:
+            return found
+    raise CheckpointError(f"{p}: no checkpoint found (expected step-N/manifest.json, DONE.json or checkpoints/)")

@@ -1,0 +1,245 @@
+"""Packed-sequence data: local text / JSONL / parquet sources -> token memmaps -> (inputs, labels) batches.
+
+Pipeline:
+
+1. :func:`read_documents` yields document strings from a source (``text``: one document per file;
+   ``jsonl``: ``text_field`` of each line; ``parquet``: the ``text_field`` column via pyarrow).
+2. :func:`tokenize_source` pre-tokenises a source ONCE into ``<cache>/<name>-<key>.bin`` (a flat
+   uint16/uint32 numpy memmap, documents joined as ``doc EOS doc EOS ...``) plus a ``.json`` sidecar.
+   ``key`` hashes the files (path, size, mtime), the tokenizer and the field, so edits rebuild.
+3. :class:`PackedLoader` cuts each source's stream into non-overlapping windows of ``seq_len + 1``
+   tokens (inputs = w[:-1], labels = w[1:]); windows are visited in a fresh seeded permutation per epoch
+   of that source. The mixture is deterministic and exact: global sample g comes from the source whose
+   count lags its share the most (argmax_i w_i (g+1) - n_i, Megatron's BlendedDataset rule).
+   Global samples are dealt to data-parallel ranks in order: one call to ``next_batch(mb)`` consumes
+   ``dp_size * mb`` global samples and returns this rank's ``mb`` of them, so dp=2, mb=1 sees exactly
+   the sequences a single process with mb=2 sees.
+
+The position is ``{"consumed": g, "counts": [n_i]}``, identical on every rank; ``state_dict()`` /
+``load_state_dict()`` make resume exact.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmc.runtime.tokenizer import TextTokenizer
+
+
+def expand_paths(path: str | Path, fmt: str) -> list[Path]:
+    """A file, a directory (its matching files, recursively) or a glob -> sorted file list."""
+    p = Path(path)
+    suffixes = {"text": (".txt", ".md", ".text"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}[fmt]
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes]
+    else:
+        files = [Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file()]
+    if not files:
+        raise FileNotFoundError(f"data source {path}: no {fmt} files found")
+    return sorted(files)
+
+
+def read_documents(path: str | Path, fmt: str, text_field: str = "text") -> Iterator[str]:
+    """Documents of one source, in a fixed order (sorted files, file order inside each)."""
+    for f in expand_paths(path, fmt):
+        if fmt == "text":
+            yield f.read_text(encoding="utf-8", errors="replace")
+        elif fmt == "jsonl":
+            with open(f, encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    rec = json.loads(line)
+                    if text_field not in rec:
+                        raise KeyError(f"{f}:{n}: no field {text_field!r} (set text_field on the source)")
+                    yield str(rec[text_field])
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(f)
+            for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+                yield from (str(t) for t in batch.column(0).to_pylist() if t is not None)
+        else:
+            raise ValueError(f"unsupported source format {fmt!r} (text, jsonl, parquet)")
+
+
+@dataclass(frozen=True)
+class SourceData:
+    """A source ready to read: where its files are and how to parse them."""
+
+    name: str
+    path: str
+    format: str = "jsonl"
+    text_field: str = "text"
+    weight: float = 1.0
+
+
+def _files_key(src: SourceData, tok: TextTokenizer) -> str:
+    h = hashlib.sha256()
+    for f in expand_paths(src.path, src.format):
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update((tok.dir / "tokenizer.json").read_bytes())
+    h.update(f"{src.format}|{src.text_field}|{tok.eos_id}".encode())
+    return h.hexdigest()[:16]
+
+
+def tokenize_source(src: SourceData, tok: TextTokenizer, cache_dir: str | Path, batch_docs: int = 512) -> Path:
+    """Pre-tokenise once into a memmap-able ``.bin`` (atomic write, reused when the key matches)."""
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in src.name)
+    out = cache / f"{safe}-{_files_key(src, tok)}.bin"
+    if out.exists() and out.with_suffix(".json").exists():
+        return out
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    tmp = out.with_suffix(f".bin.tmp{os.getpid()}")
+    n_tokens = n_docs = 0
+    with open(tmp, "wb") as fh:
+        buf: list[str] = []
+
+        def flush() -> None:
+            nonlocal n_tokens
+            ids: list[int] = []
+            for doc in tok.encode_batch(buf):
+                ids.extend(doc)
+                ids.append(tok.eos_id)  # EOS separates packed documents
+            np.asarray(ids, dtype=dtype).tofile(fh)
+            n_tokens += len(ids)
+            buf.clear()
+
+        for doc in read_documents(src.path, src.format, src.text_field):
+            buf.append(doc)
+            n_docs += 1
+            if len(buf) >= batch_docs:
+                flush()
+        if buf:
+            flush()
+        fh.flush()
+        os.fsync(fh.fileno())
+    meta = {"source": src.name, "tokens": n_tokens, "documents": n_docs, "dtype": np.dtype(dtype).name}
+    out.with_suffix(".json.tmp").write_text(json.dumps(meta))
+    os.replace(tmp, out)
+    os.replace(out.with_suffix(".json.tmp"), out.with_suffix(".json"))
+    return out
+
+
+def load_tokens(bin_path: str | Path) -> np.ndarray:
+    meta = json.loads(Path(bin_path).with_suffix(".json").read_text())
+    if meta["tokens"] == 0:
+        return np.zeros(0, dtype=meta["dtype"])
+    return np.memmap(bin_path, dtype=meta["dtype"], mode="r")
+
+
+class PackedLoader:
+    """Deterministic, resumable, DP-sharded packed batches over a weighted mixture of token streams."""
+
+    def __init__(self, streams: list[np.ndarray], weights: list[float], seq_len: int, seed: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1, names: list[str] | None = None):
+        if len(streams) != len(weights) or not streams:
+            raise ValueError("need one weight per token stream and at least one stream")
+        self.streams, self.seq_len, self.seed = streams, seq_len, seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.names = names or [f"source{i}" for i in range(len(streams))]
+        w = np.asarray(weights, dtype=np.float64)
+        self.weights = w / w.sum()
+        self.windows = [(len(s) - 1) // seq_len for s in streams]  # windows of seq_len+1, stride seq_len
+        for name, n, s in zip(self.names, self.windows, streams, strict=True):
+            if n == 0:
+                raise ValueError(f"data source {name!r}: {len(s)} tokens, fewer than seq_len+1={seq_len + 1}")
+        self.consumed = 0  # global samples handed out so far (all ranks)
+        self.counts = [0] * len(streams)  # samples drawn per source
+        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+
+    # -- position ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "counts": list(self.counts), "seed": self.seed,
+                "seq_len": self.seq_len, "windows": list(self.windows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("windows") is not None and list(state["windows"]) != self.windows:
+            raise ValueError(f"data changed since the checkpoint: windows {state['windows']} != {self.windows}")
+        if state.get("seq_len", self.seq_len) != self.seq_len or state.get("seed", self.seed) != self.seed:
+            raise ValueError("seq_len or seed changed since the checkpoint; the data position would not match")
+        self.consumed, self.counts = int(state["consumed"]), [int(c) for c in state["counts"]]
+
+    # -- sampling ---------------------------------------------------------------------------
+    def _next_global(self) -> tuple[int, int]:
+        """Pick the source of global sample ``consumed`` and the window inside it; advance."""
+        g = self.consumed
+        lag = self.weights * (g + 1) - np.asarray(self.counts)
+        i = int(np.argmax(lag))  # ties -> lowest index: deterministic
+        n = self.counts[i]
+        epoch, k = divmod(n, self.windows[i])
+        key = (i, epoch)
+        if key not in self._perm_cache:
+            if len(self._perm_cache) > 8:
+                self._perm_cache.clear()
+            rng = np.random.default_rng([self.seed, i, epoch])
+            self._perm_cache[key] = rng.permutation(self.windows[i])
+        self.counts[i] += 1
+        self.consumed += 1
+        return i, int(self._perm_cache[key][k])
+
+    def _window(self, i: int, w: int) -> np.ndarray:
+        start = w * self.seq_len
+        return np.asarray(self.streams[i][start:start + self.seq_len + 1], dtype=np.int64)
+
+    def next_batch(self, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (inputs, labels), each (micro_batch, seq_len) int64."""
+        rows = []
+        for j in range(self.dp_size * micro_batch):
+            i, w = self._next_global()
+            if j // micro_batch == self.dp_rank:
+                rows.append(self._window(i, w))
+        arr = torch.from_numpy(np.stack(rows))  # (mb, seq_len + 1)
+        return arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
+
+    def skip(self, micro_batches: int, micro_batch: int) -> None:
+        """Advance past ``micro_batches`` batches without materialising them (loss-spike skipping)."""
+        for _ in range(micro_batches * self.dp_size * micro_batch):
+            self._next_global()
+
+    def epochs(self) -> list[float]:
+        """How many passes over each source so far."""
+        return [c / n for c, n in zip(self.counts, self.windows, strict=True)]
+
+
+def build_loader(sources: list[SourceData], tok: TextTokenizer, seq_len: int, cache_dir: str | Path,
+                 seed: int = 0, dp_rank: int = 0, dp_size: int = 1) -> PackedLoader:
+    """Tokenise (cached) every source and return a loader over their mixture."""
+    bins = [tokenize_source(s, tok, cache_dir) for s in sources]
+    return PackedLoader([load_tokens(b) for b in bins], [s.weight for s in sources], seq_len, seed,
+                        dp_rank, dp_size, names=[s.name for s in sources])
+
+
+@dataclass(frozen=True)
+class Assets:
+    """What ``prepare_assets`` produced: the tokenizer dir, the sources as local files, the token cache."""
+
+    root: str  # the build/run dir holding assets/, data/, cache/
+    tokenizer_dir: str  # assets/ (tokenizer.json + tokenizer_config.json)
+    sources: tuple[SourceData, ...]
+    cache_dir: str  # token memmaps
+
+    def tokenizer(self) -> TextTokenizer:
+        return TextTokenizer(self.tokenizer_dir)
+
+    def to_json(self) -> dict:
+        return {"root": self.root, "tokenizer_dir": self.tokenizer_dir, "cache_dir": self.cache_dir,
+                "sources": [s.__dict__ for s in self.sources]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Assets:
+        return cls(d["root"], d["tokenizer_dir"], tuple(SourceData(**s) for s in d["sources"]), d["cache_dir"])

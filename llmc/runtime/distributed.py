@@ -1,0 +1,137 @@
+"""Process group, device mesh and parallelisation (DDP, FSDP2, TP) for the native trainer.
+
+Order (as torchtitan): TP -> activation checkpointing -> FSDP2 / DDP.
+
+* mesh: ``init_device_mesh(device, (dp_replicate, dp_shard, tp), ("dp_replicate", "dp_shard", "tp"))``
+  on cpu+gloo or cuda+nccl.
+* TP (``tp > 1``): DTensor ``parallelize_module`` per block: ColwiseParallel wq/wk/wv/w1/w3,
+  RowwiseParallel wo/w2, so each rank holds H/tp query and K/tp kv heads (K % tp == 0 required).
+  Embedding, norms, output head and MoE experts stay replicated. MLA is not tensor-parallelised.
+* FSDP2 (``dp_shard > 1``): ``fully_shard`` on every block, then on the root; with
+  ``dp_replicate > 1`` too it is HSDP over the 2-D ("dp_replicate", "dp_shard") mesh.
+  Gradient reduction uses FSDP2's default (AVG over the data-parallel ranks), never
+  ``set_gradient_divide_factor``, so gloo never sees ``ReduceOp.PREMUL_SUM`` (backends-on-cpu.md §3, §5);
+  on gloo we also call ``set_force_sum_reduction_for_comms(True)`` when available, harmless at default.
+* DDP (``dp_replicate > 1``, ``dp_shard == 1``): ``DistributedDataParallel`` over the dp_replicate group
+  (with TP, the replicate dimension goes through ``fully_shard`` on the 2-D mesh instead).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(local_rank: int = 0) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed() -> DistInfo:
+    """Join the torchrun process group when ``WORLD_SIZE > 1`` (nccl on CUDA, gloo on CPU); else single."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(local)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, world, local, device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def build_mesh(device: torch.device, dp_replicate: int, dp_shard: int, tp: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dp_replicate, dp_shard, tp),
+                            mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+
+
+def dp_coords(info: DistInfo, dp_replicate: int, dp_shard: int, tp: int) -> tuple[int, int]:
+    """(dp_rank, dp_size) of this process: ranks are laid out as [dp_replicate][dp_shard][tp]."""
+    dp_size = dp_replicate * dp_shard
+    return info.rank // tp, dp_size
+
+
+def apply_tp(model: nn.Module, tp_mesh) -> None:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    arch = model.arch
+    tp = tp_mesh.size()
+    if arch.mla is not None:
+        raise ValueError("tensor parallelism for MLA attention is not implemented in the native trainer (use tp=1)")
+    if arch.n_heads % tp or arch.kv_heads % tp:
+        raise ValueError(f"tp={tp} must divide n_heads={arch.n_heads} and n_kv_heads={arch.kv_heads}")
+    for blk in model.layers.values():
+        plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel()}
+        if not blk.is_moe:
+            if arch.d_ff % tp:
+                raise ValueError(f"tp={tp} must divide d_ff={arch.d_ff}")
+            plan.update({"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+                         "feed_forward.w2": RowwiseParallel()})
+        parallelize_module(blk, tp_mesh, plan)
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, mixed_bf16: bool = False) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 \
+        else MixedPrecisionPolicy()
+    gloo = dist.get_backend() == "gloo"
+    blocks = list(model.layers.values())
+    for i, blk in enumerate(blocks):
+        # the last block's params are needed right away in backward: don't reshard it after forward
+        fully_shard(blk, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+    if gloo:
+        for m in [*blocks, model]:
+            if hasattr(m, "set_force_sum_reduction_for_comms"):
+                m.set_force_sum_reduction_for_comms(True)
+
+
+def parallelize(model: nn.Module, info: DistInfo, dp_replicate: int, dp_shard: int, tp: int,
+                ac_mode: str = "none", mixed_bf16: bool = False) -> nn.Module:
+    """Apply TP, activation checkpointing and FSDP2/DDP as the plan says; returns the module to call."""
+    model.set_ac(ac_mode)
+    if info.world == 1:
+        return model
+    if dp_replicate * dp_shard * tp != info.world:
+        raise ValueError(f"plan dp_replicate*dp_shard*tp = {dp_replicate}*{dp_shard}*{tp} "
+                         f"!= WORLD_SIZE {info.world}")
+    mesh = build_mesh(info.device, dp_replicate, dp_shard, tp)
+    if tp > 1:
+        apply_tp(model, mesh["tp"])
+    if dp_shard > 1 or (dp_replicate > 1 and tp > 1):
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if dp_replicate > 1 else mesh["dp_shard"]
+        apply_fsdp(model, dp_mesh, mixed_bf16)
+        return model
+    if dp_replicate > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, process_group=mesh["dp_replicate"].get_group(),
+                   find_unused_parameters=model.arch.moe is not None)
+    return model

@@ -1,0 +1,74 @@
+"""Training metrics: console lines + ``metrics.jsonl`` (one JSON object per logged step), MFU, peak memory.
+
+Each record: step, loss, lr, grad_norm, tokens, tokens_per_s, flops_per_s, mfu (None when the device
+peak is unknown, e.g. CPU), peak_mem_bytes (``torch.cuda.max_memory_allocated`` on CUDA, process
+max RSS on CPU), step_s, elapsed_s. MFU = flops_per_token * tokens_per_s / peak_flops, where
+flops_per_token is the compiler's number when the lock has it, else 6N (Kaplan et al. 2020) plus the
+causal attention term 6*L*T*d_attn (PaLM appendix B, halved for causality).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def flops_per_token(arch, n_params_active: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 6*L*T*(H*hd) (fwd+bwd, causal attention; PaLM App. B / 2)."""
+    if arch.mla is not None:
+        d_attn = arch.n_heads * (arch.mla.qk_nope_head_dim + arch.mla.qk_rope_head_dim)
+    else:
+        d_attn = arch.n_heads * arch.hd
+    return 6.0 * n_params_active + 6.0 * arch.n_layers * seq_len * d_attn
+
+
+def active_params(model: torch.nn.Module) -> int:
+    """Parameters touched per token: all, minus the routed experts not chosen (E - k of E)."""
+    arch = model.arch
+    total = sum(p.numel() for p in model.parameters())
+    if arch.moe is None:
+        return total
+    E, k = arch.moe.num_experts, arch.moe.top_k
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".moe.experts." in n)
+    return total - routed + routed * k // E
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss_kb * (1 if sys.platform == "darwin" else 1024))
+
+
+class MetricsLogger:
+    """Rank-0 logger; other ranks construct it with ``enabled=False``."""
+
+    def __init__(self, path: str | Path | None, enabled: bool = True, echo: bool = True):
+        self.enabled, self.echo = enabled, echo
+        self.path = Path(path) if path else None
+        self.t0 = time.time()
+        if self.enabled and self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {"elapsed_s": round(time.time() - self.t0, 3), **rec}
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if self.echo and "loss" in rec:
+            mfu = f" mfu {rec['mfu'] * 100:.1f}%" if rec.get("mfu") is not None else ""
+            print(f"step {rec['step']:>6}  loss {rec['loss']:.4f}  lr {rec['lr']:.3e}  "
+                  f"gnorm {rec.get('grad_norm', float('nan')):.3f}  tok/s {rec.get('tokens_per_s', 0):,.0f}"
+                  f"{mfu}  mem {rec.get('peak_mem_bytes', 0) / 2**20:,.0f} MiB", flush=True)
+        elif self.echo:
+            print(json.dumps(rec), flush=True)
+
+    def event(self, event_name: str, /, **kw) -> None:
+        self.log({"event": event_name, **kw})

@@ -1,0 +1,527 @@
+"""One readable Llama-style decoder built from an :class:`~llmc.spec.model.Architecture`.
+
+RMSNorm, RoPE (theta + llama3 / yarn / linear scaling), GQA attention or DeepSeek MLA, SwiGLU FFN,
+optional MoE (top-k softmax/sigmoid router, stacked ``[E, ...]`` experts, shared experts, Switch
+load-balancing aux loss). Parameter names follow torchtitan so state dicts line up with torchtitan
+checkpoints and with the compiler's ``param_breakdown`` keys::
+
+    tok_embeddings.weight
+    layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight
+    layers.{i}.attention.{wq,wk,wv,wo}.weight           (GQA; q/k/v biases when qkv_bias)
+    layers.{i}.attention.{wq_a,q_norm,wq_b | wq, wkv_a,kv_norm,wkv_b,wo}   (MLA)
+    layers.{i}.feed_forward.{w1,w2,w3}.weight            (dense layers)
+    layers.{i}.moe.router.gate.weight, layers.{i}.moe.experts.{w1,w2,w3},
+    layers.{i}.moe.shared_experts.{w1,w2,w3}.weight      (MoE layers)
+    norm.weight, output.weight                           (output absent when tied)
+
+Shapes in comments: B batch, T sequence, D d_model, H query heads, K kv heads, hd head dim,
+E experts, N = B*T tokens, k = top_k.
+
+Usage::
+
+    model = Transformer(arch)                 # or: with torch.device("meta"): Transformer(arch)
+    model.init_weights()                      # (after .to_empty(device=...) when built on meta)
+    logits, aux = model(tokens, return_aux=True)
+    loss = lm_loss(logits, labels, z_loss=1e-4) + aux
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llmc.spec.model import Architecture, RopeScaling
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- norms and RoPE
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return y.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies theta^(-2i/dim), i < dim/2, after optional scaling; returns (inv_freq, mscale).
+
+    llama3: Llama-3.1 band rule (meta-llama/llama-models ``apply_scaling``): wavelengths shorter than
+    original/high_freq_factor keep their frequency, longer than original/low_freq_factor are divided by
+    ``factor``, and the band between is interpolated smoothly.
+    yarn: YaRN (Peng et al. 2023), as HF ``_compute_yarn_parameters``: per-dim ramp between interpolation
+    and extrapolation over the correction range [beta_fast, beta_slow]; cos/sin scaled by
+    mscale = 0.1 ln(factor) + 1.
+    linear: position interpolation (Chen et al. 2023): inv_freq / factor.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (dim/2,)
+    mscale = 1.0
+    if scaling is None:
+        pass
+    elif scaling.type == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling.type == "llama3":
+        old = scaling.original_max_position
+        low_wavelen = old / scaling.low_freq_factor
+        high_wavelen = old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        mid = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen < high_wavelen, inv_freq,
+                               torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, mid))
+    elif scaling.type == "yarn":
+        def corr_dim(n_rot: float) -> float:  # dim index whose wavelength makes n_rot turns over `old`
+            return dim * math.log(scaling.original_max_position / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(corr_dim(scaling.beta_fast)), 0)
+        high = min(math.ceil(corr_dim(scaling.beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        extrapolate = 1 - ramp  # 1 = keep the original frequency (high-frequency dims)
+        inv_freq = inv_freq / scaling.factor * (1 - extrapolate) + inv_freq * extrapolate
+        mscale = 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
+    else:  # pragma: no cover - pydantic forbids other values
+        raise ValueError(f"unknown rope scaling {scaling.type!r}")
+    return inv_freq.float(), mscale
+
+
+def rope_tables(dim: int, max_len: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """(max_len, dim/2, 2) table of (cos, sin) for positions 0..max_len-1."""
+    inv_freq, mscale = rope_inv_freq(dim, theta, scaling)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, dim/2)
+    return torch.stack([angles.cos() * mscale, angles.sin() * mscale], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by angle pos*inv_freq[i] (Meta/torchtitan interleaved layout).
+
+    x: (B, T, h, dim); rope: (T, dim/2, 2). Same as multiplying view_as_complex(x) by exp(i*angle).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, h, dim/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos = rope[None, :, None, :, 0]  # (1, T, 1, dim/2)
+    sin = rope[None, :, None, :, 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, h, dim/2, 2)
+    return out.flatten(-2).type_as(x)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal attention core. q, k: (B, h, T, dq); v: (B, h, T, dv) -> (B, h, T, dv)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Ainslie et al. 2023): K kv heads shared by H/K query heads each."""
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        d, hd = arch.d_model, arch.hd
+        self.head_dim = hd
+        self.wq = nn.Linear(d, arch.n_heads * hd, bias=arch.qkv_bias)
+        self.wk = nn.Linear(d, arch.kv_heads * hd, bias=arch.qkv_bias)
+        self.wv = nn.Linear(d, arch.kv_heads * hd, bias=arch.qkv_bias)
+        self.wo = nn.Linear(arch.n_heads * hd, d, bias=False)
+        self.checkpoint_core = False  # selective activation checkpointing (see Transformer.set_ac)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        B, T, _ = x.shape
+        # -1 instead of H/K: under tensor parallelism each rank holds H/tp, K/tp heads
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, K, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, K, hd)
+        if self.checkpoint_core and self.training:
+            out = checkpoint(self._core, q, k, v, rope, use_reentrant=False)
+        else:
+            out = self._core(q, k, v, rope)
+        return self.wo(out)
+
+    def _core(self, q, k, v, rope):  # -> (B, T, H*hd)
+        B, T, H, _ = q.shape
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        rep = H // k.shape[2]  # query heads per kv head
+        k = k.repeat_interleave(rep, dim=2)  # (B, T, H, hd)
+        v = v.repeat_interleave(rep, dim=2)
+        out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, T, hd)
+        return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+class MLAttention(nn.Module):
+    """DeepSeek-V2/V3 multi-head latent attention: low-rank q and joint low-rank kv, decoupled RoPE dims.
+
+    q = wq_b(q_norm(wq_a(x))) (or wq(x)) split into [nope | rope] per head; wkv_a(x) gives the kv latent
+    (kv_lora) plus one shared rope key (rope dims); wkv_b expands the normed latent into per-head
+    [k_nope | v]. Softmax scale 1/sqrt(nope + rope) (times mscale^2 under yarn, as DeepSeek-V3).
+    """
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        m = arch.mla
+        assert m is not None
+        d, H = arch.d_model, arch.n_heads
+        self.nope, self.rope_dim, self.v_dim = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        self.kv_lora = m.kv_lora_rank
+        qk = self.nope + self.rope_dim
+        if m.q_lora_rank is None:
+            self.wq = nn.Linear(d, H * qk, bias=False)
+        else:
+            self.wq_a = nn.Linear(d, m.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(m.q_lora_rank, arch.norm_eps)
+            self.wq_b = nn.Linear(m.q_lora_rank, H * qk, bias=False)
+        self.wkv_a = nn.Linear(d, self.kv_lora + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora, arch.norm_eps)
+        self.wkv_b = nn.Linear(self.kv_lora, H * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(H * self.v_dim, d, bias=False)
+        # DeepSeek-V3 multiplies this by mscale^2 under yarn; here the yarn mscale sits on the rope
+        # dims' cos/sin instead (HF convention), a small documented difference.
+        self.scale = qk**-0.5
+        self.checkpoint_core = False
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        B, T, _ = x.shape
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, -1, self.nope + self.rope_dim)  # (B, T, H, nope+rope)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora, self.rope_dim], dim=-1)  # (B,T,kv_lora), (B,T,rope)
+        kv = self.wkv_b(self.kv_norm(kv)).view(B, T, -1, self.nope + self.v_dim)  # (B, T, H, nope+v)
+        args = (q, kv, k_pe, rope)
+        if self.checkpoint_core and self.training:
+            out = checkpoint(self._core, *args, use_reentrant=False)
+        else:
+            out = self._core(*args)
+        return self.wo(out)
+
+    def _core(self, q, kv, k_pe, rope):  # -> (B, T, H*v)
+        B, T, H, _ = q.shape
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_pe, rope)], dim=-1)  # (B, T, H, nope+rope)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, T, H, nope), (B, T, H, v)
+        k_pe = apply_rope(k_pe.unsqueeze(2), rope).expand(-1, -1, H, -1)  # (B, T, H, rope) shared by heads
+        k = torch.cat([k_nope, k_pe], dim=-1)  # (B, T, H, nope+rope)
+        out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale)  # (B,H,T,v)
+        return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*v)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for name in ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b"):
+            if hasattr(self, name):
+                nn.init.trunc_normal_(getattr(self, name).weight, std=std, a=-3 * std, b=3 * std)
+        for name in ("q_norm", "kv_norm"):
+            if hasattr(self, name):
+                getattr(self, name).reset_parameters()
+        nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+# ----------------------------------------------------------------------------- feed-forward and MoE
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.trunc_normal_(self.w1.weight, std=std, a=-3 * std, b=3 * std)
+        for lin in (self.w2, self.w3):  # torchtitan scales w2 and w3 by depth
+            nn.init.trunc_normal_(lin.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked parameters (torchtitan GroupedExperts layout, nn.Linear order).
+
+    w1, w3: (E, hidden, D); w2: (E, D, hidden). The forward is a readable loop over experts.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # (n, D) -> (n, D)
+        return F.silu(x @ self.w1[e].t()) * (x @ self.w3[e].t()) @ self.w2[e].t()
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.trunc_normal_(self.w1, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.w2, std=out_std, a=-3 * out_std, b=3 * out_std)
+        nn.init.trunc_normal_(self.w3, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+class Router(nn.Module):
+    """Token-choice top-k router: scores = softmax|sigmoid(gate(x)); top-k weights renormalised to sum 1."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str, bias: bool):
+        super().__init__()
+        self.gate = nn.Linear(dim, num_experts, bias=bias)
+        self.top_k, self.score_func = top_k, score_func
+
+    def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, D) -> weights (N, k), expert ids (N, k), probs (N, E) normalised to sum 1 per token.
+
+        expert_bias (E,) shifts only the top-k *selection* (DeepSeek-V3 aux-loss-free balancing);
+        the mixing weights come from the unbiased scores."""
+        logits = self.gate(x).float()  # (N, E)
+        scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
+        if expert_bias is None:
+            weights, idx = scores.topk(self.top_k, dim=-1)  # (N, k)
+        else:
+            idx = (scores + expert_bias.float()).topk(self.top_k, dim=-1).indices  # (N, k)
+            weights = scores.gather(-1, idx)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
+        return weights, idx, probs
+
+
+class MoE(nn.Module):
+    """Routed experts + optional always-on shared experts + Switch load-balancing loss (Fedus et al. 2021).
+
+    aux = coef * E * sum_e f_e * P_e, f_e = share of the N*k assignments sent to expert e,
+    P_e = mean router probability of e. Equals coef when routing is perfectly balanced.
+    """
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        m = arch.moe
+        assert m is not None
+        hidden = m.expert_d_ff or arch.d_ff
+        self.num_experts, self.top_k, self.aux_coef = m.num_experts, m.top_k, m.aux_loss_coef
+        self.router = Router(arch.d_model, m.num_experts, m.top_k, m.score_func, m.router_bias)
+        self.experts = GroupedExperts(arch.d_model, hidden, m.num_experts)
+        # S shared experts as one SwiGLU of width S*hidden (DeepSeek-V3 / torchtitan); same param count
+        self.shared_experts = FeedForward(arch.d_model, hidden * m.num_shared_experts) if m.num_shared_experts else None
+        if getattr(m, "expert_bias", False):
+            # DeepSeek-V3 e_score_correction_bias: updated by update_expert_bias, never by gradients
+            self.expert_bias = nn.Parameter(torch.zeros(m.num_experts), requires_grad=False)
+            self.register_buffer("tokens_per_expert", torch.zeros(m.num_experts), persistent=False)
+        else:
+            self.expert_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B,T,D) -> (B,T,D), aux ()
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)  # (N, D)
+        weights, idx, probs = self.router(flat, self.expert_bias)  # (N, k), (N, k), (N, E)
+        if self.expert_bias is not None and self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.num_experts).float()
+        out = torch.zeros_like(flat)
+        for e in range(self.num_experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)  # tokens routed to e and which of their k slots
+            if tok.numel() == 0:
+                continue
+            y = self.experts.expert(e, flat[tok]) * weights[tok, slot, None].to(flat.dtype)  # (n_e, D)
+            out.index_add_(0, tok, y)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        aux = flat.new_zeros((), dtype=torch.float32)
+        if self.aux_coef > 0 and self.training:
+            counts = torch.bincount(idx.flatten(), minlength=self.num_experts).float()  # (E,)
+            f = counts / idx.numel()
+            aux = self.aux_coef * self.num_experts * (f * probs.mean(0)).sum()
+        return out.view(B, T, D), aux
+
+    @torch.no_grad()
+    def update_expert_bias(self, rate: float = 1e-3) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3 §2.1.2): b_e += rate * sign(mean load - load_e), then reset
+        the counts. Call after each optimizer step (all-reduce tokens_per_expert first when data-parallel)."""
+        if self.expert_bias is None:
+            return
+        load = self.tokens_per_expert
+        self.expert_bias.add_(rate * torch.sign(load.mean() - load))
+        load.zero_()
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        if self.expert_bias is not None:
+            nn.init.zeros_(self.expert_bias)
+            self.tokens_per_expert = torch.zeros_like(self.expert_bias)
+        nn.init.trunc_normal_(self.router.gate.weight, std=std, a=-3 * std, b=3 * std)
+        if self.router.gate.bias is not None:
+            nn.init.zeros_(self.router.gate.bias)
+        self.experts.init_weights(std, out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, out_std)
+
+
+# ----------------------------------------------------------------------------- blocks and model
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, layer_id: int, arch: Architecture):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(arch.d_model, arch.norm_eps)
+        self.attention = MLAttention(arch) if arch.mla is not None else Attention(arch)
+        self.ffn_norm = RMSNorm(arch.d_model, arch.norm_eps)
+        self.is_moe = arch.moe is not None and layer_id >= arch.moe.dense_layers
+        if self.is_moe:
+            self.moe = MoE(arch)
+        else:
+            self.feed_forward = FeedForward(arch.d_model, arch.d_ff)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x + self.attention(self.attention_norm(x), rope)  # (B, T, D)
+        if self.is_moe:
+            y, aux = self.moe(self.ffn_norm(h))
+        else:
+            y, aux = self.feed_forward(self.ffn_norm(h)), h.new_zeros((), dtype=torch.float32)
+        return h + y, aux
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(std, out_std)
+        (self.moe if self.is_moe else self.feed_forward).init_weights(std, out_std)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``forward(tokens) -> logits (B, T, V)``; ``return_aux=True`` adds the MoE aux loss."""
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        self.arch = arch
+        self.tok_embeddings = nn.Embedding(arch.vocab_size, arch.d_model)
+        # ModuleDict keyed "0".."L-1" (torchtitan) so pipeline/FSDP wrapping keeps stable FQNs
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, arch) for i in range(arch.n_layers)})
+        self.norm = RMSNorm(arch.d_model, arch.norm_eps)
+        if not arch.tied_embeddings:
+            self.output = nn.Linear(arch.d_model, arch.vocab_size, bias=False)
+        self.rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else arch.hd
+        self.register_buffer("rope", self._rope_tables(), persistent=False)  # (max_seq_len, rope_dim/2, 2)
+        self.ac_mode = "none"
+
+    def _rope_tables(self) -> torch.Tensor:
+        a = self.arch
+        return rope_tables(self.rope_dim, a.max_seq_len, a.rope_theta, a.rope_scaling)
+
+    def set_ac(self, mode: str) -> None:
+        """Activation checkpointing. ``full``: recompute each whole block in backward
+        (torch.utils.checkpoint, non-reentrant). ``selective``: recompute only the attention core
+        (RoPE + softmax(QK^T)V) of every block, the part Korthikanti et al. 2022 call selective
+        recomputation. ``none``: store everything."""
+        if mode not in ("none", "selective", "full"):
+            raise ValueError(f"activation_checkpointing must be none/selective/full, got {mode!r}")
+        self.ac_mode = mode
+        for blk in self.layers.values():
+            blk.attention.checkpoint_core = mode == "selective"
+
+    def forward(self, tokens: torch.Tensor, return_aux: bool = False):
+        """tokens (B, T) int64 -> logits (B, T, V) [fp32 upcast left to the loss]; aux = summed MoE loss."""
+        T = tokens.shape[1]
+        if T > self.rope.shape[0]:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.rope.shape[0]}")
+        rope = self.rope[:T]
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        aux = h.new_zeros((), dtype=torch.float32)
+        for blk in self.layers.values():
+            if self.ac_mode == "full" and self.training:
+                h, a = checkpoint(blk, h, rope, use_reentrant=False)
+            else:
+                h, a = blk(h, rope)
+            aux = aux + a
+        h = self.norm(h)
+        logits = h @ self.tok_embeddings.weight.t() if self.arch.tied_embeddings else self.output(h)  # (B,T,V)
+        return (logits, aux) if return_aux else logits
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, buffer_device: torch.device | None = None) -> None:
+        """Initialise in place (also after ``to_empty`` from meta). torchtitan's depth init: wq/wk/wv/w1
+        and the router N(0, std); wo/w2/w3 N(0, std/sqrt(2(layer+1))); norms 1; biases 0; embeddings
+        N(0, std) (std, not 1, so tied heads start with small logits); untied output N(0, D^-0.5)
+        as torchtitan. All truncated at 3 sigma."""
+        dev = buffer_device or self.tok_embeddings.weight.device
+        if dev.type != "meta":
+            with torch.device(dev):
+                self.rope = self._rope_tables()
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for i, blk in enumerate(self.layers.values()):
+            blk.init_weights(std, std / math.sqrt(2 * (i + 1)))
+        self.norm.reset_parameters()
+        if not self.arch.tied_embeddings:
+            s = self.arch.d_model**-0.5
+            nn.init.trunc_normal_(self.output.weight, std=s, a=-3 * s, b=3 * s)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
+        """Convenience for single-process use: lm_loss(self(tokens)) + MoE aux. Under DDP call the wrapped
+        module and :func:`lm_loss` instead (DDP hooks run only through ``__call__`` of the wrapper)."""
+        logits, aux = self(tokens, return_aux=True)
+        return lm_loss(logits, labels, z_loss) + aux
+
+    def num_params(self) -> int:
+        """Unique parameters (a tied head counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Plain (no KV cache) sampling: tokens (B, T0) -> (B, T0 + n). temperature 0 = greedy."""
+        for _ in range(max_new_tokens):
+            ctx = tokens[:, -self.rope.shape[0]:]
+            logits = self(ctx)[:, -1].float()  # (B, V)
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            if eos_id is not None and bool((nxt == eos_id).all()):
+                break
+        return tokens
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != -100 (labels already shifted), in fp32.
+
+    z_loss adds coef * mean(logsumexp(logits)^2) over the same tokens (PaLM, Chowdhery et al. 2022).
+    """
+    logits = logits.float().flatten(0, -2)  # (N, V)
+    labels = labels.flatten()  # (N,)
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    if z_loss > 0:
+        mask = labels != IGNORE_INDEX
+        lse = torch.logsumexp(logits[mask], dim=-1)
+        ce = ce + z_loss * (lse**2).mean()
+    return ce
+
+
+def build_model(arch: Architecture, device: str | torch.device = "cpu", seed: int | None = 0,
+                std: float = 0.02) -> Transformer:
+    """Build and initialise on ``device`` (``meta`` = shapes only, nothing allocated, no init)."""
+    device = torch.device(device)
+    with torch.device(device):
+        model = Transformer(arch)
+    if device.type != "meta":
+        if seed is not None:
+            torch.manual_seed(seed)
+        model.init_weights(std)
+    return model

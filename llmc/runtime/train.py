@@ -1,0 +1,347 @@
+"""The native trainer: one readable loop for pretrain / midtrain / long_context stages.
+
+``train(job, out_dir, assets)`` runs on 1 process or under torchrun (DDP / FSDP2 / TP per the plan):
+
+    data (packed, DP-sharded) -> model (seeded init | init_from) -> parallelize -> AdamW + LR schedule
+    -> resume from the newest verified checkpoint -> loop:
+         grad_accum x (forward [bf16 autocast on CUDA] -> lm_loss + MoE aux -> backward)
+         -> clip -> step -> log -> loss-spike check (rewind + skip) -> checkpoint
+    -> final checkpoint + DONE.json
+
+Outputs in ``out_dir``: ``metrics.jsonl``, ``checkpoints/step-N/`` and ``DONE.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llmc.runtime.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
+from llmc.runtime.data import Assets, PackedLoader, build_loader
+from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize
+from llmc.runtime.job import TrainJob
+from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, peak_memory_bytes
+from llmc.runtime.model import Transformer, build_model, lm_loss
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (loss spikes beyond max_rewinds, bad layout, ...); one-line message."""
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_multiplier(step: int, job: TrainJob) -> float:
+    """LR / peak LR for optimizer step ``step`` (0-based).
+
+    Linear warmup over ``warmup_steps`` (step s uses (s+1)/warmup), then
+    cosine: min + (1-min) * (1 + cos(pi p)) / 2;  linear: min + (1-min)(1-p);
+    wsd: 1 until the last ``decay_fraction`` of steps, then linear to min (Hu et al. 2024, MiniCPM);
+    constant: 1. p = progress through the post-warmup steps in [0, 1]; min = min_lr / lr.
+    """
+    lo = job.min_lr / job.lr if job.lr else 0.0
+    if step < job.warmup_steps:
+        return (step + 1) / job.warmup_steps
+    if job.schedule == "constant":
+        return 1.0
+    span = max(1, job.steps - job.warmup_steps)
+    p = min(1.0, (step - job.warmup_steps) / span)
+    if job.schedule == "cosine":
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
+    if job.schedule == "linear":
+        return lo + (1 - lo) * (1 - p)
+    if job.schedule == "wsd":
+        decay_steps = max(1, round(job.decay_fraction * job.steps))
+        start = job.steps - decay_steps
+        if step < start:
+            return 1.0
+        return lo + (1 - lo) * (1 - min(1.0, (step - start) / decay_steps))
+    raise ValueError(f"unknown schedule {job.schedule!r}")
+
+
+def build_optimizer(model: torch.nn.Module, job: TrainJob, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (dim >= 2) only, not on norms, biases or the expert bias.
+
+    CUDA: fused kernel; CPU: the plain for-loop implementation (works for plain tensors and DTensors).
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": job.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw = {"fused": True} if device.type == "cuda" else {"foreach": False}
+    return torch.optim.AdamW(groups, lr=job.lr, betas=tuple(job.betas), eps=job.eps, **kw)
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _mean_across(x: torch.Tensor) -> float:
+    if _world() > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= _world()
+    return float(x)
+
+
+def _any_across(flag: bool, device: torch.device) -> bool:
+    if _world() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """Global L2 grad norm over plain tensors and DTensors (FSDP/TP shards), then clip in place.
+
+    For a DTensor grad, the local sum of squares is summed over the mesh dims where it is sharded
+    (replicated dims would double count). torch's clip_grad_norm_ cannot mix DTensor and plain grads.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device if not isinstance(grads[0], DTensor)
+                        else grads[0].to_local().device)
+    for g in grads:
+        if isinstance(g, DTensor):
+            sq = g.to_local().double().pow(2).sum()
+            for dim, pl in enumerate(g.placements):
+                if pl.is_shard():
+                    dist.all_reduce(sq, group=g.device_mesh.get_group(dim))
+        else:
+            sq = g.double().pow(2).sum()
+        total += sq
+    norm = float(total.sqrt())
+    if max_norm is not None and math.isfinite(norm) and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for g in grads:
+            g.mul_(coef)
+    return norm
+
+
+def _update_expert_bias(model: Transformer) -> None:
+    for blk in model.layers.values():
+        moe = getattr(blk, "moe", None)
+        if moe is not None and moe.expert_bias is not None:
+            if _world() > 1:
+                dist.all_reduce(moe.tokens_per_expert)
+            moe.update_expert_bias()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _autocast(job: TrainJob, device: torch.device, cpu_bf16: bool):
+    if job.precision in ("bf16", "fp8") and (device.type == "cuda" or cpu_bf16):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _check_layout(job: TrainJob, info: DistInfo) -> None:
+    unsupported = {k: v for k, v in (("pp", job.pp), ("cp", job.cp), ("ep", job.ep)) if v != 1}
+    if unsupported:
+        raise TrainingError(f"native trainer runs dp_replicate/dp_shard/tp only; plan has "
+                            f"{', '.join(f'{k}={v}' for k, v in unsupported.items())} (use the torchtitan backend)")
+    if job.dp_replicate * job.dp_shard * job.tp != info.world:
+        raise TrainingError(f"plan needs {job.dp_replicate * job.dp_shard * job.tp} processes "
+                            f"(dp_replicate={job.dp_replicate} x dp_shard={job.dp_shard} x tp={job.tp}) "
+                            f"but WORLD_SIZE={info.world}")
+
+
+def make_loader(job: TrainJob, assets: Assets, info: DistInfo) -> PackedLoader:
+    """Rank 0 tokenises (cached memmaps), the others wait, then all open the cache."""
+    tok = assets.tokenizer()
+    if tok.vocab_size > job.arch.vocab_size:
+        raise TrainingError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                            f"{job.arch.vocab_size}")
+    dp_rank, dp_size = dp_coords(info, job.dp_replicate, job.dp_shard, job.tp)
+    if info.rank == 0:
+        build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed)
+    if _world() > 1:
+        dist.barrier()
+    return build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed, dp_rank, dp_size)
+
+
+def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int | None = None,
+          max_seconds: float | None = None, resume: bool = True, fallback_checkpoint: bool = False,
+          init_checkpoint: str | Path | None = None, cpu_bf16: bool = False, info: DistInfo | None = None,
+          echo: bool = True) -> dict:
+    """Train one stage. Returns {"status": "done"|"stopped", "step", "loss", "checkpoint"}.
+
+    max_steps: stop (with a checkpoint, no DONE.json) after this many optimizer steps in total;
+    the LR schedule still spans ``job.steps``. max_seconds: same, on wall time.
+    init_checkpoint: weights to start from when there is nothing to resume (the init_from stage).
+    """
+    info = info or init_distributed()
+    _check_layout(job, info)
+    out = Path(out_dir)
+    ckpt_dir = out / job.checkpoint_folder
+    main = info.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLogger(out / "metrics.jsonl", enabled=main, echo=echo)
+    say = print if (main and echo) else (lambda *a, **k: None)
+    t_start = time.time()
+
+    torch.manual_seed(job.seed)
+    loader = make_loader(job, assets, info)
+    model = build_model(job.arch, info.device, seed=job.seed)
+    n_params = model.num_params()
+    fpt = job.flops_per_token or flops_per_token(job.arch, active_params(model), job.seq_len)
+
+    resume_from = None
+    if resume:
+        try:
+            resume_from = latest_checkpoint(ckpt_dir, fallback=fallback_checkpoint, log=say)
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from None
+    if resume_from is None and init_checkpoint is not None:
+        step0 = load_model_weights(model, init_checkpoint)
+        say(f"initialised weights from {init_checkpoint} (step {step0})")
+
+    wrapped = parallelize(model, info, job.dp_replicate, job.dp_shard, job.tp, job.activation_checkpointing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(model, job, info.device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, job))
+
+    spike = job.loss_spike
+    window: deque[float] = deque(maxlen=spike.window)
+    step, tokens, rewinds = 0, 0, 0
+
+    def restore(path: Path) -> dict:
+        nonlocal step, tokens, window
+        st = load_checkpoint(path, wrapped, opt)
+        sched.load_state_dict(st["scheduler"])
+        loader.load_state_dict(st["data"])
+        step, tokens = int(st["step"]), int(st["tokens"])
+        window = deque(st.get("loss_window", []), maxlen=spike.window)
+        return st
+
+    def checkpoint_now() -> Path:
+        state = {"tokens": tokens, "data": loader.state_dict(), "scheduler": sched.state_dict(),
+                 "loss_window": list(window), "rewinds": rewinds, "stage": job.stage, "seq_len": job.seq_len,
+                 "layout": {"dp_replicate": job.dp_replicate, "dp_shard": job.dp_shard, "tp": job.tp}}
+        return save_checkpoint(ckpt_dir, step, wrapped, opt, state, keep_latest=job.keep_latest)
+
+    if resume_from is not None:
+        st = restore(resume_from)
+        rewinds = int(st.get("rewinds", 0))
+        say(f"resumed from {resume_from} at step {step}")
+        log.event("resume", step=step, checkpoint=str(resume_from))
+    elif spike.enabled:
+        checkpoint_now()  # step-0 checkpoint so a spike before the first interval can rewind
+
+    say(f"{job.name}/{job.stage}: {n_params:,} params, {job.steps} steps x {job.tokens_per_step:,} tokens "
+        f"(mb {job.micro_batch} x accum {job.grad_accum} x dp {job.dp}, tp {job.tp}, seq {job.seq_len}), "
+        f"device {info.device}, world {info.world}")
+    stop_at = min(job.steps, max_steps) if max_steps else job.steps
+    last_ckpt_step = step if resume_from is not None else -1
+    last_loss = float("nan")
+    status = "done"
+    is_ddp = hasattr(wrapped, "no_sync")
+    wrapped.train()
+
+    while step < stop_at:
+        t0 = time.time()
+        loss_sum = torch.zeros((), device=info.device)
+        for micro in range(job.grad_accum):
+            x, y = loader.next_batch(job.micro_batch)
+            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            sync = micro == job.grad_accum - 1
+            ctx = wrapped.no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
+            with ctx:
+                with _autocast(job, info.device, cpu_bf16):
+                    logits, aux = wrapped(x, return_aux=True)
+                    loss = lm_loss(logits, y, job.z_loss) + aux
+                (loss / job.grad_accum).backward()
+            loss_sum += loss.detach()
+        gnorm = clip_grad_norm(params, job.grad_clip)
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        _update_expert_bias(model)
+        step += 1
+        tokens += job.tokens_per_step
+        last_loss = _mean_across(loss_sum / job.grad_accum)
+        dt = time.time() - t0
+
+        # loss spike: non-finite, or above mean + threshold * std of the window
+        if spike.enabled:
+            hist = list(window)
+            is_spike = not math.isfinite(last_loss)
+            if len(hist) >= min(spike.window, 10):
+                mean = sum(hist) / len(hist)
+                std = math.sqrt(sum((v - mean) ** 2 for v in hist) / len(hist))
+                is_spike = is_spike or last_loss > mean + spike.threshold * std
+            if is_spike:
+                rewinds += 1
+                if rewinds > spike.max_rewinds:
+                    raise TrainingError(f"loss spike at step {step} (loss {last_loss:.4f}); gave up after "
+                                        f"{spike.max_rewinds} rewinds")
+                data_after = loader.state_dict()
+                back = latest_checkpoint(ckpt_dir, fallback=True, log=say)
+                if back is None:
+                    raise TrainingError(f"loss spike at step {step} but no checkpoint to rewind to")
+                spike_step = step
+                restore(back)
+                loader.load_state_dict(data_after)  # drop the batches up to the spike ...
+                loader.skip(spike.skip_batches * job.grad_accum, job.micro_batch)  # ... and skip_batches more
+                say(f"loss spike at step {spike_step} (loss {last_loss:.4f}): rewound to step {step}, "
+                    f"skipping {spike.skip_batches} batch(es) past the spike (rewind {rewinds}/{spike.max_rewinds})")
+                log.event("loss_spike", step=spike_step, loss=last_loss, rewound_to=step, rewinds=rewinds)
+                continue
+            window.append(last_loss)
+
+        if step % job.log_every == 0 or step == 1 or step == stop_at:
+            tps = job.tokens_per_step / dt if dt > 0 else 0.0
+            flops = fpt * tps
+            log.log({"step": step, "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(gnorm, 6),
+                     "tokens": tokens, "tokens_per_s": round(tps, 1), "flops_per_s": flops,
+                     "mfu": (flops / (job.peak_flops * info.world)) if job.peak_flops else None,
+                     "peak_mem_bytes": peak_memory_bytes(info.device), "step_s": round(dt, 4)})
+        if step % job.checkpoint_interval == 0 and step < job.steps:
+            checkpoint_now()
+            last_ckpt_step = step
+        if max_seconds is not None and _any_across(time.time() - t_start > max_seconds, info.device):
+            status = "stopped"
+            break
+
+    if step < job.steps:
+        status = "stopped"
+    final = None
+    if last_ckpt_step != step:
+        final = checkpoint_now()
+    else:
+        final = ckpt_dir / f"step-{step:08d}"
+    result = {"status": status, "stage": job.stage, "kind": job.kind, "step": step, "steps": job.steps,
+              "loss": last_loss, "tokens": tokens, "checkpoint": os.path.relpath(final, out),
+              "wall_s": round(time.time() - t_start, 2), "params": n_params, "rewinds": rewinds}
+    if main:
+        if status == "done":
+            (out / "DONE.json").write_text(json.dumps(result, indent=2) + "\n")
+        log.event("end", **{k: v for k, v in result.items() if k != "loss"}, final_loss=last_loss)
+        say(f"{status} at step {step}: loss {last_loss:.4f}, checkpoint {final}")
+    return result
