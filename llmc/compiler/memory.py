@@ -399,13 +399,14 @@ def stage_memory(
             per_tok += 2 * arch.d_model * act_b  # final norm input + head input
         acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div
         if plan.activation_checkpointing != "none":
-            # one block's full working set while it is recomputed and back-propagated
-            work = max(
-                layer_activation_bytes_per_token(
-                    arch, i, "none", seq_len=seq_len, flash_attention=flash_attention, bytes_per_elem=act_b
+            # while one block is recomputed and back-propagated, what was dropped for it is rematerialised:
+            # its full working set minus what is kept anyway (so AC never exceeds no AC)
+            def _act(i: int, mode: str) -> float:
+                return layer_activation_bytes_per_token(
+                    arch, i, mode, seq_len=seq_len, flash_attention=flash_attention, bytes_per_elem=act_b
                 )
-                for i in layers
-            )
+
+            work = max(_act(i, "none") - _act(i, plan.activation_checkpointing) for i in layers)
             acts += tokens_mb * work / act_div
 
         # --- buffers
