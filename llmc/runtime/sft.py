@@ -68,7 +68,7 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
         opt.step()
         losses.append(loss.item())
         if log:
-            log(step, {"loss": float(loss), "lr": lr_t})
+            log(step, {"loss": losses[-1], "lr": lr_t})
     return losses
 
 
