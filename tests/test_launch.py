@@ -30,7 +30,8 @@ def test_native_dry_run_commands(tmp_path):
     b = _build(tmp_path)
     cmds = launch_commands(b, backend="native", gpu=False)
     assert [c.stage for c in cmds] == ["prepare", "base", "chat", "align"]
-    assert "--prepare" in cmds[0].argv
+    assert cmds[0].argv[1:4] == ["-m", "llmc.runtime.run", "prepare"]
+    assert cmds[0].argv[cmds[0].argv.index("--lock") + 1] == str(b.resolve() / "plan.lock.json")
     for c, s in zip(cmds[1:], ["base", "chat", "align"], strict=True):
         assert Path(c.argv[0]).name == "torchrun"
         assert c.argv[1:4] == ["--standalone", "--nproc_per_node", "1"]  # CPU default: 1 process
@@ -38,7 +39,7 @@ def test_native_dry_run_commands(tmp_path):
         assert c.argv[i + 1] == "llmc.runtime.run"
         assert c.argv[c.argv.index("--lock") + 1] == str(b.resolve() / "plan.lock.json")
         assert c.argv[c.argv.index("--stage") + 1] == s
-        assert c.argv[c.argv.index("--out") + 1] == str(b.resolve() / "run")
+        assert c.argv[c.argv.index("--out") + 1] == str(b.resolve() / "run" / s)  # the stage's output dir
         assert c.skip_reason is None
 
 
@@ -91,6 +92,7 @@ def test_torchtitan_dry_run_uses_cpu_shim_only_without_gpu(tmp_path):
         assert c.argv[c.argv.index("--module") + 1] == "llmc_job"
         assert c.argv[c.argv.index("--config") + 1] == "job"
         assert str(b.resolve() / "torchtitan") in c.env["PYTHONPATH"]
+        assert c.env["LLMC_RUN_DIR"] == str(b.resolve())  # where prepare wrote assets/ and data/
     # the post-training stages run on llmc's runtime
     assert "llmc.runtime.run" in next(c for c in cpu if c.stage == "chat").argv
 

@@ -8,7 +8,8 @@ the first unfinished stage. Pure: builds argv/env only (the CLI runs them); neve
 
 Backends:
 
-* ``native``     ``torchrun --standalone --nproc_per_node N -m llmc.runtime.run --lock L --stage S --out R``
+* prepare        ``python -m llmc.runtime.run prepare --lock L`` (tokenizer + data under the build dir)
+* ``native``     ``torchrun --standalone --nproc_per_node N -m llmc.runtime.run --lock L --stage S --out R/S``
 * ``torchtitan`` ``llmc.runtime.titan_launch.torchtitan_command``: ``torchrun ... -m torchtitan.train
   --module llmc_job --config job`` on GPUs; on a machine without a GPU the CPU shim
   ``llmc.runtime.titan_cpu_shim`` replaces ``torchtitan.train`` (never in the emitted GPU scripts).
@@ -129,7 +130,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str = "native", nproc
 
     def native(s: dict) -> Cmd:
         return Cmd(argv=[*torchrun, "-m", "llmc.runtime.run", "--lock", lock_path, "--stage", s["name"],
-                         "--out", str(run)], cwd=str(b), stage=s["name"])
+                         "--out", str(run / s["name"])], cwd=str(b), stage=s["name"])
 
     cmds: list[Cmd] = []
     for s in stages:
@@ -139,11 +140,13 @@ def launch_commands(build_dir: str | os.PathLike, backend: str = "native", nproc
             port = os.environ.get("LLMC_MASTER_PORT", str(DEFAULT_MASTER_PORT))
             c = Cmd(argv=[_tool("deepspeed"), "--num_gpus", str(nproc), "--master_port", port, "--module",
                           "llmc.runtime.ds_train", "--lock", lock_path, "--ds-config", str(ds_config),
-                          "--stage", s["name"], "--out", str(run)], env=env, cwd=str(b), stage=s["name"])
+                          "--stage", s["name"], "--out", str(run / s["name"])], env=env, cwd=str(b),
+                    stage=s["name"])
         elif backend == "torchtitan" and s["kind"] in TITAN_STAGE_KINDS:
             from llmc.runtime.titan_launch import torchtitan_command  # torch-free module
 
-            argv, env = torchtitan_command(titan_module, nproc, not on_gpu, run_dir=run, python=py)
+            # the job reads <build>/assets and <build>/data (written by the prepare step) via LLMC_RUN_DIR
+            argv, env = torchtitan_command(titan_module, nproc, not on_gpu, run_dir=b, python=py)
             c = Cmd(argv=argv, env=env, cwd=str(b), stage=s["name"])
         else:
             c = native(s)
@@ -151,8 +154,8 @@ def launch_commands(build_dir: str | os.PathLike, backend: str = "native", nproc
             c.skip_reason = f"stage {s['name']!r} already finished ({done}); delete it to run the stage again"
         cmds.append(c)
 
-    prepare = Cmd(argv=[py, "-m", "llmc.runtime.run", "--lock", lock_path, "--prepare", "--out", str(run)],
-                  cwd=str(b), stage="prepare")
+    # shared assets (tokenizer + data as JSONL) under the build directory, idempotent
+    prepare = Cmd(argv=[py, "-m", "llmc.runtime.run", "prepare", "--lock", lock_path], cwd=str(b), stage="prepare")
     if cmds and all(c.skip_reason for c in cmds):
         prepare.skip_reason = "every stage is finished"
     return [prepare, *cmds]
