@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from llmc.compiler.compiled import MemoryNumbers
 from llmc.compiler.params import (
@@ -85,6 +86,11 @@ def _group(label: str) -> str:
 
 
 def stage_layers(n_layers: int, pp: int) -> list[list[int]]:
+    return [list(x) for x in _stage_layers(n_layers, pp)]
+
+
+@lru_cache(maxsize=1024)
+def _stage_layers(n_layers: int, pp: int) -> tuple[tuple[int, ...], ...]:
     """Split blocks 0..n_layers-1 into pp contiguous stages as evenly as possible.
 
     Leftover layers (n_layers % pp) go first to the middle stages, then to the last, then to the first
@@ -101,14 +107,19 @@ def stage_layers(n_layers: int, pp: int) -> list[list[int]]:
         counts[order[k % len(order)]] += 1
     out, start = [], 0
     for c in counts:
-        out.append(list(range(start, start + c)))
+        out.append(tuple(range(start, start + c)))
         start += c
-    return out
+    return tuple(out)
 
 
 def stage_param_groups(arch: Architecture, pp: int) -> list[dict[str, int]]:
     """Per stage: parameter counts by sharding group ("tp", "expert", "vocab", "replicated")."""
-    stages = stage_layers(arch.n_layers, pp)
+    return [dict(g) for g in _stage_param_groups(arch, pp)]
+
+
+@lru_cache(maxsize=256)
+def _stage_param_groups(arch: Architecture, pp: int) -> tuple[dict[str, int], ...]:
+    stages = _stage_layers(arch.n_layers, pp)
     V, d = arch.vocab_size, arch.d_model
     out = []
     for si, layers in enumerate(stages):
@@ -124,7 +135,7 @@ def stage_param_groups(arch: Architecture, pp: int) -> list[dict[str, int]]:
                 # untied head; or the tied matrix again on the last stage when the model is split
                 g["vocab"] += V * d
         out.append(g)
-    return out
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- model states
@@ -229,6 +240,7 @@ def _ffn_act_per_token(arch: Architecture, i: int) -> tuple[float, float]:
     return float(saved), float(lin)
 
 
+@lru_cache(maxsize=65536)
 def layer_activation_bytes_per_token(
     arch: Architecture,
     i: int,
@@ -357,9 +369,9 @@ def stage_memory(
     """Memory of one GPU in each pipeline stage (see the module docstring for every term)."""
     wb, gb, ob = _precision_bytes(precision, optimizer_bytes_per_param, grad_bytes_per_param)
     act_b = 4.0 if precision == "fp32" else 2.0
-    groups = stage_param_groups(arch, plan.pp)
+    groups = _stage_param_groups(arch, plan.pp)
     shard = _shard_groups(plan)
-    stages = stage_layers(arch.n_layers, plan.pp)
+    stages = _stage_layers(arch.n_layers, plan.pp)
     tokens_mb = plan.micro_batch * seq_len / plan.cp  # tokens per micro-batch on this rank
     act_div = plan.tp  # sequence parallel: every activation is split over tp (Korthikanti Table 2)
     zs = plan.zero_stage
@@ -388,26 +400,15 @@ def stage_memory(
             op += st["optimizer"]
 
         # --- activations
-        per_tok = sum(
-            layer_activation_bytes_per_token(
-                arch, i, plan.activation_checkpointing, seq_len=seq_len,
-                flash_attention=flash_attention, bytes_per_elem=act_b,
-            )
-            for i in layers
-        )  # fmt: skip
+        per_tok, work = _stage_act(
+            arch, layers, plan.activation_checkpointing, seq_len, flash_attention, act_b
+        )
         if si == plan.pp - 1:
             per_tok += 2 * arch.d_model * act_b  # final norm input + head input
         acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div
-        if plan.activation_checkpointing != "none":
-            # while one block is recomputed and back-propagated, what was dropped for it is rematerialised:
-            # its full working set minus what is kept anyway (so AC never exceeds no AC)
-            def _act(i: int, mode: str) -> float:
-                return layer_activation_bytes_per_token(
-                    arch, i, mode, seq_len=seq_len, flash_attention=flash_attention, bytes_per_elem=act_b
-                )
-
-            work = max(_act(i, "none") - _act(i, plan.activation_checkpointing) for i in layers)
-            acts += tokens_mb * work / act_div
+        # while one block is recomputed and back-propagated, what was dropped for it is rematerialised:
+        # its full working set minus what is kept anyway (so AC never exceeds no AC); 0 without AC
+        acts += tokens_mb * work / act_div
 
         # --- buffers
         buf = float(WORKSPACE_BYTES)
@@ -417,14 +418,12 @@ def stage_memory(
         if zs >= 3 and z_dense > 1:
             # FSDP unit = one block (or the embedding / head): 2 units all-gathered in the compute dtype
             # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter
-            units = [_block_local_params(arch, i, plan) for i in layers]
-            if si == 0:
-                units.append(arch.vocab_size * arch.d_model / plan.tp)
-            if si == plan.pp - 1:
-                units.append(arch.vocab_size * arch.d_model / plan.tp)
-            blocks = units[: len(layers)]
+            block = _max_block_local(arch, layers, plan.tp, max(1, plan.ep))
+            unit = block
+            if si == 0 or si == plan.pp - 1:
+                unit = max(unit, arch.vocab_size * arch.d_model / plan.tp)  # embedding / head unit
             # the largest unit gathered (wb) with its fp32 gradient (4) + the next block prefetched (wb)
-            buf += max(units) * (wb + 4) + max(blocks) * wb
+            buf += unit * (wb + 4) + block * wb
         elif zs in (1, 2) and plan.dp > 1:
             buf += 2 * min(DS_BUCKET_ELEMS, unsharded_local) * wb  # reduce + all-gather buckets
         elif plan.dp > 1:
@@ -433,12 +432,27 @@ def stage_memory(
     return out
 
 
-def _block_local_params(arch: Architecture, i: int, plan: ParallelPlan) -> float:
-    shard = _shard_groups(plan)
-    tot = 0.0
-    for label, n in layer_components(arch, i).items():
-        tot += n / shard[_group(label)][0]
-    return tot
+@lru_cache(maxsize=4096)
+def _max_block_local(arch: Architecture, layers: tuple[int, ...], tp: int, ep: int) -> float:
+    """Largest block of the stage after the tp / ep split (one FSDP unit)."""
+    div = {"tp": tp, "vocab": tp, "replicated": 1, "expert": ep}
+    return max(sum(n / div[_group(label)] for label, n in layer_components(arch, i).items()) for i in layers)
+
+
+@lru_cache(maxsize=4096)
+def _stage_act(
+    arch: Architecture, layers: tuple[int, ...], ac: str, seq_len: int, flash: bool, act_b: float
+) -> tuple[float, float]:
+    """(kept activation bytes per token summed over the stage's blocks, rematerialised working set)."""
+
+    def f(i: int, mode: str) -> float:
+        return layer_activation_bytes_per_token(
+            arch, i, mode, seq_len=seq_len, flash_attention=flash, bytes_per_elem=act_b
+        )
+
+    kept = sum(f(i, ac) for i in layers)
+    work = 0.0 if ac == "none" else max(f(i, "none") - f(i, ac) for i in layers)
+    return kept, work
 
 
 def memory_per_gpu(
