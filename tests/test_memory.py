@@ -337,3 +337,13 @@ def test_more_sharding_never_increases_memory(arch, dim, base, zero, ac):
         kw["dp_shard"] = kw["ep"]
     hi_shard = _mem(arch, 2048, **kw).per_gpu_bytes
     assert hi_shard <= lo
+
+
+def test_fsdp_with_pp_keeps_the_stage_unsharded():
+    """torchtitan + torch.distributed.pipelining: under PP, FSDP does not reshard after forward and
+    accumulates unsharded fp32 grads until the last micro-batch -> (2 + 4) B per stage-local param."""
+    plan = ParallelPlan(pp=4, dp_shard=8, grad_accum=8, zero_stage=3)
+    stages = stage_memory(LLAMA3_70B, plan, 4096)
+    layer = 8192 * 8192 * 2 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
+    assert stages[1].buffers == pytest.approx(WORKSPACE_BYTES + 20 * layer * 6)
+    assert stages[1].weights == pytest.approx(2 * 20 * layer / 8)

@@ -34,7 +34,9 @@ SwiGLU/GQA/MLA/MoE derivation and :func:`korthikanti_layer_bytes` for the paper'
     all m micro-batches.
 
 Buffers: FSDP all-gather/reduce-scatter buffers (two unsharded units in bf16 for current + prefetch, one
-unit's fp32 gradient before reduce-scatter, torchtitan reduce_dtype=fp32); DeepSpeed ZeRO-1/2 reduce and
+unit's fp32 gradient before reduce-scatter, torchtitan reduce_dtype=fp32); with pipeline parallelism
+torchtitan keeps the whole stage unsharded (no reshard after forward, gradients accumulated unsharded in
+fp32 until the last micro-batch), i.e. FSDP+PP costs (2 + 4) B per stage-local parameter; DeepSpeed ZeRO-1/2 reduce and
 all-gather buckets (default 5e8 elements each); DDP buckets (25 MiB); fp32 logits/loss memory on the last
 stage; 1 GiB workspace (CUDA context, cuBLAS workspace, NCCL). Not modelled: allocator fragmentation
 (leave ~5-10% headroom), CP ring-attention K/V exchange buffers, MoE load imbalance.
@@ -415,7 +417,14 @@ def stage_memory(
         if si == plan.pp - 1:
             buf += tokens_mb * arch.vocab_size * LOGITS_BYTES_PER_ELEM / plan.tp
         z_dense = plan.dp_shard * plan.cp
-        if zs >= 3 and z_dense > 1:
+        if zs >= 3 and z_dense > 1 and plan.pp > 1:
+            # torchtitan under PP: reshard_after_forward=False (fsdp.get_fsdp_reshard_after_forward_policy,
+            # "default" policy) and torch.distributed.pipelining sets set_requires_gradient_sync(False) /
+            # set_reshard_after_backward(False) until the last micro-batch (stage.backward_maybe_with_nosync):
+            # the stage's whole unsharded bf16 parameters stay gathered and its unsharded gradients
+            # accumulate in reduce_dtype fp32 -> (wb + 4) bytes x the stage's local parameters.
+            buf += unsharded_local * (wb + 4)
+        elif zs >= 3 and z_dense > 1:
             # FSDP unit = one block (or the embedding / head): 2 units all-gathered in the compute dtype
             # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter
             block = _max_block_local(arch, layers, plan.tp, max(1, plan.ep))
