@@ -167,15 +167,15 @@ def lora_trainable_params(arch: Any, rank: int, targets: list[str] | tuple[str, 
 def _count_params(arch: Any) -> tuple[int, int, int]:
     """(total, active, embedding) params: the math engineer's function when present, else a local count."""
     try:
-        from llmc.compiler.params import param_breakdown, params_total  # noqa: PLC0415
+        from llmc.compiler.params import params_total  # noqa: PLC0415
 
         total = int(params_total(arch))
-        emb = arch.vocab_size * arch.d_model * (1 if arch.tied_embeddings else 2)
         try:
-            bd = param_breakdown(arch)
-            emb = int(sum(v for k, v in bd.items() if k.startswith("embed") or "output" in k)) or emb
-        except Exception:  # noqa: BLE001 - breakdown shape is the math engineer's; fall back
-            pass
+            from llmc.compiler.params import params_embedding  # noqa: PLC0415
+
+            emb = int(params_embedding(arch))
+        except Exception:  # noqa: BLE001
+            emb = arch.vocab_size * arch.d_model * (1 if arch.tied_embeddings else 2)
         active = total
         try:
             from llmc.compiler.params import params_active  # noqa: PLC0415
@@ -253,7 +253,15 @@ def _resolved_stages(run: Any) -> list[Any]:
 
 
 def _tokenizer_for(run: Any, stage: Any) -> Any:
-    return stage.data.tokenizer if stage.data is not None else run.data.tokenizer
+    """The stage's tokenizer: its own when it names one (path/train), else the run's, with the stage's
+    chat_template taking precedence (the runtime's TrainJob resolves it the same way)."""
+    top = run.data.tokenizer
+    if stage.data is None:
+        return top
+    own = stage.data.tokenizer
+    if own.path or own.train:
+        return own
+    return top.model_copy(update={"chat_template": own.chat_template or top.chat_template})
 
 
 def _tokenizer_specials(run: Any, tok: Any) -> tuple[set[str] | None, str]:
@@ -420,12 +428,17 @@ def plan_stages(run: Any, gpu: Any = None, lines: dict | None = None, file: str 
         steps = st.steps
         gbt = st.global_batch_tokens
         if gbt is None:
+            # SFT/DPO: 64 sequences per step [heuristic]; (continued) pre-training: the run's batch
+            # (4M tokens when unset, Llama-3 pre-training); GRPO: every completion of the step
             gbt = {"sft": 64, "dpo": 64, "grpo": 0}.get(st.kind, 0) * seq_len or None
             if st.kind in ("pretrain", "midtrain", "long_context"):
                 gbt = run.training.global_batch_tokens or 4 * 2**20
             if st.kind == "grpo":
                 gbt = hyper["prompts_per_step"] * hyper["group_size"] * seq_len
-            defaults.append("global_batch_tokens")
+            if not (st.kind in ("pretrain", "midtrain", "long_context") and run.training.global_batch_tokens):
+                defaults.append("global_batch_tokens")
+        if steps is None and st.kind == "pretrain" and run.training.steps:
+            steps = run.training.steps
         if steps is None:
             data_tokens = st.data.tokens if st.data else (run.data.tokens if st.kind in ("pretrain", "midtrain")
                                                            else None)
@@ -544,16 +557,17 @@ def plan_stages(run: Any, gpu: Any = None, lines: dict | None = None, file: str 
             pass  # a LoRA parent is merged at the end of its stage, so children see plain weights
         ctx[name] = out_ctx
 
-        # --- pitfall checks
+        # --- pitfall checks (LR thresholds are for real LLMs: below 100M params they are only info)
+        t101 = "warning" if n_total >= 1e8 else "info"
         if st.kind in ("sft",) and lora is None and lr > 1e-4:
-            diag("T101", "warning", f"{p}.lr", f"SFT lr {lr:g} is high for a full fine-tune",
+            diag("T101", t101, f"{p}.lr", f"SFT lr {lr:g} is high for a full fine-tune",
                  "use 1e-5..5e-5 (fine-tune LR must be below the pre-training LR)")
         if st.kind == "dpo" and lr > (5e-5 if lora else 5e-6):
-            diag("T101", "warning", f"{p}.lr", f"DPO lr {lr:g} is high", "DPO uses ~5e-7..1e-6 (full weights)")
+            diag("T101", t101, f"{p}.lr", f"DPO lr {lr:g} is high", "DPO uses ~5e-7..1e-6 (full weights)")
         if st.kind == "grpo" and lora is None and lr > 1e-5:
-            diag("T101", "warning", f"{p}.lr", f"GRPO lr {lr:g} is high", "DeepSeekMath GRPO uses 1e-6")
+            diag("T101", t101, f"{p}.lr", f"GRPO lr {lr:g} is high", "DeepSeekMath GRPO uses 1e-6")
         if st.kind == "midtrain" and lora is None and lr > 1e-4:
-            diag("T101", "warning", f"{p}.lr", f"continued pre-training lr {lr:g} risks forgetting",
+            diag("T101", t101, f"{p}.lr", f"continued pre-training lr {lr:g} risks forgetting",
                  "use ~1e-5..3e-5")
         if st.kind in ("midtrain", "sft"):
             frac, domain = _general_fraction(st)

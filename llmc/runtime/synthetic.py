@@ -63,7 +63,7 @@ def chat_examples(n: int, seed: int = 0, hi: int = 4) -> list[list[dict]]:
         kind = rng.randrange(3)
         if kind == 0:
             expr, val = _sum_problem(rng, hi)
-            turns = [("What is " + expr + "?", str(val))]
+            turns = [(f"What is {expr}?" if rng.random() < 0.5 else f"{expr}=", str(val))]
         elif kind == 1:
             w = rng.choice(WORDS)
             turns = [(f"Repeat: {w}", w)]
