@@ -1,0 +1,312 @@
+"""Plan, hyperparameter, data and budget diagnostics (seed-facts-a §10); pure functions -> [Diagnostic].
+
+Codes owned here (stable, cited by tests and docs):
+
+=====  ========  ==========================================================================
+S007   error     unknown GPU type (did-you-mean). (S006 is the loader's duplicate-YAML-key code.)
+P001   error     pinned degrees do not multiply to / divide the world size
+P002   error     pinned TP larger than a node, or a TP group that would span nodes
+P003   error     n_heads / n_kv_heads not divisible by the pinned TP
+P004   error     no plan fits in GPU memory (closest candidate + what would help)
+P005   error     global batch cannot be split: not a multiple of seq_len, or of any dp degree
+P006   warning   pipeline bubble: fewer than 4 x pp micro-batches (v x m < 4 p for interleaved)
+P007   error     pinned EP on a dense model / EP not dividing the experts
+T001   warning   peak LR outside the pre-training range / far from the size-aware value
+T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
+T003   warning   no gradient clipping
+T004   warning   fp32 training (2x memory, slow)
+T005   error     fp8 on a GPU without fp8 tensor cores
+T006   warning   global batch outside 2M-16M tokens for large pre-training
+T007   info      z-loss suggested for large runs
+T008   warning   MoE with a zero load-balancing loss
+T009   warning   Adam beta2 / weight decay far from LLM pre-training practice
+B001   error     predicted days > budget.max_days
+B002   error     predicted cost > budget.max_usd
+B003   error     budget impossible even at 60 % MFU (with the budget that would be needed)
+D001   error     data.tokens smaller than one optimizer step
+D002   warning   a source is repeated more than 4 epochs (info above 1 epoch)
+D003   info      effective mixture shares
+=====  ========  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from llmc.compiler.diagnostics import Diagnostic
+
+GiB = 2**30
+MAX_PLAUSIBLE_MFU = 0.60  # seed-facts §10.15: an implied MFU above ~60 % is not credible
+BIG_PRETRAIN_PARAMS = 1e9  # T006 applies from 1B parameters (active)
+LR_CHECK_MIN_PARAMS = 1e8  # T001's range is for LLM pre-training; toy models legitimately go higher
+Z_LOSS_PARAMS = 30e9  # T007: suggest z-loss from ~30B (PaLM used it at 540B; OLMo/Chameleon for stability)
+MAX_EPOCHS = 4.0  # Muennighoff et al. 2023: up to ~4 epochs of repeated data is almost as good as unique
+
+
+def line_for(lines: dict[str, int] | None, path: str) -> int | None:
+    """Line of ``path`` in the YAML, else of its nearest parent (``a.b.c`` -> ``a.b`` -> ``a``)."""
+    if not lines:
+        return None
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path.rpartition(".")[0]
+    return None
+
+
+class Sink:
+    """Collects diagnostics with the file and YAML lines filled in."""
+
+    def __init__(self, lines: dict[str, int] | None, file: str | None):
+        self.lines, self.file, self.items = lines or {}, file, []
+
+    def add(self, code: str, severity: str, path: str, message: str, hint: str = "") -> None:
+        self.items.append(Diagnostic(code, severity, path, message, hint, line_for(self.lines, path), self.file))
+
+
+# ------------------------------------------------------------------------------------------- hardware
+
+
+def check_gpu(run, gpus: dict, sink: Sink) -> None:
+    """S007 for an unknown GPU key; T005 for fp8 on a part without fp8."""
+    from llmc.compiler.hardware import get_gpu, supports
+
+    g = get_gpu(run.hardware.gpu)
+    if g is None:
+        close = difflib.get_close_matches(run.hardware.gpu.lower(), sorted(gpus), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(gpus))}"
+        sink.add("S007", "error", "hardware.gpu", f"unknown GPU type {run.hardware.gpu!r}", hint)
+        return
+    if run.training.precision == "fp8" and not supports(g, "fp8"):
+        sink.add("T005", "error", "training.precision", f"fp8 needs FP8 tensor cores; {g.name} has none",
+                 "use bf16, or Hopper/Ada/Blackwell GPUs (h100-sxm, h200, b200)")
+
+
+# ------------------------------------------------------------------------------------------- pins
+
+
+def check_pins(run, gpu, sink: Sink) -> None:
+    """P001/P002/P003/P007 on the spec's parallelism pins (before searching)."""
+    par, arch = run.parallelism, run.model
+    world = run.hardware.count
+    gpn = gpu.gpus_per_node
+    dims = {k: getattr(par, k) for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp")}
+    pinned = {k: v for k, v in dims.items() if v is not None}
+    prod = 1
+    for v in pinned.values():
+        prod *= v
+    expr = " x ".join(f"{k} {v}" for k, v in pinned.items())
+    if pinned and len(pinned) == len(dims) and prod != world:
+        sink.add("P001", "error", "parallelism", f"{expr} = {prod} != {world} GPUs (hardware.count)",
+                 "the product of dp_replicate, dp_shard, cp, tp and pp must equal the world size; "
+                 "unpin one degree and llmc derives it")
+    elif pinned and world % prod:
+        sink.add("P001", "error", "parallelism", f"{expr} = {prod} does not divide {world} GPUs (hardware.count)",
+                 "pinned degrees must multiply to a divisor of the world size")
+    if par.tp is not None:
+        if par.tp > gpn:
+            sink.add("P002", "error", "parallelism.tp", f"tp {par.tp} > {gpn} GPUs per node: TP would span nodes",
+                     f"keep tp <= {gpn} (TP needs NVLink); use pp or FSDP across nodes")
+        elif gpn % par.tp:
+            sink.add("P002", "error", "parallelism.tp", f"tp {par.tp} does not divide {gpn} GPUs per node",
+                     "a TP group would straddle two nodes; use a divisor of the node size")
+        heads = arch.n_heads
+        kv = arch.n_heads if arch.mla is not None else arch.kv_heads
+        if heads % par.tp or kv % par.tp:
+            bad = f"n_heads {heads}" if heads % par.tp else f"n_kv_heads {kv}"
+            sink.add("P003", "error", "parallelism.tp", f"{bad} not divisible by tp {par.tp}",
+                     f"choose tp from {[t for t in range(1, gpn + 1) if heads % t == 0 and kv % t == 0]}")
+    if par.pp is not None and par.pp > arch.n_layers:
+        sink.add("P001", "error", "parallelism.pp", f"pp {par.pp} > {arch.n_layers} layers",
+                 "each pipeline stage needs at least one block")
+    if par.ep is not None and par.ep > 1:
+        if arch.moe is None:
+            sink.add("P007", "error", "parallelism.ep", f"ep {par.ep} on a dense model", "remove ep (MoE only)")
+        elif arch.moe.num_experts % par.ep:
+            sink.add("P007", "error", "parallelism.ep",
+                     f"ep {par.ep} does not divide num_experts {arch.moe.num_experts}",
+                     "ep must divide the number of routed experts")
+
+
+def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
+    """P004 (nothing fits), P005 (batch identity impossible), P006 (bubble) from a search result."""
+    world = run.hardware.count
+    if res.best is None:
+        if res.batch_blocked or (res.rejected_counts and set(res.rejected_counts) <= {"batch", "pins"}):
+            sink.add("P005", "error", "training.global_batch_tokens",
+                     f"global batch of {global_batch_seqs} sequences cannot be split over {world} GPUs "
+                     "(micro_batch x grad_accum x dp must equal it for some layout)",
+                     f"use a multiple of {world} sequences, e.g. {_round_up(global_batch_seqs, world)} "
+                     f"({_round_up(global_batch_seqs, world) * run.data.seq_len:,} tokens)")
+        elif res.closest is not None:
+            c = res.closest
+            need = c.per_gpu_bytes / gpu.hbm_bytes
+            from llmc.compiler.search import describe
+
+            hints = [f"more GPUs (about {need:.1f}x the memory is needed)" if need > 1.05 else "more GPUs"]
+            if run.training.precision != "fp8" and getattr(gpu, "fp8_tflops", None):
+                hints.append("fp8")
+            if run.data.seq_len > 2048:
+                hints.append(f"a shorter seq_len than {run.data.seq_len}")
+            if any(v is not None for v in run.parallelism.model_dump(exclude={"offload_optimizer"}).values()):
+                hints.append("fewer parallelism pins")
+            hints.append("a GPU with more memory")
+            sink.add("P004", "error", "hardware",
+                     f"no parallelism plan fits in {gpu.hbm_bytes / GiB:.1f} GiB per GPU: the closest, "
+                     f"{describe(c.plan)}, needs {c.per_gpu_bytes / GiB:.1f} GiB",
+                     "try " + ", ".join(hints))
+        else:
+            reasons = sorted({c.reason for c in res.rejected})[:3]
+            sink.add("P004", "error", "parallelism", "no valid parallelism plan: " + "; ".join(reasons),
+                     "relax the parallelism pins")
+        return
+    p = res.best.plan
+    v = p.pp_virtual_stages if p.pp_schedule == "Interleaved1F1B" else 1
+    if p.pp > 1 and v * p.grad_accum < 4 * p.pp and p.pp_schedule != "ZBVZeroBubble":
+        bubble = (p.pp - 1) / (v * p.grad_accum + p.pp - 1)
+        sink.add("P006", "warning", "parallelism.pp",
+                 f"{p.grad_accum} micro-batches for {p.pp} pipeline stages ({p.pp_schedule}): "
+                 f"bubble ~{100 * bubble:.0f}% of pipeline time (Narayanan et al. 2021: (p-1)/(v*m+p-1))",
+                 f"m >= 4 x pp = {4 * p.pp} keeps it under ~20%: raise the global batch or lower pp")
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+# ------------------------------------------------------------------------------------------- hyper
+
+
+def check_batch_tokens(run, sink: Sink) -> bool:
+    """P005 when an explicit global_batch_tokens is not a whole number of sequences; False then."""
+    gbt = run.training.global_batch_tokens
+    s = run.data.seq_len
+    if gbt is not None and (gbt % s or gbt < s):
+        seqs = max(1, round(gbt / s))
+        sink.add("P005", "error", "training.global_batch_tokens",
+                 f"global_batch_tokens {gbt:,.0f} is not a whole number of {s}-token sequences",
+                 f"use {seqs * s:,} ({seqs} x {s})")
+        return False
+    return True
+
+
+def check_hyper(run, hyper, params_active: float, default_lr: float, world: int, is_cpu: bool, sink: Sink) -> None:
+    """T001-T004, T006-T009 on the resolved hyperparameters."""
+    tr = run.training
+    lr = hyper.lr
+    # the seed range 1e-4..6e-4, widened to half / twice the size-aware value (405B: 6.3e-5 -> 3.2e-5)
+    lo, hi = min(1e-4, default_lr / 2), max(6e-4, 2 * default_lr)
+    if tr.optimizer.lr is not None and params_active >= LR_CHECK_MIN_PARAMS:
+        if not lo <= lr <= hi:
+            sink.add("T001", "warning", "training.optimizer.lr",
+                     f"peak LR {lr:.2g} for {params_active / 1e9:.3g}B active params is outside "
+                     f"pre-training practice ({lo:.2g}..{hi:.2g}; ~{default_lr:.2g} at this size)",
+                     "S004: 3e-4 at ~1B down to 1e-4 at ~70B; larger models need smaller LR")
+    steps = hyper.steps
+    sched = tr.schedule
+    if steps > 100 and hyper.warmup_steps == 0:
+        sink.add("T002", "warning", "training.schedule.warmup_steps", "no LR warmup",
+                 f"warm up over 1-2% of steps (~{max(1, round(0.01 * steps))}); no warmup risks early divergence")
+    elif steps > 1 and hyper.warmup_steps > 0.1 * steps:
+        sink.add("T002", "warning", "training.schedule.warmup_steps",
+                 f"warmup {hyper.warmup_steps} is {100 * hyper.warmup_steps / steps:.0f}% of {steps} steps",
+                 "1-2% is usual; a long warmup wastes the peak-LR phase")
+    if sched.kind == "constant" and steps > 100:
+        sink.add("T002", "warning", "training.schedule.kind", "constant LR: no decay",
+                 "decay to ~10% of peak (cosine or wsd); without decay the loss does not settle")
+    elif sched.kind != "constant" and sched.min_lr_ratio > 0.5:
+        sink.add("T002", "warning", "training.schedule.min_lr_ratio",
+                 f"LR only decays to {100 * sched.min_lr_ratio:.0f}% of peak", "~10% of peak is usual")
+    if tr.grad_clip is None:
+        sink.add("T003", "warning", "training.grad_clip", "no gradient clipping",
+                 "clip the global grad norm at 1.0 (S003 §P10, S004 Ch7)")
+    if tr.precision == "fp32" and not is_cpu:
+        sink.add("T004", "warning", "training.precision",
+                 "fp32 training: 2x the weight/activation memory of bf16 and far below tensor-core speed",
+                 "use bf16 (no loss scaler needed)")
+    if params_active >= BIG_PRETRAIN_PARAMS and not is_cpu:
+        bt = hyper.global_batch_tokens
+        if not 2e6 <= bt <= 16.8e6:
+            sink.add("T006", "warning", "training.global_batch_tokens",
+                     f"global batch {bt / 1e6:.2f}M tokens is outside 2M-16M for large pre-training",
+                     "S003 §P10: 2M-16M tokens per step")
+    if tr.z_loss == 0 and params_active >= Z_LOSS_PARAMS and not is_cpu:
+        sink.add("T007", "info", "training.z_loss", "no z-loss on a large run",
+                 "z_loss 1e-4..1e-5 keeps output logits from drifting (S003 §P10)")
+    moe = run.model.moe
+    if moe is not None and moe.aux_loss_coef == 0:
+        sink.add("T008", "warning", "model.moe.aux_loss_coef", "MoE without a load-balancing loss",
+                 "experts can collapse; use ~0.01 (Switch Transformer) or aux-free bias balancing")
+    b1, b2 = tr.optimizer.betas
+    if not is_cpu and params_active >= LR_CHECK_MIN_PARAMS and b2 > 0.99:
+        sink.add("T009", "warning", "training.optimizer.betas", f"Adam beta2 {b2} for LLM pre-training",
+                 "beta2 = 0.95 is standard for LLMs (S004 Ch7); 0.999 reacts slowly to loss spikes")
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def check_data(run, hyper, sink: Sink) -> None:
+    """D001 (less data than one step), D002 (repeated epochs), D003 (mixture shares)."""
+    d = run.data
+    if d.tokens < hyper.global_batch_tokens:
+        sink.add("D001", "error", "data.tokens",
+                 f"{d.tokens:,.0f} tokens is less than one optimizer step ({hyper.global_batch_tokens:,} tokens)",
+                 "raise data.tokens or lower training.global_batch_tokens")
+    srcs = d.sources
+    if not srcs:
+        return
+    total_w = sum(s.weight for s in srcs)
+    for i, s in enumerate(srcs):
+        if s.tokens is None:
+            continue
+        need = d.tokens * s.weight / total_w
+        epochs = need / s.tokens
+        if epochs > MAX_EPOCHS:
+            sink.add("D002", "warning", f"data.sources.{i}.tokens",
+                     f"source {s.name!r} would be repeated {epochs:.1f} epochs ({need:.3g} of {s.tokens:.3g} tokens)",
+                     f"beyond ~{MAX_EPOCHS:.0f} epochs repeated data loses value (Muennighoff et al. 2023); "
+                     "lower its weight or add data")
+        elif epochs > 1.0:
+            sink.add("D002", "info", f"data.sources.{i}.tokens",
+                     f"source {s.name!r} is seen {epochs:.1f} epochs ({need:.3g} of {s.tokens:.3g} tokens)")
+    if len(srcs) > 1:
+        shares = ", ".join(f"{s.name} {100 * s.weight / total_w:.1f}%" for s in srcs)
+        sink.add("D003", "info", "data.sources", f"mixture: {shares}")
+
+
+# ------------------------------------------------------------------------------------------- budget
+
+
+def check_budget(run, training_flops: float, time, cost, peak: float, price: float, sink: Sink) -> None:
+    """B001/B002 against the predicted plan, B003 when even 60 % MFU could not meet the budget."""
+    from llmc.compiler.timing import days_at_mfu, gpus_for_days
+
+    b = run.budget
+    n = run.hardware.count
+    best_days = days_at_mfu(training_flops, n, peak, MAX_PLAUSIBLE_MFU)
+    best_usd = best_days * 24 * n * price
+    if b.max_days is not None:
+        if best_days > b.max_days:
+            need = gpus_for_days(training_flops, b.max_days, peak, MAX_PLAUSIBLE_MFU)
+            sink.add("B003", "error", "budget.max_days",
+                     f"{training_flops:.3g} FLOPs cannot finish in {b.max_days:g} days on {n} GPUs even at "
+                     f"{100 * MAX_PLAUSIBLE_MFU:.0f}% MFU ({best_days:.1f} days)",
+                     f"needs max_days >= {best_days:.1f}, or >= {need} GPUs, or fewer tokens")
+        elif time is not None and time.days > b.max_days:
+            sink.add("B001", "error", "budget.max_days",
+                     f"predicted {time.days:.1f} days > max_days {b.max_days:g} "
+                     f"(at {100 * time.mfu:.1f}% MFU)",
+                     f"the planned layout needs ~{time.days / b.max_days:.2f}x the GPUs or time; "
+                     f"{best_days:.1f} days is the floor at {100 * MAX_PLAUSIBLE_MFU:.0f}% MFU")
+    if b.max_usd is not None:
+        if best_usd > b.max_usd:
+            sink.add("B003", "error", "budget.max_usd",
+                     f"{training_flops:.3g} FLOPs cost at least ${best_usd:,.0f} at ${price:g}/GPU-h even at "
+                     f"{100 * MAX_PLAUSIBLE_MFU:.0f}% MFU",
+                     f"needs max_usd >= {best_usd:,.0f}, a cheaper GPU-hour, or fewer tokens")
+        elif cost is not None and cost.usd > b.max_usd:
+            sink.add("B002", "error", "budget.max_usd",
+                     f"predicted ${cost.usd:,.0f} > max_usd ${b.max_usd:,.0f}",
+                     f"{cost.gpu_hours:,.0f} GPU-hours at ${price:g}; ${best_usd:,.0f} is the floor at "
+                     f"{100 * MAX_PLAUSIBLE_MFU:.0f}% MFU")

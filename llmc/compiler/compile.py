@@ -1,0 +1,188 @@
+"""``compile_spec``: the single entry point from a validated RunSpec to a frozen :class:`Compiled`.
+
+Data flow (each arrow one module): spec -> params/flops/scaling (model and compute numbers) ->
+defaults (batch) -> search (plan, memory, step time) -> defaults (the rest of the hyperparameters)
+-> checks (diagnostics) -> stages / serving plans. Pure: no printing and no writes; the only I/O is
+reading the spec file's bytes for its sha256 when the caller does not pass them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from functools import partial
+from pathlib import Path
+
+from llmc.compiler import checks, defaults, flops, params, scaling, timing
+from llmc.compiler.checks import Sink
+from llmc.compiler.compiled import Compiled, ComputeNumbers, CostNumbers, Hyper, ModelNumbers
+from llmc.compiler.diagnostics import Diagnostic, errors, sort_diagnostics
+from llmc.compiler.hardware import GPUS, get_gpu, supports
+
+
+def model_numbers(arch) -> ModelNumbers:
+    """Parameter counts (params.py) in the report's shape."""
+    return ModelNumbers(
+        params_total=params.params_total(arch), params_active=params.params_active(arch),
+        params_embedding=params.params_embedding(arch), breakdown=params.param_breakdown(arch),
+        kv_bytes_per_token=params.kv_bytes_per_token(arch),
+    )
+
+
+def compute_numbers(arch, seq_len: int, tokens: float) -> ComputeNumbers:
+    """Training FLOPs (flops.py convention) and the scaling-law reference points (scaling.py)."""
+    fpt = flops.train_flops_per_token(arch, seq_len)
+    total = fpt * tokens
+    n_act = params.params_active(arch)
+    # Chinchilla with 20 tokens/param (seed-facts E10): C = 6 N (20 N)  =>  N = sqrt(C / 120), D = 20 N.
+    # Closed form here (scaling.compute_optimal solves the same equation with sympy, ~0.5 s cold).
+    n_opt = math.sqrt(total / (6.0 * scaling.TOKENS_PER_PARAM))
+    d_opt = scaling.TOKENS_PER_PARAM * n_opt
+    return ComputeNumbers(
+        convention=flops.CONVENTION, flops_per_token=fpt, training_flops=total, tokens=float(tokens),
+        tokens_per_param=scaling.tokens_per_param(n_act, tokens), chinchilla_tokens=scaling.chinchilla_tokens(n_act),
+        optimal_params=n_opt, optimal_tokens=d_opt,
+    )
+
+
+def cluster_gpu(run, gpu):
+    """The table's GPU with the spec's hardware overrides (node size, network, price) applied."""
+    hw = run.hardware
+    changes = {}
+    if hw.gpus_per_node is not None:
+        changes["gpus_per_node"] = hw.gpus_per_node
+    if hw.inter_node_gbps is not None:
+        changes["net_gbps"] = hw.inter_node_gbps
+    if hw.usd_per_gpu_hour is not None:
+        changes["usd_per_hour"] = hw.usd_per_gpu_hour
+    return dataclasses.replace(gpu, **changes) if changes else gpu
+
+
+def _hash(spec_path: str, spec_bytes: bytes | None) -> str:
+    if spec_bytes is None:
+        p = Path(spec_path)
+        spec_bytes = p.read_bytes() if p.is_file() else b""
+    return hashlib.sha256(spec_bytes).hexdigest()
+
+
+def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
+                 spec_bytes: bytes | None = None) -> Compiled:
+    """Compile a validated ``RunSpec`` into every derived number, the plan and the diagnostics.
+
+    Deterministic for a given spec. Error diagnostics are returned (not raised): the CLI prints
+    them and exits 1; a plan is still reported where one could be computed.
+    """
+    lines = yaml_lines or {}
+    sink = Sink(lines, spec_path)
+    arch = run.model
+    seq_len = run.data.seq_len
+    world = run.hardware.count
+
+    model = model_numbers(arch)
+    compute = compute_numbers(arch, seq_len, run.data.tokens)
+    n_act, n_tot = model.params_active, model.params_total
+    for d in scaling.scaling_diagnostics(n_act, run.data.tokens, "data.tokens"):
+        sink.items.append(dataclasses.replace(d, line=d.line or checks.line_for(lines, d.path), file=spec_path))
+
+    table_gpu = get_gpu(run.hardware.gpu)
+    checks.check_gpu(run, GPUS, sink)
+    gpu = cluster_gpu(run, table_gpu) if table_gpu is not None else None
+    is_cpu = gpu is not None and gpu.key == "cpu"
+
+    # --- batch: explicit (must be whole sequences) or size-aware default
+    batch_ok = checks.check_batch_tokens(run, sink)
+    gbt = run.training.global_batch_tokens
+    batch_is_default = gbt is None
+    if batch_is_default:
+        seqs = defaults.default_batch_seqs(n_act, seq_len, world, is_cpu)
+    else:
+        seqs = max(1, round(gbt / seq_len))
+
+    plan = mem = time = cost = None
+    reasons: list[str] = []
+    alternatives: list = []
+    rejected: list = []
+    search_info: dict = {}
+    can_plan = gpu is not None and supports(gpu, run.training.precision) and batch_ok
+    if can_plan:
+        before = len(errors(sink.items))
+        checks.check_pins(run, gpu, sink)
+        can_plan = len(errors(sink.items)) == before
+    if can_plan:
+        from llmc.compiler import memory as memory_mod
+        from llmc.compiler import search
+
+        sm = timing.step_model(arch, seq_len, run.training.precision, gpu)
+        memory_fn = partial(_memory, memory_mod, arch, seq_len, run.training.precision, gpu.hbm_bytes,
+                            run.parallelism.offload_optimizer)
+        res = search.search(arch, sm, world=world, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
+                            precision=run.training.precision, pins=run.parallelism, memory_fn=memory_fn)
+        checks.check_search(run, res, gpu, seqs, sink)
+        reasons, alternatives = res.reasons, res.alternatives
+        rejected = res.rejected[:20]
+        search_info = {"evaluated": res.evaluated, "fitting": res.fitting, "rejected": dict(res.rejected_counts)}
+        if res.best is not None:
+            plan, mem = res.best.plan, res.memory
+    steps_hint = run.training.steps or max(1, -(-int(run.data.tokens) // (seqs * seq_len)))
+    if plan is not None:
+        time = timing.time_numbers(sm, plan, steps_hint)
+        gh = timing.gpu_hours(time.days, world)
+        cost = CostNumbers(gpu_hours=gh, usd=timing.usd(gh, gpu.usd_per_hour), usd_per_gpu_hour=gpu.usd_per_hour)
+
+    hyper = defaults.resolve_hyper(run.training, seq_len, run.data.tokens, seqs, batch_is_default, n_act, n_tot,
+                                   time.step_seconds if time else None)
+    checks.check_hyper(run, hyper, n_act, defaults.default_lr(n_act), world, is_cpu, sink)
+    checks.check_data(run, hyper, sink)
+    if gpu is not None and supports(gpu, run.training.precision):
+        peak = timing.mfu_peak(gpu, run.training.precision)
+        checks.check_budget(run, compute.training_flops, time, cost, peak, gpu.usd_per_hour, sink)
+
+    stages, stage_diags = _stages(run, gpu, lines, spec_path)
+    serving, serving_diags = _serving(run, lines)
+    diags = sink.items + [_located(d, lines, spec_path) for d in stage_diags + serving_diags]
+    return Compiled(
+        spec_path=spec_path, spec_sha256=_hash(spec_path, spec_bytes), spec=run, gpu=gpu, model=model,
+        compute=compute, hyper=hyper, plan=plan, memory=mem, time=time, cost=cost, reasons=reasons,
+        alternatives=alternatives, rejected=rejected, diagnostics=sort_diagnostics(_dedupe(diags)),
+        stages=stages, serving=serving, **({"search": search_info} if _has_search_field() else {}),
+    )
+
+
+def _has_search_field() -> bool:
+    return "search" in {f.name for f in dataclasses.fields(Compiled)}
+
+
+def _memory(memory_mod, arch, seq_len, precision, capacity, offload, plan):
+    return memory_mod.memory_per_gpu(arch, plan, seq_len, precision, capacity, offload_optimizer=offload)
+
+
+def _located(d: Diagnostic, lines: dict, file: str) -> Diagnostic:
+    return dataclasses.replace(d, line=d.line or checks.line_for(lines, d.path), file=d.file or file)
+
+
+def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
+    seen, out = set(), []
+    for d in diags:
+        k = (d.code, d.path, d.message)
+        if k not in seen:
+            seen.add(k)
+            out.append(d)
+    return out
+
+
+def _stages(run, gpu, lines, file) -> tuple[list[dict], list[Diagnostic]]:
+    from llmc.compiler.stages import plan_stages
+
+    return plan_stages(run, gpu=gpu, lines=lines, file=file)
+
+
+def _serving(run, lines) -> tuple[list[dict], list[Diagnostic]]:
+    if not run.serving:
+        return [], []
+    from llmc.compiler.serving import plan_serving
+
+    return plan_serving(run, gpu_lookup=get_gpu, lines=lines)
+
+
+__all__ = ["compile_spec", "model_numbers", "compute_numbers", "cluster_gpu", "Hyper"]

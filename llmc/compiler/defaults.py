@@ -1,0 +1,128 @@
+"""Size-aware training defaults for every ``None`` in the spec's training section.
+
+Each function returns a value; :func:`resolve_hyper` assembles :class:`Hyper` and lists the fields
+llmc chose in ``Hyper.defaults`` so the report can say "(default)". Sources are cited per rule;
+the spec itself is never modified.
+"""
+
+from __future__ import annotations
+
+import math
+
+from llmc.compiler.compiled import Hyper
+
+# Peak LR anchors (seed-facts §3.1, S004 Ch7): 3e-4 at ~1B, 1e-4 at ~70B, log-log interpolated.
+LR_ANCHORS = ((1e9, 3e-4), (70e9, 1e-4))
+LR_CLAMP = (6e-5, 6e-4)  # S003 §P10 gives 1e-4..6e-4 for pre-training; a little room below for >400B
+WARMUP_FRACTION = 0.01  # 1 % of steps (S004 Ch7: 1-2 %)
+WARMUP_CAP = 2000  # Llama 2 warmed up for 2000 steps; a cap keeps multi-million-step runs sane
+CHECKPOINT_SECONDS = 1800.0  # ~30 min of wall time between checkpoints (S003 §P11 "every few hundred steps")
+CHECKPOINT_CLAMP = (50, 1000)
+ASYNC_CHECKPOINT_BYTES = 100e9  # async above 100 GB of state (S003 §P11, S004 Ch7 "async for large runs")
+CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights + AdamW m and v (what torchtitan's DCP saves)
+CPU_BATCH_SEQS = 8  # tiny CPU runs: a handful of sequences per step
+
+
+def default_lr(params_active: float) -> float:
+    """Peak LR: log-interpolate 3e-4 at 1B -> 1e-4 at 70B (extrapolated), clamped to [6e-5, 6e-4]."""
+    (n0, lr0), (n1, lr1) = LR_ANCHORS
+    x = (math.log(max(params_active, 1.0)) - math.log(n0)) / (math.log(n1) - math.log(n0))
+    lr = math.exp(math.log(lr0) + x * (math.log(lr1) - math.log(lr0)))
+    return min(max(lr, LR_CLAMP[0]), LR_CLAMP[1])
+
+
+def default_batch_tokens(params_active: float) -> float:
+    """Target tokens per optimizer step by model size (S003 §P10: 2M-16M for LLM pre-training).
+
+    <1B: 0.5M (GPT-3 Small..XL used 0.5M-1M); 1-3B: 2M; 3-10B: 4M (Llama 2 7B, Llama 3 8B);
+    10-100B: 8M; >=100B: 16M (Llama 3 405B's final batch).
+    """
+    if params_active < 1e9:
+        return 0.5e6
+    if params_active < 3e9:
+        return 2e6
+    if params_active < 10e9:
+        return 4e6
+    if params_active < 100e9:
+        return 8e6
+    return 16e6
+
+
+def default_batch_seqs(params_active: float, seq_len: int, world: int, is_cpu: bool) -> int:
+    """Global batch in sequences: the size target rounded to a power of two times the world's odd factor.
+
+    Rounding that way keeps ``global_batch_seqs % dp == 0`` for the usual power-of-two TP/PP
+    degrees, so the batch identity (micro_batch x grad_accum x dp) has integral solutions.
+    """
+    if is_cpu:
+        return max(CPU_BATCH_SEQS, world)
+    odd = world
+    while odd % 2 == 0:
+        odd //= 2
+    target = default_batch_tokens(params_active) / seq_len / odd
+    pow2 = 2 ** max(0, round(math.log2(max(target, 1.0))))
+    return max(pow2 * odd, 1)
+
+
+def default_warmup(steps: int) -> int:
+    """1 % of steps, at least 1 when there is more than one step, at most 2000."""
+    if steps <= 1:
+        return 0
+    return max(1, min(WARMUP_CAP, round(WARMUP_FRACTION * steps)))
+
+
+def default_checkpoint_interval(step_seconds: float | None, steps: int) -> int:
+    """About 30 minutes of predicted wall time, clamped to [50, 1000] steps and to the run length."""
+    if step_seconds is None or step_seconds <= 0:
+        interval = CHECKPOINT_CLAMP[1]
+    else:
+        interval = round(CHECKPOINT_SECONDS / step_seconds)
+        interval = min(max(interval, CHECKPOINT_CLAMP[0]), CHECKPOINT_CLAMP[1])
+    return max(1, min(interval, steps))
+
+
+def default_async_checkpoint(params_total: float) -> bool:
+    return params_total * CHECKPOINT_BYTES_PER_PARAM > ASYNC_CHECKPOINT_BYTES
+
+
+def resolve_hyper(training, seq_len: int, data_tokens: float, global_batch_seqs: int, batch_is_default: bool,
+                  params_active: float, params_total: float, step_seconds: float | None) -> Hyper:
+    """Fill every ``None`` of ``training`` (a ``spec.run.Training``); ``defaults`` names what llmc chose."""
+    chosen: list[str] = []
+    if batch_is_default:
+        chosen.append("global_batch_tokens")
+    batch_tokens = global_batch_seqs * seq_len
+    if training.steps is not None:
+        steps = training.steps
+    else:
+        steps = max(1, math.ceil(data_tokens / batch_tokens))
+        chosen.append("steps")
+    if training.optimizer.lr is not None:
+        lr = training.optimizer.lr
+    else:
+        lr = default_lr(params_active)
+        chosen.append("lr")
+    sched = training.schedule
+    if sched.warmup_steps is not None:
+        warmup = sched.warmup_steps
+    else:
+        warmup = default_warmup(steps)
+        chosen.append("warmup_steps")
+    if "min_lr_ratio" not in sched.model_fields_set:
+        chosen.append("min_lr")
+    ck = training.checkpoint
+    if ck.interval_steps is not None:
+        interval = ck.interval_steps
+    else:
+        interval = default_checkpoint_interval(step_seconds, steps)
+        chosen.append("checkpoint_interval")
+    if ck.async_mode is not None:
+        is_async = ck.async_mode
+    else:
+        is_async = default_async_checkpoint(params_total)
+        chosen.append("checkpoint_async")
+    return Hyper(
+        lr=lr, min_lr=lr * sched.min_lr_ratio, warmup_steps=warmup, steps=steps,
+        global_batch_tokens=batch_tokens, global_batch_seqs=global_batch_seqs, seq_len=seq_len,
+        schedule=sched.kind, checkpoint_interval=interval, checkpoint_async=is_async, defaults=chosen,
+    )

@@ -1,0 +1,555 @@
+"""Parallelism search: enumerate layouts, drop what cannot work, keep what fits, rank by step time.
+
+Enumeration (torchtitan's mesh: world = dp_replicate x dp_shard x cp x tp x pp, EP carved out of
+dp_shard x cp):
+
+* tp: divisors of the node size that divide n_heads and n_kv_heads (MLA: n_heads); TP never spans
+  nodes (seed-facts §4: TP needs NVLink).
+* pp: divisors of world/tp up to n_layers; uneven splits allowed (Llama 3 405B: 126 layers / 16).
+  Schedules 1F1B and Interleaved1F1B with v in {2, 4, 8} virtual stages when the layers allow
+  (Megatron requires grad_accum % pp == 0 for interleaving).
+* cp: powers of two dividing seq_len / (2 tp), only from 32k tokens (ring attention pays off for
+  long sequences; seed-facts §10.12).
+* ep (MoE only): divisors of num_experts that divide dp_shard x cp.
+* dp_shard x dp_replicate = the rest (HSDP: shard inside a node or a few nodes, replicate across);
+  ZeRO-1 (shard optimizer state, reduce once per step) or ZeRO-3/FSDP over dp_shard.
+* micro_batch: powers of two; grad_accum from the batch identity
+  global_batch_seqs = micro_batch x grad_accum x dp (integral or rejected; >= pp when pp > 1).
+* activation checkpointing: none, selective, full.
+
+Pruning: memory never falls as micro_batch grows and never rises with stronger recomputation, so
+for every layout and AC mode the micro-batches are tried in increasing order and the scan stops at
+the first one that does not fit; memory results are cached on the fields memory depends on.
+Step time is closed-form (:mod:`llmc.compiler.timing`), so every fitting candidate is timed.
+
+Ranking: step time, then memory per GPU, then simplicity (fewer parallel dimensions, no
+interleaving). Rejected layouts keep a one-line reason, and ``reasons`` explains the choice
+against the best plan for every other value of each dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from llmc.compiler.compiled import Candidate, MemoryNumbers
+from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.timing import LayoutTimer, StepModel, step_time
+
+GiB = 2**30
+AC_ORDER = ("none", "selective", "full")
+CP_MIN_SEQ = 32_768
+INTERLEAVE_V = (2, 4, 8)
+MAX_MICRO_TOKENS = 16_384  # micro-batches beyond this many tokens per GPU gain no GEMM efficiency
+
+
+@dataclass
+class SearchResult:
+    best: Candidate | None
+    memory: MemoryNumbers | None  # of the best plan
+    alternatives: list[Candidate]  # best plan of other (tp, pp, cp, ep) layouts, ranked
+    rejected: list[Candidate]  # one representative per rejected layout, closest first
+    rejected_counts: dict[str, int]  # reason category -> number of candidates
+    closest: Candidate | None  # the non-fitting candidate with the least memory (for P004)
+    reasons: list[str]
+    evaluated: int = 0  # memory evaluations
+    fitting: int = 0
+    batch_blocked: bool = False  # every layout failed the batch identity
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def divisors(n: int) -> list[int]:
+    small, large = [], []
+    i = 1
+    while i * i <= n:
+        if n % i == 0:
+            small.append(i)
+            if i * i != n:
+                large.append(n // i)
+        i += 1
+    return small + large[::-1]
+
+
+def _complexity(p: ParallelPlan) -> int:
+    return ((p.tp > 1) + (p.pp > 1) + (p.cp > 1) + (p.ep > 1) + (p.dp_replicate > 1 and p.dp_shard > 1)
+            + (p.pp_schedule != "1F1B") + (p.activation_checkpointing != "none") + (p.zero_stage == 3))
+
+
+def _rank_key(c: Candidate):
+    # step time in 0.1 % bins so that near-ties go to the smaller / simpler plan
+    return (round(math.log(c.step_seconds) / math.log(1.001)), c.per_gpu_bytes, _complexity(c.plan),
+            _plan_tuple(c.plan))
+
+
+def _plan_tuple(p: ParallelPlan) -> tuple:
+    return (p.tp, p.pp, p.cp, p.ep, p.dp_shard, p.dp_replicate, p.pp_schedule, p.pp_virtual_stages,
+            p.micro_batch, AC_ORDER.index(p.activation_checkpointing), p.zero_stage)
+
+
+def describe(p: ParallelPlan) -> str:
+    """Compact one-line plan: ``tp8 pp16(Interleaved1F1B x4) dp_shard128 zero1 mb1 x16 ac=full``."""
+    parts = [f"tp{p.tp}"]
+    if p.pp > 1:
+        sched = p.pp_schedule + (f" v{p.pp_virtual_stages}" if p.pp_schedule == "Interleaved1F1B" else "")
+        parts.append(f"pp{p.pp}({sched})")
+    if p.cp > 1:
+        parts.append(f"cp{p.cp}")
+    if p.ep > 1:
+        parts.append(f"ep{p.ep}")
+    if p.dp_replicate > 1:
+        parts.append(f"dp_rep{p.dp_replicate}")
+    parts.append(f"dp_shard{p.dp_shard}")
+    if p.dp_shard > 1:
+        parts.append(f"zero{p.zero_stage}")
+    parts.append(f"mb{p.micro_batch}x{p.grad_accum}")
+    parts.append(f"ac={p.activation_checkpointing}")
+    return " ".join(parts)
+
+
+def gib(b: float) -> str:
+    return f"{b / GiB:.1f} GiB"
+
+
+@dataclass
+class _Layout:
+    """One (degrees, ZeRO, schedule) combination with its valid micro-batches and a time lower bound."""
+
+    t: int
+    p: int
+    c: int
+    e: int
+    ds: int
+    dr: int
+    z: int
+    sched: str
+    v: int
+    mbs: list[int]  # micro-batches satisfying the batch identity and the pipeline constraints
+    per_dp: int
+    timer: LayoutTimer
+    lb: float = 0.0  # fastest step time over mbs without recomputation (memory ignored)
+
+    def plan(self, mb: int, ac: str) -> ParallelPlan:
+        return ParallelPlan(dp_replicate=self.dr, dp_shard=self.ds, tp=self.t, pp=self.p, pp_schedule=self.sched,
+                            pp_virtual_stages=self.v, cp=self.c, ep=self.e, micro_batch=mb,
+                            grad_accum=self.per_dp // mb, activation_checkpointing=ac, zero_stage=self.z)
+
+    def fixed_keys(self) -> list[tuple[str, object]]:
+        return [("tp", self.t), ("pp", self.p), ("cp", self.c), ("ep", self.e), ("dp_shard", self.ds),
+                ("zero_stage", self.z), ("pp_schedule", self.sched)]
+
+    def keys(self, acs) -> list[tuple[str, object]]:
+        """Every (dimension, value) this layout's candidates stand for."""
+        return (self.fixed_keys() + [("activation_checkpointing", a) for a in acs]
+                + [("micro_batch", m) for m in self.mbs])
+
+
+class _Search:
+    """Mutable state of one search (see :func:`search`)."""
+
+    def __init__(self, arch, sm, world, gpu, seq_len, G, pins, memory_fn, fits_fn, top_k):
+        self.arch, self.sm, self.world, self.gpu, self.seq_len, self.G = arch, sm, world, gpu, seq_len, G
+        self.pins, self.memory_fn, self.fits_fn, self.top_k = pins, memory_fn, fits_fn, top_k
+        self.capacity = gpu.hbm_bytes
+        self.acs = AC_ORDER if pins.activation_checkpointing is None else (pins.activation_checkpointing,)
+        self.fitting: list[Candidate] = []
+        self.rejected: list[Candidate] = []
+        self.counts: dict[str, int] = {}
+        self.best_by: dict[tuple[str, object], Candidate] = {}
+        self.nofit_by: dict[tuple[str, object], int] = {}
+        self.struct_by: dict[tuple[str, object], str] = {}
+        self.layout_best: dict[tuple, Candidate] = {}
+        self.mem_cache: dict[tuple, MemoryNumbers] = {}
+        self.corners: dict[tuple, tuple[list, list]] = {}  # (tp, pp, cp, sched, v, zero) -> (failing, fitting)
+        self.evaluated = 0
+        self.pruned = 0
+        self.layouts_total = 0
+        self.layouts_batch_bad = 0
+
+    # ------------------------------------------------------------------ bookkeeping
+    def reject(self, plan: ParallelPlan, category: str, reason: str, mem: int = 0, dims: tuple = ()) -> None:
+        self.counts[category] = self.counts.get(category, 0) + 1
+        self.rejected.append(Candidate(plan, 0.0, 0.0, mem, False, reason))
+        for d in dims:
+            self.struct_by.setdefault((d, getattr(plan, d)), reason)
+
+    def memory(self, plan: ParallelPlan) -> MemoryNumbers:
+        # memory depends on dp_replicate only through "is there data parallelism" (buffers), and on
+        # grad_accum only through min(pp, m) in-flight micro-batches (all of m for GPipe)
+        m = plan.grad_accum if plan.pp_schedule == "GPipe" else min(plan.grad_accum, plan.pp)
+        key = (plan.dp_shard, plan.dp > 1, plan.tp, plan.pp, plan.pp_schedule, plan.pp_virtual_stages, plan.cp,
+               plan.ep, plan.micro_batch, m, plan.activation_checkpointing, plan.zero_stage)
+        hit = self.mem_cache.get(key)
+        if hit is None:
+            self.evaluated += 1
+            hit = self.memory_fn(plan)
+            self.mem_cache[key] = hit
+        return hit
+
+    def note_nofit(self, plan: ParallelPlan, mem: int, dims=("tp", "pp", "cp", "ep", "dp_shard", "zero_stage",
+                                                           "pp_schedule", "activation_checkpointing",
+                                                           "micro_batch")) -> None:
+        for d in dims:
+            k = (d, getattr(plan, d))
+            if k not in self.nofit_by or mem < self.nofit_by[k]:
+                self.nofit_by[k] = mem
+
+    def add_fit(self, cand: Candidate, lay: _Layout) -> None:
+        self.fitting.append(cand)
+        rk = _rank_key(cand)
+        for k in lay.fixed_keys() + [("activation_checkpointing", cand.plan.activation_checkpointing),
+                                     ("micro_batch", cand.plan.micro_batch)]:
+            cur = self.best_by.get(k)
+            if cur is None or rk < _rank_key(cur):
+                self.best_by[k] = cand
+        lk = (lay.t, lay.p, lay.c, lay.e)
+        cur = self.layout_best.get(lk)
+        if cur is None or rk < _rank_key(cur):
+            self.layout_best[lk] = cand
+
+    # ------------------------------------------------------------------ pruning
+    def can_skip(self, lay: _Layout) -> bool:
+        """Exact pruning: skip a layout that cannot beat the best plan of any value it stands for."""
+        bound = lay.lb / TIE
+        for k in lay.keys(self.acs):
+            if k[0] not in REQUIRED_DIMS:
+                continue
+            cur = self.best_by.get(k)
+            if cur is None or cur.step_seconds > bound:
+                return False
+        lk = (lay.t, lay.p, lay.c, lay.e)
+        cur = self.layout_best.get(lk)
+        if cur is None:  # a new (tp, pp, cp, ep) layout: needed only if it could enter the alternatives
+            faster = sum(1 for c in self.layout_best.values() if c.step_seconds <= bound)
+            return faster > self.top_k
+        return cur.step_seconds <= bound
+
+    def corner_fits(self, lay: _Layout) -> bool:
+        """Does this layout's least-memory candidate (smallest micro-batch, strongest AC) fit?
+
+        Memory never rises with a larger shard group (dp_shard) or a larger EP degree at fixed
+        (tp, pp, cp, schedule, ZeRO stage), so a corner that fails at (ds, ep) kills every layout
+        with ds' <= ds and ep' <= ep without evaluating it, and one that fits proves the same for
+        every ds' >= ds, ep' >= ep.
+        """
+        gk = (lay.t, lay.p, lay.c, lay.sched, lay.v, lay.z)
+        fails, fits = self.corners.setdefault(gk, ([], []))
+        if any(ds >= lay.ds and e >= lay.e for ds, e in fails):
+            self.counts["memory"] = self.counts.get("memory", 0) + 1
+            return False
+        if any(ds <= lay.ds and e <= lay.e for ds, e in fits):
+            return True
+        plan = lay.plan(lay.mbs[0], self.acs[-1])
+        mem = self.memory(plan)
+        if self.fits_fn(mem):
+            fits.append((lay.ds, lay.e))
+            return True
+        fails.append((lay.ds, lay.e))
+        self.note_nofit(plan, mem.per_gpu_bytes)
+        self.reject(plan, "memory", f"memory {gib(mem.per_gpu_bytes)} > {self.usable_txt()} even with micro_batch "
+                    f"{lay.mbs[0]} and {self.acs[-1]} recomputation", mem.per_gpu_bytes)
+        return False
+
+    def usable_txt(self) -> str:
+        return f"{gib(self.capacity * USABLE_FRACTION)} usable"
+
+    # ------------------------------------------------------------------ one layout
+    def evaluate(self, lay: _Layout) -> None:
+        """Try micro-batches x AC; memory is monotone in both, so scans stop at the first misfit."""
+        best_nofit: tuple[int, ParallelPlan] | None = None
+        fit_mem: dict[int, int] = {}  # micro-batch -> memory with the weakest AC mode that fits
+        any_fit = False
+        for ac in self.acs:
+            for mb in lay.mbs:
+                plan = lay.plan(mb, ac)
+                if mb in fit_mem:
+                    # a weaker AC already fits with this micro-batch: this one fits too and is slower;
+                    # time it for the per-dimension comparison, memory bounded by the weaker mode's
+                    step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac)
+                    self.add_fit(Candidate(plan, step, mfu, fit_mem[mb], True, "memory bounded by a weaker AC mode"),
+                                 lay)
+                    continue
+                mem = self.memory(plan)
+                if not self.fits_fn(mem):
+                    self.note_nofit(plan, mem.per_gpu_bytes)
+                    if best_nofit is None or mem.per_gpu_bytes < best_nofit[0]:
+                        best_nofit = (mem.per_gpu_bytes, plan)
+                    break
+                step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac)
+                self.add_fit(Candidate(plan, step, mfu, mem.per_gpu_bytes, True, ""), lay)
+                any_fit = True
+                fit_mem[mb] = mem.per_gpu_bytes
+        if not any_fit and best_nofit is not None:
+            mem_b, plan = best_nofit
+            self.reject(plan, "memory", f"memory {gib(mem_b)} > {self.usable_txt()}", mem_b)
+
+
+# dimensions whose best value per candidate the search guarantees exactly; dp_shard and micro-batch
+# comparisons in the reasons are the best among the layouts evaluated ("best found")
+REQUIRED_DIMS = ("tp", "pp", "cp", "ep", "zero_stage", "pp_schedule", "activation_checkpointing")
+TIE = 1.001  # step times within 0.1 % count as a tie (then less memory, then the simpler plan wins)
+USABLE_FRACTION = 0.92  # memory.fits headroom: allocator fragmentation margin
+
+
+def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_seqs: int, precision: str,
+           pins, memory_fn, fits_fn=None, top_k: int = 5) -> SearchResult:
+    """Find the fastest plan that fits.
+
+    Args:
+        arch: the model ``Architecture``.
+        sm: :func:`timing.step_model` constants for this model/cluster.
+        world: number of GPUs.
+        gpu: ``hardware.GPU`` (with the spec's gpus_per_node override applied).
+        pins: the spec's ``Parallelism`` (None fields are searched).
+        memory_fn: ``plan -> MemoryNumbers`` (``memory.memory_per_gpu`` with the run's settings bound).
+        fits_fn: ``MemoryNumbers -> bool`` (default: ``memory.fits``, 92 % of capacity).
+
+    Layouts are visited in order of a lower bound on their step time (no recomputation, memory
+    ignored) and skipped when that bound cannot beat the best plan found for any of the values
+    the layout stands for, so the result (best plan, alternatives, per-dimension comparisons) is
+    the same as an exhaustive search with far fewer memory evaluations.
+    """
+    if fits_fn is None:
+        from llmc.compiler.memory import fits as fits_fn
+    S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k)
+    layouts = _enumerate(S)
+    layouts.sort(key=lambda lay: (lay.lb, _plan_tuple(lay.plan(lay.mbs[0], S.acs[0]))))
+    for lay in layouts:
+        if S.can_skip(lay):
+            S.pruned += 1
+            continue
+        if S.corner_fits(lay):
+            S.evaluate(lay)
+    if S.pruned:
+        S.counts["pruned"] = S.pruned
+    return _result(S)
+
+
+def _enumerate(S: _Search) -> list[_Layout]:
+    """Every structurally valid layout; structural rejections are recorded on the way."""
+    arch, world, pins, G = S.arch, S.world, S.pins, S.G
+    gpn = S.gpu.gpus_per_node
+    L, heads = arch.n_layers, arch.n_heads
+    kv = arch.n_heads if arch.mla is not None else arch.kv_heads
+    moe = arch.moe
+    out: list[_Layout] = []
+
+    tp_values = [pins.tp] if pins.tp is not None else [t for t in divisors(world) if t <= gpn]
+    for t in tp_values:
+        probe = ParallelPlan(tp=t)
+        if world % t:
+            S.reject(probe, "pins", f"tp {t} does not divide {world} GPUs", dims=("tp",))
+            continue
+        if t > gpn:
+            S.reject(probe, "tp", f"tp {t} > {gpn} GPUs per node (TP must stay on NVLink)", dims=("tp",))
+            continue
+        if gpn % t:
+            S.reject(probe, "tp", f"tp {t} does not divide {gpn} GPUs per node (a TP group would span nodes)",
+                     dims=("tp",))
+            continue
+        if heads % t or kv % t:
+            what = f"n_heads {heads}" if heads % t else f"n_kv_heads {kv}"
+            S.reject(probe, "heads", f"{what} not divisible by tp {t}", dims=("tp",))
+            continue
+        rest = world // t
+        for p in ([pins.pp] if pins.pp is not None else [p for p in divisors(rest) if p <= L]):
+            probe = ParallelPlan(tp=t, pp=p)
+            if rest % p:
+                S.reject(probe, "pins", f"pp {p} does not divide {rest} (= {world} GPUs / tp {t})", dims=("pp",))
+                continue
+            if p > L:
+                S.reject(probe, "pp", f"pp {p} > {L} layers", dims=("pp",))
+                continue
+            if pins.cp is not None:
+                cps = [pins.cp]
+            elif S.seq_len >= CP_MIN_SEQ:
+                cps = [c for c in (1, 2, 4, 8, 16, 32) if S.seq_len % (2 * t * c) == 0]
+            else:
+                cps = [1]
+            for c in cps:
+                probe = ParallelPlan(tp=t, pp=p, cp=c)
+                if rest % (p * c):
+                    S.reject(probe, "pins", f"cp {c} x pp {p} x tp {t} does not divide {world} GPUs", dims=("cp",))
+                    continue
+                if c > 1 and S.seq_len % (2 * t * c):
+                    S.reject(probe, "cp", f"seq_len {S.seq_len} not divisible by 2 x tp x cp = {2 * t * c}",
+                             dims=("cp",))
+                    continue
+                dp = rest // (p * c)
+                S.layouts_total += 1
+                if G % dp:
+                    S.layouts_batch_bad += 1
+                    S.reject(ParallelPlan(tp=t, pp=p, cp=c, dp_shard=dp), "batch",
+                             f"global batch {G} seqs not divisible by dp {dp}")
+                    continue
+                out.extend(_enumerate_dp(S, t, p, c, dp, G // dp, moe, L))
+    return out
+
+
+def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
+    pins = S.pins
+    if pins.dp_shard is not None and pins.dp_replicate is not None:
+        pairs = [(pins.dp_shard, pins.dp_replicate)]
+    elif pins.dp_shard is not None:
+        pairs = [(pins.dp_shard, dp // pins.dp_shard if dp % pins.dp_shard == 0 else 0)]
+    elif pins.dp_replicate is not None:
+        pairs = [(dp // pins.dp_replicate if dp % pins.dp_replicate == 0 else 0, pins.dp_replicate)]
+    else:
+        pairs = [(ds, dp // ds) for ds in divisors(dp)]
+    mbs_all = [1 << k for k in range(0, 31) if (1 << k) <= per_dp and per_dp % (1 << k) == 0
+               and ((1 << k) == 1 or (1 << k) * S.seq_len / c <= MAX_MICRO_TOKENS)]
+    if pins.micro_batch is not None:
+        mbs_all = [pins.micro_batch]
+    out = []
+    for ds, dr in pairs:
+        if ds * dr != dp:
+            S.reject(ParallelPlan(tp=t, pp=p, cp=c, dp_shard=max(ds, 1), dp_replicate=max(dr, 1)), "pins",
+                     f"dp_shard x dp_replicate must be {dp} (= world / (tp {t} x pp {p} x cp {c}))")
+            continue
+        if pins.zero_stage is not None:
+            zeros = [pins.zero_stage]
+        elif ds * c == 1:
+            zeros = [0]
+        else:
+            zeros = [1, 3]
+        if moe is None:
+            eps = [1] if pins.ep in (None, 1) else [pins.ep]
+        elif pins.ep is not None:
+            eps = [pins.ep]
+        else:
+            eps = [e for e in divisors(moe.num_experts) if (ds * c) % e == 0]
+        for e in eps:
+            base = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e)
+            if e > 1 and moe is None:
+                S.reject(base, "ep", "ep > 1 needs a mixture-of-experts model", dims=("ep",))
+                continue
+            if moe is not None and (moe.num_experts % e or (ds * c) % e):
+                S.reject(base, "ep", f"ep {e} must divide num_experts {moe.num_experts} and dp_shard x cp "
+                         f"{ds * c}", dims=("ep",))
+                continue
+            for z in zeros:
+                if z == 0 and ds * c > 1:
+                    S.reject(base, "pins", "zero_stage 0 (DDP) needs dp_shard x cp = 1")
+                    continue
+                for sched, v in _schedules(p, L, pins):
+                    mbs = []
+                    for mb in mbs_all:
+                        if per_dp % mb:
+                            continue
+                        m = per_dp // mb
+                        if p > 1 and m < p:
+                            continue
+                        if sched == "Interleaved1F1B" and m % p:
+                            continue  # Megatron's interleaved schedule needs grad_accum % pp == 0
+                        mbs.append(mb)
+                    if not mbs:
+                        plan = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e, zero_stage=z,
+                                            pp_schedule=sched, pp_virtual_stages=v, micro_batch=mbs_all[0],
+                                            grad_accum=max(1, per_dp // mbs_all[0]))
+                        why = (f"{per_dp} seqs per dp rank give too few micro-batches for pp {p}"
+                               + (" (interleaving needs grad_accum % pp == 0)" if sched == "Interleaved1F1B" else "")
+                               if p > 1 else f"{per_dp} seqs per dp rank not divisible by micro_batch {mbs_all[0]}")
+                        S.reject(plan, "batch", why)
+                        continue
+                    timer = LayoutTimer(S.sm, t, p, c, e, ds, dr, z, sched, v)
+                    lb = min(timer.time(mb, per_dp // mb, "none")[0] for mb in mbs)
+                    out.append(_Layout(t, p, c, e, ds, dr, z, sched, v, mbs, per_dp, timer, lb))
+    return out
+
+
+def _result(S: _Search) -> SearchResult:
+    fitting = sorted(S.fitting, key=_rank_key)
+    best = fitting[0] if fitting else None
+    alternatives: list[Candidate] = []
+    if best is not None:
+        others = sorted((c for k, c in S.layout_best.items() if k != _layout(best.plan)), key=_rank_key)
+        for c in others[: S.top_k]:
+            pct = 100 * (c.step_seconds / best.step_seconds - 1)
+            alternatives.append(Candidate(c.plan, c.step_seconds, c.mfu, c.per_gpu_bytes, True,
+                                          f"+{pct:.1f}% step time"))
+    closest = None
+    for c in S.rejected:
+        if c.per_gpu_bytes and (closest is None or c.per_gpu_bytes < closest.per_gpu_bytes):
+            closest = c
+    rejected = sorted(S.rejected, key=lambda c: (c.per_gpu_bytes == 0, c.per_gpu_bytes, _plan_tuple(c.plan)))
+    res = SearchResult(
+        best=best, memory=S.memory(best.plan) if best else None, alternatives=alternatives, rejected=rejected,
+        rejected_counts=dict(S.counts), closest=closest, reasons=[], evaluated=S.evaluated, fitting=len(fitting),
+        batch_blocked=S.layouts_total > 0 and S.layouts_batch_bad == S.layouts_total,
+    )
+    res.reasons = explain(res, S.sm, S.best_by, S.nofit_by, S.struct_by, S.capacity, fitting)
+    return res
+
+
+def _layout(p: ParallelPlan) -> tuple:
+    return (p.tp, p.pp, p.cp, p.ep)
+
+
+def _schedules(p: int, L: int, pins):
+    if p == 1:
+        return [("1F1B", 1)]
+    if pins.pp_schedule is not None:
+        if pins.pp_schedule == "Interleaved1F1B":
+            vs = [v for v in INTERLEAVE_V if p * v <= L] or [2]
+            return [("Interleaved1F1B", v) for v in vs]
+        return [(pins.pp_schedule, 1)]
+    return [("1F1B", 1)] + [("Interleaved1F1B", v) for v in INTERLEAVE_V if p * v <= L]
+
+
+# ---------------------------------------------------------------------------------------- reasons
+
+
+def _value_order(v) -> tuple:
+    if isinstance(v, str):
+        return (1, AC_ORDER.index(v) if v in AC_ORDER else 9, v)
+    return (0, v, "")
+
+_DIM_LABEL = {
+    "tp": "TP", "pp": "PP", "cp": "CP", "ep": "EP", "dp_shard": "FSDP shard", "zero_stage": "ZeRO stage",
+    "activation_checkpointing": "activation checkpointing", "micro_batch": "micro-batch",
+    "pp_schedule": "pipeline schedule",
+}
+
+
+def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capacity: int,
+            fitting: list[Candidate]) -> list[str]:
+    """The choice in words: what was picked, and what every other value of each dimension costs."""
+    best = res.best
+    if best is None:
+        return []
+    b = best.plan
+    out: list[str] = []
+    _, _, br = step_time(sm, b)
+    step = best.step_seconds
+    out.append(f"fastest of {res.fitting} fitting candidates ({res.evaluated} memory evaluations): "
+               f"{describe(b)}, {step:.3g} s/step at {100 * best.mfu:.1f}% MFU, "
+               f"{gib(best.per_gpu_bytes)} of {gib(capacity)} per GPU")
+    top = sorted(((k, v) for k, v in br.items() if v > 0), key=lambda kv: -kv[1])[:4]
+    out.append("step time: " + ", ".join(f"{k} {100 * v / step:.0f}%" for k, v in top))
+    for dim in ("tp", "pp", "cp", "ep", "dp_shard", "zero_stage", "pp_schedule", "activation_checkpointing",
+                "micro_batch"):
+        chosen = getattr(b, dim)
+        values = sorted({k[1] for k in list(best_by) + list(nofit_by) + list(struct_by) if k[0] == dim} - {chosen},
+                        key=_value_order)
+        if not values:
+            continue
+        bits = []
+        for val in values:
+            alt = best_by.get((dim, val))
+            if alt is not None:
+                pct = 100 * (alt.step_seconds / step - 1)
+                bits.append(f"{val}: {'+' if pct >= 0 else '-'}{abs(pct):.1f}%")
+            elif (dim, val) in nofit_by:
+                bits.append(f"{val}: does not fit (>= {gib(nofit_by[(dim, val)])})")
+            elif (dim, val) in struct_by:
+                bits.append(f"{val}: {struct_by[(dim, val)]}")
+        if bits:
+            out.append(f"{_DIM_LABEL[dim]} {chosen}; others: " + "; ".join(bits[:6])
+                       + (f"; ... {len(bits) - 6} more" if len(bits) > 6 else ""))
+    if b.pp > 1:
+        bubble = br["pp_bubble"] / step
+        out.append(f"pipeline bubble {100 * bubble:.1f}% of the step ({b.grad_accum} micro-batches over {b.pp} "
+                   f"stages{', v=' + str(b.pp_virtual_stages) if b.pp_schedule == 'Interleaved1F1B' else ''})")
+    if res.alternatives:
+        a = res.alternatives[0]
+        out.append(f"runner-up layout: {describe(a.plan)} ({a.reason}, {gib(a.per_gpu_bytes)})")
+    return out

@@ -1,0 +1,365 @@
+"""Step-time model for one parallelism plan: compute, communication, pipeline bubble, optimizer.
+
+This module owns the *time* side of the planner; memory lives in ``memory.py``, FLOP counts in
+``flops.py``. Everything is closed-form arithmetic so that the search can call it tens of
+thousands of times (``StepModel`` precomputes the per-architecture constants once).
+
+The model, per optimizer step (m = grad_accum micro-batches, p = pp, v = virtual stages):
+
+    step = m * t_micro + bubble + exposed per-step comm + optimizer update
+
+* ``t_micro`` is the time of the slowest pipeline stage on one micro-batch:
+  compute + TP collectives + EP all-to-all + exposed CP ring traffic + PP point-to-point
+  + exposed FSDP (ZeRO-3) traffic.
+* compute = FLOPs on this GPU / (peak * efficiency). FLOPs include activation recomputation
+  (selective or full AC), so AC lowers MFU (MFU counts model FLOPs only; HFU would count both).
+  Efficiency = base * f_tokens * f_width * f_moe (heuristics, see ``efficiency``): about 0.6 of
+  dense peak for large bf16 GEMMs on H100-class parts (measured cuBLAS/FlashAttention-2 sit at
+  60-75 % of the dense datasheet number), lower for short micro-batches (few rows per GEMM) and
+  for high TP (narrow GEMMs); fp8 runs against the fp8 peak at 0.7x that efficiency (scaling
+  overheads, attention stays in bf16), which nets out near the 1.3-1.5x end-to-end speed-ups
+  reported for fp8 training on H100.
+* Communication (bandwidths from the hardware table, times ``COMM_EFFICIENCY``):
+  - TP (Megatron, Narayanan et al. 2021 / Korthikanti et al. 2022): 2 all-reduces forward + 2
+    backward per layer, each of b*s*h*2 bytes, ring factor 2(t-1)/t, over NVLink (TP never
+    spans nodes); +2 with full recomputation (the forward runs twice). Not overlapped.
+  - FSDP / ZeRO over dp_shard: ZeRO-3 all-gathers the local parameters before forward and
+    backward (once when pp > 1, torchtitan keeps them gathered between) and reduce-scatters the
+    gradients every micro-batch; ZeRO-1/2 reduce-scatter gradients and all-gather parameters once
+    per step. Ring volume (n-1)/n of the tensor each. NVLink if the whole shard group sits in a
+    node (torchtitan mesh order [pp, dp_replicate, dp_shard, cp, tp]), else the per-GPU network.
+  - DP replicas (DDP, or the replicate dim of HSDP): one ring all-reduce of the gradient shard
+    per step, 2(r-1)/r of its bytes, over the network.
+  - PP: b*s*h*2 bytes (split over TP with sequence parallelism) each way per micro-batch per
+    stage boundary, v times for interleaved schedules.
+  - EP: 2 all-to-alls (dispatch, combine) per MoE layer per direction, tokens*top_k*h*2 bytes,
+    (e-1)/e of it leaves the GPU.
+  - CP (ring attention): each layer passes the local K,V shard around the ring, (cp-1) hops
+    forward and K,V plus their gradients backward (3x the forward bytes).
+* Overlap: FSDP/ZeRO-3 traffic hides behind the same micro-batch's compute with efficiency
+  ``OVERLAP`` (prefetch; the part longer than the compute is fully exposed). Per-step gradient
+  reduction / parameter gather (ZeRO-1, DDP, HSDP) overlaps with one micro-batch of compute
+  (the last backward / next forward). CP ring traffic is half hidden behind attention.
+  TP, EP, PP traffic is counted as exposed.
+* Bubble (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters"):
+  (p-1) micro-batch slots for 1F1B/GPipe, (p-1)/v for interleaved 1F1B, about (p-1)/3 for
+  zero-bubble ZB-V (Qi et al. 2023 report ZB-H1 at a third of the 1F1B bubble; an estimate).
+* Optimizer: AdamW streams about 30 bytes per locally owned parameter (fp32 master, m, v read
+  and written, grad read, bf16 copy written) through HBM.
+
+Known omissions: kernel launch gaps, stragglers, data loading, checkpoint stalls, network
+congestion at scale. So the model is an optimistic-but-plausible estimate; the Llama 3 405B
+layout lands inside the paper's 38-43 % MFU band (tests/test_timing.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from llmc.compiler.compiled import TimeNumbers
+from llmc.compiler.plan import ParallelPlan
+
+# --- heuristics (each one named so tests and docs can cite it) ---------------------------------
+BASE_EFFICIENCY = 0.60  # achievable fraction of dense peak for large bf16 GEMMs + flash attention
+FP8_EFFICIENCY_FACTOR = 0.70  # fp8 efficiency relative to bf16's, against the fp8 peak
+TOKENS_HALF = 512  # micro-batch tokens per GPU at which GEMM efficiency halves (f = n/(n+512))
+WIDTH_HALF = 128  # per-TP-shard hidden width at which efficiency halves (f = w/(w+128))
+MOE_EFFICIENCY = 0.80  # grouped expert GEMMs + routing/permutation overhead
+COMM_EFFICIENCY = 0.80  # achieved bus bandwidth / link bandwidth (NCCL ring, large messages)
+OVERLAP = 0.85  # fraction of overlappable comm actually hidden behind compute
+CP_OVERLAP = 0.50  # ring-attention KV passing hidden behind the attention kernels
+ADAM_BYTES_PER_PARAM = 30  # HBM traffic of one fused AdamW update per owned parameter
+ZB_BUBBLE_FRACTION = 1 / 3  # zero-bubble schedules: bubble relative to 1F1B (estimate)
+ACT_BYTES = 2  # bf16 activations on the wire
+HOP_LATENCY_NET = 5e-6  # seconds per ring step across nodes (NCCL ring: n-1 steps per collective; estimate)
+HOP_LATENCY_NVLINK = 1e-6  # seconds per ring step inside a node (estimate)
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """Per-(architecture, seq_len, precision, cluster) constants for :func:`step_time`.
+
+    Build once with :func:`step_model`; evaluating a plan is then pure float arithmetic.
+    """
+
+    n_layers: int
+    n_moe_layers: int
+    d_model: int
+    seq_len: int
+    top_k: int
+    kv_bytes_per_token_layer: float  # bf16 K+V bytes per token per layer (MLA: latent + rope)
+    layer_flops: float  # training FLOPs per token of one average block (fwd+bwd, no recompute)
+    head_flops: float  # training FLOPs per token of the output head (on the last stage)
+    recompute_flops: dict[str, float]  # extra FLOPs per token for each AC mode (whole model)
+    flops_per_token: float  # training model FLOPs per token (no recompute)
+    layer_params: float  # parameters of one average block (total, i.e. all experts)
+    expert_params_per_layer: float  # routed-expert parameters in one average MoE block
+    embed_params: float  # token embedding
+    head_params: float  # output head (0 when tied; the embedding is then shared)
+    is_moe: bool
+    peak: float  # FLOP/s the MFU is quoted against (bf16 peak for fp8: the usual convention)
+    sec_per_flop: float  # 1 / effective peak at 100 % efficiency, matmul and attention weighted
+    precision: str
+    gpus_per_node: int
+    nvlink_Bps: float  # bytes/s per direction per GPU
+    net_Bps: float  # bytes/s per GPU
+    hbm_Bps: float
+    cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # per-pp stage info
+
+
+def step_model(arch, seq_len: int, precision: str, gpu) -> StepModel:
+    """Precompute the constants of the time model for one architecture on one cluster.
+
+    ``gpu`` is a ``hardware.GPU`` (already carrying the spec's gpus_per_node / network overrides).
+    """
+    from llmc.compiler import flops, params
+    from llmc.compiler.hardware import peak_flops
+
+    total = flops.train_flops_per_token(arch, seq_len)
+    V, d, L = arch.vocab_size, arch.d_model, arch.n_layers
+    head = 6.0 * d * V  # output projection, fwd (2) + bwd (4) per token
+    layer_flops = (total - head) / L
+    rec = {m: float(flops.recompute_flops_per_token(arch, seq_len, m)) for m in ("none", "selective", "full")}
+
+    n_moe = 0
+    expert = 0.0
+    blocks = 0.0
+    for i in range(L):
+        blocks += _layer_param_count(params.layer_params(arch, i))
+    if arch.moe is not None:
+        n_moe = L - min(arch.moe.dense_layers, L)
+        e_ff = arch.moe.expert_d_ff or arch.d_ff
+        expert = 3.0 * d * e_ff * arch.moe.num_experts  # routed experts' SwiGLU (E2, seed-facts §1.2)
+    kv = params.kv_bytes_per_token(arch) / L  # bf16 K+V bytes per token per layer
+    # fp8 (torchao float8) runs only the linears in fp8; attention stays bf16 (hardware.peak_flops note)
+    attn_share = flops.attention_share(arch, seq_len)
+    peak = mfu_peak(gpu, precision)
+    if precision == "fp8":
+        sec_per_flop = (1 - attn_share) / (peak_flops(gpu, "fp8") * FP8_EFFICIENCY_FACTOR) + attn_share / peak
+    else:
+        sec_per_flop = 1.0 / peak
+    embed = float(V * d)
+    head_p = 0.0 if arch.tied_embeddings else float(V * d)
+    return StepModel(
+        n_layers=L, n_moe_layers=n_moe, d_model=d, seq_len=seq_len,
+        top_k=arch.moe.top_k if arch.moe else 0,
+        kv_bytes_per_token_layer=kv, layer_flops=layer_flops, head_flops=head,
+        recompute_flops=rec, flops_per_token=float(total),
+        layer_params=blocks / L, expert_params_per_layer=expert, embed_params=embed, head_params=head_p,
+        is_moe=arch.moe is not None, peak=peak, sec_per_flop=sec_per_flop, precision=precision,
+        gpus_per_node=gpu.gpus_per_node, nvlink_Bps=gpu.nvlink_gbps * 1e9 * COMM_EFFICIENCY,
+        net_Bps=gpu.net_gbps / 8 * 1e9 * COMM_EFFICIENCY, hbm_Bps=gpu.hbm_gbps * 1e9,
+    )
+
+
+def mfu_peak(gpu, precision: str) -> float:
+    """The peak MFU is quoted against: the precision's dense peak, except bf16's for fp8 (convention:
+    torchao float8 runs only the linears in fp8, and fp8 MFU is usually quoted against bf16 peak)."""
+    from llmc.compiler.hardware import peak_flops
+
+    return peak_flops(gpu, "bf16" if precision == "fp8" else precision)
+
+
+def _layer_param_count(x) -> float:
+    """``params.layer_params`` may return an int or a labelled dict; count either."""
+    if isinstance(x, dict):
+        return float(sum(x.values()))
+    return float(x)
+
+
+def stage_layers(n_layers: int, pp: int) -> list[int]:
+    """Blocks per pipeline stage, the same split as ``memory.stage_layers``.
+
+    As even as possible; the remainder goes to the middle stages first, then the last, then the
+    first, because the first stage also runs the embedding and the last the head and the loss
+    (Llama 3 405B: 126 layers over 16 stages, first and last stage one block lighter, Llama 3
+    paper §3.3.2).
+    """
+    base, rem = divmod(n_layers, pp)
+    counts = [base] * pp
+    order = list(range(1, pp - 1)) + ([pp - 1] if pp > 1 else []) + [0]
+    for k in range(rem):
+        counts[order[k % len(order)]] += 1
+    return counts
+
+
+def _stage_info(sm: StepModel, p: int, ac: str) -> tuple[int, float, float, float, int]:
+    """(blocks on the slowest stage, its FLOPs/token incl. recompute, its recompute FLOPs/token,
+    largest stage parameter count, most blocks on a stage) for pp = p; cached on the StepModel."""
+    key = (p, ac)
+    hit = sm.cache.get(key)
+    if hit is not None:
+        return hit
+    per_stage = stage_layers(sm.n_layers, p)
+    rec = sm.recompute_flops[ac] / sm.n_layers
+    load = [n * (sm.layer_flops + rec) for n in per_stage]
+    load[-1] += sm.head_flops
+    i = max(range(p), key=lambda k: load[k])
+    params = [n * sm.layer_params for n in per_stage]
+    params[0] += sm.embed_params
+    params[-1] += sm.head_params
+    out = (per_stage[i], load[i], per_stage[i] * rec, max(params), max(per_stage))
+    sm.cache[key] = out
+    return out
+
+
+def efficiency(sm: StepModel, plan: ParallelPlan) -> float:
+    """Achievable fraction of peak for this plan's GEMM shapes (heuristic, module docstring)."""
+    return _efficiency(sm, plan.micro_batch, plan.cp, plan.tp)
+
+
+def _efficiency(sm: StepModel, mb: int, cp: int, tp: int) -> float:
+    tokens = mb * sm.seq_len / cp  # rows of every GEMM on this GPU
+    width = sm.d_model / tp  # narrowest sharded GEMM dimension
+    eff = BASE_EFFICIENCY * tokens / (tokens + TOKENS_HALF) * width / (width + WIDTH_HALF)
+    return eff * MOE_EFFICIENCY if sm.is_moe else eff
+
+
+def _exposed(comm: float, window: float, overlap: float = OVERLAP) -> float:
+    """Comm time left on the critical path when it may hide behind ``window`` of compute."""
+    hidden_max = min(comm, window)
+    return (comm - hidden_max) + (1.0 - overlap) * hidden_max
+
+
+class LayoutTimer:
+    """Step time of every (micro_batch, grad_accum, AC) for one layout (degrees, ZeRO, schedule).
+
+    Everything that does not depend on the micro-batch or AC is computed once here, so the search
+    can time thousands of candidates cheaply.
+    """
+
+    __slots__ = ("sm", "t", "p", "cp", "ep", "ds", "dr", "zero", "sched", "v", "world", "bubble_slots",
+                 "one_pass", "fsdp_passes", "fsdp_latency", "per_step_comm", "optimizer", "pp_bw", "ep_bw",
+                 "cp_bw")
+
+    def __init__(self, sm: StepModel, tp: int, pp: int, cp: int, ep: int, dp_shard: int, dp_replicate: int,
+                 zero_stage: int, pp_schedule: str = "1F1B", pp_virtual_stages: int = 1):
+        self.sm, self.t, self.p, self.cp, self.ep = sm, tp, pp, cp, ep
+        self.ds, self.dr, self.zero, self.sched = dp_shard, dp_replicate, zero_stage, pp_schedule
+        self.v = pp_virtual_stages if pp_schedule == "Interleaved1F1B" else 1
+        self.world = dp_replicate * dp_shard * cp * tp * pp
+        gpn = sm.gpus_per_node
+        t, p = tp, pp
+        if p == 1:
+            self.bubble_slots = 0.0
+        elif pp_schedule == "Interleaved1F1B":
+            self.bubble_slots = (p - 1) / self.v
+        elif pp_schedule == "ZBVZeroBubble":
+            self.bubble_slots = (p - 1) * ZB_BUBBLE_FRACTION
+        else:  # 1F1B, GPipe
+            self.bubble_slots = float(p - 1)
+        self.pp_bw = sm.nvlink_Bps if self.world <= gpn else sm.net_Bps
+        self.ep_bw = sm.nvlink_Bps if ep * cp * t <= gpn else sm.net_Bps
+        self.cp_bw = sm.nvlink_Bps if cp * t <= gpn else sm.net_Bps
+
+        # parameters this GPU holds before data-parallel sharding (heaviest stage)
+        _, _, _, p_stage, max_blocks = _stage_info(sm, p, "none")
+        n_experts_stage = max_blocks * sm.expert_params_per_layer * (sm.n_moe_layers / sm.n_layers)
+        dense_local = (p_stage - n_experts_stage) / t
+        expert_local = n_experts_stage / (t * ep)  # experts are split over ep first
+        # torchtitan shards over dp_shard x cp jointly; experts over the (dp_shard x cp)/ep remainder
+        n_sh = dp_shard * cp
+        n_esh = max(n_sh // ep, 1)
+        shard_net = n_sh * t > gpn
+        shard_bw = sm.net_Bps if shard_net else sm.nvlink_Bps
+        vol = ACT_BYTES * (dense_local * (n_sh - 1) / n_sh + expert_local * (n_esh - 1) / n_esh)
+        self.one_pass = vol / shard_bw if n_sh > 1 else 0.0
+        self.fsdp_passes = 0
+        self.fsdp_latency = 0.0
+        self.per_step_comm = 0.0
+        if zero_stage == 3 and n_sh > 1:
+            # all-gather before forward and backward (once with pp > 1: torchtitan keeps the stage's
+            # parameters gathered between them), reduce-scatter after backward, per micro-batch;
+            # one collective per FSDP unit (block), each paying (n-1) ring hops of latency
+            self.fsdp_passes = (2 if p == 1 else 1) + 1
+            hop = HOP_LATENCY_NET if shard_net else HOP_LATENCY_NVLINK
+            self.fsdp_latency = self.fsdp_passes * (max_blocks + 1) * (n_sh - 1) * hop
+        elif n_sh > 1:
+            self.per_step_comm += 2 * self.one_pass  # ZeRO-1/2: reduce-scatter grads + all-gather params, once
+        if dp_replicate > 1:
+            shard_bytes = ACT_BYTES * (dense_local / n_sh + expert_local / n_esh)
+            bw = sm.nvlink_Bps if n_sh * t * dp_replicate <= gpn else sm.net_Bps
+            self.per_step_comm += 2 * (dp_replicate - 1) / dp_replicate * shard_bytes / bw
+        owned = (dense_local / n_sh + expert_local / n_esh) if zero_stage >= 1 else dense_local + expert_local
+        self.optimizer = owned * ADAM_BYTES_PER_PARAM / sm.hbm_Bps
+
+    def time(self, mb: int, m: int, ac: str, breakdown: bool = False):
+        """(step seconds, MFU[, breakdown]) for micro_batch ``mb``, ``m`` micro-batches, AC ``ac``."""
+        sm, t, p, cp, ep = self.sm, self.t, self.p, self.cp, self.ep
+        n_slow, flops_tok, rec_tok, _, _ = _stage_info(sm, p, ac)
+        tokens_gpu = mb * sm.seq_len / cp  # tokens of this GPU's sequence shard per micro-batch
+        scale = tokens_gpu / t * sm.sec_per_flop / _efficiency(sm, mb, cp, t)
+        compute = flops_tok * scale
+        recompute = rec_tok * scale
+        full = ac == "full"
+        tp_comm = 0.0
+        if t > 1:  # 4 collectives per block (+2 when the forward is recomputed), ring volume 2(t-1)/t
+            tp_comm = n_slow * (6 if full else 4) * tokens_gpu * sm.d_model * ACT_BYTES * 2 * (t - 1) / t / sm.nvlink_Bps
+        ep_comm = 0.0
+        if ep > 1 and sm.n_moe_layers:  # 4 all-to-alls per MoE block (+2 with full recompute)
+            a2a = tokens_gpu / t * sm.top_k * sm.d_model * ACT_BYTES * (ep - 1) / ep
+            ep_comm = n_slow * sm.n_moe_layers / sm.n_layers * (6 if full else 4) * a2a / self.ep_bw
+        cp_comm = 0.0
+        if cp > 1:  # ring attention: (cp-1) hops of the local K/V forward, 2x that backward; half hidden
+            kv = tokens_gpu * sm.kv_bytes_per_token_layer / t
+            cp_comm = (1 - CP_OVERLAP) * n_slow * 3 * (cp - 1) * kv / self.cp_bw
+        pp_comm = 0.0
+        if p > 1:  # activations out + gradients back per boundary, v times when interleaved
+            pp_comm = 2 * self.v * tokens_gpu * sm.d_model * ACT_BYTES / t / self.pp_bw
+        fsdp = 0.0
+        if self.fsdp_passes:
+            fsdp = _exposed(self.fsdp_passes * self.one_pass + self.fsdp_latency, compute)
+        t_micro = compute + tp_comm + ep_comm + cp_comm + pp_comm + fsdp
+        bubble = self.bubble_slots * t_micro
+        dp = _exposed(self.per_step_comm, compute)
+        step = m * t_micro + bubble + dp + self.optimizer
+        world = self.world
+        tokens_step = mb * m * (self.ds * self.dr) * sm.seq_len
+        mfu = tokens_step * sm.flops_per_token / (step * world * sm.peak)
+        if not breakdown:
+            return step, mfu
+        return step, mfu, {
+            "compute": m * (compute - recompute), "recompute": m * recompute, "tp_comm": m * tp_comm,
+            "ep_comm": m * ep_comm, "cp_comm": m * cp_comm, "pp_p2p": m * pp_comm, "fsdp_comm": m * fsdp,
+            "pp_bubble": bubble, "dp_comm": dp, "optimizer": self.optimizer,
+        }
+
+
+def layout_timer(sm: StepModel, plan: ParallelPlan) -> LayoutTimer:
+    return LayoutTimer(sm, plan.tp, plan.pp, plan.cp, plan.ep, plan.dp_shard, plan.dp_replicate,
+                       plan.zero_stage, plan.pp_schedule, plan.pp_virtual_stages)
+
+
+def step_time(sm: StepModel, plan: ParallelPlan) -> tuple[float, float, dict[str, float]]:
+    """(step seconds, MFU, breakdown) of one optimizer step of ``plan``; the breakdown sums to the step."""
+    return layout_timer(sm, plan).time(plan.micro_batch, plan.grad_accum, plan.activation_checkpointing, True)
+
+
+def time_numbers(sm: StepModel, plan: ParallelPlan, steps: int) -> TimeNumbers:
+    """:class:`TimeNumbers` for ``steps`` optimizer steps of ``plan``."""
+    step, mfu, br = step_time(sm, plan)
+    tokens_step = plan.global_batch_seqs * sm.seq_len
+    return TimeNumbers(
+        step_seconds=step, mfu=mfu, days=step * steps / 86400.0, steps=steps,
+        tokens_per_second=tokens_step / step, breakdown=br,
+    )
+
+
+def days_at_mfu(training_flops: float, n_gpus: int, peak: float, mfu: float) -> float:
+    """Wall-clock days of ``training_flops`` at a given MFU (seed-facts E7: C / (n * peak * MFU))."""
+    return training_flops / (n_gpus * peak * mfu) / 86400.0
+
+
+def gpu_hours(days: float, n_gpus: int) -> float:
+    return days * 24.0 * n_gpus
+
+
+def usd(gpu_hours_: float, usd_per_gpu_hour: float) -> float:
+    """cost = n_gpu x hours x price (seed-facts E7)."""
+    return gpu_hours_ * usd_per_gpu_hour
+
+
+def gpus_for_days(training_flops: float, days: float, peak: float, mfu: float) -> int:
+    """Fewest GPUs that finish ``training_flops`` within ``days`` at ``mfu``."""
+    return math.ceil(training_flops / (days * 86400.0 * peak * mfu))
