@@ -67,3 +67,16 @@ def test_ridge_point_h100():
     # seed-facts-a 5.2: ridge point ~ 989 / 3.35 ~ 295 FLOP/byte
     h = GPUS["h100-sxm"]
     assert peak_flops(h, "bf16") / (h.hbm_gbps * 1e9) == pytest.approx(295, rel=0.01)
+
+
+def test_math_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import llmc.compiler.hardware, llmc.compiler.params, llmc.compiler.flops\n"
+        "import llmc.compiler.scaling, llmc.compiler.memory\n"
+        "assert sys.modules['torch'] is None\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
