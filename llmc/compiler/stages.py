@@ -73,8 +73,8 @@ _LR_POINTS: dict[str, list[tuple[float, float]]] = {
     # continued pre-training / long-context extension ~1e-5 (S003 §14.2); a bit higher for small models
     "midtrain": [(1e9, 3e-5), (70e9, 1e-5)],
     "long_context": [(1e9, 3e-5), (70e9, 1e-5)],
-    # SFT full fine-tune: 2e-5 for 7-70B [EXT], higher (5e-5) for <= 1B, 1e-5 beyond 70B
-    "sft": [(1e9, 5e-5), (7e9, 2e-5), (70e9, 2e-5), (400e9, 1e-5)],
+    # SFT full fine-tune: 2e-5 for 7-70B [EXT] (anchor at 80B so 70.6B models get it), 5e-5 for <= 1B, 1e-5 at 400B
+    "sft": [(1e9, 5e-5), (7e9, 2e-5), (80e9, 2e-5), (400e9, 1e-5)],
     # DPO: 1e-6 for small, 5e-7 for 70B [EXT]
     "dpo": [(7e9, 1e-6), (70e9, 5e-7)],
     # GRPO: 1e-6 (DeepSeekMath)
@@ -261,7 +261,8 @@ def _tokenizer_for(run: Any, stage: Any) -> Any:
     own = stage.data.tokenizer
     if own.path or own.train:
         return own
-    return top.model_copy(update={"chat_template": own.chat_template or top.chat_template})
+    return top.model_copy(update={"chat_template": own.chat_template or top.chat_template,
+                                  "vocab_size": own.vocab_size or top.vocab_size})
 
 
 def _tokenizer_specials(run: Any, tok: Any) -> tuple[set[str] | None, str]:

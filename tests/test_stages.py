@@ -1,0 +1,426 @@
+"""Stage graph + per-stage plans (llmc.compiler.stages), checked against published / hand-computed numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from llmc.compiler.hardware import get_gpu
+from llmc.compiler.params import kv_bytes_per_token, params_total
+from llmc.compiler.stages import NF4_BITS_PER_PARAM, default_lr, plan_stages
+from llmc.spec.load import load_spec, loads_spec
+from llmc.spec.presets import PRESETS
+from llmc.spec.run import RunSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD = """\
+name: t
+model: {model}
+hardware:
+  gpu: {gpu}
+  count: {count}
+data:
+  sources:
+    - name: web
+      path: /data/web.jsonl
+  tokenizer:
+{tok}
+  seq_len: {seq}
+  tokens: 1B
+"""
+
+
+def spec(stages: str, model="llama3-8b", gpu="h100-sxm", count=8, seq=8192, tok="    path: /nope/tok"):
+    text = HEAD.format(model=model, gpu=gpu, count=count, seq=seq, tok=tok) + "stages:\n" + textwrap.indent(
+        textwrap.dedent(stages), "  ")
+    run, lines = loads_spec(text, file="s.yaml")
+    plans, diags = plan_stages(run, gpu=get_gpu(gpu), lines=lines, file="s.yaml")
+    return text, plans, diags
+
+
+def line_of(text: str, needle: str, nth: int = 0) -> int:
+    hits = [i + 1 for i, ln in enumerate(text.splitlines()) if needle in ln]
+    return hits[nth]
+
+
+def codes(diags, sev=None):
+    return [d.code for d in diags if sev is None or d.severity == sev]
+
+
+def by_code(diags, code):
+    found = [d for d in diags if d.code == code]
+    assert found, f"no {code} in {[d.render() for d in diags]}"
+    return found[0]
+
+
+# ----------------------------------------------------------------------------- graph
+
+
+def test_no_stages_gives_implicit_pretrain():
+    run, lines = loads_spec(HEAD.format(model="tiny", gpu="cpu", count=1, seq=128, tok="    train: true"))
+    plans, diags = plan_stages(run, gpu=get_gpu("cpu"), lines=lines)
+    assert [(p["name"], p["kind"], p["order"]) for p in plans] == [("pretrain", "pretrain", 0)]
+    assert not codes(diags, "error")
+
+
+def test_topological_order_follows_init_from_not_yaml_order():
+    text, plans, diags = spec("""\
+        - {name: dpo, kind: dpo, init_from: sft}
+        - {name: grpo, kind: grpo, init_from: dpo}
+        - {name: sft, kind: sft}
+        """)
+    assert [p["name"] for p in plans] == ["sft", "dpo", "grpo"]
+    assert [p["order"] for p in plans] == [0, 1, 2]
+    assert not codes(diags, "error")
+
+
+def test_cycle_is_G002_with_line():
+    text, _, diags = spec("""\
+        - name: a
+          kind: sft
+          init_from: c
+        - name: b
+          kind: dpo
+          init_from: a
+        - name: c
+          kind: grpo
+          init_from: b
+        """)
+    d = by_code(diags, "G002")
+    assert d.severity == "error" and "cycle" in d.message and d.line in {
+        line_of(text, "init_from: c"), line_of(text, "init_from: a"), line_of(text, "init_from: b")}
+    assert d.render().startswith(f"s.yaml:{d.line}: error[G002] stages.")
+
+
+def test_self_init_is_G002():
+    text, _, diags = spec("""\
+        - name: a
+          kind: sft
+          init_from: a
+        """)
+    assert by_code(diags, "G002").line == line_of(text, "init_from: a")
+
+
+def test_unknown_init_from_is_G003_with_did_you_mean():
+    text, _, diags = spec("""\
+        - name: sft
+          kind: sft
+        - name: dpo
+          kind: dpo
+          init_from: stf
+        """)
+    d = by_code(diags, "G003")
+    assert d.severity == "error" and d.path == "stages.1.init_from" and "'sft'" in d.hint
+    assert d.line == line_of(text, "init_from: stf")
+
+
+def test_duplicate_stage_name_G001():
+    run = RunSpec(name="x", model=PRESETS["tiny"], data={"seq_len": 128, "tokens": 1e6},
+                  hardware={"gpu": "cpu", "count": 1},
+                  stages=[{"name": "a", "kind": "sft"}, {"name": "a", "kind": "dpo"}])
+    _, diags = plan_stages(run, gpu=None, lines={"stages.1.name": 9})
+    d = by_code(diags, "G001")
+    assert d.severity == "error" and d.line == 9
+
+
+def test_vocab_change_is_G004_error():
+    run = RunSpec(name="x", model=PRESETS["tiny"], data={"seq_len": 128, "tokens": 1e6},
+                  hardware={"gpu": "cpu", "count": 1},
+                  stages=[{"name": "p", "kind": "pretrain"},
+                          {"name": "s", "kind": "sft", "init_from": "p",
+                           "data": {"seq_len": 128, "tokens": 1e5, "tokenizer": {"vocab_size": 4096}}}])
+    _, diags = plan_stages(run, gpu=None, lines={"stages.1.data.tokenizer.vocab_size": 21})
+    d = by_code(diags, "G004")
+    assert d.severity == "error" and d.line == 21 and "4096" in d.message
+
+
+def test_tokenizer_swap_is_G004_error():
+    text, _, diags = spec("""\
+        - name: sft
+          kind: sft
+          data:
+            seq_len: 4096
+            tokens: 1B
+            tokenizer:
+              path: /other/tok
+        """)
+    d = by_code(diags, "G004")
+    assert d.severity == "error" and d.line == line_of(text, "path: /other/tok")
+
+
+def test_seq_len_beyond_base_context_is_G004_warning_and_long_context_fixes_it():
+    text, plans, diags = spec("""\
+        - name: sft
+          kind: sft
+          seq_len: 32768
+        """)
+    d = by_code(diags, "G004")
+    assert d.severity == "warning" and d.line == line_of(text, "seq_len: 32768")
+    _, plans, diags = spec("""\
+        - name: lc
+          kind: long_context
+          seq_len: 32768
+          rope_theta: 2000000
+        - name: sft
+          kind: sft
+          init_from: lc
+          seq_len: 32768
+        """)
+    assert "G004" not in codes(diags) and "T107" not in codes(diags)
+
+
+# ----------------------------------------------------------------------------- LoRA / QLoRA numbers
+
+
+@pytest.mark.parametrize("model,targets,want", [
+    ("llama3-70b", "[wq, wk, wv, wo, w1, w2, w3]", 207_093_760),  # seed-facts-a App. B
+    ("llama3-70b", "[wq, wv]", 32_768_000),  # "32.77M"
+    ("llama3-8b", "[wq, wk, wv, wo, w1, w2, w3]", 41_943_040),  # "41.9M"
+])
+def test_lora_trainable_params(model, targets, want):
+    _, plans, _ = spec(f"""\
+        - name: sft
+          kind: sft
+          lora: {{rank: 16, targets: {targets}}}
+        """, model=model)
+    p = plans[0]
+    assert p["trainable_params"] == want
+    assert math.isclose(p["trainable_fraction"], want / params_total(PRESETS[model]))
+    assert p["lora"]["scaling"] == 2.0
+
+
+def test_qlora_70b_memory_on_a100_80g():
+    _, plans, diags = spec("""\
+        - name: sft
+          kind: sft
+          lora: {rank: 16, quantize_base: nf4}
+          data: {seq_len: 4096, tokens: 100M}
+        """, model="llama3-70b", gpu="a100-80g")
+    p = plans[0]
+    n = params_total(PRESETS["llama3-70b"])
+    # the seed's 70B NF4 figure: 0.5 B/param + double-quantised scales = 35.3 .. 36.4 GB
+    assert 35.3e9 <= n * NF4_BITS_PER_PARAM / 8 <= 36.5e9
+    m = p["memory"]
+    # NF4 linear layers + bf16 embeddings/output (2 x 128256 x 8192 x 2 B = 4.2 GB): 39-40 GB
+    emb = 2 * 128256 * 8192
+    assert m["weights_bytes"] == int((n - emb) * NF4_BITS_PER_PARAM / 8 + emb * 2)
+    assert 39e9 < m["weights_bytes"] < 40e9
+    assert m["grads_optimizer_bytes"] == 207_093_760 * 16  # optimizer state only for the adapters
+    assert m["reference_bytes"] == 0 and m["fits"] is True and m["per_gpu_bytes"] < 80e9
+    assert "G005" not in codes(diags)
+    assert p["defaults"] and "lr" in p["defaults"] and p["lr"] == 1e-4  # QLoRA paper LR for 33B/65B
+
+
+def test_full_finetune_70b_does_not_fit_8x80g():
+    _, plans, diags = spec("""\
+        - name: dpo
+          kind: dpo
+        """, model="llama3-70b", gpu="a100-80g")
+    m = plans[0]["memory"]
+    n = params_total(PRESETS["llama3-70b"])
+    assert m["reference_bytes"] == 2 * n  # frozen bf16 reference copy
+    assert m["shard_degree"] == 8 and m["fits"] is False  # 16 B/param + reference ~ 1.27 TB / 8 GPUs
+    assert by_code(diags, "G005").severity == "warning"
+
+
+# ----------------------------------------------------------------------------- models held, defaults
+
+
+def test_models_in_memory_per_kind():
+    _, plans, diags = spec("""\
+        - {name: sft, kind: sft}
+        - {name: dpo, kind: dpo, init_from: sft}
+        - {name: grpo, kind: grpo, init_from: dpo}
+        - {name: grpo0, kind: grpo, init_from: dpo, grpo_kl_coef: 0}
+        - {name: dpo_lora, kind: dpo, init_from: sft, lora: {rank: 16}}
+        """)
+    p = {x["name"]: x for x in plans}
+    assert p["sft"]["n_models"] == 1
+    assert [m["role"] for m in p["dpo"]["models_in_memory"]] == ["policy", "reference"]
+    assert any("4" in n and "critic" in n for n in p["dpo"]["notes"])  # PPO would hold 4
+    assert p["grpo"]["n_models"] == 2 and p["grpo0"]["n_models"] == 1  # reference only when KL > 0
+    assert p["dpo_lora"]["memory"]["reference_bytes"] == 0  # adapters off = reference
+    assert by_code(diags, "T105").path == "stages.3.grpo_kl_coef"
+
+
+def test_size_aware_default_lrs():
+    n8, n70 = params_total(PRESETS["llama3-8b"]), params_total(PRESETS["llama3-70b"])
+    assert default_lr("sft", n8, False) == pytest.approx(2e-5)
+    assert default_lr("sft", n70, False) == pytest.approx(2e-5)
+    assert default_lr("sft", 2e6, False) == pytest.approx(5e-5)  # tiny: higher
+    assert default_lr("dpo", 1e9, False) == pytest.approx(1e-6)
+    assert 5e-7 <= default_lr("dpo", n70, False) <= 5.1e-7
+    assert default_lr("grpo", n8, False) == pytest.approx(1e-6)
+    assert default_lr("sft", n8, True) == pytest.approx(2e-4)  # QLoRA paper 7B/13B
+    assert default_lr("sft", 65e9, True) == pytest.approx(1e-4)  # 33B/65B
+    assert default_lr("midtrain", n70, False) == pytest.approx(1e-5)  # S003 §14.2
+    _, plans, _ = spec("- {name: dpo, kind: dpo}\n")
+    p = plans[0]
+    assert p["hyper"]["beta"] == 0.1 and {"lr", "dpo_beta"} <= set(p["defaults"])
+    _, plans, _ = spec("- {name: g, kind: grpo}\n")
+    h = plans[0]["hyper"]
+    assert (h["group_size"], h["kl_coef"], plans[0]["lr"]) == (8, 0.04, 1e-6)
+    assert {"grpo_group_size", "grpo_kl_coef", "lr"} <= set(plans[0]["defaults"])
+
+
+def test_grpo_rollout_cost():
+    _, plans, _ = spec("""\
+        - name: g
+          kind: grpo
+          grpo_group_size: 8
+          prompts_per_step: 64
+          max_prompt_tokens: 512
+          max_new_tokens: 1024
+        """)
+    r = plans[0]["rollout"]
+    n = params_total(PRESETS["llama3-8b"])
+    assert r["generated_tokens_per_step"] == 64 * 8 * 1024
+    assert r["generation_flops_per_step"] == pytest.approx(2 * n * (64 * 8 * 1024 + 64 * 512))
+    assert r["kv_bytes_per_token"] == 131_072  # Llama-3-8B bf16 KV per token (seed-facts-a App. B)
+    assert r["kv_cache_bytes_per_group"] == 8 * (512 + 1024) * 131_072
+    assert r["kv_cache_bytes_per_step"] == 64 * r["kv_cache_bytes_per_group"]
+
+
+def test_long_context_plan_and_cp():
+    _, plans, diags = spec("""\
+        - name: lc
+          kind: long_context
+          seq_len: 131072
+          rope_scaling: {type: yarn, factor: 16, original_max_position: 8192}
+        """)
+    lc = plans[0]["long_context"]
+    assert (lc["old_seq_len"], lc["new_seq_len"], lc["yarn_factor"]) == (8192, 131072, 16)
+    assert lc["recommended_cp"] == 8  # 16K tokens per rank
+    assert lc["kv_cache_bytes_per_sequence"] == 131072 * kv_bytes_per_token(PRESETS["llama3-8b"])
+    assert lc["activation_bytes_per_gpu"] > 0
+    assert any("128k" in n for n in plans[0]["notes"])
+    assert "T107" not in codes(diags)
+    _, plans, _ = spec("- {name: lc, kind: long_context, seq_len: 32768, rope_theta: 2000000}\n")
+    assert plans[0]["long_context"]["recommended_cp"] == 2
+    assert plans[0]["long_context"]["rope_theta"] == 2_000_000
+
+
+# ----------------------------------------------------------------------------- pitfalls
+
+
+def test_T107_long_context_without_rope_change():
+    text, _, diags = spec("""\
+        - name: lc
+          kind: long_context
+          seq_len: 32768
+        """)
+    d = by_code(diags, "T107")
+    assert d.severity == "warning" and d.line == line_of(text, "kind: long_context")
+
+
+def test_T101_high_finetune_lr():
+    text, _, diags = spec("""\
+        - name: sft
+          kind: sft
+          lr: 3.0e-4
+        - name: dpo
+          kind: dpo
+          init_from: sft
+          lr: 1.0e-5
+        """)
+    t = [d for d in diags if d.code == "T101"]
+    assert [d.line for d in t] == [line_of(text, "lr: 3.0e-4"), line_of(text, "lr: 1.0e-5")]
+    assert all(d.severity == "warning" for d in t)
+    # the same LR with LoRA is normal
+    _, _, diags = spec("- {name: sft, kind: sft, lr: 2.0e-4, lora: {rank: 16}}\n")
+    assert "T101" not in codes(diags)
+
+
+def test_D101_domain_stage_without_general_data():
+    text, _, diags = spec("""\
+        - name: mid
+          kind: midtrain
+          general_data_fraction: 0.05
+          data:
+            seq_len: 8192
+            tokens: 10B
+            sources:
+              - {name: code, path: /c.jsonl, kind: code}
+        """)
+    d = by_code(diags, "D101")
+    assert d.severity == "warning" and d.line == line_of(text, "general_data_fraction: 0.05")
+    text, _, diags = spec("""\
+        - name: mid
+          kind: midtrain
+          data:
+            seq_len: 8192
+            tokens: 10B
+            sources:
+              - {name: code, path: /c.jsonl, kind: code, weight: 0.95}
+              - {name: web, path: /w.jsonl, kind: general, weight: 0.05}
+        """)
+    assert by_code(diags, "D101").line == line_of(text, "data:", 1)
+    _, _, diags = spec("- {name: mid, kind: midtrain, general_data_fraction: 0.15}\n")
+    assert "D101" not in codes(diags)
+
+
+def test_T102_sft_without_loss_mask():
+    text, _, diags = spec("""\
+        - name: sft
+          kind: sft
+          loss_mask: none
+        """)
+    assert by_code(diags, "T102").line == line_of(text, "loss_mask: none")
+
+
+def test_T103_chat_template_vs_tokenizer(tmp_path):
+    # llmc-trained tokenizer has Llama-3 specials only: chatml is an error
+    text, _, diags = spec("- {name: sft, kind: sft}\n", model="tiny", gpu="cpu", count=1, seq=128,
+                          tok="    train: true\n    chat_template: chatml")
+    d = by_code(diags, "T103")
+    assert d.severity == "error" and "<|im_start|>" in d.message and d.line == line_of(text, "chat_template")
+    _, _, diags = spec("- {name: sft, kind: sft}\n", model="tiny", gpu="cpu", count=1, seq=128,
+                       tok="    train: true\n    chat_template: llama3")
+    assert "T103" not in codes(diags)
+    # a Llama-3 model with a chatml template (tokenizer inferred from the model): warning
+    _, _, diags = spec("- {name: sft, kind: sft}\n", tok="    path: /nope\n    chat_template: chatml")
+    assert by_code(diags, "T103").severity == "warning"
+    # a real tokenizer.json lacking the header tokens: llama3 template is an error
+    tdir = tmp_path / "tok"
+    tdir.mkdir()
+    (tdir / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"content": "<|im_start|>"},
+                                                                      {"content": "<|im_end|>"}]}))
+    _, _, diags = spec("- {name: sft, kind: sft}\n", tok=f"    path: {tdir}\n    chat_template: llama3")
+    d = by_code(diags, "T103")
+    assert d.severity == "error" and "<|start_header_id|>" in d.message
+
+
+def test_T104_T106():
+    text, _, diags = spec("""\
+        - name: g
+          kind: grpo
+          grpo_group_size: 1
+          lora: {rank: 128}
+        """)
+    d = by_code(diags, "T104")
+    assert d.severity == "error" and d.line == line_of(text, "grpo_group_size: 1")
+    d = by_code(diags, "T106")
+    assert d.severity == "warning" and d.path == "stages.0.lora.rank"
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+@pytest.mark.parametrize("name", ["pipeline_tiny.yaml", "pipeline_llama3_8b.yaml", "pipeline_llama3_70b_qlora.yaml"])
+def test_examples_plan_cleanly(name):
+    run, lines = load_spec(ROOT / "examples" / name)
+    plans, diags = plan_stages(run, gpu=get_gpu(run.hardware.gpu), lines=lines)
+    assert not codes(diags, "error") and "G005" not in codes(diags)
+    assert all(p["memory"]["fits"] is not False for p in plans)
+    json.dumps(plans)  # JSON-serialisable
+    keys = set(plans[0])
+    assert all(set(p) == keys for p in plans)  # stable keys
+    if name == "pipeline_tiny.yaml":
+        assert [p["name"] for p in plans] == ["pretrain", "sft", "dpo", "grpo"]
+    if name == "pipeline_llama3_8b.yaml":
+        assert [p["kind"] for p in plans] == ["midtrain", "long_context", "sft", "dpo", "grpo"]
+        assert plans[1]["long_context"]["recommended_cp"] == 2
