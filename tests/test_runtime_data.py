@@ -1,0 +1,128 @@
+"""Offline corpus, BPE tokenizer (HF/torchtitan-loadable), token cache and the packed loader:
+formats, EOS packing, exact mixture, DP sharding, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+np = pytest.importorskip("numpy")
+torch = pytest.importorskip("torch")
+
+from llmc.runtime import corpus  # noqa: E402
+from llmc.runtime.data import PackedLoader, SourceData, build_loader, read_documents, tokenize_source  # noqa: E402
+from llmc.runtime.tokenizer import SPECIAL_TOKENS, TextTokenizer, train_bpe  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    docs = [r["text"] for r, _ in zip(corpus.iter_docstrings(), range(400), strict=False)]
+    return train_bpe(docs, 512, d / "assets")
+
+
+def test_corpus_is_deterministic_and_offline(tmp_path):
+    a = corpus.write_corpus(tmp_path / "a.jsonl", max_docs=60)
+    corpus.write_corpus(tmp_path / "b.jsonl", max_docs=60)
+    assert a["docs"] == 60
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    recs = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert all(len(r["text"]) >= 40 and r["source"] for r in recs)
+
+
+def test_tokenizer_specials_roundtrip_and_config(tok_dir):
+    tk = TextTokenizer(tok_dir)
+    assert [tk.token_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    assert (tk.bos_id, tk.eos_id, tk.pad_id) == (0, 1, 2)
+    assert 300 < tk.vocab_size <= 512
+    text = "Return the absolute value of x; ünïcode ✓ too."
+    ids = tk.encode(text, bos=True, eos=True)
+    assert ids[0] == 0 and ids[-1] == 1
+    assert tk.decode(ids[1:-1]) == text  # byte-level: lossless
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    assert cfg["bos_token"] == "<|begin_of_text|>" and cfg["eos_token"] == "<|end_of_text|>"
+
+
+def test_tokenizer_loads_in_torchtitan(tok_dir):
+    tt = pytest.importorskip("torchtitan.components.tokenizer")
+    t = tt.HuggingFaceTokenizer(tokenizer_path=str(tok_dir))
+    assert (t.bos_id, t.eos_id) == (0, 1)
+    assert t.encode("hello world", add_bos=True, add_eos=True)[1:-1] == TextTokenizer(tok_dir).encode("hello world")
+
+
+def test_read_documents_text_jsonl_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "b.txt").write_text("second")
+    (tmp_path / "t" / "a.txt").write_text("first")
+    (tmp_path / "d.jsonl").write_text('{"body": "x1"}\n\n{"body": "x2"}\n')
+    pq.write_table(pa.table({"content": ["p1", None, "p2"]}), tmp_path / "d.parquet")
+    assert list(read_documents(tmp_path / "t", "text")) == ["first", "second"]
+    assert list(read_documents(tmp_path / "d.jsonl", "jsonl", "body")) == ["x1", "x2"]
+    assert list(read_documents(tmp_path / "d.parquet", "parquet", "content")) == ["p1", "p2"]
+    with pytest.raises(KeyError, match="no field 'text'"):
+        list(read_documents(tmp_path / "d.jsonl", "jsonl"))
+
+
+def test_token_cache_eos_packing_and_reuse(tmp_path, tok_dir):
+    tk = TextTokenizer(tok_dir)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["alpha beta", "gamma"]))
+    src = SourceData("s", str(tmp_path / "d.jsonl"))
+    b1 = tokenize_source(src, tk, tmp_path / "cache")
+    mtime = b1.stat().st_mtime_ns
+    toks = np.fromfile(b1, dtype=np.uint16).tolist()
+    assert toks == tk.encode("alpha beta") + [tk.eos_id] + tk.encode("gamma") + [tk.eos_id]
+    assert tokenize_source(src, tk, tmp_path / "cache") == b1 and b1.stat().st_mtime_ns == mtime  # cached
+
+
+def _streams():
+    return [np.arange(0, 1001, dtype=np.uint16), np.arange(2000, 2301, dtype=np.uint16)]
+
+
+def test_mixture_is_exact_and_windows_are_shifted_labels():
+    ld = PackedLoader(_streams(), [3.0, 1.0], seq_len=10, seed=0)
+    x, y = ld.next_batch(400)
+    assert x.shape == y.shape == (400, 10)
+    assert torch.equal(x[:, 1:], y[:, :-1])  # labels are inputs shifted by one
+    from_b = (x[:, 0] >= 2000).sum().item()
+    assert from_b == 100  # exactly 1/4 of the samples come from the weight-1 source
+    # within one epoch of source 0 (100 windows) every window is seen exactly once
+    starts = [int(s) for s in x[:, 0] if s < 2000]
+    assert sorted(starts[:100]) == list(range(0, 1000, 10))
+    assert starts[:100] != sorted(starts[:100])  # ... in a shuffled order
+
+
+def test_dp_shards_partition_the_single_process_batch():
+    single = PackedLoader(_streams(), [1, 1], 10, seed=5)
+    ranks = [PackedLoader(_streams(), [1, 1], 10, seed=5, dp_rank=r, dp_size=2) for r in range(2)]
+    for _ in range(3):
+        x, _ = single.next_batch(4)
+        parts = [ld.next_batch(2)[0] for ld in ranks]
+        assert torch.equal(torch.cat(parts), x)
+
+
+def test_resume_position_is_exact():
+    a = PackedLoader(_streams(), [2, 1], 10, seed=1)
+    for _ in range(37):  # past an epoch boundary of source 1 (30 windows)
+        a.next_batch(3)
+    state = json.loads(json.dumps(a.state_dict()))  # must survive JSON
+    expected = [a.next_batch(3)[0] for _ in range(5)]
+    b = PackedLoader(_streams(), [2, 1], 10, seed=1)
+    b.load_state_dict(state)
+    for e in expected:
+        assert torch.equal(b.next_batch(3)[0], e)
+    c = PackedLoader(_streams(), [2, 1], 11, seed=1)
+    with pytest.raises(ValueError):
+        c.load_state_dict(state)
+
+
+def test_build_loader_end_to_end(tmp_path, tok_dir):
+    tk = TextTokenizer(tok_dir)
+    corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=100)
+    ld = build_loader([SourceData("docs", str(tmp_path / "docs.jsonl"))], tk, 32, tmp_path / "cache", seed=0)
+    x, y = ld.next_batch(4)
+    assert x.dtype == torch.int64 and int(x.max()) < tk.vocab_size
+    assert (ld.streams[0] == tk.eos_id).sum() == 100  # one EOS per document
