@@ -96,7 +96,7 @@ def check_pins(run, gpu, sink: Sink) -> None:
     for v in pinned.values():
         prod *= v
     expr = " x ".join(f"{k} {v}" for k, v in pinned.items())
-    if pinned and len(pinned) == len(dims) and prod != world:
+    if pinned and (len(pinned) == len(dims) or prod > world) and prod != world:
         sink.add("P001", "error", "parallelism", f"{expr} = {prod} != {world} GPUs (hardware.count)",
                  "the product of dp_replicate, dp_shard, cp, tp and pp must equal the world size; "
                  "unpin one degree and llmc derives it")

@@ -121,7 +121,8 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
         checks.check_search(run, res, gpu, seqs, sink)
         reasons, alternatives = res.reasons, res.alternatives
         rejected = res.rejected[:20]
-        search_info = {"evaluated": res.evaluated, "fitting": res.fitting, "rejected": dict(res.rejected_counts)}
+        search_info = {"memory_evaluations": res.evaluated, "fitting": res.fitting,
+                       "rejected": dict(sorted(res.rejected_counts.items()))}
         if res.best is not None:
             plan, mem = res.best.plan, res.memory
     steps_hint = run.training.steps or max(1, -(-int(run.data.tokens) // (seqs * seq_len)))
@@ -145,12 +146,8 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
         spec_path=spec_path, spec_sha256=_hash(spec_path, spec_bytes), spec=run, gpu=gpu, model=model,
         compute=compute, hyper=hyper, plan=plan, memory=mem, time=time, cost=cost, reasons=reasons,
         alternatives=alternatives, rejected=rejected, diagnostics=sort_diagnostics(_dedupe(diags)),
-        stages=stages, serving=serving, **({"search": search_info} if _has_search_field() else {}),
+        stages=stages, serving=serving, search=search_info,
     )
-
-
-def _has_search_field() -> bool:
-    return "search" in {f.name for f in dataclasses.fields(Compiled)}
 
 
 def _memory(memory_mod, arch, seq_len, precision, capacity, offload, plan):

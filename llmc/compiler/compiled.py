@@ -105,6 +105,7 @@ class Compiled:
     diagnostics: list[Diagnostic]
     stages: list[dict] = field(default_factory=list)  # per-stage plans (issue 5)
     serving: list[dict] = field(default_factory=list)  # per-target serving plans (issue 3)
+    search: dict = field(default_factory=dict)  # search statistics: evaluated, fitting, rejected counts by reason
 
     def to_json(self) -> dict:
         """JSON view; keys documented in README (model.*, compute.*, plan, memory.*, time.*, cost.*)."""
@@ -134,6 +135,7 @@ class Compiled:
             "rejected": [_cand(c) for c in self.rejected],
             "stages": list(self.stages),
             "serving": list(self.serving),
+            "search": dict(self.search),
             "diagnostics": [d.to_json() for d in self.diagnostics],
         }
 

@@ -1,0 +1,341 @@
+"""The ``llmc plan`` text report (rich tables), deterministic so golden files are stable.
+
+``render_text(compiled)`` returns the report as plain text at a fixed width (what the golden tests
+compare); ``print_report(compiled)`` prints it to the terminal (colours when it is a TTY). Every
+number comes from :class:`~llmc.compiler.compiled.Compiled`; nothing is computed here beyond
+unit conversion and percentages.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from llmc.compiler.diagnostics import sort_diagnostics
+
+WIDTH = 120
+GiB = 2**30
+BAR = 60  # characters of the memory / step-time bars
+_MEM_PARTS = (("weights", "W"), ("grads", "G"), ("optimizer", "O"), ("activations", "A"), ("buffers", "B"))
+_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+# ----------------------------------------------------------------------------------------- formatting
+
+
+def human(x: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' (3 significant digits; K, M, B, T)."""
+    for suffix, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}{unit}"
+    return f"{x:.3g}{unit}"
+
+
+def gib(b: float) -> str:
+    return f"{b / GiB:.1f} GiB"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1e3:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.2f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def usd(x: float) -> str:
+    return f"${x:,.0f}" if x >= 100 else f"${x:,.2f}"
+
+
+def _kv_table(title: str) -> Table:
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_header=False, pad_edge=False,
+              title_style="bold")
+    t.add_column("key", style="bold", no_wrap=True)
+    t.add_column("value")
+    return t
+
+
+def _dflt(name: str, defaults: list[str]) -> str:
+    return " (default)" if name in defaults else ""
+
+
+# ----------------------------------------------------------------------------------------- sections
+
+
+def _header(c) -> Text:
+    s = c.spec
+    g = c.gpu
+    gpu = f"{s.hardware.count} x {g.name}" if g is not None else f"{s.hardware.count} x {s.hardware.gpu} (unknown)"
+    t = Text()
+    t.append(f"llmc plan: {s.name}\n", style="bold")
+    t.append(f"spec {c.spec_path} (sha256 {c.spec_sha256[:12]}), {gpu}")
+    if g is not None and s.hardware.count > g.gpus_per_node:
+        t.append(f", {g.gpus_per_node} per node")
+    return t
+
+
+def _model(c) -> Table:
+    a, m = c.spec.model, c.model
+    t = _kv_table("Model")
+    shape = (f"{a.name}: {a.n_layers} layers, d_model {a.d_model}, {a.n_heads} heads / {a.kv_heads} kv "
+             f"(head_dim {a.hd}), d_ff {a.d_ff}, vocab {a.vocab_size}")
+    if a.mla is not None:
+        shape += f", MLA kv_lora {a.mla.kv_lora_rank}"
+    if a.moe is not None:
+        mo = a.moe
+        shape += (f", MoE {mo.num_experts} experts top-{mo.top_k}"
+                  + (f" + {mo.num_shared_experts} shared" if mo.num_shared_experts else "")
+                  + (f", first {mo.dense_layers} dense" if mo.dense_layers else ""))
+    t.add_row("architecture", shape)
+    params = f"{m.params_total:,} total ({human(m.params_total)})"
+    if m.params_active != m.params_total:
+        params += f", {m.params_active:,} active ({human(m.params_active)})"
+    params += f", embedding {human(m.params_embedding)}"
+    t.add_row("parameters", params)
+    top = sorted(m.breakdown.items(), key=lambda kv: -kv[1])
+    shown = ", ".join(f"{k} {100 * v / m.params_total:.1f}%" for k, v in top[:6])
+    t.add_row("breakdown", shown + (f", {len(top) - 6} more" if len(top) > 6 else ""))
+    t.add_row("KV cache", f"{m.kv_bytes_per_token:,} B/token (bf16, all layers)")
+    return t
+
+
+def _compute(c) -> Table:
+    x = c.compute
+    t = _kv_table("Compute")
+    t.add_row("training FLOPs", f"{x.training_flops:.3e} = {x.flops_per_token:.3e} FLOPs/token x {human(x.tokens)} "
+              "tokens")
+    t.add_row("convention", x.convention)
+    ratio = x.tokens_per_param / 20.0
+    t.add_row("tokens/param", f"{x.tokens_per_param:.1f} ({ratio:.2g}x the compute-optimal 20; "
+              f"Chinchilla tokens {human(x.chinchilla_tokens)})")
+    t.add_row("compute-optimal", f"N {human(x.optimal_params)} params on D {human(x.optimal_tokens)} tokens "
+              "for the same FLOPs (Hoffmann et al. 2022, 20 tokens/param)")
+    return t
+
+
+def _hyper(c) -> Table:
+    h = c.hyper
+    d = h.defaults
+    t = _kv_table("Training")
+    t.add_row("batch", f"{h.global_batch_tokens:,} tokens = {h.global_batch_seqs} x {h.seq_len}"
+              + _dflt("global_batch_tokens", d))
+    t.add_row("steps", f"{h.steps:,}{_dflt('steps', d)}")
+    t.add_row("learning rate", f"peak {h.lr:.3g}{_dflt('lr', d)}, min {h.min_lr:.3g}{_dflt('min_lr', d)}, "
+              f"{h.schedule}, warmup {h.warmup_steps:,} steps{_dflt('warmup_steps', d)}")
+    t.add_row("checkpoints", f"every {h.checkpoint_interval:,} steps{_dflt('checkpoint_interval', d)}, "
+              f"{'async' if h.checkpoint_async else 'sync'}{_dflt('checkpoint_async', d)}")
+    t.add_row("precision", c.spec.training.precision)
+    return t
+
+
+def _plan(c) -> Table:
+    p = c.plan
+    t = _kv_table("Parallelism plan")
+    deg = (f"dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x cp {p.cp} x tp {p.tp} x pp {p.pp}"
+           f" = {p.world} GPU{'s' if p.world > 1 else ''}")
+    if p.ep > 1:
+        deg += f"; ep {p.ep} (carved out of dp_shard x cp)"
+    t.add_row("degrees", deg)
+    zero = {0: "DDP (no sharding)", 1: "ZeRO-1 (optimizer sharded)", 2: "ZeRO-2 (optimizer + grads sharded)",
+            3: "ZeRO-3 / FSDP (weights, grads, optimizer sharded)"}[p.zero_stage]
+    t.add_row("data parallel", f"{zero} over {p.dp_shard * p.cp} ranks" if p.dp_shard * p.cp > 1 else zero)
+    if p.pp > 1:
+        sched = p.pp_schedule + (f", {p.pp_virtual_stages} virtual stages per rank"
+                                 if p.pp_schedule == "Interleaved1F1B" else "")
+        t.add_row("pipeline", sched)
+    t.add_row("batch split", f"micro_batch {p.micro_batch} x grad_accum {p.grad_accum} x dp {p.dp} = "
+              f"{p.global_batch_seqs} sequences")
+    t.add_row("recompute", f"activation checkpointing {p.activation_checkpointing}")
+    for i, r in enumerate(c.reasons):
+        t.add_row("why" if i == 0 else "", r)
+    return t
+
+
+def _bar(parts: list[tuple[str, float]], total: float, width: int = BAR) -> str:
+    """Stacked text bar: one letter per part, '.' for what is left of ``total``."""
+    out = []
+    used = 0
+    for letter, v in parts:
+        n = int(round(width * v / total)) if total else 0
+        n = min(n, width - used)
+        out.append(letter * n)
+        used += n
+    return "[" + "".join(out) + "." * (width - used) + "]"
+
+
+def _memory(c) -> Table:
+    m = c.memory
+    t = _kv_table("Memory per GPU (peak pipeline stage)")
+    br = m.breakdown
+    cap = m.capacity_bytes
+    scale = max(cap, m.per_gpu_bytes)
+    t.add_row("bar", _bar([(letter, br.get(k, 0)) for k, letter in _MEM_PARTS], scale)
+              + f" {gib(m.per_gpu_bytes)} / {gib(cap)} ({100 * m.per_gpu_bytes / cap:.0f}%)")
+    t.add_row("", "  ".join(f"{letter}={k} {gib(br.get(k, 0))}" for k, letter in _MEM_PARTS))
+    if len(m.per_stage_bytes) > 1:
+        t.add_row("stages", f"{len(m.per_stage_bytes)} stages, {gib(min(m.per_stage_bytes))} .. "
+                  f"{gib(max(m.per_stage_bytes))}")
+    return t
+
+
+def _time(c) -> Table:
+    tm, co, s = c.time, c.cost, c.spec
+    t = _kv_table("Time and cost")
+    t.add_row("step", f"{duration(tm.step_seconds)} per step, MFU {100 * tm.mfu:.1f}%, "
+              f"{human(tm.tokens_per_second)} tokens/s")
+    t.add_row("run", f"{tm.steps:,} steps = {tm.days:.1f} days on {s.hardware.count} GPUs")
+    t.add_row("cost", f"{co.gpu_hours:,.0f} GPU-hours x ${co.usd_per_gpu_hour:g} = {usd(co.usd)}")
+    br = {k: v for k, v in tm.breakdown.items() if v > 0}
+    total = sum(br.values()) or 1.0
+    top = sorted(br.items(), key=lambda kv: -kv[1])
+    t.add_row("step breakdown", ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in top))
+    return t
+
+
+def _budget(c) -> Table | None:
+    b = c.spec.budget
+    if b.max_days is None and b.max_usd is None:
+        return None
+    t = _kv_table("Budget")
+    if b.max_days is not None:
+        if c.time is None:
+            t.add_row("max_days", f"{b.max_days:g} (no plan)")
+        else:
+            ok = c.time.days <= b.max_days
+            t.add_row("max_days", f"{c.time.days:.1f} of {b.max_days:g} days "
+                      f"({'ok' if ok else 'EXCEEDED'}, {100 * c.time.days / b.max_days:.0f}%)")
+    if b.max_usd is not None:
+        if c.cost is None:
+            t.add_row("max_usd", f"{usd(b.max_usd)} (no plan)")
+        else:
+            ok = c.cost.usd <= b.max_usd
+            t.add_row("max_usd", f"{usd(c.cost.usd)} of {usd(b.max_usd)} "
+                      f"({'ok' if ok else 'EXCEEDED'}, {100 * c.cost.usd / b.max_usd:.0f}%)")
+    return t
+
+
+def _alternatives(c) -> Table | None:
+    if not c.alternatives:
+        return None
+    from llmc.compiler.search import describe
+
+    t = Table(title="Alternatives (best plan of other tp/pp/cp/ep layouts)", title_justify="left",
+              box=box.SIMPLE_HEAD, title_style="bold", pad_edge=False)
+    for col, just in (("plan", "left"), ("step", "right"), ("MFU", "right"), ("memory", "right"),
+                      ("vs chosen", "right")):
+        t.add_column(col, justify=just, no_wrap=col != "plan")
+    for a in c.alternatives:
+        t.add_row(describe(a.plan), duration(a.step_seconds), f"{100 * a.mfu:.1f}%", gib(a.per_gpu_bytes), a.reason)
+    return t
+
+
+def _rejected(c) -> Table | None:
+    counts = (c.search or {}).get("rejected", {})
+    if not counts and not c.rejected:
+        return None
+    from llmc.compiler.search import describe
+
+    t = _kv_table("Rejected candidates")
+    labels = {"memory": "do not fit in memory", "batch": "batch identity impossible",
+              "tp": "TP would span nodes", "heads": "heads not divisible by tp", "pp": "more stages than layers",
+              "cp": "seq_len not divisible for CP", "ep": "EP does not divide the experts", "pins": "conflict with pins",
+              "pruned": "pruned (step-time bound cannot beat the chosen plan)"}
+    if counts:
+        t.add_row("counts", ", ".join(f"{n} {labels.get(k, k)}" for k, n in sorted(counts.items())))
+    shown = [r for r in c.rejected if r.per_gpu_bytes][:3] + [r for r in c.rejected if not r.per_gpu_bytes][:3]
+    for i, r in enumerate(shown):
+        t.add_row("closest" if i == 0 else "", f"{describe(r.plan)}: {r.reason}")
+    return t
+
+
+def _stages(c) -> Table | None:
+    rows = [s for s in c.stages if isinstance(s, dict)]
+    if len(rows) <= 1 and not c.spec.stages:
+        return None
+    t = Table(title="Stages", title_justify="left", box=box.SIMPLE_HEAD, title_style="bold", pad_edge=False)
+    for col in ("stage", "kind", "init from", "steps", "lr", "trainable", "memory/GPU"):
+        t.add_column(col, justify="left" if col in ("stage", "kind", "init from") else "right")
+    for s in rows:
+        mem = (s.get("memory") or {}).get("per_gpu_bytes")
+        t.add_row(str(s.get("name", "")), str(s.get("kind", "")), str(s.get("init_from") or "-"),
+                  f"{s['steps']:,}" if isinstance(s.get("steps"), int) else "-",
+                  f"{s['lr']:.3g}" if isinstance(s.get("lr"), int | float) else "-",
+                  human(s["trainable_params"]) if isinstance(s.get("trainable_params"), int) else "-",
+                  gib(mem) if isinstance(mem, int | float) else "-")
+    return t
+
+
+def _serving(c) -> Table | None:
+    if not c.serving:
+        return None
+    t = Table(title="Serving", title_justify="left", box=box.SIMPLE_HEAD, title_style="bold", pad_edge=False)
+    for col in ("engine", "gpu", "tp x pp", "max_model_len", "concurrency", "fits"):
+        t.add_column(col)
+    for s in c.serving:
+        t.add_row(str(s.get("engine", "")), str(s.get("gpu", "")),
+                  f"{s.get('tensor_parallel_size', '-')} x {s.get('pipeline_parallel_size', '-')}",
+                  str(s.get("max_model_len", "-")), str(s.get("concurrency", "-")),
+                  {True: "yes", False: "NO"}.get(s.get("fits"), "-"))
+    return t
+
+
+def _diagnostics(c) -> list[Text]:
+    diags = sort_diagnostics(list(c.diagnostics))
+    lines = [Text("Diagnostics", style="bold")]
+    if not diags:
+        lines.append(Text("  none"))
+    for d in diags:
+        # one line per diagnostic, never wrapped (the same line the CLI prints for errors)
+        lines.append(Text("  " + d.render(), style=_STYLE.get(d.severity, "")))
+    n_err = sum(d.severity == "error" for d in diags)
+    n_warn = sum(d.severity == "warning" for d in diags)
+    lines.append(Text(f"  {n_err} error(s), {n_warn} warning(s), {len(diags) - n_err - n_warn} info"))
+    return lines
+
+
+def report_renderables(c) -> list:
+    """Every section in order (skipping those without data)."""
+    parts = [_header(c), _model(c), _compute(c), _hyper(c)]
+    if c.plan is not None:
+        parts += [_plan(c), _memory(c), _time(c)]
+    else:
+        parts.append(Text("No parallelism plan (see the errors below).", style="bold red"))
+    parts += [_budget(c), _alternatives(c), _rejected(c), _stages(c), _serving(c), *_diagnostics(c)]
+    return [p for p in parts if p is not None]
+
+
+def _console(file=None, terminal: bool | None = None) -> Console:
+    if terminal is None:
+        terminal = sys.stdout.isatty() if file is None else False
+    if terminal:
+        return Console(file=file)
+    return Console(file=file, width=WIDTH, force_terminal=False, color_system=None, highlight=False,
+                   emoji=False, soft_wrap=False)
+
+
+def render_text(c) -> str:
+    """The report as plain text at width 120 (deterministic; what the golden files hold)."""
+    buf = io.StringIO()
+    con = _console(buf, terminal=False)
+    for r in report_renderables(c):
+        con.print(r, soft_wrap=isinstance(r, Text))  # plain lines (header, diagnostics) never wrap
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
+
+
+def print_report(c, console: Console | None = None) -> None:
+    """Print the report to stdout (colours on a TTY, fixed 120-column plain text otherwise)."""
+    if console is None and not sys.stdout.isatty():
+        sys.stdout.write(render_text(c))
+        return
+    con = console or _console()
+    for r in report_renderables(c):
+        con.print(r, soft_wrap=isinstance(r, Text))
