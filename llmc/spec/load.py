@@ -86,6 +86,7 @@ def loads_spec(text: str, file: str = "<spec>", base_dir: str | Path = ".") -> t
     ctx = _Ctx(file=file, lines=lines, diags=diags)
     # An empty section (`serving:` with nothing under it) is YAML null: treat it as absent.
     data = {k: v for k, v in raw.items() if not (v is None and k in _OPTIONAL_SECTIONS)}
+    ctx.raw = data
     model_ok = True
     if "model" in data:
         resolved = _resolve_model(data["model"], Path(base_dir), ctx)
@@ -168,10 +169,11 @@ def check_run(run: RunSpec, lines: dict[str, int] | None = None, file: str | Non
 
 
 class _Ctx:
-    def __init__(self, file: str | None, lines: dict[str, int], diags: list[Diagnostic]):
+    def __init__(self, file: str | None, lines: dict[str, int], diags: list[Diagnostic], raw: Any = None):
         self.file = file
         self.lines = lines
         self.diags = diags
+        self.raw = raw  # the (model-resolved) input, to tell real keys from pydantic's loc labels
 
     def diag(self, code: str, path: str, message: str, hint: str = "", severity: str = "error") -> Diagnostic:
         return Diagnostic(code=code, severity=severity, path=path, message=message, hint=hint,  # type: ignore[arg-type]
@@ -201,7 +203,12 @@ _OPTIONAL_SECTIONS = frozenset(k for k, f in RunSpec.model_fields.items() if not
 
 def _parse_yaml(text: str, file: str) -> tuple[Any, dict[str, int], list[Diagnostic]]:
     """Compose (for marks) and construct (for values) in one pass; map every path to its line."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as e:  # control characters: the reader refuses before parsing
+        line = text[: e.position].count("\n") + 1
+        return None, {}, [_diag("S002", "", f"YAML error: character {e.character:#x} is not allowed", file=file,
+                                line=line, hint="remove control characters from the file")]
     try:
         node = loader.get_single_node()
         raw = loader.construct_document(node) if node is not None else None
@@ -233,7 +240,7 @@ def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], diags: list[Diagn
                 if isinstance(v, yaml.MappingNode):
                     _walk(v, prefix, lines, diags, file)
                 continue
-            path = f"{prefix}.{key}" if prefix else key
+            path = f"{prefix}.{_seg(key)}" if prefix else _seg(key)
             if key in seen:
                 diags.append(_diag("S006", path, f"duplicate key {key!r}", file=file, line=k.start_mark.line + 1,
                                    hint="the later value would silently replace the earlier one"))
@@ -420,13 +427,39 @@ def _human_message(err: dict[str, Any]) -> str:
     return f"{msg[:1].lower()}{msg[1:]} (got {got})"
 
 
+_INTERNAL = re.compile(r"^[a-z][\w-]*\[.*\]$")  # pydantic's union/validator branch labels
+
+
+def _clean_loc(loc: tuple, raw: Any) -> tuple:
+    """Drop pydantic's internal loc segments (``function-before[...]``), keeping real YAML keys."""
+    out: list = []
+    cur = raw
+    for part in loc:
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(part, int) and isinstance(cur, list | tuple) and 0 <= part < len(cur):
+            cur = cur[part]
+        elif isinstance(part, str) and _INTERNAL.match(part):
+            continue
+        else:
+            cur = None
+        out.append(part)
+    return tuple(out)
+
+
+def _seg(part: Any) -> str:
+    """A path segment, with control characters escaped so a diagnostic stays on one line."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def _from_pydantic(err: dict[str, Any], ctx: _Ctx, prefix: tuple = (), root: type[BaseModel] | None = None
                    ) -> Diagnostic:
     """One pydantic error -> one diagnostic. ``root``/``prefix``: the error came from validating
     ``root`` at ``prefix`` on its own (e.g. a stage's ``rope_scaling`` dict as :class:`RopeScaling`)."""
-    rel = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
-    loc = prefix + rel
-    path = ".".join(str(p) for p in loc)
+    loc = _clean_loc(prefix + tuple(err["loc"]), ctx.raw)
+    rel = loc[len(prefix):]
+    path = ".".join(_seg(p) for p in loc)
     t = err["type"]
     if root is None:
         holder = _model_at(loc) if loc else None
