@@ -84,6 +84,8 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
     produced: list[SourceData] = []
     for src in _stage_sources(job):
         target = data_dir / f"{src.name}.jsonl"
+        if src.format == "builtin" and src.kind in ("chat", "preference", "prompts"):
+            continue  # post-training records: generated at stage time by llmc.runtime.synthetic
         if src.format == "builtin":
             key = f"builtin:{src.name}:{sys.version}"
             if state.get(target.name) != key or not target.exists():
@@ -214,7 +216,7 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
 
             if steps:
                 job = job.replace(steps=min(job.steps, steps))
-            return posttrain.run_stage(job, out)
+            return posttrain.run_stage(job, out, assets=assets)
         raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
     finally:
         shutdown()
