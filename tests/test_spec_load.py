@@ -261,3 +261,15 @@ def test_line_for_accepts_brackets():
     assert line_for(lines, "serving[0].gpus") == 12
     assert line_for(lines, "serving[0].concurrency") == 11
     assert line_for(lines, "serving[3]") == 10
+
+
+@pytest.mark.parametrize("given, preset", [
+    ("meta-llama/Meta-Llama-3-8B", "llama3-8b"), ("meta-llama/Llama-3.1-405B", "llama3.1-405b"),
+    ("Llama-2-7b-hf", "llama2-7b"), ("mistralai/Mistral-7B-v0.1", "mistral-7b"),
+    ("Qwen/Qwen2.5-72B", "qwen2.5-72b"), ("deepseek-ai/DeepSeek-V3", "deepseek-v3"), ("LLAMA3-70B", "llama3-70b"),
+])
+def test_preset_hint_for_hf_ids(given: str, preset: str):
+    with pytest.raises(SpecError) as ei:
+        loads_spec(BASE + f"model: {given}\n")
+    (d,) = ei.value.diagnostics
+    assert d.code == "S004" and d.hint == f"did you mean {preset!r}?"

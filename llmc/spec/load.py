@@ -262,8 +262,20 @@ def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
     return f"did you mean {close[0]!r}?" if close else ""
 
 
+def _norm_model_name(name: str) -> str:
+    """``meta-llama/Meta-Llama-3.1-8B`` -> ``llama3.18b``; ``llama3.1-8b`` -> ``llama3.18b``."""
+    n = name.lower().rsplit("/", 1)[-1]
+    n = re.sub(r"-(hf|v0\.\d|base)$", "", n)
+    n = n.removeprefix("meta-")
+    return re.sub(r"[^a-z0-9.]", "", n)
+
+
 def _preset_hint(name: str) -> str:
-    dym = _did_you_mean(name, PRESETS)
+    """Did-you-mean for a preset: HF repo ids and case/punctuation variants first, then difflib."""
+    norm = {_norm_model_name(p): p for p in PRESETS}
+    if _norm_model_name(name) in norm:
+        return f"did you mean {norm[_norm_model_name(name)]!r}?"
+    dym = _did_you_mean(name.lower(), PRESETS)
     return dym or "`llmc presets` lists them"
 
 
