@@ -16,7 +16,7 @@ from llmc.spec.presets import PRESETS
 def test_schema_has_descriptions_and_model_forms():
     s = json_schema()
     json.dumps(s)  # serialisable
-    assert s["title"] == "RunSpec"
+    assert s["title"] == "RunSpec" and "2020-12" in s["$schema"]
     assert set(s["required"]) >= {"name", "model", "data", "hardware"}
     data = s["$defs"]["Data"]["properties"]
     assert "Total training tokens" in data["tokens"]["description"]

@@ -131,7 +131,7 @@ def json_schema() -> dict[str, Any]:
     ``model`` is widened to what the YAML accepts: a preset name, ``{preset|hf_config, overrides}``
     or an explicit architecture.
     """
-    schema = RunSpec.model_json_schema()
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **RunSpec.model_json_schema()}
     defs = schema.setdefault("$defs", {})
     arch = defs["Architecture"]
     overrides = {
@@ -200,6 +200,16 @@ _OPTIONAL_SECTIONS = frozenset(k for k, f in RunSpec.model_fields.items() if not
 
 # --- YAML with line numbers
 
+# PyYAML's wording -> what usually causes it.
+_YAML_HINTS = [
+    ("'\\t'", "YAML does not allow tabs for indentation; use spaces"),
+    ("expected <block end>", "a line is indented differently from its siblings"),
+    ("mapping values are not allowed here", "a value contains ': ' (quote it) or a key is mis-indented"),
+    ("could not find expected ':'", "a key is missing its ':' or a quote is not closed"),
+    ("found unexpected end of stream", "a quote or bracket is not closed"),
+    ("found undefined alias", "an *alias refers to an &anchor that does not exist"),
+]
+
 
 def _parse_yaml(text: str, file: str) -> tuple[Any, dict[str, int], list[Diagnostic]]:
     """Compose (for marks) and construct (for values) in one pass; map every path to its line."""
@@ -214,12 +224,14 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[str, int], list[Diagnos
         raw = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
+        if e.context_mark is not None and "stream" in (e.problem or ""):
+            mark = e.context_mark  # unclosed quote/bracket: point at where it was opened, not at EOF
         problem = e.problem or "invalid YAML"
         if e.context:
             problem = f"{problem} ({e.context})"
+        hint = next((h for pat, h in _YAML_HINTS if pat in problem), "check indentation, colons and quotes")
         return None, {}, [_diag("S002", "", f"YAML syntax error: {problem}", file=file,
-                                line=mark.line + 1 if mark else None,
-                                hint="check indentation, colons and quotes")]
+                                line=mark.line + 1 if mark else None, hint=hint)]
     except yaml.YAMLError as e:
         return None, {}, [_diag("S002", "", f"YAML error: {e}", file=file)]
     finally:
