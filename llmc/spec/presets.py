@@ -103,12 +103,12 @@ PRESETS: dict[str, Architecture] = {
                 aux_loss_coef=0.001, score_func="sigmoid", expert_bias=True),
         mla=MLA(q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128),
     ),
-    # llmc's own CPU model (~1.8M params): small enough to train visibly on 2 cores in minutes.
+    # llmc's own CPU model (1.31M params): small enough to train visibly on 2 cores in minutes.
     "tiny": _arch(
         "tiny", n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, d_ff=384, vocab_size=2048,
         rope_theta=10000.0, norm_eps=1e-5, max_seq_len=256,
     ),
-    # The same with a small MoE FFN (4 routed experts, top-2, 1 shared expert), for CPU MoE tests.
+    # The same with a small MoE FFN (4 routed experts, top-2, 1 shared expert; 3.67M params), for CPU MoE tests.
     "tiny-moe": _arch(
         "tiny-moe", n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, d_ff=384, vocab_size=2048,
         rope_theta=10000.0, norm_eps=1e-5, max_seq_len=256,
