@@ -128,8 +128,8 @@ def test_llama_layer_follows_korthikanti_term_by_term():
     LN inputs 4h; QKV input 2h; Q, K 4h; V 2h; out-proj input 2h; MLP input 2h; GeLU in/out 16h;
     two dropout masks 2h; scores 5as.  -> 34h + 5as.
     Llama changes: no dropout (-2h, scores 5as -> 2as softmax output only, 0 with FlashAttention);
-    GQA K/V at n_kv heads; FlashAttention also saves O (2 H hd) and the log-sum-exp (H fp32 = 4H bytes);
-    SwiGLU replaces GeLU's 16h with w1 out, w3 out, SiLU out, product = 8 d_ff."""
+    GQA K/V at n_kv heads; the out-proj input is FlashAttention's saved output O, plus its log-sum-exp
+    (H fp32 = 4H bytes); SwiGLU replaces GeLU's 16h with w1 out, w3 out, SiLU out, product = 8 d_ff."""
     a = LLAMA3_8B
     h, H, kv, hd, f = 4096, 32, 8, 128, 14336
     ln, qkv_in, q, k, v, proj_in, mlp_in = (
@@ -141,16 +141,82 @@ def test_llama_layer_follows_korthikanti_term_by_term():
         2 * H * hd,
         2 * h,
     )
-    expected = ln + qkv_in + q + k + v + proj_in + mlp_in + 2 * H * hd + 4 * H + 8 * f
+    expected = ln + qkv_in + q + k + v + proj_in + mlp_in + 4 * H + 8 * f + 2 * 4  # + fp32 rstd x 2
     assert layer_activation_bytes_per_token(a, 0) == expected
-    # MHA, d_ff ~ 8h/3 (the GPT MLP's 8h^2 params): Korthikanti's 34h - 2h dropout masks + 2h flash O
+    # MHA, d_ff ~ 8h/3 (the GPT MLP's 8h^2 params): Korthikanti's 34h - 2h dropout masks
     # - 16h GeLU in/out + 8 d_ff SwiGLU intermediates, + 4H bytes of log-sum-exp
     f2 = 8 * h // 3
     gpt_like = Architecture(n_layers=1, d_model=h, n_heads=32, d_ff=f2, vocab_size=1000)
-    assert layer_activation_bytes_per_token(gpt_like, 0) == (34 - 2 + 2 - 16) * h + 8 * f2 + 4 * 32
+    assert layer_activation_bytes_per_token(gpt_like, 0) == (34 - 2 - 16) * h + 8 * f2 + 4 * 32 + 8
     # without FlashAttention the softmax output (2 bytes x a x s per token) comes back
     s = 4096
     assert layer_activation_bytes_per_token(a, 0, seq_len=s, flash_attention=False) - expected == 2 * H * s
+
+
+def test_llama_block_matches_autograd_saved_tensors():
+    """Measure what autograd really keeps for a Llama block (bf16, CPU) and compare with the formula.
+
+    The block mirrors torchtitan 0.3.0's ops: fused wqkv split into contiguous q/k/v, complex RoPE,
+    SDPA with is_causal + enable_gqa (the CPU flash kernel: saves q, k, v, out, logsumexp), the
+    (b, s, H, d) output reshaped as a view for wo, SwiGLU. RMSNorm is an autograd.Function saving
+    (input, rstd) like CUDA's fused rms_norm (on CPU the composite kernel saves fp32 copies instead).
+    Parameters and the RoPE table (shared by all layers) are excluded; storages are counted once.
+    """
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    dt = torch.bfloat16
+    B, S, d, H, KV, hd, f = 2, 128, 256, 8, 2, 32, 768
+
+    class RMS(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+            ctx.save_for_backward(x, w, rstd)
+            return (x.float() * rstd).to(x.dtype) * w
+
+        @staticmethod
+        def backward(ctx, g):  # not exercised
+            raise NotImplementedError
+
+    def p(*shape):
+        return (torch.randn(*shape, dtype=dt) * 0.02).requires_grad_()
+
+    wqkv, wo, w1, w2, w3 = p((H + 2 * KV) * hd, d), p(d, H * hd), p(f, d), p(d, f), p(f, d)
+    g1, g2 = torch.ones(d, dtype=dt, requires_grad=True), torch.ones(d, dtype=dt, requires_grad=True)
+    inv = 1.0 / (500000 ** (torch.arange(0, hd, 2).float() / hd))
+    freqs = torch.polar(torch.ones(S, hd // 2), torch.outer(torch.arange(S).float(), inv))
+
+    def rope(x):
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * freqs[None, :, None, :]).flatten(3).type_as(x)
+
+    def block(x):
+        qkv = RMS.apply(x, g1) @ wqkv.t()
+        q, k, v = qkv.split([H * hd, KV * hd, KV * hd], -1)
+        q, k, v = (t.reshape(B, S, -1, hd).contiguous() for t in (q, k, v))
+        q, k = rope(q), rope(k)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        h = x + o.transpose(1, 2).reshape(B, S, H * hd) @ wo.t()
+        hn = RMS.apply(h, g2)
+        return h + (F.silu(hn @ w1.t()) * (hn @ w3.t())) @ w2.t()
+
+    skip = {t.untyped_storage().data_ptr() for t in (wqkv, wo, w1, w2, w3, g1, g2, freqs)}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip and t.dtype != torch.complex64:  # complex64 = views of the RoPE table
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(B, S, d, dtype=dt, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    measured = sum(saved.values()) / (B * S)
+    arch = Architecture(n_layers=1, d_model=d, n_heads=H, n_kv_heads=KV, d_ff=f, vocab_size=100)
+    assert measured == layer_activation_bytes_per_token(arch, 0)
 
 
 def test_recompute_modes_llama3_8b():
@@ -231,7 +297,7 @@ def test_llama3_8b_fsdp8_worked_example():
     assert b["weights"] == pytest.approx(2 * P / 8, abs=8)
     assert b["grads"] == pytest.approx(2 * P / 8, abs=8)
     assert b["optimizer"] == pytest.approx(12 * P / 8, abs=8)
-    per_layer_token = 8 * 4096 + 6 * 4096 + 4 * 1024 + 4 * 32 + 8 * 14336  # see the Korthikanti test
+    per_layer_token = 8 * 4096 + 4 * 4096 + 4 * 1024 + 4 * 32 + 8 * 14336 + 8  # see the Korthikanti test
     acts = 8192 * (32 * per_layer_token + 2 * 2 * 4096)
     assert b["activations"] == pytest.approx(acts, abs=8)
     emb = 128256 * 4096

@@ -258,16 +258,20 @@ def layer_activation_bytes_per_token(
     34 s b h + 5 a s^2 b for a GPT block with dropout), with 16-bit elements and no dropout:
 
     * the two RMSNorms: input and output of each (the output is the next matmul's saved input): 4 h
-      (Korthikanti's two LayerNorm inputs 4sbh + the QKV/MLP matmul inputs 2sbh + 2sbh, minus nothing);
-    * attention: post-RoPE Q (H d_qk), K, V (n_kv heads for GQA; per-head for MLA), the
-      FlashAttention output O (H d_v, saved by the kernel) and its log-sum-exp (H fp32 = 2H elements),
-      the contiguous copy of O that feeds wo (H d_v); MLA adds its low-rank intermediates;
+      (Korthikanti's two LayerNorm inputs 4sbh + the QKV/MLP matmul inputs 2sbh + 2sbh), plus one fp32
+      rstd per token per norm (CUDA's fused rms_norm saves input + rstd);
+    * attention: post-RoPE Q (H d_qk), K, V (n_kv heads for GQA; per-head for MLA; torchtitan makes
+      q/k/v contiguous after splitting the fused wqkv output, so the fused buffer is not retained), the
+      FlashAttention output O (H d_v, saved by the kernel; flash returns it in (b, s, H, d) layout so the
+      reshape that feeds wo is a view of the same storage = Korthikanti's "output projection input") and
+      its log-sum-exp (H fp32 = 2H elements); MLA adds its low-rank intermediates; RoPE saves only its
+      (shared, per-position) frequency table;
     * FFN: SwiGLU 4 d_ff (see :func:`_ffn_act_per_token`); MoE scales the expert part with top_k;
     * without FlashAttention the softmax output a s^2 b (2 a s bytes per token) is saved too;
       Korthikanti's 5as/h term also counts the dropout mask and output (1 + 2).
 
-    For MHA with d_ff = 4h and a GeLU MLP this reproduces Korthikanti's 34 minus the dropout masks
-    (2 x sbh) plus 2 for the saved flash output (tests/test_memory.py checks the term-by-term match).
+    For MHA with a GeLU MLP this reproduces Korthikanti's 34 minus the dropout masks (2 x sbh); the
+    term-by-term match and an autograd saved-tensor measurement are in tests/test_memory.py.
 
     ``ac_mode``:
     * ``none``: everything above.
@@ -284,7 +288,7 @@ def layer_activation_bytes_per_token(
     attn_saved, attn_lin, attn_out = _attn_act_per_token(arch)
     ffn_saved, ffn_lin = _ffn_act_per_token(arch, i)
     if ac_mode == "none":
-        elems = 4 * d + attn_saved + 2 * attn_out + 2 * H + ffn_saved
+        elems = 4 * d + 4 + attn_saved + attn_out + 2 * H + ffn_saved  # +4: two fp32 rstd
         score = 0.0 if flash_attention else H * seq_len  # softmax output, a s^2 b per sequence
         return (elems + score) * bytes_per_elem
     if ac_mode == "selective":
