@@ -75,3 +75,15 @@ def test_chat_template_mismatch_is_a_clear_error(tmp_path):
     job = _job(st, 1, 1e-3).replace(tokenizer=st.data.tokenizer)
     with pytest.raises(PostTrainError, match="chatml"):
         run_stage(job, tmp_path / "sft", tokenizer=llama_only)
+
+
+def test_stage_inherits_long_context_rope():
+    from llmc.runtime.posttrain import stage_arch
+
+    st = Stage(name="sft", kind="sft", init_from="lc", data=BUILTIN)
+    job = _job(st, 1, 1e-3).replace(stage_plan={"context": {
+        "max_context": 512, "rope_theta": 40000.0, "rope_scaling": {"type": "yarn", "factor": 4.0,
+                                                                    "original_max_position": 128}}})
+    a = stage_arch(job)
+    assert (a.rope_theta, a.max_seq_len, a.rope_scaling.type, a.rope_scaling.factor) == (40000.0, 512, "yarn", 4.0)
+    assert stage_arch(_job(st, 1, 1e-3)) is ARCH

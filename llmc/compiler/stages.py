@@ -480,7 +480,7 @@ def plan_stages(run: Any, gpu: Any = None, lines: dict | None = None, file: str 
             "lora": ({"rank": lora.rank, "alpha": lora.alpha, "scaling": lora.alpha / lora.rank,
                       "dropout": lora.dropout, "targets": list(lora.targets),
                       "quantize_base": lora.quantize_base, "merge_after": True} if lora else None),
-            "memory": mem, "rollout": None, "long_context": None, "notes": notes,
+            "memory": mem, "rollout": None, "long_context": None, "context": None, "notes": notes,
         }
 
         # GRPO rollout cost
@@ -557,6 +557,10 @@ def plan_stages(run: Any, gpu: Any = None, lines: dict | None = None, file: str 
         if lora is not None and st.init_from and parent is not None:
             pass  # a LoRA parent is merged at the end of its stage, so children see plain weights
         ctx[name] = out_ctx
+        # the RoPE / context the stage trains with and hands on (inherited through init_from from the
+        # nearest long_context stage): the runtime builds the model from this
+        plan["context"] = {"max_context": out_ctx["max_context"], "rope_theta": out_ctx["rope_theta"],
+                           "rope_scaling": out_ctx["rope_scaling"]}
 
         # --- pitfall checks (LR thresholds are for real LLMs: below 100M params they are only info)
         t101 = "warning" if n_total >= 1e8 else "info"

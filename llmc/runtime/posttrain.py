@@ -118,6 +118,25 @@ class _Log:
         self.f.close()
 
 
+def stage_arch(job: Any):
+    """The job's architecture with the RoPE / context the compiler says this stage inherits
+    (``stage_plan["context"]``: a long_context ancestor's rope_theta / rope_scaling / length)."""
+    from llmc.spec.model import RopeScaling
+
+    ctx = (job.stage_plan or {}).get("context") or {}
+    arch = job.arch
+    if not ctx:
+        return arch
+    upd: dict[str, Any] = {}
+    if ctx.get("rope_theta") and ctx["rope_theta"] != arch.rope_theta:
+        upd["rope_theta"] = float(ctx["rope_theta"])
+    if ctx.get("rope_scaling") and arch.rope_scaling is None:
+        upd["rope_scaling"] = RopeScaling.model_validate(ctx["rope_scaling"])
+    if ctx.get("max_context") and ctx["max_context"] > arch.max_seq_len:
+        upd["max_seq_len"] = int(ctx["max_context"])
+    return arch.model_copy(update=upd) if upd else arch
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -149,7 +168,7 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
 
     # model: init_from's final checkpoint, else a fresh init
     if model is None:
-        model = build_model(job.arch, seed=job.seed)
+        model = build_model(stage_arch(job), seed=job.seed)
         if job.init_from:
             src = out.parent / job.init_from
             load_model_weights(model, src)
