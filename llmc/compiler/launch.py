@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BACKENDS = ("native", "torchtitan", "deepspeed")
-DS_STAGE_KINDS = ("pretrain", "midtrain", "long_context", "sft")  # same as render.DS_STAGE_KINDS
+DS_STAGE_KINDS = ("pretrain", "midtrain", "long_context")  # same as render.DS_STAGE_KINDS
 TITAN_STAGE_KINDS = ("pretrain",)
 DEFAULT_MASTER_PORT = 29500
 

@@ -63,7 +63,7 @@ ALLGATHER_BUCKET = 500_000_000  # DeepSpeed's default allgather_bucket_size (5e8
 STAGE3_MAX_LIVE = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters / max_reuse_distance
 
 # Stage kinds the DeepSpeed runner trains (next-token loss); the others run on llmc's native runtime.
-DS_STAGE_KINDS = ("pretrain", "midtrain", "long_context", "sft")
+DS_STAGE_KINDS = ("pretrain", "midtrain", "long_context")
 
 GEN_NOTE = "generated file, do not edit: change the spec and run `llmc build` again"
 
