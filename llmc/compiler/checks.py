@@ -32,6 +32,7 @@ D003   info      effective mixture shares
 from __future__ import annotations
 
 import difflib
+import math
 
 from llmc.compiler.diagnostics import Diagnostic
 
@@ -183,9 +184,11 @@ def check_batch_tokens(run, sink: Sink) -> bool:
     s = run.data.seq_len
     if gbt is not None and (gbt % s or gbt < s):
         seqs = max(1, round(gbt / s))
+        pow2 = 2 ** max(0, round(math.log2(max(gbt / s, 1))))
+        alt = f" or {pow2 * s:,} ({pow2} x {s}, splits evenly over power-of-two dp)" if pow2 != seqs else ""
         sink.add("P005", "error", "training.global_batch_tokens",
                  f"global_batch_tokens {gbt:,.0f} is not a whole number of {s}-token sequences",
-                 f"use {seqs * s:,} ({seqs} x {s})")
+                 f"use {seqs * s:,} ({seqs} x {s}){alt}")
         return False
     return True
 

@@ -82,7 +82,10 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
     model = model_numbers(arch)
     compute = compute_numbers(arch, seq_len, run.data.tokens)
     n_act, n_tot = model.params_active, model.params_total
-    for d in scaling.scaling_diagnostics(n_act, run.data.tokens, "data.tokens"):
+    # A pipeline of post-training stages only (no ``pretrain`` stage) starts from a trained base: the
+    # top-level data/training sections then describe no run of their own, so there is nothing to search.
+    pretrains = has_pretraining(run)
+    for d in scaling.scaling_diagnostics(n_act, run.data.tokens, "data.tokens") if pretrains else []:
         sink.items.append(dataclasses.replace(d, line=d.line or checks.line_for(lines, d.path), file=spec_path))
 
     table_gpu = get_gpu(run.hardware.gpu)
@@ -91,7 +94,7 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
     is_cpu = gpu is not None and gpu.key == "cpu"
 
     # --- batch: explicit (must be whole sequences) or size-aware default
-    batch_ok = checks.check_batch_tokens(run, sink)
+    batch_ok = checks.check_batch_tokens(run, sink) if pretrains else True
     gbt = run.training.global_batch_tokens
     batch_is_default = gbt is None
     if batch_is_default:
@@ -104,7 +107,7 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
     alternatives: list = []
     rejected: list = []
     search_info: dict = {}
-    can_plan = gpu is not None and supports(gpu, run.training.precision) and batch_ok
+    can_plan = pretrains and gpu is not None and supports(gpu, run.training.precision) and batch_ok
     if can_plan:
         before = len(errors(sink.items))
         checks.check_pins(run, gpu, sink)
@@ -133,9 +136,10 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
 
     hyper = defaults.resolve_hyper(run.training, seq_len, run.data.tokens, seqs, batch_is_default, n_act, n_tot,
                                    time.step_seconds if time else None)
-    checks.check_hyper(run, hyper, n_act, defaults.default_lr(n_act), world, is_cpu, sink)
-    checks.check_data(run, hyper, sink)
-    if gpu is not None and supports(gpu, run.training.precision):
+    if pretrains:
+        checks.check_hyper(run, hyper, n_act, defaults.default_lr(n_act), world, is_cpu, sink)
+        checks.check_data(run, hyper, sink)
+    if pretrains and gpu is not None and supports(gpu, run.training.precision):
         peak = timing.mfu_peak(gpu, run.training.precision)
         checks.check_budget(run, compute.training_flops, time, cost, peak, gpu.usd_per_hour, sink)
 
@@ -148,6 +152,11 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
         alternatives=alternatives, rejected=rejected, diagnostics=sort_diagnostics(_dedupe(diags)),
         stages=stages, serving=serving, search=search_info,
     )
+
+
+def has_pretraining(run) -> bool:
+    """True when the run pre-trains on the top-level data: no stages, or a ``pretrain`` stage."""
+    return not run.stages or any(st.kind == "pretrain" for st in run.stages)
 
 
 def _memory(memory_mod, arch, seq_len, precision, capacity, offload, plan):

@@ -304,11 +304,14 @@ def _diagnostics(c) -> list[Text]:
 
 def report_renderables(c) -> list:
     """Every section in order (skipping those without data)."""
-    parts = [_header(c), _model(c), _compute(c), _hyper(c)]
-    if c.plan is not None:
-        parts += [_plan(c), _memory(c), _time(c)]
+    pretrains = not c.spec.stages or any(st.kind == "pretrain" for st in c.spec.stages)
+    parts = [_header(c), _model(c)]
+    if not pretrains:
+        parts.append(Text("No pre-training stage: the pipeline starts from the base model (stage plans below)."))
+    elif c.plan is not None:
+        parts += [_compute(c), _hyper(c), _plan(c), _memory(c), _time(c)]
     else:
-        parts.append(Text("No parallelism plan (see the errors below).", style="bold red"))
+        parts += [_compute(c), _hyper(c), Text("No parallelism plan (see the errors below).", style="bold red")]
     parts += [_budget(c), _alternatives(c), _rejected(c), _stages(c), _serving(c), *_diagnostics(c)]
     return [p for p in parts if p is not None]
 

@@ -1,0 +1,223 @@
+"""compile_spec end to end: determinism, hashing, defaults, and every plan/hyper/data/budget diagnostic."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+
+from llmc.compiler import defaults, scaling
+from llmc.compiler.compile import compile_spec
+from llmc.spec.load import load_spec, loads_spec
+
+BASE = """\
+name: t
+model: {model}
+hardware: {{gpu: {gpu}, count: {count}}}
+data: {{seq_len: {seq}, tokens: {tokens}}}
+"""
+
+
+def _compile(text: str):
+    run, lines = loads_spec(text, file="spec.yaml")
+    return compile_spec(run, "spec.yaml", lines, spec_bytes=text.encode())
+
+
+def _spec(model="llama3-8b", gpu="h100-sxm", count=64, seq=8192, tokens="1T", extra=""):
+    return BASE.format(model=model, gpu=gpu, count=count, seq=seq, tokens=tokens) + extra
+
+
+def _codes(c, severity=None):
+    return {d.code for d in c.diagnostics if severity is None or d.severity == severity}
+
+
+def _diag(c, code):
+    ds = [d for d in c.diagnostics if d.code == code]
+    assert ds, f"{code} not in {[d.render() for d in c.diagnostics]}"
+    return ds[0]
+
+
+# ------------------------------------------------------------------------------------------- basics
+
+
+def test_compile_is_deterministic_and_hashes_the_file():
+    path = "examples/llama3_8b_h100x8.yaml"
+    run, lines = load_spec(path)
+    a = compile_spec(run, path, lines)
+    b = compile_spec(run, path, lines)
+    assert a.to_json() == b.to_json()
+    with open(path, "rb") as f:
+        assert a.spec_sha256 == hashlib.sha256(f.read()).hexdigest()
+
+
+def test_compute_optimal_closed_form_matches_scaling_module():
+    c = _compile(_spec())
+    n, d = scaling.compute_optimal(c.compute.training_flops)
+    assert c.compute.optimal_params == pytest.approx(n, rel=1e-9)
+    assert c.compute.optimal_tokens == pytest.approx(d, rel=1e-9)
+
+
+def test_seed_compute_optimal_vector():
+    # seed-facts App. B: N_opt = sqrt(C/120) -> 18.7B params and 374B tokens for C = 4.2e22
+    assert math.sqrt(4.2e22 / 120) == pytest.approx(18.7e9, rel=2e-3)
+
+
+# ------------------------------------------------------------------------------------------- defaults
+
+
+def test_default_lr_log_interpolation():
+    assert defaults.default_lr(1e9) == pytest.approx(3e-4)
+    assert defaults.default_lr(70e9) == pytest.approx(1e-4)
+    mid = defaults.default_lr(math.sqrt(1e9 * 70e9))  # geometric mean -> geometric mean of the LRs
+    assert mid == pytest.approx(math.sqrt(3e-4 * 1e-4))
+    assert defaults.default_lr(1e6) == 6e-4 and defaults.default_lr(1e13) == 6e-5
+
+
+def test_default_batch_and_warmup_and_checkpointing():
+    assert defaults.default_batch_seqs(8e9, 8192, 64, False) * 8192 == 4 * 2**20  # 4M tokens for 3-10B
+    assert defaults.default_batch_seqs(405e9, 8192, 16384, False) == 2048  # 16M tokens
+    assert defaults.default_batch_seqs(8e9, 8192, 96, False) % 3 == 0  # keeps the world's odd factor
+    assert defaults.default_batch_seqs(1e6, 128, 1, True) == 8
+    assert defaults.default_warmup(10_000) == 100
+    assert defaults.default_warmup(3_750_000) == 2000  # capped
+    assert defaults.default_warmup(50) == 1 and defaults.default_warmup(1) == 0
+    assert defaults.default_checkpoint_interval(6.0, 10**6) == 300  # 30 min / 6 s
+    assert defaults.default_checkpoint_interval(0.1, 10**6) == 1000
+    assert defaults.default_checkpoint_interval(100.0, 10**6) == 50
+    assert defaults.default_checkpoint_interval(0.1, 20) == 20
+    assert defaults.default_async_checkpoint(70e9) and not defaults.default_async_checkpoint(8e9)
+
+
+def test_hyper_reports_defaults():
+    c = _compile(_spec())
+    h = c.hyper
+    assert {"lr", "global_batch_tokens", "steps", "warmup_steps", "checkpoint_interval"} <= set(h.defaults)
+    assert h.lr == pytest.approx(defaults.default_lr(c.model.params_active))
+    assert h.min_lr == pytest.approx(0.1 * h.lr)
+    assert h.steps == math.ceil(1e12 / h.global_batch_tokens)
+    c2 = _compile(_spec(extra="training: {optimizer: {lr: 2.0e-4}, global_batch_tokens: 2097152}\n"))
+    assert c2.hyper.lr == 2e-4 and "lr" not in c2.hyper.defaults
+    assert c2.hyper.global_batch_seqs == 256
+
+
+# ------------------------------------------------------------------------------------------- plan codes
+
+
+def test_p001_seed_deepseek_layout_world_mismatch():
+    # S004 Ch7: "TP16 x PP8 x DP64 on 2048" multiplies to 8192 (seed-facts App. A #2)
+    c = _compile(_spec(count=2048, extra="parallelism:\n  tp: 16\n  pp: 8\n  dp_shard: 64\n"))
+    d = _diag(c, "P001")
+    assert d.severity == "error" and "8192" in d.message and "2048" in d.message
+    assert d.line == 5 and c.plan is None
+    assert "P002" in _codes(c, "error")  # tp 16 spans two nodes
+    assert "P003" in _codes(c, "error")  # 8 kv heads not divisible by 16
+
+
+def test_p003_heads_not_divisible():
+    c = _compile(_spec(extra="parallelism: {tp: 3}\n"))
+    assert {"P002", "P003"} <= _codes(c, "error")
+
+
+def test_p004_nothing_fits_names_closest_and_hints():
+    c = _compile(_spec(model="llama3.1-405b", count=8))
+    d = _diag(c, "P004")
+    assert "GiB" in d.message and "more GPUs" in d.hint and "fp8" in d.hint
+
+
+def test_p005_batch_not_whole_sequences_and_not_splittable():
+    c = _compile(_spec(extra="training: {global_batch_tokens: 4M}\n"))
+    d = _diag(c, "P005")
+    assert "4,194,304" in d.hint
+    tiny = "name: t\nmodel: tiny\nhardware: {gpu: h100-sxm, count: 16}\ndata: {seq_len: 128, tokens: 1M}\n" \
+           "training: {global_batch_tokens: 896}\n"  # 7 sequences over 16 GPUs: no layout splits it
+    assert "P005" in _codes(_compile(tiny), "error")
+
+
+def test_p006_pipeline_bubble_warning():
+    c = _compile(_spec(model="llama3-70b", count=64,
+                       extra="training: {global_batch_tokens: 131072}\nparallelism: {pp: 4, tp: 8, "
+                             "pp_schedule: 1F1B}\n"))
+    assert "P006" in _codes(c, "warning")
+
+
+# ------------------------------------------------------------------------------------------- training codes
+
+
+def test_t001_lr_out_of_range():
+    c = _compile(_spec(extra="training: {optimizer: {lr: 3.0e-3}}\n"))
+    assert "T001" in _codes(c, "warning")
+    assert "T001" not in _codes(_compile(_spec(extra="training: {optimizer: {lr: 3.0e-4}}\n")))
+
+
+def test_t002_t003_t004():
+    c = _compile(_spec(extra="training:\n  grad_clip: null\n  precision: fp32\n  schedule: {warmup_steps: 0}\n"))
+    assert {"T002", "T003", "T004"} <= _codes(c, "warning")
+    c = _compile(_spec(extra="training: {schedule: {kind: constant}}\n"))
+    assert "T002" in _codes(c)
+
+
+def test_t005_fp8_without_tensor_cores():
+    c = _compile(_spec(gpu="a100-80g", extra="training: {precision: fp8}\n"))
+    d = _diag(c, "T005")
+    assert d.severity == "error" and c.plan is None
+
+
+def test_t006_t007_batch_and_z_loss_for_large_runs():
+    c = _compile(_spec(model="llama3-70b", count=512, extra="training: {global_batch_tokens: 1048576}\n"))
+    assert "T006" in _codes(c, "warning") and "T007" in _codes(c, "info")
+
+
+def test_t008_moe_without_aux_loss():
+    c = _compile(_spec(model="{preset: mixtral-8x7b, moe: {num_experts: 8, top_k: 2, aux_loss_coef: 0}}", seq=4096))
+    assert "T008" in _codes(c, "warning")
+
+
+# ------------------------------------------------------------------------------------------- budget/data/gpu
+
+
+def test_b001_b002_budget_exceeded():
+    c = _compile(_spec())
+    days, cost, mfu = c.time.days, c.cost.usd, c.time.mfu
+    assert 0.3 < mfu < 0.6  # so 90 % of the predicted time is still above the 60 %-MFU floor (B003)
+    tight = _compile(_spec(extra=f"budget: {{max_days: {days * 0.9:.2f}, max_usd: {cost * 0.9:.0f}}}\n"))
+    assert {"B001", "B002"} <= _codes(tight, "error") and "B003" not in _codes(tight)
+    assert f"{days:.1f} days" in _diag(tight, "B001").message
+    ok = _compile(_spec(extra=f"budget: {{max_days: {days * 1.1:.2f}, max_usd: {cost * 1.1:.0f}}}\n"))
+    assert not ({"B001", "B002", "B003"} & _codes(ok))
+
+
+def test_b003_impossible_budget_says_what_is_needed():
+    c = _compile(_spec(extra="budget: {max_days: 2, max_usd: 1000}\n"))
+    ds = [d for d in c.diagnostics if d.code == "B003"]
+    assert {d.path for d in ds} == {"budget.max_days", "budget.max_usd"}
+    assert any("GPUs" in d.hint for d in ds)
+
+
+def test_s007_unknown_gpu_with_did_you_mean():
+    c = _compile(_spec(gpu="h100-sxn"))
+    d = _diag(c, "S007")
+    assert "h100-sxm" in d.hint and d.line == 3 and c.plan is None
+
+
+def test_d001_d002_d003_data():
+    c = _compile(_spec(tokens="1M"))
+    assert "D001" in _codes(c, "error")
+    extra = ("  sources:\n    - {name: web, tokens: 100B, weight: 0.7}\n    - {name: code, tokens: 500B, weight: 0.3}\n")
+    text = _spec().replace("data: {seq_len: 8192, tokens: 1T}\n", "data:\n  seq_len: 8192\n  tokens: 1T\n" + extra)
+    c = _compile(text)
+    d = _diag(c, "D002")
+    assert d.severity == "warning" and "web" in d.message and d.line == 8  # the "- {name: web ...}" line
+    assert "D003" in _codes(c, "info")
+
+
+def test_every_example_compiles_without_errors():
+    import glob
+
+    for path in sorted(glob.glob("examples/*.yaml")):
+        run, lines = load_spec(path)
+        c = compile_spec(run, path, lines)
+        errs = [d.render() for d in c.diagnostics if d.severity == "error"]
+        assert not errs, (path, errs)
+        pretrains = not run.stages or any(st.kind == "pretrain" for st in run.stages)
+        assert (c.plan is not None) == pretrains, path
