@@ -36,10 +36,11 @@ SwiGLU/GQA/MLA/MoE derivation and :func:`korthikanti_layer_bytes` for the paper'
 Buffers: FSDP all-gather/reduce-scatter buffers (two unsharded units in bf16 for current + prefetch, one
 unit's fp32 gradient before reduce-scatter, torchtitan reduce_dtype=fp32); with pipeline parallelism
 torchtitan keeps the whole stage unsharded (no reshard after forward, gradients accumulated unsharded in
-fp32 until the last micro-batch), i.e. FSDP+PP costs (2 + 4) B per stage-local parameter; DeepSpeed ZeRO-1/2 reduce and
-all-gather buckets (default 5e8 elements each); DDP buckets (25 MiB); fp32 logits/loss memory on the last
-stage; 1 GiB workspace (CUDA context, cuBLAS workspace, NCCL). Not modelled: allocator fragmentation
-(leave ~5-10% headroom), CP ring-attention K/V exchange buffers, MoE load imbalance.
+fp32 until the last micro-batch), i.e. FSDP+PP costs (2 + 4) B per stage-local parameter; DeepSpeed
+ZeRO-1/2 reduce and all-gather buckets (default 5e8 elements each); DDP buckets (25 MiB); the fp32
+logits/loss peak on the last stage (12 B per token per vocab entry, see LOGITS_BYTES_PER_ELEM); 1 GiB
+workspace (CUDA context, cuBLAS workspace, NCCL). Not modelled: allocator fragmentation (``fits`` keeps
+8% headroom), CP ring-attention K/V exchange buffers, MoE load imbalance.
 """
 
 from __future__ import annotations
@@ -63,7 +64,12 @@ MiB = 2**20
 WORKSPACE_BYTES = 1 * GiB  # CUDA context + cuBLAS workspace + NCCL internal buffers (estimate)
 DS_BUCKET_ELEMS = 500_000_000  # DeepSpeed reduce_bucket_size / allgather_bucket_size defaults (5e8)
 DDP_BUCKET_BYTES = 25 * MiB  # torch DDP bucket_cap_mb default
-LOGITS_BYTES_PER_ELEM = 4  # fp32 logits for the loss (torchtitan upcasts before cross_entropy)
+# Loss memory per token per vocabulary entry on the last stage. torchtitan computes
+# cross_entropy(pred.float(), labels): log_softmax keeps its fp32 output (4 B, the "s*b*V*4 fp32 logits"),
+# and the peak comes at the start of the backward, while all activations are still alive: nll_loss's dense
+# fp32 gradient (4) + the saved log-probs (4) + log_softmax's fp32 input gradient (4) = 12 B
+# (the forward peak is 2 bf16 logits + 4 fp32 copy + 4 log-probs = 10 B). Vocab-parallel: / tp.
+LOGITS_BYTES_PER_ELEM = 12
 
 # ----------------------------------------------------------------------------- parameter groups
 
