@@ -129,21 +129,22 @@ _ROWS: list[dict] = [
     dict(
         key="b200",
         name="NVIDIA B200 180GB (HGX)",
-        # HGX B200 datasheet (8 GPUs): FP8 72 PF sparse -> 4.5 PF dense per GPU; BF16 36 PF sparse
-        # -> 2.25 PF dense per GPU; FP32 600 TF -> 75 TF per GPU; 1.44 TB HBM3e total -> 180 GB per GPU;
-        # 64 TB/s -> 8 TB/s per GPU; NVLink5 1.8 TB/s bidirectional per GPU; 8 x 400 Gb/s ConnectX-7.
+        # HGX B200 spec table (per GPU): FP16/BF16 tensor 4.5 PF sparse -> 2.25 PF dense; FP8 9 PF sparse
+        # -> 4.5 PF dense; TF32 2.2 PF sparse -> 1.1 dense; FP32 75 TF; 180 GB HBM3e at 7.7 TB/s (the
+        # "8 TB/s" / "192 GB" figures are the B200 chip maximum); NVLink5 1.8 TB/s bidirectional per GPU;
+        # 8 x 400 Gb/s ConnectX-7 per DGX B200.
         bf16_tflops=2250.0,
         fp8_tflops=4500.0,
         fp32_tflops=75.0,
         tf32_tflops=1100.0,
         hbm_bytes=180 * GB,
-        hbm_gbps=8000,
+        hbm_gbps=7700,
         nvlink_gbps=900,
         net_gbps=400,
         gpus_per_node=8,
         usd_per_hour=5.0,
         source="https://www.nvidia.com/en-us/data-center/hgx/",
-        notes="some B200 SKUs list 192 GB; HGX/DGX B200 expose 180 GB per GPU",
+        notes="B200 chip: 192 GB / 8 TB/s; HGX/DGX B200 expose 180 GB at 7.7 TB/s per GPU",
     ),
     dict(
         key="a100-40g",
@@ -181,8 +182,9 @@ _ROWS: list[dict] = [
     dict(
         key="mi300x",
         name="AMD Instinct MI300X 192GB",
-        # AMD datasheet: BF16 1,307.4 TF dense (2,614.9 with sparsity); FP8 2,614.9 dense; FP32 vector
-        # 81.7 TF (matrix 163.4); 192 GB HBM3 5.3 TB/s; 7 Infinity Fabric links, 896 GB/s aggregate
+        # AMD datasheet: BF16 1,307.4 TF dense (2,614.9 with sparsity); FP8 2,614.9 dense; FP32 vector and
+        # matrix 163.4 TF; TF32 653.7 dense; 192 GB HBM3 5.3 TB/s; 7 Infinity Fabric links (128 GB/s each
+        # bidirectional), 896 GB/s aggregate
         # bidirectional -> 448 per direction (a fully connected mesh: 64 GB/s per direction to each peer).
         bf16_tflops=1307.4,
         fp8_tflops=2614.9,
