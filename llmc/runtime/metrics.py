@@ -62,7 +62,7 @@ class MetricsLogger:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        if self.echo and "loss" in rec:
+        if self.echo and "loss" in rec and "event" not in rec:
             mfu = f" mfu {rec['mfu'] * 100:.1f}%" if rec.get("mfu") is not None else ""
             print(f"step {rec['step']:>6}  loss {rec['loss']:.4f}  lr {rec['lr']:.3e}  "
                   f"gnorm {rec.get('grad_norm', float('nan')):.3f}  tok/s {rec.get('tokens_per_s', 0):,.0f}"

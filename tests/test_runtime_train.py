@@ -1,0 +1,241 @@
+"""Native trainer on CPU: LR schedules, loss falls, checkpoints (atomic, verified, exact resume, SIGKILL),
+corrupt-checkpoint refusal, loss-spike rewind, and 2-process DDP / FSDP2 / TP against one process."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from llmc.runtime import corpus  # noqa: E402
+from llmc.runtime.job import TrainJob, minimal_lock  # noqa: E402
+from llmc.runtime.run import run_stage  # noqa: E402
+from llmc.runtime.train import TrainingError, lr_multiplier  # noqa: E402
+
+ARCH = dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512,
+            max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("docs")
+    corpus.write_corpus(d / "docs.jsonl", max_docs=300)
+    return d / "docs.jsonl"
+
+
+def make_lock(tmp: Path, docs: Path, *, steps=12, interval=4, plan=None, loss_spike=None, lr=3e-3,
+              moe=None) -> Path:
+    arch = dict(ARCH, moe=moe) if moe else ARCH
+    spec = {"name": "t", "model": arch, "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "docs", "path": str(docs), "format": "jsonl"}],
+                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 256 * steps},
+            "training": {"precision": "fp32", "global_batch_tokens": 256, "optimizer": {"lr": lr},
+                         "checkpoint": {"interval_steps": interval, "keep_latest": 2}, "log_every": 1,
+                         "loss_spike": loss_spike or {"enabled": False}}}
+    lock = minimal_lock(spec, plan=plan or {"micro_batch": 8}, hyper={"warmup_steps": 2},
+                        spec_path=str(tmp / "spec.yaml"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    p = tmp / "plan.lock.json"
+    p.write_text(json.dumps(lock))
+    return p
+
+
+def losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r and "event" not in r}
+
+
+def run(lock: Path, out: Path, **kw) -> dict:
+    return run_stage(json.loads(lock.read_text()), None, out, lock.parent, **kw)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def _job(**kw) -> TrainJob:
+    from llmc.spec.model import Architecture
+
+    base = dict(arch=Architecture(**ARCH), sources=[], seq_len=32, steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
+    return TrainJob(**{**base, **kw})
+
+
+def test_lr_schedules():
+    j = _job(schedule="cosine")
+    assert lr_multiplier(0, j) == pytest.approx(0.1) and lr_multiplier(9, j) == pytest.approx(1.0)
+    assert lr_multiplier(10, j) == pytest.approx(1.0)
+    assert lr_multiplier(55, j) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert lr_multiplier(100, j) == pytest.approx(0.1)
+    j = _job(schedule="linear")
+    assert lr_multiplier(55, j) == pytest.approx(0.55)
+    j = _job(schedule="wsd", decay_fraction=0.2)
+    assert lr_multiplier(79, j) == 1.0 and lr_multiplier(90, j) == pytest.approx(0.55)
+    assert lr_multiplier(100, j) == pytest.approx(0.1)
+    assert lr_multiplier(50, _job(schedule="constant")) == 1.0
+
+
+# ----------------------------------------------------------------------------- single process
+
+
+def test_loss_falls_and_outputs_written(tmp_path, docs):
+    lock = make_lock(tmp_path, docs, steps=40, interval=20)
+    res = run(lock, tmp_path / "out")
+    ls = losses(tmp_path / "out")
+    assert res["status"] == "done" and res["step"] == 40
+    assert ls[1] > math.log(400)  # starts near uniform over the ~512 tokens
+    assert ls[40] < ls[1] - 1.5, ls  # and clearly learns
+    done = json.loads((tmp_path / "out" / "DONE.json").read_text())
+    assert done["checkpoint"] == "checkpoints/step-00000040"
+    assert (tmp_path / "assets" / "tokenizer.json").exists() and (tmp_path / "data" / "docs.jsonl").exists()
+    rec = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "peak_mem_bytes"} <= rec.keys()
+    # run again: DONE -> nothing to do
+    assert run(lock, tmp_path / "out")["step"] == 40
+
+
+def test_resume_is_exact_in_process(tmp_path, docs):
+    lock = make_lock(tmp_path, docs, steps=10, interval=3)
+    run(lock, tmp_path / "ref")
+    stopped = run(lock, tmp_path / "cut", steps=5)  # stops at 5, checkpoint written
+    assert stopped["status"] == "stopped" and not (tmp_path / "cut" / "DONE.json").exists()
+    run(lock, tmp_path / "cut")
+    ref, cut = losses(tmp_path / "ref"), losses(tmp_path / "cut")
+    assert all(cut[s] == ref[s] for s in range(1, 11)), (ref, cut)
+
+
+def test_corrupt_checkpoint_refused_with_clear_error(tmp_path, docs):
+    lock = make_lock(tmp_path, docs, steps=8, interval=2)
+    run(lock, tmp_path / "o", steps=4)
+    ck = tmp_path / "o" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["step-00000002", "step-00000004"]  # keep_latest 2
+    model_pt = ck / "step-00000004" / "model.pt"
+    model_pt.write_bytes(model_pt.read_bytes()[:100])  # truncate
+    with pytest.raises(TrainingError) as e:
+        run(lock, tmp_path / "o")
+    msg = str(e.value)
+    assert "\n" not in msg and str(model_pt) in msg and "refusing" in msg and "--fallback-checkpoint" in msg
+    # the user may ask for the newest complete one
+    res = run(lock, tmp_path / "o", fallback=True)
+    assert res["status"] == "done"
+    recs = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r.get("event") == "resume"][-1] == 2
+
+
+def test_bad_manifest_and_partial_tmp(tmp_path, docs):
+    from llmc.runtime.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
+
+    lock = make_lock(tmp_path, docs, steps=4, interval=2)
+    run(lock, tmp_path / "o", steps=2)
+    ck = tmp_path / "o" / "checkpoints"
+    (ck / "step-00000009.tmp").mkdir()  # an interrupted save is ignored
+    assert latest_checkpoint(ck, log=lambda *_: None).name == "step-00000002"
+    (ck / "step-00000002" / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="manifest"):
+        verify_checkpoint(ck / "step-00000002")
+    with pytest.raises(TrainingError, match="manifest.json"):
+        run(lock, tmp_path / "o")
+
+
+def test_loss_spike_rewinds_and_skips(tmp_path, docs, monkeypatch):
+    import llmc.runtime.train as tr
+
+    calls = {"n": 0}
+    real = tr.lm_loss
+
+    def spiky(logits, labels, z=0.0):
+        calls["n"] += 1
+        out = real(logits, labels, z)
+        return out * 50 if calls["n"] == 14 else out  # one poisoned micro-batch at step 14
+
+    monkeypatch.setattr(tr, "lm_loss", spiky)
+    spike = {"enabled": True, "threshold": 3.0, "window": 10, "skip_batches": 1, "max_rewinds": 2}
+    lock = make_lock(tmp_path, docs, steps=18, interval=6, loss_spike=spike)
+    res = run(lock, tmp_path / "o")
+    assert res["status"] == "done" and res["rewinds"] == 1
+    ev = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    sp = [r for r in ev if r.get("event") == "loss_spike"]
+    assert len(sp) == 1 and sp[0]["step"] == 14 and sp[0]["rewound_to"] == 12
+    # giving up after max_rewinds: a non-finite loss always counts as a spike
+    monkeypatch.setattr(tr, "lm_loss", lambda lo, la, z=0.0: real(lo, la, z) * float("nan"))
+    spike0 = dict(spike, max_rewinds=0)
+    lock = make_lock(tmp_path / "b", docs, steps=4, interval=2, loss_spike=spike0)
+    with pytest.raises(TrainingError, match="gave up after 0 rewinds"):
+        run(lock, tmp_path / "b" / "o")
+
+
+def test_moe_model_trains(tmp_path, docs):
+    lock = make_lock(tmp_path, docs, steps=6, interval=6,
+                     moe={"num_experts": 4, "top_k": 2, "num_shared_experts": 1, "dense_layers": 1})
+    res = run(lock, tmp_path / "o")
+    ls = losses(tmp_path / "o")
+    assert res["status"] == "done" and ls[6] < ls[1]
+
+
+# ----------------------------------------------------------------------------- multi-process (torchrun)
+
+
+def torchrun(lock: Path, out: Path, nproc: int = 2, extra=(), timeout=240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=localhost:0", "-m", "llmc.runtime.run", "--lock", str(lock), "--out", str(out), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["ddp", "fsdp", "tp"])
+def test_two_process_layouts_match_single_process(tmp_path, docs, layout):
+    plan = {"ddp": {"dp_replicate": 2, "micro_batch": 4}, "fsdp": {"dp_shard": 2, "micro_batch": 4},
+            "tp": {"tp": 2, "micro_batch": 8}}[layout]
+    single = make_lock(tmp_path / "single", docs, steps=8, interval=8)
+    run(single, tmp_path / "single" / "o")
+    lock = make_lock(tmp_path / layout, docs, steps=8, interval=8, plan=plan)
+    torchrun(lock, tmp_path / layout / "o")
+    ref, got = losses(tmp_path / "single" / "o"), losses(tmp_path / layout / "o")
+    assert got[8] < got[1] - 0.5  # it trains
+    for s in range(1, 9):
+        assert got[s] == pytest.approx(ref[s], abs=2e-4), (layout, s, ref, got)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, docs):
+    lock = make_lock(tmp_path, docs, steps=30, interval=4)
+    run(lock, tmp_path / "ref")
+    cmd = [sys.executable, "-m", "llmc.runtime.run", "--lock", str(lock), "--out", str(tmp_path / "cut")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = tmp_path / "cut" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(ck.glob("step-*/manifest.json")):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "DONE.json").exists(), "finished before the kill; test is not testing"
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resumed from" in p.stdout
+    ref, cut = losses(tmp_path / "ref"), losses(tmp_path / "cut")
+    assert cut[30] == ref[30]
+    assert all(cut[s] == ref[s] for s in cut), (ref, cut)
+
+
+@pytest.mark.slow
+def test_resume_ddp_checkpoint_with_fsdp(tmp_path, docs):
+    """Full (gathered) checkpoints are layout-independent: stop a DDP run, finish it with FSDP2."""
+    ddp = make_lock(tmp_path / "a", docs, steps=8, interval=4, plan={"dp_replicate": 2, "micro_batch": 4})
+    fsdp = make_lock(tmp_path / "b", docs, steps=8, interval=4, plan={"dp_shard": 2, "micro_batch": 4})
+    torchrun(ddp, tmp_path / "o", extra=["--steps", "4"])
+    p = torchrun(fsdp, tmp_path / "o")
+    assert "resumed from" in p.stdout
+    ref = make_lock(tmp_path / "c", docs, steps=8, interval=4)
+    run(ref, tmp_path / "c" / "o")
+    got, want = losses(tmp_path / "o"), losses(tmp_path / "c" / "o")
+    assert got[8] == pytest.approx(want[8], abs=2e-4)
