@@ -11,14 +11,21 @@ The model, per optimizer step (m = grad_accum micro-batches, p = pp, v = virtual
 * ``t_micro`` is the time of the slowest pipeline stage on one micro-batch:
   compute + TP collectives + EP all-to-all + exposed CP ring traffic + PP point-to-point
   + exposed FSDP (ZeRO-3) traffic.
-* compute = FLOPs on this GPU / (peak * efficiency). FLOPs include activation recomputation
-  (selective or full AC), so AC lowers MFU (MFU counts model FLOPs only; HFU would count both).
-  Efficiency = base * f_tokens * f_width * f_moe (heuristics, see ``efficiency``): about 0.6 of
-  dense peak for large bf16 GEMMs on H100-class parts (measured cuBLAS/FlashAttention-2 sit at
-  60-75 % of the dense datasheet number), lower for short micro-batches (few rows per GEMM) and
-  for high TP (narrow GEMMs); fp8 runs against the fp8 peak at 0.7x that efficiency (scaling
-  overheads, attention stays in bf16), which nets out near the 1.3-1.5x end-to-end speed-ups
-  reported for fp8 training on H100.
+* compute = FLOPs on this GPU / (peak * efficiency) + memory-bound elementwise time. FLOPs
+  include activation recomputation (selective or full AC), so AC lowers MFU (MFU counts model
+  FLOPs only; HFU would count both). Efficiency = base * f_tokens * f_width * f_moe (heuristics,
+  see :func:`efficiency`): ``BASE_EFFICIENCY`` 0.65 for large bf16 GEMMs + FlashAttention on
+  H100-class parts (measured dense bf16 cuBLAS GEMMs reach 65-80 % of the datasheet peak,
+  FlashAttention-2/3 50-75 %), times f_tokens = n/(n+512) for n tokens per micro-batch per GPU
+  (few GEMM rows) and f_width = w/(w+128) for the per-TP-shard width w = d_model/tp (narrow
+  GEMMs): a 405B layer at 8K tokens and TP8 runs at 0.65*0.94*0.94 = 0.58, an 8B layer at TP2 at
+  0.57, a 1B layer at 2K tokens at 0.50, inside the 0.55-0.6 usually assumed for H100.
+  Elementwise ops (RMSNorm, residual adds, RoPE, SwiGLU's product) are HBM-bound: forward traffic
+  ~(16 d + 8 d_ff) bf16 elements per token per layer, backward twice that, at the HBM bandwidth
+  (an estimate; ~4 % of a 405B step, ~15 % of an 8B one). fp8 (torchao float8) runs only the
+  linears in fp8, at 0.7x the bf16 efficiency against the fp8 peak (scaling/cast overheads);
+  attention stays bf16. That nets out near the 1.3-1.5x end-to-end speed-ups reported for fp8
+  training on H100; MFU for fp8 runs is quoted against the bf16 peak (the usual convention).
 * Communication (bandwidths from the hardware table, times ``COMM_EFFICIENCY``):
   - TP (Megatron, Narayanan et al. 2021 / Korthikanti et al. 2022): 2 all-reduces forward + 2
     backward per layer, each of b*s*h*2 bytes, ring factor 2(t-1)/t, over NVLink (TP never
@@ -47,9 +54,14 @@ The model, per optimizer step (m = grad_accum micro-batches, p = pp, v = virtual
 * Optimizer: AdamW streams about 30 bytes per locally owned parameter (fp32 master, m, v read
   and written, grad read, bf16 copy written) through HBM.
 
+* FSDP (ZeRO-3) collectives are issued per block; each pays (n-1) ring steps of latency
+  (``HOP_LATENCY_NET`` / ``HOP_LATENCY_NVLINK``), which is what makes HSDP (shard inside a few
+  nodes, replicate across) win over one huge shard group at scale.
+
 Known omissions: kernel launch gaps, stragglers, data loading, checkpoint stalls, network
-congestion at scale. So the model is an optimistic-but-plausible estimate; the Llama 3 405B
-layout lands inside the paper's 38-43 % MFU band (tests/test_timing.py).
+congestion at scale, MoE load imbalance. Anchor (tests/test_timing.py): the published Llama 3
+405B layout (TP8 CP1 PP16 DP128, 16K H100) is predicted inside a 30-50 % MFU band; the paper
+reports 38-43 %.
 """
 
 from __future__ import annotations
@@ -61,7 +73,9 @@ from llmc.compiler.compiled import TimeNumbers
 from llmc.compiler.plan import ParallelPlan
 
 # --- heuristics (each one named so tests and docs can cite it) ---------------------------------
-BASE_EFFICIENCY = 0.60  # achievable fraction of dense peak for large bf16 GEMMs + flash attention
+BASE_EFFICIENCY = 0.65  # achievable fraction of dense peak for large bf16 GEMMs + flash attention
+ELEMENTWISE_D = 16  # fwd HBM traffic of norms, residual adds, RoPE per token per layer, in units of d_model
+ELEMENTWISE_FF = 8  # fwd HBM traffic of the SwiGLU gate/product per token per layer, in units of d_ff
 FP8_EFFICIENCY_FACTOR = 0.70  # fp8 efficiency relative to bf16's, against the fp8 peak
 TOKENS_HALF = 512  # micro-batch tokens per GPU at which GEMM efficiency halves (f = n/(n+512))
 WIDTH_HALF = 128  # per-TP-shard hidden width at which efficiency halves (f = w/(w+128))
@@ -89,6 +103,7 @@ class StepModel:
     seq_len: int
     top_k: int
     kv_bytes_per_token_layer: float  # bf16 K+V bytes per token per layer (MLA: latent + rope)
+    elementwise_bytes: float  # HBM bytes of memory-bound ops per token per block, fwd + bwd
     layer_flops: float  # training FLOPs per token of one average block (fwd+bwd, no recompute)
     head_flops: float  # training FLOPs per token of the output head (on the last stage)
     recompute_flops: dict[str, float]  # extra FLOPs per token for each AC mode (whole model)
@@ -139,12 +154,18 @@ def step_model(arch, seq_len: int, precision: str, gpu) -> StepModel:
         sec_per_flop = (1 - attn_share) / (peak_flops(gpu, "fp8") * FP8_EFFICIENCY_FACTOR) + attn_share / peak
     else:
         sec_per_flop = 1.0 / peak
+    ff_active = arch.d_ff
+    if arch.moe is not None:
+        ff_active = (arch.moe.top_k + arch.moe.num_shared_experts) * (arch.moe.expert_d_ff or arch.d_ff)
+    # memory-bound elementwise work (RMSNorm, residual adds, RoPE, SiLU x up): forward traffic in bf16,
+    # backward about twice that (estimate; it is what keeps small models well below large-model MFU)
+    elementwise = 3 * ACT_BYTES * (ELEMENTWISE_D * d + ELEMENTWISE_FF * ff_active)
     embed = float(V * d)
     head_p = 0.0 if arch.tied_embeddings else float(V * d)
     return StepModel(
         n_layers=L, n_moe_layers=n_moe, d_model=d, seq_len=seq_len,
         top_k=arch.moe.top_k if arch.moe else 0,
-        kv_bytes_per_token_layer=kv, layer_flops=layer_flops, head_flops=head,
+        kv_bytes_per_token_layer=kv, elementwise_bytes=elementwise, layer_flops=layer_flops, head_flops=head,
         recompute_flops=rec, flops_per_token=float(total),
         layer_params=blocks / L, expert_params_per_layer=expert, embed_params=embed, head_params=head_p,
         is_moe=arch.moe is not None, peak=peak, sec_per_flop=sec_per_flop, precision=precision,
@@ -290,7 +311,9 @@ class LayoutTimer:
         n_slow, flops_tok, rec_tok, _, _ = _stage_info(sm, p, ac)
         tokens_gpu = mb * sm.seq_len / cp  # tokens of this GPU's sequence shard per micro-batch
         scale = tokens_gpu / t * sm.sec_per_flop / _efficiency(sm, mb, cp, t)
-        compute = flops_tok * scale
+        # memory-bound ops, split over tp by sequence parallelism; full AC runs the forward part again
+        elem = n_slow * tokens_gpu / t * sm.elementwise_bytes / sm.hbm_Bps * (4 / 3 if ac == "full" else 1.0)
+        compute = flops_tok * scale + elem
         recompute = rec_tok * scale
         full = ac == "full"
         tp_comm = 0.0
@@ -320,7 +343,7 @@ class LayoutTimer:
         if not breakdown:
             return step, mfu
         return step, mfu, {
-            "compute": m * (compute - recompute), "recompute": m * recompute, "tp_comm": m * tp_comm,
+            "compute": m * (compute - recompute - elem), "elementwise": m * elem, "recompute": m * recompute, "tp_comm": m * tp_comm,
             "ep_comm": m * ep_comm, "cp_comm": m * cp_comm, "pp_p2p": m * pp_comm, "fsdp_comm": m * fsdp,
             "pp_bubble": bubble, "dp_comm": dp, "optimizer": self.optimizer,
         }

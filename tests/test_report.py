@@ -1,0 +1,82 @@
+"""The plan report: golden text + JSON per example (``pytest --update-golden`` rewrites them)."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import pytest
+
+from llmc.compiler.compile import compile_spec
+from llmc.compiler.report import WIDTH, render_text
+from llmc.spec.load import load_spec
+
+GOLDEN = Path(__file__).parent / "golden" / "plan"
+EXAMPLES = sorted(glob.glob("examples/*.yaml"))
+
+
+def _compiled(path: str):
+    run, lines = load_spec(path)
+    return compile_spec(run, path, lines)
+
+
+def _json_text(c) -> str:
+    return json.dumps(c.to_json(), indent=2, sort_keys=True) + "\n"
+
+
+def _check(golden: Path, actual: str, update: bool) -> None:
+    if update or not golden.exists():
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(actual)
+        if not update:
+            pytest.fail(f"golden file {golden} was missing; written now, review and commit it")
+        return
+    expected = golden.read_text()
+    assert actual == expected, f"{golden} differs; run `pytest tests/test_report.py --update-golden` and review the diff"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[Path(p).stem for p in EXAMPLES])
+def test_golden_plan_report(path, update_golden):
+    c = _compiled(path)
+    stem = Path(path).stem
+    _check(GOLDEN / f"{stem}.txt", render_text(c), update_golden)
+    _check(GOLDEN / f"{stem}.json", _json_text(c), update_golden)
+
+
+def test_report_is_deterministic_and_fixed_width():
+    a = render_text(_compiled("examples/llama3_8b_h100x8.yaml"))
+    b = render_text(_compiled("examples/llama3_8b_h100x8.yaml"))
+    assert a == b
+    lines = a.splitlines()
+    # tables stay inside the fixed width; only unwrapped diagnostic lines may run longer
+    assert all(len(line) <= WIDTH for line in lines if "error[" not in line and "warning[" not in line
+               and "info[" not in line)
+
+
+def test_report_sections_and_numbers():
+    c = _compiled("examples/llama3_405b_h100x16384.yaml")
+    text = render_text(c)
+    for section in ("Model", "Compute", "Training", "Parallelism plan", "Memory per GPU", "Time and cost",
+                    "Budget", "Alternatives", "Rejected candidates", "Diagnostics"):
+        assert section in text
+    assert f"MFU {100 * c.time.mfu:.1f}%" in text
+    assert f"{c.time.days:.1f} days" in text
+    assert f"${c.cost.usd:,.0f}" in text
+    assert "405,853,388,800" in text  # exact parameter count (seed-facts App. B: 405.853B)
+    for r in c.reasons[:2]:
+        assert r.split(":")[0] in text
+
+
+def test_json_has_the_documented_keys():
+    j = _compiled("examples/llama3_8b_h100x8.yaml").to_json()
+    assert {"params_total", "params_active"} <= set(j["model"])
+    assert {"training_flops", "tokens_per_param"} <= set(j["compute"])
+    assert {"dp_replicate", "dp_shard", "tp", "pp", "pp_schedule", "cp", "ep", "micro_batch", "grad_accum",
+            "activation_checkpointing"} <= set(j["plan"])
+    assert {"per_gpu_bytes", "capacity_bytes"} <= set(j["memory"])
+    assert {"step_seconds", "mfu", "days"} <= set(j["time"])
+    assert {"gpu_hours", "usd"} <= set(j["cost"])
+    for d in j["diagnostics"]:
+        assert set(d) == {"code", "severity", "path", "line", "message", "hint"}
+    json.dumps(j)  # serialisable
