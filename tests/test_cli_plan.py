@@ -1,0 +1,95 @@
+"""`llmc plan` through the CLI: exit codes, one-line errors, JSON keys, and no torch import."""
+
+from __future__ import annotations
+
+import glob
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmc.cli import app
+
+runner = CliRunner()
+EXAMPLES = sorted(glob.glob("examples/*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[Path(p).stem for p in EXAMPLES])
+def test_plan_examples_exit_zero(path):
+    r = runner.invoke(app, ["plan", path])
+    assert r.exit_code == 0, r.output
+    assert "llmc plan:" in r.output and "Diagnostics" in r.output
+
+
+def test_plan_json_has_required_keys():
+    r = runner.invoke(app, ["plan", "examples/llama3_8b_h100x8.yaml", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    j = json.loads(r.output)
+    assert j["model"]["params_total"] == 8_030_261_248  # Llama-3-8B (seed-facts App. B)
+    assert j["plan"]["dp_replicate"] * j["plan"]["dp_shard"] * j["plan"]["tp"] * j["plan"]["pp"] * j["plan"]["cp"] == 8
+    for key in ("step_seconds", "mfu", "days"):
+        assert key in j["time"]
+    assert {"gpu_hours", "usd"} <= set(j["cost"])
+    assert {"per_gpu_bytes", "capacity_bytes"} <= set(j["memory"])
+
+
+BAD = {
+    # S004 Ch7's DeepSeek layout: TP16 x PP8 x DP64 = 8192 GPUs, not 2048
+    "P001": "name: x\nmodel: llama3-8b\nhardware: {gpu: h100-sxm, count: 2048}\ndata: {seq_len: 4096, tokens: 1T}\n"
+            "parallelism:\n  tp: 16\n  pp: 8\n  dp_shard: 64\n",
+    "S007": "name: x\nmodel: llama3-8b\nhardware: {gpu: h100-sxn, count: 8}\ndata: {seq_len: 4096, tokens: 1T}\n",
+    "P004": "name: x\nmodel: llama3.1-405b\nhardware: {gpu: h100-sxm, count: 8}\ndata: {seq_len: 8192, tokens: 1T}\n",
+    "B003": "name: x\nmodel: llama3-8b\nhardware: {gpu: h100-sxm, count: 8}\ndata: {seq_len: 8192, tokens: 1T}\n"
+            "budget: {max_days: 1}\n",
+    "T005": "name: x\nmodel: llama3-8b\nhardware: {gpu: a100-80g, count: 8}\ndata: {seq_len: 8192, tokens: 1T}\n"
+            "training: {precision: fp8}\n",
+}
+LINES = {"P001": 5, "S007": 3, "P004": 3, "B003": 5, "T005": 5}
+
+
+@pytest.mark.parametrize("code", sorted(BAD))
+def test_bad_spec_exits_one_with_located_one_line_errors(code, tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(BAD[code])
+    r = runner.invoke(app, ["plan", str(spec)])
+    assert r.exit_code == 1
+    out = r.output
+    assert "Traceback" not in out
+    lines = [ln for ln in out.splitlines() if f"error[{code}]" in ln]
+    assert lines, out
+    assert lines[0].startswith(f"{spec}:{LINES[code]}: error[{code}] ")
+    # every printed line is a diagnostic line
+    assert all(": error[" in ln for ln in out.splitlines() if ln.strip())
+
+
+def test_bad_format_option():
+    r = runner.invoke(app, ["plan", "examples/tiny_cpu.yaml", "--format", "yaml"])
+    assert r.exit_code == 1 and "--format" in r.output
+
+
+_NO_TORCH = r"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked: llmc plan must not import it")
+sys.meta_path.insert(0, Block())
+sys.argv = ["llmc", "plan", sys.argv[1], "--format", "json"]
+from llmc.cli import main
+try:
+    main()
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch imported"
+"""
+
+
+@pytest.mark.parametrize("path", ["examples/tiny_cpu.yaml", "examples/llama3_405b_h100x16384.yaml"])
+def test_plan_never_imports_torch(path):
+    r = subprocess.run([sys.executable, "-c", _NO_TORCH, path], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    json.loads(r.stdout)
