@@ -33,6 +33,7 @@ from dataclasses import replace
 from typing import Any
 
 from llmc.compiler.diagnostics import Diagnostic, SpecError, errors, sort_diagnostics
+from llmc.compiler.plan import ParallelPlan
 
 # --------------------------------------------------------------------------------------- DeepSpeed
 
@@ -91,13 +92,26 @@ def _is_cpu(compiled) -> bool:
     return str(compiled.spec.hardware.gpu).lower() == "cpu"
 
 
+def _ds_plan(compiled) -> ParallelPlan | None:
+    """The plan DeepSpeed runs: the compiled plan, or -- for a pipeline without a pre-training plan
+    (stages from a base model) -- every GPU a ZeRO data-parallel rank with micro-batch 1."""
+    if compiled.plan is not None:
+        return compiled.plan
+    world, gbs = _world(compiled), int(compiled.hyper.global_batch_seqs)
+    if gbs % world:
+        return None
+    return ParallelPlan(dp_shard=world, micro_batch=1, grad_accum=gbs // world)
+
+
 def zero_stage_for(compiled) -> int:
     """Pinned ``parallelism.zero_stage``, else 3 when the plan shards (dp_shard > 1 or the DS runner
     folds tp/pp into data parallelism), else 0 (pure replicas)."""
     pinned = compiled.spec.parallelism.zero_stage
     if pinned is not None:
         return int(pinned)
-    p = compiled.plan
+    p = _ds_plan(compiled)
+    if p is None:
+        return 3
     if p.dp_shard > 1 or p.tp > 1 or p.pp > 1 or p.cp > 1:
         return 3
     return 0
@@ -108,10 +122,16 @@ def deepspeed_config(compiled) -> tuple[dict | None, list[Diagnostic]]:
 
     Returns (None, diags) when no DeepSpeed artifacts can be emitted for this plan.
     """
-    spec, plan, hyper = compiled.spec, compiled.plan, compiled.hyper
+    spec, plan, hyper = compiled.spec, _ds_plan(compiled), compiled.hyper
     diags: list[Diagnostic] = []
     par = spec.parallelism
     world = _world(compiled)
+    if plan is None:
+        diags.append(_diag("X104", "warning", "training.global_batch_tokens",
+                           f"global batch of {hyper.global_batch_seqs} sequences cannot be split over {world} "
+                           "data-parallel ranks; deepspeed/ artifacts are not emitted",
+                           "use the native backend, or a global batch divisible by the GPU count"))
+        return None, diags
     folded = plan.tp > 1 or plan.pp > 1 or plan.cp > 1 or plan.ep > 1
     stage = zero_stage_for(compiled)
 
@@ -334,11 +354,14 @@ def _serving_files(compiled, env, ctx) -> dict[str, str]:
 def build_diagnostics(compiled) -> tuple[dict | None, list[Diagnostic]]:
     """All build-time checks; returns the ds_config (or None) and the diagnostics."""
     diags: list[Diagnostic] = []
-    if compiled.plan is None:
+    ds_cfg = None
+    if compiled.plan is None and not compiled.stages:
         return None, [_diag("X100", "error", "", "no feasible parallelism plan: nothing to build",
                             "run `llmc plan` to see why every candidate was rejected")]
-    ds_cfg, ds_diags = deepspeed_config(compiled)
-    diags += ds_diags
+    # (a pipeline of stages from a base model has no pre-training plan; its stages carry their own)
+    if any(s["kind"] in DS_STAGE_KINDS for s in stage_list(compiled)):
+        ds_cfg, ds_diags = deepspeed_config(compiled)
+        diags += ds_diags
     for p in compiled.serving:
         if not p.get("fits", True):
             diags.append(_diag("V001", "error", f"serving[{p.get('index', 0)}]",
@@ -378,7 +401,7 @@ def render_artifacts(compiled) -> dict[str, str]:
         from llmc.compiler.render_torchtitan import render_torchtitan
     except ImportError:  # the torchtitan renderer has not landed yet
         render_torchtitan = None
-    if render_torchtitan is not None:
+    if render_torchtitan is not None and plan is not None:
         titan = render_torchtitan(compiled)
     titan_modules = sorted(k for k in titan if k.startswith("torchtitan/") and k.endswith(".py"))
     titan_module = titan_modules[0].rsplit("/", 1)[1][:-3] if titan_modules else ""
@@ -405,7 +428,7 @@ def render_artifacts(compiled) -> dict[str, str]:
         "ds_stages": ds_stages,
         "ds_native_stages": [s for s in stages if s["kind"] not in DS_STAGE_KINDS],
         "zero_stage": (ds_cfg or {}).get("zero_optimization", {}).get("stage", 0),
-        "plan": {k: v for k, v in sorted(plan.to_json().items())},
+
         "warnings": [d.render() for d in warnings],
         "job_name": spec.name,
         "rdzv_port": 29500,
@@ -434,8 +457,11 @@ def _readme_numbers(compiled) -> list[tuple[str, str]]:
     m, h = compiled.model, compiled.hyper
     out.append(("parameters", f"{m.params_total:,} ({m.params_active:,} active)"))
     out.append(("tokens", f"{compiled.compute.tokens:.4g}"))
-    out.append(("global batch", f"{h.global_batch_seqs} sequences x {h.seq_len} tokens, {h.steps} steps"))
     p = compiled.plan
+    if p is None:
+        out.append(("plan", "no pre-training plan: the stages start from the base model (per-stage plans in plan.lock.json)"))
+        return out
+    out.append(("global batch", f"{h.global_batch_seqs} sequences x {h.seq_len} tokens, {h.steps} steps"))
     out.append(("plan", f"dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x tp {p.tp} x pp {p.pp} x cp {p.cp}"
                         f" (ep {p.ep}), micro-batch {p.micro_batch}, grad-accum {p.grad_accum}, "
                         f"AC {p.activation_checkpointing}"))

@@ -1,0 +1,265 @@
+"""DeepSpeed 0.19.8 on CPU: emitted ds_configs pass DeepSpeed's own validation for their target world size,
+a broken batch identity is rejected by DeepSpeed too, the memory estimators agree with llmc's model-state
+memory, and (slow) ZeRO-1/2/3 train llmc's tiny model on 2 gloo processes with identical, falling losses.
+
+DeepSpeed's config parsing runs in a subprocess: it needs an initialised process group (1-rank gloo)
+and a stub ``mpu`` whose ``get_data_parallel_world_size()`` returns the target data-parallel size
+(backends-on-cpu.md sec. 4), which must not leak into the other tests' process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_build_fakes import EXAMPLES, ROOT, compile_example, make_compiled, make_run
+
+from llmc.compiler.lockfile import lock_text
+from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.render import DS_TOP_LEVEL_KEYS, deepspeed_config, render_artifacts
+
+pytest.importorskip("deepspeed")
+
+PY = sys.executable
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+VALIDATE = textwrap.dedent("""
+    import json, logging, os, sys, types
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.comm as dist
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger
+    logger.setLevel(logging.ERROR)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    out = []
+    for case in json.load(open(sys.argv[1])):
+        mpu = types.SimpleNamespace(get_data_parallel_world_size=lambda n=case["dp"]: n)
+        try:
+            c = DeepSpeedConfig(case["cfg"], mpu=mpu)
+            out.append({"name": case["name"], "ok": True, "world_size": c.world_size,
+                        "train_batch_size": c.train_batch_size, "micro": c.train_micro_batch_size_per_gpu,
+                        "gas": c.gradient_accumulation_steps, "zero_stage": c.zero_optimization_stage,
+                        "bf16": c.bfloat16_config.enabled, "clip": c.gradient_clipping,
+                        "optimizer": c.optimizer_name, "scheduler": c.scheduler_name,
+                        "offload": str(c.zero_config.offload_optimizer.device) if c.zero_config.offload_optimizer else None})
+        except Exception as e:
+            out.append({"name": case["name"], "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def _validate(cases: list[dict], tmp_path: Path) -> dict[str, dict]:
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "validate.py").write_text(VALIDATE)
+    port = str(29700 + os.getpid() % 200)
+    r = subprocess.run([PY, str(tmp_path / "validate.py"), str(tmp_path / "cases.json"), port], env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, r.stdout[-3000:] + r.stderr[-3000:]
+    return {d["name"]: d for d in json.loads(line[7:])}
+
+
+def _target_dp(compiled) -> int:
+    """The data-parallel size the DeepSpeed job runs at, computed independently of render.py."""
+    p = compiled.plan
+    if p is None:  # stages from a base model: every GPU a ZeRO data-parallel rank
+        return compiled.spec.hardware.count
+    if p.tp == p.pp == p.cp == p.ep == 1:
+        return p.dp_replicate * p.dp_shard
+    return compiled.spec.hardware.count  # llmc's DS runner: every GPU is a DP rank
+
+
+def test_allow_list_only_names_keys_deepspeed_reads():
+    import deepspeed.runtime.constants as c
+    import deepspeed.runtime.zero.config as zc
+
+    known = {v for m in (c, zc) for v in vars(m).values() if isinstance(v, str)}
+    assert DS_TOP_LEVEL_KEYS <= known, DS_TOP_LEVEL_KEYS - known
+
+
+def test_every_emitted_config_passes_deepspeed(tmp_path):
+    cases, expect = [], {}
+    # example specs (real compiler), at their target data-parallel size
+    for ex in EXAMPLES:
+        try:
+            compiled = compile_example(ex)
+        except pytest.skip.Exception:
+            continue
+        files = render_artifacts(compiled)
+        if "deepspeed/ds_config.json" not in files:
+            continue
+        cfg = json.loads(files["deepspeed/ds_config.json"])
+        dp = _target_dp(compiled)
+        cases.append({"name": ex.stem, "cfg": cfg, "dp": dp})
+        expect[ex.stem] = (compiled, dp, cfg)
+    # hand-made variants: ZeRO-1/2/3, offload, fp32, tp folded into DP, other schedules
+    variants = {
+        "zero1": make_compiled(make_run(parallelism={"zero_stage": 1})),
+        "zero2_offload": make_compiled(make_run(parallelism={"zero_stage": 2, "offload_optimizer": True})),
+        "zero3_fp32": make_compiled(make_run(training={"precision": "fp32"})),
+        "ddp": make_compiled(plan=ParallelPlan(dp_replicate=8, micro_batch=4, grad_accum=1, zero_stage=0)),
+        "tp_folded": make_compiled(plan=ParallelPlan(dp_shard=4, tp=2, micro_batch=2, grad_accum=4)),
+        "constant": make_compiled(schedule="constant"),
+        "wsd": make_compiled(schedule="wsd"),
+    }
+    for name, comp in variants.items():
+        cfg, _ = deepspeed_config(comp)
+        dp = _target_dp(comp)
+        cases.append({"name": name, "cfg": cfg, "dp": dp})
+        expect[name] = (comp, dp, cfg)
+    # negative control: the same config with the batch identity broken must be rejected by DeepSpeed
+    bad = json.loads(json.dumps(cases[-1]["cfg"]))
+    bad["train_batch_size"] += 1
+    cases.append({"name": "broken_identity", "cfg": bad, "dp": cases[-1]["dp"]})
+    assert len(cases) >= 8
+
+    res = _validate(cases, tmp_path)
+    for name, (comp, dp, cfg) in expect.items():
+        r = res[name]
+        assert r["ok"], (name, r)
+        assert r["world_size"] == dp
+        assert r["train_batch_size"] == comp.hyper.global_batch_seqs == r["micro"] * r["gas"] * dp
+        assert r["zero_stage"] == cfg["zero_optimization"]["stage"]
+        assert r["bf16"] == (comp.spec.training.precision != "fp32")
+        assert r["clip"] == comp.spec.training.grad_clip
+        assert r["optimizer"] == "adamw"
+        assert r["scheduler"] == (cfg["scheduler"]["type"] if "scheduler" in cfg else None)
+    assert res["zero2_offload"]["offload"].endswith("cpu")
+    assert res["zero1"]["zero_stage"] == 1 and res["zero3_fp32"]["zero_stage"] == 3
+    assert not res["broken_identity"]["ok"]
+    assert "train_batch_size is not equal to micro_batch_per_gpu" in res["broken_identity"]["error"]
+
+
+# ------------------------------------------------------------------------------------ memory estimators
+
+
+def _largest_layer_params(arch) -> int:
+    """What DeepSpeed calls the largest layer: the most parameters held directly by one module
+    (``estimate_zero3_model_states_mem_needs_all_live``), measured on llmc's runtime model (meta device)."""
+    torch = pytest.importorskip("torch")
+    from llmc.runtime.model import build_model
+
+    with torch.device("meta"):
+        m = build_model(arch, "meta")
+    return max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in m.modules())
+
+
+@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.stem in
+                                     ("llama3_8b_h100x8", "qwen2.5_7b_a100x16", "llama3_70b_h100x64", "tiny_cpu")],
+                         ids=lambda p: p.stem)
+def test_estimators_agree_with_llmc_model_states(example):
+    """DeepSpeed's cold estimators vs llmc's memory model for the DeepSpeed layout (every GPU a DP rank).
+
+    Documented differences (bytes per parameter, P params, G GPUs, L largest layer):
+      ZeRO-2: DeepSpeed keeps an fp32 copy of the gradient partition besides the 16-bit grads
+              (18 = 2 + 4 + 12 per sharded param); llmc counts 2-byte grads -> DS = llmc + 4P/G.
+      ZeRO-3: DeepSpeed adds the gathered largest layer (4L: 16-bit params + grads) and counts
+              18P/G; llmc counts 16P/G (its gather buffers are under ``buffers``) -> DS = llmc + 2P/G + 4L.
+      offload: optimizer states and fp32 grads on the CPU on both sides -> GPU = 2P (ZeRO-2).
+    """
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from llmc.compiler.memory import memory_per_gpu
+
+    compiled = compile_example(example)
+    arch, run = compiled.spec.model, compiled.spec
+    P = compiled.model.params_total
+    G = run.hardware.count
+    gpn = min(G, run.hardware.gpus_per_node or compiled.gpu.gpus_per_node)
+    nodes = G // gpn
+    seq = compiled.hyper.seq_len
+
+    def states(zero: int, offload: bool = False) -> int:
+        plan = ParallelPlan(dp_shard=G, micro_batch=1, grad_accum=1, zero_stage=zero)
+        b = memory_per_gpu(arch, plan, seq, "bf16", compiled.gpu.hbm_bytes, offload_optimizer=offload).breakdown
+        return b["weights"] + b["grads"] + b["optimizer"]
+
+    _, ds2 = estimate_zero2_model_states_mem_needs(P, gpn, nodes, cpu_offload=False)
+    assert ds2 == pytest.approx(states(2) + 4 * P / G, rel=1e-3, abs=64)
+    _, ds2o = estimate_zero2_model_states_mem_needs(P, gpn, nodes, cpu_offload=True)
+    assert ds2o == pytest.approx(states(2, offload=True), rel=1e-3)
+    L = _largest_layer_params(arch)
+    _, ds3, largest = estimate_zero3_model_states_mem_needs(P, L, gpn, nodes, cpu_offload=False,
+                                                            cpu_offload_params=False)
+    assert largest == 4 * L
+    assert ds3 == pytest.approx(states(3) + 2 * P / G + 4 * L, rel=1e-3, abs=64)
+    # published check (backends-on-cpu.md sec. 4): 7B on 8 GPUs, ZeRO-2 = 2P + 18P/8 = 27.71 GiB
+    assert estimate_zero2_model_states_mem_needs(7_000_000_000, 8, 1, cpu_offload=False)[1] / 2**30 == \
+        pytest.approx(27.71, abs=0.01)
+
+
+# ------------------------------------------------------------------------------------- real training
+
+
+def _tiny_build(tmp_path: Path, zero: int) -> Path:
+    run = make_run(
+        name="tinyds",
+        model={"name": "tiny", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
+               "vocab_size": 512, "max_seq_len": 64},
+        data={"seq_len": 32, "tokens": 1e5, "sources": [{"name": "python-docs", "format": "builtin"}],
+              "tokenizer": {"train": True, "vocab_size": 512}},
+        hardware={"gpu": "cpu", "count": 2},
+        training={"precision": "fp32", "optimizer": {"lr": 3e-3}, "log_every": 1, "schedule": {"warmup_steps": 1}},
+        parallelism={"zero_stage": zero},
+    )
+    c = make_compiled(run, plan=ParallelPlan(dp_shard=2, micro_batch=2, grad_accum=2), global_batch_seqs=8,
+                      steps=8, warmup=1)
+    b = tmp_path / f"z{zero}"
+    b.mkdir()
+    files = render_artifacts(c)
+    for name in ("plan.lock.json", "deepspeed/ds_config.json"):
+        (b / name).parent.mkdir(parents=True, exist_ok=True)
+        (b / name).write_text(files[name])
+    assert lock_text(c) == files["plan.lock.json"]
+    return b
+
+
+def _run_ds(b: Path, steps: int, assets: Path) -> subprocess.CompletedProcess:
+    port = str(29300 + (os.getpid() + steps) % 300)
+    argv = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"localhost:{port}", "-m", "llmc.runtime.ds_train", "--lock", str(b / "plan.lock.json"),
+            "--ds-config", str(b / "deepspeed" / "ds_config.json"), "--out", str(b / "run" / "pretrain"),
+            "--assets", str(assets), "--steps", str(steps)]
+    return subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=900, cwd=str(ROOT))
+
+
+def _losses(b: Path) -> dict[int, float]:
+    recs = [json.loads(ln) for ln in (b / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+@pytest.mark.slow
+def test_zero_stages_train_the_tiny_model_identically(tmp_path):
+    assets = tmp_path / "assets_root"
+    assets.mkdir()
+    losses = {}
+    for zero in (1, 2, 3):
+        b = _tiny_build(tmp_path, zero)
+        if zero == 1:  # stop after 4 steps, then resume from the DeepSpeed checkpoint to the end
+            r = _run_ds(b, 4, assets)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            assert not (b / "run" / "pretrain" / "DONE.json").exists()
+            assert (b / "run" / "pretrain" / "ds_checkpoints" / "latest").read_text().strip() == "step-00000004"
+        r = _run_ds(b, 8, assets)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert f"DeepSpeed ZeRO-{zero}" in r.stdout
+        done = json.loads((b / "run" / "pretrain" / "DONE.json").read_text())
+        assert done["status"] == "done" and done["step"] == 8 and done["zero_stage"] == zero
+        assert (b / "run" / "pretrain" / done["checkpoint"] / "manifest.json").exists()  # llmc-format weights
+        losses[zero] = _losses(b)
+        if zero == 1:
+            assert "resumed from" in r.stdout
+    l1, l2, l3 = (losses[z] for z in (1, 2, 3))
+    assert sorted(l1) == list(range(1, 9))
+    assert l1[8] < l1[1] - 0.3, l1  # it learns
+    for s in range(1, 9):  # ZeRO stages are numerically the same optimizer (fp32)
+        assert l2[s] == pytest.approx(l1[s], abs=2e-3), (s, l1, l2)
+        assert l3[s] == pytest.approx(l1[s], abs=2e-3), (s, l1, l3)
