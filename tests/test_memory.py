@@ -248,14 +248,43 @@ def test_moe_activations_scale_with_top_k():
 # ----------------------------------------------------------------------------- pipeline
 
 
-def test_stage_layers_even_split():
-    assert [len(s) for s in stage_layers(80, 16)] == [5] * 16
-    split = stage_layers(61, 16)
-    sizes = [len(s) for s in split]
-    assert sum(sizes) == 61 and max(sizes) - min(sizes) <= 1
-    assert sizes[0] == sizes[-1] == 3 and sizes[1] == 4  # leftovers go to the middle stages first
-    assert [len(s) for s in stage_layers(31, 4)] == [7, 8, 8, 8]  # ... then to the last, then the first
-    assert [i for s in split for i in s] == list(range(61))
+@pytest.mark.parametrize(
+    "n_layers, pp, schedule, v",
+    [(80, 16, "1F1B", 1), (61, 16, "1F1B", 1), (32, 4, "1F1B", 1), (126, 16, "Interleaved1F1B", 2),
+     (32, 4, "ZBVZeroBubble", 2), (24, 4, "GPipe", 1), (32, 2, "Interleaved1F1B", 4), (30, 4, "1F1B", 1),
+     (4, 4, "1F1B", 1)],
+)  # fmt: skip
+def test_pipeline_split_matches_torchtitan_and_renderer(n_layers, pp, schedule, v):
+    """Our per-rank layout must be the one the rendered torchtitan job builds: torchtitan's automatic
+    split when v is the schedule's default, llmc's explicit split (render_torchtitan) otherwise."""
+    pytest.importorskip("torchtitan")
+    from torchtitan.distributed import pipeline_parallel as tpp
+
+    from llmc.compiler.memory import pipeline_layout
+
+    default_v = 1 if schedule in ("1F1B", "GPipe") else 2
+    if v == default_v:
+        parts = tpp._generate_llm_fqn_per_model_part(pp * v, n_layers, 1, 1)
+    else:
+        from llmc.compiler.render_torchtitan import _pp_module_fqns
+
+        parts = _pp_module_fqns(n_layers, pp * v)
+    layout = pipeline_layout(n_layers, pp, schedule, v)
+    for r in range(pp):
+        own = tpp._get_pp_rank_to_stage_indices_mapping(r, pp, schedule, pp * v)
+        mods = [m for k in own for m in parts[k]]
+        layers = sorted(int(m.split(".")[1]) for m in mods if m.startswith("layers."))
+        assert list(layout[r][0]) == layers
+        assert layout[r][1] == ("tok_embeddings" in mods)
+        assert layout[r][2] == ("lm_head" in mods)
+
+
+def test_stage_layers_examples():
+    # torchtitan auto split, embedding and head weighted as one layer each: 80 + 2 over 16 stages
+    assert [len(s) for s in stage_layers(80, 16)] == [5, 6] + [5] * 13 + [4]
+    sizes = [len(s) for s in stage_layers(61, 16)]
+    assert sum(sizes) == 61 and sizes[0] == 3 and sizes[-1] == 2
+    assert [i for s in stage_layers(61, 16) for i in s] == list(range(61))
     with pytest.raises(ValueError):
         stage_layers(4, 8)
 
@@ -276,10 +305,11 @@ def test_pipeline_stage_contents():
     assert len(st_) == 4
     V, d = 128256, 8192
     layer = 8192 * 8192 * 2 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
-    # ZeRO-3 over dp_shard = 1 -> no sharding: weights 2 B/param; embedding on stage 0, head + norm on 3
+    # ZeRO-3 over dp_shard = 1 -> no sharding: weights 2 B/param; torchtitan split 80 + 2 over 4 stages
+    # -> 20 (+ embedding), 21, 20, 19 (+ norm + head)
     assert st_[0].weights == 2 * (20 * layer + V * d)
-    assert st_[1].weights == 2 * 20 * layer
-    assert st_[3].weights == 2 * (20 * layer + V * d + d)
+    assert st_[1].weights == 2 * 21 * layer
+    assert st_[3].weights == 2 * (19 * layer + V * d + d)
     m = memory_per_gpu(LLAMA3_70B, plan, 8192, "bf16", CAP)
     assert m.per_stage_bytes == [int(-(-s.total // 1)) for s in st_]
     assert m.per_gpu_bytes == max(m.per_stage_bytes)
@@ -412,5 +442,5 @@ def test_fsdp_with_pp_keeps_the_stage_unsharded():
     plan = ParallelPlan(pp=4, dp_shard=8, grad_accum=8, zero_stage=3)
     stages = stage_memory(LLAMA3_70B, plan, 4096)
     layer = 8192 * 8192 * 2 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
-    assert stages[1].buffers == pytest.approx(WORKSPACE_BYTES + 20 * layer * 6)
-    assert stages[1].weights == pytest.approx(2 * 20 * layer / 8)
+    assert stages[1].buffers == pytest.approx(WORKSPACE_BYTES + 21 * layer * 6)  # stage 1: 21 layers
+    assert stages[1].weights == pytest.approx(2 * 21 * layer / 8)

@@ -93,54 +93,121 @@ def _group(label: str) -> str:
     return "replicated"  # norms, router, expert bias, mla/wq_a, mla/q_norm, mla/wkv_a, mla/kv_norm
 
 
-def stage_layers(n_layers: int, pp: int) -> list[list[int]]:
-    return [list(x) for x in _stage_layers(n_layers, pp)]
+SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")  # one model chunk per pp rank (torchtitan PipelineScheduleSingle)
+
+
+def _default_virtual(schedule: str) -> int:
+    """torchtitan ``_get_pipeline_metadata``: 1 chunk per rank for single-stage schedules, 2 otherwise."""
+    return 1 if schedule in SINGLE_STAGE_SCHEDULES else 2
+
+
+def _even_parts(n_layers: int, n_parts: int) -> list[int]:
+    """Layers per part when llmc passes an explicit split (render_torchtitan._pp_module_fqns): as even
+    as possible, the remainder to the middle parts first, then the first, then the last."""
+    base, extra = divmod(n_layers, n_parts)
+    counts = [base] * n_parts
+    order = list(range(1, n_parts - 1)) + [0, n_parts - 1] if n_parts > 2 else list(range(n_parts))
+    for i in order[:extra]:
+        counts[i] += 1
+    return counts
+
+
+def _titan_parts(
+    n_layers: int, n_parts: int, input_weight: int = 1, output_weight: int = 1
+) -> list[int] | None:
+    """Layers per part of torchtitan's automatic split (``_generate_llm_fqn_per_model_part``): the
+    embedding and the norm + head count as ``input_weight`` / ``output_weight`` layers, n_layers + both
+    weights are spread evenly with the remainder on the first parts. None where torchtitan would refuse."""
+    eff = n_layers + input_weight + output_weight
+    per, extra = divmod(eff, n_parts)
+    if n_parts > eff or per == 0 or input_weight > per or output_weight > per:
+        return None
+    counts, left = [], n_layers
+    for k in range(n_parts):
+        c = per + (1 if k < extra else 0)
+        if k == 0:
+            c -= input_weight
+        elif k == n_parts - 1:
+            c -= output_weight
+        c = min(c, left)
+        counts.append(c)
+        left -= c
+    return counts
 
 
 @lru_cache(maxsize=1024)
-def _stage_layers(n_layers: int, pp: int) -> tuple[tuple[int, ...], ...]:
-    """Split blocks 0..n_layers-1 into pp contiguous stages as evenly as possible.
+def pipeline_layout(
+    n_layers: int, pp: int, schedule: str = "1F1B", virtual: int = 1
+) -> tuple[tuple[tuple[int, ...], bool, bool], ...]:
+    """Per pp rank: (blocks it holds, holds the embedding, holds the final norm + output head).
 
-    Leftover layers (n_layers % pp) go first to the middle stages, then to the last, then to the first
-    stage, because the first stage also carries the embedding and the last the head and the loss.
+    Mirrors what llmc's torchtitan job does: with the schedule's default number of chunks per rank
+    (1 for 1F1B/GPipe, 2 for Interleaved1F1B/ZBV) torchtitan splits automatically
+    (``_generate_llm_fqn_per_model_part`` with first/last_stage_less_layers = 1); otherwise llmc passes
+    an explicit even split. Chunks map to ranks "loop"-style (rank r holds chunks r, r + pp, ...) or, for
+    ZBVZeroBubble, "v"-style (rank r holds chunks r and 2pp - 1 - r, so rank 0 has embedding and head)
+    -- torchtitan ``_get_pp_rank_to_stage_indices_mapping``.
     """
-    if pp < 1:
-        raise ValueError("pp must be >= 1")
-    if pp > n_layers:
-        raise ValueError(f"pp={pp} exceeds n_layers={n_layers}")
-    base, rem = divmod(n_layers, pp)
-    counts = [base] * pp
-    order = list(range(1, pp - 1)) + ([pp - 1] if pp > 1 else []) + [0]
-    for k in range(rem):
-        counts[order[k % len(order)]] += 1
-    out, start = [], 0
+    if pp < 1 or virtual < 1:
+        raise ValueError("pp and virtual stages must be >= 1")
+    n_parts = pp * virtual
+    if n_parts > n_layers:
+        raise ValueError(f"{n_parts} pipeline chunks exceed n_layers={n_layers}")
+    if n_parts == 1:
+        return ((tuple(range(n_layers)), True, True),)
+    counts = None
+    if virtual == _default_virtual(schedule):
+        counts = _titan_parts(n_layers, n_parts)
+    if counts is None or sum(counts) != n_layers:
+        counts = _even_parts(n_layers, n_parts)
+    parts, start = [], 0
     for c in counts:
-        out.append(tuple(range(start, start + c)))
+        parts.append(tuple(range(start, start + c)))
         start += c
+    if schedule == "ZBVZeroBubble" and virtual == 2:
+        owners = [(r, 2 * pp - 1 - r) for r in range(pp)]
+    else:
+        owners = [tuple(r + k * pp for k in range(virtual)) for r in range(pp)]
+    out = []
+    for own in owners:
+        layers = tuple(sorted(i for k in own for i in parts[k]))
+        out.append((layers, 0 in own, n_parts - 1 in own))
     return tuple(out)
 
 
-def stage_param_groups(arch: Architecture, pp: int) -> list[dict[str, int]]:
-    """Per stage: parameter counts by sharding group ("tp", "expert", "vocab", "replicated")."""
-    return [dict(g) for g in _stage_param_groups(arch, pp)]
+def _plan_layout(arch: Architecture, plan: ParallelPlan):
+    return pipeline_layout(arch.n_layers, plan.pp, plan.pp_schedule, max(1, plan.pp_virtual_stages))
+
+
+def stage_layers(n_layers: int, pp: int, schedule: str = "1F1B", virtual: int = 1) -> list[list[int]]:
+    """Blocks held by each pipeline rank (see :func:`pipeline_layout`)."""
+    return [list(layers) for layers, _, _ in pipeline_layout(n_layers, pp, schedule, virtual)]
+
+
+def stage_param_groups(
+    arch: Architecture, pp: int, schedule: str = "1F1B", virtual: int = 1
+) -> list[dict[str, int]]:
+    """Per pipeline rank: parameter counts by sharding group ("tp", "expert", "vocab", "replicated")."""
+    return [dict(g) for g in _stage_param_groups(arch, pp, schedule, virtual)]
 
 
 @lru_cache(maxsize=256)
-def _stage_param_groups(arch: Architecture, pp: int) -> tuple[dict[str, int], ...]:
-    stages = _stage_layers(arch.n_layers, pp)
+def _stage_param_groups(
+    arch: Architecture, pp: int, schedule: str, virtual: int
+) -> tuple[dict[str, int], ...]:
     V, d = arch.vocab_size, arch.d_model
     out = []
-    for si, layers in enumerate(stages):
+    for layers, emb, head in pipeline_layout(arch.n_layers, pp, schedule, virtual):
         g = {"tp": 0, "expert": 0, "vocab": 0, "replicated": 0}
         for i in layers:
             for label, n in layer_components(arch, i).items():
                 g[_group(label)] += n
-        if si == 0:
+        if emb:
             g["vocab"] += V * d
-        if si == pp - 1:
+        if head:
             g["replicated"] += d  # final norm
-            if not arch.tied_embeddings or pp > 1:
-                # untied head; or the tied matrix again on the last stage when the model is split
+            if not arch.tied_embeddings or not emb:
+                # untied head; or the tied matrix again on a rank without the embedding
                 g["vocab"] += V * d
         out.append(g)
     return tuple(out)
@@ -381,15 +448,16 @@ def stage_memory(
     """Memory of one GPU in each pipeline stage (see the module docstring for every term)."""
     wb, gb, ob = _precision_bytes(precision, optimizer_bytes_per_param, grad_bytes_per_param)
     act_b = 4.0 if precision == "fp32" else 2.0
-    groups = _stage_param_groups(arch, plan.pp)
+    v = max(1, plan.pp_virtual_stages)
+    groups = _stage_param_groups(arch, plan.pp, plan.pp_schedule, v)
     shard = _shard_groups(plan)
-    stages = _stage_layers(arch.n_layers, plan.pp)
+    layout = _plan_layout(arch, plan)
     tokens_mb = plan.micro_batch * seq_len / plan.cp  # tokens per micro-batch on this rank
     act_div = plan.tp  # sequence parallel: every activation is split over tp (Korthikanti Table 2)
     zs = plan.zero_stage
 
     out: list[StageMemory] = []
-    for si, (g, layers) in enumerate(zip(groups, stages, strict=True)):
+    for si, (g, (layers, has_emb, has_head)) in enumerate(zip(groups, layout, strict=True)):
         w = gr = op = 0.0
         unsharded_local = 0.0  # params of this stage after tp/ep split, before ZeRO
         for name, n in g.items():
@@ -415,7 +483,7 @@ def stage_memory(
         per_tok, work = _stage_act(
             arch, layers, plan.activation_checkpointing, seq_len, flash_attention, act_b
         )
-        if si == plan.pp - 1:
+        if has_head:
             per_tok += 2 * arch.d_model * act_b  # final norm input + head input
         acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div
         # while one block is recomputed and back-propagated, what was dropped for it is rematerialised:
@@ -424,7 +492,7 @@ def stage_memory(
 
         # --- buffers
         buf = float(WORKSPACE_BYTES)
-        if si == plan.pp - 1:
+        if has_head:
             buf += tokens_mb * arch.vocab_size * LOGITS_BYTES_PER_ELEM / plan.tp
         z_dense = plan.dp_shard * plan.cp
         if zs >= 3 and z_dense > 1 and plan.pp > 1:
@@ -439,7 +507,7 @@ def stage_memory(
             # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter
             block = _max_block_local(arch, layers, plan.tp, max(1, plan.ep))
             unit = block
-            if si == 0 or si == plan.pp - 1:
+            if has_emb or has_head:
                 unit = max(unit, arch.vocab_size * arch.d_model / plan.tp)  # embedding / head unit
             # the largest unit gathered (wb) with its fp32 gradient (4) + the next block prefetched (wb)
             buf += unit * (wb + 4) + block * wb
@@ -455,7 +523,10 @@ def stage_memory(
 def _max_block_local(arch: Architecture, layers: tuple[int, ...], tp: int, ep: int) -> float:
     """Largest block of the stage after the tp / ep split (one FSDP unit)."""
     div = {"tp": tp, "vocab": tp, "replicated": 1, "expert": ep}
-    return max(sum(n / div[_group(label)] for label, n in layer_components(arch, i).items()) for i in layers)
+    return max(
+        (sum(n / div[_group(label)] for label, n in layer_components(arch, i).items()) for i in layers),
+        default=0.0,
+    )
 
 
 @lru_cache(maxsize=4096)
@@ -470,7 +541,7 @@ def _stage_act(
         )
 
     kept = sum(f(i, ac) for i in layers)
-    work = 0.0 if ac == "none" else max(f(i, "none") - f(i, ac) for i in layers)
+    work = 0.0 if ac == "none" else max((f(i, "none") - f(i, ac) for i in layers), default=0.0)
     return kept, work
 
 
