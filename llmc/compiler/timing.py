@@ -190,19 +190,15 @@ def _layer_param_count(x) -> float:
 
 
 def stage_layers(n_layers: int, pp: int) -> list[int]:
-    """Blocks per pipeline stage, the same split as ``memory.stage_layers``.
+    """Blocks per pipeline stage, the same split as ``memory.stage_layers`` (delegates to it).
 
-    As even as possible; the remainder goes to the middle stages first, then the last, then the
-    first, because the first stage also runs the embedding and the last the head and the loss
-    (Llama 3 405B: 126 layers over 16 stages, first and last stage one block lighter, Llama 3
-    paper §3.3.2).
+    That is torchtitan's automatic split (embedding and head weighted as one block each), so the first
+    and last stage are one block lighter (Llama 3 405B: 126 layers over 16 stages -> 7, 8 x 14, 7, as in
+    the Llama 3 paper §3.3.2).
     """
-    base, rem = divmod(n_layers, pp)
-    counts = [base] * pp
-    order = list(range(1, pp - 1)) + ([pp - 1] if pp > 1 else []) + [0]
-    for k in range(rem):
-        counts[order[k % len(order)]] += 1
-    return counts
+    from llmc.compiler.memory import stage_layers as _mem_split
+
+    return [len(s) for s in _mem_split(n_layers, pp)]
 
 
 def _stage_info(sm: StepModel, p: int, ac: str) -> tuple[int, float, float, float, int]:
