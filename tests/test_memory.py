@@ -297,6 +297,8 @@ def test_in_flight_1f1b_and_interleaved():
     inter = ParallelPlan(pp=4, grad_accum=8, pp_schedule="Interleaved1F1B", pp_virtual_stages=2)
     assert in_flight_microbatches(inter, 0) == pytest.approx(4 * (1 + 3 / 8))
     assert in_flight_microbatches(ParallelPlan(pp=4, grad_accum=8, pp_schedule="GPipe"), 3) == 8
+    zbv = ParallelPlan(pp=4, grad_accum=8, pp_schedule="ZBVZeroBubble", pp_virtual_stages=2)
+    assert [in_flight_microbatches(zbv, i) for i in range(4)] == [4, 4, 4, 4]  # ZB-V: 1F1B's peak, balanced
 
 
 def test_pipeline_stage_contents():

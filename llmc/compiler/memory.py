@@ -393,15 +393,19 @@ def korthikanti_layer_bytes(
 def in_flight_microbatches(plan: ParallelPlan, stage: int) -> float:
     """Micro-batches whose activations stage ``stage`` holds at its peak.
 
-    1F1B (PipeDream-Flush, Narayanan et al. 2021 sec. 2.2.1): min(p - i, m). Interleaved 1F1B with v
-    chunks: x (1 + (p - 1)/(p v)) (Korthikanti et al. 2022 sec. 4.2.3). GPipe: all m. ZBV zero-bubble:
-    treated like 1F1B (its peak is about p micro-batches' worth on the first rank; approximation).
+    Counted in micro-batches of the rank's whole share of blocks. 1F1B (PipeDream-Flush, Narayanan et
+    al. 2021 sec. 2.2.1): min(p - i, m). Interleaved 1F1B with v chunks: x (1 + (p - 1)/(p v))
+    (Korthikanti et al. 2022 sec. 4.2.3). GPipe: all m. ZB-V (Qi et al. 2024, "Zero Bubble Pipeline
+    Parallelism", arXiv 2401.10241, sec. 4): the same peak as 1F1B's first stage, p micro-batches,
+    on every rank -> min(p, m).
     """
     p, m = plan.pp, max(1, plan.grad_accum)
     if p == 1:
         return 1.0
     if plan.pp_schedule == "GPipe":
         return float(m)
+    if plan.pp_schedule == "ZBVZeroBubble":
+        return float(min(p, m))
     n = float(min(p - stage, m))
     if plan.pp_schedule == "Interleaved1F1B":
         v = max(1, plan.pp_virtual_stages)
