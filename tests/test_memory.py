@@ -446,3 +446,13 @@ def test_fsdp_with_pp_keeps_the_stage_unsharded():
     layer = 8192 * 8192 * 2 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
     assert stages[1].buffers == pytest.approx(WORKSPACE_BYTES + 21 * layer * 6)  # stage 1: 21 layers
     assert stages[1].weights == pytest.approx(2 * 21 * layer / 8)
+
+
+def test_fp8_keeps_bf16_model_states():
+    """torchao float8 keeps high-precision parameters (fp8 casts are transient): same memory as bf16."""
+    plan = ParallelPlan(dp_shard=8)
+    assert memory_per_gpu(LLAMA3_8B, plan, 4096, "fp8", CAP) == memory_per_gpu(
+        LLAMA3_8B, plan, 4096, "bf16", CAP
+    )
+    with pytest.raises(ValueError):
+        memory_per_gpu(LLAMA3_8B, plan, 4096, "int4", CAP)
