@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
+# targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
+# spec sha256: 07fd4a62e5f57850b179f781f4177946d7cc05f890f4cb40f648faa6bf98b270
+#
+# torchrun across 256 node(s) x 8 GPUs; run this on EVERY node.
+#   NNODES=256 NODE_RANK=<0..255> MASTER_ADDR=<first host> bash launch/torchrun_multi_node.sh
+# Rendezvous: c10d on MASTER_ADDR:MASTER_PORT (default 29500). BACKEND=native|torchtitan as in
+# torchrun_single_node.sh. Env: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC, RUN_DIR, RUN_ID, STAGE.
+set -euo pipefail
+BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
+NNODES="${NNODES:-256}"
+NODE_RANK="${NODE_RANK:?set NODE_RANK (0 on the first node)}"
+MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+NPROC="${NPROC:-8}"
+RUN_ID="${RUN_ID:-deepseek-v3-h800x2048}"
+BACKEND="${BACKEND:-native}"
+LOCK="$BUILD_DIR/plan.lock.json"
+# Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
+# unfinished one). STAGE=<name> runs only that stage.
+stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
+want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+
+TORCHRUN=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC"
+          --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_ID")
+case "$BACKEND" in
+  native)
+    python -m llmc.runtime.run prepare --lock "$LOCK"
+    if want_stage pretrain && ! stage_done pretrain; then
+      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+    fi
+    ;;
+  torchtitan)
+    python -m llmc.runtime.run prepare --lock "$LOCK"
+    export LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+    PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
+      "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
+      -m torchtitan.train --module llmc_job --config job "$@"
+    ;;
+  *) echo "unknown BACKEND=$BACKEND" >&2; exit 2 ;;
+esac

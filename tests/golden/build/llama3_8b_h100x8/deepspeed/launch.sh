@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
+# targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
+# spec sha256: 35fe3d76166bcdb1ea3996ba176c2b7812e26699011ef1ff0e589a173ef98f7e
+#
+# DeepSpeed 0.19.8 (data parallel + ZeRO-3), config in deepspeed/ds_config.json.
+#   bash deepspeed/launch.sh                       # one node, NPROC=8 processes
+#   HOSTFILE=hostfile bash deepspeed/launch.sh     # 1 node(s): MPI-style hostfile ("host slots=N")
+# On a machine without a GPU set DS_ACCELERATOR=cpu (gloo). Env: NPROC, HOSTFILE, MASTER_PORT, RUN_DIR, STAGE.
+# warning: examples/llama3_8b_h100x8.yaml: warning[X103] parallelism: the plan uses tp=2 pp=1 cp=1 ep=1; llmc's DeepSpeed runner is data-parallel/ZeRO only, so deepspeed/ runs all 8 GPUs as ZeRO-3 data-parallel ranks (memory and speed differ from the plan) (use the torchtitan backend for this layout)
+set -euo pipefail
+BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
+NPROC="${NPROC:-8}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+LOCK="$BUILD_DIR/plan.lock.json"
+DS_CONFIG="$BUILD_DIR/deepspeed/ds_config.json"
+# Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
+# unfinished one). STAGE=<name> runs only that stage.
+stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
+want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+
+DS=(deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT")
+if [ -n "${HOSTFILE:-}" ]; then
+  DS=(deepspeed --hostfile "$HOSTFILE" --num_nodes 1 --num_gpus "$NPROC" --master_port "$MASTER_PORT")
+fi
+python -m llmc.runtime.run prepare --lock "$LOCK"
+if want_stage pretrain && ! stage_done pretrain; then
+  "${DS[@]}" --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR/pretrain"
+fi

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
+# targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
+# spec sha256: 9e7d29a421bc97ee6b0e38e84c38b50956bd3dfa838caaa35b4738b8efb49018
+#
+# torchrun on one node (8 processes by default).
+#   BACKEND=native     llmc.runtime.run, every stage in order (default)
+#   BACKEND=torchtitan torchtitan.train with the job module in torchtitan/ (the pre-training stage)
+# Env: NPROC, RUN_DIR (default <build>/run), STAGE, BACKEND.
+set -euo pipefail
+BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
+NPROC="${NPROC:-8}"
+BACKEND="${BACKEND:-native}"
+LOCK="$BUILD_DIR/plan.lock.json"
+# Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
+# unfinished one). STAGE=<name> runs only that stage.
+stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
+want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+
+TORCHRUN=(torchrun --standalone --nproc_per_node "$NPROC")
+case "$BACKEND" in
+  native)
+    python -m llmc.runtime.run prepare --lock "$LOCK"
+    if want_stage pretrain && ! stage_done pretrain; then
+      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+    fi
+    ;;
+  torchtitan)
+    python -m llmc.runtime.run prepare --lock "$LOCK"
+    export LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+    PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
+      "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
+      -m torchtitan.train --module llmc_job --config job "$@"
+    ;;
+  *) echo "unknown BACKEND=$BACKEND (native or torchtitan)" >&2; exit 2 ;;
+esac

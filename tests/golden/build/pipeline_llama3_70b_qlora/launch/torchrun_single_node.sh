@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
+# targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
+# spec sha256: 7cde810123750854b798939964ea5a39b9af0cc61f7f4fa12bf4e10621e8538a
+#
+# torchrun on one node (8 processes by default).
+#   BACKEND=native     llmc.runtime.run, every stage in order (default)
+#   BACKEND=torchtitan torchtitan.train with the job module in torchtitan/ (the pre-training stage)
+# Env: NPROC, RUN_DIR (default <build>/run), STAGE, BACKEND.
+set -euo pipefail
+BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
+NPROC="${NPROC:-8}"
+BACKEND="${BACKEND:-native}"
+LOCK="$BUILD_DIR/plan.lock.json"
+# Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
+# unfinished one). STAGE=<name> runs only that stage.
+stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
+want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+
+TORCHRUN=(torchrun --standalone --nproc_per_node "$NPROC")
+case "$BACKEND" in
+  native)
+    python -m llmc.runtime.run prepare --lock "$LOCK"
+    if want_stage sft && ! stage_done sft; then
+      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
+    fi
+    if want_stage dpo && ! stage_done dpo; then
+      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
+    fi
+    if want_stage grpo && ! stage_done grpo; then
+      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
+    fi
+    ;;
+  *) echo "unknown BACKEND=$BACKEND (native)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
+# targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
+# spec sha256: 7cde810123750854b798939964ea5a39b9af0cc61f7f4fa12bf4e10621e8538a
+#
+# Run pipeline-llama3-70b-qlora with llmc's own runtime (torchrun, one node): prepare the assets, then every stage.
+#   bash native/launch.sh                 # all stages, resuming after finished ones
+#   NPROC=2 STAGE=sft bash native/launch.sh
+# Env: NPROC (processes, default 8), RUN_DIR (default <build>/run), STAGE.
+set -euo pipefail
+BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
+NPROC="${NPROC:-8}"
+LOCK="$BUILD_DIR/plan.lock.json"
+# Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
+# unfinished one). STAGE=<name> runs only that stage.
+stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
+want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+
+python -m llmc.runtime.run prepare --lock "$LOCK"
+if want_stage sft; then
+  if stage_done sft; then
+    echo "stage sft: done ($RUN_DIR/sft/DONE.json), skipped"
+  else
+    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.run --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
+  fi
+fi
+if want_stage dpo; then
+  if stage_done dpo; then
+    echo "stage dpo: done ($RUN_DIR/dpo/DONE.json), skipped"
+  else
+    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.run --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
+  fi
+fi
+if want_stage grpo; then
+  if stage_done grpo; then
+    echo "stage grpo: done ($RUN_DIR/grpo/DONE.json), skipped"
+  else
+    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.run --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
+  fi
+fi

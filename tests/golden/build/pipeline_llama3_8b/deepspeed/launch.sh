@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
+# targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
+# spec sha256: 358d00f7b96ed49a780af2113bdc2580b47b974ce82b428536eb7702a0ccbd49
+#
+# DeepSpeed 0.19.8 (data parallel + ZeRO-3), config in deepspeed/ds_config.json.
+#   bash deepspeed/launch.sh                       # one node, NPROC=8 processes
+#   HOSTFILE=hostfile bash deepspeed/launch.sh     # 1 node(s): MPI-style hostfile ("host slots=N")
+# On a machine without a GPU set DS_ACCELERATOR=cpu (gloo). Env: NPROC, HOSTFILE, MASTER_PORT, RUN_DIR, STAGE.
+# The DeepSpeed runner trains pretrain / midtrain / long_context stages (packed next-token loss); stages
+# sft (sft), dpo (dpo), grpo (grpo) run on llmc's native runtime (torchrun).
+set -euo pipefail
+BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
+NPROC="${NPROC:-8}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+LOCK="$BUILD_DIR/plan.lock.json"
+DS_CONFIG="$BUILD_DIR/deepspeed/ds_config.json"
+# Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
+# unfinished one). STAGE=<name> runs only that stage.
+stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
+want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+
+DS=(deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT")
+if [ -n "${HOSTFILE:-}" ]; then
+  DS=(deepspeed --hostfile "$HOSTFILE" --num_nodes 1 --num_gpus "$NPROC" --master_port "$MASTER_PORT")
+fi
+python -m llmc.runtime.run prepare --lock "$LOCK"
+if want_stage midtrain && ! stage_done midtrain; then
+  "${DS[@]}" --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage midtrain --out "$RUN_DIR/midtrain"
+fi
+if want_stage long_context && ! stage_done long_context; then
+  "${DS[@]}" --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage long_context --out "$RUN_DIR/long_context"
+fi
+if want_stage sft && ! stage_done sft; then
+  torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.run --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
+fi
+if want_stage dpo && ! stage_done dpo; then
+  torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.run --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
+fi
+if want_stage grpo && ! stage_done grpo; then
+  torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.run --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
+fi

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
+# targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
+# spec sha256: 6c811b8d38c95c3a3d7b2aeb650c431e3ca2b45f2cfee9b6de9e78d83a497421
+#
+# torchrun on one node (1 processes by default).
+#   BACKEND=native     llmc.runtime.run, every stage in order (default)
+#   BACKEND=torchtitan torchtitan.train with the job module in torchtitan/ (the pre-training stage)
+# Env: NPROC, RUN_DIR (default <build>/run), STAGE, BACKEND.
+set -euo pipefail
+BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
+NPROC="${NPROC:-1}"
+BACKEND="${BACKEND:-native}"
+LOCK="$BUILD_DIR/plan.lock.json"
+# Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
+# unfinished one). STAGE=<name> runs only that stage.
+stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
+want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+
+TORCHRUN=(torchrun --standalone --nproc_per_node "$NPROC")
+case "$BACKEND" in
+  native)
+    python -m llmc.runtime.run prepare --lock "$LOCK"
+    if want_stage pretrain && ! stage_done pretrain; then
+      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+    fi
+    if want_stage sft && ! stage_done sft; then
+      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
+    fi
+    if want_stage dpo && ! stage_done dpo; then
+      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
+    fi
+    if want_stage grpo && ! stage_done grpo; then
+      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
+    fi
+    ;;
+  torchtitan)
+    python -m llmc.runtime.run prepare --lock "$LOCK"
+    export LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+    PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
+      "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
+      -m torchtitan.train --module llmc_job --config job "$@"
+    ;;
+  *) echo "unknown BACKEND=$BACKEND (native or torchtitan)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
+# targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
+# spec sha256: da9a48d3323232adb6510a9fa74b7c38353e32fef29773389f3e8cff39084f31
+#
+# DeepSpeed 0.19.8 (data parallel + ZeRO-0), config in deepspeed/ds_config.json.
+#   bash deepspeed/launch.sh                       # one node, NPROC=1 processes
+#   HOSTFILE=hostfile bash deepspeed/launch.sh     # 1 node(s): MPI-style hostfile ("host slots=N")
+# On a machine without a GPU set DS_ACCELERATOR=cpu (gloo). Env: NPROC, HOSTFILE, MASTER_PORT, RUN_DIR, STAGE.
+set -euo pipefail
+BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
+NPROC="${NPROC:-1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+LOCK="$BUILD_DIR/plan.lock.json"
+DS_CONFIG="$BUILD_DIR/deepspeed/ds_config.json"
+# Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
+# unfinished one). STAGE=<name> runs only that stage.
+stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
+want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+
+DS=(deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT")
+if [ -n "${HOSTFILE:-}" ]; then
+  DS=(deepspeed --hostfile "$HOSTFILE" --num_nodes 1 --num_gpus "$NPROC" --master_port "$MASTER_PORT")
+fi
+python -m llmc.runtime.run prepare --lock "$LOCK"
+if want_stage pretrain && ! stage_done pretrain; then
+  "${DS[@]}" --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR/pretrain"
+fi

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
+# targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
+# spec sha256: da9a48d3323232adb6510a9fa74b7c38353e32fef29773389f3e8cff39084f31
+#
+# Run tiny-cpu with llmc's own runtime (torchrun, one node): prepare the assets, then every stage.
+#   bash native/launch.sh                 # all stages, resuming after finished ones
+#   NPROC=2 STAGE=pretrain bash native/launch.sh
+# Env: NPROC (processes, default 1; CPU run), RUN_DIR (default <build>/run), STAGE.
+set -euo pipefail
+BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
+NPROC="${NPROC:-1}"
+LOCK="$BUILD_DIR/plan.lock.json"
+# Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
+# unfinished one). STAGE=<name> runs only that stage.
+stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
+want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+
+python -m llmc.runtime.run prepare --lock "$LOCK"
+if want_stage pretrain; then
+  if stage_done pretrain; then
+    echo "stage pretrain: done ($RUN_DIR/pretrain/DONE.json), skipped"
+  else
+    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.run --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+  fi
+fi
