@@ -265,8 +265,8 @@ def _tokenizer_for(run: Any, stage: Any) -> Any:
                                   "vocab_size": own.vocab_size or top.vocab_size})
 
 
-def _tokenizer_specials(run: Any, tok: Any) -> tuple[set[str] | None, str]:
-    """The tokenizer's special tokens when known, and how we know."""
+def _tokenizer_specials(run: Any, tok: Any, spec_file: str | None = None) -> tuple[set[str] | None, str]:
+    """The tokenizer's special tokens when known, and how we know (relative paths: against the spec's folder)."""
     if tok.train and not tok.path:
         return set(LLMC_TOKENIZER_SPECIALS), "llmc-trained tokenizer"
     if tok.path:
@@ -274,6 +274,8 @@ def _tokenizer_specials(run: Any, tok: Any) -> tuple[set[str] | None, str]:
         from pathlib import Path  # noqa: PLC0415
 
         p = Path(tok.path)
+        if not p.is_absolute() and spec_file:
+            p = Path(spec_file).parent / p
         f = p / "tokenizer.json" if p.is_dir() else p
         try:
             js = json.loads(f.read_text())
@@ -587,7 +589,7 @@ def plan_stages(run: Any, gpu: Any = None, lines: dict | None = None, file: str 
         if st.kind in CHAT_KINDS:
             tmpl = hyper["chat_template"]
             need = TEMPLATE_TOKENS.get(tmpl)
-            have, how = _tokenizer_specials(run, tok)
+            have, how = _tokenizer_specials(run, tok, file)
             tpath = (f"{p}.data.tokenizer.chat_template" if st.data is not None and tok.chat_template
                      else "data.tokenizer.chat_template" if tok.chat_template else p)
             if need is None:
