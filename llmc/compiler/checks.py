@@ -133,7 +133,7 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
     """P004 (nothing fits), P005 (batch identity impossible), P006 (bubble) from a search result."""
     world = run.hardware.count
     if res.best is None:
-        if res.batch_blocked or (res.rejected_counts and set(res.rejected_counts) <= {"batch", "pins"}):
+        if res.batch_blocked or (res.rejected_counts and set(res.rejected_counts) <= {"batch"}):
             sink.add("P005", "error", "training.global_batch_tokens",
                      f"global batch of {global_batch_seqs} sequences cannot be split over {world} GPUs "
                      "(micro_batch x grad_accum x dp must equal it for some layout)",

@@ -37,6 +37,9 @@ def human(x: float, unit: str = "") -> str:
 
 
 def gib(b: float) -> str:
+    """Bytes as GiB (MiB below 1 GiB, so small runs do not read 0.0)."""
+    if abs(b) < GiB:
+        return f"{b / 2**20:.1f} MiB"
     return f"{b / GiB:.1f} GiB"
 
 
@@ -192,8 +195,10 @@ def _time(c) -> Table:
     t = _kv_table("Time and cost")
     t.add_row("step", f"{duration(tm.step_seconds)} per step, MFU {100 * tm.mfu:.1f}%, "
               f"{human(tm.tokens_per_second)} tokens/s")
-    t.add_row("run", f"{tm.steps:,} steps = {tm.days:.1f} days on {s.hardware.count} GPUs")
-    t.add_row("cost", f"{co.gpu_hours:,.0f} GPU-hours x ${co.usd_per_gpu_hour:g} = {usd(co.usd)}")
+    n = s.hardware.count
+    t.add_row("run", f"{tm.steps:,} steps = {duration(tm.days * 86400)} on {n} GPU{'s' if n > 1 else ''}")
+    gh = f"{co.gpu_hours:,.0f}" if co.gpu_hours >= 10 else f"{co.gpu_hours:.2f}"
+    t.add_row("cost", f"{gh} GPU-hours x ${co.usd_per_gpu_hour:g} = {usd(co.usd)}")
     br = {k: v for k, v in tm.breakdown.items() if v > 0}
     total = sum(br.values()) or 1.0
     top = sorted(br.items(), key=lambda kv: -kv[1])

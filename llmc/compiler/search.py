@@ -476,7 +476,7 @@ def _result(S: _Search) -> SearchResult:
         rejected_counts=dict(S.counts), closest=closest, reasons=[], evaluated=S.evaluated, fitting=len(fitting),
         batch_blocked=S.layouts_total > 0 and S.layouts_batch_bad == S.layouts_total,
     )
-    res.reasons = explain(res, S.sm, S.best_by, S.nofit_by, S.struct_by, S.capacity, fitting)
+    res.reasons = explain(res, S.sm, S.best_by, S.nofit_by, S.struct_by, S.capacity, fitting, S.pins)
     return res
 
 
@@ -510,8 +510,15 @@ _DIM_LABEL = {
 }
 
 
+def pins_set(pins) -> dict:
+    """The parallelism fields the spec pinned (offload_optimizer is a setting, not a pin)."""
+    if pins is None:
+        return {}
+    return {k: v for k, v in pins.model_dump(exclude={"offload_optimizer"}).items() if v is not None}
+
+
 def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capacity: int,
-            fitting: list[Candidate]) -> list[str]:
+            fitting: list[Candidate], pins=None) -> list[str]:
     """The choice in words: what was picked, and what every other value of each dimension costs."""
     best = res.best
     if best is None:
@@ -520,11 +527,15 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
     out: list[str] = []
     _, _, br = step_time(sm, b)
     step = best.step_seconds
-    out.append(f"fastest of {res.fitting} fitting candidates ({res.evaluated} memory evaluations): "
+    out.append(f"fastest of {res.fitting} fitting candidates evaluated ({res.evaluated} memory evaluations, the "
+               f"rest pruned by a step-time bound): "
                f"{describe(b)}, {step:.3g} s/step at {100 * best.mfu:.1f}% MFU, "
                f"{gib(best.per_gpu_bytes)} of {gib(capacity)} per GPU")
     top = sorted(((k, v) for k, v in br.items() if v > 0), key=lambda kv: -kv[1])[:4]
     out.append("step time: " + ", ".join(f"{k} {100 * v / step:.0f}%" for k, v in top))
+    pinned = [f"{k}={v}" for k, v in pins_set(pins).items()]
+    if pinned:
+        out.append("pinned by the spec: " + ", ".join(pinned))
     for dim in ("tp", "pp", "cp", "ep", "dp_shard", "zero_stage", "pp_schedule", "activation_checkpointing",
                 "micro_batch"):
         chosen = getattr(b, dim)
@@ -537,13 +548,14 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
             alt = best_by.get((dim, val))
             if alt is not None:
                 pct = 100 * (alt.step_seconds / step - 1)
-                bits.append(f"{val}: {'+' if pct >= 0 else '-'}{abs(pct):.1f}%")
+                bits.append(f"{val}: tie" if abs(pct) < 0.05 else f"{val}: {'+' if pct > 0 else '-'}{abs(pct):.1f}%")
             elif (dim, val) in nofit_by:
                 bits.append(f"{val}: does not fit (>= {gib(nofit_by[(dim, val)])})")
             elif (dim, val) in struct_by:
                 bits.append(f"{val}: {struct_by[(dim, val)]}")
         if bits:
-            out.append(f"{_DIM_LABEL[dim]} {chosen}; others: " + "; ".join(bits[:6])
+            found = "" if dim in REQUIRED_DIMS else " (best found)"
+            out.append(f"{_DIM_LABEL[dim]} {chosen}; others{found}: " + "; ".join(bits[:6])
                        + (f"; ... {len(bits) - 6} more" if len(bits) > 6 else ""))
     if b.pp > 1:
         bubble = br["pp_bubble"] / step
