@@ -221,3 +221,14 @@ def test_every_example_compiles_without_errors():
         assert not errs, (path, errs)
         pretrains = not run.stages or any(st.kind == "pretrain" for st in run.stages)
         assert (c.plan is not None) == pretrains, path
+
+
+def test_batch_too_small_for_a_big_cluster():
+    # 4M tokens = 512 sequences cannot feed 24,576 GPUs (at most 8-way TP: 3,072 data-parallel ranks)
+    c = _compile(_spec(count=24576, extra="training: {global_batch_tokens: 4194304}\n"))
+    d = _diag(c, "P005")
+    assert "3072" in d.hint and c.plan is None
+    # with the batch left to llmc, the default grows to one sequence per data-parallel rank
+    c = _compile(_spec(count=24576))
+    assert c.plan is not None and c.hyper.global_batch_seqs % 3072 == 0
+    assert "T006" in {d.code for d in c.diagnostics}  # 25M tokens: outside 2M-16M, said out loud

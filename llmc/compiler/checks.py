@@ -133,12 +133,15 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
     """P004 (nothing fits), P005 (batch identity impossible), P006 (bubble) from a search result."""
     world = run.hardware.count
     if res.best is None:
-        if res.batch_blocked or (res.rejected_counts and set(res.rejected_counts) <= {"batch"}):
+        counts = res.rejected_counts
+        if res.batch_blocked or ("batch" in counts and "memory" not in counts):
+            q = min_batch_seqs(run.model, world, gpu.gpus_per_node)
+            good = _round_up(max(global_batch_seqs, q), q)
             sink.add("P005", "error", "training.global_batch_tokens",
                      f"global batch of {global_batch_seqs} sequences cannot be split over {world} GPUs "
-                     "(micro_batch x grad_accum x dp must equal it for some layout)",
-                     f"use a multiple of {world} sequences, e.g. {_round_up(global_batch_seqs, world)} "
-                     f"({_round_up(global_batch_seqs, world) * run.data.seq_len:,} tokens)")
+                     "(micro_batch x grad_accum x dp must equal it, with at least pp micro-batches)",
+                     f"use a multiple of {q} sequences, e.g. {good} ({good * run.data.seq_len:,} tokens), "
+                     "or fewer GPUs")
         elif res.closest is not None:
             c = res.closest
             need = c.per_gpu_bytes / gpu.hbm_bytes
@@ -169,6 +172,15 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
                  f"{p.grad_accum} micro-batches for {p.pp} pipeline stages ({p.pp_schedule}): "
                  f"bubble ~{100 * bubble:.0f}% of pipeline time (Narayanan et al. 2021: (p-1)/(v*m+p-1))",
                  f"m >= 4 x pp = {4 * p.pp} keeps it under ~20%: raise the global batch or lower pp")
+
+
+def min_batch_seqs(arch, world: int, gpus_per_node: int) -> int:
+    """Smallest global batch (sequences) any layout can split: one sequence per data-parallel rank
+    with the widest valid TP and no pipeline (world / tp_max), the least a cluster can consume."""
+    kv = arch.n_heads if arch.mla is not None else arch.kv_heads
+    t_max = max(t for t in range(1, gpus_per_node + 1)
+                if gpus_per_node % t == 0 and world % t == 0 and arch.n_heads % t == 0 and kv % t == 0)
+    return world // t_max
 
 
 def _round_up(x: int, m: int) -> int:

@@ -99,6 +99,9 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
     batch_is_default = gbt is None
     if batch_is_default:
         seqs = defaults.default_batch_seqs(n_act, seq_len, world, is_cpu)
+        if gpu is not None:  # a big cluster needs at least one sequence per data-parallel rank
+            q = checks.min_batch_seqs(arch, world, gpu.gpus_per_node)
+            seqs = -(-seqs // q) * q
     else:
         seqs = max(1, round(gbt / seq_len))
 

@@ -207,9 +207,10 @@ class _Search:
             self.layout_best[lk] = cand
 
     # ------------------------------------------------------------------ pruning
-    def can_skip(self, lay: _Layout) -> bool:
-        """Exact pruning: skip a layout that cannot beat the best plan of any value it stands for."""
-        bound = lay.lb / TIE
+    def can_skip(self, lay: _Layout, step: float | None = None) -> bool:
+        """Exact pruning: skip a layout (or one of its candidates, when ``step`` is given) that cannot
+        beat the best plan of any value it stands for."""
+        bound = (lay.lb if step is None else step) / TIE
         for k in lay.keys(self.acs):
             if k[0] not in REQUIRED_DIMS:
                 continue
@@ -268,13 +269,15 @@ class _Search:
                     self.add_fit(Candidate(plan, step, mfu, fit_mem[mb], True, "memory bounded by a weaker AC mode"),
                                  lay)
                     continue
+                step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac)
+                if self.can_skip(lay, step):
+                    continue  # fits or not, it cannot improve any required comparison
                 mem = self.memory(plan)
                 if not self.fits_fn(mem):
                     self.note_nofit(plan, mem.per_gpu_bytes)
                     if best_nofit is None or mem.per_gpu_bytes < best_nofit[0]:
                         best_nofit = (mem.per_gpu_bytes, plan)
                     break
-                step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac)
                 self.add_fit(Candidate(plan, step, mfu, mem.per_gpu_bytes, True, ""), lay)
                 any_fit = True
                 fit_mem[mb] = mem.per_gpu_bytes
@@ -283,9 +286,10 @@ class _Search:
             self.reject(plan, "memory", f"memory {gib(mem_b)} > {self.usable_txt()}", mem_b)
 
 
-# dimensions whose best value per candidate the search guarantees exactly; dp_shard and micro-batch
-# comparisons in the reasons are the best among the layouts evaluated ("best found")
-REQUIRED_DIMS = ("tp", "pp", "cp", "ep", "zero_stage", "pp_schedule", "activation_checkpointing")
+# dimensions whose best plan per value the search guarantees exactly (a layout is only skipped when it
+# cannot beat the best plan of any of these values); dp_shard, AC and micro-batch comparisons in the
+# reasons are the best among the layouts evaluated ("best found")
+REQUIRED_DIMS = ("tp", "pp", "cp", "ep", "zero_stage", "pp_schedule")
 TIE = 1.001  # step times within 0.1 % count as a tie (then less memory, then the simpler plan wins)
 USABLE_FRACTION = 0.92  # memory.fits headroom: allocator fragmentation margin
 
