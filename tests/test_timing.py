@@ -142,6 +142,9 @@ def test_tp_over_nvlink_beats_fsdp_over_network_only_for_big_models():
 def test_stage_layers_matches_memory_split():
     from llmc.compiler.memory import stage_layers as mem_split
 
-    for n, p in [(126, 16), (32, 4), (61, 16), (80, 3), (7, 7), (5, 2)]:
-        assert timing.stage_layers(n, p) == [len(s) for s in mem_split(n, p)]
-        assert sum(timing.stage_layers(n, p)) == n
+    for n, p, sched, v in [(126, 16, "1F1B", 1), (126, 16, "Interleaved1F1B", 4), (32, 4, "1F1B", 1),
+                           (61, 16, "1F1B", 1), (80, 3, "Interleaved1F1B", 2), (7, 7, "1F1B", 1), (5, 2, "GPipe", 1)]:
+        assert timing.stage_layers(n, p, sched, v) == [len(s) for s in mem_split(n, p, sched, v)]
+        assert sum(timing.stage_layers(n, p, sched, v)) == n
+    # Llama 3 405B: 126 blocks over 16 stages, first and last one block lighter (Llama 3 paper §3.3.2)
+    assert timing.stage_layers(126, 16) == [7] + [8] * 14 + [7]

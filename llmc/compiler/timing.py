@@ -189,34 +189,39 @@ def _layer_param_count(x) -> float:
     return float(x)
 
 
-def stage_layers(n_layers: int, pp: int) -> list[int]:
-    """Blocks per pipeline stage, the same split as ``memory.stage_layers`` (delegates to it).
+def stage_layers(n_layers: int, pp: int, schedule: str = "1F1B", virtual: int = 1) -> list[int]:
+    """Blocks per pipeline rank, the same split as ``memory.pipeline_layout`` (what the rendered
+    torchtitan job builds: its automatic split weights the embedding and the head as one block each,
+    so the first and last stage are one block lighter -- Llama 3 405B: 126 layers over 16 stages ->
+    7, 8 x 14, 7, as in the Llama 3 paper §3.3.2)."""
+    from llmc.compiler.memory import pipeline_layout
 
-    That is torchtitan's automatic split (embedding and head weighted as one block each), so the first
-    and last stage are one block lighter (Llama 3 405B: 126 layers over 16 stages -> 7, 8 x 14, 7, as in
-    the Llama 3 paper §3.3.2).
+    return [len(layers) for layers, _, _ in pipeline_layout(n_layers, pp, schedule, virtual)]
+
+
+def _stage_info(sm: StepModel, p: int, sched: str, v: int, ac: str) -> tuple[int, float, float, float, int]:
+    """(blocks on the slowest pipeline rank, its FLOPs/token incl. recompute, its recompute FLOPs/token,
+    largest rank parameter count, most blocks on a rank); cached on the StepModel.
+
+    A rank's work per micro-batch is all of its chunks (interleaved schedules hold v chunks per rank),
+    plus the output head where it holds it; the pipeline runs at the pace of the slowest rank.
     """
-    from llmc.compiler.memory import stage_layers as _mem_split
-
-    return [len(s) for s in _mem_split(n_layers, pp)]
-
-
-def _stage_info(sm: StepModel, p: int, ac: str) -> tuple[int, float, float, float, int]:
-    """(blocks on the slowest stage, its FLOPs/token incl. recompute, its recompute FLOPs/token,
-    largest stage parameter count, most blocks on a stage) for pp = p; cached on the StepModel."""
-    key = (p, ac)
+    key = (p, sched, v, ac)
     hit = sm.cache.get(key)
     if hit is not None:
         return hit
-    per_stage = stage_layers(sm.n_layers, p)
+    from llmc.compiler.memory import pipeline_layout
+
+    layout = pipeline_layout(sm.n_layers, p, sched, v)
     rec = sm.recompute_flops[ac] / sm.n_layers
-    load = [n * (sm.layer_flops + rec) for n in per_stage]
-    load[-1] += sm.head_flops
+    blocks = [len(layers) for layers, _, _ in layout]
+    load = [n * (sm.layer_flops + rec) + (sm.head_flops if head else 0.0)
+            for n, (_, _, head) in zip(blocks, layout, strict=True)]
+    params = [n * sm.layer_params + (sm.embed_params if emb else 0.0)
+              + ((sm.head_params or sm.embed_params * (not emb)) if head else 0.0)
+              for n, (_, emb, head) in zip(blocks, layout, strict=True)]
     i = max(range(p), key=lambda k: load[k])
-    params = [n * sm.layer_params for n in per_stage]
-    params[0] += sm.embed_params
-    params[-1] += sm.head_params
-    out = (per_stage[i], load[i], per_stage[i] * rec, max(params), max(per_stage))
+    out = (blocks[i], load[i], blocks[i] * rec, max(params), max(blocks))
     sm.cache[key] = out
     return out
 
@@ -271,7 +276,7 @@ class LayoutTimer:
         self.cp_bw = sm.nvlink_Bps if cp * t <= gpn else sm.net_Bps
 
         # parameters this GPU holds before data-parallel sharding (heaviest stage)
-        _, _, _, p_stage, max_blocks = _stage_info(sm, p, "none")
+        _, _, _, p_stage, max_blocks = _stage_info(sm, p, pp_schedule, self.v, "none")
         n_experts_stage = max_blocks * sm.expert_params_per_layer * (sm.n_moe_layers / sm.n_layers)
         dense_local = (p_stage - n_experts_stage) / t
         expert_local = n_experts_stage / (t * ep)  # experts are split over ep first
@@ -304,7 +309,7 @@ class LayoutTimer:
     def time(self, mb: int, m: int, ac: str, breakdown: bool = False):
         """(step seconds, MFU[, breakdown]) for micro_batch ``mb``, ``m`` micro-batches, AC ``ac``."""
         sm, t, p, cp, ep = self.sm, self.t, self.p, self.cp, self.ep
-        n_slow, flops_tok, rec_tok, _, _ = _stage_info(sm, p, ac)
+        n_slow, flops_tok, rec_tok, _, _ = _stage_info(sm, p, self.sched, self.v, ac)
         tokens_gpu = mb * sm.seq_len / cp  # tokens of this GPU's sequence shard per micro-batch
         scale = tokens_gpu / t * sm.sec_per_flop / _efficiency(sm, mb, cp, t)
         # memory-bound ops, split over tp by sequence parallelism; full AC runs the forward part again
