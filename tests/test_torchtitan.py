@@ -285,6 +285,56 @@ def test_tiny_trains_on_cpu_two_gloo_processes_fsdp(tiny_build, tmp_path):
     print(f"tiny 2 procs FSDP: {dt:.1f}s, losses {got}")
 
 
+def _tiny_family_build(tmp_path, model, plan):
+    from test_torchtitan_render import TINY, compiled_for  # tests/ is on sys.path under pytest
+
+    model = {**TINY, **model}
+    c = compiled_for(model=model, plan=plan, gpu="cpu", seq=64, steps=8, lr=3e-3, warmup=1)
+    module = write_build(c, tmp_path)
+    make_assets(tmp_path / "run", c.spec.model.vocab_size)
+    return module, tmp_path / "run"
+
+
+def test_tiny_moe_qwen3_family_expert_parallel_two_gloo_processes(tmp_path):
+    """GQA + MoE (Mixtral-style, emitted on torchtitan's qwen3 block): dp_shard 2 x ep 2 on gloo."""
+    from llmc.compiler.plan import ParallelPlan
+    from llmc.runtime.titan_launch import torchtitan_command
+
+    module, run = _tiny_family_build(tmp_path, {"moe": {"num_experts": 4, "top_k": 2}},
+                                     ParallelPlan(dp_shard=2, ep=2, micro_batch=4))
+    assert "Qwen3TransformerBlock.Config(" in module.read_text()
+    argv, env = torchtitan_command(module, 2, True, ["--metrics.log_freq", "1", "--checkpoint.no-enable"],
+                                   run_dir=run)
+    rc, log, dt = run_logged(argv, env, run)
+    assert rc == 0, log[-3000:]
+    assert "dp_shard=2, cp=1, tp=1, ep=2" in log and "Model qwen3 llmc-tiny" in log
+    got = losses(log)
+    assert sorted(got) == list(range(1, 9)) and all(math.isfinite(v) for v in got.values()), log[-2000:]
+    assert got[8] < got[1], got
+    print(f"tiny MoE dp2 x ep2: {dt:.1f}s, losses {got}")
+
+
+def test_tiny_mla_moe_deepseek_family_one_process(tmp_path):
+    """MLA + MoE with a shared expert, a dense first layer and sigmoid routing (DeepSeek-V3-style)."""
+    from llmc.compiler.plan import ParallelPlan
+    from llmc.runtime.titan_launch import torchtitan_command
+
+    model = {"n_kv_heads": 4,
+             "moe": {"num_experts": 4, "top_k": 2, "num_shared_experts": 1, "dense_layers": 1,
+                     "score_func": "sigmoid", "expert_bias": True},
+             "mla": {"kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16}}
+    module, run = _tiny_family_build(tmp_path, model, ParallelPlan(micro_batch=4))
+    argv, env = torchtitan_command(module, 1, True, ["--metrics.log_freq", "1", "--checkpoint.no-enable"],
+                                   run_dir=run)
+    rc, log, dt = run_logged(argv, env, run)
+    assert rc == 0, log[-3000:]
+    assert "Model deepseek_v3 llmc-tiny" in log
+    got = losses(log)
+    assert sorted(got) == list(range(1, 9)) and all(math.isfinite(v) for v in got.values()), log[-2000:]
+    assert got[8] < got[1], got
+    print(f"tiny MLA+MoE: {dt:.1f}s, losses {got}")
+
+
 # --------------------------------------------------------------------------------------------- 4
 
 
@@ -294,13 +344,15 @@ def test_fake_backend_dry_run_llama3_8b_64_ranks(tmp_path):
     from llmc.runtime.titan_launch import dry_run_command
 
     c = compiled_example("llama3_8b_h100x8")
-    c = dataclasses.replace(c, plan=dataclasses.replace(c.plan, dp_shard=8, tp=8, dp_replicate=1, pp=1, cp=1))
+    accum = c.hyper.global_batch_seqs // (8 * c.plan.micro_batch)
+    c = dataclasses.replace(c, plan=dataclasses.replace(c.plan, dp_shard=8, tp=8, dp_replicate=1, pp=1, cp=1,
+                                                        grad_accum=accum))
     assert c.plan.world == 64 and c.plan.global_batch_seqs == c.hyper.global_batch_seqs
     module = write_build(c, tmp_path)
     make_assets(tmp_path / "run", c.spec.model.vocab_size, n_docs=50)
     src = module.read_text()
     assert "tensor_parallel_degree=8" in src and "data_parallel_shard_degree=8" in src
-    argv, env = dry_run_command(module, 64, ["--training.seq_len", "128", "--training.local_batch_size", "1",
+    argv, env = dry_run_command(module, 64, ["--training.seq_len", "32", "--training.local_batch_size", "1",
                                              "--training.global_batch_size", "-1"], run_dir=tmp_path / "run")
     rc, log, dt = run_logged(argv, env, tmp_path, timeout=900)
     rss_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20

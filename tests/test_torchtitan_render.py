@@ -27,7 +27,7 @@ TINY = dict(name="tiny", n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=1
 
 
 def compiled_for(model=None, plan=None, gpu="h100-sxm", precision="bf16", schedule=None, seq=64, steps=100,
-                 grad_clip=1.0, **over) -> Compiled:
+                 grad_clip=1.0, lr=3e-4, warmup=10, **over) -> Compiled:
     plan = plan or ParallelPlan(dp_shard=8, micro_batch=2, grad_accum=2)
     training = {"precision": precision, "grad_clip": grad_clip}
     if schedule:
@@ -36,7 +36,7 @@ def compiled_for(model=None, plan=None, gpu="h100-sxm", precision="bf16", schedu
         "name": "t", "model": model or TINY, "data": {"seq_len": seq, "tokens": 1e6},
         "hardware": {"gpu": gpu, "count": plan.world}, "training": training, **over,
     })
-    hyper = Hyper(lr=3e-4, min_lr=3e-5, warmup_steps=10, steps=steps, global_batch_tokens=plan.global_batch_seqs * seq,
+    hyper = Hyper(lr=lr, min_lr=lr / 10, warmup_steps=warmup, steps=steps, global_batch_tokens=plan.global_batch_seqs * seq,
                   global_batch_seqs=plan.global_batch_seqs, seq_len=seq, schedule=run.training.schedule.kind,
                   checkpoint_interval=50, checkpoint_async=False)
     sha = hashlib.sha256(run.model_dump_json().encode()).hexdigest()

@@ -22,6 +22,9 @@ patches torch (never torchtitan's files) before torchtitan is imported:
    has no CPU backward ("FlexAttention does not support backward on CPU"). Set
    ``LLMC_TITAN_KEEP_FLEX=1`` to keep FlexAttention (e.g. forward-only dry runs).
 
+5. expert parallelism on gloo: uneven ``all_to_all`` chunks go through ``all_to_all_single`` with
+   split sizes (gloo's list form rejects uneven sizes).
+
 Design reference: /work/shared/reference/backends-on-cpu.md sec. 3 (our own feasibility study).
 """
 
@@ -53,6 +56,8 @@ def _patch_torch() -> None:
             setattr(cpu, name, fn)
     cpu.current_device = lambda: 0
 
+    _patch_gloo_all_to_all()
+
     from torch.distributed.fsdp import FSDPModule
 
     orig = FSDPModule.set_gradient_divide_factor
@@ -65,6 +70,33 @@ def _patch_torch() -> None:
 
     set_gradient_divide_factor._llmc_patched = True  # type: ignore[attr-defined]
     FSDPModule.set_gradient_divide_factor = set_gradient_divide_factor
+
+
+def _patch_gloo_all_to_all() -> None:
+    """Expert parallelism exchanges uneven token chunks with ``dist.all_to_all(list, list)``; gloo's
+    list form requires equal sizes ("ProcessGroupGloo::alltoall: invalid tensor size"), but its
+    ``all_to_all_single`` takes split sizes. Route uneven gloo calls through that (same result)."""
+    import torch
+    import torch.distributed as dist
+
+    orig = dist.all_to_all
+    if getattr(orig, "_llmc_patched", False):
+        return
+
+    def all_to_all(output_tensor_list, input_tensor_list, group=None, async_op=False):
+        uneven = len({t.shape for t in [*output_tensor_list, *input_tensor_list]}) > 1
+        if async_op or not uneven or dist.get_backend(group) != "gloo":
+            return orig(output_tensor_list, input_tensor_list, group=group, async_op=async_op)
+        inp = torch.cat([t.reshape(-1) for t in input_tensor_list])
+        out = inp.new_empty(sum(t.numel() for t in output_tensor_list))
+        dist.all_to_all_single(out, inp, output_split_sizes=[t.numel() for t in output_tensor_list],
+                               input_split_sizes=[t.numel() for t in input_tensor_list], group=group)
+        for t, chunk in zip(output_tensor_list, out.split([t.numel() for t in output_tensor_list]), strict=True):
+            t.copy_(chunk.view_as(t))
+        return None
+
+    all_to_all._llmc_patched = True  # type: ignore[attr-defined]
+    dist.all_to_all = all_to_all
 
 
 def swap_flex_for_sdpa(config) -> int:
