@@ -22,10 +22,10 @@ GOLDEN = ROOT / "tests" / "golden" / "build"
 
 VLLM_KEYS = {"model", "served-model-name", "dtype", "tensor-parallel-size", "pipeline-parallel-size",
              "max-model-len", "max-num-seqs", "gpu-memory-utilization", "kv-cache-dtype", "quantization",
-             "enable-prefix-caching", "no-enable-prefix-caching", "host", "port"}
+             "enable-prefix-caching", "no-enable-prefix-caching", "distributed-executor-backend", "host", "port"}
 SGLANG_KEYS = {"model-path", "served-model-name", "dtype", "tp-size", "pp-size", "context-length",
                "max-running-requests", "mem-fraction-static", "kv-cache-dtype", "quantization",
-               "disable-radix-cache", "host", "port"}
+               "disable-radix-cache", "nnodes", "host", "port"}
 
 SERVING = [{"index": 0, "engine": "vllm", "gpu": "h100-sxm", "stage": "pretrain", "tensor_parallel_size": 2,
             "pipeline_parallel_size": 1, "gpus": 2, "max_model_len": 8192, "concurrency": 64, "max_num_seqs": 64,
@@ -82,6 +82,10 @@ def test_serving_configs_use_real_option_names():
     assert set(s) <= SGLANG_KEYS
     assert s["tp-size"] == 2 and s["context-length"] == 8192 and s["max-running-requests"] == 64
     assert s["kv-cache-dtype"] == "fp8_e4m3" and s["disable-radix-cache"] is True and s["quantization"] == "awq"
+    multi = render_artifacts(make_compiled(serving=[dict(SERVING[0], pipeline_parallel_size=2, gpus=4, nodes=2),
+                                                    dict(SERVING[0], index=1, engine="sglang", nodes=2)]))
+    assert yaml.safe_load(multi["serving/vllm.yaml"])["distributed-executor-backend"] == "ray"
+    assert yaml.safe_load(multi["serving/sglang.yaml"])["nnodes"] == 2
     # SGLang's static fraction excludes the activation/workspace reserve: 0.9 - 2.0/74.506
     assert s["mem-fraction-static"] == pytest.approx(0.9 - 2.0 / 74.506, abs=1e-3)
 

@@ -92,6 +92,7 @@ def test_llama3_405b_pipelines_across_nodes():
     p = plans[0]
     assert p["weights_gib"] > 8 * 0.9 * 80
     assert p["tensor_parallel_size"] == 8 and p["pipeline_parallel_size"] >= 2 and p["fits"]
+    assert p["nodes"] == p["pipeline_parallel_size"] and p["gpus"] == 8 * p["nodes"]
 
 
 def test_awq_7b_weights_about_4_gb():

@@ -315,8 +315,12 @@ def _serving_files(compiled, env, ctx) -> dict[str, str]:
                 items.append(("quantization", p["quantization"]))
             # vLLM's --enable-prefix-caching is a BooleanOptionalAction; a YAML `true` becomes the flag
             items.append(("enable-prefix-caching" if p["prefix_caching"] else "no-enable-prefix-caching", "true"))
+            if p.get("nodes", 1) > 1:  # pipeline stages on several nodes: vLLM runs them on a Ray cluster
+                items.append(("distributed-executor-backend", "ray"))
             items += [("host", json.dumps("0.0.0.0")), ("port", "8000")]
             cmd = f"vllm serve --config {name}"
+            if p.get("nodes", 1) > 1:
+                cmd = f"`ray start` on all {p['nodes']} nodes, then on the head node: {cmd}"
         else:
             # SGLang's mem_fraction_static covers weights + KV pool only (activations live outside it),
             # so it is vLLM's utilisation minus llmc's workspace/activation reserve.
@@ -334,8 +338,13 @@ def _serving_files(compiled, env, ctx) -> dict[str, str]:
                 items.append(("quantization", p["quantization"]))
             if not p["prefix_caching"]:
                 items.append(("disable-radix-cache", "true"))
+            if p.get("nodes", 1) > 1:
+                items.append(("nnodes", str(p["nodes"])))
             items += [("host", json.dumps("0.0.0.0")), ("port", "30000")]
             cmd = f"python -m sglang.launch_server --config {name}"
+            if p.get("nodes", 1) > 1:
+                cmd += (f" --node-rank <0..{p['nodes'] - 1}> --dist-init-addr <first node>:50000"
+                        f" (on each of the {p['nodes']} nodes)")
         notes = [
             f"target serving[{p['index']}]: {p['gpus']} x {p['gpu']} (tp {p['tensor_parallel_size']}, "
             f"pp {p['pipeline_parallel_size']}), stage {p['stage']!r}",

@@ -260,6 +260,7 @@ def plan_serving(run: Any, gpu_lookup: Callable[[str], Any] | None = None,
             "tensor_parallel_size": best["tp"],
             "pipeline_parallel_size": best["pp"],
             "gpus": best["tp"] * best["pp"],
+            "nodes": best["pp"] if best["pp"] > 1 else 1,  # pipeline stages go across nodes, tp within one
             "max_model_len": max_len,
             "concurrency": t.concurrency,
             "max_num_seqs": t.concurrency,
