@@ -159,3 +159,25 @@ def test_cli_dry_run_prints_commands(tmp_path, monkeypatch):
     lines = [ln for ln in r.output.splitlines() if ln.startswith("+ ")]
     assert len(lines) == 4
     assert lines[1].startswith("+ DS_ACCELERATOR=cpu ") and "--module llmc.runtime.ds_train" in lines[1]
+
+
+@pytest.mark.slow
+def test_native_commands_run_for_real(tmp_path):
+    """The prepare + native stage commands launch_commands returns run llmc's runtime (3 steps, 1 CPU process)."""
+    import os
+    import subprocess
+
+    from test_build_fakes import ROOT, compile_example
+
+    example = ROOT / "examples" / "tiny_cpu.yaml"
+    out = tmp_path / "b"
+    _write_tree_atomic(out, render_artifacts(compile_example(example)))
+    cmds = launch_commands(out, backend="native", gpu=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for c in cmds:
+        argv = c.argv + (["--steps", "3"] if c.stage != "prepare" else [])
+        r = subprocess.run(argv, env={**env, **c.env}, cwd=c.cwd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (c.stage, r.stdout[-2000:], r.stderr[-2000:])
+    assert (out / "assets" / "tokenizer.json").exists()
+    metrics = (out / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    assert any(json.loads(m).get("step") == 3 for m in metrics)
