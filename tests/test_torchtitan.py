@@ -76,8 +76,9 @@ def load_job(module: Path, config: str = "job", extra: tuple[str, ...] = ()):
         sys.modules.pop(module.stem, None)
 
 
-def make_assets(run_dir: Path, vocab: int, n_docs: int = 300) -> None:
-    """A tiny byte-level BPE and a few JSONL documents, offline (stand-in for prepare_assets)."""
+def make_assets(run_dir: Path, vocab: int, n_docs: int = 300, names=("train",)) -> None:
+    """A tiny byte-level BPE and a few JSONL documents per source name, offline (stand-in for
+    prepare_assets, same layout: assets/tokenizer.json, data/<source>.jsonl with a "text" field)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     (run_dir / "assets").mkdir(parents=True, exist_ok=True)
@@ -86,9 +87,10 @@ def make_assets(run_dir: Path, vocab: int, n_docs: int = 300) -> None:
     words = ("the model trains on tokens and the loss falls as the data parallel shards reduce "
              "gradients while tensor pipeline stages exchange activations").split()
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 120))) for _ in range(n_docs)]
-    with open(run_dir / "data" / "train.jsonl", "w") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
+    for name in names:
+        with open(run_dir / "data" / f"{name}.jsonl", "w") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -165,7 +167,15 @@ def test_example_module_loads_through_config_manager(name, tmp_path, monkeypatch
     ac = {"none": type(None), "selective": SelectiveAC.Config, "full": FullAC.Config}[plan.activation_checkpointing]
     assert isinstance(cfg.activation_checkpoint, ac)
     run = tmp_path / "run"
-    assert cfg.hf_assets_path == str(run / "assets") and cfg.dataloader.dataset_path == str(run / "data")
+    assert cfg.hf_assets_path == str(run / "assets")
+    srcs = [s for s in spec.data.sources if s.kind in ("general", "domain", "code", "math", "multilingual")]
+    if len(srcs) > 1:  # weighted mixture through torchtitan's interleaved loader
+        got = {Path(x.dataset_path).name: x.weight for x in cfg.dataloader.sources}
+        total = sum(s.weight for s in srcs)
+        assert got == pytest.approx({f"{s.name}.jsonl": s.weight / total for s in srcs})
+    else:
+        want = run / "data" / (f"{srcs[0].name}.jsonl" if srcs else "")
+        assert cfg.dataloader.dataset_path == str(want).rstrip("/")
 
     # torchtitan's own validation of the model against the job (tp | heads, seq_len <= RoPE, EP, PP
     # with tying), then the model graph on the meta device: its parameter count must equal llmc's.
@@ -235,7 +245,7 @@ def tiny_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_titan")
     c = compiled_example("tiny_cpu")
     module = write_build(c, out)
-    make_assets(out / "run", c.spec.model.vocab_size)
+    make_assets(out / "run", c.spec.model.vocab_size, names=[s.name for s in c.spec.data.sources])
     return module, out / "run", c
 
 

@@ -112,6 +112,16 @@ def _rope(arch, family: str, errs: list[Diagnostic]) -> dict[str, Any]:
     return out
 
 
+TEXT_KINDS = ("general", "domain", "code", "math", "multilingual")
+
+
+def _data_sources(spec) -> list[tuple[str, float]]:
+    """(file under the data dir, normalised mixture weight) of the pre-training text sources."""
+    srcs = [s for s in spec.data.sources if s.kind in TEXT_KINDS]
+    total = sum(s.weight for s in srcs)
+    return [(f"{s.name}.jsonl", s.weight / total) for s in srcs]
+
+
 def _pp_module_fqns(n_layers: int, n_stages: int) -> list[list[str]]:
     """Explicit stage split: layers spread evenly, remainder to the middle stages first (the first
     stage also holds the embedding and the last the final norm + output head)."""
@@ -393,7 +403,10 @@ def torchtitan_values(compiled) -> TitanValues:
         "seed": int(tr.seed),
         "comm_init_timeout": init_timeout,
         "comm_train_timeout": train_timeout,
-        "text_field": (spec.data.sources[0].text_field if spec.data.sources else "text"),
+        # prepare_assets writes every text source to data/<name>.jsonl with a "text" field
+        "text_field": "text",
+        "data_sources": _data_sources(spec),
+
         "world": world,
         "nproc_per_node": nproc,
         "nnodes": nnodes,
