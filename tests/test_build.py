@@ -233,6 +233,12 @@ def test_golden_build(example, request):
     if not gdir.exists():
         pytest.skip(f"no golden files for {example.stem} (run pytest --update-golden)")
     expected = {str(p.relative_to(gdir)): p.read_text() for p in sorted(gdir.rglob("*")) if p.is_file()}
-    assert sorted(files) == sorted(expected)
+    hint = "review, then regenerate: pytest tests/test_build.py -k golden --update-golden"
+    assert sorted(files) == sorted(expected), hint
     for name in files:
-        assert files[name] == expected[name], f"{example.stem}/{name} differs from the golden file"
+        if files[name] != expected[name]:
+            import difflib
+
+            diff = "".join(list(difflib.unified_diff(expected[name].splitlines(True), files[name].splitlines(True),
+                                                     f"golden/{name}", f"build/{name}"))[:40])
+            pytest.fail(f"{example.stem}/{name} differs from the golden file ({hint}):\n{diff}")

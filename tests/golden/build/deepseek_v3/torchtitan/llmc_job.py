@@ -33,7 +33,12 @@ from torchtitan.config import CommConfig, CompileConfig, DebugConfig, Parallelis
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.hf_datasets import DatasetConfig
-from torchtitan.hf_datasets.text_datasets import DATASETS, HuggingFaceTextDataLoader
+from torchtitan.hf_datasets.text_datasets import (
+    DATASETS,
+    HFDataSource,
+    HuggingFaceTextDataLoader,
+    InterleavedHuggingFaceTextDataLoader,
+)
 from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
 from torchtitan.models.common.config_utils import (
     decoder_vocab_size,
@@ -60,10 +65,14 @@ DATASET_NAME = "llmc_jsonl"
 TEXT_FIELD = 'text'
 
 
+# (file under DATA_DIR, mixture weight); weights are token-mixture ratios of the interleaved loader
+DATA_SOURCES = [('pretrain-mix.jsonl', 1.0)]
+
+
 def _load_jsonl(path):
-    files = sorted(glob.glob(os.path.join(path, "*.jsonl")))
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*.jsonl")))
     if not files:
-        raise FileNotFoundError(f"no *.jsonl files in {path} (run llmc's prepare_assets or set LLMC_DATA_DIR)")
+        raise FileNotFoundError(f"no JSONL data at {path} (run `llmc launch`'s prepare step or set LLMC_DATA_DIR)")
     return load_dataset("json", data_files=files, split="train")
 
 
@@ -72,6 +81,19 @@ def _sample_text(sample):
 
 
 DATASETS[DATASET_NAME] = DatasetConfig(path=DATA_DIR, loader=_load_jsonl, sample_processor=_sample_text)
+
+
+def _dataloader():
+    if not DATA_SOURCES:
+        return HuggingFaceTextDataLoader.Config(dataset=DATASET_NAME, dataset_path=DATA_DIR)
+    if len(DATA_SOURCES) == 1:
+        return HuggingFaceTextDataLoader.Config(dataset=DATASET_NAME,
+                                                dataset_path=os.path.join(DATA_DIR, DATA_SOURCES[0][0]))
+    return InterleavedHuggingFaceTextDataLoader.Config(
+        sources=[HFDataSource(dataset=DATASET_NAME, dataset_path=os.path.join(DATA_DIR, f), weight=w)
+                 for f, w in DATA_SOURCES],
+        seed=0,
+    )
 
 # ---------------------------------------------------------------- architecture (llmc-deepseek-v3)
 DIM = 7168
@@ -245,7 +267,7 @@ def _trainer_config(spec):
             mixed_precision_reduce="float32",
             disable_cuda_graphs=True,
         ),
-        dataloader=HuggingFaceTextDataLoader.Config(dataset=DATASET_NAME, dataset_path=DATA_DIR),
+        dataloader=_dataloader(),
         metrics=MetricsProcessor.Config(log_freq=10, enable_tensorboard=True),
         parallelism=ParallelismConfig(
             data_parallel_replicate_degree=1,
