@@ -71,7 +71,8 @@ def test_every_returned_plan_is_valid(arch, world, gpu_key, seq, batch_mult, ac)
         assert step == c.step_seconds and 0 < mfu < timing.BASE_EFFICIENCY
         assert abs(sum(br.values()) - step) <= 1e-9 * step
     if res.best is not None:
-        assert all(a.step_seconds >= res.best.step_seconds for a in res.alternatives)
+        # ties within 0.1 % go to less memory / the simpler plan
+        assert all(a.step_seconds >= res.best.step_seconds / 1.001 for a in res.alternatives)
 
 
 @settings(max_examples=40, deadline=None)
@@ -85,3 +86,31 @@ def test_recomputation_never_speeds_up_a_step(arch, mb, tp):
     steps = [timing.step_time(sm, ParallelPlan(tp=tp, dp_shard=8 // tp, micro_batch=mb, grad_accum=2,
                                                activation_checkpointing=a))[0] for a in ("none", "selective", "full")]
     assert steps[0] <= steps[1] <= steps[2]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tp=st.sampled_from([None, 1, 2, 3, 8, 16]), pp=st.sampled_from([None, 1, 2, 5, 40]),
+       cp=st.sampled_from([None, 1, 2]), ep=st.sampled_from([None, 1, 2, 3]),
+       dp_shard=st.sampled_from([None, 1, 4, 7]), dp_replicate=st.sampled_from([None, 1, 2]),
+       mb=st.sampled_from([None, 1, 3]), sched=st.sampled_from([None, "1F1B", "Interleaved1F1B", "GPipe",
+                                                                 "ZBVZeroBubble"]),
+       zero=st.sampled_from([None, 0, 1, 2, 3]), model=st.sampled_from(["llama3-8b", "mixtral-8x7b", "tiny"]),
+       count=st.sampled_from([1, 8, 16, 24]))
+def test_compile_never_raises_on_any_pins(tp, pp, cp, ep, dp_shard, dp_replicate, mb, sched, zero, model, count):
+    """Whatever the pins, compile_spec returns diagnostics (errors exit 1 in the CLI), never an exception."""
+    from llmc.compiler.compile import compile_spec
+    from llmc.spec.load import loads_spec
+
+    pins = {k: v for k, v in dict(tp=tp, pp=pp, cp=cp, ep=ep, dp_shard=dp_shard, dp_replicate=dp_replicate,
+                                  micro_batch=mb, pp_schedule=sched, zero_stage=zero).items() if v is not None}
+    par = "parallelism: {" + ", ".join(f"{k}: {v}" for k, v in pins.items()) + "}\n" if pins else ""
+    text = (f"name: f\nmodel: {model}\nhardware: {{gpu: h100-sxm, count: {count}}}\n"
+            f"data: {{seq_len: 2048, tokens: 10B}}\n{par}")
+    run, lines = loads_spec(text)
+    c = compile_spec(run, "f.yaml", lines, spec_bytes=text.encode())
+    if c.plan is None:
+        assert any(d.severity == "error" for d in c.diagnostics)
+    else:
+        assert c.plan.world == count
+        for k, v in pins.items():
+            assert getattr(c.plan, k) == v

@@ -56,7 +56,7 @@ def test_405b_on_16384_gpus_finds_a_plan_that_fits():
     assert 0.25 < res.best.mfu < 0.55
     for a in res.alternatives:
         _check_plan(arch, a.plan, 16384, 2048)
-        assert a.step_seconds >= res.best.step_seconds
+        assert a.step_seconds >= res.best.step_seconds / 1.001  # ties go to less memory
     assert res.reasons and "MFU" in res.reasons[0]
 
 

@@ -240,7 +240,12 @@ class _Search:
         if any(ds <= lay.ds and e <= lay.e for ds, e in fits):
             return True
         plan = lay.plan(lay.mbs[0], self.acs[-1])
-        mem = self.memory(plan)
+        try:
+            mem = self.memory(plan)
+        except ValueError as e:  # a layout the memory model refuses (e.g. more pipeline chunks than blocks)
+            fails.append((lay.ds, lay.e))
+            self.reject(plan, "pins", f"invalid layout: {e}")
+            return False
         if self.fits_fn(mem):
             fits.append((lay.ds, lay.e))
             return True
@@ -434,7 +439,13 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                 if z == 0 and ds * c > 1:
                     S.reject(base, "pins", "zero_stage 0 (DDP) needs dp_shard x cp = 1")
                     continue
-                for sched, v in _schedules(p, L, pins):
+                scheds = _schedules(p, L, pins)
+                if not scheds:
+                    why = (f"pp_schedule {pins.pp_schedule} needs pp > 1" if p == 1 else
+                           f"pp_schedule {pins.pp_schedule} needs at least 2 x pp = {2 * p} layers (has {L})")
+                    S.reject(base, "pins", why, dims=("pp",))
+                    continue
+                for sched, v in scheds:
                     mbs = []
                     for mb in mbs_all:
                         if per_dp % mb:
@@ -488,14 +499,18 @@ def _layout(p: ParallelPlan) -> tuple:
     return (p.tp, p.pp, p.cp, p.ep)
 
 
-def _schedules(p: int, L: int, pins):
+def _schedules(p: int, L: int, pins) -> list[tuple[str, int]]:
+    """(schedule, chunks per rank) options for pp = p; empty when a pinned schedule cannot apply."""
+    pinned = pins.pp_schedule
     if p == 1:
-        return [("1F1B", 1)]
-    if pins.pp_schedule is not None:
-        if pins.pp_schedule == "Interleaved1F1B":
-            vs = [v for v in INTERLEAVE_V if p * v <= L] or [2]
-            return [("Interleaved1F1B", v) for v in vs]
-        return [(pins.pp_schedule, 1)]
+        # a pinned multi-stage schedule asks for a pipeline; plain 1F1B is also what pp = 1 reports
+        return [("1F1B", 1)] if pinned in (None, "1F1B") else []
+    if pinned == "Interleaved1F1B":
+        return [("Interleaved1F1B", v) for v in INTERLEAVE_V if p * v <= L]
+    if pinned == "ZBVZeroBubble":
+        return [("ZBVZeroBubble", 2)] if 2 * p <= L else []  # V-shape: two chunks per rank
+    if pinned is not None:
+        return [(pinned, 1)]
     return [("1F1B", 1)] + [("Interleaved1F1B", v) for v in INTERLEAVE_V if p * v <= L]
 
 

@@ -251,7 +251,7 @@ class LayoutTimer:
     can time thousands of candidates cheaply.
     """
 
-    __slots__ = ("sm", "t", "p", "cp", "ep", "ds", "dr", "zero", "sched", "v", "world", "bubble_slots",
+    __slots__ = ("sm", "t", "p", "cp", "ep", "ds", "dr", "zero", "sched", "v", "chunks", "world", "bubble_slots",
                  "one_pass", "fsdp_passes", "fsdp_latency", "per_step_comm", "optimizer", "pp_bw", "ep_bw",
                  "cp_bw")
 
@@ -259,7 +259,8 @@ class LayoutTimer:
                  zero_stage: int, pp_schedule: str = "1F1B", pp_virtual_stages: int = 1):
         self.sm, self.t, self.p, self.cp, self.ep = sm, tp, pp, cp, ep
         self.ds, self.dr, self.zero, self.sched = dp_shard, dp_replicate, zero_stage, pp_schedule
-        self.v = pp_virtual_stages if pp_schedule == "Interleaved1F1B" else 1
+        self.v = pp_virtual_stages if pp_schedule == "Interleaved1F1B" else 1  # for the bubble
+        self.chunks = max(1, pp_virtual_stages)  # model chunks per rank (interleaved v, ZB-V 2)
         self.world = dp_replicate * dp_shard * cp * tp * pp
         gpn = sm.gpus_per_node
         t, p = tp, pp
@@ -276,7 +277,7 @@ class LayoutTimer:
         self.cp_bw = sm.nvlink_Bps if cp * t <= gpn else sm.net_Bps
 
         # parameters this GPU holds before data-parallel sharding (heaviest stage)
-        _, _, _, p_stage, max_blocks = _stage_info(sm, p, pp_schedule, self.v, "none")
+        _, _, _, p_stage, max_blocks = _stage_info(sm, p, pp_schedule, self.chunks, "none")
         n_experts_stage = max_blocks * sm.expert_params_per_layer * (sm.n_moe_layers / sm.n_layers)
         dense_local = (p_stage - n_experts_stage) / t
         expert_local = n_experts_stage / (t * ep)  # experts are split over ep first
@@ -309,7 +310,7 @@ class LayoutTimer:
     def time(self, mb: int, m: int, ac: str, breakdown: bool = False):
         """(step seconds, MFU[, breakdown]) for micro_batch ``mb``, ``m`` micro-batches, AC ``ac``."""
         sm, t, p, cp, ep = self.sm, self.t, self.p, self.cp, self.ep
-        n_slow, flops_tok, rec_tok, _, _ = _stage_info(sm, p, self.sched, self.v, ac)
+        n_slow, flops_tok, rec_tok, _, _ = _stage_info(sm, p, self.sched, self.chunks, ac)
         tokens_gpu = mb * sm.seq_len / cp  # tokens of this GPU's sequence shard per micro-batch
         scale = tokens_gpu / t * sm.sec_per_flop / _efficiency(sm, mb, cp, t)
         # memory-bound ops, split over tp by sequence parallelism; full AC runs the forward part again
@@ -330,7 +331,7 @@ class LayoutTimer:
             cp_comm = (1 - CP_OVERLAP) * n_slow * 3 * (cp - 1) * kv / self.cp_bw
         pp_comm = 0.0
         if p > 1:  # activations out + gradients back per boundary, v times when interleaved
-            pp_comm = 2 * self.v * tokens_gpu * sm.d_model * ACT_BYTES / t / self.pp_bw
+            pp_comm = 2 * self.chunks * tokens_gpu * sm.d_model * ACT_BYTES / t / self.pp_bw
         fsdp = 0.0
         if self.fsdp_passes:
             fsdp = _exposed(self.fsdp_passes * self.one_pass + self.fsdp_latency, compute)
