@@ -129,3 +129,13 @@ def test_mla_cache_is_replicated_over_tp():
 def test_unknown_gpu_is_a_diagnostic():
     plans, diags = plan_serving(run_with(LLAMA3_8B, [{"gpu": "tpu-v9"}]), gpus)
     assert plans == [] and diags[0].code == "V003"
+
+
+def test_v001_points_at_the_yaml_line():
+    from llmc.spec.load import loads_spec
+
+    text = ("name: v\nmodel: llama3-8b\nhardware: {gpu: h100-sxm, count: 8}\ndata: {seq_len: 8192, tokens: 1e9}\n"
+            "serving:\n  - engine: vllm\n    gpus: 1\n    concurrency: 64\n")
+    run, lines = loads_spec(text)
+    _, diags = plan_serving(run, gpus, lines)
+    assert [(d.code, d.line) for d in diags] == [("V001", 8)]

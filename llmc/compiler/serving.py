@@ -39,21 +39,12 @@ _BYTES_PER_PARAM = {"none": 2.0, "fp8": 1.0, "awq": 0.5 + 2.5 / 128, "gptq": 0.5
 
 
 def _lookup_line(lines: Any, path: str) -> int | None:
-    """Best-effort YAML line of a dotted path (``lines`` is the loader's path->line mapping)."""
+    """YAML line of a dotted path (``serving[0].gpus``), or of its nearest parent; None without a line map."""
     if not lines:
         return None
-    get = getattr(lines, "get", None)
-    if get is None:
-        return None
-    p = path
-    while p:
-        ln = get(p)
-        if ln is not None:
-            return ln
-        if "." not in p and "[" not in p:
-            break
-        p = p.rsplit(".", 1)[0] if "." in p else p.split("[", 1)[0]
-    return None
+    from llmc.spec.load import line_for
+
+    return line_for(lines, path)
 
 
 def _kv_bytes_per_token(arch: Any, bytes_per_elem: int) -> int:
