@@ -24,6 +24,17 @@ emitted with every GPU as a data-parallel rank (ZeRO-3 unless a stage is pinned)
 X103 says so; if the global batch cannot be split over that many ranks, the DeepSpeed artifacts
 are left out with warning X104. A pinned ``zero_stage: 3`` with pipeline parallelism is an error
 (X102): DeepSpeed's pipeline engine does not support ZeRO-3. Warnings are listed in README.md.
+
+Build diagnostics (raised as SpecError before anything is written, or listed in README.md):
+    X100 error    no plan and no stages: nothing to build
+    X101 error    DeepSpeed batch identity broken (micro x accum x dp != global batch)
+    X102 error    zero_stage 3 pinned together with pipeline parallelism
+    X103 warning  plan uses tp/pp/cp/ep; the DeepSpeed runner folds every GPU into data parallelism
+    X104 warning  global batch not divisible by the DeepSpeed data-parallel size: deepspeed/ omitted
+    X105 error    ds_config top-level key outside the allow-list (an llmc bug, never a user error)
+    X106 warning  fp8 training: the DeepSpeed runner trains in bf16
+    X108 error    offload_optimizer with ZeRO stage 0
+    V001 error    a serving target does not fit (normally reported by the compiler already)
 """
 
 from __future__ import annotations
