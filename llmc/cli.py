@@ -86,6 +86,10 @@ def build(
         _fail([d.render() for d in e.diagnostics])
     out = out or Path("build") / compiled.spec.name
     _write_tree_atomic(out, files)
+    from llmc.compiler.render import build_warnings
+
+    for d in build_warnings(compiled):
+        typer.echo(d.render(), err=True)
     typer.echo(f"wrote {len(files)} files to {out}")
     for name in sorted(files):
         typer.echo(f"  {name}")

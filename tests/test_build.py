@@ -189,6 +189,10 @@ def test_cli_build_twice_is_byte_identical(tmp_path, monkeypatch):
     assert r1.exit_code == 0 and r2.exit_code == 0, r1.output + r2.output
     ta, tb = _tree(tmp_path / "a"), _tree(tmp_path / "b")
     assert ta == tb and "deepspeed/ds_config.json" in ta
+    # build warnings are printed (and listed in README.md)
+    _fake_compile(monkeypatch, make_compiled(plan=ParallelPlan(dp_shard=4, tp=2, micro_batch=2, grad_accum=4)))
+    r3 = CliRunner().invoke(app, ["build", "x.yaml", "-o", str(tmp_path / "c")])
+    assert r3.exit_code == 0 and "fake.yaml: warning[X103]" in r3.output
     assert (tmp_path / "a" / "native" / "launch.sh").stat().st_mode & 0o111
 
 

@@ -188,6 +188,9 @@ def diff_lock(old: dict, compiled, fmt: str = "text") -> str:
         lines.append(f"spec unchanged (sha256 {str(sh['new'])[:12]})")
     else:
         lines.append(f"spec sha256 {str(sh['old'])[:12]} -> {str(sh['new'])[:12]}")
+    paths = (_get(old, "spec.path"), _get(new, "spec.path"))
+    if paths[0] != paths[1]:
+        lines.append(f"spec file {paths[0]} -> {paths[1]}")
     if data["llmc_version"]["old"] != data["llmc_version"]["new"]:
         lines.append(f"llmc {data['llmc_version']['old']} -> {data['llmc_version']['new']}")
     if data["why"]:

@@ -389,6 +389,13 @@ def build_diagnostics(compiled) -> tuple[dict | None, list[Diagnostic]]:
     return ds_cfg, diags
 
 
+def build_warnings(compiled) -> list[Diagnostic]:
+    """The non-error build diagnostics (also listed in README.md), for the CLI to print."""
+    _, diags = build_diagnostics(compiled)
+    return sort_diagnostics([d if d.file else replace(d, file=compiled.spec_path)
+                             for d in diags if d.severity != "error"])
+
+
 def render_artifacts(compiled) -> dict[str, str]:
     """Every build artifact as {relative path: text}; raises SpecError on build errors."""
     from llmc.compiler.lockfile import lock_text
