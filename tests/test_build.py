@@ -246,3 +246,13 @@ def test_golden_build(example, request):
             diff = "".join(list(difflib.unified_diff(expected[name].splitlines(True), files[name].splitlines(True),
                                                      f"golden/{name}", f"build/{name}"))[:40])
             pytest.fail(f"{example.stem}/{name} differs from the golden file ({hint}):\n{diff}")
+
+
+def test_serving_is_planned_when_the_compiled_has_none():
+    run = make_run(model={"name": "llama3-8b", "n_layers": 32, "d_model": 4096, "n_heads": 32, "n_kv_heads": 8,
+                          "d_ff": 14336, "vocab_size": 128256, "max_seq_len": 8192},
+                   data={"seq_len": 8192, "tokens": 1e9}, serving=[{"engine": "vllm", "concurrency": 64}])
+    c = make_compiled(run)
+    files = render_artifacts(c)
+    assert c.serving == []  # render did not modify its input
+    assert yaml.safe_load(files["serving/vllm.yaml"])["tensor-parallel-size"] == 2

@@ -401,13 +401,13 @@ def render_artifacts(compiled) -> dict[str, str]:
     from llmc.compiler.lockfile import lock_text
 
     if not compiled.serving and compiled.spec.serving:
-        # the compiler did not plan serving (older Compiled): plan it here
+        # a Compiled without serving plans (built by hand / an older compiler): plan them here
         from llmc.compiler.serving import plan_serving
 
         plans, sdiags = plan_serving(compiled.spec)
         if errors(sdiags):
             raise SpecError(sort_diagnostics(sdiags))
-        object.__setattr__(compiled, "serving", plans)
+        compiled = replace(compiled, serving=plans)
 
     ds_cfg, diags = build_diagnostics(compiled)
     diags = [d if d.file else replace(d, file=compiled.spec_path) for d in diags]
