@@ -60,6 +60,7 @@ class TrainJob:
     cp: int = 1
     ep: int = 1
     activation_checkpointing: str = "none"
+    meta_init: bool | None = None  # build on meta, shard, then init (FSDP/TP only); None = auto (> 2B params)
     # checkpoints and robustness
     checkpoint_interval: int = 100
     keep_latest: int = 3

@@ -357,13 +357,18 @@ class MoE(nn.Module):
         if self.expert_bias is None:
             return
         load = self.tokens_per_expert
-        self.expert_bias.add_(rate * torch.sign(load.mean() - load))
+        delta = rate * torch.sign(load.mean() - load)  # (E,)
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if isinstance(self.expert_bias, DTensor):  # sharded by FSDP2
+            delta = distribute_tensor(delta, self.expert_bias.device_mesh, self.expert_bias.placements)
+        self.expert_bias.add_(delta)
         load.zero_()
 
     def init_weights(self, std: float, out_std: float) -> None:
         if self.expert_bias is not None:
             nn.init.zeros_(self.expert_bias)
-            self.tokens_per_expert = torch.zeros_like(self.expert_bias)
+            self.tokens_per_expert = torch.zeros(self.num_experts, device=self.router.gate.weight.device)
         nn.init.trunc_normal_(self.router.gate.weight, std=std, a=-3 * std, b=3 * std)
         if self.router.gate.bias is not None:
             nn.init.zeros_(self.router.gate.bias)

@@ -207,8 +207,16 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
 
     torch.manual_seed(job.seed)
     loader = make_loader(job, assets, info)
-    model = build_model(job.arch, info.device, seed=job.seed)
+    # Meta init (large models): build on meta, shard with FSDP2/TP, materialise only the local shards, then
+    # init. Otherwise (default for small models): init the full model identically on every rank, then shard;
+    # this makes every layout start from bit-identical weights (DDP == FSDP2 == TP == 1 process).
+    sharded = job.dp_shard > 1 or job.tp > 1
+    with torch.device("meta"):
+        model = Transformer(job.arch)
     n_params = model.num_params()
+    meta = sharded and info.world > 1 and (job.meta_init if job.meta_init is not None else n_params > 2e9)
+    if not meta:
+        model = build_model(job.arch, info.device, seed=job.seed)
     fpt = job.flops_per_token or flops_per_token(job.arch, active_params(model), job.seq_len)
 
     resume_from = None
@@ -217,11 +225,18 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
             resume_from = latest_checkpoint(ckpt_dir, fallback=fallback_checkpoint, log=say)
         except CheckpointError as e:
             raise TrainingError(str(e)) from None
-    if resume_from is None and init_checkpoint is not None:
+    if resume_from is None and init_checkpoint is not None and not meta:
         step0 = load_model_weights(model, init_checkpoint)
         say(f"initialised weights from {init_checkpoint} (step {step0})")
 
     wrapped = parallelize(model, info, job.dp_replicate, job.dp_shard, job.tp, job.activation_checkpointing)
+    if meta:
+        model.to_empty(device=info.device)
+        torch.manual_seed(job.seed)
+        model.init_weights(buffer_device=info.device)  # DTensor-aware random init of the local shards
+        if resume_from is None and init_checkpoint is not None:
+            step0 = load_model_weights(wrapped, init_checkpoint)  # collective: re-shards the full weights
+            say(f"initialised weights from {init_checkpoint} (step {step0})")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, job, info.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, job))
