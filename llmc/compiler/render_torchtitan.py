@@ -337,6 +337,11 @@ def torchtitan_values(compiled) -> TitanValues:
         converters_filter.append("router.gate")
 
     ac = plan.activation_checkpointing
+    # FSDP2 always shards parameters at rest; the plan's ZeRO stage maps to when they are resharded:
+    # ZeRO-3 -> after every forward (also under PP, where torchtitan's "default" would not);
+    # ZeRO-1/2 -> keep the gathered parameters from forward to backward ("never"), which needs no
+    # more memory than llmc's ZeRO-1/2 model (unsharded weights, sharded optimizer state).
+    reshard = ("always" if plan.pp > 1 else "default") if plan.zero_stage >= 3 else "never"
     ctx = {
         "family": family,
         "flavor": f"llmc-{arch.name}",
@@ -385,6 +390,7 @@ def torchtitan_values(compiled) -> TitanValues:
         "disable_cuda_graphs": disable_cuda_graphs,
         "dp_replicate": plan.dp_replicate,
         "dp_shard": plan.dp_shard,
+        "fsdp_reshard_after_forward": reshard,
         "tp": plan.tp,
         "pp": plan.pp,
         "pp_schedule": plan.pp_schedule,
@@ -445,8 +451,8 @@ def launch_lines(ctx: dict[str, Any]) -> dict[str, str]:
         f"--rdzv_backend c10d --rdzv_endpoint=localhost:0 --local-ranks-filter 0 --role rank --tee 3 "
         f"-m torchtitan.train {mod}",
         "multi": f"NNODES={ctx['nnodes']} MASTER_ADDR=<head> bash torchtitan/run_multi_node.sh   (on every node)",
-        "dry_run": f"NGPU={ctx['world']} LOCAL_RANK=0 PYTHONPATH=torchtitan python -m torchtitan.train {mod} "
-        "--comm.mode fake_backend --training.steps 1",
+        "dry_run": f"NGPU={ctx['world']} LOCAL_RANK=0 PYTHONPATH=torchtitan python -m torchtitan.train "
+        f"--module {MODULE_NAME} --config job_without_converters --comm.mode fake_backend --training.steps 1",
     }
 
 
