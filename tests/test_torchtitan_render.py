@@ -165,3 +165,19 @@ def test_templates_have_no_arithmetic():
     for t in root.glob("*.j2"):
         for expr in re.findall(r"{{(.*?)}}", t.read_text()):
             assert not re.search(r"[-+*/%]\s*\d|\d\s*[-+*/%]", expr), (t.name, expr)
+
+
+def test_launch_scripts_parse_and_use_torchrun(tmp_path):
+    import subprocess
+
+    plan = ParallelPlan(dp_shard=64, tp=2, micro_batch=1, grad_accum=2)  # 128 GPUs, 8 per node
+    files = render_torchtitan(compiled_for(plan=plan))
+    for name in ("run_single_node.sh", "run_multi_node.sh", "slurm.sbatch"):
+        p = tmp_path / name
+        p.write_text(files[f"torchtitan/{name}"])
+        subprocess.run(["bash", "-n", str(p)], check=True)
+    multi = files["torchtitan/run_multi_node.sh"]
+    assert 'NNODES="${NNODES:-16}"' in multi and 'NPROC_PER_NODE="${NPROC_PER_NODE:-8}"' in multi
+    assert "-m torchtitan.train --module llmc_job --config job" in multi
+    assert "#SBATCH --nodes=16" in files["torchtitan/slurm.sbatch"]
+    assert "--gpus-per-node=8" in files["torchtitan/slurm.sbatch"]
