@@ -7,22 +7,28 @@ dp_shard x cp):
   nodes (seed-facts §4: TP needs NVLink).
 * pp: divisors of world/tp up to n_layers; uneven splits allowed (Llama 3 405B: 126 layers / 16).
   Schedules 1F1B and Interleaved1F1B with v in {2, 4, 8} virtual stages when the layers allow
-  (Megatron requires grad_accum % pp == 0 for interleaving).
+  (Megatron requires grad_accum % pp == 0 for interleaving); GPipe and ZBVZeroBubble when pinned.
 * cp: powers of two dividing seq_len / (2 tp), only from 32k tokens (ring attention pays off for
   long sequences; seed-facts §10.12).
 * ep (MoE only): divisors of num_experts that divide dp_shard x cp.
 * dp_shard x dp_replicate = the rest (HSDP: shard inside a node or a few nodes, replicate across);
   ZeRO-1 (shard optimizer state, reduce once per step) or ZeRO-3/FSDP over dp_shard.
-* micro_batch: powers of two; grad_accum from the batch identity
+* micro_batch: powers of two up to 16K tokens per GPU; grad_accum from the batch identity
   global_batch_seqs = micro_batch x grad_accum x dp (integral or rejected; >= pp when pp > 1).
 * activation checkpointing: none, selective, full.
 
-Pruning: memory never falls as micro_batch grows and never rises with stronger recomputation, so
-for every layout and AC mode the micro-batches are tried in increasing order and the scan stops at
-the first one that does not fit; memory results are cached on the fields memory depends on.
-Step time is closed-form (:mod:`llmc.compiler.timing`), so every fitting candidate is timed.
+Pruning (the search must answer for 16,384 GPUs in well under a second): every layout gets a
+cheap lower bound on its step time (closed-form timing, no recomputation, memory ignored) and
+layouts are visited best-first. A layout -- or one candidate inside it -- is skipped when its bound
+cannot beat the best plan already found for any value it stands for (tp, pp, cp, ep, ZeRO stage,
+schedule, and its (tp, pp, cp, ep) layout), so the chosen plan, the alternatives and the
+per-dimension comparisons of those dimensions are exactly what an exhaustive search gives
+(tests/test_search.py checks that against brute force). Memory is monotone: it never rises with a
+larger shard group or EP degree, never falls with a larger micro-batch or weaker recomputation, so
+one "least-memory corner" evaluation can rule out whole groups of layouts, and the micro-batch scan
+stops at the first misfit (an assumption about memory.py that holds up to its small fixed buffers). Memory results are cached on the fields memory depends on.
 
-Ranking: step time, then memory per GPU, then simplicity (fewer parallel dimensions, no
+Ranking: step time (0.1 % bins), then memory per GPU, then simplicity (fewer parallel dimensions, no
 interleaving). Rejected layouts keep a one-line reason, and ``reasons`` explains the choice
 against the best plan for every other value of each dimension.
 """
