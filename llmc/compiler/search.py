@@ -172,11 +172,16 @@ class _Search:
         self.layouts_batch_bad = 0
 
     # ------------------------------------------------------------------ bookkeeping
-    def reject(self, plan: ParallelPlan, category: str, reason: str, mem: int = 0, dims: tuple = ()) -> None:
+    def reject(self, plan: ParallelPlan, category: str, reason: str, mem: int = 0, dims: tuple = (),
+               dim_reason: str | None = None) -> None:
         self.counts[category] = self.counts.get(category, 0) + 1
         self.rejected.append(Candidate(plan, 0.0, 0.0, mem, False, reason))
         for d in dims:
-            self.struct_by.setdefault((d, getattr(plan, d)), reason)
+            self.struct_by.setdefault((d, getattr(plan, d)), dim_reason or reason)
+
+    def batch_reason(self) -> str:
+        return (f"the batch of {self.G} sequences cannot be split (micro_batch x grad_accum x dp, "
+                ">= pp micro-batches)")
 
     def memory(self, plan: ParallelPlan) -> MemoryNumbers:
         # memory depends on dp_replicate only through "is there data parallelism" (buffers), and on
@@ -394,7 +399,8 @@ def _enumerate(S: _Search) -> list[_Layout]:
                 if G % dp:
                     S.layouts_batch_bad += 1
                     S.reject(ParallelPlan(tp=t, pp=p, cp=c, dp_shard=dp), "batch",
-                             f"global batch {G} seqs not divisible by dp {dp}")
+                             f"global batch {G} seqs not divisible by dp {dp}", dims=("tp", "pp", "cp"),
+                             dim_reason=S.batch_reason())
                     continue
                 out.extend(_enumerate_dp(S, t, p, c, dp, G // dp, moe, L))
     return out
@@ -469,7 +475,7 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                         why = (f"{per_dp} seqs per dp rank give too few micro-batches for pp {p}"
                                + (" (interleaving needs grad_accum % pp == 0)" if sched == "Interleaved1F1B" else "")
                                if p > 1 else f"{per_dp} seqs per dp rank not divisible by micro_batch {mbs_all[0]}")
-                        S.reject(plan, "batch", why)
+                        S.reject(plan, "batch", why, dims=("tp", "pp", "cp"), dim_reason=S.batch_reason())
                         continue
                     timer = LayoutTimer(S.sm, t, p, c, e, ds, dr, z, sched, v)
                     lb = min(timer.time(mb, per_dp // mb, "none")[0] for mb in mbs)
@@ -535,6 +541,28 @@ _DIM_LABEL = {
 }
 
 
+_SIMPLER_DIMS = ("tp", "pp", "cp", "ep", "activation_checkpointing")
+
+
+def _verdict(dim, chosen, values, best_by, nofit_by, step) -> str:
+    """Why this value and not a simpler one (lower degree, weaker recomputation), in a few words."""
+    if dim not in _SIMPLER_DIMS:
+        return ""
+    rank = (lambda v: AC_ORDER.index(v)) if dim == "activation_checkpointing" else (lambda v: v)
+    simpler = [v for v in values if rank(v) < rank(chosen)]
+    if not simpler:
+        return " (the simplest choice)" if values else ""
+    fitting = [best_by[(dim, v)] for v in simpler if (dim, v) in best_by]
+    if not fitting:
+        v = max(simpler, key=rank)
+        if (dim, v) in nofit_by:
+            return f" (needed: {v} does not fit, >= {gib(nofit_by[(dim, v)])})"
+        return " (the only workable choice)"
+    best = min(fitting, key=lambda c: c.step_seconds)
+    pct = 100 * (best.step_seconds / step - 1)
+    return f" (faster than {getattr(best.plan, dim)} by {pct:.1f}%)" if pct >= 0.05 else " (tie, less memory)"
+
+
 def pins_set(pins) -> dict:
     """The parallelism fields the spec pinned (offload_optimizer is a setting, not a pin)."""
     if pins is None:
@@ -568,19 +596,21 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
                         key=_value_order)
         if not values:
             continue
-        bits = []
+        texts: dict[str, list] = {}  # same verdict for several values -> one entry ("1, 2, 4: ...")
         for val in values:
             alt = best_by.get((dim, val))
             if alt is not None:
                 pct = 100 * (alt.step_seconds / step - 1)
-                bits.append(f"{val}: tie" if abs(pct) < 0.05 else f"{val}: {'+' if pct > 0 else '-'}{abs(pct):.1f}%")
+                texts.setdefault("tie" if abs(pct) < 0.05 else f"{'+' if pct > 0 else '-'}{abs(pct):.1f}%", []).append(val)
             elif (dim, val) in nofit_by:
-                bits.append(f"{val}: does not fit (>= {gib(nofit_by[(dim, val)])})")
+                texts.setdefault(f"does not fit (>= {gib(nofit_by[(dim, val)])})", []).append(val)
             elif (dim, val) in struct_by:
-                bits.append(f"{val}: {struct_by[(dim, val)]}")
+                texts.setdefault(struct_by[(dim, val)], []).append(val)
+        bits = [f"{', '.join(str(v) for v in vals)}: {text}" for text, vals in texts.items()]
         if bits:
             found = "" if dim in REQUIRED_DIMS else " (best found)"
-            out.append(f"{_DIM_LABEL[dim]} {chosen}; others{found}: " + "; ".join(bits[:6])
+            verdict = _verdict(dim, chosen, values, best_by, nofit_by, step)
+            out.append(f"{_DIM_LABEL[dim]} {chosen}{verdict}; others{found}: " + "; ".join(bits[:6])
                        + (f"; ... {len(bits) - 6} more" if len(bits) > 6 else ""))
     if b.pp > 1:
         bubble = br["pp_bubble"] / step
