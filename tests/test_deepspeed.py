@@ -279,7 +279,12 @@ def test_zero_stages_train_the_tiny_model_identically(tmp_path):
         assert f"DeepSpeed ZeRO-{zero}" in r.stdout
         done = json.loads((b / "run" / "pretrain" / "DONE.json").read_text())
         assert done["status"] == "done" and done["step"] == 8 and done["zero_stage"] == zero
-        assert (b / "run" / "pretrain" / done["checkpoint"] / "manifest.json").exists()  # llmc-format weights
+        ck = b / "run" / "pretrain" / done["checkpoint"]
+        assert (ck / "manifest.json").exists()  # llmc-format weights, so a next stage can init_from this one
+        import torch
+
+        sd = torch.load(ck / "model.pt", weights_only=True)
+        assert sum(v.numel() for v in sd.values()) == done["params"]  # full tensors, also after ZeRO-3
         losses[zero] = _losses(b)
         if zero == 1:
             assert "resumed from" in r.stdout
