@@ -256,7 +256,13 @@ def _rejected(c) -> Table | None:
               "pruned": "pruned (step-time bound cannot beat the chosen plan)"}
     if counts:
         t.add_row("counts", ", ".join(f"{n} {labels.get(k, k)}" for k, n in sorted(counts.items())))
-    shown = [r for r in c.rejected if r.per_gpu_bytes][:3] + [r for r in c.rejected if not r.per_gpu_bytes][:3]
+    seen, mem_rej = set(), []
+    for r in c.rejected:  # the closest memory misses, one per (tp, pp, cp, ep) layout
+        key = (r.plan.tp, r.plan.pp, r.plan.cp, r.plan.ep)
+        if r.per_gpu_bytes and key not in seen:
+            seen.add(key)
+            mem_rej.append(r)
+    shown = mem_rej[:3] + [r for r in c.rejected if not r.per_gpu_bytes][:3]
     for i, r in enumerate(shown):
         t.add_row("closest" if i == 0 else "", f"{describe(r.plan)}: {r.reason}")
     return t

@@ -274,7 +274,7 @@ class _Search:
         """Try micro-batches x AC; memory is monotone in both, so scans stop at the first misfit."""
         best_nofit: tuple[int, ParallelPlan] | None = None
         fit_mem: dict[int, int] = {}  # micro-batch -> memory with the weakest AC mode that fits
-        any_fit = False
+        any_fit = skipped = False
         for ac in self.acs:
             for mb in lay.mbs:
                 plan = lay.plan(mb, ac)
@@ -287,6 +287,7 @@ class _Search:
                     continue
                 step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac)
                 if self.can_skip(lay, step):
+                    skipped = True
                     continue  # fits or not, it cannot improve any required comparison
                 mem = self.memory(plan)
                 if not self.fits_fn(mem):
@@ -297,7 +298,9 @@ class _Search:
                 self.add_fit(Candidate(plan, step, mfu, mem.per_gpu_bytes, True, ""), lay)
                 any_fit = True
                 fit_mem[mb] = mem.per_gpu_bytes
-        if not any_fit and best_nofit is not None:
+        if not any_fit and skipped:
+            self.pruned += 1  # its corner fits, but nothing it could offer beats what is known
+        elif not any_fit and best_nofit is not None:
             mem_b, plan = best_nofit
             self.reject(plan, "memory", f"memory {gib(mem_b)} > {self.usable_txt()}", mem_b)
 
@@ -497,7 +500,15 @@ def _result(S: _Search) -> SearchResult:
     for c in S.rejected:
         if c.per_gpu_bytes and (closest is None or c.per_gpu_bytes < closest.per_gpu_bytes):
             closest = c
-    rejected = sorted(S.rejected, key=lambda c: (c.per_gpu_bytes == 0, c.per_gpu_bytes, _plan_tuple(c.plan)))
+    # most informative first: the closest memory miss of each (tp, pp, cp, ep) layout, then one candidate
+    # per distinct structural reason, then everything else
+    ordered = sorted(S.rejected, key=lambda c: (c.per_gpu_bytes == 0, c.per_gpu_bytes, _plan_tuple(c.plan)))
+    head, rest, seen = [], [], set()
+    for c in ordered:
+        key = _layout(c.plan) if c.per_gpu_bytes else c.reason
+        (rest if key in seen else head).append(c)
+        seen.add(key)
+    rejected = head + rest
     res = SearchResult(
         best=best, memory=S.memory(best.plan) if best else None, alternatives=alternatives, rejected=rejected,
         rejected_counts=dict(S.counts), closest=closest, reasons=[], evaluated=S.evaluated, fitting=len(fitting),
