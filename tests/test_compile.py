@@ -232,3 +232,9 @@ def test_batch_too_small_for_a_big_cluster():
     c = _compile(_spec(count=24576))
     assert c.plan is not None and c.hyper.global_batch_seqs % 3072 == 0
     assert "T006" in {d.code for d in c.diagnostics}  # 25M tokens: outside 2M-16M, said out loud
+
+
+def test_steps_seed_vector():
+    # seed-facts F18 / App. B: 15T tokens at 4M tokens per step = 3,750,000 steps
+    assert defaults.default_steps(15e12, 4_000_000) == 3_750_000
+    assert defaults.default_steps(15e12 + 1, 4_000_000) == 3_750_001

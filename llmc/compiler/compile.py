@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llmc.compiler import checks, defaults, flops, params, scaling, timing
 from llmc.compiler.checks import Sink
-from llmc.compiler.compiled import Compiled, ComputeNumbers, CostNumbers, Hyper, ModelNumbers
+from llmc.compiler.compiled import Compiled, ComputeNumbers, CostNumbers, ModelNumbers
 from llmc.compiler.diagnostics import Diagnostic, errors, sort_diagnostics
 from llmc.compiler.hardware import GPUS, get_gpu, supports
 
@@ -131,9 +131,9 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
                        "rejected": dict(sorted(res.rejected_counts.items()))}
         if res.best is not None:
             plan, mem = res.best.plan, res.memory
-    steps_hint = run.training.steps or max(1, -(-int(run.data.tokens) // (seqs * seq_len)))
+    steps = run.training.steps or defaults.default_steps(run.data.tokens, seqs * seq_len)
     if plan is not None:
-        time = timing.time_numbers(sm, plan, steps_hint)
+        time = timing.time_numbers(sm, plan, steps)
         gh = timing.gpu_hours(time.days, world)
         cost = CostNumbers(gpu_hours=gh, usd=timing.usd(gh, gpu.usd_per_hour), usd_per_gpu_hour=gpu.usd_per_hour)
 
@@ -194,4 +194,4 @@ def _serving(run, lines) -> tuple[list[dict], list[Diagnostic]]:
     return plan_serving(run, gpu_lookup=get_gpu, lines=lines)
 
 
-__all__ = ["compile_spec", "model_numbers", "compute_numbers", "cluster_gpu", "Hyper"]
+__all__ = ["compile_spec", "model_numbers", "compute_numbers", "cluster_gpu", "has_pretraining"]

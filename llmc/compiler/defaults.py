@@ -64,6 +64,11 @@ def default_batch_seqs(params_active: float, seq_len: int, world: int, is_cpu: b
     return max(pow2 * odd, 1)
 
 
+def default_steps(data_tokens: float, batch_tokens: int) -> int:
+    """Optimizer steps to see ``data_tokens`` (seed-facts F18: steps = tokens / batch, rounded up)."""
+    return max(1, math.ceil(data_tokens / batch_tokens))
+
+
 def default_warmup(steps: int) -> int:
     """1 % of steps, at least 1 when there is more than one step, at most 2000."""
     if steps <= 1:
@@ -95,7 +100,7 @@ def resolve_hyper(training, seq_len: int, data_tokens: float, global_batch_seqs:
     if training.steps is not None:
         steps = training.steps
     else:
-        steps = max(1, math.ceil(data_tokens / batch_tokens))
+        steps = default_steps(data_tokens, batch_tokens)
         chosen.append("steps")
     if training.optimizer.lr is not None:
         lr = training.optimizer.lr
