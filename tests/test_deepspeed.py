@@ -294,3 +294,43 @@ def test_zero_stages_train_the_tiny_model_identically(tmp_path):
     for s in range(1, 9):  # ZeRO stages are numerically the same optimizer (fp32)
         assert l2[s] == pytest.approx(l1[s], abs=2e-3), (s, l1, l2)
         assert l3[s] == pytest.approx(l1[s], abs=2e-3), (s, l1, l3)
+
+
+@pytest.mark.slow
+def test_deepspeed_pipeline_via_launch_commands(tmp_path):
+    """`llmc launch --backend deepspeed` commands for real (the deepspeed launcher, 1 CPU process): a
+    pretrain stage, then a midtrain stage that starts from its weights; a second launch skips both."""
+    from llmc.cli import _write_tree_atomic
+    from llmc.compiler.launch import launch_commands
+
+    stages = [{"name": "base", "kind": "pretrain"}, {"name": "mid", "kind": "midtrain", "init_from": "base"}]
+    run = make_run(
+        name="dspipe",
+        model={"name": "tiny", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
+               "vocab_size": 512, "max_seq_len": 64},
+        data={"seq_len": 32, "tokens": 1e5, "sources": [{"name": "python-docs", "format": "builtin"}],
+              "tokenizer": {"train": True, "vocab_size": 512}},
+        hardware={"gpu": "cpu", "count": 1},
+        training={"precision": "fp32", "optimizer": {"lr": 3e-3}, "log_every": 1},
+        stages=[{**s, "steps": 3} for s in stages],
+    )
+    lock_stages = [{**s, "init_from": s.get("init_from"), "steps": 3, "seq_len": 32, "lr": 1e-3,
+                    "global_batch_tokens": 4 * 32} for s in stages]
+    c = make_compiled(run, plan=ParallelPlan(dp_shard=1, micro_batch=2, grad_accum=2), global_batch_seqs=4,
+                      steps=3, warmup=1, stages=lock_stages)
+    b = tmp_path / "build"
+    _write_tree_atomic(b, render_artifacts(c))
+    env = {**ENV, "LLMC_MASTER_PORT": str(29400 + os.getpid() % 200)}
+    cmds = launch_commands(b, backend="deepspeed", gpu=False)
+    assert [Path(x.argv[0]).name for x in cmds[1:]] == ["deepspeed", "deepspeed"]
+    logs = {}
+    for cmd in cmds:
+        r = subprocess.run(cmd.argv, env={**env, **cmd.env}, cwd=cmd.cwd, capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, (cmd.stage, r.stdout[-3000:], r.stderr[-3000:])
+        logs[cmd.stage] = r.stdout
+    for s in ("base", "mid"):
+        done = json.loads((b / "run" / s / "DONE.json").read_text())
+        assert done["status"] == "done" and done["backend"] == "deepspeed" and done["step"] == 3
+    assert "initialised weights from" in logs["mid"] and str(b / "run" / "base") in logs["mid"]
+    assert all(x.skip_reason for x in launch_commands(b, backend="deepspeed", gpu=False))
