@@ -93,3 +93,12 @@ def test_cli_plan_diff(tmp_path, monkeypatch):
     assert "training.optimizer.lr: 0.001 -> 0.005" in r.output
     r = CliRunner().invoke(app, ["plan", "x.yaml", "--diff", str(tmp_path / "missing.json")])
     assert r.exit_code == 1 and "error[X001]" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_diff_reports_stage_changes():
+    a = [{"name": "sft", "kind": "sft", "steps": 100, "lr": 2e-5, "memory": {"per_gpu_bytes": 2**31, "fits": True}}]
+    b = [{"name": "sft", "kind": "sft", "steps": 200, "lr": 2e-5, "memory": {"per_gpu_bytes": 2**32, "fits": True}},
+         {"name": "dpo", "kind": "dpo", "steps": 50}]
+    text = diff_lock(lock_dict(make_compiled(stages=a)), make_compiled(stages=b))
+    assert "sft.steps: 100 -> 200" in text and "sft.memory per GPU: 2.00 GiB -> 4.00 GiB" in text
+    assert "dpo.stage: - -> present" in text

@@ -108,6 +108,8 @@ _METRICS = [
     ("GPU-hours", "cost.gpu_hours", "num"),
     ("cost (USD)", "cost.usd", "num"),
 ]
+_STAGE_FIELDS = [("steps", "steps"), ("lr", "lr"), ("seq_len", "seq_len"), ("trainable params", "trainable_params"),
+                 ("memory per GPU", "memory.per_gpu_bytes"), ("fits", "memory.fits")]
 _PLAN_KEYS = ("dp_replicate", "dp_shard", "tp", "pp", "pp_schedule", "cp", "ep", "micro_batch", "grad_accum",
               "activation_checkpointing", "zero_stage")
 
@@ -157,6 +159,18 @@ def diff_data(old: dict, new: dict) -> dict[str, Any]:
         for k in ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "kv_budget_gib", "fits"):
             if a.get(k) != b.get(k):
                 serving.append({"target": i, "field": k, "old": a.get(k), "new": b.get(k)})
+    stages = []
+    so_, sn_ = ({st.get("name"): st for st in (d.get("stages") or []) if isinstance(st, dict)} for d in (old, new))
+    for name in [*so_, *[n for n in sn_ if n not in so_]]:
+        a, b = so_.get(name), sn_.get(name)
+        if a is None or b is None:
+            stages.append({"stage": name, "field": "stage", "old": None if a is None else "present",
+                           "new": None if b is None else "present"})
+            continue
+        for label, path in _STAGE_FIELDS:
+            va, vb = _get(a, path), _get(b, path)
+            if va != vb:
+                stages.append({"stage": name, "field": label, "old": va, "new": vb})
     old_spec = _get(old, "spec.resolved") or {}
     new_spec = _get(new, "spec.resolved") or {}
     return {
@@ -167,6 +181,7 @@ def diff_data(old: dict, new: dict) -> dict[str, Any]:
         "metrics": metrics,
         "plan": plan,
         "serving": serving,
+        "stages": stages,
         "diagnostics": {"added": sorted(set(dn) - set(do)), "removed": sorted(set(do) - set(dn))},
     }
 
@@ -216,6 +231,13 @@ def diff_lock(old: dict, compiled, fmt: str = "text") -> str:
         lines.append("serving:")
         for s in data["serving"]:
             lines.append(f"  serving[{s['target']}].{s['field']}: {s['old']} -> {s['new']}")
+    if data["stages"]:
+        lines.append("")
+        lines.append("stages:")
+        for st in data["stages"]:
+            kind = "gib" if st["field"] == "memory per GPU" else ("int" if st["field"] in ("steps", "trainable params")
+                                                                  else "num")
+            lines.append(f"  {st['stage']}.{st['field']}: {_fmt(st['old'], kind)} -> {_fmt(st['new'], kind)}")
     dg = data["diagnostics"]
     if dg["added"] or dg["removed"]:
         lines.append("")
