@@ -102,3 +102,9 @@ def test_diff_reports_stage_changes():
     text = diff_lock(lock_dict(make_compiled(stages=a)), make_compiled(stages=b))
     assert "sft.steps: 100 -> 200" in text and "sft.memory per GPU: 2.00 GiB -> 4.00 GiB" in text
     assert "dpo.stage: - -> present" in text
+
+
+def test_same_spec_different_numbers_blames_llmc():
+    old = lock_dict(make_compiled(step_s=1.0))
+    text = diff_lock(old, make_compiled(step_s=2.0))
+    assert text.startswith("spec unchanged") and "come from llmc itself" in text and "step time (s): 1 -> 2" in text

@@ -201,6 +201,9 @@ def diff_lock(old: dict, compiled, fmt: str = "text") -> str:
     sh = data["spec_sha256"]
     if not data["changed"] and not data["why"]:
         lines.append(f"spec unchanged (sha256 {str(sh['new'])[:12]})")
+        if data["metrics"] or data["plan"] or data["stages"] or data["serving"]:
+            lines.append("why: the spec is the same, so the differences below come from llmc itself "
+                         "(its version, formulas or hardware table)")
     else:
         lines.append(f"spec sha256 {str(sh['old'])[:12]} -> {str(sh['new'])[:12]}")
     paths = (_get(old, "spec.path"), _get(new, "spec.path"))
