@@ -122,7 +122,7 @@ def test_p003_heads_not_divisible():
 def test_p004_nothing_fits_names_closest_and_hints():
     c = _compile(_spec(model="llama3.1-405b", count=8))
     d = _diag(c, "P004")
-    assert "GiB" in d.message and "more GPUs" in d.hint and "fp8" in d.hint
+    assert "GiB" in d.message and "more GPUs" in d.hint and "offload" in d.hint
 
 
 def test_p005_batch_not_whole_sequences_and_not_splittable():

@@ -144,19 +144,24 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
                      "or fewer GPUs")
         elif res.closest is not None:
             c = res.closest
-            need = c.per_gpu_bytes / gpu.hbm_bytes
+            from llmc.compiler.search import USABLE_FRACTION
+
+            usable = gpu.hbm_bytes * USABLE_FRACTION
+            need = c.per_gpu_bytes / usable
             from llmc.compiler.search import describe
 
             hints = [f"more GPUs (about {need:.1f}x the memory is needed)" if need > 1.05 else "more GPUs"]
-            if run.training.precision != "fp8" and getattr(gpu, "fp8_tflops", None):
-                hints.append("fp8")
+            # (not fp8: torchao float8 keeps bf16/fp32 states, so it does not shrink the model states)
+            if not run.parallelism.offload_optimizer:
+                hints.append("CPU optimizer offload (parallelism.offload_optimizer)")
             if run.data.seq_len > 2048:
                 hints.append(f"a shorter seq_len than {run.data.seq_len}")
             if any(v is not None for v in run.parallelism.model_dump(exclude={"offload_optimizer"}).values()):
                 hints.append("fewer parallelism pins")
             hints.append("a GPU with more memory")
             sink.add("P004", "error", "hardware",
-                     f"no parallelism plan fits in {gpu.hbm_bytes / GiB:.1f} GiB per GPU: the closest, "
+                     f"no parallelism plan fits in {gpu.hbm_bytes / GiB:.1f} GiB per GPU ({usable / GiB:.1f} GiB "
+                     f"usable): the closest, "
                      f"{describe(c.plan)}, needs {c.per_gpu_bytes / GiB:.1f} GiB",
                      "try " + ", ".join(hints))
         else:
