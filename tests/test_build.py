@@ -256,3 +256,12 @@ def test_serving_is_planned_when_the_compiled_has_none():
     files = render_artifacts(c)
     assert c.serving == []  # render did not modify its input
     assert yaml.safe_load(files["serving/vllm.yaml"])["tensor-parallel-size"] == 2
+
+
+def test_real_example_builds_twice_identically(tmp_path):
+    ex = ROOT / "examples" / "pipeline_tiny.yaml"
+    a, b = render_artifacts(compile_example(ex)), render_artifacts(compile_example(ex))
+    assert a == b
+    _write_tree_atomic(tmp_path / "a", a)
+    _write_tree_atomic(tmp_path / "b", b)
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b")

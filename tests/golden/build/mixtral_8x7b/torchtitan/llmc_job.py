@@ -5,8 +5,9 @@
 # Launch (from the build directory; paths come from LLMC_RUN_DIR, default: the build directory):
 #   single node : PYTHONPATH=torchtitan torchrun --nproc_per_node=8 --rdzv_backend c10d --rdzv_endpoint=localhost:0 --local-ranks-filter 0 --role rank --tee 3 -m torchtitan.train --module llmc_job --config job
 #   multi node  : NNODES=32 MASTER_ADDR=<head> bash torchtitan/run_multi_node.sh   (on every node)
-#   dry run, CPU: NGPU=256 LOCAL_RANK=0 PYTHONPATH=torchtitan python -m torchtitan.train --module llmc_job --config job --comm.mode fake_backend --training.steps 1
-#   CPU/gloo smoke runs go through llmc.runtime.titan_cpu_shim (never used by the GPU scripts).
+#   dry run     : NGPU=256 LOCAL_RANK=0 PYTHONPATH=torchtitan python -m torchtitan.train --module llmc_job --config job_without_converters --comm.mode fake_backend --training.steps 1
+#   (no GPU: llmc.runtime.titan_launch.dry_run_command / torchtitan_command(cpu=True) run the same job
+#    through llmc.runtime.titan_cpu_shim on CPU + gloo; the GPU scripts never use it)
 #
 # Not expressible in torchtitan 0.3.0 (reported, not silently dropped):
 #   - training.z_loss=0.0001 is not applied: torchtitan 0.3.0 has no z-loss
@@ -292,6 +293,7 @@ def _trainer_config(spec):
         parallelism=ParallelismConfig(
             data_parallel_replicate_degree=1,
             data_parallel_shard_degree=128,
+            fsdp_reshard_after_forward='never',
             tensor_parallel_degree=1,
             pipeline_parallel_degree=2,
             pipeline_parallel_schedule='Interleaved1F1B',
