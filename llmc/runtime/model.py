@@ -111,14 +111,12 @@ def rope_tables(dim: int, max_len: int, theta: float, scaling: RopeScaling | Non
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) by angle pos*inv_freq[i] (Meta/torchtitan interleaved layout).
 
-    x: (B, T, h, dim); rope: (T, dim/2, 2). Same as multiplying view_as_complex(x) by exp(i*angle).
+    x: (B, T, h, dim); rope: (T, dim/2, 2) of (cos, sin). Computed as complex multiplication
+    view_as_complex(x) * (cos + i sin), exactly Meta's ``apply_rotary_emb``.
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, h, dim/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos = rope[None, :, None, :, 0]  # (1, T, 1, dim/2)
-    sin = rope[None, :, None, :, 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, h, dim/2, 2)
-    return out.flatten(-2).type_as(x)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, h, dim/2) complex
+    cis = torch.view_as_complex(rope.contiguous())[None, :, None, :]  # (1, T, 1, dim/2)
+    return torch.view_as_real(xc * cis).flatten(-2).type_as(x)
 
 
 # ----------------------------------------------------------------------------- attention

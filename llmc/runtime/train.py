@@ -76,14 +76,21 @@ def lr_multiplier(step: int, job: TrainJob) -> float:
 def build_optimizer(model: torch.nn.Module, job: TrainJob, device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices (dim >= 2) only, not on norms, biases or the expert bias.
 
-    CUDA: fused kernel; CPU: the plain for-loop implementation (works for plain tensors and DTensors).
+    CUDA: the fused kernel; CPU: the foreach (multi-tensor) implementation. Both need all parameters to be
+    of one kind (all plain or all DTensor); a mix (TP without FSDP) falls back to the for-loop.
     """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": job.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kw = {"fused": True} if device.type == "cuda" else {"foreach": False}
+    from torch.distributed.tensor import DTensor
+
+    kinds = {isinstance(p, DTensor) for g in groups for p in g["params"]}
+    # foreach needs one tensor kind per call: TP alone leaves embeddings/norms plain next to DTensor weights
+    kw = {"foreach": len(kinds) == 1}
+    if device.type == "cuda" and len(kinds) == 1:
+        kw = {"fused": True}
     return torch.optim.AdamW(groups, lr=job.lr, betas=tuple(job.betas), eps=job.eps, **kw)
 
 
