@@ -177,9 +177,7 @@ def _largest_layer_params(arch) -> int:
     return max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in m.modules())
 
 
-@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.stem in
-                                     ("llama3_8b_h100x8", "qwen2.5_7b_a100x16", "llama3_70b_h100x64", "tiny_cpu")],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_estimators_agree_with_llmc_model_states(example):
     """DeepSpeed's cold estimators vs llmc's memory model for the DeepSpeed layout (every GPU a DP rank).
 
