@@ -31,9 +31,10 @@ The model, per optimizer step (m = grad_accum micro-batches, p = pp, v = virtual
     backward per layer, each of b*s*h*2 bytes, ring factor 2(t-1)/t, over NVLink (TP never
     spans nodes); +2 with full recomputation (the forward runs twice). Not overlapped.
   - FSDP / ZeRO over dp_shard: ZeRO-3 all-gathers the local parameters before forward and
-    backward (once when pp > 1, torchtitan keeps them gathered between) and reduce-scatters the
-    gradients every micro-batch; ZeRO-1/2 reduce-scatter gradients and all-gather parameters once
-    per step. Ring volume (n-1)/n of the tensor each. NVLink if the whole shard group sits in a
+    backward and reduce-scatters the gradients every micro-batch (FSDP2 with gradient
+    accumulation); under pipelining the stage stays unsharded for the step and gradients are
+    reduced once (torchtitan + torch.distributed.pipelining), as ZeRO-1/2 do: one reduce-scatter
+    and one all-gather per step. Ring volume (n-1)/n of the tensor each. NVLink if the whole shard group sits in a
     node (torchtitan mesh order [pp, dp_replicate, dp_shard, cp, tp]), else the per-GPU network.
   - DP replicas (DDP, or the replicate dim of HSDP): one ring all-reduce of the gradient shard
     per step, 2(r-1)/r of its bytes, over the network.
@@ -291,13 +292,18 @@ class LayoutTimer:
         self.fsdp_passes = 0
         self.fsdp_latency = 0.0
         self.per_step_comm = 0.0
-        if zero_stage == 3 and n_sh > 1:
-            # all-gather before forward and backward (once with pp > 1: torchtitan keeps the stage's
-            # parameters gathered between them), reduce-scatter after backward, per micro-batch;
-            # one collective per FSDP unit (block), each paying (n-1) ring hops of latency
-            self.fsdp_passes = (2 if p == 1 else 1) + 1
-            hop = HOP_LATENCY_NET if shard_net else HOP_LATENCY_NVLINK
+        hop = HOP_LATENCY_NET if shard_net else HOP_LATENCY_NVLINK
+        if zero_stage == 3 and n_sh > 1 and p == 1:
+            # FSDP2 with gradient accumulation: all-gather before forward and before backward,
+            # reduce-scatter after backward, every micro-batch; one collective per FSDP unit (block),
+            # each paying (n-1) ring hops of latency
+            self.fsdp_passes = 3
             self.fsdp_latency = self.fsdp_passes * (max_blocks + 1) * (n_sh - 1) * hop
+        elif zero_stage == 3 and n_sh > 1:
+            # under pipelining torchtitan keeps the stage unsharded (reshard_after_forward=False) and
+            # torch.distributed.pipelining reduces gradients once, after the last micro-batch: one
+            # all-gather + one reduce-scatter per step (memory.py holds the unsharded stage likewise)
+            self.per_step_comm += 2 * self.one_pass + 2 * (max_blocks + 1) * (n_sh - 1) * hop
         elif n_sh > 1:
             self.per_step_comm += 2 * self.one_pass  # ZeRO-1/2: reduce-scatter grads + all-gather params, once
         if dp_replicate > 1:
