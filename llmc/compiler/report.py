@@ -136,7 +136,12 @@ def _hyper(c) -> Table:
               f"{h.schedule}, warmup {h.warmup_steps:,} steps{_dflt('warmup_steps', d)}")
     t.add_row("checkpoints", f"every {h.checkpoint_interval:,} steps{_dflt('checkpoint_interval', d)}, "
               f"{'async' if h.checkpoint_async else 'sync'}{_dflt('checkpoint_async', d)}")
-    t.add_row("precision", c.spec.training.precision)
+    tr = c.spec.training
+    o = tr.optimizer
+    clip = f"grad clip {tr.grad_clip:g}" if tr.grad_clip is not None else "no grad clip"
+    t.add_row("optimizer", f"AdamW betas ({o.betas[0]:g}, {o.betas[1]:g}), eps {o.eps:g}, weight decay "
+              f"{o.weight_decay:g}, {clip}" + (f", z-loss {tr.z_loss:g}" if tr.z_loss else ""))
+    t.add_row("precision", tr.precision)
     return t
 
 
