@@ -36,7 +36,7 @@ against the best plan for every other value of each dimension.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llmc.compiler.compiled import Candidate, MemoryNumbers
 from llmc.compiler.plan import ParallelPlan
@@ -54,14 +54,13 @@ class SearchResult:
     best: Candidate | None
     memory: MemoryNumbers | None  # of the best plan
     alternatives: list[Candidate]  # best plan of other (tp, pp, cp, ep) layouts, ranked
-    rejected: list[Candidate]  # one representative per rejected layout, closest first
+    rejected: list[Candidate]  # closest memory miss per layout, one per structural reason, then the rest
     rejected_counts: dict[str, int]  # reason category -> number of candidates
     closest: Candidate | None  # the non-fitting candidate with the least memory (for P004)
     reasons: list[str]
     evaluated: int = 0  # memory evaluations
     fitting: int = 0
     batch_blocked: bool = False  # every layout failed the batch identity
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 def divisors(n: int) -> list[int]:
@@ -93,7 +92,8 @@ def _plan_tuple(p: ParallelPlan) -> tuple:
 
 
 def describe(p: ParallelPlan) -> str:
-    """Compact one-line plan: ``tp8 pp16(Interleaved1F1B x4) dp_shard128 zero1 mb1 x16 ac=full``."""
+    """Compact one-line plan: ``tp8 pp16(Interleaved1F1B v4) dp_shard128 zero1 mb1x16 ac=full``
+    (micro_batch x grad_accum; dp_rep/cp/ep only when > 1)."""
     parts = [f"tp{p.tp}"]
     if p.pp > 1:
         sched = p.pp_schedule + (f" v{p.pp_virtual_stages}" if p.pp_schedule == "Interleaved1F1B" else "")
@@ -105,7 +105,7 @@ def describe(p: ParallelPlan) -> str:
     if p.dp_replicate > 1:
         parts.append(f"dp_rep{p.dp_replicate}")
     parts.append(f"dp_shard{p.dp_shard}")
-    if p.dp_shard > 1:
+    if p.dp_shard * p.cp > 1:
         parts.append(f"zero{p.zero_stage}")
     parts.append(f"mb{p.micro_batch}x{p.grad_accum}")
     parts.append(f"ac={p.activation_checkpointing}")
