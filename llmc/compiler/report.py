@@ -230,6 +230,11 @@ def _budget(c) -> Table | None:
             ok = c.cost.usd <= b.max_usd
             t.add_row("max_usd", f"{usd(c.cost.usd)} of {usd(b.max_usd)} "
                       f"({'ok' if ok else 'EXCEEDED'}, {100 * c.cost.usd / b.max_usd:.0f}%)")
+    if c.time is not None and c.cost is not None:
+        from llmc.compiler.checks import MAX_PLAUSIBLE_MFU as m60
+
+        scale = c.time.mfu / m60  # the same FLOPs at the plausible-MFU ceiling (B003's yardstick)
+        t.add_row("floor", f"{c.time.days * scale:.1f} days, {usd(c.cost.usd * scale)} at {100 * m60:.0f}% MFU")
     return t
 
 
