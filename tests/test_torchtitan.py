@@ -361,7 +361,7 @@ def test_fake_backend_dry_run_llama3_8b_64_ranks(tmp_path):
                                                         grad_accum=accum))
     assert c.plan.world == 64 and c.plan.global_batch_seqs == c.hyper.global_batch_seqs
     module = write_build(c, tmp_path)
-    make_assets(tmp_path / "run", c.spec.model.vocab_size, n_docs=50)
+    make_assets(tmp_path / "run", c.spec.model.vocab_size, n_docs=50, names=[s.name for s in c.spec.data.sources])
     src = module.read_text()
     assert "tensor_parallel_degree=8" in src and "data_parallel_shard_degree=8" in src
     argv, env = dry_run_command(module, 64, ["--training.seq_len", "32", "--training.local_batch_size", "1",
