@@ -191,19 +191,30 @@ def torchrun(lock: Path, out: Path, nproc: int = 2, extra=(), timeout=240) -> su
     return p
 
 
+LAYOUTS = {  # name: (plan, processes)
+    "ddp": ({"dp_replicate": 2, "micro_batch": 4}, 2),
+    "fsdp": ({"dp_shard": 2, "micro_batch": 4}, 2),
+    "tp": ({"tp": 2, "micro_batch": 8}, 2),
+    "fsdp_tp": ({"dp_shard": 2, "tp": 2, "micro_batch": 4}, 4),  # 2-D: FSDP2 over TP (_StridedShard grads)
+    "hsdp": ({"dp_replicate": 2, "dp_shard": 2, "micro_batch": 2}, 4),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["ddp", "fsdp", "tp"])
-def test_two_process_layouts_match_single_process(tmp_path, docs, layout):
-    plan = {"ddp": {"dp_replicate": 2, "micro_batch": 4}, "fsdp": {"dp_shard": 2, "micro_batch": 4},
-            "tp": {"tp": 2, "micro_batch": 8}}[layout]
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parallel_layouts_match_single_process(tmp_path, docs, layout):
+    plan, nproc = LAYOUTS[layout]
     single = make_lock(tmp_path / "single", docs, steps=8, interval=8)
     run(single, tmp_path / "single" / "o")
     lock = make_lock(tmp_path / layout, docs, steps=8, interval=8, plan=plan)
-    torchrun(lock, tmp_path / layout / "o")
+    torchrun(lock, tmp_path / layout / "o", nproc=nproc)
     ref, got = losses(tmp_path / "single" / "o"), losses(tmp_path / layout / "o")
     assert got[8] < got[1] - 0.5  # it trains
     for s in range(1, 9):
         assert got[s] == pytest.approx(ref[s], abs=2e-4), (layout, s, ref, got)
+    gn = [json.loads(x) for x in (tmp_path / layout / "o" / "metrics.jsonl").read_text().splitlines()]
+    gr = [json.loads(x) for x in (tmp_path / "single" / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert gn[0]["grad_norm"] == pytest.approx(gr[0]["grad_norm"], rel=1e-4)  # global norm over shards
 
 
 @pytest.mark.slow

@@ -135,7 +135,7 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> 
         if isinstance(g, DTensor):
             sq = g.to_local().double().pow(2).sum()
             for dim, pl in enumerate(g.placements):
-                if pl.is_shard():
+                if not pl.is_replicate():  # Shard, and FSDP-over-TP's _StridedShard (is_shard() is False)
                     dist.all_reduce(sq, group=g.device_mesh.get_group(dim))
         else:
             sq = g.double().pow(2).sum()
