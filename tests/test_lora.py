@@ -140,7 +140,7 @@ def test_qlora_training_with_nf4_base():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
     assert torch.equal(codes, m.layers["0"].attention.wq.base.weight_nf4.packed)
     m.eval()
