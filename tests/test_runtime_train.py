@@ -171,6 +171,18 @@ def test_loss_spike_rewinds_and_skips(tmp_path, docs, monkeypatch):
         run(lock, tmp_path / "b" / "o")
 
 
+def test_bf16_autocast_on_cpu_and_selective_ac(tmp_path, docs):
+    lock = make_lock(tmp_path, docs, steps=3, interval=3, plan={"micro_batch": 4, "grad_accum": 2,
+                                                                 "activation_checkpointing": "selective"})
+    lk = json.loads(lock.read_text())
+    lk["spec"]["resolved"]["training"]["precision"] = "bf16"
+    lock.write_text(json.dumps(lk))
+    res = run(lock, tmp_path / "o", cpu_bf16=True)
+    ls = losses(tmp_path / "o")
+    assert res["status"] == "done" and all(math.isfinite(v) for v in ls.values())
+    assert ls[1] == pytest.approx(math.log(512), abs=0.6)
+
+
 def test_moe_model_trains(tmp_path, docs):
     lock = make_lock(tmp_path, docs, steps=6, interval=6,
                      moe={"num_experts": 4, "top_k": 2, "num_shared_experts": 1, "dense_layers": 1})
@@ -197,6 +209,7 @@ LAYOUTS = {  # name: (plan, processes)
     "tp": ({"tp": 2, "micro_batch": 8}, 2),
     "fsdp_tp": ({"dp_shard": 2, "tp": 2, "micro_batch": 4}, 4),  # 2-D: FSDP2 over TP (_StridedShard grads)
     "hsdp": ({"dp_replicate": 2, "dp_shard": 2, "micro_batch": 2}, 4),
+    "fsdp_full_ac": ({"dp_shard": 2, "micro_batch": 2, "grad_accum": 2, "activation_checkpointing": "full"}, 2),
 }
 
 
