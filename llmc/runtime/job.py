@@ -123,7 +123,9 @@ class TrainJob:
             schedule=str(hyper.get("schedule", t.schedule.kind)), decay_fraction=t.schedule.decay_fraction,
             betas=tuple(t.optimizer.betas), eps=t.optimizer.eps, weight_decay=t.optimizer.weight_decay,
             grad_clip=t.grad_clip, z_loss=t.z_loss, precision=t.precision, seed=t.seed, log_every=t.log_every,
-            micro_batch=int(plan.get("micro_batch", 1)), grad_accum=int(plan.get("grad_accum", 1)),
+            # no plan (the search found none): one process, the whole global batch per micro-step
+            micro_batch=int(plan.get("micro_batch", hyper.get("global_batch_seqs") or 1)),
+            grad_accum=int(plan.get("grad_accum", 1)),
             dp_replicate=int(plan.get("dp_replicate", 1)), dp_shard=int(plan.get("dp_shard", 1)),
             tp=int(plan.get("tp", 1)), pp=int(plan.get("pp", 1)), cp=int(plan.get("cp", 1)), ep=int(plan.get("ep", 1)),
             activation_checkpointing=str(plan.get("activation_checkpointing", "none")),

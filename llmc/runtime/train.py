@@ -9,6 +9,11 @@
     -> final checkpoint + DONE.json
 
 Outputs in ``out_dir``: ``metrics.jsonl``, ``checkpoints/step-N/`` and ``DONE.json``.
+
+Not handled here (by design): pp / cp / ep > 1 (refused with a one-line error: use torchtitan),
+fp8 (run as bf16), asynchronous checkpointing (saves are synchronous), DeepSpeed's zero_stage /
+offload_optimizer (ds_train). The whole model is initialised on every rank before sharding unless
+``job.meta_init`` (auto above 2B parameters with FSDP2/TP), so small-model layouts start bit-identical.
 """
 
 from __future__ import annotations
@@ -161,6 +166,8 @@ def _update_expert_bias(model: Transformer) -> None:
 
 
 def _autocast(job: TrainJob, device: torch.device, cpu_bf16: bool):
+    """bf16 autocast for precision bf16 (and fp8, which the native trainer runs as bf16) on CUDA; on CPU
+    only when asked (``--cpu-bf16``), else fp32."""
     if job.precision in ("bf16", "fp8") and (device.type == "cuda" or cpu_bf16):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
