@@ -147,3 +147,23 @@ def test_qlora_training_with_nf4_base():
     before = m(y).detach()
     merge_lora(m)
     assert torch.allclose(before, m(y).detach(), atol=1e-4)
+
+
+def test_lora_on_moe_experts_counts_and_merges():
+    arch = PRESETS["tiny-moe"]
+    torch.manual_seed(0)
+    m = build_model(arch, seed=0)
+    n = apply_lora(m, rank=4, alpha=8)
+    assert n == lora_trainable_params(arch, 4, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    _train = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, arch.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(m(x)[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        _train.zero_grad()
+        loss.backward()
+        _train.step()
+    m.eval()
+    before = m(x).detach()
+    merge_lora(m)
+    assert set(m.state_dict()) == set(build_model(arch, seed=0).state_dict())
+    assert torch.allclose(before, m(x).detach(), atol=1e-5)

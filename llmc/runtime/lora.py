@@ -153,6 +153,43 @@ class LoRALinear(nn.Module):
         return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
 
+class LoRAExperts(nn.Module):
+    """LoRA on stacked MoE experts (``GroupedExperts``: w1, w3 [E, hidden, D], w2 [E, D, hidden]).
+
+    One adapter per expert and target matrix: A [E, r, d_in], B [E, d_out, r], so the count is
+    E * r * (d_in + d_out) per matrix, the same rule as dense layers (PEFT on per-expert linears).
+    """
+
+    def __init__(self, experts: nn.Module, rank: int, alpha: float, dropout: float, targets: Iterable[str]):
+        super().__init__()
+        self.base = experts
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.targets = [t for t in ("w1", "w2", "w3") if t in set(targets)]
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for t in self.targets:
+            E, d_out, d_in = getattr(experts, t).shape
+            a = torch.empty(E, rank, d_in)
+            for e in range(E):
+                nn.init.kaiming_uniform_(a[e], a=math.sqrt(5))
+            self.lora_A[t] = nn.Parameter(a)
+            self.lora_B[t] = nn.Parameter(torch.zeros(E, d_out, rank))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+
+    def _w(self, t: str, e: int) -> torch.Tensor:
+        w = getattr(self.base, t)[e]
+        if self.enabled and t in self.lora_A:
+            w = w + self.scaling * (self.lora_B[t][e] @ self.lora_A[t][e])
+        return w
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # (n, D) -> (n, D), as GroupedExperts.expert
+        return F.silu(x @ self._w("w1", e).t()) * (x @ self._w("w3", e).t()) @ self._w("w2", e).t()
+
+    def delta(self, t: str) -> torch.Tensor:
+        return self.scaling * torch.bmm(self.lora_B[t], self.lora_A[t])
+
+
 def _targets(model: nn.Module, targets: Iterable[str]) -> list[tuple[nn.Module, str, nn.Module]]:
     tset = set(targets)
     found = []
@@ -173,22 +210,29 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: f
     for p in model.parameters():
         p.requires_grad_(False)
     sites = _targets(model, targets)
-    if not sites:
+    if not sites and not any(isinstance(getattr(m, "experts", None), nn.Module) for m in model.modules()):
         raise ValueError(f"no LoRA targets {sorted(set(targets))} found in the model")
     for parent, cname, child in sites:
         base = NF4Linear(child) if quantize_base == "nf4" and isinstance(child, nn.Linear) else child
         setattr(parent, cname, LoRALinear(base, rank, alpha, dropout))
+    expert_targets = [t for t in ("w1", "w2", "w3") if t in set(targets)]
+    if expert_targets:  # MoE: stacked experts (kept in full precision even under nf4)
+        for mod in list(model.modules()):
+            ex = getattr(mod, "experts", None)
+            if ex is not None and not isinstance(ex, LoRAExperts) and all(
+                    isinstance(getattr(ex, t, None), nn.Parameter) for t in ("w1", "w2", "w3")):
+                mod.experts = LoRAExperts(ex, rank, alpha, dropout, expert_targets)
     return lora_param_count(model)
 
 
-def lora_modules(model: nn.Module) -> Iterator[LoRALinear]:
+def lora_modules(model: nn.Module) -> Iterator[LoRALinear | LoRAExperts]:
     for m in model.modules():
-        if isinstance(m, LoRALinear):
+        if isinstance(m, LoRALinear | LoRAExperts):
             yield m
 
 
 def lora_param_count(model: nn.Module) -> int:
-    return sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_modules(model))
+    return sum(p.numel() for m in lora_modules(model) for n, p in m.named_parameters() if n.startswith("lora_"))
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -214,6 +258,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold (alpha/r)·B@A into each base weight and replace the adapter by a plain nn.Linear."""
     for parent in list(model.modules()):
         for cname, child in list(parent.named_children()):
+            if isinstance(child, LoRAExperts):
+                for t in child.targets:
+                    getattr(child.base, t).add_(child.delta(t).to(getattr(child.base, t).dtype))
+                setattr(parent, cname, child.base)
+                continue
             if not isinstance(child, LoRALinear):
                 continue
             base = child.base
