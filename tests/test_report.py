@@ -79,3 +79,13 @@ def test_json_has_the_documented_keys():
     for d in j["diagnostics"]:
         assert set(d) == {"code", "severity", "path", "line", "message", "hint"}
     json.dumps(j)  # serialisable
+
+
+def test_report_renders_without_a_plan():
+    from llmc.spec.load import loads_spec
+
+    text = "name: x\nmodel: llama3.1-405b\nhardware: {gpu: h100-sxm, count: 8}\ndata: {seq_len: 8192, tokens: 1T}\n"
+    run, lines = loads_spec(text, file="x.yaml")
+    c = compile_spec(run, "x.yaml", lines, spec_bytes=text.encode())
+    out = render_text(c)
+    assert "No parallelism plan" in out and "error[P004]" in out and "Compute" in out
