@@ -127,6 +127,7 @@ def test_corrupt_checkpoint_refused_with_clear_error(tmp_path, docs):
     assert res["status"] == "done"
     recs = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r.get("event") == "resume"][-1] == 2
+    assert (ck / "step-00000004.corrupt").is_dir()  # set aside, so it is never picked again
 
 
 def test_bad_manifest_and_partial_tmp(tmp_path, docs):

@@ -167,7 +167,8 @@ def verify_checkpoint(path: str | Path) -> dict:
 
 def latest_checkpoint(folder: str | Path, fallback: bool = False, log=print) -> Path | None:
     """The newest checkpoint that verifies. Default: the newest must verify or CheckpointError is raised
-    (with a hint to delete it or use fallback); ``fallback=True`` skips bad ones, newest first."""
+    (with a hint to delete it or use fallback); ``fallback=True`` skips bad ones, newest first, and
+    rank 0 renames each skipped one to ``step-N.corrupt`` (kept for inspection, never picked again)."""
     ckpts = list_checkpoints(folder)
     for tmp in sorted(Path(folder).glob("step-*.tmp")) if Path(folder).is_dir() else []:
         log(f"note: ignoring unfinished checkpoint {tmp} (interrupted save)")
@@ -180,6 +181,10 @@ def latest_checkpoint(folder: str | Path, fallback: bool = False, log=print) -> 
                 older = "; an older complete one may exist: rerun with --fallback-checkpoint" if i + 1 < len(ckpts) else ""
                 raise CheckpointError(f"{e}{older}") from None
             log(f"warning: skipping bad checkpoint: {e}")
+            if _rank() == 0 and path.exists():
+                aside = path.with_name(path.name + ".corrupt")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
     return None
 
 
