@@ -94,6 +94,8 @@ def test_loss_falls_and_outputs_written(tmp_path, docs):
     assert ls[40] < ls[1] - 1.5, ls  # and clearly learns
     done = json.loads((tmp_path / "out" / "DONE.json").read_text())
     assert done["checkpoint"] == "checkpoints/step-00000040"
+    assert done["hf"] == "hf" and (tmp_path / "out" / "hf" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "hf" / "tokenizer.json").exists()
     assert (tmp_path / "assets" / "tokenizer.json").exists() and (tmp_path / "data" / "docs.jsonl").exists()
     rec = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "peak_mem_bytes"} <= rec.keys()

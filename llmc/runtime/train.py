@@ -8,7 +8,8 @@
          -> clip -> step -> log -> loss-spike check (rewind + skip) -> checkpoint
     -> final checkpoint + DONE.json
 
-Outputs in ``out_dir``: ``metrics.jsonl``, ``checkpoints/step-N/`` and ``DONE.json``.
+Outputs in ``out_dir``: ``metrics.jsonl``, ``checkpoints/step-N/``, ``hf/`` (Hugging Face export of the
+final weights, for the serving configs) and ``DONE.json``.
 
 Not handled here (by design): pp / cp / ep > 1 (refused with a one-line error: use torchtitan),
 fp8 (run as bf16), asynchronous checkpointing (saves are synchronous), DeepSpeed's zero_stage /
@@ -31,6 +32,8 @@ import torch.distributed as dist
 
 from llmc.runtime.checkpoint import (
     CheckpointError,
+    export_hf,
+    hf_export_supported,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
@@ -196,6 +199,18 @@ def make_loader(job: TrainJob, assets: Assets, info: DistInfo) -> PackedLoader:
     if _world() > 1:
         dist.barrier()
     return build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed, dp_rank, dp_size)
+
+
+def _export_hf(job: TrainJob, ckpt: Path, out: Path, assets: Assets, say) -> str | None:
+    """Write ``out/hf`` (Hugging Face format, bf16) from the final checkpoint for the serving configs."""
+    why = hf_export_supported(job.arch)
+    if why:
+        say(f"note: no Hugging Face export ({why})")
+        return None
+    tok = assets.tokenizer()
+    sd = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    export_hf(sd, job.arch, out / "hf", assets.tokenizer_dir, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    return "hf"
 
 
 def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int | None = None,
@@ -370,6 +385,7 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
               "wall_s": round(time.time() - t_start, 2), "params": n_params, "rewinds": rewinds}
     if main:
         if status == "done":
+            result["hf"] = _export_hf(job, final, out, assets, say)
             (out / "DONE.json").write_text(json.dumps(result, indent=2) + "\n")
         log.event("end", **{k: v for k, v in result.items() if k != "loss"}, final_loss=last_loss)
         say(f"{status} at step {step}: loss {last_loss:.4f}, checkpoint {final}")

@@ -1,0 +1,97 @@
+"""Hugging Face export: the written safetensors + config.json, run through an independent transcription of
+HF's Llama / Qwen2 / Mixtral forward (rotate_half RoPE, HF weight names), give our model's logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from llmc.runtime.checkpoint import export_hf, hf_export_supported  # noqa: E402
+from llmc.runtime.model import build_model  # noqa: E402
+from llmc.spec.model import MLA, Architecture, MoE  # noqa: E402
+
+BASE = dict(n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=80, vocab_size=101, max_seq_len=32,
+            rope_theta=5000.0)
+
+
+def hf_forward(sd: dict, cfg: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """HF modeling_llama / qwen2 / mixtral, written out (no transformers needed)."""
+    H, K, hd, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["rms_norm_eps"]
+    B, T = tokens.shape
+    inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
+    emb = torch.cat([torch.outer(torch.arange(T).float(), inv)] * 2, dim=-1)  # (T, hd)
+    cos, sin = emb.cos(), emb.sin()
+
+    def rot(x):
+        return torch.cat([-x[..., hd // 2:], x[..., : hd // 2]], dim=-1)
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def lin(x, name):
+        y = x @ sd[name + ".weight"].t()
+        return y + sd[name + ".bias"] if name + ".bias" in sd else y
+
+    h = sd["model.embed_tokens.weight"][tokens]
+    mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        x = rms(h, sd[p + "input_layernorm.weight"])
+        q = lin(x, p + "self_attn.q_proj").view(B, T, H, hd).transpose(1, 2)
+        k = lin(x, p + "self_attn.k_proj").view(B, T, K, hd).transpose(1, 2)
+        v = lin(x, p + "self_attn.v_proj").view(B, T, K, hd).transpose(1, 2)
+        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)
+        s = (q @ k.transpose(-1, -2) / hd**0.5).masked_fill(mask, float("-inf"))
+        h = h + lin((s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * hd), p + "self_attn.o_proj")
+        x = rms(h, sd[p + "post_attention_layernorm.weight"])
+        if cfg["model_type"] == "mixtral":
+            probs = lin(x, p + "block_sparse_moe.gate").softmax(-1)
+            w, idx = probs.topk(cfg["num_experts_per_tok"], -1)
+            w = w / w.sum(-1, keepdim=True)
+            out = torch.zeros_like(x)
+            for e in range(cfg["num_local_experts"]):
+                ex = p + f"block_sparse_moe.experts.{e}."
+                y = lin(F.silu(lin(x, ex + "w1")) * lin(x, ex + "w3"), ex + "w2")
+                out = out + y * (w * (idx == e)).sum(-1, keepdim=True)
+            h = h + out
+        else:
+            h = h + lin(F.silu(lin(x, p + "mlp.gate_proj")) * lin(x, p + "mlp.up_proj"), p + "mlp.down_proj")
+    h = rms(h, sd["model.norm.weight"])
+    head = sd["lm_head.weight"] if "lm_head.weight" in sd else sd["model.embed_tokens.weight"]
+    return h @ head.t()
+
+
+@pytest.mark.parametrize("kw,cls", [
+    ({}, "LlamaForCausalLM"),
+    ({"tied_embeddings": True}, "LlamaForCausalLM"),
+    ({"qkv_bias": True}, "Qwen2ForCausalLM"),
+    ({"moe": MoE(num_experts=3, top_k=2)}, "MixtralForCausalLM"),
+])
+def test_export_matches_independent_hf_forward(tmp_path, kw, cls):
+    arch = Architecture(**BASE, **kw)
+    model = build_model(arch, seed=0)
+    with torch.no_grad():  # non-trivial norms and biases, so a wrong mapping cannot hide
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight") or n.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+    out = export_hf(model.state_dict(), arch, tmp_path / "hf", dtype=torch.float32)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == [cls]
+    sd = load_file(str(out / "model.safetensors"))
+    assert sum(v.numel() for v in sd.values()) == model.num_params()
+    tokens = torch.randint(0, arch.vocab_size, (2, 13))
+    torch.testing.assert_close(hf_forward(sd, cfg, tokens), model(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_export_refuses_unsupported():
+    arch = Architecture(**BASE, mla=MLA(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8))
+    assert "MLA" in hf_export_supported(arch)
+    with pytest.raises(ValueError, match="cannot export"):
+        export_hf({}, arch, "/nonexistent")
