@@ -101,12 +101,17 @@ def test_loss_falls_and_outputs_written(tmp_path, docs):
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "peak_mem_bytes"} <= rec.keys()
     # run again: DONE -> nothing to do
     assert run(lock, tmp_path / "out")["step"] == 40
+    # --steps N: a shorter stage with its schedule fitted, finished with DONE.json
+    short = run(lock, tmp_path / "short", steps=6)
+    assert short["status"] == "done" and short["steps"] == 6
+    lrs = [json.loads(x).get("lr") for x in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[5] == pytest.approx(3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 6))))  # cosine over 6
 
 
 def test_resume_is_exact_in_process(tmp_path, docs):
     lock = make_lock(tmp_path, docs, steps=10, interval=3)
     run(lock, tmp_path / "ref")
-    stopped = run(lock, tmp_path / "cut", steps=5)  # stops at 5, checkpoint written
+    stopped = run(lock, tmp_path / "cut", stop_after=5)  # stops at 5, checkpoint written
     assert stopped["status"] == "stopped" and not (tmp_path / "cut" / "DONE.json").exists()
     run(lock, tmp_path / "cut")
     ref, cut = losses(tmp_path / "ref"), losses(tmp_path / "cut")
@@ -115,7 +120,7 @@ def test_resume_is_exact_in_process(tmp_path, docs):
 
 def test_corrupt_checkpoint_refused_with_clear_error(tmp_path, docs):
     lock = make_lock(tmp_path, docs, steps=8, interval=2)
-    run(lock, tmp_path / "o", steps=4)
+    run(lock, tmp_path / "o", stop_after=4)
     ck = tmp_path / "o" / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["step-00000002", "step-00000004"]  # keep_latest 2
     model_pt = ck / "step-00000004" / "model.pt"
@@ -136,7 +141,7 @@ def test_bad_manifest_and_partial_tmp(tmp_path, docs):
     from llmc.runtime.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 
     lock = make_lock(tmp_path, docs, steps=4, interval=2)
-    run(lock, tmp_path / "o", steps=2)
+    run(lock, tmp_path / "o", stop_after=2)
     ck = tmp_path / "o" / "checkpoints"
     (ck / "step-00000009.tmp").mkdir()  # an interrupted save is ignored
     assert latest_checkpoint(ck, log=lambda *_: None).name == "step-00000002"
@@ -259,7 +264,7 @@ def test_resume_ddp_checkpoint_with_fsdp(tmp_path, docs):
     """Full (gathered) checkpoints are layout-independent: stop a DDP run, finish it with FSDP2."""
     ddp = make_lock(tmp_path / "a", docs, steps=8, interval=4, plan={"dp_replicate": 2, "micro_batch": 4})
     fsdp = make_lock(tmp_path / "b", docs, steps=8, interval=4, plan={"dp_shard": 2, "micro_batch": 4})
-    torchrun(ddp, tmp_path / "o", extra=["--steps", "4"])
+    torchrun(ddp, tmp_path / "o", extra=["--stop-after", "4"])
     p = torchrun(fsdp, tmp_path / "o")
     assert "resumed from" in p.stdout
     ref = make_lock(tmp_path / "c", docs, steps=8, interval=4)

@@ -1,7 +1,11 @@
 """Entry point of built jobs: ``python -m llmc.runtime.run``.
 
     python -m llmc.runtime.run --lock plan.lock.json [--stage NAME] [--out DIR] [--steps N] [--max-seconds S]
-                               [--assets DIR] [--fallback-checkpoint] [--no-resume] [--cpu-bf16]
+                               [--stop-after N] [--assets DIR] [--fallback-checkpoint] [--no-resume] [--cpu-bf16]
+
+``--steps N`` makes the stage N optimizer steps long (LR schedule and warmup fitted to N, like torchtitan's
+``--training.steps``; DONE.json is written at the end). ``--stop-after N`` / ``--max-seconds S`` instead
+stop a run of the planned length early, with a checkpoint and without DONE.json; rerun to continue.
     python -m llmc.runtime.run prepare --lock plan.lock.json [--stage NAME] [--assets DIR]
 
 Runs one stage: pretrain / midtrain / long_context in :mod:`llmc.runtime.train`; sft / dpo / grpo via
@@ -179,12 +183,18 @@ def _prepare_collective(job: TrainJob, root: Path) -> Assets:
 
 
 def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path, *, steps: int | None = None,
-              max_seconds: float | None = None, resume: bool = True, fallback: bool = False,
-              cpu_bf16: bool = False) -> dict:
-    """Prepare assets, build the job and run it; the Python twin of the command line."""
+              max_seconds: float | None = None, stop_after: int | None = None, resume: bool = True,
+              fallback: bool = False, cpu_bf16: bool = False) -> dict:
+    """Prepare assets, build the job and run it; the Python twin of the command line.
+
+    steps: override the stage length (schedule follows; warmup capped at 10% of it).
+    stop_after / max_seconds: stop a planned-length run early (checkpoint, no DONE.json)."""
     from llmc.runtime.distributed import init_distributed, shutdown
 
     job = TrainJob.from_lock(lock, stage)
+    if steps:
+        job = job.replace(steps=steps, warmup_steps=min(job.warmup_steps, steps // 10),
+                          checkpoint_interval=min(job.checkpoint_interval, steps))
     out = out or assets_root / "run" / job.stage
     done = out / "DONE.json"
     if resume and done.exists():
@@ -209,13 +219,11 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
         if job.kind in NATIVE_KINDS:
             from llmc.runtime.train import train
 
-            return train(job, out, assets, max_steps=steps, max_seconds=max_seconds, resume=resume,
+            return train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
                          fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
         if job.kind in POSTTRAIN_KINDS:
             from llmc.runtime import posttrain
 
-            if steps:
-                job = job.replace(steps=min(job.steps, steps))
             return posttrain.run_stage(job, out, assets=assets)
         raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
     finally:
@@ -232,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", default=None, help="stage name (default: the main pre-training)")
     ap.add_argument("--out", type=Path, default=None, help="stage output dir (default <assets>/run/<stage>)")
     ap.add_argument("--assets", type=Path, default=None, help="where assets/, data/, cache/ go (default: lock's dir)")
-    ap.add_argument("--steps", type=int, default=None, help="stop after N optimizer steps (schedule unchanged)")
+    ap.add_argument("--steps", type=int, default=None, help="run the stage for N optimizer steps (schedule fitted)")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop after N steps of the planned run (checkpoint, no DONE.json; rerun to continue)")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop (with a checkpoint) after S seconds")
     ap.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     ap.add_argument("--fallback-checkpoint", action="store_true",
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             assets = prepare_assets(TrainJob.from_lock(lock, a.stage), root)
             print(json.dumps(assets.to_json(), indent=1))
             return 0
-        res = run_stage(lock, a.stage, a.out, root, steps=a.steps, max_seconds=a.max_seconds,
+        res = run_stage(lock, a.stage, a.out, root, steps=a.steps, max_seconds=a.max_seconds, stop_after=a.stop_after,
                         resume=not a.no_resume, fallback=a.fallback_checkpoint, cpu_bf16=a.cpu_bf16)
     except (CheckpointError, TrainingError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"{a.lock}: error[R002] {a.stage or 'pretrain'}: {e}", file=sys.stderr)
