@@ -1,15 +1,29 @@
-"""llmc.runtime: the only part of llmc that imports torch.
+"""llmc.runtime: the only part of llmc that imports torch. Import the submodules directly (this package
+imports nothing heavy).
 
-Modules (import them directly; this package imports nothing heavy):
+API for the other backends (post-training, DeepSpeed, torchtitan):
 
-* ``model``       Transformer(arch), build_model, lm_loss -- torchtitan parameter names
-* ``tokenizer``   train_bpe, TextTokenizer (HF-compatible tokenizer dir)
-* ``corpus``      offline Python-stdlib docstring corpus (``python-docs``)
-* ``data``        packed, mixture-weighted, DP-sharded, resumable loader; Assets
-* ``job``         TrainJob.from_lock(lock, stage), minimal_lock(...)
-* ``train``       the native training loop (DDP / FSDP2 / TP), lr schedule, grad clipping
-* ``checkpoint``  atomic verified checkpoints, exact resume, load_model_weights
-* ``distributed`` process group, device mesh, parallelize
-* ``metrics``     metrics.jsonl, MFU, peak memory
-* ``run``         ``python -m llmc.runtime.run`` (+ ``prepare``), prepare_assets
+* ``model``: ``Transformer(arch)`` (torchtitan parameter names; builds on ``torch.device("meta")`` for any
+  preset), ``build_model(arch, device="cpu", seed=0)``, ``model(tokens, return_aux=True) -> (logits, aux)``,
+  ``lm_loss(logits, labels, z_loss=0.0)`` (ignore_index -100), ``model.set_ac("none"|"selective"|"full")``,
+  ``model.init_weights(std=0.02)``, ``model.generate(tokens, n, temperature)``, ``model.num_params()``.
+* ``job``: ``TrainJob.from_lock(lock, stage=None)``; fields arch, sources, tokenizer, seq_len, steps, lr,
+  min_lr, warmup_steps, schedule, micro_batch, grad_accum, dp_replicate, dp_shard, tp, ...,
+  ``stage_spec`` (the Stage) and ``stage_plan`` (the compiler's lock["stages"] entry);
+  ``minimal_lock(spec_dict, hyper=, plan=)`` builds a lock without the compiler (tests).
+* ``run``: ``prepare_assets(job, root) -> Assets`` writes ``root/assets/tokenizer.json`` (+ config) and
+  ``root/data/<source>.jsonl`` (idempotent); ``python -m llmc.runtime.run [prepare] --lock ...``.
+* ``data``: ``Assets`` (tokenizer_dir, sources, cache_dir), ``build_loader(sources, tok, seq_len, cache_dir,
+  seed, dp_rank, dp_size) -> PackedLoader`` with ``next_batch(mb) -> (inputs, labels)``,
+  ``state_dict()/load_state_dict()``; ``read_documents``, ``expand_paths``.
+* ``tokenizer``: ``TextTokenizer(dir)`` (encode/decode, bos_id/eos_id/pad_id, token_id), ``train_bpe``.
+* ``checkpoint``: ``save_checkpoint(folder, step, model, optim, train_state)`` (collective, atomic,
+  manifest with sha256), ``load_checkpoint``, ``latest_checkpoint(folder, fallback=False)``,
+  ``load_model_weights(model, step_dir | stage_dir)``, ``export_hf(state_dict, arch, out_dir)``,
+  ``CheckpointError``.
+* ``train``: ``train(job, out_dir, assets, ...)`` (native loop), ``lr_multiplier(step, job)``,
+  ``build_optimizer``, ``clip_grad_norm`` (plain + DTensor grads), ``TrainingError``.
+* ``distributed``: ``init_distributed() -> DistInfo``, ``parallelize(model, info, dp_replicate, dp_shard, tp, ac)``.
+* ``metrics``: ``MetricsLogger`` (metrics.jsonl), ``flops_per_token``, ``active_params``, ``peak_memory_bytes``.
+* ``corpus``: the offline ``python-docs`` corpus (stdlib docstrings).
 """
