@@ -305,3 +305,12 @@ def test_meta_init_fsdp_trains(tmp_path, docs):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     ls = losses(tmp_path / "o")
     assert 5.5 < ls[1] < 7.5 and ls[8] < ls[1] - 0.5, ls
+
+
+def test_metrics_log_drops_a_partial_last_line(tmp_path):
+    from llmc.runtime.metrics import MetricsLogger
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed mid-write
+    MetricsLogger(p, echo=False).log({"step": 2, "loss": 1.5})
+    assert [json.loads(x)["step"] for x in p.read_text().splitlines()] == [1, 2]

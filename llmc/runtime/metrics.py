@@ -45,6 +45,17 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss_kb * (1 if sys.platform == "darwin" else 1024))
 
 
+def _drop_partial_line(path: Path) -> None:
+    """Truncate a trailing line without a newline (SIGKILL during a write), keeping every full record."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    with open(path, "r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricsLogger:
     """Rank-0 logger; other ranks construct it with ``enabled=False``."""
 
@@ -54,6 +65,7 @@ class MetricsLogger:
         self.t0 = time.time()
         if self.enabled and self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_partial_line(self.path)  # a killed run may have left half a record
 
     def log(self, rec: dict) -> None:
         if not self.enabled:
