@@ -154,10 +154,16 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
             train_bpe(texts(), vocab, asset_dir)
             state["tokenizer"] = key
             log(f"prepare: trained byte-level BPE (vocab {vocab}) -> {tok_json}")
-    state_file.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+    _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True) + "\n")
     assets = Assets(str(root), str(asset_dir), tuple(produced), str(cache_dir))
-    (asset_dir / "assets.json").write_text(json.dumps(assets.to_json(), indent=1) + "\n")
+    _atomic_write(asset_dir / "assets.json", json.dumps(assets.to_json(), indent=1) + "\n")
     return assets
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _stage_assets(job: TrainJob, assets: Assets) -> Assets:

@@ -386,7 +386,9 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
     if main:
         if status == "done":
             result["hf"] = _export_hf(job, final, out, assets, say)
-            (out / "DONE.json").write_text(json.dumps(result, indent=2) + "\n")
+            tmp = out / "DONE.json.tmp"
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, out / "DONE.json")  # atomic: a stage is done or it is not
         log.event("end", **{k: v for k, v in result.items() if k != "loss"}, final_loss=last_loss)
         say(f"{status} at step {step}: loss {last_loss:.4f}, checkpoint {final}")
     return result
