@@ -245,8 +245,10 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
               "checkpoint": os.path.relpath(final, out), "wall_s": round(time.time() - t_start, 2),
               "params": n_params, "world": world}
     if main:
-        if status == "done":
-            (out / "DONE.json").write_text(json.dumps(result, indent=2) + "\n")
+        if status == "done":  # atomically: a reader never sees a half-written marker
+            tmp = out / f"DONE.json.tmp{os.getpid()}"
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, done)
         log.event("end", **{k: v for k, v in result.items() if k != "loss"}, final_loss=last_loss)
         _say(f"{status} at step {step}: loss {last_loss:.4f}, checkpoint {final}")
     dist.barrier()
