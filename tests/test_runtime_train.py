@@ -314,3 +314,23 @@ def test_metrics_log_drops_a_partial_last_line(tmp_path):
     p.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed mid-write
     MetricsLogger(p, echo=False).log({"step": 2, "loss": 1.5})
     assert [json.loads(x)["step"] for x in p.read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
+def test_tiny_cpu_example_builds_and_trains(tmp_path):
+    """The embedded default: `llmc build examples/tiny_cpu.yaml`, then the native runtime on the real lock."""
+    root = Path(__file__).resolve().parents[1]
+    b = tmp_path / "build"
+    p = subprocess.run([sys.executable, "-m", "llmc.cli", "build", str(root / "examples" / "tiny_cpu.yaml"),
+                        "-o", str(b)], capture_output=True, text=True, timeout=120, cwd=root)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    cmd = [sys.executable, "-m", "llmc.runtime.run", "--lock", str(b / "plan.lock.json"), "--stop-after", "25"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    out = b / "run" / "pretrain"
+    ls = losses(out)
+    assert ls[1] > 7.5 and ls[20] < ls[1] - 1.2, ls  # ln(2048) = 7.6 -> clearly lower within 20 steps
+    assert (out / "checkpoints" / "step-00000025" / "manifest.json").exists()
+    assert (b / "assets" / "tokenizer.json").exists() and (b / "data" / "python-docs.jsonl").exists()
+    rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"mfu"' in x][-1]
+    assert rec["mfu"] is not None and rec["mfu"] > 0  # the lock's cpu pseudo-device carries a peak
