@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
 # targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
-# spec sha256: 6c811b8d38c95c3a3d7b2aeb650c431e3ca2b45f2cfee9b6de9e78d83a497421
+# spec sha256: dee5a47388f67703db979a8ab006dd46577f074fb2fe4cba2673429f7d7cc4b4
 #
 # DeepSpeed 0.19.8 (data parallel + ZeRO-0), config in deepspeed/ds_config.json.
 #   bash deepspeed/launch.sh                       # one node, NPROC=1 processes
