@@ -177,10 +177,23 @@ def gpus() -> None:
 
 
 def main() -> None:
+    """Console entry point: user errors exit 1 with one line; never a traceback unless LLMC_DEBUG=1."""
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as e:  # unreadable spec, unwritable output dir, full disk ...
+        if os.environ.get("LLMC_DEBUG"):
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        typer.echo(f"{where}error[IO] {e.strerror or e} (check the path and its permissions)", err=True)
+        sys.exit(1)
+    except Exception as e:  # a bug in llmc, not in the spec: still one line, with a way to see more
+        if os.environ.get("LLMC_DEBUG"):
+            raise
+        typer.echo(f"error[INTERNAL] {type(e).__name__}: {e} (this is a bug in llmc; rerun with "
+                   "LLMC_DEBUG=1 for the traceback and please report it)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
