@@ -229,7 +229,7 @@ def test_init_weights_depth_scaling():
     s3 = m.layers["3"].attention.wo.weight.std().item()
     assert s0 == pytest.approx(0.02 / math.sqrt(2), rel=0.1)
     assert s3 == pytest.approx(0.02 / math.sqrt(8), rel=0.1)
-    assert m.output.weight.std().item() == pytest.approx(64**-0.5, rel=0.1)
+    assert m.lm_head.weight.std().item() == pytest.approx(64**-0.5, rel=0.1)
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

@@ -25,7 +25,7 @@ def label(name: str) -> str:
     """Runtime parameter FQN -> the compiler's param_breakdown label."""
     if name.startswith("tok_embeddings."):
         return "embed/tok"
-    if name.startswith("output."):
+    if name.startswith("lm_head."):
         return "head/output"
     if name == "norm.weight":
         return "norm/final"

@@ -3,7 +3,7 @@
 Counting follows the modules torchtitan builds (parameter names in the comments), which are the same
 shapes as the Hugging Face checkpoints:
 
-* token embedding ``tok_embeddings.weight`` [V, d]; output head ``output.weight`` [V, d] unless tied;
+* token embedding ``tok_embeddings.weight`` [V, d]; output head ``lm_head.weight`` [V, d] unless tied (torchtitan 0.3.0 name);
   final ``norm.weight`` [d].
 * per block: ``attention_norm.weight`` [d], ``ffn_norm.weight`` [d] (RMSNorm: weight only, no bias).
 * GQA attention: ``wq`` [H*hd, d], ``wk``/``wv`` [KV*hd, d], ``wo`` [d, H*hd]; Qwen2-style q/k/v biases

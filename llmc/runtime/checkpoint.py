@@ -340,7 +340,7 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
     sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model_sd["tok_embeddings.weight"],
                                    "model.norm.weight": model_sd["norm.weight"]}
     if not arch.tied_embeddings:
-        sd["lm_head.weight"] = model_sd["output.weight"]
+        sd["lm_head.weight"] = model_sd["lm_head.weight"]
     for i in range(arch.n_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         sd[dst + "input_layernorm.weight"] = model_sd[src + "attention_norm.weight"]

@@ -12,7 +12,7 @@ checkpoints and with the compiler's ``param_breakdown`` keys::
     layers.{i}.feed_forward.{w1,w2,w3}.weight            (dense layers)
     layers.{i}.moe.router.gate.weight, layers.{i}.moe.experts.{w1,w2,w3},
     layers.{i}.moe.shared_experts.{w1,w2,w3}.weight      (MoE layers)
-    norm.weight, output.weight                           (output absent when tied)
+    norm.weight, lm_head.weight                          (lm_head absent when tied)
 
 Shapes in comments: B batch, T sequence, D d_model, H query heads, K kv heads, hd head dim,
 E experts, N = B*T tokens, k = top_k.
@@ -419,7 +419,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, arch) for i in range(arch.n_layers)})
         self.norm = RMSNorm(arch.d_model, arch.norm_eps)
         if not arch.tied_embeddings:
-            self.output = nn.Linear(arch.d_model, arch.vocab_size, bias=False)
+            self.lm_head = nn.Linear(arch.d_model, arch.vocab_size, bias=False)
         self.rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else arch.hd
         self.register_buffer("rope", self._rope_tables(), persistent=False)  # (max_seq_len, rope_dim/2, 2)
         self.ac_mode = "none"
@@ -454,7 +454,7 @@ class Transformer(nn.Module):
                 h, a = blk(h, rope)
             aux = aux + a
         h = self.norm(h)
-        logits = h @ self.tok_embeddings.weight.t() if self.arch.tied_embeddings else self.output(h)  # (B,T,V)
+        logits = h @ self.tok_embeddings.weight.t() if self.arch.tied_embeddings else self.lm_head(h)  # (B,T,V)
         return (logits, aux) if return_aux else logits
 
     @torch.no_grad()
@@ -473,7 +473,7 @@ class Transformer(nn.Module):
         self.norm.reset_parameters()
         if not self.arch.tied_embeddings:
             s = self.arch.d_model**-0.5
-            nn.init.trunc_normal_(self.output.weight, std=s, a=-3 * s, b=3 * s)
+            nn.init.trunc_normal_(self.lm_head.weight, std=s, a=-3 * s, b=3 * s)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
         """Convenience for single-process use: lm_loss(self(tokens)) + MoE aux. Under DDP call the wrapped
