@@ -51,9 +51,12 @@ def test_compile_is_deterministic_and_hashes_the_file():
         assert a.spec_sha256 == hashlib.sha256(f.read()).hexdigest()
 
 
-def test_compute_optimal_closed_form_matches_scaling_module():
+def test_compute_optimal_uses_chinchilla_6nd_convention():
+    # The report's compute-optimal point and the C001 hint must agree: both use C = 6 N D (Chinchilla's
+    # convention, no attention term), not the report's training FLOPs with attention.
     c = _compile(_spec())
-    n, d = scaling.compute_optimal(c.compute.training_flops)
+    n_act = c.model.params_active
+    n, d = scaling.compute_optimal(6.0 * n_act * c.compute.tokens)
     assert c.compute.optimal_params == pytest.approx(n, rel=1e-9)
     assert c.compute.optimal_tokens == pytest.approx(d, rel=1e-9)
 

@@ -32,6 +32,11 @@ def test_compute_optimal_4p2e22():
     assert d == pytest.approx(374e9, rel=0.005)
     assert n == pytest.approx(math.sqrt(4.2e22 / 120), rel=1e-12)  # closed form N = sqrt(C/120)
     assert 6 * n * d == pytest.approx(4.2e22, rel=1e-12)
+    # the closed form is checked against sympy solving C = 6 N (r N) for N > 0
+    from llmc.compiler.scaling import compute_optimal_symbolic
+
+    for c, r in ((4.2e22, 20.0), (3.8e25, 20.0), (1e22, 25.0)):
+        assert compute_optimal(c, r)[0] == pytest.approx(compute_optimal_symbolic(c, r)[0], rel=1e-12)
     n25, d25 = compute_optimal(1e22, tokens_per_param=25)  # seed-facts-b 2: 8.16B / 204B at ratio 25
     assert (n25, d25) == (pytest.approx(8.16e9, rel=0.005), pytest.approx(204e9, rel=0.005))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from functools import partial
 from pathlib import Path
 
@@ -35,10 +34,9 @@ def compute_numbers(arch, seq_len: int, tokens: float) -> ComputeNumbers:
     fpt = flops.train_flops_per_token(arch, seq_len)
     total = fpt * tokens
     n_act = params.params_active(arch)
-    # Chinchilla with 20 tokens/param (seed-facts E10): C = 6 N (20 N)  =>  N = sqrt(C / 120), D = 20 N.
-    # Closed form here (scaling.compute_optimal solves the same equation with sympy, ~0.5 s cold).
-    n_opt = math.sqrt(total / (6.0 * scaling.TOKENS_PER_PARAM))
-    d_opt = scaling.TOKENS_PER_PARAM * n_opt
+    # Chinchilla with 20 tokens/param (seed-facts E10): C = 6 N (20 N)  =>  N = sqrt(C / 120), D = 20 N,
+    # with C in Chinchilla's own 6ND convention (no attention term), as the C001 hint uses too.
+    n_opt, d_opt = scaling.compute_optimal(6.0 * n_act * float(tokens))
     return ComputeNumbers(
         convention=flops.CONVENTION, flops_per_token=fpt, training_flops=total, tokens=float(tokens),
         tokens_per_param=scaling.tokens_per_param(n_act, tokens), chinchilla_tokens=scaling.chinchilla_tokens(n_act),

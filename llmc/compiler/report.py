@@ -121,7 +121,7 @@ def _compute(c) -> Table:
     t.add_row("tokens/param", f"{x.tokens_per_param:.1f} ({ratio:.2g}x the compute-optimal 20; "
               f"Chinchilla tokens {human(x.chinchilla_tokens)})")
     t.add_row("compute-optimal", f"N {human(x.optimal_params)} params on D {human(x.optimal_tokens)} tokens "
-              "for the same FLOPs (Hoffmann et al. 2022, 20 tokens/param)")
+              "for the same compute C = 6ND (Hoffmann et al. 2022, 20 tokens/param)")
     return t
 
 
