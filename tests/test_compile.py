@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 
 import pytest
 
@@ -241,3 +242,14 @@ def test_steps_seed_vector():
     # seed-facts F18 / App. B: 15T tokens at 4M tokens per step = 3,750,000 steps
     assert defaults.default_steps(15e12, 4_000_000) == 3_750_000
     assert defaults.default_steps(15e12 + 1, 4_000_000) == 3_750_001
+
+
+def test_pretrain_stage_reports_the_searched_plan_memory():
+    # One figure per run: the stage table must not contradict the plan the search chose.
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "pipeline_tiny.yaml"
+    run, lines = load_spec(path)
+    c = compile_spec(run, spec_path=str(path), yaml_lines=lines)
+    (pre,) = [s for s in c.stages if s["kind"] == "pretrain"]
+    assert pre["memory"]["per_gpu_bytes"] == c.memory.per_gpu_bytes
+    assert pre["memory"]["activation_checkpointing"] == c.plan.activation_checkpointing

@@ -145,6 +145,8 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
         checks.check_budget(run, compute.training_flops, time, cost, peak, gpu.usd_per_hour, sink)
 
     stages, stage_diags = _stages(run, gpu, lines, spec_path)
+    if plan is not None:
+        stages = [_with_searched_plan(st, plan, mem) if st.get("kind") == "pretrain" else st for st in stages]
     serving, serving_diags = _serving(run, lines)
     diags = sink.items + [_located(d, lines, spec_path) for d in stage_diags + serving_diags]
     return Compiled(
@@ -153,6 +155,22 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
         alternatives=alternatives, rejected=rejected, diagnostics=sort_diagnostics(_dedupe(diags)),
         stages=stages, serving=serving, search=search_info,
     )
+
+
+def _with_searched_plan(stage: dict, plan, mem) -> dict:
+    """The pre-training stage runs the searched plan: report that plan's memory, not a stage estimate.
+
+    ``plan_stages`` estimates every stage with a simple layout (it has no search); for the stage the
+    search planned, the searched numbers are the ones that hold, so the report shows one figure.
+    """
+    memory = {
+        "per_gpu_bytes": mem.per_gpu_bytes, "capacity_bytes": mem.capacity_bytes,
+        "fits": mem.per_gpu_bytes <= mem.capacity_bytes, "breakdown": dict(mem.breakdown),
+        "activation_checkpointing": plan.activation_checkpointing, "cp": plan.cp,
+        "shard_degree": plan.dp_shard, "source": "the searched parallelism plan",
+    }
+    notes = [n for n in stage.get("notes", []) if "sharded over" not in n]
+    return {**stage, "memory": memory, "notes": notes}
 
 
 def has_pretraining(run) -> bool:
