@@ -45,7 +45,7 @@ def test_layout_and_headers():
     files = render_artifacts(c)
     for name in ["plan.lock.json", "README.md", "native/launch.sh", "launch/torchrun_single_node.sh",
                  "launch/torchrun_multi_node.sh", "launch/slurm.sbatch", "deepspeed/ds_config.json",
-                 "deepspeed/launch.sh", "serving/vllm.yaml", "serving/sglang.yaml"]:
+                 "deepspeed/launch.sh", "serving/vllm.yaml", "serving/sglang.yaml", ".gitignore"]:
         assert name in files, name
     for name, text in files.items():
         assert text.endswith("\n"), name

@@ -68,6 +68,13 @@ DS_TOP_LEVEL_KEYS = frozenset({
 })
 _ALLOWED = DS_TOP_LEVEL_KEYS | {DS_HEADER_KEY}
 
+# What `llmc launch` / the runtime write into a build directory (prepare_assets: assets/, data/,
+# cache/; stage outputs: run/; torchtitan dumps: outputs/); the build itself is meant to be committed.
+BUILD_GITIGNORE = (
+    "# llmc build: generated inputs and run outputs (the build files themselves are meant to be committed)\n"
+    "/assets/\n/cache/\n/data/\n/outputs/\n/run/\n"
+)
+
 # ZeRO bucket sizes: the Hugging Face Trainer's DeepSpeed integration fills "auto" with
 # reduce_bucket_size = hidden^2, stage3_prefetch_bucket_size = 0.9 hidden^2,
 # stage3_param_persistence_threshold = 10 hidden (transformers/integrations/deepspeed.py).
@@ -473,6 +480,8 @@ def render_artifacts(compiled) -> dict[str, str]:
     files.update(serving)
     files.update(titan)
     ctx["serving"] = [{"file": k, "engine": k.split("/")[1].split(".")[0].split("-")[0]} for k in sorted(serving)]
+    # `llmc launch` writes its inputs and outputs next to the committed files; keep them out of git.
+    files[".gitignore"] = "".join(f"# {ln}\n" for ln in header_lines(compiled)) + BUILD_GITIGNORE
     ctx["files"] = sorted([*files, "README.md"])
     ctx["numbers"] = _readme_numbers(compiled)
     files["README.md"] = env.get_template("launch/README.md.j2").render(**ctx)
