@@ -135,7 +135,6 @@ def launch(
     except LaunchError as e:
         _fail([f"{build_dir}: error[L001] {e}"])
     import shlex
-    import subprocess
 
     for c in cmds:
         typer.echo("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in c.env.items()) + (" " if c.env else "")
@@ -145,9 +144,38 @@ def launch(
         if c.skip_reason:
             typer.echo(f"  skipped: {c.skip_reason}")
             continue
-        rc = subprocess.call(c.argv, env={**os.environ, **c.env}, cwd=c.cwd)
+        rc = _run_child(c.argv, env={**os.environ, **c.env}, cwd=c.cwd)
         if rc != 0:
             _fail([f"{build_dir}: error[L002] stage {c.stage!r} exited with code {rc}"])
+
+
+def _run_child(argv: list[str], env: dict, cwd) -> int:
+    """Run one launch command in its own process group; if llmc is interrupted or terminated, the
+    whole group (torchrun / deepspeed and their workers) is stopped too, so nothing is left behind."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, start_new_session=True)
+
+    def stop(signum, _frame):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        raise SystemExit(128 + signum)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    except SystemExit:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @app.command()

@@ -181,3 +181,35 @@ def test_native_commands_run_for_real(tmp_path):
     assert (out / "assets" / "tokenizer.json").exists()
     metrics = (out / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()
     assert any(json.loads(m).get("step") == 3 for m in metrics)
+
+
+def test_interrupted_launch_stops_the_whole_process_group(tmp_path):
+    # `llmc launch` runs torchrun/deepspeed in their own process group; SIGTERM to llmc must not leave
+    # workers behind (a real annoyance on shared machines).
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pidfile = tmp_path / "child.pid"
+    code = (
+        "from llmc.cli import _run_child; import os, sys\n"
+        f"sys.exit(_run_child(['bash', '-c', 'sleep 120 & echo $! > {pidfile}; wait'], dict(os.environ), None))\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code])
+    for _ in range(100):
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        time.sleep(0.1)
+    grandchild = int(pidfile.read_text())
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == 128 + signal.SIGTERM
+    for _ in range(50):
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the launched job's worker survived llmc's SIGTERM")
