@@ -225,7 +225,7 @@ def test_grpo_loss_clip_and_kl():
     # negative advantage: now the low ratio is clipped (min(-0.5, -0.8) = -0.8) and the high one is not
     logp2 = logp.detach().clone().requires_grad_(True)
     loss2, _ = grpo_loss(logp2, old, torch.tensor([-1.0]), mask, None, clip_eps=0.2, kl_coef=0.0)
-    assert math.isclose(float(loss2), (0.8 + 1.0 + 1.5) / 3, rel_tol=1e-6)
+    assert math.isclose(float(loss2.detach()), (0.8 + 1.0 + 1.5) / 3, rel_tol=1e-6)
     loss2.backward()
     assert logp2.grad[0, 0] == 0 and logp2.grad[0, 2] > 0
     # KL: zero when policy == reference, positive otherwise (k3 >= 0)
