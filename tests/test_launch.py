@@ -51,6 +51,14 @@ def test_default_nproc_on_gpu_is_gpus_per_node(tmp_path):
     assert cmds[1].argv[cmds[1].argv.index("--nproc_per_node") + 1] == "3"
 
 
+def test_single_process_stages_get_one_process(tmp_path):
+    # sft/dpo run in llmc's single-process post-training loops: n copies would race on one output dir.
+    b = _build(tmp_path)
+    cmds = {c.stage: c for c in launch_commands(b, backend="native", nproc=4, gpu=True)}
+    nproc = {s: cmds[s].argv[cmds[s].argv.index("--nproc_per_node") + 1] for s in ("base", "chat", "align")}
+    assert nproc == {"base": "4", "chat": "1", "align": "1"}
+
+
 def test_deepspeed_dry_run(tmp_path):
     b = _build(tmp_path)
     cmds = launch_commands(b, backend="deepspeed", nproc=2, gpu=False)

@@ -55,6 +55,19 @@ def test_long_context_stage_changes_rope_and_seq_len():
         TrainJob.from_lock(lock, "nope")
 
 
+def test_lock_without_plan_shards_over_the_started_ranks(monkeypatch):
+    # A post-training-only pipeline has no searched layout; under torchrun with N ranks the native
+    # trainer must still run (FSDP over all N) instead of refusing "plan needs 1 process".
+    lock = minimal_lock(_spec([{"name": "mid", "kind": "midtrain", "global_batch_tokens": 1024}]))
+    lock["plan"] = None
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    job = TrainJob.from_lock(lock, "mid")
+    assert (job.dp_replicate, job.dp_shard, job.tp) == (1, 4, 1)
+    assert job.global_batch_seqs * job.seq_len >= 1024
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert TrainJob.from_lock(lock, "mid").dp_shard == 1
+
+
 def test_midtrain_starts_from_pretrain_weights(tmp_path):
     from llmc.runtime import corpus
     from llmc.runtime.run import run_stage

@@ -96,6 +96,10 @@ def load_build(build_dir: str | os.PathLike) -> tuple[Path, dict]:
     return b.resolve(), lock
 
 
+# Stage kinds llmc's native runtime runs in one process (llmc.runtime.posttrain).
+SINGLE_PROCESS_KINDS = frozenset({"sft", "dpo", "grpo"})
+
+
 def launch_commands(build_dir: str | os.PathLike, backend: str = "native", nproc: int | None = None,
                     stage: str | None = None, run_dir: str | os.PathLike | None = None,
                     gpu: bool | None = None) -> list[Cmd]:
@@ -118,7 +122,6 @@ def launch_commands(build_dir: str | os.PathLike, backend: str = "native", nproc
         stages = [s for s in stages if s["name"] == stage]
 
     py = sys.executable
-    torchrun = [_tool("torchrun"), "--standalone", "--nproc_per_node", str(nproc)]
 
     ds_config = b / "deepspeed" / "ds_config.json"
     if backend == "deepspeed" and not ds_config.exists():
@@ -129,7 +132,11 @@ def launch_commands(build_dir: str | os.PathLike, backend: str = "native", nproc
         raise LaunchError("this build has no torchtitan/llmc_job.py; use --backend native or deepspeed")
 
     def native(s: dict) -> Cmd:
-        return Cmd(argv=[*torchrun, "-m", "llmc.runtime.run", "--lock", lock_path, "--stage", s["name"],
+        # llmc's post-training loops (sft/dpo/grpo) are single-process: one process whatever nproc is
+        # (under other launchers, ranks > 0 of such a stage exit at once: llmc.runtime.run).
+        n = 1 if s["kind"] in SINGLE_PROCESS_KINDS else nproc
+        argv = [_tool("torchrun"), "--standalone", "--nproc_per_node", str(n)]
+        return Cmd(argv=[*argv, "-m", "llmc.runtime.run", "--lock", lock_path, "--stage", s["name"],
                          "--out", str(run / s["name"])], cwd=str(b), stage=s["name"])
 
     cmds: list[Cmd] = []

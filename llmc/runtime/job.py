@@ -12,6 +12,7 @@ directly. Users of this API: ``llmc.runtime.train`` (native trainer), ``posttrai
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,12 @@ class TrainJob:
         if hyper.get("global_batch_seqs") and plan and job.global_batch_seqs != int(hyper["global_batch_seqs"]):
             raise ValueError(f"lock: plan micro_batch*grad_accum*dp = {job.global_batch_seqs} != "
                              f"hyper.global_batch_seqs {hyper['global_batch_seqs']}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if not plan and world > 1:
+            # No searched layout in the lock (e.g. a pipeline of post-training stages only): shard over
+            # every rank that was started (FSDP), one sequence per rank per micro-step.
+            gbs = int(hyper.get("global_batch_seqs") or world)
+            job = replace(job, dp_shard=world, micro_batch=1, grad_accum=max(1, math.ceil(gbs / world)))
         if stage is None or (stage == "pretrain" and not any(s.name == "pretrain" for s in spec.stages)):
             return job
         return job._for_stage(spec, lock, stage)

@@ -228,6 +228,9 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
             return train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
                          fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
         if job.kind in POSTTRAIN_KINDS:
+            if rank != 0:  # the post-training loops are single-process: rank 0 runs the stage alone
+                _say(f"{job.stage}: {job.kind} runs in one process (rank 0); rank {rank} has nothing to do")
+                return {"stage": job.stage, "status": "idle", "rank": rank}
             from llmc.runtime import posttrain
 
             return posttrain.run_stage(job, out, assets=assets)
