@@ -144,9 +144,7 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
         peak = timing.mfu_peak(gpu, run.training.precision)
         checks.check_budget(run, compute.training_flops, time, cost, peak, gpu.usd_per_hour, sink)
 
-    stages, stage_diags = _stages(run, gpu, lines, spec_path)
-    if plan is not None:
-        stages = [_with_searched_plan(st, plan, mem) if st.get("kind") == "pretrain" else st for st in stages]
+    stages, stage_diags = _stages(run, gpu, lines, spec_path, _searched_memory(plan, mem))
     serving, serving_diags = _serving(run, lines)
     diags = sink.items + [_located(d, lines, spec_path) for d in stage_diags + serving_diags]
     return Compiled(
@@ -157,20 +155,16 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
     )
 
 
-def _with_searched_plan(stage: dict, plan, mem) -> dict:
-    """The pre-training stage runs the searched plan: report that plan's memory, not a stage estimate.
-
-    ``plan_stages`` estimates every stage with a simple layout (it has no search); for the stage the
-    search planned, the searched numbers are the ones that hold, so the report shows one figure.
-    """
-    memory = {
+def _searched_memory(plan, mem) -> dict | None:
+    """The searched layout's memory in the stage-plan shape (the pretrain stage reports this figure)."""
+    if plan is None or mem is None:
+        return None
+    return {
         "per_gpu_bytes": mem.per_gpu_bytes, "capacity_bytes": mem.capacity_bytes,
         "fits": mem.per_gpu_bytes <= mem.capacity_bytes, "breakdown": dict(mem.breakdown),
         "activation_checkpointing": plan.activation_checkpointing, "cp": plan.cp,
         "shard_degree": plan.dp_shard, "source": "the searched parallelism plan",
     }
-    notes = [n for n in stage.get("notes", []) if "sharded over" not in n]
-    return {**stage, "memory": memory, "notes": notes}
 
 
 def has_pretraining(run) -> bool:
@@ -196,10 +190,10 @@ def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
     return out
 
 
-def _stages(run, gpu, lines, file) -> tuple[list[dict], list[Diagnostic]]:
+def _stages(run, gpu, lines, file, searched_memory) -> tuple[list[dict], list[Diagnostic]]:
     from llmc.compiler.stages import plan_stages
 
-    return plan_stages(run, gpu=gpu, lines=lines, file=file)
+    return plan_stages(run, gpu=gpu, lines=lines, file=file, searched_memory=searched_memory)
 
 
 def _serving(run, lines) -> tuple[list[dict], list[Diagnostic]]:

@@ -303,9 +303,13 @@ def _general_fraction(stage: Any) -> tuple[float | None, bool]:
     return gen / tot, domain
 
 
-def plan_stages(run: Any, gpu: Any = None, lines: dict | None = None, file: str | None = None
-                ) -> tuple[list[dict], list[Diagnostic]]:
-    """Check the stage graph and plan every stage; returns (plans in topological order, diagnostics)."""
+def plan_stages(run: Any, gpu: Any = None, lines: dict | None = None, file: str | None = None,
+                searched_memory: dict | None = None) -> tuple[list[dict], list[Diagnostic]]:
+    """Check the stage graph and plan every stage; returns (plans in topological order, diagnostics).
+
+    searched_memory: the memory of the layout the parallelism search chose for the pre-training run;
+    the ``pretrain`` stage reports (and is fit-checked against) it instead of the simple stage estimate.
+    """
     diags: list[Diagnostic] = []
 
     def diag(code: str, sev: str, path: str, msg: str, hint: str = "") -> None:
@@ -468,8 +472,11 @@ def plan_stages(run: Any, gpu: Any = None, lines: dict | None = None, file: str 
                          "(PPO would need 4: policy, reference, reward, critic); the reward is a verifier")
 
         # memory per GPU
-        mem = _stage_memory(arch, st, lora, qlora, needs_ref, n_total, n_emb, trainable, seq_len,
-                            precision, capacity, world, gpn, run)
+        if st.kind == "pretrain" and searched_memory is not None:
+            mem = {**searched_memory, "notes": []}
+        else:
+            mem = _stage_memory(arch, st, lora, qlora, needs_ref, n_total, n_emb, trainable, seq_len,
+                                precision, capacity, world, gpn, run)
         notes += mem.pop("notes")
 
         plan: dict[str, Any] = {
