@@ -29,7 +29,7 @@ def _fail(lines: list[str]) -> None:
 def _compile(spec: Path):
     """Load + compile; on spec errors print every one (one line each) and exit 1."""
     from llmc.compiler.compile import compile_spec
-    from llmc.compiler.diagnostics import SpecError, errors
+    from llmc.diagnostics import SpecError, errors
     from llmc.spec.load import load_spec
 
     try:
@@ -77,8 +77,8 @@ def build(
 ) -> None:
     """Compile the spec and write the deterministic job artifacts (atomically)."""
     compiled = _compile(spec)
-    from llmc.compiler.diagnostics import SpecError
     from llmc.compiler.render import render_artifacts
+    from llmc.diagnostics import SpecError
 
     try:
         files = render_artifacts(compiled)

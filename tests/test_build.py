@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 import llmc
 from llmc.cli import _write_tree_atomic, app
-from llmc.compiler.diagnostics import SpecError
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.render import DS_TOP_LEVEL_KEYS, deepspeed_config, render_artifacts
+from llmc.diagnostics import SpecError
 
 GOLDEN = ROOT / "tests" / "golden" / "build"
 

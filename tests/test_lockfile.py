@@ -9,9 +9,9 @@ from test_build_fakes import make_compiled, make_run
 from typer.testing import CliRunner
 
 from llmc.cli import app
-from llmc.compiler.diagnostics import Diagnostic
 from llmc.compiler.lockfile import diff_lock, lock_dict, lock_text, read_lock, spec_changes
 from llmc.compiler.plan import ParallelPlan
+from llmc.diagnostics import Diagnostic
 
 
 def test_round_trip(tmp_path):

@@ -8,7 +8,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmc.compiler.diagnostics import SpecError
+from llmc.diagnostics import SpecError
 from llmc.spec.load import loads_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llmc.compiler.diagnostics import SpecError
-from llmc.spec.load import line_for, load_spec, loads_spec
+from llmc.diagnostics import SpecError, line_for
+from llmc.spec.load import load_spec, loads_spec
 from llmc.spec.presets import PRESETS
 from llmc.spec.run import RunSpec
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from llmc.compiler.compiled import Compiled, ComputeNumbers, Hyper, ModelNumbers
-from llmc.compiler.diagnostics import SpecError
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.render_torchtitan import (
     _pp_module_fqns,
@@ -19,6 +18,7 @@ from llmc.compiler.render_torchtitan import (
     torchtitan_diagnostics,
     torchtitan_values,
 )
+from llmc.diagnostics import SpecError
 from llmc.runtime.titan_launch import dry_run_command, torchtitan_command
 from llmc.spec.run import RunSpec
 

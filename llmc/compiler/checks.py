@@ -34,7 +34,7 @@ from __future__ import annotations
 import difflib
 import math
 
-from llmc.compiler.diagnostics import Diagnostic
+from llmc.diagnostics import Diagnostic, line_for
 
 GiB = 2**30
 MAX_PLAUSIBLE_MFU = 0.60  # seed-facts §10.15: an implied MFU above ~60 % is not credible
@@ -42,17 +42,6 @@ BIG_PRETRAIN_PARAMS = 1e9  # T006 applies from 1B parameters (active)
 LR_CHECK_MIN_PARAMS = 1e8  # T001's range is for LLM pre-training; toy models legitimately go higher
 Z_LOSS_PARAMS = 30e9  # T007: suggest z-loss from ~30B (PaLM used it at 540B; OLMo/Chameleon for stability)
 MAX_EPOCHS = 4.0  # Muennighoff et al. 2023: up to ~4 epochs of repeated data is almost as good as unique
-
-
-def line_for(lines: dict[str, int] | None, path: str) -> int | None:
-    """Line of ``path`` in the YAML, else of its nearest parent (``a.b.c`` -> ``a.b`` -> ``a``)."""
-    if not lines:
-        return None
-    while path:
-        if path in lines:
-            return lines[path]
-        path = path.rpartition(".")[0]
-    return None
 
 
 class Sink:

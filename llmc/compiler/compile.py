@@ -16,8 +16,8 @@ from pathlib import Path
 from llmc.compiler import checks, defaults, flops, params, scaling, timing
 from llmc.compiler.checks import Sink
 from llmc.compiler.compiled import Compiled, ComputeNumbers, CostNumbers, ModelNumbers
-from llmc.compiler.diagnostics import Diagnostic, errors, sort_diagnostics
 from llmc.compiler.hardware import GPUS, get_gpu, supports
+from llmc.diagnostics import Diagnostic, errors, line_for, sort_diagnostics
 
 
 def model_numbers(arch) -> ModelNumbers:
@@ -84,7 +84,7 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
     # top-level data/training sections then describe no run of their own, so there is nothing to search.
     pretrains = has_pretraining(run)
     for d in scaling.scaling_diagnostics(n_act, run.data.tokens, "data.tokens") if pretrains else []:
-        sink.items.append(dataclasses.replace(d, line=d.line or checks.line_for(lines, d.path), file=spec_path))
+        sink.items.append(dataclasses.replace(d, line=d.line or line_for(lines, d.path), file=spec_path))
 
     table_gpu = get_gpu(run.hardware.gpu)
     checks.check_gpu(run, GPUS, sink)
@@ -177,7 +177,7 @@ def _memory(memory_mod, arch, seq_len, precision, capacity, offload, plan):
 
 
 def _located(d: Diagnostic, lines: dict, file: str) -> Diagnostic:
-    return dataclasses.replace(d, line=d.line or checks.line_for(lines, d.path), file=d.file or file)
+    return dataclasses.replace(d, line=d.line or line_for(lines, d.path), file=d.file or file)
 
 
 def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llmc.compiler.diagnostics import Diagnostic
 from llmc.compiler.plan import ParallelPlan
+from llmc.diagnostics import Diagnostic
 
 
 @dataclass(frozen=True)

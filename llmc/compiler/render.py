@@ -43,8 +43,8 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from llmc.compiler.diagnostics import Diagnostic, SpecError, errors, sort_diagnostics
 from llmc.compiler.plan import ParallelPlan
+from llmc.diagnostics import Diagnostic, SpecError, errors, sort_diagnostics
 
 # --------------------------------------------------------------------------------------- DeepSpeed
 

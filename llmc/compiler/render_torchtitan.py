@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmc.compiler.diagnostics import Diagnostic, SpecError
+from llmc.diagnostics import Diagnostic, SpecError
 
 TORCHTITAN_VERSION = "0.3.0"
 TORCH_VERSION = "2.14.1"

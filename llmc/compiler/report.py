@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from llmc.compiler.diagnostics import sort_diagnostics
+from llmc.diagnostics import sort_diagnostics
 
 WIDTH = 120
 GiB = 2**30

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from llmc.compiler.diagnostics import Diagnostic
+from llmc.diagnostics import Diagnostic
 
 TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022
 OVERTRAINED_FACTOR = 10.0  # C002 fires above 10x the 20 tok/param optimum, i.e. > 200 tok/param

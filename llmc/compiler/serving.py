@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from llmc.compiler.diagnostics import Diagnostic
+from llmc.diagnostics import Diagnostic
 
 GiB = 2**30
 WORKSPACE_BYTES = 1 * GiB  # CUDA context + cuBLAS workspace + CUDA graphs + NCCL (estimate)
@@ -42,7 +42,7 @@ def _lookup_line(lines: Any, path: str) -> int | None:
     """YAML line of a dotted path (``serving[0].gpus``), or of its nearest parent; None without a line map."""
     if not lines:
         return None
-    from llmc.spec.load import line_for
+    from llmc.diagnostics import line_for
 
     return line_for(lines, path)
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import networkx as nx
 
-from llmc.compiler.diagnostics import Diagnostic
 from llmc.compiler.plan import ParallelPlan
+from llmc.diagnostics import Diagnostic
 
 # ----------------------------------------------------------------------------- constants (data)
 

@@ -6,7 +6,7 @@ which the compiler uses to put lines on its own diagnostics (:func:`line_for` fa
 nearest parent for paths the YAML does not spell out, e.g. fields that came from a preset).
 
 Problems are never raised one at a time: the loader collects every one and raises a single
-:class:`~llmc.compiler.diagnostics.SpecError`. Codes (stable; tests and docs cite them):
+:class:`~llmc.diagnostics.SpecError`. Codes (stable; tests and docs cite them):
 
 ======  ====================================================================================
 S000    spec file not found / unreadable
@@ -40,13 +40,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from llmc.compiler.diagnostics import Diagnostic, SpecError
+from llmc.diagnostics import Diagnostic, SpecError, line_for
 from llmc.spec.hf import HFConfigError, architecture_from_hf_config
 from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.presets import PRESETS
 from llmc.spec.run import Data, RunSpec, Serving, Stage, Tokenizer
 
-__all__ = ["load_spec", "loads_spec", "line_for", "json_schema", "check_run"]
+__all__ = ["load_spec", "loads_spec", "json_schema", "check_run"]
 
 
 # ----------------------------------------------------------------------------- public API
@@ -110,19 +110,6 @@ def loads_spec(text: str, file: str = "<spec>", base_dir: str | Path = ".") -> t
         raise SpecError(_dedupe(ctx.diags))
     assert run is not None
     return run, lines
-
-
-def line_for(lines: dict[str, int], path: str) -> int | None:
-    """The YAML line of ``path``, or of its nearest parent present in ``lines`` (None if none).
-
-    ``serving[0].gpus`` is accepted as a spelling of ``serving.0.gpus``.
-    """
-    path = re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
-    while path:
-        if path in lines:
-            return lines[path]
-        path = path.rpartition(".")[0]
-    return None
 
 
 def json_schema() -> dict[str, Any]:

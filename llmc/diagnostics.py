@@ -9,6 +9,7 @@ Codes are stable so tests and docs can cite them:
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -35,6 +36,21 @@ class Diagnostic:
         d = asdict(self)
         d.pop("file")
         return d
+
+
+def line_for(lines: dict[str, int] | None, path: str) -> int | None:
+    """The YAML line of ``path``, or of its nearest parent present in ``lines`` (None if none).
+
+    ``serving[0].gpus`` is accepted as a spelling of ``serving.0.gpus``.
+    """
+    if not lines:
+        return None
+    path = re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path.rpartition(".")[0]
+    return None
 
 
 def errors(diags: list[Diagnostic]) -> list[Diagnostic]:
