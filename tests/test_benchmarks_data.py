@@ -112,7 +112,7 @@ def test_megatron_tflops_consistent_with_tokens():
     """Model TFLOP/s / tokens/s is the page's FLOPs per token: one value per (release, model label, seq_len).
 
     Per release: the DeepSeekV3 ratio moves from ~249 to ~260 GFLOP/token between 25.11 and 26.04.01
-    (a change of FLOP convention between containers), so releases are not pooled.
+    (the page does not say why), so releases are not pooled.
     Within 4 %: several 26.04.01 tokens/s cells are multiples of 16 (e.g. 864, 800, 1024), i.e. rounded,
     which alone moves the ratio by up to ~2 % at a few hundred tokens/s.
     """
