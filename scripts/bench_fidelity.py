@@ -1,0 +1,555 @@
+#!/usr/bin/env python
+"""Score llmc's planner against published training measurements (benchmarks/data/*.yaml).
+
+For every row: build a RunSpec for the row's model, GPU, pinned layout, sequence length and global
+batch; compile it with llmc; compare the predicted tokens/s/GPU and peak memory per GPU with the
+measured ones. Prints per-row errors, per-group mean/max |error|, Spearman rank correlation within
+each sweep (rows of one table that vary one knob) and a leave-one-out calibrated error.
+
+    python scripts/bench_fidelity.py                      # markdown to stdout
+    python scripts/bench_fidelity.py --format json
+    python scripts/bench_fidelity.py --out benchmarks/RESULTS.md
+    python scripts/bench_fidelity.py --ids tt24-t1-fsdp,tt24-t3-fsdp
+
+Every call into llmc lives in :func:`llmc_predict` and :func:`llmc_model_states` (the adapter), so an API
+change is fixed in one place. A row llmc cannot express is listed as skipped with the reason.
+
+Calibration hook: ``fit(rows, preds) -> factors`` and ``predict(row, pred, factors) -> tokens/s/GPU``.
+The default fits one multiplicative throughput factor per (backend, GPU) by least squares in log space
+(the geometric mean of measured / predicted) on the ``use: fit`` rows; swap in another pair with the same
+signatures to try a richer model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import math
+import re
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / "benchmarks" / "data"
+GIB = 2**30
+
+# Precision labels on the source pages -> llmc's training.precision (None: llmc cannot express it).
+PRECISIONS = {"bf16": "bf16", "BF16": "bf16", "fp8": "fp8", "FP8": "fp8", "FP8-CS": "fp8", "FP8-MX": "fp8",
+              "MXFP8": "fp8", "NVFP4": None}
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+@dataclass
+class Row:
+    """One measurement, with its file's source fields merged in."""
+
+    id: str
+    file: str
+    backend: str
+    use: str  # "fit" | "check"
+    kind: str  # "throughput" | "model_states"
+    source_url: str
+    system: str
+    gpu_key: str | None
+    gpu_key_exact: bool
+    fields: dict[str, Any]
+
+    def get(self, key: str, default=None):
+        v = self.fields.get(key)
+        return default if v is None else v
+
+    @property
+    def group(self) -> str:
+        return f"{self.file} / {self.system or '-'} / {self.backend}"
+
+    @property
+    def sweep(self) -> str | None:
+        return self.fields.get("sweep")
+
+
+def load_rows(data_dir: Path = DATA_DIR) -> list[Row]:
+    """Every row of every ``*.yaml`` under ``data_dir`` (file-level keys apply to all its rows)."""
+    rows: list[Row] = []
+    for path in sorted(Path(data_dir).glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        for r in doc.get("rows", []):
+            rows.append(Row(
+                id=r["id"], file=path.stem, backend=doc["backend"], use=r.get("use", doc.get("use", "check")),
+                kind=r.get("kind", doc.get("kind", "throughput")), source_url=doc["source"]["url"],
+                system=r.get("system", doc.get("system", "")),
+                gpu_key=r["gpu_key"] if "gpu_key" in r else doc.get("gpu_key"),
+                gpu_key_exact=bool(r.get("gpu_key_exact", doc.get("gpu_key_exact", True))),
+                fields={**{k: v for k, v in doc.items() if k in ("gpus_per_node",)}, **r},
+            ))
+    return rows
+
+
+# ------------------------------------------------------------------------------------- the request
+
+class Skip(Exception):
+    """The row cannot be expressed in llmc (the message says why)."""
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """A row as llmc sees it: model, cluster, pinned layout, batch. None = left to llmc's search."""
+
+    id: str
+    model: str
+    gpu: str
+    gpus: int
+    gpus_per_node: int | None
+    seq_len: int
+    global_batch_seqs: int
+    precision: str
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+    pp_schedule: str | None
+    virtual_stages: int | None
+    micro_batch: int
+    activation_checkpointing: str | None
+    zero_stage: int
+
+
+@dataclass
+class Prediction:
+    tokens_per_s_per_gpu: float
+    mem_gib: float
+    mfu: float
+    plan: str
+    llmc_fits: bool
+    path: str  # "compile_spec" or "pinned plan" (evaluated directly: llmc's search rejected or could not pin it)
+    notes: list[str] = field(default_factory=list)
+    breakdown: dict[str, float] = field(default_factory=dict)
+    flops_per_token: float = 0.0  # llmc's training model FLOPs per token (no recomputation)
+
+
+def request_for(row: Row) -> PlanRequest:
+    """Translate a throughput row into llmc's terms, or raise :class:`Skip`."""
+    f = row.fields
+    if row.gpu_key is None:
+        raise Skip(f"no llmc GPU entry for {row.system}")
+    prec = PRECISIONS.get(str(f.get("precision")))
+    if f.get("precision") is None or prec is None:
+        raise Skip(f"precision {f.get('precision')!r} not expressible in llmc (bf16, fp8, fp32)")
+    if row.backend == "torchtitan":
+        dp_rep, dp_shard = row.get("dp_replicate", 1), f["dp_shard"]
+        tp, pp, cp, ep = row.get("tp", 1), row.get("pp", 1), row.get("cp", 1), row.get("ep", 1)
+        sched = f.get("pp_schedule") if pp > 1 else None
+        vp = f.get("vp") if pp > 1 else None
+        mb, gbs, ac, zero = f["micro_batch"], f["global_batch"], f.get("ac"), 3
+    elif row.backend == "megatron":
+        tp, pp, cp = f["tp"], f["pp"], f["cp"]
+        ep = row.get("ep", 1)
+        dp = f["gpus"] // (tp * pp * cp)
+        dp_rep, dp_shard = 1, dp
+        # FSDP > 0: Megatron FSDP over the data-parallel ranks; 0 (or no FSDP column): DDP with the
+        # distributed optimizer, i.e. optimizer states sharded over dp (ZeRO-1).
+        zero = 3 if (f.get("fsdp") or 0) > 0 else 1
+        vp = f.get("vp") if pp > 1 else None
+        sched = ("Interleaved1F1B" if (vp or 1) > 1 else "1F1B") if pp > 1 else None
+        mb, gbs, ac = f["mbs"], f["gbs"], None
+        if "w/ MTP" in str(f.get("model_label", "")):
+            raise Skip("multi-token prediction (MTP) module: not in llmc's deepseek-v3 preset")
+    else:
+        raise Skip(f"backend {row.backend} has no throughput mapping")
+    return PlanRequest(
+        id=row.id, model=f["model"], gpu=row.gpu_key, gpus=f["gpus"], gpus_per_node=f.get("gpus_per_node"),
+        seq_len=f["seq_len"], global_batch_seqs=gbs, precision=prec, dp_replicate=dp_rep, dp_shard=dp_shard,
+        tp=tp, pp=pp, cp=cp, ep=ep, pp_schedule=sched, virtual_stages=vp, micro_batch=mb,
+        activation_checkpointing=ac, zero_stage=zero,
+    )
+
+
+# -------------------------------------------------------------------------- the llmc adapter (only here)
+
+def spec_yaml(req: PlanRequest) -> str:
+    """The RunSpec YAML for a request (tokens only set the run length; tokens/s does not depend on them)."""
+    par = {"dp_replicate": req.dp_replicate, "dp_shard": req.dp_shard, "tp": req.tp, "pp": req.pp, "cp": req.cp,
+           "ep": req.ep, "micro_batch": req.micro_batch, "zero_stage": req.zero_stage}
+    if req.pp_schedule is not None:
+        par["pp_schedule"] = req.pp_schedule
+    if req.activation_checkpointing is not None:
+        par["activation_checkpointing"] = req.activation_checkpointing
+    hw = {"gpu": req.gpu, "count": req.gpus}
+    if req.gpus_per_node:
+        hw["gpus_per_node"] = req.gpus_per_node
+    spec = {
+        "name": "bench-" + re.sub(r"[^A-Za-z0-9._-]", "-", req.id),
+        "model": req.model,
+        "data": {"seq_len": req.seq_len, "tokens": "1T"},
+        "hardware": hw,
+        "training": {"precision": req.precision, "global_batch_tokens": req.global_batch_seqs * req.seq_len},
+        "parallelism": par,
+    }
+    return yaml.safe_dump(spec, sort_keys=False)
+
+
+def llmc_predict(req: PlanRequest) -> Prediction:
+    """Compile the request with llmc; evaluate the pinned plan directly where the search cannot return it.
+
+    The direct path is taken when llmc's search finds no plan only because of memory (P004: the layout
+    ran on the real cluster, so its speed is still compared) or when the row pins a number of virtual
+    pipeline stages the spec cannot (the spec has no key for it).
+    """
+    from llmc.compiler import memory as memory_mod
+    from llmc.compiler import timing
+    from llmc.compiler.compile import cluster_gpu, compile_spec
+    from llmc.compiler.hardware import get_gpu
+    from llmc.compiler.plan import ParallelPlan
+    from llmc.diagnostics import SpecError
+    from llmc.spec.load import loads_spec
+
+    try:
+        run, lines = loads_spec(spec_yaml(req), file=f"<bench:{req.id}>")
+    except SpecError as e:
+        raise Skip("spec rejected: " + "; ".join(f"{d.code} {d.path}: {d.message}" for d in e.diagnostics)) from e
+    compiled = compile_spec(run, f"<bench:{req.id}>", lines, spec_bytes=b"")
+    errs = [d for d in compiled.diagnostics if d.severity == "error"]
+    notes: list[str] = []
+    plan = compiled.plan
+    if plan is None:
+        if not errs or any(d.code != "P004" for d in errs):
+            raise Skip("llmc: " + "; ".join(f"{d.code} {d.path}: {d.message}" for d in errs[:2]))
+        notes.append("llmc predicts this layout does not fit (P004); pinned plan evaluated directly")
+    elif req.virtual_stages is not None and plan.pp_virtual_stages != req.virtual_stages:
+        notes.append(f"llmc searched v{plan.pp_virtual_stages}; the row's v{req.virtual_stages} evaluated directly "
+                     "(virtual stages are not a spec key)")
+    direct = bool(notes)
+    gpu = cluster_gpu(run, get_gpu(run.hardware.gpu))
+    sm = timing.step_model(run.model, req.seq_len, req.precision, gpu)
+
+    def memory_of(p):
+        return memory_mod.memory_per_gpu(run.model, p, req.seq_len, req.precision, gpu.hbm_bytes)
+
+    if direct:
+        dp = req.dp_replicate * req.dp_shard
+        base = ParallelPlan(
+            dp_replicate=req.dp_replicate, dp_shard=req.dp_shard, tp=req.tp, pp=req.pp,
+            pp_schedule=req.pp_schedule or "1F1B",
+            pp_virtual_stages=req.virtual_stages or (2 if req.pp_schedule == "Interleaved1F1B" else 1),
+            cp=req.cp, ep=req.ep, micro_batch=req.micro_batch,
+            grad_accum=max(1, req.global_batch_seqs // (req.micro_batch * dp)),
+            activation_checkpointing=req.activation_checkpointing or "none", zero_stage=req.zero_stage)
+        if plan is not None:
+            base = dataclasses.replace(plan, pp_virtual_stages=req.virtual_stages or plan.pp_virtual_stages)
+        elif req.activation_checkpointing is None:
+            # AC not published: take llmc's own choice rule, the fastest mode that fits, else full.
+            options = [dataclasses.replace(base, activation_checkpointing=a) for a in ("none", "selective", "full")]
+            fitting = [p for p in options if memory_mod.fits(memory_of(p))]
+            base = min(fitting, key=lambda p: timing.step_time(sm, p)[0]) if fitting else options[-1]
+            notes.append(f"ac unpublished: {base.activation_checkpointing}")
+        plan = base
+        t = timing.time_numbers(sm, plan, 1)
+        mem = memory_of(plan)
+    else:
+        t, mem = compiled.time, compiled.memory
+    if req.activation_checkpointing is None and not direct:
+        notes.append(f"ac unpublished: llmc chose {plan.activation_checkpointing}")
+    desc = (f"dr{plan.dp_replicate} ds{plan.dp_shard} tp{plan.tp} pp{plan.pp}"
+            + (f"({plan.pp_schedule} v{plan.pp_virtual_stages})" if plan.pp > 1 else "")
+            + f" cp{plan.cp}" + (f" ep{plan.ep}" if plan.ep > 1 else "")
+            + f" mb{plan.micro_batch}x{plan.grad_accum} ac={plan.activation_checkpointing} z{plan.zero_stage}")
+    return Prediction(
+        tokens_per_s_per_gpu=t.tokens_per_second / req.gpus, mem_gib=mem.per_gpu_bytes / GIB, mfu=t.mfu,
+        plan=desc, llmc_fits=memory_mod.fits(mem), path="pinned plan" if direct else "compile_spec", notes=notes,
+        breakdown={k: float(v) for k, v in t.breakdown.items()},
+        flops_per_token=float(compiled.compute.flops_per_token),
+    )
+
+
+def llmc_model_states(n_params: float, zero_stage: int, shard: int, offload_optimizer: bool) -> float:
+    """llmc's model-state bytes per GPU (weights + grads + optimizer) for bf16 AdamW under ZeRO."""
+    from llmc.compiler.memory import model_state_bytes
+
+    return sum(model_state_bytes(n_params, zero_stage=zero_stage, shard=shard,
+                                 offload_optimizer=offload_optimizer).values())
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+Key = tuple[str, str]
+FitFn = Callable[[list[Row], dict[str, float]], dict[Key, float]]
+PredictFn = Callable[[Row, float, dict[Key, float]], float | None]
+
+
+def fit(rows: list[Row], preds: dict[str, float]) -> dict[Key, float]:
+    """One multiplicative factor per (backend, GPU): least squares of log(measured) - log(predicted).
+
+    The minimiser of sum (log m - log(c p))^2 is log c = mean(log(m / p)). Also stores a per-backend
+    factor under (backend, "*") as the fallback for a GPU without fit rows.
+    """
+    logs: dict[Key, list[float]] = defaultdict(list)
+    for r in rows:
+        if r.id in preds and r.get("tokens_per_s_per_gpu"):
+            lr = math.log(r.fields["tokens_per_s_per_gpu"] / preds[r.id])
+            logs[(r.backend, r.gpu_key or "")].append(lr)
+            logs[(r.backend, "*")].append(lr)
+    return {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
+
+
+def predict(row: Row, pred: float, factors: dict[Key, float]) -> float | None:
+    """Calibrated tokens/s/GPU, or None when no factor applies to this backend."""
+    c = factors.get((row.backend, row.gpu_key or ""), factors.get((row.backend, "*")))
+    return None if c is None else pred * c
+
+
+def loo_errors(rows: list[Row], preds: dict[str, float], fit_fn: FitFn = fit,
+               predict_fn: PredictFn = predict) -> dict[str, float]:
+    """% error per row after calibration: fit rows leave themselves out; check rows use all fit rows."""
+    fit_rows = [r for r in rows if r.use == "fit" and r.id in preds]
+    all_factors = fit_fn(fit_rows, preds)
+    out: dict[str, float] = {}
+    for r in rows:
+        if r.id not in preds or not r.get("tokens_per_s_per_gpu"):
+            continue
+        factors = fit_fn([x for x in fit_rows if x.id != r.id], preds) if r.use == "fit" else all_factors
+        cal = predict_fn(r, preds[r.id], factors)
+        if cal is not None:
+            out[r.id] = pct(cal, r.fields["tokens_per_s_per_gpu"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------- statistics
+
+def pct(pred: float, meas: float) -> float:
+    return 100.0 * (pred - meas) / meas
+
+
+def _ranks(xs: list[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):  # ties share their average rank
+            ranks[order[k]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rho: Pearson correlation of the (tie-averaged) ranks; None when undefined."""
+    if len(xs) < 2:
+        return None
+    rx, ry = _ranks(xs), _ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+def _summary(errs: list[float]) -> dict[str, float]:
+    a = [abs(e) for e in errs]
+    return {"n": len(a), "mean_abs": sum(a) / len(a), "max_abs": max(a), "mean_signed": sum(errs) / len(errs)}
+
+
+# --------------------------------------------------------------------------------------------- runner
+
+def evaluate(rows: list[Row], fit_fn: FitFn = fit, predict_fn: PredictFn = predict) -> dict[str, Any]:
+    results, skipped = [], []
+    for r in rows:
+        try:
+            if r.kind == "model_states":
+                results.append(_model_states_result(r))
+                continue
+            req = request_for(r)
+            p = llmc_predict(req)
+        except Skip as e:
+            skipped.append({"id": r.id, "group": r.group, "reason": str(e)})
+            continue
+        except Exception as e:  # noqa: BLE001 -- an llmc failure on one row is reported, never fatal
+            skipped.append({"id": r.id, "group": r.group, "reason": f"llmc raised {type(e).__name__}: {e}"})
+            continue
+        meas_t, meas_m = r.get("tokens_per_s_per_gpu"), r.get("mem_gib")
+        results.append({
+            "id": r.id, "group": r.group, "use": r.use, "sweep": r.sweep, "kind": r.kind,
+            "gpu_key": r.gpu_key, "gpu_key_exact": r.gpu_key_exact,
+            "pred_tps": p.tokens_per_s_per_gpu, "meas_tps": meas_t,
+            "err_tps": pct(p.tokens_per_s_per_gpu, meas_t) if meas_t else None,
+            "pred_mem_gib": p.mem_gib, "meas_mem_gib": meas_m, "mem_kind": r.get("mem_kind"),
+            "err_mem": pct(p.mem_gib, meas_m) if meas_m else None,
+            "pred_mfu": p.mfu, "meas_tflops": r.get("tflops_per_gpu"), "plan": p.plan, "path": p.path,
+            "llmc_fits": p.llmc_fits, "notes": p.notes, "breakdown": p.breakdown,
+            # the source's model FLOPs per token (TFLOP/s / tokens/s) over llmc's: a FLOP-convention check
+            "flops_ratio": (r.fields["tflops_per_gpu"] * 1e12 / meas_t / p.flops_per_token)
+            if r.get("tflops_per_gpu") and meas_t else None,
+        })
+    preds = {x["id"]: x["pred_tps"] for x in results if x.get("pred_tps")}
+    loo = loo_errors(rows, preds, fit_fn, predict_fn)
+    for x in results:
+        x["err_tps_calibrated"] = loo.get(x["id"])
+    return {"results": results, "skipped": skipped, "groups": _groups(results), "sweeps": _sweeps(results),
+            "calibration": _calibration(results, rows, preds, fit_fn)}
+
+
+def _model_states_result(r: Row) -> dict[str, Any]:
+    f = r.fields
+    if f.get("offload_param"):
+        raise Skip("parameter offload (ZeRO-3 offload_param): llmc models optimizer offload only")
+    pred = llmc_model_states(f["params_total"], f["zero_stage"], f["gpus"], bool(f.get("offload_optimizer"))) / GIB
+    return {"id": r.id, "group": r.group, "use": r.use, "sweep": None, "kind": r.kind, "gpu_key": None,
+            "gpu_key_exact": True, "pred_tps": None, "meas_tps": None, "err_tps": None,
+            "pred_mem_gib": pred, "meas_mem_gib": f["per_gpu_gib"], "mem_kind": "model states (DeepSpeed estimator)",
+            "err_mem": pct(pred, f["per_gpu_gib"]), "pred_mfu": None, "meas_tflops": None,
+            "plan": f"zero{f['zero_stage']} over {f['gpus']}" + (" offload_optimizer" if f.get("offload_optimizer") else ""),
+            "path": "model_state_bytes", "llmc_fits": True, "notes": [], "breakdown": {},
+            "flops_ratio": None}
+
+
+def _groups(results: list[dict]) -> list[dict]:
+    by: dict[str, list[dict]] = defaultdict(list)
+    for x in results:
+        by[x["group"]].append(x)
+    out = []
+    for g, xs in sorted(by.items()):
+        d: dict[str, Any] = {"group": g}
+        t = [x["err_tps"] for x in xs if x["err_tps"] is not None]
+        m = [x["err_mem"] for x in xs if x["err_mem"] is not None]
+        c = [x["err_tps_calibrated"] for x in xs if x.get("err_tps_calibrated") is not None]
+        if t:
+            d["tps"] = _summary(t)
+            pairs = [(x["pred_tps"], x["meas_tps"]) for x in xs if x["err_tps"] is not None]
+            d["tps_spearman"] = spearman([a for a, _ in pairs], [b for _, b in pairs])
+        if c:
+            d["tps_calibrated"] = _summary(c)
+        if m:
+            d["mem"] = _summary(m)
+        out.append(d)
+    return out
+
+
+def _sweeps(results: list[dict]) -> list[dict]:
+    by: dict[str, list[dict]] = defaultdict(list)
+    for x in results:
+        if x["sweep"] and x["err_tps"] is not None:
+            by[x["sweep"]].append(x)
+    out = []
+    for s, xs in sorted(by.items()):
+        pt, mt = [x["pred_tps"] for x in xs], [x["meas_tps"] for x in xs]
+        d = {"sweep": s, "n": len(xs), "rho_tps": spearman(pt, mt)}
+        mem = [(x["pred_mem_gib"], x["meas_mem_gib"]) for x in xs if x["meas_mem_gib"]]
+        d["rho_mem"] = spearman([a for a, _ in mem], [b for _, b in mem]) if len(mem) == len(xs) else None
+        out.append(d)
+    return out
+
+
+def _calibration(results: list[dict], rows: list[Row], preds: dict[str, float], fit_fn: FitFn) -> dict:
+    fit_rows = [r for r in rows if r.use == "fit" and r.id in preds]
+    factors = fit_fn(fit_rows, preds)
+    loo_fit = [x["err_tps_calibrated"] for x in results if x["use"] == "fit" and x.get("err_tps_calibrated") is not None]
+    chk = [x["err_tps_calibrated"] for x in results if x["use"] == "check" and x.get("err_tps_calibrated") is not None]
+    raw_fit = [x["err_tps"] for x in results if x["use"] == "fit" and x["err_tps"] is not None]
+    return {
+        "factors": {f"{b}/{g}": c for (b, g), c in sorted(factors.items())},
+        "fit_rows": len(fit_rows),
+        "fit_raw": _summary(raw_fit) if raw_fit else None,
+        "fit_loo": _summary(loo_fit) if loo_fit else None,
+        "check_calibrated": _summary(chk) if chk else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------- output
+
+def _f(v, fmt="{:.1f}", none="-"):
+    return none if v is None else fmt.format(v)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def to_markdown(rep: dict[str, Any]) -> str:
+    L = ["# llmc fidelity benchmark", "",
+         f"Generated {rep['date']} by `scripts/bench_fidelity.py` at llmc commit `{rep['commit']}`. "
+         f"Rows: {len(rep['results'])} scored, {len(rep['skipped'])} skipped. Error = (predicted - measured) / measured.",
+         "", "## Throughput (tokens/s/GPU) and peak memory per row", "",
+         "| row | use | predicted tok/s | measured tok/s | err % | LOO-cal err % | pred GiB | meas GiB | mem err % | src/llmc FLOPs per token | llmc plan | notes |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for x in rep["results"]:
+        notes = list(x["notes"])
+        if not x["llmc_fits"]:
+            notes.append("llmc: does not fit")
+        if x["gpu_key"] and not x["gpu_key_exact"]:
+            notes.append(f"approx GPU {x['gpu_key']}")
+        L.append(f"| {x['id']} | {x['use']} | {_f(x['pred_tps'], '{:,.0f}')} | {_f(x['meas_tps'], '{:,.0f}')} | "
+                 f"{_f(x['err_tps'], '{:+.1f}')} | {_f(x.get('err_tps_calibrated'), '{:+.1f}')} | "
+                 f"{_f(x['pred_mem_gib'])} | {_f(x['meas_mem_gib'])} | {_f(x['err_mem'], '{:+.1f}')} | "
+                 f"{_f(x['flops_ratio'], '{:.3f}')} | "
+                 f"{x['plan']} | {'; '.join(notes)} |")
+    L += ["", "## Per group (source file / system / backend)", "",
+          "| group | n | tok/s mean abs err % | max abs % | mean signed % | Spearman rho | LOO-cal mean abs % | mem n | mem mean abs % | mem max abs % |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for g in rep["groups"]:
+        t, m, c = g.get("tps"), g.get("mem"), g.get("tps_calibrated")
+        L.append(f"| {g['group']} | {t['n'] if t else 0} | {_f(t and t['mean_abs'])} | {_f(t and t['max_abs'])} | "
+                 f"{_f(t and t['mean_signed'], '{:+.1f}')} | {_f(g.get('tps_spearman'), '{:+.2f}')} | "
+                 f"{_f(c and c['mean_abs'])} | {m['n'] if m else 0} | {_f(m and m['mean_abs'])} | {_f(m and m['max_abs'])} |")
+    L += ["", "## Sweeps (rows of one table varying one knob): Spearman rank correlation, predicted vs measured", "",
+          "| sweep | n | rho tok/s | rho memory |", "|---|---:|---:|---:|"]
+    for s in rep["sweeps"]:
+        L.append(f"| {s['sweep']} | {s['n']} | {_f(s['rho_tps'], '{:+.2f}')} | {_f(s['rho_mem'], '{:+.2f}')} |")
+    cal = rep["calibration"]
+    L += ["", "## Calibration (one multiplicative throughput factor per backend/GPU, least squares in log space)", "",
+          f"Fitted on {cal['fit_rows']} `use: fit` rows. Factors (measured / predicted): "
+          + ", ".join(f"`{k}` = {v:.3f}" for k, v in cal["factors"].items()) + ".", ""]
+    for label, key in (("fit rows, uncalibrated", "fit_raw"), ("fit rows, leave-one-out calibrated", "fit_loo"),
+                       ("check rows, calibrated on all fit rows", "check_calibrated")):
+        s = cal[key]
+        if s:
+            L.append(f"- {label}: n={s['n']}, mean |err| {s['mean_abs']:.1f}%, max |err| {s['max_abs']:.1f}%, "
+                     f"mean signed {s['mean_signed']:+.1f}%")
+    L += ["", "## Skipped rows", "", "| row | group | reason |", "|---|---|---|"]
+    for s in rep["skipped"]:
+        L.append(f"| {s['id']} | {s['group']} | {s['reason']} |")
+    return "\n".join(L) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DATA_DIR, help="folder of benchmark YAML files")
+    ap.add_argument("--ids", default=None, help="comma-separated row ids (default: all rows)")
+    ap.add_argument("--format", choices=("md", "json"), default="md")
+    ap.add_argument("--out", type=Path, default=None, help="also write the markdown summary here")
+    a = ap.parse_args(argv)
+    rows = load_rows(a.data)
+    if a.ids:
+        want = set(a.ids.split(","))
+        unknown = want - {r.id for r in rows}
+        if unknown:
+            print(f"error: unknown row ids: {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 1
+        rows = [r for r in rows if r.id in want]
+    rep = evaluate(rows)
+    rep["date"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    rep["commit"] = _git_commit()
+    md = to_markdown(rep)
+    if a.out:
+        a.out.write_text(md)
+    print(json.dumps(rep, indent=1, default=str) if a.format == "json" else md, end="" if a.format == "md" else "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
