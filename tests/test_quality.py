@@ -155,3 +155,31 @@ def test_bad_config():
         NearDupConfig(num_perm=64, bands=14, rows=8).banding()
     band = NearDupConfig(threshold=0.9, num_perm=128, bands=None, rows=None).banding()
     assert (band.bands, band.rows) == (5, 25)  # datasketch MinHashLSH docstring example
+
+
+def test_text_and_parquet_sources_exact_only(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = random.Random(2)
+    vocab = sorted(set(VOCAB))
+    texts = [" ".join(rng.choice(vocab) for _ in range(30)) for _ in range(6)]
+    tdir = tmp_path / "txt"
+    tdir.mkdir()
+    for i, t in enumerate(texts[:4]):
+        (tdir / f"{i}.txt").write_text(t)
+    (tdir / "9.txt").write_text(texts[1] + "\n")  # same text after whitespace normalisation
+    table = pa.table({"body": [texts[2], None, texts[4], texts[5], texts[4]]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    res = run_quality([QualitySource("t", str(tdir), format="text"),
+                       QualitySource("p", str(tmp_path / "p.parquet"), format="parquet", text_field="body")],
+                      QualityConfig(exact=True, near_dup=None, workers=1, shards=2), tmp_path / "out")
+    t, p = res.sources["t"], res.sources["p"]
+    assert (t.documents, t.removed["exact_dup"].documents) == (5, 1)
+    assert t.removed["exact_dup"].examples[0] == {"id": "t/4", "location": "9.txt", "duplicate_of": "t/1"}
+    # parquet: null skipped; texts[2] duplicates t/2 across sources; the second texts[4] duplicates p/1
+    assert (p.documents, p.removed["exact_dup"].documents, p.kept_documents) == (4, 2, 2)
+    assert {e["duplicate_of"] for e in p.removed["exact_dup"].examples} == {"t/2", "p/1"}
+    kept = [json.loads(line)["text"] for f in sorted(res.outputs["p"].glob("*.jsonl"))
+            for line in f.read_text().splitlines()]
+    assert sorted(kept) == sorted([texts[4], texts[5]])
+    assert res.banding is None
