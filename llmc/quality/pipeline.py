@@ -1,0 +1,371 @@
+"""The data-quality pipeline: signatures (parallel) -> decisions (one pass, global) -> cleaned shards (parallel).
+
+1. **signatures** (``workers`` processes, one task per (source, shard)): for each document its
+   exact key (:func:`llmc.quality.text.exact_key`), its MinHash (datasketch, word n-gram shingles)
+   and the first benchmark n-gram it contains. Written as ``<shard>.json`` + ``<shard>.npy`` and then
+   a ``.done`` marker, each by write-to-temp + ``os.replace``.
+2. **decisions** (this process): documents are visited in source order, then index order. A
+   document is removed as ``contaminated`` if it holds a benchmark n-gram, else as ``exact_dup`` if
+   an earlier kept document has its exact key, else as ``near_dup`` if ``MinHashLSH`` returns an
+   earlier kept document as candidate; otherwise it is kept and indexed. The first occurrence wins.
+3. **write** (parallel): kept documents of each shard go to ``<out>/<source>/part-<shard>.jsonl``
+   (records ``{"id": "<source>/<index>", "text": ...}``), then a ``.done`` marker.
+
+Resumable: all work lives under ``<out>/.work/<key>/`` where key hashes the config, the sources
+(paths, sizes, mtimes) and the benchmark files; re-running skips every shard whose marker exists,
+so an interrupted run redoes only unfinished shards and a changed input starts afresh.
+``<out>/quality_report.json`` holds per source and per reason the documents/characters removed and
+up to ``max_examples`` examples (document id + the duplicate kept / the benchmark item matched).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmc.quality.config import DecontamConfig, NearDupConfig, QualityConfig, QualitySource
+from llmc.quality.text import (
+    benchmark_items,
+    exact_key,
+    expand_paths,
+    iter_documents,
+    ngram_hash,
+    shingles,
+    words,
+)
+
+REASONS = ("contaminated", "exact_dup", "near_dup")
+SCHEME = "affine32"  # datasketch >= 2.0 default permutation scheme
+
+
+@dataclass
+class Removal:
+    """Documents of one source removed for one reason."""
+
+    documents: int = 0
+    characters: int = 0
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class SourceReport:
+    documents: int = 0
+    characters: int = 0
+    kept_documents: int = 0
+    kept_characters: int = 0
+    removed: dict[str, Removal] = field(default_factory=lambda: {r: Removal() for r in REASONS})
+
+
+@dataclass
+class WorkCount:
+    """Shards computed vs skipped (already done) per phase, for this call."""
+
+    signatures_computed: int = 0
+    signatures_skipped: int = 0
+    decisions_computed: int = 0
+    writes_computed: int = 0
+    writes_skipped: int = 0
+
+
+@dataclass
+class QualityResult:
+    """What :func:`run_quality` did. ``outputs[name]`` is the cleaned source directory (jsonl, field ``text``)."""
+
+    report_path: Path
+    outputs: dict[str, Path]
+    sources: dict[str, SourceReport]
+    work: WorkCount
+    banding: dict[str, Any] | None = None
+    benchmarks: dict[str, Any] | None = None
+
+
+# -- benchmark n-grams -------------------------------------------------------------------------
+
+@dataclass
+class BenchmarkIndex:
+    ngram: int
+    grams: dict[int, int]  # n-gram hash -> item number
+    items: list[str]  # item ids
+    skipped_short: int
+
+
+def build_benchmark_index(cfg: DecontamConfig) -> BenchmarkIndex:
+    grams: dict[int, int] = {}
+    items: list[str] = []
+    skipped = 0
+    for path in cfg.benchmarks:
+        for item_id, pieces in benchmark_items(path, cfg.text_fields):
+            num = len(items)
+            items.append(item_id)
+            added = False
+            for piece in pieces:
+                w = words(piece)
+                for i in range(len(w) - cfg.ngram + 1):
+                    grams.setdefault(ngram_hash(w[i:i + cfg.ngram]), num)
+                    added = True
+            skipped += not added
+    return BenchmarkIndex(cfg.ngram, grams, items, skipped)
+
+
+def _first_benchmark_hit(text: str, bench: BenchmarkIndex) -> tuple[int, str] | None:
+    w = words(text)
+    n = bench.ngram
+    for i in range(len(w) - n + 1):
+        item = bench.grams.get(ngram_hash(w[i:i + n]))
+        if item is not None:
+            return item, " ".join(w[i:i + n])
+    return None
+
+
+# -- phase 1: signatures -------------------------------------------------------------------------
+
+_BENCH: BenchmarkIndex | None = None
+
+
+def _init_worker(bench: BenchmarkIndex | None) -> None:
+    global _BENCH
+    _BENCH = bench
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _signature_task(args: tuple[QualitySource, int, int, QualityConfig, str]) -> None:
+    src, shard, n, cfg, stem = args
+    nd = cfg.near_dup
+    meta: dict[str, list] = {"idx": [], "loc": [], "chars": [], "key": [], "hit": []}
+    sigs: list[np.ndarray] = []
+    docs = list(iter_documents(src.path, src.format, src.text_field, shard, n))
+    if nd is not None:
+        from datasketch import MinHash
+
+        mhs = MinHash.generator([shingles(t, nd.ngram) for _, _, t in docs], num_perm=nd.num_perm, seed=nd.seed)
+        sigs = [m.hashvalues for m in mhs]
+    for idx, loc, text in docs:
+        meta["idx"].append(idx)
+        meta["loc"].append(loc)
+        meta["chars"].append(len(text))
+        meta["key"].append(exact_key(text) if cfg.exact else "")
+        hit = _first_benchmark_hit(text, _BENCH) if _BENCH is not None else None
+        meta["hit"].append(list(hit) if hit else None)
+    arr = np.stack(sigs) if sigs else np.zeros((0, nd.num_perm if nd else 0), dtype=np.uint32)
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    _atomic_write(Path(stem + ".npy"), buf.getvalue())
+    _atomic_write(Path(stem + ".json"), json.dumps(meta).encode())
+    _atomic_write(Path(stem + ".done"), b"")
+
+
+# -- phase 3: writing -----------------------------------------------------------------------------
+
+def _write_task(args: tuple[QualitySource, int, int, list[int], str, str]) -> None:
+    src, shard, n, keep, out_path, marker = args
+    keep_set = set(keep)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for idx, _, text in iter_documents(src.path, src.format, src.text_field, shard, n):
+            if idx in keep_set:
+                fh.write(json.dumps({"id": f"{src.name}/{idx}", "text": text}, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+    _atomic_write(Path(marker), b"")
+
+
+# -- driver ---------------------------------------------------------------------------------------
+
+def _work_key(sources: Sequence[QualitySource], cfg: QualityConfig) -> str:
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    for s in sources:
+        h.update(f"{s.name}|{s.format}|{s.text_field}\n".encode())
+        for f in expand_paths(s.path, s.format):
+            st = f.stat()
+            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    if cfg.decontaminate is not None:
+        for b in cfg.decontaminate.benchmarks:
+            h.update(Path(b).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _run_tasks(fn, tasks: list, workers: int, bench: BenchmarkIndex | None) -> None:
+    if not tasks:
+        return
+    if workers <= 1 or len(tasks) == 1:
+        _init_worker(bench)
+        for t in tasks:
+            fn(t)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(bench,)) as pool:
+        for _ in pool.imap_unordered(fn, tasks):
+            pass
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def run_quality(sources: Sequence[QualitySource], config: QualityConfig, out_dir: str | Path) -> QualityResult:
+    """Run exact dedup, MinHash near-dedup and decontamination over ``sources`` into ``out_dir``."""
+    names = [s.name for s in sources]
+    if len(set(map(_safe, names))) != len(names):
+        raise ValueError(f"source names must be distinct: {names}")
+    out = Path(out_dir)
+    n = config.num_shards()
+    band = config.near_dup.banding() if config.near_dup is not None else None
+    work = out / ".work" / _work_key(sources, config)
+    work.mkdir(parents=True, exist_ok=True)
+    count = WorkCount()
+    bench = build_benchmark_index(config.decontaminate) if config.decontaminate is not None else None
+
+    # phase 1
+    tasks = []
+    for s in sources:
+        for i in range(n):
+            stem = work / f"sig-{_safe(s.name)}-{i:05d}"
+            if Path(str(stem) + ".done").exists():
+                count.signatures_skipped += 1
+            else:
+                tasks.append((s, i, n, config, str(stem)))
+    count.signatures_computed = len(tasks)
+    _run_tasks(_signature_task, tasks, config.workers, bench)
+
+    # phase 2
+    decisions_path = work / "decisions.json"
+    if decisions_path.exists():
+        decided = json.loads(decisions_path.read_text())
+    else:
+        decided = _decide(sources, config, n, work, bench)
+        _atomic_write(decisions_path, json.dumps(decided).encode())
+        count.decisions_computed = 1
+
+    # phase 3
+    tasks = []
+    outputs: dict[str, Path] = {}
+    for s in sources:
+        outputs[s.name] = out / _safe(s.name)
+        for i in range(n):
+            marker = work / f"write-{_safe(s.name)}-{i:05d}.done"
+            part = outputs[s.name] / f"part-{i:05d}.jsonl"
+            if marker.exists() and part.exists():
+                count.writes_skipped += 1
+            else:
+                tasks.append((s, i, n, decided["keep"][s.name][i], str(part), str(marker)))
+        for stale in outputs[s.name].glob("part-*.jsonl") if outputs[s.name].exists() else ():
+            if int(stale.stem.split("-")[1]) >= n:
+                stale.unlink()
+    count.writes_computed = len(tasks)
+    _run_tasks(_write_task, tasks, config.workers, None)
+
+    reports = {name: _report_from_json(r) for name, r in decided["sources"].items()}
+    result = QualityResult(out / "quality_report.json", outputs, reports, count,
+                           asdict(band) | {"s_half": band.s_half} if band is not None else None,
+                           {"items": len(bench.items), "skipped_short": bench.skipped_short,
+                            "ngrams": len(bench.grams), "ngram": bench.ngram} if bench is not None else None)
+    report = {"config": asdict(config), "banding": result.banding, "benchmarks": result.benchmarks,
+              "sources": {k: asdict(v) for k, v in reports.items()},
+              "totals": _totals(reports)}
+    _atomic_write(result.report_path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    return result
+
+
+def _report_from_json(d: dict) -> SourceReport:
+    rep = SourceReport(d["documents"], d["characters"], d["kept_documents"], d["kept_characters"])
+    rep.removed = {r: Removal(**v) for r, v in d["removed"].items()}
+    return rep
+
+
+def _totals(reports: dict[str, SourceReport]) -> dict[str, Any]:
+    t: dict[str, Any] = {"documents": 0, "characters": 0, "kept_documents": 0, "kept_characters": 0}
+    for r in reports.values():
+        for k in list(t):
+            t[k] += getattr(r, k)
+    for reason in REASONS:
+        t[reason] = {"documents": sum(r.removed[reason].documents for r in reports.values()),
+                     "characters": sum(r.removed[reason].characters for r in reports.values())}
+    return t
+
+
+def _decide(sources: Sequence[QualitySource], cfg: QualityConfig, n: int, work: Path,
+            bench: BenchmarkIndex | None) -> dict[str, Any]:
+    nd: NearDupConfig | None = cfg.near_dup
+    lsh = None
+    if nd is not None:
+        from datasketch import LeanMinHash, MinHashLSH
+
+        band = nd.banding()
+        lsh = MinHashLSH(num_perm=nd.num_perm, params=(band.bands, band.rows))
+    names_order = {s.name: k for k, s in enumerate(sources)}
+
+    def global_order(doc_id: str) -> tuple[int, int]:
+        name, idx = doc_id.rsplit("/", 1)
+        return names_order[name], int(idx)
+
+    seen: dict[str, str] = {}
+    sigs_by_id: dict[str, Any] = {}
+    keep: dict[str, list[list[int]]] = {}
+    reports: dict[str, SourceReport] = {}
+    for s in sources:
+        rep = SourceReport()
+        keep[s.name] = [[] for _ in range(n)]
+        metas, arrays = [], []
+        for i in range(n):
+            stem = work / f"sig-{_safe(s.name)}-{i:05d}"
+            metas.append(json.loads(Path(str(stem) + ".json").read_text()))
+            arrays.append(np.load(str(stem) + ".npy"))
+        order = sorted((idx, i, j) for i, m in enumerate(metas) for j, idx in enumerate(m["idx"]))
+        for idx, i, j in order:
+            m = metas[i]
+            doc_id, chars = f"{s.name}/{idx}", m["chars"][j]
+            rep.documents += 1
+            rep.characters += chars
+            reason, example = None, {"id": doc_id, "location": m["loc"][j]}
+            hit = m["hit"][j]
+            if hit is not None and bench is not None:
+                reason = "contaminated"
+                example |= {"benchmark_item": bench.items[hit[0]], "ngram": hit[1]}
+            elif cfg.exact and m["key"][j] in seen:
+                reason = "exact_dup"
+                example["duplicate_of"] = seen[m["key"][j]]
+            elif lsh is not None and nd is not None:
+                mh = LeanMinHash(seed=nd.seed, hashvalues=arrays[i][j], scheme=SCHEME)
+                cands = lsh.query(mh)
+                if cands:
+                    first = min(cands, key=global_order)
+                    reason = "near_dup"
+                    example |= {"duplicate_of": first, "estimated_jaccard": round(mh.jaccard(sigs_by_id[first]), 4)}
+                else:
+                    lsh.insert(doc_id, mh)
+                    sigs_by_id[doc_id] = mh
+            if reason is None:
+                if cfg.exact:
+                    seen.setdefault(m["key"][j], doc_id)
+                keep[s.name][i].append(idx)
+                rep.kept_documents += 1
+                rep.kept_characters += chars
+            else:
+                r = rep.removed[reason]
+                r.documents += 1
+                r.characters += chars
+                if len(r.examples) < cfg.max_examples:
+                    r.examples.append(example)
+        reports[s.name] = rep
+    return {"keep": keep, "sources": {k: asdict(v) for k, v in reports.items()}}
