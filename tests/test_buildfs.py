@@ -247,3 +247,54 @@ def test_crash_at_any_step_leaves_old_or_new(tmp_path, monkeypatch):
             break
         k += 1
     assert outcomes == {"old", "new"} and k > 10
+
+
+def test_sigkill_during_rebuild_loop_leaves_old_or_new(tmp_path):
+    """A real SIGKILL at random instants of a process rebuilding A, B, A, ... in a loop."""
+    import random
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    big_a = {**A, **{f"gen/f{i}.txt": f"a{i}\n" * 50 for i in range(40)}}
+    big_b = {**B, **{f"gen/f{i}.txt": f"b{i}\n" * 50 for i in range(0, 60, 2)}}
+    rng = random.Random(0)
+    seen = set()
+    interrupted = 0
+    for trial in range(12):
+        out = tmp_path / f"k{trial}"
+        ready = tmp_path / f"ready{trial}"
+        write_build(out, big_a)
+        user_files(out)
+        code = textwrap.dedent(f"""
+            import pathlib
+            from llmc.buildfs import write_build
+            a, b = {big_a!r}, {big_b!r}
+            write_build(pathlib.Path({str(out)!r}), b)
+            pathlib.Path({str(ready)!r}).write_text("1")
+            i = 0
+            while True:
+                write_build(pathlib.Path({str(out)!r}), a if i % 2 == 0 else b)
+                i += 1
+            """)
+        p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(root)})
+        try:
+            t0 = time.monotonic()
+            while not ready.exists():
+                assert time.monotonic() - t0 < 30 and p.poll() is None
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.05))
+        finally:
+            p.kill()
+            p.wait()
+        interrupted += any(n.startswith((STAGING_PREFIX, JOURNAL)) for n in os.listdir(out))
+        buildfs.recover(out)
+        got = tree(out)
+        assert got in (expected(big_a, USER), expected(big_b, USER)), trial
+        seen.add(got == expected(big_a, USER))
+        write_build(out, A)
+        assert tree(out) == expected(A, USER)
+    assert seen == {True, False}
+    assert interrupted >= 3  # most kills land inside a build, not between two
