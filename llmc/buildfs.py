@@ -37,8 +37,8 @@ Files llmc writes into ``out``
 
     {"files": {"<rel>": "<sha256 hex>", ...}, "format": "llmc-build/1", "llmc_version": "0.1.0"}
 
-Transient (a build directory's ``.gitignore`` should list them): ``.llmc-build.journal``,
-``.llmc-build.journal.tmp-<pid>`` and ``.llmc-staging-<pid>/``.
+Transient: ``.llmc-build.journal``, ``.llmc-build.journal.tmp-<pid>`` and ``.llmc-staging-<pid>/``;
+``GITIGNORE`` holds the ``.gitignore`` lines that ignore them (and not the manifest).
 
 Protocol (crash safety for the whole set, not just per file)
 ------------------------------------------------------------
@@ -79,6 +79,7 @@ STAGING_PREFIX = ".llmc-staging-"
 MANIFEST_FORMAT = "llmc-build/1"
 EXECUTABLE_SUFFIXES = (".sh", ".sbatch")
 RESERVED_PREFIX = ".llmc-"
+GITIGNORE = f"/{JOURNAL}*\n/{STAGING_PREFIX}*/\n"  # lines for the build directory's .gitignore
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 

@@ -298,3 +298,20 @@ def test_sigkill_during_rebuild_loop_leaves_old_or_new(tmp_path):
         assert tree(out) == expected(A, USER)
     assert seen == {True, False}
     assert interrupted >= 3  # most kills land inside a build, not between two
+
+
+def test_gitignore_lines_ignore_transients_not_the_manifest(tmp_path):
+    import subprocess
+
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git not installed")
+    subprocess.run([git, "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text(buildfs.GITIGNORE)
+
+    def ignored(rel: str) -> bool:
+        return subprocess.run([git, "-C", str(tmp_path), "check-ignore", "-q", rel]).returncode == 0
+
+    assert ignored(".llmc-staging-123/launch/train.sh") and ignored(".llmc-build.journal")
+    assert ignored(".llmc-build.journal.tmp-77")
+    assert not ignored(MANIFEST) and not ignored("plan.lock.json") and not ignored("sub/.llmc-staging-1/x")

@@ -55,6 +55,8 @@ class RunLock:
     def acquire(self) -> RunLock:
         import fcntl
 
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path}: already held by this RunLock")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
