@@ -1,0 +1,107 @@
+"""Reading and resuming ``metrics.jsonl`` (one JSON object per line). Never imports torch.
+
+A run resumed from the checkpoint at step S re-logs steps S+1, S+2, ... that the killed run had
+already written. Two ways to keep each step once:
+
+``truncate_after_step(path, step) -> int``
+    Before resuming from ``step``: atomically rewrite ``path`` (temp file in the same directory, fsync,
+    ``os.replace``, fsync of the directory) keeping the records whose ``"step"`` is ``<= step`` and
+    the records without a ``"step"`` (events such as ``{"event": "start"}``); records with a step
+    after the checkpoint (training steps and step-tagged events alike) are dropped, and so is a
+    half-written last line. Returns the number of records dropped. A missing file is left missing.
+
+``read_metrics(path) -> MetricsLog``
+    ``steps``: the training records (those with a ``"step"`` and no ``"event"`` key), one per step,
+    the last one written winning, in step order. ``events``: the records with an ``"event"`` key, in
+    file order. A half-written last line (a writer killed mid-line) is ignored; any other bad line
+    raises ``ValueError`` naming its line number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class MetricsLog:
+    steps: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+
+
+def _records(path: Path) -> tuple[list[tuple[int, str, dict]], bool]:
+    """(line number, raw line, record) for each complete line, and whether a partial tail was dropped."""
+    data = Path(path).read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    out = []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError as e:
+            raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{i}: not a JSON object")
+        out.append((i, raw.decode(), rec))
+    if tail.strip():
+        try:  # a last line missing only its newline is still a whole record
+            rec = json.loads(tail)
+            if isinstance(rec, dict):
+                out.append((len(lines) + 1, tail.decode(), rec))
+                return out, False
+        except ValueError:
+            pass
+        return out, True
+    return out, False
+
+
+def _step(rec: dict) -> int | None:
+    s = rec.get("step")
+    return s if isinstance(s, int) and not isinstance(s, bool) else None
+
+
+def truncate_after_step(path: str | Path, step: int) -> int:
+    """Drop the records logged after ``step`` (see the module docstring); returns how many went."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    recs, partial = _records(path)
+    keep = [raw for _, raw, rec in recs if _step(rec) is None or _step(rec) <= step]
+    dropped = len(recs) - len(keep)
+    if dropped == 0 and not partial:
+        return 0
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(line + "\n" for line in keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return dropped
+
+
+def read_metrics(path: str | Path) -> MetricsLog:
+    """Each training step once (last write wins, step order) and the events in file order."""
+    recs, _ = _records(Path(path))
+    steps: dict[int, dict] = {}
+    events: list[dict] = []
+    for _, _, rec in recs:
+        if "event" in rec:
+            events.append(rec)
+        elif _step(rec) is not None:
+            steps[_step(rec)] = rec
+    return MetricsLog(steps=[steps[k] for k in sorted(steps)], events=events)
