@@ -17,6 +17,7 @@ from llmc.emit import kubeflow, skypilot
 
 ROOT = Path(__file__).resolve().parents[1]
 SKY_SCHEMAS = ROOT / "tests/fixtures/cluster/skypilot-0.14.1-schemas.json"
+TRAINJOB_CRD = ROOT / "tests/fixtures/cluster/kubeflow-trainer-2.3.0-trainjob-v1alpha1.json"
 EXAMPLES = ["llama3_70b_h100x64", "llama3_405b_h100x16384", "deepseek_v3", "mixtral_8x7b"]
 
 
@@ -102,6 +103,33 @@ def test_kubeflow_trainjob_valid_and_matches_build(ex, builds):
     for var in ("PET_NNODES", "PET_NODE_RANK", "PET_NPROC_PER_NODE", "PET_MASTER_ADDR", "PET_MASTER_PORT"):
         assert f"${{{var}" in cmd
     assert "launch/torchrun_multi_node.sh" in cmd
+
+
+def closed(schema):
+    """A Kubernetes structural schema rejects unknown fields (kubectl's default strict field validation):
+    objects with ``properties`` and no ``additionalProperties`` / preserve-unknown become closed."""
+    if isinstance(schema, list):
+        return [closed(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.mark.parametrize("ex", EXAMPLES)
+def test_kubeflow_trainjob_against_published_crd_schema(ex, builds):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = closed(json.loads(TRAINJOB_CRD.read_text())["openAPIV3Schema"])
+    lock = json.loads((builds[ex] / "plan.lock.json").read_text())
+    doc = yaml.safe_load(kubeflow.files(lock)["kubeflow/trainjob.yaml"])
+    jsonschema.validate(doc, schema)
+    bad = json.loads(json.dumps(doc))
+    bad["spec"]["trainer"]["gpus"] = 8  # the schema must be able to fail
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
 
 
 def test_cpu_build_and_names(tmp_path):

@@ -112,6 +112,16 @@ def test_two_ranks_disjoint_and_cover_every_document_once(kind, tmp_path, hf_cac
     assert doc_ids(documents(src, 1, 2, start=17)) == per_rank[1][17:]
 
 
+def test_parquet_with_fewer_row_groups_than_ranks_deals_rows(tmp_path):
+    d = tmp_path / "one"
+    d.mkdir()
+    pq.write_table(pa.table({"text": [doc_text(1, i) for i in range(20)]}), d / "a.parquet")  # 1 row group
+    src = SourceRef("one", str(d), "parquet")
+    ranks = [doc_ids(documents(src, r, 3)) for r in range(3)]
+    assert ranks == [list(range(r, 20, 3)) for r in range(3)]
+    assert doc_ids(documents(src, 2, 3, start=2)) == ranks[2][2:]
+
+
 @pytest.mark.parametrize("kind", ["parquet", "jsonl", "hf_disk"])
 def test_windows_are_the_eos_packed_stream_across_epochs(kind, tmp_path, hf_cache):
     """Concatenated window inputs == tokenize(doc) + EOS over this rank's docs, epoch after epoch."""
