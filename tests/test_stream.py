@@ -241,3 +241,24 @@ def test_bad_inputs_are_clear(tmp_path):
         list(documents(SourceRef("x", src.path, "csv")))
     with pytest.raises(KeyError, match="no column"):
         list(documents(SourceRef("x", src.path, "parquet", "body")))
+
+
+def test_with_llmc_bpe_tokenizer_windows_decode_to_the_documents(tmp_path):
+    pytest.importorskip("tokenizers")
+    from llmc.runtime.data import SourceData
+    from llmc.runtime.tokenizer import TextTokenizer, train_bpe
+
+    texts = [f"document number {i}: " + "the quick brown fox " * (1 + i % 3) for i in range(30)]
+    tok = TextTokenizer(train_bpe(texts, 300, tmp_path / "tok"))
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    src = SourceRef(**vars(SourceData("docs", str(d), "jsonl", "text", 1.0)))
+    m = StreamingMixture([src], tok.encode, tok.eos_id, seq_len=16, rank=0, world=1)
+    ids: list[int] = []
+    while m.epochs()["docs"] == 0:
+        ids += m.next_window()[:-1].tolist()
+    n_eos = ids.count(tok.eos_id)
+    assert n_eos >= 29
+    decoded = tok.decode(ids).split("<|end_of_text|>")
+    assert decoded[:29] == texts[:29]

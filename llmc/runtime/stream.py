@@ -43,6 +43,12 @@ window. Resuming re-opens each source at document ``docs`` (cheap skips as above
 buffer, so the continuation is exactly what the uninterrupted run would have produced. The world size
 and seq_len must match the checkpoint (changing them would change the shards).
 
+With llmc's tokenizer the packing matches :mod:`llmc.runtime.data` (no BOS, EOS after each document)::
+
+    tok = TextTokenizer(tokenizer_dir)
+    m = StreamingMixture([SourceRef(**vars(s)) for s in assets.sources],   # data.SourceData has the same fields
+                         tok.encode, tok.eos_id, seq_len, rank=dp_rank, world=dp_size, seed=seed)
+
 There is deliberately no progress bar here (streaming is lazy; progress bars belong to prepare steps).
 """
 
