@@ -1,0 +1,140 @@
+"""SkyPilot task for a build: ``files(lock) -> {"skypilot/task.yaml": text}``.
+
+Input is the ``plan.lock.json`` dict as ``llmc build`` writes it (nothing else is read), so this emitter
+does not depend on compiler internals. The task runs the build's own multi-node launcher
+(``launch/torchrun_multi_node.sh``) on every node, mapping SkyPilot's per-node environment onto it:
+``NNODES=$SKYPILOT_NUM_NODES``, ``NODE_RANK=$SKYPILOT_NODE_RANK``, ``NPROC=$SKYPILOT_NUM_GPUS_PER_NODE``,
+``MASTER_ADDR`` = the first line of ``$SKYPILOT_NODE_IPS`` (the head node), torchrun rendezvous c10d on
+``MASTER_ADDR:MASTER_PORT``. Reference: SkyPilot "Distributed Multi-Node Jobs" and "YAML spec",
+https://docs.skypilot.co/en/latest/running-jobs/distributed-jobs.html and
+https://docs.skypilot.co/en/latest/reference/yaml-spec.html
+
+Usage (from the build directory, which becomes the task's ``workdir`` and is synced to every node)::
+
+    sky launch -c <cluster> skypilot/task.yaml [--env LLMC_PACKAGE=<pip requirement for llmc>]
+
+Shared helpers used by :mod:`llmc.emit.kubeflow` too: :class:`ClusterShape`, :func:`cluster_shape`
+(nodes x GPUs per node and the accelerator, from the lock), :func:`header` and :func:`dump_yaml`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import yaml
+
+# llmc hardware key -> SkyPilot accelerator name (``sky show-gpus -a``;
+# https://docs.skypilot.co/en/latest/compute/gpus.html). H800 is not in the public-cloud catalogs; the
+# name still schedules on Kubernetes / SSH node pools labelled with it.
+SKYPILOT_ACCELERATORS = {
+    "h100-sxm": "H100",
+    "h100-pcie": "H100",
+    "h800": "H800",
+    "h200": "H200",
+    "b200": "B200",
+    "a100-40g": "A100",
+    "a100-80g": "A100-80GB",
+    "l40s": "L40S",
+    "mi300x": "MI300X",
+}
+
+# Kubernetes extended resource per GPU vendor (NVIDIA / AMD device plugins).
+K8S_GPU_RESOURCE = {"mi300x": "amd.com/gpu"}
+K8S_GPU_RESOURCE_DEFAULT = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    name: str  # the spec's name
+    hardware_key: str  # llmc hardware key, e.g. "h100-sxm"
+    world: int  # GPUs in the job
+    gpus_per_node: int
+    num_nodes: int
+
+
+def cluster_shape(lock: dict) -> ClusterShape:
+    """Nodes x GPUs per node of the build, by the rule the build's launchers use: GPUs per node = the
+    spec's ``hardware.gpus_per_node``, else the hardware entry's, capped at the GPU count; nodes =
+    ceil(count / GPUs per node). Raises ValueError for the CPU pseudo-device (nothing to schedule)."""
+    hw = lock["hardware"]
+    key = hw["key"]
+    if key == "cpu":
+        raise ValueError("the build targets the local CPU pseudo-device; cluster manifests need GPUs")
+    res = lock["spec"]["resolved"]["hardware"]
+    world = int(res["count"])
+    gpn = max(1, min(int(res.get("gpus_per_node") or hw.get("gpus_per_node") or 8), world))
+    return ClusterShape(lock["spec"]["name"], key, world, gpn, -(-world // gpn))
+
+
+def header(lock: dict) -> list[str]:
+    """The generated-file comment lines every build artifact starts with."""
+    meta = lock.get("_llmc") or {}
+    targets = ", ".join(f"{k} {v}" for k, v in sorted((meta.get("target_versions") or {}).items()))
+    return [f"# {meta.get('generated_by', 'llmc')}: {meta.get('note', 'generated file, do not edit')}",
+            f"# targets: {targets}", f"# spec sha256: {meta.get('spec_sha256', '')}"]
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper: yaml.SafeDumper, s: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump_yaml(doc: dict) -> str:
+    """Deterministic block YAML (insertion order kept; multi-line strings as ``|`` literals)."""
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+SETUP = """set -euo pipefail
+python -m pip install --upgrade pip
+python -m pip install "$LLMC_PACKAGE"
+"""
+
+RUN = """set -euo pipefail
+export NNODES="$SKYPILOT_NUM_NODES" NODE_RANK="$SKYPILOT_NODE_RANK" NPROC="$SKYPILOT_NUM_GPUS_PER_NODE"
+export MASTER_ADDR="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
+export RUN_ID="${SKYPILOT_TASK_ID:-$RUN_ID}"
+bash launch/torchrun_multi_node.sh
+"""
+
+
+def task(lock: dict) -> dict:
+    """The SkyPilot task as a dict (what ``sky.Task.from_yaml_config`` takes)."""
+    shape = cluster_shape(lock)
+    accel = SKYPILOT_ACCELERATORS.get(shape.hardware_key)
+    if accel is None:
+        raise ValueError(f"hardware {shape.hardware_key!r} has no SkyPilot accelerator name "
+                         f"(known: {', '.join(sorted(SKYPILOT_ACCELERATORS))})")
+    version = (lock.get("_llmc") or {}).get("llmc_version") or lock.get("llmc_version")
+    return {
+        "name": shape.name,
+        "num_nodes": shape.num_nodes,
+        "resources": {"accelerators": f"{accel}:{shape.gpus_per_node}"},
+        "workdir": ".",
+        "envs": {
+            # pip requirement that installs llmc and its runtime (override with --env LLMC_PACKAGE=...)
+            "LLMC_PACKAGE": f"llmc[runtime,torchtitan]=={version}" if version else "llmc[runtime,torchtitan]",
+            "BACKEND": "native",  # or torchtitan (see launch/torchrun_multi_node.sh)
+            "MASTER_PORT": "29500",
+            "RUN_ID": shape.name,
+        },
+        "setup": SETUP,
+        "run": RUN,
+    }
+
+
+def files(lock: dict) -> dict[str, str]:
+    """``{"skypilot/task.yaml": text}`` for a GPU build; ValueError for a CPU-only one."""
+    shape = cluster_shape(lock)
+    lines = header(lock) + [
+        f"# SkyPilot task: {shape.num_nodes} node(s) x {shape.gpus_per_node} GPUs ({shape.world} in all).",
+        "# From the build directory: sky launch -c <cluster> skypilot/task.yaml",
+        "# Every node runs launch/torchrun_multi_node.sh; RUN_DIR (checkpoints, metrics) should be on storage",
+        "# shared by the nodes for resume: --env RUN_DIR=<mount>.",
+    ]
+    return {"skypilot/task.yaml": "\n".join(lines) + "\n" + dump_yaml(task(lock))}

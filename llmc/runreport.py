@@ -1,0 +1,250 @@
+"""Run report: measured training metrics vs the build's predictions, as PNG plots and one HTML page.
+
+Body of ``llmc report RUN_DIR``::
+
+    from llmc.runreport import make_report
+    paths = make_report(run_dir, lock, out_dir)   # lock: the plan.lock.json dict; returns the files written
+
+Inputs:
+
+* ``run_dir``: a run directory holding one sub-directory per stage with a ``metrics.jsonl`` (the layout
+  the launchers write: ``<build>/run/<stage>/metrics.jsonl``), or a single stage's directory with
+  ``metrics.jsonl`` directly in it. Records are those of :class:`llmc.runtime.metrics.MetricsLogger`
+  (``step, loss, lr, grad_norm, tokens, tokens_per_s, flops_per_s, mfu, peak_mem_bytes, step_s``) or of the
+  post-training loops (``stage, step, loss, ...``); event records (``"event"`` key) and a truncated last
+  line are skipped.
+* ``lock``: predictions are read from it, never recomputed: ``time.step_seconds``,
+  ``time.tokens_per_second`` and ``time.mfu`` (the searched plan, i.e. the pre-training stage) and each
+  stage's ``stages[i].memory.per_gpu_bytes`` (falling back to ``memory.per_gpu_bytes``).
+
+Outputs in ``out_dir`` (created): per stage ``<stage>-loss.png``, ``<stage>-throughput.png``,
+``<stage>-memory.png``, ``<stage>-mfu.png`` (a plot is skipped when no record has that metric), with the
+prediction drawn as a dashed horizontal line beside the measurement, and ``report.html``: a
+self-contained page (PNGs embedded as base64 data URIs) with a table of predicted vs measured values per
+stage. "Measured" is the median over the steady-state records (all but the first logged step, which
+carries start-up costs such as allocator warm-up and compilation) for step time, tokens/s and MFU, and
+the maximum for peak memory; the ratio column is measured / predicted.
+
+Plots use matplotlib's object API (``matplotlib.figure.Figure``, rendered by the Agg canvas), so no
+display and no global backend switch is needed: https://matplotlib.org/stable/users/explain/figure/backends.html
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StageMetrics:
+    """One stage's step records, as columns (None where a record lacks the field)."""
+
+    name: str
+    path: Path
+    steps: list[int]
+    columns: dict[str, list[float | None]] = field(default_factory=dict)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        col = self.columns.get(key, [])
+        pts = [(s, v) for s, v in zip(self.steps, col, strict=False) if v is not None]
+        return [s for s, _ in pts], [v for _, v in pts]
+
+    def steady(self, key: str) -> list[float]:
+        """Values after the first logged step (start-up excluded); all of them if that leaves none."""
+        steps, vals = self.series(key)
+        if not vals:
+            return []
+        rest = [v for s, v in zip(steps, vals, strict=True) if s > self.steps[0]]
+        return rest or vals
+
+
+@dataclass(frozen=True)
+class Prediction:
+    step_seconds: float | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    per_gpu_bytes: float | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the predicted-vs-measured table."""
+
+    stage: str
+    quantity: str
+    unit: str
+    predicted: float | None
+    measured: float | None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.predicted and self.measured is not None:
+            return self.measured / self.predicted
+        return None
+
+
+NUMERIC = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes", "step_s")
+
+
+def read_metrics(path: str | Path, name: str | None = None) -> StageMetrics:
+    """Step records of one ``metrics.jsonl`` (events and a truncated last line skipped), sorted by step;
+    a step logged twice (a resumed run repeats steps after its checkpoint) keeps the later record."""
+    path = Path(path)
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or "event" in rec or not isinstance(rec.get("step"), int):
+            continue
+        by_step[rec["step"]] = rec
+    steps = sorted(by_step)
+    cols: dict[str, list[float | None]] = {}
+    for key in NUMERIC:
+        vals = [by_step[s].get(key) for s in steps]
+        if any(isinstance(v, int | float) and not isinstance(v, bool) for v in vals):
+            cols[key] = [float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None for v in vals]
+    return StageMetrics(name or path.parent.name, path, steps, cols)
+
+
+def find_stages(run_dir: str | Path, lock: dict) -> list[tuple[str, Path]]:
+    """(stage name, metrics.jsonl) in the lock's stage order, then any other stage dirs by name."""
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.jsonl").is_file():
+        return [(run_dir.name, run_dir / "metrics.jsonl")]
+    order = [s["name"] for s in sorted(lock.get("stages") or [], key=lambda s: s.get("order", 0))]
+    found = {p.parent.name: p for p in sorted(run_dir.glob("*/metrics.jsonl"))}
+    names = [n for n in order if n in found] + sorted(n for n in found if n not in order)
+    return [(n, found[n]) for n in names]
+
+
+def _main_stage(lock: dict) -> str | None:
+    """The stage the lock's ``time`` block describes: the first pre-training stage."""
+    for s in sorted(lock.get("stages") or [], key=lambda s: s.get("order", 0)):
+        if s.get("kind") == "pretrain":
+            return s["name"]
+    return None
+
+
+def predictions(lock: dict, stage: str) -> Prediction:
+    st = next((s for s in lock.get("stages") or [] if s.get("name") == stage), None)
+    mem = ((st or {}).get("memory") or {}).get("per_gpu_bytes")
+    main = _main_stage(lock)
+    if mem is None and (st is None or stage == main):
+        mem = (lock.get("memory") or {}).get("per_gpu_bytes")
+    t = lock.get("time") or {}
+    if stage == main or (main is None and st is None):
+        return Prediction(t.get("step_seconds"), t.get("tokens_per_second"), t.get("mfu"), mem)
+    return Prediction(per_gpu_bytes=mem)
+
+
+def table(stages: list[StageMetrics], lock: dict) -> list[Row]:
+    rows = []
+    for sm in stages:
+        p = predictions(lock, sm.name)
+        med = {k: (statistics.median(sm.steady(k)) if sm.steady(k) else None) for k in ("step_s", "tokens_per_s", "mfu")}
+        mem = max(sm.series("peak_mem_bytes")[1], default=None)
+        rows += [Row(sm.name, "step time", "s", p.step_seconds, med["step_s"]),
+                 Row(sm.name, "throughput", "tokens/s", p.tokens_per_s, med["tokens_per_s"]),
+                 Row(sm.name, "MFU", "%", p.mfu * 100 if p.mfu is not None else None,
+                     med["mfu"] * 100 if med["mfu"] is not None else None),
+                 Row(sm.name, "peak memory per GPU", "GiB", p.per_gpu_bytes / 2**30 if p.per_gpu_bytes else None,
+                     mem / 2**30 if mem is not None else None)]
+    return rows
+
+
+# (file suffix, metric key, title, y label, scale, prediction attribute)
+PLOTS = (
+    ("loss", "loss", "training loss", "loss", 1.0, None),
+    ("throughput", "tokens_per_s", "throughput", "tokens/s", 1.0, "tokens_per_s"),
+    ("memory", "peak_mem_bytes", "peak memory per GPU", "GiB", 1 / 2**30, "per_gpu_bytes"),
+    ("mfu", "mfu", "model FLOPs utilisation", "MFU (%)", 100.0, "mfu"),
+)
+
+
+def _plot(sm: StageMetrics, key: str, title: str, ylabel: str, scale: float, pred: float | None,
+          path: Path) -> bool:
+    from matplotlib.figure import Figure
+
+    steps, vals = sm.series(key)
+    if not vals:
+        return False
+    fig = Figure(figsize=(7.0, 3.6), dpi=110)
+    ax = fig.add_subplot()
+    ax.plot(steps, [v * scale for v in vals], marker="." if len(vals) < 60 else None, lw=1.4, color="C0",
+            label="measured")
+    if pred is not None:
+        ax.axhline(pred * scale, color="C3", ls="--", lw=1.4, label=f"predicted ({_num(pred * scale)})")
+    if key == "loss" and min(vals) > 0 and max(vals) / min(vals) > 20:
+        ax.set_yscale("log")
+    ax.set_title(f"{sm.name}: {title}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    return True
+
+
+def _num(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4g}"
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "&ndash;"
+    return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+
+
+def _html(title: str, rows: list[Row], images: list[Path]) -> str:
+    trs = "\n".join(
+        f"<tr><td>{html.escape(r.stage)}</td><td>{html.escape(r.quantity)}</td><td>{html.escape(r.unit)}</td>"
+        f"<td>{_fmt(r.predicted)}</td><td>{_fmt(r.measured)}</td>"
+        f"<td>{'&ndash;' if r.ratio is None else f'{r.ratio:.2f}&times;'}</td></tr>" for r in rows)
+    imgs = "\n".join(
+        f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode("ascii")}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
+        for p in images)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:nth-child(-n+3),th:nth-child(-n+3){{text-align:left}}
+figure{{display:inline-block;margin:8px}}img{{max-width:100%}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p>Predicted: from plan.lock.json. Measured: median of the steps after the first logged one
+(peak memory: maximum). Ratio: measured / predicted.</p>
+<table><tr><th>stage</th><th>quantity</th><th>unit</th><th>predicted</th><th>measured</th><th>ratio</th></tr>
+{trs}
+</table>
+{imgs}
+</body></html>
+"""
+
+
+def make_report(run_dir: str | Path, lock: dict, out_dir: str | Path) -> list[Path]:
+    """Write the PNGs and ``report.html`` for every stage found under ``run_dir``; return their paths
+    (PNGs in stage then plot order, the HTML last). Raises FileNotFoundError when no metrics exist."""
+    found = find_stages(run_dir, lock)
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (run a stage first)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = [read_metrics(p, name) for name, p in found]
+    pngs: list[Path] = []
+    for sm in stages:
+        p = predictions(lock, sm.name)
+        for suffix, key, title, ylabel, scale, attr in PLOTS:
+            path = out / f"{sm.name}-{suffix}.png"
+            if _plot(sm, key, title, ylabel, scale, getattr(p, attr) if attr else None, path):
+                pngs.append(path)
+    name = (lock.get("spec") or {}).get("name") or Path(run_dir).name
+    page = out / "report.html"
+    page.write_text(_html(f"llmc run report: {name}", table(stages, lock), pngs), encoding="utf-8")
+    return [*pngs, page]

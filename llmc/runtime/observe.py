@@ -1,0 +1,192 @@
+"""Run observability: TensorBoard event files, Weights & Biases (offline by default) and a progress line
+with ETA, beside the ``metrics.jsonl`` that :class:`llmc.runtime.metrics.MetricsLogger` writes.
+
+API (rank 0 constructs it with ``enabled=True``; other ranks with ``enabled=False``, which makes every
+call a no-op)::
+
+    log = RunLogger(out_dir, total_steps=500, tokens_per_step=4096, run_name="tiny-cpu",
+                    config={"spec": ...}, tensorboard=True, wandb="auto", project="llmc")
+    log.log({"step": 10, "loss": 3.2, "lr": 1e-3, "tokens_per_s": 5e4, "mfu": 0.31, ...})
+    log.event("checkpoint", step=10, path="...")
+    log.close()
+
+``log(rec)`` takes the same record as ``MetricsLogger.log`` (so a trainer can call both, or hand its
+``MetricsLogger`` in as ``metrics=`` and let this write ``metrics.jsonl`` through it). Every numeric field
+except ``step`` becomes a scalar ``train/<field>`` at global step ``rec["step"]`` (None, booleans and
+strings are skipped), in:
+
+* TensorBoard: ``<out_dir>/tensorboard/events.out.tfevents.*`` via ``torch.utils.tensorboard.
+  SummaryWriter`` (needs the ``tensorboard`` package; https://pytorch.org/docs/stable/tensorboard.html).
+* W&B: ``wandb.init(project, name, dir=out_dir, config, mode=...)`` then ``run.log(scalars, step=step)``.
+  ``wandb="auto"`` uses W&B when the package is importable and skips it cleanly otherwise; the mode is
+  ``$WANDB_MODE`` when set, else ``wandb_mode`` (default ``"offline"``: files under ``<out_dir>/wandb``,
+  upload later with ``wandb sync``). ``wandb=False`` or ``WANDB_MODE=disabled`` turns it off.
+
+Progress: :meth:`RunLogger.progress` returns a :class:`Progress` (steps done/total, tokens/s, the moving
+average step time over the last ``window`` logged intervals, ETA = remaining steps x that average) and
+``log`` prints it as one line (``echo=True``). The step time of an interval is the wall-clock time
+between two ``log`` calls divided by the steps between them (so it includes data loading, logging and
+checkpointing, which is what the ETA must cover); ``rec["step_s"]`` is not used for the ETA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TAG_PREFIX = "train/"
+
+
+def format_duration(seconds: float | None) -> str:
+    """``3725.2`` -> ``"1:02:05"``; days shown as ``"2d 03:04:05"``; unknown -> ``"?"``."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(round(max(0.0, seconds)))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return f"{d}d {h:02d}:{m:02d}:{s:02d}" if d else f"{h}:{m:02d}:{s:02d}"
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total_steps: int
+    tokens_per_s: float | None  # tokens_per_step / avg_step_s when tokens_per_step is known, else the record's
+    avg_step_s: float | None  # moving average over the last `window` intervals; None before two log calls
+    eta_s: float | None
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 0.0
+
+    def line(self) -> str:
+        tps = f"  {self.tokens_per_s:,.0f} tok/s" if self.tokens_per_s else ""
+        st = f"  {self.avg_step_s:.3f} s/step" if self.avg_step_s else ""
+        return (f"[{self.step}/{self.total_steps} {self.fraction * 100:5.1f}%]{tps}{st}  "
+                f"ETA {format_duration(self.eta_s)}")
+
+
+def scalars_of(rec: Mapping[str, Any]) -> dict[str, float]:
+    """The loggable scalars of a metrics record: its int/float fields as floats, except ``step`` and bools."""
+    out = {}
+    for k, v in rec.items():
+        if k == "step" or isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        out[k] = float(v)
+    return out
+
+
+class RunLogger:
+    """TensorBoard + W&B + progress/ETA for one stage; see the module docstring."""
+
+    def __init__(self, out_dir: str | Path, *, total_steps: int, tokens_per_step: int | None = None,
+                 run_name: str | None = None, config: Mapping[str, Any] | None = None,
+                 tensorboard: bool = True, wandb: bool | str = "auto", project: str = "llmc",
+                 wandb_mode: str = "offline", metrics=None, enabled: bool = True, echo: bool = True,
+                 window: int = 20, clock: Callable[[], float] = time.monotonic):
+        self.enabled, self.echo = enabled, echo
+        self.out_dir = Path(out_dir)
+        self.total_steps, self.tokens_per_step = int(total_steps), tokens_per_step
+        self.metrics = metrics  # an llmc.runtime.metrics.MetricsLogger, or None
+        self.clock = clock
+        self._intervals: deque[float] = deque(maxlen=max(1, window))
+        self._last: tuple[int, float] | None = None
+        self._last_tps: float | None = None
+        self.tb = None
+        self.wandb_run = None
+        self.wandb_skipped: str | None = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # raises if `tensorboard` is not installed
+
+            self.tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            if config:
+                self.tb.add_text("config", "```\n" + _pretty(config) + "\n```", 0)
+        mode = os.environ.get("WANDB_MODE", wandb_mode)
+        if wandb is False or mode == "disabled":
+            self.wandb_skipped = "disabled"
+        else:
+            try:
+                import wandb as wandb_lib
+            except ImportError:
+                if wandb is True:
+                    raise
+                self.wandb_skipped = "wandb is not installed"
+            else:
+                self.wandb_run = wandb_lib.init(project=project, name=run_name, dir=str(self.out_dir),
+                                                config=dict(config or {}), mode=mode)
+
+    # -- progress ---------------------------------------------------------------------------------
+    def _tick(self, step: int, rec: Mapping[str, Any]) -> None:
+        now = self.clock()
+        if self._last is not None and step > self._last[0]:
+            self._intervals.append((now - self._last[1]) / (step - self._last[0]))
+        self._last = (step, now)
+        if isinstance(rec.get("tokens_per_s"), int | float):
+            self._last_tps = float(rec["tokens_per_s"])
+
+    def progress(self) -> Progress:
+        step = self._last[0] if self._last else 0
+        avg = sum(self._intervals) / len(self._intervals) if self._intervals else None
+        eta = (self.total_steps - step) * avg if avg is not None else None
+        tps = self.tokens_per_step / avg if (avg and self.tokens_per_step) else self._last_tps
+        return Progress(step, self.total_steps, tps, avg, eta)
+
+    # -- logging ----------------------------------------------------------------------------------
+    def log(self, rec: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.metrics is not None:
+            self.metrics.log(dict(rec))
+        if "event" in rec or "step" not in rec:
+            if self.echo and self.metrics is None:
+                print({k: v for k, v in rec.items()}, flush=True)
+            return
+        step = int(rec["step"])
+        self._tick(step, rec)
+        scalars = scalars_of(rec)
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(TAG_PREFIX + k, v, global_step=step)
+        if self.wandb_run is not None:
+            self.wandb_run.log({TAG_PREFIX + k: v for k, v in scalars.items()}, step=step, commit=True)
+        if self.echo:
+            loss = f"  loss {rec['loss']:.4f}" if isinstance(rec.get("loss"), int | float) else ""
+            print(self.progress().line() + loss, flush=True)
+
+    def event(self, event_name: str, /, **kw: Any) -> None:
+        self.log({"event": event_name, **kw})
+
+    def flush(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+            self.tb = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _pretty(config: Mapping[str, Any]) -> str:
+    import json
+
+    return json.dumps(config, indent=2, sort_keys=True, default=str)

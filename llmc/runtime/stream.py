@@ -1,0 +1,302 @@
+"""Streamed, rank-sharded, packed token windows over a weighted mixture of local sources, read in place.
+
+Nothing is pre-tokenised or copied: documents are read from the source files as training asks for them,
+tokenised on the fly by a callable, joined as ``doc EOS doc EOS ...`` and cut into windows of
+``seq_len + 1`` tokens (stride ``seq_len``: inputs = w[:-1], labels = w[1:], so concatenating the
+inputs of consecutive windows of one source gives back its token stream exactly).
+
+Public API::
+
+    SourceRef(name, path, format="jsonl", text_field="text", weight=1.0)
+    m = StreamingMixture(sources, tokenize, eos_id, seq_len, rank=0, world=1, seed=0)
+    for window in m: ...                      # torch.LongTensor (seq_len + 1,), endless
+    inputs, labels = m.next_batch(mb)         # (mb, seq_len) int64 each, like data.PackedLoader
+    state = m.state_dict(); m2.load_state_dict(state)   # exact continuation (JSON-serialisable)
+    m.epochs()                                # {source name: completed passes over this rank's shard}
+
+Formats and how rank ``r`` of ``w`` gets a disjoint share of each source:
+
+* ``parquet``: a file, directory or glob of ``.parquet`` files. The unit is the row group (sorted
+  files, row groups in file order); unit ``i`` goes to rank ``i % w``. With fewer row groups than ranks
+  it falls back to rows (global row ``j`` -> rank ``j % w``). Read with ``pyarrow.parquet.ParquetFile.
+  iter_batches`` (only the text column, a few hundred rows at a time); resume skips whole row groups
+  using the footer's row counts.
+* ``jsonl``: by line: the ``k``-th non-blank line over the sorted files goes to rank ``k % w``; other
+  ranks' lines are skipped without being parsed.
+* ``text``: one document per file; file ``i`` goes to rank ``i % w``.
+* ``hf``: a local Hugging Face ``datasets`` dataset: a ``save_to_disk`` directory (opened memory-mapped
+  with ``datasets.load_from_disk`` and streamed with ``Dataset.to_iterable_dataset``), or a folder of
+  parquet / jsonl files opened with ``datasets.load_dataset(<builder>, data_files=..., streaming=True)``.
+  Ranks are split by ``datasets.distributed.split_dataset_by_node`` (whole shards when the shard count
+  divides by ``w``, else every ``w``-th example), the library's maintained tool for this:
+  https://huggingface.co/docs/datasets/en/use_with_pytorch#distributed
+
+Mixture: each window's source is drawn with probability ``weight_i / sum(weights)`` by a
+``numpy.random.Generator`` (PCG64) seeded with ``(seed, rank)``, so every rank's sequence is
+deterministic and ranks differ. A source that reaches the end of this rank's shard starts over
+(``epoch`` += 1), carrying its partial window across the boundary, so no token is dropped.
+
+State (``state_dict()``, plain JSON): ``{"version", "seed", "seq_len", "rank", "world", "samples",
+"rng": <PCG64 state>, "sources": [{"name", "epoch", "docs", "buffer"}]}`` where ``docs`` is the number
+of this rank's documents of the current epoch already tokenised and ``buffer`` the tokens not yet in a
+window. Resuming re-opens each source at document ``docs`` (cheap skips as above) and continues from the
+buffer, so the continuation is exactly what the uninterrupted run would have produced. The world size
+and seq_len must match the checkpoint (changing them would change the shards).
+
+With llmc's tokenizer the packing matches :mod:`llmc.runtime.data` (no BOS, EOS after each document)::
+
+    tok = TextTokenizer(tokenizer_dir)
+    m = StreamingMixture([SourceRef(**vars(s)) for s in assets.sources],   # data.SourceData has the same fields
+                         tok.encode, tok.eos_id, seq_len, rank=dp_rank, world=dp_size, seed=seed)
+
+There is deliberately no progress bar here (streaming is lazy; progress bars belong to prepare steps).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMATS = ("parquet", "jsonl", "text", "hf")
+_SUFFIXES = {"text": (".txt", ".md", ".text"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """One data source, read in place. ``format`` is one of :data:`FORMATS`."""
+
+    name: str
+    path: str
+    format: str = "jsonl"
+    text_field: str = "text"
+    weight: float = 1.0
+
+
+def _files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes]
+    else:
+        files = [Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file()]
+    if not files:
+        raise FileNotFoundError(f"data source {path}: no {'/'.join(suffixes)} files found")
+    return sorted(files)
+
+
+# -- per-format document readers: this rank's documents, starting at shard position `start` ----------
+
+def _parquet_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    units = []  # (file, row_group, num_rows)
+    for f in _files(src.path, _SUFFIXES["parquet"]):
+        md = pq.ParquetFile(f).metadata
+        units += [(f, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
+
+    def column(f: Path, g: int, first_row: int = 0) -> Iterator[str]:
+        pf = pq.ParquetFile(f)
+        if src.text_field not in pf.schema_arrow.names:
+            raise KeyError(f"{f}: no column {src.text_field!r} (set text_field on the source)")
+        seen = 0
+        for batch in pf.iter_batches(batch_size=256, row_groups=[g], columns=[src.text_field]):
+            vals = batch.column(0).to_pylist()
+            if seen + len(vals) <= first_row:
+                seen += len(vals)
+                continue
+            for v in vals[max(0, first_row - seen):]:
+                yield "" if v is None else str(v)
+            seen += len(vals)
+
+    if len(units) >= world:  # whole row groups per rank; skip by footer row counts
+        mine = [u for i, u in enumerate(units) if i % world == rank]
+        for f, g, n in mine:
+            if start >= n:
+                start -= n
+                continue
+            yield from column(f, g, start)
+            start = 0
+    else:  # fewer row groups than ranks: deal rows
+        rows = (d for f, g, _ in units for d in column(f, g))
+        yield from islice(islice(rows, rank, None, world), start, None)
+
+
+def _jsonl_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
+    k = 0  # index of the non-blank line over all files
+    mine = 0  # this rank's documents so far
+    for f in _files(src.path, _SUFFIXES["jsonl"]):
+        with open(f, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                take = k % world == rank
+                k += 1
+                if not take:
+                    continue
+                mine += 1
+                if mine <= start:
+                    continue  # resume: skipped without parsing
+                rec = json.loads(line)
+                if src.text_field not in rec:
+                    raise KeyError(f"{f}:{n}: no field {src.text_field!r} (set text_field on the source)")
+                yield str(rec[src.text_field])
+
+
+def _text_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
+    files = _files(src.path, _SUFFIXES["text"])[rank::world]
+    for f in files[start:]:
+        yield f.read_text(encoding="utf-8", errors="replace")
+
+
+def _hf_dataset(src: SourceRef, rank: int, world: int):
+    """The rank's ``datasets.IterableDataset`` for a local dataset (never copied, never downloaded)."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    p = Path(src.path)
+    if (p / "state.json").exists() or (p / "dataset_dict.json").exists():  # save_to_disk layout
+        ds = datasets.load_from_disk(str(p))  # memory-mapped Arrow files, read in place
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ValueError(f"{p}: a DatasetDict without a 'train' split ({sorted(ds)})")
+            ds = ds["train"]
+        # `world` shards (when there are enough rows) so split_dataset_by_node hands out whole shards
+        ids = ds.to_iterable_dataset(num_shards=world if len(ds) >= world else 1)
+    else:
+        files = _files(p, _SUFFIXES["parquet"] + _SUFFIXES["jsonl"])
+        kinds = {f.suffix for f in files}
+        if len(kinds) > 1:
+            raise ValueError(f"{p}: mixes {sorted(kinds)} files; use one format per source")
+        builder = "parquet" if files[0].suffix == ".parquet" else "json"
+        ids = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
+    return split_dataset_by_node(ids, rank=rank, world_size=world)
+
+
+def _hf_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
+    ds = _hf_dataset(src, rank, world).select_columns([src.text_field])
+    for rec in islice(iter(ds), start, None):
+        v = rec[src.text_field]
+        yield "" if v is None else str(v)
+
+
+_READERS = {"parquet": _parquet_docs, "jsonl": _jsonl_docs, "text": _text_docs, "hf": _hf_docs}
+
+
+def documents(src: SourceRef, rank: int = 0, world: int = 1, start: int = 0) -> Iterator[str]:
+    """This rank's documents of ``src`` in shard order, from position ``start`` (one epoch)."""
+    if src.format not in _READERS:
+        raise ValueError(f"data source {src.name!r}: format {src.format!r} is not streamable ({', '.join(FORMATS)})")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    return _READERS[src.format](src, rank, world, start)
+
+
+class _SourceStream:
+    """One source's token stream for one rank: documents -> tokens + EOS -> windows, across epochs."""
+
+    def __init__(self, src: SourceRef, tokenize: Callable[[str], list[int]], eos_id: int, seq_len: int,
+                 rank: int, world: int):
+        self.src, self.tokenize, self.eos_id, self.seq_len = src, tokenize, eos_id, seq_len
+        self.rank, self.world = rank, world
+        self.epoch, self.docs = 0, 0
+        self.buffer: list[int] = []
+        self._it: Iterator[str] | None = None
+
+    def _open(self) -> None:
+        self._it = documents(self.src, self.rank, self.world, self.docs)
+
+    def next_window(self) -> list[int]:
+        need = self.seq_len + 1
+        fresh_epoch = self.docs == 0
+        while len(self.buffer) < need:
+            if self._it is None:
+                self._open()
+            doc = next(self._it, None)
+            if doc is None:
+                if fresh_epoch and self.docs == 0:
+                    raise ValueError(f"data source {self.src.name!r}: rank {self.rank} of {self.world} has no "
+                                     f"documents (fewer files/row groups/lines than ranks?)")
+                self.epoch, self.docs, self._it = self.epoch + 1, 0, None
+                fresh_epoch = True
+                continue
+            self.buffer.extend(self.tokenize(doc))
+            self.buffer.append(self.eos_id)  # EOS separates packed documents
+            self.docs += 1
+        window = self.buffer[:need]
+        del self.buffer[:self.seq_len]  # stride seq_len: the last label is the next window's first input
+        return window
+
+    def state(self) -> dict:
+        return {"name": self.src.name, "epoch": self.epoch, "docs": self.docs, "buffer": list(self.buffer)}
+
+    def restore(self, st: dict) -> None:
+        self.epoch, self.docs, self.buffer = int(st["epoch"]), int(st["docs"]), [int(t) for t in st["buffer"]]
+        self._it = None  # re-opened lazily at `docs`
+
+
+class StreamingMixture:
+    """Endless iterable of ``seq_len + 1`` token windows for one rank; see the module docstring."""
+
+    def __init__(self, sources: list[SourceRef], tokenize: Callable[[str], list[int]], eos_id: int, seq_len: int,
+                 rank: int = 0, world: int = 1, seed: int = 0):
+        if not sources:
+            raise ValueError("need at least one data source")
+        if len({s.name for s in sources}) != len(sources):
+            raise ValueError("data source names must be unique")
+        w = np.asarray([s.weight for s in sources], dtype=np.float64)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError("source weights must be >= 0 and not all zero")
+        if seq_len < 1 or not 0 <= rank < world:
+            raise ValueError(f"bad seq_len={seq_len} or rank={rank} of world={world}")
+        self.sources, self.seq_len, self.rank, self.world, self.seed = sources, seq_len, rank, world, seed
+        self.probs = w / w.sum()
+        self.streams = [_SourceStream(s, tokenize, eos_id, seq_len, rank, world) for s in sources]
+        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
+        self.samples = 0
+        self.last_source: int | None = None
+
+    def next_window(self) -> torch.Tensor:
+        i = int(self.rng.choice(len(self.streams), p=self.probs))
+        window = self.streams[i].next_window()
+        self.samples += 1
+        self.last_source = i
+        return torch.tensor(window, dtype=torch.int64)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            yield self.next_window()
+
+    def next_batch(self, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (inputs, labels), each (micro_batch, seq_len) int64."""
+        arr = torch.stack([self.next_window() for _ in range(micro_batch)])
+        return arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
+
+    def epochs(self) -> dict[str, int]:
+        """Completed passes over this rank's shard, per source."""
+        return {s.src.name: s.epoch for s in self.streams}
+
+    def state_dict(self) -> dict:
+        return {"version": 1, "seed": self.seed, "seq_len": self.seq_len, "rank": self.rank, "world": self.world,
+                "samples": self.samples, "rng": self.rng.bit_generator.state,
+                "sources": [s.state() for s in self.streams]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seq_len", "world", "rank", "seed"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"{key} changed since the checkpoint ({state[key]} -> {getattr(self, key)}); "
+                                 "the data position would not match")
+        names = [s["name"] for s in state["sources"]]
+        if names != [s.name for s in self.sources]:
+            raise ValueError(f"data sources changed since the checkpoint: {names}")
+        for stream, st in zip(self.streams, state["sources"], strict=True):
+            stream.restore(st)
+        self.rng.bit_generator.state = state["rng"]
+        self.samples = int(state["samples"])

@@ -1,0 +1,143 @@
+"""Cluster manifests from built locks: SkyPilot task YAML (validated against SkyPilot's own JSON schemas,
+and by ``sky.Task.from_yaml_config`` when skypilot is installed) and Kubeflow Trainer v2 TrainJob
+(validated by the ``kubeflow-trainer-api`` models), for the multi-node examples."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmc.emit import kubeflow, skypilot
+
+ROOT = Path(__file__).resolve().parents[1]
+SKY_SCHEMAS = ROOT / "tests/fixtures/cluster/skypilot-0.14.1-schemas.json"
+TRAINJOB_CRD = ROOT / "tests/fixtures/cluster/kubeflow-trainer-2.3.0-trainjob-v1alpha1.json"
+EXAMPLES = ["llama3_70b_h100x64", "llama3_405b_h100x16384", "deepseek_v3", "mixtral_8x7b"]
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for ex in EXAMPLES:
+        d = tmp_path_factory.mktemp(ex)
+        subprocess.run([sys.executable, "-m", "llmc.cli", "build", str(ROOT / f"examples/{ex}.yaml"), "-o", str(d)],
+                       check=True, cwd=ROOT, capture_output=True)
+        out[ex] = d
+    return out
+
+
+def expected_shape(ex: str, build: Path) -> tuple[int, int]:
+    """(nodes, GPUs per node) from the spec YAML and the build's Slurm script, independently of the emitter."""
+    hw = yaml.safe_load((ROOT / f"examples/{ex}.yaml").read_text())["hardware"]
+    sbatch = (build / "launch/slurm.sbatch").read_text()
+    nodes = int(re.search(r"#SBATCH --nodes=(\d+)", sbatch).group(1))
+    gpn = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", sbatch).group(1))
+    assert nodes * gpn == int(hw["count"])
+    return nodes, gpn
+
+
+@pytest.mark.parametrize("ex", EXAMPLES)
+def test_skypilot_task_valid_and_matches_build(ex, builds):
+    jsonschema = pytest.importorskip("jsonschema")
+    lock = json.loads((builds[ex] / "plan.lock.json").read_text())
+    files = skypilot.files(lock)
+    assert list(files) == ["skypilot/task.yaml"]
+    text = files["skypilot/task.yaml"]
+    assert text.startswith("# llmc ") and lock["_llmc"]["spec_sha256"] in text
+    doc = yaml.safe_load(text)
+    schemas = json.loads(SKY_SCHEMAS.read_text())
+    jsonschema.validate(doc, schemas["task"])
+    jsonschema.validate(doc["resources"], schemas["resources"])
+
+    nodes, gpn = expected_shape(ex, builds[ex])
+    assert doc["num_nodes"] == nodes
+    name, count = doc["resources"]["accelerators"].split(":")
+    assert int(count) == gpn
+    assert name == {"h100-sxm": "H100", "h800": "H800"}[lock["hardware"]["key"]]
+    run = doc["run"]
+    for var in ("SKYPILOT_NUM_NODES", "SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_GPUS_PER_NODE"):
+        assert f"${var}" in run
+    assert "launch/torchrun_multi_node.sh" in run and (builds[ex] / "launch/torchrun_multi_node.sh").exists()
+    # the launcher reads exactly the variables the task sets
+    launcher = (builds[ex] / "launch/torchrun_multi_node.sh").read_text()
+    for var in ("NNODES", "NODE_RANK", "NPROC", "MASTER_ADDR", "MASTER_PORT", "RUN_ID"):
+        assert f"${{{var}" in launcher and (f"{var}=" in run or var in doc["envs"])
+    assert skypilot.files(lock) == files  # deterministic
+
+
+@pytest.mark.parametrize("ex", EXAMPLES)
+def test_skypilot_task_loads_in_skypilot(ex, builds):
+    sky = pytest.importorskip("sky")
+    lock = json.loads((builds[ex] / "plan.lock.json").read_text())
+    task = sky.Task.from_yaml_config(yaml.safe_load(skypilot.files(lock)["skypilot/task.yaml"]))
+    nodes, gpn = expected_shape(ex, builds[ex])
+    assert task.num_nodes == nodes
+    assert list(task.resources)[0].accelerators == {skypilot.SKYPILOT_ACCELERATORS[lock["hardware"]["key"]]: gpn}
+
+
+@pytest.mark.parametrize("ex", EXAMPLES)
+def test_kubeflow_trainjob_valid_and_matches_build(ex, builds):
+    api = pytest.importorskip("kubeflow_trainer_api.models")
+    lock = json.loads((builds[ex] / "plan.lock.json").read_text())
+    files = kubeflow.files(lock)
+    assert list(files) == ["kubeflow/trainjob.yaml"]
+    doc = yaml.safe_load(files["kubeflow/trainjob.yaml"])
+    job = api.TrainerV1alpha1TrainJob.from_dict(doc)
+    # the generated models drop unknown fields: a lossless round trip means every field is part of the API
+    assert job.to_dict() == doc
+    assert job.api_version == "trainer.kubeflow.org/v1alpha1" and job.kind == "TrainJob"
+    assert job.spec.runtime_ref.name == "torch-distributed"
+    nodes, gpn = expected_shape(ex, builds[ex])
+    assert job.spec.trainer.num_nodes == nodes
+    assert job.spec.trainer.num_proc_per_node == gpn
+    assert doc["spec"]["trainer"]["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": str(gpn)}
+    name = job.metadata.name
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 40  # DNS-1035 label
+    cmd = job.spec.trainer.args[0]
+    for var in ("PET_NNODES", "PET_NODE_RANK", "PET_NPROC_PER_NODE", "PET_MASTER_ADDR", "PET_MASTER_PORT"):
+        assert f"${{{var}" in cmd
+    assert "launch/torchrun_multi_node.sh" in cmd
+
+
+def closed(schema):
+    """A Kubernetes structural schema rejects unknown fields (kubectl's default strict field validation):
+    objects with ``properties`` and no ``additionalProperties`` / preserve-unknown become closed."""
+    if isinstance(schema, list):
+        return [closed(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.mark.parametrize("ex", EXAMPLES)
+def test_kubeflow_trainjob_against_published_crd_schema(ex, builds):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = closed(json.loads(TRAINJOB_CRD.read_text())["openAPIV3Schema"])
+    lock = json.loads((builds[ex] / "plan.lock.json").read_text())
+    doc = yaml.safe_load(kubeflow.files(lock)["kubeflow/trainjob.yaml"])
+    jsonschema.validate(doc, schema)
+    bad = json.loads(json.dumps(doc))
+    bad["spec"]["trainer"]["gpus"] = 8  # the schema must be able to fail
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_cpu_build_and_names(tmp_path):
+    subprocess.run([sys.executable, "-m", "llmc.cli", "build", str(ROOT / "examples/tiny_cpu.yaml"), "-o",
+                    str(tmp_path)], check=True, cwd=ROOT, capture_output=True)
+    lock = json.loads((tmp_path / "plan.lock.json").read_text())
+    for mod in (skypilot, kubeflow):
+        with pytest.raises(ValueError, match="CPU"):
+            mod.files(lock)
+    assert kubeflow.k8s_name("llama3.1-405b-h100x16384") == "llama3-1-405b-h100x16384"
+    assert kubeflow.k8s_name("7B_Model") == "llmc-7b-model"

@@ -1,0 +1,127 @@
+"""RunLogger (llmc.runtime.observe): TensorBoard events read back by TensorBoard's own reader, W&B offline
+files, wandb-less fallback, moving-average ETA, metrics.jsonl pass-through."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("tensorboard")
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from llmc.runtime.metrics import MetricsLogger  # noqa: E402
+from llmc.runtime.observe import RunLogger, format_duration, scalars_of  # noqa: E402
+
+
+def records(n: int = 12) -> list[dict]:
+    return [{"step": s, "loss": 7.0 * math.exp(-0.2 * s) + 0.125, "lr": 1e-3 * s / n, "grad_norm": 1.5 / s,
+             "tokens_per_s": 1000.0 + 10 * s, "mfu": None if s % 2 else 0.25 + s / 1000,
+             "peak_mem_bytes": 2**30 + s, "note": "text is skipped", "skipped": False}
+            for s in range(1, n + 1)]
+
+
+class FakeClock:
+    def __init__(self, times):
+        self.times = iter(times)
+
+    def __call__(self):
+        return next(self.times)
+
+
+def test_tensorboard_scalars_read_back_equal(tmp_path, capsys):
+    recs = records()
+    with RunLogger(tmp_path, total_steps=12, wandb=False, config={"name": "t"}) as log:
+        for r in recs:
+            log.log(r)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert tags == {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu",
+                    "train/peak_mem_bytes"}
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes"):
+        got = [(e.step, e.value) for e in acc.Scalars("train/" + key)]
+        want = [(r["step"], r[key]) for r in recs]
+        assert [s for s, _ in got] == [s for s, _ in want]
+        for (_, a), (_, b) in zip(got, want, strict=True):
+            assert a == pytest.approx(b, rel=1e-6)  # stored as float32
+    assert [e.step for e in acc.Scalars("train/mfu")] == [r["step"] for r in recs if r["mfu"] is not None]
+    assert "ETA" in capsys.readouterr().out
+
+
+def test_eta_is_remaining_steps_times_moving_average(tmp_path):
+    # log at steps 0, 10, 20, 30, 40 at times 0, 5, 15, 20, 30 -> per-step 0.5, 1.0, 0.5, 1.0
+    clock = FakeClock([100.0, 105.0, 115.0, 120.0, 130.0])
+    log = RunLogger(tmp_path, total_steps=100, tokens_per_step=4096, tensorboard=False, wandb=False,
+                    echo=False, window=3, clock=clock)
+    assert log.progress().eta_s is None
+    for s in (0, 10, 20, 30, 40):
+        log.log({"step": s, "loss": 1.0})
+    p = log.progress()
+    avg = (1.0 + 0.5 + 1.0) / 3  # the last 3 intervals only
+    assert p.avg_step_s == pytest.approx(avg)
+    assert p.eta_s == pytest.approx(60 * avg)
+    assert p.tokens_per_s == pytest.approx(4096 / avg)
+    assert p.line().startswith("[40/100  40.0%]") and "ETA 0:00:50" in p.line()
+    assert format_duration(3725.2) == "1:02:05" and format_duration(2 * 86400 + 3) == "2d 00:00:03"
+    assert format_duration(None) == "?"
+
+
+def test_metrics_jsonl_pass_through_and_disabled_rank(tmp_path):
+    m = MetricsLogger(tmp_path / "metrics.jsonl", echo=False)
+    log = RunLogger(tmp_path, total_steps=3, tensorboard=False, wandb=False, metrics=m, echo=False)
+    for r in records(3):
+        log.log(r)
+    log.event("checkpoint", step=3)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x.get("step") for x in lines] == [1, 2, 3, 3] and lines[-1]["event"] == "checkpoint"
+    off = RunLogger(tmp_path / "rank1", total_steps=3, enabled=False)
+    off.log(records(1)[0])
+    off.close()
+    assert not (tmp_path / "rank1").exists()
+    assert scalars_of({"step": 1, "a": 2, "b": None, "c": True, "d": "x"}) == {"a": 2.0}
+
+
+def test_wandb_missing_is_skipped_cleanly(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **kw):
+        if name == "wandb" or name.startswith("wandb."):
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    log = RunLogger(tmp_path, total_steps=2, tensorboard=False, echo=False)
+    assert log.wandb_run is None and log.wandb_skipped == "wandb is not installed"
+    log.log(records(1)[0])
+    log.close()
+    with pytest.raises(ImportError):
+        RunLogger(tmp_path, total_steps=2, tensorboard=False, wandb=True)
+
+
+def test_wandb_offline_run_written(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recs = records(4)
+    log = RunLogger(tmp_path, total_steps=4, tensorboard=False, echo=False, run_name="unit", config={"a": 1})
+    for r in recs:
+        log.log(r)
+    run = log.wandb_run
+    assert run is not None and run.offline
+    assert run.summary["train/loss"] == pytest.approx(recs[-1]["loss"])
+    log.close()
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1 and b"train/loss" in files[0].read_bytes()
+
+
+def test_wandb_disabled_by_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    log = RunLogger(tmp_path, total_steps=1, tensorboard=False, echo=False)
+    assert log.wandb_run is None and log.wandb_skipped == "disabled"
+    assert not (tmp_path / "wandb").exists()

@@ -1,0 +1,113 @@
+"""Run report (llmc.runreport): synthetic metrics.jsonl against a real built lock -> PNGs + one
+self-contained HTML page with predicted-vs-measured numbers."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from llmc.runreport import find_stages, make_report, predictions, read_metrics, table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RED = (0xD6, 0x27, 0x28)  # matplotlib "C3", the prediction line colour
+
+
+@pytest.fixture(scope="module")
+def lock(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("build")
+    subprocess.run([sys.executable, "-m", "llmc.cli", "build", str(ROOT / "examples/pipeline_tiny.yaml"), "-o",
+                    str(out)], check=True, cwd=ROOT, capture_output=True)
+    return json.loads((out / "plan.lock.json").read_text())
+
+
+def write_run(run: Path, lock: dict) -> dict:
+    """pretrain: 41 steps, the first slow; the other 40 alternate 0.30/0.34 s (median 0.32).
+    sft: post-training records (loss only). Returns the independent expectations."""
+    t = lock["time"]
+    pre = run / "pretrain"
+    pre.mkdir(parents=True)
+    tokens_per_step = lock["hyper"]["global_batch_tokens"]
+    lines = [json.dumps({"event": "start", "step": 0})]
+    for s in range(1, 42):
+        dt = 2.0 if s == 1 else (0.30 if s % 2 else 0.34)
+        lines.append(json.dumps({
+            "elapsed_s": s, "step": s, "loss": 7.5 * s ** -0.3, "lr": 1e-3, "grad_norm": 1.0,
+            "tokens": s * tokens_per_step, "tokens_per_s": round(tokens_per_step / dt, 3),
+            "mfu": t["mfu"] * t["step_seconds"] / dt, "peak_mem_bytes": 900_000_000 + 1000 * s, "step_s": dt}))
+    good = lines[5]
+    lines[5] = lines[5].replace('"loss": ', '"loss": 99.0, "x": ')  # step 5 logged, then (after a resume)
+    lines.insert(6, good)  # logged again: the later record is kept
+    text = "\n".join(lines) + '\n{"step": 42, "lo'  # truncated last line (killed mid-write)
+    (pre / "metrics.jsonl").write_text(text)
+    sft = run / "sft"
+    sft.mkdir()
+    (sft / "metrics.jsonl").write_text("\n".join(json.dumps({"stage": "sft", "step": s, "loss": 2.0 / s})
+                                                 for s in range(1, 9)) + "\n")
+    return {"step_s": 0.32, "tokens_per_s": sorted([tokens_per_step / 0.30, tokens_per_step / 0.34]),
+            "mem": 900_000_000 + 41_000,
+            "mfu": (t["mfu"] * t["step_seconds"] / 0.30 + t["mfu"] * t["step_seconds"] / 0.34) / 2}
+
+
+def red_pixels(png: Path) -> int:
+    from PIL import Image
+
+    raw = Image.open(png).convert("RGB").tobytes()
+    return sum(1 for i in range(0, len(raw), 3) if all(abs(raw[i + k] - RED[k]) <= 12 for k in range(3)))
+
+
+def test_report_pngs_html_and_table(tmp_path, lock):
+    exp = write_run(tmp_path / "run", lock)
+    paths = make_report(tmp_path / "run", lock, tmp_path / "report")
+    names = [p.name for p in paths]
+    assert names == ["pretrain-loss.png", "pretrain-throughput.png", "pretrain-memory.png", "pretrain-mfu.png",
+                     "sft-loss.png", "report.html"]
+    for p in paths[:-1]:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # predictions are drawn (dashed red) on throughput/memory/MFU; loss has none to draw
+    assert red_pixels(paths[1]) > 50 and red_pixels(paths[2]) > 50 and red_pixels(paths[3]) > 50
+    assert red_pixels(paths[0]) == 0
+
+    page = paths[-1].read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert [base64.b64decode(b) for b in embedded] == [p.read_bytes() for p in paths[:-1]]
+    assert "<script" not in page and "http" not in page.split("<body>")[1]  # self-contained
+
+    sm = read_metrics(tmp_path / "run/pretrain/metrics.jsonl")
+    assert sm.steps == list(range(1, 42))
+    assert 99.0 not in sm.columns["loss"]
+    rows = {(r.stage, r.quantity): r for r in table([sm, read_metrics(tmp_path / "run/sft/metrics.jsonl")], lock)}
+    st = rows["pretrain", "step time"]
+    assert st.predicted == lock["time"]["step_seconds"] and st.measured == pytest.approx(exp["step_s"])
+    assert st.ratio == pytest.approx(exp["step_s"] / lock["time"]["step_seconds"])
+    tps = rows["pretrain", "throughput"]
+    assert tps.predicted == lock["time"]["tokens_per_second"]
+    assert tps.measured == pytest.approx(sum(exp["tokens_per_s"]) / 2, rel=1e-6)  # median of an even count
+    assert rows["pretrain", "MFU"].measured == pytest.approx(exp["mfu"] * 100, rel=1e-6)
+    mem = rows["pretrain", "peak memory per GPU"]
+    assert mem.measured == pytest.approx(exp["mem"] / 2**30)
+    assert mem.predicted == pytest.approx(lock["stages"][0]["memory"]["per_gpu_bytes"] / 2**30)
+    sft_mem = rows["sft", "peak memory per GPU"]
+    assert sft_mem.measured is None
+    assert sft_mem.predicted == pytest.approx(next(s for s in lock["stages"] if s["name"] == "sft")["memory"]
+                                              ["per_gpu_bytes"] / 2**30)
+    assert rows["sft", "step time"].predicted is None  # the lock's time block is the pre-training plan's
+    assert f"{lock['time']['step_seconds']:,.3f}" in page and f"{exp['step_s'] / lock['time']['step_seconds']:.2f}" in page
+
+
+def test_stage_order_single_dir_and_missing(tmp_path, lock):
+    write_run(tmp_path / "run", lock)
+    assert [n for n, _ in find_stages(tmp_path / "run", lock)] == ["pretrain", "sft"]
+    assert [n for n, _ in find_stages(tmp_path / "run" / "sft", lock)] == ["sft"]
+    only = make_report(tmp_path / "run" / "pretrain", lock, tmp_path / "r1")
+    assert [p.name for p in only][-1] == "report.html" and len(only) == 5
+    assert predictions(lock, "dpo").step_seconds is None
+    with pytest.raises(FileNotFoundError):
+        make_report(tmp_path / "empty", lock, tmp_path / "r2")

@@ -1,0 +1,264 @@
+"""Streamed sharded data (llmc.runtime.stream): parquet / jsonl / text / local HF datasets read in place,
+ranks disjoint, every document once per epoch, EOS packing across epochs, mixture weights, exact resume,
+bounded memory and no copies on disk."""
+
+from __future__ import annotations
+
+import json
+import math
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+torch = pytest.importorskip("torch")
+
+from llmc.runtime.stream import SourceRef, StreamingMixture, documents  # noqa: E402
+
+EOS = 0
+
+
+def doc_text(src: int, i: int) -> str:
+    return f"{src}:{i} " + "lorem ipsum " * (i % 5)
+
+
+def tokenize(text: str) -> list[int]:
+    """Doc ``s:i`` -> its id ``1000*s + i + 1`` repeated 1 + i%5 times (so packing is visible)."""
+    head = text.split(" ", 1)[0]
+    s, i = (int(x) for x in head.split(":"))
+    return [1000 * s + i + 1] * (1 + i % 5)
+
+
+def write_parquet(d: Path, src: int, n: int, files: int = 2, row_group: int = 7) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    per = math.ceil(n / files)
+    for f in range(files):
+        ids = range(f * per, min(n, (f + 1) * per))
+        table = pa.table({"id": list(ids), "text": [doc_text(src, i) for i in ids]})
+        pq.write_table(table, d / f"part-{f:03d}.parquet", row_group_size=row_group)
+    return d
+
+
+def write_jsonl(d: Path, src: int, n: int, files: int = 2, blank: bool = True) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    per = math.ceil(n / files)
+    for f in range(files):
+        with open(d / f"part-{f}.jsonl", "w") as fh:
+            for i in range(f * per, min(n, (f + 1) * per)):
+                fh.write(json.dumps({"content": doc_text(src, i)}) + "\n")
+                if blank and i % 11 == 0:
+                    fh.write("\n")  # blank lines are not documents
+    return d
+
+
+def write_hf_disk(d: Path, src: int, n: int) -> Path:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text": [doc_text(src, i) for i in range(n)]})
+    ds.save_to_disk(str(d), num_shards=3)
+    return d
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """Any cache the datasets library writes goes under tmp (checked for size by the tests)."""
+    datasets = pytest.importorskip("datasets")
+    cache = tmp_path / "hf_cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    return cache
+
+
+def make_source(kind: str, root: Path, src: int, n: int, weight: float = 1.0) -> SourceRef:
+    name = f"{kind}{src}"
+    if kind == "parquet":
+        return SourceRef(name, str(write_parquet(root / name, src, n)), "parquet", "text", weight)
+    if kind == "jsonl":
+        return SourceRef(name, str(write_jsonl(root / name, src, n)), "jsonl", "content", weight)
+    if kind == "hf_disk":
+        return SourceRef(name, str(write_hf_disk(root / name, src, n)), "hf", "text", weight)
+    if kind == "hf_files":
+        return SourceRef(name, str(write_parquet(root / name, src, n, files=4)), "hf", "text", weight)
+    if kind == "hf_jsonl":
+        return SourceRef(name, str(write_jsonl(root / name, src, n, blank=False)), "hf", "content", weight)
+    if kind == "text":
+        d = root / name
+        d.mkdir(parents=True)
+        for i in range(n):
+            (d / f"{i:05d}.txt").write_text(doc_text(src, i))
+        return SourceRef(name, str(d), "text", "text", weight)
+    raise AssertionError(kind)
+
+
+KINDS = ["parquet", "jsonl", "text", "hf_disk", "hf_files", "hf_jsonl"]
+
+
+def doc_ids(docs) -> list[int]:
+    return [int(d.split(" ", 1)[0].split(":")[1]) for d in docs]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_ranks_disjoint_and_cover_every_document_once(kind, tmp_path, hf_cache):
+    n = 101
+    src = make_source(kind, tmp_path, 1, n)
+    per_rank = [doc_ids(documents(src, r, 2)) for r in range(2)]
+    for ids in per_rank:
+        assert len(ids) == len(set(ids)), "a document repeated within one epoch"
+    assert not set(per_rank[0]) & set(per_rank[1]), "ranks overlap"
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(n))
+    assert min(len(x) for x in per_rank) > 0
+    # resuming the document reader at position k gives the tail of the same order
+    assert doc_ids(documents(src, 1, 2, start=17)) == per_rank[1][17:]
+
+
+def test_parquet_with_fewer_row_groups_than_ranks_deals_rows(tmp_path):
+    d = tmp_path / "one"
+    d.mkdir()
+    pq.write_table(pa.table({"text": [doc_text(1, i) for i in range(20)]}), d / "a.parquet")  # 1 row group
+    src = SourceRef("one", str(d), "parquet")
+    ranks = [doc_ids(documents(src, r, 3)) for r in range(3)]
+    assert ranks == [list(range(r, 20, 3)) for r in range(3)]
+    assert doc_ids(documents(src, 2, 3, start=2)) == ranks[2][2:]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl", "hf_disk"])
+def test_windows_are_the_eos_packed_stream_across_epochs(kind, tmp_path, hf_cache):
+    """Concatenated window inputs == tokenize(doc) + EOS over this rank's docs, epoch after epoch."""
+    seq_len = 9
+    src = make_source(kind, tmp_path, 2, 40)
+    for rank in range(2):
+        expected: list[int] = []
+        docs = list(documents(src, rank, 2))
+        for _ in range(3):
+            for d in docs:
+                expected += tokenize(d) + [EOS]
+        m = StreamingMixture([src], tokenize, EOS, seq_len, rank=rank, world=2, seed=3)
+        got: list[int] = []
+        prev = None
+        while len(got) + seq_len + 1 <= 2 * len(expected) // 3:
+            w = m.next_window()
+            assert w.shape == (seq_len + 1,) and w.dtype == torch.int64
+            if prev is not None:
+                assert int(prev[-1]) == int(w[0])  # stride seq_len: last label = next first input
+            got += w[:-1].tolist()
+            prev = w
+        assert got == expected[:len(got)]
+        assert m.epochs()[src.name] == 1  # crossed into the second pass; nothing dropped at the seam
+
+
+def test_mixture_weights_within_three_sigma(tmp_path):
+    weights = [0.5, 0.3, 0.2]
+    srcs = [make_source("jsonl", tmp_path, s + 1, 60, w) for s, w in enumerate(weights)]
+    m = StreamingMixture(srcs, tokenize, EOS, seq_len=4, rank=1, world=2, seed=11)
+    n = 3000
+    counts = [0, 0, 0]
+    for _ in range(n):
+        w = m.next_window()
+        counts[m.last_source] += 1
+        owner = {int(t) // 1000 for t in w.tolist() if t != EOS}
+        assert owner == {m.last_source + 1}, "a window mixes tokens from another source"
+    for c, p in zip(counts, weights, strict=True):
+        assert abs(c - n * p) <= 3 * math.sqrt(n * p * (1 - p)), (counts, weights)
+
+
+@pytest.mark.parametrize("kinds", [("parquet", "jsonl"), ("hf_disk", "text")])
+def test_resume_from_state_dict_is_the_exact_continuation(kinds, tmp_path, hf_cache):
+    srcs = [make_source(k, tmp_path, s + 1, 53, w) for s, (k, w) in enumerate(zip(kinds, (0.6, 0.4), strict=True))]
+    ref = StreamingMixture(srcs, tokenize, EOS, seq_len=7, rank=1, world=2, seed=5)
+    head = [ref.next_window() for _ in range(61)]  # > one epoch of each rank's shard
+    state = json.loads(json.dumps(ref.state_dict()))  # it must survive a JSON checkpoint
+    tail = [ref.next_window() for _ in range(45)]
+    assert min(ref.epochs().values()) >= 1
+
+    resumed = StreamingMixture(srcs, tokenize, EOS, seq_len=7, rank=1, world=2, seed=5)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(tail, (resumed.next_window() for _ in tail), strict=True))
+
+    fresh = StreamingMixture(srcs, tokenize, EOS, seq_len=7, rank=1, world=2, seed=5)  # deterministic
+    assert all(torch.equal(a, fresh.next_window()) for a in head)
+    other = StreamingMixture(srcs, tokenize, EOS, seq_len=7, rank=0, world=2, seed=5)
+    assert not all(torch.equal(a, other.next_window()) for a in head)
+    with pytest.raises(ValueError, match="world"):
+        StreamingMixture(srcs, tokenize, EOS, seq_len=7, rank=1, world=4, seed=5).load_state_dict(state)
+
+
+def test_next_batch_shapes(tmp_path):
+    src = make_source("parquet", tmp_path, 1, 30)
+    x, y = StreamingMixture([src], tokenize, EOS, seq_len=6).next_batch(3)
+    assert x.shape == y.shape == (3, 6)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize("kind", ["parquet", "hf_disk", "hf_files"])
+def test_streams_in_place_with_bounded_memory(kind, tmp_path, hf_cache):
+    """~24 MB of text streamed through one epoch: Python peak stays a small fraction, nothing copied."""
+    n, size = 6000, 4000
+    datasets = pytest.importorskip("datasets") if kind.startswith("hf") else None
+    d = tmp_path / kind
+    texts = (f"1:{i} " + "x" * size for i in range(n))
+    if kind == "hf_disk":
+        datasets.Dataset.from_dict({"text": list(texts)}).save_to_disk(str(d), num_shards=4)
+    else:
+        d.mkdir()
+        rows = list(texts)
+        for f in range(4):
+            pq.write_table(pa.table({"text": rows[f::4]}), d / f"p{f}.parquet", row_group_size=250)
+        del rows
+    data_bytes = n * size
+    src = SourceRef("big", str(d), "hf" if kind.startswith("hf") else "parquet", "text")
+    before_disk = _tree_bytes(tmp_path)
+    pool_base = pool_peak = pa.total_allocated_bytes()
+    tracemalloc.start()
+    try:
+        m = StreamingMixture([src], lambda s: [len(s) % 997 + 1], EOS, seq_len=32, rank=0, world=2)
+        windows = 0
+        while m.epochs()["big"] == 0:
+            m.next_window()
+            windows += 1
+            pool_peak = max(pool_peak, pa.total_allocated_bytes())
+        _, py_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert windows >= (n // 2) * 2 // 32 - 1  # half the docs, 2 tokens each (doc + EOS), 32 per window
+    assert py_peak < data_bytes / 8, f"python peak {py_peak / 2**20:.1f} MiB for {data_bytes / 2**20:.0f} MiB data"
+    # the datasets parquet builder holds about one file's batch; a whole copy would be >= data_bytes
+    assert pool_peak - pool_base < data_bytes / 2, f"arrow pool peak {(pool_peak - pool_base) / 2**20:.1f} MiB"
+    grown = _tree_bytes(tmp_path) - before_disk
+    assert grown < 1 << 20, f"{grown} bytes written to disk while streaming"
+
+
+def test_bad_inputs_are_clear(tmp_path):
+    src = make_source("parquet", tmp_path, 1, 3)
+    with pytest.raises(ValueError, match="no documents"):
+        StreamingMixture([SourceRef("t", str(make_source("text", tmp_path, 2, 1).path), "text")],
+                         tokenize, EOS, 4, rank=1, world=2).next_window()
+    with pytest.raises(ValueError, match="not streamable"):
+        list(documents(SourceRef("x", src.path, "csv")))
+    with pytest.raises(KeyError, match="no column"):
+        list(documents(SourceRef("x", src.path, "parquet", "body")))
+
+
+def test_with_llmc_bpe_tokenizer_windows_decode_to_the_documents(tmp_path):
+    pytest.importorskip("tokenizers")
+    from llmc.runtime.data import SourceData
+    from llmc.runtime.tokenizer import TextTokenizer, train_bpe
+
+    texts = [f"document number {i}: " + "the quick brown fox " * (1 + i % 3) for i in range(30)]
+    tok = TextTokenizer(train_bpe(texts, 300, tmp_path / "tok"))
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    src = SourceRef(**vars(SourceData("docs", str(d), "jsonl", "text", 1.0)))
+    m = StreamingMixture([src], tok.encode, tok.eos_id, seq_len=16, rank=0, world=1)
+    ids: list[int] = []
+    while m.epochs()["docs"] == 0:
+        ids += m.next_window()[:-1].tolist()
+    n_eos = ids.count(tok.eos_id)
+    assert n_eos >= 29
+    decoded = tok.decode(ids).split("<|end_of_text|>")
+    assert decoded[:29] == texts[:29]
