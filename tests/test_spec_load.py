@@ -273,15 +273,3 @@ def test_preset_hint_for_hf_ids(given: str, preset: str):
         loads_spec(BASE + f"model: {given}\n")
     (d,) = ei.value.diagnostics
     assert d.code == "S004" and d.hint == f"did you mean {preset!r}?"
-
-
-def test_check_run_on_a_programmatic_spec():
-    from llmc.spec.load import check_run
-
-    run = RunSpec.model_validate({
-        "name": "p", "hardware": {"gpu": "cpu", "count": 1}, "data": {"seq_len": 64, "tokens": 1e6},
-        "model": {"n_layers": 2, "d_model": 96, "n_heads": 6, "n_kv_heads": 4, "d_ff": 256, "vocab_size": 100},
-        "stages": [{"name": "a", "kind": "sft"}, {"name": "a", "kind": "dpo"}],
-    })
-    codes = {(d.code, d.path, d.line) for d in check_run(run, {"model": 3, "stages.1.name": 9})}
-    assert codes == {("M001", "model.n_kv_heads", 3), ("G001", "stages.1.name", 9)}

@@ -7,7 +7,8 @@ compiler's outputs, never written back here.
 
 from __future__ import annotations
 
-from typing import Literal
+import typing
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -236,9 +237,16 @@ class Parallelism(BaseModel):
     """Offload optimizer states to CPU (DeepSpeed)."""
 
 
-# ----------------------------------------------------------------------------- stages (issue 5)
+# ----------------------------------------------------------------------------- stages
 
 StageKind = Literal["pretrain", "midtrain", "long_context", "sft", "dpo", "grpo"]
+#: every stage kind, in pipeline order; the one list the compiler, emitters and runtime import
+STAGE_KINDS: tuple[str, ...] = typing.get_args(StageKind)
+#: kinds trained with the next-token loss on packed text (same objective as pre-training)
+LM_KINDS: tuple[str, ...] = ("pretrain", "midtrain", "long_context")
+#: post-training kinds: chat-formatted data, a chat template and a base model to start from
+CHAT_KINDS: tuple[str, ...] = ("sft", "dpo", "grpo")
+POSTTRAIN_KINDS = CHAT_KINDS
 
 
 class LoRA(BaseModel):
@@ -260,8 +268,8 @@ class LoRA(BaseModel):
     """QLoRA: keep the frozen base in 4-bit NF4."""
 
 
-class Stage(BaseModel):
-    """One stage of a training pipeline; stages consume each other's checkpoints."""
+class StageBase(BaseModel):
+    """Fields every stage kind has; stages consume each other's checkpoints."""
 
     model_config = _CFG
 
@@ -281,32 +289,93 @@ class Stage(BaseModel):
     """Tokens per step. None = default for the stage kind."""
     lora: LoRA | None = None
     """Train LoRA/QLoRA adapters instead of all weights."""
-    loss_mask: Literal["assistant", "last_assistant", "none"] | None = None
-    """sft: which tokens carry loss. None = all assistant turns."""
     general_data_fraction: float | None = Field(default=None, ge=0, le=1)
     """Share of general data mixed in against forgetting (warned below 10%)."""
-    dpo_beta: float | None = Field(default=None, gt=0)
-    """dpo: beta (default 0.1)."""
-    grpo_group_size: int | None = Field(default=None, gt=0)
-    """grpo: completions per prompt G (default 8)."""
-    grpo_kl_coef: float | None = Field(default=None, ge=0)
-    """grpo: KL coefficient against the reference (default 0.04)."""
-    grpo_clip: float = Field(default=0.2, gt=0)
-    """grpo: PPO ratio clip epsilon."""
-    max_new_tokens: int | None = Field(default=None, gt=0)
-    """grpo: generation length per completion (default 256)."""
-    prompts_per_step: int | None = Field(default=None, gt=0)
-    """grpo: prompts per optimizer step (each sampled G times). None = 1024 // G (DeepSeekMath batch 1024)."""
-    max_prompt_tokens: int | None = Field(default=None, gt=0)
-    """grpo: prompt length budget for the rollout cost / KV cache (default 512)."""
-    reward: Literal["arithmetic", "none"] | None = None
-    """grpo: verifier (``arithmetic`` checks the answer exactly with sympy)."""
     seq_len: int | None = Field(default=None, gt=0)
-    """long_context: the new sequence length. Other stages: None = data.seq_len."""
+    """Training sequence length. None = data.seq_len (grpo: max_prompt_tokens + max_new_tokens)."""
+
+
+class PretrainStage(StageBase):
+    """Pre-training on the top-level (or the stage's) data."""
+
+    kind: Literal["pretrain"]
+    """``pretrain``."""
+
+
+class MidtrainStage(StageBase):
+    """Continued pre-training (domain adaptation) from a trained base."""
+
+    kind: Literal["midtrain"]
+    """``midtrain``."""
+
+
+class LongContextStage(StageBase):
+    """Context extension: train at a longer ``seq_len`` with a new RoPE base or scaling."""
+
+    kind: Literal["long_context"]
+    """``long_context``."""
     rope_theta: float | None = Field(default=None, gt=0)
-    """long_context: new RoPE base (theta scaling)."""
+    """New RoPE base (theta scaling)."""
     rope_scaling: dict | None = None
-    """long_context: RoPE scaling, as in Architecture.rope_scaling (e.g. {type: yarn, factor: 4})."""
+    """RoPE scaling, as in Architecture.rope_scaling (e.g. {type: yarn, factor: 4})."""
+
+
+class SFTStage(StageBase):
+    """Supervised fine-tuning on chat data."""
+
+    kind: Literal["sft"]
+    """``sft``."""
+    loss_mask: Literal["assistant", "last_assistant", "none"] | None = None
+    """Which tokens carry loss. None = all assistant turns."""
+
+
+class DPOStage(StageBase):
+    """Direct preference optimisation (Rafailov et al. 2023, arXiv:2305.18290)."""
+
+    kind: Literal["dpo"]
+    """``dpo``."""
+    dpo_beta: float | None = Field(default=None, gt=0)
+    """Beta of the DPO loss (default 0.1)."""
+
+
+class GRPOStage(StageBase):
+    """Group relative policy optimisation (DeepSeekMath, Shao et al. 2024, arXiv:2402.03300 §4)."""
+
+    kind: Literal["grpo"]
+    """``grpo``."""
+    grpo_group_size: int | None = Field(default=None, gt=0)
+    """Completions per prompt G (default 8)."""
+    grpo_kl_coef: float | None = Field(default=None, ge=0)
+    """KL coefficient against the reference (default 0.04)."""
+    grpo_clip: float = Field(default=0.2, gt=0)
+    """PPO ratio clip epsilon."""
+    max_new_tokens: int | None = Field(default=None, gt=0)
+    """Generation length per completion (default 256)."""
+    prompts_per_step: int | None = Field(default=None, gt=0)
+    """Prompts per optimizer step (each sampled G times). None = 1024 // G (DeepSeekMath batch 1024)."""
+    max_prompt_tokens: int | None = Field(default=None, gt=0)
+    """Prompt length budget for the rollout cost / KV cache (default 512)."""
+    reward: Literal["arithmetic", "none"] | None = None
+    """Verifier (``arithmetic`` checks the answer exactly with sympy)."""
+
+
+#: kind -> the stage model for that kind
+STAGE_TYPES: dict[str, type[StageBase]] = {
+    "pretrain": PretrainStage, "midtrain": MidtrainStage, "long_context": LongContextStage,
+    "sft": SFTStage, "dpo": DPOStage, "grpo": GRPOStage,
+}
+assert tuple(STAGE_TYPES) == STAGE_KINDS
+
+#: one stage of a pipeline, chosen by ``kind``
+Stage = Annotated[
+    PretrainStage | MidtrainStage | LongContextStage | SFTStage | DPOStage | GRPOStage,
+    Field(discriminator="kind"),
+]
+
+
+def make_stage(**fields: typing.Any) -> StageBase:
+    """Build the stage model for ``fields["kind"]`` (``make_stage(name="sft", kind="sft", ...)``)."""
+    return STAGE_TYPES[fields["kind"]].model_validate(fields)
 
 
 # ----------------------------------------------------------------------------- serving
