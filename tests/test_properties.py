@@ -16,7 +16,7 @@ from llmc.compiler.hardware import get_gpu
 from llmc.compiler.memory import fits, memory_per_gpu
 from llmc.compiler.search import search
 from llmc.spec.model import Architecture, MoE
-from llmc.spec.run import Parallelism
+from llmc.spec.schema import Parallelism
 
 
 @st.composite

@@ -13,7 +13,7 @@ from llmc.compiler.memory import fits, memory_per_gpu
 from llmc.compiler.search import divisors, search
 from llmc.spec.load import load_spec, loads_spec
 from llmc.spec.presets import PRESETS
-from llmc.spec.run import Parallelism
+from llmc.spec.schema import Parallelism
 
 H100 = get_gpu("h100-sxm")
 

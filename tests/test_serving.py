@@ -8,7 +8,7 @@ import pytest
 
 from llmc.compiler.serving import GiB, plan_serving
 from llmc.spec.model import MLA, Architecture
-from llmc.spec.run import RunSpec
+from llmc.spec.schema import RunSpec
 
 # Published shapes (Meta's config.json files)
 LLAMA3_8B = dict(name="llama3-8b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336,
@@ -23,9 +23,8 @@ H100 = SimpleNamespace(hbm_bytes=80 * GiB, gpus_per_node=8)
 
 
 def gpus(key):
-    if key in ("h100-sxm", "h100"):
-        return H100
-    raise KeyError(key)
+    """A two-entry hardware table with ``hardware.get_gpu``'s contract (None for an unknown key)."""
+    return H100 if key in ("h100-sxm", "h100") else None
 
 
 def run_with(arch: dict, serving: list[dict], seq_len=8192, stages=()):

@@ -10,7 +10,7 @@ import pytest
 from llmc.diagnostics import SpecError, line_for
 from llmc.spec.load import load_spec, loads_spec
 from llmc.spec.presets import PRESETS
-from llmc.spec.run import RunSpec
+from llmc.spec.schema import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

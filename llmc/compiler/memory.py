@@ -49,7 +49,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from llmc.compiler.compiled import MemoryNumbers
+from llmc.compiler.result import MemoryNumbers
 from llmc.compiler.params import (
     expert_d_ff,
     is_moe_layer,

@@ -70,7 +70,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from llmc.compiler.compiled import TimeNumbers
+from llmc.compiler.result import TimeNumbers
 from llmc.compiler.plan import ParallelPlan
 
 # --- heuristics (each one named so tests and docs can cite it) ---------------------------------

@@ -1,6 +1,6 @@
 """Load a run spec from YAML: line numbers, model resolution, validation, every error at once.
 
-``load_spec(path)`` returns the validated :class:`~llmc.spec.run.RunSpec` and a map from dotted
+``load_spec(path)`` returns the validated :class:`~llmc.spec.schema.RunSpec` and a map from dotted
 paths (``training.optimizer.lr``, ``stages.0.kind``, ``model.n_kv_heads``) to 1-based YAML lines,
 which the compiler uses to put lines on its own diagnostics (:func:`line_for` falls back to the
 nearest parent for paths the YAML does not spell out, e.g. fields that came from a preset).
@@ -44,7 +44,7 @@ from llmc.diagnostics import Diagnostic, SpecError, line_for
 from llmc.spec.hf import HFConfigError, architecture_from_hf_config
 from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.presets import PRESETS
-from llmc.spec.run import STAGE_KINDS, STAGE_TYPES, Data, RunSpec, Serving, StageBase, Tokenizer
+from llmc.spec.schema import STAGE_KINDS, STAGE_TYPES, Data, RunSpec, Serving, StageBase, Tokenizer
 
 __all__ = ["load_spec", "loads_spec", "json_schema"]
 
