@@ -49,7 +49,6 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from llmc.compiler.result import MemoryNumbers
 from llmc.compiler.params import (
     expert_d_ff,
     is_moe_layer,
@@ -57,6 +56,7 @@ from llmc.compiler.params import (
     layer_components,
 )
 from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.result import MemoryNumbers
 from llmc.spec.model import Architecture
 
 GiB = 2**30

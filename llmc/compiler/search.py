@@ -38,8 +38,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from llmc.compiler.result import Candidate, MemoryNumbers
 from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.result import Candidate, MemoryNumbers
 from llmc.compiler.timing import LayoutTimer, StepModel, step_time
 
 GiB = 2**30

@@ -70,8 +70,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from llmc.compiler.result import TimeNumbers
 from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.result import TimeNumbers
 
 # --- heuristics (each one named so tests and docs can cite it) ---------------------------------
 BASE_EFFICIENCY = 0.65  # achievable fraction of dense peak for large bf16 GEMMs + flash attention
@@ -142,7 +142,7 @@ def step_model(arch, seq_len: int, precision: str, gpu) -> StepModel:
     expert = 0.0
     blocks = 0.0
     for i in range(L):
-        blocks += _layer_param_count(params.layer_params(arch, i))
+        blocks += params.layer_params(arch, i)
     if arch.moe is not None:
         n_moe = L - min(arch.moe.dense_layers, L)
         e_ff = arch.moe.expert_d_ff or arch.d_ff
@@ -181,23 +181,6 @@ def mfu_peak(gpu, precision: str) -> float:
     from llmc.compiler.hardware import peak_flops
 
     return peak_flops(gpu, "bf16" if precision == "fp8" else precision)
-
-
-def _layer_param_count(x) -> float:
-    """``params.layer_params`` may return an int or a labelled dict; count either."""
-    if isinstance(x, dict):
-        return float(sum(x.values()))
-    return float(x)
-
-
-def stage_layers(n_layers: int, pp: int, schedule: str = "1F1B", virtual: int = 1) -> list[int]:
-    """Blocks per pipeline rank, the same split as ``memory.pipeline_layout`` (what the rendered
-    torchtitan job builds: its automatic split weights the embedding and the head as one block each,
-    so the first and last stage are one block lighter -- Llama 3 405B: 126 layers over 16 stages ->
-    7, 8 x 14, 7, as in the Llama 3 paper §3.3.2)."""
-    from llmc.compiler.memory import pipeline_layout
-
-    return [len(layers) for layers, _, _ in pipeline_layout(n_layers, pp, schedule, virtual)]
 
 
 def _stage_info(sm: StepModel, p: int, sched: str, v: int, ac: str) -> tuple[int, float, float, float, int]:
