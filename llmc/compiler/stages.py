@@ -46,6 +46,7 @@ from llmc.compiler.result import (
 )
 from llmc.diagnostics import Diagnostic
 from llmc.spec.facts import ExternalFacts
+from llmc.spec.families import FAMILIES, family_by_name
 from llmc.spec.schema import CHAT_KINDS, LM_KINDS, PretrainStage, RunSpec, StageBase
 
 # ----------------------------------------------------------------------------- constants (data)
@@ -328,17 +329,18 @@ def tokenizer_for(run: RunSpec, stage: StageBase) -> Any:
 
 def tokenizer_specials(run: RunSpec, tok: Any, facts: ExternalFacts | None) -> tuple[set[str] | None, str]:
     """The tokenizer's special tokens when known, and how we know: llmc's own tokenizer, the file
-    (``facts``), or a guess from the model name (Llama 3: 128256-token vocabulary; Qwen: ChatML)."""
+    (``facts``), or a guess from the model's family (:func:`llmc.spec.families.family_by_name`; a
+    128256-token vocabulary is Llama 3's)."""
     if tok.train and not tok.path:
         return set(LLMC_TOKENIZER_SPECIALS), "llmc-trained tokenizer"
     known = facts.tokenizers.get(tok.path) if facts is not None and tok.path else None
     if known is not None and known.specials is not None:
         return set(known.specials), known.source
-    name = (run.model.name or "").lower().replace("-", "").replace("_", "")
-    if name.startswith("llama3") or run.model.vocab_size in (128256, 128000):
-        return set(LLMC_TOKENIZER_SPECIALS), f"inferred from model {run.model.name!r}"
-    if name.startswith("qwen"):
-        return {"<|im_start|>", "<|im_end|>", "<|endoftext|>"}, f"inferred from model {run.model.name!r}"
+    fam = family_by_name(run.model.name)
+    if fam is None and run.model.vocab_size in (128256, 128000):  # the Llama 3 tokenizer's vocabulary
+        fam = FAMILIES["llama"]
+    if fam is not None and fam.tokenizer_specials:
+        return set(fam.tokenizer_specials), f"inferred from model {run.model.name!r}"
     return None, "unknown"
 
 
