@@ -114,7 +114,7 @@ def test_hyper_reports_defaults():
 
 
 def test_p001_seed_deepseek_layout_world_mismatch():
-    # S004 Ch7: "TP16 x PP8 x DP64 on 2048" multiplies to 8192 (seed-facts App. A #2)
+    # "TP16 x PP8 x DP64 on 2048 GPUs" multiplies to 8192, not 2048
     c = _compile(_spec(count=2048, extra="parallelism:\n  tp: 16\n  pp: 8\n  dp_shard: 64\n"))
     d = _diag(c, "P001")
     assert d.severity == "error" and "8192" in d.message and "2048" in d.message
@@ -244,7 +244,7 @@ def test_batch_too_small_for_a_big_cluster():
 
 
 def test_steps_seed_vector():
-    # seed-facts F18 / App. B: 15T tokens at 4M tokens per step = 3,750,000 steps
+    # 15T tokens (Llama 3) at 4M tokens per step = 3,750,000 steps
     assert defaults.default_steps(15e12, 4_000_000) == 3_750_000
     assert defaults.default_steps(15e12 + 1, 4_000_000) == 3_750_001
 

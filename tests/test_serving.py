@@ -38,7 +38,7 @@ def run_with(arch: dict, serving: list[dict], seq_len=8192, stages=()):
 
 
 def test_llama3_8b_kv_bytes_per_token_matches_published():
-    # 2 (K,V) x 32 layers x 8 kv heads x 128 head_dim x 2 bytes = 131,072 B/token (seed-facts-a App. B)
+    # 2 (K,V) x 32 layers x 8 kv heads x 128 head_dim x 2 bytes = 131,072 B/token
     plans, diags = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 64}]), gpus)
     assert plans[0]["kv_bytes_per_token"] == 131_072
     assert plans[0]["max_model_len"] == 8192
@@ -49,7 +49,7 @@ def test_llama3_8b_8k_x_64_needs_64_gib_and_fails_on_one_gpu():
     plans, diags = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 64, "gpus": 1}]), gpus)
     p = plans[0]
     assert p["kv_gib_needed"] == pytest.approx(64.0)
-    assert p["kv_gib_per_seq"] == pytest.approx(1.0)  # 1 GiB per 8K sequence (seed-facts-a table)
+    assert p["kv_gib_per_seq"] == pytest.approx(1.0)  # 1 GiB per 8K sequence
     assert not p["fits"]
     v001 = [d for d in diags if d.code == "V001"]
     assert len(v001) == 1 and v001[0].severity == "error"
@@ -77,7 +77,7 @@ def test_fp8_kv_halves_the_cache_and_fits_one_gpu():
 
 
 def test_llama3_70b_needs_a_full_node():
-    # 327,680 B/token (seed-facts-a); 8192 x 64 = 160 GiB of KV; weights 70.55e9 x 2 B = 131 GiB
+    # 327,680 B/token; 8192 x 64 = 160 GiB of KV; weights 70.55e9 x 2 B = 131 GiB
     plans, diags = plan_serving(run_with(LLAMA3_70B, [{"concurrency": 64}]), gpus)
     p = plans[0]
     assert p["kv_bytes_per_token"] == 327_680
@@ -95,7 +95,7 @@ def test_llama3_405b_pipelines_across_nodes():
 
 
 def test_awq_7b_weights_about_4_gb():
-    # seed-facts-a 8: "7B: 14 GB bf16 -> ~4 GB 4-bit"
+    # 7B: 14 GB in bf16 -> ~4 GB at 4 bits (AWQ, Lin et al. 2023, arXiv:2306.00978)
     plans, _ = plan_serving(run_with(LLAMA2_7B, [{"quantization": "awq", "concurrency": 1}], seq_len=4096), gpus)
     gb = plans[0]["weights_gib"] * GiB / 1e9
     assert 3.5 < gb < 4.5

@@ -180,7 +180,7 @@ def test_seq_len_beyond_base_context_is_G004_warning_and_long_context_fixes_it()
 
 
 @pytest.mark.parametrize("model,targets,want", [
-    ("llama3-70b", "[wq, wk, wv, wo, w1, w2, w3]", 207_093_760),  # seed-facts-a App. B
+    ("llama3-70b", "[wq, wk, wv, wo, w1, w2, w3]", 207_093_760),
     ("llama3-70b", "[wq, wv]", 32_768_000),  # "32.77M"
     ("llama3-8b", "[wq, wk, wv, wo, w1, w2, w3]", 41_943_040),  # "41.9M"
 ])
@@ -260,7 +260,7 @@ def test_size_aware_default_lrs():
     assert default_lr(n8, "grpo", False) == pytest.approx(1e-6)
     assert default_lr(n8, "sft", True) == pytest.approx(2e-4)  # QLoRA paper 7B/13B
     assert default_lr(65e9, "sft", True) == pytest.approx(1e-4)  # 33B/65B
-    assert default_lr(n70, "midtrain", False) == pytest.approx(1e-5)  # S003 §14.2
+    assert default_lr(n70, "midtrain", False) == pytest.approx(1e-5)  # Llama 3 continued-training LRs
     _, plans, _ = spec("- {name: dpo, kind: dpo}\n")
     p = plans[0]
     assert p["hyper"]["beta"] == 0.1 and {"lr", "dpo_beta"} <= set(p["defaults"])
@@ -283,7 +283,7 @@ def test_grpo_rollout_cost():
     n = params_total(PRESETS["llama3-8b"])
     assert r["generated_tokens_per_step"] == 64 * 8 * 1024
     assert r["generation_flops_per_step"] == pytest.approx(2 * n * (64 * 8 * 1024 + 64 * 512))
-    assert r["kv_bytes_per_token"] == 131_072  # Llama-3-8B bf16 KV per token (seed-facts-a App. B)
+    assert r["kv_bytes_per_token"] == 131_072  # Llama-3-8B bf16 KV per token
     assert r["kv_cache_bytes_per_group"] == 8 * (512 + 1024) * 131_072
     assert r["kv_cache_bytes_per_step"] == 64 * r["kv_cache_bytes_per_group"]
 

@@ -1,4 +1,4 @@
-"""Step-time model: arithmetic anchors from seed-facts Appendix B, published MFU, and formula checks."""
+"""Step-time model: arithmetic anchors, published MFU, and formula checks."""
 
 from __future__ import annotations
 
@@ -22,15 +22,15 @@ def _sm(arch, seq=8192, precision="bf16", gpu=H100):
 
 
 def test_days_at_mfu_matches_seed_appendix_b():
-    # seed-facts-a App. B: 7B x 1T tokens (6ND = 4.2e22) on 64 H100 (989.4 TF dense): 19.2 days at 40 %,
-    # 25.6 days at 30 %. Using the sparse 1979 TF figure would give 9.6 days (App. A #1).
+    # 7B x 1T tokens (6ND = 4.2e22) on 64 H100 (989.4 TF dense): 19.2 days at 40 %,
+    # 25.6 days at 30 %. Using the sparse 1979 TF figure would give 9.6 days.
     assert timing.days_at_mfu(4.2e22, 64, 989.4e12, 0.40) == pytest.approx(19.2, abs=0.05)
     assert timing.days_at_mfu(4.2e22, 64, 989.4e12, 0.30) == pytest.approx(25.6, abs=0.05)
     assert timing.days_at_mfu(4.2e22, 64, 1979e12, 0.40) == pytest.approx(9.6, abs=0.05)
 
 
 def test_cost_arithmetic_matches_seed_worked_example():
-    # S004 Ch12: 64 GPUs x 24 h x 28 days x $2.5 = $107,520 (43,008 GPU-hours)
+    # 64 GPUs x 24 h x 28 days x $2.5 = $107,520 (43,008 GPU-hours)
     gh = timing.gpu_hours(28, 64)
     assert gh == pytest.approx(43_008)
     assert timing.usd(gh, 2.5) == pytest.approx(107_520)

@@ -17,7 +17,7 @@ shapes as the Hugging Face checkpoints:
   DeepSeek-V3's ``e_score_correction_bias`` (``expert_bias``) adds E per MoE layer (an nn.Parameter in
   HF; torchtitan keeps it as a buffer).
 
-Formulas E1/E2/E2b of seed-facts-a sec. 1.2; verified against the published totals in tests/test_params.py.
+Verified against the published totals in tests/test_params.py.
 """
 
 from __future__ import annotations
