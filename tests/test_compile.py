@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -258,3 +259,47 @@ def test_pretrain_stage_reports_the_searched_plan_memory():
     (pre,) = [s for s in c.stages if s["kind"] == "pretrain"]
     assert pre["memory"]["per_gpu_bytes"] == c.memory.per_gpu_bytes
     assert pre["memory"]["activation_checkpointing"] == c.plan.activation_checkpointing
+
+
+def test_plan_path_reads_no_files_and_skips_networkx(tmp_path):
+    # the compiler is pure: tokenizer contents arrive as ExternalFacts, the spec bytes from the caller
+    import subprocess
+    import sys
+
+    code = (
+        "import builtins, io, pathlib, sys\n"
+        "from llmc.spec.load import load_spec\n"
+        "run, lines = load_spec('examples/pipeline_llama3_8b.yaml')\n"
+        "from llmc.compiler.compile import compile_spec\n"
+        "opened = []\n"
+        "real_open = io.open\n"
+        "def spy(f, *a, **k):\n"
+        "    if not str(f).endswith('.py') and 'site-packages' not in str(f): opened.append(str(f))\n"
+        "    return real_open(f, *a, **k)\n"
+        "builtins.open = io.open = spy\n"
+        "pathlib.Path.read_text = lambda self, *a, **k: opened.append(str(self))\n"
+        "pathlib.Path.read_bytes = lambda self, *a, **k: opened.append(str(self))\n"
+        "compile_spec(run, 'examples/pipeline_llama3_8b.yaml', lines)\n"
+        "print(opened, 'networkx' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[] False"
+
+
+def test_tokenizer_facts_drive_the_template_check(tmp_path):
+    from llmc.spec.facts import gather_facts
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"content": "<|im_start|>"},
+                                                                                  {"content": "<|im_end|>"}]}))
+    text = ("name: t\nmodel: llama3-8b\nhardware: {gpu: h100-sxm, count: 8}\n"
+            "data: {seq_len: 8192, tokens: 1B, tokenizer: {path: tok, chat_template: llama3}}\n"
+            "stages:\n  - {name: sft, kind: sft}\n")
+    run, lines = loads_spec(text, file="s.yaml")
+    facts = gather_facts(run, tmp_path)
+    assert facts.tokenizers["tok"].specials == {"<|im_start|>", "<|im_end|>"}
+    with_facts = compile_spec(run, "s.yaml", lines, spec_bytes=text.encode(), facts=facts)
+    without = compile_spec(run, "s.yaml", lines, spec_bytes=text.encode())
+    sev = {c: [d.severity for d in x.diagnostics if d.code == "T103"] for c, x in (("f", with_facts), ("n", without))}
+    assert sev == {"f": ["error"], "n": []}  # the file lacks llama3's header tokens; the name guess has them
