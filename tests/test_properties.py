@@ -21,7 +21,7 @@ from llmc.compiler.search import search
 from llmc.diagnostics import SpecError
 from llmc.spec.load import load_spec, loads_spec
 from llmc.spec.model import Architecture, MoE
-from llmc.spec.schema import Parallelism
+from llmc.spec.schema import CHAT_KINDS, Parallelism
 
 
 @st.composite
@@ -145,7 +145,7 @@ def _assert_stage_numbers_agree(c) -> None:
         if s.steps is not None:
             assert s.warmup_steps <= s.steps and s.min_lr <= s.lr
         if s.kind != "pretrain":  # the split covers the batch with the fewest micro-steps
-            dp = 1 if s.kind in ("sft", "dpo", "grpo") else (c.plan.dp if c.plan else c.spec.hardware.count)
+            dp = 1 if s.kind in CHAT_KINDS else (c.plan.dp if c.plan else c.spec.hardware.count)
             assert s.micro_batch * (s.grad_accum - 1) * dp < s.global_batch_seqs <= s.micro_batch * s.grad_accum * dp
 
 

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from llmc.compiler.result import Hyper
+from llmc.spec.schema import PREFERENCE_KINDS
 
 # Pre-training peak LR: 3e-4 at ~1B, 1e-4 at ~70B, log-log interpolated (Llama 2 7B used 3e-4 and 70B
 # 1.5e-4, Touvron et al. 2023 arXiv:2307.09288 Table 1; Llama 3 405B 8e-5, arXiv:2407.21783 §3.4.1).
@@ -62,7 +63,7 @@ def default_lr(n_params: float, kind: str = "pretrain", lora: bool = False) -> f
     fine-tune LR (adapters start at B = 0, so the policy starts equal to the reference).
     """
     if lora:
-        if kind in ("dpo", "grpo"):
+        if kind in PREFERENCE_KINDS:
             return 10 * _interp_log(n_params, STAGE_LR_POINTS[kind])
         return _interp_log(n_params, LORA_LR_POINTS)
     if kind != "pretrain":

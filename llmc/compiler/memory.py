@@ -49,12 +49,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from llmc.compiler.params import (
-    expert_d_ff,
-    is_moe_layer,
-    kv_bytes_per_token,  # noqa: F401  (re-exported for callers that look for it here)
-    layer_components,
-)
+from llmc.compiler.params import expert_d_ff, is_moe_layer, layer_components
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import MemoryNumbers
 from llmc.spec.model import Architecture

@@ -47,7 +47,7 @@ from llmc.compiler.result import (
 from llmc.diagnostics import Diagnostic
 from llmc.spec.facts import ExternalFacts
 from llmc.spec.families import FAMILIES, family_by_name
-from llmc.spec.schema import CHAT_KINDS, LM_KINDS, PretrainStage, RunSpec, StageBase
+from llmc.spec.schema import CHAT_KINDS, LM_KINDS, PREFERENCE_KINDS, PretrainStage, RunSpec, StageBase
 
 # ----------------------------------------------------------------------------- constants (data)
 
@@ -596,7 +596,7 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
     if mem.fits is False:
         sink.add("G005", "warning", p, f"stage {st.name!r} needs {mem.per_gpu_bytes / 1e9:.1f} GB per GPU, "
                  f"more than {(env.capacity or 0) / 1e9:.0f} GB", "use LoRA/QLoRA, more GPUs or activation checkpointing")
-    if st.kind in ("dpo", "grpo") and st.init_from is None and env.n_stages > 1:
+    if st.kind in PREFERENCE_KINDS and st.init_from is None and env.n_stages > 1:
         sink.add("G004", "info", p, f"{st.kind} stage {st.name!r} starts from the base model, not an SFT stage",
                  "preference/RL stages usually start from (and use as reference) the SFT model")
 

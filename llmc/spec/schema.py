@@ -247,6 +247,8 @@ LM_KINDS: tuple[str, ...] = ("pretrain", "midtrain", "long_context")
 #: post-training kinds: chat-formatted data, a chat template and a base model to start from
 CHAT_KINDS: tuple[str, ...] = ("sft", "dpo", "grpo")
 POSTTRAIN_KINDS = CHAT_KINDS
+#: preference / RL kinds: trained against a reference model, usually starting from an SFT stage
+PREFERENCE_KINDS: tuple[str, ...] = ("dpo", "grpo")
 
 
 class LoRA(BaseModel):
@@ -436,6 +438,6 @@ class RunSpec(BaseModel):
 __all__ = [
     "NAME_PATTERN", "ModelRef", "Source", "Tokenizer", "Data", "Hardware", "Budget", "Optimizer", "Schedule",
     "Checkpoint", "LossSpike", "Training", "Parallelism", "StageKind", "STAGE_KINDS", "LM_KINDS", "CHAT_KINDS",
-    "POSTTRAIN_KINDS", "LoRA", "StageBase", "PretrainStage", "MidtrainStage", "LongContextStage", "SFTStage",
+    "POSTTRAIN_KINDS", "PREFERENCE_KINDS", "LoRA", "StageBase", "PretrainStage", "MidtrainStage", "LongContextStage", "SFTStage",
     "DPOStage", "GRPOStage", "STAGE_TYPES", "Stage", "make_stage", "Serving", "RunSpec",
 ]
