@@ -28,6 +28,7 @@ from llmc.compiler.params import (
     matmul_params_active,
     params_active,
 )
+from llmc.spec.families import family_of
 from llmc.spec.model import Architecture
 
 CONVENTION: str = (
@@ -39,7 +40,8 @@ CONVENTION: str = (
 
 def _attn_dims(arch: Architecture) -> tuple[int, int]:
     """(d_qk, d_v) per head. MLA: q/k carry nope+rope dims, v its own (DeepSeek-V3 192 / 128)."""
-    if arch.mla is not None:
+    if family_of(arch).attention == "mla":
+        assert arch.mla is not None
         return arch.mla.qk_nope_head_dim + arch.mla.qk_rope_head_dim, arch.mla.v_head_dim
     return arch.hd, arch.hd
 

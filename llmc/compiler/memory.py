@@ -52,6 +52,7 @@ from functools import lru_cache
 from llmc.compiler.params import expert_d_ff, is_moe_layer, layer_components
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import MemoryNumbers
+from llmc.spec.families import family_of
 from llmc.spec.model import Architecture
 
 GiB = 2**30
@@ -270,8 +271,9 @@ def _attn_act_per_token(arch: Architecture) -> tuple[float, float, float]:
     """(saved elements excluding norms, linear-output elements, attention-output elements) per token,
     attention sub-block, no recompute."""
     H = arch.n_heads
-    if arch.mla is not None:
+    if family_of(arch).attention == "mla":
         m = arch.mla
+        assert m is not None
         dqk, dv = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
         inter = 0.0
         lin_out = 0.0

@@ -5,8 +5,10 @@ biases, MoE, MLA); :func:`family_of` names the family those switches select, and
 declares, per family, what the other layers need: the Hugging Face ``model_type`` / class names
 (import in :mod:`llmc.spec.hf`, export in the runtime), the torchtitan 0.3.0 model module, the
 attention kind (what params / memory / FLOPs count), and the tokenizer's chat special tokens.
-Adding a family is one entry here plus its math hooks in ``llmc.compiler.params`` (parameter
-components), ``llmc.compiler.memory`` (activations) and ``llmc.compiler.flops``.
+Adding a family is one entry here plus, for a new attention kind, its math hooks: parameter
+components (``llmc.compiler.params.ATTENTION_COMPONENTS``), KV elements per token (``params``),
+activations (``llmc.compiler.memory``) and head dims (``llmc.compiler.flops``), each keyed by
+``family_of(arch).attention``; and, for new config keys, an import hook in ``llmc.spec.hf``.
 
 Sources:
   * Llama 2 / 3: Touvron et al. 2023 (arXiv:2307.09288); Llama 3 herd, arXiv:2407.21783 §3.1
