@@ -16,6 +16,7 @@ from functools import partial
 
 from llmc.compiler import checks, defaults, flops, params, scaling, timing
 from llmc.compiler.checks import Sink
+from llmc.compiler.defaults import pretrain_batch_seqs, pretrain_hyper, pretrain_inputs
 from llmc.compiler.hardware import GPU, GPUS, get_gpu, supports
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import (
@@ -31,7 +32,7 @@ from llmc.compiler.result import (
 from llmc.diagnostics import Diagnostic, errors, line_for, sort_diagnostics
 from llmc.spec.facts import ExternalFacts
 from llmc.spec.model import Architecture
-from llmc.spec.schema import Data, RunSpec, Training
+from llmc.spec.schema import RunSpec, Training
 
 
 def model_numbers(arch: Architecture) -> ModelNumbers:
@@ -77,51 +78,6 @@ def spec_sha256(run: RunSpec, spec_bytes: bytes | None) -> str:
     if spec_bytes is None:
         spec_bytes = json.dumps(run.model_dump(mode="json"), sort_keys=True).encode()
     return hashlib.sha256(spec_bytes).hexdigest()
-
-
-def pretrain_inputs(run: RunSpec) -> tuple[Data, Training]:
-    """The data and training settings of the pre-training run: the top level, with a ``pretrain`` stage's
-    own data / seq_len / batch / steps / lr in their place when it sets them (so the search, ``hyper`` and
-    the stage plan all use one set of numbers)."""
-    st = next((s for s in run.stages if s.kind == "pretrain"), None)
-    data, training = run.data, run.training
-    if st is None:
-        return data, training
-    if st.data is not None:
-        data = st.data
-    if st.seq_len is not None:
-        data = data.model_copy(update={"seq_len": st.seq_len})
-    upd: dict = {}
-    if st.steps is not None:
-        upd["steps"] = st.steps
-    if st.global_batch_tokens is not None:
-        upd["global_batch_tokens"] = st.global_batch_tokens
-    if st.lr is not None:
-        upd["optimizer"] = training.optimizer.model_copy(update={"lr": st.lr})
-    return data, training.model_copy(update=upd) if upd else training
-
-
-def pretrain_batch_seqs(run: RunSpec, gpu: GPU | None, seq_len: int, training: Training) -> tuple[int, bool]:
-    """(global batch in sequences, whether llmc chose it): explicit, or the size-aware default rounded up
-    so every data-parallel rank of the widest layout gets a sequence."""
-    gbt = training.global_batch_tokens
-    if gbt is not None:
-        return max(1, round(gbt / seq_len)), False
-    world = run.hardware.count
-    is_cpu = gpu is not None and gpu.key == "cpu"
-    seqs = defaults.default_batch_seqs(params.params_active(run.model), seq_len, world, is_cpu)
-    if gpu is not None:
-        q = checks.min_batch_seqs(run.model, world, gpu.gpus_per_node)
-        seqs = -(-seqs // q) * q
-    return seqs, True
-
-
-def pretrain_hyper(run: RunSpec, gpu: GPU | None, step_seconds: float | None = None) -> Hyper:
-    """The resolved pre-training hyperparameters (``Compiled.hyper``)."""
-    data, training = pretrain_inputs(run)
-    seqs, is_default = pretrain_batch_seqs(run, gpu, data.seq_len, training)
-    return defaults.resolve_hyper(training, data.seq_len, data.tokens, seqs, is_default,
-                                  params.params_active(run.model), params.params_total(run.model), step_seconds)
 
 
 @dataclasses.dataclass(frozen=True)

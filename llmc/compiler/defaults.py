@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from llmc.compiler import params
+from llmc.compiler.checks import min_batch_seqs
+from llmc.compiler.hardware import GPU
 from llmc.compiler.result import Hyper
-from llmc.spec.schema import PREFERENCE_KINDS
+from llmc.spec.schema import PREFERENCE_KINDS, Data, RunSpec, Training
 
 # Pre-training peak LR: 3e-4 at ~1B, 1e-4 at ~70B, log-log interpolated (Llama 2 7B used 3e-4 and 70B
 # 1.5e-4, Touvron et al. 2023 arXiv:2307.09288 Table 1; Llama 3 405B 8e-5, arXiv:2407.21783 §3.4.1).
@@ -196,3 +199,51 @@ def stage_schedule(kind: str, lr: float, steps: int | None, hyper: Hyper, schedu
         warmup = min(hyper.warmup_steps, (steps or 0) // STAGE_WARMUP_DIVISOR)
     return StageSchedule(schedule=schedule.kind, warmup_steps=warmup, min_lr=lr * schedule.min_lr_ratio,
                          decay_fraction=schedule.decay_fraction)
+
+
+# ----------------------------------------------------------------------------- the pre-training run
+
+
+def pretrain_inputs(run: RunSpec) -> tuple[Data, Training]:
+    """The data and training settings of the pre-training run: the top level, with a ``pretrain`` stage's
+    own data / seq_len / batch / steps / lr in their place when it sets them (so the search, ``hyper`` and
+    the stage plan all use one set of numbers)."""
+    st = next((s for s in run.stages if s.kind == "pretrain"), None)
+    data, training = run.data, run.training
+    if st is None:
+        return data, training
+    if st.data is not None:
+        data = st.data
+    if st.seq_len is not None:
+        data = data.model_copy(update={"seq_len": st.seq_len})
+    upd: dict = {}
+    if st.steps is not None:
+        upd["steps"] = st.steps
+    if st.global_batch_tokens is not None:
+        upd["global_batch_tokens"] = st.global_batch_tokens
+    if st.lr is not None:
+        upd["optimizer"] = training.optimizer.model_copy(update={"lr": st.lr})
+    return data, training.model_copy(update=upd) if upd else training
+
+
+def pretrain_batch_seqs(run: RunSpec, gpu: GPU | None, seq_len: int, training: Training) -> tuple[int, bool]:
+    """(global batch in sequences, whether llmc chose it): explicit, or the size-aware default rounded up
+    so every data-parallel rank of the widest layout gets a sequence."""
+    gbt = training.global_batch_tokens
+    if gbt is not None:
+        return max(1, round(gbt / seq_len)), False
+    world = run.hardware.count
+    is_cpu = gpu is not None and gpu.key == "cpu"
+    seqs = default_batch_seqs(params.params_active(run.model), seq_len, world, is_cpu)
+    if gpu is not None:
+        q = min_batch_seqs(run.model, world, gpu.gpus_per_node)
+        seqs = -(-seqs // q) * q
+    return seqs, True
+
+
+def pretrain_hyper(run: RunSpec, gpu: GPU | None, step_seconds: float | None = None) -> Hyper:
+    """The resolved pre-training hyperparameters (``Compiled.hyper``)."""
+    data, training = pretrain_inputs(run)
+    seqs, is_default = pretrain_batch_seqs(run, gpu, data.seq_len, training)
+    return resolve_hyper(training, data.seq_len, data.tokens, seqs, is_default,
+                                  params.params_active(run.model), params.params_total(run.model), step_seconds)

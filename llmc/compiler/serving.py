@@ -164,7 +164,7 @@ def plan_serving(run: RunSpec, gpu_lookup: Callable[[str], GPU | None] | None = 
     if gpu_lookup is None:
         from llmc.compiler.hardware import get_gpu as gpu_lookup  # type: ignore[no-redef]
     if train_gpu is None and gpu_lookup(run.hardware.gpu) is not None:
-        from llmc.compiler.compile import cluster_gpu
+        from llmc.compiler.compile import cluster_gpu  # noqa: PLC0415 - compile imports this module lazily
 
         train_gpu = cluster_gpu(run, gpu_lookup(run.hardware.gpu))
     plans: list[ServingPlan] = []

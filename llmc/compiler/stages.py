@@ -285,9 +285,7 @@ def resolve_stage_training(run: RunSpec, st: StageBase, hyper: Hyper, plan: Para
 
 
 def _pretrain_training(run: RunSpec, hyper: Hyper, plan: ParallelPlan | None, kh: dict) -> StageTraining:
-    from llmc.compiler.compile import pretrain_inputs
-
-    data, _ = pretrain_inputs(run)
+    data, _ = defaults_mod.pretrain_inputs(run)
     # steps derived from the data: the data's tokens; pinned steps: what those steps consume
     tokens = float(data.tokens) if "steps" in hyper.defaults else float(hyper.steps * hyper.global_batch_tokens)
     sched = defaults_mod.stage_schedule("pretrain", hyper.lr, hyper.steps, hyper, run.training.schedule)
@@ -680,13 +678,11 @@ def plan_stages(run: RunSpec, gpu: GPU | None = None, lines: dict | None = None,
     its memory (``compile_spec`` passes them; ``hyper`` is resolved here without a step time otherwise).
     The ``pretrain`` stage takes its numbers from them. facts: tokenizer contents (``gather_facts``).
     """
-    from llmc.compiler.compile import pretrain_hyper
-
     sink = Sink(lines, file)
     stages = resolved_stages(run)
     idx, order = stage_order(stages, sink)
     arch = run.model
-    env = _Env(run=run, hyper=hyper or pretrain_hyper(run, gpu), plan=plan, searched_memory=searched_memory,
+    env = _Env(run=run, hyper=hyper or defaults_mod.pretrain_hyper(run, gpu), plan=plan, searched_memory=searched_memory,
                facts=facts, capacity=gpu.hbm_bytes if gpu is not None else None,
                n_total=params.params_total(arch), n_active=params.params_active(arch),
                n_emb=params.params_embedding(arch), kv_bytes=params.kv_bytes_per_token(arch), n_stages=len(stages))
