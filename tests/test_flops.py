@@ -63,7 +63,7 @@ def test_llama3_405b_paper_total():
 
 
 def test_six_nd_7b_1t():
-    # seed-facts-a Appendix B: 6ND for 7B x 1T = 4.2e22 (the dense part)
+    # 6ND for 7B x 1T = 4.2e22 (the dense part; Kaplan et al. 2020 §2.1)
     assert six_nd(7e9, 1e12) == pytest.approx(4.2e22)
     # Mistral-7B (7.24B, 7.11B without the embedding lookup): 6 N_mm D within 3% of the nominal 4.2e22
     assert training_flops(MISTRAL_7B, 4096, 1e12, attention=False) == pytest.approx(4.2e22, rel=0.03)

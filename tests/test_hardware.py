@@ -64,7 +64,7 @@ def test_cpu_pseudo_device_is_conservative():
 
 
 def test_ridge_point_h100():
-    # seed-facts-a 5.2: ridge point ~ 989 / 3.35 ~ 295 FLOP/byte
+    # roofline ridge point (Williams et al. 2009) ~ 989 / 3.35 ~ 295 FLOP/byte
     h = GPUS["h100-sxm"]
     assert peak_flops(h, "bf16") / (h.hbm_gbps * 1e9) == pytest.approx(295, rel=0.01)
 

@@ -43,7 +43,7 @@ def test_zero_paper_figure1():
     assert round(_states(psi, zero_stage=1, shard=nd) / GB, 1) == 31.4
     assert round(_states(psi, zero_stage=2, shard=nd) / GB, 1) == 16.6
     assert round(_states(psi, zero_stage=3, shard=nd) / GB, 1) == 1.9
-    # seed-facts-b 1.3: bytes/param at N_d = 8: 16 / 5.5 / 3.75 / 2.0
+    # ZeRO paper (arXiv:1910.02054) Figure 1 formulas at N_d = 8: 16 / 5.5 / 3.75 / 2.0 bytes/param
     assert [_states(1, zero_stage=s, shard=8) for s in range(4)] == [16, 5.5, 3.75, 2.0]
 
 

@@ -1,7 +1,7 @@
 """Parameter counts against published totals, each also recomputed with a plain formula here.
 
 Every Architecture is written out from the model's Hugging Face config.json (cited per test). The
-plain formula (seed-facts-a E1/E2/E2b) is independent of llmc.compiler.params.
+plain formula is independent of llmc.compiler.params.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def test_deepseek_v3_total_and_active():
         assert params_total(ds) == _plain_deepseek_v3(active=False, expert_bias=False)
     # Active: 8 routed + 1 shared expert per MoE layer, router, attention, norms and both embedding tables.
     # Independent sum = 37,552,282,624 (+14,848 expert-bias entries). DeepSeek quotes "37B"; the
-    # 37,554,352,128 figure in the brief could not be reproduced (2,069,504 more than this derivation).
+    # 37,554,352,128 figure sometimes quoted could not be reproduced (2,069,504 more than this derivation).
     active = _plain_deepseek_v3(active=True, expert_bias=_HAS_EXPERT_BIAS)
     assert params_active(ds) == active
     assert 37.5e9 < active < 37.6e9
@@ -175,7 +175,7 @@ def test_embedding_and_layer_params_add_up():
 
 
 def test_gqa_shapes_in_breakdown():
-    # seed-facts-a 6.3: for GQA k/v are [n_kv*hd, d] = [1024, 4096] for Llama-3-8B
+    # for GQA k/v are [n_kv*hd, d] = [1024, 4096] for Llama-3-8B
     b = param_breakdown(LLAMA3_8B)
     assert b["attn/wkv"] == 32 * 2 * 1024 * 4096
     assert b["attn/wq"] == b["attn/wo"] == 32 * 4096 * 4096
@@ -189,5 +189,5 @@ def test_kv_bytes_per_token():
     assert kv_bytes_per_token(LLAMA3_70B) == 2 * 80 * 8 * 128 * 2 == 327_680
     assert kv_bytes_per_token(deepseek_v3()) == 61 * (512 + 64) * 2 == 70_272  # MLA latent + rope key
     assert kv_bytes_per_token(LLAMA3_8B, 1) == 65_536  # fp8 KV cache
-    # GQA shrinks the cache by n_heads / n_kv_heads (seed-facts-a F7): Llama-2-7B MHA vs Llama-3-8B
+    # GQA shrinks the cache by n_heads / n_kv_heads (Ainslie et al. 2023, arXiv:2305.13245): Llama-2-7B MHA vs Llama-3-8B
     assert kv_bytes_per_token(LLAMA2_7B) == 4 * kv_bytes_per_token(LLAMA3_8B)

@@ -7,16 +7,21 @@ backends assert at start-up (torchtitan's world-size check, DeepSpeed's batch id
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmc.compiler import timing
+from llmc.compiler.compile import compile_spec
 from llmc.compiler.hardware import get_gpu
 from llmc.compiler.memory import fits, memory_per_gpu
 from llmc.compiler.search import search
+from llmc.diagnostics import SpecError
+from llmc.spec.load import load_spec, loads_spec
 from llmc.spec.model import Architecture, MoE
-from llmc.spec.run import Parallelism
+from llmc.spec.schema import CHAT_KINDS, Parallelism
 
 
 @st.composite
@@ -98,9 +103,6 @@ def test_recomputation_never_speeds_up_a_step(arch, mb, tp):
        count=st.sampled_from([1, 8, 16, 24]))
 def test_compile_never_raises_on_any_pins(tp, pp, cp, ep, dp_shard, dp_replicate, mb, sched, zero, model, count):
     """Whatever the pins, compile_spec returns diagnostics (errors exit 1 in the CLI), never an exception."""
-    from llmc.compiler.compile import compile_spec
-    from llmc.spec.load import loads_spec
-
     pins = {k: v for k, v in dict(tp=tp, pp=pp, cp=cp, ep=ep, dp_shard=dp_shard, dp_replicate=dp_replicate,
                                   micro_batch=mb, pp_schedule=sched, zero_stage=zero).items() if v is not None}
     par = "parallelism: {" + ", ".join(f"{k}: {v}" for k, v in pins.items()) + "}\n" if pins else ""
@@ -114,3 +116,85 @@ def test_compile_never_raises_on_any_pins(tp, pp, cp, ep, dp_shard, dp_replicate
         assert c.plan.world == count
         for k, v in pins.items():
             assert getattr(c.plan, k) == v
+
+
+# ----------------------------------------------------------------------------- one number, one place
+
+
+def _assert_stage_numbers_agree(c) -> None:
+    """Every number in both ``hyper`` and the pretrain stage agrees; other stages' steps x batch cover
+    exactly their tokens (steps = ceil(tokens / batch), or tokens = steps x batch when steps are pinned)."""
+    h = c.hyper
+    for s in c.stages:
+        if s.kind == "pretrain":
+            for key in ("seq_len", "global_batch_tokens", "global_batch_seqs", "steps", "lr", "min_lr",
+                        "warmup_steps", "schedule", "checkpoint_interval"):
+                assert getattr(s, key) == getattr(h, key), key
+            assert s.global_batch_tokens == s.global_batch_seqs * s.seq_len
+            if c.plan is not None:
+                assert (s.micro_batch, s.grad_accum) == (c.plan.micro_batch, c.plan.grad_accum)
+                assert s.micro_batch * s.grad_accum * c.plan.dp == s.global_batch_seqs
+            if "steps" in h.defaults:
+                assert s.tokens == c.compute.tokens
+        elif s.steps is not None:
+            assert s.tokens is not None and s.global_batch_tokens
+            if "steps" in s.defaults:
+                assert (s.steps - 1) * s.global_batch_tokens < s.tokens <= s.steps * s.global_batch_tokens
+            else:
+                assert s.tokens == s.steps * s.global_batch_tokens
+        if s.steps is not None:
+            assert s.warmup_steps <= s.steps and s.min_lr <= s.lr
+        if s.kind != "pretrain":  # the split covers the batch with the fewest micro-steps
+            dp = 1 if s.kind in CHAT_KINDS else (c.plan.dp if c.plan else c.spec.hardware.count)
+            assert s.micro_batch * (s.grad_accum - 1) * dp < s.global_batch_seqs <= s.micro_batch * s.grad_accum * dp
+
+
+EXAMPLES = sorted(Path(__file__).resolve().parents[1].glob("examples/*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_hyper_and_stage_plans_agree(path):
+    run, lines = load_spec(path)
+    c = compile_spec(run, str(path), lines, spec_bytes=path.read_bytes())
+    assert c.stages
+    _assert_stage_numbers_agree(c)
+    j = c.to_json()
+    pre = [s for s in j["stages"] if s["kind"] == "pretrain"]
+    for s in pre:  # the lock's two views of the pre-training run are the same numbers
+        assert {k: s[k] for k in ("steps", "global_batch_tokens", "lr")} == {
+            k: j["hyper"][k] for k in ("steps", "global_batch_tokens", "lr")}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model=st.sampled_from(["tiny", "llama3-8b", "llama3-70b", "mixtral-8x7b"]),
+       count=st.sampled_from([1, 8, 64]), seq=st.sampled_from([512, 2048, 8192]),
+       tokens=st.sampled_from(["1e6", "3.3e9", "1T"]), batch=st.sampled_from([None, 64, 1024]),
+       steps=st.sampled_from([None, 500]), lr=st.sampled_from([None, 2e-4]),
+       stage_set=st.sampled_from(["none", "pretrain", "post", "all"]), sft_tokens=st.sampled_from([None, "1e7"]))
+def test_hyper_and_stage_plans_agree(model, count, seq, tokens, batch, steps, lr, stage_set, sft_tokens):
+    training = []
+    if batch:
+        training.append(f"  global_batch_tokens: {batch * seq}")
+    if steps:
+        training.append(f"  steps: {steps}")
+    if lr:
+        training.append(f"  optimizer: {{lr: {lr}}}")
+    sft_data = f", data: {{seq_len: {seq}, tokens: {sft_tokens}}}" if sft_tokens else ""
+    stages = {
+        "none": "",
+        "pretrain": "stages:\n  - {name: base, kind: pretrain}\n",
+        "post": f"stages:\n  - {{name: sft, kind: sft{sft_data}}}\n  - {{name: dpo, kind: dpo, init_from: sft}}\n",
+        "all": ("stages:\n  - {name: base, kind: pretrain}\n  - {name: mid, kind: midtrain, init_from: base}\n"
+                f"  - {{name: sft, kind: sft, init_from: mid{sft_data}}}\n"
+                "  - {name: rl, kind: grpo, init_from: sft, steps: 20}\n"),
+    }[stage_set]
+    gpu = "cpu" if model == "tiny" else "h100-sxm"
+    text = (f"name: p\nmodel: {model}\nhardware: {{gpu: {gpu}, count: {1 if model == 'tiny' else count}}}\n"
+            f"data:\n  seq_len: {seq}\n  tokens: {tokens}\n  tokenizer: {{train: true}}\n"
+            + ("training:\n" + "\n".join(training) + "\n" if training else "") + stages)
+    try:
+        run, lines = loads_spec(text, file="p.yaml")
+    except SpecError:
+        return
+    c = compile_spec(run, "p.yaml", lines, spec_bytes=text.encode())
+    _assert_stage_numbers_agree(c)

@@ -1,4 +1,4 @@
-"""Scaling-law helpers against the Chinchilla paper, seed-facts-a sec. 2 / Appendix B and the Epoch refit."""
+"""Scaling-law helpers against the Chinchilla paper and the Epoch refit (arXiv:2404.10102)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_compute_optimal_4p2e22():
 
     for c, r in ((4.2e22, 20.0), (3.8e25, 20.0), (1e22, 25.0)):
         assert compute_optimal(c, r)[0] == pytest.approx(compute_optimal_symbolic(c, r)[0], rel=1e-12)
-    n25, d25 = compute_optimal(1e22, tokens_per_param=25)  # seed-facts-b 2: 8.16B / 204B at ratio 25
+    n25, d25 = compute_optimal(1e22, tokens_per_param=25)  # sqrt(1e22 / 150) = 8.16B, x25 = 204B
     assert (n25, d25) == (pytest.approx(8.16e9, rel=0.005), pytest.approx(204e9, rel=0.005))
 
 
@@ -52,14 +52,14 @@ def test_loss_fits():
 
     assert chinchilla_loss(7e9, 1e12) == pytest.approx(plain(7e9, 1e12, 1.69, 406.4, 410.7, 0.34, 0.28))
     assert epoch_loss(7e9, 1e12) == pytest.approx(plain(7e9, 1e12, 1.8172, 482.01, 2085.43, 0.3478, 0.3658))
-    # seed-facts-a sec. 2 worked example: 2.052 (7B x 1T), 2.057 (18.7B x 374B), 2.184 (7B x 140B)
+    # Chinchilla approach-3 fit (Hoffmann et al. 2022 eq. 10): 2.052 (7B x 1T), 2.057 (18.7B x 374B), 2.184 (7B x 140B)
     assert chinchilla_loss(7e9, 1e12) == pytest.approx(2.052, abs=1e-3)
     assert chinchilla_loss(18.7e9, 374e9) == pytest.approx(2.057, abs=1e-3)
     assert chinchilla_loss(7e9, 140e9) == pytest.approx(2.184, abs=1e-3)
 
 
 def test_approach3_optimum_is_not_20x_but_epoch_refit_is():
-    # Approach-3 constants minimised literally give ~72 tok/param at 4.2e22 (9.9B / 709B, seed-facts-a 2)
+    # Approach-3 constants minimised literally give ~72 tok/param at 4.2e22 (9.9B / 709B)
     n, d = CHINCHILLA.optimum(4.2e22)
     assert n == pytest.approx(9.9e9, rel=0.01) and d == pytest.approx(709e9, rel=0.01)
     # the Epoch AI refit (Besiroglu et al. 2024) is consistent with ~20 tokens/param

@@ -13,7 +13,7 @@ from llmc.compiler.memory import fits, memory_per_gpu
 from llmc.compiler.search import divisors, search
 from llmc.spec.load import load_spec, loads_spec
 from llmc.spec.presets import PRESETS
-from llmc.spec.run import Parallelism
+from llmc.spec.schema import Parallelism
 
 H100 = get_gpu("h100-sxm")
 
@@ -50,7 +50,7 @@ def test_405b_on_16384_gpus_finds_a_plan_that_fits():
     assert res.best is not None
     p = res.best.plan
     _check_plan(arch, p, 16384, 2048)
-    assert p.tp == 8  # 405B needs full-node TP (seed-facts §4: TP inside the node)
+    assert p.tp == 8  # 405B needs full-node TP (TP inside the node)
     assert p.pp > 1  # and pipeline across nodes
     assert fits(memory_per_gpu(arch, p, 8192, "bf16", H100.hbm_bytes))
     assert 0.25 < res.best.mfu < 0.55

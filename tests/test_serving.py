@@ -8,7 +8,7 @@ import pytest
 
 from llmc.compiler.serving import GiB, plan_serving
 from llmc.spec.model import MLA, Architecture
-from llmc.spec.run import RunSpec
+from llmc.spec.schema import RunSpec
 
 # Published shapes (Meta's config.json files)
 LLAMA3_8B = dict(name="llama3-8b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336,
@@ -23,9 +23,8 @@ H100 = SimpleNamespace(hbm_bytes=80 * GiB, gpus_per_node=8)
 
 
 def gpus(key):
-    if key in ("h100-sxm", "h100"):
-        return H100
-    raise KeyError(key)
+    """A two-entry hardware table with ``hardware.get_gpu``'s contract (None for an unknown key)."""
+    return H100 if key in ("h100-sxm", "h100") else None
 
 
 def run_with(arch: dict, serving: list[dict], seq_len=8192, stages=()):
@@ -39,7 +38,7 @@ def run_with(arch: dict, serving: list[dict], seq_len=8192, stages=()):
 
 
 def test_llama3_8b_kv_bytes_per_token_matches_published():
-    # 2 (K,V) x 32 layers x 8 kv heads x 128 head_dim x 2 bytes = 131,072 B/token (seed-facts-a App. B)
+    # 2 (K,V) x 32 layers x 8 kv heads x 128 head_dim x 2 bytes = 131,072 B/token
     plans, diags = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 64}]), gpus)
     assert plans[0]["kv_bytes_per_token"] == 131_072
     assert plans[0]["max_model_len"] == 8192
@@ -50,7 +49,7 @@ def test_llama3_8b_8k_x_64_needs_64_gib_and_fails_on_one_gpu():
     plans, diags = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 64, "gpus": 1}]), gpus)
     p = plans[0]
     assert p["kv_gib_needed"] == pytest.approx(64.0)
-    assert p["kv_gib_per_seq"] == pytest.approx(1.0)  # 1 GiB per 8K sequence (seed-facts-a table)
+    assert p["kv_gib_per_seq"] == pytest.approx(1.0)  # 1 GiB per 8K sequence
     assert not p["fits"]
     v001 = [d for d in diags if d.code == "V001"]
     assert len(v001) == 1 and v001[0].severity == "error"
@@ -78,7 +77,7 @@ def test_fp8_kv_halves_the_cache_and_fits_one_gpu():
 
 
 def test_llama3_70b_needs_a_full_node():
-    # 327,680 B/token (seed-facts-a); 8192 x 64 = 160 GiB of KV; weights 70.55e9 x 2 B = 131 GiB
+    # 327,680 B/token; 8192 x 64 = 160 GiB of KV; weights 70.55e9 x 2 B = 131 GiB
     plans, diags = plan_serving(run_with(LLAMA3_70B, [{"concurrency": 64}]), gpus)
     p = plans[0]
     assert p["kv_bytes_per_token"] == 327_680
@@ -96,7 +95,7 @@ def test_llama3_405b_pipelines_across_nodes():
 
 
 def test_awq_7b_weights_about_4_gb():
-    # seed-facts-a 8: "7B: 14 GB bf16 -> ~4 GB 4-bit"
+    # 7B: 14 GB in bf16 -> ~4 GB at 4 bits (AWQ, Lin et al. 2023, arXiv:2306.00978)
     plans, _ = plan_serving(run_with(LLAMA2_7B, [{"quantization": "awq", "concurrency": 1}], seq_len=4096), gpus)
     gb = plans[0]["weights_gib"] * GiB / 1e9
     assert 3.5 < gb < 4.5

@@ -10,7 +10,7 @@ import pytest
 from llmc.diagnostics import SpecError, line_for
 from llmc.spec.load import load_spec, loads_spec
 from llmc.spec.presets import PRESETS
-from llmc.spec.run import RunSpec
+from llmc.spec.schema import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -275,13 +275,37 @@ def test_preset_hint_for_hf_ids(given: str, preset: str):
     assert d.code == "S004" and d.hint == f"did you mean {preset!r}?"
 
 
-def test_check_run_on_a_programmatic_spec():
-    from llmc.spec.load import check_run
+def test_stage_keys_are_checked_per_kind():
+    text = BASE + """\
+model: tiny
+stages:
+  - name: a
+    kind: sft
+    dpo_beta: 0.1
+  - name: b
+    steps: 3
+  - name: c
+    kind: sfd
+  - name: d
+    kind: long_context
+    rope_theta: 1000000
+"""
+    with pytest.raises(SpecError) as ei:
+        loads_spec(text, file="s.yaml")
+    got = {d.code: d for d in ei.value.diagnostics}
+    assert set(got) == {"S001", "S003", "S002"}
+    assert got["S001"].render() == ("s.yaml:{}: error[S001] stages.0.dpo_beta: unknown key 'dpo_beta' for a sft "
+                                    "stage ('dpo_beta' belongs to dpo stages)").format(text.splitlines().index(
+                                        "    dpo_beta: 0.1") + 1)
+    assert got["S003"].path == "stages.1.kind" and got["S002"].path == "stages.2.kind"
+    assert "did you mean 'sft'?" in got["S002"].hint
 
-    run = RunSpec.model_validate({
-        "name": "p", "hardware": {"gpu": "cpu", "count": 1}, "data": {"seq_len": 64, "tokens": 1e6},
-        "model": {"n_layers": 2, "d_model": 96, "n_heads": 6, "n_kv_heads": 4, "d_ff": 256, "vocab_size": 100},
-        "stages": [{"name": "a", "kind": "sft"}, {"name": "a", "kind": "dpo"}],
-    })
-    codes = {(d.code, d.path, d.line) for d in check_run(run, {"model": 3, "stages.1.name": 9})}
-    assert codes == {("M001", "model.n_kv_heads", 3), ("G001", "stages.1.name", 9)}
+
+def test_stage_kinds_load_as_their_classes():
+    from llmc.spec.schema import STAGE_KINDS, STAGE_TYPES
+
+    body = "".join(f"  - {{name: s{i}, kind: {k}}}\n" for i, k in enumerate(STAGE_KINDS))
+    run, _ = loads_spec(BASE + "model: tiny\nstages:\n" + body)
+    assert [type(s) for s in run.stages] == [STAGE_TYPES[k] for k in STAGE_KINDS]
+    # the resolved spec round-trips through JSON (the lockfile stores it)
+    assert RunSpec.model_validate(run.model_dump(mode="json")) == run

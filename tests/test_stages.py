@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import textwrap
@@ -9,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from llmc.compiler.defaults import default_lr
 from llmc.compiler.hardware import get_gpu
 from llmc.compiler.params import kv_bytes_per_token, params_total
-from llmc.compiler.stages import NF4_BITS_PER_PARAM, default_lr, plan_stages
+from llmc.compiler.stages import NF4_BITS_PER_PARAM, plan_stages
+from llmc.spec.facts import gather_facts
 from llmc.spec.load import load_spec, loads_spec
 from llmc.spec.presets import PRESETS
-from llmc.spec.run import RunSpec
+from llmc.spec.schema import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD = """\
@@ -38,7 +41,7 @@ def spec(stages: str, model="llama3-8b", gpu="h100-sxm", count=8, seq=8192, tok=
     text = HEAD.format(model=model, gpu=gpu, count=count, seq=seq, tok=tok) + "stages:\n" + textwrap.indent(
         textwrap.dedent(stages), "  ")
     run, lines = loads_spec(text, file="s.yaml")
-    plans, diags = plan_stages(run, gpu=get_gpu(gpu), lines=lines, file="s.yaml")
+    plans, diags = plan_stages(run, gpu=get_gpu(gpu), lines=lines, file="s.yaml", facts=gather_facts(run, "."))
     return text, plans, diags
 
 
@@ -177,7 +180,7 @@ def test_seq_len_beyond_base_context_is_G004_warning_and_long_context_fixes_it()
 
 
 @pytest.mark.parametrize("model,targets,want", [
-    ("llama3-70b", "[wq, wk, wv, wo, w1, w2, w3]", 207_093_760),  # seed-facts-a App. B
+    ("llama3-70b", "[wq, wk, wv, wo, w1, w2, w3]", 207_093_760),
     ("llama3-70b", "[wq, wv]", 32_768_000),  # "32.77M"
     ("llama3-8b", "[wq, wk, wv, wo, w1, w2, w3]", 41_943_040),  # "41.9M"
 ])
@@ -249,15 +252,15 @@ def test_models_in_memory_per_kind():
 
 def test_size_aware_default_lrs():
     n8, n70 = params_total(PRESETS["llama3-8b"]), params_total(PRESETS["llama3-70b"])
-    assert default_lr("sft", n8, False) == pytest.approx(2e-5)
-    assert default_lr("sft", n70, False) == pytest.approx(2e-5)
-    assert default_lr("sft", 2e6, False) == pytest.approx(5e-5)  # tiny: higher
-    assert default_lr("dpo", 1e9, False) == pytest.approx(1e-6)
-    assert 5e-7 <= default_lr("dpo", n70, False) <= 5.1e-7
-    assert default_lr("grpo", n8, False) == pytest.approx(1e-6)
-    assert default_lr("sft", n8, True) == pytest.approx(2e-4)  # QLoRA paper 7B/13B
-    assert default_lr("sft", 65e9, True) == pytest.approx(1e-4)  # 33B/65B
-    assert default_lr("midtrain", n70, False) == pytest.approx(1e-5)  # S003 §14.2
+    assert default_lr(n8, "sft", False) == pytest.approx(2e-5)
+    assert default_lr(n70, "sft", False) == pytest.approx(2e-5)
+    assert default_lr(2e6, "sft", False) == pytest.approx(5e-5)  # tiny: higher
+    assert default_lr(1e9, "dpo", False) == pytest.approx(1e-6)
+    assert 5e-7 <= default_lr(n70, "dpo", False) <= 5.1e-7
+    assert default_lr(n8, "grpo", False) == pytest.approx(1e-6)
+    assert default_lr(n8, "sft", True) == pytest.approx(2e-4)  # QLoRA paper 7B/13B
+    assert default_lr(65e9, "sft", True) == pytest.approx(1e-4)  # 33B/65B
+    assert default_lr(n70, "midtrain", False) == pytest.approx(1e-5)  # Llama 3 continued-training LRs
     _, plans, _ = spec("- {name: dpo, kind: dpo}\n")
     p = plans[0]
     assert p["hyper"]["beta"] == 0.1 and {"lr", "dpo_beta"} <= set(p["defaults"])
@@ -280,7 +283,7 @@ def test_grpo_rollout_cost():
     n = params_total(PRESETS["llama3-8b"])
     assert r["generated_tokens_per_step"] == 64 * 8 * 1024
     assert r["generation_flops_per_step"] == pytest.approx(2 * n * (64 * 8 * 1024 + 64 * 512))
-    assert r["kv_bytes_per_token"] == 131_072  # Llama-3-8B bf16 KV per token (seed-facts-a App. B)
+    assert r["kv_bytes_per_token"] == 131_072  # Llama-3-8B bf16 KV per token
     assert r["kv_cache_bytes_per_group"] == 8 * (512 + 1024) * 131_072
     assert r["kv_cache_bytes_per_step"] == 64 * r["kv_cache_bytes_per_group"]
 
@@ -416,9 +419,10 @@ def test_examples_plan_cleanly(name):
     plans, diags = plan_stages(run, gpu=get_gpu(run.hardware.gpu), lines=lines)
     assert not codes(diags, "error") and "G005" not in codes(diags)
     assert all(p["memory"]["fits"] is not False for p in plans)
-    json.dumps(plans)  # JSON-serialisable
-    keys = set(plans[0])
-    assert all(set(p) == keys for p in plans)  # stable keys
+    rows = [dataclasses.asdict(p) for p in plans]
+    json.dumps(rows)  # JSON-serialisable
+    keys = set(rows[0])
+    assert all(set(r) == keys for r in rows)  # stable keys
     if name == "pipeline_tiny.yaml":
         assert [p["name"] for p in plans] == ["pretrain", "sft", "dpo", "grpo"]
     if name == "pipeline_llama3_8b.yaml":

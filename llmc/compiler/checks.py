@@ -1,4 +1,4 @@
-"""Plan, hyperparameter, data and budget diagnostics (seed-facts-a §10); pure functions -> [Diagnostic].
+"""Plan, hyperparameter, data and budget diagnostics; pure functions -> [Diagnostic].
 
 Codes owned here (stable, cited by tests and docs):
 
@@ -37,7 +37,7 @@ import math
 from llmc.diagnostics import Diagnostic, line_for
 
 GiB = 2**30
-MAX_PLAUSIBLE_MFU = 0.60  # seed-facts §10.15: an implied MFU above ~60 % is not credible
+MAX_PLAUSIBLE_MFU = 0.60  # above the best published large-run MFUs (PaLM 46 %, Chowdhery et al. 2022 Table 3)
 BIG_PRETRAIN_PARAMS = 1e9  # T006 applies from 1B parameters (active)
 LR_CHECK_MIN_PARAMS = 1e8  # T001's range is for LLM pre-training; toy models legitimately go higher
 Z_LOSS_PARAMS = 30e9  # T007: suggest z-loss from ~30B (PaLM used it at 540B; OLMo/Chameleon for stability)
@@ -203,14 +203,14 @@ def check_hyper(run, hyper, params_active: float, default_lr: float, world: int,
     """T001-T004, T006-T009 on the resolved hyperparameters."""
     tr = run.training
     lr = hyper.lr
-    # the seed range 1e-4..6e-4, widened to half / twice the size-aware value (405B: 6.3e-5 -> 3.2e-5)
+    # 1e-4..6e-4 (GPT-3 Table 2.1 range), widened to half / twice the size-aware value (405B: 6.3e-5 -> 3.2e-5)
     lo, hi = min(1e-4, default_lr / 2), max(6e-4, 2 * default_lr)
     if tr.optimizer.lr is not None and params_active >= LR_CHECK_MIN_PARAMS:
         if not lo <= lr <= hi:
             sink.add("T001", "warning", "training.optimizer.lr",
                      f"peak LR {lr:.2g} for {params_active / 1e9:.3g}B active params is outside "
                      f"pre-training practice ({lo:.2g}..{hi:.2g}; ~{default_lr:.2g} at this size)",
-                     "S004: 3e-4 at ~1B down to 1e-4 at ~70B; larger models need smaller LR")
+                     "3e-4 at ~1B down to 1e-4 at ~70B (Llama 2 Table 1); larger models need smaller LR")
     steps = hyper.steps
     sched = tr.schedule
     if steps > 100 and hyper.warmup_steps == 0:
@@ -228,7 +228,7 @@ def check_hyper(run, hyper, params_active: float, default_lr: float, world: int,
                  f"LR only decays to {100 * sched.min_lr_ratio:.0f}% of peak", "~10% of peak is usual")
     if tr.grad_clip is None:
         sink.add("T003", "warning", "training.grad_clip", "no gradient clipping",
-                 "clip the global grad norm at 1.0 (S003 §P10, S004 Ch7)")
+                 "clip the global grad norm at 1.0 (Llama 2, arXiv:2307.09288 §2.2)")
     if tr.precision == "fp32" and not is_cpu:
         sink.add("T004", "warning", "training.precision",
                  "fp32 training: 2x the weight/activation memory of bf16 and far below tensor-core speed",
@@ -238,10 +238,10 @@ def check_hyper(run, hyper, params_active: float, default_lr: float, world: int,
         if not 2e6 <= bt <= 16.8e6:
             sink.add("T006", "warning", "training.global_batch_tokens",
                      f"global batch {bt / 1e6:.2f}M tokens is outside 2M-16M for large pre-training",
-                     "S003 §P10: 2M-16M tokens per step")
+                     "2M-16M tokens per step (Llama 2: 4M; Llama 3 405B: up to 16M)")
     if tr.z_loss == 0 and params_active >= Z_LOSS_PARAMS and not is_cpu:
         sink.add("T007", "info", "training.z_loss", "no z-loss on a large run",
-                 "z_loss 1e-4..1e-5 keeps output logits from drifting (S003 §P10)")
+                 "z_loss 1e-4..1e-5 keeps output logits from drifting (PaLM, arXiv:2204.02311 §5)")
     moe = run.model.moe
     if moe is not None and moe.aux_loss_coef == 0:
         sink.add("T008", "warning", "model.moe.aux_loss_coef", "MoE without a load-balancing loss",
@@ -249,7 +249,7 @@ def check_hyper(run, hyper, params_active: float, default_lr: float, world: int,
     b1, b2 = tr.optimizer.betas
     if not is_cpu and params_active >= LR_CHECK_MIN_PARAMS and b2 > 0.99:
         sink.add("T009", "warning", "training.optimizer.betas", f"Adam beta2 {b2} for LLM pre-training",
-                 "beta2 = 0.95 is standard for LLMs (S004 Ch7); 0.999 reacts slowly to loss spikes")
+                 "beta2 = 0.95 is standard for LLMs (GPT-3, Llama 2); 0.999 reacts slowly to loss spikes")
 
 
 # ------------------------------------------------------------------------------------------- data

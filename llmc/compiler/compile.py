@@ -2,25 +2,40 @@
 
 Data flow (each arrow one module): spec -> params/flops/scaling (model and compute numbers) ->
 defaults (batch) -> search (plan, memory, step time) -> defaults (the rest of the hyperparameters)
--> checks (diagnostics) -> stages / serving plans. Pure: no printing and no writes; the only I/O is
-reading the spec file's bytes for its sha256 when the caller does not pass them.
+-> checks (diagnostics) -> stages / serving plans. Pure: no printing, no reads and no writes; the
+caller passes the spec file's bytes (for its sha256) and the facts about files the spec references
+(:func:`llmc.spec.facts.gather_facts`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from functools import partial
-from pathlib import Path
 
 from llmc.compiler import checks, defaults, flops, params, scaling, timing
 from llmc.compiler.checks import Sink
-from llmc.compiler.compiled import Compiled, ComputeNumbers, CostNumbers, ModelNumbers
-from llmc.compiler.hardware import GPUS, get_gpu, supports
+from llmc.compiler.defaults import pretrain_batch_seqs, pretrain_hyper, pretrain_inputs
+from llmc.compiler.hardware import GPU, GPUS, get_gpu, supports
+from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.result import (
+    Compiled,
+    ComputeNumbers,
+    CostNumbers,
+    Hyper,
+    MemoryNumbers,
+    ModelNumbers,
+    ServingPlan,
+    StagePlan,
+)
 from llmc.diagnostics import Diagnostic, errors, line_for, sort_diagnostics
+from llmc.spec.facts import ExternalFacts
+from llmc.spec.model import Architecture
+from llmc.spec.schema import RunSpec, Training
 
 
-def model_numbers(arch) -> ModelNumbers:
+def model_numbers(arch: Architecture) -> ModelNumbers:
     """Parameter counts (params.py) in the report's shape."""
     return ModelNumbers(
         params_total=params.params_total(arch), params_active=params.params_active(arch),
@@ -29,13 +44,13 @@ def model_numbers(arch) -> ModelNumbers:
     )
 
 
-def compute_numbers(arch, seq_len: int, tokens: float) -> ComputeNumbers:
+def compute_numbers(arch: Architecture, seq_len: int, tokens: float) -> ComputeNumbers:
     """Training FLOPs (flops.py convention) and the scaling-law reference points (scaling.py)."""
     fpt = flops.train_flops_per_token(arch, seq_len)
     total = fpt * tokens
     n_act = params.params_active(arch)
-    # Chinchilla with 20 tokens/param (seed-facts E10): C = 6 N (20 N)  =>  N = sqrt(C / 120), D = 20 N,
-    # with C in Chinchilla's own 6ND convention (no attention term), as the C001 hint uses too.
+    # Chinchilla with 20 tokens/param (Hoffmann et al. 2022, arXiv:2203.15556 Table 3): C = 6 N (20 N)
+    # => N = sqrt(C / 120), D = 20 N, with C in Chinchilla's own 6ND convention (no attention term).
     n_opt, d_opt = scaling.compute_optimal(6.0 * n_act * float(tokens))
     return ComputeNumbers(
         convention=flops.CONVENTION, flops_per_token=fpt, training_flops=total, tokens=float(tokens),
@@ -44,8 +59,9 @@ def compute_numbers(arch, seq_len: int, tokens: float) -> ComputeNumbers:
     )
 
 
-def cluster_gpu(run, gpu):
-    """The table's GPU with the spec's hardware overrides (node size, network, price) applied."""
+def cluster_gpu(run: RunSpec, gpu: GPU) -> GPU:
+    """The table's GPU with the spec's hardware overrides (node size, network, price) applied: the one
+    source of ``gpus_per_node`` (and network and price) for the search, the stages and serving."""
     hw = run.hardware
     changes = {}
     if hw.gpus_per_node is not None:
@@ -57,117 +73,114 @@ def cluster_gpu(run, gpu):
     return dataclasses.replace(gpu, **changes) if changes else gpu
 
 
-def _hash(spec_path: str, spec_bytes: bytes | None) -> str:
+def spec_sha256(run: RunSpec, spec_bytes: bytes | None) -> str:
+    """sha256 of the spec file's bytes; of the resolved spec's canonical JSON when no bytes are given."""
     if spec_bytes is None:
-        p = Path(spec_path)
-        spec_bytes = p.read_bytes() if p.is_file() else b""
+        spec_bytes = json.dumps(run.model_dump(mode="json"), sort_keys=True).encode()
     return hashlib.sha256(spec_bytes).hexdigest()
 
 
-def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
-                 spec_bytes: bytes | None = None) -> Compiled:
+@dataclasses.dataclass(frozen=True)
+class _Searched:
+    plan: ParallelPlan | None = None
+    memory: MemoryNumbers | None = None
+    reasons: tuple[str, ...] = ()
+    alternatives: tuple = ()
+    rejected: tuple = ()
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None = None,
+                 spec_bytes: bytes | None = None, facts: ExternalFacts | None = None) -> Compiled:
     """Compile a validated ``RunSpec`` into every derived number, the plan and the diagnostics.
 
-    Deterministic for a given spec. Error diagnostics are returned (not raised): the CLI prints
-    them and exits 1; a plan is still reported where one could be computed.
+    ``spec_bytes``: the spec file's bytes, for ``spec.sha256`` (without them: the resolved spec's hash).
+    ``facts``: what the spec's referenced files say (:func:`llmc.spec.facts.gather_facts`); without
+    them tokenizer special tokens are inferred from the model name. Deterministic for given inputs.
+    Error diagnostics are returned (not raised): the CLI prints them and exits 1; a plan is still
+    reported where one could be computed.
     """
     lines = yaml_lines or {}
     sink = Sink(lines, spec_path)
     arch = run.model
-    seq_len = run.data.seq_len
-    world = run.hardware.count
-
+    data, training = pretrain_inputs(run)
     model = model_numbers(arch)
-    compute = compute_numbers(arch, seq_len, run.data.tokens)
-    n_act, n_tot = model.params_active, model.params_total
+    compute = compute_numbers(arch, data.seq_len, data.tokens)
     # A pipeline of post-training stages only (no ``pretrain`` stage) starts from a trained base: the
     # top-level data/training sections then describe no run of their own, so there is nothing to search.
     pretrains = has_pretraining(run)
-    for d in scaling.scaling_diagnostics(n_act, run.data.tokens, "data.tokens") if pretrains else []:
+    for d in scaling.scaling_diagnostics(model.params_active, data.tokens, "data.tokens") if pretrains else []:
         sink.items.append(dataclasses.replace(d, line=d.line or line_for(lines, d.path), file=spec_path))
 
     table_gpu = get_gpu(run.hardware.gpu)
     checks.check_gpu(run, GPUS, sink)
     gpu = cluster_gpu(run, table_gpu) if table_gpu is not None else None
-    is_cpu = gpu is not None and gpu.key == "cpu"
-
-    # --- batch: explicit (must be whole sequences) or size-aware default
     batch_ok = checks.check_batch_tokens(run, sink) if pretrains else True
-    gbt = run.training.global_batch_tokens
-    batch_is_default = gbt is None
-    if batch_is_default:
-        seqs = defaults.default_batch_seqs(n_act, seq_len, world, is_cpu)
-        if gpu is not None:  # a big cluster needs at least one sequence per data-parallel rank
-            q = checks.min_batch_seqs(arch, world, gpu.gpus_per_node)
-            seqs = -(-seqs // q) * q
-    else:
-        seqs = max(1, round(gbt / seq_len))
+    seqs, _ = pretrain_batch_seqs(run, gpu, data.seq_len, training)
+    hyper = pretrain_hyper(run, gpu)  # steps etc.; the checkpoint interval is refined by the step time below
 
-    plan = mem = time = cost = None
-    reasons: list[str] = []
-    alternatives: list = []
-    rejected: list = []
-    search_info: dict = {}
-    can_plan = pretrains and gpu is not None and supports(gpu, run.training.precision) and batch_ok
-    if can_plan:
-        before = len(errors(sink.items))
-        checks.check_pins(run, gpu, sink)
-        can_plan = len(errors(sink.items)) == before
-    if can_plan:
-        from llmc.compiler import memory as memory_mod
-        from llmc.compiler import search
-
-        sm = timing.step_model(arch, seq_len, run.training.precision, gpu)
-        memory_fn = partial(_memory, memory_mod, arch, seq_len, run.training.precision, gpu.hbm_bytes,
-                            run.parallelism.offload_optimizer)
-        res = search.search(arch, sm, world=world, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
-                            precision=run.training.precision, pins=run.parallelism, memory_fn=memory_fn)
-        checks.check_search(run, res, gpu, seqs, sink)
-        reasons, alternatives = res.reasons, res.alternatives
-        rejected = res.rejected[:20]
-        search_info = {"memory_evaluations": res.evaluated, "fitting": res.fitting,
-                       "rejected": dict(sorted(res.rejected_counts.items()))}
-        if res.best is not None:
-            plan, mem = res.best.plan, res.memory
-    steps = run.training.steps or defaults.default_steps(run.data.tokens, seqs * seq_len)
-    if plan is not None:
-        time = timing.time_numbers(sm, plan, steps)
-        gh = timing.gpu_hours(time.days, world)
+    searched = _Searched()
+    if pretrains and gpu is not None and supports(gpu, training.precision) and batch_ok:
+        searched = _search(run, gpu, data.seq_len, training, seqs, sink)
+    time = cost = None
+    if searched.plan is not None:
+        sm = timing.step_model(arch, data.seq_len, training.precision, gpu)
+        time = timing.time_numbers(sm, searched.plan, hyper.steps)
+        gh = timing.gpu_hours(time.days, run.hardware.count)
         cost = CostNumbers(gpu_hours=gh, usd=timing.usd(gh, gpu.usd_per_hour), usd_per_gpu_hour=gpu.usd_per_hour)
+        hyper = pretrain_hyper(run, gpu, time.step_seconds)
 
-    hyper = defaults.resolve_hyper(run.training, seq_len, run.data.tokens, seqs, batch_is_default, n_act, n_tot,
-                                   time.step_seconds if time else None)
     if pretrains:
-        checks.check_hyper(run, hyper, n_act, defaults.default_lr(n_act), world, is_cpu, sink)
-        checks.check_data(run, hyper, sink)
-    if pretrains and gpu is not None and supports(gpu, run.training.precision):
-        peak = timing.mfu_peak(gpu, run.training.precision)
-        checks.check_budget(run, compute.training_flops, time, cost, peak, gpu.usd_per_hour, sink)
-
-    stages, stage_diags = _stages(run, gpu, lines, spec_path, _searched_memory(plan, mem))
-    serving, serving_diags = _serving(run, lines)
+        _check_pretraining(run, gpu, hyper, compute, time, cost, sink)
+    stages, stage_diags = _stages(run, gpu, lines, spec_path, hyper, searched, facts)
+    serving, serving_diags = _serving(run, gpu, lines)
     diags = sink.items + [_located(d, lines, spec_path) for d in stage_diags + serving_diags]
     return Compiled(
-        spec_path=spec_path, spec_sha256=_hash(spec_path, spec_bytes), spec=run, gpu=gpu, model=model,
-        compute=compute, hyper=hyper, plan=plan, memory=mem, time=time, cost=cost, reasons=reasons,
-        alternatives=alternatives, rejected=rejected, diagnostics=sort_diagnostics(_dedupe(diags)),
-        stages=stages, serving=serving, search=search_info,
+        spec_path=spec_path, spec_sha256=spec_sha256(run, spec_bytes), spec=run, gpu=gpu, model=model,
+        compute=compute, hyper=hyper, plan=searched.plan, memory=searched.memory, time=time, cost=cost,
+        reasons=list(searched.reasons), alternatives=list(searched.alternatives),
+        rejected=list(searched.rejected), diagnostics=sort_diagnostics(_dedupe(diags)),
+        stages=stages, serving=serving, search=dict(searched.info),
     )
 
 
-def _searched_memory(plan, mem) -> dict | None:
-    """The searched layout's memory in the stage-plan shape (the pretrain stage reports this figure)."""
-    if plan is None or mem is None:
-        return None
-    return {
-        "per_gpu_bytes": mem.per_gpu_bytes, "capacity_bytes": mem.capacity_bytes,
-        "fits": mem.per_gpu_bytes <= mem.capacity_bytes, "breakdown": dict(mem.breakdown),
-        "activation_checkpointing": plan.activation_checkpointing, "cp": plan.cp,
-        "shard_degree": plan.dp_shard, "source": "the searched parallelism plan",
-    }
+def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int, sink: Sink) -> _Searched:
+    """The parallelism search for the pre-training run (after the pins are checked)."""
+    before = len(errors(sink.items))
+    checks.check_pins(run, gpu, sink)
+    if len(errors(sink.items)) != before:
+        return _Searched()
+    from llmc.compiler import memory as memory_mod
+    from llmc.compiler import search
+
+    arch = run.model
+    sm = timing.step_model(arch, seq_len, training.precision, gpu)
+    memory_fn = partial(_memory, memory_mod, arch, seq_len, training.precision, gpu.hbm_bytes,
+                        run.parallelism.offload_optimizer)
+    res = search.search(arch, sm, world=run.hardware.count, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
+                        precision=training.precision, pins=run.parallelism, memory_fn=memory_fn)
+    checks.check_search(run, res, gpu, seqs, sink)
+    info = {"memory_evaluations": res.evaluated, "fitting": res.fitting,
+            "rejected": dict(sorted(res.rejected_counts.items()))}
+    best = res.best
+    return _Searched(plan=best.plan if best else None, memory=res.memory if best else None,
+                     reasons=tuple(res.reasons), alternatives=tuple(res.alternatives),
+                     rejected=tuple(res.rejected[:20]), info=info)
 
 
-def has_pretraining(run) -> bool:
+def _check_pretraining(run: RunSpec, gpu: GPU | None, hyper: Hyper, compute: ComputeNumbers, time, cost,
+                       sink: Sink) -> None:
+    """Hyperparameter, data and budget diagnostics of the pre-training run."""
+    n_act = params.params_active(run.model)
+    is_cpu = gpu is not None and gpu.key == "cpu"
+    checks.check_hyper(run, hyper, n_act, defaults.default_lr(n_act), run.hardware.count, is_cpu, sink)
+    checks.check_data(run, hyper, sink)
+    if gpu is not None and supports(gpu, run.training.precision):
+        peak = timing.mfu_peak(gpu, run.training.precision)
+        checks.check_budget(run, compute.training_flops, time, cost, peak, gpu.usd_per_hour, sink)
+
+
+def has_pretraining(run: RunSpec) -> bool:
     """True when the run pre-trains on the top-level data: no stages, or a ``pretrain`` stage."""
     return not run.stages or any(st.kind == "pretrain" for st in run.stages)
 
@@ -190,18 +203,21 @@ def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
     return out
 
 
-def _stages(run, gpu, lines, file, searched_memory) -> tuple[list[dict], list[Diagnostic]]:
+def _stages(run: RunSpec, gpu: GPU | None, lines: dict, file: str, hyper: Hyper, searched: _Searched,
+            facts: ExternalFacts | None) -> tuple[list[StagePlan], list[Diagnostic]]:
     from llmc.compiler.stages import plan_stages
 
-    return plan_stages(run, gpu=gpu, lines=lines, file=file, searched_memory=searched_memory)
+    return plan_stages(run, gpu=gpu, lines=lines, file=file, hyper=hyper, plan=searched.plan,
+                       searched_memory=searched.memory, facts=facts)
 
 
-def _serving(run, lines) -> tuple[list[dict], list[Diagnostic]]:
+def _serving(run: RunSpec, gpu: GPU | None, lines: dict) -> tuple[list[ServingPlan], list[Diagnostic]]:
     if not run.serving:
         return [], []
     from llmc.compiler.serving import plan_serving
 
-    return plan_serving(run, gpu_lookup=get_gpu, lines=lines)
+    return plan_serving(run, gpu_lookup=get_gpu, lines=lines, train_gpu=gpu)
 
 
-__all__ = ["compile_spec", "model_numbers", "compute_numbers", "cluster_gpu", "has_pretraining"]
+__all__ = ["compile_spec", "model_numbers", "compute_numbers", "cluster_gpu", "has_pretraining",
+           "pretrain_inputs", "pretrain_batch_seqs", "pretrain_hyper", "spec_sha256"]

@@ -28,6 +28,7 @@ from llmc.compiler.params import (
     matmul_params_active,
     params_active,
 )
+from llmc.spec.families import family_of
 from llmc.spec.model import Architecture
 
 CONVENTION: str = (
@@ -39,7 +40,8 @@ CONVENTION: str = (
 
 def _attn_dims(arch: Architecture) -> tuple[int, int]:
     """(d_qk, d_v) per head. MLA: q/k carry nope+rope dims, v its own (DeepSeek-V3 192 / 128)."""
-    if arch.mla is not None:
+    if family_of(arch).attention == "mla":
+        assert arch.mla is not None
         return arch.mla.qk_nope_head_dim + arch.mla.qk_rope_head_dim, arch.mla.v_head_dim
     return arch.hd, arch.hd
 
@@ -81,7 +83,7 @@ def recompute_flops_per_token(arch: Architecture, seq_len: int, ac_mode: str) ->
     * ``none``: 0.
     * ``full``: every transformer block is re-run once in the backward (torchtitan wraps each block in
       ``checkpoint_wrapper``; the output head is not recomputed): 2*(N_mm - V*d) + attention forward.
-      Hence "full AC = 8N instead of 6N" (+33%, seed-facts-b 1.2; Narayanan et al. 2021's 96 vs 72).
+      Hence "full AC = 8N instead of 6N" (+33%, Narayanan et al. 2021's 96 vs 72).
     * ``selective``: torchtitan's per-op SAC saves the outputs of every *other* matmul and of attention
       and recomputes the rest (elementwise ops and every second mm): we count half of the block matmul
       forward FLOPs, and no attention recompute. (Korthikanti et al. 2022's selective recompute instead

@@ -4,7 +4,7 @@ Everything here is data with a source. Conventions (read these before using a nu
 
 * ``bf16_tflops`` / ``fp8_tflops`` are **dense** tensor-core peaks. NVIDIA datasheets print the
   2:4-structured-sparsity figure first (H100 SXM "1,979 TFLOPS BF16"); the dense figure is half of it
-  (989.4). Using the sparse figure halves every predicted training time (seed-facts-a Appendix A #1).
+  (989.4). Using the sparse figure halves every predicted training time.
 * ``fp32_tflops`` is the plain (non-tensor-core) FP32 peak: PyTorch does not use TF32 for matmuls by
   default (``torch.backends.cuda.matmul.allow_tf32 = False`` since 1.12), so "fp32" training runs at this
   rate. ``tf32_tflops`` (dense) is given where it exists.
@@ -221,7 +221,7 @@ _ROWS: list[dict] = [
         name="NVIDIA GeForce RTX 4090 24GB",
         # Ada whitepaper (appendix table): FP16/BF16 tensor with FP32 accumulate 165.2 TF dense (330.3
         # sparse) -- training accumulates in FP32; FP8 with FP32 accumulate 330.3 dense; FP32 82.6 TF;
-        # 24 GB GDDR6X 1,008 GB/s; no NVLink. Seed S003 gives $0.50/hour.
+        # 24 GB GDDR6X 1,008 GB/s; no NVLink. $0.50/hour: a typical community-cloud rental price.
         bf16_tflops=165.2,
         fp8_tflops=330.3,
         fp32_tflops=82.6,

@@ -49,14 +49,10 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from llmc.compiler.compiled import MemoryNumbers
-from llmc.compiler.params import (
-    expert_d_ff,
-    is_moe_layer,
-    kv_bytes_per_token,  # noqa: F401  (re-exported for callers that look for it here)
-    layer_components,
-)
+from llmc.compiler.params import expert_d_ff, is_moe_layer, layer_components
 from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.result import MemoryNumbers
+from llmc.spec.families import family_of
 from llmc.spec.model import Architecture
 
 GiB = 2**30
@@ -275,8 +271,9 @@ def _attn_act_per_token(arch: Architecture) -> tuple[float, float, float]:
     """(saved elements excluding norms, linear-output elements, attention-output elements) per token,
     attention sub-block, no recompute."""
     H = arch.n_heads
-    if arch.mla is not None:
+    if family_of(arch).attention == "mla":
         m = arch.mla
+        assert m is not None
         dqk, dv = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
         inter = 0.0
         lin_out = 0.0
@@ -494,36 +491,43 @@ def stage_memory(
         # its full working set minus what is kept anyway (so AC never exceeds no AC); 0 without AC
         acts += tokens_mb * work / act_div
 
-        # --- buffers
-        buf = float(WORKSPACE_BYTES)
-        if has_head:
-            buf += tokens_mb * arch.vocab_size * LOGITS_BYTES_PER_ELEM / plan.tp
-        z_dense = plan.dp_shard * plan.cp
-        if zs >= 3 and z_dense > 1 and plan.pp > 1:
-            # torchtitan under PP: reshard_after_forward=False (fsdp.get_fsdp_reshard_after_forward_policy,
-            # "default" policy) and torch.distributed.pipelining sets set_requires_gradient_sync(False) /
-            # set_reshard_after_backward(False) until the last micro-batch (stage.backward_maybe_with_nosync):
-            # the stage's whole unsharded bf16 parameters stay gathered and its unsharded gradients
-            # accumulate in reduce_dtype fp32 -> (wb + 4) bytes x the stage's local parameters.
-            buf += unsharded_local * (wb + 4)
-        elif zs >= 3 and z_dense > 1:
-            # FSDP unit = one block (or the embedding / head): 2 units all-gathered in the compute dtype
-            # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter
-            block = _max_block_local(arch, layers, plan.tp, max(1, plan.ep))
-            unit = block
-            if has_emb or has_head:
-                unit = max(unit, arch.vocab_size * arch.d_model / plan.tp)  # embedding / head unit
-            # the largest unit gathered (wb) with its fp32 gradient (4) + the next block prefetched (wb)
-            buf += unit * (wb + 4) + block * wb
-        elif zs in (1, 2) and plan.dp > 1:
-            buf += 2 * min(DS_BUCKET_ELEMS, unsharded_local) * wb  # reduce + all-gather buckets
-        elif plan.dp > 1:
-            buf += 2 * DDP_BUCKET_BYTES
+        buf = _stage_buffers(arch, plan, layers, has_emb, has_head, unsharded_local, tokens_mb, wb)
         out.append(StageMemory(w, gr, op, acts, buf))
     return out
 
 
 @lru_cache(maxsize=4096)
+def _stage_buffers(arch: Architecture, plan: ParallelPlan, layers: tuple[int, ...], has_emb: bool, has_head: bool,
+                   unsharded_local: float, tokens_mb: float, wb: float) -> float:
+    """Communication buffers, logits and workspace of one pipeline stage (module docstring, "Buffers")."""
+    zs = plan.zero_stage
+    buf = float(WORKSPACE_BYTES)
+    if has_head:
+        buf += tokens_mb * arch.vocab_size * LOGITS_BYTES_PER_ELEM / plan.tp
+    z_dense = plan.dp_shard * plan.cp
+    if zs >= 3 and z_dense > 1 and plan.pp > 1:
+        # torchtitan under PP: reshard_after_forward=False (fsdp.get_fsdp_reshard_after_forward_policy,
+        # "default" policy) and torch.distributed.pipelining sets set_requires_gradient_sync(False) /
+        # set_reshard_after_backward(False) until the last micro-batch (stage.backward_maybe_with_nosync):
+        # the stage's whole unsharded bf16 parameters stay gathered and its unsharded gradients
+        # accumulate in reduce_dtype fp32 -> (wb + 4) bytes x the stage's local parameters.
+        buf += unsharded_local * (wb + 4)
+    elif zs >= 3 and z_dense > 1:
+        # FSDP unit = one block (or the embedding / head): 2 units all-gathered in the compute dtype
+        # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter
+        block = _max_block_local(arch, layers, plan.tp, max(1, plan.ep))
+        unit = block
+        if has_emb or has_head:
+            unit = max(unit, arch.vocab_size * arch.d_model / plan.tp)  # embedding / head unit
+        # the largest unit gathered (wb) with its fp32 gradient (4) + the next block prefetched (wb)
+        buf += unit * (wb + 4) + block * wb
+    elif zs in (1, 2) and plan.dp > 1:
+        buf += 2 * min(DS_BUCKET_ELEMS, unsharded_local) * wb  # reduce + all-gather buckets
+    elif plan.dp > 1:
+        buf += 2 * DDP_BUCKET_BYTES
+    return buf
+
+
 def _max_block_local(arch: Architecture, layers: tuple[int, ...], tp: int, ep: int) -> float:
     """Largest block of the stage after the tp / ep split (one FSDP unit)."""
     div = {"tp": tp, "vocab": tp, "replicated": 1, "expert": ep}

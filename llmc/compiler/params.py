@@ -17,33 +17,38 @@ shapes as the Hugging Face checkpoints:
   DeepSeek-V3's ``e_score_correction_bias`` (``expert_bias``) adds E per MoE layer (an nn.Parameter in
   HF; torchtitan keeps it as a buffer).
 
-Formulas E1/E2/E2b of seed-facts-a sec. 1.2; verified against the published totals in tests/test_params.py.
+Verified against the published totals in tests/test_params.py.
 """
 
 from __future__ import annotations
 
+from llmc.spec.families import family_of
 from llmc.spec.model import Architecture
 
 # ----------------------------------------------------------------------------- per-block components
 
 
-def _attn_components(arch: Architecture) -> dict[str, int]:
+def _mla_components(arch: Architecture) -> dict[str, int]:
     d, H = arch.d_model, arch.n_heads
-    if arch.mla is not None:
-        m = arch.mla
-        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
-        out: dict[str, int] = {}
-        if m.q_lora_rank is None:
-            out["mla/wq"] = H * qk * d
-        else:
-            out["mla/wq_a"] = m.q_lora_rank * d
-            out["mla/q_norm"] = m.q_lora_rank
-            out["mla/wq_b"] = H * qk * m.q_lora_rank
-        out["mla/wkv_a"] = (m.kv_lora_rank + m.qk_rope_head_dim) * d
-        out["mla/kv_norm"] = m.kv_lora_rank
-        out["mla/wkv_b"] = H * (m.qk_nope_head_dim + m.v_head_dim) * m.kv_lora_rank
-        out["mla/wo"] = d * H * m.v_head_dim
-        return out
+    m = arch.mla
+    assert m is not None
+    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    out: dict[str, int] = {}
+    if m.q_lora_rank is None:
+        out["mla/wq"] = H * qk * d
+    else:
+        out["mla/wq_a"] = m.q_lora_rank * d
+        out["mla/q_norm"] = m.q_lora_rank
+        out["mla/wq_b"] = H * qk * m.q_lora_rank
+    out["mla/wkv_a"] = (m.kv_lora_rank + m.qk_rope_head_dim) * d
+    out["mla/kv_norm"] = m.kv_lora_rank
+    out["mla/wkv_b"] = H * (m.qk_nope_head_dim + m.v_head_dim) * m.kv_lora_rank
+    out["mla/wo"] = d * H * m.v_head_dim
+    return out
+
+
+def _gqa_components(arch: Architecture) -> dict[str, int]:
+    d, H = arch.d_model, arch.n_heads
     hd, kv = arch.hd, arch.kv_heads
     out = {
         "attn/wq": H * hd * d,
@@ -53,6 +58,14 @@ def _attn_components(arch: Architecture) -> dict[str, int]:
     if arch.qkv_bias:
         out["attn/bias"] = H * hd + 2 * kv * hd
     return out
+
+
+#: attention kind (``families.Family.attention``) -> its per-block parameter components
+ATTENTION_COMPONENTS = {"gqa": _gqa_components, "mla": _mla_components}
+
+
+def _attn_components(arch: Architecture) -> dict[str, int]:
+    return ATTENTION_COMPONENTS[family_of(arch).attention](arch)
 
 
 def expert_d_ff(arch: Architecture) -> int:
@@ -171,7 +184,8 @@ def matmul_params_active(arch: Architecture) -> int:
 def kv_elems_per_token_per_layer(arch: Architecture) -> int:
     """Cached elements per token per layer: GQA 2*KV*hd (K and V); MLA kv_lora + rope (the compressed
     latent c_KV and the shared RoPE key, DeepSeek-V2 sec. 2.1.2, what vLLM/SGLang cache)."""
-    if arch.mla is not None:
+    if family_of(arch).attention == "mla":
+        assert arch.mla is not None
         return arch.mla.kv_lora_rank + arch.mla.qk_rope_head_dim
     return 2 * arch.kv_heads * arch.hd
 

@@ -2,14 +2,14 @@
 
 Sources:
 * Hoffmann et al. 2022 ("Chinchilla", arXiv 2203.15556): ~20 training tokens per parameter is
-  compute-optimal (Table 3; seed-facts-a sec. 2), and C ~= 6ND.
+  compute-optimal (Table 3), and C ~= 6ND.
 * Approach-3 parametric fit L(N, D) = E + A/N^alpha + B/D^beta with E=1.69, A=406.4, B=410.7,
   alpha=0.34, beta=0.28 (Hoffmann et al. 2022, eq. 10). Minimised under C = 6ND these constants give
   72-138 tokens/param, not 20 -- the inconsistency Besiroglu et al. 2024 (Epoch AI, "Chinchilla
   Scaling: A replication attempt", arXiv 2404.10102) traced to the fit; their refit E=1.8172,
   A=482.01, B=2085.43, alpha=0.3478, beta=0.3658 is consistent with ~20 tokens/param.
   llmc therefore uses the 20x rule for "optimal N/D" and the loss fits only as rough loss estimates.
-* For MoE models N is the *active* parameter count (seed-facts-a sec. 10 item 1).
+* For MoE models N is the *active* parameter count (the parameters a token's FLOPs scale with).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _optimal_solution(tokens_per_param: float):
 
 def compute_optimal(flops: float, tokens_per_param: float = TOKENS_PER_PARAM) -> tuple[float, float]:
     """(N, D) with C = 6 N D and D = tokens_per_param * N: N = sqrt(C / (6 r)), i.e. sqrt(C/120) at r=20
-    (seed-facts-a E10; C in Chinchilla's 6ND convention, without the attention term)."""
+    (C in Chinchilla's 6ND convention, without the attention term)."""
     n = math.sqrt(float(flops) / (6.0 * float(tokens_per_param)))
     return n, tokens_per_param * n
 

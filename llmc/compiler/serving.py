@@ -10,7 +10,7 @@ Memory model per GPU of one replica (tp x pp GPUs), all in bytes:
 * weights       = (non-embedding params x q + embedding params x 2) / (tp x pp)
   q = 2 (bf16), 1 (fp8), 0.5 + 2.5/128 (awq/gptq 4-bit, group 128: fp16 scale + 4-bit zero per
   group). Embedding and LM head stay in 16 bit (vLLM and AutoAWQ/AutoGPTQ do not quantise them).
-* KV per token  = kv_bytes_per_token(arch, 2 or 1 for an fp8 KV cache)   [2 x L x n_kv x hd x bytes]
+* KV per token  = params.kv_bytes_per_token(arch, 2 or 1 for an fp8 KV cache)   [2 x L x n_kv x hd x bytes]
   sharded over min(tp, n_kv_heads) (vLLM replicates KV heads when tp > n_kv_heads; an MLA latent
   cache is replicated on every TP rank) and over pp (layers are split).
 * reserve       = 1 GiB (CUDA context, cuBLAS workspace, CUDA graphs, NCCL buffers)
@@ -27,9 +27,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
-from llmc.diagnostics import Diagnostic
+from llmc.compiler import params
+from llmc.compiler.hardware import GPU
+from llmc.compiler.result import ServingPlan
+from llmc.diagnostics import Diagnostic, line_for
+from llmc.spec.model import Architecture
+from llmc.spec.schema import RunSpec, Serving
 
 GiB = 2**30
 WORKSPACE_BYTES = 1 * GiB  # CUDA context + cuBLAS workspace + CUDA graphs + NCCL (estimate)
@@ -38,56 +42,12 @@ MAX_PP = 16
 _BYTES_PER_PARAM = {"none": 2.0, "fp8": 1.0, "awq": 0.5 + 2.5 / 128, "gptq": 0.5 + 2.5 / 128}
 
 
-def _lookup_line(lines: Any, path: str) -> int | None:
-    """YAML line of a dotted path (``serving[0].gpus``), or of its nearest parent; None without a line map."""
-    if not lines:
-        return None
-    from llmc.diagnostics import line_for
-
-    return line_for(lines, path)
+def embedding_params(arch: Architecture) -> int:
+    """Token embedding + untied LM head (kept in 16 bit by weight-only quantisation): params.py's count."""
+    return params.params_embedding(arch)
 
 
-def _kv_bytes_per_token(arch: Any, bytes_per_elem: int) -> int:
-    """KV-cache bytes per token over all layers (the math engineer's formula when available)."""
-    try:  # pragma: no cover - depends on the teammate's module
-        from llmc.compiler.memory import kv_bytes_per_token
-
-        return int(kv_bytes_per_token(arch, bytes_per_elem))
-    except ImportError:
-        pass
-    try:  # pragma: no cover
-        from llmc.compiler.params import kv_bytes_per_token
-
-        return int(kv_bytes_per_token(arch, bytes_per_elem))
-    except ImportError:
-        pass
-    # E5 (seed-facts-a 1.2): 2 * L * n_kv * hd * bytes; MLA: (kv_lora_rank + qk_rope_head_dim) per layer
-    if getattr(arch, "mla", None) is not None:
-        return arch.n_layers * (arch.mla.kv_lora_rank + arch.mla.qk_rope_head_dim) * bytes_per_elem
-    return 2 * arch.n_layers * arch.kv_heads * arch.hd * bytes_per_elem
-
-
-def _params_total(arch: Any) -> int:
-    try:  # pragma: no cover - teammate's module
-        from llmc.compiler.params import params_total
-
-        return int(params_total(arch))
-    except ImportError:
-        pass
-    # Llama-style dense count (seed-facts-a E1), used only until params.py lands
-    d, L, H, KV, hd = arch.d_model, arch.n_layers, arch.n_heads, arch.kv_heads, arch.hd
-    per_layer = d * H * hd + 2 * d * KV * hd + H * hd * d + 3 * d * arch.d_ff + 2 * d
-    if arch.qkv_bias:
-        per_layer += H * hd + 2 * KV * hd
-    return arch.vocab_size * d * (1 if arch.tied_embeddings else 2) + L * per_layer + d
-
-
-def embedding_params(arch: Any) -> int:
-    """Token embedding + untied LM head (kept in 16 bit by weight-only quantisation)."""
-    return arch.vocab_size * arch.d_model * (1 if arch.tied_embeddings else 2)
-
-
-def serving_max_model_len(run: Any, target: Any) -> int:
+def serving_max_model_len(run: RunSpec, target: Serving) -> int:
     """max_model_len: explicit, else the long-context stage's seq_len (up to the served stage), else data.seq_len."""
     if target.max_model_len:
         return int(target.max_model_len)
@@ -108,12 +68,12 @@ def _pow2_upto(n: int) -> list[int]:
     return out
 
 
-def _evaluate(arch, *, tp: int, pp: int, weight_bytes: float, kv_tok: int, max_len: int,
+def _evaluate(arch: Architecture, *, tp: int, pp: int, weight_bytes: float, kv_tok: int, max_len: int,
               concurrency: int, capacity: int, util: float) -> dict:
-    kv_shard = 1 if getattr(arch, "mla", None) is not None else min(tp, arch.kv_heads)
+    kv_shard = 1 if arch.mla is not None else min(tp, arch.kv_heads)
     kv_tok_gpu = kv_tok / kv_shard / pp
     d_ff = arch.d_ff
-    if getattr(arch, "moe", None) is not None and arch.moe.expert_d_ff:
+    if arch.moe is not None and arch.moe.expert_d_ff:
         d_ff = max(d_ff, arch.moe.expert_d_ff * arch.moe.top_k)
     act = PREFILL_CHUNK_TOKENS * 2 * (4 * arch.d_model + 3 * d_ff / tp)
     reserve = WORKSPACE_BYTES + act
@@ -141,133 +101,122 @@ def _r(x: float, nd: int = 3) -> float:
     return round(float(x), nd)
 
 
-def plan_serving(run: Any, gpu_lookup: Callable[[str], Any] | None = None,
-                 lines: Any = None) -> tuple[list[dict], list[Diagnostic]]:
-    """One plan dict per ``run.serving`` target, plus V-diagnostics (V001 KV does not fit, ...)."""
+class _Target:
+    """Diagnostics of one serving target, located at ``serving.N`` (or the key under it)."""
+
+    def __init__(self, i: int, lines: dict | None, diags: list[Diagnostic]):
+        self.path, self.lines, self.diags = f"serving.{i}", lines, diags
+
+    def add(self, code: str, sev: str, sub: str, msg: str, hint: str = "") -> None:
+        path = f"{self.path}.{sub}" if sub else self.path
+        self.diags.append(Diagnostic(code=code, severity=sev, path=path, message=msg,  # type: ignore[arg-type]
+                                     hint=hint, line=line_for(self.lines, path)))
+
+
+def _layouts(arch: Architecture, t: Serving, gpn: int, common: dict, out: _Target) -> tuple[dict | None, list[dict]]:
+    """(the chosen layout or None, every layout tried). Pinned ``gpus``: tp within a node, pp across
+    nodes; else the smallest power-of-two tp that fits, then pipeline stages over nodes."""
+    tried: list[dict] = []
+    if t.gpus:
+        tp = min(t.gpus, gpn)
+        if t.gpus % tp != 0:
+            out.add("V006", "error", "gpus", f"gpus={t.gpus} is not a multiple of the GPUs per node ({gpn})",
+                    "use a multiple of gpus_per_node or at most one node")
+            return None, tried
+        if arch.n_heads % tp != 0:
+            out.add("V007", "error", "gpus", f"tensor_parallel_size {tp} does not divide n_heads={arch.n_heads}",
+                    "pick a GPU count whose per-node part divides the head count")
+            return None, tried
+        tried.append(_evaluate(arch, tp=tp, pp=t.gpus // tp, **common))
+        return (tried[-1] if tried[-1]["fits"] else None), tried
+    tps = [tp for tp in _pow2_upto(gpn) if arch.n_heads % tp == 0] or [1]
+    layouts = [(tp, 1) for tp in tps] + [(tps[-1], pp) for pp in range(2, min(MAX_PP, arch.n_layers) + 1)]
+    for tp, pp in layouts:
+        tried.append(_evaluate(arch, tp=tp, pp=pp, **common))
+        if tried[-1]["fits"]:
+            return tried[-1], tried
+    return None, tried
+
+
+def _fit_diagnostic(best: dict, t: Serving, max_len: int, util: float, capacity: int, out: _Target) -> None:
+    """V002 (the weights alone do not fit) or V001 (the KV cache cannot hold max_model_len x concurrency)."""
+    if best["kv_budget"] <= 0:
+        out.add("V002", "error", "",
+                f"weights do not fit: {best['weights_gpu'] / GiB:.1f} GiB weights + "
+                f"{best['reserve'] / GiB:.1f} GiB workspace per GPU exceed "
+                f"{best['budget'] / GiB:.1f} GiB ({util:g} x {capacity / GiB:.0f} GiB) at tp={best['tp']} pp={best['pp']}",
+                "quantize the weights (fp8/awq), or use more GPUs")
+    else:
+        out.add("V001", "error", "concurrency",
+                f"KV cache cannot hold max_model_len x concurrency ({max_len} x {t.concurrency}): needs "
+                f"{best['kv_need'] / GiB:.1f} GiB, has {best['kv_budget'] / GiB:.1f} GiB per GPU "
+                f"(tp={best['tp']} pp={best['pp']}; {best['max_seqs']} sequences fit)",
+                "use kv_cache_dtype: fp8, fewer concurrent sequences, a shorter max_model_len, or more GPUs")
+
+
+def plan_serving(run: RunSpec, gpu_lookup: Callable[[str], GPU | None] | None = None, lines: dict | None = None,
+                 train_gpu: GPU | None = None) -> tuple[list[ServingPlan], list[Diagnostic]]:
+    """One :class:`ServingPlan` per ``run.serving`` target, plus V-diagnostics (V001 KV does not fit, ...).
+
+    ``train_gpu``: the training GPU with the spec's hardware overrides (``compile.cluster_gpu``), used
+    for targets that name no GPU of their own; others come from ``gpu_lookup`` (the hardware table).
+    """
     if gpu_lookup is None:
         from llmc.compiler.hardware import get_gpu as gpu_lookup  # type: ignore[no-redef]
+    if train_gpu is None and gpu_lookup(run.hardware.gpu) is not None:
+        from llmc.compiler.compile import cluster_gpu  # noqa: PLC0415 - compile imports this module lazily
 
-    arch = run.model
-    plans: list[dict] = []
+        train_gpu = cluster_gpu(run, gpu_lookup(run.hardware.gpu))
+    plans: list[ServingPlan] = []
     diags: list[Diagnostic] = []
-    stage_names = [s.name for s in run.stages]
     for i, t in enumerate(run.serving):
-        path = f"serving[{i}]"
-        ln = _lookup_line(lines, path)
-
-        def diag(code, sev, sub, msg, hint="", _ln=ln, _path=path):
-            return Diagnostic(code=code, severity=sev, path=f"{_path}.{sub}" if sub else _path, message=msg,
-                              hint=hint, line=_lookup_line(lines, f"{_path}.{sub}") or _ln)
-
-        gpu_key = t.gpu or run.hardware.gpu
-        try:
-            gpu = gpu_lookup(gpu_key)
-        except Exception as e:  # unknown GPU: the spec checker reports S-codes too; say it here for serving
-            diags.append(diag("V003", "error", "gpu", f"unknown GPU type {gpu_key!r} ({e})",
-                              "see `llmc gpus` for the hardware table"))
-            continue
-        if t.stage is not None and t.stage not in stage_names:
-            diags.append(diag("V004", "error", "stage", f"stage {t.stage!r} does not exist",
-                              f"one of: {', '.join(stage_names) or '(no stages)'}"))
-        capacity = int(gpu.hbm_bytes)
-        gpn = run.hardware.gpus_per_node if (t.gpu is None and run.hardware.gpus_per_node) else gpu.gpus_per_node
-        gpn = max(1, int(gpn or 1))
-        util = float(t.gpu_memory_utilization)
-        max_len = serving_max_model_len(run, t)
-        kv_elem = 1 if t.kv_cache_dtype == "fp8" else 2
-        kv_tok = _kv_bytes_per_token(arch, kv_elem)
-        p_total = _params_total(arch)
-        p_emb = min(embedding_params(arch), p_total)
-        q = _BYTES_PER_PARAM[t.quantization]
-        weight_bytes = (p_total - p_emb) * q + p_emb * 2
-        common = dict(weight_bytes=weight_bytes, kv_tok=kv_tok, max_len=max_len, concurrency=t.concurrency,
-                      capacity=capacity, util=util)
-
-        if max_len > arch.max_seq_len and not arch.rope_scaling and not any(
-                s.kind == "long_context" for s in run.stages):
-            diags.append(diag("V005", "warning", "max_model_len",
-                              f"max_model_len {max_len} exceeds the model's max_seq_len {arch.max_seq_len}",
-                              "add a long_context stage or rope_scaling, or serve a shorter context"))
-
-        chosen = None
-        tried: list[dict] = []
-        if t.gpus:
-            tp = min(t.gpus, gpn)
-            if t.gpus % tp != 0:
-                diags.append(diag("V006", "error", "gpus",
-                                  f"gpus={t.gpus} is not a multiple of the GPUs per node ({gpn})",
-                                  "use a multiple of gpus_per_node or at most one node"))
-                continue
-            pp = t.gpus // tp
-            if arch.n_heads % tp != 0:
-                diags.append(diag("V007", "error", "gpus",
-                                  f"tensor_parallel_size {tp} does not divide n_heads={arch.n_heads}",
-                                  "pick a GPU count whose per-node part divides the head count"))
-                continue
-            ev = _evaluate(arch, tp=tp, pp=pp, **common)
-            tried.append(ev)
-            if ev["fits"]:
-                chosen = ev
-        else:
-            tps = [tp for tp in _pow2_upto(gpn) if arch.n_heads % tp == 0] or [1]
-            for tp in tps:
-                ev = _evaluate(arch, tp=tp, pp=1, **common)
-                tried.append(ev)
-                if ev["fits"]:
-                    chosen = ev
-                    break
-            if chosen is None:
-                tp = tps[-1]
-                for pp in range(2, min(MAX_PP, arch.n_layers) + 1):
-                    ev = _evaluate(arch, tp=tp, pp=pp, **common)
-                    tried.append(ev)
-                    if ev["fits"]:
-                        chosen = ev
-                        break
-        best = chosen or tried[-1]
-        fits = chosen is not None
-        kv_gib_per_seq = best["kv_per_seq_gpu"] / GiB
-        if not fits:
-            if best["kv_budget"] <= 0:
-                diags.append(diag(
-                    "V002", "error", "",
-                    f"weights do not fit: {best['weights_gpu'] / GiB:.1f} GiB weights + "
-                    f"{best['reserve'] / GiB:.1f} GiB workspace per GPU exceed "
-                    f"{best['budget'] / GiB:.1f} GiB ({util:g} x {capacity / GiB:.0f} GiB) at tp={best['tp']} pp={best['pp']}",
-                    "quantize the weights (fp8/awq), or use more GPUs"))
-            else:
-                diags.append(diag(
-                    "V001", "error", "concurrency",
-                    f"KV cache cannot hold max_model_len x concurrency ({max_len} x {t.concurrency}): needs "
-                    f"{best['kv_need'] / GiB:.1f} GiB, has {best['kv_budget'] / GiB:.1f} GiB per GPU "
-                    f"(tp={best['tp']} pp={best['pp']}; {best['max_seqs']} sequences fit)",
-                    "use kv_cache_dtype: fp8, fewer concurrent sequences, a shorter max_model_len, or more GPUs"))
-        vllm_quant = None if t.quantization == "none" else t.quantization
-        plans.append({
-            "index": i,
-            "engine": t.engine,
-            "gpu": gpu_key,
-            "stage": t.stage or (stage_names[-1] if stage_names else "pretrain"),
-            "tensor_parallel_size": best["tp"],
-            "pipeline_parallel_size": best["pp"],
-            "gpus": best["tp"] * best["pp"],
-            "nodes": best["pp"] if best["pp"] > 1 else 1,  # pipeline stages go across nodes, tp within one
-            "max_model_len": max_len,
-            "concurrency": t.concurrency,
-            "max_num_seqs": t.concurrency,
-            "max_seqs_that_fit": best["max_seqs"],
-            "gpu_memory_utilization": util,
-            "quantization": vllm_quant,
-            "kv_cache_dtype": t.kv_cache_dtype,
-            "prefix_caching": bool(t.prefix_caching),
-            "kv_bytes_per_token": kv_tok,
-            "weights_gib": _r(weight_bytes / GiB),
-            "weights_gib_per_gpu": _r(best["weights_gpu"] / GiB),
-            "reserve_gib_per_gpu": _r(best["reserve"] / GiB),
-            "kv_gib_per_seq": _r(kv_gib_per_seq, 4),
-            "kv_gib_needed": _r(best["kv_need"] / GiB),
-            "kv_budget_gib": _r(best["kv_budget"] / GiB),
-            "capacity_gib": _r(capacity / GiB),
-            "fits": fits,
-        })
+        plan = _plan_target(run, i, t, gpu_lookup, train_gpu, _Target(i, lines, diags))
+        if plan is not None:
+            plans.append(plan)
     return plans, diags
+
+
+def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | None, out: _Target
+                 ) -> ServingPlan | None:
+    arch = run.model
+    stage_names = [s.name for s in run.stages]
+    gpu_key = t.gpu or run.hardware.gpu
+    gpu = gpu_lookup(t.gpu) if t.gpu else train_gpu
+    if gpu is None:  # the spec checker reports the training GPU (S007) too; say it here for serving
+        out.add("V003", "error", "gpu", f"unknown GPU type {gpu_key!r}", "see `llmc gpus` for the hardware table")
+        return None
+    if t.stage is not None and t.stage not in stage_names:
+        out.add("V004", "error", "stage", f"stage {t.stage!r} does not exist",
+                f"one of: {', '.join(stage_names) or '(no stages)'}")
+    capacity = int(gpu.hbm_bytes)
+    util = float(t.gpu_memory_utilization)
+    max_len = serving_max_model_len(run, t)
+    kv_tok = params.kv_bytes_per_token(arch, 1 if t.kv_cache_dtype == "fp8" else 2)
+    p_total = params.params_total(arch)
+    p_emb = min(embedding_params(arch), p_total)
+    weight_bytes = (p_total - p_emb) * _BYTES_PER_PARAM[t.quantization] + p_emb * 2
+    if max_len > arch.max_seq_len and not arch.rope_scaling and not any(
+            s.kind == "long_context" for s in run.stages):
+        out.add("V005", "warning", "max_model_len",
+                f"max_model_len {max_len} exceeds the model's max_seq_len {arch.max_seq_len}",
+                "add a long_context stage or rope_scaling, or serve a shorter context")
+    common = dict(weight_bytes=weight_bytes, kv_tok=kv_tok, max_len=max_len, concurrency=t.concurrency,
+                  capacity=capacity, util=util)
+    chosen, tried = _layouts(arch, t, max(1, gpu.gpus_per_node), common, out)
+    if not tried:
+        return None
+    best = chosen or tried[-1]
+    if chosen is None:
+        _fit_diagnostic(best, t, max_len, util, capacity, out)
+    return ServingPlan(
+        index=i, engine=t.engine, gpu=gpu_key, stage=t.stage or (stage_names[-1] if stage_names else "pretrain"),
+        tensor_parallel_size=best["tp"], pipeline_parallel_size=best["pp"], gpus=best["tp"] * best["pp"],
+        nodes=best["pp"] if best["pp"] > 1 else 1,  # pipeline stages go across nodes, tp within one
+        max_model_len=max_len, concurrency=t.concurrency, max_num_seqs=t.concurrency,
+        max_seqs_that_fit=best["max_seqs"], gpu_memory_utilization=util,
+        quantization=None if t.quantization == "none" else t.quantization, kv_cache_dtype=t.kv_cache_dtype,
+        prefix_caching=bool(t.prefix_caching), kv_bytes_per_token=kv_tok, weights_gib=_r(weight_bytes / GiB),
+        weights_gib_per_gpu=_r(best["weights_gpu"] / GiB), reserve_gib_per_gpu=_r(best["reserve"] / GiB),
+        kv_gib_per_seq=_r(best["kv_per_seq_gpu"] / GiB, 4), kv_gib_needed=_r(best["kv_need"] / GiB),
+        kv_budget_gib=_r(best["kv_budget"] / GiB), capacity_gib=_r(capacity / GiB), fits=chosen is not None,
+    )

@@ -70,8 +70,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from llmc.compiler.compiled import TimeNumbers
 from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.result import TimeNumbers
 
 # --- heuristics (each one named so tests and docs can cite it) ---------------------------------
 BASE_EFFICIENCY = 0.65  # achievable fraction of dense peak for large bf16 GEMMs + flash attention
@@ -142,11 +142,11 @@ def step_model(arch, seq_len: int, precision: str, gpu) -> StepModel:
     expert = 0.0
     blocks = 0.0
     for i in range(L):
-        blocks += _layer_param_count(params.layer_params(arch, i))
+        blocks += params.layer_params(arch, i)
     if arch.moe is not None:
         n_moe = L - min(arch.moe.dense_layers, L)
         e_ff = arch.moe.expert_d_ff or arch.d_ff
-        expert = 3.0 * d * e_ff * arch.moe.num_experts  # routed experts' SwiGLU (E2, seed-facts §1.2)
+        expert = 3.0 * d * e_ff * arch.moe.num_experts  # routed experts' SwiGLU (params.py)
     kv = params.kv_bytes_per_token(arch) / L  # bf16 K+V bytes per token per layer
     # fp8 (torchao float8) runs only the linears in fp8; attention stays bf16 (hardware.peak_flops note)
     attn_share = flops.attention_share(arch, seq_len)
@@ -181,23 +181,6 @@ def mfu_peak(gpu, precision: str) -> float:
     from llmc.compiler.hardware import peak_flops
 
     return peak_flops(gpu, "bf16" if precision == "fp8" else precision)
-
-
-def _layer_param_count(x) -> float:
-    """``params.layer_params`` may return an int or a labelled dict; count either."""
-    if isinstance(x, dict):
-        return float(sum(x.values()))
-    return float(x)
-
-
-def stage_layers(n_layers: int, pp: int, schedule: str = "1F1B", virtual: int = 1) -> list[int]:
-    """Blocks per pipeline rank, the same split as ``memory.pipeline_layout`` (what the rendered
-    torchtitan job builds: its automatic split weights the embedding and the head as one block each,
-    so the first and last stage are one block lighter -- Llama 3 405B: 126 layers over 16 stages ->
-    7, 8 x 14, 7, as in the Llama 3 paper §3.3.2)."""
-    from llmc.compiler.memory import pipeline_layout
-
-    return [len(layers) for layers, _, _ in pipeline_layout(n_layers, pp, schedule, virtual)]
 
 
 def _stage_info(sm: StepModel, p: int, sched: str, v: int, ac: str) -> tuple[int, float, float, float, int]:
@@ -378,7 +361,7 @@ def time_numbers(sm: StepModel, plan: ParallelPlan, steps: int) -> TimeNumbers:
 
 
 def days_at_mfu(training_flops: float, n_gpus: int, peak: float, mfu: float) -> float:
-    """Wall-clock days of ``training_flops`` at a given MFU (seed-facts E7: C / (n * peak * MFU))."""
+    """Wall-clock days of ``training_flops`` at a given MFU: C / (n * peak * MFU)."""
     return training_flops / (n_gpus * peak * mfu) / 86400.0
 
 
@@ -387,7 +370,7 @@ def gpu_hours(days: float, n_gpus: int) -> float:
 
 
 def usd(gpu_hours_: float, usd_per_gpu_hour: float) -> float:
-    """cost = n_gpu x hours x price (seed-facts E7)."""
+    """cost = n_gpu x hours x price."""
     return gpu_hours_ * usd_per_gpu_hour
 
 

@@ -1,7 +1,8 @@
 """Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
 
-Supported ``model_type`` values: ``llama``, ``mistral``, ``mixtral``, ``qwen2``, ``deepseek_v3``.
-The mapping is a plain key-by-key translation (no math beyond copying numbers):
+Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``,
+``qwen2``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
+beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
 =============================  =====================================
 HF key                         Architecture field
@@ -25,11 +26,13 @@ n_routed_experts, ...          moe.* and mla.* (deepseek_v3)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from llmc.spec.families import SUPPORTED_MODEL_TYPES, family_for_model_type
 from llmc.spec.model import MLA, Architecture, MoE, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "deepseek_v3")
+__all__ = ["HFConfigError", "architecture_from_hf_config", "SUPPORTED_MODEL_TYPES"]
 
 
 class HFConfigError(ValueError):
@@ -63,6 +66,43 @@ def _rope_scaling(rs: dict[str, Any] | None) -> RopeScaling | None:
     return RopeScaling(**kw)
 
 
+def _mixtral(cfg: dict[str, Any], kw: dict[str, Any]) -> None:
+    kw["moe"] = MoE(
+        num_experts=int(_req(cfg, "num_local_experts")),
+        top_k=int(_req(cfg, "num_experts_per_tok")),
+        aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.01)),
+        score_func="softmax",
+    )
+
+
+def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any]) -> None:
+    kw["mla"] = MLA(
+        q_lora_rank=int(cfg["q_lora_rank"]) if cfg.get("q_lora_rank") else None,
+        kv_lora_rank=int(_req(cfg, "kv_lora_rank")),
+        qk_rope_head_dim=int(_req(cfg, "qk_rope_head_dim")),
+        qk_nope_head_dim=int(_req(cfg, "qk_nope_head_dim")),
+        v_head_dim=int(_req(cfg, "v_head_dim")),
+    )
+    kw["head_dim"] = kw["mla"].qk_nope_head_dim + kw["mla"].qk_rope_head_dim  # q/k head dim
+    if cfg.get("n_routed_experts"):
+        kw["moe"] = MoE(
+            num_experts=int(cfg["n_routed_experts"]),
+            top_k=int(_req(cfg, "num_experts_per_tok")),
+            num_shared_experts=int(cfg.get("n_shared_experts") or 0),
+            expert_d_ff=int(_req(cfg, "moe_intermediate_size")),
+            dense_layers=int(cfg.get("first_k_dense_replace", 0)),
+            aux_loss_coef=float(cfg.get("aux_loss_alpha", 0.0)),
+            score_func="sigmoid" if cfg.get("scoring_func", "sigmoid") == "sigmoid" else "softmax",
+            expert_bias=cfg.get("topk_method") == "noaux_tc",
+        )
+
+
+#: family name -> the hook that reads its extra config keys
+_FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
+    "mixtral": _mixtral, "deepseek_v3": _deepseek_v3,
+}
+
+
 def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Architecture:
     """Translate an HF ``config.json`` (already parsed) into an :class:`Architecture`.
 
@@ -70,7 +110,8 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     and pydantic's ``ValidationError`` if the values themselves are invalid.
     """
     mt = cfg.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
+    family = family_for_model_type(mt)
+    if family is None:
         raise HFConfigError(f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
@@ -87,7 +128,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         "vocab_size": int(_req(cfg, "vocab_size")),
         "tied_embeddings": bool(cfg.get("tie_word_embeddings", False)),
         # Qwen2 always has q/k/v biases (the HF Qwen2 attention hard-codes bias=True).
-        "qkv_bias": True if mt == "qwen2" else bool(cfg.get("attention_bias", False)),
+        "qkv_bias": family.qkv_bias or bool(cfg.get("attention_bias", False)),
         "rope_theta": float(cfg.get("rope_theta", 10000.0)),
         "rope_scaling": _rope_scaling(cfg.get("rope_scaling")),
         "norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
@@ -95,32 +136,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     }
     if cfg.get("head_dim"):
         kw["head_dim"] = int(cfg["head_dim"])
-
-    if mt == "mixtral":
-        kw["moe"] = MoE(
-            num_experts=int(_req(cfg, "num_local_experts")),
-            top_k=int(_req(cfg, "num_experts_per_tok")),
-            aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.01)),
-            score_func="softmax",
-        )
-    elif mt == "deepseek_v3":
-        kw["mla"] = MLA(
-            q_lora_rank=int(cfg["q_lora_rank"]) if cfg.get("q_lora_rank") else None,
-            kv_lora_rank=int(_req(cfg, "kv_lora_rank")),
-            qk_rope_head_dim=int(_req(cfg, "qk_rope_head_dim")),
-            qk_nope_head_dim=int(_req(cfg, "qk_nope_head_dim")),
-            v_head_dim=int(_req(cfg, "v_head_dim")),
-        )
-        kw["head_dim"] = kw["mla"].qk_nope_head_dim + kw["mla"].qk_rope_head_dim  # q/k head dim
-        if cfg.get("n_routed_experts"):
-            kw["moe"] = MoE(
-                num_experts=int(cfg["n_routed_experts"]),
-                top_k=int(_req(cfg, "num_experts_per_tok")),
-                num_shared_experts=int(cfg.get("n_shared_experts") or 0),
-                expert_d_ff=int(_req(cfg, "moe_intermediate_size")),
-                dense_layers=int(cfg.get("first_k_dense_replace", 0)),
-                aux_loss_coef=float(cfg.get("aux_loss_alpha", 0.0)),
-                score_func="sigmoid" if cfg.get("scoring_func", "sigmoid") == "sigmoid" else "softmax",
-                expert_bias=cfg.get("topk_method") == "noaux_tc",
-            )
+    hook = _FAMILY_HOOKS.get(family.name)
+    if hook is not None:
+        hook(cfg, kw)
     return Architecture(**kw)

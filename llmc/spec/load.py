@@ -1,6 +1,6 @@
 """Load a run spec from YAML: line numbers, model resolution, validation, every error at once.
 
-``load_spec(path)`` returns the validated :class:`~llmc.spec.run.RunSpec` and a map from dotted
+``load_spec(path)`` returns the validated :class:`~llmc.spec.schema.RunSpec` and a map from dotted
 paths (``training.optimizer.lr``, ``stages.0.kind``, ``model.n_kv_heads``) to 1-based YAML lines,
 which the compiler uses to put lines on its own diagnostics (:func:`line_for` falls back to the
 nearest parent for paths the YAML does not spell out, e.g. fields that came from a preset).
@@ -44,9 +44,9 @@ from llmc.diagnostics import Diagnostic, SpecError, line_for
 from llmc.spec.hf import HFConfigError, architecture_from_hf_config
 from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.presets import PRESETS
-from llmc.spec.run import Data, RunSpec, Serving, Stage, Tokenizer
+from llmc.spec.schema import STAGE_KINDS, STAGE_TYPES, Data, RunSpec, Serving, StageBase, Tokenizer
 
-__all__ = ["load_spec", "loads_spec", "json_schema", "check_run"]
+__all__ = ["load_spec", "loads_spec", "json_schema"]
 
 
 # ----------------------------------------------------------------------------- public API
@@ -144,12 +144,6 @@ def json_schema() -> dict[str, Any]:
         ],
     }
     return schema
-
-
-def check_run(run: RunSpec, lines: dict[str, int] | None = None, file: str | None = None) -> list[Diagnostic]:
-    """The structural (no-math) checks of :func:`load_spec` on an already validated spec."""
-    ctx = _Ctx(file=file, lines=lines or {}, diags=[])
-    return _structural(run.model, run.data, list(run.stages), list(run.serving), ctx)
 
 
 # ----------------------------------------------------------------------------- internals
@@ -382,20 +376,40 @@ def _unwrap(tp: Any) -> Any:
             return tp
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that holds the field at ``loc`` (RunSpec-relative)."""
+def _model_at(loc: tuple, raw: Any = None) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at ``loc`` (RunSpec-relative); a stage's class
+    is the one its ``kind`` in ``raw`` selects."""
     cur: Any = RunSpec
-    for part in loc[:-1]:
+    for i, part in enumerate(loc[:-1]):
         if isinstance(part, int):
             origin = typing.get_origin(cur)
             if origin in (list, tuple):
                 cur = _unwrap(typing.get_args(cur)[0])
+                if loc[:1] == ("stages",) and i == 1:
+                    cur = _stage_type(_at(raw, loc[:2]))
                 continue
             return None
         if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
             return None
         cur = _unwrap(cur.model_fields[part].annotation)
     return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _at(raw: Any, loc: tuple) -> Any:
+    for part in loc:
+        if isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        elif isinstance(part, int) and isinstance(raw, list) and 0 <= part < len(raw):
+            raw = raw[part]
+        else:
+            return None
+    return raw
+
+
+def _stage_type(raw_stage: Any) -> type[StageBase] | None:
+    """The stage model a raw stage mapping's ``kind`` selects (None: no or an unknown kind)."""
+    kind = raw_stage.get("kind") if isinstance(raw_stage, dict) else None
+    return STAGE_TYPES.get(kind) if isinstance(kind, str) else None
 
 
 _OPS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
@@ -448,6 +462,8 @@ def _clean_loc(loc: tuple, raw: Any) -> tuple:
     for part in loc:
         if isinstance(cur, dict) and part in cur:
             cur = cur[part]
+        elif isinstance(cur, dict) and part == cur.get("kind") and part in STAGE_TYPES:
+            continue  # the discriminated union's tag (``stages.0.sft.dpo_beta``): not a YAML key
         elif isinstance(part, int) and isinstance(cur, list | tuple) and 0 <= part < len(cur):
             cur = cur[part]
         elif isinstance(part, str) and _INTERNAL.match(part):
@@ -473,7 +489,7 @@ def _from_pydantic(err: dict[str, Any], ctx: _Ctx, prefix: tuple = (), root: typ
     path = ".".join(_seg(p) for p in loc)
     t = err["type"]
     if root is None:
-        holder = _model_at(loc) if loc else None
+        holder = _model_at(loc, ctx.raw) if loc else None
     else:
         holder = root if len(rel) == 1 else None
     if t == "extra_forbidden":
@@ -482,7 +498,20 @@ def _from_pydantic(err: dict[str, Any], ctx: _Ctx, prefix: tuple = (), root: typ
         if holder is Architecture and loc[:1] == ("model",):
             options += ["preset", "hf_config"]
         hint = _did_you_mean(key, options) or (f"valid keys: {', '.join(options)}" if options else "")
+        if holder is not None and issubclass(holder, StageBase) and len(loc) == 3:
+            kind = _at(ctx.raw, loc[:2])["kind"]
+            owners = [k for k, t in STAGE_TYPES.items() if key in t.model_fields]
+            if owners:
+                hint = f"{key!r} belongs to {' / '.join(owners)} stages"
+            return ctx.diag("S001", path, f"unknown key {key!r} for a {kind} stage", hint)
         return ctx.diag("S001", path, f"unknown key {key!r}", hint)
+    if t == "union_tag_not_found":
+        return ctx.diag("S003", f"{path}.kind", "missing required field 'kind'",
+                        f"one of: {', '.join(STAGE_KINDS)}")
+    if t == "union_tag_invalid":
+        got = (err.get("ctx") or {}).get("tag")
+        return ctx.diag("S002", f"{path}.kind", f"must be one of {', '.join(STAGE_KINDS)} (got {got!r})",
+                        _did_you_mean(str(got), STAGE_KINDS))
     if t == "missing":
         key = str(loc[-1])
         desc = ""
@@ -534,7 +563,7 @@ def _checks_from_raw(data: dict[str, Any], ctx: _Ctx) -> list[Diagnostic]:
             dat = Data.model_construct(tokenizer=tok, sources=[], seq_len=1, tokens=1.0)
     stages_raw = data.get("stages") if isinstance(data.get("stages"), list) else []
     serving_raw = data.get("serving") if isinstance(data.get("serving"), list) else []
-    stages = [_lenient(Stage, s) for s in stages_raw]
+    stages = [_lenient(t, s) if (t := _stage_type(s)) else None for s in stages_raw]
     out: list[Diagnostic] = []
     for i, s in enumerate(stages_raw):
         # Stage.rope_scaling is a plain dict in the contract; hold it to the RopeScaling schema here.
@@ -548,7 +577,7 @@ def _checks_from_raw(data: dict[str, Any], ctx: _Ctx) -> list[Diagnostic]:
     return out + _structural(arch, dat, stages, serving, ctx)
 
 
-def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage | None],
+def _structural(arch: Architecture | None, data: Data | None, stages: list[StageBase | None],
                 serving: list[Serving | None], ctx: _Ctx) -> list[Diagnostic]:
     out: list[Diagnostic] = []
     if arch is not None:

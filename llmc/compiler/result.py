@@ -1,0 +1,327 @@
+"""The compiler's output types: every derived number, the chosen plan and the diagnostics.
+
+``Compiled`` is frozen and JSON-serialisable (``to_json``); it is what ``llmc plan`` prints,
+what ``plan.lock.json`` records and what the renderers and ``llmc launch`` consume. The per-stage
+(:class:`StagePlan`) and per-serving-target (:class:`ServingPlan`) parts are frozen dataclasses
+whose attribute names are their JSON keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llmc.compiler.plan import ParallelPlan
+from llmc.diagnostics import Diagnostic
+
+if TYPE_CHECKING:
+    from llmc.compiler.hardware import GPU
+    from llmc.spec.schema import RunSpec
+
+
+@dataclass(frozen=True)
+class ModelNumbers:
+    params_total: int
+    params_active: int  # == params_total for dense models
+    params_embedding: int  # token embedding + (untied) output head
+    breakdown: dict[str, int]  # labelled components, e.g. "embed/tok", "layers/attn/wq" (summed over layers)
+    kv_bytes_per_token: int  # bf16 KV cache bytes per token, all layers
+
+
+@dataclass(frozen=True)
+class ComputeNumbers:
+    convention: str  # e.g. "6ND (dense matmuls) + 6*L*s*d_attn attention (causal, PaLM appendix B halved)"
+    flops_per_token: float  # training FLOPs per token (fwd+bwd), no recompute
+    training_flops: float  # flops_per_token * tokens
+    tokens: float
+    tokens_per_param: float  # tokens / params_active
+    chinchilla_tokens: float  # 20 * params_active
+    optimal_params: float  # compute-optimal N for training_flops (20 tok/param rule)
+    optimal_tokens: float  # compute-optimal D
+
+
+@dataclass(frozen=True)
+class MemoryNumbers:
+    per_gpu_bytes: int  # peak over pipeline stages
+    capacity_bytes: int
+    breakdown: dict[str, int]  # weights, grads, optimizer, activations, buffers (peak stage)
+    per_stage_bytes: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TimeNumbers:
+    step_seconds: float
+    mfu: float
+    days: float
+    steps: int
+    tokens_per_second: float
+    breakdown: dict[str, float] = field(default_factory=dict)  # compute, dp_comm, tp_comm, pp_bubble, ...
+
+
+@dataclass(frozen=True)
+class CostNumbers:
+    gpu_hours: float
+    usd: float
+    usd_per_gpu_hour: float
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Resolved training hyperparameters; ``defaults`` names the ones llmc chose."""
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    steps: int
+    global_batch_tokens: int
+    global_batch_seqs: int
+    seq_len: int
+    schedule: str
+    checkpoint_interval: int
+    checkpoint_async: bool
+    defaults: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    plan: ParallelPlan
+    step_seconds: float
+    mfu: float
+    per_gpu_bytes: int
+    fits: bool
+    reason: str  # why rejected, or why ranked where it is
+
+
+class JsonKeys:
+    """Read access by JSON key (``plan["kind"]`` is ``plan.kind``) for code written against the dicts."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:  # type: ignore[attr-defined]
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.__dataclass_fields__ else default  # type: ignore[attr-defined]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.__dataclass_fields__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class ModelInMemory(JsonKeys):
+    role: str  # policy | reference
+    trainable: bool
+    weights: str  # how the copy is held, e.g. "bf16", "nf4 base + lora", "shared base (adapters disabled)"
+
+
+@dataclass(frozen=True)
+class LoraPlan(JsonKeys):
+    rank: int
+    alpha: float
+    scaling: float  # alpha / rank (Hu et al. 2021, arXiv:2106.09685 §4.1)
+    dropout: float
+    targets: list[str]
+    quantize_base: str
+    merge_after: bool
+
+
+@dataclass(frozen=True)
+class StageMemoryPlan(JsonKeys):
+    """Per-GPU bytes of one stage. ``source`` says which model produced them: the searched
+    parallelism plan (pretrain) or the stage estimate (weights/reference/optimizer/activations)."""
+
+    per_gpu_bytes: int
+    capacity_bytes: int | None
+    fits: bool | None
+    shard_degree: int
+    cp: int
+    activation_checkpointing: str
+    source: str
+    breakdown: dict[str, int] = field(default_factory=dict)
+    weights_bytes: int | None = None
+    reference_bytes: int | None = None
+    grads_optimizer_bytes: int | None = None
+    activation_bytes: int | None = None
+    activation_source: str | None = None
+    rollout_kv_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class RolloutPlan(JsonKeys):
+    """GRPO sampling cost per optimizer step (forward 2N FLOPs per token, training 6N or 4N)."""
+
+    prompts_per_step: int
+    completions_per_step: int
+    generated_tokens_per_step: int
+    generation_flops_per_step: float
+    train_flops_per_step: float
+    reference_flops_per_step: float
+    kv_cache_bytes_per_group: int
+    kv_cache_bytes_per_step: int
+    kv_bytes_per_token: int
+
+
+@dataclass(frozen=True)
+class LongContextPlan(JsonKeys):
+    old_seq_len: int
+    new_seq_len: int
+    extension_factor: float | None
+    rope_theta_old: float
+    rope_theta: float
+    rope_scaling: dict | None
+    yarn_factor: float | None
+    recommended_cp: int
+    cp: int
+    activation_bytes_per_gpu: int
+    activation_source: str
+    kv_cache_bytes_per_sequence: int
+
+
+@dataclass(frozen=True)
+class ContextPlan(JsonKeys):
+    """The RoPE / context a stage trains with and hands on through ``init_from``."""
+
+    max_context: int
+    rope_theta: float
+    rope_scaling: dict | None
+
+
+@dataclass(frozen=True)
+class StagePlan(JsonKeys):
+    """One stage's resolved plan. For the ``pretrain`` stage the training numbers equal ``Compiled.hyper``
+    and the batch split equals ``Compiled.plan``; other stages resolve theirs in
+    :func:`llmc.compiler.stages.resolve_stage_training`."""
+
+    name: str
+    kind: str
+    init_from: str | None
+    order: int
+    seq_len: int
+    steps: int | None
+    global_batch_tokens: int | None
+    global_batch_seqs: int | None
+    tokens: float | None  # tokens the stage trains on (steps x global_batch_tokens when data gives none)
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    schedule: str
+    decay_fraction: float
+    micro_batch: int | None
+    grad_accum: int | None
+    checkpoint_interval: int | None
+    hyper: dict[str, Any]  # kind-specific: beta (dpo), group_size/kl_coef/... (grpo), loss_mask, chat_template
+    defaults: list[str]
+    models_in_memory: list[ModelInMemory]
+    n_models: int
+    params_total: int
+    trainable_params: int
+    trainable_fraction: float
+    lora: LoraPlan | None
+    memory: StageMemoryPlan
+    rollout: RolloutPlan | None
+    long_context: LongContextPlan | None
+    context: ContextPlan
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class ServingPlan(JsonKeys):
+    """One serving target: engine settings and the per-GPU memory fit (see :mod:`llmc.compiler.serving`)."""
+
+    index: int
+    engine: str
+    gpu: str
+    stage: str
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    gpus: int
+    nodes: int
+    max_model_len: int
+    concurrency: int
+    max_num_seqs: int
+    max_seqs_that_fit: int
+    gpu_memory_utilization: float
+    quantization: str | None
+    kv_cache_dtype: str
+    prefix_caching: bool
+    kv_bytes_per_token: int
+    weights_gib: float
+    weights_gib_per_gpu: float
+    reserve_gib_per_gpu: float
+    kv_gib_per_seq: float
+    kv_gib_needed: float
+    kv_budget_gib: float
+    capacity_gib: float
+    fits: bool
+
+
+@dataclass(frozen=True)
+class Compiled:
+    spec_path: str
+    spec_sha256: str
+    spec: RunSpec
+    gpu: GPU | None
+    model: ModelNumbers
+    compute: ComputeNumbers
+    hyper: Hyper
+    plan: ParallelPlan | None
+    memory: MemoryNumbers | None
+    time: TimeNumbers | None
+    cost: CostNumbers | None
+    reasons: list[str]
+    alternatives: list[Candidate]
+    rejected: list[Candidate]
+    diagnostics: list[Diagnostic]
+    stages: list[StagePlan] = field(default_factory=list)  # per-stage plans, in execution order
+    serving: list[ServingPlan] = field(default_factory=list)  # per-target serving plans
+    search: dict = field(default_factory=dict)  # search statistics: evaluated, fitting, rejected counts by reason
+
+    def to_json(self) -> dict:
+        """JSON view; keys documented in README (model.*, compute.*, plan, memory.*, time.*, cost.*)."""
+
+        def dc(x):
+            return None if x is None else asdict(x)
+
+        return {
+            "llmc_version": __import__("llmc").__version__,
+            "spec": {
+                "path": self.spec_path,
+                "sha256": self.spec_sha256,
+                "name": self.spec.name,
+                # the whole resolved spec: the runtime reads data/training/stages from here
+                "resolved": self.spec.model_dump(mode="json"),
+            },
+            "model": {"architecture": self.spec.model.model_dump(mode="json"), **dc(self.model)},
+            "hardware": dc(self.gpu) if self.gpu is not None else None,
+            "compute": dc(self.compute),
+            "hyper": dc(self.hyper),
+            "plan": self.plan.to_json() if self.plan else None,
+            "memory": dc(self.memory),
+            "time": dc(self.time),
+            "cost": dc(self.cost),
+            "reasons": list(self.reasons),
+            "alternatives": [_cand(c) for c in self.alternatives],
+            "rejected": [_cand(c) for c in self.rejected],
+            "stages": [asdict(s) for s in self.stages],
+            "serving": [asdict(s) for s in self.serving],
+            "search": dict(self.search),
+            "diagnostics": [d.to_json() for d in self.diagnostics],
+        }
+
+
+def _cand(c: Candidate) -> dict:
+    return {
+        "plan": c.plan.to_json(),
+        "step_seconds": c.step_seconds,
+        "mfu": c.mfu,
+        "per_gpu_bytes": c.per_gpu_bytes,
+        "fits": c.fits,
+        "reason": c.reason,
+    }
+
+
+__all__ = [
+    "ModelNumbers", "ComputeNumbers", "MemoryNumbers", "TimeNumbers", "CostNumbers", "Hyper", "Candidate",
+    "JsonKeys", "ModelInMemory", "LoraPlan", "StageMemoryPlan", "RolloutPlan", "LongContextPlan", "ContextPlan",
+    "StagePlan", "ServingPlan", "Compiled",
+]

@@ -1,0 +1,57 @@
+"""Facts about files a spec references, gathered before compiling (the compiler reads no files).
+
+``gather_facts(run, spec_dir)`` reads each tokenizer the spec names (``data.tokenizer.path`` and every
+stage's) and records its special tokens (the ``added_tokens`` of a Hugging Face ``tokenizer.json``, see
+https://huggingface.co/docs/tokenizers/api/tokenizer). The compiler takes the result as
+``compile_spec(..., facts=...)``; without it the special tokens are inferred from the model name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmc.spec.schema import RunSpec
+
+
+@dataclass(frozen=True)
+class TokenizerFacts:
+    """What a tokenizer file says: its special tokens (None when unreadable) and the file read."""
+
+    specials: frozenset[str] | None
+    source: str
+
+
+@dataclass(frozen=True)
+class ExternalFacts:
+    """Facts keyed by the tokenizer path exactly as the spec writes it."""
+
+    tokenizers: dict[str, TokenizerFacts] = field(default_factory=dict)
+
+
+def tokenizer_paths(run: RunSpec) -> list[str]:
+    """Every tokenizer path the spec names, in spec order, without repeats."""
+    paths = [run.data.tokenizer.path] + [st.data.tokenizer.path for st in run.stages if st.data is not None]
+    return list(dict.fromkeys(p for p in paths if p))
+
+
+def read_tokenizer(path: str, spec_dir: str | Path) -> TokenizerFacts:
+    """Special tokens of ``path`` (a ``tokenizer.json`` or a folder holding one; relative to ``spec_dir``)."""
+    p = Path(path)
+    if not p.is_absolute():
+        p = Path(spec_dir) / p
+    f = p / "tokenizer.json" if p.is_dir() else p
+    try:
+        js = json.loads(f.read_text(encoding="utf-8"))
+        return TokenizerFacts(frozenset(t["content"] for t in js.get("added_tokens", [])), str(f))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+        return TokenizerFacts(None, str(f))
+
+
+def gather_facts(run: RunSpec, spec_dir: str | Path) -> ExternalFacts:
+    """Read every tokenizer the spec references; unreadable ones are recorded with ``specials=None``."""
+    return ExternalFacts(tokenizers={p: read_tokenizer(p, spec_dir) for p in tokenizer_paths(run)})
+
+
+__all__ = ["TokenizerFacts", "ExternalFacts", "tokenizer_paths", "read_tokenizer", "gather_facts"]

@@ -1,0 +1,90 @@
+"""Model families: the one table of what distinguishes Llama, Qwen2, Mixtral and DeepSeek-V3.
+
+An :class:`~llmc.spec.model.Architecture` is a Llama-style decoder with optional switches (q/k/v
+biases, MoE, MLA); :func:`family_of` names the family those switches select, and :data:`FAMILIES`
+declares, per family, what the other layers need: the Hugging Face ``model_type`` / class names
+(import in :mod:`llmc.spec.hf`, export in the runtime), the torchtitan 0.3.0 model module, the
+attention kind (what params / memory / FLOPs count), and the tokenizer's chat special tokens.
+Adding a family is one entry here plus, for a new attention kind, its math hooks: parameter
+components (``llmc.compiler.params.ATTENTION_COMPONENTS``), KV elements per token (``params``),
+activations (``llmc.compiler.memory``) and head dims (``llmc.compiler.flops``), each keyed by
+``family_of(arch).attention``; and, for new config keys, an import hook in ``llmc.spec.hf``.
+
+Sources:
+  * Llama 2 / 3: Touvron et al. 2023 (arXiv:2307.09288); Llama 3 herd, arXiv:2407.21783 §3.1
+  * Qwen2: Yang et al. 2024 (arXiv:2407.10671 §2.2.1: "QKV bias")
+  * Mixtral: Jiang et al. 2024 (arXiv:2401.04088 §2: 8 experts, top-2)
+  * DeepSeek-V3: DeepSeek-AI 2024 (arXiv:2412.19437 §2.1: MLA + DeepSeekMoE)
+  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,qwen2,mixtral,deepseek_v3}
+  * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
+Gemma is not declared: llmc models no sliding-window attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from llmc.spec.model import Architecture
+
+#: chat special tokens of the Llama 3 tokenizer (https://www.llama.com/docs/model-cards-and-prompt-formats/meta-llama-3/)
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+#: ChatML special tokens of the Qwen2 tokenizer (https://huggingface.co/Qwen/Qwen2-7B/blob/main/tokenizer_config.json)
+QWEN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one model family needs from every layer of llmc."""
+
+    name: str
+    hf_model_types: tuple[str, ...]  # config.json model_type values imported as this family
+    hf_class: str  # transformers class the runtime exports to
+    attention: Literal["gqa", "mla"]  # grouped-query attention, or multi-head latent attention
+    moe: bool  # has routed experts
+    qkv_bias: bool  # q/k/v projections always carry a bias
+    torchtitan_module: str  # torchtitan 0.3.0 ``torchtitan.models.<module>``
+    name_prefixes: tuple[str, ...]  # model names (lower case, no punctuation) recognised as this family
+    tokenizer_specials: tuple[str, ...] = ()  # chat special tokens its tokenizer is known to have
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", ("llama", "mistral"), "LlamaForCausalLM", "gqa", False, False, "llama3",
+                    ("llama3",), LLAMA3_SPECIALS),
+    "qwen2": Family("qwen2", ("qwen2",), "Qwen2ForCausalLM", "gqa", False, True, "llama3", ("qwen",),
+                    QWEN_SPECIALS),
+    # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
+    "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),
+    "deepseek_v3": Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", "mla", True, False,
+                          "deepseek_v3", ("deepseek",)),
+}
+
+#: every HF model_type llmc imports
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES.values() for t in f.hf_model_types)
+
+
+def family_of(arch: Architecture) -> Family:
+    """The family an architecture's switches select: MLA -> deepseek_v3, MoE -> mixtral,
+    q/k/v biases -> qwen2, else llama."""
+    if arch.mla is not None:
+        return FAMILIES["deepseek_v3"]
+    if arch.moe is not None:
+        return FAMILIES["mixtral"]
+    if arch.qkv_bias:
+        return FAMILIES["qwen2"]
+    return FAMILIES["llama"]
+
+
+def family_for_model_type(model_type: str | None) -> Family | None:
+    """The family that imports an HF ``model_type`` (None: unsupported)."""
+    return next((f for f in FAMILIES.values() if model_type in f.hf_model_types), None)
+
+
+def family_by_name(model_name: str | None) -> Family | None:
+    """The family a model name announces (``Llama-3.1-8B`` -> llama, ``qwen2.5-7b`` -> qwen2), if any."""
+    n = (model_name or "").lower().replace("-", "").replace("_", "")
+    return next((f for f in FAMILIES.values() if any(n.startswith(p) for p in f.name_prefixes)), None)
+
+
+__all__ = ["Family", "FAMILIES", "SUPPORTED_MODEL_TYPES", "family_of", "family_for_model_type", "family_by_name",
+           "LLAMA3_SPECIALS", "QWEN_SPECIALS"]

@@ -1,0 +1,443 @@
+"""The run spec: one YAML file describing model, data, hardware, budget, training, stages, serving.
+
+Declarations only (pydantic v2, frozen, unknown keys forbidden). ``None`` on a field means
+"llmc derives it" (size-aware defaults, the parallelism search); derived values live in the
+compiler's outputs, never written back here.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmc.spec.model import Architecture
+from llmc.spec.numbers import HumanFloat
+
+_CFG = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+#: Run and stage names become job names and folder names: no spaces, slashes or leading dots.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class ModelRef(BaseModel):
+    """``model:`` as a mapping: a preset (with optional overrides), an HF config.json, or explicit fields.
+
+    The loader resolves this to :class:`Architecture`; exactly one of ``preset``/``hf_config``
+    may be given, and with neither the remaining keys must form a full architecture.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
+
+    preset: str | None = None
+    """Name of a built-in preset (``llmc presets`` lists them), e.g. ``llama3-8b``."""
+    hf_config: str | None = None
+    """Path to a Hugging Face ``config.json`` (relative to the spec file)."""
+
+
+class Source(BaseModel):
+    """One data source of the mixture."""
+
+    model_config = _CFG
+
+    name: str
+    """Short name used in reports and logs."""
+    path: str | None = None
+    """Local file, directory or glob (text, .jsonl with a text field, or .parquet). None = planning only."""
+    format: Literal["text", "jsonl", "parquet", "builtin"] = "jsonl"
+    """File format; ``builtin`` = a corpus llmc generates offline (``python-docs``)."""
+    text_field: str = "text"
+    """Field holding the document text (jsonl/parquet)."""
+    weight: float = Field(default=1.0, gt=0)
+    """Mixture weight (normalised over sources)."""
+    tokens: HumanFloat | None = Field(default=None, gt=0)
+    """Unique tokens available in this source; used to warn about repeated epochs."""
+    kind: Literal["general", "domain", "code", "math", "multilingual", "chat", "preference", "prompts"] = "general"
+    """What the source is, for the forgetting / mixture checks."""
+
+
+class Tokenizer(BaseModel):
+    """Tokenizer: a local HF ``tokenizer.json`` directory, or one trained locally."""
+
+    model_config = _CFG
+
+    path: str | None = None
+    """Directory with ``tokenizer.json`` (HF format). None with ``train`` = train one locally."""
+    train: bool = False
+    """Train a byte-level BPE with the ``tokenizers`` library on the data sources (offline)."""
+    vocab_size: int | None = Field(default=None, gt=0)
+    """Vocabulary size; must equal the model's vocab_size. None = the model's."""
+    chat_template: str | None = None
+    """Chat template name (``llama3``, ``chatml``) for SFT/DPO/GRPO stages."""
+
+
+class Data(BaseModel):
+    """Training data for the (pre-)training stage."""
+
+    model_config = _CFG
+
+    sources: list[Source] = Field(default_factory=list)
+    """Mixture sources; weights are normalised."""
+    tokenizer: Tokenizer = Field(default_factory=Tokenizer)
+    """Tokenizer to use."""
+    seq_len: int = Field(gt=0)
+    """Packed sequence length in tokens (documents joined with EOS)."""
+    tokens: HumanFloat = Field(gt=0)
+    """Total training tokens (D), e.g. ``15.6e12`` or ``15.6T``."""
+
+
+class Hardware(BaseModel):
+    """The cluster."""
+
+    model_config = _CFG
+
+    gpu: str
+    """GPU type, a key of the hardware table (``llmc gpus``), e.g. ``h100-sxm``; ``cpu`` for local runs."""
+    count: int = Field(gt=0)
+    """Total accelerators (world size)."""
+    gpus_per_node: int | None = Field(default=None, gt=0)
+    """Accelerators per node. None = the hardware table's default (8 for HGX)."""
+    usd_per_gpu_hour: float | None = Field(default=None, ge=0)
+    """Price per GPU-hour. None = the hardware table's reference price."""
+    inter_node_gbps: float | None = Field(default=None, gt=0)
+    """Network bandwidth per GPU in Gbit/s. None = the table's default (400 Gb/s per GPU)."""
+
+
+class Budget(BaseModel):
+    """Limits the plan must respect; each that binds is reported."""
+
+    model_config = _CFG
+
+    max_days: float | None = Field(default=None, gt=0)
+    """Wall-clock limit in days."""
+    max_usd: HumanFloat | None = Field(default=None, gt=0)
+    """Compute spend limit in US dollars."""
+
+
+class Optimizer(BaseModel):
+    """AdamW settings; None = size-aware default (reported as a default)."""
+
+    model_config = _CFG
+
+    name: Literal["adamw"] = "adamw"
+    """Only AdamW is supported by every backend llmc emits."""
+    lr: float | None = Field(default=None, gt=0)
+    """Peak learning rate. None = size-aware default (3e-4 at 1B -> 1e-4 at 70B, log-interpolated)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas (LLM pre-training uses beta2 = 0.95)."""
+    eps: float = Field(default=1e-8, gt=0)
+    """Adam epsilon."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    """Decoupled weight decay (PyTorch AdamW: theta -= lr * wd * theta)."""
+
+
+class Schedule(BaseModel):
+    """Learning-rate schedule."""
+
+    model_config = _CFG
+
+    kind: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    """Warmup then cosine decay, warmup-stable-decay, linear decay, or constant."""
+    warmup_steps: int | None = Field(default=None, ge=0)
+    """Linear warmup steps. None = 1% of steps (at least 1 when steps > 1)."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Final LR as a fraction of peak (~10%)."""
+    decay_fraction: float = Field(default=0.2, gt=0, le=1)
+    """wsd only: fraction of steps spent decaying at the end."""
+
+
+class Checkpoint(BaseModel):
+    """Checkpointing."""
+
+    model_config = _CFG
+
+    interval_steps: int | None = Field(default=None, gt=0)
+    """Steps between checkpoints. None = about every 30 minutes of predicted wall time, within [50, 1000]."""
+    async_mode: bool | None = None
+    """Asynchronous checkpointing. None = on when the state is larger than 100 GB."""
+    keep_latest: int = Field(default=3, gt=0)
+    """How many checkpoints to keep."""
+    folder: str = "checkpoints"
+    """Folder under the job's output directory."""
+
+
+class LossSpike(BaseModel):
+    """Loss-spike detection with rewind-and-skip."""
+
+    model_config = _CFG
+
+    enabled: bool = False
+    """Watch the loss for spikes."""
+    threshold: float = Field(default=3.0, gt=0)
+    """A spike is loss > mean + threshold * std over the window."""
+    window: int = Field(default=50, gt=1)
+    """Steps in the running window."""
+    skip_batches: int = Field(default=1, ge=0)
+    """On a spike: rewind to the last checkpoint and skip this many batches past the spike."""
+    max_rewinds: int = Field(default=3, ge=0)
+    """Give up (stop with an error) after this many rewinds."""
+
+
+class Training(BaseModel):
+    """How the (pre-)training stage is run."""
+
+    model_config = _CFG
+
+    precision: Literal["bf16", "fp8", "fp32"] = "bf16"
+    """Compute precision of matmuls. fp8 needs Hopper or newer."""
+    global_batch_tokens: HumanFloat | None = Field(default=None, gt=0)
+    """Tokens per optimizer step. None = size-aware default (2M-16M tokens; small for tiny runs)."""
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    """Optimizer."""
+    schedule: Schedule = Field(default_factory=Schedule)
+    """LR schedule."""
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    """Global grad-norm clip. None = no clipping (warned)."""
+    z_loss: float = Field(default=0.0, ge=0)
+    """Output z-loss coefficient (1e-4 .. 1e-5 for large runs)."""
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint)
+    """Checkpointing."""
+    loss_spike: LossSpike = Field(default_factory=LossSpike)
+    """Loss-spike handling."""
+    seed: int = 0
+    """Random seed."""
+    steps: int | None = Field(default=None, gt=0)
+    """Optimizer steps. None = data.tokens / global_batch_tokens."""
+    log_every: int = Field(default=10, gt=0)
+    """Steps between metric lines."""
+
+
+class Parallelism(BaseModel):
+    """Optional pins for the parallelism search; None = let llmc search."""
+
+    model_config = _CFG
+
+    dp_replicate: int | None = Field(default=None, gt=0)
+    """Data-parallel replicas (DDP / the replicate dim of HSDP)."""
+    dp_shard: int | None = Field(default=None, gt=0)
+    """FSDP / ZeRO-3 shard degree."""
+    tp: int | None = Field(default=None, gt=0)
+    """Tensor parallel degree (within a node)."""
+    pp: int | None = Field(default=None, gt=0)
+    """Pipeline parallel degree."""
+    pp_schedule: Literal["1F1B", "Interleaved1F1B", "GPipe", "ZBVZeroBubble"] | None = None
+    """Pipeline schedule."""
+    cp: int | None = Field(default=None, gt=0)
+    """Context parallel degree."""
+    ep: int | None = Field(default=None, gt=0)
+    """Expert parallel degree (MoE only)."""
+    micro_batch: int | None = Field(default=None, gt=0)
+    """Sequences per GPU per micro-step."""
+    activation_checkpointing: Literal["none", "selective", "full"] | None = None
+    """Activation recomputation."""
+    zero_stage: Literal[0, 1, 2, 3] | None = None
+    """DeepSpeed ZeRO stage for the DeepSpeed backend. None = derived from the plan."""
+    offload_optimizer: bool = False
+    """Offload optimizer states to CPU (DeepSpeed)."""
+
+
+# ----------------------------------------------------------------------------- stages
+
+StageKind = Literal["pretrain", "midtrain", "long_context", "sft", "dpo", "grpo"]
+#: every stage kind, in pipeline order; the one list the compiler, emitters and runtime import
+STAGE_KINDS: tuple[str, ...] = typing.get_args(StageKind)
+#: kinds trained with the next-token loss on packed text (same objective as pre-training)
+LM_KINDS: tuple[str, ...] = ("pretrain", "midtrain", "long_context")
+#: post-training kinds: chat-formatted data, a chat template and a base model to start from
+CHAT_KINDS: tuple[str, ...] = ("sft", "dpo", "grpo")
+POSTTRAIN_KINDS = CHAT_KINDS
+#: preference / RL kinds: trained against a reference model, usually starting from an SFT stage
+PREFERENCE_KINDS: tuple[str, ...] = ("dpo", "grpo")
+
+
+class LoRA(BaseModel):
+    """LoRA / QLoRA adapters."""
+
+    model_config = _CFG
+
+    rank: int = Field(default=16, gt=0)
+    """Adapter rank r (typical 4-64)."""
+    alpha: float = Field(default=32.0, gt=0)
+    """Scaling alpha; the update is (alpha / r) * B @ A."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    targets: list[Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3"]] = Field(
+        default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+    )
+    """Adapted linear layers (torchtitan names)."""
+    quantize_base: Literal["none", "nf4"] = "none"
+    """QLoRA: keep the frozen base in 4-bit NF4."""
+
+
+class StageBase(BaseModel):
+    """Fields every stage kind has; stages consume each other's checkpoints."""
+
+    model_config = _CFG
+
+    name: str = Field(pattern=NAME_PATTERN)
+    """Unique stage name (letters, digits, ``.``, ``_``, ``-``; used in folder names)."""
+    kind: StageKind
+    """What the stage does."""
+    init_from: str | None = None
+    """Name of the stage whose final checkpoint initialises this one. None = the base model / random init."""
+    data: Data | None = None
+    """Stage data. None = the top-level data (pretrain/midtrain only)."""
+    lr: float | None = Field(default=None, gt=0)
+    """Peak LR. None = size-aware default for the stage kind."""
+    steps: int | None = Field(default=None, gt=0)
+    """Optimizer steps. None = data.tokens / batch."""
+    global_batch_tokens: HumanFloat | None = Field(default=None, gt=0)
+    """Tokens per step. None = default for the stage kind."""
+    lora: LoRA | None = None
+    """Train LoRA/QLoRA adapters instead of all weights."""
+    general_data_fraction: float | None = Field(default=None, ge=0, le=1)
+    """Share of general data mixed in against forgetting (warned below 10%)."""
+    seq_len: int | None = Field(default=None, gt=0)
+    """Training sequence length. None = data.seq_len (grpo: max_prompt_tokens + max_new_tokens)."""
+
+
+class PretrainStage(StageBase):
+    """Pre-training on the top-level (or the stage's) data."""
+
+    kind: Literal["pretrain"]
+    """``pretrain``."""
+
+
+class MidtrainStage(StageBase):
+    """Continued pre-training (domain adaptation) from a trained base."""
+
+    kind: Literal["midtrain"]
+    """``midtrain``."""
+
+
+class LongContextStage(StageBase):
+    """Context extension: train at a longer ``seq_len`` with a new RoPE base or scaling."""
+
+    kind: Literal["long_context"]
+    """``long_context``."""
+    rope_theta: float | None = Field(default=None, gt=0)
+    """New RoPE base (theta scaling)."""
+    rope_scaling: dict | None = None
+    """RoPE scaling, as in Architecture.rope_scaling (e.g. {type: yarn, factor: 4})."""
+
+
+class SFTStage(StageBase):
+    """Supervised fine-tuning on chat data."""
+
+    kind: Literal["sft"]
+    """``sft``."""
+    loss_mask: Literal["assistant", "last_assistant", "none"] | None = None
+    """Which tokens carry loss. None = all assistant turns."""
+
+
+class DPOStage(StageBase):
+    """Direct preference optimisation (Rafailov et al. 2023, arXiv:2305.18290)."""
+
+    kind: Literal["dpo"]
+    """``dpo``."""
+    dpo_beta: float | None = Field(default=None, gt=0)
+    """Beta of the DPO loss (default 0.1)."""
+
+
+class GRPOStage(StageBase):
+    """Group relative policy optimisation (DeepSeekMath, Shao et al. 2024, arXiv:2402.03300 §4)."""
+
+    kind: Literal["grpo"]
+    """``grpo``."""
+    grpo_group_size: int | None = Field(default=None, gt=0)
+    """Completions per prompt G (default 8)."""
+    grpo_kl_coef: float | None = Field(default=None, ge=0)
+    """KL coefficient against the reference (default 0.04)."""
+    grpo_clip: float = Field(default=0.2, gt=0)
+    """PPO ratio clip epsilon."""
+    max_new_tokens: int | None = Field(default=None, gt=0)
+    """Generation length per completion (default 256)."""
+    prompts_per_step: int | None = Field(default=None, gt=0)
+    """Prompts per optimizer step (each sampled G times). None = 1024 // G (DeepSeekMath batch 1024)."""
+    max_prompt_tokens: int | None = Field(default=None, gt=0)
+    """Prompt length budget for the rollout cost / KV cache (default 512)."""
+    reward: Literal["arithmetic", "none"] | None = None
+    """Verifier (``arithmetic`` checks the answer exactly with sympy)."""
+
+
+#: kind -> the stage model for that kind
+STAGE_TYPES: dict[str, type[StageBase]] = {
+    "pretrain": PretrainStage, "midtrain": MidtrainStage, "long_context": LongContextStage,
+    "sft": SFTStage, "dpo": DPOStage, "grpo": GRPOStage,
+}
+assert tuple(STAGE_TYPES) == STAGE_KINDS
+
+#: one stage of a pipeline, chosen by ``kind``
+Stage = Annotated[
+    PretrainStage | MidtrainStage | LongContextStage | SFTStage | DPOStage | GRPOStage,
+    Field(discriminator="kind"),
+]
+
+
+def make_stage(**fields: typing.Any) -> StageBase:
+    """Build the stage model for ``fields["kind"]`` (``make_stage(name="sft", kind="sft", ...)``)."""
+    return STAGE_TYPES[fields["kind"]].model_validate(fields)
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+class Serving(BaseModel):
+    """A serving target (vLLM or SGLang)."""
+
+    model_config = _CFG
+
+    engine: Literal["vllm", "sglang"] = "vllm"
+    """Inference engine."""
+    gpu: str | None = None
+    """GPU type. None = the training GPU."""
+    gpus: int | None = Field(default=None, gt=0)
+    """GPUs per replica. None = the fewest that fit (tensor parallel within a node)."""
+    max_model_len: int | None = Field(default=None, gt=0)
+    """Context length to serve. None = the training seq_len (or the long-context stage's)."""
+    concurrency: int = Field(default=64, gt=0)
+    """Concurrent sequences at max_model_len that must fit in the KV cache."""
+    quantization: Literal["none", "fp8", "awq", "gptq"] = "none"
+    """Weight quantization."""
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    """KV cache dtype (auto = the model dtype)."""
+    gpu_memory_utilization: float = Field(default=0.90, gt=0, le=0.99)
+    """Fraction of GPU memory the engine may use."""
+    prefix_caching: bool = True
+    """Automatic prefix caching."""
+    stage: str | None = None
+    """Serve this stage's checkpoint. None = the last stage."""
+
+
+class RunSpec(BaseModel):
+    """A whole llmc run."""
+
+    model_config = _CFG
+
+    name: str = Field(pattern=NAME_PATTERN)
+    """Run name; used for job names and output folders (letters, digits, ``.``, ``_``, ``-``)."""
+    model: Architecture
+    """The resolved model architecture (the YAML may give a preset name, overrides or hf_config)."""
+    data: Data
+    """Pre-training data."""
+    hardware: Hardware
+    """Cluster."""
+    budget: Budget = Field(default_factory=Budget)
+    """Time and money limits."""
+    training: Training = Field(default_factory=Training)
+    """Training settings."""
+    parallelism: Parallelism = Field(default_factory=Parallelism)
+    """Parallelism pins (None = search)."""
+    stages: list[Stage] = Field(default_factory=list)
+    """Post-training / continued-training pipeline after (or instead of) the main pre-training."""
+    serving: list[Serving] = Field(default_factory=list)
+    """Serving targets."""
+
+
+__all__ = [
+    "NAME_PATTERN", "ModelRef", "Source", "Tokenizer", "Data", "Hardware", "Budget", "Optimizer", "Schedule",
+    "Checkpoint", "LossSpike", "Training", "Parallelism", "StageKind", "STAGE_KINDS", "LM_KINDS", "CHAT_KINDS",
+    "POSTTRAIN_KINDS", "PREFERENCE_KINDS", "LoRA", "StageBase", "PretrainStage", "MidtrainStage", "LongContextStage", "SFTStage",
+    "DPOStage", "GRPOStage", "STAGE_TYPES", "Stage", "make_stage", "Serving", "RunSpec",
+]
