@@ -53,10 +53,10 @@ def plan(
     if format not in ("text", "json"):
         _fail([f"error: --format must be 'text' or 'json' (got {format!r})"])
     compiled = _compile(spec)
-    from llmc.compiler import report
+    from llmc import report
 
     if diff is not None:
-        from llmc.compiler.lockfile import diff_lock, read_lock
+        from llmc.emit.lock import diff_lock, read_lock
 
         try:
             old = read_lock(diff)
@@ -77,8 +77,8 @@ def build(
 ) -> None:
     """Compile the spec and write the deterministic job artifacts (atomically)."""
     compiled = _compile(spec)
-    from llmc.compiler.render import render_artifacts
     from llmc.diagnostics import SpecError
+    from llmc.emit import build_warnings, render_artifacts
 
     try:
         files = render_artifacts(compiled)
@@ -86,8 +86,6 @@ def build(
         _fail([d.render() for d in e.diagnostics])
     out = out or Path("build") / compiled.spec.name
     _write_tree_atomic(out, files)
-    from llmc.compiler.render import build_warnings
-
     for d in build_warnings(compiled):
         typer.echo(d.render(), err=True)
     typer.echo(f"wrote {len(files)} files to {out}")
@@ -128,7 +126,7 @@ def launch(
     stage: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
 ) -> None:
     """Run a built job: torchrun for native/torchtitan, the deepspeed launcher for DeepSpeed."""
-    from llmc.compiler.launch import LaunchError, launch_commands
+    from llmc.launch import LaunchError, launch_commands
 
     try:
         cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage)

@@ -12,7 +12,7 @@ API for the other backends (post-training, DeepSpeed, torchtitan):
   ``stage_spec`` (the Stage) and ``stage_plan`` (the compiler's lock["stages"] entry);
   ``minimal_lock(spec_dict, hyper=, plan=)`` builds a lock without the compiler (tests).
 * ``run``: ``prepare_assets(job, root) -> Assets`` writes ``root/assets/tokenizer.json`` (+ config) and
-  ``root/data/<source>.jsonl`` (idempotent); ``python -m llmc.runtime.run [prepare] --lock ...``.
+  ``root/data/<source>.jsonl`` (idempotent); ``python -m llmc.runtime.entry [prepare] --lock ...``.
 * ``data``: ``Assets`` (tokenizer_dir, sources, cache_dir), ``build_loader(sources, tok, seq_len, cache_dir,
   seed, dp_rank, dp_size) -> PackedLoader`` with ``next_batch(mb) -> (inputs, labels)``,
   ``state_dict()/load_state_dict()``; ``read_documents``, ``expand_paths``.

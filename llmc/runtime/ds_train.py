@@ -101,10 +101,10 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
 
     from llmc.runtime.checkpoint import load_model_weights, save_checkpoint
     from llmc.runtime.data import Assets, build_loader
+    from llmc.runtime.entry import prepare_assets
     from llmc.runtime.job import TrainJob
     from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, peak_memory_bytes
     from llmc.runtime.model import build_model, lm_loss
-    from llmc.runtime.run import prepare_assets
     from llmc.runtime.train import lr_multiplier
 
     job = TrainJob.from_lock(lock, stage)

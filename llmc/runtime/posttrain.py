@@ -51,7 +51,7 @@ def _find_tokenizer(job: Any, out: Path, assets: Any | None):
         if f.exists():
             return TextTokenizer(f.parent if f.name == "tokenizer.json" else f)
     raise PostTrainError(f"stage {job.stage!r}: no tokenizer.json found (looked in "
-                         f"{', '.join(str(c) for c in cands)}); run `python -m llmc.runtime.run prepare` first")
+                         f"{', '.join(str(c) for c in cands)}); run `python -m llmc.runtime.entry prepare` first")
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -1,35 +1,61 @@
 """``plan.lock.json``: write, read, and explain the difference between a lock and a new compile.
 
 The lock is ``Compiled.to_json()`` plus a ``_llmc`` header (llmc version, target library versions,
-spec sha256), JSON with sorted keys and a trailing newline, so it diffs well in git.
-``diff_lock`` says WHAT changed (spec hash, parameters, plan degrees, memory, step time, MFU, days,
-cost, diagnostics) and WHY (the resolved-spec fields that changed, as dotted paths old -> new).
+spec sha256) and ``schema_version``, JSON with sorted keys and a trailing newline, so it diffs well
+in git. ``read_lock`` is the one reader (the CLI, ``llmc launch`` and the runtime use it); it refuses
+a lock of another schema version with a one-line reason. ``diff_lock`` says WHAT changed (spec hash,
+parameters, plan degrees, memory, step time, MFU, days, cost, diagnostics) and WHY (the
+resolved-spec fields that changed, as dotted paths old -> new).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llmc.emit.base import Emitter
+from llmc.emit.common import dump_json, header_fields
+
+LOCK_FILE = "plan.lock.json"
 LOCK_HEADER_KEY = "_llmc"
+# Version of the lock's layout. Bump it when a reader (``llmc launch``, the runtime) would misread
+# an older lock; ``read_lock`` accepts exactly this version.
+SCHEMA_VERSION = 2
 _REQUIRED = ("llmc_version", "spec", "plan")
 
 
 def lock_dict(compiled) -> dict[str, Any]:
-    from llmc.compiler.render import header_fields
-
     d = compiled.to_json()
     d[LOCK_HEADER_KEY] = header_fields(compiled)
+    d["schema_version"] = SCHEMA_VERSION
     return d
 
 
 def lock_text(compiled) -> str:
-    return json.dumps(lock_dict(compiled), indent=2, sort_keys=True) + "\n"
+    return dump_json(lock_dict(compiled))
+
+
+def check_lock(d: Any) -> dict:
+    """Validate a parsed lock; ValueError with a one-line reason if it is not a current llmc lock."""
+    if not isinstance(d, dict):
+        raise ValueError("not an llmc lockfile: the top level is not a JSON object")
+    missing = [k for k in _REQUIRED if k not in d]
+    if missing:
+        raise ValueError(f"not an llmc lockfile: missing {', '.join(missing)} (write one with `llmc build`)")
+    if not isinstance(d.get("spec"), dict) or "sha256" not in d["spec"]:
+        raise ValueError("not an llmc lockfile: spec.sha256 missing")
+    version = d.get("schema_version")
+    if version != SCHEMA_VERSION:
+        found = "no schema_version" if version is None else f"schema_version {version!r}"
+        raise ValueError(f"lock schema mismatch: {found}, this llmc reads schema_version {SCHEMA_VERSION} "
+                         "(rebuild with `llmc build`)")
+    return d
 
 
 def read_lock(path: str | Path) -> dict:
-    """Load a plan.lock.json; ValueError with a one-line reason if it is not an llmc lock."""
+    """Load a plan.lock.json; ValueError with a one-line reason if it is not a current llmc lock."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -41,14 +67,14 @@ def read_lock(path: str | Path) -> dict:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"not an llmc lockfile: invalid JSON at line {e.lineno} ({e.msg})") from None
-    if not isinstance(d, dict):
-        raise ValueError("not an llmc lockfile: the top level is not a JSON object")
-    missing = [k for k in _REQUIRED if k not in d]
-    if missing:
-        raise ValueError(f"not an llmc lockfile: missing {', '.join(missing)} (write one with `llmc build`)")
-    if not isinstance(d.get("spec"), dict) or "sha256" not in d["spec"]:
-        raise ValueError("not an llmc lockfile: spec.sha256 missing")
-    return d
+    return check_lock(d)
+
+
+class LockEmitter(Emitter):
+    name = "lock"
+
+    def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
+        return {LOCK_FILE: lock_text(compiled)}
 
 
 # ----------------------------------------------------------------------------------------- diffing

@@ -1,4 +1,4 @@
-"""Render the torchtitan 0.3.0 target: a Python job module plus torchrun / Slurm launch scripts.
+"""The torchtitan 0.3.0 target: a Python job module plus torchrun / Slurm launch scripts.
 
 torchtitan 0.3.0 has no TOML config any more: a job is a zero-argument Python function returning
 ``torchtitan.trainer.Trainer.Config``, selected with ``--module <module> --config <function>``
@@ -25,10 +25,13 @@ from __future__ import annotations
 import ast
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from llmc.diagnostics import Diagnostic, SpecError
+from llmc.emit.base import Emitter
+from llmc.emit.common import diag, gpus_per_node, jinja_env
 
 TORCHTITAN_VERSION = "0.3.0"
 TORCH_VERSION = "2.14.1"
@@ -56,10 +59,6 @@ COMM_TRAIN_TIMEOUT_S = 100
 COMM_TRAIN_TIMEOUT_CKPT_S = 600
 
 SINGLE_STAGE_SCHEDULES = {"1F1B", "GPipe"}
-
-
-def _diag(code: str, path: str, message: str, hint: str = "", severity: str = "error") -> Diagnostic:
-    return Diagnostic(code=code, severity=severity, path=path, message=message, hint=hint)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -106,8 +105,8 @@ def _rope(arch, family: str, errs: list[Diagnostic]) -> dict[str, Any]:
             original_seq_len=int(rs.original_max_position),
         )
     else:
-        errs.append(_diag(
-            "X301", "model.rope_scaling.type",
+        errs.append(diag(
+            "X301", "error", "model.rope_scaling.type",
             f"torchtitan {TORCHTITAN_VERSION} RoPE supports scaling 'none', 'llama' and 'yarn', not {rs.type!r}",
             "use type: llama3 or yarn, or build with another backend",
         ))
@@ -143,111 +142,112 @@ def _pp_module_fqns(n_layers: int, n_stages: int) -> list[list[str]]:
     return parts
 
 
-def torchtitan_values(compiled) -> TitanValues:
-    """Compute every number of the torchtitan job from the compiled plan; raise SpecError when the
-    architecture or plan cannot be expressed in torchtitan 0.3.0."""
-    spec = compiled.spec
-    arch = spec.model
-    plan = compiled.plan
-    hyper = compiled.hyper
-    tr = spec.training
-    errs: list[Diagnostic] = []
-    notes: list[str] = []
-
-    if plan is None:
-        raise SpecError([_diag("X300", "parallelism", "no feasible parallelism plan; nothing to render for torchtitan")])
-
-    family = _family(arch)
+def _arch_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]) -> None:
+    """What torchtitan 0.3.0 cannot express about this architecture and plan (errors) or drops (notes)."""
+    arch, plan, seq_len = compiled.spec.model, compiled.plan, compiled.hyper.seq_len
     if arch.qkv_bias and family == "deepseek_v3":
-        errs.append(_diag(
-            "X302", "model.qkv_bias",
+        errs.append(diag(
+            "X302", "error", "model.qkv_bias",
             f"torchtitan {TORCHTITAN_VERSION} deepseek_v3 MLA attention has no q/k/v bias",
             "set qkv_bias: false or use another backend",
         ))
     if arch.tied_embeddings and plan.pp > 1:
-        errs.append(_diag(
-            "X303", "model.tied_embeddings",
+        errs.append(diag(
+            "X303", "error", "model.tied_embeddings",
             "torchtitan does not support weight tying with pipeline parallelism (Decoder.Config.update_from_config)",
             "untie the embeddings or pin parallelism.pp: 1",
         ))
     if arch.mla is not None and arch.moe is None:
         notes.append("MLA without MoE: deepseek_v3 layers with every layer dense")
     if plan.tp > 1 and arch.mla is None and (arch.n_heads % plan.tp or arch.kv_heads % plan.tp):
-        errs.append(_diag(
-            "X304", "parallelism.tp",
+        errs.append(diag(
+            "X304", "error", "parallelism.tp",
             f"tensor_parallel_degree {plan.tp} must divide n_heads {arch.n_heads} and n_kv_heads {arch.kv_heads} "
             "(torchtitan Decoder.Config.update_from_config)",
         ))
-    seq_len = hyper.seq_len
     if seq_len > arch.max_seq_len:
-        errs.append(_diag(
-            "X305", "data.seq_len",
+        errs.append(diag(
+            "X305", "error", "data.seq_len",
             f"seq_len {seq_len} exceeds the model's max_seq_len {arch.max_seq_len}; torchtitan rejects it "
             "(RoPE cache length)",
             "raise model.max_seq_len",
         ))
     sp_div = (plan.tp if plan.tp > 1 else 1) * (2 * plan.cp if plan.cp > 1 else 1)
     if seq_len % sp_div:
-        errs.append(_diag(
-            "X306", "data.seq_len",
+        errs.append(diag(
+            "X306", "error", "data.seq_len",
             f"torchtitan needs seq_len divisible by tp * 2 * cp = {sp_div} (sequence/context parallel), got {seq_len}",
         ))
-    rope = _rope(arch, family, errs)
 
-    # ---- batch: torchtitan's local_batch_size is per data-parallel rank per accumulation step;
-    # with PP it is split into pipeline micro-batches of pipeline_parallel_microbatch_size.
+
+def _parallelism(compiled, errs: list[Diagnostic]) -> dict[str, Any]:
+    """Batch split, pipeline stages and parallel degrees."""
+    arch, plan, hyper = compiled.spec.model, compiled.plan, compiled.hyper
+    # torchtitan's local_batch_size is per data-parallel rank per accumulation step; with PP it is
+    # split into pipeline micro-batches of pipeline_parallel_microbatch_size.
     if plan.pp > 1:
-        local_batch = plan.micro_batch * plan.grad_accum
-        pp_microbatch = plan.micro_batch
+        local_batch, pp_microbatch = plan.micro_batch * plan.grad_accum, plan.micro_batch
     else:
-        local_batch = plan.micro_batch
-        pp_microbatch = 1
+        local_batch, pp_microbatch = plan.micro_batch, 1
     global_batch = plan.global_batch_seqs  # micro_batch * grad_accum * dp (ParallelPlan)
     if global_batch != hyper.global_batch_seqs:
-        errs.append(_diag(
-            "X307", "training.global_batch_tokens",
-            f"plan batch {global_batch} sequences != resolved batch {hyper.global_batch_seqs}",
-        ))
-
-    # ---- pipeline stages
+        errs.append(diag("X307", "error", "training.global_batch_tokens",
+                         f"plan batch {global_batch} sequences != resolved batch {hyper.global_batch_seqs}"))
     pp_fqns = None
     if plan.pp > 1:
         single = plan.pp_schedule in SINGLE_STAGE_SCHEDULES
         default_v = 1 if single else 2
         v = plan.pp_virtual_stages
         if single and v != 1:
-            errs.append(_diag("X308", "parallelism.pp_schedule",
-                              f"schedule {plan.pp_schedule} runs one stage per rank, plan has {v}"))
+            errs.append(diag("X308", "error", "parallelism.pp_schedule",
+                             f"schedule {plan.pp_schedule} runs one stage per rank, plan has {v}"))
         elif v != default_v:
             n_stages = plan.pp * v
             if n_stages > arch.n_layers:
-                errs.append(_diag("X308", "parallelism.pp",
-                                  f"{n_stages} pipeline stages for {arch.n_layers} layers"))
+                errs.append(diag("X308", "error", "parallelism.pp",
+                                 f"{n_stages} pipeline stages for {arch.n_layers} layers"))
             else:
                 pp_fqns = _pp_module_fqns(arch.n_layers, n_stages)
+    cpu = compiled.spec.hardware.gpu == "cpu"
+    # FSDP2 always shards parameters at rest; the plan's ZeRO stage maps to when they are resharded:
+    # ZeRO-3 -> after every forward (also under PP, where torchtitan's "default" would not);
+    # ZeRO-1/2 -> keep the gathered parameters from forward to backward ("never"), which needs no
+    # more memory than llmc's ZeRO-1/2 model (unsharded weights, sharded optimizer state).
+    reshard = ("always" if plan.pp > 1 else "default") if plan.zero_stage >= 3 else "never"
+    return {
+        "local_batch_size": local_batch,
+        "global_batch_size": global_batch,
+        "disable_cuda_graphs": cpu or plan.pp > 1 or (arch.moe is not None and plan.ep > 1),
+        "dp_replicate": plan.dp_replicate,
+        "dp_shard": plan.dp_shard,
+        "fsdp_reshard_after_forward": reshard,
+        "tp": plan.tp,
+        "pp": plan.pp,
+        "pp_schedule": plan.pp_schedule,
+        "pp_microbatch": pp_microbatch,
+        "pp_module_fqns": pp_fqns,
+        "cp": plan.cp,
+        "ep": plan.ep,
+        "ac": plan.activation_checkpointing,
+    }
 
-    # ---- precision
-    precision = tr.precision
-    cpu = spec.hardware.gpu == "cpu"
-    mp_param = "float32" if precision == "fp32" else "bfloat16"
-    float8 = precision == "fp8"
-    compile_enable = not cpu
 
-    # ---- schedule (torchtitan LRSchedulersContainer: warmup, then decay_type over the last
-    # decay_ratio of steps; decay_ratio None = decay right after warmup)
+def _optimizer_schedule(compiled, notes: list[str]) -> dict[str, Any]:
+    """AdamW, the LR schedule and the loss options."""
+    tr, hyper = compiled.spec.training, compiled.hyper
+    cpu = compiled.spec.hardware.gpu == "cpu"
+    # torchtitan LRSchedulersContainer: warmup, then decay_type over the last decay_ratio of steps;
+    # decay_ratio None = decay right after warmup
     kind = tr.schedule.kind
     if kind == "cosine":
         decay_ratio, decay_type = None, "cosine"
-    elif kind == "linear":
-        decay_ratio, decay_type = None, "linear"
     elif kind == "wsd":
         # WSD cooldown shape: 1-sqrt (Hägele et al. 2024, "Scaling Laws and Compute-Optimal
         # Training Beyond Fixed Training Durations", sec. 3: 1-sqrt beats linear cooldown).
         decay_ratio, decay_type = float(tr.schedule.decay_fraction), "sqrt"
-    else:  # constant: min_lr_factor 1 keeps the factor at 1 after warmup
+    else:  # linear; constant: min_lr_factor 1 keeps the factor at 1 after warmup
         decay_ratio, decay_type = None, "linear"
     min_lr_factor = 1.0 if kind == "constant" else (hyper.min_lr / hyper.lr if hyper.lr else 0.0)
-
     opt = tr.optimizer
     adamw = {
         "lr": float(hyper.lr),
@@ -255,99 +255,92 @@ def torchtitan_values(compiled) -> TitanValues:
         "eps": float(opt.eps),
         "weight_decay": float(opt.weight_decay),
     }
-    adamw_no_wd = {**adamw, "weight_decay": 0.0}
-
     if tr.z_loss > 0:
         notes.append(f"training.z_loss={tr.z_loss} is not applied: torchtitan {TORCHTITAN_VERSION} has no z-loss")
     if tr.loss_spike.enabled:
         notes.append("training.loss_spike is not applied: torchtitan has no rewind-and-skip")
+    return {
+        # torchtitan's own 8B/70B/405B recipes use ChunkedLossWrapper
+        "loss_kind": "ce" if cpu else "chunked",
+        "adamw": adamw,
+        "adamw_no_wd": {**adamw, "weight_decay": 0.0},
+        # no weight decay on norm gains and embeddings (first match wins in ParamGroupConfig);
+        # one pattern for both so every pipeline stage's part matches it (each has norms).
+        "no_wd_pattern": r"(norm|tok_embeddings)\.weight$",
+        "optimizer_impl": "foreach" if cpu else "fused",
+        "warmup_steps": int(hyper.warmup_steps),
+        "decay_ratio": decay_ratio,
+        "decay_type": decay_type,
+        "min_lr_factor": float(min_lr_factor),
+        "max_norm": float(tr.grad_clip) if tr.grad_clip is not None else None,
+        "steps": int(hyper.steps),
+    }
 
-    # ---- MoE / MLA numbers
+
+def _moe(arch, notes: list[str], errs: list[Diagnostic]) -> dict[str, Any]:
     moe = arch.moe
-    moe_ctx: dict[str, Any] = {}
-    if moe is not None:
-        moe_hidden = moe.expert_d_ff or arch.d_ff
-        moe_ctx = {
-            "num_experts": moe.num_experts,
-            "top_k": moe.top_k,
-            "moe_hidden_dim": moe_hidden,
-            "num_shared_experts": moe.num_shared_experts,
-            "shared_hidden_dim": moe_hidden * moe.num_shared_experts,
-            "n_dense_layers": moe.dense_layers,
-            "score_func": moe.score_func,
-            # Mixtral / DeepSeek-V3 renormalise the top-k weights (norm_topk_prob)
-            "route_norm": True,
-            "router_bias": bool(moe.router_bias),
-            # torchtitan 0.3.0 MoE has no auxiliary balancing loss, only aux-loss-free balancing
-            # (per-expert routing bias buffer updated before each optimizer step, arXiv:2408.15664).
-            # expert_bias -> that mechanism; aux_loss_coef > 0 -> the same mechanism as substitute.
-            "load_balance_coeff": LOAD_BALANCE_COEFF if (moe.expert_bias or moe.aux_loss_coef > 0) else None,
-        }
-        if moe.aux_loss_coef > 0:
-            notes.append(
-                f"model.moe.aux_loss_coef={moe.aux_loss_coef}: torchtitan {TORCHTITAN_VERSION} has no auxiliary "
-                f"balancing loss; experts are balanced aux-loss-free instead (routing-bias buffer, "
-                f"load_balance_coeff={LOAD_BALANCE_COEFF})"
-            )
-        if moe.router_bias:
-            errs.append(_diag("X309", "model.moe.router_bias",
-                              "a bias on the router gate linear is not emitted by llmc's torchtitan target",
-                              "set router_bias: false or use the native backend"))
-    mla_ctx: dict[str, Any] = {}
-    if arch.mla is not None:
-        m = arch.mla
-        mla_ctx = {
-            "q_lora_rank": m.q_lora_rank or 0,
-            "kv_lora_rank": m.kv_lora_rank,
-            "qk_nope_head_dim": m.qk_nope_head_dim,
-            "qk_rope_head_dim": m.qk_rope_head_dim,
-            "v_head_dim": m.v_head_dim,
-            # YaRN attention-temperature (mscale) used by torchtitan's DeepSeek-V3 671B flavor
-            "mscale": 1.0,
-        }
-        notes.append("deepseek_v3: router expert-group limits and routed_scaling_factor are not in llmc's "
-                     "Architecture; emitted as torchtitan defaults (no group limit, route_scale 1.0)")
-        if family == "deepseek_v3" and moe is None:
+    if moe is None:
+        if arch.mla is not None:
             # build_mla_moe_layers needs MoE numbers even when every layer is dense
-            moe_ctx = {"num_experts": 1, "top_k": 1, "moe_hidden_dim": arch.d_ff, "num_shared_experts": 0,
-                       "shared_hidden_dim": 0, "n_dense_layers": arch.n_layers, "score_func": "softmax",
-                       "route_norm": False, "router_bias": False, "load_balance_coeff": LOAD_BALANCE_COEFF}
+            return {"num_experts": 1, "top_k": 1, "moe_hidden_dim": arch.d_ff, "num_shared_experts": 0,
+                    "shared_hidden_dim": 0, "n_dense_layers": arch.n_layers, "score_func": "softmax",
+                    "route_norm": False, "router_bias": False, "load_balance_coeff": LOAD_BALANCE_COEFF}
+        return {}
+    moe_hidden = moe.expert_d_ff or arch.d_ff
+    if moe.aux_loss_coef > 0:
+        notes.append(
+            f"model.moe.aux_loss_coef={moe.aux_loss_coef}: torchtitan {TORCHTITAN_VERSION} has no auxiliary "
+            f"balancing loss; experts are balanced aux-loss-free instead (routing-bias buffer, "
+            f"load_balance_coeff={LOAD_BALANCE_COEFF})"
+        )
+    if moe.router_bias:
+        errs.append(diag("X309", "error", "model.moe.router_bias",
+                         "a bias on the router gate linear is not emitted by llmc's torchtitan target",
+                         "set router_bias: false or use the native backend"))
+    return {
+        "num_experts": moe.num_experts,
+        "top_k": moe.top_k,
+        "moe_hidden_dim": moe_hidden,
+        "num_shared_experts": moe.num_shared_experts,
+        "shared_hidden_dim": moe_hidden * moe.num_shared_experts,
+        "n_dense_layers": moe.dense_layers,
+        "score_func": moe.score_func,
+        # Mixtral / DeepSeek-V3 renormalise the top-k weights (norm_topk_prob)
+        "route_norm": True,
+        "router_bias": bool(moe.router_bias),
+        # torchtitan 0.3.0 MoE has no auxiliary balancing loss, only aux-loss-free balancing
+        # (per-expert routing bias buffer updated before each optimizer step, arXiv:2408.15664).
+        # expert_bias -> that mechanism; aux_loss_coef > 0 -> the same mechanism as substitute.
+        "load_balance_coeff": LOAD_BALANCE_COEFF if (moe.expert_bias or moe.aux_loss_coef > 0) else None,
+    }
 
-    if errs:
-        raise SpecError(errs)
 
-    # ---- checkpointing
-    ck = tr.checkpoint
-    world = plan.world
-    gpn = spec.hardware.gpus_per_node or getattr(compiled.gpu, "gpus_per_node", None) or 8
-    if cpu:
-        gpn = world
-    nproc = min(gpn, world)
-    nnodes = max(1, math.ceil(world / nproc))
-    init_timeout = COMM_INIT_TIMEOUT_LARGE_S if world >= COMM_LARGE_WORLD else COMM_INIT_TIMEOUT_S
-    train_timeout = COMM_TRAIN_TIMEOUT_S if hyper.checkpoint_async else COMM_TRAIN_TIMEOUT_CKPT_S
+def _mla(arch, notes: list[str]) -> dict[str, Any]:
+    if arch.mla is None:
+        return {}
+    m = arch.mla
+    notes.append("deepseek_v3: router expert-group limits and routed_scaling_factor are not in llmc's "
+                 "Architecture; emitted as torchtitan defaults (no group limit, route_scale 1.0)")
+    return {
+        "q_lora_rank": m.q_lora_rank or 0,
+        "kv_lora_rank": m.kv_lora_rank,
+        "qk_nope_head_dim": m.qk_nope_head_dim,
+        "qk_rope_head_dim": m.qk_rope_head_dim,
+        "v_head_dim": m.v_head_dim,
+        # YaRN attention-temperature (mscale) used by torchtitan's DeepSeek-V3 671B flavor
+        "mscale": 1.0,
+    }
 
-    disable_cuda_graphs = cpu or plan.pp > 1 or (moe is not None and plan.ep > 1)
 
-    if cpu:
-        loss_kind = "ce"
-    else:
-        loss_kind = "chunked"  # torchtitan's own 8B/70B/405B recipes use ChunkedLossWrapper
-
-    converters_filter = ["lm_head"]
-    if moe is not None:
-        converters_filter.append("router.gate")
-
-    ac = plan.activation_checkpointing
-    # FSDP2 always shards parameters at rest; the plan's ZeRO stage maps to when they are resharded:
-    # ZeRO-3 -> after every forward (also under PP, where torchtitan's "default" would not);
-    # ZeRO-1/2 -> keep the gathered parameters from forward to backward ("never"), which needs no
-    # more memory than llmc's ZeRO-1/2 model (unsharded weights, sharded optimizer state).
-    reshard = ("always" if plan.pp > 1 else "default") if plan.zero_stage >= 3 else "never"
-    ctx = {
+def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str]) -> dict[str, Any]:
+    """Model family, shapes, init, RoPE, MoE / MLA and precision."""
+    spec = compiled.spec
+    arch = spec.model
+    precision = spec.training.precision
+    converters_filter = ["lm_head"] + (["router.gate"] if arch.moe is not None else [])
+    return {
         "family": family,
         "flavor": f"llmc-{arch.name}",
-        "run_name": spec.name,
         "dim": arch.d_model,
         "n_layers": arch.n_layers,
         "n_heads": arch.n_heads,
@@ -362,45 +355,28 @@ def torchtitan_values(compiled) -> TitanValues:
         "base_init_std": BASE_INIT_STD,
         "output_init_std": float(arch.d_model ** -0.5),
         "output_init_bound": float(3 * arch.d_model ** -0.5),
-        "rope": rope,
-        "moe": moe_ctx,
-        "mla": mla_ctx,
+        "rope": _rope(arch, family, errs),
+        "moe": _moe(arch, notes, errs),
+        "mla": _mla(arch, notes),
         "attn_backend": "flex",
-        "float8": float8,
+        "float8": precision == "fp8",
         "float8_recipe": "rowwise",
         "float8_filter_fqns": converters_filter,
-        "compile_enable": compile_enable,
+        "compile_enable": spec.hardware.gpu != "cpu",
         "compile_components": ["model", "loss"],
-        "loss_kind": loss_kind,
-        "adamw": adamw,
-        "adamw_no_wd": adamw_no_wd,
-        # no weight decay on norm gains and embeddings (first match wins in ParamGroupConfig);
-        # one pattern for both so every pipeline stage's part matches it (each has norms).
-        "no_wd_pattern": r"(norm|tok_embeddings)\.weight$",
-        "optimizer_impl": "foreach" if cpu else "fused",
-        "warmup_steps": int(hyper.warmup_steps),
-        "decay_ratio": decay_ratio,
-        "decay_type": decay_type,
-        "min_lr_factor": float(min_lr_factor),
-        "local_batch_size": local_batch,
-        "global_batch_size": global_batch,
-        "seq_len": seq_len,
-        "max_norm": float(tr.grad_clip) if tr.grad_clip is not None else None,
-        "steps": int(hyper.steps),
         "training_dtype": "float32",
-        "mixed_precision_param": mp_param,
-        "disable_cuda_graphs": disable_cuda_graphs,
-        "dp_replicate": plan.dp_replicate,
-        "dp_shard": plan.dp_shard,
-        "fsdp_reshard_after_forward": reshard,
-        "tp": plan.tp,
-        "pp": plan.pp,
-        "pp_schedule": plan.pp_schedule,
-        "pp_microbatch": pp_microbatch,
-        "pp_module_fqns": pp_fqns,
-        "cp": plan.cp,
-        "ep": plan.ep,
-        "ac": ac,
+        "mixed_precision_param": "float32" if precision == "fp32" else "bfloat16",
+    }
+
+
+def _checkpoint_comm(compiled) -> dict[str, Any]:
+    """Checkpointing, logging, collective timeouts and the process layout."""
+    spec, hyper = compiled.spec, compiled.hyper
+    tr, ck = spec.training, spec.training.checkpoint
+    cpu = spec.hardware.gpu == "cpu"
+    world = compiled.plan.world
+    nproc = world if cpu else gpus_per_node(compiled)
+    return {
         "ckpt_enable": True,
         "ckpt_folder": ck.folder,
         "ckpt_interval": int(hyper.checkpoint_interval),
@@ -409,40 +385,42 @@ def torchtitan_values(compiled) -> TitanValues:
         "log_freq": int(tr.log_every),
         "enable_tensorboard": not cpu,
         "seed": int(tr.seed),
-        "comm_init_timeout": init_timeout,
-        "comm_train_timeout": train_timeout,
-        # prepare_assets writes every text source to data/<name>.jsonl with a "text" field
-        "text_field": "text",
-        "data_sources": _data_sources(spec),
-
+        "comm_init_timeout": COMM_INIT_TIMEOUT_LARGE_S if world >= COMM_LARGE_WORLD else COMM_INIT_TIMEOUT_S,
+        "comm_train_timeout": COMM_TRAIN_TIMEOUT_S if hyper.checkpoint_async else COMM_TRAIN_TIMEOUT_CKPT_S,
         "world": world,
         "nproc_per_node": nproc,
-        "nnodes": nnodes,
+        "nnodes": max(1, math.ceil(world / nproc)),
         "cpu": cpu,
     }
+
+
+def torchtitan_values(compiled) -> TitanValues:
+    """Compute every number of the torchtitan job from the compiled plan; raise SpecError when the
+    architecture or plan cannot be expressed in torchtitan 0.3.0."""
+    if compiled.plan is None:
+        raise SpecError([diag("X300", "error", "parallelism",
+                              "no feasible parallelism plan; nothing to render for torchtitan")])
+    errs: list[Diagnostic] = []
+    notes: list[str] = []
+    family = _family(compiled.spec.model)
+    _arch_checks(compiled, family, errs, notes)
+    optim = _optimizer_schedule(compiled, notes)
+    model = _model_args(compiled, family, errs, notes)
+    par = _parallelism(compiled, errs)
+    if errs:
+        raise SpecError(errs)
+    ctx = {
+        "run_name": compiled.spec.name,
+        **model,
+        **optim,
+        **par,
+        **_checkpoint_comm(compiled),
+        "seq_len": compiled.hyper.seq_len,
+        # prepare_assets writes every text source to data/<name>.jsonl with a "text" field
+        "text_field": "text",
+        "data_sources": _data_sources(compiled.spec),
+    }
     return TitanValues(ctx=ctx, notes=notes)
-
-
-def _py(value: Any) -> str:
-    """A Python literal for the template (floats keep full precision via repr)."""
-    if isinstance(value, float) and math.isinf(value):
-        return 'float("inf")'
-    return repr(value)
-
-
-def _env():
-    from jinja2 import Environment, PackageLoader, StrictUndefined
-
-    env = Environment(
-        loader=PackageLoader("llmc", "templates"),
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.filters["py"] = _py
-    return env
 
 
 def launch_lines(ctx: dict[str, Any]) -> dict[str, str]:
@@ -499,7 +477,7 @@ def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
         config_fn=CONFIG_FN,
         launch=launch_lines(vals.ctx),
     )
-    env = _env()
+    env = jinja_env()
     files = {
         f"{OUT_DIR}/{MODULE_NAME}.py": tidy_imports(env.get_template("torchtitan/llmc_job.py.j2").render(**ctx)),
         f"{OUT_DIR}/run_single_node.sh": env.get_template("torchtitan/run_single_node.sh.j2").render(**ctx),
@@ -556,3 +534,16 @@ def tidy_imports(src: str) -> str:
     lines = src.splitlines(keepends=True)
     first, last = imports[0].lineno - 1, imports[-1].end_lineno
     return "".join(lines[:first]) + new_block + "".join(lines[last:])
+
+
+class TorchtitanEmitter(Emitter):
+    """torchtitan/ (job module + scripts), or torchtitan/NOT_EMITTED.txt saying why not; a run
+    torchtitan cannot express does not stop the build (the other backends still run it)."""
+
+    name = "torchtitan"
+
+    def applies(self, compiled) -> bool:
+        return compiled.plan is not None
+
+    def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
+        return render_torchtitan(compiled)

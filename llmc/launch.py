@@ -8,8 +8,8 @@ the first unfinished stage. Pure: builds argv/env only (the CLI runs them); neve
 
 Backends:
 
-* prepare        ``python -m llmc.runtime.run prepare --lock L`` (tokenizer + data under the build dir)
-* ``native``     ``torchrun --standalone --nproc_per_node N -m llmc.runtime.run --lock L --stage S --out R/S``
+* prepare        ``python -m llmc.runtime.entry prepare --lock L`` (tokenizer + data under the build dir)
+* ``native``     ``torchrun --standalone --nproc_per_node N -m llmc.runtime.entry --lock L --stage S --out R/S``
 * ``torchtitan`` ``llmc.runtime.titan_launch.torchtitan_command``: ``torchrun ... -m torchtitan.train
   --module llmc_job --config job`` on GPUs; on a machine without a GPU the CPU shim
   ``llmc.runtime.titan_cpu_shim`` replaces ``torchtitan.train`` (never in the emitted GPU scripts).
@@ -29,9 +29,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmc.emit.common import DS_STAGE_KINDS, RUNTIME_ENTRY, TITAN_STAGE_KINDS
+
 BACKENDS = ("native", "torchtitan", "deepspeed")
-DS_STAGE_KINDS = ("pretrain", "midtrain", "long_context")  # same as render.DS_STAGE_KINDS
-TITAN_STAGE_KINDS = ("pretrain",)
 DEFAULT_MASTER_PORT = 29500
 
 
@@ -74,14 +74,13 @@ def _stages(lock: dict) -> list[dict]:
 
 
 def _gpus_per_node(lock: dict) -> int:
-    hw = (lock.get("spec") or {}).get("resolved", {}).get("hardware", {}) or {}
-    count = int(hw.get("count") or 1)
-    gpn = hw.get("gpus_per_node") or (lock.get("hardware") or {}).get("gpus_per_node") or 8
-    return max(1, min(int(gpn), count))
+    """The compiled hardware's GPUs per node (spec override applied), at most the GPU count."""
+    count = int(lock["spec"]["resolved"]["hardware"]["count"])
+    return max(1, min(int(lock["hardware"]["gpus_per_node"]), count))
 
 
 def load_build(build_dir: str | os.PathLike) -> tuple[Path, dict]:
-    from llmc.compiler.lockfile import read_lock
+    from llmc.emit.lock import read_lock
 
     b = Path(build_dir)
     if not b.is_dir():
@@ -133,10 +132,10 @@ def launch_commands(build_dir: str | os.PathLike, backend: str = "native", nproc
 
     def native(s: dict) -> Cmd:
         # llmc's post-training loops (sft/dpo/grpo) are single-process: one process whatever nproc is
-        # (under other launchers, ranks > 0 of such a stage exit at once: llmc.runtime.run).
+        # (under other launchers, ranks > 0 of such a stage exit at once: llmc.runtime.entry).
         n = 1 if s["kind"] in SINGLE_PROCESS_KINDS else nproc
         argv = [_tool("torchrun"), "--standalone", "--nproc_per_node", str(n)]
-        return Cmd(argv=[*argv, "-m", "llmc.runtime.run", "--lock", lock_path, "--stage", s["name"],
+        return Cmd(argv=[*argv, "-m", RUNTIME_ENTRY, "--lock", lock_path, "--stage", s["name"],
                          "--out", str(run / s["name"])], cwd=str(b), stage=s["name"])
 
     cmds: list[Cmd] = []
@@ -162,7 +161,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str = "native", nproc
         cmds.append(c)
 
     # shared assets (tokenizer + data as JSONL) under the build directory, idempotent
-    prepare = Cmd(argv=[py, "-m", "llmc.runtime.run", "prepare", "--lock", lock_path], cwd=str(b), stage="prepare")
+    prepare = Cmd(argv=[py, "-m", RUNTIME_ENTRY, "prepare", "--lock", lock_path], cwd=str(b), stage="prepare")
     if cmds and all(c.skip_reason for c in cmds):
         prepare.skip_reason = "every stage is finished"
     return [prepare, *cmds]

@@ -1,12 +1,12 @@
-"""Entry point of built jobs: ``python -m llmc.runtime.run``.
+"""Entry point of built jobs: ``python -m llmc.runtime.entry``.
 
-    python -m llmc.runtime.run --lock plan.lock.json [--stage NAME] [--out DIR] [--steps N] [--max-seconds S]
+    python -m llmc.runtime.entry --lock plan.lock.json [--stage NAME] [--out DIR] [--steps N] [--max-seconds S]
                                [--stop-after N] [--assets DIR] [--fallback-checkpoint] [--no-resume] [--cpu-bf16]
 
 ``--steps N`` makes the stage N optimizer steps long (LR schedule and warmup fitted to N, like torchtitan's
 ``--training.steps``; DONE.json is written at the end). ``--stop-after N`` / ``--max-seconds S`` instead
 stop a run of the planned length early, with a checkpoint and without DONE.json; rerun to continue.
-    python -m llmc.runtime.run prepare --lock plan.lock.json [--stage NAME] [--assets DIR]
+    python -m llmc.runtime.entry prepare --lock plan.lock.json [--stage NAME] [--assets DIR]
 
 Runs one stage: pretrain / midtrain / long_context in :mod:`llmc.runtime.train`; sft / dpo / grpo via
 ``llmc.runtime.posttrain.run_stage(job, out_dir)``. Works as one process or under torchrun
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "train"
     if argv and argv[0] in ("prepare", "train"):
         cmd = argv.pop(0)
-    ap = argparse.ArgumentParser(prog="python -m llmc.runtime.run", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m llmc.runtime.entry", description=__doc__.split("\n\n")[0])
     ap.add_argument("--lock", required=True, type=Path, help="plan.lock.json written by `llmc build`")
     ap.add_argument("--stage", default=None, help="stage name (default: the main pre-training)")
     ap.add_argument("--out", type=Path, default=None, help="stage output dir (default <assets>/run/<stage>)")
