@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmc.emit.common import DS_STAGE_KINDS, RUNTIME_ENTRY, TITAN_STAGE_KINDS
+from llmc.emit.common import CHAT_KINDS, DS_STAGE_KINDS, RUNTIME_ENTRY, TITAN_STAGE_KINDS
 
 BACKENDS = ("native", "torchtitan", "deepspeed")
 DEFAULT_MASTER_PORT = 29500
@@ -95,8 +95,8 @@ def load_build(build_dir: str | os.PathLike) -> tuple[Path, dict]:
     return b.resolve(), lock
 
 
-# Stage kinds llmc's native runtime runs in one process (llmc.runtime.posttrain).
-SINGLE_PROCESS_KINDS = frozenset({"sft", "dpo", "grpo"})
+# llmc's post-training loops (llmc.runtime.posttrain) run in one process.
+SINGLE_PROCESS_KINDS = frozenset(CHAT_KINDS)
 
 
 def launch_commands(build_dir: str | os.PathLike, backend: str = "native", nproc: int | None = None,

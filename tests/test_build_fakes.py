@@ -1,16 +1,14 @@
 """Hand-built ``Compiled`` objects for the build / lockfile / launch / DeepSpeed tests.
 
-These do not depend on the compiler's search: every number is written here, so render tests stay
-independent of the plan engineer's code. Integration tests use ``compile_example`` (the real
-``compile_spec``) and skip when it is not available.
+These do not depend on the compiler's search: every number is written here, so emitter tests stay
+independent of the planner. Integration tests use ``compile_example`` (the real ``compile_spec``).
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
-
-import pytest
 
 from llmc.compiler.compiled import (
     Compiled,
@@ -56,6 +54,8 @@ def make_compiled(run: RunSpec | None = None, plan: ParallelPlan | None = None, 
     run = run or make_run()
     plan = plan or ParallelPlan(dp_shard=8, micro_batch=2, grad_accum=2)
     gpu = get_gpu(run.hardware.gpu)
+    if run.hardware.gpus_per_node:  # as the compiler does: the spec's override is part of the GPU row
+        gpu = replace(gpu, gpus_per_node=run.hardware.gpus_per_node)
     sha = hashlib.sha256(run.model_dump_json().encode()).hexdigest()
     lr = run.training.optimizer.lr or 3e-4
     seq = run.data.seq_len
@@ -80,11 +80,8 @@ def make_compiled(run: RunSpec | None = None, plan: ParallelPlan | None = None, 
 
 
 def compile_example(path: Path):
-    """Real load + compile of an example spec (skips until the compiler lands)."""
-    try:
-        from llmc.compiler.compile import compile_spec
-    except ImportError:
-        pytest.skip("llmc.compiler.compile not available yet")
+    """Real load + compile of an example spec."""
+    from llmc.compiler.compile import compile_spec
     from llmc.spec.load import load_spec
 
     run, lines = load_spec(path)

@@ -10,8 +10,8 @@ from test_build_fakes import make_compiled, make_run
 from typer.testing import CliRunner
 
 from llmc.cli import _write_tree_atomic, app
-from llmc.compiler.launch import LaunchError, launch_commands
-from llmc.compiler.render import render_artifacts
+from llmc.launch import LaunchError, launch_commands
+from llmc.emit import render_artifacts
 
 STAGES = [{"name": "base", "kind": "pretrain", "init_from": None},
           {"name": "chat", "kind": "sft", "init_from": "base"},
@@ -30,13 +30,13 @@ def test_native_dry_run_commands(tmp_path):
     b = _build(tmp_path)
     cmds = launch_commands(b, backend="native", gpu=False)
     assert [c.stage for c in cmds] == ["prepare", "base", "chat", "align"]
-    assert cmds[0].argv[1:4] == ["-m", "llmc.runtime.run", "prepare"]
+    assert cmds[0].argv[1:4] == ["-m", "llmc.runtime.entry", "prepare"]
     assert cmds[0].argv[cmds[0].argv.index("--lock") + 1] == str(b.resolve() / "plan.lock.json")
     for c, s in zip(cmds[1:], ["base", "chat", "align"], strict=True):
         assert Path(c.argv[0]).name == "torchrun"
         assert c.argv[1:4] == ["--standalone", "--nproc_per_node", "1"]  # CPU default: 1 process
         i = c.argv.index("-m")
-        assert c.argv[i + 1] == "llmc.runtime.run"
+        assert c.argv[i + 1] == "llmc.runtime.entry"
         assert c.argv[c.argv.index("--lock") + 1] == str(b.resolve() / "plan.lock.json")
         assert c.argv[c.argv.index("--stage") + 1] == s
         assert c.argv[c.argv.index("--out") + 1] == str(b.resolve() / "run" / s)  # the stage's output dir
@@ -70,7 +70,7 @@ def test_deepspeed_dry_run(tmp_path):
     assert "--module" in c.argv and c.argv[c.argv.index("--module") + 1] == "llmc.runtime.ds_train"
     assert c.argv[c.argv.index("--ds-config") + 1] == str(b.resolve() / "deepspeed" / "ds_config.json")
     for c in cmds[2:]:
-        assert "llmc.runtime.run" in c.argv and Path(c.argv[0]).name == "torchrun"
+        assert "llmc.runtime.entry" in c.argv and Path(c.argv[0]).name == "torchrun"
     # on a GPU machine no CPU accelerator override
     assert launch_commands(b, backend="deepspeed", gpu=True)[1].env == {}
 
@@ -102,7 +102,7 @@ def test_torchtitan_dry_run_uses_cpu_shim_only_without_gpu(tmp_path):
         assert str(b.resolve() / "torchtitan") in c.env["PYTHONPATH"]
         assert c.env["LLMC_RUN_DIR"] == str(b.resolve())  # where prepare wrote assets/ and data/
     # the post-training stages run on llmc's runtime
-    assert "llmc.runtime.run" in next(c for c in cpu if c.stage == "chat").argv
+    assert "llmc.runtime.entry" in next(c for c in cpu if c.stage == "chat").argv
 
 
 def test_stage_skipping_resumes_at_first_unfinished(tmp_path):

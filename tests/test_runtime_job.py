@@ -70,7 +70,7 @@ def test_lock_without_plan_shards_over_the_started_ranks(monkeypatch):
 
 def test_midtrain_starts_from_pretrain_weights(tmp_path):
     from llmc.runtime import corpus
-    from llmc.runtime.run import run_stage
+    from llmc.runtime.entry import run_stage
 
     corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=200)
     spec = _spec([{"name": "pre", "kind": "pretrain", "steps": 6},

@@ -54,7 +54,7 @@ def compiled_example(name: str):
 
 
 def write_build(compiled, out: Path) -> Path:
-    from llmc.compiler.render_torchtitan import render_torchtitan
+    from llmc.emit.torchtitan import render_torchtitan
 
     for rel, text in render_torchtitan(compiled, strict=True).items():
         p = out / rel

@@ -12,7 +12,7 @@ import pytest
 
 from llmc.compiler.compiled import Compiled, ComputeNumbers, Hyper, ModelNumbers
 from llmc.compiler.plan import ParallelPlan
-from llmc.compiler.render_torchtitan import (
+from llmc.emit.torchtitan import (
     _pp_module_fqns,
     render_torchtitan,
     torchtitan_diagnostics,

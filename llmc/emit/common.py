@@ -11,14 +11,20 @@ from __future__ import annotations
 import json
 import math
 from functools import cache
-from typing import Any
+from typing import Any, get_args
 
 from llmc.diagnostics import Diagnostic
+from llmc.spec.run import StageKind
 
 GEN_NOTE = "generated file, do not edit: change the spec and run `llmc build` again"
 
-# Stage kinds the DeepSpeed runner trains (next-token loss); the others run on llmc's native runtime.
-DS_STAGE_KINDS = ("pretrain", "midtrain", "long_context")
+# Stage kinds by loss: next-token loss on packed text (LM) and chat post-training (one process on
+# llmc's native runtime). TODO(merge): import LM_KINDS / CHAT_KINDS from the spec module instead.
+STAGE_KINDS: tuple[str, ...] = get_args(StageKind)
+LM_KINDS: tuple[str, ...] = ("pretrain", "midtrain", "long_context")
+CHAT_KINDS: tuple[str, ...] = tuple(k for k in STAGE_KINDS if k not in LM_KINDS)
+# Stage kinds the DeepSpeed runner trains; the others run on llmc's native runtime.
+DS_STAGE_KINDS = LM_KINDS
 # Stage kinds the torchtitan job runs; the other stages run on llmc's native runtime.
 TITAN_STAGE_KINDS = ("pretrain",)
 # The module built jobs run: ``python -m llmc.runtime.entry`` (prepare, then one stage at a time).

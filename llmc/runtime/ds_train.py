@@ -18,7 +18,7 @@ Run-time adaptation (logged): the ds_config is written for the plan's data-paral
 batch (in sequences) is kept and split over the actual world size, so a 2-process CPU test of an
 8-GPU config trains on the same samples. A stage other than the main pre-training gets its own lr,
 steps, warmup and batch from the lock. Without a ``scheduler`` block (wsd, linear to a floor) the
-LR follows llmc's own schedule (``llmc.runtime.train.lr_multiplier``) as a client LambdaLR.
+LR follows llmc's own schedule (``TrainJob.lr_factor``) as a client LambdaLR.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-DS_STAGE_KINDS = ("pretrain", "midtrain", "long_context")  # next-token LM loss on packed data
+from llmc.emit.common import DS_STAGE_KINDS  # next-token LM loss on packed data
+from llmc.emit.lock import read_lock
 
 
 def _say(msg: str) -> None:
@@ -105,7 +106,6 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     from llmc.runtime.job import TrainJob
     from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, peak_memory_bytes
     from llmc.runtime.model import build_model, lm_loss
-    from llmc.runtime.train import lr_multiplier
 
     job = TrainJob.from_lock(lock, stage)
     if job.kind not in DS_STAGE_KINDS:
@@ -163,7 +163,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     client_sched = None
     if "scheduler" not in cfg:
         def client_sched(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, job))
+            return torch.optim.lr_scheduler.LambdaLR(opt, job.lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad],
                                            config=cfg, lr_scheduler=client_sched)
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(a.local_rank))
     try:
-        lock = json.loads(a.lock.read_text())
+        lock = read_lock(a.lock)
         ds_config = json.loads(a.ds_config.read_text())
     except (OSError, ValueError) as e:
         print(f"error[R001] cannot read the lock or the DeepSpeed config ({e})", file=sys.stderr)

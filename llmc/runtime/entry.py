@@ -26,6 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from llmc.emit.lock import read_lock
 from llmc.runtime.data import Assets, SourceData, read_documents
 from llmc.runtime.job import NATIVE_KINDS, POSTTRAIN_KINDS, TrainJob
 
@@ -262,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     from llmc.runtime.train import TrainingError
 
     try:
-        lock = json.loads(a.lock.read_text())
-    except (OSError, ValueError) as e:
-        print(f"{a.lock}: error[R001] lock: cannot read lockfile ({e})", file=sys.stderr)
+        lock = read_lock(a.lock)
+    except ValueError as e:
+        print(f"{a.lock}: error[R001] lock: {e}", file=sys.stderr)
         return 1
     root = (a.assets or a.lock.resolve().parent).resolve()
     try:

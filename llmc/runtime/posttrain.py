@@ -192,7 +192,7 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
             convs = load_stage_data(job, "chat")
             ex = encode_conversations(convs, tok, template, mask)
             losses = train_sft(model, ex, steps=steps, lr=lr, batch_size=batch, pad_id=pad_id, max_len=seq_len,
-                               grad_clip=job.grad_clip, warmup_steps=job.warmup_steps, seed=job.seed, log=log)
+                               grad_clip=job.grad_clip, lr_factor=job.lr_factor, seed=job.seed, log=log)
             summary = {"loss_first": losses[0], "loss_last": losses[-1], "loss_mask": mask,
                        "examples": len(ex)}
         elif kind == "dpo":

@@ -53,34 +53,6 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------- schedule
 
 
-def lr_multiplier(step: int, job: TrainJob) -> float:
-    """LR / peak LR for optimizer step ``step`` (0-based).
-
-    Linear warmup over ``warmup_steps`` (step s uses (s+1)/warmup), then
-    cosine: min + (1-min) * (1 + cos(pi p)) / 2;  linear: min + (1-min)(1-p);
-    wsd: 1 until the last ``decay_fraction`` of steps, then linear to min (Hu et al. 2024, MiniCPM);
-    constant: 1. p = progress through the post-warmup steps in [0, 1]; min = min_lr / lr.
-    """
-    lo = job.min_lr / job.lr if job.lr else 0.0
-    if step < job.warmup_steps:
-        return (step + 1) / job.warmup_steps
-    if job.schedule == "constant":
-        return 1.0
-    span = max(1, job.steps - job.warmup_steps)
-    p = min(1.0, (step - job.warmup_steps) / span)
-    if job.schedule == "cosine":
-        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
-    if job.schedule == "linear":
-        return lo + (1 - lo) * (1 - p)
-    if job.schedule == "wsd":
-        decay_steps = max(1, round(job.decay_fraction * job.steps))
-        start = job.steps - decay_steps
-        if step < start:
-            return 1.0
-        return lo + (1 - lo) * (1 - min(1.0, (step - start) / decay_steps))
-    raise ValueError(f"unknown schedule {job.schedule!r}")
-
-
 def build_optimizer(model: torch.nn.Module, job: TrainJob, device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices (dim >= 2) only, not on norms, biases or the expert bias.
 
@@ -268,7 +240,7 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
             say(f"initialised weights from {init_checkpoint} (step {step0})")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, job, info.device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, job))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, job.lr_factor)
 
     spike = job.loss_spike
     window: deque[float] = deque(maxlen=spike.window)

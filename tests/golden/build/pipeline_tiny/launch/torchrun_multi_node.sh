@@ -27,22 +27,22 @@ TORCHRUN=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node 
           --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_ID")
 case "$BACKEND" in
   native)
-    python -m llmc.runtime.run prepare --lock "$LOCK"
+    python -m llmc.runtime.entry prepare --lock "$LOCK"
     if want_stage pretrain && ! stage_done pretrain; then
-      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
     fi
     if want_stage sft && ! stage_done sft; then
-      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
     fi
     if want_stage dpo && ! stage_done dpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
     fi
     if want_stage grpo && ! stage_done grpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
     fi
     ;;
   torchtitan)
-    python -m llmc.runtime.run prepare --lock "$LOCK"
+    python -m llmc.runtime.entry prepare --lock "$LOCK"
     export LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
     PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
       "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
