@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from test_build_fakes import EXAMPLES, ROOT, compile_example, make_compiled, make_run
 
-from llmc.emit.lock import lock_text
 from llmc.compiler.plan import ParallelPlan
 from llmc.emit import render_artifacts
 from llmc.emit.deepspeed import DS_TOP_LEVEL_KEYS, deepspeed_config
+from llmc.emit.lock import lock_text
 
 pytest.importorskip("deepspeed")
 

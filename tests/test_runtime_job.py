@@ -16,7 +16,6 @@ ARCH = dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=
             max_seq_len=64)
 
 
-@pytest.mark.skipif(not GOLDEN.exists(), reason="golden lock not built yet")
 def test_from_compiled_lock_reads_hyper_and_plan():
     lock = json.loads(GOLDEN.read_text())
     job = TrainJob.from_lock(lock)

@@ -17,9 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from llmc.runtime import corpus  # noqa: E402
-from llmc.runtime.job import TrainJob, minimal_lock  # noqa: E402
 from llmc.runtime.entry import run_stage  # noqa: E402
-from llmc.runtime.train import TrainingError, lr_multiplier  # noqa: E402
+from llmc.runtime.job import TrainJob, minimal_lock  # noqa: E402
+from llmc.runtime.train import TrainingError  # noqa: E402
 
 ARCH = dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512,
             max_seq_len=64)
@@ -70,16 +70,16 @@ def _job(**kw) -> TrainJob:
 
 def test_lr_schedules():
     j = _job(schedule="cosine")
-    assert lr_multiplier(0, j) == pytest.approx(0.1) and lr_multiplier(9, j) == pytest.approx(1.0)
-    assert lr_multiplier(10, j) == pytest.approx(1.0)
-    assert lr_multiplier(55, j) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
-    assert lr_multiplier(100, j) == pytest.approx(0.1)
+    assert j.lr_factor(0) == pytest.approx(0.1) and j.lr_factor(9) == pytest.approx(1.0)
+    assert j.lr_factor(10) == pytest.approx(1.0)
+    assert j.lr_factor(55) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert j.lr_factor(100) == pytest.approx(0.1)
     j = _job(schedule="linear")
-    assert lr_multiplier(55, j) == pytest.approx(0.55)
+    assert j.lr_factor(55) == pytest.approx(0.55)
     j = _job(schedule="wsd", decay_fraction=0.2)
-    assert lr_multiplier(79, j) == 1.0 and lr_multiplier(90, j) == pytest.approx(0.55)
-    assert lr_multiplier(100, j) == pytest.approx(0.1)
-    assert lr_multiplier(50, _job(schedule="constant")) == 1.0
+    assert j.lr_factor(79) == 1.0 and j.lr_factor(90) == pytest.approx(0.55)
+    assert j.lr_factor(100) == pytest.approx(0.1)
+    assert _job(schedule="constant").lr_factor(50) == 1.0
 
 
 # ----------------------------------------------------------------------------- single process

@@ -35,6 +35,8 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STEP = re.compile(r"step:\s+(\d+)\s+loss:\s+([-+0-9.eEnaif]+)")
 
 pytestmark = pytest.mark.slow  # real torchtitan: heavy imports, subprocesses
+pytest.importorskip("torch")
+pytest.importorskip("torchtitan")
 
 
 @pytest.fixture(autouse=True)
