@@ -34,7 +34,15 @@ def _compile(spec: Path):
 
     try:
         run, lines = load_spec(spec)
-        compiled = compile_spec(run, spec_path=str(spec), yaml_lines=lines)
+        facts = {}
+        try:  # TODO(merge): llmc.spec.facts always exists then; drop this guard
+            from llmc.spec.facts import gather_facts
+        except ImportError:
+            gather_facts = None
+        if gather_facts is not None:
+            facts["facts"] = gather_facts(run, spec.parent)
+        # the spec file is read once more, here, for the sha256 recorded in every artifact
+        compiled = compile_spec(run, spec_path=str(spec), yaml_lines=lines, spec_bytes=spec.read_bytes(), **facts)
     except SpecError as e:
         _fail([d.render() for d in e.diagnostics])
     errs = errors(compiled.diagnostics)
@@ -53,8 +61,6 @@ def plan(
     if format not in ("text", "json"):
         _fail([f"error: --format must be 'text' or 'json' (got {format!r})"])
     compiled = _compile(spec)
-    from llmc import report
-
     if diff is not None:
         from llmc.emit.lock import diff_lock, read_lock
 
@@ -67,6 +73,8 @@ def plan(
     if format == "json":
         typer.echo(json.dumps(compiled.to_json(), indent=2, sort_keys=True))
     else:
+        from llmc import report  # rich: imported only for the text report
+
         report.print_report(compiled)
 
 

@@ -59,7 +59,7 @@ def test_layout_and_headers():
             assert d["_llmc"]["spec_sha256"] == c.spec_sha256
             assert d["_llmc"]["target_versions"] == llmc.TARGET_VERSIONS
             assert text == json.dumps(d, indent=2, sort_keys=True) + "\n"  # sorted keys, trailing newline
-        elif not name.startswith("torchtitan/"):  # the torchtitan files carry their engineer's header
+        elif not name.startswith("torchtitan/"):  # the torchtitan files carry their own header
             assert c.spec_sha256 in head and f"llmc {llmc.__version__}" in head, name
             assert "deepspeed 0.19.8" in head and "torchtitan 0.3.0" in head, name
         assert not re.search(r"20\d\d-\d\d-\d\d[ T]\d\d:\d\d", text), f"timestamp in {name}"

@@ -202,7 +202,7 @@ def test_reward_never_crashes_on_junk():
 
 
 def test_group_advantages_known_vector():
-    r = torch.tensor([1.0, 1, 1, 1, 1, 0, 0, 0])  # 8 samples, 5 correct (seed-facts-a §7.6)
+    r = torch.tensor([1.0, 1, 1, 1, 1, 0, 0, 0])  # 8 samples, 5 correct: (1 - 5/8) / std = 0.7246
     a = group_advantages(r)
     assert torch.allclose(a[:5], torch.full((5,), 0.7246), atol=1e-4)
     assert torch.allclose(a[5:], torch.full((3,), -1.2076), atol=1e-4)

@@ -51,7 +51,7 @@ def test_report_sections_and_numbers():
     assert f"MFU {100 * c.time.mfu:.1f}%" in text
     assert f"{c.time.days:.1f} days" in text
     assert f"${c.cost.usd:,.0f}" in text
-    assert "405,853,388,800" in text  # exact parameter count (seed-facts App. B: 405.853B)
+    assert "405,853,388,800" in text  # exact parameter count (Llama 3 paper, arXiv:2407.21783, table 3: 405B)
     assert c.reasons[0].startswith("fastest of") and "fastest of" in text and "step time:" in text
 
 
