@@ -128,7 +128,8 @@ def _write_tree_atomic(out: Path, files: dict[str, str]) -> None:
 @app.command()
 def launch(
     build_dir: Annotated[Path, typer.Argument(help="A directory written by `llmc build`.")],
-    backend: Annotated[str, typer.Option(help="native, torchtitan or deepspeed")] = "native",
+    backend: Annotated[str | None, typer.Option(
+        help="native, torchtitan or deepspeed (default: native, or torchtitan when the plan uses pp/cp/ep)")] = None,
     nproc: Annotated[int | None, typer.Option(help="Processes per node (default: from the plan, or 1 on CPU).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and exit.")] = False,
     stage: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,

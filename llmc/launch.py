@@ -18,7 +18,9 @@ Backends:
   with ``DS_ACCELERATOR=cpu`` when there is no GPU. Stage kinds the DeepSpeed runner does not train
   (dpo, grpo) run on the native runtime.
 
-Default ``nproc``: the plan's GPUs per node on a GPU machine, 1 on CPU.
+Default backend: ``native``, or ``torchtitan`` when the plan uses pp/cp/ep (which the native trainer
+does not run) and the build has a torchtitan job. Default ``nproc``: the plan's GPUs per node on a
+GPU machine, 1 on CPU.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmc.emit.common import CHAT_KINDS, DS_STAGE_KINDS, RUNTIME_ENTRY, TITAN_STAGE_KINDS
+from llmc.emit.common import CHAT_KINDS, DS_STAGE_KINDS, RUNTIME_ENTRY, TITAN_STAGE_KINDS, default_backend
 
 BACKENDS = ("native", "torchtitan", "deepspeed")
 DEFAULT_MASTER_PORT = 29500
@@ -99,13 +101,17 @@ def load_build(build_dir: str | os.PathLike) -> tuple[Path, dict]:
 SINGLE_PROCESS_KINDS = frozenset(CHAT_KINDS)
 
 
-def launch_commands(build_dir: str | os.PathLike, backend: str = "native", nproc: int | None = None,
+def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, nproc: int | None = None,
                     stage: str | None = None, run_dir: str | os.PathLike | None = None,
                     gpu: bool | None = None) -> list[Cmd]:
-    """Prepare step + one command per stage (skipped ones carry ``skip_reason``); raises LaunchError."""
-    if backend not in BACKENDS:
+    """Prepare step + one command per stage (skipped ones carry ``skip_reason``); raises LaunchError.
+
+    ``backend`` None: the build's default (``llmc.emit.common.default_backend``)."""
+    if backend is not None and backend not in BACKENDS:
         raise LaunchError(f"unknown backend {backend!r} (one of: {', '.join(BACKENDS)})")
     b, lock = load_build(build_dir)
+    if backend is None:
+        backend = default_backend(lock.get("plan"), (b / "torchtitan" / "llmc_job.py").exists())
     on_gpu = has_gpu() if gpu is None else gpu
     if nproc is None:
         nproc = _gpus_per_node(lock) if on_gpu else 1

@@ -43,6 +43,30 @@ def test_native_dry_run_commands(tmp_path):
         assert c.skip_reason is None
 
 
+def test_default_backend_accepts_the_plan(tmp_path):
+    from llmc.compiler.plan import ParallelPlan
+
+    # dp/tp only: llmc's runtime runs it
+    b = _build(tmp_path / "dp")
+    assert "llmc.runtime.entry" in launch_commands(b, gpu=True)[1].argv
+    for name in ("launch/torchrun_single_node.sh", "launch/torchrun_multi_node.sh", "launch/slurm.sbatch"):
+        assert 'BACKEND="${BACKEND:-native}"' in (b / name).read_text(), name
+    # pipeline parallel: the native trainer refuses pp > 1, so every launcher defaults to torchtitan
+    b = _build(tmp_path / "pp", plan=ParallelPlan(dp_shard=4, pp=2, micro_batch=2, grad_accum=4))
+    cmds = {c.stage: c for c in launch_commands(b, gpu=True)}
+    assert "torchtitan.train" in cmds["base"].argv
+    assert "llmc.runtime.entry" in cmds["chat"].argv  # post-training stages stay on llmc's runtime
+    for name in ("launch/torchrun_single_node.sh", "launch/torchrun_multi_node.sh", "launch/slurm.sbatch"):
+        text = (b / name).read_text()
+        assert 'BACKEND="${BACKEND:-torchtitan}"' in text, name
+        # the torchtitan branch runs every stage and hands the script's arguments to torchtitan.train
+        branch = text[text.index("  torchtitan)"):]
+        assert '--config job "$@"' in branch and "--stage chat" in branch and "--stage align" in branch, name
+    multi = (b / "launch/torchrun_multi_node.sh").read_text()
+    assert "NODE_RANK=" not in multi and "--node_rank" not in multi  # c10d rendezvous assigns node ranks
+    assert "rdzv_backend c10d" in multi
+
+
 def test_default_nproc_on_gpu_is_gpus_per_node(tmp_path):
     b = _build(tmp_path)
     cmds = launch_commands(b, backend="native", gpu=True)

@@ -27,6 +27,9 @@ CHAT_KINDS: tuple[str, ...] = tuple(k for k in STAGE_KINDS if k not in LM_KINDS)
 DS_STAGE_KINDS = LM_KINDS
 # Stage kinds the torchtitan job runs; the other stages run on llmc's native runtime.
 TITAN_STAGE_KINDS = ("pretrain",)
+# Parallel degrees llmc's native trainer (llmc.runtime.train) does not run; a plan using any of them
+# runs on torchtitan by default.
+NATIVE_UNSUPPORTED = ("pp", "cp", "ep")
 # The module built jobs run: ``python -m llmc.runtime.entry`` (prepare, then one stage at a time).
 RUNTIME_ENTRY = "llmc.runtime.entry"
 
@@ -96,11 +99,20 @@ def is_cpu(compiled) -> bool:
     return str(compiled.spec.hardware.gpu).lower() == "cpu"
 
 
+def default_backend(plan: Any, has_titan: bool) -> str:
+    """The backend a build runs with when none is named: ``native``, or ``torchtitan`` when the plan
+    uses a degree the native trainer refuses (``NATIVE_UNSUPPORTED``) and a torchtitan job exists.
+    ``plan`` is a ``ParallelPlan`` or its lock dict (None: no searched plan)."""
+    if plan is None or not has_titan:
+        return "native"
+    return "torchtitan" if any(int(attr(plan, k, 1) or 1) > 1 for k in NATIVE_UNSUPPORTED) else "native"
+
+
 def stage_list(compiled) -> list[dict]:
     """Stages in execution order (``compiled.stages`` order); one ``pretrain`` stage when there are none."""
     out = []
     for s in compiled.stages or [{"name": "pretrain", "kind": "pretrain", "init_from": None}]:
         kind = str(attr(s, "kind") or "pretrain")
         out.append({"name": str(attr(s, "name")), "kind": kind, "init_from": attr(s, "init_from"),
-                    "ds": kind in DS_STAGE_KINDS})
+                    "ds": kind in DS_STAGE_KINDS, "titan": kind in TITAN_STAGE_KINDS})
     return out

@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmc.emit.base import Emitter
-from llmc.emit.common import gpus_per_node, header_lines, is_cpu, jinja_env, nnodes, stage_list
+from llmc.emit.common import (
+    default_backend,
+    gpus_per_node,
+    header_lines,
+    is_cpu,
+    jinja_env,
+    nnodes,
+    stage_list,
+)
 
 RDZV_PORT = 29500
 TITAN_CONFIG_FN = "job"
@@ -57,6 +65,7 @@ def launch_context(compiled, files: Mapping[str, str]) -> dict[str, Any]:
         "titan_module": mod,
         "titan_config": TITAN_CONFIG_FN,
         "has_titan": bool(mod),
+        "default_backend": default_backend(compiled.plan, bool(mod)),
         "rdzv_port": RDZV_PORT,
     }
 

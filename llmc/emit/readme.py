@@ -8,7 +8,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from llmc.emit.base import Emitter
-from llmc.emit.common import gpus_per_node, header_lines, jinja_env, nnodes, stage_list, world
+from llmc.emit.common import (
+    default_backend,
+    gpus_per_node,
+    header_lines,
+    jinja_env,
+    nnodes,
+    stage_list,
+    world,
+)
 from llmc.emit.deepspeed import CONFIG_PATH, zero_stage_for
 from llmc.emit.launchers import titan_module
 from llmc.emit.serving import served_files
@@ -56,6 +64,7 @@ class ReadmeEmitter(Emitter):
             "nnodes": nnodes(compiled),
             "stages": stage_list(compiled),
             "has_titan": bool(titan_module(earlier)),
+            "default_backend": default_backend(compiled.plan, bool(titan_module(earlier))),
             "has_ds": CONFIG_PATH in earlier,
             "zero_stage": zero_stage_for(compiled) if CONFIG_PATH in earlier else 0,
             "warnings": [d.render() for d in build_warnings(compiled)],

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from llmc.emit.common import NATIVE_UNSUPPORTED
 from llmc.runtime.checkpoint import (
     CheckpointError,
     export_hf,
@@ -149,7 +150,7 @@ def _autocast(job: TrainJob, device: torch.device, cpu_bf16: bool):
 
 
 def _check_layout(job: TrainJob, info: DistInfo) -> None:
-    unsupported = {k: v for k, v in (("pp", job.pp), ("cp", job.cp), ("ep", job.ep)) if v != 1}
+    unsupported = {k: getattr(job, k) for k in NATIVE_UNSUPPORTED if getattr(job, k) != 1}
     if unsupported:
         raise TrainingError(f"native trainer runs dp_replicate/dp_shard/tp only; plan has "
                             f"{', '.join(f'{k}={v}' for k, v in unsupported.items())} (use the torchtitan backend)")

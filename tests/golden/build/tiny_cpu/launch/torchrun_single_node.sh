@@ -5,7 +5,9 @@
 #
 # torchrun on one node (1 processes by default).
 #   BACKEND=native     llmc.runtime.entry, every stage in order (default)
-#   BACKEND=torchtitan torchtitan.train with the job module in torchtitan/ (the pre-training stage)
+#   BACKEND=torchtitan torchtitan.train with the job module in torchtitan/ for the pre-training stage,
+#                      llmc.runtime.entry for the others
+# Arguments after the script name go to torchtitan.train (BACKEND=torchtitan).
 # Env: NPROC, RUN_DIR (default <build>/run), STAGE, BACKEND.
 set -euo pipefail
 BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,10 +30,12 @@ case "$BACKEND" in
     ;;
   torchtitan)
     python -m llmc.runtime.entry prepare --lock "$LOCK"
-    export LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
-    PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
-      "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
-      -m torchtitan.train --module llmc_job --config job "$@"
+    if want_stage pretrain && ! stage_done pretrain; then
+      LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled \
+      PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
+        "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
+        -m torchtitan.train --module llmc_job --config job "$@"
+    fi
     ;;
   *) echo "unknown BACKEND=$BACKEND (native or torchtitan)" >&2; exit 2 ;;
 esac
