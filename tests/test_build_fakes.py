@@ -59,6 +59,13 @@ def make_compiled(run: RunSpec | None = None, plan: ParallelPlan | None = None, 
     sha = hashlib.sha256(run.model_dump_json().encode()).hexdigest()
     lr = run.training.optimizer.lr or 3e-4
     seq = run.data.seq_len
+    # every stage entry carries its resolved numbers, as the compiler writes them (here: pre-training's)
+    resolved = {"seq_len": seq, "steps": steps, "lr": lr, "min_lr": lr * 0.1, "warmup_steps": warmup,
+                "schedule": schedule, "decay_fraction": run.training.schedule.decay_fraction,
+                "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+                "global_batch_seqs": global_batch_seqs, "global_batch_tokens": global_batch_seqs * seq,
+                "checkpoint_interval": 50, "hyper": {}, "lora": None, "long_context": None}
+    stages = [{**resolved, **s} for s in stages or [{"name": "pretrain", "kind": "pretrain", "init_from": None}]]
     return Compiled(
         spec_path="fake.yaml", spec_sha256=sha, spec=run, gpu=gpu,
         model=ModelNumbers(params_total=200_000, params_active=200_000, params_embedding=65_536,
@@ -75,7 +82,7 @@ def make_compiled(run: RunSpec | None = None, plan: ParallelPlan | None = None, 
         cost=CostNumbers(gpu_hours=steps * step_s * 8 / 3600, usd=steps * step_s * 8 / 3600 * 2.5,
                          usd_per_gpu_hour=2.5),
         reasons=["fake"], alternatives=[], rejected=[], diagnostics=[],
-        stages=stages or [], serving=serving or [],
+        stages=stages, serving=serving or [],
     )
 
 
