@@ -43,7 +43,7 @@ from llmc.runtime.checkpoint import (
 from llmc.runtime.data import Assets, PackedLoader, build_loader
 from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize
 from llmc.runtime.job import TrainJob
-from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, peak_memory_bytes
+from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
 from llmc.runtime.model import Transformer, build_model, lm_loss
 
 
@@ -353,7 +353,9 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
             window.append(last_loss)
 
         if step % job.log_every == 0 or step == 1 or step == stop_at:
-            log.log(_step_record(job, info, fpt, step, last_loss, lr, gnorm, tokens, dt))
+            log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=gnorm, tokens=tokens,
+                                tokens_per_step=job.tokens_per_step, dt=dt, flops_per_token=fpt,
+                                peak_flops=job.peak_flops, world=info.world, device=info.device))
         if step % job.checkpoint_interval == 0 and step < job.steps:
             checkpoint_now()
             last_ckpt_step = step
@@ -374,17 +376,6 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
     if main:
         _finish(job, result, final, out, assets, log, say)
     return result
-
-
-def _step_record(job: TrainJob, info: DistInfo, fpt: float, step: int, loss: float, lr: float, gnorm: float,
-                 tokens: int, dt: float) -> dict:
-    """One metrics.jsonl line: MFU = FLOPs/token x tokens/s / (peak FLOP/s x world)."""
-    tps = job.tokens_per_step / dt if dt > 0 else 0.0
-    flops = fpt * tps
-    return {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(gnorm, 6),
-            "tokens": tokens, "tokens_per_s": round(tps, 1), "flops_per_s": flops,
-            "mfu": (flops / (job.peak_flops * info.world)) if job.peak_flops else None,
-            "peak_mem_bytes": peak_memory_bytes(info.device), "step_s": round(dt, 4)}
 
 
 def _finish(job: TrainJob, result: dict, final: Path, out: Path, assets: Assets, log: MetricsLogger, say) -> None:
