@@ -1,9 +1,12 @@
 """llmc: a declarative config compiler for LLM training runs.
 
-Layout: ``llmc.spec`` (what is asked: pydantic models, YAML loading, presets),
-``llmc.compiler`` (how much and how: pure functions, never imports torch),
-``llmc.templates`` (Jinja2 templates), ``llmc.runtime`` (the model and trainer; the only
-part that imports torch) and ``llmc.cli`` (the thin typer front end).
+Layers, each depending only on the ones before it:
+``llmc.spec`` (what is asked: pydantic models, YAML loading, presets) ->
+``llmc.compiler`` (how much and how: pure functions, never imports torch, reads no files) ->
+``llmc.emit`` (one emitter per build target, with ``llmc.templates``) ->
+``llmc.cli`` (the thin typer front end, the only code that writes files), with ``llmc.report``
+(the plan report) and ``llmc.launch`` (the commands that run a build) beside it.
+``llmc.runtime`` (the model and trainers; the only part that imports torch) reads only the lock.
 """
 
 __version__ = "0.1.0"

@@ -34,7 +34,15 @@ def _compile(spec: Path):
 
     try:
         run, lines = load_spec(spec)
-        compiled = compile_spec(run, spec_path=str(spec), yaml_lines=lines)
+        facts = {}
+        try:  # TODO(merge): llmc.spec.facts always exists then; drop this guard
+            from llmc.spec.facts import gather_facts
+        except ImportError:
+            gather_facts = None
+        if gather_facts is not None:
+            facts["facts"] = gather_facts(run, spec.parent)
+        # the spec file is read once more, here, for the sha256 recorded in every artifact
+        compiled = compile_spec(run, spec_path=str(spec), yaml_lines=lines, spec_bytes=spec.read_bytes(), **facts)
     except SpecError as e:
         _fail([d.render() for d in e.diagnostics])
     errs = errors(compiled.diagnostics)
@@ -53,10 +61,8 @@ def plan(
     if format not in ("text", "json"):
         _fail([f"error: --format must be 'text' or 'json' (got {format!r})"])
     compiled = _compile(spec)
-    from llmc.compiler import report
-
     if diff is not None:
-        from llmc.compiler.lockfile import diff_lock, read_lock
+        from llmc.emit.lock import diff_lock, read_lock
 
         try:
             old = read_lock(diff)
@@ -67,6 +73,8 @@ def plan(
     if format == "json":
         typer.echo(json.dumps(compiled.to_json(), indent=2, sort_keys=True))
     else:
+        from llmc import report  # rich: imported only for the text report
+
         report.print_report(compiled)
 
 
@@ -77,8 +85,8 @@ def build(
 ) -> None:
     """Compile the spec and write the deterministic job artifacts (atomically)."""
     compiled = _compile(spec)
-    from llmc.compiler.render import render_artifacts
     from llmc.diagnostics import SpecError
+    from llmc.emit import build_warnings, render_artifacts
 
     try:
         files = render_artifacts(compiled)
@@ -86,8 +94,6 @@ def build(
         _fail([d.render() for d in e.diagnostics])
     out = out or Path("build") / compiled.spec.name
     _write_tree_atomic(out, files)
-    from llmc.compiler.render import build_warnings
-
     for d in build_warnings(compiled):
         typer.echo(d.render(), err=True)
     typer.echo(f"wrote {len(files)} files to {out}")
@@ -122,13 +128,14 @@ def _write_tree_atomic(out: Path, files: dict[str, str]) -> None:
 @app.command()
 def launch(
     build_dir: Annotated[Path, typer.Argument(help="A directory written by `llmc build`.")],
-    backend: Annotated[str, typer.Option(help="native, torchtitan or deepspeed")] = "native",
+    backend: Annotated[str | None, typer.Option(
+        help="native, torchtitan or deepspeed (default: native, or torchtitan when the plan uses pp/cp/ep)")] = None,
     nproc: Annotated[int | None, typer.Option(help="Processes per node (default: from the plan, or 1 on CPU).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and exit.")] = False,
     stage: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
 ) -> None:
     """Run a built job: torchrun for native/torchtitan, the deepspeed launcher for DeepSpeed."""
-    from llmc.compiler.launch import LaunchError, launch_commands
+    from llmc.launch import LaunchError, launch_commands
 
     try:
         cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage)

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import check_golden
 from test_build_fakes import EXAMPLES, ROOT, compile_example, make_compiled, make_run
 from typer.testing import CliRunner
 
 import llmc
 from llmc.cli import _write_tree_atomic, app
 from llmc.compiler.plan import ParallelPlan
-from llmc.compiler.render import DS_TOP_LEVEL_KEYS, deepspeed_config, render_artifacts
 from llmc.diagnostics import SpecError
+from llmc.emit import render_artifacts
+from llmc.emit.deepspeed import DS_TOP_LEVEL_KEYS, deepspeed_config
+from llmc.emit.lock import SCHEMA_VERSION, check_lock
 
 GOLDEN = ROOT / "tests" / "golden" / "build"
 
@@ -55,7 +59,7 @@ def test_layout_and_headers():
             assert d["_llmc"]["spec_sha256"] == c.spec_sha256
             assert d["_llmc"]["target_versions"] == llmc.TARGET_VERSIONS
             assert text == json.dumps(d, indent=2, sort_keys=True) + "\n"  # sorted keys, trailing newline
-        elif not name.startswith("torchtitan/"):  # the torchtitan files carry their engineer's header
+        elif not name.startswith("torchtitan/"):  # the torchtitan files carry their own header
             assert c.spec_sha256 in head and f"llmc {llmc.__version__}" in head, name
             assert "deepspeed 0.19.8" in head and "torchtitan 0.3.0" in head, name
         assert not re.search(r"20\d\d-\d\d-\d\d[ T]\d\d:\d\d", text), f"timestamp in {name}"
@@ -217,45 +221,48 @@ def test_write_error_mid_tree_leaves_previous_build(tmp_path):
 # ------------------------------------------------------------------------------------- golden files
 
 
+# One golden per target and model family: the whole build tree of a pre-training run and of a
+# post-training pipeline; the torchtitan job of a dense GQA, a MoE and an MLA model; one ds_config;
+# one pair of serving configs. The other files of those builds are covered by the unit tests above.
+GOLDEN_FILES: dict[str, tuple[str, ...] | None] = {
+    "tiny_cpu": None,  # None = every file of the build
+    "pipeline_tiny": None,
+    "llama3_8b_h100x8": ("torchtitan/llmc_job.py", "deepspeed/ds_config.json", "serving/vllm.yaml",
+                         "serving/sglang.yaml"),
+    "mixtral_8x7b": ("torchtitan/llmc_job.py",),
+    "deepseek_v3": ("torchtitan/llmc_job.py",),
+}
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_golden_build(example, request):
-    compiled = compile_example(example)
+def test_every_example_builds(example):
+    files = render_artifacts(compile_example(example))
+    lock = check_lock(json.loads(files["plan.lock.json"]))
+    assert lock["schema_version"] == SCHEMA_VERSION and lock["spec"]["sha256"]
+    assert [s["name"] for s in lock["stages"]]  # always at least the pre-training stage
+    for name in ("README.md", "native/launch.sh", "launch/slurm.sbatch", ".gitignore"):
+        assert name in files
+
+
+@pytest.mark.parametrize("stem", sorted(GOLDEN_FILES))
+def test_golden_build(stem, update_golden):
+    compiled = compile_example(ROOT / "examples" / f"{stem}.yaml")
     try:
         files = render_artifacts(compiled)
     except SpecError as e:
-        pytest.fail(f"{example.name} does not build:\n{e}")
-    gdir = GOLDEN / example.stem
-    if request.config.getoption("--update-golden", default=False):
-        import shutil
-
-        shutil.rmtree(gdir, ignore_errors=True)
-        for name, text in files.items():
-            p = gdir / name
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(text)
-        return
-    if not gdir.exists():
-        pytest.skip(f"no golden files for {example.stem} (run pytest --update-golden)")
-    expected = {str(p.relative_to(gdir)): p.read_text() for p in sorted(gdir.rglob("*")) if p.is_file()}
-    hint = "review, then regenerate: pytest tests/test_build.py -k golden --update-golden"
-    assert sorted(files) == sorted(expected), hint
-    for name in files:
-        if files[name] != expected[name]:
-            import difflib
-
-            diff = "".join(list(difflib.unified_diff(expected[name].splitlines(True), files[name].splitlines(True),
-                                                     f"golden/{name}", f"build/{name}"))[:40])
-            pytest.fail(f"{example.stem}/{name} differs from the golden file ({hint}):\n{diff}")
-
-
-def test_serving_is_planned_when_the_compiled_has_none():
-    run = make_run(model={"name": "llama3-8b", "n_layers": 32, "d_model": 4096, "n_heads": 32, "n_kv_heads": 8,
-                          "d_ff": 14336, "vocab_size": 128256, "max_seq_len": 8192},
-                   data={"seq_len": 8192, "tokens": 1e9}, serving=[{"engine": "vllm", "concurrency": 64}])
-    c = make_compiled(run)
-    files = render_artifacts(c)
-    assert c.serving == []  # render did not modify its input
-    assert yaml.safe_load(files["serving/vllm.yaml"])["tensor-parallel-size"] == 2
+        pytest.fail(f"{stem}.yaml does not build:\n{e}")
+    gdir = GOLDEN / stem
+    names = GOLDEN_FILES[stem]
+    if names is None:
+        names = tuple(sorted(files))
+        if update_golden:
+            shutil.rmtree(gdir, ignore_errors=True)
+        else:
+            on_disk = sorted(str(p.relative_to(gdir)) for p in gdir.rglob("*") if p.is_file())
+            assert on_disk == list(names), f"{stem}: build files differ from tests/golden/build/{stem}"
+    for name in names:
+        assert name in files, f"{stem}: {name} is no longer emitted"
+        check_golden(gdir / name, files[name], update_golden)
 
 
 def test_real_example_builds_twice_identically(tmp_path):

@@ -1,16 +1,14 @@
 """Hand-built ``Compiled`` objects for the build / lockfile / launch / DeepSpeed tests.
 
-These do not depend on the compiler's search: every number is written here, so render tests stay
-independent of the plan engineer's code. Integration tests use ``compile_example`` (the real
-``compile_spec``) and skip when it is not available.
+These do not depend on the compiler's search: every number is written here, so emitter tests stay
+independent of the planner. Integration tests use ``compile_example`` (the real ``compile_spec``).
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
-
-import pytest
 
 from llmc.compiler.compiled import (
     Compiled,
@@ -56,9 +54,18 @@ def make_compiled(run: RunSpec | None = None, plan: ParallelPlan | None = None, 
     run = run or make_run()
     plan = plan or ParallelPlan(dp_shard=8, micro_batch=2, grad_accum=2)
     gpu = get_gpu(run.hardware.gpu)
+    if run.hardware.gpus_per_node:  # as the compiler does: the spec's override is part of the GPU row
+        gpu = replace(gpu, gpus_per_node=run.hardware.gpus_per_node)
     sha = hashlib.sha256(run.model_dump_json().encode()).hexdigest()
     lr = run.training.optimizer.lr or 3e-4
     seq = run.data.seq_len
+    # every stage entry carries its resolved numbers, as the compiler writes them (here: pre-training's)
+    resolved = {"seq_len": seq, "steps": steps, "lr": lr, "min_lr": lr * 0.1, "warmup_steps": warmup,
+                "schedule": schedule, "decay_fraction": run.training.schedule.decay_fraction,
+                "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+                "global_batch_seqs": global_batch_seqs, "global_batch_tokens": global_batch_seqs * seq,
+                "checkpoint_interval": 50, "hyper": {}, "lora": None, "long_context": None}
+    stages = [{**resolved, **s} for s in stages or [{"name": "pretrain", "kind": "pretrain", "init_from": None}]]
     return Compiled(
         spec_path="fake.yaml", spec_sha256=sha, spec=run, gpu=gpu,
         model=ModelNumbers(params_total=200_000, params_active=200_000, params_embedding=65_536,
@@ -75,16 +82,13 @@ def make_compiled(run: RunSpec | None = None, plan: ParallelPlan | None = None, 
         cost=CostNumbers(gpu_hours=steps * step_s * 8 / 3600, usd=steps * step_s * 8 / 3600 * 2.5,
                          usd_per_gpu_hour=2.5),
         reasons=["fake"], alternatives=[], rejected=[], diagnostics=[],
-        stages=stages or [], serving=serving or [],
+        stages=stages, serving=serving or [],
     )
 
 
 def compile_example(path: Path):
-    """Real load + compile of an example spec (skips until the compiler lands)."""
-    try:
-        from llmc.compiler.compile import compile_spec
-    except ImportError:
-        pytest.skip("llmc.compiler.compile not available yet")
+    """Real load + compile of an example spec."""
+    from llmc.compiler.compile import compile_spec
     from llmc.spec.load import load_spec
 
     run, lines = load_spec(path)

@@ -29,7 +29,7 @@ def test_plan_json_has_required_keys():
     r = runner.invoke(app, ["plan", "examples/llama3_8b_h100x8.yaml", "--format", "json"])
     assert r.exit_code == 0, r.output
     j = json.loads(r.output)
-    assert j["model"]["params_total"] == 8_030_261_248  # Llama-3-8B (seed-facts App. B)
+    assert j["model"]["params_total"] == 8_030_261_248  # Llama-3-8B (meta-llama/Meta-Llama-3-8B config: 8.03B)
     assert j["plan"]["dp_replicate"] * j["plan"]["dp_shard"] * j["plan"]["tp"] * j["plan"]["pp"] * j["plan"]["cp"] == 8
     for key in ("step_seconds", "mfu", "days"):
         assert key in j["time"]

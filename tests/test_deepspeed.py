@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from test_build_fakes import EXAMPLES, ROOT, compile_example, make_compiled, make_run
 
-from llmc.compiler.lockfile import lock_text
 from llmc.compiler.plan import ParallelPlan
-from llmc.compiler.render import DS_TOP_LEVEL_KEYS, deepspeed_config, render_artifacts
+from llmc.emit import render_artifacts
+from llmc.emit.deepspeed import DS_TOP_LEVEL_KEYS, deepspeed_config
+from llmc.emit.lock import lock_text
 
 pytest.importorskip("deepspeed")
 
@@ -299,7 +300,7 @@ def test_deepspeed_pipeline_via_launch_commands(tmp_path):
     """`llmc launch --backend deepspeed` commands for real (the deepspeed launcher, 1 CPU process): a
     pretrain stage, then a midtrain stage that starts from its weights; a second launch skips both."""
     from llmc.cli import _write_tree_atomic
-    from llmc.compiler.launch import launch_commands
+    from llmc.launch import launch_commands
 
     stages = [{"name": "base", "kind": "pretrain"}, {"name": "mid", "kind": "midtrain", "init_from": "base"}]
     run = make_run(

@@ -10,8 +10,8 @@ from test_build_fakes import make_compiled, make_run
 from typer.testing import CliRunner
 
 from llmc.cli import _write_tree_atomic, app
-from llmc.compiler.launch import LaunchError, launch_commands
-from llmc.compiler.render import render_artifacts
+from llmc.emit import render_artifacts
+from llmc.launch import LaunchError, launch_commands
 
 STAGES = [{"name": "base", "kind": "pretrain", "init_from": None},
           {"name": "chat", "kind": "sft", "init_from": "base"},
@@ -30,17 +30,41 @@ def test_native_dry_run_commands(tmp_path):
     b = _build(tmp_path)
     cmds = launch_commands(b, backend="native", gpu=False)
     assert [c.stage for c in cmds] == ["prepare", "base", "chat", "align"]
-    assert cmds[0].argv[1:4] == ["-m", "llmc.runtime.run", "prepare"]
+    assert cmds[0].argv[1:4] == ["-m", "llmc.runtime.entry", "prepare"]
     assert cmds[0].argv[cmds[0].argv.index("--lock") + 1] == str(b.resolve() / "plan.lock.json")
     for c, s in zip(cmds[1:], ["base", "chat", "align"], strict=True):
         assert Path(c.argv[0]).name == "torchrun"
         assert c.argv[1:4] == ["--standalone", "--nproc_per_node", "1"]  # CPU default: 1 process
         i = c.argv.index("-m")
-        assert c.argv[i + 1] == "llmc.runtime.run"
+        assert c.argv[i + 1] == "llmc.runtime.entry"
         assert c.argv[c.argv.index("--lock") + 1] == str(b.resolve() / "plan.lock.json")
         assert c.argv[c.argv.index("--stage") + 1] == s
         assert c.argv[c.argv.index("--out") + 1] == str(b.resolve() / "run" / s)  # the stage's output dir
         assert c.skip_reason is None
+
+
+def test_default_backend_accepts_the_plan(tmp_path):
+    from llmc.compiler.plan import ParallelPlan
+
+    # dp/tp only: llmc's runtime runs it
+    b = _build(tmp_path / "dp")
+    assert "llmc.runtime.entry" in launch_commands(b, gpu=True)[1].argv
+    for name in ("launch/torchrun_single_node.sh", "launch/torchrun_multi_node.sh", "launch/slurm.sbatch"):
+        assert 'BACKEND="${BACKEND:-native}"' in (b / name).read_text(), name
+    # pipeline parallel: the native trainer refuses pp > 1, so every launcher defaults to torchtitan
+    b = _build(tmp_path / "pp", plan=ParallelPlan(dp_shard=4, pp=2, micro_batch=2, grad_accum=4))
+    cmds = {c.stage: c for c in launch_commands(b, gpu=True)}
+    assert "torchtitan.train" in cmds["base"].argv
+    assert "llmc.runtime.entry" in cmds["chat"].argv  # post-training stages stay on llmc's runtime
+    for name in ("launch/torchrun_single_node.sh", "launch/torchrun_multi_node.sh", "launch/slurm.sbatch"):
+        text = (b / name).read_text()
+        assert 'BACKEND="${BACKEND:-torchtitan}"' in text, name
+        # the torchtitan branch runs every stage and hands the script's arguments to torchtitan.train
+        branch = text[text.index("  torchtitan)"):]
+        assert '--config job "$@"' in branch and "--stage chat" in branch and "--stage align" in branch, name
+    multi = (b / "launch/torchrun_multi_node.sh").read_text()
+    assert "NODE_RANK=" not in multi and "--node_rank" not in multi  # c10d rendezvous assigns node ranks
+    assert "rdzv_backend c10d" in multi
 
 
 def test_default_nproc_on_gpu_is_gpus_per_node(tmp_path):
@@ -70,7 +94,7 @@ def test_deepspeed_dry_run(tmp_path):
     assert "--module" in c.argv and c.argv[c.argv.index("--module") + 1] == "llmc.runtime.ds_train"
     assert c.argv[c.argv.index("--ds-config") + 1] == str(b.resolve() / "deepspeed" / "ds_config.json")
     for c in cmds[2:]:
-        assert "llmc.runtime.run" in c.argv and Path(c.argv[0]).name == "torchrun"
+        assert "llmc.runtime.entry" in c.argv and Path(c.argv[0]).name == "torchrun"
     # on a GPU machine no CPU accelerator override
     assert launch_commands(b, backend="deepspeed", gpu=True)[1].env == {}
 
@@ -88,8 +112,7 @@ def test_deepspeed_launcher_accepts_the_flags():
 
 def test_torchtitan_dry_run_uses_cpu_shim_only_without_gpu(tmp_path):
     b = _build(tmp_path)
-    if not (b / "torchtitan" / "llmc_job.py").exists():
-        pytest.skip("torchtitan renderer did not emit a job module")
+    assert (b / "torchtitan" / "llmc_job.py").exists(), "the torchtitan job module was not emitted"
     cpu = launch_commands(b, backend="torchtitan", nproc=2, gpu=False)
     gpu = launch_commands(b, backend="torchtitan", nproc=8, gpu=True)
     base_cpu = next(c for c in cpu if c.stage == "base")
@@ -102,7 +125,7 @@ def test_torchtitan_dry_run_uses_cpu_shim_only_without_gpu(tmp_path):
         assert str(b.resolve() / "torchtitan") in c.env["PYTHONPATH"]
         assert c.env["LLMC_RUN_DIR"] == str(b.resolve())  # where prepare wrote assets/ and data/
     # the post-training stages run on llmc's runtime
-    assert "llmc.runtime.run" in next(c for c in cpu if c.stage == "chat").argv
+    assert "llmc.runtime.entry" in next(c for c in cpu if c.stage == "chat").argv
 
 
 def test_stage_skipping_resumes_at_first_unfinished(tmp_path):

@@ -9,9 +9,9 @@ from test_build_fakes import make_compiled, make_run
 from typer.testing import CliRunner
 
 from llmc.cli import app
-from llmc.compiler.lockfile import diff_lock, lock_dict, lock_text, read_lock, spec_changes
 from llmc.compiler.plan import ParallelPlan
 from llmc.diagnostics import Diagnostic
+from llmc.emit.lock import SCHEMA_VERSION, diff_lock, lock_dict, lock_text, read_lock, spec_changes
 
 
 def test_round_trip(tmp_path):
@@ -19,7 +19,7 @@ def test_round_trip(tmp_path):
     p = tmp_path / "plan.lock.json"
     p.write_text(lock_text(c))
     d = read_lock(p)
-    assert d == json.loads(json.dumps(c.to_json() | {"_llmc": d["_llmc"]}))
+    assert d == json.loads(json.dumps(c.to_json() | {"_llmc": d["_llmc"], "schema_version": SCHEMA_VERSION}))
     assert d["spec"]["sha256"] == c.spec_sha256 and d["spec"]["resolved"]["name"] == "fake"
 
 
@@ -35,6 +35,32 @@ def test_not_a_lock(tmp_path, text, msg):
     with pytest.raises(ValueError, match="not an llmc lockfile") as e:
         read_lock(p)
     assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("version,found", [(None, "no schema_version"), (1, "schema_version 1"),
+                                           (SCHEMA_VERSION + 1, f"schema_version {SCHEMA_VERSION + 1}")])
+def test_other_schema_version_is_refused_with_a_hint(tmp_path, version, found):
+    d = lock_dict(make_compiled())
+    if version is None:
+        del d["schema_version"]
+    else:
+        d["schema_version"] = version
+    p = tmp_path / "plan.lock.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ValueError) as e:
+        read_lock(p)
+    msg = str(e.value)
+    assert found in msg and "rebuild with `llmc build`" in msg and "\n" not in msg
+
+
+def test_launch_refuses_an_old_lock_in_one_line(tmp_path):
+    from llmc.launch import LaunchError, launch_commands
+
+    d = lock_dict(make_compiled())
+    d["schema_version"] = 1
+    (tmp_path / "plan.lock.json").write_text(json.dumps(d))
+    with pytest.raises(LaunchError, match="schema_version 1.*rebuild with `llmc build`"):
+        launch_commands(tmp_path)
 
 
 def test_missing_file(tmp_path):
@@ -83,7 +109,6 @@ def test_no_change():
 def test_cli_plan_diff(tmp_path, monkeypatch):
     import llmc.cli as cli
 
-    pytest.importorskip("llmc.compiler.report")  # the CLI imports it before --diff
     old = tmp_path / "plan.lock.json"
     old.write_text(lock_text(make_compiled()))
     new_c = make_compiled(make_run(training={"optimizer": {"lr": 5e-3}}))

@@ -136,6 +136,19 @@ def test_sft_loss_falls():
     assert after < 0.5 * before and losses[-1] < losses[0]
 
 
+def test_sft_lr_follows_the_stage_schedule():
+    from llmc.runtime.job import lr_factor
+
+    m = _model()
+    ex = encode_conversations(chat_examples(8, seed=2), TOK)
+    sched = dict(steps=6, warmup_steps=2, schedule="linear", min_ratio=0.1)
+    seen: list[float] = []
+    train_sft(m, ex, steps=6, lr=1e-3, batch_size=2, pad_id=TOK.pad_id,
+              lr_factor=lambda s: lr_factor(s, **sched), log=lambda step, st: seen.append(st["lr"]))
+    # warmup 0.5, 1.0; then linear from 1 to 0.1 over the 4 post-warmup steps: 1, 0.775, 0.55, 0.325
+    assert seen == pytest.approx([5e-4, 1e-3, 1e-3, 7.75e-4, 5.5e-4, 3.25e-4])
+
+
 # ----------------------------------------------------------------------------- DPO
 
 
@@ -202,7 +215,7 @@ def test_reward_never_crashes_on_junk():
 
 
 def test_group_advantages_known_vector():
-    r = torch.tensor([1.0, 1, 1, 1, 1, 0, 0, 0])  # 8 samples, 5 correct (seed-facts-a §7.6)
+    r = torch.tensor([1.0, 1, 1, 1, 1, 0, 0, 0])  # 8 samples, 5 correct: (1 - 5/8) / std = 0.7246
     a = group_advantages(r)
     assert torch.allclose(a[:5], torch.full((5,), 0.7246), atol=1e-4)
     assert torch.allclose(a[5:], torch.full((3,), -1.2076), atol=1e-4)

@@ -1,6 +1,6 @@
 """examples/pipeline_tiny.yaml end to end through the real entry points (a few steps per stage).
 
-llmc build -> python -m llmc.runtime.run prepare -> each stage with --steps 3: pretrain (native trainer),
+llmc build -> python -m llmc.runtime.entry prepare -> each stage with --steps 3: pretrain (native trainer),
 then sft (LoRA, merged), dpo and grpo through llmc.runtime.posttrain, each starting from the previous
 stage's checkpoint and leaving DONE.json.
 """
@@ -34,9 +34,9 @@ def test_pipeline_tiny_end_to_end(tmp_path):
     lock = b / "plan.lock.json"
     stages = [s["name"] for s in json.loads(lock.read_text())["stages"]]
     assert stages == ["pretrain", "sft", "dpo", "grpo"]
-    _run([sys.executable, "-m", "llmc.runtime.run", "prepare", "--lock", str(lock)], b)
+    _run([sys.executable, "-m", "llmc.runtime.entry", "prepare", "--lock", str(lock)], b)
     for s in stages:
-        _run([sys.executable, "-m", "llmc.runtime.run", "--lock", str(lock), "--stage", s, "--out",
+        _run([sys.executable, "-m", "llmc.runtime.entry", "--lock", str(lock), "--stage", s, "--out",
               str(b / "run" / s), "--steps", "3"], b)
         if s != "pretrain":  # the native trainer stops early without DONE.json when --steps < planned
             done = json.loads((b / "run" / s / "DONE.json").read_text())

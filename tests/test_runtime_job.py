@@ -16,7 +16,6 @@ ARCH = dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=
             max_seq_len=64)
 
 
-@pytest.mark.skipif(not GOLDEN.exists(), reason="golden lock not built yet")
 def test_from_compiled_lock_reads_hyper_and_plan():
     lock = json.loads(GOLDEN.read_text())
     job = TrainJob.from_lock(lock)
@@ -70,7 +69,7 @@ def test_lock_without_plan_shards_over_the_started_ranks(monkeypatch):
 
 def test_midtrain_starts_from_pretrain_weights(tmp_path):
     from llmc.runtime import corpus
-    from llmc.runtime.run import run_stage
+    from llmc.runtime.entry import run_stage
 
     corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=200)
     spec = _spec([{"name": "pre", "kind": "pretrain", "steps": 6},
@@ -85,3 +84,47 @@ def test_midtrain_starts_from_pretrain_weights(tmp_path):
     first = [json.loads(x) for x in (tmp_path / "run" / "mid" / "metrics.jsonl").read_text().splitlines()][0]
     fresh = [json.loads(x) for x in (tmp_path / "run" / "pre" / "metrics.jsonl").read_text().splitlines()][0]
     assert first["loss"] < fresh["loss"] - 0.3  # it starts where pre-training left off, not from scratch
+
+
+def _sft_spec():
+    return _spec([{"name": "pre", "kind": "pretrain"},
+                  {"name": "chat", "kind": "sft", "init_from": "pre", "steps": 10}])
+
+
+def test_stage_numbers_are_read_from_the_lock_entry_not_recomputed():
+    # numbers no formula in the runtime would produce: the job must carry them verbatim
+    entry = {"name": "chat", "seq_len": 48, "steps": 77, "lr": 1.7e-4, "min_lr": 1.3e-5, "warmup_steps": 7,
+             "schedule": "wsd", "decay_fraction": 0.35, "micro_batch": 3, "grad_accum": 5, "global_batch_seqs": 15,
+             "checkpoint_interval": 11}
+    lock = minimal_lock(_sft_spec(), stages=[entry])
+    job = TrainJob.from_lock(lock, "chat")
+    got = {k: getattr(job, k) for k in entry if k not in ("name", "global_batch_seqs")}
+    assert got == {k: v for k, v in entry.items() if k not in ("name", "global_batch_seqs")}
+    assert job.global_batch_seqs == 15 and job.kind == "sft" and job.init_from == "pre"
+    # the one schedule: wsd holds the peak until the last 35% of the 77 steps, then decays to min_lr
+    assert job.lr_factor(6) == pytest.approx(1.0) and job.lr_factor(49) == 1.0
+    assert job.lr_factor(77) == pytest.approx(1.3e-5 / 1.7e-4)
+
+
+def test_missing_stage_number_is_one_line_with_a_hint():
+    lock = minimal_lock(_sft_spec())
+    del lock["stages"][1]["min_lr"]
+    with pytest.raises(ValueError) as e:
+        TrainJob.from_lock(lock, "chat")
+    assert str(e.value) == "lock: stage 'chat' has no 'min_lr' (rebuild with `llmc build`)"
+
+
+def test_peak_flops_is_the_dense_bf16_datasheet_figure():
+    import dataclasses
+
+    from llmc.compiler.hardware import get_gpu
+
+    lock = json.loads(GOLDEN.read_text())
+    lock["hardware"] = dataclasses.asdict(get_gpu("h100-sxm"))
+    lock["spec"]["resolved"]["training"]["precision"] = "fp32"  # H100 SXM5 datasheet: 67 TFLOP/s FP32
+    assert TrainJob.from_lock(lock).peak_flops == pytest.approx(67e12, rel=0.01)
+    lock["spec"]["resolved"]["training"]["precision"] = "bf16"
+    # NVIDIA H100 SXM5: 1,979 TFLOP/s BF16 with sparsity -> 989.4 dense (H100 datasheet)
+    assert TrainJob.from_lock(lock).peak_flops == pytest.approx(989.4e12, rel=1e-3)
+    lock["spec"]["resolved"]["training"]["precision"] = "fp8"  # MFU is quoted against the bf16 peak
+    assert TrainJob.from_lock(lock).peak_flops == pytest.approx(989.4e12, rel=1e-3)

@@ -176,15 +176,10 @@ def test_moe_aux_loss_penalises_collapse():
         moe.router.gate.weight[2] = 10 * x.reshape(-1, 32).mean(0)  # everything prefers expert 2
     _, collapsed = moe(torch.ones(64, 1, 32) * x.reshape(-1, 32).mean(0))
     assert collapsed.item() > 3.0  # -> E * 1 * 1 = 4 when fully collapsed
-    # perfectly balanced routing gives exactly coef (f_e = P_e = 1/E)
-    f = torch.full((4,), 0.25)
-    assert float(1.0 * 4 * (f * f).sum()) == pytest.approx(1.0)
 
 
 def test_sigmoid_router_and_expert_bias_only_change_selection():
     spec = MoESpec(num_experts=4, top_k=2, score_func="sigmoid")
-    if "expert_bias" not in MoESpec.model_fields:
-        pytest.skip("spec has no expert_bias yet")
     moe = MoE(arch(moe=spec.model_copy(update={"expert_bias": True})))
     moe.init_weights(0.2, 0.2)
     x = torch.randn(10, 32)

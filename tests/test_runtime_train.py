@@ -17,9 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from llmc.runtime import corpus  # noqa: E402
+from llmc.runtime.entry import run_stage  # noqa: E402
 from llmc.runtime.job import TrainJob, minimal_lock  # noqa: E402
-from llmc.runtime.run import run_stage  # noqa: E402
-from llmc.runtime.train import TrainingError, lr_multiplier  # noqa: E402
+from llmc.runtime.train import TrainingError  # noqa: E402
 
 ARCH = dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512,
             max_seq_len=64)
@@ -70,16 +70,16 @@ def _job(**kw) -> TrainJob:
 
 def test_lr_schedules():
     j = _job(schedule="cosine")
-    assert lr_multiplier(0, j) == pytest.approx(0.1) and lr_multiplier(9, j) == pytest.approx(1.0)
-    assert lr_multiplier(10, j) == pytest.approx(1.0)
-    assert lr_multiplier(55, j) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
-    assert lr_multiplier(100, j) == pytest.approx(0.1)
+    assert j.lr_factor(0) == pytest.approx(0.1) and j.lr_factor(9) == pytest.approx(1.0)
+    assert j.lr_factor(10) == pytest.approx(1.0)
+    assert j.lr_factor(55) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert j.lr_factor(100) == pytest.approx(0.1)
     j = _job(schedule="linear")
-    assert lr_multiplier(55, j) == pytest.approx(0.55)
+    assert j.lr_factor(55) == pytest.approx(0.55)
     j = _job(schedule="wsd", decay_fraction=0.2)
-    assert lr_multiplier(79, j) == 1.0 and lr_multiplier(90, j) == pytest.approx(0.55)
-    assert lr_multiplier(100, j) == pytest.approx(0.1)
-    assert lr_multiplier(50, _job(schedule="constant")) == 1.0
+    assert j.lr_factor(79) == 1.0 and j.lr_factor(90) == pytest.approx(0.55)
+    assert j.lr_factor(100) == pytest.approx(0.1)
+    assert _job(schedule="constant").lr_factor(50) == 1.0
 
 
 # ----------------------------------------------------------------------------- single process
@@ -204,7 +204,7 @@ def test_moe_model_trains(tmp_path, docs):
 
 def torchrun(lock: Path, out: Path, nproc: int = 2, extra=(), timeout=240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=localhost:0", "-m", "llmc.runtime.run", "--lock", str(lock), "--out", str(out), *extra]
+           "--rdzv_endpoint=localhost:0", "-m", "llmc.runtime.entry", "--lock", str(lock), "--out", str(out), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -242,7 +242,7 @@ def test_parallel_layouts_match_single_process(tmp_path, docs, layout):
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, docs):
     lock = make_lock(tmp_path, docs, steps=60, interval=4)  # long enough that the kill lands mid-run
     run(lock, tmp_path / "ref")
-    cmd = [sys.executable, "-m", "llmc.runtime.run", "--lock", str(lock), "--out", str(tmp_path / "cut")]
+    cmd = [sys.executable, "-m", "llmc.runtime.entry", "--lock", str(lock), "--out", str(tmp_path / "cut")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = tmp_path / "cut" / "checkpoints"
     deadline = time.time() + 120
@@ -279,7 +279,7 @@ from pathlib import Path
 import torch.distributed as dist
 from llmc.runtime.distributed import init_distributed, shutdown
 from llmc.runtime.job import TrainJob
-from llmc.runtime.run import _prepare_collective
+from llmc.runtime.entry import _prepare_collective
 from llmc.runtime.train import train
 lock_path = Path(sys.argv[1])
 job = TrainJob.from_lock(json.loads(lock_path.read_text())).replace(meta_init=True)
@@ -324,7 +324,7 @@ def test_tiny_cpu_example_builds_and_trains(tmp_path):
     p = subprocess.run([sys.executable, "-m", "llmc.cli", "build", str(root / "examples" / "tiny_cpu.yaml"),
                         "-o", str(b)], capture_output=True, text=True, timeout=120, cwd=root)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    cmd = [sys.executable, "-m", "llmc.runtime.run", "--lock", str(b / "plan.lock.json"), "--stop-after", "25"]
+    cmd = [sys.executable, "-m", "llmc.runtime.entry", "--lock", str(b / "plan.lock.json"), "--stop-after", "25"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     out = b / "run" / "pretrain"

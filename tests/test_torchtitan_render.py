@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 
 from llmc.compiler.compiled import Compiled, ComputeNumbers, Hyper, ModelNumbers
+from llmc.compiler.hardware import get_gpu
 from llmc.compiler.plan import ParallelPlan
-from llmc.compiler.render_torchtitan import (
+from llmc.diagnostics import SpecError
+from llmc.emit.torchtitan import (
     _pp_module_fqns,
     render_torchtitan,
     torchtitan_diagnostics,
     torchtitan_values,
 )
-from llmc.diagnostics import SpecError
 from llmc.runtime.titan_launch import dry_run_command, torchtitan_command
 from llmc.spec.run import RunSpec
 
@@ -40,7 +41,7 @@ def compiled_for(model=None, plan=None, gpu="h100-sxm", precision="bf16", schedu
                   global_batch_seqs=plan.global_batch_seqs, seq_len=seq, schedule=run.training.schedule.kind,
                   checkpoint_interval=50, checkpoint_async=False)
     sha = hashlib.sha256(run.model_dump_json().encode()).hexdigest()
-    return Compiled("t.yaml", sha, run, None, ModelNumbers(0, 0, 0, {}, 0),
+    return Compiled("t.yaml", sha, run, get_gpu(gpu), ModelNumbers(0, 0, 0, {}, 0),
                     ComputeNumbers("", 0, 0, 0, 0, 0, 0, 0), hyper, plan, None, None, None, [], [], [], [])
 
 

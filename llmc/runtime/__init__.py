@@ -7,12 +7,13 @@ API for the other backends (post-training, DeepSpeed, torchtitan):
   preset), ``build_model(arch, device="cpu", seed=0)``, ``model(tokens, return_aux=True) -> (logits, aux)``,
   ``lm_loss(logits, labels, z_loss=0.0)`` (ignore_index -100), ``model.set_ac("none"|"selective"|"full")``,
   ``model.init_weights(std=0.02)``, ``model.generate(tokens, n, temperature)``, ``model.num_params()``.
-* ``job``: ``TrainJob.from_lock(lock, stage=None)``; fields arch, sources, tokenizer, seq_len, steps, lr,
-  min_lr, warmup_steps, schedule, micro_batch, grad_accum, dp_replicate, dp_shard, tp, ...,
-  ``stage_spec`` (the Stage) and ``stage_plan`` (the compiler's lock["stages"] entry);
+* ``job``: ``TrainJob.from_lock(lock, stage=None)`` reads the stage's ``lock["stages"]`` entry; fields
+  arch, sources, tokenizer, seq_len, steps, lr, min_lr, warmup_steps, schedule, micro_batch, grad_accum,
+  dp_replicate, dp_shard, tp, ..., ``stage_spec`` (the Stage) and ``stage_plan`` (the lock entry);
+  ``job.lr_factor(step)`` / ``lr_factor(...)``: the one LR schedule of every loop;
   ``minimal_lock(spec_dict, hyper=, plan=)`` builds a lock without the compiler (tests).
-* ``run``: ``prepare_assets(job, root) -> Assets`` writes ``root/assets/tokenizer.json`` (+ config) and
-  ``root/data/<source>.jsonl`` (idempotent); ``python -m llmc.runtime.run [prepare] --lock ...``.
+* ``entry``: ``prepare_assets(job, root) -> Assets`` writes ``root/assets/tokenizer.json`` (+ config) and
+  ``root/data/<source>.jsonl`` (idempotent); ``python -m llmc.runtime.entry [prepare] --lock ...``.
 * ``data``: ``Assets`` (tokenizer_dir, sources, cache_dir), ``build_loader(sources, tok, seq_len, cache_dir,
   seed, dp_rank, dp_size) -> PackedLoader`` with ``next_batch(mb) -> (inputs, labels)``,
   ``state_dict()/load_state_dict()``; ``read_documents``, ``expand_paths``.
@@ -21,7 +22,7 @@ API for the other backends (post-training, DeepSpeed, torchtitan):
   manifest with sha256), ``load_checkpoint``, ``latest_checkpoint(folder, fallback=False)``,
   ``load_model_weights(model, step_dir | stage_dir)``, ``export_hf(state_dict, arch, out_dir)``,
   ``CheckpointError``.
-* ``train``: ``train(job, out_dir, assets, ...)`` (native loop), ``lr_multiplier(step, job)``,
+* ``train``: ``train(job, out_dir, assets, ...)`` (native loop),
   ``build_optimizer``, ``clip_grad_norm`` (plain + DTensor grads), ``TrainingError``.
 * ``distributed``: ``init_distributed() -> DistInfo``, ``parallelize(model, info, dp_replicate, dp_shard, tp, ac)``.
 * ``metrics``: ``MetricsLogger`` (metrics.jsonl), ``flops_per_token``, ``active_params``, ``peak_memory_bytes``.

@@ -2,7 +2,7 @@
 
 Templates (special tokens are looked up as single ids, never split by the BPE):
 
-  llama3 (Meta Llama-3 instruct format, S004 Ch8; the real template puts "\\n\\n" after the header)::
+  llama3 (Meta Llama-3 instruct format, https://www.llama.com/docs/model-cards-and-prompt-formats/meta-llama-3/; the real template puts "\\n\\n" after the header)::
 
       <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{content}<|eot_id|>
       <|start_header_id|>user<|end_header_id|>\\n\\n{content}<|eot_id|>
@@ -14,8 +14,8 @@ Templates (special tokens are looked up as single ids, never split by the BPE):
 
 Labels are -100 (PyTorch cross-entropy ignore_index) everywhere except assistant content and the
 turn's closing token (<|eot_id|> / <|im_end|>), so the model learns to answer *and to stop*
-(seed-facts F17: "loss only on assistant tokens"; forgetting the end token => "runs on forever").
-``mask="last_assistant"`` trains only the final assistant turn (S004's literal reading of F17);
+(a model never trained on the end token does not learn to stop).
+``mask="last_assistant"`` trains only the final assistant turn;
 ``mask="none"`` trains every token (warned by the compiler, T102).
 """
 

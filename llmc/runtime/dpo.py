@@ -3,7 +3,7 @@
     L = -log sigma( beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ] )
 
 with sequence log-probs summed over the response tokens (labels != -100), not averaged
-(seed-facts-b §2: "sums token log-probs over unmasked tokens"). The reference is the frozen
+(as TRL's DPOTrainer, https://huggingface.co/docs/trl/dpo_trainer). The reference is the frozen
 init model: a deep copy for full fine-tuning, or the same model with LoRA adapters disabled.
 At step 0 policy == reference, so the margin is 0 and L = log 2.
 """

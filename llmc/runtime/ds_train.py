@@ -18,7 +18,7 @@ Run-time adaptation (logged): the ds_config is written for the plan's data-paral
 batch (in sequences) is kept and split over the actual world size, so a 2-process CPU test of an
 8-GPU config trains on the same samples. A stage other than the main pre-training gets its own lr,
 steps, warmup and batch from the lock. Without a ``scheduler`` block (wsd, linear to a floor) the
-LR follows llmc's own schedule (``llmc.runtime.train.lr_multiplier``) as a client LambdaLR.
+LR follows llmc's own schedule (``TrainJob.lr_factor``) as a client LambdaLR.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-DS_STAGE_KINDS = ("pretrain", "midtrain", "long_context")  # next-token LM loss on packed data
+from llmc.emit.common import DS_STAGE_KINDS  # next-token LM loss on packed data
+from llmc.emit.lock import read_lock
 
 
 def _say(msg: str) -> None:
@@ -92,6 +93,32 @@ def _prune(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _data_loader(job, assets_root: Path, rank: int, world: int):
+    """The stage's packed loader: rank 0 prepares the assets and the token cache (idempotent), the
+    other ranks read what it wrote."""
+    import torch.distributed as dist
+
+    from llmc.runtime.data import Assets, build_loader
+    from llmc.runtime.entry import prepare_assets
+
+    main = rank == 0
+    if main:
+        assets = prepare_assets(job, assets_root)
+    dist.barrier()
+    if not main:
+        assets = Assets.from_json(json.loads((assets_root / "assets" / "assets.json").read_text()))
+    names = {s.name for s in job.sources}
+    assets = Assets(assets.root, assets.tokenizer_dir, tuple(s for s in assets.sources if s.name in names),
+                    assets.cache_dir)
+    tok = assets.tokenizer()
+    if tok.vocab_size > job.arch.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {job.arch.vocab_size}")
+    if main:
+        build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed)
+    dist.barrier()
+    return build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed, rank, world)
+
+
 def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root: Path, *,
           max_steps: int | None = None, resume: bool = True) -> dict:
     import deepspeed
@@ -100,12 +127,9 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     from deepspeed.accelerator import get_accelerator
 
     from llmc.runtime.checkpoint import load_model_weights, save_checkpoint
-    from llmc.runtime.data import Assets, build_loader
     from llmc.runtime.job import TrainJob
-    from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, peak_memory_bytes
+    from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
     from llmc.runtime.model import build_model, lm_loss
-    from llmc.runtime.run import prepare_assets
-    from llmc.runtime.train import lr_multiplier
 
     job = TrainJob.from_lock(lock, stage)
     if job.kind not in DS_STAGE_KINDS:
@@ -125,22 +149,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     if not cpu:
         accel.set_device(device.index)
 
-    # assets: rank 0 prepares (idempotent), the others read what it wrote
-    if main:
-        assets = prepare_assets(job, assets_root)
-    dist.barrier()
-    if not main:
-        assets = Assets.from_json(json.loads((assets_root / "assets" / "assets.json").read_text()))
-    names = {s.name for s in job.sources}
-    assets = Assets(assets.root, assets.tokenizer_dir, tuple(s for s in assets.sources if s.name in names),
-                    assets.cache_dir)
-    tok = assets.tokenizer()
-    if tok.vocab_size > job.arch.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {job.arch.vocab_size}")
-    if main:
-        build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed)
-    dist.barrier()
-    loader = build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed, rank, world)
+    loader = _data_loader(job, assets_root, rank, world)
 
     cfg, notes = adapt_config(ds_config, job, world)
     micro, accum = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
@@ -163,7 +172,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     client_sched = None
     if "scheduler" not in cfg:
         def client_sched(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, job))
+            return torch.optim.lr_scheduler.LambdaLR(opt, job.lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad],
                                            config=cfg, lr_scheduler=client_sched)
@@ -220,12 +229,9 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         gnorm = float(gnorm) if gnorm is not None else float("nan")
         dt = time.time() - t0
         if step % job.log_every == 0 or step == 1 or step == stop_at:
-            tps = tokens_per_step / dt if dt > 0 else 0.0
-            flops = fpt * tps
-            log.log({"step": step, "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(gnorm, 6),
-                     "tokens": tokens, "tokens_per_s": round(tps, 1), "flops_per_s": flops,
-                     "mfu": (flops / (job.peak_flops * world)) if job.peak_flops else None,
-                     "peak_mem_bytes": peak_memory_bytes(device), "step_s": round(dt, 4)})
+            log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=gnorm, tokens=tokens,
+                                tokens_per_step=tokens_per_step, dt=dt, flops_per_token=fpt,
+                                peak_flops=job.peak_flops, world=world, device=device))
         if step % job.checkpoint_interval == 0 and step < stop_at:
             save_ds()
     save_ds()
@@ -269,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(a.local_rank))
     try:
-        lock = json.loads(a.lock.read_text())
+        lock = read_lock(a.lock)
         ds_config = json.loads(a.ds_config.read_text())
     except (OSError, ValueError) as e:
         print(f"error[R001] cannot read the lock or the DeepSpeed config ({e})", file=sys.stderr)

@@ -2,13 +2,13 @@
 
 Per prompt: sample G completions, score them with a verifier, advantage
 A_i = (r_i - mean(r)) / (std(r) + eps) with the *sample* std (ddof=1, torch.std default, as TRL),
-shared by every token of completion i (seed-facts-a §7.6: 8 samples, 5 correct -> +0.7246 / -1.2076;
-a group with equal rewards has zero advantage and teaches nothing).
+shared by every token of completion i (8 samples, 5 correct -> +0.7246 / -1.2076; a group with
+equal rewards has zero advantage and teaches nothing).
 
 Per token: ratio = exp(logp - logp_old); surrogate min(ratio*A, clip(ratio, 1-eps, 1+eps)*A);
 KL to the frozen reference by the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020),
 which is >= 0 and exactly 0 when policy == reference. Loss = -(surrogate - beta*KL), averaged over
-all completion tokens of the batch ((x*mask).sum()/mask.sum(), seed-facts-b §2).
+all completion tokens of the batch ((x*mask).sum()/mask.sum()).
 """
 
 from __future__ import annotations

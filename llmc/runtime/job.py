@@ -1,12 +1,13 @@
 """``TrainJob``: everything a trainer needs for one stage, read from ``plan.lock.json`` or built by hand.
 
-``TrainJob.from_lock(lock, stage)`` reads ``lock["spec"]["resolved"]`` (the full RunSpec dump),
-``lock["hyper"]`` (lr, min_lr, warmup_steps, steps, global_batch_*, seq_len, schedule,
-checkpoint_interval), ``lock["plan"]`` (dp_replicate, dp_shard, tp, pp, cp, ep, micro_batch,
-grad_accum, activation_checkpointing) and, for a named stage, its entry in ``lock["stages"]``
-(seq_len, steps, global_batch_tokens, lr, hyper, long_context). Tests construct ``TrainJob(...)``
-directly. Users of this API: ``llmc.runtime.train`` (native trainer), ``posttrain`` (sft/dpo/grpo:
-``job.stage_plan`` holds the stage's compiler entry, ``job.stage_spec`` the Stage), and ``ds_train``.
+``TrainJob.from_lock(lock, stage)`` reads the stage's ``lock["stages"]`` entry, where the compiler
+wrote every resolved number once (seq_len, steps, lr, min_lr, warmup_steps, schedule,
+decay_fraction, micro_batch, grad_accum, global_batch_seqs, checkpoint_interval, hyper, lora,
+long_context), the parallel layout from ``lock["plan"]``, the model and data from
+``lock["spec"]["resolved"]`` and the device peak from ``lock["hardware"]``. Nothing is recomputed.
+Tests construct ``TrainJob(...)`` directly or use ``minimal_lock``. Users: ``llmc.runtime.train``
+(native trainer), ``posttrain`` (sft/dpo/grpo: ``job.stage_plan`` is the stage's lock entry,
+``job.stage_spec`` the Stage) and ``ds_train``. ``lr_factor`` is the one LR schedule of every loop.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llmc.emit.common import CHAT_KINDS, LM_KINDS
 from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.run import LossSpike, RunSpec, Source, Stage
 from llmc.spec.run import Tokenizer as TokenizerSpec
 
-NATIVE_KINDS = ("pretrain", "midtrain", "long_context")
-POSTTRAIN_KINDS = ("sft", "dpo", "grpo")
+# Stage kinds the native trainer runs (packed next-token loss) and the post-training loops run.
+NATIVE_KINDS = LM_KINDS
+POSTTRAIN_KINDS = CHAT_KINDS
 
 
 @dataclass
@@ -102,113 +105,169 @@ class TrainJob:
         q = Path(p)
         return q if q.is_absolute() else Path(self.spec_dir) / q
 
+    def lr_factor(self, step: int) -> float:
+        """LR / peak LR of optimizer step ``step`` under this job's schedule (see ``lr_factor``)."""
+        return lr_factor(step, steps=self.steps, warmup_steps=self.warmup_steps, schedule=self.schedule,
+                         min_ratio=self.min_lr / self.lr if self.lr else 0.0, decay_fraction=self.decay_fraction)
+
     # ------------------------------------------------------------------ from the lockfile
     @classmethod
     def from_lock(cls, lock: dict, stage: str | None = None) -> TrainJob:
-        """Build the job for ``stage`` (None / "pretrain" without such a stage = the main pre-training)."""
+        """The job of ``stage`` (None: the pre-training stage, else the first stage), read from its
+        ``lock["stages"]`` entry; raises ValueError naming a missing key or stage."""
         spec = RunSpec.model_validate(lock["spec"]["resolved"])
-        hyper = lock.get("hyper") or {}
-        plan = lock.get("plan") or {}
+        entry = stage_entry(lock, stage)
         t = spec.training
         spec_path = lock["spec"].get("path")
-        spec_dir = str(Path(spec_path).resolve().parent) if spec_path else "."
-        compute = lock.get("compute") or {}
-        hw = lock.get("hardware") or {}
+        plan = lock.get("plan") or {}
+        num = _Numbers(entry)
         job = cls(
-            arch=spec.model, sources=list(spec.data.sources), seq_len=int(hyper.get("seq_len", spec.data.seq_len)),
-            steps=int(hyper.get("steps") or t.steps or 1), name=spec.name, stage="pretrain", kind="pretrain",
-            tokenizer=spec.data.tokenizer,
-            lr=float(hyper.get("lr") or t.optimizer.lr or 3e-4),
-            min_lr=float(hyper.get("min_lr", (hyper.get("lr") or t.optimizer.lr or 3e-4) * t.schedule.min_lr_ratio)),
-            warmup_steps=int(hyper.get("warmup_steps", t.schedule.warmup_steps or 0)),
-            schedule=str(hyper.get("schedule", t.schedule.kind)), decay_fraction=t.schedule.decay_fraction,
+            arch=spec.model, sources=list(spec.data.sources), seq_len=int(num["seq_len"]), steps=int(num["steps"]),
+            name=spec.name, stage=str(entry["name"]), kind=str(entry["kind"]), tokenizer=spec.data.tokenizer,
+            lr=float(num["lr"]), min_lr=float(num["min_lr"]), warmup_steps=int(num["warmup_steps"]),
+            schedule=str(num["schedule"]), decay_fraction=float(num["decay_fraction"]),
             betas=tuple(t.optimizer.betas), eps=t.optimizer.eps, weight_decay=t.optimizer.weight_decay,
             grad_clip=t.grad_clip, z_loss=t.z_loss, precision=t.precision, seed=t.seed, log_every=t.log_every,
-            # no plan (the search found none): one process, the whole global batch per micro-step
-            micro_batch=int(plan.get("micro_batch", hyper.get("global_batch_seqs") or 1)),
-            grad_accum=int(plan.get("grad_accum", 1)),
+            micro_batch=int(num["micro_batch"]), grad_accum=int(num["grad_accum"]),
             dp_replicate=int(plan.get("dp_replicate", 1)), dp_shard=int(plan.get("dp_shard", 1)),
             tp=int(plan.get("tp", 1)), pp=int(plan.get("pp", 1)), cp=int(plan.get("cp", 1)), ep=int(plan.get("ep", 1)),
             activation_checkpointing=str(plan.get("activation_checkpointing", "none")),
-            checkpoint_interval=int(hyper.get("checkpoint_interval") or t.checkpoint.interval_steps or 100),
-            keep_latest=t.checkpoint.keep_latest, checkpoint_folder=t.checkpoint.folder,
-            loss_spike=t.loss_spike, spec_dir=spec_dir,
-            flops_per_token=compute.get("flops_per_token"), peak_flops=_peak_flops(hw, t.precision),
-            spec=spec, lock=lock,
+            checkpoint_interval=int(num["checkpoint_interval"]),
+            keep_latest=t.checkpoint.keep_latest, checkpoint_folder=t.checkpoint.folder, loss_spike=t.loss_spike,
+            spec_dir=str(Path(spec_path).resolve().parent) if spec_path else ".",
+            flops_per_token=(lock.get("compute") or {}).get("flops_per_token"),
+            peak_flops=peak_flops(lock.get("hardware"), t.precision), spec=spec, lock=lock,
         )
-        if hyper.get("global_batch_seqs") and plan and job.global_batch_seqs != int(hyper["global_batch_seqs"]):
-            raise ValueError(f"lock: plan micro_batch*grad_accum*dp = {job.global_batch_seqs} != "
-                             f"hyper.global_batch_seqs {hyper['global_batch_seqs']}")
+        gbs = int(num["global_batch_seqs"])
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if not plan and world > 1:
             # No searched layout in the lock (e.g. a pipeline of post-training stages only): shard over
             # every rank that was started (FSDP), one sequence per rank per micro-step.
-            gbs = int(hyper.get("global_batch_seqs") or world)
             job = replace(job, dp_shard=world, micro_batch=1, grad_accum=max(1, math.ceil(gbs / world)))
-        if stage is None or (stage == "pretrain" and not any(s.name == "pretrain" for s in spec.stages)):
-            return job
-        return job._for_stage(spec, lock, stage)
+        elif plan and job.global_batch_seqs != gbs:
+            raise ValueError(f"lock: stage {job.stage!r} micro_batch*grad_accum*dp = {job.global_batch_seqs} != "
+                             f"global_batch_seqs {gbs}")
+        return job._with_stage_spec(spec, entry)
 
-    def _for_stage(self, spec: RunSpec, lock: dict, stage: str) -> TrainJob:
-        st = next((s for s in spec.stages if s.name == stage), None)
+    def _with_stage_spec(self, spec: RunSpec, entry: dict) -> TrainJob:
+        """Attach the spec's Stage (data, tokenizer, init_from) and the long-context RoPE change."""
+        st = next((s for s in spec.stages if s.name == self.stage), None)
         if st is None:
-            names = ", ".join(["pretrain"] + [s.name for s in spec.stages])
-            raise ValueError(f"no stage named {stage!r} in the lock (stages: {names})")
-        entry = next((e for e in lock.get("stages") or [] if e.get("name") == stage), {}) or {}
-        seq_len = int(entry.get("seq_len") or st.seq_len or (st.data.seq_len if st.data else self.seq_len))
-        gbt = entry.get("global_batch_tokens") or st.global_batch_tokens
-        lr = float(entry.get("lr") or st.lr or self.lr)
-        data = st.data
-        arch = self.arch
+            return replace(self, init_from=entry.get("init_from"), stage_plan=entry)
+        data, arch = st.data, self.arch
         lc = entry.get("long_context") or {}
-        theta = lc.get("rope_theta") or st.rope_theta
-        scaling = lc.get("rope_scaling") or st.rope_scaling
+        theta, scaling = lc.get("rope_theta") or st.rope_theta, lc.get("rope_scaling") or st.rope_scaling
         if st.kind == "long_context" or theta or scaling:
             arch = arch.model_copy(update={
                 "rope_theta": float(theta or arch.rope_theta),
                 "rope_scaling": RopeScaling.model_validate(scaling) if scaling else arch.rope_scaling,
-                "max_seq_len": max(arch.max_seq_len, seq_len)})
-        micro, accum = self.micro_batch, self.grad_accum
-        if gbt:  # keep the plan's layout; choose grad_accum to hit the stage's batch
-            seqs = max(1, round(float(gbt) / seq_len))
-            micro = max(1, min(self.micro_batch, seqs // self.dp)) if seqs >= self.dp else 1
-            accum = max(1, math.ceil(seqs / (micro * self.dp)))
-        steps = int(entry.get("steps") or st.steps or 0)
-        if not steps:
-            tokens = data.tokens if data else None
-            steps = max(1, math.ceil(tokens / (micro * accum * self.dp * seq_len))) if tokens else self.steps
-        ratio = self.min_lr / self.lr if self.lr else 0.1
+                "max_seq_len": max(arch.max_seq_len, self.seq_len)})
         return replace(
-            self, arch=arch, stage=st.name, kind=st.kind, seq_len=seq_len, lr=lr, min_lr=lr * ratio,
-            warmup_steps=min(self.warmup_steps, max(steps // 10, 0)) if st.kind != "pretrain" else self.warmup_steps,
-            steps=steps, micro_batch=micro, grad_accum=accum,
-            sources=list(data.sources) if data else list(self.sources),
+            self, arch=arch, sources=list(data.sources) if data else list(self.sources),
             tokenizer=(data.tokenizer if data and (data.tokenizer.path or data.tokenizer.train) else self.tokenizer),
-            init_from=st.init_from, stage_spec=st, stage_plan=entry or None,
+            init_from=st.init_from, stage_spec=st, stage_plan=entry,
         )
 
 
-def _peak_flops(hw: dict, precision: str) -> float | None:
-    """Best-effort peak FLOP/s from lock["hardware"] (the compiler's GPU table row)."""
-    if not hw:
+# Resolved numbers every stage entry of the lock carries (the compiler computes them once).
+STAGE_KEYS = ("seq_len", "steps", "lr", "min_lr", "warmup_steps", "schedule", "decay_fraction", "micro_batch",
+              "grad_accum", "global_batch_seqs", "checkpoint_interval")
+
+
+class _Numbers:
+    """A stage entry's resolved numbers; a missing one is a one-line ValueError."""
+
+    def __init__(self, entry: dict):
+        self.entry = entry
+
+    def __getitem__(self, key: str) -> Any:
+        v = self.entry.get(key)
+        if v is None:
+            raise ValueError(f"lock: stage {self.entry.get('name')!r} has no {key!r} (rebuild with `llmc build`)")
+        return v
+
+
+def stage_entry(lock: dict, stage: str | None) -> dict:
+    """The ``lock["stages"]`` entry named ``stage`` (None: the ``pretrain`` stage, else the first one).
+
+    The pre-training entry's numbers equal ``lock["hyper"]`` and the batch split of ``lock["plan"]``,
+    so those fill any key the entry leaves out.
+    """
+    entries = [e for e in lock.get("stages") or [] if isinstance(e, dict)]
+    if not entries:
+        raise ValueError("lock: no stages (rebuild with `llmc build`)")
+    if stage is None:
+        entry = next((e for e in entries if e.get("name") == "pretrain"), entries[0])
+    else:
+        entry = next((e for e in entries if e.get("name") == stage), None)
+        if entry is None:
+            names = ", ".join(str(e.get("name")) for e in entries)
+            raise ValueError(f"no stage named {stage!r} in the lock (stages: {names})")
+    if entry.get("kind") == "pretrain":
+        plan = lock.get("plan") or {}
+        batch = {k: plan[k] for k in ("micro_batch", "grad_accum") if k in plan}
+        entry = {**(lock.get("hyper") or {}), **batch, **{k: v for k, v in entry.items() if v is not None}}
+        entry.setdefault("decay_fraction", lock["spec"]["resolved"]["training"]["schedule"]["decay_fraction"])
+    return entry
+
+
+# Which lock["hardware"] field (dataclasses.asdict of llmc.compiler.hardware.GPU, TFLOP/s) MFU is
+# quoted against: the dense BF16 peak for bf16 and fp8 runs (fp8 only runs the linears in fp8), the
+# FP32 peak for fp32 runs; the same convention as the compiler's timing model (timing.mfu_peak).
+PEAK_FIELD = {"bf16": "bf16_tflops", "fp8": "bf16_tflops", "fp32": "fp32_tflops"}
+
+
+def peak_flops(hardware: dict | None, precision: str) -> float | None:
+    """Peak FLOP/s per device for MFU, from ``lock["hardware"]``; None when the lock has no hardware row."""
+    if not hardware:
         return None
-    for key in (f"{precision}_flops", f"peak_{precision}_flops", "bf16_flops", "peak_flops", "flops"):
-        v = hw.get(key)
-        if isinstance(v, int | float) and v > 0:
-            return float(v)
-    for key in (f"{precision}_tflops", "bf16_tflops", "tflops_bf16", "peak_tflops"):
-        v = hw.get(key)
-        if isinstance(v, int | float) and v > 0:
-            return float(v) * 1e12
-    return None
+    tf = hardware.get(PEAK_FIELD[precision])
+    return float(tf) * 1e12 if tf else None
+
+
+def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str, min_ratio: float,
+              decay_fraction: float = 0.2) -> float:
+    """LR / peak LR for optimizer step ``step`` (0-based); the one schedule of every runtime loop.
+
+    Linear warmup over ``warmup_steps`` (step s uses (s+1)/warmup), then
+    cosine: min + (1-min) * (1 + cos(pi p)) / 2;  linear: min + (1-min)(1-p);
+    wsd: 1 until the last ``decay_fraction`` of steps, then linear to min (Hu et al. 2024, "MiniCPM",
+    arXiv:2404.06395, sec. 4); constant: 1. p = progress through the post-warmup steps in [0, 1].
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, steps - warmup_steps)
+    p = min(1.0, (step - warmup_steps) / span)
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - p)
+    if schedule == "wsd":
+        decay_steps = max(1, round(decay_fraction * steps))
+        start = steps - decay_steps
+        if step < start:
+            return 1.0
+        return min_ratio + (1 - min_ratio) * (1 - min(1.0, (step - start) / decay_steps))
+    raise ValueError(f"unknown schedule {schedule!r}")
 
 
 def minimal_lock(spec: dict | RunSpec, *, hyper: dict | None = None, plan: dict | None = None,
                  stages: list[dict] | None = None, spec_path: str | None = None) -> dict:
-    """A lock dict with just what ``TrainJob.from_lock`` reads, for tests and local runs without the compiler.
+    """A lock dict with what ``TrainJob.from_lock`` reads, for tests and local runs without the compiler.
 
-    hyper defaults: steps = data.tokens / (global_batch_tokens or 8 seqs), warmup 0, cosine, interval 50.
+    Single-process defaults, not the compiler's plan: hyper steps = data.tokens / (global_batch_tokens
+    or 8 seqs), warmup 0, cosine, interval 50, the whole batch in one micro-step. A stage entry takes
+    the stage's own seq_len / global_batch_tokens / steps / lr where the spec gives them, else
+    pre-training's; ``stages`` entries override the generated ones key by key.
     """
+    import hashlib
+    import json
+
+    import llmc
+    from llmc.emit.lock import SCHEMA_VERSION
+
     rs = spec if isinstance(spec, RunSpec) else RunSpec.model_validate(spec)
     t = rs.training
     seq = rs.data.seq_len
@@ -222,5 +281,29 @@ def minimal_lock(spec: dict | RunSpec, *, hyper: dict | None = None, plan: dict 
     p = {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1, "cp": 1, "ep": 1,
          "micro_batch": h["global_batch_seqs"], "grad_accum": 1, "activation_checkpointing": "none"}
     p.update(plan or {})
-    return {"spec": {"path": spec_path, "name": rs.name, "resolved": rs.model_dump(mode="json")},
-            "hyper": h, "plan": p, "stages": stages or [], "compute": {}, "hardware": None}
+    base = {**h, "decay_fraction": t.schedule.decay_fraction, "micro_batch": p["micro_batch"],
+            "grad_accum": p["grad_accum"], "hyper": {}, "lora": None, "long_context": None}
+    entries = []
+    for st in rs.stages or []:
+        e = {**base, "name": st.name, "kind": st.kind, "init_from": st.init_from}
+        if st.kind != "pretrain":
+            sl = st.seq_len or (st.data.seq_len if st.data else seq)
+            seqs = max(1, round((st.global_batch_tokens or h["global_batch_tokens"]) / sl))
+            tokens = st.data.tokens if st.data else None
+            steps = st.steps or (max(1, math.ceil(tokens / (seqs * sl))) if tokens else h["steps"])
+            slr = st.lr or h["lr"]
+            e.update(seq_len=sl, global_batch_tokens=seqs * sl, global_batch_seqs=seqs, micro_batch=seqs,
+                     grad_accum=1, steps=steps, lr=slr, min_lr=slr * t.schedule.min_lr_ratio,
+                     warmup_steps=min(h["warmup_steps"], steps // 10))
+        elif st.steps:
+            e["steps"] = st.steps
+        entries.append(e)
+    if not entries:
+        entries.append({**base, "name": "pretrain", "kind": "pretrain", "init_from": None})
+    by_name = {str(e.get("name")): e for e in stages or []}
+    entries = [{**e, **by_name.get(e["name"], {})} for e in entries]
+    resolved = rs.model_dump(mode="json")
+    sha = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+    return {"schema_version": SCHEMA_VERSION, "llmc_version": llmc.__version__,
+            "spec": {"path": spec_path, "name": rs.name, "resolved": resolved, "sha256": sha},
+            "hyper": h, "plan": p, "stages": entries, "compute": {}, "hardware": None}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def _find_tokenizer(job: Any, out: Path, assets: Any | None):
         if f.exists():
             return TextTokenizer(f.parent if f.name == "tokenizer.json" else f)
     raise PostTrainError(f"stage {job.stage!r}: no tokenizer.json found (looked in "
-                         f"{', '.join(str(c) for c in cands)}); run `python -m llmc.runtime.run prepare` first")
+                         f"{', '.join(str(c) for c in cands)}); run `python -m llmc.runtime.entry prepare` first")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -178,60 +179,14 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     if lora is not None:
         trainable = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.quantize_base)
 
-    steps = int(job.steps)
-    lr = float(job.lr)
-    batch = max(1, int(job.global_batch_seqs))
-    seq_len = int(job.seq_len)
-    log = _Log(out / "metrics.jsonl", job.stage, job.log_every)
-    summary: dict[str, Any] = {}
+    steps, lr, batch = int(job.steps), float(job.lr), max(1, int(job.global_batch_seqs))
+    loop = _Loop(job=job, model=model, tok=tok, template=template, hyper=hyper, st=st, steps=steps, lr=lr,
+                 batch=batch, seq_len=int(job.seq_len), pad_id=pad_id,
+                 log=_Log(out / "metrics.jsonl", job.stage, job.log_every))
     try:
-        if kind == "sft":
-            from llmc.runtime.sft import encode_conversations, train_sft
-
-            mask = (st.loss_mask if st is not None and st.loss_mask else None) or hyper.get("loss_mask") or "assistant"
-            convs = load_stage_data(job, "chat")
-            ex = encode_conversations(convs, tok, template, mask)
-            losses = train_sft(model, ex, steps=steps, lr=lr, batch_size=batch, pad_id=pad_id, max_len=seq_len,
-                               grad_clip=job.grad_clip, warmup_steps=job.warmup_steps, seed=job.seed, log=log)
-            summary = {"loss_first": losses[0], "loss_last": losses[-1], "loss_mask": mask,
-                       "examples": len(ex)}
-        elif kind == "dpo":
-            from llmc.runtime.dpo import encode_pairs, train_dpo
-
-            beta = float(hyper.get("beta") or (st.dpo_beta if st is not None and st.dpo_beta else 0.1))
-            pairs = encode_pairs(load_stage_data(job, "preference"), tok, template)
-            hist = train_dpo(model, pairs, steps=steps, lr=lr, beta=beta, batch_size=batch, pad_id=pad_id,
-                             max_len=seq_len, grad_clip=job.grad_clip, seed=job.seed, log=log)
-            summary = {"loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"],
-                       "margin_last": hist[-1]["margin"], "accuracy_last": hist[-1]["accuracy"], "beta": beta,
-                       "pairs": len(pairs)}
-        else:
-            from llmc.runtime.grpo import train_grpo
-            from llmc.runtime.reward import arithmetic_reward
-
-            reward = (st.reward if st is not None else None) or hyper.get("reward") or "arithmetic"
-            if reward != "arithmetic":
-                raise PostTrainError(f"stage {job.stage!r}: GRPO needs a verifier (reward: arithmetic)")
-
-            def reward_fn(text: str, item: dict) -> float:
-                return arithmetic_reward(text, item.get("expression"), item.get("answer"))
-
-            G = int(hyper.get("group_size") or (st.grpo_group_size if st is not None else None) or 8)
-            kl = hyper.get("kl_coef")
-            kl = float(kl if kl is not None else (st.grpo_kl_coef if st is not None and st.grpo_kl_coef is not None
-                                                 else 0.04))
-            clip = float(hyper.get("clip") or (st.grpo_clip if st is not None else 0.2))
-            max_new = int(hyper.get("max_new_tokens") or (st.max_new_tokens if st is not None else None) or 16)
-            pps = int(hyper.get("prompts_per_step") or (st.prompts_per_step if st is not None else None) or 4)
-            hist = train_grpo(model, load_stage_data(job, "prompts"), tok, steps=steps, lr=lr, reward_fn=reward_fn,
-                              template=template, group_size=G, prompts_per_step=pps, max_new_tokens=max_new,
-                              kl_coef=kl, clip_eps=clip, pad_id=pad_id, seed=job.seed, log=log)
-            k = max(1, len(hist) // 4)
-            summary = {"reward_first": sum(h["reward_mean"] for h in hist[:k]) / k,
-                       "reward_last": sum(h["reward_mean"] for h in hist[-k:]) / k,
-                       "kl_last": hist[-1]["kl"], "group_size": G, "kl_coef": kl}
+        summary = {"sft": _run_sft, "dpo": _run_dpo, "grpo": _run_grpo}[kind](loop)
     finally:
-        log.close()
+        loop.log.close()
 
     if lora is not None:
         torch.save(lora_state_dict(model), out / "lora_adapters.pt")
@@ -249,3 +204,72 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
         tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
         os.replace(tmp, out / "DONE.json")
     return result
+
+
+@dataclass
+class _Loop:
+    """What every post-training loop gets: the job, the model, the tokenizer and the stage's numbers."""
+
+    job: Any
+    model: torch.nn.Module
+    tok: Any
+    template: str
+    hyper: dict
+    st: Any
+    steps: int
+    lr: float
+    batch: int
+    seq_len: int
+    pad_id: int
+    log: Any
+
+
+def _run_sft(c: _Loop) -> dict:
+    from llmc.runtime.sft import encode_conversations, train_sft
+
+    st, job = c.st, c.job
+    mask = (st.loss_mask if st is not None and st.loss_mask else None) or c.hyper.get("loss_mask") or "assistant"
+    ex = encode_conversations(load_stage_data(job, "chat"), c.tok, c.template, mask)
+    losses = train_sft(c.model, ex, steps=c.steps, lr=c.lr, batch_size=c.batch, pad_id=c.pad_id, max_len=c.seq_len,
+                       grad_clip=job.grad_clip, lr_factor=job.lr_factor, seed=job.seed, log=c.log)
+    return {"loss_first": losses[0], "loss_last": losses[-1], "loss_mask": mask, "examples": len(ex)}
+
+
+def _run_dpo(c: _Loop) -> dict:
+    from llmc.runtime.dpo import encode_pairs, train_dpo
+
+    st, job = c.st, c.job
+    beta = float(c.hyper.get("beta") or (st.dpo_beta if st is not None and st.dpo_beta else 0.1))
+    pairs = encode_pairs(load_stage_data(job, "preference"), c.tok, c.template)
+    hist = train_dpo(c.model, pairs, steps=c.steps, lr=c.lr, beta=beta, batch_size=c.batch, pad_id=c.pad_id,
+                     max_len=c.seq_len, grad_clip=job.grad_clip, seed=job.seed, log=c.log)
+    return {"loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"], "margin_last": hist[-1]["margin"],
+            "accuracy_last": hist[-1]["accuracy"], "beta": beta, "pairs": len(pairs)}
+
+
+def _run_grpo(c: _Loop) -> dict:
+    from llmc.runtime.grpo import train_grpo
+    from llmc.runtime.reward import arithmetic_reward
+
+    st, job, hyper = c.st, c.job, c.hyper
+    reward = (st.reward if st is not None else None) or hyper.get("reward") or "arithmetic"
+    if reward != "arithmetic":
+        raise PostTrainError(f"stage {job.stage!r}: GRPO needs a verifier (reward: arithmetic)")
+
+    def reward_fn(text: str, item: dict) -> float:
+        return arithmetic_reward(text, item.get("expression"), item.get("answer"))
+
+    G = int(hyper.get("group_size") or (st.grpo_group_size if st is not None else None) or 8)
+    kl = hyper.get("kl_coef")
+    kl = float(kl if kl is not None else (st.grpo_kl_coef if st is not None and st.grpo_kl_coef is not None
+                                         else 0.04))
+    clip = float(hyper.get("clip") or (st.grpo_clip if st is not None else 0.2))
+    max_new = int(hyper.get("max_new_tokens") or (st.max_new_tokens if st is not None else None) or 16)
+    pps = int(hyper.get("prompts_per_step") or (st.prompts_per_step if st is not None else None) or 4)
+    hist = train_grpo(c.model, load_stage_data(job, "prompts"), c.tok, steps=c.steps, lr=c.lr, reward_fn=reward_fn,
+                      template=c.template, group_size=G, prompts_per_step=pps, max_new_tokens=max_new,
+                      kl_coef=kl, clip_eps=clip, pad_id=c.pad_id, seed=job.seed, log=c.log)
+    k = max(1, len(hist) // 4)
+    return {"reward_first": sum(h["reward_mean"] for h in hist[:k]) / k,
+            "reward_last": sum(h["reward_mean"] for h in hist[-k:]) / k,
+            "kl_last": hist[-1]["kl"], "group_size": G, "kl_coef": kl}

@@ -1,4 +1,4 @@
-"""Verifiable rewards: exact arithmetic checking with sympy (RLVR; S004 Ch8 "math reward 1 if correct").
+"""Verifiable rewards: exact arithmetic checking with sympy (RLVR, Lambert et al. 2024, arXiv:2411.15124: reward 1 if the answer is correct).
 
 The completion's final answer is the last number (integer, decimal, fraction or simple expression
 of digits) in the text, preferring what follows "answer:" / "=" / a \\boxed{}. It is parsed with

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable
 
@@ -46,16 +45,17 @@ def encode_conversations(convs: list[list[dict]], tok, template: str = "llama3",
 
 def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, steps: int, lr: float,
               batch_size: int = 8, pad_id: int = 0, max_len: int | None = None, weight_decay: float = 0.0,
-              grad_clip: float | None = 1.0, warmup_steps: int = 0, seed: int = 0,
+              grad_clip: float | None = 1.0, lr_factor: Callable[[int], float] | None = None, seed: int = 0,
               log: Callable[[int, dict], None] | None = None) -> list[float]:
-    """AdamW over the trainable params with linear warmup + cosine decay to 10%; returns per-step losses."""
+    """AdamW over the trainable params, LR = lr * lr_factor(step) (the stage's schedule, ``TrainJob.lr_factor``;
+    constant when None); returns per-step losses."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     rng = random.Random(seed)
     losses: list[float] = []
     model.train()
     for step in range(steps):
-        lr_t = lr * _lr_factor(step, steps, warmup_steps)
+        lr_t = lr * (lr_factor(step) if lr_factor else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr_t
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
@@ -70,12 +70,3 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
         if log:
             log(step, {"loss": losses[-1], "lr": lr_t})
     return losses
-
-
-def _lr_factor(step: int, steps: int, warmup: int, min_ratio: float = 0.1) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if steps <= warmup + 1:
-        return 1.0
-    t = (step - warmup) / (steps - warmup - 1)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))

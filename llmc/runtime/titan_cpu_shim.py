@@ -24,8 +24,6 @@ patches torch (never torchtitan's files) before torchtitan is imported:
 
 5. expert parallelism on gloo: uneven ``all_to_all`` chunks go through ``all_to_all_single`` with
    split sizes (gloo's list form rejects uneven sizes).
-
-Design reference: /work/shared/reference/backends-on-cpu.md sec. 3 (our own feasibility study).
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ class TextTokenizer:
         self.dir = p if p.is_dir() else p.parent
         file = p / "tokenizer.json" if p.is_dir() else p
         if not file.exists():
-            raise FileNotFoundError(f"{file}: no tokenizer.json (run `python -m llmc.runtime.run prepare`)")
+            raise FileNotFoundError(f"{file}: no tokenizer.json (run `python -m llmc.runtime.entry prepare`)")
         self.tok = Tokenizer.from_file(str(file))
         cfg_file = self.dir / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}

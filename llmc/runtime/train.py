@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from llmc.emit.common import NATIVE_UNSUPPORTED
 from llmc.runtime.checkpoint import (
     CheckpointError,
     export_hf,
@@ -42,7 +43,7 @@ from llmc.runtime.checkpoint import (
 from llmc.runtime.data import Assets, PackedLoader, build_loader
 from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize
 from llmc.runtime.job import TrainJob
-from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, peak_memory_bytes
+from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
 from llmc.runtime.model import Transformer, build_model, lm_loss
 
 
@@ -51,34 +52,6 @@ class TrainingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- schedule
-
-
-def lr_multiplier(step: int, job: TrainJob) -> float:
-    """LR / peak LR for optimizer step ``step`` (0-based).
-
-    Linear warmup over ``warmup_steps`` (step s uses (s+1)/warmup), then
-    cosine: min + (1-min) * (1 + cos(pi p)) / 2;  linear: min + (1-min)(1-p);
-    wsd: 1 until the last ``decay_fraction`` of steps, then linear to min (Hu et al. 2024, MiniCPM);
-    constant: 1. p = progress through the post-warmup steps in [0, 1]; min = min_lr / lr.
-    """
-    lo = job.min_lr / job.lr if job.lr else 0.0
-    if step < job.warmup_steps:
-        return (step + 1) / job.warmup_steps
-    if job.schedule == "constant":
-        return 1.0
-    span = max(1, job.steps - job.warmup_steps)
-    p = min(1.0, (step - job.warmup_steps) / span)
-    if job.schedule == "cosine":
-        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
-    if job.schedule == "linear":
-        return lo + (1 - lo) * (1 - p)
-    if job.schedule == "wsd":
-        decay_steps = max(1, round(job.decay_fraction * job.steps))
-        start = job.steps - decay_steps
-        if step < start:
-            return 1.0
-        return lo + (1 - lo) * (1 - min(1.0, (step - start) / decay_steps))
-    raise ValueError(f"unknown schedule {job.schedule!r}")
 
 
 def build_optimizer(model: torch.nn.Module, job: TrainJob, device: torch.device) -> torch.optim.AdamW:
@@ -177,7 +150,7 @@ def _autocast(job: TrainJob, device: torch.device, cpu_bf16: bool):
 
 
 def _check_layout(job: TrainJob, info: DistInfo) -> None:
-    unsupported = {k: v for k, v in (("pp", job.pp), ("cp", job.cp), ("ep", job.ep)) if v != 1}
+    unsupported = {k: getattr(job, k) for k in NATIVE_UNSUPPORTED if getattr(job, k) != 1}
     if unsupported:
         raise TrainingError(f"native trainer runs dp_replicate/dp_shard/tp only; plan has "
                             f"{', '.join(f'{k}={v}' for k, v in unsupported.items())} (use the torchtitan backend)")
@@ -213,6 +186,64 @@ def _export_hf(job: TrainJob, ckpt: Path, out: Path, assets: Assets, say) -> str
     return "hf"
 
 
+def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | None, say):
+    """(model, parallelized model, parameter count), initialised from ``init_checkpoint`` if given.
+
+    Meta init (large models): build on meta, shard with FSDP2/TP, materialise only the local shards,
+    then init. Otherwise (default for small models): init the full model identically on every rank,
+    then shard; every layout then starts from bit-identical weights (DDP == FSDP2 == TP == 1 process).
+    """
+    sharded = job.dp_shard > 1 or job.tp > 1
+    with torch.device("meta"):
+        model = Transformer(job.arch)
+    n_params = model.num_params()
+    meta = sharded and info.world > 1 and (job.meta_init if job.meta_init is not None else n_params > 2e9)
+    if not meta:
+        model = build_model(job.arch, info.device, seed=job.seed)
+        if init_checkpoint is not None:
+            step0 = load_model_weights(model, init_checkpoint)
+            say(f"initialised weights from {init_checkpoint} (step {step0})")
+    wrapped = parallelize(model, info, job.dp_replicate, job.dp_shard, job.tp, job.activation_checkpointing)
+    if meta:
+        model.to_empty(device=info.device)
+        torch.manual_seed(job.seed)
+        model.init_weights(buffer_device=info.device)  # DTensor-aware random init of the local shards
+        if init_checkpoint is not None:
+            step0 = load_model_weights(wrapped, init_checkpoint)  # collective: re-shards the full weights
+            say(f"initialised weights from {init_checkpoint} (step {step0})")
+    return model, wrapped, n_params
+
+
+def _forward_backward(job: TrainJob, wrapped, loader: PackedLoader, info: DistInfo, cpu_bf16: bool,
+                      is_ddp: bool) -> torch.Tensor:
+    """One optimizer step's micro-batches (gradients accumulated); returns the summed loss."""
+    loss_sum = torch.zeros((), device=info.device)
+    for micro in range(job.grad_accum):
+        x, y = loader.next_batch(job.micro_batch)
+        x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+        sync = micro == job.grad_accum - 1
+        ctx = wrapped.no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
+        with ctx:
+            with _autocast(job, info.device, cpu_bf16):
+                logits, aux = wrapped(x, return_aux=True)
+                loss = lm_loss(logits, y, job.z_loss) + aux
+            (loss / job.grad_accum).backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def is_spike(hist: list[float], loss: float, spike) -> bool:
+    """A loss spike: non-finite, or (with at least min(window, 10) losses seen) above the window's
+    mean + threshold x std."""
+    if not math.isfinite(loss):
+        return True
+    if len(hist) < min(spike.window, 10):
+        return False
+    mean = sum(hist) / len(hist)
+    std = math.sqrt(sum((v - mean) ** 2 for v in hist) / len(hist))
+    return loss > mean + spike.threshold * std
+
+
 def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int | None = None,
           max_seconds: float | None = None, resume: bool = True, fallback_checkpoint: bool = False,
           init_checkpoint: str | Path | None = None, cpu_bf16: bool = False, info: DistInfo | None = None,
@@ -236,39 +267,18 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
 
     torch.manual_seed(job.seed)
     loader = make_loader(job, assets, info)
-    # Meta init (large models): build on meta, shard with FSDP2/TP, materialise only the local shards, then
-    # init. Otherwise (default for small models): init the full model identically on every rank, then shard;
-    # this makes every layout start from bit-identical weights (DDP == FSDP2 == TP == 1 process).
-    sharded = job.dp_shard > 1 or job.tp > 1
-    with torch.device("meta"):
-        model = Transformer(job.arch)
-    n_params = model.num_params()
-    meta = sharded and info.world > 1 and (job.meta_init if job.meta_init is not None else n_params > 2e9)
-    if not meta:
-        model = build_model(job.arch, info.device, seed=job.seed)
-    fpt = job.flops_per_token or flops_per_token(job.arch, active_params(model), job.seq_len)
-
     resume_from = None
     if resume:
         try:
             resume_from = latest_checkpoint(ckpt_dir, fallback=fallback_checkpoint, log=say)
         except CheckpointError as e:
             raise TrainingError(str(e)) from None
-    if resume_from is None and init_checkpoint is not None and not meta:
-        step0 = load_model_weights(model, init_checkpoint)
-        say(f"initialised weights from {init_checkpoint} (step {step0})")
-
-    wrapped = parallelize(model, info, job.dp_replicate, job.dp_shard, job.tp, job.activation_checkpointing)
-    if meta:
-        model.to_empty(device=info.device)
-        torch.manual_seed(job.seed)
-        model.init_weights(buffer_device=info.device)  # DTensor-aware random init of the local shards
-        if resume_from is None and init_checkpoint is not None:
-            step0 = load_model_weights(wrapped, init_checkpoint)  # collective: re-shards the full weights
-            say(f"initialised weights from {init_checkpoint} (step {step0})")
+    init_from = init_checkpoint if resume_from is None else None
+    model, wrapped, n_params = _setup_model(job, info, init_from, say)
+    fpt = job.flops_per_token or flops_per_token(job.arch, active_params(model), job.seq_len)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, job, info.device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, job))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, job.lr_factor)
 
     spike = job.loss_spike
     window: deque[float] = deque(maxlen=spike.window)
@@ -309,18 +319,7 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
 
     while step < stop_at:
         t0 = time.time()
-        loss_sum = torch.zeros((), device=info.device)
-        for micro in range(job.grad_accum):
-            x, y = loader.next_batch(job.micro_batch)
-            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-            sync = micro == job.grad_accum - 1
-            ctx = wrapped.no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
-            with ctx:
-                with _autocast(job, info.device, cpu_bf16):
-                    logits, aux = wrapped(x, return_aux=True)
-                    loss = lm_loss(logits, y, job.z_loss) + aux
-                (loss / job.grad_accum).backward()
-            loss_sum += loss.detach()
+        loss_sum = _forward_backward(job, wrapped, loader, info, cpu_bf16, is_ddp)
         gnorm = clip_grad_norm(params, job.grad_clip)
         lr = opt.param_groups[0]["lr"]
         opt.step()
@@ -334,13 +333,7 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
 
         # loss spike: non-finite, or above mean + threshold * std of the window
         if spike.enabled:
-            hist = list(window)
-            is_spike = not math.isfinite(last_loss)
-            if len(hist) >= min(spike.window, 10):
-                mean = sum(hist) / len(hist)
-                std = math.sqrt(sum((v - mean) ** 2 for v in hist) / len(hist))
-                is_spike = is_spike or last_loss > mean + spike.threshold * std
-            if is_spike:
+            if is_spike(list(window), last_loss, spike):
                 rewinds += 1
                 if rewinds > spike.max_rewinds:
                     raise TrainingError(f"loss spike at step {step} (loss {last_loss:.4f}); gave up after "
@@ -360,12 +353,9 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
             window.append(last_loss)
 
         if step % job.log_every == 0 or step == 1 or step == stop_at:
-            tps = job.tokens_per_step / dt if dt > 0 else 0.0
-            flops = fpt * tps
-            log.log({"step": step, "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(gnorm, 6),
-                     "tokens": tokens, "tokens_per_s": round(tps, 1), "flops_per_s": flops,
-                     "mfu": (flops / (job.peak_flops * info.world)) if job.peak_flops else None,
-                     "peak_mem_bytes": peak_memory_bytes(info.device), "step_s": round(dt, 4)})
+            log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=gnorm, tokens=tokens,
+                                tokens_per_step=job.tokens_per_step, dt=dt, flops_per_token=fpt,
+                                peak_flops=job.peak_flops, world=info.world, device=info.device))
         if step % job.checkpoint_interval == 0 and step < job.steps:
             checkpoint_now()
             last_ckpt_step = step
@@ -384,11 +374,16 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
               "loss": last_loss, "tokens": tokens, "checkpoint": os.path.relpath(final, out),
               "wall_s": round(time.time() - t_start, 2), "params": n_params, "rewinds": rewinds}
     if main:
-        if status == "done":
-            result["hf"] = _export_hf(job, final, out, assets, say)
-            tmp = out / "DONE.json.tmp"
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            os.replace(tmp, out / "DONE.json")  # atomic: a stage is done or it is not
-        log.event("end", **{k: v for k, v in result.items() if k != "loss"}, final_loss=last_loss)
-        say(f"{status} at step {step}: loss {last_loss:.4f}, checkpoint {final}")
+        _finish(job, result, final, out, assets, log, say)
     return result
+
+
+def _finish(job: TrainJob, result: dict, final: Path, out: Path, assets: Assets, log: MetricsLogger, say) -> None:
+    """Rank 0 after the loop: export + DONE.json (atomic: a stage is done or it is not) when done."""
+    if result["status"] == "done":
+        result["hf"] = _export_hf(job, final, out, assets, say)
+        tmp = out / "DONE.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out / "DONE.json")
+    log.event("end", **{k: v for k, v in result.items() if k != "loss"}, final_loss=result["loss"])
+    say(f"{result['status']} at step {result['step']}: loss {result['loss']:.4f}, checkpoint {final}")

@@ -4,8 +4,10 @@
 # spec sha256: dee5a47388f67703db979a8ab006dd46577f074fb2fe4cba2673429f7d7cc4b4
 #
 # torchrun on one node (1 processes by default).
-#   BACKEND=native     llmc.runtime.run, every stage in order (default)
-#   BACKEND=torchtitan torchtitan.train with the job module in torchtitan/ (the pre-training stage)
+#   BACKEND=native     llmc.runtime.entry, every stage in order (default)
+#   BACKEND=torchtitan torchtitan.train with the job module in torchtitan/ for the pre-training stage,
+#                      llmc.runtime.entry for the others
+# Arguments after the script name go to torchtitan.train (BACKEND=torchtitan).
 # Env: NPROC, RUN_DIR (default <build>/run), STAGE, BACKEND.
 set -euo pipefail
 BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,26 +23,37 @@ want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 TORCHRUN=(torchrun --standalone --nproc_per_node "$NPROC")
 case "$BACKEND" in
   native)
-    python -m llmc.runtime.run prepare --lock "$LOCK"
+    python -m llmc.runtime.entry prepare --lock "$LOCK"
     if want_stage pretrain && ! stage_done pretrain; then
-      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
     fi
     if want_stage sft && ! stage_done sft; then
-      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
     fi
     if want_stage dpo && ! stage_done dpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
     fi
     if want_stage grpo && ! stage_done grpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
     fi
     ;;
   torchtitan)
-    python -m llmc.runtime.run prepare --lock "$LOCK"
-    export LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
-    PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
-      "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
-      -m torchtitan.train --module llmc_job --config job "$@"
+    python -m llmc.runtime.entry prepare --lock "$LOCK"
+    if want_stage pretrain && ! stage_done pretrain; then
+      LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled \
+      PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
+        "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
+        -m torchtitan.train --module llmc_job --config job "$@"
+    fi
+    if want_stage sft && ! stage_done sft; then
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
+    fi
+    if want_stage dpo && ! stage_done dpo; then
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
+    fi
+    if want_stage grpo && ! stage_done grpo; then
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
+    fi
     ;;
   *) echo "unknown BACKEND=$BACKEND (native or torchtitan)" >&2; exit 2 ;;
 esac

@@ -23,7 +23,7 @@ DS=(deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT")
 if [ -n "${HOSTFILE:-}" ]; then
   DS=(deepspeed --hostfile "$HOSTFILE" --num_nodes 1 --num_gpus "$NPROC" --master_port "$MASTER_PORT")
 fi
-python -m llmc.runtime.run prepare --lock "$LOCK"
+python -m llmc.runtime.entry prepare --lock "$LOCK"
 if want_stage pretrain && ! stage_done pretrain; then
   "${DS[@]}" --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR/pretrain"
 fi

@@ -4,14 +4,14 @@
 # spec sha256: da9a48d3323232adb6510a9fa74b7c38353e32fef29773389f3e8cff39084f31
 #
 # torchrun across 1 node(s) x 1 GPUs; run this on EVERY node.
-#   NNODES=1 NODE_RANK=<0..0> MASTER_ADDR=<first host> bash launch/torchrun_multi_node.sh
-# Rendezvous: c10d on MASTER_ADDR:MASTER_PORT (default 29500). BACKEND=native|torchtitan as in
-# torchrun_single_node.sh. Env: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC, RUN_DIR, RUN_ID, STAGE.
+#   NNODES=1 MASTER_ADDR=<first host> bash launch/torchrun_multi_node.sh
+# Rendezvous: c10d on MASTER_ADDR:MASTER_PORT (default 29500) assigns the node ranks, so no
+# NODE_RANK is needed. BACKEND=native|torchtitan as in torchrun_single_node.sh (default native).
+# Env: NNODES, MASTER_ADDR, MASTER_PORT, NPROC, RUN_DIR, RUN_ID, STAGE, BACKEND.
 set -euo pipefail
 BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
 NNODES="${NNODES:-1}"
-NODE_RANK="${NODE_RANK:?set NODE_RANK (0 on the first node)}"
 MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 NPROC="${NPROC:-1}"
@@ -23,21 +23,23 @@ LOCK="$BUILD_DIR/plan.lock.json"
 stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 
-TORCHRUN=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC"
+TORCHRUN=(torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC"
           --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_ID")
 case "$BACKEND" in
   native)
-    python -m llmc.runtime.run prepare --lock "$LOCK"
+    python -m llmc.runtime.entry prepare --lock "$LOCK"
     if want_stage pretrain && ! stage_done pretrain; then
-      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
     fi
     ;;
   torchtitan)
-    python -m llmc.runtime.run prepare --lock "$LOCK"
-    export LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
-    PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
-      "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
-      -m torchtitan.train --module llmc_job --config job "$@"
+    python -m llmc.runtime.entry prepare --lock "$LOCK"
+    if want_stage pretrain && ! stage_done pretrain; then
+      LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled \
+      PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
+        "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
+        -m torchtitan.train --module llmc_job --config job "$@"
+    fi
     ;;
   *) echo "unknown BACKEND=$BACKEND" >&2; exit 2 ;;
 esac

@@ -4,8 +4,10 @@
 # spec sha256: da9a48d3323232adb6510a9fa74b7c38353e32fef29773389f3e8cff39084f31
 #
 # torchrun on one node (1 processes by default).
-#   BACKEND=native     llmc.runtime.run, every stage in order (default)
-#   BACKEND=torchtitan torchtitan.train with the job module in torchtitan/ (the pre-training stage)
+#   BACKEND=native     llmc.runtime.entry, every stage in order (default)
+#   BACKEND=torchtitan torchtitan.train with the job module in torchtitan/ for the pre-training stage,
+#                      llmc.runtime.entry for the others
+# Arguments after the script name go to torchtitan.train (BACKEND=torchtitan).
 # Env: NPROC, RUN_DIR (default <build>/run), STAGE, BACKEND.
 set -euo pipefail
 BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,17 +23,19 @@ want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 TORCHRUN=(torchrun --standalone --nproc_per_node "$NPROC")
 case "$BACKEND" in
   native)
-    python -m llmc.runtime.run prepare --lock "$LOCK"
+    python -m llmc.runtime.entry prepare --lock "$LOCK"
     if want_stage pretrain && ! stage_done pretrain; then
-      "${TORCHRUN[@]}" -m llmc.runtime.run --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
     fi
     ;;
   torchtitan)
-    python -m llmc.runtime.run prepare --lock "$LOCK"
-    export LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
-    PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
-      "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
-      -m torchtitan.train --module llmc_job --config job "$@"
+    python -m llmc.runtime.entry prepare --lock "$LOCK"
+    if want_stage pretrain && ! stage_done pretrain; then
+      LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled \
+      PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
+        "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
+        -m torchtitan.train --module llmc_job --config job "$@"
+    fi
     ;;
   *) echo "unknown BACKEND=$BACKEND (native or torchtitan)" >&2; exit 2 ;;
 esac

@@ -17,11 +17,11 @@ LOCK="$BUILD_DIR/plan.lock.json"
 stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 
-python -m llmc.runtime.run prepare --lock "$LOCK"
+python -m llmc.runtime.entry prepare --lock "$LOCK"
 if want_stage pretrain; then
   if stage_done pretrain; then
     echo "stage pretrain: done ($RUN_DIR/pretrain/DONE.json), skipped"
   else
-    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.run --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
   fi
 fi

@@ -1,0 +1,118 @@
+"""What every emitter shares: the file header, JSON dumping, the Jinja2 environment, diagnostics.
+
+Every generated file opens with a header naming llmc's version, the target library versions and
+the spec sha256; JSON is written with sorted keys and a trailing newline (deterministic, diffable).
+Templates are rendered with ``StrictUndefined`` and do no arithmetic: every number is computed by
+the emitter (or the compiler) and handed over as a value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cache
+from typing import Any, get_args
+
+from llmc.diagnostics import Diagnostic
+from llmc.spec.run import StageKind
+
+GEN_NOTE = "generated file, do not edit: change the spec and run `llmc build` again"
+
+# Stage kinds by loss: next-token loss on packed text (LM) and chat post-training (one process on
+# llmc's native runtime). TODO(merge): import LM_KINDS / CHAT_KINDS from the spec module instead.
+STAGE_KINDS: tuple[str, ...] = get_args(StageKind)
+LM_KINDS: tuple[str, ...] = ("pretrain", "midtrain", "long_context")
+CHAT_KINDS: tuple[str, ...] = tuple(k for k in STAGE_KINDS if k not in LM_KINDS)
+# Stage kinds the DeepSpeed runner trains; the others run on llmc's native runtime.
+DS_STAGE_KINDS = LM_KINDS
+# Stage kinds the torchtitan job runs; the other stages run on llmc's native runtime.
+TITAN_STAGE_KINDS = ("pretrain",)
+# Parallel degrees llmc's native trainer (llmc.runtime.train) does not run; a plan using any of them
+# runs on torchtitan by default.
+NATIVE_UNSUPPORTED = ("pp", "cp", "ep")
+# The module built jobs run: ``python -m llmc.runtime.entry`` (prepare, then one stage at a time).
+RUNTIME_ENTRY = "llmc.runtime.entry"
+
+
+def diag(code: str, severity: str, path: str, message: str, hint: str = "") -> Diagnostic:
+    return Diagnostic(code=code, severity=severity, path=path, message=message, hint=hint)  # type: ignore[arg-type]
+
+
+def attr(obj: Any, name: str, default: Any = None) -> Any:
+    """A field of a compiled stage / serving plan (typed dataclass, or a mapping with the same keys)."""
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def header_fields(compiled) -> dict[str, Any]:
+    import llmc
+
+    return {"generated_by": f"llmc {llmc.__version__}", "llmc_version": llmc.__version__,
+            "target_versions": dict(sorted(llmc.TARGET_VERSIONS.items())), "spec_sha256": compiled.spec_sha256,
+            "note": GEN_NOTE}
+
+
+def header_lines(compiled) -> list[str]:
+    h = header_fields(compiled)
+    targets = ", ".join(f"{k} {v}" for k, v in h["target_versions"].items())
+    return [f"{h['generated_by']}: {GEN_NOTE}", f"targets: {targets}", f"spec sha256: {h['spec_sha256']}"]
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def py_literal(value: Any) -> str:
+    """A Python literal for a template (floats keep full precision via repr)."""
+    if isinstance(value, float) and math.isinf(value):
+        return 'float("inf")'
+    return repr(value)
+
+
+@cache
+def jinja_env():
+    """The one Jinja2 environment of every emitter (templates under ``llmc/templates``)."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("llmc", "templates"), undefined=StrictUndefined, trim_blocks=True,
+                      lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    env.filters["py"] = py_literal
+    return env
+
+
+def world(compiled) -> int:
+    return int(compiled.spec.hardware.count)
+
+
+def gpus_per_node(compiled) -> int:
+    """GPUs per node of the compiled hardware (the spec override is applied by the compiler),
+    at most the GPU count."""
+    return max(1, min(int(compiled.gpu.gpus_per_node), world(compiled)))
+
+
+def nnodes(compiled) -> int:
+    return max(1, -(-world(compiled) // gpus_per_node(compiled)))
+
+
+def is_cpu(compiled) -> bool:
+    return str(compiled.spec.hardware.gpu).lower() == "cpu"
+
+
+def default_backend(plan: Any, has_titan: bool) -> str:
+    """The backend a build runs with when none is named: ``native``, or ``torchtitan`` when the plan
+    uses a degree the native trainer refuses (``NATIVE_UNSUPPORTED``) and a torchtitan job exists.
+    ``plan`` is a ``ParallelPlan`` or its lock dict (None: no searched plan)."""
+    if plan is None or not has_titan:
+        return "native"
+    return "torchtitan" if any(int(attr(plan, k, 1) or 1) > 1 for k in NATIVE_UNSUPPORTED) else "native"
+
+
+def stage_list(compiled) -> list[dict]:
+    """Stages in execution order (``compiled.stages`` order); one ``pretrain`` stage when there are none."""
+    out = []
+    for s in compiled.stages or [{"name": "pretrain", "kind": "pretrain", "init_from": None}]:
+        kind = str(attr(s, "kind") or "pretrain")
+        out.append({"name": str(attr(s, "name")), "kind": kind, "init_from": attr(s, "init_from"),
+                    "ds": kind in DS_STAGE_KINDS, "titan": kind in TITAN_STAGE_KINDS})
+    return out

@@ -1,0 +1,259 @@
+"""DeepSpeed 0.19.8 target: ``deepspeed/ds_config.json`` and ``deepspeed/launch.sh``.
+
+Policy (documented choice): llmc's DeepSpeed runner (``llmc.runtime.ds_train``) is data-parallel +
+ZeRO only. When the plan uses tp/pp/cp/ep > 1 the DeepSpeed artifacts are still emitted with every
+GPU as a data-parallel rank (ZeRO-3 unless a stage is pinned) and a warning X103 says so; if the
+global batch cannot be split over that many ranks, the DeepSpeed artifacts are left out with warning
+X104. A pinned ``zero_stage: 3`` with pipeline parallelism is an error (X102): DeepSpeed's pipeline
+engine does not support ZeRO-3.
+
+Diagnostics:
+    X101 error    DeepSpeed batch identity broken (micro x accum x dp != global batch)
+    X102 error    zero_stage 3 pinned together with pipeline parallelism
+    X103 warning  plan uses tp/pp/cp/ep; the DeepSpeed runner folds every GPU into data parallelism
+    X104 warning  global batch not divisible by the DeepSpeed data-parallel size: deepspeed/ omitted
+    X105 error    ds_config top-level key outside the allow-list (an llmc bug, never a user error)
+    X106 warning  fp8 training: the DeepSpeed runner trains in bf16
+    X108 error    offload_optimizer with ZeRO stage 0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from llmc.compiler.plan import ParallelPlan
+from llmc.diagnostics import Diagnostic
+from llmc.emit.base import Emitter
+from llmc.emit.common import (
+    diag,
+    dump_json,
+    gpus_per_node,
+    header_fields,
+    header_lines,
+    jinja_env,
+    nnodes,
+    stage_list,
+    world,
+)
+
+# Top-level ds_config keys llmc may emit. DeepSpeed silently ignores unknown top-level keys (a typo
+# such as "gradient_clipin" is accepted), so the emitter checks its own output against this list.
+# Every entry except the header key is a key deepspeed/runtime/constants.py defines (tested).
+DS_HEADER_KEY = "_llmc"
+DS_TOP_LEVEL_KEYS = frozenset({
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "gradient_clipping",
+    "bf16",
+    "fp16",
+    "optimizer",
+    "scheduler",
+    "zero_optimization",
+    "zero_allow_untested_optimizer",
+})
+_ALLOWED = DS_TOP_LEVEL_KEYS | {DS_HEADER_KEY}
+
+# ZeRO bucket sizes: the Hugging Face Trainer's DeepSpeed integration fills "auto" with
+# reduce_bucket_size = hidden^2, stage3_prefetch_bucket_size = 0.9 hidden^2,
+# stage3_param_persistence_threshold = 10 hidden (transformers/integrations/deepspeed.py).
+ALLGATHER_BUCKET = 500_000_000  # DeepSpeed's default allgather_bucket_size (5e8 elements)
+STAGE3_MAX_LIVE = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters / max_reuse_distance
+
+CONFIG_PATH = "deepspeed/ds_config.json"
+RDZV_PORT = 29500
+
+
+def _ds_plan(compiled) -> ParallelPlan | None:
+    """The plan DeepSpeed runs: the compiled plan, or -- for a pipeline without a pre-training plan
+    (stages from a base model) -- every GPU a ZeRO data-parallel rank with micro-batch 1."""
+    if compiled.plan is not None:
+        return compiled.plan
+    n, gbs = world(compiled), int(compiled.hyper.global_batch_seqs)
+    if gbs % n:
+        return None
+    return ParallelPlan(dp_shard=n, micro_batch=1, grad_accum=gbs // n)
+
+
+def zero_stage_for(compiled) -> int:
+    """Pinned ``parallelism.zero_stage``, else 3 when the plan shards (dp_shard > 1 or the DS runner
+    folds tp/pp into data parallelism), else 0 (pure replicas)."""
+    pinned = compiled.spec.parallelism.zero_stage
+    if pinned is not None:
+        return int(pinned)
+    p = _ds_plan(compiled)
+    if p is None:
+        return 3
+    if p.dp_shard > 1 or p.tp > 1 or p.pp > 1 or p.cp > 1:
+        return 3
+    return 0
+
+
+def _x104(gbs: int, n: int, hint: str) -> Diagnostic:
+    return diag("X104", "warning", "training.global_batch_tokens",
+                f"global batch of {gbs} sequences cannot be split over {n} data-parallel ranks; "
+                "deepspeed/ artifacts are not emitted", hint)
+
+
+def _pinning_checks(compiled, plan: ParallelPlan, stage: int) -> list[Diagnostic]:
+    par = compiled.spec.parallelism
+    out: list[Diagnostic] = []
+    if par.zero_stage == 3 and ((par.pp or 1) > 1 or plan.pp > 1):
+        out.append(diag("X102", "error", "parallelism.zero_stage",
+                        f"zero_stage 3 with pipeline parallelism (pp={max(par.pp or 1, plan.pp)}) is not supported: "
+                        "DeepSpeed's pipeline engine only works with ZeRO stage 0 or 1",
+                        "pin zero_stage 1, or pp: 1"))
+    if par.offload_optimizer and stage == 0:
+        out.append(diag("X108", "error", "parallelism.offload_optimizer",
+                        "offload_optimizer needs ZeRO stage >= 1 (zero_stage is 0)",
+                        "pin zero_stage 1, 2 or 3, or drop offload_optimizer"))
+    return out
+
+
+def _batch(compiled, plan: ParallelPlan, stage: int, diags: list[Diagnostic]) -> tuple[int, int, int] | None:
+    """(micro, accum, dp) of the DeepSpeed run, or None (diagnostic appended) when there is none."""
+    gbs = int(compiled.hyper.global_batch_seqs)
+    if not (plan.tp > 1 or plan.pp > 1 or plan.cp > 1 or plan.ep > 1):
+        micro, accum, dp = plan.micro_batch, plan.grad_accum, plan.dp
+        if micro * accum * dp != gbs:
+            diags.append(diag("X101", "error", "training.global_batch_tokens",
+                              f"batch identity broken: micro_batch {micro} x grad_accum {accum} x dp {dp} = "
+                              f"{micro * accum * dp} != global batch {gbs} sequences",
+                              "pin parallelism.micro_batch to a divisor of the global batch per rank"))
+            return None
+        return micro, accum, dp
+    dp = world(compiled)
+    diags.append(diag("X103", "warning", "parallelism",
+                      f"the plan uses tp={plan.tp} pp={plan.pp} cp={plan.cp} ep={plan.ep}; llmc's DeepSpeed "
+                      f"runner is data-parallel/ZeRO only, so deepspeed/ runs all {dp} GPUs as ZeRO-{stage} "
+                      "data-parallel ranks (memory and speed differ from the plan)",
+                      "use the torchtitan backend for this layout"))
+    if gbs % dp != 0:
+        diags.append(_x104(gbs, dp, "use the torchtitan or native backend, or a global batch divisible by the GPU count"))
+        return None
+    per_rank = gbs // dp
+    micro = max(m for m in range(1, min(plan.micro_batch, per_rank) + 1) if per_rank % m == 0)
+    return micro, per_rank // micro, dp
+
+
+def _zero_section(compiled, stage: int) -> dict[str, Any]:
+    d = compiled.spec.model.d_model
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=d * d)
+    if stage in (1, 2):
+        zero.update(allgather_partitions=True, allgather_bucket_size=ALLGATHER_BUCKET, reduce_scatter=True)
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size=(9 * d * d) // 10, stage3_param_persistence_threshold=10 * d,
+                    stage3_max_live_parameters=STAGE3_MAX_LIVE, stage3_max_reuse_distance=STAGE3_MAX_LIVE,
+                    stage3_gather_16bit_weights_on_model_save=True)
+    if compiled.spec.parallelism.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return zero
+
+
+def _optimizer_section(compiled) -> dict[str, Any]:
+    opt = compiled.spec.training.optimizer
+    params: dict[str, Any] = {"lr": compiled.hyper.lr, "betas": list(opt.betas), "eps": opt.eps,
+                              "weight_decay": opt.weight_decay}
+    if not compiled.spec.parallelism.offload_optimizer:
+        # torch.optim.AdamW instead of DeepSpeed's FusedAdam: no JIT build. With optimizer offload we
+        # keep DeepSpeedCPUAdam (the point of ZeRO-Offload; it JIT-builds cpu_adam once).
+        params["torch_adam"] = True
+    return {"type": "AdamW", "params": params}
+
+
+def deepspeed_config(compiled) -> tuple[dict | None, list[Diagnostic]]:
+    """The ds_config for DeepSpeed 0.19.8 and the build diagnostics about it (X1xx).
+
+    Returns (None, diags) when no DeepSpeed artifacts can be emitted for this plan.
+    """
+    spec, plan = compiled.spec, _ds_plan(compiled)
+    if plan is None:
+        return None, [_x104(compiled.hyper.global_batch_seqs, world(compiled),
+                            "use the native backend, or a global batch divisible by the GPU count")]
+    stage = zero_stage_for(compiled)
+    diags = _pinning_checks(compiled, plan, stage)
+    batch = _batch(compiled, plan, stage, diags)
+    if batch is None:
+        return None, diags
+    micro, accum, dp = batch
+    if spec.training.precision == "fp8":
+        diags.append(diag("X106", "warning", "training.precision",
+                          "the DeepSpeed runner trains in bf16 (fp8 matmuls are torchtitan-only)"))
+    cfg: dict[str, Any] = {
+        DS_HEADER_KEY: header_fields(compiled),
+        "train_batch_size": micro * accum * dp,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(spec.training.grad_clip or 0.0),
+        "bf16": {"enabled": spec.training.precision in ("bf16", "fp8")},
+        "optimizer": _optimizer_section(compiled),
+        "zero_optimization": _zero_section(compiled, stage),
+        "steps_per_print": int(spec.training.log_every),
+        "wall_clock_breakdown": False,
+    }
+    sched = _ds_scheduler(compiled)
+    if sched is not None:
+        cfg["scheduler"] = sched
+    unknown = sorted(set(cfg) - _ALLOWED)
+    if unknown:  # an llmc bug, not a user error; still reported as a diagnostic
+        diags.append(diag("X105", "error", "", f"ds_config has keys DeepSpeed does not read: {unknown}"))
+    gbs = int(compiled.hyper.global_batch_seqs)
+    if cfg["train_batch_size"] != gbs:
+        diags.append(diag("X101", "error", "training.global_batch_tokens",
+                          f"ds_config train_batch_size {cfg['train_batch_size']} != global batch {gbs} sequences"))
+    return cfg, diags
+
+
+def _ds_scheduler(compiled) -> dict | None:
+    """DeepSpeed scheduler matching llmc's schedule, or None (ds_train then uses llmc's own LambdaLR).
+
+    cosine -> WarmupCosineLR (linear warmup from 0, cosine to min_lr_ratio: exact);
+    constant -> WarmupLR; linear -> WarmupDecayLR only when min_lr_ratio == 0 (it decays to 0);
+    wsd and linear-to-a-floor have no DeepSpeed equivalent -> client scheduler in ds_train.
+    """
+    h = compiled.hyper
+    sch = compiled.spec.training.schedule
+    warm = max(1, int(h.warmup_steps))  # DeepSpeed requires a positive integer
+    total = max(int(h.steps), warm)
+    if h.schedule == "cosine":
+        return {"type": "WarmupCosineLR", "params": {"total_num_steps": total, "warmup_num_steps": warm,
+                                                     "warmup_min_ratio": 0.0, "cos_min_ratio": sch.min_lr_ratio,
+                                                     "warmup_type": "linear"}}
+    if h.schedule == "constant":
+        return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": h.lr,
+                                               "warmup_num_steps": warm, "warmup_type": "linear"}}
+    if h.schedule == "linear" and sch.min_lr_ratio == 0:
+        return {"type": "WarmupDecayLR", "params": {"total_num_steps": total, "warmup_min_lr": 0.0,
+                                                    "warmup_max_lr": h.lr, "warmup_num_steps": warm,
+                                                    "warmup_type": "linear"}}
+    return None
+
+
+class DeepSpeedEmitter(Emitter):
+    name = "deepspeed"
+
+    def applies(self, compiled) -> bool:
+        return any(s["ds"] for s in stage_list(compiled))
+
+    def diagnostics(self, compiled) -> list[Diagnostic]:
+        return deepspeed_config(compiled)[1]
+
+    def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
+        cfg, _ = deepspeed_config(compiled)
+        if cfg is None:
+            return {}
+        from llmc.emit import build_warnings
+
+        stages = stage_list(compiled)
+        ctx = {"header": header_lines(compiled), "stages": stages,
+               "ds_native_stages": [s for s in stages if not s["ds"]],
+               "gpus_per_node": gpus_per_node(compiled), "nnodes": nnodes(compiled), "rdzv_port": RDZV_PORT,
+               "zero_stage": cfg["zero_optimization"]["stage"],
+               "warnings": [d.render() for d in build_warnings(compiled)]}
+        return {CONFIG_PATH: dump_json(cfg),
+                "deepspeed/launch.sh": jinja_env().get_template("deepspeed/launch.sh.j2").render(**ctx)}

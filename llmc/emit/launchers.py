@@ -1,0 +1,82 @@
+"""Launch scripts for every stage of a build, and the build's ``.gitignore``.
+
+    native/launch.sh                llmc's own runtime, torchrun single node, every stage in order
+    launch/torchrun_single_node.sh  torchrun --standalone (BACKEND=native|torchtitan)
+    launch/torchrun_multi_node.sh   NNODES / NODE_RANK / MASTER_ADDR, rendezvous c10d
+    launch/slurm.sbatch             srun torchrun, rendezvous on the first host
+
+Each script runs ``python -m llmc.runtime.entry prepare`` (tokenizer + data under the build
+directory), then each stage in order, skipping those whose ``run/<stage>/DONE.json`` exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from llmc.emit.base import Emitter
+from llmc.emit.common import (
+    default_backend,
+    gpus_per_node,
+    header_lines,
+    is_cpu,
+    jinja_env,
+    nnodes,
+    stage_list,
+)
+
+RDZV_PORT = 29500
+TITAN_CONFIG_FN = "job"
+
+# What `llmc launch` / the runtime write into a build directory (prepare_assets: assets/, data/,
+# cache/; stage outputs: run/; torchtitan dumps: outputs/); the build itself is meant to be committed.
+BUILD_GITIGNORE = (
+    "# llmc build: generated inputs and run outputs (the build files themselves are meant to be committed)\n"
+    "/assets/\n/cache/\n/data/\n/outputs/\n/run/\n"
+)
+
+SCRIPTS = {
+    "native/launch.sh": "launch/native_launch.sh.j2",
+    "launch/torchrun_single_node.sh": "launch/torchrun_single_node.sh.j2",
+    "launch/torchrun_multi_node.sh": "launch/torchrun_multi_node.sh.j2",
+    "launch/slurm.sbatch": "slurm/slurm.sbatch.j2",
+}
+
+
+def titan_module(files: Mapping[str, str]) -> str:
+    """The torchtitan job module among the build files (``""`` when none was emitted)."""
+    mods = sorted(k for k in files if k.startswith("torchtitan/") and k.endswith(".py"))
+    return mods[0].rsplit("/", 1)[1][:-3] if mods else ""
+
+
+def launch_context(compiled, files: Mapping[str, str]) -> dict[str, Any]:
+    """The values every launch script template reads."""
+    n = nnodes(compiled)
+    mod = titan_module(files)
+    return {
+        "header": header_lines(compiled),
+        "name": compiled.spec.name,
+        "job_name": compiled.spec.name,
+        "stages": stage_list(compiled),
+        "gpus_per_node": gpus_per_node(compiled),
+        "nnodes": n,
+        "last_node_rank": n - 1,
+        "is_cpu": is_cpu(compiled),
+        "titan_module": mod,
+        "titan_config": TITAN_CONFIG_FN,
+        "has_titan": bool(mod),
+        "default_backend": default_backend(compiled.plan, bool(mod)),
+        "rdzv_port": RDZV_PORT,
+    }
+
+
+class LaunchersEmitter(Emitter):
+    name = "launchers"
+
+    def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
+        ctx = launch_context(compiled, earlier)
+        env = jinja_env()
+        out = {path: env.get_template(tpl).render(**ctx) for path, tpl in SCRIPTS.items()}
+        # `llmc launch` writes its inputs and outputs next to the committed files; keep them out of git.
+        out[".gitignore"] = "".join(f"# {ln}\n" for ln in header_lines(compiled)) + BUILD_GITIGNORE
+        return out

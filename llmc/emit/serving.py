@@ -1,0 +1,120 @@
+"""Serving targets: ``serving/vllm.yaml`` (vLLM 0.11) and ``serving/sglang.yaml`` (SGLang 0.5).
+
+Reads only ``compiled.serving`` (the compiler sizes each target: tp/pp, KV budget, fit). One config
+file per target; a second target on the same engine gets ``serving/<engine>-2.yaml`` and so on.
+
+Diagnostics:
+    V001 error    a serving target does not fit (normally reported by the compiler already)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from llmc.diagnostics import Diagnostic
+from llmc.emit.base import Emitter
+from llmc.emit.common import attr, diag, header_lines, jinja_env
+
+VLLM_PORT = 8000
+SGLANG_PORT = 30000
+
+
+def _vllm(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[str, str]], str]:
+    nodes = attr(p, "nodes", 1)
+    items = [("model", json.dumps(model_dir)), ("served-model-name", json.dumps(served)), ("dtype", "bfloat16"),
+             ("tensor-parallel-size", str(attr(p, "tensor_parallel_size"))),
+             ("pipeline-parallel-size", str(attr(p, "pipeline_parallel_size"))),
+             ("max-model-len", str(attr(p, "max_model_len"))),
+             ("max-num-seqs", str(attr(p, "max_num_seqs"))),
+             ("gpu-memory-utilization", repr(float(attr(p, "gpu_memory_utilization")))),
+             ("kv-cache-dtype", attr(p, "kv_cache_dtype"))]
+    if attr(p, "quantization"):
+        items.append(("quantization", attr(p, "quantization")))
+    # vLLM's --enable-prefix-caching is a BooleanOptionalAction; a YAML `true` becomes the flag
+    items.append(("enable-prefix-caching" if attr(p, "prefix_caching") else "no-enable-prefix-caching", "true"))
+    if nodes > 1:  # pipeline stages on several nodes: vLLM runs them on a Ray cluster
+        items.append(("distributed-executor-backend", "ray"))
+    items += [("host", json.dumps("0.0.0.0")), ("port", str(VLLM_PORT))]
+    cmd = f"vllm serve --config {name}"
+    if nodes > 1:
+        cmd = f"`ray start` on all {nodes} nodes, then on the head node: {cmd}"
+    return items, cmd
+
+
+def _sglang(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[str, str]], str]:
+    nodes = attr(p, "nodes", 1)
+    # SGLang's mem_fraction_static covers weights + KV pool only (activations live outside it),
+    # so it is vLLM's utilisation minus llmc's workspace/activation reserve.
+    mem_frac = round(float(attr(p, "gpu_memory_utilization"))
+                     - attr(p, "reserve_gib_per_gpu") / attr(p, "capacity_gib"), 3)
+    kv = "fp8_e4m3" if attr(p, "kv_cache_dtype") == "fp8" else "auto"
+    items = [("model-path", json.dumps(model_dir)), ("served-model-name", json.dumps(served)), ("dtype", "bfloat16"),
+             ("tp-size", str(attr(p, "tensor_parallel_size"))),
+             ("pp-size", str(attr(p, "pipeline_parallel_size"))),
+             ("context-length", str(attr(p, "max_model_len"))),
+             ("max-running-requests", str(attr(p, "max_num_seqs"))),
+             ("mem-fraction-static", repr(mem_frac)),
+             ("kv-cache-dtype", kv)]
+    if attr(p, "quantization"):
+        items.append(("quantization", attr(p, "quantization")))
+    if not attr(p, "prefix_caching"):
+        items.append(("disable-radix-cache", "true"))
+    if nodes > 1:
+        items.append(("nnodes", str(nodes)))
+    items += [("host", json.dumps("0.0.0.0")), ("port", str(SGLANG_PORT))]
+    cmd = f"python -m sglang.launch_server --config {name}"
+    if nodes > 1:
+        cmd += f" --node-rank <0..{nodes - 1}> --dist-init-addr <first node>:50000 (on each of the {nodes} nodes)"
+    return items, cmd
+
+
+ENGINES = {"vllm": _vllm, "sglang": _sglang}
+
+
+def _notes(p: Any, model_dir: str, cmd: str) -> list[str]:
+    g = lambda k: attr(p, k)  # noqa: E731
+    return [
+        f"target serving[{g('index')}]: {g('gpus')} x {g('gpu')} (tp {g('tensor_parallel_size')}, "
+        f"pp {g('pipeline_parallel_size')}), stage {g('stage')!r}",
+        f"weights {g('weights_gib')} GiB total, {g('weights_gib_per_gpu')} GiB per GPU; "
+        f"workspace reserve {g('reserve_gib_per_gpu')} GiB per GPU",
+        f"KV cache: {g('kv_bytes_per_token')} B/token, {g('kv_gib_per_seq')} GiB per sequence per GPU at "
+        f"{g('max_model_len')} tokens; needs {g('kv_gib_needed')} GiB for {g('concurrency')} sequences, "
+        f"budget {g('kv_budget_gib')} GiB per GPU ({g('max_seqs_that_fit')} sequences fit)",
+        f"model: export the {g('stage')!r} checkpoint to Hugging Face format in {model_dir} first",
+        f"run from the build directory: {cmd}",
+    ]
+
+
+class ServingEmitter(Emitter):
+    name = "serving"
+
+    def applies(self, compiled) -> bool:
+        return bool(compiled.serving)
+
+    def diagnostics(self, compiled) -> list[Diagnostic]:
+        return [diag("V001", "error", f"serving[{attr(p, 'index', 0)}]",
+                     f"serving target {attr(p, 'engine')} does not fit (see `llmc plan`)")
+                for p in compiled.serving if not attr(p, "fits", True)]
+
+    def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
+        files: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        header = header_lines(compiled)
+        for p in compiled.serving:
+            eng = attr(p, "engine")
+            counts[eng] = counts.get(eng, 0) + 1
+            name = f"serving/{eng}.yaml" if counts[eng] == 1 else f"serving/{eng}-{counts[eng]}.yaml"
+            model_dir = f"run/{attr(p, 'stage')}/hf"
+            items, cmd = ENGINES[eng](p, model_dir, f"{compiled.spec.name}-{attr(p, 'stage')}", name)
+            files[name] = jinja_env().get_template("serving/engine.yaml.j2").render(
+                header=header, notes=_notes(p, model_dir, cmd), items=items)
+        return files
+
+
+def served_files(files: Mapping[str, str]) -> list[dict[str, str]]:
+    """The serving configs among the build files, with their engine (for README.md)."""
+    return [{"file": k, "engine": k.split("/")[1].split(".")[0].split("-")[0]}
+            for k in sorted(files) if k.startswith("serving/")]

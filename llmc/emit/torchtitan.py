@@ -1,0 +1,549 @@
+"""The torchtitan 0.3.0 target: a Python job module plus torchrun / Slurm launch scripts.
+
+torchtitan 0.3.0 has no TOML config any more: a job is a zero-argument Python function returning
+``torchtitan.trainer.Trainer.Config``, selected with ``--module <module> --config <function>``
+(torchtitan/config/manager.py ``ConfigManager._load_config``). We emit ``torchtitan/llmc_job.py``
+defining ``job()``; every number in it is computed here (pure Python, no torch) and handed to the
+Jinja2 template as a Python literal (``repr``), so the template has no arithmetic.
+
+Model families (checked against the installed torchtitan 0.3.0 source):
+
+- dense GQA decoder -> ``torchtitan.models.llama3`` (``Llama3Model`` + ``Llama3TransformerBlock``,
+  layer configs from the public ``make_gqa_config`` / ``make_ffn_config`` helpers, so any
+  ``head_dim`` / ``d_ff`` works, not only the registry flavors);
+- GQA + MoE (Mixtral-style) -> ``torchtitan.models.qwen3`` (``Qwen3Model`` is the only 0.3.0
+  decoder whose block takes GQA attention *and* an MoE; we build it without Qwen's q/k norm);
+- MLA (+ MoE) (DeepSeek-V2/V3-style) -> ``torchtitan.models.deepseek_v3``
+  (``build_mla_moe_layers``).
+
+torchtitan 0.3.0 has no llama4 package. What a model family cannot express is reported as an
+error diagnostic (X3xx) instead of emitting a wrong module.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmc.diagnostics import Diagnostic, SpecError
+from llmc.emit.base import Emitter
+from llmc.emit.common import diag, gpus_per_node, jinja_env
+
+TORCHTITAN_VERSION = "0.3.0"
+TORCH_VERSION = "2.14.1"
+MODULE_NAME = "llmc_job"
+CONFIG_FN = "job"
+OUT_DIR = "torchtitan"
+
+# torchtitan's own inits for llama3 / deepseek_v3 (models/llama3/__init__.py): trunc_normal std 0.02
+# for linears, depth-scaled std 0.02/sqrt(2(l+1)) for residual outputs, N(0, 1) embeddings and a
+# dim**-0.5 truncated normal for the output head.
+BASE_INIT_STD = 0.02
+
+# torchtitan default for aux-loss-free MoE load balancing (bias update speed gamma, DeepSeek-V3
+# paper sec. 2.1.2 uses 0.001; torchtitan MoE.Config.load_balance_coeff default 1e-3).
+LOAD_BALANCE_COEFF = 1e-3
+
+# llmc heuristic (not a published figure): torchtitan's CommConfig defaults (300 s init, 100 s
+# train) are tuned for single/few-node jobs; NCCL communicator set-up and the first step of a
+# job spanning many nodes take longer, so the init timeout grows with the node count.
+COMM_INIT_TIMEOUT_S = 300
+COMM_INIT_TIMEOUT_LARGE_S = 1800
+COMM_LARGE_WORLD = 1024
+COMM_TRAIN_TIMEOUT_S = 100
+# A synchronous checkpoint save of a large state blocks the ranks; give collectives headroom then.
+COMM_TRAIN_TIMEOUT_CKPT_S = 600
+
+SINGLE_STAGE_SCHEDULES = {"1F1B", "GPipe"}
+
+
+@dataclass
+class TitanValues:
+    """Every value the template needs, already computed (no arithmetic in the template)."""
+
+    ctx: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # deviations recorded in the header
+
+
+def _family(arch) -> str:
+    if arch.mla is not None:
+        return "deepseek_v3"
+    if arch.moe is not None:
+        return "qwen3_moe"
+    return "llama3"
+
+
+def _rope(arch, family: str, errs: list[Diagnostic]) -> dict[str, Any]:
+    rs = arch.rope_scaling
+    rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else arch.hd
+    out: dict[str, Any] = {
+        "dim": rope_dim,
+        "max_seq_len": arch.max_seq_len,
+        "theta": float(arch.rope_theta),
+        "scaling": "none",
+    }
+    if rs is None:
+        return out
+    if rs.type == "llama3":
+        out.update(
+            scaling="llama",
+            scaling_factor=float(rs.factor),
+            low_freq_factor=float(rs.low_freq_factor),
+            high_freq_factor=float(rs.high_freq_factor),
+            original_max_position_embeddings=int(rs.original_max_position),
+        )
+    elif rs.type == "yarn":
+        out.update(
+            scaling="yarn",
+            rope_factor=float(rs.factor),
+            beta_fast=float(rs.beta_fast),
+            beta_slow=float(rs.beta_slow),
+            original_seq_len=int(rs.original_max_position),
+        )
+    else:
+        errs.append(diag(
+            "X301", "error", "model.rope_scaling.type",
+            f"torchtitan {TORCHTITAN_VERSION} RoPE supports scaling 'none', 'llama' and 'yarn', not {rs.type!r}",
+            "use type: llama3 or yarn, or build with another backend",
+        ))
+    return out
+
+
+TEXT_KINDS = ("general", "domain", "code", "math", "multilingual")
+
+
+def _data_sources(spec) -> list[tuple[str, float]]:
+    """(file under the data dir, normalised mixture weight) of the pre-training text sources."""
+    srcs = [s for s in spec.data.sources if s.kind in TEXT_KINDS]
+    total = sum(s.weight for s in srcs)
+    return [(f"{s.name}.jsonl", s.weight / total) for s in srcs]
+
+
+def _pp_module_fqns(n_layers: int, n_stages: int) -> list[list[str]]:
+    """Explicit stage split: layers spread evenly, remainder to the middle stages first (the first
+    stage also holds the embedding and the last the final norm + output head)."""
+    base, extra = divmod(n_layers, n_stages)
+    counts = [base] * n_stages
+    order = list(range(1, n_stages - 1)) + [0, n_stages - 1] if n_stages > 2 else list(range(n_stages))
+    for i in order[:extra]:
+        counts[i] += 1
+    parts, layer = [], 0
+    for s, c in enumerate(counts):
+        mods = ["tok_embeddings"] if s == 0 else []
+        mods += [f"layers.{layer + i}" for i in range(c)]
+        layer += c
+        if s == n_stages - 1:
+            mods += ["norm", "lm_head"]
+        parts.append(mods)
+    return parts
+
+
+def _arch_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]) -> None:
+    """What torchtitan 0.3.0 cannot express about this architecture and plan (errors) or drops (notes)."""
+    arch, plan, seq_len = compiled.spec.model, compiled.plan, compiled.hyper.seq_len
+    if arch.qkv_bias and family == "deepseek_v3":
+        errs.append(diag(
+            "X302", "error", "model.qkv_bias",
+            f"torchtitan {TORCHTITAN_VERSION} deepseek_v3 MLA attention has no q/k/v bias",
+            "set qkv_bias: false or use another backend",
+        ))
+    if arch.tied_embeddings and plan.pp > 1:
+        errs.append(diag(
+            "X303", "error", "model.tied_embeddings",
+            "torchtitan does not support weight tying with pipeline parallelism (Decoder.Config.update_from_config)",
+            "untie the embeddings or pin parallelism.pp: 1",
+        ))
+    if arch.mla is not None and arch.moe is None:
+        notes.append("MLA without MoE: deepseek_v3 layers with every layer dense")
+    if plan.tp > 1 and arch.mla is None and (arch.n_heads % plan.tp or arch.kv_heads % plan.tp):
+        errs.append(diag(
+            "X304", "error", "parallelism.tp",
+            f"tensor_parallel_degree {plan.tp} must divide n_heads {arch.n_heads} and n_kv_heads {arch.kv_heads} "
+            "(torchtitan Decoder.Config.update_from_config)",
+        ))
+    if seq_len > arch.max_seq_len:
+        errs.append(diag(
+            "X305", "error", "data.seq_len",
+            f"seq_len {seq_len} exceeds the model's max_seq_len {arch.max_seq_len}; torchtitan rejects it "
+            "(RoPE cache length)",
+            "raise model.max_seq_len",
+        ))
+    sp_div = (plan.tp if plan.tp > 1 else 1) * (2 * plan.cp if plan.cp > 1 else 1)
+    if seq_len % sp_div:
+        errs.append(diag(
+            "X306", "error", "data.seq_len",
+            f"torchtitan needs seq_len divisible by tp * 2 * cp = {sp_div} (sequence/context parallel), got {seq_len}",
+        ))
+
+
+def _parallelism(compiled, errs: list[Diagnostic]) -> dict[str, Any]:
+    """Batch split, pipeline stages and parallel degrees."""
+    arch, plan, hyper = compiled.spec.model, compiled.plan, compiled.hyper
+    # torchtitan's local_batch_size is per data-parallel rank per accumulation step; with PP it is
+    # split into pipeline micro-batches of pipeline_parallel_microbatch_size.
+    if plan.pp > 1:
+        local_batch, pp_microbatch = plan.micro_batch * plan.grad_accum, plan.micro_batch
+    else:
+        local_batch, pp_microbatch = plan.micro_batch, 1
+    global_batch = plan.global_batch_seqs  # micro_batch * grad_accum * dp (ParallelPlan)
+    if global_batch != hyper.global_batch_seqs:
+        errs.append(diag("X307", "error", "training.global_batch_tokens",
+                         f"plan batch {global_batch} sequences != resolved batch {hyper.global_batch_seqs}"))
+    pp_fqns = None
+    if plan.pp > 1:
+        single = plan.pp_schedule in SINGLE_STAGE_SCHEDULES
+        default_v = 1 if single else 2
+        v = plan.pp_virtual_stages
+        if single and v != 1:
+            errs.append(diag("X308", "error", "parallelism.pp_schedule",
+                             f"schedule {plan.pp_schedule} runs one stage per rank, plan has {v}"))
+        elif v != default_v:
+            n_stages = plan.pp * v
+            if n_stages > arch.n_layers:
+                errs.append(diag("X308", "error", "parallelism.pp",
+                                 f"{n_stages} pipeline stages for {arch.n_layers} layers"))
+            else:
+                pp_fqns = _pp_module_fqns(arch.n_layers, n_stages)
+    cpu = compiled.spec.hardware.gpu == "cpu"
+    # FSDP2 always shards parameters at rest; the plan's ZeRO stage maps to when they are resharded:
+    # ZeRO-3 -> after every forward (also under PP, where torchtitan's "default" would not);
+    # ZeRO-1/2 -> keep the gathered parameters from forward to backward ("never"), which needs no
+    # more memory than llmc's ZeRO-1/2 model (unsharded weights, sharded optimizer state).
+    reshard = ("always" if plan.pp > 1 else "default") if plan.zero_stage >= 3 else "never"
+    return {
+        "local_batch_size": local_batch,
+        "global_batch_size": global_batch,
+        "disable_cuda_graphs": cpu or plan.pp > 1 or (arch.moe is not None and plan.ep > 1),
+        "dp_replicate": plan.dp_replicate,
+        "dp_shard": plan.dp_shard,
+        "fsdp_reshard_after_forward": reshard,
+        "tp": plan.tp,
+        "pp": plan.pp,
+        "pp_schedule": plan.pp_schedule,
+        "pp_microbatch": pp_microbatch,
+        "pp_module_fqns": pp_fqns,
+        "cp": plan.cp,
+        "ep": plan.ep,
+        "ac": plan.activation_checkpointing,
+    }
+
+
+def _optimizer_schedule(compiled, notes: list[str]) -> dict[str, Any]:
+    """AdamW, the LR schedule and the loss options."""
+    tr, hyper = compiled.spec.training, compiled.hyper
+    cpu = compiled.spec.hardware.gpu == "cpu"
+    # torchtitan LRSchedulersContainer: warmup, then decay_type over the last decay_ratio of steps;
+    # decay_ratio None = decay right after warmup
+    kind = tr.schedule.kind
+    if kind == "cosine":
+        decay_ratio, decay_type = None, "cosine"
+    elif kind == "wsd":
+        # WSD cooldown shape: 1-sqrt (Hägele et al. 2024, "Scaling Laws and Compute-Optimal
+        # Training Beyond Fixed Training Durations", sec. 3: 1-sqrt beats linear cooldown).
+        decay_ratio, decay_type = float(tr.schedule.decay_fraction), "sqrt"
+    else:  # linear; constant: min_lr_factor 1 keeps the factor at 1 after warmup
+        decay_ratio, decay_type = None, "linear"
+    min_lr_factor = 1.0 if kind == "constant" else (hyper.min_lr / hyper.lr if hyper.lr else 0.0)
+    opt = tr.optimizer
+    adamw = {
+        "lr": float(hyper.lr),
+        "betas": (float(opt.betas[0]), float(opt.betas[1])),
+        "eps": float(opt.eps),
+        "weight_decay": float(opt.weight_decay),
+    }
+    if tr.z_loss > 0:
+        notes.append(f"training.z_loss={tr.z_loss} is not applied: torchtitan {TORCHTITAN_VERSION} has no z-loss")
+    if tr.loss_spike.enabled:
+        notes.append("training.loss_spike is not applied: torchtitan has no rewind-and-skip")
+    return {
+        # torchtitan's own 8B/70B/405B recipes use ChunkedLossWrapper
+        "loss_kind": "ce" if cpu else "chunked",
+        "adamw": adamw,
+        "adamw_no_wd": {**adamw, "weight_decay": 0.0},
+        # no weight decay on norm gains and embeddings (first match wins in ParamGroupConfig);
+        # one pattern for both so every pipeline stage's part matches it (each has norms).
+        "no_wd_pattern": r"(norm|tok_embeddings)\.weight$",
+        "optimizer_impl": "foreach" if cpu else "fused",
+        "warmup_steps": int(hyper.warmup_steps),
+        "decay_ratio": decay_ratio,
+        "decay_type": decay_type,
+        "min_lr_factor": float(min_lr_factor),
+        "max_norm": float(tr.grad_clip) if tr.grad_clip is not None else None,
+        "steps": int(hyper.steps),
+    }
+
+
+def _moe(arch, notes: list[str], errs: list[Diagnostic]) -> dict[str, Any]:
+    moe = arch.moe
+    if moe is None:
+        if arch.mla is not None:
+            # build_mla_moe_layers needs MoE numbers even when every layer is dense
+            return {"num_experts": 1, "top_k": 1, "moe_hidden_dim": arch.d_ff, "num_shared_experts": 0,
+                    "shared_hidden_dim": 0, "n_dense_layers": arch.n_layers, "score_func": "softmax",
+                    "route_norm": False, "router_bias": False, "load_balance_coeff": LOAD_BALANCE_COEFF}
+        return {}
+    moe_hidden = moe.expert_d_ff or arch.d_ff
+    if moe.aux_loss_coef > 0:
+        notes.append(
+            f"model.moe.aux_loss_coef={moe.aux_loss_coef}: torchtitan {TORCHTITAN_VERSION} has no auxiliary "
+            f"balancing loss; experts are balanced aux-loss-free instead (routing-bias buffer, "
+            f"load_balance_coeff={LOAD_BALANCE_COEFF})"
+        )
+    if moe.router_bias:
+        errs.append(diag("X309", "error", "model.moe.router_bias",
+                         "a bias on the router gate linear is not emitted by llmc's torchtitan target",
+                         "set router_bias: false or use the native backend"))
+    return {
+        "num_experts": moe.num_experts,
+        "top_k": moe.top_k,
+        "moe_hidden_dim": moe_hidden,
+        "num_shared_experts": moe.num_shared_experts,
+        "shared_hidden_dim": moe_hidden * moe.num_shared_experts,
+        "n_dense_layers": moe.dense_layers,
+        "score_func": moe.score_func,
+        # Mixtral / DeepSeek-V3 renormalise the top-k weights (norm_topk_prob)
+        "route_norm": True,
+        "router_bias": bool(moe.router_bias),
+        # torchtitan 0.3.0 MoE has no auxiliary balancing loss, only aux-loss-free balancing
+        # (per-expert routing bias buffer updated before each optimizer step, arXiv:2408.15664).
+        # expert_bias -> that mechanism; aux_loss_coef > 0 -> the same mechanism as substitute.
+        "load_balance_coeff": LOAD_BALANCE_COEFF if (moe.expert_bias or moe.aux_loss_coef > 0) else None,
+    }
+
+
+def _mla(arch, notes: list[str]) -> dict[str, Any]:
+    if arch.mla is None:
+        return {}
+    m = arch.mla
+    notes.append("deepseek_v3: router expert-group limits and routed_scaling_factor are not in llmc's "
+                 "Architecture; emitted as torchtitan defaults (no group limit, route_scale 1.0)")
+    return {
+        "q_lora_rank": m.q_lora_rank or 0,
+        "kv_lora_rank": m.kv_lora_rank,
+        "qk_nope_head_dim": m.qk_nope_head_dim,
+        "qk_rope_head_dim": m.qk_rope_head_dim,
+        "v_head_dim": m.v_head_dim,
+        # YaRN attention-temperature (mscale) used by torchtitan's DeepSeek-V3 671B flavor
+        "mscale": 1.0,
+    }
+
+
+def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str]) -> dict[str, Any]:
+    """Model family, shapes, init, RoPE, MoE / MLA and precision."""
+    spec = compiled.spec
+    arch = spec.model
+    precision = spec.training.precision
+    converters_filter = ["lm_head"] + (["router.gate"] if arch.moe is not None else [])
+    return {
+        "family": family,
+        "flavor": f"llmc-{arch.name}",
+        "dim": arch.d_model,
+        "n_layers": arch.n_layers,
+        "n_heads": arch.n_heads,
+        "n_kv_heads": arch.kv_heads,
+        "head_dim": arch.hd,
+        "ffn_hidden_dim": arch.d_ff,
+        "vocab_size": arch.vocab_size,
+        "norm_eps": float(arch.norm_eps),
+        "tied": bool(arch.tied_embeddings),
+        # fused wqkv Linear gets a bias (colwise TP shards it S(0): models/common/decoder_sharding.py)
+        "qkv_bias": bool(arch.qkv_bias),
+        "base_init_std": BASE_INIT_STD,
+        "output_init_std": float(arch.d_model ** -0.5),
+        "output_init_bound": float(3 * arch.d_model ** -0.5),
+        "rope": _rope(arch, family, errs),
+        "moe": _moe(arch, notes, errs),
+        "mla": _mla(arch, notes),
+        "attn_backend": "flex",
+        "float8": precision == "fp8",
+        "float8_recipe": "rowwise",
+        "float8_filter_fqns": converters_filter,
+        "compile_enable": spec.hardware.gpu != "cpu",
+        "compile_components": ["model", "loss"],
+        "training_dtype": "float32",
+        "mixed_precision_param": "float32" if precision == "fp32" else "bfloat16",
+    }
+
+
+def _checkpoint_comm(compiled) -> dict[str, Any]:
+    """Checkpointing, logging, collective timeouts and the process layout."""
+    spec, hyper = compiled.spec, compiled.hyper
+    tr, ck = spec.training, spec.training.checkpoint
+    cpu = spec.hardware.gpu == "cpu"
+    world = compiled.plan.world
+    nproc = world if cpu else gpus_per_node(compiled)
+    return {
+        "ckpt_enable": True,
+        "ckpt_folder": ck.folder,
+        "ckpt_interval": int(hyper.checkpoint_interval),
+        "ckpt_async_mode": "async" if hyper.checkpoint_async else "disabled",
+        "ckpt_keep_latest_k": int(ck.keep_latest),
+        "log_freq": int(tr.log_every),
+        "enable_tensorboard": not cpu,
+        "seed": int(tr.seed),
+        "comm_init_timeout": COMM_INIT_TIMEOUT_LARGE_S if world >= COMM_LARGE_WORLD else COMM_INIT_TIMEOUT_S,
+        "comm_train_timeout": COMM_TRAIN_TIMEOUT_S if hyper.checkpoint_async else COMM_TRAIN_TIMEOUT_CKPT_S,
+        "world": world,
+        "nproc_per_node": nproc,
+        "nnodes": max(1, math.ceil(world / nproc)),
+        "cpu": cpu,
+    }
+
+
+def torchtitan_values(compiled) -> TitanValues:
+    """Compute every number of the torchtitan job from the compiled plan; raise SpecError when the
+    architecture or plan cannot be expressed in torchtitan 0.3.0."""
+    if compiled.plan is None:
+        raise SpecError([diag("X300", "error", "parallelism",
+                              "no feasible parallelism plan; nothing to render for torchtitan")])
+    errs: list[Diagnostic] = []
+    notes: list[str] = []
+    family = _family(compiled.spec.model)
+    _arch_checks(compiled, family, errs, notes)
+    optim = _optimizer_schedule(compiled, notes)
+    model = _model_args(compiled, family, errs, notes)
+    par = _parallelism(compiled, errs)
+    if errs:
+        raise SpecError(errs)
+    ctx = {
+        "run_name": compiled.spec.name,
+        **model,
+        **optim,
+        **par,
+        **_checkpoint_comm(compiled),
+        "seq_len": compiled.hyper.seq_len,
+        # prepare_assets writes every text source to data/<name>.jsonl with a "text" field
+        "text_field": "text",
+        "data_sources": _data_sources(compiled.spec),
+    }
+    return TitanValues(ctx=ctx, notes=notes)
+
+
+def launch_lines(ctx: dict[str, Any]) -> dict[str, str]:
+    """The human-readable launch commands recorded in the header (exact scripts are emitted too)."""
+    mod = f"--module {MODULE_NAME} --config {CONFIG_FN}"
+    return {
+        "single": f"PYTHONPATH=torchtitan torchrun --nproc_per_node={ctx['nproc_per_node']} "
+        f"--rdzv_backend c10d --rdzv_endpoint=localhost:0 --local-ranks-filter 0 --role rank --tee 3 "
+        f"-m torchtitan.train {mod}",
+        "multi": f"NNODES={ctx['nnodes']} MASTER_ADDR=<head> bash torchtitan/run_multi_node.sh   (on every node)",
+        "dry_run": f"NGPU={ctx['world']} LOCAL_RANK=0 PYTHONPATH=torchtitan python -m torchtitan.train "
+        f"--module {MODULE_NAME} --config job_without_converters --comm.mode fake_backend --training.steps 1",
+    }
+
+
+def torchtitan_diagnostics(compiled) -> list[Diagnostic]:
+    """Why the torchtitan target cannot be emitted for this run (empty when it can)."""
+    try:
+        torchtitan_values(compiled)
+    except SpecError as e:
+        return list(e.diagnostics)
+    return []
+
+
+def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
+    """Files of the torchtitan target, relative to the build directory.
+
+    When the run cannot be expressed in torchtitan 0.3.0 (see ``torchtitan_diagnostics``): with
+    ``strict`` raise ``SpecError``; otherwise emit only ``torchtitan/NOT_EMITTED.txt`` listing the
+    diagnostics, so the other backends still build and no wrong job module is written.
+    """
+    import llmc
+
+    try:
+        vals = torchtitan_values(compiled)
+    except SpecError as e:
+        if strict:
+            raise
+        lines = [
+            f"# llmc {llmc.__version__}: no torchtitan {TORCHTITAN_VERSION} job for this spec "
+            f"(sha256 {compiled.spec_sha256})",
+            *[d.render() for d in e.diagnostics],
+        ]
+        return {f"{OUT_DIR}/NOT_EMITTED.txt": "\n".join(lines) + "\n"}
+    ctx = dict(vals.ctx)
+    ctx.update(
+        llmc_version=llmc.__version__,
+        torchtitan_version=TORCHTITAN_VERSION,
+        torch_version=TORCH_VERSION,
+        spec_path=compiled.spec_path,
+        spec_sha256=compiled.spec_sha256,
+        notes=vals.notes,
+        module_name=MODULE_NAME,
+        config_fn=CONFIG_FN,
+        launch=launch_lines(vals.ctx),
+    )
+    env = jinja_env()
+    files = {
+        f"{OUT_DIR}/{MODULE_NAME}.py": tidy_imports(env.get_template("torchtitan/llmc_job.py.j2").render(**ctx)),
+        f"{OUT_DIR}/run_single_node.sh": env.get_template("torchtitan/run_single_node.sh.j2").render(**ctx),
+        f"{OUT_DIR}/run_multi_node.sh": env.get_template("torchtitan/run_multi_node.sh.j2").render(**ctx),
+        f"{OUT_DIR}/slurm.sbatch": env.get_template("torchtitan/slurm.sbatch.j2").render(**ctx),
+    }
+    return files
+
+
+def tidy_imports(src: str) -> str:
+    """Rewrite the module's leading import block: drop unused names, group stdlib / third-party, sort.
+
+    The template imports everything any model family might need; the committed job should still be
+    lint-clean (no unused imports, isort order) for whoever reviews it. Pure ``ast`` on our own output.
+    """
+    tree = ast.parse(src)
+    body = tree.body
+    start = 1 if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else 0
+    end = start
+    while end < len(body) and isinstance(body[end], ast.Import | ast.ImportFrom):
+        end += 1
+    imports = body[start:end]
+    if not imports:
+        return src
+    used = {n.id for n in ast.walk(ast.Module(body=body[end:], type_ignores=[])) if isinstance(n, ast.Name)}
+    plain: dict[str, set[str]] = {}
+    froms: dict[str, set[str]] = {}
+    for node in imports:
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if (a.asname or a.name.split(".")[0]) in used:
+                    plain.setdefault(a.name, set()).add(a.asname or "")
+        else:
+            for a in node.names:
+                if (a.asname or a.name) in used:
+                    froms.setdefault(node.module or "", set()).add(a.name if not a.asname else f"{a.name} as {a.asname}")
+
+    def is_std(mod: str) -> bool:
+        return mod.split(".")[0] in sys.stdlib_module_names
+
+    def block(std: bool) -> list[str]:
+        out = [f"import {m}" + (f" as {al}" if al else "") for m in sorted(plain) if is_std(m) == std
+               for al in sorted(plain[m])]
+        for m in sorted(froms):
+            if is_std(m) != std:
+                continue
+            names = sorted(froms[m], key=lambda x: (not x.isupper(), not x[:1].isupper(), x.lower()))
+            line = f"from {m} import {', '.join(names)}"
+            out.append(line if len(line) <= 110 else f"from {m} import (\n" + "".join(f"    {n},\n" for n in names) + ")")
+        return out
+
+    groups = [g for g in (block(True), block(False)) if g]
+    new_block = "\n\n".join("\n".join(g) for g in groups) + "\n"
+    lines = src.splitlines(keepends=True)
+    first, last = imports[0].lineno - 1, imports[-1].end_lineno
+    return "".join(lines[:first]) + new_block + "".join(lines[last:])
+
+
+class TorchtitanEmitter(Emitter):
+    """torchtitan/ (job module + scripts), or torchtitan/NOT_EMITTED.txt saying why not; a run
+    torchtitan cannot express does not stop the build (the other backends still run it)."""
+
+    name = "torchtitan"
+
+    def applies(self, compiled) -> bool:
+        return compiled.plan is not None
+
+    def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
+        return render_torchtitan(compiled)

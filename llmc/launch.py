@@ -1,0 +1,173 @@
+"""``llmc launch``: the exact commands that run a built job, stage by stage.
+
+``launch_commands(build_dir, backend, nproc, stage)`` reads ``build_dir/plan.lock.json`` and returns
+the prepare step followed by one command per stage in the lock's stage order (one ``pretrain``
+stage when the spec has none). A stage whose ``<run_dir>/<stage>/DONE.json`` exists (the runtime
+writes it when a stage finishes) is returned with ``skip_reason`` set, so a re-launch resumes at
+the first unfinished stage. Pure: builds argv/env only (the CLI runs them); never imports torch.
+
+Backends:
+
+* prepare        ``python -m llmc.runtime.entry prepare --lock L`` (tokenizer + data under the build dir)
+* ``native``     ``torchrun --standalone --nproc_per_node N -m llmc.runtime.entry --lock L --stage S --out R/S``
+* ``torchtitan`` ``llmc.runtime.titan_launch.torchtitan_command``: ``torchrun ... -m torchtitan.train
+  --module llmc_job --config job`` on GPUs; on a machine without a GPU the CPU shim
+  ``llmc.runtime.titan_cpu_shim`` replaces ``torchtitan.train`` (never in the emitted GPU scripts).
+  torchtitan runs the pre-training stage; the other stages run on the native runtime.
+* ``deepspeed``  ``deepspeed --num_gpus N --module llmc.runtime.ds_train --lock L --ds-config C ...``
+  with ``DS_ACCELERATOR=cpu`` when there is no GPU. Stage kinds the DeepSpeed runner does not train
+  (dpo, grpo) run on the native runtime.
+
+Default backend: ``native``, or ``torchtitan`` when the plan uses pp/cp/ep (which the native trainer
+does not run) and the build has a torchtitan job. Default ``nproc``: the plan's GPUs per node on a
+GPU machine, 1 on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmc.emit.common import CHAT_KINDS, DS_STAGE_KINDS, RUNTIME_ENTRY, TITAN_STAGE_KINDS, default_backend
+
+BACKENDS = ("native", "torchtitan", "deepspeed")
+DEFAULT_MASTER_PORT = 29500
+
+
+class LaunchError(Exception):
+    """A build directory that cannot be launched (one-line message)."""
+
+
+@dataclass
+class Cmd:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    stage: str = ""
+    skip_reason: str | None = None
+
+
+def has_gpu() -> bool:
+    """A CUDA device is visible (without importing torch). ``LLMC_FORCE_CPU=1`` says no."""
+    if os.environ.get("LLMC_FORCE_CPU") == "1":
+        return False
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
+def _tool(name: str) -> str:
+    """The console script next to the running interpreter (same venv), else from PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    return shutil.which(name) or name
+
+
+def _stages(lock: dict) -> list[dict]:
+    out = []
+    for s in lock.get("stages") or []:
+        if isinstance(s, dict) and s.get("name"):
+            out.append({"name": str(s["name"]), "kind": str(s.get("kind") or "pretrain")})
+    return out or [{"name": "pretrain", "kind": "pretrain"}]
+
+
+def _gpus_per_node(lock: dict) -> int:
+    """The compiled hardware's GPUs per node (spec override applied), at most the GPU count."""
+    count = int(lock["spec"]["resolved"]["hardware"]["count"])
+    return max(1, min(int(lock["hardware"]["gpus_per_node"]), count))
+
+
+def load_build(build_dir: str | os.PathLike) -> tuple[Path, dict]:
+    from llmc.emit.lock import read_lock
+
+    b = Path(build_dir)
+    if not b.is_dir():
+        raise LaunchError(f"no such build directory (run `llmc build SPEC -o {b}` first)")
+    lock_path = b / "plan.lock.json"
+    if not lock_path.exists():
+        raise LaunchError("plan.lock.json not found: not an llmc build directory (run `llmc build` first)")
+    try:
+        lock = read_lock(lock_path)
+    except ValueError as e:
+        raise LaunchError(f"plan.lock.json: {e}") from None
+    return b.resolve(), lock
+
+
+# llmc's post-training loops (llmc.runtime.posttrain) run in one process.
+SINGLE_PROCESS_KINDS = frozenset(CHAT_KINDS)
+
+
+def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, nproc: int | None = None,
+                    stage: str | None = None, run_dir: str | os.PathLike | None = None,
+                    gpu: bool | None = None) -> list[Cmd]:
+    """Prepare step + one command per stage (skipped ones carry ``skip_reason``); raises LaunchError.
+
+    ``backend`` None: the build's default (``llmc.emit.common.default_backend``)."""
+    if backend is not None and backend not in BACKENDS:
+        raise LaunchError(f"unknown backend {backend!r} (one of: {', '.join(BACKENDS)})")
+    b, lock = load_build(build_dir)
+    if backend is None:
+        backend = default_backend(lock.get("plan"), (b / "torchtitan" / "llmc_job.py").exists())
+    on_gpu = has_gpu() if gpu is None else gpu
+    if nproc is None:
+        nproc = _gpus_per_node(lock) if on_gpu else 1
+    if nproc < 1:
+        raise LaunchError(f"--nproc must be >= 1 (got {nproc})")
+    run = Path(run_dir).resolve() if run_dir is not None else b / "run"
+    lock_path = str(b / "plan.lock.json")
+    stages = _stages(lock)
+    if stage is not None:
+        names = [s["name"] for s in stages]
+        if stage not in names:
+            raise LaunchError(f"no stage named {stage!r} (stages: {', '.join(names)})")
+        stages = [s for s in stages if s["name"] == stage]
+
+    py = sys.executable
+
+    ds_config = b / "deepspeed" / "ds_config.json"
+    if backend == "deepspeed" and not ds_config.exists():
+        raise LaunchError("this build has no deepspeed/ds_config.json (see README.md warnings); "
+                          "use --backend native or torchtitan")
+    titan_module = b / "torchtitan" / "llmc_job.py"
+    if backend == "torchtitan" and not titan_module.exists():
+        raise LaunchError("this build has no torchtitan/llmc_job.py; use --backend native or deepspeed")
+
+    def native(s: dict) -> Cmd:
+        # llmc's post-training loops (sft/dpo/grpo) are single-process: one process whatever nproc is
+        # (under other launchers, ranks > 0 of such a stage exit at once: llmc.runtime.entry).
+        n = 1 if s["kind"] in SINGLE_PROCESS_KINDS else nproc
+        argv = [_tool("torchrun"), "--standalone", "--nproc_per_node", str(n)]
+        return Cmd(argv=[*argv, "-m", RUNTIME_ENTRY, "--lock", lock_path, "--stage", s["name"],
+                         "--out", str(run / s["name"])], cwd=str(b), stage=s["name"])
+
+    cmds: list[Cmd] = []
+    for s in stages:
+        done = run / s["name"] / "DONE.json"
+        if backend == "deepspeed" and s["kind"] in DS_STAGE_KINDS:
+            env = {} if on_gpu else {"DS_ACCELERATOR": "cpu"}
+            port = os.environ.get("LLMC_MASTER_PORT", str(DEFAULT_MASTER_PORT))
+            c = Cmd(argv=[_tool("deepspeed"), "--num_gpus", str(nproc), "--master_port", port, "--module",
+                          "llmc.runtime.ds_train", "--lock", lock_path, "--ds-config", str(ds_config),
+                          "--stage", s["name"], "--out", str(run / s["name"])], env=env, cwd=str(b),
+                    stage=s["name"])
+        elif backend == "torchtitan" and s["kind"] in TITAN_STAGE_KINDS:
+            from llmc.runtime.titan_launch import torchtitan_command  # torch-free module
+
+            # the job reads <build>/assets and <build>/data (written by the prepare step) via LLMC_RUN_DIR
+            argv, env = torchtitan_command(titan_module, nproc, not on_gpu, run_dir=b, python=py)
+            c = Cmd(argv=argv, env=env, cwd=str(b), stage=s["name"])
+        else:
+            c = native(s)
+        if done.exists():
+            c.skip_reason = f"stage {s['name']!r} already finished ({done}); delete it to run the stage again"
+        cmds.append(c)
+
+    # shared assets (tokenizer + data as JSONL) under the build directory, idempotent
+    prepare = Cmd(argv=[py, "-m", RUNTIME_ENTRY, "prepare", "--lock", lock_path], cwd=str(b), stage="prepare")
+    if cmds and all(c.skip_reason for c in cmds):
+        prepare.skip_reason = "every stage is finished"
+    return [prepare, *cmds]

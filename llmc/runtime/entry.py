@@ -1,0 +1,285 @@
+"""Entry point of built jobs: ``python -m llmc.runtime.entry``.
+
+    python -m llmc.runtime.entry --lock plan.lock.json [--stage NAME] [--out DIR] [--steps N] [--max-seconds S]
+                               [--stop-after N] [--assets DIR] [--fallback-checkpoint] [--no-resume] [--cpu-bf16]
+
+``--steps N`` makes the stage N optimizer steps long (LR schedule and warmup fitted to N, like torchtitan's
+``--training.steps``; DONE.json is written at the end). ``--stop-after N`` / ``--max-seconds S`` instead
+stop a run of the planned length early, with a checkpoint and without DONE.json; rerun to continue.
+    python -m llmc.runtime.entry prepare --lock plan.lock.json [--stage NAME] [--assets DIR]
+
+Runs one stage: pretrain / midtrain / long_context in :mod:`llmc.runtime.train`; sft / dpo / grpo via
+``llmc.runtime.posttrain.run_stage(job, out_dir)``. Works as one process or under torchrun
+(RANK / WORLD_SIZE). ``prepare`` (also done automatically before training) builds the shared assets,
+idempotently: ``<assets>/assets/tokenizer.json`` (+ tokenizer_config.json) and ``<assets>/data/<source>.jsonl``,
+so torchtitan / DeepSpeed jobs read the same tokenizer and data. Default ``--assets`` = the lock's folder;
+default ``--out`` = ``<assets>/run/<stage>``. User errors print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from llmc.emit.lock import read_lock
+from llmc.runtime.data import Assets, SourceData, read_documents
+from llmc.runtime.job import NATIVE_KINDS, POSTTRAIN_KINDS, TrainJob
+
+MAX_TOKENIZER_TRAIN_CHARS = 50_000_000  # cap on text fed to BPE training
+
+
+def _say(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, flush=True)
+
+
+def _stage_sources(job: TrainJob) -> list:
+    """Every source any stage of the run reads (so one prepare serves all stages)."""
+    srcs = list(job.sources)
+    if job.spec is not None:
+        srcs += list(job.spec.data.sources)
+        for st in job.spec.stages:
+            if st.data is not None:
+                srcs += list(st.data.sources)
+    seen, out = set(), []
+    for s in srcs:
+        if s.name not in seen:
+            seen.add(s.name)
+            out.append(s)
+    return out
+
+
+def _write_jsonl(docs, path: Path) -> int:
+    tmp = path.with_suffix(f".jsonl.tmp{os.getpid()}")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+            n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return n
+
+
+def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
+    """Build (or reuse) ``out_dir/assets`` (tokenizer) and ``out_dir/data/*.jsonl``; returns :class:`Assets`.
+
+    Sources: ``builtin`` (``python-docs``: generated offline by :mod:`llmc.runtime.corpus`), ``text`` /
+    ``jsonl`` / ``parquet`` (local files, converted once to ``data/<name>.jsonl`` with a "text" field).
+    Chat / preference / prompt sources are copied as they are (their records are not plain text).
+    Tokenizer: ``tokenizer.path`` is copied into assets/; ``tokenizer.train`` trains a byte-level BPE of
+    ``vocab_size`` (default: the model's) on the text sources. Every step is skipped when its inputs
+    are unchanged (a key in ``assets/prepare.json``).
+    """
+    from llmc.runtime import corpus
+    from llmc.runtime.tokenizer import train_bpe
+
+    root = Path(out_dir).resolve()
+    data_dir, asset_dir, cache_dir = root / "data", root / "assets", root / "cache"
+    for d in (data_dir, asset_dir, cache_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    state_file = asset_dir / "prepare.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    produced: list[SourceData] = []
+    for src in _stage_sources(job):
+        target = data_dir / f"{src.name}.jsonl"
+        if src.format == "builtin" and src.kind in ("chat", "preference", "prompts"):
+            continue  # post-training records: generated at stage time by llmc.runtime.synthetic
+        if src.format == "builtin":
+            key = f"builtin:{src.name}:{sys.version}"
+            if state.get(target.name) != key or not target.exists():
+                if src.name not in corpus.BUILTIN_CORPORA:
+                    raise ValueError(f"data source {src.name!r}: unknown builtin corpus "
+                                     f"(known: {', '.join(corpus.BUILTIN_CORPORA)})")
+                info = corpus.write_corpus(target, src.name)
+                log(f"prepare: wrote {info['docs']} documents ({info['chars']:,} chars) to {target}")
+                state[target.name] = key
+            produced.append(SourceData(src.name, str(target), "jsonl", "text", src.weight))
+            continue
+        if src.path is None:
+            raise ValueError(f"data source {src.name!r} has no path (planning-only source); the native trainer "
+                             f"needs local data")
+        path = job.resolve_path(src.path)
+        if src.kind in ("chat", "preference", "prompts"):  # structured records: copy verbatim
+            produced.append(SourceData(src.name, str(path), src.format, src.text_field, src.weight))
+            continue
+        from llmc.runtime.data import expand_paths
+
+        files = expand_paths(path, src.format)
+        h = hashlib.sha256(f"{src.format}|{src.text_field}".encode())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        key = h.hexdigest()
+        if state.get(target.name) != key or not target.exists():
+            n = _write_jsonl(read_documents(path, src.format, src.text_field), target)
+            log(f"prepare: {src.name}: {n} documents -> {target}")
+            state[target.name] = key
+        produced.append(SourceData(src.name, str(target), "jsonl", "text", src.weight))
+
+    tk = job.tokenizer
+    tok_json = asset_dir / "tokenizer.json"
+    if tk.path:
+        src_dir = job.resolve_path(tk.path)
+        src_dir = src_dir if src_dir.is_dir() else src_dir.parent
+        key = "copy:" + hashlib.sha256((src_dir / "tokenizer.json").read_bytes()).hexdigest()
+        if state.get("tokenizer") != key or not tok_json.exists():
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if (src_dir / name).exists():
+                    shutil.copyfile(src_dir / name, asset_dir / name)
+            state["tokenizer"] = key
+            log(f"prepare: copied tokenizer from {src_dir}")
+    else:
+        vocab = tk.vocab_size or job.arch.vocab_size
+        text_srcs = [s for s in produced if s.format == "jsonl" and Path(s.path).parent == data_dir]
+        key = f"bpe:{vocab}:" + ",".join(f"{s.name}={state.get(Path(s.path).name)}" for s in text_srcs)
+        if state.get("tokenizer") != key or not tok_json.exists():
+            if not text_srcs:
+                raise ValueError("tokenizer.train needs at least one text data source")
+
+            def texts():
+                budget = MAX_TOKENIZER_TRAIN_CHARS
+                for s in text_srcs:
+                    for d in read_documents(s.path, "jsonl", "text"):
+                        if budget <= 0:
+                            return
+                        budget -= len(d)
+                        yield d
+
+            train_bpe(texts(), vocab, asset_dir)
+            state["tokenizer"] = key
+            log(f"prepare: trained byte-level BPE (vocab {vocab}) -> {tok_json}")
+    _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True) + "\n")
+    assets = Assets(str(root), str(asset_dir), tuple(produced), str(cache_dir))
+    _atomic_write(asset_dir / "assets.json", json.dumps(assets.to_json(), indent=1) + "\n")
+    return assets
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _stage_assets(job: TrainJob, assets: Assets) -> Assets:
+    """Restrict the prepared sources to this stage's."""
+    names = {s.name for s in job.sources}
+    return Assets(assets.root, assets.tokenizer_dir, tuple(s for s in assets.sources if s.name in names),
+                  assets.cache_dir)
+
+
+def _prepare_collective(job: TrainJob, root: Path) -> Assets:
+    """Rank 0 prepares; the other ranks wait for it (file-based, before/without a process group)."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or rank == 0:
+        return prepare_assets(job, root)
+    import torch.distributed as dist
+
+    from llmc.runtime.distributed import init_distributed
+
+    init_distributed()
+    dist.barrier()  # rank 0 joins this barrier after preparing (see main)
+    return Assets.from_json(json.loads((root / "assets" / "assets.json").read_text()))
+
+
+def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path, *, steps: int | None = None,
+              max_seconds: float | None = None, stop_after: int | None = None, resume: bool = True,
+              fallback: bool = False, cpu_bf16: bool = False) -> dict:
+    """Prepare assets, build the job and run it; the Python twin of the command line.
+
+    steps: override the stage length (schedule follows; warmup capped at 10% of it).
+    stop_after / max_seconds: stop a planned-length run early (checkpoint, no DONE.json)."""
+    from llmc.runtime.distributed import init_distributed, shutdown
+
+    job = TrainJob.from_lock(lock, stage)
+    if steps:
+        job = job.replace(steps=steps, warmup_steps=min(job.warmup_steps, steps // 10),
+                          checkpoint_interval=min(job.checkpoint_interval, steps))
+    out = out or assets_root / "run" / job.stage
+    done = out / "DONE.json"
+    if resume and done.exists():
+        _say(f"{job.stage}: already done ({done}); nothing to do")
+        return json.loads(done.read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    assets = _prepare_collective(job, assets_root)
+    info = init_distributed()
+    if world > 1 and rank == 0:
+        import torch.distributed as dist
+
+        dist.barrier()  # release the ranks waiting in _prepare_collective
+    assets = _stage_assets(job, assets)
+    init_ckpt = None
+    if job.init_from:
+        init_ckpt = out.parent / job.init_from
+        if not (init_ckpt / "DONE.json").exists():
+            raise ValueError(f"stage {job.stage!r} starts from stage {job.init_from!r}, which has not finished "
+                             f"({init_ckpt / 'DONE.json'} missing)")
+    try:
+        if job.kind in NATIVE_KINDS:
+            from llmc.runtime.train import train
+
+            return train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
+                         fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
+        if job.kind in POSTTRAIN_KINDS:
+            if rank != 0:  # the post-training loops are single-process: rank 0 runs the stage alone
+                _say(f"{job.stage}: {job.kind} runs in one process (rank 0); rank {rank} has nothing to do")
+                return {"stage": job.stage, "status": "idle", "rank": rank}
+            from llmc.runtime import posttrain
+
+            return posttrain.run_stage(job, out, assets=assets)
+        raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
+    finally:
+        shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = "train"
+    if argv and argv[0] in ("prepare", "train"):
+        cmd = argv.pop(0)
+    ap = argparse.ArgumentParser(prog="python -m llmc.runtime.entry", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lock", required=True, type=Path, help="plan.lock.json written by `llmc build`")
+    ap.add_argument("--stage", default=None, help="stage name (default: the main pre-training)")
+    ap.add_argument("--out", type=Path, default=None, help="stage output dir (default <assets>/run/<stage>)")
+    ap.add_argument("--assets", type=Path, default=None, help="where assets/, data/, cache/ go (default: lock's dir)")
+    ap.add_argument("--steps", type=int, default=None, help="run the stage for N optimizer steps (schedule fitted)")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop after N steps of the planned run (checkpoint, no DONE.json; rerun to continue)")
+    ap.add_argument("--max-seconds", type=float, default=None, help="stop (with a checkpoint) after S seconds")
+    ap.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    ap.add_argument("--fallback-checkpoint", action="store_true",
+                    help="if the newest checkpoint is corrupt, resume from the newest complete one")
+    ap.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU too (default fp32 on CPU)")
+    a = ap.parse_args(argv)
+    from llmc.runtime.checkpoint import CheckpointError
+    from llmc.runtime.train import TrainingError
+
+    try:
+        lock = read_lock(a.lock)
+    except ValueError as e:
+        print(f"{a.lock}: error[R001] lock: {e}", file=sys.stderr)
+        return 1
+    root = (a.assets or a.lock.resolve().parent).resolve()
+    try:
+        if cmd == "prepare":
+            assets = prepare_assets(TrainJob.from_lock(lock, a.stage), root)
+            print(json.dumps(assets.to_json(), indent=1))
+            return 0
+        res = run_stage(lock, a.stage, a.out, root, steps=a.steps, max_seconds=a.max_seconds, stop_after=a.stop_after,
+                        resume=not a.no_resume, fallback=a.fallback_checkpoint, cpu_bf16=a.cpu_bf16)
+    except (CheckpointError, TrainingError, ValueError, FileNotFoundError, KeyError) as e:
+        print(f"{a.lock}: error[R002] {a.stage or 'pretrain'}: {e}", file=sys.stderr)
+        return 1
+    return 0 if res.get("status", "done") in ("done", "stopped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
