@@ -30,19 +30,14 @@ def _compile(spec: Path):
     """Load + compile; on spec errors print every one (one line each) and exit 1."""
     from llmc.compiler.compile import compile_spec
     from llmc.diagnostics import SpecError, errors
+    from llmc.spec.facts import gather_facts
     from llmc.spec.load import load_spec
 
     try:
         run, lines = load_spec(spec)
-        facts = {}
-        try:  # TODO(merge): llmc.spec.facts always exists then; drop this guard
-            from llmc.spec.facts import gather_facts
-        except ImportError:
-            gather_facts = None
-        if gather_facts is not None:
-            facts["facts"] = gather_facts(run, spec.parent)
         # the spec file is read once more, here, for the sha256 recorded in every artifact
-        compiled = compile_spec(run, spec_path=str(spec), yaml_lines=lines, spec_bytes=spec.read_bytes(), **facts)
+        compiled = compile_spec(run, spec_path=str(spec), yaml_lines=lines, spec_bytes=spec.read_bytes(),
+                                facts=gather_facts(run, spec.parent))
     except SpecError as e:
         _fail([d.render() for d in e.diagnostics])
     errs = errors(compiled.diagnostics)
@@ -62,7 +57,8 @@ def plan(
         _fail([f"error: --format must be 'text' or 'json' (got {format!r})"])
     compiled = _compile(spec)
     if diff is not None:
-        from llmc.emit.lock import diff_lock, read_lock
+        from llmc.emit.lock import diff_lock
+        from llmc.lockfile import read_lock
 
         try:
             old = read_lock(diff)

@@ -31,7 +31,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmc.emit.common import CHAT_KINDS, DS_STAGE_KINDS, RUNTIME_ENTRY, TITAN_STAGE_KINDS, default_backend
+from llmc.compiler.plan import ParallelPlan
+from llmc.emit.common import RUNTIME_ENTRY, default_backend
+from llmc.runtime.capabilities import DS_STAGE_KINDS, TITAN_STAGE_KINDS
+from llmc.spec.schema import CHAT_KINDS
 
 BACKENDS = ("native", "torchtitan", "deepspeed")
 DEFAULT_MASTER_PORT = 29500
@@ -82,7 +85,7 @@ def _gpus_per_node(lock: dict) -> int:
 
 
 def load_build(build_dir: str | os.PathLike) -> tuple[Path, dict]:
-    from llmc.emit.lock import read_lock
+    from llmc.lockfile import read_lock
 
     b = Path(build_dir)
     if not b.is_dir():
@@ -111,7 +114,8 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         raise LaunchError(f"unknown backend {backend!r} (one of: {', '.join(BACKENDS)})")
     b, lock = load_build(build_dir)
     if backend is None:
-        backend = default_backend(lock.get("plan"), (b / "torchtitan" / "llmc_job.py").exists())
+        plan = ParallelPlan(**lock["plan"]) if lock.get("plan") else None
+        backend = default_backend(plan, (b / "torchtitan" / "llmc_job.py").exists())
     on_gpu = has_gpu() if gpu is None else gpu
     if nproc is None:
         nproc = _gpus_per_node(lock) if on_gpu else 1

@@ -2,7 +2,7 @@
 
 ``render_text(compiled)`` returns the report as plain text at a fixed width (what the golden tests
 compare); ``print_report(compiled)`` prints it to the terminal (colours when it is a TTY). Every
-number comes from :class:`~llmc.compiler.compiled.Compiled`; nothing is computed here beyond
+number comes from :class:`~llmc.compiler.result.Compiled`; nothing is computed here beyond
 unit conversion and percentages.
 """
 
@@ -279,19 +279,15 @@ def _rejected(c) -> Table | None:
 
 
 def _stages(c) -> Table | None:
-    rows = [s for s in c.stages if isinstance(s, dict)]
+    rows = list(c.stages)
     if len(rows) <= 1 and not c.spec.stages:
         return None
     t = Table(title="Stages", title_justify="left", box=box.SIMPLE_HEAD, title_style="bold", pad_edge=False)
     for col in ("stage", "kind", "init from", "steps", "lr", "trainable", "memory/GPU"):
         t.add_column(col, justify="left" if col in ("stage", "kind", "init from") else "right")
     for s in rows:
-        mem = (s.get("memory") or {}).get("per_gpu_bytes")
-        t.add_row(str(s.get("name", "")), str(s.get("kind", "")), str(s.get("init_from") or "-"),
-                  f"{s['steps']:,}" if isinstance(s.get("steps"), int) else "-",
-                  f"{s['lr']:.3g}" if isinstance(s.get("lr"), int | float) else "-",
-                  human(s["trainable_params"]) if isinstance(s.get("trainable_params"), int) else "-",
-                  gib(mem) if isinstance(mem, int | float) else "-")
+        t.add_row(s.name, s.kind, s.init_from or "-", f"{s.steps:,}" if s.steps is not None else "-",
+                  f"{s.lr:.3g}", human(s.trainable_params), gib(s.memory.per_gpu_bytes))
     return t
 
 
@@ -302,10 +298,8 @@ def _serving(c) -> Table | None:
     for col in ("engine", "gpu", "tp x pp", "max_model_len", "concurrency", "fits"):
         t.add_column(col)
     for s in c.serving:
-        t.add_row(str(s.get("engine", "")), str(s.get("gpu", "")),
-                  f"{s.get('tensor_parallel_size', '-')} x {s.get('pipeline_parallel_size', '-')}",
-                  str(s.get("max_model_len", "-")), str(s.get("concurrency", "-")),
-                  {True: "yes", False: "NO"}.get(s.get("fits"), "-"))
+        t.add_row(s.engine, s.gpu, f"{s.tensor_parallel_size} x {s.pipeline_parallel_size}",
+                  str(s.max_model_len), str(s.concurrency), "yes" if s.fits else "NO")
     return t
 
 

@@ -20,7 +20,7 @@ from llmc.compiler.plan import ParallelPlan
 from llmc.diagnostics import SpecError
 from llmc.emit import render_artifacts
 from llmc.emit.deepspeed import DS_TOP_LEVEL_KEYS, deepspeed_config
-from llmc.emit.lock import SCHEMA_VERSION, check_lock
+from llmc.lockfile import SCHEMA_VERSION, check_lock
 
 GOLDEN = ROOT / "tests" / "golden" / "build"
 
@@ -36,7 +36,7 @@ SERVING = [{"index": 0, "engine": "vllm", "gpu": "h100-sxm", "stage": "pretrain"
             "max_seqs_that_fit": 70, "gpu_memory_utilization": 0.9, "quantization": None, "kv_cache_dtype": "auto",
             "prefix_caching": True, "kv_bytes_per_token": 131072, "weights_gib": 15.0, "weights_gib_per_gpu": 7.5,
             "reserve_gib_per_gpu": 2.0, "kv_gib_per_seq": 0.5, "kv_gib_needed": 32.0, "kv_budget_gib": 35.0,
-            "capacity_gib": 74.506, "fits": True}]
+            "capacity_gib": 74.506, "fits": True, "nodes": 1}]
 
 
 def _tree(d: Path) -> dict[str, bytes]:

@@ -10,19 +10,24 @@ import hashlib
 from dataclasses import replace
 from pathlib import Path
 
-from llmc.compiler.compiled import (
+from llmc.compiler.hardware import get_gpu
+from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.result import (
     Compiled,
     ComputeNumbers,
+    ContextPlan,
     CostNumbers,
     Hyper,
     MemoryNumbers,
+    ModelInMemory,
     ModelNumbers,
+    ServingPlan,
+    StageMemoryPlan,
+    StagePlan,
     TimeNumbers,
 )
-from llmc.compiler.hardware import get_gpu
-from llmc.compiler.plan import ParallelPlan
 from llmc.spec.model import Architecture
-from llmc.spec.run import RunSpec
+from llmc.spec.schema import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -65,7 +70,8 @@ def make_compiled(run: RunSpec | None = None, plan: ParallelPlan | None = None, 
                 "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
                 "global_batch_seqs": global_batch_seqs, "global_batch_tokens": global_batch_seqs * seq,
                 "checkpoint_interval": 50, "hyper": {}, "lora": None, "long_context": None}
-    stages = [{**resolved, **s} for s in stages or [{"name": "pretrain", "kind": "pretrain", "init_from": None}]]
+    stages = [fake_stage(**{**resolved, **s}, order=i)
+              for i, s in enumerate(stages or [{"name": "pretrain", "kind": "pretrain", "init_from": None}])]
     return Compiled(
         spec_path="fake.yaml", spec_sha256=sha, spec=run, gpu=gpu,
         model=ModelNumbers(params_total=200_000, params_active=200_000, params_embedding=65_536,
@@ -82,17 +88,55 @@ def make_compiled(run: RunSpec | None = None, plan: ParallelPlan | None = None, 
         cost=CostNumbers(gpu_hours=steps * step_s * 8 / 3600, usd=steps * step_s * 8 / 3600 * 2.5,
                          usd_per_gpu_hour=2.5),
         reasons=["fake"], alternatives=[], rejected=[], diagnostics=[],
-        stages=stages, serving=serving or [],
+        stages=stages, serving=[ServingPlan(**d) for d in serving or []],
     )
+
+
+def fake_stage(**kw) -> StagePlan:
+    """A StagePlan with every field the emitters and runtime read; the rest get neutral values."""
+    base = dict(init_from=None, order=0, tokens=None, defaults=[], n_models=1, params_total=200_000,
+                trainable_params=200_000, trainable_fraction=1.0, rollout=None, notes=[],
+                models_in_memory=[ModelInMemory(role="policy", trainable=True, weights="bf16")],
+                memory=StageMemoryPlan(per_gpu_bytes=2**30, capacity_bytes=80 * 10**9, fits=True, shard_degree=8,
+                                       cp=1, activation_checkpointing="none", source="fake"),
+                context=ContextPlan(max_context=256, rope_theta=10_000.0, rope_scaling=None))
+    return StagePlan(**{**base, **kw})
 
 
 def compile_example(path: Path):
     """Real load + compile of an example spec."""
     from llmc.compiler.compile import compile_spec
+    from llmc.spec.facts import gather_facts
     from llmc.spec.load import load_spec
 
     run, lines = load_spec(path)
-    return compile_spec(run, spec_path=str(path.relative_to(ROOT)), yaml_lines=lines)
+    return compile_spec(run, spec_path=str(path.relative_to(ROOT)), yaml_lines=lines, spec_bytes=path.read_bytes(),
+                        facts=gather_facts(run, path.parent))
 
 
-__all__ = ["EXAMPLES", "ROOT", "TINY_ARCH", "Architecture", "compile_example", "make_compiled", "make_run"]
+def lock_for(spec: dict | RunSpec, *, plan: dict | None = None, hyper: dict | None = None,
+             stages: list[dict] | None = None, spec_path: str = "spec.yaml") -> dict:
+    """The lock ``llmc build`` would write for ``spec`` (the real compiler), with optional overrides: ``plan``
+    and ``hyper`` keys (also applied to the pretrain stage entry, which mirrors them) and stage entries
+    merged by name, for runtime tests that need numbers no compile would produce."""
+    from llmc.compiler.compile import compile_spec
+    from llmc.emit.lock import lock_dict
+
+    run = spec if isinstance(spec, RunSpec) else RunSpec.model_validate(spec)
+    lock = lock_dict(compile_spec(run, spec_path=spec_path, spec_bytes=run.model_dump_json().encode()))
+    pre = [e for e in lock["stages"] if e["kind"] == "pretrain"]
+    if plan:
+        lock["plan"].update(plan)
+        for e in pre:
+            e.update({k: v for k, v in plan.items() if k in ("micro_batch", "grad_accum")})
+    if hyper:
+        lock["hyper"].update(hyper)
+        for e in pre:
+            e.update({k: v for k, v in hyper.items() if k in e})
+    by_name = {e["name"]: e for e in lock["stages"]}
+    for over in stages or []:
+        by_name[over["name"]].update(over)
+    return lock
+
+
+__all__ = ["EXAMPLES", "ROOT", "TINY_ARCH", "Architecture", "compile_example", "fake_stage", "lock_for", "make_compiled", "make_run"]

@@ -61,12 +61,12 @@ def test_skypilot_task_valid_and_matches_build(ex, builds):
     assert int(count) == gpn
     assert name == {"h100-sxm": "H100", "h800": "H800"}[lock["hardware"]["key"]]
     run = doc["run"]
-    for var in ("SKYPILOT_NUM_NODES", "SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_GPUS_PER_NODE"):
+    for var in ("SKYPILOT_NUM_NODES", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_GPUS_PER_NODE"):
         assert f"${var}" in run
     assert "launch/torchrun_multi_node.sh" in run and (builds[ex] / "launch/torchrun_multi_node.sh").exists()
     # the launcher reads exactly the variables the task sets
     launcher = (builds[ex] / "launch/torchrun_multi_node.sh").read_text()
-    for var in ("NNODES", "NODE_RANK", "NPROC", "MASTER_ADDR", "MASTER_PORT", "RUN_ID"):
+    for var in ("NNODES", "NPROC", "MASTER_ADDR", "MASTER_PORT", "RUN_ID"):
         assert f"${{{var}" in launcher and (f"{var}=" in run or var in doc["envs"])
     assert skypilot.files(lock) == files  # deterministic
 
@@ -100,7 +100,7 @@ def test_kubeflow_trainjob_valid_and_matches_build(ex, builds):
     name = job.metadata.name
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 40  # DNS-1035 label
     cmd = job.spec.trainer.args[0]
-    for var in ("PET_NNODES", "PET_NODE_RANK", "PET_NPROC_PER_NODE", "PET_MASTER_ADDR", "PET_MASTER_PORT"):
+    for var in ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_MASTER_ADDR", "PET_MASTER_PORT"):
         assert f"${{{var}" in cmd
     assert "launch/torchrun_multi_node.sh" in cmd
 

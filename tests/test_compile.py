@@ -256,9 +256,9 @@ def test_pretrain_stage_reports_the_searched_plan_memory():
     path = Path(__file__).resolve().parents[1] / "examples" / "pipeline_tiny.yaml"
     run, lines = load_spec(path)
     c = compile_spec(run, spec_path=str(path), yaml_lines=lines)
-    (pre,) = [s for s in c.stages if s["kind"] == "pretrain"]
-    assert pre["memory"]["per_gpu_bytes"] == c.memory.per_gpu_bytes
-    assert pre["memory"]["activation_checkpointing"] == c.plan.activation_checkpointing
+    (pre,) = [s for s in c.stages if s.kind == "pretrain"]
+    assert pre.memory.per_gpu_bytes == c.memory.per_gpu_bytes
+    assert pre.memory.activation_checkpointing == c.plan.activation_checkpointing
 
 
 def test_plan_path_reads_no_files_and_skips_networkx(tmp_path):

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from llmc.cli import app
 from llmc.compiler.plan import ParallelPlan
 from llmc.diagnostics import Diagnostic
-from llmc.emit.lock import SCHEMA_VERSION, diff_lock, lock_dict, lock_text, read_lock, spec_changes
+from llmc.emit.lock import diff_lock, lock_dict, lock_text, spec_changes
+from llmc.lockfile import SCHEMA_VERSION, read_lock
 
 
 def test_round_trip(tmp_path):

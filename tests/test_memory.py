@@ -266,7 +266,7 @@ def test_pipeline_split_matches_torchtitan_and_renderer(n_layers, pp, schedule, 
     if v == default_v:
         parts = tpp._generate_llm_fqn_per_model_part(pp * v, n_layers, 1, 1)
     else:
-        from llmc.compiler.render_torchtitan import _pp_module_fqns
+        from llmc.emit.torchtitan import _pp_module_fqns
 
         parts = _pp_module_fqns(n_layers, pp * v)
     layout = pipeline_layout(n_layers, pp, schedule, v)

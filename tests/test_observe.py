@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import json
 import math
+import time
 
 import pytest
 
@@ -117,7 +118,11 @@ def test_wandb_offline_run_written(tmp_path, monkeypatch):
     assert run.summary["train/loss"] == pytest.approx(recs[-1]["loss"])
     log.close()
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 1 and b"train/loss" in files[0].read_bytes()
+    assert len(files) == 1
+    deadline = time.monotonic() + 20  # the W&B service process flushes the offline file asynchronously
+    while b"train/loss" not in files[0].read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert b"train/loss" in files[0].read_bytes()
 
 
 def test_wandb_disabled_by_env(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from llmc.runtime.model import build_model  # noqa: E402
 from llmc.runtime.posttrain import PostTrainError, run_stage  # noqa: E402
 from llmc.runtime.synthetic import ByteTokenizer  # noqa: E402
 from llmc.spec.model import Architecture  # noqa: E402
-from llmc.spec.run import Stage  # noqa: E402
+from llmc.spec.schema import make_stage as Stage  # noqa: E402
 
 torch.set_num_threads(1)
 TOK = ByteTokenizer()

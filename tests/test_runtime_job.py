@@ -9,7 +9,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from llmc.runtime.job import TrainJob, minimal_lock  # noqa: E402
+from test_build_fakes import lock_for  # noqa: E402
+
+from llmc.runtime.job import TrainJob  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "build" / "tiny_cpu" / "plan.lock.json"
 ARCH = dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512,
@@ -41,7 +43,7 @@ def _spec(stages):
 
 
 def test_long_context_stage_changes_rope_and_seq_len():
-    lock = minimal_lock(_spec([{"name": "pre", "kind": "pretrain"},
+    lock = lock_for(_spec([{"name": "pre", "kind": "pretrain"},
                                {"name": "long", "kind": "long_context", "init_from": "pre", "seq_len": 128,
                                 "rope_theta": 40000.0, "rope_scaling": {"type": "yarn", "factor": 4.0,
                                                                          "original_max_position": 64},
@@ -57,7 +59,7 @@ def test_long_context_stage_changes_rope_and_seq_len():
 def test_lock_without_plan_shards_over_the_started_ranks(monkeypatch):
     # A post-training-only pipeline has no searched layout; under torchrun with N ranks the native
     # trainer must still run (FSDP over all N) instead of refusing "plan needs 1 process".
-    lock = minimal_lock(_spec([{"name": "mid", "kind": "midtrain", "global_batch_tokens": 1024}]))
+    lock = lock_for(_spec([{"name": "mid", "kind": "midtrain", "global_batch_tokens": 1024}]))
     lock["plan"] = None
     monkeypatch.setenv("WORLD_SIZE", "4")
     job = TrainJob.from_lock(lock, "mid")
@@ -75,7 +77,7 @@ def test_midtrain_starts_from_pretrain_weights(tmp_path):
     spec = _spec([{"name": "pre", "kind": "pretrain", "steps": 6},
                   {"name": "mid", "kind": "midtrain", "init_from": "pre", "steps": 2, "lr": 1e-3}])
     spec["training"]["optimizer"]["lr"] = 3e-3
-    lock = minimal_lock(spec, spec_path=str(tmp_path / "spec.yaml"))
+    lock = lock_for(spec, spec_path=str(tmp_path / "spec.yaml"))
     with pytest.raises(ValueError, match="has not finished"):
         run_stage(lock, "mid", None, tmp_path)
     pre = run_stage(lock, "pre", None, tmp_path)
@@ -96,7 +98,7 @@ def test_stage_numbers_are_read_from_the_lock_entry_not_recomputed():
     entry = {"name": "chat", "seq_len": 48, "steps": 77, "lr": 1.7e-4, "min_lr": 1.3e-5, "warmup_steps": 7,
              "schedule": "wsd", "decay_fraction": 0.35, "micro_batch": 3, "grad_accum": 5, "global_batch_seqs": 15,
              "checkpoint_interval": 11}
-    lock = minimal_lock(_sft_spec(), stages=[entry])
+    lock = lock_for(_sft_spec(), stages=[entry])
     job = TrainJob.from_lock(lock, "chat")
     got = {k: getattr(job, k) for k in entry if k not in ("name", "global_batch_seqs")}
     assert got == {k: v for k, v in entry.items() if k not in ("name", "global_batch_seqs")}
@@ -107,7 +109,7 @@ def test_stage_numbers_are_read_from_the_lock_entry_not_recomputed():
 
 
 def test_missing_stage_number_is_one_line_with_a_hint():
-    lock = minimal_lock(_sft_spec())
+    lock = lock_for(_sft_spec())
     del lock["stages"][1]["min_lr"]
     with pytest.raises(ValueError) as e:
         TrainJob.from_lock(lock, "chat")

@@ -16,9 +16,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from test_build_fakes import lock_for  # noqa: E402
+
 from llmc.runtime import corpus  # noqa: E402
 from llmc.runtime.entry import run_stage  # noqa: E402
-from llmc.runtime.job import TrainJob, minimal_lock  # noqa: E402
+from llmc.runtime.job import TrainJob  # noqa: E402
 from llmc.runtime.train import TrainingError  # noqa: E402
 
 ARCH = dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512,
@@ -41,7 +43,7 @@ def make_lock(tmp: Path, docs: Path, *, steps=12, interval=4, plan=None, loss_sp
             "training": {"precision": "fp32", "global_batch_tokens": 256, "optimizer": {"lr": lr},
                          "checkpoint": {"interval_steps": interval, "keep_latest": 2}, "log_every": 1,
                          "loss_spike": loss_spike or {"enabled": False}}}
-    lock = minimal_lock(spec, plan=plan or {"micro_batch": 8}, hyper={"warmup_steps": 2},
+    lock = lock_for(spec, plan=plan or {"micro_batch": 8}, hyper={"warmup_steps": 2},
                         spec_path=str(tmp / "spec.yaml"))
     tmp.mkdir(parents=True, exist_ok=True)
     p = tmp / "plan.lock.json"

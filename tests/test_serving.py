@@ -40,79 +40,79 @@ def run_with(arch: dict, serving: list[dict], seq_len=8192, stages=()):
 def test_llama3_8b_kv_bytes_per_token_matches_published():
     # 2 (K,V) x 32 layers x 8 kv heads x 128 head_dim x 2 bytes = 131,072 B/token
     plans, diags = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 64}]), gpus)
-    assert plans[0]["kv_bytes_per_token"] == 131_072
-    assert plans[0]["max_model_len"] == 8192
+    assert plans[0].kv_bytes_per_token == 131_072
+    assert plans[0].max_model_len == 8192
 
 
 def test_llama3_8b_8k_x_64_needs_64_gib_and_fails_on_one_gpu():
     # 131072 B x 8192 tokens x 64 seqs = 2^17 * 2^13 * 2^6 = 2^36 B = 64 GiB on one GPU (tp=1)
     plans, diags = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 64, "gpus": 1}]), gpus)
     p = plans[0]
-    assert p["kv_gib_needed"] == pytest.approx(64.0)
-    assert p["kv_gib_per_seq"] == pytest.approx(1.0)  # 1 GiB per 8K sequence
-    assert not p["fits"]
+    assert p.kv_gib_needed == pytest.approx(64.0)
+    assert p.kv_gib_per_seq == pytest.approx(1.0)  # 1 GiB per 8K sequence
+    assert not p.fits
     v001 = [d for d in diags if d.code == "V001"]
     assert len(v001) == 1 and v001[0].severity == "error"
     assert "needs 64.0 GiB" in v001[0].message
     assert "fp8" in v001[0].hint
     # the budget: 0.9 x 80 GiB - 8.03e9 params x 2 B - workspace; so < 64 GiB
-    assert p["kv_budget_gib"] < 64 and p["max_seqs_that_fit"] == int(p["kv_budget_gib"] // 1.0)
+    assert p.kv_budget_gib < 64 and p.max_seqs_that_fit == int(p.kv_budget_gib // 1.0)
 
 
 def test_llama3_8b_auto_tp_picks_two_gpus():
     plans, diags = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 64}]), gpus)
     p = plans[0]
     assert not [d for d in diags if d.severity == "error"]
-    assert p["fits"] and p["tensor_parallel_size"] == 2 and p["pipeline_parallel_size"] == 1
-    assert p["kv_gib_needed"] == pytest.approx(32.0)  # 64 GiB over 2 KV shards
-    assert p["max_num_seqs"] == 64 and p["max_seqs_that_fit"] >= 64
+    assert p.fits and p.tensor_parallel_size == 2 and p.pipeline_parallel_size == 1
+    assert p.kv_gib_needed == pytest.approx(32.0)  # 64 GiB over 2 KV shards
+    assert p.max_num_seqs == 64 and p.max_seqs_that_fit >= 64
 
 
 def test_fp8_kv_halves_the_cache_and_fits_one_gpu():
     plans, diags = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 64, "kv_cache_dtype": "fp8"}]), gpus)
     p = plans[0]
-    assert p["kv_bytes_per_token"] == 65_536
-    assert p["tensor_parallel_size"] == 1 and p["fits"]
-    assert p["kv_gib_needed"] == pytest.approx(32.0)
+    assert p.kv_bytes_per_token == 65_536
+    assert p.tensor_parallel_size == 1 and p.fits
+    assert p.kv_gib_needed == pytest.approx(32.0)
 
 
 def test_llama3_70b_needs_a_full_node():
     # 327,680 B/token; 8192 x 64 = 160 GiB of KV; weights 70.55e9 x 2 B = 131 GiB
     plans, diags = plan_serving(run_with(LLAMA3_70B, [{"concurrency": 64}]), gpus)
     p = plans[0]
-    assert p["kv_bytes_per_token"] == 327_680
-    assert p["weights_gib"] == pytest.approx(70.55e9 * 2 / GiB, rel=0.01)
-    assert p["tensor_parallel_size"] == 8 and p["fits"]
+    assert p.kv_bytes_per_token == 327_680
+    assert p.weights_gib == pytest.approx(70.55e9 * 2 / GiB, rel=0.01)
+    assert p.tensor_parallel_size == 8 and p.fits
 
 
 def test_llama3_405b_pipelines_across_nodes():
     # 405.8e9 x 2 B = 756 GiB of weights alone > 8 x 72 GiB usable: a second node is needed
     plans, diags = plan_serving(run_with(LLAMA3_405B, [{"concurrency": 16}]), gpus)
     p = plans[0]
-    assert p["weights_gib"] > 8 * 0.9 * 80
-    assert p["tensor_parallel_size"] == 8 and p["pipeline_parallel_size"] >= 2 and p["fits"]
-    assert p["nodes"] == p["pipeline_parallel_size"] and p["gpus"] == 8 * p["nodes"]
+    assert p.weights_gib > 8 * 0.9 * 80
+    assert p.tensor_parallel_size == 8 and p.pipeline_parallel_size >= 2 and p.fits
+    assert p.nodes == p.pipeline_parallel_size and p.gpus == 8 * p.nodes
 
 
 def test_awq_7b_weights_about_4_gb():
     # 7B: 14 GB in bf16 -> ~4 GB at 4 bits (AWQ, Lin et al. 2023, arXiv:2306.00978)
     plans, _ = plan_serving(run_with(LLAMA2_7B, [{"quantization": "awq", "concurrency": 1}], seq_len=4096), gpus)
-    gb = plans[0]["weights_gib"] * GiB / 1e9
+    gb = plans[0].weights_gib * GiB / 1e9
     assert 3.5 < gb < 4.5
     plans, _ = plan_serving(run_with(LLAMA2_7B, [{"concurrency": 1}], seq_len=4096), gpus)
-    assert 13 < plans[0]["weights_gib"] * GiB / 1e9 < 14
+    assert 13 < plans[0].weights_gib * GiB / 1e9 < 14
 
 
 def test_llama2_7b_mha_kv_is_512_kib_per_token():
     plans, _ = plan_serving(run_with(LLAMA2_7B, [{"concurrency": 1}], seq_len=4096), gpus)
-    assert plans[0]["kv_bytes_per_token"] == 512 * 1024
+    assert plans[0].kv_bytes_per_token == 512 * 1024
 
 
 def test_max_model_len_defaults_to_long_context_stage():
     stages = [{"name": "base", "kind": "pretrain"},
               {"name": "long", "kind": "long_context", "init_from": "base", "seq_len": 32768}]
     plans, _ = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 4}], stages=stages), gpus)
-    assert plans[0]["max_model_len"] == 32768 and plans[0]["stage"] == "long"
+    assert plans[0].max_model_len == 32768 and plans[0].stage == "long"
 
 
 def test_mla_cache_is_replicated_over_tp():
@@ -120,9 +120,9 @@ def test_mla_cache_is_replicated_over_tp():
                                    v_head_dim=128).model_dump())
     plans, _ = plan_serving(run_with(arch, [{"concurrency": 8, "gpus": 2}]), gpus)
     p = plans[0]
-    assert p["kv_bytes_per_token"] == 32 * 576 * 2
+    assert p.kv_bytes_per_token == 32 * 576 * 2
     # not divided by tp: per-GPU per-sequence KV is the full latent cache
-    assert p["kv_gib_per_seq"] == pytest.approx(32 * 576 * 2 * 8192 / GiB, abs=1e-4)
+    assert p.kv_gib_per_seq == pytest.approx(32 * 576 * 2 * 8192 / GiB, abs=1e-4)
 
 
 def test_unknown_gpu_is_a_diagnostic():

@@ -66,7 +66,7 @@ def by_code(diags, code):
 def test_no_stages_gives_implicit_pretrain():
     run, lines = loads_spec(HEAD.format(model="tiny", gpu="cpu", count=1, seq=128, tok="    train: true"))
     plans, diags = plan_stages(run, gpu=get_gpu("cpu"), lines=lines)
-    assert [(p["name"], p["kind"], p["order"]) for p in plans] == [("pretrain", "pretrain", 0)]
+    assert [(p.name, p.kind, p.order) for p in plans] == [("pretrain", "pretrain", 0)]
     assert not codes(diags, "error")
 
 
@@ -76,8 +76,8 @@ def test_topological_order_follows_init_from_not_yaml_order():
         - {name: grpo, kind: grpo, init_from: dpo}
         - {name: sft, kind: sft}
         """)
-    assert [p["name"] for p in plans] == ["sft", "dpo", "grpo"]
-    assert [p["order"] for p in plans] == [0, 1, 2]
+    assert [p.name for p in plans] == ["sft", "dpo", "grpo"]
+    assert [p.order for p in plans] == [0, 1, 2]
     assert not codes(diags, "error")
 
 
@@ -191,9 +191,9 @@ def test_lora_trainable_params(model, targets, want):
           lora: {{rank: 16, targets: {targets}}}
         """, model=model)
     p = plans[0]
-    assert p["trainable_params"] == want
-    assert math.isclose(p["trainable_fraction"], want / params_total(PRESETS[model]))
-    assert p["lora"]["scaling"] == 2.0
+    assert p.trainable_params == want
+    assert math.isclose(p.trainable_fraction, want / params_total(PRESETS[model]))
+    assert p.lora.scaling == 2.0
 
 
 def test_qlora_70b_memory_on_a100_80g():
@@ -207,15 +207,15 @@ def test_qlora_70b_memory_on_a100_80g():
     n = params_total(PRESETS["llama3-70b"])
     # the seed's 70B NF4 figure: 0.5 B/param + double-quantised scales = 35.3 .. 36.4 GB
     assert 35.3e9 <= n * NF4_BITS_PER_PARAM / 8 <= 36.5e9
-    m = p["memory"]
+    m = p.memory
     # NF4 linear layers + bf16 embeddings/output (2 x 128256 x 8192 x 2 B = 4.2 GB): 39-40 GB
     emb = 2 * 128256 * 8192
-    assert m["weights_bytes"] == int((n - emb) * NF4_BITS_PER_PARAM / 8 + emb * 2)
-    assert 39e9 < m["weights_bytes"] < 40e9
-    assert m["grads_optimizer_bytes"] == 207_093_760 * 16  # optimizer state only for the adapters
-    assert m["reference_bytes"] == 0 and m["fits"] is True and m["per_gpu_bytes"] < 80e9
+    assert m.weights_bytes == int((n - emb) * NF4_BITS_PER_PARAM / 8 + emb * 2)
+    assert 39e9 < m.weights_bytes < 40e9
+    assert m.grads_optimizer_bytes == 207_093_760 * 16  # optimizer state only for the adapters
+    assert m.reference_bytes == 0 and m.fits is True and m.per_gpu_bytes < 80e9
     assert "G005" not in codes(diags)
-    assert p["defaults"] and "lr" in p["defaults"] and p["lr"] == 1e-4  # QLoRA paper LR for 33B/65B
+    assert p.defaults and "lr" in p.defaults and p.lr == 1e-4  # QLoRA paper LR for 33B/65B
 
 
 def test_full_finetune_70b_does_not_fit_8x80g():
@@ -223,10 +223,10 @@ def test_full_finetune_70b_does_not_fit_8x80g():
         - name: dpo
           kind: dpo
         """, model="llama3-70b", gpu="a100-80g")
-    m = plans[0]["memory"]
+    m = plans[0].memory
     n = params_total(PRESETS["llama3-70b"])
-    assert m["reference_bytes"] == 2 * n  # frozen bf16 reference copy
-    assert m["shard_degree"] == 8 and m["fits"] is False  # 16 B/param + reference ~ 1.27 TB / 8 GPUs
+    assert m.reference_bytes == 2 * n  # frozen bf16 reference copy
+    assert m.shard_degree == 8 and m.fits is False  # 16 B/param + reference ~ 1.27 TB / 8 GPUs
     assert by_code(diags, "G005").severity == "warning"
 
 
@@ -241,12 +241,12 @@ def test_models_in_memory_per_kind():
         - {name: grpo0, kind: grpo, init_from: dpo, grpo_kl_coef: 0}
         - {name: dpo_lora, kind: dpo, init_from: sft, lora: {rank: 16}}
         """)
-    p = {x["name"]: x for x in plans}
-    assert p["sft"]["n_models"] == 1
-    assert [m["role"] for m in p["dpo"]["models_in_memory"]] == ["policy", "reference"]
-    assert any("4" in n and "critic" in n for n in p["dpo"]["notes"])  # PPO would hold 4
-    assert p["grpo"]["n_models"] == 2 and p["grpo0"]["n_models"] == 1  # reference only when KL > 0
-    assert p["dpo_lora"]["memory"]["reference_bytes"] == 0  # adapters off = reference
+    p = {x.name: x for x in plans}
+    assert p["sft"].n_models == 1
+    assert [m.role for m in p["dpo"].models_in_memory] == ["policy", "reference"]
+    assert any("4" in n and "critic" in n for n in p["dpo"].notes)  # PPO would hold 4
+    assert p["grpo"].n_models == 2 and p["grpo0"].n_models == 1  # reference only when KL > 0
+    assert p["dpo_lora"].memory.reference_bytes == 0  # adapters off = reference
     assert by_code(diags, "T105").path == "stages.3.grpo_kl_coef"
 
 
@@ -263,11 +263,11 @@ def test_size_aware_default_lrs():
     assert default_lr(n70, "midtrain", False) == pytest.approx(1e-5)  # Llama 3 continued-training LRs
     _, plans, _ = spec("- {name: dpo, kind: dpo}\n")
     p = plans[0]
-    assert p["hyper"]["beta"] == 0.1 and {"lr", "dpo_beta"} <= set(p["defaults"])
+    assert p.hyper["beta"] == 0.1 and {"lr", "dpo_beta"} <= set(p.defaults)
     _, plans, _ = spec("- {name: g, kind: grpo}\n")
-    h = plans[0]["hyper"]
-    assert (h["group_size"], h["kl_coef"], plans[0]["lr"]) == (8, 0.04, 1e-6)
-    assert {"grpo_group_size", "grpo_kl_coef", "lr"} <= set(plans[0]["defaults"])
+    h = plans[0].hyper
+    assert (h["group_size"], h["kl_coef"], plans[0].lr) == (8, 0.04, 1e-6)
+    assert {"grpo_group_size", "grpo_kl_coef", "lr"} <= set(plans[0].defaults)
 
 
 def test_grpo_rollout_cost():
@@ -279,13 +279,13 @@ def test_grpo_rollout_cost():
           max_prompt_tokens: 512
           max_new_tokens: 1024
         """)
-    r = plans[0]["rollout"]
+    r = plans[0].rollout
     n = params_total(PRESETS["llama3-8b"])
-    assert r["generated_tokens_per_step"] == 64 * 8 * 1024
-    assert r["generation_flops_per_step"] == pytest.approx(2 * n * (64 * 8 * 1024 + 64 * 512))
-    assert r["kv_bytes_per_token"] == 131_072  # Llama-3-8B bf16 KV per token
-    assert r["kv_cache_bytes_per_group"] == 8 * (512 + 1024) * 131_072
-    assert r["kv_cache_bytes_per_step"] == 64 * r["kv_cache_bytes_per_group"]
+    assert r.generated_tokens_per_step == 64 * 8 * 1024
+    assert r.generation_flops_per_step == pytest.approx(2 * n * (64 * 8 * 1024 + 64 * 512))
+    assert r.kv_bytes_per_token == 131_072  # Llama-3-8B bf16 KV per token
+    assert r.kv_cache_bytes_per_group == 8 * (512 + 1024) * 131_072
+    assert r.kv_cache_bytes_per_step == 64 * r.kv_cache_bytes_per_group
 
 
 def test_long_context_plan_and_cp():
@@ -295,16 +295,16 @@ def test_long_context_plan_and_cp():
           seq_len: 131072
           rope_scaling: {type: yarn, factor: 16, original_max_position: 8192}
         """)
-    lc = plans[0]["long_context"]
-    assert (lc["old_seq_len"], lc["new_seq_len"], lc["yarn_factor"]) == (8192, 131072, 16)
-    assert lc["recommended_cp"] == 8  # 16K tokens per rank
-    assert lc["kv_cache_bytes_per_sequence"] == 131072 * kv_bytes_per_token(PRESETS["llama3-8b"])
-    assert lc["activation_bytes_per_gpu"] > 0
-    assert any("128k" in n for n in plans[0]["notes"])
+    lc = plans[0].long_context
+    assert (lc.old_seq_len, lc.new_seq_len, lc.yarn_factor) == (8192, 131072, 16)
+    assert lc.recommended_cp == 8  # 16K tokens per rank
+    assert lc.kv_cache_bytes_per_sequence == 131072 * kv_bytes_per_token(PRESETS["llama3-8b"])
+    assert lc.activation_bytes_per_gpu > 0
+    assert any("128k" in n for n in plans[0].notes)
     assert "T107" not in codes(diags)
     _, plans, _ = spec("- {name: lc, kind: long_context, seq_len: 32768, rope_theta: 2000000}\n")
-    assert plans[0]["long_context"]["recommended_cp"] == 2
-    assert plans[0]["long_context"]["rope_theta"] == 2_000_000
+    assert plans[0].long_context.recommended_cp == 2
+    assert plans[0].long_context.rope_theta == 2_000_000
 
 
 # ----------------------------------------------------------------------------- pitfalls
@@ -418,13 +418,13 @@ def test_examples_plan_cleanly(name):
     run, lines = load_spec(ROOT / "examples" / name)
     plans, diags = plan_stages(run, gpu=get_gpu(run.hardware.gpu), lines=lines)
     assert not codes(diags, "error") and "G005" not in codes(diags)
-    assert all(p["memory"]["fits"] is not False for p in plans)
+    assert all(p.memory.fits is not False for p in plans)
     rows = [dataclasses.asdict(p) for p in plans]
     json.dumps(rows)  # JSON-serialisable
     keys = set(rows[0])
     assert all(set(r) == keys for r in rows)  # stable keys
     if name == "pipeline_tiny.yaml":
-        assert [p["name"] for p in plans] == ["pretrain", "sft", "dpo", "grpo"]
+        assert [p.name for p in plans] == ["pretrain", "sft", "dpo", "grpo"]
     if name == "pipeline_llama3_8b.yaml":
-        assert [p["kind"] for p in plans] == ["midtrain", "long_context", "sft", "dpo", "grpo"]
-        assert plans[1]["long_context"]["recommended_cp"] == 2
+        assert [p.kind for p in plans] == ["midtrain", "long_context", "sft", "dpo", "grpo"]
+        assert plans[1].long_context.recommended_cp == 2

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from llmc.compiler.compiled import Compiled, ComputeNumbers, Hyper, ModelNumbers
 from llmc.compiler.hardware import get_gpu
 from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.result import Compiled, ComputeNumbers, Hyper, ModelNumbers
 from llmc.diagnostics import SpecError
 from llmc.emit.torchtitan import (
     _pp_module_fqns,
@@ -21,7 +21,7 @@ from llmc.emit.torchtitan import (
     torchtitan_values,
 )
 from llmc.runtime.titan_launch import dry_run_command, torchtitan_command
-from llmc.spec.run import RunSpec
+from llmc.spec.schema import RunSpec
 
 TINY = dict(name="tiny", n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=192, vocab_size=512,
             rope_theta=500000.0, max_seq_len=256)

@@ -92,30 +92,15 @@ class Candidate:
     reason: str  # why rejected, or why ranked where it is
 
 
-class JsonKeys:
-    """Read access by JSON key (``plan["kind"]`` is ``plan.kind``) for code written against the dicts."""
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.__dataclass_fields__:  # type: ignore[attr-defined]
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in self.__dataclass_fields__ else default  # type: ignore[attr-defined]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.__dataclass_fields__  # type: ignore[attr-defined]
-
-
 @dataclass(frozen=True)
-class ModelInMemory(JsonKeys):
+class ModelInMemory:
     role: str  # policy | reference
     trainable: bool
     weights: str  # how the copy is held, e.g. "bf16", "nf4 base + lora", "shared base (adapters disabled)"
 
 
 @dataclass(frozen=True)
-class LoraPlan(JsonKeys):
+class LoraPlan:
     rank: int
     alpha: float
     scaling: float  # alpha / rank (Hu et al. 2021, arXiv:2106.09685 §4.1)
@@ -126,7 +111,7 @@ class LoraPlan(JsonKeys):
 
 
 @dataclass(frozen=True)
-class StageMemoryPlan(JsonKeys):
+class StageMemoryPlan:
     """Per-GPU bytes of one stage. ``source`` says which model produced them: the searched
     parallelism plan (pretrain) or the stage estimate (weights/reference/optimizer/activations)."""
 
@@ -147,7 +132,7 @@ class StageMemoryPlan(JsonKeys):
 
 
 @dataclass(frozen=True)
-class RolloutPlan(JsonKeys):
+class RolloutPlan:
     """GRPO sampling cost per optimizer step (forward 2N FLOPs per token, training 6N or 4N)."""
 
     prompts_per_step: int
@@ -162,7 +147,7 @@ class RolloutPlan(JsonKeys):
 
 
 @dataclass(frozen=True)
-class LongContextPlan(JsonKeys):
+class LongContextPlan:
     old_seq_len: int
     new_seq_len: int
     extension_factor: float | None
@@ -178,7 +163,7 @@ class LongContextPlan(JsonKeys):
 
 
 @dataclass(frozen=True)
-class ContextPlan(JsonKeys):
+class ContextPlan:
     """The RoPE / context a stage trains with and hands on through ``init_from``."""
 
     max_context: int
@@ -187,7 +172,7 @@ class ContextPlan(JsonKeys):
 
 
 @dataclass(frozen=True)
-class StagePlan(JsonKeys):
+class StagePlan:
     """One stage's resolved plan. For the ``pretrain`` stage the training numbers equal ``Compiled.hyper``
     and the batch split equals ``Compiled.plan``; other stages resolve theirs in
     :func:`llmc.compiler.stages.resolve_stage_training`."""
@@ -225,7 +210,7 @@ class StagePlan(JsonKeys):
 
 
 @dataclass(frozen=True)
-class ServingPlan(JsonKeys):
+class ServingPlan:
     """One serving target: engine settings and the per-GPU memory fit (see :mod:`llmc.compiler.serving`)."""
 
     index: int
@@ -322,6 +307,6 @@ def _cand(c: Candidate) -> dict:
 
 __all__ = [
     "ModelNumbers", "ComputeNumbers", "MemoryNumbers", "TimeNumbers", "CostNumbers", "Hyper", "Candidate",
-    "JsonKeys", "ModelInMemory", "LoraPlan", "StageMemoryPlan", "RolloutPlan", "LongContextPlan", "ContextPlan",
+    "ModelInMemory", "LoraPlan", "StageMemoryPlan", "RolloutPlan", "LongContextPlan", "ContextPlan",
     "StagePlan", "ServingPlan", "Compiled",
 ]

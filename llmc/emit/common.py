@@ -11,38 +11,20 @@ from __future__ import annotations
 import json
 import math
 from functools import cache
-from typing import Any, get_args
+from typing import Any
 
+from llmc.compiler.plan import ParallelPlan
 from llmc.diagnostics import Diagnostic
-from llmc.spec.run import StageKind
+from llmc.runtime.capabilities import DS_STAGE_KINDS, NATIVE_UNSUPPORTED, TITAN_STAGE_KINDS
 
 GEN_NOTE = "generated file, do not edit: change the spec and run `llmc build` again"
 
-# Stage kinds by loss: next-token loss on packed text (LM) and chat post-training (one process on
-# llmc's native runtime). TODO(merge): import LM_KINDS / CHAT_KINDS from the spec module instead.
-STAGE_KINDS: tuple[str, ...] = get_args(StageKind)
-LM_KINDS: tuple[str, ...] = ("pretrain", "midtrain", "long_context")
-CHAT_KINDS: tuple[str, ...] = tuple(k for k in STAGE_KINDS if k not in LM_KINDS)
-# Stage kinds the DeepSpeed runner trains; the others run on llmc's native runtime.
-DS_STAGE_KINDS = LM_KINDS
-# Stage kinds the torchtitan job runs; the other stages run on llmc's native runtime.
-TITAN_STAGE_KINDS = ("pretrain",)
-# Parallel degrees llmc's native trainer (llmc.runtime.train) does not run; a plan using any of them
-# runs on torchtitan by default.
-NATIVE_UNSUPPORTED = ("pp", "cp", "ep")
 # The module built jobs run: ``python -m llmc.runtime.entry`` (prepare, then one stage at a time).
 RUNTIME_ENTRY = "llmc.runtime.entry"
 
 
 def diag(code: str, severity: str, path: str, message: str, hint: str = "") -> Diagnostic:
     return Diagnostic(code=code, severity=severity, path=path, message=message, hint=hint)  # type: ignore[arg-type]
-
-
-def attr(obj: Any, name: str, default: Any = None) -> Any:
-    """A field of a compiled stage / serving plan (typed dataclass, or a mapping with the same keys)."""
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
 
 
 def header_fields(compiled) -> dict[str, Any]:
@@ -99,20 +81,18 @@ def is_cpu(compiled) -> bool:
     return str(compiled.spec.hardware.gpu).lower() == "cpu"
 
 
-def default_backend(plan: Any, has_titan: bool) -> str:
+def default_backend(plan: ParallelPlan | None, has_titan: bool) -> str:
     """The backend a build runs with when none is named: ``native``, or ``torchtitan`` when the plan
-    uses a degree the native trainer refuses (``NATIVE_UNSUPPORTED``) and a torchtitan job exists.
-    ``plan`` is a ``ParallelPlan`` or its lock dict (None: no searched plan)."""
+    uses a degree the native trainer refuses (``NATIVE_UNSUPPORTED``) and a torchtitan job exists."""
     if plan is None or not has_titan:
         return "native"
-    return "torchtitan" if any(int(attr(plan, k, 1) or 1) > 1 for k in NATIVE_UNSUPPORTED) else "native"
+    return "torchtitan" if any(getattr(plan, k) > 1 for k in NATIVE_UNSUPPORTED) else "native"
 
 
 def stage_list(compiled) -> list[dict]:
     """Stages in execution order (``compiled.stages`` order); one ``pretrain`` stage when there are none."""
     out = []
-    for s in compiled.stages or [{"name": "pretrain", "kind": "pretrain", "init_from": None}]:
-        kind = str(attr(s, "kind") or "pretrain")
-        out.append({"name": str(attr(s, "name")), "kind": kind, "init_from": attr(s, "init_from"),
-                    "ds": kind in DS_STAGE_KINDS, "titan": kind in TITAN_STAGE_KINDS})
+    for s in compiled.stages:
+        out.append({"name": s.name, "kind": s.kind, "init_from": s.init_from,
+                    "ds": s.kind in DS_STAGE_KINDS, "titan": s.kind in TITAN_STAGE_KINDS})
     return out

@@ -8,9 +8,9 @@ https://www.kubeflow.org/docs/components/trainer/ and the TrainJob CRD in
 https://github.com/kubeflow/trainer (``manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml``).
 
 Every training pod runs the build's own ``launch/torchrun_multi_node.sh``; the torch plugin of Kubeflow
-Trainer gives each node ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``
+Trainer gives each node ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_MASTER_ADDR``
 and ``PET_MASTER_PORT`` (torchrun's ``PET_*`` environment options), which the command maps onto the
-launcher's ``NNODES``, ``NPROC``, ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
+launcher's ``NNODES``, ``NPROC``, ``MASTER_ADDR``, ``MASTER_PORT``.
 
 The container image must hold llmc (with its runtime extras) and the build directory at
 ``/workspace/build``; ``trainer.image`` names it ``llmc/<spec name>:<first 12 hex of the spec sha256>``,
@@ -28,7 +28,7 @@ RUNTIME = "torch-distributed"
 BUILD_DIR = "/workspace/build"
 
 COMMAND = """set -euo pipefail
-export NNODES="${PET_NNODES:-1}" NODE_RANK="${PET_NODE_RANK:-0}" NPROC="${PET_NPROC_PER_NODE:-%(gpn)d}"
+export NNODES="${PET_NNODES:-1}" NPROC="${PET_NPROC_PER_NODE:-%(gpn)d}"
 export MASTER_ADDR="${PET_MASTER_ADDR:-localhost}" MASTER_PORT="${PET_MASTER_PORT:-29500}"
 bash "$LLMC_BUILD_DIR/launch/torchrun_multi_node.sh"
 """

@@ -12,18 +12,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from llmc.emit.base import Emitter
 from llmc.emit.common import dump_json, header_fields
-
-LOCK_FILE = "plan.lock.json"
-LOCK_HEADER_KEY = "_llmc"
-# Version of the lock's layout. Bump it when a reader (``llmc launch``, the runtime) would misread
-# an older lock; ``read_lock`` accepts exactly this version.
-SCHEMA_VERSION = 2
-_REQUIRED = ("llmc_version", "spec", "plan")
+from llmc.lockfile import LOCK_FILE, LOCK_HEADER_KEY, SCHEMA_VERSION
 
 
 def lock_dict(compiled) -> dict[str, Any]:
@@ -35,39 +28,6 @@ def lock_dict(compiled) -> dict[str, Any]:
 
 def lock_text(compiled) -> str:
     return dump_json(lock_dict(compiled))
-
-
-def check_lock(d: Any) -> dict:
-    """Validate a parsed lock; ValueError with a one-line reason if it is not a current llmc lock."""
-    if not isinstance(d, dict):
-        raise ValueError("not an llmc lockfile: the top level is not a JSON object")
-    missing = [k for k in _REQUIRED if k not in d]
-    if missing:
-        raise ValueError(f"not an llmc lockfile: missing {', '.join(missing)} (write one with `llmc build`)")
-    if not isinstance(d.get("spec"), dict) or "sha256" not in d["spec"]:
-        raise ValueError("not an llmc lockfile: spec.sha256 missing")
-    version = d.get("schema_version")
-    if version != SCHEMA_VERSION:
-        found = "no schema_version" if version is None else f"schema_version {version!r}"
-        raise ValueError(f"lock schema mismatch: {found}, this llmc reads schema_version {SCHEMA_VERSION} "
-                         "(rebuild with `llmc build`)")
-    return d
-
-
-def read_lock(path: str | Path) -> dict:
-    """Load a plan.lock.json; ValueError with a one-line reason if it is not a current llmc lock."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ValueError(f"no such file: {p}") from None
-    except OSError as e:
-        raise ValueError(f"cannot read {p}: {e.strerror or e}") from None
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not an llmc lockfile: invalid JSON at line {e.lineno} ({e.msg})") from None
-    return check_lock(d)
 
 
 class LockEmitter(Emitter):

@@ -15,25 +15,25 @@ from typing import Any
 
 from llmc.diagnostics import Diagnostic
 from llmc.emit.base import Emitter
-from llmc.emit.common import attr, diag, header_lines, jinja_env
+from llmc.emit.common import diag, header_lines, jinja_env
 
 VLLM_PORT = 8000
 SGLANG_PORT = 30000
 
 
 def _vllm(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[str, str]], str]:
-    nodes = attr(p, "nodes", 1)
+    nodes = p.nodes
     items = [("model", json.dumps(model_dir)), ("served-model-name", json.dumps(served)), ("dtype", "bfloat16"),
-             ("tensor-parallel-size", str(attr(p, "tensor_parallel_size"))),
-             ("pipeline-parallel-size", str(attr(p, "pipeline_parallel_size"))),
-             ("max-model-len", str(attr(p, "max_model_len"))),
-             ("max-num-seqs", str(attr(p, "max_num_seqs"))),
-             ("gpu-memory-utilization", repr(float(attr(p, "gpu_memory_utilization")))),
-             ("kv-cache-dtype", attr(p, "kv_cache_dtype"))]
-    if attr(p, "quantization"):
-        items.append(("quantization", attr(p, "quantization")))
+             ("tensor-parallel-size", str(p.tensor_parallel_size)),
+             ("pipeline-parallel-size", str(p.pipeline_parallel_size)),
+             ("max-model-len", str(p.max_model_len)),
+             ("max-num-seqs", str(p.max_num_seqs)),
+             ("gpu-memory-utilization", repr(float(p.gpu_memory_utilization))),
+             ("kv-cache-dtype", p.kv_cache_dtype)]
+    if p.quantization:
+        items.append(("quantization", p.quantization))
     # vLLM's --enable-prefix-caching is a BooleanOptionalAction; a YAML `true` becomes the flag
-    items.append(("enable-prefix-caching" if attr(p, "prefix_caching") else "no-enable-prefix-caching", "true"))
+    items.append(("enable-prefix-caching" if p.prefix_caching else "no-enable-prefix-caching", "true"))
     if nodes > 1:  # pipeline stages on several nodes: vLLM runs them on a Ray cluster
         items.append(("distributed-executor-backend", "ray"))
     items += [("host", json.dumps("0.0.0.0")), ("port", str(VLLM_PORT))]
@@ -44,22 +44,22 @@ def _vllm(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[st
 
 
 def _sglang(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[str, str]], str]:
-    nodes = attr(p, "nodes", 1)
+    nodes = p.nodes
     # SGLang's mem_fraction_static covers weights + KV pool only (activations live outside it),
     # so it is vLLM's utilisation minus llmc's workspace/activation reserve.
-    mem_frac = round(float(attr(p, "gpu_memory_utilization"))
-                     - attr(p, "reserve_gib_per_gpu") / attr(p, "capacity_gib"), 3)
-    kv = "fp8_e4m3" if attr(p, "kv_cache_dtype") == "fp8" else "auto"
+    mem_frac = round(float(p.gpu_memory_utilization)
+                     - p.reserve_gib_per_gpu / p.capacity_gib, 3)
+    kv = "fp8_e4m3" if p.kv_cache_dtype == "fp8" else "auto"
     items = [("model-path", json.dumps(model_dir)), ("served-model-name", json.dumps(served)), ("dtype", "bfloat16"),
-             ("tp-size", str(attr(p, "tensor_parallel_size"))),
-             ("pp-size", str(attr(p, "pipeline_parallel_size"))),
-             ("context-length", str(attr(p, "max_model_len"))),
-             ("max-running-requests", str(attr(p, "max_num_seqs"))),
+             ("tp-size", str(p.tensor_parallel_size)),
+             ("pp-size", str(p.pipeline_parallel_size)),
+             ("context-length", str(p.max_model_len)),
+             ("max-running-requests", str(p.max_num_seqs)),
              ("mem-fraction-static", repr(mem_frac)),
              ("kv-cache-dtype", kv)]
-    if attr(p, "quantization"):
-        items.append(("quantization", attr(p, "quantization")))
-    if not attr(p, "prefix_caching"):
+    if p.quantization:
+        items.append(("quantization", p.quantization))
+    if not p.prefix_caching:
         items.append(("disable-radix-cache", "true"))
     if nodes > 1:
         items.append(("nnodes", str(nodes)))
@@ -74,7 +74,7 @@ ENGINES = {"vllm": _vllm, "sglang": _sglang}
 
 
 def _notes(p: Any, model_dir: str, cmd: str) -> list[str]:
-    g = lambda k: attr(p, k)  # noqa: E731
+    g = lambda k: getattr(p, k)  # noqa: E731
     return [
         f"target serving[{g('index')}]: {g('gpus')} x {g('gpu')} (tp {g('tensor_parallel_size')}, "
         f"pp {g('pipeline_parallel_size')}), stage {g('stage')!r}",
@@ -95,20 +95,20 @@ class ServingEmitter(Emitter):
         return bool(compiled.serving)
 
     def diagnostics(self, compiled) -> list[Diagnostic]:
-        return [diag("V001", "error", f"serving[{attr(p, 'index', 0)}]",
-                     f"serving target {attr(p, 'engine')} does not fit (see `llmc plan`)")
-                for p in compiled.serving if not attr(p, "fits", True)]
+        return [diag("V001", "error", f"serving[{p.index}]",
+                     f"serving target {p.engine} does not fit (see `llmc plan`)")
+                for p in compiled.serving if not p.fits]
 
     def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
         files: dict[str, str] = {}
         counts: dict[str, int] = {}
         header = header_lines(compiled)
         for p in compiled.serving:
-            eng = attr(p, "engine")
+            eng = p.engine
             counts[eng] = counts.get(eng, 0) + 1
             name = f"serving/{eng}.yaml" if counts[eng] == 1 else f"serving/{eng}-{counts[eng]}.yaml"
-            model_dir = f"run/{attr(p, 'stage')}/hf"
-            items, cmd = ENGINES[eng](p, model_dir, f"{compiled.spec.name}-{attr(p, 'stage')}", name)
+            model_dir = f"run/{p.stage}/hf"
+            items, cmd = ENGINES[eng](p, model_dir, f"{compiled.spec.name}-{p.stage}", name)
             files[name] = jinja_env().get_template("serving/engine.yaml.j2").render(
                 header=header, notes=_notes(p, model_dir, cmd), items=items)
         return files

@@ -3,7 +3,7 @@
 Input is the ``plan.lock.json`` dict as ``llmc build`` writes it (nothing else is read), so this emitter
 does not depend on compiler internals. The task runs the build's own multi-node launcher
 (``launch/torchrun_multi_node.sh``) on every node, mapping SkyPilot's per-node environment onto it:
-``NNODES=$SKYPILOT_NUM_NODES``, ``NODE_RANK=$SKYPILOT_NODE_RANK``, ``NPROC=$SKYPILOT_NUM_GPUS_PER_NODE``,
+``NNODES=$SKYPILOT_NUM_NODES``, ``NPROC=$SKYPILOT_NUM_GPUS_PER_NODE``,
 ``MASTER_ADDR`` = the first line of ``$SKYPILOT_NODE_IPS`` (the head node), torchrun rendezvous c10d on
 ``MASTER_ADDR:MASTER_PORT``. Reference: SkyPilot "Distributed Multi-Node Jobs" and "YAML spec",
 https://docs.skypilot.co/en/latest/running-jobs/distributed-jobs.html and
@@ -96,7 +96,7 @@ python -m pip install "$LLMC_PACKAGE"
 """
 
 RUN = """set -euo pipefail
-export NNODES="$SKYPILOT_NUM_NODES" NODE_RANK="$SKYPILOT_NODE_RANK" NPROC="$SKYPILOT_NUM_GPUS_PER_NODE"
+export NNODES="$SKYPILOT_NUM_NODES" NPROC="$SKYPILOT_NUM_GPUS_PER_NODE"
 export MASTER_ADDR="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
 export RUN_ID="${SKYPILOT_TASK_ID:-$RUN_ID}"
 bash launch/torchrun_multi_node.sh

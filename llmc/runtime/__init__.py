@@ -11,7 +11,6 @@ API for the other backends (post-training, DeepSpeed, torchtitan):
   arch, sources, tokenizer, seq_len, steps, lr, min_lr, warmup_steps, schedule, micro_batch, grad_accum,
   dp_replicate, dp_shard, tp, ..., ``stage_spec`` (the Stage) and ``stage_plan`` (the lock entry);
   ``job.lr_factor(step)`` / ``lr_factor(...)``: the one LR schedule of every loop;
-  ``minimal_lock(spec_dict, hyper=, plan=)`` builds a lock without the compiler (tests).
 * ``entry``: ``prepare_assets(job, root) -> Assets`` writes ``root/assets/tokenizer.json`` (+ config) and
   ``root/data/<source>.jsonl`` (idempotent); ``python -m llmc.runtime.entry [prepare] --lock ...``.
 * ``data``: ``Assets`` (tokenizer_dir, sources, cache_dir), ``build_loader(sources, tok, seq_len, cache_dir,

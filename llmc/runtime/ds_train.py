@@ -32,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from llmc.emit.common import DS_STAGE_KINDS  # next-token LM loss on packed data
-from llmc.emit.lock import read_lock
+from llmc.lockfile import read_lock
+from llmc.runtime.capabilities import DS_STAGE_KINDS
 
 
 def _say(msg: str) -> None:

@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from llmc.emit.lock import read_lock
+from llmc.lockfile import read_lock
 from llmc.runtime.data import Assets, SourceData, read_documents
 from llmc.runtime.job import NATIVE_KINDS, POSTTRAIN_KINDS, TrainJob
 

@@ -5,7 +5,7 @@ wrote every resolved number once (seq_len, steps, lr, min_lr, warmup_steps, sche
 decay_fraction, micro_batch, grad_accum, global_batch_seqs, checkpoint_interval, hyper, lora,
 long_context), the parallel layout from ``lock["plan"]``, the model and data from
 ``lock["spec"]["resolved"]`` and the device peak from ``lock["hardware"]``. Nothing is recomputed.
-Tests construct ``TrainJob(...)`` directly or use ``minimal_lock``. Users: ``llmc.runtime.train``
+Tests construct ``TrainJob(...)`` directly or read a compiled lock. Users: ``llmc.runtime.train``
 (native trainer), ``posttrain`` (sft/dpo/grpo: ``job.stage_plan`` is the stage's lock entry,
 ``job.stage_spec`` the Stage) and ``ds_train``. ``lr_factor`` is the one LR schedule of every loop.
 """
@@ -18,10 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from llmc.emit.common import CHAT_KINDS, LM_KINDS
 from llmc.spec.model import Architecture, RopeScaling
-from llmc.spec.run import LossSpike, RunSpec, Source, Stage
-from llmc.spec.run import Tokenizer as TokenizerSpec
+from llmc.spec.schema import CHAT_KINDS, LM_KINDS, LossSpike, RunSpec, Source, Stage
+from llmc.spec.schema import Tokenizer as TokenizerSpec
 
 # Stage kinds the native trainer runs (packed next-token loss) and the post-training loops run.
 NATIVE_KINDS = LM_KINDS
@@ -155,12 +154,12 @@ class TrainJob:
         if st is None:
             return replace(self, init_from=entry.get("init_from"), stage_plan=entry)
         data, arch = st.data, self.arch
-        lc = entry.get("long_context") or {}
-        theta, scaling = lc.get("rope_theta") or st.rope_theta, lc.get("rope_scaling") or st.rope_scaling
-        if st.kind == "long_context" or theta or scaling:
+        ctx = entry.get("context")  # the RoPE the compiler resolved for this stage (inherited via init_from)
+        if ctx:
+            scaling = ctx.get("rope_scaling")
             arch = arch.model_copy(update={
-                "rope_theta": float(theta or arch.rope_theta),
-                "rope_scaling": RopeScaling.model_validate(scaling) if scaling else arch.rope_scaling,
+                "rope_theta": float(ctx["rope_theta"]),
+                "rope_scaling": RopeScaling.model_validate(scaling) if scaling else None,
                 "max_seq_len": max(arch.max_seq_len, self.seq_len)})
         return replace(
             self, arch=arch, sources=list(data.sources) if data else list(self.sources),
@@ -251,59 +250,3 @@ def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str, min_ra
             return 1.0
         return min_ratio + (1 - min_ratio) * (1 - min(1.0, (step - start) / decay_steps))
     raise ValueError(f"unknown schedule {schedule!r}")
-
-
-def minimal_lock(spec: dict | RunSpec, *, hyper: dict | None = None, plan: dict | None = None,
-                 stages: list[dict] | None = None, spec_path: str | None = None) -> dict:
-    """A lock dict with what ``TrainJob.from_lock`` reads, for tests and local runs without the compiler.
-
-    Single-process defaults, not the compiler's plan: hyper steps = data.tokens / (global_batch_tokens
-    or 8 seqs), warmup 0, cosine, interval 50, the whole batch in one micro-step. A stage entry takes
-    the stage's own seq_len / global_batch_tokens / steps / lr where the spec gives them, else
-    pre-training's; ``stages`` entries override the generated ones key by key.
-    """
-    import hashlib
-    import json
-
-    import llmc
-    from llmc.emit.lock import SCHEMA_VERSION
-
-    rs = spec if isinstance(spec, RunSpec) else RunSpec.model_validate(spec)
-    t = rs.training
-    seq = rs.data.seq_len
-    gbt = int(t.global_batch_tokens or 8 * seq)
-    lr = t.optimizer.lr or 3e-4
-    h = {"lr": lr, "min_lr": lr * t.schedule.min_lr_ratio, "warmup_steps": t.schedule.warmup_steps or 0,
-         "steps": t.steps or max(1, math.ceil(rs.data.tokens / gbt)), "global_batch_tokens": gbt,
-         "global_batch_seqs": max(1, gbt // seq), "seq_len": seq, "schedule": t.schedule.kind,
-         "checkpoint_interval": t.checkpoint.interval_steps or 50, "checkpoint_async": False}
-    h.update(hyper or {})
-    p = {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1, "cp": 1, "ep": 1,
-         "micro_batch": h["global_batch_seqs"], "grad_accum": 1, "activation_checkpointing": "none"}
-    p.update(plan or {})
-    base = {**h, "decay_fraction": t.schedule.decay_fraction, "micro_batch": p["micro_batch"],
-            "grad_accum": p["grad_accum"], "hyper": {}, "lora": None, "long_context": None}
-    entries = []
-    for st in rs.stages or []:
-        e = {**base, "name": st.name, "kind": st.kind, "init_from": st.init_from}
-        if st.kind != "pretrain":
-            sl = st.seq_len or (st.data.seq_len if st.data else seq)
-            seqs = max(1, round((st.global_batch_tokens or h["global_batch_tokens"]) / sl))
-            tokens = st.data.tokens if st.data else None
-            steps = st.steps or (max(1, math.ceil(tokens / (seqs * sl))) if tokens else h["steps"])
-            slr = st.lr or h["lr"]
-            e.update(seq_len=sl, global_batch_tokens=seqs * sl, global_batch_seqs=seqs, micro_batch=seqs,
-                     grad_accum=1, steps=steps, lr=slr, min_lr=slr * t.schedule.min_lr_ratio,
-                     warmup_steps=min(h["warmup_steps"], steps // 10))
-        elif st.steps:
-            e["steps"] = st.steps
-        entries.append(e)
-    if not entries:
-        entries.append({**base, "name": "pretrain", "kind": "pretrain", "init_from": None})
-    by_name = {str(e.get("name")): e for e in stages or []}
-    entries = [{**e, **by_name.get(e["name"], {})} for e in entries]
-    resolved = rs.model_dump(mode="json")
-    sha = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
-    return {"schema_version": SCHEMA_VERSION, "llmc_version": llmc.__version__,
-            "spec": {"path": spec_path, "name": rs.name, "resolved": resolved, "sha256": sha},
-            "hyper": h, "plan": p, "stages": entries, "compute": {}, "hardware": None}

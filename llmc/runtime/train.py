@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llmc.emit.common import NATIVE_UNSUPPORTED
+from llmc.runtime.capabilities import NATIVE_UNSUPPORTED
 from llmc.runtime.checkpoint import (
     CheckpointError,
     export_hf,
