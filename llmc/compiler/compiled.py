@@ -39,7 +39,14 @@ class MemoryNumbers:
     per_gpu_bytes: int  # peak over pipeline stages
     capacity_bytes: int
     breakdown: dict[str, int]  # weights, grads, optimizer, activations, buffers (peak stage)
-    per_stage_bytes: list[int] = field(default_factory=list)
+    per_stage_bytes: list[int] = field(default_factory=list)  # per_gpu_bytes of every pipeline stage
+    # peak stage: tensors (torch.cuda.max_memory_allocated), the caching allocator's reservation
+    # (max_memory_reserved, what torchtitan logs as "memory:"), and CUDA context + NCCL outside it;
+    # per_gpu_bytes = reserved_bytes + outside_allocator_bytes
+    allocated_bytes: int = 0
+    reserved_bytes: int = 0
+    outside_allocator_bytes: int = 0
+    backend: str = "generic"
 
 
 @dataclass(frozen=True)

@@ -448,10 +448,24 @@ def stage_memory(
     offload_optimizer: bool = False,
     grad_bytes_per_param: float | None = None,
     flash_attention: bool = True,
+    backend=None,
+    compile: bool | None = None,
 ) -> list[StageMemory]:
-    """Memory of one GPU in each pipeline stage (see the module docstring for every term)."""
+    """Memory of one GPU in each pipeline stage (see the module docstring for every term).
+
+    ``backend`` (a :class:`backends.Backend` or its name; None = ``generic``) sets the model-state bytes
+    (FSDP2's fp32 shards vs DeepSpeed's bf16 + fp32 partitions), the device memory outside the caching
+    allocator (CUDA context, NCCL) and, with ``compile`` (None = the backend's default), the activations
+    torch.compile does not save. Buffers include the backend's device-level bytes (``non_allocator``).
+    """
+    from llmc.compiler.backends import compile_on, get_backend
+
+    be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
     wb, gb, ob = _precision_bytes(precision, optimizer_bytes_per_param, grad_bytes_per_param)
+    use_profile = precision != "fp32" and grad_bytes_per_param is None and optimizer_bytes_per_param == 12
+    cwb = 4.0 if precision == "fp32" else 2.0  # bytes of an all-gathered (unsharded) parameter in compute
     act_b = 4.0 if precision == "fp32" else 2.0
+    act_keep = 1.0 - (be.compile_act_saving if compile_on(be, compile) else 0.0)
     v = max(1, plan.pp_virtual_stages)
     groups = _stage_param_groups(arch, plan.pp, plan.pp_schedule, v)
     shard = _shard_groups(plan)
@@ -470,15 +484,18 @@ def stage_memory(
             mp, z = shard[name]
             local = n / mp
             unsharded_local += local
-            st = model_state_bytes(
-                local,
-                zero_stage=zs,
-                shard=z,
-                weight_bytes=wb,
-                grad_bytes=gb,
-                optimizer_bytes=ob,
-                offload_optimizer=offload_optimizer,
-            )
+            if use_profile:
+                st = backend_state_bytes(local, be, zero_stage=zs, shard=z, offload_optimizer=offload_optimizer)
+            else:
+                st = model_state_bytes(
+                    local,
+                    zero_stage=zs,
+                    shard=z,
+                    weight_bytes=wb,
+                    grad_bytes=gb,
+                    optimizer_bytes=ob,
+                    offload_optimizer=offload_optimizer,
+                )
             w += st["weights"]
             gr += st["grads"]
             op += st["optimizer"]
@@ -489,13 +506,13 @@ def stage_memory(
         )
         if has_head:
             per_tok += 2 * arch.d_model * act_b  # final norm input + head input
-        acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div
+        acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div * act_keep
         # while one block is recomputed and back-propagated, what was dropped for it is rematerialised:
         # its full working set minus what is kept anyway (so AC never exceeds no AC); 0 without AC
         acts += tokens_mb * work / act_div
 
         # --- buffers
-        buf = float(WORKSPACE_BYTES)
+        buf = non_allocator_bytes(plan, be)
         if has_head:
             buf += tokens_mb * arch.vocab_size * LOGITS_BYTES_PER_ELEM / plan.tp
         z_dense = plan.dp_shard * plan.cp
@@ -505,7 +522,7 @@ def stage_memory(
             # set_reshard_after_backward(False) until the last micro-batch (stage.backward_maybe_with_nosync):
             # the stage's whole unsharded bf16 parameters stay gathered and its unsharded gradients
             # accumulate in reduce_dtype fp32 -> (wb + 4) bytes x the stage's local parameters.
-            buf += unsharded_local * (wb + 4)
+            buf += unsharded_local * (cwb + 4)
         elif zs >= 3 and z_dense > 1:
             # FSDP unit = one block (or the embedding / head): 2 units all-gathered in the compute dtype
             # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter
@@ -514,13 +531,41 @@ def stage_memory(
             if has_emb or has_head:
                 unit = max(unit, arch.vocab_size * arch.d_model / plan.tp)  # embedding / head unit
             # the largest unit gathered (wb) with its fp32 gradient (4) + the next block prefetched (wb)
-            buf += unit * (wb + 4) + block * wb
+            buf += unit * (cwb + 4) + block * cwb
         elif zs in (1, 2) and plan.dp > 1:
-            buf += 2 * min(DS_BUCKET_ELEMS, unsharded_local) * wb  # reduce + all-gather buckets
+            buf += 2 * min(DS_BUCKET_ELEMS, unsharded_local) * cwb  # reduce + all-gather buckets
         elif plan.dp > 1:
             buf += 2 * DDP_BUCKET_BYTES
         out.append(StageMemory(w, gr, op, acts, buf))
     return out
+
+
+def backend_state_bytes(n_params: float, backend, *, zero_stage: int = 0, shard: int = 1,
+                        offload_optimizer: bool = False) -> dict[str, float]:
+    """Weights / grads / optimizer bytes of ``n_params`` under ``backend``'s mixed-precision layout
+    (:mod:`llmc.compiler.backends`: replicated + sharded bytes per parameter for each ZeRO stage)."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0..3, got {zero_stage}")
+    st = backend.states[zero_stage]
+    n = max(1, int(shard))
+
+    def part(rep_sh: tuple[float, float]) -> float:
+        return n_params * (rep_sh[0] + rep_sh[1] / n)
+
+    w, g, o = part(st.weights), part(st.grads), part(st.optimizer)
+    if offload_optimizer:  # ZeRO-Offload: fp32 grads, master and moments on the CPU; bf16 weights stay
+        w, g, o = n_params * 2.0 / (n if zero_stage >= 3 else 1), 0.0, 0.0
+    return {"weights": w, "grads": g, "optimizer": o}
+
+
+def non_allocator_bytes(plan: ParallelPlan, backend) -> float:
+    """Device memory outside PyTorch's caching allocator: the CUDA context (+ cuBLAS workspace) and
+    NCCL's buffers, one set per communicator this rank joins (NCCL_BUFFSIZE 4 MiB per channel and
+    peer; https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html#nccl-buffsize).
+    The ``generic`` profile keeps llmc's historical 1 GiB workspace."""
+    groups = sum(1 for d in (plan.dp_shard * plan.cp, plan.dp_replicate, plan.tp, plan.pp, plan.cp, plan.ep)
+                 if d > 1)
+    return float(backend.cuda_context_bytes + groups * backend.nccl_bytes_per_peer_group)
 
 
 @lru_cache(maxsize=4096)
@@ -560,8 +605,21 @@ def memory_per_gpu(
     *,
     grad_bytes_per_param: float | None = None,
     flash_attention: bool = True,
+    backend=None,
+    compile: bool | None = None,
+    factors=None,
 ) -> MemoryNumbers:
-    """Peak bytes per GPU over the pipeline stages, with the breakdown of the peak stage."""
+    """Peak bytes per GPU over the pipeline stages, with the breakdown of the peak stage.
+
+    ``allocated_bytes`` is the peak of tensors (``torch.cuda.max_memory_allocated``) on the most loaded
+    stage; ``reserved_bytes`` what the caching allocator holds for it (``max_memory_reserved``: allocated
+    x the backend's ``reserved_over_allocated``, x calibration ``mem_scale`` + ``mem_overhead_bytes``);
+    ``per_gpu_bytes`` = reserved + the device memory outside the allocator (CUDA context, NCCL): what
+    must fit in the GPU, and what ``fits`` compares with the capacity.
+    """
+    from llmc.compiler.backends import get_backend
+
+    be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
     stages = stage_memory(
         arch,
         plan,
@@ -571,14 +629,27 @@ def memory_per_gpu(
         offload_optimizer=offload_optimizer,
         grad_bytes_per_param=grad_bytes_per_param,
         flash_attention=flash_attention,
+        backend=be,
+        compile=compile,
     )
-    totals = [int(math.ceil(s.total)) for s in stages]
+    outside = non_allocator_bytes(plan, be)
+    scale = be.reserved_over_allocated * (getattr(factors, "mem_scale", 1.0) if factors is not None else 1.0)
+    extra = getattr(factors, "mem_overhead_bytes", 0.0) if factors is not None else 0.0
+
+    def reserved(s: StageMemory) -> float:
+        return (s.total - outside) * scale + extra
+
+    totals = [int(math.ceil(reserved(s) + outside)) for s in stages]
     peak = max(range(len(stages)), key=lambda k: totals[k])
     return MemoryNumbers(
         per_gpu_bytes=totals[peak],
         capacity_bytes=int(capacity_bytes),
         breakdown=stages[peak].as_dict(),
         per_stage_bytes=totals,
+        allocated_bytes=int(math.ceil(stages[peak].total - outside)),
+        reserved_bytes=int(math.ceil(reserved(stages[peak]))),
+        outside_allocator_bytes=int(outside),
+        backend=be.name,
     )
 
 

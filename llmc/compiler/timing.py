@@ -121,14 +121,34 @@ class StepModel:
     nvlink_Bps: float  # bytes/s per direction per GPU
     net_Bps: float  # bytes/s per GPU
     hbm_Bps: float
+    backend: str = "generic"
+    compiled: bool = False  # torch.compile on
+    tp_overlap: float = 0.0  # share of TP collectives hidden behind GEMMs (async TP / comm-GEMM overlap)
+    fsdp_overlap: float = 0.85  # share of FSDP/ZeRO traffic hidden behind compute (prefetch)
+    ep_overlap: float = 0.0  # share of MoE all-to-all hidden behind expert compute
+    cp_overlap: float = 0.5  # share of the ring-attention K/V exchange hidden behind attention
+    latency_scale: float = 1.0  # calibration comm_scale applied to per-hop latencies
+    base_efficiency: float = BASE_EFFICIENCY  # backend level x calibration compute_scale (in sec_per_flop)
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # per-pp stage info
 
 
-def step_model(arch, seq_len: int, precision: str, gpu) -> StepModel:
+def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile: bool | None = None,
+               async_tp: bool = False, factors=None) -> StepModel:
     """Precompute the constants of the time model for one architecture on one cluster.
 
     ``gpu`` is a ``hardware.GPU`` (already carrying the spec's gpus_per_node / network overrides).
+    ``backend`` is a :class:`backends.Backend` (or its name; None = the backend-neutral ``generic``
+    profile); ``compile`` = torch.compile on (None = the backend's default); ``async_tp`` = torchtitan's
+    async tensor parallel (effective only when compiled); ``factors`` = calibration factors
+    (:class:`calibration.Factors`: compute_scale divides the compute time, comm_scale multiplies every
+    communication time).
     """
+    from llmc.compiler.backends import compile_on, get_backend
+
+    be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
+    compiled_ = compile_on(be, compile)
+    compute_scale = getattr(factors, "compute_scale", 1.0) if factors is not None else 1.0
+    comm_scale = getattr(factors, "comm_scale", 1.0) if factors is not None else 1.0
     from llmc.compiler import flops, params
     from llmc.compiler.hardware import peak_flops
 
@@ -152,15 +172,23 @@ def step_model(arch, seq_len: int, precision: str, gpu) -> StepModel:
     attn_share = flops.attention_share(arch, seq_len)
     peak = mfu_peak(gpu, precision)
     if precision == "fp8":
-        sec_per_flop = (1 - attn_share) / (peak_flops(gpu, "fp8") * FP8_EFFICIENCY_FACTOR) + attn_share / peak
+        # the linears run fp8_linear_speedup x faster than in bf16 (never above the fp8/bf16 peak ratio)
+        speedup = min(be.fp8_linear_speedup, peak_flops(gpu, "fp8") / peak)
+        sec_per_flop = (1 - attn_share) / (peak * speedup) + attn_share / peak
     else:
         sec_per_flop = 1.0 / peak
+    sec_per_flop /= be.base_efficiency * compute_scale
     ff_active = arch.d_ff
     if arch.moe is not None:
         ff_active = (arch.moe.top_k + arch.moe.num_shared_experts) * (arch.moe.expert_d_ff or arch.d_ff)
     # memory-bound elementwise work (RMSNorm, residual adds, RoPE, SiLU x up): forward traffic in bf16,
     # backward about twice that (estimate; it is what keeps small models well below large-model MFU)
     elementwise = 3 * ACT_BYTES * (ELEMENTWISE_D * d + ELEMENTWISE_FF * ff_active)
+    if not compiled_:  # eager: every norm / RoPE / SwiGLU op reads and writes HBM on its own
+        elementwise *= be.eager_elementwise
+    elementwise /= compute_scale
+    tp_overlap = be.async_tp_overlap if (async_tp and compiled_) else be.tp_overlap
+    domain = getattr(gpu, "nvlink_domain", None) or gpu.gpus_per_node
     embed = float(V * d)
     head_p = 0.0 if arch.tied_embeddings else float(V * d)
     return StepModel(
@@ -170,8 +198,11 @@ def step_model(arch, seq_len: int, precision: str, gpu) -> StepModel:
         recompute_flops=rec, flops_per_token=float(total),
         layer_params=blocks / L, expert_params_per_layer=expert, embed_params=embed, head_params=head_p,
         is_moe=arch.moe is not None, peak=peak, sec_per_flop=sec_per_flop, precision=precision,
-        gpus_per_node=gpu.gpus_per_node, nvlink_Bps=gpu.nvlink_gbps * 1e9 * COMM_EFFICIENCY,
-        net_Bps=gpu.net_gbps / 8 * 1e9 * COMM_EFFICIENCY, hbm_Bps=gpu.hbm_gbps * 1e9,
+        gpus_per_node=domain, nvlink_Bps=gpu.nvlink_gbps * 1e9 * COMM_EFFICIENCY / comm_scale,
+        net_Bps=gpu.net_gbps / 8 * 1e9 * COMM_EFFICIENCY / comm_scale, hbm_Bps=gpu.hbm_gbps * 1e9,
+        backend=be.name, compiled=compiled_, tp_overlap=tp_overlap, fsdp_overlap=be.fsdp_overlap,
+        ep_overlap=be.ep_overlap, cp_overlap=be.cp_overlap, latency_scale=comm_scale,
+        base_efficiency=be.base_efficiency * compute_scale,
     )
 
 
@@ -229,13 +260,14 @@ def _stage_info(sm: StepModel, p: int, sched: str, v: int, ac: str) -> tuple[int
 
 def efficiency(sm: StepModel, plan: ParallelPlan) -> float:
     """Achievable fraction of peak for this plan's GEMM shapes (heuristic, module docstring)."""
-    return _efficiency(sm, plan.micro_batch, plan.cp, plan.tp)
+    return sm.base_efficiency * _efficiency(sm, plan.micro_batch, plan.cp, plan.tp)
 
 
 def _efficiency(sm: StepModel, mb: int, cp: int, tp: int) -> float:
     tokens = mb * sm.seq_len / cp  # rows of every GEMM on this GPU
     width = sm.d_model / tp  # narrowest sharded GEMM dimension
-    eff = BASE_EFFICIENCY * tokens / (tokens + TOKENS_HALF) * width / (width + WIDTH_HALF)
+    # the backend's base efficiency is already in sm.sec_per_flop; this is the shape penalty only
+    eff = tokens / (tokens + TOKENS_HALF) * width / (width + WIDTH_HALF)
     return eff * MOE_EFFICIENCY if sm.is_moe else eff
 
 
@@ -292,7 +324,7 @@ class LayoutTimer:
         self.fsdp_passes = 0
         self.fsdp_latency = 0.0
         self.per_step_comm = 0.0
-        hop = HOP_LATENCY_NET if shard_net else HOP_LATENCY_NVLINK
+        hop = (HOP_LATENCY_NET if shard_net else HOP_LATENCY_NVLINK) * sm.latency_scale
         if zero_stage == 3 and n_sh > 1 and p == 1:
             # FSDP2 with gradient accumulation: all-gather before forward and before backward,
             # reduce-scatter after backward, every micro-batch; one collective per FSDP unit (block),
@@ -327,23 +359,25 @@ class LayoutTimer:
         tp_comm = 0.0
         if t > 1:  # 4 collectives per block (+2 when the forward is recomputed), ring volume 2(t-1)/t
             tp_comm = n_slow * (6 if full else 4) * tokens_gpu * sm.d_model * ACT_BYTES * 2 * (t - 1) / t / sm.nvlink_Bps
+            tp_comm *= 1.0 - sm.tp_overlap  # async TP / comm-GEMM overlap hides this share
         ep_comm = 0.0
         if ep > 1 and sm.n_moe_layers:  # 4 all-to-alls per MoE block (+2 with full recompute)
             a2a = tokens_gpu / t * sm.top_k * sm.d_model * ACT_BYTES * (ep - 1) / ep
             ep_comm = n_slow * sm.n_moe_layers / sm.n_layers * (6 if full else 4) * a2a / self.ep_bw
+            ep_comm *= 1.0 - sm.ep_overlap
         cp_comm = 0.0
-        if cp > 1:  # ring attention: (cp-1) hops of the local K/V forward, 2x that backward; half hidden
+        if cp > 1:  # ring attention: (cp-1) hops of the local K/V forward, 2x that backward
             kv = tokens_gpu * sm.kv_bytes_per_token_layer / t
-            cp_comm = (1 - CP_OVERLAP) * n_slow * 3 * (cp - 1) * kv / self.cp_bw
+            cp_comm = (1 - sm.cp_overlap) * n_slow * 3 * (cp - 1) * kv / self.cp_bw
         pp_comm = 0.0
         if p > 1:  # activations out + gradients back per boundary, v times when interleaved
             pp_comm = 2 * self.chunks * tokens_gpu * sm.d_model * ACT_BYTES / t / self.pp_bw
         fsdp = 0.0
         if self.fsdp_passes:
-            fsdp = _exposed(self.fsdp_passes * self.one_pass + self.fsdp_latency, compute)
+            fsdp = _exposed(self.fsdp_passes * self.one_pass + self.fsdp_latency, compute, sm.fsdp_overlap)
         t_micro = compute + tp_comm + ep_comm + cp_comm + pp_comm + fsdp
         bubble = self.bubble_slots * t_micro
-        dp = _exposed(self.per_step_comm, compute)
+        dp = _exposed(self.per_step_comm, compute, sm.fsdp_overlap)
         step = m * t_micro + bubble + dp + self.optimizer
         world = self.world
         tokens_step = mb * m * (self.ds * self.dr) * sm.seq_len
