@@ -54,7 +54,11 @@ class Backend:
     states: dict[int, StateBytes]  # by ZeRO stage (0 = DDP replicas)
     # --- compute
     base_efficiency: float  # fraction of dense bf16 peak for large GEMMs + flash attention (fitted)
-    fp8_linear_speedup: float  # end-to-end speed-up of the linears in fp8 vs bf16 (measured, see sources)
+    fp8_linear_speedup: float  # speed-up of the linears in fp8 vs bf16, tensorwise scaling (see sources)
+    fp8_rowwise_speedup: float  # the same with rowwise scaling (finer scales, more cast work)
+    fp8_default_recipe: str  # the recipe llmc's job for this backend uses
+    fp8_cast_bytes: dict[str, float]  # HBM bytes per cast element (bf16 read + fp8 write...) by recipe
+    attn_relative_efficiency: float  # attention kernels' efficiency relative to the GEMMs' (see sources)
     compile_default: bool  # torch.compile on unless the spec says otherwise
     eager_elementwise: float  # HBM traffic of unfused elementwise ops relative to the fused estimate
     # --- overlap
@@ -99,7 +103,8 @@ _FP8_SRC = ("torchtitan docs/float8.md and benchmarks/llama3_h100_202412_torchti
 BACKENDS: dict[str, Backend] = {
     "torchtitan": Backend(
         name="torchtitan", runnable=True, states=_FSDP2_STATES,
-        base_efficiency=0.52, fp8_linear_speedup=1.45, compile_default=True, eager_elementwise=3.0,
+        base_efficiency=0.61, fp8_linear_speedup=1.45, fp8_rowwise_speedup=1.2, fp8_default_recipe="rowwise",
+        fp8_cast_bytes={"tensorwise": 3.0, "rowwise": 6.0}, attn_relative_efficiency=0.6, compile_default=True, eager_elementwise=3.0,
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.5, ep_overlap=0.0, cp_overlap=0.0,
         logits_fp32=True, compile_act_saving=0.08, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
@@ -109,6 +114,18 @@ BACKENDS: dict[str, Backend] = {
             + "/blob/main/torchtitan/config/job_config.py (mixed_precision_param / mixed_precision_reduce)",
             "base_efficiency": "fitted: benchmarks/ torchtitan H100 Dec 2024 rows (use: fit)",
             "fp8_linear_speedup": _FP8_SRC,
+            "fp8_rowwise_speedup": _TT + "/commit/7a04053a742af65bc76826bbcc57b7bede7be62c (Llama 3 8B, 8 H100, "
+            "compile: bf16 5,760 tok/s, rowwise float8 6,424 (1.12x), tensorwise + fp8 all-gather 7,186 (1.25x))",
+            "fp8_cast_bytes": "torchao float8 (https://github.com/pytorch/ao/tree/main/torchao/float8): every "
+            "Float8Linear casts its input (forward) and its grad_output (backward) to fp8: a bf16 read + fp8 write "
+            "= 3 B per element with the amax fused by compile (tensorwise); rowwise scaling casts along both axes "
+            "(the weight-gradient GEMM needs column-wise scales): 6 B. Under TP with sequence parallelism the "
+            "column-parallel inputs are the all-gathered full sequence, so this work does not shrink with tp",
+            "fp8_default_recipe": "llmc's torchtitan job: quantize.linear.float8 recipe_name = rowwise "
+            "(render_torchtitan.py)",
+            "attn_relative_efficiency": "FlashAttention-2 reaches 35 % of H100 peak, FlashAttention-3 75 % "
+            "(Shah et al. 2024, arXiv 2407.08608, sec. 1 and 4.1); PyTorch SDPA's flash/cuDNN kernels sit between: "
+            "0.6 of the GEMM efficiency (fitted on the Table 2 sequence-length sweep)",
             "eager_elementwise": "fitted: Table 1/3 eager vs compiled (5762 vs 6667, 5605 vs 6514 tok/s)",
             "async_tp_overlap": _TT + "/blob/main/docs/async_tp.md (micro-pipelined all-gather/reduce-scatter "
             "matmuls; Table 4: 829 -> 876 tok/s)",
@@ -123,7 +140,8 @@ BACKENDS: dict[str, Backend] = {
         }),
     "native": Backend(
         name="native", runnable=True, states=_FSDP2_STATES,
-        base_efficiency=0.52, fp8_linear_speedup=1.0, compile_default=False, eager_elementwise=3.0,
+        base_efficiency=0.52, fp8_linear_speedup=1.0, fp8_rowwise_speedup=1.0, fp8_default_recipe="tensorwise",
+        fp8_cast_bytes={}, attn_relative_efficiency=0.6, compile_default=False, eager_elementwise=3.0,
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, cp_overlap=0.0,
         logits_fp32=True, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
@@ -136,7 +154,8 @@ BACKENDS: dict[str, Backend] = {
         }),
     "deepspeed": Backend(
         name="deepspeed", runnable=True, states=_DS_STATES,
-        base_efficiency=0.52, fp8_linear_speedup=1.0, compile_default=False, eager_elementwise=3.0,
+        base_efficiency=0.52, fp8_linear_speedup=1.0, fp8_rowwise_speedup=1.0, fp8_default_recipe="tensorwise",
+        fp8_cast_bytes={}, attn_relative_efficiency=0.6, compile_default=False, eager_elementwise=3.0,
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, cp_overlap=0.0,
         logits_fp32=True, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
@@ -151,7 +170,8 @@ BACKENDS: dict[str, Backend] = {
     # exists so that published Megatron measurements can be compared with the same model.
     "megatron": Backend(
         name="megatron", runnable=False, states=_DS_STATES,
-        base_efficiency=0.62, fp8_linear_speedup=1.45, compile_default=False, eager_elementwise=1.0,
+        base_efficiency=0.70, fp8_linear_speedup=1.8, fp8_rowwise_speedup=1.8, fp8_default_recipe="tensorwise",
+        fp8_cast_bytes={"tensorwise": 1.0, "rowwise": 1.0}, attn_relative_efficiency=1.0, compile_default=False, eager_elementwise=1.0,
         fsdp_overlap=0.9, tp_overlap=0.8, async_tp_overlap=0.8, ep_overlap=0.7, cp_overlap=0.5,
         logits_fp32=True, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
@@ -159,6 +179,10 @@ BACKENDS: dict[str, Backend] = {
         sources={
             "base_efficiency": "Transformer Engine fused kernels; Megatron-Bridge performance summary reports "
             "model TFLOP/s at 60-70 % of the dense bf16 peak for Llama 3 on H100 (benchmarks/, check rows)",
+            "attn_relative_efficiency": "Transformer Engine cuDNN fused attention (FlashAttention-3 class, "
+            "Shah et al. 2024: 75 % of H100 peak, on a par with GEMMs)",
+            "fp8_cast_bytes": "Transformer Engine fuses the fp8 cast into the producing norm / activation kernel "
+            "(LayerNormLinear, fused cast-transpose): about one extra fp8 byte per element (estimate)",
             "eager_elementwise": "Transformer Engine fuses norm+linear, bias+activation, RoPE (TE docs)",
             "tp_overlap": "Megatron-Core tp_comm_overlap (userbuffers comm-GEMM overlap), "
             "https://docs.nvidia.com/megatron-core/developer-guide/latest/api-guide/tensor_parallel.html",
@@ -171,7 +195,8 @@ BACKENDS: dict[str, Backend] = {
         }),
     "generic": Backend(
         name="generic", runnable=False, states=_GENERIC_STATES,
-        base_efficiency=0.65, fp8_linear_speedup=1.4, compile_default=False, eager_elementwise=1.0,
+        base_efficiency=0.65, fp8_linear_speedup=1.4, fp8_rowwise_speedup=1.4, fp8_default_recipe="tensorwise",
+        fp8_cast_bytes={}, attn_relative_efficiency=1.0, compile_default=False, eager_elementwise=1.0,
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, cp_overlap=0.5,
         logits_fp32=True, compile_act_saving=0.0, reserved_over_allocated=1.0,
         cuda_context_bytes=1.0 * GiB, nccl_bytes_per_peer_group=0.0,

@@ -653,6 +653,11 @@ def memory_per_gpu(
     )
 
 
-def fits(mem: MemoryNumbers, headroom: float = 0.92) -> bool:
-    """True when the peak stays under ``headroom`` x capacity (allocator fragmentation margin)."""
+def fits(mem: MemoryNumbers, headroom: float | None = None) -> bool:
+    """True when the peak stays under ``headroom`` x capacity. Default: 0.92 for the ``generic`` profile
+    (a fragmentation margin), 1.0 for a backend profile, whose per_gpu_bytes already is the allocator's
+    reserved memory plus the CUDA context and NCCL (the capacity is the decimal GB figure, itself
+    4-7 % below what the driver reports)."""
+    if headroom is None:
+        headroom = 0.92 if mem.backend == "generic" else 1.0
     return mem.per_gpu_bytes <= headroom * mem.capacity_bytes

@@ -129,17 +129,20 @@ class StepModel:
     cp_overlap: float = 0.5  # share of the ring-attention K/V exchange hidden behind attention
     latency_scale: float = 1.0  # calibration comm_scale applied to per-hop latencies
     base_efficiency: float = BASE_EFFICIENCY  # backend level x calibration compute_scale (in sec_per_flop)
+    fp8_cast_full: float = 0.0  # fp8 cast HBM bytes per token per block not split by tp (see step_model)
+    fp8_cast_sharded: float = 0.0  # fp8 cast HBM bytes per token per block split by tp
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # per-pp stage info
 
 
 def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile: bool | None = None,
-               async_tp: bool = False, factors=None) -> StepModel:
+               async_tp: bool = False, fp8_recipe: str | None = None, factors=None) -> StepModel:
     """Precompute the constants of the time model for one architecture on one cluster.
 
     ``gpu`` is a ``hardware.GPU`` (already carrying the spec's gpus_per_node / network overrides).
     ``backend`` is a :class:`backends.Backend` (or its name; None = the backend-neutral ``generic``
     profile); ``compile`` = torch.compile on (None = the backend's default); ``async_tp`` = torchtitan's
-    async tensor parallel (effective only when compiled); ``factors`` = calibration factors
+    async tensor parallel (effective only when compiled); ``fp8_recipe`` = ``tensorwise`` / ``rowwise``
+    (None = the backend's); ``factors`` = calibration factors
     (:class:`calibration.Factors`: compute_scale divides the compute time, comm_scale multiplies every
     communication time).
     """
@@ -173,10 +176,12 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     peak = mfu_peak(gpu, precision)
     if precision == "fp8":
         # the linears run fp8_linear_speedup x faster than in bf16 (never above the fp8/bf16 peak ratio)
-        speedup = min(be.fp8_linear_speedup, peak_flops(gpu, "fp8") / peak)
-        sec_per_flop = (1 - attn_share) / (peak * speedup) + attn_share / peak
+        recipe = fp8_recipe or be.fp8_default_recipe
+        speedup = be.fp8_rowwise_speedup if recipe == "rowwise" else be.fp8_linear_speedup
+        speedup = min(speedup, peak_flops(gpu, "fp8") / peak)
+        sec_per_flop = (1 - attn_share) / (peak * speedup) + attn_share / (peak * be.attn_relative_efficiency)
     else:
-        sec_per_flop = 1.0 / peak
+        sec_per_flop = (1 - attn_share) / peak + attn_share / (peak * be.attn_relative_efficiency)
     sec_per_flop /= be.base_efficiency * compute_scale
     ff_active = arch.d_ff
     if arch.moe is not None:
@@ -184,6 +189,22 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     # memory-bound elementwise work (RMSNorm, residual adds, RoPE, SiLU x up): forward traffic in bf16,
     # backward about twice that (estimate; it is what keeps small models well below large-model MFU)
     elementwise = 3 * ACT_BYTES * (ELEMENTWISE_D * d + ELEMENTWISE_FF * ff_active)
+    # fp8 casts (torchao float8 / TE): input casts of every linear forward and grad_output casts backward,
+    # HBM-bound. Elements per token per block: "full" = inputs of column-parallel linears (wq, wk, wv, w1,
+    # w3: sequence-parallel TP all-gathers them to the whole sequence) + grad_outputs of row-parallel ones
+    # (wo, w2: full width); "sharded" (/ tp) = the other inputs and grad_outputs.
+    cast_full = cast_sharded = 0.0
+    if precision == "fp8":
+        per_elem = be.fp8_cast_bytes.get(fp8_recipe or be.fp8_default_recipe, 0.0)
+        if arch.mla is not None:
+            q_out = arch.n_heads * (arch.mla.qk_nope_head_dim + arch.mla.qk_rope_head_dim + arch.mla.v_head_dim)
+            kv_out = 0.0
+        else:
+            q_out, kv_out = arch.n_heads * arch.hd, 2 * arch.kv_heads * arch.hd
+        cast_full = per_elem * (5 * d + 2 * d)
+        cast_sharded = per_elem * (arch.n_heads * arch.hd + ff_active + q_out + kv_out + 2 * ff_active)
+        cast_full /= compute_scale
+        cast_sharded /= compute_scale
     if not compiled_:  # eager: every norm / RoPE / SwiGLU op reads and writes HBM on its own
         elementwise *= be.eager_elementwise
     elementwise /= compute_scale
@@ -202,7 +223,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         net_Bps=gpu.net_gbps / 8 * 1e9 * COMM_EFFICIENCY / comm_scale, hbm_Bps=gpu.hbm_gbps * 1e9,
         backend=be.name, compiled=compiled_, tp_overlap=tp_overlap, fsdp_overlap=be.fsdp_overlap,
         ep_overlap=be.ep_overlap, cp_overlap=be.cp_overlap, latency_scale=comm_scale,
-        base_efficiency=be.base_efficiency * compute_scale,
+        base_efficiency=be.base_efficiency * compute_scale, fp8_cast_full=cast_full, fp8_cast_sharded=cast_sharded,
     )
 
 
@@ -352,7 +373,9 @@ class LayoutTimer:
         tokens_gpu = mb * sm.seq_len / cp  # tokens of this GPU's sequence shard per micro-batch
         scale = tokens_gpu / t * sm.sec_per_flop / _efficiency(sm, mb, cp, t)
         # memory-bound ops, split over tp by sequence parallelism; full AC runs the forward part again
-        elem = n_slow * tokens_gpu / t * sm.elementwise_bytes / sm.hbm_Bps * (4 / 3 if ac == "full" else 1.0)
+        elem_bytes = tokens_gpu / t * sm.elementwise_bytes + tokens_gpu * sm.fp8_cast_full \
+            + tokens_gpu / t * sm.fp8_cast_sharded
+        elem = n_slow * elem_bytes / sm.hbm_Bps * (4 / 3 if ac == "full" else 1.0)
         compute = flops_tok * scale + elem
         recompute = rec_tok * scale
         full = ac == "full"
