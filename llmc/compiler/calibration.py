@@ -29,6 +29,11 @@ import math
 from dataclasses import asdict, dataclass, field
 
 MIN_POINTS_TWO_FACTORS = 4  # below this only one factor per quantity is fitted
+# Uncalibrated, two layouts whose predicted step times differ by less than this are treated as equal and the
+# simpler one is chosen: the spread of llmc's errors *within* one published sweep (same model and cluster,
+# one knob varied), which is what a layout comparison is exposed to -- benchmarks/RESULTS.md, "within-sweep
+# error spread". A calibration replaces it with its own leave-one-out band.
+RANKING_BAND_UNCALIBRATED = 0.05
 FACTOR_BOUNDS = {"compute_scale": (0.2, 5.0), "comm_scale": (0.05, 20.0), "mem_scale": (0.5, 2.0)}
 COMM_KEYS = ("tp_comm", "ep_comm", "cp_comm", "pp_p2p", "fsdp_comm", "dp_comm")
 COMPUTE_KEYS = ("compute", "elementwise", "recompute")
@@ -239,5 +244,5 @@ def calibrate(backend: str, gpu: str, time_points: list[TimePoint], mem_points: 
                        residuals=res, provenance=dict(provenance or {}))
 
 
-__all__ = ["Factors", "IDENTITY", "TimePoint", "MemPoint", "Calibration", "split_breakdown", "fit", "fit_time",
+__all__ = ["RANKING_BAND_UNCALIBRATED", "Factors", "IDENTITY", "TimePoint", "MemPoint", "Calibration", "split_breakdown", "fit", "fit_time",
            "fit_memory", "predict_step", "predict_memory", "loo_time_errors", "loo_memory_errors", "calibrate"]

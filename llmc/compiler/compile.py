@@ -16,7 +16,7 @@ from pathlib import Path
 from llmc.compiler import checks, defaults, flops, params, scaling, timing
 from llmc.compiler.checks import Sink
 from llmc.compiler.compiled import Compiled, ComputeNumbers, CostNumbers, ModelNumbers
-from llmc.compiler.hardware import GPUS, get_gpu, supports
+from llmc.compiler.hardware import GPUS, get_gpu, supports, with_overrides
 from llmc.diagnostics import Diagnostic, errors, line_for, sort_diagnostics
 
 
@@ -44,6 +44,14 @@ def compute_numbers(arch, seq_len: int, tokens: float) -> ComputeNumbers:
     )
 
 
+def spec_gpu(run):
+    """The table's GPU (or a custom one) with ``hardware.gpu_overrides`` applied; None when unknown."""
+    ov = run.hardware.gpu_overrides
+    if ov is None:
+        return get_gpu(run.hardware.gpu)
+    return with_overrides(run.hardware.gpu, ov.model_dump())
+
+
 def cluster_gpu(run, gpu):
     """The table's GPU with the spec's hardware overrides (node size, network, price) applied."""
     hw = run.hardware
@@ -65,11 +73,15 @@ def _hash(spec_path: str, spec_bytes: bytes | None) -> str:
 
 
 def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
-                 spec_bytes: bytes | None = None) -> Compiled:
+                 spec_bytes: bytes | None = None, *, calibration=None, fit_check: bool = True) -> Compiled:
     """Compile a validated ``RunSpec`` into every derived number, the plan and the diagnostics.
 
     Deterministic for a given spec. Error diagnostics are returned (not raised): the CLI prints
     them and exits 1; a plan is still reported where one could be computed.
+    ``calibration``: a :class:`calibration.Calibration` (the CLI reads ``spec.calibration``); its factors
+    scale time and memory when it matches the run's backend and GPU. ``fit_check=False``
+    (``--no-fit-check``) searches as if every layout fitted; a pinned layout that does not fit is then
+    reported with its predicted memory and time (``Compiled.unfit`` is filled either way).
     """
     lines = yaml_lines or {}
     sink = Sink(lines, spec_path)
@@ -86,8 +98,12 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
     for d in scaling.scaling_diagnostics(n_act, run.data.tokens, "data.tokens") if pretrains else []:
         sink.items.append(dataclasses.replace(d, line=d.line or line_for(lines, d.path), file=spec_path))
 
-    table_gpu = get_gpu(run.hardware.gpu)
-    checks.check_gpu(run, GPUS, sink)
+    table_gpu = spec_gpu(run)
+    if get_gpu(run.hardware.gpu) is not None or table_gpu is None:
+        checks.check_gpu(run, GPUS, sink)
+    elif run.training.precision == "fp8" and not supports(table_gpu, "fp8"):
+        sink.add("T005", "error", "training.precision", f"fp8 needs FP8 tensor cores; {table_gpu.name} has none",
+                 "set hardware.gpu_overrides.fp8_tflops, or use bf16")
     gpu = cluster_gpu(run, table_gpu) if table_gpu is not None else None
     is_cpu = gpu is not None and gpu.key == "cpu"
 
@@ -108,6 +124,8 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
     alternatives: list = []
     rejected: list = []
     search_info: dict = {}
+    unfit = None
+    be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration)
     can_plan = pretrains and gpu is not None and supports(gpu, run.training.precision) and batch_ok
     if can_plan:
         before = len(errors(sink.items))
@@ -117,13 +135,23 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
         from llmc.compiler import memory as memory_mod
         from llmc.compiler import search
 
-        sm = timing.step_model(arch, seq_len, run.training.precision, gpu)
+        sm = timing.step_model(arch, seq_len, run.training.precision, gpu, be_info["name"],
+                               compile=be_info["compile"], factors=factors)
         memory_fn = partial(_memory, memory_mod, arch, seq_len, run.training.precision, gpu.hbm_bytes,
-                            run.parallelism.offload_optimizer)
+                            run.parallelism.offload_optimizer, be_info["name"], be_info["compile"], factors)
         res = search.search(arch, sm, world=world, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
-                            precision=run.training.precision, pins=run.parallelism, memory_fn=memory_fn)
+                            precision=run.training.precision, pins=run.parallelism, memory_fn=memory_fn,
+                            fits_fn=None if fit_check else _always_fits, band=band)
         checks.check_search(run, res, gpu, seqs, sink)
-        reasons, alternatives = res.reasons, res.alternatives
+        reasons, alternatives = [be_info["reason"], cal_info["reason"]] + res.reasons, res.alternatives
+        if not fit_check and res.best is not None and not memory_mod.fits(res.memory):
+            reasons.insert(0, f"fit check off: the plan needs {res.memory.per_gpu_bytes / 2**30:.1f} GiB per GPU, "
+                              f"more than the {gpu.hbm_bytes / 2**30:.1f} GiB the GPU has")
+        if res.best is None and res.closest is not None:
+            c = res.closest.plan
+            unfit = {"plan": c.to_json(), "memory": dataclasses.asdict(memory_fn(c)),
+                     "time": dataclasses.asdict(timing.time_numbers(sm, c, 1)),
+                     "note": "the closest layout does not fit (P004); predicted memory and one step's time"}
         rejected = res.rejected[:20]
         search_info = {"memory_evaluations": res.evaluated, "fitting": res.fitting,
                        "rejected": dict(sorted(res.rejected_counts.items()))}
@@ -151,8 +179,45 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
         spec_path=spec_path, spec_sha256=_hash(spec_path, spec_bytes), spec=run, gpu=gpu, model=model,
         compute=compute, hyper=hyper, plan=plan, memory=mem, time=time, cost=cost, reasons=reasons,
         alternatives=alternatives, rejected=rejected, diagnostics=sort_diagnostics(_dedupe(diags)),
-        stages=stages, serving=serving, search=search_info,
+        stages=stages, serving=serving, search=search_info, backend=be_info, calibration=cal_info, unfit=unfit,
     )
+
+
+def _always_fits(mem) -> bool:
+    return True
+
+
+def _backend_and_calibration(run, gpu, calibration):
+    """(backend info, calibration info, factors or None, ranking error band) for the run."""
+    from llmc.compiler import backends
+    from llmc.compiler import calibration as cal_mod
+
+    par = run.parallelism
+    name, why = backends.resolve_backend(run.training.backend, tp=par.tp, pp=par.pp, cp=par.cp, ep=par.ep,
+                                         zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer)
+    be = backends.get_backend(name)
+    comp = backends.compile_on(be, run.training.compile)
+    be_info = {"name": name, "reason": f"backend {name}: {why}; torch.compile {'on' if comp else 'off'}",
+               "compile": comp}
+    gkey = gpu.key if gpu is not None else ""
+    if calibration is None:
+        band = cal_mod.RANKING_BAND_UNCALIBRATED
+        return be_info, {"calibrated": False, "error_band_pct": None, "ranking_band_pct": 100 * band,
+                         "reason": f"uncalibrated (llmc calibrate fits factors from measured runs); layouts within "
+                                   f"{100 * band:.0f}% of the fastest count as equal"}, None, band
+    ok = calibration.backend == name and calibration.gpu.split(" ")[0] == gkey
+    eb = calibration.error_band_pct()
+    band = (eb / 100.0) if (ok and eb is not None) else cal_mod.RANKING_BAND_UNCALIBRATED
+    info = {"calibrated": ok, "backend": calibration.backend, "gpu": calibration.gpu,
+            "factors": dataclasses.asdict(calibration.factors), "error_band_pct": eb if ok else None,
+            "ranking_band_pct": 100 * band, "provenance": dict(calibration.provenance)}
+    if ok:
+        info["reason"] = (f"calibrated for {name}/{gkey}: {calibration.factors.describe()}; expected tokens/s error "
+                          f"+-{eb if eb is not None else float('nan'):.1f}% (leave-one-out)")
+        return be_info, info, calibration.factors, band
+    info["reason"] = (f"calibration for {calibration.backend}/{calibration.gpu} not applied: this run is "
+                      f"{name}/{gkey}")
+    return be_info, info, None, band
 
 
 def _searched_memory(plan, mem) -> dict | None:
@@ -172,8 +237,9 @@ def has_pretraining(run) -> bool:
     return not run.stages or any(st.kind == "pretrain" for st in run.stages)
 
 
-def _memory(memory_mod, arch, seq_len, precision, capacity, offload, plan):
-    return memory_mod.memory_per_gpu(arch, plan, seq_len, precision, capacity, offload_optimizer=offload)
+def _memory(memory_mod, arch, seq_len, precision, capacity, offload, backend, compile_, factors, plan):
+    return memory_mod.memory_per_gpu(arch, plan, seq_len, precision, capacity, offload_optimizer=offload,
+                                     backend=backend, compile=compile_, factors=factors)
 
 
 def _located(d: Diagnostic, lines: dict, file: str) -> Diagnostic:
@@ -204,4 +270,4 @@ def _serving(run, lines) -> tuple[list[dict], list[Diagnostic]]:
     return plan_serving(run, gpu_lookup=get_gpu, lines=lines)
 
 
-__all__ = ["compile_spec", "model_numbers", "compute_numbers", "cluster_gpu", "has_pretraining"]
+__all__ = ["compile_spec", "model_numbers", "compute_numbers", "cluster_gpu", "spec_gpu", "has_pretraining"]

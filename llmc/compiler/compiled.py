@@ -113,6 +113,9 @@ class Compiled:
     stages: list[dict] = field(default_factory=list)  # per-stage plans (issue 5)
     serving: list[dict] = field(default_factory=list)  # per-target serving plans (issue 3)
     search: dict = field(default_factory=dict)  # search statistics: evaluated, fitting, rejected counts by reason
+    backend: dict = field(default_factory=dict)  # name, reason (why this backend), compile (torch.compile on)
+    calibration: dict = field(default_factory=dict)  # calibrated, factors, error_band_pct, ranking_band_pct, reason
+    unfit: dict | None = None  # closest non-fitting layout (P004): plan, memory, time of one step
 
     def to_json(self) -> dict:
         """JSON view; keys documented in README (model.*, compute.*, plan, memory.*, time.*, cost.*)."""
@@ -143,6 +146,9 @@ class Compiled:
             "stages": list(self.stages),
             "serving": list(self.serving),
             "search": dict(self.search),
+            "backend": dict(self.backend),
+            "calibration": dict(self.calibration),
+            "unfit": self.unfit,
             "diagnostics": [d.to_json() for d in self.diagnostics],
         }
 
