@@ -127,8 +127,9 @@ class StepModel:
     fsdp_overlap: float = 0.85  # share of FSDP/ZeRO traffic hidden behind compute (prefetch)
     ep_overlap: float = 0.0  # share of MoE all-to-all hidden behind expert compute
     cp_overlap: float = 0.5  # share of the ring-attention K/V exchange hidden behind attention
-    latency_scale: float = 1.0  # calibration comm_scale applied to per-hop latencies
-    base_efficiency: float = BASE_EFFICIENCY  # backend level x calibration compute_scale (in sec_per_flop)
+    compute_scale: float = 1.0  # calibration: compute and elementwise time / compute_scale
+    comm_scale: float = 1.0  # calibration: every exposed communication time x comm_scale
+    base_efficiency: float = BASE_EFFICIENCY  # the backend's GEMM efficiency level (already in sec_per_flop)
     fp8_cast_full: float = 0.0  # fp8 cast HBM bytes per token per block not split by tp (see step_model)
     fp8_cast_sharded: float = 0.0  # fp8 cast HBM bytes per token per block split by tp
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # per-pp stage info
@@ -144,7 +145,8 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     async tensor parallel (effective only when compiled); ``fp8_recipe`` = ``tensorwise`` / ``rowwise``
     (None = the backend's); ``factors`` = calibration factors
     (:class:`calibration.Factors`: compute_scale divides the compute time, comm_scale multiplies every
-    communication time).
+    exposed communication time; applied in :meth:`LayoutTimer.time` after the overlap model, so the
+    reported step is exactly the linear model the calibration was fitted with).
     """
     from llmc.compiler.backends import compile_on, get_backend
 
@@ -182,7 +184,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         sec_per_flop = (1 - attn_share) / (peak * speedup) + attn_share / (peak * be.attn_relative_efficiency)
     else:
         sec_per_flop = (1 - attn_share) / peak + attn_share / (peak * be.attn_relative_efficiency)
-    sec_per_flop /= be.base_efficiency * compute_scale
+    sec_per_flop /= be.base_efficiency
     ff_active = arch.d_ff
     if arch.moe is not None:
         ff_active = (arch.moe.top_k + arch.moe.num_shared_experts) * (arch.moe.expert_d_ff or arch.d_ff)
@@ -203,11 +205,8 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
             q_out, kv_out = arch.n_heads * arch.hd, 2 * arch.kv_heads * arch.hd
         cast_full = per_elem * (5 * d + 2 * d)
         cast_sharded = per_elem * (arch.n_heads * arch.hd + ff_active + q_out + kv_out + 2 * ff_active)
-        cast_full /= compute_scale
-        cast_sharded /= compute_scale
     if not compiled_:  # eager: every norm / RoPE / SwiGLU op reads and writes HBM on its own
         elementwise *= be.eager_elementwise
-    elementwise /= compute_scale
     tp_overlap = be.async_tp_overlap if (async_tp and compiled_) else be.tp_overlap
     domain = getattr(gpu, "nvlink_domain", None) or gpu.gpus_per_node
     embed = float(V * d)
@@ -219,11 +218,11 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         recompute_flops=rec, flops_per_token=float(total),
         layer_params=blocks / L, expert_params_per_layer=expert, embed_params=embed, head_params=head_p,
         is_moe=arch.moe is not None, peak=peak, sec_per_flop=sec_per_flop, precision=precision,
-        gpus_per_node=domain, nvlink_Bps=gpu.nvlink_gbps * 1e9 * COMM_EFFICIENCY / comm_scale,
-        net_Bps=gpu.net_gbps / 8 * 1e9 * COMM_EFFICIENCY / comm_scale, hbm_Bps=gpu.hbm_gbps * 1e9,
+        gpus_per_node=domain, nvlink_Bps=gpu.nvlink_gbps * 1e9 * COMM_EFFICIENCY,
+        net_Bps=gpu.net_gbps / 8 * 1e9 * COMM_EFFICIENCY, hbm_Bps=gpu.hbm_gbps * 1e9,
         backend=be.name, compiled=compiled_, tp_overlap=tp_overlap, fsdp_overlap=be.fsdp_overlap,
-        ep_overlap=be.ep_overlap, cp_overlap=be.cp_overlap, latency_scale=comm_scale,
-        base_efficiency=be.base_efficiency * compute_scale, fp8_cast_full=cast_full, fp8_cast_sharded=cast_sharded,
+        ep_overlap=be.ep_overlap, cp_overlap=be.cp_overlap, compute_scale=compute_scale, comm_scale=comm_scale,
+        base_efficiency=be.base_efficiency, fp8_cast_full=cast_full, fp8_cast_sharded=cast_sharded,
     )
 
 
@@ -281,7 +280,7 @@ def _stage_info(sm: StepModel, p: int, sched: str, v: int, ac: str) -> tuple[int
 
 def efficiency(sm: StepModel, plan: ParallelPlan) -> float:
     """Achievable fraction of peak for this plan's GEMM shapes (heuristic, module docstring)."""
-    return sm.base_efficiency * _efficiency(sm, plan.micro_batch, plan.cp, plan.tp)
+    return sm.base_efficiency * sm.compute_scale * _efficiency(sm, plan.micro_batch, plan.cp, plan.tp)
 
 
 def _efficiency(sm: StepModel, mb: int, cp: int, tp: int) -> float:
@@ -345,7 +344,7 @@ class LayoutTimer:
         self.fsdp_passes = 0
         self.fsdp_latency = 0.0
         self.per_step_comm = 0.0
-        hop = (HOP_LATENCY_NET if shard_net else HOP_LATENCY_NVLINK) * sm.latency_scale
+        hop = HOP_LATENCY_NET if shard_net else HOP_LATENCY_NVLINK
         if zero_stage == 3 and n_sh > 1 and p == 1:
             # FSDP2 with gradient accumulation: all-gather before forward and before backward,
             # reduce-scatter after backward, every micro-batch; one collective per FSDP unit (block),
@@ -398,9 +397,16 @@ class LayoutTimer:
         fsdp = 0.0
         if self.fsdp_passes:
             fsdp = _exposed(self.fsdp_passes * self.one_pass + self.fsdp_latency, compute, sm.fsdp_overlap)
+        dp = _exposed(self.per_step_comm, compute, sm.fsdp_overlap)
+        if sm.compute_scale != 1.0 or sm.comm_scale != 1.0:
+            # calibration (calibration.py): compute parts / compute_scale, exposed communication x comm_scale,
+            # applied to the model's own split so that the fitted linear model is exactly what is reported
+            a, b = 1.0 / sm.compute_scale, sm.comm_scale
+            compute, recompute, elem = compute * a, recompute * a, elem * a
+            tp_comm, ep_comm, cp_comm, pp_comm, fsdp, dp = (x * b for x in (tp_comm, ep_comm, cp_comm, pp_comm,
+                                                                             fsdp, dp))
         t_micro = compute + tp_comm + ep_comm + cp_comm + pp_comm + fsdp
         bubble = self.bubble_slots * t_micro
-        dp = _exposed(self.per_step_comm, compute, sm.fsdp_overlap)
         step = m * t_micro + bubble + dp + self.optimizer
         world = self.world
         tokens_step = mb * m * (self.ds * self.dr) * sm.seq_len
