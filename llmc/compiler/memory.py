@@ -461,60 +461,100 @@ def stage_memory(
     from llmc.compiler.backends import compile_on, get_backend
 
     be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
-    wb, gb, ob = _precision_bytes(precision, optimizer_bytes_per_param, grad_bytes_per_param)
-    use_profile = precision != "fp32" and grad_bytes_per_param is None and optimizer_bytes_per_param == 12
-    cwb = 4.0 if precision == "fp32" else 2.0  # bytes of an all-gathered (unsharded) parameter in compute
     act_b = 4.0 if precision == "fp32" else 2.0
     act_keep = 1.0 - (be.compile_act_saving if compile_on(be, compile) else 0.0)
-    v = max(1, plan.pp_virtual_stages)
-    groups = _stage_param_groups(arch, plan.pp, plan.pp_schedule, v)
-    shard = _shard_groups(plan)
-    layout = _plan_layout(arch, plan)
     tokens_mb = plan.micro_batch * seq_len / plan.cp  # tokens per micro-batch on this rank
     act_div = plan.tp  # sequence parallel: every activation is split over tp (Korthikanti Table 2)
-    zs = plan.zero_stage
-
+    static = _static_stages(arch, plan, precision, optimizer_bytes_per_param, offload_optimizer,
+                            grad_bytes_per_param, be)
+    ac = plan.activation_checkpointing
     out: list[StageMemory] = []
-    for si, (g, (layers, has_emb, has_head)) in enumerate(zip(groups, layout, strict=True)):
-        w = gr = op = 0.0
-        unsharded_local = 0.0  # params of this stage after tp/ep split, before ZeRO
-        for name, n in g.items():
-            if n == 0:
-                continue
-            mp, z = shard[name]
-            local = n / mp
-            unsharded_local += local
-            if use_profile:
-                st = backend_state_bytes(local, be, zero_stage=zs, shard=z, offload_optimizer=offload_optimizer)
-            else:
-                st = model_state_bytes(
-                    local,
-                    zero_stage=zs,
-                    shard=z,
-                    weight_bytes=wb,
-                    grad_bytes=gb,
-                    optimizer_bytes=ob,
-                    offload_optimizer=offload_optimizer,
-                )
-            w += st["weights"]
-            gr += st["grads"]
-            op += st["optimizer"]
-
+    for si, (w, gr, op, buf0, layers, has_head) in enumerate(static):
         # --- activations
-        per_tok, work = _stage_act(
-            arch, layers, plan.activation_checkpointing, seq_len, flash_attention, act_b
-        )
+        per_tok, work = _stage_act_cached(arch, layers, ac, seq_len, flash_attention, act_b)
         if has_head:
             per_tok += 2 * arch.d_model * act_b  # final norm input + head input
         acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div * act_keep
         # while one block is recomputed and back-propagated, what was dropped for it is rematerialised:
         # its full working set minus what is kept anyway (so AC never exceeds no AC); 0 without AC
         acts += tokens_mb * work / act_div
-
-        # --- buffers
-        buf = non_allocator_bytes(plan, be)
+        buf = buf0
         if has_head:
             buf += tokens_mb * arch.vocab_size * LOGITS_BYTES_PER_ELEM / plan.tp
+        out.append(StageMemory(w, gr, op, acts, buf))
+    return out
+
+
+# Per-layout results that do not depend on the micro-batch, AC or gradient accumulation, keyed by the
+# architecture's identity (hashing the pydantic model on every call is what made the search slow); the
+# cached value holds the architecture, so its id cannot be reused while the entry lives.
+_STATIC: dict[tuple, tuple] = {}
+_ACTS: dict[tuple, tuple] = {}
+_CACHE_MAX = 200_000
+
+
+def _bounded(cache: dict) -> dict:
+    if len(cache) > _CACHE_MAX:
+        cache.clear()
+    return cache
+
+
+def _stage_act_cached(arch, layers, ac, seq_len, flash, act_b) -> tuple[float, float]:
+    key = (id(arch), layers, ac, seq_len, flash, act_b)
+    hit = _ACTS.get(key)
+    if hit is None or hit[0] is not arch:
+        hit = (arch, _stage_act(arch, layers, ac, seq_len, flash, act_b))
+        _bounded(_ACTS)[key] = hit
+    return hit[1]
+
+
+def _static_stages(arch, plan, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param, be):
+    """Per stage: (weights, grads, optimizer, buffers without the logits, blocks, holds the head)."""
+    key = (id(arch), plan.pp, plan.pp_schedule, plan.pp_virtual_stages, plan.tp, plan.ep, plan.dp_shard, plan.cp,
+           plan.dp > 1, plan.zero_stage, precision, optimizer_bytes_per_param, offload_optimizer,
+           grad_bytes_per_param, be.name)
+    hit = _STATIC.get(key)
+    if hit is not None and hit[0] is arch:
+        return hit[1]
+    wb, gb, ob = _precision_bytes(precision, optimizer_bytes_per_param, grad_bytes_per_param)
+    use_profile = precision != "fp32" and grad_bytes_per_param is None and optimizer_bytes_per_param == 12
+    cwb = 4.0 if precision == "fp32" else 2.0  # bytes of an all-gathered (unsharded) parameter in compute
+    v = max(1, plan.pp_virtual_stages)
+    groups = _stage_param_groups(arch, plan.pp, plan.pp_schedule, v)
+    shard = _shard_groups(plan)
+    layout = _plan_layout(arch, plan)
+    zs = plan.zero_stage
+    # bytes per parameter (weights, grads, optimizer) of each sharding group: the same arithmetic as
+    # backend_state_bytes / model_state_bytes, evaluated once per group instead of once per stage
+    per_group = {}
+    for name, (mp, z) in shard.items():
+        if use_profile:
+            st = backend_state_bytes(1.0, be, zero_stage=zs, shard=z, offload_optimizer=offload_optimizer)
+        else:
+            st = model_state_bytes(1.0, zero_stage=zs, shard=z, weight_bytes=wb, grad_bytes=gb, optimizer_bytes=ob,
+                                   offload_optimizer=offload_optimizer)
+        per_group[name] = (1.0 / mp, st["weights"] / mp, st["grads"] / mp, st["optimizer"] / mp)
+    out = []
+    outside = non_allocator_bytes(plan, be)
+    seen: dict[tuple, tuple] = {}  # stages with the same parameters (the middle of a pipeline) repeat
+    for g, (layers, has_emb, has_head) in zip(groups, layout, strict=True):
+        skey = (tuple(g.values()), has_emb, has_head, layers if zs >= 3 and plan.pp == 1 else len(layers))
+        hit = seen.get(skey)
+        if hit is not None:
+            out.append(hit[:4] + (layers, has_head))
+            continue
+        w = gr = op = 0.0
+        unsharded_local = 0.0  # params of this stage after tp/ep split, before ZeRO
+        for name, n in g.items():
+            if n:
+                inv, bw, bg, bo = per_group[name]
+                unsharded_local += n * inv
+                w += n * bw
+                gr += n * bg
+                op += n * bo
+
+        # --- buffers (the logits, which depend on the micro-batch, are added by stage_memory)
+        buf = outside
         z_dense = plan.dp_shard * plan.cp
         if zs >= 3 and z_dense > 1 and plan.pp > 1:
             # torchtitan under PP: reshard_after_forward=False (fsdp.get_fsdp_reshard_after_forward_policy,
@@ -536,8 +576,11 @@ def stage_memory(
             buf += 2 * min(DS_BUCKET_ELEMS, unsharded_local) * cwb  # reduce + all-gather buckets
         elif plan.dp > 1:
             buf += 2 * DDP_BUCKET_BYTES
-        out.append(StageMemory(w, gr, op, acts, buf))
-    return out
+        seen[skey] = (w, gr, op, buf)
+        out.append((w, gr, op, buf, layers, has_head))
+    out_t = tuple(out)
+    _bounded(_STATIC)[key] = (arch, out_t)
+    return out_t
 
 
 def backend_state_bytes(n_params: float, backend, *, zero_stage: int = 0, shard: int = 1,
