@@ -132,6 +132,7 @@ class PlanRequest:
     async_tp: bool = False
     fp8_recipe: str | None = None
     gpu_note: str | None = None
+    compile_loss: bool | None = None
 
 
 @dataclass
@@ -170,6 +171,9 @@ def request_for(row: Row) -> PlanRequest:
         compile_, async_tp = bool(f.get("compile")), bool(f.get("async_tp"))
         # torchao float8 before the recipe switch was tensorwise; later rows name their recipe
         recipe = f.get("quantization") or "tensorwise"
+        # torchtitan 9dec370 (Dec 2024) compiled the TransformerBlocks only; by June 2025 --training.compile
+        # also compiled the loss (components/loss.py build_cross_entropy_loss)
+        compile_loss = compile_ and not str(row.file).endswith("202412")
     elif row.backend == "megatron":
         tp, pp, cp = f["tp"], f["pp"], f["cp"]
         ep = row.get("ep", 1)
@@ -182,6 +186,7 @@ def request_for(row: Row) -> PlanRequest:
         sched = ("Interleaved1F1B" if (vp or 1) > 1 else "1F1B") if pp > 1 else None
         mb, gbs, ac = f["mbs"], f["gbs"], None
         compile_, async_tp, recipe = False, True, "tensorwise"  # TE kernels; TP comm overlap; current scaling
+        compile_loss = False
         if "w/ MTP" in str(f.get("model_label", "")):
             raise Skip("multi-token prediction (MTP) module: not in llmc's deepseek-v3 preset")
     else:
@@ -191,7 +196,7 @@ def request_for(row: Row) -> PlanRequest:
         seq_len=f["seq_len"], global_batch_seqs=gbs, precision=prec, dp_replicate=dp_rep, dp_shard=dp_shard,
         tp=tp, pp=pp, cp=cp, ep=ep, pp_schedule=sched, virtual_stages=vp, micro_batch=mb,
         activation_checkpointing=ac, zero_stage=zero, backend=BACKEND_PROFILE[row.backend], compile=compile_,
-        async_tp=async_tp, fp8_recipe=recipe, gpu_note=gpu_note,
+        async_tp=async_tp, fp8_recipe=recipe, gpu_note=gpu_note, compile_loss=compile_loss,
     )
 
 
@@ -257,7 +262,7 @@ def llmc_predict(req: PlanRequest) -> Prediction:
 
     def memory_of(p):
         return memory_mod.memory_per_gpu(run.model, p, req.seq_len, req.precision, gpu.hbm_bytes, backend=be,
-                                         compile=req.compile)
+                                         compile=req.compile, compile_loss=req.compile_loss)
 
     dp = req.dp_replicate * req.dp_shard
     plan = ParallelPlan(

@@ -45,7 +45,8 @@ class GPU:
     source: str  # datasheet URL
     tf32_tflops: float | None = None  # dense TF32 tensor core, where it exists
     notes: str = ""
-    power_w: float | None = None  # board power (TDP / configured limit) in W
+    power_w: float | None = None  # board power limit the part runs at, in W
+    tdp_w: float | None = None  # rated board power of the part the peaks are quoted at (None = power_w)
     nvlink_domain: int | None = None  # GPUs sharing one NVLink fabric (None = gpus_per_node; GB200 NVL72: 72)
 
     @property
@@ -179,7 +180,7 @@ _ROWS: list[dict] = [
         # The part of torchtitan's H100 benchmarks: "8 H100 per host fully connected with NVLink, 96GB HBM2e
         # per GPU at 2.4 TB/s, 400 Gb/s RDMA per GPU, default 500W power limit". Tensor-core peaks are the
         # H100 SXM5 figures (same GH100 configuration); the 500 W cap lowers sustained clocks, which the
-        # peak does not show (a calibration's compute_scale absorbs it).
+        # peak does not show: see clock_factor (tdp_w = the 700 W the SXM5 peaks are quoted at).
         bf16_tflops=989.4,
         fp8_tflops=1978.9,
         fp32_tflops=66.9,
@@ -191,6 +192,7 @@ _ROWS: list[dict] = [
         gpus_per_node=8,
         usd_per_hour=2.5,
         power_w=500,
+        tdp_w=700,
         source="https://github.com/pytorch/torchtitan/blob/820504e20d1149fbf0b98c567af24c4b0433b22d/benchmarks/llama3_h100_202412_torchtitan.md",
     ),
     dict(
@@ -422,6 +424,20 @@ def peak_flops(gpu: GPU, precision: str) -> float:
     if tf is None:
         raise ValueError(f"{gpu.name} has no {precision} tensor cores")
     return float(tf) * TERA
+
+
+# Sustained tensor-core clock under a power cap below the rated board power. CMOS dynamic power is
+# P = C V^2 f and DVFS lowers the voltage with the frequency (V ~ f), so P ~ f^3 and f ~ P^(1/3)
+# (Weste & Harris, "CMOS VLSI Design", 4th ed., sec. 5.1 on dynamic power and DVFS). An approximation: it
+# ignores static power and memory-bound phases.
+DVFS_EXPONENT = 1 / 3
+
+
+def clock_factor(gpu: GPU) -> float:
+    """Fraction of the datasheet tensor throughput sustained at ``power_w`` (1.0 at or above ``tdp_w``)."""
+    if not gpu.power_w or not gpu.tdp_w or gpu.power_w >= gpu.tdp_w:
+        return 1.0
+    return (gpu.power_w / gpu.tdp_w) ** DVFS_EXPONENT
 
 
 #: spec override key -> (GPU field, multiplier to the table's unit)

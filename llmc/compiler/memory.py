@@ -70,6 +70,9 @@ DDP_BUCKET_BYTES = 25 * MiB  # torch DDP bucket_cap_mb default
 # fp32 gradient (4) + the saved log-probs (4) + log_softmax's fp32 input gradient (4) = 12 B
 # (the forward peak is 2 bf16 logits + 4 fp32 copy + 4 log-probs = 10 B). Vocab-parallel: / tp.
 LOGITS_BYTES_PER_ELEM = 12
+# With the loss compiled (torchtitan compile.components includes "loss"), Inductor fuses the upcast,
+# log_softmax and nll_loss: only the bf16 logits (2 B) and their bf16 gradient (2 B) exist at the peak.
+LOGITS_COMPILED_BYTES_PER_ELEM = 4
 
 # ----------------------------------------------------------------------------- parameter groups
 
@@ -450,6 +453,7 @@ def stage_memory(
     flash_attention: bool = True,
     backend=None,
     compile: bool | None = None,
+    compile_loss: bool | None = None,
 ) -> list[StageMemory]:
     """Memory of one GPU in each pipeline stage (see the module docstring for every term).
 
@@ -462,7 +466,10 @@ def stage_memory(
 
     be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
     act_b = 4.0 if precision == "fp32" else 2.0
-    act_keep = 1.0 - (be.compile_act_saving if compile_on(be, compile) else 0.0)
+    compiled = compile_on(be, compile)
+    act_keep = 1.0 - (be.compile_act_saving if compiled else 0.0)
+    loss_compiled = compiled and (be.compiles_loss if compile_loss is None else compile_loss)
+    logits_b = LOGITS_COMPILED_BYTES_PER_ELEM if loss_compiled else LOGITS_BYTES_PER_ELEM
     tokens_mb = plan.micro_batch * seq_len / plan.cp  # tokens per micro-batch on this rank
     act_div = plan.tp  # sequence parallel: every activation is split over tp (Korthikanti Table 2)
     static = _static_stages(arch, plan, precision, optimizer_bytes_per_param, offload_optimizer,
@@ -478,9 +485,15 @@ def stage_memory(
         # while one block is recomputed and back-propagated, what was dropped for it is rematerialised:
         # its full working set minus what is kept anyway (so AC never exceeds no AC); 0 without AC
         acts += tokens_mb * work / act_div
+        if plan.tp > 1:
+            # sequence-parallel TP all-gathers the attention and FFN inputs to the whole micro-batch before the
+            # column-parallel linears (Korthikanti et al. 2022 sec. 4.2.2), so the layer being computed holds
+            # them and, in the backward, their gradients unsplit by tp; with fp8 also the fp8 copies of the
+            # gathered input for each column-parallel linear (wq, wk, wv, w1, w3: 1 B each)
+            acts += tokens_mb * arch.d_model * (4 * act_b + (5.0 if precision == "fp8" else 0.0))
         buf = buf0
         if has_head:
-            buf += tokens_mb * arch.vocab_size * LOGITS_BYTES_PER_ELEM / plan.tp
+            buf += tokens_mb * arch.vocab_size * logits_b / plan.tp
         out.append(StageMemory(w, gr, op, acts, buf))
     return out
 
@@ -651,6 +664,7 @@ def memory_per_gpu(
     backend=None,
     compile: bool | None = None,
     factors=None,
+    compile_loss: bool | None = None,
 ) -> MemoryNumbers:
     """Peak bytes per GPU over the pipeline stages, with the breakdown of the peak stage.
 
@@ -674,6 +688,7 @@ def memory_per_gpu(
         flash_attention=flash_attention,
         backend=be,
         compile=compile,
+        compile_loss=compile_loss,
     )
     outside = non_allocator_bytes(plan, be)
     scale = be.reserved_over_allocated * (getattr(factors, "mem_scale", 1.0) if factors is not None else 1.0)

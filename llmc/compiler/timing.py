@@ -155,7 +155,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     compute_scale = getattr(factors, "compute_scale", 1.0) if factors is not None else 1.0
     comm_scale = getattr(factors, "comm_scale", 1.0) if factors is not None else 1.0
     from llmc.compiler import flops, params
-    from llmc.compiler.hardware import peak_flops
+    from llmc.compiler.hardware import clock_factor, peak_flops
 
     total = flops.train_flops_per_token(arch, seq_len)
     V, d, L = arch.vocab_size, arch.d_model, arch.n_layers
@@ -184,7 +184,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         sec_per_flop = (1 - attn_share) / (peak * speedup) + attn_share / (peak * be.attn_relative_efficiency)
     else:
         sec_per_flop = (1 - attn_share) / peak + attn_share / (peak * be.attn_relative_efficiency)
-    sec_per_flop /= be.base_efficiency
+    sec_per_flop /= be.base_efficiency * clock_factor(gpu)  # a power-capped part runs at lower clocks
     ff_active = arch.d_ff
     if arch.moe is not None:
         ff_active = (arch.moe.top_k + arch.moe.num_shared_experts) * (arch.moe.expert_d_ff or arch.d_ff)
