@@ -455,7 +455,25 @@ def _overall(results: list[dict]) -> dict:
     out["model_states"] = _summary(ms) if ms else None
     rhos = [s["rho_tps"] for s in _sweeps(results) if s["rho_tps"] is not None]
     out["min_sweep_rho"] = min(rhos) if rhos else None
+    out["within_sweep_spread"] = within_sweep_spread(results)
     return out
+
+
+def within_sweep_spread(results: list[dict]) -> float | None:
+    """Pooled standard deviation (%) of the tokens/s errors around their sweep's mean: how far two layouts of
+    the same model and cluster can be mis-ranked, the error a layout comparison is exposed to (the source of
+    ``llmc.compiler.calibration.RANKING_BAND_UNCALIBRATED``)."""
+    by: dict[str, list[float]] = defaultdict(list)
+    for x in results:
+        if x["sweep"] and x["err_tps"] is not None:
+            by[x["sweep"]].append(x["err_tps"])
+    ss, dof = 0.0, 0
+    for errs in by.values():
+        if len(errs) >= 2:
+            m = sum(errs) / len(errs)
+            ss += sum((e - m) ** 2 for e in errs)
+            dof += len(errs) - 1
+    return math.sqrt(ss / dof) if dof else None
 
 
 def _model_states_result(r: Row) -> dict[str, Any]:
@@ -542,7 +560,9 @@ def to_markdown(rep: dict[str, Any]) -> str:
          line("tokens/s/GPU, uncalibrated", sm["tps"]), line("tokens/s/GPU, LOO-calibrated", sm["tps_loo"]),
          line("peak reserved memory, uncalibrated", sm["mem"]), line("peak reserved memory, LOO-calibrated", sm["mem_loo"]),
          line("DeepSpeed model states vs estimator docs", sm["model_states"]), "",
-         f"Lowest Spearman rho (tokens/s) within a sweep: {_f(sm['min_sweep_rho'], '{:+.2f}')}.",
+         f"Lowest Spearman rho (tokens/s) within a sweep: {_f(sm['min_sweep_rho'], '{:+.2f}')}. "
+         f"Within-sweep error spread (pooled std of tokens/s errors around each sweep's mean, the error a "
+         f"layout comparison is exposed to): {_f(sm['within_sweep_spread'])}%.",
          "", "## Throughput (tokens/s/GPU) and peak memory per row", "",
          "| row | use | predicted tok/s | measured tok/s | err % | LOO-cal err % | pred GiB (alloc) | meas GiB | mem err % | LOO-cal mem % | src/llmc FLOPs per token | llmc plan | notes |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]

@@ -121,3 +121,28 @@ def test_spec_overrides_and_custom_gpu():
     assert with_overrides("my-asic", {"bf16_tflops": 1200}) is None  # not enough to define a part
     b = with_overrides("my-h100", {"base": "h100-sxm", "hbm_gib": 96})
     assert b.key == "my-h100" and b.bf16_tflops == GPUS["h100-sxm"].bf16_tflops
+
+
+def test_spec_defines_a_custom_gpu_end_to_end():
+    from llmc.compiler.compile import compile_spec
+    from llmc.spec.load import loads_spec
+
+    text = """\
+name: t
+model: llama3-8b
+hardware:
+  gpu: my-accel
+  count: 8
+  gpu_overrides: {bf16_tflops: 1500, fp8_tflops: 3000, hbm_gib: 128, hbm_tbps: 6, nvlink_gbps: 450}
+data: {seq_len: 8192, tokens: 1T}
+training: {global_batch_tokens: 1048576}
+"""
+    run, lines = loads_spec(text, file="s.yaml")
+    c = compile_spec(run, "s.yaml", lines, spec_bytes=text.encode())
+    assert not [d for d in c.diagnostics if d.severity == "error"], [d.render() for d in c.diagnostics]
+    assert c.gpu.key == "my-accel" and c.gpu.hbm_bytes == 128 * 2**30 and c.plan is not None
+    # an unknown key without enough fields is still S007
+    bad = text.replace("bf16_tflops: 1500, fp8_tflops: 3000, ", "")
+    run, lines = loads_spec(bad, file="s.yaml")
+    c = compile_spec(run, "s.yaml", lines, spec_bytes=bad.encode())
+    assert "S007" in {d.code for d in c.diagnostics}
