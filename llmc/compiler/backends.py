@@ -66,6 +66,7 @@ class Backend:
     tp_overlap: float  # share of TP collectives hidden (0 = exposed; async TP / comm-GEMM overlap)
     async_tp_overlap: float  # share hidden with async TP on (torchtitan: needs compile)
     ep_overlap: float  # share of MoE all-to-all hidden behind expert compute
+    ep_node_dedup: bool  # dispatch sends a token once per remote node, then over NVLink (DeepEP / hierarchical)
     cp_overlap: float  # share of the ring-attention K/V exchange hidden behind attention
     # --- memory
     logits_fp32: bool  # the loss upcasts logits to fp32 (12 B per token per vocab entry at the peak)
@@ -106,7 +107,7 @@ BACKENDS: dict[str, Backend] = {
         name="torchtitan", runnable=True, states=_FSDP2_STATES,
         base_efficiency=0.68, fp8_linear_speedup=1.65, fp8_rowwise_speedup=1.2, fp8_default_recipe="rowwise",
         fp8_cast_bytes={"tensorwise": 3.0, "rowwise": 6.0}, attn_relative_efficiency=0.6, compile_default=True, eager_elementwise=3.0,
-        fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.5, ep_overlap=0.0, cp_overlap=0.0,
+        fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.5, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=True, compile_act_saving=0.08, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
         supports=frozenset({"dp", "fsdp", "hsdp", "tp", "pp", "cp", "ep"}),
@@ -146,7 +147,7 @@ BACKENDS: dict[str, Backend] = {
         name="native", runnable=True, states=_FSDP2_STATES,
         base_efficiency=0.52, fp8_linear_speedup=1.0, fp8_rowwise_speedup=1.0, fp8_default_recipe="tensorwise",
         fp8_cast_bytes={}, attn_relative_efficiency=0.6, compile_default=False, eager_elementwise=3.0,
-        fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, cp_overlap=0.0,
+        fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
         supports=frozenset({"dp", "fsdp", "hsdp", "tp"}),
@@ -160,7 +161,7 @@ BACKENDS: dict[str, Backend] = {
         name="deepspeed", runnable=True, states=_DS_STATES,
         base_efficiency=0.52, fp8_linear_speedup=1.0, fp8_rowwise_speedup=1.0, fp8_default_recipe="tensorwise",
         fp8_cast_bytes={}, attn_relative_efficiency=0.6, compile_default=False, eager_elementwise=3.0,
-        fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, cp_overlap=0.0,
+        fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
         supports=frozenset({"dp", "zero"}),
@@ -176,7 +177,7 @@ BACKENDS: dict[str, Backend] = {
         name="megatron", runnable=False, states=_DS_STATES,
         base_efficiency=0.70, fp8_linear_speedup=1.8, fp8_rowwise_speedup=1.8, fp8_default_recipe="tensorwise",
         fp8_cast_bytes={"tensorwise": 1.0, "rowwise": 1.0}, attn_relative_efficiency=1.0, compile_default=False, eager_elementwise=1.0,
-        fsdp_overlap=0.9, tp_overlap=0.8, async_tp_overlap=0.8, ep_overlap=0.7, cp_overlap=0.5,
+        fsdp_overlap=0.9, tp_overlap=0.8, async_tp_overlap=0.8, ep_overlap=0.7, ep_node_dedup=True, cp_overlap=0.5,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
         supports=frozenset({"dp", "zero", "tp", "pp", "cp", "ep"}),
@@ -192,6 +193,8 @@ BACKENDS: dict[str, Backend] = {
             "https://docs.nvidia.com/megatron-core/developer-guide/latest/api-guide/tensor_parallel.html",
             "ep_overlap": "Megatron-Core MoE: overlap_moe_expert_parallel_comm (A2A overlap with 1F1B), "
             "https://docs.nvidia.com/megatron-core/developer-guide/latest/api-guide/moe.html",
+            "ep_node_dedup": "Megatron-Core flex token dispatcher with DeepEP (https://github.com/deepseek-ai/DeepEP: "
+            "tokens forwarded once per node over RDMA, then NVLink), as Megatron-Bridge's DeepSeek-V3 recipes use",
             "cp_overlap": "Megatron-Core context parallel: P2P K/V exchange overlapped with attention "
             "(Transformer Engine), https://docs.nvidia.com/megatron-core/developer-guide/latest/"
             "api-guide/context_parallel.html",
@@ -201,7 +204,7 @@ BACKENDS: dict[str, Backend] = {
         name="generic", runnable=False, states=_GENERIC_STATES,
         base_efficiency=0.65, fp8_linear_speedup=1.4, fp8_rowwise_speedup=1.4, fp8_default_recipe="tensorwise",
         fp8_cast_bytes={}, attn_relative_efficiency=1.0, compile_default=False, eager_elementwise=1.0,
-        fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, cp_overlap=0.5,
+        fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.5,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.0,
         cuda_context_bytes=1.0 * GiB, nccl_bytes_per_peer_group=0.0,
         supports=frozenset({"dp", "fsdp", "hsdp", "zero", "tp", "pp", "cp", "ep"}),

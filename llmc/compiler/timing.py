@@ -126,6 +126,7 @@ class StepModel:
     tp_overlap: float = 0.0  # share of TP collectives hidden behind GEMMs (async TP / comm-GEMM overlap)
     fsdp_overlap: float = 0.85  # share of FSDP/ZeRO traffic hidden behind compute (prefetch)
     ep_overlap: float = 0.0  # share of MoE all-to-all hidden behind expert compute
+    ep_node_dedup: bool = False  # a token crosses the network once per remote node (DeepEP-style dispatch)
     cp_overlap: float = 0.5  # share of the ring-attention K/V exchange hidden behind attention
     compute_scale: float = 1.0  # calibration: compute and elementwise time / compute_scale
     comm_scale: float = 1.0  # calibration: every exposed communication time x comm_scale
@@ -221,7 +222,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         gpus_per_node=domain, nvlink_Bps=gpu.nvlink_gbps * 1e9 * COMM_EFFICIENCY,
         net_Bps=gpu.net_gbps / 8 * 1e9 * COMM_EFFICIENCY, hbm_Bps=gpu.hbm_gbps * 1e9,
         backend=be.name, compiled=compiled_, tp_overlap=tp_overlap, fsdp_overlap=be.fsdp_overlap,
-        ep_overlap=be.ep_overlap, cp_overlap=be.cp_overlap, compute_scale=compute_scale, comm_scale=comm_scale,
+        ep_overlap=be.ep_overlap, ep_node_dedup=be.ep_node_dedup, cp_overlap=be.cp_overlap, compute_scale=compute_scale, comm_scale=comm_scale,
         base_efficiency=be.base_efficiency, fp8_cast_full=cast_full, fp8_cast_sharded=cast_sharded,
     )
 
@@ -306,7 +307,7 @@ class LayoutTimer:
 
     __slots__ = ("sm", "t", "p", "cp", "ep", "ds", "dr", "zero", "sched", "v", "chunks", "world", "bubble_slots",
                  "one_pass", "fsdp_passes", "fsdp_latency", "per_step_comm", "optimizer", "pp_bw", "ep_bw",
-                 "cp_bw")
+                 "cp_bw", "a2a_per_token")
 
     def __init__(self, sm: StepModel, tp: int, pp: int, cp: int, ep: int, dp_shard: int, dp_replicate: int,
                  zero_stage: int, pp_schedule: str = "1F1B", pp_virtual_stages: int = 1):
@@ -327,6 +328,21 @@ class LayoutTimer:
             self.bubble_slots = float(p - 1)
         self.pp_bw = sm.nvlink_Bps if self.world <= gpn else sm.net_Bps
         self.ep_bw = sm.nvlink_Bps if ep * cp * t <= gpn else sm.net_Bps
+        # seconds per (token x d_model x byte) of one all-to-all: each token goes to top_k experts spread over
+        # the ep ranks. Within an NVLink domain: top_k (ep-1)/ep copies over NVLink. Across nodes, plain
+        # all-to-all sends top_k (ep-g)/ep copies over the network (g = EP ranks per node) and the rest over
+        # NVLink; with per-node deduplication (DeepEP / hierarchical dispatch: a token goes once to each
+        # remote node holding one of its experts, then over NVLink, https://github.com/deepseek-ai/DeepEP,
+        # DeepSeek-V3 report arXiv 2412.19437 sec. 3.2.2) the network copies are the expected number of
+        # remote nodes hit, (n-1)(1 - (1 - 1/n)^top_k) for n nodes.
+        k = sm.top_k
+        if ep * cp * t <= gpn or ep <= 1:
+            self.a2a_per_token = k * (ep - 1) / max(ep, 1) / sm.nvlink_Bps if ep > 1 else 0.0
+        else:
+            g = max(1, min(ep, gpn // max(1, cp * t)))  # EP ranks sharing a node
+            n = max(1, ep // g)
+            net_copies = (n - 1) * (1 - (1 - 1 / n) ** k) if sm.ep_node_dedup else k * (ep - g) / ep
+            self.a2a_per_token = net_copies / sm.net_Bps + k * (g - 1) / ep / sm.nvlink_Bps
         self.cp_bw = sm.nvlink_Bps if cp * t <= gpn else sm.net_Bps
 
         # parameters this GPU holds before data-parallel sharding (heaviest stage)
@@ -384,8 +400,8 @@ class LayoutTimer:
             tp_comm *= 1.0 - sm.tp_overlap  # async TP / comm-GEMM overlap hides this share
         ep_comm = 0.0
         if ep > 1 and sm.n_moe_layers:  # 4 all-to-alls per MoE block (+2 with full recompute)
-            a2a = tokens_gpu / t * sm.top_k * sm.d_model * ACT_BYTES * (ep - 1) / ep
-            ep_comm = n_slow * sm.n_moe_layers / sm.n_layers * (6 if full else 4) * a2a / self.ep_bw
+            ep_comm = n_slow * sm.n_moe_layers / sm.n_layers * (6 if full else 4) * self.a2a_per_token \
+                * tokens_gpu / t * sm.d_model * ACT_BYTES
             ep_comm *= 1.0 - sm.ep_overlap
         cp_comm = 0.0
         if cp > 1:  # ring attention: (cp-1) hops of the local K/V forward, 2x that backward
