@@ -2,9 +2,13 @@
 """Score llmc's planner against published training measurements (benchmarks/data/*.yaml).
 
 For every row: build a RunSpec for the row's model, GPU, pinned layout, sequence length and global
-batch; compile it with llmc; compare the predicted tokens/s/GPU and peak memory per GPU with the
+batch; validate it with llmc's ``compile_spec``; evaluate the pinned plan with llmc's time and memory
+model for the row's backend profile (torchtitan, or the Megatron reference profile), torch.compile,
+async-TP and fp8 recipe; compare the predicted tokens/s/GPU and peak reserved memory per GPU with the
 measured ones. Prints per-row errors, per-group mean/max |error|, Spearman rank correlation within
-each sweep (rows of one table that vary one knob) and a leave-one-out calibrated error.
+each sweep (rows of one table that vary one knob), the within-sweep error spread, and the leave-one-out
+calibrated error within each (backend, GPU, source) group, fitted with ``llmc.compiler.calibration``
+(the same fit ``llmc calibrate`` runs on a user's own measured runs).
 
     python scripts/bench_fidelity.py                      # markdown to stdout
     python scripts/bench_fidelity.py --format json
@@ -13,11 +17,6 @@ each sweep (rows of one table that vary one knob) and a leave-one-out calibrated
 
 Every call into llmc lives in :func:`llmc_predict` and :func:`llmc_model_states` (the adapter), so an API
 change is fixed in one place. A row llmc cannot express is listed as skipped with the reason.
-
-Calibration hook: ``fit(rows, preds) -> factors`` and ``predict(row, pred, factors) -> tokens/s/GPU``.
-The default fits one multiplicative throughput factor per (backend, GPU) by least squares in log space
-(the geometric mean of measured / predicted) on the ``use: fit`` rows; swap in another pair with the same
-signatures to try a richer model.
 """
 
 from __future__ import annotations

@@ -115,7 +115,14 @@ BACKENDS: dict[str, Backend] = {
             "states": "FSDP2 fully_shard MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); " + _TT
             + "/blob/main/torchtitan/config/job_config.py (mixed_precision_param / mixed_precision_reduce)",
             "base_efficiency": "fitted: benchmarks/ torchtitan H100 Dec 2024 rows (use: fit)",
-            "fp8_linear_speedup": _FP8_SRC,
+            "fp8_linear_speedup": "fitted (with fp8_cast_bytes): " + _FP8_SRC,
+            "fsdp_overlap": "FSDP2 prefetches the next unit's all-gather during the current unit's compute "
+            "(https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html); share hidden is an estimate",
+            "tp_overlap": "without async TP, torchtitan's DTensor TP collectives are issued on the compute stream "
+            "between the GEMMs (exposed)",
+            "ep_overlap": "torchtitan's expert-parallel all-to-all is synchronous around the grouped GEMMs (exposed)",
+            "nccl_bytes_per_peer_group": "NCCL_BUFFSIZE 4 MiB per channel, up to 16 channels per communicator "
+            "on NVLink (https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html); estimate",
             "fp8_rowwise_speedup": _TT + "/commit/7a04053a742af65bc76826bbcc57b7bede7be62c (Llama 3 8B, 8 H100, "
             "compile: bf16 5,760 tok/s, rowwise float8 6,424 (1.12x), tensorwise + fp8 all-gather 7,186 (1.25x))",
             "fp8_cast_bytes": "torchao float8 (https://github.com/pytorch/ao/tree/main/torchao/float8): every "
@@ -236,9 +243,28 @@ def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = N
     return "torchtitan", f"auto: torchtitan ({why}: FSDP2, TP, PP, CP, EP; compiled, fp8 via torchao)"
 
 
+FITTED = ("base_efficiency", "attn_relative_efficiency", "eager_elementwise", "compile_act_saving",
+          "reserved_over_allocated", "fp8_linear_speedup", "fp8_rowwise_speedup")
+
+
+def describe(name: str) -> list[tuple[str, object, str]]:
+    """(field, value, source) for every numeric/boolean field of a profile, for ``llmc backends`` style
+    listings; fields listed in :data:`FITTED` whose source says "fitted" were fitted on benchmarks/ rows."""
+    import dataclasses
+
+    be = get_backend(name)
+    out = []
+    for f in dataclasses.fields(be):
+        if f.name in ("name", "sources", "states", "supports"):
+            continue
+        out.append((f.name, getattr(be, f.name), be.sources.get(f.name, "")))
+    return out
+
+
 def compile_on(backend: Backend, requested: bool | None) -> bool:
     """torch.compile for this run: the spec's ``training.compile`` or the backend's default."""
     return backend.compile_default if requested is None else bool(requested)
 
 
-__all__ = ["Backend", "StateBytes", "BACKENDS", "RUNNABLE", "get_backend", "resolve_backend", "compile_on"]
+__all__ = ["Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "get_backend", "resolve_backend", "compile_on",
+           "describe"]
