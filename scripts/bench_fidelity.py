@@ -553,7 +553,7 @@ def to_markdown(rep: dict[str, Any]) -> str:
          f"Generated {rep['date']} by `scripts/bench_fidelity.py` at llmc commit `{rep['commit']}`. "
          f"Rows: {len(rep['results'])} scored, {len(rep['skipped'])} skipped. Error = (predicted - measured) / measured. "
          "Memory is the allocator's reserved peak (torchtitan logs `max_memory_reserved`); LOO-cal = leave-one-out "
-         "calibrated within the row's (backend, GPU) group with `llmc.compiler.calibration`.",
+         "calibrated within the row's (backend, GPU, source) group with `llmc.compiler.calibration`.",
          "", "## Summary", "",
          "| quantity | n | mean abs err % | max abs err % | mean signed % |", "|---|---:|---:|---:|---:|",
          line("tokens/s/GPU, uncalibrated", sm["tps"]), line("tokens/s/GPU, LOO-calibrated", sm["tps_loo"]),
