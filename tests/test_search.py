@@ -185,3 +185,14 @@ def test_error_band_prefers_the_simpler_layout_and_says_so():
     assert fastest.best.plan.tp > 1 and loose.best.plan.tp == 1
     assert any("chose the simpler" in r and "error band" in r for r in loose.reasons)
     assert not any("chose the simpler" in r for r in fastest.reasons)
+
+
+def test_auto_backend_choice_and_reason():
+    from llmc.compiler.backends import resolve_backend
+
+    assert resolve_backend("auto", cpu=True)[0] == "native"
+    assert resolve_backend("auto", offload_optimizer=True)[0] == "deepspeed"
+    assert resolve_backend("auto", zero_stage=2)[0] == "deepspeed"
+    name, why = resolve_backend("auto", pp=4, tp=8)
+    assert name == "torchtitan" and "tp/pp" in why
+    assert resolve_backend("native") == ("native", "training.backend pins native")

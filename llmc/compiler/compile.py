@@ -194,7 +194,8 @@ def _backend_and_calibration(run, gpu, calibration):
 
     par = run.parallelism
     name, why = backends.resolve_backend(run.training.backend, tp=par.tp, pp=par.pp, cp=par.cp, ep=par.ep,
-                                         zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer)
+                                         zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
+                                         cpu=gpu is not None and gpu.key == "cpu")
     be = backends.get_backend(name)
     comp = backends.compile_on(be, run.training.compile)
     be_info = {"name": name, "reason": f"backend {name}: {why}; torch.compile {'on' if comp else 'off'}",
