@@ -503,6 +503,8 @@ def stage_memory(
 # cached value holds the architecture, so its id cannot be reused while the entry lives.
 _STATIC: dict[tuple, tuple] = {}
 _ACTS: dict[tuple, tuple] = {}
+_GROUPS: dict[tuple, tuple] = {}
+_BLOCKS: dict[tuple, tuple] = {}
 _CACHE_MAX = 200_000
 
 
@@ -513,10 +515,24 @@ def _bounded(cache: dict) -> dict:
 
 
 def _stage_act_cached(arch, layers, ac, seq_len, flash, act_b) -> tuple[float, float]:
+    """:func:`_stage_act` from per-layer values computed once per (architecture, AC mode, ...)."""
     key = (id(arch), layers, ac, seq_len, flash, act_b)
     hit = _ACTS.get(key)
     if hit is None or hit[0] is not arch:
-        hit = (arch, _stage_act(arch, layers, ac, seq_len, flash, act_b))
+        lkey = (id(arch), "layers", ac, seq_len, flash, act_b)
+        per = _ACTS.get(lkey)
+        if per is None or per[0] is not arch:
+            vals = []
+            for i in range(arch.n_layers):
+                kept = layer_activation_bytes_per_token(arch, i, ac, seq_len=seq_len, flash_attention=flash,
+                                                        bytes_per_elem=act_b)
+                none = layer_activation_bytes_per_token(arch, i, "none", seq_len=seq_len, flash_attention=flash,
+                                                        bytes_per_elem=act_b)
+                vals.append((kept, 0.0 if ac == "none" else none - kept))
+            per = (arch, tuple(vals))
+            _bounded(_ACTS)[lkey] = per
+        v = per[1]
+        hit = (arch, (sum(v[i][0] for i in layers), max((v[i][1] for i in layers), default=0.0)))
         _bounded(_ACTS)[key] = hit
     return hit[1]
 
@@ -533,7 +549,12 @@ def _static_stages(arch, plan, precision, optimizer_bytes_per_param, offload_opt
     use_profile = precision != "fp32" and grad_bytes_per_param is None and optimizer_bytes_per_param == 12
     cwb = 4.0 if precision == "fp32" else 2.0  # bytes of an all-gathered (unsharded) parameter in compute
     v = max(1, plan.pp_virtual_stages)
-    groups = _stage_param_groups(arch, plan.pp, plan.pp_schedule, v)
+    gkey = (id(arch), plan.pp, plan.pp_schedule, v)
+    ghit = _GROUPS.get(gkey)
+    if ghit is None or ghit[0] is not arch:
+        ghit = (arch, _stage_param_groups(arch, plan.pp, plan.pp_schedule, v))
+        _bounded(_GROUPS)[gkey] = ghit
+    groups = ghit[1]
     shard = _shard_groups(plan)
     layout = _plan_layout(arch, plan)
     zs = plan.zero_stage
@@ -579,7 +600,12 @@ def _static_stages(arch, plan, precision, optimizer_bytes_per_param, offload_opt
         elif zs >= 3 and z_dense > 1:
             # FSDP unit = one block (or the embedding / head): 2 units all-gathered in the compute dtype
             # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter
-            block = _max_block_local(arch, layers, plan.tp, max(1, plan.ep))
+            bkey = (id(arch), layers, plan.tp, max(1, plan.ep))
+            bhit = _BLOCKS.get(bkey)
+            if bhit is None or bhit[0] is not arch:
+                bhit = (arch, _max_block_local(arch, layers, plan.tp, max(1, plan.ep)))
+                _bounded(_BLOCKS)[bkey] = bhit
+            block = bhit[1]
             unit = block
             if has_emb or has_head:
                 unit = max(unit, arch.vocab_size * arch.d_model / plan.tp)  # embedding / head unit
@@ -619,8 +645,8 @@ def non_allocator_bytes(plan: ParallelPlan, backend) -> float:
     NCCL's buffers, one set per communicator this rank joins (NCCL_BUFFSIZE 4 MiB per channel and
     peer; https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html#nccl-buffsize).
     The ``generic`` profile keeps llmc's historical 1 GiB workspace."""
-    groups = sum(1 for d in (plan.dp_shard * plan.cp, plan.dp_replicate, plan.tp, plan.pp, plan.cp, plan.ep)
-                 if d > 1)
+    groups = ((plan.dp_shard * plan.cp > 1) + (plan.dp_replicate > 1) + (plan.tp > 1) + (plan.pp > 1)
+              + (plan.cp > 1) + (plan.ep > 1))
     return float(backend.cuda_context_bytes + groups * backend.nccl_bytes_per_peer_group)
 
 
