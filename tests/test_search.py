@@ -196,3 +196,22 @@ def test_auto_backend_choice_and_reason():
     name, why = resolve_backend("auto", pp=4, tp=8)
     assert name == "torchtitan" and "tp/pp" in why
     assert resolve_backend("native") == ("native", "training.backend pins native")
+
+
+def test_the_search_only_uses_what_the_backend_runs():
+    base = """\
+name: t
+model: llama3-70b
+hardware: {gpu: h100-sxm, count: 64}
+data: {seq_len: 8192, tokens: 1T}
+training: {backend: BACKEND, global_batch_tokens: 4194304}
+"""
+    def comp(backend):
+        run, lines = loads_spec(base.replace("BACKEND", backend), file="s.yaml")
+        return compile_spec(run, "s.yaml", lines, spec_bytes=b"")
+
+    ds = comp("deepspeed")
+    assert ds.plan is not None
+    assert (ds.plan.tp, ds.plan.pp, ds.plan.cp, ds.plan.ep, ds.plan.dp_replicate) == (1, 1, 1, 1, 1)
+    nat = comp("native")
+    assert nat.plan is not None and (nat.plan.pp, nat.plan.cp) == (1, 1)

@@ -81,8 +81,11 @@ class Backend:
 
 _FSDP2_STATES = {
     0: StateBytes(weights=(4, 0), grads=(4, 0), optimizer=(8, 0)),
-    1: StateBytes(weights=(4, 0), grads=(4, 0), optimizer=(0, 8)),  # not used by torchtitan; FSDP is ZeRO-3
-    2: StateBytes(weights=(4, 0), grads=(0, 4), optimizer=(0, 8)),
+    # llmc's torchtitan job maps ZeRO-1/2 to FSDP2 with reshard_after_forward = "never" (render_torchtitan.py):
+    # the fp32 shards stay sharded and the all-gathered bf16 parameters are kept from forward to backward
+    # (fully_shard docs: reshard_after_forward=False keeps the unsharded parameters after forward)
+    1: StateBytes(weights=(2, 4), grads=(0, 4), optimizer=(0, 8)),
+    2: StateBytes(weights=(2, 4), grads=(0, 4), optimizer=(0, 8)),
     3: StateBytes(weights=(0, 4), grads=(0, 4), optimizer=(0, 8)),
 }
 _DS_STATES = {

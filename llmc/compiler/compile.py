@@ -140,7 +140,8 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
         memory_fn = partial(_memory, memory_mod, arch, seq_len, run.training.precision, gpu.hbm_bytes,
                             run.parallelism.offload_optimizer, be_info["name"], be_info["compile"], factors)
         res = search.search(arch, sm, world=world, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
-                            precision=run.training.precision, pins=run.parallelism, memory_fn=memory_fn,
+                            precision=run.training.precision, pins=backend_pins(run.parallelism, be_info["name"]),
+                            memory_fn=memory_fn,
                             fits_fn=None if fit_check else _always_fits, band=band)
         checks.check_search(run, res, gpu, seqs, sink)
         reasons, alternatives = [be_info["reason"], cal_info["reason"]] + res.reasons, res.alternatives
@@ -185,6 +186,19 @@ def compile_spec(run, spec_path: str, yaml_lines: dict[str, int] | None = None,
 
 def _always_fits(mem) -> bool:
     return True
+
+
+def backend_pins(par, backend: str):
+    """The spec's pins plus what the backend's runner cannot do: a dimension it does not implement is pinned
+    to 1 (llmc's DeepSpeed runner is data-parallel only; the native trainer has no PP/CP/EP), and DeepSpeed
+    has no replicate dimension. A dimension the user pinned is left as pinned (the renderers warn)."""
+    from llmc.compiler.backends import get_backend
+
+    sup = get_backend(backend).supports
+    upd = {d: 1 for d in ("tp", "pp", "cp", "ep") if d not in sup and getattr(par, d) is None}
+    if "hsdp" not in sup and par.dp_replicate is None:
+        upd["dp_replicate"] = 1
+    return par.model_copy(update=upd) if upd else par
 
 
 def _backend_and_calibration(run, gpu, calibration):
