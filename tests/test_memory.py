@@ -567,3 +567,18 @@ def test_backend_choice_changes_the_memory_model():
     assert st(ds) / st(tt) == pytest.approx(18 / 16, rel=0.01)
     auto = _compile_text(text)
     assert auto.backend["name"] == "torchtitan" and "auto" in auto.backend["reason"]
+
+
+def test_reserved_memory_of_the_h200_check_rows():
+    """torchtitan's June 2025 Llama 3.1 8B runs on 32 and 64 H200 (a check source: no constant was set from
+    it): the reserved peak torchtitan logged, 47.96 and 46.97 GiB, within 8 %."""
+    from pathlib import Path
+
+    from llmc import measurements as ms
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "torchtitan_llama3_8b_h200_202506_trainy.yaml"
+    rows = ms.read_table(path)
+    assert len(rows) == 2
+    for m in rows:
+        _, mem = ms.predicted(m)
+        assert mem.reserved_bytes == pytest.approx(m.reserved_bytes, rel=0.08), m.label
