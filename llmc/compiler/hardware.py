@@ -4,7 +4,7 @@ Everything here is data with a source. Conventions (read these before using a nu
 
 * ``bf16_tflops`` / ``fp8_tflops`` are **dense** tensor-core peaks. NVIDIA datasheets print the
   2:4-structured-sparsity figure first (H100 SXM "1,979 TFLOPS BF16"); the dense figure is half of it
-  (989.4). Using the sparse figure halves every predicted training time (seed-facts-a Appendix A #1).
+  (989.4). Using the sparse figure halves every predicted training time.
 * ``fp32_tflops`` is the plain (non-tensor-core) FP32 peak: PyTorch does not use TF32 for matmuls by
   default (``torch.backends.cuda.matmul.allow_tf32 = False`` since 1.12), so "fp32" training runs at this
   rate. ``tf32_tflops`` (dense) is given where it exists.

@@ -4,12 +4,12 @@ Enumeration (torchtitan's mesh: world = dp_replicate x dp_shard x cp x tp x pp, 
 dp_shard x cp):
 
 * tp: divisors of the node size that divide n_heads and n_kv_heads (MLA: n_heads); TP never spans
-  nodes (seed-facts §4: TP needs NVLink).
+  nodes (TP's per-layer collectives need NVLink bandwidth; Narayanan et al. 2021 sec. 3.2).
 * pp: divisors of world/tp up to n_layers; uneven splits allowed (Llama 3 405B: 126 layers / 16).
   Schedules 1F1B and Interleaved1F1B with v in {2, 4, 8} virtual stages when the layers allow
   (Megatron requires grad_accum % pp == 0 for interleaving); GPipe and ZBVZeroBubble when pinned.
 * cp: powers of two dividing seq_len / (2 tp), only from 32k tokens (ring attention pays off for
-  long sequences; seed-facts §10.12).
+  long sequences).
 * ep (MoE only): divisors of num_experts that divide dp_shard x cp.
 * dp_shard x dp_replicate = the rest (HSDP: shard inside a node or a few nodes, replicate across);
   ZeRO-1 (shard optimizer state, reduce once per step) or ZeRO-3/FSDP over dp_shard.

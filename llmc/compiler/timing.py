@@ -172,7 +172,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     if arch.moe is not None:
         n_moe = L - min(arch.moe.dense_layers, L)
         e_ff = arch.moe.expert_d_ff or arch.d_ff
-        expert = 3.0 * d * e_ff * arch.moe.num_experts  # routed experts' SwiGLU (E2, seed-facts §1.2)
+        expert = 3.0 * d * e_ff * arch.moe.num_experts  # routed experts' SwiGLU: 3 matrices of d x d_ff each
     kv = params.kv_bytes_per_token(arch) / L  # bf16 K+V bytes per token per layer
     # fp8 (torchao float8) runs only the linears in fp8; attention stays bf16 (hardware.peak_flops note)
     attn_share = flops.attention_share(arch, seq_len)
@@ -457,7 +457,7 @@ def time_numbers(sm: StepModel, plan: ParallelPlan, steps: int) -> TimeNumbers:
 
 
 def days_at_mfu(training_flops: float, n_gpus: int, peak: float, mfu: float) -> float:
-    """Wall-clock days of ``training_flops`` at a given MFU (seed-facts E7: C / (n * peak * MFU))."""
+    """Wall-clock days of ``training_flops`` at a given MFU (C / (n * peak * MFU))."""
     return training_flops / (n_gpus * peak * mfu) / 86400.0
 
 
@@ -466,7 +466,7 @@ def gpu_hours(days: float, n_gpus: int) -> float:
 
 
 def usd(gpu_hours_: float, usd_per_gpu_hour: float) -> float:
-    """cost = n_gpu x hours x price (seed-facts E7)."""
+    """cost = n_gpu x hours x price."""
     return gpu_hours_ * usd_per_gpu_hour
 
 
