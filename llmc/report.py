@@ -163,9 +163,18 @@ def _plan(c) -> Table:
     t.add_row("batch split", f"micro_batch {p.micro_batch} x grad_accum {p.grad_accum} x dp {p.dp} = "
               f"{p.global_batch_seqs} sequences")
     t.add_row("recompute", f"activation checkpointing {p.activation_checkpointing}")
+    _model_rows(t, c)
     for i, r in enumerate(c.reasons):
         t.add_row("why" if i == 0 else "", r)
     return t
+
+
+def _model_rows(t: Table, c) -> None:
+    """Which backend the numbers are for, and whether they are calibrated (with the expected error)."""
+    if c.backend:
+        t.add_row("backend", c.backend["reason"])
+    if c.calibration:
+        t.add_row("calibration", c.calibration["reason"])
 
 
 def _bar(parts: list[tuple[str, float]], total: float, width: int = BAR) -> str:
@@ -189,9 +198,27 @@ def _memory(c) -> Table:
     t.add_row("bar", _bar([(letter, br.get(k, 0)) for k, letter in _MEM_PARTS], scale)
               + f" {gib(m.per_gpu_bytes)} / {gib(cap)} ({100 * m.per_gpu_bytes / cap:.0f}%)")
     t.add_row("", "  ".join(f"{letter}={k} {gib(br.get(k, 0))}" for k, letter in _MEM_PARTS))
+    if m.reserved_bytes:
+        t.add_row("allocator", f"{gib(m.allocated_bytes)} allocated, {gib(m.reserved_bytes)} reserved, "
+                  f"+{gib(m.outside_allocator_bytes)} outside the allocator (CUDA context, NCCL); {m.backend} backend")
     if len(m.per_stage_bytes) > 1:
         t.add_row("stages", f"{len(m.per_stage_bytes)} stages, {gib(min(m.per_stage_bytes))} .. "
                   f"{gib(max(m.per_stage_bytes))}")
+    return t
+
+
+def _unfit(c) -> Table:
+    """The closest layout when none fits: its predicted memory and step time, so the user sees by how much."""
+    u = c.unfit
+    t = _kv_table("Closest layout (does not fit)")
+    p = u["plan"]
+    t.add_row("degrees", f"dp_replicate {p['dp_replicate']} x dp_shard {p['dp_shard']} x cp {p['cp']} x "
+              f"tp {p['tp']} x pp {p['pp']}, micro_batch {p['micro_batch']}, AC {p['activation_checkpointing']}")
+    m = u["memory"]
+    t.add_row("memory", f"{gib(m['per_gpu_bytes'])} per GPU of {gib(m['capacity_bytes'])} "
+              f"({100 * m['per_gpu_bytes'] / m['capacity_bytes']:.0f}%)")
+    t.add_row("step", f"{duration(u['time']['step_seconds'])} per step, MFU {100 * u['time']['mfu']:.1f}%")
+    _model_rows(t, c)
     return t
 
 
@@ -327,6 +354,8 @@ def report_renderables(c) -> list:
         parts += [_compute(c), _hyper(c), _plan(c), _memory(c), _time(c)]
     else:
         parts += [_compute(c), _hyper(c), Text("No parallelism plan (see the errors below).", style="bold red")]
+        if c.unfit:
+            parts.append(_unfit(c))
     parts += [_budget(c), _alternatives(c), _rejected(c), _stages(c), _serving(c), *_diagnostics(c)]
     return [p for p in parts if p is not None]
 

@@ -2,9 +2,13 @@
 """Score llmc's planner against published training measurements (benchmarks/data/*.yaml).
 
 For every row: build a RunSpec for the row's model, GPU, pinned layout, sequence length and global
-batch; compile it with llmc; compare the predicted tokens/s/GPU and peak memory per GPU with the
+batch; validate it with llmc's ``compile_spec``; evaluate the pinned plan with llmc's time and memory
+model for the row's backend profile (torchtitan, or the Megatron reference profile), torch.compile,
+async-TP and fp8 recipe; compare the predicted tokens/s/GPU and peak reserved memory per GPU with the
 measured ones. Prints per-row errors, per-group mean/max |error|, Spearman rank correlation within
-each sweep (rows of one table that vary one knob) and a leave-one-out calibrated error.
+each sweep (rows of one table that vary one knob), the within-sweep error spread, and the leave-one-out
+calibrated error within each (backend, GPU, source) group, fitted with ``llmc.compiler.calibration``
+(the same fit ``llmc calibrate`` runs on a user's own measured runs).
 
     python scripts/bench_fidelity.py                      # markdown to stdout
     python scripts/bench_fidelity.py --format json
@@ -13,11 +17,6 @@ each sweep (rows of one table that vary one knob) and a leave-one-out calibrated
 
 Every call into llmc lives in :func:`llmc_predict` and :func:`llmc_model_states` (the adapter), so an API
 change is fixed in one place. A row llmc cannot express is listed as skipped with the reason.
-
-Calibration hook: ``fit(rows, preds) -> factors`` and ``predict(row, pred, factors) -> tokens/s/GPU``.
-The default fits one multiplicative throughput factor per (backend, GPU) by least squares in log space
-(the geometric mean of measured / predicted) on the ``use: fit`` rows; swap in another pair with the same
-signatures to try a richer model.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ import re
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,11 @@ DATA_DIR = ROOT / "benchmarks" / "data"
 GIB = 2**30
 
 # Precision labels on the source pages -> llmc's training.precision (None: llmc cannot express it).
+# Systems whose own llmc GPU entry exists although the data file names the closest older key.
+EXACT_GPU = {"Grand Teton H100 96GB HBM2e 500W": "h100-hbm2e-96g", "DGX-GB200": "gb200"}
+# backend of the source -> llmc backend profile (llmc/compiler/backends.py; megatron is a reference profile)
+BACKEND_PROFILE = {"torchtitan": "torchtitan", "megatron": "megatron", "deepspeed": "deepspeed"}
+
 PRECISIONS = {"bf16": "bf16", "BF16": "bf16", "fp8": "fp8", "FP8": "fp8", "FP8-CS": "fp8", "FP8-MX": "fp8",
               "MXFP8": "fp8", "NVFP4": None}
 
@@ -123,6 +126,12 @@ class PlanRequest:
     micro_batch: int
     activation_checkpointing: str | None
     zero_stage: int
+    backend: str = "torchtitan"
+    compile: bool | None = None
+    async_tp: bool = False
+    fp8_recipe: str | None = None
+    gpu_note: str | None = None
+    compile_loss: bool | None = None
 
 
 @dataclass
@@ -136,12 +145,18 @@ class Prediction:
     notes: list[str] = field(default_factory=list)
     breakdown: dict[str, float] = field(default_factory=dict)
     flops_per_token: float = 0.0  # llmc's training model FLOPs per token (no recomputation)
+    step_seconds: float = 0.0
+    allocated_gib: float = 0.0  # peak allocated (mem_gib is the allocator's reserved peak)
 
 
 def request_for(row: Row) -> PlanRequest:
     """Translate a throughput row into llmc's terms, or raise :class:`Skip`."""
     f = row.fields
-    if row.gpu_key is None:
+    gpu_key, gpu_note = row.gpu_key, None
+    if row.system in EXACT_GPU:
+        gpu_key = EXACT_GPU[row.system]
+        gpu_note = f"llmc GPU {gpu_key} (data file: {row.gpu_key})"
+    if gpu_key is None:
         raise Skip(f"no llmc GPU entry for {row.system}")
     prec = PRECISIONS.get(str(f.get("precision")))
     if f.get("precision") is None or prec is None:
@@ -152,6 +167,12 @@ def request_for(row: Row) -> PlanRequest:
         sched = f.get("pp_schedule") if pp > 1 else None
         vp = f.get("vp") if pp > 1 else None
         mb, gbs, ac, zero = f["micro_batch"], f["global_batch"], f.get("ac"), 3
+        compile_, async_tp = bool(f.get("compile")), bool(f.get("async_tp"))
+        # torchao float8 before the recipe switch was tensorwise; later rows name their recipe
+        recipe = f.get("quantization") or "tensorwise"
+        # torchtitan 9dec370 (Dec 2024) compiled the TransformerBlocks only; by June 2025 --training.compile
+        # also compiled the loss (components/loss.py build_cross_entropy_loss)
+        compile_loss = compile_ and not str(row.file).endswith("202412")
     elif row.backend == "megatron":
         tp, pp, cp = f["tp"], f["pp"], f["cp"]
         ep = row.get("ep", 1)
@@ -163,15 +184,18 @@ def request_for(row: Row) -> PlanRequest:
         vp = f.get("vp") if pp > 1 else None
         sched = ("Interleaved1F1B" if (vp or 1) > 1 else "1F1B") if pp > 1 else None
         mb, gbs, ac = f["mbs"], f["gbs"], None
+        compile_, async_tp, recipe = False, True, "tensorwise"  # TE kernels; TP comm overlap; current scaling
+        compile_loss = False
         if "w/ MTP" in str(f.get("model_label", "")):
             raise Skip("multi-token prediction (MTP) module: not in llmc's deepseek-v3 preset")
     else:
         raise Skip(f"backend {row.backend} has no throughput mapping")
     return PlanRequest(
-        id=row.id, model=f["model"], gpu=row.gpu_key, gpus=f["gpus"], gpus_per_node=f.get("gpus_per_node"),
+        id=row.id, model=f["model"], gpu=gpu_key, gpus=f["gpus"], gpus_per_node=f.get("gpus_per_node"),
         seq_len=f["seq_len"], global_batch_seqs=gbs, precision=prec, dp_replicate=dp_rep, dp_shard=dp_shard,
         tp=tp, pp=pp, cp=cp, ep=ep, pp_schedule=sched, virtual_stages=vp, micro_batch=mb,
-        activation_checkpointing=ac, zero_stage=zero,
+        activation_checkpointing=ac, zero_stage=zero, backend=BACKEND_PROFILE[row.backend], compile=compile_,
+        async_tp=async_tp, fp8_recipe=recipe, gpu_note=gpu_note, compile_loss=compile_loss,
     )
 
 
@@ -200,14 +224,17 @@ def spec_yaml(req: PlanRequest) -> str:
 
 
 def llmc_predict(req: PlanRequest) -> Prediction:
-    """Compile the request with llmc; evaluate the pinned plan directly where the search cannot return it.
+    """Validate the request with ``compile_spec``, then evaluate the row's pinned plan with llmc's time and
+    memory functions for the row's backend profile, torch.compile, async-TP and fp8 recipe settings.
 
-    The direct path is taken when llmc's search finds no plan only because of memory (P004: the layout
-    ran on the real cluster, so its speed is still compared) or when the row pins a number of virtual
-    pipeline stages the spec cannot (the spec has no key for it).
+    Every row pins its layout, so the pinned plan is what is scored; ``compile_spec`` supplies the
+    diagnostics (P004: llmc predicts the layout does not fit; it did run, so its speed is still
+    compared and the row is flagged) and, where the source gives no activation checkpointing mode,
+    llmc's own choice (the fastest mode that fits).
     """
     from llmc.compiler import memory as memory_mod
     from llmc.compiler import timing
+    from llmc.compiler.backends import get_backend
     from llmc.compiler.compile import cluster_gpu, compile_spec
     from llmc.compiler.hardware import get_gpu
     from llmc.compiler.plan import ParallelPlan
@@ -221,106 +248,122 @@ def llmc_predict(req: PlanRequest) -> Prediction:
     compiled = compile_spec(run, f"<bench:{req.id}>", lines, spec_bytes=b"")
     errs = [d for d in compiled.diagnostics if d.severity == "error"]
     notes: list[str] = []
-    plan = compiled.plan
-    if plan is None:
+    if compiled.plan is None:
         if not errs or any(d.code != "P004" for d in errs):
             raise Skip("llmc: " + "; ".join(f"{d.code} {d.path}: {d.message}" for d in errs[:2]))
-        notes.append("llmc predicts this layout does not fit (P004); pinned plan evaluated directly")
-    elif req.virtual_stages is not None and plan.pp_virtual_stages != req.virtual_stages:
-        notes.append(f"llmc searched v{plan.pp_virtual_stages}; the row's v{req.virtual_stages} evaluated directly "
-                     "(virtual stages are not a spec key)")
-    direct = bool(notes)
+        notes.append("P004 (llmc: does not fit)")
+    if req.gpu_note:
+        notes.append(req.gpu_note)
+    be = get_backend(req.backend)
     gpu = cluster_gpu(run, get_gpu(run.hardware.gpu))
-    sm = timing.step_model(run.model, req.seq_len, req.precision, gpu)
+    sm = timing.step_model(run.model, req.seq_len, req.precision, gpu, be, compile=req.compile,
+                           async_tp=req.async_tp, fp8_recipe=req.fp8_recipe)
 
     def memory_of(p):
-        return memory_mod.memory_per_gpu(run.model, p, req.seq_len, req.precision, gpu.hbm_bytes)
+        return memory_mod.memory_per_gpu(run.model, p, req.seq_len, req.precision, gpu.hbm_bytes, backend=be,
+                                         compile=req.compile, compile_loss=req.compile_loss)
 
-    if direct:
-        dp = req.dp_replicate * req.dp_shard
-        base = ParallelPlan(
-            dp_replicate=req.dp_replicate, dp_shard=req.dp_shard, tp=req.tp, pp=req.pp,
-            pp_schedule=req.pp_schedule or "1F1B",
-            pp_virtual_stages=req.virtual_stages or (2 if req.pp_schedule == "Interleaved1F1B" else 1),
-            cp=req.cp, ep=req.ep, micro_batch=req.micro_batch,
-            grad_accum=max(1, req.global_batch_seqs // (req.micro_batch * dp)),
-            activation_checkpointing=req.activation_checkpointing or "none", zero_stage=req.zero_stage)
-        if plan is not None:
-            base = dataclasses.replace(plan, pp_virtual_stages=req.virtual_stages or plan.pp_virtual_stages)
-        elif req.activation_checkpointing is None:
-            # AC not published: take llmc's own choice rule, the fastest mode that fits, else full.
-            options = [dataclasses.replace(base, activation_checkpointing=a) for a in ("none", "selective", "full")]
-            fitting = [p for p in options if memory_mod.fits(memory_of(p))]
-            base = min(fitting, key=lambda p: timing.step_time(sm, p)[0]) if fitting else options[-1]
-            notes.append(f"ac unpublished: {base.activation_checkpointing}")
-        plan = base
-        t = timing.time_numbers(sm, plan, 1)
-        mem = memory_of(plan)
-    else:
-        t, mem = compiled.time, compiled.memory
-    if req.activation_checkpointing is None and not direct:
+    dp = req.dp_replicate * req.dp_shard
+    plan = ParallelPlan(
+        dp_replicate=req.dp_replicate, dp_shard=req.dp_shard, tp=req.tp, pp=req.pp,
+        pp_schedule=req.pp_schedule or "1F1B",
+        pp_virtual_stages=req.virtual_stages or (2 if req.pp_schedule == "Interleaved1F1B" else 1),
+        cp=req.cp, ep=req.ep, micro_batch=req.micro_batch,
+        grad_accum=max(1, req.global_batch_seqs // (req.micro_batch * dp)),
+        activation_checkpointing=req.activation_checkpointing or "none", zero_stage=req.zero_stage)
+    if req.activation_checkpointing is None:
+        # AC not published: llmc's own choice rule, the fastest mode that fits, else full
+        options = [dataclasses.replace(plan, activation_checkpointing=a) for a in ("none", "selective", "full")]
+        fitting = [p for p in options if memory_mod.fits(memory_of(p))]
+        plan = min(fitting, key=lambda p: timing.step_time(sm, p)[0]) if fitting else options[-1]
         notes.append(f"ac unpublished: llmc chose {plan.activation_checkpointing}")
+    t = timing.time_numbers(sm, plan, 1)
+    mem = memory_of(plan)
     desc = (f"dr{plan.dp_replicate} ds{plan.dp_shard} tp{plan.tp} pp{plan.pp}"
             + (f"({plan.pp_schedule} v{plan.pp_virtual_stages})" if plan.pp > 1 else "")
             + f" cp{plan.cp}" + (f" ep{plan.ep}" if plan.ep > 1 else "")
-            + f" mb{plan.micro_batch}x{plan.grad_accum} ac={plan.activation_checkpointing} z{plan.zero_stage}")
+            + f" mb{plan.micro_batch}x{plan.grad_accum} ac={plan.activation_checkpointing} z{plan.zero_stage}"
+            + f" [{be.name}{' compile' if sm.compiled else ''}{' asyncTP' if req.async_tp and sm.compiled else ''}"
+            + (f" fp8-{req.fp8_recipe}" if req.precision == 'fp8' else "") + "]")
     return Prediction(
-        tokens_per_s_per_gpu=t.tokens_per_second / req.gpus, mem_gib=mem.per_gpu_bytes / GIB, mfu=t.mfu,
-        plan=desc, llmc_fits=memory_mod.fits(mem), path="pinned plan" if direct else "compile_spec", notes=notes,
+        tokens_per_s_per_gpu=t.tokens_per_second / req.gpus, mem_gib=mem.reserved_bytes / GIB, mfu=t.mfu,
+        plan=desc, llmc_fits=memory_mod.fits(mem), path="pinned plan", notes=notes,
         breakdown={k: float(v) for k, v in t.breakdown.items()},
         flops_per_token=float(compiled.compute.flops_per_token),
+        step_seconds=t.step_seconds, allocated_gib=mem.allocated_bytes / GIB,
     )
 
 
-def llmc_model_states(n_params: float, zero_stage: int, shard: int, offload_optimizer: bool) -> float:
-    """llmc's model-state bytes per GPU (weights + grads + optimizer) for bf16 AdamW under ZeRO."""
-    from llmc.compiler.memory import model_state_bytes
+def llmc_model_states(n_params: float, zero_stage: int, shard: int, offload_optimizer: bool,
+                      largest_layer_params: float = 0.0) -> float:
+    """llmc's model-state bytes per GPU (weights + grads + optimizer) under the DeepSpeed profile, plus for
+    ZeRO-3 the gathered largest layer (what DeepSpeed's estimator adds as 4 B x its parameters)."""
+    from llmc.compiler.backends import get_backend
+    from llmc.compiler.memory import backend_state_bytes
 
-    return sum(model_state_bytes(n_params, zero_stage=zero_stage, shard=shard,
-                                 offload_optimizer=offload_optimizer).values())
+    b = sum(backend_state_bytes(n_params, get_backend("deepspeed"), zero_stage=zero_stage, shard=shard,
+                                offload_optimizer=offload_optimizer).values())
+    return b + (4.0 * largest_layer_params if zero_stage == 3 else 0.0)
 
 
 # ------------------------------------------------------------------------------------ calibration
 
-Key = tuple[str, str]
-FitFn = Callable[[list[Row], dict[str, float]], dict[Key, float]]
-PredictFn = Callable[[Row, float, dict[Key, float]], float | None]
+def _points(results: list[dict]):
+    """calibration.TimePoint / MemPoint per scored row (llmc's uncalibrated split and the measurement)."""
+    from llmc.compiler.calibration import MemPoint, TimePoint, split_breakdown
+
+    tp, mp = {}, {}
+    for x in results:
+        if x.get("pred_tps") and x.get("meas_tps") and x.get("step_seconds"):
+            c, m, f = split_breakdown(x["breakdown"])
+            # same tokens per step: T_measured = T_predicted x predicted tok/s / measured tok/s
+            tp[x["id"]] = TimePoint(x["id"], c, m, f, x["step_seconds"] * x["pred_tps"] / x["meas_tps"])
+        if x.get("meas_mem_gib") and x.get("kind") == "throughput":
+            mp[x["id"]] = MemPoint(x["id"], x["pred_mem_gib"] * GIB, x["meas_mem_gib"] * GIB)
+    return tp, mp
 
 
-def fit(rows: list[Row], preds: dict[str, float]) -> dict[Key, float]:
-    """One multiplicative factor per (backend, GPU): least squares of log(measured) - log(predicted).
-
-    The minimiser of sum (log m - log(c p))^2 is log c = mean(log(m / p)). Also stores a per-backend
-    factor under (backend, "*") as the fallback for a GPU without fit rows.
-    """
-    logs: dict[Key, list[float]] = defaultdict(list)
-    for r in rows:
-        if r.id in preds and r.get("tokens_per_s_per_gpu"):
-            lr = math.log(r.fields["tokens_per_s_per_gpu"] / preds[r.id])
-            logs[(r.backend, r.gpu_key or "")].append(lr)
-            logs[(r.backend, "*")].append(lr)
-    return {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
+def calibration_key(x: dict) -> tuple[str, str]:
+    """(backend, GPU) within one source: one software version on one cluster, as a user's own runs are."""
+    return x["backend"], f"{x['gpu_key'] or ''} ({x['group'].split(' / ')[0]})"
 
 
-def predict(row: Row, pred: float, factors: dict[Key, float]) -> float | None:
-    """Calibrated tokens/s/GPU, or None when no factor applies to this backend."""
-    c = factors.get((row.backend, row.gpu_key or ""), factors.get((row.backend, "*")))
-    return None if c is None else pred * c
+def loo_calibrated(results: list[dict]) -> None:
+    """Leave-one-out calibrated errors within each (backend, GPU): each row is predicted with factors that
+    ``llmc.compiler.calibration`` fits on the other rows of its group (the same fit ``llmc calibrate``
+    runs). Adds ``err_tps_calibrated`` / ``err_mem_calibrated`` to the rows."""
+    from llmc.compiler.calibration import loo_memory_errors, loo_time_errors
+
+    tp, mp = _points(results)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for x in results:
+        if x.get("kind") == "throughput":
+            groups[calibration_key(x)].append(x)
+    for xs in groups.values():
+        tps = [tp[x["id"]] for x in xs if x["id"] in tp]
+        if len(tps) >= 2:
+            for p, e in zip(tps, loo_time_errors(tps), strict=True):
+                next(x for x in xs if x["id"] == p.label)["err_tps_calibrated"] = e
+        mps = [mp[x["id"]] for x in xs if x["id"] in mp]
+        if len(mps) >= 2:
+            for p, e in zip(mps, loo_memory_errors(mps), strict=True):
+                next(x for x in xs if x["id"] == p.label)["err_mem_calibrated"] = e
 
 
-def loo_errors(rows: list[Row], preds: dict[str, float], fit_fn: FitFn = fit,
-               predict_fn: PredictFn = predict) -> dict[str, float]:
-    """% error per row after calibration: fit rows leave themselves out; check rows use all fit rows."""
-    fit_rows = [r for r in rows if r.use == "fit" and r.id in preds]
-    all_factors = fit_fn(fit_rows, preds)
-    out: dict[str, float] = {}
-    for r in rows:
-        if r.id not in preds or not r.get("tokens_per_s_per_gpu"):
-            continue
-        factors = fit_fn([x for x in fit_rows if x.id != r.id], preds) if r.use == "fit" else all_factors
-        cal = predict_fn(r, preds[r.id], factors)
-        if cal is not None:
-            out[r.id] = pct(cal, r.fields["tokens_per_s_per_gpu"])
+def group_factors(results: list[dict]) -> dict[str, dict]:
+    """The factors fitted on every row of each (backend, GPU) group, with the group's LOO band."""
+    from llmc.compiler.calibration import calibrate
+
+    tp, mp = _points(results)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for x in results:
+        if x.get("kind") == "throughput":
+            groups[calibration_key(x)].append(x)
+    out = {}
+    for (b, g), xs in sorted(groups.items()):
+        cal = calibrate(b, g, [tp[x["id"]] for x in xs if x["id"] in tp], [mp[x["id"]] for x in xs if x["id"] in mp])
+        out[f"{b}/{g}"] = {"factors": cal.factors, "time_band": cal.time_band, "memory_band": cal.memory_band,
+                          "n_time": sum(x["id"] in tp for x in xs), "n_mem": sum(x["id"] in mp for x in xs)}
     return out
 
 
@@ -363,7 +406,7 @@ def _summary(errs: list[float]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------------------------- runner
 
-def evaluate(rows: list[Row], fit_fn: FitFn = fit, predict_fn: PredictFn = predict) -> dict[str, Any]:
+def evaluate(rows: list[Row]) -> dict[str, Any]:
     results, skipped = [], []
     for r in rows:
         try:
@@ -381,31 +424,65 @@ def evaluate(rows: list[Row], fit_fn: FitFn = fit, predict_fn: PredictFn = predi
         meas_t, meas_m = r.get("tokens_per_s_per_gpu"), r.get("mem_gib")
         results.append({
             "id": r.id, "group": r.group, "use": r.use, "sweep": r.sweep, "kind": r.kind,
-            "gpu_key": r.gpu_key, "gpu_key_exact": r.gpu_key_exact,
+            "backend": req.backend, "gpu_key": req.gpu, "gpu_key_exact": r.gpu_key_exact or req.gpu_note is not None,
             "pred_tps": p.tokens_per_s_per_gpu, "meas_tps": meas_t,
             "err_tps": pct(p.tokens_per_s_per_gpu, meas_t) if meas_t else None,
-            "pred_mem_gib": p.mem_gib, "meas_mem_gib": meas_m, "mem_kind": r.get("mem_kind"),
-            "err_mem": pct(p.mem_gib, meas_m) if meas_m else None,
+            "pred_mem_gib": p.mem_gib, "pred_alloc_gib": p.allocated_gib, "meas_mem_gib": meas_m,
+            "mem_kind": r.get("mem_kind"), "err_mem": pct(p.mem_gib, meas_m) if meas_m else None,
             "pred_mfu": p.mfu, "meas_tflops": r.get("tflops_per_gpu"), "plan": p.plan, "path": p.path,
-            "llmc_fits": p.llmc_fits, "notes": p.notes, "breakdown": p.breakdown,
+            "llmc_fits": p.llmc_fits, "notes": p.notes, "breakdown": p.breakdown, "step_seconds": p.step_seconds,
             # the source's model FLOPs per token (TFLOP/s / tokens/s) over llmc's: a FLOP-convention check
             "flops_ratio": (r.fields["tflops_per_gpu"] * 1e12 / meas_t / p.flops_per_token)
             if r.get("tflops_per_gpu") and meas_t else None,
         })
-    preds = {x["id"]: x["pred_tps"] for x in results if x.get("pred_tps")}
-    loo = loo_errors(rows, preds, fit_fn, predict_fn)
-    for x in results:
-        x["err_tps_calibrated"] = loo.get(x["id"])
+    loo_calibrated(results)
     return {"results": results, "skipped": skipped, "groups": _groups(results), "sweeps": _sweeps(results),
-            "calibration": _calibration(results, rows, preds, fit_fn)}
+            "calibration": group_factors(results), "summary": _overall(results)}
+
+
+def _overall(results: list[dict]) -> dict:
+    """Headline numbers: uncalibrated and LOO-calibrated |error| over every scored row."""
+    def pick(key, kind="throughput"):
+        return [x[key] for x in results if x.get(key) is not None and x["kind"] == kind]
+
+    out = {}
+    for label, key in (("tps", "err_tps"), ("tps_loo", "err_tps_calibrated"), ("mem", "err_mem"),
+                       ("mem_loo", "err_mem_calibrated")):
+        v = pick(key)
+        out[label] = _summary(v) if v else None
+    ms = pick("err_mem", "model_states")
+    out["model_states"] = _summary(ms) if ms else None
+    rhos = [s["rho_tps"] for s in _sweeps(results) if s["rho_tps"] is not None]
+    out["min_sweep_rho"] = min(rhos) if rhos else None
+    out["within_sweep_spread"] = within_sweep_spread(results)
+    return out
+
+
+def within_sweep_spread(results: list[dict]) -> float | None:
+    """Pooled standard deviation (%) of the tokens/s errors around their sweep's mean: how far two layouts of
+    the same model and cluster can be mis-ranked, the error a layout comparison is exposed to (the source of
+    ``llmc.compiler.calibration.RANKING_BAND_UNCALIBRATED``)."""
+    by: dict[str, list[float]] = defaultdict(list)
+    for x in results:
+        if x["sweep"] and x["err_tps"] is not None:
+            by[x["sweep"]].append(x["err_tps"])
+    ss, dof = 0.0, 0
+    for errs in by.values():
+        if len(errs) >= 2:
+            m = sum(errs) / len(errs)
+            ss += sum((e - m) ** 2 for e in errs)
+            dof += len(errs) - 1
+    return math.sqrt(ss / dof) if dof else None
 
 
 def _model_states_result(r: Row) -> dict[str, Any]:
     f = r.fields
     if f.get("offload_param"):
         raise Skip("parameter offload (ZeRO-3 offload_param): llmc models optimizer offload only")
-    pred = llmc_model_states(f["params_total"], f["zero_stage"], f["gpus"], bool(f.get("offload_optimizer"))) / GIB
+    pred = llmc_model_states(f["params_total"], f["zero_stage"], f["gpus"], bool(f.get("offload_optimizer")),
+                             f.get("largest_layer_params") or 0.0) / GIB
     return {"id": r.id, "group": r.group, "use": r.use, "sweep": None, "kind": r.kind, "gpu_key": None,
+            "backend": "deepspeed", "pred_alloc_gib": pred, "step_seconds": None,
             "gpu_key_exact": True, "pred_tps": None, "meas_tps": None, "err_tps": None,
             "pred_mem_gib": pred, "meas_mem_gib": f["per_gpu_gib"], "mem_kind": "model states (DeepSpeed estimator)",
             "err_mem": pct(pred, f["per_gpu_gib"]), "pred_mfu": None, "meas_tflops": None,
@@ -451,21 +528,6 @@ def _sweeps(results: list[dict]) -> list[dict]:
     return out
 
 
-def _calibration(results: list[dict], rows: list[Row], preds: dict[str, float], fit_fn: FitFn) -> dict:
-    fit_rows = [r for r in rows if r.use == "fit" and r.id in preds]
-    factors = fit_fn(fit_rows, preds)
-    loo_fit = [x["err_tps_calibrated"] for x in results if x["use"] == "fit" and x.get("err_tps_calibrated") is not None]
-    chk = [x["err_tps_calibrated"] for x in results if x["use"] == "check" and x.get("err_tps_calibrated") is not None]
-    raw_fit = [x["err_tps"] for x in results if x["use"] == "fit" and x["err_tps"] is not None]
-    return {
-        "factors": {f"{b}/{g}": c for (b, g), c in sorted(factors.items())},
-        "fit_rows": len(fit_rows),
-        "fit_raw": _summary(raw_fit) if raw_fit else None,
-        "fit_loo": _summary(loo_fit) if loo_fit else None,
-        "check_calibrated": _summary(chk) if chk else None,
-    }
-
-
 # ------------------------------------------------------------------------------------------- output
 
 def _f(v, fmt="{:.1f}", none="-"):
@@ -481,12 +543,28 @@ def _git_commit() -> str:
 
 
 def to_markdown(rep: dict[str, Any]) -> str:
+    sm = rep["summary"]
+
+    def line(label, x):
+        return (f"| {label} | {x['n']} | {x['mean_abs']:.1f} | {x['max_abs']:.1f} | {x['mean_signed']:+.1f} |"
+                if x else f"| {label} | 0 | - | - | - |")
+
     L = ["# llmc fidelity benchmark", "",
          f"Generated {rep['date']} by `scripts/bench_fidelity.py` at llmc commit `{rep['commit']}`. "
-         f"Rows: {len(rep['results'])} scored, {len(rep['skipped'])} skipped. Error = (predicted - measured) / measured.",
+         f"Rows: {len(rep['results'])} scored, {len(rep['skipped'])} skipped. Error = (predicted - measured) / measured. "
+         "Memory is the allocator's reserved peak (torchtitan logs `max_memory_reserved`); LOO-cal = leave-one-out "
+         "calibrated within the row's (backend, GPU, source) group with `llmc.compiler.calibration`.",
+         "", "## Summary", "",
+         "| quantity | n | mean abs err % | max abs err % | mean signed % |", "|---|---:|---:|---:|---:|",
+         line("tokens/s/GPU, uncalibrated", sm["tps"]), line("tokens/s/GPU, LOO-calibrated", sm["tps_loo"]),
+         line("peak reserved memory, uncalibrated", sm["mem"]), line("peak reserved memory, LOO-calibrated", sm["mem_loo"]),
+         line("DeepSpeed model states vs estimator docs", sm["model_states"]), "",
+         f"Lowest Spearman rho (tokens/s) within a sweep: {_f(sm['min_sweep_rho'], '{:+.2f}')}. "
+         f"Within-sweep error spread (pooled std of tokens/s errors around each sweep's mean, the error a "
+         f"layout comparison is exposed to): {_f(sm['within_sweep_spread'])}%.",
          "", "## Throughput (tokens/s/GPU) and peak memory per row", "",
-         "| row | use | predicted tok/s | measured tok/s | err % | LOO-cal err % | pred GiB | meas GiB | mem err % | src/llmc FLOPs per token | llmc plan | notes |",
-         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+         "| row | use | predicted tok/s | measured tok/s | err % | LOO-cal err % | pred GiB (alloc) | meas GiB | mem err % | LOO-cal mem % | src/llmc FLOPs per token | llmc plan | notes |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for x in rep["results"]:
         notes = list(x["notes"])
         if not x["llmc_fits"]:
@@ -495,31 +573,34 @@ def to_markdown(rep: dict[str, Any]) -> str:
             notes.append(f"approx GPU {x['gpu_key']}")
         L.append(f"| {x['id']} | {x['use']} | {_f(x['pred_tps'], '{:,.0f}')} | {_f(x['meas_tps'], '{:,.0f}')} | "
                  f"{_f(x['err_tps'], '{:+.1f}')} | {_f(x.get('err_tps_calibrated'), '{:+.1f}')} | "
-                 f"{_f(x['pred_mem_gib'])} | {_f(x['meas_mem_gib'])} | {_f(x['err_mem'], '{:+.1f}')} | "
+                 f"{_f(x['pred_mem_gib'])} ({_f(x.get('pred_alloc_gib'))}) | {_f(x['meas_mem_gib'])} | "
+                 f"{_f(x['err_mem'], '{:+.1f}')} | {_f(x.get('err_mem_calibrated'), '{:+.1f}')} | "
                  f"{_f(x['flops_ratio'], '{:.3f}')} | "
                  f"{x['plan']} | {'; '.join(notes)} |")
     L += ["", "## Per group (source file / system / backend)", "",
-          "| group | n | tok/s mean abs err % | max abs % | mean signed % | Spearman rho | LOO-cal mean abs % | mem n | mem mean abs % | mem max abs % |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| group | n | tok/s mean abs err % | max abs % | mean signed % | Spearman rho | LOO-cal mean abs % | LOO-cal max abs % | mem n | mem mean abs % | mem max abs % |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for g in rep["groups"]:
         t, m, c = g.get("tps"), g.get("mem"), g.get("tps_calibrated")
         L.append(f"| {g['group']} | {t['n'] if t else 0} | {_f(t and t['mean_abs'])} | {_f(t and t['max_abs'])} | "
                  f"{_f(t and t['mean_signed'], '{:+.1f}')} | {_f(g.get('tps_spearman'), '{:+.2f}')} | "
-                 f"{_f(c and c['mean_abs'])} | {m['n'] if m else 0} | {_f(m and m['mean_abs'])} | {_f(m and m['max_abs'])} |")
+                 f"{_f(c and c['mean_abs'])} | {_f(c and c['max_abs'])} | {m['n'] if m else 0} | "
+                 f"{_f(m and m['mean_abs'])} | {_f(m and m['max_abs'])} |")
     L += ["", "## Sweeps (rows of one table varying one knob): Spearman rank correlation, predicted vs measured", "",
           "| sweep | n | rho tok/s | rho memory |", "|---|---:|---:|---:|"]
     for s in rep["sweeps"]:
         L.append(f"| {s['sweep']} | {s['n']} | {_f(s['rho_tps'], '{:+.2f}')} | {_f(s['rho_mem'], '{:+.2f}')} |")
-    cal = rep["calibration"]
-    L += ["", "## Calibration (one multiplicative throughput factor per backend/GPU, least squares in log space)", "",
-          f"Fitted on {cal['fit_rows']} `use: fit` rows. Factors (measured / predicted): "
-          + ", ".join(f"`{k}` = {v:.3f}" for k, v in cal["factors"].items()) + ".", ""]
-    for label, key in (("fit rows, uncalibrated", "fit_raw"), ("fit rows, leave-one-out calibrated", "fit_loo"),
-                       ("check rows, calibrated on all fit rows", "check_calibrated")):
-        s = cal[key]
-        if s:
-            L.append(f"- {label}: n={s['n']}, mean |err| {s['mean_abs']:.1f}%, max |err| {s['max_abs']:.1f}%, "
-                     f"mean signed {s['mean_signed']:+.1f}%")
+    L += ["", "## Calibration factors per (backend, GPU), fitted on all rows of the group", "",
+          "Named factors of `llmc.compiler.calibration` (the fit `llmc calibrate` runs on a user's own runs); the band "
+          "is the leave-one-out error within the group.", "",
+          "| backend/GPU | runs (time, mem) | compute_scale | comm_scale | mem_scale | mem_overhead GiB | LOO tok/s mean/max % | LOO mem mean/max % |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for k, c in rep["calibration"].items():
+        f, tb, mb = c["factors"], c["time_band"], c["memory_band"]
+        L.append(f"| {k} | {c['n_time']}, {c['n_mem']} | {f.compute_scale:.3f} | {f.comm_scale:.3f} | "
+                 f"{f.mem_scale:.3f} | {f.mem_overhead_bytes / GIB:+.2f} | "
+                 f"{_f(tb and tb['mean_abs_pct'])} / {_f(tb and tb['max_abs_pct'])} | "
+                 f"{_f(mb and mb['mean_abs_pct'])} / {_f(mb and mb['max_abs_pct'])} |")
     L += ["", "## Skipped rows", "", "| row | group | reason |", "|---|---|---|"]
     for s in rep["skipped"]:
         L.append(f"| {s['id']} | {s['group']} | {s['reason']} |")

@@ -159,3 +159,59 @@ def test_cpu_tiny_plan():
                             "data: {seq_len: 128, tokens: 1M}\n")
     c = compile_spec(run, "<t>", lines, spec_bytes=b"")
     assert c.plan is not None and c.plan.world == 2 and c.plan.tp == 1
+
+
+def test_error_band_prefers_the_simpler_layout_and_says_so():
+    """With an error band, a plan predicted slower by less than the band but simpler (fewer pipeline stages,
+    no CP, smaller TP) replaces the fastest, and the reasons say so; band 0 keeps the fastest."""
+    from llmc.compiler.search import _simplicity
+    from llmc.spec.schema import Parallelism
+
+    arch = PRESETS["llama3-70b"]
+    gpu = get_gpu("h100-sxm")
+    sm = timing.step_model(arch, 8192, "bf16", gpu, "torchtitan")
+
+    def run(band):
+        return search(arch, sm, world=64, gpu=gpu, seq_len=8192, global_batch_seqs=512, precision="bf16",
+                      pins=Parallelism(), memory_fn=lambda p: memory_per_gpu(arch, p, 8192, "bf16", gpu.hbm_bytes,
+                                                                              backend="torchtitan"), band=band)
+
+    fastest = run(0.0)
+    loose = run(0.5)
+    assert fastest.best is not None and loose.best is not None
+    assert loose.best.step_seconds <= fastest.best.step_seconds * 1.5
+    assert _simplicity(loose.best.plan) <= _simplicity(fastest.best.plan)
+    # Llama 3 70B on 64 H100: the fastest uses TP 4; a TP 1 layout is within 50 %
+    assert fastest.best.plan.tp > 1 and loose.best.plan.tp == 1
+    assert any("chose the simpler" in r and "error band" in r for r in loose.reasons)
+    assert not any("chose the simpler" in r for r in fastest.reasons)
+
+
+def test_auto_backend_choice_and_reason():
+    from llmc.compiler.backends import resolve_backend
+
+    assert resolve_backend("auto", cpu=True)[0] == "native"
+    assert resolve_backend("auto", offload_optimizer=True)[0] == "deepspeed"
+    assert resolve_backend("auto", zero_stage=2)[0] == "deepspeed"
+    name, why = resolve_backend("auto", pp=4, tp=8)
+    assert name == "torchtitan" and "tp/pp" in why
+    assert resolve_backend("native") == ("native", "training.backend pins native")
+
+
+def test_the_search_only_uses_what_the_backend_runs():
+    base = """\
+name: t
+model: llama3-70b
+hardware: {gpu: h100-sxm, count: 64}
+data: {seq_len: 8192, tokens: 1T}
+training: {backend: BACKEND, global_batch_tokens: 4194304}
+"""
+    def comp(backend):
+        run, lines = loads_spec(base.replace("BACKEND", backend), file="s.yaml")
+        return compile_spec(run, "s.yaml", lines, spec_bytes=b"")
+
+    ds = comp("deepspeed")
+    assert ds.plan is not None
+    assert (ds.plan.tp, ds.plan.pp, ds.plan.cp, ds.plan.ep, ds.plan.dp_replicate) == (1, 1, 1, 1, 1)
+    nat = comp("native")
+    assert nat.plan is not None and (nat.plan.pp, nat.plan.cp) == (1, 1)

@@ -223,7 +223,7 @@ def test_published_sizes_through_torchtitan(tmp_path):
 def test_bad_values_are_rejected_by_torchtitan(tmp_path, capsys):
     from torch.distributed.pipelining.schedules import get_schedule_class
 
-    module = write_build(compiled_example("llama3_70b_h100x64"), tmp_path)  # pp > 1 in its plan
+    module = write_build(compiled_example("llama3_405b_h100x16384"), tmp_path)  # pp > 1 in its plan
     ok = load_job(module)
     assert ok.parallelism.pipeline_parallel_degree > 1
     with pytest.raises(SystemExit):  # tyro: not one of the Literal choices

@@ -17,7 +17,7 @@ from functools import partial
 from llmc.compiler import checks, defaults, flops, params, scaling, timing
 from llmc.compiler.checks import Sink
 from llmc.compiler.defaults import pretrain_batch_seqs, pretrain_hyper, pretrain_inputs
-from llmc.compiler.hardware import GPU, GPUS, get_gpu, supports
+from llmc.compiler.hardware import GPU, GPUS, get_gpu, supports, with_overrides
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import (
     Compiled,
@@ -59,6 +59,14 @@ def compute_numbers(arch: Architecture, seq_len: int, tokens: float) -> ComputeN
     )
 
 
+def spec_gpu(run: RunSpec) -> GPU | None:
+    """The table's GPU (or a custom one) with ``hardware.gpu_overrides`` applied; None when unknown."""
+    ov = run.hardware.gpu_overrides
+    if ov is None:
+        return get_gpu(run.hardware.gpu)
+    return with_overrides(run.hardware.gpu, ov.model_dump())
+
+
 def cluster_gpu(run: RunSpec, gpu: GPU) -> GPU:
     """The table's GPU with the spec's hardware overrides (node size, network, price) applied: the one
     source of ``gpus_per_node`` (and network and price) for the search, the stages and serving."""
@@ -88,10 +96,12 @@ class _Searched:
     alternatives: tuple = ()
     rejected: tuple = ()
     info: dict = dataclasses.field(default_factory=dict)
+    unfit: dict | None = None  # the closest layout when none fits (P004): plan, memory, one step's time
 
 
 def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None = None,
-                 spec_bytes: bytes | None = None, facts: ExternalFacts | None = None) -> Compiled:
+                 spec_bytes: bytes | None = None, facts: ExternalFacts | None = None, *, calibration=None,
+                 fit_check: bool = True) -> Compiled:
     """Compile a validated ``RunSpec`` into every derived number, the plan and the diagnostics.
 
     ``spec_bytes``: the spec file's bytes, for ``spec.sha256`` (without them: the resolved spec's hash).
@@ -99,6 +109,10 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     them tokenizer special tokens are inferred from the model name. Deterministic for given inputs.
     Error diagnostics are returned (not raised): the CLI prints them and exits 1; a plan is still
     reported where one could be computed.
+    ``calibration``: a :class:`llmc.compiler.calibration.Calibration` (the CLI reads ``spec.calibration``);
+    its factors scale time and memory when it matches the run's backend and GPU. ``fit_check=False``
+    (``--no-fit-check``) searches as if every layout fitted; a pinned layout that does not fit is then
+    reported with its predicted memory and time (``Compiled.unfit`` is filled either way).
     """
     lines = yaml_lines or {}
     sink = Sink(lines, spec_path)
@@ -112,19 +126,25 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     for d in scaling.scaling_diagnostics(model.params_active, data.tokens, "data.tokens") if pretrains else []:
         sink.items.append(dataclasses.replace(d, line=d.line or line_for(lines, d.path), file=spec_path))
 
-    table_gpu = get_gpu(run.hardware.gpu)
-    checks.check_gpu(run, GPUS, sink)
+    table_gpu = spec_gpu(run)
+    if get_gpu(run.hardware.gpu) is not None or table_gpu is None:
+        checks.check_gpu(run, GPUS, sink)
+    elif training.precision == "fp8" and not supports(table_gpu, "fp8"):
+        sink.add("T005", "error", "training.precision", f"fp8 needs FP8 tensor cores; {table_gpu.name} has none",
+                 "set hardware.gpu_overrides.fp8_tflops, or use bf16")
     gpu = cluster_gpu(run, table_gpu) if table_gpu is not None else None
     batch_ok = checks.check_batch_tokens(run, sink) if pretrains else True
     seqs, _ = pretrain_batch_seqs(run, gpu, data.seq_len, training)
     hyper = pretrain_hyper(run, gpu)  # steps etc.; the checkpoint interval is refined by the step time below
 
+    be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration)
+    model_opts = _ModelOptions(be_info["name"], be_info["compile"], factors, band, fit_check)
     searched = _Searched()
     if pretrains and gpu is not None and supports(gpu, training.precision) and batch_ok:
-        searched = _search(run, gpu, data.seq_len, training, seqs, sink)
+        searched = _search(run, gpu, data.seq_len, training, seqs, sink, model_opts)
     time = cost = None
     if searched.plan is not None:
-        sm = timing.step_model(arch, data.seq_len, training.precision, gpu)
+        sm = _step_model(arch, data.seq_len, training.precision, gpu, model_opts)
         time = timing.time_numbers(sm, searched.plan, hyper.steps)
         gh = timing.gpu_hours(time.days, run.hardware.count)
         cost = CostNumbers(gpu_hours=gh, usd=timing.usd(gh, gpu.usd_per_hour), usd_per_gpu_hour=gpu.usd_per_hour)
@@ -138,13 +158,31 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     return Compiled(
         spec_path=spec_path, spec_sha256=spec_sha256(run, spec_bytes), spec=run, gpu=gpu, model=model,
         compute=compute, hyper=hyper, plan=searched.plan, memory=searched.memory, time=time, cost=cost,
-        reasons=list(searched.reasons), alternatives=list(searched.alternatives),
-        rejected=list(searched.rejected), diagnostics=sort_diagnostics(_dedupe(diags)),
-        stages=stages, serving=serving, search=dict(searched.info),
+        reasons=list(searched.reasons),
+        alternatives=list(searched.alternatives), rejected=list(searched.rejected),
+        diagnostics=sort_diagnostics(_dedupe(diags)), stages=stages, serving=serving, search=dict(searched.info),
+        backend=be_info, calibration=cal_info, unfit=searched.unfit,
     )
 
 
-def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int, sink: Sink) -> _Searched:
+@dataclasses.dataclass(frozen=True)
+class _ModelOptions:
+    """How the time/memory model runs: the backend and its torch.compile, calibration factors, the ranking
+    band within which layouts count as equal, and whether layouts must fit."""
+
+    backend: str
+    compile: bool
+    factors: object | None
+    band: float
+    fit_check: bool
+
+
+def _step_model(arch: Architecture, seq_len: int, precision: str, gpu: GPU, o: _ModelOptions):
+    return timing.step_model(arch, seq_len, precision, gpu, o.backend, compile=o.compile, factors=o.factors)
+
+
+def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int, sink: Sink,
+            o: _ModelOptions) -> _Searched:
     """The parallelism search for the pre-training run (after the pins are checked)."""
     before = len(errors(sink.items))
     checks.check_pins(run, gpu, sink)
@@ -154,18 +192,29 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
     from llmc.compiler import search
 
     arch = run.model
-    sm = timing.step_model(arch, seq_len, training.precision, gpu)
+    sm = _step_model(arch, seq_len, training.precision, gpu, o)
     memory_fn = partial(_memory, memory_mod, arch, seq_len, training.precision, gpu.hbm_bytes,
-                        run.parallelism.offload_optimizer)
+                        run.parallelism.offload_optimizer, o.backend, o.compile, o.factors)
     res = search.search(arch, sm, world=run.hardware.count, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
-                        precision=training.precision, pins=run.parallelism, memory_fn=memory_fn)
+                        precision=training.precision, pins=backend_pins(run.parallelism, o.backend),
+                        memory_fn=memory_fn, fits_fn=None if o.fit_check else _always_fits, band=o.band)
     checks.check_search(run, res, gpu, seqs, sink)
     info = {"memory_evaluations": res.evaluated, "fitting": res.fitting,
             "rejected": dict(sorted(res.rejected_counts.items()))}
+    reasons = list(res.reasons)
+    if not o.fit_check and res.best is not None and not memory_mod.fits(res.memory):
+        reasons.insert(0, f"fit check off: the plan needs {res.memory.per_gpu_bytes / 2**30:.1f} GiB per GPU, "
+                          f"more than the {gpu.hbm_bytes / 2**30:.1f} GiB the GPU has")
+    unfit = None
+    if res.best is None and res.closest is not None:
+        c = res.closest.plan
+        unfit = {"plan": c.to_json(), "memory": dataclasses.asdict(memory_fn(c)),
+                 "time": dataclasses.asdict(timing.time_numbers(sm, c, 1)),
+                 "note": "the closest layout does not fit (P004); predicted memory and one step's time"}
     best = res.best
     return _Searched(plan=best.plan if best else None, memory=res.memory if best else None,
-                     reasons=tuple(res.reasons), alternatives=tuple(res.alternatives),
-                     rejected=tuple(res.rejected[:20]), info=info)
+                     reasons=tuple(reasons), alternatives=tuple(res.alternatives),
+                     rejected=tuple(res.rejected[:20]), info=info, unfit=unfit)
 
 
 def _check_pretraining(run: RunSpec, gpu: GPU | None, hyper: Hyper, compute: ComputeNumbers, time, cost,
@@ -180,13 +229,65 @@ def _check_pretraining(run: RunSpec, gpu: GPU | None, hyper: Hyper, compute: Com
         checks.check_budget(run, compute.training_flops, time, cost, peak, gpu.usd_per_hour, sink)
 
 
+def _always_fits(mem) -> bool:
+    return True
+
+
+def backend_pins(par, backend: str):
+    """The spec's pins plus what the backend's runner cannot do: a dimension it does not implement is pinned
+    to 1 (llmc's DeepSpeed runner is data-parallel only; the native trainer has no PP/CP/EP), and DeepSpeed
+    has no replicate dimension. A dimension the user pinned is left as pinned (the renderers warn)."""
+    from llmc.compiler.backends import get_backend
+
+    sup = get_backend(backend).supports
+    upd = {d: 1 for d in ("tp", "pp", "cp", "ep") if d not in sup and getattr(par, d) is None}
+    if "hsdp" not in sup and par.dp_replicate is None:
+        upd["dp_replicate"] = 1
+    return par.model_copy(update=upd) if upd else par
+
+
+def _backend_and_calibration(run, gpu, calibration):
+    """(backend info, calibration info, factors or None, ranking error band) for the run."""
+    from llmc.compiler import backends
+    from llmc.compiler import calibration as cal_mod
+
+    par = run.parallelism
+    name, why = backends.resolve_backend(run.training.backend, tp=par.tp, pp=par.pp, cp=par.cp, ep=par.ep,
+                                         zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
+                                         cpu=gpu is not None and gpu.key == "cpu")
+    be = backends.get_backend(name)
+    comp = backends.compile_on(be, run.training.compile)
+    be_info = {"name": name, "reason": f"backend {name}: {why}; torch.compile {'on' if comp else 'off'}",
+               "compile": comp}
+    gkey = gpu.key if gpu is not None else ""
+    if calibration is None:
+        band = cal_mod.RANKING_BAND_UNCALIBRATED
+        return be_info, {"calibrated": False, "error_band_pct": None, "ranking_band_pct": 100 * band,
+                         "reason": f"uncalibrated (llmc calibrate fits factors from measured runs); layouts within "
+                                   f"{100 * band:.0f}% of the fastest count as equal"}, None, band
+    ok = calibration.backend == name and calibration.gpu.split(" ")[0] == gkey
+    eb = calibration.error_band_pct()
+    band = (eb / 100.0) if (ok and eb is not None) else cal_mod.RANKING_BAND_UNCALIBRATED
+    info = {"calibrated": ok, "backend": calibration.backend, "gpu": calibration.gpu,
+            "factors": dataclasses.asdict(calibration.factors), "error_band_pct": eb if ok else None,
+            "ranking_band_pct": 100 * band, "provenance": dict(calibration.provenance)}
+    if ok:
+        info["reason"] = (f"calibrated for {name}/{gkey}: {calibration.factors.describe()}; expected tokens/s error "
+                          f"+-{eb if eb is not None else float('nan'):.1f}% (leave-one-out)")
+        return be_info, info, calibration.factors, band
+    info["reason"] = (f"calibration for {calibration.backend}/{calibration.gpu} not applied: this run is "
+                      f"{name}/{gkey}")
+    return be_info, info, None, band
+
+
 def has_pretraining(run: RunSpec) -> bool:
     """True when the run pre-trains on the top-level data: no stages, or a ``pretrain`` stage."""
     return not run.stages or any(st.kind == "pretrain" for st in run.stages)
 
 
-def _memory(memory_mod, arch, seq_len, precision, capacity, offload, plan):
-    return memory_mod.memory_per_gpu(arch, plan, seq_len, precision, capacity, offload_optimizer=offload)
+def _memory(memory_mod, arch, seq_len, precision, capacity, offload, backend, compile_, factors, plan):
+    return memory_mod.memory_per_gpu(arch, plan, seq_len, precision, capacity, offload_optimizer=offload,
+                                     backend=backend, compile=compile_, factors=factors)
 
 
 def _located(d: Diagnostic, lines: dict, file: str) -> Diagnostic:
@@ -219,5 +320,5 @@ def _serving(run: RunSpec, gpu: GPU | None, lines: dict) -> tuple[list[ServingPl
     return plan_serving(run, gpu_lookup=get_gpu, lines=lines, train_gpu=gpu)
 
 
-__all__ = ["compile_spec", "model_numbers", "compute_numbers", "cluster_gpu", "has_pretraining",
+__all__ = ["compile_spec", "model_numbers", "compute_numbers", "cluster_gpu", "spec_gpu", "has_pretraining",
            "pretrain_inputs", "pretrain_batch_seqs", "pretrain_hyper", "spec_sha256"]

@@ -45,6 +45,9 @@ class GPU:
     source: str  # datasheet URL
     tf32_tflops: float | None = None  # dense TF32 tensor core, where it exists
     notes: str = ""
+    power_w: float | None = None  # board power limit the part runs at, in W
+    tdp_w: float | None = None  # rated board power of the part the peaks are quoted at (None = power_w)
+    nvlink_domain: int | None = None  # GPUs sharing one NVLink fabric (None = gpus_per_node; GB200 NVL72: 72)
 
     @property
     def hbm_gib(self) -> float:
@@ -57,6 +60,7 @@ class GPU:
 _ROWS: list[dict] = [
     dict(
         key="h100-sxm",
+        power_w=700,
         name="NVIDIA H100 SXM5 80GB",
         # datasheet: BF16 1,979 TF / FP8 3,958 TF "with sparsity" -> dense 989.4 / 1,978.9 (H100 whitepaper
         # table 3, SXM5 at boost clock); FP32 67 TF; TF32 989 sparse -> 494.7 dense; 80 GB HBM3 3.35 TB/s;
@@ -75,6 +79,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="h100-pcie",
+        power_w=350,
         name="NVIDIA H100 PCIe 80GB",
         # datasheet: BF16 1,513 TF sparse -> 756.5 dense; FP8 3,026 sparse -> 1,513 dense; FP32 51 TF;
         # 80 GB HBM2e 2.0 TB/s; NVLink bridge 600 GB/s bidirectional (pairs only) -> 300 per direction.
@@ -93,6 +98,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="h800",
+        power_w=700,
         name="NVIDIA H800 SXM5 80GB",
         # Export variant of H100 SXM: same tensor cores and HBM3, NVLink cut to 400 GB/s bidirectional
         # (-> 200 per direction). DeepSeek-V3 report (arXiv 2412.19437 sec. 3.1): 8 GPUs/node over
@@ -111,6 +117,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="h200",
+        power_w=700,
         name="NVIDIA H200 SXM 141GB",
         # datasheet: same compute as H100 SXM (BF16 1,979 sparse / FP8 3,958 sparse); 141 GB HBM3e 4.8 TB/s;
         # NVLink 900 GB/s bidirectional.
@@ -128,6 +135,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="b200",
+        power_w=1000,
         name="NVIDIA B200 180GB (HGX)",
         # HGX B200 spec table (per GPU): FP16/BF16 tensor 4.5 PF sparse -> 2.25 PF dense; FP8 9 PF sparse
         # -> 4.5 PF dense; TF32 2.2 PF sparse -> 1.1 dense; FP32 75 TF; 180 GB HBM3e at 7.7 TB/s (the
@@ -147,7 +155,107 @@ _ROWS: list[dict] = [
         notes="B200 chip: 192 GB / 8 TB/s; HGX/DGX B200 expose 180 GB at 7.7 TB/s per GPU",
     ),
     dict(
+        key="h100-nvl",
+        name="NVIDIA H100 NVL 94GB",
+        # H100 NVL datasheet: BF16 1,671 TF sparse -> 835.5 dense; FP8 3,341 sparse -> 1,670.5 dense;
+        # FP32 60 TF; TF32 835 sparse -> 417.5 dense; 94 GB HBM3 3.9 TB/s; NVLink bridge 600 GB/s
+        # bidirectional (pairs) -> 300 per direction; 350-400 W configurable.
+        bf16_tflops=835.5,
+        fp8_tflops=1670.5,
+        fp32_tflops=60.0,
+        tf32_tflops=417.5,
+        hbm_bytes=94 * GB,
+        hbm_gbps=3900,
+        nvlink_gbps=300,
+        net_gbps=400,
+        gpus_per_node=8,
+        usd_per_hour=2.5,
+        power_w=400,
+        source="https://www.nvidia.com/en-us/data-center/h100/",
+        notes="NVLink bridge connects pairs of cards; PCIe Gen5 otherwise",
+    ),
+    dict(
+        key="h100-hbm2e-96g",
+        name="NVIDIA H100 96GB HBM2e (500 W, Grand Teton)",
+        # The part of torchtitan's H100 benchmarks: "8 H100 per host fully connected with NVLink, 96GB HBM2e
+        # per GPU at 2.4 TB/s, 400 Gb/s RDMA per GPU, default 500W power limit". Tensor-core peaks are the
+        # H100 SXM5 figures (same GH100 configuration); the 500 W cap lowers sustained clocks, which the
+        # peak does not show: see clock_factor (tdp_w = the 700 W the SXM5 peaks are quoted at).
+        bf16_tflops=989.4,
+        fp8_tflops=1978.9,
+        fp32_tflops=66.9,
+        tf32_tflops=494.7,
+        hbm_bytes=96 * GB,
+        hbm_gbps=2400,
+        nvlink_gbps=450,
+        net_gbps=400,
+        gpus_per_node=8,
+        usd_per_hour=2.5,
+        power_w=500,
+        tdp_w=700,
+        source="https://github.com/pytorch/torchtitan/blob/820504e20d1149fbf0b98c567af24c4b0433b22d/benchmarks/llama3_h100_202412_torchtitan.md",
+    ),
+    dict(
+        key="h20",
+        name="NVIDIA H20 96GB",
+        # China-market Hopper: BF16 148 TF dense, FP8 296 TF dense, FP32 44 TF, 96 GB HBM3 at 4.0 TB/s,
+        # NVLink 900 GB/s bidirectional -> 450 per direction, 400 W (NVIDIA H20 product brief figures).
+        bf16_tflops=148.0,
+        fp8_tflops=296.0,
+        fp32_tflops=44.0,
+        tf32_tflops=74.0,
+        hbm_bytes=96 * GB,
+        hbm_gbps=4000,
+        nvlink_gbps=450,
+        net_gbps=400,
+        gpus_per_node=8,
+        usd_per_hour=1.5,
+        power_w=400,
+        source="https://www.nvidia.com/en-us/data-center/h100/ (Hopper family); H20 product brief",
+        notes="export part: about 15 % of H100's tensor throughput with more HBM bandwidth",
+    ),
+    dict(
+        key="gb200",
+        name="NVIDIA GB200 NVL72 (per Blackwell GPU)",
+        # GB200 NVL72 spec table (72 GPUs): FP16/BF16 360 PF sparse -> 2.5 PF dense per GPU; FP8 720 PF
+        # sparse -> 5 PF dense per GPU; TF32 180 PF sparse -> 1.25 PF dense per GPU; FP32 5,760 TF -> 80 TF
+        # per GPU; up to 186 GB HBM3e at 8 TB/s per GPU; NVLink5 1.8 TB/s bidirectional per GPU -> 900 per
+        # direction, all 72 GPUs in one NVLink domain; compute trays of 2 Grace + 4 Blackwell GPUs.
+        bf16_tflops=2500.0,
+        fp8_tflops=5000.0,
+        fp32_tflops=80.0,
+        tf32_tflops=1250.0,
+        hbm_bytes=186 * GB,
+        hbm_gbps=8000,
+        nvlink_gbps=900,
+        net_gbps=400,
+        gpus_per_node=4,
+        nvlink_domain=72,
+        usd_per_hour=6.0,
+        power_w=1200,
+        source="https://www.nvidia.com/en-us/data-center/gb200-nvl72/",
+    ),
+    dict(
+        key="mi325x",
+        name="AMD Instinct MI325X 256GB",
+        # AMD spec page: same CDNA3 compute as MI300X (BF16 1,307.4 TF dense, FP8 2,614.9 dense, FP32
+        # 163.4 TF), 256 GB HBM3E at 6 TB/s, Infinity Fabric 896 GB/s aggregate -> 448 per direction, 1000 W.
+        bf16_tflops=1307.4,
+        fp8_tflops=2614.9,
+        fp32_tflops=163.4,
+        tf32_tflops=653.7,
+        hbm_bytes=256 * GB,
+        hbm_gbps=6000,
+        nvlink_gbps=448,
+        net_gbps=400,
+        gpus_per_node=8,
+        usd_per_hour=3.0,
+        power_w=1000,
+        source="https://www.amd.com/en/products/accelerators/instinct/mi300/mi325x.html",
+    ),
+    dict(
         key="a100-40g",
+        power_w=400,
         name="NVIDIA A100 SXM4 40GB",
         # datasheet: BF16 312 TF dense (624 sparse); FP32 19.5 TF; TF32 156 dense; 40 GB HBM2 1,555 GB/s;
         # NVLink3 600 GB/s bidirectional; DGX A100: 8 x 200 Gb/s HDR.
@@ -165,6 +273,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="a100-80g",
+        power_w=400,
         name="NVIDIA A100 SXM4 80GB",
         # datasheet: as the 40GB part, with 80 GB HBM2e 2,039 GB/s.
         bf16_tflops=312.0,
@@ -181,6 +290,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="mi300x",
+        power_w=750,
         name="AMD Instinct MI300X 192GB",
         # AMD datasheet: BF16 1,307.4 TF dense (2,614.9 with sparsity); FP8 2,614.9 dense; FP32 vector and
         # matrix 163.4 TF; TF32 653.7 dense; 192 GB HBM3 5.3 TB/s; 7 Infinity Fabric links (128 GB/s each
@@ -201,6 +311,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="l40s",
+        power_w=350,
         name="NVIDIA L40S 48GB",
         # datasheet: BF16 362.05 TF dense (733 sparse); FP8 733 dense (1,466 sparse); FP32 91.6 TF;
         # TF32 183 dense; 48 GB GDDR6 864 GB/s; no NVLink (PCIe Gen4 x16).
@@ -218,6 +329,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="rtx4090",
+        power_w=450,
         name="NVIDIA GeForce RTX 4090 24GB",
         # Ada whitepaper (appendix table): FP16/BF16 tensor with FP32 accumulate 165.2 TF dense (330.3
         # sparse) -- training accumulates in FP32; FP8 with FP32 accumulate 330.3 dense; FP32 82.6 TF;
@@ -268,6 +380,8 @@ _ALIASES = {
     "4090": "rtx4090",
     "rtx-4090": "rtx4090",
     "mi300": "mi300x",
+    "h100-96g": "h100-hbm2e-96g",
+    "gb200-nvl72": "gb200",
 }
 
 
@@ -310,3 +424,65 @@ def peak_flops(gpu: GPU, precision: str) -> float:
     if tf is None:
         raise ValueError(f"{gpu.name} has no {precision} tensor cores")
     return float(tf) * TERA
+
+
+# Sustained tensor-core clock under a power cap below the rated board power. CMOS dynamic power is
+# P = C V^2 f and DVFS lowers the voltage with the frequency (V ~ f), so P ~ f^3 and f ~ P^(1/3)
+# (Weste & Harris, "CMOS VLSI Design", 4th ed., sec. 5.1 on dynamic power and DVFS). An approximation: it
+# ignores static power and memory-bound phases.
+DVFS_EXPONENT = 1 / 3
+
+
+def clock_factor(gpu: GPU) -> float:
+    """Fraction of the datasheet tensor throughput sustained at ``power_w`` (1.0 at or above ``tdp_w``)."""
+    if not gpu.power_w or not gpu.tdp_w or gpu.power_w >= gpu.tdp_w:
+        return 1.0
+    return (gpu.power_w / gpu.tdp_w) ** DVFS_EXPONENT
+
+
+#: spec override key -> (GPU field, multiplier to the table's unit)
+_OVERRIDE_FIELDS = {
+    "name": ("name", None),
+    "bf16_tflops": ("bf16_tflops", 1.0),
+    "fp8_tflops": ("fp8_tflops", 1.0),
+    "fp32_tflops": ("fp32_tflops", 1.0),
+    "tf32_tflops": ("tf32_tflops", 1.0),
+    "hbm_gib": ("hbm_bytes", float(GiB)),
+    "hbm_tbps": ("hbm_gbps", 1000.0),
+    "power_w": ("power_w", 1.0),
+    "nvlink_gbps": ("nvlink_gbps", 1.0),
+    "inter_node_gbps": ("net_gbps", 1.0),
+    "gpus_per_node": ("gpus_per_node", None),
+    "nvlink_domain": ("nvlink_domain", None),
+    "usd_per_gpu_hour": ("usd_per_hour", 1.0),
+}
+CUSTOM_REQUIRED = ("bf16_tflops", "hbm_gib", "hbm_tbps")
+
+
+def with_overrides(key: str, overrides: dict | None) -> GPU | None:
+    """The GPU ``key`` with ``overrides`` applied (keys of :data:`_OVERRIDE_FIELDS`, None = unset).
+
+    An unknown ``key`` is a custom GPU: it needs ``base`` (a table key to start from) or at least
+    bf16_tflops, hbm_gib and hbm_tbps; the rest default to "none" (no fp8, no NVLink, 8 GPUs per node).
+    Returns None when the key is unknown and the overrides cannot define it.
+    """
+    import dataclasses
+
+    ov = {k: v for k, v in (overrides or {}).items() if v is not None}
+    base_key = ov.pop("base", None)
+    gpu = get_gpu(base_key) if base_key else get_gpu(key)
+    if gpu is None:
+        if not all(k in ov for k in CUSTOM_REQUIRED):
+            return None
+        gpu = GPU(key=key.strip().lower(), name=str(ov.get("name", key)), bf16_tflops=0.0, fp8_tflops=None,
+                  fp32_tflops=0.0, hbm_bytes=0, hbm_gbps=0.0, nvlink_gbps=0.0, net_gbps=400.0, gpus_per_node=8,
+                  usd_per_hour=0.0, source="user-defined in the spec (hardware.gpu_overrides)")
+        if "fp32_tflops" not in ov:
+            ov["fp32_tflops"] = ov["bf16_tflops"] / 16  # placeholder ratio only used for fp32 runs
+    elif base_key:
+        gpu = dataclasses.replace(gpu, key=key.strip().lower(), source=gpu.source + " (+ spec overrides)")
+    changes = {}
+    for k, v in ov.items():
+        field_, mult = _OVERRIDE_FIELDS[k]
+        changes[field_] = int(v * mult) if field_ == "hbm_bytes" else (v if mult is None else float(v) * mult)
+    return dataclasses.replace(gpu, **changes) if changes else gpu

@@ -66,6 +66,9 @@ DDP_BUCKET_BYTES = 25 * MiB  # torch DDP bucket_cap_mb default
 # fp32 gradient (4) + the saved log-probs (4) + log_softmax's fp32 input gradient (4) = 12 B
 # (the forward peak is 2 bf16 logits + 4 fp32 copy + 4 log-probs = 10 B). Vocab-parallel: / tp.
 LOGITS_BYTES_PER_ELEM = 12
+# With the loss compiled (torchtitan compile.components includes "loss"), Inductor fuses the upcast,
+# log_softmax and nll_loss: only the bf16 logits (2 B) and their bf16 gradient (2 B) exist at the peak.
+LOGITS_COMPILED_BYTES_PER_ELEM = 4
 
 # ----------------------------------------------------------------------------- parameter groups
 
@@ -445,89 +448,206 @@ def stage_memory(
     offload_optimizer: bool = False,
     grad_bytes_per_param: float | None = None,
     flash_attention: bool = True,
+    backend=None,
+    compile: bool | None = None,
+    compile_loss: bool | None = None,
 ) -> list[StageMemory]:
-    """Memory of one GPU in each pipeline stage (see the module docstring for every term)."""
-    wb, gb, ob = _precision_bytes(precision, optimizer_bytes_per_param, grad_bytes_per_param)
+    """Memory of one GPU in each pipeline stage (see the module docstring for every term).
+
+    ``backend`` (a :class:`backends.Backend` or its name; None = ``generic``) sets the model-state bytes
+    (FSDP2's fp32 shards vs DeepSpeed's bf16 + fp32 partitions), the device memory outside the caching
+    allocator (CUDA context, NCCL) and, with ``compile`` (None = the backend's default), the activations
+    torch.compile does not save. Buffers include the backend's device-level bytes (``non_allocator``).
+    """
+    from llmc.compiler.backends import compile_on, get_backend
+
+    be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
     act_b = 4.0 if precision == "fp32" else 2.0
-    v = max(1, plan.pp_virtual_stages)
-    groups = _stage_param_groups(arch, plan.pp, plan.pp_schedule, v)
-    shard = _shard_groups(plan)
-    layout = _plan_layout(arch, plan)
+    compiled = compile_on(be, compile)
+    act_keep = 1.0 - (be.compile_act_saving if compiled else 0.0)
+    loss_compiled = compiled and (be.compiles_loss if compile_loss is None else compile_loss)
+    logits_b = LOGITS_COMPILED_BYTES_PER_ELEM if loss_compiled else LOGITS_BYTES_PER_ELEM
     tokens_mb = plan.micro_batch * seq_len / plan.cp  # tokens per micro-batch on this rank
     act_div = plan.tp  # sequence parallel: every activation is split over tp (Korthikanti Table 2)
-    zs = plan.zero_stage
-
+    static = _static_stages(arch, plan, precision, optimizer_bytes_per_param, offload_optimizer,
+                            grad_bytes_per_param, be)
+    ac = plan.activation_checkpointing
     out: list[StageMemory] = []
-    for si, (g, (layers, has_emb, has_head)) in enumerate(zip(groups, layout, strict=True)):
-        w = gr = op = 0.0
-        unsharded_local = 0.0  # params of this stage after tp/ep split, before ZeRO
-        for name, n in g.items():
-            if n == 0:
-                continue
-            mp, z = shard[name]
-            local = n / mp
-            unsharded_local += local
-            st = model_state_bytes(
-                local,
-                zero_stage=zs,
-                shard=z,
-                weight_bytes=wb,
-                grad_bytes=gb,
-                optimizer_bytes=ob,
-                offload_optimizer=offload_optimizer,
-            )
-            w += st["weights"]
-            gr += st["grads"]
-            op += st["optimizer"]
-
+    for si, (w, gr, op, buf0, layers, has_head) in enumerate(static):
         # --- activations
-        per_tok, work = _stage_act(
-            arch, layers, plan.activation_checkpointing, seq_len, flash_attention, act_b
-        )
+        per_tok, work = _stage_act_cached(arch, layers, ac, seq_len, flash_attention, act_b)
         if has_head:
             per_tok += 2 * arch.d_model * act_b  # final norm input + head input
-        acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div
+        acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div * act_keep
         # while one block is recomputed and back-propagated, what was dropped for it is rematerialised:
         # its full working set minus what is kept anyway (so AC never exceeds no AC); 0 without AC
         acts += tokens_mb * work / act_div
-
-        buf = _stage_buffers(arch, plan, layers, has_emb, has_head, unsharded_local, tokens_mb, wb)
+        if plan.tp > 1:
+            # sequence-parallel TP all-gathers the attention and FFN inputs to the whole micro-batch before the
+            # column-parallel linears (Korthikanti et al. 2022 sec. 4.2.2), so the layer being computed holds
+            # them and, in the backward, their gradients unsplit by tp; with fp8 also the fp8 copies of the
+            # gathered input for each column-parallel linear (wq, wk, wv, w1, w3: 1 B each)
+            acts += tokens_mb * arch.d_model * (4 * act_b + (5.0 if precision == "fp8" else 0.0))
+        buf = buf0
+        if has_head:
+            buf += tokens_mb * arch.vocab_size * logits_b / plan.tp
         out.append(StageMemory(w, gr, op, acts, buf))
     return out
 
 
-@lru_cache(maxsize=4096)
-def _stage_buffers(arch: Architecture, plan: ParallelPlan, layers: tuple[int, ...], has_emb: bool, has_head: bool,
-                   unsharded_local: float, tokens_mb: float, wb: float) -> float:
-    """Communication buffers, logits and workspace of one pipeline stage (module docstring, "Buffers")."""
+# Per-layout results that do not depend on the micro-batch, AC or gradient accumulation, keyed by the
+# architecture's identity (hashing the pydantic model on every call is what made the search slow); the
+# cached value holds the architecture, so its id cannot be reused while the entry lives.
+_STATIC: dict[tuple, tuple] = {}
+_ACTS: dict[tuple, tuple] = {}
+_GROUPS: dict[tuple, tuple] = {}
+_BLOCKS: dict[tuple, tuple] = {}
+_CACHE_MAX = 200_000
+
+
+def _bounded(cache: dict) -> dict:
+    if len(cache) > _CACHE_MAX:
+        cache.clear()
+    return cache
+
+
+def _stage_act_cached(arch, layers, ac, seq_len, flash, act_b) -> tuple[float, float]:
+    """:func:`_stage_act` from per-layer values computed once per (architecture, AC mode, ...)."""
+    key = (id(arch), layers, ac, seq_len, flash, act_b)
+    hit = _ACTS.get(key)
+    if hit is None or hit[0] is not arch:
+        lkey = (id(arch), "layers", ac, seq_len, flash, act_b)
+        per = _ACTS.get(lkey)
+        if per is None or per[0] is not arch:
+            vals = []
+            for i in range(arch.n_layers):
+                kept = layer_activation_bytes_per_token(arch, i, ac, seq_len=seq_len, flash_attention=flash,
+                                                        bytes_per_elem=act_b)
+                none = layer_activation_bytes_per_token(arch, i, "none", seq_len=seq_len, flash_attention=flash,
+                                                        bytes_per_elem=act_b)
+                vals.append((kept, 0.0 if ac == "none" else none - kept))
+            per = (arch, tuple(vals))
+            _bounded(_ACTS)[lkey] = per
+        v = per[1]
+        hit = (arch, (sum(v[i][0] for i in layers), max((v[i][1] for i in layers), default=0.0)))
+        _bounded(_ACTS)[key] = hit
+    return hit[1]
+
+
+def _static_stages(arch, plan, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param, be):
+    """Per stage: (weights, grads, optimizer, buffers without the logits, blocks, holds the head)."""
+    key = (id(arch), plan.pp, plan.pp_schedule, plan.pp_virtual_stages, plan.tp, plan.ep, plan.dp_shard, plan.cp,
+           plan.dp > 1, plan.zero_stage, precision, optimizer_bytes_per_param, offload_optimizer,
+           grad_bytes_per_param, be.name)
+    hit = _STATIC.get(key)
+    if hit is not None and hit[0] is arch:
+        return hit[1]
+    wb, gb, ob = _precision_bytes(precision, optimizer_bytes_per_param, grad_bytes_per_param)
+    use_profile = precision != "fp32" and grad_bytes_per_param is None and optimizer_bytes_per_param == 12
+    cwb = 4.0 if precision == "fp32" else 2.0  # bytes of an all-gathered (unsharded) parameter in compute
+    v = max(1, plan.pp_virtual_stages)
+    gkey = (id(arch), plan.pp, plan.pp_schedule, v)
+    ghit = _GROUPS.get(gkey)
+    if ghit is None or ghit[0] is not arch:
+        ghit = (arch, _stage_param_groups(arch, plan.pp, plan.pp_schedule, v))
+        _bounded(_GROUPS)[gkey] = ghit
+    groups = ghit[1]
+    shard = _shard_groups(plan)
+    layout = _plan_layout(arch, plan)
     zs = plan.zero_stage
-    buf = float(WORKSPACE_BYTES)
-    if has_head:
-        buf += tokens_mb * arch.vocab_size * LOGITS_BYTES_PER_ELEM / plan.tp
-    z_dense = plan.dp_shard * plan.cp
-    if zs >= 3 and z_dense > 1 and plan.pp > 1:
-        # torchtitan under PP: reshard_after_forward=False (fsdp.get_fsdp_reshard_after_forward_policy,
-        # "default" policy) and torch.distributed.pipelining sets set_requires_gradient_sync(False) /
-        # set_reshard_after_backward(False) until the last micro-batch (stage.backward_maybe_with_nosync):
-        # the stage's whole unsharded bf16 parameters stay gathered and its unsharded gradients
-        # accumulate in reduce_dtype fp32 -> (wb + 4) bytes x the stage's local parameters.
-        buf += unsharded_local * (wb + 4)
-    elif zs >= 3 and z_dense > 1:
-        # FSDP unit = one block (or the embedding / head): 2 units all-gathered in the compute dtype
-        # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter
-        block = _max_block_local(arch, layers, plan.tp, max(1, plan.ep))
-        unit = block
-        if has_emb or has_head:
-            unit = max(unit, arch.vocab_size * arch.d_model / plan.tp)  # embedding / head unit
-        # the largest unit gathered (wb) with its fp32 gradient (4) + the next block prefetched (wb)
-        buf += unit * (wb + 4) + block * wb
-    elif zs in (1, 2) and plan.dp > 1:
-        buf += 2 * min(DS_BUCKET_ELEMS, unsharded_local) * wb  # reduce + all-gather buckets
-    elif plan.dp > 1:
-        buf += 2 * DDP_BUCKET_BYTES
-    return buf
+    # bytes per parameter (weights, grads, optimizer) of each sharding group: the same arithmetic as
+    # backend_state_bytes / model_state_bytes, evaluated once per group instead of once per stage
+    per_group = {}
+    for name, (mp, z) in shard.items():
+        if use_profile:
+            st = backend_state_bytes(1.0, be, zero_stage=zs, shard=z, offload_optimizer=offload_optimizer)
+        else:
+            st = model_state_bytes(1.0, zero_stage=zs, shard=z, weight_bytes=wb, grad_bytes=gb, optimizer_bytes=ob,
+                                   offload_optimizer=offload_optimizer)
+        per_group[name] = (1.0 / mp, st["weights"] / mp, st["grads"] / mp, st["optimizer"] / mp)
+    out = []
+    outside = non_allocator_bytes(plan, be)
+    seen: dict[tuple, tuple] = {}  # stages with the same parameters (the middle of a pipeline) repeat
+    for g, (layers, has_emb, has_head) in zip(groups, layout, strict=True):
+        skey = (tuple(g.values()), has_emb, has_head, layers if zs >= 3 and plan.pp == 1 else len(layers))
+        hit = seen.get(skey)
+        if hit is not None:
+            out.append(hit[:4] + (layers, has_head))
+            continue
+        w = gr = op = 0.0
+        unsharded_local = 0.0  # params of this stage after tp/ep split, before ZeRO
+        for name, n in g.items():
+            if n:
+                inv, bw, bg, bo = per_group[name]
+                unsharded_local += n * inv
+                w += n * bw
+                gr += n * bg
+                op += n * bo
+
+        # --- buffers (the logits, which depend on the micro-batch, are added by stage_memory)
+        buf = outside
+        z_dense = plan.dp_shard * plan.cp
+        if zs >= 3 and z_dense > 1 and plan.pp > 1:
+            # torchtitan under PP: reshard_after_forward=False (fsdp.get_fsdp_reshard_after_forward_policy,
+            # "default" policy) and torch.distributed.pipelining sets set_requires_gradient_sync(False) /
+            # set_reshard_after_backward(False) until the last micro-batch (stage.backward_maybe_with_nosync):
+            # the stage's whole unsharded bf16 parameters stay gathered and its unsharded gradients
+            # accumulate in reduce_dtype fp32 -> (wb + 4) bytes x the stage's local parameters.
+            buf += unsharded_local * (cwb + 4)
+        elif zs >= 3 and z_dense > 1:
+            # FSDP unit = one block (or the embedding / head): 2 units all-gathered in the compute dtype
+            # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter
+            bkey = (id(arch), layers, plan.tp, max(1, plan.ep))
+            bhit = _BLOCKS.get(bkey)
+            if bhit is None or bhit[0] is not arch:
+                bhit = (arch, _max_block_local(arch, layers, plan.tp, max(1, plan.ep)))
+                _bounded(_BLOCKS)[bkey] = bhit
+            block = bhit[1]
+            unit = block
+            if has_emb or has_head:
+                unit = max(unit, arch.vocab_size * arch.d_model / plan.tp)  # embedding / head unit
+            # the largest unit gathered (wb) with its fp32 gradient (4) + the next block prefetched (wb)
+            buf += unit * (cwb + 4) + block * cwb
+        elif zs in (1, 2) and plan.dp > 1:
+            buf += 2 * min(DS_BUCKET_ELEMS, unsharded_local) * cwb  # reduce + all-gather buckets
+        elif plan.dp > 1:
+            buf += 2 * DDP_BUCKET_BYTES
+        seen[skey] = (w, gr, op, buf)
+        out.append((w, gr, op, buf, layers, has_head))
+    out_t = tuple(out)
+    _bounded(_STATIC)[key] = (arch, out_t)
+    return out_t
 
 
+def backend_state_bytes(n_params: float, backend, *, zero_stage: int = 0, shard: int = 1,
+                        offload_optimizer: bool = False) -> dict[str, float]:
+    """Weights / grads / optimizer bytes of ``n_params`` under ``backend``'s mixed-precision layout
+    (:mod:`llmc.compiler.backends`: replicated + sharded bytes per parameter for each ZeRO stage)."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0..3, got {zero_stage}")
+    st = backend.states[zero_stage]
+    n = max(1, int(shard))
+
+    def part(rep_sh: tuple[float, float]) -> float:
+        return n_params * (rep_sh[0] + rep_sh[1] / n)
+
+    w, g, o = part(st.weights), part(st.grads), part(st.optimizer)
+    if offload_optimizer:  # ZeRO-Offload: fp32 grads, master and moments on the CPU; bf16 weights stay
+        w, g, o = n_params * 2.0 / (n if zero_stage >= 3 else 1), 0.0, 0.0
+    return {"weights": w, "grads": g, "optimizer": o}
+
+
+def non_allocator_bytes(plan: ParallelPlan, backend) -> float:
+    """Device memory outside PyTorch's caching allocator: the CUDA context (+ cuBLAS workspace) and
+    NCCL's buffers, one set per communicator this rank joins (NCCL_BUFFSIZE 4 MiB per channel and
+    peer; https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html#nccl-buffsize).
+    The ``generic`` profile keeps llmc's historical 1 GiB workspace."""
+    groups = ((plan.dp_shard * plan.cp > 1) + (plan.dp_replicate > 1) + (plan.tp > 1) + (plan.pp > 1)
+              + (plan.cp > 1) + (plan.ep > 1))
+    return float(backend.cuda_context_bytes + groups * backend.nccl_bytes_per_peer_group)
+
+
+@lru_cache(maxsize=4096)
 def _max_block_local(arch: Architecture, layers: tuple[int, ...], tp: int, ep: int) -> float:
     """Largest block of the stage after the tp / ep split (one FSDP unit)."""
     div = {"tp": tp, "vocab": tp, "replicated": 1, "expert": ep}
@@ -564,8 +684,22 @@ def memory_per_gpu(
     *,
     grad_bytes_per_param: float | None = None,
     flash_attention: bool = True,
+    backend=None,
+    compile: bool | None = None,
+    factors=None,
+    compile_loss: bool | None = None,
 ) -> MemoryNumbers:
-    """Peak bytes per GPU over the pipeline stages, with the breakdown of the peak stage."""
+    """Peak bytes per GPU over the pipeline stages, with the breakdown of the peak stage.
+
+    ``allocated_bytes`` is the peak of tensors (``torch.cuda.max_memory_allocated``) on the most loaded
+    stage; ``reserved_bytes`` what the caching allocator holds for it (``max_memory_reserved``: allocated
+    x the backend's ``reserved_over_allocated``, x calibration ``mem_scale`` + ``mem_overhead_bytes``);
+    ``per_gpu_bytes`` = reserved + the device memory outside the allocator (CUDA context, NCCL): what
+    must fit in the GPU, and what ``fits`` compares with the capacity.
+    """
+    from llmc.compiler.backends import get_backend
+
+    be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
     stages = stage_memory(
         arch,
         plan,
@@ -575,17 +709,36 @@ def memory_per_gpu(
         offload_optimizer=offload_optimizer,
         grad_bytes_per_param=grad_bytes_per_param,
         flash_attention=flash_attention,
+        backend=be,
+        compile=compile,
+        compile_loss=compile_loss,
     )
-    totals = [int(math.ceil(s.total)) for s in stages]
+    outside = non_allocator_bytes(plan, be)
+    scale = be.reserved_over_allocated * (getattr(factors, "mem_scale", 1.0) if factors is not None else 1.0)
+    extra = getattr(factors, "mem_overhead_bytes", 0.0) if factors is not None else 0.0
+
+    def reserved(s: StageMemory) -> float:
+        return (s.total - outside) * scale + extra
+
+    totals = [int(math.ceil(reserved(s) + outside)) for s in stages]
     peak = max(range(len(stages)), key=lambda k: totals[k])
     return MemoryNumbers(
         per_gpu_bytes=totals[peak],
         capacity_bytes=int(capacity_bytes),
         breakdown=stages[peak].as_dict(),
         per_stage_bytes=totals,
+        allocated_bytes=int(math.ceil(stages[peak].total - outside)),
+        reserved_bytes=int(math.ceil(reserved(stages[peak]))),
+        outside_allocator_bytes=int(outside),
+        backend=be.name,
     )
 
 
-def fits(mem: MemoryNumbers, headroom: float = 0.92) -> bool:
-    """True when the peak stays under ``headroom`` x capacity (allocator fragmentation margin)."""
+def fits(mem: MemoryNumbers, headroom: float | None = None) -> bool:
+    """True when the peak stays under ``headroom`` x capacity. Default: 0.92 for the ``generic`` profile
+    (a fragmentation margin), 1.0 for a backend profile, whose per_gpu_bytes already is the allocator's
+    reserved memory plus the CUDA context and NCCL (the capacity is the decimal GB figure, itself
+    4-7 % below what the driver reports)."""
+    if headroom is None:
+        headroom = 0.92 if mem.backend == "generic" else 1.0
     return mem.per_gpu_bytes <= headroom * mem.capacity_bytes

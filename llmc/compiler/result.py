@@ -45,7 +45,14 @@ class MemoryNumbers:
     per_gpu_bytes: int  # peak over pipeline stages
     capacity_bytes: int
     breakdown: dict[str, int]  # weights, grads, optimizer, activations, buffers (peak stage)
-    per_stage_bytes: list[int] = field(default_factory=list)
+    per_stage_bytes: list[int] = field(default_factory=list)  # per_gpu_bytes of every pipeline stage
+    # peak stage: tensors (torch.cuda.max_memory_allocated), the caching allocator's reservation
+    # (max_memory_reserved, what torchtitan logs as "memory:"), and CUDA context + NCCL outside it;
+    # per_gpu_bytes = reserved_bytes + outside_allocator_bytes
+    allocated_bytes: int = 0
+    reserved_bytes: int = 0
+    outside_allocator_bytes: int = 0
+    backend: str = "generic"
 
 
 @dataclass(frozen=True)
@@ -260,6 +267,9 @@ class Compiled:
     stages: list[StagePlan] = field(default_factory=list)  # per-stage plans, in execution order
     serving: list[ServingPlan] = field(default_factory=list)  # per-target serving plans
     search: dict = field(default_factory=dict)  # search statistics: evaluated, fitting, rejected counts by reason
+    backend: dict = field(default_factory=dict)  # name, reason (why this backend), compile (torch.compile on)
+    calibration: dict = field(default_factory=dict)  # calibrated, factors, error_band_pct, ranking_band_pct, reason
+    unfit: dict | None = None  # closest non-fitting layout (P004): plan, memory, time of one step
 
     def to_json(self) -> dict:
         """JSON view; keys documented in README (model.*, compute.*, plan, memory.*, time.*, cost.*)."""
@@ -290,6 +300,9 @@ class Compiled:
             "stages": [asdict(s) for s in self.stages],
             "serving": [asdict(s) for s in self.serving],
             "search": dict(self.search),
+            "backend": dict(self.backend),
+            "calibration": dict(self.calibration),
+            "unfit": self.unfit,
             "diagnostics": [d.to_json() for d in self.diagnostics],
         }
 

@@ -167,6 +167,7 @@ class _Search:
         self.mem_cache: dict[tuple, MemoryNumbers] = {}
         self.corners: dict[tuple, tuple[list, list]] = {}  # (tp, pp, cp, sched, v, zero) -> (failing, fitting)
         self.evaluated = 0
+        self.band = 0.0  # relative error band for the simpler-layout preference (see search())
         self.pruned = 0
         self.layouts_total = 0
         self.layouts_batch_bad = 0
@@ -314,7 +315,7 @@ USABLE_FRACTION = 0.92  # memory.fits headroom: allocator fragmentation margin
 
 
 def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_seqs: int, precision: str,
-           pins, memory_fn, fits_fn=None, top_k: int = 5) -> SearchResult:
+           pins, memory_fn, fits_fn=None, top_k: int = 5, band: float = 0.0) -> SearchResult:
     """Find the fastest plan that fits.
 
     Args:
@@ -324,7 +325,10 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
         gpu: ``hardware.GPU`` (with the spec's gpus_per_node override applied).
         pins: the spec's ``Parallelism`` (None fields are searched).
         memory_fn: ``plan -> MemoryNumbers`` (``memory.memory_per_gpu`` with the run's settings bound).
-        fits_fn: ``MemoryNumbers -> bool`` (default: ``memory.fits``, 92 % of capacity).
+        fits_fn: ``MemoryNumbers -> bool`` (default: ``memory.fits``).
+        band: the model's relative error band; among fitting plans predicted within it of the fastest,
+            the simplest (fewest pipeline stages, then no CP, then the smallest TP) is chosen, and
+            ``reasons`` says so (0 = always the fastest).
 
     Layouts are visited in order of a lower bound on their step time (no recomputation, memory
     ignored) and skipped when that bound cannot beat the best plan found for any of the values
@@ -334,6 +338,7 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
     if fits_fn is None:
         from llmc.compiler.memory import fits as fits_fn
     S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k)
+    S.band = band
     layouts = _enumerate(S)
     layouts.sort(key=lambda lay: (lay.lb, _plan_tuple(lay.plan(lay.mbs[0], S.acs[0]))))
     for lay in layouts:
@@ -489,13 +494,23 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
 def _result(S: _Search) -> SearchResult:
     fitting = sorted(S.fitting, key=_rank_key)
     best = fitting[0] if fitting else None
+    simpler_note = None
+    if best is not None and S.band > 0:
+        near = [c for c in fitting if c.step_seconds <= best.step_seconds * (1.0 + S.band)]
+        simple = min(near, key=lambda c: (_simplicity(c.plan), _rank_key(c)))
+        if _simplicity(simple.plan) < _simplicity(best.plan):
+            pct = 100 * (simple.step_seconds / best.step_seconds - 1)
+            simpler_note = (f"chose the simpler {describe(simple.plan)} over the fastest {describe(best.plan)}: "
+                            f"{pct:.1f}% slower predicted, inside the model's +-{100 * S.band:.0f}% error band "
+                            "(fewer pipeline stages, no context parallelism, smaller TP where not needed)")
+            best = simple
     alternatives: list[Candidate] = []
     if best is not None:
         others = sorted((c for k, c in S.layout_best.items() if k != _layout(best.plan)), key=_rank_key)
         for c in others[: S.top_k]:
             pct = 100 * (c.step_seconds / best.step_seconds - 1)
             alternatives.append(Candidate(c.plan, c.step_seconds, c.mfu, c.per_gpu_bytes, True,
-                                          f"+{pct:.1f}% step time"))
+                                          f"{pct:+.1f}% step time"))
     closest = None
     for c in S.rejected:
         if c.per_gpu_bytes and (closest is None or c.per_gpu_bytes < closest.per_gpu_bytes):
@@ -515,7 +530,14 @@ def _result(S: _Search) -> SearchResult:
         batch_blocked=S.layouts_total > 0 and S.layouts_batch_bad == S.layouts_total,
     )
     res.reasons = explain(res, S.sm, S.best_by, S.nofit_by, S.struct_by, S.capacity, fitting, S.pins)
+    if simpler_note:
+        res.reasons.insert(1, simpler_note)
     return res
+
+
+def _simplicity(p: ParallelPlan) -> tuple:
+    """Lower = simpler: fewer pipeline stages, then no CP, then smaller TP and EP, then fewer other knobs."""
+    return (p.pp, p.cp, p.tp, p.ep, _complexity(p))
 
 
 def _layout(p: ParallelPlan) -> tuple:
@@ -599,7 +621,7 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
     out.append("step time: " + ", ".join(f"{k} {100 * v / step:.0f}%" for k, v in top))
     pinned = [f"{k}={v}" for k, v in pins_set(pins).items()]
     if pinned:
-        out.append("pinned by the spec: " + ", ".join(pinned))
+        out.append("fixed: " + ", ".join(pinned) + " (pinned by the spec, or a dimension the backend does not run)")
     for dim in ("tp", "pp", "cp", "ep", "dp_shard", "zero_stage", "pp_schedule", "activation_checkpointing",
                 "micro_batch"):
         chosen = getattr(b, dim)

@@ -121,16 +121,42 @@ class StepModel:
     nvlink_Bps: float  # bytes/s per direction per GPU
     net_Bps: float  # bytes/s per GPU
     hbm_Bps: float
+    backend: str = "generic"
+    compiled: bool = False  # torch.compile on
+    tp_overlap: float = 0.0  # share of TP collectives hidden behind GEMMs (async TP / comm-GEMM overlap)
+    fsdp_overlap: float = 0.85  # share of FSDP/ZeRO traffic hidden behind compute (prefetch)
+    ep_overlap: float = 0.0  # share of MoE all-to-all hidden behind expert compute
+    ep_node_dedup: bool = False  # a token crosses the network once per remote node (DeepEP-style dispatch)
+    cp_overlap: float = 0.5  # share of the ring-attention K/V exchange hidden behind attention
+    compute_scale: float = 1.0  # calibration: compute and elementwise time / compute_scale
+    comm_scale: float = 1.0  # calibration: every exposed communication time x comm_scale
+    base_efficiency: float = BASE_EFFICIENCY  # the backend's GEMM efficiency level (already in sec_per_flop)
+    fp8_cast_full: float = 0.0  # fp8 cast HBM bytes per token per block not split by tp (see step_model)
+    fp8_cast_sharded: float = 0.0  # fp8 cast HBM bytes per token per block split by tp
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # per-pp stage info
 
 
-def step_model(arch, seq_len: int, precision: str, gpu) -> StepModel:
+def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile: bool | None = None,
+               async_tp: bool = False, fp8_recipe: str | None = None, factors=None) -> StepModel:
     """Precompute the constants of the time model for one architecture on one cluster.
 
     ``gpu`` is a ``hardware.GPU`` (already carrying the spec's gpus_per_node / network overrides).
+    ``backend`` is a :class:`backends.Backend` (or its name; None = the backend-neutral ``generic``
+    profile); ``compile`` = torch.compile on (None = the backend's default); ``async_tp`` = torchtitan's
+    async tensor parallel (effective only when compiled); ``fp8_recipe`` = ``tensorwise`` / ``rowwise``
+    (None = the backend's); ``factors`` = calibration factors
+    (:class:`calibration.Factors`: compute_scale divides the compute time, comm_scale multiplies every
+    exposed communication time; applied in :meth:`LayoutTimer.time` after the overlap model, so the
+    reported step is exactly the linear model the calibration was fitted with).
     """
+    from llmc.compiler.backends import compile_on, get_backend
+
+    be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
+    compiled_ = compile_on(be, compile)
+    compute_scale = getattr(factors, "compute_scale", 1.0) if factors is not None else 1.0
+    comm_scale = getattr(factors, "comm_scale", 1.0) if factors is not None else 1.0
     from llmc.compiler import flops, params
-    from llmc.compiler.hardware import peak_flops
+    from llmc.compiler.hardware import clock_factor, peak_flops
 
     total = flops.train_flops_per_token(arch, seq_len)
     V, d, L = arch.vocab_size, arch.d_model, arch.n_layers
@@ -152,15 +178,38 @@ def step_model(arch, seq_len: int, precision: str, gpu) -> StepModel:
     attn_share = flops.attention_share(arch, seq_len)
     peak = mfu_peak(gpu, precision)
     if precision == "fp8":
-        sec_per_flop = (1 - attn_share) / (peak_flops(gpu, "fp8") * FP8_EFFICIENCY_FACTOR) + attn_share / peak
+        # the linears run fp8_linear_speedup x faster than in bf16 (never above the fp8/bf16 peak ratio)
+        recipe = fp8_recipe or be.fp8_default_recipe
+        speedup = be.fp8_rowwise_speedup if recipe == "rowwise" else be.fp8_linear_speedup
+        speedup = min(speedup, peak_flops(gpu, "fp8") / peak)
+        sec_per_flop = (1 - attn_share) / (peak * speedup) + attn_share / (peak * be.attn_relative_efficiency)
     else:
-        sec_per_flop = 1.0 / peak
+        sec_per_flop = (1 - attn_share) / peak + attn_share / (peak * be.attn_relative_efficiency)
+    sec_per_flop /= be.base_efficiency * clock_factor(gpu)  # a power-capped part runs at lower clocks
     ff_active = arch.d_ff
     if arch.moe is not None:
         ff_active = (arch.moe.top_k + arch.moe.num_shared_experts) * (arch.moe.expert_d_ff or arch.d_ff)
     # memory-bound elementwise work (RMSNorm, residual adds, RoPE, SiLU x up): forward traffic in bf16,
     # backward about twice that (estimate; it is what keeps small models well below large-model MFU)
     elementwise = 3 * ACT_BYTES * (ELEMENTWISE_D * d + ELEMENTWISE_FF * ff_active)
+    # fp8 casts (torchao float8 / TE): input casts of every linear forward and grad_output casts backward,
+    # HBM-bound. Elements per token per block: "full" = inputs of column-parallel linears (wq, wk, wv, w1,
+    # w3: sequence-parallel TP all-gathers them to the whole sequence) + grad_outputs of row-parallel ones
+    # (wo, w2: full width); "sharded" (/ tp) = the other inputs and grad_outputs.
+    cast_full = cast_sharded = 0.0
+    if precision == "fp8":
+        per_elem = be.fp8_cast_bytes.get(fp8_recipe or be.fp8_default_recipe, 0.0)
+        if arch.mla is not None:
+            q_out = arch.n_heads * (arch.mla.qk_nope_head_dim + arch.mla.qk_rope_head_dim + arch.mla.v_head_dim)
+            kv_out = 0.0
+        else:
+            q_out, kv_out = arch.n_heads * arch.hd, 2 * arch.kv_heads * arch.hd
+        cast_full = per_elem * (5 * d + 2 * d)
+        cast_sharded = per_elem * (arch.n_heads * arch.hd + ff_active + q_out + kv_out + 2 * ff_active)
+    if not compiled_:  # eager: every norm / RoPE / SwiGLU op reads and writes HBM on its own
+        elementwise *= be.eager_elementwise
+    tp_overlap = be.async_tp_overlap if (async_tp and compiled_) else be.tp_overlap
+    domain = getattr(gpu, "nvlink_domain", None) or gpu.gpus_per_node
     embed = float(V * d)
     head_p = 0.0 if arch.tied_embeddings else float(V * d)
     return StepModel(
@@ -170,8 +219,11 @@ def step_model(arch, seq_len: int, precision: str, gpu) -> StepModel:
         recompute_flops=rec, flops_per_token=float(total),
         layer_params=blocks / L, expert_params_per_layer=expert, embed_params=embed, head_params=head_p,
         is_moe=arch.moe is not None, peak=peak, sec_per_flop=sec_per_flop, precision=precision,
-        gpus_per_node=gpu.gpus_per_node, nvlink_Bps=gpu.nvlink_gbps * 1e9 * COMM_EFFICIENCY,
+        gpus_per_node=domain, nvlink_Bps=gpu.nvlink_gbps * 1e9 * COMM_EFFICIENCY,
         net_Bps=gpu.net_gbps / 8 * 1e9 * COMM_EFFICIENCY, hbm_Bps=gpu.hbm_gbps * 1e9,
+        backend=be.name, compiled=compiled_, tp_overlap=tp_overlap, fsdp_overlap=be.fsdp_overlap,
+        ep_overlap=be.ep_overlap, ep_node_dedup=be.ep_node_dedup, cp_overlap=be.cp_overlap, compute_scale=compute_scale, comm_scale=comm_scale,
+        base_efficiency=be.base_efficiency, fp8_cast_full=cast_full, fp8_cast_sharded=cast_sharded,
     )
 
 
@@ -212,13 +264,14 @@ def _stage_info(sm: StepModel, p: int, sched: str, v: int, ac: str) -> tuple[int
 
 def efficiency(sm: StepModel, plan: ParallelPlan) -> float:
     """Achievable fraction of peak for this plan's GEMM shapes (heuristic, module docstring)."""
-    return _efficiency(sm, plan.micro_batch, plan.cp, plan.tp)
+    return sm.base_efficiency * sm.compute_scale * _efficiency(sm, plan.micro_batch, plan.cp, plan.tp)
 
 
 def _efficiency(sm: StepModel, mb: int, cp: int, tp: int) -> float:
     tokens = mb * sm.seq_len / cp  # rows of every GEMM on this GPU
     width = sm.d_model / tp  # narrowest sharded GEMM dimension
-    eff = BASE_EFFICIENCY * tokens / (tokens + TOKENS_HALF) * width / (width + WIDTH_HALF)
+    # the backend's base efficiency is already in sm.sec_per_flop; this is the shape penalty only
+    eff = tokens / (tokens + TOKENS_HALF) * width / (width + WIDTH_HALF)
     return eff * MOE_EFFICIENCY if sm.is_moe else eff
 
 
@@ -237,7 +290,7 @@ class LayoutTimer:
 
     __slots__ = ("sm", "t", "p", "cp", "ep", "ds", "dr", "zero", "sched", "v", "chunks", "world", "bubble_slots",
                  "one_pass", "fsdp_passes", "fsdp_latency", "per_step_comm", "optimizer", "pp_bw", "ep_bw",
-                 "cp_bw")
+                 "cp_bw", "a2a_per_token")
 
     def __init__(self, sm: StepModel, tp: int, pp: int, cp: int, ep: int, dp_shard: int, dp_replicate: int,
                  zero_stage: int, pp_schedule: str = "1F1B", pp_virtual_stages: int = 1):
@@ -258,6 +311,21 @@ class LayoutTimer:
             self.bubble_slots = float(p - 1)
         self.pp_bw = sm.nvlink_Bps if self.world <= gpn else sm.net_Bps
         self.ep_bw = sm.nvlink_Bps if ep * cp * t <= gpn else sm.net_Bps
+        # seconds per (token x d_model x byte) of one all-to-all: each token goes to top_k experts spread over
+        # the ep ranks. Within an NVLink domain: top_k (ep-1)/ep copies over NVLink. Across nodes, plain
+        # all-to-all sends top_k (ep-g)/ep copies over the network (g = EP ranks per node) and the rest over
+        # NVLink; with per-node deduplication (DeepEP / hierarchical dispatch: a token goes once to each
+        # remote node holding one of its experts, then over NVLink, https://github.com/deepseek-ai/DeepEP,
+        # DeepSeek-V3 report arXiv 2412.19437 sec. 3.2.2) the network copies are the expected number of
+        # remote nodes hit, (n-1)(1 - (1 - 1/n)^top_k) for n nodes.
+        k = sm.top_k
+        if ep * cp * t <= gpn or ep <= 1:
+            self.a2a_per_token = k * (ep - 1) / max(ep, 1) / sm.nvlink_Bps if ep > 1 else 0.0
+        else:
+            g = max(1, min(ep, gpn // max(1, cp * t)))  # EP ranks sharing a node
+            n = max(1, ep // g)
+            net_copies = (n - 1) * (1 - (1 - 1 / n) ** k) if sm.ep_node_dedup else k * (ep - g) / ep
+            self.a2a_per_token = net_copies / sm.net_Bps + k * (g - 1) / ep / sm.nvlink_Bps
         self.cp_bw = sm.nvlink_Bps if cp * t <= gpn else sm.net_Bps
 
         # parameters this GPU holds before data-parallel sharding (heaviest stage)
@@ -303,30 +371,41 @@ class LayoutTimer:
         tokens_gpu = mb * sm.seq_len / cp  # tokens of this GPU's sequence shard per micro-batch
         scale = tokens_gpu / t * sm.sec_per_flop / _efficiency(sm, mb, cp, t)
         # memory-bound ops, split over tp by sequence parallelism; full AC runs the forward part again
-        elem = n_slow * tokens_gpu / t * sm.elementwise_bytes / sm.hbm_Bps * (4 / 3 if ac == "full" else 1.0)
+        elem_bytes = tokens_gpu / t * sm.elementwise_bytes + tokens_gpu * sm.fp8_cast_full \
+            + tokens_gpu / t * sm.fp8_cast_sharded
+        elem = n_slow * elem_bytes / sm.hbm_Bps * (4 / 3 if ac == "full" else 1.0)
         compute = flops_tok * scale + elem
         recompute = rec_tok * scale
         full = ac == "full"
         tp_comm = 0.0
         if t > 1:  # 4 collectives per block (+2 when the forward is recomputed), ring volume 2(t-1)/t
             tp_comm = n_slow * (6 if full else 4) * tokens_gpu * sm.d_model * ACT_BYTES * 2 * (t - 1) / t / sm.nvlink_Bps
+            tp_comm *= 1.0 - sm.tp_overlap  # async TP / comm-GEMM overlap hides this share
         ep_comm = 0.0
         if ep > 1 and sm.n_moe_layers:  # 4 all-to-alls per MoE block (+2 with full recompute)
-            a2a = tokens_gpu / t * sm.top_k * sm.d_model * ACT_BYTES * (ep - 1) / ep
-            ep_comm = n_slow * sm.n_moe_layers / sm.n_layers * (6 if full else 4) * a2a / self.ep_bw
+            ep_comm = n_slow * sm.n_moe_layers / sm.n_layers * (6 if full else 4) * self.a2a_per_token \
+                * tokens_gpu / t * sm.d_model * ACT_BYTES
+            ep_comm *= 1.0 - sm.ep_overlap
         cp_comm = 0.0
-        if cp > 1:  # ring attention: (cp-1) hops of the local K/V forward, 2x that backward; half hidden
+        if cp > 1:  # ring attention: (cp-1) hops of the local K/V forward, 2x that backward
             kv = tokens_gpu * sm.kv_bytes_per_token_layer / t
-            cp_comm = (1 - CP_OVERLAP) * n_slow * 3 * (cp - 1) * kv / self.cp_bw
+            cp_comm = (1 - sm.cp_overlap) * n_slow * 3 * (cp - 1) * kv / self.cp_bw
         pp_comm = 0.0
         if p > 1:  # activations out + gradients back per boundary, v times when interleaved
             pp_comm = 2 * self.chunks * tokens_gpu * sm.d_model * ACT_BYTES / t / self.pp_bw
         fsdp = 0.0
         if self.fsdp_passes:
-            fsdp = _exposed(self.fsdp_passes * self.one_pass + self.fsdp_latency, compute)
+            fsdp = _exposed(self.fsdp_passes * self.one_pass + self.fsdp_latency, compute, sm.fsdp_overlap)
+        dp = _exposed(self.per_step_comm, compute, sm.fsdp_overlap)
+        if sm.compute_scale != 1.0 or sm.comm_scale != 1.0:
+            # calibration (calibration.py): compute parts / compute_scale, exposed communication x comm_scale,
+            # applied to the model's own split so that the fitted linear model is exactly what is reported
+            a, b = 1.0 / sm.compute_scale, sm.comm_scale
+            compute, recompute, elem = compute * a, recompute * a, elem * a
+            tp_comm, ep_comm, cp_comm, pp_comm, fsdp, dp = (x * b for x in (tp_comm, ep_comm, cp_comm, pp_comm,
+                                                                             fsdp, dp))
         t_micro = compute + tp_comm + ep_comm + cp_comm + pp_comm + fsdp
         bubble = self.bubble_slots * t_micro
-        dp = _exposed(self.per_step_comm, compute)
         step = m * t_micro + bubble + dp + self.optimizer
         world = self.world
         tokens_step = mb * m * (self.ds * self.dr) * sm.seq_len

@@ -332,6 +332,15 @@ def _mla(arch, notes: list[str]) -> dict[str, Any]:
     }
 
 
+def _titan_compile(compiled) -> bool:
+    """torch.compile as the plan's time and memory assumed it (the torchtitan backend's choice)."""
+    from llmc.compiler.backends import compile_on, get_backend
+
+    if compiled.backend.get("name") == "torchtitan":
+        return bool(compiled.backend["compile"])
+    return compile_on(get_backend("torchtitan"), compiled.spec.training.compile)
+
+
 def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str]) -> dict[str, Any]:
     """Model family, shapes, init, RoPE, MoE / MLA and precision."""
     spec = compiled.spec
@@ -362,7 +371,7 @@ def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str])
         "float8": precision == "fp8",
         "float8_recipe": "rowwise",
         "float8_filter_fqns": converters_filter,
-        "compile_enable": spec.hardware.gpu != "cpu",
+        "compile_enable": spec.hardware.gpu != "cpu" and _titan_compile(compiled),
         "compile_components": ["model", "loss"],
         "training_dtype": "float32",
         "mixed_precision_param": "float32" if precision == "fp32" else "bfloat16",

@@ -87,6 +87,34 @@ class Data(BaseModel):
     """Total training tokens (D), e.g. ``15.6e12`` or ``15.6T``."""
 
 
+class GpuOverrides(BaseModel):
+    """Per-field overrides of the hardware table's GPU, or a custom GPU (unknown ``hardware.gpu`` key with
+    ``base`` or at least bf16_tflops, hbm_gib and hbm_tbps). None = the table's value."""
+
+    model_config = _CFG
+
+    base: str | None = None
+    """Table key to start from (for a custom key)."""
+    name: str | None = None
+    """Display name."""
+    bf16_tflops: float | None = Field(default=None, gt=0)
+    """Dense BF16 tensor peak in TFLOPS (not the 2:4 sparsity figure)."""
+    fp8_tflops: float | None = Field(default=None, gt=0)
+    """Dense FP8 tensor peak in TFLOPS."""
+    fp32_tflops: float | None = Field(default=None, gt=0)
+    """Plain FP32 peak in TFLOPS."""
+    hbm_gib: float | None = Field(default=None, gt=0)
+    """Device memory in GiB."""
+    hbm_tbps: float | None = Field(default=None, gt=0)
+    """Memory bandwidth in TB/s."""
+    power_w: float | None = Field(default=None, gt=0)
+    """Board power limit in W."""
+    nvlink_gbps: float | None = Field(default=None, ge=0)
+    """Scale-up bandwidth per GPU per direction in GB/s (0 = none)."""
+    nvlink_domain: int | None = Field(default=None, gt=0)
+    """GPUs sharing one NVLink domain (GB200 NVL72: 72). None = gpus_per_node."""
+
+
 class Hardware(BaseModel):
     """The cluster."""
 
@@ -102,6 +130,8 @@ class Hardware(BaseModel):
     """Price per GPU-hour. None = the hardware table's reference price."""
     inter_node_gbps: float | None = Field(default=None, gt=0)
     """Network bandwidth per GPU in Gbit/s. None = the table's default (400 Gb/s per GPU)."""
+    gpu_overrides: GpuOverrides | None = None
+    """Override table fields of ``gpu`` (peaks, HBM, power, NVLink) or define a custom GPU."""
 
 
 class Budget(BaseModel):
@@ -206,6 +236,10 @@ class Training(BaseModel):
     """Optimizer steps. None = data.tokens / global_batch_tokens."""
     log_every: int = Field(default=10, gt=0)
     """Steps between metric lines."""
+    backend: Literal["auto", "torchtitan", "deepspeed", "native"] = "auto"
+    """Backend the plan is computed for (its memory layout and overlap); ``auto`` = llmc picks one and says why."""
+    compile: bool | None = None
+    """torch.compile. None = the backend's default (on for torchtitan, off for native and DeepSpeed)."""
 
 
 class Parallelism(BaseModel):
@@ -433,11 +467,13 @@ class RunSpec(BaseModel):
     """Post-training / continued-training pipeline after (or instead of) the main pre-training."""
     serving: list[Serving] = Field(default_factory=list)
     """Serving targets."""
+    calibration: str | None = None
+    """Path of a calibration JSON (``llmc calibrate``), relative to the spec file; its factors adjust time and memory."""
 
 
 __all__ = [
     "NAME_PATTERN", "ModelRef", "Source", "Tokenizer", "Data", "Hardware", "Budget", "Optimizer", "Schedule",
     "Checkpoint", "LossSpike", "Training", "Parallelism", "StageKind", "STAGE_KINDS", "LM_KINDS", "CHAT_KINDS",
     "POSTTRAIN_KINDS", "PREFERENCE_KINDS", "LoRA", "StageBase", "PretrainStage", "MidtrainStage", "LongContextStage", "SFTStage",
-    "DPOStage", "GRPOStage", "STAGE_TYPES", "Stage", "make_stage", "Serving", "RunSpec",
+    "DPOStage", "GRPOStage", "STAGE_TYPES", "Stage", "make_stage", "Serving", "GpuOverrides", "RunSpec",
 ]

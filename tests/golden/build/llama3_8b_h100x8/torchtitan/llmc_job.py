@@ -241,9 +241,9 @@ def _trainer_config(spec):
         metrics=MetricsProcessor.Config(log_freq=10, enable_tensorboard=True),
         parallelism=ParallelismConfig(
             data_parallel_replicate_degree=1,
-            data_parallel_shard_degree=4,
-            fsdp_reshard_after_forward='never',
-            tensor_parallel_degree=2,
+            data_parallel_shard_degree=8,
+            fsdp_reshard_after_forward='default',
+            tensor_parallel_degree=1,
             pipeline_parallel_degree=1,
             pipeline_parallel_schedule='1F1B',
             pipeline_parallel_microbatch_size=1,

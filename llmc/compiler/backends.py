@@ -1,0 +1,277 @@
+"""Training backends as data: what each one allocates and what it overlaps.
+
+A plan is timed and sized for the backend that will run it (``training.backend``; ``auto`` lets
+:func:`resolve_backend` pick one and say why). Every value below names the code or document it comes
+from; the few that are *fitted* (efficiency levels, the allocator's reserved/allocated ratio) say so
+and are fitted in one place (``llmc/compiler/calibration.py`` for user calibrations; the defaults here
+from the ``use: fit`` rows of ``benchmarks/``, see benchmarks/README.md).
+
+Model states per parameter, mixed-precision AdamW, as (replicated bytes, bytes sharded over the ZeRO /
+FSDP group) for weights, gradients and optimizer states:
+
+* torchtitan / llmc native, FSDP2 (``fully_shard`` with ``MixedPrecisionPolicy(param_dtype=bf16,
+  reduce_dtype=fp32)``): the sharded parameter keeps its original fp32 dtype, its gradient is fp32, and
+  AdamW keeps exp_avg / exp_avg_sq in fp32, so 4 + 4 + 8 = 16 B sharded; there is no separate master
+  copy. bf16 exists only in the all-gathered (unsharded) parameters of the units being computed
+  (https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html, MixedPrecisionPolicy;
+  torchtitan ``config/job_config.py``: ``mixed_precision_param = "bfloat16"``,
+  ``mixed_precision_reduce = "float32"``). DDP (``dp_shard == 1``): fp32 parameters, gradients and
+  states replicated, 16 B (torchtitan runs the forward under ``torch.autocast`` when FSDP is off).
+* DeepSpeed (bf16 with ZeRO): bf16 parameters and gradients, fp32 gradient partition, fp32 master
+  weights, momentum and variance. DeepSpeed's own estimators
+  (``deepspeed/runtime/zero/stage_1_and_2.py::estimate_zero2_model_states_mem_needs``: "2 = params_16bit,
+  18 = 2_grads_16bit + 4_grads_32bit + 4_params_32bit + 8_optimizer_states_32bit";
+  ``stage3.py::estimate_zero3_model_states_mem_needs``: 18 B/param / N + 4 B x the largest layer):
+  ZeRO-1 2 + 2 replicated + 16/N, ZeRO-2 2 + 18/N, ZeRO-3 18/N (+ the gathered largest layer in
+  fp32-equivalent bytes, counted as a buffer).
+* ``generic``: the ZeRO paper's 2 + 2 + 12 = 16 B (Rajbhandari et al. 2020, sec. 3.1), kept for callers
+  that give no backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GiB = 2**30
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter of one ZeRO stage: (replicated, sharded) for weights, grads, optimizer."""
+
+    weights: tuple[float, float]
+    grads: tuple[float, float]
+    optimizer: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What one training backend allocates and overlaps. ``sources`` maps each field to its source."""
+
+    name: str
+    runnable: bool  # llmc can build and launch it (megatron is a reference profile for benchmarks only)
+    states: dict[int, StateBytes]  # by ZeRO stage (0 = DDP replicas)
+    # --- compute
+    base_efficiency: float  # fraction of dense bf16 peak for large GEMMs + flash attention (fitted)
+    fp8_linear_speedup: float  # speed-up of the linears in fp8 vs bf16, tensorwise scaling (see sources)
+    fp8_rowwise_speedup: float  # the same with rowwise scaling (finer scales, more cast work)
+    fp8_default_recipe: str  # the recipe llmc's job for this backend uses
+    fp8_cast_bytes: dict[str, float]  # HBM bytes per cast element (bf16 read + fp8 write...) by recipe
+    attn_relative_efficiency: float  # attention kernels' efficiency relative to the GEMMs' (see sources)
+    compile_default: bool  # torch.compile on unless the spec says otherwise
+    eager_elementwise: float  # HBM traffic of unfused elementwise ops relative to the fused estimate
+    # --- overlap
+    fsdp_overlap: float  # share of FSDP/ZeRO traffic hidden behind compute (prefetch)
+    tp_overlap: float  # share of TP collectives hidden (0 = exposed; async TP / comm-GEMM overlap)
+    async_tp_overlap: float  # share hidden with async TP on (torchtitan: needs compile)
+    ep_overlap: float  # share of MoE all-to-all hidden behind expert compute
+    ep_node_dedup: bool  # dispatch sends a token once per remote node, then over NVLink (DeepEP / hierarchical)
+    cp_overlap: float  # share of the ring-attention K/V exchange hidden behind attention
+    # --- memory
+    logits_fp32: bool  # the loss upcasts logits to fp32 (12 B per token per vocab entry at the peak)
+    compiles_loss: bool  # torch.compile also covers the loss (fused upcast + log_softmax + nll: 4 B at the peak)
+    compile_act_saving: float  # fraction of (non-AC) activation bytes torch.compile avoids saving
+    reserved_over_allocated: float  # allocator reserved / allocated at the peak (fragmentation; fitted)
+    cuda_context_bytes: float  # CUDA context + kernels, outside the caching allocator
+    nccl_bytes_per_peer_group: float  # NCCL buffers per communicator (outside the allocator)
+    supports: frozenset[str] = frozenset()  # parallel dimensions the runner implements
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+_FSDP2_STATES = {
+    0: StateBytes(weights=(4, 0), grads=(4, 0), optimizer=(8, 0)),
+    # llmc's torchtitan job maps ZeRO-1/2 to FSDP2 with reshard_after_forward = "never" (render_torchtitan.py):
+    # the fp32 shards stay sharded and the all-gathered bf16 parameters are kept from forward to backward
+    # (fully_shard docs: reshard_after_forward=False keeps the unsharded parameters after forward)
+    1: StateBytes(weights=(2, 4), grads=(0, 4), optimizer=(0, 8)),
+    2: StateBytes(weights=(2, 4), grads=(0, 4), optimizer=(0, 8)),
+    3: StateBytes(weights=(0, 4), grads=(0, 4), optimizer=(0, 8)),
+}
+_DS_STATES = {
+    0: StateBytes(weights=(2, 0), grads=(2 + 4, 0), optimizer=(12, 0)),
+    1: StateBytes(weights=(2, 0), grads=(2, 4), optimizer=(0, 12)),
+    2: StateBytes(weights=(2, 0), grads=(0, 6), optimizer=(0, 12)),
+    3: StateBytes(weights=(0, 2), grads=(0, 4), optimizer=(0, 12)),
+}
+_GENERIC_STATES = {
+    0: StateBytes(weights=(2, 0), grads=(2, 0), optimizer=(12, 0)),
+    1: StateBytes(weights=(2, 0), grads=(2, 0), optimizer=(0, 12)),
+    2: StateBytes(weights=(2, 0), grads=(0, 2), optimizer=(0, 12)),
+    3: StateBytes(weights=(0, 2), grads=(0, 2), optimizer=(0, 12)),
+}
+
+_TT = "https://github.com/pytorch/torchtitan"
+_FP8_SRC = ("torchtitan docs/float8.md and benchmarks/llama3_h100_202412_torchtitan.md Table 1/3: compile + "
+            "Float8 vs compile bf16 = 8532/6667 = 1.28x and 8380/6514 = 1.29x end to end for Llama 3.1 8B")
+
+BACKENDS: dict[str, Backend] = {
+    "torchtitan": Backend(
+        name="torchtitan", runnable=True, states=_FSDP2_STATES,
+        base_efficiency=0.68, fp8_linear_speedup=1.65, fp8_rowwise_speedup=1.2, fp8_default_recipe="rowwise",
+        fp8_cast_bytes={"tensorwise": 3.0, "rowwise": 6.0}, attn_relative_efficiency=0.6, compile_default=True, eager_elementwise=3.0,
+        fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.5, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
+        logits_fp32=True, compiles_loss=True, compile_act_saving=0.08, reserved_over_allocated=1.08,
+        cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
+        supports=frozenset({"dp", "fsdp", "hsdp", "tp", "pp", "cp", "ep"}),
+        sources={
+            "states": "FSDP2 fully_shard MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); " + _TT
+            + "/blob/main/torchtitan/config/job_config.py (mixed_precision_param / mixed_precision_reduce)",
+            "base_efficiency": "fitted: benchmarks/ torchtitan H100 Dec 2024 rows (use: fit)",
+            "fp8_linear_speedup": "fitted (with fp8_cast_bytes): " + _FP8_SRC,
+            "fsdp_overlap": "FSDP2 prefetches the next unit's all-gather during the current unit's compute "
+            "(https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html); share hidden is an estimate",
+            "tp_overlap": "without async TP, torchtitan's DTensor TP collectives are issued on the compute stream "
+            "between the GEMMs (exposed)",
+            "ep_overlap": "torchtitan's expert-parallel all-to-all is synchronous around the grouped GEMMs (exposed)",
+            "nccl_bytes_per_peer_group": "NCCL_BUFFSIZE 4 MiB per channel, up to 16 channels per communicator "
+            "on NVLink (https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html); estimate",
+            "fp8_rowwise_speedup": _TT + "/commit/7a04053a742af65bc76826bbcc57b7bede7be62c (Llama 3 8B, 8 H100, "
+            "compile: bf16 5,760 tok/s, rowwise float8 6,424 (1.12x), tensorwise + fp8 all-gather 7,186 (1.25x))",
+            "fp8_cast_bytes": "torchao float8 (https://github.com/pytorch/ao/tree/main/torchao/float8): every "
+            "Float8Linear casts its input (forward) and its grad_output (backward) to fp8: a bf16 read + fp8 write "
+            "= 3 B per element with the amax fused by compile (tensorwise); rowwise scaling casts along both axes "
+            "(the weight-gradient GEMM needs column-wise scales): 6 B. Under TP with sequence parallelism the "
+            "column-parallel inputs are the all-gathered full sequence, so this work does not shrink with tp",
+            "fp8_default_recipe": "llmc's torchtitan job: quantize.linear.float8 recipe_name = rowwise "
+            "(render_torchtitan.py)",
+            "attn_relative_efficiency": "FlashAttention-2 reaches 35 % of H100 peak, FlashAttention-3 75 % "
+            "(Shah et al. 2024, arXiv 2407.08608, sec. 1 and 4.1); PyTorch SDPA's flash/cuDNN kernels sit between: "
+            "0.6 of the GEMM efficiency (fitted on the Table 2 sequence-length sweep)",
+            "eager_elementwise": "fitted: Table 1/3 eager vs compiled (5762 vs 6667, 5605 vs 6514 tok/s)",
+            "async_tp_overlap": _TT + "/blob/main/docs/async_tp.md (micro-pipelined all-gather/reduce-scatter "
+            "matmuls; Table 4: 829 -> 876 tok/s)",
+            "cp_overlap": _TT + " experimental context_parallel (ring attention via SDPA; the K/V rotation "
+            "is issued per attention call and waited on before the next block, taken as exposed)",
+            "logits_fp32": _TT + "/blob/main/torchtitan/components/loss.py (cross_entropy(pred.float(), ...))",
+            "compiles_loss": _TT + "/blob/main/torchtitan/components/loss.py build_cross_entropy_loss: torch.compile"
+            "(loss_fn) when compile covers the loss (llmc's job: compile.components = [model, loss]); Inductor "
+            "fuses the fp32 upcast, log_softmax and nll, keeping the bf16 logits and their bf16 gradient",
+            "reserved_over_allocated": "fitted: torchtitan logs print max_reserved (train.py); "
+            "https://pytorch.org/docs/stable/notes/cuda.html#memory-management",
+            "compile_act_saving": "fitted: Table 1/3 memory eager vs compiled (82.4 -> 77.0, 67.0 -> 62.0 GiB)",
+            "cuda_context_bytes": "https://pytorch.org/docs/stable/notes/cuda.html (CUDA context is outside "
+            "the caching allocator; ~0.5-0.7 GiB on H100 with lazy module loading)",
+        }),
+    "native": Backend(
+        name="native", runnable=True, states=_FSDP2_STATES,
+        base_efficiency=0.52, fp8_linear_speedup=1.0, fp8_rowwise_speedup=1.0, fp8_default_recipe="tensorwise",
+        fp8_cast_bytes={}, attn_relative_efficiency=0.6, compile_default=False, eager_elementwise=3.0,
+        fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
+        logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
+        cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
+        supports=frozenset({"dp", "fsdp", "hsdp", "tp"}),
+        sources={
+            "states": "llmc/runtime/distributed.py: fully_shard per block with MixedPrecisionPolicy"
+            "(bf16, fp32); DDP otherwise",
+            "fp8_linear_speedup": "llmc's native trainer runs fp8 specs in bf16 (llmc/runtime/train.py)",
+            "base_efficiency": "as torchtitan (same PyTorch kernels, no compile)",
+        }),
+    "deepspeed": Backend(
+        name="deepspeed", runnable=True, states=_DS_STATES,
+        base_efficiency=0.52, fp8_linear_speedup=1.0, fp8_rowwise_speedup=1.0, fp8_default_recipe="tensorwise",
+        fp8_cast_bytes={}, attn_relative_efficiency=0.6, compile_default=False, eager_elementwise=3.0,
+        fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
+        logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
+        cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
+        supports=frozenset({"dp", "zero"}),
+        sources={
+            "states": "deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs; "
+            "stage3.py estimate_zero3_model_states_mem_needs (DeepSpeed 0.19.8)",
+            "fsdp_overlap": "ds_config overlap_comm=true (llmc's DeepSpeed config)",
+            "fp8_linear_speedup": "llmc's DeepSpeed runner trains fp8 specs in bf16 (render.py X106)",
+        }),
+    # Reference profile: Megatron-Core / Megatron-Bridge. llmc does not build Megatron jobs; the profile
+    # exists so that published Megatron measurements can be compared with the same model.
+    "megatron": Backend(
+        name="megatron", runnable=False, states=_DS_STATES,
+        base_efficiency=0.70, fp8_linear_speedup=1.8, fp8_rowwise_speedup=1.8, fp8_default_recipe="tensorwise",
+        fp8_cast_bytes={"tensorwise": 1.0, "rowwise": 1.0}, attn_relative_efficiency=1.0, compile_default=False, eager_elementwise=1.0,
+        fsdp_overlap=0.9, tp_overlap=0.8, async_tp_overlap=0.8, ep_overlap=0.7, ep_node_dedup=True, cp_overlap=0.5,
+        logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
+        cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
+        supports=frozenset({"dp", "zero", "tp", "pp", "cp", "ep"}),
+        sources={
+            "base_efficiency": "set with the Megatron-Bridge performance summary in view (benchmarks/: FP8 "
+            "Llama 3 at 719-827 model TFLOP/s per H100); those rows are therefore not an independent check",
+            "attn_relative_efficiency": "Transformer Engine cuDNN fused attention (FlashAttention-3 class, "
+            "Shah et al. 2024: 75 % of H100 peak, on a par with GEMMs)",
+            "fp8_cast_bytes": "Transformer Engine fuses the fp8 cast into the producing norm / activation kernel "
+            "(LayerNormLinear, fused cast-transpose): about one extra fp8 byte per element (estimate)",
+            "eager_elementwise": "Transformer Engine fuses norm+linear, bias+activation, RoPE (TE docs)",
+            "tp_overlap": "Megatron-Core tp_comm_overlap (userbuffers comm-GEMM overlap), "
+            "https://docs.nvidia.com/megatron-core/developer-guide/latest/api-guide/tensor_parallel.html",
+            "ep_overlap": "Megatron-Core MoE: overlap_moe_expert_parallel_comm (A2A overlap with 1F1B), "
+            "https://docs.nvidia.com/megatron-core/developer-guide/latest/api-guide/moe.html",
+            "ep_node_dedup": "Megatron-Core flex token dispatcher with DeepEP (https://github.com/deepseek-ai/DeepEP: "
+            "tokens forwarded once per node over RDMA, then NVLink), as Megatron-Bridge's DeepSeek-V3 recipes use",
+            "cp_overlap": "Megatron-Core context parallel: P2P K/V exchange overlapped with attention "
+            "(Transformer Engine), https://docs.nvidia.com/megatron-core/developer-guide/latest/"
+            "api-guide/context_parallel.html",
+            "fp8_linear_speedup": "Transformer Engine FP8 GEMMs on Hopper/Blackwell (2x the bf16 tensor peak), set "
+            "with the Megatron-Bridge rows in view (not independent)",
+        }),
+    "generic": Backend(
+        name="generic", runnable=False, states=_GENERIC_STATES,
+        base_efficiency=0.65, fp8_linear_speedup=1.4, fp8_rowwise_speedup=1.4, fp8_default_recipe="tensorwise",
+        fp8_cast_bytes={}, attn_relative_efficiency=1.0, compile_default=False, eager_elementwise=1.0,
+        fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.5,
+        logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.0,
+        cuda_context_bytes=1.0 * GiB, nccl_bytes_per_peer_group=0.0,
+        supports=frozenset({"dp", "fsdp", "hsdp", "zero", "tp", "pp", "cp", "ep"}),
+        sources={"states": "Rajbhandari et al. 2020, ZeRO, arXiv 1910.02054 sec. 3.1 (2 + 2 + 12 B/param)"}),
+}
+
+RUNNABLE = tuple(k for k, b in BACKENDS.items() if b.runnable)
+
+
+def get_backend(name: str | None) -> Backend:
+    """The profile of ``name``; ``None`` gives the backend-neutral ``generic`` profile."""
+    return BACKENDS["generic" if name is None else name]
+
+
+def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = None, cp: int | None = None,
+                    ep: int | None = None, zero_stage: int | None = None,
+                    offload_optimizer: bool = False, cpu: bool = False) -> tuple[str, str]:
+    """(backend, reason). ``auto``: the native trainer on CPU; DeepSpeed when the spec asks for a
+    DeepSpeed-only feature (optimizer offload, ZeRO-1/2); otherwise torchtitan (it runs every dimension the
+    search may choose: TP, PP, CP, EP, FSDP; llmc's native trainer does DDP/FSDP/TP only and DeepSpeed's
+    runner data parallelism only)."""
+    if requested != "auto":
+        return requested, f"training.backend pins {requested}"
+    if cpu:
+        return "native", "auto: llmc's native trainer (a CPU run; torchtitan and DeepSpeed need GPUs)"
+    if offload_optimizer:
+        return "deepspeed", "auto: optimizer offload is a DeepSpeed feature (ZeRO-Offload)"
+    if zero_stage in (1, 2):
+        return "deepspeed", f"auto: ZeRO-{zero_stage} is a DeepSpeed optimizer (torchtitan shards with FSDP2)"
+    dims = [n for n, v in (("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)) if v and v > 1]
+    why = f"it runs the pinned {'/'.join(dims)}" if dims else "it runs every dimension the search may choose"
+    return "torchtitan", f"auto: torchtitan ({why}: FSDP2, TP, PP, CP, EP; compiled, fp8 via torchao)"
+
+
+FITTED = ("base_efficiency", "attn_relative_efficiency", "eager_elementwise", "compile_act_saving",
+          "reserved_over_allocated", "fp8_linear_speedup", "fp8_rowwise_speedup")
+
+
+def describe(name: str) -> list[tuple[str, object, str]]:
+    """(field, value, source) for every numeric/boolean field of a profile, for ``llmc backends`` style
+    listings; fields listed in :data:`FITTED` whose source says "fitted" were fitted on benchmarks/ rows."""
+    import dataclasses
+
+    be = get_backend(name)
+    out = []
+    for f in dataclasses.fields(be):
+        if f.name in ("name", "sources", "states", "supports"):
+            continue
+        out.append((f.name, getattr(be, f.name), be.sources.get(f.name, "")))
+    return out
+
+
+def compile_on(backend: Backend, requested: bool | None) -> bool:
+    """torch.compile for this run: the spec's ``training.compile`` or the backend's default."""
+    return backend.compile_default if requested is None else bool(requested)
+
+
+__all__ = ["Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "get_backend", "resolve_backend", "compile_on",
+           "describe"]

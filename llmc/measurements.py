@@ -1,0 +1,405 @@
+"""Measured training runs, read from files, as typed rows; and the body of ``llmc calibrate``.
+
+No torch. Three input kinds (one :class:`Measurement` per run):
+
+* an llmc run folder (or its ``metrics.jsonl``) next to the ``plan.lock.json`` it was built from, from any
+  backend: the lock gives the model, GPU, layout and backend; ``metrics.jsonl`` gives the throughput
+  (``tokens_per_s`` is the whole job's: divided by the world size) and ``peak_mem_bytes``
+  (``torch.cuda.max_memory_allocated``);
+* a torchtitan log (``step: 10  loss: 7.1  memory: 58.31GiB(61.37%)  tps: 7,413  tflops: 429.32
+  mfu: 43.41%``; torchtitan ``train.py`` prints the *reserved* peak and tokens/s per GPU) together with
+  the ``plan.lock.json`` of the job (``llmc calibrate run.log --lock build/plan.lock.json``);
+* a table of measured layouts, YAML (``benchmarks/data`` schema: file keys ``backend``, ``gpu_key``,
+  ``rows``) or CSV (one row per run, same column names plus ``backend`` and ``gpu_key``).
+
+Steady-state figures: the median over logged steps after the first :data:`WARMUP_STEPS` (compilation,
+allocator warm-up and the first data-loader fill make the early steps unrepresentative).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from llmc.compiler.plan import ParallelPlan
+
+GiB = 2**30
+WARMUP_STEPS = 10
+
+_TITAN = re.compile(
+    r"step:\s*(?P<step>\d+).*?loss:\s*(?P<loss>[-+0-9.eE]+|nan|inf)"
+    r"(?:.*?memory:\s*(?P<mem>[0-9.]+)\s*GiB\((?P<mem_pct>[0-9.]+)%\))?"
+    r"(?:.*?tps:\s*(?P<tps>[0-9,]+(?:\.[0-9]+)?))?"
+    r"(?:.*?tflops:\s*(?P<tflops>[0-9,.]+))?"
+    r"(?:.*?mfu:\s*(?P<mfu>[0-9.]+)%)?"
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class MeasurementError(ValueError):
+    """A measurement file cannot be read; ``line`` is 1-based (0 = the whole file)."""
+
+    def __init__(self, file: str, line: int, code: str, path: str, message: str, hint: str = ""):
+        super().__init__(message)
+        self.file, self.line, self.code, self.path, self.message, self.hint = file, line, code, path, message, hint
+
+    def located(self) -> str:
+        loc = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{loc}: error[{self.code}] {self.path}: {self.message}" + (f" ({self.hint})" if self.hint else "")
+
+
+@dataclass(frozen=True)
+class TitanStep:
+    """One torchtitan metrics line."""
+
+    step: int
+    loss: float
+    memory_gib: float | None
+    memory_pct: float | None
+    tps: float | None
+    tflops: float | None
+    mfu_pct: float | None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured run, with everything llmc needs to predict it."""
+
+    label: str
+    source: str  # file it came from
+    backend: str
+    gpu: str  # llmc GPU key
+    model: object  # llmc.spec.model.Architecture
+    seq_len: int
+    precision: str
+    plan: ParallelPlan
+    gpus_per_node: int | None = None
+    compile: bool | None = None
+    async_tp: bool = False
+    fp8_recipe: str | None = None
+    tokens_per_s_per_gpu: float | None = None
+    reserved_bytes: float | None = None  # torch.cuda.max_memory_reserved
+    allocated_bytes: float | None = None  # torch.cuda.max_memory_allocated
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------- parsers
+
+
+def parse_torchtitan_log(text: str) -> list[TitanStep]:
+    """Every metrics line of a torchtitan log (other lines are ignored; colour codes are stripped)."""
+    out = []
+    for raw in text.splitlines():
+        line = _ANSI.sub("", raw)
+        if "step:" not in line or "loss:" not in line:
+            continue
+        m = _TITAN.search(line)
+        if m is None:
+            continue
+
+        def num(k: str, m=m) -> float | None:
+            v = m.group(k)
+            return None if v is None else float(v.replace(",", ""))
+
+        out.append(TitanStep(step=int(m.group("step")), loss=float(m.group("loss")), memory_gib=num("mem"),
+                             memory_pct=num("mem_pct"), tps=num("tps"), tflops=num("tflops"), mfu_pct=num("mfu")))
+    return out
+
+
+def steady(values: list[tuple[int, float]], warmup: int = WARMUP_STEPS) -> float | None:
+    """Median of (step, value) after the warm-up steps (all of them when none is past it)."""
+    vals = [v for s, v in values if s > warmup] or [v for _, v in values]
+    return statistics.median(vals) if vals else None
+
+
+def _lock(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MeasurementError(str(path), 0, "M002", "plan.lock.json", f"cannot read the lock: {e}",
+                               "pass the plan.lock.json written by llmc build") from e
+    if not isinstance(d, dict) or "spec" not in d or "plan" not in d:
+        raise MeasurementError(str(path), 0, "M002", "plan.lock.json", "not an llmc plan.lock.json",
+                               "pass the plan.lock.json written by llmc build")
+    if d.get("plan") is None:
+        raise MeasurementError(str(path), 0, "M002", "plan", "the lock has no parallelism plan")
+    return d
+
+
+def _from_lock(lock: dict, lock_path: str, label: str, source: str) -> Measurement:
+    from llmc.spec.schema import RunSpec
+
+    spec = RunSpec.model_validate(lock["spec"]["resolved"])
+    plan = ParallelPlan(**lock["plan"])
+    be = (lock.get("backend") or {}).get("name") or "native"
+    comp = (lock.get("backend") or {}).get("compile")
+    hw = lock.get("hardware") or {}
+    return Measurement(label=label, source=source, backend=be, gpu=hw.get("key") or spec.hardware.gpu,
+                       model=spec.model, seq_len=spec.data.seq_len, precision=spec.training.precision, plan=plan,
+                       gpus_per_node=spec.hardware.gpus_per_node, compile=comp)
+
+
+def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Measurement:
+    """An llmc run: ``metrics.jsonl`` (or the folder holding it) and the ``plan.lock.json`` it was built from
+    (default: next to it, or one folder up)."""
+    p = Path(path)
+    metrics = p / "metrics.jsonl" if p.is_dir() else p
+    if lock_path is None:
+        cands = [metrics.parent / "plan.lock.json", metrics.parent.parent / "plan.lock.json"]
+        lock_path = next((c for c in cands if c.is_file()), None)
+        if lock_path is None:
+            raise MeasurementError(str(metrics), 0, "M003", "plan.lock.json", "no plan.lock.json next to the run",
+                                   "pass --lock PATH")
+    lock = _lock(Path(lock_path))
+    tps, mem = [], []
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError as e:
+        raise MeasurementError(str(metrics), 0, "M001", "metrics.jsonl", f"cannot read: {e}") from e
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MeasurementError(str(metrics), i, "M001", "metrics.jsonl", f"not a JSON record: {e.msg}") from e
+        if "step" in r and r.get("tokens_per_s"):
+            tps.append((int(r["step"]), float(r["tokens_per_s"])))
+        if "step" in r and r.get("peak_mem_bytes"):
+            mem.append((int(r["step"]), float(r["peak_mem_bytes"])))
+    if not tps:
+        raise MeasurementError(str(metrics), 0, "M001", "metrics.jsonl", "no step records with tokens_per_s",
+                               "train for more than log_every steps")
+    m = _from_lock(lock, str(lock_path), label=metrics.parent.name or str(metrics), source=str(metrics))
+    world = m.plan.world
+    return replace(m, tokens_per_s_per_gpu=steady(tps) / world,
+                   allocated_bytes=max(v for _, v in mem) if mem else None)
+
+
+def read_torchtitan_log(path: str | Path, lock_path: str | Path) -> Measurement:
+    """A torchtitan log of a job llmc built, with that build's ``plan.lock.json``."""
+    p = Path(path)
+    try:
+        steps = parse_torchtitan_log(p.read_text(errors="replace"))
+    except OSError as e:
+        raise MeasurementError(str(p), 0, "M001", "log", f"cannot read: {e}") from e
+    if not steps:
+        raise MeasurementError(str(p), 0, "M001", "log", "no torchtitan metrics lines (step: .. loss: .. tps: ..)",
+                               "pass the rank-0 training log")
+    lock = _lock(Path(lock_path))
+    m = _from_lock(lock, str(lock_path), label=p.stem, source=str(p))
+    tps = steady([(s.step, s.tps) for s in steps if s.tps])
+    mem = [s.memory_gib for s in steps if s.memory_gib is not None]
+    return replace(m, backend="torchtitan", tokens_per_s_per_gpu=tps,
+                   reserved_bytes=max(mem) * GiB if mem else None)
+
+
+_TABLE_REQUIRED = ("model", "gpus", "seq_len", "dp_shard", "micro_batch", "global_batch")
+
+
+def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measurement:
+    from llmc.spec.presets import PRESETS
+
+    def get(k, default=None):
+        v = r.get(k, file_keys.get(k))
+        return default if v in (None, "") else v
+
+    for k in _TABLE_REQUIRED:
+        if get(k) is None:
+            raise MeasurementError(source, line, "M004", k, f"missing {k!r}", "see benchmarks/README.md, Schema")
+    name = str(get("model"))
+    if name not in PRESETS:
+        raise MeasurementError(source, line, "M004", "model", f"unknown preset {name!r}", "llmc presets lists them")
+    backend, gpu = get("backend"), get("gpu_key")
+    if not backend or not gpu:
+        raise MeasurementError(source, line, "M004", "backend" if not backend else "gpu_key",
+                               "every row needs a backend and an llmc gpu_key")
+    dr, ds = int(get("dp_replicate", 1)), int(get("dp_shard"))
+    tp, pp, cp, ep = (int(get(k, 1)) for k in ("tp", "pp", "cp", "ep"))
+    mb, gb = int(get("micro_batch")), int(get("global_batch"))
+    sched = get("pp_schedule") or "1F1B"
+    vp = int(get("vp") or (2 if sched == "Interleaved1F1B" else 1))
+    if dr * ds * tp * pp * cp != int(get("gpus")):
+        raise MeasurementError(source, line, "M004", "gpus", "dp_replicate x dp_shard x tp x pp x cp != gpus")
+    plan = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=tp, pp=pp, pp_schedule=sched, pp_virtual_stages=vp,
+                        cp=cp, ep=ep, micro_batch=mb, grad_accum=max(1, gb // (mb * dr * ds)),
+                        activation_checkpointing=get("ac", "none"), zero_stage=int(get("zero_stage", 3)))
+    tps, mem = get("tokens_per_s_per_gpu"), get("mem_gib")
+    kind = str(get("mem_kind", "reserved"))
+    prec = str(get("precision", "bf16")).lower()
+    return Measurement(
+        label=str(get("id", f"{Path(source).name}:{line}")), source=source, backend=str(backend), gpu=str(gpu),
+        model=PRESETS[name], seq_len=int(get("seq_len")), precision="fp8" if "fp8" in prec else prec, plan=plan,
+        gpus_per_node=get("gpus_per_node"), compile=None if get("compile") is None else bool(get("compile")),
+        async_tp=bool(get("async_tp", False)), fp8_recipe=get("quantization"),
+        tokens_per_s_per_gpu=None if tps is None else float(tps),
+        reserved_bytes=float(mem) * GiB if mem is not None and "alloc" not in kind else None,
+        allocated_bytes=float(mem) * GiB if mem is not None and "alloc" in kind else None)
+
+
+def read_table(path: str | Path) -> list[Measurement]:
+    """Measured layouts from a YAML (benchmarks/ schema) or CSV file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise MeasurementError(str(p), 0, "M001", "table", f"cannot read: {e}") from e
+    if p.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+        return [_row_measurement(r, {}, str(p), i + 2) for i, r in enumerate(rows)]
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise MeasurementError(str(p), (mark.line + 1) if mark else 0, "M001", "table", "invalid YAML") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        raise MeasurementError(str(p), 0, "M004", "rows", "expected a mapping with a 'rows' list")
+    file_keys = {k: v for k, v in doc.items() if k != "rows"}
+    lines = _row_lines(text)
+    return [_row_measurement(r, file_keys, str(p), lines.get(r.get("id"), 0)) for r in doc["rows"]
+            if r.get("kind", file_keys.get("kind", "throughput")) == "throughput"]
+
+
+def _row_lines(text: str) -> dict:
+    out = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        m = re.search(r"\bid:\s*([^,}\s]+)", line)
+        if m:
+            out.setdefault(m.group(1), i)
+    return out
+
+
+def read_any(path: str | Path, lock: str | Path | None = None) -> list[Measurement]:
+    """Dispatch on the file: a table (.yaml/.yml/.csv), metrics.jsonl / a run folder, or a torchtitan log."""
+    p = Path(path)
+    if p.is_dir() or p.name.endswith(".jsonl"):
+        return [read_llmc_run(p, lock)]
+    if p.suffix.lower() in (".yaml", ".yml", ".csv"):
+        return read_table(p)
+    if lock is None:
+        raise MeasurementError(str(p), 0, "M003", "--lock", "a torchtitan log needs the job's plan.lock.json",
+                               "llmc calibrate LOG --lock BUILD/plan.lock.json")
+    return [read_torchtitan_log(p, lock)]
+
+
+# ----------------------------------------------------------------------------------- predictions
+
+
+def predicted(m: Measurement, factors=None):
+    """llmc's (TimeNumbers, MemoryNumbers) for a measured run's layout and settings."""
+    from llmc.compiler import memory, timing
+    from llmc.compiler.hardware import get_gpu
+
+    gpu = get_gpu(m.gpu)
+    if gpu is None:
+        raise MeasurementError(m.source, 0, "M005", "gpu", f"unknown llmc GPU key {m.gpu!r}", "llmc gpus lists them")
+    if m.gpus_per_node:
+        gpu = replace(gpu, gpus_per_node=int(m.gpus_per_node))
+    sm = timing.step_model(m.model, m.seq_len, m.precision, gpu, m.backend, compile=m.compile,
+                           async_tp=m.async_tp, fp8_recipe=m.fp8_recipe, factors=factors)
+    t = timing.time_numbers(sm, m.plan, 1)
+    mem = memory.memory_per_gpu(m.model, m.plan, m.seq_len, m.precision, gpu.hbm_bytes, backend=m.backend,
+                                compile=m.compile, factors=factors)
+    return t, mem
+
+
+def fit_points(ms: list[Measurement]):
+    """calibration.TimePoint / MemPoint for measured runs (llmc's uncalibrated prediction + the measurement)."""
+    from llmc.compiler.calibration import MemPoint, TimePoint, split_breakdown
+
+    tps, mps = [], []
+    for m in ms:
+        t, mem = predicted(m)
+        if m.tokens_per_s_per_gpu:
+            c, comm, f = split_breakdown(t.breakdown)
+            pred_tps = t.tokens_per_second / m.plan.world
+            tps.append(TimePoint(m.label, c, comm, f, t.step_seconds * pred_tps / m.tokens_per_s_per_gpu))
+        if m.reserved_bytes:
+            mps.append(MemPoint(m.label, float(mem.reserved_bytes), m.reserved_bytes))
+        elif m.allocated_bytes:  # only the allocated peak measured (llmc's metrics): compare like with like;
+            # reserved = allocated x the backend's ratio, so the fitted scale carries over
+            mps.append(MemPoint(m.label, float(mem.allocated_bytes), m.allocated_bytes))
+    return tps, mps
+
+
+def sha256_file(path: str | Path) -> str:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def calibrate_measurements(ms: list[Measurement], inputs: list[str]):
+    """Fit one :class:`calibration.Calibration` for runs that share one (backend, GPU)."""
+    import llmc
+    from llmc.compiler.calibration import calibrate
+
+    keys = sorted({(m.backend, m.gpu) for m in ms})
+    if len(keys) != 1:
+        raise MeasurementError(inputs[0], 0, "M006", "backend/gpu",
+                               f"the runs span {len(keys)} (backend, GPU) pairs: "
+                               + ", ".join(f"{b}/{g}" for b, g in keys),
+                               "calibrate each backend and GPU separately (--backend, --gpu)")
+    tps, mps = fit_points(ms)
+    if not tps and not mps:
+        raise MeasurementError(inputs[0], 0, "M001", "measurements", "no throughput or memory figures to fit")
+    prov = {"llmc_version": llmc.__version__,
+            "inputs": [{"path": str(p), "sha256": sha256_file(p)} for p in inputs],
+            "runs": [m.label for m in ms]}
+    return calibrate(keys[0][0], keys[0][1], tps, mps, provenance=prov)
+
+
+def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, backend: str | None = None,
+                   gpu: str | None = None) -> int:
+    """``llmc calibrate INPUT... -o OUT [--lock LOCK] [--backend B] [--gpu G]``: read measured runs, fit the
+    factors, write the calibration JSON; print a summary. Bad input: one located line on stderr, exit 1."""
+    try:
+        ms: list[Measurement] = []
+        for p in inputs:
+            ms.extend(read_any(p, lock))
+        if backend:
+            ms = [m for m in ms if m.backend == backend]
+        if gpu:
+            ms = [m for m in ms if m.gpu == gpu]
+        if not ms:
+            raise MeasurementError(inputs[0] if inputs else "-", 0, "M001", "inputs", "no measured runs selected")
+        cal = calibrate_measurements(ms, inputs)
+    except MeasurementError as e:
+        print(e.located(), file=sys.stderr)
+        return 1
+    Path(out).write_text(json.dumps(cal.to_json(), indent=2, sort_keys=True) + "\n")
+    band = cal.time_band
+    print(f"calibration {cal.backend}/{cal.gpu} from {len(ms)} run(s): {cal.factors.describe()}")
+    if band:
+        print(f"expected tokens/s error (leave-one-out): mean {band['mean_abs_pct']:.1f}%, "
+              f"max {band['max_abs_pct']:.1f}%")
+    print(f"wrote {out}")
+    return 0
+
+
+def load_calibration(path: str | Path, spec_file: str | None = None):
+    """Read a calibration JSON (``RunSpec.calibration``, relative to the spec file) into a Calibration."""
+    from llmc.compiler.calibration import Calibration
+
+    p = Path(path)
+    if not p.is_absolute() and spec_file:
+        p = Path(spec_file).parent / p
+    try:
+        return Calibration.from_json(json.loads(p.read_text()))
+    except (OSError, json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
+        raise MeasurementError(str(p), 0, "M007", "calibration", f"cannot read the calibration: {e}",
+                               "write it with llmc calibrate") from e
+
+
+__all__ = ["Measurement", "MeasurementError", "TitanStep", "parse_torchtitan_log", "read_llmc_run",
+           "read_torchtitan_log", "read_table", "read_any", "predicted", "fit_points", "calibrate_measurements",
+           "calibrate_main", "load_calibration", "steady"]

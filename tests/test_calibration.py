@@ -1,0 +1,151 @@
+"""Calibration: fitting named factors by least squares, leave-one-out bands, and compile applying them."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from llmc.compiler import calibration as cal
+from llmc.compiler import memory, timing
+from llmc.compiler.calibration import Factors, MemPoint, TimePoint, split_breakdown
+from llmc.compiler.compile import compile_spec
+from llmc.compiler.hardware import GPUS
+from llmc.compiler.plan import ParallelPlan
+from llmc.spec.load import loads_spec
+from llmc.spec.presets import PRESETS
+
+GiB = 2**30
+H100 = GPUS["h100-sxm"]
+
+# layouts with very different communication shares (FSDP-only, TP, PP, CP, HSDP)
+PLANS = [
+    ("llama3-8b", 8192, ParallelPlan(dp_shard=8, micro_batch=2, grad_accum=1, activation_checkpointing="selective")),
+    ("llama3-8b", 8192, ParallelPlan(dp_shard=128, micro_batch=1, grad_accum=2, activation_checkpointing="none")),
+    ("llama3-70b", 8192, ParallelPlan(dp_shard=32, tp=8, micro_batch=4, grad_accum=1,
+                                      activation_checkpointing="full")),
+    ("llama3-70b", 8192, ParallelPlan(dp_shard=8, tp=4, pp=4, micro_batch=1, grad_accum=16,
+                                      activation_checkpointing="selective")),
+    ("llama3-8b", 65536, ParallelPlan(dp_shard=4, cp=8, micro_batch=1, grad_accum=1, activation_checkpointing="full")),
+    ("llama3-8b", 8192, ParallelPlan(dp_replicate=16, dp_shard=8, micro_batch=1, grad_accum=2,
+                                     activation_checkpointing="selective")),
+]
+
+
+def _timing(factors=None):
+    out = []
+    for name, seq, plan in PLANS:
+        sm = timing.step_model(PRESETS[name], seq, "bf16", H100, "torchtitan", factors=factors)
+        out.append(timing.step_time(sm, plan))
+    return out
+
+
+def test_split_breakdown_adds_up_and_puts_comm_on_the_comm_side():
+    for step, _, br in _timing():
+        c, m, f = split_breakdown(br)
+        assert c + m + f == pytest.approx(step, rel=1e-9)
+        assert m >= sum(br[k] for k in ("tp_comm", "ep_comm", "cp_comm", "pp_p2p", "fsdp_comm", "dp_comm")) - 1e-12
+
+
+def test_fit_recovers_factors_used_to_generate_the_measurements():
+    """'Measured' step times from llmc's own model with compute_scale 0.8 and comm_scale 1.6 (the full
+    nonlinear model, overlap included); the fit on the uncalibrated predictions finds both factors."""
+    truth = Factors(compute_scale=0.8, comm_scale=1.6)
+    measured = [s for s, _, _ in _timing(truth)]
+    points = []
+    for (_step, _, br), t_meas, (name, _, _) in zip(_timing(), measured, PLANS, strict=True):
+        c, m, f = split_breakdown(br)
+        points.append(TimePoint(name, c, m, f, t_meas))
+    cs, ms = cal.fit_time(points)
+    assert cs == pytest.approx(0.8, rel=0.03)
+    assert ms == pytest.approx(1.6, rel=0.10)
+    # and the calibrated predictions match the measurements within a few percent
+    f = Factors(compute_scale=cs, comm_scale=ms)
+    for p in points:
+        assert cal.predict_step(p, f) == pytest.approx(p.measured_s, rel=0.03)
+
+
+def test_exact_linear_data_gives_exact_factors_and_zero_loo_error():
+    rng = random.Random(0)
+    pts = []
+    for i in range(8):
+        c, m, f = rng.uniform(1, 5), rng.uniform(0.1, 3), rng.uniform(0, 0.2)
+        pts.append(TimePoint(f"r{i}", c, m, f, c / 1.25 + 0.5 * m + f))
+    cs, ms = cal.fit_time(pts)
+    assert cs == pytest.approx(1.25, rel=1e-9) and ms == pytest.approx(0.5, rel=1e-9)
+    assert max(abs(e) for e in cal.loo_time_errors(pts)) < 1e-6
+    # noise makes the leave-one-out band positive, and larger than the in-sample residual
+    noisy = [dataclasses.replace(p, measured_s=p.measured_s * (1 + rng.uniform(-0.05, 0.05))) for p in pts]
+    c2 = cal.calibrate("torchtitan", "h100-sxm", noisy, [])
+    ins = [abs(r["calibrated_err_pct"]) for r in c2.residuals]
+    assert 0 < sum(ins) / len(ins) < c2.time_band["mean_abs_pct"] < 10
+
+
+def test_few_points_fit_only_the_compute_factor():
+    pts = [TimePoint("a", 2.0, 1.0, 0.0, 4.0), TimePoint("b", 3.0, 0.2, 0.0, 5.0)]
+    cs, ms = cal.fit_time(pts)
+    assert ms == 1.0
+    # one factor: least squares of (C/T) a = 1 - M/T
+    x = [(2 / 4, 1 - 1 / 4), (3 / 5, 1 - 0.2 / 5)]
+    a = sum(u * v for u, v in x) / sum(u * u for u, _ in x)
+    assert cs == pytest.approx(1 / a)
+
+
+def test_memory_fit_recovers_scale_and_overhead_from_llmc_predictions():
+    arch = PRESETS["llama3-8b"]
+    pts = []
+    for mb in (1, 2, 4):
+        for ac in ("none", "selective", "full"):
+            plan = ParallelPlan(dp_shard=8, micro_batch=mb, activation_checkpointing=ac)
+            m = memory.memory_per_gpu(arch, plan, 8192, "bf16", H100.hbm_bytes, backend="torchtitan")
+            pts.append(MemPoint(f"{mb}-{ac}", m.reserved_bytes, 1.07 * m.reserved_bytes + 1.5 * GiB))
+    s, o = cal.fit_memory(pts)
+    assert s == pytest.approx(1.07, rel=1e-6) and o == pytest.approx(1.5 * GiB, rel=1e-4)
+    # applied through memory_per_gpu, the factors give the 'measured' reserved bytes
+    plan = ParallelPlan(dp_shard=8, micro_batch=2, activation_checkpointing="selective")
+    m0 = memory.memory_per_gpu(arch, plan, 8192, "bf16", H100.hbm_bytes, backend="torchtitan")
+    m1 = memory.memory_per_gpu(arch, plan, 8192, "bf16", H100.hbm_bytes, backend="torchtitan",
+                               factors=Factors(mem_scale=s, mem_overhead_bytes=o))
+    assert m1.reserved_bytes == pytest.approx(1.07 * m0.reserved_bytes + 1.5 * GiB, rel=1e-6)
+    assert m1.per_gpu_bytes - m1.reserved_bytes == pytest.approx(m0.per_gpu_bytes - m0.reserved_bytes, abs=2)
+
+
+def test_json_round_trip():
+    pts = [TimePoint(f"r{i}", 1.0 + i, 0.5, 0.0, 2.0 + i) for i in range(5)]
+    c = cal.calibrate("torchtitan", "h100-sxm", pts, [], provenance={"inputs": [{"path": "x", "sha256": "0" * 64}]})
+    back = cal.Calibration.from_json(c.to_json())
+    assert back == c
+    with pytest.raises(ValueError):
+        cal.Calibration.from_json({"kind": "something-else"})
+
+
+SPEC = """\
+name: t
+model: llama3-8b
+hardware: {gpu: h100-sxm, count: 64}
+data: {seq_len: 8192, tokens: 1T}
+training: {backend: torchtitan, global_batch_tokens: 4194304}
+"""
+
+
+def _compile(text=SPEC, **kw):
+    run, lines = loads_spec(text, file="spec.yaml")
+    return compile_spec(run, "spec.yaml", lines, spec_bytes=text.encode(), **kw)
+
+
+def test_compile_applies_a_matching_calibration_and_reports_its_band():
+    base = _compile()
+    assert base.calibration["calibrated"] is False and base.backend["name"] == "torchtitan"
+    c = cal.Calibration(backend="torchtitan", gpu="h100-sxm", factors=Factors(compute_scale=0.5),
+                        time_band={"n": 5, "mean_abs_pct": 3.0, "max_abs_pct": 6.0, "rms_pct": 3.5},
+                        memory_band=None)
+    got = _compile(calibration=c)
+    assert got.calibration["calibrated"] is True and got.calibration["error_band_pct"] == 3.0
+    # halving the compute efficiency slows the step (by less than 2x: communication is unchanged)
+    assert base.time.step_seconds < got.time.step_seconds < 2.05 * base.time.step_seconds
+    assert "calibrated for torchtitan/h100-sxm" in got.calibration["reason"]
+    other = dataclasses.replace(c, backend="deepspeed")
+    skipped = _compile(calibration=other)
+    assert skipped.calibration["calibrated"] is False
+    assert skipped.time.step_seconds == pytest.approx(base.time.step_seconds)

@@ -1,0 +1,142 @@
+"""Reading measured runs (torchtitan logs, llmc metrics + lock, tables) and ``llmc calibrate``'s body."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmc import measurements as ms
+from llmc.compiler.compile import compile_spec
+from llmc.emit.lock import lock_text
+from llmc.spec.load import loads_spec
+
+# torchtitan train.py's metrics line as it appears in a real log (rank prefix, colour codes, thousands
+# separators), and the shorter form of older versions (no tflops), both verbatim in format
+TITAN_LINES = [
+    "[rank0]:[titan] 2025-06-10 12:00:01,000 - root - INFO - \x1b[31mstep:  1  \x1b[32mloss: 12.2402  "
+    "\x1b[33mmemory: 41.20GiB(43.37%)  \x1b[34mtps: 1,126  \x1b[36mtflops: 65.21  \x1b[35mmfu: 6.59%\x1b[39m",
+    "[rank0]:[titan] 2025-06-10 12:00:09,000 - root - INFO - \x1b[31mstep: 10  \x1b[32mloss:  9.8801  "
+    "\x1b[33mmemory: 58.31GiB(61.37%)  \x1b[34mtps: 7,413  \x1b[36mtflops: 429.32  \x1b[35mmfu: 43.41%\x1b[39m",
+    "[rank0]:[titan] 2025-06-10 12:00:18,000 - root - INFO - step: 20  loss:  8.4931  memory: 58.40GiB(61.47%)  "
+    "tps: 7,431  tflops: 430.33  mfu: 43.51%",
+    "step: 30 loss: 8.1023 memory: 58.40GiB(61.47%) tps: 7,425 mfu: 43.48%",
+    "[rank0]:[titan] 2025-06-10 12:00:30,000 - root - INFO - Saving a checkpoint at step 30",
+]
+
+
+def test_parse_torchtitan_log_reads_real_format_lines():
+    steps = ms.parse_torchtitan_log("\n".join(TITAN_LINES))
+    assert [s.step for s in steps] == [1, 10, 20, 30]
+    s = steps[1]
+    assert (s.loss, s.memory_gib, s.memory_pct, s.tps, s.tflops, s.mfu_pct) == (9.8801, 58.31, 61.37, 7413.0, 429.32,
+                                                                                43.41)
+    assert steps[3].tflops is None and steps[3].tps == 7425.0
+    # steady state: steps after the warm-up only (step 1 with compilation is excluded)
+    assert ms.steady([(s.step, s.tps) for s in steps]) == 7428.0
+
+
+SPEC = """\
+name: m
+model: llama3-8b
+hardware: {gpu: h100-sxm, count: 8}
+data: {seq_len: 8192, tokens: 1T}
+training: {backend: torchtitan, global_batch_tokens: 131072}
+parallelism: {dp_shard: 8, tp: 1, pp: 1, cp: 1, micro_batch: 1, activation_checkpointing: selective}
+"""
+
+
+@pytest.fixture
+def build(tmp_path):
+    run, lines = loads_spec(SPEC, file="spec.yaml")
+    c = compile_spec(run, "spec.yaml", lines, spec_bytes=SPEC.encode())
+    assert c.plan is not None
+    d = tmp_path / "build"
+    d.mkdir()
+    (d / "plan.lock.json").write_text(lock_text(c))
+    return d, c
+
+
+def test_torchtitan_log_with_its_lock_becomes_a_measurement(build, tmp_path):
+    d, c = build
+    log = tmp_path / "train.log"
+    log.write_text("\n".join(TITAN_LINES) + "\n")
+    m = ms.read_torchtitan_log(log, d / "plan.lock.json")
+    assert m.backend == "torchtitan" and m.gpu == "h100-sxm" and m.plan == c.plan
+    assert m.tokens_per_s_per_gpu == 7428.0  # torchtitan's tps is per GPU
+    assert m.reserved_bytes == pytest.approx(58.40 * 2**30)  # the reserved peak torchtitan prints
+    t, mem = ms.predicted(m)
+    assert t.step_seconds == pytest.approx(c.time.step_seconds)  # same model, same plan, same settings
+    assert mem.reserved_bytes == c.memory.reserved_bytes
+
+
+def test_llmc_metrics_jsonl_is_per_job_throughput(build):
+    d, c = build
+    recs = [{"step": s, "loss": 3.0, "tokens_per_s": 8 * 5000.0 + s, "peak_mem_bytes": 40 * 2**30 + s}
+            for s in range(1, 40)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    m = ms.read_llmc_run(d)
+    assert m.tokens_per_s_per_gpu == pytest.approx((8 * 5000.0 + 25) / 8)  # median of steps 11..39, / world
+    assert m.allocated_bytes == 40 * 2**30 + 39 and m.reserved_bytes is None
+
+
+def test_bad_inputs_give_one_located_line(tmp_path, capsys):
+    bad = tmp_path / "runs.csv"
+    bad.write_text("id,model,gpus,seq_len,dp_shard,micro_batch,global_batch,backend,gpu_key,tokens_per_s_per_gpu\n"
+                   "a,llama3-8b,8,8192,8,2,16,torchtitan,h100-sxm,5000\n"
+                   "b,no-such-model,8,8192,8,2,16,torchtitan,h100-sxm,5000\n")
+    with pytest.raises(ms.MeasurementError) as e:
+        ms.read_table(bad)
+    assert e.value.located().startswith(f"{bad}:3: error[M004] model: unknown preset")
+    assert ms.calibrate_main([str(bad)], str(tmp_path / "cal.json")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error[M004]" in err[0] and "Traceback" not in err[0]
+    log = tmp_path / "x.log"
+    log.write_text("no metrics here\n")
+    assert ms.calibrate_main([str(log)], str(tmp_path / "cal.json"), lock=str(tmp_path / "missing.json")) == 1
+    assert "error[M001]" in capsys.readouterr().err
+
+
+def test_calibrate_main_fits_a_table_and_writes_provenance(tmp_path, capsys):
+    """A table whose 'measurements' are llmc's own predictions at 0.8x the compute speed: the written
+    calibration has compute_scale 0.8, a near-zero leave-one-out band, and the input's sha256."""
+    from llmc.compiler.calibration import Calibration, Factors
+
+    rows = [
+        ("a", "llama3-8b", 8, 8192, 1, 8, 1, 2, 16, "selective"),
+        ("b", "llama3-8b", 16, 8192, 2, 8, 1, 1, 32, "none"),
+        ("c", "llama3-8b", 64, 8192, 1, 8, 8, 4, 32, "full"),
+        ("d", "llama3-70b", 64, 8192, 1, 8, 8, 2, 16, "full"),
+        ("e", "llama3-8b", 32, 8192, 1, 32, 1, 2, 64, "selective"),
+    ]
+    header = "id,model,gpus,seq_len,dp_replicate,dp_shard,tp,micro_batch,global_batch,ac,backend,gpu_key\n"
+    text = header + "".join(",".join(map(str, r)) + ",torchtitan,h100-sxm\n" for r in rows)
+    base = tmp_path / "base.csv"
+    base.write_text(text)
+    truth = Factors(compute_scale=0.8)
+    lines = [header.strip() + ",tokens_per_s_per_gpu"]
+    for m, r in zip(ms.read_table(base), rows, strict=True):
+        t, _ = ms.predicted(m, truth)
+        lines.append(",".join(map(str, r)) + f",torchtitan,h100-sxm,{t.tokens_per_second / m.plan.world:.6f}")
+    table = tmp_path / "runs.csv"
+    table.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "cal.json"
+    assert ms.calibrate_main([str(table)], str(out)) == 0
+    cal = Calibration.from_json(json.loads(out.read_text()))
+    assert cal.backend == "torchtitan" and cal.gpu == "h100-sxm"
+    assert cal.factors.compute_scale == pytest.approx(0.8, rel=1e-3)
+    assert cal.factors.comm_scale == pytest.approx(1.0, rel=1e-2)
+    assert cal.time_band["max_abs_pct"] < 0.5
+    assert cal.provenance["inputs"][0]["sha256"] == ms.sha256_file(table)
+    assert "compute_scale=0.800" in capsys.readouterr().out
+
+
+def test_benchmark_tables_read_as_measurements():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "torchtitan_llama3_h100_202412.yaml"
+    rows = ms.read_table(path)
+    assert len(rows) == 18
+    r = {m.label: m for m in rows}["tt24-t5-interleaved"]
+    assert (r.plan.pp, r.plan.pp_schedule, r.plan.pp_virtual_stages, r.plan.grad_accum) == (8, "Interleaved1F1B", 2, 8)
+    assert r.compile is True and r.async_tp is True and r.reserved_bytes == pytest.approx(72.7 * 2**30)
