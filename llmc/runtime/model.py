@@ -111,20 +111,25 @@ def rope_tables(dim: int, max_len: int, theta: float, scaling: RopeScaling | Non
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) by angle pos*inv_freq[i] (Meta/torchtitan interleaved layout).
 
-    x: (B, T, h, dim); rope: (T, dim/2, 2) of (cos, sin). Computed as complex multiplication
-    view_as_complex(x) * (cos + i sin), exactly Meta's ``apply_rotary_emb``.
+    x: (B, T, h, dim); rope: (T, dim/2, 2) of (cos, sin). The same numbers as Meta's complex
+    ``apply_rotary_emb`` (view_as_complex(x) * (cos + i sin)), written with real cos/sin so that
+    torch.compile and bf16 kernels see plain elementwise ops: (a, b) -> (a cos - b sin, a sin + b cos), in fp32.
     """
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, h, dim/2) complex
-    cis = torch.view_as_complex(rope.contiguous())[None, :, None, :]  # (1, T, 1, dim/2)
-    return torch.view_as_real(xc * cis).flatten(-2).type_as(x)
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, h, dim/2, 2)
+    a, b = xf[..., 0], xf[..., 1]
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]  # (1, T, 1, dim/2)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
 
 
 # ----------------------------------------------------------------------------- attention
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Causal attention core. q, k: (B, h, T, dq); v: (B, h, T, dv) -> (B, h, T, dv)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    """Causal attention core. q: (B, H, T, dq); k: (B, K, T, dq); v: (B, K, T, dv) -> (B, H, T, dv).
+
+    K < H (grouped-query) goes through SDPA's own GQA path (``enable_gqa``, torch >= 2.5): each kv head
+    serves H/K consecutive query heads, as ``repeat_interleave`` would, without materialising copies."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class Attention(nn.Module):
@@ -155,10 +160,7 @@ class Attention(nn.Module):
     def _core(self, q, k, v, rope):  # -> (B, T, H*hd)
         B, T, H, _ = q.shape
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        rep = H // k.shape[2]  # query heads per kv head
-        k = k.repeat_interleave(rep, dim=2)  # (B, T, H, hd)
-        v = v.repeat_interleave(rep, dim=2)
-        out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, T, hd)
+        out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, T, hd); k, v keep K heads
         return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -439,6 +441,12 @@ class Transformer(nn.Module):
         for blk in self.layers.values():
             blk.attention.checkpoint_core = mode == "selective"
 
+    def compile_blocks(self, **kw) -> None:
+        """``torch.compile`` each block in place (``nn.Module.compile``: parameter names unchanged), as
+        torchtitan's per-block compile; call after activation checkpointing, before FSDP."""
+        for blk in self.layers.values():
+            blk.compile(**kw)
+
     def forward(self, tokens: torch.Tensor, return_aux: bool = False):
         """tokens (B, T) int64 -> logits (B, T, V) [fp32 upcast left to the loss]; aux = summed MoE loss."""
         T = tokens.shape[1]
@@ -515,6 +523,27 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> 
         lse = torch.logsumexp(logits[mask], dim=-1)
         ce = ce + z_loss * (lse**2).mean()
     return ce
+
+
+# Weight decay (one rule for the native trainer, DeepSpeed and the torchtitan job): decay every parameter
+# of dim >= 2 (projections, experts, embeddings, output head); none on 1-D ones (norm gains, biases, the
+# MoE expert bias), as Megatron-LM's default ``no_weight_decay_cond`` (bias or 1-D) and nanoGPT's
+# ``configure_optimizers``. torchtitan 0.3.0's ``default_adamw`` decays everything in one catch-all group,
+# so its job lists NO_DECAY_PATTERN first (``ParamGroupConfig(pattern=..., weight_decay=0)``); the pattern
+# names exactly the 1-D parameters of this model (checked in tests).
+NO_DECAY_PATTERN = r"(norm\.weight|\.bias|expert_bias)$"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: [{params: dim >= 2, weight_decay}, {params: 1-D, weight_decay: 0}]; frozen
+    parameters left out. Works on wrapped models (names are not used; FSDP/TP DTensors keep their dim)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            shape = getattr(p, "ds_shape", p.shape)  # DeepSpeed ZeRO-3 keeps the full shape in ds_shape
+            (decay if len(shape) >= 2 else no_decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
 
 
 def build_model(arch: Architecture, device: str | torch.device = "cpu", seed: int | None = 0,
