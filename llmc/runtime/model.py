@@ -27,7 +27,9 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -475,13 +477,21 @@ class Transformer(nn.Module):
         if dev.type != "meta":
             with torch.device(dev):
                 self.rope = self._rope_tables()
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for _, init in self.init_parts(std):
+            init()
+
+    def init_parts(self, std: float = 0.02) -> list[tuple[nn.Module, Callable[[], None]]]:
+        """(module, initialiser) in the order :meth:`init_weights` runs them, so a sharded build (DeepSpeed
+        ZeRO-3: gather one part, initialise it on one rank, re-partition) draws the same random numbers."""
+        parts: list[tuple[nn.Module, Callable[[], None]]] = [
+            (self.tok_embeddings, lambda: nn.init.normal_(self.tok_embeddings.weight, std=std))]
         for i, blk in enumerate(self.layers.values()):
-            blk.init_weights(std, std / math.sqrt(2 * (i + 1)))
-        self.norm.reset_parameters()
+            parts.append((blk, functools.partial(blk.init_weights, std, std / math.sqrt(2 * (i + 1)))))
+        parts.append((self.norm, self.norm.reset_parameters))
         if not self.arch.tied_embeddings:
             s = self.arch.d_model**-0.5
-            nn.init.trunc_normal_(self.lm_head.weight, std=s, a=-3 * s, b=3 * s)
+            parts.append((self.lm_head, lambda: nn.init.trunc_normal_(self.lm_head.weight, std=s, a=-3 * s, b=3 * s)))
+        return parts
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
         """Convenience for single-process use: lm_loss(self(tokens)) + MoE aux. Under DDP call the wrapped
