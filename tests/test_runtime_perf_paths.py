@@ -96,9 +96,10 @@ def test_one_weight_decay_rule_and_its_regex(kw):
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     pat = re.compile(NO_DECAY_PATTERN)
     for name, p in model.named_parameters():
-        assert bool(pat.search(name)) == (id(p) in no_decay) == (p.dim() == 1), name
+        assert bool(pat.search(name)) == (id(p) in no_decay) == (p.dim() == 1 or name == "tok_embeddings.weight"), name
     decayed = {n for n, p in model.named_parameters() if id(p) not in no_decay}
-    assert "tok_embeddings.weight" in decayed  # embeddings decay (Megatron-LM / nanoGPT rule)
+    assert "tok_embeddings.weight" not in decayed and "layers.0.attention.wo.weight" in decayed
+    assert ("lm_head.weight" in decayed) == (not arch.tied_embeddings)
 
 
 def test_compile_blocks_keeps_names_and_numbers():

@@ -27,7 +27,7 @@ created, so no rank ever holds the whole model) and initialises it one part at a
 (``GatheredParameters(part, modifier_rank=0)``, the same random numbers as an unsharded build); weights
 from ``init_from`` / ``init_hf`` are loaded per parameter the same way. Activation checkpointing follows
 the plan (``model.set_ac``); AdamW groups follow :func:`llmc.runtime.model.param_groups` (no decay on
-1-D parameters), as the native trainer and the torchtitan job.
+1-D parameters and token embeddings), as the native trainer and the torchtitan job.
 """
 
 from __future__ import annotations

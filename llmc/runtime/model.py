@@ -535,23 +535,25 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> 
     return ce
 
 
-# Weight decay (one rule for the native trainer, DeepSpeed and the torchtitan job): decay every parameter
-# of dim >= 2 (projections, experts, embeddings, output head); none on 1-D ones (norm gains, biases, the
-# MoE expert bias), as Megatron-LM's default ``no_weight_decay_cond`` (bias or 1-D) and nanoGPT's
-# ``configure_optimizers``. torchtitan 0.3.0's ``default_adamw`` decays everything in one catch-all group,
-# so its job lists NO_DECAY_PATTERN first (``ParamGroupConfig(pattern=..., weight_decay=0)``); the pattern
-# names exactly the 1-D parameters of this model (checked in tests).
-NO_DECAY_PATTERN = r"(norm\.weight|\.bias|expert_bias)$"
+# Weight decay (one rule for the native trainer, DeepSpeed and the torchtitan job): decay the matrices
+# (projections, experts, an untied output head); none on 1-D parameters (norm gains, biases, the MoE expert
+# bias; Megatron-LM's default ``no_weight_decay_cond``: bias or 1-D) and none on the token embeddings (OLMo 2,
+# arXiv 2501.00656: no weight decay on embeddings, for stability; a tied head shares that matrix).
+# torchtitan 0.3.0's ``default_adamw`` decays every parameter in one catch-all group, so the job lists
+# NO_DECAY_PATTERN first (``ParamGroupConfig(pattern=..., weight_decay=0)``, first match wins); the pattern
+# names exactly the parameters :func:`param_groups` leaves undecayed (checked in tests).
+NO_DECAY_PATTERN = r"(norm\.weight|\.bias|expert_bias|tok_embeddings\.weight)$"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: [{params: dim >= 2, weight_decay}, {params: 1-D, weight_decay: 0}]; frozen
-    parameters left out. Works on wrapped models (names are not used; FSDP/TP DTensors keep their dim)."""
+    """AdamW parameter groups: [{matrices, weight_decay}, {1-D parameters and token embeddings, 0}]; frozen
+    parameters left out. Names are matched on the module as built (wrappers such as FSDP2 keep them)."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
             shape = getattr(p, "ds_shape", p.shape)  # DeepSpeed ZeRO-3 keeps the full shape in ds_shape
-            (decay if len(shape) >= 2 else no_decay).append(p)
+            embedding = name.endswith("tok_embeddings.weight")
+            (decay if len(shape) >= 2 and not embedding else no_decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
             if g["params"]]
 

@@ -81,7 +81,7 @@ def lr_multiplier(step: int, job: TrainJob) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, job: TrainJob, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (dim >= 2) only, not on norms, biases or the expert bias
+    """AdamW; weight decay on matrices only, not on norms, biases, the expert bias or the token embeddings
     (:func:`llmc.runtime.model.param_groups`, the rule DeepSpeed and the torchtitan job use too).
 
     CUDA: the fused kernel; CPU: the foreach (multi-tensor) implementation. Both need all parameters to be
