@@ -37,13 +37,15 @@ import atexit, json, os
 def _llmc_gpu_check_dump():
     out = os.environ.get("LLMC_GPU_CHECK_MEM")
     try:
-        import sys
+        import resource, sys
         torch = sys.modules.get("torch")
-        if not out or torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        if not out or torch is None:
             return
-        dev = torch.cuda.current_device()
         rec = {"pid": os.getpid(), "rank": os.environ.get("RANK"), "argv": sys.argv[:3],
-               "allocated": torch.cuda.max_memory_allocated(dev), "reserved": torch.cuda.max_memory_reserved(dev)}
+               "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "allocated": None, "reserved": None}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            dev = torch.cuda.current_device()
+            rec.update(allocated=torch.cuda.max_memory_allocated(dev), reserved=torch.cuda.max_memory_reserved(dev))
         with open(os.path.join(out, f"mem-{os.getpid()}.json"), "w") as f:
             json.dump(rec, f)
     except Exception:
@@ -77,8 +79,7 @@ def gpu_key(name: str | None) -> str:
 
 def spec_yaml(cpu: bool, steps: int, key: str) -> str:
     """The run: llama3.2-1b, 8 x 2048 tokens per step, bf16 (tiny, 4 x 64, fp32 on CPU); offline corpus."""
-    model, seq, seqs, vocab, prec, log = ("tiny", 64, 4, 512, "fp32", 1) if cpu else ("llama3.2-1b", 2048, 8, 8192,
-                                                                                     "bf16", 5)
+    model, seq, seqs, prec, log = ("tiny", 64, 4, "fp32", 1) if cpu else ("llama3.2-1b", 2048, 8, "bf16", 5)
     return f"""name: gpu-check
 model: {model}
 hardware:
@@ -89,8 +90,7 @@ data:
     - name: python-docs
       format: builtin
   tokenizer:
-    train: true
-    vocab_size: {vocab}
+    train: true    # byte-level BPE on the corpus, up to the model's vocab_size
   seq_len: {seq}
   tokens: {steps * seq * seqs}
 training:
@@ -138,7 +138,7 @@ def throughput_from_metrics(recs: list[dict], warmup: int) -> tuple[float | None
     return None, None
 
 
-_TITAN = re.compile(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+)")
+_TITAN = re.compile(r"step:\s*(\d+).*?memory:\s*(-?[\d.]+)GiB.*?tps:\s*([\d,]+)")
 
 
 def throughput_from_titan(log_text: str, warmup: int) -> tuple[float | None, int]:
@@ -149,11 +149,15 @@ def throughput_from_titan(log_text: str, warmup: int) -> tuple[float | None, int
     return (statistics.median(tps) if tps else None), len(rows)
 
 
-def peak_memory(mem_dir: Path) -> tuple[int | None, int | None]:
+def peak_memory(mem_dir: Path) -> tuple[int | None, int | None, int | None]:
+    """(allocated, reserved, host RSS) peaks over the processes that imported torch."""
     recs = [json.loads(p.read_text()) for p in mem_dir.glob("mem-*.json")]
-    if not recs:
-        return None, None
-    return max(r["allocated"] for r in recs), max(r["reserved"] for r in recs)
+
+    def peak(k):
+        vals = [r[k] for r in recs if r.get(k) is not None]
+        return max(vals) if vals else None
+
+    return peak("allocated"), peak("reserved"), peak("rss")
 
 
 def check_backend(backend: str, spec: Path, work: Path, *, cpu: bool, timeout: float, warmup: int) -> dict:
@@ -190,7 +194,7 @@ def check_backend(backend: str, spec: Path, work: Path, *, cpu: bool, timeout: f
         step_s = gbs * seq / tps if tps else None
     else:
         tps, step_s = throughput_from_metrics(_metrics(build / "run" / "pretrain" / "metrics.jsonl"), warmup)
-    alloc, reserved = peak_memory(mem)
+    alloc, reserved, rss = peak_memory(mem)
     flops_tok = (lock.get("compute") or {}).get("flops_per_token")
     peak = (lock.get("hardware") or {}).get("bf16_tflops")
     tflops = flops_tok * tps / 1e12 if flops_tok and tps else None
@@ -204,9 +208,11 @@ def check_backend(backend: str, spec: Path, work: Path, *, cpu: bool, timeout: f
         "tokens_per_s_per_gpu": round(tps, 1) if tps else None, "step_s": round(step_s, 4) if step_s else None,
         "tflops_per_gpu": round(tflops, 1) if tflops else None,
         "mfu": round(tflops / peak, 4) if tflops and peak and not cpu else None,
-        "mem_gib": round(reserved / 2**30, 2) if reserved else None, "mem_kind": "max_reserved",
+        "mem_gib": round((reserved or rss or 0) / 2**30, 2) or None,
+        "mem_kind": "max_reserved" if reserved else ("max_rss" if rss else None),
         "mem_allocated_gib": round(alloc / 2**30, 2) if alloc else None,
         "mem_reserved_gib": round(reserved / 2**30, 2) if reserved else None,
+        "host_rss_gib": round(rss / 2**30, 2) if rss else None,
     })
     if tps is None and "error" not in row:
         row["error"] = f"no throughput found (see {log})"
@@ -254,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{b:11s} {time.time() - t0:6.1f}s  tok/s/gpu {row.get('tokens_per_s_per_gpu')}  "
               f"step {row.get('step_s')} s  alloc {row.get('mem_allocated_gib')} GiB  "
-              f"reserved {row.get('mem_reserved_gib')} GiB" + (f"  ERROR {row['error']}" if "error" in row else ""),
+              f"reserved {row.get('mem_reserved_gib')} GiB  rss {row.get('host_rss_gib')} GiB" + (f"  ERROR {row['error']}" if "error" in row else ""),
               flush=True)
         if not a.keep:
             shutil.rmtree(work / f"build-{b}", ignore_errors=True)

@@ -91,6 +91,16 @@ def check_config(cfg: dict, job, world: int, where: str = "ds_config") -> dict:
     return cfg
 
 
+def _grad_norm(model):
+    """Global L2 norm of the local gradients as a 0-d tensor (ZeRO-0: every rank holds the reduced grads)."""
+    import torch
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return torch.stack(torch._foreach_norm(grads, 2.0)).float().norm()
+
+
 def _local_numel(model) -> int:
     """Parameter elements this rank holds (its ZeRO-3 partitions, else the full tensors)."""
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
@@ -286,29 +296,35 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
         lr = engine.get_lr()[0]
-        for _ in range(accum):
+        log_now = (step + 1) % job.log_every == 0 or step == 0 or step + 1 == stop_at
+        own_norm = None
+        for i in range(accum):
             x, y = loader.next_batch(micro)
             x, y = x.to(device), y.to(device)
             logits, aux = engine(x, return_aux=True)
             loss = lm_loss(logits.float(), y, job.z_loss)
             loss = loss + (aux.float() if torch.is_tensor(aux) else aux)
             engine.backward(loss)
+            if log_now and zero == 0 and i == accum - 1:  # ZeRO-0 may not report a norm: take it before step
+                own_norm = _grad_norm(engine.module)
             engine.step()
             loss_sum += loss.detach().float()
         step += 1
         tokens += tokens_per_step
         dt = time.time() - t0
-        if step % job.log_every == 0 or step == 1 or step == stop_at:  # host syncs only on logged steps
+        if log_now:  # host syncs only on logged steps
             mean = loss_sum / accum
             dist.all_reduce(mean)
             last_loss = float(mean) / world
-            # valid after the optimizer step at the accumulation boundary; None when DeepSpeed did not
-            # compute it (logged as null, never as nan)
+            # valid after the optimizer step at the accumulation boundary; ZeRO-0 may return None, then the
+            # norm taken before the step (DeepSpeed scales by 1/accum in backward, so it is the same norm)
             gnorm = engine.get_global_grad_norm()
-            gnorm = None if gnorm is None else round(float(gnorm), 6)
+            if gnorm is None:
+                gnorm = own_norm
+            gnorm_rec = {} if gnorm is None else {"grad_norm": round(float(gnorm), 6)}
             tps = tokens_per_step / dt if dt > 0 else 0.0
             flops = fpt * tps
-            log.log({"step": step, "loss": round(last_loss, 6), "lr": lr, "grad_norm": gnorm,
+            log.log({"step": step, "loss": round(last_loss, 6), "lr": lr, **gnorm_rec,
                      "tokens": tokens, "tokens_per_s": round(tps, 1), "flops_per_s": flops,
                      "mfu": (flops / (job.peak_flops * world)) if job.peak_flops else None,
                      "peak_mem_bytes": peak_memory_bytes(device), "step_s": round(dt, 4)})
