@@ -228,6 +228,19 @@ def test_native_continued_pretraining_from_hf_and_export(tmp_path, docs):
             p.copy_(p.to(torch.bfloat16).float())
         torch.testing.assert_close(exported(input_ids=x[:2]).logits, trained(x[:2]), atol=1e-4, rtol=1e-4)
 
+    # `llmc export RUN_DIR --stage pretrain`: the same tensors again, from the checkpoint
+    from safetensors.torch import load_file
+
+    from llmc.runtime.hf_io import main as export_main
+
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
+    assert export_main([str(tmp_path), "--stage", "pretrain", "-o", str(tmp_path / "again")]) == 0
+    a, b = load_file(str(tmp_path / "again" / "model.safetensors")), {}
+    for f in (out / "hf").glob("model*.safetensors"):
+        b.update(load_file(str(f)))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert export_main([str(tmp_path), "--stage", "nope"]) == 1  # one-line error, no traceback
+
 
 def test_sft_lora_stage_from_hf_exports_merged_and_peft(tmp_path, docs):
     peft = pytest.importorskip("peft")
@@ -256,3 +269,35 @@ def test_sft_lora_stage_from_hf_exports_merged_and_peft(tmp_path, docs):
     # merged export is bf16, the adapter path fp32 on the fp32 base: equal up to bf16 rounding
     torch.testing.assert_close(merged, adapted, atol=3e-2, rtol=3e-2)
     assert not torch.allclose(adapted, hf_model(src)(input_ids=tokens).logits, atol=1e-4)
+
+
+def test_export_from_a_torchtitan_dcp_checkpoint(tmp_path):
+    """A torchtitan run leaves DCP checkpoints under outputs/torchtitan/checkpoint/step-N (its Llama FQNs put
+    q/k/v under attention.qkv_linear); export_checkpoint turns the newest into an HF directory."""
+    import torch.distributed.checkpoint as dcp
+
+    from llmc.runtime.hf_io import export_checkpoint
+    from llmc.runtime.job import minimal_lock
+    from llmc.spec.model import Architecture
+
+    arch = Architecture(name="t", n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=96, vocab_size=512,
+                        max_seq_len=64, norm_eps=1e-5)
+    model = build_model(arch, seed=11).eval()
+    titan = {k.replace(".attention.w", ".attention.qkv_linear.w") if any(f".attention.{w}." in k for w in
+             ("wq", "wk", "wv")) else k: v.clone() for k, v in model.state_dict().items()}
+    titan["train_state"] = torch.tensor([3])
+    for step, scale in ((2, 0.0), (3, 1.0)):  # the newest step wins
+        dcp.save({k: v * scale for k, v in titan.items()},
+                 checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / f"step-{step}"))
+    spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "d", "format": "builtin"}], "seq_len": 32, "tokens": 1024}}
+    (tmp_path / "plan.lock.json").write_text(json.dumps(minimal_lock(spec)))
+    res = export_checkpoint(tmp_path, "pretrain")
+    hf = Path(res["hf"])
+    assert hf == tmp_path / "run" / "pretrain" / "hf"
+    tokens = torch.randint(0, 512, (2, 7))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        torch.testing.assert_close(exported(input_ids=tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)

@@ -495,18 +495,24 @@ def _find_lock(run_dir: Path) -> tuple[Path, Path]:
     raise HFError(f"{run_dir}: no plan.lock.json here or in the parent (give the build dir)")
 
 
-def _model_state(stage_dir: Path) -> dict[str, torch.Tensor]:
+# torchtitan 0.3.0 FQNs that differ from llmc's (its Llama attention keeps q/k/v in a ``qkv_linear`` container)
+_TITAN_RENAMES = ((".attention.qkv_linear.", ".attention."),)
+
+
+def _model_state(stage_dir: Path, *more: Path) -> dict[str, torch.Tensor]:
     """Full llmc state dict of a stage: its llmc checkpoint (native, DeepSpeed, post-training) or, failing
-    that, a torchtitan DCP checkpoint (``checkpoint/step-N`` with ``.metadata``; torchtitan FQNs = llmc's)."""
+    that, the newest torchtitan DCP checkpoint (``step-N/.metadata``) under ``stage_dir`` or ``more``
+    (converted with ``dcp_to_torch_save``, torchtitan FQNs mapped to llmc's)."""
     from llmc.runtime.checkpoint import CheckpointError, resolve_checkpoint
 
-    try:
-        ck = resolve_checkpoint(stage_dir)
-        return torch.load(ck / "model.pt", map_location="cpu", weights_only=True)
-    except CheckpointError:
-        pass
-    dcp = sorted((p for p in stage_dir.glob("**/step-*") if (p / ".metadata").exists()),
-                 key=lambda p: int(p.name.split("-")[-1]))
+    if stage_dir.is_dir():
+        try:
+            ck = resolve_checkpoint(stage_dir)
+            return torch.load(ck / "model.pt", map_location="cpu", weights_only=True)
+        except CheckpointError:
+            pass
+    dcp = sorted((p for d in (stage_dir, *more) if d.is_dir() for p in d.glob("**/step-*")
+                  if (p / ".metadata").exists()), key=lambda p: int(p.name.split("-")[-1]))
     if not dcp:
         raise HFError(f"{stage_dir}: no llmc checkpoint and no torchtitan DCP checkpoint")
     import tempfile
@@ -516,11 +522,19 @@ def _model_state(stage_dir: Path) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(str(dcp[-1]), f"{tmp}/full.pt")
         sd = torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=False)
-    return sd.get("model", sd)
+    sd = sd.get("model", sd)
+    out = {}
+    for k, v in sd.items():
+        if torch.is_tensor(v):
+            for a, b in _TITAN_RENAMES:
+                k = k.replace(a, b)
+            out[k] = v
+    return out
 
 
 def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, tokenizer_dir=None,
-                 model_sd: dict | None = None, lora_sd: dict | None = None) -> dict[str, Any]:
+                 model_sd: dict | None = None, lora_sd: dict | None = None,
+                 search: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Export one stage's final weights to ``out`` (default ``<stage_dir>/hf``); returns what was written.
 
     Chat stages (sft / dpo / grpo) get the chat template; LoRA stages also get ``<out>/adapter`` (PEFT)
@@ -531,8 +545,11 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     why = hf_export_supported(arch)
     if why:
         return {"hf": None, "why": why}
-    sd = model_sd if model_sd is not None else _model_state(stage_dir)
+    sd = model_sd if model_sd is not None else _model_state(stage_dir, *search)
     params = hf_names(arch)
+    missing = sorted(set(params) - set(sd))
+    if missing:
+        raise HFError(f"{stage_dir}: checkpoint lacks {len(missing)} of the model's tensors: {', '.join(missing[:3])}")
     sd = {k: v for k, v in sd.items() if k in params}
     template = None
     bos, eos = 0, 1
@@ -569,10 +586,12 @@ def export_checkpoint(run_dir: str | Path, stage: str, out: str | Path | None = 
     lock = json.loads(lock_path.read_text())
     job = TrainJob.from_lock(lock, stage)
     stage_dir = root / job.stage
-    if not stage_dir.is_dir():
+    titan = lock_path.parent / "outputs" / "torchtitan"  # torchtitan's dump folder (its DCP checkpoints)
+    if not stage_dir.is_dir() and not titan.is_dir():
         raise HFError(f"{stage_dir}: stage {stage!r} has no output yet (run `llmc launch` first)")
     tok_dir = lock_path.parent / "assets"
-    res = export_stage(job, stage_dir, out, tokenizer_dir=tok_dir if (tok_dir / "tokenizer.json").exists() else None)
+    res = export_stage(job, stage_dir, out, tokenizer_dir=tok_dir if (tok_dir / "tokenizer.json").exists() else None,
+                       search=(titan,) if job.kind in ("pretrain", "midtrain", "long_context") else ())
     if res.get("hf") is None:
         raise HFError(f"stage {stage!r}: {res['why']}")
     return res
