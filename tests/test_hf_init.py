@@ -133,6 +133,7 @@ def test_hub_id_resolves_through_the_local_cache(tmp_path, monkeypatch):
     torch.testing.assert_close(model.tok_embeddings.weight, ref.model.embed_tokens.weight)
 
 
+@pytest.mark.slow
 def test_lora_adapter_loads_with_peft(tmp_path):
     peft = pytest.importorskip("peft")
     from llmc.runtime.lora import apply_lora, lora_state_dict, merge_lora
@@ -193,6 +194,7 @@ def _lock(tmp: Path, docs: Path, arch, *, steps: int, init_hf: str, stages: list
     return lock
 
 
+@pytest.mark.slow
 def test_native_continued_pretraining_from_hf_and_export(tmp_path, docs):
     """First-step loss of the native trainer = transformers' loss on the same batch; the stage ends with an HF
     directory that transformers loads with the trained model's logits."""
@@ -242,6 +244,7 @@ def test_native_continued_pretraining_from_hf_and_export(tmp_path, docs):
     assert export_main([str(tmp_path), "--stage", "nope"]) == 1  # one-line error, no traceback
 
 
+@pytest.mark.slow
 def test_sft_lora_stage_from_hf_exports_merged_and_peft(tmp_path, docs):
     peft = pytest.importorskip("peft")
     from llmc.runtime.job import TrainJob
@@ -301,3 +304,61 @@ def test_export_from_a_torchtitan_dcp_checkpoint(tmp_path):
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).float())
         torch.testing.assert_close(exported(input_ids=tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
+
+
+META_HF_RUN = """
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+from llmc.runtime.distributed import init_distributed, shutdown
+from llmc.runtime.job import TrainJob
+from llmc.runtime.run import _prepare_collective
+from llmc.runtime.train import train
+lock_path = Path(sys.argv[1])
+job = TrainJob.from_lock(json.loads(lock_path.read_text())).replace(meta_init=True)
+assets = _prepare_collective(job, lock_path.parent)
+info = init_distributed()
+if info.rank == 0:
+    dist.barrier()
+train(job, Path(sys.argv[2]), assets, info=info)
+shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", [{"dp_shard": 2, "micro_batch": 4}, {"tp": 2, "micro_batch": 8}])
+def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, plan):
+    """FSDP2 / TP built on meta: each rank cuts its shards out of the HF tensors; the first loss is still
+    transformers' loss on the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    from llmc.runtime.data import build_loader
+    from llmc.runtime.job import TrainJob, minimal_lock
+    from llmc.runtime.run import prepare_assets
+
+    src = make_hf(tmp_path, "qwen2")
+    arch = arch_of(src)
+    lock = _lock(tmp_path, docs, arch, steps=2, init_hf=str(src))
+    lock = {**lock, "plan": {**minimal_lock(lock["spec"]["resolved"])["plan"], **plan}}
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
+    script = tmp_path / "meta_hf.py"
+    script.write_text(META_HF_RUN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=localhost:0", str(script), str(tmp_path / "plan.lock.json"), str(tmp_path / "o")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["loss"] for r in recs if r.get("step") == 1 and "loss" in r)
+    job = TrainJob.from_lock(lock)
+    assets = prepare_assets(job, tmp_path)
+    dp = plan.get("dp_shard", 1)
+    ref = hf_model(src)
+    losses = []
+    for r in range(dp):  # each data-parallel rank's micro-batch; the logged loss is their mean
+        x, y = build_loader(list(assets.sources), assets.tokenizer(), job.seq_len, assets.cache_dir, job.seed,
+                            r, dp).next_batch(job.micro_batch)
+        with torch.no_grad():
+            losses.append(float(lm_loss(ref(input_ids=x).logits, y)))
+    assert abs(first - sum(losses) / dp) < 1e-4, (first, losses)
