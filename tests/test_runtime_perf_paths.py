@@ -43,7 +43,15 @@ def test_real_rope_equals_complex(scaling, dtype):
     torch.testing.assert_close(n0 * mscale, n1, atol=1e-5, rtol=1e-5)
 
 
-def test_gqa_path_equals_repeat_interleave():
+@pytest.mark.parametrize("sdpa_gqa", [False, True])
+def test_gqa_path_equals_repeat_interleave(monkeypatch, sdpa_gqa):
+    import llmc.runtime.model as M
+
+    monkeypatch.setattr(M, "_sdpa_gqa_ok", lambda q: sdpa_gqa)  # force either path (CPU: enable_gqa runs as math)
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(k.get("enable_gqa", False)) or real(*a, **k))
     arch = Architecture(**BASE)
     model = build_model(arch, seed=0).eval()
     attn = model.layers["0"].attention
@@ -60,6 +68,7 @@ def test_gqa_path_equals_repeat_interleave():
     ref = attn.wo(ref.transpose(1, 2).reshape(B, T, -1))
     with torch.no_grad():
         torch.testing.assert_close(attn(x, rope), ref, atol=1e-6, rtol=1e-5)
+    assert calls[-1] is sdpa_gqa
 
 
 @pytest.mark.parametrize("max_norm", [None, 0.05, 1e6])

@@ -126,12 +126,27 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- attention
 
 
+def _sdpa_gqa_ok(q: torch.Tensor) -> bool:
+    """SDPA's ``enable_gqa`` has a fused kernel only in the FlashAttention backend (CUDA, fp16/bf16, head dim
+    <= 256); elsewhere it falls back to the math backend, slower than expanding K/V first
+    (pytorch/pytorch#139586; transformers ``use_gqa_in_sdpa``)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and torch.backends.cuda.flash_sdp_enabled())
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Causal attention core. q: (B, H, T, dq); k: (B, K, T, dq); v: (B, K, T, dv) -> (B, H, T, dv).
 
-    K < H (grouped-query) goes through SDPA's own GQA path (``enable_gqa``, torch >= 2.5): each kv head
-    serves H/K consecutive query heads, as ``repeat_interleave`` would, without materialising copies."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    K < H (grouped-query): each kv head serves H/K consecutive query heads. Where the flash kernel runs,
+    through SDPA's own GQA path (``enable_gqa``, torch >= 2.5, no K/V copies); otherwise K/V are expanded
+    with ``repeat_interleave`` first (same numbers)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if _sdpa_gqa_ok(q):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 class Attention(nn.Module):
