@@ -5,6 +5,7 @@ trainer and exported back (transformers loads the export with llmc's logits); Lo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -349,6 +350,14 @@ def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, plan):
            "--rdzv_endpoint=localhost:0", str(script), str(tmp_path / "plan.lock.json"), str(tmp_path / "o")]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    read = int(re.search(r"\(([\d,]+) bytes read by rank 0\)", p.stdout).group(1).replace(",", ""))
+    sd = hf_model(src).state_dict()
+    full = sum(t.numel() * t.element_size() for t in sd.values())
+    if "tp" in plan:  # attention / MLP projections (and q/k/v biases) halved; embeddings, head, norms whole
+        split = sum(t.numel() * t.element_size() for k, t in sd.items() if re.search(r"_proj\.(weight|bias)$", k))
+        assert read == full - split // 2, (read, full, split)
+    else:  # FSDP2: every parameter's first half of rows
+        assert read == full // 2, (read, full)
     recs = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     first = next(r["loss"] for r in recs if r.get("step") == 1 and "loss" in r)
     job = TrainJob.from_lock(lock)

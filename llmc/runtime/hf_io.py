@@ -202,6 +202,11 @@ class SafetensorsDir:
     def get(self, name: str) -> torch.Tensor:
         return self._handles[self.where[name]].get_tensor(name)
 
+    def get_block(self, name: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        """Only the block [offset, offset + shape) of a tensor (read from the file, nothing else materialised)."""
+        sl = self._handles[self.where[name]].get_slice(name)
+        return sl[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+
 
 def read_hf_config(path: str | Path) -> dict:
     """config.json with transformers >= 5's ``rope_parameters`` folded back into ``rope_theta`` /
@@ -244,6 +249,23 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed engine
         model = model.module
     return model
+
+
+def _read_local_block(files: SafetensorsDir, m: HFParam, p) -> torch.Tensor | None:
+    """This rank's block of a DTensor parameter read straight from the file, when its placements are plain
+    ``Shard``/``Replicate`` and (for RoPE-permuted q/k rows) the block holds whole heads; else None."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if m.stacked or not all(type(pl) in (Shard, Replicate) for pl in p.placements):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if m.heads:
+        hd = p.shape[0] // m.heads
+        if offset[0] % hd or shape[0] % hd:
+            return None
+    t = files.get_block(m.hf[0], tuple(offset), tuple(shape))
+    return _hf_unpermute(t, shape[0] // (p.shape[0] // m.heads)) if m.heads and shape[0] else t
 
 
 def _model_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -307,15 +329,19 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
                         p.data.copy_(t)
                         nbytes += t.numel() * t.element_size()
                 continue
-            t = from_hf_tensor(m, files.get)
-            nbytes += t.numel() * t.element_size()
             from torch.distributed.tensor import DTensor, distribute_tensor
 
-            if isinstance(p, DTensor):
-                local = distribute_tensor(t.to(p.to_local().device), p.device_mesh, p.placements,
-                                          src_data_rank=None).to_local()
+            if isinstance(p, DTensor):  # FSDP2 / TP: only this rank's block, when it is one
+                local = _read_local_block(files, m, p)
+                if local is None:  # strided / expert-stacked / mid-head blocks: cut from the full tensor
+                    t = from_hf_tensor(m, files.get)
+                    local = distribute_tensor(t.to(p.to_local().device), p.device_mesh, p.placements,
+                                              src_data_rank=None).to_local()
+                nbytes += local.numel() * local.element_size()
                 p.to_local().copy_(local)
             else:
+                t = from_hf_tensor(m, files.get)
+                nbytes += t.numel() * t.element_size()
                 p.copy_(t)
     return {"source": str(src), "tensors": len(used), "params": len(params), "bytes_read": nbytes}
 

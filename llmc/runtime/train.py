@@ -275,8 +275,8 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
             step0 = load_model_weights(wrapped, init_checkpoint)  # collective: re-shards the full weights
             say(f"initialised weights from {init_checkpoint} (step {step0})")
         if resume_from is None and hf_src:  # each rank reads only what its shards need, tensor by tensor
-            load_hf_into(model, hf_src, job.arch, rank=info.rank, world=info.world)
-            say(f"initialised weights from Hugging Face {hf_src}")
+            got = load_hf_into(model, hf_src, job.arch, rank=info.rank, world=info.world)
+            say(f"initialised weights from Hugging Face {got['source']} ({got['bytes_read']:,} bytes read by rank 0)")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, job, info.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, job))
