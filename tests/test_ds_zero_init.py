@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -87,8 +88,10 @@ BUILD = textwrap.dedent("""
         for n, p in model.named_parameters():
             with deepspeed.zero.GatheredParameters([p]):
                 check[n] = bool(torch.equal(p.data, ref[n]))
-    print("RESULT " + json.dumps({"rank": rank, "peak": peak, "local": local, "data": full_data,
-                                  "total": sum(p.ds_numel for p in model.parameters()), "equal": check}))
+    res = {"rank": rank, "peak": peak, "local": local, "data": full_data,
+           "total": sum(p.ds_numel for p in model.parameters()), "equal": check}
+    with open(os.path.join(os.environ["LLMC_TEST_OUT"], f"result-{rank}.json"), "w") as f:
+        json.dump(res, f)
 """)
 
 
@@ -98,10 +101,13 @@ def _torchrun(tmp_path: Path, script: str, args: list[str], timeout: int = 300, 
     f.write_text(script)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
            "--rdzv_endpoint=localhost:0", str(f), *args]
-    p = subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout,
-                       cwd=str(ROOT))
+    res_dir = tmp_path / "results"
+    shutil.rmtree(res_dir, ignore_errors=True)
+    res_dir.mkdir()
+    p = subprocess.run(cmd, env={**ENV, "LLMC_TEST_OUT": str(res_dir), **(env or {})}, capture_output=True,
+                       text=True, timeout=timeout, cwd=str(ROOT))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return [json.loads(ln[7:]) for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    return [json.loads(f.read_text()) for f in sorted(res_dir.glob("result-*.json"))]
 
 
 @pytest.mark.slow
@@ -123,6 +129,7 @@ def test_zero3_build_peak_memory_is_a_shard(tmp_path):
                max_seq_len=64)
     res = _torchrun(tmp_path, BUILD, [json.dumps(big), json.dumps(ds_config())], timeout=600,
                     env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert len(res) == 2
     full = res[0]["total"] * 4
     for r in res:
         assert r["local"] * 4 < 0.51 * full
@@ -130,7 +137,7 @@ def test_zero3_build_peak_memory_is_a_shard(tmp_path):
 
 
 RUN = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     from pathlib import Path
     import llmc.runtime.model as M
     calls = {"n": 0}
@@ -142,7 +149,9 @@ RUN = textwrap.dedent("""
     from llmc.runtime.ds_train import main
     rc = main(sys.argv[1:])
     import os
-    print("RESULT " + json.dumps({"rank": int(os.environ["RANK"]), "rc": rc, "block_calls": calls["n"]}))
+    rank = int(os.environ["RANK"])
+    with open(os.path.join(os.environ["LLMC_TEST_OUT"], f"result-{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "rc": rc, "block_calls": calls["n"]}, f)
 """)
 
 
@@ -180,7 +189,7 @@ def test_activation_checkpointing_follows_the_plan(tmp_path, ac, per_micro, zero
     The logged grad norm is a finite number on ZeRO-0 (where DeepSpeed reports none) and ZeRO-3."""
     _lock(tmp_path, steps=2, ac=ac, zero=zero)
     res = _torchrun(tmp_path, RUN, _ds_args(tmp_path))
-    assert all(r["rc"] == 0 for r in res)
+    assert len(res) == 2 and all(r["rc"] == 0 for r in res)
     assert {r["block_calls"] for r in res} == {2 * per_micro}  # 2 steps x 1 micro-batch
     recs = [json.loads(x) for x in (tmp_path / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     norms = [r["grad_norm"] for r in recs if "grad_norm" in r]
@@ -201,7 +210,7 @@ def test_zero3_from_hugging_face_matches_transformers_and_exports(tmp_path):
                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=64)
     lock = _lock(tmp_path, steps=2, ac="none", init_hf=str(src))
     res = _torchrun(tmp_path, RUN, _ds_args(tmp_path))
-    assert all(r["rc"] == 0 for r in res)
+    assert len(res) == 2 and all(r["rc"] == 0 for r in res)
     out = tmp_path / "run" / "pretrain"
     done = json.loads((out / "DONE.json").read_text())
     assert done["hf"] == "hf" and done["rank0_param_numel"] <= done["params"] / 2 + 128
@@ -218,3 +227,7 @@ def test_zero3_from_hugging_face_matches_transformers_and_exports(tmp_path):
             losses.append(float(lm_loss(ref_model(input_ids=x).logits, y)))
     assert abs(first - sum(losses) / 2) < 1e-4, (first, losses)
     assert (out / "hf" / "config.json").exists()
+    from llmc.runtime.checkpoint import resolve_checkpoint
+
+    sd = torch.load(resolve_checkpoint(out) / "model.pt", weights_only=True)  # gathered from the ZeRO-3 shards
+    assert sum(v.numel() for v in sd.values()) == done["params"] and all(v.dtype == torch.float32 for v in sd.values())

@@ -192,8 +192,12 @@ def latest_checkpoint(folder: str | Path, fallback: bool = False, log=print) -> 
 
 
 def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    train_state: dict, keep_latest: int | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final ``step-N`` path."""
+                    train_state: dict, keep_latest: int | None = None,
+                    model_sd: dict[str, torch.Tensor] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final ``step-N`` path.
+
+    ``model_sd``: the full state dict already gathered (rank 0; any value elsewhere), e.g. DeepSpeed ZeRO-3's
+    layer-by-layer ``_zero3_consolidated_16bit_state_dict``; default: gathered here from ``model``."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     folder = Path(folder)
@@ -205,7 +209,8 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optim
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    model_sd = full_model_state(model)  # collectives: all ranks
+    if model_sd is None:
+        model_sd = full_model_state(model)  # collectives: all ranks
     optim_sd = None
     if optimizer is not None:
         if world == 1:

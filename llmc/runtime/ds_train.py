@@ -332,15 +332,12 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
             save_ds()
     save_ds()
 
-    # full weights as an llmc checkpoint, so any following stage can init_from this one
-    params = list(engine.module.parameters())
-    if zero == 3:
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            final = save_checkpoint(ckpt_dir, step, engine.module, None, {"tokens": tokens, "stage": job.stage},
-                                    keep_latest=job.keep_latest)
-    else:
-        final = save_checkpoint(ckpt_dir, step, engine.module, None, {"tokens": tokens, "stage": job.stage},
-                                keep_latest=job.keep_latest)
+    # full weights as an llmc checkpoint, so any following stage can init_from this one. ZeRO-3: gathered one
+    # module at a time onto rank 0's CPU (DeepSpeed's consolidated state dict), never the whole model on a GPU
+    full_sd = (engine._zero3_consolidated_16bit_state_dict() or {}) if zero == 3 else None
+    final = save_checkpoint(ckpt_dir, step, engine.module, None, {"tokens": tokens, "stage": job.stage},
+                            keep_latest=job.keep_latest, model_sd=full_sd)
+    del full_sd
     status = "done" if step >= job.steps else "stopped"
     result = {"status": status, "stage": job.stage, "kind": job.kind, "backend": "deepspeed", "zero_stage": zero,
               "step": step, "steps": job.steps, "loss": last_loss, "tokens": tokens,
