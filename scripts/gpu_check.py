@@ -160,26 +160,45 @@ def peak_memory(mem_dir: Path) -> tuple[int | None, int | None, int | None]:
     return peak("allocated"), peak("reserved"), peak("rss")
 
 
-def check_backend(backend: str, spec: Path, work: Path, *, cpu: bool, timeout: float, warmup: int) -> dict:
-    build = work / f"build-{backend}"
-    mem = work / f"mem-{backend}"
+def _env(work: Path, mem: Path | None, cpu: bool) -> dict:
     hook = work / "hook"
-    for d in (build, mem):
-        shutil.rmtree(d, ignore_errors=True)
-    mem.mkdir(parents=True)
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(HOOK)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "LLMC_GPU_CHECK_MEM": str(mem), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    if mem is not None:
+        env["LLMC_GPU_CHECK_MEM"] = str(mem)
     if cpu:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def build_once(spec: Path, work: Path, *, cpu: bool) -> tuple[Path | None, str]:
+    """``llmc build`` + ``python -m llmc.runtime.run prepare`` (tokenizer, data, token cache) once for all
+    backends; returns (build dir or None, log path)."""
+    build = work / "build"
+    shutil.rmtree(build, ignore_errors=True)
+    log = work / "build.log"
+    log.write_text("")
+    env = _env(work, None, cpu)
+    py = sys.executable
+    rc, _ = run([py, "-m", "llmc.cli", "build", str(spec), "-o", str(build)], env, log, 300)
+    if rc == 0:
+        rc, _ = run([py, "-m", "llmc.runtime.run", "prepare", "--lock", str(build / "plan.lock.json")], env, log, 600)
+    return (build if rc == 0 else None), str(log)
+
+
+def check_backend(backend: str, build: Path, work: Path, *, cpu: bool, timeout: float, warmup: int) -> dict:
+    """Launch one backend on the shared build (its previous run outputs removed first) and measure it."""
+    mem = work / f"mem-{backend}"
+    for d in (mem, build / "run", build / "outputs"):  # keep assets/, data/, cache/ (prepared once)
+        shutil.rmtree(d, ignore_errors=True)
+    mem.mkdir(parents=True)
+    env = _env(work, mem, cpu)
     log = work / f"{backend}.log"
     log.write_text("")
     py = sys.executable
-    rc, _ = run([py, "-m", "llmc.cli", "build", str(spec), "-o", str(build)], env, log, 300)
     row: dict = {"backend": backend}
-    if rc != 0:
-        return {**row, "error": f"llmc build exited {rc} (see {log})"}
     lock = json.loads((build / "plan.lock.json").read_text())
     plan = lock.get("plan") or {}
     hyper = lock.get("hyper") or {}
@@ -231,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model, 2 steps, on CPU (checks the pipeline)")
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 30; 2 with --cpu-smoke)")
-    ap.add_argument("--timeout", type=float, default=170, help="seconds per backend launch (default 170)")
+    ap.add_argument("--timeout", type=float, default=150, help="seconds per backend launch (default 150)")
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default OUT/work; removed unless --keep)")
     ap.add_argument("--keep", action="store_true", help="keep the builds (checkpoints are several GB on GPU)")
     a = ap.parse_args(argv)
@@ -250,20 +269,30 @@ def main(argv: list[str] | None = None) -> int:
     spec = work / "spec.yaml"
     spec.write_text(spec_yaml(cpu, steps, key))
     rows = []
-    for b in [x.strip() for x in a.backends.split(",") if x.strip()]:
-        if b not in BACKENDS:
-            print(f"gpu_check: unknown backend {b!r} (one of {', '.join(BACKENDS)})", file=sys.stderr)
-            return 1
+    backends = [x.strip() for x in a.backends.split(",") if x.strip()]
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad:
+        print(f"gpu_check: unknown backend {bad[0]!r} (one of {', '.join(BACKENDS)})", file=sys.stderr)
+        return 1
+    t0 = time.time()
+    build, build_log = build_once(spec, work, cpu=cpu)
+    print(f"build+prepare {time.time() - t0:6.1f}s" + ("" if build else f"  ERROR see {build_log}"), flush=True)
+    if build is None:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(build_log, out / "gpu_check.build.log")
+        return 2
+    for b in backends:
         t0 = time.time()
-        row = check_backend(b, spec, work, cpu=cpu, timeout=a.timeout, warmup=warmup)
+        row = check_backend(b, build, work, cpu=cpu, timeout=a.timeout, warmup=warmup)
         row = {"id": f"gpu-check-{'cpu' if cpu else key}-{b}", **row}
         rows.append(row)
         print(f"{b:11s} {time.time() - t0:6.1f}s  tok/s/gpu {row.get('tokens_per_s_per_gpu')}  "
               f"step {row.get('step_s')} s  alloc {row.get('mem_allocated_gib')} GiB  "
               f"reserved {row.get('mem_reserved_gib')} GiB  rss {row.get('host_rss_gib')} GiB" + (f"  ERROR {row['error']}" if "error" in row else ""),
               flush=True)
-        if not a.keep:
-            shutil.rmtree(work / f"build-{b}", ignore_errors=True)
+        if not a.keep:  # checkpoints of a 1B model are several GB
+            for d in ("run", "outputs"):
+                shutil.rmtree(build / d, ignore_errors=True)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {"source": {"url": None, "commit": commit or None, "date": dt.date.today().isoformat(), "license": None},
            "use": "check", "kind": "throughput", "system": name or "cpu", "gpu_key": None if cpu else key,
@@ -272,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
            "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.yaml").write_text(to_yaml(doc))
-    for b in BACKENDS:
+    for b in ("build", *BACKENDS):
         if (work / f"{b}.log").exists():
             shutil.copyfile(work / f"{b}.log", out / f"gpu_check.{b}.log")
     if not a.keep:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-GPU check of the three backends (native, torchtitan, DeepSpeed): llama3.2-1b, bf16, 30 steps each,
 # offline data; writes step time, tokens/s/GPU and peak memory (allocated, reserved) per backend as a
-# measurements YAML (benchmarks/README.md schema) to $OUT/gpu_check.yaml (or --out DIR). About 6-8 minutes
+# measurements YAML (benchmarks/README.md schema) to $OUT/gpu_check.yaml (or --out DIR). One build and
+# data preparation shared by the three runs; budget about 6-8 minutes
 # on one H100/H200.
 #
 #   scripts/gpu_check.sh [--out DIR] [--backends native,torchtitan,deepspeed] [--steps N] [--keep]
