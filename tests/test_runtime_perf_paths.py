@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +167,45 @@ def test_runtime_does_not_import_the_compiler():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-1000:]
     assert out.stdout.strip() == "[]"
+
+
+def _gpu_check():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_reads_torchtitan_and_llmc_logs():
+    gc = _gpu_check()
+    esc = "\x1b"
+    lines = "\n".join(
+        f"[titan] INFO - {esc}[31mstep: {s:2}  {esc}[32mloss:  8.19500  {esc}[38;2;180;60;0mgrad_norm:  0.9815  "
+        f"{esc}[38;2;54;234;195mmemory: 21.50GiB(15.35%)  {esc}[34mtps: {t:,}  {esc}[36mtflops: 1.00  "
+        f"{esc}[35mmfu: 0.10%{esc}[39m" for s, t in ((1, 500), (5, 30000), (10, 31000), (15, 32000)))
+    assert gc.throughput_from_titan(lines, warmup=4) == (31000.0, 4)
+    recs = [{"step": 1, "elapsed_s": 1.0, "tokens": 100}, {"step": 10, "elapsed_s": 3.0, "tokens": 1000},
+            {"step": 20, "elapsed_s": 5.0, "tokens": 2000}]
+    assert gc.throughput_from_metrics(recs, warmup=5) == (500.0, 0.2)  # (2000-1000)/(5-3), 2 s / 10 steps
+    assert gc.gpu_key("NVIDIA H100 80GB HBM3") == "h100-sxm" and gc.gpu_key("NVIDIA H200") == "h200"
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke(tmp_path):
+    """scripts/gpu_check.sh --cpu-smoke: the whole measuring pipeline on the tiny model (native backend)."""
+    import subprocess
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), "--cpu-smoke", "--backends", "native",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHON": sys.executable})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    doc = yaml.safe_load((tmp_path / "gpu_check.yaml").read_text())
+    (row,) = doc["rows"]
+    assert row["backend"] == "native" and row["model"] == "tiny" and row["steps"] == 2
+    assert row["tokens_per_s_per_gpu"] > 0 and row["host_rss_gib"] > 0 and row["mem_kind"] == "max_rss"
