@@ -125,7 +125,7 @@ def lock_for(spec: dict | RunSpec, *, plan: dict | None = None, hyper: dict | No
     run = spec if isinstance(spec, RunSpec) else RunSpec.model_validate(spec)
     lock = lock_dict(compile_spec(run, spec_path=spec_path, spec_bytes=run.model_dump_json().encode()))
     pre = [e for e in lock["stages"] if e["kind"] == "pretrain"]
-    if plan:
+    if plan and lock["plan"] is not None:  # a post-training-only pipeline has no searched layout
         lock["plan"].update(plan)
         for e in pre:
             e.update({k: v for k, v in plan.items() if k in ("micro_batch", "grad_accum")})

@@ -138,32 +138,6 @@ def test_every_emitted_config_passes_deepspeed(tmp_path):
     assert "train_batch_size is not equal to micro_batch_per_gpu" in res["broken_identity"]["error"]
 
 
-def test_ds_train_adapts_the_config_to_the_world_and_stage():
-    """ds_train keeps the global batch and splits it over the processes it actually has."""
-    from types import SimpleNamespace
-
-    from llmc.runtime.ds_train import _split_batch, adapt_config
-
-    cfg, _ = deepspeed_config(make_compiled())  # 32 seqs = 2 x 2 x 8
-    job = SimpleNamespace(global_batch_seqs=32, micro_batch=2, lr=1e-3, min_lr=1e-4, warmup_steps=10, steps=100,
-                          stage="pretrain", precision="bf16")
-    same, notes = adapt_config(cfg, job, 8)
-    assert notes == [] and "_llmc" not in same
-    two, notes = adapt_config(cfg, job, 2)
-    assert (two["train_batch_size"], two["train_micro_batch_size_per_gpu"], two["gradient_accumulation_steps"]) == \
-        (32, 2, 8)
-    stage = SimpleNamespace(**{**vars(job), "lr": 2e-5, "min_lr": 2e-6, "steps": 40, "warmup_steps": 4,
-                               "stage": "sft2", "global_batch_seqs": 12})
-    st, notes = adapt_config(cfg, stage, 4)
-    assert st["optimizer"]["params"]["lr"] == 2e-5 and st["scheduler"]["params"]["total_num_steps"] == 40
-    assert st["scheduler"]["params"]["warmup_num_steps"] == 4
-    assert st["train_micro_batch_size_per_gpu"] * st["gradient_accumulation_steps"] * 4 == 12
-    assert cfg["optimizer"]["params"]["lr"] == 1e-3  # the input is not modified
-    assert _split_batch(12, 4, 2) == (1, 3)
-    with pytest.raises(ValueError, match="cannot be split"):
-        _split_batch(10, 4, 1)
-
-
 # ------------------------------------------------------------------------------------ memory estimators
 
 

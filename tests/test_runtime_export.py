@@ -12,7 +12,7 @@ pytest.importorskip("safetensors")
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from llmc.runtime.checkpoint import export_hf, hf_export_supported  # noqa: E402
+from llmc.runtime.hf_io import export_hf, hf_export_supported  # noqa: E402
 from llmc.runtime.model import build_model  # noqa: E402
 from llmc.spec.model import MLA, Architecture, MoE  # noqa: E402
 

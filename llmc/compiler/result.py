@@ -187,6 +187,7 @@ class StagePlan:
     name: str
     kind: str
     init_from: str | None
+    init_hf: str | None  # a Hugging Face checkpoint (directory or Hub id in the local cache) to start from
     order: int
     seq_len: int
     steps: int | None

@@ -120,7 +120,8 @@ def lora_trainable_params(arch: Any, rank: int, targets: list[str] | tuple[str, 
 
 def resolved_stages(run: RunSpec) -> list[StageBase]:
     """The spec's stages, or one implicit ``pretrain`` stage when it has none."""
-    return list(run.stages) if run.stages else [PretrainStage(name="pretrain", kind="pretrain")]
+    return list(run.stages) if run.stages else [PretrainStage(name="pretrain", kind="pretrain",
+                                                              init_hf=run.training.init_hf)]
 
 
 def stage_order(stages: list[StageBase], sink: Sink) -> tuple[dict[str, int], list[str]]:
@@ -644,7 +645,7 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
     out_ctx = _context_out(env, st, p, tr.seq_len, inherited, sink)
     check_stage(env, st, p, tr, mem, sink)
     plan = StagePlan(
-        name=st.name, kind=st.kind, init_from=st.init_from, order=order, seq_len=tr.seq_len, steps=tr.steps,
+        name=st.name, kind=st.kind, init_from=st.init_from, init_hf=st.init_hf, order=order, seq_len=tr.seq_len, steps=tr.steps,
         global_batch_tokens=tr.global_batch_tokens, global_batch_seqs=tr.global_batch_seqs, tokens=tr.tokens,
         lr=tr.lr, min_lr=tr.min_lr, warmup_steps=tr.warmup_steps, schedule=tr.schedule,
         decay_fraction=tr.decay_fraction, micro_batch=tr.micro_batch, grad_accum=tr.grad_accum,

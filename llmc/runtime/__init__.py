@@ -19,8 +19,9 @@ API for the other backends (post-training, DeepSpeed, torchtitan):
 * ``tokenizer``: ``TextTokenizer(dir)`` (encode/decode, bos_id/eos_id/pad_id, token_id), ``train_bpe``.
 * ``checkpoint``: ``save_checkpoint(folder, step, model, optim, train_state)`` (collective, atomic,
   manifest with sha256), ``load_checkpoint``, ``latest_checkpoint(folder, fallback=False)``,
-  ``load_model_weights(model, step_dir | stage_dir)``, ``export_hf(state_dict, arch, out_dir)``,
-  ``CheckpointError``.
+  ``load_model_weights(model, step_dir | stage_dir)``, ``CheckpointError``.
+* ``hf_io``: ``load_hf_into(model, dir | hub_id, arch)``, ``export_hf(state_dict, arch, out_dir)``,
+  ``export_peft_adapter``, ``export_checkpoint(run_dir, stage)`` (``python -m llmc.runtime.hf_io``).
 * ``train``: ``train(job, out_dir, assets, ...)`` (native loop),
   ``build_optimizer``, ``clip_grad_norm`` (plain + DTensor grads), ``TrainingError``.
 * ``distributed``: ``init_distributed() -> DistInfo``, ``parallelize(model, info, dp_replicate, dp_shard, tp, ac)``.

@@ -192,8 +192,12 @@ def latest_checkpoint(folder: str | Path, fallback: bool = False, log=print) -> 
 
 
 def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    train_state: dict, keep_latest: int | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final ``step-N`` path."""
+                    train_state: dict, keep_latest: int | None = None,
+                    model_sd: dict[str, torch.Tensor] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final ``step-N`` path.
+
+    ``model_sd``: the full state dict already gathered (rank 0; any value elsewhere), e.g. DeepSpeed ZeRO-3's
+    layer-by-layer ``_zero3_consolidated_16bit_state_dict``; default: gathered here from ``model``."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     folder = Path(folder)
@@ -205,7 +209,8 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optim
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    model_sd = full_model_state(model)  # collectives: all ranks
+    if model_sd is None:
+        model_sd = full_model_state(model)  # collectives: all ranks
     optim_sd = None
     if optimizer is not None:
         if world == 1:
@@ -298,104 +303,3 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if found:
             return found
     raise CheckpointError(f"{p}: no checkpoint found (expected step-N/manifest.json, DONE.json or checkpoints/)")
-
-
-# ----------------------------------------------------------------------------- Hugging Face export
-
-
-def _hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta/torchtitan interleaved-pair RoPE rows -> HF rotate_half layout (HF convert_llama_weights_to_hf
-    ``permute``): per head, rows [x0, x1, x2, x3, ...] become [x0, x2, ..., x1, x3, ...]."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def hf_export_supported(arch) -> str | None:
-    """None when :func:`export_hf` can write this architecture, else the reason it cannot."""
-    if arch.mla is not None:
-        return "MLA (DeepSeek) export is not implemented"
-    m = arch.moe
-    if m is not None and (m.num_shared_experts or m.dense_layers or m.score_func != "softmax" or m.router_bias
-                          or getattr(m, "expert_bias", False) or (m.expert_d_ff or arch.d_ff) != arch.d_ff):
-        return "only Mixtral-style MoE (softmax top-k, no shared/dense layers, no router bias) is exported"
-    if m is not None and arch.qkv_bias:
-        return "MoE with q/k/v biases has no Hugging Face model class here"
-    return None
-
-
-def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-              dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | None = 1) -> Path:
-    """Write a Hugging Face checkpoint (config.json + model.safetensors [+ tokenizer files]) that vLLM /
-    SGLang / transformers load: LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases) or
-    MixtralForCausalLM (MoE). wq/wk (and their biases) are permuted from the interleaved RoPE layout to
-    HF's rotate_half layout. Raises ValueError for architectures :func:`hf_export_supported` rejects."""
-    from safetensors.torch import save_file
-
-    why = hf_export_supported(arch)
-    if why:
-        raise ValueError(f"cannot export {arch.name} to Hugging Face format: {why}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    H, K = arch.n_heads, arch.kv_heads
-    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model_sd["tok_embeddings.weight"],
-                                   "model.norm.weight": model_sd["norm.weight"]}
-    if not arch.tied_embeddings:
-        sd["lm_head.weight"] = model_sd["lm_head.weight"]
-    for i in range(arch.n_layers):
-        src, dst = f"layers.{i}.", f"model.layers.{i}."
-        sd[dst + "input_layernorm.weight"] = model_sd[src + "attention_norm.weight"]
-        sd[dst + "post_attention_layernorm.weight"] = model_sd[src + "ffn_norm.weight"]
-        for ours, theirs, heads in (("wq", "q_proj", H), ("wk", "k_proj", K), ("wv", "v_proj", None)):
-            for kind in ("weight", "bias"):
-                t = model_sd.get(f"{src}attention.{ours}.{kind}")
-                if t is not None:
-                    sd[f"{dst}self_attn.{theirs}.{kind}"] = _hf_permute(t, heads) if heads else t
-        sd[dst + "self_attn.o_proj.weight"] = model_sd[src + "attention.wo.weight"]
-        if arch.moe is None:
-            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-                sd[f"{dst}mlp.{theirs}.weight"] = model_sd[f"{src}feed_forward.{ours}.weight"]
-        else:
-            sd[dst + "block_sparse_moe.gate.weight"] = model_sd[src + "moe.router.gate.weight"]
-            for w in ("w1", "w2", "w3"):
-                stacked = model_sd[f"{src}moe.experts.{w}"]  # (E, out, in): nn.Linear layout per expert
-                for e in range(stacked.shape[0]):
-                    sd[f"{dst}block_sparse_moe.experts.{e}.{w}.weight"] = stacked[e]
-    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
-    if arch.moe is not None:
-        cls, mtype = "MixtralForCausalLM", "mixtral"
-    elif arch.qkv_bias:
-        cls, mtype = "Qwen2ForCausalLM", "qwen2"
-    else:
-        cls, mtype = "LlamaForCausalLM", "llama"
-    cfg = {"architectures": [cls], "model_type": mtype, "hidden_size": arch.d_model,
-           "intermediate_size": arch.d_ff, "num_hidden_layers": arch.n_layers, "num_attention_heads": H,
-           "num_key_value_heads": K, "head_dim": arch.hd, "vocab_size": arch.vocab_size,
-           "rms_norm_eps": arch.norm_eps, "rope_theta": arch.rope_theta, "max_position_embeddings": arch.max_seq_len,
-           "tie_word_embeddings": arch.tied_embeddings, "hidden_act": "silu", "torch_dtype": str(dtype).split(".")[-1],
-           "bos_token_id": bos_id, "eos_token_id": eos_id, "attention_dropout": 0.0, "initializer_range": 0.02,
-           "use_cache": True}
-    if mtype == "llama":
-        cfg.update(attention_bias=False, mlp_bias=False)
-    if mtype == "qwen2":
-        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=arch.n_layers)
-    if arch.moe is not None:
-        cfg.update(num_local_experts=arch.moe.num_experts, num_experts_per_tok=arch.moe.top_k,
-                   router_aux_loss_coef=arch.moe.aux_loss_coef, output_router_logits=False, sliding_window=None)
-    rs = arch.rope_scaling
-    if rs is not None:
-        scaling = {"rope_type": rs.type, "factor": rs.factor}
-        if rs.type == "llama3":
-            scaling.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
-                           original_max_position_embeddings=rs.original_max_position)
-        elif rs.type == "yarn":
-            scaling.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow,
-                           original_max_position_embeddings=rs.original_max_position)
-        cfg["rope_scaling"] = scaling
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos_id, "eos_token_id": eos_id}) + "\n")
-    if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (Path(tokenizer_dir) / name).exists():
-                shutil.copyfile(Path(tokenizer_dir) / name, out / name)
-    return out

@@ -1,6 +1,6 @@
 """Process group, device mesh and parallelisation (DDP, FSDP2, TP) for the native trainer.
 
-Order (as torchtitan): TP -> activation checkpointing -> FSDP2 / DDP.
+Order (as torchtitan): TP -> activation checkpointing -> torch.compile per block (opt-in) -> FSDP2 / DDP.
 
 * mesh: ``init_device_mesh(device, (dp_replicate, dp_shard, tp), ("dp_replicate", "dp_shard", "tp"))``
   on cpu+gloo or cuda+nccl.
@@ -112,11 +112,25 @@ def apply_fsdp(model: nn.Module, dp_mesh, mixed_bf16: bool = False) -> None:
                 m.set_force_sum_reduction_for_comms(True)
 
 
+def wants_compile(job) -> bool:
+    """``training.compile`` of the run (lock["spec"]["resolved"]["training"]["compile"], or the lock's
+    ``training.compile``); absent = False."""
+    lock = getattr(job, "lock", None) or {}
+    tr = (lock.get("training") or {}) if isinstance(lock, dict) else {}
+    if "compile" in tr:
+        return bool(tr["compile"])
+    spec_tr = getattr(getattr(job, "spec", None), "training", None)
+    return bool(getattr(spec_tr, "compile", False))
+
+
 def parallelize(model: nn.Module, info: DistInfo, dp_replicate: int, dp_shard: int, tp: int,
-                ac_mode: str = "none", mixed_bf16: bool = False) -> nn.Module:
-    """Apply TP, activation checkpointing and FSDP2/DDP as the plan says; returns the module to call."""
+                ac_mode: str = "none", mixed_bf16: bool = False, compile: bool = False) -> nn.Module:
+    """Apply TP, activation checkpointing, per-block torch.compile (opt-in) and FSDP2/DDP as the plan says;
+    returns the module to call."""
     model.set_ac(ac_mode)
     if info.world == 1:
+        if compile:
+            model.compile_blocks()
         return model
     if dp_replicate * dp_shard * tp != info.world:
         raise ValueError(f"plan dp_replicate*dp_shard*tp = {dp_replicate}*{dp_shard}*{tp} "
@@ -124,6 +138,8 @@ def parallelize(model: nn.Module, info: DistInfo, dp_replicate: int, dp_shard: i
     mesh = build_mesh(info.device, dp_replicate, dp_shard, tp)
     if tp > 1:
         apply_tp(model, mesh["tp"])
+    if compile:
+        model.compile_blocks()
     if dp_shard > 1 or (dp_replicate > 1 and tp > 1):
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dp_replicate > 1 else mesh["dp_shard"]
         apply_fsdp(model, dp_mesh, mixed_bf16)

@@ -14,11 +14,20 @@ shards included) go to ``<out>/ds_checkpoints``; at the end the full weights are
 llmc checkpoint (``<out>/checkpoints/step-N``) and ``DONE.json`` names it, so a following stage
 (native or DeepSpeed) can ``init_from`` this one.
 
-Run-time adaptation (logged): the ds_config is written for the plan's data-parallel size; the global
-batch (in sequences) is kept and split over the actual world size, so a 2-process CPU test of an
-8-GPU config trains on the same samples. A stage other than the main pre-training gets its own lr,
-steps, warmup and batch from the lock. Without a ``scheduler`` block (wsd, linear to a floor) the
-LR follows llmc's own schedule (``TrainJob.lr_factor``) as a client LambdaLR.
+The committed config is what runs: for ``--stage S`` the runner reads ``ds_config.S.json`` next to
+``--ds-config`` when the build wrote one (stages whose lr / steps / batch differ), else the given file,
+and changes nothing in it. It refuses, with one line, a config whose batch identity
+(train_batch_size = micro x accum x processes) does not hold for the processes it runs on, or whose
+lr / steps / global batch / precision are not the stage's (:func:`check_config`). Without a
+``scheduler`` block (wsd, linear to a floor) the LR follows llmc's own schedule
+(``TrainJob.lr_factor``) as a client LambdaLR.
+
+Model: ZeRO-3 builds it under ``deepspeed.zero.Init`` (every parameter is partitioned as its module is
+created, so no rank ever holds the whole model) and initialises it one part at a time
+(``GatheredParameters(part, modifier_rank=0)``, the same random numbers as an unsharded build); weights
+from ``init_from`` / ``init_hf`` are loaded per parameter the same way. Activation checkpointing follows
+the plan (``model.set_ac``); AdamW groups follow :func:`llmc.runtime.model.param_groups` (no decay on
+1-D parameters and token embeddings), as the native trainer and the torchtitan job.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shutil
 import sys
@@ -41,50 +51,121 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _split_batch(global_seqs: int, world: int, micro_pref: int) -> tuple[int, int]:
-    """(micro, accum) with micro x accum x world == global_seqs, micro <= micro_pref and largest."""
-    if global_seqs % world:
-        raise ValueError(f"global batch of {global_seqs} sequences cannot be split over {world} ranks")
-    per_rank = global_seqs // world
-    micro = max(m for m in range(1, min(micro_pref, per_rank) + 1) if per_rank % m == 0)
-    return micro, per_rank // micro
+def stage_config_path(ds_config: Path, stage: str | None) -> Path:
+    """``ds_config.<stage>.json`` beside ``ds_config`` when it exists, else ``ds_config`` itself."""
+    if stage:
+        per_stage = ds_config.parent / f"ds_config.{stage}.json"
+        if per_stage.exists():
+            return per_stage
+    return ds_config
 
 
-def adapt_config(cfg: dict, job, world: int) -> tuple[dict, list[str]]:
-    """The ds_config for this stage and this world size (batch split, lr, schedule); notes of changes."""
+def check_config(cfg: dict, job, world: int, where: str = "ds_config") -> dict:
+    """The config DeepSpeed gets (``cfg`` without llmc's ``_llmc`` header, otherwise unchanged), after checking
+    that it is this stage's and this world's; raises ValueError (one line) when it is not."""
     cfg = copy.deepcopy(cfg)
     cfg.pop("_llmc", None)
-    notes: list[str] = []
-    gbs = int(job.global_batch_seqs)
-    micro, accum = _split_batch(gbs, world, int(cfg.get("train_micro_batch_size_per_gpu", job.micro_batch)))
-    new = {"train_batch_size": gbs, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum}
-    for k, v in new.items():
-        if cfg.get(k) != v:
-            notes.append(f"{k}: {cfg.get(k)} -> {v} (world {world})")
-        cfg[k] = v
-    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    if opt["params"].get("lr") != job.lr:
-        notes.append(f"optimizer.params.lr: {opt['params'].get('lr')} -> {job.lr} (stage {job.stage})")
-        opt["params"]["lr"] = job.lr
-    sch = cfg.get("scheduler")
-    if sch is not None:
-        p = sch["params"]
-        warm = max(1, int(job.warmup_steps))
-        upd = {"warmup_num_steps": warm}
-        if "total_num_steps" in p:
-            upd["total_num_steps"] = max(int(job.steps), warm)
-        if "warmup_max_lr" in p:
-            upd["warmup_max_lr"] = job.lr
-        if "cos_min_ratio" in p and job.lr:
-            upd["cos_min_ratio"] = job.min_lr / job.lr
-        for k, v in upd.items():
-            if p.get(k) != v:
-                notes.append(f"scheduler.params.{k}: {p.get(k)} -> {v}")
-                p[k] = v
-    if job.precision == "fp32" and cfg.get("bf16", {}).get("enabled"):
-        notes.append("bf16 disabled: the stage trains in fp32")
-        cfg["bf16"] = {"enabled": False}
-    return cfg, notes
+    tbs = int(cfg.get("train_batch_size", 0))
+    micro = int(cfg.get("train_micro_batch_size_per_gpu", 0))
+    accum = int(cfg.get("gradient_accumulation_steps", 1))
+    if micro <= 0 or micro * accum * world != tbs:
+        made_for = tbs // (micro * accum) if micro > 0 and tbs % (micro * accum) == 0 else "?"
+        raise ValueError(f"{where}: train_batch_size {tbs} = micro {micro} x accum {accum} x {made_for} processes, "
+                         f"but {world} are running (launch {made_for} processes, or rebuild for {world} GPUs)")
+    bad = []
+    if tbs != int(job.global_batch_seqs):
+        bad.append(f"train_batch_size {tbs} != {job.global_batch_seqs} sequences")
+    lr = (cfg.get("optimizer") or {}).get("params", {}).get("lr")
+    if lr is None or not math.isclose(float(lr), float(job.lr), rel_tol=1e-9):
+        bad.append(f"lr {lr} != {job.lr}")
+    p = (cfg.get("scheduler") or {}).get("params") or {}
+    if "total_num_steps" in p and int(p["total_num_steps"]) != max(int(job.steps), 1, int(job.warmup_steps)):
+        bad.append(f"scheduler total_num_steps {p['total_num_steps']} != {job.steps}")
+    if "warmup_max_lr" in p and not math.isclose(float(p["warmup_max_lr"]), float(job.lr), rel_tol=1e-9):
+        bad.append(f"scheduler warmup_max_lr {p['warmup_max_lr']} != {job.lr}")
+    bf16 = bool((cfg.get("bf16") or {}).get("enabled"))
+    if bf16 != (job.precision in ("bf16", "fp8")):
+        bad.append(f"bf16 {'on' if bf16 else 'off'} but the stage trains in {job.precision}")
+    if bad:
+        raise ValueError(f"{where} is not stage {job.stage!r}'s config: {'; '.join(bad[:3])} "
+                         f"(the build writes deepspeed/ds_config.{job.stage}.json when a stage differs; rebuild)")
+    return cfg
+
+
+def _grad_norm(model):
+    """Global L2 norm of the local gradients as a 0-d tensor (ZeRO-0: every rank holds the reduced grads)."""
+    import torch
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return torch.stack(torch._foreach_norm(grads, 2.0)).float().norm()
+
+
+def _local_numel(model) -> int:
+    """Parameter elements this rank holds (its ZeRO-3 partitions, else the full tensors)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+
+
+def build_zero3_model(arch, cfg: dict, seed: int, rank: int, std: float = 0.02):
+    """The model built under ``deepspeed.zero.Init`` (parameters partitioned as each module is created) and
+    initialised part by part (embeddings, each block, norm, head) on rank 0 inside ``GatheredParameters``,
+    in :meth:`Transformer.init_weights`' order: the same weights as ``build_model(arch, seed=seed)``."""
+    import deepspeed
+    import torch
+
+    from llmc.runtime.model import Transformer
+
+    with deepspeed.zero.Init(config_dict_or_path=cfg):
+        model = Transformer(arch)
+    _register_external_params(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for part, init in model.init_parts(std):
+            with deepspeed.zero.GatheredParameters(list(part.parameters()), modifier_rank=0):
+                if rank == 0:
+                    init()
+    return model
+
+
+def _register_external_params(model) -> None:
+    """ZeRO-3 gathers a parameter around its own module's forward; tell it about the ones used elsewhere:
+    a tied head (the embedding matrix in Transformer.forward) and stacked experts (``experts.expert`` is a
+    method called from MoE.forward)."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    if model.arch.tied_embeddings:
+        register_external_parameter(model, model.tok_embeddings.weight)
+    for blk in model.layers.values():
+        moe = getattr(blk, "moe", None)
+        if moe is not None:
+            for w in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
+                register_external_parameter(moe, w)
+
+
+def load_weights_zero_aware(model, path: Path, rank: int) -> int:
+    """An llmc checkpoint's weights into ``model``; ZeRO-3 parameters one at a time through
+    ``GatheredParameters(modifier_rank=0)`` from a memory-mapped model.pt (no rank materialises the model)."""
+    import deepspeed
+    import torch
+
+    from llmc.runtime.checkpoint import load_model_weights, resolve_checkpoint, verify_checkpoint
+
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return load_model_weights(model, path)
+    ck = resolve_checkpoint(path)
+    step = int(verify_checkpoint(ck)["step"])
+    sd = torch.load(ck / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    params = dict(model.named_parameters())
+    if set(params) != set(sd):
+        diff = sorted(set(params) ^ set(sd))
+        raise ValueError(f"{ck}: checkpoint and model differ in {len(diff)} names: {', '.join(diff[:3])}")
+    with torch.no_grad():
+        for name, p in params.items():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    p.data.copy_(sd[name])
+    return step
 
 
 def _prune(folder: Path, keep: int) -> None:
@@ -94,7 +175,7 @@ def _prune(folder: Path, keep: int) -> None:
 
 
 def _data_loader(job, assets_root: Path, rank: int, world: int):
-    """The stage's packed loader: rank 0 prepares the assets and the token cache (idempotent), the
+    """(the stage's packed loader, its assets): rank 0 prepares the assets and the token cache (idempotent), the
     other ranks read what it wrote."""
     import torch.distributed as dist
 
@@ -116,20 +197,21 @@ def _data_loader(job, assets_root: Path, rank: int, world: int):
     if main:
         build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed)
     dist.barrier()
-    return build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed, rank, world)
+    return build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed, rank, world), assets
 
 
 def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root: Path, *,
-          max_steps: int | None = None, resume: bool = True) -> dict:
+          max_steps: int | None = None, resume: bool = True, config_name: str = "ds_config") -> dict:
     import deepspeed
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from llmc.runtime.checkpoint import load_model_weights, save_checkpoint
+    from llmc.runtime.checkpoint import save_checkpoint
+    from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into
     from llmc.runtime.job import TrainJob
     from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
-    from llmc.runtime.model import build_model, lm_loss
+    from llmc.runtime.model import Transformer, build_model, lm_loss, param_groups
 
     job = TrainJob.from_lock(lock, stage)
     if job.kind not in DS_STAGE_KINDS:
@@ -149,32 +231,45 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     if not cpu:
         accel.set_device(device.index)
 
-    loader = _data_loader(job, assets_root, rank, world)
+    loader, assets = _data_loader(job, assets_root, rank, world)
 
-    cfg, notes = adapt_config(ds_config, job, world)
+    cfg = check_config(ds_config, job, world, config_name)
     micro, accum = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
     tokens_per_step = cfg["train_batch_size"] * job.seq_len
+    zero = cfg.get("zero_optimization", {}).get("stage", 0)
 
+    with torch.device("meta"):  # counts and FLOPs without allocating anything
+        shape_model = Transformer(job.arch)
+    n_params = shape_model.num_params()
+    fpt = job.flops_per_token or flops_per_token(job.arch, active_params(shape_model), job.seq_len)
+    del shape_model
     torch.manual_seed(job.seed)
-    model = build_model(job.arch, device, seed=job.seed)
-    n_params = model.num_params()
-    fpt = job.flops_per_token or flops_per_token(job.arch, active_params(model), job.seq_len)
+    if zero == 3:
+        model = build_zero3_model(job.arch, cfg, job.seed, rank)
+    else:
+        model = build_model(job.arch, device, seed=job.seed)
+    model.set_ac(job.activation_checkpointing)
+    local_numel = _local_numel(model)
     ds_dir, ckpt_dir = out / "ds_checkpoints", out / job.checkpoint_folder
     can_resume = resume and (ds_dir / "latest").exists()
+    hf_src = init_hf_source(job)
     if not can_resume and job.init_from:
         init_dir = out.parent / job.init_from
         if not (init_dir / "DONE.json").exists():
             raise ValueError(f"stage {job.stage!r} starts from stage {job.init_from!r}, which has not finished "
                              f"({init_dir / 'DONE.json'} missing)")
-        step0 = load_model_weights(model, init_dir)
+        step0 = load_weights_zero_aware(model, init_dir, rank)
         _say(f"initialised weights from {init_dir} (step {step0})")
+    elif not can_resume and hf_src:
+        info = load_hf_into(model, hf_src, job.arch, rank=rank, world=world)
+        _say(f"initialised weights from Hugging Face {info['source']}")
 
     client_sched = None
     if "scheduler" not in cfg:
         def client_sched(opt):
             return torch.optim.lr_scheduler.LambdaLR(opt, job.lr_factor)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                          if p.requires_grad],
+    wd = float((cfg.get("optimizer") or {}).get("params", {}).get("weight_decay", job.weight_decay))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, wd),
                                            config=cfg, lr_scheduler=client_sched)
     step, tokens = 0, 0
     if can_resume:
@@ -188,11 +283,10 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     if main:
         out.mkdir(parents=True, exist_ok=True)
     log = MetricsLogger(out / "metrics.jsonl", enabled=main)
-    for n in notes:
-        _say(f"ds_config adapted: {n}")
-    zero = cfg.get("zero_optimization", {}).get("stage", 0)
-    _say(f"{job.name}/{job.stage} (DeepSpeed ZeRO-{zero}): {n_params:,} params, {job.steps} steps x "
-         f"{tokens_per_step:,} tokens (mb {micro} x accum {accum} x dp {world}), seq {job.seq_len}, device {device}")
+    _say(f"{job.name}/{job.stage} (DeepSpeed ZeRO-{zero}, {config_name}): {n_params:,} params "
+         f"({local_numel:,} held by rank 0), {job.steps} steps x {tokens_per_step:,} tokens "
+         f"(mb {micro} x accum {accum} x dp {world}), seq {job.seq_len}, AC {job.activation_checkpointing}, "
+         f"device {device}")
     if can_resume:
         log.event("resume", step=step)
 
@@ -211,46 +305,56 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
         lr = engine.get_lr()[0]
-        for _ in range(accum):
+        log_now = (step + 1) % job.log_every == 0 or step == 0 or step + 1 == stop_at
+        own_norm = None
+        for i in range(accum):
             x, y = loader.next_batch(micro)
             x, y = x.to(device), y.to(device)
             logits, aux = engine(x, return_aux=True)
             loss = lm_loss(logits.float(), y, job.z_loss)
             loss = loss + (aux.float() if torch.is_tensor(aux) else aux)
             engine.backward(loss)
+            if log_now and zero == 0 and i == accum - 1:  # ZeRO-0 may not report a norm: take it before step
+                own_norm = _grad_norm(engine.module)
             engine.step()
             loss_sum += loss.detach().float()
         step += 1
         tokens += tokens_per_step
-        mean = loss_sum / accum
-        dist.all_reduce(mean)
-        last_loss = float(mean) / world
-        gnorm = engine.get_global_grad_norm()
-        gnorm = float(gnorm) if gnorm is not None else float("nan")
         dt = time.time() - t0
-        if step % job.log_every == 0 or step == 1 or step == stop_at:
-            log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=gnorm, tokens=tokens,
-                                tokens_per_step=tokens_per_step, dt=dt, flops_per_token=fpt,
+        if log_now:  # host syncs only on logged steps
+            mean = loss_sum / accum
+            dist.all_reduce(mean)
+            last_loss = float(mean) / world
+            # valid after the optimizer step at the accumulation boundary; ZeRO-0 may return None, then the
+            # norm taken before the step (DeepSpeed scales by 1/accum in backward, so it is the same norm)
+            gnorm = engine.get_global_grad_norm()
+            if gnorm is None:
+                gnorm = own_norm
+            log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=None if gnorm is None else float(gnorm),
+                                tokens=tokens, tokens_per_step=tokens_per_step, dt=dt, flops_per_token=fpt,
                                 peak_flops=job.peak_flops, world=world, device=device))
         if step % job.checkpoint_interval == 0 and step < stop_at:
             save_ds()
     save_ds()
 
-    # full weights as an llmc checkpoint, so any following stage can init_from this one
-    params = list(engine.module.parameters())
-    if zero == 3:
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            final = save_checkpoint(ckpt_dir, step, engine.module, None, {"tokens": tokens, "stage": job.stage},
-                                    keep_latest=job.keep_latest)
-    else:
-        final = save_checkpoint(ckpt_dir, step, engine.module, None, {"tokens": tokens, "stage": job.stage},
-                                keep_latest=job.keep_latest)
+    # full weights as an llmc checkpoint, so any following stage can init_from this one. ZeRO-3: gathered one
+    # module at a time onto rank 0's CPU (DeepSpeed's consolidated state dict), never the whole model on a GPU
+    full_sd = (engine._zero3_consolidated_16bit_state_dict() or {}) if zero == 3 else None
+    final = save_checkpoint(ckpt_dir, step, engine.module, None, {"tokens": tokens, "stage": job.stage},
+                            keep_latest=job.keep_latest, model_sd=full_sd)
+    del full_sd
     status = "done" if step >= job.steps else "stopped"
     result = {"status": status, "stage": job.stage, "kind": job.kind, "backend": "deepspeed", "zero_stage": zero,
               "step": step, "steps": job.steps, "loss": last_loss, "tokens": tokens,
               "checkpoint": os.path.relpath(final, out), "wall_s": round(time.time() - t_start, 2),
-              "params": n_params, "world": world}
+              "params": n_params, "world": world, "rank0_param_numel": local_numel,
+              "activation_checkpointing": job.activation_checkpointing}
     if main:
+        if status == "done":  # servable model in <out>/hf, then the done marker
+            tok_dir = Path(assets.tokenizer_dir)
+            sd = torch.load(final / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+            hf = export_stage(job, out, out / "hf", tokenizer_dir=tok_dir, model_sd=sd)
+            result["hf"] = "hf" if hf.get("hf") else None
         if status == "done":  # atomically: a reader never sees a half-written marker
             tmp = out / f"DONE.json.tmp{os.getpid()}"
             tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -274,9 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(a.local_rank))
+    cfg_path = stage_config_path(a.ds_config, a.stage)
     try:
         lock = read_lock(a.lock)
-        ds_config = json.loads(a.ds_config.read_text())
+        ds_config = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
         print(f"error[R001] cannot read the lock or the DeepSpeed config ({e})", file=sys.stderr)
         return 1
@@ -284,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     stage_name = a.stage or "pretrain"
     out = (a.out or root / "run" / stage_name).resolve()
     try:
-        res = train(lock, ds_config, a.stage, out, root, max_steps=a.steps, resume=not a.no_resume)
+        res = train(lock, ds_config, a.stage, out, root, max_steps=a.steps, resume=not a.no_resume,
+                    config_name=str(cfg_path))
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"{a.lock}: error[R002] {stage_name}: {e}", file=sys.stderr)
         return 1

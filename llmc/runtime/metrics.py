@@ -27,13 +27,13 @@ def flops_per_token(arch, n_params_active: int, seq_len: int) -> float:
     return 6.0 * n_params_active + 6.0 * arch.n_layers * seq_len * d_attn
 
 
-def step_record(*, step: int, loss: float, lr: float, grad_norm: float, tokens: int, tokens_per_step: int,
+def step_record(*, step: int, loss: float, lr: float, grad_norm: float | None, tokens: int, tokens_per_step: int,
                 dt: float, flops_per_token: float, peak_flops: float | None, world: int, device) -> dict:
     """One metrics.jsonl record (the fields listed in this module's docstring, less elapsed_s)."""
     tps = tokens_per_step / dt if dt > 0 else 0.0
     flops = flops_per_token * tps
-    return {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-            "tokens": tokens, "tokens_per_s": round(tps, 1), "flops_per_s": flops,
+    norm = {} if grad_norm is None else {"grad_norm": round(grad_norm, 6)}  # None: the backend had none
+    return {"step": step, "loss": round(loss, 6), "lr": lr, **norm, "tokens": tokens, "tokens_per_s": round(tps, 1), "flops_per_s": flops,
             "mfu": (flops / (peak_flops * world)) if peak_flops else None,
             "peak_mem_bytes": peak_memory_bytes(device), "step_s": round(dt, 4)}
 

@@ -27,7 +27,9 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -111,19 +113,39 @@ def rope_tables(dim: int, max_len: int, theta: float, scaling: RopeScaling | Non
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) by angle pos*inv_freq[i] (Meta/torchtitan interleaved layout).
 
-    x: (B, T, h, dim); rope: (T, dim/2, 2) of (cos, sin). Computed as complex multiplication
-    view_as_complex(x) * (cos + i sin), exactly Meta's ``apply_rotary_emb``.
+    x: (B, T, h, dim); rope: (T, dim/2, 2) of (cos, sin). The same numbers as Meta's complex
+    ``apply_rotary_emb`` (view_as_complex(x) * (cos + i sin)), written with real cos/sin so that
+    torch.compile and bf16 kernels see plain elementwise ops: (a, b) -> (a cos - b sin, a sin + b cos), in fp32.
     """
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, h, dim/2) complex
-    cis = torch.view_as_complex(rope.contiguous())[None, :, None, :]  # (1, T, 1, dim/2)
-    return torch.view_as_real(xc * cis).flatten(-2).type_as(x)
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, h, dim/2, 2)
+    a, b = xf[..., 0], xf[..., 1]
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]  # (1, T, 1, dim/2)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
 
 
 # ----------------------------------------------------------------------------- attention
 
 
+def _sdpa_gqa_ok(q: torch.Tensor) -> bool:
+    """SDPA's ``enable_gqa`` has a fused kernel only in the FlashAttention backend (CUDA, fp16/bf16, head dim
+    <= 256); elsewhere it falls back to the math backend, slower than expanding K/V first
+    (pytorch/pytorch#139586; transformers ``use_gqa_in_sdpa``)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and torch.backends.cuda.flash_sdp_enabled())
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Causal attention core. q, k: (B, h, T, dq); v: (B, h, T, dv) -> (B, h, T, dv)."""
+    """Causal attention core. q: (B, H, T, dq); k: (B, K, T, dq); v: (B, K, T, dv) -> (B, H, T, dv).
+
+    K < H (grouped-query): each kv head serves H/K consecutive query heads. Where the flash kernel runs,
+    through SDPA's own GQA path (``enable_gqa``, torch >= 2.5, no K/V copies); otherwise K/V are expanded
+    with ``repeat_interleave`` first (same numbers)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if _sdpa_gqa_ok(q):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
@@ -155,10 +177,7 @@ class Attention(nn.Module):
     def _core(self, q, k, v, rope):  # -> (B, T, H*hd)
         B, T, H, _ = q.shape
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        rep = H // k.shape[2]  # query heads per kv head
-        k = k.repeat_interleave(rep, dim=2)  # (B, T, H, hd)
-        v = v.repeat_interleave(rep, dim=2)
-        out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, T, hd)
+        out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, T, hd); k, v keep K heads
         return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -439,6 +458,12 @@ class Transformer(nn.Module):
         for blk in self.layers.values():
             blk.attention.checkpoint_core = mode == "selective"
 
+    def compile_blocks(self, **kw) -> None:
+        """``torch.compile`` each block in place (``nn.Module.compile``: parameter names unchanged), as
+        torchtitan's per-block compile; call after activation checkpointing, before FSDP."""
+        for blk in self.layers.values():
+            blk.compile(**kw)
+
     def forward(self, tokens: torch.Tensor, return_aux: bool = False):
         """tokens (B, T) int64 -> logits (B, T, V) [fp32 upcast left to the loss]; aux = summed MoE loss."""
         T = tokens.shape[1]
@@ -467,13 +492,21 @@ class Transformer(nn.Module):
         if dev.type != "meta":
             with torch.device(dev):
                 self.rope = self._rope_tables()
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for _, init in self.init_parts(std):
+            init()
+
+    def init_parts(self, std: float = 0.02) -> list[tuple[nn.Module, Callable[[], None]]]:
+        """(module, initialiser) in the order :meth:`init_weights` runs them, so a sharded build (DeepSpeed
+        ZeRO-3: gather one part, initialise it on one rank, re-partition) draws the same random numbers."""
+        parts: list[tuple[nn.Module, Callable[[], None]]] = [
+            (self.tok_embeddings, lambda: nn.init.normal_(self.tok_embeddings.weight, std=std))]
         for i, blk in enumerate(self.layers.values()):
-            blk.init_weights(std, std / math.sqrt(2 * (i + 1)))
-        self.norm.reset_parameters()
+            parts.append((blk, functools.partial(blk.init_weights, std, std / math.sqrt(2 * (i + 1)))))
+        parts.append((self.norm, self.norm.reset_parameters))
         if not self.arch.tied_embeddings:
             s = self.arch.d_model**-0.5
-            nn.init.trunc_normal_(self.lm_head.weight, std=s, a=-3 * s, b=3 * s)
+            parts.append((self.lm_head, lambda: nn.init.trunc_normal_(self.lm_head.weight, std=s, a=-3 * s, b=3 * s)))
+        return parts
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
         """Convenience for single-process use: lm_loss(self(tokens)) + MoE aux. Under DDP call the wrapped
@@ -515,6 +548,29 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> 
         lse = torch.logsumexp(logits[mask], dim=-1)
         ce = ce + z_loss * (lse**2).mean()
     return ce
+
+
+# Weight decay (one rule for the native trainer, DeepSpeed and the torchtitan job): decay the matrices
+# (projections, experts, an untied output head); none on 1-D parameters (norm gains, biases, the MoE expert
+# bias; Megatron-LM's default ``no_weight_decay_cond``: bias or 1-D) and none on the token embeddings (OLMo 2,
+# arXiv 2501.00656: no weight decay on embeddings, for stability; a tied head shares that matrix).
+# torchtitan 0.3.0's ``default_adamw`` decays every parameter in one catch-all group, so the job lists
+# NO_DECAY_PATTERN first (``ParamGroupConfig(pattern=..., weight_decay=0)``, first match wins); the pattern
+# names exactly the parameters :func:`param_groups` leaves undecayed (checked in tests).
+NO_DECAY_PATTERN = r"(norm\.weight|\.bias|expert_bias|tok_embeddings\.weight)$"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: [{matrices, weight_decay}, {1-D parameters and token embeddings, 0}]; frozen
+    parameters left out. Names are matched on the module as built (wrappers such as FSDP2 keep them)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            shape = getattr(p, "ds_shape", p.shape)  # DeepSpeed ZeRO-3 keeps the full shape in ds_shape
+            embedding = name.endswith("tok_embeddings.weight")
+            (decay if len(shape) >= 2 and not embedding else no_decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
 
 
 def build_model(arch: Architecture, device: str | torch.device = "cpu", seed: int | None = 0,

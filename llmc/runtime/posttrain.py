@@ -145,6 +145,7 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
               model: torch.nn.Module | None = None) -> dict:
     """Run an sft / dpo / grpo stage for real; returns (and writes to DONE.json) the result dict."""
     from llmc.runtime.checkpoint import load_model_weights, save_checkpoint
+    from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into
     from llmc.runtime.model import build_model
 
     t0 = time.time()
@@ -173,6 +174,8 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
         if job.init_from:
             src = out.parent / job.init_from
             load_model_weights(model, src)
+        elif init_hf_source(job):  # a pretrained Hugging Face model (lock stage entry ``init_hf``)
+            load_hf_into(model, init_hf_source(job), stage_arch(job))
     n_params = sum(p.numel() for p in model.parameters())
     lora = st.lora if st is not None else None
     trainable = n_params
@@ -188,8 +191,10 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     finally:
         loop.log.close()
 
+    lora_sd = None
     if lora is not None:
-        torch.save(lora_state_dict(model), out / "lora_adapters.pt")
+        lora_sd = lora_state_dict(model)
+        torch.save(lora_sd, out / "lora_adapters.pt")
         summary.update(lora_params=lora_param_count(model), merged=True,
                        quantize_base=lora.quantize_base)
         merge_lora(model)
@@ -199,7 +204,13 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
               "checkpoint": os.path.relpath(final, out), "init_from": job.init_from, "params": n_params,
               "trainable_params": trainable, "lr": lr, "batch_seqs": batch, "chat_template": template,
               "wall_s": round(time.time() - t0, 2), **summary}
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # servable model (+ PEFT adapter): <out>/hf
+        tok_dir = getattr(tok, "dir", None)
+        hf = export_stage(job, out, out / "hf", tokenizer_dir=tok_dir, model_sd=model.state_dict(), lora_sd=lora_sd)
+        result["hf"] = "hf" if hf.get("hf") else None
+        if hf.get("adapter"):
+            result["adapter"] = "hf/adapter"
+
         tmp = out / f"DONE.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
         os.replace(tmp, out / "DONE.json")

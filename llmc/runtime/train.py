@@ -33,18 +33,17 @@ import torch.distributed as dist
 from llmc.runtime.capabilities import NATIVE_UNSUPPORTED
 from llmc.runtime.checkpoint import (
     CheckpointError,
-    export_hf,
-    hf_export_supported,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
     save_checkpoint,
 )
 from llmc.runtime.data import Assets, PackedLoader, build_loader
-from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize
+from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize, wants_compile
+from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into
 from llmc.runtime.job import TrainJob
 from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
-from llmc.runtime.model import Transformer, build_model, lm_loss
+from llmc.runtime.model import Transformer, build_model, lm_loss, param_groups
 
 
 class TrainingError(RuntimeError):
@@ -55,16 +54,13 @@ class TrainingError(RuntimeError):
 
 
 def build_optimizer(model: torch.nn.Module, job: TrainJob, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (dim >= 2) only, not on norms, biases or the expert bias.
+    """AdamW; weight decay on matrices only, not on norms, biases, the expert bias or the token embeddings
+    (:func:`llmc.runtime.model.param_groups`, the rule DeepSpeed and the torchtitan job use too).
 
     CUDA: the fused kernel; CPU: the foreach (multi-tensor) implementation. Both need all parameters to be
     of one kind (all plain or all DTensor); a mix (TP without FSDP) falls back to the for-loop.
     """
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": job.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = param_groups(model, job.weight_decay)
     from torch.distributed.tensor import DTensor
 
     kinds = {isinstance(p, DTensor) for g in groups for p in g["params"]}
@@ -99,33 +95,43 @@ def _any_across(flag: bool, device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
     """Global L2 grad norm over plain tensors and DTensors (FSDP/TP shards), then clip in place.
 
-    For a DTensor grad, the local sum of squares is summed over the mesh dims where it is sharded
-    (replicated dims would double count). torch's clip_grad_norm_ cannot mix DTensor and plain grads.
+    Returns the norm as a 0-d fp32 tensor on the grads' device, computed without a host sync: per-tensor
+    norms with ``torch._foreach_norm`` (one multi-tensor kernel), DTensor grads reduced with one
+    all-reduce per (mesh, sharded dims) group (the local sum of squares summed over the mesh dims where it
+    is sharded; replicated dims would double count), and clipping by ``min(1, max_norm / (norm + 1e-6))``
+    as ``torch.nn.utils.clip_grad_norm_`` (its ``foreach`` path), which cannot mix DTensor and plain grads.
     """
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
-    total = torch.zeros((), dtype=torch.float64, device=grads[0].device if not isinstance(grads[0], DTensor)
-                        else grads[0].to_local().device)
+        return torch.zeros(())
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    meshes = {}
     for g in grads:
         if isinstance(g, DTensor):
-            sq = g.to_local().double().pow(2).sum()
-            for dim, pl in enumerate(g.placements):
-                if not pl.is_replicate():  # Shard, and FSDP-over-TP's _StridedShard (is_shard() is False)
-                    dist.all_reduce(sq, group=g.device_mesh.get_group(dim))
-        else:
-            sq = g.double().pow(2).sum()
+            dims = tuple(d for d, pl in enumerate(g.placements) if not pl.is_replicate())  # Shard, _StridedShard
+            key = (id(g.device_mesh), dims)
+            meshes[key] = g.device_mesh
+            groups.setdefault(key, []).append(g.to_local())
+    locals_ = plain + [t for ts in groups.values() for t in ts]
+    device = locals_[0].device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if plain:
+        total += torch.stack(torch._foreach_norm(plain, 2.0)).float().pow(2).sum()
+    for key, ts in groups.items():
+        sq = torch.stack(torch._foreach_norm(ts, 2.0)).float().pow(2).sum()
+        for dim in key[1]:
+            dist.all_reduce(sq, group=meshes[key].get_group(dim))
         total += sq
-    norm = float(total.sqrt())
-    if max_norm is not None and math.isfinite(norm) and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
-        for g in grads:
-            g.mul_(coef)
+    norm = total.sqrt()
+    if max_norm is not None:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(locals_, coef)
     return norm
 
 
@@ -176,18 +182,17 @@ def make_loader(job: TrainJob, assets: Assets, info: DistInfo) -> PackedLoader:
 
 def _export_hf(job: TrainJob, ckpt: Path, out: Path, assets: Assets, say) -> str | None:
     """Write ``out/hf`` (Hugging Face format, bf16) from the final checkpoint for the serving configs."""
-    why = hf_export_supported(job.arch)
-    if why:
-        say(f"note: no Hugging Face export ({why})")
-        return None
-    tok = assets.tokenizer()
     sd = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
-    export_hf(sd, job.arch, out / "hf", assets.tokenizer_dir, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    res = export_stage(job, out, out / "hf", tokenizer_dir=assets.tokenizer_dir, model_sd=sd)
+    if res.get("hf") is None:
+        say(f"note: no Hugging Face export ({res['why']})")
+        return None
     return "hf"
 
 
-def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | None, say):
-    """(model, parallelized model, parameter count), initialised from ``init_checkpoint`` if given.
+def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | None, hf_src: str | None, say):
+    """(model, parallelized model, parameter count), initialised from ``init_checkpoint`` (an llmc stage) or
+    ``hf_src`` (a Hugging Face checkpoint) if given.
 
     Meta init (large models): build on meta, shard with FSDP2/TP, materialise only the local shards,
     then init. Otherwise (default for small models): init the full model identically on every rank,
@@ -203,7 +208,10 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
         if init_checkpoint is not None:
             step0 = load_model_weights(model, init_checkpoint)
             say(f"initialised weights from {init_checkpoint} (step {step0})")
-    wrapped = parallelize(model, info, job.dp_replicate, job.dp_shard, job.tp, job.activation_checkpointing)
+        if hf_src:
+            say(f"initialised weights from Hugging Face {load_hf_into(model, hf_src, job.arch)['source']}")
+    wrapped = parallelize(model, info, job.dp_replicate, job.dp_shard, job.tp, job.activation_checkpointing,
+                          compile=wants_compile(job))
     if meta:
         model.to_empty(device=info.device)
         torch.manual_seed(job.seed)
@@ -211,6 +219,9 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
         if init_checkpoint is not None:
             step0 = load_model_weights(wrapped, init_checkpoint)  # collective: re-shards the full weights
             say(f"initialised weights from {init_checkpoint} (step {step0})")
+        if hf_src:  # each rank reads only what its shards need, tensor by tensor
+            got = load_hf_into(model, hf_src, job.arch, rank=info.rank, world=info.world)
+            say(f"initialised weights from Hugging Face {got['source']} ({got['bytes_read']:,} bytes read by rank 0)")
     return model, wrapped, n_params
 
 
@@ -274,7 +285,8 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
         except CheckpointError as e:
             raise TrainingError(str(e)) from None
     init_from = init_checkpoint if resume_from is None else None
-    model, wrapped, n_params = _setup_model(job, info, init_from, say)
+    hf_src = init_hf_source(job) if (init_checkpoint is None and resume_from is None) else None
+    model, wrapped, n_params = _setup_model(job, info, init_from, hf_src, say)
     fpt = job.flops_per_token or flops_per_token(job.arch, active_params(model), job.seq_len)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, job, info.device)
@@ -320,7 +332,7 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
     while step < stop_at:
         t0 = time.time()
         loss_sum = _forward_backward(job, wrapped, loader, info, cpu_bf16, is_ddp)
-        gnorm = clip_grad_norm(params, job.grad_clip)
+        gnorm = clip_grad_norm(params, job.grad_clip)  # 0-d tensor: no host sync here
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -328,7 +340,10 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
         _update_expert_bias(model)
         step += 1
         tokens += job.tokens_per_step
-        last_loss = _mean_across(loss_sum / job.grad_accum)
+        # one host sync per log interval (loss all-reduce + .item()), every step only when watching for spikes
+        log_now = step % job.log_every == 0 or step == 1 or step == stop_at
+        if spike.enabled or log_now:
+            last_loss = _mean_across(loss_sum / job.grad_accum)
         dt = time.time() - t0
 
         # loss spike: non-finite, or above mean + threshold * std of the window
@@ -352,14 +367,16 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
                 continue
             window.append(last_loss)
 
-        if step % job.log_every == 0 or step == 1 or step == stop_at:
-            log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=gnorm, tokens=tokens,
+        if log_now:
+            log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=float(gnorm), tokens=tokens,
                                 tokens_per_step=job.tokens_per_step, dt=dt, flops_per_token=fpt,
                                 peak_flops=job.peak_flops, world=info.world, device=info.device))
         if step % job.checkpoint_interval == 0 and step < job.steps:
             checkpoint_now()
             last_ckpt_step = step
         if max_seconds is not None and _any_across(time.time() - t_start > max_seconds, info.device):
+            if not (spike.enabled or log_now):
+                last_loss = _mean_across(loss_sum / job.grad_accum)
             status = "stopped"
             break
 

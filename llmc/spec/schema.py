@@ -10,7 +10,7 @@ from __future__ import annotations
 import typing
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmc.spec.model import Architecture
 from llmc.spec.numbers import HumanFloat
@@ -230,6 +230,9 @@ class Training(BaseModel):
     """Checkpointing."""
     loss_spike: LossSpike = Field(default_factory=LossSpike)
     """Loss-spike handling."""
+    init_hf: str | None = None
+    """Start pre-training (a run without ``stages``) from a Hugging Face checkpoint: a local directory or a
+    Hub id in the local HF cache, as ``stages[].init_hf`` (continued pre-training of an existing model)."""
     seed: int = 0
     """Random seed."""
     steps: int | None = Field(default=None, gt=0)
@@ -314,7 +317,11 @@ class StageBase(BaseModel):
     kind: StageKind
     """What the stage does."""
     init_from: str | None = None
-    """Name of the stage whose final checkpoint initialises this one. None = the base model / random init."""
+    """Name of the stage whose final checkpoint initialises this one. None = ``init_hf`` or random init."""
+    init_hf: str | None = None
+    """Start from a Hugging Face checkpoint: a local directory (config.json + safetensors; relative to the
+    spec file) or a Hub id resolved in the local HF cache (never downloaded). Names and shapes are checked
+    against the spec's model. Not together with ``init_from``."""
     data: Data | None = None
     """Stage data. None = the top-level data (pretrain/midtrain only)."""
     lr: float | None = Field(default=None, gt=0)
@@ -329,6 +336,12 @@ class StageBase(BaseModel):
     """Share of general data mixed in against forgetting (warned below 10%)."""
     seq_len: int | None = Field(default=None, gt=0)
     """Training sequence length. None = data.seq_len (grpo: max_prompt_tokens + max_new_tokens)."""
+
+    @model_validator(mode="after")
+    def _one_init(self) -> StageBase:
+        if self.init_from is not None and self.init_hf is not None:
+            raise ValueError("give init_from (a stage) or init_hf (a Hugging Face checkpoint), not both")
+        return self
 
 
 class PretrainStage(StageBase):

@@ -1,0 +1,642 @@
+"""Hugging Face checkpoints in and out: start a stage from a pretrained model, end it with a servable one.
+
+In: :func:`load_hf_into` reads a local directory (``config.json`` + ``model.safetensors`` or sharded
+``model-0000x-of-0000y.safetensors`` + ``model.safetensors.index.json``) or a Hub id already in the local
+Hugging Face cache (:func:`resolve_hf_source`, never the network), checks every name and shape against
+the model built from the spec, and copies the tensors in one at a time through ``safetensors.safe_open``
+(peak extra memory: the largest single tensor, never the whole model):
+
+* plain module: ``param.copy_``;
+* FSDP2 / TP (DTensor parameters): each rank keeps only its shard, cut from the full tensor locally with
+  ``distribute_tensor(..., src_data_rank=None)`` (no communication);
+* DeepSpeed ZeRO-3 (parameters partitioned by ``deepspeed.zero.Init``): per parameter,
+  ``deepspeed.zero.GatheredParameters([p], modifier_rank=0)``; rank 0 reads the file and DeepSpeed
+  re-partitions its value to every rank on exit.
+
+Out: :func:`export_hf` writes config.json, generation_config.json, sharded safetensors
+(``huggingface_hub.split_torch_state_dict_into_shards``, plus the index when sharded) and the tokenizer
+files (with a Jinja ``chat_template`` for chat stages); :func:`export_peft_adapter` writes LoRA adapters
+in PEFT's format; :func:`export_checkpoint` does both from any finished stage; ``python -m
+llmc.runtime.hf_io RUN_DIR --stage S`` is its command line (:func:`main`).
+
+Name mapping (llmc/torchtitan <-> HF Llama / Qwen2 / Mixtral), as HF ``convert_llama_weights_to_hf.py``::
+
+    tok_embeddings.weight                  model.embed_tokens.weight
+    layers.N.attention_norm.weight         model.layers.N.input_layernorm.weight
+    layers.N.ffn_norm.weight               model.layers.N.post_attention_layernorm.weight
+    layers.N.attention.{wq,wk,wv,wo}.*     model.layers.N.self_attn.{q,k,v,o}_proj.*   (wq, wk rows permuted)
+    layers.N.feed_forward.{w1,w3,w2}.weight  model.layers.N.mlp.{gate,up,down}_proj.weight
+    layers.N.moe.router.gate.weight        model.layers.N.block_sparse_moe.gate.weight
+    layers.N.moe.experts.wK  [E, ...]      model.layers.N.block_sparse_moe.experts.{e}.wK.weight
+    norm.weight, lm_head.weight            model.norm.weight, lm_head.weight
+
+RoPE: llmc rotates adjacent pairs (Meta layout); HF rotates halves (``rotate_half``). The export permutes
+the q/k rows per head as HF's ``permute`` (pairs -> halves); the import applies the inverse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+              "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_IGNORED_HF = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
+
+# Jinja chat templates equal to llmc.runtime.chat's token layouts (transformers apply_chat_template)
+CHAT_TEMPLATES_JINJA = {
+    "llama3": ("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}"
+               "<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>{% endfor %}"
+               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+    "chatml": ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+               "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+}
+CHAT_END_TOKEN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+
+
+class HFError(ValueError):
+    """A Hugging Face checkpoint that cannot be loaded / written; ``str(e)`` is one line."""
+
+
+# ----------------------------------------------------------------------------- names
+
+
+@dataclass(frozen=True)
+class HFParam:
+    """Where one llmc parameter lives in an HF checkpoint: one name, or E per-expert names stacked on dim 0;
+    ``heads`` = number of heads whose rows are RoPE-permuted (q/k weights and biases), else None."""
+
+    hf: tuple[str, ...]
+    heads: int | None = None
+    stacked: bool = False
+
+
+def _hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta interleaved-pair RoPE rows -> HF rotate_half rows (HF ``convert_llama_weights_to_hf`` ``permute``):
+    per head, rows [x0, x1, x2, x3, ...] become [x0, x2, ..., x1, x3, ...]."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of :func:`_hf_permute` (HF rotate_half rows -> Meta interleaved pairs)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def hf_export_supported(arch) -> str | None:
+    """None when the architecture maps onto an HF class here (Llama, Qwen2, Mixtral), else the reason."""
+    if arch.mla is not None:
+        return "MLA (DeepSeek) export is not implemented"
+    m = arch.moe
+    if m is not None and (m.num_shared_experts or m.dense_layers or m.score_func != "softmax" or m.router_bias
+                          or getattr(m, "expert_bias", False) or (m.expert_d_ff or arch.d_ff) != arch.d_ff):
+        return "only Mixtral-style MoE (softmax top-k, no shared/dense layers, no router bias) is exported"
+    if m is not None and arch.qkv_bias:
+        return "MoE with q/k/v biases has no Hugging Face model class here"
+    return None
+
+
+def hf_names(arch) -> dict[str, HFParam]:
+    """llmc parameter name -> :class:`HFParam`, for every parameter of ``Transformer(arch)``."""
+    why = hf_export_supported(arch)
+    if why:
+        raise HFError(f"{arch.name}: no Hugging Face mapping ({why})")
+    H, K = arch.n_heads, arch.kv_heads
+    out = {"tok_embeddings.weight": HFParam(("model.embed_tokens.weight",)),
+           "norm.weight": HFParam(("model.norm.weight",))}
+    if not arch.tied_embeddings:
+        out["lm_head.weight"] = HFParam(("lm_head.weight",))
+    kinds = ("weight", "bias") if arch.qkv_bias else ("weight",)
+    for i in range(arch.n_layers):
+        s, d = f"layers.{i}.", f"model.layers.{i}."
+        out[s + "attention_norm.weight"] = HFParam((d + "input_layernorm.weight",))
+        out[s + "ffn_norm.weight"] = HFParam((d + "post_attention_layernorm.weight",))
+        for ours, heads in (("wq", H), ("wk", K), ("wv", None)):
+            for kind in kinds:
+                out[f"{s}attention.{ours}.{kind}"] = HFParam((f"{d}self_attn.{HF_TARGETS[ours]}.{kind}",), heads)
+        out[s + "attention.wo.weight"] = HFParam((d + "self_attn.o_proj.weight",))
+        if arch.moe is None:
+            for ours in ("w1", "w3", "w2"):
+                out[f"{s}feed_forward.{ours}.weight"] = HFParam((f"{d}mlp.{HF_TARGETS[ours]}.weight",))
+        else:
+            out[s + "moe.router.gate.weight"] = HFParam((d + "block_sparse_moe.gate.weight",))
+            for w in ("w1", "w2", "w3"):
+                out[f"{s}moe.experts.{w}"] = HFParam(
+                    tuple(f"{d}block_sparse_moe.experts.{e}.{w}.weight" for e in range(arch.moe.num_experts)),
+                    stacked=True)
+    return out
+
+
+def to_hf_state_dict(model_sd: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
+    """llmc state dict -> HF state dict (names, q/k row permutation, experts unstacked)."""
+    sd: dict[str, torch.Tensor] = {}
+    for name, m in hf_names(arch).items():
+        t = model_sd[name]
+        if m.stacked:
+            sd.update({hf: t[e] for e, hf in enumerate(m.hf)})
+        else:
+            sd[m.hf[0]] = _hf_permute(t, m.heads) if m.heads else t
+    return sd
+
+
+def from_hf_tensor(m: HFParam, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The llmc tensor for one parameter, built from the HF tensors ``get(name)`` returns."""
+    if m.stacked:
+        return torch.stack([get(n) for n in m.hf])
+    t = get(m.hf[0])
+    return _hf_unpermute(t, m.heads) if m.heads else t
+
+
+# ----------------------------------------------------------------------------- reading checkpoints
+
+
+def resolve_hf_source(src: str | Path) -> Path:
+    """A local directory with config.json, or a Hub id (``org/name[@revision]``) in the local HF cache."""
+    p = Path(src).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise HFError(f"{p}: no config.json (expected a Hugging Face model directory)")
+        return p
+    repo, _, rev = str(src).partition("@")
+    if p.exists() or repo.count("/") != 1:
+        raise HFError(f"{src}: not a directory with config.json, nor a Hub id like org/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, revision=rev or None, local_files_only=True))
+    except Exception as e:  # LocalEntryNotFoundError and friends: one line, with the fix
+        raise HFError(f"{src}: not in the local Hugging Face cache ({type(e).__name__}); download it first "
+                      f"with `huggingface-cli download {repo}` or give a local directory") from None
+
+
+class SafetensorsDir:
+    """Lazy reader over one model directory's safetensors files (sharded or not)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f.name for f in self.path.glob("*.safetensors"))
+            if not files:
+                raise HFError(f"{self.path}: no *.safetensors files (PyTorch .bin checkpoints are not read; "
+                              f"convert them with transformers' save_pretrained(safe_serialization=True))")
+        self._handles = {f: safe_open(str(self.path / f), framework="pt", device="cpu") for f in files}
+        self.where = {k: f for f, h in self._handles.items() for k in h.keys()}
+        self.shapes = {k: tuple(self._handles[f].get_slice(k).get_shape()) for k, f in self.where.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handles[self.where[name]].get_tensor(name)
+
+    def get_block(self, name: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        """Only the block [offset, offset + shape) of a tensor (read from the file, nothing else materialised)."""
+        sl = self._handles[self.where[name]].get_slice(name)
+        return sl[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """config.json with transformers >= 5's ``rope_parameters`` folded back into ``rope_theta`` /
+    ``rope_scaling`` (the keys llmc.spec.hf reads)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict):
+        cfg.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+        if rp.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
+            cfg["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    return cfg
+
+
+def _check_config(cfg: dict, arch, where: Path) -> None:
+    from llmc.spec.hf import architecture_from_hf_config
+
+    try:
+        theirs = architecture_from_hf_config(cfg)
+    except Exception as e:
+        raise HFError(f"{where}/config.json: {e}") from None
+    bad = []
+    for f in ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
+              "qkv_bias", "rope_theta", "norm_eps"):
+        a, b = getattr(arch, f), getattr(theirs, f)
+        if a != b:
+            bad.append(f"{f} {a} (spec) != {b} (checkpoint)")
+    if (arch.moe is None) != (theirs.moe is None) or (
+            arch.moe is not None and (arch.moe.num_experts, arch.moe.top_k) != (theirs.moe.num_experts,
+                                                                                theirs.moe.top_k)):
+        bad.append("mixture-of-experts settings differ")
+    rs_a, rs_b = arch.rope_scaling, theirs.rope_scaling
+    if (rs_a is None) != (rs_b is None) or (rs_a is not None and (rs_a.type, rs_a.factor) != (rs_b.type, rs_b.factor)):
+        bad.append(f"rope_scaling {rs_a} (spec) != {rs_b} (checkpoint)")
+    if bad:
+        raise HFError(f"{where}: the checkpoint is not the spec's model: {'; '.join(bad[:4])} "
+                      f"(use `model: {{hf_config: {where}/config.json}}` in the spec)")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed engine
+        model = model.module
+    return model
+
+
+def _read_local_block(files: SafetensorsDir, m: HFParam, p) -> torch.Tensor | None:
+    """This rank's block of a DTensor parameter read straight from the file, when its placements are plain
+    ``Shard``/``Replicate`` and (for RoPE-permuted q/k rows) the block holds whole heads; else None."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if m.stacked or not all(type(pl) in (Shard, Replicate) for pl in p.placements):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if m.heads:
+        hd = p.shape[0] // m.heads
+        if offset[0] % hd or shape[0] % hd:
+            return None
+    t = files.get_block(m.hf[0], tuple(offset), tuple(shape))
+    return _hf_unpermute(t, shape[0] // (p.shape[0] // m.heads)) if m.heads and shape[0] else t
+
+
+def _model_shape(p: torch.Tensor) -> tuple[int, ...]:
+    if hasattr(p, "ds_shape"):  # DeepSpeed ZeRO-3 partitioned parameter
+        return tuple(p.ds_shape)
+    return tuple(p.shape)  # DTensor: the global shape
+
+
+def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, world: int = 1,
+                 check_config: bool = True) -> dict[str, Any]:
+    """Copy an HF checkpoint's weights into ``model`` (built from ``arch``); returns a summary dict.
+
+    Every parameter of the model must be in the checkpoint with the same shape and every checkpoint tensor
+    must be used (a tied checkpoint's ``lm_head.weight`` excepted); otherwise :class:`HFError` lists the
+    first mismatches. ``rank``/``world`` identify the process (ZeRO-3: only rank 0 reads the files).
+    """
+    src = resolve_hf_source(path)
+    if check_config:
+        _check_config(read_hf_config(src), arch, src)
+    files = SafetensorsDir(src)
+    mapping = hf_names(arch)
+    params = dict(_unwrap(model).named_parameters())
+    missing, mismatched = [], []
+    used: set[str] = set()
+    for name, p in params.items():
+        m = mapping.get(name)
+        if m is None:
+            mismatched.append(f"{name} (no Hugging Face name)")
+            continue
+        absent = [n for n in m.hf if n not in files.shapes]
+        if absent:
+            missing.append(absent[0])
+            continue
+        used.update(m.hf)
+        shape = (len(m.hf), *files.shapes[m.hf[0]]) if m.stacked else files.shapes[m.hf[0]]
+        if tuple(shape) != _model_shape(p):
+            mismatched.append(f"{m.hf[0]} {list(shape)} vs {name} {list(_model_shape(p))}")
+    extra = sorted(n for n in files.shapes if n not in used and not n.endswith(_IGNORED_HF)
+                   and not (arch.tied_embeddings and n == "lm_head.weight"))
+    if missing or mismatched or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {', '.join(missing[:3])}")
+        if mismatched:
+            parts.append(f"shape mismatch {len(mismatched)}: {', '.join(mismatched[:3])}")
+        if extra:
+            parts.append(f"unused {len(extra)}: {', '.join(extra[:3])}")
+        raise HFError(f"{src}: checkpoint does not match the model: {'; '.join(parts)}")
+
+    nbytes = 0
+    zero3 = any(hasattr(p, "ds_id") for p in params.values())
+    with torch.no_grad():
+        for name, p in params.items():
+            m = mapping[name]
+            if zero3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if rank == 0:
+                        t = from_hf_tensor(m, files.get)
+                        p.data.copy_(t)
+                        nbytes += t.numel() * t.element_size()
+                continue
+            from torch.distributed.tensor import DTensor, distribute_tensor
+
+            if isinstance(p, DTensor):  # FSDP2 / TP: only this rank's block, when it is one
+                local = _read_local_block(files, m, p)
+                if local is None:  # strided / expert-stacked / mid-head blocks: cut from the full tensor
+                    t = from_hf_tensor(m, files.get)
+                    local = distribute_tensor(t.to(p.to_local().device), p.device_mesh, p.placements,
+                                              src_data_rank=None).to_local()
+                nbytes += local.numel() * local.element_size()
+                p.to_local().copy_(local)
+            else:
+                t = from_hf_tensor(m, files.get)
+                nbytes += t.numel() * t.element_size()
+                p.copy_(t)
+    return {"source": str(src), "tensors": len(used), "params": len(params), "bytes_read": nbytes}
+
+
+def init_hf_source(job) -> str | None:
+    """The ``init_hf`` of the job's stage (its lock entry, ``lock["stages"][i]["init_hf"]``). Relative
+    paths resolve against the spec's folder; Hub ids stay as they are."""
+    entry = getattr(job, "stage_plan", None) or {}
+    lock = getattr(job, "lock", None) or {}
+    if not entry and lock:
+        entry = next((e for e in lock.get("stages") or [] if e.get("name") == job.stage), {}) or {}
+    src = entry.get("init_hf")
+    if not src:
+        return None
+    p = Path(src).expanduser()
+    if not p.is_absolute():
+        q = Path(getattr(job, "spec_dir", ".")) / p
+        if q.exists():
+            return str(q)
+    return str(p) if p.exists() else str(src)
+
+
+# ----------------------------------------------------------------------------- writing checkpoints
+
+
+def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1
+              ) -> dict[str, Any]:
+    """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases) or MixtralForCausalLM."""
+    if arch.moe is not None:
+        cls, mtype = "MixtralForCausalLM", "mixtral"
+    elif arch.qkv_bias:
+        cls, mtype = "Qwen2ForCausalLM", "qwen2"
+    else:
+        cls, mtype = "LlamaForCausalLM", "llama"
+    cfg = {"architectures": [cls], "model_type": mtype, "hidden_size": arch.d_model,
+           "intermediate_size": arch.d_ff, "num_hidden_layers": arch.n_layers, "num_attention_heads": arch.n_heads,
+           "num_key_value_heads": arch.kv_heads, "head_dim": arch.hd, "vocab_size": arch.vocab_size,
+           "rms_norm_eps": arch.norm_eps, "rope_theta": arch.rope_theta, "max_position_embeddings": arch.max_seq_len,
+           "tie_word_embeddings": arch.tied_embeddings, "hidden_act": "silu", "torch_dtype": str(dtype).split(".")[-1],
+           "bos_token_id": bos_id, "eos_token_id": eos_id, "attention_dropout": 0.0, "initializer_range": 0.02,
+           "use_cache": True}
+    if mtype == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False)
+    if mtype == "qwen2":
+        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=arch.n_layers)
+    if arch.moe is not None:
+        cfg.update(num_local_experts=arch.moe.num_experts, num_experts_per_tok=arch.moe.top_k,
+                   router_aux_loss_coef=arch.moe.aux_loss_coef, output_router_logits=False, sliding_window=None)
+    rs = arch.rope_scaling
+    if rs is not None:
+        scaling = {"rope_type": rs.type, "factor": rs.factor}
+        if rs.type == "llama3":
+            scaling.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
+                           original_max_position_embeddings=rs.original_max_position)
+        elif rs.type == "yarn":
+            scaling.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow,
+                           original_max_position_embeddings=rs.original_max_position)
+        cfg["rope_scaling"] = scaling
+    return cfg
+
+
+def _write_tokenizer(tokenizer_dir: str | Path | None, out: Path, chat_template: str | None) -> None:
+    if tokenizer_dir is None:
+        return
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(tokenizer_dir) / name).exists():
+            shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+    if chat_template and (out / "tokenizer_config.json").exists():
+        tc = json.loads((out / "tokenizer_config.json").read_text())
+        tc["chat_template"] = CHAT_TEMPLATES_JINJA.get(chat_template, chat_template)
+        (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
+
+
+def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+              dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
+              chat_template: str | None = None, max_shard_size: int | str = "5GB") -> Path:
+    """Write an HF model directory that transformers / vLLM / SGLang load (``from_pretrained(out_dir)``).
+
+    Weights in ``dtype``, split into shards of at most ``max_shard_size`` (HF's naming and index file);
+    ``chat_template`` (llama3 | chatml | a Jinja string) goes into tokenizer_config.json.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    why = hf_export_supported(arch)
+    if why:
+        raise ValueError(f"cannot export {arch.name} to Hugging Face format: {why}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        old.unlink()
+    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_hf_state_dict(model_sd, arch).items()}
+    split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard_size)
+    for fname, names in split.filename_to_tensors.items():
+        save_file({n: sd[n] for n in names}, str(out / fname), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata, "total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                 "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if chat_template in CHAT_END_TOKEN and tokenizer_dir is not None:
+        eos_id = _with_chat_eos(eos_id, tokenizer_dir, chat_template)
+    (out / "config.json").write_text(json.dumps(hf_config(arch, dtype, bos_id, eos_id), indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos_id, "eos_token_id": eos_id}) + "\n")
+    _write_tokenizer(tokenizer_dir, out, chat_template)
+    return out
+
+
+def _with_chat_eos(eos_id, tokenizer_dir, template: str):
+    """A chat model stops at its turn-end token too (<|eot_id|> / <|im_end|>)."""
+    try:
+        from tokenizers import Tokenizer
+
+        end = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).token_to_id(CHAT_END_TOKEN[template])
+    except Exception:
+        return eos_id
+    if end is None:
+        return eos_id
+    ids = list(eos_id) if isinstance(eos_id, list) else ([] if eos_id is None else [eos_id])
+    return ids + [end] if end not in ids else (ids if len(ids) > 1 else ids[0])
+
+
+def peft_state_dict(lora_sd: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
+    """llmc LoRA tensors (``layers.N.attention.wq.lora_A`` [r, in], ``...lora_B`` [out, r]) -> PEFT names
+    (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight``). q/k ``lora_B`` rows get the same
+    RoPE permutation as the base weight (W' = P W, so B' = P B). Stacked-expert adapters are refused."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in lora_sd.items():
+        parts = k.split(".")
+        if "experts" in parts:
+            raise HFError("LoRA on stacked MoE experts has no PEFT layout here (the merged model is exported)")
+        if parts[-1] not in ("lora_A", "lora_B") or len(parts) < 5:
+            raise HFError(f"unexpected LoRA tensor {k}")
+        i, block, target = parts[1], parts[2], parts[3]
+        sub = "self_attn" if block == "attention" else "mlp"
+        if target in ("wq", "wk") and parts[-1] == "lora_B":
+            v = _hf_permute(v, arch.n_heads if target == "wq" else arch.kv_heads)
+        out[f"base_model.model.model.layers.{i}.{sub}.{HF_TARGETS[target]}.{parts[-1]}.weight"] = v
+    return out
+
+
+def export_peft_adapter(lora_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, *, rank: int, alpha: float,
+                        dropout: float = 0.0, base_model: str | None = None,
+                        dtype: torch.dtype = torch.float32) -> Path:
+    """adapter_config.json + adapter_model.safetensors loadable by ``peft.PeftModel.from_pretrained``."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in peft_state_dict(lora_sd, arch).items()}
+    targets = sorted({k.split(".")[-3] for k in sd})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+           "lora_dropout": dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+           "inference_mode": True, "base_model_name_or_path": base_model, "modules_to_save": None,
+           "use_rslora": False, "use_dora": False, "init_lora_weights": True}
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------- stage export
+
+
+def _stage_arch(job):
+    if job.kind in ("sft", "dpo", "grpo"):
+        from llmc.runtime.posttrain import stage_arch
+
+        return stage_arch(job)
+    return job.arch
+
+
+def _find_lock(run_dir: Path) -> tuple[Path, Path]:
+    """(lock path, stage-run root holding <stage>/) from a build dir or its run/ dir."""
+    for lock, root in ((run_dir / "plan.lock.json", run_dir / "run"), (run_dir.parent / "plan.lock.json", run_dir)):
+        if lock.exists():
+            return lock, root
+    raise HFError(f"{run_dir}: no plan.lock.json here or in the parent (give the build dir)")
+
+
+# torchtitan 0.3.0 FQNs that differ from llmc's (its Llama attention keeps q/k/v in a ``qkv_linear`` container)
+_TITAN_RENAMES = ((".attention.qkv_linear.", ".attention."),)
+
+
+def _model_state(stage_dir: Path, *more: Path) -> dict[str, torch.Tensor]:
+    """Full llmc state dict of a stage: its llmc checkpoint (native, DeepSpeed, post-training) or, failing
+    that, the newest torchtitan DCP checkpoint (``step-N/.metadata``) under ``stage_dir`` or ``more``
+    (converted with ``dcp_to_torch_save``, torchtitan FQNs mapped to llmc's)."""
+    from llmc.runtime.checkpoint import CheckpointError, resolve_checkpoint
+
+    if stage_dir.is_dir():
+        try:
+            ck = resolve_checkpoint(stage_dir)
+            return torch.load(ck / "model.pt", map_location="cpu", weights_only=True)
+        except CheckpointError:
+            pass
+    dcp = sorted((p for d in (stage_dir, *more) if d.is_dir() for p in d.glob("**/step-*")
+                  if (p / ".metadata").exists()), key=lambda p: int(p.name.split("-")[-1]))
+    if not dcp:
+        raise HFError(f"{stage_dir}: no llmc checkpoint and no torchtitan DCP checkpoint")
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(dcp[-1]), f"{tmp}/full.pt")
+        sd = torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=False)
+    sd = sd.get("model", sd)
+    out = {}
+    for k, v in sd.items():
+        if torch.is_tensor(v):
+            for a, b in _TITAN_RENAMES:
+                k = k.replace(a, b)
+            out[k] = v
+    return out
+
+
+def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, tokenizer_dir=None,
+                 model_sd: dict | None = None, lora_sd: dict | None = None,
+                 search: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Export one stage's final weights to ``out`` (default ``<stage_dir>/hf``); returns what was written.
+
+    Chat stages (sft / dpo / grpo) get the chat template; LoRA stages also get ``<out>/adapter`` (PEFT)
+    when the adapter tensors are given or saved as ``lora_adapters.pt``."""
+    stage_dir = Path(stage_dir)
+    out = Path(out) if out is not None else stage_dir / "hf"
+    arch = _stage_arch(job)
+    why = hf_export_supported(arch)
+    if why:
+        return {"hf": None, "why": why}
+    sd = model_sd if model_sd is not None else _model_state(stage_dir, *search)
+    params = hf_names(arch)
+    missing = sorted(set(params) - set(sd))
+    if missing:
+        raise HFError(f"{stage_dir}: checkpoint lacks {len(missing)} of the model's tensors: {', '.join(missing[:3])}")
+    sd = {k: v for k, v in sd.items() if k in params}
+    template = None
+    bos, eos = 0, 1
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists():
+        from llmc.runtime.tokenizer import TextTokenizer
+
+        tok = TextTokenizer(tokenizer_dir)
+        bos, eos = tok.bos_id, tok.eos_id
+    if job.kind in ("sft", "dpo", "grpo"):
+        hyper = (job.stage_plan or {}).get("hyper") or {}
+        template = hyper.get("chat_template") or job.tokenizer.chat_template or "llama3"
+    export_hf(sd, arch, out, tokenizer_dir, bos_id=bos, eos_id=eos, chat_template=template)
+    res: dict[str, Any] = {"hf": str(out), "chat_template": template}
+    lora = getattr(job.stage_spec, "lora", None) if job.stage_spec is not None else None
+    if lora_sd is None and lora is not None and (stage_dir / "lora_adapters.pt").exists():
+        lora_sd = torch.load(stage_dir / "lora_adapters.pt", map_location="cpu", weights_only=True)
+    if lora is not None and lora_sd:
+        try:
+            export_peft_adapter(lora_sd, arch, out / "adapter", rank=lora.rank, alpha=lora.alpha,
+                                dropout=lora.dropout, base_model=None)
+            res["adapter"] = str(out / "adapter")
+        except HFError as e:
+            res["adapter_note"] = str(e)
+    return res
+
+
+def export_checkpoint(run_dir: str | Path, stage: str, out: str | Path | None = None) -> dict[str, Any]:
+    """``llmc export RUN_DIR --stage S``: write ``<RUN_DIR>/run/<S>/hf`` (or ``out``) from stage S's final
+    checkpoint. RUN_DIR is the build dir (with plan.lock.json) or its ``run/`` folder."""
+    from llmc.runtime.job import TrainJob
+
+    run_dir = Path(run_dir).resolve()
+    lock_path, root = _find_lock(run_dir)
+    lock = json.loads(lock_path.read_text())
+    job = TrainJob.from_lock(lock, stage)
+    stage_dir = root / job.stage
+    titan = lock_path.parent / "outputs" / "torchtitan"  # torchtitan's dump folder (its DCP checkpoints)
+    if not stage_dir.is_dir() and not titan.is_dir():
+        raise HFError(f"{stage_dir}: stage {stage!r} has no output yet (run `llmc launch` first)")
+    tok_dir = lock_path.parent / "assets"
+    res = export_stage(job, stage_dir, out, tokenizer_dir=tok_dir if (tok_dir / "tokenizer.json").exists() else None,
+                       search=(titan,) if job.kind in ("pretrain", "midtrain", "long_context") else ())
+    if res.get("hf") is None:
+        raise HFError(f"stage {stage!r}: {res['why']}")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llmc.runtime.hf_io",
+                                 description="Export a finished stage as a Hugging Face model directory.")
+    ap.add_argument("run_dir", type=Path, help="build dir (with plan.lock.json) or its run/ folder")
+    ap.add_argument("--stage", required=True, help="stage name (pretrain for the main pre-training)")
+    ap.add_argument("-o", "--out", type=Path, default=None, help="output dir (default RUN_DIR/run/<stage>/hf)")
+    a = ap.parse_args(argv)
+    try:
+        res = export_checkpoint(a.run_dir, a.stage, a.out)
+    except (HFError, ValueError, OSError, KeyError) as e:
+        print(f"{a.run_dir}: error[R010] export {a.stage}: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {res['hf']}" + (f" and {res['adapter']}" if res.get("adapter") else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Start from a pretrained Hugging Face model, end with one: tiny random Llama / Qwen2 / Mixtral models made
+with transformers here, loaded into llmc's model (logits and loss equal transformers'), trained by the native
+trainer and exported back (transformers loads the export with llmc's logits); LoRA adapters load with PEFT."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from llmc.runtime.hf_io import (  # noqa: E402
+    HFError,
+    export_hf,
+    export_peft_adapter,
+    load_hf_into,
+    read_hf_config,
+    resolve_hf_source,
+)
+from llmc.runtime.model import build_model, lm_loss  # noqa: E402
+from llmc.spec.hf import architecture_from_hf_config  # noqa: E402
+
+TINY = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-5)
+
+
+def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: int = 0, **over) -> Path:
+    """A random tiny HF model saved with save_pretrained (sharded safetensors when ``shard``)."""
+    torch.manual_seed(seed)
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(**{**TINY, **over})
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "mixtral":
+        cfg = transformers.MixtralConfig(**{**TINY, "num_local_experts": 3, "num_experts_per_tok": 2, **over})
+        model = transformers.MixtralForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(**{**TINY, **over})
+        model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial norms and biases: a wrong mapping cannot hide behind ones / zeros
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+    out = tmp / f"hf-{kind}"
+    kw = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(out, **kw)
+    return out
+
+
+def hf_model(path: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+
+
+def arch_of(path: Path):
+    return architecture_from_hf_config(read_hf_config(path), name="from-hf")
+
+
+@pytest.mark.parametrize("kind,over", [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {}),
+                                       ("mixtral", {})])
+def test_load_gives_transformers_logits(tmp_path, kind, over):
+    src = make_hf(tmp_path, kind, **over)
+    if kind != "mixtral":  # sharded: several files + index
+        assert (src / "model.safetensors.index.json").exists()
+    arch = arch_of(src)
+    model = build_model(arch, seed=123).eval()
+    info = load_hf_into(model, src, arch)
+    assert info["params"] == len(list(model.parameters()))
+    tokens = torch.randint(0, arch.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf_model(src)(input_ids=tokens).logits
+        ours = model(tokens)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    labels = torch.roll(tokens, -1, 1)  # same loss on the same batch (fp32)
+    assert abs(float(lm_loss(ours, labels)) - float(lm_loss(ref, labels))) < 1e-4
+
+
+def test_export_loads_in_transformers_with_our_logits(tmp_path):
+    src = make_hf(tmp_path, "qwen2")
+    arch = arch_of(src)
+    model = build_model(arch, seed=0).eval()
+    load_hf_into(model, src, arch)
+    with torch.no_grad():  # move away from the source weights so the check is on the export
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    out = export_hf(model.state_dict(), arch, tmp_path / "out", dtype=torch.float32, max_shard_size="30KB")
+    assert (out / "model.safetensors.index.json").exists() and len(list(out.glob("model-*.safetensors"))) > 1
+    tokens = torch.randint(0, arch.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(out)(input_ids=tokens).logits, model(tokens), atol=1e-5, rtol=1e-5)
+    # and back: the export loads into a fresh llmc model bit-exactly
+    again = build_model(arch, seed=5)
+    load_hf_into(again, out, arch)
+    for (n, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_mismatches_are_one_line_errors(tmp_path):
+    src = make_hf(tmp_path, "llama", shard=None)
+    arch = arch_of(src)
+    deeper = arch.model_copy(update={"n_layers": 3})
+    with pytest.raises(HFError, match=r"n_layers 3 \(spec\) != 2 \(checkpoint\)") as e:
+        load_hf_into(build_model(deeper), src, deeper)
+    assert "\n" not in str(e.value)
+    with pytest.raises(HFError, match=r"missing 9: model.layers.2") as e:  # names, without the config check
+        load_hf_into(build_model(deeper), src, deeper, check_config=False)
+    wider = arch.model_copy(update={"d_ff": 64})
+    with pytest.raises(HFError, match=r"shape mismatch 6: model.layers.0.mlp.gate_proj.weight \[96, 48\] vs"):
+        load_hf_into(build_model(wider), src, wider, check_config=False)
+    with pytest.raises(HFError, match="not in the local Hugging Face cache"):
+        resolve_hf_source("nobody/not-a-model-llmc-test")
+
+
+def test_hub_id_resolves_through_the_local_cache(tmp_path, monkeypatch):
+    src = make_hf(tmp_path, "llama", shard=None)
+    cache = tmp_path / "hub"
+    snap = cache / "models--org--tiny" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    assert resolve_hf_source("org/tiny") == snap
+    arch = arch_of(src)
+    model = build_model(arch)
+    load_hf_into(model, "org/tiny", arch)
+    ref = hf_model(src)
+    torch.testing.assert_close(model.tok_embeddings.weight, ref.model.embed_tokens.weight)
+
+
+@pytest.mark.slow
+def test_lora_adapter_loads_with_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from llmc.runtime.lora import apply_lora, lora_state_dict, merge_lora
+
+    src = make_hf(tmp_path, "llama", shard=None)
+    arch = arch_of(src)
+    model = build_model(arch).eval()
+    load_hf_into(model, src, arch)
+    apply_lora(model, rank=4, alpha=8.0, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+    with torch.no_grad():  # B = 0 at init: give the adapters a real effect
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.05)
+    tokens = torch.randint(0, arch.vocab_size, (2, 9))
+    with torch.no_grad():
+        ours = model(tokens)
+    export_peft_adapter(lora_state_dict(model), arch, tmp_path / "adapter", rank=4, alpha=8.0)
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"])
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    peft_model = peft.PeftModel.from_pretrained(hf_model(src), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=tokens).logits, ours, atol=1e-5, rtol=1e-5)
+    merge_lora(model)
+    out = export_hf(model.state_dict(), arch, tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(out)(input_ids=tokens).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- through the trainers
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> Path:
+    from llmc.runtime import corpus
+
+    d = tmp_path_factory.mktemp("docs")
+    corpus.write_corpus(d / "docs.jsonl", max_docs=200)
+    return d / "docs.jsonl"
+
+
+def _lock(tmp: Path, docs: Path, arch, *, steps: int, init_hf: str, stages: list | None = None,
+          stage_entries: list | None = None, plan: dict | None = None) -> dict:
+    from test_build_fakes import lock_for
+
+    spec = {"name": "hf", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "docs", "path": str(docs), "format": "jsonl"}],
+                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 256 * steps},
+            "training": {"precision": "fp32", "global_batch_tokens": 256, "optimizer": {"lr": 1e-3},
+                         "checkpoint": {"interval_steps": 100}, "log_every": 1,
+                         "init_hf": None if stages else init_hf},
+            "stages": stages or []}
+    return lock_for(spec, plan=plan or {"micro_batch": 8}, stages=stage_entries, spec_path=str(tmp / "spec.yaml"))
+
+
+@pytest.mark.slow
+def test_native_continued_pretraining_from_hf_and_export(tmp_path, docs):
+    """First-step loss of the native trainer = transformers' loss on the same batch; the stage ends with an HF
+    directory that transformers loads with the trained model's logits."""
+    from llmc.runtime.checkpoint import load_model_weights
+    from llmc.runtime.data import build_loader
+    from llmc.runtime.entry import prepare_assets, run_stage
+    from llmc.runtime.job import TrainJob
+
+    src = make_hf(tmp_path, "llama")
+    arch = arch_of(src)
+    lock = _lock(tmp_path, docs, arch, steps=2, init_hf=str(src))
+    out = tmp_path / "run" / "pretrain"
+    res = run_stage(lock, None, out, tmp_path)
+    assert res["status"] == "done" and (out / "hf" / "config.json").exists()
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["loss"] for r in recs if r.get("step") == 1 and "loss" in r)
+
+    job = TrainJob.from_lock(lock)
+    assets = prepare_assets(job, tmp_path)
+    loader = build_loader(list(assets.sources), assets.tokenizer(), job.seq_len, assets.cache_dir, job.seed)
+    x, y = loader.next_batch(job.micro_batch)
+    with torch.no_grad():
+        ref = float(lm_loss(hf_model(src)(input_ids=x).logits, y))
+    assert abs(first - ref) < 1e-4, (first, ref)
+
+    trained = build_model(arch)
+    load_model_weights(trained, out)
+    assert not torch.equal(trained.tok_embeddings.weight, hf_model(src).model.embed_tokens.weight)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", torch_dtype=torch.float32).eval()
+    assert (out / "hf" / "tokenizer.json").exists()
+    with torch.no_grad():  # the export is bf16: compare against our bf16-rounded weights' logits
+        for p in trained.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        torch.testing.assert_close(exported(input_ids=x[:2]).logits, trained(x[:2]), atol=1e-4, rtol=1e-4)
+
+    # `llmc export RUN_DIR --stage pretrain`: the same tensors again, from the checkpoint
+    from safetensors.torch import load_file
+
+    from llmc.runtime.hf_io import main as export_main
+
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
+    assert export_main([str(tmp_path), "--stage", "pretrain", "-o", str(tmp_path / "again")]) == 0
+    a, b = load_file(str(tmp_path / "again" / "model.safetensors")), {}
+    for f in (out / "hf").glob("model*.safetensors"):
+        b.update(load_file(str(f)))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert export_main([str(tmp_path), "--stage", "nope"]) == 1  # one-line error, no traceback
+
+
+@pytest.mark.slow
+def test_sft_lora_stage_from_hf_exports_merged_and_peft(tmp_path, docs):
+    peft = pytest.importorskip("peft")
+    from llmc.runtime.entry import prepare_assets
+    from llmc.runtime.job import TrainJob
+    from llmc.runtime.posttrain import run_stage as run_post
+
+    src = make_hf(tmp_path, "qwen2", shard=None)
+    arch = arch_of(src)
+    stages = [{"name": "sft", "kind": "sft", "steps": 3, "lr": 1e-3, "seq_len": 64, "init_hf": str(src),
+               "lora": {"rank": 4, "alpha": 8, "targets": ["wq", "wv"]}}]
+    lock = _lock(tmp_path, docs, arch, steps=2, init_hf=str(src), stages=stages)
+    job = TrainJob.from_lock(lock, "sft")
+    assets = prepare_assets(job.replace(stage="pretrain"), tmp_path)
+    res = run_post(job, tmp_path / "run" / "sft", assets=assets)
+    hf = tmp_path / "run" / "sft" / "hf"
+    assert res["hf"] == "hf" and res["adapter"] == "hf/adapter"
+    tc = json.loads((hf / "tokenizer_config.json").read_text())
+    assert "<|start_header_id|>" in tc["chat_template"]
+    tokens = torch.randint(0, arch.vocab_size, (2, 9))
+    base = hf_model(src)
+    with torch.no_grad():
+        merged = hf_model(hf)(input_ids=tokens).logits
+        adapted = peft.PeftModel.from_pretrained(base, str(hf / "adapter")).eval()(input_ids=tokens).logits
+    # merged export is bf16, the adapter path fp32 on the fp32 base: equal up to bf16 rounding
+    torch.testing.assert_close(merged, adapted, atol=3e-2, rtol=3e-2)
+    assert not torch.allclose(adapted, hf_model(src)(input_ids=tokens).logits, atol=1e-4)
+
+
+def test_export_from_a_torchtitan_dcp_checkpoint(tmp_path):
+    """A torchtitan run leaves DCP checkpoints under outputs/torchtitan/checkpoint/step-N (its Llama FQNs put
+    q/k/v under attention.qkv_linear); export_checkpoint turns the newest into an HF directory."""
+    import torch.distributed.checkpoint as dcp
+    from test_build_fakes import lock_for
+
+    from llmc.runtime.hf_io import export_checkpoint
+    from llmc.spec.model import Architecture
+
+    arch = Architecture(name="t", n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=96, vocab_size=512,
+                        max_seq_len=64, norm_eps=1e-5)
+    model = build_model(arch, seed=11).eval()
+    titan = {k.replace(".attention.w", ".attention.qkv_linear.w") if any(f".attention.{w}." in k for w in
+             ("wq", "wk", "wv")) else k: v.clone() for k, v in model.state_dict().items()}
+    titan["train_state"] = torch.tensor([3])
+    for step, scale in ((2, 0.0), (3, 1.0)):  # the newest step wins
+        dcp.save({k: v * scale for k, v in titan.items()},
+                 checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / f"step-{step}"))
+    spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "d", "format": "builtin"}], "seq_len": 32, "tokens": 1024}}
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock_for(spec)))
+    res = export_checkpoint(tmp_path, "pretrain")
+    hf = Path(res["hf"])
+    assert hf == tmp_path / "run" / "pretrain" / "hf"
+    tokens = torch.randint(0, 512, (2, 7))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        torch.testing.assert_close(exported(input_ids=tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
+
+
+META_HF_RUN = """
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+from llmc.runtime.distributed import init_distributed, shutdown
+from llmc.runtime.job import TrainJob
+from llmc.runtime.entry import _prepare_collective
+from llmc.runtime.train import train
+lock_path = Path(sys.argv[1])
+job = TrainJob.from_lock(json.loads(lock_path.read_text())).replace(meta_init=True)
+assets = _prepare_collective(job, lock_path.parent)
+info = init_distributed()
+if info.rank == 0:
+    dist.barrier()
+train(job, Path(sys.argv[2]), assets, info=info)
+shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", [{"dp_shard": 2, "micro_batch": 4}, {"tp": 2, "micro_batch": 8}])
+def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, plan):
+    """FSDP2 / TP built on meta: each rank cuts its shards out of the HF tensors; the first loss is still
+    transformers' loss on the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    from llmc.runtime.data import build_loader
+    from llmc.runtime.entry import prepare_assets
+    from llmc.runtime.job import TrainJob
+
+    src = make_hf(tmp_path, "qwen2")
+    arch = arch_of(src)
+    lock = _lock(tmp_path, docs, arch, steps=2, init_hf=str(src), plan=plan)
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
+    script = tmp_path / "meta_hf.py"
+    script.write_text(META_HF_RUN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=localhost:0", str(script), str(tmp_path / "plan.lock.json"), str(tmp_path / "o")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    read = int(re.search(r"\(([\d,]+) bytes read by rank 0\)", p.stdout).group(1).replace(",", ""))
+    sd = hf_model(src).state_dict()
+    full = sum(t.numel() * t.element_size() for t in sd.values())
+    if "tp" in plan:  # attention / MLP projections (and q/k/v biases) halved; embeddings, head, norms whole
+        split = sum(t.numel() * t.element_size() for k, t in sd.items() if re.search(r"_proj\.(weight|bias)$", k))
+        assert read == full - split // 2, (read, full, split)
+    else:  # FSDP2: every parameter's first half of rows
+        assert read == full // 2, (read, full)
+    recs = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["loss"] for r in recs if r.get("step") == 1 and "loss" in r)
+    job = TrainJob.from_lock(lock)
+    assets = prepare_assets(job, tmp_path)
+    dp = plan.get("dp_shard", 1)
+    ref = hf_model(src)
+    losses = []
+    for r in range(dp):  # each data-parallel rank's micro-batch; the logged loss is their mean
+        x, y = build_loader(list(assets.sources), assets.tokenizer(), job.seq_len, assets.cache_dir, job.seed,
+                            r, dp).next_batch(job.micro_batch)
+        with torch.no_grad():
+            losses.append(float(lm_loss(ref(input_ids=x).logits, y)))
+    assert abs(first - sum(losses) / dp) < 1e-4, (first, losses)
