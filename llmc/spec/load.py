@@ -21,6 +21,7 @@ M002    d_model not divisible by n_heads while head_dim is unset
 M003    moe.top_k greater than moe.num_experts
 M004    moe.dense_layers greater than n_layers
 M005    tokenizer vocab_size differs from the model's vocab_size
+D004    duplicate data source name (in ``data.sources`` or a stage's)
 G001    duplicate stage name (same code as the compiler's stage-graph check)
 V004    ``serving.N.stage`` names no stage (same code as the compiler's serving check)
 ======  ====================================================================================
@@ -855,6 +856,15 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
                                     f"tokenizer vocab_size ({d.tokenizer.vocab_size}) differs from the model's "
                                     f"vocab_size ({arch.vocab_size})",
                                     "they must match: the embedding has one row per token"))
+    for prefix, d in datas:
+        seen: dict[str, int] = {}
+        for j, src in enumerate(d.sources if d is not None else []):
+            if src.name in seen:
+                out.append(ctx.diag("D004", f"{prefix}.sources.{j}.name", f"duplicate data source name {src.name!r}",
+                                    f"already used by {prefix}.sources.{seen[src.name]}; names key the "
+                                    "tokenized shards, so the second source would never be trained on"))
+            else:
+                seen[src.name] = j
     names: dict[str, int] = {}
     for i, s in enumerate(stages):
         if s is None:
