@@ -358,8 +358,11 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[str, int], list[Diagnos
         return None, {}, [_diag("S002", "", f"YAML error: {_one_line(str(e))}", file=file)]
     try:
         node = loader.get_single_node()
+        lines: dict[str, int] = {}
+        diags: list[Diagnostic] = []
         if node is not None:
             _measure(node, 1, set(), {})
+            _walk(node, "", lines, diags, file)  # before constructing: that flattens ``<<`` merges in place
         raw = loader.construct_document(node) if node is not None else None
     except _YAMLLimit as e:
         return None, {}, [_diag("S002", "", f"YAML too complex: {e.message}", file=file, line=e.line, hint=e.hint)]
@@ -369,10 +372,6 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[str, int], list[Diagnos
         return None, {}, [_diag("S002", "", f"YAML error: {_one_line(str(e))}", file=file)]
     finally:
         loader.dispose()
-    lines: dict[str, int] = {}
-    diags: list[Diagnostic] = []
-    if node is not None:
-        _walk(node, "", lines, diags, file)
     return raw, lines, diags
 
 
@@ -389,27 +388,37 @@ def _yaml_syntax(e: yaml.MarkedYAMLError, file: str) -> Diagnostic:
                  hint=hint)
 
 
-def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], diags: list[Diagnostic], file: str) -> None:
+def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], diags: list[Diagnostic], file: str,
+          merged: bool = False) -> None:
+    """Record the line of every path; report duplicate keys. Keys merged in with ``<<`` (YAML merge
+    key, https://yaml.org/type/merge.html) keep their anchors' lines and yield to explicit keys."""
     if isinstance(node, yaml.MappingNode):
+        explicit = {str(k.value) for k, _ in node.value if k.value != "<<"}
         seen: set[str] = set()
         for k, v in node.value:
             key = str(k.value)
-            if key == "<<":  # merge key: the merged entries keep their own anchors' lines
-                if isinstance(v, yaml.MappingNode):
-                    _walk(v, prefix, lines, diags, file)
+            if key == "<<":
+                for m in v.value if isinstance(v, yaml.SequenceNode) else [v]:
+                    if isinstance(m, yaml.MappingNode):
+                        for mk, mv in m.value:
+                            mkey = str(mk.value)
+                            if mkey != "<<" and mkey not in explicit:
+                                mpath = f"{prefix}.{_seg(mkey)}" if prefix else _seg(mkey)
+                                lines.setdefault(mpath, mk.start_mark.line + 1)
+                                _walk(mv, mpath, lines, diags, file, merged=True)
                 continue
             path = f"{prefix}.{_seg(key)}" if prefix else _seg(key)
-            if key in seen:
+            if key in seen and not merged:
                 diags.append(_diag("S006", path, f"duplicate key {key!r}", file=file, line=k.start_mark.line + 1,
                                    hint="the later value would silently replace the earlier one"))
             seen.add(key)
             lines[path] = k.start_mark.line + 1
-            _walk(v, path, lines, diags, file)
+            _walk(v, path, lines, diags, file, merged)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             path = f"{prefix}.{i}" if prefix else str(i)
             lines[path] = item.start_mark.line + 1
-            _walk(item, path, lines, diags, file)
+            _walk(item, path, lines, diags, file, merged)
 
 
 # --- model resolution
