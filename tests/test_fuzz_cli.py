@@ -148,3 +148,25 @@ def test_every_example_plans_in_process(tmp_path, name):
     result = CliRunner().invoke(app, ["plan", str(ROOT / "examples" / name), "--format", "json"])
     _check(result, started)
     assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.slow
+@settings(max_examples=int(os.environ.get("LLMC_FUZZ_EXAMPLES", "60")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(name=st.sampled_from(sorted(BASES)), data=st.data())
+def test_mutated_examples_all_errors_at_once(name, data):
+    """The every-error-at-once path (loader errors + the compiler's errors on the best-effort spec)."""
+    from llmc.compiler.compile import compile_loaded
+    from llmc.spec.load import reads_spec
+
+    text = _mutate(copy.deepcopy(BASES[name]), data)
+    started = time.monotonic()
+    loaded = reads_spec(text.encode("utf-8", "surrogatepass"), file=name)
+    out = compile_loaded(loaded)
+    assert time.monotonic() - started < 5.0
+    assert (out.compiled is None) == (loaded.run is None)
+    if loaded.run is None:
+        assert out.errors
+    for d in out.diagnostics:
+        assert LOCATED.match(d.render()), d.render()
+        assert d.file == name

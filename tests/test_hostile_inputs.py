@@ -249,6 +249,18 @@ def test_plan_time_at_highly_composite_counts(count):
     assert c.plan is not None and c.plan.world == count
 
 
+def test_layer_count_is_bounded():
+    """A billion layers used to keep the pipeline search busy for minutes."""
+    started = time.monotonic()
+    _one(_with(model="model: {preset: tiny, n_layers: 1000000000}"), "model.n_layers")
+    assert time.monotonic() - started < 1.0
+    text = ("name: t\nmodel: {preset: llama3.1-405b, n_layers: 1024}\nhardware: {gpu: h100-sxm, count: 16384}\n"
+            "data: {seq_len: 8192, tokens: 15T}\n")
+    started = time.monotonic()
+    _compile(text)
+    assert time.monotonic() - started < 5.0
+
+
 BOMB = "name: t\n" + "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10))
 

@@ -30,6 +30,12 @@ Int = Annotated[int, BeforeValidator(refuse_bool)]
 Float = Annotated[float, BeforeValidator(refuse_bool)]
 
 
+#: Most transformer blocks llmc plans for: published LLMs have at most ~126 (Llama 3.1 405B), the deepest
+#: trained Transformer 1,000 (DeepNet, Wang et al. 2022, arXiv:2203.00555); the parallelism search
+#: enumerates pipeline splits per layer count, so this also bounds its work.
+MAX_LAYERS = 1024
+
+
 class SpecModel(BaseModel):
     """Base of every spec model (:data:`_CFG`)."""
 
@@ -99,8 +105,8 @@ class Architecture(SpecModel):
 
     name: str = "custom"
     """Display name (the preset name when resolved from a preset)."""
-    n_layers: Int = Field(gt=0)
-    """Transformer blocks."""
+    n_layers: Int = Field(gt=0, le=MAX_LAYERS)
+    """Transformer blocks (at most 1024)."""
     d_model: Int = Field(gt=0)
     """Residual stream width."""
     n_heads: Int = Field(gt=0)
