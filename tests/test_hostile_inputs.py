@@ -217,7 +217,8 @@ def test_names_that_become_paths_are_simple(name, where, path):
     _one(text, path)
 
 
-@pytest.mark.parametrize("folder", ["../x", "/abs/x", "a/../../b", "./x", "a//b", ".", "", "~/x"])
+@pytest.mark.parametrize("folder", ["../x", "/abs/x", "a/../../b", "./x", "a//b", ".", "", "~/x", "a/" + "b" * 300,
+                                    "/".join(["a"] * 200)])
 def test_checkpoint_folder_stays_under_the_build(folder):
     _one(_with(training=f"training: {{checkpoint: {{folder: {json.dumps(folder)}}}}}"),
          "training.checkpoint.folder")
@@ -349,6 +350,20 @@ def test_cpu_with_several_processes_per_node_is_located_not_internal():
     c = _compile(_with(hardware="hardware: {gpu: cpu, count: 4, gpus_per_node: 2}"))
     p9 = [d for d in c.diagnostics if d.code == "P009"]
     assert p9 and p9[0].path == "hardware.gpus_per_node" and p9[0].line == 3
+
+
+@pytest.mark.parametrize("gpu", ["l40s", "rtx4090"])
+@pytest.mark.parametrize("count", [2, 16])
+def test_pcie_parts_with_several_gpus_per_node_are_located_not_internal(gpu, count):
+    """The table has no intra-node bandwidth for PCIe-only parts (nvlink_gbps 0): a located error,
+    not a division by zero in the step-time model; one GPU per node plans over the network."""
+    c = _compile(_with(hardware=f"hardware: {{gpu: {gpu}, count: {count}}}",
+                       training="training: {precision: bf16, global_batch_tokens: 16384}"))
+    p10 = [d for d in c.diagnostics if d.code == "P010"]
+    assert p10 and p10[0].severity == "error" and p10[0].line == 3
+    c = _compile(_with(hardware=f"hardware: {{gpu: {gpu}, count: {count}, gpus_per_node: 1}}",
+                       training="training: {precision: bf16, global_batch_tokens: 16384}"))
+    assert not errors(c.diagnostics) and c.plan is not None
 
 
 def test_unknown_serving_gpu_is_located():

@@ -34,10 +34,10 @@ Beta = Annotated[Float, Field(ge=0, lt=1)]
 def relative_folder(value: str) -> str:
     """A folder under the job's output directory: relative, ``/``-separated simple names, no ``..``."""
     parts = value.split("/")
-    if not value or value.startswith("/") or any(not _NAME_RE.match(p) for p in parts if p != "") or (
-            "" in parts[:-1]):
+    if not value or value.startswith("/") or len(value) > 256 or "" in parts[:-1] or any(
+            not _NAME_RE.match(p) or len(p) > MAX_NAME_LEN for p in parts if p != ""):
         raise ValueError(f"must be a relative folder of simple names (letters, digits, '.', '_', '-'; "
-                         f"no '..', no leading '/' or '.') (got {value!r})")
+                         f"no '..', no leading '/' or '.'; at most 256 characters) (got {value[:80]!r})")
     return value.rstrip("/")
 
 
