@@ -129,7 +129,6 @@ def _check(result, started: float) -> None:
         assert any(LOCATED.match(line) for line in result.stderr.splitlines()), result.stderr
 
 
-@pytest.mark.slow
 @settings(max_examples=int(os.environ.get("LLMC_FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(name=st.sampled_from(sorted(BASES)), fmt=st.sampled_from([[], ["--format", "json"]]), data=st.data())
 def test_mutated_examples_plan_cleanly(tmp_path_factory, name, fmt, data):
@@ -150,7 +149,6 @@ def test_every_example_plans_in_process(tmp_path, name):
     assert result.exit_code == 0, result.stderr
 
 
-@pytest.mark.slow
 @settings(max_examples=int(os.environ.get("LLMC_FUZZ_EXAMPLES", "60")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(name=st.sampled_from(sorted(BASES)), data=st.data())

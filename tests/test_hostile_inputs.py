@@ -149,6 +149,20 @@ def test_hf_config_values_are_checked_not_coerced(tmp_path, key, value):
     assert key in d.message
 
 
+def test_hf_config_reports_every_bad_key_at_once(tmp_path):
+    _hf(tmp_path, num_attention_heads=4.5, hidden_size="4096", tie_word_embeddings="yes")
+    errs = _errors(_with(model="model: {hf_config: m}"), base_dir=tmp_path)
+    text = " ".join(d.message for d in errs if d.code == "S005")
+    assert all(k in text for k in ("num_attention_heads", "hidden_size", "tie_word_embeddings"))
+    assert len([d for d in errs if d.code == "S005"]) == 3
+
+
+def test_hf_config_out_of_range_names_the_config_key(tmp_path):
+    _hf(tmp_path, num_hidden_layers=100_000)
+    d = _one(_with(model="model: {hf_config: m}"), "model.hf_config", "S005", base_dir=tmp_path)
+    assert "num_hidden_layers" in d.message and "1024" in d.message
+
+
 def test_hf_config_zero_kv_heads_is_not_read_as_mha(tmp_path):
     """``num_key_value_heads: 0`` used to become n_heads; null (or absent) still does."""
     _hf(tmp_path, num_key_value_heads=None)

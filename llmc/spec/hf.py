@@ -33,11 +33,28 @@ from typing import Any
 from llmc.spec.families import SUPPORTED_MODEL_TYPES, family_for_model_type
 from llmc.spec.model import MLA, Architecture, MoE, RopeScaling
 
-__all__ = ["HFConfigError", "architecture_from_hf_config", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["HFConfigError", "HF_KEY_FOR_FIELD", "architecture_from_hf_config", "SUPPORTED_MODEL_TYPES"]
+
+
+#: Architecture field -> the config.json key it is read from (to name the key in error messages).
+HF_KEY_FOR_FIELD: dict[str, str] = {
+    "n_layers": "num_hidden_layers", "d_model": "hidden_size", "d_ff": "intermediate_size",
+    "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+    "vocab_size": "vocab_size", "tied_embeddings": "tie_word_embeddings", "qkv_bias": "attention_bias",
+    "rope_theta": "rope_theta", "rope_scaling": "rope_scaling", "norm_eps": "rms_norm_eps",
+    "max_seq_len": "max_position_embeddings",
+}
 
 
 class HFConfigError(ValueError):
-    """The config.json cannot be imported; the message says why (and what is supported)."""
+    """The config.json cannot be imported; ``messages`` say why (and what is supported), one per problem."""
+
+    @property
+    def messages(self) -> list[str]:
+        return [str(a) for a in self.args]
+
+    def __str__(self) -> str:
+        return "; ".join(self.messages)
 
 
 def _req(cfg: dict[str, Any], key: str) -> Any:
@@ -107,39 +124,51 @@ def _rope_scaling(rs: Any) -> RopeScaling | None:
     return RopeScaling(**kw)
 
 
-def _mixtral(cfg: dict[str, Any], kw: dict[str, Any]) -> None:
-    kw["moe"] = MoE(
-        num_experts=_int(cfg, "num_local_experts"),
-        top_k=_int(cfg, "num_experts_per_tok"),
-        aux_loss_coef=_float(cfg, "router_aux_loss_coef", 0.01),
-        score_func="softmax",
-    )
+def _each(errs: list[str], **getters: Callable[[], Any]) -> dict[str, Any]:
+    """Call every getter; collect the :class:`HFConfigError` messages so all bad keys are reported at once."""
+    out: dict[str, Any] = {}
+    for field, get in getters.items():
+        try:
+            out[field] = get()
+        except HFConfigError as e:
+            errs.append(str(e))
+    return out
 
 
-def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any]) -> None:
-    kw["mla"] = MLA(
-        q_lora_rank=_int(cfg, "q_lora_rank") if cfg.get("q_lora_rank") is not None else None,
-        kv_lora_rank=_int(cfg, "kv_lora_rank"),
-        qk_rope_head_dim=_int(cfg, "qk_rope_head_dim"),
-        qk_nope_head_dim=_int(cfg, "qk_nope_head_dim"),
-        v_head_dim=_int(cfg, "v_head_dim"),
-    )
-    kw["head_dim"] = kw["mla"].qk_nope_head_dim + kw["mla"].qk_rope_head_dim  # q/k head dim
+def _mixtral(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    moe = _each(errs, num_experts=lambda: _int(cfg, "num_local_experts"),
+                top_k=lambda: _int(cfg, "num_experts_per_tok"),
+                aux_loss_coef=lambda: _float(cfg, "router_aux_loss_coef", 0.01))
+    if len(moe) == 3:
+        kw["moe"] = MoE(**moe, score_func="softmax")
+
+
+def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    mla = _each(errs, q_lora_rank=lambda: _int(cfg, "q_lora_rank") if cfg.get("q_lora_rank") is not None else None,
+                kv_lora_rank=lambda: _int(cfg, "kv_lora_rank"),
+                qk_rope_head_dim=lambda: _int(cfg, "qk_rope_head_dim"),
+                qk_nope_head_dim=lambda: _int(cfg, "qk_nope_head_dim"),
+                v_head_dim=lambda: _int(cfg, "v_head_dim"))
+    if len(mla) == 5:
+        kw["mla"] = MLA(**mla)
+        kw["head_dim"] = kw["mla"].qk_nope_head_dim + kw["mla"].qk_rope_head_dim  # q/k head dim
     if cfg.get("n_routed_experts"):
-        kw["moe"] = MoE(
-            num_experts=_int(cfg, "n_routed_experts"),
-            top_k=_int(cfg, "num_experts_per_tok"),
-            num_shared_experts=_int(cfg, "n_shared_experts", 0, minimum=0),
-            expert_d_ff=_int(cfg, "moe_intermediate_size"),
-            dense_layers=_int(cfg, "first_k_dense_replace", 0, minimum=0),
-            aux_loss_coef=_float(cfg, "aux_loss_alpha", 0.0),
-            score_func="sigmoid" if cfg.get("scoring_func", "sigmoid") == "sigmoid" else "softmax",
-            expert_bias=cfg.get("topk_method") == "noaux_tc",
-        )
+        moe = _each(errs, num_experts=lambda: _int(cfg, "n_routed_experts"),
+                    top_k=lambda: _int(cfg, "num_experts_per_tok"),
+                    num_shared_experts=lambda: _int(cfg, "n_shared_experts", 0, minimum=0),
+                    expert_d_ff=lambda: _int(cfg, "moe_intermediate_size"),
+                    dense_layers=lambda: _int(cfg, "first_k_dense_replace", 0, minimum=0),
+                    aux_loss_coef=lambda: _float(cfg, "aux_loss_alpha", 0.0))
+        if len(moe) == 6:
+            kw["moe"] = MoE(
+                **moe,
+                score_func="sigmoid" if cfg.get("scoring_func", "sigmoid") == "sigmoid" else "softmax",
+                expert_bias=cfg.get("topk_method") == "noaux_tc",
+            )
 
 
 #: family name -> the hook that reads its extra config keys
-_FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
+_FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
     "mixtral": _mixtral, "deepseek_v3": _deepseek_v3,
 }
 
@@ -147,8 +176,9 @@ _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
 def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Architecture:
     """Translate an HF ``config.json`` (already parsed) into an :class:`Architecture`.
 
-    Raises :class:`HFConfigError` for an unsupported ``model_type`` / activation or a missing key,
-    and pydantic's ``ValidationError`` if the values themselves are invalid.
+    Raises :class:`HFConfigError` for an unsupported ``model_type`` / activation, missing keys or
+    values of the wrong type (``messages`` lists every one), and pydantic's ``ValidationError`` if the
+    values are out of the Architecture's ranges.
     """
     mt = cfg.get("model_type")
     family = family_for_model_type(mt) if isinstance(mt, str) else None
@@ -158,27 +188,30 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     if not isinstance(act, str) or act != "silu":
         raise HFConfigError(f"unsupported hidden_act {act!r} (llmc models SwiGLU, i.e. silu)")
 
-    n_heads = _int(cfg, "num_attention_heads")
-    kw: dict[str, Any] = {
-        "name": name,
-        "n_layers": _int(cfg, "num_hidden_layers"),
-        "d_model": _int(cfg, "hidden_size"),
-        "n_heads": n_heads,
+    errs: list[str] = []
+    heads = _each(errs, n_heads=lambda: _int(cfg, "num_attention_heads"))
+    n_heads = heads.get("n_heads", 1)
+    kw: dict[str, Any] = {"name": name, **heads, **_each(
+        errs,
+        n_layers=lambda: _int(cfg, "num_hidden_layers"),
+        d_model=lambda: _int(cfg, "hidden_size"),
         # absent or null = MHA (the HF Llama/Mistral/Qwen2 configs default it to num_attention_heads)
-        "n_kv_heads": _int(cfg, "num_key_value_heads", n_heads),
-        "d_ff": _int(cfg, "intermediate_size"),
-        "vocab_size": _int(cfg, "vocab_size"),
-        "tied_embeddings": _bool(cfg, "tie_word_embeddings"),
+        n_kv_heads=lambda: _int(cfg, "num_key_value_heads", n_heads),
+        d_ff=lambda: _int(cfg, "intermediate_size"),
+        vocab_size=lambda: _int(cfg, "vocab_size"),
+        tied_embeddings=lambda: _bool(cfg, "tie_word_embeddings"),
         # Qwen2 always has q/k/v biases (the HF Qwen2 attention hard-codes bias=True).
-        "qkv_bias": family.qkv_bias or _bool(cfg, "attention_bias"),
-        "rope_theta": _float(cfg, "rope_theta", 10000.0),
-        "rope_scaling": _rope_scaling(cfg.get("rope_scaling")),
-        "norm_eps": _float(cfg, "rms_norm_eps", 1e-6),
-        "max_seq_len": _int(cfg, "max_position_embeddings"),
-    }
+        qkv_bias=lambda: family.qkv_bias or _bool(cfg, "attention_bias"),
+        rope_theta=lambda: _float(cfg, "rope_theta", 10000.0),
+        rope_scaling=lambda: _rope_scaling(cfg.get("rope_scaling")),
+        norm_eps=lambda: _float(cfg, "rms_norm_eps", 1e-6),
+        max_seq_len=lambda: _int(cfg, "max_position_embeddings"),
+    )}
     if cfg.get("head_dim") is not None:
-        kw["head_dim"] = _int(cfg, "head_dim")
+        kw.update(_each(errs, head_dim=lambda: _int(cfg, "head_dim")))
     hook = _FAMILY_HOOKS.get(family.name)
     if hook is not None:
-        hook(cfg, kw)
+        hook(cfg, kw, errs)
+    if errs:
+        raise HFConfigError(*errs)
     return Architecture(**kw)

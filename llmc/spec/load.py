@@ -44,7 +44,7 @@ from pydantic import BaseModel, ValidationError
 
 from llmc.diagnostics import Diagnostic, SpecError, line_for
 from llmc.spec.facts import MAX_CONFIG_BYTES, read_regular_file
-from llmc.spec.hf import HFConfigError, architecture_from_hf_config
+from llmc.spec.hf import HF_KEY_FOR_FIELD, HFConfigError, architecture_from_hf_config
 from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.presets import PRESETS
 from llmc.spec.schema import STAGE_KINDS, STAGE_TYPES, Data, RunSpec, Serving, StageBase, Tokenizer
@@ -513,12 +513,14 @@ def _load_hf(hf: Any, base_dir: Path, ctx: _Ctx) -> dict[str, Any] | None:
     try:
         arch = architecture_from_hf_config(cfg, name=name or "custom")
     except HFConfigError as e:
-        ctx.diags.append(ctx.diag("S005", path, str(e)))
+        ctx.diags.extend(ctx.diag("S005", path, _one_line(m)) for m in e.messages)
         return None
     except ValidationError as e:
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            ctx.diags.append(ctx.diag("S005", path, f"{f.name}: {loc} {_human_message(err)}"))
+            key = HF_KEY_FOR_FIELD.get(str(err["loc"][0])) if err["loc"] else None
+            where = f"{loc} (config.json {key!r})" if key else loc
+            ctx.diags.append(ctx.diag("S005", path, f"{f.name}: {where} {_human_message(err)}"))
         return None
     return arch.model_dump(exclude_unset=True)
 
