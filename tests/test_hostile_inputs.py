@@ -287,6 +287,15 @@ def test_alias_bomb_is_refused_fast():
     assert "alias" in d.message and d.line is not None
 
 
+def test_huge_flat_list_is_refused_fast():
+    """500,000 values in under 1 MiB: PyYAML alone would spend many seconds composing them."""
+    text = "name: t\nx: [" + ",".join(["1"] * 500_000) + "]\n"
+    started = time.monotonic()
+    d = _errors(text)[0]
+    assert time.monotonic() - started < 2.0
+    assert d.code == "S002" and "values" in d.message
+
+
 def test_shared_anchors_within_limits_are_fine():
     text = BASE.replace("training: {", "x-common: &c {precision: fp32}\ntraining: {<<: *c, ")
     loaded = reads_spec(text)

@@ -56,9 +56,10 @@ __all__ = ["LoadedSpec", "read_spec", "reads_spec", "load_spec", "loads_spec", "
 MAX_SPEC_BYTES = 2**20
 #: Deepest nesting of YAML collections, counted after alias expansion (a spec needs about 6).
 MAX_YAML_DEPTH = 64
-#: Most YAML nodes after alias expansion: bounds "billion laughs" alias bombs
-#: (https://en.wikipedia.org/wiki/Billion_laughs_attack), whose expansion is exponential.
-MAX_YAML_NODES = 100_000
+#: Most YAML values (scalars and collections), counting every alias expansion: bounds "billion laughs"
+#: alias bombs (https://en.wikipedia.org/wiki/Billion_laughs_attack), whose expansion is exponential,
+#: and the time PyYAML spends on a huge flat list. The largest example spec has a few hundred.
+MAX_YAML_NODES = 20_000
 
 
 # ----------------------------------------------------------------------------- public API
@@ -287,10 +288,15 @@ class _YAMLLimit(Exception):
 
 
 def _check_depth(text: str) -> None:
-    """Refuse nesting deeper than :data:`MAX_YAML_DEPTH` from the event stream (PyYAML's composer
-    recurses once per level, so a deep document would exhaust the stack before any check)."""
-    depth = 0
+    """Refuse nesting deeper than :data:`MAX_YAML_DEPTH` and more than :data:`MAX_YAML_NODES` values
+    from the event stream, before composing (PyYAML's composer recurses once per level, so a deep
+    document would exhaust the stack, and a huge flat list would take seconds per pass)."""
+    depth = nodes = 0
     for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, yaml.NodeEvent):
+            nodes += 1
+            if nodes > MAX_YAML_NODES:
+                raise _YAMLLimit(f"more than {MAX_YAML_NODES:,} values", ev, "a run spec has a few hundred")
         if isinstance(ev, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_YAML_DEPTH:
@@ -334,7 +340,7 @@ def _measure(node: yaml.Node, depth: int, stack: set[int], memo: dict[int, tuple
                          "a spec is a few levels deep")
     if size > MAX_YAML_NODES:
         raise _YAMLLimit(f"more than {MAX_YAML_NODES:,} values after expanding aliases", node,
-                         "aliases expand to copies; this looks like an alias bomb")
+                         "every alias expands to a copy of its anchor; this looks like an alias bomb")
     return size
 
 
