@@ -218,7 +218,8 @@ def test_whole_nodes_or_part_of_one_are_fine(count, gpn):
 @pytest.mark.parametrize("name", ["../../x", "/abs/x", ".hidden", "a/b", "a b", "..", "x\\y", "a" * 200, ""])
 @pytest.mark.parametrize("where,path", [
     ("source", "data.sources.0.name"), ("run", "name"), ("stage", "stages.0.name"),
-    ("template", "data.tokenizer.chat_template"),
+    ("template", "data.tokenizer.chat_template"), ("init_from", "stages.0.init_from"),
+    ("serving", "serving.0.stage"),
 ])
 def test_names_that_become_paths_are_simple(name, where, path):
     q = json.dumps(name)
@@ -227,6 +228,8 @@ def test_names_that_become_paths_are_simple(name, where, path):
         "run": BASE.replace("name: t\n", f"name: {q}\n"),
         "stage": _with(stages=f"stages: [{{name: {q}, kind: pretrain}}]"),
         "template": BASE.replace("{train: true}", f"{{train: true, chat_template: {q}}}"),
+        "init_from": _with(stages=f"stages: [{{name: s, kind: midtrain, init_from: {q}}}]"),
+        "serving": _with(serving=f"serving: [{{stage: {q}}}]"),
     }[where]
     _one(text, path)
 

@@ -278,7 +278,7 @@ class StageBase(SpecModel):
     """Unique stage name (letters, digits, ``.``, ``_``, ``-``; used in folder names)."""
     kind: StageKind
     """What the stage does."""
-    init_from: str | None = None
+    init_from: Name | None = None
     """Name of the stage whose final checkpoint initialises this one. None = the base model / random init."""
     data: Data | None = None
     """Stage data. None = the top-level data (pretrain/midtrain only)."""
@@ -403,7 +403,7 @@ class Serving(SpecModel):
     """Fraction of GPU memory the engine may use."""
     prefix_caching: bool = True
     """Automatic prefix caching."""
-    stage: str | None = None
+    stage: Name | None = None
     """Serve this stage's checkpoint. None = the last stage."""
 
 
