@@ -435,6 +435,15 @@ def test_errors_depending_on_an_invalid_value_are_not_reported():
     assert {d.code for d in out.errors if d.path == "training.optimizer.lr"} == {"S002"}
 
 
+def test_duplicate_key_does_not_hide_plan_errors():
+    text = ALL_AT_ONCE.replace("count: 64}", "count: 64, count: 64}")
+    out = compile_loaded(reads_spec(text))
+    codes = {d.code for d in out.errors}
+    assert {"S006", "S002"} <= codes
+    assert not codes & {"B003", "P001", "P002", "P003"}  # the plan depends on hardware.count, in doubt
+    assert "C002" in {d.code for d in out.diagnostics}  # tokens per parameter: independent of the cluster
+
+
 def test_no_best_effort_spec_without_required_sections():
     loaded = reads_spec("name: t\nmodel: tiny\nhardware: {gpu: cpu, count: 1}\n")
     assert loaded.partial is None

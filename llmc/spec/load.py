@@ -780,7 +780,8 @@ def _best_effort(data: dict[str, Any], ctx: _Ctx) -> tuple[RunSpec | None, list[
         return _drop(data, target)
 
     for d in ctx.diags:
-        if d.severity == "error" and d.path and not d.path.startswith("model.hf_config"):
+        # S006: the later value of a duplicate key is a valid value; keep it (its path is still invalid)
+        if d.severity == "error" and d.path and d.code != "S006" and not d.path.startswith("model.hf_config"):
             if not drop(_drop_target(_path_loc(d.path), missing=d.code == "S003")):
                 return None, dropped
     for _ in range(8):
