@@ -120,7 +120,7 @@ def read_spec(path: str | Path) -> LoadedSpec:
 
 def reads_spec(source: str | bytes, file: str = "<spec>", base_dir: str | Path = ".") -> LoadedSpec:
     """Like :func:`read_spec` for YAML text or bytes; ``base_dir`` resolves relative ``hf_config`` paths."""
-    data = source.encode("utf-8") if isinstance(source, str) else bytes(source)
+    data = source.encode("utf-8", "surrogatepass") if isinstance(source, str) else bytes(source)
 
     def done(diags: list[Diagnostic], lines: dict[str, int] | None = None, run: RunSpec | None = None,
              partial: RunSpec | None = None, invalid: tuple[str, ...] = ()) -> LoadedSpec:
