@@ -444,6 +444,14 @@ def test_duplicate_key_does_not_hide_plan_errors():
     assert "C002" in {d.code for d in out.diagnostics}  # tokens per parameter: independent of the cluster
 
 
+@pytest.mark.parametrize("key", ["\u00b9", "\u0663", "1", "0x1", "-1"])
+def test_odd_top_level_keys_with_other_errors(key):
+    """Digit-like keys ('¹', Arabic-Indic three) are keys, not list indices, for the best-effort spec."""
+    text = ALL_AT_ONCE + f"{json.dumps(key)}: 1\n"
+    out = compile_loaded(reads_spec(text))
+    assert {"S001", "S002", "B003", "P003"} <= {d.code for d in out.errors}
+
+
 def test_no_best_effort_spec_without_required_sections():
     loaded = reads_spec("name: t\nmodel: tiny\nhardware: {gpu: cpu, count: 1}\n")
     assert loaded.partial is None

@@ -734,8 +734,18 @@ def _tree_copy(value: Any) -> Any:
     return value
 
 
-def _path_loc(path: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in path.split(".")) if path else ()
+def _path_loc(path: str, data: Any) -> tuple:
+    """A diagnostic's dotted path as a loc into ``data``: a segment is a list index only inside a list."""
+    loc: list = []
+    cur = data
+    for part in path.split(".") if path else []:
+        if isinstance(cur, list) and part.isascii() and part.isdigit():
+            loc.append(int(part))
+            cur = cur[int(part)] if int(part) < len(cur) else None
+        else:
+            loc.append(part)
+            cur = cur.get(part) if isinstance(cur, dict) else None
+    return tuple(loc)
 
 
 def _drop_target(loc: tuple, missing: bool) -> tuple:
@@ -782,7 +792,7 @@ def _best_effort(data: dict[str, Any], ctx: _Ctx) -> tuple[RunSpec | None, list[
     for d in ctx.diags:
         # S006: the later value of a duplicate key is a valid value; keep it (its path is still invalid)
         if d.severity == "error" and d.path and d.code != "S006" and not d.path.startswith("model.hf_config"):
-            if not drop(_drop_target(_path_loc(d.path), missing=d.code == "S003")):
+            if not drop(_drop_target(_path_loc(d.path, data), missing=d.code == "S003")):
                 return None, dropped
     for _ in range(8):
         try:
