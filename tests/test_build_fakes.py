@@ -94,7 +94,7 @@ def make_compiled(run: RunSpec | None = None, plan: ParallelPlan | None = None, 
 
 def fake_stage(**kw) -> StagePlan:
     """A StagePlan with every field the emitters and runtime read; the rest get neutral values."""
-    base = dict(init_from=None, order=0, tokens=None, defaults=[], n_models=1, params_total=200_000,
+    base = dict(init_from=None, init_hf=None, order=0, tokens=None, defaults=[], n_models=1, params_total=200_000,
                 trainable_params=200_000, trainable_fraction=1.0, rollout=None, notes=[],
                 models_in_memory=[ModelInMemory(role="policy", trainable=True, weights="bf16")],
                 memory=StageMemoryPlan(per_gpu_bytes=2**30, capacity_bytes=80 * 10**9, fits=True, shard_degree=8,

@@ -10,15 +10,15 @@ from conftest import check_golden
 
 from llmc.compiler.compile import compile_spec
 from llmc.report import WIDTH, render_text
-from llmc.spec.load import load_spec
 
 GOLDEN = Path(__file__).parent / "golden" / "plan"
 
 
 
 def _compiled(path: str):
-    run, lines = load_spec(path)
-    return compile_spec(run, path, lines)
+    from test_build_fakes import ROOT, compile_example
+
+    return compile_example(ROOT / path)
 
 
 # The text report of a CPU pre-training run, a multi-node dense plan and a post-training pipeline

@@ -4,6 +4,9 @@ Codes owned here (stable, cited by tests and docs):
 
 =====  ========  ==========================================================================
 S007   error     unknown GPU type (did-you-mean). (S006 is the loader's duplicate-YAML-key code.)
+P008   error     hardware.count spans several nodes but is not a multiple of gpus_per_node
+P009   error     gpus_per_node other than 1 for the ``cpu`` pseudo-device (one process per node)
+P010   error     several GPUs per node on a part with no intra-node link bandwidth in the hardware table
 P001   error     pinned degrees do not multiply to / divide the world size
 P002   error     pinned TP larger than a node, or a TP group that would span nodes
 P003   error     n_heads / n_kv_heads not divisible by the pinned TP
@@ -70,6 +73,35 @@ def check_gpu(run, gpus: dict, sink: Sink) -> None:
     if run.training.precision == "fp8" and not supports(g, "fp8"):
         sink.add("T005", "error", "training.precision", f"fp8 needs FP8 tensor cores; {g.name} has none",
                  "use bf16, or Hopper/Ada/Blackwell GPUs (h100-sxm, h200, b200)")
+
+
+def check_cluster(run, gpu, sink: Sink) -> bool:
+    """P008/P009 on the cluster shape (``gpu`` with the spec's overrides applied); False on an error.
+
+    Launchers start ``gpus_per_node`` ranks on each of ``count / gpus_per_node`` nodes, so a count
+    that spans nodes must fill them exactly or the job would start more ranks than the plan has.
+    """
+    n, gpn = run.hardware.count, gpu.gpus_per_node
+    ok = True
+    if gpu.key == "cpu" and gpn != 1:
+        sink.add("P009", "error", "hardware.gpus_per_node",
+                 f"the cpu pseudo-device is one process per node (got gpus_per_node {gpn})",
+                 "remove gpus_per_node; hardware.count is the number of CPU processes")
+        return False
+    if gpu.nvlink_gbps <= 0 and min(n, gpn) > 1:
+        # the step-time model prices intra-node collectives at the table's NVLink bandwidth
+        sink.add("P010", "error", "hardware.gpus_per_node",
+                 f"{gpu.name} has no intra-node link bandwidth in the hardware table (PCIe-only part), "
+                 f"so {min(n, gpn)} GPUs per node cannot be timed",
+                 "set hardware.gpus_per_node: 1 to plan every GPU as its own node (network-bound)")
+        ok = False
+    if n > gpn and n % gpn:
+        lo, hi = n // gpn * gpn, -(-n // gpn) * gpn
+        sink.add("P008", "error", "hardware.count",
+                 f"{n} GPUs is not a whole number of {gpn}-GPU nodes",
+                 f"use {lo} ({lo // gpn} node{'s' if lo // gpn > 1 else ''}) or {hi} ({hi // gpn} nodes), or set hardware.gpus_per_node")
+        ok = False
+    return ok
 
 
 # ------------------------------------------------------------------------------------------- pins

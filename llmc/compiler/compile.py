@@ -31,6 +31,7 @@ from llmc.compiler.result import (
 )
 from llmc.diagnostics import Diagnostic, errors, line_for, sort_diagnostics
 from llmc.spec.facts import ExternalFacts
+from llmc.spec.load import LoadedSpec
 from llmc.spec.model import Architecture
 from llmc.spec.schema import RunSpec, Training
 
@@ -133,6 +134,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         sink.add("T005", "error", "training.precision", f"fp8 needs FP8 tensor cores; {table_gpu.name} has none",
                  "set hardware.gpu_overrides.fp8_tflops, or use bf16")
     gpu = cluster_gpu(run, table_gpu) if table_gpu is not None else None
+    cluster_ok = gpu is not None and checks.check_cluster(run, gpu, sink)
     batch_ok = checks.check_batch_tokens(run, sink) if pretrains else True
     seqs, _ = pretrain_batch_seqs(run, gpu, data.seq_len, training)
     hyper = pretrain_hyper(run, gpu)  # steps etc.; the checkpoint interval is refined by the step time below
@@ -140,7 +142,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration)
     model_opts = _ModelOptions(be_info["name"], be_info["compile"], factors, band, fit_check)
     searched = _Searched()
-    if pretrains and gpu is not None and supports(gpu, training.precision) and batch_ok:
+    if pretrains and cluster_ok and supports(gpu, training.precision) and batch_ok:
         searched = _search(run, gpu, data.seq_len, training, seqs, sink, model_opts)
     time = cost = None
     if searched.plan is not None:
@@ -179,6 +181,75 @@ class _ModelOptions:
 
 def _step_model(arch: Architecture, seq_len: int, precision: str, gpu: GPU, o: _ModelOptions):
     return timing.step_model(arch, seq_len, precision, gpu, o.backend, compile=o.compile, factors=o.factors)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What :func:`compile_loaded` found: ``compiled`` (None when the spec is invalid) and every
+    diagnostic, the loader's and the compiler's, sorted (errors first)."""
+
+    compiled: Compiled | None
+    diagnostics: list[Diagnostic]
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return errors(self.diagnostics)
+
+
+#: An invalid value at a path (prefix) makes the compiler's diagnostics under these paths meaningless
+#: (they were computed from the default that replaced it); longest prefix wins; the invalid path itself
+#: and its parents are always included.
+_DEPENDENTS: dict[str, tuple[str, ...]] = {
+    "name": (),
+    "model": ("model", "data", "hardware", "training", "parallelism", "budget", "stages", "serving"),
+    "data": ("data", "hardware", "training", "parallelism", "budget", "stages", "serving"),
+    "data.sources": ("data.sources",),
+    "data.tokenizer": ("data.tokenizer", "stages"),
+    "hardware": ("hardware", "training", "parallelism", "budget", "stages", "serving"),
+    "training": (),
+    "training.precision": ("training", "hardware", "parallelism", "budget", "stages", "serving"),
+    "training.global_batch_tokens": ("training", "data.tokens", "hardware", "parallelism", "budget"),
+    "training.steps": ("training", "data.tokens", "budget"),
+    "parallelism": ("parallelism", "hardware", "training.global_batch_tokens", "budget"),
+    "budget": ("budget",),
+    "stages": ("stages", "serving"),
+    "serving": ("serving",),
+}
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def _independent(d: Diagnostic, invalid: tuple[str, ...]) -> bool:
+    """True when ``d`` (computed from a best-effort spec) depends on none of the ``invalid`` paths."""
+    for bad in invalid:
+        if not bad:
+            return False
+        if _under(d.path, bad) or (d.path and _under(bad, d.path)) or not d.path:
+            return False
+        key = max((k for k in _DEPENDENTS if _under(bad, k)), key=len, default="")
+        if any(_under(d.path, dep) for dep in _DEPENDENTS.get(key, ())):
+            return False
+    return True
+
+
+def compile_loaded(loaded: LoadedSpec, facts: ExternalFacts | None = None, **options) -> Outcome:
+    """Compile what :func:`llmc.spec.load.read_spec` returned; every error at once, across phases.
+
+    A valid spec compiles as :func:`compile_spec` (``spec_sha256`` of the bytes read). An invalid one
+    still compiles its best-effort spec (invalid values replaced by defaults) and reports, besides the
+    loader's errors, the compiler's diagnostics that do not depend on an invalid value.
+    ``options``: :func:`compile_spec`'s keyword options (``calibration``, ``fit_check``).
+    """
+    if loaded.run is not None:
+        c = compile_spec(loaded.run, loaded.file, loaded.lines, loaded.spec_bytes, facts, **options)
+        return Outcome(c, sort_diagnostics(_dedupe(list(loaded.diagnostics) + c.diagnostics)))
+    extra: list[Diagnostic] = []
+    if loaded.partial is not None:
+        c = compile_spec(loaded.partial, loaded.file, loaded.lines, loaded.spec_bytes, facts, **options)
+        extra = [d for d in c.diagnostics if _independent(d, loaded.invalid_paths)]
+    return Outcome(None, sort_diagnostics(_dedupe(list(loaded.diagnostics) + extra)))
 
 
 def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int, sink: Sink,
@@ -320,5 +391,5 @@ def _serving(run: RunSpec, gpu: GPU | None, lines: dict) -> tuple[list[ServingPl
     return plan_serving(run, gpu_lookup=get_gpu, lines=lines, train_gpu=gpu)
 
 
-__all__ = ["compile_spec", "model_numbers", "compute_numbers", "cluster_gpu", "spec_gpu", "has_pretraining",
-           "pretrain_inputs", "pretrain_batch_seqs", "pretrain_hyper", "spec_sha256"]
+__all__ = ["compile_spec", "compile_loaded", "Outcome", "model_numbers", "compute_numbers", "cluster_gpu", "spec_gpu",
+           "has_pretraining", "pretrain_inputs", "pretrain_batch_seqs", "pretrain_hyper", "spec_sha256"]

@@ -26,17 +26,35 @@ n_routed_experts, ...          moe.* and mla.* (deepseek_v3)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 from llmc.spec.families import SUPPORTED_MODEL_TYPES, family_for_model_type
 from llmc.spec.model import MLA, Architecture, MoE, RopeScaling
 
-__all__ = ["HFConfigError", "architecture_from_hf_config", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["HFConfigError", "HF_KEY_FOR_FIELD", "architecture_from_hf_config", "SUPPORTED_MODEL_TYPES"]
+
+
+#: Architecture field -> the config.json key it is read from (to name the key in error messages).
+HF_KEY_FOR_FIELD: dict[str, str] = {
+    "n_layers": "num_hidden_layers", "d_model": "hidden_size", "d_ff": "intermediate_size",
+    "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+    "vocab_size": "vocab_size", "tied_embeddings": "tie_word_embeddings", "qkv_bias": "attention_bias",
+    "rope_theta": "rope_theta", "rope_scaling": "rope_scaling", "norm_eps": "rms_norm_eps",
+    "max_seq_len": "max_position_embeddings",
+}
 
 
 class HFConfigError(ValueError):
-    """The config.json cannot be imported; the message says why (and what is supported)."""
+    """The config.json cannot be imported; ``messages`` say why (and what is supported), one per problem."""
+
+    @property
+    def messages(self) -> list[str]:
+        return [str(a) for a in self.args]
+
+    def __str__(self) -> str:
+        return "; ".join(self.messages)
 
 
 def _req(cfg: dict[str, Any], key: str) -> Any:
@@ -45,60 +63,112 @@ def _req(cfg: dict[str, Any], key: str) -> Any:
     return cfg[key]
 
 
-def _rope_scaling(rs: dict[str, Any] | None) -> RopeScaling | None:
+def _int(cfg: dict[str, Any], key: str, default: int | None = None, *, minimum: int = 1) -> int:
+    """``cfg[key]`` as an int >= ``minimum`` (``default`` when absent or null); a float with a fraction,
+    a bool, a string or a value below ``minimum`` is an error naming the key (never truncated)."""
+    value = cfg.get(key)
+    if value is None:
+        if default is not None:
+            return default
+        value = _req(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise HFConfigError(f"config.json {key!r} must be an integer (got {value!r})")
+    if value < minimum:
+        raise HFConfigError(f"config.json {key!r} must be >= {minimum} (got {value!r})")
+    return int(value)
+
+
+def _float(cfg: dict[str, Any], key: str, default: float | None = None) -> float:
+    """``cfg[key]`` as a finite float (``default`` when absent or null); anything else names the key."""
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            value = _req(cfg, key)
+        else:
+            return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise HFConfigError(f"config.json {key!r} must be a finite number (got {value!r})")
+    return float(value)
+
+
+def _bool(cfg: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise HFConfigError(f"config.json {key!r} must be true or false (got {value!r})")
+    return value
+
+
+def _rope_scaling(rs: Any) -> RopeScaling | None:
     """HF ``rope_scaling`` dict -> :class:`RopeScaling` (``rope_type`` or legacy ``type`` key)."""
     if not rs:
         return None
+    if not isinstance(rs, dict):
+        raise HFConfigError(f"config.json 'rope_scaling' must be an object or null (got {rs!r})")
     kind = rs.get("rope_type", rs.get("type"))
     if kind in (None, "default"):
         return None
     if kind not in ("llama3", "yarn", "linear"):
         raise HFConfigError(f"unsupported rope_scaling type {kind!r} (supported: llama3, yarn, linear)")
-    kw: dict[str, Any] = {"type": kind, "factor": float(_req(rs, "factor"))}
+    kw: dict[str, Any] = {"type": kind, "factor": _float(rs, "factor")}
     if "original_max_position_embeddings" in rs:
-        kw["original_max_position"] = int(rs["original_max_position_embeddings"])
+        kw["original_max_position"] = _int(rs, "original_max_position_embeddings")
     if kind == "llama3":
-        kw["low_freq_factor"] = float(rs.get("low_freq_factor", 1.0))
-        kw["high_freq_factor"] = float(rs.get("high_freq_factor", 4.0))
+        kw["low_freq_factor"] = _float(rs, "low_freq_factor", 1.0)
+        kw["high_freq_factor"] = _float(rs, "high_freq_factor", 4.0)
     if kind == "yarn":
-        kw["beta_fast"] = float(rs.get("beta_fast", 32.0))
-        kw["beta_slow"] = float(rs.get("beta_slow", 1.0))
+        kw["beta_fast"] = _float(rs, "beta_fast", 32.0)
+        kw["beta_slow"] = _float(rs, "beta_slow", 1.0)
     return RopeScaling(**kw)
 
 
-def _mixtral(cfg: dict[str, Any], kw: dict[str, Any]) -> None:
-    kw["moe"] = MoE(
-        num_experts=int(_req(cfg, "num_local_experts")),
-        top_k=int(_req(cfg, "num_experts_per_tok")),
-        aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.01)),
-        score_func="softmax",
-    )
+def _each(errs: list[str], **getters: Callable[[], Any]) -> dict[str, Any]:
+    """Call every getter; collect the :class:`HFConfigError` messages so all bad keys are reported at once."""
+    out: dict[str, Any] = {}
+    for field, get in getters.items():
+        try:
+            out[field] = get()
+        except HFConfigError as e:
+            errs.append(str(e))
+    return out
 
 
-def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any]) -> None:
-    kw["mla"] = MLA(
-        q_lora_rank=int(cfg["q_lora_rank"]) if cfg.get("q_lora_rank") else None,
-        kv_lora_rank=int(_req(cfg, "kv_lora_rank")),
-        qk_rope_head_dim=int(_req(cfg, "qk_rope_head_dim")),
-        qk_nope_head_dim=int(_req(cfg, "qk_nope_head_dim")),
-        v_head_dim=int(_req(cfg, "v_head_dim")),
-    )
-    kw["head_dim"] = kw["mla"].qk_nope_head_dim + kw["mla"].qk_rope_head_dim  # q/k head dim
+def _mixtral(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    moe = _each(errs, num_experts=lambda: _int(cfg, "num_local_experts"),
+                top_k=lambda: _int(cfg, "num_experts_per_tok"),
+                aux_loss_coef=lambda: _float(cfg, "router_aux_loss_coef", 0.01))
+    if len(moe) == 3:
+        kw["moe"] = MoE(**moe, score_func="softmax")
+
+
+def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    mla = _each(errs, q_lora_rank=lambda: _int(cfg, "q_lora_rank") if cfg.get("q_lora_rank") is not None else None,
+                kv_lora_rank=lambda: _int(cfg, "kv_lora_rank"),
+                qk_rope_head_dim=lambda: _int(cfg, "qk_rope_head_dim"),
+                qk_nope_head_dim=lambda: _int(cfg, "qk_nope_head_dim"),
+                v_head_dim=lambda: _int(cfg, "v_head_dim"))
+    if len(mla) == 5:
+        kw["mla"] = MLA(**mla)
+        kw["head_dim"] = kw["mla"].qk_nope_head_dim + kw["mla"].qk_rope_head_dim  # q/k head dim
     if cfg.get("n_routed_experts"):
-        kw["moe"] = MoE(
-            num_experts=int(cfg["n_routed_experts"]),
-            top_k=int(_req(cfg, "num_experts_per_tok")),
-            num_shared_experts=int(cfg.get("n_shared_experts") or 0),
-            expert_d_ff=int(_req(cfg, "moe_intermediate_size")),
-            dense_layers=int(cfg.get("first_k_dense_replace", 0)),
-            aux_loss_coef=float(cfg.get("aux_loss_alpha", 0.0)),
-            score_func="sigmoid" if cfg.get("scoring_func", "sigmoid") == "sigmoid" else "softmax",
-            expert_bias=cfg.get("topk_method") == "noaux_tc",
-        )
+        moe = _each(errs, num_experts=lambda: _int(cfg, "n_routed_experts"),
+                    top_k=lambda: _int(cfg, "num_experts_per_tok"),
+                    num_shared_experts=lambda: _int(cfg, "n_shared_experts", 0, minimum=0),
+                    expert_d_ff=lambda: _int(cfg, "moe_intermediate_size"),
+                    dense_layers=lambda: _int(cfg, "first_k_dense_replace", 0, minimum=0),
+                    aux_loss_coef=lambda: _float(cfg, "aux_loss_alpha", 0.0))
+        if len(moe) == 6:
+            kw["moe"] = MoE(
+                **moe,
+                score_func="sigmoid" if cfg.get("scoring_func", "sigmoid") == "sigmoid" else "softmax",
+                expert_bias=cfg.get("topk_method") == "noaux_tc",
+            )
 
 
 #: family name -> the hook that reads its extra config keys
-_FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
+_FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
     "mixtral": _mixtral, "deepseek_v3": _deepseek_v3,
 }
 
@@ -106,37 +176,42 @@ _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
 def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Architecture:
     """Translate an HF ``config.json`` (already parsed) into an :class:`Architecture`.
 
-    Raises :class:`HFConfigError` for an unsupported ``model_type`` / activation or a missing key,
-    and pydantic's ``ValidationError`` if the values themselves are invalid.
+    Raises :class:`HFConfigError` for an unsupported ``model_type`` / activation, missing keys or
+    values of the wrong type (``messages`` lists every one), and pydantic's ``ValidationError`` if the
+    values are out of the Architecture's ranges.
     """
     mt = cfg.get("model_type")
-    family = family_for_model_type(mt)
+    family = family_for_model_type(mt) if isinstance(mt, str) else None
     if family is None:
         raise HFConfigError(f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     act = cfg.get("hidden_act", "silu")
-    if act != "silu":
+    if not isinstance(act, str) or act != "silu":
         raise HFConfigError(f"unsupported hidden_act {act!r} (llmc models SwiGLU, i.e. silu)")
 
-    n_heads = int(_req(cfg, "num_attention_heads"))
-    kw: dict[str, Any] = {
-        "name": name,
-        "n_layers": int(_req(cfg, "num_hidden_layers")),
-        "d_model": int(_req(cfg, "hidden_size")),
-        "n_heads": n_heads,
-        "n_kv_heads": int(cfg.get("num_key_value_heads") or n_heads),
-        "d_ff": int(_req(cfg, "intermediate_size")),
-        "vocab_size": int(_req(cfg, "vocab_size")),
-        "tied_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+    errs: list[str] = []
+    heads = _each(errs, n_heads=lambda: _int(cfg, "num_attention_heads"))
+    n_heads = heads.get("n_heads", 1)
+    kw: dict[str, Any] = {"name": name, **heads, **_each(
+        errs,
+        n_layers=lambda: _int(cfg, "num_hidden_layers"),
+        d_model=lambda: _int(cfg, "hidden_size"),
+        # absent or null = MHA (the HF Llama/Mistral/Qwen2 configs default it to num_attention_heads)
+        n_kv_heads=lambda: _int(cfg, "num_key_value_heads", n_heads),
+        d_ff=lambda: _int(cfg, "intermediate_size"),
+        vocab_size=lambda: _int(cfg, "vocab_size"),
+        tied_embeddings=lambda: _bool(cfg, "tie_word_embeddings"),
         # Qwen2 always has q/k/v biases (the HF Qwen2 attention hard-codes bias=True).
-        "qkv_bias": family.qkv_bias or bool(cfg.get("attention_bias", False)),
-        "rope_theta": float(cfg.get("rope_theta", 10000.0)),
-        "rope_scaling": _rope_scaling(cfg.get("rope_scaling")),
-        "norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
-        "max_seq_len": int(_req(cfg, "max_position_embeddings")),
-    }
-    if cfg.get("head_dim"):
-        kw["head_dim"] = int(cfg["head_dim"])
+        qkv_bias=lambda: family.qkv_bias or _bool(cfg, "attention_bias"),
+        rope_theta=lambda: _float(cfg, "rope_theta", 10000.0),
+        rope_scaling=lambda: _rope_scaling(cfg.get("rope_scaling")),
+        norm_eps=lambda: _float(cfg, "rms_norm_eps", 1e-6),
+        max_seq_len=lambda: _int(cfg, "max_position_embeddings"),
+    )}
+    if cfg.get("head_dim") is not None:
+        kw.update(_each(errs, head_dim=lambda: _int(cfg, "head_dim")))
     hook = _FAMILY_HOOKS.get(family.name)
     if hook is not None:
-        hook(cfg, kw)
+        hook(cfg, kw, errs)
+    if errs:
+        raise HFConfigError(*errs)
     return Architecture(**kw)

@@ -21,6 +21,7 @@ M002    d_model not divisible by n_heads while head_dim is unset
 M003    moe.top_k greater than moe.num_experts
 M004    moe.dense_layers greater than n_layers
 M005    tokenizer vocab_size differs from the model's vocab_size
+D004    duplicate data source name (in ``data.sources`` or a stage's)
 G001    duplicate stage name (same code as the compiler's stage-graph check)
 V004    ``serving.N.stage`` names no stage (same code as the compiler's serving check)
 ======  ====================================================================================
@@ -32,6 +33,7 @@ import dataclasses
 import difflib
 import json
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -41,75 +43,160 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from llmc.diagnostics import Diagnostic, SpecError, line_for
-from llmc.spec.hf import HFConfigError, architecture_from_hf_config
+from llmc.spec.facts import MAX_CONFIG_BYTES, read_regular_file
+from llmc.spec.hf import HF_KEY_FOR_FIELD, HFConfigError, architecture_from_hf_config
 from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.presets import PRESETS
 from llmc.spec.schema import STAGE_KINDS, STAGE_TYPES, Data, RunSpec, Serving, StageBase, Tokenizer
 
-__all__ = ["load_spec", "loads_spec", "json_schema"]
+__all__ = ["LoadedSpec", "read_spec", "reads_spec", "load_spec", "loads_spec", "json_schema",
+           "MAX_SPEC_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_NODES"]
+
+#: Largest spec file read (a spec is a few KiB; the largest example is under 8 KiB).
+MAX_SPEC_BYTES = 2**20
+#: Deepest nesting of YAML collections, counted after alias expansion (a spec needs about 6).
+MAX_YAML_DEPTH = 64
+#: Most YAML values (scalars and collections), counting every alias expansion: bounds "billion laughs"
+#: alias bombs (https://en.wikipedia.org/wiki/Billion_laughs_attack), whose expansion is exponential,
+#: and the time PyYAML spends on a huge flat list. The largest example spec has a few hundred.
+MAX_YAML_NODES = 20_000
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def load_spec(path: str | Path) -> tuple[RunSpec, dict[str, int]]:
-    """Read, resolve and validate a YAML run spec.
+@dataclasses.dataclass(frozen=True)
+class LoadedSpec:
+    """Everything the loader learnt from one spec file, read once.
 
-    Returns ``(spec, lines)`` where ``lines`` maps dotted paths to 1-based YAML lines.
-    Raises :class:`SpecError` carrying every diagnostic (never a bare exception or traceback).
+    ``spec_bytes`` are exactly the bytes parsed (hash these: a pipe cannot be read twice).
+    ``run`` is the validated spec, None when ``diagnostics`` has errors. ``partial`` is then a
+    best-effort spec in which every invalid value was replaced by its default (or the list holding
+    it emptied), for compiling the checks that do not depend on the invalid values; None when no such
+    spec exists (e.g. a required section is missing). ``invalid_paths`` are the dotted paths that
+    were invalid (or dropped); diagnostics under them, computed from ``partial``, are meaningless.
     """
-    p = Path(path)
+
+    file: str
+    spec_bytes: bytes
+    lines: dict[str, int]
+    diagnostics: list[Diagnostic]
+    run: RunSpec | None
+    partial: RunSpec | None = None
+    invalid_paths: tuple[str, ...] = ()
+    base_dir: str = "."
+
+    @property
+    def ok(self) -> bool:
+        return self.run is not None
+
+
+def read_spec(path: str | Path) -> LoadedSpec:
+    """Read (once, at most :data:`MAX_SPEC_BYTES`), parse, resolve and validate a spec; never raises
+    for bad input. ``"-"`` reads standard input; pipes such as ``/dev/stdin`` work too."""
     file = str(path)
+    base_dir = "." if file == "-" else str(Path(path).parent)
+
+    def fail(message: str, hint: str = "") -> LoadedSpec:
+        return LoadedSpec(file=file, spec_bytes=b"", lines={}, base_dir=base_dir, run=None,
+                          diagnostics=[_diag("S000", "", message, file=file, hint=hint)])
+
     try:
-        text = p.read_text(encoding="utf-8")
+        if file == "-":
+            data = sys.stdin.buffer.read(MAX_SPEC_BYTES + 1)
+        else:
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
-        raise SpecError([_diag("S000", "", f"spec file not found: {file}", file=file,
-                               hint="check the path")]) from None
+        return fail(f"spec file not found: {file}", "check the path")
     except IsADirectoryError:
-        raise SpecError([_diag("S000", "", f"spec path is a directory: {file}", file=file,
-                               hint="pass the YAML file")]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError([_diag("S000", "", f"cannot read spec: {e}", file=file)]) from None
-    return loads_spec(text, file=file, base_dir=p.parent)
+        return fail(f"spec path is a directory: {file}", "pass the YAML file")
+    except OSError as e:
+        return fail(f"cannot read spec: {_one_line(e.strerror or str(e))}", "check the path and its permissions")
+    if len(data) > MAX_SPEC_BYTES:
+        return fail(f"spec is larger than {MAX_SPEC_BYTES // 2**20} MiB", "a run spec is a few KiB of YAML")
+    return reads_spec(data, file=file, base_dir=base_dir)
 
 
-def loads_spec(text: str, file: str = "<spec>", base_dir: str | Path = ".") -> tuple[RunSpec, dict[str, int]]:
-    """Like :func:`load_spec` for YAML text; ``base_dir`` resolves relative ``hf_config`` paths."""
+def reads_spec(source: str | bytes, file: str = "<spec>", base_dir: str | Path = ".") -> LoadedSpec:
+    """Like :func:`read_spec` for YAML text or bytes; ``base_dir`` resolves relative ``hf_config`` paths."""
+    data = source.encode("utf-8", "surrogatepass") if isinstance(source, str) else bytes(source)
+
+    def done(diags: list[Diagnostic], lines: dict[str, int] | None = None, run: RunSpec | None = None,
+             partial: RunSpec | None = None, invalid: tuple[str, ...] = ()) -> LoadedSpec:
+        return LoadedSpec(file=file, spec_bytes=data, lines=lines or {}, diagnostics=diags, run=run,
+                          partial=partial if run is None else run, invalid_paths=invalid, base_dir=str(base_dir))
+
+    if len(data) > MAX_SPEC_BYTES:
+        return done([_diag("S000", "", f"spec is larger than {MAX_SPEC_BYTES // 2**20} MiB", file=file,
+                           hint="a run spec is a few KiB of YAML")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return done([_diag("S000", "", f"spec is not UTF-8 text (byte {e.start})", file=file,
+                           hint="save the file as UTF-8")])
     raw, lines, diags = _parse_yaml(text, file)
     if raw is None and diags:
-        raise SpecError(diags)
+        return done(diags, lines)
     if not isinstance(raw, dict):
         got = "an empty file" if raw is None else _got(raw)
-        raise SpecError(diags + [_diag("S002", "", f"a spec must be a YAML mapping (got {got})", line=1,
-                                       file=file, hint="start with `name: my-run`")])
+        return done(diags + [_diag("S002", "", f"a spec must be a YAML mapping (got {got})", line=1,
+                                   file=file, hint="start with `name: my-run`")], lines)
 
     ctx = _Ctx(file=file, lines=lines, diags=diags)
     # An empty section (`serving:` with nothing under it) is YAML null: treat it as absent.
-    data = {k: v for k, v in raw.items() if not (v is None and k in _OPTIONAL_SECTIONS)}
-    ctx.raw = data
+    data_ = {k: v for k, v in raw.items() if not (v is None and k in _OPTIONAL_SECTIONS)}
+    ctx.raw = data_
     model_ok = True
-    if "model" in data:
-        resolved = _resolve_model(data["model"], Path(base_dir), ctx)
+    if "model" in data_:
+        resolved = _resolve_model(data_["model"], Path(base_dir), ctx)
         if resolved is None:
             model_ok = False
-            data.pop("model")
+            data_.pop("model")
         else:
-            data["model"] = resolved
+            data_["model"] = resolved
 
+    run = None
+    invalid: list[str] = []
     try:
-        run = RunSpec.model_validate(data)
+        run = RunSpec.model_validate(data_)
     except ValidationError as e:
-        run = None
         for err in e.errors():
             if not model_ok and err["loc"][:1] == ("model",):
                 continue  # already reported by the model resolution
             ctx.diags.append(_from_pydantic(err, ctx))
+    if not model_ok:
+        invalid.append("model")
 
-    ctx.diags.extend(_checks_from_raw(data, ctx))
-    if any(d.severity == "error" for d in ctx.diags):
-        raise SpecError(_dedupe(ctx.diags))
-    assert run is not None
-    return run, lines
+    ctx.diags.extend(_checks_from_raw(data_, ctx))
+    diags = _dedupe(ctx.diags)
+    if not any(d.severity == "error" for d in diags):
+        assert run is not None
+        return done(diags, lines, run)
+    partial, dropped = _best_effort(data_, ctx) if model_ok else (None, [])
+    invalid += dropped
+    invalid += [d.path for d in diags if d.severity == "error" and d.path]
+    return done(diags, lines, None, partial, tuple(dict.fromkeys(invalid)))
+
+
+def load_spec(path: str | Path) -> tuple[RunSpec, dict[str, int]]:
+    """Read, resolve and validate a YAML run spec (see :func:`read_spec`).
+
+    Returns ``(spec, lines)`` where ``lines`` maps dotted paths to 1-based YAML lines.
+    Raises :class:`SpecError` carrying every diagnostic (never a bare exception or traceback).
+    """
+    return _unwrap_loaded(read_spec(path))
+
+
+def loads_spec(text: str | bytes, file: str = "<spec>", base_dir: str | Path = ".") -> tuple[RunSpec, dict[str, int]]:
+    """Like :func:`load_spec` for YAML text; ``base_dir`` resolves relative ``hf_config`` paths."""
+    return _unwrap_loaded(reads_spec(text, file=file, base_dir=base_dir))
+
+
+def _unwrap_loaded(loaded: LoadedSpec) -> tuple[RunSpec, dict[str, int]]:
+    if loaded.run is None:
+        raise SpecError(loaded.diagnostics)
+    return loaded.run, loaded.lines
 
 
 def json_schema() -> dict[str, Any]:
@@ -192,59 +279,152 @@ _YAML_HINTS = [
 ]
 
 
+class _YAMLLimit(Exception):
+    """The YAML is well-formed but beyond what a spec needs (too deep, too many nodes, a cycle)."""
+
+    def __init__(self, message: str, node: Any, hint: str):
+        super().__init__(message)
+        self.message, self.line, self.hint = message, node.start_mark.line + 1, hint
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than :data:`MAX_YAML_DEPTH` and more than :data:`MAX_YAML_NODES` values
+    from the event stream, before composing (PyYAML's composer recurses once per level, so a deep
+    document would exhaust the stack, and a huge flat list would take seconds per pass)."""
+    depth = nodes = 0
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, yaml.NodeEvent):
+            nodes += 1
+            if nodes > MAX_YAML_NODES:
+                raise _YAMLLimit(f"more than {MAX_YAML_NODES:,} values", ev, "a run spec has a few hundred")
+        if isinstance(ev, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise _YAMLLimit(f"nesting deeper than {MAX_YAML_DEPTH} levels", ev,
+                                 "a spec is a few levels deep; flatten the structure")
+        elif isinstance(ev, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _measure(node: yaml.Node, depth: int, stack: set[int], memo: dict[int, tuple[int, int]]) -> int:
+    """Nodes under ``node`` with every alias expanded (memoised, so shared anchors cost once); raises
+    :class:`_YAMLLimit` for a cycle (an alias inside its own anchor), expanded depth beyond
+    :data:`MAX_YAML_DEPTH` or more than :data:`MAX_YAML_NODES` nodes."""
+    key = id(node)
+    if key in stack:
+        raise _YAMLLimit("an alias refers to an anchor that contains it (a recursive structure)", node,
+                         "a spec must be a tree; copy the values instead of nesting an anchor in itself")
+    if key in memo:
+        size, height = memo[key]
+    else:
+        if depth > MAX_YAML_DEPTH:
+            raise _YAMLLimit(f"nesting deeper than {MAX_YAML_DEPTH} levels (after expanding aliases)", node,
+                             "a spec is a few levels deep")
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        stack.add(key)
+        size, height = 1, 1
+        for child in children:
+            size += _measure(child, depth + 1, stack, memo)
+            height = max(height, 1 + memo[id(child)][1])
+            if size > MAX_YAML_NODES:
+                break
+        stack.discard(key)
+        memo[key] = (size, height)
+    if depth + memo[key][1] - 1 > MAX_YAML_DEPTH:
+        raise _YAMLLimit(f"nesting deeper than {MAX_YAML_DEPTH} levels (after expanding aliases)", node,
+                         "a spec is a few levels deep")
+    if size > MAX_YAML_NODES:
+        raise _YAMLLimit(f"more than {MAX_YAML_NODES:,} values after expanding aliases", node,
+                         "every alias expands to a copy of its anchor; this looks like an alias bomb")
+    return size
+
+
 def _parse_yaml(text: str, file: str) -> tuple[Any, dict[str, int], list[Diagnostic]]:
-    """Compose (for marks) and construct (for values) in one pass; map every path to its line."""
+    """Compose (for marks) and construct (for values); map every path to its line.
+
+    Bounded: nesting at most :data:`MAX_YAML_DEPTH` deep and at most :data:`MAX_YAML_NODES` values
+    after alias expansion, checked before anything walks the expanded tree."""
     try:
+        _check_depth(text)
         loader = yaml.SafeLoader(text)
     except yaml.reader.ReaderError as e:  # control characters: the reader refuses before parsing
         line = text[: e.position].count("\n") + 1
         return None, {}, [_diag("S002", "", f"YAML error: character {e.character:#x} is not allowed", file=file,
                                 line=line, hint="remove control characters from the file")]
+    except _YAMLLimit as e:
+        return None, {}, [_diag("S002", "", f"YAML too complex: {e.message}", file=file, line=e.line, hint=e.hint)]
+    except yaml.MarkedYAMLError as e:
+        return None, {}, [_yaml_syntax(e, file)]
+    except yaml.YAMLError as e:
+        return None, {}, [_diag("S002", "", f"YAML error: {_one_line(str(e))}", file=file)]
     try:
         node = loader.get_single_node()
+        lines: dict[str, int] = {}
+        diags: list[Diagnostic] = []
+        if node is not None:
+            _measure(node, 1, set(), {})
+            _walk(node, "", lines, diags, file)  # before constructing: that flattens ``<<`` merges in place
         raw = loader.construct_document(node) if node is not None else None
+    except _YAMLLimit as e:
+        return None, {}, [_diag("S002", "", f"YAML too complex: {e.message}", file=file, line=e.line, hint=e.hint)]
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        if e.context_mark is not None and "stream" in (e.problem or ""):
-            mark = e.context_mark  # unclosed quote/bracket: point at where it was opened, not at EOF
-        problem = e.problem or "invalid YAML"
-        if e.context:
-            problem = f"{problem} ({e.context})"
-        hint = next((h for pat, h in _YAML_HINTS if pat in problem), "check indentation, colons and quotes")
-        return None, {}, [_diag("S002", "", f"YAML syntax error: {problem}", file=file,
-                                line=mark.line + 1 if mark else None, hint=hint)]
+        return None, {}, [_yaml_syntax(e, file)]
     except yaml.YAMLError as e:
-        return None, {}, [_diag("S002", "", f"YAML error: {e}", file=file)]
+        return None, {}, [_diag("S002", "", f"YAML error: {_one_line(str(e))}", file=file)]
     finally:
         loader.dispose()
-    lines: dict[str, int] = {}
-    diags: list[Diagnostic] = []
-    if node is not None:
-        _walk(node, "", lines, diags, file)
     return raw, lines, diags
 
 
-def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], diags: list[Diagnostic], file: str) -> None:
+def _yaml_syntax(e: yaml.MarkedYAMLError, file: str) -> Diagnostic:
+    mark = e.problem_mark or e.context_mark
+    if e.context_mark is not None and "stream" in (e.problem or ""):
+        mark = e.context_mark  # unclosed quote/bracket: point at where it was opened, not at EOF
+    problem = e.problem or "invalid YAML"
+    if e.context:
+        problem = f"{problem} ({e.context})"
+    problem = _one_line(problem)
+    hint = next((h for pat, h in _YAML_HINTS if pat in problem), "check indentation, colons and quotes")
+    return _diag("S002", "", f"YAML syntax error: {problem}", file=file, line=mark.line + 1 if mark else None,
+                 hint=hint)
+
+
+def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], diags: list[Diagnostic], file: str,
+          merged: bool = False) -> None:
+    """Record the line of every path; report duplicate keys. Keys merged in with ``<<`` (YAML merge
+    key, https://yaml.org/type/merge.html) keep their anchors' lines and yield to explicit keys."""
     if isinstance(node, yaml.MappingNode):
+        explicit = {str(k.value) for k, _ in node.value if k.value != "<<"}
         seen: set[str] = set()
         for k, v in node.value:
             key = str(k.value)
-            if key == "<<":  # merge key: the merged entries keep their own anchors' lines
-                if isinstance(v, yaml.MappingNode):
-                    _walk(v, prefix, lines, diags, file)
+            if key == "<<":
+                for m in v.value if isinstance(v, yaml.SequenceNode) else [v]:
+                    if isinstance(m, yaml.MappingNode):
+                        for mk, mv in m.value:
+                            mkey = str(mk.value)
+                            if mkey != "<<" and mkey not in explicit:
+                                mpath = f"{prefix}.{_seg(mkey)}" if prefix else _seg(mkey)
+                                lines.setdefault(mpath, mk.start_mark.line + 1)
+                                _walk(mv, mpath, lines, diags, file, merged=True)
                 continue
             path = f"{prefix}.{_seg(key)}" if prefix else _seg(key)
-            if key in seen:
+            if key in seen and not merged:
                 diags.append(_diag("S006", path, f"duplicate key {key!r}", file=file, line=k.start_mark.line + 1,
                                    hint="the later value would silently replace the earlier one"))
             seen.add(key)
             lines[path] = k.start_mark.line + 1
-            _walk(v, path, lines, diags, file)
+            _walk(v, path, lines, diags, file, merged)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             path = f"{prefix}.{i}" if prefix else str(i)
             lines[path] = item.start_mark.line + 1
-            _walk(item, path, lines, diags, file)
+            _walk(item, path, lines, diags, file, merged)
 
 
 # --- model resolution
@@ -321,12 +501,16 @@ def _load_hf(hf: Any, base_dir: Path, ctx: _Ctx) -> dict[str, Any] | None:
     if f.is_dir():
         f = f / "config.json"
     try:
-        cfg = json.loads(f.read_text(encoding="utf-8"))
+        cfg = json.loads(read_regular_file(f, MAX_CONFIG_BYTES).decode("utf-8"))
     except FileNotFoundError:
         ctx.diags.append(ctx.diag("S005", path, f"HF config not found: {f}", "paths are relative to the spec file"))
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        ctx.diags.append(ctx.diag("S005", path, f"cannot read HF config {f}: {e}"))
+    except RecursionError:
+        ctx.diags.append(ctx.diag("S005", path, f"cannot read HF config {f}: JSON nested too deeply"))
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        ctx.diags.append(ctx.diag("S005", path, f"cannot read HF config {f}: {_one_line(str(e))}",
+                                  "a Hugging Face config.json (a regular file of at most 4 MiB)"))
         return None
     if not isinstance(cfg, dict):
         ctx.diags.append(ctx.diag("S005", path, f"HF config {f} is not a JSON object"))
@@ -335,12 +519,14 @@ def _load_hf(hf: Any, base_dir: Path, ctx: _Ctx) -> dict[str, Any] | None:
     try:
         arch = architecture_from_hf_config(cfg, name=name or "custom")
     except HFConfigError as e:
-        ctx.diags.append(ctx.diag("S005", path, str(e)))
+        ctx.diags.extend(ctx.diag("S005", path, _one_line(m)) for m in e.messages)
         return None
     except ValidationError as e:
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            ctx.diags.append(ctx.diag("S005", path, f"{f.name}: {loc} {_human_message(err)}"))
+            key = HF_KEY_FOR_FIELD.get(str(err["loc"][0])) if err["loc"] else None
+            where = f"{loc} (config.json {key!r})" if key else loc
+            ctx.diags.append(ctx.diag("S005", path, f"{f.name}: {where} {_human_message(err)}"))
         return None
     return arch.model_dump(exclude_unset=True)
 
@@ -431,7 +617,9 @@ def _human_message(err: dict[str, Any]) -> str:
         return f"must be one of {ctx.get('expected')} (got {got})"
     if t in ("int_parsing", "int_type", "int_from_float"):
         return f"must be an integer (got {got})"
-    if t in ("float_parsing", "float_type", "finite_number"):
+    if t == "finite_number":
+        return f"must be a finite number (got {got})"
+    if t in ("float_parsing", "float_type"):
         return f"must be a number (got {got})"
     if t in ("bool_parsing", "bool_type"):
         return f"must be true or false (got {got})"
@@ -472,6 +660,11 @@ def _clean_loc(loc: tuple, raw: Any) -> tuple:
             cur = None
         out.append(part)
     return tuple(out)
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters (newlines from a file's content) escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _seg(part: Any) -> str:
@@ -524,6 +717,92 @@ def _from_pydantic(err: dict[str, Any], ctx: _Ctx, prefix: tuple = (), root: typ
         opts = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
         hint = _did_you_mean(str(err.get("input")), opts) if opts else ""
     return ctx.diag("S002", path, _human_message(err), hint)
+
+
+# --- best-effort spec (for compiling the checks that do not depend on the invalid values)
+
+#: placeholder for an invalid run name in the best-effort spec (the name feeds no number)
+_PLACEHOLDER_NAME = "invalid-name"
+
+
+def _tree_copy(value: Any) -> Any:
+    """A copy of the YAML value with no shared parts (aliases), so dropping a key drops it once."""
+    if isinstance(value, dict):
+        return {k: _tree_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tree_copy(v) for v in value]
+    return value
+
+
+def _path_loc(path: str, data: Any) -> tuple:
+    """A diagnostic's dotted path as a loc into ``data``: a segment is a list index only inside a list."""
+    loc: list = []
+    cur = data
+    for part in path.split(".") if path else []:
+        if isinstance(cur, list) and part.isascii() and part.isdigit():
+            loc.append(int(part))
+            cur = cur[int(part)] if int(part) < len(cur) else None
+        else:
+            loc.append(part)
+            cur = cur.get(part) if isinstance(cur, dict) else None
+    return tuple(loc)
+
+
+def _drop_target(loc: tuple, missing: bool) -> tuple:
+    """What to remove for an error at ``loc``: the value itself (its default then applies), the holder
+    of a missing required field, and a whole list rather than one element (indices must not shift)."""
+    t = loc[:-1] if missing else loc
+    if t and isinstance(t[-1], int):
+        t = t[:-1]
+    return t
+
+
+def _drop(data: dict[str, Any], target: tuple) -> bool:
+    """Remove ``target`` from ``data``; False when it cannot be removed (a required top-level section)."""
+    if target == ("name",):
+        data["name"] = _PLACEHOLDER_NAME
+        return True
+    if not target or target[0] in ("model", "data", "hardware") and len(target) == 1:
+        return False
+    cur: Any = data
+    for part in target[:-1]:
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(part, int) and isinstance(cur, list) and 0 <= part < len(cur):
+            cur = cur[part]
+        else:
+            return True  # already gone with a parent
+    if isinstance(cur, dict):
+        cur.pop(target[-1], None)
+    return True
+
+
+def _best_effort(data: dict[str, Any], ctx: _Ctx) -> tuple[RunSpec | None, list[str]]:
+    """A valid RunSpec built from ``data`` with every invalid value removed (its default applies, or the
+    list holding it is emptied); None when a required section itself is invalid. Also the dotted paths
+    removed. Values the structural checks refused (e.g. n_kv_heads not dividing n_heads) are removed
+    too, so that the compiler never sees a spec the loader would refuse."""
+    data = _tree_copy(data)
+    dropped: list[str] = []
+
+    def drop(target: tuple) -> bool:
+        dropped.append(".".join(str(p) for p in target))
+        return _drop(data, target)
+
+    for d in ctx.diags:
+        # S006: the later value of a duplicate key is a valid value; keep it (its path is still invalid)
+        if d.severity == "error" and d.path and d.code != "S006" and not d.path.startswith("model.hf_config"):
+            if not drop(_drop_target(_path_loc(d.path, data), missing=d.code == "S003")):
+                return None, dropped
+    for _ in range(8):
+        try:
+            return RunSpec.model_validate(data), dropped
+        except ValidationError as e:
+            for err in e.errors():
+                loc = _clean_loc(tuple(err["loc"]), data)
+                if not drop(_drop_target(loc, missing=err["type"] in ("missing", "union_tag_not_found"))):
+                    return None, dropped
+    return None, dropped
 
 
 # --- structural checks (pure validation, no math)
@@ -605,6 +884,15 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
                                     f"tokenizer vocab_size ({d.tokenizer.vocab_size}) differs from the model's "
                                     f"vocab_size ({arch.vocab_size})",
                                     "they must match: the embedding has one row per token"))
+    for prefix, d in datas:
+        seen: dict[str, int] = {}
+        for j, src in enumerate(d.sources if d is not None else []):
+            if src.name in seen:
+                out.append(ctx.diag("D004", f"{prefix}.sources.{j}.name", f"duplicate data source name {src.name!r}",
+                                    f"already used by {prefix}.sources.{seen[src.name]}; names key the "
+                                    "tokenized shards, so the second source would never be trained on"))
+            else:
+                seen[src.name] = j
     names: dict[str, int] = {}
     for i, s in enumerate(stages):
         if s is None:

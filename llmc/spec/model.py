@@ -7,31 +7,57 @@ A spec's ``model:`` entry is a preset name, a preset with overrides, a Hugging F
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-_CFG = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+#: Every spec model: unknown keys refused, frozen, and no infinities or NaN in any float field
+#: (``.inf``, ``.nan`` or an overflowing ``1e400`` would turn every derived number into inf/nan).
+_CFG = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
-class MoE(BaseModel):
-    """Mixture-of-experts feed-forward (Mixtral / DeepSeek-MoE style)."""
+def refuse_bool(value: Any) -> Any:
+    """Refuse YAML ``true``/``false`` where a number is wanted: Python's bool is an int, so pydantic's lax
+    mode would read ``count: true`` as 1."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
+#: An int that refuses ``true``/``false`` (and, as pydantic does, floats with a fraction).
+Int = Annotated[int, BeforeValidator(refuse_bool)]
+#: A float that refuses ``true``/``false`` (infinities and NaN are refused by :data:`_CFG`).
+Float = Annotated[float, BeforeValidator(refuse_bool)]
+
+
+#: Most transformer blocks llmc plans for: published LLMs have at most ~126 (Llama 3.1 405B), the deepest
+#: trained Transformer 1,000 (DeepNet, Wang et al. 2022, arXiv:2203.00555); the parallelism search
+#: enumerates pipeline splits per layer count, so this also bounds its work.
+MAX_LAYERS = 1024
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model (:data:`_CFG`)."""
 
     model_config = _CFG
 
-    num_experts: int = Field(gt=0)
+
+class MoE(SpecModel):
+    """Mixture-of-experts feed-forward (Mixtral / DeepSeek-MoE style)."""
+
+    num_experts: Int = Field(gt=0)
     """Routed experts per MoE layer (Mixtral 8, DeepSeek-V3 256)."""
-    top_k: int = Field(gt=0)
+    top_k: Int = Field(gt=0)
     """Routed experts each token is sent to (Mixtral 2, DeepSeek-V3 8)."""
-    num_shared_experts: int = Field(default=0, ge=0)
+    num_shared_experts: Int = Field(default=0, ge=0)
     """Always-on shared experts per MoE layer (DeepSeek-V3 1)."""
-    expert_d_ff: int | None = Field(default=None, gt=0)
+    expert_d_ff: Int | None = Field(default=None, gt=0)
     """Hidden size of one expert's SwiGLU. None = the model's d_ff (Mixtral)."""
-    dense_layers: int = Field(default=0, ge=0)
+    dense_layers: Int = Field(default=0, ge=0)
     """The first N layers use a dense FFN of width d_ff (DeepSeek-V3 first_k_dense_replace=3)."""
     router_bias: bool = False
     """Router (gate) linear has a bias. Llama/Mixtral/DeepSeek: False."""
-    aux_loss_coef: float = Field(default=0.01, ge=0)
+    aux_loss_coef: Float = Field(default=0.01, ge=0)
     """Load-balancing loss coefficient (Switch Transformer 0.01). 0 = none / aux-free."""
     score_func: Literal["softmax", "sigmoid"] = "softmax"
     """Router score function (Mixtral softmax, DeepSeek-V3 sigmoid)."""
@@ -40,76 +66,70 @@ class MoE(BaseModel):
     ``e_score_correction_bias``, ``topk_method: noaux_tc``): num_experts extra parameters per MoE layer."""
 
 
-class MLA(BaseModel):
+class MLA(SpecModel):
     """Multi-head latent attention (DeepSeek-V2/V3)."""
 
-    model_config = _CFG
-
-    q_lora_rank: int | None = Field(default=None, gt=0)
+    q_lora_rank: Int | None = Field(default=None, gt=0)
     """Rank of the query down-projection. None = full-rank wq (DeepSeek-V2-Lite)."""
-    kv_lora_rank: int = Field(gt=0)
+    kv_lora_rank: Int = Field(gt=0)
     """Rank of the joint KV down-projection (DeepSeek-V3 512)."""
-    qk_rope_head_dim: int = Field(gt=0)
+    qk_rope_head_dim: Int = Field(gt=0)
     """Per-head dims carrying RoPE (DeepSeek-V3 64)."""
-    qk_nope_head_dim: int = Field(gt=0)
+    qk_nope_head_dim: Int = Field(gt=0)
     """Per-head dims without RoPE (DeepSeek-V3 128)."""
-    v_head_dim: int = Field(gt=0)
+    v_head_dim: Int = Field(gt=0)
     """Per-head value dims (DeepSeek-V3 128)."""
 
 
-class RopeScaling(BaseModel):
+class RopeScaling(SpecModel):
     """RoPE frequency scaling for context extension."""
-
-    model_config = _CFG
 
     type: Literal["llama3", "yarn", "linear"]
     """Scaling rule: Llama-3.1 band scaling, YaRN, or plain linear position interpolation."""
-    factor: float = Field(gt=0)
+    factor: Float = Field(gt=0)
     """Context extension factor (Llama-3.1: 8, YaRN for 4k->128k: 32)."""
-    original_max_position: int = Field(default=8192, gt=0)
+    original_max_position: Int = Field(default=8192, gt=0)
     """Context length the base model was trained at."""
-    low_freq_factor: float = 1.0
+    low_freq_factor: Float = 1.0
     """llama3 rule only."""
-    high_freq_factor: float = 4.0
+    high_freq_factor: Float = 4.0
     """llama3 rule only."""
-    beta_fast: float = 32.0
+    beta_fast: Float = 32.0
     """yarn rule only."""
-    beta_slow: float = 1.0
+    beta_slow: Float = 1.0
     """yarn rule only."""
 
 
-class Architecture(BaseModel):
+class Architecture(SpecModel):
     """An explicit Llama-style decoder: RMSNorm, RoPE, GQA (or MLA), SwiGLU, optional MoE."""
-
-    model_config = _CFG
 
     name: str = "custom"
     """Display name (the preset name when resolved from a preset)."""
-    n_layers: int = Field(gt=0)
-    """Transformer blocks."""
-    d_model: int = Field(gt=0)
+    n_layers: Int = Field(gt=0, le=MAX_LAYERS)
+    """Transformer blocks (at most 1024)."""
+    d_model: Int = Field(gt=0)
     """Residual stream width."""
-    n_heads: int = Field(gt=0)
+    n_heads: Int = Field(gt=0)
     """Query heads."""
-    n_kv_heads: int | None = Field(default=None, gt=0)
+    n_kv_heads: Int | None = Field(default=None, gt=0)
     """KV heads for GQA. None = n_heads (MHA); 1 = MQA. Must divide n_heads."""
-    head_dim: int | None = Field(default=None, gt=0)
+    head_dim: Int | None = Field(default=None, gt=0)
     """Per-head dim. None = d_model // n_heads."""
-    d_ff: int = Field(gt=0)
+    d_ff: Int = Field(gt=0)
     """SwiGLU hidden size of a dense FFN (Llama-3-8B 14336)."""
-    vocab_size: int = Field(gt=0)
+    vocab_size: Int = Field(gt=0)
     """Tokenizer vocabulary size, embedding rows (Llama-3 128256)."""
     tied_embeddings: bool = False
     """Output head shares the token-embedding matrix."""
     qkv_bias: bool = False
     """Bias on the q/k/v projections (Qwen2)."""
-    rope_theta: float = Field(default=10_000.0, gt=0)
+    rope_theta: Float = Field(default=10_000.0, gt=0)
     """RoPE base (Llama-2 10000, Llama-3 500000)."""
     rope_scaling: RopeScaling | None = None
     """Optional RoPE scaling for long context."""
-    norm_eps: float = Field(default=1e-5, gt=0)
+    norm_eps: Float = Field(default=1e-5, gt=0)
     """RMSNorm epsilon."""
-    max_seq_len: int = Field(default=8192, gt=0)
+    max_seq_len: Int = Field(default=8192, gt=0)
     """Longest context the model is configured for (RoPE tables, serving default)."""
     moe: MoE | None = None
     """Mixture-of-experts FFN; None = dense."""

@@ -7,18 +7,38 @@ compiler's outputs, never written back here.
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from llmc.spec.model import Architecture
+from llmc.spec.model import Architecture, Float, Int, SpecModel, refuse_bool
 from llmc.spec.numbers import HumanFloat
 
-_CFG = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-#: Run and stage names become job names and folder names: no spaces, slashes or leading dots.
+#: Run, stage and data-source names become job names, file names and folder names: no spaces,
+#: slashes or leading dots (so never ``..``, an absolute path or a hidden file).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_NAME_RE = re.compile(NAME_PATTERN)
+#: Longest name: a path component is limited to 255 bytes on common filesystems (POSIX NAME_MAX).
+MAX_NAME_LEN = 128
+#: Largest world size llmc plans for (the largest published runs use ~10^5 GPUs); bounds the search.
+MAX_GPUS = 2**20
+
+#: A simple name (see :data:`NAME_PATTERN`), at most :data:`MAX_NAME_LEN` characters.
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME_LEN)]
+#: Adam beta: the decay of a moving average, in [0, 1) (Kingma & Ba 2015, arXiv:1412.6980 Algorithm 1).
+Beta = Annotated[Float, Field(ge=0, lt=1)]
+
+
+def relative_folder(value: str) -> str:
+    """A folder under the job's output directory: relative, ``/``-separated simple names, no ``..``."""
+    parts = value.split("/")
+    if not value or value.startswith("/") or len(value) > 256 or "" in parts[:-1] or any(
+            not _NAME_RE.match(p) or len(p) > MAX_NAME_LEN for p in parts if p != ""):
+        raise ValueError(f"must be a relative folder of simple names (letters, digits, '.', '_', '-'; "
+                         f"no '..', no leading '/' or '.'; at most 256 characters) (got {value[:80]!r})")
+    return value.rstrip("/")
 
 
 class ModelRef(BaseModel):
@@ -36,20 +56,18 @@ class ModelRef(BaseModel):
     """Path to a Hugging Face ``config.json`` (relative to the spec file)."""
 
 
-class Source(BaseModel):
+class Source(SpecModel):
     """One data source of the mixture."""
 
-    model_config = _CFG
-
-    name: str
-    """Short name used in reports and logs."""
+    name: Name
+    """Short name used in reports, logs and file names (letters, digits, ``.``, ``_``, ``-``)."""
     path: str | None = None
     """Local file, directory or glob (text, .jsonl with a text field, or .parquet). None = planning only."""
     format: Literal["text", "jsonl", "parquet", "builtin"] = "jsonl"
     """File format; ``builtin`` = a corpus llmc generates offline (``python-docs``)."""
     text_field: str = "text"
     """Field holding the document text (jsonl/parquet)."""
-    weight: float = Field(default=1.0, gt=0)
+    weight: Float = Field(default=1.0, gt=0)
     """Mixture weight (normalised over sources)."""
     tokens: HumanFloat | None = Field(default=None, gt=0)
     """Unique tokens available in this source; used to warn about repeated epochs."""
@@ -57,162 +75,147 @@ class Source(BaseModel):
     """What the source is, for the forgetting / mixture checks."""
 
 
-class Tokenizer(BaseModel):
+class Tokenizer(SpecModel):
     """Tokenizer: a local HF ``tokenizer.json`` directory, or one trained locally."""
-
-    model_config = _CFG
 
     path: str | None = None
     """Directory with ``tokenizer.json`` (HF format). None with ``train`` = train one locally."""
     train: bool = False
     """Train a byte-level BPE with the ``tokenizers`` library on the data sources (offline)."""
-    vocab_size: int | None = Field(default=None, gt=0)
+    vocab_size: Int | None = Field(default=None, gt=0)
     """Vocabulary size; must equal the model's vocab_size. None = the model's."""
-    chat_template: str | None = None
+    chat_template: Name | None = None
     """Chat template name (``llama3``, ``chatml``) for SFT/DPO/GRPO stages."""
 
 
-class Data(BaseModel):
+class Data(SpecModel):
     """Training data for the (pre-)training stage."""
-
-    model_config = _CFG
 
     sources: list[Source] = Field(default_factory=list)
     """Mixture sources; weights are normalised."""
     tokenizer: Tokenizer = Field(default_factory=Tokenizer)
     """Tokenizer to use."""
-    seq_len: int = Field(gt=0)
+    seq_len: Int = Field(gt=0)
     """Packed sequence length in tokens (documents joined with EOS)."""
     tokens: HumanFloat = Field(gt=0)
     """Total training tokens (D), e.g. ``15.6e12`` or ``15.6T``."""
 
 
-class GpuOverrides(BaseModel):
+class GpuOverrides(SpecModel):
     """Per-field overrides of the hardware table's GPU, or a custom GPU (unknown ``hardware.gpu`` key with
     ``base`` or at least bf16_tflops, hbm_gib and hbm_tbps). None = the table's value."""
-
-    model_config = _CFG
 
     base: str | None = None
     """Table key to start from (for a custom key)."""
     name: str | None = None
     """Display name."""
-    bf16_tflops: float | None = Field(default=None, gt=0)
+    bf16_tflops: Float | None = Field(default=None, gt=0)
     """Dense BF16 tensor peak in TFLOPS (not the 2:4 sparsity figure)."""
-    fp8_tflops: float | None = Field(default=None, gt=0)
+    fp8_tflops: Float | None = Field(default=None, gt=0)
     """Dense FP8 tensor peak in TFLOPS."""
-    fp32_tflops: float | None = Field(default=None, gt=0)
+    fp32_tflops: Float | None = Field(default=None, gt=0)
     """Plain FP32 peak in TFLOPS."""
-    hbm_gib: float | None = Field(default=None, gt=0)
+    hbm_gib: Float | None = Field(default=None, gt=0)
     """Device memory in GiB."""
-    hbm_tbps: float | None = Field(default=None, gt=0)
+    hbm_tbps: Float | None = Field(default=None, gt=0)
     """Memory bandwidth in TB/s."""
-    power_w: float | None = Field(default=None, gt=0)
+    power_w: Float | None = Field(default=None, gt=0)
     """Board power limit in W."""
-    nvlink_gbps: float | None = Field(default=None, ge=0)
+    nvlink_gbps: Float | None = Field(default=None, ge=0)
     """Scale-up bandwidth per GPU per direction in GB/s (0 = none)."""
-    nvlink_domain: int | None = Field(default=None, gt=0)
+    nvlink_domain: Int | None = Field(default=None, gt=0)
     """GPUs sharing one NVLink domain (GB200 NVL72: 72). None = gpus_per_node."""
 
 
-class Hardware(BaseModel):
+class Hardware(SpecModel):
     """The cluster."""
-
-    model_config = _CFG
 
     gpu: str
     """GPU type, a key of the hardware table (``llmc gpus``), e.g. ``h100-sxm``; ``cpu`` for local runs."""
-    count: int = Field(gt=0)
-    """Total accelerators (world size)."""
-    gpus_per_node: int | None = Field(default=None, gt=0)
+    count: Int = Field(gt=0, le=MAX_GPUS)
+    """Total accelerators (world size), at most 2**20."""
+    gpus_per_node: Int | None = Field(default=None, gt=0, le=1024)
     """Accelerators per node. None = the hardware table's default (8 for HGX)."""
-    usd_per_gpu_hour: float | None = Field(default=None, ge=0)
+    usd_per_gpu_hour: Float | None = Field(default=None, ge=0)
     """Price per GPU-hour. None = the hardware table's reference price."""
-    inter_node_gbps: float | None = Field(default=None, gt=0)
+    inter_node_gbps: Float | None = Field(default=None, gt=0)
     """Network bandwidth per GPU in Gbit/s. None = the table's default (400 Gb/s per GPU)."""
     gpu_overrides: GpuOverrides | None = None
     """Override table fields of ``gpu`` (peaks, HBM, power, NVLink) or define a custom GPU."""
 
 
-class Budget(BaseModel):
+class Budget(SpecModel):
     """Limits the plan must respect; each that binds is reported."""
 
-    model_config = _CFG
-
-    max_days: float | None = Field(default=None, gt=0)
+    max_days: Float | None = Field(default=None, gt=0)
     """Wall-clock limit in days."""
     max_usd: HumanFloat | None = Field(default=None, gt=0)
     """Compute spend limit in US dollars."""
 
 
-class Optimizer(BaseModel):
+class Optimizer(SpecModel):
     """AdamW settings; None = size-aware default (reported as a default)."""
-
-    model_config = _CFG
 
     name: Literal["adamw"] = "adamw"
     """Only AdamW is supported by every backend llmc emits."""
-    lr: float | None = Field(default=None, gt=0)
+    lr: Float | None = Field(default=None, gt=0)
     """Peak learning rate. None = size-aware default (3e-4 at 1B -> 1e-4 at 70B, log-interpolated)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam betas (LLM pre-training uses beta2 = 0.95)."""
-    eps: float = Field(default=1e-8, gt=0)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
+    """Adam betas, each in [0, 1) (LLM pre-training uses beta2 = 0.95)."""
+    eps: Float = Field(default=1e-8, gt=0)
     """Adam epsilon."""
-    weight_decay: float = Field(default=0.1, ge=0)
+    weight_decay: Float = Field(default=0.1, ge=0)
     """Decoupled weight decay (PyTorch AdamW: theta -= lr * wd * theta)."""
 
 
-class Schedule(BaseModel):
+class Schedule(SpecModel):
     """Learning-rate schedule."""
-
-    model_config = _CFG
 
     kind: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
     """Warmup then cosine decay, warmup-stable-decay, linear decay, or constant."""
-    warmup_steps: int | None = Field(default=None, ge=0)
+    warmup_steps: Int | None = Field(default=None, ge=0)
     """Linear warmup steps. None = 1% of steps (at least 1 when steps > 1)."""
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    min_lr_ratio: Float = Field(default=0.1, ge=0, le=1)
     """Final LR as a fraction of peak (~10%)."""
-    decay_fraction: float = Field(default=0.2, gt=0, le=1)
+    decay_fraction: Float = Field(default=0.2, gt=0, le=1)
     """wsd only: fraction of steps spent decaying at the end."""
 
 
-class Checkpoint(BaseModel):
+class Checkpoint(SpecModel):
     """Checkpointing."""
 
-    model_config = _CFG
-
-    interval_steps: int | None = Field(default=None, gt=0)
+    interval_steps: Int | None = Field(default=None, gt=0)
     """Steps between checkpoints. None = about every 30 minutes of predicted wall time, within [50, 1000]."""
     async_mode: bool | None = None
     """Asynchronous checkpointing. None = on when the state is larger than 100 GB."""
-    keep_latest: int = Field(default=3, gt=0)
+    keep_latest: Int = Field(default=3, gt=0)
     """How many checkpoints to keep."""
     folder: str = "checkpoints"
-    """Folder under the job's output directory."""
+    """Folder under the job's output directory (relative; simple names separated by ``/``)."""
+
+    @field_validator("folder")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        return relative_folder(value)
 
 
-class LossSpike(BaseModel):
+class LossSpike(SpecModel):
     """Loss-spike detection with rewind-and-skip."""
-
-    model_config = _CFG
 
     enabled: bool = False
     """Watch the loss for spikes."""
-    threshold: float = Field(default=3.0, gt=0)
+    threshold: Float = Field(default=3.0, gt=0)
     """A spike is loss > mean + threshold * std over the window."""
-    window: int = Field(default=50, gt=1)
+    window: Int = Field(default=50, gt=1)
     """Steps in the running window."""
-    skip_batches: int = Field(default=1, ge=0)
+    skip_batches: Int = Field(default=1, ge=0)
     """On a spike: rewind to the last checkpoint and skip this many batches past the spike."""
-    max_rewinds: int = Field(default=3, ge=0)
+    max_rewinds: Int = Field(default=3, ge=0)
     """Give up (stop with an error) after this many rewinds."""
 
 
-class Training(BaseModel):
+class Training(SpecModel):
     """How the (pre-)training stage is run."""
-
-    model_config = _CFG
 
     precision: Literal["bf16", "fp8", "fp32"] = "bf16"
     """Compute precision of matmuls. fp8 needs Hopper or newer."""
@@ -222,9 +225,9 @@ class Training(BaseModel):
     """Optimizer."""
     schedule: Schedule = Field(default_factory=Schedule)
     """LR schedule."""
-    grad_clip: float | None = Field(default=1.0, gt=0)
+    grad_clip: Float | None = Field(default=1.0, gt=0)
     """Global grad-norm clip. None = no clipping (warned)."""
-    z_loss: float = Field(default=0.0, ge=0)
+    z_loss: Float = Field(default=0.0, ge=0)
     """Output z-loss coefficient (1e-4 .. 1e-5 for large runs)."""
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)
     """Checkpointing."""
@@ -233,11 +236,11 @@ class Training(BaseModel):
     init_hf: str | None = None
     """Start pre-training (a run without ``stages``) from a Hugging Face checkpoint: a local directory or a
     Hub id in the local HF cache, as ``stages[].init_hf`` (continued pre-training of an existing model)."""
-    seed: int = 0
+    seed: Int = 0
     """Random seed."""
-    steps: int | None = Field(default=None, gt=0)
+    steps: Int | None = Field(default=None, gt=0)
     """Optimizer steps. None = data.tokens / global_batch_tokens."""
-    log_every: int = Field(default=10, gt=0)
+    log_every: Int = Field(default=10, gt=0)
     """Steps between metric lines."""
     backend: Literal["auto", "torchtitan", "deepspeed", "native"] = "auto"
     """Backend the plan is computed for (its memory layout and overlap); ``auto`` = llmc picks one and says why."""
@@ -245,30 +248,28 @@ class Training(BaseModel):
     """torch.compile. None = the backend's default (on for torchtitan, off for native and DeepSpeed)."""
 
 
-class Parallelism(BaseModel):
+class Parallelism(SpecModel):
     """Optional pins for the parallelism search; None = let llmc search."""
 
-    model_config = _CFG
-
-    dp_replicate: int | None = Field(default=None, gt=0)
+    dp_replicate: Int | None = Field(default=None, gt=0)
     """Data-parallel replicas (DDP / the replicate dim of HSDP)."""
-    dp_shard: int | None = Field(default=None, gt=0)
+    dp_shard: Int | None = Field(default=None, gt=0)
     """FSDP / ZeRO-3 shard degree."""
-    tp: int | None = Field(default=None, gt=0)
+    tp: Int | None = Field(default=None, gt=0)
     """Tensor parallel degree (within a node)."""
-    pp: int | None = Field(default=None, gt=0)
+    pp: Int | None = Field(default=None, gt=0)
     """Pipeline parallel degree."""
     pp_schedule: Literal["1F1B", "Interleaved1F1B", "GPipe", "ZBVZeroBubble"] | None = None
     """Pipeline schedule."""
-    cp: int | None = Field(default=None, gt=0)
+    cp: Int | None = Field(default=None, gt=0)
     """Context parallel degree."""
-    ep: int | None = Field(default=None, gt=0)
+    ep: Int | None = Field(default=None, gt=0)
     """Expert parallel degree (MoE only)."""
-    micro_batch: int | None = Field(default=None, gt=0)
+    micro_batch: Int | None = Field(default=None, gt=0)
     """Sequences per GPU per micro-step."""
     activation_checkpointing: Literal["none", "selective", "full"] | None = None
     """Activation recomputation."""
-    zero_stage: Literal[0, 1, 2, 3] | None = None
+    zero_stage: Annotated[Literal[0, 1, 2, 3] | None, BeforeValidator(refuse_bool)] = None
     """DeepSpeed ZeRO stage for the DeepSpeed backend. None = derived from the plan."""
     offload_optimizer: bool = False
     """Offload optimizer states to CPU (DeepSpeed)."""
@@ -288,16 +289,14 @@ POSTTRAIN_KINDS = CHAT_KINDS
 PREFERENCE_KINDS: tuple[str, ...] = ("dpo", "grpo")
 
 
-class LoRA(BaseModel):
+class LoRA(SpecModel):
     """LoRA / QLoRA adapters."""
 
-    model_config = _CFG
-
-    rank: int = Field(default=16, gt=0)
+    rank: Int = Field(default=16, gt=0)
     """Adapter rank r (typical 4-64)."""
-    alpha: float = Field(default=32.0, gt=0)
+    alpha: Float = Field(default=32.0, gt=0)
     """Scaling alpha; the update is (alpha / r) * B @ A."""
-    dropout: float = Field(default=0.05, ge=0, lt=1)
+    dropout: Float = Field(default=0.05, ge=0, lt=1)
     """Dropout on the adapter input."""
     targets: list[Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3"]] = Field(
         default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
@@ -307,16 +306,14 @@ class LoRA(BaseModel):
     """QLoRA: keep the frozen base in 4-bit NF4."""
 
 
-class StageBase(BaseModel):
+class StageBase(SpecModel):
     """Fields every stage kind has; stages consume each other's checkpoints."""
 
-    model_config = _CFG
-
-    name: str = Field(pattern=NAME_PATTERN)
+    name: Name
     """Unique stage name (letters, digits, ``.``, ``_``, ``-``; used in folder names)."""
     kind: StageKind
     """What the stage does."""
-    init_from: str | None = None
+    init_from: Name | None = None
     """Name of the stage whose final checkpoint initialises this one. None = ``init_hf`` or random init."""
     init_hf: str | None = None
     """Start from a Hugging Face checkpoint: a local directory (config.json + safetensors; relative to the
@@ -324,17 +321,17 @@ class StageBase(BaseModel):
     against the spec's model. Not together with ``init_from``."""
     data: Data | None = None
     """Stage data. None = the top-level data (pretrain/midtrain only)."""
-    lr: float | None = Field(default=None, gt=0)
+    lr: Float | None = Field(default=None, gt=0)
     """Peak LR. None = size-aware default for the stage kind."""
-    steps: int | None = Field(default=None, gt=0)
+    steps: Int | None = Field(default=None, gt=0)
     """Optimizer steps. None = data.tokens / batch."""
     global_batch_tokens: HumanFloat | None = Field(default=None, gt=0)
     """Tokens per step. None = default for the stage kind."""
     lora: LoRA | None = None
     """Train LoRA/QLoRA adapters instead of all weights."""
-    general_data_fraction: float | None = Field(default=None, ge=0, le=1)
+    general_data_fraction: Float | None = Field(default=None, ge=0, le=1)
     """Share of general data mixed in against forgetting (warned below 10%)."""
-    seq_len: int | None = Field(default=None, gt=0)
+    seq_len: Int | None = Field(default=None, gt=0)
     """Training sequence length. None = data.seq_len (grpo: max_prompt_tokens + max_new_tokens)."""
 
     @model_validator(mode="after")
@@ -363,7 +360,7 @@ class LongContextStage(StageBase):
 
     kind: Literal["long_context"]
     """``long_context``."""
-    rope_theta: float | None = Field(default=None, gt=0)
+    rope_theta: Float | None = Field(default=None, gt=0)
     """New RoPE base (theta scaling)."""
     rope_scaling: dict | None = None
     """RoPE scaling, as in Architecture.rope_scaling (e.g. {type: yarn, factor: 4})."""
@@ -383,7 +380,7 @@ class DPOStage(StageBase):
 
     kind: Literal["dpo"]
     """``dpo``."""
-    dpo_beta: float | None = Field(default=None, gt=0)
+    dpo_beta: Float | None = Field(default=None, gt=0)
     """Beta of the DPO loss (default 0.1)."""
 
 
@@ -392,17 +389,17 @@ class GRPOStage(StageBase):
 
     kind: Literal["grpo"]
     """``grpo``."""
-    grpo_group_size: int | None = Field(default=None, gt=0)
+    grpo_group_size: Int | None = Field(default=None, gt=0)
     """Completions per prompt G (default 8)."""
-    grpo_kl_coef: float | None = Field(default=None, ge=0)
+    grpo_kl_coef: Float | None = Field(default=None, ge=0)
     """KL coefficient against the reference (default 0.04)."""
-    grpo_clip: float = Field(default=0.2, gt=0)
+    grpo_clip: Float = Field(default=0.2, gt=0)
     """PPO ratio clip epsilon."""
-    max_new_tokens: int | None = Field(default=None, gt=0)
+    max_new_tokens: Int | None = Field(default=None, gt=0)
     """Generation length per completion (default 256)."""
-    prompts_per_step: int | None = Field(default=None, gt=0)
+    prompts_per_step: Int | None = Field(default=None, gt=0)
     """Prompts per optimizer step (each sampled G times). None = 1024 // G (DeepSeekMath batch 1024)."""
-    max_prompt_tokens: int | None = Field(default=None, gt=0)
+    max_prompt_tokens: Int | None = Field(default=None, gt=0)
     """Prompt length budget for the rollout cost / KV cache (default 512)."""
     reward: Literal["arithmetic", "none"] | None = None
     """Verifier (``arithmetic`` checks the answer exactly with sympy)."""
@@ -430,39 +427,35 @@ def make_stage(**fields: typing.Any) -> StageBase:
 # ----------------------------------------------------------------------------- serving
 
 
-class Serving(BaseModel):
+class Serving(SpecModel):
     """A serving target (vLLM or SGLang)."""
-
-    model_config = _CFG
 
     engine: Literal["vllm", "sglang"] = "vllm"
     """Inference engine."""
     gpu: str | None = None
     """GPU type. None = the training GPU."""
-    gpus: int | None = Field(default=None, gt=0)
+    gpus: Int | None = Field(default=None, gt=0)
     """GPUs per replica. None = the fewest that fit (tensor parallel within a node)."""
-    max_model_len: int | None = Field(default=None, gt=0)
+    max_model_len: Int | None = Field(default=None, gt=0)
     """Context length to serve. None = the training seq_len (or the long-context stage's)."""
-    concurrency: int = Field(default=64, gt=0)
+    concurrency: Int = Field(default=64, gt=0)
     """Concurrent sequences at max_model_len that must fit in the KV cache."""
     quantization: Literal["none", "fp8", "awq", "gptq"] = "none"
     """Weight quantization."""
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     """KV cache dtype (auto = the model dtype)."""
-    gpu_memory_utilization: float = Field(default=0.90, gt=0, le=0.99)
+    gpu_memory_utilization: Float = Field(default=0.90, gt=0, le=0.99)
     """Fraction of GPU memory the engine may use."""
     prefix_caching: bool = True
     """Automatic prefix caching."""
-    stage: str | None = None
+    stage: Name | None = None
     """Serve this stage's checkpoint. None = the last stage."""
 
 
-class RunSpec(BaseModel):
+class RunSpec(SpecModel):
     """A whole llmc run."""
 
-    model_config = _CFG
-
-    name: str = Field(pattern=NAME_PATTERN)
+    name: Name
     """Run name; used for job names and output folders (letters, digits, ``.``, ``_``, ``-``)."""
     model: Architecture
     """The resolved model architecture (the YAML may give a preset name, overrides or hf_config)."""
@@ -485,7 +478,7 @@ class RunSpec(BaseModel):
 
 
 __all__ = [
-    "NAME_PATTERN", "ModelRef", "Source", "Tokenizer", "Data", "Hardware", "Budget", "Optimizer", "Schedule",
+    "NAME_PATTERN", "MAX_NAME_LEN", "MAX_GPUS", "Name", "relative_folder", "ModelRef", "Source", "Tokenizer", "Data", "Hardware", "Budget", "Optimizer", "Schedule",
     "Checkpoint", "LossSpike", "Training", "Parallelism", "StageKind", "STAGE_KINDS", "LM_KINDS", "CHAT_KINDS",
     "POSTTRAIN_KINDS", "PREFERENCE_KINDS", "LoRA", "StageBase", "PretrainStage", "MidtrainStage", "LongContextStage", "SFTStage",
     "DPOStage", "GRPOStage", "STAGE_TYPES", "Stage", "make_stage", "Serving", "GpuOverrides", "RunSpec",
