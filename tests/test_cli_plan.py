@@ -38,7 +38,7 @@ def test_plan_json_has_required_keys():
 
 
 BAD = {
-    # S004 Ch7's DeepSeek layout: TP16 x PP8 x DP64 = 8192 GPUs, not 2048
+    # degrees whose product (16 x 8 x 64 = 8192) is not the GPU count (2048)
     "P001": "name: x\nmodel: llama3-8b\nhardware: {gpu: h100-sxm, count: 2048}\ndata: {seq_len: 4096, tokens: 1T}\n"
             "parallelism:\n  tp: 16\n  pp: 8\n  dp_shard: 64\n",
     "S007": "name: x\nmodel: llama3-8b\nhardware: {gpu: h100-sxn, count: 8}\ndata: {seq_len: 4096, tokens: 1T}\n",
