@@ -4,8 +4,9 @@ API
 ---
 ``parse_override(text) -> Override``
     ``"training.optimizer.lr=3e-4"`` -> ``Override(path="training.optimizer.lr", value=0.0003)``. The value
-    is read as one YAML scalar or flow collection (``yaml.safe_load``: ``true``, ``8``, ``3e-4``,
-    ``[1, 2]``, ``"quoted text"``); ``ValueError`` with a one-line reason for a malformed override.
+    is read as one YAML scalar or flow collection (``yaml.safe_load``: ``true``, ``8``, ``[1, 2]``,
+    ``"quoted text"``; ``3e-4`` is a float, as in YAML 1.2 section 10.2.1.4, though PyYAML's YAML 1.1
+    resolver reads it as a string); ``ValueError`` with a one-line reason for a malformed override.
     A path part that is a non-negative integer indexes a list (``stages.0.steps=10``).
 ``apply_overrides(mapping, overrides) -> dict``
     A deep copy of ``mapping`` with every override applied in order; missing mappings on the way are
@@ -31,6 +32,7 @@ from typing import Any
 
 import yaml
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.([A-Za-z_][A-Za-z0-9_-]*|[0-9]+))*$")
 
 
@@ -57,6 +59,8 @@ def parse_override(text: str) -> Override:
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "invalid YAML"
         raise ValueError(f"--set {key}: value {raw!r} is not a YAML scalar ({first})") from None
+    if isinstance(value, str) and _FLOAT.match(raw.strip()):
+        value = float(raw)  # YAML 1.2 reads 3e-4 as a number; PyYAML (YAML 1.1) needs a dot
     return Override(path=key, value=value, text=text)
 
 
