@@ -1,4 +1,4 @@
-"""llmc command line: plan | build | launch | schema | presets | gpus.
+"""llmc command line: plan | build | launch | report | calibrate | schema | presets | gpus.
 
 Thin by design: load, compile, render, print or write, exit (0 ok, 1 errors, 2 usage).
 This is the only module that writes files. User errors never show a traceback.
@@ -119,7 +119,8 @@ def _for_build(compiled, spec: Path, build_dir: Path):
     import dataclasses
 
     rel = Path(os.path.relpath(spec.resolve(), build_dir.resolve())).as_posix()
-    return dataclasses.replace(compiled, spec_path=rel)
+    diags = [dataclasses.replace(d, file=rel) if d.file == compiled.spec_path else d for d in compiled.diagnostics]
+    return dataclasses.replace(compiled, spec_path=rel, diagnostics=diags)
 
 
 @app.command()
@@ -148,7 +149,8 @@ def build(
     try:
         res = write_build(out, files, protect=[spec])
     except BuildDirError as e:
-        _fail([f"{out}: error[X010] {e.message}" + (f" ({e.hint})" if e.hint else "")])
+        msg = e.message.removeprefix(f"{out.resolve()}: ")  # the line names the directory as given
+        _fail([f"{out}: error[X010] {msg}" + (f" ({e.hint})" if e.hint else "")])
     for d in build_warnings(compiled):
         typer.echo(d.render(), err=True)
     typer.echo(f"wrote {len(res.written)} of {len(files)} files to {out}"
