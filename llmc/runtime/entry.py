@@ -178,6 +178,28 @@ def check_outputs(job: TrainJob, root: Path, out: Path | None) -> None:
         raise ValueError(f"unsafe output path: {e}") from None
 
 
+class _stage_lock:
+    """Rank 0 holds ``llmc.runtime.runlock.RunLock(out)`` while the stage runs: one trainer per stage
+    folder, whichever launcher started it (``llmc launch``, the emitted scripts, by hand)."""
+
+    def __init__(self, out: Path):
+        self.out, self.lock = out, None
+
+    def __enter__(self):
+        if int(os.environ.get("RANK", "0")) == 0:
+            from llmc.runtime.runlock import RunLock, RunLockBusy
+
+            try:
+                self.lock = RunLock(self.out).acquire()
+            except RunLockBusy as e:
+                raise ValueError(str(e)) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text)
@@ -225,37 +247,38 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
     if resume and done.exists():
         _say(f"{job.stage}: already done ({done}); nothing to do")
         return json.loads(done.read_text())
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    assets = _prepare_collective(job, assets_root)
-    info = init_distributed()
-    if world > 1 and rank == 0:
-        import torch.distributed as dist
+    with _stage_lock(out):
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        assets = _prepare_collective(job, assets_root)
+        info = init_distributed()
+        if world > 1 and rank == 0:
+            import torch.distributed as dist
 
-        dist.barrier()  # release the ranks waiting in _prepare_collective
-    assets = _stage_assets(job, assets)
-    init_ckpt = None
-    if job.init_from:
-        init_ckpt = out.parent / job.init_from
-        if not (init_ckpt / "DONE.json").exists():
-            raise ValueError(f"stage {job.stage!r} starts from stage {job.init_from!r}, which has not finished "
-                             f"({init_ckpt / 'DONE.json'} missing)")
-    try:
-        if job.kind in NATIVE_KINDS:
-            from llmc.runtime.train import train
+            dist.barrier()  # release the ranks waiting in _prepare_collective
+        assets = _stage_assets(job, assets)
+        init_ckpt = None
+        if job.init_from:
+            init_ckpt = out.parent / job.init_from
+            if not (init_ckpt / "DONE.json").exists():
+                raise ValueError(f"stage {job.stage!r} starts from stage {job.init_from!r}, which has not finished "
+                                 f"({init_ckpt / 'DONE.json'} missing)")
+        try:
+            if job.kind in NATIVE_KINDS:
+                from llmc.runtime.train import train
 
-            return train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
-                         fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
-        if job.kind in POSTTRAIN_KINDS:
-            if rank != 0:  # the post-training loops are single-process: rank 0 runs the stage alone
-                _say(f"{job.stage}: {job.kind} runs in one process (rank 0); rank {rank} has nothing to do")
-                return {"stage": job.stage, "status": "idle", "rank": rank}
-            from llmc.runtime import posttrain
+                return train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
+                             fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
+            if job.kind in POSTTRAIN_KINDS:
+                if rank != 0:  # the post-training loops are single-process: rank 0 runs the stage alone
+                    _say(f"{job.stage}: {job.kind} runs in one process (rank 0); rank {rank} has nothing to do")
+                    return {"stage": job.stage, "status": "idle", "rank": rank}
+                from llmc.runtime import posttrain
 
-            return posttrain.run_stage(job, out, assets=assets)
-        raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
-    finally:
-        shutdown()
+                return posttrain.run_stage(job, out, assets=assets)
+            raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
+        finally:
+            shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
