@@ -236,6 +236,23 @@ def test_interrupted_launch_stops_the_whole_process_group(tmp_path):
             break
         time.sleep(0.1)
     grandchild = int(pidfile.read_text())
+    # supervise() installs its signal forwarding right after starting the child and its guard process
+    # (whose argv carries our pid): wait for the guard so the signal meets the handler, not the default
+    def guard_up() -> bool:
+        for d in Path("/proc").iterdir():
+            try:
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"-c" in argv and str(p.pid).encode() in argv and d.name != str(p.pid):
+                return True
+        return False
+
+    for _ in range(100):
+        if guard_up():
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=30) == 128 + signal.SIGTERM
     for _ in range(50):
