@@ -1,4 +1,4 @@
-"""llmc command line: plan | build | launch | schema | presets | gpus.
+"""llmc command line: plan | build | launch | report | calibrate | schema | presets | gpus.
 
 Thin by design: load, compile, render, print or write, exit (0 ok, 1 errors, 2 usage).
 This is the only module that writes files. User errors never show a traceback.
@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -26,18 +24,34 @@ def _fail(lines: list[str]) -> None:
     raise typer.Exit(1)
 
 
-def _compile(spec: Path):
-    """Load + compile; on spec errors print every one (one line each) and exit 1."""
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a spec field before validation: key.path=value (YAML scalar); repeatable.")]
+FitOpt = Annotated[bool, typer.Option("--no-fit-check", help="Search as if every layout fitted in memory.")]
+CalOpt = Annotated[Path | None, typer.Option(
+    "--calibration", help="Calibration JSON from `llmc calibrate` (overrides the spec's calibration:).")]
+
+
+def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = True,
+             calibration: Path | None = None):
+    """Load (with --set overrides) + compile; on spec errors print every one (one line each) and exit 1."""
     from llmc.compiler.compile import compile_spec
     from llmc.diagnostics import SpecError, errors
+    from llmc.overrides import load_with_overrides, override_bytes, parse_override
     from llmc.spec.facts import gather_facts
-    from llmc.spec.load import load_spec
 
+    overrides = []
+    for text in sets or []:
+        try:
+            overrides.append(parse_override(text))
+        except ValueError as e:
+            _fail([f"error[S001] {e}"])
     try:
-        run, lines = load_spec(spec)
+        run, lines = load_with_overrides(spec, overrides)
+        cal = _calibration(spec, run, calibration)
         # the spec file is read once more, here, for the sha256 recorded in every artifact
-        compiled = compile_spec(run, spec_path=str(spec), yaml_lines=lines, spec_bytes=spec.read_bytes(),
-                                facts=gather_facts(run, spec.parent))
+        compiled = compile_spec(run, spec_path=str(spec), yaml_lines=lines,
+                                spec_bytes=spec.read_bytes() + override_bytes(overrides),
+                                facts=gather_facts(run, spec.parent), calibration=cal, fit_check=fit_check)
     except SpecError as e:
         _fail([d.render() for d in e.diagnostics])
     errs = errors(compiled.diagnostics)
@@ -46,16 +60,34 @@ def _compile(spec: Path):
     return compiled
 
 
+def _calibration(spec: Path, run, option: Path | None):
+    """The Calibration named by --calibration (relative to the cwd) or the spec's ``calibration:``
+    (relative to the spec file); None when neither is given."""
+    if option is None and not run.calibration:
+        return None
+    from llmc.measurements import MeasurementError, load_calibration
+
+    try:
+        if option is not None:
+            return load_calibration(option)
+        return load_calibration(run.calibration, str(spec))
+    except MeasurementError as e:
+        _fail([e.located()])
+
+
 @app.command()
 def plan(
     spec: Annotated[Path, typer.Argument(help="Run spec (YAML).")],
     format: Annotated[str, typer.Option("--format", "-f", help="text or json")] = "text",
     diff: Annotated[Path | None, typer.Option("--diff", help="Compare with an earlier plan.lock.json.")] = None,
+    set_: SetOpt = None,
+    no_fit_check: FitOpt = False,
+    calibration: CalOpt = None,
 ) -> None:
     """Validate the spec, do the math, search a parallelism plan and print the report."""
     if format not in ("text", "json"):
         _fail([f"error: --format must be 'text' or 'json' (got {format!r})"])
-    compiled = _compile(spec)
+    compiled = _compile(spec, set_, fit_check=not no_fit_check, calibration=calibration)
     if diff is not None:
         from llmc.emit.lock import diff_lock
         from llmc.lockfile import read_lock
@@ -64,7 +96,14 @@ def plan(
             old = read_lock(diff)
         except ValueError as e:
             _fail([f"{diff}: error[X001] {e}"])
-        typer.echo(diff_lock(old, compiled, fmt=format))
+        # the spec path as a build next to that lock would record it (relative to the lock's folder)
+        here = _for_build(compiled, spec, diff.resolve().parent)
+        try:
+            text = diff_lock(old, here, fmt=format)
+        except (AttributeError, TypeError, KeyError, ValueError) as e:
+            _fail([f"{diff}: error[X001] malformed lockfile: {type(e).__name__}: {e} "
+                   "(rebuild it with `llmc build`)"])
+        typer.echo(text)
         return
     if format == "json":
         typer.echo(json.dumps(compiled.to_json(), indent=2, sort_keys=True))
@@ -74,111 +113,214 @@ def plan(
         report.print_report(compiled)
 
 
+def _for_build(compiled, spec: Path, build_dir: Path):
+    """The compiled run as its build records it: the spec path relative to the build directory, so no
+    artifact depends on the directory ``llmc build`` ran from."""
+    import dataclasses
+
+    rel = Path(os.path.relpath(spec.resolve(), build_dir.resolve())).as_posix()
+    diags = [dataclasses.replace(d, file=rel) if d.file == compiled.spec_path else d for d in compiled.diagnostics]
+    return dataclasses.replace(compiled, spec_path=rel, diagnostics=diags)
+
+
 @app.command()
 def build(
     spec: Annotated[Path, typer.Argument(help="Run spec (YAML).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (default build/<name>).")] = None,
+    set_: SetOpt = None,
+    no_fit_check: FitOpt = False,
+    calibration: CalOpt = None,
 ) -> None:
-    """Compile the spec and write the deterministic job artifacts (atomically)."""
-    compiled = _compile(spec)
+    """Compile the spec and write the deterministic job artifacts (crash-safe; only llmc's own files)."""
+    from llmc.buildfs import BuildDirError, write_build
+
+    if out is not None and out.exists() and not out.is_dir():
+        _fail([f"{out}: error[X011] -o names a file, not a directory (give the build directory to write)"])
+    compiled = _compile(spec, set_, fit_check=not no_fit_check, calibration=calibration)
     from llmc.diagnostics import SpecError
     from llmc.emit import build_warnings, render_artifacts
 
+    out = out or Path("build") / compiled.spec.name
+    here = _for_build(compiled, spec, out)
     try:
-        files = render_artifacts(compiled)
+        files = render_artifacts(here)
     except SpecError as e:
         _fail([d.render() for d in e.diagnostics])
-    out = out or Path("build") / compiled.spec.name
-    _write_tree_atomic(out, files)
+    try:
+        res = write_build(out, files, protect=[spec])
+    except BuildDirError as e:
+        msg = e.message.removeprefix(f"{out.resolve()}: ")  # the line names the directory as given
+        _fail([f"{out}: error[X010] {msg}" + (f" ({e.hint})" if e.hint else "")])
     for d in build_warnings(compiled):
         typer.echo(d.render(), err=True)
-    typer.echo(f"wrote {len(files)} files to {out}")
+    typer.echo(f"wrote {len(res.written)} of {len(files)} files to {out}"
+               + (f" ({len(res.unchanged)} unchanged)" if res.unchanged else "")
+               + (f", removed {len(res.removed)} stale" if res.removed else ""))
     for name in sorted(files):
         typer.echo(f"  {name}")
-
-
-def _write_tree_atomic(out: Path, files: dict[str, str]) -> None:
-    """Write all files into a temp dir next to ``out``, then swap it in; nothing half-written."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        for name, text in files.items():
-            p = tmp / name
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(text)
-            if name.endswith(".sh") or name.endswith(".sbatch"):
-                p.chmod(0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @app.command()
 def launch(
     build_dir: Annotated[Path, typer.Argument(help="A directory written by `llmc build`.")],
     backend: Annotated[str | None, typer.Option(
-        help="native, torchtitan or deepspeed (default: native, or torchtitan when the plan uses pp/cp/ep)")] = None,
+        help="native, torchtitan or deepspeed (default: the backend the plan was computed for)")] = None,
     nproc: Annotated[int | None, typer.Option(help="Processes per node (default: from the plan, or 1 on CPU).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and exit.")] = False,
     stage: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Launch even if plan.lock.json was edited by hand.")] = False,
 ) -> None:
-    """Run a built job: torchrun for native/torchtitan, the deepspeed launcher for DeepSpeed."""
-    from llmc.launch import LaunchError, launch_commands
+    """Run a built job: torchrun for native/torchtitan, the deepspeed launcher for DeepSpeed.
+
+    One launch per build at a time; stages run in order and finished ones are skipped, so after a
+    failure, fix the cause and run the same command again."""
+    from llmc.buildfs import BuildDirError, recover
+    from llmc.launch import LaunchError, check_lock_integrity, launch_commands
 
     try:
+        if build_dir.is_dir():
+            recover(build_dir)
+        problem = check_lock_integrity(build_dir)
+        if problem and not force:
+            raise LaunchError(f"{problem} (rebuild with `llmc build`, or pass --force to launch it as it is)")
+        if problem:
+            typer.echo(f"{build_dir}: warning[L004] {problem}; launching anyway (--force)", err=True)
         cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage)
-    except LaunchError as e:
+    except (LaunchError, BuildDirError) as e:
         _fail([f"{build_dir}: error[L001] {e}"])
     import shlex
 
     for c in cmds:
         typer.echo("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in c.env.items()) + (" " if c.env else "")
                    + shlex.join(c.argv))
-        if dry_run:
-            continue
-        if c.skip_reason:
-            typer.echo(f"  skipped: {c.skip_reason}")
-            continue
-        rc = _run_child(c.argv, env={**os.environ, **c.env}, cwd=c.cwd)
-        if rc != 0:
-            _fail([f"{build_dir}: error[L002] stage {c.stage!r} exited with code {rc}"])
+    if dry_run:
+        return
+    from llmc.runtime.runlock import RunLock, RunLockBusy
 
-
-def _run_child(argv: list[str], env: dict, cwd) -> int:
-    """Run one launch command in its own process group; if llmc is interrupted or terminated, the
-    whole group (torchrun / deepspeed and their workers) is stopped too, so nothing is left behind."""
-    import signal
-    import subprocess
-
-    proc = subprocess.Popen(argv, env=env, cwd=cwd, start_new_session=True)
-
-    def stop(signum, _frame):
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        raise SystemExit(128 + signum)
-
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    b = build_dir.resolve()
     try:
-        return proc.wait()
-    except SystemExit:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        raise
+        lock = RunLock(b / "run").acquire()
+    except RunLockBusy as e:
+        _fail([f"{build_dir}: error[L003] {e}"])
+    try:
+        for c in cmds:
+            if c.skip_reason:
+                typer.echo(f"{c.stage}: skipped: {c.skip_reason}")
+                continue
+            log = b / "run" / (c.stage if c.stage != "prepare" else ".prepare") / "stderr.log"
+            rc, cause = _run_logged(c.argv, env={**os.environ, **c.env}, cwd=c.cwd, log=log)
+            if rc != 0:
+                rel = os.path.relpath(log)
+                _fail([f"{build_dir}: error[L002] stage {c.stage!r} failed (exit {rc}): {cause} "
+                       f"(fix it and rerun `llmc launch {shlex.quote(str(build_dir))}`: finished stages are "
+                       f"skipped; full log: {rel})"])
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        lock.release()
+
+
+def _run_logged(argv: list[str], env: dict, cwd, log: Path) -> tuple[int, str]:
+    """Run one stage command under ``supervise`` (its process group never outlives llmc, even on SIGHUP
+    or SIGKILL) with its stderr shown live and appended to ``log``; returns (exit code, the last error
+    line of this attempt's stderr)."""
+    import threading
+
+    from llmc.runtime.runlock import supervise
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    saved = os.dup(2)
+    with open(log, "ab") as f:
+        start = f.tell()
+
+        def pump() -> None:
+            show = True
+            while chunk := os.read(r, 65536):
+                f.write(chunk)
+                f.flush()
+                if show:
+                    try:
+                        os.write(saved, chunk)
+                    except OSError:  # the terminal went away (SIGHUP): keep logging
+                        show = False
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        os.dup2(w, 2)  # the child inherits the pipe as its stderr
+        os.close(w)
+        try:
+            rc = supervise(argv, env=env, cwd=cwd)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)  # drops our copy of the pipe's write end: the pump sees EOF
+            t.join(timeout=10)
+            os.close(saved)
+            if not t.is_alive():
+                os.close(r)
+    return rc, last_error_line(log.read_bytes()[start:].decode("utf-8", "replace"))
+
+
+def last_error_line(text: str) -> str:
+    """The line of a child's stderr that says what went wrong: llmc's own one-line error if there is one,
+    else the last Python exception line, else the last non-empty line."""
+    import re
+
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for pat in (r"error\[[A-Z]+\d*\]", r"^[\w.]*(Error|Exception|Interrupt)\b.*:", r"^[\w.]*(Error|Exception)\b"):
+        hits = [ln for ln in lines if re.search(pat, ln)]
+        if hits:
+            return hits[-1][:400]
+    return lines[-1][:400] if lines else "no error output (see the log)"
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A build directory, or its run/ (or one stage's) directory.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (default <run dir>/report).")]
+    = None,
+) -> None:
+    """Plot a run's measured metrics against the build's predictions (PNGs and report.html)."""
+    from llmc.lockfile import LOCK_FILE, read_lock
+    from llmc.runreport import make_report
+
+    rd = run_dir.resolve()
+    if (rd / LOCK_FILE).exists():
+        build_dir, rd = rd, rd / "run"
+    else:
+        build_dir = next((p for p in rd.parents if (p / LOCK_FILE).exists()), None)
+        if build_dir is None:
+            _fail([f"{run_dir}: error[L010] no {LOCK_FILE} here or above (give a build directory or its run/)"])
+    try:
+        lock = read_lock(build_dir / LOCK_FILE)
+    except ValueError as e:
+        _fail([f"{build_dir / LOCK_FILE}: error[X001] {e}"])
+    dest = out or rd / "report"
+    try:
+        paths = make_report(rd, lock, dest)
+    except FileNotFoundError as e:
+        _fail([f"{run_dir}: error[L011] {e}"])
+    typer.echo(f"wrote {len(paths)} files to {dest}")
+    for p in paths:
+        typer.echo(f"  {p.name}")
+
+
+@app.command()
+def calibrate(
+    inputs: Annotated[list[str], typer.Argument(help="Measured runs: metrics.jsonl / run folders, torchtitan "
+                                                     "logs, or benchmark tables (.yaml/.csv).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Calibration JSON to write.")],
+    lock: Annotated[Path | None, typer.Option("--lock", help="plan.lock.json the measured runs were built from.")]
+    = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="Use only runs of this backend.")] = None,
+    gpu: Annotated[str | None, typer.Option("--gpu", help="Use only runs on this GPU.")] = None,
+) -> None:
+    """Fit the time/memory calibration factors to measured runs (use with `calibration:` or --calibration)."""
+    from llmc.measurements import calibrate_main
+
+    rc = calibrate_main(list(inputs), str(out), lock=str(lock) if lock else None, backend=backend, gpu=gpu)
+    if rc:
+        raise typer.Exit(rc)
 
 
 @app.command()

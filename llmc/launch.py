@@ -18,9 +18,14 @@ Backends:
   with ``DS_ACCELERATOR=cpu`` when there is no GPU. Stage kinds the DeepSpeed runner does not train
   (dpo, grpo) run on the native runtime.
 
-Default backend: ``native``, or ``torchtitan`` when the plan uses pp/cp/ep (which the native trainer
-does not run) and the build has a torchtitan job. Default ``nproc``: the plan's GPUs per node on a
-GPU machine, 1 on CPU.
+Default backend: the one the plan was computed for (the lock's ``backend.name``) when the build has
+its artifacts, else ``native``, or ``torchtitan`` when the plan uses pp/cp/ep (which the native trainer
+does not run) and the build has a torchtitan job (``llmc.emit.common.launch_backend``, the same rule
+the emitted launchers use). Default ``nproc``: the plan's GPUs per node on a GPU machine, 1 on CPU.
+
+``check_lock_integrity(build_dir)`` compares ``plan.lock.json`` with the sha256 the build manifest
+(``llmc.buildfs``) recorded for it: a lock edited by hand is reported (``llmc launch`` refuses it unless
+``--force``), because the launchers and the runtime would run numbers the compiler never produced.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmc.compiler.plan import ParallelPlan
-from llmc.emit.common import RUNTIME_ENTRY, default_backend
+from llmc.emit.common import RUNTIME_ENTRY, launch_backend
 from llmc.runtime.capabilities import DS_STAGE_KINDS, TITAN_STAGE_KINDS
 from llmc.spec.schema import CHAT_KINDS
 
@@ -100,6 +105,48 @@ def load_build(build_dir: str | os.PathLike) -> tuple[Path, dict]:
     return b.resolve(), lock
 
 
+def check_lock_integrity(build_dir: str | os.PathLike) -> str | None:
+    """None when ``plan.lock.json`` is the one ``llmc build`` wrote (or the build has no manifest to
+    compare with), else a one-line description of the difference."""
+    import hashlib
+
+    from llmc.buildfs import BuildDirError, read_manifest
+    from llmc.lockfile import LOCK_FILE
+
+    b = Path(build_dir)
+    try:
+        m = read_manifest(b) if b.is_dir() else None
+    except BuildDirError as e:
+        return str(e)
+    p = b / LOCK_FILE
+    if m is None or LOCK_FILE not in m.files or not p.is_file():
+        return None
+    data = p.read_bytes()
+    got = hashlib.sha256(data).hexdigest()
+    if got == m.files[LOCK_FILE]:
+        return None
+    return (f"{LOCK_FILE} was changed after `llmc build` wrote it (sha256 {got[:12]}, the build recorded "
+            f"{m.files[LOCK_FILE][:12]}; {_lock_change_summary(data)})")
+
+
+def _lock_change_summary(data: bytes) -> str:
+    """What can be said about an edited lock without the original: whether it still parses and whether
+    its header hash still matches its spec hash."""
+    import json
+
+    try:
+        d = json.loads(data)
+    except ValueError as e:
+        return f"it is no longer valid JSON: {e}"
+    if not isinstance(d, dict):
+        return "it is no longer a JSON object"
+    head = (d.get("_llmc") or {}).get("spec_sha256") if isinstance(d.get("_llmc"), dict) else None
+    spec = (d.get("spec") or {}).get("sha256") if isinstance(d.get("spec"), dict) else None
+    if head != spec:
+        return "its spec.sha256 no longer matches its header"
+    return "its spec hash is unchanged, so a plan or number was edited"
+
+
 # llmc's post-training loops (llmc.runtime.posttrain) run in one process.
 SINGLE_PROCESS_KINDS = frozenset(CHAT_KINDS)
 
@@ -115,7 +162,9 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     b, lock = load_build(build_dir)
     if backend is None:
         plan = ParallelPlan(**lock["plan"]) if lock.get("plan") else None
-        backend = default_backend(plan, (b / "torchtitan" / "llmc_job.py").exists())
+        planned = (lock.get("backend") or {}).get("name") if isinstance(lock.get("backend"), dict) else None
+        backend = launch_backend(planned, plan, (b / "torchtitan" / "llmc_job.py").exists(),
+                                 (b / "deepspeed" / "ds_config.json").exists())
     on_gpu = has_gpu() if gpu is None else gpu
     if nproc is None:
         nproc = _gpus_per_node(lock) if on_gpu else 1

@@ -15,7 +15,8 @@ from test_build_fakes import EXAMPLES, ROOT, compile_example, make_compiled, mak
 from typer.testing import CliRunner
 
 import llmc
-from llmc.cli import _write_tree_atomic, app
+from llmc.buildfs import write_build
+from llmc.cli import app
 from llmc.compiler.plan import ParallelPlan
 from llmc.diagnostics import SpecError
 from llmc.emit import render_artifacts
@@ -183,7 +184,7 @@ def test_render_is_deterministic_and_pure():
 def _fake_compile(monkeypatch, compiled):
     import llmc.cli as cli
 
-    monkeypatch.setattr(cli, "_compile", lambda spec: compiled)
+    monkeypatch.setattr(cli, "_compile", lambda spec, *a, **k: compiled)
 
 
 def test_cli_build_twice_is_byte_identical(tmp_path, monkeypatch):
@@ -210,10 +211,12 @@ def test_failing_build_leaves_no_output(tmp_path, monkeypatch):
 
 
 def test_write_error_mid_tree_leaves_previous_build(tmp_path):
+    from llmc.buildfs import UnsafePathError
+
     out = tmp_path / "out"
-    _write_tree_atomic(out, {"a.txt": "old\n"})
-    with pytest.raises(OSError):
-        _write_tree_atomic(out, {"a.txt": "new\n", "a.txt/b": "x"})  # a file where a dir must go
+    write_build(out, {"a.txt": "old\n"})
+    with pytest.raises(UnsafePathError):
+        write_build(out, {"a.txt": "new\n", "a.txt/b": "x"})  # a file where a dir must go
     assert (out / "a.txt").read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -269,6 +272,6 @@ def test_real_example_builds_twice_identically(tmp_path):
     ex = ROOT / "examples" / "pipeline_tiny.yaml"
     a, b = render_artifacts(compile_example(ex)), render_artifacts(compile_example(ex))
     assert a == b
-    _write_tree_atomic(tmp_path / "a", a)
-    _write_tree_atomic(tmp_path / "b", b)
+    write_build(tmp_path / "a", a)
+    write_build(tmp_path / "b", b)
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")

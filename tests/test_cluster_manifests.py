@@ -69,6 +69,7 @@ def test_skypilot_task_valid_and_matches_build(ex, builds):
     for var in ("NNODES", "NPROC", "MASTER_ADDR", "MASTER_PORT", "RUN_ID"):
         assert f"${{{var}" in launcher and (f"{var}=" in run or var in doc["envs"])
     assert skypilot.files(lock) == files  # deterministic
+    assert (builds[ex] / "skypilot/task.yaml").read_text() == text  # `llmc build` emits it (SkyPilotEmitter)
 
 
 @pytest.mark.parametrize("ex", EXAMPLES)
@@ -87,6 +88,7 @@ def test_kubeflow_trainjob_valid_and_matches_build(ex, builds):
     lock = json.loads((builds[ex] / "plan.lock.json").read_text())
     files = kubeflow.files(lock)
     assert list(files) == ["kubeflow/trainjob.yaml"]
+    assert (builds[ex] / "kubeflow/trainjob.yaml").read_text() == files["kubeflow/trainjob.yaml"]
     doc = yaml.safe_load(files["kubeflow/trainjob.yaml"])
     job = api.TrainerV1alpha1TrainJob.from_dict(doc)
     # the generated models drop unknown fields: a lossless round trip means every field is part of the API
@@ -135,6 +137,7 @@ def test_kubeflow_trainjob_against_published_crd_schema(ex, builds):
 def test_cpu_build_and_names(tmp_path):
     subprocess.run([sys.executable, "-m", "llmc.cli", "build", str(ROOT / "examples/tiny_cpu.yaml"), "-o",
                     str(tmp_path)], check=True, cwd=ROOT, capture_output=True)
+    assert not (tmp_path / "skypilot").exists() and not (tmp_path / "kubeflow").exists()
     lock = json.loads((tmp_path / "plan.lock.json").read_text())
     for mod in (skypilot, kubeflow):
         with pytest.raises(ValueError, match="CPU"):

@@ -273,7 +273,7 @@ def test_zero_stages_train_the_tiny_model_identically(tmp_path):
 def test_deepspeed_pipeline_via_launch_commands(tmp_path):
     """`llmc launch --backend deepspeed` commands for real (the deepspeed launcher, 1 CPU process): a
     pretrain stage, then a midtrain stage that starts from its weights; a second launch skips both."""
-    from llmc.cli import _write_tree_atomic
+    from llmc.buildfs import write_build
     from llmc.launch import launch_commands
 
     stages = [{"name": "base", "kind": "pretrain"}, {"name": "mid", "kind": "midtrain", "init_from": "base"}]
@@ -292,7 +292,7 @@ def test_deepspeed_pipeline_via_launch_commands(tmp_path):
     c = make_compiled(run, plan=ParallelPlan(dp_shard=1, micro_batch=2, grad_accum=2), global_batch_seqs=4,
                       steps=3, warmup=1, stages=lock_stages)
     b = tmp_path / "build"
-    _write_tree_atomic(b, render_artifacts(c))
+    write_build(b, render_artifacts(c))
     env = {**ENV, "LLMC_MASTER_PORT": str(29400 + os.getpid() % 200)}
     cmds = launch_commands(b, backend="deepspeed", gpu=False)
     assert [Path(x.argv[0]).name for x in cmds[1:]] == ["deepspeed", "deepspeed"]

@@ -9,7 +9,8 @@ import pytest
 from test_build_fakes import make_compiled, make_run
 from typer.testing import CliRunner
 
-from llmc.cli import _write_tree_atomic, app
+from llmc.buildfs import write_build
+from llmc.cli import app
 from llmc.emit import render_artifacts
 from llmc.launch import LaunchError, launch_commands
 
@@ -22,7 +23,7 @@ def _build(tmp_path: Path, **kw) -> Path:
     run = kw.pop("run", None) or make_run(stages=[{k: v for k, v in s.items() if v is not None} for s in STAGES])
     c = make_compiled(run, stages=STAGES, **kw)
     out = tmp_path / "b"
-    _write_tree_atomic(out, render_artifacts(c))
+    write_build(out, render_artifacts(c))
     return out
 
 
@@ -154,7 +155,7 @@ def test_single_stage_and_unknown_stage(tmp_path):
 def test_no_stages_means_one_pretrain_stage(tmp_path):
     c = make_compiled()
     out = tmp_path / "b"
-    _write_tree_atomic(out, render_artifacts(c))
+    write_build(out, render_artifacts(c))
     assert [c.stage for c in launch_commands(out, gpu=False)] == ["prepare", "pretrain"]
 
 
@@ -202,7 +203,7 @@ def test_native_commands_run_for_real(tmp_path):
 
     example = ROOT / "examples" / "tiny_cpu.yaml"
     out = tmp_path / "b"
-    _write_tree_atomic(out, render_artifacts(compile_example(example)))
+    write_build(out, render_artifacts(compile_example(example)))
     cmds = launch_commands(out, backend="native", gpu=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for c in cmds:
@@ -225,8 +226,9 @@ def test_interrupted_launch_stops_the_whole_process_group(tmp_path):
 
     pidfile = tmp_path / "child.pid"
     code = (
-        "from llmc.cli import _run_child; import os, sys\n"
-        f"sys.exit(_run_child(['bash', '-c', 'sleep 120 & echo $! > {pidfile}; wait'], dict(os.environ), None))\n"
+        "from llmc.cli import _run_logged; import os, sys; from pathlib import Path\n"
+        f"sys.exit(_run_logged(['bash', '-c', 'sleep 120 & echo $! > {pidfile}; wait'], dict(os.environ), None, "
+        f"Path({str(tmp_path / 'stderr.log')!r}))[0])\n"
     )
     p = subprocess.Popen([sys.executable, "-c", code])
     for _ in range(100):
@@ -234,6 +236,23 @@ def test_interrupted_launch_stops_the_whole_process_group(tmp_path):
             break
         time.sleep(0.1)
     grandchild = int(pidfile.read_text())
+    # supervise() installs its signal forwarding right after starting the child and its guard process
+    # (whose argv carries our pid): wait for the guard so the signal meets the handler, not the default
+    def guard_up() -> bool:
+        for d in Path("/proc").iterdir():
+            try:
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"-c" in argv and str(p.pid).encode() in argv and d.name != str(p.pid):
+                return True
+        return False
+
+    for _ in range(100):
+        if guard_up():
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=30) == 128 + signal.SIGTERM
     for _ in range(50):

@@ -20,7 +20,12 @@ def test_round_trip(tmp_path):
     p = tmp_path / "plan.lock.json"
     p.write_text(lock_text(c))
     d = read_lock(p)
-    assert d == json.loads(json.dumps(c.to_json() | {"_llmc": d["_llmc"], "schema_version": SCHEMA_VERSION}))
+    expect = json.loads(json.dumps(c.to_json() | {"_llmc": d["_llmc"], "schema_version": SCHEMA_VERSION}))
+    # the spec's folder relative to the build directory ("fake.yaml" lies in it) and the node layout:
+    # 8 H100-SXM GPUs, 8 per node (NVIDIA DGX H100 datasheet) -> one node
+    expect["spec"]["dir_from_build"] = "."
+    expect["cluster"] = {"nnodes": 1, "gpus_per_node": 8, "world": 8}
+    assert d == expect
     assert d["spec"]["sha256"] == c.spec_sha256 and d["spec"]["resolved"]["name"] == "fake"
 
 
@@ -113,7 +118,7 @@ def test_cli_plan_diff(tmp_path, monkeypatch):
     old = tmp_path / "plan.lock.json"
     old.write_text(lock_text(make_compiled()))
     new_c = make_compiled(make_run(training={"optimizer": {"lr": 5e-3}}))
-    monkeypatch.setattr(cli, "_compile", lambda spec: new_c)
+    monkeypatch.setattr(cli, "_compile", lambda spec, *a, **k: new_c)
     r = CliRunner().invoke(app, ["plan", "x.yaml", "--diff", str(old)])
     assert r.exit_code == 0, r.output
     assert "training.optimizer.lr: 0.001 -> 0.005" in r.output

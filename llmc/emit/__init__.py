@@ -2,7 +2,8 @@
 
 ``EMITTERS`` is the registry, in order (an emitter sees the files of those before it):
 lock (plan.lock.json), torchtitan, deepspeed, serving (vLLM, SGLang), launchers (native / torchrun /
-Slurm scripts, .gitignore), readme (README.md, last: it lists every file).
+Slurm scripts, .gitignore), skypilot and kubeflow (multi-node GPU builds only), readme (README.md, last:
+it lists every file).
 
 ``render_artifacts(compiled)`` runs every applicable emitter and returns ``{relative path: text}``;
 pure (the CLI writes the tree atomically) and deterministic (no timestamps, sorted JSON).
@@ -19,14 +20,16 @@ from llmc.diagnostics import Diagnostic, SpecError, errors, sort_diagnostics
 from llmc.emit.base import Emitter
 from llmc.emit.common import diag
 from llmc.emit.deepspeed import DeepSpeedEmitter
+from llmc.emit.kubeflow import KubeflowEmitter
 from llmc.emit.launchers import LaunchersEmitter
 from llmc.emit.lock import LockEmitter
 from llmc.emit.readme import ReadmeEmitter
 from llmc.emit.serving import ServingEmitter
+from llmc.emit.skypilot import SkyPilotEmitter
 from llmc.emit.torchtitan import TorchtitanEmitter
 
 EMITTERS: list[Emitter] = [LockEmitter(), TorchtitanEmitter(), DeepSpeedEmitter(), ServingEmitter(),
-                           LaunchersEmitter(), ReadmeEmitter()]
+                           LaunchersEmitter(), SkyPilotEmitter(), KubeflowEmitter(), ReadmeEmitter()]
 
 
 def build_diagnostics(compiled) -> list[Diagnostic]:

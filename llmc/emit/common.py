@@ -13,6 +13,7 @@ import math
 from functools import cache
 from typing import Any
 
+from llmc import escape
 from llmc.compiler.plan import ParallelPlan
 from llmc.diagnostics import Diagnostic
 from llmc.runtime.capabilities import DS_STAGE_KINDS, NATIVE_UNSUPPORTED, TITAN_STAGE_KINDS
@@ -60,6 +61,15 @@ def jinja_env():
     env = Environment(loader=PackageLoader("llmc", "templates"), undefined=StrictUndefined, trim_blocks=True,
                       lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
     env.filters["py"] = py_literal
+    # every user-controlled string (spec path, names, paths, messages) goes through one of these
+    env.filters["cpy"] = lambda s: escape.comment(str(s), "py")
+    env.filters["csh"] = lambda s: escape.comment(str(s), "sh")
+    env.filters["cyaml"] = lambda s: escape.comment(str(s), "yaml")
+    env.filters["cmd"] = lambda s: escape.comment(str(s), "md")
+    env.filters["sh"] = lambda s: escape.sh_quote(str(s))
+    env.filters["yaml"] = lambda s: escape.yaml_scalar(str(s))
+    env.filters["md"] = lambda s: escape.md_text(str(s))
+    env.filters["visible"] = lambda s: escape.visible(str(s))
     return env
 
 
@@ -87,6 +97,23 @@ def default_backend(plan: ParallelPlan | None, has_titan: bool) -> str:
     if plan is None or not has_titan:
         return "native"
     return "torchtitan" if any(getattr(plan, k) > 1 for k in NATIVE_UNSUPPORTED) else "native"
+
+
+LAUNCH_BACKENDS = ("native", "torchtitan", "deepspeed")
+
+
+def launch_backend(planned: str | None, plan: ParallelPlan | None, has_titan: bool, has_ds: bool) -> str:
+    """The backend a build's launchers and ``llmc launch`` use by default: the one the plan was computed
+    for (``Compiled.backend["name"]``) when the build has its artifacts, else :func:`default_backend`."""
+    if planned == "native" or (planned == "torchtitan" and has_titan) or (planned == "deepspeed" and has_ds):
+        return planned
+    return default_backend(plan, has_titan)
+
+
+def planned_backend(compiled) -> str | None:
+    """``compiled.backend["name"]`` (None when the compile recorded none)."""
+    b = getattr(compiled, "backend", None)
+    return b.get("name") if isinstance(b, dict) else None
 
 
 def stage_list(compiled) -> list[dict]:

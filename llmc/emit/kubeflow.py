@@ -19,9 +19,20 @@ a tag to build and push (or edit) before ``kubectl apply -f kubeflow/trainjob.ya
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 
-from llmc.emit.skypilot import K8S_GPU_RESOURCE, K8S_GPU_RESOURCE_DEFAULT, cluster_shape, dump_yaml, header
+from llmc.emit.base import Emitter
+from llmc.emit.skypilot import (
+    K8S_GPU_RESOURCE,
+    K8S_GPU_RESOURCE_DEFAULT,
+    cluster_shape,
+    dump_yaml,
+    header,
+    multi_node_gpu,
+)
+from llmc.lockfile import LOCK_FILE
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
 RUNTIME = "torch-distributed"
@@ -65,7 +76,6 @@ def trainjob(lock: dict) -> dict:
                 "args": [COMMAND % {"gpn": shape.gpus_per_node}],
                 "env": [
                     {"name": "LLMC_BUILD_DIR", "value": BUILD_DIR},
-                    {"name": "BACKEND", "value": "native"},
                     {"name": "RUN_ID", "value": shape.name},
                 ],
                 "numNodes": shape.num_nodes,
@@ -87,3 +97,15 @@ def files(lock: dict) -> dict[str, str]:
         "# RUN_DIR (checkpoints, metrics) should be a volume shared by the nodes for resume.",
     ]
     return {"kubeflow/trainjob.yaml": "\n".join(lines) + "\n" + dump_yaml(trainjob(lock))}
+
+
+class KubeflowEmitter(Emitter):
+    """``kubeflow/trainjob.yaml`` for a multi-node GPU build, from the lock the lock emitter wrote."""
+
+    name = "kubeflow"
+
+    def applies(self, compiled) -> bool:
+        return multi_node_gpu(compiled)
+
+    def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
+        return files(json.loads(earlier[LOCK_FILE]))

@@ -14,16 +14,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from llmc import escape
+from llmc.buildfs import GITIGNORE as BUILDFS_GITIGNORE
 from llmc.emit.base import Emitter
 from llmc.emit.common import (
-    default_backend,
     gpus_per_node,
     header_lines,
     is_cpu,
     jinja_env,
+    launch_backend,
     nnodes,
+    planned_backend,
     stage_list,
 )
+from llmc.emit.deepspeed import CONFIG_PATH
 
 RDZV_PORT = 29500
 TITAN_CONFIG_FN = "job"
@@ -33,6 +37,8 @@ TITAN_CONFIG_FN = "job"
 BUILD_GITIGNORE = (
     "# llmc build: generated inputs and run outputs (the build files themselves are meant to be committed)\n"
     "/assets/\n/cache/\n/data/\n/outputs/\n/run/\n"
+    "# an interrupted `llmc build` (its manifest, .llmc-build.json, is committed with the build)\n"
+    + BUILDFS_GITIGNORE
 )
 
 SCRIPTS = {
@@ -65,9 +71,16 @@ def launch_context(compiled, files: Mapping[str, str]) -> dict[str, Any]:
         "titan_module": mod,
         "titan_config": TITAN_CONFIG_FN,
         "has_titan": bool(mod),
-        "default_backend": default_backend(compiled.plan, bool(mod)),
+        "has_ds": CONFIG_PATH in files,
+        "default_backend": build_backend(compiled, files),
         "rdzv_port": RDZV_PORT,
     }
+
+
+def build_backend(compiled, files: Mapping[str, str]) -> str:
+    """The default backend of the build's launchers: the one the plan was computed for, when its
+    artifacts were emitted (``llmc.emit.common.launch_backend``)."""
+    return launch_backend(planned_backend(compiled), compiled.plan, bool(titan_module(files)), CONFIG_PATH in files)
 
 
 class LaunchersEmitter(Emitter):
@@ -78,5 +91,5 @@ class LaunchersEmitter(Emitter):
         env = jinja_env()
         out = {path: env.get_template(tpl).render(**ctx) for path, tpl in SCRIPTS.items()}
         # `llmc launch` writes its inputs and outputs next to the committed files; keep them out of git.
-        out[".gitignore"] = "".join(f"# {ln}\n" for ln in header_lines(compiled)) + BUILD_GITIGNORE
+        out[".gitignore"] = "".join(escape.comment(ln, "sh") + "\n" for ln in header_lines(compiled)) + BUILD_GITIGNORE
         return out

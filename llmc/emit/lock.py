@@ -11,16 +11,26 @@ resolved-spec fields that changed, as dotted paths old -> new).
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 from collections.abc import Mapping
 from typing import Any
 
 from llmc.emit.base import Emitter
-from llmc.emit.common import dump_json, header_fields
+from llmc.emit.common import dump_json, gpus_per_node, header_fields, nnodes, world
 from llmc.lockfile import LOCK_FILE, LOCK_HEADER_KEY, SCHEMA_VERSION
 
 
 def lock_dict(compiled) -> dict[str, Any]:
+    """The lock as a dict. Besides ``Compiled.to_json()``: ``spec.dir_from_build``, the spec's folder
+    relative to the build directory (``llmc build`` records ``spec.path`` relative to it), against which
+    the runtime resolves relative data and tokenizer paths wherever the build is launched from; and
+    ``cluster`` (``nnodes``, ``gpus_per_node``, ``world``), the one place launchers and cluster
+    manifests read the node layout from."""
     d = compiled.to_json()
+    d["spec"]["dir_from_build"] = posixpath.dirname(str(compiled.spec_path).replace(os.sep, "/")) or "."
+    d["cluster"] = {"nnodes": nnodes(compiled), "gpus_per_node": gpus_per_node(compiled),
+                    "world": world(compiled)}
     d[LOCK_HEADER_KEY] = header_fields(compiled)
     d["schema_version"] = SCHEMA_VERSION
     return d

@@ -9,7 +9,6 @@ from collections.abc import Mapping
 
 from llmc.emit.base import Emitter
 from llmc.emit.common import (
-    default_backend,
     gpus_per_node,
     header_lines,
     jinja_env,
@@ -18,7 +17,7 @@ from llmc.emit.common import (
     world,
 )
 from llmc.emit.deepspeed import CONFIG_PATH, zero_stage_for
-from llmc.emit.launchers import titan_module
+from llmc.emit.launchers import build_backend, titan_module
 from llmc.emit.serving import served_files
 
 
@@ -64,7 +63,7 @@ class ReadmeEmitter(Emitter):
             "nnodes": nnodes(compiled),
             "stages": stage_list(compiled),
             "has_titan": bool(titan_module(earlier)),
-            "default_backend": default_backend(compiled.plan, bool(titan_module(earlier))),
+            "default_backend": build_backend(compiled, earlier),
             "has_ds": CONFIG_PATH in earlier,
             "zero_stage": zero_stage_for(compiled) if CONFIG_PATH in earlier else 0,
             "warnings": [d.render() for d in build_warnings(compiled)],

@@ -9,13 +9,13 @@ Diagnostics:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from llmc.diagnostics import Diagnostic
 from llmc.emit.base import Emitter
 from llmc.emit.common import diag, header_lines, jinja_env
+from llmc.escape import yaml_scalar
 
 VLLM_PORT = 8000
 SGLANG_PORT = 30000
@@ -23,7 +23,7 @@ SGLANG_PORT = 30000
 
 def _vllm(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[str, str]], str]:
     nodes = p.nodes
-    items = [("model", json.dumps(model_dir)), ("served-model-name", json.dumps(served)), ("dtype", "bfloat16"),
+    items = [("model", yaml_scalar(model_dir)), ("served-model-name", yaml_scalar(served)), ("dtype", "bfloat16"),
              ("tensor-parallel-size", str(p.tensor_parallel_size)),
              ("pipeline-parallel-size", str(p.pipeline_parallel_size)),
              ("max-model-len", str(p.max_model_len)),
@@ -36,7 +36,7 @@ def _vllm(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[st
     items.append(("enable-prefix-caching" if p.prefix_caching else "no-enable-prefix-caching", "true"))
     if nodes > 1:  # pipeline stages on several nodes: vLLM runs them on a Ray cluster
         items.append(("distributed-executor-backend", "ray"))
-    items += [("host", json.dumps("0.0.0.0")), ("port", str(VLLM_PORT))]
+    items += [("host", yaml_scalar("0.0.0.0")), ("port", str(VLLM_PORT))]
     cmd = f"vllm serve --config {name}"
     if nodes > 1:
         cmd = f"`ray start` on all {nodes} nodes, then on the head node: {cmd}"
@@ -50,7 +50,7 @@ def _sglang(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[
     mem_frac = round(float(p.gpu_memory_utilization)
                      - p.reserve_gib_per_gpu / p.capacity_gib, 3)
     kv = "fp8_e4m3" if p.kv_cache_dtype == "fp8" else "auto"
-    items = [("model-path", json.dumps(model_dir)), ("served-model-name", json.dumps(served)), ("dtype", "bfloat16"),
+    items = [("model-path", yaml_scalar(model_dir)), ("served-model-name", yaml_scalar(served)), ("dtype", "bfloat16"),
              ("tp-size", str(p.tensor_parallel_size)),
              ("pp-size", str(p.pipeline_parallel_size)),
              ("context-length", str(p.max_model_len)),
@@ -63,7 +63,7 @@ def _sglang(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[
         items.append(("disable-radix-cache", "true"))
     if nodes > 1:
         items.append(("nnodes", str(nodes)))
-    items += [("host", json.dumps("0.0.0.0")), ("port", str(SGLANG_PORT))]
+    items += [("host", yaml_scalar("0.0.0.0")), ("port", str(SGLANG_PORT))]
     cmd = f"python -m sglang.launch_server --config {name}"
     if nodes > 1:
         cmd += f" --node-rank <0..{nodes - 1}> --dist-init-addr <first node>:50000 (on each of the {nodes} nodes)"

@@ -19,9 +19,14 @@ Shared helpers used by :mod:`llmc.emit.kubeflow` too: :class:`ClusterShape`, :fu
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import yaml
+
+from llmc.emit.base import Emitter
+from llmc.lockfile import LOCK_FILE
 
 # llmc hardware key -> SkyPilot accelerator name (``sky show-gpus -a``;
 # https://docs.skypilot.co/en/latest/compute/gpus.html). H800 is not in the public-cloud catalogs; the
@@ -53,17 +58,14 @@ class ClusterShape:
 
 
 def cluster_shape(lock: dict) -> ClusterShape:
-    """Nodes x GPUs per node of the build, by the rule the build's launchers use: GPUs per node = the
-    spec's ``hardware.gpus_per_node``, else the hardware entry's, capped at the GPU count; nodes =
-    ceil(count / GPUs per node). Raises ValueError for the CPU pseudo-device (nothing to schedule)."""
+    """Nodes x GPUs per node of the build, as the lock's ``cluster`` records them (the numbers the
+    build's launchers use). Raises ValueError for the CPU pseudo-device (nothing to schedule)."""
     hw = lock["hardware"]
     key = hw["key"]
     if key == "cpu":
         raise ValueError("the build targets the local CPU pseudo-device; cluster manifests need GPUs")
-    res = lock["spec"]["resolved"]["hardware"]
-    world = int(res["count"])
-    gpn = max(1, min(int(res.get("gpus_per_node") or hw.get("gpus_per_node") or 8), world))
-    return ClusterShape(lock["spec"]["name"], key, world, gpn, -(-world // gpn))
+    c = lock["cluster"]  # written once, by llmc.emit.lock.lock_dict
+    return ClusterShape(lock["spec"]["name"], key, int(c["world"]), int(c["gpus_per_node"]), int(c["nnodes"]))
 
 
 def header(lock: dict) -> list[str]:
@@ -119,13 +121,31 @@ def task(lock: dict) -> dict:
         "envs": {
             # pip requirement that installs llmc and its runtime (override with --env LLMC_PACKAGE=...)
             "LLMC_PACKAGE": f"llmc[runtime,torchtitan]=={version}" if version else "llmc[runtime,torchtitan]",
-            "BACKEND": "native",  # or torchtitan (see launch/torchrun_multi_node.sh)
             "MASTER_PORT": "29500",
             "RUN_ID": shape.name,
         },
         "setup": SETUP,
         "run": RUN,
     }
+
+
+class SkyPilotEmitter(Emitter):
+    """``skypilot/task.yaml`` for a multi-node GPU build, from the lock the lock emitter wrote."""
+
+    name = "skypilot"
+
+    def applies(self, compiled) -> bool:
+        return multi_node_gpu(compiled)
+
+    def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
+        return files(json.loads(earlier[LOCK_FILE]))
+
+
+def multi_node_gpu(compiled) -> bool:
+    """Cluster manifests are emitted only for GPU builds spanning more than one node."""
+    from llmc.emit.common import is_cpu, nnodes
+
+    return not is_cpu(compiled) and nnodes(compiled) > 1
 
 
 def files(lock: dict) -> dict[str, str]:

@@ -32,6 +32,7 @@ from typing import Any
 from llmc.diagnostics import Diagnostic, SpecError
 from llmc.emit.base import Emitter
 from llmc.emit.common import diag, gpus_per_node, jinja_env
+from llmc.escape import visible
 
 TORCHTITAN_VERSION = "0.3.0"
 TORCH_VERSION = "2.14.1"
@@ -471,7 +472,7 @@ def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
         lines = [
             f"# llmc {llmc.__version__}: no torchtitan {TORCHTITAN_VERSION} job for this spec "
             f"(sha256 {compiled.spec_sha256})",
-            *[d.render() for d in e.diagnostics],
+            *[visible(d.render()) for d in e.diagnostics],
         ]
         return {f"{OUT_DIR}/NOT_EMITTED.txt": "\n".join(lines) + "\n"}
     ctx = dict(vals.ctx)

@@ -161,6 +161,45 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
     return assets
 
 
+def check_outputs(job: TrainJob, root: Path, out: Path | None) -> None:
+    """Refuse (ValueError) every output path built from a spec string that would leave its folder: data
+    files ``<root>/data/<source>.jsonl``, the stage folder ``<root>/run/<stage>`` and the checkpoint folder
+    inside the stage's output (``llmc.buildfs.check_inside``: no absolute path, no ``..``, no symlink out)."""
+    from llmc.buildfs import UnsafePathError, check_inside
+
+    try:
+        for src in _stage_sources(job):
+            check_inside(root / "data", f"{src.name}.jsonl")
+        check_inside(root / "run", job.stage)
+        if job.init_from:
+            check_inside(root / "run", job.init_from)
+        check_inside(out or root / "run" / job.stage, job.checkpoint_folder)
+    except UnsafePathError as e:
+        raise ValueError(f"unsafe output path: {e}") from None
+
+
+class _stage_lock:
+    """Rank 0 holds ``llmc.runtime.runlock.RunLock(out)`` while the stage runs: one trainer per stage
+    folder, whichever launcher started it (``llmc launch``, the emitted scripts, by hand)."""
+
+    def __init__(self, out: Path):
+        self.out, self.lock = out, None
+
+    def __enter__(self):
+        if int(os.environ.get("RANK", "0")) == 0:
+            from llmc.runtime.runlock import RunLock, RunLockBusy
+
+            try:
+                self.lock = RunLock(self.out).acquire()
+            except RunLockBusy as e:
+                raise ValueError(str(e)) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text)
@@ -191,53 +230,55 @@ def _prepare_collective(job: TrainJob, root: Path) -> Assets:
 
 def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path, *, steps: int | None = None,
               max_seconds: float | None = None, stop_after: int | None = None, resume: bool = True,
-              fallback: bool = False, cpu_bf16: bool = False) -> dict:
+              fallback: bool = False, cpu_bf16: bool = False, lock_dir: Path | None = None) -> dict:
     """Prepare assets, build the job and run it; the Python twin of the command line.
 
     steps: override the stage length (schedule follows; warmup capped at 10% of it).
     stop_after / max_seconds: stop a planned-length run early (checkpoint, no DONE.json)."""
     from llmc.runtime.distributed import init_distributed, shutdown
 
-    job = TrainJob.from_lock(lock, stage)
+    job = TrainJob.from_lock(lock, stage, build_dir=lock_dir)
     if steps:
         job = job.replace(steps=steps, warmup_steps=min(job.warmup_steps, steps // 10),
                           checkpoint_interval=min(job.checkpoint_interval, steps))
+    check_outputs(job, assets_root, out)
     out = out or assets_root / "run" / job.stage
     done = out / "DONE.json"
     if resume and done.exists():
         _say(f"{job.stage}: already done ({done}); nothing to do")
         return json.loads(done.read_text())
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    assets = _prepare_collective(job, assets_root)
-    info = init_distributed()
-    if world > 1 and rank == 0:
-        import torch.distributed as dist
+    with _stage_lock(out):
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        assets = _prepare_collective(job, assets_root)
+        info = init_distributed()
+        if world > 1 and rank == 0:
+            import torch.distributed as dist
 
-        dist.barrier()  # release the ranks waiting in _prepare_collective
-    assets = _stage_assets(job, assets)
-    init_ckpt = None
-    if job.init_from:
-        init_ckpt = out.parent / job.init_from
-        if not (init_ckpt / "DONE.json").exists():
-            raise ValueError(f"stage {job.stage!r} starts from stage {job.init_from!r}, which has not finished "
-                             f"({init_ckpt / 'DONE.json'} missing)")
-    try:
-        if job.kind in NATIVE_KINDS:
-            from llmc.runtime.train import train
+            dist.barrier()  # release the ranks waiting in _prepare_collective
+        assets = _stage_assets(job, assets)
+        init_ckpt = None
+        if job.init_from:
+            init_ckpt = out.parent / job.init_from
+            if not (init_ckpt / "DONE.json").exists():
+                raise ValueError(f"stage {job.stage!r} starts from stage {job.init_from!r}, which has not finished "
+                                 f"({init_ckpt / 'DONE.json'} missing)")
+        try:
+            if job.kind in NATIVE_KINDS:
+                from llmc.runtime.train import train
 
-            return train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
-                         fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
-        if job.kind in POSTTRAIN_KINDS:
-            if rank != 0:  # the post-training loops are single-process: rank 0 runs the stage alone
-                _say(f"{job.stage}: {job.kind} runs in one process (rank 0); rank {rank} has nothing to do")
-                return {"stage": job.stage, "status": "idle", "rank": rank}
-            from llmc.runtime import posttrain
+                return train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
+                             fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
+            if job.kind in POSTTRAIN_KINDS:
+                if rank != 0:  # the post-training loops are single-process: rank 0 runs the stage alone
+                    _say(f"{job.stage}: {job.kind} runs in one process (rank 0); rank {rank} has nothing to do")
+                    return {"stage": job.stage, "status": "idle", "rank": rank}
+                from llmc.runtime import posttrain
 
-            return posttrain.run_stage(job, out, assets=assets)
-        raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
-    finally:
-        shutdown()
+                return posttrain.run_stage(job, out, assets=assets)
+            raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
+        finally:
+            shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,14 +308,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"{a.lock}: error[R001] lock: {e}", file=sys.stderr)
         return 1
-    root = (a.assets or a.lock.resolve().parent).resolve()
+    lock_dir = a.lock.resolve().parent
+    root = (a.assets or lock_dir).resolve()
     try:
         if cmd == "prepare":
-            assets = prepare_assets(TrainJob.from_lock(lock, a.stage), root)
+            check_outputs(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root, None)
+            assets = prepare_assets(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root)
             print(json.dumps(assets.to_json(), indent=1))
             return 0
         res = run_stage(lock, a.stage, a.out, root, steps=a.steps, max_seconds=a.max_seconds, stop_after=a.stop_after,
-                        resume=not a.no_resume, fallback=a.fallback_checkpoint, cpu_bf16=a.cpu_bf16)
+                        resume=not a.no_resume, fallback=a.fallback_checkpoint, cpu_bf16=a.cpu_bf16,
+                        lock_dir=lock_dir)
     except (CheckpointError, TrainingError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"{a.lock}: error[R002] {a.stage or 'pretrain'}: {e}", file=sys.stderr)
         return 1

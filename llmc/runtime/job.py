@@ -111,9 +111,11 @@ class TrainJob:
 
     # ------------------------------------------------------------------ from the lockfile
     @classmethod
-    def from_lock(cls, lock: dict, stage: str | None = None) -> TrainJob:
+    def from_lock(cls, lock: dict, stage: str | None = None, build_dir: str | Path | None = None) -> TrainJob:
         """The job of ``stage`` (None: the pre-training stage, else the first stage), read from its
-        ``lock["stages"]`` entry; raises ValueError naming a missing key or stage."""
+        ``lock["stages"]`` entry; raises ValueError naming a missing key or stage. ``build_dir`` (the
+        lock's folder) anchors relative data/tokenizer paths: they resolve against
+        ``build_dir / lock["spec"]["dir_from_build"]``, the spec's folder, wherever the job runs from."""
         spec = RunSpec.model_validate(lock["spec"]["resolved"])
         entry = stage_entry(lock, stage)
         t = spec.training
@@ -133,7 +135,7 @@ class TrainJob:
             activation_checkpointing=str(plan.get("activation_checkpointing", "none")),
             checkpoint_interval=int(num["checkpoint_interval"]),
             keep_latest=t.checkpoint.keep_latest, checkpoint_folder=t.checkpoint.folder, loss_spike=t.loss_spike,
-            spec_dir=str(Path(spec_path).resolve().parent) if spec_path else ".",
+            spec_dir=_spec_dir(lock["spec"], spec_path, build_dir),
             flops_per_token=(lock.get("compute") or {}).get("flops_per_token"),
             peak_flops=peak_flops(lock.get("hardware"), t.precision), spec=spec, lock=lock,
         )
@@ -250,3 +252,12 @@ def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str, min_ra
             return 1.0
         return min_ratio + (1 - min_ratio) * (1 - min(1.0, (step - start) / decay_steps))
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def _spec_dir(spec: dict, spec_path: str | None, build_dir: str | Path | None) -> str:
+    """The spec's folder: ``build_dir / spec.dir_from_build`` (the current directory standing in for an
+    unknown build_dir; ``llmc launch`` runs every command there), else the folder of ``spec.path``."""
+    rel = spec.get("dir_from_build")
+    if rel is not None:
+        return str((Path(build_dir) if build_dir is not None else Path.cwd()).joinpath(rel).resolve())
+    return str(Path(spec_path).resolve().parent) if spec_path else "."

@@ -94,4 +94,10 @@ class MetricsLogger:
             print(json.dumps(rec), flush=True)
 
     def event(self, event_name: str, /, **kw) -> None:
+        """Log an event record. ``"resume"`` with ``step=N`` first drops the records the interrupted run
+        logged after step N (they are recomputed), so every step appears once in metrics.jsonl."""
+        if event_name == "resume" and self.enabled and self.path and isinstance(kw.get("step"), int):
+            from llmc.runtime.metrics_io import truncate_after_step
+
+            truncate_after_step(self.path, kw["step"])
         self.log({"event": event_name, **kw})

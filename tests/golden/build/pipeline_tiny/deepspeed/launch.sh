@@ -27,14 +27,14 @@ if [ -n "${HOSTFILE:-}" ]; then
 fi
 python -m llmc.runtime.entry prepare --lock "$LOCK"
 if want_stage pretrain && ! stage_done pretrain; then
-  "${DS[@]}" --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR/pretrain"
+  "${DS[@]}" --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR"/pretrain
 fi
 if want_stage sft && ! stage_done sft; then
-  torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
+  torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
 fi
 if want_stage dpo && ! stage_done dpo; then
-  torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
+  torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
 fi
 if want_stage grpo && ! stage_done grpo; then
-  torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
+  torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
 fi

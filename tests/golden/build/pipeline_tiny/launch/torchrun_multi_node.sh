@@ -6,7 +6,7 @@
 # torchrun across 1 node(s) x 1 GPUs; run this on EVERY node.
 #   NNODES=1 MASTER_ADDR=<first host> bash launch/torchrun_multi_node.sh
 # Rendezvous: c10d on MASTER_ADDR:MASTER_PORT (default 29500) assigns the node ranks, so no
-# NODE_RANK is needed. BACKEND=native|torchtitan as in torchrun_single_node.sh (default native).
+# NODE_RANK is needed. BACKEND=native|torchtitan|deepspeed as in torchrun_single_node.sh (default native).
 # Env: NNODES, MASTER_ADDR, MASTER_PORT, NPROC, RUN_DIR, RUN_ID, STAGE, BACKEND.
 set -euo pipefail
 BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,7 +15,8 @@ NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 NPROC="${NPROC:-1}"
-RUN_ID="${RUN_ID:-pipeline-tiny}"
+RUN_ID="${RUN_ID:-}"
+[ -n "$RUN_ID" ] || RUN_ID=pipeline-tiny
 BACKEND="${BACKEND:-native}"
 LOCK="$BUILD_DIR/plan.lock.json"
 # Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
@@ -29,16 +30,16 @@ case "$BACKEND" in
   native)
     python -m llmc.runtime.entry prepare --lock "$LOCK"
     if want_stage pretrain && ! stage_done pretrain; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
     fi
     if want_stage sft && ! stage_done sft; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
     fi
     if want_stage dpo && ! stage_done dpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
     fi
     if want_stage grpo && ! stage_done grpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
     fi
     ;;
   torchtitan)
@@ -50,14 +51,18 @@ case "$BACKEND" in
         -m torchtitan.train --module llmc_job --config job "$@"
     fi
     if want_stage sft && ! stage_done sft; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
     fi
     if want_stage dpo && ! stage_done dpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
     fi
     if want_stage grpo && ! stage_done grpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
     fi
+    ;;
+  deepspeed)
+    # the DeepSpeed launcher (deepspeed/launch.sh; HOSTFILE for several nodes)
+    exec bash "$BUILD_DIR/deepspeed/launch.sh"
     ;;
   *) echo "unknown BACKEND=$BACKEND" >&2; exit 2 ;;
 esac

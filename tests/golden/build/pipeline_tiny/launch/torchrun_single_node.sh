@@ -7,6 +7,7 @@
 #   BACKEND=native     llmc.runtime.entry, every stage in order (default)
 #   BACKEND=torchtitan torchtitan.train with the job module in torchtitan/ for the pre-training stage,
 #                      llmc.runtime.entry for the others
+#   BACKEND=deepspeed  deepspeed/launch.sh (the DeepSpeed launcher)
 # Arguments after the script name go to torchtitan.train (BACKEND=torchtitan).
 # Env: NPROC, RUN_DIR (default <build>/run), STAGE, BACKEND.
 set -euo pipefail
@@ -25,16 +26,16 @@ case "$BACKEND" in
   native)
     python -m llmc.runtime.entry prepare --lock "$LOCK"
     if want_stage pretrain && ! stage_done pretrain; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
     fi
     if want_stage sft && ! stage_done sft; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
     fi
     if want_stage dpo && ! stage_done dpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
     fi
     if want_stage grpo && ! stage_done grpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
     fi
     ;;
   torchtitan)
@@ -46,14 +47,18 @@ case "$BACKEND" in
         -m torchtitan.train --module llmc_job --config job "$@"
     fi
     if want_stage sft && ! stage_done sft; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
     fi
     if want_stage dpo && ! stage_done dpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
     fi
     if want_stage grpo && ! stage_done grpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
     fi
     ;;
-  *) echo "unknown BACKEND=$BACKEND (native or torchtitan)" >&2; exit 2 ;;
+  deepspeed)
+    # the DeepSpeed launcher (deepspeed/launch.sh; HOSTFILE for several nodes)
+    exec bash "$BUILD_DIR/deepspeed/launch.sh"
+    ;;
+  *) echo "unknown BACKEND=$BACKEND (native, torchtitan, deepspeed)" >&2; exit 2 ;;
 esac

@@ -16,33 +16,34 @@ LOCK="$BUILD_DIR/plan.lock.json"
 # unfinished one). STAGE=<name> runs only that stage.
 stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+skipped() { echo "stage $1: done ($RUN_DIR/$1/DONE.json), skipped"; }
 
 python -m llmc.runtime.entry prepare --lock "$LOCK"
 if want_stage pretrain; then
   if stage_done pretrain; then
-    echo "stage pretrain: done ($RUN_DIR/pretrain/DONE.json), skipped"
+    skipped pretrain
   else
-    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
   fi
 fi
 if want_stage sft; then
   if stage_done sft; then
-    echo "stage sft: done ($RUN_DIR/sft/DONE.json), skipped"
+    skipped sft
   else
-    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR/sft"
+    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
   fi
 fi
 if want_stage dpo; then
   if stage_done dpo; then
-    echo "stage dpo: done ($RUN_DIR/dpo/DONE.json), skipped"
+    skipped dpo
   else
-    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR/dpo"
+    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
   fi
 fi
 if want_stage grpo; then
   if stage_done grpo; then
-    echo "stage grpo: done ($RUN_DIR/grpo/DONE.json), skipped"
+    skipped grpo
   else
-    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR/grpo"
+    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
   fi
 fi

@@ -11,7 +11,8 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_
 MASTER_PORT="${MASTER_PORT:-29500}"
 NNODES="${NNODES:-1}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
-RDZV_ID="${RDZV_ID:-pipeline-tiny}"
+RDZV_ID="${RDZV_ID:-}"
+[ -n "$RDZV_ID" ] || RDZV_ID=pipeline-tiny
 exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
   --rdzv_id="$RDZV_ID" --rdzv_backend c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
   --local-ranks-filter 0 --role rank --tee 3 \

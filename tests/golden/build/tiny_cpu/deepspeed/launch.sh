@@ -25,5 +25,5 @@ if [ -n "${HOSTFILE:-}" ]; then
 fi
 python -m llmc.runtime.entry prepare --lock "$LOCK"
 if want_stage pretrain && ! stage_done pretrain; then
-  "${DS[@]}" --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR/pretrain"
+  "${DS[@]}" --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR"/pretrain
 fi

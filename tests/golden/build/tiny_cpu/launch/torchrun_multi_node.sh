@@ -6,7 +6,7 @@
 # torchrun across 1 node(s) x 1 GPUs; run this on EVERY node.
 #   NNODES=1 MASTER_ADDR=<first host> bash launch/torchrun_multi_node.sh
 # Rendezvous: c10d on MASTER_ADDR:MASTER_PORT (default 29500) assigns the node ranks, so no
-# NODE_RANK is needed. BACKEND=native|torchtitan as in torchrun_single_node.sh (default native).
+# NODE_RANK is needed. BACKEND=native|torchtitan|deepspeed as in torchrun_single_node.sh (default native).
 # Env: NNODES, MASTER_ADDR, MASTER_PORT, NPROC, RUN_DIR, RUN_ID, STAGE, BACKEND.
 set -euo pipefail
 BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,7 +15,8 @@ NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 NPROC="${NPROC:-1}"
-RUN_ID="${RUN_ID:-tiny-cpu}"
+RUN_ID="${RUN_ID:-}"
+[ -n "$RUN_ID" ] || RUN_ID=tiny-cpu
 BACKEND="${BACKEND:-native}"
 LOCK="$BUILD_DIR/plan.lock.json"
 # Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
@@ -29,7 +30,7 @@ case "$BACKEND" in
   native)
     python -m llmc.runtime.entry prepare --lock "$LOCK"
     if want_stage pretrain && ! stage_done pretrain; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
     fi
     ;;
   torchtitan)
@@ -40,6 +41,10 @@ case "$BACKEND" in
         "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
         -m torchtitan.train --module llmc_job --config job "$@"
     fi
+    ;;
+  deepspeed)
+    # the DeepSpeed launcher (deepspeed/launch.sh; HOSTFILE for several nodes)
+    exec bash "$BUILD_DIR/deepspeed/launch.sh"
     ;;
   *) echo "unknown BACKEND=$BACKEND" >&2; exit 2 ;;
 esac

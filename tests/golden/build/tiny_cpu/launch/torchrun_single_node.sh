@@ -7,6 +7,7 @@
 #   BACKEND=native     llmc.runtime.entry, every stage in order (default)
 #   BACKEND=torchtitan torchtitan.train with the job module in torchtitan/ for the pre-training stage,
 #                      llmc.runtime.entry for the others
+#   BACKEND=deepspeed  deepspeed/launch.sh (the DeepSpeed launcher)
 # Arguments after the script name go to torchtitan.train (BACKEND=torchtitan).
 # Env: NPROC, RUN_DIR (default <build>/run), STAGE, BACKEND.
 set -euo pipefail
@@ -25,7 +26,7 @@ case "$BACKEND" in
   native)
     python -m llmc.runtime.entry prepare --lock "$LOCK"
     if want_stage pretrain && ! stage_done pretrain; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
     fi
     ;;
   torchtitan)
@@ -37,5 +38,9 @@ case "$BACKEND" in
         -m torchtitan.train --module llmc_job --config job "$@"
     fi
     ;;
-  *) echo "unknown BACKEND=$BACKEND (native or torchtitan)" >&2; exit 2 ;;
+  deepspeed)
+    # the DeepSpeed launcher (deepspeed/launch.sh; HOSTFILE for several nodes)
+    exec bash "$BUILD_DIR/deepspeed/launch.sh"
+    ;;
+  *) echo "unknown BACKEND=$BACKEND (native, torchtitan, deepspeed)" >&2; exit 2 ;;
 esac

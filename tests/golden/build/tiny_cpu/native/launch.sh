@@ -16,12 +16,13 @@ LOCK="$BUILD_DIR/plan.lock.json"
 # unfinished one). STAGE=<name> runs only that stage.
 stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+skipped() { echo "stage $1: done ($RUN_DIR/$1/DONE.json), skipped"; }
 
 python -m llmc.runtime.entry prepare --lock "$LOCK"
 if want_stage pretrain; then
   if stage_done pretrain; then
-    echo "stage pretrain: done ($RUN_DIR/pretrain/DONE.json), skipped"
+    skipped pretrain
   else
-    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR/pretrain"
+    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
   fi
 fi

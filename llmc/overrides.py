@@ -1,0 +1,162 @@
+"""``--set key.path=value``: dotted overrides applied to a spec's YAML mapping before validation.
+
+API
+---
+``parse_override(text) -> Override``
+    ``"training.optimizer.lr=3e-4"`` -> ``Override(path="training.optimizer.lr", value=0.0003)``. The value
+    is read as one YAML scalar or flow collection (``yaml.safe_load``: ``true``, ``8``, ``[1, 2]``,
+    ``"quoted text"``; ``3e-4`` is a float, as in YAML 1.2 section 10.2.1.4, though PyYAML's YAML 1.1
+    resolver reads it as a string); ``ValueError`` with a one-line reason for a malformed override.
+    A path part that is a non-negative integer indexes a list (``stages.0.steps=10``).
+``apply_overrides(mapping, overrides) -> dict``
+    A deep copy of ``mapping`` with every override applied in order; missing mappings on the way are
+    created. ``ValueError`` when a path runs through a scalar or past the end of a list.
+``load_with_overrides(path, overrides) -> (RunSpec, lines)``
+    Reads the spec file, applies the overrides to its YAML mapping and validates the result with
+    ``llmc.spec.load.loads_spec``. Diagnostics keep the spec file's own line numbers (a path the file
+    does not spell has none); a diagnostic about an overridden path names the override instead of a
+    line: ``--set training.optimizer.lr: error[S...] ...``.
+``override_bytes(overrides) -> bytes``
+    The overrides as text, appended to the spec bytes for ``spec.sha256`` (the lock then identifies the
+    effective input, not only the file).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.([A-Za-z_][A-Za-z0-9_-]*|[0-9]+))*$")
+
+
+@dataclass(frozen=True)
+class Override:
+    path: str
+    value: Any
+    text: str  # as given on the command line
+
+    @property
+    def parts(self) -> list[str | int]:
+        return [int(p) if p.isdigit() else p for p in self.path.split(".")]
+
+
+def parse_override(text: str) -> Override:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep:
+        raise ValueError(f"--set {text!r}: expected key.path=value (e.g. training.optimizer.lr=3e-4)")
+    if not _PATH.match(key):
+        raise ValueError(f"--set {text!r}: {key!r} is not a dotted path of names and list indices")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "invalid YAML"
+        raise ValueError(f"--set {key}: value {raw!r} is not a YAML scalar ({first})") from None
+    if isinstance(value, str) and _FLOAT.match(raw.strip()):
+        value = float(raw)  # YAML 1.2 reads 3e-4 as a number; PyYAML (YAML 1.1) needs a dot
+    return Override(path=key, value=value, text=text)
+
+
+def apply_overrides(mapping: dict, overrides: list[Override]) -> dict:
+    out = copy.deepcopy(mapping)
+    for o in overrides:
+        cur: Any = out
+        parts = o.parts
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(str(p) for p in parts[: i + 1])
+            if isinstance(cur, list):
+                if not isinstance(part, int) or part >= len(cur):
+                    raise ValueError(f"--set {o.path}: {where} is not an index of the list "
+                                     f"(it has {len(cur)} items)")
+            elif isinstance(cur, dict):
+                part = str(part)
+            else:
+                raise ValueError(f"--set {o.path}: {'.'.join(str(p) for p in parts[:i])} is not a mapping")
+            if last:
+                cur[part] = copy.deepcopy(o.value)
+            else:
+                if isinstance(cur, dict) and (part not in cur or cur[part] is None):
+                    cur[part] = {}
+                cur = cur[part]
+    return out
+
+
+def override_bytes(overrides: list[Override]) -> bytes:
+    return "".join(f"\n# --set {o.path}={yaml.safe_dump(o.value, default_flow_style=True).strip()}"
+                   for o in overrides).encode()
+
+
+def _covers(override_path: str, diag_path: str) -> bool:
+    d = re.sub(r"\[(\d+)\]", r".\1", diag_path).lstrip(".")
+    return d == override_path or d.startswith(override_path + ".") or override_path.startswith(d + ".") and bool(d)
+
+
+def locate(diag, overrides: list[Override], lines: dict[str, int]):
+    """The diagnostic with its line taken from the spec file, or pointing at the override it concerns."""
+    from llmc.diagnostics import line_for
+
+    for o in reversed(overrides):
+        if diag.path and _covers(o.path, diag.path):
+            return dataclasses.replace(diag, file=f"--set {o.path}", line=None)
+    return dataclasses.replace(diag, line=line_for(lines, diag.path) if diag.path else diag.line)
+
+
+def file_lines(text: str) -> dict[str, int]:
+    """Dotted path -> 1-based line of every mapping key and list item in the YAML text."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                lines.setdefault(key, k.start_mark.line + 1)
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                key = f"{prefix}.{i}"
+                lines.setdefault(key, v.start_mark.line + 1)
+                walk(v, key)
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:
+        return {}
+    return lines
+
+
+def load_with_overrides(path: str | Path, overrides: list[Override]):
+    """``(RunSpec, lines)`` of the spec file with the overrides applied; SpecError on any error."""
+    from llmc.diagnostics import SpecError
+    from llmc.spec.load import load_spec, loads_spec
+
+    if not overrides:
+        return load_spec(path)
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return load_spec(path)  # the loader's own located error for an unreadable or malformed file
+    if not isinstance(raw, dict):
+        return load_spec(path)
+    try:
+        data = apply_overrides(raw, overrides)
+    except ValueError as e:
+        from llmc.diagnostics import Diagnostic
+
+        raise SpecError([Diagnostic(code="S001", severity="error", path="", message=str(e),
+                                    hint="check the key path against `llmc schema`")]) from None
+    lines = file_lines(text)
+    try:
+        run, _ = loads_spec(yaml.safe_dump(data, sort_keys=False), file=str(path), base_dir=p.parent)
+    except SpecError as e:
+        raise SpecError([locate(d, overrides, lines) for d in e.diagnostics]) from None
+    return run, lines
