@@ -33,28 +33,43 @@ CalOpt = Annotated[Path | None, typer.Option(
 
 def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = True,
              calibration: Path | None = None):
-    """Load (with --set overrides) + compile; on spec errors print every one (one line each) and exit 1."""
-    from llmc.compiler.compile import compile_spec
+    """Load (with --set overrides) + compile; print every error (one line each, all phases) and exit 1.
+
+    The spec is read once (``read_spec``: ``-`` is standard input) and its bytes are what the lock's
+    sha256 records; the overrides are appended to them. A spec with schema errors is still compiled from
+    its best-effort version, so the plan errors that do not depend on the invalid values show too.
+    """
+    from llmc.compiler.compile import compile_loaded, compile_spec
     from llmc.diagnostics import SpecError, errors
-    from llmc.overrides import load_with_overrides, override_bytes, parse_override
     from llmc.spec.facts import gather_facts
 
-    overrides = []
-    for text in sets or []:
+    if sets:
+        from llmc.overrides import load_with_overrides, override_bytes, parse_override
+
+        overrides = []
+        for text in sets:
+            try:
+                overrides.append(parse_override(text))
+            except ValueError as e:
+                _fail([f"error[S001] {e}"])
         try:
-            overrides.append(parse_override(text))
-        except ValueError as e:
-            _fail([f"error[S001] {e}"])
-    try:
-        run, lines = load_with_overrides(spec, overrides)
-        cal = _calibration(spec, run, calibration)
-        # the spec file is read once more, here, for the sha256 recorded in every artifact
+            run, lines = load_with_overrides(spec, overrides)
+        except SpecError as e:
+            _fail([d.render() for d in e.diagnostics])
         compiled = compile_spec(run, spec_path=str(spec), yaml_lines=lines,
                                 spec_bytes=spec.read_bytes() + override_bytes(overrides),
-                                facts=gather_facts(run, spec.parent), calibration=cal, fit_check=fit_check)
-    except SpecError as e:
-        _fail([d.render() for d in e.diagnostics])
-    errs = errors(compiled.diagnostics)
+                                facts=gather_facts(run, spec.parent),
+                                calibration=_calibration(spec, run, calibration), fit_check=fit_check)
+        errs = errors(compiled.diagnostics)
+    else:
+        from llmc.spec.load import read_spec
+
+        loaded = read_spec(spec)
+        base = loaded.run or loaded.partial
+        cal = _calibration(spec, base, calibration) if base is not None else None
+        out = compile_loaded(loaded, facts=gather_facts(base, loaded.base_dir) if base is not None else None,
+                             calibration=cal, fit_check=fit_check)
+        compiled, errs = out.compiled, out.errors
     if errs:
         _fail([d.render() for d in errs])
     return compiled

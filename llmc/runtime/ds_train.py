@@ -201,7 +201,8 @@ def _data_loader(job, assets_root: Path, rank: int, world: int):
 
 
 def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root: Path, *,
-          max_steps: int | None = None, resume: bool = True, config_name: str = "ds_config") -> dict:
+          max_steps: int | None = None, resume: bool = True, config_name: str = "ds_config",
+          build_dir: Path | None = None) -> dict:
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -213,7 +214,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
     from llmc.runtime.model import Transformer, build_model, lm_loss, param_groups
 
-    job = TrainJob.from_lock(lock, stage)
+    job = TrainJob.from_lock(lock, stage, build_dir=build_dir)
     if job.kind not in DS_STAGE_KINDS:
         raise ValueError(f"stage {job.stage!r} is {job.kind}: the DeepSpeed runner trains "
                          f"{', '.join(DS_STAGE_KINDS)}; run it with `llmc launch --backend native`")
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     out = (a.out or root / "run" / stage_name).resolve()
     try:
         res = train(lock, ds_config, a.stage, out, root, max_steps=a.steps, resume=not a.no_resume,
-                    config_name=str(cfg_path))
+                    config_name=str(cfg_path), build_dir=a.lock.resolve().parent)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"{a.lock}: error[R002] {stage_name}: {e}", file=sys.stderr)
         return 1

@@ -180,23 +180,35 @@ def supervise(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path
               grace_s: float = 10.0) -> int:
     """Run ``cmd`` in its own process group; it and its group never outlive the caller."""
     me = os.getpid()
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, close_fds=True,
-                            preexec_fn=_pdeathsig_preexec(signal.SIGTERM, me))
-    pgid = proc.pid
-    guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(me), str(pgid), str(grace_s)],
-                             start_new_session=True, close_fds=True, stdin=subprocess.DEVNULL)
     received: list[int] = []
+    group: list[int] = []  # the child's process group, once started
 
     def forward(signum, _frame):
         received.append(signum)
-        try:
-            os.killpg(pgid, signum)
-        except ProcessLookupError:
-            pass
+        for pg in group:
+            try:
+                os.killpg(pg, signum)
+            except ProcessLookupError:
+                pass
 
+    # handlers first: a signal between starting the child and installing them would otherwise kill the
+    # caller with the default action (the child would still die, through PDEATHSIG and the guard)
     main = threading.current_thread() is threading.main_thread()
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     old = {s: signal.signal(s, forward) for s in sigs} if main else {}
+    try:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, close_fds=True,
+                                preexec_fn=_pdeathsig_preexec(signal.SIGTERM, me))
+    except BaseException:
+        for s, h in old.items():
+            signal.signal(s, h)
+        raise
+    pgid = proc.pid
+    group.append(pgid)
+    if received:  # a signal arrived while the child was starting: pass it on now
+        forward(received[-1], None)
+    guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(me), str(pgid), str(grace_s)],
+                             start_new_session=True, close_fds=True, stdin=subprocess.DEVNULL)
     try:
         deadline = None
         while True:
