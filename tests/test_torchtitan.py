@@ -294,6 +294,41 @@ def test_init_hf_job_loads_through_config_manager(tmp_path):
     assert load_job(build / "torchtitan" / "llmc_job.py").checkpoint.initial_load_path == str(hf_dir)
 
 
+def test_init_hf_checkpoint_gives_torchtitan_the_same_model(tmp_path):
+    """What the job's initial HF load does, in one process: llmc's runtime model exported to Hugging Face
+    format (llmc.runtime.hf_io.export_hf), read back through the job's own state-dict adapter into the model
+    torchtitan builds from the job: every key matches and the logits equal llmc's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llmc.runtime.hf_io import export_hf
+    from llmc.runtime.model import build_model
+    from llmc.runtime.titan_cpu_shim import swap_flex_for_sdpa
+
+    c = compiled_example("tiny_cpu")
+    arch = c.spec.model
+    ref = build_model(arch, "cpu", seed=0).eval()
+    hf = tmp_path / "hf"
+    export_hf(ref.state_dict(), arch, hf, dtype=torch.float32)
+    cfg = load_job(write_build(_with(c, init_hf=str(hf)), tmp_path / "build"))
+    assert cfg.checkpoint.initial_load_path == str(hf) and cfg.checkpoint.initial_load_in_hf
+    swap_flex_for_sdpa(cfg)  # CPU: no flex-attention block masks
+    m = cfg.model_spec.model
+    model = m.build()
+    model.init_states(buffer_device=torch.device("cpu"))
+    hf_sd = {}
+    for f in sorted(hf.glob("*.safetensors")):
+        hf_sd.update(load_file(f))
+    res = model.load_state_dict(cfg.model_spec.state_dict_adapter(m, str(hf)).from_hf(hf_sd), strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    x = torch.randint(0, arch.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(x)
+        got = model.eval()(x)
+    want = want[0] if isinstance(want, tuple) else want
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+
+
 # --------------------------------------------------------------------------------------------- 2
 
 
