@@ -304,6 +304,7 @@ def stage_configs(compiled) -> tuple[dict[str, dict], list[Diagnostic]]:
             continue
         cfg = _config(compiled, nums, *split, dp, zero)
         if cfg != main:
+            cfg[DS_HEADER_KEY] = {**cfg[DS_HEADER_KEY], "stage": st.name}
             out[st.name] = cfg
     return out, diags
 

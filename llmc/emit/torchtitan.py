@@ -638,5 +638,7 @@ class TorchtitanEmitter(Emitter):
     def applies(self, compiled) -> bool:
         return compiled.plan is not None
 
-    def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
-        return render_torchtitan(compiled)
+    def files(self, compiled, earlier: Mapping[str, str], build_dir: str | None = None) -> dict[str, str]:
+        """``build_dir``: where the files will be written, when the caller knows it (a relative ``init_hf``
+        is then written relative to it; see :func:`init_hf_location`)."""
+        return render_torchtitan(compiled, build_dir=build_dir)
