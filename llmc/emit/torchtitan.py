@@ -396,11 +396,14 @@ def init_hf_location(compiled, build_dir: str | None = None) -> str | None:
     return os.path.relpath(target, os.path.abspath(build_dir))
 
 
-def _hf_checks(compiled, family: str, errs: list[Diagnostic]) -> None:
+def _hf_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]) -> None:
     src, path = _init_hf(compiled)
     if not src:
         return
     arch = compiled.spec.model
+    if family == "deepseek_v3":
+        notes.append("init_hf: an FP8-quantized checkpoint (DeepSeek-V3's own release) needs "
+                     "--checkpoint.initial_load_in_hf_quantized (DeepSeekV3StateDictAdapter dequantizes it)")
     if _sd_adapter(arch, family) is None:
         why = ("its q/k/v biases are not in torchtitan's Llama3/Qwen3 state-dict adapters (they would stay zero)"
                if arch.qkv_bias else f"torchtitan {TORCHTITAN_VERSION}'s {family} job has no state-dict adapter "
@@ -493,7 +496,7 @@ def torchtitan_values(compiled, build_dir: str | None = None) -> TitanValues:
     notes: list[str] = []
     family = _family(compiled.spec.model)
     _arch_checks(compiled, family, errs, notes)
-    _hf_checks(compiled, family, errs)
+    _hf_checks(compiled, family, errs, notes)
     optim = _optimizer_schedule(compiled, notes)
     model = _model_args(compiled, family, errs, notes)
     par = _parallelism(compiled, errs)
