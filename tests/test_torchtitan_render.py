@@ -261,3 +261,18 @@ def test_deepseek_v3_routing_is_the_hf_configs():
     assert "router_num_limited_groups=4," in src and "routed_scaling_factor" not in src
     mix = torchtitan_values(compiled_for(model={**TINY, "moe": {"num_experts": 4, "top_k": 2}})).ctx["moe"]
     assert (mix["route_scale"], mix["n_expert_groups"], mix["n_limited_groups"]) == (1.0, None, None)
+
+
+def test_init_hf_of_a_pretrain_stage_is_read_and_located_there():
+    from test_build_fakes import make_compiled, make_run
+
+    stages = [{"name": "base", "kind": "pretrain", "init_hf": "/models/mixtral", "steps": 3},
+              {"name": "mid", "kind": "midtrain", "init_from": "base", "steps": 3}]
+    moe = make_run(model={"moe": {"num_experts": 4, "top_k": 2}}, stages=stages)
+    c = make_compiled(moe, stages=[{k: v for k, v in s.items() if k != "steps"} for s in stages])
+    [d] = torchtitan_diagnostics(c)
+    assert (d.code, d.path) == ("X310", "stages[0].init_hf")
+    dense = make_compiled(make_run(stages=stages), stages=[{k: v for k, v in s.items() if k != "steps"}
+                                                           for s in stages])
+    src = render_torchtitan(dense)["torchtitan/llmc_job.py"]
+    assert "INIT_HF = '/models/mixtral'" in src and "initial_load_in_hf=True" in src
