@@ -86,7 +86,7 @@ def test_allow_list_only_names_keys_deepspeed_reads():
 
 
 def test_every_emitted_config_passes_deepspeed(tmp_path):
-    cases, expect = [], {}
+    cases, expect, stage_expect = [], {}, {}
     # example specs (real compiler), at their target data-parallel size
     for ex in EXAMPLES:
         try:
@@ -100,6 +100,12 @@ def test_every_emitted_config_passes_deepspeed(tmp_path):
         dp = _target_dp(compiled)
         cases.append({"name": ex.stem, "cfg": cfg, "dp": dp})
         expect[ex.stem] = (compiled, dp, cfg)
+        for st in compiled.stages:  # per-stage configs, at the same world size
+            per = files.get(f"deepspeed/ds_config.{st.name}.json")
+            if per is not None:
+                name = f"{ex.stem}.{st.name}"
+                cases.append({"name": name, "cfg": json.loads(per), "dp": dp})
+                stage_expect[name] = (st, dp, json.loads(per))
     # hand-made variants: ZeRO-1/2/3, offload, fp32, tp folded into DP, other schedules
     variants = {
         "zero1": make_compiled(make_run(parallelism={"zero_stage": 1})),
@@ -132,10 +138,88 @@ def test_every_emitted_config_passes_deepspeed(tmp_path):
         assert r["clip"] == comp.spec.training.grad_clip
         assert r["optimizer"] == "adamw"
         assert r["scheduler"] == (cfg["scheduler"]["type"] if "scheduler" in cfg else None)
+    assert stage_expect, "no example writes a per-stage ds_config"
+    for name, (st, dp, cfg) in stage_expect.items():
+        r = res[name]
+        assert r["ok"], (name, r)
+        assert r["world_size"] == dp and r["train_batch_size"] == st.global_batch_seqs == r["micro"] * r["gas"] * dp
+        assert r["scheduler"] == (cfg["scheduler"]["type"] if "scheduler" in cfg else None)
     assert res["zero2_offload"]["offload"].endswith("cpu")
     assert res["zero1"]["zero_stage"] == 1 and res["zero3_fp32"]["zero_stage"] == 3
     assert not res["broken_identity"]["ok"]
     assert "train_batch_size is not equal to micro_batch_per_gpu" in res["broken_identity"]["error"]
+
+
+# ------------------------------------------------------------------------------------ per-stage configs
+
+
+@pytest.mark.parametrize("example", ["pipeline_tiny", "pipeline_llama3_8b"])
+def test_stage_configs_are_what_the_runner_checks(example, monkeypatch, tmp_path):
+    """Every DeepSpeed-trained stage gets a config the runner accepts as that stage's
+    (``ds_train.check_config`` against ``TrainJob.from_lock``), read the way the runner reads it
+    (``stage_config_path``); its numbers are the stage's StagePlan numbers; a stage whose numbers differ
+    from the main config is refused with the main config, so its own file is needed and present."""
+    from llmc.runtime.capabilities import DS_STAGE_KINDS
+    from llmc.runtime.ds_train import check_config, stage_config_path
+    from llmc.runtime.job import TrainJob
+
+    compiled = compile_example(ROOT / "examples" / f"{example}.yaml")
+    files = render_artifacts(compiled)
+    lock = json.loads(files["plan.lock.json"])
+    main = json.loads(files["deepspeed/ds_config.json"])
+    dp = _target_dp(compiled)
+    monkeypatch.setenv("WORLD_SIZE", str(dp))
+    for rel, text in files.items():
+        if rel.startswith("deepspeed/"):
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / rel).write_text(text)
+    ds_stages = [st for st in compiled.stages if st.kind in DS_STAGE_KINDS]
+    assert ds_stages
+    per_stage = 0
+    for st in ds_stages:
+        job = TrainJob.from_lock(lock, st.name)
+        text = files.get(f"deepspeed/ds_config.{st.name}.json")
+        path = stage_config_path(tmp_path / "deepspeed" / "ds_config.json", st.name)  # what the runner reads
+        assert path.name == ("ds_config.json" if text is None else f"ds_config.{st.name}.json")
+        checked = check_config(json.loads(path.read_text()), job, dp, str(path))
+        # the StagePlan's numbers, read independently of the emitter
+        assert checked["train_batch_size"] == st.global_batch_seqs
+        assert (checked["train_micro_batch_size_per_gpu"] * checked["gradient_accumulation_steps"] * dp
+                == st.global_batch_seqs)
+        assert checked["optimizer"]["params"]["lr"] == pytest.approx(st.lr, rel=1e-12)
+        sched = checked.get("scheduler", {}).get("params", {})
+        if "total_num_steps" in sched:
+            assert sched["total_num_steps"] == max(st.steps, st.warmup_steps, 1)
+        if "warmup_num_steps" in sched:
+            assert sched["warmup_num_steps"] == max(st.warmup_steps, 1)
+        if "warmup_max_lr" in sched:
+            assert sched["warmup_max_lr"] == pytest.approx(st.lr, rel=1e-12)
+        assert checked["bf16"]["enabled"] == (compiled.spec.training.precision in ("bf16", "fp8"))
+        if text is not None:
+            per_stage += 1
+            with pytest.raises(ValueError, match="is not stage"):
+                check_config(main, job, dp)
+        else:
+            check_config(main, job, dp)
+    if example == "pipeline_llama3_8b":
+        assert per_stage >= 2  # midtrain and long_context differ from the main config
+
+
+def test_stage_configs_fix_the_launch_pipeline_numbers():
+    """The two-stage pipeline the launch test runs: both stages train at lr 1e-3 while the main config has the
+    run's 3e-3, so each stage gets its own file with lr 1e-3 and the runner's batch identity."""
+    stages = [{"name": "base", "kind": "pretrain"}, {"name": "mid", "kind": "midtrain", "init_from": "base"}]
+    run = make_run(training={"precision": "fp32", "optimizer": {"lr": 3e-3}}, stages=[{**s, "steps": 3} for s in stages])
+    lock_stages = [{**s, "steps": 3, "lr": 1e-3, "warmup_steps": 1} for s in stages]
+    c = make_compiled(run, plan=ParallelPlan(dp_shard=2, micro_batch=2, grad_accum=2), global_batch_seqs=8,
+                      steps=5, warmup=1, stages=lock_stages)
+    files = render_artifacts(c)
+    for s in ("base", "mid"):
+        cfg = json.loads(files[f"deepspeed/ds_config.{s}.json"])
+        assert cfg["optimizer"]["params"]["lr"] == 1e-3
+        assert cfg["scheduler"]["params"]["total_num_steps"] == 3
+        assert cfg["train_batch_size"] == 8 == cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 2
+    assert json.loads(files["deepspeed/ds_config.json"])["optimizer"]["params"]["lr"] == 3e-3
 
 
 # ------------------------------------------------------------------------------------ memory estimators

@@ -200,6 +200,17 @@ def test_example_module_loads_through_config_manager(name, tmp_path, monkeypatch
     # llmc counts DeepSeek-V3's e_score_correction_bias as parameters; torchtitan keeps it as a buffer
     bias = n_moe_layers(arch) * arch.moe.num_experts if arch.moe is not None and arch.moe.expert_bias else 0
     assert n_titan + bias == c.model.params_total, (n_titan, c.model.params_total)
+    # no weight decay exactly where llmc's runtime has none (llmc.runtime.model.param_groups): 1-D parameters
+    # (norm gains, biases) and the token embeddings, on torchtitan's own parameter names
+    names = dict(model.named_parameters())
+    pattern = re.compile(no_wd.pattern)
+    assert {n for n in names if pattern.search(n)} == {
+        n for n, p in names.items() if p.ndim < 2 or n.endswith("tok_embeddings.weight")}
+    # MoE routing as the architecture says (DeepSeek-V3: route_scale 2.5, 8 groups, 4 per token)
+    if arch.moe is not None:
+        routers = [layer.moe.router for layer in m.layers if layer.moe is not None]
+        assert routers and {(r.route_scale, r.num_expert_groups, r.num_limited_groups) for r in routers} == {
+            (arch.moe.route_scale, arch.moe.n_expert_groups, arch.moe.n_limited_groups)}
 
 
 def test_published_sizes_through_torchtitan(tmp_path):
@@ -215,6 +226,107 @@ def test_published_sizes_through_torchtitan(tmp_path):
             model = cfg.model_spec.model.build()
         n = sum(p.numel() for p in model.parameters())
         assert abs(n - published) / published < 0.002, (name, n)
+
+
+def _routers(model_cfg):
+    return [(r.route_scale, r.num_expert_groups, r.num_limited_groups, r.top_k, r.score_func, r.route_norm)
+            for r in (layer.moe.router for layer in model_cfg.layers if layer.moe is not None)]
+
+
+def test_deepseek_v3_routing_is_torchtitans_671b(tmp_path):
+    """DeepSeek-V3's router in the emitted job equals torchtitan's own 671B flavour's
+    (route_scale 2.5, n_expert_groups 8, n_limited_groups 4, top-8 sigmoid, renormalised)."""
+    from torchtitan.models.deepseek_v3 import deepseekv3_configs
+
+    ref = deepseekv3_configs["671B"](attn_backend="flex", moe_comm_backend="standard")
+    cfg = load_job(write_build(compiled_example("deepseek_v3"), tmp_path), "job_without_converters")
+    got = _routers(cfg.model_spec.model)
+    assert len(got) == 58 and got == _routers(ref)
+
+
+def _with(c, **training):
+    return dataclasses.replace(c, spec=c.spec.model_copy(update={"training": c.spec.training.model_copy(update=training)}))
+
+
+def test_torchtitan_adapters_drop_qkv_biases_so_none_is_emitted(tmp_path):
+    """The library fact behind the q/k/v-bias decision: torchtitan 0.3.0's Llama3 and Qwen3 state-dict adapters
+    map no bias key (to_hf leaves them out, so an HF load would keep them at zero init). The emitted Qwen2.5-style
+    job therefore names no adapter."""
+    import torch
+    from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
+    from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
+
+    c = compiled_example("tiny_cpu")
+    c = dataclasses.replace(c, spec=c.spec.model_copy(
+        update={"model": c.spec.model.model_copy(update={"qkv_bias": True})}))
+    cfg = load_job(write_build(c, tmp_path))
+    assert cfg.model_spec.state_dict_adapter is None
+    with torch.device("meta"):
+        model = cfg.model_spec.model.build()
+    sd = model.state_dict()  # FusedQKVLinear's hook splits wqkv into wq/wk/wv (weight and bias)
+    biases = [k for k in sd if k.endswith(("wq.bias", "wk.bias", "wv.bias"))]
+    assert len(biases) == 3 * c.spec.model.n_layers
+    for adapter in (Llama3StateDictAdapter, Qwen3StateDictAdapter):
+        hf = adapter(cfg.model_spec.model, None).to_hf(sd)
+        assert "model.layers.0.self_attn.q_proj.weight" in hf
+        assert not [k for k in hf if k.endswith("bias")], adapter.__name__
+
+
+def test_init_hf_job_loads_through_config_manager(tmp_path):
+    from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
+
+    from llmc.emit.torchtitan import render_torchtitan
+
+    hf_dir = tmp_path / "models" / "llama"
+    hf_dir.mkdir(parents=True)
+    c = compiled_example("tiny_cpu")
+    cfg = load_job(write_build(_with(c, init_hf=str(hf_dir)), tmp_path / "abs"))
+    ck = cfg.checkpoint
+    assert (ck.initial_load_path, ck.initial_load_in_hf, ck.initial_load_model_only) == (str(hf_dir), True, True)
+    assert cfg.model_spec.state_dict_adapter is Llama3StateDictAdapter
+    # relative to the spec's folder, written relative to the build directory: loads from any cwd
+    build = tmp_path / "build"
+    rel = dataclasses.replace(_with(c, init_hf="../models/llama"), spec_path="../specs/t.yaml")  # as build records it
+    for name, text in render_torchtitan(rel, strict=True).items():
+        (build / name).parent.mkdir(parents=True, exist_ok=True)
+        (build / name).write_text(text)
+    assert "INIT_HF = '../models/llama'" in (build / "torchtitan" / "llmc_job.py").read_text()
+    assert load_job(build / "torchtitan" / "llmc_job.py").checkpoint.initial_load_path == str(hf_dir)
+
+
+def test_init_hf_checkpoint_gives_torchtitan_the_same_model(tmp_path):
+    """What the job's initial HF load does, in one process: llmc's runtime model exported to Hugging Face
+    format (llmc.runtime.hf_io.export_hf), read back through the job's own state-dict adapter into the model
+    torchtitan builds from the job: every key matches and the logits equal llmc's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llmc.runtime.hf_io import export_hf
+    from llmc.runtime.model import build_model
+    from llmc.runtime.titan_cpu_shim import swap_flex_for_sdpa
+
+    c = compiled_example("tiny_cpu")
+    arch = c.spec.model
+    ref = build_model(arch, "cpu", seed=0).eval()
+    hf = tmp_path / "hf"
+    export_hf(ref.state_dict(), arch, hf, dtype=torch.float32)
+    cfg = load_job(write_build(_with(c, init_hf=str(hf)), tmp_path / "build"))
+    assert cfg.checkpoint.initial_load_path == str(hf) and cfg.checkpoint.initial_load_in_hf
+    swap_flex_for_sdpa(cfg)  # CPU: no flex-attention block masks
+    m = cfg.model_spec.model
+    model = m.build()
+    model.init_states(buffer_device=torch.device("cpu"))
+    hf_sd = {}
+    for f in sorted(hf.glob("*.safetensors")):
+        hf_sd.update(load_file(f))
+    res = model.load_state_dict(cfg.model_spec.state_dict_adapter(m, str(hf)).from_hf(hf_sd), strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    x = torch.randint(0, arch.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(x)
+        got = model.eval()(x)
+    want = want[0] if isinstance(want, tuple) else want
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
 
 
 # --------------------------------------------------------------------------------------------- 2

@@ -182,3 +182,97 @@ def test_launch_scripts_parse_and_use_torchrun(tmp_path):
     assert "-m torchtitan.train --module llmc_job --config job" in multi
     assert "#SBATCH --nodes=16" in files["torchtitan/slurm.sbatch"]
     assert "--gpus-per-node=8" in files["torchtitan/slurm.sbatch"]
+
+
+# ------------------------------------------------------------------ weight decay, HF init, routing, q/k/v bias
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
+
+
+def with_init_hf(c: Compiled, src: str) -> Compiled:
+    spec = c.spec.model_copy(update={"training": c.spec.training.model_copy(update={"init_hf": src})})
+    return dataclasses.replace(c, spec=spec)
+
+
+def test_no_weight_decay_pattern_is_the_runtime_rule():
+    pytest.importorskip("torch")
+    import re
+
+    from llmc.emit.torchtitan import NO_WD_PATTERN
+    from llmc.runtime.model import NO_DECAY_PATTERN
+
+    assert NO_WD_PATTERN == NO_DECAY_PATTERN
+    src = render_torchtitan(compiled_for())["torchtitan/llmc_job.py"]
+    emitted = re.search(r"ParamGroupConfig\(pattern=(r?'[^']*'|r?\"[^\"]*\")", src).group(1)
+    assert ast.literal_eval(emitted) == NO_DECAY_PATTERN
+
+
+def test_init_hf_emits_an_initial_hf_load(tmp_path):
+    c = with_init_hf(compiled_for(), "ckpt/llama")  # spec t.yaml in the cwd: relative to the spec folder
+    src = render_torchtitan(c)["torchtitan/llmc_job.py"]
+    for field in ("initial_load_path=_init_hf_dir()", "initial_load_in_hf=True", "initial_load_model_only=True"):
+        assert field in src
+    assert "INIT_HF = 'ckpt/llama'" in src  # the spec sits in the build directory here
+    # llmc build records the spec path relative to the build directory; init_hf follows it, so the build
+    # tree can move and does not depend on the directory build ran from
+    c2 = dataclasses.replace(c, spec_path="../../specs/t.yaml")
+    rel = render_torchtitan(c2)["torchtitan/llmc_job.py"]
+    assert "INIT_HF = '../../specs/ckpt/llama'" in rel
+    absolute = render_torchtitan(with_init_hf(compiled_for(), "/models/llama"))
+    assert "INIT_HF = '/models/llama'" in absolute["torchtitan/llmc_job.py"]
+    plain = render_torchtitan(compiled_for())["torchtitan/llmc_job.py"]
+    assert "initial_load" not in plain and "INIT_HF" not in plain
+
+
+def test_init_hf_without_an_adapter_is_a_located_error():
+    moe = {**TINY, "moe": {"num_experts": 4, "top_k": 2}}
+    c = with_init_hf(compiled_for(model=moe), "/models/mixtral")
+    [d] = torchtitan_diagnostics(c)
+    assert (d.code, d.severity, d.path) == ("X310", "error", "training.init_hf")
+    assert torchtitan_diagnostics(with_init_hf(compiled_for(), "/models/llama")) == []
+    assert list(render_torchtitan(c)) == ["torchtitan/NOT_EMITTED.txt"]
+
+
+def test_qwen_qkv_bias_gets_no_bias_dropping_adapter():
+    """torchtitan 0.3.0's Llama3/Qwen3 state-dict adapters have no q/k/v bias keys (checked against the library
+    in test_torchtitan.py): a Qwen2.5-style model gets no adapter, and init_hf on it is refused."""
+    qwen = {**TINY, "qkv_bias": True}
+    src = render_torchtitan(compiled_for(model=qwen))["torchtitan/llmc_job.py"]
+    assert "state_dict_adapter=None" in src and "Llama3StateDictAdapter" not in src
+    assert "attn.qkv_linear.wqkv.bias = True" in src
+    [d] = torchtitan_diagnostics(with_init_hf(compiled_for(model=qwen), "/models/qwen2.5"))
+    assert d.code == "X310" and "bias" in d.message
+    assert "state_dict_adapter=Llama3StateDictAdapter" in render_torchtitan(compiled_for())["torchtitan/llmc_job.py"]
+
+
+def test_deepseek_v3_routing_is_the_hf_configs():
+    import json
+
+    from llmc.spec.presets import PRESETS
+
+    hf = json.loads((FIXTURES / "deepseek-v3.json").read_text())
+    arch = PRESETS["deepseek-v3"]
+    c = compiled_for(model=arch.model_dump(), seq=4096)
+    moe = torchtitan_values(c).ctx["moe"]
+    assert (moe["route_scale"], moe["n_expert_groups"], moe["n_limited_groups"]) == (
+        hf["routed_scaling_factor"], hf["n_group"], hf["topk_group"])
+    src = render_torchtitan(c)["torchtitan/llmc_job.py"]
+    assert "router_route_scale=2.5," in src and "router_num_expert_groups=8," in src
+    assert "router_num_limited_groups=4," in src and "routed_scaling_factor" not in src
+    mix = torchtitan_values(compiled_for(model={**TINY, "moe": {"num_experts": 4, "top_k": 2}})).ctx["moe"]
+    assert (mix["route_scale"], mix["n_expert_groups"], mix["n_limited_groups"]) == (1.0, None, None)
+
+
+def test_init_hf_of_a_pretrain_stage_is_read_and_located_there():
+    from test_build_fakes import make_compiled, make_run
+
+    stages = [{"name": "base", "kind": "pretrain", "init_hf": "/models/mixtral", "steps": 3},
+              {"name": "mid", "kind": "midtrain", "init_from": "base", "steps": 3}]
+    moe = make_run(model={"moe": {"num_experts": 4, "top_k": 2}}, stages=stages)
+    c = make_compiled(moe, stages=[{k: v for k, v in s.items() if k != "steps"} for s in stages])
+    [d] = torchtitan_diagnostics(c)
+    assert (d.code, d.path) == ("X310", "stages[0].init_hf")
+    dense = make_compiled(make_run(stages=stages), stages=[{k: v for k, v in s.items() if k != "steps"}
+                                                           for s in stages])
+    src = render_torchtitan(dense)["torchtitan/llmc_job.py"]
+    assert "INIT_HF = '/models/mixtral'" in src and "initial_load_in_hf=True" in src

@@ -15,11 +15,20 @@ Diagnostics:
     X105 error    ds_config top-level key outside the allow-list (an llmc bug, never a user error)
     X106 warning  fp8 training: the DeepSpeed runner trains in bf16
     X108 error    offload_optimizer with ZeRO stage 0
+    X109 warning  a stage's global batch cannot be split over the DeepSpeed data-parallel ranks
+
+Per-stage configs: ``llmc.runtime.ds_train`` runs ``deepspeed/ds_config.<stage>.json`` for ``--stage S``
+when it exists, else ``ds_config.json``, and refuses a config whose batch / lr / steps / precision are not
+the stage's (``ds_train.check_config``). The build therefore writes ``ds_config.<stage>.json`` for every
+DeepSpeed-trained stage whose config differs from ``ds_config.json`` (numbers from the stage's
+``StagePlan``), so the committed file is exactly what runs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from llmc.compiler.plan import ParallelPlan
@@ -36,6 +45,7 @@ from llmc.emit.common import (
     stage_list,
     world,
 )
+from llmc.runtime.capabilities import DS_STAGE_KINDS
 
 # Top-level ds_config keys llmc may emit. DeepSpeed silently ignores unknown top-level keys (a typo
 # such as "gradient_clipin" is accepted), so the emitter checks its own output against this list.
@@ -64,7 +74,43 @@ ALLGATHER_BUCKET = 500_000_000  # DeepSpeed's default allgather_bucket_size (5e8
 STAGE3_MAX_LIVE = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters / max_reuse_distance
 
 CONFIG_PATH = "deepspeed/ds_config.json"
+STAGE_CONFIG_PATH = "deepspeed/ds_config.{stage}.json"  # llmc.runtime.ds_train.stage_config_path
 RDZV_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DsNumbers:
+    """The training numbers one DeepSpeed config carries: the main run's (``Compiled.hyper``) or a stage's
+    (``StagePlan``)."""
+
+    lr: float
+    min_lr_ratio: float
+    steps: int
+    warmup_steps: int
+    schedule: str
+    global_batch_seqs: int
+    micro_batch: int  # upper bound for the micro-batch when tp/pp/cp/ep are folded into data parallelism
+
+
+def _main_numbers(compiled, plan: ParallelPlan) -> DsNumbers:
+    h = compiled.hyper
+    return DsNumbers(lr=float(h.lr), min_lr_ratio=float(compiled.spec.training.schedule.min_lr_ratio),
+                     steps=int(h.steps), warmup_steps=int(h.warmup_steps), schedule=str(h.schedule),
+                     global_batch_seqs=int(h.global_batch_seqs), micro_batch=int(plan.micro_batch))
+
+
+def _stage_numbers(compiled, plan: ParallelPlan, st) -> DsNumbers:
+    """A stage's numbers; what the stage leaves unresolved (None) is the main run's."""
+    main = _main_numbers(compiled, plan)
+    gbs = int(st.global_batch_seqs) if st.global_batch_seqs else main.global_batch_seqs
+    lr = float(st.lr)
+    ratio = float(st.min_lr) / lr if lr else 0.0
+    if math.isclose(ratio, main.min_lr_ratio, rel_tol=1e-9, abs_tol=1e-12):
+        ratio = main.min_lr_ratio  # the same floor, written as the spec gives it
+    return DsNumbers(lr=lr, min_lr_ratio=ratio,
+                     steps=int(st.steps) if st.steps else main.steps, warmup_steps=int(st.warmup_steps),
+                     schedule=str(st.schedule), global_batch_seqs=gbs,
+                     micro_batch=int(st.micro_batch) if st.micro_batch else main.micro_batch)
 
 
 def _ds_plan(compiled) -> ParallelPlan | None:
@@ -113,6 +159,13 @@ def _pinning_checks(compiled, plan: ParallelPlan, stage: int) -> list[Diagnostic
     return out
 
 
+def _split(gbs: int, dp: int, micro_cap: int) -> tuple[int, int]:
+    """(micro, accum) with micro x accum x dp = gbs: the largest micro-batch <= micro_cap dividing gbs / dp."""
+    per_rank = gbs // dp
+    micro = max(m for m in range(1, min(max(1, micro_cap), per_rank) + 1) if per_rank % m == 0)
+    return micro, per_rank // micro
+
+
 def _batch(compiled, plan: ParallelPlan, stage: int, diags: list[Diagnostic]) -> tuple[int, int, int] | None:
     """(micro, accum, dp) of the DeepSpeed run, or None (diagnostic appended) when there is none."""
     gbs = int(compiled.hyper.global_batch_seqs)
@@ -134,9 +187,18 @@ def _batch(compiled, plan: ParallelPlan, stage: int, diags: list[Diagnostic]) ->
     if gbs % dp != 0:
         diags.append(_x104(gbs, dp, "use the torchtitan or native backend, or a global batch divisible by the GPU count"))
         return None
-    per_rank = gbs // dp
-    micro = max(m for m in range(1, min(plan.micro_batch, per_rank) + 1) if per_rank % m == 0)
-    return micro, per_rank // micro, dp
+    return (*_split(gbs, dp, plan.micro_batch), dp)
+
+
+def _stage_batch(st, nums: DsNumbers, dp: int) -> tuple[int, int] | None:
+    """(micro, accum) of a stage on the main config's ``dp`` ranks: the stage's own split when it holds there,
+    else the largest micro-batch <= the stage's dividing its batch per rank; None when dp does not divide it."""
+    gbs = nums.global_batch_seqs
+    if st.micro_batch and st.grad_accum and int(st.micro_batch) * int(st.grad_accum) * dp == gbs:
+        return int(st.micro_batch), int(st.grad_accum)
+    if gbs % dp:
+        return None
+    return _split(gbs, dp, nums.micro_batch)
 
 
 def _zero_section(compiled, stage: int) -> dict[str, Any]:
@@ -155,15 +217,35 @@ def _zero_section(compiled, stage: int) -> dict[str, Any]:
     return zero
 
 
-def _optimizer_section(compiled) -> dict[str, Any]:
+def _optimizer_section(compiled, lr: float) -> dict[str, Any]:
     opt = compiled.spec.training.optimizer
-    params: dict[str, Any] = {"lr": compiled.hyper.lr, "betas": list(opt.betas), "eps": opt.eps,
+    params: dict[str, Any] = {"lr": lr, "betas": list(opt.betas), "eps": opt.eps,
                               "weight_decay": opt.weight_decay}
     if not compiled.spec.parallelism.offload_optimizer:
         # torch.optim.AdamW instead of DeepSpeed's FusedAdam: no JIT build. With optimizer offload we
         # keep DeepSpeedCPUAdam (the point of ZeRO-Offload; it JIT-builds cpu_adam once).
         params["torch_adam"] = True
     return {"type": "AdamW", "params": params}
+
+
+def _config(compiled, nums: DsNumbers, micro: int, accum: int, dp: int, zero: int) -> dict[str, Any]:
+    spec = compiled.spec
+    cfg: dict[str, Any] = {
+        DS_HEADER_KEY: header_fields(compiled),
+        "train_batch_size": micro * accum * dp,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(spec.training.grad_clip or 0.0),
+        "bf16": {"enabled": spec.training.precision in ("bf16", "fp8")},
+        "optimizer": _optimizer_section(compiled, nums.lr),
+        "zero_optimization": _zero_section(compiled, zero),
+        "steps_per_print": int(spec.training.log_every),
+        "wall_clock_breakdown": False,
+    }
+    sched = _ds_scheduler(nums)
+    if sched is not None:
+        cfg["scheduler"] = sched
+    return cfg
 
 
 def deepspeed_config(compiled) -> tuple[dict | None, list[Diagnostic]]:
@@ -184,21 +266,7 @@ def deepspeed_config(compiled) -> tuple[dict | None, list[Diagnostic]]:
     if spec.training.precision == "fp8":
         diags.append(diag("X106", "warning", "training.precision",
                           "the DeepSpeed runner trains in bf16 (fp8 matmuls are torchtitan-only)"))
-    cfg: dict[str, Any] = {
-        DS_HEADER_KEY: header_fields(compiled),
-        "train_batch_size": micro * accum * dp,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": float(spec.training.grad_clip or 0.0),
-        "bf16": {"enabled": spec.training.precision in ("bf16", "fp8")},
-        "optimizer": _optimizer_section(compiled),
-        "zero_optimization": _zero_section(compiled, stage),
-        "steps_per_print": int(spec.training.log_every),
-        "wall_clock_breakdown": False,
-    }
-    sched = _ds_scheduler(compiled)
-    if sched is not None:
-        cfg["scheduler"] = sched
+    cfg = _config(compiled, _main_numbers(compiled, plan), micro, accum, dp, stage)
     unknown = sorted(set(cfg) - _ALLOWED)
     if unknown:  # an llmc bug, not a user error; still reported as a diagnostic
         diags.append(diag("X105", "error", "", f"ds_config has keys DeepSpeed does not read: {unknown}"))
@@ -209,27 +277,57 @@ def deepspeed_config(compiled) -> tuple[dict | None, list[Diagnostic]]:
     return cfg, diags
 
 
-def _ds_scheduler(compiled) -> dict | None:
+def stage_configs(compiled) -> tuple[dict[str, dict], list[Diagnostic]]:
+    """``{stage name: ds_config}`` for every DeepSpeed-trained stage whose config differs from
+    ``ds_config.json`` (lr, steps, warmup, schedule or batch of its ``StagePlan``), and the X109 warnings of
+    stages whose batch cannot be split over the DeepSpeed ranks. Empty when there is no main config."""
+    main, _ = deepspeed_config(compiled)
+    if main is None:
+        return {}, []
+    plan = _ds_plan(compiled)
+    dp = main["train_batch_size"] // (main["train_micro_batch_size_per_gpu"] * main["gradient_accumulation_steps"])
+    zero = main["zero_optimization"]["stage"]
+    names = {s.name: i for i, s in enumerate(compiled.spec.stages)}
+    out: dict[str, dict] = {}
+    diags: list[Diagnostic] = []
+    for st in compiled.stages:
+        if st.kind not in DS_STAGE_KINDS:
+            continue
+        nums = _stage_numbers(compiled, plan, st)
+        split = _stage_batch(st, nums, dp)
+        if split is None:
+            where = f"stages[{names[st.name]}]" if st.name in names else "training.global_batch_tokens"
+            diags.append(diag("X109", "warning", where,
+                              f"stage {st.name!r}: global batch of {nums.global_batch_seqs} sequences cannot be split "
+                              f"over {dp} DeepSpeed data-parallel ranks; the DeepSpeed runner refuses this stage",
+                              "use the native backend for it, or a batch divisible by the GPU count"))
+            continue
+        cfg = _config(compiled, nums, *split, dp, zero)
+        if cfg != main:
+            cfg[DS_HEADER_KEY] = {**cfg[DS_HEADER_KEY], "stage": st.name}
+            out[st.name] = cfg
+    return out, diags
+
+
+def _ds_scheduler(n: DsNumbers) -> dict | None:
     """DeepSpeed scheduler matching llmc's schedule, or None (ds_train then uses llmc's own LambdaLR).
 
     cosine -> WarmupCosineLR (linear warmup from 0, cosine to min_lr_ratio: exact);
     constant -> WarmupLR; linear -> WarmupDecayLR only when min_lr_ratio == 0 (it decays to 0);
     wsd and linear-to-a-floor have no DeepSpeed equivalent -> client scheduler in ds_train.
     """
-    h = compiled.hyper
-    sch = compiled.spec.training.schedule
-    warm = max(1, int(h.warmup_steps))  # DeepSpeed requires a positive integer
-    total = max(int(h.steps), warm)
-    if h.schedule == "cosine":
+    warm = max(1, int(n.warmup_steps))  # DeepSpeed requires a positive integer
+    total = max(int(n.steps), warm)
+    if n.schedule == "cosine":
         return {"type": "WarmupCosineLR", "params": {"total_num_steps": total, "warmup_num_steps": warm,
-                                                     "warmup_min_ratio": 0.0, "cos_min_ratio": sch.min_lr_ratio,
+                                                     "warmup_min_ratio": 0.0, "cos_min_ratio": n.min_lr_ratio,
                                                      "warmup_type": "linear"}}
-    if h.schedule == "constant":
-        return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": h.lr,
+    if n.schedule == "constant":
+        return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": n.lr,
                                                "warmup_num_steps": warm, "warmup_type": "linear"}}
-    if h.schedule == "linear" and sch.min_lr_ratio == 0:
+    if n.schedule == "linear" and n.min_lr_ratio == 0:
         return {"type": "WarmupDecayLR", "params": {"total_num_steps": total, "warmup_min_lr": 0.0,
-                                                    "warmup_max_lr": h.lr, "warmup_num_steps": warm,
+                                                    "warmup_max_lr": n.lr, "warmup_num_steps": warm,
                                                     "warmup_type": "linear"}}
     return None
 
@@ -241,7 +339,7 @@ class DeepSpeedEmitter(Emitter):
         return any(s["ds"] for s in stage_list(compiled))
 
     def diagnostics(self, compiled) -> list[Diagnostic]:
-        return deepspeed_config(compiled)[1]
+        return deepspeed_config(compiled)[1] + stage_configs(compiled)[1]
 
     def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
         cfg, _ = deepspeed_config(compiled)
@@ -255,5 +353,6 @@ class DeepSpeedEmitter(Emitter):
                "gpus_per_node": gpus_per_node(compiled), "nnodes": nnodes(compiled), "rdzv_port": RDZV_PORT,
                "zero_stage": cfg["zero_optimization"]["stage"],
                "warnings": [d.render() for d in build_warnings(compiled)]}
-        return {CONFIG_PATH: dump_json(cfg),
+        per_stage = {STAGE_CONFIG_PATH.format(stage=name): dump_json(c) for name, c in stage_configs(compiled)[0].items()}
+        return {CONFIG_PATH: dump_json(cfg), **per_stage,
                 "deepspeed/launch.sh": jinja_env().get_template("deepspeed/launch.sh.j2").render(**ctx)}

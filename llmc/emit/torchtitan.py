@@ -18,21 +18,37 @@ Model families (checked against the installed torchtitan 0.3.0 source):
 
 torchtitan 0.3.0 has no llama4 package. What a model family cannot express is reported as an
 error diagnostic (X3xx) instead of emitting a wrong module.
+
+Starting from a Hugging Face checkpoint (``init_hf``): ``CheckpointManager.Config(initial_load_path=<dir>,
+initial_load_in_hf=True, initial_load_model_only=True)`` (torchtitan/components/checkpointer/base.py), read
+through the family's state-dict adapter. torchtitan 0.3.0's ``Llama3StateDictAdapter`` and
+``Qwen3StateDictAdapter`` map no q/k/v bias (``to_hf`` skips unmapped keys, so the biases would silently
+stay at their zero init); a q/k/v-bias model (Qwen2/2.5) therefore gets no adapter and ``init_hf`` on it,
+or on a family without an adapter, is an error (X310).
+
+Diagnostics (errors unless noted):
+    X300 no plan             X301 RoPE scaling        X302 MLA with qkv bias     X303 tying with PP
+    X304 tp | heads          X305 seq_len > RoPE      X306 seq_len % (tp*2cp)    X307 batch identity
+    X308 PP stages/schedule  X309 router bias         X310 init_hf without an adapter that keeps every weight
 """
 
 from __future__ import annotations
 
 import ast
 import math
+import os
+import posixpath
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from llmc.diagnostics import Diagnostic, SpecError
 from llmc.emit.base import Emitter
 from llmc.emit.common import diag, gpus_per_node, jinja_env
 from llmc.escape import visible
+from llmc.runtime.capabilities import TITAN_STAGE_KINDS
 
 TORCHTITAN_VERSION = "0.3.0"
 TORCH_VERSION = "2.14.1"
@@ -60,6 +76,15 @@ COMM_TRAIN_TIMEOUT_S = 100
 COMM_TRAIN_TIMEOUT_CKPT_S = 600
 
 SINGLE_STAGE_SCHEDULES = {"1F1B", "GPipe"}
+
+# Parameters AdamW does not decay, matched with re.search on torchtitan's FQNs (ParamGroupConfig, first match
+# wins): RMSNorm gains (attention_norm, ffn_norm, norm, MLA q_norm / kv_norm), biases, the MoE expert bias and
+# the token embeddings. The same rule as llmc.runtime.model.NO_DECAY_PATTERN (tested equal), kept here as a
+# literal so the emitter does not import torch.
+NO_WD_PATTERN = r"(norm\.weight|\.bias|expert_bias|tok_embeddings\.weight)$"
+
+# Families whose torchtitan 0.3.0 state-dict adapter converts every weight of the model llmc emits.
+HF_ADAPTERS = {"llama3": "Llama3StateDictAdapter", "deepseek_v3": "DeepSeekV3StateDictAdapter"}
 
 
 @dataclass
@@ -265,9 +290,8 @@ def _optimizer_schedule(compiled, notes: list[str]) -> dict[str, Any]:
         "loss_kind": "ce" if cpu else "chunked",
         "adamw": adamw,
         "adamw_no_wd": {**adamw, "weight_decay": 0.0},
-        # no weight decay on norm gains and embeddings (first match wins in ParamGroupConfig);
-        # one pattern for both so every pipeline stage's part matches it (each has norms).
-        "no_wd_pattern": r"(norm|tok_embeddings)\.weight$",
+        # one pattern so every pipeline stage's part matches it (each has norms)
+        "no_wd_pattern": NO_WD_PATTERN,
         "optimizer_impl": "foreach" if cpu else "fused",
         "warmup_steps": int(hyper.warmup_steps),
         "decay_ratio": decay_ratio,
@@ -285,7 +309,8 @@ def _moe(arch, notes: list[str], errs: list[Diagnostic]) -> dict[str, Any]:
             # build_mla_moe_layers needs MoE numbers even when every layer is dense
             return {"num_experts": 1, "top_k": 1, "moe_hidden_dim": arch.d_ff, "num_shared_experts": 0,
                     "shared_hidden_dim": 0, "n_dense_layers": arch.n_layers, "score_func": "softmax",
-                    "route_norm": False, "router_bias": False, "load_balance_coeff": LOAD_BALANCE_COEFF}
+                    "route_norm": False, "router_bias": False, "load_balance_coeff": LOAD_BALANCE_COEFF,
+                    "route_scale": 1.0, "n_expert_groups": None, "n_limited_groups": None}
         return {}
     moe_hidden = moe.expert_d_ff or arch.d_ff
     if moe.aux_loss_coef > 0:
@@ -313,6 +338,11 @@ def _moe(arch, notes: list[str], errs: list[Diagnostic]) -> dict[str, Any]:
         # (per-expert routing bias buffer updated before each optimizer step, arXiv:2408.15664).
         # expert_bias -> that mechanism; aux_loss_coef > 0 -> the same mechanism as substitute.
         "load_balance_coeff": LOAD_BALANCE_COEFF if (moe.expert_bias or moe.aux_loss_coef > 0) else None,
+        # TokenChoiceTopKRouter.Config route_scale / num_expert_groups / num_limited_groups
+        # (torchtitan/models/common/moe.py); DeepSeek-V3: routed_scaling_factor 2.5, n_group 8, topk_group 4
+        "route_scale": float(moe.route_scale),
+        "n_expert_groups": moe.n_expert_groups,
+        "n_limited_groups": moe.n_limited_groups,
     }
 
 
@@ -320,8 +350,6 @@ def _mla(arch, notes: list[str]) -> dict[str, Any]:
     if arch.mla is None:
         return {}
     m = arch.mla
-    notes.append("deepseek_v3: router expert-group limits and routed_scaling_factor are not in llmc's "
-                 "Architecture; emitted as torchtitan defaults (no group limit, route_scale 1.0)")
     return {
         "q_lora_rank": m.q_lora_rank or 0,
         "kv_lora_rank": m.kv_lora_rank,
@@ -331,6 +359,59 @@ def _mla(arch, notes: list[str]) -> dict[str, Any]:
         # YaRN attention-temperature (mscale) used by torchtitan's DeepSeek-V3 671B flavor
         "mscale": 1.0,
     }
+
+
+def _sd_adapter(arch, family: str) -> str | None:
+    """The torchtitan state-dict adapter class the job names, or None where the family has none that keeps
+    every weight: qwen3 (its adapter expects q/k norms this job does not build) and q/k/v-bias models
+    (Llama3StateDictAdapter has no bias keys: ``to_hf`` skips them, so a load would leave them at zero)."""
+    if arch.qkv_bias:
+        return None
+    return HF_ADAPTERS.get(family)
+
+
+def _init_hf(compiled) -> tuple[str | None, str]:
+    """(the Hugging Face checkpoint the torchtitan job starts from, its spec path): the pre-training stage's
+    ``init_hf`` (``stages[i].init_hf``), else ``training.init_hf``."""
+    spec = compiled.spec
+    for i, st in enumerate(spec.stages):
+        if st.kind in TITAN_STAGE_KINDS:
+            return st.init_hf, f"stages[{i}].init_hf"
+    plan = next((st for st in compiled.stages if st.kind in TITAN_STAGE_KINDS), None)
+    if plan is not None and plan.init_hf:
+        return plan.init_hf, "training.init_hf"
+    return spec.training.init_hf, "training.init_hf"
+
+
+def init_hf_location(compiled) -> str | None:
+    """Where the job reads ``init_hf`` from, as written into the job module (joined with the build directory at
+    run time, so an absolute path stays as given). A relative ``init_hf`` is relative to the spec's folder;
+    ``llmc build`` records the spec path relative to the build directory, so the result is too (the
+    artifacts move with the tree and do not depend on the directory ``llmc build`` ran from)."""
+    src, _ = _init_hf(compiled)
+    if not src:
+        return None
+    if os.path.isabs(os.path.expanduser(src)):
+        return os.path.expanduser(src)
+    return posixpath.normpath(posixpath.join(posixpath.dirname(Path(compiled.spec_path).as_posix()), src))
+
+
+def _hf_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]) -> None:
+    src, path = _init_hf(compiled)
+    if not src:
+        return
+    arch = compiled.spec.model
+    if family == "deepseek_v3":
+        notes.append("init_hf: an FP8-quantized checkpoint (DeepSeek-V3's own release) needs "
+                     "--checkpoint.initial_load_in_hf_quantized (DeepSeekV3StateDictAdapter dequantizes it)")
+    if _sd_adapter(arch, family) is None:
+        why = ("its q/k/v biases are not in torchtitan's Llama3/Qwen3 state-dict adapters (they would stay zero)"
+               if arch.qkv_bias else f"torchtitan {TORCHTITAN_VERSION}'s {family} job has no state-dict adapter "
+               "for this model")
+        errs.append(diag("X310", "error", path,
+                         f"the torchtitan job cannot start from a Hugging Face checkpoint: {why}",
+                         "run this stage with `llmc launch --backend native` or deepspeed (llmc.runtime.hf_io "
+                         "loads every weight)"))
 
 
 def _titan_compile(compiled) -> bool:
@@ -362,6 +443,7 @@ def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str])
         "tied": bool(arch.tied_embeddings),
         # fused wqkv Linear gets a bias (colwise TP shards it S(0): models/common/decoder_sharding.py)
         "qkv_bias": bool(arch.qkv_bias),
+        "sd_adapter": _sd_adapter(arch, family),
         "base_init_std": BASE_INIT_STD,
         "output_init_std": float(arch.d_model ** -0.5),
         "output_init_bound": float(3 * arch.d_model ** -0.5),
@@ -414,6 +496,7 @@ def torchtitan_values(compiled) -> TitanValues:
     notes: list[str] = []
     family = _family(compiled.spec.model)
     _arch_checks(compiled, family, errs, notes)
+    _hf_checks(compiled, family, errs, notes)
     optim = _optimizer_schedule(compiled, notes)
     model = _model_args(compiled, family, errs, notes)
     par = _parallelism(compiled, errs)
@@ -429,6 +512,8 @@ def torchtitan_values(compiled) -> TitanValues:
         # prepare_assets writes every text source to data/<name>.jsonl with a "text" field
         "text_field": "text",
         "data_sources": _data_sources(compiled.spec),
+        "init_hf": init_hf_location(compiled),
+        "init_hf_source": _init_hf(compiled)[0],
     }
     return TitanValues(ctx=ctx, notes=notes)
 

@@ -20,7 +20,8 @@ rope_theta / rope_scaling      rope_theta / rope_scaling
 max_position_embeddings        max_seq_len
 rms_norm_eps                   norm_eps
 num_local_experts, *_per_tok   moe.num_experts, moe.top_k (mixtral)
-n_routed_experts, ...          moe.* and mla.* (deepseek_v3)
+n_routed_experts, ...          moe.* and mla.* (deepseek_v3; routed_scaling_factor, n_group, topk_group ->
+                               moe.route_scale, n_expert_groups, n_limited_groups)
 =============================  =====================================
 """
 
@@ -158,10 +159,16 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> No
                     num_shared_experts=lambda: _int(cfg, "n_shared_experts", 0, minimum=0),
                     expert_d_ff=lambda: _int(cfg, "moe_intermediate_size"),
                     dense_layers=lambda: _int(cfg, "first_k_dense_replace", 0, minimum=0),
-                    aux_loss_coef=lambda: _float(cfg, "aux_loss_alpha", 0.0))
-        if len(moe) == 6:
+                    aux_loss_coef=lambda: _float(cfg, "aux_loss_alpha", 0.0),
+                    route_scale=lambda: _float(cfg, "routed_scaling_factor", 1.0),
+                    n_group=lambda: _int(cfg, "n_group", 1),
+                    topk_group=lambda: _int(cfg, "topk_group", 1))
+        if len(moe) == 9:
+            groups = moe.pop("n_group"), moe.pop("topk_group")  # one group = no group limit
             kw["moe"] = MoE(
                 **moe,
+                n_expert_groups=groups[0] if groups[0] > 1 else None,
+                n_limited_groups=groups[1] if groups[0] > 1 else None,
                 score_func="sigmoid" if cfg.get("scoring_func", "sigmoid") == "sigmoid" else "softmax",
                 expert_bias=cfg.get("topk_method") == "noaux_tc",
             )

@@ -64,6 +64,29 @@ class MoE(SpecModel):
     expert_bias: bool = False
     """Learned per-expert routing bias for aux-loss-free balancing (DeepSeek-V3
     ``e_score_correction_bias``, ``topk_method: noaux_tc``): num_experts extra parameters per MoE layer."""
+    route_scale: Float = Field(default=1.0, gt=0)
+    """Factor on the routed experts' combined output (DeepSeek-V3 config.json ``routed_scaling_factor`` 2.5;
+    Mixtral 1.0)."""
+    n_expert_groups: Int | None = Field(default=None, gt=0)
+    """Node-limited routing: experts split into this many groups (DeepSeek-V3 ``n_group`` 8; arXiv:2412.19437
+    sec. 2.1.2). None = no grouping."""
+    n_limited_groups: Int | None = Field(default=None, gt=0)
+    """Groups each token may route to (DeepSeek-V3 ``topk_group`` 4). Needs ``n_expert_groups``."""
+
+    @model_validator(mode="after")
+    def _groups(self) -> MoE:
+        g, lim = self.n_expert_groups, self.n_limited_groups
+        if (g is None) != (lim is None):
+            raise ValueError("give n_expert_groups and n_limited_groups together (or neither)")
+        if g is not None and lim is not None:
+            if self.num_experts % g:
+                raise ValueError(f"n_expert_groups {g} must divide num_experts {self.num_experts}")
+            if lim > g:
+                raise ValueError(f"n_limited_groups {lim} exceeds n_expert_groups {g}")
+            if self.top_k > lim * (self.num_experts // g):
+                raise ValueError(f"top_k {self.top_k} exceeds the {lim * (self.num_experts // g)} experts of "
+                                 f"{lim} groups")
+        return self
 
 
 class MLA(SpecModel):

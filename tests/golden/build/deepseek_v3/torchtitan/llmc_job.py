@@ -11,7 +11,6 @@
 #
 # Not expressible in torchtitan 0.3.0 (reported, not silently dropped):
 #   - model.moe.aux_loss_coef=0.001: torchtitan 0.3.0 has no auxiliary balancing loss; experts are balanced aux-loss-free instead (routing-bias buffer, load_balance_coeff=0.001)
-#   - deepseek_v3: router expert-group limits and routed_scaling_factor are not in llmc's Architecture; emitted as torchtitan defaults (no group limit, route_scale 1.0)
 """llmc job module for torchtitan 0.3.0: `--module llmc_job --config job`.
 
 `job()` returns the complete `torchtitan.trainer.Trainer.Config` of run 'deepseek-v3-h800x2048'.
@@ -55,7 +54,8 @@ from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.trainer import Trainer
 
 # ---------------------------------------------------------------- paths (set at launch, not here)
-RUN_DIR = os.environ.get("LLMC_RUN_DIR", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILD_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_DIR = os.environ.get("LLMC_RUN_DIR", BUILD_DIR)
 ASSETS_DIR = os.environ.get("LLMC_ASSETS_DIR", os.path.join(RUN_DIR, "assets"))  # tokenizer.json
 DATA_DIR = os.environ.get("LLMC_DATA_DIR", os.path.join(RUN_DIR, "data"))  # *.jsonl
 DUMP_FOLDER = os.environ.get("LLMC_DUMP_FOLDER", os.path.join(RUN_DIR, "outputs", "torchtitan"))
@@ -170,6 +170,9 @@ def _layers():
         num_shared_experts=NUM_SHARED_EXPERTS,
         router_top_k=TOP_K,
         router_score_func='sigmoid',
+        router_num_expert_groups=8,
+        router_num_limited_groups=4,
+        router_route_scale=2.5,
         router_route_norm=True,
         attn_backend=ATTN_BACKEND,
         moe_comm_backend="standard",
@@ -244,8 +247,8 @@ def _trainer_config(spec):
         loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(spec))),
         optimizer=OptimizersContainer.Config(
             param_groups=[
-                # first match wins: no weight decay on RMSNorm gains and token embeddings
-                ParamGroupConfig(pattern='(norm|tok_embeddings)\\.weight$', optimizer_name="AdamW", optimizer_kwargs=adamw_no_wd),
+                # first match wins: no weight decay on norm gains, biases, the expert bias and token embeddings
+                ParamGroupConfig(pattern='(norm\\.weight|\\.bias|expert_bias|tok_embeddings\\.weight)$', optimizer_name="AdamW", optimizer_kwargs=adamw_no_wd),
                 ParamGroupConfig(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs=adamw),
             ],
             implementation='fused',

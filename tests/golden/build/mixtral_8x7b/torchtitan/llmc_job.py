@@ -61,7 +61,8 @@ from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.trainer import Trainer
 
 # ---------------------------------------------------------------- paths (set at launch, not here)
-RUN_DIR = os.environ.get("LLMC_RUN_DIR", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILD_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_DIR = os.environ.get("LLMC_RUN_DIR", BUILD_DIR)
 ASSETS_DIR = os.environ.get("LLMC_ASSETS_DIR", os.path.join(RUN_DIR, "assets"))  # tokenizer.json
 DATA_DIR = os.environ.get("LLMC_DATA_DIR", os.path.join(RUN_DIR, "data"))  # *.jsonl
 DUMP_FOLDER = os.environ.get("LLMC_DUMP_FOLDER", os.path.join(RUN_DIR, "outputs", "torchtitan"))
@@ -180,6 +181,9 @@ def _moe(layer_id):
             top_k=TOP_K,
             score_func='softmax',
             route_norm=True,
+            route_scale=1.0,
+            num_expert_groups=None,
+            num_limited_groups=None,
         ),
         routed_experts=make_routed_experts_config(
             dim=DIM,
@@ -267,8 +271,8 @@ def _trainer_config(spec):
         loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(spec))),
         optimizer=OptimizersContainer.Config(
             param_groups=[
-                # first match wins: no weight decay on RMSNorm gains and token embeddings
-                ParamGroupConfig(pattern='(norm|tok_embeddings)\\.weight$', optimizer_name="AdamW", optimizer_kwargs=adamw_no_wd),
+                # first match wins: no weight decay on norm gains, biases, the expert bias and token embeddings
+                ParamGroupConfig(pattern='(norm\\.weight|\\.bias|expert_bias|tok_embeddings\\.weight)$', optimizer_name="AdamW", optimizer_kwargs=adamw_no_wd),
                 ParamGroupConfig(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs=adamw),
             ],
             implementation='fused',

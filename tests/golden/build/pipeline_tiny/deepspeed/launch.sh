@@ -3,7 +3,8 @@
 # targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
 # spec sha256: dee5a47388f67703db979a8ab006dd46577f074fb2fe4cba2673429f7d7cc4b4
 #
-# DeepSpeed 0.19.8 (data parallel + ZeRO-0), config in deepspeed/ds_config.json.
+# DeepSpeed 0.19.8 (data parallel + ZeRO-0), config in deepspeed/ds_config.json; a stage whose
+# batch / lr / steps differ runs deepspeed/ds_config.<stage>.json (llmc.runtime.ds_train picks it for --stage).
 #   bash deepspeed/launch.sh                       # one node, NPROC=1 processes
 #   HOSTFILE=hostfile bash deepspeed/launch.sh     # 1 node(s): MPI-style hostfile ("host slots=N")
 # On a machine without a GPU set DS_ACCELERATOR=cpu (gloo). Env: NPROC, HOSTFILE, MASTER_PORT, RUN_DIR, STAGE.
