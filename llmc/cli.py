@@ -1,4 +1,4 @@
-"""llmc command line: plan | build | launch | report | calibrate | schema | presets | gpus.
+"""llmc command line: plan | build | launch | report | calibrate | export | schema | presets | gpus.
 
 Thin by design: load, compile, render, print or write, exit (0 ok, 1 errors, 2 usage).
 This is the only module that writes files. User errors never show a traceback.
@@ -334,6 +334,21 @@ def calibrate(
     from llmc.measurements import calibrate_main
 
     rc = calibrate_main(list(inputs), str(out), lock=str(lock) if lock else None, backend=backend, gpu=gpu)
+    if rc:
+        raise typer.Exit(rc)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A build directory (with plan.lock.json) or its run/ folder.")],
+    stage: Annotated[str, typer.Option("--stage", help="The stage to export (pretrain for the main run).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (default run/<stage>/hf).")]
+    = None,
+) -> None:
+    """Write a Hugging Face model directory (safetensors, config, tokenizer) from a stage's checkpoint."""
+    from llmc.runtime.hf_io import main as export_main  # torch: only for this command
+
+    rc = export_main([str(run_dir), "--stage", stage, *(["--out", str(out)] if out else [])])
     if rc:
         raise typer.Exit(rc)
 

@@ -213,11 +213,20 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
             # the job reads <build>/assets and <build>/data (written by the prepare step) via LLMC_RUN_DIR
             argv, env = torchtitan_command(titan_module, nproc, not on_gpu, run_dir=b, python=py)
             c = Cmd(argv=argv, env=env, cwd=str(b), stage=s["name"])
+            # torchtitan writes DCP checkpoints: the stage ends, as every stage does, with a Hugging Face
+            # directory run/<stage>/hf (llmc.runtime.hf_io converts the newest checkpoint)
+            hf = run / s["name"] / "hf" / "config.json"
+            export = Cmd(argv=[py, "-m", "llmc.runtime.hf_io", str(b), "--stage", s["name"]], cwd=str(b),
+                         stage=s["name"])
+            if hf.exists():
+                export.skip_reason = f"stage {s['name']!r} already exported ({hf.parent})"
         else:
             c = native(s)
         if done.exists():
             c.skip_reason = f"stage {s['name']!r} already finished ({done}); delete it to run the stage again"
         cmds.append(c)
+        if backend == "torchtitan" and s["kind"] in TITAN_STAGE_KINDS:
+            cmds.append(export)
 
     # shared assets (tokenizer + data as JSONL) under the build directory, idempotent
     prepare = Cmd(argv=[py, "-m", RUNTIME_ENTRY, "prepare", "--lock", lock_path], cwd=str(b), stage="prepare")

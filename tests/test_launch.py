@@ -54,8 +54,13 @@ def test_default_backend_accepts_the_plan(tmp_path):
         assert 'BACKEND="${BACKEND:-native}"' in (b / name).read_text(), name
     # pipeline parallel: the native trainer refuses pp > 1, so every launcher defaults to torchtitan
     b = _build(tmp_path / "pp", plan=ParallelPlan(dp_shard=4, pp=2, micro_batch=2, grad_accum=4))
-    cmds = {c.stage: c for c in launch_commands(b, gpu=True)}
+    all_cmds = launch_commands(b, gpu=True)
+    cmds = {}
+    for c in all_cmds:
+        cmds.setdefault(c.stage, c)
     assert "torchtitan.train" in cmds["base"].argv
+    # then the torchtitan checkpoint becomes the stage's Hugging Face directory, as every stage ends
+    assert [c.argv[2:4] for c in all_cmds if c.stage == "base"][1] == ["llmc.runtime.hf_io", str(b)]
     assert "llmc.runtime.entry" in cmds["chat"].argv  # post-training stages stay on llmc's runtime
     for name in ("launch/torchrun_single_node.sh", "launch/torchrun_multi_node.sh", "launch/slurm.sbatch"):
         text = (b / name).read_text()
