@@ -72,6 +72,56 @@ class Tokenizer(BaseModel):
     """Chat template name (``llama3``, ``chatml``) for SFT/DPO/GRPO stages."""
 
 
+class NearDup(BaseModel):
+    """MinHash near-duplicate removal (``llmc.quality.NearDupConfig``; defaults: datatrove / FineWeb)."""
+
+    model_config = _CFG
+
+    threshold: float = Field(default=0.75, gt=0, lt=1)
+    """Jaccard similarity of word n-gram sets above which two documents count as near-duplicates."""
+    num_perm: int = Field(default=112, ge=2)
+    """MinHash permutations per document."""
+    ngram: int = Field(default=5, gt=0)
+    """Words per shingle."""
+    bands: int | None = Field(default=14, gt=0)
+    """LSH bands b. None (with rows None) = the b x r minimising FP + FN at ``threshold`` (datasketch's rule)."""
+    rows: int | None = Field(default=8, gt=0)
+    """Rows per band r (b x r <= num_perm)."""
+    seed: int = 1
+    """MinHash permutation seed."""
+
+
+class Decontaminate(BaseModel):
+    """Remove training documents sharing an n-gram with a benchmark item (GPT-3, arXiv:2005.14165 App. C)."""
+
+    model_config = _CFG
+
+    ngram: int = Field(default=13, gt=0)
+    """Words per n-gram (13 as in GPT-3)."""
+    benchmarks: list[str] = Field(default_factory=list)
+    """Benchmark files (``.jsonl`` items or text lines), relative to the spec file."""
+    text_fields: list[str] | None = None
+    """jsonl fields to match. None = every string field."""
+
+
+class Quality(BaseModel):
+    """Data quality before tokenization: exact dedup, MinHash near-dedup, n-gram decontamination."""
+
+    model_config = _CFG
+
+    exact: bool = True
+    """Drop exact duplicates (normalised text hash)."""
+    near_dup: NearDup | None = Field(default_factory=NearDup)
+    """MinHash near-duplicate removal. None = off."""
+    decontaminate: Decontaminate | None = None
+    """Benchmark decontamination. None = off."""
+    workers: int = Field(default=1, gt=0)
+    """Worker processes."""
+    expected_removal_fraction: float | None = Field(default=None, ge=0, lt=1)
+    """Expected share of tokens removed (from an earlier run's report), for the plan's tokens-left figure.
+    None = unknown."""
+
+
 class Data(BaseModel):
     """Training data for the (pre-)training stage."""
 
@@ -85,6 +135,8 @@ class Data(BaseModel):
     """Packed sequence length in tokens (documents joined with EOS)."""
     tokens: HumanFloat = Field(gt=0)
     """Total training tokens (D), e.g. ``15.6e12`` or ``15.6T``."""
+    quality: Quality | None = None
+    """Data-quality pass run by ``prepare`` before tokenization. None = none."""
 
 
 class GpuOverrides(BaseModel):
@@ -444,6 +496,45 @@ class Serving(BaseModel):
     """Serve this stage's checkpoint. None = the last stage."""
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+
+class Validation(BaseModel):
+    """Held-out validation loss, measured every ``every_steps`` on every backend."""
+
+    model_config = _CFG
+
+    fraction: float = Field(default=0.005, gt=0, lt=1)
+    """Share of each text source's documents held out (by a hash of document index and seed)."""
+    seed: int = 0
+    """Seed of the held-out split."""
+    files: list[str] | None = None
+    """Validation files (jsonl with a ``text`` field, relative to the spec file) instead of a split."""
+    every_steps: int = Field(default=500, gt=0)
+    """Optimizer steps between validations (and once at the end)."""
+    max_batches: int = Field(default=20, gt=0)
+    """Sequences-batches per validation (each ``micro_batch`` x ``seq_len`` tokens)."""
+
+
+class Eval(BaseModel):
+    """Evaluation: held-out loss during training and benchmark tasks after stages."""
+
+    model_config = _CFG
+
+    validation: Validation | None = None
+    """Held-out validation loss. None = none."""
+    tasks: list[str] = Field(default_factory=list)
+    """lm-evaluation-harness task names or local task YAML files (relative to the spec file)."""
+    task_stages: list[str] | None = None
+    """Stages whose final HF export is evaluated on ``tasks``. None = the last stage."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """lm-evaluation-harness model backend."""
+    batch_size: int = Field(default=8, gt=0)
+    """Evaluation batch size."""
+    limit: int | None = Field(default=None, gt=0)
+    """At most this many documents per task. None = all."""
+
+
 class RunSpec(BaseModel):
     """A whole llmc run."""
 
@@ -467,6 +558,8 @@ class RunSpec(BaseModel):
     """Post-training / continued-training pipeline after (or instead of) the main pre-training."""
     serving: list[Serving] = Field(default_factory=list)
     """Serving targets."""
+    eval: Eval | None = None
+    """Validation loss and benchmark evals. None = none."""
     calibration: str | None = None
     """Path of a calibration JSON (``llmc calibrate``), relative to the spec file; its factors adjust time and memory."""
 
@@ -476,4 +569,5 @@ __all__ = [
     "Checkpoint", "LossSpike", "Training", "Parallelism", "StageKind", "STAGE_KINDS", "LM_KINDS", "CHAT_KINDS",
     "POSTTRAIN_KINDS", "PREFERENCE_KINDS", "LoRA", "StageBase", "PretrainStage", "MidtrainStage", "LongContextStage", "SFTStage",
     "DPOStage", "GRPOStage", "STAGE_TYPES", "Stage", "make_stage", "Serving", "GpuOverrides", "RunSpec",
+    "NearDup", "Decontaminate", "Quality", "Validation", "Eval",
 ]
