@@ -345,7 +345,7 @@ def _evaluation(c) -> Table | None:
             when = f" = {duration(v.seconds)}" if v.seconds is not None else ""
             share = (f" ({100 * v.fraction_of_training_time:.1f}% of training time)"
                      if v.fraction_of_training_time is not None else "")
-            t.add_row("", f"{v.evals} evals x {human(v.tokens_per_eval)} tokens x 2N = {v.flops:.3g} FLOPs{when}{share}")
+            t.add_row("", f"{v.evals} evals x {human(v.tokens_per_eval)} tokens forward = {v.flops:.3g} FLOPs{when}{share}")
     if e.tasks is not None:
         lim = f", limit {e.tasks.limit}" if e.tasks.limit else ""
         t.add_row("eval tasks", f"{', '.join(e.tasks.tasks)} after {', '.join(e.tasks.stages)} "

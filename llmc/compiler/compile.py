@@ -154,7 +154,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         _check_pretraining(run, gpu, hyper, compute, time, cost, sink)
     stages, stage_diags = _stages(run, gpu, lines, spec_path, hyper, searched, facts)
     serving, serving_diags = _serving(run, gpu, lines)
-    evaluation = _evaluation(run, sink, spec_path, stages, hyper, searched.plan, model, compute, time)
+    evaluation = _evaluation(run, sink, spec_path, stages, hyper, searched.plan, compute, time)
     diags = sink.items + [_located(d, lines, spec_path) for d in stage_diags + serving_diags]
     return Compiled(
         spec_path=spec_path, spec_sha256=spec_sha256(run, spec_bytes), spec=run, gpu=gpu, model=model,
@@ -166,7 +166,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     )
 
 
-def _evaluation(run, sink, spec_path, stages, hyper, plan, model, compute, time):
+def _evaluation(run, sink, spec_path, stages, hyper, plan, compute, time):
     """``eval`` / ``data.quality``: validation cost at the plan's throughput, banding, checks (evaluation.py)."""
     import posixpath
 
@@ -175,7 +175,8 @@ def _evaluation(run, sink, spec_path, stages, hyper, plan, model, compute, time)
     return plan_evaluation(
         run, sink, spec_dir=posixpath.dirname(spec_path), stage_names=[s.name for s in stages], steps=hyper.steps,
         micro_batch=plan.micro_batch if plan else None, dp=plan.dp if plan else None,
-        params_active=model.params_active, tokens_per_second=time.tokens_per_second if time else None,
+        forward_flops_per_token=flops.forward_flops_per_token(run.model, run.data.seq_len),
+        tokens_per_second=time.tokens_per_second if time else None,
         train_flops_per_token=compute.flops_per_token, step_seconds=time.step_seconds if time else None)
 
 

@@ -9,10 +9,11 @@ the ``dp`` data-parallel ranks (torchtitan's ``validation.steps`` x ``local_batc
 
     tokens_per_eval = max_batches * micro_batch * dp * seq_len
     evals           = ceil(steps / every_steps)            (every N steps, and once at the end)
-    flops           = 2 * N_active * tokens_per_eval * evals
+    flops           = forward_flops_per_token * tokens_per_eval * evals
 
-(forward only: 2 FLOPs per parameter per token, Kaplan et al. 2020, arXiv:2001.08361, section 2.1),
-and its time at the plan's training throughput: ``flops / (tokens_per_second * train_flops_per_token)``.
+with :func:`llmc.compiler.flops.forward_flops_per_token` (2 N_matmul + the attention forward: the
+forward third of llmc's training FLOPs, Kaplan et al. 2020, arXiv:2001.08361, section 2.1: C_forward
+~= 2N per token), and its time at the plan's training throughput: ``flops / (tokens_per_second * train_flops_per_token)``.
 
 Data quality. The LSH banding and its false-positive / false-negative areas are
 :func:`llmc.compiler.quality_math.banding` (or :func:`~llmc.compiler.quality_math.optimal_bands`
@@ -47,8 +48,6 @@ MAX_EPOCHS = 4.0
 #: Words per BPE token for English text: "1 token ~= 3/4 of a word"
 #: (https://help.openai.com/en/articles/4936856-what-are-tokens-and-how-to-count-them).
 WORDS_PER_TOKEN = 0.75
-#: FLOPs per parameter per token of a forward pass (Kaplan et al. 2020, arXiv:2001.08361, section 2.1).
-FORWARD_FLOPS_PER_PARAM = 2.0
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class ValidationPlan:
     max_batches: int
     tokens_per_eval: int | None  # max_batches x micro_batch x dp x seq_len (None without a plan)
     evals: int | None  # ceil(steps / every_steps)
-    flops: float | None  # 2 N_active x tokens_per_eval x evals
+    flops: float | None  # forward FLOPs/token (2 N_matmul + attention) x tokens_per_eval x evals
     seconds: float | None  # at the plan's training throughput
     fraction_of_training_time: float | None
 
@@ -113,7 +112,7 @@ class EvaluationPlan:
 
 
 def validation_plan(v, *, steps: int | None, micro_batch: int | None, dp: int | None, seq_len: int,
-                    params_active: int, tokens_per_second: float | None,
+                    forward_flops_per_token: float, tokens_per_second: float | None,
                     train_flops_per_token: float | None, step_seconds: float | None) -> ValidationPlan:
     """Cost of ``eval.validation`` ``v`` for a run of ``steps`` with the plan's micro-batch and dp."""
     tokens = evals = flops = seconds = frac = None
@@ -122,7 +121,7 @@ def validation_plan(v, *, steps: int | None, micro_batch: int | None, dp: int | 
     if steps:
         evals = math.ceil(steps / v.every_steps)
     if tokens is not None and evals is not None:
-        flops = FORWARD_FLOPS_PER_PARAM * params_active * tokens * evals
+        flops = forward_flops_per_token * tokens * evals
         if tokens_per_second and train_flops_per_token:
             seconds = flops / (tokens_per_second * train_flops_per_token)
             if step_seconds and steps:
@@ -195,7 +194,7 @@ def _task_key(task: str) -> str:
 
 
 def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: int | None,
-                    micro_batch: int | None, dp: int | None, params_active: int,
+                    micro_batch: int | None, dp: int | None, forward_flops_per_token: float,
                     tokens_per_second: float | None, train_flops_per_token: float | None,
                     step_seconds: float | None) -> EvaluationPlan | None:
     """The :class:`EvaluationPlan` of ``run`` (None when it has neither ``eval`` nor ``data.quality``)."""
@@ -206,7 +205,7 @@ def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: 
     if ev is not None and ev.validation is not None:
         v = ev.validation
         val = validation_plan(v, steps=steps, micro_batch=micro_batch, dp=dp, seq_len=data.seq_len,
-                              params_active=params_active, tokens_per_second=tokens_per_second,
+                              forward_flops_per_token=forward_flops_per_token, tokens_per_second=tokens_per_second,
                               train_flops_per_token=train_flops_per_token, step_seconds=step_seconds)
         train_paths = [(i, _norm(s.path, spec_dir)) for i, s in enumerate(data.sources) if s.path]
         for j, f in enumerate(v.files or []):
