@@ -157,6 +157,12 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
             log(f"prepare: trained byte-level BPE (vocab {vocab}) -> {tok_json}")
     _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True) + "\n")
     assets = Assets(str(root), str(asset_dir), tuple(produced), str(cache_dir))
+    ev = job.spec.eval if job.spec is not None else None
+    if ev is not None and ev.validation is not None:  # hold out the validation documents (validation.py)
+        from llmc.runtime.validation import TEXT_KINDS, split_assets
+
+        skip = tuple(s.name for s in _stage_sources(job) if s.kind in TEXT_KINDS)
+        assets = split_assets(assets, ev.validation, resolve=job.resolve_path, skip=skip, log=log)
     _atomic_write(asset_dir / "assets.json", json.dumps(assets.to_json(), indent=1) + "\n")
     return assets
 
