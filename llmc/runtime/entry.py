@@ -123,6 +123,9 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
             state[target.name] = key
         produced.append(SourceData(src.name, str(target), "jsonl", "text", src.weight))
 
+    from llmc.runtime.quality_prepare import apply_quality  # data.quality: dedup + decontamination
+
+    produced, quality_key = apply_quality(job, produced, root, log)
     tk = job.tokenizer
     tok_json = asset_dir / "tokenizer.json"
     if tk.path:
@@ -137,8 +140,8 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
             log(f"prepare: copied tokenizer from {src_dir}")
     else:
         vocab = tk.vocab_size or job.arch.vocab_size
-        text_srcs = [s for s in produced if s.format == "jsonl" and Path(s.path).parent == data_dir]
-        key = f"bpe:{vocab}:" + ",".join(f"{s.name}={state.get(Path(s.path).name)}" for s in text_srcs)
+        text_srcs = [s for s in produced if s.format == "jsonl" and data_dir in Path(s.path).parents]
+        key = f"bpe:{vocab}:{quality_key}" + ",".join(f"{s.name}={state.get(s.name + '.jsonl')}" for s in text_srcs)
         if state.get("tokenizer") != key or not tok_json.exists():
             if not text_srcs:
                 raise ValueError("tokenizer.train needs at least one text data source")
