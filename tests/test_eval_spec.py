@@ -154,3 +154,72 @@ def test_epochs_after_holdout_and_removal_warn_beyond_four():
     over = _compile(_tiny(tokens="500K", data_extra="  quality: {expected_removal_fraction: 0.25}\n"))
     assert not [d for d in over.diagnostics if d.code == "E001"]  # D002 speaks for it
     assert math.isclose(2.048e6 / 0.5e6, 4.096)
+
+
+# ------------------------------------------------------------------------------ benchmark evals after a stage
+
+
+@pytest.mark.slow
+def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_path):
+    pytest.importorskip("lm_eval")
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_build_fakes import lock_for
+    from test_evaluate import QUESTIONS, TASK_YAML
+
+    from llmc.emit import render_artifacts
+    from llmc.runtime import corpus
+    from llmc.runtime.entry import run_stage
+    from llmc.spec.schema import RunSpec
+
+    corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=100)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tiny_mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(TASK_YAML.format(data=tmp_path / "tiny_mc.jsonl"))
+    spec = {"name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
+                                       vocab_size=512, max_seq_len=64),
+            "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}],
+                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 512},
+            "training": {"precision": "fp32", "global_batch_tokens": 256, "optimizer": {"lr": 3e-3}},
+            "eval": {"tasks": ["tasks/tiny_mc.yaml"], "batch_size": 2}}
+    lock = lock_for(spec, plan={"micro_batch": 8}, hyper={"warmup_steps": 1}, spec_path=str(tmp_path / "spec.yaml"))
+    assert lock["evaluation"]["tasks"]["stages"] == ["pretrain"]
+    files = render_artifacts(__import__("llmc.compiler.compile", fromlist=["x"]).compile_spec(
+        RunSpec.model_validate(spec), str(tmp_path / "spec.yaml")))
+    emitted = json.loads(files["eval/tasks.json"])
+    assert emitted["tasks"] == ["tasks/tiny_mc.yaml"] and emitted["results"] == {
+        "pretrain": "run/pretrain/eval/eval_results.json"}
+    assert "--tasks tiny_mc --batch_size 2" in emitted["lm_eval_commands"]["pretrain"]
+
+    out = tmp_path / "run" / "pretrain"
+    res = run_stage(lock, None, out, tmp_path)
+    assert res["status"] == "done" and "tiny_local_mc" in res["eval"]
+    saved = json.loads((out / "eval" / "eval_results.json").read_text())
+    acc = saved["results"]["tiny_local_mc"]["acc,none"]
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["samples"]["tiny_local_mc"] == 4 and summary["tasks"]["tiny_local_mc"]["acc"] == acc
+    # independent check on the exported weights: share of questions whose gold answer has the highest
+    # log-likelihood (lm-evaluation-harness splits context / continuation tokens of the joined string)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
+    correct = 0
+    for q in QUESTIONS:
+        ctx_s = f"Question: {q['question']}\nAnswer:"
+        ctx = tok(ctx_s, add_special_tokens=False)["input_ids"]
+        scores = []
+        for ch in q["choices"]:
+            whole = tok(ctx_s + " " + ch, add_special_tokens=False)["input_ids"]
+            cont = whole[len(ctx):]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0, :-1].float(), -1)
+            scores.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == q["answer"])
+    assert acc == pytest.approx(correct / len(QUESTIONS))
+    # a second launch of the finished stage does not evaluate again
+    again = run_stage(lock, None, out, tmp_path)
+    assert again["eval"] == res["eval"]

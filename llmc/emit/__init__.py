@@ -19,6 +19,7 @@ from llmc.diagnostics import Diagnostic, SpecError, errors, sort_diagnostics
 from llmc.emit.base import Emitter
 from llmc.emit.common import diag
 from llmc.emit.deepspeed import DeepSpeedEmitter
+from llmc.emit.evaluation import EvalTasksEmitter
 from llmc.emit.launchers import LaunchersEmitter
 from llmc.emit.lock import LockEmitter
 from llmc.emit.readme import ReadmeEmitter
@@ -26,7 +27,7 @@ from llmc.emit.serving import ServingEmitter
 from llmc.emit.torchtitan import TorchtitanEmitter
 
 EMITTERS: list[Emitter] = [LockEmitter(), TorchtitanEmitter(), DeepSpeedEmitter(), ServingEmitter(),
-                           LaunchersEmitter(), ReadmeEmitter()]
+                           LaunchersEmitter(), EvalTasksEmitter(), ReadmeEmitter()]
 
 
 def build_diagnostics(compiled) -> list[Diagnostic]:

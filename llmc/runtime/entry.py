@@ -215,7 +215,7 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
     done = out / "DONE.json"
     if resume and done.exists():
         _say(f"{job.stage}: already done ({done}); nothing to do")
-        return json.loads(done.read_text())
+        return _with_evals(lock, job, out, json.loads(done.read_text()))
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     assets = _prepare_collective(job, assets_root)
@@ -235,18 +235,30 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
         if job.kind in NATIVE_KINDS:
             from llmc.runtime.train import train
 
-            return train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
-                         fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
+            res = train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
+                        fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
+            return _with_evals(lock, job, out, res) if info.rank == 0 else res
         if job.kind in POSTTRAIN_KINDS:
             if rank != 0:  # the post-training loops are single-process: rank 0 runs the stage alone
                 _say(f"{job.stage}: {job.kind} runs in one process (rank 0); rank {rank} has nothing to do")
                 return {"stage": job.stage, "status": "idle", "rank": rank}
             from llmc.runtime import posttrain
 
-            return posttrain.run_stage(job, out, assets=assets)
+            return _with_evals(lock, job, out, posttrain.run_stage(job, out, assets=assets))
         raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
     finally:
         shutdown()
+
+
+def _with_evals(lock: dict, job: TrainJob, out: Path, res: dict) -> dict:
+    """After a finished stage: the lock's ``evaluation.tasks`` on its HF export (validation.stage_evals)."""
+    if res.get("status", "done") == "done":
+        from llmc.runtime.validation import stage_evals
+
+        ev = stage_evals(lock, job, out, log=_say)
+        if ev is not None:
+            res = {**res, "eval": ev["tasks"]}
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
