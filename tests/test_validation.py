@@ -199,3 +199,51 @@ def test_deepspeed_trainer_logs_validation_loss(tmp_path, docs):
     vals = _val_records(out)
     assert sorted(vals) == [3, 6] and vals[6]["val_tokens"] == 2 * 8 * 32
     assert json.loads((out / "DONE.json").read_text())["val_loss"] == vals[6]["val_loss"]
+
+
+# ------------------------------------------------------------------------------ torchtitan's validator
+
+
+@pytest.mark.slow
+def test_torchtitan_job_enables_its_validator_on_the_heldout_files(tmp_path, monkeypatch):
+    pytest.importorskip("torchtitan")
+    from test_torchtitan import OFFLINE, load_job, losses, make_assets, run_logged, write_build
+
+    from llmc.compiler.compile import compile_spec
+    from llmc.runtime.titan_launch import torchtitan_command
+    from llmc.spec.load import loads_spec
+
+    text = (ROOT / "examples" / "tiny_cpu.yaml").read_text()
+    text = text.split("\neval:")[0] + "\neval:\n  validation: {every_steps: 4, max_batches: 2, fraction: 0.1}\n"
+    run, lines = loads_spec(text, file=str(tmp_path / "tiny.yaml"))
+    c = compile_spec(run, str(tmp_path / "tiny.yaml"), lines)
+    module = write_build(c, tmp_path / "b")
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    run_dir = tmp_path / "b" / "run"
+    monkeypatch.setenv("LLMC_RUN_DIR", str(run_dir))
+    cfg = load_job(module)
+    v = cfg.validator
+    assert v.enable and v.freq == 4 and v.steps == 2
+    data = run_dir / "data"
+    assert v.dataloader.dataset_path == str(data / "split" / "python-docs.val.jsonl")
+    assert cfg.dataloader.dataset_path == str(data / "split" / "python-docs.train.jsonl")
+    assert cfg.training.local_batch_size == c.plan.micro_batch  # a validation batch = one micro-batch per rank
+
+    # and it runs: torchtitan validates on the held-out file every 4 steps on CPU
+    make_assets(run_dir, c.spec.model.vocab_size, names=["python-docs"])
+    src = data / "python-docs.jsonl"
+    assets = Assets(str(run_dir), str(run_dir / "assets"), (SourceData("python-docs", str(src)),),
+                    str(run_dir / "cache"))
+    split_assets(assets, c.spec.eval.validation, log=lambda *_: None)
+    argv, env = torchtitan_command(module, 1, True, ["--training.steps", "8", "--metrics.log_freq", "1"],
+                                   run_dir=run_dir)
+    rc, log, _ = run_logged(argv, env, run_dir)
+    assert rc == 0, log[-3000:]
+    import re
+
+    train_log = "\n".join(ln for ln in log.splitlines() if "validate step" not in ln)
+    assert sorted(losses(train_log)) == list(range(1, 9))
+    val = {int(s): float(x) for s, x in re.findall(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+)", log)}
+    assert sorted(val) == [1, 4, 8] and all(math.isfinite(x) for x in val.values()), log[-2000:]
+    assert val[8] < val[1]
