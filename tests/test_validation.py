@@ -247,3 +247,22 @@ def test_torchtitan_job_enables_its_validator_on_the_heldout_files(tmp_path, mon
     val = {int(s): float(x) for s, x in re.findall(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+)", log)}
     assert sorted(val) == [1, 4, 8] and all(math.isfinite(x) for x in val.values()), log[-2000:]
     assert val[8] < val[1]
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_measure_the_single_process_validation_loss(tmp_path, docs):
+    single = _lock(tmp_path / "one", docs, 4, {"fraction": 0.1, "every_steps": 2, "max_batches": 2})
+    run_stage(json.loads(single.read_text()), None, tmp_path / "one" / "o", single.parent)
+    lock = _lock(tmp_path / "two", docs, 4, {"fraction": 0.1, "every_steps": 2, "max_batches": 2},
+                 plan={"dp_shard": 2, "micro_batch": 4})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=localhost:0", "-m", "llmc.runtime.entry", "--lock", str(lock), "--out",
+           str(tmp_path / "two" / "o")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ref, got = _val_records(tmp_path / "one" / "o"), _val_records(tmp_path / "two" / "o")
+    assert sorted(ref) == sorted(got) == [2, 4]
+    for s in (2, 4):  # 2 ranks x 4 sequences see the windows one process reads 8 at a time
+        assert got[s]["val_tokens"] == ref[s]["val_tokens"] == 2 * 8 * 32
+        assert got[s]["val_loss"] == pytest.approx(ref[s]["val_loss"], abs=2e-4)

@@ -159,8 +159,18 @@ class ValidationSet:
 
 def build_validation_set(assets: Assets, tok, seq_len: int, micro_batch: int, max_batches: int,
                          dp_rank: int = 0, dp_size: int = 1, names: list[str] | None = None) -> ValidationSet:
-    """Tokenise (cached, like the training data) the validation sources and take this rank's windows."""
-    streams = [load_tokens(tokenize_source(s, tok, assets.cache_dir)) for s in validation_sources(assets, names)]
+    """Tokenise (cached, like the training data; rank 0 first, the others wait) the validation sources and take
+    this rank's windows."""
+    import torch.distributed as dist
+
+    srcs = validation_sources(assets, names)
+    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if group and dist.get_rank() == 0:
+        for s in srcs:
+            tokenize_source(s, tok, assets.cache_dir)
+    if group:
+        dist.barrier()
+    streams = [load_tokens(tokenize_source(s, tok, assets.cache_dir)) for s in srcs]
     return ValidationSet.from_streams(streams, seq_len, micro_batch, max_batches, dp_rank, dp_size)
 
 
