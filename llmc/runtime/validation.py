@@ -237,6 +237,9 @@ class Validator:
         v = ev.validation
         vset = build_validation_set(assets, assets.tokenizer(), job.seq_len, micro_batch, v.max_batches, dp_rank,
                                     dp_size, names=[s.name for s in job.sources])
+        if vset.batches < v.max_batches and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: validation uses {vset.batches} of eval.validation.max_batches={v.max_batches} batches "
+                  f"(the held-out set is smaller; raise eval.validation.fraction)", flush=True)
         return cls(vset, v.every_steps, device, autocast)
 
     def maybe(self, step: int, last_step: int, model, log) -> dict | None:
