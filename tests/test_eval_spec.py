@@ -133,6 +133,9 @@ def test_eval_task_without_decontamination_benchmark_warns():
     assert c.evaluation.tasks.stages == ["pretrain"]  # default: the last stage
     none = _compile(_tiny(extra))
     assert _diag(none, "E006").severity == "info"
+    assert not [d for d in none.diagnostics if d.code == "E007"]
+    vllm = _compile(_tiny("eval: {tasks: [hellaswag], backend: vllm}\n"))
+    assert _diag(vllm, "E007").severity == "info" and vllm.evaluation.tasks.backend == "vllm"
 
 
 def test_unknown_task_stage_and_impossible_banding_are_errors():

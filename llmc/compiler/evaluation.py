@@ -31,6 +31,7 @@ E003   error     a validation file is a training source, or lies inside / contai
 E004   error     ``eval.task_stages`` names a stage that does not exist
 E005   error     ``near_dup.bands x rows`` exceeds ``num_perm``, or only one of bands/rows is given
 E006   info      ``eval.tasks`` without decontamination of the training data
+E007   info      ``eval.backend: vllm``: ``llmc launch`` runs the hf backend (the vllm command is emitted)
 =====  ========  ================================================================================
 """
 
@@ -224,6 +225,10 @@ def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: 
                          f"stages: {', '.join(stage_names) or '(none)'}")
         tasks = TasksPlan(tasks=list(ev.tasks), stages=names, backend=ev.backend, batch_size=ev.batch_size,
                           limit=ev.limit)
+        if ev.backend == "vllm":
+            sink.add("E007", "info", "eval.backend",
+                     "llmc launch evaluates with lm-evaluation-harness's hf backend; eval/tasks.json gives the "
+                     "vllm command line to run yourself", "")
         dc = q.decontaminate if q is not None else None
         if dc is None:
             sink.add("E006", "info", "eval.tasks",
