@@ -237,7 +237,7 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
 
             res = train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
                         fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
-            return _with_evals(lock, job, out, res) if info.rank == 0 else res
+            return _with_evals(lock, job, out, res)
         if job.kind in POSTTRAIN_KINDS:
             if rank != 0:  # the post-training loops are single-process: rank 0 runs the stage alone
                 _say(f"{job.stage}: {job.kind} runs in one process (rank 0); rank {rank} has nothing to do")
@@ -252,7 +252,7 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
 
 def _with_evals(lock: dict, job: TrainJob, out: Path, res: dict) -> dict:
     """After a finished stage: the lock's ``evaluation.tasks`` on its HF export (validation.stage_evals)."""
-    if res.get("status", "done") == "done":
+    if res.get("status", "done") == "done" and int(os.environ.get("RANK", "0")) == 0:
         from llmc.runtime.validation import stage_evals
 
         ev = stage_evals(lock, job, out, log=_say)
