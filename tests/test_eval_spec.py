@@ -226,3 +226,19 @@ def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_pat
     # a second launch of the finished stage does not evaluate again
     again = run_stage(lock, None, out, tmp_path)
     assert again["eval"] == res["eval"]
+
+
+def test_cli_reports_eval_errors_on_located_lines_and_exits_1(tmp_path):
+    from typer.testing import CliRunner
+
+    from llmc.cli import app
+
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(_tiny("eval:\n  validation:\n    files: [data/web/held.jsonl]\n  task_stages: [sft]\n"
+                          "  tasks: [hellaswag]\n"))
+    r = CliRunner().invoke(app, ["plan", str(spec)])
+    assert r.exit_code == 1
+    lines = [ln for ln in r.output.splitlines() if "error[" in ln]
+    assert any(ln.startswith(f"{spec}:12: error[E003] eval.validation.files.0:") for ln in lines), r.output
+    assert any(ln.startswith(f"{spec}:13: error[E004] eval.task_stages.0:") for ln in lines), r.output
+    assert "Traceback" not in r.output
