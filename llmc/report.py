@@ -330,6 +330,49 @@ def _serving(c) -> Table | None:
     return t
 
 
+def _evaluation(c) -> Table | None:
+    """Validation split and cost, benchmark evals, data-quality banding and cost (compiler/evaluation.py)."""
+    e = getattr(c, "evaluation", None)
+    if e is None:
+        return None
+    t = _kv_table("Evaluation and data quality")
+    v = e.validation
+    if v is not None:
+        split = (f"files {', '.join(v.files)}" if v.files else
+                 f"{100 * v.fraction:.3g}% of each source's documents held out (seed {v.seed})")
+        t.add_row("validation", f"{split}; every {v.every_steps:,} steps, {v.max_batches} batches")
+        if v.flops is not None:
+            when = f" = {duration(v.seconds)}" if v.seconds is not None else ""
+            share = (f" ({100 * v.fraction_of_training_time:.1f}% of training time)"
+                     if v.fraction_of_training_time is not None else "")
+            t.add_row("", f"{v.evals} evals x {human(v.tokens_per_eval)} tokens forward = {v.flops:.3g} FLOPs{when}{share}")
+    if e.tasks is not None:
+        lim = f", limit {e.tasks.limit}" if e.tasks.limit else ""
+        t.add_row("eval tasks", f"{', '.join(e.tasks.tasks)} after {', '.join(e.tasks.stages)} "
+                                f"(lm-evaluation-harness, {e.tasks.backend}, batch {e.tasks.batch_size}{lim})")
+    q = e.quality
+    if q is not None:
+        t.add_row("dedup", f"exact {'on' if q.exact else 'off'}, workers {q.workers}")
+        n = q.near_dup
+        if n is not None:
+            how = " (chosen by llmc)" if n.chosen_by_llmc else ""
+            t.add_row("near-dup", f"MinHash {n.num_perm} perms, word {n.ngram}-grams, {n.bands} bands x {n.rows} rows"
+                                  f"{how}; at Jaccard {n.threshold:g}: FP area {n.false_positive:.4f}, FN area "
+                                  f"{n.false_negative:.4f}; P(candidate) = 1/2 at {n.s_half:.3f}")
+        if q.minhash_core_seconds is not None:
+            t.add_row("dedup cost", f"{human(q.shingles)} shingles: {duration(q.minhash_core_seconds)} CPU, "
+                                    f"{duration(q.minhash_wall_seconds)} on {q.workers} worker(s)")
+        else:
+            t.add_row("dedup cost", "unknown (declare sources[].tokens)")
+        if q.decontaminate_ngram is not None:
+            t.add_row("decontam", f"{q.decontaminate_ngram}-grams against {len(q.benchmarks)} benchmark file(s)")
+        left = (f"{human(q.tokens_left)} of {human(q.declared_tokens)} declared "
+                f"({100 * q.expected_removal_fraction:.3g}% expected removed)" if q.tokens_left is not None
+                else "unknown (set data.quality.expected_removal_fraction and sources[].tokens)")
+        t.add_row("tokens left", left)
+    return t
+
+
 def _diagnostics(c) -> list[Text]:
     diags = sort_diagnostics(list(c.diagnostics))
     lines = [Text("Diagnostics", style="bold")]
@@ -356,7 +399,8 @@ def report_renderables(c) -> list:
         parts += [_compute(c), _hyper(c), Text("No parallelism plan (see the errors below).", style="bold red")]
         if c.unfit:
             parts.append(_unfit(c))
-    parts += [_budget(c), _alternatives(c), _rejected(c), _stages(c), _serving(c), *_diagnostics(c)]
+    parts += [_budget(c), _alternatives(c), _rejected(c), _stages(c), _serving(c), _evaluation(c),
+              *_diagnostics(c)]
     return [p for p in parts if p is not None]
 
 

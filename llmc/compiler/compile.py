@@ -156,6 +156,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         _check_pretraining(run, gpu, hyper, compute, time, cost, sink)
     stages, stage_diags = _stages(run, gpu, lines, spec_path, hyper, searched, facts)
     serving, serving_diags = _serving(run, gpu, lines)
+    evaluation = _evaluation(run, sink, spec_path, stages, hyper, searched.plan, compute, time)
     diags = sink.items + [_located(d, lines, spec_path) for d in stage_diags + serving_diags]
     return Compiled(
         spec_path=spec_path, spec_sha256=spec_sha256(run, spec_bytes), spec=run, gpu=gpu, model=model,
@@ -163,8 +164,22 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         reasons=list(searched.reasons),
         alternatives=list(searched.alternatives), rejected=list(searched.rejected),
         diagnostics=sort_diagnostics(_dedupe(diags)), stages=stages, serving=serving, search=dict(searched.info),
-        backend=be_info, calibration=cal_info, unfit=searched.unfit,
+        backend=be_info, calibration=cal_info, unfit=searched.unfit, evaluation=evaluation,
     )
+
+
+def _evaluation(run, sink, spec_path, stages, hyper, plan, compute, time):
+    """``eval`` / ``data.quality``: validation cost at the plan's throughput, banding, checks (evaluation.py)."""
+    import posixpath
+
+    from llmc.compiler.evaluation import plan_evaluation
+
+    return plan_evaluation(
+        run, sink, spec_dir=posixpath.dirname(spec_path), stage_names=[s.name for s in stages], steps=hyper.steps,
+        micro_batch=plan.micro_batch if plan else None, dp=plan.dp if plan else None,
+        forward_flops_per_token=flops.forward_flops_per_token(run.model, run.data.seq_len),
+        tokens_per_second=time.tokens_per_second if time else None,
+        train_flops_per_token=compute.flops_per_token, step_seconds=time.step_seconds if time else None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from llmc.compiler.plan import ParallelPlan
 from llmc.diagnostics import Diagnostic
 
 if TYPE_CHECKING:
+    from llmc.compiler.evaluation import EvaluationPlan
     from llmc.compiler.hardware import GPU
     from llmc.spec.schema import RunSpec
 
@@ -271,6 +272,7 @@ class Compiled:
     backend: dict = field(default_factory=dict)  # name, reason (why this backend), compile (torch.compile on)
     calibration: dict = field(default_factory=dict)  # calibrated, factors, error_band_pct, ranking_band_pct, reason
     unfit: dict | None = None  # closest non-fitting layout (P004): plan, memory, time of one step
+    evaluation: EvaluationPlan | None = None  # eval.validation / eval.tasks / data.quality (evaluation.py)
 
     def to_json(self) -> dict:
         """JSON view; keys documented in README (model.*, compute.*, plan, memory.*, time.*, cost.*)."""
@@ -304,6 +306,7 @@ class Compiled:
             "backend": dict(self.backend),
             "calibration": dict(self.calibration),
             "unfit": self.unfit,
+            "evaluation": dc(self.evaluation),
             "diagnostics": [d.to_json() for d in self.diagnostics],
         }
 

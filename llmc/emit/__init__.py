@@ -20,6 +20,7 @@ from llmc.diagnostics import Diagnostic, SpecError, errors, sort_diagnostics
 from llmc.emit.base import Emitter
 from llmc.emit.common import diag
 from llmc.emit.deepspeed import DeepSpeedEmitter
+from llmc.emit.evaluation import EvalTasksEmitter
 from llmc.emit.kubeflow import KubeflowEmitter
 from llmc.emit.launchers import LaunchersEmitter
 from llmc.emit.lock import LockEmitter
@@ -29,7 +30,7 @@ from llmc.emit.skypilot import SkyPilotEmitter
 from llmc.emit.torchtitan import TorchtitanEmitter
 
 EMITTERS: list[Emitter] = [LockEmitter(), TorchtitanEmitter(), DeepSpeedEmitter(), ServingEmitter(),
-                           LaunchersEmitter(), SkyPilotEmitter(), KubeflowEmitter(), ReadmeEmitter()]
+                           LaunchersEmitter(), SkyPilotEmitter(), KubeflowEmitter(), EvalTasksEmitter(), ReadmeEmitter()]
 
 
 def build_diagnostics(compiled) -> list[Diagnostic]:

@@ -143,10 +143,35 @@ TEXT_KINDS = ("general", "domain", "code", "math", "multilingual")
 
 
 def _data_sources(spec) -> list[tuple[str, float]]:
-    """(file under the data dir, normalised mixture weight) of the pre-training text sources."""
+    """(file under the data dir, normalised mixture weight) of the pre-training text sources: what
+    ``prepare`` leaves for training (data/<name>.jsonl; data/quality/<name>/ after ``data.quality``;
+    data/split/<name>.train.jsonl when ``eval.validation`` holds out a fraction)."""
     srcs = [s for s in spec.data.sources if s.kind in TEXT_KINDS]
     total = sum(s.weight for s in srcs)
+    v = spec.eval.validation if spec.eval is not None else None
+    if v is not None and not v.files:
+        return [(f"split/{s.name}.train.jsonl", s.weight / total) for s in srcs]
+    if spec.data.quality is not None:
+        return [(f"quality/{s.name}", s.weight / total) for s in srcs]
     return [(f"{s.name}.jsonl", s.weight / total) for s in srcs]
+
+
+def _validation(compiled) -> dict | None:
+    """torchtitan 0.3.0 ``Validator.Config`` values (torchtitan/components/validate.py): every
+    ``every_steps`` steps, ``max_batches`` batches of ``local_batch_size`` per rank, over the held-out files
+    (under the data dir) or the spec's own validation files (absolute, or relative to the spec's folder)."""
+    import posixpath
+
+    spec = compiled.spec
+    v = spec.eval.validation if spec.eval is not None else None
+    if v is None:
+        return None
+    if v.files:
+        base = posixpath.dirname(compiled.spec_path)
+        files = [f if posixpath.isabs(f) else posixpath.normpath(posixpath.join(base, f)) for f in v.files]
+    else:
+        files = [f"split/{s.name}.val.jsonl" for s in spec.data.sources if s.kind in TEXT_KINDS]
+    return {"freq": v.every_steps, "steps": v.max_batches, "files": files}
 
 
 def _pp_module_fqns(n_layers: int, n_stages: int) -> list[list[str]]:
@@ -514,6 +539,7 @@ def torchtitan_values(compiled) -> TitanValues:
         "data_sources": _data_sources(compiled.spec),
         "init_hf": init_hf_location(compiled),
         "init_hf_source": _init_hf(compiled)[0],
+        "validation": _validation(compiled),
     }
     return TitanValues(ctx=ctx, notes=notes)
 

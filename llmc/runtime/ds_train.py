@@ -301,6 +301,11 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
 
     stop_at = min(job.steps, max_steps) if max_steps else job.steps
     last_loss, t_start = float("nan"), time.time()
+    from llmc.runtime.data import Assets
+    from llmc.runtime.validation import Validator
+
+    assets = Assets.from_json(json.loads((assets_root / "assets" / "assets.json").read_text()))
+    validator = Validator.for_job(job, assets, micro, rank, world, device)
     engine.train()
     while step < stop_at:
         t0 = time.time()
@@ -334,6 +339,8 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
             log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=None if gnorm is None else float(gnorm),
                                 tokens=tokens, tokens_per_step=tokens_per_step, dt=dt, flops_per_token=fpt,
                                 peak_flops=job.peak_flops, world=world, device=device))
+        if validator is not None:
+            validator.maybe(step, stop_at, engine, log)
         if step % job.checkpoint_interval == 0 and step < stop_at:
             save_ds()
     save_ds()
@@ -350,6 +357,8 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
               "checkpoint": os.path.relpath(final, out), "wall_s": round(time.time() - t_start, 2),
               "params": n_params, "world": world, "rank0_param_numel": local_numel,
               "activation_checkpointing": job.activation_checkpointing}
+    if validator is not None and validator.last is not None:
+        result.update({f"val_{k}" if k == "step" else k: v for k, v in validator.last.items()})
     if main:
         if status == "done":  # servable model in <out>/hf, then the done marker
             tok_dir = Path(assets.tokenizer_dir)

@@ -123,6 +123,9 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
             state[target.name] = key
         produced.append(SourceData(src.name, str(target), "jsonl", "text", src.weight))
 
+    from llmc.runtime.quality_prepare import apply_quality  # data.quality: dedup + decontamination
+
+    produced, quality_key = apply_quality(job, produced, root, log)
     tk = job.tokenizer
     tok_json = asset_dir / "tokenizer.json"
     if tk.path:
@@ -137,8 +140,8 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
             log(f"prepare: copied tokenizer from {src_dir}")
     else:
         vocab = tk.vocab_size or job.arch.vocab_size
-        text_srcs = [s for s in produced if s.format == "jsonl" and Path(s.path).parent == data_dir]
-        key = f"bpe:{vocab}:" + ",".join(f"{s.name}={state.get(Path(s.path).name)}" for s in text_srcs)
+        text_srcs = [s for s in produced if s.format == "jsonl" and data_dir in Path(s.path).parents]
+        key = f"bpe:{vocab}:{quality_key}" + ",".join(f"{s.name}={state.get(s.name + '.jsonl')}" for s in text_srcs)
         if state.get("tokenizer") != key or not tok_json.exists():
             if not text_srcs:
                 raise ValueError("tokenizer.train needs at least one text data source")
@@ -157,6 +160,12 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
             log(f"prepare: trained byte-level BPE (vocab {vocab}) -> {tok_json}")
     _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True) + "\n")
     assets = Assets(str(root), str(asset_dir), tuple(produced), str(cache_dir))
+    ev = job.spec.eval if job.spec is not None else None
+    if ev is not None and ev.validation is not None:  # hold out the validation documents (validation.py)
+        from llmc.runtime.validation import TEXT_KINDS, split_assets
+
+        skip = tuple(s.name for s in _stage_sources(job) if s.kind in TEXT_KINDS)
+        assets = split_assets(assets, ev.validation, resolve=job.resolve_path, skip=skip, log=log)
     _atomic_write(asset_dir / "assets.json", json.dumps(assets.to_json(), indent=1) + "\n")
     return assets
 
@@ -246,7 +255,7 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
     done = out / "DONE.json"
     if resume and done.exists():
         _say(f"{job.stage}: already done ({done}); nothing to do")
-        return json.loads(done.read_text())
+        return _with_evals(lock, job, out, json.loads(done.read_text()))
     with _stage_lock(out):
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -267,18 +276,30 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
             if job.kind in NATIVE_KINDS:
                 from llmc.runtime.train import train
 
-                return train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
-                             fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
+                res = train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
+                            fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
+                return _with_evals(lock, job, out, res)
             if job.kind in POSTTRAIN_KINDS:
                 if rank != 0:  # the post-training loops are single-process: rank 0 runs the stage alone
                     _say(f"{job.stage}: {job.kind} runs in one process (rank 0); rank {rank} has nothing to do")
                     return {"stage": job.stage, "status": "idle", "rank": rank}
                 from llmc.runtime import posttrain
 
-                return posttrain.run_stage(job, out, assets=assets)
+                return _with_evals(lock, job, out, posttrain.run_stage(job, out, assets=assets))
             raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
         finally:
             shutdown()
+
+
+def _with_evals(lock: dict, job: TrainJob, out: Path, res: dict) -> dict:
+    """After a finished stage: the lock's ``evaluation.tasks`` on its HF export (validation.stage_evals)."""
+    if res.get("status", "done") == "done" and int(os.environ.get("RANK", "0")) == 0:
+        from llmc.runtime.validation import stage_evals
+
+        ev = stage_evals(lock, job, out, log=_say)
+        if ev is not None:
+            res = {**res, "eval": ev["tasks"]}
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:

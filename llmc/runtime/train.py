@@ -328,6 +328,10 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
     status = "done"
     is_ddp = hasattr(wrapped, "no_sync")
     wrapped.train()
+    from llmc.runtime.validation import Validator
+
+    validator = Validator.for_job(job, assets, job.micro_batch, *dp_coords(info, job.dp_replicate, job.dp_shard,
+                                  job.tp), info.device, _autocast(job, info.device, cpu_bf16))
 
     while step < stop_at:
         t0 = time.time()
@@ -371,6 +375,8 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
             log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=float(gnorm), tokens=tokens,
                                 tokens_per_step=job.tokens_per_step, dt=dt, flops_per_token=fpt,
                                 peak_flops=job.peak_flops, world=info.world, device=info.device))
+        if validator is not None:
+            validator.maybe(step, stop_at, wrapped, log)
         if step % job.checkpoint_interval == 0 and step < job.steps:
             checkpoint_now()
             last_ckpt_step = step
@@ -390,6 +396,8 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
     result = {"status": status, "stage": job.stage, "kind": job.kind, "step": step, "steps": job.steps,
               "loss": last_loss, "tokens": tokens, "checkpoint": os.path.relpath(final, out),
               "wall_s": round(time.time() - t_start, 2), "params": n_params, "rewinds": rewinds}
+    if validator is not None and validator.last is not None:
+        result.update({f"val_{k}" if k == "step" else k: v for k, v in validator.last.items()})
     if main:
         _finish(job, result, final, out, assets, log, say)
     return result

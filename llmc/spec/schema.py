@@ -88,6 +88,50 @@ class Tokenizer(SpecModel):
     """Chat template name (``llama3``, ``chatml``) for SFT/DPO/GRPO stages."""
 
 
+class NearDup(SpecModel):
+    """MinHash near-duplicate removal (``llmc.quality.NearDupConfig``; defaults: datatrove / FineWeb)."""
+
+    threshold: Float = Field(default=0.75, gt=0, lt=1)
+    """Jaccard similarity of word n-gram sets above which two documents count as near-duplicates."""
+    num_perm: Int = Field(default=112, ge=2)
+    """MinHash permutations per document."""
+    ngram: Int = Field(default=5, gt=0)
+    """Words per shingle."""
+    bands: Int | None = Field(default=14, gt=0)
+    """LSH bands b. None (with rows None) = the b x r minimising FP + FN at ``threshold`` (datasketch's rule)."""
+    rows: Int | None = Field(default=8, gt=0)
+    """Rows per band r (b x r <= num_perm)."""
+    seed: Int = 1
+    """MinHash permutation seed."""
+
+
+class Decontaminate(SpecModel):
+    """Remove training documents sharing an n-gram with a benchmark item (GPT-3, arXiv:2005.14165 App. C)."""
+
+    ngram: Int = Field(default=13, gt=0)
+    """Words per n-gram (13 as in GPT-3)."""
+    benchmarks: list[str] = Field(default_factory=list)
+    """Benchmark files (``.jsonl`` items or text lines), relative to the spec file."""
+    text_fields: list[str] | None = None
+    """jsonl fields to match. None = every string field."""
+
+
+class Quality(SpecModel):
+    """Data quality before tokenization: exact dedup, MinHash near-dedup, n-gram decontamination."""
+
+    exact: bool = True
+    """Drop exact duplicates (normalised text hash)."""
+    near_dup: NearDup | None = Field(default_factory=NearDup)
+    """MinHash near-duplicate removal. None = off."""
+    decontaminate: Decontaminate | None = None
+    """Benchmark decontamination. None = off."""
+    workers: Int = Field(default=1, gt=0)
+    """Worker processes."""
+    expected_removal_fraction: Float | None = Field(default=None, ge=0, lt=1)
+    """Expected share of tokens removed (from an earlier run's report), for the plan's tokens-left figure.
+    None = unknown."""
+
+
 class Data(SpecModel):
     """Training data for the (pre-)training stage."""
 
@@ -99,6 +143,8 @@ class Data(SpecModel):
     """Packed sequence length in tokens (documents joined with EOS)."""
     tokens: HumanFloat = Field(gt=0)
     """Total training tokens (D), e.g. ``15.6e12`` or ``15.6T``."""
+    quality: Quality | None = None
+    """Data-quality pass run by ``prepare`` before tokenization. None = none."""
 
 
 class GpuOverrides(SpecModel):
@@ -452,6 +498,41 @@ class Serving(SpecModel):
     """Serve this stage's checkpoint. None = the last stage."""
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+
+class Validation(SpecModel):
+    """Held-out validation loss, measured every ``every_steps`` on every backend."""
+
+    fraction: Float = Field(default=0.005, gt=0, lt=1)
+    """Share of each text source's documents held out (by a hash of document index and seed)."""
+    seed: Int = 0
+    """Seed of the held-out split."""
+    files: list[str] | None = None
+    """Validation files (jsonl with a ``text`` field, relative to the spec file) instead of a split."""
+    every_steps: Int = Field(default=500, gt=0)
+    """Optimizer steps between validations (and once at the end)."""
+    max_batches: Int = Field(default=20, gt=0)
+    """Sequences-batches per validation (each ``micro_batch`` x ``seq_len`` tokens)."""
+
+
+class Eval(SpecModel):
+    """Evaluation: held-out loss during training and benchmark tasks after stages."""
+
+    validation: Validation | None = None
+    """Held-out validation loss. None = none."""
+    tasks: list[str] = Field(default_factory=list)
+    """lm-evaluation-harness task names or local task YAML files (relative to the spec file)."""
+    task_stages: list[str] | None = None
+    """Stages whose final HF export is evaluated on ``tasks``. None = the last stage."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """lm-evaluation-harness model backend."""
+    batch_size: Int = Field(default=8, gt=0)
+    """Evaluation batch size."""
+    limit: Int | None = Field(default=None, gt=0)
+    """At most this many documents per task. None = all."""
+
+
 class RunSpec(SpecModel):
     """A whole llmc run."""
 
@@ -473,6 +554,8 @@ class RunSpec(SpecModel):
     """Post-training / continued-training pipeline after (or instead of) the main pre-training."""
     serving: list[Serving] = Field(default_factory=list)
     """Serving targets."""
+    eval: Eval | None = None
+    """Validation loss and benchmark evals. None = none."""
     calibration: str | None = None
     """Path of a calibration JSON (``llmc calibrate``), relative to the spec file; its factors adjust time and memory."""
 
@@ -482,4 +565,5 @@ __all__ = [
     "Checkpoint", "LossSpike", "Training", "Parallelism", "StageKind", "STAGE_KINDS", "LM_KINDS", "CHAT_KINDS",
     "POSTTRAIN_KINDS", "PREFERENCE_KINDS", "LoRA", "StageBase", "PretrainStage", "MidtrainStage", "LongContextStage", "SFTStage",
     "DPOStage", "GRPOStage", "STAGE_TYPES", "Stage", "make_stage", "Serving", "GpuOverrides", "RunSpec",
+    "NearDup", "Decontaminate", "Quality", "Validation", "Eval",
 ]

@@ -34,6 +34,7 @@ from torchtitan.components.optimizer import (
     ParamGroupConfig,
     register_moe_load_balancing_hook,
 )
+from torchtitan.components.validate import Validator
 from torchtitan.config import CommConfig, CompileConfig, DebugConfig, ParallelismConfig, TrainingConfig
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.hf_datasets import DatasetConfig
@@ -77,7 +78,10 @@ DATA_SOURCES = [('web.jsonl', 1.0)]
 
 
 def _load_jsonl(path):
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*.jsonl")))
+    if os.pathsep in path:  # several files (the validation set of several sources)
+        files = path.split(os.pathsep)
+    else:
+        files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*.jsonl")))
     if not files:
         raise FileNotFoundError(f"no JSONL data at {path} (run `llmc launch`'s prepare step or set LLMC_DATA_DIR)")
     return load_dataset("json", data_files=files, split="train")
@@ -100,6 +104,20 @@ def _dataloader():
         sources=[HFDataSource(dataset=DATASET_NAME, dataset_path=os.path.join(DATA_DIR, f), weight=w)
                  for f, w in DATA_SOURCES],
         seed=0,
+    )
+
+# held-out validation (llmc eval.validation): None, or {"freq", "steps", "files" (under DATA_DIR or absolute)}
+VALIDATION = None
+
+
+def _validator():
+    if VALIDATION is None:
+        return Validator.Config()
+    files = [f if os.path.isabs(f) else os.path.join(DATA_DIR, f) for f in VALIDATION["files"]]
+    return Validator.Config(
+        enable=True, freq=VALIDATION["freq"], steps=VALIDATION["steps"],
+        dataloader=HuggingFaceTextDataLoader.Config(dataset=DATASET_NAME, dataset_path=os.pathsep.join(files),
+                                                    infinite=False),
     )
 
 # ---------------------------------------------------------------- architecture (llmc-mixtral-8x7b)
@@ -295,6 +313,7 @@ def _trainer_config(spec):
             disable_cuda_graphs=True,
         ),
         dataloader=_dataloader(),
+        validator=_validator(),
         metrics=MetricsProcessor.Config(log_freq=10, enable_tensorboard=True),
         parallelism=ParallelismConfig(
             data_parallel_replicate_degree=1,

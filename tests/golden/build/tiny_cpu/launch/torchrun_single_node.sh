@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
 # targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
-# spec sha256: da9a48d3323232adb6510a9fa74b7c38353e32fef29773389f3e8cff39084f31
+# spec sha256: 23db841991f9f7cc69bf7f99f45ead258f1c7b63db8a7d1be34b27f792d0ca2b
 #
 # torchrun on one node (1 processes by default).
 #   BACKEND=native     llmc.runtime.entry, every stage in order (default)

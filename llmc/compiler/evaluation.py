@@ -1,0 +1,285 @@
+"""Plan-side evaluation and data quality: validation cost, benchmark-eval targets, dedup estimates, checks.
+
+Pure functions (no I/O, no torch). :func:`plan_evaluation` turns ``spec.eval`` and ``data.quality``
+into an :class:`EvaluationPlan` (recorded in the lock as ``evaluation``) and adds the ``E``
+diagnostics to the sink.
+
+Validation cost. One validation reads ``max_batches`` batches of ``micro_batch`` sequences on each of
+the ``dp`` data-parallel ranks (torchtitan's ``validation.steps`` x ``local_batch_size``), so
+
+    tokens_per_eval = max_batches * micro_batch * dp * seq_len
+    evals           = ceil(steps / every_steps)            (every N steps, and once at the end)
+    flops           = forward_flops_per_token * tokens_per_eval * evals
+
+with :func:`llmc.compiler.flops.forward_flops_per_token` (2 N_matmul + the attention forward: the
+forward third of llmc's training FLOPs, Kaplan et al. 2020, arXiv:2001.08361, section 2.1: C_forward
+~= 2N per token), and its time at the plan's training throughput: ``flops / (tokens_per_second * train_flops_per_token)``.
+
+Data quality. The LSH banding and its false-positive / false-negative areas are
+:func:`llmc.compiler.quality_math.banding` (or :func:`~llmc.compiler.quality_math.optimal_bands`
+when bands/rows are left to llmc), the same numbers ``llmc.quality`` uses. The CPU time of the
+MinHash pass is :func:`llmc.compiler.quality_math.dedup_cpu_seconds` over the shingles of the
+declared ``sources[].tokens``: one word n-gram per word, with ``WORDS_PER_TOKEN`` words per token
+(the n-1 shingles a document loses at its end are ignored, so this is an upper bound).
+
+Diagnostics (codes E...):
+
+=====  ========  ================================================================================
+E001   warning   after the held-out split and the expected quality removal, a source repeats > 4 epochs
+E002   warning   an eval task's benchmark is not in ``data.quality.decontaminate.benchmarks``
+E003   error     a validation file is a training source, or lies inside / contains one
+E004   error     ``eval.task_stages`` names a stage that does not exist
+E005   error     ``near_dup.bands x rows`` exceeds ``num_perm``, or only one of bands/rows is given
+E006   info      ``eval.tasks`` without decontamination of the training data
+E007   info      ``eval.backend: vllm``: ``llmc launch`` runs the hf backend (the vllm command is emitted)
+=====  ========  ================================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+from dataclasses import dataclass
+
+from llmc.compiler import quality_math
+
+#: Muennighoff et al. 2023, "Scaling Data-Constrained Language Models" (arXiv:2305.16264): up to ~4
+#: epochs of repeated data are almost as good as unique data.
+MAX_EPOCHS = 4.0
+#: Words per BPE token for English text: "1 token ~= 3/4 of a word"
+#: (https://help.openai.com/en/articles/4936856-what-are-tokens-and-how-to-count-them).
+WORDS_PER_TOKEN = 0.75
+
+
+@dataclass(frozen=True)
+class ValidationPlan:
+    """The held-out split (reproducible from these fields) and what validating costs."""
+
+    fraction: float | None  # share of each source's documents held out (None with ``files``)
+    seed: int
+    files: list[str] | None  # validation files instead of a split (as written in the spec)
+    every_steps: int
+    max_batches: int
+    tokens_per_eval: int | None  # max_batches x micro_batch x dp x seq_len (None without a plan)
+    evals: int | None  # ceil(steps / every_steps)
+    flops: float | None  # forward FLOPs/token (2 N_matmul + attention) x tokens_per_eval x evals
+    seconds: float | None  # at the plan's training throughput
+    fraction_of_training_time: float | None
+
+
+@dataclass(frozen=True)
+class NearDupPlan:
+    threshold: float
+    num_perm: int
+    ngram: int
+    bands: int
+    rows: int
+    chosen_by_llmc: bool  # bands/rows from optimal_bands (spec left them None)
+    false_positive: float  # integral_0^t P(s) ds
+    false_negative: float  # integral_t^1 (1 - P(s)) ds
+    s_half: float  # similarity caught with probability 1/2
+    seed: int
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    exact: bool
+    near_dup: NearDupPlan | None
+    decontaminate_ngram: int | None
+    benchmarks: list[str]
+    workers: int
+    declared_tokens: float | None  # sum of sources[].tokens when every source declares them
+    shingles: float | None  # words of the declared tokens (WORDS_PER_TOKEN)
+    minhash_core_seconds: float | None
+    minhash_wall_seconds: float | None  # core seconds / workers
+    expected_removal_fraction: float | None
+    tokens_left: float | None  # declared x (1 - expected removal); None = unknown
+
+
+@dataclass(frozen=True)
+class TasksPlan:
+    tasks: list[str]
+    stages: list[str]  # stages whose final HF export is evaluated
+    backend: str
+    batch_size: int
+    limit: int | None
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    validation: ValidationPlan | None
+    tasks: TasksPlan | None
+    quality: QualityPlan | None
+
+
+def validation_plan(v, *, steps: int | None, micro_batch: int | None, dp: int | None, seq_len: int,
+                    forward_flops_per_token: float, tokens_per_second: float | None,
+                    train_flops_per_token: float | None, step_seconds: float | None) -> ValidationPlan:
+    """Cost of ``eval.validation`` ``v`` for a run of ``steps`` with the plan's micro-batch and dp."""
+    tokens = evals = flops = seconds = frac = None
+    if micro_batch and dp:
+        tokens = v.max_batches * micro_batch * dp * seq_len
+    if steps:
+        evals = math.ceil(steps / v.every_steps)
+    if tokens is not None and evals is not None:
+        flops = forward_flops_per_token * tokens * evals
+        if tokens_per_second and train_flops_per_token:
+            seconds = flops / (tokens_per_second * train_flops_per_token)
+            if step_seconds and steps:
+                frac = seconds / (step_seconds * steps)
+    return ValidationPlan(fraction=None if v.files else v.fraction, seed=v.seed,
+                          files=list(v.files) if v.files else None, every_steps=v.every_steps,
+                          max_batches=v.max_batches, tokens_per_eval=tokens, evals=evals, flops=flops,
+                          seconds=seconds, fraction_of_training_time=frac)
+
+
+def quality_plan(q, sources) -> QualityPlan:
+    """Banding, MinHash CPU estimate and tokens left for ``data.quality`` ``q`` over ``sources``.
+
+    Raises ValueError for an impossible banding (reported as E005 by :func:`plan_evaluation`)."""
+    nd = None
+    if q.near_dup is not None:
+        n = q.near_dup
+        if (n.bands is None) != (n.rows is None):
+            raise ValueError("near_dup.bands and near_dup.rows must be given together (or both omitted)")
+        if n.bands is None:
+            b = quality_math.optimal_bands(n.threshold, n.num_perm)
+        else:
+            if n.bands * n.rows > n.num_perm:
+                raise ValueError(f"near_dup.bands x rows = {n.bands * n.rows} > num_perm {n.num_perm}")
+            b = quality_math.banding(n.threshold, n.bands, n.rows)
+        nd = NearDupPlan(threshold=n.threshold, num_perm=n.num_perm, ngram=n.ngram, bands=b.bands, rows=b.rows,
+                         chosen_by_llmc=n.bands is None, false_positive=b.false_positive,
+                         false_negative=b.false_negative, s_half=b.s_half, seed=n.seed)
+    declared = None
+    if sources and all(s.tokens is not None for s in sources):
+        declared = float(sum(s.tokens for s in sources))
+    shingles = core = wall = None
+    if declared is not None and nd is not None:
+        shingles = declared * WORDS_PER_TOKEN
+        cost = quality_math.dedup_cpu_seconds(1, shingles, nd.num_perm, q.workers)
+        core, wall = cost.core_seconds, cost.wall_seconds
+    left = None
+    if declared is not None and q.expected_removal_fraction is not None:
+        left = declared * (1.0 - q.expected_removal_fraction)
+    dc = q.decontaminate
+    return QualityPlan(exact=q.exact, near_dup=nd, decontaminate_ngram=dc.ngram if dc else None,
+                       benchmarks=list(dc.benchmarks) if dc else [], workers=q.workers, declared_tokens=declared,
+                       shingles=shingles, minhash_core_seconds=core, minhash_wall_seconds=wall,
+                       expected_removal_fraction=q.expected_removal_fraction, tokens_left=left)
+
+
+def _norm(path: str, spec_dir: str) -> str:
+    """A spec-relative path, normalised lexically (the compiler reads no files)."""
+    return posixpath.normpath(path if posixpath.isabs(path) else posixpath.join(spec_dir or ".", path))
+
+
+def _inside(a: str, b: str) -> bool:
+    """True when path ``a`` equals ``b`` or lies under it (glob characters cut the path at their folder)."""
+    def base(p: str) -> str:
+        for i, ch in enumerate(p):
+            if ch in "*?[":
+                return posixpath.dirname(p[:i]) or "."
+        return p
+    a, b = base(a), base(b)
+    return a == b or a.startswith(b.rstrip("/") + "/")
+
+
+def _task_key(task: str) -> str:
+    """``hellaswag`` -> hellaswag; ``evals/my_mc.yaml`` -> my_mc."""
+    t = posixpath.basename(task)
+    for ext in (".yaml", ".yml"):
+        if t.endswith(ext):
+            t = t[: -len(ext)]
+    return t.lower()
+
+
+def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: int | None,
+                    micro_batch: int | None, dp: int | None, forward_flops_per_token: float,
+                    tokens_per_second: float | None, train_flops_per_token: float | None,
+                    step_seconds: float | None) -> EvaluationPlan | None:
+    """The :class:`EvaluationPlan` of ``run`` (None when it has neither ``eval`` nor ``data.quality``)."""
+    ev, q, data = run.eval, run.data.quality, run.data
+    if ev is None and q is None:
+        return None
+    val = tasks = qual = None
+    if ev is not None and ev.validation is not None:
+        v = ev.validation
+        val = validation_plan(v, steps=steps, micro_batch=micro_batch, dp=dp, seq_len=data.seq_len,
+                              forward_flops_per_token=forward_flops_per_token, tokens_per_second=tokens_per_second,
+                              train_flops_per_token=train_flops_per_token, step_seconds=step_seconds)
+        train_paths = [(i, _norm(s.path, spec_dir)) for i, s in enumerate(data.sources) if s.path]
+        for j, f in enumerate(v.files or []):
+            fp = _norm(f, spec_dir)
+            for i, sp in train_paths:
+                if _inside(fp, sp) or _inside(sp, fp):
+                    sink.add("E003", "error", f"eval.validation.files.{j}",
+                             f"validation file {f!r} overlaps training source {data.sources[i].name!r} "
+                             f"({data.sources[i].path}): validation loss would be measured on training data",
+                             "use files outside every source's path, or drop files to hold out a fraction")
+    if ev is not None and ev.tasks:
+        names = list(ev.task_stages) if ev.task_stages else stage_names[-1:]
+        for j, name in enumerate(ev.task_stages or []):
+            if name not in stage_names:
+                sink.add("E004", "error", f"eval.task_stages.{j}", f"unknown stage {name!r}",
+                         f"stages: {', '.join(stage_names) or '(none)'}")
+        tasks = TasksPlan(tasks=list(ev.tasks), stages=names, backend=ev.backend, batch_size=ev.batch_size,
+                          limit=ev.limit)
+        if ev.backend == "vllm":
+            sink.add("E007", "info", "eval.backend",
+                     "llmc launch evaluates with lm-evaluation-harness's hf backend; eval/tasks.json gives the "
+                     "vllm command line to run yourself", "")
+        dc = q.decontaminate if q is not None else None
+        if dc is None:
+            sink.add("E006", "info", "eval.tasks",
+                     f"{len(ev.tasks)} eval task(s) but the training data is not decontaminated",
+                     "set data.quality.decontaminate.benchmarks to the benchmarks' files")
+        else:
+            bench = [_task_key(b.rsplit(".", 1)[0] if "." in posixpath.basename(b) else b) for b in dc.benchmarks]
+            for j, t in enumerate(ev.tasks):
+                k = _task_key(t)
+                if not any(k in b or b in k for b in bench):
+                    sink.add("E002", "warning", f"eval.tasks.{j}",
+                             f"eval task {t!r} has no benchmark file in data.quality.decontaminate.benchmarks; "
+                             f"its score may be inflated by contamination",
+                             f"add its items (e.g. {k}.jsonl) to the benchmarks list")
+    if q is not None:
+        try:
+            qual = quality_plan(q, data.sources)
+        except ValueError as e:
+            sink.add("E005", "error", "data.quality.near_dup", str(e),
+                     "b x r <= num_perm; or omit both for llmc's choice")
+    _check_epochs(run, val, qual, sink)
+    return EvaluationPlan(validation=val, tasks=tasks, quality=qual)
+
+
+def _check_epochs(run, val: ValidationPlan | None, qual: QualityPlan | None, sink) -> None:
+    """E001: epochs per source over the tokens left for training after the split and the expected removal,
+    only where the declared tokens alone stay within MAX_EPOCHS (the D002 check covers those)."""
+    data = run.data
+    keep = 1.0
+    why = []
+    if val is not None and val.fraction is not None:
+        keep *= 1.0 - val.fraction
+        why.append(f"{100 * val.fraction:.2g}% held out for validation")
+    if qual is not None and qual.expected_removal_fraction:
+        keep *= 1.0 - qual.expected_removal_fraction
+        why.append(f"{100 * qual.expected_removal_fraction:.2g}% expected removed by the quality pass")
+    if keep >= 1.0 or not data.sources:
+        return
+    wsum = sum(s.weight for s in data.sources)
+    for i, s in enumerate(data.sources):
+        if s.tokens is None:
+            continue
+        need = data.tokens * s.weight / wsum
+        raw, after = need / s.tokens, need / (s.tokens * keep)
+        if raw <= MAX_EPOCHS < after:
+            sink.add("E001", "warning", f"data.sources.{i}.tokens",
+                     f"source {s.name!r} would be repeated {after:.1f} epochs over the {s.tokens * keep:.3g} tokens "
+                     f"left ({'; '.join(why)})",
+                     f"beyond ~{MAX_EPOCHS:.0f} epochs repeated data loses value (Muennighoff et al. 2023, "
+                     f"arXiv:2305.16264); add data or train on fewer tokens")
+
+
+__all__ = ["EvaluationPlan", "ValidationPlan", "QualityPlan", "NearDupPlan", "TasksPlan", "plan_evaluation",
+           "validation_plan", "quality_plan", "MAX_EPOCHS", "WORDS_PER_TOKEN"]

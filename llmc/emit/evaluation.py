@@ -1,0 +1,54 @@
+"""``eval/tasks.json``: the benchmark evals ``llmc launch`` runs after the chosen stages (lm-evaluation-harness).
+
+Reads only ``compiled.evaluation.tasks`` (tasks, stages, backend, batch size, limit). Local task files
+stay as written in the spec (relative to ``spec_dir``, which the runtime resolves them against). For
+each stage the file also gives the equivalent ``lm_eval`` command line
+(https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/interface.md) on the stage's
+Hugging Face export ``run/<stage>/hf``; the results land in ``run/<stage>/eval/``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+from collections.abc import Mapping
+
+from llmc.emit.base import Emitter
+from llmc.emit.common import dump_json, header_fields
+
+TASKS_FILE = "eval/tasks.json"
+
+
+def _is_local(task: str) -> bool:
+    return task.endswith((".yaml", ".yml"))
+
+
+class EvalTasksEmitter(Emitter):
+    name = "eval"
+
+    def applies(self, compiled) -> bool:
+        ev = getattr(compiled, "evaluation", None)
+        return ev is not None and ev.tasks is not None
+
+    def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
+        t = compiled.evaluation.tasks
+        names = [posixpath.splitext(posixpath.basename(x))[0] if _is_local(x) else x for x in t.tasks]
+        include = sorted({posixpath.dirname(x) or "." for x in t.tasks if _is_local(x)})
+        commands = {}
+        for st in t.stages:
+            argv = ["lm_eval", "--model", t.backend, "--model_args", f"pretrained=run/{st}/hf",
+                    "--tasks", ",".join(names), "--batch_size", str(t.batch_size), "--output_path", f"run/{st}/eval"]
+            if include:
+                argv += ["--include_path", ",".join(include)]
+            if t.limit:
+                argv += ["--limit", str(t.limit)]
+            commands[st] = shlex.join(argv)
+        doc = {"_llmc": header_fields(compiled), "tasks": list(t.tasks), "stages": list(t.stages),
+               "backend": t.backend, "batch_size": t.batch_size, "limit": t.limit,
+               "spec_dir": posixpath.dirname(compiled.spec_path) or ".",
+               "results": {st: f"run/{st}/eval/eval_results.json" for st in t.stages},
+               "lm_eval_commands": commands}
+        return {TASKS_FILE: dump_json(doc)}
+
+
+__all__ = ["EvalTasksEmitter", "TASKS_FILE"]

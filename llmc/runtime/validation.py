@@ -1,0 +1,289 @@
+"""Held-out validation: a deterministic document split and one validation-loss function for every backend.
+
+Split (:func:`split_assets`, run by ``prepare``). Document ``i`` of a source is held out when
+
+    int(sha256(f"{seed}:{source}:{i}")[:8]) / 2**64 < fraction
+
+so the split depends only on (source name, document index, seed, fraction): train and validation are
+disjoint by construction and the same on every machine and backend. The prepared source
+``data/<name>.jsonl`` is cut into ``data/split/<name>.train.jsonl`` (what training reads) and
+``data/split/<name>.val.jsonl``; with ``eval.validation.files`` nothing is split and those files are the
+validation set. ``data/split/validation.json`` records the split (fraction, seed, files, document counts).
+Chat / preference / prompt sources are not split (no packed-text loss). The tokenizer is trained before
+the split, on all documents (as the prepared sources were).
+
+Loss (:func:`evaluate`). The validation token streams (documents joined with EOS, tokenised like the
+training data by :func:`llmc.runtime.data.tokenize_source`) are concatenated in source order and cut into
+windows of ``seq_len + 1`` tokens in order; validation batch ``b`` of data-parallel rank ``r`` holds windows
+``(b * dp + r) * micro_batch ...`` (+ micro_batch), for ``max_batches`` batches (torchtitan's validator:
+``steps`` batches of ``local_batch_size`` per rank). The loss is :func:`llmc.runtime.model.lm_loss`
+without z-loss or MoE auxiliary terms, averaged over every token of every rank; ``val_ppl = exp(val_loss)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llmc.runtime.data import Assets, SourceData, load_tokens, read_documents, tokenize_source
+
+SPLIT_DIR = "split"
+TEXT_KINDS = ("chat", "preference", "prompts")  # source kinds that are not packed text (not split)
+
+
+def is_heldout(source: str, index: int, seed: int, fraction: float) -> bool:
+    """Whether document ``index`` of ``source`` belongs to the validation split."""
+    h = hashlib.sha256(f"{seed}:{source}:{index}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64 < fraction
+
+
+def _write(path: Path, docs) -> int:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def _file_key(path: str | Path) -> str:
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def split_assets(assets: Assets, validation, *, resolve=lambda p: Path(p), skip: tuple[str, ...] = (),
+                 log=print) -> Assets:
+    """Hold out the validation documents; returns ``assets`` whose text sources are the training parts.
+
+    ``validation``: the spec's ``eval.validation``; ``resolve`` maps spec-relative paths (``files``) to
+    absolute ones; ``skip``: source names not to split (non-text sources). Idempotent: a source is re-split
+    only when its prepared file, the fraction or the seed changed.
+    """
+    root = Path(assets.root)
+    out = root / "data" / SPLIT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "validation.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    record = {"fraction": None if validation.files else validation.fraction, "seed": validation.seed,
+              "files": [str(resolve(f)) for f in validation.files] if validation.files else None,
+              "sources": dict(state.get("sources", {})) if not validation.files else {}}
+    if validation.files:
+        for f in record["files"]:
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"eval.validation.files: {f} does not exist")
+        _atomic(state_file, record)
+        return assets
+    sources = []
+    for s in assets.sources:
+        if s.name in skip or s.format != "jsonl":
+            sources.append(s)
+            continue
+        train_p, val_p = out / f"{s.name}.train.jsonl", out / f"{s.name}.val.jsonl"
+        key = f"{_file_key(s.path)}|{validation.fraction}|{validation.seed}|{s.text_field}"
+        prev = record["sources"].get(s.name, {})
+        if prev.get("key") != key or not train_p.exists() or not val_p.exists():
+            train_docs, val_docs = [], []
+            for i, d in enumerate(read_documents(s.path, s.format, s.text_field)):
+                (val_docs if is_heldout(s.name, i, validation.seed, validation.fraction) else train_docs).append(d)
+            if not val_docs and train_docs:  # a tiny source still gets one held-out document
+                val_docs.append(train_docs.pop())
+            n_train, n_val = _write(train_p, train_docs), _write(val_p, val_docs)
+            record["sources"][s.name] = {"key": key, "train_documents": n_train, "val_documents": n_val,
+                                         "train": str(train_p), "val": str(val_p)}
+            log(f"prepare: {s.name}: {n_val} of {n_train + n_val} documents held out for validation "
+                f"(fraction {validation.fraction}, seed {validation.seed})")
+        sources.append(SourceData(s.name, str(train_p), "jsonl", "text", s.weight))
+    _atomic(state_file, record)
+    return Assets(assets.root, assets.tokenizer_dir, tuple(sources), assets.cache_dir)
+
+
+def _atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def validation_sources(assets: Assets, names: list[str] | None = None) -> list[SourceData]:
+    """The validation files recorded by :func:`split_assets` (restricted to ``names`` for split sources)."""
+    state_file = Path(assets.root) / "data" / SPLIT_DIR / "validation.json"
+    if not state_file.exists():
+        raise FileNotFoundError(f"{state_file} missing: run prepare with eval.validation set")
+    st = json.loads(state_file.read_text())
+    if st.get("files"):
+        return [SourceData(f"val{i}", f, "text" if Path(f).suffix in (".txt", ".md") else "jsonl", "text")
+                for i, f in enumerate(st["files"])]
+    return [SourceData(f"{n}.val", v["val"], "jsonl", "text") for n, v in st["sources"].items()
+            if names is None or n in names]
+
+
+@dataclass
+class ValidationSet:
+    """The validation windows of one data-parallel rank."""
+
+    windows: np.ndarray  # (n, seq_len + 1) int64 token windows of this rank, batch-major
+    micro_batch: int
+    batches: int
+    total_windows: int  # windows used on all ranks
+
+    @classmethod
+    def from_streams(cls, streams: list[np.ndarray], seq_len: int, micro_batch: int, max_batches: int,
+                     dp_rank: int = 0, dp_size: int = 1) -> ValidationSet:
+        stream = np.concatenate([np.asarray(s, dtype=np.int64) for s in streams]) if streams else np.zeros(0)
+        n_win = max(0, (len(stream) - 1) // seq_len)
+        per_batch = micro_batch * dp_size
+        batches = min(max_batches, n_win // per_batch)
+        if batches == 0:
+            raise ValueError(f"validation set has {len(stream)} tokens: fewer than one batch of {per_batch} x "
+                             f"{seq_len + 1} (raise eval.validation.fraction or give more data)")
+        rows = []
+        for b in range(batches):
+            for j in range(micro_batch):
+                w = (b * dp_size + dp_rank) * micro_batch + j
+                rows.append(stream[w * seq_len: w * seq_len + seq_len + 1])
+        return cls(np.stack(rows), micro_batch, batches, batches * per_batch)
+
+    def batch(self, b: int):
+        import torch
+
+        w = torch.from_numpy(self.windows[b * self.micro_batch:(b + 1) * self.micro_batch])
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+def build_validation_set(assets: Assets, tok, seq_len: int, micro_batch: int, max_batches: int,
+                         dp_rank: int = 0, dp_size: int = 1, names: list[str] | None = None) -> ValidationSet:
+    """Tokenise (cached, like the training data; rank 0 first, the others wait) the validation sources and take
+    this rank's windows."""
+    import torch.distributed as dist
+
+    srcs = validation_sources(assets, names)
+    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if group and dist.get_rank() == 0:
+        for s in srcs:
+            tokenize_source(s, tok, assets.cache_dir)
+    if group:
+        dist.barrier()
+    streams = [load_tokens(tokenize_source(s, tok, assets.cache_dir)) for s in srcs]
+    return ValidationSet.from_streams(streams, seq_len, micro_batch, max_batches, dp_rank, dp_size)
+
+
+def evaluate(model, vset: ValidationSet, device, autocast=None) -> dict:
+    """Mean next-token loss of ``model`` (returns logits for ``model(x)``) over the validation set, averaged
+    over all data-parallel ranks: ``{"val_loss", "val_ppl", "val_tokens"}``. Collective under a process group."""
+    import contextlib
+
+    import torch
+    import torch.distributed as dist
+
+    from llmc.runtime.model import lm_loss
+
+    was_training = getattr(model, "training", False)
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of loss x tokens, tokens)
+    try:
+        with torch.no_grad():
+            for b in range(vset.batches):
+                x, y = vset.batch(b)
+                x, y = x.to(device), y.to(device)
+                with autocast if autocast is not None else contextlib.nullcontext():
+                    logits = model(x)
+                if isinstance(logits, tuple):
+                    logits = logits[0]
+                loss = lm_loss(logits.float(), y)
+                total[0] += loss.double() * y.numel()
+                total[1] += y.numel()
+    finally:
+        if was_training:
+            model.train()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    val = float(total[0] / total[1])
+    return {"val_loss": val, "val_ppl": math.exp(min(val, 700.0)), "val_tokens": int(total[1])}
+
+
+def due(step: int, every: int, last_step: int) -> bool:
+    """Validate every ``every`` steps and at the final step."""
+    return step % every == 0 or step == last_step
+
+
+__all__ = ["is_heldout", "split_assets", "validation_sources", "ValidationSet", "build_validation_set", "evaluate",
+           "due", "SPLIT_DIR"]
+
+
+class Validator:
+    """What a training loop calls: ``v.maybe(step, last_step, model, log)`` validates when due and logs a
+    ``{"step", "val_loss", "val_ppl", "val_tokens"}`` record to metrics.jsonl; ``v.last`` is the latest."""
+
+    def __init__(self, vset: ValidationSet, every: int, device, autocast=None):
+        self.vset, self.every, self.device, self.autocast = vset, every, device, autocast
+        self.last: dict | None = None
+
+    @classmethod
+    def for_job(cls, job, assets: Assets, micro_batch: int, dp_rank: int, dp_size: int, device,
+                autocast=None) -> Validator | None:
+        """None unless the run's spec sets ``eval.validation`` and the stage trains on packed text."""
+        from llmc.spec.schema import LM_KINDS
+
+        ev = job.spec.eval if job.spec is not None else None
+        if ev is None or ev.validation is None or job.kind not in LM_KINDS:
+            return None
+        v = ev.validation
+        vset = build_validation_set(assets, assets.tokenizer(), job.seq_len, micro_batch, v.max_batches, dp_rank,
+                                    dp_size, names=[s.name for s in job.sources])
+        if vset.batches < v.max_batches and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: validation uses {vset.batches} of eval.validation.max_batches={v.max_batches} batches "
+                  f"(the held-out set is smaller; raise eval.validation.fraction)", flush=True)
+        return cls(vset, v.every_steps, device, autocast)
+
+    def maybe(self, step: int, last_step: int, model, log) -> dict | None:
+        if not due(step, self.every, last_step):
+            return None
+        self.last = {"step": step, **evaluate(model, self.vset, self.device, self.autocast)}
+        log.log(dict(self.last))
+        return self.last
+
+
+__all__ += ["Validator"]
+
+
+# ----------------------------------------------------------------------------- benchmark evals after a stage
+
+
+def stage_evals(lock: dict, job, out: Path, log=print) -> dict | None:
+    """Run ``eval.tasks`` with lm-evaluation-harness (:func:`llmc.runtime.evaluate.run_eval`) on the stage's
+    Hugging Face export ``out/hf`` when the lock lists the stage under ``evaluation.tasks.stages``; results in
+    ``out/eval/eval_results.json`` and a summary ``{"tasks": {task: {metric: value}}, "samples"}`` in
+    ``out/eval/summary.json`` (also returned). Skipped (None) when not asked for or already done."""
+    plan = ((lock.get("evaluation") or {}).get("tasks")) or None
+    if plan is None or job.stage not in plan["stages"]:
+        return None
+    summary_path = out / "eval" / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    if not (out / "hf" / "config.json").is_file():
+        raise FileNotFoundError(f"stage {job.stage!r}: no Hugging Face export at {out / 'hf'} to evaluate")
+    import torch
+
+    from llmc.runtime.evaluate import EvalConfig, run_eval
+
+    tasks = tuple(str(job.resolve_path(t)) if t.endswith((".yaml", ".yml")) else t for t in plan["tasks"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log(f"{job.stage}: lm-evaluation-harness {', '.join(plan['tasks'])} on {out / 'hf'} ({device})")
+    res = run_eval(EvalConfig(model_dir=str(out / "hf"), tasks=tasks, batch_size=plan["batch_size"],
+                              limit=plan["limit"], device=device), out / "eval")
+    summary = {"tasks": res.metrics, "samples": res.samples, "results": str(res.results_path),
+               "lm_eval_version": res.lm_eval_version}
+    _atomic(summary_path, summary)
+    for task, metrics in res.metrics.items():
+        log(f"{job.stage}: eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    return summary
+
+
+__all__ += ["stage_evals"]

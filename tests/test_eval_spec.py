@@ -1,0 +1,244 @@
+"""``eval:`` and ``data.quality:`` in the plan: validation cost, banding/FP/FN, dedup cost, E checks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from llmc.compiler import quality_math
+from llmc.compiler.compile import compile_spec
+from llmc.spec.load import loads_spec
+
+TINY = """\
+name: t
+model: tiny
+hardware: {gpu: cpu, count: 1}
+data:
+  sources:
+    - {name: web, path: data/web, tokens: TOKENS}
+  seq_len: 128
+  tokens: 2.048M
+training: {precision: fp32, global_batch_tokens: 4096}
+"""
+
+
+def _compile(text: str):
+    run, lines = loads_spec(text, file="spec.yaml")
+    return compile_spec(run, "spec.yaml", lines, spec_bytes=text.encode())
+
+
+def _tiny(extra: str = "", tokens: str = "100M", data_extra: str = "") -> str:
+    return TINY.replace("TOKENS", tokens).replace("  seq_len: 128\n", "  seq_len: 128\n" + data_extra) + extra
+
+
+def _diag(c, code):
+    ds = [d for d in c.diagnostics if d.code == code]
+    assert ds, f"{code} not in {[d.render() for d in c.diagnostics]}"
+    return ds[0]
+
+
+def test_validation_cost_is_forward_flops_of_the_heldout_tokens_at_plan_throughput():
+    c = _compile(_tiny("eval: {validation: {every_steps: 100, max_batches: 5}}\n"))
+    v = c.evaluation.validation
+    # independent parameter count: the runtime's own model
+    torch = pytest.importorskip("torch")
+    from llmc.runtime.model import Transformer
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Transformer(c.spec.model).parameters())
+    assert n == c.model.params_active
+    steps = round(2_048_000 / 4096)
+    assert c.hyper.steps == steps == 500
+    assert v.evals == 5  # steps 100, 200, 300, 400, 500
+    assert v.tokens_per_eval == 5 * c.plan.micro_batch * c.plan.dp * 128
+    # forward FLOPs/token, counted independently: 2 per parameter except the embedding lookup (llmc's
+    # convention keeps the tiny norm gains) + attention scores and values 2 * L * s * H * (d_qk + d_v)
+    a = c.spec.model
+    fwd = 2 * (n - a.vocab_size * a.d_model) + 2 * a.n_layers * 128 * a.n_heads * 2 * a.head_dim
+    assert v.flops == pytest.approx(fwd * v.tokens_per_eval * 5)
+    # the forward pass is a third of a training step's FLOPs: the eval time is a third of the time the plan
+    # needs to train on as many tokens
+    assert v.seconds == pytest.approx(v.tokens_per_eval * 5 / c.time.tokens_per_second / 3)
+    assert v.fraction_of_training_time == pytest.approx(v.seconds / (c.time.step_seconds * 500))
+    assert v.fraction == 0.005 and v.seed == 0 and v.files is None
+    # the lock records the split
+    lock = c.to_json()["evaluation"]["validation"]
+    assert (lock["fraction"], lock["seed"], lock["files"]) == (0.005, 0, None)
+    json.dumps(c.to_json())
+
+
+def test_evals_round_up_to_include_the_final_step():
+    c = _compile(_tiny("eval: {validation: {every_steps: 300}}\n"))
+    assert c.evaluation.validation.evals == 2  # 300 and the final step 500
+
+
+@pytest.mark.parametrize("nd,bands_rows", [("{}", (14, 8)), ("{bands: 20, rows: 5, num_perm: 100}", (20, 5)),
+                                           ("{bands: null, rows: null, threshold: 0.8, num_perm: 128}", None)])
+def test_plan_banding_equals_quality_math_and_the_quality_pipeline(nd, bands_rows):
+    c = _compile(_tiny(data_extra=f"  quality: {{near_dup: {nd}}}\n"))
+    n = c.evaluation.quality.near_dup
+    spec_nd = c.spec.data.quality.near_dup
+    if bands_rows is None:
+        ref = quality_math.optimal_bands(spec_nd.threshold, spec_nd.num_perm)
+        assert n.chosen_by_llmc
+        lsh = pytest.importorskip("datasketch.lsh")  # datasketch's own choice (scipy quadrature)
+        assert (n.bands, n.rows) == lsh._optimal_param(0.8, 128, 0.5, 0.5)
+    else:
+        ref = quality_math.banding(spec_nd.threshold, *bands_rows)
+    assert (n.bands, n.rows) == (ref.bands, ref.rows)
+    assert n.false_positive == ref.false_positive and n.false_negative == ref.false_negative
+    # the pipeline's config maps the same keys and computes the same banding
+    from llmc.quality import NearDupConfig
+
+    q = NearDupConfig(**spec_nd.model_dump())
+    assert q.banding() == ref
+    # and the report shows them
+    from llmc.report import render_text
+
+    text = render_text(c)
+    assert f"{n.bands} bands x {n.rows} rows" in text and f"FP area {ref.false_positive:.4f}" in text
+
+
+def test_dedup_cost_and_tokens_left_from_declared_tokens():
+    c = _compile(_tiny(tokens="1B", data_extra="  quality: {workers: 4, expected_removal_fraction: 0.25}\n"))
+    q = c.evaluation.quality
+    words = 1e9 * 0.75
+    # dedup_cpu_seconds: shingles x (1 / hash rate + num_perm / permutation rate)
+    core = words * (1 / quality_math.SHINGLE_HASHES_PER_S + 112 / quality_math.PERM_UPDATES_PER_S)
+    assert q.minhash_core_seconds == pytest.approx(core)
+    assert q.minhash_wall_seconds == pytest.approx(core / 4)
+    assert q.tokens_left == pytest.approx(0.75e9)
+    unknown = _compile(_tiny(tokens="1B", data_extra="  quality: {}\n")).evaluation.quality
+    assert unknown.tokens_left is None and "tokens left   unknown" in __import__("llmc.report").report.render_text(
+        _compile(_tiny(tokens="1B", data_extra="  quality: {}\n")))
+
+
+def test_validation_file_inside_a_training_source_is_a_located_error():
+    c = _compile(_tiny("eval:\n  validation:\n    files: [data/web/val.jsonl]\n"))
+    d = _diag(c, "E003")
+    assert d.severity == "error" and d.path == "eval.validation.files.0" and d.line == 12
+    assert d.render().startswith("spec.yaml:12: error[E003] eval.validation.files.0:")
+    ok = _compile(_tiny("eval:\n  validation:\n    files: [heldout/val.jsonl]\n"))
+    assert not [d for d in ok.diagnostics if d.code == "E003"]
+    assert ok.evaluation.validation.fraction is None and ok.evaluation.validation.files == ["heldout/val.jsonl"]
+
+
+def test_eval_task_without_decontamination_benchmark_warns():
+    extra = "eval: {tasks: [hellaswag, evals/my_mc.yaml]}\n"
+    c = _compile(_tiny(extra, data_extra="  quality: {decontaminate: {benchmarks: [bench/hellaswag.jsonl]}}\n"))
+    warned = [d for d in c.diagnostics if d.code == "E002"]
+    assert [d.path for d in warned] == ["eval.tasks.1"] and "my_mc" in warned[0].message
+    assert c.evaluation.tasks.stages == ["pretrain"]  # default: the last stage
+    none = _compile(_tiny(extra))
+    assert _diag(none, "E006").severity == "info"
+    assert not [d for d in none.diagnostics if d.code == "E007"]
+    vllm = _compile(_tiny("eval: {tasks: [hellaswag], backend: vllm}\n"))
+    assert _diag(vllm, "E007").severity == "info" and vllm.evaluation.tasks.backend == "vllm"
+
+
+def test_unknown_task_stage_and_impossible_banding_are_errors():
+    c = _compile(_tiny("eval: {tasks: [hellaswag], task_stages: [sft]}\n",
+                       data_extra="  quality: {near_dup: {bands: 20, rows: 10, num_perm: 112}}\n"))
+    assert _diag(c, "E004").severity == "error" and "sft" in _diag(c, "E004").message
+    assert _diag(c, "E005").severity == "error" and "200 > num_perm 112" in _diag(c, "E005").message
+
+
+def test_epochs_after_holdout_and_removal_warn_beyond_four():
+    # 2.048M tokens over 0.5M unique = 4.1 epochs -> D002 already; 0.55M unique = 3.72 epochs: fine alone,
+    # 4.97 epochs after 25% expected removal -> E001 (Muennighoff et al. 2023)
+    base = _compile(_tiny(tokens="550K"))
+    assert not [d for d in base.diagnostics if d.code in ("D002", "E001") and d.severity != "info"]
+    c = _compile(_tiny(tokens="550K", data_extra="  quality: {expected_removal_fraction: 0.25}\n"))
+    d = _diag(c, "E001")
+    assert d.severity == "warning" and d.path == "data.sources.0.tokens"
+    assert f"{2.048e6 / (0.55e6 * 0.75):.1f} epochs" in d.message
+    over = _compile(_tiny(tokens="500K", data_extra="  quality: {expected_removal_fraction: 0.25}\n"))
+    assert not [d for d in over.diagnostics if d.code == "E001"]  # D002 speaks for it
+    assert math.isclose(2.048e6 / 0.5e6, 4.096)
+
+
+# ------------------------------------------------------------------------------ benchmark evals after a stage
+
+
+@pytest.mark.slow
+def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_path):
+    pytest.importorskip("lm_eval")
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_build_fakes import lock_for
+    from test_evaluate import QUESTIONS, TASK_YAML
+
+    from llmc.emit import render_artifacts
+    from llmc.runtime import corpus
+    from llmc.runtime.entry import run_stage
+    from llmc.spec.schema import RunSpec
+
+    corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=100)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tiny_mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(TASK_YAML.format(data=tmp_path / "tiny_mc.jsonl"))
+    spec = {"name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
+                                       vocab_size=512, max_seq_len=64),
+            "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}],
+                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 512},
+            "training": {"precision": "fp32", "global_batch_tokens": 256, "optimizer": {"lr": 3e-3}},
+            "eval": {"tasks": ["tasks/tiny_mc.yaml"], "batch_size": 2}}
+    lock = lock_for(spec, plan={"micro_batch": 8}, hyper={"warmup_steps": 1}, spec_path=str(tmp_path / "spec.yaml"))
+    assert lock["evaluation"]["tasks"]["stages"] == ["pretrain"]
+    files = render_artifacts(__import__("llmc.compiler.compile", fromlist=["x"]).compile_spec(
+        RunSpec.model_validate(spec), str(tmp_path / "spec.yaml")))
+    emitted = json.loads(files["eval/tasks.json"])
+    assert emitted["tasks"] == ["tasks/tiny_mc.yaml"] and emitted["results"] == {
+        "pretrain": "run/pretrain/eval/eval_results.json"}
+    assert "--tasks tiny_mc --batch_size 2" in emitted["lm_eval_commands"]["pretrain"]
+
+    out = tmp_path / "run" / "pretrain"
+    res = run_stage(lock, None, out, tmp_path)
+    assert res["status"] == "done" and "tiny_local_mc" in res["eval"]
+    saved = json.loads((out / "eval" / "eval_results.json").read_text())
+    acc = saved["results"]["tiny_local_mc"]["acc,none"]
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["samples"]["tiny_local_mc"] == 4 and summary["tasks"]["tiny_local_mc"]["acc"] == acc
+    # independent check on the exported weights: share of questions whose gold answer has the highest
+    # log-likelihood (lm-evaluation-harness splits context / continuation tokens of the joined string)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
+    correct = 0
+    for q in QUESTIONS:
+        ctx_s = f"Question: {q['question']}\nAnswer:"
+        ctx = tok(ctx_s, add_special_tokens=False)["input_ids"]
+        scores = []
+        for ch in q["choices"]:
+            whole = tok(ctx_s + " " + ch, add_special_tokens=False)["input_ids"]
+            cont = whole[len(ctx):]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0, :-1].float(), -1)
+            scores.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == q["answer"])
+    assert acc == pytest.approx(correct / len(QUESTIONS))
+    # a second launch of the finished stage does not evaluate again
+    again = run_stage(lock, None, out, tmp_path)
+    assert again["eval"] == res["eval"]
+
+
+def test_cli_reports_eval_errors_on_located_lines_and_exits_1(tmp_path):
+    from typer.testing import CliRunner
+
+    from llmc.cli import app
+
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(_tiny("eval:\n  validation:\n    files: [data/web/held.jsonl]\n  task_stages: [sft]\n"
+                          "  tasks: [hellaswag]\n"))
+    r = CliRunner().invoke(app, ["plan", str(spec)])
+    assert r.exit_code == 1
+    lines = [ln for ln in r.output.splitlines() if "error[" in ln]
+    assert any(ln.startswith(f"{spec}:12: error[E003] eval.validation.files.0:") for ln in lines), r.output
+    assert any(ln.startswith(f"{spec}:13: error[E004] eval.task_stages.0:") for ln in lines), r.output
+    assert "Traceback" not in r.output

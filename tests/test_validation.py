@@ -1,0 +1,268 @@
+"""Held-out split and validation loss: deterministic disjoint split, logged val_loss on the native trainer
+and DeepSpeed, the same loss for the same weights and tokens on both, falling over a short run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_build_fakes import lock_for  # noqa: E402
+
+from llmc.runtime import corpus  # noqa: E402
+from llmc.runtime.data import Assets, SourceData, read_documents  # noqa: E402
+from llmc.runtime.entry import run_stage  # noqa: E402
+from llmc.runtime.validation import ValidationSet, evaluate, is_heldout, split_assets  # noqa: E402
+from llmc.spec.schema import Validation  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512,
+            max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("docs")
+    corpus.write_corpus(d / "docs.jsonl", max_docs=300)
+    return d / "docs.jsonl"
+
+
+def test_heldout_is_deterministic_and_near_the_fraction():
+    n, f = 20_000, 0.05
+    a = [is_heldout("web", i, 0, f) for i in range(n)]
+    assert a == [is_heldout("web", i, 0, f) for i in range(n)]
+    # binomial: mean n f, sd sqrt(n f (1 - f)) ~ 30.8; 5 sd
+    assert abs(sum(a) - n * f) < 5 * math.sqrt(n * f * (1 - f))
+    # another seed or source gives another (nearly independent) subset
+    b = [is_heldout("web", i, 1, f) for i in range(n)]
+    assert sum(x and y for x, y in zip(a, b, strict=True)) < 3 * n * f * f + 50
+
+
+def test_split_partitions_each_source_and_is_idempotent(tmp_path, docs):
+    root = tmp_path / "run"
+    (root / "data").mkdir(parents=True)
+    assets = Assets(str(root), str(root / "assets"), (SourceData("docs", str(docs)),), str(root / "cache"))
+    v = Validation(fraction=0.1, seed=3)
+    logs: list[str] = []
+    out = split_assets(assets, v, log=logs.append)
+    train = list(read_documents(out.sources[0].path, "jsonl"))
+    val = list(read_documents(root / "data" / "split" / "docs.val.jsonl", "jsonl"))
+    allofit = list(read_documents(docs, "jsonl"))
+    assert len(train) + len(val) == len(allofit) == 300
+    assert 10 <= len(val) <= 50
+    expect_val = [d for i, d in enumerate(allofit) if is_heldout("docs", i, 3, 0.1)]
+    assert val == expect_val and sorted(train + val) == sorted(allofit)
+    rec = json.loads((root / "data" / "split" / "validation.json").read_text())
+    assert rec["fraction"] == 0.1 and rec["seed"] == 3 and rec["sources"]["docs"]["val_documents"] == len(val)
+    assert split_assets(assets, v, log=logs.append) == out and len(logs) == 1  # nothing redone
+
+
+def _lock(tmp: Path, docs: Path, steps: int, validation: dict, plan=None) -> Path:
+    spec = {"name": "t", "model": ARCH, "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "docs", "path": str(docs), "format": "jsonl"}],
+                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 256 * steps},
+            "training": {"precision": "fp32", "global_batch_tokens": 256, "optimizer": {"lr": 3e-3},
+                         "checkpoint": {"interval_steps": 100}, "log_every": 1},
+            "eval": {"validation": validation}}
+    lock = lock_for(spec, plan=plan or {"micro_batch": 8}, hyper={"warmup_steps": 2},
+                    spec_path=str(tmp / "spec.yaml"))
+    assert lock["evaluation"]["validation"]["fraction"] == validation.get("fraction", 0.005)
+    tmp.mkdir(parents=True, exist_ok=True)
+    p = tmp / "plan.lock.json"
+    p.write_text(json.dumps(lock))
+    return p
+
+
+def _val_records(out: Path) -> dict[int, dict]:
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in recs if "val_loss" in r}
+
+
+def test_native_run_logs_falling_validation_loss(tmp_path, docs):
+    lock = _lock(tmp_path / "b", docs, 30, {"fraction": 0.1, "every_steps": 10, "max_batches": 2})
+    out = tmp_path / "b" / "run" / "pretrain"
+    res = run_stage(json.loads(lock.read_text()), None, out, lock.parent)
+    vals = _val_records(out)
+    assert sorted(vals) == [10, 20, 30]
+    assert all(v["val_tokens"] == 2 * 8 * 32 for v in vals.values())
+    assert vals[30]["val_loss"] < vals[10]["val_loss"] < math.log(512) + 0.5
+    assert vals[30]["val_ppl"] == pytest.approx(math.exp(vals[30]["val_loss"]))
+    done = json.loads((out / "DONE.json").read_text())
+    assert done["val_loss"] == res["val_loss"] == vals[30]["val_loss"] and done["val_step"] == 30
+    # the model trained on the training part only: the held-out documents are not in it
+    split = tmp_path / "b" / "data" / "split"
+    train_docs = set(read_documents(split / "docs.train.jsonl", "jsonl"))
+    assert not train_docs & set(read_documents(split / "docs.val.jsonl", "jsonl"))
+    assets = json.loads((tmp_path / "b" / "assets" / "assets.json").read_text())
+    assert assets["sources"][0]["path"].endswith("split/docs.train.jsonl")
+
+
+def test_validation_set_deals_windows_to_ranks_like_one_process():
+    stream = torch.arange(1000).numpy()
+    one = ValidationSet.from_streams([stream], seq_len=10, micro_batch=4, max_batches=3)
+    r0 = ValidationSet.from_streams([stream], seq_len=10, micro_batch=2, max_batches=3, dp_rank=0, dp_size=2)
+    r1 = ValidationSet.from_streams([stream], seq_len=10, micro_batch=2, max_batches=3, dp_rank=1, dp_size=2)
+    assert one.total_windows == r0.total_windows == 12
+    import numpy as np
+
+    both = np.concatenate([np.concatenate([r0.windows[2 * b:2 * b + 2], r1.windows[2 * b:2 * b + 2]])
+                           for b in range(3)])
+    assert (both == one.windows).all()
+    assert (one.windows[:, 0] == np.arange(12) * 10).all()  # in order, stride seq_len
+
+
+def test_evaluate_equals_a_direct_cross_entropy():
+    from llmc.runtime.model import build_model
+    from llmc.spec.model import Architecture
+
+    arch = Architecture(**ARCH)
+    model = build_model(arch, "cpu", seed=0)
+    g = torch.Generator().manual_seed(0)
+    stream = torch.randint(0, 512, (2000,), generator=g).numpy()
+    vs = ValidationSet.from_streams([stream], seq_len=32, micro_batch=4, max_batches=3)
+    got = evaluate(model, vs, torch.device("cpu"))
+    with torch.no_grad():
+        w = torch.from_numpy(vs.windows).long()
+        logits = model(w[:, :-1])
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 512).double(), w[:, 1:].reshape(-1)).item()
+    assert got["val_loss"] == pytest.approx(ref, rel=1e-5) and got["val_tokens"] == 12 * 32
+    assert model.training  # restored
+
+
+_DS_EQUAL = r"""
+import json, os, sys, torch
+import deepspeed
+from llmc.runtime.model import build_model
+from llmc.runtime.validation import ValidationSet, evaluate
+from llmc.spec.model import Architecture
+arch = Architecture(**json.loads(sys.argv[1]))
+g = torch.Generator().manual_seed(0)
+stream = torch.randint(0, 512, (4000,), generator=g).numpy()
+vs = ValidationSet.from_streams([stream], seq_len=32, micro_batch=4, max_batches=3)
+native = evaluate(build_model(arch, "cpu", seed=0), vs, torch.device("cpu"))
+deepspeed.init_distributed(dist_backend="gloo")
+out = {"native": native}
+for zero in (0, 3):
+    model = build_model(arch, "cpu", seed=0)
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": zero},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    out[f"zero{zero}"] = evaluate(engine, vs, torch.device("cpu"))
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_deepspeed_and_native_validation_loss_agree_for_the_same_weights(tmp_path):
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(29700 + os.getpid() % 200), "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", _DS_EQUAL, json.dumps(ARCH)], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    for k in ("zero0", "zero3"):
+        assert res[k]["val_tokens"] == res["native"]["val_tokens"] == 3 * 4 * 32
+        assert res[k]["val_loss"] == pytest.approx(res["native"]["val_loss"], rel=1e-5), res
+
+
+@pytest.mark.slow
+def test_deepspeed_trainer_logs_validation_loss(tmp_path, docs):
+    pytest.importorskip("deepspeed")
+    from llmc.runtime.job import TrainJob  # noqa: F401  (the lock must parse for the runtime)
+
+    lock = _lock(tmp_path / "d", docs, 6, {"fraction": 0.1, "every_steps": 3, "max_batches": 2},
+                 plan={"micro_batch": 8, "zero_stage": 1})
+    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "train_batch_size": 8,
+           "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                     "weight_decay": 0.1, "torch_adam": True}}}
+    (tmp_path / "d" / "ds.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(ROOT)}
+    port = str(29500 + os.getpid() % 200)
+    out = tmp_path / "d" / "run" / "pretrain"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"localhost:{port}", "-m", "llmc.runtime.ds_train", "--lock", str(lock),
+            "--ds-config", str(tmp_path / "d" / "ds.json"), "--out", str(out), "--assets", str(tmp_path / "d")]
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, cwd=str(ROOT))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    vals = _val_records(out)
+    assert sorted(vals) == [3, 6] and vals[6]["val_tokens"] == 2 * 8 * 32
+    assert json.loads((out / "DONE.json").read_text())["val_loss"] == vals[6]["val_loss"]
+
+
+# ------------------------------------------------------------------------------ torchtitan's validator
+
+
+@pytest.mark.slow
+def test_torchtitan_job_enables_its_validator_on_the_heldout_files(tmp_path, monkeypatch):
+    pytest.importorskip("torchtitan")
+    from test_torchtitan import OFFLINE, load_job, losses, make_assets, run_logged, write_build
+
+    from llmc.compiler.compile import compile_spec
+    from llmc.runtime.titan_launch import torchtitan_command
+    from llmc.spec.load import loads_spec
+
+    text = (ROOT / "examples" / "tiny_cpu.yaml").read_text()
+    text = text.split("\neval:")[0] + "\neval:\n  validation: {every_steps: 4, max_batches: 2, fraction: 0.1}\n"
+    run, lines = loads_spec(text, file=str(tmp_path / "tiny.yaml"))
+    c = compile_spec(run, str(tmp_path / "tiny.yaml"), lines)
+    module = write_build(c, tmp_path / "b")
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    run_dir = tmp_path / "b" / "run"
+    monkeypatch.setenv("LLMC_RUN_DIR", str(run_dir))
+    cfg = load_job(module)
+    v = cfg.validator
+    assert v.enable and v.freq == 4 and v.steps == 2
+    data = run_dir / "data"
+    assert v.dataloader.dataset_path == str(data / "split" / "python-docs.val.jsonl")
+    assert cfg.dataloader.dataset_path == str(data / "split" / "python-docs.train.jsonl")
+    assert cfg.training.local_batch_size == c.plan.micro_batch  # a validation batch = one micro-batch per rank
+
+    # and it runs: torchtitan validates on the held-out file every 4 steps on CPU
+    make_assets(run_dir, c.spec.model.vocab_size, names=["python-docs"])
+    src = data / "python-docs.jsonl"
+    assets = Assets(str(run_dir), str(run_dir / "assets"), (SourceData("python-docs", str(src)),),
+                    str(run_dir / "cache"))
+    split_assets(assets, c.spec.eval.validation, log=lambda *_: None)
+    argv, env = torchtitan_command(module, 1, True, ["--training.steps", "8", "--metrics.log_freq", "1"],
+                                   run_dir=run_dir)
+    rc, log, _ = run_logged(argv, env, run_dir)
+    assert rc == 0, log[-3000:]
+    import re
+
+    train_log = "\n".join(ln for ln in log.splitlines() if "validate step" not in ln)
+    assert sorted(losses(train_log)) == list(range(1, 9))
+    val = {int(s): float(x) for s, x in re.findall(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+)", log)}
+    assert sorted(val) == [1, 4, 8] and all(math.isfinite(x) for x in val.values()), log[-2000:]
+    assert val[8] < val[1]
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_measure_the_single_process_validation_loss(tmp_path, docs):
+    single = _lock(tmp_path / "one", docs, 4, {"fraction": 0.1, "every_steps": 2, "max_batches": 2})
+    run_stage(json.loads(single.read_text()), None, tmp_path / "one" / "o", single.parent)
+    lock = _lock(tmp_path / "two", docs, 4, {"fraction": 0.1, "every_steps": 2, "max_batches": 2},
+                 plan={"dp_shard": 2, "micro_batch": 4})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=localhost:0", "-m", "llmc.runtime.entry", "--lock", str(lock), "--out",
+           str(tmp_path / "two" / "o")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ref, got = _val_records(tmp_path / "one" / "o"), _val_records(tmp_path / "two" / "o")
+    assert sorted(ref) == sorted(got) == [2, 4]
+    for s in (2, 4):  # 2 ranks x 4 sequences see the windows one process reads 8 at a time
+        assert got[s]["val_tokens"] == ref[s]["val_tokens"] == 2 * 8 * 32
+        assert got[s]["val_loss"] == pytest.approx(ref[s]["val_loss"], abs=2e-4)
