@@ -49,6 +49,7 @@ from llmc.emit.base import Emitter
 from llmc.emit.common import diag, gpus_per_node, jinja_env
 from llmc.escape import visible
 from llmc.runtime.capabilities import TITAN_STAGE_KINDS
+from llmc.spec.families import family_of
 
 TORCHTITAN_VERSION = "0.3.0"
 TORCH_VERSION = "2.14.1"
@@ -96,11 +97,10 @@ class TitanValues:
 
 
 def _family(arch) -> str:
-    if arch.mla is not None:
-        return "deepseek_v3"
-    if arch.moe is not None:
-        return "qwen3_moe"
-    return "llama3"
+    """The torchtitan model the job builds (``llmc.spec.families``: its ``torchtitan_module``); the MoE
+    build of torchtitan's qwen3 module is the template's ``qwen3_moe`` branch."""
+    module = family_of(arch).torchtitan_module
+    return "qwen3_moe" if module == "qwen3" else module
 
 
 def _rope(arch, family: str, errs: list[Diagnostic]) -> dict[str, Any]:

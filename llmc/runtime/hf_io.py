@@ -48,6 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmc.spec.families import family_of
+
 HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
               "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _IGNORED_HF = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
@@ -370,12 +372,8 @@ def init_hf_source(job) -> str | None:
 def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1
               ) -> dict[str, Any]:
     """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases) or MixtralForCausalLM."""
-    if arch.moe is not None:
-        cls, mtype = "MixtralForCausalLM", "mixtral"
-    elif arch.qkv_bias:
-        cls, mtype = "Qwen2ForCausalLM", "qwen2"
-    else:
-        cls, mtype = "LlamaForCausalLM", "llama"
+    fam = family_of(arch)  # the one table of families: HF class and model_type
+    cls, mtype = fam.hf_class, fam.hf_model_types[0]
     cfg = {"architectures": [cls], "model_type": mtype, "hidden_size": arch.d_model,
            "intermediate_size": arch.d_ff, "num_hidden_layers": arch.n_layers, "num_attention_heads": arch.n_heads,
            "num_key_value_heads": arch.kv_heads, "head_dim": arch.hd, "vocab_size": arch.vocab_size,
