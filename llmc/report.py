@@ -172,9 +172,9 @@ def _plan(c) -> Table:
 def _model_rows(t: Table, c) -> None:
     """Which backend the numbers are for, and whether they are calibrated (with the expected error)."""
     if c.backend:
-        t.add_row("backend", c.backend["reason"])
+        t.add_row("backend", c.backend.reason)
     if c.calibration:
-        t.add_row("calibration", c.calibration["reason"])
+        t.add_row("calibration", c.calibration.reason)
 
 
 def _bar(parts: list[tuple[str, float]], total: float, width: int = BAR) -> str:
@@ -211,13 +211,12 @@ def _unfit(c) -> Table:
     """The closest layout when none fits: its predicted memory and step time, so the user sees by how much."""
     u = c.unfit
     t = _kv_table("Closest layout (does not fit)")
-    p = u["plan"]
-    t.add_row("degrees", f"dp_replicate {p['dp_replicate']} x dp_shard {p['dp_shard']} x cp {p['cp']} x "
-              f"tp {p['tp']} x pp {p['pp']}, micro_batch {p['micro_batch']}, AC {p['activation_checkpointing']}")
-    m = u["memory"]
-    t.add_row("memory", f"{gib(m['per_gpu_bytes'])} per GPU of {gib(m['capacity_bytes'])} "
-              f"({100 * m['per_gpu_bytes'] / m['capacity_bytes']:.0f}%)")
-    t.add_row("step", f"{duration(u['time']['step_seconds'])} per step, MFU {100 * u['time']['mfu']:.1f}%")
+    p, m = u.plan, u.memory
+    t.add_row("degrees", f"dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x cp {p.cp} x tp {p.tp} x "
+              f"pp {p.pp}, micro_batch {p.micro_batch}, AC {p.activation_checkpointing}")
+    t.add_row("memory", f"{gib(m.per_gpu_bytes)} per GPU of {gib(m.capacity_bytes)} "
+              f"({100 * m.per_gpu_bytes / m.capacity_bytes:.0f}%)")
+    t.add_row("step", f"{duration(u.time.step_seconds)} per step, MFU {100 * u.time.mfu:.1f}%")
     _model_rows(t, c)
     return t
 

@@ -136,16 +136,16 @@ def _compile(text=SPEC, **kw):
 
 def test_compile_applies_a_matching_calibration_and_reports_its_band():
     base = _compile()
-    assert base.calibration["calibrated"] is False and base.backend["name"] == "torchtitan"
+    assert base.calibration.calibrated is False and base.backend.name == "torchtitan"
     c = cal.Calibration(backend="torchtitan", gpu="h100-sxm", factors=Factors(compute_scale=0.5),
                         time_band={"n": 5, "mean_abs_pct": 3.0, "max_abs_pct": 6.0, "rms_pct": 3.5},
                         memory_band=None)
     got = _compile(calibration=c)
-    assert got.calibration["calibrated"] is True and got.calibration["error_band_pct"] == 3.0
+    assert got.calibration.calibrated is True and got.calibration.error_band_pct == 3.0
     # halving the compute efficiency slows the step (by less than 2x: communication is unchanged)
     assert base.time.step_seconds < got.time.step_seconds < 2.05 * base.time.step_seconds
-    assert "calibrated for torchtitan/h100-sxm" in got.calibration["reason"]
+    assert "calibrated for torchtitan/h100-sxm" in got.calibration.reason
     other = dataclasses.replace(c, backend="deepspeed")
     skipped = _compile(calibration=other)
-    assert skipped.calibration["calibrated"] is False
+    assert skipped.calibration.calibrated is False
     assert skipped.time.step_seconds == pytest.approx(base.time.step_seconds)

@@ -541,16 +541,16 @@ def test_pinned_layout_that_does_not_fit_still_reports_memory_and_time():
     c = _compile_text(UNFIT)
     assert "P004" in {d.code for d in c.diagnostics if d.severity == "error"}
     assert c.plan is None and c.unfit is not None
-    mem, t = c.unfit["memory"], c.unfit["time"]
-    assert mem["per_gpu_bytes"] > mem["capacity_bytes"]
-    assert mem["reserved_bytes"] >= mem["allocated_bytes"] > 0 and t["step_seconds"] > 0
+    mem, t = c.unfit.memory, c.unfit.time
+    assert mem.per_gpu_bytes > mem.capacity_bytes
+    assert mem.reserved_bytes >= mem.allocated_bytes > 0 and t.step_seconds > 0
     # 70B over 8 GPUs, FSDP2: 16 B/param of model states alone is ~130 GiB per GPU
-    states = mem["breakdown"]["weights"] + mem["breakdown"]["grads"] + mem["breakdown"]["optimizer"]
+    states = mem.breakdown["weights"] + mem.breakdown["grads"] + mem.breakdown["optimizer"]
     assert states == pytest.approx(16 * params_total(LLAMA3_70B) / 8, rel=0.01)
     # --no-fit-check: the pinned plan is returned (no P004), with the same predicted memory, and says so
     nf = _compile_text(UNFIT, fit_check=False)
     assert nf.plan is not None and "P004" not in {d.code for d in nf.diagnostics}
-    assert nf.memory.per_gpu_bytes == mem["per_gpu_bytes"]
+    assert nf.memory.per_gpu_bytes == mem.per_gpu_bytes
     assert any("fit check off" in r for r in nf.reasons)
 
 
@@ -560,13 +560,13 @@ def test_backend_choice_changes_the_memory_model():
     tt = _compile_text(text.replace("training: {", "training: {backend: torchtitan, "))
     ds = _compile_text(text.replace("training: {", "training: {backend: deepspeed, ").replace(
         "zero_stage: 3", "zero_stage: 3"))
-    assert tt.backend["name"] == "torchtitan" and ds.backend["name"] == "deepspeed"
+    assert tt.backend.name == "torchtitan" and ds.backend.name == "deepspeed"
     assert tt.memory.backend == "torchtitan" and ds.memory.backend == "deepspeed"
     # DeepSpeed ZeRO-3 holds 18 B/param (fp32 grad partition + master + moments + bf16 shard), FSDP2 16
     st = lambda c: sum(c.memory.breakdown[k] for k in ("weights", "grads", "optimizer"))  # noqa: E731
     assert st(ds) / st(tt) == pytest.approx(18 / 16, rel=0.01)
     auto = _compile_text(text)
-    assert auto.backend["name"] == "torchtitan" and "auto" in auto.backend["reason"]
+    assert auto.backend.name == "torchtitan" and "auto" in auto.backend.reason
 
 
 def test_reserved_memory_of_the_h200_check_rows():

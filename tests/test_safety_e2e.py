@@ -353,17 +353,18 @@ def test_planned_backend_is_the_launcher_default(tmp_path):
     from test_build_fakes import make_compiled
 
     from llmc.buildfs import write_build
+    from llmc.compiler.result import BackendChoice
     from llmc.emit import render_artifacts
     from llmc.launch import launch_commands
 
-    c = dataclasses.replace(make_compiled(), backend={"name": "deepspeed"})
+    c = dataclasses.replace(make_compiled(), backend=BackendChoice("deepspeed", "pinned", False))
     files = render_artifacts(c)
     write_build(tmp_path / "b", files)
     text = files["launch/torchrun_single_node.sh"]
     assert 'BACKEND="${BACKEND:-deepspeed}"' in text and "deepspeed/launch.sh" in text
     cmds = launch_commands(tmp_path / "b", gpu=False)
     assert "llmc.runtime.ds_train" in cmds[1].argv
-    c = dataclasses.replace(make_compiled(), backend={"name": "native"})
+    c = dataclasses.replace(make_compiled(), backend=BackendChoice("native", "pinned", False))
     assert 'BACKEND="${BACKEND:-native}"' in render_artifacts(c)["launch/torchrun_single_node.sh"]
 
 

@@ -20,6 +20,8 @@ from llmc.compiler.defaults import pretrain_batch_seqs, pretrain_hyper, pretrain
 from llmc.compiler.hardware import GPU, GPUS, get_gpu, supports, with_overrides
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import (
+    BackendChoice,
+    CalibrationStatus,
     Compiled,
     ComputeNumbers,
     CostNumbers,
@@ -28,6 +30,7 @@ from llmc.compiler.result import (
     ModelNumbers,
     ServingPlan,
     StagePlan,
+    UnfitLayout,
 )
 from llmc.diagnostics import Diagnostic, errors, line_for, sort_diagnostics
 from llmc.spec.facts import ExternalFacts
@@ -97,7 +100,7 @@ class _Searched:
     alternatives: tuple = ()
     rejected: tuple = ()
     info: dict = dataclasses.field(default_factory=dict)
-    unfit: dict | None = None  # the closest layout when none fits (P004): plan, memory, one step's time
+    unfit: UnfitLayout | None = None  # the closest layout when none fits (P004)
 
 
 def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None = None,
@@ -140,7 +143,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     hyper = pretrain_hyper(run, gpu)  # steps etc.; the checkpoint interval is refined by the step time below
 
     be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration)
-    model_opts = _ModelOptions(be_info["name"], be_info["compile"], factors, band, fit_check)
+    model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check)
     searched = _Searched()
     if pretrains and cluster_ok and supports(gpu, training.precision) and batch_ok:
         searched = _search(run, gpu, data.seq_len, training, seqs, sink, model_opts)
@@ -294,9 +297,8 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
     unfit = None
     if res.best is None and res.closest is not None:
         c = res.closest.plan
-        unfit = {"plan": c.to_json(), "memory": dataclasses.asdict(memory_fn(c)),
-                 "time": dataclasses.asdict(timing.time_numbers(sm, c, 1)),
-                 "note": "the closest layout does not fit (P004); predicted memory and one step's time"}
+        unfit = UnfitLayout(plan=c, memory=memory_fn(c), time=timing.time_numbers(sm, c, 1),
+                            note="the closest layout does not fit (P004); predicted memory and one step's time")
     best = res.best
     return _Searched(plan=best.plan if best else None, memory=res.memory if best else None,
                      reasons=tuple(reasons), alternatives=tuple(res.alternatives),
@@ -343,27 +345,27 @@ def _backend_and_calibration(run, gpu, calibration):
                                          cpu=gpu is not None and gpu.key == "cpu")
     be = backends.get_backend(name)
     comp = backends.compile_on(be, run.training.compile)
-    be_info = {"name": name, "reason": f"backend {name}: {why}; torch.compile {'on' if comp else 'off'}",
-               "compile": comp}
+    be_info = BackendChoice(name=name, reason=f"backend {name}: {why}; torch.compile {'on' if comp else 'off'}",
+                            compile=comp)
     gkey = gpu.key if gpu is not None else ""
     if calibration is None:
         band = cal_mod.RANKING_BAND_UNCALIBRATED
-        return be_info, {"calibrated": False, "error_band_pct": None, "ranking_band_pct": 100 * band,
-                         "reason": f"uncalibrated (llmc calibrate fits factors from measured runs); layouts within "
-                                   f"{100 * band:.0f}% of the fastest count as equal"}, None, band
+        return be_info, CalibrationStatus(
+            calibrated=False, error_band_pct=None, ranking_band_pct=100 * band,
+            reason=f"uncalibrated (llmc calibrate fits factors from measured runs); layouts within "
+                   f"{100 * band:.0f}% of the fastest count as equal"), None, band
     ok = calibration.backend == name and calibration.gpu.split(" ")[0] == gkey
     eb = calibration.error_band_pct()
     band = (eb / 100.0) if (ok and eb is not None) else cal_mod.RANKING_BAND_UNCALIBRATED
-    info = {"calibrated": ok, "backend": calibration.backend, "gpu": calibration.gpu,
-            "factors": dataclasses.asdict(calibration.factors), "error_band_pct": eb if ok else None,
-            "ranking_band_pct": 100 * band, "provenance": dict(calibration.provenance)}
     if ok:
-        info["reason"] = (f"calibrated for {name}/{gkey}: {calibration.factors.describe()}; expected tokens/s error "
-                          f"+-{eb if eb is not None else float('nan'):.1f}% (leave-one-out)")
-        return be_info, info, calibration.factors, band
-    info["reason"] = (f"calibration for {calibration.backend}/{calibration.gpu} not applied: this run is "
-                      f"{name}/{gkey}")
-    return be_info, info, None, band
+        reason = (f"calibrated for {name}/{gkey}: {calibration.factors.describe()}; expected tokens/s error "
+                  f"+-{eb if eb is not None else float('nan'):.1f}% (leave-one-out)")
+    else:
+        reason = f"calibration for {calibration.backend}/{calibration.gpu} not applied: this run is {name}/{gkey}"
+    info = CalibrationStatus(calibrated=ok, reason=reason, error_band_pct=eb if ok else None,
+                             ranking_band_pct=100 * band, backend=calibration.backend, gpu=calibration.gpu,
+                             factors=dataclasses.asdict(calibration.factors), provenance=dict(calibration.provenance))
+    return be_info, info, (calibration.factors if ok else None), band
 
 
 def has_pretraining(run: RunSpec) -> bool:

@@ -250,6 +250,40 @@ class ServingPlan:
 
 
 @dataclass(frozen=True)
+class BackendChoice:
+    """The backend the time and memory are computed for, why, and whether torch.compile is assumed."""
+
+    name: str  # torchtitan | deepspeed | native
+    reason: str
+    compile: bool
+
+
+@dataclass(frozen=True)
+class CalibrationStatus:
+    """Whether a calibration applies to this run, its expected error, and the ranking band within which
+    layouts count as equal (the calibration's leave-one-out error, else the uncalibrated spread)."""
+
+    calibrated: bool
+    reason: str
+    error_band_pct: float | None
+    ranking_band_pct: float
+    backend: str | None = None  # what the calibration was fitted for (None: no calibration given)
+    gpu: str | None = None
+    factors: dict[str, float] | None = None
+    provenance: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class UnfitLayout:
+    """The closest layout when none fits in memory (P004): its predicted memory and one step's time."""
+
+    plan: ParallelPlan
+    memory: MemoryNumbers
+    time: TimeNumbers
+    note: str
+
+
+@dataclass(frozen=True)
 class Compiled:
     spec_path: str
     spec_sha256: str
@@ -269,9 +303,9 @@ class Compiled:
     stages: list[StagePlan] = field(default_factory=list)  # per-stage plans, in execution order
     serving: list[ServingPlan] = field(default_factory=list)  # per-target serving plans
     search: dict = field(default_factory=dict)  # search statistics: evaluated, fitting, rejected counts by reason
-    backend: dict = field(default_factory=dict)  # name, reason (why this backend), compile (torch.compile on)
-    calibration: dict = field(default_factory=dict)  # calibrated, factors, error_band_pct, ranking_band_pct, reason
-    unfit: dict | None = None  # closest non-fitting layout (P004): plan, memory, time of one step
+    backend: BackendChoice | None = None
+    calibration: CalibrationStatus | None = None
+    unfit: UnfitLayout | None = None
     evaluation: EvaluationPlan | None = None  # eval.validation / eval.tasks / data.quality (evaluation.py)
 
     def to_json(self) -> dict:
@@ -303,9 +337,9 @@ class Compiled:
             "stages": [asdict(s) for s in self.stages],
             "serving": [asdict(s) for s in self.serving],
             "search": dict(self.search),
-            "backend": dict(self.backend),
-            "calibration": dict(self.calibration),
-            "unfit": self.unfit,
+            "backend": dc(self.backend),
+            "calibration": dc(self.calibration),
+            "unfit": dc(self.unfit),
             "evaluation": dc(self.evaluation),
             "diagnostics": [d.to_json() for d in self.diagnostics],
         }
@@ -325,5 +359,5 @@ def _cand(c: Candidate) -> dict:
 __all__ = [
     "ModelNumbers", "ComputeNumbers", "MemoryNumbers", "TimeNumbers", "CostNumbers", "Hyper", "Candidate",
     "ModelInMemory", "LoraPlan", "StageMemoryPlan", "RolloutPlan", "LongContextPlan", "ContextPlan",
-    "StagePlan", "ServingPlan", "Compiled",
+    "StagePlan", "ServingPlan", "BackendChoice", "CalibrationStatus", "UnfitLayout", "Compiled",
 ]

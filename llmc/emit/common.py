@@ -104,16 +104,15 @@ LAUNCH_BACKENDS = ("native", "torchtitan", "deepspeed")
 
 def launch_backend(planned: str | None, plan: ParallelPlan | None, has_titan: bool, has_ds: bool) -> str:
     """The backend a build's launchers and ``llmc launch`` use by default: the one the plan was computed
-    for (``Compiled.backend["name"]``) when the build has its artifacts, else :func:`default_backend`."""
+    for (``Compiled.backend.name``) when the build has its artifacts, else :func:`default_backend`."""
     if planned == "native" or (planned == "torchtitan" and has_titan) or (planned == "deepspeed" and has_ds):
         return planned
     return default_backend(plan, has_titan)
 
 
 def planned_backend(compiled) -> str | None:
-    """``compiled.backend["name"]`` (None when the compile recorded none)."""
-    b = getattr(compiled, "backend", None)
-    return b.get("name") if isinstance(b, dict) else None
+    """``compiled.backend.name`` (None when the compile recorded none)."""
+    return compiled.backend.name if compiled.backend is not None else None
 
 
 def stage_list(compiled) -> list[dict]:

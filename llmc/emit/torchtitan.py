@@ -443,8 +443,8 @@ def _titan_compile(compiled) -> bool:
     """torch.compile as the plan's time and memory assumed it (the torchtitan backend's choice)."""
     from llmc.compiler.backends import compile_on, get_backend
 
-    if compiled.backend.get("name") == "torchtitan":
-        return bool(compiled.backend["compile"])
+    if compiled.backend is not None and compiled.backend.name == "torchtitan":
+        return compiled.backend.compile
     return compile_on(get_backend("torchtitan"), compiled.spec.training.compile)
 
 
