@@ -43,7 +43,9 @@ from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, para
 from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into
 from llmc.runtime.job import TrainJob
 from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
+from llmc.runtime.metrics_io import truncate_after_step
 from llmc.runtime.model import Transformer, build_model, lm_loss, param_groups
+from llmc.runtime.observe import RunLogger
 
 
 class TrainingError(RuntimeError):
@@ -272,7 +274,7 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
     main = info.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLogger(out / "metrics.jsonl", enabled=main, echo=echo)
+    metrics = MetricsLogger(out / "metrics.jsonl", enabled=main, echo=echo)
     say = print if (main and echo) else (lambda *a, **k: None)
     t_start = time.time()
 
@@ -314,6 +316,10 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
     if resume_from is not None:
         st = restore(resume_from)
         rewinds = int(st.get("rewinds", 0))
+        if main:  # each step once in metrics.jsonl: drop what the interrupted run logged after the checkpoint
+            truncate_after_step(out / "metrics.jsonl", step)
+    log = open_run_logger(job, out, main, echo, metrics, resumed_step=step if resume_from is not None else None)
+    if resume_from is not None:
         say(f"resumed from {resume_from} at step {step}")
         log.event("resume", step=step, checkpoint=str(resume_from))
     elif spike.enabled:
@@ -392,10 +398,26 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
               "wall_s": round(time.time() - t_start, 2), "params": n_params, "rewinds": rewinds}
     if main:
         _finish(job, result, final, out, assets, log, say)
+    log.close()
     return result
 
 
-def _finish(job: TrainJob, result: dict, final: Path, out: Path, assets: Assets, log: MetricsLogger, say) -> None:
+def open_run_logger(job: TrainJob, out: Path, main: bool, echo: bool, metrics: MetricsLogger,
+                    resumed_step: int | None = None) -> RunLogger:
+    """metrics.jsonl (through ``metrics``) + TensorBoard under ``out/tensorboard`` (when the package is
+    installed) + W&B offline (when installed and ``WANDB_MODE`` is not ``disabled``) + a progress/ETA line;
+    rank 0 only. After a resume, TensorBoard events past ``resumed_step`` are purged."""
+    import importlib.util
+
+    tb = importlib.util.find_spec("tensorboard") is not None
+    config = (job.lock or {}).get("spec", {}).get("resolved") if job.lock else None
+    return RunLogger(out, total_steps=job.steps, tokens_per_step=job.tokens_per_step,
+                     run_name=f"{job.name}-{job.stage}", config=config, tensorboard=tb, wandb="auto",
+                     metrics=metrics, enabled=main, echo=echo,
+                     purge_step=None if resumed_step is None else resumed_step + 1)
+
+
+def _finish(job: TrainJob, result: dict, final: Path, out: Path, assets: Assets, log: RunLogger, say) -> None:
     """Rank 0 after the loop: export + DONE.json (atomic: a stage is done or it is not) when done."""
     if result["status"] == "done":
         result["hf"] = _export_hf(job, final, out, assets, say)
