@@ -243,3 +243,108 @@ class Assets:
     @classmethod
     def from_json(cls, d: dict) -> Assets:
         return cls(d["root"], d["tokenizer_dir"], tuple(SourceData(**s) for s in d["sources"]), d["cache_dir"])
+
+
+# ----------------------------------------------------------------------------- streamed sources (read in place)
+
+
+def is_hf_saved_dataset(path: str | Path) -> bool:
+    """A ``datasets`` ``save_to_disk`` folder (``state.json`` or ``dataset_dict.json`` inside)."""
+    p = Path(path)
+    return p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
+
+
+class StreamLoader:
+    """Packed batches streamed from the sources in place, split into one stream per sequence slot of the
+    global batch, so the data of a step does not depend on the parallel layout.
+
+    The global batch holds ``slots = micro_batch x grad_accum x dp`` sequences. Slot ``s`` is a
+    :class:`llmc.runtime.stream.StreamingMixture` with ``rank=s, world=slots`` (its own disjoint share of
+    every source: row groups / lines / files / ``datasets`` shards, and its own seeded mixture draws), and
+    each optimizer step takes the next window of every slot. Data-parallel rank ``r`` owns slots
+    ``r*K .. (r+1)*K - 1`` (``K = slots / dp``) and opens only those, so ranks read disjoint documents;
+    micro-step ``a`` uses slots ``r*K + a*mb .. r*K + (a+1)*mb - 1``. One process with micro_batch 8 and
+    two DDP/FSDP ranks with micro_batch 4 therefore train on the same sequences at every step.
+
+    ``state_dict()`` is this rank's slots; :meth:`merge_states` joins every rank's into the full,
+    layout-independent state that a checkpoint stores, from which any rank (of any layout with the same
+    global batch) takes its own slots with ``load_state_dict``.
+    """
+
+    def __init__(self, sources: list[SourceData], tokenize, eos_id: int, seq_len: int, slots: int, seed: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1):
+        from llmc.runtime.stream import SourceRef, StreamingMixture
+
+        if slots % dp_size:
+            raise ValueError(f"global batch of {slots} sequences does not split over {dp_size} data-parallel ranks")
+        self.slots, self.seq_len, self.seed, self.dp_rank, self.dp_size = slots, seq_len, seed, dp_rank, dp_size
+        self.per_rank = slots // dp_size
+        self.first = dp_rank * self.per_rank
+        refs = [SourceRef(s.name, s.path, s.format, s.text_field, s.weight) for s in sources]
+        self.mixtures = {s: StreamingMixture(refs, tokenize, eos_id, seq_len, rank=s, world=slots, seed=seed)
+                         for s in range(self.first, self.first + self.per_rank)}
+        self.pos = 0  # next slot offset inside this rank's share (0 at every optimizer-step boundary)
+
+    def next_batch(self, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (inputs, labels), each (micro_batch, seq_len) int64."""
+        if self.per_rank % micro_batch:
+            raise ValueError(f"micro_batch {micro_batch} does not divide this rank's {self.per_rank} sequences per step")
+        rows = [self.mixtures[self.first + self.pos + j].next_window() for j in range(micro_batch)]
+        self.pos = (self.pos + micro_batch) % self.per_rank
+        arr = torch.stack(rows)
+        return arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
+
+    def skip(self, micro_batches: int, micro_batch: int) -> None:
+        """Advance past ``micro_batches`` batches (loss-spike skipping)."""
+        for _ in range(micro_batches):
+            self.next_batch(micro_batch)
+
+    def epochs(self) -> dict[str, int]:
+        """Completed passes over each source by every owned slot (the least advanced slot)."""
+        eps = [m.epochs() for m in self.mixtures.values()]
+        return {k: min(e[k] for e in eps) for k in eps[0]}
+
+    def state_dict(self) -> dict:
+        return {"kind": "stream", "slots": self.slots, "seq_len": self.seq_len, "seed": self.seed, "pos": self.pos,
+                "streams": {str(s): m.state_dict() for s, m in self.mixtures.items()}}
+
+    def full_state(self) -> dict:
+        """Every rank's streams joined (collective under torch.distributed: all ranks call it)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.state_dict()
+        states: list = [None] * dist.get_world_size()
+        dist.all_gather_object(states, self.state_dict())
+        return self.merge_states(states)
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        """Join the ``state_dict()`` of every rank (tensor-parallel peers repeat theirs) into one."""
+        out = {k: v for k, v in states[0].items() if k != "streams"}
+        out["streams"] = {}
+        for st in states:
+            out["streams"].update(st["streams"])
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "stream":
+            raise ValueError("the checkpoint's data position is from the pre-tokenised loader; resume with "
+                             "the llmc version that wrote it or restart the stage")
+        for key in ("slots", "seq_len", "seed"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"{key} changed since the checkpoint ({state[key]} -> {getattr(self, key)}); "
+                                 "the data position would not match")
+        missing = [s for s in self.mixtures if str(s) not in state["streams"]]
+        if missing:
+            raise ValueError(f"checkpoint has no data position for sequence slot(s) {missing}")
+        for s, m in self.mixtures.items():
+            m.load_state_dict(state["streams"][str(s)])
+        self.pos = int(state["pos"])
+
+
+def build_stream_loader(sources: list[SourceData], tok: TextTokenizer, seq_len: int, slots: int, seed: int = 0,
+                        dp_rank: int = 0, dp_size: int = 1) -> StreamLoader:
+    """A :class:`StreamLoader` tokenising with ``tok`` (no BOS, EOS after each document, as
+    :func:`tokenize_source`)."""
+    return StreamLoader(sources, tok.encode, tok.eos_id, seq_len, slots, seed, dp_rank, dp_size)

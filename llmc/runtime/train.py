@@ -38,7 +38,7 @@ from llmc.runtime.checkpoint import (
     load_model_weights,
     save_checkpoint,
 )
-from llmc.runtime.data import Assets, PackedLoader, build_loader
+from llmc.runtime.data import Assets, StreamLoader, build_stream_loader
 from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize, wants_compile
 from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into
 from llmc.runtime.job import TrainJob
@@ -168,18 +168,16 @@ def _check_layout(job: TrainJob, info: DistInfo) -> None:
                             f"but WORLD_SIZE={info.world}")
 
 
-def make_loader(job: TrainJob, assets: Assets, info: DistInfo) -> PackedLoader:
-    """Rank 0 tokenises (cached memmaps), the others wait, then all open the cache."""
+def make_loader(job: TrainJob, assets: Assets, info: DistInfo) -> StreamLoader:
+    """The sources streamed in place, tokenised on the fly, this data-parallel rank's share of every step
+    (:class:`llmc.runtime.data.StreamLoader`: one stream per sequence of the global batch)."""
     tok = assets.tokenizer()
     if tok.vocab_size > job.arch.vocab_size:
         raise TrainingError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                             f"{job.arch.vocab_size}")
     dp_rank, dp_size = dp_coords(info, job.dp_replicate, job.dp_shard, job.tp)
-    if info.rank == 0:
-        build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed)
-    if _world() > 1:
-        dist.barrier()
-    return build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed, dp_rank, dp_size)
+    return build_stream_loader(list(assets.sources), tok, job.seq_len, job.global_batch_seqs, job.seed,
+                               dp_rank, dp_size)
 
 
 def _export_hf(job: TrainJob, ckpt: Path, out: Path, assets: Assets, say) -> str | None:
@@ -227,7 +225,7 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
     return model, wrapped, n_params
 
 
-def _forward_backward(job: TrainJob, wrapped, loader: PackedLoader, info: DistInfo, cpu_bf16: bool,
+def _forward_backward(job: TrainJob, wrapped, loader: StreamLoader, info: DistInfo, cpu_bf16: bool,
                       is_ddp: bool) -> torch.Tensor:
     """One optimizer step's micro-batches (gradients accumulated); returns the summed loss."""
     loss_sum = torch.zeros((), device=info.device)
@@ -308,7 +306,7 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
         return st
 
     def checkpoint_now() -> Path:
-        state = {"tokens": tokens, "data": loader.state_dict(), "scheduler": sched.state_dict(),
+        state = {"tokens": tokens, "data": loader.full_state(), "scheduler": sched.state_dict(),
                  "loss_window": list(window), "rewinds": rewinds, "stage": job.stage, "seq_len": job.seq_len,
                  "layout": {"dp_replicate": job.dp_replicate, "dp_shard": job.dp_shard, "tp": job.tp}}
         return save_checkpoint(ckpt_dir, step, wrapped, opt, state, keep_latest=job.keep_latest)
