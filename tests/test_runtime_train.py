@@ -125,7 +125,7 @@ def test_corrupt_checkpoint_refused_with_clear_error(tmp_path, docs):
     run(lock, tmp_path / "o", stop_after=4)
     ck = tmp_path / "o" / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["step-00000002", "step-00000004"]  # keep_latest 2
-    model_pt = ck / "step-00000004" / "model.pt"
+    model_pt = ck / "step-00000004" / "dcp" / "__0_0.distcp"  # the (sharded) model + optimizer
     model_pt.write_bytes(model_pt.read_bytes()[:100])  # truncate
     with pytest.raises(TrainingError) as e:
         run(lock, tmp_path / "o")

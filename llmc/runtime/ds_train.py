@@ -149,13 +149,19 @@ def load_weights_zero_aware(model, path: Path, rank: int) -> int:
     import deepspeed
     import torch
 
-    from llmc.runtime.checkpoint import load_model_weights, resolve_checkpoint, verify_checkpoint
+    from llmc.runtime.checkpoint import (
+        load_model_weights,
+        read_model_state,
+        resolve_checkpoint,
+        verify_checkpoint,
+    )
 
     if not any(hasattr(p, "ds_id") for p in model.parameters()):
         return load_model_weights(model, path)
     ck = resolve_checkpoint(path)
     step = int(verify_checkpoint(ck)["step"])
-    sd = torch.load(ck / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    sd = (torch.load(ck / "model.pt", map_location="cpu", weights_only=True, mmap=True) if (ck / "model.pt").exists()
+          else read_model_state(ck))  # a native stage's sharded (DCP) checkpoint
     params = dict(model.named_parameters())
     if set(params) != set(sd):
         diff = sorted(set(params) ^ set(sd))

@@ -12,7 +12,7 @@ Outputs in ``out_dir``: ``metrics.jsonl``, ``checkpoints/step-N/``, ``hf/`` (Hug
 final weights, for the serving configs) and ``DONE.json``.
 
 Not handled here (by design): pp / cp / ep > 1 (refused with a one-line error: use torchtitan),
-fp8 (run as bf16), asynchronous checkpointing (saves are synchronous), DeepSpeed's zero_stage /
+fp8 (run as bf16), DeepSpeed's zero_stage /
 offload_optimizer (ds_train). The whole model is initialised on every rank before sharding unless
 ``job.meta_init`` (auto above 2B parameters with FSDP2/TP), so small-model layouts start bit-identical.
 """
@@ -36,7 +36,9 @@ from llmc.runtime.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    read_model_state,
     save_checkpoint,
+    wait_for_checkpoint,
 )
 from llmc.runtime.data import Assets, StreamLoader, build_stream_loader
 from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize, wants_compile
@@ -182,7 +184,7 @@ def make_loader(job: TrainJob, assets: Assets, info: DistInfo) -> StreamLoader:
 
 def _export_hf(job: TrainJob, ckpt: Path, out: Path, assets: Assets, say) -> str | None:
     """Write ``out/hf`` (Hugging Face format, bf16) from the final checkpoint for the serving configs."""
-    sd = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    sd = read_model_state(ckpt)
     res = export_stage(job, out, out / "hf", tokenizer_dir=assets.tokenizer_dir, model_sd=sd)
     if res.get("hf") is None:
         say(f"note: no Hugging Face export ({res['why']})")
@@ -305,11 +307,14 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
         window = deque(st.get("loss_window", []), maxlen=spike.window)
         return st
 
+    async_ckpt = bool(job.spec is not None and job.spec.training.checkpoint.async_mode)
+
     def checkpoint_now() -> Path:
         state = {"tokens": tokens, "data": loader.full_state(), "scheduler": sched.state_dict(),
                  "loss_window": list(window), "rewinds": rewinds, "stage": job.stage, "seq_len": job.seq_len,
                  "layout": {"dp_replicate": job.dp_replicate, "dp_shard": job.dp_shard, "tp": job.tp}}
-        return save_checkpoint(ckpt_dir, step, wrapped, opt, state, keep_latest=job.keep_latest)
+        return save_checkpoint(ckpt_dir, step, wrapped, opt, state, keep_latest=job.keep_latest, sharded=True,
+                               async_save=async_ckpt)
 
     if resume_from is not None:
         st = restore(resume_from)
@@ -358,6 +363,7 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
                     raise TrainingError(f"loss spike at step {step} (loss {last_loss:.4f}); gave up after "
                                         f"{spike.max_rewinds} rewinds")
                 data_after = loader.state_dict()
+                wait_for_checkpoint()
                 back = latest_checkpoint(ckpt_dir, fallback=True, log=say)
                 if back is None:
                     raise TrainingError(f"loss spike at step {step} but no checkpoint to rewind to")
@@ -391,6 +397,7 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
         final = checkpoint_now()
     else:
         final = ckpt_dir / f"step-{step:08d}"
+    wait_for_checkpoint()  # an asynchronous save completes before the stage reports
     result = {"status": status, "stage": job.stage, "kind": job.kind, "step": step, "steps": job.steps,
               "loss": last_loss, "tokens": tokens, "checkpoint": os.path.relpath(final, out),
               "wall_s": round(time.time() - t_start, 2), "params": n_params, "rewinds": rewinds}
