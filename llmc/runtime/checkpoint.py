@@ -42,12 +42,14 @@ newest complete one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +233,8 @@ _PENDING: dict = {}  # the async save in flight: future, tmp, final, folder, ste
 _ASYNC_GROUP = None
 
 
-def _finalize(folder: Path, tmp: Path, final: Path, step: int, keep_latest: int | None, layout: str) -> None:
+def _finalize(folder: Path, tmp: Path, final: Path, step: int, keep_latest: int | None, layout: str,
+              asynchronous: bool = False) -> None:
     """Collective: hashes (each rank its own files), manifest, rename, prune."""
     rank, world = _rank(), _world()
     _barrier()
@@ -251,8 +254,8 @@ def _finalize(folder: Path, tmp: Path, final: Path, step: int, keep_latest: int 
                 files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         for d in [p for p in tmp.rglob("*") if p.is_dir()]:
             _fsync_dir(d)
-        _write_json({"format": FORMAT, "layout": layout, "step": step, "world": world, "files": files},
-                    tmp / "manifest.json")
+        _write_json({"format": FORMAT, "layout": layout, "async": asynchronous, "step": step, "world": world,
+                     "files": files}, tmp / "manifest.json")
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -271,8 +274,16 @@ def wait_for_checkpoint() -> Path | None:
     p = dict(_PENDING)
     _PENDING.clear()
     p["future"].result()  # this rank's shards are on disk
-    _finalize(p["folder"], p["tmp"], p["final"], p["step"], p["keep_latest"], "dcp")
+    _finalize(p["folder"], p["tmp"], p["final"], p["step"], p["keep_latest"], "dcp", asynchronous=True)
     return p["final"]
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes one process when no process group is up; that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _async_group():
@@ -299,7 +310,8 @@ def _save_dcp(folder: Path, tmp: Path, final: Path, step: int, model: torch.nn.M
         fut = dcp.async_save(state, checkpoint_id=str(tmp / "dcp"), process_group=_async_group())
         _PENDING.update(future=fut, folder=folder, tmp=tmp, final=final, step=step, keep_latest=keep_latest)
         return final
-    dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(tmp / "dcp"))
     _finalize(folder, tmp, final, step, keep_latest, "dcp")
     return final
 
@@ -399,7 +411,8 @@ def _load_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         return
     msd, osd = get_state_dict(target, optimizer)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path / "dcp"))  # in place, each rank reading the shards it needs
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path / "dcp"))  # in place, each rank reading the shards it needs
     set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
