@@ -17,6 +17,13 @@ Pipeline:
 
 The position is ``{"consumed": g, "counts": [n_i]}``, identical on every rank; ``state_dict()`` /
 ``load_state_dict()`` make resume exact.
+
+What the trainers use instead (nothing written before step 1, nothing proportional to the data):
+:class:`StreamLoader` (:func:`build_stream_loader`) streams the sources where they lie through
+:class:`llmc.runtime.stream.StreamingMixture`, tokenising on the fly, one stream per sequence slot of the
+global batch. Documents are read in the sources' own order (no window permutation, as torchtitan's
+streaming Hugging Face loader), so shuffle a corpus before training when its files are sorted.
+The pre-tokenised pipeline above stays for tools that want a token cache.
 """
 
 from __future__ import annotations
