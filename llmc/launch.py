@@ -228,8 +228,11 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         if backend == "torchtitan" and s["kind"] in TITAN_STAGE_KINDS:
             cmds.append(export)
 
-    # shared assets (tokenizer + data as JSONL) under the build directory, idempotent
-    prepare = Cmd(argv=[py, "-m", RUNTIME_ENTRY, "prepare", "--lock", lock_path], cwd=str(b), stage="prepare")
+    # shared assets (the tokenizer; builtin corpora) under the build directory, idempotent
+    # the torchtitan job reads data/<source>.jsonl; llmc's trainers stream the sources in place
+    jsonl = ["--jsonl"] if backend == "torchtitan" else []
+    prepare = Cmd(argv=[py, "-m", RUNTIME_ENTRY, "prepare", "--lock", lock_path, *jsonl], cwd=str(b),
+                  stage="prepare")
     if cmds and all(c.skip_reason for c in cmds):
         prepare.skip_reason = "every stage is finished"
     return [prepare, *cmds]

@@ -200,7 +200,7 @@ def test_zero3_from_hugging_face_matches_transformers_and_exports(tmp_path):
     transformers = pytest.importorskip("transformers")
     from test_hf_init import make_hf
 
-    from llmc.runtime.data import build_loader
+    from llmc.runtime.data import build_stream_loader
     from llmc.runtime.entry import prepare_assets
     from llmc.runtime.job import TrainJob
     from llmc.runtime.model import lm_loss
@@ -221,7 +221,9 @@ def test_zero3_from_hugging_face_matches_transformers_and_exports(tmp_path):
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
     losses = []
     for rank in (0, 1):  # the loss logged is the mean over the two ranks' micro-batches
-        x, y = build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed, rank, 2).next_batch(2)
+        loader = build_stream_loader(list(assets.sources), tok, job.seq_len, job.global_batch_seqs, job.seed,
+                                     dp_rank=rank, dp_size=2)
+        x, y = loader.next_batch(2)
         with torch.no_grad():
             losses.append(float(lm_loss(ref_model(input_ids=x).logits, y)))
     assert abs(first - sum(losses) / 2) < 1e-4, (first, losses)

@@ -199,7 +199,7 @@ def test_native_continued_pretraining_from_hf_and_export(tmp_path, docs):
     """First-step loss of the native trainer = transformers' loss on the same batch; the stage ends with an HF
     directory that transformers loads with the trained model's logits."""
     from llmc.runtime.checkpoint import load_model_weights
-    from llmc.runtime.data import build_loader
+    from llmc.runtime.data import build_stream_loader
     from llmc.runtime.entry import prepare_assets, run_stage
     from llmc.runtime.job import TrainJob
 
@@ -214,7 +214,8 @@ def test_native_continued_pretraining_from_hf_and_export(tmp_path, docs):
 
     job = TrainJob.from_lock(lock)
     assets = prepare_assets(job, tmp_path)
-    loader = build_loader(list(assets.sources), assets.tokenizer(), job.seq_len, assets.cache_dir, job.seed)
+    loader = build_stream_loader(list(assets.sources), assets.tokenizer(), job.seq_len, job.global_batch_seqs,
+                                 job.seed)
     x, y = loader.next_batch(job.micro_batch)
     with torch.no_grad():
         ref = float(lm_loss(hf_model(src)(input_ids=x).logits, y))
@@ -333,7 +334,7 @@ def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, plan):
     import subprocess
     import sys
 
-    from llmc.runtime.data import build_loader
+    from llmc.runtime.data import build_stream_loader
     from llmc.runtime.entry import prepare_assets
     from llmc.runtime.job import TrainJob
 
@@ -363,8 +364,8 @@ def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, plan):
     ref = hf_model(src)
     losses = []
     for r in range(dp):  # each data-parallel rank's micro-batch; the logged loss is their mean
-        x, y = build_loader(list(assets.sources), assets.tokenizer(), job.seq_len, assets.cache_dir, job.seed,
-                            r, dp).next_batch(job.micro_batch)
+        x, y = build_stream_loader(list(assets.sources), assets.tokenizer(), job.seq_len, job.global_batch_seqs,
+                                   job.seed, r, dp).next_batch(job.micro_batch)
         with torch.no_grad():
             losses.append(float(lm_loss(ref(input_ids=x).logits, y)))
     assert abs(first - sum(losses) / dp) < 1e-4, (first, losses)

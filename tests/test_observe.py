@@ -130,3 +130,52 @@ def test_wandb_disabled_by_env(tmp_path, monkeypatch):
     log = RunLogger(tmp_path, total_steps=1, tensorboard=False, echo=False)
     assert log.wandb_run is None and log.wandb_skipped == "disabled"
     assert not (tmp_path / "wandb").exists()
+
+
+# ----------------------------------------------------------------------------- the native trainer's logging
+
+
+def _scalars(tb_dir, tag: str) -> dict[int, float]:
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    events = acc.Scalars(tag)
+    assert [e.step for e in events] == sorted({e.step for e in events})  # each step once
+    return {e.step: e.value for e in events}
+
+
+def test_trainer_writes_tensorboard_and_each_step_once_after_resume(tmp_path, monkeypatch, capsys):
+    """A tiny native run: TensorBoard's reader sees the same losses as metrics.jsonl; a run interrupted
+    after step 6 whose last surviving checkpoint is step 4 resumes there, and both metrics.jsonl and
+    TensorBoard then hold each step once, with the losses of an uninterrupted run."""
+    import shutil
+
+    from test_runtime_train import losses, make_lock, run
+
+    from llmc.runtime import corpus
+    from llmc.runtime.metrics_io import read_metrics
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=200)
+    lock = make_lock(tmp_path / "a", tmp_path / "docs.jsonl", steps=8, interval=4)
+    run(lock, tmp_path / "ref")
+    ref = losses(tmp_path / "ref")
+    assert sorted(ref) == list(range(1, 9))
+    tb = _scalars(tmp_path / "ref" / "tensorboard", "train/loss")
+    assert sorted(tb) == list(range(1, 9))
+    assert all(tb[s] == pytest.approx(ref[s], rel=1e-6) for s in ref)
+    out = capsys.readouterr().out
+    assert "[8/8 100.0%]" in out and "ETA" in out  # the progress line
+
+    cut = tmp_path / "cut"
+    run(lock, cut, stop_after=6)  # logged steps 1..6, checkpoints at 4 and 6
+    shutil.rmtree(cut / "checkpoints" / "step-00000006")  # as if killed before step 6 was saved
+    assert sorted(losses(cut)) == list(range(1, 7))
+    res = run(lock, cut)
+    assert res["status"] == "done"
+    steps = [r["step"] for r in read_metrics(cut / "metrics.jsonl").steps]
+    raw = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in raw if "event" not in r]
+    assert logged == steps == list(range(1, 9))  # each step once, in order, in the file itself
+    assert losses(cut) == ref
+    tb_cut = _scalars(cut / "tensorboard", "train/loss")
+    assert sorted(tb_cut) == list(range(1, 9)) and all(tb_cut[s] == pytest.approx(ref[s], rel=1e-6) for s in ref)

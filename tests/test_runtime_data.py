@@ -11,7 +11,7 @@ np = pytest.importorskip("numpy")
 torch = pytest.importorskip("torch")
 
 from llmc.runtime import corpus  # noqa: E402
-from llmc.runtime.data import PackedLoader, SourceData, build_loader, read_documents, tokenize_source  # noqa: E402
+from llmc.runtime.data import SourceData, load_tokens, read_documents, tokenize_source  # noqa: E402
 from llmc.runtime.tokenizer import SPECIAL_TOKENS, TextTokenizer, train_bpe  # noqa: E402
 
 
@@ -78,51 +78,57 @@ def test_token_cache_eos_packing_and_reuse(tmp_path, tok_dir):
     assert tokenize_source(src, tk, tmp_path / "cache") == b1 and b1.stat().st_mtime_ns == mtime  # cached
 
 
-def _streams():
-    return [np.arange(0, 1001, dtype=np.uint16), np.arange(2000, 2301, dtype=np.uint16)]
-
-
-def test_mixture_is_exact_and_windows_are_shifted_labels():
-    ld = PackedLoader(_streams(), [3.0, 1.0], seq_len=10, seed=0)
-    x, y = ld.next_batch(400)
-    assert x.shape == y.shape == (400, 10)
-    assert torch.equal(x[:, 1:], y[:, :-1])  # labels are inputs shifted by one
-    from_b = (x[:, 0] >= 2000).sum().item()
-    assert from_b == 100  # exactly 1/4 of the samples come from the weight-1 source
-    # within one epoch of source 0 (100 windows) every window is seen exactly once
-    starts = [int(s) for s in x[:, 0] if s < 2000]
-    assert sorted(starts[:100]) == list(range(0, 1000, 10))
-    assert starts[:100] != sorted(starts[:100])  # ... in a shuffled order
-
-
-def test_dp_shards_partition_the_single_process_batch():
-    single = PackedLoader(_streams(), [1, 1], 10, seed=5)
-    ranks = [PackedLoader(_streams(), [1, 1], 10, seed=5, dp_rank=r, dp_size=2) for r in range(2)]
-    for _ in range(3):
-        x, _ = single.next_batch(4)
-        parts = [ld.next_batch(2)[0] for ld in ranks]
-        assert torch.equal(torch.cat(parts), x)
-
-
-def test_resume_position_is_exact():
-    a = PackedLoader(_streams(), [2, 1], 10, seed=1)
-    for _ in range(37):  # past an epoch boundary of source 1 (30 windows)
-        a.next_batch(3)
-    state = json.loads(json.dumps(a.state_dict()))  # must survive JSON
-    expected = [a.next_batch(3)[0] for _ in range(5)]
-    b = PackedLoader(_streams(), [2, 1], 10, seed=1)
-    b.load_state_dict(state)
-    for e in expected:
-        assert torch.equal(b.next_batch(3)[0], e)
-    c = PackedLoader(_streams(), [2, 1], 11, seed=1)
-    with pytest.raises(ValueError):
-        c.load_state_dict(state)
-
-
-def test_build_loader_end_to_end(tmp_path, tok_dir):
+def test_tokenize_source_one_eos_per_document(tmp_path, tok_dir):
     tk = TextTokenizer(tok_dir)
     corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=100)
-    ld = build_loader([SourceData("docs", str(tmp_path / "docs.jsonl"))], tk, 32, tmp_path / "cache", seed=0)
-    x, y = ld.next_batch(4)
-    assert x.dtype == torch.int64 and int(x.max()) < tk.vocab_size
-    assert (ld.streams[0] == tk.eos_id).sum() == 100  # one EOS per document
+    tokens = load_tokens(tokenize_source(SourceData("docs", str(tmp_path / "docs.jsonl")), tk, tmp_path / "cache"))
+    assert int(tokens.max()) < tk.vocab_size
+    assert (tokens == tk.eos_id).sum() == 100  # documents joined as doc EOS doc EOS ...
+
+
+# ----------------------------------------------------------------------------- streamed loader
+
+
+def _stream_src(tmp_path):
+    lines = [json.dumps({"text": f"doc{i} " + "word " * (3 + i % 17)}) for i in range(120)]
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
+    return [SourceData("s", str(tmp_path / "s.jsonl"), "jsonl")]
+
+
+def _words(text: str) -> list[int]:  # a tokenizer independent of llmc's: one id per word
+    return [len(w) for w in text.split()]
+
+
+def test_stream_loader_global_batch_does_not_depend_on_the_layout(tmp_path):
+    """One process with micro_batch 8 and 2 data-parallel ranks with micro_batch 2 x accum 2 train on the
+    same sequences at every step; the full state (merged over ranks) resumes either layout exactly."""
+    from llmc.runtime.data import StreamLoader
+
+    srcs = _stream_src(tmp_path)
+    one = StreamLoader(srcs, _words, 0, 6, slots=8)
+    ranks = [StreamLoader(srcs, _words, 0, 6, slots=8, dp_rank=r, dp_size=2) for r in range(2)]
+    for _ in range(5):  # steps
+        x1, y1 = one.next_batch(8)
+        rows = torch.cat([torch.cat([r.next_batch(2)[0] for _ in range(2)]) for r in ranks])
+        assert torch.equal(rows, x1) and torch.equal(x1[:, 1:], y1[:, :-1])
+    full = StreamLoader.merge_states([r.state_dict() for r in ranks])
+    assert json.loads(json.dumps(full)) == full  # plain JSON in train.json
+    resumed = StreamLoader(srcs, _words, 0, 6, slots=8)  # the other layout, from the 2-rank state
+    resumed.load_state_dict(full)
+    assert torch.equal(resumed.next_batch(8)[0], one.next_batch(8)[0])
+    with pytest.raises(ValueError, match="slots changed"):
+        StreamLoader(srcs, _words, 0, 6, slots=4).load_state_dict(full)
+
+
+def test_stream_loader_ranks_read_disjoint_documents(tmp_path):
+    from llmc.runtime.data import StreamLoader
+
+    srcs = _stream_src(tmp_path)
+    seen: dict[int, list[str]] = {0: [], 1: []}
+    for r in (0, 1):
+        loader = StreamLoader(srcs, lambda t, r=r: seen[r].append(t.split()[0]) or _words(t), 0, 6, slots=4,
+                              dp_rank=r, dp_size=2)
+        for _ in range(10):
+            loader.next_batch(2)
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) + len(seen[1]) < 120  # read as needed

@@ -93,12 +93,12 @@ def test_loss_falls_and_outputs_written(tmp_path, docs):
     ls = losses(tmp_path / "out")
     assert res["status"] == "done" and res["step"] == 40
     assert ls[1] > math.log(400)  # starts near uniform over the ~512 tokens
-    assert ls[40] < ls[1] - 1.5, ls  # and clearly learns
+    assert ls[40] < ls[1] - 1.2, ls  # and clearly learns (documents streamed in file order, unshuffled)
     done = json.loads((tmp_path / "out" / "DONE.json").read_text())
     assert done["checkpoint"] == "checkpoints/step-00000040"
     assert done["hf"] == "hf" and (tmp_path / "out" / "hf" / "model.safetensors").exists()
     assert (tmp_path / "out" / "hf" / "tokenizer.json").exists()
-    assert (tmp_path / "assets" / "tokenizer.json").exists() and (tmp_path / "data" / "docs.jsonl").exists()
+    assert (tmp_path / "assets" / "tokenizer.json").exists() and not (tmp_path / "data").exists()  # read in place
     rec = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "peak_mem_bytes"} <= rec.keys()
     # run again: DONE -> nothing to do
@@ -125,7 +125,7 @@ def test_corrupt_checkpoint_refused_with_clear_error(tmp_path, docs):
     run(lock, tmp_path / "o", stop_after=4)
     ck = tmp_path / "o" / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["step-00000002", "step-00000004"]  # keep_latest 2
-    model_pt = ck / "step-00000004" / "model.pt"
+    model_pt = ck / "step-00000004" / "dcp" / "__0_0.distcp"  # the (sharded) model + optimizer
     model_pt.write_bytes(model_pt.read_bytes()[:100])  # truncate
     with pytest.raises(TrainingError) as e:
         run(lock, tmp_path / "o")

@@ -198,8 +198,10 @@ def test_relative_data_paths_resolve_against_the_spec(tmp_path):
     p = subprocess.run([sys.executable, "-m", "llmc.runtime.entry", "prepare", "--lock", "../out/b/plan.lock.json"],
                        cwd=other, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    n = len((tmp_path / "specs/docs.jsonl").read_text().splitlines())
-    assert len((tmp_path / "out/b/data/docs.jsonl").read_text().splitlines()) == n
+    # the trainers stream the source in place: assets.json names the spec's file, found from another cwd
+    assets = json.loads((tmp_path / "out/b/assets/assets.json").read_text())
+    [src] = [s for s in assets["sources"] if s["name"] == "docs"]
+    assert Path(src["path"]).resolve() == (tmp_path / "specs/docs.jsonl").resolve()
 
 
 def test_runtime_refuses_outputs_leaving_the_build(tmp_path):

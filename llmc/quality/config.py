@@ -5,16 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmc.compiler.quality_math import Banding, banding, optimal_bands
+from llmc.sources import SourceRef
 
-
-@dataclass(frozen=True)
-class QualitySource:
-    """One local source, read the way llmc's ``Source`` is (``text`` / ``jsonl`` / ``parquet``)."""
-
-    name: str
-    path: str
-    format: str = "jsonl"
-    text_field: str = "text"
+#: One local source (``text`` / ``jsonl`` / ``parquet``), the runtime's source reference.
+QualitySource = SourceRef
 
 
 @dataclass(frozen=True)

@@ -33,15 +33,8 @@ from typing import Any
 import numpy as np
 
 from llmc.quality.config import DecontamConfig, NearDupConfig, QualityConfig, QualitySource
-from llmc.quality.text import (
-    benchmark_items,
-    exact_key,
-    expand_paths,
-    iter_documents,
-    ngram_hash,
-    shingles,
-    words,
-)
+from llmc.quality.text import benchmark_items, exact_key, ngram_hash, shingles, words
+from llmc.sources import expand_paths, iter_documents
 
 REASONS = ("contaminated", "exact_dup", "near_dup")
 SCHEME = "affine32"  # datasketch >= 2.0 default permutation scheme

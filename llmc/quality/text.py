@@ -7,7 +7,6 @@ each; ``text``: one document per file; ``jsonl``: ``text_field`` of each non-bla
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import re
@@ -15,59 +14,8 @@ import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
-_SUFFIXES = {"text": (".txt", ".md", ".text"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 _WORD = re.compile(r"\w+")
 _SPACE = re.compile(r"\s+")
-
-
-def expand_paths(path: str | Path, fmt: str) -> list[Path]:
-    """A file, a directory (its matching files, recursively) or a glob -> sorted file list."""
-    if fmt not in _SUFFIXES:
-        raise ValueError(f"unsupported source format {fmt!r} (text, jsonl, parquet)")
-    p = Path(path)
-    if p.is_file():
-        files = [p]
-    elif p.is_dir():
-        files = [f for f in p.rglob("*") if f.is_file() and f.suffix in _SUFFIXES[fmt]]
-    else:
-        files = [Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file()]
-    if not files:
-        raise FileNotFoundError(f"data source {path}: no {fmt} files found")
-    return sorted(files)
-
-
-def iter_documents(path: str | Path, fmt: str, text_field: str = "text",
-                   shard: int = 0, num_shards: int = 1) -> Iterator[tuple[int, str, str]]:
-    """(index in source, "file:line" location, text) for documents with index % num_shards == shard."""
-    idx = 0
-    for f in expand_paths(path, fmt):
-        if fmt == "text":
-            if idx % num_shards == shard:
-                yield idx, f"{f.name}", f.read_text(encoding="utf-8", errors="replace")
-            idx += 1
-        elif fmt == "jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    if idx % num_shards == shard:
-                        rec = json.loads(line)
-                        if text_field not in rec:
-                            raise KeyError(f"{f}:{n}: no field {text_field!r} (set text_field on the source)")
-                        yield idx, f"{f.name}:{n}", str(rec[text_field])
-                    idx += 1
-        else:
-            import pyarrow.parquet as pq
-
-            row = 0
-            for batch in pq.ParquetFile(f).iter_batches(columns=[text_field], batch_size=1024):
-                for t in batch.column(0).to_pylist():
-                    row += 1
-                    if t is None:
-                        continue
-                    if idx % num_shards == shard:
-                        yield idx, f"{f.name}:{row}", str(t)
-                    idx += 1
 
 
 def normalize_exact(text: str) -> str:

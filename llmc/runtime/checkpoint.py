@@ -1,6 +1,23 @@
 """Atomic, verified checkpoints with exact resume.
 
-Layout of ``<folder>/step-00000N/``::
+Two layouts share the atomic step directories, the manifest and the checks below.
+
+Sharded (``save_checkpoint(..., sharded=True)``, the native trainer's), ``<folder>/step-00000N/``::
+
+    dcp/            torch.distributed.checkpoint (DCP) of {"model": ..., "optim": ...}: every rank writes its
+                    own shards (``__<rank>_<i>.distcp``; replicated tensors once), rank 0 the ``.metadata``.
+                    The state dicts come from ``get_state_dict`` / go back with ``set_state_dict``
+                    (torch.distributed.checkpoint.state_dict), so FSDP2/TP DTensors stay sharded and a
+                    checkpoint written by one layout loads into another (DCP re-shards on load):
+                    https://pytorch.org/docs/stable/distributed.checkpoint.html
+    train.json, rank-R.pt, manifest.json   as below; the manifest has "layout": "dcp" and lists the shards
+
+``async_save=True`` (``training.checkpoint.async_mode``) writes the shards with ``dcp.async_save`` in the
+background (on a separate gloo process group, as the DCP docs recommend) while training continues; the
+step directory is completed (hashes, manifest, rename, pruning) by the next save or by
+:func:`wait_for_checkpoint`, which every rank calls before it reads a checkpoint or exits.
+
+Full (default; DeepSpeed and post-training), ``<folder>/step-00000N/``::
 
     model.pt        full (unsharded) model state dict, torchtitan FQNs, written by rank 0
     optimizer.pt    full optimizer state dict keyed by FQN (torch.distributed.checkpoint.state_dict)
@@ -8,7 +25,7 @@ Layout of ``<folder>/step-00000N/``::
     rank-R.pt       per-rank RNG states (python, numpy, torch CPU, CUDA)
     manifest.json   {"format", "step", "world", "files": {name: {"bytes", "sha256"}}} -- written last
 
-Choice (documented): state is GATHERED to full tensors on rank 0 (``get_model_state_dict`` /
+Full layout: state is GATHERED to full tensors on rank 0 (``get_model_state_dict`` /
 ``get_optimizer_state_dict`` with ``full_state_dict=True, cpu_offload=True``) instead of sharded DCP.
 The native trainer targets small models; full checkpoints are layout-independent (resume a DDP run
 with FSDP2 or TP), and post-training/DeepSpeed code loads ``model.pt`` with a plain
@@ -25,12 +42,14 @@ newest complete one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +132,25 @@ def _sd_options(**kw):
     return StateDictOptions(**kw)
 
 
+def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The full model state dict of a verified ``step-N`` folder, on CPU, in one process: ``model.pt``, or
+    the ``model`` entries of its DCP shards (loaded without a process group)."""
+    path = Path(path)
+    if (path / "model.pt").exists():
+        return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    if not (path / "dcp" / ".metadata").exists():
+        raise CheckpointError(f"checkpoint {path}: neither model.pt nor dcp/.metadata")
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    # what torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, restricted to the model entries
+    sd: dict = {}
+    _load_state_dict(sd, storage_reader=FileSystemReader(str(path / "dcp")),
+                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    return dict(sd["model"])
+
+
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU state dict (collective under FSDP/TP: call on every rank)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -150,7 +188,7 @@ def verify_checkpoint(path: str | Path) -> dict:
         int(manifest["step"])
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {mf}: unreadable manifest ({type(e).__name__}: {e}); refusing to load") from None
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") != FORMAT or manifest.get("layout", "full") not in ("full", "dcp"):
         raise CheckpointError(f"checkpoint {mf}: format {manifest.get('format')!r}, expected {FORMAT}")
     for name, info in sorted(files.items()):
         f = path / name
@@ -191,15 +229,106 @@ def latest_checkpoint(folder: str | Path, fallback: bool = False, log=print) -> 
 # ----------------------------------------------------------------------------- save and load
 
 
+_PENDING: dict = {}  # the async save in flight: future, tmp, final, folder, step, keep_latest
+_ASYNC_GROUP = None
+
+
+def _finalize(folder: Path, tmp: Path, final: Path, step: int, keep_latest: int | None, layout: str,
+              asynchronous: bool = False) -> None:
+    """Collective: hashes (each rank its own files), manifest, rename, prune."""
+    rank, world = _rank(), _world()
+    _barrier()
+    mine = [p for p in sorted(tmp.rglob("*")) if p.is_file() and (
+        p.name == f"rank-{rank}.pt" or (p.parent.name == "dcp" and p.name.startswith(f"__{rank}_")))]
+    hashes = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in mine}
+    if world > 1:
+        every: list = [None] * world
+        dist.all_gather_object(every, hashes)
+        for h in every:
+            hashes.update(h)
+    if rank == 0:
+        files = dict(hashes)
+        for p in sorted(tmp.rglob("*")):
+            rel = p.relative_to(tmp).as_posix()
+            if p.is_file() and rel not in files:  # rank 0 writes these: train.json, model.pt, dcp/.metadata
+                files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for d in [p for p in tmp.rglob("*") if p.is_dir()]:
+            _fsync_dir(d)
+        _write_json({"format": FORMAT, "layout": layout, "async": asynchronous, "step": step, "world": world,
+                     "files": files}, tmp / "manifest.json")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+        if keep_latest:
+            for _, old in list_checkpoints(folder)[:-keep_latest]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def wait_for_checkpoint() -> Path | None:
+    """Collective: finish the asynchronous save in flight (if any); returns its ``step-N`` path."""
+    if not _PENDING:
+        return None
+    p = dict(_PENDING)
+    _PENDING.clear()
+    p["future"].result()  # this rank's shards are on disk
+    _finalize(p["folder"], p["tmp"], p["final"], p["step"], p["keep_latest"], "dcp", asynchronous=True)
+    return p["final"]
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes one process when no process group is up; that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _async_group():
+    global _ASYNC_GROUP
+    if _ASYNC_GROUP is None and _world() > 1:
+        _ASYNC_GROUP = dist.new_group(backend="gloo")  # checkpoint collectives off the training group
+    return _ASYNC_GROUP
+
+
+def _save_dcp(folder: Path, tmp: Path, final: Path, step: int, model: torch.nn.Module,
+              optimizer: torch.optim.Optimizer | None, keep_latest: int | None, async_save: bool) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    target = _unwrap(model) if _world() == 1 else model
+    if optimizer is not None:
+        msd, osd = get_state_dict(target, optimizer)
+        state = {"model": msd, "optim": osd}
+    else:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = {"model": get_model_state_dict(target)}
+    if async_save:
+        fut = dcp.async_save(state, checkpoint_id=str(tmp / "dcp"), process_group=_async_group())
+        _PENDING.update(future=fut, folder=folder, tmp=tmp, final=final, step=step, keep_latest=keep_latest)
+        return final
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+    _finalize(folder, tmp, final, step, keep_latest, "dcp")
+    return final
+
+
 def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     train_state: dict, keep_latest: int | None = None,
-                    model_sd: dict[str, torch.Tensor] | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final ``step-N`` path.
+                    model_sd: dict[str, torch.Tensor] | None = None, *, sharded: bool = False,
+                    async_save: bool = False) -> Path:
+    """Collective: every rank calls it. Returns the final ``step-N`` path (complete on return unless
+    ``async_save``: then after the next save or :func:`wait_for_checkpoint`).
 
-    ``model_sd``: the full state dict already gathered (rank 0; any value elsewhere), e.g. DeepSpeed ZeRO-3's
-    layer-by-layer ``_zero3_consolidated_16bit_state_dict``; default: gathered here from ``model``."""
+    ``sharded``: DCP shards written by every rank (see the module docstring); else full files on rank 0.
+    ``model_sd`` (full layout): the full state dict already gathered (rank 0; any value elsewhere), e.g.
+    DeepSpeed ZeRO-3's layer-by-layer ``_zero3_consolidated_16bit_state_dict``; default: gathered here."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    wait_for_checkpoint()
     folder = Path(folder)
     final = folder / f"step-{step:08d}"
     tmp = folder / f"step-{step:08d}.tmp"
@@ -209,6 +338,11 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optim
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
+    if sharded:
+        _save(rng_state(), tmp / f"rank-{rank}.pt")
+        if rank == 0:
+            _write_json({**train_state, "step": step}, tmp / "train.json")
+        return _save_dcp(folder, tmp, final, step, model, optimizer, keep_latest, async_save)
     if model_sd is None:
         model_sd = full_model_state(model)  # collectives: all ranks
     optim_sd = None
@@ -246,10 +380,45 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
 
     Collective under FSDP/TP (every rank calls it). Works across layouts because the files are full.
     """
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = Path(path)
     manifest = verify_checkpoint(path)
+    if manifest.get("layout") == "dcp":
+        _load_dcp(path, model, optimizer)
+    else:
+        _load_full(path, model, optimizer)
+    if restore_rng:
+        rank_file = path / f"rank-{_rank()}.pt"
+        if not rank_file.exists():  # world size changed: reuse rank 0's generator state
+            rank_file = path / "rank-0.pt"
+        set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False))
+    state = json.loads((path / "train.json").read_text())
+    state.setdefault("step", manifest["step"])
+    return state
+
+
+def _load_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    target = _unwrap(model) if _world() == 1 else model
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        state = {"model": get_model_state_dict(target)}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_model_state_dict(target, state["model"])
+        return
+    msd, osd = get_state_dict(target, optimizer)
+    state = {"model": msd, "optim": osd}
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path / "dcp"))  # in place, each rank reading the shards it needs
+    set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _load_full(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     model_sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     if _world() == 1:
         _unwrap(model).load_state_dict(model_sd, strict=True)
@@ -261,14 +430,6 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         target = _unwrap(model) if _world() == 1 else model
         set_optimizer_state_dict(target, optimizer, optim_sd, options=_sd_options(full_state_dict=True))
-    if restore_rng:
-        rank_file = path / f"rank-{_rank()}.pt"
-        if not rank_file.exists():  # world size changed: reuse rank 0's generator state
-            rank_file = path / "rank-0.pt"
-        set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False))
-    state = json.loads((path / "train.json").read_text())
-    state.setdefault("step", manifest["step"])
-    return state
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) -> int:
@@ -278,7 +439,15 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, strict: bool = 
     """
     path = resolve_checkpoint(path)
     manifest = verify_checkpoint(path)
-    sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    if manifest.get("layout") == "dcp" and _world() > 1:  # each rank reads the shards its layout needs
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_model_state_dict(model, state["model"], options=_sd_options(strict=strict))
+        return int(manifest["step"])
+    sd = read_model_state(path)
     if _world() == 1:
         _unwrap(model).load_state_dict(sd, strict=strict)
     else:

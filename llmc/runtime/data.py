@@ -1,31 +1,24 @@
-"""Packed-sequence data: local text / JSONL / parquet sources -> token memmaps -> (inputs, labels) batches.
+"""Training data: local text / JSONL / parquet / Hugging Face ``datasets`` sources, streamed in place.
 
-Pipeline:
+The trainers read batches from :class:`StreamLoader` (:func:`build_stream_loader`): it streams the
+sources where they lie through :class:`llmc.runtime.stream.StreamingMixture`, tokenising on the fly, one
+stream per sequence slot of the global batch, so nothing is written before step 1 and nothing
+proportional to the data. Global samples are dealt to data-parallel ranks by slot, so dp=2, mb=1 sees
+exactly the sequences a single process with mb=2 sees, and ``full_state()`` / ``load_state_dict()``
+resume exactly (on any layout with the same global batch). Documents are read in the sources' own
+order (no window permutation, as torchtitan's streaming Hugging Face loader), so shuffle a corpus
+before training when its files are sorted.
 
-1. :func:`read_documents` yields document strings from a source (``text``: one document per file;
-   ``jsonl``: ``text_field`` of each line; ``parquet``: the ``text_field`` column via pyarrow).
-2. :func:`tokenize_source` pre-tokenises a source ONCE into ``<cache>/<name>-<key>.bin`` (a flat
-   uint16/uint32 numpy memmap, documents joined as ``doc EOS doc EOS ...``) plus a ``.json`` sidecar.
-   ``key`` hashes the files (path, size, mtime), the tokenizer and the field, so edits rebuild.
-3. :class:`PackedLoader` cuts each source's stream into non-overlapping windows of ``seq_len + 1``
-   tokens (inputs = w[:-1], labels = w[1:]); windows are visited in a fresh seeded permutation per epoch
-   of that source. The mixture is deterministic and exact: global sample g comes from the source whose
-   count lags its share the most (argmax_i w_i (g+1) - n_i, Megatron's BlendedDataset rule).
-   Global samples are dealt to data-parallel ranks in order: one call to ``next_batch(mb)`` consumes
-   ``dp_size * mb`` global samples and returns this rank's ``mb`` of them, so dp=2, mb=1 sees exactly
-   the sequences a single process with mb=2 sees.
-
-The position is ``{"consumed": g, "counts": [n_i]}``, identical on every rank; ``state_dict()`` /
-``load_state_dict()`` make resume exact.
+:func:`tokenize_source` pre-tokenises one source into ``<cache>/<name>-<key>.bin`` (a flat uint16 /
+uint32 memmap, documents joined as ``doc EOS doc EOS ...``, ``key`` hashing the files, the tokenizer
+and the field): the held-out validation set (:mod:`llmc.runtime.validation`) is read this way.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,56 +26,10 @@ import numpy as np
 import torch
 
 from llmc.runtime.tokenizer import TextTokenizer
+from llmc.sources import SourceRef, expand_paths, read_documents  # noqa: F401  (re-exported)
 
-
-def expand_paths(path: str | Path, fmt: str) -> list[Path]:
-    """A file, a directory (its matching files, recursively) or a glob -> sorted file list."""
-    p = Path(path)
-    suffixes = {"text": (".txt", ".md", ".text"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}[fmt]
-    if p.is_file():
-        files = [p]
-    elif p.is_dir():
-        files = [f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes]
-    else:
-        files = [Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file()]
-    if not files:
-        raise FileNotFoundError(f"data source {path}: no {fmt} files found")
-    return sorted(files)
-
-
-def read_documents(path: str | Path, fmt: str, text_field: str = "text") -> Iterator[str]:
-    """Documents of one source, in a fixed order (sorted files, file order inside each)."""
-    for f in expand_paths(path, fmt):
-        if fmt == "text":
-            yield f.read_text(encoding="utf-8", errors="replace")
-        elif fmt == "jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    rec = json.loads(line)
-                    if text_field not in rec:
-                        raise KeyError(f"{f}:{n}: no field {text_field!r} (set text_field on the source)")
-                    yield str(rec[text_field])
-        elif fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            pf = pq.ParquetFile(f)
-            for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-                yield from (str(t) for t in batch.column(0).to_pylist() if t is not None)
-        else:
-            raise ValueError(f"unsupported source format {fmt!r} (text, jsonl, parquet)")
-
-
-@dataclass(frozen=True)
-class SourceData:
-    """A source ready to read: where its files are and how to parse them."""
-
-    name: str
-    path: str
-    format: str = "jsonl"
-    text_field: str = "text"
-    weight: float = 1.0
+#: A source ready to read: where its files are and how to parse them (:class:`llmc.sources.SourceRef`).
+SourceData = SourceRef
 
 
 def _files_key(src: SourceData, tok: TextTokenizer) -> str:
@@ -142,88 +89,6 @@ def load_tokens(bin_path: str | Path) -> np.ndarray:
     return np.memmap(bin_path, dtype=meta["dtype"], mode="r")
 
 
-class PackedLoader:
-    """Deterministic, resumable, DP-sharded packed batches over a weighted mixture of token streams."""
-
-    def __init__(self, streams: list[np.ndarray], weights: list[float], seq_len: int, seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1, names: list[str] | None = None):
-        if len(streams) != len(weights) or not streams:
-            raise ValueError("need one weight per token stream and at least one stream")
-        self.streams, self.seq_len, self.seed = streams, seq_len, seed
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.names = names or [f"source{i}" for i in range(len(streams))]
-        w = np.asarray(weights, dtype=np.float64)
-        self.weights = w / w.sum()
-        self.windows = [(len(s) - 1) // seq_len for s in streams]  # windows of seq_len+1, stride seq_len
-        for name, n, s in zip(self.names, self.windows, streams, strict=True):
-            if n == 0:
-                raise ValueError(f"data source {name!r}: {len(s)} tokens, fewer than seq_len+1={seq_len + 1}")
-        self.consumed = 0  # global samples handed out so far (all ranks)
-        self.counts = [0] * len(streams)  # samples drawn per source
-        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
-
-    # -- position ---------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "counts": list(self.counts), "seed": self.seed,
-                "seq_len": self.seq_len, "windows": list(self.windows)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("windows") is not None and list(state["windows"]) != self.windows:
-            raise ValueError(f"data changed since the checkpoint: windows {state['windows']} != {self.windows}")
-        if state.get("seq_len", self.seq_len) != self.seq_len or state.get("seed", self.seed) != self.seed:
-            raise ValueError("seq_len or seed changed since the checkpoint; the data position would not match")
-        self.consumed, self.counts = int(state["consumed"]), [int(c) for c in state["counts"]]
-
-    # -- sampling ---------------------------------------------------------------------------
-    def _next_global(self) -> tuple[int, int]:
-        """Pick the source of global sample ``consumed`` and the window inside it; advance."""
-        g = self.consumed
-        lag = self.weights * (g + 1) - np.asarray(self.counts)
-        i = int(np.argmax(lag))  # ties -> lowest index: deterministic
-        n = self.counts[i]
-        epoch, k = divmod(n, self.windows[i])
-        key = (i, epoch)
-        if key not in self._perm_cache:
-            if len(self._perm_cache) > 8:
-                self._perm_cache.clear()
-            rng = np.random.default_rng([self.seed, i, epoch])
-            self._perm_cache[key] = rng.permutation(self.windows[i])
-        self.counts[i] += 1
-        self.consumed += 1
-        return i, int(self._perm_cache[key][k])
-
-    def _window(self, i: int, w: int) -> np.ndarray:
-        start = w * self.seq_len
-        return np.asarray(self.streams[i][start:start + self.seq_len + 1], dtype=np.int64)
-
-    def next_batch(self, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (inputs, labels), each (micro_batch, seq_len) int64."""
-        rows = []
-        for j in range(self.dp_size * micro_batch):
-            i, w = self._next_global()
-            if j // micro_batch == self.dp_rank:
-                rows.append(self._window(i, w))
-        arr = torch.from_numpy(np.stack(rows))  # (mb, seq_len + 1)
-        return arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
-
-    def skip(self, micro_batches: int, micro_batch: int) -> None:
-        """Advance past ``micro_batches`` batches without materialising them (loss-spike skipping)."""
-        for _ in range(micro_batches * self.dp_size * micro_batch):
-            self._next_global()
-
-    def epochs(self) -> list[float]:
-        """How many passes over each source so far."""
-        return [c / n for c, n in zip(self.counts, self.windows, strict=True)]
-
-
-def build_loader(sources: list[SourceData], tok: TextTokenizer, seq_len: int, cache_dir: str | Path,
-                 seed: int = 0, dp_rank: int = 0, dp_size: int = 1) -> PackedLoader:
-    """Tokenise (cached) every source and return a loader over their mixture."""
-    bins = [tokenize_source(s, tok, cache_dir) for s in sources]
-    return PackedLoader([load_tokens(b) for b in bins], [s.weight for s in sources], seq_len, seed,
-                        dp_rank, dp_size, names=[s.name for s in sources])
-
-
 @dataclass(frozen=True)
 class Assets:
     """What ``prepare_assets`` produced: the tokenizer dir, the sources as local files, the token cache."""
@@ -243,3 +108,108 @@ class Assets:
     @classmethod
     def from_json(cls, d: dict) -> Assets:
         return cls(d["root"], d["tokenizer_dir"], tuple(SourceData(**s) for s in d["sources"]), d["cache_dir"])
+
+
+# ----------------------------------------------------------------------------- streamed sources (read in place)
+
+
+def is_hf_saved_dataset(path: str | Path) -> bool:
+    """A ``datasets`` ``save_to_disk`` folder (``state.json`` or ``dataset_dict.json`` inside)."""
+    p = Path(path)
+    return p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
+
+
+class StreamLoader:
+    """Packed batches streamed from the sources in place, split into one stream per sequence slot of the
+    global batch, so the data of a step does not depend on the parallel layout.
+
+    The global batch holds ``slots = micro_batch x grad_accum x dp`` sequences. Slot ``s`` is a
+    :class:`llmc.runtime.stream.StreamingMixture` with ``rank=s, world=slots`` (its own disjoint share of
+    every source: row groups / lines / files / ``datasets`` shards, and its own seeded mixture draws), and
+    each optimizer step takes the next window of every slot. Data-parallel rank ``r`` owns slots
+    ``r*K .. (r+1)*K - 1`` (``K = slots / dp``) and opens only those, so ranks read disjoint documents;
+    micro-step ``a`` uses slots ``r*K + a*mb .. r*K + (a+1)*mb - 1``. One process with micro_batch 8 and
+    two DDP/FSDP ranks with micro_batch 4 therefore train on the same sequences at every step.
+
+    ``state_dict()`` is this rank's slots; :meth:`merge_states` joins every rank's into the full,
+    layout-independent state that a checkpoint stores, from which any rank (of any layout with the same
+    global batch) takes its own slots with ``load_state_dict``.
+    """
+
+    def __init__(self, sources: list[SourceData], tokenize, eos_id: int, seq_len: int, slots: int, seed: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1):
+        from llmc.runtime.stream import SourceRef, StreamingMixture
+
+        if slots % dp_size:
+            raise ValueError(f"global batch of {slots} sequences does not split over {dp_size} data-parallel ranks")
+        self.slots, self.seq_len, self.seed, self.dp_rank, self.dp_size = slots, seq_len, seed, dp_rank, dp_size
+        self.per_rank = slots // dp_size
+        self.first = dp_rank * self.per_rank
+        refs = [SourceRef(s.name, s.path, s.format, s.text_field, s.weight) for s in sources]
+        self.mixtures = {s: StreamingMixture(refs, tokenize, eos_id, seq_len, rank=s, world=slots, seed=seed)
+                         for s in range(self.first, self.first + self.per_rank)}
+        self.pos = 0  # next slot offset inside this rank's share (0 at every optimizer-step boundary)
+
+    def next_batch(self, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (inputs, labels), each (micro_batch, seq_len) int64."""
+        if self.per_rank % micro_batch:
+            raise ValueError(f"micro_batch {micro_batch} does not divide this rank's {self.per_rank} sequences per step")
+        rows = [self.mixtures[self.first + self.pos + j].next_window() for j in range(micro_batch)]
+        self.pos = (self.pos + micro_batch) % self.per_rank
+        arr = torch.stack(rows)
+        return arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
+
+    def skip(self, micro_batches: int, micro_batch: int) -> None:
+        """Advance past ``micro_batches`` batches (loss-spike skipping)."""
+        for _ in range(micro_batches):
+            self.next_batch(micro_batch)
+
+    def epochs(self) -> dict[str, int]:
+        """Completed passes over each source by every owned slot (the least advanced slot)."""
+        eps = [m.epochs() for m in self.mixtures.values()]
+        return {k: min(e[k] for e in eps) for k in eps[0]}
+
+    def state_dict(self) -> dict:
+        return {"kind": "stream", "slots": self.slots, "seq_len": self.seq_len, "seed": self.seed, "pos": self.pos,
+                "streams": {str(s): m.state_dict() for s, m in self.mixtures.items()}}
+
+    def full_state(self) -> dict:
+        """Every rank's streams joined (collective under torch.distributed: all ranks call it)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.state_dict()
+        states: list = [None] * dist.get_world_size()
+        dist.all_gather_object(states, self.state_dict())
+        return self.merge_states(states)
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        """Join the ``state_dict()`` of every rank (tensor-parallel peers repeat theirs) into one."""
+        out = {k: v for k, v in states[0].items() if k != "streams"}
+        out["streams"] = {}
+        for st in states:
+            out["streams"].update(st["streams"])
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "stream":
+            raise ValueError("the checkpoint's data position is from the pre-tokenised loader; resume with "
+                             "the llmc version that wrote it or restart the stage")
+        for key in ("slots", "seq_len", "seed"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"{key} changed since the checkpoint ({state[key]} -> {getattr(self, key)}); "
+                                 "the data position would not match")
+        missing = [s for s in self.mixtures if str(s) not in state["streams"]]
+        if missing:
+            raise ValueError(f"checkpoint has no data position for sequence slot(s) {missing}")
+        for s, m in self.mixtures.items():
+            m.load_state_dict(state["streams"][str(s)])
+        self.pos = int(state["pos"])
+
+
+def build_stream_loader(sources: list[SourceData], tok: TextTokenizer, seq_len: int, slots: int, seed: int = 0,
+                        dp_rank: int = 0, dp_size: int = 1) -> StreamLoader:
+    """A :class:`StreamLoader` tokenising with ``tok`` (no BOS, EOS after each document, as
+    :func:`tokenize_source`)."""
+    return StreamLoader(sources, tok.encode, tok.eos_id, seq_len, slots, seed, dp_rank, dp_size)

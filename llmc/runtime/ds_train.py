@@ -5,11 +5,11 @@
     (torchrun -m llmc.runtime.ds_train ... works too; on a machine without a GPU set DS_ACCELERATOR=cpu)
 
 Builds the same model (``llmc.runtime.model.build_model``) and the same packed data
-(``prepare_assets`` + ``PackedLoader``, global samples dealt to the data-parallel ranks in order) as
+(``prepare_assets`` + ``StreamLoader``: the sources streamed in place, one stream per sequence slot) as
 the native trainer, hands the model to ``deepspeed.initialize(model, config=ds_config)`` and trains
 with ``engine.backward`` / ``engine.step`` (DeepSpeed scales the loss by 1/gradient_accumulation_steps
 and applies ``gradient_clipping``). Metrics go to ``<out>/metrics.jsonl`` in the native trainer's
-format. Resumable DeepSpeed checkpoints (``engine.save_checkpoint`` / ``load_checkpoint``, ZeRO
+format, with TensorBoard / W&B / progress through ``llmc.runtime.observe.RunLogger``. Resumable DeepSpeed checkpoints (``engine.save_checkpoint`` / ``load_checkpoint``, ZeRO
 shards included) go to ``<out>/ds_checkpoints``; at the end the full weights are also written as an
 llmc checkpoint (``<out>/checkpoints/step-N``) and ``DONE.json`` names it, so a following stage
 (native or DeepSpeed) can ``init_from`` this one.
@@ -149,13 +149,19 @@ def load_weights_zero_aware(model, path: Path, rank: int) -> int:
     import deepspeed
     import torch
 
-    from llmc.runtime.checkpoint import load_model_weights, resolve_checkpoint, verify_checkpoint
+    from llmc.runtime.checkpoint import (
+        load_model_weights,
+        read_model_state,
+        resolve_checkpoint,
+        verify_checkpoint,
+    )
 
     if not any(hasattr(p, "ds_id") for p in model.parameters()):
         return load_model_weights(model, path)
     ck = resolve_checkpoint(path)
     step = int(verify_checkpoint(ck)["step"])
-    sd = torch.load(ck / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    sd = (torch.load(ck / "model.pt", map_location="cpu", weights_only=True, mmap=True) if (ck / "model.pt").exists()
+          else read_model_state(ck))  # a native stage's sharded (DCP) checkpoint
     params = dict(model.named_parameters())
     if set(params) != set(sd):
         diff = sorted(set(params) ^ set(sd))
@@ -175,11 +181,11 @@ def _prune(folder: Path, keep: int) -> None:
 
 
 def _data_loader(job, assets_root: Path, rank: int, world: int):
-    """(the stage's packed loader, its assets): rank 0 prepares the assets and the token cache (idempotent), the
-    other ranks read what it wrote."""
+    """(the stage's streamed loader, its assets): rank 0 prepares the assets (the tokenizer; idempotent), the
+    other ranks read what it wrote; every rank then streams its share of the sources in place."""
     import torch.distributed as dist
 
-    from llmc.runtime.data import Assets, build_loader
+    from llmc.runtime.data import Assets, build_stream_loader
     from llmc.runtime.entry import prepare_assets
 
     main = rank == 0
@@ -194,10 +200,8 @@ def _data_loader(job, assets_root: Path, rank: int, world: int):
     tok = assets.tokenizer()
     if tok.vocab_size > job.arch.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {job.arch.vocab_size}")
-    if main:
-        build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed)
-    dist.barrier()
-    return build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed, rank, world), assets
+    return build_stream_loader(list(assets.sources), tok, job.seq_len, job.global_batch_seqs, job.seed, rank,
+                               world), assets
 
 
 def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root: Path, *,
@@ -283,7 +287,14 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLogger(out / "metrics.jsonl", enabled=main)
+    if main and can_resume:  # each step once in metrics.jsonl: drop what the interrupted run logged after it
+        from llmc.runtime.metrics_io import truncate_after_step
+
+        truncate_after_step(out / "metrics.jsonl", step)
+    from llmc.runtime.train import open_run_logger
+
+    log = open_run_logger(job, out, main, True, MetricsLogger(out / "metrics.jsonl", enabled=main),
+                          resumed_step=step if can_resume else None)
     _say(f"{job.name}/{job.stage} (DeepSpeed ZeRO-{zero}, {config_name}): {n_params:,} params "
          f"({local_numel:,} held by rank 0), {job.steps} steps x {tokens_per_step:,} tokens "
          f"(mb {micro} x accum {accum} x dp {world}), seq {job.seq_len}, AC {job.activation_checkpointing}, "
@@ -294,7 +305,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     def save_ds() -> None:
         tag = f"step-{step:08d}"
         engine.save_checkpoint(str(ds_dir), tag=tag,
-                               client_state={"step": step, "tokens": tokens, "data": loader.state_dict()})
+                               client_state={"step": step, "tokens": tokens, "data": loader.full_state()})
         dist.barrier()
         if main:
             _prune(ds_dir, job.keep_latest)
@@ -371,6 +382,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
             os.replace(tmp, done)
         log.event("end", **{k: v for k, v in result.items() if k != "loss"}, final_loss=last_loss)
         _say(f"{status} at step {step}: loss {last_loss:.4f}, checkpoint {final}")
+    log.close()
     dist.barrier()
     return result
 

@@ -11,8 +11,8 @@ stop a run of the planned length early, with a checkpoint and without DONE.json;
 Runs one stage: pretrain / midtrain / long_context in :mod:`llmc.runtime.train`; sft / dpo / grpo via
 ``llmc.runtime.posttrain.run_stage(job, out_dir)``. Works as one process or under torchrun
 (RANK / WORLD_SIZE). ``prepare`` (also done automatically before training) builds the shared assets,
-idempotently: ``<assets>/assets/tokenizer.json`` (+ tokenizer_config.json) and ``<assets>/data/<source>.jsonl``,
-so torchtitan / DeepSpeed jobs read the same tokenizer and data. Default ``--assets`` = the lock's folder;
+idempotently: ``<assets>/assets/tokenizer.json`` (+ tokenizer_config.json) and ``assets.json`` naming the
+sources where they lie (streamed by the trainers; only ``builtin`` corpora are written, to ``<assets>/data/``). Default ``--assets`` = the lock's folder;
 default ``--out`` = ``<assets>/run/<stage>``. User errors print one line and exit 1.
 """
 
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from llmc.lockfile import read_lock
-from llmc.runtime.data import Assets, SourceData, read_documents
+from llmc.runtime.data import Assets, SourceData
 from llmc.runtime.job import NATIVE_KINDS, POSTTRAIN_KINDS, TrainJob
 
 MAX_TOKENIZER_TRAIN_CHARS = 50_000_000  # cap on text fed to BPE training
@@ -54,6 +54,28 @@ def _stage_sources(job: TrainJob) -> list:
     return out
 
 
+def _source_key(path: Path, fmt: str, text_field: str) -> str:
+    """Changes when a source's files change (path, size, mtime of each), without reading them."""
+    from llmc.runtime.data import expand_paths
+
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if fmt == "hf" else expand_paths(path, fmt)
+    h = hashlib.sha256(f"{fmt}|{text_field}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _wants_jsonl(job: TrainJob) -> bool:
+    """Whether the torchtitan job will run: it reads ``data/<name>.jsonl`` (``LLMC_PREPARE_JSONL=1``,
+    ``training.backend: torchtitan``, or a plan with pp/cp/ep > 1, which only torchtitan runs)."""
+    if os.environ.get("LLMC_PREPARE_JSONL", "") not in ("", "0"):
+        return True
+    if job.spec is not None and job.spec.training.backend == "torchtitan":
+        return True
+    return any(getattr(job, k) > 1 for k in ("pp", "cp", "ep"))
+
+
 def _write_jsonl(docs, path: Path) -> int:
     tmp = path.with_suffix(f".jsonl.tmp{os.getpid()}")
     n = 0
@@ -67,61 +89,66 @@ def _write_jsonl(docs, path: Path) -> int:
     return n
 
 
-def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
-    """Build (or reuse) ``out_dir/assets`` (tokenizer) and ``out_dir/data/*.jsonl``; returns :class:`Assets`.
+def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, *, jsonl: bool | None = None) -> Assets:
+    """Build (or reuse) ``out_dir/assets`` (the tokenizer); returns :class:`Assets` naming every source where
+    it lies, for the trainers to stream (:class:`llmc.runtime.data.StreamLoader`).
 
-    Sources: ``builtin`` (``python-docs``: generated offline by :mod:`llmc.runtime.corpus`), ``text`` /
-    ``jsonl`` / ``parquet`` (local files, converted once to ``data/<name>.jsonl`` with a "text" field).
-    Chat / preference / prompt sources are copied as they are (their records are not plain text).
-    Tokenizer: ``tokenizer.path`` is copied into assets/; ``tokenizer.train`` trains a byte-level BPE of
-    ``vocab_size`` (default: the model's) on the text sources. Every step is skipped when its inputs
-    are unchanged (a key in ``assets/prepare.json``).
+    Nothing proportional to the data is written: ``text`` / ``jsonl`` / ``parquet`` sources stay where they
+    are (a ``datasets`` ``save_to_disk`` folder is read as a Hugging Face dataset, whatever its declared
+    format). Only ``builtin`` corpora (``python-docs``, generated offline by :mod:`llmc.runtime.corpus`,
+    a few MB) are written, to ``data/<name>.jsonl``. Chat / preference / prompt sources are passed as they
+    are. Tokenizer: ``tokenizer.path`` is copied into assets/; ``tokenizer.train`` trains a byte-level BPE of
+    ``vocab_size`` (default: the model's) on at most ``MAX_TOKENIZER_TRAIN_CHARS`` of the text sources, read
+    in place. Every step is skipped when its inputs are unchanged (a key in ``assets/prepare.json``).
+
+    ``jsonl`` (default: :func:`_wants_jsonl`): also write every text source to ``data/<name>.jsonl`` with a
+    "text" field, the input of the emitted torchtitan job (the native and DeepSpeed trainers never read it).
     """
     from llmc.runtime import corpus
+    from llmc.runtime.data import is_hf_saved_dataset
+    from llmc.runtime.stream import SourceRef, documents
     from llmc.runtime.tokenizer import train_bpe
 
     root = Path(out_dir).resolve()
     data_dir, asset_dir, cache_dir = root / "data", root / "assets", root / "cache"
-    for d in (data_dir, asset_dir, cache_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    asset_dir.mkdir(parents=True, exist_ok=True)
     state_file = asset_dir / "prepare.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     produced: list[SourceData] = []
+    text_keys: dict[str, str] = {}  # text source name -> key of its content
     for src in _stage_sources(job):
-        target = data_dir / f"{src.name}.jsonl"
         if src.format == "builtin" and src.kind in ("chat", "preference", "prompts"):
             continue  # post-training records: generated at stage time by llmc.runtime.synthetic
         if src.format == "builtin":
+            target = data_dir / f"{src.name}.jsonl"
             key = f"builtin:{src.name}:{sys.version}"
             if state.get(target.name) != key or not target.exists():
                 if src.name not in corpus.BUILTIN_CORPORA:
                     raise ValueError(f"data source {src.name!r}: unknown builtin corpus "
                                      f"(known: {', '.join(corpus.BUILTIN_CORPORA)})")
+                data_dir.mkdir(parents=True, exist_ok=True)
                 info = corpus.write_corpus(target, src.name)
                 log(f"prepare: wrote {info['docs']} documents ({info['chars']:,} chars) to {target}")
                 state[target.name] = key
             produced.append(SourceData(src.name, str(target), "jsonl", "text", src.weight))
+            text_keys[src.name] = key
             continue
         if src.path is None:
             raise ValueError(f"data source {src.name!r} has no path (planning-only source); the native trainer "
                              f"needs local data")
         path = job.resolve_path(src.path)
-        if src.kind in ("chat", "preference", "prompts"):  # structured records: copy verbatim
+        if src.kind in ("chat", "preference", "prompts"):  # structured records: read by the post-training code
             produced.append(SourceData(src.name, str(path), src.format, src.text_field, src.weight))
             continue
-        from llmc.runtime.data import expand_paths
-
-        files = expand_paths(path, src.format)
-        h = hashlib.sha256(f"{src.format}|{src.text_field}".encode())
-        for f in files:
-            st = f.stat()
-            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-        key = h.hexdigest()
-        if state.get(target.name) != key or not target.exists():
-            n = _write_jsonl(read_documents(path, src.format, src.text_field), target)
-            log(f"prepare: {src.name}: {n} documents -> {target}")
+        fmt = "hf" if is_hf_saved_dataset(path) else src.format
+        key = text_keys[src.name] = _source_key(path, fmt, src.text_field)  # also checks that files exist
+        produced.append(SourceData(src.name, str(path), fmt, src.text_field, src.weight))
+        target = data_dir / f"{src.name}.jsonl"
+        if (_wants_jsonl(job) if jsonl is None else jsonl) and (state.get(target.name) != key or not target.exists()):
+            data_dir.mkdir(parents=True, exist_ok=True)
+            n = _write_jsonl(documents(SourceRef(src.name, str(path), fmt, src.text_field)), target)
+            log(f"prepare: {src.name}: {n} documents -> {target} (for the torchtitan job)")
             state[target.name] = key
-        produced.append(SourceData(src.name, str(target), "jsonl", "text", src.weight))
 
     from llmc.runtime.quality_prepare import apply_quality  # data.quality: dedup + decontamination
 
@@ -140,16 +167,17 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
             log(f"prepare: copied tokenizer from {src_dir}")
     else:
         vocab = tk.vocab_size or job.arch.vocab_size
-        text_srcs = [s for s in produced if s.format == "jsonl" and data_dir in Path(s.path).parents]
-        key = f"bpe:{vocab}:{quality_key}" + ",".join(f"{s.name}={state.get(s.name + '.jsonl')}" for s in text_srcs)
+        text_srcs = [s for s in produced if s.name in text_keys]
+        key = (f"bpe:{vocab}:{MAX_TOKENIZER_TRAIN_CHARS}:{quality_key}:"
+               + ",".join(f"{s.name}={text_keys[s.name]}" for s in text_srcs))
         if state.get("tokenizer") != key or not tok_json.exists():
             if not text_srcs:
                 raise ValueError("tokenizer.train needs at least one text data source")
 
-            def texts():
+            def texts():  # the first MAX_TOKENIZER_TRAIN_CHARS characters, sources in order, read in place
                 budget = MAX_TOKENIZER_TRAIN_CHARS
                 for s in text_srcs:
-                    for d in read_documents(s.path, "jsonl", "text"):
+                    for d in documents(SourceRef(s.name, s.path, s.format, s.text_field)):
                         if budget <= 0:
                             return
                         budget -= len(d)
@@ -319,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     ap.add_argument("--fallback-checkpoint", action="store_true",
                     help="if the newest checkpoint is corrupt, resume from the newest complete one")
+    ap.add_argument("--jsonl", action="store_true",
+                    help="prepare: also write the text sources to data/<name>.jsonl (the torchtitan job's input)")
     ap.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU too (default fp32 on CPU)")
     a = ap.parse_args(argv)
     from llmc.runtime.checkpoint import CheckpointError
@@ -334,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd == "prepare":
             check_outputs(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root, None)
-            assets = prepare_assets(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root)
+            assets = prepare_assets(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root,
+                                    jsonl=True if a.jsonl else None)
             print(json.dumps(assets.to_json(), indent=1))
             return 0
         res = run_stage(lock, a.stage, a.out, root, steps=a.steps, max_seconds=a.max_seconds, stop_after=a.stop_after,

@@ -526,12 +526,12 @@ def _model_state(stage_dir: Path, *more: Path) -> dict[str, torch.Tensor]:
     """Full llmc state dict of a stage: its llmc checkpoint (native, DeepSpeed, post-training) or, failing
     that, the newest torchtitan DCP checkpoint (``step-N/.metadata``) under ``stage_dir`` or ``more``
     (converted with ``dcp_to_torch_save``, torchtitan FQNs mapped to llmc's)."""
-    from llmc.runtime.checkpoint import CheckpointError, resolve_checkpoint
+    from llmc.runtime.checkpoint import CheckpointError, read_model_state, resolve_checkpoint
 
     if stage_dir.is_dir():
         try:
             ck = resolve_checkpoint(stage_dir)
-            return torch.load(ck / "model.pt", map_location="cpu", weights_only=True)
+            return read_model_state(ck)  # model.pt or the sharded (DCP) checkpoint
         except CheckpointError:
             pass
     dcp = sorted((p for d in (stage_dir, *more) if d.is_dir() for p in d.glob("**/step-*")

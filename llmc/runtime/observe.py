@@ -90,7 +90,7 @@ class RunLogger:
                  run_name: str | None = None, config: Mapping[str, Any] | None = None,
                  tensorboard: bool = True, wandb: bool | str = "auto", project: str = "llmc",
                  wandb_mode: str = "offline", metrics=None, enabled: bool = True, echo: bool = True,
-                 window: int = 20, clock: Callable[[], float] = time.monotonic):
+                 window: int = 20, clock: Callable[[], float] = time.monotonic, purge_step: int | None = None):
         self.enabled, self.echo = enabled, echo
         self.out_dir = Path(out_dir)
         self.total_steps, self.tokens_per_step = int(total_steps), tokens_per_step
@@ -108,7 +108,9 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # raises if `tensorboard` is not installed
 
-            self.tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            # purge_step: a resumed run drops the events a killed run wrote at steps >= purge_step
+            # (https://pytorch.org/docs/stable/tensorboard.html#torch.utils.tensorboard.writer.SummaryWriter)
+            self.tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge_step)
             if config:
                 self.tb.add_text("config", "```\n" + _pretty(config) + "\n```", 0)
         mode = os.environ.get("WANDB_MODE", wandb_mode)

@@ -10,7 +10,7 @@ Public API::
     SourceRef(name, path, format="jsonl", text_field="text", weight=1.0)
     m = StreamingMixture(sources, tokenize, eos_id, seq_len, rank=0, world=1, seed=0)
     for window in m: ...                      # torch.LongTensor (seq_len + 1,), endless
-    inputs, labels = m.next_batch(mb)         # (mb, seq_len) int64 each, like data.PackedLoader
+    inputs, labels = m.next_batch(mb)         # (mb, seq_len) int64 each
     state = m.state_dict(); m2.load_state_dict(state)   # exact continuation (JSON-serialisable)
     m.epochs()                                # {source name: completed passes over this rank's shard}
 
@@ -54,42 +54,18 @@ There is deliberately no progress bar here (streaming is lazy; progress bars bel
 
 from __future__ import annotations
 
-import glob
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from llmc.sources import SUFFIXES, SourceRef, files_of
+
 FORMATS = ("parquet", "jsonl", "text", "hf")
-_SUFFIXES = {"text": (".txt", ".md", ".text"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 
-
-@dataclass(frozen=True)
-class SourceRef:
-    """One data source, read in place. ``format`` is one of :data:`FORMATS`."""
-
-    name: str
-    path: str
-    format: str = "jsonl"
-    text_field: str = "text"
-    weight: float = 1.0
-
-
-def _files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        files = [f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes]
-    else:
-        files = [Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file()]
-    if not files:
-        raise FileNotFoundError(f"data source {path}: no {'/'.join(suffixes)} files found")
-    return sorted(files)
 
 
 # -- per-format document readers: this rank's documents, starting at shard position `start` ----------
@@ -98,7 +74,7 @@ def _parquet_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator
     import pyarrow.parquet as pq
 
     units = []  # (file, row_group, num_rows)
-    for f in _files(src.path, _SUFFIXES["parquet"]):
+    for f in files_of(src.path, SUFFIXES["parquet"]):
         md = pq.ParquetFile(f).metadata
         units += [(f, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
 
@@ -132,7 +108,7 @@ def _parquet_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator
 def _jsonl_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
     k = 0  # index of the non-blank line over all files
     mine = 0  # this rank's documents so far
-    for f in _files(src.path, _SUFFIXES["jsonl"]):
+    for f in files_of(src.path, SUFFIXES["jsonl"]):
         with open(f, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
@@ -151,7 +127,7 @@ def _jsonl_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[s
 
 
 def _text_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
-    files = _files(src.path, _SUFFIXES["text"])[rank::world]
+    files = files_of(src.path, SUFFIXES["text"])[rank::world]
     for f in files[start:]:
         yield f.read_text(encoding="utf-8", errors="replace")
 
@@ -171,7 +147,7 @@ def _hf_dataset(src: SourceRef, rank: int, world: int):
         # `world` shards (when there are enough rows) so split_dataset_by_node hands out whole shards
         ids = ds.to_iterable_dataset(num_shards=world if len(ds) >= world else 1)
     else:
-        files = _files(p, _SUFFIXES["parquet"] + _SUFFIXES["jsonl"])
+        files = files_of(p, SUFFIXES["parquet"] + SUFFIXES["jsonl"])
         kinds = {f.suffix for f in files}
         if len(kinds) > 1:
             raise ValueError(f"{p}: mixes {sorted(kinds)} files; use one format per source")

@@ -12,7 +12,7 @@ Outputs in ``out_dir``: ``metrics.jsonl``, ``checkpoints/step-N/``, ``hf/`` (Hug
 final weights, for the serving configs) and ``DONE.json``.
 
 Not handled here (by design): pp / cp / ep > 1 (refused with a one-line error: use torchtitan),
-fp8 (run as bf16), asynchronous checkpointing (saves are synchronous), DeepSpeed's zero_stage /
+fp8 (run as bf16), DeepSpeed's zero_stage /
 offload_optimizer (ds_train). The whole model is initialised on every rank before sharding unless
 ``job.meta_init`` (auto above 2B parameters with FSDP2/TP), so small-model layouts start bit-identical.
 """
@@ -36,14 +36,18 @@ from llmc.runtime.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    read_model_state,
     save_checkpoint,
+    wait_for_checkpoint,
 )
-from llmc.runtime.data import Assets, PackedLoader, build_loader
+from llmc.runtime.data import Assets, StreamLoader, build_stream_loader
 from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize, wants_compile
 from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into
 from llmc.runtime.job import TrainJob
 from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
+from llmc.runtime.metrics_io import truncate_after_step
 from llmc.runtime.model import Transformer, build_model, lm_loss, param_groups
+from llmc.runtime.observe import RunLogger
 
 
 class TrainingError(RuntimeError):
@@ -166,23 +170,21 @@ def _check_layout(job: TrainJob, info: DistInfo) -> None:
                             f"but WORLD_SIZE={info.world}")
 
 
-def make_loader(job: TrainJob, assets: Assets, info: DistInfo) -> PackedLoader:
-    """Rank 0 tokenises (cached memmaps), the others wait, then all open the cache."""
+def make_loader(job: TrainJob, assets: Assets, info: DistInfo) -> StreamLoader:
+    """The sources streamed in place, tokenised on the fly, this data-parallel rank's share of every step
+    (:class:`llmc.runtime.data.StreamLoader`: one stream per sequence of the global batch)."""
     tok = assets.tokenizer()
     if tok.vocab_size > job.arch.vocab_size:
         raise TrainingError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                             f"{job.arch.vocab_size}")
     dp_rank, dp_size = dp_coords(info, job.dp_replicate, job.dp_shard, job.tp)
-    if info.rank == 0:
-        build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed)
-    if _world() > 1:
-        dist.barrier()
-    return build_loader(list(assets.sources), tok, job.seq_len, assets.cache_dir, job.seed, dp_rank, dp_size)
+    return build_stream_loader(list(assets.sources), tok, job.seq_len, job.global_batch_seqs, job.seed,
+                               dp_rank, dp_size)
 
 
 def _export_hf(job: TrainJob, ckpt: Path, out: Path, assets: Assets, say) -> str | None:
     """Write ``out/hf`` (Hugging Face format, bf16) from the final checkpoint for the serving configs."""
-    sd = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    sd = read_model_state(ckpt)
     res = export_stage(job, out, out / "hf", tokenizer_dir=assets.tokenizer_dir, model_sd=sd)
     if res.get("hf") is None:
         say(f"note: no Hugging Face export ({res['why']})")
@@ -225,7 +227,7 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
     return model, wrapped, n_params
 
 
-def _forward_backward(job: TrainJob, wrapped, loader: PackedLoader, info: DistInfo, cpu_bf16: bool,
+def _forward_backward(job: TrainJob, wrapped, loader: StreamLoader, info: DistInfo, cpu_bf16: bool,
                       is_ddp: bool) -> torch.Tensor:
     """One optimizer step's micro-batches (gradients accumulated); returns the summed loss."""
     loss_sum = torch.zeros((), device=info.device)
@@ -272,7 +274,7 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
     main = info.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLogger(out / "metrics.jsonl", enabled=main, echo=echo)
+    metrics = MetricsLogger(out / "metrics.jsonl", enabled=main, echo=echo)
     say = print if (main and echo) else (lambda *a, **k: None)
     t_start = time.time()
 
@@ -305,15 +307,22 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
         window = deque(st.get("loss_window", []), maxlen=spike.window)
         return st
 
+    async_ckpt = bool(job.spec is not None and job.spec.training.checkpoint.async_mode)
+
     def checkpoint_now() -> Path:
-        state = {"tokens": tokens, "data": loader.state_dict(), "scheduler": sched.state_dict(),
+        state = {"tokens": tokens, "data": loader.full_state(), "scheduler": sched.state_dict(),
                  "loss_window": list(window), "rewinds": rewinds, "stage": job.stage, "seq_len": job.seq_len,
                  "layout": {"dp_replicate": job.dp_replicate, "dp_shard": job.dp_shard, "tp": job.tp}}
-        return save_checkpoint(ckpt_dir, step, wrapped, opt, state, keep_latest=job.keep_latest)
+        return save_checkpoint(ckpt_dir, step, wrapped, opt, state, keep_latest=job.keep_latest, sharded=True,
+                               async_save=async_ckpt)
 
     if resume_from is not None:
         st = restore(resume_from)
         rewinds = int(st.get("rewinds", 0))
+        if main:  # each step once in metrics.jsonl: drop what the interrupted run logged after the checkpoint
+            truncate_after_step(out / "metrics.jsonl", step)
+    log = open_run_logger(job, out, main, echo, metrics, resumed_step=step if resume_from is not None else None)
+    if resume_from is not None:
         say(f"resumed from {resume_from} at step {step}")
         log.event("resume", step=step, checkpoint=str(resume_from))
     elif spike.enabled:
@@ -358,6 +367,7 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
                     raise TrainingError(f"loss spike at step {step} (loss {last_loss:.4f}); gave up after "
                                         f"{spike.max_rewinds} rewinds")
                 data_after = loader.state_dict()
+                wait_for_checkpoint()
                 back = latest_checkpoint(ckpt_dir, fallback=True, log=say)
                 if back is None:
                     raise TrainingError(f"loss spike at step {step} but no checkpoint to rewind to")
@@ -393,6 +403,7 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
         final = checkpoint_now()
     else:
         final = ckpt_dir / f"step-{step:08d}"
+    wait_for_checkpoint()  # an asynchronous save completes before the stage reports
     result = {"status": status, "stage": job.stage, "kind": job.kind, "step": step, "steps": job.steps,
               "loss": last_loss, "tokens": tokens, "checkpoint": os.path.relpath(final, out),
               "wall_s": round(time.time() - t_start, 2), "params": n_params, "rewinds": rewinds}
@@ -400,10 +411,26 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
         result.update({f"val_{k}" if k == "step" else k: v for k, v in validator.last.items()})
     if main:
         _finish(job, result, final, out, assets, log, say)
+    log.close()
     return result
 
 
-def _finish(job: TrainJob, result: dict, final: Path, out: Path, assets: Assets, log: MetricsLogger, say) -> None:
+def open_run_logger(job: TrainJob, out: Path, main: bool, echo: bool, metrics: MetricsLogger,
+                    resumed_step: int | None = None) -> RunLogger:
+    """metrics.jsonl (through ``metrics``) + TensorBoard under ``out/tensorboard`` (when the package is
+    installed) + W&B offline (when installed and ``WANDB_MODE`` is not ``disabled``) + a progress/ETA line;
+    rank 0 only. After a resume, TensorBoard events past ``resumed_step`` are purged."""
+    import importlib.util
+
+    tb = importlib.util.find_spec("tensorboard") is not None
+    config = (job.lock or {}).get("spec", {}).get("resolved") if job.lock else None
+    return RunLogger(out, total_steps=job.steps, tokens_per_step=job.tokens_per_step,
+                     run_name=f"{job.name}-{job.stage}", config=config, tensorboard=tb, wandb="auto",
+                     metrics=metrics, enabled=main, echo=echo,
+                     purge_step=None if resumed_step is None else resumed_step + 1)
+
+
+def _finish(job: TrainJob, result: dict, final: Path, out: Path, assets: Assets, log: RunLogger, say) -> None:
     """Rank 0 after the loop: export + DONE.json (atomic: a stage is done or it is not) when done."""
     if result["status"] == "done":
         result["hf"] = _export_hf(job, final, out, assets, say)
