@@ -32,7 +32,7 @@ EXAMPLES = ["tiny_cpu", "llama3_8b_h100x8", "llama3_70b_h100x64", "llama3_405b_h
             "deepseek_v3", "qwen2.5_7b_a100x16"]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-STEP = re.compile(r"step:\s+(\d+)\s+loss:\s+([-+0-9.eEnaif]+)")
+STEP = re.compile(r"(?<!validate )step:\s+(\d+)\s+loss:\s+([-+0-9.eEnaif]+)")  # training steps, not validation
 
 pytestmark = pytest.mark.slow  # real torchtitan: heavy imports, subprocesses
 pytest.importorskip("torch")
@@ -80,7 +80,8 @@ def load_job(module: Path, config: str = "job", extra: tuple[str, ...] = ()):
 
 def make_assets(run_dir: Path, vocab: int, n_docs: int = 300, names=("train",)) -> None:
     """A tiny byte-level BPE and a few JSONL documents per source name, offline (stand-in for
-    prepare_assets, same layout: assets/tokenizer.json, data/<source>.jsonl with a "text" field)."""
+    prepare_assets, same layout: assets/tokenizer.json, data/<source>.jsonl with a "text" field, and the
+    held-out split data/split/<source>.{train,val}.jsonl)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     (run_dir / "assets").mkdir(parents=True, exist_ok=True)
@@ -89,10 +90,14 @@ def make_assets(run_dir: Path, vocab: int, n_docs: int = 300, names=("train",)) 
     words = ("the model trains on tokens and the loss falls as the data parallel shards reduce "
              "gradients while tensor pipeline stages exchange activations").split()
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 120))) for _ in range(n_docs)]
-    for name in names:
-        with open(run_dir / "data" / f"{name}.jsonl", "w") as f:
-            for d in docs:
-                f.write(json.dumps({"text": d}) + "\n")
+    (run_dir / "data" / "split").mkdir(exist_ok=True)
+    for name in names:  # the source, and its held-out split as prepare writes it for eval.validation
+        for path, part in ((run_dir / "data" / f"{name}.jsonl", docs),
+                           (run_dir / "data" / "split" / f"{name}.train.jsonl", docs[: len(docs) * 9 // 10]),
+                           (run_dir / "data" / "split" / f"{name}.val.jsonl", docs[len(docs) * 9 // 10:])):
+            with open(path, "w") as f:
+                for d in part:
+                    f.write(json.dumps({"text": d}) + "\n")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -181,12 +186,15 @@ def test_example_module_loads_through_config_manager(name, tmp_path, monkeypatch
     run = tmp_path / "run"
     assert cfg.hf_assets_path == str(run / "assets")
     srcs = [s for s in spec.data.sources if s.kind in ("general", "domain", "code", "math", "multilingual")]
+    # with eval.validation the job trains on the held-out split's training part (data/split/<name>.train.jsonl)
+    split = spec.eval is not None and spec.eval.validation is not None and not spec.eval.validation.files
+    file = "split/{}.train.jsonl" if split else "{}.jsonl"
     if len(srcs) > 1:  # weighted mixture through torchtitan's interleaved loader
-        got = {Path(x.dataset_path).name: x.weight for x in cfg.dataloader.sources}
+        got = {Path(x.dataset_path).relative_to(run / "data").as_posix(): x.weight for x in cfg.dataloader.sources}
         total = sum(s.weight for s in srcs)
-        assert got == pytest.approx({f"{s.name}.jsonl": s.weight / total for s in srcs})
+        assert got == pytest.approx({file.format(s.name): s.weight / total for s in srcs})
     else:
-        want = run / "data" / (f"{srcs[0].name}.jsonl" if srcs else "")
+        want = run / "data" / (file.format(srcs[0].name) if srcs else "")
         assert cfg.dataloader.dataset_path == str(want).rstrip("/")
 
     # torchtitan's own validation of the model against the job (tp | heads, seq_len <= RoPE, EP, PP
