@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,18 +91,12 @@ NUMERIC = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes", "
 
 
 def read_metrics(path: str | Path, name: str | None = None) -> StageMetrics:
-    """Step records of one ``metrics.jsonl`` (events and a truncated last line skipped), sorted by step;
-    a step logged twice (a resumed run repeats steps after its checkpoint) keeps the later record."""
+    """Step records of one ``metrics.jsonl`` through :func:`llmc.runtime.metrics_io.read_metrics` (each step
+    once, its training and validation records merged; events and a torn last line skipped)."""
+    from llmc.runtime.metrics_io import read_metrics as read_log  # no torch import
+
     path = Path(path)
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict) or "event" in rec or not isinstance(rec.get("step"), int):
-            continue
-        by_step[rec["step"]] = rec
+    by_step: dict[int, dict[str, Any]] = {r["step"]: r for r in read_log(path).steps if isinstance(r.get("step"), int)}
     steps = sorted(by_step)
     cols: dict[str, list[float | None]] = {}
     for key in NUMERIC:

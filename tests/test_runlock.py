@@ -202,3 +202,7 @@ def test_read_metrics_last_write_wins_and_tolerates_partial_tail(tmp_path):
     path.write_text(_rec(1, 5.0) + "garbage\n" + _rec(2, 4.0))
     with pytest.raises(ValueError, match=r"m.jsonl:2"):
         read_metrics(path)
+    # a step's validation record joins its training record instead of replacing it
+    path.write_text(_rec(1, 5.0) + _rec(2, 4.0) + json.dumps({"step": 2, "val_loss": 4.4}) + "\n")
+    assert [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(path).steps] == [
+        (1, 5.0, None), (2, 4.0, 4.4)]

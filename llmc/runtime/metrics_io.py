@@ -95,7 +95,9 @@ def truncate_after_step(path: str | Path, step: int) -> int:
 
 
 def read_metrics(path: str | Path) -> MetricsLog:
-    """Each training step once (last write wins, step order) and the events in file order."""
+    """Each training step once (step order) and the events in file order. Records of one step are merged,
+    later keys winning: a step's training record and its validation record (``val_loss``) become one, and
+    a step written again after a resume replaces the earlier values."""
     recs, _ = _records(Path(path))
     steps: dict[int, dict] = {}
     events: list[dict] = []
@@ -103,5 +105,5 @@ def read_metrics(path: str | Path) -> MetricsLog:
         if "event" in rec:
             events.append(rec)
         elif _step(rec) is not None:
-            steps[_step(rec)] = rec
+            steps[_step(rec)] = {**steps.get(_step(rec), {}), **rec}
     return MetricsLog(steps=[steps[k] for k in sorted(steps)], events=events)
