@@ -306,23 +306,7 @@ def test_export_from_a_torchtitan_dcp_checkpoint(tmp_path):
         torch.testing.assert_close(exported(input_ids=tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
 
 
-META_HF_RUN = """
-import json, sys
-from pathlib import Path
-import torch.distributed as dist
-from llmc.runtime.distributed import init_distributed, shutdown
-from llmc.runtime.job import TrainJob
-from llmc.runtime.entry import _prepare_collective
-from llmc.runtime.train import train
-lock_path = Path(sys.argv[1])
-job = TrainJob.from_lock(json.loads(lock_path.read_text())).replace(meta_init=True)
-assets = _prepare_collective(job, lock_path.parent)
-info = init_distributed()
-if info.rank == 0:
-    dist.barrier()
-train(job, Path(sys.argv[2]), assets, info=info)
-shutdown()
-"""
+from test_runtime_train import META_RUN as META_HF_RUN  # noqa: E402  (the same meta-init runner)
 
 
 @pytest.mark.slow

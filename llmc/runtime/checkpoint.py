@@ -81,6 +81,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _publish(tmp: Path, final: Path, folder: Path, manifest: dict, keep_latest: int | None) -> None:
+    """Rank 0: write the manifest, atomically rename the finished step folder into place, prune old ones."""
+    _write_json(manifest, tmp / "manifest.json")
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    if keep_latest:
+        for _, old in list_checkpoints(folder)[:-keep_latest]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -254,16 +267,8 @@ def _finalize(folder: Path, tmp: Path, final: Path, step: int, keep_latest: int 
                 files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         for d in [p for p in tmp.rglob("*") if p.is_dir()]:
             _fsync_dir(d)
-        _write_json({"format": FORMAT, "layout": layout, "async": asynchronous, "step": step, "world": world,
-                     "files": files}, tmp / "manifest.json")
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(folder)
-        if keep_latest:
-            for _, old in list_checkpoints(folder)[:-keep_latest]:
-                shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, final, folder, {"format": FORMAT, "layout": layout, "async": asynchronous, "step": step,
+                                      "world": world, "files": files}, keep_latest)
     _barrier()
 
 
@@ -361,15 +366,7 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optim
     _barrier()
     if rank == 0:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
-        _write_json({"format": FORMAT, "step": step, "world": world, "files": files}, tmp / "manifest.json")
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(folder)
-        if keep_latest:
-            for _, old in list_checkpoints(folder)[:-keep_latest]:
-                shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, final, folder, {"format": FORMAT, "step": step, "world": world, "files": files}, keep_latest)
     _barrier()
     return final
 
