@@ -15,3 +15,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   DS_BUILD_OPS=0 .venv/bin/pip install --quiet -e '.[all]'
   echo "$want" > "$stamp"
 fi
+# SkyPilot's own task parser checks the emitted skypilot/task.yaml in tests (tests/test_cluster_manifests.py).
+# It gets its own environment: skypilot 0.14.1 needs click < 8.2, while wandb 0.31 and huggingface_hub 1.33
+# (in .venv) need click >= 8.2 / 8.4.2.
+if [ ! -f .venv-sky/.installed ]; then
+  "$PY" -m venv .venv-sky
+  .venv-sky/bin/pip install --quiet "skypilot==0.14.1" pyyaml
+  touch .venv-sky/.installed
+fi
