@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from llmc.compiler import timing
@@ -238,3 +240,34 @@ def test_generic_profile_is_the_historical_model():
     sm = timing.step_model(LLAMA_8B, 8192, "bf16", get_gpu("h100-sxm"))
     assert sm.backend == "generic" and sm.base_efficiency == timing.BASE_EFFICIENCY
     assert sm.cp_overlap == timing.CP_OVERLAP and sm.fsdp_overlap == timing.OVERLAP
+
+
+@pytest.mark.parametrize("key,pcie", [("l40s", 32.0), ("rtx4090", 32.0)])
+def test_pcie_only_parts_time_intra_node_collectives_over_pcie(key, pcie):
+    # no NVLink (nvlink_gbps 0): TP all-reduces run over PCIe x16 (Gen4: 64 GB/s bidirectional, 32 per
+    # direction, datasheets), finite, and slower than the same ring over an NVLink part's links
+    gpu = get_gpu(key)
+    assert gpu.nvlink_gbps == 0 and timing.intra_node_gbps(gpu) == (pcie, "pcie")
+    arch = LLAMA_8B
+    t, mb, m = 2, 1, 2
+    plan = ParallelPlan(tp=t, dp_shard=4, micro_batch=mb, grad_accum=m, zero_stage=3)
+    step, mfu, br = timing.step_time(_sm(arch, 4096, gpu=gpu), plan)
+    bytes_per_coll = mb * 4096 * arch.d_model * 2
+    expect = m * arch.n_layers * 4 * bytes_per_coll * 2 * (t - 1) / t / (pcie * 1e9 * timing.COMM_EFFICIENCY)
+    assert br["tp_comm"] == pytest.approx(expect, rel=1e-9)
+    assert 0 < mfu < 1 and step > 0
+    # the FSDP group (tp x dp_shard = 8 GPUs) sits inside the node: its gathers also ride PCIe, not the NIC
+    lt = timing.layout_timer(_sm(arch, 4096, gpu=gpu), plan)
+    nic = timing.layout_timer(_sm(arch, 4096, gpu=dataclasses.replace(gpu, pcie_gbps=0.0)), plan)
+    assert lt.one_pass == pytest.approx(nic.one_pass * (gpu.net_gbps / 8) / pcie, rel=1e-9)
+
+
+def test_h100_pcie_without_bridge_falls_back_to_pcie():
+    bridged = get_gpu("h100-pcie")
+    unbridged = dataclasses.replace(bridged, nvlink_gbps=0.0)
+    assert timing.intra_node_gbps(bridged) == (300.0, "nvlink")
+    assert timing.intra_node_gbps(unbridged) == (64.0, "pcie")  # PCIe Gen5 x16, 128 GB/s bidirectional
+    plan = ParallelPlan(tp=4, dp_shard=2, micro_batch=1, grad_accum=1, zero_stage=3)
+    a = timing.step_time(_sm(LLAMA_8B, 4096, gpu=bridged), plan)[2]["tp_comm"]
+    b = timing.step_time(_sm(LLAMA_8B, 4096, gpu=unbridged), plan)[2]["tp_comm"]
+    assert b / a == pytest.approx(300.0 / 64.0, rel=1e-9)

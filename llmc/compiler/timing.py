@@ -118,7 +118,7 @@ class StepModel:
     sec_per_flop: float  # 1 / effective peak at 100 % efficiency, matmul and attention weighted
     precision: str
     gpus_per_node: int
-    nvlink_Bps: float  # bytes/s per direction per GPU
+    nvlink_Bps: float  # bytes/s per direction per GPU inside the node (NVLink; PCIe on parts without it)
     net_Bps: float  # bytes/s per GPU
     hbm_Bps: float
     backend: str = "generic"
@@ -209,7 +209,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     if not compiled_:  # eager: every norm / RoPE / SwiGLU op reads and writes HBM on its own
         elementwise *= be.eager_elementwise
     tp_overlap = be.async_tp_overlap if (async_tp and compiled_) else be.tp_overlap
-    domain = getattr(gpu, "nvlink_domain", None) or gpu.gpus_per_node
+    domain = (getattr(gpu, "nvlink_domain", None) if gpu.nvlink_gbps > 0 else None) or gpu.gpus_per_node
     embed = float(V * d)
     head_p = 0.0 if arch.tied_embeddings else float(V * d)
     return StepModel(
@@ -219,12 +219,26 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         recompute_flops=rec, flops_per_token=float(total),
         layer_params=blocks / L, expert_params_per_layer=expert, embed_params=embed, head_params=head_p,
         is_moe=arch.moe is not None, peak=peak, sec_per_flop=sec_per_flop, precision=precision,
-        gpus_per_node=domain, nvlink_Bps=gpu.nvlink_gbps * 1e9 * COMM_EFFICIENCY,
+        gpus_per_node=domain, nvlink_Bps=intra_node_gbps(gpu)[0] * 1e9 * COMM_EFFICIENCY,
         net_Bps=gpu.net_gbps / 8 * 1e9 * COMM_EFFICIENCY, hbm_Bps=gpu.hbm_gbps * 1e9,
         backend=be.name, compiled=compiled_, tp_overlap=tp_overlap, fsdp_overlap=be.fsdp_overlap,
         ep_overlap=be.ep_overlap, ep_node_dedup=be.ep_node_dedup, cp_overlap=be.cp_overlap, compute_scale=compute_scale, comm_scale=comm_scale,
         base_efficiency=be.base_efficiency, fp8_cast_full=cast_full, fp8_cast_sharded=cast_sharded,
     )
+
+
+def intra_node_gbps(gpu) -> tuple[float, str]:
+    """(GB/s per GPU per direction, link) between GPUs of one node: NVLink / Infinity Fabric where the table
+    has it; otherwise PCIe (``pcie_gbps``: L40S, RTX 4090, an H100 PCIe without its bridge), the path
+    NCCL takes between GPUs without a GPU fabric (P2P through the PCIe switch, or through host memory;
+    https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html, NCCL_P2P_LEVEL); with neither
+    given, the node's network NIC (``net_gbps`` Gbit/s), the slowest path, so nothing divides by zero."""
+    if gpu.nvlink_gbps > 0:
+        return float(gpu.nvlink_gbps), "nvlink"
+    pcie = float(getattr(gpu, "pcie_gbps", 0.0) or 0.0)
+    if pcie > 0:
+        return pcie, "pcie"
+    return gpu.net_gbps / 8, "network"
 
 
 def mfu_peak(gpu, precision: str) -> float:
