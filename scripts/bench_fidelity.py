@@ -325,7 +325,7 @@ def _points(results: list[dict]):
 
 def calibration_key(x: dict) -> tuple[str, str]:
     """(backend, GPU) within one source: one software version on one cluster, as a user's own runs are."""
-    return x["backend"], f"{x['gpu_key'] or ''} ({x['group'].split(' / ')[0]})"
+    return x["backend"], x["gpu_key"] or ""
 
 
 def loo_calibrated(results: list[dict]) -> None:

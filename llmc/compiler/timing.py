@@ -131,8 +131,15 @@ class StepModel:
     compute_scale: float = 1.0  # calibration: compute and elementwise time / compute_scale
     comm_scale: float = 1.0  # calibration: every exposed communication time x comm_scale
     base_efficiency: float = BASE_EFFICIENCY  # the backend's GEMM efficiency level (already in sec_per_flop)
-    fp8_cast_full: float = 0.0  # fp8 cast HBM bytes per token per block not split by tp (see step_model)
+    fp8_cast_full: float = 0.0  # fp8 cast HBM bytes per token per block not split by tp, when tp > 1 (step_model)
     fp8_cast_sharded: float = 0.0  # fp8 cast HBM bytes per token per block split by tp
+    fp8_cast_tp1: float = 0.0  # the fp8_cast_full elements' bytes per token per block when tp = 1 (fusable casts)
+    fp8_cast_tp_sharded: float = 0.0  # extra cast bytes per token per block split by tp, when tp > 1
+    fp8_weight_cast: float = 0.0  # fp8 weight-cast HBM bytes per block per micro-batch, before tp sharding
+    tp_fwd_gather_bytes: float = ACT_BYTES  # bytes per element of the forward TP all-gathers (1: fp8 gather)
+    fp8_linear_sec_per_flop: float = 0.0  # the fp8 linears' part of sec_per_flop (0 = not fp8)
+    fp8_shape_stretch: float = 1.0  # fp8 GEMMs: TOKENS_HALF / WIDTH_HALF scaled by this (see _efficiency)
+    tp_gather_unfused: tuple[bool, bool] = (False, False)  # (fwd, bwd) TP all-gathers feed an fp8 cast, not a GEMM
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # per-pp stage info
 
 
@@ -177,11 +184,14 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     # fp8 (torchao float8) runs only the linears in fp8; attention stays bf16 (hardware.peak_flops note)
     attn_share = flops.attention_share(arch, seq_len)
     peak = mfu_peak(gpu, precision)
+    fp8_lin = 0.0
+    speedup = 1.0
     if precision == "fp8":
         # the linears run fp8_linear_speedup x faster than in bf16 (never above the fp8/bf16 peak ratio)
         recipe = fp8_recipe or be.fp8_default_recipe
         speedup = be.fp8_rowwise_speedup if recipe == "rowwise" else be.fp8_linear_speedup
         speedup = min(speedup, peak_flops(gpu, "fp8") / peak)
+        fp8_lin = (1 - attn_share) / (peak * speedup) / (be.base_efficiency * clock_factor(gpu))
         sec_per_flop = (1 - attn_share) / (peak * speedup) + attn_share / (peak * be.attn_relative_efficiency)
     else:
         sec_per_flop = (1 - attn_share) / peak + attn_share / (peak * be.attn_relative_efficiency)
@@ -192,20 +202,40 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     # memory-bound elementwise work (RMSNorm, residual adds, RoPE, SiLU x up): forward traffic in bf16,
     # backward about twice that (estimate; it is what keeps small models well below large-model MFU)
     elementwise = 3 * ACT_BYTES * (ELEMENTWISE_D * d + ELEMENTWISE_FF * ff_active)
-    # fp8 casts (torchao float8 / TE): input casts of every linear forward and grad_output casts backward,
-    # HBM-bound. Elements per token per block: "full" = inputs of column-parallel linears (wq, wk, wv, w1,
-    # w3: sequence-parallel TP all-gathers them to the whole sequence) + grad_outputs of row-parallel ones
-    # (wo, w2: full width); "sharded" (/ tp) = the other inputs and grad_outputs.
-    cast_full = cast_sharded = 0.0
+    # fp8 casts (torchao float8 / TE), HBM-bound: every fp8 linear casts its input (forward), its weight and
+    # its grad_output (backward). Bytes per cast element follow torchao's float8 roofline model
+    # (torchao/testing/float8/roofline_utils.py, get_tensor_memory_traffic_ovhd_s): a cast that torch.compile
+    # fuses into the producing kernel (a norm, SwiGLU) saves the bf16 read (fp8_cast_bytes); one whose input
+    # comes out of a collective or an eager op cannot (fp8_cast_bytes_unfused). Elements per token per
+    # block: "full" = inputs of the column-parallel linears (wq, wk, wv, w1, w3: sequence-parallel TP
+    # all-gathers them to the whole sequence, then each linear casts its input) + grad_outputs of the
+    # row-parallel ones (wo, w2: full width); "sharded" (/ tp) = the other inputs and grad_outputs.
+    # torchtitan with tensorwise scaling and TP casts the attention and MLP inputs once on the local shard
+    # and all-gathers them in fp8 (torchtitan parallelize.py: enable_float8_tensorwise_tp ->
+    # torchao Float8ColwiseParallel / PrepareFloat8ModuleInput; rowwise "all-gather happens in high
+    # precision"): those casts are split by tp and the forward all-gathers move 1 byte per element.
+    cast_full = cast_sharded = cast_tp1 = cast_tp_sharded = weight_cast = 0.0
+    tp_gather = float(ACT_BYTES)
     if precision == "fp8":
-        per_elem = be.fp8_cast_bytes.get(fp8_recipe or be.fp8_default_recipe, 0.0)
+        recipe = fp8_recipe or be.fp8_default_recipe
+        fused = be.fp8_cast_bytes.get(recipe, 0.0)
+        unfused = be.fp8_cast_bytes_unfused.get(recipe, fused)
+        if not compiled_:  # eager: nothing is fused into the producing kernel
+            fused = unfused
         if arch.mla is not None:
             q_out = arch.n_heads * (arch.mla.qk_nope_head_dim + arch.mla.qk_rope_head_dim + arch.mla.v_head_dim)
             kv_out = 0.0
         else:
             q_out, kv_out = arch.n_heads * arch.hd, 2 * arch.kv_heads * arch.hd
-        cast_full = per_elem * (5 * d + 2 * d)
-        cast_sharded = per_elem * (arch.n_heads * arch.hd + ff_active + q_out + kv_out + 2 * ff_active)
+        cast_sharded = fused * (arch.n_heads * arch.hd + ff_active + q_out + kv_out + 2 * ff_active)
+        cast_tp1 = fused * (5 * d + 2 * d)
+        if recipe in be.fp8_tp_gather_recipes:
+            cast_full = unfused * 2 * d  # grad_outputs of wo, w2 (gathered in bf16 backward)
+            cast_tp_sharded = fused * 2 * d  # attention and MLP inputs, cast once on the shard
+            tp_gather = 1.0
+        else:
+            cast_full = unfused * (5 * d + 2 * d)
+        weight_cast = be.fp8_weight_cast_bytes.get(recipe, 0.0) * (blocks - expert * n_moe) / L  # dense linears
     if not compiled_:  # eager: every norm / RoPE / SwiGLU op reads and writes HBM on its own
         elementwise *= be.eager_elementwise
     tp_overlap = be.async_tp_overlap if (async_tp and compiled_) else be.tp_overlap
@@ -224,6 +254,11 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         backend=be.name, compiled=compiled_, tp_overlap=tp_overlap, fsdp_overlap=be.fsdp_overlap,
         ep_overlap=be.ep_overlap, ep_node_dedup=be.ep_node_dedup, cp_overlap=be.cp_overlap, compute_scale=compute_scale, comm_scale=comm_scale,
         base_efficiency=be.base_efficiency, fp8_cast_full=cast_full, fp8_cast_sharded=cast_sharded,
+        fp8_cast_tp1=cast_tp1, fp8_cast_tp_sharded=cast_tp_sharded, fp8_weight_cast=weight_cast,
+        tp_fwd_gather_bytes=tp_gather, fp8_linear_sec_per_flop=fp8_lin,
+        fp8_shape_stretch=speedup if be.fp8_shape_stretch else 1.0,
+        tp_gather_unfused=((tp_gather == ACT_BYTES, True) if precision == "fp8" and be.fp8_cast_blocks_async_tp
+                           else (False, False)),
     )
 
 
@@ -281,11 +316,14 @@ def efficiency(sm: StepModel, plan: ParallelPlan) -> float:
     return sm.base_efficiency * sm.compute_scale * _efficiency(sm, plan.micro_batch, plan.cp, plan.tp)
 
 
-def _efficiency(sm: StepModel, mb: int, cp: int, tp: int) -> float:
+def _efficiency(sm: StepModel, mb: int, cp: int, tp: int, stretch: float = 1.0) -> float:
+    """Shape penalty of the GEMMs. ``stretch`` > 1 for fp8 GEMMs: the half-points come from per-tile costs
+    that do not shrink with the tensor-core rate (prologue/epilogue, scale loads, wave quantisation), so a
+    kernel whose math runs ``speedup`` x faster needs ``speedup`` x the rows / width to amortise them."""
     tokens = mb * sm.seq_len / cp  # rows of every GEMM on this GPU
     width = sm.d_model / tp  # narrowest sharded GEMM dimension
     # the backend's base efficiency is already in sm.sec_per_flop; this is the shape penalty only
-    eff = tokens / (tokens + TOKENS_HALF) * width / (width + WIDTH_HALF)
+    eff = tokens / (tokens + TOKENS_HALF * stretch) * width / (width + WIDTH_HALF * stretch)
     return eff * MOE_EFFICIENCY if sm.is_moe else eff
 
 
@@ -383,18 +421,35 @@ class LayoutTimer:
         sm, t, p, cp, ep = self.sm, self.t, self.p, self.cp, self.ep
         n_slow, flops_tok, rec_tok, _, _ = _stage_info(sm, p, self.sched, self.chunks, ac)
         tokens_gpu = mb * sm.seq_len / cp  # tokens of this GPU's sequence shard per micro-batch
-        scale = tokens_gpu / t * sm.sec_per_flop / _efficiency(sm, mb, cp, t)
+        eff = _efficiency(sm, mb, cp, t)
+        spf = sm.sec_per_flop / eff
+        if sm.fp8_linear_sec_per_flop and sm.fp8_shape_stretch != 1.0:  # fp8 linears: their own shape penalty
+            spf += sm.fp8_linear_sec_per_flop * (1.0 / _efficiency(sm, mb, cp, t, sm.fp8_shape_stretch) - 1.0 / eff)
+        scale = tokens_gpu / t * spf
         # memory-bound ops, split over tp by sequence parallelism; full AC runs the forward part again
-        elem_bytes = tokens_gpu / t * sm.elementwise_bytes + tokens_gpu * sm.fp8_cast_full \
-            + tokens_gpu / t * sm.fp8_cast_sharded
+        if t > 1:
+            cast = tokens_gpu * sm.fp8_cast_full + tokens_gpu / t * (sm.fp8_cast_sharded + sm.fp8_cast_tp_sharded)
+        else:
+            cast = tokens_gpu * (sm.fp8_cast_tp1 + sm.fp8_cast_sharded)
+        elem_bytes = tokens_gpu / t * sm.elementwise_bytes + cast + sm.fp8_weight_cast / t
         elem = n_slow * elem_bytes / sm.hbm_Bps * (4 / 3 if ac == "full" else 1.0)
         compute = flops_tok * scale + elem
         recompute = rec_tok * scale
         full = ac == "full"
         tp_comm = 0.0
-        if t > 1:  # 4 collectives per block (+2 when the forward is recomputed), ring volume 2(t-1)/t
-            tp_comm = n_slow * (6 if full else 4) * tokens_gpu * sm.d_model * ACT_BYTES * 2 * (t - 1) / t / sm.nvlink_Bps
-            tp_comm *= 1.0 - sm.tp_overlap  # async TP / comm-GEMM overlap hides this share
+        if t > 1:
+            # sequence parallelism: per block 2 all-gathers + 2 reduce-scatters forward (again when the forward
+            # is recomputed) and backward, each (t-1)/t of the tensor: "4 all-reduces" of b*s*h bytes; the
+            # forward gathers move tp_fwd_gather_bytes per element (fp8 with torchtitan's tensorwise float8 TP)
+            # Async TP / comm-GEMM overlap hides tp_overlap of each collective it can fuse with its GEMM; an
+            # all-gather whose result is first cast to fp8 (rowwise forward, every backward grad gather under
+            # torchao float8) feeds no GEMM and stays exposed (PyTorch micro-pipeline TP,
+            # torch/_inductor/fx_passes/micro_pipeline_tp.py: only matmuls that consume the all-gather result)
+            fwd = 2 if full else 1
+            ag_fwd, ag_bwd, rs = fwd * 2 * sm.tp_fwd_gather_bytes, 2 * ACT_BYTES, (fwd * 2 + 2) * ACT_BYTES
+            fused = rs + (0.0 if sm.tp_gather_unfused[0] else ag_fwd) + (0.0 if sm.tp_gather_unfused[1] else ag_bwd)
+            per_elem = ag_fwd + ag_bwd + rs - sm.tp_overlap * fused
+            tp_comm = n_slow * tokens_gpu * sm.d_model * per_elem * (t - 1) / t / sm.nvlink_Bps
         ep_comm = 0.0
         if ep > 1 and sm.n_moe_layers:  # 4 all-to-alls per MoE block (+2 with full recompute)
             ep_comm = n_slow * sm.n_moe_layers / sm.n_layers * (6 if full else 4) * self.a2a_per_token \
