@@ -136,10 +136,10 @@ class StepModel:
     fp8_cast_tp1: float = 0.0  # the fp8_cast_full elements' bytes per token per block when tp = 1 (fusable casts)
     fp8_cast_tp_sharded: float = 0.0  # extra cast bytes per token per block split by tp, when tp > 1
     fp8_weight_cast: float = 0.0  # fp8 weight-cast HBM bytes per block per micro-batch, before tp sharding
-    tp_fwd_gather_bytes: float = ACT_BYTES  # bytes per element of the forward TP all-gathers (1: fp8 gather)
+    tp_gather_bytes: float = ACT_BYTES  # bytes per element of the TP all-gathers (1: fp8 gathers)
     fp8_linear_sec_per_flop: float = 0.0  # the fp8 linears' part of sec_per_flop (0 = not fp8)
     fp8_shape_stretch: float = 1.0  # fp8 GEMMs: TOKENS_HALF / WIDTH_HALF scaled by this (see _efficiency)
-    tp_gather_unfused: tuple[bool, bool] = (False, False)  # (fwd, bwd) TP all-gathers feed an fp8 cast, not a GEMM
+    tp_gather_unfused: bool = False  # TP all-gathers feed an fp8 cast, not a GEMM (torchao rowwise float8)
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # per-pp stage info
 
 
@@ -210,10 +210,12 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     # block: "full" = inputs of the column-parallel linears (wq, wk, wv, w1, w3: sequence-parallel TP
     # all-gathers them to the whole sequence, then each linear casts its input) + grad_outputs of the
     # row-parallel ones (wo, w2: full width); "sharded" (/ tp) = the other inputs and grad_outputs.
-    # torchtitan with tensorwise scaling and TP casts the attention and MLP inputs once on the local shard
-    # and all-gathers them in fp8 (torchtitan parallelize.py: enable_float8_tensorwise_tp ->
-    # torchao Float8ColwiseParallel / PrepareFloat8ModuleInput; rowwise "all-gather happens in high
-    # precision"): those casts are split by tp and the forward all-gathers move 1 byte per element.
+    # torchtitan with tensorwise scaling and TP casts on the local shard and all-gathers in fp8
+    # (torchtitan parallelize.py: enable_float8_tensorwise_tp; rowwise "all-gather happens in high
+    # precision"): torchao's PrepareFloat8ModuleInput casts the attention / MLP input once before the forward
+    # gather, Float8RowwiseParallel's output hook casts the gradient before the backward gather ("fwd noop bwd
+    # cast", torchao/float8/float8_tensor_parallel.py). All those casts are split by tp, fusable, and every
+    # TP all-gather moves 1 byte per element.
     cast_full = cast_sharded = cast_tp1 = cast_tp_sharded = weight_cast = 0.0
     tp_gather = float(ACT_BYTES)
     if precision == "fp8":
@@ -230,8 +232,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         cast_sharded = fused * (arch.n_heads * arch.hd + ff_active + q_out + kv_out + 2 * ff_active)
         cast_tp1 = fused * (5 * d + 2 * d)
         if recipe in be.fp8_tp_gather_recipes:
-            cast_full = unfused * 2 * d  # grad_outputs of wo, w2 (gathered in bf16 backward)
-            cast_tp_sharded = fused * 2 * d  # attention and MLP inputs, cast once on the shard
+            cast_tp_sharded = fused * 4 * d  # attention and MLP inputs (once each), wo and w2 grad_outputs
             tp_gather = 1.0
         else:
             cast_full = unfused * (5 * d + 2 * d)
@@ -255,10 +256,9 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         ep_overlap=be.ep_overlap, ep_node_dedup=be.ep_node_dedup, cp_overlap=be.cp_overlap, compute_scale=compute_scale, comm_scale=comm_scale,
         base_efficiency=be.base_efficiency, fp8_cast_full=cast_full, fp8_cast_sharded=cast_sharded,
         fp8_cast_tp1=cast_tp1, fp8_cast_tp_sharded=cast_tp_sharded, fp8_weight_cast=weight_cast,
-        tp_fwd_gather_bytes=tp_gather, fp8_linear_sec_per_flop=fp8_lin,
-        fp8_shape_stretch=speedup if be.fp8_shape_stretch else 1.0,
-        tp_gather_unfused=((tp_gather == ACT_BYTES, True) if precision == "fp8" and be.fp8_cast_blocks_async_tp
-                           else (False, False)),
+        tp_gather_bytes=tp_gather, fp8_linear_sec_per_flop=fp8_lin,
+        fp8_shape_stretch=peak_flops(gpu, "fp8") / peak if (precision == "fp8" and be.fp8_shape_stretch) else 1.0,
+        tp_gather_unfused=(precision == "fp8" and be.fp8_cast_blocks_async_tp and tp_gather == ACT_BYTES),
     )
 
 
@@ -440,15 +440,14 @@ class LayoutTimer:
         if t > 1:
             # sequence parallelism: per block 2 all-gathers + 2 reduce-scatters forward (again when the forward
             # is recomputed) and backward, each (t-1)/t of the tensor: "4 all-reduces" of b*s*h bytes; the
-            # forward gathers move tp_fwd_gather_bytes per element (fp8 with torchtitan's tensorwise float8 TP)
+            # gathers move tp_gather_bytes per element (fp8 with torchtitan's tensorwise float8 TP)
             # Async TP / comm-GEMM overlap hides tp_overlap of each collective it can fuse with its GEMM; an
-            # all-gather whose result is first cast to fp8 (rowwise forward, every backward grad gather under
-            # torchao float8) feeds no GEMM and stays exposed (PyTorch micro-pipeline TP,
-            # torch/_inductor/fx_passes/micro_pipeline_tp.py: only matmuls that consume the all-gather result)
-            fwd = 2 if full else 1
-            ag_fwd, ag_bwd, rs = fwd * 2 * sm.tp_fwd_gather_bytes, 2 * ACT_BYTES, (fwd * 2 + 2) * ACT_BYTES
-            fused = rs + (0.0 if sm.tp_gather_unfused[0] else ag_fwd) + (0.0 if sm.tp_gather_unfused[1] else ag_bwd)
-            per_elem = ag_fwd + ag_bwd + rs - sm.tp_overlap * fused
+            # all-gather whose result is first cast to fp8 (torchao rowwise float8: bf16 gathers) feeds no GEMM
+            # and stays exposed (PyTorch micro-pipeline TP, torch/_inductor/fx_passes/micro_pipeline_tp.py fuses
+            # only the matmuls that consume the all-gather result)
+            n_coll = 2 * (2 if full else 1) + 2  # all-gathers (and as many reduce-scatters) per block
+            ag, rs = n_coll * sm.tp_gather_bytes, n_coll * ACT_BYTES
+            per_elem = ag + rs - sm.tp_overlap * (rs + (0.0 if sm.tp_gather_unfused else ag))
             tp_comm = n_slow * tokens_gpu * sm.d_model * per_elem * (t - 1) / t / sm.nvlink_Bps
         ep_comm = 0.0
         if ep > 1 and sm.n_moe_layers:  # 4 all-to-alls per MoE block (+2 with full recompute)
