@@ -22,14 +22,18 @@ The model, per optimizer step (m = grad_accum micro-batches, p = pp, v = virtual
   0.57, a 1B layer at 2K tokens at 0.50, inside the 0.55-0.6 usually assumed for H100.
   Elementwise ops (RMSNorm, residual adds, RoPE, SwiGLU's product) are HBM-bound: forward traffic
   ~(16 d + 8 d_ff) bf16 elements per token per layer, backward twice that, at the HBM bandwidth
-  (an estimate; ~4 % of a 405B step, ~15 % of an 8B one). fp8 (torchao float8) runs only the
-  linears in fp8, at 0.7x the bf16 efficiency against the fp8 peak (scaling/cast overheads);
-  attention stays bf16. That nets out near the 1.3-1.5x end-to-end speed-ups reported for fp8
-  training on H100; MFU for fp8 runs is quoted against the bf16 peak (the usual convention).
+  (an estimate; ~4 % of a 405B step, ~15 % of an 8B one). fp8 runs only the linears in fp8
+  (attention stays bf16), ``fp8_linear_speedup`` x faster than bf16 per recipe (backends.py), with
+  the GEMM shape penalty's half-points scaled by the fp8/bf16 peak ratio (per-tile costs do not
+  speed up; torchao float8 README, "Derivation"); the casts are HBM traffic counted per element as
+  in torchao's float8 roofline model (fused into the producing kernel or not, weights included);
+  MFU for fp8 runs is quoted against the bf16 peak (the usual convention).
 * Communication (bandwidths from the hardware table, times ``COMM_EFFICIENCY``):
   - TP (Megatron, Narayanan et al. 2021 / Korthikanti et al. 2022): 2 all-reduces forward + 2
-    backward per layer, each of b*s*h*2 bytes, ring factor 2(t-1)/t, over NVLink (TP never
-    spans nodes); +2 with full recomputation (the forward runs twice). Not overlapped.
+    backward per layer, each of b*s*h*2 bytes, ring factor 2(t-1)/t, inside the node (NVLink; PCIe
+    on parts without it, :func:`intra_node_gbps`); +2 with full recomputation (the forward runs
+    twice). torchtitan's tensorwise float8 TP gathers in fp8 (1 B per element). The backend's
+    tp_overlap (async TP, TE comm-GEMM overlap) hides a share of the collectives it can fuse.
   - FSDP / ZeRO over dp_shard: ZeRO-3 all-gathers the local parameters before forward and
     backward and reduce-scatters the gradients every micro-batch (FSDP2 with gradient
     accumulation); under pipelining the stage stays unsharded for the step and gradients are
