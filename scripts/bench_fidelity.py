@@ -7,7 +7,7 @@ model for the row's backend profile (torchtitan, or the Megatron reference profi
 async-TP and fp8 recipe; compare the predicted tokens/s/GPU and peak reserved memory per GPU with the
 measured ones. Prints per-row errors, per-group mean/max |error|, Spearman rank correlation within
 each sweep (rows of one table that vary one knob), the within-sweep error spread, and the leave-one-out
-calibrated error within each (backend, GPU, source) group, fitted with ``llmc.compiler.calibration``
+calibrated error within each (backend, GPU) group, fitted with ``llmc.compiler.calibration``
 (the same fit ``llmc calibrate`` runs on a user's own measured runs).
 
     python scripts/bench_fidelity.py                      # markdown to stdout
@@ -324,8 +324,9 @@ def _points(results: list[dict]):
 
 
 def calibration_key(x: dict) -> tuple[str, str]:
-    """(backend, GPU) within one source: one software version on one cluster, as a user's own runs are."""
-    return x["backend"], f"{x['gpu_key'] or ''} ({x['group'].split(' / ')[0]})"
+    """(backend, GPU): the rows one calibration (``llmc calibrate``) would be fitted on for that backend and part,
+    every source and software release of the pair together."""
+    return x["backend"], x["gpu_key"] or ""
 
 
 def loo_calibrated(results: list[dict]) -> None:
@@ -553,7 +554,7 @@ def to_markdown(rep: dict[str, Any]) -> str:
          f"Generated {rep['date']} by `scripts/bench_fidelity.py` at llmc commit `{rep['commit']}`. "
          f"Rows: {len(rep['results'])} scored, {len(rep['skipped'])} skipped. Error = (predicted - measured) / measured. "
          "Memory is the allocator's reserved peak (torchtitan logs `max_memory_reserved`); LOO-cal = leave-one-out "
-         "calibrated within the row's (backend, GPU, source) group with `llmc.compiler.calibration`.",
+         "calibrated within the row's (backend, GPU) group with `llmc.compiler.calibration`.",
          "", "## Summary", "",
          "| quantity | n | mean abs err % | max abs err % | mean signed % |", "|---|---:|---:|---:|---:|",
          line("tokens/s/GPU, uncalibrated", sm["tps"]), line("tokens/s/GPU, LOO-calibrated", sm["tps_loo"]),

@@ -378,14 +378,25 @@ def test_cpu_with_several_processes_per_node_is_located_not_internal():
 
 @pytest.mark.parametrize("gpu", ["l40s", "rtx4090"])
 @pytest.mark.parametrize("count", [2, 16])
-def test_pcie_parts_with_several_gpus_per_node_are_located_not_internal(gpu, count):
-    """The table has no intra-node bandwidth for PCIe-only parts (nvlink_gbps 0): a located error,
-    not a division by zero in the step-time model; one GPU per node plans over the network."""
+def test_pcie_parts_with_several_gpus_per_node_plan_over_pcie(gpu, count):
+    """PCIe-only parts (nvlink_gbps 0) time intra-node collectives over the table's PCIe bandwidth."""
     c = _compile(_with(hardware=f"hardware: {{gpu: {gpu}, count: {count}}}",
+                       training="training: {precision: bf16, global_batch_tokens: 16384}"))
+    assert not [d for d in c.diagnostics if d.code == "P010"]
+    assert not errors(c.diagnostics) and c.plan is not None
+
+
+@pytest.mark.parametrize("count", [2, 16])
+def test_custom_part_without_any_intra_node_link_is_located_not_internal(count):
+    """A custom GPU with neither NVLink nor PCIe bandwidth: a located error, not a division by zero;
+    one GPU per node plans over the network."""
+    hw = ("hardware: {{gpu: mygpu, count: {n}{gpn}, gpu_overrides: {{bf16_tflops: 100, hbm_gib: 48, "
+          "hbm_tbps: 1}}}}")
+    c = _compile(_with(hardware=hw.format(n=count, gpn=""),
                        training="training: {precision: bf16, global_batch_tokens: 16384}"))
     p10 = [d for d in c.diagnostics if d.code == "P010"]
     assert p10 and p10[0].severity == "error" and p10[0].line == 3
-    c = _compile(_with(hardware=f"hardware: {{gpu: {gpu}, count: {count}, gpus_per_node: 1}}",
+    c = _compile(_with(hardware=hw.format(n=count, gpn=", gpus_per_node: 1"),
                        training="training: {precision: bf16, global_batch_tokens: 16384}"))
     assert not errors(c.diagnostics) and c.plan is not None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from llmc.compiler import timing
@@ -238,3 +240,107 @@ def test_generic_profile_is_the_historical_model():
     sm = timing.step_model(LLAMA_8B, 8192, "bf16", get_gpu("h100-sxm"))
     assert sm.backend == "generic" and sm.base_efficiency == timing.BASE_EFFICIENCY
     assert sm.cp_overlap == timing.CP_OVERLAP and sm.fsdp_overlap == timing.OVERLAP
+
+
+@pytest.mark.parametrize("key,pcie", [("l40s", 32.0), ("rtx4090", 32.0)])
+def test_pcie_only_parts_time_intra_node_collectives_over_pcie(key, pcie):
+    # no NVLink (nvlink_gbps 0): TP all-reduces run over PCIe x16 (Gen4: 64 GB/s bidirectional, 32 per
+    # direction, datasheets), finite, and slower than the same ring over an NVLink part's links
+    gpu = get_gpu(key)
+    assert gpu.nvlink_gbps == 0 and timing.intra_node_gbps(gpu) == (pcie, "pcie")
+    arch = LLAMA_8B
+    t, mb, m = 2, 1, 2
+    plan = ParallelPlan(tp=t, dp_shard=4, micro_batch=mb, grad_accum=m, zero_stage=3)
+    step, mfu, br = timing.step_time(_sm(arch, 4096, gpu=gpu), plan)
+    bytes_per_coll = mb * 4096 * arch.d_model * 2
+    expect = m * arch.n_layers * 4 * bytes_per_coll * 2 * (t - 1) / t / (pcie * 1e9 * timing.COMM_EFFICIENCY)
+    assert br["tp_comm"] == pytest.approx(expect, rel=1e-9)
+    assert 0 < mfu < 1 and step > 0
+    # the FSDP group (tp x dp_shard = 8 GPUs) sits inside the node: its gathers also ride PCIe, not the NIC
+    lt = timing.layout_timer(_sm(arch, 4096, gpu=gpu), plan)
+    nic = timing.layout_timer(_sm(arch, 4096, gpu=dataclasses.replace(gpu, pcie_gbps=0.0)), plan)
+    assert lt.one_pass == pytest.approx(nic.one_pass * (gpu.net_gbps / 8) / pcie, rel=1e-9)
+
+
+def test_h100_pcie_without_bridge_falls_back_to_pcie():
+    bridged = get_gpu("h100-pcie")
+    unbridged = dataclasses.replace(bridged, nvlink_gbps=0.0)
+    assert timing.intra_node_gbps(bridged) == (300.0, "nvlink")
+    assert timing.intra_node_gbps(unbridged) == (64.0, "pcie")  # PCIe Gen5 x16, 128 GB/s bidirectional
+    plan = ParallelPlan(tp=4, dp_shard=2, micro_batch=1, grad_accum=1, zero_stage=3)
+    a = timing.step_time(_sm(LLAMA_8B, 4096, gpu=bridged), plan)[2]["tp_comm"]
+    b = timing.step_time(_sm(LLAMA_8B, 4096, gpu=unbridged), plan)[2]["tp_comm"]
+    assert b / a == pytest.approx(300.0 / 64.0, rel=1e-9)
+
+
+def test_tensorwise_fp8_tp_gathers_in_fp8_and_rowwise_in_bf16():
+    """torchtitan parallelize.py: float8 all-gather with TP only for tensorwise (torchao casts the shard, then
+    gathers fp8, forward and backward); rowwise gathers bf16. Per block, sequence parallel: 2 AG + 2 RS
+    forward, 2 + 2 backward (+2 + 2 recomputed with full AC); the AGs at 1 B instead of 2: 4*1 + 4*2 = 12 of
+    16 byte-units (6*1 + 6*2 = 18 of 24 with full AC)."""
+    arch = LLAMA_8B
+    for ac, ratio in (("selective", 12 / 16), ("full", 18 / 24)):
+        plan = ParallelPlan(tp=8, dp_shard=1, micro_batch=1, grad_accum=1, zero_stage=0, activation_checkpointing=ac)
+        tc = {r: timing.step_time(_tt(arch, 8192, "fp8", compile=True, fp8_recipe=r), plan)[2]["tp_comm"]
+              for r in ("tensorwise", "rowwise")}
+        bf16 = timing.step_time(_tt(arch, 8192, "bf16", compile=True), plan)[2]["tp_comm"]
+        assert tc["tensorwise"] / bf16 == pytest.approx(ratio, rel=1e-9)
+        assert tc["rowwise"] == pytest.approx(bf16, rel=1e-9)
+
+
+def test_async_tp_cannot_fuse_gathers_that_feed_an_fp8_cast():
+    """PyTorch micro-pipeline TP fuses an all-gather with the matmuls consuming it; under torchao rowwise
+    float8 the bf16 gathers feed a cast first and stay exposed. Independent count in byte-units per block
+    (selective AC): bf16 = 4 AG x 2 + 4 RS x 2 = 16, all fusable; tensorwise = 4 fp8 AG x 1 + 4 RS x 2 = 12,
+    all fusable; rowwise = 16, only the RS's 8 fusable."""
+    arch = LLAMA_8B
+    plan = ParallelPlan(tp=8, dp_shard=1, micro_batch=1, grad_accum=1, zero_stage=0,
+                        activation_checkpointing="selective")
+    ov = timing.step_model(arch, 8192, "bf16", get_gpu("h100-hbm2e-96g"), "torchtitan", compile=True,
+                           async_tp=True).tp_overlap
+    assert 0 < ov < 1
+    unit = timing.step_time(_tt(arch, 8192, "bf16", compile=True), plan)[2]["tp_comm"] / 16
+    for prec, recipe, total, hidden in (("bf16", None, 16, 16), ("fp8", "tensorwise", 12, 12),
+                                        ("fp8", "rowwise", 16, 8)):
+        sm = _tt(arch, 8192, prec, compile=True, async_tp=True, fp8_recipe=recipe)
+        assert timing.step_time(sm, plan)[2]["tp_comm"] == pytest.approx(unit * (total - ov * hidden), rel=1e-9)
+
+
+def test_fp8_gain_shrinks_with_narrow_tp_shards_as_published():
+    """torchtitan asyncTP_llama3_h100_2025-06 (check rows, not used to set any constant), TP 8, compile, no
+    async TP: float8 tensorwise over bf16 = 5,078 / 4,378 = 1.16 for Llama 3 8B (512-wide shards) and
+    810 / 597.3 = 1.36 for 70B (1024-wide); rowwise 3,708 / 4,378 = 0.85 and 600 / 597.3 = 1.00."""
+    gains = {}
+    for name, ds, mb, ac in (("llama3.1-8b", 8, 12, "selective"), ("llama3.1-70b", 32, 16, "full")):
+        arch = PRESETS[name]
+        plan = ParallelPlan(tp=8, dp_shard=ds, micro_batch=mb, grad_accum=1, activation_checkpointing=ac)
+        bf16 = timing.step_time(_tt(arch, 8192, "bf16", compile=True), plan)[0]
+        gains[name] = {r: bf16 / timing.step_time(_tt(arch, 8192, "fp8", compile=True, fp8_recipe=r), plan)[0]
+                       for r in ("tensorwise", "rowwise")}
+    assert gains["llama3.1-70b"]["tensorwise"] == pytest.approx(1.36, abs=0.06)
+    assert gains["llama3.1-70b"]["rowwise"] == pytest.approx(1.00, abs=0.06)
+    # at 8B the direction holds (smaller gains than at 70B, rowwise below bf16 and tensorwise) but the size of
+    # the loss is under-predicted (benchmarks/RESULTS.md: these rows are llmc's largest errors)
+    assert gains["llama3.1-8b"]["tensorwise"] == pytest.approx(1.16, abs=0.12)
+    assert gains["llama3.1-8b"]["rowwise"] < 1.0
+    for r in ("tensorwise", "rowwise"):
+        assert gains["llama3.1-8b"][r] < gains["llama3.1-70b"][r]
+    assert gains["llama3.1-8b"]["rowwise"] < gains["llama3.1-8b"]["tensorwise"]
+
+
+def test_fp8_speedups_reproduce_the_ratios_they_are_fitted_to():
+    """backends.BACKENDS['torchtitan'].fp8_linear_speedup / fp8_rowwise_speedup are fitted (given the cast and
+    shape models) to: torchtitan benchmarks/llama3_h100_202412 Table 1 / Table 3, Llama 3.1 8B, compile,
+    float8 tensorwise over bf16 = 8532 / 6667 (8 GPUs) and 8380 / 6514 (128 GPUs); torchtitan commit 7a04053,
+    Llama 3 8B on 8 H100, rowwise over bf16 = 6424 / 5760 (micro-batch 1 assumed)."""
+    arch = PRESETS["llama3.1-8b"]
+
+    def gain(plan, gpu, recipe):
+        bf16 = timing.step_time(_tt(arch, 8192, "bf16", gpu, compile=True), plan)[0]
+        return bf16 / timing.step_time(_tt(arch, 8192, "fp8", gpu, compile=True, fp8_recipe=recipe), plan)[0]
+
+    for ds, published in ((8, 8532 / 6667), (128, 8380 / 6514)):
+        plan = ParallelPlan(dp_shard=ds, micro_batch=2, grad_accum=1, activation_checkpointing="selective")
+        assert gain(plan, "h100-hbm2e-96g", "tensorwise") == pytest.approx(published, abs=0.03)
+    plan = ParallelPlan(dp_shard=8, micro_batch=1, grad_accum=1, activation_checkpointing="selective")
+    assert gain(plan, "h100-sxm", "rowwise") == pytest.approx(6424 / 5760, abs=0.03)

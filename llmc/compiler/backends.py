@@ -77,6 +77,13 @@ class Backend:
     nccl_bytes_per_peer_group: float  # NCCL buffers per communicator (outside the allocator)
     supports: frozenset[str] = frozenset()  # parallel dimensions the runner implements
     sources: dict[str, str] = field(default_factory=dict)
+    # HBM bytes per cast element when the cast cannot be fused into the producing kernel (its input comes out
+    # of a collective, or eager mode), by recipe; missing = fp8_cast_bytes
+    fp8_cast_bytes_unfused: dict[str, float] = field(default_factory=dict)
+    fp8_weight_cast_bytes: dict[str, float] = field(default_factory=dict)  # per weight element per micro-batch
+    fp8_tp_gather_recipes: frozenset[str] = frozenset()  # recipes whose TP all-gathers run in fp8 (cast on the shard)
+    fp8_shape_stretch: bool = False  # fp8 GEMMs need fp8-speedup x larger shapes for the same efficiency (timing)
+    fp8_cast_blocks_async_tp: bool = False  # an fp8 cast between a TP all-gather and its GEMM stops async TP fusing them
 
 
 _FSDP2_STATES = {
@@ -108,8 +115,11 @@ _FP8_SRC = ("torchtitan docs/float8.md and benchmarks/llama3_h100_202412_torchti
 BACKENDS: dict[str, Backend] = {
     "torchtitan": Backend(
         name="torchtitan", runnable=True, states=_FSDP2_STATES,
-        base_efficiency=0.68, fp8_linear_speedup=1.65, fp8_rowwise_speedup=1.2, fp8_default_recipe="rowwise",
-        fp8_cast_bytes={"tensorwise": 3.0, "rowwise": 6.0}, attn_relative_efficiency=0.6, compile_default=True, eager_elementwise=3.0,
+        base_efficiency=0.68, fp8_linear_speedup=1.92, fp8_rowwise_speedup=1.47, fp8_default_recipe="rowwise",
+        fp8_cast_bytes={"tensorwise": 4.0, "rowwise": 6.0}, attn_relative_efficiency=0.6, compile_default=True, eager_elementwise=3.0,
+        fp8_cast_bytes_unfused={"tensorwise": 6.0, "rowwise": 8.0},
+        fp8_weight_cast_bytes={"tensorwise": 8.0, "rowwise": 10.0},
+        fp8_tp_gather_recipes=frozenset({"tensorwise"}), fp8_shape_stretch=True, fp8_cast_blocks_async_tp=True,
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.5, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=True, compile_act_saving=0.08, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
@@ -118,7 +128,7 @@ BACKENDS: dict[str, Backend] = {
             "states": "FSDP2 fully_shard MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); " + _TT
             + "/blob/main/torchtitan/config/job_config.py (mixed_precision_param / mixed_precision_reduce)",
             "base_efficiency": "fitted: benchmarks/ torchtitan H100 Dec 2024 rows (use: fit)",
-            "fp8_linear_speedup": "fitted (with fp8_cast_bytes): " + _FP8_SRC,
+            "fp8_linear_speedup": "fitted (given the cast-byte and fp8 shape models) on the use: fit rows: " + _FP8_SRC,
             "fsdp_overlap": "FSDP2 prefetches the next unit's all-gather during the current unit's compute "
             "(https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html); share hidden is an estimate",
             "tp_overlap": "without async TP, torchtitan's DTensor TP collectives are issued on the compute stream "
@@ -126,13 +136,30 @@ BACKENDS: dict[str, Backend] = {
             "ep_overlap": "torchtitan's expert-parallel all-to-all is synchronous around the grouped GEMMs (exposed)",
             "nccl_bytes_per_peer_group": "NCCL_BUFFSIZE 4 MiB per channel, up to 16 channels per communicator "
             "on NVLink (https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html); estimate",
-            "fp8_rowwise_speedup": _TT + "/commit/7a04053a742af65bc76826bbcc57b7bede7be62c (Llama 3 8B, 8 H100, "
+            "fp8_rowwise_speedup": "fitted (given the cast-byte and fp8 shape models) to the rowwise/bf16 ratio of "
+            + _TT + "/commit/7a04053a742af65bc76826bbcc57b7bede7be62c (Llama 3 8B, 8 H100, "
             "compile: bf16 5,760 tok/s, rowwise float8 6,424 (1.12x), tensorwise + fp8 all-gather 7,186 (1.25x))",
-            "fp8_cast_bytes": "torchao float8 (https://github.com/pytorch/ao/tree/main/torchao/float8): every "
-            "Float8Linear casts its input (forward) and its grad_output (backward) to fp8: a bf16 read + fp8 write "
-            "= 3 B per element with the amax fused by compile (tensorwise); rowwise scaling casts along both axes "
-            "(the weight-gradient GEMM needs column-wise scales): 6 B. Under TP with sequence parallelism the "
-            "column-parallel inputs are the all-gathered full sequence, so this work does not shrink with tp",
+            "fp8_cast_bytes": "torchao float8 roofline model (https://github.com/pytorch/ao/blob/main/torchao/"
+            "testing/float8/roofline_utils.py, get_tensor_memory_traffic_ovhd_s), input / grad_output casts fused "
+            "with the previous op (fuse_with_prev): tensorwise = fp8 written row- and column-major (2 x 1 B) + bf16 "
+            "read = 4 B per element; rowwise = 1 + 2 B (dim0 fp8 + bf16 transpose) + 2 + 1 B (dim1 cast) = 6 B",
+            "fp8_cast_bytes_unfused": "the same roofline without fusion: + the 2 B bf16 read (tensorwise amax "
+            "pass / rowwise first read): 6 B and 8 B. Used for the casts whose input is the output of a TP "
+            "all-gather (a collective cannot be fused with the cast) and in eager mode",
+            "fp8_weight_cast_bytes": "the same roofline, weight role (never fused): tensorwise 2 (amax) + 3 (fwd "
+            "cast) + 3 (bwd cast) = 8 B; rowwise 3 + 4 (bf16 transpose) + 3 = 10 B per weight element per micro-batch",
+            "fp8_shape_stretch": "llmc's GEMM shape penalty (timing._efficiency) comes from per-tile costs that do "
+            "not speed up with the tensor cores; fp8 math at fp8_linear_speedup x the bf16 rate needs that much larger "
+            "shapes to amortise them (https://github.com/pytorch/ao/blob/main/torchao/float8/README.md, Derivation: "
+            "the fp8 gemm speed-up approaches 2x as M, K, N increase and falls below 1 for small shapes on H100 + "
+            "cuBLAS)",
+            "fp8_cast_blocks_async_tp": "torch/_inductor/fx_passes/micro_pipeline_tp.py fuses an all-gather only "
+            "with matmuls that consume its result; a float8 cast in between (rowwise forward inputs, backward "
+            "grad_outputs) leaves that all-gather exposed",
+            "fp8_tp_gather_recipes": _TT + "/blob/main/torchtitan/models/llama3/infra/parallelize.py: \"float8 "
+            "all-gather with TP is only supported for tensorwise float8 scaling recipes. For rowwise recipes, we use "
+            "regular TP and all-gather happens in high precision\" (enable_float8_tensorwise_tp -> torchao "
+            "Float8ColwiseParallel / PrepareFloat8ModuleInput: the input is cast on the shard, then all-gathered in fp8)",
             "fp8_default_recipe": "llmc's torchtitan job: quantize.linear.float8 recipe_name = rowwise "
             "(render_torchtitan.py)",
             "attn_relative_efficiency": "FlashAttention-2 reaches 35 % of H100 peak, FlashAttention-3 75 % "

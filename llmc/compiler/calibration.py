@@ -33,7 +33,7 @@ MIN_POINTS_TWO_FACTORS = 4  # below this only one factor per quantity is fitted
 # simpler one is chosen: the spread of llmc's errors *within* one published sweep (same model and cluster,
 # one knob varied), which is what a layout comparison is exposed to -- benchmarks/RESULTS.md, "within-sweep
 # error spread". A calibration replaces it with its own leave-one-out band.
-RANKING_BAND_UNCALIBRATED = 0.08  # 7.7 % in benchmarks/RESULTS.md (2026-12), rounded
+RANKING_BAND_UNCALIBRATED = 0.06  # 6.0 % in benchmarks/RESULTS.md (2026-12), rounded
 FACTOR_BOUNDS = {"compute_scale": (0.2, 5.0), "comm_scale": (0.05, 20.0), "mem_scale": (0.5, 2.0)}
 COMM_KEYS = ("tp_comm", "ep_comm", "cp_comm", "pp_p2p", "fsdp_comm", "dp_comm")
 COMPUTE_KEYS = ("compute", "elementwise", "recompute")

@@ -6,7 +6,7 @@ Codes owned here (stable, cited by tests and docs):
 S007   error     unknown GPU type (did-you-mean). (S006 is the loader's duplicate-YAML-key code.)
 P008   error     hardware.count spans several nodes but is not a multiple of gpus_per_node
 P009   error     gpus_per_node other than 1 for the ``cpu`` pseudo-device (one process per node)
-P010   error     several GPUs per node on a part with no intra-node link bandwidth in the hardware table
+P010   error     several GPUs per node on a part with no intra-node link bandwidth (NVLink or PCIe) in the hardware table
 P001   error     pinned degrees do not multiply to / divide the world size
 P002   error     pinned TP larger than a node, or a TP group that would span nodes
 P003   error     n_heads / n_kv_heads not divisible by the pinned TP
@@ -88,10 +88,10 @@ def check_cluster(run, gpu, sink: Sink) -> bool:
                  f"the cpu pseudo-device is one process per node (got gpus_per_node {gpn})",
                  "remove gpus_per_node; hardware.count is the number of CPU processes")
         return False
-    if gpu.nvlink_gbps <= 0 and min(n, gpn) > 1:
-        # the step-time model prices intra-node collectives at the table's NVLink bandwidth
+    if gpu.nvlink_gbps <= 0 and getattr(gpu, "pcie_gbps", 0.0) <= 0 and min(n, gpn) > 1:
+        # the step-time model prices intra-node collectives at NVLink, else PCIe bandwidth (timing.intra_node_gbps)
         sink.add("P010", "error", "hardware.gpus_per_node",
-                 f"{gpu.name} has no intra-node link bandwidth in the hardware table (PCIe-only part), "
+                 f"{gpu.name} has no intra-node link bandwidth (neither NVLink nor PCIe) in the hardware table, "
                  f"so {min(n, gpn)} GPUs per node cannot be timed",
                  "set hardware.gpus_per_node: 1 to plan every GPU as its own node (network-bound)")
         ok = False

@@ -15,6 +15,9 @@ Everything here is data with a source. Conventions (read these before using a nu
 * ``nvlink_gbps`` is scale-up bandwidth **per GPU per direction** in GB/s. Datasheets quote the
   bidirectional total (H100 "900 GB/s" = 18 links x 50 GB/s bidirectional), so the value here is half.
   0 = no GPU-to-GPU fabric (PCIe only).
+* ``pcie_gbps`` is the host link per GPU **per direction** in GB/s (PCIe Gen4 x16: 32 GB/s, Gen5 x16:
+  64 GB/s, i.e. half the bidirectional figure datasheets print). Parts without NVLink move intra-node
+  collectives over it (through the PCIe switch / host); 0 = not given in the table.
 * ``net_gbps`` is the scale-out NIC per GPU in **Gbit/s** (HGX/DGX H100: one 400 Gb/s ConnectX-7 per GPU).
 * ``usd_per_hour`` is a rough on-demand reference price per GPU-hour (volatile; users override it in
   ``hardware.usd_per_gpu_hour``).
@@ -48,6 +51,7 @@ class GPU:
     power_w: float | None = None  # board power limit the part runs at, in W
     tdp_w: float | None = None  # rated board power of the part the peaks are quoted at (None = power_w)
     nvlink_domain: int | None = None  # GPUs sharing one NVLink fabric (None = gpus_per_node; GB200 NVL72: 72)
+    pcie_gbps: float = 0.0  # GB/s per GPU per direction over PCIe; 0 = not given
 
     @property
     def hbm_gib(self) -> float:
@@ -90,6 +94,7 @@ _ROWS: list[dict] = [
         hbm_bytes=80 * GB,
         hbm_gbps=2000,
         nvlink_gbps=300,
+        pcie_gbps=64,  # datasheet: PCIe Gen5 128 GB/s (bidirectional)
         net_gbps=200,
         gpus_per_node=8,
         usd_per_hour=2.0,
@@ -322,6 +327,7 @@ _ROWS: list[dict] = [
         hbm_bytes=48 * GB,
         hbm_gbps=864,
         nvlink_gbps=0,
+        pcie_gbps=32,  # datasheet: PCIe Gen4 x16, 64 GB/s bidirectional
         net_gbps=100,
         gpus_per_node=8,
         usd_per_hour=1.0,
@@ -341,6 +347,7 @@ _ROWS: list[dict] = [
         hbm_bytes=24 * GB,
         hbm_gbps=1008,
         nvlink_gbps=0,
+        pcie_gbps=32,  # Ada whitepaper: PCIe Gen4 x16 (64 GB/s bidirectional)
         net_gbps=10,
         gpus_per_node=8,
         usd_per_hour=0.5,

@@ -22,14 +22,18 @@ The model, per optimizer step (m = grad_accum micro-batches, p = pp, v = virtual
   0.57, a 1B layer at 2K tokens at 0.50, inside the 0.55-0.6 usually assumed for H100.
   Elementwise ops (RMSNorm, residual adds, RoPE, SwiGLU's product) are HBM-bound: forward traffic
   ~(16 d + 8 d_ff) bf16 elements per token per layer, backward twice that, at the HBM bandwidth
-  (an estimate; ~4 % of a 405B step, ~15 % of an 8B one). fp8 (torchao float8) runs only the
-  linears in fp8, at 0.7x the bf16 efficiency against the fp8 peak (scaling/cast overheads);
-  attention stays bf16. That nets out near the 1.3-1.5x end-to-end speed-ups reported for fp8
-  training on H100; MFU for fp8 runs is quoted against the bf16 peak (the usual convention).
+  (an estimate; ~4 % of a 405B step, ~15 % of an 8B one). fp8 runs only the linears in fp8
+  (attention stays bf16), ``fp8_linear_speedup`` x faster than bf16 per recipe (backends.py), with
+  the GEMM shape penalty's half-points scaled by the fp8/bf16 peak ratio (per-tile costs do not
+  speed up; torchao float8 README, "Derivation"); the casts are HBM traffic counted per element as
+  in torchao's float8 roofline model (fused into the producing kernel or not, weights included);
+  MFU for fp8 runs is quoted against the bf16 peak (the usual convention).
 * Communication (bandwidths from the hardware table, times ``COMM_EFFICIENCY``):
   - TP (Megatron, Narayanan et al. 2021 / Korthikanti et al. 2022): 2 all-reduces forward + 2
-    backward per layer, each of b*s*h*2 bytes, ring factor 2(t-1)/t, over NVLink (TP never
-    spans nodes); +2 with full recomputation (the forward runs twice). Not overlapped.
+    backward per layer, each of b*s*h*2 bytes, ring factor 2(t-1)/t, inside the node (NVLink; PCIe
+    on parts without it, :func:`intra_node_gbps`); +2 with full recomputation (the forward runs
+    twice). torchtitan's tensorwise float8 TP gathers in fp8 (1 B per element). The backend's
+    tp_overlap (async TP, TE comm-GEMM overlap) hides a share of the collectives it can fuse.
   - FSDP / ZeRO over dp_shard: ZeRO-3 all-gathers the local parameters before forward and
     backward and reduce-scatters the gradients every micro-batch (FSDP2 with gradient
     accumulation); under pipelining the stage stays unsharded for the step and gradients are
@@ -118,7 +122,7 @@ class StepModel:
     sec_per_flop: float  # 1 / effective peak at 100 % efficiency, matmul and attention weighted
     precision: str
     gpus_per_node: int
-    nvlink_Bps: float  # bytes/s per direction per GPU
+    nvlink_Bps: float  # bytes/s per direction per GPU inside the node (NVLink; PCIe on parts without it)
     net_Bps: float  # bytes/s per GPU
     hbm_Bps: float
     backend: str = "generic"
@@ -131,8 +135,15 @@ class StepModel:
     compute_scale: float = 1.0  # calibration: compute and elementwise time / compute_scale
     comm_scale: float = 1.0  # calibration: every exposed communication time x comm_scale
     base_efficiency: float = BASE_EFFICIENCY  # the backend's GEMM efficiency level (already in sec_per_flop)
-    fp8_cast_full: float = 0.0  # fp8 cast HBM bytes per token per block not split by tp (see step_model)
+    fp8_cast_full: float = 0.0  # fp8 cast HBM bytes per token per block not split by tp, when tp > 1 (step_model)
     fp8_cast_sharded: float = 0.0  # fp8 cast HBM bytes per token per block split by tp
+    fp8_cast_tp1: float = 0.0  # the fp8_cast_full elements' bytes per token per block when tp = 1 (fusable casts)
+    fp8_cast_tp_sharded: float = 0.0  # extra cast bytes per token per block split by tp, when tp > 1
+    fp8_weight_cast: float = 0.0  # fp8 weight-cast HBM bytes per block per micro-batch, before tp sharding
+    tp_gather_bytes: float = ACT_BYTES  # bytes per element of the TP all-gathers (1: fp8 gathers)
+    fp8_linear_sec_per_flop: float = 0.0  # the fp8 linears' part of sec_per_flop (0 = not fp8)
+    fp8_shape_stretch: float = 1.0  # fp8 GEMMs: TOKENS_HALF / WIDTH_HALF scaled by this (see _efficiency)
+    tp_gather_unfused: bool = False  # TP all-gathers feed an fp8 cast, not a GEMM (torchao rowwise float8)
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # per-pp stage info
 
 
@@ -177,11 +188,14 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     # fp8 (torchao float8) runs only the linears in fp8; attention stays bf16 (hardware.peak_flops note)
     attn_share = flops.attention_share(arch, seq_len)
     peak = mfu_peak(gpu, precision)
+    fp8_lin = 0.0
+    speedup = 1.0
     if precision == "fp8":
         # the linears run fp8_linear_speedup x faster than in bf16 (never above the fp8/bf16 peak ratio)
         recipe = fp8_recipe or be.fp8_default_recipe
         speedup = be.fp8_rowwise_speedup if recipe == "rowwise" else be.fp8_linear_speedup
         speedup = min(speedup, peak_flops(gpu, "fp8") / peak)
+        fp8_lin = (1 - attn_share) / (peak * speedup) / (be.base_efficiency * clock_factor(gpu))
         sec_per_flop = (1 - attn_share) / (peak * speedup) + attn_share / (peak * be.attn_relative_efficiency)
     else:
         sec_per_flop = (1 - attn_share) / peak + attn_share / (peak * be.attn_relative_efficiency)
@@ -192,24 +206,45 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     # memory-bound elementwise work (RMSNorm, residual adds, RoPE, SiLU x up): forward traffic in bf16,
     # backward about twice that (estimate; it is what keeps small models well below large-model MFU)
     elementwise = 3 * ACT_BYTES * (ELEMENTWISE_D * d + ELEMENTWISE_FF * ff_active)
-    # fp8 casts (torchao float8 / TE): input casts of every linear forward and grad_output casts backward,
-    # HBM-bound. Elements per token per block: "full" = inputs of column-parallel linears (wq, wk, wv, w1,
-    # w3: sequence-parallel TP all-gathers them to the whole sequence) + grad_outputs of row-parallel ones
-    # (wo, w2: full width); "sharded" (/ tp) = the other inputs and grad_outputs.
-    cast_full = cast_sharded = 0.0
+    # fp8 casts (torchao float8 / TE), HBM-bound: every fp8 linear casts its input (forward), its weight and
+    # its grad_output (backward). Bytes per cast element follow torchao's float8 roofline model
+    # (torchao/testing/float8/roofline_utils.py, get_tensor_memory_traffic_ovhd_s): a cast that torch.compile
+    # fuses into the producing kernel (a norm, SwiGLU) saves the bf16 read (fp8_cast_bytes); one whose input
+    # comes out of a collective or an eager op cannot (fp8_cast_bytes_unfused). Elements per token per
+    # block: "full" = inputs of the column-parallel linears (wq, wk, wv, w1, w3: sequence-parallel TP
+    # all-gathers them to the whole sequence, then each linear casts its input) + grad_outputs of the
+    # row-parallel ones (wo, w2: full width); "sharded" (/ tp) = the other inputs and grad_outputs.
+    # torchtitan with tensorwise scaling and TP casts on the local shard and all-gathers in fp8
+    # (torchtitan parallelize.py: enable_float8_tensorwise_tp; rowwise "all-gather happens in high
+    # precision"): torchao's PrepareFloat8ModuleInput casts the attention / MLP input once before the forward
+    # gather, Float8RowwiseParallel's output hook casts the gradient before the backward gather ("fwd noop bwd
+    # cast", torchao/float8/float8_tensor_parallel.py). All those casts are split by tp, fusable, and every
+    # TP all-gather moves 1 byte per element.
+    cast_full = cast_sharded = cast_tp1 = cast_tp_sharded = weight_cast = 0.0
+    tp_gather = float(ACT_BYTES)
     if precision == "fp8":
-        per_elem = be.fp8_cast_bytes.get(fp8_recipe or be.fp8_default_recipe, 0.0)
+        recipe = fp8_recipe or be.fp8_default_recipe
+        fused = be.fp8_cast_bytes.get(recipe, 0.0)
+        unfused = be.fp8_cast_bytes_unfused.get(recipe, fused)
+        if not compiled_:  # eager: nothing is fused into the producing kernel
+            fused = unfused
         if arch.mla is not None:
             q_out = arch.n_heads * (arch.mla.qk_nope_head_dim + arch.mla.qk_rope_head_dim + arch.mla.v_head_dim)
             kv_out = 0.0
         else:
             q_out, kv_out = arch.n_heads * arch.hd, 2 * arch.kv_heads * arch.hd
-        cast_full = per_elem * (5 * d + 2 * d)
-        cast_sharded = per_elem * (arch.n_heads * arch.hd + ff_active + q_out + kv_out + 2 * ff_active)
+        cast_sharded = fused * (arch.n_heads * arch.hd + ff_active + q_out + kv_out + 2 * ff_active)
+        cast_tp1 = fused * (5 * d + 2 * d)
+        if recipe in be.fp8_tp_gather_recipes:
+            cast_tp_sharded = fused * 4 * d  # attention and MLP inputs (once each), wo and w2 grad_outputs
+            tp_gather = 1.0
+        else:
+            cast_full = unfused * (5 * d + 2 * d)
+        weight_cast = be.fp8_weight_cast_bytes.get(recipe, 0.0) * (blocks - expert * n_moe) / L  # dense linears
     if not compiled_:  # eager: every norm / RoPE / SwiGLU op reads and writes HBM on its own
         elementwise *= be.eager_elementwise
     tp_overlap = be.async_tp_overlap if (async_tp and compiled_) else be.tp_overlap
-    domain = getattr(gpu, "nvlink_domain", None) or gpu.gpus_per_node
+    domain = (getattr(gpu, "nvlink_domain", None) if gpu.nvlink_gbps > 0 else None) or gpu.gpus_per_node
     embed = float(V * d)
     head_p = 0.0 if arch.tied_embeddings else float(V * d)
     return StepModel(
@@ -219,12 +254,30 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         recompute_flops=rec, flops_per_token=float(total),
         layer_params=blocks / L, expert_params_per_layer=expert, embed_params=embed, head_params=head_p,
         is_moe=arch.moe is not None, peak=peak, sec_per_flop=sec_per_flop, precision=precision,
-        gpus_per_node=domain, nvlink_Bps=gpu.nvlink_gbps * 1e9 * COMM_EFFICIENCY,
+        gpus_per_node=domain, nvlink_Bps=intra_node_gbps(gpu)[0] * 1e9 * COMM_EFFICIENCY,
         net_Bps=gpu.net_gbps / 8 * 1e9 * COMM_EFFICIENCY, hbm_Bps=gpu.hbm_gbps * 1e9,
         backend=be.name, compiled=compiled_, tp_overlap=tp_overlap, fsdp_overlap=be.fsdp_overlap,
         ep_overlap=be.ep_overlap, ep_node_dedup=be.ep_node_dedup, cp_overlap=be.cp_overlap, compute_scale=compute_scale, comm_scale=comm_scale,
         base_efficiency=be.base_efficiency, fp8_cast_full=cast_full, fp8_cast_sharded=cast_sharded,
+        fp8_cast_tp1=cast_tp1, fp8_cast_tp_sharded=cast_tp_sharded, fp8_weight_cast=weight_cast,
+        tp_gather_bytes=tp_gather, fp8_linear_sec_per_flop=fp8_lin,
+        fp8_shape_stretch=peak_flops(gpu, "fp8") / peak if (precision == "fp8" and be.fp8_shape_stretch) else 1.0,
+        tp_gather_unfused=(precision == "fp8" and be.fp8_cast_blocks_async_tp and tp_gather == ACT_BYTES),
     )
+
+
+def intra_node_gbps(gpu) -> tuple[float, str]:
+    """(GB/s per GPU per direction, link) between GPUs of one node: NVLink / Infinity Fabric where the table
+    has it; otherwise PCIe (``pcie_gbps``: L40S, RTX 4090, an H100 PCIe without its bridge), the path
+    NCCL takes between GPUs without a GPU fabric (P2P through the PCIe switch, or through host memory;
+    https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html, NCCL_P2P_LEVEL); with neither
+    given, the node's network NIC (``net_gbps`` Gbit/s), the slowest path, so nothing divides by zero."""
+    if gpu.nvlink_gbps > 0:
+        return float(gpu.nvlink_gbps), "nvlink"
+    pcie = float(getattr(gpu, "pcie_gbps", 0.0) or 0.0)
+    if pcie > 0:
+        return pcie, "pcie"
+    return gpu.net_gbps / 8, "network"
 
 
 def mfu_peak(gpu, precision: str) -> float:
@@ -267,11 +320,14 @@ def efficiency(sm: StepModel, plan: ParallelPlan) -> float:
     return sm.base_efficiency * sm.compute_scale * _efficiency(sm, plan.micro_batch, plan.cp, plan.tp)
 
 
-def _efficiency(sm: StepModel, mb: int, cp: int, tp: int) -> float:
+def _efficiency(sm: StepModel, mb: int, cp: int, tp: int, stretch: float = 1.0) -> float:
+    """Shape penalty of the GEMMs. ``stretch`` > 1 for fp8 GEMMs: the half-points come from per-tile costs
+    that do not shrink with the tensor-core rate (prologue/epilogue, scale loads, wave quantisation), so a
+    kernel whose math runs ``speedup`` x faster needs ``speedup`` x the rows / width to amortise them."""
     tokens = mb * sm.seq_len / cp  # rows of every GEMM on this GPU
     width = sm.d_model / tp  # narrowest sharded GEMM dimension
     # the backend's base efficiency is already in sm.sec_per_flop; this is the shape penalty only
-    eff = tokens / (tokens + TOKENS_HALF) * width / (width + WIDTH_HALF)
+    eff = tokens / (tokens + TOKENS_HALF * stretch) * width / (width + WIDTH_HALF * stretch)
     return eff * MOE_EFFICIENCY if sm.is_moe else eff
 
 
@@ -369,18 +425,34 @@ class LayoutTimer:
         sm, t, p, cp, ep = self.sm, self.t, self.p, self.cp, self.ep
         n_slow, flops_tok, rec_tok, _, _ = _stage_info(sm, p, self.sched, self.chunks, ac)
         tokens_gpu = mb * sm.seq_len / cp  # tokens of this GPU's sequence shard per micro-batch
-        scale = tokens_gpu / t * sm.sec_per_flop / _efficiency(sm, mb, cp, t)
+        eff = _efficiency(sm, mb, cp, t)
+        spf = sm.sec_per_flop / eff
+        if sm.fp8_linear_sec_per_flop and sm.fp8_shape_stretch != 1.0:  # fp8 linears: their own shape penalty
+            spf += sm.fp8_linear_sec_per_flop * (1.0 / _efficiency(sm, mb, cp, t, sm.fp8_shape_stretch) - 1.0 / eff)
+        scale = tokens_gpu / t * spf
         # memory-bound ops, split over tp by sequence parallelism; full AC runs the forward part again
-        elem_bytes = tokens_gpu / t * sm.elementwise_bytes + tokens_gpu * sm.fp8_cast_full \
-            + tokens_gpu / t * sm.fp8_cast_sharded
+        if t > 1:
+            cast = tokens_gpu * sm.fp8_cast_full + tokens_gpu / t * (sm.fp8_cast_sharded + sm.fp8_cast_tp_sharded)
+        else:
+            cast = tokens_gpu * (sm.fp8_cast_tp1 + sm.fp8_cast_sharded)
+        elem_bytes = tokens_gpu / t * sm.elementwise_bytes + cast + sm.fp8_weight_cast / t
         elem = n_slow * elem_bytes / sm.hbm_Bps * (4 / 3 if ac == "full" else 1.0)
         compute = flops_tok * scale + elem
         recompute = rec_tok * scale
         full = ac == "full"
         tp_comm = 0.0
-        if t > 1:  # 4 collectives per block (+2 when the forward is recomputed), ring volume 2(t-1)/t
-            tp_comm = n_slow * (6 if full else 4) * tokens_gpu * sm.d_model * ACT_BYTES * 2 * (t - 1) / t / sm.nvlink_Bps
-            tp_comm *= 1.0 - sm.tp_overlap  # async TP / comm-GEMM overlap hides this share
+        if t > 1:
+            # sequence parallelism: per block 2 all-gathers + 2 reduce-scatters forward (again when the forward
+            # is recomputed) and backward, each (t-1)/t of the tensor: "4 all-reduces" of b*s*h bytes; the
+            # gathers move tp_gather_bytes per element (fp8 with torchtitan's tensorwise float8 TP)
+            # Async TP / comm-GEMM overlap hides tp_overlap of each collective it can fuse with its GEMM; an
+            # all-gather whose result is first cast to fp8 (torchao rowwise float8: bf16 gathers) feeds no GEMM
+            # and stays exposed (PyTorch micro-pipeline TP, torch/_inductor/fx_passes/micro_pipeline_tp.py fuses
+            # only the matmuls that consume the all-gather result)
+            n_coll = 2 * (2 if full else 1) + 2  # all-gathers (and as many reduce-scatters) per block
+            ag, rs = n_coll * sm.tp_gather_bytes, n_coll * ACT_BYTES
+            per_elem = ag + rs - sm.tp_overlap * (rs + (0.0 if sm.tp_gather_unfused else ag))
+            tp_comm = n_slow * tokens_gpu * sm.d_model * per_elem * (t - 1) / t / sm.nvlink_Bps
         ep_comm = 0.0
         if ep > 1 and sm.n_moe_layers:  # 4 all-to-alls per MoE block (+2 with full recompute)
             ep_comm = n_slow * sm.n_moe_layers / sm.n_layers * (6 if full else 4) * self.a2a_per_token \

@@ -306,7 +306,7 @@ def _trainer_config(spec):
         checkpoint=CheckpointManager.Config(
             enable=True,
             folder='checkpoints',
-            interval=56,
+            interval=57,
             async_mode='async',
             keep_latest_k=3,
             last_save_model_only=False,  # keep optimizer + dataloader state so the last checkpoint resumes
