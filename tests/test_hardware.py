@@ -146,3 +146,26 @@ training: {global_batch_tokens: 1048576}
     run, lines = loads_spec(bad, file="s.yaml")
     c = compile_spec(run, "s.yaml", lines, spec_bytes=bad.encode())
     assert "S007" in {d.code for d in c.diagnostics}
+
+
+def test_spec_pcie_override_reaches_the_timing_of_a_part_without_nvlink():
+    """An L40S box (no NVLink): a slower PCIe link set in the spec makes the same plan slower, never faster."""
+    from llmc.compiler.compile import compile_spec
+    from llmc.spec.load import loads_spec
+
+    def tokens_per_s(pcie: float) -> float:
+        text = f"""\
+name: t
+model: llama3-8b
+hardware: {{gpu: l40s, count: 8, gpu_overrides: {{pcie_gbps: {pcie}}}}}
+data: {{seq_len: 4096, tokens: 1e9}}
+training: {{global_batch_tokens: 1048576}}
+parallelism: {{dp_shard: 8}}
+"""
+        run, lines = loads_spec(text, file="s.yaml")
+        c = compile_spec(run, "s.yaml", lines, spec_bytes=text.encode())
+        assert c.gpu.pcie_gbps == pcie and c.gpu.nvlink_gbps == 0
+        return c.time.tokens_per_second
+
+    slow, table, fast = tokens_per_s(8), tokens_per_s(GPUS["l40s"].pcie_gbps), tokens_per_s(256)
+    assert slow < table < fast

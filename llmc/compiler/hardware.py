@@ -458,6 +458,7 @@ _OVERRIDE_FIELDS = {
     "hbm_tbps": ("hbm_gbps", 1000.0),
     "power_w": ("power_w", 1.0),
     "nvlink_gbps": ("nvlink_gbps", 1.0),
+    "pcie_gbps": ("pcie_gbps", 1.0),
     "inter_node_gbps": ("net_gbps", 1.0),
     "gpus_per_node": ("gpus_per_node", None),
     "nvlink_domain": ("nvlink_domain", None),

@@ -169,6 +169,8 @@ class GpuOverrides(SpecModel):
     """Board power limit in W."""
     nvlink_gbps: Float | None = Field(default=None, ge=0)
     """Scale-up bandwidth per GPU per direction in GB/s (0 = none)."""
+    pcie_gbps: Float | None = Field(default=None, ge=0)
+    """Host-link (PCIe) bandwidth per GPU per direction in GB/s; used inside a node when there is no NVLink."""
     nvlink_domain: Int | None = Field(default=None, gt=0)
     """GPUs sharing one NVLink domain (GB200 NVL72: 72). None = gpus_per_node."""
 
