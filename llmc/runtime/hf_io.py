@@ -289,7 +289,8 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
         _check_config(read_hf_config(src), arch, src)
     files = SafetensorsDir(src)
     mapping = hf_names(arch)
-    params = dict(_unwrap(model).named_parameters())
+    # a model already carrying LoRA adapters (built on meta, sharded): its base weights, by their plain names
+    params = {k.replace(".base.", "."): p for k, p in _unwrap(model).named_parameters() if "lora_" not in k}
     missing, mismatched = [], []
     used: set[str] = set()
     for name, p in params.items():
@@ -364,6 +365,41 @@ def init_hf_source(job) -> str | None:
         if q.exists():
             return str(q)
     return str(p) if p.exists() else str(src)
+
+
+def init_from_source(stage_dir: str | Path) -> tuple[str, Path]:
+    """What a finished stage left for the next stage to start from (its ``init_from``): ``("llmc", step-N)``
+    when it wrote an llmc checkpoint (native, DeepSpeed and post-training stages), else ``("hf", <dir>/hf)``
+    when it has a Hugging Face export (a torchtitan stage: ``python -m llmc.runtime.hf_io`` writes it after
+    the run; no llmc checkpoint, no DONE.json). Raises :class:`HFError` naming both when neither is there."""
+    from llmc.runtime.checkpoint import CheckpointError, resolve_checkpoint
+
+    d = Path(stage_dir)
+    try:
+        ck = resolve_checkpoint(d)
+        if (ck / "manifest.json").exists():
+            return "llmc", ck
+    except CheckpointError:
+        pass
+    if (d / "hf" / "config.json").exists():
+        return "hf", d / "hf"
+    raise HFError(f"{d}: the stage left neither an llmc checkpoint (DONE.json / checkpoints/step-N) nor a "
+                  f"Hugging Face export (hf/config.json); run it first")
+
+
+def load_init_from(model: nn.Module, stage_dir: str | Path, arch, *, rank: int = 0, world: int = 1,
+                   load_llmc: Callable[[nn.Module, Path], int] | None = None) -> str:
+    """Load the weights :func:`init_from_source` finds into ``model`` (plain, FSDP2/TP-sharded or DeepSpeed
+    ZeRO-3; collective when sharded); returns what was loaded, for the log. ``load_llmc(model, step_dir)``
+    replaces :func:`llmc.runtime.checkpoint.load_model_weights` for the llmc checkpoint (DeepSpeed's ZeRO-aware
+    loader)."""
+    kind, path = init_from_source(stage_dir)
+    if kind == "llmc":
+        if load_llmc is None:
+            from llmc.runtime.checkpoint import load_model_weights as load_llmc
+        return f"{path} (step {load_llmc(model, path)})"
+    got = load_hf_into(model, path, arch, rank=rank, world=world)
+    return f"Hugging Face export {got['source']} ({got['bytes_read']:,} bytes read by rank {rank})"
 
 
 # ----------------------------------------------------------------------------- writing checkpoints
