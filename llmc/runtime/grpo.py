@@ -131,7 +131,8 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     for step in range(steps):
         batch = []
         rewards_all = []
-        picks, weights = shard.split([rng.randrange(len(prompts)) for _ in range(prompts_per_step)])
+        picks, weights = shard.split([rng.randrange(len(prompts)) for _ in range(prompts_per_step)],
+                                     equal=True)
         for j, wt in zip(picks, weights, strict=True):
             full, cmask = sample_group(model, encoded[j], group_size, max_new_tokens, stop, pad_id,
                                        temperature, gen, all_done=shard.all_true, device=device)

@@ -235,7 +235,9 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
 
         reference = Reference(wrapped, frozen=build_policy(job, info, out, None)[1])
 
-    steps, lr, batch = int(job.steps), float(job.lr), max(1, int(job.global_batch_seqs))
+    # the stage's global batch (lock stage entry ``global_batch_seqs``), whatever the rank count
+    batch = max(1, int(plan.get("global_batch_seqs") or job.global_batch_seqs))
+    steps, lr = int(job.steps), float(job.lr)
     loop = _Loop(job=job, model=wrapped, tok=tok, template=template, hyper=hyper, st=st, steps=steps, lr=lr,
                  batch=batch, seq_len=int(job.seq_len), pad_id=pad_id,
                  log=_Log(out / "metrics.jsonl", job.stage, job.log_every, enabled=main), shard=shard,

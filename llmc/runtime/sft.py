@@ -23,11 +23,13 @@ class DataShard:
     rank: int = 0
     size: int = 1
 
-    def split(self, batch: list) -> tuple[list, list[float]]:
+    def split(self, batch: list, equal: bool = False) -> tuple[list, list[float]]:
         """(local items, weights): a rank whose share is empty gets the batch's first item with weight 0,
-        so every rank runs the same forward/backward calls (FSDP's collectives)."""
+        so every rank runs the same forward/backward calls (FSDP's collectives); ``equal``: every rank gets
+        ceil(len / size) items, topped up the same way (for loops with one forward per item)."""
         mine = batch[self.rank::self.size]
-        return (mine, [1.0] * len(mine)) if mine else (batch[:1], [0.0])
+        n = -(-len(batch) // self.size) if equal else max(1, len(mine))
+        return mine + batch[:1] * (n - len(mine)), [1.0] * len(mine) + [0.0] * (n - len(mine))
 
     def sum(self, x: torch.Tensor | float) -> torch.Tensor:
         """Sum over the data-parallel ranks (a copy; the input is left as it is)."""
