@@ -353,3 +353,24 @@ def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, plan):
         with torch.no_grad():
             losses.append(float(lm_loss(ref(input_ids=x).logits, y)))
     assert abs(first - sum(losses) / dp) < 1e-4, (first, losses)
+
+
+def test_deepseek_v3_routing_keys_written_and_checked(tmp_path):
+    """hf_config writes routed_scaling_factor / n_group / topk_group; an init_hf checkpoint whose routing
+    differs from the spec's is refused (the keys are read back through llmc.spec.hf)."""
+    from llmc.runtime.hf_io import HFError, _check_config, hf_config, hf_export_supported
+
+    fixture = Path(__file__).parent / "fixtures" / "hf" / "deepseek-v3.json"
+    cfg = json.loads(fixture.read_text())
+    a = architecture_from_hf_config(cfg)
+    assert (a.moe.route_scale, a.moe.n_expert_groups, a.moe.n_limited_groups) == (2.5, 8, 4)
+    _check_config(cfg, a, tmp_path)  # the same model: accepted
+    for key, val in (("routed_scaling_factor", 1.0), ("topk_group", 2)):
+        with pytest.raises(HFError, match="route_scale|n_limited_groups"):
+            _check_config({**cfg, key: val}, a, tmp_path)
+    mix = a.model_copy(update={"mla": None, "moe": a.moe.model_copy(update={
+        "score_func": "softmax", "expert_bias": False, "num_shared_experts": 0, "dense_layers": 0,
+        "expert_d_ff": None})})
+    out = hf_config(mix)
+    assert (out["routed_scaling_factor"], out["n_group"], out["topk_group"]) == (2.5, 8, 4)
+    assert "DeepSeek-V3 routing" in hf_export_supported(mix)  # a Mixtral class would drop the routing

@@ -103,6 +103,8 @@ def hf_export_supported(arch) -> str | None:
     if m is not None and (m.num_shared_experts or m.dense_layers or m.score_func != "softmax" or m.router_bias
                           or getattr(m, "expert_bias", False) or (m.expert_d_ff or arch.d_ff) != arch.d_ff):
         return "only Mixtral-style MoE (softmax top-k, no shared/dense layers, no router bias) is exported"
+    if m is not None and (m.route_scale != 1.0 or m.n_expert_groups):
+        return "DeepSeek-V3 routing (route_scale / expert groups) has no Mixtral equivalent"
     if m is not None and arch.qkv_bias:
         return "MoE with q/k/v biases has no Hugging Face model class here"
     return None
@@ -239,6 +241,11 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
             arch.moe is not None and (arch.moe.num_experts, arch.moe.top_k) != (theirs.moe.num_experts,
                                                                                 theirs.moe.top_k)):
         bad.append("mixture-of-experts settings differ")
+    elif arch.moe is not None:
+        for f in ("route_scale", "n_expert_groups", "n_limited_groups"):
+            a, b = getattr(arch.moe, f), getattr(theirs.moe, f)
+            if a != b:
+                bad.append(f"moe.{f} {a} (spec) != {b} (checkpoint)")
     rs_a, rs_b = arch.rope_scaling, theirs.rope_scaling
     if (rs_a is None) != (rs_b is None) or (rs_a is not None and (rs_a.type, rs_a.factor) != (rs_b.type, rs_b.factor)):
         bad.append(f"rope_scaling {rs_a} (spec) != {rs_b} (checkpoint)")
@@ -423,7 +430,11 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=arch.n_layers)
     if arch.moe is not None:
         cfg.update(num_local_experts=arch.moe.num_experts, num_experts_per_tok=arch.moe.top_k,
-                   router_aux_loss_coef=arch.moe.aux_loss_coef, output_router_logits=False, sliding_window=None)
+                   router_aux_loss_coef=arch.moe.aux_loss_coef, output_router_logits=False, sliding_window=None,
+                   # DeepSeek-V3 config.json names (routed_scaling_factor 2.5, n_group 8, topk_group 4);
+                   # 1 / 1 / 1 = plain top-k (llmc.spec.hf reads them back into route_scale / expert groups)
+                   routed_scaling_factor=arch.moe.route_scale, n_group=arch.moe.n_expert_groups or 1,
+                   topk_group=arch.moe.n_limited_groups or 1)
     rs = arch.rope_scaling
     if rs is not None:
         scaling = {"rope_type": rs.type, "factor": rs.factor}
