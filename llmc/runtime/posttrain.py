@@ -1,7 +1,12 @@
 """Run one post-training stage (sft / dpo / grpo) of a pipeline: ``run_stage(job, out_dir)``.
 
-* The model starts from ``<out_dir>/../<init_from>/`` (that stage's final checkpoint, via DONE.json),
-  or from a fresh init when the stage has no ``init_from``.
+* The model starts from ``<out_dir>/../<init_from>/`` (that stage's llmc checkpoint, else its ``hf/``
+  export: :func:`llmc.runtime.hf_io.load_init_from`), from ``init_hf``, or from a fresh init.
+* One process or every rank under torchrun: the model is built as pre-training builds it
+  (:func:`llmc.runtime.train._setup_model`; FSDP2 over the data-parallel ranks, :func:`post_layout`), LoRA
+  adapters added before sharding; each step's global batch is split between the ranks
+  (:class:`llmc.runtime.sft.DataShard`) and losses use global counts, so N ranks give the one-process
+  losses. With N > 1 ranks the checkpoint is sharded (DCP) and rank 0 exports ``hf/`` from it.
 * ``lora:`` wraps the targets with adapters (``quantize_base: nf4`` = QLoRA); at the end the adapters
   are saved (``lora_adapters.pt``) and merged, so the stage's checkpoint holds plain weights that the
   next stage (and serving) load with the usual parameter names.
@@ -9,7 +14,7 @@
   :mod:`llmc.runtime.synthetic` when it has no path / ``format: builtin``, by ``kind``:
   ``chat`` -> {"messages": [{role, content}...]}; ``preference`` -> {"prompt", "chosen", "rejected"}
   (prompt a string or messages); ``prompts`` -> {"prompt", "expression" | "answer"}.
-* Writes ``metrics.jsonl``, ``checkpoints/step-N/`` (model only), ``DONE.json``.
+* Writes ``metrics.jsonl``, ``checkpoints/step-N/`` (model only), ``hf/``, ``DONE.json`` (rank 0 the files).
 """
 
 from __future__ import annotations
