@@ -35,6 +35,7 @@ STAGES = {
     "sft": ({"kind": "sft"}, 4, 2e-3, 5, None),  # 5 examples: 3 on rank 0, 2 on rank 1
     "sft_lora": ({"kind": "sft", "lora": LORA}, 4, 3e-3, 4, None),
     "sft_lora_meta": ({"kind": "sft", "lora": LORA}, 4, 3e-3, 4, True),  # built on meta, base loaded per shard
+    "sft_qlora": ({"kind": "sft", "lora": {**LORA, "quantize_base": "nf4"}}, 3, 3e-3, 4, None),  # NF4 base
     "dpo": ({"kind": "dpo", "dpo_beta": 0.1}, 3, 1e-3, 3, None),  # sharded frozen reference
     "dpo_lora": ({"kind": "dpo", "dpo_beta": 0.1, "lora": LORA}, 3, 2e-3, 4, None),
     "grpo": ({"kind": "grpo", "grpo_group_size": 4, "max_new_tokens": 6, "prompts_per_step": 3}, 2, 1e-4, 1, None),
@@ -98,6 +99,7 @@ def runs(tmp_path_factory):
     ("sft", "sft", ("loss",)),
     ("sft_lora", "sft_lora", ("loss",)),
     ("sft_lora_meta", "sft_lora", ("loss",)),
+    ("sft_qlora", "sft_qlora", ("loss",)),
     ("dpo", "dpo", ("loss", "margin", "accuracy", "chosen_reward")),
     ("dpo_lora", "dpo_lora", ("loss", "margin", "accuracy")),
 ])

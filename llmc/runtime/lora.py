@@ -79,7 +79,7 @@ def quantize_nf4(w: torch.Tensor, block: int = NF4_BLOCK, double_quant: bool = F
     blocks = flat.view(-1, block)
     absmax = blocks.abs().amax(dim=1).clamp_min(1e-12)
     normed = blocks / absmax[:, None]
-    codes = (normed[..., None] - NF4_LEVELS).abs().argmin(dim=-1).to(torch.uint8).reshape(-1)
+    codes = (normed[..., None] - NF4_LEVELS.to(normed.device)).abs().argmin(dim=-1).to(torch.uint8).reshape(-1)
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_zeros(1)])
     packed = (codes[0::2] << 4) | codes[1::2]
@@ -97,7 +97,7 @@ def quantize_nf4(w: torch.Tensor, block: int = NF4_BLOCK, double_quant: bool = F
 
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1).long()
-    vals = NF4_LEVELS[codes][: math.ceil(q.numel / q.block) * q.block].view(-1, q.block)
+    vals = NF4_LEVELS.to(codes.device)[codes][: math.ceil(q.numel / q.block) * q.block].view(-1, q.block)
     out = (vals * q.block_absmax()[:, None]).reshape(-1)[: q.numel]
     return out.view(q.shape).to(dtype)
 

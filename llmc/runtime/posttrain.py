@@ -272,7 +272,8 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
               "world": info.world, "wall_s": round(time.time() - t0, 2), **summary}
     if main:  # servable model (+ PEFT adapter): <out>/hf, from the checkpoint as train.py's export reads it
         tok_dir = getattr(tok, "dir", None)
-        sd = model.state_dict() if info.world == 1 else read_model_state(final)
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()} if info.world == 1 \
+            else read_model_state(final)
         hf = export_stage(job, out, out / "hf", tokenizer_dir=tok_dir, model_sd=sd, lora_sd=lora_sd)
         result["hf"] = "hf" if hf.get("hf") else None
         if hf.get("adapter"):
