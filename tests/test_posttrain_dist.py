@@ -158,3 +158,33 @@ def test_grpo_on_two_ranks_finishes_and_exports(runs):
     assert (two / "grpo" / "hf" / "config.json").exists()
     hist = _metrics(two / "grpo")
     assert len(hist) == 2 and all(0 <= h["reward_mean"] <= 1 and h["kl"] >= 0 for h in hist)
+
+
+@pytest.mark.slow
+def test_entry_runs_a_lora_sft_stage_on_two_ranks(tmp_path):
+    """examples/pipeline_tiny.yaml's sft stage through ``torchrun -m llmc.runtime.entry`` on 2 ranks: every rank
+    trains (no rank exits early), rank 0 writes DONE.json, the checkpoint is sharded over the 2 ranks."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    b = tmp_path / "build"
+
+    def run(args):
+        p = subprocess.run(args, cwd=b if b.exists() else root, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return p
+
+    run([sys.executable, "-m", "llmc.cli", "build", str(root / "examples" / "pipeline_tiny.yaml"), "-o", str(b)])
+    lock = json.loads((b / "plan.lock.json").read_text())
+    pre = TrainJob.from_lock(lock, "pretrain")
+    save_checkpoint(b / "run" / "pretrain" / "checkpoints", 1, build_model(pre.arch, seed=3), None, {})
+    (b / "run" / "pretrain" / "DONE.json").write_text(json.dumps({"status": "done"}))
+    run([sys.executable, "-m", "llmc.runtime.entry", "prepare", "--lock", str(b / "plan.lock.json")])
+    p = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+             "--rdzv_endpoint=localhost:0", "-m", "llmc.runtime.entry", "--lock", str(b / "plan.lock.json"),
+             "--stage", "sft", "--out", str(b / "run" / "sft"), "--steps", "2"])
+    assert "nothing to do" not in p.stdout
+    done = json.loads((b / "run" / "sft" / "DONE.json").read_text())
+    assert done["status"] == "done" and done["world"] == 2 and done["merged"] and done["hf"] == "hf"
+    manifest = json.loads((resolve_checkpoint(b / "run" / "sft") / "manifest.json").read_text())
+    assert manifest["layout"] == "dcp" and manifest["world"] == 2
+    assert len(_metrics(b / "run" / "sft")) == 2  # one record per step (rank 0 only)
