@@ -39,7 +39,6 @@ from pathlib import Path
 from llmc.compiler.plan import ParallelPlan
 from llmc.emit.common import RUNTIME_ENTRY, launch_backend
 from llmc.runtime.capabilities import DS_STAGE_KINDS, TITAN_STAGE_KINDS
-from llmc.spec.schema import CHAT_KINDS
 
 BACKENDS = ("native", "torchtitan", "deepspeed")
 DEFAULT_MASTER_PORT = 29500
@@ -147,10 +146,6 @@ def _lock_change_summary(data: bytes) -> str:
     return "its spec hash is unchanged, so a plan or number was edited"
 
 
-# llmc's post-training loops (llmc.runtime.posttrain) run in one process.
-SINGLE_PROCESS_KINDS = frozenset(CHAT_KINDS)
-
-
 def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, nproc: int | None = None,
                     stage: str | None = None, run_dir: str | os.PathLike | None = None,
                     gpu: bool | None = None) -> list[Cmd]:
@@ -190,10 +185,8 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         raise LaunchError("this build has no torchtitan/llmc_job.py; use --backend native or deepspeed")
 
     def native(s: dict) -> Cmd:
-        # llmc's post-training loops (sft/dpo/grpo) are single-process: one process whatever nproc is
-        # (under other launchers, ranks > 0 of such a stage exit at once: llmc.runtime.entry).
-        n = 1 if s["kind"] in SINGLE_PROCESS_KINDS else nproc
-        argv = [_tool("torchrun"), "--standalone", "--nproc_per_node", str(n)]
+        # every kind runs on nproc ranks (post-training too: FSDP2 over the ranks, llmc.runtime.posttrain)
+        argv = [_tool("torchrun"), "--standalone", "--nproc_per_node", str(nproc)]
         return Cmd(argv=[*argv, "-m", RUNTIME_ENTRY, "--lock", lock_path, "--stage", s["name"],
                          "--out", str(run / s["name"])], cwd=str(b), stage=s["name"])
 

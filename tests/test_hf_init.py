@@ -353,3 +353,71 @@ def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, plan):
         with torch.no_grad():
             losses.append(float(lm_loss(ref(input_ids=x).logits, y)))
     assert abs(first - sum(losses) / dp) < 1e-4, (first, losses)
+
+
+def test_deepseek_v3_routing_keys_written_and_checked(tmp_path):
+    """hf_config writes routed_scaling_factor / n_group / topk_group; an init_hf checkpoint whose routing
+    differs from the spec's is refused (the keys are read back through llmc.spec.hf)."""
+    from llmc.runtime.hf_io import HFError, _check_config, hf_config, hf_export_supported
+
+    fixture = Path(__file__).parent / "fixtures" / "hf" / "deepseek-v3.json"
+    cfg = json.loads(fixture.read_text())
+    a = architecture_from_hf_config(cfg)
+    assert (a.moe.route_scale, a.moe.n_expert_groups, a.moe.n_limited_groups) == (2.5, 8, 4)
+    _check_config(cfg, a, tmp_path)  # the same model: accepted
+    for key, val in (("routed_scaling_factor", 1.0), ("topk_group", 2)):
+        with pytest.raises(HFError, match="route_scale|n_limited_groups"):
+            _check_config({**cfg, key: val}, a, tmp_path)
+    mix = a.model_copy(update={"mla": None, "moe": a.moe.model_copy(update={
+        "score_func": "softmax", "expert_bias": False, "num_shared_experts": 0, "dense_layers": 0,
+        "expert_d_ff": None})})
+    out = hf_config(mix)
+    assert (out["routed_scaling_factor"], out["n_group"], out["topk_group"]) == (2.5, 8, 4)
+    assert "DeepSeek-V3 routing" in hf_export_supported(mix)  # a Mixtral class would drop the routing
+
+
+def test_init_from_a_stage_that_left_only_hf(tmp_path):
+    """A torchtitan stage leaves run/<stage>/hf (no llmc checkpoint, no DONE.json): the next stage, native
+    pre-training or post-training, starts from that export; an llmc checkpoint wins when both exist."""
+    import shutil
+
+    from llmc.runtime.checkpoint import save_checkpoint
+    from llmc.runtime.distributed import DistInfo
+    from llmc.runtime.hf_io import HFError, init_from_source, load_init_from
+    from llmc.runtime.job import TrainJob
+    from llmc.runtime.posttrain import build_policy
+    from llmc.runtime.train import _setup_model
+    from llmc.spec.schema import make_stage
+
+    src = make_hf(tmp_path, "llama", shard=None)
+    arch = arch_of(src)
+    run = tmp_path / "run"
+    with pytest.raises(HFError, match="neither an llmc checkpoint"):
+        init_from_source(run / "titan")
+    shutil.copytree(src, run / "titan" / "hf")
+    assert init_from_source(run / "titan") == ("hf", run / "titan" / "hf")
+    want = hf_model(src)
+    tokens = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        ref = want(input_ids=tokens).logits
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    pre = TrainJob(arch=arch, sources=[], seq_len=16, steps=1, name="p", stage="mid", kind="midtrain",
+                   init_from="titan")
+    native, _, _ = _setup_model(pre, info, run / "titan", None, lambda *a: None)
+    st = make_stage(name="sft", kind="sft", init_from="titan", data={"sources": [{"name": "s", "format": "builtin"}],
+                                                                      "seq_len": 16, "tokens": 1e4})
+    post = TrainJob(arch=arch, sources=[], seq_len=16, steps=1, name="p", stage="sft", kind="sft", init_from="titan",
+                    stage_spec=st)
+    policy, _, _ = build_policy(post, info, run / "sft", None)
+    with torch.no_grad():
+        for m in (native, policy):
+            torch.testing.assert_close(m(tokens), ref, rtol=1e-4, atol=1e-4)
+    # an llmc checkpoint in the same folder is preferred (here: other weights)
+    other = build_model(arch, seed=5)
+    save_checkpoint(run / "titan" / "checkpoints", 3, other, None, {})
+    kind, path = init_from_source(run / "titan")
+    assert kind == "llmc" and path.name == "step-00000003"
+    fresh = build_model(arch, seed=0)
+    assert "step 3" in load_init_from(fresh, run / "titan", arch)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), other.state_dict().values(),
+                                                  strict=True))

@@ -81,12 +81,12 @@ def test_default_nproc_on_gpu_is_gpus_per_node(tmp_path):
     assert cmds[1].argv[cmds[1].argv.index("--nproc_per_node") + 1] == "3"
 
 
-def test_single_process_stages_get_one_process(tmp_path):
-    # sft/dpo run in llmc's single-process post-training loops: n copies would race on one output dir.
+def test_post_training_stages_get_every_process(tmp_path):
+    # sft/dpo shard over the ranks (FSDP2) like pre-training: the same process count for every stage
     b = _build(tmp_path)
     cmds = {c.stage: c for c in launch_commands(b, backend="native", nproc=4, gpu=True)}
     nproc = {s: cmds[s].argv[cmds[s].argv.index("--nproc_per_node") + 1] for s in ("base", "chat", "align")}
-    assert nproc == {"base": "4", "chat": "1", "align": "1"}
+    assert nproc == {"base": "4", "chat": "4", "align": "4"}
 
 
 def test_deepspeed_dry_run(tmp_path):

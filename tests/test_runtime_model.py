@@ -245,3 +245,57 @@ def test_generate_greedy_extends():
     m = build_model(arch(), seed=0)
     out = m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
     assert out.shape == (1, 7) and out[0, :3].tolist() == [1, 2, 3]
+
+
+def _deepseek_v3_gate(logits, bias, top_k, n_group, topk_group, scale):
+    """MoEGate.forward of https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/modeling_deepseek.py
+    (topk_method noaux_tc, scoring sigmoid, norm_topk_prob), transcribed token by token in plain Python."""
+    N, E = len(logits), len(logits[0])
+    per = E // n_group
+    ids, ws = [], []
+    for t in range(N):
+        s = [1 / (1 + math.exp(-float(v))) for v in logits[t]]
+        choice = [s[e] + float(bias[e]) for e in range(E)]
+        gscore = [sum(sorted(choice[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(n_group)]
+        keep = sorted(range(n_group), key=lambda g: -gscore[g])[:topk_group]
+        masked = [choice[e] if e // per in keep else 0.0 for e in range(E)]
+        top = sorted(range(E), key=lambda e: -masked[e])[:top_k]
+        w = [s[e] for e in top]
+        den = sum(w) + 1e-20
+        ids.append(top)
+        ws.append([x / den * scale for x in w])
+    return ids, ws
+
+
+def test_deepseek_v3_group_limited_routing_matches_reference_gate():
+    spec = MoESpec(num_experts=8, top_k=2, score_func="sigmoid", expert_bias=True, aux_loss_coef=0.0,
+                   route_scale=2.5, n_expert_groups=4, n_limited_groups=2)
+    moe = MoE(arch(moe=spec))
+    moe.init_weights(0.5, 0.2)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        moe.expert_bias.copy_(torch.randn(8) * 0.3)
+    x = torch.randn(40, 32)
+    w, idx, _ = moe.router(x, moe.expert_bias)
+    ref_ids, ref_w = _deepseek_v3_gate((x @ moe.router.gate.weight.t()).tolist(), moe.expert_bias.tolist(),
+                                       2, 4, 2, 2.5)
+    for t in range(40):
+        got = dict(zip(idx[t].tolist(), w[t].tolist(), strict=True))
+        want = dict(zip(ref_ids[t], ref_w[t], strict=True))
+        assert got.keys() == want.keys(), t
+        for e in want:
+            assert got[e] == pytest.approx(want[e], rel=1e-5)
+    assert torch.allclose(w.sum(-1), torch.full((40,), 2.5))  # normalised, then x route_scale
+    # the group limit binds: without it some tokens would pick an expert from a dropped group
+    free = MoE(arch(moe=spec.model_copy(update={"n_expert_groups": None, "n_limited_groups": None})))
+    free.load_state_dict(moe.state_dict())
+    assert not torch.equal(free.router(x, free.expert_bias)[1].sort(-1).values, idx.sort(-1).values)
+    # the layer's output mixes the experts with these weights
+    out, _ = moe(x[None])
+    ref = torch.zeros_like(x)
+    for t in range(40):
+        for e, wi in zip(ref_ids[t], ref_w[t], strict=True):
+            ref[t] += wi * moe.experts.expert(e, x[t:t + 1])[0]
+    if moe.shared_experts is not None:
+        ref += moe.shared_experts(x)
+    torch.testing.assert_close(out[0], ref, rtol=1e-4, atol=1e-5)

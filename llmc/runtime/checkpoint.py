@@ -299,12 +299,15 @@ def _async_group():
 
 
 def _save_dcp(folder: Path, tmp: Path, final: Path, step: int, model: torch.nn.Module,
-              optimizer: torch.optim.Optimizer | None, keep_latest: int | None, async_save: bool) -> Path:
+              optimizer: torch.optim.Optimizer | None, keep_latest: int | None, async_save: bool,
+              model_sd: dict | None = None) -> Path:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     target = _unwrap(model) if _world() == 1 else model
-    if optimizer is not None:
+    if model_sd is not None:  # the state to write, already made (e.g. LoRA merged into sharded weights)
+        state = {"model": model_sd}
+    elif optimizer is not None:
         msd, osd = get_state_dict(target, optimizer)
         state = {"model": msd, "optim": osd}
     else:
@@ -330,7 +333,9 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optim
 
     ``sharded``: DCP shards written by every rank (see the module docstring); else full files on rank 0.
     ``model_sd`` (full layout): the full state dict already gathered (rank 0; any value elsewhere), e.g.
-    DeepSpeed ZeRO-3's layer-by-layer ``_zero3_consolidated_16bit_state_dict``; default: gathered here."""
+    DeepSpeed ZeRO-3's layer-by-layer ``_zero3_consolidated_16bit_state_dict``; default: gathered here.
+    ``model_sd`` (sharded layout, no optimizer): this rank's (DTensor) state dict to write instead of the
+    model's."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     wait_for_checkpoint()
@@ -347,7 +352,8 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optim
         _save(rng_state(), tmp / f"rank-{rank}.pt")
         if rank == 0:
             _write_json({**train_state, "step": step}, tmp / "train.json")
-        return _save_dcp(folder, tmp, final, step, model, optimizer, keep_latest, async_save)
+        return _save_dcp(folder, tmp, final, step, model, optimizer, keep_latest, async_save,
+                         model_sd if optimizer is None else None)
     if model_sd is None:
         model_sd = full_model_state(model)  # collectives: all ranks
     optim_sd = None
@@ -429,28 +435,43 @@ def _load_full(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         set_optimizer_state_dict(target, optimizer, optim_sd, options=_sd_options(full_state_dict=True))
 
 
+def _plain_name(key: str) -> str:
+    """A LoRA-wrapped model's key under the plain model's name (``wq.base.weight`` -> ``wq.weight``)."""
+    return key.replace(".base.", ".")
+
+
 def load_model_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) -> int:
     """Load only the weights of a checkpoint folder (``step-N`` or a stage dir with DONE.json / checkpoints).
 
-    For ``init_from`` and for post-training / DeepSpeed code; returns the checkpoint's step.
+    For ``init_from`` and for post-training / DeepSpeed code; returns the checkpoint's step. A model whose
+    linears already carry LoRA adapters (built on meta and sharded) gets its base weights (the adapters are
+    not in the checkpoint and are left as they are).
     """
     path = resolve_checkpoint(path)
     manifest = verify_checkpoint(path)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    lora = any("lora_" in k for k in _unwrap(model).state_dict())
     if manifest.get("layout") == "dcp" and _world() > 1:  # each rank reads the shards its layout needs
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-        state = {"model": get_model_state_dict(model)}
+        mine = {k: v for k, v in get_model_state_dict(model).items() if "lora_" not in k}
+        state = {"model": {_plain_name(k): v for k, v in mine.items()}}
         dcp.load(state, checkpoint_id=str(path / "dcp"))
-        set_model_state_dict(model, state["model"], options=_sd_options(strict=strict))
+        loaded = {k: state["model"][_plain_name(k)] for k in mine}
+        set_model_state_dict(model, loaded, options=_sd_options(strict=strict and not lora))
         return int(manifest["step"])
     sd = read_model_state(path)
+    if lora:
+        names = [k for k in _unwrap(model).state_dict() if "lora_" not in k]
+        missing = [k for k in names if _plain_name(k) not in sd]
+        if strict and missing:
+            raise CheckpointError(f"checkpoint {path}: lacks {len(missing)} of the model's tensors: {missing[:3]}")
+        sd = {k: sd[_plain_name(k)] for k in names if _plain_name(k) in sd}
     if _world() == 1:
-        _unwrap(model).load_state_dict(sd, strict=strict)
+        _unwrap(model).load_state_dict(sd, strict=strict and not lora)
     else:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        set_model_state_dict(model, sd, options=_sd_options(full_state_dict=True, strict=strict))
+        set_model_state_dict(model, sd, options=_sd_options(full_state_dict=True, strict=strict and not lora))
     return int(manifest["step"])
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from llmc.runtime.chat import IGNORE_INDEX, encode_prompt_response
 from llmc.runtime.lora import disable_adapters, lora_modules
-from llmc.runtime.sft import pad_batch
+from llmc.runtime.sft import DataShard, clip_grads, pad_batch
 
 
 def sequence_logprobs(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -53,13 +53,14 @@ def encode_pairs(pairs: list[dict], tok, template: str = "llama3") -> list[tuple
 
 
 class Reference:
-    """The frozen reference policy: the adapters-off base for LoRA models, else a frozen deep copy."""
+    """The frozen reference policy: the adapters-off base for LoRA models, else a frozen copy (``frozen``:
+    one built and sharded like the policy, as the sharded runs pass it; default a deep copy)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, frozen: nn.Module | None = None):
         self.model = model
         self.shared = any(True for _ in lora_modules(model))
         if not self.shared:
-            self.copy = copy.deepcopy(model).eval()
+            self.copy = (frozen if frozen is not None else copy.deepcopy(model)).eval()
             for p in self.copy.parameters():
                 p.requires_grad_(False)
 
@@ -87,8 +88,11 @@ class Reference:
 def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int, lr: float, beta: float = 0.1,
               batch_size: int = 8, pad_id: int = 0, max_len: int | None = None, grad_clip: float | None = 1.0,
               seed: int = 0, reference: Reference | None = None,
-              log: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """DPO with AdamW (constant LR); returns per-step stats (loss, margin, rewards, accuracy)."""
+              log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
+              device: torch.device | None = None) -> list[dict]:
+    """DPO with AdamW (constant LR); returns per-step stats (loss, margin, rewards, accuracy), means over the
+    global batch of pairs; ``shard``: this data-parallel rank's share of each step's pairs."""
+    shard = shard or DataShard()
     ref = reference or Reference(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -97,16 +101,27 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
     model.train()
     for step in range(steps):
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
-        ids, labels = pad_batch([b[0] for b in batch] + [b[1] for b in batch], pad_id, max_len)
+        mine, w = shard.split(batch)
+        ids, labels = pad_batch([b[0] for b in mine] + [b[1] for b in mine], pad_id, max_len)
+        if device is not None:
+            ids, labels = ids.to(device), labels.to(device)
         ref_lp = ref.logprobs(ids, labels)
         pol_lp = sequence_logprobs(model, ids, labels)
-        n = len(batch)
-        loss, stats = dpo_loss(pol_lp[:n], pol_lp[n:], ref_lp[:n], ref_lp[n:], beta)
+        n = len(mine)
+        wt = torch.tensor(w, device=pol_lp.device)
+        # dpo_loss's terms, summed over this rank's pairs (weight 0: a rank's placeholder pair)
+        chosen, rejected = beta * (pol_lp[:n] - ref_lp[:n]), beta * (pol_lp[n:] - ref_lp[n:])
+        margin = chosen - rejected
+        loss_sum = -(F.logsigmoid(margin) * wt).sum()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        (loss_sum * (shard.size / len(batch))).backward()
+        clip_grads(params, grad_clip)
         opt.step()
+        d = margin.detach()
+        sums = shard.sum(torch.stack([loss_sum.detach(), (chosen.detach() * wt).sum(), (rejected.detach() * wt).sum(),
+                                      (d * wt).sum(), ((d > 0).float() * wt).sum()]).cpu()) / len(batch)
+        stats = dict(zip(("loss", "chosen_reward", "rejected_reward", "margin", "accuracy"), map(float, sums),
+                         strict=True))
         hist.append(stats)
         if log:
             log(step, stats)

@@ -259,12 +259,11 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     can_resume = resume and (ds_dir / "latest").exists()
     hf_src = init_hf_source(job)
     if not can_resume and job.init_from:
-        init_dir = out.parent / job.init_from
-        if not (init_dir / "DONE.json").exists():
-            raise ValueError(f"stage {job.stage!r} starts from stage {job.init_from!r}, which has not finished "
-                             f"({init_dir / 'DONE.json'} missing)")
-        step0 = load_weights_zero_aware(model, init_dir, rank)
-        _say(f"initialised weights from {init_dir} (step {step0})")
+        from llmc.runtime.hf_io import load_init_from  # its llmc checkpoint, else its hf/ export
+
+        got = load_init_from(model, out.parent / job.init_from, job.arch, rank=rank, world=world,
+                             load_llmc=lambda m, p: load_weights_zero_aware(m, p, rank))
+        _say(f"initialised weights from {got}")
     elif not can_resume and hf_src:
         info = load_hf_into(model, hf_src, job.arch, rank=rank, world=world)
         _say(f"initialised weights from Hugging Face {info['source']}")

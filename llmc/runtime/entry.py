@@ -295,11 +295,15 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
             dist.barrier()  # release the ranks waiting in _prepare_collective
         assets = _stage_assets(job, assets)
         init_ckpt = None
-        if job.init_from:
+        if job.init_from:  # its llmc checkpoint, else its hf/ export (a torchtitan stage)
+            from llmc.runtime.hf_io import HFError, init_from_source
+
             init_ckpt = out.parent / job.init_from
-            if not (init_ckpt / "DONE.json").exists():
-                raise ValueError(f"stage {job.stage!r} starts from stage {job.init_from!r}, which has not finished "
-                                 f"({init_ckpt / 'DONE.json'} missing)")
+            try:
+                init_from_source(init_ckpt)
+            except HFError as e:
+                raise ValueError(f"stage {job.stage!r} starts from stage {job.init_from!r}, which has not "
+                                 f"finished: {e}") from None
         try:
             if job.kind in NATIVE_KINDS:
                 from llmc.runtime.train import train
@@ -307,13 +311,10 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
                 res = train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
                             fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
                 return _with_evals(lock, job, out, res)
-            if job.kind in POSTTRAIN_KINDS:
-                if rank != 0:  # the post-training loops are single-process: rank 0 runs the stage alone
-                    _say(f"{job.stage}: {job.kind} runs in one process (rank 0); rank {rank} has nothing to do")
-                    return {"stage": job.stage, "status": "idle", "rank": rank}
+            if job.kind in POSTTRAIN_KINDS:  # every rank: FSDP2 over the ranks (llmc.runtime.posttrain)
                 from llmc.runtime import posttrain
 
-                return _with_evals(lock, job, out, posttrain.run_stage(job, out, assets=assets))
+                return _with_evals(lock, job, out, posttrain.run_stage(job, out, assets=assets, info=info))
             raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
         finally:
             shutdown()

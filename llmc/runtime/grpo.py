@@ -22,6 +22,7 @@ from torch import nn
 
 from llmc.runtime.chat import TokAdapter, encode_prompt, end_token_id
 from llmc.runtime.dpo import Reference
+from llmc.runtime.sft import DataShard, clip_grads
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -73,29 +74,32 @@ def completion_logprobs(model: nn.Module, full: torch.Tensor, n_prompt: int) -> 
 
 @torch.no_grad()
 def sample_group(model: nn.Module, prompt_ids: list[int], G: int, max_new_tokens: int, stop_id: int,
-                 pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None
+                 pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None,
+                 all_done: Callable[[bool], bool] | None = None, device: torch.device | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """G temperature samples of one prompt (no KV cache). Returns (full ids (G, T0+n), completion mask (G, n)).
 
     Tokens after a sequence's stop token are padding with mask 0; the stop token itself is kept (mask 1),
-    so the policy is also trained on when to stop.
+    so the policy is also trained on when to stop. ``all_done(local_done)``: whether to stop now; the
+    sharded runs pass a cross-rank AND, so every rank makes the same number of forward calls (FSDP2).
+    Sampling draws on the CPU from ``generator``.
     """
     was = model.training
     model.eval()
-    x = torch.tensor(prompt_ids, dtype=torch.long).repeat(G, 1)
+    x = torch.tensor(prompt_ids, dtype=torch.long, device=device).repeat(G, 1)
     done = torch.zeros(G, dtype=torch.bool)
     masks = []
     for _ in range(max_new_tokens):
-        logits = model(x)[:, -1].float()
+        logits = model(x)[:, -1].float().cpu()
         if temperature <= 0:
             nxt = logits.argmax(-1)
         else:
             nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         masks.append((~done).long())
-        x = torch.cat([x, nxt[:, None]], dim=1)
+        x = torch.cat([x, nxt[:, None].to(x.device)], dim=1)
         done = done | (nxt == stop_id)
-        if bool(done.all()):
+        if (all_done or bool)(bool(done.all())):
             break
     model.train(was)
     return x, torch.stack(masks, dim=1)
@@ -106,8 +110,13 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                prompts_per_step: int = 4, max_new_tokens: int = 8, kl_coef: float = 0.04, clip_eps: float = 0.2,
                temperature: float = 1.0, inner_steps: int = 2, grad_clip: float | None = 1.0, pad_id: int = 0,
                seed: int = 0, reference: Reference | None = None,
-               log: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """GRPO on ``prompts`` ({prompt: messages, ...}); ``reward_fn(completion_text, item)``. Returns stats per step."""
+               log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
+               device: torch.device | None = None) -> list[dict]:
+    """GRPO on ``prompts`` ({prompt: messages, ...}); ``reward_fn(completion_text, item)``. Returns stats per step.
+
+    ``shard``: each step's prompts are split over the data-parallel ranks (each rank samples its groups with
+    its own generator); the loss stays the token-level mean over the whole step's completions."""
+    shard = shard or DataShard()
     if group_size < 2:
         raise ValueError("GRPO needs group_size >= 2 (one sample always has zero advantage)")
     a = TokAdapter(tok)
@@ -116,22 +125,25 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1_000_003 * shard.rank)
     encoded = [encode_prompt(p["prompt"], tok, template) for p in prompts]
     hist: list[dict] = []
     for step in range(steps):
         batch = []
         rewards_all = []
-        for _ in range(prompts_per_step):
-            j = rng.randrange(len(prompts))
+        picks, weights = shard.split([rng.randrange(len(prompts)) for _ in range(prompts_per_step)],
+                                     equal=True)
+        for j, wt in zip(picks, weights, strict=True):
             full, cmask = sample_group(model, encoded[j], group_size, max_new_tokens, stop, pad_id,
-                                       temperature, gen)
+                                       temperature, gen, all_done=shard.all_true, device=device)
             n0 = len(encoded[j])
             texts = [a.decode([t for t, m in zip(row[n0:].tolist(), mrow.tolist(), strict=True) if m])
                      for row, mrow in zip(full, cmask, strict=True)]
             r = torch.tensor([float(reward_fn(t, prompts[j])) for t in texts])
-            rewards_all.append(r)
-            adv = group_advantages(r)
+            if wt:
+                rewards_all.append(r)
+            adv = group_advantages(r).to(full.device)
+            cmask = cmask.to(full.device) * int(wt)  # a placeholder group (weight 0) trains nothing
             with torch.no_grad():
                 old = completion_logprobs(model, full, n0)
                 ref_lp = None
@@ -140,23 +152,25 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                         ref_lp = completion_logprobs(rm, full, n0)
             batch.append((full, n0, cmask, adv, old, ref_lp))
         stats: dict = {}
+        tot_tokens = float(shard.sum(sum(float(b[2].sum()) for b in batch)))
         for _ in range(inner_steps):
             opt.zero_grad(set_to_none=True)
-            tot_tokens = sum(float(b[2].sum()) for b in batch)
-            agg = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+            agg = torch.zeros(3)
             for full, n0, cmask, adv, old, ref_lp in batch:
                 lp = completion_logprobs(model, full, n0)
                 loss, st = grpo_loss(lp, old, adv, cmask, ref_lp, clip_eps, kl_coef)
-                w = float(cmask.sum()) / max(tot_tokens, 1.0)  # token-level mean over the whole batch
-                (loss * w).backward()
-                for k in agg:
-                    agg[k] += st[k] * w
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                w = float(cmask.sum()) / max(tot_tokens, 1.0)  # token-level mean over the whole step's batch
+                (loss * (w * shard.size)).backward()
+                agg += torch.tensor([st["loss"], st["kl"], st["clip_frac"]]) * w
+            clip_grads(params, grad_clip)
             opt.step()
-            stats = agg
-        rw = torch.cat(rewards_all)
-        stats.update(reward_mean=float(rw.mean()), reward_std=float(rw.std()) if rw.numel() > 1 else 0.0)
+            stats = dict(zip(("loss", "kl", "clip_frac"), map(float, shard.sum(agg)), strict=True))
+        rw = torch.cat(rewards_all) if rewards_all else torch.zeros(0)
+        n, s1, s2 = (float(v) for v in shard.sum(torch.tensor([rw.numel(), rw.sum(), (rw**2).sum()],
+                                                               dtype=torch.float64)))
+        mean = s1 / max(n, 1.0)
+        var = (s2 - n * mean**2) / (n - 1) if n > 1 else 0.0  # sample variance, as torch.std
+        stats.update(reward_mean=mean, reward_std=max(var, 0.0) ** 0.5)
         hist.append(stats)
         if log:
             log(step, stats)

@@ -103,6 +103,8 @@ def hf_export_supported(arch) -> str | None:
     if m is not None and (m.num_shared_experts or m.dense_layers or m.score_func != "softmax" or m.router_bias
                           or getattr(m, "expert_bias", False) or (m.expert_d_ff or arch.d_ff) != arch.d_ff):
         return "only Mixtral-style MoE (softmax top-k, no shared/dense layers, no router bias) is exported"
+    if m is not None and (m.route_scale != 1.0 or m.n_expert_groups):
+        return "DeepSeek-V3 routing (route_scale / expert groups) has no Mixtral equivalent"
     if m is not None and arch.qkv_bias:
         return "MoE with q/k/v biases has no Hugging Face model class here"
     return None
@@ -239,6 +241,11 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
             arch.moe is not None and (arch.moe.num_experts, arch.moe.top_k) != (theirs.moe.num_experts,
                                                                                 theirs.moe.top_k)):
         bad.append("mixture-of-experts settings differ")
+    elif arch.moe is not None:
+        for f in ("route_scale", "n_expert_groups", "n_limited_groups"):
+            a, b = getattr(arch.moe, f), getattr(theirs.moe, f)
+            if a != b:
+                bad.append(f"moe.{f} {a} (spec) != {b} (checkpoint)")
     rs_a, rs_b = arch.rope_scaling, theirs.rope_scaling
     if (rs_a is None) != (rs_b is None) or (rs_a is not None and (rs_a.type, rs_a.factor) != (rs_b.type, rs_b.factor)):
         bad.append(f"rope_scaling {rs_a} (spec) != {rs_b} (checkpoint)")
@@ -289,7 +296,8 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
         _check_config(read_hf_config(src), arch, src)
     files = SafetensorsDir(src)
     mapping = hf_names(arch)
-    params = dict(_unwrap(model).named_parameters())
+    # a model already carrying LoRA adapters (built on meta, sharded): its base weights, by their plain names
+    params = {k.replace(".base.", "."): p for k, p in _unwrap(model).named_parameters() if "lora_" not in k}
     missing, mismatched = [], []
     used: set[str] = set()
     for name, p in params.items():
@@ -366,6 +374,41 @@ def init_hf_source(job) -> str | None:
     return str(p) if p.exists() else str(src)
 
 
+def init_from_source(stage_dir: str | Path) -> tuple[str, Path]:
+    """What a finished stage left for the next stage to start from (its ``init_from``): ``("llmc", step-N)``
+    when it wrote an llmc checkpoint (native, DeepSpeed and post-training stages), else ``("hf", <dir>/hf)``
+    when it has a Hugging Face export (a torchtitan stage: ``python -m llmc.runtime.hf_io`` writes it after
+    the run; no llmc checkpoint, no DONE.json). Raises :class:`HFError` naming both when neither is there."""
+    from llmc.runtime.checkpoint import CheckpointError, resolve_checkpoint
+
+    d = Path(stage_dir)
+    try:
+        ck = resolve_checkpoint(d)
+        if (ck / "manifest.json").exists():
+            return "llmc", ck
+    except CheckpointError:
+        pass
+    if (d / "hf" / "config.json").exists():
+        return "hf", d / "hf"
+    raise HFError(f"{d}: the stage left neither an llmc checkpoint (DONE.json / checkpoints/step-N) nor a "
+                  f"Hugging Face export (hf/config.json); run it first")
+
+
+def load_init_from(model: nn.Module, stage_dir: str | Path, arch, *, rank: int = 0, world: int = 1,
+                   load_llmc: Callable[[nn.Module, Path], int] | None = None) -> str:
+    """Load the weights :func:`init_from_source` finds into ``model`` (plain, FSDP2/TP-sharded or DeepSpeed
+    ZeRO-3; collective when sharded); returns what was loaded, for the log. ``load_llmc(model, step_dir)``
+    replaces :func:`llmc.runtime.checkpoint.load_model_weights` for the llmc checkpoint (DeepSpeed's ZeRO-aware
+    loader)."""
+    kind, path = init_from_source(stage_dir)
+    if kind == "llmc":
+        if load_llmc is None:
+            from llmc.runtime.checkpoint import load_model_weights as load_llmc
+        return f"{path} (step {load_llmc(model, path)})"
+    got = load_hf_into(model, path, arch, rank=rank, world=world)
+    return f"Hugging Face export {got['source']} ({got['bytes_read']:,} bytes read by rank {rank})"
+
+
 # ----------------------------------------------------------------------------- writing checkpoints
 
 
@@ -387,7 +430,11 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=arch.n_layers)
     if arch.moe is not None:
         cfg.update(num_local_experts=arch.moe.num_experts, num_experts_per_tok=arch.moe.top_k,
-                   router_aux_loss_coef=arch.moe.aux_loss_coef, output_router_logits=False, sliding_window=None)
+                   router_aux_loss_coef=arch.moe.aux_loss_coef, output_router_logits=False, sliding_window=None,
+                   # DeepSeek-V3 config.json names (routed_scaling_factor 2.5, n_group 8, topk_group 4);
+                   # 1 / 1 / 1 = plain top-k (llmc.spec.hf reads them back into route_scale / expert groups)
+                   routed_scaling_factor=arch.moe.route_scale, n_group=arch.moe.n_expert_groups or 1,
+                   topk_group=arch.moe.n_limited_groups or 1)
     rs = arch.rope_scaling
     if rs is not None:
         scaling = {"rope_type": rs.type, "factor": rs.factor}

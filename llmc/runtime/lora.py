@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import zlib
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -78,7 +79,7 @@ def quantize_nf4(w: torch.Tensor, block: int = NF4_BLOCK, double_quant: bool = F
     blocks = flat.view(-1, block)
     absmax = blocks.abs().amax(dim=1).clamp_min(1e-12)
     normed = blocks / absmax[:, None]
-    codes = (normed[..., None] - NF4_LEVELS).abs().argmin(dim=-1).to(torch.uint8).reshape(-1)
+    codes = (normed[..., None] - NF4_LEVELS.to(normed.device)).abs().argmin(dim=-1).to(torch.uint8).reshape(-1)
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_zeros(1)])
     packed = (codes[0::2] << 4) | codes[1::2]
@@ -96,7 +97,7 @@ def quantize_nf4(w: torch.Tensor, block: int = NF4_BLOCK, double_quant: bool = F
 
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1).long()
-    vals = NF4_LEVELS[codes][: math.ceil(q.numel / q.block) * q.block].view(-1, q.block)
+    vals = NF4_LEVELS.to(codes.device)[codes][: math.ceil(q.numel / q.block) * q.block].view(-1, q.block)
     out = (vals * q.block_absmax()[:, None]).reshape(-1)[: q.numel]
     return out.view(q.shape).to(dtype)
 
@@ -143,6 +144,14 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    @property
+    def weight(self) -> torch.Tensor:  # the base weight (the model's initialiser reaches it through here)
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)
 
@@ -188,6 +197,9 @@ class LoRAExperts(nn.Module):
 
     def delta(self, t: str) -> torch.Tensor:
         return self.scaling * torch.bmm(self.lora_B[t], self.lora_A[t])
+
+    def init_weights(self, std: float, out_std: float) -> None:  # the base experts (the model's initialiser)
+        self.base.init_weights(std, out_std)
 
 
 def _targets(model: nn.Module, targets: Iterable[str]) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -276,3 +288,94 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+# ----------------------------------------------------------------------------- sharded (FSDP2) runs
+
+
+def _adapters(model: nn.Module) -> Iterator[tuple[str, str, nn.Parameter, nn.Parameter]]:
+    """(module name, target, A, B) of every adapter matrix pair."""
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            yield name, "", m.lora_A, m.lora_B
+        elif isinstance(m, LoRAExperts):
+            for t in m.targets:
+                yield name, t, m.lora_A[t], m.lora_B[t]
+
+
+def _local_slices(p: torch.Tensor) -> tuple[slice, ...]:
+    """The block of the full tensor this rank holds: everything for a plain tensor, the DTensor's local
+    shard (FSDP2 / TP ``Shard`` placements) otherwise."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(p, DTensor):
+        return tuple(slice(None) for _ in p.shape)
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+@torch.no_grad()
+def init_lora_(model: nn.Module, seed: int = 0) -> None:
+    """(Re)initialise every adapter as :class:`LoRALinear` does (A Kaiming-uniform with a = sqrt(5), i.e.
+    U(-1/sqrt(d_in), 1/sqrt(d_in)); B = 0) from a generator seeded by ``seed`` and the adapter's name, so a
+    model built whole, one built on the meta device and sharded, and any rank count get the same adapters.
+    Each rank writes only its shard of a sharded adapter."""
+    for name, t, A, B in _adapters(model):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}.{t}".encode())) % 2**63)
+        bound = 1.0 / math.sqrt(A.shape[-1])
+        full = torch.empty(tuple(A.shape)).uniform_(-bound, bound, generator=g)
+        _local(A).copy_(full[_local_slices(A)])
+        _local(B).zero_()
+
+
+def full_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' full tensors on CPU (as :func:`lora_state_dict`); collective when they are sharded
+    (call on every rank). Adapters are small: r x (d_in + d_out) per matrix."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+            for k, v in model.state_dict().items() if "lora_" in k}
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every adapter folded into its base weight (as :func:`merge_lora`) under
+    the plain model's names, without changing the model. Sharded (FSDP2) weights stay sharded: each rank
+    adds (alpha/r) B[rows] @ A[:, cols] for the block it holds (A and B are gathered whole, being small)."""
+    from torch.distributed.tensor import DTensor
+
+    sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            pairs = [(f"{name}.base.weight", f"{name}.weight", m.base.weight, m.lora_A, m.lora_B)]
+            if m.base.bias is not None:
+                sd[f"{name}.bias"] = sd.pop(f"{name}.base.bias")
+        elif isinstance(m, LoRAExperts):
+            pairs = [(f"{name}.base.{t}", f"{name}.{t}", getattr(m.base, t), m.lora_A[t], m.lora_B[t])
+                     if t in m.lora_A else (f"{name}.base.{t}", f"{name}.{t}", None, None, None)
+                     for t in ("w1", "w2", "w3")]
+        else:
+            continue
+        for old, new, w, A, B in pairs:
+            base = sd.pop(old, None)
+            if w is None:
+                sd[new] = base
+                continue
+            a = A.full_tensor() if isinstance(A, DTensor) else A
+            b = B.full_tensor() if isinstance(B, DTensor) else B
+            sl = _local_slices(w)
+            if w.dim() == 2:  # (out, in): rows of B, columns of A
+                delta = b[sl[0]] @ a[:, sl[1]]
+            else:  # stacked experts (E, out, in)
+                delta = torch.bmm(b[sl[0], sl[1]], a[sl[0], :, sl[2]])
+            local = (_local(w).float() + m.scaling * delta.float()).to(a.dtype)
+            sd[new] = (DTensor.from_local(local, w.device_mesh, w.placements, shape=w.shape, stride=w.stride())
+                       if isinstance(w, DTensor) else local)
+    return sd

@@ -295,12 +295,23 @@ class GroupedExperts(nn.Module):
 
 
 class Router(nn.Module):
-    """Token-choice top-k router: scores = softmax|sigmoid(gate(x)); top-k weights renormalised to sum 1."""
+    """Token-choice top-k router: scores = softmax|sigmoid(gate(x)); top-k weights renormalised to sum 1, then
+    times ``route_scale``.
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str, bias: bool):
+    DeepSeek-V3 routing (``MoEGate`` of https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/modeling_deepseek.py;
+    arXiv:2412.19437 sec. 2.1.2): with ``n_groups`` / ``topk_groups`` the E experts form n_groups equal groups,
+    each scored by the sum of its 2 best selection scores; a token picks its top-k experts among the
+    topk_groups best groups only (the other experts' selection scores set to 0, as the reference's
+    ``masked_fill(..., 0.0)``). The mixing weights are the unbiased scores of the picked experts,
+    normalised, then multiplied by ``route_scale`` (``routed_scaling_factor``, 2.5 for V3).
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str, bias: bool,
+                 route_scale: float = 1.0, n_groups: int | None = None, topk_groups: int | None = None):
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, bias=bias)
         self.top_k, self.score_func = top_k, score_func
+        self.route_scale, self.n_groups, self.topk_groups = float(route_scale), n_groups, topk_groups
 
     def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -310,12 +321,17 @@ class Router(nn.Module):
         the mixing weights come from the unbiased scores."""
         logits = self.gate(x).float()  # (N, E)
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
-        if expert_bias is None:
-            weights, idx = scores.topk(self.top_k, dim=-1)  # (N, k)
-        else:
-            idx = (scores + expert_bias.float()).topk(self.top_k, dim=-1).indices  # (N, k)
-            weights = scores.gather(-1, idx)
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        choice = scores if expert_bias is None else scores + expert_bias.float()  # (N, E)
+        if self.n_groups and self.topk_groups and self.topk_groups < self.n_groups:
+            N, E = choice.shape
+            grouped = choice.view(N, self.n_groups, E // self.n_groups)  # (N, G, E/G)
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # (N, G)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_groups, dim=-1).indices, True)  # (N, G)
+            choice = grouped.masked_fill(~keep[..., None], 0.0).view(N, E)
+        idx = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+        weights = scores.gather(-1, idx)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20) * self.route_scale
         probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
         return weights, idx, probs
 
@@ -333,7 +349,8 @@ class MoE(nn.Module):
         assert m is not None
         hidden = m.expert_d_ff or arch.d_ff
         self.num_experts, self.top_k, self.aux_coef = m.num_experts, m.top_k, m.aux_loss_coef
-        self.router = Router(arch.d_model, m.num_experts, m.top_k, m.score_func, m.router_bias)
+        self.router = Router(arch.d_model, m.num_experts, m.top_k, m.score_func, m.router_bias,
+                             route_scale=m.route_scale, n_groups=m.n_expert_groups, topk_groups=m.n_limited_groups)
         self.experts = GroupedExperts(arch.d_model, hidden, m.num_experts)
         # S shared experts as one SwiGLU of width S*hidden (DeepSeek-V3 / torchtitan); same param count
         self.shared_experts = FeedForward(arch.d_model, hidden * m.num_shared_experts) if m.num_shared_experts else None

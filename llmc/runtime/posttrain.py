@@ -1,7 +1,12 @@
 """Run one post-training stage (sft / dpo / grpo) of a pipeline: ``run_stage(job, out_dir)``.
 
-* The model starts from ``<out_dir>/../<init_from>/`` (that stage's final checkpoint, via DONE.json),
-  or from a fresh init when the stage has no ``init_from``.
+* The model starts from ``<out_dir>/../<init_from>/`` (that stage's llmc checkpoint, else its ``hf/``
+  export: :func:`llmc.runtime.hf_io.load_init_from`), from ``init_hf``, or from a fresh init.
+* One process or every rank under torchrun: the model is built as pre-training builds it
+  (:func:`llmc.runtime.train._setup_model`; FSDP2 over the data-parallel ranks, :func:`post_layout`), LoRA
+  adapters added before sharding; each step's global batch is split between the ranks
+  (:class:`llmc.runtime.sft.DataShard`) and losses use global counts, so N ranks give the one-process
+  losses. With N > 1 ranks the checkpoint is sharded (DCP) and rank 0 exports ``hf/`` from it.
 * ``lora:`` wraps the targets with adapters (``quantize_base: nf4`` = QLoRA); at the end the adapters
   are saved (``lora_adapters.pt``) and merged, so the stage's checkpoint holds plain weights that the
   next stage (and serving) load with the usual parameter names.
@@ -9,7 +14,7 @@
   :mod:`llmc.runtime.synthetic` when it has no path / ``format: builtin``, by ``kind``:
   ``chat`` -> {"messages": [{role, content}...]}; ``preference`` -> {"prompt", "chosen", "rejected"}
   (prompt a string or messages); ``prompts`` -> {"prompt", "expression" | "answer"}.
-* Writes ``metrics.jsonl``, ``checkpoints/step-N/`` (model only), ``DONE.json``.
+* Writes ``metrics.jsonl``, ``checkpoints/step-N/`` (model only), ``hf/``, ``DONE.json`` (rank 0 the files).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 
 from llmc.runtime import synthetic
 from llmc.runtime.chat import check_template
-from llmc.runtime.lora import apply_lora, lora_param_count, lora_state_dict, merge_lora
+from llmc.runtime.lora import apply_lora, lora_param_count, merge_lora
 
 SYNTHETIC_EXAMPLES = 512
 KIND_FOR_STAGE = {"sft": "chat", "dpo": "preference", "grpo": "prompts"}
@@ -101,22 +106,24 @@ def load_stage_data(job: Any, kind: str, n_synthetic: int = SYNTHETIC_EXAMPLES) 
 
 
 class _Log:
-    def __init__(self, path: Path, stage: str, every: int):
-        self.f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+    def __init__(self, path: Path, stage: str, every: int, enabled: bool = True):
+        self.f = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115 - closed in close()
         self.stage, self.every = stage, max(1, every)
 
     def __call__(self, step: int, stats: dict) -> None:
+        if self.f is None:  # ranks > 0: the values are already averaged over the ranks
+            return
         rec = {"stage": self.stage, "step": step + 1, **{k: (round(v, 6) if isinstance(v, float) else v)
                                                          for k, v in stats.items()}}
         self.f.write(json.dumps(rec) + "\n")
         self.f.flush()
         if step == 0 or (step + 1) % self.every == 0:
             msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"{self.stage} step {step + 1}: {msg}", flush=True)
+            print(f"{self.stage} step {step + 1}: {msg}", flush=True)
 
     def close(self) -> None:
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 def stage_arch(job: Any):
@@ -141,16 +148,64 @@ def stage_arch(job: Any):
 # ----------------------------------------------------------------------------- the stage
 
 
+def post_layout(job: Any, world: int) -> dict:
+    """The stage's data-parallel layout on ``world`` ranks: the plan's dp_replicate x dp_shard (the lock's
+    ``plan.dp_replicate`` / ``plan.dp_shard`` / ``plan.tp``, read into the job) when they use every rank with
+    FSDP and no TP, else FSDP2 over all ranks (``dp_shard = world``). TP is not applied to post-training
+    (adapters wrap the linears TP would split)."""
+    if world == 1:
+        return {"dp_replicate": 1, "dp_shard": 1, "tp": 1}
+    if job.tp == 1 and job.dp_shard > 1 and job.dp_replicate * job.dp_shard == world:
+        return {"dp_replicate": job.dp_replicate, "dp_shard": job.dp_shard, "tp": 1}
+    return {"dp_replicate": 1, "dp_shard": world, "tp": 1}
+
+
+def build_policy(job: Any, info: Any, out: Path, lora: Any | None, say=lambda *a: None):
+    """(model, module to call, parameter count): the stage's model built as pre-training builds it
+    (:func:`llmc.runtime.train._setup_model`: whole on every rank, or on meta and sharded for big models
+    / ``meta_init``), with the weights of ``init_from`` (that stage's llmc checkpoint, else its hf/ export)
+    or ``init_hf``, LoRA adapters added before sharding (sharded with their layers) and initialised
+    deterministically (:func:`llmc.runtime.lora.init_lora_`), only the adapters trainable."""
+    from llmc.runtime.hf_io import init_hf_source
+    from llmc.runtime.lora import init_lora_
+    from llmc.runtime.train import _setup_model
+
+    pjob = job.replace(arch=stage_arch(job), **post_layout(job, info.world))
+    init_ckpt = out.parent / job.init_from if job.init_from else None
+    hf_src = None if init_ckpt is not None else init_hf_source(job)
+
+    def adapt(model: torch.nn.Module) -> None:
+        if lora is None:
+            return
+        if lora.quantize_base == "nf4" and next(model.parameters()).is_meta:
+            raise PostTrainError(f"stage {job.stage!r}: QLoRA (quantize_base: nf4) quantises the whole weights on "
+                                 f"every rank; it cannot start from a meta-device (sharded) build (meta_init)")
+        apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.quantize_base)
+
+    model, wrapped, n_params = _setup_model(pjob, info, init_ckpt, hf_src, say, adapt=adapt)
+    if lora is not None:
+        init_lora_(model, job.seed)
+    return model, wrapped, n_params
+
+
 def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenizer: Any | None = None,
-              model: torch.nn.Module | None = None) -> dict:
-    """Run an sft / dpo / grpo stage for real; returns (and writes to DONE.json) the result dict."""
-    from llmc.runtime.checkpoint import load_model_weights, save_checkpoint
-    from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into
-    from llmc.runtime.model import build_model
+              model: torch.nn.Module | None = None, info: Any | None = None) -> dict:
+    """Run an sft / dpo / grpo stage for real; returns (and writes to DONE.json, rank 0) the result dict.
+
+    One process or every rank under torchrun (``info``: :class:`llmc.runtime.distributed.DistInfo`): FSDP2
+    over the data-parallel ranks, each step's global batch split between them (:class:`DataShard`)."""
+    from llmc.runtime.checkpoint import read_model_state, save_checkpoint
+    from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed
+    from llmc.runtime.hf_io import export_stage
+    from llmc.runtime.lora import full_lora_state_dict, merged_state_dict
+    from llmc.runtime.sft import DataShard
 
     t0 = time.time()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    info = info or (DistInfo(0, 1, 0, torch.device("cpu")) if model is not None else init_distributed())
+    main = info.rank == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     st = job.stage_spec
     kind = job.kind
     if kind not in KIND_FOR_STAGE:
@@ -168,45 +223,58 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     pad_id = getattr(tok, "pad_id", None)
     pad_id = 0 if pad_id is None else pad_id
 
-    # model: init_from's final checkpoint, else a fresh init
-    if model is None:
-        model = build_model(stage_arch(job), seed=job.seed)
-        if job.init_from:
-            src = out.parent / job.init_from
-            load_model_weights(model, src)
-        elif init_hf_source(job):  # a pretrained Hugging Face model (lock stage entry ``init_hf``)
-            load_hf_into(model, init_hf_source(job), stage_arch(job))
-    n_params = sum(p.numel() for p in model.parameters())
     lora = st.lora if st is not None else None
-    trainable = n_params
-    if lora is not None:
-        trainable = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.quantize_base)
+    say = print if main else (lambda *a, **k: None)
+    if model is None:
+        model, wrapped, n_params = build_policy(job, info, out, lora, say)
+    else:  # a caller's model (one process)
+        wrapped, n_params = model, sum(p.numel() for p in model.parameters())
+        if lora is not None:
+            apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.quantize_base)
+    trainable = lora_param_count(model) if lora is not None else n_params
+    layout = post_layout(job, info.world)
+    shard = DataShard(*dp_coords(info, layout["dp_replicate"], layout["dp_shard"], 1))
+    reference = None
+    if kind in ("dpo", "grpo") and lora is None and info.world > 1:  # the frozen copy, sharded like the policy
+        from llmc.runtime.dpo import Reference
 
-    steps, lr, batch = int(job.steps), float(job.lr), max(1, int(job.global_batch_seqs))
-    loop = _Loop(job=job, model=model, tok=tok, template=template, hyper=hyper, st=st, steps=steps, lr=lr,
+        reference = Reference(wrapped, frozen=build_policy(job, info, out, None)[1])
+
+    # the stage's global batch (lock stage entry ``global_batch_seqs``), whatever the rank count
+    batch = max(1, int(plan.get("global_batch_seqs") or job.global_batch_seqs))
+    steps, lr = int(job.steps), float(job.lr)
+    loop = _Loop(job=job, model=wrapped, tok=tok, template=template, hyper=hyper, st=st, steps=steps, lr=lr,
                  batch=batch, seq_len=int(job.seq_len), pad_id=pad_id,
-                 log=_Log(out / "metrics.jsonl", job.stage, job.log_every))
+                 log=_Log(out / "metrics.jsonl", job.stage, job.log_every, enabled=main), shard=shard,
+                 device=info.device, reference=reference)
     try:
         summary = {"sft": _run_sft, "dpo": _run_dpo, "grpo": _run_grpo}[kind](loop)
     finally:
         loop.log.close()
 
     lora_sd = None
+    meta = {"stage": job.stage, "kind": kind, "steps": steps, "layout": layout}
     if lora is not None:
-        lora_sd = lora_state_dict(model)
-        torch.save(lora_sd, out / "lora_adapters.pt")
-        summary.update(lora_params=lora_param_count(model), merged=True,
-                       quantize_base=lora.quantize_base)
-        merge_lora(model)
-    final = save_checkpoint(out / "checkpoints", steps, model, None,
-                            {"stage": job.stage, "kind": kind, "steps": steps})
+        lora_sd = full_lora_state_dict(wrapped)  # collective when sharded
+        if main:
+            torch.save(lora_sd, out / "lora_adapters.pt")
+        summary.update(lora_params=trainable, merged=True, quantize_base=lora.quantize_base)
+    if info.world > 1:  # every rank writes its shards (DCP); adapters folded into the sharded weights
+        final = save_checkpoint(out / "checkpoints", steps, wrapped, None, meta, sharded=True,
+                                model_sd=merged_state_dict(wrapped) if lora is not None else None)
+    else:
+        if lora is not None:
+            merge_lora(model)
+        final = save_checkpoint(out / "checkpoints", steps, model, None, meta)
     result = {"status": "done", "stage": job.stage, "kind": kind, "step": steps, "steps": steps,
               "checkpoint": os.path.relpath(final, out), "init_from": job.init_from, "params": n_params,
               "trainable_params": trainable, "lr": lr, "batch_seqs": batch, "chat_template": template,
-              "wall_s": round(time.time() - t0, 2), **summary}
-    if int(os.environ.get("RANK", "0")) == 0:  # servable model (+ PEFT adapter): <out>/hf
+              "world": info.world, "wall_s": round(time.time() - t0, 2), **summary}
+    if main:  # servable model (+ PEFT adapter): <out>/hf, from the checkpoint as train.py's export reads it
         tok_dir = getattr(tok, "dir", None)
-        hf = export_stage(job, out, out / "hf", tokenizer_dir=tok_dir, model_sd=model.state_dict(), lora_sd=lora_sd)
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()} if info.world == 1 \
+            else read_model_state(final)
+        hf = export_stage(job, out, out / "hf", tokenizer_dir=tok_dir, model_sd=sd, lora_sd=lora_sd)
         result["hf"] = "hf" if hf.get("hf") else None
         if hf.get("adapter"):
             result["adapter"] = "hf/adapter"
@@ -233,6 +301,9 @@ class _Loop:
     seq_len: int
     pad_id: int
     log: Any
+    shard: Any = None
+    device: Any = None
+    reference: Any = None
 
 
 def _run_sft(c: _Loop) -> dict:
@@ -242,7 +313,8 @@ def _run_sft(c: _Loop) -> dict:
     mask = (st.loss_mask if st is not None and st.loss_mask else None) or c.hyper.get("loss_mask") or "assistant"
     ex = encode_conversations(load_stage_data(job, "chat"), c.tok, c.template, mask)
     losses = train_sft(c.model, ex, steps=c.steps, lr=c.lr, batch_size=c.batch, pad_id=c.pad_id, max_len=c.seq_len,
-                       grad_clip=job.grad_clip, lr_factor=job.lr_factor, seed=job.seed, log=c.log)
+                       grad_clip=job.grad_clip, lr_factor=job.lr_factor, seed=job.seed, log=c.log,
+                       shard=c.shard, device=c.device)
     return {"loss_first": losses[0], "loss_last": losses[-1], "loss_mask": mask, "examples": len(ex)}
 
 
@@ -253,7 +325,8 @@ def _run_dpo(c: _Loop) -> dict:
     beta = float(c.hyper.get("beta") or (st.dpo_beta if st is not None and st.dpo_beta else 0.1))
     pairs = encode_pairs(load_stage_data(job, "preference"), c.tok, c.template)
     hist = train_dpo(c.model, pairs, steps=c.steps, lr=c.lr, beta=beta, batch_size=c.batch, pad_id=c.pad_id,
-                     max_len=c.seq_len, grad_clip=job.grad_clip, seed=job.seed, log=c.log)
+                     max_len=c.seq_len, grad_clip=job.grad_clip, seed=job.seed, log=c.log, shard=c.shard,
+                     device=c.device, reference=c.reference)
     return {"loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"], "margin_last": hist[-1]["margin"],
             "accuracy_last": hist[-1]["accuracy"], "beta": beta, "pairs": len(pairs)}
 
@@ -279,7 +352,8 @@ def _run_grpo(c: _Loop) -> dict:
     pps = int(hyper.get("prompts_per_step") or (st.prompts_per_step if st is not None else None) or 4)
     hist = train_grpo(c.model, load_stage_data(job, "prompts"), c.tok, steps=c.steps, lr=c.lr, reward_fn=reward_fn,
                       template=c.template, group_size=G, prompts_per_step=pps, max_new_tokens=max_new,
-                      kl_coef=kl, clip_eps=clip, pad_id=c.pad_id, seed=job.seed, log=c.log)
+                      kl_coef=kl, clip_eps=clip, pad_id=c.pad_id, seed=job.seed, log=c.log,
+                      shard=c.shard, device=c.device, reference=c.reference)
     k = max(1, len(hist) // 4)
     return {"reward_first": sum(h["reward_mean"] for h in hist[:k]) / k,
             "reward_last": sum(h["reward_mean"] for h in hist[-k:]) / k,

@@ -35,14 +35,13 @@ from llmc.runtime.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
-    load_model_weights,
     read_model_state,
     save_checkpoint,
     wait_for_checkpoint,
 )
 from llmc.runtime.data import Assets, StreamLoader, build_stream_loader
 from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize, wants_compile
-from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into
+from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into, load_init_from
 from llmc.runtime.job import TrainJob
 from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
 from llmc.runtime.metrics_io import truncate_after_step
@@ -192,13 +191,17 @@ def _export_hf(job: TrainJob, ckpt: Path, out: Path, assets: Assets, say) -> str
     return "hf"
 
 
-def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | None, hf_src: str | None, say):
-    """(model, parallelized model, parameter count), initialised from ``init_checkpoint`` (an llmc stage) or
+def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | None, hf_src: str | None, say,
+                 adapt=None):
+    """(model, parallelized model, parameter count), initialised from ``init_checkpoint`` (an llmc stage
+    folder: its llmc checkpoint, else its ``hf/`` export, :func:`llmc.runtime.hf_io.load_init_from`) or
     ``hf_src`` (a Hugging Face checkpoint) if given.
 
     Meta init (large models): build on meta, shard with FSDP2/TP, materialise only the local shards,
     then init. Otherwise (default for small models): init the full model identically on every rank,
     then shard; every layout then starts from bit-identical weights (DDP == FSDP2 == TP == 1 process).
+    ``adapt(model)`` (post-training: LoRA adapters) runs just before sharding, after the weights are loaded
+    (whole-model build) or on the meta model (meta init: the weights are loaded into the sharded base then).
     """
     sharded = job.dp_shard > 1 or job.tp > 1
     with torch.device("meta"):
@@ -208,19 +211,20 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
     if not meta:
         model = build_model(job.arch, info.device, seed=job.seed)
         if init_checkpoint is not None:
-            step0 = load_model_weights(model, init_checkpoint)
-            say(f"initialised weights from {init_checkpoint} (step {step0})")
+            say(f"initialised weights from {load_init_from(model, init_checkpoint, job.arch)}")
         if hf_src:
             say(f"initialised weights from Hugging Face {load_hf_into(model, hf_src, job.arch)['source']}")
+    if adapt is not None:
+        adapt(model)
     wrapped = parallelize(model, info, job.dp_replicate, job.dp_shard, job.tp, job.activation_checkpointing,
                           compile=wants_compile(job))
     if meta:
         model.to_empty(device=info.device)
         torch.manual_seed(job.seed)
         model.init_weights(buffer_device=info.device)  # DTensor-aware random init of the local shards
-        if init_checkpoint is not None:
-            step0 = load_model_weights(wrapped, init_checkpoint)  # collective: re-shards the full weights
-            say(f"initialised weights from {init_checkpoint} (step {step0})")
+        if init_checkpoint is not None:  # collective: each rank loads what its shards need
+            got = load_init_from(wrapped, init_checkpoint, job.arch, rank=info.rank, world=info.world)
+            say(f"initialised weights from {got}")
         if hf_src:  # each rank reads only what its shards need, tensor by tensor
             got = load_hf_into(model, hf_src, job.arch, rank=info.rank, world=info.world)
             say(f"initialised weights from Hugging Face {got['source']} ({got['bytes_read']:,} bytes read by rank 0)")
