@@ -112,6 +112,44 @@ def test_two_ranks_disjoint_and_cover_every_document_once(kind, tmp_path, hf_cac
     assert doc_ids(documents(src, 1, 2, start=17)) == per_rank[1][17:]
 
 
+def with_holdout(src: SourceRef, part: str, fraction: float = 0.2, seed: int = 7):
+    from llmc.runtime.data import SourceData
+
+    return SourceData(src.name, src.path, src.format, src.text_field, src.weight, (part, fraction, seed))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_heldout_split_while_streaming_partitions_by_document_index(kind, world, tmp_path, hf_cache):
+    """Document i of the source (its index in the unsplit order, computed here independently: doc_text
+    numbers the documents) is validation iff is_heldout(name, i); training ranks read exactly the rest."""
+    from llmc.runtime.validation import is_heldout
+
+    n = 101
+    src = make_source(kind, tmp_path, 1, n)
+    train, val = with_holdout(src, "train"), with_holdout(src, "val")
+    want_val = [i for i in range(n) if is_heldout(src.name, i, 7, 0.2)]
+    assert 5 <= len(want_val) <= 40
+    assert doc_ids(documents(val)) == want_val  # in source order
+    per_rank = [doc_ids(documents(train, r, world)) for r in range(world)]
+    flat = [i for ids in per_rank for i in ids]
+    assert len(flat) == len(set(flat)) and sorted(flat) == sorted(set(range(n)) - set(want_val))
+    # resume counts this part's documents: position k gives the tail of the same order
+    assert doc_ids(documents(train, world - 1, world, start=9)) == per_rank[-1][9:]
+    assert doc_ids(documents(val, 0, 1, start=3)) == want_val[3:]
+
+
+def test_heldout_training_stream_never_yields_a_validation_token(tmp_path):
+    from llmc.runtime.validation import is_heldout
+
+    srcs = [with_holdout(make_source(k, tmp_path, s + 1, 60), "train") for s, k in enumerate(("parquet", "jsonl"))]
+    m = StreamingMixture(srcs, tokenize, EOS, seq_len=7, rank=0, world=1, seed=1)
+    seen = {int(t) for _ in range(200) for t in m.next_window() if int(t) != EOS}
+    held = {1000 * (s + 1) + i + 1 for s, src in enumerate(srcs) for i in range(60) if is_heldout(src.name, i, 7, 0.2)}
+    assert held and not seen & held
+    assert min(m.epochs().values()) >= 1  # the whole training part was read
+
+
 def test_parquet_with_fewer_row_groups_than_ranks_deals_rows(tmp_path):
     d = tmp_path / "one"
     d.mkdir()
@@ -253,7 +291,7 @@ def test_with_llmc_bpe_tokenizer_windows_decode_to_the_documents(tmp_path):
     d = tmp_path / "docs"
     d.mkdir()
     (d / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    src = SourceRef(**vars(SourceData("docs", str(d), "jsonl", "text", 1.0)))
+    src = SourceData("docs", str(d), "jsonl", "text", 1.0)  # a SourceRef (with an optional held-out split)
     m = StreamingMixture([src], tok.encode, tok.eos_id, seq_len=16, rank=0, world=1)
     ids: list[int] = []
     while m.epochs()["docs"] == 0:
