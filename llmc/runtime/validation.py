@@ -140,9 +140,10 @@ class ValidationSet:
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
-def validation_tokens(srcs: list[SourceData], tok, n_tokens: int) -> np.ndarray:
+def validation_tokens(srcs: list[SourceData], tok, n_tokens: int, batch_docs: int = 16) -> np.ndarray:
     """The first ``n_tokens`` (or fewer, when the sources run out) tokens of the validation sources'
-    documents in order, EOS after each, streamed in place: reading stops once there are enough."""
+    documents in order, EOS after each, streamed in place: reading stops once there are enough (at most
+    ``batch_docs`` documents, tokenised together, past the last one needed)."""
     from llmc.runtime.stream import documents
 
     ids: list[int] = []
@@ -150,7 +151,7 @@ def validation_tokens(srcs: list[SourceData], tok, n_tokens: int) -> np.ndarray:
         batch: list[str] = []
         for doc in documents(s):
             batch.append(doc)
-            if len(batch) == 64:
+            if len(batch) == batch_docs:
                 for t in tok.encode_batch(batch):
                     ids.extend(t)
                     ids.append(tok.eos_id)
