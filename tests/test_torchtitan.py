@@ -78,10 +78,10 @@ def load_job(module: Path, config: str = "job", extra: tuple[str, ...] = ()):
         sys.modules.pop(module.stem, None)
 
 
-def make_assets(run_dir: Path, vocab: int, n_docs: int = 300, names=("train",)) -> None:
+def make_assets(run_dir: Path, vocab: int, n_docs: int = 300, names=("train",)) -> list[str]:
     """A tiny byte-level BPE and a few JSONL documents per source name, offline (stand-in for
-    prepare_assets, same layout: assets/tokenizer.json, data/<source>.jsonl with a "text" field, and the
-    held-out split data/split/<source>.{train,val}.jsonl)."""
+    prepare_assets, same layout: assets/tokenizer.json and, for builtin corpora, data/<source>.jsonl with a
+    "text" field; the held-out split is applied by the job while it streams). Returns the documents."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     (run_dir / "assets").mkdir(parents=True, exist_ok=True)
@@ -90,14 +90,10 @@ def make_assets(run_dir: Path, vocab: int, n_docs: int = 300, names=("train",)) 
     words = ("the model trains on tokens and the loss falls as the data parallel shards reduce "
              "gradients while tensor pipeline stages exchange activations").split()
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 120))) for _ in range(n_docs)]
-    (run_dir / "data" / "split").mkdir(exist_ok=True)
-    for name in names:  # the source, and its held-out split as prepare writes it for eval.validation
-        for path, part in ((run_dir / "data" / f"{name}.jsonl", docs),
-                           (run_dir / "data" / "split" / f"{name}.train.jsonl", docs[: len(docs) * 9 // 10]),
-                           (run_dir / "data" / "split" / f"{name}.val.jsonl", docs[len(docs) * 9 // 10:])):
-            with open(path, "w") as f:
-                for d in part:
-                    f.write(json.dumps({"text": d}) + "\n")
+    for name in names:
+        with open(run_dir / "data" / f"{name}.jsonl", "w") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -107,6 +103,7 @@ def make_assets(run_dir: Path, vocab: int, n_docs: int = 300, names=("train",)) 
     tok.save(str(run_dir / "assets" / "tokenizer.json"))
     (run_dir / "assets" / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    return docs
 
 
 def run_logged(argv, env, cwd, timeout=600):
@@ -186,16 +183,20 @@ def test_example_module_loads_through_config_manager(name, tmp_path, monkeypatch
     run = tmp_path / "run"
     assert cfg.hf_assets_path == str(run / "assets")
     srcs = [s for s in spec.data.sources if s.kind in ("general", "domain", "code", "math", "multilingual")]
-    # with eval.validation the job trains on the held-out split's training part (data/split/<name>.train.jsonl)
-    split = spec.eval is not None and spec.eval.validation is not None and not spec.eval.validation.files
-    file = "split/{}.train.jsonl" if split else "{}.jsonl"
+    # every source is read where it lies (builtin corpora: what prepare writes under data/); the held-out
+    # split is applied while streaming, so no source path points into data/split
+
+    def where(s):
+        if s.format == "builtin" or spec.data.quality is not None:
+            return run / "data" / (f"quality/{s.name}" if spec.data.quality is not None else f"{s.name}.jsonl")
+        return Path(s.path) if Path(s.path).is_absolute() else (ROOT / "examples" / s.path).resolve()
+
     if len(srcs) > 1:  # weighted mixture through torchtitan's interleaved loader
-        got = {Path(x.dataset_path).relative_to(run / "data").as_posix(): x.weight for x in cfg.dataloader.sources}
+        got = {x.dataset_path: x.weight for x in cfg.dataloader.sources}
         total = sum(s.weight for s in srcs)
-        assert got == pytest.approx({file.format(s.name): s.weight / total for s in srcs})
-    else:
-        want = run / "data" / (file.format(srcs[0].name) if srcs else "")
-        assert cfg.dataloader.dataset_path == str(want).rstrip("/")
+        assert got == pytest.approx({str(where(s)): s.weight / total for s in srcs})
+    elif srcs:
+        assert cfg.dataloader.dataset_path == str(where(srcs[0]))
 
     # torchtitan's own validation of the model against the job (tp | heads, seq_len <= RoPE, EP, PP
     # with tying), then the model graph on the meta device: its parameter count must equal llmc's.
@@ -427,14 +428,91 @@ def test_tiny_trains_on_cpu_two_gloo_processes_fsdp(tiny_build, tmp_path):
     print(f"tiny 2 procs FSDP: {dt:.1f}s, losses {got}")
 
 
+def write_parquet_source(d: Path, docs: list[str], files: int = 2, row_group: int = 16) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d.mkdir(parents=True, exist_ok=True)
+    per = math.ceil(len(docs) / files)
+    for f in range(files):
+        part = docs[f * per:(f + 1) * per]
+        pq.write_table(pa.table({"id": list(range(len(part))), "body": part}), d / f"part-{f}.parquet",
+                       row_group_size=row_group)
+    return d
+
+
 def _tiny_family_build(tmp_path, model, plan):
+    """A tiny job of another model family reading a local parquet folder in place."""
     from test_torchtitan_render import TINY, compiled_for  # tests/ is on sys.path under pytest
 
     model = {**TINY, **model}
-    c = compiled_for(model=model, plan=plan, gpu="cpu", seq=64, steps=8, lr=3e-3, warmup=1)
+    src = tmp_path / "corpus"
+    data = {"seq_len": 64, "tokens": 1e6,
+            "sources": [{"name": "web", "path": str(src), "format": "parquet", "text_field": "body"}]}
+    c = compiled_for(model=model, plan=plan, gpu="cpu", seq=64, steps=8, lr=3e-3, warmup=1, data=data)
     module = write_build(c, tmp_path)
-    make_assets(tmp_path / "run", c.spec.model.vocab_size)
+    docs = make_assets(tmp_path / "run", c.spec.model.vocab_size, names=())
+    write_parquet_source(src, docs)
     return module, tmp_path / "run"
+
+
+def _import_job(module: Path):
+    import importlib
+
+    sys.path.insert(0, str(module.parent))
+    sys.modules.pop(module.stem, None)
+    try:
+        return importlib.import_module(module.stem)
+    finally:
+        sys.path.remove(str(module.parent))
+        sys.modules.pop(module.stem, None)
+
+
+def test_job_streams_the_same_heldout_split_as_llmc(tmp_path, monkeypatch):
+    """The job's datasets read each source in place (parquet folder, JSONL with blank lines, text files, a
+    `datasets` save_to_disk folder) and hold out exactly the documents llmc's own streams hold out; the
+    training part, split by rank as torchtitan does (split_dataset_by_node), is the rest, once."""
+    datasets = pytest.importorskip("datasets")
+    from datasets.distributed import split_dataset_by_node
+    from test_torchtitan_render import TINY, compiled_for
+
+    from llmc.runtime.data import SourceData
+    from llmc.runtime.stream import documents
+
+    docs = [f"doc {i} " + "word " * (i % 7) for i in range(120)]
+    src = tmp_path / "src"
+    write_parquet_source(src / "pq", docs, files=3, row_group=10)
+    (src / "js").mkdir(parents=True)
+    for f in range(2):
+        with open(src / "js" / f"p{f}.jsonl", "w") as fh:
+            for i in range(f * 60, f * 60 + 60):
+                fh.write(json.dumps({"text": docs[i]}) + ("\n\n" if i % 13 == 0 else "\n"))
+    (src / "tx").mkdir()
+    for i, d in enumerate(docs[:40]):
+        (src / "tx" / f"{i:03d}.txt").write_text(d)
+    datasets.Dataset.from_dict({"content": docs}).save_to_disk(str(src / "hf"), num_shards=3)
+    specs = [("pq", "parquet", "body"), ("js", "jsonl", "text"), ("tx", "text", "text"), ("hf", "parquet", "content")]
+    data = {"seq_len": 64, "tokens": 1e6, "sources": [
+        {"name": n, "path": str(src / n), "format": f, "text_field": t} for n, f, t in specs]}
+    c = compiled_for(model=TINY, plan=None, gpu="cpu", data=data,
+                     eval={"validation": {"fraction": 0.2, "seed": 11, "every_steps": 4, "max_batches": 1}})
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    job = _import_job(write_build(c, tmp_path / "b"))
+    assert [s["path"] for s in job.DATA_SOURCES] == [str(src / n) for n, _, _ in specs]  # in place
+    all_val = []
+    for i, (n, f, t) in enumerate(specs):
+        fmt = "hf" if n == "hf" else f
+        ours = [list(documents(SourceData(n, str(src / n), fmt, t, 1.0, (part, 0.2, 11)))) for part in ("val", "train")]
+        ds = job._source_dataset(job.DATA_SOURCES[i], "val")
+        theirs = [r["text"] for r in ds]
+        assert theirs == ours[0] and 3 <= len(theirs) < len(ours[1]), n
+        all_val += theirs
+        train = job._source_dataset(job.DATA_SOURCES[i], "train")
+        per_rank = [[r["text"] for r in split_dataset_by_node(train, rank=r, world_size=2)] for r in range(2)]
+        assert sorted(per_rank[0] + per_rank[1]) == sorted(ours[1]), n
+        assert not set(per_rank[0]) & set(per_rank[1])
+    assert [job._sample_text(r) for r in job._validation_dataset("validation")] == all_val  # source order
+    assert not list((tmp_path / "b").rglob("*.jsonl")) and not list((tmp_path / "hf_cache").rglob("*.arrow"))
 
 
 def test_tiny_moe_qwen3_family_expert_parallel_two_gloo_processes(tmp_path):
