@@ -515,6 +515,77 @@ def test_job_streams_the_same_heldout_split_as_llmc(tmp_path, monkeypatch):
     assert not list((tmp_path / "b").rglob("*.jsonl")) and not list((tmp_path / "hf_cache").rglob("*.arrow"))
 
 
+STREAM_SPEC = """
+name: stream-titan
+model: tiny
+hardware: {gpu: cpu, count: 1}
+data:
+  sources:
+    - {name: web, path: corpus/web, format: parquet, text_field: body, weight: 0.7}
+    - {name: wiki, path: corpus/wiki, format: parquet, text_field: content, weight: 0.3}
+  tokenizer: {train: true, vocab_size: 2048}
+  seq_len: 64
+  tokens: 4096
+training:
+  backend: torchtitan
+  precision: fp32
+  global_batch_tokens: 512
+  optimizer: {lr: 3.0e-3}
+  checkpoint: {interval_steps: 100}
+  log_every: 1
+eval:
+  validation: {fraction: 0.1, every_steps: 4, max_batches: 2}
+"""
+
+
+def test_launch_prepare_and_torchtitan_stream_parquet_and_hf_dataset_in_place(tmp_path):
+    """`llmc build` + `llmc launch --backend torchtitan`'s prepare step + the job on CPU: a local parquet
+    folder and a local `datasets` save_to_disk folder are streamed where they lie (training skips the
+    held-out documents, the validator reads them); the build holds no copy of either."""
+    datasets = pytest.importorskip("datasets")
+    from typer.testing import CliRunner
+
+    from llmc.cli import app
+    from llmc.launch import launch_commands
+    from llmc.runtime.titan_launch import torchtitan_command
+
+    rng = random.Random(1)
+    words = "the model trains on tokens and the loss falls as shards reduce gradients".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 90))) for _ in range(400)]
+    write_parquet_source(tmp_path / "corpus" / "web", docs[:240], files=3, row_group=20)
+    datasets.Dataset.from_dict({"content": docs[240:]}).save_to_disk(str(tmp_path / "corpus" / "wiki"), num_shards=2)
+    (tmp_path / "spec.yaml").write_text(STREAM_SPEC)
+    b = tmp_path / "b"
+    r = CliRunner().invoke(app, ["build", str(tmp_path / "spec.yaml"), "-o", str(b)])
+    assert r.exit_code == 0, r.output
+    cmds = launch_commands(b, backend="torchtitan", nproc=1, gpu=False)
+    prep = cmds[0]
+    assert prep.stage == "prepare" and "--jsonl" not in prep.argv
+    p = subprocess.run(prep.argv, cwd=prep.cwd, env={**os.environ, **prep.env, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assets = json.loads((b / "assets" / "assets.json").read_text())
+    assert [(s["path"], s["holdout"]) for s in assets["sources"]] == [
+        (str(tmp_path / "corpus" / n), ["train", 0.1, 0]) for n in ("web", "wiki")]
+
+    module = b / "torchtitan" / "llmc_job.py"
+    argv, env = torchtitan_command(module, 1, True, ["--training.steps", "8", "--metrics.log_freq", "1",
+                                                     "--checkpoint.no-enable"], run_dir=b)
+    rc, log, dt = run_logged(argv, {**env, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}, b)
+    assert rc == 0, log[-3000:]
+    train_log = "\n".join(ln for ln in log.splitlines() if "validate step" not in ln)
+    got = losses(train_log)
+    assert sorted(got) == list(range(1, 9)) and all(math.isfinite(v) for v in got.values()), log[-2000:]
+    val = {int(s): float(x) for s, x in re.findall(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+)", log)}
+    assert 4 in val and 8 in val and all(math.isfinite(x) for x in val.values()), log[-2000:]
+    # nothing copied: no data file in the build or the datasets cache, data/ holds only small records
+    files = [f for f in b.rglob("*") if f.is_file() and "outputs" not in f.relative_to(b).parts]  # not logs
+    assert not [f for f in files if f.suffix in (".jsonl", ".parquet", ".arrow")], files
+    assert not [f for f in (tmp_path / "hf_cache").rglob("*") if f.suffix == ".arrow"]
+    assert all(f.stat().st_size < 16_384 for f in (b / "data").rglob("*") if f.is_file())
+    print(f"torchtitan streamed parquet + save_to_disk: {dt:.1f}s, losses {got}, validation {val}")
+
+
 def test_tiny_moe_qwen3_family_expert_parallel_two_gloo_processes(tmp_path):
     """GQA + MoE (Mixtral-style, emitted on torchtitan's qwen3 block): dp_shard 2 x ep 2 on gloo."""
     from llmc.compiler.plan import ParallelPlan

@@ -271,16 +271,13 @@ def test_torchtitan_job_enables_its_validator_on_the_heldout_files(tmp_path, mon
     v = cfg.validator
     assert v.enable and v.freq == 4 and v.steps == 2
     data = run_dir / "data"
-    assert v.dataloader.dataset_path == str(data / "split" / "python-docs.val.jsonl")
-    assert cfg.dataloader.dataset_path == str(data / "split" / "python-docs.train.jsonl")
+    # the validator reads the held-out documents of the source, training the rest, both from the source itself
+    assert v.dataloader.dataset == "llmc_validation" and cfg.dataloader.dataset == "llmc_train_0"
+    assert cfg.dataloader.dataset_path == str(data / "python-docs.jsonl")
     assert cfg.training.local_batch_size == c.plan.micro_batch  # a validation batch = one micro-batch per rank
 
-    # and it runs: torchtitan validates on the held-out file every 4 steps on CPU
+    # and it runs: torchtitan validates on the held-out documents every 4 steps on CPU
     make_assets(run_dir, c.spec.model.vocab_size, names=["python-docs"])
-    src = data / "python-docs.jsonl"
-    assets = Assets(str(run_dir), str(run_dir / "assets"), (SourceData("python-docs", str(src)),),
-                    str(run_dir / "cache"))
-    split_assets(assets, c.spec.eval.validation, log=lambda *_: None)
     argv, env = torchtitan_command(module, 1, True, ["--training.steps", "8", "--metrics.log_freq", "1"],
                                    run_dir=run_dir)
     rc, log, _ = run_logged(argv, env, run_dir)
