@@ -200,9 +200,12 @@ def test_mixture_weights_within_three_sigma(tmp_path):
         assert abs(c - n * p) <= 3 * math.sqrt(n * p * (1 - p)), (counts, weights)
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("kinds", [("parquet", "jsonl"), ("hf_disk", "text")])
-def test_resume_from_state_dict_is_the_exact_continuation(kinds, tmp_path, hf_cache):
+def test_resume_from_state_dict_is_the_exact_continuation(kinds, split, tmp_path, hf_cache):
     srcs = [make_source(k, tmp_path, s + 1, 53, w) for s, (k, w) in enumerate(zip(kinds, (0.6, 0.4), strict=True))]
+    if split:  # training part of a held-out split: positions count its documents
+        srcs = [with_holdout(s, "train") for s in srcs]
     ref = StreamingMixture(srcs, tokenize, EOS, seq_len=7, rank=1, world=2, seed=5)
     head = [ref.next_window() for _ in range(61)]  # > one epoch of each rank's shard
     state = json.loads(json.dumps(ref.state_dict()))  # it must survive a JSON checkpoint
@@ -232,9 +235,11 @@ def _tree_bytes(root: Path) -> int:
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("kind", ["parquet", "hf_disk", "hf_files"])
-def test_streams_in_place_with_bounded_memory(kind, tmp_path, hf_cache):
-    """~24 MB of text streamed through one epoch: Python peak stays a small fraction, nothing copied."""
+def test_streams_in_place_with_bounded_memory(kind, split, tmp_path, hf_cache):
+    """~24 MB of text streamed through one epoch (alone, or as the training part of a held-out split):
+    Python peak stays a small fraction, nothing copied."""
     n, size = 6000, 4000
     datasets = pytest.importorskip("datasets") if kind.startswith("hf") else None
     d = tmp_path / kind
@@ -249,6 +254,8 @@ def test_streams_in_place_with_bounded_memory(kind, tmp_path, hf_cache):
         del rows
     data_bytes = n * size
     src = SourceRef("big", str(d), "hf" if kind.startswith("hf") else "parquet", "text")
+    if split:
+        src = with_holdout(src, "train", fraction=0.05)
     before_disk = _tree_bytes(tmp_path)
     pool_base = pool_peak = pa.total_allocated_bytes()
     tracemalloc.start()
@@ -262,7 +269,8 @@ def test_streams_in_place_with_bounded_memory(kind, tmp_path, hf_cache):
         _, py_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert windows >= (n // 2) * 2 // 32 - 1  # half the docs, 2 tokens each (doc + EOS), 32 per window
+    docs = n // 2 * (0.95 if split else 1)  # half the docs (less the held-out ones), 2 tokens each, 32 per window
+    assert windows >= docs * 0.95 * 2 // 32 - 1
     assert py_peak < data_bytes / 8, f"python peak {py_peak / 2**20:.1f} MiB for {data_bytes / 2**20:.0f} MiB data"
     # the datasets parquet builder holds about one file's batch; a whole copy would be >= data_bytes
     assert pool_peak - pool_base < data_bytes / 2, f"arrow pool peak {(pool_peak - pool_base) / 2**20:.1f} MiB"

@@ -27,8 +27,9 @@ Formats and how rank ``r`` of ``w`` gets a disjoint share of each source:
 * ``hf``: a local Hugging Face ``datasets`` dataset: a ``save_to_disk`` directory (opened memory-mapped
   with ``datasets.load_from_disk`` and streamed with ``Dataset.to_iterable_dataset``; ranks are split by
   ``datasets.distributed.split_dataset_by_node``, the library's maintained tool for this:
-  https://huggingface.co/docs/datasets/en/use_with_pytorch#distributed), or a folder of parquet / jsonl
-  files, read as those formats.
+  https://huggingface.co/docs/datasets/en/use_with_pytorch#distributed; with a held-out split, row ``i``
+  is document ``i`` and the kept rows are dealt to ranks in turn), or a folder of parquet / jsonl files,
+  read as those formats.
 
 Held-out validation split: a source with ``holdout = (part, fraction, seed)`` (``SourceData`` of
 :mod:`llmc.runtime.data`) yields only the documents of that part: document ``i`` of the source (its
@@ -177,26 +178,50 @@ def _text_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[st
         yield f.read_text(encoding="utf-8", errors="replace")
 
 
-def _hf_dataset(src: SourceRef, rank: int, world: int):
-    """The rank's ``datasets.IterableDataset`` for a ``save_to_disk`` folder (never copied, never downloaded)."""
+def _hf_saved(p: Path):
     import datasets
-    from datasets.distributed import split_dataset_by_node
 
-    p = Path(src.path)
     ds = datasets.load_from_disk(str(p))  # memory-mapped Arrow files, read in place
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise ValueError(f"{p}: a DatasetDict without a 'train' split ({sorted(ds)})")
         ds = ds["train"]
-    keep = _keeper(src)
-    if keep is None:
-        # `world` shards (when there are enough rows) so split_dataset_by_node hands out whole shards
-        ids = ds.to_iterable_dataset(num_shards=world if len(ds) >= world else 1)
-    else:
-        # one shard, filtered before the split: the filter's indices are the rows' indices in the dataset
-        # (split_dataset_by_node then deals every world-th kept row)
-        ids = ds.to_iterable_dataset().filter(lambda _, i: keep(i), with_indices=True)
+    return ds
+
+
+def _hf_dataset(src: SourceRef, rank: int, world: int):
+    """The rank's ``datasets.IterableDataset`` for a ``save_to_disk`` folder (never copied, never downloaded)."""
+    from datasets.distributed import split_dataset_by_node
+
+    ds = _hf_saved(Path(src.path))
+    # `world` shards (when there are enough rows) so split_dataset_by_node hands out whole shards
+    ids = ds.to_iterable_dataset(num_shards=world if len(ds) >= world else 1)
     return split_dataset_by_node(ids, rank=rank, world_size=world)
+
+
+def _hf_split_docs(src: SourceRef, keep, rank: int, world: int, start: int, chunk: int = 256) -> Iterator[str]:
+    """A ``save_to_disk`` dataset with a held-out split: row ``i`` is document ``i``; the kept rows are dealt
+    to ranks in turn (as ``split_dataset_by_node`` deals examples when shards do not divide), read in
+    ``chunk``-row Arrow slices of the text column, converting only this rank's rows to Python."""
+    col = _hf_saved(Path(src.path)).select_columns([src.text_field]).with_format("arrow")
+    k = mine = 0  # kept rows so far; this rank's documents so far
+    for first in range(0, len(col), chunk):
+        n = min(chunk, len(col) - first)
+        picks = []
+        for j in range(n):
+            if not keep(first + j):
+                continue
+            take = k % world == rank
+            k += 1
+            if take:
+                mine += 1
+                if mine > start:
+                    picks.append(j)
+        if picks:
+            arr = col[first:first + n].column(0)
+            for j in picks:
+                v = arr[j].as_py()
+                yield "" if v is None else str(v)
 
 
 def _hf_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
@@ -209,6 +234,10 @@ def _hf_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]
             raise ValueError(f"{p}: mixes {sorted(kinds)} files; use one format per source")
         fmt = "parquet" if files[0].suffix == ".parquet" else "jsonl"
         yield from _READERS[fmt](replace(src, format=fmt), rank, world, start)
+        return
+    keep = _keeper(src)
+    if keep is not None:
+        yield from _hf_split_docs(src, keep, rank, world, start)
         return
     ds = _hf_dataset(src, rank, world).select_columns([src.text_field])
     for rec in islice(iter(ds), start, None):
