@@ -76,8 +76,8 @@ _SPLIT = VALIDATION is not None and not VALIDATION["files"]
 
 
 def _where(src):
-    if src["path"] is None:
-        raise FileNotFoundError(f"data source {src['name']!r} has no path")
+    if src["path"] is None:  # a planning-only source: the loader reports it when the job runs
+        return None
     base = DATA_DIR if src["under"] == "data" else BUILD_DIR
     return os.path.normpath(os.path.join(base, os.path.expanduser(src["path"])))
 
@@ -140,6 +140,8 @@ def _source_dataset(src, part):
     ones, "val": only those, None: all), streamed in place; torchtitan's HuggingFaceTextDataset splits it
     by data-parallel rank (split_dataset_by_node: whole shards when they divide evenly, else every n-th row)."""
     path, field, name, fmt = _where(src), src["text_field"], src["name"], src["format"]
+    if path is None:
+        raise FileNotFoundError(f"data source {name!r} has no path (a planning-only source); give it local data")
     if os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json")):
         ds = load_from_disk(path)  # memory-mapped Arrow files
         if isinstance(ds, DatasetDict):
