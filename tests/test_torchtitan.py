@@ -517,6 +517,49 @@ def test_job_streams_the_same_heldout_split_as_llmc(tmp_path, monkeypatch):
     assert not list((tmp_path / "b").rglob("*.jsonl")) and not list((tmp_path / "hf_cache").rglob("*.arrow"))
 
 
+@pytest.mark.parametrize("kind", ["parquet", "save_to_disk"])
+def test_job_dataset_resumes_exactly_through_torchtitan_state(kind, tmp_path, monkeypatch):
+    """torchtitan's HuggingFaceTextDataset over the job's streamed training part (rank 1 of 2, held-out
+    documents skipped): its state_dict, restored into a fresh dataset, continues with the same windows,
+    within the first pass and after re-looping."""
+    import copy
+
+    datasets = pytest.importorskip("datasets")
+    from test_torchtitan_render import TINY, compiled_for
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+    from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
+
+    docs = make_assets(tmp_path / "b" / "run", 600, n_docs=40, names=())
+    if kind == "parquet":
+        write_parquet_source(tmp_path / "src", docs, files=2, row_group=8)
+    else:
+        datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "src"), num_shards=2)
+    data = {"seq_len": 64, "tokens": 1e6,
+            "sources": [{"name": "web", "path": str(tmp_path / "src"), "format": "parquet", "text_field": "body"}]}
+    c = compiled_for(model=TINY, plan=None, gpu="cpu", data=data,
+                     eval={"validation": {"fraction": 0.2, "seed": 1, "every_steps": 4, "max_batches": 1}})
+    monkeypatch.setenv("LLMC_RUN_DIR", str(tmp_path / "b" / "run"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    _import_job(write_build(c, tmp_path / "b"))  # registers llmc_train_0
+    tok = HuggingFaceTokenizer(tokenizer_path=str(tmp_path / "b" / "run" / "assets"))
+
+    def dataset():
+        return HuggingFaceTextDataset("llmc_train_0", None, tok, seq_len=64, dp_rank=1, dp_world_size=2, infinite=True)
+
+    for n in (5, 60):  # 60 windows: past the end of the rank's share (re-looped)
+        ds = dataset()
+        it = iter(ds)
+        for _ in range(n):
+            next(it)
+        state = copy.deepcopy(ds.state_dict())  # torchtitan's buffers are live lists
+        want = [next(it)[1].tolist() for _ in range(15)]
+        resumed = dataset()
+        resumed.load_state_dict(state)
+        got = [y.tolist() for (_, y), _ in zip(resumed, range(15), strict=False)]
+        assert got == want, (kind, n)
+    assert ds._epoch >= 1  # the second case did re-loop
+
+
 STREAM_SPEC = """
 name: stream-titan
 model: tiny

@@ -65,7 +65,7 @@ DUMP_FOLDER = os.environ.get("LLMC_DUMP_FOLDER", os.path.join(RUN_DIR, "outputs"
 # Pre-training text sources: {"name", "format" (parquet | jsonl | text), "path", "under" ("build": relative to the
 # build directory unless absolute; "data": under DATA_DIR, written by `llmc launch`'s prepare step: builtin
 # corpora and data.quality's cleaned parts), "text_field", "weight" (token-mixture ratio of the interleaved loader)}.
-# A folder holding a `datasets` save_to_disk dataset is read with load_from_disk(...).to_iterable_dataset().
+# A folder holding a `datasets` save_to_disk dataset is read with load_from_disk(...) (memory-mapped, in place).
 DATA_SOURCES = [{'name': 'python-docs', 'format': 'jsonl', 'path': 'python-docs.jsonl', 'under': 'data', 'text_field': 'text', 'weight': 1.0}]
 
 # held-out validation (llmc eval.validation): None, or {"freq", "steps", "fraction", "seed", "files"}. With a
@@ -128,6 +128,19 @@ def _json_rows(shards, field, name, part):
                     i += 1
 
 
+def _saved(path):
+    ds = load_from_disk(path)  # memory-mapped Arrow files, read in place
+    return ds["train"] if isinstance(ds, DatasetDict) else ds
+
+
+def _saved_rows(shards, field, name, part):
+    for first, end, path in shards:  # [first row, end row, save_to_disk folder]
+        rows = _saved(path).select_columns([field]).select(range(first, end))  # contiguous: no index file
+        for j, row in enumerate(rows.to_iterable_dataset()):
+            if _keep(name, part, first + j):
+                yield {"text": row[field]}
+
+
 def _text_files(shards, field, name, part):
     for path, index in shards:  # one document per file
         if _keep(name, part, index):
@@ -143,13 +156,13 @@ def _source_dataset(src, part):
     if path is None:
         raise FileNotFoundError(f"data source {name!r} has no path (a planning-only source); give it local data")
     if os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json")):
-        ds = load_from_disk(path)  # memory-mapped Arrow files
-        if isinstance(ds, DatasetDict):
-            ds = ds["train"]
-        ids = ds.select_columns([field]).to_iterable_dataset()  # one shard: filter indices are row indices
-        if field != "text":
-            ids = ids.rename_column(field, "text")
-        return ids if part is None else ids.filter(partial(_keep_row, name, part), with_indices=True)
+        # row i is document i; contiguous row ranges are the shards (the filter's indices in datasets'
+        # own IterableDataset.filter restart per shard and do not survive resuming, so the index is ours)
+        n = len(_saved(path))
+        step = max(1, -(-n // 64))
+        gen, shards = _saved_rows, [[a, min(n, a + step), path] for a in range(0, n, step)]
+        return IterableDataset.from_generator(gen, gen_kwargs={"shards": shards, "field": field, "name": name,
+                                                               "part": part})
     if os.path.isdir(path) and fmt != "text":
         files = _files(path, (".parquet", ".jsonl", ".json"))
         fmt = "parquet" if files[0].endswith(".parquet") else "jsonl"
@@ -164,10 +177,6 @@ def _source_dataset(src, part):
     else:
         gen, shards = _json_rows, [_files(path, (".jsonl", ".json"))]
     return IterableDataset.from_generator(gen, gen_kwargs={"shards": shards, "field": field, "name": name, "part": part})
-
-
-def _keep_row(name, part, row, index):
-    return _keep(name, part, index)
 
 
 def _sample_text(sample):
