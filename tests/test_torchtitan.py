@@ -430,7 +430,7 @@ def test_tiny_trains_on_cpu_two_gloo_processes_fsdp(tiny_build, tmp_path):
     print(f"tiny 2 procs FSDP: {dt:.1f}s, losses {got}")
 
 
-def write_parquet_source(d: Path, docs: list[str], files: int = 2, row_group: int = 16) -> Path:
+def write_parquet_source(d: Path, docs: list[str], files: int = 2, row_group: int = 16, column: str = "body") -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -438,7 +438,7 @@ def write_parquet_source(d: Path, docs: list[str], files: int = 2, row_group: in
     per = math.ceil(len(docs) / files)
     for f in range(files):
         part = docs[f * per:(f + 1) * per]
-        pq.write_table(pa.table({"id": list(range(len(part))), "body": part}), d / f"part-{f}.parquet",
+        pq.write_table(pa.table({"id": list(range(len(part))), column: part}), d / f"part-{f}.parquet",
                        row_group_size=row_group)
     return d
 
@@ -707,8 +707,19 @@ def test_fake_backend_dry_run_llama3_8b_64_ranks(tmp_path):
     c = dataclasses.replace(c, plan=dataclasses.replace(c.plan, dp_shard=8, tp=8, dp_replicate=1, pp=1, cp=1,
                                                         grad_accum=accum))
     assert c.plan.world == 64 and c.plan.global_batch_seqs == c.hyper.global_batch_seqs
+    docs = make_assets(tmp_path / "run", c.spec.model.vocab_size, n_docs=50, names=())
+    local = []  # the example's sources (/data/...) stand in by small local files of the same formats
+    for s in c.spec.data.sources:
+        d = tmp_path / "corpus" / s.name
+        if s.format == "parquet":
+            write_parquet_source(d, docs, column=s.text_field)
+        else:
+            d.mkdir(parents=True)
+            (d / "a.jsonl").write_text("".join(json.dumps({s.text_field: t}) + "\n" for t in docs))
+        local.append(s.model_copy(update={"path": str(d)}))
+    spec = c.spec.model_copy(update={"data": c.spec.data.model_copy(update={"sources": local})})
+    c = dataclasses.replace(c, spec=spec)
     module = write_build(c, tmp_path)
-    make_assets(tmp_path / "run", c.spec.model.vocab_size, n_docs=50, names=[s.name for s in c.spec.data.sources])
     src = module.read_text()
     assert "tensor_parallel_degree=8" in src and "data_parallel_shard_degree=8" in src
     argv, env = dry_run_command(module, 64, ["--training.seq_len", "32", "--training.local_batch_size", "1",
