@@ -115,7 +115,7 @@ def _parquet_rows(shards, field, name, part):
 
 
 def _json_rows(shards, field, name, part):
-    # read line by line (the datasets JSON builder stops at a blank line); document i = the i-th non-blank line
+    # read line by line (the datasets JSON builder fails on a blank line); document i = the i-th non-blank line
     for files in shards:  # one shard: document indices run on over the files
         i = 0
         for path in files:
@@ -156,16 +156,13 @@ def _source_dataset(src, part):
     if path is None:
         raise FileNotFoundError(f"data source {name!r} has no path (a planning-only source); give it local data")
     if os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json")):
-        # row i is document i; contiguous row ranges are the shards (the filter's indices in datasets'
-        # own IterableDataset.filter restart per shard and do not survive resuming, so the index is ours)
+        # row i is document i; contiguous row ranges are the shards, each knowing its first row (the indices
+        # IterableDataset.filter(with_indices=True) passes restart at 0 in every shard)
         n = len(_saved(path))
         step = max(1, -(-n // 64))
         gen, shards = _saved_rows, [[a, min(n, a + step), path] for a in range(0, n, step)]
         return IterableDataset.from_generator(gen, gen_kwargs={"shards": shards, "field": field, "name": name,
                                                                "part": part})
-    if os.path.isdir(path) and fmt != "text":
-        files = _files(path, (".parquet", ".jsonl", ".json"))
-        fmt = "parquet" if files[0].endswith(".parquet") else "jsonl"
     if fmt == "parquet":
         shards, first = [], 0
         for f in _files(path, (".parquet",)):
