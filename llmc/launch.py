@@ -222,9 +222,8 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
             cmds.append(export)
 
     # shared assets (the tokenizer; builtin corpora) under the build directory, idempotent
-    # the torchtitan job reads data/<source>.jsonl; llmc's trainers stream the sources in place
-    jsonl = ["--jsonl"] if backend == "torchtitan" else []
-    prepare = Cmd(argv=[py, "-m", RUNTIME_ENTRY, "prepare", "--lock", lock_path, *jsonl], cwd=str(b),
+    # every backend (llmc's trainers, the torchtitan job) streams the sources in place
+    prepare = Cmd(argv=[py, "-m", RUNTIME_ENTRY, "prepare", "--lock", lock_path], cwd=str(b),
                   stage="prepare")
     if cmds and all(c.skip_reason for c in cmds):
         prepare.skip_reason = "every stage is finished"

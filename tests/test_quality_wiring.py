@@ -77,17 +77,19 @@ def test_prepare_removes_planted_duplicates_and_contamination_before_training(tm
     assert len(norms) == len(set(norms))  # no exact duplicate left
     assert n_kept <= N_ORIG - 1 + 0.1 * N_NEAR
 
-    # training read the cleaned documents: split of the cleaned sources -> token caches with those counts
+    # training streams the cleaned documents in place, without the held-out ones (split while reading)
+    from llmc.runtime.data import Assets
+    from llmc.runtime.stream import documents
+    from llmc.runtime.validation import validation_sources
+
     split = json.loads((tmp_path / "data" / "split" / "validation.json").read_text())
-    for name in ("web", "books"):
-        s = split["sources"][name]
-        assert s["train_documents"] + s["val_documents"] == len(kept[name])
-    # the trainers stream what assets.json names: the training part of each cleaned source
-    assets = json.loads((tmp_path / "assets" / "assets.json").read_text())
-    assert {Path(s["path"]).name for s in assets["sources"]} == {"web.train.jsonl", "books.train.jsonl"}
-    trained = {s["name"]: len(Path(s["path"]).read_text().splitlines()) for s in assets["sources"]}
-    assert trained["web"] == split["sources"]["web"]["train_documents"]
-    assert trained["books"] == split["sources"]["books"]["train_documents"]
+    assert split["sources"] == ["web", "books"] and split["fraction"] == 0.1
+    assets = Assets.from_json(json.loads((tmp_path / "assets" / "assets.json").read_text()))
+    assert {Path(s.path) for s in assets.sources} == {tmp_path / "data" / "quality" / n for n in ("web", "books")}
+    val = {v.name: list(documents(v)) for v in validation_sources(assets)}
+    for s in assets.sources:
+        assert s.holdout == ("train", 0.1, 0) and val[s.name]
+        assert sorted(list(documents(s)) + val[s.name]) == sorted(kept[s.name])
 
     # the plan shows the same banding and FP/FN areas as quality_math and the pipeline's report
     comp = compile_spec(RunSpec.model_validate(spec), str(tmp_path / "spec.yaml"))

@@ -112,6 +112,44 @@ def test_two_ranks_disjoint_and_cover_every_document_once(kind, tmp_path, hf_cac
     assert doc_ids(documents(src, 1, 2, start=17)) == per_rank[1][17:]
 
 
+def with_holdout(src: SourceRef, part: str, fraction: float = 0.2, seed: int = 7):
+    from llmc.runtime.data import SourceData
+
+    return SourceData(src.name, src.path, src.format, src.text_field, src.weight, (part, fraction, seed))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_heldout_split_while_streaming_partitions_by_document_index(kind, world, tmp_path, hf_cache):
+    """Document i of the source (its index in the unsplit order, computed here independently: doc_text
+    numbers the documents) is validation iff is_heldout(name, i); training ranks read exactly the rest."""
+    from llmc.runtime.validation import is_heldout
+
+    n = 101
+    src = make_source(kind, tmp_path, 1, n)
+    train, val = with_holdout(src, "train"), with_holdout(src, "val")
+    want_val = [i for i in range(n) if is_heldout(src.name, i, 7, 0.2)]
+    assert 5 <= len(want_val) <= 40
+    assert doc_ids(documents(val)) == want_val  # in source order
+    per_rank = [doc_ids(documents(train, r, world)) for r in range(world)]
+    flat = [i for ids in per_rank for i in ids]
+    assert len(flat) == len(set(flat)) and sorted(flat) == sorted(set(range(n)) - set(want_val))
+    # resume counts this part's documents: position k gives the tail of the same order
+    assert doc_ids(documents(train, world - 1, world, start=9)) == per_rank[-1][9:]
+    assert doc_ids(documents(val, 0, 1, start=3)) == want_val[3:]
+
+
+def test_heldout_training_stream_never_yields_a_validation_token(tmp_path):
+    from llmc.runtime.validation import is_heldout
+
+    srcs = [with_holdout(make_source(k, tmp_path, s + 1, 60), "train") for s, k in enumerate(("parquet", "jsonl"))]
+    m = StreamingMixture(srcs, tokenize, EOS, seq_len=7, rank=0, world=1, seed=1)
+    seen = {int(t) for _ in range(200) for t in m.next_window() if int(t) != EOS}
+    held = {1000 * (s + 1) + i + 1 for s, src in enumerate(srcs) for i in range(60) if is_heldout(src.name, i, 7, 0.2)}
+    assert held and not seen & held
+    assert min(m.epochs().values()) >= 1  # the whole training part was read
+
+
 def test_parquet_with_fewer_row_groups_than_ranks_deals_rows(tmp_path):
     d = tmp_path / "one"
     d.mkdir()
@@ -162,9 +200,12 @@ def test_mixture_weights_within_three_sigma(tmp_path):
         assert abs(c - n * p) <= 3 * math.sqrt(n * p * (1 - p)), (counts, weights)
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("kinds", [("parquet", "jsonl"), ("hf_disk", "text")])
-def test_resume_from_state_dict_is_the_exact_continuation(kinds, tmp_path, hf_cache):
+def test_resume_from_state_dict_is_the_exact_continuation(kinds, split, tmp_path, hf_cache):
     srcs = [make_source(k, tmp_path, s + 1, 53, w) for s, (k, w) in enumerate(zip(kinds, (0.6, 0.4), strict=True))]
+    if split:  # training part of a held-out split: positions count its documents
+        srcs = [with_holdout(s, "train") for s in srcs]
     ref = StreamingMixture(srcs, tokenize, EOS, seq_len=7, rank=1, world=2, seed=5)
     head = [ref.next_window() for _ in range(61)]  # > one epoch of each rank's shard
     state = json.loads(json.dumps(ref.state_dict()))  # it must survive a JSON checkpoint
@@ -194,9 +235,11 @@ def _tree_bytes(root: Path) -> int:
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("kind", ["parquet", "hf_disk", "hf_files"])
-def test_streams_in_place_with_bounded_memory(kind, tmp_path, hf_cache):
-    """~24 MB of text streamed through one epoch: Python peak stays a small fraction, nothing copied."""
+def test_streams_in_place_with_bounded_memory(kind, split, tmp_path, hf_cache):
+    """~24 MB of text streamed through one epoch (alone, or as the training part of a held-out split):
+    Python peak stays a small fraction, nothing copied."""
     n, size = 6000, 4000
     datasets = pytest.importorskip("datasets") if kind.startswith("hf") else None
     d = tmp_path / kind
@@ -211,6 +254,8 @@ def test_streams_in_place_with_bounded_memory(kind, tmp_path, hf_cache):
         del rows
     data_bytes = n * size
     src = SourceRef("big", str(d), "hf" if kind.startswith("hf") else "parquet", "text")
+    if split:
+        src = with_holdout(src, "train", fraction=0.05)
     before_disk = _tree_bytes(tmp_path)
     pool_base = pool_peak = pa.total_allocated_bytes()
     tracemalloc.start()
@@ -224,7 +269,8 @@ def test_streams_in_place_with_bounded_memory(kind, tmp_path, hf_cache):
         _, py_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert windows >= (n // 2) * 2 // 32 - 1  # half the docs, 2 tokens each (doc + EOS), 32 per window
+    docs = n // 2 * (0.95 if split else 1)  # half the docs (less the held-out ones), 2 tokens each, 32 per window
+    assert windows >= docs * 0.95 * 2 // 32 - 1
     assert py_peak < data_bytes / 8, f"python peak {py_peak / 2**20:.1f} MiB for {data_bytes / 2**20:.0f} MiB data"
     # the datasets parquet builder holds about one file's batch; a whole copy would be >= data_bytes
     assert pool_peak - pool_base < data_bytes / 2, f"arrow pool peak {(pool_peak - pool_base) / 2**20:.1f} MiB"
@@ -253,7 +299,7 @@ def test_with_llmc_bpe_tokenizer_windows_decode_to_the_documents(tmp_path):
     d = tmp_path / "docs"
     d.mkdir()
     (d / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    src = SourceRef(**vars(SourceData("docs", str(d), "jsonl", "text", 1.0)))
+    src = SourceData("docs", str(d), "jsonl", "text", 1.0)  # a SourceRef (with an optional held-out split)
     m = StreamingMixture([src], tok.encode, tok.eos_id, seq_len=16, rank=0, world=1)
     ids: list[int] = []
     while m.epochs()["docs"] == 0:

@@ -78,10 +78,10 @@ def load_job(module: Path, config: str = "job", extra: tuple[str, ...] = ()):
         sys.modules.pop(module.stem, None)
 
 
-def make_assets(run_dir: Path, vocab: int, n_docs: int = 300, names=("train",)) -> None:
+def make_assets(run_dir: Path, vocab: int, n_docs: int = 300, names=("train",)) -> list[str]:
     """A tiny byte-level BPE and a few JSONL documents per source name, offline (stand-in for
-    prepare_assets, same layout: assets/tokenizer.json, data/<source>.jsonl with a "text" field, and the
-    held-out split data/split/<source>.{train,val}.jsonl)."""
+    prepare_assets, same layout: assets/tokenizer.json and, for builtin corpora, data/<source>.jsonl with a
+    "text" field; the held-out split is applied by the job while it streams). Returns the documents."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     (run_dir / "assets").mkdir(parents=True, exist_ok=True)
@@ -90,14 +90,10 @@ def make_assets(run_dir: Path, vocab: int, n_docs: int = 300, names=("train",)) 
     words = ("the model trains on tokens and the loss falls as the data parallel shards reduce "
              "gradients while tensor pipeline stages exchange activations").split()
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 120))) for _ in range(n_docs)]
-    (run_dir / "data" / "split").mkdir(exist_ok=True)
-    for name in names:  # the source, and its held-out split as prepare writes it for eval.validation
-        for path, part in ((run_dir / "data" / f"{name}.jsonl", docs),
-                           (run_dir / "data" / "split" / f"{name}.train.jsonl", docs[: len(docs) * 9 // 10]),
-                           (run_dir / "data" / "split" / f"{name}.val.jsonl", docs[len(docs) * 9 // 10:])):
-            with open(path, "w") as f:
-                for d in part:
-                    f.write(json.dumps({"text": d}) + "\n")
+    for name in names:
+        with open(run_dir / "data" / f"{name}.jsonl", "w") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -107,6 +103,7 @@ def make_assets(run_dir: Path, vocab: int, n_docs: int = 300, names=("train",)) 
     tok.save(str(run_dir / "assets" / "tokenizer.json"))
     (run_dir / "assets" / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    return docs
 
 
 def run_logged(argv, env, cwd, timeout=600):
@@ -186,16 +183,22 @@ def test_example_module_loads_through_config_manager(name, tmp_path, monkeypatch
     run = tmp_path / "run"
     assert cfg.hf_assets_path == str(run / "assets")
     srcs = [s for s in spec.data.sources if s.kind in ("general", "domain", "code", "math", "multilingual")]
-    # with eval.validation the job trains on the held-out split's training part (data/split/<name>.train.jsonl)
-    split = spec.eval is not None and spec.eval.validation is not None and not spec.eval.validation.files
-    file = "split/{}.train.jsonl" if split else "{}.jsonl"
+    # every source is read where it lies (builtin corpora: what prepare writes under data/); the held-out
+    # split is applied while streaming, so no source path points into data/split
+
+    def where(s):
+        if s.path is None and s.format != "builtin":
+            return None  # planning-only source: the job reports it when it loads the data
+        if s.format == "builtin" or spec.data.quality is not None:
+            return str(run / "data" / (f"quality/{s.name}" if spec.data.quality is not None else f"{s.name}.jsonl"))
+        return str(Path(s.path) if Path(s.path).is_absolute() else (ROOT / "examples" / s.path).resolve())
+
     if len(srcs) > 1:  # weighted mixture through torchtitan's interleaved loader
-        got = {Path(x.dataset_path).relative_to(run / "data").as_posix(): x.weight for x in cfg.dataloader.sources}
         total = sum(s.weight for s in srcs)
-        assert got == pytest.approx({file.format(s.name): s.weight / total for s in srcs})
-    else:
-        want = run / "data" / (file.format(srcs[0].name) if srcs else "")
-        assert cfg.dataloader.dataset_path == str(want).rstrip("/")
+        assert [x.dataset_path for x in cfg.dataloader.sources] == [where(s) for s in srcs]
+        assert [x.weight for x in cfg.dataloader.sources] == pytest.approx([s.weight / total for s in srcs])
+    elif srcs:
+        assert cfg.dataloader.dataset_path == where(srcs[0])
 
     # torchtitan's own validation of the model against the job (tp | heads, seq_len <= RoPE, EP, PP
     # with tying), then the model graph on the meta device: its parameter count must equal llmc's.
@@ -427,14 +430,205 @@ def test_tiny_trains_on_cpu_two_gloo_processes_fsdp(tiny_build, tmp_path):
     print(f"tiny 2 procs FSDP: {dt:.1f}s, losses {got}")
 
 
+def write_parquet_source(d: Path, docs: list[str], files: int = 2, row_group: int = 16, column: str = "body") -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d.mkdir(parents=True, exist_ok=True)
+    per = math.ceil(len(docs) / files)
+    for f in range(files):
+        part = docs[f * per:(f + 1) * per]
+        pq.write_table(pa.table({"id": list(range(len(part))), column: part}), d / f"part-{f}.parquet",
+                       row_group_size=row_group)
+    return d
+
+
 def _tiny_family_build(tmp_path, model, plan):
+    """A tiny job of another model family reading a local parquet folder in place."""
     from test_torchtitan_render import TINY, compiled_for  # tests/ is on sys.path under pytest
 
     model = {**TINY, **model}
-    c = compiled_for(model=model, plan=plan, gpu="cpu", seq=64, steps=8, lr=3e-3, warmup=1)
+    src = tmp_path / "corpus"
+    data = {"seq_len": 64, "tokens": 1e6,
+            "sources": [{"name": "web", "path": str(src), "format": "parquet", "text_field": "body"}]}
+    c = compiled_for(model=model, plan=plan, gpu="cpu", seq=64, steps=8, lr=3e-3, warmup=1, data=data)
     module = write_build(c, tmp_path)
-    make_assets(tmp_path / "run", c.spec.model.vocab_size)
+    docs = make_assets(tmp_path / "run", c.spec.model.vocab_size, names=())
+    write_parquet_source(src, docs)
     return module, tmp_path / "run"
+
+
+def _import_job(module: Path):
+    import importlib
+
+    sys.path.insert(0, str(module.parent))
+    sys.modules.pop(module.stem, None)
+    try:
+        return importlib.import_module(module.stem)
+    finally:
+        sys.path.remove(str(module.parent))
+        sys.modules.pop(module.stem, None)
+
+
+def test_job_streams_the_same_heldout_split_as_llmc(tmp_path, monkeypatch):
+    """The job's datasets read each source in place (parquet folder, JSONL with blank lines, text files, a
+    `datasets` save_to_disk folder) and hold out exactly the documents llmc's own streams hold out; the
+    training part, split by rank as torchtitan does (split_dataset_by_node), is the rest, once."""
+    datasets = pytest.importorskip("datasets")
+    from datasets.distributed import split_dataset_by_node
+    from test_torchtitan_render import TINY, compiled_for
+
+    from llmc.runtime.data import SourceData
+    from llmc.runtime.stream import documents
+
+    docs = [f"doc {i} " + "word " * (i % 7) for i in range(120)]
+    src = tmp_path / "src"
+    write_parquet_source(src / "pq", docs, files=3, row_group=10)
+    (src / "js").mkdir(parents=True)
+    for f in range(2):
+        with open(src / "js" / f"p{f}.jsonl", "w") as fh:
+            for i in range(f * 60, f * 60 + 60):
+                fh.write(json.dumps({"text": docs[i]}) + ("\n\n" if i % 13 == 0 else "\n"))
+    (src / "tx").mkdir()
+    for i, d in enumerate(docs[:40]):
+        (src / "tx" / f"{i:03d}.txt").write_text(d)
+    datasets.Dataset.from_dict({"content": docs}).save_to_disk(str(src / "hf"), num_shards=3)
+    specs = [("pq", "parquet", "body"), ("js", "jsonl", "text"), ("tx", "text", "text"), ("hf", "parquet", "content")]
+    data = {"seq_len": 64, "tokens": 1e6, "sources": [
+        {"name": n, "path": str(src / n), "format": f, "text_field": t} for n, f, t in specs]}
+    c = compiled_for(model=TINY, plan=None, gpu="cpu", data=data,
+                     eval={"validation": {"fraction": 0.2, "seed": 11, "every_steps": 4, "max_batches": 1}})
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    job = _import_job(write_build(c, tmp_path / "b"))
+    assert [s["path"] for s in job.DATA_SOURCES] == [str(src / n) for n, _, _ in specs]  # in place
+    all_val = []
+    for i, (n, f, t) in enumerate(specs):
+        fmt = "hf" if n == "hf" else f
+        ours = [list(documents(SourceData(n, str(src / n), fmt, t, 1.0, (part, 0.2, 11)))) for part in ("val", "train")]
+        ds = job._source_dataset(job.DATA_SOURCES[i], "val")
+        theirs = [r["text"] for r in ds]
+        assert theirs == ours[0] and 3 <= len(theirs) < len(ours[1]), n
+        all_val += theirs
+        train = job._source_dataset(job.DATA_SOURCES[i], "train")
+        per_rank = [[r["text"] for r in split_dataset_by_node(train, rank=r, world_size=2)] for r in range(2)]
+        assert sorted(per_rank[0] + per_rank[1]) == sorted(ours[1]), n
+        assert not set(per_rank[0]) & set(per_rank[1])
+    assert [job._sample_text(r) for r in job._validation_dataset("validation")] == all_val  # source order
+    assert not list((tmp_path / "b").rglob("*.jsonl")) and not list((tmp_path / "hf_cache").rglob("*.arrow"))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "save_to_disk"])
+def test_job_dataset_resumes_exactly_through_torchtitan_state(kind, tmp_path, monkeypatch):
+    """torchtitan's HuggingFaceTextDataset over the job's streamed training part (rank 1 of 2, held-out
+    documents skipped): its state_dict, restored into a fresh dataset, continues with the same windows,
+    within the first pass and after re-looping."""
+    import copy
+
+    datasets = pytest.importorskip("datasets")
+    from test_torchtitan_render import TINY, compiled_for
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+    from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
+
+    docs = make_assets(tmp_path / "b" / "run", 600, n_docs=40, names=())
+    if kind == "parquet":
+        write_parquet_source(tmp_path / "src", docs, files=2, row_group=8)
+    else:
+        datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "src"), num_shards=2)
+    data = {"seq_len": 64, "tokens": 1e6,
+            "sources": [{"name": "web", "path": str(tmp_path / "src"), "format": "parquet", "text_field": "body"}]}
+    c = compiled_for(model=TINY, plan=None, gpu="cpu", data=data,
+                     eval={"validation": {"fraction": 0.2, "seed": 1, "every_steps": 4, "max_batches": 1}})
+    monkeypatch.setenv("LLMC_RUN_DIR", str(tmp_path / "b" / "run"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    _import_job(write_build(c, tmp_path / "b"))  # registers llmc_train_0
+    tok = HuggingFaceTokenizer(tokenizer_path=str(tmp_path / "b" / "run" / "assets"))
+
+    def dataset():
+        return HuggingFaceTextDataset("llmc_train_0", None, tok, seq_len=64, dp_rank=1, dp_world_size=2, infinite=True)
+
+    for n in (5, 60):  # 60 windows: past the end of the rank's share (re-looped)
+        ds = dataset()
+        it = iter(ds)
+        for _ in range(n):
+            next(it)
+        state = copy.deepcopy(ds.state_dict())  # torchtitan's buffers are live lists
+        want = [next(it)[1].tolist() for _ in range(15)]
+        resumed = dataset()
+        resumed.load_state_dict(state)
+        got = [y.tolist() for (_, y), _ in zip(resumed, range(15), strict=False)]
+        assert got == want, (kind, n)
+    assert ds._epoch >= 1  # the second case did re-loop
+
+
+STREAM_SPEC = """
+name: stream-titan
+model: tiny
+hardware: {gpu: cpu, count: 1}
+data:
+  sources:
+    - {name: web, path: corpus/web, format: parquet, text_field: body, weight: 0.7}
+    - {name: wiki, path: corpus/wiki, format: parquet, text_field: content, weight: 0.3}
+  tokenizer: {train: true, vocab_size: 2048}
+  seq_len: 64
+  tokens: 4096
+training:
+  backend: torchtitan
+  precision: fp32
+  global_batch_tokens: 512
+  optimizer: {lr: 3.0e-3}
+  checkpoint: {interval_steps: 100}
+  log_every: 1
+eval:
+  validation: {fraction: 0.1, every_steps: 4, max_batches: 2}
+"""
+
+
+def test_launch_prepare_and_torchtitan_stream_parquet_and_hf_dataset_in_place(tmp_path):
+    """`llmc build` + `llmc launch --backend torchtitan`'s prepare step + the job on CPU: a local parquet
+    folder and a local `datasets` save_to_disk folder are streamed where they lie (training skips the
+    held-out documents, the validator reads them); the build holds no copy of either."""
+    datasets = pytest.importorskip("datasets")
+    from typer.testing import CliRunner
+
+    from llmc.cli import app
+    from llmc.launch import launch_commands
+    from llmc.runtime.titan_launch import torchtitan_command
+
+    rng = random.Random(1)
+    words = "the model trains on tokens and the loss falls as shards reduce gradients".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 90))) for _ in range(400)]
+    write_parquet_source(tmp_path / "corpus" / "web", docs[:240], files=3, row_group=20)
+    datasets.Dataset.from_dict({"content": docs[240:]}).save_to_disk(str(tmp_path / "corpus" / "wiki"), num_shards=2)
+    (tmp_path / "spec.yaml").write_text(STREAM_SPEC)
+    b = tmp_path / "b"
+    r = CliRunner().invoke(app, ["build", str(tmp_path / "spec.yaml"), "-o", str(b)])
+    assert r.exit_code == 0, r.output
+    cmds = launch_commands(b, backend="torchtitan", nproc=1, gpu=False)
+    prep = cmds[0]
+    assert prep.stage == "prepare" and "--jsonl" not in prep.argv
+    p = subprocess.run(prep.argv, cwd=prep.cwd, env={**os.environ, **prep.env, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assets = json.loads((b / "assets" / "assets.json").read_text())
+    assert [(s["path"], s["holdout"]) for s in assets["sources"]] == [
+        (str(tmp_path / "corpus" / n), ["train", 0.1, 0]) for n in ("web", "wiki")]
+
+    module = b / "torchtitan" / "llmc_job.py"
+    argv, env = torchtitan_command(module, 1, True, ["--training.steps", "8", "--metrics.log_freq", "1",
+                                                     "--checkpoint.no-enable"], run_dir=b)
+    rc, log, dt = run_logged(argv, {**env, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}, b)
+    assert rc == 0, log[-3000:]
+    train_log = "\n".join(ln for ln in log.splitlines() if "validate step" not in ln)
+    got = losses(train_log)
+    assert sorted(got) == list(range(1, 9)) and all(math.isfinite(v) for v in got.values()), log[-2000:]
+    val = {int(s): float(x) for s, x in re.findall(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+)", log)}
+    assert 4 in val and 8 in val and all(math.isfinite(x) for x in val.values()), log[-2000:]
+    # nothing copied: no data file in the build or the datasets cache, data/ holds only small records
+    files = [f for f in b.rglob("*") if f.is_file() and "outputs" not in f.relative_to(b).parts]  # not logs
+    assert not [f for f in files if f.suffix in (".jsonl", ".parquet", ".arrow")], files
+    assert not [f for f in (tmp_path / "hf_cache").rglob("*") if f.suffix == ".arrow"]
+    assert all(f.stat().st_size < 16_384 for f in (b / "data").rglob("*") if f.is_file())
+    print(f"torchtitan streamed parquet + save_to_disk: {dt:.1f}s, losses {got}, validation {val}")
 
 
 def test_tiny_moe_qwen3_family_expert_parallel_two_gloo_processes(tmp_path):
@@ -513,8 +707,19 @@ def test_fake_backend_dry_run_llama3_8b_64_ranks(tmp_path):
     c = dataclasses.replace(c, plan=dataclasses.replace(c.plan, dp_shard=8, tp=8, dp_replicate=1, pp=1, cp=1,
                                                         grad_accum=accum))
     assert c.plan.world == 64 and c.plan.global_batch_seqs == c.hyper.global_batch_seqs
+    docs = make_assets(tmp_path / "run", c.spec.model.vocab_size, n_docs=50, names=())
+    local = []  # the example's sources (/data/...) stand in by small local files of the same formats
+    for s in c.spec.data.sources:
+        d = tmp_path / "corpus" / s.name
+        if s.format == "parquet":
+            write_parquet_source(d, docs, column=s.text_field)
+        else:
+            d.mkdir(parents=True)
+            (d / "a.jsonl").write_text("".join(json.dumps({s.text_field: t}) + "\n" for t in docs))
+        local.append(s.model_copy(update={"path": str(d)}))
+    spec = c.spec.model_copy(update={"data": c.spec.data.model_copy(update={"sources": local})})
+    c = dataclasses.replace(c, spec=spec)
     module = write_build(c, tmp_path)
-    make_assets(tmp_path / "run", c.spec.model.vocab_size, n_docs=50, names=[s.name for s in c.spec.data.sources])
     src = module.read_text()
     assert "tensor_parallel_degree=8" in src and "data_parallel_shard_degree=8" in src
     argv, env = dry_run_command(module, 64, ["--training.seq_len", "32", "--training.local_batch_size", "1",

@@ -276,3 +276,26 @@ def test_init_hf_of_a_pretrain_stage_is_read_and_located_there():
                                                            for s in stages])
     src = render_torchtitan(dense)["torchtitan/llmc_job.py"]
     assert "INIT_HF = '/models/mixtral'" in src and "initial_load_in_hf=True" in src
+
+
+def test_source_paths_reach_the_job_as_python_literals():
+    """Spec strings (source names, paths, text fields, validation files) are emitted escaped: the module
+    parses and its DATA_SOURCES / VALIDATION literals hold exactly the strings (relative paths joined with
+    the spec's folder as seen from the build directory)."""
+    weird = "data/it's \"odd\"\n#{{ x }}\\.parquet"
+    data = {"seq_len": 64, "tokens": 1e6, "sources": [
+        {"name": "web", "path": weird, "format": "parquet", "text_field": "bo'dy", "weight": 2},
+        {"name": "ref", "path": "/abs/corpus/*.jsonl", "format": "jsonl", "weight": 1},
+        {"name": "python-docs", "format": "builtin", "weight": 1}]}
+    c = compiled_for(data=data, eval={"validation": {"files": ["val's.jsonl"], "every_steps": 5, "max_batches": 2}})
+    src = render_torchtitan(c)["torchtitan/llmc_job.py"]
+    tree = ast.parse(src)
+    lits = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+            for t in n.targets if isinstance(t, ast.Name) and t.id in ("DATA_SOURCES", "VALIDATION")}
+    assert lits["DATA_SOURCES"] == [
+        {"name": "web", "format": "parquet", "path": weird, "under": "build", "text_field": "bo'dy", "weight": 0.5},
+        {"name": "ref", "format": "jsonl", "path": "/abs/corpus/*.jsonl", "under": "build", "text_field": "text",
+         "weight": 0.25},
+        {"name": "python-docs", "format": "jsonl", "path": "python-docs.jsonl", "under": "data", "text_field": "text",
+         "weight": 0.25}]
+    assert lits["VALIDATION"] == {"freq": 5, "steps": 2, "fraction": None, "seed": 0, "files": ["val's.jsonl"]}

@@ -20,7 +20,13 @@ from test_build_fakes import lock_for  # noqa: E402
 from llmc.runtime import corpus  # noqa: E402
 from llmc.runtime.data import Assets, SourceData, read_documents  # noqa: E402
 from llmc.runtime.entry import run_stage  # noqa: E402
-from llmc.runtime.validation import ValidationSet, evaluate, is_heldout, split_assets  # noqa: E402
+from llmc.runtime.validation import (  # noqa: E402
+    ValidationSet,
+    evaluate,
+    is_heldout,
+    split_assets,
+    validation_sources,
+)
 from llmc.spec.schema import Validation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,23 +52,62 @@ def test_heldout_is_deterministic_and_near_the_fraction():
     assert sum(x and y for x, y in zip(a, b, strict=True)) < 3 * n * f * f + 50
 
 
-def test_split_partitions_each_source_and_is_idempotent(tmp_path, docs):
+def test_split_partitions_each_source_while_streaming_without_copies(tmp_path, docs):
+    from llmc.runtime.stream import documents
+
     root = tmp_path / "run"
     (root / "data").mkdir(parents=True)
     assets = Assets(str(root), str(root / "assets"), (SourceData("docs", str(docs)),), str(root / "cache"))
     v = Validation(fraction=0.1, seed=3)
     logs: list[str] = []
     out = split_assets(assets, v, log=logs.append)
-    train = list(read_documents(out.sources[0].path, "jsonl"))
-    val = list(read_documents(root / "data" / "split" / "docs.val.jsonl", "jsonl"))
+    assert out.sources[0].path == str(docs) and out.sources[0].holdout == ("train", 0.1, 3)  # read in place
+    train = list(documents(out.sources[0]))
+    (val_src,) = validation_sources(out)
+    val = list(documents(val_src))
     allofit = list(read_documents(docs, "jsonl"))
     assert len(train) + len(val) == len(allofit) == 300
     assert 10 <= len(val) <= 50
     expect_val = [d for i, d in enumerate(allofit) if is_heldout("docs", i, 3, 0.1)]
     assert val == expect_val and sorted(train + val) == sorted(allofit)
     rec = json.loads((root / "data" / "split" / "validation.json").read_text())
-    assert rec["fraction"] == 0.1 and rec["seed"] == 3 and rec["sources"]["docs"]["val_documents"] == len(val)
+    assert rec == {"fraction": 0.1, "seed": 3, "files": None, "sources": ["docs"]}
+    assert [p.name for p in (root / "data" / "split").iterdir()] == ["validation.json"]  # no copies
     assert split_assets(assets, v, log=logs.append) == out and len(logs) == 1  # nothing redone
+    # the assets round-trip through assets.json with their split
+    assert Assets.from_json(json.loads(json.dumps(out.to_json()))) == out
+
+
+def test_validation_tokens_stop_once_the_windows_are_full(tmp_path, docs):
+    """The validation set reads only the held-out documents it needs: the first n tokens of the full
+    held-out token stream (computed here from the whole file), and no more documents than that."""
+    from llmc.runtime import stream
+    from llmc.runtime.tokenizer import TextTokenizer, train_bpe
+    from llmc.runtime.validation import validation_tokens
+
+    tok = TextTokenizer(train_bpe(read_documents(docs, "jsonl"), 400, tmp_path / "tok"))
+    src = SourceData("docs", str(docs), "jsonl", "text", 1.0, ("val", 0.3, 0))
+    full, needed = [], 0  # the held-out token stream; documents it takes to reach 500 tokens
+    for i, d in enumerate(read_documents(docs, "jsonl")):
+        if is_heldout("docs", i, 0, 0.3):
+            full += tok.encode(d) + [tok.eos_id]
+            needed += len(full) - len(tok.encode(d)) - 1 < 500
+    assert len(full) > 2000 and needed < 40
+    read = []
+    real = stream.documents
+
+    def counting(*a, **k):
+        for d in real(*a, **k):
+            read.append(d)
+            yield d
+
+    stream.documents = counting
+    try:
+        got = validation_tokens([src], tok, 500)
+    finally:
+        stream.documents = real
+    assert got.tolist() == full[:500]
+    assert needed <= len(read) < needed + 16  # stopped within one tokenizer batch of the last needed document
 
 
 def _lock(tmp: Path, docs: Path, steps: int, validation: dict, plan=None) -> Path:
@@ -97,12 +142,12 @@ def test_native_run_logs_falling_validation_loss(tmp_path, docs):
     assert vals[30]["val_ppl"] == pytest.approx(math.exp(vals[30]["val_loss"]))
     done = json.loads((out / "DONE.json").read_text())
     assert done["val_loss"] == res["val_loss"] == vals[30]["val_loss"] and done["val_step"] == 30
-    # the model trained on the training part only: the held-out documents are not in it
-    split = tmp_path / "b" / "data" / "split"
-    train_docs = set(read_documents(split / "docs.train.jsonl", "jsonl"))
-    assert not train_docs & set(read_documents(split / "docs.val.jsonl", "jsonl"))
+    # the model trained on the training part only, read in place: no copy of the source anywhere
     assets = json.loads((tmp_path / "b" / "assets" / "assets.json").read_text())
-    assert assets["sources"][0]["path"].endswith("split/docs.train.jsonl")
+    assert assets["sources"][0]["path"] == str(docs) and assets["sources"][0]["holdout"] == ["train", 0.1, 0]
+    files = [p for p in (tmp_path / "b").rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix == ".jsonl" and p.name != "metrics.jsonl"], files
+    assert max(p.stat().st_size for p in files if "data" in p.parts) < 4096  # data/: validation.json only
 
 
 def test_validation_set_deals_windows_to_ranks_like_one_process():
@@ -226,16 +271,13 @@ def test_torchtitan_job_enables_its_validator_on_the_heldout_files(tmp_path, mon
     v = cfg.validator
     assert v.enable and v.freq == 4 and v.steps == 2
     data = run_dir / "data"
-    assert v.dataloader.dataset_path == str(data / "split" / "python-docs.val.jsonl")
-    assert cfg.dataloader.dataset_path == str(data / "split" / "python-docs.train.jsonl")
+    # the validator reads the held-out documents of the source, training the rest, both from the source itself
+    assert v.dataloader.dataset == "llmc_validation" and cfg.dataloader.dataset == "llmc_train_0"
+    assert cfg.dataloader.dataset_path == str(data / "python-docs.jsonl")
     assert cfg.training.local_batch_size == c.plan.micro_batch  # a validation batch = one micro-batch per rank
 
-    # and it runs: torchtitan validates on the held-out file every 4 steps on CPU
+    # and it runs: torchtitan validates on the held-out documents every 4 steps on CPU
     make_assets(run_dir, c.spec.model.vocab_size, names=["python-docs"])
-    src = data / "python-docs.jsonl"
-    assets = Assets(str(run_dir), str(run_dir / "assets"), (SourceData("python-docs", str(src)),),
-                    str(run_dir / "cache"))
-    split_assets(assets, c.spec.eval.validation, log=lambda *_: None)
     argv, env = torchtitan_command(module, 1, True, ["--training.steps", "8", "--metrics.log_freq", "1"],
                                    run_dir=run_dir)
     rc, log, _ = run_logged(argv, env, run_dir)

@@ -142,36 +142,48 @@ def _rope(arch, family: str, errs: list[Diagnostic]) -> dict[str, Any]:
 TEXT_KINDS = ("general", "domain", "code", "math", "multilingual")
 
 
-def _data_sources(spec) -> list[tuple[str, float]]:
-    """(file under the data dir, normalised mixture weight) of the pre-training text sources: what
-    ``prepare`` leaves for training (data/<name>.jsonl; data/quality/<name>/ after ``data.quality``;
-    data/split/<name>.train.jsonl when ``eval.validation`` holds out a fraction)."""
+def _from_build(compiled, path: str | None) -> str | None:
+    """A spec path as the job reads it: absolute (``~`` expanded), else relative to the spec's folder, which
+    ``llmc build`` records relative to the build directory (the job joins it with its build directory)."""
+    if path is None:
+        return None
+    if os.path.isabs(os.path.expanduser(path)):
+        return os.path.expanduser(path)
+    return posixpath.normpath(posixpath.join(posixpath.dirname(Path(compiled.spec_path).as_posix()), path))
+
+
+def _data_sources(compiled) -> list[dict[str, Any]]:
+    """The pre-training text sources as the job streams them, in spec order: where they lie (``under``
+    "build"), or for ``builtin`` corpora and ``data.quality``'s cleaned parts, what ``prepare`` writes under
+    the data dir (``under`` "data"); weights normalised (torchtitan's interleaved loader's token ratios)."""
+    spec = compiled.spec
     srcs = [s for s in spec.data.sources if s.kind in TEXT_KINDS]
     total = sum(s.weight for s in srcs)
-    v = spec.eval.validation if spec.eval is not None else None
-    if v is not None and not v.files:
-        return [(f"split/{s.name}.train.jsonl", s.weight / total) for s in srcs]
-    if spec.data.quality is not None:
-        return [(f"quality/{s.name}", s.weight / total) for s in srcs]
-    return [(f"{s.name}.jsonl", s.weight / total) for s in srcs]
+    out = []
+    for s in srcs:
+        if spec.data.quality is not None:  # llmc.runtime.quality_prepare: data/quality/<name>/part-*.jsonl
+            fmt, path, under, field = "jsonl", f"quality/{s.name}", "data", "text"
+        elif s.format == "builtin":  # llmc.runtime.corpus, written by prepare
+            fmt, path, under, field = "jsonl", f"{s.name}.jsonl", "data", "text"
+        else:
+            fmt, path, under, field = s.format, _from_build(compiled, s.path), "build", s.text_field
+        out.append({"name": s.name, "format": fmt, "path": path, "under": under, "text_field": field,
+                    "weight": s.weight / total})
+    return out
 
 
 def _validation(compiled) -> dict | None:
     """torchtitan 0.3.0 ``Validator.Config`` values (torchtitan/components/validate.py): every
-    ``every_steps`` steps, ``max_batches`` batches of ``local_batch_size`` per rank, over the held-out files
-    (under the data dir) or the spec's own validation files (absolute, or relative to the spec's folder)."""
-    import posixpath
-
+    ``every_steps`` steps, ``max_batches`` batches of ``local_batch_size`` per rank, over the held-out
+    documents of every text source (``fraction``, ``seed``: llmc.runtime.validation's split) or the spec's
+    own validation files (``files``, read like the sources)."""
     spec = compiled.spec
     v = spec.eval.validation if spec.eval is not None else None
     if v is None:
         return None
-    if v.files:
-        base = posixpath.dirname(compiled.spec_path)
-        files = [f if posixpath.isabs(f) else posixpath.normpath(posixpath.join(base, f)) for f in v.files]
-    else:
-        files = [f"split/{s.name}.val.jsonl" for s in spec.data.sources if s.kind in TEXT_KINDS]
-    return {"freq": v.every_steps, "steps": v.max_batches, "files": files}
+    files = [_from_build(compiled, f) for f in v.files] if v.files else None
+    return {"freq": v.every_steps, "steps": v.max_batches, "fraction": None if files else v.fraction,
+            "seed": v.seed, "files": files}
 
 
 def _pp_module_fqns(n_layers: int, n_stages: int) -> list[list[str]]:
@@ -414,11 +426,7 @@ def init_hf_location(compiled) -> str | None:
     ``llmc build`` records the spec path relative to the build directory, so the result is too (the
     artifacts move with the tree and do not depend on the directory ``llmc build`` ran from)."""
     src, _ = _init_hf(compiled)
-    if not src:
-        return None
-    if os.path.isabs(os.path.expanduser(src)):
-        return os.path.expanduser(src)
-    return posixpath.normpath(posixpath.join(posixpath.dirname(Path(compiled.spec_path).as_posix()), src))
+    return _from_build(compiled, src) if src else None
 
 
 def _hf_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]) -> None:
@@ -534,9 +542,7 @@ def torchtitan_values(compiled) -> TitanValues:
         **par,
         **_checkpoint_comm(compiled),
         "seq_len": compiled.hyper.seq_len,
-        # prepare_assets writes every text source to data/<name>.jsonl with a "text" field
-        "text_field": "text",
-        "data_sources": _data_sources(compiled.spec),
+        "data_sources": _data_sources(compiled),
         "init_hf": init_hf_location(compiled),
         "init_hf_source": _init_hf(compiled)[0],
         "validation": _validation(compiled),

@@ -12,11 +12,11 @@ API for the other backends (post-training, DeepSpeed, torchtitan):
   dp_replicate, dp_shard, tp, ..., ``stage_spec`` (the Stage) and ``stage_plan`` (the lock entry);
   ``job.lr_factor(step)`` / ``lr_factor(...)``: the one LR schedule of every loop;
 * ``entry``: ``prepare_assets(job, root) -> Assets`` writes ``root/assets/tokenizer.json`` (+ config) and
-  names every source where it lies (builtin corpora are generated into ``root/data/``; ``--jsonl`` also
-  writes ``data/<source>.jsonl`` for the torchtitan job); ``python -m llmc.runtime.entry [prepare] --lock ...``.
+  names every source where it lies, for every backend (builtin corpora are generated into ``root/data/``;
+  ``eval.validation``'s held-out split is applied while streaming); ``python -m llmc.runtime.entry [prepare] --lock ...``.
 * ``data``: ``Assets`` (tokenizer_dir, sources), ``build_stream_loader(sources, tok, seq_len, slots, seed,
   dp_rank, dp_size) -> StreamLoader`` with ``next_batch(mb) -> (inputs, labels)``, ``full_state()`` /
-  ``load_state_dict()``; ``tokenize_source`` (the validation set's token cache).
+  ``load_state_dict()``; ``SourceData`` (a source, optionally one part of the held-out split).
 * ``tokenizer``: ``TextTokenizer(dir)`` (encode/decode, bos_id/eos_id/pad_id, token_id), ``train_bpe``.
 * ``checkpoint``: ``save_checkpoint(folder, step, model, optim, train_state)`` (collective, atomic,
   manifest with sha256), ``load_checkpoint``, ``latest_checkpoint(folder, fallback=False)``,

@@ -9,9 +9,11 @@ resume exactly (on any layout with the same global batch). Documents are read in
 order (no window permutation, as torchtitan's streaming Hugging Face loader), so shuffle a corpus
 before training when its files are sorted.
 
-:func:`tokenize_source` pre-tokenises one source into ``<cache>/<name>-<key>.bin`` (a flat uint16 /
-uint32 memmap, documents joined as ``doc EOS doc EOS ...``, ``key`` hashing the files, the tokenizer
-and the field): the held-out validation set (:mod:`llmc.runtime.validation`) is read this way.
+:class:`SourceData` may carry a held-out split (``holdout``): the training streams skip the held-out
+documents and the validation set (:mod:`llmc.runtime.validation`) reads only them, both from the
+source where it lies. :func:`tokenize_source` pre-tokenises one source into ``<cache>/<name>-<key>.bin``
+(a flat uint16 / uint32 memmap, documents joined as ``doc EOS doc EOS ...``, ``key`` hashing the files,
+the tokenizer and the field).
 """
 
 from __future__ import annotations
@@ -28,8 +30,36 @@ import torch
 from llmc.runtime.tokenizer import TextTokenizer
 from llmc.sources import SourceRef, expand_paths, read_documents  # noqa: F401  (re-exported)
 
-#: A source ready to read: where its files are and how to parse them (:class:`llmc.sources.SourceRef`).
-SourceData = SourceRef
+
+@dataclass(frozen=True)
+class SourceData(SourceRef):
+    """A source ready to read (:class:`llmc.sources.SourceRef`: where its files are and how to parse them),
+    optionally restricted to one part of the held-out validation split: ``holdout = (part, fraction, seed)``
+    with ``part`` "train" (every document but the held-out ones) or "val" (only those); see
+    :mod:`llmc.runtime.validation`. Applied while streaming (:mod:`llmc.runtime.stream`); nothing is copied."""
+
+    holdout: tuple[str, float, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.holdout is not None:  # JSON gives a list
+            part, fraction, seed = self.holdout
+            if part not in ("train", "val"):
+                raise ValueError(f"holdout part must be 'train' or 'val', got {part!r}")
+            object.__setattr__(self, "holdout", (str(part), float(fraction), int(seed)))
+
+
+def source_files_key(src: SourceRef) -> str:
+    """Changes when the source's files change (path, size, mtime of each), without reading them."""
+    p = Path(src.path)
+    if src.format == "hf" or (p.is_dir() and src.format not in ("text", "jsonl", "parquet")):
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+    else:
+        files = expand_paths(src.path, src.format)
+    h = hashlib.sha256(f"{src.format}|{src.text_field}|{getattr(src, 'holdout', None)}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _files_key(src: SourceData, tok: TextTokenizer) -> str:
@@ -103,7 +133,8 @@ class Assets:
 
     def to_json(self) -> dict:
         return {"root": self.root, "tokenizer_dir": self.tokenizer_dir, "cache_dir": self.cache_dir,
-                "sources": [s.__dict__ for s in self.sources]}
+                "sources": [{k: v for k, v in s.__dict__.items() if k != "holdout" or v is not None}
+                            for s in self.sources]}
 
     @classmethod
     def from_json(cls, d: dict) -> Assets:
@@ -138,14 +169,15 @@ class StreamLoader:
 
     def __init__(self, sources: list[SourceData], tokenize, eos_id: int, seq_len: int, slots: int, seed: int = 0,
                  dp_rank: int = 0, dp_size: int = 1):
-        from llmc.runtime.stream import SourceRef, StreamingMixture
+        from llmc.runtime.stream import StreamingMixture
 
         if slots % dp_size:
             raise ValueError(f"global batch of {slots} sequences does not split over {dp_size} data-parallel ranks")
         self.slots, self.seq_len, self.seed, self.dp_rank, self.dp_size = slots, seq_len, seed, dp_rank, dp_size
         self.per_rank = slots // dp_size
         self.first = dp_rank * self.per_rank
-        refs = [SourceRef(s.name, s.path, s.format, s.text_field, s.weight) for s in sources]
+        refs = [SourceData(s.name, s.path, s.format, s.text_field, s.weight, getattr(s, "holdout", None))
+                for s in sources]
         self.mixtures = {s: StreamingMixture(refs, tokenize, eos_id, seq_len, rank=s, world=slots, seed=seed)
                          for s in range(self.first, self.first + self.per_rank)}
         self.pos = 0  # next slot offset inside this rank's share (0 at every optimizer-step boundary)

@@ -66,30 +66,7 @@ def _source_key(path: Path, fmt: str, text_field: str) -> str:
     return h.hexdigest()
 
 
-def _wants_jsonl(job: TrainJob) -> bool:
-    """Whether the torchtitan job will run: it reads ``data/<name>.jsonl`` (``LLMC_PREPARE_JSONL=1``,
-    ``training.backend: torchtitan``, or a plan with pp/cp/ep > 1, which only torchtitan runs)."""
-    if os.environ.get("LLMC_PREPARE_JSONL", "") not in ("", "0"):
-        return True
-    if job.spec is not None and job.spec.training.backend == "torchtitan":
-        return True
-    return any(getattr(job, k) > 1 for k in ("pp", "cp", "ep"))
-
-
-def _write_jsonl(docs, path: Path) -> int:
-    tmp = path.with_suffix(f".jsonl.tmp{os.getpid()}")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return n
-
-
-def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, *, jsonl: bool | None = None) -> Assets:
+def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
     """Build (or reuse) ``out_dir/assets`` (the tokenizer); returns :class:`Assets` naming every source where
     it lies, for the trainers to stream (:class:`llmc.runtime.data.StreamLoader`).
 
@@ -100,9 +77,8 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, *, jsonl: bool 
     are. Tokenizer: ``tokenizer.path`` is copied into assets/; ``tokenizer.train`` trains a byte-level BPE of
     ``vocab_size`` (default: the model's) on at most ``MAX_TOKENIZER_TRAIN_CHARS`` of the text sources, read
     in place. Every step is skipped when its inputs are unchanged (a key in ``assets/prepare.json``).
-
-    ``jsonl`` (default: :func:`_wants_jsonl`): also write every text source to ``data/<name>.jsonl`` with a
-    "text" field, the input of the emitted torchtitan job (the native and DeepSpeed trainers never read it).
+    With ``eval.validation`` the held-out documents are marked, not copied (:func:`llmc.runtime.validation.
+    split_assets`). Every backend (native, DeepSpeed, the torchtitan job) streams the sources from here.
     """
     from llmc.runtime import corpus
     from llmc.runtime.data import is_hf_saved_dataset
@@ -143,12 +119,6 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, *, jsonl: bool 
         fmt = "hf" if is_hf_saved_dataset(path) else src.format
         key = text_keys[src.name] = _source_key(path, fmt, src.text_field)  # also checks that files exist
         produced.append(SourceData(src.name, str(path), fmt, src.text_field, src.weight))
-        target = data_dir / f"{src.name}.jsonl"
-        if (_wants_jsonl(job) if jsonl is None else jsonl) and (state.get(target.name) != key or not target.exists()):
-            data_dir.mkdir(parents=True, exist_ok=True)
-            n = _write_jsonl(documents(SourceRef(src.name, str(path), fmt, src.text_field)), target)
-            log(f"prepare: {src.name}: {n} documents -> {target} (for the torchtitan job)")
-            state[target.name] = key
 
     from llmc.runtime.quality_prepare import apply_quality  # data.quality: dedup + decontamination
 
@@ -348,8 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     ap.add_argument("--fallback-checkpoint", action="store_true",
                     help="if the newest checkpoint is corrupt, resume from the newest complete one")
-    ap.add_argument("--jsonl", action="store_true",
-                    help="prepare: also write the text sources to data/<name>.jsonl (the torchtitan job's input)")
     ap.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU too (default fp32 on CPU)")
     a = ap.parse_args(argv)
     from llmc.runtime.checkpoint import CheckpointError
@@ -365,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd == "prepare":
             check_outputs(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root, None)
-            assets = prepare_assets(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root,
-                                    jsonl=True if a.jsonl else None)
+            assets = prepare_assets(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root)
             print(json.dumps(assets.to_json(), indent=1))
             return 0
         res = run_stage(lock, a.stage, a.out, root, steps=a.steps, max_seconds=a.max_seconds, stop_after=a.stop_after,

@@ -25,11 +25,18 @@ Formats and how rank ``r`` of ``w`` gets a disjoint share of each source:
   ranks' lines are skipped without being parsed.
 * ``text``: one document per file; file ``i`` goes to rank ``i % w``.
 * ``hf``: a local Hugging Face ``datasets`` dataset: a ``save_to_disk`` directory (opened memory-mapped
-  with ``datasets.load_from_disk`` and streamed with ``Dataset.to_iterable_dataset``), or a folder of
-  parquet / jsonl files opened with ``datasets.load_dataset(<builder>, data_files=..., streaming=True)``.
-  Ranks are split by ``datasets.distributed.split_dataset_by_node`` (whole shards when the shard count
-  divides by ``w``, else every ``w``-th example), the library's maintained tool for this:
-  https://huggingface.co/docs/datasets/en/use_with_pytorch#distributed
+  with ``datasets.load_from_disk`` and streamed with ``Dataset.to_iterable_dataset``; ranks are split by
+  ``datasets.distributed.split_dataset_by_node``, the library's maintained tool for this:
+  https://huggingface.co/docs/datasets/en/use_with_pytorch#distributed; with a held-out split, row ``i``
+  is document ``i`` and the kept rows are dealt to ranks in turn), or a folder of parquet / jsonl files,
+  read as those formats.
+
+Held-out validation split: a source with ``holdout = (part, fraction, seed)`` (``SourceData`` of
+:mod:`llmc.runtime.data`) yields only the documents of that part: document ``i`` of the source (its
+index in the order above: sorted files, row groups / lines / rows in order, before any rank split) is
+validation iff ``llmc.runtime.validation.is_heldout(name, i, seed, fraction)``. ``part="train"`` skips
+those documents, ``part="val"`` reads only them; nothing is copied. Resume positions count the part's
+documents; skipping them hashes indices only (parquet row groups and jsonl lines are not parsed).
 
 Mixture: each window's source is drawn with probability ``weight_i / sum(weights)`` by a
 ``numpy.random.Generator`` (PCG64) seeded with ``(seed, rank)``, so every rank's sequence is
@@ -46,7 +53,7 @@ and seq_len must match the checkpoint (changing them would change the shards).
 With llmc's tokenizer the packing matches :mod:`llmc.runtime.data` (no BOS, EOS after each document)::
 
     tok = TextTokenizer(tokenizer_dir)
-    m = StreamingMixture([SourceRef(**vars(s)) for s in assets.sources],   # data.SourceData has the same fields
+    m = StreamingMixture(list(assets.sources),   # data.SourceData is a SourceRef (+ an optional held-out split)
                          tok.encode, tok.eos_id, seq_len, rank=dp_rank, world=dp_size, seed=seed)
 
 There is deliberately no progress bar here (streaming is lazy; progress bars belong to prepare steps).
@@ -56,6 +63,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -70,15 +78,47 @@ FORMATS = ("parquet", "jsonl", "text", "hf")
 
 # -- per-format document readers: this rank's documents, starting at shard position `start` ----------
 
+
+def _keeper(src: SourceRef) -> Callable[[int], bool] | None:
+    """Whether document ``i`` (its index in the source's own order) belongs to the part ``src`` reads, when
+    ``src`` carries a held-out split (``holdout = (part, fraction, seed)``, see :mod:`llmc.runtime.validation`);
+    None: every document."""
+    h = getattr(src, "holdout", None)
+    if not h:
+        return None
+    from llmc.runtime.validation import is_heldout
+
+    part, fraction, seed = h
+    want = part == "val"
+    return lambda i: is_heldout(src.name, i, seed, fraction) == want
+
+
+def _first_kept(keep, first_index: int, n: int, start: int) -> tuple[int, int]:
+    """(rows to skip, kept documents they hold) to pass ``start`` kept documents in rows
+    ``first_index .. first_index + n - 1`` (only hashes indices; reads nothing)."""
+    if keep is None:
+        return min(start, n), min(start, n)
+    kept = 0
+    for j in range(n):
+        if kept == start:
+            return j, kept
+        kept += keep(first_index + j)
+    return n, kept
+
+
 def _parquet_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    units = []  # (file, row_group, num_rows)
+    keep = _keeper(src)
+    units = []  # (file, row_group, num_rows, index of its first row in the source)
+    first = 0
     for f in files_of(src.path, SUFFIXES["parquet"]):
         md = pq.ParquetFile(f).metadata
-        units += [(f, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
+        for g in range(md.num_row_groups):
+            units.append((f, g, md.row_group(g).num_rows, first))
+            first += md.row_group(g).num_rows
 
-    def column(f: Path, g: int, first_row: int = 0) -> Iterator[str]:
+    def column(f: Path, g: int, first_row: int = 0) -> Iterator[tuple[int, str]]:
         pf = pq.ParquetFile(f)
         if src.text_field not in pf.schema_arrow.names:
             raise KeyError(f"{f}: no column {src.text_field!r} (set text_field on the source)")
@@ -88,32 +128,36 @@ def _parquet_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator
             if seen + len(vals) <= first_row:
                 seen += len(vals)
                 continue
-            for v in vals[max(0, first_row - seen):]:
-                yield "" if v is None else str(v)
+            for j, v in enumerate(vals[max(0, first_row - seen):], start=max(seen, first_row)):
+                yield j, "" if v is None else str(v)
             seen += len(vals)
 
     if len(units) >= world:  # whole row groups per rank; skip by footer row counts
-        mine = [u for i, u in enumerate(units) if i % world == rank]
-        for f, g, n in mine:
-            if start >= n:
-                start -= n
+        for f, g, n, first in units[rank::world]:
+            skip, kept = _first_kept(keep, first, n, start)
+            start -= kept
+            if skip >= n:
                 continue
-            yield from column(f, g, start)
+            for j, text in column(f, g, skip):
+                if keep is None or keep(first + j):
+                    yield text
             start = 0
-    else:  # fewer row groups than ranks: deal rows
-        rows = (d for f, g, _ in units for d in column(f, g))
-        yield from islice(islice(rows, rank, None, world), start, None)
+    else:  # fewer row groups than ranks: deal rows by their index in the source
+        rows = ((first + j, t) for f, g, _, first in units for j, t in column(f, g))
+        mine = (t for i, t in rows if i % world == rank and (keep is None or keep(i)))
+        yield from islice(mine, start, None)
 
 
 def _jsonl_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
-    k = 0  # index of the non-blank line over all files
+    keep = _keeper(src)
+    k = 0  # index of the non-blank line over all files (the document's index in the source)
     mine = 0  # this rank's documents so far
     for f in files_of(src.path, SUFFIXES["jsonl"]):
         with open(f, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                take = k % world == rank
+                take = k % world == rank and (keep is None or keep(k))
                 k += 1
                 if not take:
                     continue
@@ -127,36 +171,74 @@ def _jsonl_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[s
 
 
 def _text_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
-    files = files_of(src.path, SUFFIXES["text"])[rank::world]
+    keep = _keeper(src)
+    files = [f for i, f in enumerate(files_of(src.path, SUFFIXES["text"]))
+             if i % world == rank and (keep is None or keep(i))]
     for f in files[start:]:
         yield f.read_text(encoding="utf-8", errors="replace")
 
 
-def _hf_dataset(src: SourceRef, rank: int, world: int):
-    """The rank's ``datasets.IterableDataset`` for a local dataset (never copied, never downloaded)."""
+def _hf_saved(p: Path):
     import datasets
+
+    ds = datasets.load_from_disk(str(p))  # memory-mapped Arrow files, read in place
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"{p}: a DatasetDict without a 'train' split ({sorted(ds)})")
+        ds = ds["train"]
+    return ds
+
+
+def _hf_dataset(src: SourceRef, rank: int, world: int):
+    """The rank's ``datasets.IterableDataset`` for a ``save_to_disk`` folder (never copied, never downloaded)."""
     from datasets.distributed import split_dataset_by_node
 
+    ds = _hf_saved(Path(src.path))
+    # `world` shards (when there are enough rows) so split_dataset_by_node hands out whole shards
+    ids = ds.to_iterable_dataset(num_shards=world if len(ds) >= world else 1)
+    return split_dataset_by_node(ids, rank=rank, world_size=world)
+
+
+def _hf_split_docs(src: SourceRef, keep, rank: int, world: int, start: int, chunk: int = 256) -> Iterator[str]:
+    """A ``save_to_disk`` dataset with a held-out split: row ``i`` is document ``i``; the kept rows are dealt
+    to ranks in turn (as ``split_dataset_by_node`` deals examples when shards do not divide), read in
+    ``chunk``-row Arrow slices of the text column, converting only this rank's rows to Python."""
+    col = _hf_saved(Path(src.path)).select_columns([src.text_field]).with_format("arrow")
+    k = mine = 0  # kept rows so far; this rank's documents so far
+    for first in range(0, len(col), chunk):
+        n = min(chunk, len(col) - first)
+        picks = []
+        for j in range(n):
+            if not keep(first + j):
+                continue
+            take = k % world == rank
+            k += 1
+            if take:
+                mine += 1
+                if mine > start:
+                    picks.append(j)
+        if picks:
+            arr = col[first:first + n].column(0)
+            for j in picks:
+                v = arr[j].as_py()
+                yield "" if v is None else str(v)
+
+
+def _hf_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
     p = Path(src.path)
-    if (p / "state.json").exists() or (p / "dataset_dict.json").exists():  # save_to_disk layout
-        ds = datasets.load_from_disk(str(p))  # memory-mapped Arrow files, read in place
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise ValueError(f"{p}: a DatasetDict without a 'train' split ({sorted(ds)})")
-            ds = ds["train"]
-        # `world` shards (when there are enough rows) so split_dataset_by_node hands out whole shards
-        ids = ds.to_iterable_dataset(num_shards=world if len(ds) >= world else 1)
-    else:
+    if not ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
+        # a folder of parquet / jsonl files: read like those formats (same document order and indices)
         files = files_of(p, SUFFIXES["parquet"] + SUFFIXES["jsonl"])
         kinds = {f.suffix for f in files}
         if len(kinds) > 1:
             raise ValueError(f"{p}: mixes {sorted(kinds)} files; use one format per source")
-        builder = "parquet" if files[0].suffix == ".parquet" else "json"
-        ids = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
-    return split_dataset_by_node(ids, rank=rank, world_size=world)
-
-
-def _hf_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
+        fmt = "parquet" if files[0].suffix == ".parquet" else "jsonl"
+        yield from _READERS[fmt](replace(src, format=fmt), rank, world, start)
+        return
+    keep = _keeper(src)
+    if keep is not None:
+        yield from _hf_split_docs(src, keep, rank, world, start)
+        return
     ds = _hf_dataset(src, rank, world).select_columns([src.text_field])
     for rec in islice(iter(ds), start, None):
         v = rec[src.text_field]

@@ -30,7 +30,7 @@ def torchtitan_command(
     """argv and extra environment to run ``module_path`` (``<build>/torchtitan/llmc_job.py``).
 
     ``run_dir`` (default: the module's build directory, i.e. the parent of ``torchtitan/``) is
-    exported as ``LLMC_RUN_DIR``: the job reads ``assets/tokenizer.json`` and ``data/*.jsonl`` under
+    exported as ``LLMC_RUN_DIR``: the job reads ``assets/tokenizer.json`` and builtin corpora (``data/``) under
     it and writes ``outputs/torchtitan``. ``python`` defaults to the running interpreter, so the
     command uses the same venv (``python -m torch.distributed.run`` is ``torchrun``).
     """

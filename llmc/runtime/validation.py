@@ -1,23 +1,27 @@
 """Held-out validation: a deterministic document split and one validation-loss function for every backend.
 
-Split (:func:`split_assets`, run by ``prepare``). Document ``i`` of a source is held out when
+Split, applied while reading (nothing is copied). Document ``i`` of a source (its index in the source's
+own order: sorted files, rows / lines in order; :mod:`llmc.runtime.stream`) is held out when
 
     int(sha256(f"{seed}:{source}:{i}")[:8]) / 2**64 < fraction
 
 so the split depends only on (source name, document index, seed, fraction): train and validation are
-disjoint by construction and the same on every machine and backend. The prepared source
-``data/<name>.jsonl`` is cut into ``data/split/<name>.train.jsonl`` (what training reads) and
-``data/split/<name>.val.jsonl``; with ``eval.validation.files`` nothing is split and those files are the
-validation set. ``data/split/validation.json`` records the split (fraction, seed, files, document counts).
-Chat / preference / prompt sources are not split (no packed-text loss). The tokenizer is trained before
-the split, on all documents (as the prepared sources were).
+disjoint by construction and the same on every machine and backend (the torchtitan job computes the same
+hash). :func:`split_assets` (run by ``prepare``) marks every text source ``holdout=("train", fraction,
+seed)``, so the training streams skip the held-out documents; :func:`validation_sources` gives the same
+sources with ``("val", ...)``, which read only them. ``data/split/validation.json`` records the split
+(fraction, seed, files, sources). With ``eval.validation.files`` nothing is held out and those files are
+the validation set. Chat / preference / prompt sources are not split (no packed-text loss). The
+tokenizer is trained on all documents.
 
 Loss (:func:`evaluate`). The validation token streams (documents joined with EOS, tokenised like the
-training data by :func:`llmc.runtime.data.tokenize_source`) are concatenated in source order and cut into
-windows of ``seq_len + 1`` tokens in order; validation batch ``b`` of data-parallel rank ``r`` holds windows
+training data: no BOS, EOS after each document) are concatenated in source order and cut into windows
+of ``seq_len + 1`` tokens in order; validation batch ``b`` of data-parallel rank ``r`` holds windows
 ``(b * dp + r) * micro_batch ...`` (+ micro_batch), for ``max_batches`` batches (torchtitan's validator:
-``steps`` batches of ``local_batch_size`` per rank). The loss is :func:`llmc.runtime.model.lm_loss`
-without z-loss or MoE auxiliary terms, averaged over every token of every rank; ``val_ppl = exp(val_loss)``.
+``steps`` batches of ``local_batch_size`` per rank). Reading stops once those windows are full; the
+tokens are cached in ``<cache>/validation-<key>.npy`` (a few MB at most). The loss is
+:func:`llmc.runtime.model.lm_loss` without z-loss or MoE auxiliary terms, averaged over every token of
+every rank; ``val_ppl = exp(val_loss)``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmc.runtime.data import Assets, SourceData, load_tokens, read_documents, tokenize_source
+from llmc.runtime.data import Assets, SourceData
 
 SPLIT_DIR = "split"
 TEXT_KINDS = ("chat", "preference", "prompts")  # source kinds that are not packed text (not split)
@@ -43,65 +47,39 @@ def is_heldout(source: str, index: int, seed: int, fraction: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2.0**64 < fraction
 
 
-def _write(path: Path, docs) -> int:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
-
-
-def _file_key(path: str | Path) -> str:
-    st = Path(path).stat()
-    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
-
-
 def split_assets(assets: Assets, validation, *, resolve=lambda p: Path(p), skip: tuple[str, ...] = (),
                  log=print) -> Assets:
-    """Hold out the validation documents; returns ``assets`` whose text sources are the training parts.
+    """Hold out the validation documents; returns ``assets`` whose text sources read the training part.
 
     ``validation``: the spec's ``eval.validation``; ``resolve`` maps spec-relative paths (``files``) to
-    absolute ones; ``skip``: source names not to split (non-text sources). Idempotent: a source is re-split
-    only when its prepared file, the fraction or the seed changed.
+    absolute ones; ``skip``: source names not to split (non-text sources). Writes only
+    ``data/split/validation.json``; no document is read or copied.
     """
     root = Path(assets.root)
     out = root / "data" / SPLIT_DIR
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "validation.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    record = {"fraction": None if validation.files else validation.fraction, "seed": validation.seed,
-              "files": [str(resolve(f)) for f in validation.files] if validation.files else None,
-              "sources": dict(state.get("sources", {})) if not validation.files else {}}
     if validation.files:
-        for f in record["files"]:
+        files = [str(resolve(f)) for f in validation.files]
+        for f in files:
             if not Path(f).is_file():
                 raise FileNotFoundError(f"eval.validation.files: {f} does not exist")
-        _atomic(state_file, record)
+        _atomic(state_file, {"fraction": None, "seed": validation.seed, "files": files, "sources": []})
         return assets
-    sources = []
+    holdout = ("train", float(validation.fraction), int(validation.seed))
+    sources, split = [], []
     for s in assets.sources:
-        if s.name in skip or s.format != "jsonl":
+        if s.name in skip:
             sources.append(s)
             continue
-        train_p, val_p = out / f"{s.name}.train.jsonl", out / f"{s.name}.val.jsonl"
-        key = f"{_file_key(s.path)}|{validation.fraction}|{validation.seed}|{s.text_field}"
-        prev = record["sources"].get(s.name, {})
-        if prev.get("key") != key or not train_p.exists() or not val_p.exists():
-            train_docs, val_docs = [], []
-            for i, d in enumerate(read_documents(s.path, s.format, s.text_field)):
-                (val_docs if is_heldout(s.name, i, validation.seed, validation.fraction) else train_docs).append(d)
-            if not val_docs and train_docs:  # a tiny source still gets one held-out document
-                val_docs.append(train_docs.pop())
-            n_train, n_val = _write(train_p, train_docs), _write(val_p, val_docs)
-            record["sources"][s.name] = {"key": key, "train_documents": n_train, "val_documents": n_val,
-                                         "train": str(train_p), "val": str(val_p)}
-            log(f"prepare: {s.name}: {n_val} of {n_train + n_val} documents held out for validation "
-                f"(fraction {validation.fraction}, seed {validation.seed})")
-        sources.append(SourceData(s.name, str(train_p), "jsonl", "text", s.weight))
-    _atomic(state_file, record)
+        sources.append(SourceData(s.name, s.path, s.format, s.text_field, s.weight, holdout))
+        split.append(s.name)
+    record = {"fraction": validation.fraction, "seed": validation.seed, "files": None, "sources": split}
+    prev = json.loads(state_file.read_text()) if state_file.exists() else None
+    if prev != record:
+        log(f"prepare: {', '.join(split) or 'no source'}: documents held out for validation while streaming "
+            f"(fraction {validation.fraction}, seed {validation.seed}; nothing copied)")
+        _atomic(state_file, record)
     return Assets(assets.root, assets.tokenizer_dir, tuple(sources), assets.cache_dir)
 
 
@@ -112,7 +90,8 @@ def _atomic(path: Path, obj: dict) -> None:
 
 
 def validation_sources(assets: Assets, names: list[str] | None = None) -> list[SourceData]:
-    """The validation files recorded by :func:`split_assets` (restricted to ``names`` for split sources)."""
+    """The validation sources: the held-out part of every split source of ``assets`` (restricted to
+    ``names``), or the spec's validation files as recorded by :func:`split_assets`."""
     state_file = Path(assets.root) / "data" / SPLIT_DIR / "validation.json"
     if not state_file.exists():
         raise FileNotFoundError(f"{state_file} missing: run prepare with eval.validation set")
@@ -120,8 +99,12 @@ def validation_sources(assets: Assets, names: list[str] | None = None) -> list[S
     if st.get("files"):
         return [SourceData(f"val{i}", f, "text" if Path(f).suffix in (".txt", ".md") else "jsonl", "text")
                 for i, f in enumerate(st["files"])]
-    return [SourceData(f"{n}.val", v["val"], "jsonl", "text") for n, v in st["sources"].items()
-            if names is None or n in names]
+    out = []
+    for s in assets.sources:
+        if s.holdout is not None and (names is None or s.name in names):
+            _, fraction, seed = s.holdout
+            out.append(SourceData(s.name, s.path, s.format, s.text_field, s.weight, ("val", fraction, seed)))
+    return out
 
 
 @dataclass
@@ -157,21 +140,56 @@ class ValidationSet:
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
+def validation_tokens(srcs: list[SourceData], tok, n_tokens: int, batch_docs: int = 16) -> np.ndarray:
+    """The first ``n_tokens`` (or fewer, when the sources run out) tokens of the validation sources'
+    documents in order, EOS after each, streamed in place: reading stops once there are enough (at most
+    ``batch_docs`` documents, tokenised together, past the last one needed)."""
+    from llmc.runtime.stream import documents
+
+    ids: list[int] = []
+    for s in srcs:
+        batch: list[str] = []
+        for doc in documents(s):
+            batch.append(doc)
+            if len(batch) == batch_docs:
+                for t in tok.encode_batch(batch):
+                    ids.extend(t)
+                    ids.append(tok.eos_id)
+                batch.clear()
+                if len(ids) >= n_tokens:
+                    break
+        for t in tok.encode_batch(batch):
+            ids.extend(t)
+            ids.append(tok.eos_id)
+        if len(ids) >= n_tokens:
+            break
+    return np.asarray(ids[:n_tokens], dtype=np.int64)
+
+
 def build_validation_set(assets: Assets, tok, seq_len: int, micro_batch: int, max_batches: int,
                          dp_rank: int = 0, dp_size: int = 1, names: list[str] | None = None) -> ValidationSet:
-    """Tokenise (cached, like the training data; rank 0 first, the others wait) the validation sources and take
-    this rank's windows."""
+    """Tokenise the validation documents (streamed, only as many as ``max_batches`` batches need; cached,
+    rank 0 first, the others wait) and take this rank's windows."""
     import torch.distributed as dist
 
+    from llmc.runtime.data import source_files_key
+
     srcs = validation_sources(assets, names)
+    need = max_batches * micro_batch * dp_size * seq_len + 1
+    h = hashlib.sha256(f"{need}|{tok.eos_id}".encode())
+    h.update((Path(tok.dir) / "tokenizer.json").read_bytes())
+    for s in srcs:
+        h.update(f"{s.name}|{source_files_key(s)}".encode())
+    cache = Path(assets.cache_dir) / f"validation-{h.hexdigest()[:16]}.npy"
     group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if group and dist.get_rank() == 0:
-        for s in srcs:
-            tokenize_source(s, tok, assets.cache_dir)
+    if not cache.exists() and (not group or dist.get_rank() == 0):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npy")
+        np.save(tmp, validation_tokens(srcs, tok, need))
+        os.replace(tmp, cache)
     if group:
         dist.barrier()
-    streams = [load_tokens(tokenize_source(s, tok, assets.cache_dir)) for s in srcs]
-    return ValidationSet.from_streams(streams, seq_len, micro_batch, max_batches, dp_rank, dp_size)
+    return ValidationSet.from_streams([np.load(cache)], seq_len, micro_batch, max_batches, dp_rank, dp_size)
 
 
 def evaluate(model, vset: ValidationSet, device, autocast=None) -> dict:
@@ -213,8 +231,8 @@ def due(step: int, every: int, last_step: int) -> bool:
     return step % every == 0 or step == last_step
 
 
-__all__ = ["is_heldout", "split_assets", "validation_sources", "ValidationSet", "build_validation_set", "evaluate",
-           "due", "SPLIT_DIR"]
+__all__ = ["is_heldout", "split_assets", "validation_sources", "ValidationSet", "validation_tokens",
+           "build_validation_set", "evaluate", "due", "SPLIT_DIR"]
 
 
 class Validator:

@@ -16,11 +16,15 @@ SM89+ GPU when the config is built); it exists for CPU config checks and fake-ba
 """
 
 import glob
+import hashlib
+import json
 import os
 from functools import partial
+from pathlib import PurePath
 
+import pyarrow.parquet as pq
 import torch.nn as nn
-from datasets import load_dataset
+from datasets import DatasetDict, IterableDataset, load_dataset, load_from_disk
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
@@ -54,58 +58,177 @@ from torchtitan.trainer import Trainer
 BUILD_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_DIR = os.environ.get("LLMC_RUN_DIR", BUILD_DIR)
 ASSETS_DIR = os.environ.get("LLMC_ASSETS_DIR", os.path.join(RUN_DIR, "assets"))  # tokenizer.json
-DATA_DIR = os.environ.get("LLMC_DATA_DIR", os.path.join(RUN_DIR, "data"))  # *.jsonl
+DATA_DIR = os.environ.get("LLMC_DATA_DIR", os.path.join(RUN_DIR, "data"))  # builtin corpora, data.quality parts
 DUMP_FOLDER = os.environ.get("LLMC_DUMP_FOLDER", os.path.join(RUN_DIR, "outputs", "torchtitan"))
 
-# ---------------------------------------------------------------- offline dataset: local JSONL folder
-DATASET_NAME = "llmc_jsonl"
-TEXT_FIELD = 'text'
+# ---------------------------------------------------------------- data: every source read where it lies, streamed
+# Pre-training text sources: {"name", "format" (parquet | jsonl | text), "path", "under" ("build": relative to the
+# build directory unless absolute; "data": under DATA_DIR, written by `llmc launch`'s prepare step: builtin
+# corpora and data.quality's cleaned parts), "text_field", "weight" (token-mixture ratio of the interleaved loader)}.
+# A folder holding a `datasets` save_to_disk dataset is read with load_from_disk(...) (memory-mapped, in place).
+DATA_SOURCES = [{'name': 'python-docs', 'format': 'jsonl', 'path': 'python-docs.jsonl', 'under': 'data', 'text_field': 'text', 'weight': 1.0}]
+
+# held-out validation (llmc eval.validation): None, or {"freq", "steps", "fraction", "seed", "files"}. With a
+# fraction, document i of a source (sorted files, rows in order) is validation iff _heldout(name, i): training
+# skips it and the validator reads only those (nothing is copied). "files": the validation files instead.
+VALIDATION = {'freq': 100, 'steps': 4, 'fraction': 0.05, 'seed': 0, 'files': None}
+_SPLIT = VALIDATION is not None and not VALIDATION["files"]
 
 
-# (file under DATA_DIR, mixture weight); weights are token-mixture ratios of the interleaved loader
-DATA_SOURCES = [('split/python-docs.train.jsonl', 1.0)]
+def _where(src):
+    if src["path"] is None:  # a planning-only source: the loader reports it when the job runs
+        return None
+    base = DATA_DIR if src["under"] == "data" else BUILD_DIR
+    return os.path.normpath(os.path.join(base, os.path.expanduser(src["path"])))
 
 
-def _load_jsonl(path):
-    if os.pathsep in path:  # several files (the validation set of several sources)
-        files = path.split(os.pathsep)
+def _heldout(name, index):
+    """llmc.runtime.validation.is_heldout: int(sha256(f"{seed}:{name}:{index}")[:8]) / 2**64 < fraction."""
+    h = hashlib.sha256(f"{VALIDATION['seed']}:{name}:{index}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64 < VALIDATION["fraction"]
+
+
+def _keep(name, part, index):
+    return part is None or _heldout(name, index) == (part == "val")
+
+
+def _files(path, suffixes):
+    """A file, a folder (its files with these suffixes, recursively) or a glob, sorted like pathlib paths."""
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                 if os.path.splitext(f)[1] in suffixes]
     else:
-        files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*.jsonl")))
+        files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
     if not files:
-        raise FileNotFoundError(f"no JSONL data at {path} (run `llmc launch`'s prepare step or set LLMC_DATA_DIR)")
-    return load_dataset("json", data_files=files, split="train")
+        raise FileNotFoundError(f"data source {path}: no {'/'.join(suffixes)} files found")
+    return sorted(files, key=lambda f: PurePath(f).parts)
+
+
+def _parquet_rows(shards, field, name, part):
+    for path, first in shards:  # [file, index of its first row in the source]
+        rows = load_dataset("parquet", data_files=[path], split="train", streaming=True).select_columns([field])
+        for j, row in enumerate(rows):
+            if _keep(name, part, first + j):
+                yield {"text": row[field]}
+
+
+def _json_rows(shards, field, name, part):
+    # read line by line (the datasets JSON builder fails on a blank line); document i = the i-th non-blank line
+    for files in shards:  # one shard: document indices run on over the files
+        i = 0
+        for path in files:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    if _keep(name, part, i):
+                        yield {"text": json.loads(line)[field]}
+                    i += 1
+
+
+def _saved(path):
+    ds = load_from_disk(path)  # memory-mapped Arrow files, read in place
+    return ds["train"] if isinstance(ds, DatasetDict) else ds
+
+
+def _saved_rows(shards, field, name, part):
+    for first, end, path in shards:  # [first row, end row, save_to_disk folder]
+        rows = _saved(path).select_columns([field]).select(range(first, end))  # contiguous: no index file
+        for j, row in enumerate(rows.to_iterable_dataset()):
+            if _keep(name, part, first + j):
+                yield {"text": row[field]}
+
+
+def _text_files(shards, field, name, part):
+    for path, index in shards:  # one document per file
+        if _keep(name, part, index):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield {"text": f.read()}
+
+
+def _source_dataset(src, part):
+    """datasets.IterableDataset of {"text"}: the documents of one source (part "train": without the held-out
+    ones, "val": only those, None: all), streamed in place; torchtitan's HuggingFaceTextDataset splits it
+    by data-parallel rank (split_dataset_by_node: whole shards when they divide evenly, else every n-th row)."""
+    path, field, name, fmt = _where(src), src["text_field"], src["name"], src["format"]
+    if path is None:
+        raise FileNotFoundError(f"data source {name!r} has no path (a planning-only source); give it local data")
+    if os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        # row i is document i; contiguous row ranges are the shards, each knowing its first row (the indices
+        # IterableDataset.filter(with_indices=True) passes restart at 0 in every shard)
+        n = len(_saved(path))
+        step = max(1, -(-n // 64))
+        gen, shards = _saved_rows, [[a, min(n, a + step), path] for a in range(0, n, step)]
+        return IterableDataset.from_generator(gen, gen_kwargs={"shards": shards, "field": field, "name": name,
+                                                               "part": part})
+    if fmt == "parquet":
+        shards, first = [], 0
+        for f in _files(path, (".parquet",)):
+            shards.append([f, first])
+            first += pq.read_metadata(f).num_rows
+        gen = _parquet_rows
+    elif fmt == "text":
+        gen, shards = _text_files, [[f, i] for i, f in enumerate(_files(path, (".txt", ".md", ".text")))]
+    else:
+        gen, shards = _json_rows, [_files(path, (".jsonl", ".json"))]
+    return IterableDataset.from_generator(gen, gen_kwargs={"shards": shards, "field": field, "name": name, "part": part})
 
 
 def _sample_text(sample):
-    return sample[TEXT_FIELD] if TEXT_FIELD in sample else sample["text"]
+    return "" if sample["text"] is None else str(sample["text"])
 
 
-DATASETS[DATASET_NAME] = DatasetConfig(path=DATA_DIR, loader=_load_jsonl, sample_processor=_sample_text)
+def _chain(groups, part):
+    for srcs in groups:  # one shard: the sources in order
+        for src in srcs:
+            yield from _source_dataset(src, part)
+
+
+def _validation_dataset(path):
+    """The validation documents in source order (llmc's validation set reads the same ones)."""
+    if VALIDATION["files"]:
+        srcs = [{"name": f"val{i}", "format": "text" if f.endswith((".txt", ".md")) else "jsonl", "path": f,
+                 "under": "build", "text_field": "text"} for i, f in enumerate(VALIDATION["files"])]
+        return IterableDataset.from_generator(_chain, gen_kwargs={"groups": [srcs], "part": None})
+    return IterableDataset.from_generator(_chain, gen_kwargs={"groups": [DATA_SOURCES], "part": "val"})
+
+
+def _no_source(path):
+    raise FileNotFoundError("the spec has no pre-training text source for the torchtitan job")
+
+
+def _train_loader(i, path):
+    return _source_dataset(DATA_SOURCES[i], "train" if _SPLIT else None)
+
+
+for _i, _src in enumerate(DATA_SOURCES):
+    DATASETS[f"llmc_train_{_i}"] = DatasetConfig(path=_src["name"], loader=partial(_train_loader, _i),
+                                                 sample_processor=_sample_text)
+DATASETS["llmc_validation"] = DatasetConfig(path="validation", loader=_validation_dataset,
+                                            sample_processor=_sample_text)
+DATASETS["llmc_none"] = DatasetConfig(path="none", loader=_no_source, sample_processor=_sample_text)
 
 
 def _dataloader():
     if not DATA_SOURCES:
-        return HuggingFaceTextDataLoader.Config(dataset=DATASET_NAME, dataset_path=DATA_DIR)
+        return HuggingFaceTextDataLoader.Config(dataset="llmc_none")
     if len(DATA_SOURCES) == 1:
-        return HuggingFaceTextDataLoader.Config(dataset=DATASET_NAME,
-                                                dataset_path=os.path.join(DATA_DIR, DATA_SOURCES[0][0]))
+        return HuggingFaceTextDataLoader.Config(dataset="llmc_train_0", dataset_path=_where(DATA_SOURCES[0]))
     return InterleavedHuggingFaceTextDataLoader.Config(
-        sources=[HFDataSource(dataset=DATASET_NAME, dataset_path=os.path.join(DATA_DIR, f), weight=w)
-                 for f, w in DATA_SOURCES],
+        sources=[HFDataSource(dataset=f"llmc_train_{i}", dataset_path=_where(s), weight=s["weight"])
+                 for i, s in enumerate(DATA_SOURCES)],
         seed=0,
     )
-
-# held-out validation (llmc eval.validation): None, or {"freq", "steps", "files" (under DATA_DIR or absolute)}
-VALIDATION = {'freq': 100, 'steps': 4, 'files': ['split/python-docs.val.jsonl']}
 
 
 def _validator():
     if VALIDATION is None:
         return Validator.Config()
-    files = [f if os.path.isabs(f) else os.path.join(DATA_DIR, f) for f in VALIDATION["files"]]
     return Validator.Config(
         enable=True, freq=VALIDATION["freq"], steps=VALIDATION["steps"],
-        dataloader=HuggingFaceTextDataLoader.Config(dataset=DATASET_NAME, dataset_path=os.pathsep.join(files),
+        dataloader=HuggingFaceTextDataLoader.Config(dataset="llmc_validation", dataset_path="validation",
                                                     infinite=False),
     )
 
