@@ -152,9 +152,10 @@ class _Layout:
 class _Search:
     """Mutable state of one search (see :func:`search`)."""
 
-    def __init__(self, arch, sm, world, gpu, seq_len, G, pins, memory_fn, fits_fn, top_k):
+    def __init__(self, arch, sm, world, gpu, seq_len, G, pins, memory_fn, fits_fn, top_k, peak_fn=None):
         self.arch, self.sm, self.world, self.gpu, self.seq_len, self.G = arch, sm, world, gpu, seq_len, G
         self.pins, self.memory_fn, self.fits_fn, self.top_k = pins, memory_fn, fits_fn, top_k
+        self.peak_fn = peak_fn or memory_fn  # the candidates' fit checks need only the peak stage
         self.capacity = gpu.hbm_bytes
         self.acs = AC_ORDER if pins.activation_checkpointing is None else (pins.activation_checkpointing,)
         self.fitting: list[Candidate] = []
@@ -193,7 +194,7 @@ class _Search:
         hit = self.mem_cache.get(key)
         if hit is None:
             self.evaluated += 1
-            hit = self.memory_fn(plan)
+            hit = self.peak_fn(plan)
             self.mem_cache[key] = hit
         return hit
 
@@ -315,7 +316,7 @@ USABLE_FRACTION = 0.92  # memory.fits headroom: allocator fragmentation margin
 
 
 def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_seqs: int, precision: str,
-           pins, memory_fn, fits_fn=None, top_k: int = 5, band: float = 0.0) -> SearchResult:
+           pins, memory_fn, fits_fn=None, top_k: int = 5, band: float = 0.0, peak_fn=None) -> SearchResult:
     """Find the fastest plan that fits.
 
     Args:
@@ -325,6 +326,9 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
         gpu: ``hardware.GPU`` (with the spec's gpus_per_node override applied).
         pins: the spec's ``Parallelism`` (None fields are searched).
         memory_fn: ``plan -> MemoryNumbers`` (``memory.memory_per_gpu`` with the run's settings bound).
+        peak_fn: the same without ``per_stage_bytes`` (``memory_per_gpu(..., per_stage=False)``), for
+            the fit checks of the candidates; default ``memory_fn``. The best plan's memory is
+            ``memory_fn``'s.
         fits_fn: ``MemoryNumbers -> bool`` (default: ``memory.fits``).
         band: the model's relative error band; among fitting plans predicted within it of the fastest,
             the simplest (fewest pipeline stages, then no CP, then the smallest TP) is chosen, and
@@ -337,7 +341,7 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
     """
     if fits_fn is None:
         from llmc.compiler.memory import fits as fits_fn
-    S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k)
+    S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k, peak_fn)
     S.band = band
     layouts = _enumerate(S)
     layouts.sort(key=lambda lay: (lay.lb, _plan_tuple(lay.plan(lay.mbs[0], S.acs[0]))))
@@ -524,8 +528,12 @@ def _result(S: _Search) -> SearchResult:
         (rest if key in seen else head).append(c)
         seen.add(key)
     rejected = head + rest
+    mem = None
+    if best is not None:
+        S.memory(best.plan)  # counted when not cached (a candidate whose memory a weaker AC mode bounded)
+        mem = S.memory_fn(best.plan)  # with every stage's bytes
     res = SearchResult(
-        best=best, memory=S.memory(best.plan) if best else None, alternatives=alternatives, rejected=rejected,
+        best=best, memory=mem, alternatives=alternatives, rejected=rejected,
         rejected_counts=dict(S.counts), closest=closest, reasons=[], evaluated=S.evaluated, fitting=len(fitting),
         batch_blocked=S.layouts_total > 0 and S.layouts_batch_bad == S.layouts_total,
     )
