@@ -129,10 +129,16 @@ class _Layout:
     z: int
     sched: str
     v: int
-    mbs: list[int]  # micro-batches satisfying the batch identity and the pipeline constraints
+    mbs: tuple[int, ...]  # micro-batches satisfying the batch identity and the pipeline constraints
     per_dp: int
     timer: LayoutTimer
     lb: float = 0.0  # fastest step time over mbs without recomputation (memory ignored)
+    required: tuple = ()  # its (dimension, value) keys of REQUIRED_DIMS (see _Search.can_skip)
+
+    def order(self, ac: str) -> tuple:
+        """``_plan_tuple(self.plan(self.mbs[0], ac))`` without building the plan."""
+        return (self.t, self.p, self.c, self.e, self.ds, self.dr, self.sched, self.v, self.mbs[0],
+                AC_ORDER.index(ac), self.z)
 
     def plan(self, mb: int, ac: str) -> ParallelPlan:
         return ParallelPlan(dp_replicate=self.dr, dp_shard=self.ds, tp=self.t, pp=self.p, pp_schedule=self.sched,
@@ -162,9 +168,11 @@ class _Search:
         self.rejected: list[Candidate] = []
         self.counts: dict[str, int] = {}
         self.best_by: dict[tuple[str, object], Candidate] = {}
+        self.best_rank: dict[tuple[str, object], tuple] = {}  # _rank_key of best_by's candidates
         self.nofit_by: dict[tuple[str, object], int] = {}
         self.struct_by: dict[tuple[str, object], str] = {}
         self.layout_best: dict[tuple, Candidate] = {}
+        self.layout_rank: dict[tuple, tuple] = {}  # _rank_key of layout_best's candidates
         self.mem_cache: dict[tuple, MemoryNumbers] = {}
         self.corners: dict[tuple, tuple[list, list]] = {}  # (tp, pp, cp, sched, v, zero) -> (failing, fitting)
         self.evaluated = 0
@@ -209,25 +217,27 @@ class _Search:
     def add_fit(self, cand: Candidate, lay: _Layout) -> None:
         self.fitting.append(cand)
         rk = _rank_key(cand)
+        best_rank = self.best_rank
         for k in lay.fixed_keys() + [("activation_checkpointing", cand.plan.activation_checkpointing),
                                      ("micro_batch", cand.plan.micro_batch)]:
-            cur = self.best_by.get(k)
-            if cur is None or rk < _rank_key(cur):
+            cur = best_rank.get(k)
+            if cur is None or rk < cur:
                 self.best_by[k] = cand
+                best_rank[k] = rk
         lk = (lay.t, lay.p, lay.c, lay.e)
-        cur = self.layout_best.get(lk)
-        if cur is None or rk < _rank_key(cur):
+        cur = self.layout_rank.get(lk)
+        if cur is None or rk < cur:
             self.layout_best[lk] = cand
+            self.layout_rank[lk] = rk
 
     # ------------------------------------------------------------------ pruning
     def can_skip(self, lay: _Layout, step: float | None = None) -> bool:
         """Exact pruning: skip a layout (or one of its candidates, when ``step`` is given) that cannot
         beat the best plan of any value it stands for."""
         bound = (lay.lb if step is None else step) / TIE
-        for k in lay.keys(self.acs):
-            if k[0] not in REQUIRED_DIMS:
-                continue
-            cur = self.best_by.get(k)
+        best_by = self.best_by
+        for k in lay.required:
+            cur = best_by.get(k)
             if cur is None or cur.step_seconds > bound:
                 return False
         lk = (lay.t, lay.p, lay.c, lay.e)
@@ -279,10 +289,10 @@ class _Search:
         any_fit = skipped = False
         for ac in self.acs:
             for mb in lay.mbs:
-                plan = lay.plan(mb, ac)
                 if mb in fit_mem:
                     # a weaker AC already fits with this micro-batch: this one fits too and is slower;
                     # time it for the per-dimension comparison, memory bounded by the weaker mode's
+                    plan = lay.plan(mb, ac)
                     step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac)
                     self.add_fit(Candidate(plan, step, mfu, fit_mem[mb], True, "memory bounded by a weaker AC mode"),
                                  lay)
@@ -291,6 +301,7 @@ class _Search:
                 if self.can_skip(lay, step):
                     skipped = True
                     continue  # fits or not, it cannot improve any required comparison
+                plan = lay.plan(mb, ac)
                 mem = self.memory(plan)
                 if not self.fits_fn(mem):
                     self.note_nofit(plan, mem.per_gpu_bytes)
@@ -344,7 +355,8 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
     S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k, peak_fn)
     S.band = band
     layouts = _enumerate(S)
-    layouts.sort(key=lambda lay: (lay.lb, _plan_tuple(lay.plan(lay.mbs[0], S.acs[0]))))
+    ac0 = S.acs[0]
+    layouts.sort(key=lambda lay: (lay.lb, lay.order(ac0)))
     for lay in layouts:
         if S.can_skip(lay):
             S.pruned += 1
@@ -432,6 +444,22 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                and ((1 << k) == 1 or (1 << k) * S.seq_len / c <= MAX_MICRO_TOKENS)]
     if pins.micro_batch is not None:
         mbs_all = [pins.micro_batch]
+    # the schedules and their micro-batches depend on pp and the batch only, not on the dp split
+    scheds = _schedules(p, L, pins)
+    sched_mbs = []
+    for sched, v in scheds:
+        mbs = []
+        for mb in mbs_all:
+            if per_dp % mb:
+                continue
+            m = per_dp // mb
+            if p > 1 and m < p:
+                continue
+            if sched == "Interleaved1F1B" and m % p:
+                continue  # Megatron's interleaved schedule needs grad_accum % pp == 0
+            mbs.append(mb)
+        sched_mbs.append((sched, v, tuple(mbs)))
+    req = (("tp", t), ("pp", p), ("cp", c))
     out = []
     for ds, dr in pairs:
         if ds * dr != dp:
@@ -451,35 +479,26 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
         else:
             eps = [e for e in divisors(moe.num_experts) if (ds * c) % e == 0]
         for e in eps:
-            base = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e)
             if e > 1 and moe is None:
-                S.reject(base, "ep", "ep > 1 needs a mixture-of-experts model", dims=("ep",))
+                S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "ep",
+                         "ep > 1 needs a mixture-of-experts model", dims=("ep",))
                 continue
             if moe is not None and (moe.num_experts % e or (ds * c) % e):
-                S.reject(base, "ep", f"ep {e} must divide num_experts {moe.num_experts} and dp_shard x cp "
-                         f"{ds * c}", dims=("ep",))
+                S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "ep",
+                         f"ep {e} must divide num_experts {moe.num_experts} and dp_shard x cp {ds * c}", dims=("ep",))
                 continue
             for z in zeros:
                 if z == 0 and ds * c > 1:
-                    S.reject(base, "pins", "zero_stage 0 (DDP) needs dp_shard x cp = 1")
+                    S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "pins",
+                             "zero_stage 0 (DDP) needs dp_shard x cp = 1")
                     continue
-                scheds = _schedules(p, L, pins)
                 if not scheds:
                     why = (f"pp_schedule {pins.pp_schedule} needs pp > 1" if p == 1 else
                            f"pp_schedule {pins.pp_schedule} needs at least 2 x pp = {2 * p} layers (has {L})")
-                    S.reject(base, "pins", why, dims=("pp",))
+                    S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "pins", why,
+                             dims=("pp",))
                     continue
-                for sched, v in scheds:
-                    mbs = []
-                    for mb in mbs_all:
-                        if per_dp % mb:
-                            continue
-                        m = per_dp // mb
-                        if p > 1 and m < p:
-                            continue
-                        if sched == "Interleaved1F1B" and m % p:
-                            continue  # Megatron's interleaved schedule needs grad_accum % pp == 0
-                        mbs.append(mb)
+                for sched, v, mbs in sched_mbs:
                     if not mbs:
                         plan = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e, zero_stage=z,
                                             pp_schedule=sched, pp_virtual_stages=v, micro_batch=mbs_all[0],
@@ -490,8 +509,11 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                         S.reject(plan, "batch", why, dims=("tp", "pp", "cp"), dim_reason=S.batch_reason())
                         continue
                     timer = LayoutTimer(S.sm, t, p, c, e, ds, dr, z, sched, v)
-                    lb = min(timer.time(mb, per_dp // mb, "none")[0] for mb in mbs)
-                    out.append(_Layout(t, p, c, e, ds, dr, z, sched, v, mbs, per_dp, timer, lb))
+                    time = timer.time
+                    lb = min(time(mb, per_dp // mb, "none")[0] for mb in mbs)
+                    lay = _Layout(t, p, c, e, ds, dr, z, sched, v, mbs, per_dp, timer, lb)
+                    lay.required = req + (("ep", e), ("zero_stage", z), ("pp_schedule", sched))
+                    out.append(lay)
     return out
 
 
