@@ -591,21 +591,11 @@ def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload_optim
     hit = _STATIC.get(key)
     if hit is not None and hit[0] is structure:
         return hit[1]
-    wb, gb, ob = _precision_bytes(precision, optimizer_bytes_per_param, grad_bytes_per_param)
-    use_profile = precision != "fp32" and grad_bytes_per_param is None and optimizer_bytes_per_param == 12
     cwb = 4.0 if precision == "fp32" else 2.0  # bytes of an all-gathered (unsharded) parameter in compute
-    shard = _shard_groups(plan)
     zs = plan.zero_stage
-    # bytes per parameter (weights, grads, optimizer) of each sharding group: the same arithmetic as
-    # backend_state_bytes / model_state_bytes, evaluated once per group instead of once per stage
-    per_group = {}
-    for name, (mp, z) in shard.items():
-        if use_profile:
-            st = backend_state_bytes(1.0, be, zero_stage=zs, shard=z, offload_optimizer=offload_optimizer)
-        else:
-            st = model_state_bytes(1.0, zero_stage=zs, shard=z, weight_bytes=wb, grad_bytes=gb, optimizer_bytes=ob,
-                                   offload_optimizer=offload_optimizer)
-        per_group[name] = (1.0 / mp, st["weights"] / mp, st["grads"] / mp, st["optimizer"] / mp)
+    per_group = {name: _group_bytes(mp, z, zs, precision, optimizer_bytes_per_param, offload_optimizer,
+                                    grad_bytes_per_param, be)
+                 for name, (mp, z) in _shard_groups(plan).items()}
     out = []
     outside = non_allocator_bytes(plan, be)
     for _, _, g, has_emb, layers, has_head, _, _ in structure:
@@ -652,6 +642,28 @@ def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload_optim
     out_t = tuple(out)
     _bounded(_STATIC)[key] = (structure, out_t)
     return out_t
+
+
+_GROUP_BYTES: dict[tuple, tuple] = {}
+
+
+def _group_bytes(mp, z, zs, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param, be):
+    """(1, weights, grads, optimizer) bytes per parameter of a sharding group, / its model-parallel divisor
+    ``mp``: the same arithmetic as backend_state_bytes / model_state_bytes, evaluated once per group and
+    shard size instead of once per stage."""
+    key = (mp, z, zs, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param, id(be))
+    hit = _GROUP_BYTES.get(key)
+    if hit is not None and hit[0] is be:
+        return hit[1]
+    wb, gb, ob = _precision_bytes(precision, optimizer_bytes_per_param, grad_bytes_per_param)
+    if precision != "fp32" and grad_bytes_per_param is None and optimizer_bytes_per_param == 12:
+        st = backend_state_bytes(1.0, be, zero_stage=zs, shard=z, offload_optimizer=offload_optimizer)
+    else:
+        st = model_state_bytes(1.0, zero_stage=zs, shard=z, weight_bytes=wb, grad_bytes=gb, optimizer_bytes=ob,
+                               offload_optimizer=offload_optimizer)
+    out = (1.0 / mp, st["weights"] / mp, st["grads"] / mp, st["optimizer"] / mp)
+    _bounded(_GROUP_BYTES)[key] = (be, out)
+    return out
 
 
 def backend_state_bytes(n_params: float, backend, *, zero_stage: int = 0, shard: int = 1,

@@ -458,8 +458,16 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
             if sched == "Interleaved1F1B" and m % p:
                 continue  # Megatron's interleaved schedule needs grad_accum % pp == 0
             mbs.append(mb)
-        sched_mbs.append((sched, v, tuple(mbs)))
+        why = None
+        if not mbs:  # every (dp_shard, ep, ZeRO) of this schedule is rejected with the same reason
+            why = (f"{per_dp} seqs per dp rank give too few micro-batches for pp {p}"
+                   + (" (interleaving needs grad_accum % pp == 0)" if sched == "Interleaved1F1B" else "")
+                   if p > 1 else f"{per_dp} seqs per dp rank not divisible by micro_batch {mbs_all[0]}")
+        sched_mbs.append((sched, v, tuple(mbs), why))
     req = (("tp", t), ("pp", p), ("cp", c))
+    batch_dims = ("tp", "pp", "cp")
+    batch_reason = S.batch_reason()
+    rejected, counts = S.rejected, S.counts
     out = []
     for ds, dr in pairs:
         if ds * dr != dp:
@@ -498,15 +506,17 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                     S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "pins", why,
                              dims=("pp",))
                     continue
-                for sched, v, mbs in sched_mbs:
+                for sched, v, mbs, why in sched_mbs:
                     if not mbs:
                         plan = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e, zero_stage=z,
                                             pp_schedule=sched, pp_virtual_stages=v, micro_batch=mbs_all[0],
                                             grad_accum=max(1, per_dp // mbs_all[0]))
-                        why = (f"{per_dp} seqs per dp rank give too few micro-batches for pp {p}"
-                               + (" (interleaving needs grad_accum % pp == 0)" if sched == "Interleaved1F1B" else "")
-                               if p > 1 else f"{per_dp} seqs per dp rank not divisible by micro_batch {mbs_all[0]}")
-                        S.reject(plan, "batch", why, dims=("tp", "pp", "cp"), dim_reason=S.batch_reason())
+                        if batch_dims:
+                            S.reject(plan, "batch", why, dims=batch_dims, dim_reason=batch_reason)
+                            batch_dims = ()  # (tp, pp, cp) are fixed here: their reason is set from now on
+                        else:  # S.reject without the (now no-op) reasons per dimension
+                            counts["batch"] += 1
+                            rejected.append(Candidate(plan, 0.0, 0.0, 0, False, why))
                         continue
                     timer = LayoutTimer(S.sm, t, p, c, e, ds, dr, z, sched, v)
                     time = timer.time
