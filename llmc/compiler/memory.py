@@ -191,17 +191,34 @@ def stage_param_groups(
     return [dict(g) for g in _stage_param_groups(arch, pp, schedule, virtual)]
 
 
+_LAYER_GROUPS: dict[int, tuple] = {}
+
+
+def _layer_groups(arch: Architecture) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """Per block: (sharding group, parameters) of each labelled component, in layer_components' order;
+    computed once per architecture (keyed by identity, the entry holds the architecture)."""
+    hit = _LAYER_GROUPS.get(id(arch))
+    if hit is None or hit[0] is not arch:
+        hit = (arch, tuple(tuple((_group(label), n) for label, n in layer_components(arch, i).items())
+                           for i in range(arch.n_layers)))
+        if len(_LAYER_GROUPS) > 64:
+            _LAYER_GROUPS.clear()
+        _LAYER_GROUPS[id(arch)] = hit
+    return hit[1]
+
+
 @lru_cache(maxsize=256)
 def _stage_param_groups(
     arch: Architecture, pp: int, schedule: str, virtual: int
 ) -> tuple[dict[str, int], ...]:
     V, d = arch.vocab_size, arch.d_model
+    per_layer = _layer_groups(arch)
     out = []
     for layers, emb, head in pipeline_layout(arch.n_layers, pp, schedule, virtual):
         g = {"tp": 0, "expert": 0, "vocab": 0, "replicated": 0}
         for i in layers:
-            for label, n in layer_components(arch, i).items():
-                g[_group(label)] += n
+            for group, n in per_layer[i]:
+                g[group] += n
         if emb:
             g["vocab"] += V * d
         if head:

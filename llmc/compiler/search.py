@@ -36,7 +36,7 @@ against the best plan for every other value of each dimension.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import Candidate, MemoryNumbers
@@ -61,6 +61,20 @@ class SearchResult:
     evaluated: int = 0  # memory evaluations
     fitting: int = 0
     batch_blocked: bool = False  # every layout failed the batch identity
+
+
+_PLAN_FIELDS = {f.name: f.default for f in fields(ParallelPlan)}
+assert not hasattr(ParallelPlan, "__post_init__")  # _plan relies on the plain dataclass __init__
+
+
+def _plan(**values) -> ParallelPlan:
+    """``ParallelPlan(**values)``: the same frozen instance, filled the way its generated ``__init__`` fills
+    it, at a quarter of the cost (a search at a million GPUs builds tens of thousands of plans)."""
+    plan = object.__new__(ParallelPlan)
+    d = plan.__dict__
+    d.update(_PLAN_FIELDS)
+    d.update(values)
+    return plan
 
 
 def divisors(n: int) -> list[int]:
@@ -141,9 +155,9 @@ class _Layout:
                 AC_ORDER.index(ac), self.z)
 
     def plan(self, mb: int, ac: str) -> ParallelPlan:
-        return ParallelPlan(dp_replicate=self.dr, dp_shard=self.ds, tp=self.t, pp=self.p, pp_schedule=self.sched,
-                            pp_virtual_stages=self.v, cp=self.c, ep=self.e, micro_batch=mb,
-                            grad_accum=self.per_dp // mb, activation_checkpointing=ac, zero_stage=self.z)
+        return _plan(dp_replicate=self.dr, dp_shard=self.ds, tp=self.t, pp=self.p, pp_schedule=self.sched,
+                     pp_virtual_stages=self.v, cp=self.c, ep=self.e, micro_batch=mb,
+                     grad_accum=self.per_dp // mb, activation_checkpointing=ac, zero_stage=self.z)
 
     def fixed_keys(self) -> list[tuple[str, object]]:
         return [("tp", self.t), ("pp", self.p), ("cp", self.c), ("ep", self.e), ("dp_shard", self.ds),
@@ -422,7 +436,7 @@ def _enumerate(S: _Search) -> list[_Layout]:
                 S.layouts_total += 1
                 if G % dp:
                     S.layouts_batch_bad += 1
-                    S.reject(ParallelPlan(tp=t, pp=p, cp=c, dp_shard=dp), "batch",
+                    S.reject(_plan(tp=t, pp=p, cp=c, dp_shard=dp), "batch",
                              f"global batch {G} seqs not divisible by dp {dp}", dims=("tp", "pp", "cp"),
                              dim_reason=S.batch_reason())
                     continue
@@ -508,9 +522,9 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                     continue
                 for sched, v, mbs, why in sched_mbs:
                     if not mbs:
-                        plan = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e, zero_stage=z,
-                                            pp_schedule=sched, pp_virtual_stages=v, micro_batch=mbs_all[0],
-                                            grad_accum=max(1, per_dp // mbs_all[0]))
+                        plan = _plan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e, zero_stage=z,
+                                     pp_schedule=sched, pp_virtual_stages=v, micro_batch=mbs_all[0],
+                                     grad_accum=max(1, per_dp // mbs_all[0]))
                         if batch_dims:
                             S.reject(plan, "batch", why, dims=batch_dims, dim_reason=batch_reason)
                             batch_dims = ()  # (tp, pp, cp) are fixed here: their reason is set from now on
