@@ -26,7 +26,9 @@ per-dimension comparisons of those dimensions are exactly what an exhaustive sea
 (tests/test_search.py checks that against brute force). Memory is monotone: it never rises with a
 larger shard group or EP degree, never falls with a larger micro-batch or weaker recomputation, so
 one "least-memory corner" evaluation can rule out whole groups of layouts, and the micro-batch scan
-stops at the first misfit (an assumption about memory.py that holds up to its small fixed buffers). Memory results are cached on the fields memory depends on.
+stops at the first misfit (an assumption about memory.py that holds up to its small fixed buffers).
+Memory results are cached on the fields memory depends on, and the fit checks evaluate only the
+peak stage (``memory_per_gpu(..., per_stage=False)``).
 
 Ranking: step time (0.1 % bins), then memory per GPU, then simplicity (fewer parallel dimensions, no
 interleaving). Rejected layouts keep a one-line reason, and ``reasons`` explains the choice
@@ -163,10 +165,6 @@ class _Layout:
         return [("tp", self.t), ("pp", self.p), ("cp", self.c), ("ep", self.e), ("dp_shard", self.ds),
                 ("zero_stage", self.z), ("pp_schedule", self.sched)]
 
-    def keys(self, acs) -> list[tuple[str, object]]:
-        """Every (dimension, value) this layout's candidates stand for."""
-        return (self.fixed_keys() + [("activation_checkpointing", a) for a in acs]
-                + [("micro_batch", m) for m in self.mbs])
 
 
 class _Search:
