@@ -778,7 +778,7 @@ def memory_per_gpu(
     # reserved = (StageMemory.total - outside) x scale + extra; what must fit = reserved + outside
     totals = [int(ceil(((w + gr + op + acts + buf) - outside) * scale + extra + outside))
               for _, _, w, gr, op, acts, buf in values]
-    peak = max(range(len(totals)), key=totals.__getitem__)
+    peak = totals.index(max(totals)) if len(totals) > 1 else 0  # the first stage with the peak
     s = StageMemory(*values[peak][2:])
     return MemoryNumbers(
         per_gpu_bytes=totals[peak],

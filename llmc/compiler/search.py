@@ -175,6 +175,7 @@ class _Search:
         self.pins, self.memory_fn, self.fits_fn, self.top_k = pins, memory_fn, fits_fn, top_k
         self.peak_fn = peak_fn or memory_fn  # the candidates' fit checks need only the peak stage
         self.capacity = gpu.hbm_bytes
+        self._usable: str | None = None  # usable_txt()
         self.acs = AC_ORDER if pins.activation_checkpointing is None else (pins.activation_checkpointing,)
         self.fitting: list[Candidate] = []
         self.rejected: list[Candidate] = []
@@ -221,10 +222,13 @@ class _Search:
     def note_nofit(self, plan: ParallelPlan, mem: int, dims=("tp", "pp", "cp", "ep", "dp_shard", "zero_stage",
                                                            "pp_schedule", "activation_checkpointing",
                                                            "micro_batch")) -> None:
+        nofit_by = self.nofit_by
+        values = plan.__dict__
         for d in dims:
-            k = (d, getattr(plan, d))
-            if k not in self.nofit_by or mem < self.nofit_by[k]:
-                self.nofit_by[k] = mem
+            k = (d, values[d])
+            cur = nofit_by.get(k)
+            if cur is None or mem < cur:
+                nofit_by[k] = mem
 
     def add_fit(self, cand: Candidate, lay: _Layout) -> None:
         self.fitting.append(cand)
@@ -291,7 +295,9 @@ class _Search:
         return False
 
     def usable_txt(self) -> str:
-        return f"{gib(self.capacity * USABLE_FRACTION)} usable"
+        if self._usable is None:
+            self._usable = f"{gib(self.capacity * USABLE_FRACTION)} usable"
+        return self._usable
 
     # ------------------------------------------------------------------ one layout
     def evaluate(self, lay: _Layout) -> None:
