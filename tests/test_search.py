@@ -215,3 +215,138 @@ training: {backend: BACKEND, global_batch_tokens: 4194304}
     assert (ds.plan.tp, ds.plan.pp, ds.plan.cp, ds.plan.ep, ds.plan.dp_replicate) == (1, 1, 1, 1, 1)
     nat = comp("native")
     assert nat.plan is not None and (nat.plan.pp, nat.plan.cp) == (1, 1)
+
+
+def _exhaustive(arch, world, seqs, seq_len, gpn=8):
+    """Every candidate of the search's space by plain loops, without pruning: the fitting ones with their
+    step time and memory (independent of the search's bookkeeping; ranked with its published key)."""
+    from llmc.compiler.plan import ParallelPlan
+    from llmc.compiler.result import Candidate
+    from llmc.compiler.search import CP_MIN_SEQ, MAX_MICRO_TOKENS
+
+    assert seq_len < CP_MIN_SEQ and arch.moe is None  # cp = ep = 1
+    sm = timing.step_model(arch, seq_len, "bf16", H100)
+    out = []
+    for t in (t for t in divisors(world) if t <= gpn and gpn % t == 0):
+        if arch.n_heads % t or arch.kv_heads % t:
+            continue
+        for p in (p for p in divisors(world // t) if p <= arch.n_layers):
+            dp = world // (t * p)
+            if seqs % dp:
+                continue
+            per_dp = seqs // dp
+            for ds in divisors(dp):
+                for z in ([0] if ds == 1 else [1, 3]):
+                    scheds = [("1F1B", 1)] + ([("Interleaved1F1B", v) for v in (2, 4, 8) if p * v <= arch.n_layers]
+                                              if p > 1 else [])
+                    for sched, v in scheds:
+                        for mb in (2**k for k in range(20) if 2**k <= per_dp and per_dp % 2**k == 0
+                                   and (k == 0 or 2**k * seq_len <= MAX_MICRO_TOKENS)):
+                            m = per_dp // mb
+                            if p > 1 and (m < p or (sched != "1F1B" and m % p)):
+                                continue
+                            for ac in ("none", "selective", "full"):
+                                plan = ParallelPlan(dp_replicate=dp // ds, dp_shard=ds, tp=t, pp=p,
+                                                    pp_schedule=sched, pp_virtual_stages=v, micro_batch=mb,
+                                                    grad_accum=m, activation_checkpointing=ac, zero_stage=z)
+                                mem = memory_per_gpu(arch, plan, seq_len, "bf16", H100.hbm_bytes)
+                                if fits(mem):
+                                    step, mfu = timing.step_time(sm, plan)[:2]
+                                    out.append(Candidate(plan, step, mfu, mem.per_gpu_bytes, True, ""))
+    return out
+
+
+@pytest.mark.parametrize("world,seqs", [(48, 192), (240, 960)])
+def test_pruned_search_equals_exhaustive_with_many_dp_splits(world, seqs):
+    # many (dp_shard, dp_replicate) splits per (tp, pp): the best plan, and the best plan of every other
+    # (tp, pp) layout in the alternatives, are exactly the exhaustive ones; the search's peak-only memory
+    # evaluations (peak_fn) change nothing in the result
+    from llmc.compiler.search import _rank_key
+
+    arch, seq_len = PRESETS["llama3-8b"], 4096
+    res = _search(arch, world, seqs, seq_len=seq_len, top_k=4)
+    sm = timing.step_model(arch, seq_len, "bf16", H100)
+    fast = search(arch, sm, world=world, gpu=H100, seq_len=seq_len, global_batch_seqs=seqs, precision="bf16",
+                  pins=Parallelism(), memory_fn=partial(_mem, arch, seq_len, "bf16", H100.hbm_bytes), top_k=4,
+                  peak_fn=lambda plan: memory_per_gpu(arch, plan, seq_len, "bf16", H100.hbm_bytes, per_stage=False))
+    assert fast == res
+
+    every = sorted(_exhaustive(arch, world, seqs, seq_len), key=_rank_key)
+    assert res.best.plan == every[0].plan
+    assert res.memory == memory_per_gpu(arch, res.best.plan, seq_len, "bf16", H100.hbm_bytes)
+    per_layout = {}
+    for c in every:
+        per_layout.setdefault((c.plan.tp, c.plan.pp, c.plan.cp, c.plan.ep), c)
+    layout = lambda c: (c.plan.tp, c.plan.pp, c.plan.cp, c.plan.ep)  # noqa: E731
+    others = [c for k, c in per_layout.items() if k != layout(every[0])][:4]
+    assert [a.plan for a in res.alternatives] == [c.plan for c in others]
+    assert res.evaluated < len(every)  # and it got there with fewer memory evaluations
+
+
+def test_peak_only_memory_equals_the_full_evaluation():
+    # per_stage=False values one stage per run of identical stages; every field but per_stage_bytes must be
+    # the full evaluation's, whose per_stage_bytes are recomputed here from stage_memory's StageMemory
+    import math
+    import random
+
+    from llmc.compiler.backends import BACKENDS, get_backend
+    from llmc.compiler.memory import non_allocator_bytes, stage_memory
+    from llmc.compiler.plan import ParallelPlan
+
+    class Factors:
+        mem_scale, mem_overhead_bytes = 1.07, 3e8
+
+    rng = random.Random(0)
+    checked = 0
+    for name in ("deepseek-v3", "llama3.1-405b", "mixtral-8x7b", "tiny-moe", "qwen2.5-7b"):
+        arch = PRESETS[name]
+        while checked < 120 * (1 + ["deepseek-v3", "llama3.1-405b", "mixtral-8x7b", "tiny-moe",
+                                     "qwen2.5-7b"].index(name)):
+            sched, v = rng.choice([("1F1B", 1), ("GPipe", 1), ("ZBVZeroBubble", 2), ("Interleaved1F1B", 2),
+                                   ("Interleaved1F1B", 4)])
+            pp = rng.choice([1, 2, 3, 7, 8, 16, 30])
+            if pp == 1:
+                sched, v = "1F1B", 1
+            if pp * v > arch.n_layers:
+                continue
+            plan = ParallelPlan(dp_replicate=rng.choice([1, 3]), dp_shard=rng.choice([1, 8, 96]),
+                                tp=rng.choice([1, 2, 8]), pp=pp, pp_schedule=sched, pp_virtual_stages=v,
+                                cp=rng.choice([1, 2]), ep=rng.choice([1, 4]) if arch.moe else 1,
+                                micro_batch=rng.choice([1, 2]), grad_accum=rng.choice([1, 3, pp, 2 * pp, 64]),
+                                activation_checkpointing=rng.choice(["none", "selective", "full"]),
+                                zero_stage=rng.choice([0, 1, 2, 3]))
+            kw = dict(backend=rng.choice([None, *sorted(BACKENDS)]), compile=rng.choice([None, True, False]),
+                      flash_attention=rng.choice([True, False]), offload_optimizer=rng.choice([False, True]),
+                      factors=rng.choice([None, Factors]))
+            prec = rng.choice(["bf16", "fp8", "fp32"])
+            full = memory_per_gpu(arch, plan, 4096, prec, 80e9, **kw)
+            peak = memory_per_gpu(arch, plan, 4096, prec, 80e9, per_stage=False, **kw)
+            assert peak.per_stage_bytes == []
+            assert peak.__class__(**{**vars(peak), "per_stage_bytes": full.per_stage_bytes}) == full
+            be = get_backend(kw["backend"])
+            scale = be.reserved_over_allocated * (Factors.mem_scale if kw["factors"] else 1.0)
+            extra = Factors.mem_overhead_bytes if kw["factors"] else 0.0
+            outside = non_allocator_bytes(plan, be)
+            stages = stage_memory(arch, plan, 4096, prec, backend=be, compile=kw["compile"],
+                                  flash_attention=kw["flash_attention"], offload_optimizer=kw["offload_optimizer"])
+            assert full.per_stage_bytes == [math.ceil((s.total - outside) * scale + extra + outside) for s in stages]
+            assert full.per_gpu_bytes == max(full.per_stage_bytes)
+            checked += 1
+
+
+def test_memory_cache_tells_replicas_apart():
+    # the per-layout cache must not serve a dp_replicate = 1 result to a dp_replicate > 1 plan with the same
+    # dp_shard: the replicate dimension adds an NCCL communicator outside the allocator
+    from llmc.compiler import memory
+    from llmc.compiler.plan import ParallelPlan
+
+    arch = PRESETS["llama3-8b"]
+    one = ParallelPlan(dp_replicate=1, dp_shard=2, tp=8, zero_stage=3)
+    three = ParallelPlan(dp_replicate=3, dp_shard=2, tp=8, zero_stage=3)
+    memory_per_gpu(arch, one, 4096, "bf16", 80e9, backend="torchtitan")
+    cached = memory_per_gpu(arch, three, 4096, "bf16", 80e9, backend="torchtitan")
+    for cache in (memory._STATIC, memory._STRUCT, memory._ACTS, memory._BLOCKS, memory._GROUP_BYTES):
+        cache.clear()
+    assert cached == memory_per_gpu(arch, three, 4096, "bf16", 80e9, backend="torchtitan")
+    assert cached.breakdown["buffers"] > memory_per_gpu(arch, one, 4096, "bf16", 80e9,
+                                                        backend="torchtitan").breakdown["buffers"]

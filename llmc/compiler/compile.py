@@ -286,7 +286,8 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
                         run.parallelism.offload_optimizer, o.backend, o.compile, o.factors)
     res = search.search(arch, sm, world=run.hardware.count, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
                         precision=training.precision, pins=backend_pins(run.parallelism, o.backend),
-                        memory_fn=memory_fn, fits_fn=None if o.fit_check else _always_fits, band=o.band)
+                        memory_fn=memory_fn, peak_fn=partial(memory_fn, per_stage=False),
+                        fits_fn=None if o.fit_check else _always_fits, band=o.band)
     checks.check_search(run, res, gpu, seqs, sink)
     info = {"memory_evaluations": res.evaluated, "fitting": res.fitting,
             "rejected": dict(sorted(res.rejected_counts.items()))}
@@ -373,9 +374,10 @@ def has_pretraining(run: RunSpec) -> bool:
     return not run.stages or any(st.kind == "pretrain" for st in run.stages)
 
 
-def _memory(memory_mod, arch, seq_len, precision, capacity, offload, backend, compile_, factors, plan):
+def _memory(memory_mod, arch, seq_len, precision, capacity, offload, backend, compile_, factors, plan, *,
+            per_stage: bool = True):
     return memory_mod.memory_per_gpu(arch, plan, seq_len, precision, capacity, offload_optimizer=offload,
-                                     backend=backend, compile=compile_, factors=factors)
+                                     backend=backend, compile=compile_, factors=factors, per_stage=per_stage)
 
 
 def _located(d: Diagnostic, lines: dict, file: str) -> Diagnostic:

@@ -49,6 +49,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from llmc.compiler.backends import compile_on, get_backend
 from llmc.compiler.params import expert_d_ff, is_moe_layer, layer_components
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import MemoryNumbers
@@ -190,17 +191,34 @@ def stage_param_groups(
     return [dict(g) for g in _stage_param_groups(arch, pp, schedule, virtual)]
 
 
+_LAYER_GROUPS: dict[int, tuple] = {}
+
+
+def _layer_groups(arch: Architecture) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """Per block: (sharding group, parameters) of each labelled component, in layer_components' order;
+    computed once per architecture (keyed by identity, the entry holds the architecture)."""
+    hit = _LAYER_GROUPS.get(id(arch))
+    if hit is None or hit[0] is not arch:
+        hit = (arch, tuple(tuple((_group(label), n) for label, n in layer_components(arch, i).items())
+                           for i in range(arch.n_layers)))
+        if len(_LAYER_GROUPS) > 64:
+            _LAYER_GROUPS.clear()
+        _LAYER_GROUPS[id(arch)] = hit
+    return hit[1]
+
+
 @lru_cache(maxsize=256)
 def _stage_param_groups(
     arch: Architecture, pp: int, schedule: str, virtual: int
 ) -> tuple[dict[str, int], ...]:
     V, d = arch.vocab_size, arch.d_model
+    per_layer = _layer_groups(arch)
     out = []
     for layers, emb, head in pipeline_layout(arch.n_layers, pp, schedule, virtual):
         g = {"tp": 0, "expert": 0, "vocab": 0, "replicated": 0}
         for i in layers:
-            for label, n in layer_components(arch, i).items():
-                g[_group(label)] += n
+            for group, n in per_layer[i]:
+                g[group] += n
         if emb:
             g["vocab"] += V * d
         if head:
@@ -459,9 +477,18 @@ def stage_memory(
     allocator (CUDA context, NCCL) and, with ``compile`` (None = the backend's default), the activations
     torch.compile does not save. Buffers include the backend's device-level bytes (``non_allocator``).
     """
-    from llmc.compiler.backends import compile_on, get_backend
-
     be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
+    return [StageMemory(w, gr, op, acts, buf) for _, _, w, gr, op, acts, buf in _stage_values(
+        arch, plan, seq_len, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param,
+        flash_attention, be, compile, compile_loss, runs=False)]
+
+
+def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param,
+                  flash_attention, be, compile, compile_loss, *, runs: bool) -> list[tuple]:
+    """(first stage, number of stages, weights, grads, optimizer, activations, buffers) for every stage
+    (``runs=False``), or once per run of consecutive stages with the same parameters and blocks
+    (``runs=True``), valued at the run's first stage: its in-flight micro-batch count is the run's
+    largest, since it never rises with the stage index (:func:`in_flight_microbatches`)."""
     act_b = 4.0 if precision == "fp32" else 2.0
     compiled = compile_on(be, compile)
     act_keep = 1.0 - (be.compile_act_saving if compiled else 0.0)
@@ -469,38 +496,44 @@ def stage_memory(
     logits_b = LOGITS_COMPILED_BYTES_PER_ELEM if loss_compiled else LOGITS_BYTES_PER_ELEM
     tokens_mb = plan.micro_batch * seq_len / plan.cp  # tokens per micro-batch on this rank
     act_div = plan.tp  # sequence parallel: every activation is split over tp (Korthikanti Table 2)
-    static = _static_stages(arch, plan, precision, optimizer_bytes_per_param, offload_optimizer,
-                            grad_bytes_per_param, be)
     ac = plan.activation_checkpointing
-    out: list[StageMemory] = []
-    for si, (w, gr, op, buf0, layers, has_head) in enumerate(static):
-        # --- activations
-        per_tok, work = _stage_act_cached(arch, layers, ac, seq_len, flash_attention, act_b)
-        if has_head:
-            per_tok += 2 * arch.d_model * act_b  # final norm input + head input
-        acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div * act_keep
-        # while one block is recomputed and back-propagated, what was dropped for it is rematerialised:
-        # its full working set minus what is kept anyway (so AC never exceeds no AC); 0 without AC
-        acts += tokens_mb * work / act_div
-        if plan.tp > 1:
-            # sequence-parallel TP all-gathers the attention and FFN inputs to the whole micro-batch before the
-            # column-parallel linears (Korthikanti et al. 2022 sec. 4.2.2), so the layer being computed holds
-            # them and, in the backward, their gradients unsplit by tp; with fp8 also the fp8 copies of the
-            # gathered input for each column-parallel linear (wq, wk, wv, w1, w3: 1 B each)
-            acts += tokens_mb * arch.d_model * (4 * act_b + (5.0 if precision == "fp8" else 0.0))
-        buf = buf0
-        if has_head:
-            buf += tokens_mb * arch.vocab_size * logits_b / plan.tp
-        out.append(StageMemory(w, gr, op, acts, buf))
+    if ac not in AC_MODES:
+        raise ValueError(f"unknown activation checkpointing mode {ac!r}")
+    structure = _structure(arch, plan.pp, plan.pp_schedule, max(1, plan.pp_virtual_stages), seq_len,
+                           flash_attention, act_b)
+    static = _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload_optimizer,
+                          grad_bytes_per_param, be, structure)
+    out: list[tuple] = []
+    for run, (w, gr, op, buf0) in zip(structure, static, strict=True):
+        start, count, has_head = run[0], run[1], run[5]
+        per_tok, work = run[7][ac]  # per token, with the final norm's and the head's inputs on the last stage
+        for si in ((start,) if runs else range(start, start + count)):
+            # --- activations
+            acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div * act_keep
+            # while one block is recomputed and back-propagated, what was dropped for it is rematerialised:
+            # its full working set minus what is kept anyway (so AC never exceeds no AC); 0 without AC
+            acts += tokens_mb * work / act_div
+            if plan.tp > 1:
+                # sequence-parallel TP all-gathers the attention and FFN inputs to the whole micro-batch before
+                # the column-parallel linears (Korthikanti et al. 2022 sec. 4.2.2), so the layer being computed
+                # holds them and, in the backward, their gradients unsplit by tp; with fp8 also the fp8 copies
+                # of the gathered input for each column-parallel linear (wq, wk, wv, w1, w3: 1 B each)
+                acts += tokens_mb * arch.d_model * (4 * act_b + (5.0 if precision == "fp8" else 0.0))
+            buf = buf0
+            if has_head:
+                buf += tokens_mb * arch.vocab_size * logits_b / plan.tp
+            out.append((si, count if runs else 1, w, gr, op, acts, buf))
     return out
 
+
+AC_MODES = ("none", "selective", "full")
 
 # Per-layout results that do not depend on the micro-batch, AC or gradient accumulation, keyed by the
 # architecture's identity (hashing the pydantic model on every call is what made the search slow); the
 # cached value holds the architecture, so its id cannot be reused while the entry lives.
 _STATIC: dict[tuple, tuple] = {}
 _ACTS: dict[tuple, tuple] = {}
-_GROUPS: dict[tuple, tuple] = {}
+_STRUCT: dict[tuple, tuple] = {}
 _BLOCKS: dict[tuple, tuple] = {}
 _CACHE_MAX = 200_000
 
@@ -534,46 +567,55 @@ def _stage_act_cached(arch, layers, ac, seq_len, flash, act_b) -> tuple[float, f
     return hit[1]
 
 
-def _static_stages(arch, plan, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param, be):
-    """Per stage: (weights, grads, optimizer, buffers without the logits, blocks, holds the head)."""
-    key = (id(arch), plan.pp, plan.pp_schedule, plan.pp_virtual_stages, plan.tp, plan.ep, plan.dp_shard, plan.cp,
-           plan.dp > 1, plan.zero_stage, precision, optimizer_bytes_per_param, offload_optimizer,
-           grad_bytes_per_param, be.name)
-    hit = _STATIC.get(key)
+def _structure(arch, pp, schedule, virtual, seq_len, flash, act_b) -> tuple:
+    """The pipeline stages as runs of consecutive stages holding the same parameters and blocks:
+    (first stage, number of stages, parameters by sharding group, holds the embedding, the first
+    stage's blocks, holds the head, the run's key, {AC mode: (kept activation bytes per token, rematerialised
+    working set per token)}). The key is what :func:`_static_runs` reads (group counts, embedding,
+    head, number of blocks) and the activation values of every AC mode, so the stages of a run have
+    identical inputs everywhere."""
+    key = (id(arch), pp, schedule, virtual, seq_len, flash, act_b)
+    hit = _STRUCT.get(key)
     if hit is not None and hit[0] is arch:
         return hit[1]
-    wb, gb, ob = _precision_bytes(precision, optimizer_bytes_per_param, grad_bytes_per_param)
-    use_profile = precision != "fp32" and grad_bytes_per_param is None and optimizer_bytes_per_param == 12
-    cwb = 4.0 if precision == "fp32" else 2.0  # bytes of an all-gathered (unsharded) parameter in compute
-    v = max(1, plan.pp_virtual_stages)
-    gkey = (id(arch), plan.pp, plan.pp_schedule, v)
-    ghit = _GROUPS.get(gkey)
-    if ghit is None or ghit[0] is not arch:
-        ghit = (arch, _stage_param_groups(arch, plan.pp, plan.pp_schedule, v))
-        _bounded(_GROUPS)[gkey] = ghit
-    groups = ghit[1]
-    shard = _shard_groups(plan)
-    layout = _plan_layout(arch, plan)
-    zs = plan.zero_stage
-    # bytes per parameter (weights, grads, optimizer) of each sharding group: the same arithmetic as
-    # backend_state_bytes / model_state_bytes, evaluated once per group instead of once per stage
-    per_group = {}
-    for name, (mp, z) in shard.items():
-        if use_profile:
-            st = backend_state_bytes(1.0, be, zero_stage=zs, shard=z, offload_optimizer=offload_optimizer)
+    groups = _stage_param_groups(arch, pp, schedule, virtual)
+    layout = pipeline_layout(arch.n_layers, pp, schedule, virtual)
+    runs: list[list] = []
+    for si, (g, (layers, has_emb, has_head)) in enumerate(zip(groups, layout, strict=True)):
+        acts = {}
+        for ac in AC_MODES:
+            per_tok, work = _stage_act_cached(arch, layers, ac, seq_len, flash, act_b)
+            if has_head:
+                per_tok += 2 * arch.d_model * act_b  # final norm input + head input
+            acts[ac] = (per_tok, work)
+        rkey = (tuple(g.values()), has_emb, has_head, len(layers), tuple(acts.values()))
+        if runs and runs[-1][6] == rkey:
+            runs[-1][1] += 1
         else:
-            st = model_state_bytes(1.0, zero_stage=zs, shard=z, weight_bytes=wb, grad_bytes=gb, optimizer_bytes=ob,
-                                   offload_optimizer=offload_optimizer)
-        per_group[name] = (1.0 / mp, st["weights"] / mp, st["grads"] / mp, st["optimizer"] / mp)
+            runs.append([si, 1, g, has_emb, layers, has_head, rkey, acts])
+    out = tuple(tuple(r) for r in runs)
+    _bounded(_STRUCT)[key] = (arch, out)
+    return out
+
+
+def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param, be,
+                 structure) -> tuple:
+    """Per run of ``structure`` (:func:`_structure`): (weights, grads, optimizer, buffers without the
+    logits), which depend on the layout but not on the micro-batch, AC or gradient accumulation."""
+    # dp_replicate > 1 separately from dp > 1: the outside-allocator bytes count its NCCL communicator
+    key = (id(structure), plan.tp, plan.ep, plan.dp_shard, plan.cp, plan.dp > 1, plan.dp_replicate > 1,
+           plan.zero_stage, plan.pp, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param, be.name)
+    hit = _STATIC.get(key)
+    if hit is not None and hit[0] is structure:
+        return hit[1]
+    cwb = 4.0 if precision == "fp32" else 2.0  # bytes of an all-gathered (unsharded) parameter in compute
+    zs = plan.zero_stage
+    per_group = {name: _group_bytes(mp, z, zs, precision, optimizer_bytes_per_param, offload_optimizer,
+                                    grad_bytes_per_param, be)
+                 for name, (mp, z) in _shard_groups(plan).items()}
     out = []
     outside = non_allocator_bytes(plan, be)
-    seen: dict[tuple, tuple] = {}  # stages with the same parameters (the middle of a pipeline) repeat
-    for g, (layers, has_emb, has_head) in zip(groups, layout, strict=True):
-        skey = (tuple(g.values()), has_emb, has_head, layers if zs >= 3 and plan.pp == 1 else len(layers))
-        hit = seen.get(skey)
-        if hit is not None:
-            out.append(hit[:4] + (layers, has_head))
-            continue
+    for _, _, g, has_emb, layers, has_head, _, _ in structure:
         w = gr = op = 0.0
         unsharded_local = 0.0  # params of this stage after tp/ep split, before ZeRO
         for name, n in g.items():
@@ -584,7 +626,7 @@ def _static_stages(arch, plan, precision, optimizer_bytes_per_param, offload_opt
                 gr += n * bg
                 op += n * bo
 
-        # --- buffers (the logits, which depend on the micro-batch, are added by stage_memory)
+        # --- buffers (the logits, which depend on the micro-batch, are added by _stage_values)
         buf = outside
         z_dense = plan.dp_shard * plan.cp
         if zs >= 3 and z_dense > 1 and plan.pp > 1:
@@ -596,7 +638,8 @@ def _static_stages(arch, plan, precision, optimizer_bytes_per_param, offload_opt
             buf += unsharded_local * (cwb + 4)
         elif zs >= 3 and z_dense > 1:
             # FSDP unit = one block (or the embedding / head): 2 units all-gathered in the compute dtype
-            # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter
+            # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter (pp = 1: one
+            # stage, so the run's blocks are the stage's)
             bkey = (id(arch), layers, plan.tp, max(1, plan.ep))
             bhit = _BLOCKS.get(bkey)
             if bhit is None or bhit[0] is not arch:
@@ -612,11 +655,32 @@ def _static_stages(arch, plan, precision, optimizer_bytes_per_param, offload_opt
             buf += 2 * min(DS_BUCKET_ELEMS, unsharded_local) * cwb  # reduce + all-gather buckets
         elif plan.dp > 1:
             buf += 2 * DDP_BUCKET_BYTES
-        seen[skey] = (w, gr, op, buf)
-        out.append((w, gr, op, buf, layers, has_head))
+        out.append((w, gr, op, buf))
     out_t = tuple(out)
-    _bounded(_STATIC)[key] = (arch, out_t)
+    _bounded(_STATIC)[key] = (structure, out_t)
     return out_t
+
+
+_GROUP_BYTES: dict[tuple, tuple] = {}
+
+
+def _group_bytes(mp, z, zs, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param, be):
+    """(1, weights, grads, optimizer) bytes per parameter of a sharding group, / its model-parallel divisor
+    ``mp``: the same arithmetic as backend_state_bytes / model_state_bytes, evaluated once per group and
+    shard size instead of once per stage."""
+    key = (mp, z, zs, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param, id(be))
+    hit = _GROUP_BYTES.get(key)
+    if hit is not None and hit[0] is be:
+        return hit[1]
+    wb, gb, ob = _precision_bytes(precision, optimizer_bytes_per_param, grad_bytes_per_param)
+    if precision != "fp32" and grad_bytes_per_param is None and optimizer_bytes_per_param == 12:
+        st = backend_state_bytes(1.0, be, zero_stage=zs, shard=z, offload_optimizer=offload_optimizer)
+    else:
+        st = model_state_bytes(1.0, zero_stage=zs, shard=z, weight_bytes=wb, grad_bytes=gb, optimizer_bytes=ob,
+                               offload_optimizer=offload_optimizer)
+    out = (1.0 / mp, st["weights"] / mp, st["grads"] / mp, st["optimizer"] / mp)
+    _bounded(_GROUP_BYTES)[key] = (be, out)
+    return out
 
 
 def backend_state_bytes(n_params: float, backend, *, zero_stage: int = 0, shard: int = 1,
@@ -688,6 +752,7 @@ def memory_per_gpu(
     compile: bool | None = None,
     factors=None,
     compile_loss: bool | None = None,
+    per_stage: bool = True,
 ) -> MemoryNumbers:
     """Peak bytes per GPU over the pipeline stages, with the breakdown of the peak stage.
 
@@ -696,39 +761,32 @@ def memory_per_gpu(
     x the backend's ``reserved_over_allocated``, x calibration ``mem_scale`` + ``mem_overhead_bytes``);
     ``per_gpu_bytes`` = reserved + the device memory outside the allocator (CUDA context, NCCL): what
     must fit in the GPU, and what ``fits`` compares with the capacity.
-    """
-    from llmc.compiler.backends import get_backend
 
+    ``per_stage=False`` (the search's fit checks) leaves ``per_stage_bytes`` empty and values only the
+    first stage of each run of stages with the same parameters and blocks: every term is non-decreasing
+    in the in-flight micro-batch count, which never rises along a run, so the peak (and every other
+    field) is exactly the one of the full evaluation.
+    """
     be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
-    stages = stage_memory(
-        arch,
-        plan,
-        seq_len,
-        precision,
-        optimizer_bytes_per_param=optimizer_bytes_per_param,
-        offload_optimizer=offload_optimizer,
-        grad_bytes_per_param=grad_bytes_per_param,
-        flash_attention=flash_attention,
-        backend=be,
-        compile=compile,
-        compile_loss=compile_loss,
-    )
     outside = non_allocator_bytes(plan, be)
     scale = be.reserved_over_allocated * (getattr(factors, "mem_scale", 1.0) if factors is not None else 1.0)
     extra = getattr(factors, "mem_overhead_bytes", 0.0) if factors is not None else 0.0
-
-    def reserved(s: StageMemory) -> float:
-        return (s.total - outside) * scale + extra
-
-    totals = [int(math.ceil(reserved(s) + outside)) for s in stages]
-    peak = max(range(len(stages)), key=lambda k: totals[k])
+    runs = not per_stage and scale > 0 and be.compile_act_saving <= 1.0
+    values = _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, offload_optimizer,
+                           grad_bytes_per_param, flash_attention, be, compile, compile_loss, runs=runs)
+    ceil = math.ceil
+    # reserved = (StageMemory.total - outside) x scale + extra; what must fit = reserved + outside
+    totals = [int(ceil(((w + gr + op + acts + buf) - outside) * scale + extra + outside))
+              for _, _, w, gr, op, acts, buf in values]
+    peak = totals.index(max(totals)) if len(totals) > 1 else 0  # the first stage with the peak
+    s = StageMemory(*values[peak][2:])
     return MemoryNumbers(
         per_gpu_bytes=totals[peak],
         capacity_bytes=int(capacity_bytes),
-        breakdown=stages[peak].as_dict(),
-        per_stage_bytes=totals,
-        allocated_bytes=int(math.ceil(stages[peak].total - outside)),
-        reserved_bytes=int(math.ceil(reserved(stages[peak]))),
+        breakdown=s.as_dict(),
+        per_stage_bytes=[] if runs else totals,
+        allocated_bytes=int(ceil(s.total - outside)),
+        reserved_bytes=int(ceil((s.total - outside) * scale + extra)),
         outside_allocator_bytes=int(outside),
         backend=be.name,
     )

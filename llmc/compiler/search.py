@@ -26,7 +26,9 @@ per-dimension comparisons of those dimensions are exactly what an exhaustive sea
 (tests/test_search.py checks that against brute force). Memory is monotone: it never rises with a
 larger shard group or EP degree, never falls with a larger micro-batch or weaker recomputation, so
 one "least-memory corner" evaluation can rule out whole groups of layouts, and the micro-batch scan
-stops at the first misfit (an assumption about memory.py that holds up to its small fixed buffers). Memory results are cached on the fields memory depends on.
+stops at the first misfit (an assumption about memory.py that holds up to its small fixed buffers).
+Memory results are cached on the fields memory depends on, and the fit checks evaluate only the
+peak stage (``memory_per_gpu(..., per_stage=False)``).
 
 Ranking: step time (0.1 % bins), then memory per GPU, then simplicity (fewer parallel dimensions, no
 interleaving). Rejected layouts keep a one-line reason, and ``reasons`` explains the choice
@@ -36,7 +38,7 @@ against the best plan for every other value of each dimension.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import Candidate, MemoryNumbers
@@ -61,6 +63,20 @@ class SearchResult:
     evaluated: int = 0  # memory evaluations
     fitting: int = 0
     batch_blocked: bool = False  # every layout failed the batch identity
+
+
+_PLAN_FIELDS = {f.name: f.default for f in fields(ParallelPlan)}
+assert not hasattr(ParallelPlan, "__post_init__")  # _plan relies on the plain dataclass __init__
+
+
+def _plan(**values) -> ParallelPlan:
+    """``ParallelPlan(**values)``: the same frozen instance, filled the way its generated ``__init__`` fills
+    it, at a quarter of the cost (a search at a million GPUs builds tens of thousands of plans)."""
+    plan = object.__new__(ParallelPlan)
+    d = plan.__dict__
+    d.update(_PLAN_FIELDS)
+    d.update(values)
+    return plan
 
 
 def divisors(n: int) -> list[int]:
@@ -129,41 +145,47 @@ class _Layout:
     z: int
     sched: str
     v: int
-    mbs: list[int]  # micro-batches satisfying the batch identity and the pipeline constraints
+    mbs: tuple[int, ...]  # micro-batches satisfying the batch identity and the pipeline constraints
     per_dp: int
     timer: LayoutTimer
     lb: float = 0.0  # fastest step time over mbs without recomputation (memory ignored)
+    required: tuple = ()  # its (dimension, value) keys of REQUIRED_DIMS (see _Search.can_skip)
+
+    def order(self, ac: str) -> tuple:
+        """``_plan_tuple(self.plan(self.mbs[0], ac))`` without building the plan."""
+        return (self.t, self.p, self.c, self.e, self.ds, self.dr, self.sched, self.v, self.mbs[0],
+                AC_ORDER.index(ac), self.z)
 
     def plan(self, mb: int, ac: str) -> ParallelPlan:
-        return ParallelPlan(dp_replicate=self.dr, dp_shard=self.ds, tp=self.t, pp=self.p, pp_schedule=self.sched,
-                            pp_virtual_stages=self.v, cp=self.c, ep=self.e, micro_batch=mb,
-                            grad_accum=self.per_dp // mb, activation_checkpointing=ac, zero_stage=self.z)
+        return _plan(dp_replicate=self.dr, dp_shard=self.ds, tp=self.t, pp=self.p, pp_schedule=self.sched,
+                     pp_virtual_stages=self.v, cp=self.c, ep=self.e, micro_batch=mb,
+                     grad_accum=self.per_dp // mb, activation_checkpointing=ac, zero_stage=self.z)
 
     def fixed_keys(self) -> list[tuple[str, object]]:
         return [("tp", self.t), ("pp", self.p), ("cp", self.c), ("ep", self.e), ("dp_shard", self.ds),
                 ("zero_stage", self.z), ("pp_schedule", self.sched)]
 
-    def keys(self, acs) -> list[tuple[str, object]]:
-        """Every (dimension, value) this layout's candidates stand for."""
-        return (self.fixed_keys() + [("activation_checkpointing", a) for a in acs]
-                + [("micro_batch", m) for m in self.mbs])
 
 
 class _Search:
     """Mutable state of one search (see :func:`search`)."""
 
-    def __init__(self, arch, sm, world, gpu, seq_len, G, pins, memory_fn, fits_fn, top_k):
+    def __init__(self, arch, sm, world, gpu, seq_len, G, pins, memory_fn, fits_fn, top_k, peak_fn=None):
         self.arch, self.sm, self.world, self.gpu, self.seq_len, self.G = arch, sm, world, gpu, seq_len, G
         self.pins, self.memory_fn, self.fits_fn, self.top_k = pins, memory_fn, fits_fn, top_k
+        self.peak_fn = peak_fn or memory_fn  # the candidates' fit checks need only the peak stage
         self.capacity = gpu.hbm_bytes
+        self._usable: str | None = None  # usable_txt()
         self.acs = AC_ORDER if pins.activation_checkpointing is None else (pins.activation_checkpointing,)
         self.fitting: list[Candidate] = []
         self.rejected: list[Candidate] = []
         self.counts: dict[str, int] = {}
         self.best_by: dict[tuple[str, object], Candidate] = {}
+        self.best_rank: dict[tuple[str, object], tuple] = {}  # _rank_key of best_by's candidates
         self.nofit_by: dict[tuple[str, object], int] = {}
         self.struct_by: dict[tuple[str, object], str] = {}
         self.layout_best: dict[tuple, Candidate] = {}
+        self.layout_rank: dict[tuple, tuple] = {}  # _rank_key of layout_best's candidates
         self.mem_cache: dict[tuple, MemoryNumbers] = {}
         self.corners: dict[tuple, tuple[list, list]] = {}  # (tp, pp, cp, sched, v, zero) -> (failing, fitting)
         self.evaluated = 0
@@ -193,40 +215,45 @@ class _Search:
         hit = self.mem_cache.get(key)
         if hit is None:
             self.evaluated += 1
-            hit = self.memory_fn(plan)
+            hit = self.peak_fn(plan)
             self.mem_cache[key] = hit
         return hit
 
     def note_nofit(self, plan: ParallelPlan, mem: int, dims=("tp", "pp", "cp", "ep", "dp_shard", "zero_stage",
                                                            "pp_schedule", "activation_checkpointing",
                                                            "micro_batch")) -> None:
+        nofit_by = self.nofit_by
+        values = plan.__dict__
         for d in dims:
-            k = (d, getattr(plan, d))
-            if k not in self.nofit_by or mem < self.nofit_by[k]:
-                self.nofit_by[k] = mem
+            k = (d, values[d])
+            cur = nofit_by.get(k)
+            if cur is None or mem < cur:
+                nofit_by[k] = mem
 
     def add_fit(self, cand: Candidate, lay: _Layout) -> None:
         self.fitting.append(cand)
         rk = _rank_key(cand)
+        best_rank = self.best_rank
         for k in lay.fixed_keys() + [("activation_checkpointing", cand.plan.activation_checkpointing),
                                      ("micro_batch", cand.plan.micro_batch)]:
-            cur = self.best_by.get(k)
-            if cur is None or rk < _rank_key(cur):
+            cur = best_rank.get(k)
+            if cur is None or rk < cur:
                 self.best_by[k] = cand
+                best_rank[k] = rk
         lk = (lay.t, lay.p, lay.c, lay.e)
-        cur = self.layout_best.get(lk)
-        if cur is None or rk < _rank_key(cur):
+        cur = self.layout_rank.get(lk)
+        if cur is None or rk < cur:
             self.layout_best[lk] = cand
+            self.layout_rank[lk] = rk
 
     # ------------------------------------------------------------------ pruning
     def can_skip(self, lay: _Layout, step: float | None = None) -> bool:
         """Exact pruning: skip a layout (or one of its candidates, when ``step`` is given) that cannot
         beat the best plan of any value it stands for."""
         bound = (lay.lb if step is None else step) / TIE
-        for k in lay.keys(self.acs):
-            if k[0] not in REQUIRED_DIMS:
-                continue
-            cur = self.best_by.get(k)
+        best_by = self.best_by
+        for k in lay.required:
+            cur = best_by.get(k)
             if cur is None or cur.step_seconds > bound:
                 return False
         lk = (lay.t, lay.p, lay.c, lay.e)
@@ -268,7 +295,9 @@ class _Search:
         return False
 
     def usable_txt(self) -> str:
-        return f"{gib(self.capacity * USABLE_FRACTION)} usable"
+        if self._usable is None:
+            self._usable = f"{gib(self.capacity * USABLE_FRACTION)} usable"
+        return self._usable
 
     # ------------------------------------------------------------------ one layout
     def evaluate(self, lay: _Layout) -> None:
@@ -278,10 +307,10 @@ class _Search:
         any_fit = skipped = False
         for ac in self.acs:
             for mb in lay.mbs:
-                plan = lay.plan(mb, ac)
                 if mb in fit_mem:
                     # a weaker AC already fits with this micro-batch: this one fits too and is slower;
                     # time it for the per-dimension comparison, memory bounded by the weaker mode's
+                    plan = lay.plan(mb, ac)
                     step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac)
                     self.add_fit(Candidate(plan, step, mfu, fit_mem[mb], True, "memory bounded by a weaker AC mode"),
                                  lay)
@@ -290,6 +319,7 @@ class _Search:
                 if self.can_skip(lay, step):
                     skipped = True
                     continue  # fits or not, it cannot improve any required comparison
+                plan = lay.plan(mb, ac)
                 mem = self.memory(plan)
                 if not self.fits_fn(mem):
                     self.note_nofit(plan, mem.per_gpu_bytes)
@@ -315,7 +345,7 @@ USABLE_FRACTION = 0.92  # memory.fits headroom: allocator fragmentation margin
 
 
 def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_seqs: int, precision: str,
-           pins, memory_fn, fits_fn=None, top_k: int = 5, band: float = 0.0) -> SearchResult:
+           pins, memory_fn, fits_fn=None, top_k: int = 5, band: float = 0.0, peak_fn=None) -> SearchResult:
     """Find the fastest plan that fits.
 
     Args:
@@ -325,6 +355,9 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
         gpu: ``hardware.GPU`` (with the spec's gpus_per_node override applied).
         pins: the spec's ``Parallelism`` (None fields are searched).
         memory_fn: ``plan -> MemoryNumbers`` (``memory.memory_per_gpu`` with the run's settings bound).
+        peak_fn: the same without ``per_stage_bytes`` (``memory_per_gpu(..., per_stage=False)``), for
+            the fit checks of the candidates; default ``memory_fn``. The best plan's memory is
+            ``memory_fn``'s.
         fits_fn: ``MemoryNumbers -> bool`` (default: ``memory.fits``).
         band: the model's relative error band; among fitting plans predicted within it of the fastest,
             the simplest (fewest pipeline stages, then no CP, then the smallest TP) is chosen, and
@@ -337,10 +370,11 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
     """
     if fits_fn is None:
         from llmc.compiler.memory import fits as fits_fn
-    S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k)
+    S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k, peak_fn)
     S.band = band
     layouts = _enumerate(S)
-    layouts.sort(key=lambda lay: (lay.lb, _plan_tuple(lay.plan(lay.mbs[0], S.acs[0]))))
+    ac0 = S.acs[0]
+    layouts.sort(key=lambda lay: (lay.lb, lay.order(ac0)))
     for lay in layouts:
         if S.can_skip(lay):
             S.pruned += 1
@@ -406,7 +440,7 @@ def _enumerate(S: _Search) -> list[_Layout]:
                 S.layouts_total += 1
                 if G % dp:
                     S.layouts_batch_bad += 1
-                    S.reject(ParallelPlan(tp=t, pp=p, cp=c, dp_shard=dp), "batch",
+                    S.reject(_plan(tp=t, pp=p, cp=c, dp_shard=dp), "batch",
                              f"global batch {G} seqs not divisible by dp {dp}", dims=("tp", "pp", "cp"),
                              dim_reason=S.batch_reason())
                     continue
@@ -428,6 +462,30 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                and ((1 << k) == 1 or (1 << k) * S.seq_len / c <= MAX_MICRO_TOKENS)]
     if pins.micro_batch is not None:
         mbs_all = [pins.micro_batch]
+    # the schedules and their micro-batches depend on pp and the batch only, not on the dp split
+    scheds = _schedules(p, L, pins)
+    sched_mbs = []
+    for sched, v in scheds:
+        mbs = []
+        for mb in mbs_all:
+            if per_dp % mb:
+                continue
+            m = per_dp // mb
+            if p > 1 and m < p:
+                continue
+            if sched == "Interleaved1F1B" and m % p:
+                continue  # Megatron's interleaved schedule needs grad_accum % pp == 0
+            mbs.append(mb)
+        why = None
+        if not mbs:  # every (dp_shard, ep, ZeRO) of this schedule is rejected with the same reason
+            why = (f"{per_dp} seqs per dp rank give too few micro-batches for pp {p}"
+                   + (" (interleaving needs grad_accum % pp == 0)" if sched == "Interleaved1F1B" else "")
+                   if p > 1 else f"{per_dp} seqs per dp rank not divisible by micro_batch {mbs_all[0]}")
+        sched_mbs.append((sched, v, tuple(mbs), why))
+    req = (("tp", t), ("pp", p), ("cp", c))
+    batch_dims = ("tp", "pp", "cp")
+    batch_reason = S.batch_reason()
+    rejected, counts = S.rejected, S.counts
     out = []
     for ds, dr in pairs:
         if ds * dr != dp:
@@ -447,47 +505,43 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
         else:
             eps = [e for e in divisors(moe.num_experts) if (ds * c) % e == 0]
         for e in eps:
-            base = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e)
             if e > 1 and moe is None:
-                S.reject(base, "ep", "ep > 1 needs a mixture-of-experts model", dims=("ep",))
+                S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "ep",
+                         "ep > 1 needs a mixture-of-experts model", dims=("ep",))
                 continue
             if moe is not None and (moe.num_experts % e or (ds * c) % e):
-                S.reject(base, "ep", f"ep {e} must divide num_experts {moe.num_experts} and dp_shard x cp "
-                         f"{ds * c}", dims=("ep",))
+                S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "ep",
+                         f"ep {e} must divide num_experts {moe.num_experts} and dp_shard x cp {ds * c}", dims=("ep",))
                 continue
             for z in zeros:
                 if z == 0 and ds * c > 1:
-                    S.reject(base, "pins", "zero_stage 0 (DDP) needs dp_shard x cp = 1")
+                    S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "pins",
+                             "zero_stage 0 (DDP) needs dp_shard x cp = 1")
                     continue
-                scheds = _schedules(p, L, pins)
                 if not scheds:
                     why = (f"pp_schedule {pins.pp_schedule} needs pp > 1" if p == 1 else
                            f"pp_schedule {pins.pp_schedule} needs at least 2 x pp = {2 * p} layers (has {L})")
-                    S.reject(base, "pins", why, dims=("pp",))
+                    S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "pins", why,
+                             dims=("pp",))
                     continue
-                for sched, v in scheds:
-                    mbs = []
-                    for mb in mbs_all:
-                        if per_dp % mb:
-                            continue
-                        m = per_dp // mb
-                        if p > 1 and m < p:
-                            continue
-                        if sched == "Interleaved1F1B" and m % p:
-                            continue  # Megatron's interleaved schedule needs grad_accum % pp == 0
-                        mbs.append(mb)
+                for sched, v, mbs, why in sched_mbs:
                     if not mbs:
-                        plan = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e, zero_stage=z,
-                                            pp_schedule=sched, pp_virtual_stages=v, micro_batch=mbs_all[0],
-                                            grad_accum=max(1, per_dp // mbs_all[0]))
-                        why = (f"{per_dp} seqs per dp rank give too few micro-batches for pp {p}"
-                               + (" (interleaving needs grad_accum % pp == 0)" if sched == "Interleaved1F1B" else "")
-                               if p > 1 else f"{per_dp} seqs per dp rank not divisible by micro_batch {mbs_all[0]}")
-                        S.reject(plan, "batch", why, dims=("tp", "pp", "cp"), dim_reason=S.batch_reason())
+                        plan = _plan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e, zero_stage=z,
+                                     pp_schedule=sched, pp_virtual_stages=v, micro_batch=mbs_all[0],
+                                     grad_accum=max(1, per_dp // mbs_all[0]))
+                        if batch_dims:
+                            S.reject(plan, "batch", why, dims=batch_dims, dim_reason=batch_reason)
+                            batch_dims = ()  # (tp, pp, cp) are fixed here: their reason is set from now on
+                        else:  # S.reject without the (now no-op) reasons per dimension
+                            counts["batch"] += 1
+                            rejected.append(Candidate(plan, 0.0, 0.0, 0, False, why))
                         continue
                     timer = LayoutTimer(S.sm, t, p, c, e, ds, dr, z, sched, v)
-                    lb = min(timer.time(mb, per_dp // mb, "none")[0] for mb in mbs)
-                    out.append(_Layout(t, p, c, e, ds, dr, z, sched, v, mbs, per_dp, timer, lb))
+                    time = timer.time
+                    lb = min(time(mb, per_dp // mb, "none")[0] for mb in mbs)
+                    lay = _Layout(t, p, c, e, ds, dr, z, sched, v, mbs, per_dp, timer, lb)
+                    lay.required = req + (("ep", e), ("zero_stage", z), ("pp_schedule", sched))
+                    out.append(lay)
     return out
 
 
@@ -524,8 +578,12 @@ def _result(S: _Search) -> SearchResult:
         (rest if key in seen else head).append(c)
         seen.add(key)
     rejected = head + rest
+    mem = None
+    if best is not None:
+        S.memory(best.plan)  # counted when not cached (a candidate whose memory a weaker AC mode bounded)
+        mem = S.memory_fn(best.plan)  # with every stage's bytes
     res = SearchResult(
-        best=best, memory=S.memory(best.plan) if best else None, alternatives=alternatives, rejected=rejected,
+        best=best, memory=mem, alternatives=alternatives, rejected=rejected,
         rejected_counts=dict(S.counts), closest=closest, reasons=[], evaluated=S.evaluated, fitting=len(fitting),
         batch_blocked=S.layouts_total > 0 and S.layouts_batch_bad == S.layouts_total,
     )
