@@ -242,3 +242,148 @@ def test_cli_reports_eval_errors_on_located_lines_and_exits_1(tmp_path):
     assert any(ln.startswith(f"{spec}:12: error[E003] eval.validation.files.0:") for ln in lines), r.output
     assert any(ln.startswith(f"{spec}:13: error[E004] eval.task_stages.0:") for ln in lines), r.output
     assert "Traceback" not in r.output
+
+
+# ------------------------------------------------------------------------------ the eval step on every backend
+
+PIPE = """\
+name: p
+model: tiny
+hardware: {gpu: cpu, count: 1}
+data:
+  sources: [{name: python-docs, format: builtin}]
+  tokenizer: {train: true, vocab_size: 2048, chat_template: llama3}
+  seq_len: 128
+  tokens: 300K
+training: {precision: fp32, global_batch_tokens: 4096}
+stages:
+  - {name: base, kind: pretrain}
+  - name: chat
+    kind: sft
+    init_from: base
+    steps: 10
+    data: {sources: [{name: synthetic-chat, format: builtin, kind: chat}], seq_len: 128, tokens: 20K}
+eval:
+  tasks: [tasks/mc.yaml]
+  task_stages: [base, chat]
+"""
+
+
+@pytest.fixture(scope="module")
+def pipe_build(tmp_path_factory):
+    from llmc.buildfs import write_build
+    from llmc.emit import render_artifacts
+
+    d = tmp_path_factory.mktemp("pipe")
+    (d / "spec.yaml").write_text(PIPE)
+    run, lines = loads_spec(PIPE, file=str(d / "spec.yaml"))
+    c = compile_spec(run, str(d / "spec.yaml"), lines, spec_bytes=PIPE.encode())
+    assert c.evaluation.tasks.stages == ["base", "chat"]
+    write_build(d / "b", render_artifacts(c))
+    return d / "b"
+
+
+def _is_eval(c) -> bool:
+    return "llmc.runtime.evaluate" in c.argv
+
+
+@pytest.mark.parametrize("backend", ["native", "torchtitan", "deepspeed"])
+def test_launch_evaluates_after_each_listed_stage_on_every_backend(pipe_build, backend):
+    import shutil
+
+    from llmc.launch import launch_commands
+
+    b = pipe_build
+    shutil.rmtree(b / "run", ignore_errors=True)
+    cmds = launch_commands(b, backend=backend, nproc=1, gpu=False)
+    evals = [i for i, c in enumerate(cmds) if _is_eval(c)]
+    assert [cmds[i].stage for i in evals] == ["base", "chat"]
+    for i in evals:
+        c, prev = cmds[i], cmds[i - 1]
+        assert prev.stage == c.stage and not _is_eval(prev)  # right after the stage (or its export)
+        assert c.argv[c.argv.index("--out") + 1] == str(b.resolve() / "run" / c.stage)
+        assert c.argv[c.argv.index("--lock") + 1] == str(b.resolve() / "plan.lock.json")
+        assert c.skip_reason is None
+    base = [c for c in cmds if c.stage == "base"]
+    if backend == "torchtitan":  # DCP checkpoints -> run/base/hf -> eval
+        assert "llmc.runtime.hf_io" in base[1].argv and _is_eval(base[2])
+    if backend == "deepspeed":
+        assert "llmc.runtime.ds_train" in base[0].argv and _is_eval(base[1])
+    # an evaluated stage is not evaluated again
+    (b / "run" / "base" / "eval").mkdir(parents=True)
+    (b / "run" / "base" / "eval" / "summary.json").write_text("{}")
+    again = [c for c in launch_commands(b, backend=backend, nproc=1, gpu=False) if _is_eval(c)]
+    assert again[0].skip_reason and "already evaluated" in again[0].skip_reason and again[1].skip_reason is None
+    shutil.rmtree(b / "run")
+
+
+def _shims(d, names):
+    """Executables that append their name and arguments to d/calls.log (instead of running anything)."""
+    import os
+    import stat
+
+    d.mkdir(exist_ok=True)
+    for n in names:
+        p = d / n
+        p.write_text(f'#!/bin/sh\necho "{n} $*" >> "{d}/calls.log"\n')
+        p.chmod(p.stat().st_mode | stat.S_IXUSR)
+    return {**os.environ, "PATH": f"{d}:{os.environ['PATH']}"}
+
+
+def _calls(d) -> list[str]:
+    import re
+
+    log = d / "calls.log"
+    out = []
+    for ln in (log.read_text().splitlines() if log.exists() else []):
+        m = re.search(r"llmc\.runtime\.(\w+).*?--stage (\w+)", ln)
+        if "entry prepare" in ln:
+            out.append("prepare")
+        elif m:
+            out.append(f"{m.group(1)} {m.group(2)}")
+        elif "torchtitan.train" in ln:
+            out.append("titan base")
+    log.unlink(missing_ok=True)
+    return out
+
+
+@pytest.mark.parametrize("script,env,order", [
+    ("native/launch.sh", {}, ["prepare", "entry base", "evaluate base", "entry chat", "evaluate chat"]),
+    ("launch/torchrun_single_node.sh", {"BACKEND": "native"},
+     ["prepare", "entry base", "evaluate base", "entry chat", "evaluate chat"]),
+    ("launch/torchrun_single_node.sh", {"BACKEND": "torchtitan"},
+     ["prepare", "titan base", "hf_io base", "evaluate base", "entry chat", "evaluate chat"]),
+    ("launch/torchrun_single_node.sh", {"BACKEND": "deepspeed"},
+     ["prepare", "ds_train base", "evaluate base", "entry chat", "evaluate chat"]),
+    ("launch/torchrun_multi_node.sh", {"BACKEND": "torchtitan", "MASTER_ADDR": "h0"},
+     ["prepare", "titan base", "hf_io base", "evaluate base", "entry chat", "evaluate chat"]),
+    ("launch/slurm.sbatch", {"BACKEND": "native", "SLURM_JOB_NODELIST": "h0", "SLURM_NNODES": "1",
+                             "SLURM_JOB_ID": "1"},
+     ["prepare", "entry base", "evaluate base", "entry chat", "evaluate chat"]),
+])
+def test_emitted_launchers_run_the_eval_step_after_each_stage(pipe_build, tmp_path, script, env, order):
+    import shutil
+    import subprocess
+
+    b = pipe_build
+    shutil.rmtree(b / "run", ignore_errors=True)
+    sh = tmp_path / "bin"
+    penv = {**_shims(sh, ["python", "torchrun", "deepspeed", "srun"]), **env, "SLURM_SUBMIT_DIR": str(b)}
+    (sh / "scontrol").write_text("#!/bin/sh\necho h0\n")
+    (sh / "scontrol").chmod(0o755)
+
+    def run() -> list[str]:
+        r = subprocess.run(["bash", str(b / script)], env=penv, cwd=b, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return _calls(sh)
+
+    assert run() == order
+    # the stage finished and was evaluated: neither runs again; the next stage still does
+    for f in ("DONE.json", "eval/summary.json", "hf/config.json"):
+        (b / "run" / "base" / f).parent.mkdir(parents=True, exist_ok=True)
+        (b / "run" / "base" / f).write_text("{}")
+    assert run() == [c for c in order if not c.endswith(" base")]
+    if "multi_node" in script:  # another node claimed the eval of chat: this node does not run it
+        (b / "run" / "chat" / "eval.claim").mkdir(parents=True)
+        assert run() == ["prepare", "entry chat"]
+    shutil.rmtree(b / "run")

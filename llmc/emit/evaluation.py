@@ -23,6 +23,12 @@ def _is_local(task: str) -> bool:
     return task.endswith((".yaml", ".yml"))
 
 
+def eval_stages(compiled) -> list[str]:
+    """Stages whose Hugging Face export is evaluated on ``eval.tasks`` (the launchers' eval steps)."""
+    ev = getattr(compiled, "evaluation", None)
+    return list(ev.tasks.stages) if ev is not None and ev.tasks is not None else []
+
+
 class EvalTasksEmitter(Emitter):
     name = "eval"
 
@@ -51,4 +57,4 @@ class EvalTasksEmitter(Emitter):
         return {TASKS_FILE: dump_json(doc)}
 
 
-__all__ = ["EvalTasksEmitter", "TASKS_FILE"]
+__all__ = ["EvalTasksEmitter", "TASKS_FILE", "eval_stages"]
