@@ -131,6 +131,11 @@ def read_evals(run_dir: str | Path, lock: dict) -> list[StageEval]:
     return out
 
 
+def _shown(metric: str) -> bool:
+    """A score (not lm_eval's standard errors or its ``sample_len`` document count)."""
+    return not metric.endswith("_stderr") and metric != "sample_len"
+
+
 def summary_lines(run_dir: str | Path, lock: dict) -> list[str]:
     """Per stage: validation loss/perplexity first -> last, then each eval task's metrics."""
     lines = []
@@ -143,7 +148,7 @@ def summary_lines(run_dir: str | Path, lock: dict) -> list[str]:
             lines.append(f"{name}: validation loss {vals[0]:.4f} -> {vals[-1]:.4f}{pp}, steps {steps[0]} -> {steps[-1]}")
     for ev in read_evals(run_dir, lock):
         for task, metrics in ev.tasks.items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if not k.endswith("_stderr"))
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if _shown(k))
             n = ev.samples.get(task)
             lines.append(f"{ev.stage}: eval {task}: {shown}" + (f" ({n} documents)" if n else ""))
     return lines
@@ -276,7 +281,7 @@ def _eval_html(stages: list[StageMetrics], evals: list[StageEval]) -> str:
                    + "\n".join(vrows) + "\n</table>")
     erows = [f"<tr><td>{html.escape(ev.stage)}</td><td>{html.escape(task)}</td><td>{html.escape(k)}</td>"
              f"<td>{v:.4f}</td><td>{ev.samples.get(task, '')}</td></tr>"
-             for ev in evals for task, m in ev.tasks.items() for k, v in sorted(m.items()) if not k.endswith("_stderr")]
+             for ev in evals for task, m in ev.tasks.items() for k, v in sorted(m.items()) if _shown(k)]
     if erows:
         out.append("<h2>Benchmark evals (lm-evaluation-harness)</h2>\n<table><tr><th>stage</th><th>task</th>"
                    "<th>metric</th><th>value</th><th>documents</th></tr>\n" + "\n".join(erows) + "\n</table>")

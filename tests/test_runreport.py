@@ -134,7 +134,7 @@ def test_validation_loss_and_eval_results_in_the_report_and_summary(tmp_path, lo
                                for s, v in val.items()))
     (pre / "eval").mkdir()
     (pre / "eval" / "summary.json").write_text(json.dumps({
-        "tasks": {"pydoc_mc": {"acc": 0.625, "acc_stderr": 0.1, "acc_norm": 0.5}}, "samples": {"pydoc_mc": 24}}))
+        "tasks": {"pydoc_mc": {"acc": 0.625, "acc_stderr": 0.1, "acc_norm": 0.5, "sample_len": 24.0}}, "samples": {"pydoc_mc": 24}}))
     sm = read_metrics(pre / "metrics.jsonl")
     steps, vals = sm.series("val_loss")
     assert steps == [10, 20, 30, 40] and vals == [val[s] for s in steps]
