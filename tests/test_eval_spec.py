@@ -159,14 +159,38 @@ def test_epochs_after_holdout_and_removal_warn_beyond_four():
     assert math.isclose(2.048e6 / 0.5e6, 4.096)
 
 
+def joined_acc(model_dir) -> float:
+    """Share of QUESTIONS whose gold answer has the highest log-likelihood under ``model_dir``, computed with
+    transformers; lm-evaluation-harness splits context / continuation tokens of the joined string."""
+    import torch
+    import transformers
+    from test_evaluate import QUESTIONS
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    correct = 0
+    for q in QUESTIONS:
+        ctx_s = f"Question: {q['question']}\nAnswer:"
+        ctx = tok(ctx_s, add_special_tokens=False)["input_ids"]
+        scores = []
+        for ch in q["choices"]:
+            whole = tok(ctx_s + " " + ch, add_special_tokens=False)["input_ids"]
+            cont = whole[len(ctx):]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0, :-1].float(), -1)
+            scores.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == q["answer"])
+    return correct / len(QUESTIONS)
+
+
 # ------------------------------------------------------------------------------ benchmark evals after a stage
 
 
 @pytest.mark.slow
 def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_path):
     pytest.importorskip("lm_eval")
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
     import sys
     from pathlib import Path
 
@@ -208,21 +232,7 @@ def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_pat
     assert summary["samples"]["tiny_local_mc"] == 4 and summary["tasks"]["tiny_local_mc"]["acc"] == acc
     # independent check on the exported weights: share of questions whose gold answer has the highest
     # log-likelihood (lm-evaluation-harness splits context / continuation tokens of the joined string)
-    model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
-    tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
-    correct = 0
-    for q in QUESTIONS:
-        ctx_s = f"Question: {q['question']}\nAnswer:"
-        ctx = tok(ctx_s, add_special_tokens=False)["input_ids"]
-        scores = []
-        for ch in q["choices"]:
-            whole = tok(ctx_s + " " + ch, add_special_tokens=False)["input_ids"]
-            cont = whole[len(ctx):]
-            with torch.no_grad():
-                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0, :-1].float(), -1)
-            scores.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == q["answer"])
-    assert acc == pytest.approx(correct / len(QUESTIONS))
+    assert acc == pytest.approx(joined_acc(out / "hf"))
     # a second launch of the finished stage does not evaluate again
     again = run_stage(lock, None, out, tmp_path)
     assert again["eval"] == res["eval"]
@@ -387,3 +397,62 @@ def test_emitted_launchers_run_the_eval_step_after_each_stage(pipe_build, tmp_pa
         (b / "run" / "chat" / "eval.claim").mkdir(parents=True)
         assert run() == ["prepare", "entry chat"]
     shutil.rmtree(b / "run")
+
+
+@pytest.mark.slow
+def test_deepspeed_stage_is_evaluated_by_the_eval_step(tmp_path):
+    """DeepSpeed's trainer ends with run/<stage>/hf and does not evaluate; the launch's eval step does, on
+    the exported weights (checked against an independent log-likelihood computation)."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("lm_eval")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_build_fakes import lock_for
+    from test_evaluate import QUESTIONS, TASK_YAML
+
+    from llmc.runtime import corpus
+
+    root = Path(__file__).resolve().parents[1]
+    corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=100)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tmp_path / "tasks" / "mc.yaml").write_text(TASK_YAML.format(data="mc.jsonl"))
+    spec = {"name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
+                                       vocab_size=512, max_seq_len=64),
+            "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}],
+                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 512},
+            "training": {"precision": "fp32", "global_batch_tokens": 256, "optimizer": {"lr": 3e-3}},
+            "eval": {"tasks": ["tasks/mc.yaml"], "batch_size": 4}}
+    lock = lock_for(spec, plan={"micro_batch": 8, "zero_stage": 1}, hyper={"warmup_steps": 1},
+                    spec_path=str(tmp_path / "spec.yaml"))
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
+    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "train_batch_size": 8,
+           "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                     "weight_decay": 0.1, "torch_adam": True}}}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(root)}
+    port = str(29500 + os.getpid() % 200)
+    out = tmp_path / "run" / "pretrain"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"localhost:{port}", "-m", "llmc.runtime.ds_train", "--lock",
+            str(tmp_path / "plan.lock.json"), "--ds-config", str(tmp_path / "ds.json"), "--out", str(out),
+            "--assets", str(tmp_path)]
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, cwd=str(root))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (out / "DONE.json").is_file() and (out / "hf" / "config.json").is_file()
+    assert not (out / "eval").exists()  # the DeepSpeed trainer does not evaluate: the eval step must
+    ev = [sys.executable, "-m", "llmc.runtime.evaluate", "--lock", str(tmp_path / "plan.lock.json"), "--stage",
+          "pretrain", "--out", str(out)]
+    r = subprocess.run(ev, env=env, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    acc = json.loads((out / "eval" / "eval_results.json").read_text())["results"]["tiny_local_mc"]["acc,none"]
+    assert summary["tasks"]["tiny_local_mc"]["acc"] == acc and summary["samples"]["tiny_local_mc"] == 4
+    assert acc == pytest.approx(joined_acc(out / "hf"))
