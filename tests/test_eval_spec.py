@@ -222,6 +222,7 @@ def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_pat
     assert emitted["tasks"] == ["tasks/tiny_mc.yaml"] and emitted["results"] == {
         "pretrain": "run/pretrain/eval/eval_results.json"}
     assert "--tasks tiny_mc --batch_size 2" in emitted["lm_eval_commands"]["pretrain"]
+    assert f"--include_path {tmp_path / 'tasks'}" in emitted["lm_eval_commands"]["pretrain"]  # next to the spec
 
     out = tmp_path / "run" / "pretrain"
     res = run_stage(lock, None, out, tmp_path)
