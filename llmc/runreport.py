@@ -218,7 +218,7 @@ def table(stages: list[StageMetrics], lock: dict) -> list[Row]:
 
 # (file suffix, metric key, title, y label, scale, prediction attribute)
 PLOTS = (
-    ("loss", "loss", "training loss", "loss", 1.0, None),
+    ("loss", "loss", "loss (training and validation)", "loss", 1.0, None),
     ("throughput", "tokens_per_s", "throughput", "tokens/s", 1.0, "tokens_per_s"),
     ("memory", "peak_mem_bytes", "peak memory per GPU", "GiB", 1 / 2**30, "per_gpu_bytes"),
     ("mfu", "mfu", "model FLOPs utilisation", "MFU (%)", 100.0, "mfu"),
@@ -235,7 +235,7 @@ def _plot(sm: StageMetrics, key: str, title: str, ylabel: str, scale: float, pre
     fig = Figure(figsize=(7.0, 3.6), dpi=110)
     ax = fig.add_subplot()
     ax.plot(steps, [v * scale for v in vals], marker="." if len(vals) < 60 else None, lw=1.4, color="C0",
-            label="measured")
+            label="training" if key == "loss" else "measured")
     if key == "loss":
         vs, vv = sm.series("val_loss")
         if vv:
