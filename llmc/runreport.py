@@ -218,7 +218,7 @@ def table(stages: list[StageMetrics], lock: dict) -> list[Row]:
 
 # (file suffix, metric key, title, y label, scale, prediction attribute)
 PLOTS = (
-    ("loss", "loss", "loss (training and validation)", "loss", 1.0, None),
+    ("loss", "loss", "training loss", "loss", 1.0, None),
     ("throughput", "tokens_per_s", "throughput", "tokens/s", 1.0, "tokens_per_s"),
     ("memory", "peak_mem_bytes", "peak memory per GPU", "GiB", 1 / 2**30, "per_gpu_bytes"),
     ("mfu", "mfu", "model FLOPs utilisation", "MFU (%)", 100.0, "mfu"),
@@ -240,6 +240,7 @@ def _plot(sm: StageMetrics, key: str, title: str, ylabel: str, scale: float, pre
         vs, vv = sm.series("val_loss")
         if vv:
             ax.plot(vs, vv, marker="o", lw=1.4, color="C1", label="validation")
+            title = "training and validation loss"
             vals = vals + vv
     if pred is not None:
         ax.axhline(pred * scale, color="C3", ls="--", lw=1.4, label=f"predicted ({_num(pred * scale)})")
