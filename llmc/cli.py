@@ -297,7 +297,7 @@ def report(
 ) -> None:
     """Plot a run's measured metrics against the build's predictions (PNGs and report.html)."""
     from llmc.lockfile import LOCK_FILE, read_lock
-    from llmc.runreport import make_report
+    from llmc.runreport import make_report, summary_lines
 
     rd = run_dir.resolve()
     if (rd / LOCK_FILE).exists():
@@ -318,6 +318,8 @@ def report(
     typer.echo(f"wrote {len(paths)} files to {dest}")
     for p in paths:
         typer.echo(f"  {p.name}")
+    for line in summary_lines(rd, lock):  # validation loss first -> last, eval task results
+        typer.echo(line)
 
 
 @app.command()

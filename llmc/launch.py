@@ -17,6 +17,10 @@ Backends:
 * ``deepspeed``  ``deepspeed --num_gpus N --module llmc.runtime.ds_train --lock L --ds-config C ...``
   with ``DS_ACCELERATOR=cpu`` when there is no GPU. Stage kinds the DeepSpeed runner does not train
   (dpo, grpo) run on the native runtime.
+* eval           after each stage the lock lists under ``evaluation.tasks.stages``, whatever its backend:
+  ``python -m llmc.runtime.evaluate --lock L --stage S --out R/S`` (lm-evaluation-harness on ``R/S/hf``),
+  skipped when ``R/S/eval/summary.json`` exists (the native runtime evaluates at the end of its stages,
+  so there the step finds the summary and returns at once).
 
 Default backend: the one the plan was computed for (the lock's ``backend.name``) when the build has
 its artifacts, else ``native``, or ``torchtitan`` when the plan uses pp/cp/ep (which the native trainer
@@ -39,6 +43,8 @@ from pathlib import Path
 from llmc.compiler.plan import ParallelPlan
 from llmc.emit.common import RUNTIME_ENTRY, launch_backend
 from llmc.runtime.capabilities import DS_STAGE_KINDS, TITAN_STAGE_KINDS
+from llmc.runtime.evaluate import SUMMARY as EVAL_SUMMARY
+from llmc.runtime.evaluate import eval_stages
 
 BACKENDS = ("native", "torchtitan", "deepspeed")
 DEFAULT_MASTER_PORT = 29500
@@ -190,6 +196,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         return Cmd(argv=[*argv, "-m", RUNTIME_ENTRY, "--lock", lock_path, "--stage", s["name"],
                          "--out", str(run / s["name"])], cwd=str(b), stage=s["name"])
 
+    evaluated = set(eval_stages(lock))
     cmds: list[Cmd] = []
     for s in stages:
         done = run / s["name"] / "DONE.json"
@@ -220,6 +227,13 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         cmds.append(c)
         if backend == "torchtitan" and s["kind"] in TITAN_STAGE_KINDS:
             cmds.append(export)
+        if s["name"] in evaluated:
+            ev = Cmd(argv=[py, "-m", "llmc.runtime.evaluate", "--lock", lock_path, "--stage", s["name"],
+                           "--out", str(run / s["name"])], cwd=str(b), stage=s["name"])
+            summary = run / s["name"] / EVAL_SUMMARY
+            if summary.exists():
+                ev.skip_reason = f"stage {s['name']!r} already evaluated ({summary})"
+            cmds.append(ev)
 
     # shared assets (the tokenizer; builtin corpora) under the build directory, idempotent
     # every backend (llmc's trainers, the torchtitan job) streams the sources in place

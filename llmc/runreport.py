@@ -25,6 +25,15 @@ stage. "Measured" is the median over the steady-state records (all but the first
 carries start-up costs such as allocator warm-up and compilation) for step time, tokens/s and MFU, and
 the maximum for peak memory; the ratio column is measured / predicted.
 
+Validation and benchmark evals: the validation records (``val_loss``, ``val_ppl``: every
+``eval.validation.every_steps`` steps, merged into the step records) are drawn on the loss plot and
+tabulated (first and last); the lm-evaluation-harness results of a stage (``<stage>/eval/summary.json``,
+written by :mod:`llmc.runtime.evaluate`) are a table of task, metric and value. :func:`summary_lines`
+gives the same numbers as text (``llmc report`` prints them)::
+
+    pretrain: validation loss 7.62 -> 4.31 (ppl 2043.5 -> 74.4), steps 100 -> 500
+    pretrain: eval pydoc_mc: acc 0.7917, acc_norm 0.7500 (24 documents)
+
 Plots use matplotlib's object API (``matplotlib.figure.Figure``, rendered by the Agg canvas), so no
 display and no global backend switch is needed: https://matplotlib.org/stable/users/explain/figure/backends.html
 """
@@ -87,7 +96,62 @@ class Row:
         return None
 
 
-NUMERIC = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes", "step_s")
+NUMERIC = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes", "step_s", "val_loss", "val_ppl")
+
+
+@dataclass(frozen=True)
+class StageEval:
+    """A stage's lm-evaluation-harness summary (``<stage>/eval/summary.json``)."""
+
+    stage: str
+    tasks: dict[str, dict[str, float]]  # task -> metric -> value
+    samples: dict[str, int]
+
+
+def read_evals(run_dir: str | Path, lock: dict) -> list[StageEval]:
+    """Every stage's eval summary under ``run_dir`` (lock stage order), skipping unreadable files."""
+    import json
+
+    run_dir = Path(run_dir)
+    order = [s["name"] for s in sorted(lock.get("stages") or [], key=lambda s: s.get("order", 0))]
+    if (run_dir / "eval" / "summary.json").is_file():
+        found = {run_dir.name: run_dir / "eval" / "summary.json"}
+    else:
+        found = {p.parent.parent.name: p for p in sorted(run_dir.glob("*/eval/summary.json"))}
+    out = []
+    for name in [n for n in order if n in found] + sorted(n for n in found if n not in order):
+        try:
+            d = json.loads(found[name].read_text())
+        except (OSError, ValueError):
+            continue
+        tasks = {t: {k: float(v) for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+                 for t, m in (d.get("tasks") or {}).items() if isinstance(m, dict)}
+        samples = {t: int(n) for t, n in (d.get("samples") or {}).items() if isinstance(n, int)}
+        out.append(StageEval(name, tasks, samples))
+    return out
+
+
+def _shown(metric: str) -> bool:
+    """A score (not lm_eval's standard errors or its ``sample_len`` document count)."""
+    return not metric.endswith("_stderr") and metric != "sample_len"
+
+
+def summary_lines(run_dir: str | Path, lock: dict) -> list[str]:
+    """Per stage: validation loss/perplexity first -> last, then each eval task's metrics."""
+    lines = []
+    for name, path in find_stages(run_dir, lock):
+        sm = read_metrics(path, name)
+        steps, vals = sm.series("val_loss")
+        if vals:
+            _, ppl = sm.series("val_ppl")
+            pp = f" (ppl {ppl[0]:.1f} -> {ppl[-1]:.1f})" if ppl else ""
+            lines.append(f"{name}: validation loss {vals[0]:.4f} -> {vals[-1]:.4f}{pp}, steps {steps[0]} -> {steps[-1]}")
+    for ev in read_evals(run_dir, lock):
+        for task, metrics in ev.tasks.items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if _shown(k))
+            n = ev.samples.get(task)
+            lines.append(f"{ev.stage}: eval {task}: {shown}" + (f" ({n} documents)" if n else ""))
+    return lines
 
 
 def read_metrics(path: str | Path, name: str | None = None) -> StageMetrics:
@@ -171,7 +235,13 @@ def _plot(sm: StageMetrics, key: str, title: str, ylabel: str, scale: float, pre
     fig = Figure(figsize=(7.0, 3.6), dpi=110)
     ax = fig.add_subplot()
     ax.plot(steps, [v * scale for v in vals], marker="." if len(vals) < 60 else None, lw=1.4, color="C0",
-            label="measured")
+            label="training" if key == "loss" else "measured")
+    if key == "loss":
+        vs, vv = sm.series("val_loss")
+        if vv:
+            ax.plot(vs, vv, marker="o", lw=1.4, color="C1", label="validation")
+            title = "training and validation loss"
+            vals = vals + vv
     if pred is not None:
         ax.axhline(pred * scale, color="C3", ls="--", lw=1.4, label=f"predicted ({_num(pred * scale)})")
     if key == "loss" and min(vals) > 0 and max(vals) / min(vals) > 20:
@@ -196,7 +266,30 @@ def _fmt(v: float | None) -> str:
     return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
 
 
-def _html(title: str, rows: list[Row], images: list[Path]) -> str:
+def _eval_html(stages: list[StageMetrics], evals: list[StageEval]) -> str:
+    """Validation loss/perplexity (first, last) and eval task results as HTML tables ("" when none)."""
+    out = []
+    vrows = []
+    for sm in stages:
+        steps, vals = sm.series("val_loss")
+        if vals:
+            _, ppl = sm.series("val_ppl")
+            vrows.append(f"<tr><td>{html.escape(sm.name)}</td><td>{steps[0]} &rarr; {steps[-1]}</td>"
+                         f"<td>{vals[0]:.4f} &rarr; {vals[-1]:.4f}</td>"
+                         f"<td>{(f'{ppl[0]:.2f} &rarr; {ppl[-1]:.2f}') if ppl else '&ndash;'}</td></tr>")
+    if vrows:
+        out.append("<h2>Validation</h2>\n<table><tr><th>stage</th><th>steps</th><th>loss</th><th>perplexity</th></tr>\n"
+                   + "\n".join(vrows) + "\n</table>")
+    erows = [f"<tr><td>{html.escape(ev.stage)}</td><td>{html.escape(task)}</td><td>{html.escape(k)}</td>"
+             f"<td>{v:.4f}</td><td>{ev.samples.get(task, '')}</td></tr>"
+             for ev in evals for task, m in ev.tasks.items() for k, v in sorted(m.items()) if _shown(k)]
+    if erows:
+        out.append("<h2>Benchmark evals (lm-evaluation-harness)</h2>\n<table><tr><th>stage</th><th>task</th>"
+                   "<th>metric</th><th>value</th><th>documents</th></tr>\n" + "\n".join(erows) + "\n</table>")
+    return "\n".join(out)
+
+
+def _html(title: str, rows: list[Row], images: list[Path], extra: str = "") -> str:
     trs = "\n".join(
         f"<tr><td>{html.escape(r.stage)}</td><td>{html.escape(r.quantity)}</td><td>{html.escape(r.unit)}</td>"
         f"<td>{_fmt(r.predicted)}</td><td>{_fmt(r.measured)}</td>"
@@ -216,6 +309,7 @@ figure{{display:inline-block;margin:8px}}img{{max-width:100%}}</style></head>
 <table><tr><th>stage</th><th>quantity</th><th>unit</th><th>predicted</th><th>measured</th><th>ratio</th></tr>
 {trs}
 </table>
+{extra}
 {imgs}
 </body></html>
 """
@@ -239,5 +333,6 @@ def make_report(run_dir: str | Path, lock: dict, out_dir: str | Path) -> list[Pa
                 pngs.append(path)
     name = (lock.get("spec") or {}).get("name") or Path(run_dir).name
     page = out / "report.html"
-    page.write_text(_html(f"llmc run report: {name}", table(stages, lock), pngs), encoding="utf-8")
+    extra = _eval_html(stages, read_evals(run_dir, lock))
+    page.write_text(_html(f"llmc run report: {name}", table(stages, lock), pngs, extra), encoding="utf-8")
     return [*pngs, page]

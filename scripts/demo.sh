@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The embedded default: plan, build and train the tiny example on this CPU (no network needed).
+# The embedded default: plan, build and train the tiny example on this CPU (no network needed), then
+# summarise the run: validation loss / perplexity first -> last and the eval task's score.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -9,3 +10,6 @@ NAME=$(basename "$SPEC" .yaml)
 .venv/bin/llmc plan "$SPEC"
 .venv/bin/llmc build "$SPEC" -o "build/$NAME"
 .venv/bin/llmc launch "build/$NAME"
+echo
+echo "== summary (llmc report build/$NAME: plots and report.html in build/$NAME/run/report) =="
+.venv/bin/llmc report "build/$NAME"

@@ -159,14 +159,38 @@ def test_epochs_after_holdout_and_removal_warn_beyond_four():
     assert math.isclose(2.048e6 / 0.5e6, 4.096)
 
 
+def joined_acc(model_dir) -> float:
+    """Share of QUESTIONS whose gold answer has the highest log-likelihood under ``model_dir``, computed with
+    transformers; lm-evaluation-harness splits context / continuation tokens of the joined string."""
+    import torch
+    import transformers
+    from test_evaluate import QUESTIONS
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    correct = 0
+    for q in QUESTIONS:
+        ctx_s = f"Question: {q['question']}\nAnswer:"
+        ctx = tok(ctx_s, add_special_tokens=False)["input_ids"]
+        scores = []
+        for ch in q["choices"]:
+            whole = tok(ctx_s + " " + ch, add_special_tokens=False)["input_ids"]
+            cont = whole[len(ctx):]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0, :-1].float(), -1)
+            scores.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == q["answer"])
+    return correct / len(QUESTIONS)
+
+
 # ------------------------------------------------------------------------------ benchmark evals after a stage
 
 
 @pytest.mark.slow
 def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_path):
     pytest.importorskip("lm_eval")
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
     import sys
     from pathlib import Path
 
@@ -198,6 +222,7 @@ def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_pat
     assert emitted["tasks"] == ["tasks/tiny_mc.yaml"] and emitted["results"] == {
         "pretrain": "run/pretrain/eval/eval_results.json"}
     assert "--tasks tiny_mc --batch_size 2" in emitted["lm_eval_commands"]["pretrain"]
+    assert f"--include_path {tmp_path / 'tasks'}" in emitted["lm_eval_commands"]["pretrain"]  # next to the spec
 
     out = tmp_path / "run" / "pretrain"
     res = run_stage(lock, None, out, tmp_path)
@@ -208,21 +233,7 @@ def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_pat
     assert summary["samples"]["tiny_local_mc"] == 4 and summary["tasks"]["tiny_local_mc"]["acc"] == acc
     # independent check on the exported weights: share of questions whose gold answer has the highest
     # log-likelihood (lm-evaluation-harness splits context / continuation tokens of the joined string)
-    model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
-    tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
-    correct = 0
-    for q in QUESTIONS:
-        ctx_s = f"Question: {q['question']}\nAnswer:"
-        ctx = tok(ctx_s, add_special_tokens=False)["input_ids"]
-        scores = []
-        for ch in q["choices"]:
-            whole = tok(ctx_s + " " + ch, add_special_tokens=False)["input_ids"]
-            cont = whole[len(ctx):]
-            with torch.no_grad():
-                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0, :-1].float(), -1)
-            scores.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == q["answer"])
-    assert acc == pytest.approx(correct / len(QUESTIONS))
+    assert acc == pytest.approx(joined_acc(out / "hf"))
     # a second launch of the finished stage does not evaluate again
     again = run_stage(lock, None, out, tmp_path)
     assert again["eval"] == res["eval"]
@@ -242,3 +253,207 @@ def test_cli_reports_eval_errors_on_located_lines_and_exits_1(tmp_path):
     assert any(ln.startswith(f"{spec}:12: error[E003] eval.validation.files.0:") for ln in lines), r.output
     assert any(ln.startswith(f"{spec}:13: error[E004] eval.task_stages.0:") for ln in lines), r.output
     assert "Traceback" not in r.output
+
+
+# ------------------------------------------------------------------------------ the eval step on every backend
+
+PIPE = """\
+name: p
+model: tiny
+hardware: {gpu: cpu, count: 1}
+data:
+  sources: [{name: python-docs, format: builtin}]
+  tokenizer: {train: true, vocab_size: 2048, chat_template: llama3}
+  seq_len: 128
+  tokens: 300K
+training: {precision: fp32, global_batch_tokens: 4096}
+stages:
+  - {name: base, kind: pretrain}
+  - name: chat
+    kind: sft
+    init_from: base
+    steps: 10
+    data: {sources: [{name: synthetic-chat, format: builtin, kind: chat}], seq_len: 128, tokens: 20K}
+eval:
+  tasks: [tasks/mc.yaml]
+  task_stages: [base, chat]
+"""
+
+
+@pytest.fixture(scope="module")
+def pipe_build(tmp_path_factory):
+    from llmc.buildfs import write_build
+    from llmc.emit import render_artifacts
+
+    d = tmp_path_factory.mktemp("pipe")
+    (d / "spec.yaml").write_text(PIPE)
+    run, lines = loads_spec(PIPE, file=str(d / "spec.yaml"))
+    c = compile_spec(run, str(d / "spec.yaml"), lines, spec_bytes=PIPE.encode())
+    assert c.evaluation.tasks.stages == ["base", "chat"]
+    write_build(d / "b", render_artifacts(c))
+    return d / "b"
+
+
+def _is_eval(c) -> bool:
+    return "llmc.runtime.evaluate" in c.argv
+
+
+@pytest.mark.parametrize("backend", ["native", "torchtitan", "deepspeed"])
+def test_launch_evaluates_after_each_listed_stage_on_every_backend(pipe_build, backend):
+    import shutil
+
+    from llmc.launch import launch_commands
+
+    b = pipe_build
+    shutil.rmtree(b / "run", ignore_errors=True)
+    cmds = launch_commands(b, backend=backend, nproc=1, gpu=False)
+    evals = [i for i, c in enumerate(cmds) if _is_eval(c)]
+    assert [cmds[i].stage for i in evals] == ["base", "chat"]
+    for i in evals:
+        c, prev = cmds[i], cmds[i - 1]
+        assert prev.stage == c.stage and not _is_eval(prev)  # right after the stage (or its export)
+        assert c.argv[c.argv.index("--out") + 1] == str(b.resolve() / "run" / c.stage)
+        assert c.argv[c.argv.index("--lock") + 1] == str(b.resolve() / "plan.lock.json")
+        assert c.skip_reason is None
+    base = [c for c in cmds if c.stage == "base"]
+    if backend == "torchtitan":  # DCP checkpoints -> run/base/hf -> eval
+        assert "llmc.runtime.hf_io" in base[1].argv and _is_eval(base[2])
+    if backend == "deepspeed":
+        assert "llmc.runtime.ds_train" in base[0].argv and _is_eval(base[1])
+    # an evaluated stage is not evaluated again
+    (b / "run" / "base" / "eval").mkdir(parents=True)
+    (b / "run" / "base" / "eval" / "summary.json").write_text("{}")
+    again = [c for c in launch_commands(b, backend=backend, nproc=1, gpu=False) if _is_eval(c)]
+    assert again[0].skip_reason and "already evaluated" in again[0].skip_reason and again[1].skip_reason is None
+    shutil.rmtree(b / "run")
+
+
+def _shims(d, names):
+    """Executables that append their name and arguments to d/calls.log (instead of running anything)."""
+    import os
+    import stat
+
+    d.mkdir(exist_ok=True)
+    for n in names:
+        p = d / n
+        p.write_text(f'#!/bin/sh\necho "{n} $*" >> "{d}/calls.log"\n')
+        p.chmod(p.stat().st_mode | stat.S_IXUSR)
+    return {**os.environ, "PATH": f"{d}:{os.environ['PATH']}"}
+
+
+def _calls(d) -> list[str]:
+    import re
+
+    log = d / "calls.log"
+    out = []
+    for ln in (log.read_text().splitlines() if log.exists() else []):
+        m = re.search(r"llmc\.runtime\.(\w+).*?--stage (\w+)", ln)
+        if "entry prepare" in ln:
+            out.append("prepare")
+        elif m:
+            out.append(f"{m.group(1)} {m.group(2)}")
+        elif "torchtitan.train" in ln:
+            out.append("titan base")
+    log.unlink(missing_ok=True)
+    return out
+
+
+@pytest.mark.parametrize("script,env,order", [
+    ("native/launch.sh", {}, ["prepare", "entry base", "evaluate base", "entry chat", "evaluate chat"]),
+    ("launch/torchrun_single_node.sh", {"BACKEND": "native"},
+     ["prepare", "entry base", "evaluate base", "entry chat", "evaluate chat"]),
+    ("launch/torchrun_single_node.sh", {"BACKEND": "torchtitan"},
+     ["prepare", "titan base", "hf_io base", "evaluate base", "entry chat", "evaluate chat"]),
+    ("launch/torchrun_single_node.sh", {"BACKEND": "deepspeed"},
+     ["prepare", "ds_train base", "evaluate base", "entry chat", "evaluate chat"]),
+    ("launch/torchrun_multi_node.sh", {"BACKEND": "torchtitan", "MASTER_ADDR": "h0"},
+     ["prepare", "titan base", "hf_io base", "evaluate base", "entry chat", "evaluate chat"]),
+    ("launch/slurm.sbatch", {"BACKEND": "native", "SLURM_JOB_NODELIST": "h0", "SLURM_NNODES": "1",
+                             "SLURM_JOB_ID": "1"},
+     ["prepare", "entry base", "evaluate base", "entry chat", "evaluate chat"]),
+])
+def test_emitted_launchers_run_the_eval_step_after_each_stage(pipe_build, tmp_path, script, env, order):
+    import shutil
+    import subprocess
+
+    b = pipe_build
+    shutil.rmtree(b / "run", ignore_errors=True)
+    sh = tmp_path / "bin"
+    penv = {**_shims(sh, ["python", "torchrun", "deepspeed", "srun"]), **env, "SLURM_SUBMIT_DIR": str(b)}
+    (sh / "scontrol").write_text("#!/bin/sh\necho h0\n")
+    (sh / "scontrol").chmod(0o755)
+
+    def run() -> list[str]:
+        r = subprocess.run(["bash", str(b / script)], env=penv, cwd=b, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return _calls(sh)
+
+    assert run() == order
+    # the stage finished and was evaluated: neither runs again; the next stage still does
+    for f in ("DONE.json", "eval/summary.json", "hf/config.json"):
+        (b / "run" / "base" / f).parent.mkdir(parents=True, exist_ok=True)
+        (b / "run" / "base" / f).write_text("{}")
+    assert run() == [c for c in order if not c.endswith(" base")]
+    if "multi_node" in script:  # another node claimed the eval of chat: this node does not run it
+        (b / "run" / "chat" / "eval.claim").mkdir(parents=True)
+        assert run() == ["prepare", "entry chat"]
+    shutil.rmtree(b / "run")
+
+
+@pytest.mark.slow
+def test_deepspeed_stage_is_evaluated_by_the_eval_step(tmp_path):
+    """DeepSpeed's trainer ends with run/<stage>/hf and does not evaluate; the launch's eval step does, on
+    the exported weights (checked against an independent log-likelihood computation)."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("lm_eval")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_build_fakes import lock_for
+    from test_evaluate import QUESTIONS, TASK_YAML
+
+    from llmc.runtime import corpus
+
+    root = Path(__file__).resolve().parents[1]
+    corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=100)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tmp_path / "tasks" / "mc.yaml").write_text(TASK_YAML.format(data="mc.jsonl"))
+    spec = {"name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
+                                       vocab_size=512, max_seq_len=64),
+            "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}],
+                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 512},
+            "training": {"precision": "fp32", "global_batch_tokens": 256, "optimizer": {"lr": 3e-3}},
+            "eval": {"tasks": ["tasks/mc.yaml"], "batch_size": 4}}
+    lock = lock_for(spec, plan={"micro_batch": 8, "zero_stage": 1}, hyper={"warmup_steps": 1},
+                    spec_path=str(tmp_path / "spec.yaml"))
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
+    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "train_batch_size": 8,
+           "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                     "weight_decay": 0.1, "torch_adam": True}}}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(root)}
+    port = str(29500 + os.getpid() % 200)
+    out = tmp_path / "run" / "pretrain"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"localhost:{port}", "-m", "llmc.runtime.ds_train", "--lock",
+            str(tmp_path / "plan.lock.json"), "--ds-config", str(tmp_path / "ds.json"), "--out", str(out),
+            "--assets", str(tmp_path)]
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, cwd=str(root))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (out / "DONE.json").is_file() and (out / "hf" / "config.json").is_file()
+    assert not (out / "eval").exists()  # the DeepSpeed trainer does not evaluate: the eval step must
+    ev = [sys.executable, "-m", "llmc.runtime.evaluate", "--lock", str(tmp_path / "plan.lock.json"), "--stage",
+          "pretrain", "--out", str(out)]
+    r = subprocess.run(ev, env=env, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    acc = json.loads((out / "eval" / "eval_results.json").read_text())["results"]["tiny_local_mc"]["acc,none"]
+    assert summary["tasks"]["tiny_local_mc"]["acc"] == acc and summary["samples"]["tiny_local_mc"] == 4
+    assert acc == pytest.approx(joined_acc(out / "hf"))

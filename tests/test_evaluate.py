@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +59,24 @@ def make_model(path):
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
 
 
+def independent_acc(model_dir) -> float:
+    """Share of QUESTIONS whose gold choice has the highest log-likelihood, computed with transformers."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    correct = 0
+    for q in QUESTIONS:
+        ctx = tok(f"Question: {q['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
+        scores = []
+        for ch in q["choices"]:
+            cont = tok(" " + ch, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            scores.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == q["answer"])
+    return correct / len(QUESTIONS)
+
+
 @pytest.mark.slow
 def test_local_multiple_choice_task(tmp_path):
     make_model(tmp_path / "model")
@@ -77,17 +96,101 @@ def test_local_multiple_choice_task(tmp_path):
     assert saved["results"]["tiny_local_mc"]["acc,none"] == acc
     assert summary.samples["tiny_local_mc"] == 4
     # independent check: acc = share of questions whose gold choice has the highest log-likelihood
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
-    correct = 0
-    for q in QUESTIONS:
-        ctx = tok(f"Question: {q['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
-        scores = []
-        for ch in q["choices"]:
-            cont = tok(" " + ch, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([ctx + cont])
-            with torch.no_grad():
-                logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-            scores.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == q["answer"])
-    assert math.isclose(acc, correct / len(QUESTIONS))
+    assert math.isclose(acc, independent_acc(tmp_path / "model"))
+
+
+def test_relative_data_files_resolve_against_the_task_file(tmp_path):
+    """lm_eval would read ``data_files`` relative to the working directory; a copy with absolute paths is used."""
+    yaml = pytest.importorskip("yaml")
+    tasks = tmp_path / "spec" / "tasks"
+    tasks.mkdir(parents=True)
+    (tasks / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tasks / "mc.yaml").write_text(TASK_YAML.format(data="mc.jsonl"))
+    (tasks / "fn.yaml").write_text("task: fn_task\nprocess_docs: !function utils.process\n")
+    names, include = resolve_tasks((str(tasks / "mc.yaml"), str(tasks / "fn.yaml"), "hellaswag"), tmp_path / "copy")
+    assert names == ["tiny_local_mc", "fn_task", "hellaswag"]
+    copy = Path(include[0]) / "mc.yaml"
+    assert copy.parent != tasks and copy.is_file()
+    doc = yaml.safe_load(copy.read_text())
+    assert doc["dataset_kwargs"]["data_files"]["test"] == str((tasks / "mc.jsonl").resolve())
+    assert doc["doc_to_text"] == yaml.safe_load((tasks / "mc.yaml").read_text())["doc_to_text"]
+    assert include[1] == str(tasks.resolve())  # a !function task file is used where it is
+    # absolute paths need no copy
+    (tasks / "abs.yaml").write_text(TASK_YAML.format(data=tasks / "mc.jsonl"))
+    assert resolve_tasks((str(tasks / "abs.yaml"),), tmp_path / "copy2")[1] == [str(tasks.resolve())]
+
+
+def _eval_lock(tmp_path, stages=None):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_build_fakes import lock_for
+
+    spec = {"name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
+                                       vocab_size=512, max_seq_len=64),
+            "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}],
+                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 512},
+            "training": {"precision": "fp32", "global_batch_tokens": 256},
+            "eval": {"tasks": ["tasks/tiny_mc.yaml"], "batch_size": 2, **({"task_stages": stages} if stages else {})}}
+    if stages:
+        spec["stages"] = [{"name": n, "kind": "pretrain"} for n in stages]
+    lock = lock_for(spec, spec_path=str(tmp_path / "spec.yaml"))
+    path = tmp_path / "plan.lock.json"
+    path.write_text(json.dumps(lock))
+    return lock, path
+
+
+def test_eval_step_does_nothing_for_unlisted_or_evaluated_stages(tmp_path, capsys):
+    from llmc.runtime.evaluate import SUMMARY, eval_stages, main
+
+    lock, path = _eval_lock(tmp_path, stages=["base", "more"])
+    lock["evaluation"]["tasks"]["stages"] = ["more"]
+    path.write_text(json.dumps(lock))
+    assert eval_stages(lock) == ["more"] and eval_stages({}) == []
+    # not listed: nothing to do (no hf/ needed)
+    assert main(["--lock", str(path), "--stage", "base", "--out", str(tmp_path / "run" / "base")]) == 0
+    assert "no eval.tasks" in capsys.readouterr().out
+    # listed and already evaluated (the native runtime evaluates at the end of its stage): not run again
+    summary = tmp_path / "run" / "more" / SUMMARY
+    summary.parent.mkdir(parents=True)
+    summary.write_text("{}")
+    assert main(["--lock", str(path), "--stage", "more", "--out", str(tmp_path / "run" / "more")]) == 0
+    assert "already evaluated" in capsys.readouterr().out
+    # listed, not evaluated, no export: one located error line, exit 1
+    summary.unlink()
+    assert main(["--lock", str(path), "--stage", "more", "--out", str(tmp_path / "run" / "more")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error[R003] eval more:" in err[0] and "no Hugging Face export" in err[0]
+
+
+@pytest.mark.slow
+def test_eval_step_on_a_stage_export_from_any_backend(tmp_path):
+    """A stage that ends with run/<stage>/hf (what ds_train writes and the torchtitan export produces), but
+    whose trainer did not evaluate: ``python -m llmc.runtime.evaluate`` scores it once, like the native path."""
+    import subprocess
+    import sys
+
+    from llmc.runtime.evaluate import RESULTS, SUMMARY
+
+    lock, path = _eval_lock(tmp_path)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(TASK_YAML.format(data="tiny_mc.jsonl"))  # relative data
+    stage = tmp_path / "run" / "pretrain"
+    make_model(stage / "hf")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "llmc.runtime.evaluate", "--lock", str(path), "--stage", "pretrain", "--out", str(stage)]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+    r = subprocess.run(cmd, cwd=tmp_path / "run", env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((stage / RESULTS).read_text())
+    summary = json.loads((stage / SUMMARY).read_text())
+    acc = results["results"]["tiny_local_mc"]["acc,none"]
+    assert summary["tasks"]["tiny_local_mc"]["acc"] == acc and summary["samples"]["tiny_local_mc"] == 4
+    assert math.isclose(acc, independent_acc(stage / "hf"))
+    assert "eval tiny_local_mc: acc" in r.stdout
+    before = (stage / RESULTS).stat().st_mtime_ns
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "already evaluated" in r.stdout
+    assert (stage / RESULTS).stat().st_mtime_ns == before

@@ -202,6 +202,7 @@ def test_cli_dry_run_prints_commands(tmp_path, monkeypatch):
 def test_native_commands_run_for_real(tmp_path):
     """The prepare + native stage commands launch_commands returns run llmc's runtime (3 steps, 1 CPU process)."""
     import os
+    import shutil
     import subprocess
 
     from test_build_fakes import ROOT, compile_example
@@ -209,15 +210,22 @@ def test_native_commands_run_for_real(tmp_path):
     example = ROOT / "examples" / "tiny_cpu.yaml"
     out = tmp_path / "b"
     write_build(out, render_artifacts(compile_example(example)))
+    # the lock records the spec path as compiled (examples/tiny_cpu.yaml, relative to the build): its local
+    # eval task file must be there
+    shutil.copytree(ROOT / "examples" / "tasks", out / "examples" / "tasks")
     cmds = launch_commands(out, backend="native", gpu=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for c in cmds:
-        argv = c.argv + (["--steps", "3"] if c.stage != "prepare" else [])
+        train = c.stage != "prepare" and "llmc.runtime.evaluate" not in c.argv  # the eval step takes no --steps
+        argv = c.argv + (["--steps", "3"] if train else [])
         r = subprocess.run(argv, env={**env, **c.env}, cwd=c.cwd, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (c.stage, r.stdout[-2000:], r.stderr[-2000:])
     assert (out / "assets" / "tokenizer.json").exists()
     metrics = (out / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()
     assert any(json.loads(m).get("step") == 3 for m in metrics)
+    assert [c.stage for c in cmds if "llmc.runtime.evaluate" in c.argv] == ["pretrain"]
+    summary = json.loads((out / "run" / "pretrain" / "eval" / "summary.json").read_text())
+    assert summary["samples"]["pydoc_mc"] == 24 and 0 <= summary["tasks"]["pydoc_mc"]["acc"] <= 1
 
 
 def test_interrupted_launch_stops_the_whole_process_group(tmp_path):

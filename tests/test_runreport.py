@@ -111,3 +111,52 @@ def test_stage_order_single_dir_and_missing(tmp_path, lock):
     assert predictions(lock, "dpo").step_seconds is None
     with pytest.raises(FileNotFoundError):
         make_report(tmp_path / "empty", lock, tmp_path / "r2")
+
+
+ORANGE = (0xFF, 0x7F, 0x0E)  # matplotlib "C1", the validation line colour
+
+
+def test_validation_loss_and_eval_results_in_the_report_and_summary(tmp_path, lock):
+    """Validation records every 10 steps (merged into the step records) and an eval summary.json, as the
+    runtime writes them, show up in the loss plot, the HTML tables and ``summary_lines``."""
+    import math
+
+    from llmc.runreport import read_evals, summary_lines
+
+    write_run(tmp_path / "run", lock)
+    pre = tmp_path / "run" / "pretrain"
+    val = {s: 6.0 - 0.05 * s for s in (10, 20, 30, 40)}
+    text = (pre / "metrics.jsonl").read_text()
+    text = text[: text.rindex("\n") + 1]  # without the torn last line
+    (pre / "metrics.jsonl").write_text(text)
+    with (pre / "metrics.jsonl").open("a") as f:  # validation records after the step records
+        f.write("".join(json.dumps({"step": s, "val_loss": v, "val_ppl": math.exp(v), "val_tokens": 512}) + "\n"
+                               for s, v in val.items()))
+    (pre / "eval").mkdir()
+    (pre / "eval" / "summary.json").write_text(json.dumps({
+        "tasks": {"pydoc_mc": {"acc": 0.625, "acc_stderr": 0.1, "acc_norm": 0.5, "sample_len": 24.0}}, "samples": {"pydoc_mc": 24}}))
+    sm = read_metrics(pre / "metrics.jsonl")
+    steps, vals = sm.series("val_loss")
+    assert steps == [10, 20, 30, 40] and vals == [val[s] for s in steps]
+    assert sm.series("loss")[0] == list(range(1, 42))  # the training records are kept at those steps
+
+    lines = summary_lines(tmp_path / "run", lock)
+    assert lines[0] == (f"pretrain: validation loss {val[10]:.4f} -> {val[40]:.4f} "
+                        f"(ppl {math.exp(val[10]):.1f} -> {math.exp(val[40]):.1f}), steps 10 -> 40")
+    assert lines[1] == "pretrain: eval pydoc_mc: acc 0.6250, acc_norm 0.5000 (24 documents)"
+    assert len(lines) == 2  # sft has neither
+    assert read_evals(tmp_path / "run" / "pretrain", lock)[0].tasks["pydoc_mc"]["acc"] == 0.625
+
+    paths = make_report(tmp_path / "run", lock, tmp_path / "report")
+    page = paths[-1].read_text()
+    assert "<h2>Validation</h2>" in page and f"{val[10]:.4f} &rarr; {val[40]:.4f}" in page
+    assert "<td>pydoc_mc</td><td>acc</td><td>0.6250</td><td>24</td>" in page and "acc_stderr" not in page
+
+    from PIL import Image
+
+    def orange(png):
+        raw = Image.open(png).convert("RGB").tobytes()
+        return sum(1 for i in range(0, len(raw), 3) if all(abs(raw[i + k] - ORANGE[k]) <= 12 for k in range(3)))
+
+    assert orange(tmp_path / "report" / "pretrain-loss.png") > 50  # the validation curve
+    assert orange(tmp_path / "report" / "sft-loss.png") == 0

@@ -346,13 +346,14 @@ class DeepSpeedEmitter(Emitter):
         if cfg is None:
             return {}
         from llmc.emit import build_warnings
+        from llmc.emit.evaluation import eval_stages
 
         stages = stage_list(compiled)
         ctx = {"header": header_lines(compiled), "stages": stages,
                "ds_native_stages": [s for s in stages if not s["ds"]],
                "gpus_per_node": gpus_per_node(compiled), "nnodes": nnodes(compiled), "rdzv_port": RDZV_PORT,
                "zero_stage": cfg["zero_optimization"]["stage"],
-               "warnings": [d.render() for d in build_warnings(compiled)]}
+               "warnings": [d.render() for d in build_warnings(compiled)], "eval_stages": eval_stages(compiled)}
         per_stage = {STAGE_CONFIG_PATH.format(stage=name): dump_json(c) for name, c in stage_configs(compiled)[0].items()}
         return {CONFIG_PATH: dump_json(cfg), **per_stage,
                 "deepspeed/launch.sh": jinja_env().get_template("deepspeed/launch.sh.j2").render(**ctx)}

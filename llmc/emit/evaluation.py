@@ -4,7 +4,9 @@ Reads only ``compiled.evaluation.tasks`` (tasks, stages, backend, batch size, li
 stay as written in the spec (relative to ``spec_dir``, which the runtime resolves them against). For
 each stage the file also gives the equivalent ``lm_eval`` command line
 (https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/interface.md) on the stage's
-Hugging Face export ``run/<stage>/hf``; the results land in ``run/<stage>/eval/``.
+Hugging Face export ``run/<stage>/hf``, to run from the build directory; the results land in
+``run/<stage>/eval/``. (``llmc launch`` runs ``python -m llmc.runtime.evaluate`` instead, which also reads a
+task file's relative ``data_files`` next to it; lm_eval itself reads them from the working directory.)
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ def _is_local(task: str) -> bool:
     return task.endswith((".yaml", ".yml"))
 
 
+def eval_stages(compiled) -> list[str]:
+    """Stages whose Hugging Face export is evaluated on ``eval.tasks`` (the launchers' eval steps)."""
+    ev = getattr(compiled, "evaluation", None)
+    return list(ev.tasks.stages) if ev is not None and ev.tasks is not None else []
+
+
 class EvalTasksEmitter(Emitter):
     name = "eval"
 
@@ -33,7 +41,10 @@ class EvalTasksEmitter(Emitter):
     def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
         t = compiled.evaluation.tasks
         names = [posixpath.splitext(posixpath.basename(x))[0] if _is_local(x) else x for x in t.tasks]
-        include = sorted({posixpath.dirname(x) or "." for x in t.tasks if _is_local(x)})
+        spec_dir = posixpath.dirname(compiled.spec_path) or "."
+        # the commands run from the build directory (pretrained=run/<stage>/hf); spec_dir is relative to it
+        include = sorted({posixpath.normpath(posixpath.join(spec_dir, posixpath.dirname(x) or "."))
+                          for x in t.tasks if _is_local(x)})
         commands = {}
         for st in t.stages:
             argv = ["lm_eval", "--model", t.backend, "--model_args", f"pretrained=run/{st}/hf",
@@ -45,10 +56,10 @@ class EvalTasksEmitter(Emitter):
             commands[st] = shlex.join(argv)
         doc = {"_llmc": header_fields(compiled), "tasks": list(t.tasks), "stages": list(t.stages),
                "backend": t.backend, "batch_size": t.batch_size, "limit": t.limit,
-               "spec_dir": posixpath.dirname(compiled.spec_path) or ".",
+               "spec_dir": spec_dir,
                "results": {st: f"run/{st}/eval/eval_results.json" for st in t.stages},
                "lm_eval_commands": commands}
         return {TASKS_FILE: dump_json(doc)}
 
 
-__all__ = ["EvalTasksEmitter", "TASKS_FILE"]
+__all__ = ["EvalTasksEmitter", "TASKS_FILE", "eval_stages"]

@@ -6,7 +6,10 @@
     launch/slurm.sbatch             srun torchrun, rendezvous on the first host
 
 Each script runs ``python -m llmc.runtime.entry prepare`` (tokenizer + data under the build
-directory), then each stage in order, skipping those whose ``run/<stage>/DONE.json`` exists.
+directory), then each stage in order, skipping those whose ``run/<stage>/DONE.json`` exists. After
+each stage listed in ``evaluation.tasks.stages`` (``eval.tasks``), whatever the backend, they run
+``python -m llmc.runtime.evaluate`` on the stage's Hugging Face export (after exporting a torchtitan
+stage with ``python -m llmc.runtime.hf_io``), skipped once ``run/<stage>/eval/summary.json`` exists.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from llmc.emit.common import (
     stage_list,
 )
 from llmc.emit.deepspeed import CONFIG_PATH
+from llmc.emit.evaluation import eval_stages
 
 RDZV_PORT = 29500
 TITAN_CONFIG_FN = "job"
@@ -74,7 +78,9 @@ def launch_context(compiled, files: Mapping[str, str]) -> dict[str, Any]:
         "has_ds": CONFIG_PATH in files,
         "default_backend": build_backend(compiled, files),
         "rdzv_port": RDZV_PORT,
+        "eval_stages": eval_stages(compiled),
     }
+
 
 
 def build_backend(compiled, files: Mapping[str, str]) -> str:

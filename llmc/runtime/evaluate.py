@@ -28,13 +28,26 @@ https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/new_task_guid
 ``offline=True`` (default) ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` are set before lm_eval is
 imported, so nothing is downloaded. Metric names drop lm_eval's ``,none`` filter suffix
 (``acc,none`` -> ``acc``); other filters keep it (``exact_match,strict-match``).
+
+A local task file's relative ``dataset_kwargs.data_files`` are read relative to the YAML file (lm_eval
+itself would read them relative to the working directory): :func:`resolve_tasks` writes a copy with
+absolute paths when a file needs it (YAML with lm_eval's ``!function`` tags is used as written).
+
+After a stage (every backend): ``python -m llmc.runtime.evaluate --lock plan.lock.json --stage S --out
+RUN/S`` evaluates ``RUN/S/hf`` on the lock's ``evaluation.tasks`` when S is listed there
+(:func:`llmc.runtime.validation.stage_evals`: ``RUN/S/eval/eval_results.json`` and
+``RUN/S/eval/summary.json``); it does nothing when ``summary.json`` already exists (the native runtime
+evaluates at the end of its stages) or the stage is not listed. :func:`eval_stages` and
+:data:`SUMMARY` are what launchers need to know (no torch, no lm_eval import).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,19 +86,67 @@ class EvalSummary:
 _TASK_LINE = re.compile(r"^task:\s*['\"]?([^'\"#\s]+)", re.MULTILINE)
 
 
-def resolve_tasks(tasks: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """(task names, include paths): YAML files become their ``task:`` name plus their directory."""
+#: Relative to a stage's output directory.
+SUMMARY = "eval/summary.json"
+RESULTS = "eval/eval_results.json"
+
+
+def eval_stages(lock: dict) -> list[str]:
+    """The stages whose HF export the lock's ``evaluation.tasks`` evaluates ([] when none)."""
+    ev = lock.get("evaluation") if isinstance(lock.get("evaluation"), dict) else None
+    tasks = (ev or {}).get("tasks")
+    return [str(s) for s in tasks.get("stages") or []] if isinstance(tasks, dict) and tasks.get("tasks") else []
+
+
+def _absolute_data_files(p: Path, text: str, dest: Path | None) -> Path:
+    """``p`` itself, or a copy in ``dest`` whose relative ``dataset_kwargs.data_files`` point next to ``p``."""
+    if dest is None:
+        return p
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:  # lm_eval's !function tags: used as written
+        return p
+    files = ((doc or {}).get("dataset_kwargs") or {}).get("data_files") if isinstance(doc, dict) else None
+    if not files:
+        return p
+
+    def fix(v):
+        if isinstance(v, str) and "://" not in v and not Path(v).is_absolute():
+            return str((p.resolve().parent / v).resolve())
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        return v
+
+    fixed = fix(files)
+    if fixed == files:
+        return p
+    doc["dataset_kwargs"]["data_files"] = fixed
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / p.name
+    out.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return out
+
+
+def resolve_tasks(tasks: tuple[str, ...], copy_dir: str | Path | None = None) -> tuple[list[str], list[str]]:
+    """(task names, include paths): YAML files become their ``task:`` name plus their directory. With
+    ``copy_dir``, a YAML whose ``data_files`` are relative is copied there with them made absolute."""
     names: list[str] = []
     include: list[str] = []
-    for t in tasks:
+    for i, t in enumerate(tasks):
         p = Path(t)
         if p.suffix in (".yaml", ".yml"):
             if not p.is_file():
                 raise FileNotFoundError(f"eval task file {t} does not exist")
-            m = _TASK_LINE.search(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+            m = _TASK_LINE.search(text)
             if m is None:
                 raise ValueError(f"{t}: no top-level 'task:' name")
             names.append(m.group(1))
+            p = _absolute_data_files(p, text, Path(copy_dir) / str(i) if copy_dir is not None else None)
             d = str(p.resolve().parent)
             if d not in include:
                 include.append(d)
@@ -110,7 +171,8 @@ def run_eval(config: EvalConfig, out_dir: str | Path) -> EvalSummary:
 
     if not (Path(config.model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{config.model_dir}: not a Hugging Face model directory (no config.json)")
-    names, include = resolve_tasks(config.tasks)
+    out = Path(out_dir)
+    names, include = resolve_tasks(config.tasks, out / "tasks")
     tm = TaskManager(include_path=include or None)
     model_args = {"pretrained": str(config.model_dir), "dtype": config.dtype, **config.model_args}
     results = lm_eval.simple_evaluate(
@@ -120,7 +182,6 @@ def run_eval(config: EvalConfig, out_dir: str | Path) -> EvalSummary:
         torch_random_seed=config.seed, fewshot_random_seed=config.seed)
     if results is None:  # non-zero ranks under a distributed launch
         raise RuntimeError("lm_eval returned no results on this rank")
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "eval_results.json"
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -138,3 +199,40 @@ def run_eval(config: EvalConfig, out_dir: str | Path) -> EvalSummary:
     for task, n in results.get("n-samples", {}).items():
         samples[task] = int(n.get("effective", n.get("original", 0)) if isinstance(n, dict) else n)
     return EvalSummary(path, metrics, samples, getattr(lm_eval, "__version__", "unknown"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m llmc.runtime.evaluate --lock L --stage S --out RUN/S``: the benchmark evals after stage S."""
+    ap = argparse.ArgumentParser(prog="python -m llmc.runtime.evaluate",
+                                 description="Run the lock's eval.tasks on a finished stage's Hugging Face export.")
+    ap.add_argument("--lock", required=True, type=Path, help="plan.lock.json written by `llmc build`")
+    ap.add_argument("--stage", required=True, help="stage name")
+    ap.add_argument("--out", required=True, type=Path, help="the stage's output directory (holds hf/)")
+    a = ap.parse_args(argv)
+    from llmc.lockfile import read_lock
+
+    try:
+        lock = read_lock(a.lock)
+    except ValueError as e:
+        print(f"{a.lock}: error[R001] lock: {e}", file=sys.stderr)
+        return 1
+    if a.stage not in eval_stages(lock):
+        print(f"{a.stage}: no eval.tasks for this stage")
+        return 0
+    if (a.out / SUMMARY).is_file():
+        print(f"{a.stage}: already evaluated ({a.out / SUMMARY})")
+        return 0
+    from llmc.runtime.job import TrainJob
+    from llmc.runtime.validation import stage_evals
+
+    try:
+        job = TrainJob.from_lock(lock, a.stage, build_dir=a.lock.resolve().parent)
+        stage_evals(lock, job, a.out, log=lambda m: print(m, flush=True))
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        print(f"{a.lock}: error[R003] eval {a.stage}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

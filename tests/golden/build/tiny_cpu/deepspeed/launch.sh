@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
 # targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
-# spec sha256: 23db841991f9f7cc69bf7f99f45ead258f1c7b63db8a7d1be34b27f792d0ca2b
+# spec sha256: 4f99515cbc9eab5fbb7310281091050068372f1dff795dd68ff597a56547c295
 #
 # DeepSpeed 0.19.8 (data parallel + ZeRO-0), config in deepspeed/ds_config.json; a stage whose
 # batch / lr / steps differ runs deepspeed/ds_config.<stage>.json (llmc.runtime.ds_train picks it for --stage).
@@ -19,6 +19,23 @@ DS_CONFIG="$BUILD_DIR/deepspeed/ds_config.json"
 # unfinished one). STAGE=<name> runs only that stage.
 stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+# eval.tasks (lm-evaluation-harness) on run/<stage>/hf after the stages listed in the lock, once:
+# skipped when <run dir>/<stage>/eval/summary.json exists.
+eval_done() { [ -f "$RUN_DIR/$1/eval/summary.json" ]; }
+run_evals() { eval_done "$1" || python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
+srun_evals() { eval_done "$1" || srun --ntasks=1 --nodes=1 python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
+# Several nodes run the multi-node script: the first to create <run dir>/<stage>/eval.claim evaluates.
+run_evals_once() {
+  local rc=0
+  eval_done "$1" && return 0
+  mkdir -p "$RUN_DIR/$1"
+  if mkdir "$RUN_DIR/$1/eval.claim" 2>/dev/null; then
+    run_evals "$1" || rc=$?
+    rmdir "$RUN_DIR/$1/eval.claim"
+    return $rc
+  fi
+  echo "stage $1: another node runs its eval ($RUN_DIR/$1/eval.claim; remove it if none does)"
+}
 
 DS=(deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT")
 if [ -n "${HOSTFILE:-}" ]; then
@@ -28,3 +45,4 @@ python -m llmc.runtime.entry prepare --lock "$LOCK"
 if want_stage pretrain && ! stage_done pretrain; then
   "${DS[@]}" --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR"/pretrain
 fi
+if want_stage pretrain; then run_evals pretrain; fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
 # targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.11
-# spec sha256: 23db841991f9f7cc69bf7f99f45ead258f1c7b63db8a7d1be34b27f792d0ca2b
+# spec sha256: 4f99515cbc9eab5fbb7310281091050068372f1dff795dd68ff597a56547c295
 #
 # torchrun across 1 node(s) x 1 GPUs; run this on EVERY node.
 #   NNODES=1 MASTER_ADDR=<first host> bash launch/torchrun_multi_node.sh
@@ -23,6 +23,23 @@ LOCK="$BUILD_DIR/plan.lock.json"
 # unfinished one). STAGE=<name> runs only that stage.
 stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+# eval.tasks (lm-evaluation-harness) on run/<stage>/hf after the stages listed in the lock, once:
+# skipped when <run dir>/<stage>/eval/summary.json exists.
+eval_done() { [ -f "$RUN_DIR/$1/eval/summary.json" ]; }
+run_evals() { eval_done "$1" || python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
+srun_evals() { eval_done "$1" || srun --ntasks=1 --nodes=1 python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
+# Several nodes run the multi-node script: the first to create <run dir>/<stage>/eval.claim evaluates.
+run_evals_once() {
+  local rc=0
+  eval_done "$1" && return 0
+  mkdir -p "$RUN_DIR/$1"
+  if mkdir "$RUN_DIR/$1/eval.claim" 2>/dev/null; then
+    run_evals "$1" || rc=$?
+    rmdir "$RUN_DIR/$1/eval.claim"
+    return $rc
+  fi
+  echo "stage $1: another node runs its eval ($RUN_DIR/$1/eval.claim; remove it if none does)"
+}
 
 TORCHRUN=(torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC"
           --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_ID")
@@ -32,6 +49,7 @@ case "$BACKEND" in
     if want_stage pretrain && ! stage_done pretrain; then
       "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
     fi
+    if want_stage pretrain; then run_evals_once pretrain; fi
     ;;
   torchtitan)
     python -m llmc.runtime.entry prepare --lock "$LOCK"
@@ -41,6 +59,11 @@ case "$BACKEND" in
         "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
         -m torchtitan.train --module llmc_job --config job "$@"
     fi
+    # torchtitan writes DCP checkpoints: export the stage's Hugging Face directory for the eval
+    if want_stage pretrain && [ ! -f "$RUN_DIR"/pretrain/hf/config.json ]; then
+      python -m llmc.runtime.hf_io "$BUILD_DIR" --stage pretrain -o "$RUN_DIR"/pretrain/hf
+    fi
+    if want_stage pretrain; then run_evals_once pretrain; fi
     ;;
   deepspeed)
     # the DeepSpeed launcher (deepspeed/launch.sh; HOSTFILE for several nodes)
