@@ -375,10 +375,11 @@ def test_torchtitan_validation_loader_gives_llmcs_windows(tmp_path, monkeypatch)
     # what torchtitan's own text loader would give (BOS per document, no cross-document labels) differs
     windows = torch.cat([torch.cat([x, y[:, -1:]], 1) for x, _, y in got])
     assert tok.bos_id not in windows.flatten().tolist()
-    # the same windows in the batches torchtitan asks for under pipeline parallelism (one micro-batch of 1)
-    single = _titan_windows(cfg, tok, seq_len, batch=1)
+    # batches of llmc's micro-batch whatever local batch size the validator passes (a command-line override)
+    other = _titan_windows(cfg, tok, seq_len, batch=mb // 2)
     ref = build_validation_set(assets, ltok, seq_len, mb, 2)
-    assert torch.equal(torch.cat([x for x, _, _ in single]), torch.cat([ref.batch(b)[0] for b in range(2)]))
+    assert [tuple(x.shape) for x, _, _ in other] == [(mb, seq_len)] * 2
+    assert torch.equal(torch.cat([x for x, _, _ in other]), torch.cat([ref.batch(b)[0] for b in range(2)]))
 
 
 class _Metrics:

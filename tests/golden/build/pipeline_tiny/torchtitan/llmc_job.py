@@ -280,8 +280,10 @@ class _ValidationWindows(torch.utils.data.IterableDataset):
 
 
 class LlmcValidationLoader(ParallelAwareDataloader):
-    """torchtitan's validator reads llmc's validation windows (_ValidationWindows), in batches of the size
-    the validator asks for (its local batch size; a pipeline micro-batch under pipeline parallelism)."""
+    """torchtitan's validator reads llmc's validation windows (_ValidationWindows) in batches of llmc's
+    micro-batch, whatever local batch size it passes: its `steps` batches are then exactly llmc's windows
+    (under pipeline parallelism it takes local_batch_size / micro_batch of them per step, so a last
+    incomplete step is left out)."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(ParallelAwareDataloader.Config):
@@ -296,7 +298,7 @@ class LlmcValidationLoader(ParallelAwareDataloader):
 
     def __init__(self, config, *, dp_world_size, dp_rank, tokenizer, seq_len, local_batch_size, **kwargs):
         windows = _ValidationWindows(tokenizer, seq_len, config.micro_batch, config.steps, dp_rank, dp_world_size)
-        super().__init__(windows, dp_rank=dp_rank, dp_world_size=dp_world_size, batch_size=local_batch_size)
+        super().__init__(windows, dp_rank=dp_rank, dp_world_size=dp_world_size, batch_size=config.micro_batch)
 
 
 def _validator():
