@@ -447,3 +447,55 @@ def test_torchtitan_validator_loss_equals_llmcs_for_the_same_weights(attention, 
     shifted = ValidationSet.from_streams([stream[1:]], seq_len, mb, 2)  # every window one token later
     off = evaluate(ref, shifted, torch.device("cpu"))["val_loss"]
     assert abs(off - titan_loss) > 1e-4, (off, titan_loss)  # 10x the tolerance (a random model: ~1e-3)
+
+
+@pytest.mark.slow
+def test_torchtitan_two_ranks_log_llmcs_validation_loss_of_their_checkpoint(tmp_path, monkeypatch):
+    """FSDP on 2 gloo ranks: each rank validates its share of llmc's windows (dealt like llmc's ranks) and
+    the loss torchtitan all-reduces and logs at step 8 is llmc's single-process evaluate() loss of the
+    step-8 checkpoint over the same windows (2 ranks x micro_batch per batch = one process's 2 x micro_batch)."""
+    pytest.importorskip("torchtitan")
+    import re
+
+    from test_torchtitan import OFFLINE, losses, make_assets, run_logged, write_build, write_parquet_source
+    from test_torchtitan_render import TINY, compiled_for
+
+    from llmc.compiler.plan import ParallelPlan
+    from llmc.runtime.hf_io import _model_state
+    from llmc.runtime.model import build_model
+    from llmc.runtime.titan_launch import torchtitan_command
+    from llmc.runtime.validation import build_validation_set
+
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    src = tmp_path / "corpus"
+    data = {"seq_len": 64, "tokens": 1e6,
+            "sources": [{"name": "web", "path": str(src), "format": "parquet", "text_field": "body"}]}
+    c = compiled_for(model=TINY, plan=ParallelPlan(dp_shard=2, micro_batch=4), gpu="cpu", precision="fp32", seq=64,
+                     steps=8, lr=3e-3, warmup=1, data=data,
+                     eval={"validation": {"fraction": 0.2, "seed": 1, "every_steps": 4, "max_batches": 3}})
+    module = write_build(c, tmp_path)
+    run_dir = tmp_path / "run"
+    write_parquet_source(src, make_assets(run_dir, c.spec.model.vocab_size, names=()))
+    argv, env = torchtitan_command(module, 2, True, ["--metrics.log_freq", "1", "--checkpoint.interval", "8"],
+                                   run_dir=run_dir)
+    rc, log, _ = run_logged(argv, env, run_dir)
+    assert rc == 0, log[-3000:]
+    assert "dp_shard=2" in log and sorted(losses("\n".join(
+        ln for ln in log.splitlines() if "validate step" not in ln))) == list(range(1, 9))
+    val = {}
+    for s, x in re.findall(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+)", log):
+        val.setdefault(int(s), set()).add(float(x))
+    assert sorted(val) == [1, 4, 8] and all(len(x) == 1 for x in val.values()), val  # both ranks log it
+
+    ck = _model_state(run_dir / "outputs" / "torchtitan" / "checkpoints")
+    model = build_model(c.spec.model, "cpu", seed=1)
+    model.load_state_dict(ck, strict=True)
+    assets = split_assets(Assets(str(run_dir), str(run_dir / "assets"),
+                                 (SourceData("web", str(src), "parquet", "body"),), str(run_dir / "cache")),
+                          c.spec.eval.validation, log=lambda *_: None)
+    vset = build_validation_set(assets, assets.tokenizer(), 64, 2 * 4, 3)
+    ours = evaluate(model, vset, torch.device("cpu"))
+    assert ours["val_tokens"] == 3 * 2 * 4 * 64
+    (logged,) = val[8]
+    assert ours["val_loss"] == pytest.approx(logged, abs=1.5e-4), (ours, val)  # logged with 4 decimals
