@@ -1,5 +1,6 @@
-"""Held-out split and validation loss: deterministic disjoint split, logged val_loss on the native trainer
-and DeepSpeed, the same loss for the same weights and tokens on both, falling over a short run."""
+"""Held-out split and validation loss: deterministic disjoint split, logged val_loss on the native trainer,
+DeepSpeed and torchtitan, the same loss for the same weights and tokens on all three, falling over a short
+run."""
 
 from __future__ import annotations
 
