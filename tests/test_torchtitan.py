@@ -380,7 +380,8 @@ def tiny_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_titan")
     c = compiled_example("tiny_cpu")
     module = write_build(c, out)
-    make_assets(out / "run", c.spec.model.vocab_size, names=[s.name for s in c.spec.data.sources])
+    # 3000 documents: the example holds out 5%, enough for one validation batch of 2 ranks x 32 x 128 tokens
+    make_assets(out / "run", c.spec.model.vocab_size, n_docs=3000, names=[s.name for s in c.spec.data.sources])
     return module, out / "run", c
 
 

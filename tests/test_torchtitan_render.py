@@ -298,4 +298,5 @@ def test_source_paths_reach_the_job_as_python_literals():
          "weight": 0.25},
         {"name": "python-docs", "format": "jsonl", "path": "python-docs.jsonl", "under": "data", "text_field": "text",
          "weight": 0.25}]
-    assert lits["VALIDATION"] == {"freq": 5, "steps": 2, "fraction": None, "seed": 0, "files": ["val's.jsonl"]}
+    assert lits["VALIDATION"] == {"freq": 5, "steps": 2, "micro_batch": c.plan.micro_batch, "fraction": None, "seed": 0,
+                                  "files": ["val's.jsonl"]}

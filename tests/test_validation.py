@@ -1,5 +1,6 @@
-"""Held-out split and validation loss: deterministic disjoint split, logged val_loss on the native trainer
-and DeepSpeed, the same loss for the same weights and tokens on both, falling over a short run."""
+"""Held-out split and validation loss: deterministic disjoint split, logged val_loss on the native trainer,
+DeepSpeed and torchtitan, the same loss for the same weights and tokens on all three, falling over a short
+run."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from llmc.runtime.validation import (  # noqa: E402
     is_heldout,
     split_assets,
     validation_sources,
+    validation_tokens,
 )
 from llmc.spec.schema import Validation  # noqa: E402
 
@@ -250,45 +252,46 @@ def test_deepspeed_trainer_logs_validation_loss(tmp_path, docs):
 
 
 @pytest.mark.slow
-def test_torchtitan_job_enables_its_validator_on_the_heldout_files(tmp_path, monkeypatch):
-    pytest.importorskip("torchtitan")
-    from test_torchtitan import OFFLINE, load_job, losses, make_assets, run_logged, write_build
-
-    from llmc.compiler.compile import compile_spec
-    from llmc.runtime.titan_launch import torchtitan_command
-    from llmc.spec.load import loads_spec
-
-    text = (ROOT / "examples" / "tiny_cpu.yaml").read_text()
-    text = text.split("\neval:")[0] + "\neval:\n  validation: {every_steps: 4, max_batches: 2, fraction: 0.1}\n"
-    run, lines = loads_spec(text, file=str(tmp_path / "tiny.yaml"))
-    c = compile_spec(run, str(tmp_path / "tiny.yaml"), lines)
-    module = write_build(c, tmp_path / "b")
-    for k, v in OFFLINE.items():
-        monkeypatch.setenv(k, v)
-    run_dir = tmp_path / "b" / "run"
-    monkeypatch.setenv("LLMC_RUN_DIR", str(run_dir))
-    cfg = load_job(module)
-    v = cfg.validator
-    assert v.enable and v.freq == 4 and v.steps == 2
-    data = run_dir / "data"
-    # the validator reads the held-out documents of the source, training the rest, both from the source itself
-    assert v.dataloader.dataset == "llmc_validation" and cfg.dataloader.dataset == "llmc_train_0"
-    assert cfg.dataloader.dataset_path == str(data / "python-docs.jsonl")
-    assert cfg.training.local_batch_size == c.plan.micro_batch  # a validation batch = one micro-batch per rank
-
-    # and it runs: torchtitan validates on the held-out documents every 4 steps on CPU
-    make_assets(run_dir, c.spec.model.vocab_size, names=["python-docs"])
-    argv, env = torchtitan_command(module, 1, True, ["--training.steps", "8", "--metrics.log_freq", "1"],
-                                   run_dir=run_dir)
-    rc, log, _ = run_logged(argv, env, run_dir)
-    assert rc == 0, log[-3000:]
+def test_torchtitan_job_logs_llmcs_validation_loss_of_its_checkpoint(tmp_path, monkeypatch):
+    """The job's validator runs inside torchtitan's trainer (CPU shim) every 4 steps; the loss it logs at
+    step 8 is llmc's evaluate() loss of the step-8 DCP checkpoint on llmc's validation windows."""
     import re
 
+    from test_torchtitan import losses, run_logged
+
+    from llmc.runtime.hf_io import _model_state
+    from llmc.runtime.model import build_model
+    from llmc.runtime.titan_launch import torchtitan_command
+    from llmc.runtime.validation import build_validation_set
+
+    c, cfg, assets = _titan_validation(tmp_path, monkeypatch)
+    v = cfg.validator
+    assert v.enable and v.freq == 4 and v.steps == 2
+    # the validator reads the held-out documents of the source, training the rest, both from the source itself
+    assert type(v.dataloader).__qualname__ == "LlmcValidationLoader.Config" and v.dataloader.micro_batch == 32
+    assert cfg.dataloader.dataset == "llmc_train_0"
+    run_dir = Path(assets.root)
+    assert cfg.dataloader.dataset_path == str(run_dir / "data" / "python-docs.jsonl")
+    assert cfg.training.local_batch_size == c.plan.micro_batch  # a validation batch = one micro-batch per rank
+
+    module = tmp_path / "b" / "torchtitan" / "llmc_job.py"
+    argv, env = torchtitan_command(module, 1, True, ["--training.steps", "8", "--metrics.log_freq", "1",
+                                                     "--checkpoint.interval", "8"], run_dir=run_dir)
+    rc, log, _ = run_logged(argv, env, run_dir)
+    assert rc == 0, log[-3000:]
     train_log = "\n".join(ln for ln in log.splitlines() if "validate step" not in ln)
     assert sorted(losses(train_log)) == list(range(1, 9))
     val = {int(s): float(x) for s, x in re.findall(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+)", log)}
     assert sorted(val) == [1, 4, 8] and all(math.isfinite(x) for x in val.values()), log[-2000:]
     assert val[8] < val[1]
+
+    ckpt = run_dir / "outputs" / "torchtitan" / "checkpoints"
+    assert (ckpt / "step-8" / ".metadata").exists()
+    model = build_model(c.spec.model, "cpu", seed=1)
+    model.load_state_dict(_model_state(ckpt), strict=True)
+    vset = build_validation_set(assets, assets.tokenizer(), c.hyper.seq_len, c.plan.micro_batch, 2)
+    ours = evaluate(model, vset, torch.device("cpu"))
+    assert ours["val_loss"] == pytest.approx(val[8], abs=1.5e-4), (ours, val)  # logged with 4 decimals
 
 
 @pytest.mark.slow
@@ -308,3 +311,192 @@ def test_fsdp_two_processes_measure_the_single_process_validation_loss(tmp_path,
     for s in (2, 4):  # 2 ranks x 4 sequences see the windows one process reads 8 at a time
         assert got[s]["val_tokens"] == ref[s]["val_tokens"] == 2 * 8 * 32
         assert got[s]["val_loss"] == pytest.approx(ref[s]["val_loss"], abs=2e-4)
+
+
+# ------------------------------------------------------- torchtitan's validator measures llmc's validation loss
+
+
+def _titan_validation(tmp_path, monkeypatch, max_batches=2):
+    """The tiny example with validation, built; its run dir holding a tokenizer and one JSONL source; the
+    job's config as torchtitan parses it; llmc's assets for the same run dir, split like prepare does."""
+    pytest.importorskip("torchtitan")
+    from test_torchtitan import OFFLINE, load_job, make_assets, write_build
+
+    from llmc.compiler.compile import compile_spec
+    from llmc.spec.load import loads_spec
+
+    text = (ROOT / "examples" / "tiny_cpu.yaml").read_text()
+    text = text.split("\neval:")[0] + (f"\neval:\n  validation: {{every_steps: 4, max_batches: {max_batches}, "
+                                       "fraction: 0.2, seed: 5}\n")
+    run, lines = loads_spec(text, file=str(tmp_path / "tiny.yaml"))
+    c = compile_spec(run, str(tmp_path / "tiny.yaml"), lines)
+    module = write_build(c, tmp_path / "b")
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    run_dir = tmp_path / "b" / "run"
+    monkeypatch.setenv("LLMC_RUN_DIR", str(run_dir))
+    make_assets(run_dir, c.spec.model.vocab_size, n_docs=1500, names=["python-docs"])  # ~20k held-out tokens
+    cfg = load_job(module)
+    src = SourceData("python-docs", str(run_dir / "data" / "python-docs.jsonl"), "jsonl", "text")
+    assets = split_assets(Assets(str(run_dir), str(run_dir / "assets"), (src,), str(run_dir / "cache")),
+                          c.spec.eval.validation, log=lambda *_: None)
+    return c, cfg, assets
+
+
+def _titan_windows(cfg, tok, seq_len, dp_rank=0, dp_size=1, batch=None):
+    """Every (input, positions, labels) batch the job's validation loader gives one data-parallel rank."""
+    loader = cfg.validator.dataloader.build(dp_world_size=dp_size, dp_rank=dp_rank, tokenizer=tok, seq_len=seq_len,
+                                            local_batch_size=batch or cfg.training.local_batch_size)
+    return [(x["input"], x["positions"], y) for x, y in loader]
+
+
+@pytest.mark.slow
+def test_torchtitan_validation_loader_gives_llmcs_windows(tmp_path, monkeypatch):
+    """The job's validation loader yields exactly llmc's validation windows (same documents, tokens, EOS
+    joining, window cuts, dealing to data-parallel ranks), inputs at positions 0..seq_len-1."""
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    from llmc.runtime.validation import build_validation_set
+
+    c, cfg, assets = _titan_validation(tmp_path, monkeypatch)
+    seq_len, mb = c.hyper.seq_len, c.plan.micro_batch
+    assert cfg.validator.enable and cfg.validator.steps == 2 and cfg.training.local_batch_size == mb
+    tok = HuggingFaceTokenizer(tokenizer_path=assets.tokenizer_dir)
+    ltok = assets.tokenizer()
+    assert ltok.eos_id == tok.eos_id and tok.bos_id is not None  # torchtitan would add a BOS; llmc adds none
+    for dp in (1, 2):
+        for r in range(dp):
+            vset = build_validation_set(assets, ltok, seq_len, mb, 2, dp_rank=r, dp_size=dp)
+            got = _titan_windows(cfg, tok, seq_len, r, dp)
+            assert len(got) == vset.batches == 2
+            for b, (x, pos, y) in enumerate(got):
+                wx, wy = vset.batch(b)
+                assert torch.equal(x, wx) and torch.equal(y, wy), (dp, r, b)
+                assert torch.equal(pos, torch.arange(seq_len).expand(mb, seq_len))
+    # what torchtitan's own text loader would give (BOS per document, no cross-document labels) differs
+    windows = torch.cat([torch.cat([x, y[:, -1:]], 1) for x, _, y in got])
+    assert tok.bos_id not in windows.flatten().tolist()
+    # batches of llmc's micro-batch whatever local batch size the validator passes (a command-line override)
+    other = _titan_windows(cfg, tok, seq_len, batch=mb // 2)
+    ref = build_validation_set(assets, ltok, seq_len, mb, 2)
+    assert [tuple(x.shape) for x, _, _ in other] == [(mb, seq_len)] * 2
+    assert torch.equal(torch.cat([x for x, _, _ in other]), torch.cat([ref.batch(b)[0] for b in range(2)]))
+
+
+class _Metrics:
+    """torchtitan's MetricsProcessor as its Validator uses it."""
+
+    def __init__(self):
+        self.ntokens_since_last_log, self.logged = 0, []
+
+    def log_validation(self, loss, step):
+        self.logged.append((step, float(loss)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["flex", "sdpa"])
+def test_torchtitan_validator_loss_equals_llmcs_for_the_same_weights(attention, tmp_path, monkeypatch):
+    """torchtitan's own Validator, built from the job's config (its loader, its loss), on llmc's model
+    loaded through the job's Hugging Face state-dict adapter, logs llmc's evaluate() loss; the windows
+    shifted by one token give a different loss, so the check can fail."""
+    import contextlib
+
+    import torchtitan.tools.utils as tt_utils
+    from safetensors.torch import load_file
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    from llmc.runtime.hf_io import export_hf
+    from llmc.runtime.model import build_model
+    from llmc.runtime.titan_cpu_shim import swap_flex_for_sdpa
+    from llmc.runtime.validation import build_validation_set
+
+    c, cfg, assets = _titan_validation(tmp_path, monkeypatch)
+    arch, seq_len, mb = c.spec.model, c.hyper.seq_len, c.plan.micro_batch
+    if attention == "sdpa":
+        assert swap_flex_for_sdpa(cfg) > 0
+    ref = build_model(arch, "cpu", seed=0).eval()
+    hf = tmp_path / "hf"
+    export_hf(ref.state_dict(), arch, hf, dtype=torch.float32)
+    m = cfg.model_spec.model
+    model = m.build()
+    model.init_states(buffer_device=torch.device("cpu"))
+    hf_sd = {}
+    for f in sorted(hf.glob("*.safetensors")):
+        hf_sd.update(load_file(f))
+    model.load_state_dict(cfg.model_spec.state_dict_adapter(m, str(hf)).from_hf(hf_sd), strict=True)
+
+    monkeypatch.setattr(tt_utils, "device_type", "cpu")
+    dims = type("Dims", (), {"pp_enabled": False, "dp_enabled": False, "cp_enabled": False,
+                             "dp_cp_enabled": False})()
+    metrics = _Metrics()
+    validator = cfg.validator.build(
+        parallelism=cfg.parallelism, dp_world_size=1, dp_rank=0,
+        tokenizer=HuggingFaceTokenizer(tokenizer_path=assets.tokenizer_dir), parallel_dims=dims,
+        loss_fn=cfg.loss.build(compile_config=cfg.compile), validation_context=contextlib.nullcontext,
+        metrics_processor=metrics, seq_len=seq_len, local_batch_size=cfg.training.local_batch_size)
+    validator.validate([model], step=4)
+    ((step, titan_loss),) = metrics.logged
+    assert step == 4 and metrics.ntokens_since_last_log == 2 * mb * seq_len
+
+    vset = build_validation_set(assets, assets.tokenizer(), seq_len, mb, 2)
+    ours = evaluate(ref, vset, torch.device("cpu"))
+    assert ours["val_tokens"] == 2 * mb * seq_len
+    assert titan_loss == pytest.approx(ours["val_loss"], rel=0, abs=1e-5), (titan_loss, ours)
+    stream = validation_tokens(validation_sources(assets), assets.tokenizer(), 2 * mb * seq_len + 2)
+    assert torch.equal(torch.from_numpy(ValidationSet.from_streams([stream], seq_len, mb, 2).windows),
+                       torch.from_numpy(vset.windows))
+    shifted = ValidationSet.from_streams([stream[1:]], seq_len, mb, 2)  # every window one token later
+    off = evaluate(ref, shifted, torch.device("cpu"))["val_loss"]
+    assert abs(off - titan_loss) > 1e-4, (off, titan_loss)  # 10x the tolerance (a random model: ~1e-3)
+
+
+@pytest.mark.slow
+def test_torchtitan_two_ranks_log_llmcs_validation_loss_of_their_checkpoint(tmp_path, monkeypatch):
+    """FSDP on 2 gloo ranks: each rank validates its share of llmc's windows (dealt like llmc's ranks) and
+    the loss torchtitan all-reduces and logs at step 8 is llmc's single-process evaluate() loss of the
+    step-8 checkpoint over the same windows (2 ranks x micro_batch per batch = one process's 2 x micro_batch)."""
+    pytest.importorskip("torchtitan")
+    import re
+
+    from test_torchtitan import OFFLINE, losses, make_assets, run_logged, write_build, write_parquet_source
+    from test_torchtitan_render import TINY, compiled_for
+
+    from llmc.compiler.plan import ParallelPlan
+    from llmc.runtime.hf_io import _model_state
+    from llmc.runtime.model import build_model
+    from llmc.runtime.titan_launch import torchtitan_command
+    from llmc.runtime.validation import build_validation_set
+
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    src = tmp_path / "corpus"
+    data = {"seq_len": 64, "tokens": 1e6,
+            "sources": [{"name": "web", "path": str(src), "format": "parquet", "text_field": "body"}]}
+    c = compiled_for(model=TINY, plan=ParallelPlan(dp_shard=2, micro_batch=4), gpu="cpu", precision="fp32", seq=64,
+                     steps=8, lr=3e-3, warmup=1, data=data,
+                     eval={"validation": {"fraction": 0.2, "seed": 1, "every_steps": 4, "max_batches": 3}})
+    module = write_build(c, tmp_path)
+    run_dir = tmp_path / "run"
+    write_parquet_source(src, make_assets(run_dir, c.spec.model.vocab_size, names=()))
+    argv, env = torchtitan_command(module, 2, True, ["--metrics.log_freq", "1", "--checkpoint.interval", "8"],
+                                   run_dir=run_dir)
+    rc, log, _ = run_logged(argv, env, run_dir)
+    assert rc == 0, log[-3000:]
+    assert "dp_shard=2" in log and sorted(losses("\n".join(
+        ln for ln in log.splitlines() if "validate step" not in ln))) == list(range(1, 9))
+    val = {}
+    for s, x in re.findall(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+)", log):
+        val.setdefault(int(s), set()).add(float(x))
+    assert sorted(val) == [1, 4, 8] and all(len(x) == 1 for x in val.values()), val  # both ranks log it
+
+    ck = _model_state(run_dir / "outputs" / "torchtitan" / "checkpoints")
+    model = build_model(c.spec.model, "cpu", seed=1)
+    model.load_state_dict(ck, strict=True)
+    assets = split_assets(Assets(str(run_dir), str(run_dir / "assets"),
+                                 (SourceData("web", str(src), "parquet", "body"),), str(run_dir / "cache")),
+                          c.spec.eval.validation, log=lambda *_: None)
+    vset = build_validation_set(assets, assets.tokenizer(), 64, 2 * 4, 3)
+    ours = evaluate(model, vset, torch.device("cpu"))
+    assert ours["val_tokens"] == 3 * 2 * 4 * 64
+    (logged,) = val[8]
+    assert ours["val_loss"] == pytest.approx(logged, abs=1.5e-4), (ours, val)  # logged with 4 decimals

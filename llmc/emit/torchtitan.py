@@ -174,16 +174,18 @@ def _data_sources(compiled) -> list[dict[str, Any]]:
 
 def _validation(compiled) -> dict | None:
     """torchtitan 0.3.0 ``Validator.Config`` values (torchtitan/components/validate.py): every
-    ``every_steps`` steps, ``max_batches`` batches of ``local_batch_size`` per rank, over the held-out
+    ``every_steps`` steps, ``max_batches`` batches of ``micro_batch`` windows per rank, over the held-out
     documents of every text source (``fraction``, ``seed``: llmc.runtime.validation's split) or the spec's
-    own validation files (``files``, read like the sources)."""
+    own validation files (``files``, read like the sources). The job's validation loader cuts them into
+    llmc.runtime.validation's windows (EOS-joined, ``seq_len + 1`` tokens, dealt to ranks in order), so
+    torchtitan's validation loss is llmc's for the same weights."""
     spec = compiled.spec
     v = spec.eval.validation if spec.eval is not None else None
     if v is None:
         return None
     files = [_from_build(compiled, f) for f in v.files] if v.files else None
-    return {"freq": v.every_steps, "steps": v.max_batches, "fraction": None if files else v.fraction,
-            "seed": v.seed, "files": files}
+    return {"freq": v.every_steps, "steps": v.max_batches, "micro_batch": compiled.plan.micro_batch,
+            "fraction": None if files else v.fraction, "seed": v.seed, "files": files}
 
 
 def _pp_module_fqns(n_layers: int, n_stages: int) -> list[list[str]]:

@@ -22,6 +22,10 @@ of ``seq_len + 1`` tokens in order; validation batch ``b`` of data-parallel rank
 tokens are cached in ``<cache>/validation-<key>.npy`` (a few MB at most). The loss is
 :func:`llmc.runtime.model.lm_loss` without z-loss or MoE auxiliary terms, averaged over every token of
 every rank; ``val_ppl = exp(val_loss)``.
+
+The torchtitan job's validator reads these same windows (its ``LlmcValidationLoader``: same documents, same
+tokenizer without special tokens, EOS after each document, the same cuts and dealing, positions
+0..seq_len-1), so the validation loss torchtitan logs is :func:`evaluate`'s for the same weights.
 """
 
 from __future__ import annotations

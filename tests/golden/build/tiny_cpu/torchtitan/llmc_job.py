@@ -19,13 +19,16 @@ import glob
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from functools import partial
 from pathlib import PurePath
 
 import pyarrow.parquet as pq
+import torch
 import torch.nn as nn
 from datasets import DatasetDict, IterableDataset, load_dataset, load_from_disk
 from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer, ParamGroupConfig
@@ -68,10 +71,11 @@ DUMP_FOLDER = os.environ.get("LLMC_DUMP_FOLDER", os.path.join(RUN_DIR, "outputs"
 # A folder holding a `datasets` save_to_disk dataset is read with load_from_disk(...) (memory-mapped, in place).
 DATA_SOURCES = [{'name': 'python-docs', 'format': 'jsonl', 'path': 'python-docs.jsonl', 'under': 'data', 'text_field': 'text', 'weight': 1.0}]
 
-# held-out validation (llmc eval.validation): None, or {"freq", "steps", "fraction", "seed", "files"}. With a
-# fraction, document i of a source (sorted files, rows in order) is validation iff _heldout(name, i): training
-# skips it and the validator reads only those (nothing is copied). "files": the validation files instead.
-VALIDATION = {'freq': 100, 'steps': 4, 'fraction': 0.05, 'seed': 0, 'files': None}
+# held-out validation (llmc eval.validation): None, or {"freq", "steps", "micro_batch", "fraction", "seed",
+# "files"}. With a fraction, document i of a source (sorted files, rows in order) is validation iff
+# _heldout(name, i): training skips it and the validator reads only those (nothing is copied). "files": the
+# validation files instead. The validator sees llmc's validation windows (LlmcValidationLoader below).
+VALIDATION = {'freq': 100, 'steps': 4, 'micro_batch': 32, 'fraction': 0.05, 'seed': 0, 'files': None}
 _SPLIT = VALIDATION is not None and not VALIDATION["files"]
 
 
@@ -206,8 +210,6 @@ def _train_loader(i, path):
 for _i, _src in enumerate(DATA_SOURCES):
     DATASETS[f"llmc_train_{_i}"] = DatasetConfig(path=_src["name"], loader=partial(_train_loader, _i),
                                                  sample_processor=_sample_text)
-DATASETS["llmc_validation"] = DatasetConfig(path="validation", loader=_validation_dataset,
-                                            sample_processor=_sample_text)
 DATASETS["llmc_none"] = DatasetConfig(path="none", loader=_no_source, sample_processor=_sample_text)
 
 
@@ -223,13 +225,88 @@ def _dataloader():
     )
 
 
+_VAL_TOKENS = {}  # (tokens wanted, tokenizer path) -> the validation token stream, read once per process
+
+
+def _validation_tokens(tokenizer, n_tokens):
+    """llmc.runtime.validation.validation_tokens: the first n_tokens tokens of the validation documents in
+    source order, each encoded without special tokens and followed by EOS (no BOS); reading stops once there
+    are enough."""
+    key = (n_tokens, getattr(tokenizer, "tokenizer_path", None))
+    if key not in _VAL_TOKENS:
+        ids, batch = [], []
+
+        def flush():
+            for enc in tokenizer.tokenizer.encode_batch(batch, add_special_tokens=False):
+                ids.extend(enc.ids)
+                ids.append(tokenizer.eos_id)
+            batch.clear()
+
+        for row in _validation_dataset("validation"):
+            batch.append(_sample_text(row))
+            if len(batch) == 16:
+                flush()
+                if len(ids) >= n_tokens:
+                    break
+        flush()
+        _VAL_TOKENS[key] = torch.tensor(ids[:n_tokens], dtype=torch.long)
+    return _VAL_TOKENS[key]
+
+
+class _ValidationWindows(torch.utils.data.IterableDataset):
+    """llmc.runtime.validation.ValidationSet.from_streams: the token stream cut into windows of seq_len + 1
+    tokens in order (window w = tokens [w * seq_len, w * seq_len + seq_len]); batch b of data-parallel rank r
+    holds windows (b * dp + r) * micro_batch ... + micro_batch, for `steps` batches (fewer when the held-out
+    set is smaller). Inputs are window[:-1] at positions 0..seq_len-1 (one causal block: attention crosses the
+    EOS between documents, as in llmc's models), labels window[1:]."""
+
+    def __init__(self, tokenizer, seq_len, micro_batch, steps, dp_rank, dp_world_size):
+        self.tokenizer, self.seq_len, self.micro_batch = tokenizer, seq_len, micro_batch
+        self.steps, self.dp_rank, self.dp_world_size = steps, dp_rank, dp_world_size
+
+    def __iter__(self):
+        seq_len, mb, dp = self.seq_len, self.micro_batch, self.dp_world_size
+        stream = _validation_tokens(self.tokenizer, self.steps * mb * dp * seq_len + 1)
+        batches = min(self.steps, max(0, (len(stream) - 1) // seq_len) // (mb * dp))
+        if batches == 0:
+            raise ValueError(f"validation set has {len(stream)} tokens: fewer than one batch of {mb * dp} x "
+                             f"{seq_len + 1} (raise eval.validation.fraction or give more data)")
+        positions = torch.arange(seq_len, dtype=torch.long)
+        for b in range(batches):
+            for j in range(mb):
+                w = (b * dp + self.dp_rank) * mb + j
+                window = stream[w * seq_len: w * seq_len + seq_len + 1]
+                yield {"input": window[:-1], "positions": positions}, window[1:]
+
+
+class LlmcValidationLoader(ParallelAwareDataloader):
+    """torchtitan's validator reads llmc's validation windows (_ValidationWindows) in batches of llmc's
+    micro-batch, whatever local batch size it passes: its `steps` batches are then exactly llmc's windows
+    (under pipeline parallelism it takes local_batch_size / micro_batch of them per step, so a last
+    incomplete step is left out)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(ParallelAwareDataloader.Config):
+        steps: int = 1
+        """validation batches of micro_batch windows per data-parallel rank (eval.validation.max_batches)"""
+
+        micro_batch: int = 1
+        """windows per rank in one validation batch (llmc's micro-batch)"""
+
+        infinite: bool = False
+        """unused: the windows are a fixed, finite set (Validator replaces this field)"""
+
+    def __init__(self, config, *, dp_world_size, dp_rank, tokenizer, seq_len, local_batch_size, **kwargs):
+        windows = _ValidationWindows(tokenizer, seq_len, config.micro_batch, config.steps, dp_rank, dp_world_size)
+        super().__init__(windows, dp_rank=dp_rank, dp_world_size=dp_world_size, batch_size=config.micro_batch)
+
+
 def _validator():
     if VALIDATION is None:
         return Validator.Config()
     return Validator.Config(
         enable=True, freq=VALIDATION["freq"], steps=VALIDATION["steps"],
-        dataloader=HuggingFaceTextDataLoader.Config(dataset="llmc_validation", dataset_path="validation",
-                                                    infinite=False),
+        dataloader=LlmcValidationLoader.Config(steps=VALIDATION["steps"], micro_batch=VALIDATION["micro_batch"]),
     )
 
 # ---------------------------------------------------------------- architecture (llmc-tiny)
