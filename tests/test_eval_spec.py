@@ -307,6 +307,11 @@ def test_every_checkpoints_in_lock_plan_and_located_pruning_warning():
     from llmc.report import render_text
 
     assert "pretrain: also checkpoints at steps 400 (every_checkpoints 2)" in render_text(c2)
+    from llmc.emit import render_artifacts
+
+    emitted = json.loads(render_artifacts(c2)["eval/tasks.json"])
+    assert emitted["every_checkpoints"] == 2
+    assert emitted["checkpoint_results"] == {"pretrain": {"400": "run/pretrain/eval/step-400/eval_results.json"}}
 
 
 @pytest.mark.slow
