@@ -45,9 +45,9 @@ lock lists under ``evaluation.tasks.checkpoint_steps[S]`` (:func:`checkpoint_eva
 ``RUN/S/<checkpoint folder>/step-N`` (llmc's full ``model.pt`` or sharded ``dcp/`` layout) is converted to
 a temporary Hugging Face directory with :func:`llmc.runtime.hf_io.export_stage` (the conversion ``llmc
 export`` uses; tokenizer files from ``RUN/S/hf``), scored on the same suite into ``RUN/S/eval/step-N/``
-(``eval_results.json``, ``summary.json`` with ``step``) and deleted. A step whose ``summary.json``
-exists is skipped; a listed checkpoint that is missing (pruned, or a backend that keeps its
-checkpoints elsewhere) is reported and skipped.
+(``eval_results.json``, ``summary.json`` with ``step``) and deleted (also when a killed step left it
+behind). A step whose ``summary.json`` exists is skipped; a listed checkpoint that is missing (pruned,
+or a backend that keeps its checkpoints elsewhere) is reported and skipped.
 """
 
 from __future__ import annotations
@@ -257,6 +257,8 @@ def checkpoint_evals(lock: dict, job, out: Path, log=print) -> dict[int, dict]:
     steps = checkpoint_steps(lock, job.stage)
     if plan is None or not steps:
         return {}
+    for stale in (out / "eval").glob(".hf-step-*"):  # left by an eval step that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     present = dict(list_checkpoints(out / job.checkpoint_folder))
     done: dict[int, dict] = {}
     for n in steps:
