@@ -19,8 +19,8 @@ Backends:
   (dpo, grpo) run on the native runtime.
 * eval           after each stage the lock lists under ``evaluation.tasks.stages``, whatever its backend:
   ``python -m llmc.runtime.evaluate --lock L --stage S --out R/S`` (lm-evaluation-harness on ``R/S/hf``),
-  skipped when ``R/S/eval/summary.json`` exists (the native runtime evaluates at the end of its stages,
-  so there the step finds the summary and returns at once).
+  skipped when ``R/S/eval/summary.json`` exists (written last, after any ``eval.every_checkpoints``
+  checkpoint scores); the trainers themselves do not evaluate.
 
 Default backend: the one the plan was computed for (the lock's ``backend.name``) when the build has
 its artifacts, else ``native``, or ``torchtitan`` when the plan uses pp/cp/ep (which the native trainer

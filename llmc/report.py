@@ -349,6 +349,13 @@ def _evaluation(c) -> Table | None:
         lim = f", limit {e.tasks.limit}" if e.tasks.limit else ""
         t.add_row("eval tasks", f"{', '.join(e.tasks.tasks)} after {', '.join(e.tasks.stages)} "
                                 f"(lm-evaluation-harness, {e.tasks.backend}, batch {e.tasks.batch_size}{lim})")
+        if e.tasks.every_checkpoints is not None:
+            from llmc.compiler.evaluation import format_steps
+
+            k = e.tasks.every_checkpoints
+            for st, steps in (e.tasks.checkpoint_steps or {}).items():
+                t.add_row("", f"{st}: also checkpoints at steps {format_steps(steps) or '(none kept)'} "
+                              f"(every_checkpoints {k})")
     q = e.quality
     if q is not None:
         t.add_row("dedup", f"exact {'on' if q.exact else 'off'}, workers {q.workers}")

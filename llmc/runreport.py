@@ -33,6 +33,12 @@ gives the same numbers as text (``llmc report`` prints them)::
 
     pretrain: validation loss 7.62 -> 4.31 (ppl 2043.5 -> 74.4), steps 100 -> 500
     pretrain: eval pydoc_mc: acc 0.7917, acc_norm 0.7500 (24 documents)
+    pretrain: eval pydoc_mc acc by step: 200 0.5417, 400 0.6250, final (500) 0.7917
+
+Checkpoints compared on the same suite (``eval.every_checkpoints``): each scored checkpoint's
+``<stage>/eval/step-N/summary.json`` (:func:`read_checkpoint_evals`) becomes a column of a per-stage table
+(task, metric; one column per step, then the final export at the stage's last step from the lock) and a
+plot ``<stage>-evals.png`` of every metric against the step.
 
 Plots use matplotlib's object API (``matplotlib.figure.Figure``, rendered by the Agg canvas), so no
 display and no global backend switch is needed: https://matplotlib.org/stable/users/explain/figure/backends.html
@@ -106,11 +112,67 @@ class StageEval:
     stage: str
     tasks: dict[str, dict[str, float]]  # task -> metric -> value
     samples: dict[str, int]
+    step: int | None = None  # the checkpoint's step (None: the stage's final export)
+
+
+def _read_summary(path: Path, stage: str, step: int | None = None) -> StageEval | None:
+    import json
+
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    tasks = {t: {k: float(v) for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+             for t, m in (d.get("tasks") or {}).items() if isinstance(m, dict)}
+    samples = {t: int(n) for t, n in (d.get("samples") or {}).items() if isinstance(n, int)}
+    return StageEval(stage, tasks, samples, step)
+
+
+def _stage_dirs(run_dir: Path, lock: dict, marker: str) -> list[tuple[str, Path]]:
+    """(stage, dir) holding ``marker`` (a glob under the stage dir): ``run_dir`` itself, else its children
+    in the lock's stage order, then the others by name."""
+    if any(run_dir.glob(marker)):
+        return [(run_dir.name, run_dir)]
+    order = [s["name"] for s in sorted(lock.get("stages") or [], key=lambda s: s.get("order", 0))]
+    found = {p.name: p for p in sorted(run_dir.iterdir()) if p.is_dir() and any(p.glob(marker))} \
+        if run_dir.is_dir() else {}
+    return [(n, found[n]) for n in [n for n in order if n in found] + sorted(n for n in found if n not in order)]
+
+
+def read_checkpoint_evals(run_dir: str | Path, lock: dict) -> dict[str, list[StageEval]]:
+    """stage -> its scored checkpoints (``<stage>/eval/step-N/summary.json``), by step."""
+    out: dict[str, list[StageEval]] = {}
+    for name, d in _stage_dirs(Path(run_dir), lock, "eval/step-*/summary.json"):
+        evs = []
+        for p in d.glob("eval/step-*/summary.json"):
+            step = p.parent.name.split("-", 1)[1]
+            ev = _read_summary(p, name, int(step)) if step.isdigit() else None
+            if ev is not None:
+                evs.append(ev)
+        if evs:
+            out[name] = sorted(evs, key=lambda e: e.step)
+    return out
+
+
+def _final_step(lock: dict, stage: str) -> int | None:
+    st = next((s for s in lock.get("stages") or [] if s.get("name") == stage), None)
+    v = (st or {}).get("steps")
+    return int(v) if isinstance(v, int) else None
+
+
+def _by_step(steps: list[StageEval], final: StageEval | None, lock: dict
+             ) -> tuple[list[str], dict[tuple[str, str], list[float | None]], list[int | None]]:
+    """Column labels, (task, metric) -> values per column, and the x position of each column."""
+    cols = list(steps) + ([final] if final is not None else [])
+    fs = _final_step(lock, cols[0].stage) if cols else None
+    labels = [str(e.step) if e.step is not None else (f"final ({fs})" if fs is not None else "final") for e in cols]
+    xs = [e.step if e.step is not None else fs for e in cols]
+    keys = sorted({(t, k) for e in cols for t, m in e.tasks.items() for k in m if _shown(k)})
+    return labels, {key: [e.tasks.get(key[0], {}).get(key[1]) for e in cols] for key in keys}, xs
 
 
 def read_evals(run_dir: str | Path, lock: dict) -> list[StageEval]:
     """Every stage's eval summary under ``run_dir`` (lock stage order), skipping unreadable files."""
-    import json
 
     run_dir = Path(run_dir)
     order = [s["name"] for s in sorted(lock.get("stages") or [], key=lambda s: s.get("order", 0))]
@@ -120,14 +182,9 @@ def read_evals(run_dir: str | Path, lock: dict) -> list[StageEval]:
         found = {p.parent.parent.name: p for p in sorted(run_dir.glob("*/eval/summary.json"))}
     out = []
     for name in [n for n in order if n in found] + sorted(n for n in found if n not in order):
-        try:
-            d = json.loads(found[name].read_text())
-        except (OSError, ValueError):
-            continue
-        tasks = {t: {k: float(v) for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-                 for t, m in (d.get("tasks") or {}).items() if isinstance(m, dict)}
-        samples = {t: int(n) for t, n in (d.get("samples") or {}).items() if isinstance(n, int)}
-        out.append(StageEval(name, tasks, samples))
+        ev = _read_summary(found[name], name)
+        if ev is not None:
+            out.append(ev)
     return out
 
 
@@ -137,7 +194,8 @@ def _shown(metric: str) -> bool:
 
 
 def summary_lines(run_dir: str | Path, lock: dict) -> list[str]:
-    """Per stage: validation loss/perplexity first -> last, then each eval task's metrics."""
+    """Per stage: validation loss/perplexity first -> last, then each eval task's metrics, then each
+    metric by checkpoint step (``eval.every_checkpoints``)."""
     lines = []
     for name, path in find_stages(run_dir, lock):
         sm = read_metrics(path, name)
@@ -146,11 +204,18 @@ def summary_lines(run_dir: str | Path, lock: dict) -> list[str]:
             _, ppl = sm.series("val_ppl")
             pp = f" (ppl {ppl[0]:.1f} -> {ppl[-1]:.1f})" if ppl else ""
             lines.append(f"{name}: validation loss {vals[0]:.4f} -> {vals[-1]:.4f}{pp}, steps {steps[0]} -> {steps[-1]}")
-    for ev in read_evals(run_dir, lock):
+    evals = read_evals(run_dir, lock)
+    for ev in evals:
         for task, metrics in ev.tasks.items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if _shown(k))
             n = ev.samples.get(task)
             lines.append(f"{ev.stage}: eval {task}: {shown}" + (f" ({n} documents)" if n else ""))
+    finals = {ev.stage: ev for ev in evals}
+    for stage, steps in read_checkpoint_evals(run_dir, lock).items():
+        labels, rows, _ = _by_step(steps, finals.get(stage), lock)
+        for (task, metric), vals in rows.items():
+            lines.append(f"{stage}: eval {task} {metric} by step: " + ", ".join(
+                f"{lab} {v:.4f}" for lab, v in zip(labels, vals, strict=True) if v is not None))
     return lines
 
 
@@ -256,6 +321,41 @@ def _plot(sm: StageMetrics, key: str, title: str, ylabel: str, scale: float, pre
     return True
 
 
+def _plot_evals(stage: str, labels: list[str], rows: dict, xs: list[int | None], path: Path) -> bool:
+    """Every shown metric of every task against the checkpoint step (the final export at the stage's last step)."""
+    from matplotlib.figure import Figure
+
+    if not rows or any(x is None for x in xs):
+        return False
+    fig = Figure(figsize=(7.0, 3.6), dpi=110)
+    ax = fig.add_subplot()
+    for (task, metric), vals in rows.items():
+        pts = [(x, v) for x, v in zip(xs, vals, strict=True) if v is not None]
+        ax.plot([x for x, _ in pts], [v for _, v in pts], marker="o", lw=1.4, label=f"{task} {metric}")
+    ax.set_title(f"{stage}: benchmark evals by checkpoint")
+    ax.set_xlabel("step")
+    ax.set_ylabel("value")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    return True
+
+
+def _checkpoint_html(ck: dict[str, list[StageEval]], evals: list[StageEval], lock: dict) -> str:
+    """One table per stage: task, metric, then a column per scored checkpoint and the final export."""
+    finals = {ev.stage: ev for ev in evals}
+    out = []
+    for stage, steps in ck.items():
+        labels, rows, _ = _by_step(steps, finals.get(stage), lock)
+        head = "".join(f"<th>{html.escape(lab)}</th>" for lab in labels)
+        trs = "\n".join(f"<tr><td>{html.escape(t)}</td><td>{html.escape(m)}</td>"
+                        + "".join(f"<td>{_fmt(v)}</td>" for v in vals) + "</tr>" for (t, m), vals in rows.items())
+        out.append(f"<h2>Benchmark evals by checkpoint: {html.escape(stage)}</h2>\n<table><tr><th>task</th>"
+                   f"<th>metric</th>{head}</tr>\n{trs}\n</table>")
+    return "\n".join(out)
+
+
 def _num(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4g}"
 
@@ -331,8 +431,15 @@ def make_report(run_dir: str | Path, lock: dict, out_dir: str | Path) -> list[Pa
             path = out / f"{sm.name}-{suffix}.png"
             if _plot(sm, key, title, ylabel, scale, getattr(p, attr) if attr else None, path):
                 pngs.append(path)
+    evals = read_evals(run_dir, lock)
+    ck = read_checkpoint_evals(run_dir, lock)
+    finals = {ev.stage: ev for ev in evals}
+    for stage, steps in ck.items():
+        path = out / f"{stage}-evals.png"
+        if _plot_evals(stage, *_by_step(steps, finals.get(stage), lock), path):
+            pngs.append(path)
     name = (lock.get("spec") or {}).get("name") or Path(run_dir).name
     page = out / "report.html"
-    extra = _eval_html(stages, read_evals(run_dir, lock))
+    extra = _eval_html(stages, evals) + "\n" + _checkpoint_html(ck, evals, lock)
     page.write_text(_html(f"llmc run report: {name}", table(stages, lock), pngs, extra), encoding="utf-8")
     return [*pngs, page]

@@ -199,7 +199,7 @@ def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_pat
     from test_evaluate import QUESTIONS, TASK_YAML
 
     from llmc.emit import render_artifacts
-    from llmc.runtime import corpus
+    from llmc.runtime import corpus, evaluate
     from llmc.runtime.entry import run_stage
     from llmc.spec.schema import RunSpec
 
@@ -226,7 +226,10 @@ def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_pat
 
     out = tmp_path / "run" / "pretrain"
     res = run_stage(lock, None, out, tmp_path)
-    assert res["status"] == "done" and "tiny_local_mc" in res["eval"]
+    assert res["status"] == "done" and "eval" not in res and not (out / "eval").exists()  # the trainer does not
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
+    argv = ["--lock", str(tmp_path / "plan.lock.json"), "--stage", "pretrain", "--out", str(out)]
+    assert evaluate.main(argv) == 0  # the eval step (llmc launch and every launcher run it after the stage)
     saved = json.loads((out / "eval" / "eval_results.json").read_text())
     acc = saved["results"]["tiny_local_mc"]["acc,none"]
     summary = json.loads((out / "eval" / "summary.json").read_text())
@@ -235,8 +238,162 @@ def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_pat
     # log-likelihood (lm-evaluation-harness splits context / continuation tokens of the joined string)
     assert acc == pytest.approx(joined_acc(out / "hf"))
     # a second launch of the finished stage does not evaluate again
-    again = run_stage(lock, None, out, tmp_path)
-    assert again["eval"] == res["eval"]
+    before = (out / "eval" / "eval_results.json").stat().st_mtime_ns
+    assert run_stage(lock, None, out, tmp_path)["status"] == "done" and evaluate.main(argv) == 0
+    assert (out / "eval" / "eval_results.json").stat().st_mtime_ns == before
+
+
+PPL_YAML = """\
+task: tiny_bpb
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+
+def _saved_checkpoints(steps: int, interval: int, keep: int) -> list[int]:
+    """The trainer's checkpoint steps, simulated save by save: every ``interval`` steps before the last, then
+    the last; after each save only the newest ``keep`` stay (llmc.runtime.train / checkpoint._publish)."""
+    kept: list[int] = []
+    for s in range(1, steps + 1):
+        if (s % interval == 0 and s < steps) or s == steps:
+            kept = (kept + [s])[-keep:]
+    return kept
+
+
+@pytest.mark.parametrize("steps,interval,every,keep", [
+    (500, 100, 1, 3), (500, 100, 2, 3), (500, 100, 2, 10), (10, 3, 1, 2), (7, 7, 1, 3), (9, 3, 1, 1)])
+def test_checkpoint_eval_steps_are_the_kth_checkpoints_still_kept(steps, interval, every, keep):
+    from llmc.compiler.evaluation import checkpoint_eval_steps
+
+    c = checkpoint_eval_steps(steps, interval, every, keep)
+    mids = list(range(interval, steps, interval))
+    assert c.saved == mids + [steps]
+    kept = _saved_checkpoints(steps, interval, keep)
+    assert c.scored == [s for i, s in enumerate(mids, 1) if i % every == 0 and s in kept]
+    if c.chosen:  # keep_needed is the least keep_latest that scores every chosen checkpoint
+        assert set(c.chosen) <= set(_saved_checkpoints(steps, interval, c.keep_needed))
+        assert c.keep_needed == 1 or not set(c.chosen) <= set(_saved_checkpoints(steps, interval, c.keep_needed - 1))
+    assert checkpoint_eval_steps(steps, interval, every, keep, intermediate=False).saved == [steps]
+
+
+def test_every_checkpoints_in_lock_plan_and_located_pruning_warning():
+    from llmc.emit.lock import lock_dict
+
+    extra = "eval:\n  tasks: [hellaswag]\n  every_checkpoints: EVERY\n"
+    base = _tiny("training: {precision: fp32, global_batch_tokens: 4096, checkpoint: {interval_steps: 100}}\n")
+    base = base.replace("training: {precision: fp32, global_batch_tokens: 4096}\n", "", 1)
+    c = _compile(base + extra.replace("EVERY", "1"))  # 500 steps: checkpoints 100..400 and 500; keep 3
+    assert c.hyper.steps == 500
+    t = lock_dict(c)["evaluation"]["tasks"]
+    assert t["every_checkpoints"] == 1 and t["checkpoint_steps"] == {"pretrain": [300, 400]}
+    d = _diag(c, "E008")
+    assert d.severity == "warning" and d.line == base.count("\n") + 3 and "100, 200" in d.message
+    assert "keep_latest: 5" in d.hint
+    c2 = _compile(base + extra.replace("EVERY", "2"))
+    assert lock_dict(c2)["evaluation"]["tasks"]["checkpoint_steps"] == {"pretrain": [400]}
+    assert "steps 200 are pruned" in _diag(c2, "E008").message
+    off = lock_dict(_compile(base + "eval:\n  tasks: [hellaswag]\n"))["evaluation"]["tasks"]
+    assert "every_checkpoints" not in off and "checkpoint_steps" not in off  # the lock is unchanged when off
+    from llmc.report import render_text
+
+    assert "pretrain: also checkpoints at steps 400 (every_checkpoints 2)" in render_text(c2)
+    from llmc.emit import render_artifacts
+
+    emitted = json.loads(render_artifacts(c2)["eval/tasks.json"])
+    assert emitted["every_checkpoints"] == 2
+    assert emitted["checkpoint_results"] == {"pretrain": {"400": "run/pretrain/eval/step-400/eval_results.json"}}
+
+
+@pytest.mark.slow
+def test_eval_step_scores_every_kth_checkpoint_then_the_export(tmp_path):
+    """A native run with checkpoints at steps 1, 2, 3 (and 4, the last) and every_checkpoints 1: the eval
+    step scores the kept ones into eval/step-N/ on the same suite (the scored weights checked independently),
+    deletes its temporary HF copies, skips scored steps on a re-run, and ``llmc report`` lists them."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_build_fakes import lock_for
+    from test_evaluate import QUESTIONS, TASK_YAML
+
+    from llmc.runreport import make_report, read_checkpoint_evals, summary_lines
+    from llmc.runtime import corpus, evaluate
+    from llmc.runtime.entry import run_stage
+    from llmc.runtime.hf_io import export_stage
+    from llmc.runtime.job import TrainJob
+
+    corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=100)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tmp_path / "tasks" / "mc.yaml").write_text(TASK_YAML.format(data="mc.jsonl"))
+    docs = [json.loads(x) for x in (tmp_path / "docs.jsonl").read_text().splitlines()[:3]]
+    (tmp_path / "tasks" / "text.jsonl").write_text("".join(json.dumps({"text": d["text"][:300]}) + "\n" for d in docs))
+    (tmp_path / "tasks" / "bpb.yaml").write_text(PPL_YAML.format(data="text.jsonl"))
+    spec = {"name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
+                                       vocab_size=512, max_seq_len=64),
+            "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}],
+                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 1024},
+            "training": {"precision": "fp32", "global_batch_tokens": 256, "optimizer": {"lr": 3e-3},
+                         "checkpoint": {"interval_steps": 1, "keep_latest": 3}},
+            "eval": {"tasks": ["tasks/mc.yaml", "tasks/bpb.yaml"], "batch_size": 2, "every_checkpoints": 1}}
+    lock = lock_for(spec, plan={"micro_batch": 8}, hyper={"warmup_steps": 1}, spec_path=str(tmp_path / "spec.yaml"))
+    assert lock["evaluation"]["tasks"]["checkpoint_steps"] == {"pretrain": [2, 3]}  # step 1 pruned (E008)
+    assert any(d["code"] == "E008" for d in lock["diagnostics"])
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
+    out = tmp_path / "run" / "pretrain"
+    assert run_stage(lock, None, out, tmp_path)["status"] == "done"
+    # the compiler's model of the trainer's saving and pruning
+    assert sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")) == \
+        _saved_checkpoints(4, 1, 3) == [2, 3, 4]
+    hf_before = {p.name: p.stat().st_mtime_ns for p in (out / "hf").iterdir()}
+    argv = ["--lock", str(tmp_path / "plan.lock.json"), "--stage", "pretrain", "--out", str(out)]
+    assert evaluate.main(argv) == 0
+    assert sorted(p.name for p in (out / "eval").iterdir() if p.name.startswith(("step-", ".hf"))) == \
+        ["step-2", "step-3"]  # one result per chosen step; the temporary HF copies are gone
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "hf").iterdir()} == hf_before
+    s = {n: json.loads((out / f"eval/step-{n}/summary.json").read_text()) for n in (2, 3)}
+    final = json.loads((out / "eval" / "summary.json").read_text())
+    for n in (2, 3):
+        res = json.loads((out / f"eval/step-{n}/eval_results.json").read_text())["results"]
+        assert s[n]["step"] == n and s[n]["tasks"]["tiny_local_mc"]["acc"] == res["tiny_local_mc"]["acc,none"]
+        assert set(s[n]["tasks"]) == set(final["tasks"]) == {"tiny_local_mc", "tiny_bpb"}  # the same suite
+    bpb = [s[2]["tasks"]["tiny_bpb"]["bits_per_byte"], s[3]["tasks"]["tiny_bpb"]["bits_per_byte"],
+           final["tasks"]["tiny_bpb"]["bits_per_byte"]]
+    assert len(set(bpb)) == 3 and bpb[2] < bpb[0]  # each checkpoint scored on its own weights; training helps
+    # independent check of which weights step 2's score is of: its checkpoint exported here, scored by hand
+    job = TrainJob.from_lock(lock, None, build_dir=tmp_path)
+    export_stage(job, out / "checkpoints" / "step-00000002", tmp_path / "x2", tokenizer_dir=out / "hf")
+    assert s[2]["tasks"]["tiny_local_mc"]["acc"] == pytest.approx(joined_acc(tmp_path / "x2"))
+    # re-run after the final summary is lost: the scored steps are skipped, only the export is scored again
+    mtimes = {n: (out / f"eval/step-{n}/eval_results.json").stat().st_mtime_ns for n in (2, 3)}
+    (out / "eval" / "summary.json").unlink()
+    assert evaluate.main(argv) == 0
+    assert {n: (out / f"eval/step-{n}/eval_results.json").stat().st_mtime_ns for n in (2, 3)} == mtimes
+    assert (out / "eval" / "summary.json").is_file()
+    # llmc report: a per-step table and plot of the same suite
+    ck = read_checkpoint_evals(tmp_path / "run", lock)
+    assert [e.step for e in ck["pretrain"]] == [2, 3]
+    lines = summary_lines(tmp_path / "run", lock)
+    want = (f"pretrain: eval tiny_bpb bits_per_byte by step: 2 {bpb[0]:.4f}, 3 {bpb[1]:.4f}, "
+            f"final (4) {json.loads((out / 'eval' / 'summary.json').read_text())['tasks']['tiny_bpb']['bits_per_byte']:.4f}")
+    assert want in lines
+    paths = make_report(tmp_path / "run", lock, tmp_path / "report")
+    assert (tmp_path / "report" / "pretrain-evals.png") in paths
+    page = paths[-1].read_text()
+    assert "Benchmark evals by checkpoint: pretrain" in page and "<th>2</th><th>3</th><th>final (4)</th>" in page
 
 
 def test_cli_reports_eval_errors_on_located_lines_and_exits_1(tmp_path):

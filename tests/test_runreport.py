@@ -160,3 +160,39 @@ def test_validation_loss_and_eval_results_in_the_report_and_summary(tmp_path, lo
 
     assert orange(tmp_path / "report" / "pretrain-loss.png") > 50  # the validation curve
     assert orange(tmp_path / "report" / "sft-loss.png") == 0
+
+
+def test_checkpoint_evals_table_plot_and_summary(tmp_path, lock):
+    """Checkpoint evals (``eval/step-N/summary.json`` as the eval step writes them) beside the final export's
+    summary: one column per step then the final one (at the stage's last step from the lock), a plot, and a
+    summary line per metric; unreadable files and stderr entries are left out."""
+    from llmc.runreport import read_checkpoint_evals, summary_lines
+
+    write_run(tmp_path / "run", lock)
+    pre = tmp_path / "run" / "pretrain"
+    acc = {20: 0.25, 10: 0.125, 30: 0.5}  # written out of order; read back by step
+    for n, a in acc.items():
+        (pre / f"eval/step-{n}").mkdir(parents=True)
+        (pre / f"eval/step-{n}/summary.json").write_text(json.dumps(
+            {"step": n, "tasks": {"mc": {"acc": a, "acc_stderr": 0.1}}, "samples": {"mc": 8}}))
+    (pre / "eval/step-40").mkdir()
+    (pre / "eval/step-40/summary.json").write_text("{not json")
+    (pre / "eval/summary.json").write_text(json.dumps({"tasks": {"mc": {"acc": 0.75}}, "samples": {"mc": 8}}))
+    last = next(s["steps"] for s in lock["stages"] if s["name"] == "pretrain")
+
+    ck = read_checkpoint_evals(tmp_path / "run", lock)
+    assert list(ck) == ["pretrain"] and [e.step for e in ck["pretrain"]] == [10, 20, 30]
+    assert read_checkpoint_evals(pre, lock)["pretrain"][1].tasks["mc"]["acc"] == 0.25  # a stage dir alone
+    assert (f"pretrain: eval mc acc by step: 10 0.1250, 20 0.2500, 30 0.5000, final ({last}) 0.7500"
+            in summary_lines(tmp_path / "run", lock))
+    paths = make_report(tmp_path / "run", lock, tmp_path / "report")
+    assert [p.name for p in paths][-2:] == ["pretrain-evals.png", "report.html"]
+    page = paths[-1].read_text()
+    assert f"<th>10</th><th>20</th><th>30</th><th>final ({last})</th>" in page
+    assert "<td>mc</td><td>acc</td><td>0.125</td><td>0.250</td><td>0.500</td><td>0.750</td>" in page
+    from PIL import Image
+
+    img = Image.open(tmp_path / "report" / "pretrain-evals.png").convert("RGB")
+    blue = (0x1F, 0x77, 0xB4)  # matplotlib "C0": the one metric's line
+    raw = img.tobytes()
+    assert sum(1 for i in range(0, len(raw), 3) if all(abs(raw[i + k] - blue[k]) <= 12 for k in range(3))) > 50

@@ -182,7 +182,8 @@ def _evaluation(run, sink, spec_path, stages, hyper, plan, compute, time):
         micro_batch=plan.micro_batch if plan else None, dp=plan.dp if plan else None,
         forward_flops_per_token=flops.forward_flops_per_token(run.model, run.data.seq_len),
         tokens_per_second=time.tokens_per_second if time else None,
-        train_flops_per_token=compute.flops_per_token, step_seconds=time.step_seconds if time else None)
+        train_flops_per_token=compute.flops_per_token, step_seconds=time.step_seconds if time else None,
+        stages=stages)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,16 +32,25 @@ E004   error     ``eval.task_stages`` names a stage that does not exist
 E005   error     ``near_dup.bands x rows`` exceeds ``num_perm``, or only one of bands/rows is given
 E006   info      ``eval.tasks`` without decontamination of the training data
 E007   info      ``eval.backend: vllm``: ``llmc launch`` runs the hf backend (the vllm command is emitted)
+E008   warning   ``eval.every_checkpoints``: ``training.checkpoint.keep_latest`` prunes chosen checkpoints
+                 before the eval step runs (the plan lists the steps that will be scored)
 =====  ========  ================================================================================
+
+Checkpoint evals (``eval.every_checkpoints: K``). The native trainer saves a checkpoint every
+``checkpoint_interval`` steps before the last step and one at the last step, and keeps the newest
+``keep_latest`` of them (:mod:`llmc.runtime.checkpoint`); post-training stages save only the last one.
+The eval step runs after the stage, so it scores the K-th, 2K-th, ... intermediate checkpoints that are
+still kept (:func:`checkpoint_eval_steps`); the last checkpoint is the stage's HF export, scored anyway.
 """
 
 from __future__ import annotations
 
 import math
 import posixpath
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from llmc.compiler import quality_math
+from llmc.spec.schema import CHAT_KINDS
 
 #: Muennighoff et al. 2023, "Scaling Data-Constrained Language Models" (arXiv:2305.16264): up to ~4
 #: epochs of repeated data are almost as good as unique data.
@@ -103,6 +112,8 @@ class TasksPlan:
     backend: str
     batch_size: int
     limit: int | None
+    every_checkpoints: int | None = None  # eval.every_checkpoints (None = off)
+    checkpoint_steps: dict[str, list[int]] | None = None  # stage -> checkpoint steps the eval step scores
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,36 @@ class EvaluationPlan:
     validation: ValidationPlan | None
     tasks: TasksPlan | None
     quality: QualityPlan | None
+
+    def to_json(self) -> dict:
+        """The lock's ``evaluation`` block (the checkpoint-eval keys only when ``eval.every_checkpoints`` is set)."""
+        d = asdict(self)
+        if d["tasks"] is not None and self.tasks.every_checkpoints is None:
+            del d["tasks"]["every_checkpoints"], d["tasks"]["checkpoint_steps"]
+        return d
+
+
+@dataclass(frozen=True)
+class CheckpointEvals:
+    """Which checkpoints of one stage ``eval.every_checkpoints`` chooses and which the eval step will find."""
+
+    saved: list[int]  # steps the trainer checkpoints (intermediate ones, then the last step)
+    chosen: list[int]  # every K-th intermediate checkpoint
+    scored: list[int]  # those still kept after training (the newest keep_latest of ``saved``)
+    keep_needed: int  # keep_latest that would keep every chosen one
+
+
+def checkpoint_eval_steps(steps: int, interval: int, every: int, keep_latest: int,
+                          intermediate: bool = True) -> CheckpointEvals:
+    """Checkpoint steps of a ``steps``-step stage saved every ``interval`` steps (``intermediate``) and at
+    the end, the K = ``every``-th intermediate ones, and those among the newest ``keep_latest``."""
+    mids = [k * interval for k in range(1, (steps - 1) // interval + 1)] if intermediate and interval > 0 else []
+    saved = mids + [steps]
+    chosen = [s for k, s in enumerate(mids, 1) if k % every == 0]
+    kept = set(saved[-keep_latest:])
+    scored = [s for s in chosen if s in kept]
+    need = len(saved) - saved.index(chosen[0]) if chosen else 1
+    return CheckpointEvals(saved=saved, chosen=chosen, scored=scored, keep_needed=need)
 
 
 def validation_plan(v, *, steps: int | None, micro_batch: int | None, dp: int | None, seq_len: int,
@@ -197,8 +238,11 @@ def _task_key(task: str) -> str:
 def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: int | None,
                     micro_batch: int | None, dp: int | None, forward_flops_per_token: float,
                     tokens_per_second: float | None, train_flops_per_token: float | None,
-                    step_seconds: float | None) -> EvaluationPlan | None:
-    """The :class:`EvaluationPlan` of ``run`` (None when it has neither ``eval`` nor ``data.quality``)."""
+                    step_seconds: float | None, stages=None) -> EvaluationPlan | None:
+    """The :class:`EvaluationPlan` of ``run`` (None when it has neither ``eval`` nor ``data.quality``).
+
+    ``stages``: the compiled stages (``name``, ``kind``, ``steps``, ``checkpoint_interval``), for
+    ``eval.every_checkpoints``."""
     ev, q, data = run.eval, run.data.quality, run.data
     if ev is None and q is None:
         return None
@@ -223,8 +267,11 @@ def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: 
             if name not in stage_names:
                 sink.add("E004", "error", f"eval.task_stages.{j}", f"unknown stage {name!r}",
                          f"stages: {', '.join(stage_names) or '(none)'}")
+        ck = None
+        if ev.every_checkpoints is not None:
+            ck = _checkpoint_evals(run, ev.every_checkpoints, names, stages or [], sink)
         tasks = TasksPlan(tasks=list(ev.tasks), stages=names, backend=ev.backend, batch_size=ev.batch_size,
-                          limit=ev.limit)
+                          limit=ev.limit, every_checkpoints=ev.every_checkpoints, checkpoint_steps=ck)
         if ev.backend == "vllm":
             sink.add("E007", "info", "eval.backend",
                      "llmc launch evaluates with lm-evaluation-harness's hf backend; eval/tasks.json gives the "
@@ -251,6 +298,32 @@ def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: 
                      "b x r <= num_perm; or omit both for llmc's choice")
     _check_epochs(run, val, qual, sink)
     return EvaluationPlan(validation=val, tasks=tasks, quality=qual)
+
+
+def _checkpoint_evals(run, every: int, names: list[str], stages, sink) -> dict[str, list[int]]:
+    """stage -> checkpoint steps the eval step scores; E008 where keep_latest prunes chosen ones first."""
+    keep = run.training.checkpoint.keep_latest
+    out: dict[str, list[int]] = {}
+    for st in stages:
+        if st.name not in names or not st.steps:
+            continue
+        c = checkpoint_eval_steps(st.steps, st.checkpoint_interval or st.steps, every, keep,
+                                  intermediate=st.kind not in CHAT_KINDS)
+        out[st.name] = c.scored
+        lost = [s for s in c.chosen if s not in c.scored]
+        if lost:
+            sink.add("E008", "warning", "eval.every_checkpoints",
+                     f"stage {st.name!r}: checkpoints at steps {format_steps(lost)} are pruned (training.checkpoint."
+                     f"keep_latest {keep}) before the eval step runs; it scores {format_steps(c.scored) or 'none of them'}",
+                     f"keep_latest: {c.keep_needed} keeps every chosen checkpoint; or raise every_checkpoints")
+    return out
+
+
+def format_steps(s: list[int], n: int = 6) -> str:
+    """``100, 200, ..., 900`` (at most ``n`` shown)."""
+    if len(s) <= n:
+        return ", ".join(str(x) for x in s)
+    return ", ".join(str(x) for x in s[: n - 1]) + f", ... ({len(s) - n} more), {s[-1]}"
 
 
 def _check_epochs(run, val: ValidationPlan | None, qual: QualityPlan | None, sink) -> None:
@@ -281,5 +354,5 @@ def _check_epochs(run, val: ValidationPlan | None, qual: QualityPlan | None, sin
                      f"arXiv:2305.16264); add data or train on fewer tokens")
 
 
-__all__ = ["EvaluationPlan", "ValidationPlan", "QualityPlan", "NearDupPlan", "TasksPlan", "plan_evaluation",
+__all__ = ["CheckpointEvals", "checkpoint_eval_steps", "format_steps", "EvaluationPlan", "ValidationPlan", "QualityPlan", "NearDupPlan", "TasksPlan", "plan_evaluation",
            "validation_plan", "quality_plan", "MAX_EPOCHS", "WORDS_PER_TOKEN"]

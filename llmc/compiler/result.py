@@ -340,7 +340,7 @@ class Compiled:
             "backend": dc(self.backend),
             "calibration": dc(self.calibration),
             "unfit": dc(self.unfit),
-            "evaluation": dc(self.evaluation),
+            "evaluation": self.evaluation.to_json() if self.evaluation is not None else None,
             "diagnostics": [d.to_json() for d in self.diagnostics],
         }
 

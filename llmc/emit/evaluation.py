@@ -5,7 +5,8 @@ stay as written in the spec (relative to ``spec_dir``, which the runtime resolve
 each stage the file also gives the equivalent ``lm_eval`` command line
 (https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/interface.md) on the stage's
 Hugging Face export ``run/<stage>/hf``, to run from the build directory; the results land in
-``run/<stage>/eval/``. (``llmc launch`` runs ``python -m llmc.runtime.evaluate`` instead, which also reads a
+``run/<stage>/eval/``; with ``eval.every_checkpoints``, ``checkpoint_results`` lists where each scored
+checkpoint's results land (``run/<stage>/eval/step-N/``). (``llmc launch`` runs ``python -m llmc.runtime.evaluate`` instead, which also reads a
 task file's relative ``data_files`` next to it; lm_eval itself reads them from the working directory.)
 """
 
@@ -59,6 +60,10 @@ class EvalTasksEmitter(Emitter):
                "spec_dir": spec_dir,
                "results": {st: f"run/{st}/eval/eval_results.json" for st in t.stages},
                "lm_eval_commands": commands}
+        if t.every_checkpoints is not None:  # eval.every_checkpoints: the checkpoints scored before the export
+            doc["every_checkpoints"] = t.every_checkpoints
+            doc["checkpoint_results"] = {st: {str(n): f"run/{st}/eval/step-{n}/eval_results.json" for n in steps}
+                                         for st, steps in (t.checkpoint_steps or {}).items()}
         return {TASKS_FILE: dump_json(doc)}
 
 

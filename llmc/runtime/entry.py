@@ -253,7 +253,7 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
     done = out / "DONE.json"
     if resume and done.exists():
         _say(f"{job.stage}: already done ({done}); nothing to do")
-        return _with_evals(lock, job, out, json.loads(done.read_text()))
+        return json.loads(done.read_text())
     with _stage_lock(out):
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -278,27 +278,15 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
             if job.kind in NATIVE_KINDS:
                 from llmc.runtime.train import train
 
-                res = train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
-                            fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
-                return _with_evals(lock, job, out, res)
+                return train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
+                             fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
             if job.kind in POSTTRAIN_KINDS:  # every rank: FSDP2 over the ranks (llmc.runtime.posttrain)
                 from llmc.runtime import posttrain
 
-                return _with_evals(lock, job, out, posttrain.run_stage(job, out, assets=assets, info=info))
+                return posttrain.run_stage(job, out, assets=assets, info=info)
             raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
         finally:
             shutdown()
-
-
-def _with_evals(lock: dict, job: TrainJob, out: Path, res: dict) -> dict:
-    """After a finished stage: the lock's ``evaluation.tasks`` on its HF export (validation.stage_evals)."""
-    if res.get("status", "done") == "done" and int(os.environ.get("RANK", "0")) == 0:
-        from llmc.runtime.validation import stage_evals
-
-        ev = stage_evals(lock, job, out, log=_say)
-        if ev is not None:
-            res = {**res, "eval": ev["tasks"]}
-    return res
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,12 +33,21 @@ A local task file's relative ``dataset_kwargs.data_files`` are read relative to 
 itself would read them relative to the working directory): :func:`resolve_tasks` writes a copy with
 absolute paths when a file needs it (YAML with lm_eval's ``!function`` tags is used as written).
 
-After a stage (every backend): ``python -m llmc.runtime.evaluate --lock plan.lock.json --stage S --out
-RUN/S`` evaluates ``RUN/S/hf`` on the lock's ``evaluation.tasks`` when S is listed there
-(:func:`llmc.runtime.validation.stage_evals`: ``RUN/S/eval/eval_results.json`` and
-``RUN/S/eval/summary.json``); it does nothing when ``summary.json`` already exists (the native runtime
-evaluates at the end of its stages) or the stage is not listed. :func:`eval_stages` and
-:data:`SUMMARY` are what launchers need to know (no torch, no lm_eval import).
+After a stage (every backend; the only place a run is evaluated): ``python -m llmc.runtime.evaluate
+--lock plan.lock.json --stage S --out RUN/S`` evaluates ``RUN/S/hf`` on the lock's ``evaluation.tasks``
+when S is listed there (:func:`stage_eval`: ``RUN/S/eval/eval_results.json`` and
+``RUN/S/eval/summary.json``); it does nothing when ``summary.json`` already exists or the stage is not
+listed. :func:`eval_stages` and :data:`SUMMARY` are what launchers need to know (no torch, no lm_eval
+import).
+
+Checkpoints (``eval.every_checkpoints``): before the final export, the step scores the checkpoints the
+lock lists under ``evaluation.tasks.checkpoint_steps[S]`` (:func:`checkpoint_evals`). Each
+``RUN/S/<checkpoint folder>/step-N`` (llmc's full ``model.pt`` or sharded ``dcp/`` layout) is converted to
+a temporary Hugging Face directory with :func:`llmc.runtime.hf_io.export_stage` (the conversion ``llmc
+export`` uses; tokenizer files from ``RUN/S/hf``), scored on the same suite into ``RUN/S/eval/step-N/``
+(``eval_results.json``, ``summary.json`` with ``step``) and deleted (also when a killed step left it
+behind). A step whose ``summary.json`` exists is skipped; a listed checkpoint that is missing (pruned,
+or a backend that keeps its checkpoints elsewhere) is reported and skipped.
 """
 
 from __future__ import annotations
@@ -89,6 +98,8 @@ _TASK_LINE = re.compile(r"^task:\s*['\"]?([^'\"#\s]+)", re.MULTILINE)
 #: Relative to a stage's output directory.
 SUMMARY = "eval/summary.json"
 RESULTS = "eval/eval_results.json"
+STEP_DIR = "eval/step-{step}"
+"""Checkpoint ``step``'s results (``eval_results.json``, ``summary.json``), relative to the stage's directory."""
 
 
 def eval_stages(lock: dict) -> list[str]:
@@ -201,6 +212,89 @@ def run_eval(config: EvalConfig, out_dir: str | Path) -> EvalSummary:
     return EvalSummary(path, metrics, samples, getattr(lm_eval, "__version__", "unknown"))
 
 
+def _tasks_plan(lock: dict) -> dict | None:
+    ev = lock.get("evaluation") if isinstance(lock.get("evaluation"), dict) else None
+    plan = (ev or {}).get("tasks")
+    return plan if isinstance(plan, dict) and plan.get("tasks") else None
+
+
+def checkpoint_steps(lock: dict, stage: str) -> list[int]:
+    """The checkpoint steps of ``stage`` the eval step scores (the lock's ``checkpoint_steps``; [] when off)."""
+    plan = _tasks_plan(lock) or {}
+    return [int(s) for s in (plan.get("checkpoint_steps") or {}).get(stage) or []]
+
+
+def _summarize(model_dir: Path, dest: Path, plan: dict, job, what: str, log, label: str = "", **extra) -> dict:
+    """lm_eval on ``model_dir`` with the lock's suite; ``dest/eval_results.json`` and ``dest/summary.json``."""
+    import torch
+
+    tasks = tuple(str(job.resolve_path(t)) if t.endswith((".yaml", ".yml")) else t for t in plan["tasks"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log(f"{job.stage}: lm-evaluation-harness {', '.join(plan['tasks'])} on {what} ({device})")
+    res = run_eval(EvalConfig(model_dir=str(model_dir), tasks=tasks, batch_size=int(plan["batch_size"]),
+                              limit=plan.get("limit"), device=device), dest)
+    summary = {**extra, "tasks": res.metrics, "samples": res.samples, "results": str(res.results_path),
+               "lm_eval_version": res.lm_eval_version}
+    path = dest / "summary.json"
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    for task, metrics in res.metrics.items():
+        log(f"{job.stage}: eval {label}{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    return summary
+
+
+def checkpoint_evals(lock: dict, job, out: Path, log=print) -> dict[int, dict]:
+    """Score the stage's listed checkpoints (see the module docstring); returns step -> summary of those
+    scored or already scored. ``out/hf`` (the stage's export) supplies the tokenizer files."""
+    import shutil
+    import tempfile
+
+    from llmc.runtime.checkpoint import list_checkpoints
+    from llmc.runtime.hf_io import export_stage
+
+    plan = _tasks_plan(lock)
+    steps = checkpoint_steps(lock, job.stage)
+    if plan is None or not steps:
+        return {}
+    for stale in (out / "eval").glob(".hf-step-*"):  # left by an eval step that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    present = dict(list_checkpoints(out / job.checkpoint_folder))
+    done: dict[int, dict] = {}
+    for n in steps:
+        dest = out / STEP_DIR.format(step=n)
+        if (dest / "summary.json").is_file():
+            log(f"{job.stage}: checkpoint step {n} already evaluated ({dest / 'summary.json'})")
+            done[n] = json.loads((dest / "summary.json").read_text())
+            continue
+        if n not in present:
+            log(f"{job.stage}: no checkpoint at step {n} under {out / job.checkpoint_folder} (pruned?); not scored")
+            continue
+        (out / "eval").mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".hf-step-{n}-", dir=out / "eval"))
+        try:
+            export_stage(job, present[n], tmp / "hf", tokenizer_dir=out / "hf")
+            done[n] = _summarize(tmp / "hf", dest, plan, job, f"checkpoint step {n}", log, f"step {n} ", step=n,
+                                 checkpoint=os.path.relpath(present[n], out))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return done
+
+
+def stage_eval(lock: dict, job, out: Path, log=print) -> dict | None:
+    """The eval step of stage ``job.stage``: its listed checkpoints, then its HF export ``out/hf``
+    (``out/eval/summary.json``, returned). None when the stage is not listed; the saved summary when done."""
+    plan = _tasks_plan(lock)
+    if plan is None or job.stage not in (plan.get("stages") or []):
+        return None
+    if (out / SUMMARY).is_file():
+        return json.loads((out / SUMMARY).read_text())
+    if not (out / "hf" / "config.json").is_file():
+        raise FileNotFoundError(f"stage {job.stage!r}: no Hugging Face export at {out / 'hf'} to evaluate")
+    checkpoint_evals(lock, job, out, log)
+    return _summarize(out / "hf", out / "eval", plan, job, str(out / "hf"), log)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m llmc.runtime.evaluate --lock L --stage S --out RUN/S``: the benchmark evals after stage S."""
     ap = argparse.ArgumentParser(prog="python -m llmc.runtime.evaluate",
@@ -223,11 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{a.stage}: already evaluated ({a.out / SUMMARY})")
         return 0
     from llmc.runtime.job import TrainJob
-    from llmc.runtime.validation import stage_evals
 
     try:
         job = TrainJob.from_lock(lock, a.stage, build_dir=a.lock.resolve().parent)
-        stage_evals(lock, job, a.out, log=lambda m: print(m, flush=True))
+        stage_eval(lock, job, a.out, log=lambda m: print(m, flush=True))
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"{a.lock}: error[R003] eval {a.stage}: {e}", file=sys.stderr)
         return 1

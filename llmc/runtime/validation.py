@@ -273,39 +273,3 @@ class Validator:
 
 
 __all__ += ["Validator"]
-
-
-# ----------------------------------------------------------------------------- benchmark evals after a stage
-
-
-def stage_evals(lock: dict, job, out: Path, log=print) -> dict | None:
-    """Run ``eval.tasks`` with lm-evaluation-harness (:func:`llmc.runtime.evaluate.run_eval`) on the stage's
-    Hugging Face export ``out/hf`` when the lock lists the stage under ``evaluation.tasks.stages``; results in
-    ``out/eval/eval_results.json`` and a summary ``{"tasks": {task: {metric: value}}, "samples"}`` in
-    ``out/eval/summary.json`` (also returned). Skipped (None) when not asked for or already done."""
-    plan = ((lock.get("evaluation") or {}).get("tasks")) or None
-    if plan is None or job.stage not in plan["stages"]:
-        return None
-    summary_path = out / "eval" / "summary.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text())
-    if not (out / "hf" / "config.json").is_file():
-        raise FileNotFoundError(f"stage {job.stage!r}: no Hugging Face export at {out / 'hf'} to evaluate")
-    import torch
-
-    from llmc.runtime.evaluate import EvalConfig, run_eval
-
-    tasks = tuple(str(job.resolve_path(t)) if t.endswith((".yaml", ".yml")) else t for t in plan["tasks"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    log(f"{job.stage}: lm-evaluation-harness {', '.join(plan['tasks'])} on {out / 'hf'} ({device})")
-    res = run_eval(EvalConfig(model_dir=str(out / "hf"), tasks=tasks, batch_size=plan["batch_size"],
-                              limit=plan["limit"], device=device), out / "eval")
-    summary = {"tasks": res.metrics, "samples": res.samples, "results": str(res.results_path),
-               "lm_eval_version": res.lm_eval_version}
-    _atomic(summary_path, summary)
-    for task, metrics in res.metrics.items():
-        log(f"{job.stage}: eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
-    return summary
-
-
-__all__ += ["stage_evals"]

@@ -533,6 +533,8 @@ class Eval(SpecModel):
     """Evaluation batch size."""
     limit: Int | None = Field(default=None, gt=0)
     """At most this many documents per task. None = all."""
+    every_checkpoints: Int | None = Field(default=None, gt=0)
+    """Also score every K-th checkpoint of each evaluated stage on ``tasks`` (same suite, per step). None = off."""
 
 
 class RunSpec(SpecModel):
