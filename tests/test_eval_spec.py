@@ -614,3 +614,56 @@ def test_deepspeed_stage_is_evaluated_by_the_eval_step(tmp_path):
     acc = json.loads((out / "eval" / "eval_results.json").read_text())["results"]["tiny_local_mc"]["acc,none"]
     assert summary["tasks"]["tiny_local_mc"]["acc"] == acc and summary["samples"]["tiny_local_mc"] == 4
     assert acc == pytest.approx(joined_acc(out / "hf"))
+
+
+def test_eval_step_scores_a_torchtitan_stages_own_checkpoints(tmp_path, monkeypatch):
+    """A stage torchtitan trained leaves no llmc checkpoints, only its DCP ``step-N`` folders under the build's
+    ``outputs/torchtitan``: every_checkpoints scores those, each from its own weights (the step's tensors reach
+    the temporary Hugging Face export unchanged), and the temporary copies are removed."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    import llmc.runtime.evaluate as evaluate
+    from llmc.runtime.job import TrainJob
+    from llmc.runtime.model import build_model
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_build_fakes import lock_for
+
+    spec = {"name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
+                                       vocab_size=512, max_seq_len=64),
+            "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}], "seq_len": 32, "tokens": 1024},
+            "training": {"precision": "fp32", "global_batch_tokens": 256,
+                         "checkpoint": {"interval_steps": 1, "keep_latest": 3}},
+            "eval": {"tasks": ["hellaswag"], "every_checkpoints": 1}}
+    lock = lock_for(spec, plan={"micro_batch": 8}, spec_path=str(tmp_path / "spec.yaml"))
+    steps = lock["evaluation"]["tasks"]["checkpoint_steps"]["pretrain"]
+    assert steps == [2, 3]
+    job = TrainJob.from_lock(lock, None, build_dir=tmp_path)
+    embed = {}
+    for n in (2, 3, 4):  # what torchtitan keeps with interval 1 and keep_latest 3 after 4 steps
+        m = build_model(job.arch, seed=n)
+        embed[n] = m.tok_embeddings.weight.detach().clone()
+        dcp.save({"model": m.state_dict()}, checkpoint_id=str(tmp_path / f"outputs/torchtitan/checkpoint/step-{n}"))
+    out = tmp_path / "run" / "pretrain"
+    out.mkdir(parents=True)
+    seen = {}
+
+    def fake_summarize(model_dir, dest, plan, job, what, log, label="", **extra):
+        seen[extra["step"]] = load_file(str(next(Path(model_dir).glob("*.safetensors"))))["model.embed_tokens.weight"]
+        return {"step": extra["step"]}
+
+    monkeypatch.setattr(evaluate, "_summarize", fake_summarize)
+    assert sorted(evaluate.checkpoint_evals(lock, job, out, log=lambda m: None, build_dir=tmp_path)) == steps
+    for n in steps:  # the export is bf16: the step's own weights, rounded, and no other step's
+        assert torch.equal(seen[n], embed[n].to(seen[n].dtype)), n
+        assert not torch.equal(seen[n], embed[4].to(seen[n].dtype))
+    assert not list((out / "eval").glob(".hf-step-*"))
+    # without the build directory there is nothing to score (no llmc checkpoints): nothing is made up
+    seen.clear()
+    assert evaluate.checkpoint_evals(lock, job, out, log=lambda m: None) == {} and not seen

@@ -42,12 +42,13 @@ import).
 
 Checkpoints (``eval.every_checkpoints``): before the final export, the step scores the checkpoints the
 lock lists under ``evaluation.tasks.checkpoint_steps[S]`` (:func:`checkpoint_evals`). Each
-``RUN/S/<checkpoint folder>/step-N`` (llmc's full ``model.pt`` or sharded ``dcp/`` layout) is converted to
+``RUN/S/<checkpoint folder>/step-N`` (llmc's full ``model.pt`` or sharded ``dcp/`` layout; for a stage torchtitan
+trained, its DCP ``step-N`` under the build's ``outputs/torchtitan``) is converted to
 a temporary Hugging Face directory with :func:`llmc.runtime.hf_io.export_stage` (the conversion ``llmc
 export`` uses; tokenizer files from ``RUN/S/hf``), scored on the same suite into ``RUN/S/eval/step-N/``
 (``eval_results.json``, ``summary.json`` with ``step``) and deleted (also when a killed step left it
 behind). A step whose ``summary.json`` exists is skipped; a listed checkpoint that is missing (pruned,
-or a backend that keeps its checkpoints elsewhere) is reported and skipped.
+for example) is reported and skipped. DeepSpeed's own checkpoints are not scored (only its final export).
 """
 
 from __future__ import annotations
@@ -244,14 +245,17 @@ def _summarize(model_dir: Path, dest: Path, plan: dict, job, what: str, log, lab
     return summary
 
 
-def checkpoint_evals(lock: dict, job, out: Path, log=print) -> dict[int, dict]:
+def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | None = None) -> dict[int, dict]:
     """Score the stage's listed checkpoints (see the module docstring); returns step -> summary of those
-    scored or already scored. ``out/hf`` (the stage's export) supplies the tokenizer files."""
+    scored or already scored. ``out/hf`` (the stage's export) supplies the tokenizer files. A stage that
+    torchtitan trained has no llmc checkpoints: its DCP checkpoints under ``build_dir/outputs/torchtitan``
+    are scored instead."""
     import shutil
     import tempfile
 
+    from llmc.runtime.capabilities import TITAN_STAGE_KINDS
     from llmc.runtime.checkpoint import list_checkpoints
-    from llmc.runtime.hf_io import export_stage
+    from llmc.runtime.hf_io import export_stage, titan_checkpoints
 
     plan = _tasks_plan(lock)
     steps = checkpoint_steps(lock, job.stage)
@@ -260,6 +264,8 @@ def checkpoint_evals(lock: dict, job, out: Path, log=print) -> dict[int, dict]:
     for stale in (out / "eval").glob(".hf-step-*"):  # left by an eval step that was killed
         shutil.rmtree(stale, ignore_errors=True)
     present = dict(list_checkpoints(out / job.checkpoint_folder))
+    if not present and build_dir is not None and job.kind in TITAN_STAGE_KINDS:
+        present = titan_checkpoints(build_dir)
     done: dict[int, dict] = {}
     for n in steps:
         dest = out / STEP_DIR.format(step=n)
@@ -281,7 +287,7 @@ def checkpoint_evals(lock: dict, job, out: Path, log=print) -> dict[int, dict]:
     return done
 
 
-def stage_eval(lock: dict, job, out: Path, log=print) -> dict | None:
+def stage_eval(lock: dict, job, out: Path, log=print, build_dir: Path | None = None) -> dict | None:
     """The eval step of stage ``job.stage``: its listed checkpoints, then its HF export ``out/hf``
     (``out/eval/summary.json``, returned). None when the stage is not listed; the saved summary when done."""
     plan = _tasks_plan(lock)
@@ -291,7 +297,7 @@ def stage_eval(lock: dict, job, out: Path, log=print) -> dict | None:
         return json.loads((out / SUMMARY).read_text())
     if not (out / "hf" / "config.json").is_file():
         raise FileNotFoundError(f"stage {job.stage!r}: no Hugging Face export at {out / 'hf'} to evaluate")
-    checkpoint_evals(lock, job, out, log)
+    checkpoint_evals(lock, job, out, log, build_dir=build_dir)
     return _summarize(out / "hf", out / "eval", plan, job, str(out / "hf"), log)
 
 
@@ -320,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         job = TrainJob.from_lock(lock, a.stage, build_dir=a.lock.resolve().parent)
-        stage_eval(lock, job, a.out, log=lambda m: print(m, flush=True))
+        stage_eval(lock, job, a.out, log=lambda m: print(m, flush=True), build_dir=a.lock.resolve().parent)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"{a.lock}: error[R003] eval {a.stage}: {e}", file=sys.stderr)
         return 1

@@ -581,8 +581,11 @@ def _model_state(stage_dir: Path, *more: Path) -> dict[str, torch.Tensor]:
             return read_model_state(ck)  # model.pt or the sharded (DCP) checkpoint
         except CheckpointError:
             pass
-    dcp = sorted((p for d in (stage_dir, *more) if d.is_dir() for p in d.glob("**/step-*")
-                  if (p / ".metadata").exists()), key=lambda p: int(p.name.split("-")[-1]))
+    if (stage_dir / ".metadata").is_file():  # one torchtitan DCP checkpoint, named exactly
+        dcp = [stage_dir]
+    else:
+        dcp = sorted((p for d in (stage_dir, *more) if d.is_dir() for p in d.glob("**/step-*")
+                      if (p / ".metadata").exists()), key=lambda p: int(p.name.split("-")[-1]))
     if not dcp:
         raise HFError(f"{stage_dir}: no llmc checkpoint and no torchtitan DCP checkpoint")
     import tempfile
@@ -600,6 +603,15 @@ def _model_state(stage_dir: Path, *more: Path) -> dict[str, torch.Tensor]:
                 k = k.replace(a, b)
             out[k] = v
     return out
+
+
+def titan_checkpoints(build_dir: str | Path) -> dict[int, Path]:
+    """step -> torchtitan DCP checkpoint (``step-N/.metadata``) under the build's torchtitan dump folder."""
+    titan = Path(build_dir) / "outputs" / "torchtitan"
+    if not titan.is_dir():
+        return {}
+    return {int(p.name.split("-")[-1]): p for p in titan.glob("**/step-*")
+            if (p / ".metadata").is_file() and p.name.split("-")[-1].isdigit()}
 
 
 def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, tokenizer_dir=None,
