@@ -193,6 +193,11 @@ class _Search:
         self.pruned = 0
         self.layouts_total = 0
         self.layouts_batch_bad = 0
+        # large worlds (see BOUNDARY_MIN_WORLD): the shard sizes of each (tp, pp, cp, schedule, v, ZeRO, ep)
+        # group, ascending, and per (group, micro-batch, AC) the smallest of them that fits
+        self.boundaries = world >= BOUNDARY_MIN_WORLD
+        self.ds_lists: dict[tuple, list[int]] = {}
+        self.fit_from: dict[tuple, float | None] = {}
 
     # ------------------------------------------------------------------ bookkeeping
     def reject(self, plan: ParallelPlan, category: str, reason: str, mem: int = 0, dims: tuple = (),
@@ -271,6 +276,13 @@ class _Search:
         with ds' <= ds and ep' <= ep without evaluating it, and one that fits proves the same for
         every ds' >= ds, ep' >= ep.
         """
+        if self.boundaries and lay.ds * lay.c > 1:
+            first = self.fit_from_ds(lay, lay.mbs[0], self.acs[-1])
+            if first is not None:
+                if lay.ds >= first:
+                    return True
+                self.counts["memory"] = self.counts.get("memory", 0) + 1
+                return False
         gk = (lay.t, lay.p, lay.c, lay.sched, lay.v, lay.z)
         fails, fits = self.corners.setdefault(gk, ([], []))
         if any(ds >= lay.ds and e >= lay.e for ds, e in fails):
@@ -293,6 +305,47 @@ class _Search:
         self.reject(plan, "memory", f"memory {gib(mem.per_gpu_bytes)} > {self.usable_txt()} even with micro_batch "
                     f"{lay.mbs[0]} and {self.acs[-1]} recomputation", mem.per_gpu_bytes)
         return False
+
+    def fit_from_ds(self, lay: _Layout, mb: int, ac: str) -> float | None:
+        """The smallest dp_shard of ``lay``'s group (same tp, pp, cp, schedule, v, ZeRO stage, ep) whose
+        candidate with this micro-batch and AC mode fits (inf: none does), by binary search over the
+        group's shard sizes with dp_shard x cp > 1; None when the memory model refuses the layout.
+
+        Exact: at fixed (tp, pp, cp, ep, schedule, ZeRO, micro-batch, AC, dp = dp_shard x dp_replicate)
+        and dp_shard x cp > 1, every term of memory.py is non-increasing in dp_shard (sharded states
+        divide by it; activations, buckets and the communicators joined do not grow with it; the
+        dp_replicate communicator disappears at dp_replicate = 1), so the misfits are a prefix of the
+        ascending shard sizes. The probes are real candidates: the failing ones count as misfits.
+        """
+        key = (lay.t, lay.p, lay.c, lay.sched, lay.v, lay.z, lay.e, mb, ac)
+        if key in self.fit_from:
+            return self.fit_from[key]
+        dss = self.ds_lists[key[:7]]
+        dp = lay.ds * lay.dr
+        corner = mb == lay.mbs[0] and ac == self.acs[-1]
+        lo, hi = 0, len(dss)
+        first: float | None
+        try:
+            while lo < hi:
+                mid = (lo + hi) // 2
+                ds = dss[mid]
+                plan = _plan(dp_replicate=dp // ds, dp_shard=ds, tp=lay.t, pp=lay.p, pp_schedule=lay.sched,
+                             pp_virtual_stages=lay.v, cp=lay.c, ep=lay.e, micro_batch=mb,
+                             grad_accum=lay.per_dp // mb, activation_checkpointing=ac, zero_stage=lay.z)
+                mem = self.memory(plan)
+                if self.fits_fn(mem):
+                    hi = mid
+                    continue
+                lo = mid + 1
+                self.note_nofit(plan, mem.per_gpu_bytes)
+                if corner:
+                    self.reject(plan, "memory", f"memory {gib(mem.per_gpu_bytes)} > {self.usable_txt()} even with "
+                                f"micro_batch {mb} and {ac} recomputation", mem.per_gpu_bytes)
+            first = dss[lo] if lo < len(dss) else math.inf
+        except ValueError:  # the memory model refuses the layout: the per-layout path reports it
+            first = None
+        self.fit_from[key] = first
+        return first
 
     def usable_txt(self) -> str:
         if self._usable is None:
@@ -319,6 +372,10 @@ class _Search:
                 if self.can_skip(lay, step):
                     skipped = True
                     continue  # fits or not, it cannot improve any required comparison
+                if self.boundaries and lay.ds * lay.c > 1:
+                    first = self.fit_from_ds(lay, mb, ac)
+                    if first is not None and lay.ds < first:
+                        break  # a larger shard group of its group does not fit: neither does this one
                 plan = lay.plan(mb, ac)
                 mem = self.memory(plan)
                 if not self.fits_fn(mem):
@@ -342,6 +399,11 @@ class _Search:
 REQUIRED_DIMS = ("tp", "pp", "cp", "ep", "zero_stage", "pp_schedule")
 TIE = 1.001  # step times within 0.1 % count as a tie (then less memory, then the simpler plan wins)
 USABLE_FRACTION = 0.92  # memory.fits headroom: allocator fragmentation margin
+# from this many GPUs the fit of a (layout group, micro-batch, AC) is found by binary search over dp_shard
+# (_Search.fit_from_ds) instead of per layout: the chosen plan, the alternatives and the comparisons of
+# REQUIRED_DIMS stay exact; the numbers of memory evaluations and misfits the report counts, and the
+# "best found" comparisons, may differ from the per-layout path
+BOUNDARY_MIN_WORLD = 32_768
 
 
 def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_seqs: int, precision: str,
@@ -542,6 +604,8 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                     lay = _Layout(t, p, c, e, ds, dr, z, sched, v, mbs, per_dp, timer, lb)
                     lay.required = req + (("ep", e), ("zero_stage", z), ("pp_schedule", sched))
                     out.append(lay)
+                    if ds * c > 1:  # ascending: pairs follow divisors(dp)
+                        S.ds_lists.setdefault((t, p, c, sched, v, z, e), []).append(ds)
     return out
 
 
