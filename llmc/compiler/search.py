@@ -548,6 +548,11 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
     batch_dims = ("tp", "pp", "cp")
     batch_reason = S.batch_reason()
     rejected, counts = S.rejected, S.counts
+    # large worlds: of the batch rejections of this (tp, pp, cp), which share a few reasons, only the first (in
+    # _plan_tuple order) of each reason is kept as a candidate; all are counted. The reasons per dimension,
+    # the reasons and the first candidate of each reason in the ordered rejection list stay the same.
+    grouped: dict[str, tuple] | None = {} if S.boundaries else None
+    n_batch = 0
     out = []
     for ds, dr in pairs:
         if ds * dr != dp:
@@ -587,6 +592,13 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                              dims=("pp",))
                     continue
                 for sched, v, mbs, why in sched_mbs:
+                    if not mbs and grouped is not None:
+                        n_batch += 1
+                        k = (e, ds, dr, sched, v, z)  # the order of _plan_tuple inside this (tp, pp, cp)
+                        cur = grouped.get(why)
+                        if cur is None or k < cur:
+                            grouped[why] = k
+                        continue
                     if not mbs:
                         plan = _plan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e, zero_stage=z,
                                      pp_schedule=sched, pp_virtual_stages=v, micro_batch=mbs_all[0],
@@ -606,6 +618,15 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                     out.append(lay)
                     if ds * c > 1:  # ascending: pairs follow divisors(dp)
                         S.ds_lists.setdefault((t, p, c, sched, v, z, e), []).append(ds)
+    if grouped:
+        for i, (why, (e, ds, dr, sched, v, z)) in enumerate(grouped.items()):
+            plan = _plan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e, zero_stage=z, pp_schedule=sched,
+                         pp_virtual_stages=v, micro_batch=mbs_all[0], grad_accum=max(1, per_dp // mbs_all[0]))
+            if i == 0:
+                S.reject(plan, "batch", why, dims=batch_dims, dim_reason=batch_reason)
+            else:
+                rejected.append(Candidate(plan, 0.0, 0.0, 0, False, why))
+        counts["batch"] += n_batch - 1
     return out
 
 
