@@ -150,6 +150,7 @@ class _Layout:
     timer: LayoutTimer
     lb: float = 0.0  # fastest step time over mbs without recomputation (memory ignored)
     required: tuple = ()  # its (dimension, value) keys of REQUIRED_DIMS (see _Search.can_skip)
+    none_times: tuple = ()  # timer.time(mb, per_dp // mb, "none") for each of mbs (computed for lb)
 
     def order(self, ac: str) -> tuple:
         """``_plan_tuple(self.plan(self.mbs[0], ac))`` without building the plan."""
@@ -359,7 +360,7 @@ class _Search:
         fit_mem: dict[int, int] = {}  # micro-batch -> memory with the weakest AC mode that fits
         any_fit = skipped = False
         for ac in self.acs:
-            for mb in lay.mbs:
+            for i, mb in enumerate(lay.mbs):
                 if mb in fit_mem:
                     # a weaker AC already fits with this micro-batch: this one fits too and is slower;
                     # time it for the per-dimension comparison, memory bounded by the weaker mode's
@@ -368,7 +369,7 @@ class _Search:
                     self.add_fit(Candidate(plan, step, mfu, fit_mem[mb], True, "memory bounded by a weaker AC mode"),
                                  lay)
                     continue
-                step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac)
+                step, mfu = lay.none_times[i] if ac == "none" else lay.timer.time(mb, lay.per_dp // mb, ac)
                 if self.can_skip(lay, step):
                     skipped = True
                     continue  # fits or not, it cannot improve any required comparison
@@ -435,8 +436,9 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
     S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k, peak_fn)
     S.band = band
     layouts = _enumerate(S)
-    ac0 = S.acs[0]
-    layouts.sort(key=lambda lay: (lay.lb, lay.order(ac0)))
+    ac0 = AC_ORDER.index(S.acs[0])  # lay.order(S.acs[0]), inlined
+    layouts.sort(key=lambda lay: (lay.lb, lay.t, lay.p, lay.c, lay.e, lay.ds, lay.dr, lay.sched, lay.v, lay.mbs[0],
+                                  ac0, lay.z))
     for lay in layouts:
         if S.can_skip(lay):
             S.pruned += 1
@@ -612,8 +614,9 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                         continue
                     timer = LayoutTimer(S.sm, t, p, c, e, ds, dr, z, sched, v)
                     time = timer.time
-                    lb = min(time(mb, per_dp // mb, "none")[0] for mb in mbs)
-                    lay = _Layout(t, p, c, e, ds, dr, z, sched, v, mbs, per_dp, timer, lb)
+                    none_times = tuple(time(mb, per_dp // mb, "none") for mb in mbs)
+                    lay = _Layout(t, p, c, e, ds, dr, z, sched, v, mbs, per_dp, timer,
+                                  min(st for st, _ in none_times), none_times=none_times)
                     lay.required = req + (("ep", e), ("zero_stage", z), ("pp_schedule", sched))
                     out.append(lay)
                     if ds * c > 1:  # ascending: pairs follow divisors(dp)
