@@ -326,9 +326,13 @@ class _Search:
         corner = mb == lay.mbs[0] and ac == self.acs[-1]
         lo, hi = 0, len(dss)
         first: float | None
+        probes = 0
         try:
             while lo < hi:
-                mid = (lo + hi) // 2
+                # the largest shard group first, then the smallest: a group where nothing fits (e.g. no
+                # recomputation for a large model) or everything fits is settled by one or two evaluations
+                mid = hi - 1 if probes == 0 else lo if probes == 1 else (lo + hi) // 2
+                probes += 1
                 ds = dss[mid]
                 plan = _plan(dp_replicate=dp // ds, dp_shard=ds, tp=lay.t, pp=lay.p, pp_schedule=lay.sched,
                              pp_virtual_stages=lay.v, cp=lay.c, ep=lay.e, micro_batch=mb,
