@@ -96,15 +96,18 @@ def _complexity(p: ParallelPlan) -> int:
             + (p.pp_schedule != "1F1B") + (p.activation_checkpointing != "none") + (p.zero_stage == 3))
 
 
+_LOG_BIN = math.log(1.001)
+_AC_RANK = {ac: i for i, ac in enumerate(AC_ORDER)}
+
+
 def _rank_key(c: Candidate):
     # step time in 0.1 % bins so that near-ties go to the smaller / simpler plan
-    return (round(math.log(c.step_seconds) / math.log(1.001)), c.per_gpu_bytes, _complexity(c.plan),
-            _plan_tuple(c.plan))
+    return (round(math.log(c.step_seconds) / _LOG_BIN), c.per_gpu_bytes, _complexity(c.plan), _plan_tuple(c.plan))
 
 
 def _plan_tuple(p: ParallelPlan) -> tuple:
     return (p.tp, p.pp, p.cp, p.ep, p.dp_shard, p.dp_replicate, p.pp_schedule, p.pp_virtual_stages,
-            p.micro_batch, AC_ORDER.index(p.activation_checkpointing), p.zero_stage)
+            p.micro_batch, _AC_RANK[p.activation_checkpointing], p.zero_stage)
 
 
 def describe(p: ParallelPlan) -> str:
@@ -151,6 +154,7 @@ class _Layout:
     lb: float = 0.0  # fastest step time over mbs without recomputation (memory ignored)
     required: tuple = ()  # its (dimension, value) keys of REQUIRED_DIMS (see _Search.can_skip)
     none_times: tuple = ()  # timer.time(mb, per_dp // mb, "none") for each of mbs (computed for lb)
+    keys: tuple = ()  # fixed_keys(), once a candidate of the layout fits
 
     def order(self, ac: str) -> tuple:
         """``_plan_tuple(self.plan(self.mbs[0], ac))`` without building the plan."""
@@ -240,8 +244,10 @@ class _Search:
         self.fitting.append(cand)
         rk = _rank_key(cand)
         best_rank = self.best_rank
-        for k in lay.fixed_keys() + [("activation_checkpointing", cand.plan.activation_checkpointing),
-                                     ("micro_batch", cand.plan.micro_batch)]:
+        if not lay.keys:
+            lay.keys = tuple(lay.fixed_keys())
+        for k in (*lay.keys, ("activation_checkpointing", cand.plan.activation_checkpointing),
+                  ("micro_batch", cand.plan.micro_batch)):
             cur = best_rank.get(k)
             if cur is None or rk < cur:
                 self.best_by[k] = cand
@@ -362,6 +368,7 @@ class _Search:
         """Try micro-batches x AC; memory is monotone in both, so scans stop at the first misfit."""
         best_nofit: tuple[int, ParallelPlan] | None = None
         fit_mem: dict[int, int] = {}  # micro-batch -> memory with the weakest AC mode that fits
+        fit_step: dict[int, float] = {}  # micro-batch -> that candidate's step time
         any_fit = skipped = False
         for ac in self.acs:
             for i, mb in enumerate(lay.mbs):
@@ -370,8 +377,18 @@ class _Search:
                     # time it for the per-dimension comparison, memory bounded by the weaker mode's
                     plan = lay.plan(mb, ac)
                     step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac)
-                    self.add_fit(Candidate(plan, step, mfu, fit_mem[mb], True, "memory bounded by a weaker AC mode"),
-                                 lay)
+                    cand = Candidate(plan, step, mfu, fit_mem[mb], True, "memory bounded by a weaker AC mode")
+                    if step >= fit_step[mb]:
+                        # ranks after the weaker mode's candidate (step bin >=, same memory, more complex or
+                        # later in plan order), which holds every other key it shares: only its AC mode's
+                        self.fitting.append(cand)
+                        k = ("activation_checkpointing", ac)
+                        rk, cur = _rank_key(cand), self.best_rank.get(k)
+                        if cur is None or rk < cur:
+                            self.best_by[k] = cand
+                            self.best_rank[k] = rk
+                    else:
+                        self.add_fit(cand, lay)
                     continue
                 step, mfu = lay.none_times[i] if ac == "none" else lay.timer.time(mb, lay.per_dp // mb, ac)
                 if self.can_skip(lay, step):
@@ -391,6 +408,7 @@ class _Search:
                 self.add_fit(Candidate(plan, step, mfu, mem.per_gpu_bytes, True, ""), lay)
                 any_fit = True
                 fit_mem[mb] = mem.per_gpu_bytes
+                fit_step[mb] = step
         if not any_fit and skipped:
             self.pruned += 1  # its corner fits, but nothing it could offer beats what is known
         elif not any_fit and best_nofit is not None:
