@@ -28,7 +28,10 @@ larger shard group or EP degree, never falls with a larger micro-batch or weaker
 one "least-memory corner" evaluation can rule out whole groups of layouts, and the micro-batch scan
 stops at the first misfit (an assumption about memory.py that holds up to its small fixed buffers).
 Memory results are cached on the fields memory depends on, and the fit checks evaluate only the
-peak stage (``memory_per_gpu(..., per_stage=False)``).
+peak stage (``memory_per_gpu(..., per_stage=False)``). From ``BOUNDARY_MIN_WORLD`` GPUs (a million GPUs
+give hundreds of dp_shard x dp_replicate splits per layout) the fit of each (layout group, micro-batch,
+AC) is found once, by binary search over dp_shard, instead of per layout, and batch rejections are kept
+once per (tp, pp, cp) and reason.
 
 Ranking: step time (0.1 % bins), then memory per GPU, then simplicity (fewer parallel dimensions, no
 interleaving). Rejected layouts keep a one-line reason, and ``reasons`` explains the choice
