@@ -357,17 +357,18 @@ def test_memory_cache_tells_replicas_apart():
                                                         backend="torchtitan").breakdown["buffers"]
 
 
-def test_large_world_boundary_search_keeps_the_exhaustive_answers(monkeypatch):
+@pytest.mark.parametrize("model,seq_len", [("llama3.1-405b", 8192), ("deepseek-v3", 4096)])
+def test_large_world_boundary_search_keeps_the_exhaustive_answers(model, seq_len, monkeypatch):
     # at 997,920 GPUs (2^5 3^4 5 7 11: hundreds of dp splits per (tp, pp)) the binary search over dp_shard
     # must give what the per-layout path gives -- the plan, the alternatives and every comparison of the
-    # dimensions whose best plan per value is exact -- with fewer memory evaluations
+    # dimensions whose best plan per value is exact (with EP for the MoE) -- with fewer memory evaluations
     from llmc.compiler import search as search_mod
 
-    arch = PRESETS["llama3.1-405b"]
+    arch = PRESETS[model]
     runs = {}
     for boundaries in (False, True):
         monkeypatch.setattr(search_mod, "BOUNDARY_MIN_WORLD", 1 if boundaries else 10**9)
-        runs[boundaries] = _search(arch, 997_920, 124_740, seq_len=8192)
+        runs[boundaries] = _search(arch, 997_920, 124_740, seq_len=seq_len)
     old, new = runs[False], runs[True]
     assert new.best == old.best and new.memory == old.memory and new.alternatives == old.alternatives
     labels = ("TP ", "PP ", "CP ", "EP ", "ZeRO stage ", "pipeline schedule ")
