@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     CalOpt = Annotated[Path | None, typer.Option()]
 
 # typer (and its click and pydantic adapters) is imported when the app is first needed (``app``, any
-# command but a plain ``llmc plan``): ~70 ms of a ~0.3 s `llmc plan`. ``main`` runs ``plan`` with the
+# command but a plain ``llmc plan``): about a tenth of a ~0.3 s `llmc plan`. ``main`` runs ``plan`` with the
 # options it can read unambiguously (:func:`_plan_argv`) without it; everything else goes to typer.
 _APP = None
 _COMMANDS: list = []  # (function, app.command keyword arguments), in definition order

@@ -141,7 +141,7 @@ sys.exit(code)
     ["plan", "examples/llama3_8b_h100x8.yaml", "--format", "yaml"],
 ])
 def test_plain_plan_runs_without_typer_and_prints_what_typer_prints(args):
-    # `llmc plan SPEC [options]` skips typer (its import and command set-up are a quarter of the cold start);
+    # `llmc plan SPEC [options]` skips typer (its import and command set-up are about a tenth of the cold start);
     # output, errors and exit code must be what the typer app gives
     r = subprocess.run([sys.executable, "-c", _DIRECT, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     ref = runner.invoke(app, args)
