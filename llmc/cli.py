@@ -6,29 +6,77 @@ This is the only module that writes files. User errors never show a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import typer
+if TYPE_CHECKING:
+    import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="llmc: a declarative config compiler for LLM training runs.")
+    SetOpt = Annotated[list[str] | None, typer.Option()]  # the real ones: _app()
+    FitOpt = Annotated[bool, typer.Option()]
+    CalOpt = Annotated[Path | None, typer.Option()]
+
+# typer (and its click and pydantic adapters) is imported when the app is first needed (``app``, any
+# command but a plain ``llmc plan``): about a tenth of a ~0.3 s `llmc plan`. ``main`` runs ``plan`` with the
+# options it can read unambiguously (:func:`_plan_argv`) without it; everything else goes to typer.
+_APP = None
+_COMMANDS: list = []  # (function, app.command keyword arguments), in definition order
+
+
+def _command(**kwargs):
+    """``@app.command(**kwargs)``, registered when the app is built (:func:`_app`)."""
+
+    def register(fn):
+        _COMMANDS.append((fn, kwargs))
+        return fn
+
+    return register
+
+
+def _app():
+    global _APP
+    if _APP is None:
+        import typer as typer_mod
+
+        # the commands' bodies and their (string) annotations name these module globals
+        globals().update(
+            typer=typer_mod,
+            SetOpt=Annotated[list[str] | None, typer_mod.Option(
+                "--set", help="Override a spec field before validation: key.path=value (YAML scalar); repeatable.")],
+            FitOpt=Annotated[bool, typer_mod.Option("--no-fit-check",
+                                                    help="Search as if every layout fitted in memory.")],
+            CalOpt=Annotated[Path | None, typer_mod.Option(
+                "--calibration", help="Calibration JSON from `llmc calibrate` (overrides the spec's calibration:).")],
+        )
+        app = typer_mod.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                              help="llmc: a declarative config compiler for LLM training runs.")
+        for fn, kwargs in _COMMANDS:
+            app.command(**kwargs)(fn)
+        _APP = app
+    return _APP
+
+
+def __getattr__(name: str):
+    if name == "app":  # ``from llmc.cli import app`` (tests, typer.testing.CliRunner)
+        return _app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _echo(text: str, err: bool = False) -> None:
+    """``typer.echo`` for the plain text llmc prints: the line, a newline, flushed."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
 
 
 def _fail(lines: list[str]) -> None:
     for line in lines:
-        typer.echo(line, err=True)
-    raise typer.Exit(1)
-
-
-SetOpt = Annotated[list[str] | None, typer.Option(
-    "--set", help="Override a spec field before validation: key.path=value (YAML scalar); repeatable.")]
-FitOpt = Annotated[bool, typer.Option("--no-fit-check", help="Search as if every layout fitted in memory.")]
-CalOpt = Annotated[Path | None, typer.Option(
-    "--calibration", help="Calibration JSON from `llmc calibrate` (overrides the spec's calibration:).")]
+        _echo(line, err=True)
+    raise SystemExit(1)  # what typer.Exit(1) becomes
 
 
 def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = True,
@@ -90,7 +138,7 @@ def _calibration(spec: Path, run, option: Path | None):
         _fail([e.located()])
 
 
-@app.command()
+@_command()
 def plan(
     spec: Annotated[Path, typer.Argument(help="Run spec (YAML).")],
     format: Annotated[str, typer.Option("--format", "-f", help="text or json")] = "text",
@@ -118,10 +166,10 @@ def plan(
         except (AttributeError, TypeError, KeyError, ValueError) as e:
             _fail([f"{diff}: error[X001] malformed lockfile: {type(e).__name__}: {e} "
                    "(rebuild it with `llmc build`)"])
-        typer.echo(text)
+        _echo(text)
         return
     if format == "json":
-        typer.echo(json.dumps(compiled.to_json(), indent=2, sort_keys=True))
+        _echo(json.dumps(compiled.to_json(), indent=2, sort_keys=True))
     else:
         from llmc import report  # rich: imported only for the text report
 
@@ -138,7 +186,7 @@ def _for_build(compiled, spec: Path, build_dir: Path):
     return dataclasses.replace(compiled, spec_path=rel, diagnostics=diags)
 
 
-@app.command()
+@_command()
 def build(
     spec: Annotated[Path, typer.Argument(help="Run spec (YAML).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (default build/<name>).")] = None,
@@ -175,7 +223,7 @@ def build(
         typer.echo(f"  {name}")
 
 
-@app.command()
+@_command()
 def launch(
     build_dir: Annotated[Path, typer.Argument(help="A directory written by `llmc build`.")],
     backend: Annotated[str | None, typer.Option(
@@ -289,7 +337,7 @@ def last_error_line(text: str) -> str:
     return lines[-1][:400] if lines else "no error output (see the log)"
 
 
-@app.command()
+@_command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A build directory, or its run/ (or one stage's) directory.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (default <run dir>/report).")]
@@ -322,7 +370,7 @@ def report(
         typer.echo(line)
 
 
-@app.command()
+@_command()
 def calibrate(
     inputs: Annotated[list[str], typer.Argument(help="Measured runs: metrics.jsonl / run folders, torchtitan "
                                                      "logs, or benchmark tables (.yaml/.csv).")],
@@ -340,7 +388,7 @@ def calibrate(
         raise typer.Exit(rc)
 
 
-@app.command()
+@_command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A build directory (with plan.lock.json) or its run/ folder.")],
     stage: Annotated[str, typer.Option("--stage", help="The stage to export (pretrain for the main run).")],
@@ -355,7 +403,7 @@ def export(
         raise typer.Exit(rc)
 
 
-@app.command()
+@_command()
 def schema() -> None:
     """Print the JSON Schema of the run spec (for editor completion)."""
     from llmc.spec.load import json_schema
@@ -363,7 +411,7 @@ def schema() -> None:
     typer.echo(json.dumps(json_schema(), indent=2, sort_keys=True))
 
 
-@app.command()
+@_command()
 def presets() -> None:
     """List the built-in model presets."""
     from llmc.spec.presets import PRESETS
@@ -372,7 +420,7 @@ def presets() -> None:
         typer.echo(name)
 
 
-@app.command()
+@_command()
 def gpus() -> None:
     """List the hardware table."""
     from llmc.compiler.hardware import GPUS
@@ -381,23 +429,94 @@ def gpus() -> None:
         typer.echo(f"{key:12s} {g.name}")
 
 
+_PLAN_OPTIONS = {"--format": "format", "-f": "format", "--diff": "diff", "--set": "set_",
+                 "--calibration": "calibration"}
+
+
+def _plan_argv(argv: list[str]) -> dict | None:
+    """``plan``'s arguments when ``argv`` is ``plan SPEC`` with options spelled as typer reads them (``--opt
+    VALUE``, ``--opt=VALUE``, ``-f VALUE``, ``--set`` repeated, ``--no-fit-check``); None for anything else
+    (help, usage errors, other commands, unusual spellings), which typer then handles."""
+    if not argv or argv[0] != "plan":
+        return None
+    args: dict = {"spec": None, "format": "text", "diff": None, "set_": None, "no_fit_check": False,
+                  "calibration": None}
+    seen: set[str] = set()
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--no-fit-check" and arg not in seen:
+            seen.add(arg)
+            args["no_fit_check"] = True
+            i += 1
+            continue
+        name, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        key = _PLAN_OPTIONS.get(name)
+        if key is not None:
+            if not eq:
+                if i + 1 >= len(argv):
+                    return None
+                value = argv[i + 1]
+            i += 1 if eq else 2
+            if not value or value.startswith("-"):
+                return None
+            if key == "set_":
+                args["set_"] = [*(args["set_"] or []), value]
+            elif key in seen:
+                return None
+            else:
+                seen.add(key)
+                args[key] = value
+            continue
+        if (arg.startswith("-") and arg != "-") or args["spec"] is not None:
+            return None
+        args["spec"] = arg
+        i += 1
+    if args["spec"] is None:
+        return None
+    for key in ("spec", "diff", "calibration"):
+        if args[key] is not None:
+            args[key] = Path(args[key])
+    return args
+
+
+def _plan_direct(args: dict) -> None:
+    """``plan(**args)`` ending as typer's standalone mode ends a command: exit 0, or 1 after a closed pipe
+    (silently) or an interrupt ("Aborted!")."""
+    try:
+        plan(**args)
+    except (EOFError, KeyboardInterrupt):
+        _echo("\nAborted!", err=True)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno != errno.EPIPE:
+            raise
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- nothing more reaches the closed pipe
+        sys.exit(1)
+    sys.exit(0)
+
+
 def main() -> None:
     """Console entry point: user errors exit 1 with one line; never a traceback unless LLMC_DEBUG=1."""
     try:
-        app()
+        args = _plan_argv(sys.argv[1:])
+        if args is None:
+            _app()()
+        else:
+            _plan_direct(args)
     except KeyboardInterrupt:
         sys.exit(130)
     except OSError as e:  # unreadable spec, unwritable output dir, full disk ...
         if os.environ.get("LLMC_DEBUG"):
             raise
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        typer.echo(f"{where}error[IO] {e.strerror or e} (check the path and its permissions)", err=True)
+        _echo(f"{where}error[IO] {e.strerror or e} (check the path and its permissions)", err=True)
         sys.exit(1)
     except Exception as e:  # a bug in llmc, not in the spec: still one line, with a way to see more
         if os.environ.get("LLMC_DEBUG"):
             raise
-        typer.echo(f"error[INTERNAL] {type(e).__name__}: {e} (this is a bug in llmc; rerun with "
-                   "LLMC_DEBUG=1 for the traceback and please report it)", err=True)
+        _echo(f"error[INTERNAL] {type(e).__name__}: {e} (this is a bug in llmc; rerun with "
+              "LLMC_DEBUG=1 for the traceback and please report it)", err=True)
         sys.exit(1)
 
 

@@ -93,3 +93,57 @@ def test_plan_never_imports_torch(path):
     r = subprocess.run([sys.executable, "-c", _NO_TORCH, path], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["plan", "s.yaml"], {"spec": "s.yaml"}),
+    (["plan", "-f", "json", "s.yaml"], {"spec": "s.yaml", "format": "json"}),
+    (["plan", "s.yaml", "--format=json", "--no-fit-check"], {"spec": "s.yaml", "format": "json", "no_fit_check": True}),
+    (["plan", "s.yaml", "--set", "a=1", "--set=b=2"], {"spec": "s.yaml", "set_": ["a=1", "b=2"]}),
+    (["plan", "-", "--diff", "l.json", "--calibration", "c.json"],
+     {"spec": "-", "diff": "l.json", "calibration": "c.json"}),
+    (["plan"], None), (["plan", "--help"], None), (["plan", "s.yaml", "t.yaml"], None),
+    (["plan", "s.yaml", "-f"], None), (["plan", "s.yaml", "-fjson"], None), (["plan", "s.yaml", "--form", "json"], None),
+    (["plan", "s.yaml", "-f", "json", "-f", "text"], None), (["plan", "s.yaml", "--set", "--no-fit-check"], None),
+    (["plan", "--", "s.yaml"], None), (["build", "s.yaml"], None), ([], None),
+])
+def test_plan_argv_reads_only_what_typer_reads_the_same_way(argv, expected):
+    from llmc.cli import _plan_argv
+
+    got = _plan_argv(argv)
+    if expected is None:
+        assert got is None
+        return
+    full = {"spec": None, "format": "text", "diff": None, "set_": None, "no_fit_check": False, "calibration": None}
+    full.update(expected)
+    for key in ("spec", "diff", "calibration"):
+        full[key] = Path(full[key]) if full[key] is not None else None
+    assert got == full
+
+
+_DIRECT = r"""
+import sys
+sys.argv = ["llmc", *sys.argv[1:]]
+from llmc.cli import main
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+assert "typer" not in sys.modules, "typer imported"
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("args", [
+    ["plan", "examples/llama3_8b_h100x8.yaml"],
+    ["plan", "examples/llama3_70b_h100x64.yaml", "-f", "json", "--set", "hardware.count=128"],
+    ["plan", "examples/tiny_cpu.yaml", "--set", "bogus"],
+    ["plan", "examples/llama3_8b_h100x8.yaml", "--format", "yaml"],
+])
+def test_plain_plan_runs_without_typer_and_prints_what_typer_prints(args):
+    # `llmc plan SPEC [options]` skips typer (its import and command set-up are about a tenth of the cold start);
+    # output, errors and exit code must be what the typer app gives
+    r = subprocess.run([sys.executable, "-c", _DIRECT, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    ref = runner.invoke(app, args)
+    assert r.returncode == ref.exit_code, r.stderr[-2000:]
+    assert r.stdout + r.stderr == ref.output

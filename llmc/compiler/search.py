@@ -28,7 +28,10 @@ larger shard group or EP degree, never falls with a larger micro-batch or weaker
 one "least-memory corner" evaluation can rule out whole groups of layouts, and the micro-batch scan
 stops at the first misfit (an assumption about memory.py that holds up to its small fixed buffers).
 Memory results are cached on the fields memory depends on, and the fit checks evaluate only the
-peak stage (``memory_per_gpu(..., per_stage=False)``).
+peak stage (``memory_per_gpu(..., per_stage=False)``). From ``BOUNDARY_MIN_WORLD`` GPUs (a million GPUs
+give hundreds of dp_shard x dp_replicate splits per layout) the fit of each (layout group, micro-batch,
+AC) is found once, by binary search over dp_shard, instead of per layout, and batch rejections are kept
+once per (tp, pp, cp) and reason.
 
 Ranking: step time (0.1 % bins), then memory per GPU, then simplicity (fewer parallel dimensions, no
 interleaving). Rejected layouts keep a one-line reason, and ``reasons`` explains the choice
@@ -96,15 +99,18 @@ def _complexity(p: ParallelPlan) -> int:
             + (p.pp_schedule != "1F1B") + (p.activation_checkpointing != "none") + (p.zero_stage == 3))
 
 
+_LOG_BIN = math.log(1.001)
+_AC_RANK = {ac: i for i, ac in enumerate(AC_ORDER)}
+
+
 def _rank_key(c: Candidate):
     # step time in 0.1 % bins so that near-ties go to the smaller / simpler plan
-    return (round(math.log(c.step_seconds) / math.log(1.001)), c.per_gpu_bytes, _complexity(c.plan),
-            _plan_tuple(c.plan))
+    return (round(math.log(c.step_seconds) / _LOG_BIN), c.per_gpu_bytes, _complexity(c.plan), _plan_tuple(c.plan))
 
 
 def _plan_tuple(p: ParallelPlan) -> tuple:
     return (p.tp, p.pp, p.cp, p.ep, p.dp_shard, p.dp_replicate, p.pp_schedule, p.pp_virtual_stages,
-            p.micro_batch, AC_ORDER.index(p.activation_checkpointing), p.zero_stage)
+            p.micro_batch, _AC_RANK[p.activation_checkpointing], p.zero_stage)
 
 
 def describe(p: ParallelPlan) -> str:
@@ -150,6 +156,8 @@ class _Layout:
     timer: LayoutTimer
     lb: float = 0.0  # fastest step time over mbs without recomputation (memory ignored)
     required: tuple = ()  # its (dimension, value) keys of REQUIRED_DIMS (see _Search.can_skip)
+    none_times: tuple = ()  # timer.time(mb, per_dp // mb, "none") for each of mbs (computed for lb)
+    keys: tuple = ()  # fixed_keys(), once a candidate of the layout fits
 
     def order(self, ac: str) -> tuple:
         """``_plan_tuple(self.plan(self.mbs[0], ac))`` without building the plan."""
@@ -193,6 +201,11 @@ class _Search:
         self.pruned = 0
         self.layouts_total = 0
         self.layouts_batch_bad = 0
+        # large worlds (see BOUNDARY_MIN_WORLD): the shard sizes of each (tp, pp, cp, schedule, v, ZeRO, ep)
+        # group, ascending, and per (group, micro-batch, AC) the smallest of them that fits
+        self.boundaries = world >= BOUNDARY_MIN_WORLD
+        self.ds_lists: dict[tuple, list[int]] = {}
+        self.fit_from: dict[tuple, float | None] = {}
 
     # ------------------------------------------------------------------ bookkeeping
     def reject(self, plan: ParallelPlan, category: str, reason: str, mem: int = 0, dims: tuple = (),
@@ -234,8 +247,10 @@ class _Search:
         self.fitting.append(cand)
         rk = _rank_key(cand)
         best_rank = self.best_rank
-        for k in lay.fixed_keys() + [("activation_checkpointing", cand.plan.activation_checkpointing),
-                                     ("micro_batch", cand.plan.micro_batch)]:
+        if not lay.keys:
+            lay.keys = tuple(lay.fixed_keys())
+        for k in (*lay.keys, ("activation_checkpointing", cand.plan.activation_checkpointing),
+                  ("micro_batch", cand.plan.micro_batch)):
             cur = best_rank.get(k)
             if cur is None or rk < cur:
                 self.best_by[k] = cand
@@ -271,6 +286,13 @@ class _Search:
         with ds' <= ds and ep' <= ep without evaluating it, and one that fits proves the same for
         every ds' >= ds, ep' >= ep.
         """
+        if self.boundaries and lay.ds * lay.c > 1:
+            first = self.fit_from_ds(lay, lay.mbs[0], self.acs[-1])
+            if first is not None:
+                if lay.ds >= first:
+                    return True
+                self.counts["memory"] = self.counts.get("memory", 0) + 1
+                return False
         gk = (lay.t, lay.p, lay.c, lay.sched, lay.v, lay.z)
         fails, fits = self.corners.setdefault(gk, ([], []))
         if any(ds >= lay.ds and e >= lay.e for ds, e in fails):
@@ -294,6 +316,51 @@ class _Search:
                     f"{lay.mbs[0]} and {self.acs[-1]} recomputation", mem.per_gpu_bytes)
         return False
 
+    def fit_from_ds(self, lay: _Layout, mb: int, ac: str) -> float | None:
+        """The smallest dp_shard of ``lay``'s group (same tp, pp, cp, schedule, v, ZeRO stage, ep) whose
+        candidate with this micro-batch and AC mode fits (inf: none does), by binary search over the
+        group's shard sizes with dp_shard x cp > 1; None when the memory model refuses the layout.
+
+        Exact: at fixed (tp, pp, cp, ep, schedule, ZeRO, micro-batch, AC, dp = dp_shard x dp_replicate)
+        and dp_shard x cp > 1, every term of memory.py is non-increasing in dp_shard (sharded states
+        divide by it; activations, buckets and the communicators joined do not grow with it; the
+        dp_replicate communicator disappears at dp_replicate = 1), so the misfits are a prefix of the
+        ascending shard sizes. The probes are real candidates: the failing ones count as misfits.
+        """
+        key = (lay.t, lay.p, lay.c, lay.sched, lay.v, lay.z, lay.e, mb, ac)
+        if key in self.fit_from:
+            return self.fit_from[key]
+        dss = self.ds_lists[key[:7]]
+        dp = lay.ds * lay.dr
+        corner = mb == lay.mbs[0] and ac == self.acs[-1]
+        lo, hi = 0, len(dss)
+        first: float | None
+        probes = 0
+        try:
+            while lo < hi:
+                # the largest shard group first, then the smallest: a group where nothing fits (e.g. no
+                # recomputation for a large model) or everything fits is settled by one or two evaluations
+                mid = hi - 1 if probes == 0 else lo if probes == 1 else (lo + hi) // 2
+                probes += 1
+                ds = dss[mid]
+                plan = _plan(dp_replicate=dp // ds, dp_shard=ds, tp=lay.t, pp=lay.p, pp_schedule=lay.sched,
+                             pp_virtual_stages=lay.v, cp=lay.c, ep=lay.e, micro_batch=mb,
+                             grad_accum=lay.per_dp // mb, activation_checkpointing=ac, zero_stage=lay.z)
+                mem = self.memory(plan)
+                if self.fits_fn(mem):
+                    hi = mid
+                    continue
+                lo = mid + 1
+                self.note_nofit(plan, mem.per_gpu_bytes)
+                if corner:
+                    self.reject(plan, "memory", f"memory {gib(mem.per_gpu_bytes)} > {self.usable_txt()} even with "
+                                f"micro_batch {mb} and {ac} recomputation", mem.per_gpu_bytes)
+            first = dss[lo] if lo < len(dss) else math.inf
+        except ValueError:  # the memory model refuses the layout: the per-layout path reports it
+            first = None
+        self.fit_from[key] = first
+        return first
+
     def usable_txt(self) -> str:
         if self._usable is None:
             self._usable = f"{gib(self.capacity * USABLE_FRACTION)} usable"
@@ -304,21 +371,36 @@ class _Search:
         """Try micro-batches x AC; memory is monotone in both, so scans stop at the first misfit."""
         best_nofit: tuple[int, ParallelPlan] | None = None
         fit_mem: dict[int, int] = {}  # micro-batch -> memory with the weakest AC mode that fits
+        fit_step: dict[int, float] = {}  # micro-batch -> that candidate's step time
         any_fit = skipped = False
         for ac in self.acs:
-            for mb in lay.mbs:
+            for i, mb in enumerate(lay.mbs):
                 if mb in fit_mem:
                     # a weaker AC already fits with this micro-batch: this one fits too and is slower;
                     # time it for the per-dimension comparison, memory bounded by the weaker mode's
                     plan = lay.plan(mb, ac)
                     step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac)
-                    self.add_fit(Candidate(plan, step, mfu, fit_mem[mb], True, "memory bounded by a weaker AC mode"),
-                                 lay)
+                    cand = Candidate(plan, step, mfu, fit_mem[mb], True, "memory bounded by a weaker AC mode")
+                    if step >= fit_step[mb]:
+                        # ranks after the weaker mode's candidate (step bin >=, same memory, more complex or
+                        # later in plan order), which holds every other key it shares: only its AC mode's
+                        self.fitting.append(cand)
+                        k = ("activation_checkpointing", ac)
+                        rk, cur = _rank_key(cand), self.best_rank.get(k)
+                        if cur is None or rk < cur:
+                            self.best_by[k] = cand
+                            self.best_rank[k] = rk
+                    else:
+                        self.add_fit(cand, lay)
                     continue
-                step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac)
+                step, mfu = lay.none_times[i] if ac == "none" else lay.timer.time(mb, lay.per_dp // mb, ac)
                 if self.can_skip(lay, step):
                     skipped = True
                     continue  # fits or not, it cannot improve any required comparison
+                if self.boundaries and lay.ds * lay.c > 1:
+                    first = self.fit_from_ds(lay, mb, ac)
+                    if first is not None and lay.ds < first:
+                        break  # a larger shard group of its group does not fit: neither does this one
                 plan = lay.plan(mb, ac)
                 mem = self.memory(plan)
                 if not self.fits_fn(mem):
@@ -329,6 +411,7 @@ class _Search:
                 self.add_fit(Candidate(plan, step, mfu, mem.per_gpu_bytes, True, ""), lay)
                 any_fit = True
                 fit_mem[mb] = mem.per_gpu_bytes
+                fit_step[mb] = step
         if not any_fit and skipped:
             self.pruned += 1  # its corner fits, but nothing it could offer beats what is known
         elif not any_fit and best_nofit is not None:
@@ -342,6 +425,11 @@ class _Search:
 REQUIRED_DIMS = ("tp", "pp", "cp", "ep", "zero_stage", "pp_schedule")
 TIE = 1.001  # step times within 0.1 % count as a tie (then less memory, then the simpler plan wins)
 USABLE_FRACTION = 0.92  # memory.fits headroom: allocator fragmentation margin
+# from this many GPUs the fit of a (layout group, micro-batch, AC) is found by binary search over dp_shard
+# (_Search.fit_from_ds) instead of per layout: the chosen plan, the alternatives and the comparisons of
+# REQUIRED_DIMS stay exact; the numbers of memory evaluations and misfits the report counts, and the
+# "best found" comparisons, may differ from the per-layout path
+BOUNDARY_MIN_WORLD = 32_768
 
 
 def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_seqs: int, precision: str,
@@ -373,8 +461,9 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
     S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k, peak_fn)
     S.band = band
     layouts = _enumerate(S)
-    ac0 = S.acs[0]
-    layouts.sort(key=lambda lay: (lay.lb, lay.order(ac0)))
+    ac0 = AC_ORDER.index(S.acs[0])  # lay.order(S.acs[0]), inlined
+    layouts.sort(key=lambda lay: (lay.lb, lay.t, lay.p, lay.c, lay.e, lay.ds, lay.dr, lay.sched, lay.v, lay.mbs[0],
+                                  ac0, lay.z))
     for lay in layouts:
         if S.can_skip(lay):
             S.pruned += 1
@@ -486,6 +575,11 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
     batch_dims = ("tp", "pp", "cp")
     batch_reason = S.batch_reason()
     rejected, counts = S.rejected, S.counts
+    # large worlds: of the batch rejections of this (tp, pp, cp), which share a few reasons, only the first (in
+    # _plan_tuple order) of each reason is kept as a candidate; all are counted. The reasons per dimension,
+    # the reasons and the first candidate of each reason in the ordered rejection list stay the same.
+    grouped: dict[str, tuple] | None = {} if S.boundaries else None
+    n_batch = 0
     out = []
     for ds, dr in pairs:
         if ds * dr != dp:
@@ -525,6 +619,13 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                              dims=("pp",))
                     continue
                 for sched, v, mbs, why in sched_mbs:
+                    if not mbs and grouped is not None:
+                        n_batch += 1
+                        k = (e, ds, dr, sched, v, z)  # the order of _plan_tuple inside this (tp, pp, cp)
+                        cur = grouped.get(why)
+                        if cur is None or k < cur:
+                            grouped[why] = k
+                        continue
                     if not mbs:
                         plan = _plan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e, zero_stage=z,
                                      pp_schedule=sched, pp_virtual_stages=v, micro_batch=mbs_all[0],
@@ -538,10 +639,22 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                         continue
                     timer = LayoutTimer(S.sm, t, p, c, e, ds, dr, z, sched, v)
                     time = timer.time
-                    lb = min(time(mb, per_dp // mb, "none")[0] for mb in mbs)
-                    lay = _Layout(t, p, c, e, ds, dr, z, sched, v, mbs, per_dp, timer, lb)
+                    none_times = tuple(time(mb, per_dp // mb, "none") for mb in mbs)
+                    lay = _Layout(t, p, c, e, ds, dr, z, sched, v, mbs, per_dp, timer,
+                                  min(st for st, _ in none_times), none_times=none_times)
                     lay.required = req + (("ep", e), ("zero_stage", z), ("pp_schedule", sched))
                     out.append(lay)
+                    if ds * c > 1:  # ascending: pairs follow divisors(dp)
+                        S.ds_lists.setdefault((t, p, c, sched, v, z, e), []).append(ds)
+    if grouped:
+        for i, (why, (e, ds, dr, sched, v, z)) in enumerate(grouped.items()):
+            plan = _plan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e, zero_stage=z, pp_schedule=sched,
+                         pp_virtual_stages=v, micro_batch=mbs_all[0], grad_accum=max(1, per_dp // mbs_all[0]))
+            if i == 0:
+                S.reject(plan, "batch", why, dims=batch_dims, dim_reason=batch_reason)
+            else:
+                rejected.append(Candidate(plan, 0.0, 0.0, 0, False, why))
+        counts["batch"] += n_batch - 1
     return out
 
 

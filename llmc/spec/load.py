@@ -29,11 +29,15 @@ V004    ``serving.N.stage`` names no stage (same code as the compiler's serving 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
 import json
 import re
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -205,6 +209,7 @@ def json_schema() -> dict[str, Any]:
     ``model`` is widened to what the YAML accepts: a preset name, ``{preset|hf_config, overrides}``
     or an explicit architecture.
     """
+    _describe_fields(RunSpec)
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **RunSpec.model_json_schema()}
     defs = schema.setdefault("$defs", {})
     arch = defs["Architecture"]
@@ -231,6 +236,74 @@ def json_schema() -> dict[str, Any]:
         ],
     }
     return schema
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a spec model's fields: the string literal right after a field's annotated
+    assignment, read from the class that annotates the field, cleaned with :func:`inspect.cleandoc` (what
+    pydantic's ``use_attribute_docstrings`` puts in ``FieldInfo.description``). Read from the source on
+    demand (``llmc schema``, missing-field hints) instead of when the models are built at import."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        own = klass.__dict__.get("__annotations__", {})
+        if not own or not issubclass(klass, BaseModel) or klass.__module__.startswith("pydantic"):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # no source (e.g. a frozen build)
+            tree = None
+        found: dict[str, str] = {}
+        body = tree.body[0].body if tree is not None and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                found[node.target.id] = inspect.cleandoc(nxt.value.value)
+        for name in own:  # a field annotated again in a subclass takes that class's docstring (or none)
+            docs.pop(name, None)
+            if name in found:
+                docs[name] = found[name]
+    return docs
+
+
+def field_description(cls: type[BaseModel], name: str) -> str:
+    """``Field(description=...)`` of a field, else its attribute docstring (:func:`field_docs`), else ""."""
+    info = cls.model_fields.get(name)
+    if info is not None and info.description:
+        return info.description
+    return field_docs(cls).get(name, "")
+
+
+def _spec_models(root: type[BaseModel]) -> list[type[BaseModel]]:
+    """Every model reachable from ``root``'s field annotations, each after the models its fields hold."""
+    out: list[type[BaseModel]] = []
+    seen: set[type] = set()
+
+    def visit(tp: Any) -> None:
+        for arg in typing.get_args(tp):
+            visit(arg)
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and tp not in seen:
+            seen.add(tp)
+            for info in tp.model_fields.values():
+                visit(info.annotation)
+            out.append(tp)
+
+    visit(root)
+    return out
+
+
+def _describe_fields(root: type[BaseModel]) -> None:
+    """Put the attribute docstrings into the models' field descriptions (where no description is set) and
+    rebuild their schemas, so that the JSON Schema carries them."""
+    for cls in _spec_models(root):
+        docs = field_docs(cls)
+        changed = False
+        for name, info in cls.__pydantic_fields__.items():
+            if info.description is None and name in docs:
+                info.description = docs[name]
+                changed = True
+        if changed:
+            cls.model_rebuild(force=True)
 
 
 # ----------------------------------------------------------------------------- internals
@@ -709,7 +782,7 @@ def _from_pydantic(err: dict[str, Any], ctx: _Ctx, prefix: tuple = (), root: typ
         key = str(loc[-1])
         desc = ""
         if holder and key in holder.model_fields:
-            desc = (holder.model_fields[key].description or "").split("\n")[0]
+            desc = field_description(holder, key).split("\n")[0]
         d = ctx.diag("S003", path, f"missing required field {key!r}", desc.replace("``", "`"))
         return d if d.line is not None else dataclasses.replace(d, line=1)
     hint = ""

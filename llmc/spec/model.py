@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 #: Every spec model: unknown keys refused, frozen, and no infinities or NaN in any float field
 #: (``.inf``, ``.nan`` or an overflowing ``1e400`` would turn every derived number into inf/nan).
-_CFG = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+_CFG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def refuse_bool(value: Any) -> Any:

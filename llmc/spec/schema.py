@@ -48,7 +48,7 @@ class ModelRef(BaseModel):
     may be given, and with neither the remaining keys must form a full architecture.
     """
 
-    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     preset: str | None = None
     """Name of a built-in preset (``llmc presets`` lists them), e.g. ``llama3-8b``."""
