@@ -322,7 +322,8 @@ def fit_points(ms: list[Measurement]):
         if m.tokens_per_s_per_gpu:
             c, comm, f = split_breakdown(t.breakdown)
             pred_tps = t.tokens_per_second / m.plan.world
-            tps.append(TimePoint(m.label, c, comm, f, t.step_seconds * pred_tps / m.tokens_per_s_per_gpu))
+            tps.append(TimePoint(m.label, c, comm, f, t.step_seconds * pred_tps / m.tokens_per_s_per_gpu,
+                                 d_model=float(m.model.d_model)))
         if m.reserved_bytes:
             mps.append(MemPoint(m.label, float(mem.reserved_bytes), m.reserved_bytes))
         elif m.allocated_bytes:  # only the allocated peak measured (llmc's metrics): compare like with like;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import numpy as np
 import pytest
 
 from llmc.compiler import calibration as cal
@@ -56,8 +57,9 @@ def test_fit_recovers_factors_used_to_generate_the_measurements():
     points = []
     for (_step, _, br), t_meas, (name, _, _) in zip(_timing(), measured, PLANS, strict=True):
         c, m, f = split_breakdown(br)
-        points.append(TimePoint(name, c, m, f, t_meas))
-    cs, ms = cal.fit_time(points)
+        points.append(TimePoint(name, c, m, f, t_meas, d_model=PRESETS[name].d_model))
+    cs, ms, g = cal.fit_time(points, comm_prior=0.0)
+    assert g == 0.0  # two hidden sizes only: no size term
     assert cs == pytest.approx(0.8, rel=0.03)
     assert ms == pytest.approx(1.6, rel=0.10)
     # and the calibrated predictions match the measurements within a few percent
@@ -72,9 +74,16 @@ def test_exact_linear_data_gives_exact_factors_and_zero_loo_error():
     for i in range(8):
         c, m, f = rng.uniform(1, 5), rng.uniform(0.1, 3), rng.uniform(0, 0.2)
         pts.append(TimePoint(f"r{i}", c, m, f, c / 1.25 + 0.5 * m + f))
-    cs, ms = cal.fit_time(pts)
+    cs, ms, _ = cal.fit_time(pts, comm_prior=0.0)
     assert cs == pytest.approx(1.25, rel=1e-9) and ms == pytest.approx(0.5, rel=1e-9)
-    assert max(abs(e) for e in cal.loo_time_errors(pts)) < 1e-6
+    assert max(abs(e) for e in cal.loo_time_errors(pts, comm_prior=0.0)) < 1e-6
+    # the ridge prior pulls comm_scale from 0.5 toward 1: the augmented least-squares problem solved by numpy
+    cs_p, ms_p, _ = cal.fit_time(pts)
+    w = cal.COMM_PRIOR_WEIGHT ** 0.5
+    a_mat = np.array([[p.compute_s / p.measured_s, p.comm_s / p.measured_s] for p in pts] + [[0.0, w]])
+    y = np.array([1 - p.fixed_s / p.measured_s for p in pts] + [w])
+    (a, b), *_ = np.linalg.lstsq(a_mat, y, rcond=None)
+    assert 0.5 < ms_p < 1.0 and ms_p == pytest.approx(b, rel=1e-9) and cs_p == pytest.approx(1 / a, rel=1e-9)
     # noise makes the leave-one-out band positive, and larger than the in-sample residual
     noisy = [dataclasses.replace(p, measured_s=p.measured_s * (1 + rng.uniform(-0.05, 0.05))) for p in pts]
     c2 = cal.calibrate("torchtitan", "h100-sxm", noisy, [])
@@ -84,8 +93,8 @@ def test_exact_linear_data_gives_exact_factors_and_zero_loo_error():
 
 def test_few_points_fit_only_the_compute_factor():
     pts = [TimePoint("a", 2.0, 1.0, 0.0, 4.0), TimePoint("b", 3.0, 0.2, 0.0, 5.0)]
-    cs, ms = cal.fit_time(pts)
-    assert ms == 1.0
+    cs, ms, g = cal.fit_time(pts)
+    assert ms == 1.0 and g == 0.0
     # one factor: least squares of (C/T) a = 1 - M/T
     x = [(2 / 4, 1 - 1 / 4), (3 / 5, 1 - 0.2 / 5)]
     a = sum(u * v for u, v in x) / sum(u * u for u, _ in x)

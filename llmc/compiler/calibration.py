@@ -18,6 +18,23 @@ whatever its size (the normal equations of a 2-parameter linear least-squares pr
 are at least :data:`MIN_POINTS_TWO_FACTORS` runs and their communication shares differ; otherwise only
 compute_scale is fitted (comm_scale = 1). Memory likewise: measured reserved ~ s R_i + o.
 
+Two refinements of the time fit, both identity by default (uncalibrated numbers never change):
+
+* ``compute_size_exponent`` (gamma) -- the achieved GEMM efficiency grows with the model's hidden size beyond
+  llmc's per-GEMM shape penalty (larger K dimension per GEMM, fewer kernels and launches per FLOP; measured
+  large-model MFU exceeds small-model MFU at equal per-GPU shapes, e.g. Megatron-Bridge's published Llama-3
+  8B / 70B / 405B tables, and Narayanan et al., "Efficient Large-Scale Language Model Training on GPU Clusters
+  Using Megatron-LM", SC'21, table 1: 44 % -> 52 % of peak from 1.7B to 1T parameters). The compute time of a
+  run with hidden size d is divided by ``compute_scale x (d / SIZE_REF_D_MODEL) ** gamma``. gamma is fitted by
+  profile least squares over :data:`SIZE_EXPONENT_GRID` (for each gamma the two linear factors are solved
+  exactly), only when the runs span at least :data:`MIN_DISTINCT_SIZES` hidden sizes, with a ridge prior
+  ``SIZE_PRIOR_WEIGHT x gamma^2`` so a group with few sizes stays at gamma ~ 0 (Hastie et al., sec. 3.4.1).
+* ``comm_scale`` carries a ridge prior ``COMM_PRIOR_WEIGHT x (comm_scale - 1)^2`` toward llmc's own
+  communication model: with few runs the communication shares barely differ and the unregularised fit can
+  trade compute against communication arbitrarily.
+
+Both prior weights are in units of squared relative step-time error (one run 10 % off adds 0.01).
+
 The expected error band is the leave-one-out error (each run predicted by factors fitted on the
 others), the standard estimate of out-of-sample error for a small sample (Hastie, Tibshirani, Friedman,
 "The Elements of Statistical Learning", 2nd ed., sec. 7.10).
@@ -34,6 +51,16 @@ MIN_POINTS_TWO_FACTORS = 4  # below this only one factor per quantity is fitted
 # one knob varied), which is what a layout comparison is exposed to -- benchmarks/RESULTS.md, "within-sweep
 # error spread". A calibration replaces it with its own leave-one-out band.
 RANKING_BAND_UNCALIBRATED = 0.06  # 6.0 % in benchmarks/RESULTS.md (2026-12), rounded
+# size term: hidden size the exponent is referred to (Llama-3 70B), the exponents tried, the ridge weights.
+# The weights were chosen from {0.03, 0.1, 0.3} on benchmarks/RESULTS.md's leave-one-out error (its ablation table).
+SIZE_REF_D_MODEL = 8192.0
+SIZE_EXPONENT_GRID = tuple(i / 100 for i in range(-60, 61, 2))  # |gamma| <= 0.6, step 0.02
+SIZE_PRIOR_WEIGHT = 0.1
+COMM_PRIOR_WEIGHT = 0.3
+# the size term is fitted only on runs of at least MIN_DISTINCT_SIZES hidden sizes (with two, an exponent
+# cannot be told from any other difference between the two models' runs), spanning >= MIN_SIZE_RATIO
+MIN_DISTINCT_SIZES = 3
+MIN_SIZE_RATIO = 1.2
 FACTOR_BOUNDS = {"compute_scale": (0.2, 5.0), "comm_scale": (0.05, 20.0), "mem_scale": (0.5, 2.0)}
 COMM_KEYS = ("tp_comm", "ep_comm", "cp_comm", "pp_p2p", "fsdp_comm", "dp_comm")
 COMPUTE_KEYS = ("compute", "elementwise", "recompute")
@@ -42,15 +69,24 @@ FIXED_KEYS = ("optimizer",)
 
 @dataclass(frozen=True)
 class Factors:
-    """The named calibration factors (1, 1, 1, 0 = uncalibrated)."""
+    """The named calibration factors (1, 1, 1, 0, 0 = uncalibrated)."""
 
     compute_scale: float = 1.0
     comm_scale: float = 1.0
     mem_scale: float = 1.0
     mem_overhead_bytes: float = 0.0
+    compute_size_exponent: float = 0.0  # gamma: compute_scale x (d_model / SIZE_REF_D_MODEL) ** gamma
+
+    def compute_scale_at(self, d_model: float) -> float:
+        """The compute scale for a model of hidden size ``d_model`` (``compute_scale`` when gamma is 0)."""
+        if self.compute_size_exponent == 0.0 or d_model <= 0:
+            return self.compute_scale
+        return self.compute_scale * (d_model / SIZE_REF_D_MODEL) ** self.compute_size_exponent
 
     def describe(self) -> str:
-        return (f"compute_scale={self.compute_scale:.3f} comm_scale={self.comm_scale:.3f} "
+        size = (f" compute_size_exponent={self.compute_size_exponent:+.2f} (d_model ref {SIZE_REF_D_MODEL:.0f})"
+                if self.compute_size_exponent else "")
+        return (f"compute_scale={self.compute_scale:.3f} comm_scale={self.comm_scale:.3f}{size} "
                 f"mem_scale={self.mem_scale:.3f} mem_overhead={self.mem_overhead_bytes / 2**30:+.2f} GiB")
 
 
@@ -66,6 +102,7 @@ class TimePoint:
     comm_s: float
     fixed_s: float
     measured_s: float
+    d_model: float = 0.0  # the model's hidden size (0 = unknown: no size term for this run)
 
 
 @dataclass(frozen=True)
@@ -114,23 +151,66 @@ def _in(name: str, v: float) -> bool:
     return lo <= v <= hi
 
 
-def fit_time(points: list[TimePoint]) -> tuple[float, float]:
-    """(compute_scale, comm_scale) minimising the squared relative step-time error."""
+def _fit_linear(pts: list[TimePoint], gamma: float, comm_prior: float) -> tuple[float, float, float] | None:
+    """(a, b, penalised SSE) of the relative residuals (a C' + b M + F)/T - 1 with C' = C (d/d_ref)^-gamma and
+    the ridge pseudo-observation sqrt(comm_prior) (b - 1); None when the 2-factor fit is not identifiable."""
+    rows = [(p.compute_s * _size(p.d_model, gamma) / p.measured_s, p.comm_s / p.measured_s,
+             1.0 - p.fixed_s / p.measured_s) for p in pts]
+    shares = [p.comm_s / (p.compute_s + p.comm_s) for p in pts]
+    if len(pts) < MIN_POINTS_TWO_FACTORS or max(shares) - min(shares) <= 0.02:
+        return None
+    w = math.sqrt(comm_prior)
+    sol = _solve2(rows + ([(0.0, w, w)] if comm_prior > 0 else []))
+    if sol is None or sol[0] <= 0 or not (_in("compute_scale", 1.0 / sol[0]) and _in("comm_scale", sol[1])):
+        return None
+    a, b = sol
+    return a, b, sum((a * x1 + b * x2 - y) ** 2 for x1, x2, y in rows) + comm_prior * (b - 1.0) ** 2
+
+
+def _fit_one(pts: list[TimePoint], gamma: float) -> tuple[float, float]:
+    """(a, SSE) of the compute-only fit (comm_scale = 1)."""
+    rows = [(p.compute_s * _size(p.d_model, gamma) / p.measured_s, 1.0 - (p.comm_s + p.fixed_s) / p.measured_s)
+            for p in pts]
+    a = _solve1(rows)
+    if a is None or a <= 0:
+        return 0.0, math.inf
+    lo, hi = FACTOR_BOUNDS["compute_scale"]
+    a = 1.0 / min(max(1.0 / a, lo), hi)
+    return a, sum((a * x - y) ** 2 for x, y in rows)
+
+
+def _size(d_model: float, gamma: float) -> float:
+    """Compute-time multiplier of the size term, (d / d_ref) ** -gamma (1 for gamma 0 or unknown d)."""
+    return 1.0 if gamma == 0.0 or d_model <= 0 else (d_model / SIZE_REF_D_MODEL) ** -gamma
+
+
+def fit_time(points: list[TimePoint], *, comm_prior: float = COMM_PRIOR_WEIGHT,
+             size_prior: float | None = SIZE_PRIOR_WEIGHT) -> tuple[float, float, float]:
+    """(compute_scale, comm_scale, compute_size_exponent) minimising the squared relative step-time error plus
+    the ridge priors (module docstring). ``size_prior=None`` leaves the size term out (gamma = 0)."""
     pts = [p for p in points if p.measured_s > 0 and p.compute_s > 0]
     if not pts:
-        return 1.0, 1.0
-    shares = [p.comm_s / (p.compute_s + p.comm_s) for p in pts]
-    if len(pts) >= MIN_POINTS_TWO_FACTORS and max(shares) - min(shares) > 0.02:
-        # relative residual: (a C + b M + F)/T - 1 -> y = 1 - F/T, x1 = C/T, x2 = M/T
-        sol = _solve2([(p.compute_s / p.measured_s, p.comm_s / p.measured_s, 1.0 - p.fixed_s / p.measured_s)
-                       for p in pts])
-        if sol is not None and sol[0] > 0 and _in("compute_scale", 1.0 / sol[0]) and _in("comm_scale", sol[1]):
-            return 1.0 / sol[0], sol[1]
-    a = _solve1([(p.compute_s / p.measured_s, 1.0 - (p.comm_s + p.fixed_s) / p.measured_s) for p in pts])
-    if a is None or a <= 0:
-        return 1.0, 1.0
-    lo, hi = FACTOR_BOUNDS["compute_scale"]
-    return min(max(1.0 / a, lo), hi), 1.0
+        return 1.0, 1.0, 0.0
+    sizes = [p.d_model for p in pts]
+    gammas: tuple[float, ...] = (0.0,)
+    if (size_prior is not None and len(pts) >= MIN_POINTS_TWO_FACTORS and min(sizes) > 0
+            and len(set(sizes)) >= MIN_DISTINCT_SIZES and max(sizes) >= MIN_SIZE_RATIO * min(sizes)):
+        gammas = tuple(sorted(SIZE_EXPONENT_GRID, key=abs))  # ties go to the smaller |gamma|
+    best: tuple[float, float, float, float] | None = None  # (objective, a, b, gamma)
+    for g in gammas:
+        two = _fit_linear(pts, g, comm_prior)
+        if two is not None:
+            a, b, sse = two
+        else:
+            (a, sse), b = _fit_one(pts, g), 1.0
+        if a <= 0:
+            continue
+        obj = sse + (size_prior or 0.0) * g * g
+        if best is None or obj < best[0] - 1e-15:
+            best = (obj, a, b, g)
+    if best is None:
+        return 1.0, 1.0, 0.0
+    return 1.0 / best[1], best[2], best[3]
 
 
 def fit_memory(points: list[MemPoint]) -> tuple[float, float]:
@@ -150,14 +230,15 @@ def fit_memory(points: list[MemPoint]) -> tuple[float, float]:
 
 def fit(time_points: list[TimePoint], mem_points: list[MemPoint]) -> Factors:
     """All four factors from the measured runs (see the module docstring)."""
-    cs, ms = fit_time(time_points)
+    cs, ms, g = fit_time(time_points)
     mscale, mo = fit_memory(mem_points)
-    return Factors(compute_scale=cs, comm_scale=ms, mem_scale=mscale, mem_overhead_bytes=mo)
+    return Factors(compute_scale=cs, comm_scale=ms, mem_scale=mscale, mem_overhead_bytes=mo,
+                   compute_size_exponent=g)
 
 
 def predict_step(p: TimePoint, f: Factors) -> float:
     """The step time of ``p`` under factors ``f`` (linear model of the fit)."""
-    return p.compute_s / f.compute_scale + p.comm_s * f.comm_scale + p.fixed_s
+    return p.compute_s / f.compute_scale_at(p.d_model) + p.comm_s * f.comm_scale + p.fixed_s
 
 
 def predict_memory(p: MemPoint, f: Factors) -> float:
@@ -168,13 +249,19 @@ def _pct(pred: float, meas: float) -> float:
     return 100.0 * (pred - meas) / meas
 
 
-def loo_time_errors(points: list[TimePoint]) -> list[float]:
+def loo_time_errors(points: list[TimePoint], groups: list[str] | None = None, **priors) -> list[float]:
     """% error in throughput (measured/predicted step - 1, i.e. tokens/s) of each run with factors fitted
-    on the other runs."""
+    on the other runs. ``groups`` (one key per point): leave out every run sharing the point's key instead
+    (e.g. a whole software release). ``priors``: :func:`fit_time`'s ``comm_prior`` / ``size_prior``."""
+    keys = groups if groups is not None else [str(i) for i in range(len(points))]
     out = []
     for i, p in enumerate(points):
-        cs, ms = fit_time(points[:i] + points[i + 1:])
-        step = predict_step(p, Factors(compute_scale=cs, comm_scale=ms))
+        rest = [q for q, k in zip(points, keys, strict=True) if k != keys[i]]
+        if not rest:
+            out.append(math.nan)
+            continue
+        cs, ms, g = fit_time(rest, **priors)
+        step = predict_step(p, Factors(compute_scale=cs, comm_scale=ms, compute_size_exponent=g))
         out.append(_pct(p.measured_s / step, 1.0))  # tokens/s error = T_meas / T_pred - 1
     return out
 
@@ -244,5 +331,5 @@ def calibrate(backend: str, gpu: str, time_points: list[TimePoint], mem_points: 
                        residuals=res, provenance=dict(provenance or {}))
 
 
-__all__ = ["RANKING_BAND_UNCALIBRATED", "Factors", "IDENTITY", "TimePoint", "MemPoint", "Calibration", "split_breakdown", "fit", "fit_time",
+__all__ = ["RANKING_BAND_UNCALIBRATED", "SIZE_REF_D_MODEL", "SIZE_PRIOR_WEIGHT", "COMM_PRIOR_WEIGHT", "Factors", "IDENTITY", "TimePoint", "MemPoint", "Calibration", "split_breakdown", "fit", "fit_time",
            "fit_memory", "predict_step", "predict_memory", "loo_time_errors", "loo_memory_errors", "calibrate"]

@@ -165,6 +165,8 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
     compiled_ = compile_on(be, compile)
     compute_scale = getattr(factors, "compute_scale", 1.0) if factors is not None else 1.0
+    if hasattr(factors, "compute_scale_at"):  # calibration.Factors: with its model-size term
+        compute_scale = factors.compute_scale_at(arch.d_model)
     comm_scale = getattr(factors, "comm_scale", 1.0) if factors is not None else 1.0
     from llmc.compiler import flops, params
     from llmc.compiler.hardware import clock_factor, peak_flops
