@@ -401,7 +401,8 @@ def calibration_ablation(results: list[dict]) -> list[dict]:
         for xs in groups.values():
             if len(xs) >= 2:
                 errs += loo_errors([tp[x["id"]] for x in xs], None, priors)
-        out.append({"variant": label, "scheme": "leave one row out", **_summary(errs)})
+        if errs:
+            out.append({"variant": label, "scheme": "leave one row out", **_summary(errs)})
     for label, priors in _variants():
         errs, n_groups = [], 0
         for xs in groups.values():

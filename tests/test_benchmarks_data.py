@@ -154,3 +154,41 @@ def test_script_runs_on_a_subset(capsys):
 def test_unknown_row_id_is_an_error(capsys):
     assert bf.main(["--ids", "no-such-row"]) == 1
     assert "unknown row ids" in capsys.readouterr().err
+
+
+def test_noise_floor_of_the_published_twins(capsys):
+    """Rows measuring one layout in two releases: the spread and the best-constant floor are computed from the
+    published numbers by hand (Megatron-Bridge 26.06 vs 26.04.01; torchtitan Dec 2024 vs Jun 2025)."""
+    ids = ["mb2606-gb200-llama31-405b-fp8", "mb260401-gb200-llama31-405b-fp8", "mb2511-gb200-llama31-405b-fp8-cs",
+           "mb2606-gb200-deepseekv3-mxfp8", "mb260401-gb200-deepseekv3-mxfp8", "tt24-t4-2d", "tt25-atp-70b-f8tw-tp",
+           "tt25-atp-70b-bf16-tp"]
+    assert bf.main(["--ids", ",".join(ids), "--format", "json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    nf = {tuple(sorted(g["ids"])): g for g in rep["noise_floor"]["groups"]}
+    # strict recipe match: FP8 (26.x) and FP8-CS (25.11) are not assumed equal; bf16 has no twin
+    assert set(nf) == {tuple(sorted(ids[:2])), tuple(sorted(ids[3:5])), tuple(sorted(ids[5:7]))}
+    g = nf[tuple(sorted(ids[3:5]))]  # DeepSeek-V3 on GB200: 4,969 (26.06) vs 4,256 (26.04.01)
+    assert g["spread_pct"] == pytest.approx(100 * (4969 - 4256) / ((4969 + 4256) / 2))
+    # best constant c for two runs: min over c in {m1, m2} of (|c/m1 - 1| + |c/m2 - 1|) / 2
+    assert g["floor_pct"] == pytest.approx(100 * min(4969 / 4256 - 1, 1 - 4256 / 4969) / 2)
+    assert sorted(g["twin_loo"]) == pytest.approx(sorted([100 * (4256 / 4969 - 1), 100 * (4969 / 4256 - 1)]))
+    g = nf[tuple(sorted(ids[5:7]))]  # torchtitan Llama-3.1-70B fp8 2D: 829 (Dec 2024) vs 809.8 (Jun 2025)
+    assert g["floor_pct"] == pytest.approx(100 * (1 - 809.8 / 829) / 2)
+    n_twin = rep["noise_floor"]["n_twin_rows"]
+    assert n_twin == 6 and rep["noise_floor"]["floor_all_rows"] * rep["noise_floor"]["n_rows"] == pytest.approx(
+        rep["noise_floor"]["floor_twin_rows"] * n_twin)
+    # the loose key (26.x FP8 read as 25.11 FP8-CS) joins the 405B 25.11 row to its 26.x twins
+    loose = {tuple(sorted(g["ids"])) for g in rep["noise_floor_loose"]["groups"]}
+    assert tuple(sorted(ids[:3])) in loose
+
+
+def test_calibration_variants_are_scored(capsys):
+    assert bf.main(["--ids", "tt24-t1-fsdp,tt24-t3-fsdp,tt24-t4-2d,tt24-t5-1f1b,tt24-t6-cp2-64k,tt25-atp-70b-bf16-tp",
+                    "--format", "json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    schemes = {(a["variant"], a["scheme"].split(" (")[0]) for a in rep["ablation"]}
+    assert len({v for v, _ in schemes}) == 4 and {s for _, s in schemes} == {"leave one row out",
+                                                                              "leave one release out"}
+    default = next(a for a in rep["ablation"] if a["variant"].startswith("both") and a["scheme"] == "leave one row out")
+    errs = [abs(x["err_tps_calibrated"]) for x in rep["results"] if x.get("err_tps_calibrated") is not None]
+    assert default["n"] == len(errs) and default["mean_abs"] == pytest.approx(sum(errs) / len(errs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
 import numpy as np
@@ -158,3 +159,91 @@ def test_compile_applies_a_matching_calibration_and_reports_its_band():
     skipped = _compile(calibration=other)
     assert skipped.calibration.calibrated is False
     assert skipped.time.step_seconds == pytest.approx(base.time.step_seconds)
+
+
+SIZE_PLANS = [  # three hidden sizes (4096, 8192, 16384), layouts with different communication shares
+    ("llama3-8b", ParallelPlan(dp_shard=8, micro_batch=2, grad_accum=1, activation_checkpointing="selective")),
+    ("llama3-8b", ParallelPlan(dp_shard=64, tp=2, micro_batch=1, grad_accum=2, activation_checkpointing="none")),
+    ("llama3-70b", ParallelPlan(dp_shard=32, tp=8, micro_batch=4, grad_accum=1, activation_checkpointing="full")),
+    ("llama3-70b", ParallelPlan(dp_shard=8, tp=4, pp=4, micro_batch=1, grad_accum=16,
+                                activation_checkpointing="selective")),
+    ("llama3.1-405b", ParallelPlan(dp_shard=16, tp=8, pp=8, micro_batch=1, grad_accum=16,
+                                   activation_checkpointing="full")),
+    ("llama3.1-405b", ParallelPlan(dp_shard=64, tp=8, micro_batch=1, grad_accum=1, activation_checkpointing="full")),
+]
+
+
+def _size_points(truth):
+    pts = []
+    for name, plan in SIZE_PLANS:
+        arch = PRESETS[name]
+        base = timing.step_time(timing.step_model(arch, 8192, "bf16", H100, "torchtitan"), plan)
+        meas = timing.step_time(timing.step_model(arch, 8192, "bf16", H100, "torchtitan", factors=truth), plan)[0]
+        c, m, f = split_breakdown(base[2])
+        pts.append(TimePoint(name, c, m, f, meas, d_model=arch.d_model))
+    return pts
+
+
+def test_size_exponent_is_recovered_from_runs_generated_through_the_timing_model():
+    """'Measured' steps from llmc's full timing model with a size exponent (applied by step_model through
+    Factors.compute_scale_at): the fit on the uncalibrated splits finds the exponent and the scale."""
+    truth = Factors(compute_scale=0.9, comm_scale=1.3, compute_size_exponent=0.2)
+    # the factor the timing model applies is compute_scale x (d / 8192) ** gamma
+    assert truth.compute_scale_at(4096) == pytest.approx(0.9 * 0.5**0.2)
+    assert truth.compute_scale_at(8192) == 0.9 and Factors().compute_scale_at(16384) == 1.0
+    pts = _size_points(truth)
+    cs, ms, g = cal.fit_time(pts, comm_prior=0.0, size_prior=0.0)
+    assert g == pytest.approx(0.2, abs=0.021) and cs == pytest.approx(0.9, rel=0.03)
+    f = Factors(compute_scale=cs, comm_scale=ms, compute_size_exponent=g)
+    for p in pts:
+        assert cal.predict_step(p, f) == pytest.approx(p.measured_s, rel=0.02)
+    # without the size term the same runs cannot be fitted as well
+    cs0, ms0, _ = cal.fit_time(pts, comm_prior=0.0, size_prior=None)
+    f0 = Factors(compute_scale=cs0, comm_scale=ms0)
+    assert max(abs(cal.predict_step(p, f0) / p.measured_s - 1) for p in pts) > 0.05
+    # the default priors shrink gamma toward 0, but keep most of it
+    _, _, g_prior = cal.fit_time(pts)
+    assert 0.1 <= g_prior <= 0.2
+
+
+def test_size_term_needs_three_hidden_sizes_and_is_off_without_sizes():
+    truth = Factors(compute_scale=0.9, compute_size_exponent=0.2)
+    pts = _size_points(truth)
+    two = [p for p in pts if p.label != "llama3.1-405b"]
+    assert cal.fit_time(two, size_prior=0.0)[2] == 0.0
+    unknown = [dataclasses.replace(p, d_model=0.0) for p in pts]
+    assert cal.fit_time(unknown, size_prior=0.0)[2] == 0.0
+
+
+def test_identity_factors_leave_the_timing_model_unchanged():
+    for name, plan in SIZE_PLANS:
+        sm0 = timing.step_model(PRESETS[name], 8192, "fp8", H100, "torchtitan")
+        sm1 = timing.step_model(PRESETS[name], 8192, "fp8", H100, "torchtitan", factors=Factors())
+        assert timing.step_time(sm0, plan)[0] == timing.step_time(sm1, plan)[0]
+
+
+def test_leave_one_group_out_fits_on_the_other_groups_only():
+    """Two 'releases' with different true compute scales: holding a release out predicts it with the other
+    release's factors, so its tokens/s error is exactly the ratio of the two scales."""
+    rng = random.Random(1)
+    pts, keys = [], []
+    for rel, scale in (("r1", 1.0), ("r2", 1.25)):
+        for i in range(5):
+            c, m = rng.uniform(1, 5), rng.uniform(0.1, 3)
+            pts.append(TimePoint(f"{rel}-{i}", c, m, 0.0, c / scale + m))
+            keys.append(rel)
+    errs = cal.loo_time_errors(pts, keys, comm_prior=0.0, size_prior=None)
+    for p, k, e in zip(pts, keys, errs, strict=True):
+        other = 1.25 if k == "r1" else 1.0
+        own = 1.0 if k == "r1" else 1.25
+        expect = 100 * ((p.compute_s / own + p.comm_s) / (p.compute_s / other + p.comm_s) - 1)
+        assert e == pytest.approx(expect, abs=1e-6)
+    # one group only: nothing to fit on
+    assert all(math.isnan(e) for e in cal.loo_time_errors(pts[:5], keys[:5]))
+
+
+def test_old_calibration_json_without_the_size_exponent_still_loads():
+    d = cal.calibrate("torchtitan", "h100-sxm", [TimePoint(f"r{i}", 1.0 + i, 0.5, 0.0, 2.0 + i) for i in range(5)],
+                      []).to_json()
+    del d["factors"]["compute_size_exponent"]
+    assert cal.Calibration.from_json(d).factors.compute_size_exponent == 0.0
