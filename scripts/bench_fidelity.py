@@ -470,6 +470,24 @@ def noise_floor(results: list[dict], same: dict[str, str] = RECIPE_SAME) -> dict
             "cal_twin_rows": mean_abs("err_cal")}
 
 
+def recipe_pairs(results: list[dict]) -> list[dict]:
+    """Rows of one release and layout that differ only in the source's fp8 recipe (e.g. FP8-CS vs FP8-MX):
+    llmc maps both to one recipe, so their measured ratio is an effect no layout-deterministic llmc number sees."""
+    by: dict[tuple, list[dict]] = defaultdict(list)
+    for x in results:
+        if x.get("kind") == "throughput" and x.get("meas_tps"):
+            by[twin_key(x)[:-1] + (x["release"],)].append(x)
+    out = []
+    for xs in by.values():
+        labels = [twin_key(x)[-1] for x in xs]
+        if len(xs) == 2 and len(set(labels)) == 2:
+            a, b = sorted(xs, key=lambda x: twin_key(x)[-1])
+            out.append({"ids": [a["id"], b["id"]], "recipes": [twin_key(a)[-1], twin_key(b)[-1]],
+                        "measured": [a["meas_tps"], b["meas_tps"]], "ratio_pct": pct(b["meas_tps"], a["meas_tps"]),
+                        "err_tps": [a["err_tps"], b["err_tps"]]})
+    return out
+
+
 # ---------------------------------------------------------------------------------------- statistics
 
 def pct(pred: float, meas: float) -> float:
@@ -544,7 +562,7 @@ def evaluate(rows: list[Row]) -> dict[str, Any]:
     return {"results": results, "skipped": skipped, "groups": _groups(results), "sweeps": _sweeps(results),
             "calibration": group_factors(results), "summary": _overall(results),
             "ablation": calibration_ablation(results), "noise_floor": noise_floor(results),
-            "noise_floor_loose": noise_floor(results, RECIPE_SAME_LOOSE)}
+            "noise_floor_loose": noise_floor(results, RECIPE_SAME_LOOSE), "recipe_pairs": recipe_pairs(results)}
 
 
 def _overall(results: list[dict]) -> dict:
@@ -743,6 +761,14 @@ def _noise_floor_md(rep: dict[str, Any]) -> list[str]:
 
     L += ["", summ(nf, "Strict recipe match"), "",
           summ(lo, "If the 26.x tables' \"FP8\" is the 25.11 tables' \"FP8-CS\" (not stated by the source)"), ""]
+    if rep["recipe_pairs"]:
+        L += ["Same release and layout, different fp8 recipe (llmc evaluates both as one fp8 recipe, so this "
+              "difference is in its error, calibrated or not):", "",
+              "| rows | recipes | measured tok/s/GPU | second vs first % | llmc err % |", "|---|---|---|---:|---|"]
+        for g in rep["recipe_pairs"]:
+            L.append(f"| {', '.join(g['ids'])} | {', '.join(g['recipes'])} | {lst(g['measured'], '{:,.0f}')} | "
+                     f"{g['ratio_pct']:+.1f} | {lst(g['err_tps'])} |")
+        L.append("")
     return L
 
 

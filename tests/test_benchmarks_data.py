@@ -161,7 +161,7 @@ def test_noise_floor_of_the_published_twins(capsys):
     published numbers by hand (Megatron-Bridge 26.06 vs 26.04.01; torchtitan Dec 2024 vs Jun 2025)."""
     ids = ["mb2606-gb200-llama31-405b-fp8", "mb260401-gb200-llama31-405b-fp8", "mb2511-gb200-llama31-405b-fp8-cs",
            "mb2606-gb200-deepseekv3-mxfp8", "mb260401-gb200-deepseekv3-mxfp8", "tt24-t4-2d", "tt25-atp-70b-f8tw-tp",
-           "tt25-atp-70b-bf16-tp"]
+           "tt25-atp-70b-bf16-tp", "mb2511-b200-llama3-8b-fp8-cs", "mb2511-b200-llama3-8b-fp8-mx"]
     assert bf.main(["--ids", ",".join(ids), "--format", "json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     nf = {tuple(sorted(g["ids"])): g for g in rep["noise_floor"]["groups"]}
@@ -180,6 +180,9 @@ def test_noise_floor_of_the_published_twins(capsys):
     # the loose key (26.x FP8 read as 25.11 FP8-CS) joins the 405B 25.11 row to its 26.x twins
     loose = {tuple(sorted(g["ids"])) for g in rep["noise_floor_loose"]["groups"]}
     assert tuple(sorted(ids[:3])) in loose
+    # one release and layout, two fp8 recipes: 30,624 (FP8-CS) vs 29,521 (FP8-MX) tok/s/GPU on B200
+    (pair,) = rep["recipe_pairs"]
+    assert pair["recipes"] == ["FP8-CS", "MXFP8"] and pair["ratio_pct"] == pytest.approx(100 * (29521 / 30624 - 1))
 
 
 def test_calibration_variants_are_scored(capsys):
