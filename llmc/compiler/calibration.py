@@ -21,10 +21,9 @@ compute_scale is fitted (comm_scale = 1). Memory likewise: measured reserved ~ s
 Two refinements of the time fit, both identity by default (uncalibrated numbers never change):
 
 * ``compute_size_exponent`` (gamma) -- the achieved GEMM efficiency grows with the model's hidden size beyond
-  llmc's per-GEMM shape penalty (larger K dimension per GEMM, fewer kernels and launches per FLOP; measured
-  large-model MFU exceeds small-model MFU at equal per-GPU shapes, e.g. Megatron-Bridge's published Llama-3
-  8B / 70B / 405B tables, and Narayanan et al., "Efficient Large-Scale Language Model Training on GPU Clusters
-  Using Megatron-LM", SC'21, table 1: 44 % -> 52 % of peak from 1.7B to 1T parameters). The compute time of a
+  llmc's per-GEMM shape penalty (larger K dimension per GEMM, fewer kernels and launches per FLOP; e.g.
+  Narayanan et al., "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", SC'21,
+  table 1: 44 % -> 52 % of peak from 1.7B to 1T parameters). The compute time of a
   run with hidden size d is divided by ``compute_scale x (d / SIZE_REF_D_MODEL) ** gamma``. gamma is fitted by
   profile least squares over :data:`SIZE_EXPONENT_GRID` (for each gamma the two linear factors are solved
   exactly), only when the runs span at least :data:`MIN_DISTINCT_SIZES` hidden sizes, with a ridge prior
