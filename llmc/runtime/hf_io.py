@@ -32,6 +32,27 @@ Name mapping (llmc/torchtitan <-> HF Llama / Qwen2 / Mixtral), as HF ``convert_l
 
 RoPE: llmc rotates adjacent pairs (Meta layout); HF rotates halves (``rotate_half``). The export permutes
 the q/k rows per head as HF's ``permute`` (pairs -> halves); the import applies the inverse.
+
+DeepSeek-V3 (MLA + DeepSeekMoE) <-> transformers ``DeepseekV3ForCausalLM`` (``modeling_deepseek_v3.py``;
+the checkpoint layout of https://huggingface.co/deepseek-ai/DeepSeek-V3, experts stored one by one)::
+
+    layers.N.attention.wq_a / q_norm / wq_b  model.layers.N.self_attn.q_a_proj / q_a_layernorm / q_b_proj
+    layers.N.attention.wq   (q_lora_rank None)  model.layers.N.self_attn.q_proj
+    layers.N.attention.wkv_a / kv_norm / wkv_b  model.layers.N.self_attn.kv_a_proj_with_mqa / kv_a_layernorm / kv_b_proj
+    layers.N.attention.wo                  model.layers.N.self_attn.o_proj
+    layers.N.feed_forward.{w1,w3,w2}       model.layers.N.mlp.{gate,up,down}_proj        (N < first_k_dense_replace)
+    layers.N.moe.router.gate.weight        model.layers.N.mlp.gate.weight
+    layers.N.moe.expert_bias               model.layers.N.mlp.gate.e_score_correction_bias  (zeros when absent)
+    layers.N.moe.experts.{w1,w3,w2} [E,..] model.layers.N.mlp.experts.{e}.{gate,up,down}_proj.weight
+    layers.N.moe.shared_experts.{w1,w3,w2} model.layers.N.mlp.shared_experts.{gate,up,down}_proj.weight
+
+No row permutation: the config says ``rope_interleave: true`` (HF's default, DeepSeek's own layout), so HF
+rotates the rope dims as adjacent pairs like llmc. YaRN is written without ``mscale`` / ``mscale_all_dim``,
+so HF scales cos/sin by 0.1 ln(factor) + 1 and keeps the softmax scale, exactly as llmc; a checkpoint whose
+config sets ``mscale_all_dim`` (DeepSeek-V3's own: softmax scale times mscale^2) is refused. transformers'
+router (``DeepseekV3TopkRouter``) masks the experts of unselected groups with -inf, llmc's (like the
+reference ``MoEGate``) with 0: the picks differ only when fewer than top_k experts of the selected groups
+have a positive biased score (sigmoid + e_score_correction_bias).
 """
 
 from __future__ import annotations
@@ -95,10 +116,29 @@ def _hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _deepseek_supported(arch) -> str | None:
+    """None when an MLA architecture maps onto ``DeepseekV3ForCausalLM``, else the reason."""
+    if arch.qkv_bias:
+        return "MLA with q/k/v biases has no DeepseekV3ForCausalLM equivalent (attention_bias adds o_proj bias too)"
+    m = arch.moe
+    if m is None:
+        return None
+    if m.score_func != "sigmoid":
+        return "DeepseekV3ForCausalLM routes with sigmoid scores only (score_func: sigmoid)"
+    if m.router_bias:
+        return "DeepseekV3ForCausalLM's router has no bias (router_bias: false)"
+    if not m.num_shared_experts:
+        return "DeepseekV3ForCausalLM always has shared experts (num_shared_experts >= 1)"
+    if m.num_experts < 2 * (m.n_expert_groups or 1):
+        return "DeepseekV3ForCausalLM scores each expert group by its 2 best experts (>= 2 experts per group)"
+    return None
+
+
 def hf_export_supported(arch) -> str | None:
-    """None when the architecture maps onto an HF class here (Llama, Qwen2, Mixtral), else the reason."""
+    """None when the architecture maps onto an HF class here (Llama, Qwen2, Mixtral, DeepSeek-V3), else the
+    reason."""
     if arch.mla is not None:
-        return "MLA (DeepSeek) export is not implemented"
+        return _deepseek_supported(arch)
     m = arch.moe
     if m is not None and (m.num_shared_experts or m.dense_layers or m.score_func != "softmax" or m.router_bias
                           or getattr(m, "expert_bias", False) or (m.expert_d_ff or arch.d_ff) != arch.d_ff):
@@ -115,6 +155,8 @@ def hf_names(arch) -> dict[str, HFParam]:
     why = hf_export_supported(arch)
     if why:
         raise HFError(f"{arch.name}: no Hugging Face mapping ({why})")
+    if arch.mla is not None:
+        return _deepseek_names(arch)
     H, K = arch.n_heads, arch.kv_heads
     out = {"tok_embeddings.weight": HFParam(("model.embed_tokens.weight",)),
            "norm.weight": HFParam(("model.norm.weight",))}
@@ -141,9 +183,51 @@ def hf_names(arch) -> dict[str, HFParam]:
     return out
 
 
+_MLA_TARGETS = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
+                "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
+
+
+def _deepseek_names(arch) -> dict[str, HFParam]:
+    """:func:`hf_names` for MLA architectures (``DeepseekV3ForCausalLM``; table in the module docstring)."""
+    out = {"tok_embeddings.weight": HFParam(("model.embed_tokens.weight",)),
+           "norm.weight": HFParam(("model.norm.weight",))}
+    if not arch.tied_embeddings:
+        out["lm_head.weight"] = HFParam(("lm_head.weight",))
+    attn = ("wq",) if arch.mla.q_lora_rank is None else ("wq_a", "q_norm", "wq_b")
+    m = arch.moe
+    for i in range(arch.n_layers):
+        s, d = f"layers.{i}.", f"model.layers.{i}."
+        out[s + "attention_norm.weight"] = HFParam((d + "input_layernorm.weight",))
+        out[s + "ffn_norm.weight"] = HFParam((d + "post_attention_layernorm.weight",))
+        for ours in (*attn, "wkv_a", "kv_norm", "wkv_b", "wo"):
+            out[f"{s}attention.{ours}.weight"] = HFParam((f"{d}self_attn.{_MLA_TARGETS[ours]}.weight",))
+        if m is None or i < m.dense_layers:
+            for ours in ("w1", "w3", "w2"):
+                out[f"{s}feed_forward.{ours}.weight"] = HFParam((f"{d}mlp.{HF_TARGETS[ours]}.weight",))
+            continue
+        out[s + "moe.router.gate.weight"] = HFParam((d + "mlp.gate.weight",))
+        if m.expert_bias:
+            out[s + "moe.expert_bias"] = HFParam((d + "mlp.gate.e_score_correction_bias",))
+        for ours in ("w1", "w3", "w2"):
+            out[f"{s}moe.experts.{ours}"] = HFParam(
+                tuple(f"{d}mlp.experts.{e}.{HF_TARGETS[ours]}.weight" for e in range(m.num_experts)), stacked=True)
+            out[f"{s}moe.shared_experts.{ours}.weight"] = HFParam((f"{d}mlp.shared_experts.{HF_TARGETS[ours]}.weight",))
+    return out
+
+
+def hf_zero_extras(arch) -> dict[str, tuple[int, ...]]:
+    """HF tensors with no llmc parameter that must be zero: DeepSeek-V3's ``e_score_correction_bias`` when the
+    spec has no ``expert_bias`` (transformers always adds it to the selection scores). Name -> shape."""
+    m = arch.moe
+    if arch.mla is None or m is None or m.expert_bias:
+        return {}
+    return {f"model.layers.{i}.mlp.gate.e_score_correction_bias": (m.num_experts,)
+            for i in range(m.dense_layers, arch.n_layers)}
+
+
 def to_hf_state_dict(model_sd: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
     """llmc state dict -> HF state dict (names, q/k row permutation, experts unstacked)."""
-    sd: dict[str, torch.Tensor] = {}
+    sd: dict[str, torch.Tensor] = {n: torch.zeros(shape) for n, shape in hf_zero_extras(arch).items()}
     for name, m in hf_names(arch).items():
         t = model_sd[name]
         if m.stacked:
@@ -231,27 +315,57 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
         theirs = architecture_from_hf_config(cfg)
     except Exception as e:
         raise HFError(f"{where}/config.json: {e}") from None
+    if cfg.get("model_type") == "deepseek_v3" and (problems := _deepseek_config_problems(cfg)):
+        raise HFError(f"{where}/config.json: cannot load this DeepSeek-V3 checkpoint: {'; '.join(problems)}")
     bad = []
-    for f in ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
-              "qkv_bias", "rope_theta", "norm_eps"):
+    # MLA: K and V have n_heads heads whatever n_kv_heads says (DeepseekV3Config writes num_key_value_heads = heads)
+    fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
+              "qkv_bias", "rope_theta", "norm_eps")
+    for f in fields if arch.mla is None else [f for f in fields if f != "n_kv_heads"]:
         a, b = getattr(arch, f), getattr(theirs, f)
         if a != b:
             bad.append(f"{f} {a} (spec) != {b} (checkpoint)")
+    if arch.mla != theirs.mla:
+        bad.append(f"mla {arch.mla} (spec) != {theirs.mla} (checkpoint)")
     if (arch.moe is None) != (theirs.moe is None) or (
             arch.moe is not None and (arch.moe.num_experts, arch.moe.top_k) != (theirs.moe.num_experts,
                                                                                 theirs.moe.top_k)):
         bad.append("mixture-of-experts settings differ")
     elif arch.moe is not None:
-        for f in ("route_scale", "n_expert_groups", "n_limited_groups"):
+        for f in ("route_scale", "n_expert_groups", "n_limited_groups", "num_shared_experts", "dense_layers",
+                  "score_func", "router_bias"):
             a, b = getattr(arch.moe, f), getattr(theirs.moe, f)
             if a != b:
                 bad.append(f"moe.{f} {a} (spec) != {b} (checkpoint)")
+        a, b = arch.moe.expert_d_ff or arch.d_ff, theirs.moe.expert_d_ff or theirs.d_ff  # None = d_ff
+        if a != b:
+            bad.append(f"moe.expert_d_ff {a} (spec) != {b} (checkpoint)")
     rs_a, rs_b = arch.rope_scaling, theirs.rope_scaling
     if (rs_a is None) != (rs_b is None) or (rs_a is not None and (rs_a.type, rs_a.factor) != (rs_b.type, rs_b.factor)):
         bad.append(f"rope_scaling {rs_a} (spec) != {rs_b} (checkpoint)")
     if bad:
         raise HFError(f"{where}: the checkpoint is not the spec's model: {'; '.join(bad[:4])} "
                       f"(use `model: {{hf_config: {where}/config.json}}` in the spec)")
+
+
+def _deepseek_config_problems(cfg: dict) -> list[str]:
+    """What in a DeepSeek-V3 config.json llmc's model does not compute the way ``DeepseekV3ForCausalLM`` does."""
+    bad = []
+    if cfg.get("quantization_config"):
+        bad.append(f"quantized weights ({cfg['quantization_config'].get('quant_method', '?')}) are not read; "
+                   f"give a bf16/fp32 checkpoint")
+    if cfg.get("rope_interleave", True) is False:
+        bad.append("rope_interleave false (rope dims in rotate_half order) is not mapped")
+    if cfg.get("norm_topk_prob", True) is False:
+        bad.append("norm_topk_prob false is not modelled (llmc normalises the top-k weights)")
+    if cfg.get("scoring_func", "sigmoid") != "sigmoid":
+        bad.append(f"scoring_func {cfg['scoring_func']!r}: DeepseekV3ForCausalLM routes with sigmoid")
+    rs = cfg.get("rope_scaling") or {}
+    if rs.get("attention_factor") is not None or (rs.get("mscale") and rs.get("mscale_all_dim")) or (
+            rs.get("mscale_all_dim") and rs.get("rope_type", rs.get("type")) not in (None, "default")):
+        bad.append("yarn with mscale / mscale_all_dim / attention_factor (softmax scale times mscale^2) is not "
+                   "modelled: llmc scales the rope dims' cos/sin by 0.1 ln(factor) + 1 instead")
+    return bad
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -313,7 +427,13 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
         shape = (len(m.hf), *files.shapes[m.hf[0]]) if m.stacked else files.shapes[m.hf[0]]
         if tuple(shape) != _model_shape(p):
             mismatched.append(f"{m.hf[0]} {list(shape)} vs {name} {list(_model_shape(p))}")
-    extra = sorted(n for n in files.shapes if n not in used and not n.endswith(_IGNORED_HF)
+    zeros = {n: shape for n, shape in hf_zero_extras(arch).items() if n in files.shapes}
+    for n, shape in zeros.items():
+        if tuple(files.shapes[n]) != shape:
+            mismatched.append(f"{n} {list(files.shapes[n])} vs {list(shape)}")
+        elif files.get(n).any():
+            mismatched.append(f"{n} is not zero (set moe.expert_bias: true in the spec to load it)")
+    extra = sorted(n for n in files.shapes if n not in used and n not in zeros and not n.endswith(_IGNORED_HF)
                    and not (arch.tied_embeddings and n == "lm_head.weight"))
     if missing or mismatched or extra:
         parts = []
@@ -414,9 +534,12 @@ def load_init_from(model: nn.Module, stage_dir: str | Path, arch, *, rank: int =
 
 def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1
               ) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases) or MixtralForCausalLM."""
+    """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), MixtralForCausalLM or
+    DeepseekV3ForCausalLM (MLA)."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
     cls, mtype = fam.hf_class, fam.hf_model_types[0]
+    if arch.mla is not None:
+        return _deepseek_config(arch, cls, mtype, dtype, bos_id, eos_id)
     cfg = {"architectures": [cls], "model_type": mtype, "hidden_size": arch.d_model,
            "intermediate_size": arch.d_ff, "num_hidden_layers": arch.n_layers, "num_attention_heads": arch.n_heads,
            "num_key_value_heads": arch.kv_heads, "head_dim": arch.hd, "vocab_size": arch.vocab_size,
@@ -435,15 +558,54 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
                    # 1 / 1 / 1 = plain top-k (llmc.spec.hf reads them back into route_scale / expert groups)
                    routed_scaling_factor=arch.moe.route_scale, n_group=arch.moe.n_expert_groups or 1,
                    topk_group=arch.moe.n_limited_groups or 1)
+    scaling = _rope_scaling_config(arch)
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
+    return cfg
+
+
+def _rope_scaling_config(arch) -> dict[str, Any] | None:
     rs = arch.rope_scaling
-    if rs is not None:
-        scaling = {"rope_type": rs.type, "factor": rs.factor}
-        if rs.type == "llama3":
-            scaling.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
-                           original_max_position_embeddings=rs.original_max_position)
-        elif rs.type == "yarn":
-            scaling.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow,
-                           original_max_position_embeddings=rs.original_max_position)
+    if rs is None:
+        return None
+    scaling = {"rope_type": rs.type, "factor": rs.factor}
+    if rs.type == "llama3":
+        scaling.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
+                       original_max_position_embeddings=rs.original_max_position)
+    elif rs.type == "yarn":
+        scaling.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow,
+                       original_max_position_embeddings=rs.original_max_position)
+    return scaling
+
+
+def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id) -> dict[str, Any]:
+    """``DeepseekV3Config`` keys (transformers ``configuration_deepseek_v3.py``; DeepSeek-V3's config.json names).
+
+    A dense MLA model is written with ``first_k_dense_replace`` = all layers and ``n_routed_experts`` 0. ``head_dim`` is the rope head
+    dim, as DeepseekV3Config sets it (its rotary embedding reads it); ``num_key_value_heads`` = heads (MLA
+    expands K and V to every head). YaRN without mscale keys: see the module docstring."""
+    m, a = arch.mla, arch.moe
+    cfg = {"architectures": [cls], "model_type": mtype, "hidden_size": arch.d_model,
+           "intermediate_size": arch.d_ff, "num_hidden_layers": arch.n_layers, "num_attention_heads": arch.n_heads,
+           "num_key_value_heads": arch.n_heads, "head_dim": m.qk_rope_head_dim, "vocab_size": arch.vocab_size,
+           "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
+           "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim, "rope_interleave": True,
+           "rms_norm_eps": arch.norm_eps, "rope_theta": arch.rope_theta, "max_position_embeddings": arch.max_seq_len,
+           "tie_word_embeddings": arch.tied_embeddings, "hidden_act": "silu", "torch_dtype": str(dtype).split(".")[-1],
+           "bos_token_id": bos_id, "eos_token_id": eos_id, "attention_bias": False, "attention_dropout": 0.0,
+           "initializer_range": 0.02, "use_cache": True, "num_nextn_predict_layers": 0}
+    if a is None:
+        cfg.update(first_k_dense_replace=arch.n_layers, n_routed_experts=0, n_shared_experts=0,
+                   moe_intermediate_size=arch.d_ff, num_experts_per_tok=None, n_group=1, topk_group=1,
+                   routed_scaling_factor=1.0, norm_topk_prob=True)
+    else:
+        cfg.update(first_k_dense_replace=a.dense_layers, n_routed_experts=a.num_experts,
+                   n_shared_experts=a.num_shared_experts, moe_intermediate_size=a.expert_d_ff or arch.d_ff,
+                   num_experts_per_tok=a.top_k, routed_scaling_factor=a.route_scale,
+                   n_group=a.n_expert_groups or 1, topk_group=a.n_limited_groups or 1, norm_topk_prob=True,
+                   scoring_func="sigmoid", topk_method="noaux_tc", aux_loss_alpha=a.aux_loss_coef)
+    scaling = _rope_scaling_config(arch)
+    if scaling is not None:
         cfg["rope_scaling"] = scaling
     return cfg
 
@@ -519,11 +681,15 @@ def peft_state_dict(lora_sd: dict[str, torch.Tensor], arch) -> dict[str, torch.T
             raise HFError("LoRA on stacked MoE experts has no PEFT layout here (the merged model is exported)")
         if parts[-1] not in ("lora_A", "lora_B") or len(parts) < 5:
             raise HFError(f"unexpected LoRA tensor {k}")
-        i, block, target = parts[1], parts[2], parts[3]
-        sub = "self_attn" if block == "attention" else "mlp"
-        if target in ("wq", "wk") and parts[-1] == "lora_B":
+        i, block, target = parts[1], parts[2], parts[-2]
+        table = _MLA_TARGETS if arch.mla is not None and block == "attention" else HF_TARGETS
+        sub = {("attention",): "self_attn", ("feed_forward",): "mlp",
+               ("moe", "shared_experts"): "mlp.shared_experts"}.get(tuple(parts[2:-2]))
+        if sub is None or target not in table:
+            raise HFError(f"LoRA tensor {k} has no PEFT name here")
+        if arch.mla is None and target in ("wq", "wk") and parts[-1] == "lora_B":
             v = _hf_permute(v, arch.n_heads if target == "wq" else arch.kv_heads)
-        out[f"base_model.model.model.layers.{i}.{sub}.{HF_TARGETS[target]}.{parts[-1]}.weight"] = v
+        out[f"base_model.model.model.layers.{i}.{sub}.{table[target]}.{parts[-1]}.weight"] = v
     return out
 
 

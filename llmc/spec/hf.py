@@ -154,6 +154,9 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> No
         kw["mla"] = MLA(**mla)
         kw["head_dim"] = kw["mla"].qk_nope_head_dim + kw["mla"].qk_rope_head_dim  # q/k head dim
     if cfg.get("n_routed_experts"):
+        if cfg.get("norm_topk_prob", True) is False:  # transformers' default and DeepSeek-V3's: true
+            errs.append("config.json 'norm_topk_prob' false is not supported (llmc renormalises the top-k "
+                        "routing weights)")
         moe = _each(errs, num_experts=lambda: _int(cfg, "n_routed_experts"),
                     top_k=lambda: _int(cfg, "num_experts_per_tok"),
                     num_shared_experts=lambda: _int(cfg, "n_shared_experts", 0, minimum=0),
@@ -170,7 +173,9 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> No
                 n_expert_groups=groups[0] if groups[0] > 1 else None,
                 n_limited_groups=groups[1] if groups[0] > 1 else None,
                 score_func="sigmoid" if cfg.get("scoring_func", "sigmoid") == "sigmoid" else "softmax",
-                expert_bias=cfg.get("topk_method") == "noaux_tc",
+                # transformers' DeepseekV3TopkRouter always adds e_score_correction_bias (and its saved
+                # config.json has no topk_method): absent = noaux_tc, DeepSeek-V3's own setting
+                expert_bias=cfg.get("topk_method", "noaux_tc") == "noaux_tc",
             )
 
 

@@ -1,0 +1,185 @@
+"""DeepSeek-V3 (MLA + DeepSeekMoE) to and from Hugging Face: a tiny random ``DeepseekV3ForCausalLM`` made with
+transformers here (dense first layer, 8 routed experts in 2 groups, 1 shared expert, non-zero
+e_score_correction_bias) loads into llmc's model with transformers' logits; llmc's model exported with
+``export_hf`` loads in transformers with llmc's logits; a checkpoint that is not the spec's model is a one-line
+error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from llmc.runtime.hf_io import (  # noqa: E402
+    HFError,
+    export_hf,
+    hf_export_supported,
+    hf_names,
+    load_hf_into,
+    read_hf_config,
+)
+from llmc.runtime.model import build_model  # noqa: E402
+from llmc.spec.hf import architecture_from_hf_config  # noqa: E402
+from llmc.spec.model import MLA, Architecture, MoE, RopeScaling  # noqa: E402
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
+            routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=12,
+            qk_nope_head_dim=16, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+            max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=5000.0)
+
+
+def make_hf(tmp: Path, shard: str | None = "60KB", seed: int = 0, **over) -> Path:
+    torch.manual_seed(seed)
+    cfg = transformers.DeepseekV3Config(**{**TINY, **over})
+    model = transformers.DeepseekV3ForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial norms, experts and expert bias: a wrong mapping cannot hide
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+            elif "experts" in n and p.dim() == 3:
+                p.normal_(0, 0.2)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):  # small: every selected group keeps positive scores
+                b.copy_(torch.randn_like(b) * 0.05)
+    out = tmp / "hf-deepseek"
+    model.save_pretrained(out, **({"max_shard_size": shard} if shard else {}))
+    return out
+
+
+def hf_model(path: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+
+
+def arch_of(path: Path) -> Architecture:
+    return architecture_from_hf_config(read_hf_config(path), name="from-hf")
+
+
+def tokens_for(arch, T=17):
+    return torch.randint(0, arch.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("over", [{}, {"q_lora_rank": None}])
+def test_load_gives_transformers_logits(tmp_path, over):
+    src = make_hf(tmp_path, **over)
+    assert (src / "model.safetensors.index.json").exists()
+    arch = arch_of(src)
+    assert arch.mla.q_lora_rank == over.get("q_lora_rank", 24)
+    m = arch.moe
+    assert (m.num_experts, m.top_k, m.num_shared_experts, m.dense_layers, m.n_expert_groups, m.n_limited_groups,
+            m.route_scale, m.score_func, m.expert_bias) == (8, 2, 1, 1, 2, 1, 2.5, "sigmoid", True)
+    model = build_model(arch, seed=123).eval()
+    info = load_hf_into(model, src, arch)
+    assert info["params"] == len(list(model.parameters()))
+    tokens = tokens_for(arch)
+    ref_model = hf_model(src)
+    with torch.no_grad():
+        ref = ref_model(input_ids=tokens).logits
+        ours = model(tokens)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    # the routing is exercised: the group limit and the expert bias change which experts are picked
+    gate = model.layers["1"].moe
+    x = torch.randn(64, arch.d_model)
+    _, idx, _ = gate.router(x, gate.expert_bias)
+    assert (idx // 4 == idx[:, :1] // 4).all()  # top_k experts of one group (topk_group 1 of 2)
+    _, idx_nobias, _ = gate.router(x, None)
+    assert not torch.equal(idx.sort(-1).values, idx_nobias.sort(-1).values)
+
+
+def test_export_loads_in_transformers_with_our_logits(tmp_path):
+    src = make_hf(tmp_path)
+    arch = arch_of(src)
+    model = build_model(arch, seed=0).eval()
+    load_hf_into(model, src, arch)
+    with torch.no_grad():  # move away from the source weights so the check is on the export
+        for n, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.01 if "expert_bias" in n else 0.05))
+    out = export_hf(model.state_dict(), arch, tmp_path / "out", dtype=torch.float32, max_shard_size="40KB")
+    assert (out / "model.safetensors.index.json").exists() and len(list(out.glob("model-*.safetensors"))) > 1
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["rope_interleave"] is True
+    tokens = tokens_for(arch, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(out)(input_ids=tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
+    again = build_model(arch, seed=5)  # and back, bit-exactly
+    load_hf_into(again, out, arch)
+    for (n, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("kw", [
+    # dense MLA, full-rank q, tied embeddings, YaRN (written without mscale keys: HF then scales cos/sin)
+    dict(mla=MLA(q_lora_rank=None, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6),
+         tied_embeddings=True,
+         rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_position=16, beta_fast=32, beta_slow=1)),
+    # MoE without expert bias (HF's e_score_correction_bias written as zeros) and without groups
+    dict(mla=MLA(q_lora_rank=12, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6),
+         moe=MoE(num_experts=4, top_k=2, num_shared_experts=2, expert_d_ff=20, dense_layers=1, score_func="sigmoid",
+                 route_scale=1.5)),
+])
+def test_llmc_native_models_export(tmp_path, kw):
+    arch = Architecture(name="t", n_layers=2, d_model=24, n_heads=3, d_ff=40, vocab_size=77, max_seq_len=64,
+                        rope_theta=10000.0, norm_eps=1e-6, **kw)
+    assert hf_export_supported(arch) is None
+    model = build_model(arch, seed=0).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.3)
+    out = export_hf(model.state_dict(), arch, tmp_path / "out", dtype=torch.float32)
+    tokens = torch.randint(0, arch.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(out)(input_ids=tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
+    back = arch_of(out)  # config.json reads back as the same architecture
+    assert back.mla == arch.mla and back.rope_scaling == arch.rope_scaling and back.tied_embeddings == arch.tied_embeddings
+    again = build_model(back, seed=9)
+    load_hf_into(again, out, back)
+
+
+def test_mismatches_are_one_line_errors(tmp_path):
+    src = make_hf(tmp_path, shard=None)
+    arch = arch_of(src)
+    for update, pattern in (
+            ({"mla": arch.mla.model_copy(update={"kv_lora_rank": 8})}, r"mla .*kv_lora_rank=8.* \(spec\)"),
+            ({"moe": arch.moe.model_copy(update={"num_shared_experts": 2})}, r"moe.num_shared_experts 2 \(spec\)"),
+            ({"moe": arch.moe.model_copy(update={"dense_layers": 2})}, r"moe.dense_layers 2 \(spec\)")):
+        other = arch.model_copy(update=update)
+        with pytest.raises(HFError, match=pattern) as e:
+            load_hf_into(build_model(other), src, other)
+        assert "\n" not in str(e.value)
+    wide = arch.model_copy(update={"mla": arch.mla.model_copy(update={"kv_lora_rank": 8})})
+    with pytest.raises(HFError, match=r"shape mismatch .*kv_a_proj_with_mqa.weight \[24, 32\] vs"):
+        load_hf_into(build_model(wide), src, wide, check_config=False)
+    no_bias = arch.model_copy(update={"moe": arch.moe.model_copy(update={"expert_bias": False})})
+    with pytest.raises(HFError, match=r"e_score_correction_bias is not zero"):
+        load_hf_into(build_model(no_bias), src, no_bias)
+    # what transformers computes differently is refused, not loaded into a different model
+    cfg = json.loads((src / "config.json").read_text())
+    for key, val, pattern in (
+            ("rope_interleave", False, "rope_interleave false"),
+            ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                 "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 5000.0}, "mscale"),
+            ("quantization_config", {"quant_method": "fp8"}, "quantized")):
+        (src / "config.json").write_text(json.dumps({**cfg, key: val}))
+        with pytest.raises(HFError, match=pattern):
+            load_hf_into(build_model(arch), src, arch)
+    (src / "config.json").write_text(json.dumps(cfg))
+
+
+def test_names_cover_every_parameter_and_refusals():
+    arch = Architecture(name="t", n_layers=3, d_model=24, n_heads=3, d_ff=40, vocab_size=77, max_seq_len=64,
+                        mla=MLA(q_lora_rank=12, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6),
+                        moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, dense_layers=1, score_func="sigmoid",
+                                expert_bias=True))
+    model = build_model(arch, device="meta")
+    assert set(hf_names(arch)) == {n for n, _ in model.named_parameters()}
+    softmax = arch.model_copy(update={"moe": arch.moe.model_copy(update={"score_func": "softmax"})})
+    assert "sigmoid" in hf_export_supported(softmax)
+    unshared = arch.model_copy(update={"moe": arch.moe.model_copy(update={"num_shared_experts": 0})})
+    assert "shared experts" in hf_export_supported(unshared)
