@@ -183,3 +183,36 @@ def test_names_cover_every_parameter_and_refusals():
     assert "sigmoid" in hf_export_supported(softmax)
     unshared = arch.model_copy(update={"moe": arch.moe.model_copy(update={"num_shared_experts": 0})})
     assert "shared experts" in hf_export_supported(unshared)
+
+
+def test_lora_adapter_on_mla_loads_with_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from llmc.runtime.hf_io import export_peft_adapter
+    from llmc.runtime.lora import apply_lora, lora_state_dict
+
+    src = make_hf(tmp_path, shard=None)
+    arch = arch_of(src)
+    model = build_model(arch).eval()
+    load_hf_into(model, src, arch)
+    apply_lora(model, rank=4, alpha=8.0, targets=("wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "w1"))
+    with torch.no_grad():  # B = 0 at init: give the adapters a real effect
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.05)
+    # FFN adapters (dense, shared, routed experts): PEFT maps gate/up/down_proj onto the fused experts
+    with pytest.raises(HFError, match="feed-forward|stacked MoE experts"):
+        export_peft_adapter(lora_state_dict(model), arch, tmp_path / "refused", rank=4, alpha=8.0)
+    attn_sd = {k: v for k, v in lora_state_dict(model).items() if ".attention." in k}
+    with torch.no_grad():  # the same model without the FFN adapters, in llmc
+        for k, p in model.named_parameters():
+            if "lora_B" in k and ".attention." not in k:
+                p.zero_()
+        ours = model(tokens := tokens_for(arch, 9))
+    export_peft_adapter(attn_sd, arch, tmp_path / "adapter", rank=4, alpha=8.0)
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "q_a_proj", "q_b_proj"]
+    peft_model = peft.PeftModel.from_pretrained(hf_model(src), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=tokens).logits
+        torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+        assert (theirs - hf_model(src)(input_ids=tokens).logits).abs().max() > 1e-2  # the adapters act

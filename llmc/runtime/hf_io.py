@@ -673,7 +673,8 @@ def _with_chat_eos(eos_id, tokenizer_dir, template: str):
 def peft_state_dict(lora_sd: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
     """llmc LoRA tensors (``layers.N.attention.wq.lora_A`` [r, in], ``...lora_B`` [out, r]) -> PEFT names
     (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight``). q/k ``lora_B`` rows get the same
-    RoPE permutation as the base weight (W' = P W, so B' = P B). Stacked-expert adapters are refused."""
+    RoPE permutation as the base weight (W' = P W, so B' = P B). Stacked-expert adapters are refused, and for
+    MLA (DeepSeek-V3) models every adapter outside the attention."""
     out: dict[str, torch.Tensor] = {}
     for k, v in lora_sd.items():
         parts = k.split(".")
@@ -687,6 +688,11 @@ def peft_state_dict(lora_sd: dict[str, torch.Tensor], arch) -> dict[str, torch.T
                ("moe", "shared_experts"): "mlp.shared_experts"}.get(tuple(parts[2:-2]))
         if sub is None or target not in table:
             raise HFError(f"LoRA tensor {k} has no PEFT name here")
+        if arch.mla is not None and sub != "self_attn":
+            # peft's transformers-v5 conversion (peft/utils/transformers_weight_conversion.py) reads every
+            # gate/up/down_proj target of a deepseek_v3 model as the fused routed experts and drops the rest
+            raise HFError("LoRA on a DeepSeek-V3 feed-forward has no PEFT layout transformers loads (PEFT maps "
+                          "gate/up/down_proj onto the fused routed experts); the merged model is exported")
         if arch.mla is None and target in ("wq", "wk") and parts[-1] == "lora_B":
             v = _hf_permute(v, arch.n_heads if target == "wq" else arch.kv_heads)
         out[f"base_model.model.model.layers.{i}.{sub}.{table[target]}.{parts[-1]}.weight"] = v
