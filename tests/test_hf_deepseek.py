@@ -216,3 +216,51 @@ def test_lora_adapter_on_mla_loads_with_peft(tmp_path):
         theirs = peft_model(input_ids=tokens).logits
         torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
         assert (theirs - hf_model(src)(input_ids=tokens).logits).abs().max() > 1e-2  # the adapters act
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> Path:
+    from llmc.runtime import corpus
+
+    d = tmp_path_factory.mktemp("docs")
+    corpus.write_corpus(d / "docs.jsonl", max_docs=200)
+    return d / "docs.jsonl"
+
+
+@pytest.mark.slow
+def test_native_stage_from_deepseek_checkpoint_ends_with_hf(tmp_path, docs):
+    """init_hf from a DeepseekV3 checkpoint: the native trainer's first loss = transformers' loss on the same
+    batch; the stage ends with an hf/ directory transformers loads with the trained model's logits (expert bias
+    updated by the aux-loss-free balancing included)."""
+    from test_hf_init import _lock
+
+    from llmc.runtime.checkpoint import load_model_weights
+    from llmc.runtime.data import build_stream_loader
+    from llmc.runtime.entry import prepare_assets, run_stage
+    from llmc.runtime.job import TrainJob
+    from llmc.runtime.model import lm_loss
+
+    src = make_hf(tmp_path, vocab_size=512)
+    arch = arch_of(src)
+    lock = _lock(tmp_path, docs, arch, steps=2, init_hf=str(src))
+    out = tmp_path / "run" / "pretrain"
+    res = run_stage(lock, None, out, tmp_path)
+    assert res["status"] == "done" and (out / "hf" / "config.json").exists()
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["loss"] for r in recs if r.get("step") == 1 and "loss" in r)
+    job = TrainJob.from_lock(lock)
+    assets = prepare_assets(job, tmp_path)
+    loader = build_stream_loader(list(assets.sources), assets.tokenizer(), job.seq_len, job.global_batch_seqs,
+                                 job.seed)
+    x, y = loader.next_batch(job.micro_batch)
+    with torch.no_grad():
+        ref = float(lm_loss(hf_model(src)(input_ids=x).logits, y))
+    assert abs(first - ref) < 1e-4, (first, ref)
+
+    trained = build_model(arch)
+    load_model_weights(trained, out)
+    exported = hf_model(out / "hf")
+    with torch.no_grad():  # the export is bf16: compare against our bf16-rounded weights' logits
+        for p in trained.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        torch.testing.assert_close(exported(input_ids=x[:2]).logits, trained(x[:2]), atol=1e-4, rtol=1e-4)
