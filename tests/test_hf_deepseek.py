@@ -264,3 +264,40 @@ def test_native_stage_from_deepseek_checkpoint_ends_with_hf(tmp_path, docs):
         for p in trained.parameters():
             p.copy_(p.to(torch.bfloat16).float())
         torch.testing.assert_close(exported(input_ids=x[:2]).logits, trained(x[:2]), atol=1e-4, rtol=1e-4)
+
+
+def test_export_from_a_torchtitan_deepseek_dcp_checkpoint(tmp_path):
+    """A torchtitan deepseek_v3 run's DCP checkpoint (FQNs of torchtitan/models/common/moe.py: stacked experts
+    ``moe.routed_experts.inner_experts.w1_EFD`` ..., the bias buffer ``moe.expert_bias_E``) exports to hf/."""
+    import torch.distributed.checkpoint as dcp
+    from test_build_fakes import lock_for
+
+    from llmc.runtime.hf_io import export_checkpoint
+
+    arch = Architecture(name="t", n_layers=2, d_model=24, n_heads=3, d_ff=40, vocab_size=77, max_seq_len=64,
+                        norm_eps=1e-6,
+                        mla=MLA(q_lora_rank=12, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6),
+                        moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, dense_layers=1, score_func="sigmoid",
+                                expert_bias=True, n_expert_groups=2, n_limited_groups=1, route_scale=2.0))
+    model = build_model(arch, seed=11).eval()
+    with torch.no_grad():
+        model.layers["1"].moe.expert_bias.copy_(torch.tensor([0.02, -0.01, 0.03, 0.0]))
+    names = {"moe.experts.w1": "moe.routed_experts.inner_experts.w1_EFD",
+             "moe.experts.w2": "moe.routed_experts.inner_experts.w2_EDF",
+             "moe.experts.w3": "moe.routed_experts.inner_experts.w3_EFD", "moe.expert_bias": "moe.expert_bias_E"}
+    titan = {}
+    for k, v in model.state_dict().items():
+        for a, b in names.items():
+            k = k.replace(a, b)
+        titan[k] = v.clone()
+    assert "layers.1.moe.routed_experts.inner_experts.w2_EDF" in titan and "layers.1.moe.expert_bias_E" in titan
+    dcp.save(titan, checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / "step-2"))
+    spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "d", "format": "builtin"}], "seq_len": 32, "tokens": 1024}}
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock_for(spec)))
+    hf = Path(export_checkpoint(tmp_path, "pretrain")["hf"])
+    tokens = torch.randint(0, 77, (2, 7))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        torch.testing.assert_close(hf_model(hf)(input_ids=tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)

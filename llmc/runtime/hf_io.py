@@ -737,8 +737,14 @@ def _find_lock(run_dir: Path) -> tuple[Path, Path]:
     raise HFError(f"{run_dir}: no plan.lock.json here or in the parent (give the build dir)")
 
 
-# torchtitan 0.3.0 FQNs that differ from llmc's (its Llama attention keeps q/k/v in a ``qkv_linear`` container)
-_TITAN_RENAMES = ((".attention.qkv_linear.", ".attention."),)
+# torchtitan 0.3.0 FQNs that differ from llmc's: its Llama attention keeps q/k/v in a ``qkv_linear`` container;
+# its MoE (models/common/moe.py) stacks experts as ``routed_experts.inner_experts.w{1,3}_EFD / w2_EDF`` (the
+# same [E, F, D] / [E, D, F] layout as llmc's) and keeps the DeepSeek-V3 bias as the ``expert_bias_E`` buffer
+_TITAN_RENAMES = ((".attention.qkv_linear.", ".attention."),
+                  (".moe.routed_experts.inner_experts.w1_EFD", ".moe.experts.w1"),
+                  (".moe.routed_experts.inner_experts.w2_EDF", ".moe.experts.w2"),
+                  (".moe.routed_experts.inner_experts.w3_EFD", ".moe.experts.w3"),
+                  (".moe.expert_bias_E", ".moe.expert_bias"))
 
 
 def _model_state(stage_dir: Path, *more: Path) -> dict[str, torch.Tensor]:
