@@ -301,3 +301,49 @@ def test_export_from_a_torchtitan_deepseek_dcp_checkpoint(tmp_path):
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).float())
         torch.testing.assert_close(hf_model(hf)(input_ids=tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_export_loads_through_torchtitans_deepseek_adapter(tmp_path, monkeypatch):
+    """The export is what torchtitan's own DeepSeekV3StateDictAdapter.from_hf expects (strict load into the
+    deepseek_v3 model the torchtitan job builds), and torchtitan's FQNs map onto llmc's (the DCP export path)."""
+    pytest.importorskip("torchtitan")
+    from safetensors.torch import load_file
+    from test_torchtitan import OFFLINE, load_job, write_build
+    from test_torchtitan_render import TINY, compiled_for
+
+    from llmc.compiler.plan import ParallelPlan
+    from llmc.runtime.hf_io import _TITAN_RENAMES
+    from llmc.runtime.titan_cpu_shim import swap_flex_for_sdpa
+
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    model = {**TINY, "n_kv_heads": 4, "norm_eps": 1e-6,
+             "moe": {"num_experts": 4, "top_k": 2, "num_shared_experts": 1, "dense_layers": 1, "score_func": "sigmoid",
+                     "expert_bias": True, "n_expert_groups": 2, "n_limited_groups": 1, "route_scale": 2.0},
+             "mla": {"q_lora_rank": 24, "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16,
+                     "v_head_dim": 16}}
+    c = compiled_for(model=model, plan=ParallelPlan(micro_batch=4), gpu="cpu", seq=64, steps=8)
+    arch = c.spec.model
+    ref = build_model(arch, "cpu", seed=0).eval()
+    hf = export_hf(ref.state_dict(), arch, tmp_path / "hf", dtype=torch.float32)
+    cfg = load_job(write_build(c, tmp_path / "build"))
+    swap_flex_for_sdpa(cfg)
+    m = cfg.model_spec.model
+    titan = m.build()
+    titan.init_states(buffer_device=torch.device("cpu"))
+    hf_sd = {}
+    for f in sorted(hf.glob("*.safetensors")):
+        hf_sd.update(load_file(f))
+    res = titan.load_state_dict(cfg.model_spec.state_dict_adapter(m, str(hf)).from_hf(hf_sd), strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    renamed = set()
+    for k in titan.state_dict():
+        for a, b in _TITAN_RENAMES:
+            k = k.replace(a, b)
+        renamed.add(k)
+    assert renamed == set(ref.state_dict())
+    for k, v in titan.state_dict().items():  # the same tensors under the renamed names
+        for a, b in _TITAN_RENAMES:
+            k = k.replace(a, b)
+        assert torch.equal(v, ref.state_dict()[k]), k
