@@ -347,3 +347,47 @@ def test_export_loads_through_torchtitans_deepseek_adapter(tmp_path, monkeypatch
         for a, b in _TITAN_RENAMES:
             k = k.replace(a, b)
         assert torch.equal(v, ref.state_dict()[k]), k
+
+
+@pytest.mark.slow
+def test_fsdp_meta_init_loads_deepseek_shards(tmp_path, docs):
+    """FSDP2 on 2 processes, built on meta: each rank cuts its shards out of the DeepSeek checkpoint; the first
+    loss is the mean of transformers' losses on the two ranks' micro-batches."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from test_hf_init import _lock
+    from test_runtime_train import META_RUN
+
+    from llmc.runtime.data import build_stream_loader
+    from llmc.runtime.entry import prepare_assets
+    from llmc.runtime.job import TrainJob
+    from llmc.runtime.model import lm_loss
+
+    src = make_hf(tmp_path, vocab_size=512)
+    arch = arch_of(src)
+    lock = _lock(tmp_path, docs, arch, steps=2, init_hf=str(src), plan={"dp_shard": 2, "micro_batch": 4})
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
+    script = tmp_path / "meta_hf.py"
+    script.write_text(META_RUN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=localhost:0", str(script), str(tmp_path / "plan.lock.json"), str(tmp_path / "o")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    read = int(re.search(r"\(([\d,]+) bytes read by rank 0\)", p.stdout).group(1).replace(",", ""))
+    assert read < sum(t.numel() * t.element_size() for t in hf_model(src).state_dict().values())
+    recs = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["loss"] for r in recs if r.get("step") == 1 and "loss" in r)
+    job = TrainJob.from_lock(lock)
+    assets = prepare_assets(job, tmp_path)
+    ref = hf_model(src)
+    losses = []
+    for r in range(2):
+        x, y = build_stream_loader(list(assets.sources), assets.tokenizer(), job.seq_len, job.global_batch_seqs,
+                                   job.seed, r, 2).next_batch(job.micro_batch)
+        with torch.no_grad():
+            losses.append(float(lm_loss(ref(input_ids=x).logits, y)))
+    assert abs(first - sum(losses) / 2) < 1e-4, (first, losses)
+    assert (tmp_path / "o" / "hf" / "config.json").exists()
