@@ -52,7 +52,9 @@ so HF scales cos/sin by 0.1 ln(factor) + 1 and keeps the softmax scale, exactly 
 config sets ``mscale_all_dim`` (DeepSeek-V3's own: softmax scale times mscale^2) is refused. transformers'
 router (``DeepseekV3TopkRouter``) masks the experts of unselected groups with -inf, llmc's (like the
 reference ``MoEGate``) with 0: the picks differ only when fewer than top_k experts of the selected groups
-have a positive biased score (sigmoid + e_score_correction_bias).
+have a positive biased score (sigmoid + e_score_correction_bias). transformers' (and DeepSeek's reference)
+q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever ``rms_norm_eps`` says; llmc's q_norm / kv_norm use the
+spec's ``norm_eps``: the logits are equal when norm_eps is 1e-6 (DeepSeek-V3's value), close otherwise.
 """
 
 from __future__ import annotations
