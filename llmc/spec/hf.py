@@ -21,7 +21,9 @@ max_position_embeddings        max_seq_len
 rms_norm_eps                   norm_eps
 num_local_experts, *_per_tok   moe.num_experts, moe.top_k (mixtral)
 n_routed_experts, ...          moe.* and mla.* (deepseek_v3; routed_scaling_factor, n_group, topk_group ->
-                               moe.route_scale, n_expert_groups, n_limited_groups)
+                               moe.route_scale, n_expert_groups, n_limited_groups; topk_method noaux_tc or
+                               absent -> moe.expert_bias, as transformers' DeepseekV3TopkRouter always adds
+                               e_score_correction_bias; norm_topk_prob false is refused)
 =============================  =====================================
 """
 
