@@ -391,3 +391,60 @@ def test_fsdp_meta_init_loads_deepseek_shards(tmp_path, docs):
             losses.append(float(lm_loss(ref(input_ids=x).logits, y)))
     assert abs(first - sum(losses) / 2) < 1e-4, (first, losses)
     assert (tmp_path / "o" / "hf" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_torchtitan_yarn_stage_exports_deepseeks_softmax_mscale(tmp_path, monkeypatch):
+    """torchtitan's deepseek_v3 folds YaRN's mscale into the softmax scale (DeepSeek-V3's convention), llmc
+    scales the rope dims' cos/sin: a torchtitan stage's DCP checkpoint (its own FQNs, saved by DCP) exports with
+    ``mscale = mscale_all_dim = 1`` and transformers then gives torchtitan's logits; llmc's convention would not."""
+    pytest.importorskip("torchtitan")
+    import torch.distributed.checkpoint as dcp
+    from test_build_fakes import lock_for
+    from test_torchtitan import OFFLINE, load_job, write_build
+    from test_torchtitan_render import TINY, compiled_for
+
+    from llmc.compiler.plan import ParallelPlan
+    from llmc.runtime.hf_io import _TITAN_RENAMES, export_checkpoint
+    from llmc.runtime.titan_cpu_shim import swap_flex_for_sdpa
+
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    model = {**TINY, "n_kv_heads": 4, "norm_eps": 1e-6,
+             "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position": 64},
+             "mla": {"q_lora_rank": 24, "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16,
+                     "v_head_dim": 16}}
+    c = compiled_for(model=model, plan=ParallelPlan(micro_batch=4), gpu="cpu", seq=64, steps=8)
+    arch = c.spec.model
+    cfg = load_job(write_build(c, tmp_path / "build"))
+    swap_flex_for_sdpa(cfg)
+    torch.manual_seed(0)
+    titan = cfg.model_spec.model.build()
+    titan.init_states(buffer_device=torch.device("cpu"))
+    with torch.no_grad():  # sharper attention, so the softmax temperature shows in the logits
+        for n, p in titan.named_parameters():
+            if n.endswith(("attention.wq_b.weight", "attention.wkv_b.weight")):
+                p.mul_(4.0)
+            p.copy_(p.to(torch.bfloat16).float())  # the export is bf16
+    x = torch.randint(0, arch.vocab_size, (2, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = titan.eval()(x)
+    sd = titan.state_dict()
+    assert any("inner_experts" in k for k in sd) is False and "layers.0.attention.wkv_b.weight" in sd
+    dcp.save(dict(sd), checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / "step-8"))
+    spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "d", "format": "builtin"}], "seq_len": 64, "tokens": 1024}}
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock_for(spec)))
+    hf = Path(export_checkpoint(tmp_path, "pretrain")["hf"])
+    rs = json.loads((hf / "config.json").read_text())["rope_scaling"]
+    assert (rs["rope_type"], rs["mscale"], rs["mscale_all_dim"]) == ("yarn", 1.0, 1.0)
+    with torch.no_grad():
+        got = hf_model(hf)(input_ids=x).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        renamed = {}
+        for k, v in sd.items():
+            for a, b in _TITAN_RENAMES:
+                k = k.replace(a, b)
+            renamed[k] = v
+        llmc_convention = export_hf(renamed, arch, tmp_path / "llmc", dtype=torch.float32)
+        assert (hf_model(llmc_convention)(input_ids=x).logits - want).abs().max() > 1e-3

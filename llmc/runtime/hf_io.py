@@ -48,8 +48,10 @@ the checkpoint layout of https://huggingface.co/deepseek-ai/DeepSeek-V3, experts
 
 No row permutation: the config says ``rope_interleave: true`` (HF's default, DeepSeek's own layout), so HF
 rotates the rope dims as adjacent pairs like llmc. YaRN is written without ``mscale`` / ``mscale_all_dim``,
-so HF scales cos/sin by 0.1 ln(factor) + 1 and keeps the softmax scale, exactly as llmc; a checkpoint whose
-config sets ``mscale_all_dim`` (DeepSeek-V3's own: softmax scale times mscale^2) is refused. transformers'
+so HF scales cos/sin by 0.1 ln(factor) + 1 and keeps the softmax scale, exactly as llmc; a torchtitan stage
+(its deepseek_v3 folds mscale into the softmax scale, as DeepSeek-V3 does) is written with
+``mscale = mscale_all_dim = 1``, which makes HF do the same. Loading into llmc's model, a checkpoint whose
+config sets ``mscale_all_dim`` (softmax scale times mscale^2) is refused. transformers'
 router (``DeepseekV3TopkRouter``) masks the experts of unselected groups with -inf, llmc's (like the
 reference ``MoEGate``) with 0: the picks differ only when fewer than top_k experts of the selected groups
 have a positive biased score (sigmoid + e_score_correction_bias). transformers' (and DeepSeek's reference)
@@ -534,14 +536,14 @@ def load_init_from(model: nn.Module, stage_dir: str | Path, arch, *, rank: int =
 # ----------------------------------------------------------------------------- writing checkpoints
 
 
-def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1
-              ) -> dict[str, Any]:
+def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
+              *, softmax_mscale: bool = False) -> dict[str, Any]:
     """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), MixtralForCausalLM or
-    DeepseekV3ForCausalLM (MLA)."""
+    DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see :func:`export_hf`."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
     cls, mtype = fam.hf_class, fam.hf_model_types[0]
     if arch.mla is not None:
-        return _deepseek_config(arch, cls, mtype, dtype, bos_id, eos_id)
+        return _deepseek_config(arch, cls, mtype, dtype, bos_id, eos_id, softmax_mscale)
     cfg = {"architectures": [cls], "model_type": mtype, "hidden_size": arch.d_model,
            "intermediate_size": arch.d_ff, "num_hidden_layers": arch.n_layers, "num_attention_heads": arch.n_heads,
            "num_key_value_heads": arch.kv_heads, "head_dim": arch.hd, "vocab_size": arch.vocab_size,
@@ -580,12 +582,15 @@ def _rope_scaling_config(arch) -> dict[str, Any] | None:
     return scaling
 
 
-def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id) -> dict[str, Any]:
+def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id, softmax_mscale: bool = False
+                     ) -> dict[str, Any]:
     """``DeepseekV3Config`` keys (transformers ``configuration_deepseek_v3.py``; DeepSeek-V3's config.json names).
 
     A dense MLA model is written with ``first_k_dense_replace`` = all layers and ``n_routed_experts`` 0. ``head_dim`` is the rope head
     dim, as DeepseekV3Config sets it (its rotary embedding reads it); ``num_key_value_heads`` = heads (MLA
-    expands K and V to every head). YaRN without mscale keys: see the module docstring."""
+    expands K and V to every head). YaRN without mscale keys (llmc's convention, module docstring), or with
+    ``mscale = mscale_all_dim = 1`` when ``softmax_mscale`` (torchtitan deepseek_v3 and DeepSeek-V3's own:
+    pure-rotation rope, softmax scale times (0.1 ln(factor) + 1)^2; transformers' ``yarn_apply_mscale``)."""
     m, a = arch.mla, arch.moe
     cfg = {"architectures": [cls], "model_type": mtype, "hidden_size": arch.d_model,
            "intermediate_size": arch.d_ff, "num_hidden_layers": arch.n_layers, "num_attention_heads": arch.n_heads,
@@ -608,6 +613,8 @@ def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id) -> dict[
                    scoring_func="sigmoid", topk_method="noaux_tc", aux_loss_alpha=a.aux_loss_coef)
     scaling = _rope_scaling_config(arch)
     if scaling is not None:
+        if softmax_mscale and scaling["rope_type"] == "yarn":
+            scaling.update(mscale=1.0, mscale_all_dim=1.0)
         cfg["rope_scaling"] = scaling
     return cfg
 
@@ -626,11 +633,14 @@ def _write_tokenizer(tokenizer_dir: str | Path | None, out: Path, chat_template:
 
 def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
               dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
-              chat_template: str | None = None, max_shard_size: int | str = "5GB") -> Path:
+              chat_template: str | None = None, max_shard_size: int | str = "5GB", softmax_mscale: bool = False
+              ) -> Path:
     """Write an HF model directory that transformers / vLLM / SGLang load (``from_pretrained(out_dir)``).
 
     Weights in ``dtype``, split into shards of at most ``max_shard_size`` (HF's naming and index file);
-    ``chat_template`` (llama3 | chatml | a Jinja string) goes into tokenizer_config.json.
+    ``chat_template`` (llama3 | chatml | a Jinja string) goes into tokenizer_config.json. ``softmax_mscale``
+    (MLA + YaRN only): the weights were trained by a model that folds YaRN's mscale into the softmax scale
+    (torchtitan's deepseek_v3) rather than llmc's, which scales the rope dims' cos/sin; the config says so.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -652,7 +662,8 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if chat_template in CHAT_END_TOKEN and tokenizer_dir is not None:
         eos_id = _with_chat_eos(eos_id, tokenizer_dir, chat_template)
-    (out / "config.json").write_text(json.dumps(hf_config(arch, dtype, bos_id, eos_id), indent=2) + "\n")
+    cfg = hf_config(arch, dtype, bos_id, eos_id, softmax_mscale=softmax_mscale)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos_id, "eos_token_id": eos_id}) + "\n")
     _write_tokenizer(tokenizer_dir, out, chat_template)
     return out
@@ -749,16 +760,16 @@ _TITAN_RENAMES = ((".attention.qkv_linear.", ".attention."),
                   (".moe.expert_bias_E", ".moe.expert_bias"))
 
 
-def _model_state(stage_dir: Path, *more: Path) -> dict[str, torch.Tensor]:
-    """Full llmc state dict of a stage: its llmc checkpoint (native, DeepSpeed, post-training) or, failing
-    that, the newest torchtitan DCP checkpoint (``step-N/.metadata``) under ``stage_dir`` or ``more``
+def _model_state(stage_dir: Path, *more: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(full llmc state dict, "llmc" | "torchtitan") of a stage: its llmc checkpoint (native, DeepSpeed,
+    post-training) or, failing that, the newest torchtitan DCP checkpoint (``step-N/.metadata``) under ``stage_dir`` or ``more``
     (converted with ``dcp_to_torch_save``, torchtitan FQNs mapped to llmc's)."""
     from llmc.runtime.checkpoint import CheckpointError, read_model_state, resolve_checkpoint
 
     if stage_dir.is_dir():
         try:
             ck = resolve_checkpoint(stage_dir)
-            return read_model_state(ck)  # model.pt or the sharded (DCP) checkpoint
+            return read_model_state(ck), "llmc"  # model.pt or the sharded (DCP) checkpoint
         except CheckpointError:
             pass
     dcp = sorted((p for d in (stage_dir, *more) if d.is_dir() for p in d.glob("**/step-*")
@@ -779,7 +790,7 @@ def _model_state(stage_dir: Path, *more: Path) -> dict[str, torch.Tensor]:
             for a, b in _TITAN_RENAMES:
                 k = k.replace(a, b)
             out[k] = v
-    return out
+    return out, "torchtitan"
 
 
 def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, tokenizer_dir=None,
@@ -795,7 +806,7 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     why = hf_export_supported(arch)
     if why:
         return {"hf": None, "why": why}
-    sd = model_sd if model_sd is not None else _model_state(stage_dir, *search)
+    sd, source = (model_sd, "llmc") if model_sd is not None else _model_state(stage_dir, *search)
     params = hf_names(arch)
     missing = sorted(set(params) - set(sd))
     if missing:
@@ -811,7 +822,9 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     if job.kind in ("sft", "dpo", "grpo"):
         hyper = (job.stage_plan or {}).get("hyper") or {}
         template = hyper.get("chat_template") or job.tokenizer.chat_template or "llama3"
-    export_hf(sd, arch, out, tokenizer_dir, bos_id=bos, eos_id=eos, chat_template=template)
+    # torchtitan's deepseek_v3 folds YaRN's mscale into the softmax scale (its models/deepseek_v3/model.py)
+    export_hf(sd, arch, out, tokenizer_dir, bos_id=bos, eos_id=eos, chat_template=template,
+              softmax_mscale=source == "torchtitan")
     res: dict[str, Any] = {"hf": str(out), "chat_template": template}
     lora = getattr(job.stage_spec, "lora", None) if job.stage_spec is not None else None
     if lora_sd is None and lora is not None and (stage_dir / "lora_adapters.pt").exists():
