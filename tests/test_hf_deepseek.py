@@ -179,6 +179,17 @@ def test_names_cover_every_parameter_and_refusals():
                                 expert_bias=True))
     model = build_model(arch, device="meta")
     assert set(hf_names(arch)) == {n for n, _ in model.named_parameters()}
+    # no expert_bias in the spec: HF's e_score_correction_bias is zeros, or the bias a torchtitan checkpoint
+    # carries (torchtitan balances with a bias whenever aux_loss_coef > 0)
+    from llmc.runtime.hf_io import to_hf_state_dict
+
+    sd = build_model(arch, seed=0).state_dict()
+    sd["layers.2.moe.expert_bias"] = torch.tensor([0.1, -0.2, 0.3, 0.0])
+    no_bias = arch.model_copy(update={"moe": arch.moe.model_copy(update={"expert_bias": False})})
+    hf = to_hf_state_dict(sd, no_bias)
+    assert torch.equal(hf["model.layers.2.mlp.gate.e_score_correction_bias"], sd["layers.2.moe.expert_bias"])
+    hf = to_hf_state_dict({k: v for k, v in sd.items() if "expert_bias" not in k}, no_bias)
+    assert not hf["model.layers.1.mlp.gate.e_score_correction_bias"].any()
     softmax = arch.model_copy(update={"moe": arch.moe.model_copy(update={"score_func": "softmax"})})
     assert "sigmoid" in hf_export_supported(softmax)
     unshared = arch.model_copy(update={"moe": arch.moe.model_copy(update={"num_shared_experts": 0})})

@@ -219,19 +219,22 @@ def _deepseek_names(arch) -> dict[str, HFParam]:
     return out
 
 
-def hf_zero_extras(arch) -> dict[str, tuple[int, ...]]:
-    """HF tensors with no llmc parameter that must be zero: DeepSeek-V3's ``e_score_correction_bias`` when the
-    spec has no ``expert_bias`` (transformers always adds it to the selection scores). Name -> shape."""
+def hf_zero_extras(arch) -> dict[str, tuple[str, int]]:
+    """HF tensors with no llmc parameter: DeepSeek-V3's ``e_score_correction_bias`` when the spec has no
+    ``expert_bias`` (transformers always adds it to the selection scores). HF name -> (the llmc name a
+    torchtitan checkpoint may still carry it under, length). Loading requires zeros; the export writes zeros
+    unless the state dict has the tensor (torchtitan balances with a bias whenever aux_loss_coef > 0)."""
     m = arch.moe
     if arch.mla is None or m is None or m.expert_bias:
         return {}
-    return {f"model.layers.{i}.mlp.gate.e_score_correction_bias": (m.num_experts,)
+    return {f"model.layers.{i}.mlp.gate.e_score_correction_bias": (f"layers.{i}.moe.expert_bias", m.num_experts)
             for i in range(m.dense_layers, arch.n_layers)}
 
 
 def to_hf_state_dict(model_sd: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
     """llmc state dict -> HF state dict (names, q/k row permutation, experts unstacked)."""
-    sd: dict[str, torch.Tensor] = {n: torch.zeros(shape) for n, shape in hf_zero_extras(arch).items()}
+    sd: dict[str, torch.Tensor] = {n: model_sd[ours] if ours in model_sd else torch.zeros(e)
+                                   for n, (ours, e) in hf_zero_extras(arch).items()}
     for name, m in hf_names(arch).items():
         t = model_sd[name]
         if m.stacked:
@@ -431,7 +434,7 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
         shape = (len(m.hf), *files.shapes[m.hf[0]]) if m.stacked else files.shapes[m.hf[0]]
         if tuple(shape) != _model_shape(p):
             mismatched.append(f"{m.hf[0]} {list(shape)} vs {name} {list(_model_shape(p))}")
-    zeros = {n: shape for n, shape in hf_zero_extras(arch).items() if n in files.shapes}
+    zeros = {n: (e,) for n, (_, e) in hf_zero_extras(arch).items() if n in files.shapes}
     for n, shape in zeros.items():
         if tuple(files.shapes[n]) != shape:
             mismatched.append(f"{n} {list(files.shapes[n])} vs {list(shape)}")
@@ -586,9 +589,9 @@ def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id, softmax_
                      ) -> dict[str, Any]:
     """``DeepseekV3Config`` keys (transformers ``configuration_deepseek_v3.py``; DeepSeek-V3's config.json names).
 
-    A dense MLA model is written with ``first_k_dense_replace`` = all layers and ``n_routed_experts`` 0. ``head_dim`` is the rope head
-    dim, as DeepseekV3Config sets it (its rotary embedding reads it); ``num_key_value_heads`` = heads (MLA
-    expands K and V to every head). YaRN without mscale keys (llmc's convention, module docstring), or with
+    A dense MLA model is written with ``first_k_dense_replace`` = all layers and ``n_routed_experts`` 0.
+    ``head_dim`` is the rope head dim, as DeepseekV3Config sets it (its rotary embedding reads it);
+    ``num_key_value_heads`` = heads (MLA expands K and V to every head). YaRN without mscale keys (llmc's convention, module docstring), or with
     ``mscale = mscale_all_dim = 1`` when ``softmax_mscale`` (torchtitan deepseek_v3 and DeepSeek-V3's own:
     pure-rotation rope, softmax scale times (0.1 ln(factor) + 1)^2; transformers' ``yarn_apply_mscale``)."""
     m, a = arch.mla, arch.moe
@@ -762,8 +765,8 @@ _TITAN_RENAMES = ((".attention.qkv_linear.", ".attention."),
 
 def _model_state(stage_dir: Path, *more: Path) -> tuple[dict[str, torch.Tensor], str]:
     """(full llmc state dict, "llmc" | "torchtitan") of a stage: its llmc checkpoint (native, DeepSpeed,
-    post-training) or, failing that, the newest torchtitan DCP checkpoint (``step-N/.metadata``) under ``stage_dir`` or ``more``
-    (converted with ``dcp_to_torch_save``, torchtitan FQNs mapped to llmc's)."""
+    post-training) or, failing that, the newest torchtitan DCP checkpoint (``step-N/.metadata``) under
+    ``stage_dir`` or ``more`` (converted with ``dcp_to_torch_save``, torchtitan FQNs mapped to llmc's)."""
     from llmc.runtime.checkpoint import CheckpointError, read_model_state, resolve_checkpoint
 
     if stage_dir.is_dir():
@@ -811,7 +814,8 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     missing = sorted(set(params) - set(sd))
     if missing:
         raise HFError(f"{stage_dir}: checkpoint lacks {len(missing)} of the model's tensors: {', '.join(missing[:3])}")
-    sd = {k: v for k, v in sd.items() if k in params}
+    keep = set(params) | {ours for ours, _ in hf_zero_extras(arch).values()}
+    sd = {k: v for k, v in sd.items() if k in keep}
     template = None
     bos, eos = 0, 1
     if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists():
