@@ -459,3 +459,22 @@ def test_torchtitan_yarn_stage_exports_deepseeks_softmax_mscale(tmp_path, monkey
             renamed[k] = v
         llmc_convention = export_hf(renamed, arch, tmp_path / "llmc", dtype=torch.float32)
         assert (hf_model(llmc_convention)(input_ids=x).logits - want).abs().max() > 1e-3
+
+
+def test_deepseek_v3_preset_config_builds_the_671b_hf_model():
+    """hf_config of the deepseek-v3 preset builds (on meta) a DeepseekV3ForCausalLM with exactly llmc's
+    parameter count, 671B as published (arXiv:2412.19437 abstract; the multi-token-prediction module aside)."""
+    from llmc.runtime.hf_io import hf_config
+    from llmc.spec.presets import PRESETS
+
+    arch = PRESETS["deepseek-v3"]
+    cfg = hf_config(arch)
+    config = transformers.DeepseekV3Config(**{k: v for k, v in cfg.items()
+                                              if k not in ("architectures", "model_type", "torch_dtype")})
+    with torch.device("meta"):
+        theirs = transformers.DeepseekV3ForCausalLM(config)
+    n_hf = sum(p.numel() for p in theirs.parameters()) + sum(
+        b.numel() for n, b in theirs.named_buffers() if n.endswith("e_score_correction_bias"))
+    n_ours = build_model(arch, device="meta").num_params()
+    assert n_hf == n_ours
+    assert round(n_ours / 1e9) == 671
