@@ -138,8 +138,10 @@ def test_llmc_native_models_export(tmp_path, kw):
         torch.testing.assert_close(hf_model(out)(input_ids=tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
     back = arch_of(out)  # config.json reads back as the same architecture
     assert back.mla == arch.mla and back.rope_scaling == arch.rope_scaling and back.tied_embeddings == arch.tied_embeddings
-    again = build_model(back, seed=9)
-    load_hf_into(again, out, back)
+    again = build_model(arch, seed=9)  # the spec's own architecture (head_dim, n_kv_heads unused by MLA) loads it
+    load_hf_into(again, out, arch)
+    for (n, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
 
 
 def test_mismatches_are_one_line_errors(tmp_path):

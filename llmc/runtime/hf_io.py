@@ -325,10 +325,11 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
     if cfg.get("model_type") == "deepseek_v3" and (problems := _deepseek_config_problems(cfg)):
         raise HFError(f"{where}/config.json: cannot load this DeepSeek-V3 checkpoint: {'; '.join(problems)}")
     bad = []
-    # MLA: K and V have n_heads heads whatever n_kv_heads says (DeepseekV3Config writes num_key_value_heads = heads)
+    # MLA: K and V have n_heads heads whatever n_kv_heads says (DeepseekV3Config writes num_key_value_heads =
+    # heads), and the head dims are the mla ones (head_dim is not used)
     fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
               "qkv_bias", "rope_theta", "norm_eps")
-    for f in fields if arch.mla is None else [f for f in fields if f != "n_kv_heads"]:
+    for f in fields if arch.mla is None else [f for f in fields if f not in ("n_kv_heads", "hd")]:
         a, b = getattr(arch, f), getattr(theirs, f)
         if a != b:
             bad.append(f"{f} {a} (spec) != {b} (checkpoint)")
