@@ -480,3 +480,24 @@ def test_deepseek_v3_preset_config_builds_the_671b_hf_model():
     n_ours = build_model(arch, device="meta").num_params()
     assert n_hf == n_ours
     assert round(n_ours / 1e9) == 671
+
+
+def test_multi_token_prediction_layers_are_left_out(tmp_path):
+    """DeepSeek-V3 checkpoints carry the MTP module as one more layer (model.layers.61.*, num_nextn_predict_layers
+    1): not part of llmc's model, left out as transformers does; without that key they are unused tensors."""
+    from safetensors.torch import save_file
+
+    src = make_hf(tmp_path, shard=None)
+    arch = arch_of(src)
+    save_file({"model.layers.3.eh_proj.weight": torch.zeros(32, 64), "model.layers.3.enorm.weight": torch.ones(32)},
+              str(src / "mtp.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
+    model = build_model(arch).eval()
+    load_hf_into(model, src, arch)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens_for(arch)), hf_model(src)(input_ids=tokens_for(arch)).logits,
+                                   atol=1e-4, rtol=1e-4)
+    (src / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
+    with pytest.raises(HFError, match=r"unused 2: model.layers.3.eh_proj.weight"):
+        load_hf_into(model, src, arch)

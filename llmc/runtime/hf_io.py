@@ -414,10 +414,14 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
     first mismatches. ``rank``/``world`` identify the process (ZeRO-3: only rank 0 reads the files).
     """
     src = resolve_hf_source(path)
+    cfg = read_hf_config(src)
     if check_config:
-        _check_config(read_hf_config(src), arch, src)
+        _check_config(cfg, arch, src)
     files = SafetensorsDir(src)
     mapping = hf_names(arch)
+    # DeepSeek-V3's multi-token-prediction layers follow the last layer (model.layers.61 of the 61-layer
+    # model; transformers ignores them too, _keys_to_ignore_on_load_unexpected): not part of llmc's model
+    mtp = tuple(f"model.layers.{arch.n_layers + j}." for j in range(int(cfg.get("num_nextn_predict_layers") or 0)))
     # a model already carrying LoRA adapters (built on meta, sharded): its base weights, by their plain names
     params = {k.replace(".base.", "."): p for k, p in _unwrap(model).named_parameters() if "lora_" not in k}
     missing, mismatched = [], []
@@ -442,7 +446,7 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
         elif files.get(n).any():
             mismatched.append(f"{n} is not zero (set moe.expert_bias: true in the spec to load it)")
     extra = sorted(n for n in files.shapes if n not in used and n not in zeros and not n.endswith(_IGNORED_HF)
-                   and not (arch.tied_embeddings and n == "lm_head.weight"))
+                   and not (arch.tied_embeddings and n == "lm_head.weight") and not (mtp and n.startswith(mtp)))
     if missing or mismatched or extra:
         parts = []
         if missing:
