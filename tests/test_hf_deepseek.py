@@ -501,3 +501,36 @@ def test_multi_token_prediction_layers_are_left_out(tmp_path):
     (src / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
     with pytest.raises(HFError, match=r"unused 2: model.layers.3.eh_proj.weight"):
         load_hf_into(model, src, arch)
+
+
+@pytest.mark.slow
+def test_zero3_from_deepseek_checkpoint_matches_transformers(tmp_path):
+    """DeepSpeed ZeRO-3 (parameters partitioned under zero.Init, rank 0 reads the file): the first loss of a
+    stage started from a DeepseekV3 checkpoint is transformers' loss; the stage ends with hf/."""
+    pytest.importorskip("deepspeed")
+    from test_ds_zero_init import RUN, _ds_args, _lock, _torchrun
+
+    from llmc.runtime.data import build_stream_loader
+    from llmc.runtime.entry import prepare_assets
+    from llmc.runtime.job import TrainJob
+    from llmc.runtime.model import lm_loss
+
+    src = make_hf(tmp_path, vocab_size=512)
+    arch = arch_of(src)
+    lock = _lock(tmp_path, steps=2, ac="none", init_hf=str(src), arch=arch.model_dump(mode="json"))
+    res = _torchrun(tmp_path, RUN, _ds_args(tmp_path))
+    assert len(res) == 2 and all(r["rc"] == 0 for r in res)
+    out = tmp_path / "run" / "pretrain"
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["loss"] for r in recs if r.get("step") == 1)
+    job = TrainJob.from_lock(json.loads(lock.read_text()))
+    assets = prepare_assets(job, tmp_path)
+    ref = hf_model(src)
+    losses = []
+    for rank in (0, 1):
+        x, y = build_stream_loader(list(assets.sources), assets.tokenizer(), job.seq_len, job.global_batch_seqs,
+                                   job.seed, dp_rank=rank, dp_size=2).next_batch(2)
+        with torch.no_grad():
+            losses.append(float(lm_loss(ref(input_ids=x).logits, y)))
+    assert abs(first - sum(losses) / 2) < 1e-4, (first, losses)
+    assert (out / "hf" / "config.json").exists()
