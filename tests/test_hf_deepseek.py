@@ -65,8 +65,10 @@ def tokens_for(arch, T=17):
     return torch.randint(0, arch.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("over", [{}, {"q_lora_rank": None}])
+@pytest.mark.parametrize("over", [{}, {"q_lora_rank": None}, {"rope_interleave": False},
+                                  {"q_lora_rank": None, "rope_interleave": False}])
 def test_load_gives_transformers_logits(tmp_path, over):
+    """rope_interleave false: the rope rows are in rotate_half order and go through the inverse permutation."""
     src = make_hf(tmp_path, **over)
     assert (src / "model.safetensors.index.json").exists()
     arch = arch_of(src)
@@ -164,7 +166,6 @@ def test_mismatches_are_one_line_errors(tmp_path):
     # what transformers computes differently is refused, not loaded into a different model
     cfg = json.loads((src / "config.json").read_text())
     for key, val, pattern in (
-            ("rope_interleave", False, "rope_interleave false"),
             ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
                                  "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 5000.0}, "mscale"),
             ("quantization_config", {"quant_method": "fp8"}, "quantized")):

@@ -47,7 +47,8 @@ the checkpoint layout of https://huggingface.co/deepseek-ai/DeepSeek-V3, experts
     layers.N.moe.shared_experts.{w1,w3,w2} model.layers.N.mlp.shared_experts.{gate,up,down}_proj.weight
 
 No row permutation: the config says ``rope_interleave: true`` (HF's default, DeepSeek's own layout), so HF
-rotates the rope dims as adjacent pairs like llmc. YaRN is written without ``mscale`` / ``mscale_all_dim``,
+rotates the rope dims as adjacent pairs like llmc; a checkpoint with ``rope_interleave: false`` has its rope
+rows (per head of q, the shared key of kv_a) in rotate_half order and is read through the inverse permutation. YaRN is written without ``mscale`` / ``mscale_all_dim``,
 so HF scales cos/sin by 0.1 ln(factor) + 1 and keeps the softmax scale, exactly as llmc; a torchtitan stage
 (its deepseek_v3 folds mscale into the softmax scale, as DeepSeek-V3 does) is written with
 ``mscale = mscale_all_dim = 1``, which makes HF do the same. Loading into llmc's model, a checkpoint whose
@@ -100,11 +101,13 @@ class HFError(ValueError):
 @dataclass(frozen=True)
 class HFParam:
     """Where one llmc parameter lives in an HF checkpoint: one name, or E per-expert names stacked on dim 0;
-    ``heads`` = number of heads whose rows are RoPE-permuted (q/k weights and biases), else None."""
+    ``heads`` = number of heads whose rows are RoPE-permuted (q/k weights and biases), else None; ``rope`` =
+    (blocks, r): only the last r rows of each of the equal row blocks are (MLA with ``rope_interleave: false``)."""
 
     hf: tuple[str, ...]
     heads: int | None = None
     stacked: bool = False
+    rope: tuple[int, int] | None = None
 
 
 def _hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -138,6 +141,16 @@ def _deepseek_supported(arch) -> str | None:
     return None
 
 
+def _rope_tail(w: torch.Tensor, blocks: int, r: int, fn: Callable[[torch.Tensor, int], torch.Tensor]
+               ) -> torch.Tensor:
+    """Apply ``fn`` (:func:`_hf_permute` / :func:`_hf_unpermute`) to the last ``r`` rows of each of ``blocks``
+    equal row blocks (MLA: the rope dims of every head of q, the shared rope key of kv_a)."""
+    rest = w.shape[1:]
+    b = w.reshape(blocks, -1, *rest)
+    tail = fn(b[:, -r:].reshape(blocks * r, *rest), blocks).reshape(blocks, r, *rest)
+    return torch.cat([b[:, :-r], tail], dim=1).reshape(w.shape)
+
+
 def hf_export_supported(arch) -> str | None:
     """None when the architecture maps onto an HF class here (Llama, Qwen2, Mixtral, DeepSeek-V3), else the
     reason."""
@@ -154,13 +167,14 @@ def hf_export_supported(arch) -> str | None:
     return None
 
 
-def hf_names(arch) -> dict[str, HFParam]:
-    """llmc parameter name -> :class:`HFParam`, for every parameter of ``Transformer(arch)``."""
+def hf_names(arch, rope_interleave: bool = True) -> dict[str, HFParam]:
+    """llmc parameter name -> :class:`HFParam`, for every parameter of ``Transformer(arch)``;
+    ``rope_interleave`` (MLA): the checkpoint's config says so (false: rope rows in rotate_half order)."""
     why = hf_export_supported(arch)
     if why:
         raise HFError(f"{arch.name}: no Hugging Face mapping ({why})")
     if arch.mla is not None:
-        return _deepseek_names(arch)
+        return _deepseek_names(arch, rope_interleave)
     H, K = arch.n_heads, arch.kv_heads
     out = {"tok_embeddings.weight": HFParam(("model.embed_tokens.weight",)),
            "norm.weight": HFParam(("model.norm.weight",))}
@@ -191,7 +205,7 @@ _MLA_TARGETS = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "
                 "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
 
 
-def _deepseek_names(arch) -> dict[str, HFParam]:
+def _deepseek_names(arch, rope_interleave: bool = True) -> dict[str, HFParam]:
     """:func:`hf_names` for MLA architectures (``DeepseekV3ForCausalLM``; table in the module docstring)."""
     out = {"tok_embeddings.weight": HFParam(("model.embed_tokens.weight",)),
            "norm.weight": HFParam(("model.norm.weight",))}
@@ -204,7 +218,9 @@ def _deepseek_names(arch) -> dict[str, HFParam]:
         out[s + "attention_norm.weight"] = HFParam((d + "input_layernorm.weight",))
         out[s + "ffn_norm.weight"] = HFParam((d + "post_attention_layernorm.weight",))
         for ours in (*attn, "wkv_a", "kv_norm", "wkv_b", "wo"):
-            out[f"{s}attention.{ours}.weight"] = HFParam((f"{d}self_attn.{_MLA_TARGETS[ours]}.weight",))
+            blocks = {"wq": arch.n_heads, "wq_b": arch.n_heads, "wkv_a": 1}.get(ours)
+            rope = (blocks, arch.mla.qk_rope_head_dim) if blocks and not rope_interleave else None
+            out[f"{s}attention.{ours}.weight"] = HFParam((f"{d}self_attn.{_MLA_TARGETS[ours]}.weight",), rope=rope)
         if m is None or i < m.dense_layers:
             for ours in ("w1", "w3", "w2"):
                 out[f"{s}feed_forward.{ours}.weight"] = HFParam((f"{d}mlp.{HF_TARGETS[ours]}.weight",))
@@ -240,7 +256,7 @@ def to_hf_state_dict(model_sd: dict[str, torch.Tensor], arch) -> dict[str, torch
         if m.stacked:
             sd.update({hf: t[e] for e, hf in enumerate(m.hf)})
         else:
-            sd[m.hf[0]] = _hf_permute(t, m.heads) if m.heads else t
+            sd[m.hf[0]] = _hf_permute(t, m.heads) if m.heads else _rope_tail(t, *m.rope, _hf_permute) if m.rope else t
     return sd
 
 
@@ -249,6 +265,8 @@ def from_hf_tensor(m: HFParam, get: Callable[[str], torch.Tensor]) -> torch.Tens
     if m.stacked:
         return torch.stack([get(n) for n in m.hf])
     t = get(m.hf[0])
+    if m.rope:
+        return _rope_tail(t, *m.rope, _hf_unpermute)
     return _hf_unpermute(t, m.heads) if m.heads else t
 
 
@@ -362,8 +380,6 @@ def _deepseek_config_problems(cfg: dict) -> list[str]:
     if cfg.get("quantization_config"):
         bad.append(f"quantized weights ({cfg['quantization_config'].get('quant_method', '?')}) are not read; "
                    f"give a bf16/fp32 checkpoint")
-    if cfg.get("rope_interleave", True) is False:
-        bad.append("rope_interleave false (rope dims in rotate_half order) is not mapped")
     if cfg.get("norm_topk_prob", True) is False:
         bad.append("norm_topk_prob false is not modelled (llmc normalises the top-k weights)")
     if cfg.get("scoring_func", "sigmoid") != "sigmoid":
@@ -388,7 +404,7 @@ def _read_local_block(files: SafetensorsDir, m: HFParam, p) -> torch.Tensor | No
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    if m.stacked or not all(type(pl) in (Shard, Replicate) for pl in p.placements):
+    if m.stacked or m.rope or not all(type(pl) in (Shard, Replicate) for pl in p.placements):
         return None
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     if m.heads:
@@ -418,7 +434,7 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
     if check_config:
         _check_config(cfg, arch, src)
     files = SafetensorsDir(src)
-    mapping = hf_names(arch)
+    mapping = hf_names(arch, rope_interleave=cfg.get("rope_interleave", True) is not False)
     # DeepSeek-V3's multi-token-prediction layers follow the last layer (model.layers.61 of the 61-layer
     # model; transformers ignores them too, _keys_to_ignore_on_load_unexpected): not part of llmc's model
     mtp = tuple(f"model.layers.{arch.n_layers + j}." for j in range(int(cfg.get("num_nextn_predict_layers") or 0)))
