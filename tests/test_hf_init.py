@@ -364,7 +364,11 @@ def test_deepseek_v3_routing_keys_written_and_checked(tmp_path):
     cfg = json.loads(fixture.read_text())
     a = architecture_from_hf_config(cfg)
     assert (a.moe.route_scale, a.moe.n_expert_groups, a.moe.n_limited_groups) == (2.5, 8, 4)
-    _check_config(cfg, a, tmp_path)  # the same model: accepted
+    # DeepSeek-V3's own yarn (mscale_all_dim: softmax scale times mscale^2) is not llmc's: refused ...
+    with pytest.raises(HFError, match="mscale_all_dim"):
+        _check_config(cfg, a, tmp_path)
+    cfg["rope_scaling"] = {k: v for k, v in cfg["rope_scaling"].items() if not k.startswith("mscale")}
+    _check_config(cfg, a, tmp_path)  # ... and without it, the same model: accepted
     for key, val in (("routed_scaling_factor", 1.0), ("topk_group", 2)):
         with pytest.raises(HFError, match="route_scale|n_limited_groups"):
             _check_config({**cfg, key: val}, a, tmp_path)

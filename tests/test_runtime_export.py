@@ -91,7 +91,11 @@ def test_export_matches_independent_hf_forward(tmp_path, kw, cls):
 
 
 def test_export_refuses_unsupported():
-    arch = Architecture(**BASE, mla=MLA(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8))
-    assert "MLA" in hf_export_supported(arch)
+    mla = MLA(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)
+    assert hf_export_supported(Architecture(**BASE, mla=mla)) is None  # DeepseekV3ForCausalLM (test_hf_deepseek)
+    arch = Architecture(**BASE, mla=mla, moe=MoE(num_experts=4, top_k=2, num_shared_experts=1))  # softmax router
+    assert "sigmoid" in hf_export_supported(arch)
     with pytest.raises(ValueError, match="cannot export"):
         export_hf({}, arch, "/nonexistent")
+    ds_moe = Architecture(**BASE, moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, score_func="sigmoid"))
+    assert "Mixtral-style" in hf_export_supported(ds_moe)  # DeepSeek MoE without MLA: no HF class here

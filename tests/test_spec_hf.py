@@ -117,3 +117,17 @@ def test_imported_config_lands_in_its_family(model_type, family):
                    num_experts_per_tok=2, moe_intermediate_size=32)
     arch = architecture_from_hf_config(cfg)
     assert family_of(arch).name == family and model_type in family_of(arch).hf_model_types
+
+
+def test_deepseek_v3_config_as_transformers_saves_it():
+    """transformers' DeepseekV3Config.save_pretrained writes no topk_method / scoring_func (its router always
+    applies sigmoid + e_score_correction_bias) and head_dim = qk_rope_head_dim: read as the V3 design."""
+    cfg = json.loads((HF / "deepseek-v3.json").read_text())
+    for key in ("topk_method", "scoring_func"):
+        cfg.pop(key)
+    cfg["head_dim"] = cfg["qk_rope_head_dim"]
+    arch = architecture_from_hf_config(cfg, name="deepseek-v3")
+    assert arch.model_dump() == PRESETS["deepseek-v3"].model_dump()
+    assert arch.moe.expert_bias and arch.moe.score_func == "sigmoid" and arch.hd == 192
+    with pytest.raises(HFConfigError, match="norm_topk_prob"):
+        architecture_from_hf_config({**cfg, "norm_topk_prob": False})

@@ -32,6 +32,32 @@ Name mapping (llmc/torchtitan <-> HF Llama / Qwen2 / Mixtral), as HF ``convert_l
 
 RoPE: llmc rotates adjacent pairs (Meta layout); HF rotates halves (``rotate_half``). The export permutes
 the q/k rows per head as HF's ``permute`` (pairs -> halves); the import applies the inverse.
+
+DeepSeek-V3 (MLA + DeepSeekMoE) <-> transformers ``DeepseekV3ForCausalLM`` (``modeling_deepseek_v3.py``;
+the checkpoint layout of https://huggingface.co/deepseek-ai/DeepSeek-V3, experts stored one by one)::
+
+    layers.N.attention.wq_a / q_norm / wq_b  model.layers.N.self_attn.q_a_proj / q_a_layernorm / q_b_proj
+    layers.N.attention.wq   (q_lora_rank None)  model.layers.N.self_attn.q_proj
+    layers.N.attention.wkv_a / kv_norm / wkv_b  model.layers.N.self_attn.kv_a_proj_with_mqa / kv_a_layernorm / kv_b_proj
+    layers.N.attention.wo                  model.layers.N.self_attn.o_proj
+    layers.N.feed_forward.{w1,w3,w2}       model.layers.N.mlp.{gate,up,down}_proj        (N < first_k_dense_replace)
+    layers.N.moe.router.gate.weight        model.layers.N.mlp.gate.weight
+    layers.N.moe.expert_bias               model.layers.N.mlp.gate.e_score_correction_bias  (zeros when absent)
+    layers.N.moe.experts.{w1,w3,w2} [E,..] model.layers.N.mlp.experts.{e}.{gate,up,down}_proj.weight
+    layers.N.moe.shared_experts.{w1,w3,w2} model.layers.N.mlp.shared_experts.{gate,up,down}_proj.weight
+
+No row permutation: the config says ``rope_interleave: true`` (HF's default, DeepSeek's own layout), so HF
+rotates the rope dims as adjacent pairs like llmc; a checkpoint with ``rope_interleave: false`` has its rope
+rows (per head of q, the shared key of kv_a) in rotate_half order and is read through the inverse permutation. YaRN is written without ``mscale`` / ``mscale_all_dim``,
+so HF scales cos/sin by 0.1 ln(factor) + 1 and keeps the softmax scale, exactly as llmc; a torchtitan stage
+(its deepseek_v3 folds mscale into the softmax scale, as DeepSeek-V3 does) is written with
+``mscale = mscale_all_dim = 1``, which makes HF do the same. Loading into llmc's model, a checkpoint whose
+config sets ``mscale_all_dim`` (softmax scale times mscale^2) is refused. transformers'
+router (``DeepseekV3TopkRouter``) masks the experts of unselected groups with -inf, llmc's (like the
+reference ``MoEGate``) with 0: the picks differ only when fewer than top_k experts of the selected groups
+have a positive biased score (sigmoid + e_score_correction_bias). transformers' (and DeepSeek's reference)
+q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever ``rms_norm_eps`` says; llmc's q_norm / kv_norm use the
+spec's ``norm_eps``: the logits are equal when norm_eps is 1e-6 (DeepSeek-V3's value), close otherwise.
 """
 
 from __future__ import annotations
@@ -75,11 +101,13 @@ class HFError(ValueError):
 @dataclass(frozen=True)
 class HFParam:
     """Where one llmc parameter lives in an HF checkpoint: one name, or E per-expert names stacked on dim 0;
-    ``heads`` = number of heads whose rows are RoPE-permuted (q/k weights and biases), else None."""
+    ``heads`` = number of heads whose rows are RoPE-permuted (q/k weights and biases), else None; ``rope`` =
+    (blocks, r): only the last r rows of each of the equal row blocks are (MLA with ``rope_interleave: false``)."""
 
     hf: tuple[str, ...]
     heads: int | None = None
     stacked: bool = False
+    rope: tuple[int, int] | None = None
 
 
 def _hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -95,10 +123,39 @@ def _hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _deepseek_supported(arch) -> str | None:
+    """None when an MLA architecture maps onto ``DeepseekV3ForCausalLM``, else the reason."""
+    if arch.qkv_bias:
+        return "MLA with q/k/v biases has no DeepseekV3ForCausalLM equivalent (attention_bias adds o_proj bias too)"
+    m = arch.moe
+    if m is None:
+        return None
+    if m.score_func != "sigmoid":
+        return "DeepseekV3ForCausalLM routes with sigmoid scores only (score_func: sigmoid)"
+    if m.router_bias:
+        return "DeepseekV3ForCausalLM's router has no bias (router_bias: false)"
+    if not m.num_shared_experts:
+        return "DeepseekV3ForCausalLM always has shared experts (num_shared_experts >= 1)"
+    if m.num_experts < 2 * (m.n_expert_groups or 1):
+        return "DeepseekV3ForCausalLM scores each expert group by its 2 best experts (>= 2 experts per group)"
+    return None
+
+
+def _rope_tail(w: torch.Tensor, blocks: int, r: int, fn: Callable[[torch.Tensor, int], torch.Tensor]
+               ) -> torch.Tensor:
+    """Apply ``fn`` (:func:`_hf_permute` / :func:`_hf_unpermute`) to the last ``r`` rows of each of ``blocks``
+    equal row blocks (MLA: the rope dims of every head of q, the shared rope key of kv_a)."""
+    rest = w.shape[1:]
+    b = w.reshape(blocks, -1, *rest)
+    tail = fn(b[:, -r:].reshape(blocks * r, *rest), blocks).reshape(blocks, r, *rest)
+    return torch.cat([b[:, :-r], tail], dim=1).reshape(w.shape)
+
+
 def hf_export_supported(arch) -> str | None:
-    """None when the architecture maps onto an HF class here (Llama, Qwen2, Mixtral), else the reason."""
+    """None when the architecture maps onto an HF class here (Llama, Qwen2, Mixtral, DeepSeek-V3), else the
+    reason."""
     if arch.mla is not None:
-        return "MLA (DeepSeek) export is not implemented"
+        return _deepseek_supported(arch)
     m = arch.moe
     if m is not None and (m.num_shared_experts or m.dense_layers or m.score_func != "softmax" or m.router_bias
                           or getattr(m, "expert_bias", False) or (m.expert_d_ff or arch.d_ff) != arch.d_ff):
@@ -110,11 +167,14 @@ def hf_export_supported(arch) -> str | None:
     return None
 
 
-def hf_names(arch) -> dict[str, HFParam]:
-    """llmc parameter name -> :class:`HFParam`, for every parameter of ``Transformer(arch)``."""
+def hf_names(arch, rope_interleave: bool = True) -> dict[str, HFParam]:
+    """llmc parameter name -> :class:`HFParam`, for every parameter of ``Transformer(arch)``;
+    ``rope_interleave`` (MLA): the checkpoint's config says so (false: rope rows in rotate_half order)."""
     why = hf_export_supported(arch)
     if why:
         raise HFError(f"{arch.name}: no Hugging Face mapping ({why})")
+    if arch.mla is not None:
+        return _deepseek_names(arch, rope_interleave)
     H, K = arch.n_heads, arch.kv_heads
     out = {"tok_embeddings.weight": HFParam(("model.embed_tokens.weight",)),
            "norm.weight": HFParam(("model.norm.weight",))}
@@ -141,15 +201,62 @@ def hf_names(arch) -> dict[str, HFParam]:
     return out
 
 
+_MLA_TARGETS = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
+                "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
+
+
+def _deepseek_names(arch, rope_interleave: bool = True) -> dict[str, HFParam]:
+    """:func:`hf_names` for MLA architectures (``DeepseekV3ForCausalLM``; table in the module docstring)."""
+    out = {"tok_embeddings.weight": HFParam(("model.embed_tokens.weight",)),
+           "norm.weight": HFParam(("model.norm.weight",))}
+    if not arch.tied_embeddings:
+        out["lm_head.weight"] = HFParam(("lm_head.weight",))
+    attn = ("wq",) if arch.mla.q_lora_rank is None else ("wq_a", "q_norm", "wq_b")
+    m = arch.moe
+    for i in range(arch.n_layers):
+        s, d = f"layers.{i}.", f"model.layers.{i}."
+        out[s + "attention_norm.weight"] = HFParam((d + "input_layernorm.weight",))
+        out[s + "ffn_norm.weight"] = HFParam((d + "post_attention_layernorm.weight",))
+        for ours in (*attn, "wkv_a", "kv_norm", "wkv_b", "wo"):
+            blocks = {"wq": arch.n_heads, "wq_b": arch.n_heads, "wkv_a": 1}.get(ours)
+            rope = (blocks, arch.mla.qk_rope_head_dim) if blocks and not rope_interleave else None
+            out[f"{s}attention.{ours}.weight"] = HFParam((f"{d}self_attn.{_MLA_TARGETS[ours]}.weight",), rope=rope)
+        if m is None or i < m.dense_layers:
+            for ours in ("w1", "w3", "w2"):
+                out[f"{s}feed_forward.{ours}.weight"] = HFParam((f"{d}mlp.{HF_TARGETS[ours]}.weight",))
+            continue
+        out[s + "moe.router.gate.weight"] = HFParam((d + "mlp.gate.weight",))
+        if m.expert_bias:
+            out[s + "moe.expert_bias"] = HFParam((d + "mlp.gate.e_score_correction_bias",))
+        for ours in ("w1", "w3", "w2"):
+            out[f"{s}moe.experts.{ours}"] = HFParam(
+                tuple(f"{d}mlp.experts.{e}.{HF_TARGETS[ours]}.weight" for e in range(m.num_experts)), stacked=True)
+            out[f"{s}moe.shared_experts.{ours}.weight"] = HFParam((f"{d}mlp.shared_experts.{HF_TARGETS[ours]}.weight",))
+    return out
+
+
+def hf_zero_extras(arch) -> dict[str, tuple[str, int]]:
+    """HF tensors with no llmc parameter: DeepSeek-V3's ``e_score_correction_bias`` when the spec has no
+    ``expert_bias`` (transformers always adds it to the selection scores). HF name -> (the llmc name a
+    torchtitan checkpoint may still carry it under, length). Loading requires zeros; the export writes zeros
+    unless the state dict has the tensor (torchtitan balances with a bias whenever aux_loss_coef > 0)."""
+    m = arch.moe
+    if arch.mla is None or m is None or m.expert_bias:
+        return {}
+    return {f"model.layers.{i}.mlp.gate.e_score_correction_bias": (f"layers.{i}.moe.expert_bias", m.num_experts)
+            for i in range(m.dense_layers, arch.n_layers)}
+
+
 def to_hf_state_dict(model_sd: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
     """llmc state dict -> HF state dict (names, q/k row permutation, experts unstacked)."""
-    sd: dict[str, torch.Tensor] = {}
+    sd: dict[str, torch.Tensor] = {n: model_sd[ours] if ours in model_sd else torch.zeros(e)
+                                   for n, (ours, e) in hf_zero_extras(arch).items()}
     for name, m in hf_names(arch).items():
         t = model_sd[name]
         if m.stacked:
             sd.update({hf: t[e] for e, hf in enumerate(m.hf)})
         else:
-            sd[m.hf[0]] = _hf_permute(t, m.heads) if m.heads else t
+            sd[m.hf[0]] = _hf_permute(t, m.heads) if m.heads else _rope_tail(t, *m.rope, _hf_permute) if m.rope else t
     return sd
 
 
@@ -158,6 +265,8 @@ def from_hf_tensor(m: HFParam, get: Callable[[str], torch.Tensor]) -> torch.Tens
     if m.stacked:
         return torch.stack([get(n) for n in m.hf])
     t = get(m.hf[0])
+    if m.rope:
+        return _rope_tail(t, *m.rope, _hf_unpermute)
     return _hf_unpermute(t, m.heads) if m.heads else t
 
 
@@ -231,27 +340,56 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
         theirs = architecture_from_hf_config(cfg)
     except Exception as e:
         raise HFError(f"{where}/config.json: {e}") from None
+    if cfg.get("model_type") == "deepseek_v3" and (problems := _deepseek_config_problems(cfg)):
+        raise HFError(f"{where}/config.json: cannot load this DeepSeek-V3 checkpoint: {'; '.join(problems)}")
     bad = []
-    for f in ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
-              "qkv_bias", "rope_theta", "norm_eps"):
+    # MLA: K and V have n_heads heads whatever n_kv_heads says (DeepseekV3Config writes num_key_value_heads =
+    # heads), and the head dims are the mla ones (head_dim is not used)
+    fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
+              "qkv_bias", "rope_theta", "norm_eps")
+    for f in fields if arch.mla is None else [f for f in fields if f not in ("n_kv_heads", "hd")]:
         a, b = getattr(arch, f), getattr(theirs, f)
         if a != b:
             bad.append(f"{f} {a} (spec) != {b} (checkpoint)")
+    if arch.mla != theirs.mla:
+        bad.append(f"mla {arch.mla} (spec) != {theirs.mla} (checkpoint)")
     if (arch.moe is None) != (theirs.moe is None) or (
             arch.moe is not None and (arch.moe.num_experts, arch.moe.top_k) != (theirs.moe.num_experts,
                                                                                 theirs.moe.top_k)):
         bad.append("mixture-of-experts settings differ")
     elif arch.moe is not None:
-        for f in ("route_scale", "n_expert_groups", "n_limited_groups"):
+        for f in ("route_scale", "n_expert_groups", "n_limited_groups", "num_shared_experts", "dense_layers",
+                  "score_func", "router_bias"):
             a, b = getattr(arch.moe, f), getattr(theirs.moe, f)
             if a != b:
                 bad.append(f"moe.{f} {a} (spec) != {b} (checkpoint)")
+        a, b = arch.moe.expert_d_ff or arch.d_ff, theirs.moe.expert_d_ff or theirs.d_ff  # None = d_ff
+        if a != b:
+            bad.append(f"moe.expert_d_ff {a} (spec) != {b} (checkpoint)")
     rs_a, rs_b = arch.rope_scaling, theirs.rope_scaling
     if (rs_a is None) != (rs_b is None) or (rs_a is not None and (rs_a.type, rs_a.factor) != (rs_b.type, rs_b.factor)):
         bad.append(f"rope_scaling {rs_a} (spec) != {rs_b} (checkpoint)")
     if bad:
         raise HFError(f"{where}: the checkpoint is not the spec's model: {'; '.join(bad[:4])} "
                       f"(use `model: {{hf_config: {where}/config.json}}` in the spec)")
+
+
+def _deepseek_config_problems(cfg: dict) -> list[str]:
+    """What in a DeepSeek-V3 config.json llmc's model does not compute the way ``DeepseekV3ForCausalLM`` does."""
+    bad = []
+    if cfg.get("quantization_config"):
+        bad.append(f"quantized weights ({cfg['quantization_config'].get('quant_method', '?')}) are not read; "
+                   f"give a bf16/fp32 checkpoint")
+    if cfg.get("norm_topk_prob", True) is False:
+        bad.append("norm_topk_prob false is not modelled (llmc normalises the top-k weights)")
+    if cfg.get("scoring_func", "sigmoid") != "sigmoid":
+        bad.append(f"scoring_func {cfg['scoring_func']!r}: DeepseekV3ForCausalLM routes with sigmoid")
+    rs = cfg.get("rope_scaling") or {}
+    if rs.get("attention_factor") is not None or (rs.get("mscale") and rs.get("mscale_all_dim")) or (
+            rs.get("mscale_all_dim") and rs.get("rope_type", rs.get("type")) not in (None, "default")):
+        bad.append("yarn with mscale / mscale_all_dim / attention_factor (softmax scale times mscale^2) is not "
+                   "modelled: llmc scales the rope dims' cos/sin by 0.1 ln(factor) + 1 instead")
+    return bad
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -266,7 +404,7 @@ def _read_local_block(files: SafetensorsDir, m: HFParam, p) -> torch.Tensor | No
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    if m.stacked or not all(type(pl) in (Shard, Replicate) for pl in p.placements):
+    if m.stacked or m.rope or not all(type(pl) in (Shard, Replicate) for pl in p.placements):
         return None
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     if m.heads:
@@ -292,10 +430,14 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
     first mismatches. ``rank``/``world`` identify the process (ZeRO-3: only rank 0 reads the files).
     """
     src = resolve_hf_source(path)
+    cfg = read_hf_config(src)
     if check_config:
-        _check_config(read_hf_config(src), arch, src)
+        _check_config(cfg, arch, src)
     files = SafetensorsDir(src)
-    mapping = hf_names(arch)
+    mapping = hf_names(arch, rope_interleave=cfg.get("rope_interleave", True) is not False)
+    # DeepSeek-V3's multi-token-prediction layers follow the last layer (model.layers.61 of the 61-layer
+    # model; transformers ignores them too, _keys_to_ignore_on_load_unexpected): not part of llmc's model
+    mtp = tuple(f"model.layers.{arch.n_layers + j}." for j in range(int(cfg.get("num_nextn_predict_layers") or 0)))
     # a model already carrying LoRA adapters (built on meta, sharded): its base weights, by their plain names
     params = {k.replace(".base.", "."): p for k, p in _unwrap(model).named_parameters() if "lora_" not in k}
     missing, mismatched = [], []
@@ -313,8 +455,14 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
         shape = (len(m.hf), *files.shapes[m.hf[0]]) if m.stacked else files.shapes[m.hf[0]]
         if tuple(shape) != _model_shape(p):
             mismatched.append(f"{m.hf[0]} {list(shape)} vs {name} {list(_model_shape(p))}")
-    extra = sorted(n for n in files.shapes if n not in used and not n.endswith(_IGNORED_HF)
-                   and not (arch.tied_embeddings and n == "lm_head.weight"))
+    zeros = {n: (e,) for n, (_, e) in hf_zero_extras(arch).items() if n in files.shapes}
+    for n, shape in zeros.items():
+        if tuple(files.shapes[n]) != shape:
+            mismatched.append(f"{n} {list(files.shapes[n])} vs {list(shape)}")
+        elif files.get(n).any():
+            mismatched.append(f"{n} is not zero (set moe.expert_bias: true in the spec to load it)")
+    extra = sorted(n for n in files.shapes if n not in used and n not in zeros and not n.endswith(_IGNORED_HF)
+                   and not (arch.tied_embeddings and n == "lm_head.weight") and not (mtp and n.startswith(mtp)))
     if missing or mismatched or extra:
         parts = []
         if missing:
@@ -412,11 +560,14 @@ def load_init_from(model: nn.Module, stage_dir: str | Path, arch, *, rank: int =
 # ----------------------------------------------------------------------------- writing checkpoints
 
 
-def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1
-              ) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases) or MixtralForCausalLM."""
+def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
+              *, softmax_mscale: bool = False) -> dict[str, Any]:
+    """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), MixtralForCausalLM or
+    DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see :func:`export_hf`."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
     cls, mtype = fam.hf_class, fam.hf_model_types[0]
+    if arch.mla is not None:
+        return _deepseek_config(arch, cls, mtype, dtype, bos_id, eos_id, softmax_mscale)
     cfg = {"architectures": [cls], "model_type": mtype, "hidden_size": arch.d_model,
            "intermediate_size": arch.d_ff, "num_hidden_layers": arch.n_layers, "num_attention_heads": arch.n_heads,
            "num_key_value_heads": arch.kv_heads, "head_dim": arch.hd, "vocab_size": arch.vocab_size,
@@ -435,15 +586,59 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
                    # 1 / 1 / 1 = plain top-k (llmc.spec.hf reads them back into route_scale / expert groups)
                    routed_scaling_factor=arch.moe.route_scale, n_group=arch.moe.n_expert_groups or 1,
                    topk_group=arch.moe.n_limited_groups or 1)
+    scaling = _rope_scaling_config(arch)
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
+    return cfg
+
+
+def _rope_scaling_config(arch) -> dict[str, Any] | None:
     rs = arch.rope_scaling
-    if rs is not None:
-        scaling = {"rope_type": rs.type, "factor": rs.factor}
-        if rs.type == "llama3":
-            scaling.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
-                           original_max_position_embeddings=rs.original_max_position)
-        elif rs.type == "yarn":
-            scaling.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow,
-                           original_max_position_embeddings=rs.original_max_position)
+    if rs is None:
+        return None
+    scaling = {"rope_type": rs.type, "factor": rs.factor}
+    if rs.type == "llama3":
+        scaling.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
+                       original_max_position_embeddings=rs.original_max_position)
+    elif rs.type == "yarn":
+        scaling.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow,
+                       original_max_position_embeddings=rs.original_max_position)
+    return scaling
+
+
+def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id, softmax_mscale: bool = False
+                     ) -> dict[str, Any]:
+    """``DeepseekV3Config`` keys (transformers ``configuration_deepseek_v3.py``; DeepSeek-V3's config.json names).
+
+    A dense MLA model is written with ``first_k_dense_replace`` = all layers and ``n_routed_experts`` 0.
+    ``head_dim`` is the rope head dim, as DeepseekV3Config sets it (its rotary embedding reads it);
+    ``num_key_value_heads`` = heads (MLA expands K and V to every head). YaRN without mscale keys (llmc's convention, module docstring), or with
+    ``mscale = mscale_all_dim = 1`` when ``softmax_mscale`` (torchtitan deepseek_v3 and DeepSeek-V3's own:
+    pure-rotation rope, softmax scale times (0.1 ln(factor) + 1)^2; transformers' ``yarn_apply_mscale``)."""
+    m, a = arch.mla, arch.moe
+    cfg = {"architectures": [cls], "model_type": mtype, "hidden_size": arch.d_model,
+           "intermediate_size": arch.d_ff, "num_hidden_layers": arch.n_layers, "num_attention_heads": arch.n_heads,
+           "num_key_value_heads": arch.n_heads, "head_dim": m.qk_rope_head_dim, "vocab_size": arch.vocab_size,
+           "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
+           "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim, "rope_interleave": True,
+           "rms_norm_eps": arch.norm_eps, "rope_theta": arch.rope_theta, "max_position_embeddings": arch.max_seq_len,
+           "tie_word_embeddings": arch.tied_embeddings, "hidden_act": "silu", "torch_dtype": str(dtype).split(".")[-1],
+           "bos_token_id": bos_id, "eos_token_id": eos_id, "attention_bias": False, "attention_dropout": 0.0,
+           "initializer_range": 0.02, "use_cache": True, "num_nextn_predict_layers": 0}
+    if a is None:
+        cfg.update(first_k_dense_replace=arch.n_layers, n_routed_experts=0, n_shared_experts=0,
+                   moe_intermediate_size=arch.d_ff, num_experts_per_tok=None, n_group=1, topk_group=1,
+                   routed_scaling_factor=1.0, norm_topk_prob=True)
+    else:
+        cfg.update(first_k_dense_replace=a.dense_layers, n_routed_experts=a.num_experts,
+                   n_shared_experts=a.num_shared_experts, moe_intermediate_size=a.expert_d_ff or arch.d_ff,
+                   num_experts_per_tok=a.top_k, routed_scaling_factor=a.route_scale,
+                   n_group=a.n_expert_groups or 1, topk_group=a.n_limited_groups or 1, norm_topk_prob=True,
+                   scoring_func="sigmoid", topk_method="noaux_tc", aux_loss_alpha=a.aux_loss_coef)
+    scaling = _rope_scaling_config(arch)
+    if scaling is not None:
+        if softmax_mscale and scaling["rope_type"] == "yarn":
+            scaling.update(mscale=1.0, mscale_all_dim=1.0)
         cfg["rope_scaling"] = scaling
     return cfg
 
@@ -462,11 +657,14 @@ def _write_tokenizer(tokenizer_dir: str | Path | None, out: Path, chat_template:
 
 def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
               dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
-              chat_template: str | None = None, max_shard_size: int | str = "5GB") -> Path:
+              chat_template: str | None = None, max_shard_size: int | str = "5GB", softmax_mscale: bool = False
+              ) -> Path:
     """Write an HF model directory that transformers / vLLM / SGLang load (``from_pretrained(out_dir)``).
 
     Weights in ``dtype``, split into shards of at most ``max_shard_size`` (HF's naming and index file);
-    ``chat_template`` (llama3 | chatml | a Jinja string) goes into tokenizer_config.json.
+    ``chat_template`` (llama3 | chatml | a Jinja string) goes into tokenizer_config.json. ``softmax_mscale``
+    (MLA + YaRN only): the weights were trained by a model that folds YaRN's mscale into the softmax scale
+    (torchtitan's deepseek_v3) rather than llmc's, which scales the rope dims' cos/sin; the config says so.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -488,7 +686,8 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if chat_template in CHAT_END_TOKEN and tokenizer_dir is not None:
         eos_id = _with_chat_eos(eos_id, tokenizer_dir, chat_template)
-    (out / "config.json").write_text(json.dumps(hf_config(arch, dtype, bos_id, eos_id), indent=2) + "\n")
+    cfg = hf_config(arch, dtype, bos_id, eos_id, softmax_mscale=softmax_mscale)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos_id, "eos_token_id": eos_id}) + "\n")
     _write_tokenizer(tokenizer_dir, out, chat_template)
     return out
@@ -511,7 +710,8 @@ def _with_chat_eos(eos_id, tokenizer_dir, template: str):
 def peft_state_dict(lora_sd: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
     """llmc LoRA tensors (``layers.N.attention.wq.lora_A`` [r, in], ``...lora_B`` [out, r]) -> PEFT names
     (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight``). q/k ``lora_B`` rows get the same
-    RoPE permutation as the base weight (W' = P W, so B' = P B). Stacked-expert adapters are refused."""
+    RoPE permutation as the base weight (W' = P W, so B' = P B). Stacked-expert adapters are refused, and for
+    MLA (DeepSeek-V3) models every adapter outside the attention."""
     out: dict[str, torch.Tensor] = {}
     for k, v in lora_sd.items():
         parts = k.split(".")
@@ -519,11 +719,20 @@ def peft_state_dict(lora_sd: dict[str, torch.Tensor], arch) -> dict[str, torch.T
             raise HFError("LoRA on stacked MoE experts has no PEFT layout here (the merged model is exported)")
         if parts[-1] not in ("lora_A", "lora_B") or len(parts) < 5:
             raise HFError(f"unexpected LoRA tensor {k}")
-        i, block, target = parts[1], parts[2], parts[3]
-        sub = "self_attn" if block == "attention" else "mlp"
-        if target in ("wq", "wk") and parts[-1] == "lora_B":
+        i, block, target = parts[1], parts[2], parts[-2]
+        table = _MLA_TARGETS if arch.mla is not None and block == "attention" else HF_TARGETS
+        sub = {("attention",): "self_attn", ("feed_forward",): "mlp",
+               ("moe", "shared_experts"): "mlp.shared_experts"}.get(tuple(parts[2:-2]))
+        if sub is None or target not in table:
+            raise HFError(f"LoRA tensor {k} has no PEFT name here")
+        if arch.mla is not None and sub != "self_attn":
+            # peft's transformers-v5 conversion (peft/utils/transformers_weight_conversion.py) reads every
+            # gate/up/down_proj target of a deepseek_v3 model as the fused routed experts and drops the rest
+            raise HFError("LoRA on a DeepSeek-V3 feed-forward has no PEFT layout transformers loads (PEFT maps "
+                          "gate/up/down_proj onto the fused routed experts); the merged model is exported")
+        if arch.mla is None and target in ("wq", "wk") and parts[-1] == "lora_B":
             v = _hf_permute(v, arch.n_heads if target == "wq" else arch.kv_heads)
-        out[f"base_model.model.model.layers.{i}.{sub}.{HF_TARGETS[target]}.{parts[-1]}.weight"] = v
+        out[f"base_model.model.model.layers.{i}.{sub}.{table[target]}.{parts[-1]}.weight"] = v
     return out
 
 
@@ -565,20 +774,26 @@ def _find_lock(run_dir: Path) -> tuple[Path, Path]:
     raise HFError(f"{run_dir}: no plan.lock.json here or in the parent (give the build dir)")
 
 
-# torchtitan 0.3.0 FQNs that differ from llmc's (its Llama attention keeps q/k/v in a ``qkv_linear`` container)
-_TITAN_RENAMES = ((".attention.qkv_linear.", ".attention."),)
+# torchtitan 0.3.0 FQNs that differ from llmc's: its Llama attention keeps q/k/v in a ``qkv_linear`` container;
+# its MoE (models/common/moe.py) stacks experts as ``routed_experts.inner_experts.w{1,3}_EFD / w2_EDF`` (the
+# same [E, F, D] / [E, D, F] layout as llmc's) and keeps the DeepSeek-V3 bias as the ``expert_bias_E`` buffer
+_TITAN_RENAMES = ((".attention.qkv_linear.", ".attention."),
+                  (".moe.routed_experts.inner_experts.w1_EFD", ".moe.experts.w1"),
+                  (".moe.routed_experts.inner_experts.w2_EDF", ".moe.experts.w2"),
+                  (".moe.routed_experts.inner_experts.w3_EFD", ".moe.experts.w3"),
+                  (".moe.expert_bias_E", ".moe.expert_bias"))
 
 
-def _model_state(stage_dir: Path, *more: Path) -> dict[str, torch.Tensor]:
-    """Full llmc state dict of a stage: its llmc checkpoint (native, DeepSpeed, post-training) or, failing
-    that, the newest torchtitan DCP checkpoint (``step-N/.metadata``) under ``stage_dir`` or ``more``
-    (converted with ``dcp_to_torch_save``, torchtitan FQNs mapped to llmc's)."""
+def _model_state(stage_dir: Path, *more: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(full llmc state dict, "llmc" | "torchtitan") of a stage: its llmc checkpoint (native, DeepSpeed,
+    post-training) or, failing that, the newest torchtitan DCP checkpoint (``step-N/.metadata``) under
+    ``stage_dir`` or ``more`` (converted with ``dcp_to_torch_save``, torchtitan FQNs mapped to llmc's)."""
     from llmc.runtime.checkpoint import CheckpointError, read_model_state, resolve_checkpoint
 
     if stage_dir.is_dir():
         try:
             ck = resolve_checkpoint(stage_dir)
-            return read_model_state(ck)  # model.pt or the sharded (DCP) checkpoint
+            return read_model_state(ck), "llmc"  # model.pt or the sharded (DCP) checkpoint
         except CheckpointError:
             pass
     if (stage_dir / ".metadata").is_file():  # one torchtitan DCP checkpoint, named exactly
@@ -602,7 +817,7 @@ def _model_state(stage_dir: Path, *more: Path) -> dict[str, torch.Tensor]:
             for a, b in _TITAN_RENAMES:
                 k = k.replace(a, b)
             out[k] = v
-    return out
+    return out, "torchtitan"
 
 
 def titan_checkpoints(build_dir: str | Path) -> dict[int, Path]:
@@ -627,12 +842,13 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     why = hf_export_supported(arch)
     if why:
         return {"hf": None, "why": why}
-    sd = model_sd if model_sd is not None else _model_state(stage_dir, *search)
+    sd, source = (model_sd, "llmc") if model_sd is not None else _model_state(stage_dir, *search)
     params = hf_names(arch)
     missing = sorted(set(params) - set(sd))
     if missing:
         raise HFError(f"{stage_dir}: checkpoint lacks {len(missing)} of the model's tensors: {', '.join(missing[:3])}")
-    sd = {k: v for k, v in sd.items() if k in params}
+    keep = set(params) | {ours for ours, _ in hf_zero_extras(arch).values()}
+    sd = {k: v for k, v in sd.items() if k in keep}
     template = None
     bos, eos = 0, 1
     if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists():
@@ -643,7 +859,9 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     if job.kind in ("sft", "dpo", "grpo"):
         hyper = (job.stage_plan or {}).get("hyper") or {}
         template = hyper.get("chat_template") or job.tokenizer.chat_template or "llama3"
-    export_hf(sd, arch, out, tokenizer_dir, bos_id=bos, eos_id=eos, chat_template=template)
+    # torchtitan's deepseek_v3 folds YaRN's mscale into the softmax scale (its models/deepseek_v3/model.py)
+    export_hf(sd, arch, out, tokenizer_dir, bos_id=bos, eos_id=eos, chat_template=template,
+              softmax_mscale=source == "torchtitan")
     res: dict[str, Any] = {"hf": str(out), "chat_template": template}
     lora = getattr(job.stage_spec, "lora", None) if job.stage_spec is not None else None
     if lora_sd is None and lora is not None and (stage_dir / "lora_adapters.pt").exists():

@@ -21,7 +21,9 @@ max_position_embeddings        max_seq_len
 rms_norm_eps                   norm_eps
 num_local_experts, *_per_tok   moe.num_experts, moe.top_k (mixtral)
 n_routed_experts, ...          moe.* and mla.* (deepseek_v3; routed_scaling_factor, n_group, topk_group ->
-                               moe.route_scale, n_expert_groups, n_limited_groups)
+                               moe.route_scale, n_expert_groups, n_limited_groups; topk_method noaux_tc or
+                               absent -> moe.expert_bias, as transformers' DeepseekV3TopkRouter always adds
+                               e_score_correction_bias; norm_topk_prob false is refused)
 =============================  =====================================
 """
 
@@ -154,6 +156,9 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> No
         kw["mla"] = MLA(**mla)
         kw["head_dim"] = kw["mla"].qk_nope_head_dim + kw["mla"].qk_rope_head_dim  # q/k head dim
     if cfg.get("n_routed_experts"):
+        if cfg.get("norm_topk_prob", True) is False:  # transformers' default and DeepSeek-V3's: true
+            errs.append("config.json 'norm_topk_prob' false is not supported (llmc renormalises the top-k "
+                        "routing weights)")
         moe = _each(errs, num_experts=lambda: _int(cfg, "n_routed_experts"),
                     top_k=lambda: _int(cfg, "num_experts_per_tok"),
                     num_shared_experts=lambda: _int(cfg, "n_shared_experts", 0, minimum=0),
@@ -170,7 +175,9 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> No
                 n_expert_groups=groups[0] if groups[0] > 1 else None,
                 n_limited_groups=groups[1] if groups[0] > 1 else None,
                 score_func="sigmoid" if cfg.get("scoring_func", "sigmoid") == "sigmoid" else "softmax",
-                expert_bias=cfg.get("topk_method") == "noaux_tc",
+                # transformers' DeepseekV3TopkRouter always adds e_score_correction_bias (and its saved
+                # config.json has no topk_method): absent = noaux_tc, DeepSeek-V3's own setting
+                expert_bias=cfg.get("topk_method", "noaux_tc") == "noaux_tc",
             )
 
 
