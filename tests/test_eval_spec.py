@@ -667,3 +667,121 @@ def test_eval_step_scores_a_torchtitan_stages_own_checkpoints(tmp_path, monkeypa
     # without the build directory there is nothing to score (no llmc checkpoints): nothing is made up
     seen.clear()
     assert evaluate.checkpoint_evals(lock, job, out, log=lambda m: None) == {} and not seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero,precision", [(0, "fp32"), (1, "fp32"), (3, "fp32"), (0, "bf16")])
+def test_eval_step_scores_a_deepspeed_stages_intermediate_checkpoints(tmp_path, monkeypatch, zero, precision):
+    """A DeepSpeed stage keeps its intermediate checkpoints in DeepSpeed's format (``ds_checkpoints/step-
+    XXXXXXXX``, pruned to keep_latest) and writes an llmc checkpoint only at the end: every_checkpoints scores
+    the listed steps from DeepSpeed's checkpoints. The compiler's list is what ds_train keeps; each step's
+    export holds that step's fp32 master weights, read here straight from the ZeRO-1/3 optimizer shard (ZeRO-0:
+    the saved module); the state read at the last step equals the llmc checkpoint ds_train wrote from
+    engine.module (ZeRO-3: DeepSpeed's consolidated state dict)."""
+    pytest.importorskip("deepspeed")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    import llmc.runtime.evaluate as evaluate
+    from llmc.runtime.checkpoint import list_checkpoints, read_model_state
+    from llmc.runtime.job import TrainJob
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_build_fakes import lock_for
+
+    from llmc.runtime import corpus
+
+    root = Path(__file__).resolve().parents[1]
+    corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=100)
+    spec = {"name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
+                                       vocab_size=512, max_seq_len=64),
+            "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}],
+                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 1024},
+            "training": {"precision": precision, "global_batch_tokens": 256, "optimizer": {"lr": 3e-3},
+                         "checkpoint": {"interval_steps": 1, "keep_latest": 3}},
+            "eval": {"tasks": ["hellaswag"], "every_checkpoints": 1}}
+    lock = lock_for(spec, plan={"micro_batch": 8, "zero_stage": zero}, hyper={"warmup_steps": 1},
+                    spec_path=str(tmp_path / "spec.yaml"))
+    steps = lock["evaluation"]["tasks"]["checkpoint_steps"]["pretrain"]
+    assert steps == [2, 3]  # 4 steps, saved at 1, 2, 3 and 4; the newest 3 kept; the last is the export
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
+    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "train_batch_size": 8,
+           "zero_optimization": {"stage": zero}, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                     "weight_decay": 0.1, "torch_adam": True}},
+           "bf16": {"enabled": precision == "bf16"}}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(root)}
+    port = str(29500 + os.getpid() % 200)
+    out = tmp_path / "run" / "pretrain"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"localhost:{port}", "-m", "llmc.runtime.ds_train", "--lock",
+            str(tmp_path / "plan.lock.json"), "--ds-config", str(tmp_path / "ds.json"), "--out", str(out),
+            "--assets", str(tmp_path), "--no-resume"]
+    for attempt in range(2):
+        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, cwd=str(root))
+        # DeepSpeed's CPU shm-comm op sometimes aborts at start-up on a loaded machine: one retry
+        if r.returncode == 0 or "terminate called without an active exception" not in r.stderr or attempt:
+            break
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ds_dir = out / "ds_checkpoints"
+    assert sorted(p.name for p in ds_dir.glob("step-*")) == [f"step-{n:08d}" for n in (2, 3, 4)]
+    llmc_ck = list_checkpoints(out / "checkpoints")
+    assert [n for n, _ in llmc_ck] == [4]  # the only llmc checkpoint
+
+    def master(n: int) -> dict[str, torch.Tensor]:
+        """Step n's weights. ZeRO-1/3: the fp32 master weights in the single rank's optimizer shard, the
+        parameters of each group laid end to end in the order of the model states' param_shapes (DeepSpeed's
+        flat partition; one rank, so nothing is split or padded). ZeRO-0: the module state the engine saved."""
+        d = ds_dir / f"step-{n:08d}"
+        states = torch.load(next(d.glob("*model_states.pt")), map_location="cpu", weights_only=False)
+        if zero == 0:
+            return {k: v for k, v in states["module"].items() if k in final}
+        (optim,) = d.glob("*zero_pp_rank_0_*optim_states.pt")
+        flat = torch.load(optim, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        res = {}
+        key = "fp32_flat_groups" if zero == 3 else "single_partition_of_fp32_groups"
+        for group, tensor in zip(states["param_shapes"], flat[key], strict=True):
+            off = 0
+            for name, shape in group.items():
+                res[name] = tensor[off: off + shape.numel()].view(shape)
+                off += shape.numel()
+        return res
+
+    final = read_model_state(llmc_ck[0][1])
+    conv = evaluate.ds_checkpoint_state(ds_dir, "step-00000004")
+    assert set(conv) == set(final) and all(torch.equal(conv[k], final[k].float()) for k in final)
+    assert torch.equal(master(4)["tok_embeddings.weight"], final["tok_embeddings.weight"].float())
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    seen = {}
+
+    def fake_run_eval(config, out_dir):
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sd = load_file(str(next(Path(config.model_dir).glob("*.safetensors"))))
+        seen[out_dir.name] = sd["model.embed_tokens.weight"]
+        (out_dir / "eval_results.json").write_text(json.dumps({"results": {"hellaswag": {"acc,none": 0.25}}}))
+        return evaluate.EvalSummary(out_dir / "eval_results.json", {"hellaswag": {"acc": 0.25}}, {"hellaswag": 4},
+                                    "test")
+
+    monkeypatch.setattr(evaluate, "run_eval", fake_run_eval)
+    job = TrainJob.from_lock(lock, "pretrain", build_dir=tmp_path)
+    logs = []
+    assert evaluate.stage_eval(lock, job, out, log=logs.append, build_dir=tmp_path)["tasks"] == {"hellaswag": {"acc": 0.25}}
+    for n in steps:  # the export is bf16: the step's own master weights, rounded, and no other step's
+        emb = master(n)["tok_embeddings.weight"]
+        assert torch.equal(seen[f"step-{n}"], emb.to(seen[f"step-{n}"].dtype)), n
+        assert not torch.equal(seen[f"step-{n}"], final["tok_embeddings.weight"].to(seen[f"step-{n}"].dtype))
+        s = json.loads((out / "eval" / f"step-{n}" / "summary.json").read_text())
+        assert s["step"] == n and s["checkpoint"] == f"ds_checkpoints/step-{n:08d}"
+        assert (out / "eval" / f"step-{n}" / "eval_results.json").is_file()
+    assert not torch.equal(seen["step-2"], seen["step-3"])
+    assert (out / "eval" / "summary.json").is_file() and not list((out / "eval").glob(".hf-step-*"))

@@ -48,7 +48,11 @@ a temporary Hugging Face directory with :func:`llmc.runtime.hf_io.export_stage` 
 export`` uses; tokenizer files from ``RUN/S/hf``), scored on the same suite into ``RUN/S/eval/step-N/``
 (``eval_results.json``, ``summary.json`` with ``step``) and deleted (also when a killed step left it
 behind). A step whose ``summary.json`` exists is skipped; a listed checkpoint that is missing (pruned,
-for example) is reported and skipped. DeepSpeed's own checkpoints are not scored (only its final export).
+for example) is reported and skipped. A DeepSpeed stage writes an llmc checkpoint only at its end and keeps
+its intermediate ones in DeepSpeed's format (``RUN/S/ds_checkpoints/step-XXXXXXXX``): a listed step found
+only there is rebuilt on the CPU with DeepSpeed's offline converter (:func:`ds_checkpoint_state`: the fp32
+master weights of ZeRO 1/2/3, ``deepspeed.utils.zero_to_fp32``; ZeRO-0 the saved module state) and scored
+the same way.
 """
 
 from __future__ import annotations
@@ -245,11 +249,52 @@ def _summarize(model_dir: Path, dest: Path, plan: dict, job, what: str, log, lab
     return summary
 
 
+DS_CHECKPOINTS = "ds_checkpoints"  # llmc.runtime.ds_train's folder for engine.save_checkpoint, under RUN/S
+DS_TAG = "step-{step:08d}"  # its tag of step N
+
+
+def ds_checkpoint_state(ds_dir: str | Path, tag: str) -> dict:
+    """Full weights (CPU tensors, llmc's names) of DeepSpeed checkpoint ``ds_dir/tag`` written by
+    ``engine.save_checkpoint``. ZeRO 1/2/3: the fp32 master weights merged from every rank's optimizer
+    shards by DeepSpeed's own offline converter, ``deepspeed.utils.zero_to_fp32.
+    get_fp32_state_dict_from_zero_checkpoint`` (parameters and persistent buffers, tied weights under both
+    names; https://www.deepspeed.ai/docs/config-json/#zero-optimizations-for-fp16-training and
+    https://deepspeed.readthedocs.io/en/latest/model-checkpointing.html). ZeRO-0 keeps no ZeRO shards (bf16's
+    optimizer shards carry no ZeRO stage the converter reads): the module state the engine saved
+    (``mp_rank_00_model_states.pt`` ``module``, in the training precision). ``engine.module`` is
+    llmc's ``Transformer`` itself, so the names need no mapping."""
+    import contextlib
+    import io
+
+    import torch
+
+    d = Path(ds_dir) / tag
+    if not d.is_dir():
+        raise FileNotFoundError(f"no DeepSpeed checkpoint {d}")
+    sd = None
+    if any(d.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+        except ValueError as e:  # bf16 without ZeRO saves bf16_zero_pp_rank_* shards with no ZeRO stage
+            if "is not a zero checkpoint" not in str(e):
+                raise
+    if sd is None:
+        files = sorted(d.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{d}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
+        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.detach().cpu() for k, v in sd.items() if torch.is_tensor(v)}
+
+
 def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | None = None) -> dict[int, dict]:
     """Score the stage's listed checkpoints (see the module docstring); returns step -> summary of those
     scored or already scored. ``out/hf`` (the stage's export) supplies the tokenizer files. A stage that
     torchtitan trained has no llmc checkpoints: its DCP checkpoints under ``build_dir/outputs/torchtitan``
-    are scored instead."""
+    are scored instead. A step with no llmc checkpoint but a DeepSpeed one (``out/ds_checkpoints``) is scored
+    from that (:func:`ds_checkpoint_state`)."""
     import shutil
     import tempfile
 
@@ -273,15 +318,25 @@ def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | No
             log(f"{job.stage}: checkpoint step {n} already evaluated ({dest / 'summary.json'})")
             done[n] = json.loads((dest / "summary.json").read_text())
             continue
-        if n not in present:
-            log(f"{job.stage}: no checkpoint at step {n} under {out / job.checkpoint_folder} (pruned?); not scored")
+        ds = out / DS_CHECKPOINTS / DS_TAG.format(step=n)
+        if n not in present and not ds.is_dir():
+            log(f"{job.stage}: no checkpoint at step {n} under {out / job.checkpoint_folder} or {ds.parent} "
+                "(pruned?); not scored")
             continue
+        src, model_sd = present.get(n, ds), None
+        if n not in present:
+            try:
+                model_sd = ds_checkpoint_state(ds.parent, ds.name)
+            except Exception as e:  # noqa: BLE001 - a partial or foreign folder: report it, score the rest
+                log(f"{job.stage}: cannot read DeepSpeed checkpoint {ds}: {type(e).__name__}: {e}; not scored")
+                continue
         (out / "eval").mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".hf-step-{n}-", dir=out / "eval"))
         try:
-            export_stage(job, present[n], tmp / "hf", tokenizer_dir=out / "hf")
+            export_stage(job, src, tmp / "hf", tokenizer_dir=out / "hf", model_sd=model_sd)
+            model_sd = None
             done[n] = _summarize(tmp / "hf", dest, plan, job, f"checkpoint step {n}", log, f"step {n} ", step=n,
-                                 checkpoint=os.path.relpath(present[n], out))
+                                 checkpoint=os.path.relpath(src, out))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return done
