@@ -95,8 +95,12 @@ ADAM_BYTES_PER_PARAM = 30  # HBM traffic of one fused AdamW update per owned par
 ZB_BUBBLE_FRACTION = 1 / 3  # zero-bubble schedules: bubble relative to 1F1B (estimate)
 ACT_BYTES = 2  # bf16 activations on the wire
 HOP_LATENCY_NET = 5e-6  # seconds per ring step across nodes (NCCL ring: n-1 steps per collective; estimate)
-ROOFLINE_GEMM_FRACTION = 0.78  # torchao float8 roofline: achievable share of the tensor peak (roofline_utils.py)
-ROOFLINE_HBM_FRACTION = 0.92  # the same model's achievable share of HBM bandwidth
+# torchao's float8 GEMM roofline (https://github.com/pytorch/ao/blob/main/torchao/testing/float8/roofline_utils.py,
+# gpu_name_to_specs, H100): share of the dense tensor peak a large GEMM reaches ("experimental observation with
+# sample large inputs") and share of HBM bandwidth a large pointwise kernel reaches; peaks and bandwidth
+# themselves come from llmc's hardware table
+ROOFLINE_GEMM_FRACTION = 0.78
+ROOFLINE_HBM_FRACTION = 0.92
 HOP_LATENCY_NVLINK = 1e-6  # seconds per ring step inside a node (estimate)
 
 
