@@ -128,7 +128,7 @@ BACKENDS: dict[str, Backend] = {
             "states": "FSDP2 fully_shard MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); " + _TT
             + "/blob/main/torchtitan/config/job_config.py (mixed_precision_param / mixed_precision_reduce)",
             "base_efficiency": "fitted: benchmarks/ torchtitan H100 Dec 2024 rows (use: fit)",
-            "fp8_linear_speedup": "fitted (given the cast-byte and fp8 shape models) on the use: fit rows: " + _FP8_SRC,
+            "fp8_linear_speedup": "fitted (given the cast-byte, fp8 shape and GEMM roofline models; the roofline penalty is 1.0 on these shapes) on the use: fit rows: " + _FP8_SRC,
             "fsdp_overlap": "FSDP2 prefetches the next unit's all-gather during the current unit's compute "
             "(https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html); share hidden is an estimate",
             "tp_overlap": "without async TP, torchtitan's DTensor TP collectives are issued on the compute stream "
@@ -136,7 +136,7 @@ BACKENDS: dict[str, Backend] = {
             "ep_overlap": "torchtitan's expert-parallel all-to-all is synchronous around the grouped GEMMs (exposed)",
             "nccl_bytes_per_peer_group": "NCCL_BUFFSIZE 4 MiB per channel, up to 16 channels per communicator "
             "on NVLink (https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html); estimate",
-            "fp8_rowwise_speedup": "fitted (given the cast-byte and fp8 shape models) to the rowwise/bf16 ratio of "
+            "fp8_rowwise_speedup": "fitted (given the cast-byte, fp8 shape and GEMM roofline models; the roofline penalty is 1.0 on these shapes) to the rowwise/bf16 ratio of "
             + _TT + "/commit/7a04053a742af65bc76826bbcc57b7bede7be62c (Llama 3 8B, 8 H100, "
             "compile: bf16 5,760 tok/s, rowwise float8 6,424 (1.12x), tensorwise + fp8 all-gather 7,186 (1.25x))",
             "fp8_cast_bytes": "torchao float8 roofline model (https://github.com/pytorch/ao/blob/main/torchao/"

@@ -25,7 +25,10 @@ The model, per optimizer step (m = grad_accum micro-batches, p = pp, v = virtual
   (an estimate; ~4 % of a 405B step, ~15 % of an 8B one). fp8 runs only the linears in fp8
   (attention stays bf16), ``fp8_linear_speedup`` x faster than bf16 per recipe (backends.py), with
   the GEMM shape penalty's half-points scaled by the fp8/bf16 peak ratio (per-tile costs do not
-  speed up; torchao float8 README, "Derivation"); the casts are HBM traffic counted per element as
+  speed up; torchao float8 README, "Derivation") and, for dense blocks, times torchao's float8 GEMM
+  roofline penalty at each linear's TP-shard shape (``fp8_roofline_penalty``: a narrow shard's fp8
+  GEMM is bound by its bf16 output write, so it gains less than the peak ratio; 1.0 on large
+  shapes, 1.045 for Llama 3 8B at TP 8, 1.016 for 70B); the casts are HBM traffic counted per element as
   in torchao's float8 roofline model (fused into the producing kernel or not, weights included);
   MFU for fp8 runs is quoted against the bf16 peak (the usual convention).
 * Communication (bandwidths from the hardware table, times ``COMM_EFFICIENCY``):
@@ -92,6 +95,12 @@ ADAM_BYTES_PER_PARAM = 30  # HBM traffic of one fused AdamW update per owned par
 ZB_BUBBLE_FRACTION = 1 / 3  # zero-bubble schedules: bubble relative to 1F1B (estimate)
 ACT_BYTES = 2  # bf16 activations on the wire
 HOP_LATENCY_NET = 5e-6  # seconds per ring step across nodes (NCCL ring: n-1 steps per collective; estimate)
+# torchao's float8 GEMM roofline (https://github.com/pytorch/ao/blob/main/torchao/testing/float8/roofline_utils.py,
+# gpu_name_to_specs, H100): share of the dense tensor peak a large GEMM reaches ("experimental observation with
+# sample large inputs") and share of HBM bandwidth a large pointwise kernel reaches; peaks and bandwidth
+# themselves come from llmc's hardware table
+ROOFLINE_GEMM_FRACTION = 0.78
+ROOFLINE_HBM_FRACTION = 0.92
 HOP_LATENCY_NVLINK = 1e-6  # seconds per ring step inside a node (estimate)
 
 
@@ -144,6 +153,10 @@ class StepModel:
     fp8_linear_sec_per_flop: float = 0.0  # the fp8 linears' part of sec_per_flop (0 = not fp8)
     fp8_shape_stretch: float = 1.0  # fp8 GEMMs: TOKENS_HALF / WIDTH_HALF scaled by this (see _efficiency)
     tp_gather_unfused: bool = False  # TP all-gathers feed an fp8 cast, not a GEMM (torchao rowwise float8)
+    # the fp8 linears of a dense block as (weight K*N, K, N, column_parallel), for fp8_roofline_penalty
+    fp8_linear_shapes: tuple[tuple[float, int, int, bool], ...] = ()
+    fp8_peak: float = 0.0  # dense fp8 peak FLOP/s (0 = not fp8)
+    fp8_peak_ratio: float = 1.0  # fp8 / bf16 dense peak
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # per-pp stage info
 
 
@@ -265,7 +278,22 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         tp_gather_bytes=tp_gather, fp8_linear_sec_per_flop=fp8_lin,
         fp8_shape_stretch=peak_flops(gpu, "fp8") / peak if (precision == "fp8" and be.fp8_shape_stretch) else 1.0,
         tp_gather_unfused=(precision == "fp8" and be.fp8_cast_blocks_async_tp and tp_gather == ACT_BYTES),
+        fp8_linear_shapes=_dense_linear_shapes(arch) if precision == "fp8" else (),
+        fp8_peak=peak_flops(gpu, "fp8") * clock_factor(gpu) if precision == "fp8" else 0.0,
+        fp8_peak_ratio=peak_flops(gpu, "fp8") / peak if precision == "fp8" else 1.0,
     )
+
+
+def _dense_linear_shapes(arch) -> tuple[tuple[float, int, int, bool], ...]:
+    """(K*N, K, N, column_parallel) of a dense block's linears (Llama: wq, wk, wv, wo, w1, w3, w2). Megatron-LM
+    tensor parallelism (Shoemaker et al. 2019, arXiv 1909.08053, sec. 3) splits the output dimension N of
+    the column-parallel ones (wq, wk, wv, w1, w3) and the input dimension K of the row-parallel ones (wo, w2).
+    MLA and MoE blocks: empty (their fp8 linears keep the d_model / tp width)."""
+    if arch.mla is not None or arch.moe is not None:
+        return ()
+    d, q, kv, ff = arch.d_model, arch.n_heads * arch.hd, arch.kv_heads * arch.hd, arch.d_ff
+    out = [(d, q, True), (d, kv, True), (d, kv, True), (q, d, False), (d, ff, True), (d, ff, True), (ff, d, False)]
+    return tuple((float(k * n), k, n, col) for k, n, col in out)
 
 
 def intra_node_gbps(gpu) -> tuple[float, str]:
@@ -331,6 +359,42 @@ def _efficiency(sm: StepModel, mb: int, cp: int, tp: int, stretch: float = 1.0) 
     # the backend's base efficiency is already in sm.sec_per_flop; this is the shape penalty only
     eff = tokens / (tokens + TOKENS_HALF * stretch) * width / (width + WIDTH_HALF * stretch)
     return eff * MOE_EFFICIENCY if sm.is_moe else eff
+
+
+def _roofline_gemm_s(m: float, k: float, n: float, fp8: bool, peak: float, hbm_Bps: float) -> float:
+    """torchao's float8 roofline of one GEMM (torchao/testing/float8/roofline_utils.py,
+    get_individual_gemm_time_sympy): max(2 M K N / (peak x 0.78), HBM bytes / (bandwidth x 0.92)); the inputs
+    are read in 1 B (fp8) or 2 B (bf16) per element, the output is written in bf16. ``peak``: the dtype's peak."""
+    in_bytes = 1 if fp8 else ACT_BYTES
+    compute = 2.0 * m * k * n / (peak * ROOFLINE_GEMM_FRACTION)
+    memory = ((m * k + k * n) * in_bytes + m * n * ACT_BYTES) / (hbm_Bps * ROOFLINE_HBM_FRACTION)
+    return max(compute, memory)
+
+
+def fp8_roofline_penalty(sm: StepModel, mb: int, cp: int, tp: int) -> float:
+    """How much slower than the fp8/bf16 peak ratio promises a dense block's fp8 linears run at this shape, by
+    torchao's float8 roofline (:func:`_roofline_gemm_s`): the three GEMMs of each linear (output M x K x N,
+    grad_input M x N x K, grad_weight K x M x N) at its TP-shard shape, M = the micro-batch's tokens on this GPU
+    (sequence parallelism gathers the full sequence before the column-parallel GEMMs). A narrow shard leaves
+    the fp8 GEMM bound by its bf16 output write, which does not shrink in fp8 (1.0 for large shapes).
+    https://github.com/pytorch/ao/blob/main/torchao/float8/README.md (Performance, Derivation)."""
+    if not sm.fp8_linear_shapes or not sm.fp8_peak:
+        return 1.0
+    key = ("fp8_roofline", mb, cp, tp)
+    hit = sm.cache.get(key)
+    if hit is not None:
+        return hit
+    m = mb * sm.seq_len / cp
+    bf16_peak = sm.fp8_peak / sm.fp8_peak_ratio
+    t_bf16 = t_fp8 = 0.0
+    for _, k, n, col in sm.fp8_linear_shapes:
+        k_, n_ = (k, n / tp) if col else (k / tp, n)
+        for dims in ((m, k_, n_), (m, n_, k_), (k_, m, n_)):
+            t_bf16 += _roofline_gemm_s(*dims, False, bf16_peak, sm.hbm_Bps)
+            t_fp8 += _roofline_gemm_s(*dims, True, sm.fp8_peak, sm.hbm_Bps)
+    out = max(1.0, t_fp8 * sm.fp8_peak_ratio / t_bf16)
+    sm.cache[key] = out
+    return out
 
 
 def _exposed(comm: float, window: float, overlap: float = OVERLAP) -> float:
@@ -429,8 +493,9 @@ class LayoutTimer:
         tokens_gpu = mb * sm.seq_len / cp  # tokens of this GPU's sequence shard per micro-batch
         eff = _efficiency(sm, mb, cp, t)
         spf = sm.sec_per_flop / eff
-        if sm.fp8_linear_sec_per_flop and sm.fp8_shape_stretch != 1.0:  # fp8 linears: their own shape penalty
-            spf += sm.fp8_linear_sec_per_flop * (1.0 / _efficiency(sm, mb, cp, t, sm.fp8_shape_stretch) - 1.0 / eff)
+        if sm.fp8_linear_sec_per_flop:  # fp8 linears: their own shape penalty and torchao's roofline
+            eff8 = eff if sm.fp8_shape_stretch == 1.0 else _efficiency(sm, mb, cp, t, sm.fp8_shape_stretch)
+            spf += sm.fp8_linear_sec_per_flop * (fp8_roofline_penalty(sm, mb, cp, t) / eff8 - 1.0 / eff)
         scale = tokens_gpu / t * spf
         # memory-bound ops, split over tp by sequence parallelism; full AC runs the forward part again
         if t > 1:
