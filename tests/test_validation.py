@@ -288,7 +288,7 @@ def test_torchtitan_job_logs_llmcs_validation_loss_of_its_checkpoint(tmp_path, m
     ckpt = run_dir / "outputs" / "torchtitan" / "checkpoints"
     assert (ckpt / "step-8" / ".metadata").exists()
     model = build_model(c.spec.model, "cpu", seed=1)
-    model.load_state_dict(_model_state(ckpt), strict=True)
+    model.load_state_dict(_model_state(ckpt)[0], strict=True)
     vset = build_validation_set(assets, assets.tokenizer(), c.hyper.seq_len, c.plan.micro_batch, 2)
     ours = evaluate(model, vset, torch.device("cpu"))
     assert ours["val_loss"] == pytest.approx(val[8], abs=1.5e-4), (ours, val)  # logged with 4 decimals
@@ -489,7 +489,7 @@ def test_torchtitan_two_ranks_log_llmcs_validation_loss_of_their_checkpoint(tmp_
         val.setdefault(int(s), set()).add(float(x))
     assert sorted(val) == [1, 4, 8] and all(len(x) == 1 for x in val.values()), val  # both ranks log it
 
-    ck = _model_state(run_dir / "outputs" / "torchtitan" / "checkpoints")
+    ck, _ = _model_state(run_dir / "outputs" / "torchtitan" / "checkpoints")
     model = build_model(c.spec.model, "cpu", seed=1)
     model.load_state_dict(ck, strict=True)
     assets = split_assets(Assets(str(run_dir), str(run_dir / "assets"),

@@ -57,9 +57,17 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local, device)
 
 
-def shutdown() -> None:
+def shutdown(together: bool = True) -> None:
+    """Destroy the process group. ``together`` (a rank that finished normally): a barrier first, so no rank
+    tears its gloo/NCCL connections down while another still has collectives in flight (PyTorch's
+    ``destroy_process_group`` notes); a rank leaving on an error skips it, so it never waits on peers that
+    are still inside a different collective."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if together:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def build_mesh(device: torch.device, dp_replicate: int, dp_shard: int, tp: int):

@@ -409,17 +409,18 @@ def main(argv: list[str] | None = None) -> int:
     root = (a.assets or a.lock.resolve().parent).resolve()
     stage_name = a.stage or "pretrain"
     out = (a.out or root / "run" / stage_name).resolve()
+    from llmc.runtime.distributed import shutdown
+
+    finished = False
     try:
         res = train(lock, ds_config, a.stage, out, root, max_steps=a.steps, resume=not a.no_resume,
                     config_name=str(cfg_path), build_dir=a.lock.resolve().parent)
+        finished = True
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"{a.lock}: error[R002] {stage_name}: {e}", file=sys.stderr)
         return 1
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(together=finished)  # a failing rank leaves at once (the launcher then stops the others)
     return 0 if res.get("status") in ("done", "stopped") else 1
 
 

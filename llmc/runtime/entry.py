@@ -274,19 +274,23 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
             except HFError as e:
                 raise ValueError(f"stage {job.stage!r} starts from stage {job.init_from!r}, which has not "
                                  f"finished: {e}") from None
+        finished = False
         try:
             if job.kind in NATIVE_KINDS:
                 from llmc.runtime.train import train
 
-                return train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
-                             fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
-            if job.kind in POSTTRAIN_KINDS:  # every rank: FSDP2 over the ranks (llmc.runtime.posttrain)
+                res = train(job, out, assets, max_steps=stop_after, max_seconds=max_seconds, resume=resume,
+                            fallback_checkpoint=fallback, init_checkpoint=init_ckpt, cpu_bf16=cpu_bf16, info=info)
+            elif job.kind in POSTTRAIN_KINDS:  # every rank: FSDP2 over the ranks (llmc.runtime.posttrain)
                 from llmc.runtime import posttrain
 
-                return posttrain.run_stage(job, out, assets=assets, info=info)
-            raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
+                res = posttrain.run_stage(job, out, assets=assets, info=info)
+            else:
+                raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
+            finished = True
+            return res
         finally:
-            shutdown()
+            shutdown(together=finished)  # a failing rank leaves at once (torchrun then stops the others)
 
 
 def main(argv: list[str] | None = None) -> int:
