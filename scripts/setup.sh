@@ -23,3 +23,12 @@ if [ ! -f .venv-sky/.installed ]; then
   .venv-sky/bin/pip install --quiet "skypilot==0.14.1" pyyaml
   touch .venv-sky/.installed
 fi
+# vLLM's own parsers check the emitted serving/vllm*.yaml and the Hugging Face exports in tests
+# (tests/test_vllm_parsers.py). vllm 0.33.0 pins torch 2.14.0 and transformers < 5.21 (.venv has torch 2.14.1,
+# transformers 5.24), so it gets its own environment (about 9.4 GB, 3 minutes from a package mirror).
+# LLMC_SKIP_VLLM=1 leaves it out; those tests then skip.
+if [ "${LLMC_SKIP_VLLM:-0}" != 1 ] && [ ! -f .venv-vllm/.installed ]; then
+  "$PY" -m venv .venv-vllm
+  .venv-vllm/bin/pip install --quiet "vllm==0.33.0" "torch==2.14.0" "transformers==5.20.2"
+  touch .venv-vllm/.installed
+fi

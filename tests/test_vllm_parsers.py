@@ -1,0 +1,269 @@
+"""vLLM 0.33's own parsers accept what llmc emits: every ``serving/vllm*.yaml`` goes through ``vllm serve``'s
+argument parser (``FlexibleArgumentParser`` with ``--config``, built by ``ServeSubcommand`` as in
+``vllm/entrypoints/cli/main.py``) and ``AsyncEngineArgs.from_cli_args``, and lands on the values of the lock's
+serving plan; every Hugging Face export (Llama, Qwen2, Mixtral, DeepSeek-V3) goes through
+``vllm.transformers_utils.config.get_config`` and ``vllm.config.ModelConfig`` (architecture resolution through
+vLLM's model registry, which inspects the model class in a subprocess) and reads back as the exported
+architecture, with vLLM's KV-cache bytes per token equal to llmc's serving plan; the dense exports also load
+into vLLM's own model classes (every parameter set from the checkpoint, the same values).
+
+vLLM 0.33.0 pins torch 2.14.0 and transformers < 5.21, so it runs in its own environment, ``.venv-vllm``
+(``scripts/setup.sh``); these tests skip where it is absent. ``VLLM_TARGET_DEVICE=cpu`` selects vLLM's CPU
+platform: without a GPU, vLLM cannot infer a device otherwise (vllm/platforms/__init__.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PY = ROOT / ".venv-vllm/bin/python"
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not VLLM_PY.exists(), reason="vLLM is not installed here (scripts/setup.sh puts it in "
+                                                               ".venv-vllm)")]
+
+# `vllm serve --config FILE`: the parser the CLI builds, its validation, then the engine arguments it starts from.
+SERVE_PARSE = """
+import json, os, sys
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.entrypoints.cli.serve import ServeSubcommand
+from vllm.engine.arg_utils import AsyncEngineArgs
+out = {}
+for path in sys.argv[1:]:
+    os.chdir(os.path.dirname(os.path.dirname(path)))  # `vllm serve` runs from the build directory
+    parser = FlexibleArgumentParser(description="vLLM CLI")
+    cmd = ServeSubcommand()
+    cmd.subparser_init(parser.add_subparsers(required=False, dest="subparser"))
+    try:
+        args = parser.parse_args(["serve", "--config", path])
+        cmd.validate(args)
+    except SystemExit as e:  # argparse's way of refusing an argument
+        out[path] = {"refused": e.code}
+        continue
+    if args.model_tag is not None:  # ServeSubcommand.cmd does the same
+        args.model = args.model_tag
+    ea = AsyncEngineArgs.from_cli_args(args)
+    keys = ("model", "served_model_name", "dtype", "tensor_parallel_size", "pipeline_parallel_size",
+            "max_model_len", "max_num_seqs", "gpu_memory_utilization", "kv_cache_dtype", "quantization",
+            "enable_prefix_caching", "distributed_executor_backend")
+    out[path] = {**{k: getattr(ea, k) for k in keys}, "host": args.host, "port": args.port}
+print(json.dumps(out, default=str))
+"""
+
+# vLLM's model config from an exported directory. KV bytes per token as vLLM's KV-cache specs size a page
+# (vllm/v1/kv_cache_interface.py: FullAttentionSpec keeps K and V, MLAAttentionSpec one latent vector per token,
+# both of head_size elements for each of get_num_kv_heads() heads), summed over the layers.
+MODEL_PARSE = """
+import json, sys
+from vllm.transformers_utils.config import get_config
+from vllm.config import ModelConfig, ParallelConfig
+out = {}
+for path in sys.argv[1:]:
+    hf = get_config(path, trust_remote_code=False)
+    mc = ModelConfig(model=path, tokenizer=path, skip_tokenizer_init=True, dtype="auto")
+    layers = mc.get_num_layers(ParallelConfig())
+    kv_heads = mc.get_num_kv_heads(ParallelConfig())
+    per_layer = (1 if mc.use_mla else 2) * kv_heads * mc.get_head_size() * mc.dtype.itemsize
+    out[path] = {"model_type": hf.model_type, "architectures": mc.architectures, "hidden": mc.get_hidden_size(),
+                 "layers": layers, "heads": mc.get_num_attention_heads(ParallelConfig()),
+                 "kv_heads": mc.get_total_num_kv_heads(), "head_size": mc.get_head_size(),
+                 "vocab": mc.get_vocab_size(), "dtype": str(mc.dtype), "max_model_len": mc.max_model_len,
+                 "use_mla": mc.use_mla, "is_moe": mc.is_moe, "kv_bytes_per_token": layers * per_layer}
+print(json.dumps(out, default=str))
+"""
+
+
+def run_vllm(script: str, paths: list[Path], cache: Path) -> dict:
+    # offline, and a fresh vLLM cache: the registry inspects each architecture anew instead of reading ~/.cache
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CACHE_ROOT=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_LOGGING_LEVEL="WARNING")
+    out = subprocess.run([str(VLLM_PY), "-c", script, *map(str, paths)], capture_output=True, text=True,
+                         timeout=900, env=env, cwd=cache)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- serving/vllm.yaml
+
+EXAMPLES = ["llama3_8b_h100x8", "pipeline_llama3_8b", "qwen2.5_7b_a100x16"]
+# Targets that reach the emitter's other branches: fp8 weights and KV cache, prefix caching off, AWQ, and a
+# replica that pipelines over two nodes (Ray executor).
+VARIANTS = {
+    "llama3_8b_h100x8": [
+        {"engine": "vllm", "concurrency": 8, "quantization": "fp8", "kv_cache_dtype": "fp8", "prefix_caching": False,
+         "gpu_memory_utilization": 0.85},
+        {"engine": "vllm", "concurrency": 4, "quantization": "awq", "max_model_len": 4096},
+    ],
+    "llama3_405b_h100x16384": [{"engine": "vllm", "concurrency": 16}],
+}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> list[tuple[Path, dict]]:
+    """(vllm*.yaml, its lock serving entry) for every vLLM target of the examples and the variants."""
+    specs = {ex: ROOT / f"examples/{ex}.yaml" for ex in EXAMPLES}
+    for ex, targets in VARIANTS.items():
+        doc = yaml.safe_load((ROOT / f"examples/{ex}.yaml").read_text())
+        doc["serving"] = targets
+        p = tmp_path_factory.mktemp("specs") / f"{ex}-variant.yaml"
+        p.write_text(yaml.safe_dump(doc, sort_keys=False))
+        specs[f"{ex}-variant"] = p
+    pairs = []
+    for name, spec in specs.items():
+        d = tmp_path_factory.mktemp(name)
+        subprocess.run([sys.executable, "-m", "llmc.cli", "build", str(spec), "-o", str(d)], check=True, cwd=ROOT,
+                       capture_output=True)
+        plans = [p for p in json.loads((d / "plan.lock.json").read_text())["serving"] if p["engine"] == "vllm"]
+        for i, plan in enumerate(plans):
+            # where the stage's export goes: offline, vLLM takes `model` as a local path only if it exists
+            (d / f"run/{plan['stage']}/hf").mkdir(parents=True, exist_ok=True)
+            pairs.append((d / ("serving/vllm.yaml" if i == 0 else f"serving/vllm-{i + 1}.yaml"), plan))
+    return pairs
+
+
+def test_every_vllm_yaml_passes_vllm_serve_parser(served, tmp_path):
+    bad = tmp_path / "serving/misspelled.yaml"  # the same parser refuses a key vLLM does not have
+    bad.parent.mkdir()
+    bad.write_text(served[0][0].read_text() + "tensor-paralel-size: 2\n")
+    got = run_vllm(SERVE_PARSE, [f for f, _ in served] + [bad], tmp_path)
+    assert got[str(bad)] == {"refused": 2}
+    assert any(p["nodes"] > 1 for _, p in served) and any(p["quantization"] == "awq" for _, p in served)
+    assert any(not p["prefix_caching"] for _, p in served) and any(p["kv_cache_dtype"] == "fp8" for _, p in served)
+    for f, plan in served:
+        args = got[str(f)]
+        assert "refused" not in args, f
+        assert args["model"] == f"run/{plan['stage']}/hf"
+        assert args["dtype"] == "bfloat16" and args["port"] == 8000 and args["host"] == "0.0.0.0"
+        assert args["tensor_parallel_size"] == plan["tensor_parallel_size"]
+        assert args["pipeline_parallel_size"] == plan["pipeline_parallel_size"]
+        assert args["tensor_parallel_size"] * args["pipeline_parallel_size"] == plan["gpus"]
+        assert args["max_model_len"] == plan["max_model_len"] and args["max_num_seqs"] == plan["max_num_seqs"]
+        assert args["gpu_memory_utilization"] == pytest.approx(plan["gpu_memory_utilization"])
+        assert args["kv_cache_dtype"] == plan["kv_cache_dtype"]
+        assert args["quantization"] == plan["quantization"]
+        assert args["enable_prefix_caching"] is plan["prefix_caching"]
+        assert args["distributed_executor_backend"] == ("ray" if plan["nodes"] > 1 else None)
+
+
+# ----------------------------------------------------------------------------- Hugging Face exports
+
+
+def test_hf_exports_pass_vllm_model_config(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    from types import SimpleNamespace
+
+    from llmc.compiler.serving import GiB, plan_serving
+    from llmc.runtime.hf_io import export_hf
+    from llmc.runtime.model import build_model
+    from llmc.spec.model import MLA, Architecture, MoE
+    from llmc.spec.schema import RunSpec
+
+    base = dict(n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=80, vocab_size=101, max_seq_len=32,
+                rope_theta=5000.0)
+    archs = {
+        "LlamaForCausalLM": Architecture(name="llama", **base),
+        "Qwen2ForCausalLM": Architecture(name="qwen2", **base, qkv_bias=True),
+        "MixtralForCausalLM": Architecture(name="mixtral", **base, moe=MoE(num_experts=3, top_k=2)),
+        "DeepseekV3ForCausalLM": Architecture(
+            name="deepseek", n_layers=3, d_model=24, n_heads=3, d_ff=40, vocab_size=77, max_seq_len=64,
+            rope_theta=10000.0, norm_eps=1e-6,
+            mla=MLA(q_lora_rank=12, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6),
+            moe=MoE(num_experts=4, top_k=2, num_shared_experts=2, expert_d_ff=20, dense_layers=1,
+                    score_func="sigmoid", route_scale=1.5)),
+    }
+    dirs = {cls: export_hf(build_model(a, seed=0).state_dict(), a, tmp_path / cls, dtype=torch.bfloat16)
+            for cls, a in archs.items()}
+    got = run_vllm(MODEL_PARSE, list(dirs.values()), tmp_path)
+
+    h100 = SimpleNamespace(hbm_bytes=80 * GiB, gpus_per_node=8)
+    for cls, a in archs.items():
+        m = got[str(dirs[cls])]
+        assert m["architectures"] == [cls]
+        assert m["hidden"] == a.d_model and m["layers"] == a.n_layers and m["vocab"] == a.vocab_size
+        assert m["heads"] == a.n_heads and m["max_model_len"] == a.max_seq_len and m["dtype"] == "torch.bfloat16"
+        assert m["is_moe"] is (a.moe is not None) and m["use_mla"] is (a.mla is not None)
+        if a.mla is None:
+            assert m["kv_heads"] == a.n_kv_heads and m["head_size"] == a.d_model // a.n_heads
+        else:  # vLLM caches the compressed latent plus the shared rope key (DeepSeek-V2, arXiv:2405.04434, 2.1)
+            assert m["head_size"] == a.mla.kv_lora_rank + a.mla.qk_rope_head_dim
+        spec = RunSpec.model_validate({"name": "t", "model": a.model_dump(), "data": {"seq_len": a.max_seq_len,
+                                       "tokens": 1e6}, "hardware": {"gpu": "h100-sxm", "count": 1},
+                                       "serving": [{"concurrency": 1, "gpus": 1}]})
+        plans, _ = plan_serving(spec, lambda key: h100 if key == "h100-sxm" else None)
+        assert m["kv_bytes_per_token"] == plans[0].kv_bytes_per_token, cls
+
+
+# vLLM builds its model class for the export on its CPU platform and loads the safetensors with its default
+# loader, which refuses a checkpoint that leaves any parameter unset (DefaultModelLoader.load_weights, strict for
+# unquantized models). Only dense models: this vLLM wheel has no CPU kernel for the fused MoE layer
+# (select_unquantized_moe_backend raises NotImplementedError without a GPU), so MoE exports stop at ModelConfig.
+LOAD = """
+import json, sys
+from vllm.config import DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
+from vllm.distributed import init_distributed_environment, initialize_model_parallel
+from vllm.model_executor.model_loader import get_model
+out = {}
+for i, path in enumerate(sys.argv[2:]):
+    mc = ModelConfig(model=path, tokenizer=path, skip_tokenizer_init=True, dtype="float32", enforce_eager=True)
+    vc = VllmConfig(model_config=mc, device_config=DeviceConfig("cpu"))
+    with set_current_vllm_config(vc):
+        if i == 0:
+            init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                         distributed_init_method=f"tcp://127.0.0.1:{sys.argv[1]}")
+            initialize_model_parallel(1, 1)
+        model = get_model(vllm_config=vc)
+    ps = dict(model.named_parameters())
+    out[path] = {"class": type(model).__name__, "numel": sum(p.numel() for p in ps.values()),
+                 "abs_sum": sum(p.double().abs().sum().item() for p in ps.values())}
+print(json.dumps(out))
+"""
+
+
+def test_dense_hf_exports_load_into_vllm_models(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    import socket
+
+    from safetensors.torch import load_file
+
+    from llmc.runtime.hf_io import export_hf
+    from llmc.runtime.model import build_model
+    from llmc.spec.model import Architecture
+
+    base = dict(n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=80, vocab_size=101, max_seq_len=32,
+                rope_theta=5000.0)
+    archs = {"llama": Architecture(name="llama", **base),
+             "llama-tied": Architecture(name="llama-tied", **base, tied_embeddings=True),
+             "qwen2": Architecture(name="qwen2", **base, qkv_bias=True)}
+    dirs, want = {}, {}
+    for name, a in archs.items():
+        model = build_model(a, seed=0)
+        with torch.no_grad():  # non-trivial norms and biases: a tensor left at its initial value changes the sum
+            for n, p in model.named_parameters():
+                if n.endswith("norm.weight") or n.endswith(".bias"):
+                    p.add_(torch.randn_like(p) * 0.3)
+        dirs[name] = export_hf(model.state_dict(), a, tmp_path / name, dtype=torch.float32)
+        sd = load_file(str(dirs[name] / "model.safetensors"))
+        want[name] = (model.num_params(), sum(t.double().abs().sum().item() for t in sd.values()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    got = run_vllm(LOAD, [port, *dirs.values()], tmp_path)
+    for name, a in archs.items():
+        m = got[str(dirs[name])]
+        assert m["class"] == ("Qwen2ForCausalLM" if a.qkv_bias else "LlamaForCausalLM")
+        # VocabParallelEmbedding pads the vocabulary to a multiple of 64 rows (DEFAULT_VOCAB_PADDING_SIZE in
+        # vllm/model_executor/layers/vocab_parallel_embedding.py), in the embedding and in an untied LM head
+        pad_rows = -a.vocab_size % 64 * (1 if a.tied_embeddings else 2)
+        assert m["numel"] == want[name][0] + pad_rows * a.d_model
+        # vLLM fuses q/k/v and gate/up into single parameters; the values are the export's, rounded to float32 sums
+        assert m["abs_sum"] == pytest.approx(want[name][1], rel=1e-9)
