@@ -16,6 +16,6 @@ TARGET_VERSIONS = {
     "torch": "2.14.1",
     "torchtitan": "0.3.0",
     "deepspeed": "0.19.8",
-    "vllm": "0.11",
+    "vllm": "0.33.0",
     "sglang": "0.5",
 }

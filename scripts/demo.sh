@@ -3,7 +3,7 @@
 # summarise the run: validation loss / perplexity first -> last and the eval task's score.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+LLMC_SKIP_VLLM=1 scripts/setup.sh  # the demo needs no vLLM environment (scripts/test.sh makes it)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 SPEC=${1:-examples/tiny_cpu.yaml}
 NAME=$(basename "$SPEC" .yaml)

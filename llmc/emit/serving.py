@@ -1,4 +1,5 @@
-"""Serving targets: ``serving/vllm.yaml`` (vLLM 0.11) and ``serving/sglang.yaml`` (SGLang 0.5).
+"""Serving targets: ``serving/vllm.yaml`` (vLLM 0.33.0; its own parser reads it in tests) and
+``serving/sglang.yaml`` (SGLang 0.5).
 
 Reads only ``compiled.serving`` (the compiler sizes each target: tp/pp, KV budget, fit). One config
 file per target; a second target on the same engine gets ``serving/<engine>-2.yaml`` and so on.
