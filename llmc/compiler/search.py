@@ -28,10 +28,10 @@ larger shard group or EP degree, never falls with a larger micro-batch or weaker
 one "least-memory corner" evaluation can rule out whole groups of layouts, and the micro-batch scan
 stops at the first misfit (an assumption about memory.py that holds up to its small fixed buffers).
 Memory results are cached on the fields memory depends on, and the fit checks evaluate only the
-peak stage (``memory_per_gpu(..., per_stage=False)``). From ``BOUNDARY_MIN_WORLD`` GPUs (a million GPUs
-give hundreds of dp_shard x dp_replicate splits per layout) the fit of each (layout group, micro-batch,
-AC) is found once, by binary search over dp_shard, instead of per layout, and batch rejections are kept
-once per (tp, pp, cp) and reason.
+peak stage (``memory_per_gpu(..., per_stage=False)``). The fit of each (layout group, micro-batch, AC)
+is found once, by binary search over dp_shard (:meth:`_Search.fit_from_ds`; a million GPUs give hundreds of
+dp_shard x dp_replicate splits per layout), and batch rejections are kept once per (tp, pp, cp) and
+reason (all are counted).
 
 Ranking: step time (0.1 % bins), then memory per GPU, then simplicity (fewer parallel dimensions, no
 interleaving). Rejected layouts keep a one-line reason, and ``reasons`` explains the choice
@@ -201,9 +201,8 @@ class _Search:
         self.pruned = 0
         self.layouts_total = 0
         self.layouts_batch_bad = 0
-        # large worlds (see BOUNDARY_MIN_WORLD): the shard sizes of each (tp, pp, cp, schedule, v, ZeRO, ep)
-        # group, ascending, and per (group, micro-batch, AC) the smallest of them that fits
-        self.boundaries = world >= BOUNDARY_MIN_WORLD
+        # the shard sizes of each (tp, pp, cp, schedule, v, ZeRO, ep) group, ascending, and per (group,
+        # micro-batch, AC) the smallest of them that fits
         self.ds_lists: dict[tuple, list[int]] = {}
         self.fit_from: dict[tuple, float | None] = {}
 
@@ -286,7 +285,7 @@ class _Search:
         with ds' <= ds and ep' <= ep without evaluating it, and one that fits proves the same for
         every ds' >= ds, ep' >= ep.
         """
-        if self.boundaries and lay.ds * lay.c > 1:
+        if lay.ds * lay.c > 1:
             first = self.fit_from_ds(lay, lay.mbs[0], self.acs[-1])
             if first is not None:
                 if lay.ds >= first:
@@ -397,7 +396,7 @@ class _Search:
                 if self.can_skip(lay, step):
                     skipped = True
                     continue  # fits or not, it cannot improve any required comparison
-                if self.boundaries and lay.ds * lay.c > 1:
+                if lay.ds * lay.c > 1:
                     first = self.fit_from_ds(lay, mb, ac)
                     if first is not None and lay.ds < first:
                         break  # a larger shard group of its group does not fit: neither does this one
@@ -425,11 +424,6 @@ class _Search:
 REQUIRED_DIMS = ("tp", "pp", "cp", "ep", "zero_stage", "pp_schedule")
 TIE = 1.001  # step times within 0.1 % count as a tie (then less memory, then the simpler plan wins)
 USABLE_FRACTION = 0.92  # memory.fits headroom: allocator fragmentation margin
-# from this many GPUs the fit of a (layout group, micro-batch, AC) is found by binary search over dp_shard
-# (_Search.fit_from_ds) instead of per layout: the chosen plan, the alternatives and the comparisons of
-# REQUIRED_DIMS stay exact; the numbers of memory evaluations and misfits the report counts, and the
-# "best found" comparisons, may differ from the per-layout path
-BOUNDARY_MIN_WORLD = 32_768
 
 
 def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_seqs: int, precision: str,
@@ -575,10 +569,10 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
     batch_dims = ("tp", "pp", "cp")
     batch_reason = S.batch_reason()
     rejected, counts = S.rejected, S.counts
-    # large worlds: of the batch rejections of this (tp, pp, cp), which share a few reasons, only the first (in
-    # _plan_tuple order) of each reason is kept as a candidate; all are counted. The reasons per dimension,
-    # the reasons and the first candidate of each reason in the ordered rejection list stay the same.
-    grouped: dict[str, tuple] | None = {} if S.boundaries else None
+    # of the batch rejections of this (tp, pp, cp), which share a few reasons, only the first (in _plan_tuple
+    # order) of each reason is kept as a candidate; all are counted. The reasons per dimension, the reasons and
+    # the first candidate of each reason in the ordered rejection list stay the same.
+    grouped: dict[str, tuple] = {}
     n_batch = 0
     out = []
     for ds, dr in pairs:
@@ -619,23 +613,12 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                              dims=("pp",))
                     continue
                 for sched, v, mbs, why in sched_mbs:
-                    if not mbs and grouped is not None:
+                    if not mbs:
                         n_batch += 1
                         k = (e, ds, dr, sched, v, z)  # the order of _plan_tuple inside this (tp, pp, cp)
                         cur = grouped.get(why)
                         if cur is None or k < cur:
                             grouped[why] = k
-                        continue
-                    if not mbs:
-                        plan = _plan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e, zero_stage=z,
-                                     pp_schedule=sched, pp_virtual_stages=v, micro_batch=mbs_all[0],
-                                     grad_accum=max(1, per_dp // mbs_all[0]))
-                        if batch_dims:
-                            S.reject(plan, "batch", why, dims=batch_dims, dim_reason=batch_reason)
-                            batch_dims = ()  # (tp, pp, cp) are fixed here: their reason is set from now on
-                        else:  # S.reject without the (now no-op) reasons per dimension
-                            counts["batch"] += 1
-                            rejected.append(Candidate(plan, 0.0, 0.0, 0, False, why))
                         continue
                     timer = LayoutTimer(S.sm, t, p, c, e, ds, dr, z, sched, v)
                     time = timer.time
