@@ -422,9 +422,17 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[str, int], list[Diagnos
 
     Bounded: nesting at most :data:`MAX_YAML_DEPTH` deep and at most :data:`MAX_YAML_NODES` values
     after alias expansion, checked before anything walks the expanded tree."""
+    loader = None
     try:
         _check_depth(text)
         loader = yaml.SafeLoader(text)
+        node = loader.get_single_node()
+        lines: dict[str, int] = {}
+        diags: list[Diagnostic] = []
+        if node is not None:
+            _measure(node, 1, set(), {})
+            _walk(node, "", lines, diags, file)  # before constructing: that flattens ``<<`` merges in place
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.reader.ReaderError as e:  # control characters: the reader refuses before parsing
         line = text[: e.position].count("\n") + 1
         return None, {}, [_diag("S002", "", f"YAML error: character {e.character:#x} is not allowed", file=file,
@@ -435,22 +443,9 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[str, int], list[Diagnos
         return None, {}, [_yaml_syntax(e, file)]
     except yaml.YAMLError as e:
         return None, {}, [_diag("S002", "", f"YAML error: {_one_line(str(e))}", file=file)]
-    try:
-        node = loader.get_single_node()
-        lines: dict[str, int] = {}
-        diags: list[Diagnostic] = []
-        if node is not None:
-            _measure(node, 1, set(), {})
-            _walk(node, "", lines, diags, file)  # before constructing: that flattens ``<<`` merges in place
-        raw = loader.construct_document(node) if node is not None else None
-    except _YAMLLimit as e:
-        return None, {}, [_diag("S002", "", f"YAML too complex: {e.message}", file=file, line=e.line, hint=e.hint)]
-    except yaml.MarkedYAMLError as e:
-        return None, {}, [_yaml_syntax(e, file)]
-    except yaml.YAMLError as e:
-        return None, {}, [_diag("S002", "", f"YAML error: {_one_line(str(e))}", file=file)]
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return raw, lines, diags
 
 
