@@ -589,21 +589,9 @@ def test_deepspeed_stage_is_evaluated_by_the_eval_step(tmp_path):
     lock = lock_for(spec, plan={"micro_batch": 8, "zero_stage": 1}, hyper={"warmup_steps": 1},
                     spec_path=str(tmp_path / "spec.yaml"))
     (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
-    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "train_batch_size": 8,
-           "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0,
-           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                     "weight_decay": 0.1, "torch_adam": True}}}
-    (tmp_path / "ds.json").write_text(json.dumps(cfg))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": str(root)}
-    port = str(29500 + os.getpid() % 200)
     out = tmp_path / "run" / "pretrain"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-            "--rdzv_endpoint", f"localhost:{port}", "-m", "llmc.runtime.ds_train", "--lock",
-            str(tmp_path / "plan.lock.json"), "--ds-config", str(tmp_path / "ds.json"), "--out", str(out),
-            "--assets", str(tmp_path)]
-    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, cwd=str(root))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _run_ds_train(tmp_path, root, out, zero=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(root)}
     assert (out / "DONE.json").is_file() and (out / "hf" / "config.json").is_file()
     assert not (out / "eval").exists()  # the DeepSpeed trainer does not evaluate: the eval step must
     ev = [sys.executable, "-m", "llmc.runtime.evaluate", "--lock", str(tmp_path / "plan.lock.json"), "--stage",
@@ -679,8 +667,6 @@ def test_eval_step_scores_a_deepspeed_stages_intermediate_checkpoints(tmp_path, 
     the saved module); the state read at the last step equals the llmc checkpoint ds_train wrote from
     engine.module (ZeRO-3: DeepSpeed's consolidated state dict)."""
     pytest.importorskip("deepspeed")
-    import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -711,26 +697,8 @@ def test_eval_step_scores_a_deepspeed_stages_intermediate_checkpoints(tmp_path, 
     steps = lock["evaluation"]["tasks"]["checkpoint_steps"]["pretrain"]
     assert steps == [2, 3]  # 4 steps, saved at 1, 2, 3 and 4; the newest 3 kept; the last is the export
     (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
-    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "train_batch_size": 8,
-           "zero_optimization": {"stage": zero}, "gradient_clipping": 1.0,
-           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                     "weight_decay": 0.1, "torch_adam": True}},
-           "bf16": {"enabled": precision == "bf16"}}
-    (tmp_path / "ds.json").write_text(json.dumps(cfg))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": str(root)}
-    port = str(29500 + os.getpid() % 200)
     out = tmp_path / "run" / "pretrain"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-            "--rdzv_endpoint", f"localhost:{port}", "-m", "llmc.runtime.ds_train", "--lock",
-            str(tmp_path / "plan.lock.json"), "--ds-config", str(tmp_path / "ds.json"), "--out", str(out),
-            "--assets", str(tmp_path), "--no-resume"]
-    for attempt in range(2):
-        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, cwd=str(root))
-        # DeepSpeed's CPU shm-comm op sometimes aborts at start-up on a loaded machine: one retry
-        if r.returncode == 0 or "terminate called without an active exception" not in r.stderr or attempt:
-            break
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _run_ds_train(tmp_path, root, out, zero=zero, bf16=precision == "bf16", extra=["--no-resume"])
     ds_dir = out / "ds_checkpoints"
     assert sorted(p.name for p in ds_dir.glob("step-*")) == [f"step-{n:08d}" for n in (2, 3, 4)]
     llmc_ck = list_checkpoints(out / "checkpoints")
@@ -785,3 +753,30 @@ def test_eval_step_scores_a_deepspeed_stages_intermediate_checkpoints(tmp_path, 
         assert (out / "eval" / f"step-{n}" / "eval_results.json").is_file()
     assert not torch.equal(seen["step-2"], seen["step-3"])
     assert (out / "eval" / "summary.json").is_file() and not list((out / "eval").glob(".hf-step-*"))
+
+
+def _run_ds_train(tmp_path, root, out, *, zero: int, bf16: bool = False, extra: list[str] = ()) -> None:
+    """llmc's DeepSpeed runner, one rank on CPU, on ``tmp_path/plan.lock.json`` with a ZeRO ``zero`` config."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "train_batch_size": 8,
+           "zero_optimization": {"stage": zero}, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                     "weight_decay": 0.1, "torch_adam": True}},
+           "bf16": {"enabled": bf16}}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(root)}
+    port = str(29500 + os.getpid() % 200)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"localhost:{port}", "-m", "llmc.runtime.ds_train", "--lock",
+            str(tmp_path / "plan.lock.json"), "--ds-config", str(tmp_path / "ds.json"), "--out", str(out),
+            "--assets", str(tmp_path), *extra]
+    for attempt in range(2):
+        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, cwd=str(root))
+        # DeepSpeed's CPU shm-comm op sometimes aborts at start-up on a loaded machine: one retry
+        if r.returncode == 0 or "terminate called without an active exception" not in r.stderr or attempt:
+            break
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
