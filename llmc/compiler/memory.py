@@ -175,20 +175,9 @@ def pipeline_layout(
     return tuple(out)
 
 
-def _plan_layout(arch: Architecture, plan: ParallelPlan):
-    return pipeline_layout(arch.n_layers, plan.pp, plan.pp_schedule, max(1, plan.pp_virtual_stages))
-
-
 def stage_layers(n_layers: int, pp: int, schedule: str = "1F1B", virtual: int = 1) -> list[list[int]]:
     """Blocks held by each pipeline rank (see :func:`pipeline_layout`)."""
     return [list(layers) for layers, _, _ in pipeline_layout(n_layers, pp, schedule, virtual)]
-
-
-def stage_param_groups(
-    arch: Architecture, pp: int, schedule: str = "1F1B", virtual: int = 1
-) -> list[dict[str, int]]:
-    """Per pipeline rank: parameter counts by sharding group ("tp", "expert", "vocab", "replicated")."""
-    return [dict(g) for g in _stage_param_groups(arch, pp, schedule, virtual)]
 
 
 _LAYER_GROUPS: dict[int, tuple] = {}
