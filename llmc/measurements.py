@@ -143,7 +143,7 @@ def _from_lock(lock: dict, lock_path: str, label: str, source: str) -> Measureme
     hw = lock.get("hardware") or {}
     return Measurement(label=label, source=source, backend=be, gpu=hw.get("key") or spec.hardware.gpu,
                        model=spec.model, seq_len=spec.data.seq_len, precision=spec.training.precision, plan=plan,
-                       gpus_per_node=spec.hardware.gpus_per_node, compile=comp)
+                       gpus_per_node=spec.hardware.gpus_per_node, compile=comp, fp8_recipe=spec.training.fp8_recipe)
 
 
 def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Measurement:

@@ -28,9 +28,9 @@ TINY = dict(name="tiny", n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=1
 
 
 def compiled_for(model=None, plan=None, gpu="h100-sxm", precision="bf16", schedule=None, seq=64, steps=100,
-                 grad_clip=1.0, lr=3e-4, warmup=10, **over) -> Compiled:
+                 grad_clip=1.0, lr=3e-4, warmup=10, training_extra=None, **over) -> Compiled:
     plan = plan or ParallelPlan(dp_shard=8, micro_batch=2, grad_accum=2)
-    training = {"precision": precision, "grad_clip": grad_clip}
+    training = {"precision": precision, "grad_clip": grad_clip, **(training_extra or {})}
     if schedule:
         training["schedule"] = schedule
     run = RunSpec.model_validate({
@@ -93,6 +93,61 @@ def test_fp8_emits_float8_converter_and_no_clip_is_inf():
     src = render_torchtitan(compiled_for(precision="fp8", grad_clip=None))["torchtitan/llmc_job.py"]
     assert "Float8LinearConverter.Config(" in src and "recipe_name='rowwise'" in src
     assert 'max_norm=float("inf")' in src
+
+
+def _fp8_job(recipe, gpu="b200"):
+    return compiled_for(precision="fp8", gpu=gpu, training_extra={"fp8_recipe": recipe})
+
+
+def test_fp8_recipe_reaches_the_job():
+    """training.fp8_recipe: rowwise (and the default) -> Float8LinearConverter(recipe_name="rowwise"); mxfp8 ->
+    torchtitan 0.3.0's MXFP8LinearConverter over the attention / MLP / shared-expert linears (not the output
+    head, not the router); tensorwise -> X311 (torchtitan 0.3.0's Float8LinearConverter has no tensorwise)."""
+    for recipe in (None, "rowwise"):
+        src = render_torchtitan(_fp8_job(recipe))["torchtitan/llmc_job.py"]
+        assert "recipe_name='rowwise'" in src and "MXFP8LinearConverter" not in src
+    src = render_torchtitan(_fp8_job("mxfp8"))["torchtitan/llmc_job.py"]
+    ast.parse(src)
+    assert "from torchtitan.components.quantization import MXFP8LinearConverter" in src
+    assert "MXFP8LinearConverter.Config(" in src and "Float8LinearConverter" not in src
+    assert "fqns=['attention', 'feed_forward', 'shared_experts']" in src
+    assert "converters()" in src and "MXFP8LinearConverter" not in render_torchtitan(
+        compiled_for(gpu="b200"))["torchtitan/llmc_job.py"]  # bf16: no converter at all
+    with pytest.raises(SpecError) as e:
+        render_torchtitan(_fp8_job("tensorwise"), strict=True)
+    d = e.value.diagnostics[0]
+    assert d.code == "X311" and d.path == "training.fp8_recipe"
+
+
+@pytest.mark.slow
+def test_mxfp8_job_loads_through_torchtitans_config_manager(tmp_path):
+    """The emitted mxfp8 job loads with torchtitan's own ConfigManager (``job_without_converters``: building the
+    MX converter needs an SM 10.x GPU, which torchtitan checks) and its ``converters()`` are torchtitan's
+    MXFP8LinearConverter.Config with the emitted FQNs."""
+    pytest.importorskip("torch")
+    pytest.importorskip("torchtitan")
+    from torchtitan.components.quantization import MXFP8LinearConverter
+    from torchtitan.config import ConfigManager
+
+    c = _fp8_job("mxfp8")
+    for rel, text in render_torchtitan(c, strict=True).items():
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    mod_dir = tmp_path / "torchtitan"
+    sys.path.insert(0, str(mod_dir))
+    sys.modules.pop("llmc_job", None)
+    try:
+        cfg = ConfigManager().parse_args(["--module", "llmc_job", "--config", "job_without_converters"])
+        assert cfg.parallelism.data_parallel_shard_degree == 8
+        import llmc_job
+
+        convs = llmc_job.converters()
+        assert len(convs) == 1 and isinstance(convs[0], MXFP8LinearConverter.Config)
+        assert convs[0].fqns == ["attention", "feed_forward", "shared_experts"]
+    finally:
+        sys.path.remove(str(mod_dir))
+        sys.modules.pop("llmc_job", None)
 
 
 def test_unexpressible_architectures_give_diagnostics_not_modules():

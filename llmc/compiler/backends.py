@@ -108,6 +108,30 @@ _GENERIC_STATES = {
     3: StateBytes(weights=(0, 2), grads=(0, 2), optimizer=(0, 12)),
 }
 
+# MXFP8 (OCP Microscaling, https://www.opencompute.org/documents/ocp-microscaling-formats-mx-v1-0-spec-final-pdf:
+# one E8M0 scale per 32 consecutive elements along the GEMM's reduction dimension). The forward GEMM needs the
+# operand scaled along its rows, the backward GEMMs along its columns, and "rowwise and columnwise MXFP8 tensors
+# are numerically different -- one cannot derive one from the other. Both must be quantized independently from the
+# full-precision data" (Transformer Engine docs, features/low_precision_training/mxfp8: Handling transposes), where
+# Blackwell's per-tensor fp8 serves both usages with one copy (fp8_current_scaling: "On Blackwell ... rowwise and
+# columnwise tensors share the same physical memory layout"). torchao's MX roofline counts the two casts as two
+# kernels (https://github.com/pytorch/ao/blob/main/torchao/testing/training/roofline_utils.py,
+# get_tensor_memory_traffic_ovhd_s, mxfp8_cublas: x_bf16 -> x_mxfp8_dim0, x_bf16 -> x_mxfp8_dim1; dim0 fused with
+# the producer writes 1 B, otherwise reads 2 + writes 1; dim1 always reads 2 + writes 1) and measures them well below
+# the bandwidth its roofline assumes for casts (92 % of 8 TB/s on B200): "up to 5.5 TB/s for the dim0 cast (with
+# torch.compile), and up to 3.9 TB/s for the dim1 cast" (torchao/prototype/mx_formats/README.md, "to_mx cast
+# across dim0 and dim1"). llmc charges cast bytes at the HBM bandwidth as the roofline's 92 % kernels, so an MX
+# cast's bytes count x (0.92 x 8.0 / measured TB/s): its time at the measured rate.
+MX_BLOCK = 32  # elements per E8M0 scale (OCP MX v1.0)
+MX_ROOFLINE_HBM_TBPS = 8.0 * 0.92  # torchao roofline_utils: B200 8.0 TB/s x pct_achievable_mem_bw 0.92
+MX_DIM0_CAST_TBPS = 5.5  # torchao mx_formats README: dim0 (rowwise) to_mx cast, torch.compile, B200
+MX_DIM1_CAST_TBPS = 3.9  # torchao mx_formats README: dim1 (columnwise) to_mx cast, triton kernel, B200
+_MX_W0 = MX_ROOFLINE_HBM_TBPS / MX_DIM0_CAST_TBPS
+_MX_W1 = MX_ROOFLINE_HBM_TBPS / MX_DIM1_CAST_TBPS
+_SCALE = 1.0 / MX_BLOCK  # E8M0 scale bytes per fp8 byte written
+# bytes-equivalent per cast element: (dim0 cast) + (dim1 cast); fp8 writes carry 1/32 B of scales each
+MX_CAST_FUSED = (1 + _SCALE) * _MX_W0 + (2 + 1 + _SCALE) * _MX_W1
+MX_CAST_UNFUSED = (2 + 1 + _SCALE) * _MX_W0 + (2 + 1 + _SCALE) * _MX_W1
 _TT = "https://github.com/pytorch/torchtitan"
 _FP8_SRC = ("torchtitan docs/float8.md and benchmarks/llama3_h100_202412_torchtitan.md Table 1/3: compile + "
             "Float8 vs compile bf16 = 8532/6667 = 1.28x and 8380/6514 = 1.29x end to end for Llama 3.1 8B")
@@ -116,9 +140,10 @@ BACKENDS: dict[str, Backend] = {
     "torchtitan": Backend(
         name="torchtitan", runnable=True, states=_FSDP2_STATES,
         base_efficiency=0.68, fp8_linear_speedup=1.92, fp8_rowwise_speedup=1.47, fp8_default_recipe="rowwise",
-        fp8_cast_bytes={"tensorwise": 4.0, "rowwise": 6.0}, attn_relative_efficiency=0.6, compile_default=True, eager_elementwise=3.0,
-        fp8_cast_bytes_unfused={"tensorwise": 6.0, "rowwise": 8.0},
-        fp8_weight_cast_bytes={"tensorwise": 8.0, "rowwise": 10.0},
+        fp8_cast_bytes={"tensorwise": 4.0, "rowwise": 6.0, "mxfp8": MX_CAST_FUSED}, attn_relative_efficiency=0.6,
+        compile_default=True, eager_elementwise=3.0,
+        fp8_cast_bytes_unfused={"tensorwise": 6.0, "rowwise": 8.0, "mxfp8": MX_CAST_UNFUSED},
+        fp8_weight_cast_bytes={"tensorwise": 8.0, "rowwise": 10.0, "mxfp8": MX_CAST_UNFUSED},
         fp8_tp_gather_recipes=frozenset({"tensorwise"}), fp8_shape_stretch=True, fp8_cast_blocks_async_tp=True,
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.5, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=True, compile_act_saving=0.08, reserved_over_allocated=1.08,
@@ -146,6 +171,10 @@ BACKENDS: dict[str, Backend] = {
             "fp8_cast_bytes_unfused": "the same roofline without fusion: + the 2 B bf16 read (tensorwise amax "
             "pass / rowwise first read): 6 B and 8 B. Used for the casts whose input is the output of a TP "
             "all-gather (a collective cannot be fused with the cast) and in eager mode",
+            "fp8_cast_bytes_mxfp8": "torchao's MX roofline (mxfp8_cublas: a dim0 and a dim1 cast kernel, 1 + 3 B "
+            "fused, 3 + 3 B unfused, + 1/32 B of E8M0 scales per fp8 byte) at the measured B200 cast rates (dim0 5.5, "
+            "dim1 3.9 TB/s vs the roofline's 0.92 x 8 TB/s; torchao/prototype/mx_formats/README.md): MX_CAST_FUSED "
+            "= 7.1, MX_CAST_UNFUSED = 9.8 bytes-equivalent per element (weights: unfused)",
             "fp8_weight_cast_bytes": "the same roofline, weight role (never fused): tensorwise 2 (amax) + 3 (fwd "
             "cast) + 3 (bwd cast) = 8 B; rowwise 3 + 4 (bf16 transpose) + 3 = 10 B per weight element per micro-batch",
             "fp8_shape_stretch": "llmc's GEMM shape penalty (timing._efficiency) comes from per-tile costs that do "
@@ -213,7 +242,8 @@ BACKENDS: dict[str, Backend] = {
     "megatron": Backend(
         name="megatron", runnable=False, states=_DS_STATES,
         base_efficiency=0.70, fp8_linear_speedup=1.8, fp8_rowwise_speedup=1.8, fp8_default_recipe="tensorwise",
-        fp8_cast_bytes={"tensorwise": 1.0, "rowwise": 1.0}, attn_relative_efficiency=1.0, compile_default=False, eager_elementwise=1.0,
+        fp8_cast_bytes={"tensorwise": 1.0, "rowwise": 1.0, "mxfp8": 2 * (1 + _SCALE)},
+        attn_relative_efficiency=1.0, compile_default=False, eager_elementwise=1.0,
         fsdp_overlap=0.9, tp_overlap=0.8, async_tp_overlap=0.8, ep_overlap=0.7, ep_node_dedup=True, cp_overlap=0.5,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
@@ -224,7 +254,11 @@ BACKENDS: dict[str, Backend] = {
             "attn_relative_efficiency": "Transformer Engine cuDNN fused attention (FlashAttention-3 class, "
             "Shah et al. 2024: 75 % of H100 peak, on a par with GEMMs)",
             "fp8_cast_bytes": "Transformer Engine fuses the fp8 cast into the producing norm / activation kernel "
-            "(LayerNormLinear, fused cast-transpose): about one extra fp8 byte per element (estimate)",
+            "(LayerNormLinear, fused cast-transpose): about one extra fp8 byte per element (estimate). On Blackwell "
+            "per-tensor fp8 (current scaling) writes one copy that serves the rowwise and columnwise usages; MXFP8 "
+            "writes both, each with one E8M0 byte per 32 elements (TE docs low_precision_training/mxfp8 and "
+            "fp8_current_scaling, Handling transposes; the fused single-kernel case of performance_considerations): "
+            "2 x (1 + 1/32) B",
             "eager_elementwise": "Transformer Engine fuses norm+linear, bias+activation, RoPE (TE docs)",
             "tp_overlap": "Megatron-Core tp_comm_overlap (userbuffers comm-GEMM overlap), "
             "https://docs.nvidia.com/megatron-core/developer-guide/latest/api-guide/tensor_parallel.html",

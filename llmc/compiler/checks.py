@@ -60,8 +60,14 @@ class Sink:
 # ------------------------------------------------------------------------------------------- hardware
 
 
+# GPUs whose tensor cores run MXFP8 GEMMs (block-scaled, E8M0 scales): Blackwell SM 10.0 / 10.3 (Transformer
+# Engine docs, low_precision_training/mxfp8, "Supported devices: SM 10.0, SM 10.3"; torchtitan 0.3.0
+# components/quantization/mx.py: "MXFP8 is only supported on SM100 or later architectures")
+MX_TENSOR_CORE_GPUS = frozenset({"b200", "gb200"})
+
+
 def check_gpu(run, gpus: dict, sink: Sink) -> None:
-    """S007 for an unknown GPU key; T005 for fp8 on a part without fp8."""
+    """S007 for an unknown GPU key; T005 for fp8 on a part without fp8; T010 for mxfp8 before Blackwell."""
     from llmc.compiler.hardware import get_gpu, supports
 
     g = get_gpu(run.hardware.gpu)
@@ -73,6 +79,11 @@ def check_gpu(run, gpus: dict, sink: Sink) -> None:
     if run.training.precision == "fp8" and not supports(g, "fp8"):
         sink.add("T005", "error", "training.precision", f"fp8 needs FP8 tensor cores; {g.name} has none",
                  "use bf16, or Hopper/Ada/Blackwell GPUs (h100-sxm, h200, b200)")
+    elif (run.training.precision == "fp8" and run.training.fp8_recipe == "mxfp8"
+          and g.key not in MX_TENSOR_CORE_GPUS):
+        sink.add("T010", "error", "training.fp8_recipe",
+                 f"mxfp8 needs MX (block-scaled) fp8 tensor cores, Blackwell SM 10.x; {g.name} has none",
+                 f"use fp8_recipe tensorwise or rowwise, or {' / '.join(sorted(MX_TENSOR_CORE_GPUS))}")
 
 
 def check_cluster(run, gpu, sink: Sink) -> bool:

@@ -143,7 +143,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     hyper = pretrain_hyper(run, gpu)  # steps etc.; the checkpoint interval is refined by the step time below
 
     be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration)
-    model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check)
+    model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe)
     searched = _Searched()
     if pretrains and cluster_ok and supports(gpu, training.precision) and batch_ok:
         searched = _search(run, gpu, data.seq_len, training, seqs, sink, model_opts)
@@ -196,10 +196,12 @@ class _ModelOptions:
     factors: object | None
     band: float
     fit_check: bool
+    fp8_recipe: str | None = None  # training.fp8_recipe (None = the backend's)
 
 
 def _step_model(arch: Architecture, seq_len: int, precision: str, gpu: GPU, o: _ModelOptions):
-    return timing.step_model(arch, seq_len, precision, gpu, o.backend, compile=o.compile, factors=o.factors)
+    return timing.step_model(arch, seq_len, precision, gpu, o.backend, compile=o.compile, factors=o.factors,
+                             fp8_recipe=o.fp8_recipe)
 
 
 @dataclasses.dataclass(frozen=True)

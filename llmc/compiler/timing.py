@@ -102,6 +102,10 @@ HOP_LATENCY_NET = 5e-6  # seconds per ring step across nodes (NCCL ring: n-1 ste
 ROOFLINE_GEMM_FRACTION = 0.78
 ROOFLINE_HBM_FRACTION = 0.92
 HOP_LATENCY_NVLINK = 1e-6  # seconds per ring step inside a node (estimate)
+# fp8 scaling recipes the model knows (spec ``training.fp8_recipe``): per-tensor (torchao "tensorwise", TE current
+# scaling), per-row (torchao "rowwise"), and OCP MX block scaling (TE MXFP8, torchao mxfp8); cast traffic per
+# recipe in backends.py
+FP8_RECIPES = ("tensorwise", "rowwise", "mxfp8")
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ class StepModel:
     fp8_linear_shapes: tuple[tuple[float, int, int, bool], ...] = ()
     fp8_peak: float = 0.0  # dense fp8 peak FLOP/s (0 = not fp8)
     fp8_peak_ratio: float = 1.0  # fp8 / bf16 dense peak
+    fp8_mx: bool = False  # MXFP8: the fp8 GEMMs also read one E8M0 scale per 32 input elements (roofline)
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # per-pp stage info
 
 
@@ -167,8 +172,8 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     ``gpu`` is a ``hardware.GPU`` (already carrying the spec's gpus_per_node / network overrides).
     ``backend`` is a :class:`backends.Backend` (or its name; None = the backend-neutral ``generic``
     profile); ``compile`` = torch.compile on (None = the backend's default); ``async_tp`` = torchtitan's
-    async tensor parallel (effective only when compiled); ``fp8_recipe`` = ``tensorwise`` / ``rowwise``
-    (None = the backend's); ``factors`` = calibration factors
+    async tensor parallel (effective only when compiled); ``fp8_recipe`` = ``tensorwise`` / ``rowwise`` /
+    ``mxfp8`` (None = the backend's; see :data:`FP8_RECIPES`); ``factors`` = calibration factors
     (:class:`calibration.Factors`: compute_scale divides the compute time, comm_scale multiplies every
     exposed communication time; applied in :meth:`LayoutTimer.time` after the overlap model, so the
     reported step is exactly the linear model the calibration was fitted with).
@@ -177,6 +182,8 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
 
     be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
     compiled_ = compile_on(be, compile)
+    if fp8_recipe is not None and fp8_recipe not in FP8_RECIPES:
+        raise ValueError(f"unknown fp8 recipe {fp8_recipe!r} (one of {', '.join(FP8_RECIPES)})")
     compute_scale = getattr(factors, "compute_scale", 1.0) if factors is not None else 1.0
     if hasattr(factors, "compute_scale_at"):  # calibration.Factors: with its model-size term
         compute_scale = factors.compute_scale_at(arch.d_model)
@@ -281,6 +288,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         fp8_linear_shapes=_dense_linear_shapes(arch) if precision == "fp8" else (),
         fp8_peak=peak_flops(gpu, "fp8") * clock_factor(gpu) if precision == "fp8" else 0.0,
         fp8_peak_ratio=peak_flops(gpu, "fp8") / peak if precision == "fp8" else 1.0,
+        fp8_mx=precision == "fp8" and (fp8_recipe or be.fp8_default_recipe) == "mxfp8",
     )
 
 
@@ -361,11 +369,13 @@ def _efficiency(sm: StepModel, mb: int, cp: int, tp: int, stretch: float = 1.0) 
     return eff * MOE_EFFICIENCY if sm.is_moe else eff
 
 
-def _roofline_gemm_s(m: float, k: float, n: float, fp8: bool, peak: float, hbm_Bps: float) -> float:
+def _roofline_gemm_s(m: float, k: float, n: float, fp8: bool, peak: float, hbm_Bps: float, mx: bool = False) -> float:
     """torchao's float8 roofline of one GEMM (torchao/testing/float8/roofline_utils.py,
     get_individual_gemm_time_sympy): max(2 M K N / (peak x 0.78), HBM bytes / (bandwidth x 0.92)); the inputs
-    are read in 1 B (fp8) or 2 B (bf16) per element, the output is written in bf16. ``peak``: the dtype's peak."""
-    in_bytes = 1 if fp8 else ACT_BYTES
+    are read in 1 B (fp8) or 2 B (bf16) per element, the output is written in bf16. ``peak``: the dtype's peak.
+    ``mx``: MXFP8 also reads one 1-byte E8M0 scale per 32 input elements (torchao/testing/training/
+    roofline_utils.py: num_scale_reads = num_reads // block_size)."""
+    in_bytes = (1 + (1 / 32 if mx else 0.0)) if fp8 else ACT_BYTES
     compute = 2.0 * m * k * n / (peak * ROOFLINE_GEMM_FRACTION)
     memory = ((m * k + k * n) * in_bytes + m * n * ACT_BYTES) / (hbm_Bps * ROOFLINE_HBM_FRACTION)
     return max(compute, memory)
@@ -391,7 +401,7 @@ def fp8_roofline_penalty(sm: StepModel, mb: int, cp: int, tp: int) -> float:
         k_, n_ = (k, n / tp) if col else (k / tp, n)
         for dims in ((m, k_, n_), (m, n_, k_), (k_, m, n_)):
             t_bf16 += _roofline_gemm_s(*dims, False, bf16_peak, sm.hbm_Bps)
-            t_fp8 += _roofline_gemm_s(*dims, True, sm.fp8_peak, sm.hbm_Bps)
+            t_fp8 += _roofline_gemm_s(*dims, True, sm.fp8_peak, sm.hbm_Bps, sm.fp8_mx)
     out = max(1.0, t_fp8 * sm.fp8_peak_ratio / t_bf16)
     sm.cache[key] = out
     return out

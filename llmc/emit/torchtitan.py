@@ -458,12 +458,35 @@ def _titan_compile(compiled) -> bool:
     return compile_on(get_backend("torchtitan"), compiled.spec.training.compile)
 
 
+# torchtitan 0.3.0's quantization converters (components/quantization): Float8LinearConverter.Config.recipe_name is
+# Literal["rowwise", "rowwise_with_gw_hp"] (no tensorwise); MXFP8LinearConverter.Config converts the Linear configs
+# whose FQN contains one of ``fqns`` (empty = every Linear): the attention, dense MLP and shared-expert linears,
+# i.e. not the output head and not the MoE router (the float8 converter's skip list)
+TITAN_FP8_RECIPES = ("rowwise", "mxfp8")
+MXFP8_FQNS = ["attention", "feed_forward", "shared_experts"]
+
+
+def _fp8_recipe(compiled, errs: list[Diagnostic]) -> str:
+    """The fp8 recipe of the job: ``training.fp8_recipe`` or the torchtitan backend's default; X311 when
+    torchtitan 0.3.0 has no converter for it."""
+    from llmc.compiler.backends import get_backend
+
+    recipe = compiled.spec.training.fp8_recipe or get_backend("torchtitan").fp8_default_recipe
+    if recipe not in TITAN_FP8_RECIPES:
+        errs.append(diag("X311", "error", "training.fp8_recipe",
+                         f"torchtitan {TORCHTITAN_VERSION} has no {recipe} float8 recipe (Float8LinearConverter: "
+                         "rowwise, rowwise_with_gw_hp; MXFP8LinearConverter: mxfp8)",
+                         "use fp8_recipe rowwise (or mxfp8 on Blackwell)"))
+    return recipe
+
+
 def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str]) -> dict[str, Any]:
     """Model family, shapes, init, RoPE, MoE / MLA and precision."""
     spec = compiled.spec
     arch = spec.model
     precision = spec.training.precision
     converters_filter = ["lm_head"] + (["router.gate"] if arch.moe is not None else [])
+    recipe = _fp8_recipe(compiled, errs) if precision == "fp8" else None
     return {
         "family": family,
         "flavor": f"llmc-{arch.name}",
@@ -486,9 +509,11 @@ def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str])
         "moe": _moe(arch, notes, errs),
         "mla": _mla(arch, notes),
         "attn_backend": "flex",
-        "float8": precision == "fp8",
-        "float8_recipe": "rowwise",
+        "float8": precision == "fp8" and recipe != "mxfp8",
+        "float8_recipe": recipe,
         "float8_filter_fqns": converters_filter,
+        "mxfp8": precision == "fp8" and recipe == "mxfp8",
+        "mxfp8_fqns": MXFP8_FQNS,
         "compile_enable": spec.hardware.gpu != "cpu" and _titan_compile(compiled),
         "compile_components": ["model", "loss"],
         "training_dtype": "float32",

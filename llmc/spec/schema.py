@@ -294,6 +294,10 @@ class Training(SpecModel):
     """Backend the plan is computed for (its memory layout and overlap); ``auto`` = llmc picks one and says why."""
     compile: bool | None = None
     """torch.compile. None = the backend's default (on for torchtitan, off for native and DeepSpeed)."""
+    fp8_recipe: Literal["tensorwise", "rowwise", "mxfp8"] | None = None
+    """fp8 scaling recipe when ``precision`` is fp8: ``tensorwise`` (one scale per tensor), ``rowwise`` (one per
+    row) or ``mxfp8`` (OCP MX: one power-of-two scale per 32 elements; Blackwell only). None = the backend's
+    default (torchtitan: rowwise). Timed and sized per recipe; torchtitan 0.3.0 runs rowwise and mxfp8."""
 
 
 class Parallelism(SpecModel):
