@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -140,3 +141,23 @@ def test_benchmark_tables_read_as_measurements():
     r = {m.label: m for m in rows}["tt24-t5-interleaved"]
     assert (r.plan.pp, r.plan.pp_schedule, r.plan.pp_virtual_stages, r.plan.grad_accum) == (8, "Interleaved1F1B", 2, 8)
     assert r.compile is True and r.async_tp is True and r.reserved_bytes == pytest.approx(72.7 * 2**30)
+
+
+def test_the_locks_fp8_recipe_reaches_the_prediction(tmp_path):
+    """A run built with ``training.fp8_recipe: mxfp8`` is re-predicted with MXFP8's cast traffic: the lock
+    carries the recipe (spec.resolved), so the measurement's prediction equals the plan's (it would not with the
+    backend's default rowwise)."""
+    spec = SPEC.replace("h100-sxm", "b200").replace(
+        "training: {backend: torchtitan,", "training: {backend: torchtitan, precision: fp8, fp8_recipe: mxfp8,")
+    run, lines = loads_spec(spec, file="spec.yaml")
+    c = compile_spec(run, "spec.yaml", lines, spec_bytes=spec.encode())
+    (tmp_path / "plan.lock.json").write_text(lock_text(c))
+    log = tmp_path / "train.log"
+    log.write_text("\n".join(TITAN_LINES) + "\n")
+    m = ms.read_torchtitan_log(log, tmp_path / "plan.lock.json")
+    assert m.fp8_recipe == "mxfp8" and m.precision == "fp8"
+    t, _ = ms.predicted(m)
+    assert t.step_seconds == pytest.approx(c.time.step_seconds)
+    rowwise = ms.predicted(dataclasses.replace(m, fp8_recipe=None))[0]
+    assert rowwise.step_seconds != pytest.approx(c.time.step_seconds)
+
