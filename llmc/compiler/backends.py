@@ -84,6 +84,7 @@ class Backend:
     fp8_tp_gather_recipes: frozenset[str] = frozenset()  # recipes whose TP all-gathers run in fp8 (cast on the shard)
     fp8_shape_stretch: bool = False  # fp8 GEMMs need fp8-speedup x larger shapes for the same efficiency (timing)
     fp8_cast_blocks_async_tp: bool = False  # an fp8 cast between a TP all-gather and its GEMM stops async TP fusing them
+    sac_regathers_tp: bool = False  # selective AC does not save the TP all-gathers' outputs: the backward re-gathers
 
 
 _FSDP2_STATES = {
@@ -145,6 +146,7 @@ BACKENDS: dict[str, Backend] = {
         fp8_cast_bytes_unfused={"tensorwise": 6.0, "rowwise": 8.0, "mxfp8": MX_CAST_UNFUSED},
         fp8_weight_cast_bytes={"tensorwise": 8.0, "rowwise": 10.0, "mxfp8": MX_CAST_UNFUSED},
         fp8_tp_gather_recipes=frozenset({"tensorwise"}), fp8_shape_stretch=True, fp8_cast_blocks_async_tp=True,
+        sac_regathers_tp=True,
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.5, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=True, compile_act_saving=0.08, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
@@ -185,6 +187,14 @@ BACKENDS: dict[str, Backend] = {
             "fp8_cast_blocks_async_tp": "torch/_inductor/fx_passes/micro_pipeline_tp.py fuses an all-gather only "
             "with matmuls that consume its result; a float8 cast in between (rowwise forward inputs, backward "
             "grad_outputs) leaves that all-gather exposed",
+            "sac_regathers_tp": _TT + "/blob/820504e20d1149fbf0b98c567af24c4b0433b22d/torchtitan/models/llama3/"
+            "parallelize_llama.py (_save_list / _custom_policy, the per-op SAC of selective_ac_option = 'op', as in "
+            "9dec370's parallelize_llama.py): MUST_SAVE only for mm (every other one), SDPA, "
+            "_c10d_functional.reduce_scatter_tensor and max; every other op, the TP all-gathers included, is "
+            "PREFER_RECOMPUTE, so the backward re-runs the attention and MLP input all-gathers (2 per block) to "
+            "rebuild the gathered activations its weight gradients need (torchtitan's later activation_checkpoint.py "
+            "says of its saved collectives: \"Communication ops whose outputs should be saved to avoid "
+            "re-communication\"; all_gather is not among them)",
             "fp8_tp_gather_recipes": _TT + "/blob/main/torchtitan/models/llama3/infra/parallelize.py: \"float8 "
             "all-gather with TP is only supported for tensorwise float8 scaling recipes. For rowwise recipes, we use "
             "regular TP and all-gather happens in high precision\" (enable_float8_tensorwise_tp -> torchao "

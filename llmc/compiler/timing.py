@@ -35,7 +35,9 @@ The model, per optimizer step (m = grad_accum micro-batches, p = pp, v = virtual
   - TP (Megatron, Narayanan et al. 2021 / Korthikanti et al. 2022): 2 all-reduces forward + 2
     backward per layer, each of b*s*h*2 bytes, ring factor 2(t-1)/t, inside the node (NVLink; PCIe
     on parts without it, :func:`intra_node_gbps`); +2 with full recomputation (the forward runs
-    twice). torchtitan's tensorwise float8 TP gathers in fp8 (1 B per element). The backend's
+    twice), +2 all-gathers with torchtitan's per-op selective AC (it saves no all-gather output, so the
+    backward gathers the attention and MLP inputs again; backends.py ``sac_regathers_tp``). torchtitan's
+    tensorwise float8 TP gathers in fp8 (1 B per element). The backend's
     tp_overlap (async TP, TE comm-GEMM overlap) hides a share of the collectives it can fuse.
   - FSDP / ZeRO over dp_shard: ZeRO-3 all-gathers the local parameters before forward and
     backward and reduce-scatters the gradients every micro-batch (FSDP2 with gradient
@@ -157,6 +159,7 @@ class StepModel:
     fp8_linear_sec_per_flop: float = 0.0  # the fp8 linears' part of sec_per_flop (0 = not fp8)
     fp8_shape_stretch: float = 1.0  # fp8 GEMMs: TOKENS_HALF / WIDTH_HALF scaled by this (see _efficiency)
     tp_gather_unfused: bool = False  # TP all-gathers feed an fp8 cast, not a GEMM (torchao rowwise float8)
+    sac_regathers_tp: bool = False  # selective AC recomputes the forward TP all-gathers in the backward (backends.py)
     # the fp8 linears of a dense block as (weight K*N, K, N, column_parallel), for fp8_roofline_penalty
     fp8_linear_shapes: tuple[tuple[float, int, int, bool], ...] = ()
     fp8_peak: float = 0.0  # dense fp8 peak FLOP/s (0 = not fp8)
@@ -285,6 +288,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         tp_gather_bytes=tp_gather, fp8_linear_sec_per_flop=fp8_lin,
         fp8_shape_stretch=peak_flops(gpu, "fp8") / peak if (precision == "fp8" and be.fp8_shape_stretch) else 1.0,
         tp_gather_unfused=(precision == "fp8" and be.fp8_cast_blocks_async_tp and tp_gather == ACT_BYTES),
+        sac_regathers_tp=be.sac_regathers_tp,
         fp8_linear_shapes=_dense_linear_shapes(arch) if precision == "fp8" else (),
         fp8_peak=peak_flops(gpu, "fp8") * clock_factor(gpu) if precision == "fp8" else 0.0,
         fp8_peak_ratio=peak_flops(gpu, "fp8") / peak if precision == "fp8" else 1.0,
@@ -527,7 +531,10 @@ class LayoutTimer:
             # and stays exposed (PyTorch micro-pipeline TP, torch/_inductor/fx_passes/micro_pipeline_tp.py fuses
             # only the matmuls that consume the all-gather result)
             n_coll = 2 * (2 if full else 1) + 2  # all-gathers (and as many reduce-scatters) per block
-            ag, rs = n_coll * sm.tp_gather_bytes, n_coll * ACT_BYTES
+            # torchtitan's per-op SAC saves no all-gather output: the backward gathers the attention and MLP inputs
+            # again (backends.py, sac_regathers_tp); their consumers are the recomputed forward GEMMs, as in full AC
+            n_ag = n_coll + (2 if ac == "selective" and sm.sac_regathers_tp else 0)
+            ag, rs = n_ag * sm.tp_gather_bytes, n_coll * ACT_BYTES
             per_elem = ag + rs - sm.tp_overlap * (rs + (0.0 if sm.tp_gather_unfused else ag))
             tp_comm = n_slow * tokens_gpu * sm.d_model * per_elem * (t - 1) / t / sm.nvlink_Bps
         ep_comm = 0.0
