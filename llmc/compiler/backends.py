@@ -169,14 +169,14 @@ BACKENDS: dict[str, Backend] = {
             "fp8_cast_bytes": "torchao float8 roofline model (https://github.com/pytorch/ao/blob/main/torchao/"
             "testing/float8/roofline_utils.py, get_tensor_memory_traffic_ovhd_s), input / grad_output casts fused "
             "with the previous op (fuse_with_prev): tensorwise = fp8 written row- and column-major (2 x 1 B) + bf16 "
-            "read = 4 B per element; rowwise = 1 + 2 B (dim0 fp8 + bf16 transpose) + 2 + 1 B (dim1 cast) = 6 B",
+            "read = 4 B per element; rowwise = 1 + 2 B (dim0 fp8 + bf16 transpose) + 2 + 1 B (dim1 cast) = 6 B; mxfp8 = "
+            "torchao's MX roofline (torchao/testing/training/roofline_utils.py, mxfp8_cublas: a dim0 and a dim1 cast "
+            "kernel, 1 + 3 B fused, 3 + 3 B unfused, + 1/32 B of E8M0 scale per fp8 byte) at torchao's measured B200 "
+            "cast rates (dim0 5.5, dim1 3.9 TB/s against the roofline's 0.92 x 8 TB/s; torchao/prototype/mx_formats/"
+            "README.md): MX_CAST_FUSED = 7.1, MX_CAST_UNFUSED = 9.8 bytes-equivalent per element (weights: unfused)",
             "fp8_cast_bytes_unfused": "the same roofline without fusion: + the 2 B bf16 read (tensorwise amax "
             "pass / rowwise first read): 6 B and 8 B. Used for the casts whose input is the output of a TP "
             "all-gather (a collective cannot be fused with the cast) and in eager mode",
-            "fp8_cast_bytes_mxfp8": "torchao's MX roofline (mxfp8_cublas: a dim0 and a dim1 cast kernel, 1 + 3 B "
-            "fused, 3 + 3 B unfused, + 1/32 B of E8M0 scales per fp8 byte) at the measured B200 cast rates (dim0 5.5, "
-            "dim1 3.9 TB/s vs the roofline's 0.92 x 8 TB/s; torchao/prototype/mx_formats/README.md): MX_CAST_FUSED "
-            "= 7.1, MX_CAST_UNFUSED = 9.8 bytes-equivalent per element (weights: unfused)",
             "fp8_weight_cast_bytes": "the same roofline, weight role (never fused): tensorwise 2 (amax) + 3 (fwd "
             "cast) + 3 (bwd cast) = 8 B; rowwise 3 + 4 (bf16 transpose) + 3 = 10 B per weight element per micro-batch",
             "fp8_shape_stretch": "llmc's GEMM shape penalty (timing._efficiency) comes from per-tile costs that do "
