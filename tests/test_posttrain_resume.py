@@ -149,6 +149,14 @@ def test_keep_latest_prunes_mid_stage_checkpoints(tmp_path):
     assert [s for s, _ in list_checkpoints(out / "checkpoints" / RESUME_FOLDER)] == [2, 3]
 
 
+def test_max_seconds_stops_with_a_checkpoint(tmp_path):
+    _base(tmp_path)
+    out = tmp_path / "sft"
+    res = run_stage(job_of("sft"), out, tokenizer=TOK, max_seconds=0)  # out of time after the first step
+    assert res["status"] == "stopped" and res["step"] == 1 and not (out / "DONE.json").exists()
+    assert [s for s, _ in list_checkpoints(out / "checkpoints" / RESUME_FOLDER)] == [1]
+
+
 def test_other_stage_checkpoint_is_not_resumed(whole, tmp_path):
     _base(tmp_path)
     run_stage(job_of("dpo"), tmp_path / "dpo", tokenizer=TOK, stop_after=2)

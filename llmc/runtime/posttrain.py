@@ -227,8 +227,8 @@ def resume_point(folder: Path, job: Any, lora: Any | None, fallback: bool = Fals
     return path
 
 
-def _loop_state(job: Any, out: Path, info: Any, lora: Any | None, shard: Any, *, resume: bool, fallback: bool,
-                stop_after: int | None, max_seconds: float | None, log) -> Any:
+def _loop_state(job: Any, out: Path, info: Any, lora: Any | None, shard: Any, layout: dict, *, resume: bool,
+                fallback: bool, stop_after: int | None, max_seconds: float | None, log) -> Any:
     """The stage's :class:`llmc.runtime.sft.LoopState`: mid-stage checkpoints in ``checkpoints/resume``, the
     point to resume from (``resume``; else the folder is cleared, rank 0, so no stale step-N outranks the new
     run's), and metrics.jsonl cut back to that step (rank 0) so each step is logged once."""
@@ -243,7 +243,7 @@ def _loop_state(job: Any, out: Path, info: Any, lora: Any | None, shard: Any, *,
     if resume_from is not None and info.rank == 0:
         truncate_after_step(out / "metrics.jsonl", step)
     meta = {"stage": job.stage, "kind": job.kind, "mid_stage": True,
-            "adapters": "unmerged" if lora is not None else None, "layout": post_layout(job, info.world)}
+            "adapters": "unmerged" if lora is not None else None, "layout": layout}
     return LoopState(folder=folder, interval=int(job.checkpoint_interval), keep_latest=job.keep_latest,
                      sharded=info.world > 1, meta=meta, resume_from=resume_from, stop_after=stop_after,
                      max_seconds=max_seconds, shard=shard, step=step)
@@ -299,8 +299,8 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     trainable = lora_param_count(model) if lora is not None else n_params
     layout = post_layout(job, info.world)
     shard = DataShard(*dp_coords(info, layout["dp_replicate"], layout["dp_shard"], 1))
-    state = _loop_state(job, out, info, lora, shard, resume=resume, fallback=fallback, stop_after=stop_after,
-                        max_seconds=max_seconds, log=say)
+    state = _loop_state(job, out, info, lora, shard, layout, resume=resume, fallback=fallback,
+                        stop_after=stop_after, max_seconds=max_seconds, log=say)
     reference = None
     if kind in ("dpo", "grpo") and lora is None and info.world > 1:  # the frozen copy, sharded like the policy
         from llmc.runtime.dpo import Reference
