@@ -139,6 +139,16 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def _rank_payload(rank_state: dict | None) -> dict:
+    """What ``rank-R.pt`` holds: this rank's RNG states, plus the caller's per-rank ``extra`` state if any."""
+    return {**rng_state(), "extra": rank_state} if rank_state is not None else rng_state()
+
+
+def _frozen_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters that do not train (what ``ignore_frozen_params`` leaves out of a state dict)."""
+    return {n for n, p in _unwrap(model).named_parameters() if not p.requires_grad}
+
+
 def _sd_options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -300,7 +310,7 @@ def _async_group():
 
 def _save_dcp(folder: Path, tmp: Path, final: Path, step: int, model: torch.nn.Module,
               optimizer: torch.optim.Optimizer | None, keep_latest: int | None, async_save: bool,
-              model_sd: dict | None = None) -> Path:
+              model_sd: dict | None = None, trainable_only: bool = False) -> Path:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -308,7 +318,7 @@ def _save_dcp(folder: Path, tmp: Path, final: Path, step: int, model: torch.nn.M
     if model_sd is not None:  # the state to write, already made (e.g. LoRA merged into sharded weights)
         state = {"model": model_sd}
     elif optimizer is not None:
-        msd, osd = get_state_dict(target, optimizer)
+        msd, osd = get_state_dict(target, optimizer, options=_sd_options(ignore_frozen_params=trainable_only))
         state = {"model": msd, "optim": osd}
     else:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -327,7 +337,7 @@ def _save_dcp(folder: Path, tmp: Path, final: Path, step: int, model: torch.nn.M
 def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     train_state: dict, keep_latest: int | None = None,
                     model_sd: dict[str, torch.Tensor] | None = None, *, sharded: bool = False,
-                    async_save: bool = False) -> Path:
+                    async_save: bool = False, rank_state: dict | None = None, trainable_only: bool = False) -> Path:
     """Collective: every rank calls it. Returns the final ``step-N`` path (complete on return unless
     ``async_save``: then after the next save or :func:`wait_for_checkpoint`).
 
@@ -335,7 +345,11 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optim
     ``model_sd`` (full layout): the full state dict already gathered (rank 0; any value elsewhere), e.g.
     DeepSpeed ZeRO-3's layer-by-layer ``_zero3_consolidated_16bit_state_dict``; default: gathered here.
     ``model_sd`` (sharded layout, no optimizer): this rank's (DTensor) state dict to write instead of the
-    model's."""
+    model's.
+    ``rank_state``: this rank's own resume state (e.g. a sampler's generator), kept in its ``rank-R.pt`` and
+    given back by :func:`load_checkpoint` as ``"rank_state"``. ``trainable_only``: leave the frozen parameters
+    out of the model state (a LoRA run's base weights; they are rebuilt from where the run started) --
+    load it back with ``load_checkpoint(..., trainable_only=True)``."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     wait_for_checkpoint()
@@ -349,13 +363,16 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optim
         tmp.mkdir()
     _barrier()
     if sharded:
-        _save(rng_state(), tmp / f"rank-{rank}.pt")
+        _save(_rank_payload(rank_state), tmp / f"rank-{rank}.pt")
         if rank == 0:
             _write_json({**train_state, "step": step}, tmp / "train.json")
         return _save_dcp(folder, tmp, final, step, model, optimizer, keep_latest, async_save,
-                         model_sd if optimizer is None else None)
+                         model_sd if optimizer is None else None, trainable_only)
     if model_sd is None:
         model_sd = full_model_state(model)  # collectives: all ranks
+    if trainable_only:
+        frozen = _frozen_names(model)
+        model_sd = {k: v for k, v in model_sd.items() if k not in frozen}
     optim_sd = None
     if optimizer is not None:
         if world == 1:
@@ -363,7 +380,7 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optim
         else:
             optim_sd = get_optimizer_state_dict(model, optimizer, options=_sd_options(full_state_dict=True,
                                                                                           cpu_offload=True))
-    _save(rng_state(), tmp / f"rank-{rank}.pt")
+    _save(_rank_payload(rank_state), tmp / f"rank-{rank}.pt")
     if rank == 0:
         _save(model_sd, tmp / "model.pt")
         if optim_sd is not None:
@@ -378,29 +395,36 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optim
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = True) -> dict:
-    """Verify, then load model (+ optimizer, + this rank's RNG) in place; returns train.json's dict.
+                    restore_rng: bool = True, trainable_only: bool = False) -> dict:
+    """Verify, then load model (+ optimizer, + this rank's RNG) in place; returns train.json's dict, with
+    this rank's ``rank_state`` (see :func:`save_checkpoint`) under ``"rank_state"`` when one was saved.
 
     Collective under FSDP/TP (every rank calls it). Works across layouts because the files are full.
+    ``trainable_only``: the checkpoint holds only the trainable parameters; the frozen ones stay as they are.
     """
 
     path = Path(path)
     manifest = verify_checkpoint(path)
     if manifest.get("layout") == "dcp":
-        _load_dcp(path, model, optimizer)
+        _load_dcp(path, model, optimizer, trainable_only)
     else:
-        _load_full(path, model, optimizer)
+        _load_full(path, model, optimizer, trainable_only)
+    rank_data: dict = {}
     if restore_rng:
         rank_file = path / f"rank-{_rank()}.pt"
         if not rank_file.exists():  # world size changed: reuse rank 0's generator state
             rank_file = path / "rank-0.pt"
-        set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False))
+        rank_data = torch.load(rank_file, map_location="cpu", weights_only=False)
+        set_rng_state(rank_data)
     state = json.loads((path / "train.json").read_text())
+    if "extra" in rank_data:
+        state["rank_state"] = rank_data["extra"]
     state.setdefault("step", manifest["step"])
     return state
 
 
-def _load_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+def _load_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+              trainable_only: bool = False) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -412,21 +436,28 @@ def _load_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         set_model_state_dict(target, state["model"])
         return
-    msd, osd = get_state_dict(target, optimizer)
+    msd, osd = get_state_dict(target, optimizer, options=_sd_options(ignore_frozen_params=trainable_only))
     state = {"model": msd, "optim": osd}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path / "dcp"))  # in place, each rank reading the shards it needs
-    set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_sd_options(strict=not trainable_only))
 
 
-def _load_full(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+def _load_full(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+               trainable_only: bool = False) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     model_sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    if trainable_only:
+        frozen = _frozen_names(model)
+        lacking = [n for n, _ in _unwrap(model).named_parameters() if n not in frozen and n not in model_sd]
+        if lacking:
+            raise CheckpointError(f"checkpoint {path}: lacks {len(lacking)} trainable tensors: {lacking[:3]}")
     if _world() == 1:
-        _unwrap(model).load_state_dict(model_sd, strict=True)
+        _unwrap(model).load_state_dict(model_sd, strict=not trainable_only)
     else:
-        set_model_state_dict(model, model_sd, options=_sd_options(full_state_dict=True))
+        set_model_state_dict(model, model_sd, options=_sd_options(full_state_dict=True, strict=not trainable_only))
     if optimizer is not None:
         if not (path / "optimizer.pt").exists():
             raise CheckpointError(f"checkpoint {path}: no optimizer.pt (model-only checkpoint); cannot resume training")

@@ -21,7 +21,7 @@ from torch import nn
 
 from llmc.runtime.chat import IGNORE_INDEX, encode_prompt_response
 from llmc.runtime.lora import disable_adapters, lora_modules
-from llmc.runtime.sft import DataShard, clip_grads, pad_batch
+from llmc.runtime.sft import DataShard, LoopState, clip_grads, pad_batch
 
 
 def sequence_logprobs(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -89,17 +89,20 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
               batch_size: int = 8, pad_id: int = 0, max_len: int | None = None, grad_clip: float | None = 1.0,
               seed: int = 0, reference: Reference | None = None,
               log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
-              device: torch.device | None = None) -> list[dict]:
+              device: torch.device | None = None, state: LoopState | None = None) -> list[dict]:
     """DPO with AdamW (constant LR); returns per-step stats (loss, margin, rewards, accuracy), means over the
-    global batch of pairs; ``shard``: this data-parallel rank's share of each step's pairs."""
+    global batch of pairs; ``shard``: this data-parallel rank's share of each step's pairs; ``state``: resume /
+    stop / mid-stage checkpoints (:class:`llmc.runtime.sft.LoopState`)."""
     shard = shard or DataShard()
-    ref = reference or Reference(model)
+    state = state or LoopState()
+    ref = reference or Reference(model)  # before a resume loads trained weights: the reference is the start
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(seed)
-    hist = []
     model.train()
-    for step in range(steps):
+    todo = state.begin(model, opt, steps, rng)
+    hist = state.history
+    for step in todo:
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
         mine, w = shard.split(batch)
         ids, labels = pad_batch([b[0] for b in mine] + [b[1] for b in mine], pad_id, max_len)
@@ -125,4 +128,6 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
         hist.append(stats)
         if log:
             log(step, stats)
+        if state.end_step(step, model, opt, rng):
+            break
     return hist

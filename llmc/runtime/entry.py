@@ -284,7 +284,8 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
             elif job.kind in POSTTRAIN_KINDS:  # every rank: FSDP2 over the ranks (llmc.runtime.posttrain)
                 from llmc.runtime import posttrain
 
-                res = posttrain.run_stage(job, out, assets=assets, info=info)
+                res = posttrain.run_stage(job, out, assets=assets, info=info, stop_after=stop_after,
+                                          max_seconds=max_seconds, resume=resume, fallback=fallback)
             else:
                 raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
             finished = True

@@ -22,7 +22,7 @@ from torch import nn
 
 from llmc.runtime.chat import TokAdapter, encode_prompt, end_token_id
 from llmc.runtime.dpo import Reference
-from llmc.runtime.sft import DataShard, clip_grads
+from llmc.runtime.sft import DataShard, LoopState, clip_grads
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -111,12 +111,14 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                temperature: float = 1.0, inner_steps: int = 2, grad_clip: float | None = 1.0, pad_id: int = 0,
                seed: int = 0, reference: Reference | None = None,
                log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
-               device: torch.device | None = None) -> list[dict]:
+               device: torch.device | None = None, state: LoopState | None = None) -> list[dict]:
     """GRPO on ``prompts`` ({prompt: messages, ...}); ``reward_fn(completion_text, item)``. Returns stats per step.
 
     ``shard``: each step's prompts are split over the data-parallel ranks (each rank samples its groups with
-    its own generator); the loss stays the token-level mean over the whole step's completions."""
+    its own generator); the loss stays the token-level mean over the whole step's completions. ``state``:
+    resume / stop / mid-stage checkpoints (:class:`llmc.runtime.sft.LoopState`; the generator is saved too)."""
     shard = shard or DataShard()
+    state = state or LoopState()
     if group_size < 2:
         raise ValueError("GRPO needs group_size >= 2 (one sample always has zero advantage)")
     a = TokAdapter(tok)
@@ -127,8 +129,9 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed + 1_000_003 * shard.rank)
     encoded = [encode_prompt(p["prompt"], tok, template) for p in prompts]
-    hist: list[dict] = []
-    for step in range(steps):
+    todo = state.begin(model, opt, steps, rng, gen)
+    hist: list[dict] = state.history
+    for step in todo:
         batch = []
         rewards_all = []
         picks, weights = shard.split([rng.randrange(len(prompts)) for _ in range(prompts_per_step)],
@@ -174,4 +177,6 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
         hist.append(stats)
         if log:
             log(step, stats)
+        if state.end_step(step, model, opt, rng, gen):
+            break
     return hist

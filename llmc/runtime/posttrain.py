@@ -15,12 +15,23 @@
   ``chat`` -> {"messages": [{role, content}...]}; ``preference`` -> {"prompt", "chosen", "rejected"}
   (prompt a string or messages); ``prompts`` -> {"prompt", "expression" | "answer"}.
 * Writes ``metrics.jsonl``, ``checkpoints/step-N/`` (model only), ``hf/``, ``DONE.json`` (rank 0 the files).
+* Resume: every ``job.checkpoint_interval`` steps (and where ``stop_after`` / ``max_seconds`` stop the run
+  early, without DONE.json) the loop writes a mid-stage checkpoint to ``checkpoints/resume/step-N/``
+  (:class:`llmc.runtime.sft.LoopState`: trainable weights -- a LoRA run's adapters, unmerged --, optimizer,
+  RNGs, the sampler positions, the history; ``train.json`` says ``"mid_stage": true`` and which stage and
+  kind wrote it; the newest ``job.keep_latest`` are kept). They live in their own folder so that nothing
+  that reads ``checkpoints/step-N`` (``init_from`` of a later stage, export, the eval step, all through
+  :func:`llmc.runtime.checkpoint.resolve_checkpoint` / ``list_checkpoints``) can take one for the stage's
+  result, which stays the one final checkpoint of merged plain weights. A rerun resumes from the newest
+  verified one of the same stage and kind (one of another stage is refused); the folder is removed once
+  DONE.json is written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +132,11 @@ class _Log:
             msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
             print(f"{self.stage} step {step + 1}: {msg}", flush=True)
 
+    def event(self, name: str, **fields: Any) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps({"event": name, "stage": self.stage, **fields}) + "\n")
+            self.f.flush()
+
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
@@ -188,12 +204,61 @@ def build_policy(job: Any, info: Any, out: Path, lora: Any | None, say=lambda *a
     return model, wrapped, n_params
 
 
+RESUME_FOLDER = "resume"  # under the stage's checkpoints/: the mid-stage checkpoints (see the module docstring)
+
+
+def resume_point(folder: Path, job: Any, lora: Any | None, fallback: bool = False, log=print) -> Path | None:
+    """The newest verified mid-stage checkpoint in ``folder`` (None: none), as
+    :func:`llmc.runtime.checkpoint.latest_checkpoint` picks it (a corrupt newest one is refused unless
+    ``fallback``); one written by another stage or kind, or with / without LoRA unlike this stage, is refused
+    (CheckpointError): it cannot continue this run."""
+    from llmc.runtime.checkpoint import CheckpointError, latest_checkpoint
+
+    path = latest_checkpoint(folder, fallback=fallback, log=log)
+    if path is None:
+        return None
+    st = json.loads((path / "train.json").read_text())
+    mine = (job.stage, job.kind, lora is not None)
+    theirs = (st.get("stage"), st.get("kind"), st.get("adapters") == "unmerged")
+    if not st.get("mid_stage") or theirs != mine:
+        raise CheckpointError(f"checkpoint {path}: written by stage {theirs[0]!r} (kind {theirs[1]!r}, lora "
+                              f"{theirs[2]}), not by this stage {mine[0]!r} (kind {mine[1]!r}, lora {mine[2]}); "
+                              f"refusing to resume from it: remove {folder} or run without resume")
+    return path
+
+
+def _loop_state(job: Any, out: Path, info: Any, lora: Any | None, shard: Any, layout: dict, *, resume: bool,
+                fallback: bool, stop_after: int | None, max_seconds: float | None, log) -> Any:
+    """The stage's :class:`llmc.runtime.sft.LoopState`: mid-stage checkpoints in ``checkpoints/resume``, the
+    point to resume from (``resume``; else the folder is cleared, rank 0, so no stale step-N outranks the new
+    run's), and metrics.jsonl cut back to that step (rank 0) so each step is logged once."""
+    from llmc.runtime.metrics_io import truncate_after_step
+    from llmc.runtime.sft import LoopState
+
+    folder = out / "checkpoints" / RESUME_FOLDER
+    if not resume and info.rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    resume_from = resume_point(folder, job, lora, fallback, log) if resume else None
+    step = int(json.loads((resume_from / "manifest.json").read_text())["step"]) if resume_from is not None else 0
+    if resume_from is not None and info.rank == 0:
+        truncate_after_step(out / "metrics.jsonl", step)
+    meta = {"stage": job.stage, "kind": job.kind, "mid_stage": True,
+            "adapters": "unmerged" if lora is not None else None, "layout": layout}
+    return LoopState(folder=folder, interval=int(job.checkpoint_interval), keep_latest=job.keep_latest,
+                     sharded=info.world > 1, meta=meta, resume_from=resume_from, stop_after=stop_after,
+                     max_seconds=max_seconds, shard=shard, step=step)
+
+
 def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenizer: Any | None = None,
-              model: torch.nn.Module | None = None, info: Any | None = None) -> dict:
+              model: torch.nn.Module | None = None, info: Any | None = None, *, stop_after: int | None = None,
+              max_seconds: float | None = None, resume: bool = True, fallback: bool = False) -> dict:
     """Run an sft / dpo / grpo stage for real; returns (and writes to DONE.json, rank 0) the result dict.
 
     One process or every rank under torchrun (``info``: :class:`llmc.runtime.distributed.DistInfo`): FSDP2
-    over the data-parallel ranks, each step's global batch split between them (:class:`DataShard`)."""
+    over the data-parallel ranks, each step's global batch split between them (:class:`DataShard`).
+    ``resume``: continue from the newest mid-stage checkpoint of this stage (else they are removed first);
+    ``fallback``: walk back past a corrupt newest one. ``stop_after`` (steps in total) / ``max_seconds``: stop
+    early with a mid-stage checkpoint and status "stopped", no DONE.json; rerun to continue."""
     from llmc.runtime.checkpoint import read_model_state, save_checkpoint
     from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed
     from llmc.runtime.hf_io import export_stage
@@ -234,6 +299,8 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     trainable = lora_param_count(model) if lora is not None else n_params
     layout = post_layout(job, info.world)
     shard = DataShard(*dp_coords(info, layout["dp_replicate"], layout["dp_shard"], 1))
+    state = _loop_state(job, out, info, lora, shard, layout, resume=resume, fallback=fallback,
+                        stop_after=stop_after, max_seconds=max_seconds, log=say)
     reference = None
     if kind in ("dpo", "grpo") and lora is None and info.world > 1:  # the frozen copy, sharded like the policy
         from llmc.runtime.dpo import Reference
@@ -246,11 +313,19 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     loop = _Loop(job=job, model=wrapped, tok=tok, template=template, hyper=hyper, st=st, steps=steps, lr=lr,
                  batch=batch, seq_len=int(job.seq_len), pad_id=pad_id,
                  log=_Log(out / "metrics.jsonl", job.stage, job.log_every, enabled=main), shard=shard,
-                 device=info.device, reference=reference)
+                 device=info.device, reference=reference, state=state)
     try:
+        if state.resume_from is not None:
+            say(f"resumed from {state.resume_from} at step {state.step}")
+            loop.log.event("resume", step=state.step, checkpoint=str(state.resume_from))
         summary = {"sft": _run_sft, "dpo": _run_dpo, "grpo": _run_grpo}[kind](loop)
     finally:
         loop.log.close()
+    if state.stopped:
+        say(f"{job.stage}: stopped at step {state.step} of {steps}; rerun to continue from {state.last_saved}")
+        return {"status": "stopped", "stage": job.stage, "kind": kind, "step": state.step, "steps": steps,
+                "checkpoint": os.path.relpath(state.last_saved, out), "world": info.world,
+                "wall_s": round(time.time() - t0, 2)}
 
     lora_sd = None
     meta = {"stage": job.stage, "kind": kind, "steps": steps, "layout": layout}
@@ -282,6 +357,7 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
         tmp = out / f"DONE.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
         os.replace(tmp, out / "DONE.json")
+        shutil.rmtree(state.folder, ignore_errors=True)  # the stage is done: nothing left to resume
     return result
 
 
@@ -304,6 +380,7 @@ class _Loop:
     shard: Any = None
     device: Any = None
     reference: Any = None
+    state: Any = None  # llmc.runtime.sft.LoopState: resume / stop / mid-stage checkpoints
 
 
 def _run_sft(c: _Loop) -> dict:
@@ -314,7 +391,7 @@ def _run_sft(c: _Loop) -> dict:
     ex = encode_conversations(load_stage_data(job, "chat"), c.tok, c.template, mask)
     losses = train_sft(c.model, ex, steps=c.steps, lr=c.lr, batch_size=c.batch, pad_id=c.pad_id, max_len=c.seq_len,
                        grad_clip=job.grad_clip, lr_factor=job.lr_factor, seed=job.seed, log=c.log,
-                       shard=c.shard, device=c.device)
+                       shard=c.shard, device=c.device, state=c.state)
     return {"loss_first": losses[0], "loss_last": losses[-1], "loss_mask": mask, "examples": len(ex)}
 
 
@@ -326,7 +403,7 @@ def _run_dpo(c: _Loop) -> dict:
     pairs = encode_pairs(load_stage_data(job, "preference"), c.tok, c.template)
     hist = train_dpo(c.model, pairs, steps=c.steps, lr=c.lr, beta=beta, batch_size=c.batch, pad_id=c.pad_id,
                      max_len=c.seq_len, grad_clip=job.grad_clip, seed=job.seed, log=c.log, shard=c.shard,
-                     device=c.device, reference=c.reference)
+                     device=c.device, reference=c.reference, state=c.state)
     return {"loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"], "margin_last": hist[-1]["margin"],
             "accuracy_last": hist[-1]["accuracy"], "beta": beta, "pairs": len(pairs)}
 
@@ -353,7 +430,7 @@ def _run_grpo(c: _Loop) -> dict:
     hist = train_grpo(c.model, load_stage_data(job, "prompts"), c.tok, steps=c.steps, lr=c.lr, reward_fn=reward_fn,
                       template=c.template, group_size=G, prompts_per_step=pps, max_new_tokens=max_new,
                       kl_coef=kl, clip_eps=clip, pad_id=c.pad_id, seed=job.seed, log=c.log,
-                      shard=c.shard, device=c.device, reference=c.reference)
+                      shard=c.shard, device=c.device, reference=c.reference, state=c.state)
     k = max(1, len(hist) // 4)
     return {"reward_first": sum(h["reward_mean"] for h in hist[:k]) / k,
             "reward_last": sum(h["reward_mean"] for h in hist[-k:]) / k,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,75 @@ class DataShard:
 
     def all_true(self, flag: bool) -> bool:
         return bool(self.sum(0.0 if flag else 1.0) == 0)
+
+
+@dataclass
+class LoopState:
+    """Where a post-training loop (:func:`train_sft`, :func:`llmc.runtime.dpo.train_dpo`,
+    :func:`llmc.runtime.grpo.train_grpo`) starts and stops, and its mid-stage checkpoints.
+
+    The default (no ``folder``) runs every step and saves nothing. With a ``folder``, a checkpoint
+    (:func:`llmc.runtime.checkpoint.save_checkpoint`, DCP shards when ``sharded``) is written after every
+    ``interval``-th step before the last and where the run stops early (``stop_after`` steps in total, or
+    ``max_seconds`` of wall time): the trainable parameters only (a LoRA run's adapters, unmerged), the
+    optimizer, the global RNGs, the loop's batch-sampling ``random.Random`` and, per rank, the sampling
+    generator (GRPO), the per-step ``history`` and ``meta`` (which stage wrote it). ``resume_from``: such a
+    checkpoint, loaded by :meth:`begin` once the loop has built its optimizer (and its frozen reference), so
+    the remaining steps are those of an uninterrupted run."""
+
+    folder: Path | None = None
+    interval: int = 0
+    keep_latest: int | None = None
+    sharded: bool = False
+    meta: dict = field(default_factory=dict)
+    resume_from: Path | None = None
+    stop_after: int | None = None
+    max_seconds: float | None = None
+    shard: DataShard | None = None  # the ranks that must agree on stopping for time
+    history: list = field(default_factory=list)
+    step: int = 0
+    steps: int = 0
+    t0: float = field(default_factory=time.time)
+
+    def begin(self, model: nn.Module, opt: torch.optim.Optimizer, steps: int, rng: random.Random,
+              gen: torch.Generator | None = None) -> range:
+        """Restore ``resume_from`` (if any) into the model, optimizer and samplers; the steps left to run."""
+        self.steps = steps
+        if self.resume_from is not None:
+            from llmc.runtime.checkpoint import load_checkpoint
+
+            st = load_checkpoint(self.resume_from, model, opt, trainable_only=True)
+            rs = st.get("rank_state") or {}
+            rng.setstate(rs["batch_rng"])
+            if gen is not None:
+                gen.set_state(rs["generator"])
+            self.step, self.history = int(st["step"]), list(st["history"])
+        stop = min(steps, self.stop_after) if self.stop_after else steps
+        return range(self.step, max(stop, self.step))
+
+    def end_step(self, step: int, model: nn.Module, opt: torch.optim.Optimizer, rng: random.Random,
+                 gen: torch.Generator | None = None) -> bool:
+        """After step ``step`` (0-based): checkpoint when due; True when the run must stop now (time)."""
+        self.step = step + 1
+        late = self.max_seconds is not None and not (self.shard or DataShard()).all_true(
+            time.time() - self.t0 <= self.max_seconds)
+        last = late or self.step == self.stop_after
+        if self.folder is not None and self.step < self.steps and (self.step % max(self.interval, 1) == 0 or last):
+            from llmc.runtime.checkpoint import save_checkpoint
+
+            mine = {"batch_rng": rng.getstate(), "generator": None if gen is None else gen.get_state()}
+            save_checkpoint(self.folder, self.step, model, opt, {**self.meta, "history": self.history},
+                            keep_latest=self.keep_latest, sharded=self.sharded, rank_state=mine, trainable_only=True)
+        return late
+
+    @property
+    def stopped(self) -> bool:
+        """The loop ended before its last step (stop_after / max_seconds)."""
+        return self.step < self.steps
+
+    @property
+    def last_saved(self) -> Path | None:
+        return None if self.folder is None else self.folder / f"step-{self.step:08d}"
 
 
 def clip_grads(params: list, max_norm: float | None) -> None:
@@ -95,18 +166,21 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
               batch_size: int = 8, pad_id: int = 0, max_len: int | None = None, weight_decay: float = 0.0,
               grad_clip: float | None = 1.0, lr_factor: Callable[[int], float] | None = None, seed: int = 0,
               log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
-              device: torch.device | None = None) -> list[float]:
+              device: torch.device | None = None, state: LoopState | None = None) -> list[float]:
     """AdamW over the trainable params, LR = lr * lr_factor(step) (the stage's schedule, ``TrainJob.lr_factor``;
     constant when None); returns per-step losses (the mean over the global batch's trained tokens).
 
-    ``shard``: this data-parallel rank's share of each step's batch (every rank draws the same batch)."""
+    ``shard``: this data-parallel rank's share of each step's batch (every rank draws the same batch).
+    ``state``: resume / stop / mid-stage checkpoints (:class:`LoopState`)."""
     shard = shard or DataShard()
+    state = state or LoopState()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     rng = random.Random(seed)
-    losses: list[float] = []
     model.train()
-    for step in range(steps):
+    todo = state.begin(model, opt, steps, rng)
+    losses: list[float] = state.history
+    for step in todo:
         lr_t = lr * (lr_factor(step) if lr_factor else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr_t
@@ -126,4 +200,6 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
         losses.append(float(shard.sum(loss_sum)) / n_all)
         if log:
             log(step, {"loss": losses[-1], "lr": lr_t})
+        if state.end_step(step, model, opt, rng):
+            break
     return losses
