@@ -169,8 +169,10 @@ def test_other_stage_checkpoint_is_not_resumed(whole, tmp_path):
     run_stage(job_of("dpo", stage="sft"), tmp_path / "sft_named_dpo", tokenizer=TOK, stop_after=2)
     with pytest.raises(CheckpointError, match="kind 'dpo'"):
         run_stage(job_of("sft"), tmp_path / "sft_named_dpo", tokenizer=TOK)
-    # without resume the foreign states are dropped and the stage runs from its start
+    # without resume the foreign states are set aside (kept, renamed) and the stage runs from its start
     assert run_stage(job_of("sft"), out, tokenizer=TOK, resume=False)["status"] == "done"
+    aside = list((out / "checkpoints").glob(f"{RESUME_FOLDER}.set-aside-*"))
+    assert len(aside) == 1 and [s for s, _ in list_checkpoints(aside[0])] == [2]
     _same_run(whole / "sft", out, "sft")
 
 

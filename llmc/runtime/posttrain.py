@@ -230,14 +230,16 @@ def resume_point(folder: Path, job: Any, lora: Any | None, fallback: bool = Fals
 def _loop_state(job: Any, out: Path, info: Any, lora: Any | None, shard: Any, layout: dict, *, resume: bool,
                 fallback: bool, stop_after: int | None, max_seconds: float | None, log) -> Any:
     """The stage's :class:`llmc.runtime.sft.LoopState`: mid-stage checkpoints in ``checkpoints/resume``, the
-    point to resume from (``resume``; else the folder is cleared, rank 0, so no stale step-N outranks the new
-    run's), and metrics.jsonl cut back to that step (rank 0) so each step is logged once."""
+    point to resume from (``resume``; else the folder is renamed aside, rank 0, so no stale step-N outranks
+    the new run's and nothing is deleted), and metrics.jsonl cut back to that step (rank 0) so each step is logged once."""
     from llmc.runtime.metrics_io import truncate_after_step
     from llmc.runtime.sft import LoopState
 
     folder = out / "checkpoints" / RESUME_FOLDER
-    if not resume and info.rank == 0:
-        shutil.rmtree(folder, ignore_errors=True)
+    if not resume and info.rank == 0 and folder.exists():  # set aside, never deleted: the user asked to start over
+        aside = folder.with_name(f"{RESUME_FOLDER}.set-aside-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+        folder.rename(aside)
+        log(f"{job.stage}: not resuming; earlier mid-stage checkpoints moved to {aside}")
     resume_from = resume_point(folder, job, lora, fallback, log) if resume else None
     step = int(json.loads((resume_from / "manifest.json").read_text())["step"]) if resume_from is not None else 0
     if resume_from is not None and info.rank == 0:
@@ -256,7 +258,7 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
 
     One process or every rank under torchrun (``info``: :class:`llmc.runtime.distributed.DistInfo`): FSDP2
     over the data-parallel ranks, each step's global batch split between them (:class:`DataShard`).
-    ``resume``: continue from the newest mid-stage checkpoint of this stage (else they are removed first);
+    ``resume``: continue from the newest mid-stage checkpoint of this stage (else they are renamed aside first);
     ``fallback``: walk back past a corrupt newest one. ``stop_after`` (steps in total) / ``max_seconds``: stop
     early with a mid-stage checkpoint and status "stopped", no DONE.json; rerun to continue."""
     from llmc.runtime.checkpoint import read_model_state, save_checkpoint
