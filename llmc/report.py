@@ -141,7 +141,7 @@ def _hyper(c) -> Table:
     clip = f"grad clip {tr.grad_clip:g}" if tr.grad_clip is not None else "no grad clip"
     t.add_row("optimizer", f"AdamW betas ({o.betas[0]:g}, {o.betas[1]:g}), eps {o.eps:g}, weight decay "
               f"{o.weight_decay:g}, {clip}" + (f", z-loss {tr.z_loss:g}" if tr.z_loss else ""))
-    t.add_row("precision", tr.precision)
+    t.add_row("precision", tr.precision + (f", {c.backend.fp8}" if c.backend is not None and c.backend.fp8 else ""))
     return t
 
 

@@ -147,3 +147,28 @@ def test_plain_plan_runs_without_typer_and_prints_what_typer_prints(args):
     ref = runner.invoke(app, args)
     assert r.returncode == ref.exit_code, r.stderr[-2000:]
     assert r.stdout + r.stderr == ref.output
+
+
+def _plan_json(*sets: str) -> dict:
+    args = ["plan", "examples/llama3_8b_h100x8.yaml", "--format", "json", "--set", "budget.max_days=1000"]
+    for s in sets:
+        args += ["--set", s]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)
+
+
+def test_fp8_recipe_is_named_and_reaches_the_timing():
+    """The plan says which fp8 scaling it timed (the spec's, else the backend's default, or that the backend
+    runs fp8 in bf16), and the recipe reaches the step time: mxfp8's extra cast work makes it slower than rowwise
+    on the same B200 layout."""
+    b200 = ("hardware.gpu=b200", "training.precision=fp8", "parallelism.tp=1", "parallelism.pp=1")
+    mx = _plan_json(*b200, "training.fp8_recipe=mxfp8")
+    row = _plan_json(*b200, "training.fp8_recipe=rowwise")
+    dflt = _plan_json(*b200)
+    assert mx["backend"]["fp8"] == "mxfp8 scaling" and row["backend"]["fp8"] == "rowwise scaling"
+    assert dflt["backend"]["fp8"] == "rowwise scaling (torchtitan's default)"
+    assert mx["plan"] == row["plan"] and mx["time"]["step_seconds"] != row["time"]["step_seconds"]
+    native = _plan_json("training.precision=fp8", "training.backend=native")
+    assert native["backend"]["fp8"] == "the native backend trains it in bf16 (timed as bf16)"
+    assert _plan_json()["backend"]["fp8"] is None  # bf16

@@ -349,8 +349,13 @@ def _backend_and_calibration(run, gpu, calibration):
                                          cpu=gpu is not None and gpu.key == "cpu")
     be = backends.get_backend(name)
     comp = backends.compile_on(be, run.training.compile)
+    fp8 = None
+    if run.training.precision == "fp8":
+        recipe = run.training.fp8_recipe
+        fp8 = (f"{recipe or be.fp8_default_recipe} scaling" + ("" if recipe else f" ({name}'s default)")
+               if be.fp8_linear_speedup > 1 else f"the {name} backend trains it in bf16 (timed as bf16)")
     be_info = BackendChoice(name=name, reason=f"backend {name}: {why}; torch.compile {'on' if comp else 'off'}",
-                            compile=comp)
+                            compile=comp, fp8=fp8)
     gkey = gpu.key if gpu is not None else ""
     if calibration is None:
         band = cal_mod.RANKING_BAND_UNCALIBRATED

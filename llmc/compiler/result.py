@@ -256,6 +256,7 @@ class BackendChoice:
     name: str  # torchtitan | deepspeed | native
     reason: str
     compile: bool
+    fp8: str | None = None  # an fp8 run: the scaling recipe it is timed with, or that the backend runs it in bf16
 
 
 @dataclass(frozen=True)
