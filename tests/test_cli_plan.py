@@ -172,3 +172,17 @@ def test_fp8_recipe_is_named_and_reaches_the_timing():
     native = _plan_json("training.precision=fp8", "training.backend=native")
     assert native["backend"]["fp8"] == "the native backend trains it in bf16 (timed as bf16)"
     assert _plan_json()["backend"]["fp8"] is None  # bf16
+
+
+def test_fp8_recipe_the_backend_does_not_run_is_refused_in_the_plan():
+    """T011 before any build: torchtitan 0.3.0 has no tensorwise converter (its Float8LinearConverter takes
+    rowwise / rowwise_with_gw_hp), so a torchtitan plan pinned to tensorwise is an error located at the
+    override; a backend that trains fp8 in bf16 runs no recipe and says so instead."""
+    args = ["plan", "examples/llama3_8b_h100x8.yaml", "--set", "training.precision=fp8",
+            "--set", "training.fp8_recipe=tensorwise"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1
+    line = [x for x in r.output.splitlines() if "T011" in x]
+    assert len(line) == 1 and "training.fp8_recipe" in line[0] and "mxfp8 or rowwise" in line[0], r.output
+    native = _plan_json("training.precision=fp8", "training.fp8_recipe=tensorwise", "training.backend=native")
+    assert native["backend"]["fp8"].endswith("trains it in bf16 (timed as bf16)")

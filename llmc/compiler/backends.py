@@ -85,6 +85,7 @@ class Backend:
     fp8_shape_stretch: bool = False  # fp8 GEMMs need fp8-speedup x larger shapes for the same efficiency (timing)
     fp8_cast_blocks_async_tp: bool = False  # an fp8 cast between a TP all-gather and its GEMM stops async TP fusing them
     sac_regathers_tp: bool = False  # selective AC does not save the TP all-gathers' outputs: the backward re-gathers
+    fp8_recipes: frozenset[str] = frozenset()  # fp8 recipes the runner executes (empty: it trains fp8 specs in bf16)
 
 
 _FSDP2_STATES = {
@@ -146,7 +147,7 @@ BACKENDS: dict[str, Backend] = {
         fp8_cast_bytes_unfused={"tensorwise": 6.0, "rowwise": 8.0, "mxfp8": MX_CAST_UNFUSED},
         fp8_weight_cast_bytes={"tensorwise": 8.0, "rowwise": 10.0, "mxfp8": MX_CAST_UNFUSED},
         fp8_tp_gather_recipes=frozenset({"tensorwise"}), fp8_shape_stretch=True, fp8_cast_blocks_async_tp=True,
-        sac_regathers_tp=True,
+        sac_regathers_tp=True, fp8_recipes=frozenset({"rowwise", "mxfp8"}),
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.5, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=True, compile_act_saving=0.08, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
@@ -201,6 +202,8 @@ BACKENDS: dict[str, Backend] = {
             "Float8ColwiseParallel / PrepareFloat8ModuleInput: the input is cast on the shard, then all-gathered in fp8)",
             "fp8_default_recipe": "llmc's torchtitan job: quantize.linear.float8 recipe_name = rowwise "
             "(render_torchtitan.py)",
+            "fp8_recipes": "torchtitan 0.3.0 components/quantization: Float8LinearConverter.Config.recipe_name is "
+            "Literal['rowwise', 'rowwise_with_gw_hp'] (no tensorwise); MXFP8LinearConverter runs mxfp8",
             "attn_relative_efficiency": "FlashAttention-2 reaches 35 % of H100 peak, FlashAttention-3 75 % "
             "(Shah et al. 2024, arXiv 2407.08608, sec. 1 and 4.1); PyTorch SDPA's flash/cuDNN kernels sit between: "
             "0.6 of the GEMM efficiency (fitted on the Table 2 sequence-length sweep)",

@@ -86,6 +86,17 @@ def check_gpu(run, gpus: dict, sink: Sink) -> None:
                  f"use fp8_recipe tensorwise or rowwise, or {' / '.join(sorted(MX_TENSOR_CORE_GPUS))}")
 
 
+def check_fp8_recipe(run, backend, sink: Sink) -> None:
+    """T011: the spec pins an fp8 recipe the backend that will run the plan does not execute (a backend that
+    trains fp8 specs in bf16 runs no recipe, and the plan's precision line says so)."""
+    recipe = run.training.fp8_recipe
+    if run.training.precision == "fp8" and recipe and backend.fp8_recipes and recipe not in backend.fp8_recipes:
+        sink.add("T011", "error", "training.fp8_recipe",
+                 f"the {backend.name} backend does not run the {recipe} fp8 recipe "
+                 f"(it runs {', '.join(sorted(backend.fp8_recipes))})",
+                 f"use fp8_recipe {' or '.join(sorted(backend.fp8_recipes))}, or another training.backend")
+
+
 def check_cluster(run, gpu, sink: Sink) -> bool:
     """P008/P009 on the cluster shape (``gpu`` with the spec's overrides applied); False on an error.
 

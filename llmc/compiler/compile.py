@@ -142,7 +142,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     seqs, _ = pretrain_batch_seqs(run, gpu, data.seq_len, training)
     hyper = pretrain_hyper(run, gpu)  # steps etc.; the checkpoint interval is refined by the step time below
 
-    be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration)
+    be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration, sink)
     model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe)
     searched = _Searched()
     if pretrains and cluster_ok and supports(gpu, training.precision) and batch_ok:
@@ -338,7 +338,7 @@ def backend_pins(par, backend: str):
     return par.model_copy(update=upd) if upd else par
 
 
-def _backend_and_calibration(run, gpu, calibration):
+def _backend_and_calibration(run, gpu, calibration, sink):
     """(backend info, calibration info, factors or None, ranking error band) for the run."""
     from llmc.compiler import backends
     from llmc.compiler import calibration as cal_mod
@@ -356,6 +356,7 @@ def _backend_and_calibration(run, gpu, calibration):
                if be.fp8_linear_speedup > 1 else f"the {name} backend trains it in bf16 (timed as bf16)")
     be_info = BackendChoice(name=name, reason=f"backend {name}: {why}; torch.compile {'on' if comp else 'off'}",
                             compile=comp, fp8=fp8)
+    checks.check_fp8_recipe(run, be, sink)
     gkey = gpu.key if gpu is not None else ""
     if calibration is None:
         band = cal_mod.RANKING_BAND_UNCALIBRATED

@@ -462,7 +462,6 @@ def _titan_compile(compiled) -> bool:
 # Literal["rowwise", "rowwise_with_gw_hp"] (no tensorwise); MXFP8LinearConverter.Config converts the Linear configs
 # whose FQN contains one of ``fqns`` (empty = every Linear): the attention, dense MLP and shared-expert linears,
 # i.e. not the output head and not the MoE router (the float8 converter's skip list)
-TITAN_FP8_RECIPES = ("rowwise", "mxfp8")
 MXFP8_FQNS = ["attention", "feed_forward", "shared_experts"]
 
 
@@ -472,7 +471,7 @@ def _fp8_recipe(compiled, errs: list[Diagnostic]) -> str:
     from llmc.compiler.backends import get_backend
 
     recipe = compiled.spec.training.fp8_recipe or get_backend("torchtitan").fp8_default_recipe
-    if recipe not in TITAN_FP8_RECIPES:
+    if recipe not in get_backend("torchtitan").fp8_recipes:  # the plan refuses it first (T011)
         errs.append(diag("X311", "error", "training.fp8_recipe",
                          f"torchtitan {TORCHTITAN_VERSION} has no {recipe} float8 recipe (Float8LinearConverter: "
                          "rowwise, rowwise_with_gw_hp; MXFP8LinearConverter: mxfp8)",
