@@ -219,6 +219,50 @@ def test_llama_block_matches_autograd_saved_tensors():
     assert measured == layer_activation_bytes_per_token(arch, 0)
 
 
+def test_llmc_runtime_selective_matches_autograd_saved_tensors():
+    """What "selective" keeps on llmc's own runtime (native / DeepSpeed: ``Transformer.set_ac("selective")``
+    checkpoints each attention core), measured with autograd's saved-tensor hooks on a block of llmc's model,
+    against the formula's ``selective_core`` (the backends' ``selective_ac = "attention_core"``): the
+    difference to no AC is the attention kernel's log-sum-exp only, nothing like torchtitan's per-op SAC."""
+    torch = pytest.importorskip("torch")
+    from llmc.compiler.backends import get_backend
+    from llmc.compiler.memory import activation_mode
+    from llmc.runtime.model import build_model
+
+    # MHA: with GQA, SDPA off the CUDA flash kernel expands K/V to every head first (model._sdpa), which the
+    # core's checkpoint drops too; on a GPU's flash kernel there is nothing to expand
+    arch = Architecture(n_layers=1, d_model=256, n_heads=8, n_kv_heads=8, d_ff=768, vocab_size=100,
+                        max_seq_len=128)
+    model = build_model(arch, "cpu", seed=0).to(torch.bfloat16).train()
+    block, rope = model.layers["0"], model.rope
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), rope]}
+    B, S = 2, 128
+
+    def measure(mode: str) -> float:
+        model.set_ac(mode)
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in skip and not t.is_complex():
+                saved[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(B, S, arch.d_model, dtype=torch.bfloat16, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = block(x, rope[:S])
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()  # the recompute runs
+        return sum(saved.values()) / (B * S)
+
+    none, sel = measure("none"), measure("selective")
+    f_none = layer_activation_bytes_per_token(arch, 0, "none")
+    f_core = layer_activation_bytes_per_token(arch, 0, "selective_core")
+    assert none - sel == f_none - f_core == 4 * arch.n_heads  # the fp32 log-sum-exp per head
+    assert f_none - layer_activation_bytes_per_token(arch, 0, "selective") > 10 * (f_none - f_core)
+    for be, mode in (("native", "selective_core"), ("deepspeed", "selective_core"), ("torchtitan", "selective")):
+        assert activation_mode("selective", get_backend(be)) == mode
+
+
 def test_recompute_modes_llama3_8b():
     none = layer_activation_bytes_per_token(LLAMA3_8B, 0, "none")
     sel = layer_activation_bytes_per_token(LLAMA3_8B, 0, "selective")
@@ -515,7 +559,10 @@ def test_compile_saves_activation_memory_only_where_the_backend_compiles():
     comp = memory_per_gpu(arch, plan, 8192, "bf16", CAP, backend="torchtitan", compile=True)
     assert comp.breakdown["activations"] < eager.breakdown["activations"]
     assert comp.breakdown["weights"] == eager.breakdown["weights"]
-    native = memory_per_gpu(arch, plan, 8192, "bf16", CAP, backend="native")  # native: no compile by default
+    # native: no compile by default (its "selective" is another recompute, so compare without AC)
+    plain = ParallelPlan(dp_shard=8, micro_batch=2, activation_checkpointing="none")
+    native = memory_per_gpu(arch, plain, 8192, "bf16", CAP, backend="native")
+    eager = memory_per_gpu(arch, plain, 8192, "bf16", CAP, backend="torchtitan", compile=False)
     assert native.breakdown["activations"] == eager.breakdown["activations"]
 
 

@@ -86,6 +86,11 @@ class Backend:
     fp8_cast_blocks_async_tp: bool = False  # an fp8 cast between a TP all-gather and its GEMM stops async TP fusing them
     sac_regathers_tp: bool = False  # selective AC does not save the TP all-gathers' outputs: the backward re-gathers
     fp8_recipes: frozenset[str] = frozenset()  # fp8 recipes the runner executes (empty: it trains fp8 specs in bf16)
+    # what activation_checkpointing "selective" recomputes: "per_op" = torchtitan's per-op SAC (every other matmul
+    # and the elementwise ops; flops.recompute_flops_per_token); "attention_core" = Korthikanti et al. 2022's
+    # selective recomputation of the attention core only (RoPE + softmax(QK^T)V), which keeps nearly every
+    # activation (memory.layer_activation_bytes_per_token "selective_core")
+    selective_ac: str = "per_op"
 
 
 _FSDP2_STATES = {
@@ -229,11 +234,12 @@ BACKENDS: dict[str, Backend] = {
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
-        supports=frozenset({"dp", "fsdp", "hsdp", "tp"}),
+        supports=frozenset({"dp", "fsdp", "hsdp", "tp"}), selective_ac="attention_core",
         sources={
             "states": "llmc/runtime/distributed.py: fully_shard per block with MixedPrecisionPolicy"
             "(bf16, fp32); DDP otherwise",
             "fp8_linear_speedup": "llmc's native trainer runs fp8 specs in bf16 (llmc/runtime/train.py)",
+            "selective_ac": "llmc/runtime/model.py Transformer.set_ac('selective'): torch.utils.checkpoint around each attention core (RoPE + SDPA), Korthikanti et al. 2022 (arXiv 2205.05198) sec. 4.1 selective activation recomputation",
             "base_efficiency": "as torchtitan (same PyTorch kernels, no compile)",
         }),
     "deepspeed": Backend(
@@ -243,12 +249,13 @@ BACKENDS: dict[str, Backend] = {
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
-        supports=frozenset({"dp", "zero"}),
+        supports=frozenset({"dp", "zero"}), selective_ac="attention_core",
         sources={
             "states": "deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs; "
             "stage3.py estimate_zero3_model_states_mem_needs (DeepSpeed 0.19.8)",
             "fsdp_overlap": "ds_config overlap_comm=true (llmc's DeepSpeed config)",
             "fp8_linear_speedup": "llmc's DeepSpeed runner trains fp8 specs in bf16 (render.py X106)",
+            "selective_ac": "llmc's DeepSpeed runner builds llmc's model and applies its set_ac (llmc/runtime/ds_train.py; model.py Transformer.set_ac('selective')): torch.utils.checkpoint around each attention core (RoPE + SDPA), Korthikanti et al. 2022 (arXiv 2205.05198) sec. 4.1 selective activation recomputation",
         }),
     # Reference profile: Megatron-Core / Megatron-Bridge. llmc does not build Megatron jobs; the profile
     # exists so that published Megatron measurements can be compared with the same model.
@@ -284,6 +291,11 @@ BACKENDS: dict[str, Backend] = {
             "api-guide/context_parallel.html",
             "fp8_linear_speedup": "Transformer Engine FP8 GEMMs on Hopper/Blackwell (2x the bf16 tensor peak), set "
             "with the Megatron-Bridge rows in view (not independent)",
+            "selective_ac": "per_op, although Megatron-Core's recompute_granularity='selective' recomputes only "
+            "recompute_modules (default ['core_attn']): the Megatron-Bridge rows do not publish their recompute "
+            "setting, and their recipes (scripts/performance/configs) mix features llmc does not model "
+            "(recompute_num_layers, cpu_offloading_num_layers); with attention_core llmc picks full AC for "
+            "them instead and its uncalibrated tokens/s error on the benchmark rises from 8.3% to 11.6%",
         }),
     "generic": Backend(
         name="generic", runnable=False, states=_GENERIC_STATES,

@@ -90,6 +90,8 @@ def recompute_flops_per_token(arch: Architecture, seq_len: int, ac_mode: str) ->
       recomputes only Q K^T/softmax/A V: 2*L*s*H*(d_qk+d_v); with FlashAttention that recompute already
       happens inside the kernel's backward and is not counted.) Approximation: for MoE the alternation
       is over the linears actually called, which this halving only approximates.
+    * ``selective_core`` (``selective`` on backends that recompute only the attention core: llmc's runtime,
+      Megatron-Core's default ``recompute_modules=["core_attn"]``): the attention forward once more.
     """
     if ac_mode == "none":
         return 0.0
@@ -98,6 +100,8 @@ def recompute_flops_per_token(arch: Architecture, seq_len: int, ac_mode: str) ->
         return block_mm + attention_flops_per_token(arch, seq_len, backward=False)
     if ac_mode == "selective":
         return 0.5 * block_mm
+    if ac_mode == "selective_core":
+        return attention_flops_per_token(arch, seq_len, backward=False)
     raise ValueError(f"unknown activation checkpointing mode {ac_mode!r}")
 
 

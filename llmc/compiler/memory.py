@@ -359,6 +359,12 @@ def layer_activation_bytes_per_token(
       outputs of every other matmul (half the linear outputs) are kept; norms, SiLU, products and the
       other matmuls are recomputed; the non-flash score term is dropped (Korthikanti's selective
       recompute of the attention core).
+    * ``selective_core`` (what ``selective`` means on backends whose ``selective_ac`` is ``attention_core``:
+      llmc's runtime, Megatron-Core): only the attention core (RoPE + softmax(QK^T)V) is recomputed
+      (Korthikanti et al. 2022 sec. 4.1). Its inputs (the linears' q, k, v: as many elements as the
+      post-RoPE ones; MLA: q, the kv expansion and the one shared rope key) and its output (wo's input) stay
+      saved, so only the kernel's log-sum-exp, MLA's per-head copies of the rope key and the non-flash
+      score term go.
     * ``full``: only the block input, 2 s b h bytes (Korthikanti Table 2 "full"); the one-layer working
       set during recompute is added by the caller once per stage.
     """
@@ -374,6 +380,11 @@ def layer_activation_bytes_per_token(
     if ac_mode == "selective":
         elems = d + attn_out + 2 * H + 0.5 * (attn_lin + ffn_lin)
         return elems * bytes_per_elem
+    if ac_mode == "selective_core":
+        core_in = attn_saved
+        if arch.mla is not None:  # the core gets k_pe once (rope dims) and expands it to every head itself
+            core_in -= (H - 1) * arch.mla.qk_rope_head_dim
+        return (4 * d + 4 + core_in + attn_out + ffn_saved) * bytes_per_elem
     raise ValueError(f"unknown activation checkpointing mode {ac_mode!r}")
 
 
@@ -495,7 +506,8 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
     out: list[tuple] = []
     for run, (w, gr, op, buf0) in zip(structure, static, strict=True):
         start, count, has_head = run[0], run[1], run[5]
-        per_tok, work = run[7][ac]  # per token, with the final norm's and the head's inputs on the last stage
+        per_tok, work = run[7][activation_mode(ac, be)]  # per token, + the final norm's and the head's inputs
+                                                          # on the last stage
         for si in ((start,) if runs else range(start, start + count)):
             # --- activations
             acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div * act_keep
@@ -516,6 +528,13 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
 
 
 AC_MODES = ("none", "selective", "full")
+ACT_MODES = AC_MODES + ("selective_core",)  # what the activations are computed for (see activation_mode)
+
+
+def activation_mode(ac: str, backend) -> str:
+    """The activation model of AC mode ``ac`` on ``backend``: ``selective`` is the backend's own kind
+    (:attr:`backends.Backend.selective_ac`: torchtitan's per-op SAC, or the attention-core recompute)."""
+    return "selective_core" if ac == "selective" and backend.selective_ac == "attention_core" else ac
 
 # Per-layout results that do not depend on the micro-batch, AC or gradient accumulation, keyed by the
 # architecture's identity (hashing the pydantic model on every call is what made the search slow); the
@@ -534,7 +553,8 @@ def _bounded(cache: dict) -> dict:
 
 
 def _stage_act_cached(arch, layers, ac, seq_len, flash, act_b) -> tuple[float, float]:
-    """:func:`_stage_act` from per-layer values computed once per (architecture, AC mode, ...)."""
+    """(kept activation bytes per token summed over ``layers``, the largest rematerialised working set of one
+    of them) from per-layer values computed once per (architecture, AC mode, ...)."""
     key = (id(arch), layers, ac, seq_len, flash, act_b)
     hit = _ACTS.get(key)
     if hit is None or hit[0] is not arch:
@@ -572,7 +592,7 @@ def _structure(arch, pp, schedule, virtual, seq_len, flash, act_b) -> tuple:
     runs: list[list] = []
     for si, (g, (layers, has_emb, has_head)) in enumerate(zip(groups, layout, strict=True)):
         acts = {}
-        for ac in AC_MODES:
+        for ac in ACT_MODES:
             per_tok, work = _stage_act_cached(arch, layers, ac, seq_len, flash, act_b)
             if has_head:
                 per_tok += 2 * arch.d_model * act_b  # final norm input + head input
@@ -708,22 +728,6 @@ def _max_block_local(arch: Architecture, layers: tuple[int, ...], tp: int, ep: i
         (sum(n / div[_group(label)] for label, n in layer_components(arch, i).items()) for i in layers),
         default=0.0,
     )
-
-
-@lru_cache(maxsize=4096)
-def _stage_act(
-    arch: Architecture, layers: tuple[int, ...], ac: str, seq_len: int, flash: bool, act_b: float
-) -> tuple[float, float]:
-    """(kept activation bytes per token summed over the stage's blocks, rematerialised working set)."""
-
-    def f(i: int, mode: str) -> float:
-        return layer_activation_bytes_per_token(
-            arch, i, mode, seq_len=seq_len, flash_attention=flash, bytes_per_elem=act_b
-        )
-
-    kept = sum(f(i, ac) for i in layers)
-    work = 0.0 if ac == "none" else max((f(i, "none") - f(i, ac) for i in layers), default=0.0)
-    return kept, work
 
 
 def memory_per_gpu(

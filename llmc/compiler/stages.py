@@ -372,7 +372,9 @@ class _Env:
 
 
 def _activation_bytes(env: _Env, plan: ParallelPlan, seq_len: int) -> int:
-    mem = memory.memory_per_gpu(env.run.model, plan, seq_len, env.precision, env.capacity or DEFAULT_CAPACITY)
+    # post-training runs on llmc's runtime: its "selective" recomputes the attention core (backends.py)
+    mem = memory.memory_per_gpu(env.run.model, plan, seq_len, env.precision, env.capacity or DEFAULT_CAPACITY,
+                                backend="native")
     return int(mem.breakdown["activations"])
 
 

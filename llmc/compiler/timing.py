@@ -198,7 +198,10 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     V, d, L = arch.vocab_size, arch.d_model, arch.n_layers
     head = 6.0 * d * V  # output projection, fwd (2) + bwd (4) per token
     layer_flops = (total - head) / L
-    rec = {m: float(flops.recompute_flops_per_token(arch, seq_len, m)) for m in ("none", "selective", "full")}
+    # "selective" is the backend's kind (backends.Backend.selective_ac: per-op SAC or the attention core)
+    sel = "selective_core" if be.selective_ac == "attention_core" else "selective"
+    rec = {m: float(flops.recompute_flops_per_token(arch, seq_len, k))
+           for m, k in (("none", "none"), ("selective", sel), ("full", "full"))}
 
     n_moe = 0
     expert = 0.0

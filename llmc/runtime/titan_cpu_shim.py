@@ -24,6 +24,9 @@ patches torch (never torchtitan's files) before torchtitan is imported:
 
 5. expert parallelism on gloo: uneven ``all_to_all`` chunks go through ``all_to_all_single`` with
    split sizes (gloo's list form rejects uneven sizes).
+6. a barrier before ``destroy_process_group``: torchtitan's ``main`` destroys the group only after
+   training succeeded, and a gloo rank that tears its pairs down while a peer is still in a collective
+   can abort that peer at exit ("terminate called without an active exception"); the ranks leave together.
 """
 
 from __future__ import annotations
@@ -131,6 +134,22 @@ def _patch_config_manager() -> None:
     ConfigManager.parse_args = parse_args
 
 
+def _patch_teardown() -> None:
+    import torch.distributed as dist
+
+    if getattr(dist.destroy_process_group, "_llmc_patched", False):
+        return
+    destroy = dist.destroy_process_group
+
+    def destroy_together(*a, **k):
+        if dist.is_initialized():
+            dist.barrier()
+        destroy(*a, **k)
+
+    destroy_together._llmc_patched = True  # type: ignore[attr-defined]
+    dist.destroy_process_group = destroy_together
+
+
 def install() -> None:
     """Apply all CPU patches (idempotent). Must run before torchtitan is first imported."""
     if "torchtitan.tools.utils" in sys.modules:
@@ -140,6 +159,7 @@ def install() -> None:
             raise RuntimeError("titan_cpu_shim.install() must run before torchtitan is imported")
     _patch_torch()
     _patch_config_manager()
+    _patch_teardown()
 
 
 def main() -> None:
