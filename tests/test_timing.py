@@ -487,3 +487,29 @@ def test_spec_fp8_recipe_reaches_the_plan_timing_and_mxfp8_needs_blackwell():
     t010 = [d for d in hop.diagnostics if d.code == "T010"]
     assert t010 and t010[0].severity == "error" and t010[0].path == "training.fp8_recipe" and t010[0].line
     assert not [d for d in _compile("h100-sxm", "rowwise").diagnostics if d.code == "T010"]
+
+
+def test_mx_block_scaling_is_hardware_data():
+    """T010 reads the GPU's ``mx_block_scaling`` (the table: Blackwell parts), which the spec can set for a part
+    the table lacks or override, like every other hardware figure."""
+    import yaml
+
+    from llmc.compiler.compile import compile_spec
+    from llmc.compiler.hardware import GPUS
+    from llmc.spec.load import loads_spec
+
+    assert sorted(k for k, g in GPUS.items() if g.mx_block_scaling) == ["b200", "gb200"]
+
+    def t010(hardware):
+        spec = {"name": "mx", "model": "llama3-8b", "data": {"seq_len": 8192, "tokens": "1B"}, "hardware": hardware,
+                "training": {"precision": "fp8", "fp8_recipe": "mxfp8"}}
+        run, lines = loads_spec(yaml.safe_dump(spec, sort_keys=False), file="mx.yaml")
+        return [d for d in compile_spec(run, "mx.yaml", lines).diagnostics if d.code == "T010"]
+
+    assert t010({"gpu": "h100-sxm", "count": 8})
+    assert not t010({"gpu": "h100-sxm", "count": 8, "gpu_overrides": {"mx_block_scaling": True}})
+    custom = {"gpu": "my-blackwell", "count": 8,
+              "gpu_overrides": {"base": "h200", "fp8_tflops": 4500, "bf16_tflops": 2250}}
+    assert t010(custom)
+    custom["gpu_overrides"]["mx_block_scaling"] = True
+    assert not t010(custom)

@@ -60,17 +60,12 @@ class Sink:
 # ------------------------------------------------------------------------------------------- hardware
 
 
-# GPUs whose tensor cores run MXFP8 GEMMs (block-scaled, E8M0 scales): Blackwell SM 10.0 / 10.3 (Transformer
-# Engine docs, low_precision_training/mxfp8, "Supported devices: SM 10.0, SM 10.3"; torchtitan 0.3.0
-# components/quantization/mx.py: "MXFP8 is only supported on SM100 or later architectures")
-MX_TENSOR_CORE_GPUS = frozenset({"b200", "gb200"})
-
-
-def check_gpu(run, gpus: dict, sink: Sink) -> None:
-    """S007 for an unknown GPU key; T005 for fp8 on a part without fp8; T010 for mxfp8 before Blackwell."""
+def check_gpu(run, gpus: dict, sink: Sink, gpu=None) -> None:
+    """S007 for an unknown GPU key; T005 for fp8 on a part without fp8; T010 for mxfp8 before Blackwell.
+    ``gpu``: the table's part with the spec's overrides (None = the table's)."""
     from llmc.compiler.hardware import get_gpu, supports
 
-    g = get_gpu(run.hardware.gpu)
+    g = gpu or get_gpu(run.hardware.gpu)
     if g is None:
         close = difflib.get_close_matches(run.hardware.gpu.lower(), sorted(gpus), n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(gpus))}"
@@ -79,11 +74,18 @@ def check_gpu(run, gpus: dict, sink: Sink) -> None:
     if run.training.precision == "fp8" and not supports(g, "fp8"):
         sink.add("T005", "error", "training.precision", f"fp8 needs FP8 tensor cores; {g.name} has none",
                  "use bf16, or Hopper/Ada/Blackwell GPUs (h100-sxm, h200, b200)")
-    elif (run.training.precision == "fp8" and run.training.fp8_recipe == "mxfp8"
-          and g.key not in MX_TENSOR_CORE_GPUS):
+    else:
+        check_mx(run, g, gpus, sink)
+
+
+def check_mx(run, g, gpus: dict, sink: Sink) -> None:
+    """T010: ``fp8_recipe: mxfp8`` on a part whose tensor cores have no MX block scaling (hardware data)."""
+    if run.training.precision == "fp8" and run.training.fp8_recipe == "mxfp8" and not g.mx_block_scaling:
+        mx = sorted(k for k, x in gpus.items() if x.mx_block_scaling)
         sink.add("T010", "error", "training.fp8_recipe",
                  f"mxfp8 needs MX (block-scaled) fp8 tensor cores, Blackwell SM 10.x; {g.name} has none",
-                 f"use fp8_recipe tensorwise or rowwise, or {' / '.join(sorted(MX_TENSOR_CORE_GPUS))}")
+                 f"use fp8_recipe tensorwise or rowwise, or {' / '.join(mx)} (or hardware.gpu_overrides."
+                 "mx_block_scaling for a part the table lacks)")
 
 
 def check_fp8_recipe(run, backend, sink: Sink) -> None:

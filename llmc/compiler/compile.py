@@ -132,10 +132,12 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
 
     table_gpu = spec_gpu(run)
     if get_gpu(run.hardware.gpu) is not None or table_gpu is None:
-        checks.check_gpu(run, GPUS, sink)
+        checks.check_gpu(run, GPUS, sink, table_gpu)
     elif training.precision == "fp8" and not supports(table_gpu, "fp8"):
         sink.add("T005", "error", "training.precision", f"fp8 needs FP8 tensor cores; {table_gpu.name} has none",
                  "set hardware.gpu_overrides.fp8_tflops, or use bf16")
+    else:
+        checks.check_mx(run, table_gpu, GPUS, sink)
     gpu = cluster_gpu(run, table_gpu) if table_gpu is not None else None
     cluster_ok = gpu is not None and checks.check_cluster(run, gpu, sink)
     batch_ok = checks.check_batch_tokens(run, sink) if pretrains else True

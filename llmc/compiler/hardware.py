@@ -52,6 +52,7 @@ class GPU:
     tdp_w: float | None = None  # rated board power of the part the peaks are quoted at (None = power_w)
     nvlink_domain: int | None = None  # GPUs sharing one NVLink fabric (None = gpus_per_node; GB200 NVL72: 72)
     pcie_gbps: float = 0.0  # GB/s per GPU per direction over PCIe; 0 = not given
+    mx_block_scaling: bool = False  # tensor cores run OCP MX block-scaled formats (MXFP8: Blackwell, SM 10.x)
 
     @property
     def hbm_gib(self) -> float:
@@ -158,6 +159,9 @@ _ROWS: list[dict] = [
         usd_per_hour=5.0,
         source="https://www.nvidia.com/en-us/data-center/hgx/",
         notes="B200 chip: 192 GB / 8 TB/s; HGX/DGX B200 expose 180 GB at 7.7 TB/s per GPU",
+        # Blackwell tensor cores run MXFP8 (Transformer Engine docs, MXFP8: "Supported devices: SM 10.0, SM 10.3";
+        # torchtitan 0.3.0 components/quantization/mx.py: MXFP8 "only supported on SM100 or later")
+        mx_block_scaling=True,
     ),
     dict(
         key="h100-nvl",
@@ -239,6 +243,7 @@ _ROWS: list[dict] = [
         usd_per_hour=6.0,
         power_w=1200,
         source="https://www.nvidia.com/en-us/data-center/gb200-nvl72/",
+        mx_block_scaling=True,  # Blackwell (as b200)
     ),
     dict(
         key="mi325x",
@@ -462,6 +467,7 @@ _OVERRIDE_FIELDS = {
     "inter_node_gbps": ("net_gbps", 1.0),
     "gpus_per_node": ("gpus_per_node", None),
     "nvlink_domain": ("nvlink_domain", None),
+    "mx_block_scaling": ("mx_block_scaling", None),
     "usd_per_gpu_hour": ("usd_per_hour", 1.0),
 }
 CUSTOM_REQUIRED = ("bf16_tflops", "hbm_gib", "hbm_tbps")

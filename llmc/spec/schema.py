@@ -173,6 +173,8 @@ class GpuOverrides(SpecModel):
     """Host-link (PCIe) bandwidth per GPU per direction in GB/s; used inside a node when there is no NVLink."""
     nvlink_domain: Int | None = Field(default=None, gt=0)
     """GPUs sharing one NVLink domain (GB200 NVL72: 72). None = gpus_per_node."""
+    mx_block_scaling: bool | None = None
+    """Tensor cores run OCP MX block-scaled formats (MXFP8; Blackwell). Needed for ``fp8_recipe: mxfp8``."""
 
 
 class Hardware(SpecModel):
