@@ -225,8 +225,7 @@ def test_llmc_runtime_selective_matches_autograd_saved_tensors():
     against the formula's ``selective_core`` (the backends' ``selective_ac = "attention_core"``): the
     difference to no AC is the attention kernel's log-sum-exp only, nothing like torchtitan's per-op SAC."""
     torch = pytest.importorskip("torch")
-    from llmc.compiler.backends import get_backend
-    from llmc.compiler.memory import activation_mode
+    from llmc.compiler.backends import activation_mode, get_backend
     from llmc.runtime.model import build_model
 
     # MHA: with GQA, SDPA off the CUDA flash kernel expands K/V to every head first (model._sdpa), which the

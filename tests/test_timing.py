@@ -513,3 +513,27 @@ def test_mx_block_scaling_is_hardware_data():
     assert t010(custom)
     custom["gpu_overrides"]["mx_block_scaling"] = True
     assert not t010(custom)
+
+
+def test_torchtitan_selective_ac_regathers_the_tp_inputs():
+    """torchtitan's per-op SAC saves no all-gather output, so with TP the backward gathers the attention and
+    MLP inputs again: per block and micro-batch 4 + 2 all-gathers and 4 reduce-scatters (sequence parallel,
+    b*s*h*2 bytes each, ring factor (t-1)/t, no overlap without async TP) against 4 + 4 without them; full AC
+    re-runs the forward anyway (its count is unchanged)."""
+    from llmc.compiler.backends import get_backend
+
+    be = get_backend("torchtitan")
+    t, mb = 8, 2
+    plan = ParallelPlan(tp=t, dp_shard=1, micro_batch=mb, grad_accum=1, zero_stage=0,
+                        activation_checkpointing="selective")
+
+    def tp_comm(backend, p=plan):
+        sm = timing.step_model(LLAMA_8B, 8192, "bf16", H100, backend, compile=False)
+        return timing.step_time(sm, p)[2]["tp_comm"]
+
+    no_regather = dataclasses.replace(be, sac_regathers_tp=False)
+    per_coll = mb * 8192 * LLAMA_8B.d_model * 2 * (t - 1) / t / (450e9 * timing.COMM_EFFICIENCY) * LLAMA_8B.n_layers
+    assert tp_comm(no_regather) == pytest.approx(8 * per_coll, rel=1e-9)
+    assert tp_comm(be) == pytest.approx(10 * per_coll, rel=1e-9)
+    full = dataclasses.replace(plan, activation_checkpointing="full")
+    assert tp_comm(be, full) == pytest.approx(tp_comm(no_regather, full), rel=1e-12)

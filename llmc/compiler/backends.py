@@ -359,5 +359,17 @@ def compile_on(backend: Backend, requested: bool | None) -> bool:
     return backend.compile_default if requested is None else bool(requested)
 
 
+def fp8_recipe_on(backend: Backend, requested: str | None) -> str:
+    """The fp8 scaling recipe for this run: the spec's ``training.fp8_recipe`` or the backend's default."""
+    return requested or backend.fp8_default_recipe
+
+
+def activation_mode(ac: str, backend: Backend) -> str:
+    """The recompute model of activation-checkpointing mode ``ac`` on ``backend``: ``selective`` is the backend's
+    own kind (:attr:`Backend.selective_ac`), ``selective_core`` where only the attention core is recomputed
+    (memory.layer_activation_bytes_per_token, flops.recompute_flops_per_token)."""
+    return "selective_core" if ac == "selective" and backend.selective_ac == "attention_core" else ac
+
+
 __all__ = ["Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "get_backend", "resolve_backend", "compile_on",
-           "describe"]
+           "fp8_recipe_on", "activation_mode", "describe"]

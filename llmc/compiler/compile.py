@@ -354,7 +354,7 @@ def _backend_and_calibration(run, gpu, calibration, sink):
     fp8 = None
     if run.training.precision == "fp8":
         recipe = run.training.fp8_recipe
-        fp8 = (f"{recipe or be.fp8_default_recipe} scaling" + ("" if recipe else f" ({name}'s default)")
+        fp8 = (f"{backends.fp8_recipe_on(be, recipe)} scaling" + ("" if recipe else f" ({name}'s default)")
                if be.fp8_linear_speedup > 1 else f"the {name} backend trains it in bf16 (timed as bf16)")
     be_info = BackendChoice(name=name, reason=f"backend {name}: {why}; torch.compile {'on' if comp else 'off'}",
                             compile=comp, fp8=fp8)

@@ -49,7 +49,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from llmc.compiler.backends import compile_on, get_backend
+from llmc.compiler.backends import activation_mode, compile_on, get_backend
 from llmc.compiler.params import expert_d_ff, is_moe_layer, layer_components
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import MemoryNumbers
@@ -528,13 +528,7 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
 
 
 AC_MODES = ("none", "selective", "full")
-ACT_MODES = AC_MODES + ("selective_core",)  # what the activations are computed for (see activation_mode)
-
-
-def activation_mode(ac: str, backend) -> str:
-    """The activation model of AC mode ``ac`` on ``backend``: ``selective`` is the backend's own kind
-    (:attr:`backends.Backend.selective_ac`: torchtitan's per-op SAC, or the attention-core recompute)."""
-    return "selective_core" if ac == "selective" and backend.selective_ac == "attention_core" else ac
+ACT_MODES = AC_MODES + ("selective_core",)  # what activations are computed for (backends.activation_mode)
 
 # Per-layout results that do not depend on the micro-batch, AC or gradient accumulation, keyed by the
 # architecture's identity (hashing the pydantic model on every call is what made the search slow); the

@@ -181,7 +181,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     exposed communication time; applied in :meth:`LayoutTimer.time` after the overlap model, so the
     reported step is exactly the linear model the calibration was fitted with).
     """
-    from llmc.compiler.backends import compile_on, get_backend
+    from llmc.compiler.backends import activation_mode, compile_on, fp8_recipe_on, get_backend
 
     be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
     compiled_ = compile_on(be, compile)
@@ -198,10 +198,10 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     V, d, L = arch.vocab_size, arch.d_model, arch.n_layers
     head = 6.0 * d * V  # output projection, fwd (2) + bwd (4) per token
     layer_flops = (total - head) / L
-    # "selective" is the backend's kind (backends.Backend.selective_ac: per-op SAC or the attention core)
-    sel = "selective_core" if be.selective_ac == "attention_core" else "selective"
-    rec = {m: float(flops.recompute_flops_per_token(arch, seq_len, k))
-           for m, k in (("none", "none"), ("selective", sel), ("full", "full"))}
+    # "selective" is the backend's kind (backends.activation_mode: per-op SAC or the attention core)
+    rec = {m: float(flops.recompute_flops_per_token(arch, seq_len, activation_mode(m, be)))
+           for m in ("none", "selective", "full")}
+    recipe = fp8_recipe_on(be, fp8_recipe)
 
     n_moe = 0
     expert = 0.0
@@ -220,7 +220,6 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     speedup = 1.0
     if precision == "fp8":
         # the linears run fp8_linear_speedup x faster than in bf16 (never above the fp8/bf16 peak ratio)
-        recipe = fp8_recipe or be.fp8_default_recipe
         speedup = be.fp8_rowwise_speedup if recipe == "rowwise" else be.fp8_linear_speedup
         speedup = min(speedup, peak_flops(gpu, "fp8") / peak)
         fp8_lin = (1 - attn_share) / (peak * speedup) / (be.base_efficiency * clock_factor(gpu))
@@ -251,7 +250,6 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     cast_full = cast_sharded = cast_tp1 = cast_tp_sharded = weight_cast = 0.0
     tp_gather = float(ACT_BYTES)
     if precision == "fp8":
-        recipe = fp8_recipe or be.fp8_default_recipe
         fused = be.fp8_cast_bytes.get(recipe, 0.0)
         unfused = be.fp8_cast_bytes_unfused.get(recipe, fused)
         if not compiled_:  # eager: nothing is fused into the producing kernel
@@ -295,7 +293,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         fp8_linear_shapes=_dense_linear_shapes(arch) if precision == "fp8" else (),
         fp8_peak=peak_flops(gpu, "fp8") * clock_factor(gpu) if precision == "fp8" else 0.0,
         fp8_peak_ratio=peak_flops(gpu, "fp8") / peak if precision == "fp8" else 1.0,
-        fp8_mx=precision == "fp8" and (fp8_recipe or be.fp8_default_recipe) == "mxfp8",
+        fp8_mx=precision == "fp8" and recipe == "mxfp8",
     )
 
 

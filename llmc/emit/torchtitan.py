@@ -468,10 +468,11 @@ MXFP8_FQNS = ["attention", "feed_forward", "shared_experts"]
 def _fp8_recipe(compiled, errs: list[Diagnostic]) -> str:
     """The fp8 recipe of the job: ``training.fp8_recipe`` or the torchtitan backend's default; X311 when
     torchtitan 0.3.0 has no converter for it."""
-    from llmc.compiler.backends import get_backend
+    from llmc.compiler.backends import fp8_recipe_on, get_backend
 
-    recipe = compiled.spec.training.fp8_recipe or get_backend("torchtitan").fp8_default_recipe
-    if recipe not in get_backend("torchtitan").fp8_recipes:  # the plan refuses it first (T011)
+    titan = get_backend("torchtitan")
+    recipe = fp8_recipe_on(titan, compiled.spec.training.fp8_recipe)
+    if recipe not in titan.fp8_recipes:  # the plan refuses it first (T011)
         errs.append(diag("X311", "error", "training.fp8_recipe",
                          f"torchtitan {TORCHTITAN_VERSION} has no {recipe} float8 recipe (Float8LinearConverter: "
                          "rowwise, rowwise_with_gw_hp; MXFP8LinearConverter: mxfp8)",
