@@ -42,6 +42,10 @@ GIB = 2**30
 
 # Precision labels on the source pages -> llmc's training.precision (None: llmc cannot express it).
 # Systems whose own llmc GPU entry exists although the data file names the closest older key.
+# Blackwell Ultra parts: their datasheets give the dense FP8 / BF16 rates of GB200 / B200 (hardware.py), while the
+# Megatron-Bridge tables measure GB300 19-24 % faster than GB200 on the same model; the summary also reports the
+# rows without them
+BLACKWELL_ULTRA = frozenset({"gb300", "b300"})
 EXACT_GPU = {"Grand Teton H100 96GB HBM2e 500W": "h100-hbm2e-96g", "DGX-GB200": "gb200"}
 # backend of the source -> llmc backend profile (llmc/compiler/backends.py; megatron is a reference profile)
 BACKEND_PROFILE = {"torchtitan": "torchtitan", "megatron": "megatron", "deepspeed": "deepspeed"}
@@ -579,6 +583,11 @@ def _overall(results: list[dict]) -> dict:
                        ("mem_loo", "err_mem_calibrated")):
         v = pick(key)
         out[label] = _summary(v) if v else None
+    # the same, without the Blackwell Ultra rows (llmc's GB300 / B300 entries carry GB200 / B200's datasheet rates)
+    for label, key in (("tps_pre_ultra", "err_tps"), ("tps_loo_pre_ultra", "err_tps_calibrated")):
+        v = [x[key] for x in results if x.get(key) is not None and x["kind"] == "throughput"
+             and x["gpu_key"] not in BLACKWELL_ULTRA]
+        out[label] = _summary(v) if v else None
     ms = pick("err_mem", "model_states")
     out["model_states"] = _summary(ms) if ms else None
     rhos = [s["rho_tps"] for s in _sweeps(results) if s["rho_tps"] is not None]
@@ -686,6 +695,8 @@ def to_markdown(rep: dict[str, Any]) -> str:
          "", "## Summary", "",
          "| quantity | n | mean abs err % | max abs err % | mean signed % |", "|---|---:|---:|---:|---:|",
          line("tokens/s/GPU, uncalibrated", sm["tps"]), line("tokens/s/GPU, LOO-calibrated", sm["tps_loo"]),
+         line("tokens/s/GPU, uncalibrated, without GB300 / B300", sm["tps_pre_ultra"]),
+         line("tokens/s/GPU, LOO-calibrated, without GB300 / B300", sm["tps_loo_pre_ultra"]),
          line("peak reserved memory, uncalibrated", sm["mem"]), line("peak reserved memory, LOO-calibrated", sm["mem_loo"]),
          line("DeepSpeed model states vs estimator docs", sm["model_states"]), "",
          f"Lowest Spearman rho (tokens/s) within a sweep: {_f(sm['min_sweep_rho'], '{:+.2f}')}. "

@@ -85,14 +85,22 @@ def test_math_modules_do_not_import_torch():
 
 def test_table_covers_the_current_parts_with_sources():
     want = {"h100-sxm", "h100-pcie", "h100-nvl", "h100-hbm2e-96g", "h800", "h200", "h20", "b200", "gb200",
-            "a100-40g", "a100-80g", "l40s", "mi300x", "mi325x"}
+            "b300", "gb300", "a100-40g", "a100-80g", "l40s", "mi300x", "mi325x"}
     assert want <= set(GPUS)
     for k in want:
         g = GPUS[k]
         assert g.source.startswith("https://"), k
         assert g.power_w and g.power_w > 0, k
-    # GB200 NVL72: 4 GPUs per compute tray, 72 in one NVLink domain (NVL72 spec page)
-    assert GPUS["gb200"].gpus_per_node == 4 and GPUS["gb200"].nvlink_domain == 72
+    # GB200 / GB300 NVL72: 4 GPUs per compute tray, 72 in one NVLink domain (NVL72 spec pages)
+    for k in ("gb200", "gb300"):
+        assert GPUS[k].gpus_per_node == 4 and GPUS[k].nvlink_domain == 72
+    # Blackwell Ultra: the rack totals divided per GPU -- GB300 NVL72 720 PF sparse FP8 / 72 / 2 = 5 PF dense,
+    # 20 TB HBM3e / 72 = 279 GB (rounded as the spec pages' per-GPU figures); HGX B300 72 PF sparse FP8 / 8 / 2
+    # = 4.5 PF dense, 2.3 TB / 8 = 288 GB
+    assert GPUS["gb300"].fp8_tflops == 720e3 / 72 / 2 and GPUS["gb300"].bf16_tflops == 360e3 / 72 / 2
+    assert GPUS["b300"].fp8_tflops == 72e3 / 8 / 2 and GPUS["b300"].bf16_tflops == 36e3 / 8 / 2
+    assert abs(GPUS["gb300"].hbm_bytes - 20e12 / 72) < 2e9 and abs(GPUS["b300"].hbm_bytes - 2.3e12 / 8) < 1e9
+    assert get_gpu("GB300-NVL72") is GPUS["gb300"]
     # the HBM2e H100 of torchtitan's benchmarks: 96 GB at 2.4 TB/s
     assert GPUS["h100-hbm2e-96g"].hbm_bytes == 96 * 10**9 and GPUS["h100-hbm2e-96g"].hbm_gbps == 2400
 

@@ -498,7 +498,7 @@ def test_mx_block_scaling_is_hardware_data():
     from llmc.compiler.hardware import GPUS
     from llmc.spec.load import loads_spec
 
-    assert sorted(k for k, g in GPUS.items() if g.mx_block_scaling) == ["b200", "gb200"]
+    assert sorted(k for k, g in GPUS.items() if g.mx_block_scaling) == ["b200", "b300", "gb200", "gb300"]
 
     def t010(hardware):
         spec = {"name": "mx", "model": "llama3-8b", "data": {"seq_len": 8192, "tokens": "1B"}, "hardware": hardware,

@@ -246,6 +246,52 @@ _ROWS: list[dict] = [
         mx_block_scaling=True,  # Blackwell (as b200)
     ),
     dict(
+        key="b300",
+        name="NVIDIA B300 288GB (HGX, Blackwell Ultra)",
+        # HGX B300 spec table (8 GPUs): FP8/FP6 72 PF sparse -> 4.5 PF dense per GPU; FP16/BF16 36 PF sparse ->
+        # 2.25 PF dense; TF32 18 PF sparse -> 1.125 PF dense; FP32 600 TF -> 75 TF; up to 2.3 TB HBM3e -> 288 GB
+        # per GPU at up to 8 TB/s; NVLink5 1.8 TB/s bidirectional per GPU; ConnectX-8 800 Gb/s per GPU.
+        # Blackwell Ultra keeps B200's FP8 / BF16 dense rates; it doubles the softmax exponent unit (SFU) rate,
+        # which speeds up attention (not modelled: llmc's attention runs at the GEMM efficiency of its backend).
+        bf16_tflops=2250.0,
+        fp8_tflops=4500.0,
+        fp32_tflops=75.0,
+        tf32_tflops=1125.0,
+        hbm_bytes=288 * GB,
+        hbm_gbps=8000,
+        nvlink_gbps=900,
+        net_gbps=800,
+        gpus_per_node=8,
+        usd_per_hour=6.0,
+        power_w=1100,
+        source="https://www.nvidia.com/en-us/data-center/hgx/ (HGX B300); https://www.nvidia.com/en-us/data-center/dgx-b300/",
+        notes="Blackwell Ultra: B200's dense FP8/BF16 rates, 288 GB, 2x the attention exponent rate",
+        mx_block_scaling=True,  # Blackwell (SM 10.x), as b200
+    ),
+    dict(
+        key="gb300",
+        name="NVIDIA GB300 NVL72 (per Blackwell Ultra GPU)",
+        # GB300 NVL72 spec table (72 GPUs): FP8/FP6 720 PF sparse -> 5 PF dense per GPU; FP16/BF16 360 PF sparse
+        # -> 2.5 PF dense; TF32 180 PF sparse -> 1.25 PF dense; FP32 6 PF -> 83 TF; up to 20 TB HBM3e at up to
+        # 576 TB/s -> 279 GB at 8 TB/s per GPU; NVLink 130 TB/s -> 1.8 TB/s bidirectional per GPU, all 72 GPUs in
+        # one NVLink domain; compute trays of 2 Grace + 4 Blackwell Ultra GPUs; 72 ConnectX-8 (800 Gb/s) NICs.
+        bf16_tflops=2500.0,
+        fp8_tflops=5000.0,
+        fp32_tflops=83.0,
+        tf32_tflops=1250.0,
+        hbm_bytes=279 * GB,
+        hbm_gbps=8000,
+        nvlink_gbps=900,
+        net_gbps=800,
+        gpus_per_node=4,
+        nvlink_domain=72,
+        usd_per_hour=7.0,
+        power_w=1400,
+        source="https://www.nvidia.com/en-us/data-center/gb300-nvl72/",
+        notes="Blackwell Ultra: GB200's dense FP8/BF16 rates, 279 GB, 2x the attention exponent rate",
+        mx_block_scaling=True,  # Blackwell (SM 10.x), as b200
+    ),
+    dict(
         key="mi325x",
         name="AMD Instinct MI325X 256GB",
         # AMD spec page: same CDNA3 compute as MI300X (BF16 1,307.4 TF dense, FP8 2,614.9 dense, FP32
@@ -394,6 +440,8 @@ _ALIASES = {
     "mi300": "mi300x",
     "h100-96g": "h100-hbm2e-96g",
     "gb200-nvl72": "gb200",
+    "gb300-nvl72": "gb300",
+    "b300-sxm": "b300",
 }
 
 
