@@ -43,8 +43,8 @@ GIB = 2**30
 # Precision labels on the source pages -> llmc's training.precision (None: llmc cannot express it).
 # Systems whose own llmc GPU entry exists although the data file names the closest older key.
 # Blackwell Ultra parts: their datasheets give the dense FP8 / BF16 rates of GB200 / B200 (hardware.py), while the
-# Megatron-Bridge tables measure GB300 19-24 % faster than GB200 on the same model; the summary also reports the
-# rows without them
+# Megatron-Bridge tables measure GB300 5-31 % faster than GB200 on the same model and release (19-21 % on the one
+# Llama 3 8B layout both ran); the summary also reports the rows without them
 BLACKWELL_ULTRA = frozenset({"gb300", "b300"})
 EXACT_GPU = {"Grand Teton H100 96GB HBM2e 500W": "h100-hbm2e-96g", "DGX-GB200": "gb200"}
 # backend of the source -> llmc backend profile (llmc/compiler/backends.py; megatron is a reference profile)
