@@ -14,6 +14,10 @@ Runs one stage: pretrain / midtrain / long_context in :mod:`llmc.runtime.train`;
 idempotently: ``<assets>/assets/tokenizer.json`` (+ tokenizer_config.json) and ``assets.json`` naming the
 sources where they lie (streamed by the trainers; only ``builtin`` corpora are written, to ``<assets>/data/``). Default ``--assets`` = the lock's folder;
 default ``--out`` = ``<assets>/run/<stage>``. User errors print one line and exit 1.
+
+Exit status: 0 when the stage is done or stopped as asked (``--stop-after`` / ``--max-seconds``); 75
+(:data:`llmc.runtime.preempt.EXIT_PREEMPTED`) when a SIGTERM / SIGUSR1 stopped it after saving a checkpoint
+of the current step (rerun to resume from it); 1 on an error.
 """
 
 from __future__ import annotations
@@ -335,7 +339,17 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, TrainingError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"{a.lock}: error[R002] {a.stage or 'pretrain'}: {e}", file=sys.stderr)
         return 1
-    return 0 if res.get("status", "done") in ("done", "stopped") else 1
+    return exit_code(res.get("status", "done"))
+
+
+def exit_code(status: str) -> int:
+    """The process exit status for a stage result's status: 0 done / stopped, :data:`llmc.runtime.preempt.
+    EXIT_PREEMPTED` preempted (saved, resume me: a launcher requeues), 1 anything else."""
+    from llmc.runtime.preempt import EXIT_PREEMPTED
+
+    if status == "preempted":
+        return EXIT_PREEMPTED
+    return 0 if status in ("done", "stopped") else 1
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@
   ``chat`` -> {"messages": [{role, content}...]}; ``preference`` -> {"prompt", "chosen", "rejected"}
   (prompt a string or messages); ``prompts`` -> {"prompt", "expression" | "answer"}.
 * Writes ``metrics.jsonl``, ``checkpoints/step-N/`` (model only), ``hf/``, ``DONE.json`` (rank 0 the files).
-* Resume: every ``job.checkpoint_interval`` steps (and where ``stop_after`` / ``max_seconds`` stop the run
-  early, without DONE.json) the loop writes a mid-stage checkpoint to ``checkpoints/resume/step-N/``
+* Resume: every ``job.checkpoint_interval`` steps (and where ``stop_after`` / ``max_seconds`` / a SIGTERM or
+  SIGUSR1 -- :mod:`llmc.runtime.preempt`, status "preempted" -- stop the run early, without DONE.json) the loop writes a mid-stage checkpoint to ``checkpoints/resume/step-N/``
   (:class:`llmc.runtime.sft.LoopState`: trainable weights -- a LoRA run's adapters, unmerged --, optimizer,
   RNGs, the sampler positions, the history; ``train.json`` says ``"mid_stage": true`` and which stage and
   kind wrote it; the newest ``job.keep_latest`` are kept). They live in their own folder so that nothing
@@ -260,11 +260,13 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     over the data-parallel ranks, each step's global batch split between them (:class:`DataShard`).
     ``resume``: continue from the newest mid-stage checkpoint of this stage (else they are renamed aside first);
     ``fallback``: walk back past a corrupt newest one. ``stop_after`` (steps in total) / ``max_seconds``: stop
-    early with a mid-stage checkpoint and status "stopped", no DONE.json; rerun to continue."""
+    early with a mid-stage checkpoint and status "stopped", no DONE.json; rerun to continue. SIGTERM / SIGUSR1
+    on any rank (:mod:`llmc.runtime.preempt`): the same at the end of the current step, status "preempted"."""
     from llmc.runtime.checkpoint import read_model_state, save_checkpoint
     from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed
     from llmc.runtime.hf_io import export_stage
     from llmc.runtime.lora import full_lora_state_dict, merged_state_dict
+    from llmc.runtime.preempt import handlers
     from llmc.runtime.sft import DataShard
 
     t0 = time.time()
@@ -320,12 +322,16 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
         if state.resume_from is not None:
             say(f"resumed from {state.resume_from} at step {state.step}")
             loop.log.event("resume", step=state.step, checkpoint=str(state.resume_from))
-        summary = {"sft": _run_sft, "dpo": _run_dpo, "grpo": _run_grpo}[kind](loop)
+        with handlers():  # SIGTERM / SIGUSR1: the loop saves the current step and stops (LoopState.end_step)
+            summary = {"sft": _run_sft, "dpo": _run_dpo, "grpo": _run_grpo}[kind](loop)
+        if state.stopped and state.preempted:
+            loop.log.event("preempted", step=state.step, checkpoint=os.path.relpath(state.last_saved, out))
     finally:
         loop.log.close()
     if state.stopped:
-        say(f"{job.stage}: stopped at step {state.step} of {steps}; rerun to continue from {state.last_saved}")
-        return {"status": "stopped", "stage": job.stage, "kind": kind, "step": state.step, "steps": steps,
+        how = "preempted" if state.preempted else "stopped"
+        say(f"{job.stage}: {how} at step {state.step} of {steps}; rerun to continue from {state.last_saved}")
+        return {"status": how, "stage": job.stage, "kind": kind, "step": state.step, "steps": steps,
                 "checkpoint": os.path.relpath(state.last_saved, out), "world": info.world,
                 "wall_s": round(time.time() - t0, 2)}
 

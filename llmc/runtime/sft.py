@@ -55,8 +55,9 @@ class LoopState:
 
     The default (no ``folder``) runs every step and saves nothing. With a ``folder``, a checkpoint
     (:func:`llmc.runtime.checkpoint.save_checkpoint`, DCP shards when ``sharded``) is written after every
-    ``interval``-th step before the last and where the run stops early (``stop_after`` steps in total, or
-    ``max_seconds`` of wall time): the trainable parameters only (a LoRA run's adapters, unmerged), the
+    ``interval``-th step before the last and where the run stops early (``stop_after`` steps in total,
+    ``max_seconds`` of wall time, or a SIGTERM / SIGUSR1 on any rank while :func:`llmc.runtime.preempt.handlers`
+    is installed: ``preempted``): the trainable parameters only (a LoRA run's adapters, unmerged), the
     optimizer, the global RNGs, the loop's batch-sampling ``random.Random`` and, per rank, the sampling
     generator (GRPO), the per-step ``history`` and ``meta`` (which stage wrote it). ``resume_from``: such a
     checkpoint, loaded by :meth:`begin` once the loop has built its optimizer (and its frozen reference), so
@@ -71,6 +72,7 @@ class LoopState:
     stop_after: int | None = None
     max_seconds: float | None = None
     shard: DataShard | None = None  # the ranks that must agree on stopping for time
+    preempted: bool = False  # a signal stopped the run (llmc.runtime.preempt)
     history: list = field(default_factory=list)
     step: int = 0
     steps: int = 0
@@ -94,10 +96,15 @@ class LoopState:
 
     def end_step(self, step: int, model: nn.Module, opt: torch.optim.Optimizer, rng: random.Random,
                  gen: torch.Generator | None = None) -> bool:
-        """After step ``step`` (0-based): checkpoint when due; True when the run must stop now (time)."""
+        """After step ``step`` (0-based): checkpoint when due; True when the run must stop now (time, or a
+        preemption signal on any rank: :func:`llmc.runtime.preempt.requested`, a collective every rank runs)."""
+        from llmc.runtime import preempt
+
         self.step = step + 1
         late = self.max_seconds is not None and not (self.shard or DataShard()).all_true(
             time.time() - self.t0 <= self.max_seconds)
+        self.preempted = self.step < self.steps and preempt.requested()
+        late = late or self.preempted
         last = late or self.step == self.stop_after
         if self.folder is not None and self.step < self.steps and (self.step % max(self.interval, 1) == 0 or last):
             from llmc.runtime.checkpoint import save_checkpoint
@@ -109,7 +116,7 @@ class LoopState:
 
     @property
     def stopped(self) -> bool:
-        """The loop ended before its last step (stop_after / max_seconds)."""
+        """The loop ended before its last step (stop_after / max_seconds / preempted)."""
         return self.step < self.steps
 
     @property

@@ -7,6 +7,7 @@
          grad_accum x (forward [bf16 autocast on CUDA] -> lm_loss + MoE aux -> backward)
          -> clip -> step -> log -> loss-spike check (rewind + skip) -> checkpoint
     -> final checkpoint + DONE.json
+    (SIGTERM / SIGUSR1 on any rank: checkpoint of the current step, status "preempted": llmc.runtime.preempt)
 
 Outputs in ``out_dir``: ``metrics.jsonl``, ``checkpoints/step-N/``, ``hf/`` (Hugging Face export of the
 final weights, for the serving configs) and ``DONE.json``.
@@ -47,6 +48,10 @@ from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, 
 from llmc.runtime.metrics_io import truncate_after_step
 from llmc.runtime.model import Transformer, build_model, lm_loss, param_groups
 from llmc.runtime.observe import RunLogger
+from llmc.runtime.preempt import any_across as _any_across
+from llmc.runtime.preempt import handlers as _preempt_handlers
+from llmc.runtime.preempt import requested as _preempt_requested
+from llmc.runtime.preempt import world as _world
 
 
 class TrainingError(RuntimeError):
@@ -77,24 +82,12 @@ def build_optimizer(model: torch.nn.Module, job: TrainJob, device: torch.device)
 # ----------------------------------------------------------------------------- distributed helpers
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _mean_across(x: torch.Tensor) -> float:
     if _world() > 1:
         x = x.detach().clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= _world()
     return float(x)
-
-
-def _any_across(flag: bool, device: torch.device) -> bool:
-    if _world() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 @torch.no_grad()
@@ -265,12 +258,23 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
           max_seconds: float | None = None, resume: bool = True, fallback_checkpoint: bool = False,
           init_checkpoint: str | Path | None = None, cpu_bf16: bool = False, info: DistInfo | None = None,
           echo: bool = True) -> dict:
-    """Train one stage. Returns {"status": "done"|"stopped", "step", "loss", "checkpoint"}.
+    """Train one stage. Returns {"status": "done"|"stopped"|"preempted", "step", "loss", "checkpoint"}.
 
     max_steps: stop (with a checkpoint, no DONE.json) after this many optimizer steps in total;
     the LR schedule still spans ``job.steps``. max_seconds: same, on wall time.
     init_checkpoint: weights to start from when there is nothing to resume (the init_from stage).
+    SIGTERM / SIGUSR1 (any rank, :mod:`llmc.runtime.preempt`): at the end of the current step, a checkpoint
+    of it (complete, also when saved asynchronously) and status "preempted", no DONE.json; rerun to resume.
     """
+    with _preempt_handlers():
+        return _train(job, out_dir, assets, max_steps=max_steps, max_seconds=max_seconds, resume=resume,
+                      fallback_checkpoint=fallback_checkpoint, init_checkpoint=init_checkpoint, cpu_bf16=cpu_bf16,
+                      info=info, echo=echo)
+
+
+def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int | None, max_seconds: float | None,
+           resume: bool, fallback_checkpoint: bool, init_checkpoint: str | Path | None, cpu_bf16: bool,
+           info: DistInfo | None, echo: bool) -> dict:
     info = info or init_distributed()
     _check_layout(job, info)
     out = Path(out_dir)
@@ -394,13 +398,15 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
         if step % job.checkpoint_interval == 0 and step < job.steps:
             checkpoint_now()
             last_ckpt_step = step
-        if max_seconds is not None and _any_across(time.time() - t_start > max_seconds, info.device):
+        late = max_seconds is not None and _any_across(time.time() - t_start > max_seconds, info.device)
+        preempted = step < stop_at and _preempt_requested(info.device)  # every rank: one all-reduce
+        if late or preempted:
             if not (spike.enabled or log_now):
                 last_loss = _mean_across(loss_sum / job.grad_accum)
-            status = "stopped"
+            status = "preempted" if preempted else "stopped"
             break
 
-    if step < job.steps:
+    if step < job.steps and status != "preempted":
         status = "stopped"
     final = None
     if last_ckpt_step != step:
@@ -408,6 +414,9 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
     else:
         final = ckpt_dir / f"step-{step:08d}"
     wait_for_checkpoint()  # an asynchronous save completes before the stage reports
+    if status == "preempted":
+        say(f"preempted: saved step {step} to {final}; rerun to resume")
+        log.event("preempted", step=step, checkpoint=os.path.relpath(final, out))
     result = {"status": status, "stage": job.stage, "kind": job.kind, "step": step, "steps": job.steps,
               "loss": last_loss, "tokens": tokens, "checkpoint": os.path.relpath(final, out),
               "wall_s": round(time.time() - t_start, 2), "params": n_params, "rewinds": rewinds}

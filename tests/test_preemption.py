@@ -1,0 +1,315 @@
+"""Preemption (SIGTERM / SIGUSR1, llmc.runtime.preempt): the run saves the step it is at, exits with the
+preempted status, and a rerun resumes from that step and ends exactly where an uninterrupted run ends.
+
+Bitwise comparisons (``==`` / ``torch.equal``): every run here is fp32 on CPU with one thread per process
+(OMP_NUM_THREADS=1), so the interrupted + resumed run executes the same kernels on the same inputs in the
+same order as the uninterrupted one; the resume restores weights, optimizer, RNGs and the data position
+exactly, so any difference at all is a resume bug, not rounding."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from test_build_fakes import lock_for, make_compiled, make_run  # noqa: E402
+
+from llmc.buildfs import write_build  # noqa: E402
+from llmc.emit import render_artifacts  # noqa: E402
+from llmc.runtime import corpus  # noqa: E402
+from llmc.runtime.checkpoint import list_checkpoints, read_model_state  # noqa: E402
+from llmc.runtime.preempt import EXIT_PREEMPTED  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+ARCH = dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512,
+            max_seq_len=64)
+STEPS, INTERVAL = 40, 25  # the signal lands within the first steps: before any interval checkpoint
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("docs")
+    corpus.write_corpus(d / "docs.jsonl", max_docs=300)
+    return d / "docs.jsonl"
+
+
+def make_lock(tmp: Path, docs: Path, plan: dict | None = None) -> Path:
+    spec = {"name": "t", "model": ARCH, "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "docs", "path": str(docs), "format": "jsonl"}],
+                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 256 * STEPS},
+            "training": {"precision": "fp32", "global_batch_tokens": 256, "optimizer": {"lr": 3e-3},
+                         "checkpoint": {"interval_steps": INTERVAL, "keep_latest": 2}, "log_every": 1,
+                         "loss_spike": {"enabled": False}}}
+    lock = lock_for(spec, plan=plan or {"micro_batch": 8}, hyper={"warmup_steps": 2},
+                    spec_path=str(tmp / "spec.yaml"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    p = tmp / "plan.lock.json"
+    p.write_text(json.dumps(lock))
+    return p
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(out) if "loss" in r and "event" not in r}
+
+
+def entry_cmd(lock: Path, out: Path, nproc: int = 1) -> list[str]:
+    pre = [sys.executable]
+    if nproc > 1:
+        pre += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+                "--rdzv_endpoint=localhost:0"]
+    return [*pre, "-m", "llmc.runtime.entry", "--lock", str(lock), "--out", str(out)]
+
+
+def preempt_after(cmd: list[str], out: Path, logged: int = 3, timeout: float = 180) -> tuple[int, str]:
+    """Start ``cmd``, SIGTERM it once metrics.jsonl holds step ``logged``; (exit status, output)."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    m = out / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if m.exists() and any(json.loads(x).get("step", 0) >= logged for x in m.read_text().splitlines()
+                              if x.endswith("}")):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, text
+
+
+def final_weights(out: Path) -> dict:
+    return read_model_state(out / "checkpoints" / f"step-{STEPS:08d}")
+
+
+def check_preempted_then_resumed(ref: Path, cut: Path, cmd: list[str], rc: int, text: str,
+                                 want_rc: int | None = EXIT_PREEMPTED) -> int:
+    """The preempted run saved one step (not an interval one), the rerun resumed there and matches ``ref``."""
+    if want_rc is not None:
+        assert rc == want_rc, text[-3000:]
+    assert not (cut / "DONE.json").exists(), "the stage finished before the signal; the test tests nothing"
+    saved = [s for s, _ in list_checkpoints(cut / "checkpoints")]
+    assert len(saved) == 1 and 0 < saved[0] < STEPS and saved[0] % INTERVAL != 0, saved  # the signal's own
+    step = saved[0]
+    ev = [r for r in records(cut) if r.get("event") == "preempted"]
+    assert [e["step"] for e in ev] == [step]
+    end = [r for r in records(cut) if r.get("event") == "end"]
+    assert end[-1]["status"] == "preempted" and end[-1]["step"] == step
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"at step {step}" in p.stdout and "resumed from" in p.stdout
+    assert json.loads((cut / "DONE.json").read_text())["status"] == "done"
+    ra, rb = losses(ref), losses(cut)
+    assert sorted(rb) == list(range(1, STEPS + 1))  # each step logged once
+    assert rb == ra
+    wa, wb = final_weights(ref), final_weights(cut)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return step
+
+
+@pytest.mark.slow
+def test_sigterm_saves_current_step_and_resumes_exactly(tmp_path, docs):
+    lock = make_lock(tmp_path, docs)
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    p = subprocess.run(entry_cmd(lock, ref), env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rc, text = preempt_after(entry_cmd(lock, cut), cut)
+    check_preempted_then_resumed(ref, cut, entry_cmd(lock, cut), rc, text)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_two_ranks(tmp_path, docs):
+    """torchrun forwards the SIGTERM to both workers; they agree on the step (all-reduce) and save it
+    together. torchrun itself then exits 1 (it re-raises the signal as an exception), which is why the
+    Slurm script decides to requeue on the signal it trapped, not only on the exit status."""
+    lock = make_lock(tmp_path, docs, plan={"dp_replicate": 2, "micro_batch": 4})
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    p = subprocess.run(entry_cmd(lock, ref, 2), env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rc, text = preempt_after(entry_cmd(lock, cut, 2), cut)
+    assert rc != 0 and "preempted: saved step" in text, text[-3000:]
+    assert "SIGKILL" not in text, text[-3000:]  # both workers left within torchrun's grace period
+    check_preempted_then_resumed(ref, cut, entry_cmd(lock, cut, 2), rc, text, want_rc=None)
+
+
+def _requested_worker(rank: int, store: str, signalled: int, q) -> None:
+    import torch.distributed as dist
+
+    from llmc.runtime import preempt
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        with preempt.handlers():
+            before = preempt.requested()
+            if rank == signalled:
+                os.kill(os.getpid(), signal.SIGTERM)
+            q.put((rank, before, preempt.requested(), preempt.received()))
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_requested_is_true_on_every_rank_when_one_rank_is_signalled(tmp_path):
+    """The handler only records; requested() all-reduces, so the rank that got no signal stops too."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_requested_worker, args=(r, str(tmp_path / "store"), 1, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert got == [(0, False, True, None), (1, False, True, "SIGTERM")]
+
+
+# ----------------------------------------------------------------------------- post-training
+
+SFT_DRIVER = textwrap.dedent("""
+    import json, os, signal, sys
+    from pathlib import Path
+
+    import torch
+
+    torch.set_num_threads(1)
+    from llmc.runtime import sft
+    from llmc.runtime.entry import exit_code
+    from llmc.runtime.job import TrainJob
+    from llmc.runtime.posttrain import run_stage
+    from llmc.runtime.synthetic import ByteTokenizer
+    from llmc.spec.model import Architecture
+    from llmc.spec.schema import make_stage
+
+    out, signal_at = Path(sys.argv[1]), int(sys.argv[2])
+    tok = ByteTokenizer()
+    arch = Architecture(name="t", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64,
+                        vocab_size=tok.vocab_size, max_seq_len=96)
+    data = {"sources": [{"name": "syn", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
+    st = make_stage(name="sft", kind="sft", init_from="base", data=data)
+    job = TrainJob(arch=arch, sources=[], seq_len=96, steps=8, name="p", stage="sft", kind="sft", lr=2e-3,
+                   micro_batch=3, init_from="base", stage_spec=st, log_every=1000, checkpoint_interval=3,
+                   keep_latest=3)
+    if signal_at:  # a real SIGTERM to this process, delivered while step `signal_at` ends
+        end_step = sft.LoopState.end_step
+
+        def signalling(self, step, *a, **k):
+            if step + 1 == signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return end_step(self, step, *a, **k)
+
+        sft.LoopState.end_step = signalling
+    res = run_stage(job, out, tokenizer=tok)
+    print(json.dumps({"status": res["status"], "step": res["step"]}))
+    sys.exit(exit_code(res["status"]))
+""")
+
+
+@pytest.mark.slow
+def test_sft_sigterm_saves_current_step_and_resumes_exactly(tmp_path):
+    from llmc.runtime.checkpoint import save_checkpoint
+    from llmc.runtime.model import build_model
+    from llmc.runtime.posttrain import RESUME_FOLDER
+    from llmc.runtime.synthetic import ByteTokenizer
+    from llmc.spec.model import Architecture
+
+    arch = Architecture(name="t", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64,
+                        vocab_size=ByteTokenizer().vocab_size, max_seq_len=96)
+    base = build_model(arch, seed=11)
+    for run in ("ref", "cut"):
+        save_checkpoint(tmp_path / run / "base" / "checkpoints", 0, base, None, {})
+    driver = tmp_path / "driver.py"
+    driver.write_text(SFT_DRIVER)
+
+    def go(run: str, signal_at: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(driver), str(tmp_path / run / "sft"), str(signal_at)], env=ENV,
+                              capture_output=True, text=True, timeout=300)
+
+    p = go("ref", 0)
+    assert p.returncode == 0, p.stderr[-2000:]
+    cut = tmp_path / "cut" / "sft"
+    p = go("cut", 4)  # interval checkpoints at 3 and 6: step 4 is the signal's
+    assert p.returncode == EXIT_PREEMPTED, p.stdout[-2000:] + p.stderr[-2000:]
+    assert json.loads(p.stdout.splitlines()[-1]) == {"status": "preempted", "step": 4}
+    assert not (cut / "DONE.json").exists()
+    assert [s for s, _ in list_checkpoints(cut / "checkpoints" / RESUME_FOLDER)] == [3, 4]
+    assert [(r["event"], r["step"]) for r in records(cut) if "event" in r] == [("preempted", 4)]
+    p = go("cut", 0)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resumed from" in p.stdout and "at step 4" in p.stdout
+    ref = tmp_path / "ref" / "sft"
+    ra = [r for r in records(ref) if "event" not in r]
+    rb = [r for r in records(cut) if "event" not in r]
+    assert [r["step"] for r in rb] == list(range(1, 9)) and rb == ra
+    wa = read_model_state(ref / "checkpoints" / "step-00000008")
+    wb = read_model_state(cut / "checkpoints" / "step-00000008")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ----------------------------------------------------------------------------- the Slurm script
+
+
+def _sbatch(tmp_path: Path) -> Path:
+    stages = [{"name": "base", "kind": "pretrain"}, {"name": "chat", "kind": "sft", "init_from": "base"}]
+    run = make_run(stages=stages)
+    out = tmp_path / "b"
+    write_build(out, render_artifacts(make_compiled(run, stages=[{**s, "init_from": s.get("init_from")}
+                                                                 for s in stages])))
+    return out / "launch" / "slurm.sbatch"
+
+
+def test_sbatch_traps_the_signal_and_requeues(tmp_path):
+    """The rendered script asks for the warning signal and requeueing, is valid bash, and, run against fake
+    srun / scontrol, turns a USR1 into a SIGTERM for the running step and a requeue of the job."""
+    script = _sbatch(tmp_path)
+    text = script.read_text()
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "trap on_stop USR1 TERM",
+                 'scontrol requeue "$SLURM_JOB_ID"'):
+        assert line in text
+    assert re.search(r"^PREEMPTED=(\d+)", text, re.M).group(1) == str(EXIT_PREEMPTED)
+    assert "\n      srun \"${TORCHRUN[@]}\" -m llmc.runtime.entry" not in text  # every stage through run_step
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "log"
+    (fake / "scontrol").write_text(f'#!/bin/bash\n[ "$1" = show ] && {{ echo node1; exit 0; }}\n'
+                                   f'echo "scontrol $*" >> {log}\n')
+    (fake / "srun").write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        case " $* " in *" prepare "*|*llmc.runtime.evaluate*) exit 0 ;; esac
+        echo "step $*" >> {log}
+        trap 'echo "step got TERM" >> {log}; exit {EXIT_PREEMPTED}' TERM
+        echo running > {tmp_path}/running
+        while :; do sleep 0.05; done
+        """))
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242",
+               SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_SUBMIT_DIR=str(script.parent.parent),
+               BACKEND="native")
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "running").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_PREEMPTED, out
+    lines = log.read_text().splitlines()
+    assert len([ln for ln in lines if ln.startswith("step ")]) == 2  # the first stage only, then the TERM
+    assert "--stage base" in lines[0] and lines[1:] == ["step got TERM", "scontrol requeue 4242"], lines
