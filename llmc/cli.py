@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 # command but a plain ``llmc plan``): about a tenth of a ~0.3 s `llmc plan`. ``main`` runs ``plan`` with the
 # options it can read unambiguously (:func:`_plan_argv`) without it; everything else goes to typer.
 _APP = None
+# seconds a launched stage gets, after llmc passes it a SIGTERM / SIGINT / SIGUSR1, before its process group is
+# SIGKILLed: llmc's runtime saves its current step first (llmc.runtime.preempt); torchrun itself allows its
+# workers 30 s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and this is kept above that
+STAGE_GRACE_S = 60.0
 _COMMANDS: list = []  # (function, app.command keyword arguments), in definition order
 
 
@@ -236,7 +240,9 @@ def launch(
     """Run a built job: torchrun for native/torchtitan, the deepspeed launcher for DeepSpeed.
 
     One launch per build at a time; stages run in order and finished ones are skipped, so after a
-    failure, fix the cause and run the same command again."""
+    failure, fix the cause and run the same command again. A SIGTERM or SIGUSR1 (a preemption, a time
+    limit) makes llmc's runtime save the step it is on; the launch then exits 75 and the same command
+    resumes from that step."""
     from llmc.buildfs import BuildDirError, recover
     from llmc.launch import LaunchError, check_lock_integrity, launch_commands
 
@@ -258,7 +264,7 @@ def launch(
                    + shlex.join(c.argv))
     if dry_run:
         return
-    from llmc.runtime.runlock import RunLock, RunLockBusy
+    from llmc.runtime.runlock import EXIT_PREEMPTED, RunLock, RunLockBusy
 
     b = build_dir.resolve()
     try:
@@ -272,6 +278,10 @@ def launch(
                 continue
             log = b / "run" / (c.stage if c.stage != "prepare" else ".prepare") / "stderr.log"
             rc, cause = _run_logged(c.argv, env={**os.environ, **c.env}, cwd=c.cwd, log=log)
+            if rc == EXIT_PREEMPTED:  # a SIGTERM / SIGUSR1 stopped it after a checkpoint of its current step
+                _echo(f"{build_dir}: stage {c.stage!r} preempted: its current step is saved; rerun "
+                      f"`llmc launch {shlex.quote(str(build_dir))}` to resume from it", err=True)
+                raise SystemExit(EXIT_PREEMPTED)
             if rc != 0:
                 rel = os.path.relpath(log)
                 _fail([f"{build_dir}: error[L002] stage {c.stage!r} failed (exit {rc}): {cause} "
@@ -313,7 +323,7 @@ def _run_logged(argv: list[str], env: dict, cwd, log: Path) -> tuple[int, str]:
         os.dup2(w, 2)  # the child inherits the pipe as its stderr
         os.close(w)
         try:
-            rc = supervise(argv, env=env, cwd=cwd)
+            rc = supervise(argv, env=env, cwd=cwd, grace_s=STAGE_GRACE_S)
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)  # drops our copy of the pipe's write end: the pump sees EOF

@@ -276,3 +276,47 @@ def test_interrupted_launch_stops_the_whole_process_group(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError("the launched job's worker survived llmc's SIGTERM")
+
+
+def test_usr1_reaches_a_launched_stage_as_sigterm(tmp_path):
+    """A batch system's "time is almost up" (sbatch --signal=USR1@N) reaches the launched stage as the SIGTERM that
+    torchrun forwards and llmc's runtime answers by saving its step (a SIGUSR1 would kill torchrun outright); the
+    stage's exit status comes back unchanged, here the preempted one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from llmc.runtime.runlock import EXIT_PREEMPTED
+
+    got, ready = tmp_path / "got", tmp_path / "ready"
+    child = f"trap 'echo TERM > {got}; exit {EXIT_PREEMPTED}' TERM; touch {ready}; while true; do sleep 0.1; done"
+    code = ("from llmc.cli import _run_logged; import os, sys; from pathlib import Path\n"
+            f"sys.exit(_run_logged(['bash', '-c', {child!r}], dict(os.environ), None, Path({str(tmp_path / 'e.log')!r}))[0])\n")
+    p = subprocess.Popen([sys.executable, "-c", code])
+    for _ in range(200):
+        if ready.exists():
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)  # the forwarding handlers are installed before the child starts; let bash set its trap
+    p.send_signal(signal.SIGUSR1)
+    assert p.wait(timeout=30) == EXIT_PREEMPTED
+    assert got.read_text().strip() == "TERM"
+
+
+def test_launch_reports_a_preempted_stage_and_exits_with_its_status(tmp_path, monkeypatch):
+    """`llmc launch` tells a preempted stage (saved, rerun to resume) from a failed one, and passes its status on."""
+    from test_build_fakes import ROOT, compile_example
+
+    import llmc.cli as cli
+    from llmc.runtime.runlock import EXIT_PREEMPTED
+
+    out = tmp_path / "b"
+    write_build(out, render_artifacts(compile_example(ROOT / "examples" / "tiny_cpu.yaml")))
+    ran = []
+    monkeypatch.setattr(cli, "_run_logged", lambda argv, env, cwd, log: (ran.append(argv) or
+                        (0 if "prepare" in argv else EXIT_PREEMPTED), ""))
+    r = CliRunner().invoke(app, ["launch", str(out), "--backend", "native"])
+    assert r.exit_code == EXIT_PREEMPTED, r.output
+    assert len(ran) == 2 and "prepare" in ran[0]  # prepare, then the stage; nothing after it
+    assert "stage 'pretrain' preempted" in r.output and "rerun `llmc launch" in r.output and "error" not in r.output

@@ -36,14 +36,9 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from llmc.runtime.runlock import EXIT_PREEMPTED  # noqa: F401 -- defined where the torch-free launcher reads it
 
-# Exit status of a stage that saved its state on a signal and wants to be run again. 75 is EX_TEMPFAIL of
-# BSD's sysexits.h ("a temporary failure ... the user is invited to retry the operation later"); neither
-# Slurm (a job killed by signal N reports 128 + N, e.g. 143 for SIGTERM), torchrun (1 when a worker fails)
-# nor Python (1 for an uncaught exception, 2 for a usage error) uses it for anything of its own, so a
-# launcher can tell "preempted, resume me" from "failed".
-EXIT_PREEMPTED = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _received: list[int] = []  # signals recorded by the handler (appending is all it does)
 _depth = 0  # nesting of handlers(); the handlers are installed by the outermost one

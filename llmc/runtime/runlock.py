@@ -14,8 +14,11 @@ API
     Runs ``cmd`` in its own session/process group and returns its exit code (``128 + signal`` when a
     signal ended it, the shell convention). Call it from the main thread.
 
-    * SIGINT, SIGTERM and SIGHUP received by the caller are forwarded to the child's group; the
-      child gets ``grace_s`` seconds, then the group is SIGKILLed.
+    * SIGINT, SIGTERM and SIGHUP received by the caller are forwarded to the child's group, and SIGUSR1
+      (a batch system's "time is almost up", e.g. ``sbatch --signal=USR1@120``) as SIGTERM, which torchrun
+      passes on to its workers (a SIGUSR1 would kill torchrun and orphan them); llmc's trainers answer both
+      by saving their current step (:mod:`llmc.runtime.preempt`). The child gets ``grace_s`` seconds, then the
+      group is SIGKILLed.
     * The caller dying, even by SIGKILL, takes the child with it: on Linux the child is started with
       ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` (prctl(2)); a small guard process (``python -c``) polls its
       own parent pid and, once the caller is gone, sends SIGTERM to the group and SIGKILL after
@@ -37,6 +40,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+# Exit status of a stage that saved its state on a signal and wants to be run again. 75 is EX_TEMPFAIL of
+# BSD's sysexits.h ("a temporary failure ... the user is invited to retry the operation later"); neither
+# Slurm (a job killed by signal N reports 128 + N, e.g. 143 for SIGTERM), torchrun (1 when a worker fails)
+# nor Python (1 for an uncaught exception, 2 for a usage error) uses it for anything of its own, so a
+# launcher can tell "preempted, resume me" from "failed".
+EXIT_PREEMPTED = 75
 
 LOCK_NAME = ".lock"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -187,14 +197,14 @@ def supervise(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path
         received.append(signum)
         for pg in group:
             try:
-                os.killpg(pg, signum)
+                os.killpg(pg, signal.SIGTERM if signum == signal.SIGUSR1 else signum)
             except ProcessLookupError:
                 pass
 
     # handlers first: a signal between starting the child and installing them would otherwise kill the
     # caller with the default action (the child would still die, through PDEATHSIG and the guard)
     main = threading.current_thread() is threading.main_thread()
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
     old = {s: signal.signal(s, forward) for s in sigs} if main else {}
     try:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, close_fds=True,
