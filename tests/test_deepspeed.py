@@ -305,13 +305,34 @@ def _tiny_build(tmp_path: Path, zero: int) -> Path:
     return b
 
 
-def _run_ds(b: Path, steps: int, assets: Path) -> subprocess.CompletedProcess:
+def _ds_argv(b: Path, steps: int, assets: Path) -> list[str]:
     port = str(29300 + (os.getpid() + steps) % 300)
-    argv = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
             "--rdzv_endpoint", f"localhost:{port}", "-m", "llmc.runtime.ds_train", "--lock", str(b / "plan.lock.json"),
             "--ds-config", str(b / "deepspeed" / "ds_config.json"), "--out", str(b / "run" / "pretrain"),
             "--assets", str(assets), "--steps", str(steps)]
-    return subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=900, cwd=str(ROOT))
+
+
+def _run_ds(b: Path, steps: int, assets: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(_ds_argv(b, steps, assets), env=ENV, capture_output=True, text=True, timeout=900,
+                          cwd=str(ROOT))
+
+
+def _preempt_ds(b: Path, assets: Path) -> tuple[int, str]:
+    """Run the 8 steps, SIGTERM torchrun once rank 0 says it starts training (the preemption handlers are up by
+    then: ds_train installs them before it builds the engine); (torchrun's exit status, output)."""
+    import signal
+
+    proc = subprocess.Popen(_ds_argv(b, 8, assets), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=str(ROOT))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "DeepSpeed ZeRO-" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=900)
+    return proc.returncode, "".join(lines) + rest
 
 
 def _losses(b: Path) -> dict[int, float]:
@@ -326,11 +347,21 @@ def test_zero_stages_train_the_tiny_model_identically(tmp_path):
     losses = {}
     for zero in (1, 2, 3):
         b = _tiny_build(tmp_path, zero)
-        if zero == 1:  # stop after 4 steps, then resume from the DeepSpeed checkpoint to the end
+        if zero == 2:  # stop after 4 steps, then resume from the DeepSpeed checkpoint to the end
             r = _run_ds(b, 4, assets)
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
             assert not (b / "run" / "pretrain" / "DONE.json").exists()
             assert (b / "run" / "pretrain" / "ds_checkpoints" / "latest").read_text().strip() == "step-00000004"
+        if zero == 1:  # preempted (SIGTERM): the step it is at is saved, the stage ends "preempted", then resumes
+            rc, text = _preempt_ds(b, assets)
+            assert not (b / "run" / "pretrain" / "DONE.json").exists(), text[-3000:]
+            recs = [json.loads(ln) for ln in (b / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+            ends = [x for x in recs if x.get("event") == "end"]
+            assert ends and ends[-1]["status"] == "preempted", text[-3000:]
+            cut = ends[-1]["step"]
+            assert 1 <= cut < 8
+            assert (b / "run" / "pretrain" / "ds_checkpoints" / "latest").read_text().strip() == f"step-{cut:08d}"
+            assert rc != 0  # torchrun, itself signalled, reports a failure; the workers exited 75 (preempted)
         r = _run_ds(b, 8, assets)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert f"DeepSpeed ZeRO-{zero}" in r.stdout
@@ -343,7 +374,7 @@ def test_zero_stages_train_the_tiny_model_identically(tmp_path):
         sd = torch.load(ck / "model.pt", weights_only=True)
         assert sum(v.numel() for v in sd.values()) == done["params"]  # full tensors, also after ZeRO-3
         losses[zero] = _losses(b)
-        if zero == 1:
+        if zero in (1, 2):
             assert "resumed from" in r.stdout
     l1, l2, l3 = (losses[z] for z in (1, 2, 3))
     assert sorted(l1) == list(range(1, 9))

@@ -212,6 +212,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from llmc.runtime import preempt
     from llmc.runtime.checkpoint import save_checkpoint
     from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into
     from llmc.runtime.job import TrainJob
@@ -317,6 +318,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     assets = Assets.from_json(json.loads((assets_root / "assets" / "assets.json").read_text()))
     validator = Validator.for_job(job, assets, micro, rank, world, device)
     engine.train()
+    preempted = False
     while step < stop_at:
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
@@ -353,6 +355,9 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
             validator.maybe(step, stop_at, engine, log)
         if step % job.checkpoint_interval == 0 and step < stop_at:
             save_ds()
+        if step < stop_at and preempt.requested(device):  # SIGTERM / SIGUSR1 on any rank: save this step, stop
+            preempted = True
+            break
     save_ds()
 
     # full weights as an llmc checkpoint, so any following stage can init_from this one. ZeRO-3: gathered one
@@ -361,7 +366,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     final = save_checkpoint(ckpt_dir, step, engine.module, None, {"tokens": tokens, "stage": job.stage},
                             keep_latest=job.keep_latest, model_sd=full_sd)
     del full_sd
-    status = "done" if step >= job.steps else "stopped"
+    status = "done" if step >= job.steps else "preempted" if preempted else "stopped"
     result = {"status": status, "stage": job.stage, "kind": job.kind, "backend": "deepspeed", "zero_stage": zero,
               "step": step, "steps": job.steps, "loss": last_loss, "tokens": tokens,
               "checkpoint": os.path.relpath(final, out), "wall_s": round(time.time() - t_start, 2),
@@ -409,19 +414,23 @@ def main(argv: list[str] | None = None) -> int:
     root = (a.assets or a.lock.resolve().parent).resolve()
     stage_name = a.stage or "pretrain"
     out = (a.out or root / "run" / stage_name).resolve()
+    from llmc.runtime import preempt
     from llmc.runtime.distributed import shutdown
 
     finished = False
     try:
-        res = train(lock, ds_config, a.stage, out, root, max_steps=a.steps, resume=not a.no_resume,
-                    config_name=str(cfg_path), build_dir=a.lock.resolve().parent)
+        with preempt.handlers():  # SIGTERM / SIGUSR1: the loop saves the step it is at and stops (status preempted)
+            res = train(lock, ds_config, a.stage, out, root, max_steps=a.steps, resume=not a.no_resume,
+                        config_name=str(cfg_path), build_dir=a.lock.resolve().parent)
         finished = True
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"{a.lock}: error[R002] {stage_name}: {e}", file=sys.stderr)
         return 1
     finally:
         shutdown(together=finished)  # a failing rank leaves at once (the launcher then stops the others)
-    return 0 if res.get("status") in ("done", "stopped") else 1
+    from llmc.runtime.entry import exit_code
+
+    return exit_code(res.get("status", "done"))
 
 
 if __name__ == "__main__":
