@@ -347,11 +347,6 @@ def test_zero_stages_train_the_tiny_model_identically(tmp_path):
     losses = {}
     for zero in (1, 2, 3):
         b = _tiny_build(tmp_path, zero)
-        if zero == 2:  # stop after 4 steps, then resume from the DeepSpeed checkpoint to the end
-            r = _run_ds(b, 4, assets)
-            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-            assert not (b / "run" / "pretrain" / "DONE.json").exists()
-            assert (b / "run" / "pretrain" / "ds_checkpoints" / "latest").read_text().strip() == "step-00000004"
         if zero == 1:  # preempted (SIGTERM): the step it is at is saved, the stage ends "preempted", then resumes
             rc, text = _preempt_ds(b, assets)
             assert not (b / "run" / "pretrain" / "DONE.json").exists(), text[-3000:]
@@ -374,7 +369,7 @@ def test_zero_stages_train_the_tiny_model_identically(tmp_path):
         sd = torch.load(ck / "model.pt", weights_only=True)
         assert sum(v.numel() for v in sd.values()) == done["params"]  # full tensors, also after ZeRO-3
         losses[zero] = _losses(b)
-        if zero in (1, 2):
+        if zero == 1:
             assert "resumed from" in r.stdout
     l1, l2, l3 = (losses[z] for z in (1, 2, 3))
     assert sorted(l1) == list(range(1, 9))
