@@ -40,8 +40,9 @@ against the best plan for every other value of each dimension.
 
 from __future__ import annotations
 
+import heapq
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import Candidate, MemoryNumbers
@@ -173,6 +174,46 @@ class _Layout:
         return [("tp", self.t), ("pp", self.p), ("cp", self.c), ("ep", self.e), ("dp_shard", self.ds),
                 ("zero_stage", self.z), ("pp_schedule", self.sched)]
 
+
+
+@dataclass
+class _Family:
+    """The layouts of one (tp, pp, cp, ep, ZeRO, schedule, v) that differ only in the dp_shard x dp_replicate
+    split (``members``), with a lower bound on all of their step times."""
+
+    t: int
+    p: int
+    c: int
+    e: int
+    z: int
+    sched: str
+    v: int
+    mbs: tuple[int, ...]
+    per_dp: int
+    dp: int
+    required: tuple
+    members: list[tuple[int, int]] = field(default_factory=list)  # (dp_shard, dp_replicate), ascending dp_shard
+    lb: float = 0.0
+
+    def bound(self, sm: StepModel) -> float:
+        """The fastest step over ``mbs`` without recomputation and without the terms that depend on the data-parallel
+        split (FSDP / ZeRO traffic, replica all-reduce, optimizer update): every other term of
+        :meth:`LayoutTimer.time` is the same for all members, so this is <= each member's ``_Layout.lb``."""
+        timer = LayoutTimer(sm, self.t, self.p, self.c, self.e, self.dp, 1, self.z, self.sched, self.v)
+        timer.fsdp_passes, timer.fsdp_latency, timer.per_step_comm, timer.optimizer = 0, 0.0, 0.0, 0.0
+        return min(timer.time(mb, self.per_dp // mb, "none")[0] for mb in self.mbs)
+
+    def expand(self, sm: StepModel) -> list[_Layout]:
+        out = []
+        for ds, dr in self.members:
+            timer = LayoutTimer(sm, self.t, self.p, self.c, self.e, ds, dr, self.z, self.sched, self.v)
+            time = timer.time
+            none_times = tuple(time(mb, self.per_dp // mb, "none") for mb in self.mbs)
+            lay = _Layout(self.t, self.p, self.c, self.e, ds, dr, self.z, self.sched, self.v, self.mbs, self.per_dp,
+                          timer, min(st for st, _ in none_times), none_times=none_times)
+            lay.required = self.required
+            out.append(lay)
+        return out
 
 
 class _Search:
@@ -454,11 +495,30 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
         from llmc.compiler.memory import fits as fits_fn
     S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k, peak_fn)
     S.band = band
-    layouts = _enumerate(S)
     ac0 = AC_ORDER.index(S.acs[0])  # lay.order(S.acs[0]), inlined
-    layouts.sort(key=lambda lay: (lay.lb, lay.t, lay.p, lay.c, lay.e, lay.ds, lay.dr, lay.sched, lay.v, lay.mbs[0],
-                                  ac0, lay.z))
-    for lay in layouts:
+    # best first: layouts in order of (lower bound, plan order); a family of layouts (all dp_shard x dp_replicate
+    # splits of one tp, pp, cp, ep, ZeRO, schedule) enters with a bound below all of its members' (its time
+    # without data-parallel traffic and optimizer update) and is expanded, or skipped whole, when it comes up
+    # (on a tie before the layouts: a member never comes after a layout it precedes in the full order)
+    heap: list[tuple] = []
+    for n, fam in enumerate(_enumerate(S)):
+        fam.lb = fam.bound(S.sm)
+        heap.append((fam.lb, 0, n, fam))
+    heapq.heapify(heap)
+    n = len(heap)
+    while heap:
+        item = heapq.heappop(heap)
+        if item[1] == 0:
+            fam = item[-1]
+            if S.can_skip(fam):  # exact: every member's bound is >= the family's, and can_skip is monotone
+                S.pruned += len(fam.members)
+                continue
+            for lay in fam.expand(S.sm):
+                n += 1
+                heapq.heappush(heap, (lay.lb, 1, (lay.t, lay.p, lay.c, lay.e, lay.ds, lay.dr, lay.sched, lay.v,
+                                                  lay.mbs[0], ac0, lay.z), n, lay))
+            continue
+        lay = item[-1]
         if S.can_skip(lay):
             S.pruned += 1
             continue
@@ -469,7 +529,7 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
     return _result(S)
 
 
-def _enumerate(S: _Search) -> list[_Layout]:
+def _enumerate(S: _Search) -> list[_Family]:
     """Every structurally valid layout; structural rejections are recorded on the way."""
     arch, world, pins, G = S.arch, S.world, S.pins, S.G
     gpn = S.gpu.gpus_per_node
@@ -531,7 +591,7 @@ def _enumerate(S: _Search) -> list[_Layout]:
     return out
 
 
-def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
+def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Family]:
     pins = S.pins
     if pins.dp_shard is not None and pins.dp_replicate is not None:
         pairs = [(pins.dp_shard, pins.dp_replicate)]
@@ -574,7 +634,7 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
     # the first candidate of each reason in the ordered rejection list stay the same.
     grouped: dict[str, tuple] = {}
     n_batch = 0
-    out = []
+    families: dict[tuple, _Family] = {}
     for ds, dr in pairs:
         if ds * dr != dp:
             S.reject(ParallelPlan(tp=t, pp=p, cp=c, dp_shard=max(ds, 1), dp_replicate=max(dr, 1)), "pins",
@@ -620,13 +680,12 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
                         if cur is None or k < cur:
                             grouped[why] = k
                         continue
-                    timer = LayoutTimer(S.sm, t, p, c, e, ds, dr, z, sched, v)
-                    time = timer.time
-                    none_times = tuple(time(mb, per_dp // mb, "none") for mb in mbs)
-                    lay = _Layout(t, p, c, e, ds, dr, z, sched, v, mbs, per_dp, timer,
-                                  min(st for st, _ in none_times), none_times=none_times)
-                    lay.required = req + (("ep", e), ("zero_stage", z), ("pp_schedule", sched))
-                    out.append(lay)
+                    fam = families.get((e, z, sched, v))
+                    if fam is None:
+                        fam = families[(e, z, sched, v)] = _Family(
+                            t, p, c, e, z, sched, v, mbs, per_dp, dp,
+                            req + (("ep", e), ("zero_stage", z), ("pp_schedule", sched)))
+                    fam.members.append((ds, dr))
                     if ds * c > 1:  # ascending: pairs follow divisors(dp)
                         S.ds_lists.setdefault((t, p, c, sched, v, z, e), []).append(ds)
     if grouped:
@@ -638,7 +697,7 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Layout]:
             else:
                 rejected.append(Candidate(plan, 0.0, 0.0, 0, False, why))
         counts["batch"] += n_batch - 1
-    return out
+    return list(families.values())
 
 
 def _result(S: _Search) -> SearchResult:
