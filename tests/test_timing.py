@@ -537,3 +537,29 @@ def test_torchtitan_selective_ac_regathers_the_tp_inputs():
     assert tp_comm(be) == pytest.approx(10 * per_coll, rel=1e-9)
     full = dataclasses.replace(plan, activation_checkpointing="full")
     assert tp_comm(be, full) == pytest.approx(tp_comm(no_regather, full), rel=1e-12)
+
+
+def test_with_split_is_a_new_timer_of_that_split():
+    """The search times a layout's dp_shard x dp_replicate splits from one timer (``with_split`` shares the terms and
+    the per-micro-batch cache the split does not change): each must equal a timer built for that split, to the bit,
+    breakdown included, for dense and MoE models, pipelined or not, ZeRO-1 and ZeRO-3."""
+    from llmc.compiler.hardware import GPUS
+    from llmc.compiler.search import divisors
+    from llmc.compiler.timing import LayoutTimer
+    from llmc.spec.presets import PRESETS
+
+    for name, gpu, (tp, pp, cp, ep, dp, sched, v) in [
+            ("llama3-70b", "h100-sxm", (8, 1, 1, 1, 48, "1F1B", 1)),
+            ("llama3.1-405b", "gb200", (8, 4, 2, 1, 36, "Interleaved1F1B", 4)),
+            ("deepseek-v3", "h100-sxm", (1, 8, 1, 8, 64, "1F1B", 1))]:
+        sm = timing.step_model(PRESETS[name], 8192, "bf16", GPUS[gpu])
+        for z in (1, 3):
+            base = LayoutTimer(sm, tp, pp, cp, ep, dp, 1, z, sched, v)
+            base.time(1, 8, "none")  # fills the shared cache from another split first
+            for ds in divisors(dp):
+                if (ds * cp) % ep:
+                    continue
+                fresh = LayoutTimer(sm, tp, pp, cp, ep, ds, dp // ds, z, sched, v)
+                split = base.with_split(ds, dp // ds)
+                for mb, m, ac in ((1, 8, "none"), (2, 4, "selective"), (1, 8, "full")):
+                    assert split.time(mb, m, ac, True) == fresh.time(mb, m, ac, True), (name, z, ds, mb, ac)

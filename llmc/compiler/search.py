@@ -194,19 +194,21 @@ class _Family:
     required: tuple
     members: list[tuple[int, int]] = field(default_factory=list)  # (dp_shard, dp_replicate), ascending dp_shard
     lb: float = 0.0
+    timer: LayoutTimer | None = None  # the split-free timer of bound(); the members' timers share its terms
 
     def bound(self, sm: StepModel) -> float:
         """The fastest step over ``mbs`` without recomputation and without the terms that depend on the data-parallel
         split (FSDP / ZeRO traffic, replica all-reduce, optimizer update): every other term of
         :meth:`LayoutTimer.time` is the same for all members, so this is <= each member's ``_Layout.lb``."""
-        timer = LayoutTimer(sm, self.t, self.p, self.c, self.e, self.dp, 1, self.z, self.sched, self.v)
+        timer = self.timer = LayoutTimer(sm, self.t, self.p, self.c, self.e, self.dp, 1, self.z, self.sched, self.v)
         timer.fsdp_passes, timer.fsdp_latency, timer.per_step_comm, timer.optimizer = 0, 0.0, 0.0, 0.0
         return min(timer.time(mb, self.per_dp // mb, "none")[0] for mb in self.mbs)
 
     def expand(self, sm: StepModel) -> list[_Layout]:
         out = []
+        base = self.timer or LayoutTimer(sm, self.t, self.p, self.c, self.e, self.dp, 1, self.z, self.sched, self.v)
         for ds, dr in self.members:
-            timer = LayoutTimer(sm, self.t, self.p, self.c, self.e, ds, dr, self.z, self.sched, self.v)
+            timer = base.with_split(ds, dr)
             time = timer.time
             none_times = tuple(time(mb, self.per_dp // mb, "none") for mb in self.mbs)
             lay = _Layout(self.t, self.p, self.c, self.e, ds, dr, self.z, self.sched, self.v, self.mbs, self.per_dp,

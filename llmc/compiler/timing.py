@@ -425,17 +425,20 @@ class LayoutTimer:
     can time thousands of candidates cheaply.
     """
 
-    __slots__ = ("sm", "t", "p", "cp", "ep", "ds", "dr", "zero", "sched", "v", "chunks", "world", "bubble_slots",
-                 "one_pass", "fsdp_passes", "fsdp_latency", "per_step_comm", "optimizer", "pp_bw", "ep_bw",
-                 "cp_bw", "a2a_per_token")
+    # the layout's own terms (first line) and those only its dp_shard x dp_replicate split changes (second line);
+    # ``micro`` caches the per-micro-batch terms, which the split does not change (shared by with_split)
+    _FAMILY = ("sm", "t", "p", "cp", "ep", "zero", "sched", "v", "chunks", "world", "bubble_slots", "pp_bw", "ep_bw",
+               "cp_bw", "a2a_per_token", "dense_local", "expert_local", "max_blocks", "micro")
+    __slots__ = _FAMILY + ("ds", "dr", "one_pass", "fsdp_passes", "fsdp_latency", "per_step_comm", "optimizer")
 
     def __init__(self, sm: StepModel, tp: int, pp: int, cp: int, ep: int, dp_shard: int, dp_replicate: int,
                  zero_stage: int, pp_schedule: str = "1F1B", pp_virtual_stages: int = 1):
         self.sm, self.t, self.p, self.cp, self.ep = sm, tp, pp, cp, ep
-        self.ds, self.dr, self.zero, self.sched = dp_shard, dp_replicate, zero_stage, pp_schedule
+        self.zero, self.sched = zero_stage, pp_schedule
         self.v = pp_virtual_stages if pp_schedule == "Interleaved1F1B" else 1  # for the bubble
         self.chunks = max(1, pp_virtual_stages)  # model chunks per rank (interleaved v, ZB-V 2)
         self.world = dp_replicate * dp_shard * cp * tp * pp
+        self.micro: dict[tuple, tuple] = {}
         gpn = sm.gpus_per_node
         t, p = tp, pp
         if p == 1:
@@ -468,8 +471,28 @@ class LayoutTimer:
         # parameters this GPU holds before data-parallel sharding (heaviest stage)
         _, _, _, p_stage, max_blocks = _stage_info(sm, p, pp_schedule, self.chunks, "none")
         n_experts_stage = max_blocks * sm.expert_params_per_layer * (sm.n_moe_layers / sm.n_layers)
-        dense_local = (p_stage - n_experts_stage) / t
-        expert_local = n_experts_stage / (t * ep)  # experts are split over ep first
+        self.dense_local = (p_stage - n_experts_stage) / t
+        self.expert_local = n_experts_stage / (t * ep)  # experts are split over ep first
+        self.max_blocks = max_blocks
+        self._split(dp_shard, dp_replicate)
+
+    def with_split(self, dp_shard: int, dp_replicate: int) -> LayoutTimer:
+        """This layout with another dp_shard x dp_replicate split of the same data-parallel size (equal to a new
+        ``LayoutTimer`` of it; the terms the split does not change, and their cache, are shared)."""
+        if dp_shard * dp_replicate * self.cp * self.t * self.p != self.world:
+            raise ValueError("with_split keeps the data-parallel size")
+        new = object.__new__(LayoutTimer)
+        for k in LayoutTimer._FAMILY:
+            setattr(new, k, getattr(self, k))
+        new._split(dp_shard, dp_replicate)
+        return new
+
+    def _split(self, dp_shard: int, dp_replicate: int) -> None:
+        """The data-parallel terms: FSDP / ZeRO traffic, the replicas' all-reduce, the optimizer update."""
+        sm, t, p, cp, ep, zero_stage = self.sm, self.t, self.p, self.cp, self.ep, self.zero
+        self.ds, self.dr = dp_shard, dp_replicate
+        gpn, max_blocks = sm.gpus_per_node, self.max_blocks
+        dense_local, expert_local = self.dense_local, self.expert_local
         # torchtitan shards over dp_shard x cp jointly; experts over the (dp_shard x cp)/ep remainder
         n_sh = dp_shard * cp
         n_esh = max(n_sh // ep, 1)
@@ -503,6 +526,40 @@ class LayoutTimer:
 
     def time(self, mb: int, m: int, ac: str, breakdown: bool = False):
         """(step seconds, MFU[, breakdown]) for micro_batch ``mb``, ``m`` micro-batches, AC ``ac``."""
+        sm = self.sm
+        key = (mb, ac)
+        hit = self.micro.get(key)
+        if hit is None:
+            hit = self.micro[key] = self._micro(mb, ac)
+        compute, recompute, elem, tp_comm, ep_comm, cp_comm, pp_comm = hit
+        fsdp = 0.0
+        if self.fsdp_passes:
+            fsdp = _exposed(self.fsdp_passes * self.one_pass + self.fsdp_latency, compute, sm.fsdp_overlap)
+        dp = _exposed(self.per_step_comm, compute, sm.fsdp_overlap)
+        if sm.compute_scale != 1.0 or sm.comm_scale != 1.0:
+            # calibration (calibration.py): compute parts / compute_scale, exposed communication x comm_scale,
+            # applied to the model's own split so that the fitted linear model is exactly what is reported
+            a, b = 1.0 / sm.compute_scale, sm.comm_scale
+            compute, recompute, elem = compute * a, recompute * a, elem * a
+            tp_comm, ep_comm, cp_comm, pp_comm, fsdp, dp = (x * b for x in (tp_comm, ep_comm, cp_comm, pp_comm,
+                                                                             fsdp, dp))
+        t_micro = compute + tp_comm + ep_comm + cp_comm + pp_comm + fsdp
+        bubble = self.bubble_slots * t_micro
+        step = m * t_micro + bubble + dp + self.optimizer
+        world = self.world
+        tokens_step = mb * m * (self.ds * self.dr) * sm.seq_len
+        mfu = tokens_step * sm.flops_per_token / (step * world * sm.peak)
+        if not breakdown:
+            return step, mfu
+        return step, mfu, {
+            "compute": m * (compute - recompute - elem), "elementwise": m * elem, "recompute": m * recompute, "tp_comm": m * tp_comm,
+            "ep_comm": m * ep_comm, "cp_comm": m * cp_comm, "pp_p2p": m * pp_comm, "fsdp_comm": m * fsdp,
+            "pp_bubble": bubble, "dp_comm": dp, "optimizer": self.optimizer,
+        }
+
+    def _micro(self, mb: int, ac: str) -> tuple[float, float, float, float, float, float, float]:
+        """One micro-batch of the slowest pipeline rank, uncalibrated: (compute incl. recompute and elementwise,
+        recompute, elementwise, TP, EP, CP and PP communication seconds); the same for every split."""
         sm, t, p, cp, ep = self.sm, self.t, self.p, self.cp, self.ep
         n_slow, flops_tok, rec_tok, _, _ = _stage_info(sm, p, self.sched, self.chunks, ac)
         tokens_gpu = mb * sm.seq_len / cp  # tokens of this GPU's sequence shard per micro-batch
@@ -550,30 +607,7 @@ class LayoutTimer:
         pp_comm = 0.0
         if p > 1:  # activations out + gradients back per boundary, v times when interleaved
             pp_comm = 2 * self.chunks * tokens_gpu * sm.d_model * ACT_BYTES / t / self.pp_bw
-        fsdp = 0.0
-        if self.fsdp_passes:
-            fsdp = _exposed(self.fsdp_passes * self.one_pass + self.fsdp_latency, compute, sm.fsdp_overlap)
-        dp = _exposed(self.per_step_comm, compute, sm.fsdp_overlap)
-        if sm.compute_scale != 1.0 or sm.comm_scale != 1.0:
-            # calibration (calibration.py): compute parts / compute_scale, exposed communication x comm_scale,
-            # applied to the model's own split so that the fitted linear model is exactly what is reported
-            a, b = 1.0 / sm.compute_scale, sm.comm_scale
-            compute, recompute, elem = compute * a, recompute * a, elem * a
-            tp_comm, ep_comm, cp_comm, pp_comm, fsdp, dp = (x * b for x in (tp_comm, ep_comm, cp_comm, pp_comm,
-                                                                             fsdp, dp))
-        t_micro = compute + tp_comm + ep_comm + cp_comm + pp_comm + fsdp
-        bubble = self.bubble_slots * t_micro
-        step = m * t_micro + bubble + dp + self.optimizer
-        world = self.world
-        tokens_step = mb * m * (self.ds * self.dr) * sm.seq_len
-        mfu = tokens_step * sm.flops_per_token / (step * world * sm.peak)
-        if not breakdown:
-            return step, mfu
-        return step, mfu, {
-            "compute": m * (compute - recompute - elem), "elementwise": m * elem, "recompute": m * recompute, "tp_comm": m * tp_comm,
-            "ep_comm": m * ep_comm, "cp_comm": m * cp_comm, "pp_p2p": m * pp_comm, "fsdp_comm": m * fsdp,
-            "pp_bubble": bubble, "dp_comm": dp, "optimizer": self.optimizer,
-        }
+        return compute, recompute, elem, tp_comm, ep_comm, cp_comm, pp_comm
 
 
 def layout_timer(sm: StepModel, plan: ParallelPlan) -> LayoutTimer:
