@@ -22,7 +22,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_build_fakes import lock_for, make_compiled, make_run  # noqa: E402
+from test_build_fakes import make_compiled, make_run  # noqa: E402
+from test_runtime_train import make_lock as runtime_lock  # noqa: E402
 
 from llmc.buildfs import write_build  # noqa: E402
 from llmc.emit import render_artifacts  # noqa: E402
@@ -32,8 +33,6 @@ from llmc.runtime.preempt import EXIT_PREEMPTED  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-ARCH = dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512,
-            max_seq_len=64)
 STEPS, INTERVAL = 40, 25  # the signal lands within the first steps: before any interval checkpoint
 
 
@@ -45,18 +44,8 @@ def docs(tmp_path_factory) -> Path:
 
 
 def make_lock(tmp: Path, docs: Path, plan: dict | None = None) -> Path:
-    spec = {"name": "t", "model": ARCH, "hardware": {"gpu": "cpu", "count": 1},
-            "data": {"sources": [{"name": "docs", "path": str(docs), "format": "jsonl"}],
-                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 256 * STEPS},
-            "training": {"precision": "fp32", "global_batch_tokens": 256, "optimizer": {"lr": 3e-3},
-                         "checkpoint": {"interval_steps": INTERVAL, "keep_latest": 2}, "log_every": 1,
-                         "loss_spike": {"enabled": False}}}
-    lock = lock_for(spec, plan=plan or {"micro_batch": 8}, hyper={"warmup_steps": 2},
-                    spec_path=str(tmp / "spec.yaml"))
-    tmp.mkdir(parents=True, exist_ok=True)
-    p = tmp / "plan.lock.json"
-    p.write_text(json.dumps(lock))
-    return p
+    """The tiny fp32 pre-training lock of test_runtime_train, with this file's steps and checkpoint interval."""
+    return runtime_lock(tmp, docs, steps=STEPS, interval=INTERVAL, plan=plan)
 
 
 def records(out: Path) -> list[dict]:
