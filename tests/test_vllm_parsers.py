@@ -80,8 +80,15 @@ print(json.dumps(out, default=str))
 """
 
 
+@pytest.fixture(scope="module")
+def vllm_cache(tmp_path_factory) -> Path:
+    """One fresh vLLM cache for this module: the registry inspects each architecture anew (once, in a subprocess
+    of its own) instead of reading ~/.cache, and the later tests reuse what the earlier ones inspected."""
+    return tmp_path_factory.mktemp("vllm-cache")
+
+
 def run_vllm(script: str, paths: list[Path], cache: Path) -> dict:
-    # offline, and a fresh vLLM cache: the registry inspects each architecture anew instead of reading ~/.cache
+    # offline, and the module's fresh vLLM cache (vllm_cache)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CACHE_ROOT=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_LOGGING_LEVEL="WARNING")
@@ -129,11 +136,11 @@ def served(tmp_path_factory) -> list[tuple[Path, dict]]:
     return pairs
 
 
-def test_every_vllm_yaml_passes_vllm_serve_parser(served, tmp_path):
+def test_every_vllm_yaml_passes_vllm_serve_parser(served, tmp_path, vllm_cache):
     bad = tmp_path / "serving/misspelled.yaml"  # the same parser refuses a key vLLM does not have
     bad.parent.mkdir()
     bad.write_text(served[0][0].read_text() + "tensor-paralel-size: 2\n")
-    got = run_vllm(SERVE_PARSE, [f for f, _ in served] + [bad], tmp_path)
+    got = run_vllm(SERVE_PARSE, [f for f, _ in served] + [bad], vllm_cache)
     assert got[str(bad)] == {"refused": 2}
     assert any(p["nodes"] > 1 for _, p in served) and any(p["quantization"] == "awq" for _, p in served)
     assert any(not p["prefix_caching"] for _, p in served) and any(p["kv_cache_dtype"] == "fp8" for _, p in served)
@@ -156,7 +163,7 @@ def test_every_vllm_yaml_passes_vllm_serve_parser(served, tmp_path):
 # ----------------------------------------------------------------------------- Hugging Face exports
 
 
-def test_hf_exports_pass_vllm_model_config(tmp_path):
+def test_hf_exports_pass_vllm_model_config(tmp_path, vllm_cache):
     torch = pytest.importorskip("torch")
     pytest.importorskip("safetensors")
     from types import SimpleNamespace
@@ -182,7 +189,7 @@ def test_hf_exports_pass_vllm_model_config(tmp_path):
     }
     dirs = {cls: export_hf(build_model(a, seed=0).state_dict(), a, tmp_path / cls, dtype=torch.bfloat16)
             for cls, a in archs.items()}
-    got = run_vllm(MODEL_PARSE, list(dirs.values()), tmp_path)
+    got = run_vllm(MODEL_PARSE, list(dirs.values()), vllm_cache)
 
     h100 = SimpleNamespace(hbm_bytes=80 * GiB, gpus_per_node=8)
     for cls, a in archs.items():
@@ -228,7 +235,7 @@ print(json.dumps(out))
 """
 
 
-def test_dense_hf_exports_load_into_vllm_models(tmp_path):
+def test_dense_hf_exports_load_into_vllm_models(tmp_path, vllm_cache):
     torch = pytest.importorskip("torch")
     pytest.importorskip("safetensors")
     import socket
@@ -257,7 +264,7 @@ def test_dense_hf_exports_load_into_vllm_models(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    got = run_vllm(LOAD, [port, *dirs.values()], tmp_path)
+    got = run_vllm(LOAD, [port, *dirs.values()], vllm_cache)
     for name, a in archs.items():
         m = got[str(dirs[name])]
         assert m["class"] == ("Qwen2ForCausalLM" if a.qkv_bias else "LlamaForCausalLM")
