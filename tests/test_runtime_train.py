@@ -248,7 +248,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, docs):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = tmp_path / "cut" / "checkpoints"
     deadline = time.time() + 120
-    while time.time() < deadline and not list(ck.glob("step-*/manifest.json")):
+    # a complete checkpoint: step-N/ (a save writes step-N.tmp/, manifest included, then renames it)
+    while time.time() < deadline and not [m for m in ck.glob("step-*/manifest.json") if m.parent.suffix != ".tmp"]:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
