@@ -194,7 +194,7 @@ class _Family:
     required: tuple
     members: list[tuple[int, int]] = field(default_factory=list)  # (dp_shard, dp_replicate), ascending dp_shard
     lb: float = 0.0
-    timer: LayoutTimer | None = None  # the split-free timer of bound(); the members' timers share its terms
+    timer: LayoutTimer | None = None  # the split-free timer bound() builds; the members' timers share its terms
 
     def bound(self, sm: StepModel) -> float:
         """The fastest step over ``mbs`` without recomputation and without the terms that depend on the data-parallel
@@ -204,11 +204,10 @@ class _Family:
         timer.fsdp_passes, timer.fsdp_latency, timer.per_step_comm, timer.optimizer = 0, 0.0, 0.0, 0.0
         return min(timer.time(mb, self.per_dp // mb, "none")[0] for mb in self.mbs)
 
-    def expand(self, sm: StepModel) -> list[_Layout]:
+    def expand(self) -> list[_Layout]:
         out = []
-        base = self.timer or LayoutTimer(sm, self.t, self.p, self.c, self.e, self.dp, 1, self.z, self.sched, self.v)
         for ds, dr in self.members:
-            timer = base.with_split(ds, dr)
+            timer = self.timer.with_split(ds, dr)  # bound() built it: a family is expanded only after its bound
             time = timer.time
             none_times = tuple(time(mb, self.per_dp // mb, "none") for mb in self.mbs)
             lay = _Layout(self.t, self.p, self.c, self.e, ds, dr, self.z, self.sched, self.v, self.mbs, self.per_dp,
@@ -515,7 +514,7 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
             if S.can_skip(fam):  # exact: every member's bound is >= the family's, and can_skip is monotone
                 S.pruned += len(fam.members)
                 continue
-            for lay in fam.expand(S.sm):
+            for lay in fam.expand():
                 n += 1
                 heapq.heappush(heap, (lay.lb, 1, (lay.t, lay.p, lay.c, lay.e, lay.ds, lay.dr, lay.sched, lay.v,
                                                   lay.mbs[0], ac0, lay.z), n, lay))
