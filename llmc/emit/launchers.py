@@ -32,8 +32,15 @@ from llmc.emit.common import (
 )
 from llmc.emit.deepspeed import CONFIG_PATH
 from llmc.emit.evaluation import eval_stages
+from llmc.runtime.runlock import EXIT_PREEMPTED  # torch-free: the exit status of a preempted stage
 
 RDZV_PORT = 29500
+#: Seconds before the time limit at which Slurm signals the batch shell (``--signal=B:USR1@N``): the
+#: time the running step has to checkpoint its current step before Slurm kills it.
+SLURM_SIGNAL_LEAD_S = 120
+#: torchrun's ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` (its default is 30 s): how long it waits after passing
+#: a SIGTERM on before it kills its workers; most of :data:`SLURM_SIGNAL_LEAD_S`.
+ELASTIC_SHUTDOWN_S = 100
 TITAN_CONFIG_FN = "job"
 
 # What `llmc launch` / the runtime write into a build directory (prepare_assets: assets/, data/,
@@ -78,6 +85,9 @@ def launch_context(compiled, files: Mapping[str, str]) -> dict[str, Any]:
         "has_ds": CONFIG_PATH in files,
         "default_backend": build_backend(compiled, files),
         "rdzv_port": RDZV_PORT,
+        "preempted_exit": EXIT_PREEMPTED,
+        "signal_lead_s": SLURM_SIGNAL_LEAD_S,
+        "elastic_shutdown_s": ELASTIC_SHUTDOWN_S,
         "eval_stages": eval_stages(compiled),
     }
 
