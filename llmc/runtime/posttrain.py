@@ -227,7 +227,7 @@ def resume_point(folder: Path, job: Any, lora: Any | None, fallback: bool = Fals
     return path
 
 
-def _loop_state(job: Any, out: Path, info: Any, lora: Any | None, shard: Any, layout: dict, *, resume: bool,
+def _loop_state(job: Any, out: Path, info: Any, lora: Any | None, layout: dict, *, resume: bool,
                 fallback: bool, stop_after: int | None, max_seconds: float | None, log) -> Any:
     """The stage's :class:`llmc.runtime.sft.LoopState`: mid-stage checkpoints in ``checkpoints/resume``, the
     point to resume from (``resume``; else the folder is renamed aside, rank 0, so no stale step-N outranks
@@ -248,7 +248,7 @@ def _loop_state(job: Any, out: Path, info: Any, lora: Any | None, shard: Any, la
             "adapters": "unmerged" if lora is not None else None, "layout": layout}
     return LoopState(folder=folder, interval=int(job.checkpoint_interval), keep_latest=job.keep_latest,
                      sharded=info.world > 1, meta=meta, resume_from=resume_from, stop_after=stop_after,
-                     max_seconds=max_seconds, shard=shard, step=step)
+                     max_seconds=max_seconds, step=step)
 
 
 def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenizer: Any | None = None,
@@ -303,7 +303,7 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     trainable = lora_param_count(model) if lora is not None else n_params
     layout = post_layout(job, info.world)
     shard = DataShard(*dp_coords(info, layout["dp_replicate"], layout["dp_shard"], 1))
-    state = _loop_state(job, out, info, lora, shard, layout, resume=resume, fallback=fallback,
+    state = _loop_state(job, out, info, lora, layout, resume=resume, fallback=fallback,
                         stop_after=stop_after, max_seconds=max_seconds, log=say)
     reference = None
     if kind in ("dpo", "grpo") and lora is None and info.world > 1:  # the frozen copy, sharded like the policy

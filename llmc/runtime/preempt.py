@@ -20,8 +20,8 @@ lost. The same mechanism in other trainers:
 Here: :func:`handlers` (a context manager; the trainers enter it around their loop) installs, in the main
 thread of each worker process, handlers for SIGTERM and SIGUSR1 that only record the signal (no work inside
 a handler: it may interrupt anything, an all-reduce or a checkpoint write included); the loops call
-:func:`requested` at every step boundary: True when ANY rank got a signal (an all-reduce MAX of one
-element, :func:`any_across`), so every rank saves the same step and leaves together. A stage that stops
+:func:`stop_now` at every step boundary: whether ANY rank got a signal, and whether any rank is past the run's
+time limit (one all-reduce MAX of two elements), so every rank saves the same step and leaves together. A stage that stops
 this way reports status ``"preempted"`` and ``python -m llmc.runtime.entry`` exits with
 :data:`EXIT_PREEMPTED`; rerunning it resumes from the checkpoint of the step where it stopped.
 """
@@ -48,18 +48,24 @@ def world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def any_across(flag: bool, device: torch.device | None = None) -> bool:
-    """True when ``flag`` is true on any rank (an all-reduce MAX of one element when world > 1; every rank
-    must call it). ``device``: where the collective runs (the CUDA device under NCCL; default: the current
-    CUDA device under NCCL, else the CPU)."""
+def _max_across(flags: list[bool], device: torch.device | None) -> list[bool]:
+    """Each flag OR-ed over the ranks: one all-reduce MAX of ``len(flags)`` elements when world > 1 (every
+    rank must call it with as many flags). ``device``: where the collective runs (the CUDA device under
+    NCCL; default: the current CUDA device under NCCL, else the CPU)."""
     if world() == 1:
-        return flag
+        return list(flags)
     if device is None:
         nccl = dist.get_backend() == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return [bool(v > 0) for v in t.tolist()]
+
+
+def any_across(flag: bool, device: torch.device | None = None) -> bool:
+    """True when ``flag`` is true on any rank (an all-reduce MAX of one element when world > 1; every rank
+    must call it)."""
+    return _max_across([flag], device)[0]
 
 
 def _record(signum: int, frame) -> None:  # the handler: record, nothing else
@@ -102,6 +108,17 @@ def handlers() -> Iterator[None]:
 def requested(device: torch.device | None = None) -> bool:
     """Whether any rank received SIGTERM / SIGUSR1 since :func:`handlers` was entered (a collective when
     world > 1 and the handlers are installed; False without a collective when they are not)."""
-    if not installed():
-        return False
-    return any_across(bool(_received), device)
+    return stop_now(None, True, device)[1]
+
+
+def stop_now(late: bool | None, check_signal: bool, device: torch.device | None = None) -> tuple[bool, bool]:
+    """A training loop's end-of-step question, agreed by every rank in one collective: (``late`` on any
+    rank, a SIGTERM / SIGUSR1 on any rank). ``late``: this rank's "over the time limit", None when the run has
+    no time limit; ``check_signal``: False where a signal needs no answer (after the last step). One
+    all-reduce MAX of two elements when world > 1 and there is something to agree on, none otherwise;
+    every rank must pass the same ``late is None`` and ``check_signal``."""
+    sig = check_signal and installed()
+    if late is None and not sig:
+        return False, False
+    over, signalled = _max_across([bool(late), sig and bool(_received)], device)
+    return over, signalled

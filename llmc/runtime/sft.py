@@ -45,7 +45,10 @@ class DataShard:
         return t.cpu()
 
     def all_true(self, flag: bool) -> bool:
-        return bool(self.sum(0.0 if flag else 1.0) == 0)
+        """Whether ``flag`` holds on every rank (a collective every rank runs)."""
+        from llmc.runtime.preempt import any_across
+
+        return not any_across(not flag)
 
 
 @dataclass
@@ -71,7 +74,6 @@ class LoopState:
     resume_from: Path | None = None
     stop_after: int | None = None
     max_seconds: float | None = None
-    shard: DataShard | None = None  # the ranks that must agree on stopping for time
     preempted: bool = False  # a signal stopped the run (llmc.runtime.preempt)
     history: list = field(default_factory=list)
     step: int = 0
@@ -97,13 +99,13 @@ class LoopState:
     def end_step(self, step: int, model: nn.Module, opt: torch.optim.Optimizer, rng: random.Random,
                  gen: torch.Generator | None = None) -> bool:
         """After step ``step`` (0-based): checkpoint when due; True when the run must stop now (time, or a
-        preemption signal on any rank: :func:`llmc.runtime.preempt.requested`, a collective every rank runs)."""
+        preemption signal on any rank: :func:`llmc.runtime.preempt.stop_now`, one collective every rank runs)."""
         from llmc.runtime import preempt
 
         self.step = step + 1
-        late = self.max_seconds is not None and not (self.shard or DataShard()).all_true(
-            time.time() - self.t0 <= self.max_seconds)
-        self.preempted = self.step < self.steps and preempt.requested()
+        # every rank: one all-reduce (time limit and signal together)
+        late, self.preempted = preempt.stop_now(
+            None if self.max_seconds is None else time.time() - self.t0 > self.max_seconds, self.step < self.steps)
         late = late or self.preempted
         last = late or self.step == self.stop_after
         if self.folder is not None and self.step < self.steps and (self.step % max(self.interval, 1) == 0 or last):

@@ -48,9 +48,8 @@ from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, 
 from llmc.runtime.metrics_io import truncate_after_step
 from llmc.runtime.model import Transformer, build_model, lm_loss, param_groups
 from llmc.runtime.observe import RunLogger
-from llmc.runtime.preempt import any_across as _any_across
 from llmc.runtime.preempt import handlers as _preempt_handlers
-from llmc.runtime.preempt import requested as _preempt_requested
+from llmc.runtime.preempt import stop_now as _stop_now
 from llmc.runtime.preempt import world as _world
 
 
@@ -398,8 +397,9 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
         if step % job.checkpoint_interval == 0 and step < job.steps:
             checkpoint_now()
             last_ckpt_step = step
-        late = max_seconds is not None and _any_across(time.time() - t_start > max_seconds, info.device)
-        preempted = step < stop_at and _preempt_requested(info.device)  # every rank: one all-reduce
+        # every rank: one all-reduce (time limit and signal together)
+        late, preempted = _stop_now(None if max_seconds is None else time.time() - t_start > max_seconds,
+                                    step < stop_at, info.device)
         if late or preempted:
             if not (spike.enabled or log_now):
                 last_loss = _mean_across(loss_sum / job.grad_accum)
