@@ -80,22 +80,60 @@ print(json.dumps(out, default=str))
 """
 
 
-@pytest.fixture(scope="module")
-def vllm_cache(tmp_path_factory) -> Path:
-    """One fresh vLLM cache for this module: the registry inspects each architecture anew (once, in a subprocess
-    of its own) instead of reading ~/.cache, and the later tests reuse what the earlier ones inspected."""
-    return tmp_path_factory.mktemp("vllm-cache")
+# The checks share one vLLM process (starting vLLM costs tens of seconds of CPU on a small machine): each script
+# runs in it as it would alone (its own sys.argv and globals; what it prints last is its result), and a script
+# that raises fails only the test that reads its result.
+DRIVER = """
+import contextlib, io, json, sys, traceback
+res = {}
+for name, script, argv in json.loads(sys.argv[1]):
+    sys.argv = ["-c", *argv]
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            exec(compile(script, name, "exec"), {"__name__": "__main__"})
+        res[name] = {"ok": json.loads(buf.getvalue().strip().splitlines()[-1])}
+    except BaseException:
+        res[name] = {"error": traceback.format_exc()[-4000:]}
+print(json.dumps(res, default=str))
+"""
 
 
-def run_vllm(script: str, paths: list[Path], cache: Path) -> dict:
-    # offline, and the module's fresh vLLM cache (vllm_cache)
+def run_vllm(jobs: dict[str, tuple[str, list]], cache: Path) -> dict:
+    """{name: what script printed} for jobs {name: (script, argv)}, all in one vLLM process, offline, with a fresh
+    vLLM cache (the model registry inspects each architecture anew, once, instead of reading ~/.cache)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CACHE_ROOT=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_LOGGING_LEVEL="WARNING")
-    out = subprocess.run([str(VLLM_PY), "-c", script, *map(str, paths)], capture_output=True, text=True,
-                         timeout=900, env=env, cwd=cache)
+    arg = json.dumps([[name, script, [str(a) for a in argv]] for name, (script, argv) in jobs.items()])
+    out = subprocess.run([str(VLLM_PY), "-c", DRIVER, arg], capture_output=True, text=True, timeout=1800, env=env,
+                         cwd=cache)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def vllm(served, model_exports, load_exports, tmp_path_factory) -> dict:
+    """What each check's script printed (or the traceback it raised), from one vLLM process."""
+    cache = tmp_path_factory.mktemp("vllm-cache")
+    port = _free_port()
+    return run_vllm({"serve": (SERVE_PARSE, [f for f, _ in served] + [misspelled(served, tmp_path_factory)]),
+                     "model": (MODEL_PARSE, list(model_exports[1].values())),
+                     "load": (LOAD, [port, *load_exports[1].values()])}, cache)
+
+
+def result(vllm: dict, name: str) -> dict:
+    r = vllm[name]
+    assert "error" not in r, r.get("error")
+    return r["ok"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- serving/vllm.yaml
@@ -136,12 +174,18 @@ def served(tmp_path_factory) -> list[tuple[Path, dict]]:
     return pairs
 
 
-def test_every_vllm_yaml_passes_vllm_serve_parser(served, tmp_path, vllm_cache):
-    bad = tmp_path / "serving/misspelled.yaml"  # the same parser refuses a key vLLM does not have
+def misspelled(served, tmp_path_factory) -> Path:
+    """A vllm.yaml with a key vLLM does not have (the same parser must refuse it)."""
+    bad = tmp_path_factory.mktemp("bad") / "serving/misspelled.yaml"
     bad.parent.mkdir()
     bad.write_text(served[0][0].read_text() + "tensor-paralel-size: 2\n")
-    got = run_vllm(SERVE_PARSE, [f for f, _ in served] + [bad], vllm_cache)
-    assert got[str(bad)] == {"refused": 2}
+    return bad
+
+
+def test_every_vllm_yaml_passes_vllm_serve_parser(served, vllm):
+    got = result(vllm, "serve")
+    bad = [k for k in got if k.endswith("misspelled.yaml")]
+    assert len(bad) == 1 and got[bad[0]] == {"refused": 2}
     assert any(p["nodes"] > 1 for _, p in served) and any(p["quantization"] == "awq" for _, p in served)
     assert any(not p["prefix_caching"] for _, p in served) and any(p["kv_cache_dtype"] == "fp8" for _, p in served)
     for f, plan in served:
@@ -163,17 +207,16 @@ def test_every_vllm_yaml_passes_vllm_serve_parser(served, tmp_path, vllm_cache):
 # ----------------------------------------------------------------------------- Hugging Face exports
 
 
-def test_hf_exports_pass_vllm_model_config(tmp_path, vllm_cache):
+@pytest.fixture(scope="module")
+def model_exports(tmp_path_factory) -> tuple[dict, dict]:
+    """({architecture class: Architecture}, {class: its bf16 Hugging Face export})."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("safetensors")
-    from types import SimpleNamespace
-
-    from llmc.compiler.serving import GiB, plan_serving
     from llmc.runtime.hf_io import export_hf
     from llmc.runtime.model import build_model
     from llmc.spec.model import MLA, Architecture, MoE
-    from llmc.spec.schema import RunSpec
 
+    tmp_path = tmp_path_factory.mktemp("exports")
     base = dict(n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=80, vocab_size=101, max_seq_len=32,
                 rope_theta=5000.0)
     archs = {
@@ -189,7 +232,17 @@ def test_hf_exports_pass_vllm_model_config(tmp_path, vllm_cache):
     }
     dirs = {cls: export_hf(build_model(a, seed=0).state_dict(), a, tmp_path / cls, dtype=torch.bfloat16)
             for cls, a in archs.items()}
-    got = run_vllm(MODEL_PARSE, list(dirs.values()), vllm_cache)
+    return archs, dirs
+
+
+def test_hf_exports_pass_vllm_model_config(model_exports, vllm):
+    from types import SimpleNamespace
+
+    from llmc.compiler.serving import GiB, plan_serving
+    from llmc.spec.schema import RunSpec
+
+    archs, dirs = model_exports
+    got = result(vllm, "model")
 
     h100 = SimpleNamespace(hbm_bytes=80 * GiB, gpus_per_node=8)
     for cls, a in archs.items():
@@ -235,17 +288,19 @@ print(json.dumps(out))
 """
 
 
-def test_dense_hf_exports_load_into_vllm_models(tmp_path, vllm_cache):
+@pytest.fixture(scope="module")
+def load_exports(tmp_path_factory) -> tuple[dict, dict, dict]:
+    """({name: Architecture}, {name: its float32 export, norms and biases perturbed}, {name: (parameters, sum of
+    |values| of the export)})."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("safetensors")
-    import socket
-
     from safetensors.torch import load_file
 
     from llmc.runtime.hf_io import export_hf
     from llmc.runtime.model import build_model
     from llmc.spec.model import Architecture
 
+    tmp_path = tmp_path_factory.mktemp("dense")
     base = dict(n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=80, vocab_size=101, max_seq_len=32,
                 rope_theta=5000.0)
     archs = {"llama": Architecture(name="llama", **base),
@@ -261,10 +316,12 @@ def test_dense_hf_exports_load_into_vllm_models(tmp_path, vllm_cache):
         dirs[name] = export_hf(model.state_dict(), a, tmp_path / name, dtype=torch.float32)
         sd = load_file(str(dirs[name] / "model.safetensors"))
         want[name] = (model.num_params(), sum(t.double().abs().sum().item() for t in sd.values()))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    got = run_vllm(LOAD, [port, *dirs.values()], vllm_cache)
+    return archs, dirs, want
+
+
+def test_dense_hf_exports_load_into_vllm_models(load_exports, vllm):
+    archs, dirs, want = load_exports
+    got = result(vllm, "load")
     for name, a in archs.items():
         m = got[str(dirs[name])]
         assert m["class"] == ("Qwen2ForCausalLM" if a.qkv_bias else "LlamaForCausalLM")
