@@ -121,3 +121,18 @@ def test_unknown_comment_language():
 def test_json_needs_nothing():
     s = "a\n\u2028\x00\"'"
     assert json.loads(json.dumps(s)) == s and "\n" not in json.dumps(s)
+
+
+def test_every_template_filter_fails_on_a_missing_context_key():
+    """StrictUndefined everywhere: a key the emitter did not pass fails the render, also through ``py`` (whose
+    ``repr`` of an Undefined would otherwise print the word ``Undefined`` into a generated Python file)."""
+    from jinja2 import UndefinedError
+
+    from llmc.emit.common import jinja_env
+
+    env = jinja_env()
+    for name in sorted(env.filters):
+        if name in ("py", "cpy", "csh", "cyaml", "cmd", "sh", "yaml", "md", "visible"):
+            with pytest.raises(UndefinedError, match="missing"):
+                env.from_string("x = {{ missing | %s }}" % name).render()
+    assert env.from_string("x = {{ v | py }}").render(v=1.5) == "x = 1.5"

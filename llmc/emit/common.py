@@ -47,7 +47,13 @@ def dump_json(obj: Any) -> str:
 
 
 def py_literal(value: Any) -> str:
-    """A Python literal for a template (floats keep full precision via repr)."""
+    """A Python literal for a template (floats keep full precision via repr). A missing context key fails
+    here as everywhere else (``repr`` of Jinja2's StrictUndefined would print ``Undefined``)."""
+    from jinja2 import Undefined
+
+    if isinstance(value, Undefined):
+        str(value)  # StrictUndefined: raises UndefinedError naming the key
+        raise TypeError("py: undefined value")
     if isinstance(value, float) and math.isinf(value):
         return 'float("inf")'
     return repr(value)
