@@ -385,7 +385,32 @@ def tiny_build(tmp_path_factory):
     return module, out / "run", c
 
 
-def test_tiny_trains_on_cpu_one_process_and_resumes(tiny_build):
+def _preempt_after(argv, env, cwd, step: int, timeout: float = 600) -> tuple[int, str]:
+    """Run ``argv`` in its own session, SIGTERM every process of it (as a preempting Slurm does) once the
+    log shows training step ``step``; (exit status, log)."""
+    import signal
+
+    proc = subprocess.Popen(argv, env={**os.environ, **env}, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            m = STEP.search(ANSI.sub("", line))
+            if m and int(m.group(1)) >= step:
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, ANSI.sub("", "".join(lines) + rest)
+
+
+def test_tiny_trains_on_cpu_one_process_and_resumes_after_preemption(tiny_build, tmp_path):
+    """8 steps uninterrupted; the same job SIGTERMed after step 2 with no interval checkpoint due saves the
+    step it is at (full state: torchtitan resumes from it), and the rerun ends on the uninterrupted losses."""
     from llmc.runtime.titan_launch import torchtitan_command
 
     module, run, c = tiny_build
@@ -400,14 +425,27 @@ def test_tiny_trains_on_cpu_one_process_and_resumes(tiny_build):
     assert "Model llama3 llmc-tiny" in log and "Training completed" in log
     assert "Optimizer AdamW (model_part=0)" in log and "weight_decay': 0.0" in log
     assert (run / "outputs" / "torchtitan" / "checkpoints" / "step-8").is_dir()
-    # resume from the last (full) checkpoint: needs last_save_model_only=False
-    argv, env = torchtitan_command(module, 1, True, ["--training.steps", "10", "--metrics.log_freq", "1"],
-                                   run_dir=run)
-    rc, log2, _ = run_logged(argv, env, run)
+
+    run2 = tmp_path / "run2"  # same tokenizer and data, its own checkpoints
+    run2.mkdir()
+    for d in ("assets", "data"):
+        (run2 / d).symlink_to(run / d, target_is_directory=True)
+    extra2 = ["--training.steps", "8", "--checkpoint.interval", "100", "--metrics.log_freq", "1"]
+    argv, env = torchtitan_command(module, 1, True, extra2, run_dir=run2)
+    rc, log1 = _preempt_after(argv, env, run2, step=2)
+    m = re.search(r"preempted \(signal 15\): saved step (\d+); rerun", log1)
+    assert m and rc != 0, log1[-3000:]
+    cut = int(m.group(1))
+    assert 2 <= cut < 8 and "Training completed" not in log1, log1[-3000:]
+    ckpts = run2 / "outputs" / "torchtitan" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [f"step-{cut}"]  # the step it was at, no interval one
+    rc, log2, _ = run_logged(argv, env, run2)  # the same command resumes there
     assert rc == 0, log2[-3000:]
-    assert "Training starts at step 9" in log2
-    assert sorted(losses(log2)) == [9, 10]
-    print(f"tiny 1 proc: {dt:.1f}s, losses {got}")
+    assert f"Training starts at step {cut + 1}" in log2
+    again = losses(log2)
+    assert sorted(again) == list(range(cut + 1, 9))
+    assert again == {s: got[s] for s in again}, (got, again)  # as if never interrupted
+    print(f"tiny 1 proc: {dt:.1f}s, losses {got}, preempted at {cut}")
 
 
 def test_tiny_trains_on_cpu_two_gloo_processes_fsdp(tiny_build, tmp_path):

@@ -49,6 +49,7 @@ from llmc.emit.base import Emitter
 from llmc.emit.common import diag, gpus_per_node, jinja_env
 from llmc.escape import visible
 from llmc.runtime.capabilities import TITAN_STAGE_KINDS
+from llmc.runtime.runlock import EXIT_PREEMPTED  # torch-free: the exit status of a preempted stage
 from llmc.spec.families import family_of
 
 TORCHTITAN_VERSION = "0.3.0"
@@ -534,6 +535,7 @@ def _checkpoint_comm(compiled) -> dict[str, Any]:
         "ckpt_interval": int(hyper.checkpoint_interval),
         "ckpt_async_mode": "async" if hyper.checkpoint_async else "disabled",
         "ckpt_keep_latest_k": int(ck.keep_latest),
+        "preempted_exit": EXIT_PREEMPTED,
         "log_freq": int(tr.log_every),
         "enable_tensorboard": not cpu,
         "seed": int(tr.seed),

@@ -14,7 +14,8 @@
 #   - training.loss_spike is not applied: torchtitan has no rewind-and-skip
 """llmc job module for torchtitan 0.3.0: `--module llmc_job --config job`.
 
-`job()` returns the complete `torchtitan.trainer.Trainer.Config` of run 'llama3-8b-h100x8'.
+`job()` returns the complete trainer config of run 'llama3-8b-h100x8': torchtitan's `Trainer.Config`, for
+`PreemptibleTrainer` (torchtitan's `Trainer` plus a checkpoint of the current step on SIGTERM / SIGUSR1).
 `job_without_converters()` is the same job without model converters (float8 needs torchao and an
 SM89+ GPU when the config is built); it exists for CPU config checks and fake-backend dry runs.
 """
@@ -23,12 +24,15 @@ import glob
 import hashlib
 import json
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import PurePath
 
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from datasets import DatasetDict, IterableDataset, load_dataset, load_from_disk
 from torchtitan.components.checkpoint import CheckpointManager
@@ -59,6 +63,7 @@ from torchtitan.models.llama3.model import Llama3TransformerBlock
 from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.models.utils import validate_converter_order
 from torchtitan.protocols.model_spec import ModelSpec
+from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 # ---------------------------------------------------------------- paths (set at launch, not here)
@@ -423,10 +428,74 @@ def model_spec(with_converters=True):
     )
 
 
+# ---------------------------------------------------------------- preemption
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "saved, rerun me to resume" (llmc launch and the Slurm script)
+
+
+class PreemptibleTrainer(Trainer):
+    """torchtitan's Trainer that saves the step it is at when the job is preempted (torchtitan 0.3.0
+    has no signal handler: a SIGTERM would lose every step since the last interval checkpoint).
+
+    A SIGTERM or SIGUSR1 is only recorded (a handler may interrupt anything, a collective or a save included);
+    at every step boundary the ranks agree on "did any rank get one?" (an all-reduce MAX of one element),
+    and then every rank saves the finished step as a full checkpoint (model, optimizer, LR schedule, data
+    loader and step: `last_save_model_only=False`), closes, and exits PREEMPTED_EXIT. Rerunning the same
+    command resumes from that step."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Trainer.Config):
+        pass
+
+    def __init__(self, config):
+        self._stop_signal = None
+        self._first_step = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._record_signal)
+        super().__init__(config=config)
+
+    def _record_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def _signalled_anywhere(self):
+        flag = self._stop_signal is not None
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def should_continue_training(self):
+        more = super().should_continue_training()
+        if self._first_step is None:
+            self._first_step = self.step  # after the checkpoint load: the step this process starts from
+        if more and self._signalled_anywhere():
+            self._preempted()
+        return more
+
+    def _preempted(self):
+        ck = self.config.checkpoint
+        if self.step == self._first_step:
+            what = f"no step finished since step {self.step}, nothing to save"
+        elif ck.enable and self.step % ck.interval == 0:
+            what = f"step {self.step} is saved (an interval checkpoint)"
+        elif self.checkpointer.save(self.step, last_step=True):  # forced; the full state (see above)
+            what = f"saved step {self.step}"
+        else:
+            what = f"step {self.step} NOT saved (checkpointing is off)"
+        self.checkpointer.maybe_wait_for_saving()
+        logger.info(f"preempted (signal {self._stop_signal or 'on another rank'}): {what}; rerun the same "
+                    f"command to resume")
+        self.close()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        raise SystemExit(PREEMPTED_EXIT)
+
+
 def _trainer_config(spec):
     adamw = {'lr': 0.0003, 'betas': (0.9, 0.95), 'eps': 1e-08, 'weight_decay': 0.1}
     adamw_no_wd = {'lr': 0.0003, 'betas': (0.9, 0.95), 'eps': 1e-08, 'weight_decay': 0.0}
-    return Trainer.Config(
+    return PreemptibleTrainer.Config(
         model_spec=spec,
         hf_assets_path=ASSETS_DIR,
         dump_folder=DUMP_FOLDER,
