@@ -448,7 +448,27 @@ def test_tiny_trains_on_cpu_one_process_and_resumes_after_preemption(tiny_build,
     print(f"tiny 1 proc: {dt:.1f}s, losses {got}, preempted at {cut}")
 
 
-def test_tiny_trains_on_cpu_two_gloo_processes_fsdp(tiny_build, tmp_path):
+def _worker_of_rank(torchrun_pid: int, rank: int, timeout: float = 120):
+    """The torchrun worker process whose RANK is ``rank``."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in psutil.Process(torchrun_pid).children(recursive=True):
+            try:
+                if p.environ().get("RANK") == str(rank):
+                    return p
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.1)
+    raise AssertionError(f"no worker with RANK={rank} under pid {torchrun_pid}")
+
+
+def test_tiny_trains_on_cpu_two_gloo_processes_fsdp_and_preempts_together(tiny_build, tmp_path):
+    """FSDP over 2 gloo ranks trains; a SIGTERM to rank 1 only (nothing due by the interval) makes BOTH ranks
+    save the same step (they agree by an all-reduce at the step boundary) and exit 75."""
+    import signal
+
     from llmc.runtime.titan_launch import torchtitan_command
 
     module, run, c = tiny_build
@@ -457,16 +477,37 @@ def test_tiny_trains_on_cpu_two_gloo_processes_fsdp(tiny_build, tmp_path):
     (run2 / "assets").symlink_to(run / "assets", target_is_directory=True)
     (run2 / "data").symlink_to(run / "data", target_is_directory=True)
     local = c.hyper.global_batch_seqs // 2
-    extra = ["--training.steps", "6", "--metrics.log_freq", "1", "--checkpoint.no-enable",
+    extra = ["--training.steps", "8", "--metrics.log_freq", "1", "--checkpoint.interval", "100",
              "--parallelism.data_parallel_shard_degree", "2", "--training.local_batch_size", str(local)]
     argv, env = torchtitan_command(module, 2, True, extra, run_dir=run2)
-    rc, log, dt = run_logged(argv, env, run2)
-    assert rc == 0, log[-3000:]
+    t = time.time()
+    proc = subprocess.Popen(argv, env={**os.environ, **env}, cwd=run2, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            m = STEP.search(ANSI.sub("", line))
+            if m and int(m.group(1)) >= 2:
+                _worker_of_rank(proc.pid, 1).send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log, dt = ANSI.sub("", "".join(lines) + rest), time.time() - t
     assert "dp_shard=2" in log
+    said = re.findall(r"preempted \(signal (15|on another rank)\): saved step (\d+); rerun", log)
+    assert sorted(w for w, _ in said) == ["15", "on another rank"], log[-3000:]  # rank 1 got it, rank 0 agreed
+    cut = int(said[0][1])
+    assert said[1][1] == str(cut) and 2 <= cut < 8, said
+    assert proc.returncode != 0 and "exitcode  : 75" in log, log[-3000:]  # torchrun reports the workers' 75
+    assert sorted(p.name for p in (run2 / "outputs" / "torchtitan" / "checkpoints").iterdir()) == [f"step-{cut}"]
     got = losses(log)
-    assert sorted(got) == list(range(1, 7)) and all(math.isfinite(v) for v in got.values()), log[-2000:]
-    assert got[6] < got[1], got
-    print(f"tiny 2 procs FSDP: {dt:.1f}s, losses {got}")
+    assert sorted(got) == list(range(1, cut + 1)) and all(math.isfinite(v) for v in got.values()), log[-2000:]
+    assert got[cut] < got[1], got
+    print(f"tiny 2 procs FSDP: {dt:.1f}s, losses {got}, preempted at {cut}")
 
 
 def write_parquet_source(d: Path, docs: list[str], files: int = 2, row_group: int = 16, column: str = "body") -> Path:
