@@ -433,8 +433,9 @@ class PreemptibleTrainer(Trainer):
     has no signal handler: a SIGTERM would lose every step since the last interval checkpoint).
 
     A SIGTERM or SIGUSR1 is only recorded (a handler may interrupt anything, a collective or a save included);
-    at every step boundary the ranks agree on "did any rank get one?" (an all-reduce MAX of one element),
-    and then every rank saves the finished step as a full checkpoint (model, optimizer, LR schedule, data
+    at every step boundary the ranks agree on "did any rank get one?" (an all-reduce MAX of one element, as
+    Megatron-LM's --exit-signal-handler all-gathers its flag every iteration: megatron/training/
+    dist_signal_handler.py), and then every rank saves the finished step as a full checkpoint (model, optimizer, LR schedule, data
     loader and step: `last_save_model_only=False`), closes, and exits PREEMPTED_EXIT. Rerunning the same
     command resumes from that step."""
 
