@@ -84,6 +84,7 @@ class Measurement:
     compile: bool | None = None
     async_tp: bool = False
     fp8_recipe: str | None = None
+    offload_optimizer: bool = False  # ZeRO-Offload (AdamW on the host): changes both time and memory
     tokens_per_s_per_gpu: float | None = None
     reserved_bytes: float | None = None  # torch.cuda.max_memory_reserved
     allocated_bytes: float | None = None  # torch.cuda.max_memory_allocated
@@ -143,7 +144,8 @@ def _from_lock(lock: dict, lock_path: str, label: str, source: str) -> Measureme
     hw = lock.get("hardware") or {}
     return Measurement(label=label, source=source, backend=be, gpu=hw.get("key") or spec.hardware.gpu,
                        model=spec.model, seq_len=spec.data.seq_len, precision=spec.training.precision, plan=plan,
-                       gpus_per_node=spec.hardware.gpus_per_node, compile=comp, fp8_recipe=spec.training.fp8_recipe)
+                       gpus_per_node=spec.hardware.gpus_per_node, compile=comp, fp8_recipe=spec.training.fp8_recipe,
+                       offload_optimizer=spec.parallelism.offload_optimizer)
 
 
 def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Measurement:
@@ -239,6 +241,7 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
         model=PRESETS[name], seq_len=int(get("seq_len")), precision="fp8" if "fp8" in prec else prec, plan=plan,
         gpus_per_node=get("gpus_per_node"), compile=None if get("compile") is None else bool(get("compile")),
         async_tp=bool(get("async_tp", False)), fp8_recipe=get("quantization"),
+        offload_optimizer=bool(get("offload_optimizer", False)),
         tokens_per_s_per_gpu=None if tps is None else float(tps),
         reserved_bytes=float(mem) * GiB if mem is not None and "alloc" not in kind else None,
         allocated_bytes=float(mem) * GiB if mem is not None and "alloc" in kind else None)
@@ -305,10 +308,11 @@ def predicted(m: Measurement, factors=None):
     if m.gpus_per_node:
         gpu = replace(gpu, gpus_per_node=int(m.gpus_per_node))
     sm = timing.step_model(m.model, m.seq_len, m.precision, gpu, m.backend, compile=m.compile,
-                           async_tp=m.async_tp, fp8_recipe=m.fp8_recipe, factors=factors)
+                           async_tp=m.async_tp, fp8_recipe=m.fp8_recipe, factors=factors,
+                           offload_optimizer=m.offload_optimizer)
     t = timing.time_numbers(sm, m.plan, 1)
     mem = memory.memory_per_gpu(m.model, m.plan, m.seq_len, m.precision, gpu.hbm_bytes, backend=m.backend,
-                                compile=m.compile, factors=factors)
+                                compile=m.compile, factors=factors, offload_optimizer=m.offload_optimizer)
     return t, mem
 
 

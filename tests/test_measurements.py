@@ -161,3 +161,25 @@ def test_the_locks_fp8_recipe_reaches_the_prediction(tmp_path):
     rowwise = ms.predicted(dataclasses.replace(m, fp8_recipe=None))[0]
     assert rowwise.step_seconds != pytest.approx(c.time.step_seconds)
 
+
+
+def test_an_offload_runs_prediction_is_the_plans(tmp_path):
+    """A DeepSpeed run built with ``parallelism.offload_optimizer`` is re-predicted with the optimizer on the host:
+    the lock carries the setting, so the measurement's time and memory equal the plan's (without it, the
+    prediction would keep the optimizer states on the GPU and the update in HBM: less time, more memory)."""
+    spec = SPEC.replace("training: {backend: torchtitan,", "training: {backend: deepspeed,").replace(
+        "activation_checkpointing: selective}",
+        "activation_checkpointing: full, zero_stage: 2, offload_optimizer: true}")
+    run, lines = loads_spec(spec, file="spec.yaml")
+    c = compile_spec(run, "spec.yaml", lines, spec_bytes=spec.encode())
+    assert c.plan is not None and c.backend.name == "deepspeed", [d.message for d in c.diagnostics]
+    (tmp_path / "plan.lock.json").write_text(lock_text(c))
+    recs = [{"step": s, "loss": 3.0, "tokens_per_s": 8 * 5000.0, "peak_mem_bytes": 40 * 2**30} for s in range(1, 40)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    m = ms.read_llmc_run(tmp_path)
+    assert m.offload_optimizer is True
+    t, mem = ms.predicted(m)
+    assert t.step_seconds == pytest.approx(c.time.step_seconds)
+    assert mem.allocated_bytes == c.memory.allocated_bytes
+    t0, mem0 = ms.predicted(dataclasses.replace(m, offload_optimizer=False))
+    assert t0.step_seconds < t.step_seconds and mem0.allocated_bytes > mem.allocated_bytes

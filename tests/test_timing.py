@@ -563,3 +563,44 @@ def test_with_split_is_a_new_timer_of_that_split():
                 split = base.with_split(ds, dp // ds)
                 for mb, m, ac in ((1, 8, "none"), (2, 4, "selective"), (1, 8, "full")):
                     assert split.time(mb, m, ac, True) == fresh.time(mb, m, ac, True), (name, z, ds, mb, ac)
+
+
+def _offload(gpu: str, count: int, offload: bool):
+    from llmc.compiler.compile import compile_spec
+    from llmc.spec.load import loads_spec
+
+    spec = {"name": "off", "model": "llama3-8b", "data": {"seq_len": 4096, "tokens": "1B"},
+            "hardware": {"gpu": gpu, "count": count}, "training": {"backend": "deepspeed"},
+            "parallelism": {"dp_shard": count, "tp": 1, "pp": 1, "micro_batch": 1, "zero_stage": 2,
+                            "activation_checkpointing": "full", "offload_optimizer": offload}}
+    import yaml
+
+    run, lines = loads_spec(yaml.safe_dump(spec, sort_keys=False), file="off.yaml")
+    c = compile_spec(run, "off.yaml", lines)
+    assert c.time is not None, [d.message for d in c.diagnostics]
+    return c
+
+
+@pytest.mark.parametrize("gpu,count,hosts,pcie", [("h100-sxm", 8, 1, timing.OFFLOAD_PCIE_GBPS),
+                                                  ("h100-sxm", 16, 2, timing.OFFLOAD_PCIE_GBPS),
+                                                  ("gb200", 8, 2, timing.OFFLOAD_PCIE_GBPS),  # 4 GPUs per host
+                                                  ("h100-pcie", 8, 1, 64.0)])
+def test_offload_optimizer_runs_the_update_on_each_hosts_cpus(gpu, count, hosts, pcie):
+    """ZeRO-Offload (ZeRO-2 over the data-parallel ranks): each host's CPUs update the parameters its GPUs own,
+    all hosts at once, and each rank moves 2 + 2 B per owned parameter over its PCIe link. The host count is
+    the table's GPUs per node (GB200: 4 per Grace host), not the NVLink domain (72). Without offload the
+    update is an HBM pass on the GPU, a hundredth of that."""
+    on, off = _offload(gpu, count, True), _offload(gpu, count, False)
+    n = on.model.params_total
+    assert on.plan == off.plan and on.plan.dp_shard == count
+    host = n / hosts / timing.CPU_ADAM_PARAMS_PER_S  # every host's share, updated in parallel
+    link = n / count * timing.OFFLOAD_PCIE_BYTES_PER_PARAM / (pcie * 1e9 * timing.COMM_EFFICIENCY)
+    got = on.time.breakdown["optimizer"]
+    assert got == pytest.approx(host + link, rel=0.01), (got, host, link)
+    assert off.time.breakdown["optimizer"] < got / 100
+    others = {k: v for k, v in on.time.breakdown.items() if k != "optimizer"}
+    assert others == pytest.approx({k: v for k, v in off.time.breakdown.items() if k != "optimizer"})
+    assert on.time.step_seconds == pytest.approx(off.time.step_seconds - off.time.breakdown["optimizer"] + got)
+    p011 = [d for d in on.diagnostics if d.code == "P011"]  # the host-dependent share, said in the plan
+    assert len(p011) == 1 and f"{got:.2f} s of each" in p011[0].message and p011[0].line
+    assert not [d for d in off.diagnostics if d.code == "P011"]

@@ -14,6 +14,7 @@ P004   error     no plan fits in GPU memory (closest candidate + what would help
 P005   error     global batch cannot be split: not a multiple of seq_len, or of any dp degree
 P006   warning   pipeline bubble: fewer than 4 x pp micro-batches (v x m < 4 p for interleaved)
 P007   error     pinned EP on a dense model / EP not dividing the experts
+P011   info      optimizer offload: the host's share of each step (the CPU rate it assumes, host-dependent)
 T001   warning   peak LR outside the pre-training range / far from the size-aware value
 T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
 T003   warning   no gradient clipping
@@ -341,6 +342,21 @@ def check_data(run, hyper, sink: Sink) -> None:
 
 
 # ------------------------------------------------------------------------------------------- budget
+
+
+def check_offload(run, time, sink: Sink) -> None:
+    """P011 (info): with ``parallelism.offload_optimizer`` the optimizer update runs on the hosts' CPUs; say how
+    much of the step that is and at which CPU rate, since the rate depends on the host (timing.py)."""
+    from llmc.compiler.timing import CPU_ADAM_PARAMS_PER_S
+
+    if not run.parallelism.offload_optimizer or time is None:
+        return
+    opt = time.breakdown.get("optimizer", 0.0)
+    sink.add("P011", "info", "parallelism.offload_optimizer",
+             f"the optimizer update runs on the hosts' CPUs: {opt:.2f} s of each {time.step_seconds:.2f} s step "
+             f"({opt / time.step_seconds:.0%}), at {CPU_ADAM_PARAMS_PER_S / 1e9:.2f}e9 parameters/s per host "
+             "(DeepSpeedCPUAdam on an AVX-512 training host; a smaller host is slower)",
+             "measure a few steps and fit the plan to them with `llmc calibrate`")
 
 
 def check_budget(run, training_flops: float, time, cost, peak: float, price: float, sink: Sink) -> None:

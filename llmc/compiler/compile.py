@@ -145,7 +145,8 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     hyper = pretrain_hyper(run, gpu)  # steps etc.; the checkpoint interval is refined by the step time below
 
     be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration, sink)
-    model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe)
+    model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe,
+                               run.parallelism.offload_optimizer)
     searched = _Searched()
     if pretrains and cluster_ok and supports(gpu, training.precision) and batch_ok:
         searched = _search(run, gpu, data.seq_len, training, seqs, sink, model_opts)
@@ -199,11 +200,12 @@ class _ModelOptions:
     band: float
     fit_check: bool
     fp8_recipe: str | None = None  # training.fp8_recipe (None = the backend's)
+    offload_optimizer: bool = False  # parallelism.offload_optimizer (ZeRO-Offload: the update runs on the host)
 
 
 def _step_model(arch: Architecture, seq_len: int, precision: str, gpu: GPU, o: _ModelOptions):
     return timing.step_model(arch, seq_len, precision, gpu, o.backend, compile=o.compile, factors=o.factors,
-                             fp8_recipe=o.fp8_recipe)
+                             fp8_recipe=o.fp8_recipe, offload_optimizer=o.offload_optimizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,6 +323,7 @@ def _check_pretraining(run: RunSpec, gpu: GPU | None, hyper: Hyper, compute: Com
     if gpu is not None and supports(gpu, run.training.precision):
         peak = timing.mfu_peak(gpu, run.training.precision)
         checks.check_budget(run, compute.training_flops, time, cost, peak, gpu.usd_per_hour, sink)
+    checks.check_offload(run, time, sink)
 
 
 def _always_fits(mem) -> bool:

@@ -94,6 +94,17 @@ COMM_EFFICIENCY = 0.80  # achieved bus bandwidth / link bandwidth (NCCL ring, la
 OVERLAP = 0.85  # fraction of overlappable comm actually hidden behind compute
 CP_OVERLAP = 0.50  # ring-attention KV passing hidden behind the attention kernels
 ADAM_BYTES_PER_PARAM = 30  # HBM traffic of one fused AdamW update per owned parameter
+# ZeRO-Offload (parallelism.offload_optimizer; Ren et al. 2021, arXiv:2101.06840 sec. 4): the fp32 master weights
+# and AdamW moments live on the host, which runs the update. Per step, each rank's owned 16-bit gradients go to the
+# host and its updated 16-bit parameters come back: 2 + 2 B per owned parameter over the rank's PCIe link ("4M"
+# for M parameters in the paper), at the table's pcie_gbps per direction (else OFFLOAD_PCIE_GBPS) x COMM_EFFICIENCY,
+# counted exposed; the update runs on the node's shared CPUs at CPU_ADAM_PARAMS_PER_S for all of the node's ranks.
+OFFLOAD_PCIE_BYTES_PER_PARAM = 4
+OFFLOAD_PCIE_GBPS = 32.0  # PCIe Gen4 x16 per direction, where the table gives no host link (Gen5 hosts: 64)
+# DeepSpeedCPUAdam (AVX-512, all cores of a training host): an 11.6B-parameter GPT-2's optimizer step in 8.2 s
+# (torch.optim.Adam: 56 s), https://github.com/deepspeedai/DeepSpeed/pull/735. Host-dependent: a single
+# Xeon Silver took 22.9 s for 1.35B (https://github.com/deepspeedai/DeepSpeed/issues/1635), 24x slower; calibrate.
+CPU_ADAM_PARAMS_PER_S = 11.6e9 / 8.2
 ZB_BUBBLE_FRACTION = 1 / 3  # zero-bubble schedules: bubble relative to 1F1B (estimate)
 ACT_BYTES = 2  # bf16 activations on the wire
 HOP_LATENCY_NET = 5e-6  # seconds per ring step across nodes (NCCL ring: n-1 steps per collective; estimate)
@@ -165,11 +176,15 @@ class StepModel:
     fp8_peak: float = 0.0  # dense fp8 peak FLOP/s (0 = not fp8)
     fp8_peak_ratio: float = 1.0  # fp8 / bf16 dense peak
     fp8_mx: bool = False  # MXFP8: the fp8 GEMMs also read one E8M0 scale per 32 input elements (roofline)
+    offload_optimizer: bool = False  # ZeRO-Offload: AdamW on the host (OFFLOAD_PCIE_BYTES_PER_PARAM, CPU_ADAM_PARAMS_PER_S)
+    host_Bps: float = 0.0  # bytes/s per GPU per direction to the host (PCIe), for the offload traffic
+    gpus_per_host: int = 1  # GPUs sharing one host's CPUs (the table's gpus_per_node; not the NVLink domain)
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # per-pp stage info
 
 
 def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile: bool | None = None,
-               async_tp: bool = False, fp8_recipe: str | None = None, factors=None) -> StepModel:
+               async_tp: bool = False, fp8_recipe: str | None = None, factors=None,
+               offload_optimizer: bool = False) -> StepModel:
     """Precompute the constants of the time model for one architecture on one cluster.
 
     ``gpu`` is a ``hardware.GPU`` (already carrying the spec's gpus_per_node / network overrides).
@@ -179,7 +194,8 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     ``mxfp8`` (None = the backend's; see :data:`FP8_RECIPES`); ``factors`` = calibration factors
     (:class:`calibration.Factors`: compute_scale divides the compute time, comm_scale multiplies every
     exposed communication time; applied in :meth:`LayoutTimer.time` after the overlap model, so the
-    reported step is exactly the linear model the calibration was fitted with).
+    reported step is exactly the linear model the calibration was fitted with); ``offload_optimizer`` =
+    ZeRO-Offload (the optimizer step runs on the host: :data:`CPU_ADAM_PARAMS_PER_S`).
     """
     from llmc.compiler.backends import activation_mode, compile_on, fp8_recipe_on, get_backend
 
@@ -294,6 +310,9 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         fp8_peak=peak_flops(gpu, "fp8") * clock_factor(gpu) if precision == "fp8" else 0.0,
         fp8_peak_ratio=peak_flops(gpu, "fp8") / peak if precision == "fp8" else 1.0,
         fp8_mx=precision == "fp8" and recipe == "mxfp8",
+        offload_optimizer=offload_optimizer,
+        host_Bps=(float(getattr(gpu, "pcie_gbps", 0.0) or 0.0) or OFFLOAD_PCIE_GBPS) * 1e9 * COMM_EFFICIENCY,
+        gpus_per_host=max(1, int(gpu.gpus_per_node)),
     )
 
 
@@ -522,7 +541,11 @@ class LayoutTimer:
             bw = sm.nvlink_Bps if n_sh * t * dp_replicate <= gpn else sm.net_Bps
             self.per_step_comm += 2 * (dp_replicate - 1) / dp_replicate * shard_bytes / bw
         owned = (dense_local / n_sh + expert_local / n_esh) if zero_stage >= 1 else dense_local + expert_local
-        self.optimizer = owned * ADAM_BYTES_PER_PARAM / sm.hbm_Bps
+        if sm.offload_optimizer:  # ZeRO-Offload: PCIe both ways, then the node's CPUs update every rank's share
+            self.optimizer = (owned * OFFLOAD_PCIE_BYTES_PER_PARAM / sm.host_Bps
+                              + owned * min(sm.gpus_per_host, self.world) / CPU_ADAM_PARAMS_PER_S)
+        else:
+            self.optimizer = owned * ADAM_BYTES_PER_PARAM / sm.hbm_Bps
 
     def time(self, mb: int, m: int, ac: str, breakdown: bool = False):
         """(step seconds, MFU[, breakdown]) for micro_batch ``mb``, ``m`` micro-batches, AC ``ac``."""
