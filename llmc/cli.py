@@ -25,9 +25,10 @@ if TYPE_CHECKING:
 # options it can read unambiguously (:func:`_plan_argv`) without it; everything else goes to typer.
 _APP = None
 # seconds a launched stage gets, after llmc passes it a SIGTERM / SIGINT / SIGUSR1, before its process group is
-# SIGKILLed: llmc's runtime saves its current step first (llmc.runtime.preempt); torchrun itself allows its
-# workers 30 s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and this is kept above that
-STAGE_GRACE_S = 60.0
+# SIGKILLed: llmc's trainers save their current step first (llmc.runtime.preempt, the torchtitan job's
+# PreemptibleTrainer); torchrun allows its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which `llmc launch` sets to
+# runlock.ELASTIC_SHUTDOWN_S unless the environment has it, and this is kept above that
+STAGE_GRACE_S = 120.0
 _COMMANDS: list = []  # (function, app.command keyword arguments), in definition order
 
 
@@ -264,7 +265,7 @@ def launch(
                    + shlex.join(c.argv))
     if dry_run:
         return
-    from llmc.runtime.runlock import EXIT_PREEMPTED, RunLock, RunLockBusy
+    from llmc.runtime.runlock import ELASTIC_SHUTDOWN_S, EXIT_PREEMPTED, RunLock, RunLockBusy
 
     b = build_dir.resolve()
     try:
@@ -277,7 +278,8 @@ def launch(
                 typer.echo(f"{c.stage}: skipped: {c.skip_reason}")
                 continue
             log = b / "run" / (c.stage if c.stage != "prepare" else ".prepare") / "stderr.log"
-            rc, cause = _run_logged(c.argv, env={**os.environ, **c.env}, cwd=c.cwd, log=log)
+            env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(ELASTIC_SHUTDOWN_S), **os.environ, **c.env}
+            rc, cause = _run_logged(c.argv, env=env, cwd=c.cwd, log=log)
             if rc == EXIT_PREEMPTED:  # a SIGTERM / SIGUSR1 stopped it after a checkpoint of its current step
                 _echo(f"{build_dir}: stage {c.stage!r} preempted: its current step is saved; rerun "
                       f"`llmc launch {shlex.quote(str(build_dir))}` to resume from it", err=True)
@@ -294,10 +296,13 @@ def launch(
 def _run_logged(argv: list[str], env: dict, cwd, log: Path) -> tuple[int, str]:
     """Run one stage command under ``supervise`` (its process group never outlives llmc, even on SIGHUP
     or SIGKILL) with its stderr shown live and appended to ``log``; returns (exit code, the last error
-    line of this attempt's stderr)."""
+    line of this attempt's stderr). A stage that llmc passed a SIGTERM / SIGUSR1 to and that then exited
+    non-zero by itself (not killed by the signal) counts as preempted (``EXIT_PREEMPTED``): torchrun, itself
+    signalled, exits 1 whatever its workers did, and llmc's trainers save the step they are at."""
+    import signal
     import threading
 
-    from llmc.runtime.runlock import supervise
+    from llmc.runtime.runlock import EXIT_PREEMPTED, supervise
 
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
@@ -323,7 +328,12 @@ def _run_logged(argv: list[str], env: dict, cwd, log: Path) -> tuple[int, str]:
         os.dup2(w, 2)  # the child inherits the pipe as its stderr
         os.close(w)
         try:
-            rc = supervise(argv, env=env, cwd=cwd, grace_s=STAGE_GRACE_S)
+            stopped: list[int] = []
+            rc = supervise(argv, env=env, cwd=cwd, grace_s=STAGE_GRACE_S, stopped=stopped)
+            # it handled the signal (not killed by it: 128 + N) and exited: torchrun after its workers saved
+            if set(stopped) & {signal.SIGTERM, signal.SIGUSR1} and rc not in (0, 128 + signal.SIGTERM,
+                                                                            128 + signal.SIGKILL):
+                rc = EXIT_PREEMPTED
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)  # drops our copy of the pipe's write end: the pump sees EOF

@@ -320,3 +320,62 @@ def test_launch_reports_a_preempted_stage_and_exits_with_its_status(tmp_path, mo
     assert r.exit_code == EXIT_PREEMPTED, r.output
     assert len(ran) == 2 and "prepare" in ran[0]  # prepare, then the stage; nothing after it
     assert "stage 'pretrain' preempted" in r.output and "rerun `llmc launch" in r.output and "error" not in r.output
+
+
+def test_a_stage_that_fails_after_llmc_passed_it_a_sigterm_counts_as_preempted(tmp_path):
+    """torchrun, itself signalled, exits 1 whatever its workers did (they saved their step and exited 75): a stage
+    that llmc passed a SIGTERM to and that then exits non-zero is reported preempted (rerun to resume); one that
+    fails on its own keeps its status."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from llmc.runtime.runlock import EXIT_PREEMPTED
+
+    def run(child: str, sig) -> int:
+        ready = tmp_path / "ready"
+        ready.unlink(missing_ok=True)
+        code = ("from llmc.cli import _run_logged; import os, sys; from pathlib import Path\n"
+                f"sys.exit(_run_logged(['bash', '-c', {child!r}], dict(os.environ), None, "
+                f"Path({str(tmp_path / 'e.log')!r}))[0])\n")
+        p = subprocess.Popen([sys.executable, "-c", code])
+        for _ in range(200):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)  # let bash set its trap
+        if sig is not None:
+            p.send_signal(sig)
+        return p.wait(timeout=30)
+
+    torchrun_like = f"trap 'exit 1' TERM; touch {tmp_path / 'ready'}; while true; do sleep 0.1; done"
+    assert run(torchrun_like, signal.SIGTERM) == EXIT_PREEMPTED
+    assert run(torchrun_like, signal.SIGUSR1) == EXIT_PREEMPTED  # passed on as SIGTERM
+    assert run(f"touch {tmp_path / 'ready'}; sleep 0.7; exit 3", None) == 3
+
+
+def test_launch_gives_torchrun_the_shutdown_time_the_slurm_script_does(tmp_path, monkeypatch):
+    """torchrun kills its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) after passing a SIGTERM on:
+    `llmc launch` sets it to the Slurm script's value unless the environment has its own, and waits longer than
+    that itself before it kills the stage."""
+    from test_build_fakes import ROOT, compile_example
+
+    import llmc.cli as cli
+    from llmc.emit.launchers import SLURM_SIGNAL_LEAD_S
+    from llmc.runtime.runlock import ELASTIC_SHUTDOWN_S
+
+    assert ELASTIC_SHUTDOWN_S < cli.STAGE_GRACE_S and ELASTIC_SHUTDOWN_S < SLURM_SIGNAL_LEAD_S
+    out = tmp_path / "b"
+    write_build(out, render_artifacts(compile_example(ROOT / "examples" / "tiny_cpu.yaml")))
+    seen = []
+    monkeypatch.setattr(cli, "_run_logged", lambda argv, env, cwd, log: (seen.append(env) or 0, ""))
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    assert CliRunner().invoke(app, ["launch", str(out), "--backend", "native"]).exit_code == 0
+    assert seen and all(e["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(ELASTIC_SHUTDOWN_S) for e in seen)
+    text = (out / "launch" / "slurm.sbatch").read_text()
+    assert f'TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-{ELASTIC_SHUTDOWN_S}}}"' in text
+    seen.clear()
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+    assert CliRunner().invoke(app, ["launch", str(out), "--backend", "native"]).exit_code == 0
+    assert seen and all(e["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "300" for e in seen)

@@ -32,15 +32,12 @@ from llmc.emit.common import (
 )
 from llmc.emit.deepspeed import CONFIG_PATH
 from llmc.emit.evaluation import eval_stages
-from llmc.runtime.runlock import EXIT_PREEMPTED  # torch-free: the exit status of a preempted stage
+from llmc.runtime.runlock import ELASTIC_SHUTDOWN_S, EXIT_PREEMPTED  # torch-free (preempted status, shutdown)
 
 RDZV_PORT = 29500
 #: Seconds before the time limit at which Slurm signals the batch shell (``--signal=B:USR1@N``): the
 #: time the running step has to checkpoint its current step before Slurm kills it.
 SLURM_SIGNAL_LEAD_S = 120
-#: torchrun's ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` (its default is 30 s): how long it waits after passing
-#: a SIGTERM on before it kills its workers; most of :data:`SLURM_SIGNAL_LEAD_S`.
-ELASTIC_SHUTDOWN_S = 100
 TITAN_CONFIG_FN = "job"
 
 # What `llmc launch` / the runtime write into a build directory (prepare_assets: assets/, data/,

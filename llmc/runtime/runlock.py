@@ -10,9 +10,10 @@ API
     stale lock file never blocks a new run. ``flock`` locks are per open file description: the lock
     is not shared with children (``supervise`` starts them with ``close_fds=True``).
 
-``supervise(cmd, env=None, cwd=None, *, grace_s=10.0) -> int``
+``supervise(cmd, env=None, cwd=None, *, grace_s=10.0, stopped=None) -> int``
     Runs ``cmd`` in its own session/process group and returns its exit code (``128 + signal`` when a
-    signal ended it, the shell convention). Call it from the main thread.
+    signal ended it, the shell convention). Call it from the main thread. ``stopped`` (a list) receives the
+    signals the caller got and passed on.
 
     * SIGINT, SIGTERM and SIGHUP received by the caller are forwarded to the child's group, and SIGUSR1
       (a batch system's "time is almost up", e.g. ``sbatch --signal=USR1@120``) as SIGTERM, which torchrun
@@ -47,6 +48,10 @@ from pathlib import Path
 # nor Python (1 for an uncaught exception, 2 for a usage error) uses it for anything of its own, so a
 # launcher can tell "preempted, resume me" from "failed".
 EXIT_PREEMPTED = 75
+# torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT (its default is 30 s; torch/distributed/elastic/agent/server/api.py):
+# how long it waits, after passing a SIGTERM on to its workers, before it kills them. Checkpointing a large
+# model's step can take longer than 30 s, so every llmc launcher (the Slurm script, `llmc launch`) sets this.
+ELASTIC_SHUTDOWN_S = 100
 
 LOCK_NAME = ".lock"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -187,10 +192,10 @@ def _rc(code: int) -> int:
 
 
 def supervise(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None, *,
-              grace_s: float = 10.0) -> int:
+              grace_s: float = 10.0, stopped: list[int] | None = None) -> int:
     """Run ``cmd`` in its own process group; it and its group never outlive the caller."""
     me = os.getpid()
-    received: list[int] = []
+    received: list[int] = stopped if stopped is not None else []
     group: list[int] = []  # the child's process group, once started
 
     def forward(signum, _frame):
