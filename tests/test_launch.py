@@ -278,29 +278,41 @@ def test_interrupted_launch_stops_the_whole_process_group(tmp_path):
         raise AssertionError("the launched job's worker survived llmc's SIGTERM")
 
 
-def test_usr1_reaches_a_launched_stage_as_sigterm(tmp_path):
-    """A batch system's "time is almost up" (sbatch --signal=USR1@N) reaches the launched stage as the SIGTERM that
-    torchrun forwards and llmc's runtime answers by saving its step (a SIGUSR1 would kill torchrun outright); the
-    stage's exit status comes back unchanged, here the preempted one."""
-    import signal
+def _run_logged_signalled(tmp_path, child: str, sig) -> int:
+    """``cli._run_logged`` of ``bash -c child`` in a fresh Python process, sent ``sig`` (None: nothing) once the
+    child has touched ``tmp_path/ready``; that process's exit status."""
     import subprocess
     import sys
     import time
 
-    from llmc.runtime.runlock import EXIT_PREEMPTED
-
-    got, ready = tmp_path / "got", tmp_path / "ready"
-    child = f"trap 'echo TERM > {got}; exit {EXIT_PREEMPTED}' TERM; touch {ready}; while true; do sleep 0.1; done"
+    ready = tmp_path / "ready"
+    ready.unlink(missing_ok=True)
     code = ("from llmc.cli import _run_logged; import os, sys; from pathlib import Path\n"
-            f"sys.exit(_run_logged(['bash', '-c', {child!r}], dict(os.environ), None, Path({str(tmp_path / 'e.log')!r}))[0])\n")
+            f"sys.exit(_run_logged(['bash', '-c', {child!r}], dict(os.environ), None, "
+            f"Path({str(tmp_path / 'e.log')!r}))[0])\n")
     p = subprocess.Popen([sys.executable, "-c", code])
     for _ in range(200):
         if ready.exists():
             break
         time.sleep(0.05)
     time.sleep(0.5)  # the forwarding handlers are installed before the child starts; let bash set its trap
-    p.send_signal(signal.SIGUSR1)
-    assert p.wait(timeout=30) == EXIT_PREEMPTED
+    if sig is not None:
+        p.send_signal(sig)
+    return p.wait(timeout=30)
+
+
+def test_usr1_reaches_a_launched_stage_as_sigterm(tmp_path):
+    """A batch system's "time is almost up" (sbatch --signal=USR1@N) reaches the launched stage as the SIGTERM that
+    torchrun forwards and llmc's runtime answers by saving its step (a SIGUSR1 would kill torchrun outright); the
+    stage's exit status comes back unchanged, here the preempted one."""
+    import signal
+
+    from llmc.runtime.runlock import EXIT_PREEMPTED
+
+    got = tmp_path / "got"
+    child = (f"trap 'echo TERM > {got}; exit {EXIT_PREEMPTED}' TERM; touch {tmp_path / 'ready'}; "
+             "while true; do sleep 0.1; done")
+    assert _run_logged_signalled(tmp_path, child, signal.SIGUSR1) == EXIT_PREEMPTED
     assert got.read_text().strip() == "TERM"
 
 
@@ -327,27 +339,11 @@ def test_a_stage_that_fails_after_llmc_passed_it_a_sigterm_counts_as_preempted(t
     that llmc passed a SIGTERM to and that then exits non-zero is reported preempted (rerun to resume); one that
     fails on its own keeps its status."""
     import signal
-    import subprocess
-    import sys
-    import time
 
     from llmc.runtime.runlock import EXIT_PREEMPTED
 
     def run(child: str, sig) -> int:
-        ready = tmp_path / "ready"
-        ready.unlink(missing_ok=True)
-        code = ("from llmc.cli import _run_logged; import os, sys; from pathlib import Path\n"
-                f"sys.exit(_run_logged(['bash', '-c', {child!r}], dict(os.environ), None, "
-                f"Path({str(tmp_path / 'e.log')!r}))[0])\n")
-        p = subprocess.Popen([sys.executable, "-c", code])
-        for _ in range(200):
-            if ready.exists():
-                break
-            time.sleep(0.05)
-        time.sleep(0.5)  # let bash set its trap
-        if sig is not None:
-            p.send_signal(sig)
-        return p.wait(timeout=30)
+        return _run_logged_signalled(tmp_path, child, sig)
 
     torchrun_like = f"trap 'exit 1' TERM; touch {tmp_path / 'ready'}; while true; do sleep 0.1; done"
     assert run(torchrun_like, signal.SIGTERM) == EXIT_PREEMPTED

@@ -385,9 +385,9 @@ def tiny_build(tmp_path_factory):
     return module, out / "run", c
 
 
-def _preempt_after(argv, env, cwd, step: int, timeout: float = 600) -> tuple[int, str]:
-    """Run ``argv`` in its own session, SIGTERM every process of it (as a preempting Slurm does) once the
-    log shows training step ``step``; (exit status, log)."""
+def _preempt_after(argv, env, cwd, step: int, send=None, timeout: float = 600) -> tuple[int, str]:
+    """Run ``argv`` in its own session and, once the log shows training step ``step``, call ``send(pid)``
+    (default: SIGTERM to every process of the session, as a preempting Slurm does); (exit status, log)."""
     import signal
 
     proc = subprocess.Popen(argv, env={**os.environ, **env}, cwd=cwd, stdout=subprocess.PIPE,
@@ -398,7 +398,7 @@ def _preempt_after(argv, env, cwd, step: int, timeout: float = 600) -> tuple[int
             lines.append(line)
             m = STEP.search(ANSI.sub("", line))
             if m and int(m.group(1)) >= step:
-                os.killpg(proc.pid, signal.SIGTERM)
+                (send or (lambda pid: os.killpg(pid, signal.SIGTERM)))(proc.pid)
                 break
         rest, _ = proc.communicate(timeout=timeout)
     finally:
@@ -481,28 +481,15 @@ def test_tiny_trains_on_cpu_two_gloo_processes_fsdp_and_preempts_together(tiny_b
              "--parallelism.data_parallel_shard_degree", "2", "--training.local_batch_size", str(local)]
     argv, env = torchtitan_command(module, 2, True, extra, run_dir=run2)
     t = time.time()
-    proc = subprocess.Popen(argv, env={**os.environ, **env}, cwd=run2, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            m = STEP.search(ANSI.sub("", line))
-            if m and int(m.group(1)) >= 2:
-                _worker_of_rank(proc.pid, 1).send_signal(signal.SIGTERM)
-                break
-        rest, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    log, dt = ANSI.sub("", "".join(lines) + rest), time.time() - t
+    rc, log = _preempt_after(argv, env, run2, step=2,
+                             send=lambda pid: _worker_of_rank(pid, 1).send_signal(signal.SIGTERM))
+    dt = time.time() - t
     assert "dp_shard=2" in log
     said = re.findall(r"preempted \(signal (15|on another rank)\): saved step (\d+); rerun", log)
     assert sorted(w for w, _ in said) == ["15", "on another rank"], log[-3000:]  # rank 1 got it, rank 0 agreed
     cut = int(said[0][1])
     assert said[1][1] == str(cut) and 2 <= cut < 8, said
-    assert proc.returncode != 0 and "exitcode  : 75" in log, log[-3000:]  # torchrun reports the workers' 75
+    assert rc != 0 and "exitcode  : 75" in log, log[-3000:]  # torchrun reports the workers' 75
     assert sorted(p.name for p in (run2 / "outputs" / "torchtitan" / "checkpoints").iterdir()) == [f"step-{cut}"]
     got = losses(log)
     assert sorted(got) == list(range(1, cut + 1)) and all(math.isfinite(v) for v in got.values()), log[-2000:]
