@@ -204,6 +204,9 @@ def _memory(c) -> Table:
     if len(m.per_stage_bytes) > 1:
         t.add_row("stages", f"{len(m.per_stage_bytes)} stages, {gib(min(m.per_stage_bytes))} .. "
                   f"{gib(max(m.per_stage_bytes))}")
+    if m.host_bytes_per_node:
+        t.add_row("host", f"{gib(m.host_bytes_per_node)} of CPU memory per node (optimizer offload: fp32 master "
+                  "weights, AdamW moments and gradients of its GPUs' shares)")
     return t
 
 

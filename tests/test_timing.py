@@ -601,6 +601,10 @@ def test_offload_optimizer_runs_the_update_on_each_hosts_cpus(gpu, count, hosts,
     others = {k: v for k, v in on.time.breakdown.items() if k != "optimizer"}
     assert others == pytest.approx({k: v for k, v in off.time.breakdown.items() if k != "optimizer"})
     assert on.time.step_seconds == pytest.approx(off.time.step_seconds - off.time.breakdown["optimizer"] + got)
+    # and the hosts hold the optimizer: 16 B per parameter, spread over the hosts (memory.py; DeepSpeed's estimator
+    # agrees in tests/test_deepspeed.py)
+    assert on.memory.host_bytes_per_node == pytest.approx(16 * n / hosts, abs=1)
+    assert off.memory.host_bytes_per_node == 0
     p011 = [d for d in on.diagnostics if d.code == "P011"]  # the host-dependent share, said in the plan
     assert len(p011) == 1 and f"{got:.2f} s of each" in p011[0].message and p011[0].line
     assert not [d for d in off.diagnostics if d.code == "P011"]

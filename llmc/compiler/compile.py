@@ -308,7 +308,11 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
         unfit = UnfitLayout(plan=c, memory=memory_fn(c), time=timing.time_numbers(sm, c, 1),
                             note="the closest layout does not fit (P004); predicted memory and one step's time")
     best = res.best
-    return _Searched(plan=best.plan if best else None, memory=res.memory if best else None,
+    memory = res.memory if best else None
+    if memory is not None and run.parallelism.offload_optimizer:
+        memory = dataclasses.replace(memory, host_bytes_per_node=memory_mod.offload_host_bytes_per_node(
+            params.params_total(arch), best.plan, gpu.gpus_per_node))
+    return _Searched(plan=best.plan if best else None, memory=memory,
                      reasons=tuple(reasons), alternatives=tuple(res.alternatives),
                      rejected=tuple(res.rejected[:20]), info=info, unfit=unfit)
 

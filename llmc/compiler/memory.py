@@ -61,6 +61,10 @@ MiB = 2**20
 WORKSPACE_BYTES = 1 * GiB  # CUDA context + cuBLAS workspace + NCCL internal buffers (estimate)
 DS_BUCKET_ELEMS = 500_000_000  # DeepSpeed reduce_bucket_size / allgather_bucket_size defaults (5e8)
 DDP_BUCKET_BYTES = 25 * MiB  # torch DDP bucket_cap_mb default
+# ZeRO-Offload keeps on the host, per parameter a rank owns: the fp32 master weight (4), AdamW's two moments (8)
+# and the fp32 gradient the host update reads (4) (Ren et al. 2021, arXiv:2101.06840 sec. 4; DeepSpeed's
+# estimate_zero3_model_states_mem_needs with zero_init: 16 x params / nodes per node)
+OFFLOAD_HOST_BYTES_PER_PARAM = 16
 # Loss memory per token per vocabulary entry on the last stage. torchtitan computes
 # cross_entropy(pred.float(), labels): log_softmax keeps its fp32 output (4 B, the "s*b*V*4 fp32 logits"),
 # and the peak comes at the start of the backward, while all activations are still alive: nll_loss's dense
@@ -777,6 +781,16 @@ def memory_per_gpu(
         outside_allocator_bytes=int(outside),
         backend=be.name,
     )
+
+
+def offload_host_bytes_per_node(n_params: int, plan: ParallelPlan, gpus_per_node: int) -> int:
+    """Host memory per node under optimizer offload: every parameter is owned by one rank of each data-parallel
+    replica (ZeRO shards the optimizer over dp_shard; TP / PP / EP split it first), so the hosts hold
+    :data:`OFFLOAD_HOST_BYTES_PER_PARAM` x params x dp_replicate, spread evenly over the nodes. Steady state:
+    llmc's runtimes build the model on the GPU (ZeRO-3 under ``zero.Init``), never a full fp32 copy per rank
+    on the host (which DeepSpeed's ZeRO-2 estimator adds as 4 B x params x GPUs)."""
+    nodes = max(1, math.ceil(plan.world / max(1, gpus_per_node)))
+    return math.ceil(OFFLOAD_HOST_BYTES_PER_PARAM * n_params * plan.dp_replicate / nodes)
 
 
 def fits(mem: MemoryNumbers, headroom: float | None = None) -> bool:

@@ -54,6 +54,9 @@ class MemoryNumbers:
     reserved_bytes: int = 0
     outside_allocator_bytes: int = 0
     backend: str = "generic"
+    # host (CPU) memory per node that the plan's optimizer offload keeps there (memory.offload_host_bytes_per_node);
+    # 0 without offload
+    host_bytes_per_node: int = 0
 
 
 @dataclass(frozen=True)

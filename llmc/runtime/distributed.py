@@ -10,7 +10,7 @@ Order (as torchtitan): TP -> activation checkpointing -> torch.compile per block
 * FSDP2 (``dp_shard > 1``): ``fully_shard`` on every block, then on the root; with
   ``dp_replicate > 1`` too it is HSDP over the 2-D ("dp_replicate", "dp_shard") mesh.
   Gradient reduction uses FSDP2's default (AVG over the data-parallel ranks), never
-  ``set_gradient_divide_factor``, so gloo never sees ``ReduceOp.PREMUL_SUM`` (backends-on-cpu.md §3, §5);
+  ``set_gradient_divide_factor``, so gloo never sees ``ReduceOp.PREMUL_SUM`` (NCCL-only: torch.distributed docs, ReduceOp);
   on gloo we also call ``set_force_sum_reduction_for_comms(True)`` when available, harmless at default.
 * DDP (``dp_replicate > 1``, ``dp_shard == 1``): ``DistributedDataParallel`` over the dp_replicate group
   (with TP, the replicate dimension goes through ``fully_shard`` on the 2-D mesh instead).
