@@ -223,28 +223,103 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
     if not backend or not gpu:
         raise MeasurementError(source, line, "M004", "backend" if not backend else "gpu_key",
                                "every row needs a backend and an llmc gpu_key")
-    dr, ds = int(get("dp_replicate", 1)), int(get("dp_shard"))
-    tp, pp, cp, ep = (int(get(k, 1)) for k in ("tp", "pp", "cp", "ep"))
-    mb, gb = int(get("micro_batch")), int(get("global_batch"))
-    sched = get("pp_schedule") or "1F1B"
-    vp = int(get("vp") or (2 if sched == "Interleaved1F1B" else 1))
-    if dr * ds * tp * pp * cp != int(get("gpus")):
-        raise MeasurementError(source, line, "M004", "gpus", "dp_replicate x dp_shard x tp x pp x cp != gpus")
-    plan = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=tp, pp=pp, pp_schedule=sched, pp_virtual_stages=vp,
-                        cp=cp, ep=ep, micro_batch=mb, grad_accum=max(1, gb // (mb * dr * ds)),
-                        activation_checkpointing=get("ac", "none"), zero_stage=int(get("zero_stage", 3)))
-    tps, mem = get("tokens_per_s_per_gpu"), get("mem_gib")
-    kind = str(get("mem_kind", "reserved"))
+    def bad(k: str, want: str):
+        return MeasurementError(source, line, "M004", k, f"{k} must be {want}, got {get(k)!r}",
+                                "see benchmarks/README.md, Schema")
+
+    def whole(k: str, default=None) -> int:  # a positive whole number (YAML int, or a CSV cell such as "8")
+        v = get(k, default)
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise bad(k, "a positive whole number") from None
+        if isinstance(v, bool) or not f.is_integer() or f < (0 if k == "zero_stage" else 1):
+            raise bad(k, "a positive whole number")
+        return int(f)
+
+    def positive(k: str) -> float | None:  # a positive finite number, or absent
+        v = get(k)
+        if v is None:
+            return None
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise bad(k, "a positive number") from None
+        if isinstance(v, bool) or not (0 < f < float("inf")):
+            raise bad(k, "a positive number")
+        return f
+
+    def flag(k: str, default=None) -> bool | None:  # YAML booleans, or CSV cells true/false/yes/no/1/0
+        v = get(k, default)
+        if v is None or isinstance(v, bool):
+            return v
+        word = str(v).strip().lower()
+        if word in ("true", "yes", "on", "1"):
+            return True
+        if word in ("false", "no", "off", "0"):
+            return False
+        raise bad(k, "true or false")
+
+    def choice(k: str, options, default=None) -> str | None:
+        v = get(k, default)
+        if v is not None and str(v) not in options:
+            raise MeasurementError(source, line, "M004", k, f"unknown {k} {v!r} (one of {', '.join(options)})")
+        return None if v is None else str(v)
+
+    from llmc.compiler.backends import BACKENDS
+    from llmc.compiler.memory import AC_MODES
+    from llmc.compiler.timing import FP8_RECIPES
+
+    choice("backend", tuple(BACKENDS))
+    sched = choice("pp_schedule", _literals("Parallelism", "pp_schedule"), "1F1B")
+    ac = choice("ac", AC_MODES, "none")
+    recipe = choice("quantization", FP8_RECIPES)
+    zero = whole("zero_stage", 3)
+    if zero > 3:
+        raise bad("zero_stage", "0, 1, 2 or 3")
     prec = str(get("precision", "bf16")).lower()
+    prec = "fp8" if "fp8" in prec else prec
+    if prec not in _literals("Training", "precision"):
+        raise bad("precision", f"one of {', '.join(_literals('Training', 'precision'))} (an fp8 label counts as fp8)")
+    dr, ds = whole("dp_replicate", 1), whole("dp_shard")
+    tp, pp, cp, ep = (whole(k, 1) for k in ("tp", "pp", "cp", "ep"))
+    mb, gb = whole("micro_batch"), whole("global_batch")
+    vp = whole("vp", 2 if sched == "Interleaved1F1B" else 1)
+    if dr * ds * tp * pp * cp != whole("gpus"):
+        raise MeasurementError(source, line, "M004", "gpus", "dp_replicate x dp_shard x tp x pp x cp != gpus")
+    try:
+        plan = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=tp, pp=pp, pp_schedule=sched, pp_virtual_stages=vp,
+                            cp=cp, ep=ep, micro_batch=mb, grad_accum=max(1, gb // (mb * dr * ds)),
+                            activation_checkpointing=ac, zero_stage=zero)
+    except ValueError as e:
+        raise MeasurementError(source, line, "M004", "layout", str(e), "see benchmarks/README.md, Schema") from None
+    tps, mem = positive("tokens_per_s_per_gpu"), positive("mem_gib")
+    kind = str(get("mem_kind", "reserved"))
     return Measurement(
         label=str(get("id", f"{Path(source).name}:{line}")), source=source, backend=str(backend), gpu=str(gpu),
-        model=PRESETS[name], seq_len=int(get("seq_len")), precision="fp8" if "fp8" in prec else prec, plan=plan,
-        gpus_per_node=get("gpus_per_node"), compile=None if get("compile") is None else bool(get("compile")),
-        async_tp=bool(get("async_tp", False)), fp8_recipe=get("quantization"),
-        offload_optimizer=bool(get("offload_optimizer", False)),
-        tokens_per_s_per_gpu=None if tps is None else float(tps),
-        reserved_bytes=float(mem) * GiB if mem is not None and "alloc" not in kind else None,
-        allocated_bytes=float(mem) * GiB if mem is not None and "alloc" in kind else None)
+        model=PRESETS[name], seq_len=whole("seq_len"), precision=prec, plan=plan,
+        gpus_per_node=None if get("gpus_per_node") is None else whole("gpus_per_node"), compile=flag("compile"),
+        async_tp=bool(flag("async_tp", False)), fp8_recipe=recipe,
+        offload_optimizer=bool(flag("offload_optimizer", False)),
+        tokens_per_s_per_gpu=tps,
+        reserved_bytes=mem * GiB if mem is not None and "alloc" not in kind else None,
+        allocated_bytes=mem * GiB if mem is not None and "alloc" in kind else None)
+
+
+def _literals(model: str, name: str) -> tuple[str, ...]:
+    """The values a spec field of ``llmc.spec.schema.<model>`` allows (its ``Literal``), for table cells."""
+    from typing import get_args
+
+    from llmc.spec import schema
+
+    out: list[str] = []
+    todo = [getattr(schema, model).model_fields[name].annotation]
+    while todo:
+        t = todo.pop(0)
+        args = get_args(t)
+        out += [a for a in args if isinstance(a, str)]
+        todo += [a for a in args if not isinstance(a, str)]
+    return tuple(out)
 
 
 def read_table(path: str | Path) -> list[Measurement]:

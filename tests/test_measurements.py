@@ -183,3 +183,43 @@ def test_an_offload_runs_prediction_is_the_plans(tmp_path):
     assert mem.allocated_bytes == c.memory.allocated_bytes
     t0, mem0 = ms.predicted(dataclasses.replace(m, offload_optimizer=False))
     assert t0.step_seconds < t.step_seconds and mem0.allocated_bytes > mem.allocated_bytes
+
+
+_CSV_HEAD = "id,model,gpus,seq_len,dp_shard,micro_batch,global_batch,backend,gpu_key,tokens_per_s_per_gpu"
+_CSV_ROW = {"id": "a", "model": "llama3-8b", "gpus": "8", "seq_len": "8192", "dp_shard": "8", "micro_batch": "2",
+            "global_batch": "16", "backend": "torchtitan", "gpu_key": "h100-sxm", "tokens_per_s_per_gpu": "5000"}
+
+
+def _csv(tmp_path, **cells):
+    import csv
+
+    row = {**_CSV_ROW, **cells}
+    p = tmp_path / "runs.csv"
+    with open(p, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        w.writeheader()
+        w.writerow(row)
+    return p
+
+
+@pytest.mark.parametrize("word,want", [("false", False), ("False", False), ("no", False), ("0", False),
+                                       ("true", True), ("yes", True), ("1", True)])
+def test_csv_flags_are_read_as_words_not_as_non_empty_strings(tmp_path, word, want):
+    """A CSV cell is text: ``bool("false")`` is True, which read every CSV run as compiled, async-TP and offloaded."""
+    m = ms.read_table(_csv(tmp_path, compile=word, async_tp=word, offload_optimizer=word))[0]
+    assert (m.compile, m.async_tp, m.offload_optimizer) == (want, want, want)
+
+
+@pytest.mark.parametrize("cells,path", [
+    ({"dp_shard": "eight"}, "dp_shard"), ({"micro_batch": "1.5"}, "micro_batch"), ({"vp": "0"}, "vp"),
+    ({"tokens_per_s_per_gpu": "-3"}, "tokens_per_s_per_gpu"), ({"mem_gib": "lots"}, "mem_gib"),
+    ({"compile": "maybe"}, "compile"), ({"ac": "partial"}, "ac"), ({"pp_schedule": "1F1F"}, "pp_schedule"),
+    ({"precision": "fp16"}, "precision"), ({"quantization": "nvfp4"}, "quantization"), ({"backend": "jax"}, "backend"),
+    ({"zero_stage": "7"}, "zero_stage")])
+def test_every_bad_table_cell_is_one_located_line(tmp_path, capsys, cells, path):
+    """Each of these was an INTERNAL error (a traceback class) or silently read as something else."""
+    p = _csv(tmp_path, **cells)
+    assert ms.calibrate_main([str(p)], str(tmp_path / "cal.json")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{p}:2: error[M004] {path}: "), err
+    assert not (tmp_path / "cal.json").exists()
