@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 
@@ -128,6 +129,35 @@ def test_json_round_trip():
     assert back == c
     with pytest.raises(ValueError):
         cal.Calibration.from_json({"kind": "something-else"})
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda d: d["factors"].update(compute_scale="fast"), "factors.compute_scale"),
+    (lambda d: d["factors"].update(comm_scale=float("nan")), "factors.comm_scale"),
+    (lambda d: d["factors"].update(mem_scale=0), "factors.mem_scale"),
+    (lambda d: d["factors"].update(warp_speed=2.0), "factors"),
+    (lambda d: d.update(factors=[1.0]), "factors"),
+    (lambda d: d.update(gpu=7), "gpu"),
+    (lambda d: d.update(time_band={"mean_abs_pct": "low"}), "time_band"),
+    (lambda d: d.update(residuals="none"), "residuals")])
+def test_a_damaged_calibration_is_one_located_line_naming_the_field(tmp_path, edit, field):
+    """A hand-edited calibration reached the time model (a string scale was an INTERNAL TypeError at plan time);
+    now `llmc plan --calibration` names the field in one M007 line and exits 1."""
+    from typer.testing import CliRunner
+
+    from llmc.cli import app
+
+    pts = [TimePoint(f"r{i}", 1.0 + i, 0.5, 0.0, 2.0 + i) for i in range(5)]
+    d = cal.calibrate("torchtitan", "h100-sxm", pts, []).to_json()
+    edit(d)
+    f = tmp_path / "cal.json"
+    f.write_text(json.dumps(d))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    r = CliRunner().invoke(app, ["plan", str(spec), "--calibration", str(f)])
+    assert r.exit_code == 1, r.output
+    err = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(err) == 1 and "error[M007]" in err[0] and field in err[0] and "INTERNAL" not in err[0], err
 
 
 SPEC = """\

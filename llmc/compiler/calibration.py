@@ -304,9 +304,31 @@ class Calibration:
 
     @staticmethod
     def from_json(d: dict) -> Calibration:
-        if d.get("kind") != "llmc-calibration":
+        """The calibration of a ``to_json`` dict; ValueError naming the first field that is not what
+        ``llmc calibrate`` writes (a hand-edited or damaged file must not reach the time model)."""
+        if not isinstance(d, dict) or d.get("kind") != "llmc-calibration":
             raise ValueError("not an llmc calibration (missing kind: llmc-calibration)")
-        return Calibration(backend=d["backend"], gpu=d["gpu"], factors=Factors(**d["factors"]),
+        for k in ("backend", "gpu"):
+            if not isinstance(d.get(k), str) or not d[k]:
+                raise ValueError(f"{k} must be a name, got {d.get(k)!r}")
+        f = d.get("factors")
+        names = set(Factors.__dataclass_fields__)
+        if not isinstance(f, dict) or not set(f) <= names:
+            raise ValueError(f"factors must be a mapping of {', '.join(sorted(names))}")
+        for k, v in f.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise ValueError(f"factors.{k} must be a finite number, got {v!r}")
+            if k in ("compute_scale", "comm_scale", "mem_scale") and v <= 0:
+                raise ValueError(f"factors.{k} must be > 0, got {v!r}")
+        for k in ("time_band", "memory_band"):
+            b = d.get(k)
+            if b is not None and not (isinstance(b, dict) and all(
+                    not isinstance(b.get(q), bool) and isinstance(b.get(q), int | float) and math.isfinite(b[q])
+                    for q in ("mean_abs_pct", "max_abs_pct"))):
+                raise ValueError(f"{k} must be null or hold numbers mean_abs_pct and max_abs_pct")
+        if not isinstance(d.get("residuals", []), list) or not isinstance(d.get("provenance", {}), dict):
+            raise ValueError("residuals must be a list and provenance a mapping")
+        return Calibration(backend=d["backend"], gpu=d["gpu"], factors=Factors(**{k: float(v) for k, v in f.items()}),
                            time_band=d.get("time_band"), memory_band=d.get("memory_band"),
                            residuals=list(d.get("residuals", [])), provenance=dict(d.get("provenance", {})))
 
