@@ -378,15 +378,21 @@ def report(
         lock = read_lock(build_dir / LOCK_FILE)
     except ValueError as e:
         _fail([f"{build_dir / LOCK_FILE}: error[X001] {e}"])
+    from llmc.runtime.metrics_io import MetricsError  # torch-free
+
     dest = out or rd / "report"
     try:
         paths = make_report(rd, lock, dest)
+        summary = summary_lines(rd, lock)  # validation loss first -> last, eval task results
     except FileNotFoundError as e:
         _fail([f"{run_dir}: error[L011] {e}"])
+    except MetricsError as e:
+        _fail([f"{os.path.relpath(e.path)}:{e.line}: error[L012] metrics record {e.problem} (llmc writes one JSON "
+               "object per line: restore or delete that line, then rerun)"])
     typer.echo(f"wrote {len(paths)} files to {dest}")
     for p in paths:
         typer.echo(f"  {p.name}")
-    for line in summary_lines(rd, lock):  # validation loss first -> last, eval task results
+    for line in summary:
         typer.echo(line)
 
 

@@ -196,3 +196,21 @@ def test_checkpoint_evals_table_plot_and_summary(tmp_path, lock):
     blue = (0x1F, 0x77, 0xB4)  # matplotlib "C0": the one metric's line
     raw = img.tobytes()
     assert sum(1 for i in range(0, len(raw), 3) if all(abs(raw[i + k] - blue[k]) <= 12 for k in range(3))) > 50
+
+
+@pytest.mark.parametrize("damage", ["[1, 2]", "{not json"])
+def test_a_damaged_metrics_line_is_one_located_error(tmp_path, damage):
+    """A line in the middle of metrics.jsonl that is not a JSON object (a torn last line is dropped, see
+    write_run) made `llmc report` end in an INTERNAL error; it is one L012 line naming the file and line."""
+    b = tmp_path / "b"
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", "build", str(ROOT / "examples/tiny_cpu.yaml"), "-o", str(b)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = b / "run" / "pretrain" / "metrics.jsonl"
+    m.parent.mkdir(parents=True)
+    m.write_text('{"step": 1, "loss": 3.0}\n' + damage + '\n{"step": 2, "loss": 2.9}\n')
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", "report", str(b)], cwd=tmp_path, capture_output=True,
+                       text=True)
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(err) == 1, r.stderr
+    assert err[0].startswith("b/run/pretrain/metrics.jsonl:2: error[L012] metrics record not a JSON"), err

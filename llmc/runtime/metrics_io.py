@@ -26,6 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+class MetricsError(ValueError):
+    """A damaged ``metrics.jsonl`` line (not a torn last line, which is dropped): where, and what is wrong."""
+
+    def __init__(self, path: Path, line: int, problem: str):
+        super().__init__(f"{path}:{line}: {problem}")
+        self.path, self.line, self.problem = path, line, problem
+
+
 @dataclass
 class MetricsLog:
     steps: list[dict] = field(default_factory=list)
@@ -44,9 +52,9 @@ def _records(path: Path) -> tuple[list[tuple[int, str, dict]], bool]:
         try:
             rec = json.loads(raw)
         except ValueError as e:
-            raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
+            raise MetricsError(path, i, f"not a JSON record ({e})") from None
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{i}: not a JSON object")
+            raise MetricsError(path, i, "not a JSON object")
         out.append((i, raw.decode(), rec))
     if tail.strip():
         try:  # a last line missing only its newline is still a whole record
