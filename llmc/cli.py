@@ -522,12 +522,39 @@ def _plan_direct(args: dict) -> None:
     sys.exit(0)
 
 
+def _run_app() -> None:
+    """The typer app with click's usage errors (an unknown option, a value of the wrong type, a missing
+    argument) as one ``error[CLI]`` line and exit 1, like every other bad input; ``llmc`` alone prints the
+    help."""
+    import typer as typer_mod
+
+    try:  # typer (pinned 0.29) vendors click as typer._click; its exceptions are not click's
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover - a typer that uses click itself
+        from click import exceptions as cx
+
+    try:
+        rc = _app()(standalone_mode=False, prog_name="llmc")
+    except cx.NoArgsIsHelpError as e:
+        _echo(e.format_message())
+        sys.exit(0)
+    except cx.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx is not None else "llmc"
+        msg = " ".join(e.format_message().split())
+        _echo(f"{cmd}: error[CLI] {msg} (see `{cmd} --help`)", err=True)
+        sys.exit(1)
+    except typer_mod.Abort:  # Ctrl-C at a prompt
+        sys.exit(130)
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
+
+
 def main() -> None:
     """Console entry point: user errors exit 1 with one line; never a traceback unless LLMC_DEBUG=1."""
     try:
         args = _plan_argv(sys.argv[1:])
         if args is None:
-            _app()()
+            _run_app()
         else:
             _plan_direct(args)
     except KeyboardInterrupt:

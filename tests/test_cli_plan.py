@@ -186,3 +186,20 @@ def test_fp8_recipe_the_backend_does_not_run_is_refused_in_the_plan():
     assert len(line) == 1 and "training.fp8_recipe" in line[0] and "mxfp8 or rowwise" in line[0], r.output
     native = _plan_json("training.precision=fp8", "training.fp8_recipe=tensorwise", "training.backend=native")
     assert native["backend"]["fp8"].endswith("trains it in bf16 (timed as bf16)")
+
+
+@pytest.mark.parametrize("argv,cmd", [
+    (["launch", "build", "--nproc", "two"], "llmc launch"),  # a value of the wrong type
+    (["plan", "examples/tiny_cpu.yaml", "--bogus"], "llmc plan"),  # an unknown option
+    (["lanch", "build"], "llmc"),  # an unknown command
+    (["report"], "llmc report"),  # a missing argument
+])
+def test_command_line_misuse_is_one_line_and_exit_1(argv, cmd):
+    """click's usage errors (a boxed, multi-line message and exit 2) follow llmc's rule for bad input: one line
+    naming the command, a hint, exit 1; `llmc` alone prints the help."""
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(err) == 1, r.stderr
+    assert err[0].startswith(f"{cmd}: error[CLI] ") and f"(see `{cmd} --help`)" in err[0], err
+    r = subprocess.run([sys.executable, "-m", "llmc.cli"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Usage: llmc" in r.stdout and "plan" in r.stdout, r.stderr
