@@ -435,7 +435,14 @@ def calibrate_measurements(ms: list[Measurement], inputs: list[str]):
     prov = {"llmc_version": llmc.__version__,
             "inputs": [{"path": str(p), "sha256": sha256_file(p)} for p in inputs],
             "runs": [m.label for m in ms]}
-    return calibrate(keys[0][0], keys[0][1], tps, mps, provenance=prov)
+    cal = calibrate(keys[0][0], keys[0][1], tps, mps, provenance=prov)
+    try:  # what `llmc plan --calibration` will accept: never write a file it would refuse
+        type(cal).from_json(cal.to_json())
+    except ValueError as e:
+        raise MeasurementError(inputs[0], 0, "M008", "fit", f"the fit is not usable ({e})",
+                               "the runs disagree with llmc's model by orders of magnitude: check their units "
+                               "(tokens/s per GPU, GiB)") from None
+    return cal
 
 
 def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, backend: str | None = None,

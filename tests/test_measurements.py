@@ -223,3 +223,20 @@ def test_every_bad_table_cell_is_one_located_line(tmp_path, capsys, cells, path)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"{p}:2: error[M004] {path}: "), err
     assert not (tmp_path / "cal.json").exists()
+
+
+def test_calibrate_never_writes_a_fit_that_plan_would_refuse(tmp_path, capsys):
+    """Runs 1e-300 and 1e300 tokens/s apart fit to NaN factors; `llmc calibrate` wrote that file (and printed a
+    "nan%" band) for `llmc plan --calibration` to refuse later. It now stops with one M008 line and writes nothing."""
+    import csv
+
+    p = tmp_path / "runs.csv"
+    with open(p, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(_CSV_ROW))
+        w.writeheader()
+        w.writerow({**_CSV_ROW, "tokens_per_s_per_gpu": "1e-300"})
+        w.writerow({**_CSV_ROW, "id": "b", "micro_batch": "1", "tokens_per_s_per_gpu": "1e300"})
+    assert ms.calibrate_main([str(p)], str(tmp_path / "cal.json")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{p}: error[M008] fit: the fit is not usable"), err
+    assert not (tmp_path / "cal.json").exists()
