@@ -608,3 +608,18 @@ def test_offload_optimizer_runs_the_update_on_each_hosts_cpus(gpu, count, hosts,
     p011 = [d for d in on.diagnostics if d.code == "P011"]  # the host-dependent share, said in the plan
     assert len(p011) == 1 and f"{got:.2f} s of each" in p011[0].message and p011[0].line
     assert not [d for d in off.diagnostics if d.code == "P011"]
+
+
+def test_an_fp8_recipe_on_a_run_that_is_not_fp8_is_a_located_warning():
+    """`fp8_recipe` only changes an fp8 run; on bf16 it was silently ignored (T012 says so, with its line)."""
+    from llmc.compiler.compile import compile_spec
+    from llmc.spec.load import loads_spec
+
+    text = ("name: r\nmodel: llama3-8b\ndata: {seq_len: 8192, tokens: 1B}\nhardware: {gpu: b200, count: 8}\n"
+            "training:\n  precision: PREC\n  fp8_recipe: mxfp8\n")
+    for prec, want in (("bf16", 1), ("fp8", 0)):
+        run, lines = loads_spec(text.replace("PREC", prec), file="r.yaml")
+        t012 = [d for d in compile_spec(run, "r.yaml", lines).diagnostics if d.code == "T012"]
+        assert len(t012) == want, (prec, t012)
+        if want:
+            assert t012[0].severity == "warning" and t012[0].path == "training.fp8_recipe" and t012[0].line == 7

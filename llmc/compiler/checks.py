@@ -24,6 +24,7 @@ T006   warning   global batch outside 2M-16M tokens for large pre-training
 T007   info      z-loss suggested for large runs
 T008   warning   MoE with a zero load-balancing loss
 T009   warning   Adam beta2 / weight decay far from LLM pre-training practice
+T012   warning   training.fp8_recipe set while training.precision is not fp8 (no effect)
 B001   error     predicted days > budget.max_days
 B002   error     predicted cost > budget.max_usd
 B003   error     budget impossible even at 60 % MFU (with the budget that would be needed)
@@ -91,8 +92,13 @@ def check_mx(run, g, gpus: dict, sink: Sink) -> None:
 
 def check_fp8_recipe(run, backend, sink: Sink) -> None:
     """T011: the spec pins an fp8 recipe the backend that will run the plan does not execute (a backend that
-    trains fp8 specs in bf16 runs no recipe, and the plan's precision line says so)."""
+    trains fp8 specs in bf16 runs no recipe, and the plan's precision line says so); T012: a recipe on a run
+    that is not fp8 at all."""
     recipe = run.training.fp8_recipe
+    if recipe and run.training.precision != "fp8":
+        sink.add("T012", "warning", "training.fp8_recipe",
+                 f"fp8_recipe {recipe} has no effect: training.precision is {run.training.precision}",
+                 "set training.precision: fp8 to train the linears in fp8, or drop fp8_recipe")
     if run.training.precision == "fp8" and recipe and backend.fp8_recipes and recipe not in backend.fp8_recipes:
         sink.add("T011", "error", "training.fp8_recipe",
                  f"the {backend.name} backend does not run the {recipe} fp8 recipe "
