@@ -296,13 +296,11 @@ def launch(
 def _run_logged(argv: list[str], env: dict, cwd, log: Path) -> tuple[int, str]:
     """Run one stage command under ``supervise`` (its process group never outlives llmc, even on SIGHUP
     or SIGKILL) with its stderr shown live and appended to ``log``; returns (exit code, the last error
-    line of this attempt's stderr). A stage that llmc passed a SIGTERM / SIGUSR1 to and that then exited
-    non-zero by itself (not killed by the signal) counts as preempted (``EXIT_PREEMPTED``): torchrun, itself
-    signalled, exits 1 whatever its workers did, and llmc's trainers save the step they are at."""
-    import signal
+    line of this attempt's stderr). A stage that handled a SIGTERM / SIGUSR1 llmc passed on comes back as
+    ``EXIT_PREEMPTED`` (``supervise``)."""
     import threading
 
-    from llmc.runtime.runlock import EXIT_PREEMPTED, supervise
+    from llmc.runtime.runlock import supervise
 
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
@@ -328,12 +326,7 @@ def _run_logged(argv: list[str], env: dict, cwd, log: Path) -> tuple[int, str]:
         os.dup2(w, 2)  # the child inherits the pipe as its stderr
         os.close(w)
         try:
-            stopped: list[int] = []
-            rc = supervise(argv, env=env, cwd=cwd, grace_s=STAGE_GRACE_S, stopped=stopped)
-            # it handled the signal (not killed by it: 128 + N) and exited: torchrun after its workers saved
-            if set(stopped) & {signal.SIGTERM, signal.SIGUSR1} and rc not in (0, 128 + signal.SIGTERM,
-                                                                            128 + signal.SIGKILL):
-                rc = EXIT_PREEMPTED
+            rc = supervise(argv, env=env, cwd=cwd, grace_s=STAGE_GRACE_S)
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)  # drops our copy of the pipe's write end: the pump sees EOF

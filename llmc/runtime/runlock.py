@@ -10,10 +10,11 @@ API
     stale lock file never blocks a new run. ``flock`` locks are per open file description: the lock
     is not shared with children (``supervise`` starts them with ``close_fds=True``).
 
-``supervise(cmd, env=None, cwd=None, *, grace_s=10.0, stopped=None) -> int``
+``supervise(cmd, env=None, cwd=None, *, grace_s=10.0) -> int``
     Runs ``cmd`` in its own session/process group and returns its exit code (``128 + signal`` when a
-    signal ended it, the shell convention). Call it from the main thread. ``stopped`` (a list) receives the
-    signals the caller got and passed on.
+    signal ended it, the shell convention), or :data:`EXIT_PREEMPTED` when it passed the child a SIGTERM /
+    SIGUSR1 and the child then exited non-zero by itself: the child handled the stop (torchrun exits 1
+    once its workers saved their step and exited 75). Call it from the main thread.
 
     * SIGINT, SIGTERM and SIGHUP received by the caller are forwarded to the child's group, and SIGUSR1
       (a batch system's "time is almost up", e.g. ``sbatch --signal=USR1@120``) as SIGTERM, which torchrun
@@ -192,10 +193,10 @@ def _rc(code: int) -> int:
 
 
 def supervise(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None, *,
-              grace_s: float = 10.0, stopped: list[int] | None = None) -> int:
+              grace_s: float = 10.0) -> int:
     """Run ``cmd`` in its own process group; it and its group never outlive the caller."""
     me = os.getpid()
-    received: list[int] = stopped if stopped is not None else []
+    received: list[int] = []
     group: list[int] = []  # the child's process group, once started
 
     def forward(signum, _frame):
@@ -235,7 +236,11 @@ def supervise(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path
                     deadline = time.monotonic() + grace_s
                 if deadline is not None and time.monotonic() > deadline:
                     _stop_group(pgid, 0.0, signal.SIGKILL)
-        return _rc(code)
+        rc = _rc(code)
+        stop = {signal.SIGTERM, signal.SIGUSR1}
+        if set(received) & stop and rc not in (0, *(128 + int(sg) for sg in (*stop, signal.SIGKILL))):
+            return EXIT_PREEMPTED  # it handled the stop and left (not killed by it, 128 + N)
+        return rc
     finally:
         try:
             _stop_group(pgid, grace_s)  # leftovers in the group (or the child, if we got here by an exception)
