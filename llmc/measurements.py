@@ -273,6 +273,13 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
     choice("backend", tuple(BACKENDS))
     sched = choice("pp_schedule", _literals("Parallelism", "pp_schedule"), "1F1B")
     ac = choice("ac", AC_MODES, "none")
+    ac_layers = 0
+    if ac == "partial":
+        if get("ac_layers") is None:
+            raise bad("ac_layers", "the blocks per model chunk recomputed whole (ac partial needs it)")
+        ac_layers = whole("ac_layers")
+    elif get("ac_layers") not in (None, ""):
+        raise bad("ac_layers", "nothing: it is only read with ac partial")
     recipe = choice("quantization", FP8_RECIPES)
     zero = whole("zero_stage", 3)
     if zero > 3:
@@ -290,7 +297,7 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
     try:
         plan = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=tp, pp=pp, pp_schedule=sched, pp_virtual_stages=vp,
                             cp=cp, ep=ep, micro_batch=mb, grad_accum=max(1, gb // (mb * dr * ds)),
-                            activation_checkpointing=ac, zero_stage=zero)
+                            activation_checkpointing=ac, ac_layers=ac_layers, zero_stage=zero)
     except ValueError as e:
         raise MeasurementError(source, line, "M004", "layout", str(e), "see benchmarks/README.md, Schema") from None
     tps, mem = positive("tokens_per_s_per_gpu"), positive("mem_gib")

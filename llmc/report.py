@@ -162,7 +162,7 @@ def _plan(c) -> Table:
         t.add_row("pipeline", sched)
     t.add_row("batch split", f"micro_batch {p.micro_batch} x grad_accum {p.grad_accum} x dp {p.dp} = "
               f"{p.global_batch_seqs} sequences")
-    t.add_row("recompute", f"activation checkpointing {p.activation_checkpointing}")
+    t.add_row("recompute", f"activation checkpointing {p.ac_label}")
     _model_rows(t, c)
     for i, r in enumerate(c.reasons):
         t.add_row("why" if i == 0 else "", r)
@@ -216,7 +216,7 @@ def _unfit(c) -> Table:
     t = _kv_table("Closest layout (does not fit)")
     p, m = u.plan, u.memory
     t.add_row("degrees", f"dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x cp {p.cp} x tp {p.tp} x "
-              f"pp {p.pp}, micro_batch {p.micro_batch}, AC {p.activation_checkpointing}")
+              f"pp {p.pp}, micro_batch {p.micro_batch}, AC {p.ac_label}")
     t.add_row("memory", f"{gib(m.per_gpu_bytes)} per GPU of {gib(m.capacity_bytes)} "
               f"({100 * m.per_gpu_bytes / m.capacity_bytes:.0f}%)")
     t.add_row("step", f"{duration(u.time.step_seconds)} per step, MFU {100 * u.time.mfu:.1f}%")

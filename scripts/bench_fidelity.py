@@ -279,17 +279,21 @@ def llmc_predict(req: PlanRequest) -> Prediction:
         grad_accum=max(1, req.global_batch_seqs // (req.micro_batch * dp)),
         activation_checkpointing=req.activation_checkpointing or "none", zero_stage=req.zero_stage)
     if req.activation_checkpointing is None:
-        # AC not published: llmc's own choice rule, the fastest mode that fits, else full
-        options = [dataclasses.replace(plan, activation_checkpointing=a) for a in ("none", "selective", "full")]
+        # AC not published: llmc's own choice rule, the fastest mode that fits (partial: any block count per
+        # chunk short of every block), else full
+        top = memory_mod.max_chunk_layers(run.model.n_layers, plan.pp, plan.pp_schedule, plan.pp_virtual_stages)
+        options = [dataclasses.replace(plan, activation_checkpointing=a) for a in ("none", "selective")]
+        options += [dataclasses.replace(plan, activation_checkpointing="partial", ac_layers=k) for k in range(1, top)]
+        options.append(dataclasses.replace(plan, activation_checkpointing="full"))
         fitting = [p for p in options if memory_mod.fits(memory_of(p))]
         plan = min(fitting, key=lambda p: timing.step_time(sm, p)[0]) if fitting else options[-1]
-        notes.append(f"ac unpublished: llmc chose {plan.activation_checkpointing}")
+        notes.append(f"ac unpublished: llmc chose {plan.ac_label}")
     t = timing.time_numbers(sm, plan, 1)
     mem = memory_of(plan)
     desc = (f"dr{plan.dp_replicate} ds{plan.dp_shard} tp{plan.tp} pp{plan.pp}"
             + (f"({plan.pp_schedule} v{plan.pp_virtual_stages})" if plan.pp > 1 else "")
             + f" cp{plan.cp}" + (f" ep{plan.ep}" if plan.ep > 1 else "")
-            + f" mb{plan.micro_batch}x{plan.grad_accum} ac={plan.activation_checkpointing} z{plan.zero_stage}"
+            + f" mb{plan.micro_batch}x{plan.grad_accum} ac={plan.ac_label} z{plan.zero_stage}"
             + f" [{be.name}{' compile' if sm.compiled else ''}{' asyncTP' if req.async_tp and sm.compiled else ''}"
             + (f" fp8-{req.fp8_recipe}" if req.precision == 'fp8' else "") + "]")
     return Prediction(

@@ -213,7 +213,8 @@ def test_csv_flags_are_read_as_words_not_as_non_empty_strings(tmp_path, word, wa
 @pytest.mark.parametrize("cells,path", [
     ({"dp_shard": "eight"}, "dp_shard"), ({"micro_batch": "1.5"}, "micro_batch"), ({"vp": "0"}, "vp"),
     ({"tokens_per_s_per_gpu": "-3"}, "tokens_per_s_per_gpu"), ({"mem_gib": "lots"}, "mem_gib"),
-    ({"compile": "maybe"}, "compile"), ({"ac": "partial"}, "ac"), ({"pp_schedule": "1F1F"}, "pp_schedule"),
+    ({"compile": "maybe"}, "compile"), ({"ac": "partly"}, "ac"), ({"ac": "partial"}, "ac_layers"),
+    ({"ac": "partial", "ac_layers": "0"}, "ac_layers"), ({"ac": "full", "ac_layers": "2"}, "ac_layers"), ({"pp_schedule": "1F1F"}, "pp_schedule"),
     ({"precision": "fp16"}, "precision"), ({"quantization": "nvfp4"}, "quantization"), ({"backend": "jax"}, "backend"),
     ({"zero_stage": "7"}, "zero_stage")])
 def test_every_bad_table_cell_is_one_located_line(tmp_path, capsys, cells, path):

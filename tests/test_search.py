@@ -67,6 +67,8 @@ def test_pruned_search_equals_exhaustive_on_a_small_case():
     sm = timing.step_model(arch, 4096, "bf16", H100)
     from llmc.compiler.plan import ParallelPlan
 
+    from llmc.compiler.memory import max_chunk_layers
+
     best = None
     for t in (1, 2, 4, 8):
         for p in divisors(16 // t):
@@ -81,10 +83,13 @@ def test_pruned_search_equals_exhaustive_on_a_small_case():
                             m = 256 // dp // mb
                             if p > 1 and (m < p or (sched != "1F1B" and m % p)):
                                 continue
-                            for ac in ("none", "selective", "full"):
+                            top = max_chunk_layers(arch.n_layers, p, sched, v)
+                            for ac, k in [("none", 0), ("selective", 0), ("full", 0),
+                                          *(("partial", k) for k in range(1, top))]:
                                 plan = ParallelPlan(dp_replicate=dp // ds, dp_shard=ds, tp=t, pp=p,
                                                     pp_schedule=sched, pp_virtual_stages=v, micro_batch=mb,
-                                                    grad_accum=m, activation_checkpointing=ac, zero_stage=z)
+                                                    grad_accum=m, activation_checkpointing=ac, ac_layers=k,
+                                                    zero_stage=z)
                                 if not fits(memory_per_gpu(arch, plan, 4096, "bf16", H100.hbm_bytes)):
                                     continue
                                 s = timing.step_time(sm, plan)[0]
@@ -220,6 +225,7 @@ training: {backend: BACKEND, global_batch_tokens: 4194304}
 def _exhaustive(arch, world, seqs, seq_len, gpn=8):
     """Every candidate of the search's space by plain loops, without pruning: the fitting ones with their
     step time and memory (independent of the search's bookkeeping; ranked with its published key)."""
+    from llmc.compiler.memory import max_chunk_layers
     from llmc.compiler.plan import ParallelPlan
     from llmc.compiler.result import Candidate
     from llmc.compiler.search import CP_MIN_SEQ, MAX_MICRO_TOKENS
@@ -245,10 +251,13 @@ def _exhaustive(arch, world, seqs, seq_len, gpn=8):
                             m = per_dp // mb
                             if p > 1 and (m < p or (sched != "1F1B" and m % p)):
                                 continue
-                            for ac in ("none", "selective", "full"):
+                            top = max_chunk_layers(arch.n_layers, p, sched, v)
+                            for ac, k in [("none", 0), ("selective", 0), ("full", 0),
+                                          *(("partial", k) for k in range(1, top))]:
                                 plan = ParallelPlan(dp_replicate=dp // ds, dp_shard=ds, tp=t, pp=p,
                                                     pp_schedule=sched, pp_virtual_stages=v, micro_batch=mb,
-                                                    grad_accum=m, activation_checkpointing=ac, zero_stage=z)
+                                                    grad_accum=m, activation_checkpointing=ac, ac_layers=k,
+                                                    zero_stage=z)
                                 mem = memory_per_gpu(arch, plan, seq_len, "bf16", H100.hbm_bytes)
                                 if fits(mem):
                                     step, mfu = timing.step_time(sm, plan)[:2]
@@ -287,6 +296,7 @@ def test_pruned_search_equals_exhaustive_with_many_dp_splits(model, world, seqs)
 def test_peak_only_memory_equals_the_full_evaluation():
     # per_stage=False values one stage per run of identical stages; every field but per_stage_bytes must be
     # the full evaluation's, whose per_stage_bytes are recomputed here from stage_memory's StageMemory
+    import dataclasses
     import math
     import random
 
@@ -314,8 +324,10 @@ def test_peak_only_memory_equals_the_full_evaluation():
                                 tp=rng.choice([1, 2, 8]), pp=pp, pp_schedule=sched, pp_virtual_stages=v,
                                 cp=rng.choice([1, 2]), ep=rng.choice([1, 4]) if arch.moe else 1,
                                 micro_batch=rng.choice([1, 2]), grad_accum=rng.choice([1, 3, pp, 2 * pp, 64]),
-                                activation_checkpointing=rng.choice(["none", "selective", "full"]),
+                                activation_checkpointing=rng.choice(["none", "selective", "full", "partial"]),
                                 zero_stage=rng.choice([0, 1, 2, 3]))
+            if plan.activation_checkpointing == "partial":
+                plan = dataclasses.replace(plan, ac_layers=rng.choice([1, 2, 3, 5, 40]))
             kw = dict(backend=rng.choice([None, *sorted(BACKENDS)]), compile=rng.choice([None, True, False]),
                       flash_attention=rng.choice([True, False]), offload_optimizer=rng.choice([False, True]),
                       factors=rng.choice([None, Factors]))

@@ -178,8 +178,11 @@ def test_example_module_loads_through_config_manager(name, tmp_path, monkeypatch
     ck = cfg.checkpoint
     assert ck.enable and ck.interval == hyper.checkpoint_interval and ck.last_save_model_only is False
     assert ck.async_mode == ("async" if hyper.checkpoint_async else "disabled")
-    ac = {"none": type(None), "selective": SelectiveAC.Config, "full": FullAC.Config}[plan.activation_checkpointing]
+    ac = {"none": type(None), "selective": SelectiveAC.Config, "full": FullAC.Config,
+          "partial": FullAC.Config}[plan.activation_checkpointing]
     assert isinstance(cfg.activation_checkpoint, ac)
+    if plan.activation_checkpointing == "partial":  # the job's PartialFullAC: the first ac_layers blocks per chunk
+        assert cfg.activation_checkpoint.layers == plan.ac_layers
     run = tmp_path / "run"
     assert cfg.hf_assets_path == str(run / "assets")
     srcs = [s for s in spec.data.sources if s.kind in ("general", "domain", "code", "math", "multilingual")]

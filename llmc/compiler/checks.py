@@ -15,6 +15,7 @@ P005   error     global batch cannot be split: not a multiple of seq_len, or of 
 P006   warning   pipeline bubble: fewer than 4 x pp micro-batches (v x m < 4 p for interleaved)
 P007   error     pinned EP on a dense model / EP not dividing the experts
 P011   info      optimizer offload: the host's share of each step (the CPU rate it assumes, host-dependent)
+P012   error     parallelism.ac_layers without activation_checkpointing: partial
 T001   warning   peak LR outside the pre-training range / far from the size-aware value
 T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
 T003   warning   no gradient clipping
@@ -172,6 +173,11 @@ def check_pins(run, gpu, sink: Sink) -> None:
     if par.pp is not None and par.pp > arch.n_layers:
         sink.add("P001", "error", "parallelism.pp", f"pp {par.pp} > {arch.n_layers} layers",
                  "each pipeline stage needs at least one block")
+    if par.ac_layers is not None and par.activation_checkpointing != "partial":
+        mode = par.activation_checkpointing or "unset (searched)"
+        sink.add("P012", "error", "parallelism.ac_layers",
+                 f"ac_layers {par.ac_layers} with activation_checkpointing {mode}: only partial recomputation reads it",
+                 "set activation_checkpointing: partial, or remove ac_layers")
     if par.ep is not None and par.ep > 1:
         if arch.moe is None:
             sink.add("P007", "error", "parallelism.ep", f"ep {par.ep} on a dense model", "remove ep (MoE only)")

@@ -139,26 +139,16 @@ def _titan_parts(
     return counts
 
 
-@lru_cache(maxsize=1024)
-def pipeline_layout(
-    n_layers: int, pp: int, schedule: str = "1F1B", virtual: int = 1
-) -> tuple[tuple[tuple[int, ...], bool, bool], ...]:
-    """Per pp rank: (blocks it holds, holds the embedding, holds the final norm + output head).
-
-    Mirrors what llmc's torchtitan job does: with the schedule's default number of chunks per rank
-    (1 for 1F1B/GPipe, 2 for Interleaved1F1B/ZBV) torchtitan splits automatically
-    (``_generate_llm_fqn_per_model_part`` with first/last_stage_less_layers = 1); otherwise llmc passes
-    an explicit even split. Chunks map to ranks "loop"-style (rank r holds chunks r, r + pp, ...) or, for
-    ZBVZeroBubble, "v"-style (rank r holds chunks r and 2pp - 1 - r, so rank 0 has embedding and head)
-    -- torchtitan ``_get_pp_rank_to_stage_indices_mapping``.
-    """
+@lru_cache(maxsize=4096)
+def _parts_owners(n_layers: int, pp: int, schedule: str, virtual: int) -> tuple[tuple, tuple]:
+    """(blocks of every model chunk, chunk indices held by each pp rank): see :func:`pipeline_layout`."""
     if pp < 1 or virtual < 1:
         raise ValueError("pp and virtual stages must be >= 1")
     n_parts = pp * virtual
     if n_parts > n_layers:
         raise ValueError(f"{n_parts} pipeline chunks exceed n_layers={n_layers}")
     if n_parts == 1:
-        return ((tuple(range(n_layers)), True, True),)
+        return (tuple(range(n_layers)),), ((0,),)
     counts = None
     if virtual == _default_virtual(schedule):
         counts = _titan_parts(n_layers, n_parts)
@@ -172,11 +162,51 @@ def pipeline_layout(
         owners = [(r, 2 * pp - 1 - r) for r in range(pp)]
     else:
         owners = [tuple(r + k * pp for k in range(virtual)) for r in range(pp)]
+    return tuple(parts), tuple(owners)
+
+
+@lru_cache(maxsize=1024)
+def pipeline_layout(
+    n_layers: int, pp: int, schedule: str = "1F1B", virtual: int = 1
+) -> tuple[tuple[tuple[int, ...], bool, bool], ...]:
+    """Per pp rank: (blocks it holds, holds the embedding, holds the final norm + output head).
+
+    Mirrors what llmc's torchtitan job does: with the schedule's default number of chunks per rank
+    (1 for 1F1B/GPipe, 2 for Interleaved1F1B/ZBV) torchtitan splits automatically
+    (``_generate_llm_fqn_per_model_part`` with first/last_stage_less_layers = 1); otherwise llmc passes
+    an explicit even split. Chunks map to ranks "loop"-style (rank r holds chunks r, r + pp, ...) or, for
+    ZBVZeroBubble, "v"-style (rank r holds chunks r and 2pp - 1 - r, so rank 0 has embedding and head)
+    -- torchtitan ``_get_pp_rank_to_stage_indices_mapping``.
+    """
+    parts, owners = _parts_owners(n_layers, pp, schedule, virtual)
+    n_parts = len(parts)
+    return tuple((tuple(sorted(i for k in own for i in parts[k])), 0 in own, n_parts - 1 in own) for own in owners)
+
+
+@lru_cache(maxsize=4096)
+def partial_recomputed(n_layers: int, pp: int, schedule: str, virtual: int, ac_layers: int) -> tuple[tuple[int, ...], ...]:
+    """Per pp rank: the blocks ``activation_checkpointing: partial`` recomputes, the first ``ac_layers`` of each
+    of the rank's model chunks (Megatron-LM ``--recompute-method block --recompute-num-layers``: "the first N
+    layers of each pipeline stage (virtual stage)" are recomputed; llmc's torchtitan job and runtime wrap
+    the same blocks)."""
+    return tuple(rec for rec, _ in _partial_split(n_layers, pp, schedule, virtual, ac_layers))
+
+
+@lru_cache(maxsize=16384)
+def _partial_split(n_layers: int, pp: int, schedule: str, virtual: int, ac_layers: int) -> tuple[tuple, ...]:
+    """Per pp rank: (blocks recomputed whole, the others) under partial recomputation."""
+    parts, owners = _parts_owners(n_layers, pp, schedule, virtual)
     out = []
     for own in owners:
-        layers = tuple(sorted(i for k in own for i in parts[k]))
-        out.append((layers, 0 in own, n_parts - 1 in own))
+        rec = tuple(sorted(i for k in own for i in parts[k][:ac_layers]))
+        out.append((rec, tuple(sorted(i for k in own for i in parts[k][ac_layers:]))))
     return tuple(out)
+
+
+@lru_cache(maxsize=4096)
+def max_chunk_layers(n_layers: int, pp: int, schedule: str = "1F1B", virtual: int = 1) -> int:
+    """Blocks of the largest model chunk: ``ac_layers`` at or above it recomputes every block (= ``full``)."""
+    return max(len(p) for p in _parts_owners(n_layers, pp, schedule, virtual)[0])
 
 
 def stage_layers(n_layers: int, pp: int, schedule: str = "1F1B", virtual: int = 1) -> list[list[int]]:
@@ -503,16 +533,29 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
     ac = plan.activation_checkpointing
     if ac not in AC_MODES:
         raise ValueError(f"unknown activation checkpointing mode {ac!r}")
-    structure = _structure(arch, plan.pp, plan.pp_schedule, max(1, plan.pp_virtual_stages), seq_len,
-                           flash_attention, act_b)
+    virtual = max(1, plan.pp_virtual_stages)
+    structure = _structure(arch, plan.pp, plan.pp_schedule, virtual, seq_len, flash_attention, act_b)
+    split = None
+    if ac == "partial":
+        if plan.ac_layers < 1:
+            raise ValueError("activation_checkpointing 'partial' needs ac_layers >= 1")
+        split = _partial_split(arch.n_layers, plan.pp, plan.pp_schedule, virtual, plan.ac_layers)
     static = _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload_optimizer,
                           grad_bytes_per_param, be, structure)
     out: list[tuple] = []
     for run, (w, gr, op, buf0) in zip(structure, static, strict=True):
         start, count, has_head = run[0], run[1], run[5]
-        per_tok, work = run[7][activation_mode(ac, be)]  # per token, + the final norm's and the head's inputs
-                                                          # on the last stage
+        per_tok, work = run[7][activation_mode(ac, be)] if split is None else (0.0, 0.0)
+        # per token, + the final norm's and the head's inputs on the last stage
         for si in ((start,) if runs else range(start, start + count)):
+            if split is not None:  # partial: the recomputed blocks keep what "full" keeps, the others everything
+                rec, rest = split[si]  # (the stages of a run have the same chunk sizes: _structure)
+                kept_f, work = _stage_act_cached(arch, rec, "full", seq_len, flash_attention, act_b)
+                kept_n, _ = _stage_act_cached(arch, rest, "none", seq_len, flash_attention, act_b)
+                per_tok = kept_f + kept_n + (2 * arch.d_model * act_b if has_head else 0.0)
+                # the recomputed blocks come first in each chunk, so the backward reaches them after the others'
+                # activations are freed: the working set adds to the peak only beyond what those held
+                work = max(0.0, work - kept_n)
             # --- activations
             acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div * act_keep
             # while one block is recomputed and back-propagated, what was dropped for it is rematerialised:
@@ -531,8 +574,8 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
     return out
 
 
-AC_MODES = ("none", "selective", "full")
-ACT_MODES = AC_MODES + ("selective_core",)  # what activations are computed for (backends.activation_mode)
+AC_MODES = ("none", "selective", "full", "partial")
+ACT_MODES = ("none", "selective", "full", "selective_core")  # what activations are computed for (backends.activation_mode)
 
 # Per-layout results that do not depend on the micro-batch, AC or gradient accumulation, keyed by the
 # architecture's identity (hashing the pydantic model on every call is what made the search slow); the
@@ -579,14 +622,15 @@ def _structure(arch, pp, schedule, virtual, seq_len, flash, act_b) -> tuple:
     (first stage, number of stages, parameters by sharding group, holds the embedding, the first
     stage's blocks, holds the head, the run's key, {AC mode: (kept activation bytes per token, rematerialised
     working set per token)}). The key is what :func:`_static_runs` reads (group counts, embedding,
-    head, number of blocks) and the activation values of every AC mode, so the stages of a run have
-    identical inputs everywhere."""
+    head, number of blocks), the activation values of every AC mode and the sizes of the stage's model chunks
+    (partial recomputation's block count), so the stages of a run have identical inputs everywhere."""
     key = (id(arch), pp, schedule, virtual, seq_len, flash, act_b)
     hit = _STRUCT.get(key)
     if hit is not None and hit[0] is arch:
         return hit[1]
     groups = _stage_param_groups(arch, pp, schedule, virtual)
     layout = pipeline_layout(arch.n_layers, pp, schedule, virtual)
+    parts, owners = _parts_owners(arch.n_layers, pp, schedule, virtual)
     runs: list[list] = []
     for si, (g, (layers, has_emb, has_head)) in enumerate(zip(groups, layout, strict=True)):
         acts = {}
@@ -595,7 +639,9 @@ def _structure(arch, pp, schedule, virtual, seq_len, flash, act_b) -> tuple:
             if has_head:
                 per_tok += 2 * arch.d_model * act_b  # final norm input + head input
             acts[ac] = (per_tok, work)
-        rkey = (tuple(g.values()), has_emb, has_head, len(layers), tuple(acts.values()))
+        # the chunk sizes: partial recomputation's count per stage depends on them (partial_recomputed)
+        rkey = (tuple(g.values()), has_emb, has_head, len(layers), tuple(acts.values()),
+                tuple(len(parts[k]) for k in owners[si]))
         if runs and runs[-1][6] == rkey:
             runs[-1][1] += 1
         else:

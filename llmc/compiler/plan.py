@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 PPSchedule = Literal["1F1B", "Interleaved1F1B", "GPipe", "ZBVZeroBubble"]
-ACMode = Literal["none", "selective", "full"]
+ACMode = Literal["none", "selective", "full", "partial"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,18 @@ class ParallelPlan:
     micro_batch: int = 1  # sequences per rank per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step (pp micro-batches when pp > 1)
     activation_checkpointing: ACMode = "none"
+    # "partial": the first ac_layers blocks of every pipeline model chunk (the whole model without PP) are
+    # recomputed whole (as "full"), the others keep every activation (Megatron-LM's recompute_method="block"
+    # with recompute_num_layers); 0 for every other mode
+    ac_layers: int = 0
     zero_stage: int = 3  # 0 = DDP-style replicas only; 1/2/3 = ZeRO/FSDP flavour over dp_shard
+
+    @property
+    def ac_label(self) -> str:
+        """The AC mode as printed: ``partial(K)`` with its block count, else the mode."""
+        if self.activation_checkpointing == "partial":
+            return f"partial({self.ac_layers})"
+        return self.activation_checkpointing
 
     @property
     def world(self) -> int:

@@ -44,12 +44,14 @@ import heapq
 import math
 from dataclasses import dataclass, field, fields
 
+from llmc.compiler.memory import max_chunk_layers
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import Candidate, MemoryNumbers
 from llmc.compiler.timing import LayoutTimer, StepModel, step_time
 
 GiB = 2**30
-AC_ORDER = ("none", "selective", "full")
+AC_ORDER = ("none", "selective", "full")  # the scan: each keeps less than the one before and costs more
+AC_RANKS = ("none", "selective", "partial", "full")  # order of plans and of "simpler" (less recomputation first)
 CP_MIN_SEQ = 32_768
 INTERLEAVE_V = (2, 4, 8)
 MAX_MICRO_TOKENS = 16_384  # micro-batches beyond this many tokens per GPU gain no GEMM efficiency
@@ -101,17 +103,21 @@ def _complexity(p: ParallelPlan) -> int:
 
 
 _LOG_BIN = math.log(1.001)
-_AC_RANK = {ac: i for i, ac in enumerate(AC_ORDER)}
+_AC_RANK = {ac: i for i, ac in enumerate(AC_RANKS)}
+
+
+def _step_bin(step: float) -> int:
+    return round(math.log(step) / _LOG_BIN)
 
 
 def _rank_key(c: Candidate):
     # step time in 0.1 % bins so that near-ties go to the smaller / simpler plan
-    return (round(math.log(c.step_seconds) / _LOG_BIN), c.per_gpu_bytes, _complexity(c.plan), _plan_tuple(c.plan))
+    return (_step_bin(c.step_seconds), c.per_gpu_bytes, _complexity(c.plan), _plan_tuple(c.plan))
 
 
 def _plan_tuple(p: ParallelPlan) -> tuple:
     return (p.tp, p.pp, p.cp, p.ep, p.dp_shard, p.dp_replicate, p.pp_schedule, p.pp_virtual_stages,
-            p.micro_batch, _AC_RANK[p.activation_checkpointing], p.zero_stage)
+            p.micro_batch, _AC_RANK[p.activation_checkpointing], p.ac_layers, p.zero_stage)
 
 
 def describe(p: ParallelPlan) -> str:
@@ -131,7 +137,7 @@ def describe(p: ParallelPlan) -> str:
     if p.dp_shard * p.cp > 1:
         parts.append(f"zero{p.zero_stage}")
     parts.append(f"mb{p.micro_batch}x{p.grad_accum}")
-    parts.append(f"ac={p.activation_checkpointing}")
+    parts.append(f"ac={p.ac_label}")
     return " ".join(parts)
 
 
@@ -163,12 +169,13 @@ class _Layout:
     def order(self, ac: str) -> tuple:
         """``_plan_tuple(self.plan(self.mbs[0], ac))`` without building the plan."""
         return (self.t, self.p, self.c, self.e, self.ds, self.dr, self.sched, self.v, self.mbs[0],
-                AC_ORDER.index(ac), self.z)
+                _AC_RANK[ac], 0, self.z)
 
-    def plan(self, mb: int, ac: str) -> ParallelPlan:
+    def plan(self, mb: int, ac: str, ac_layers: int = 0) -> ParallelPlan:
         return _plan(dp_replicate=self.dr, dp_shard=self.ds, tp=self.t, pp=self.p, pp_schedule=self.sched,
                      pp_virtual_stages=self.v, cp=self.c, ep=self.e, micro_batch=mb,
-                     grad_accum=self.per_dp // mb, activation_checkpointing=ac, zero_stage=self.z)
+                     grad_accum=self.per_dp // mb, activation_checkpointing=ac, ac_layers=ac_layers,
+                     zero_stage=self.z)
 
     def fixed_keys(self) -> list[tuple[str, object]]:
         return [("tp", self.t), ("pp", self.p), ("cp", self.c), ("ep", self.e), ("dp_shard", self.ds),
@@ -226,7 +233,14 @@ class _Search:
         self.peak_fn = peak_fn or memory_fn  # the candidates' fit checks need only the peak stage
         self.capacity = gpu.hbm_bytes
         self._usable: str | None = None  # usable_txt()
-        self.acs = AC_ORDER if pins.activation_checkpointing is None else (pins.activation_checkpointing,)
+        pin_ac = pins.activation_checkpointing
+        # the scanned modes; a pinned "partial" scans none of them and is tried by try_partial alone, with "full"
+        # as its least-memory corner (partial keeps at least what full keeps)
+        self.acs = AC_ORDER if pin_ac is None else () if pin_ac == "partial" else (pin_ac,)
+        self.corner_ac = "full" if pin_ac == "partial" else self.acs[-1]
+        self.partial = pin_ac in (None, "partial")
+        self.partial_pin = pin_ac == "partial"
+        self.partial_k = getattr(pins, "ac_layers", None)
         self.fitting: list[Candidate] = []
         self.rejected: list[Candidate] = []
         self.counts: dict[str, int] = {}
@@ -265,7 +279,7 @@ class _Search:
         # grad_accum only through min(pp, m) in-flight micro-batches (all of m for GPipe)
         m = plan.grad_accum if plan.pp_schedule == "GPipe" else min(plan.grad_accum, plan.pp)
         key = (plan.dp_shard, plan.dp > 1, plan.tp, plan.pp, plan.pp_schedule, plan.pp_virtual_stages, plan.cp,
-               plan.ep, plan.micro_batch, m, plan.activation_checkpointing, plan.zero_stage)
+               plan.ep, plan.micro_batch, m, plan.activation_checkpointing, plan.ac_layers, plan.zero_stage)
         hit = self.mem_cache.get(key)
         if hit is None:
             self.evaluated += 1
@@ -328,7 +342,7 @@ class _Search:
         every ds' >= ds, ep' >= ep.
         """
         if lay.ds * lay.c > 1:
-            first = self.fit_from_ds(lay, lay.mbs[0], self.acs[-1])
+            first = self.fit_from_ds(lay, lay.mbs[0], self.corner_ac)
             if first is not None:
                 if lay.ds >= first:
                     return True
@@ -341,7 +355,7 @@ class _Search:
             return False
         if any(ds <= lay.ds and e <= lay.e for ds, e in fits):
             return True
-        plan = lay.plan(lay.mbs[0], self.acs[-1])
+        plan = lay.plan(lay.mbs[0], self.corner_ac)
         try:
             mem = self.memory(plan)
         except ValueError as e:  # a layout the memory model refuses (e.g. more pipeline chunks than blocks)
@@ -354,7 +368,7 @@ class _Search:
         fails.append((lay.ds, lay.e))
         self.note_nofit(plan, mem.per_gpu_bytes)
         self.reject(plan, "memory", f"memory {gib(mem.per_gpu_bytes)} > {self.usable_txt()} even with micro_batch "
-                    f"{lay.mbs[0]} and {self.acs[-1]} recomputation", mem.per_gpu_bytes)
+                    f"{lay.mbs[0]} and {self.corner_ac} recomputation", mem.per_gpu_bytes)
         return False
 
     def fit_from_ds(self, lay: _Layout, mb: int, ac: str) -> float | None:
@@ -373,7 +387,7 @@ class _Search:
             return self.fit_from[key]
         dss = self.ds_lists[key[:7]]
         dp = lay.ds * lay.dr
-        corner = mb == lay.mbs[0] and ac == self.acs[-1]
+        corner = mb == lay.mbs[0] and ac == self.corner_ac
         lo, hi = 0, len(dss)
         first: float | None
         probes = 0
@@ -409,11 +423,15 @@ class _Search:
 
     # ------------------------------------------------------------------ one layout
     def evaluate(self, lay: _Layout) -> None:
-        """Try micro-batches x AC; memory is monotone in both, so scans stop at the first misfit."""
+        """Try micro-batches x AC; memory is monotone in both, so scans stop at the first misfit. Then, per
+        micro-batch, partial recomputation (:meth:`try_partial`)."""
         best_nofit: tuple[int, ParallelPlan] | None = None
         fit_mem: dict[int, int] = {}  # micro-batch -> memory with the weakest AC mode that fits
         fit_step: dict[int, float] = {}  # micro-batch -> that candidate's step time
+        fit_ac: dict[int, str] = {}  # micro-batch -> that AC mode
+        nofit_from = math.inf  # the smallest micro-batch where the strongest scanned AC mode does not fit
         any_fit = skipped = False
+        strongest = self.acs[-1] if self.acs else None
         for ac in self.acs:
             for i, mb in enumerate(lay.mbs):
                 if mb in fit_mem:
@@ -441,6 +459,8 @@ class _Search:
                 if lay.ds * lay.c > 1:
                     first = self.fit_from_ds(lay, mb, ac)
                     if first is not None and lay.ds < first:
+                        if ac == strongest:
+                            nofit_from = min(nofit_from, mb)
                         break  # a larger shard group of its group does not fit: neither does this one
                 plan = lay.plan(mb, ac)
                 mem = self.memory(plan)
@@ -448,16 +468,110 @@ class _Search:
                     self.note_nofit(plan, mem.per_gpu_bytes)
                     if best_nofit is None or mem.per_gpu_bytes < best_nofit[0]:
                         best_nofit = (mem.per_gpu_bytes, plan)
+                    if ac == strongest:
+                        nofit_from = min(nofit_from, mb)
                     break
                 self.add_fit(Candidate(plan, step, mfu, mem.per_gpu_bytes, True, ""), lay)
                 any_fit = True
                 fit_mem[mb] = mem.per_gpu_bytes
                 fit_step[mb] = step
+                fit_ac[mb] = ac
+        if self.partial:
+            for mb in lay.mbs:
+                # full recomputation keeps the least: where it does not fit, no partial one does
+                if mb >= nofit_from or fit_ac.get(mb) == "none":
+                    continue  # ... and where nothing is recomputed, none is needed
+                res = self.try_partial(lay, mb, fit_step.get(mb))
+                if res is True:
+                    any_fit = True
+                elif res is False:
+                    skipped = True
+                elif res is not None:
+                    if best_nofit is None or res[0] < best_nofit[0]:
+                        best_nofit = res
+                    if self.partial_pin:
+                        break  # more sequences per micro-batch only need more memory
         if not any_fit and skipped:
             self.pruned += 1  # its corner fits, but nothing it could offer beats what is known
         elif not any_fit and best_nofit is not None:
             mem_b, plan = best_nofit
             self.reject(plan, "memory", f"memory {gib(mem_b)} > {self.usable_txt()}", mem_b)
+
+    def try_partial(self, lay: _Layout, mb: int, weaker_step: float | None):
+        """Partial recomputation at micro-batch ``mb``: the fewest blocks per model chunk recomputed whole that
+        fit (or the pinned ``ac_layers``). Memory falls and step time rises with every block recomputed, so
+        the fewest that fit is the fastest; it is only worth a memory evaluation when faster than
+        ``weaker_step`` (the step of the weakest scanned AC mode that fits). True: a candidate was added;
+        False: pruned (it cannot beat what is known); (bytes, plan): the least-memory misfit; None: nothing
+        to try."""
+        m = lay.per_dp // mb
+        time = lay.timer.time
+        top = max_chunk_layers(self.arch.n_layers, lay.p, lay.sched, lay.v) - 1  # more = every block ("full")
+        if self.partial_k is not None:
+            lo = hi = self.partial_k
+        else:
+            lo, hi = 1, top
+            if hi < 1:
+                return None
+            if weaker_step is not None:  # only counts faster than the weaker mode that fits (or tied with it) can rank
+                limit = weaker_step * TIE  # before it (_rank_key: 0.1 % bins, then less memory)
+                if time(mb, m, "partial", False, 1)[0] >= limit:
+                    return None
+                a, b = 1, hi
+                while a < b:  # the largest count still below the limit (step time rises with the count)
+                    c = (a + b + 1) // 2
+                    if time(mb, m, "partial", False, c)[0] < limit:
+                        a = c
+                    else:
+                        b = c - 1
+                hi = a
+        if self.can_skip(lay, time(mb, m, "partial", False, lo)[0]):
+            return False
+        if lo < hi and self.can_skip(lay, time(mb, m, "partial", False, hi)[0]):
+            a, b = lo, hi  # the largest count that could still improve a comparison (can_skip is monotone in time)
+            while a < b:
+                c = (a + b + 1) // 2
+                if self.can_skip(lay, time(mb, m, "partial", False, c)[0]):
+                    b = c - 1
+                else:
+                    a = c
+            hi = a
+        plan = lay.plan(mb, "partial", hi)
+        try:
+            mem = self.memory(plan)
+        except ValueError as e:
+            self.reject(plan, "pins", f"invalid layout: {e}")
+            return None
+        if not self.fits_fn(mem):
+            self.note_nofit(plan, mem.per_gpu_bytes)
+            return (mem.per_gpu_bytes, plan)
+        while lo < hi:  # the fewest that fit: binary search, memory never rises with the count
+            c = (lo + hi) // 2
+            cplan = lay.plan(mb, "partial", c)
+            cmem = self.memory(cplan)
+            if self.fits_fn(cmem):
+                hi, plan, mem = c, cplan, cmem
+            else:
+                self.note_nofit(cplan, cmem.per_gpu_bytes)
+                lo = c + 1
+        if self.partial_k is None:
+            # counts in the same 0.1 % step bin as the fewest that fit rank before it by their lower memory: take the
+            # largest (step time rises with the count, memory falls)
+            b0 = _step_bin(time(mb, m, "partial", False, hi)[0])
+            a, b = hi, top
+            while a < b:
+                c = (a + b + 1) // 2
+                if _step_bin(time(mb, m, "partial", False, c)[0]) == b0:
+                    a = c
+                else:
+                    b = c - 1
+            if a > hi:
+                hi = a
+                plan = lay.plan(mb, "partial", hi)
+                mem = self.memory(plan)
+        step, mfu = time(mb, m, "partial", False, hi)
+        self.add_fit(Candidate(plan, step, mfu, mem.per_gpu_bytes, True, ""), lay)
+        return True
 
 
 # dimensions whose best plan per value the search guarantees exactly (a layout is only skipped when it
@@ -496,7 +610,7 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
         from llmc.compiler.memory import fits as fits_fn
     S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k, peak_fn)
     S.band = band
-    ac0 = AC_ORDER.index(S.acs[0])  # lay.order(S.acs[0]), inlined
+    ac0 = _AC_RANK[S.acs[0] if S.acs else "partial"]  # lay.order(...), inlined
     # best first: layouts in order of (lower bound, plan order); a family of layouts (all dp_shard x dp_replicate
     # splits of one tp, pp, cp, ep, ZeRO, schedule) enters with a bound below all of its members' (its time
     # without data-parallel traffic and optimizer update) and is expanded, or skipped whole, when it comes up
@@ -517,7 +631,7 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
             for lay in fam.expand():
                 n += 1
                 heapq.heappush(heap, (lay.lb, 1, (lay.t, lay.p, lay.c, lay.e, lay.ds, lay.dr, lay.sched, lay.v,
-                                                  lay.mbs[0], ac0, lay.z), n, lay))
+                                                  lay.mbs[0], ac0, 0, lay.z), n, lay))
             continue
         lay = item[-1]
         if S.can_skip(lay):
@@ -778,7 +892,7 @@ def _schedules(p: int, L: int, pins) -> list[tuple[str, int]]:
 
 def _value_order(v) -> tuple:
     if isinstance(v, str):
-        return (1, AC_ORDER.index(v) if v in AC_ORDER else 9, v)
+        return (1, _AC_RANK.get(v, 9), v)
     return (0, v, "")
 
 _DIM_LABEL = {
@@ -795,7 +909,7 @@ def _verdict(dim, chosen, values, best_by, nofit_by, step) -> str:
     """Why this value and not a simpler one (lower degree, weaker recomputation), in a few words."""
     if dim not in _SIMPLER_DIMS:
         return ""
-    rank = (lambda v: AC_ORDER.index(v)) if dim == "activation_checkpointing" else (lambda v: v)
+    rank = _AC_RANK.__getitem__ if dim == "activation_checkpointing" else (lambda v: v)
     simpler = [v for v in values if rank(v) < rank(chosen)]
     if not simpler:
         return " (the simplest choice)" if values else ""
@@ -839,6 +953,7 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
     for dim in ("tp", "pp", "cp", "ep", "dp_shard", "zero_stage", "pp_schedule", "activation_checkpointing",
                 "micro_batch"):
         chosen = getattr(b, dim)
+        shown = b.ac_label if dim == "activation_checkpointing" else chosen
         values = sorted({k[1] for k in list(best_by) + list(nofit_by) + list(struct_by) if k[0] == dim} - {chosen},
                         key=_value_order)
         if not values:
@@ -857,7 +972,7 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
         if bits:
             found = "" if dim in REQUIRED_DIMS else " (best found)"
             verdict = _verdict(dim, chosen, values, best_by, nofit_by, step)
-            out.append(f"{_DIM_LABEL[dim]} {chosen}{verdict}; others{found}: " + "; ".join(bits[:6])
+            out.append(f"{_DIM_LABEL[dim]} {shown}{verdict}; others{found}: " + "; ".join(bits[:6])
                        + (f"; ... {len(bits) - 6} more" if len(bits) > 6 else ""))
     if b.pp > 1:
         bubble = br["pp_bubble"] / step

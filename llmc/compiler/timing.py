@@ -350,29 +350,39 @@ def mfu_peak(gpu, precision: str) -> float:
     return peak_flops(gpu, "bf16" if precision == "fp8" else precision)
 
 
-def _stage_info(sm: StepModel, p: int, sched: str, v: int, ac: str) -> tuple[int, float, float, float, int]:
+def _stage_info(sm: StepModel, p: int, sched: str, v: int, ac: str,
+                ac_layers: int = 0) -> tuple[int, float, float, float, int, int]:
     """(blocks on the slowest pipeline rank, its FLOPs/token incl. recompute, its recompute FLOPs/token,
-    largest rank parameter count, most blocks on a rank); cached on the StepModel.
+    largest rank parameter count, most blocks on a rank, blocks of the slowest rank recomputed whole);
+    cached on the StepModel.
 
     A rank's work per micro-batch is all of its chunks (interleaved schedules hold v chunks per rank),
-    plus the output head where it holds it; the pipeline runs at the pace of the slowest rank.
+    plus the output head where it holds it; the pipeline runs at the pace of the slowest rank. ``partial``
+    recomputes the first ``ac_layers`` blocks of each chunk whole (memory.partial_recomputed).
     """
-    key = (p, sched, v, ac)
+    key = (p, sched, v, ac, ac_layers)
     hit = sm.cache.get(key)
     if hit is not None:
         return hit
-    from llmc.compiler.memory import pipeline_layout
+    from llmc.compiler.memory import partial_recomputed, pipeline_layout
 
     layout = pipeline_layout(sm.n_layers, p, sched, v)
-    rec = sm.recompute_flops[ac] / sm.n_layers
     blocks = [len(layers) for layers, _, _ in layout]
-    load = [n * (sm.layer_flops + rec) + (sm.head_flops if head else 0.0)
-            for n, (_, _, head) in zip(blocks, layout, strict=True)]
+    if ac == "partial":
+        whole = [len(r) for r in partial_recomputed(sm.n_layers, p, sched, v, ac_layers)]
+        rec = sm.recompute_flops["full"] / sm.n_layers
+        recs = [w * rec for w in whole]
+    else:
+        whole = blocks if ac == "full" else [0] * p
+        rec = sm.recompute_flops[ac] / sm.n_layers
+        recs = [n * rec for n in blocks]
+    load = [n * sm.layer_flops + r + (sm.head_flops if head else 0.0)
+            for n, r, (_, _, head) in zip(blocks, recs, layout, strict=True)]
     params = [n * sm.layer_params + (sm.embed_params if emb else 0.0)
               + ((sm.head_params or sm.embed_params * (not emb)) if head else 0.0)
               for n, (_, emb, head) in zip(blocks, layout, strict=True)]
     i = max(range(p), key=lambda k: load[k])
-    out = (blocks[i], load[i], blocks[i] * rec, max(params), max(blocks))
+    out = (blocks[i], load[i], recs[i], max(params), max(blocks), whole[i])
     sm.cache[key] = out
     return out
 
@@ -488,7 +498,7 @@ class LayoutTimer:
         self.cp_bw = sm.nvlink_Bps if cp * t <= gpn else sm.net_Bps
 
         # parameters this GPU holds before data-parallel sharding (heaviest stage)
-        _, _, _, p_stage, max_blocks = _stage_info(sm, p, pp_schedule, self.chunks, "none")
+        _, _, _, p_stage, max_blocks, _ = _stage_info(sm, p, pp_schedule, self.chunks, "none")
         n_experts_stage = max_blocks * sm.expert_params_per_layer * (sm.n_moe_layers / sm.n_layers)
         self.dense_local = (p_stage - n_experts_stage) / t
         self.expert_local = n_experts_stage / (t * ep)  # experts are split over ep first
@@ -547,13 +557,14 @@ class LayoutTimer:
         else:
             self.optimizer = owned * ADAM_BYTES_PER_PARAM / sm.hbm_Bps
 
-    def time(self, mb: int, m: int, ac: str, breakdown: bool = False):
-        """(step seconds, MFU[, breakdown]) for micro_batch ``mb``, ``m`` micro-batches, AC ``ac``."""
+    def time(self, mb: int, m: int, ac: str, breakdown: bool = False, ac_layers: int = 0):
+        """(step seconds, MFU[, breakdown]) for micro_batch ``mb``, ``m`` micro-batches, AC ``ac`` (``partial``:
+        the first ``ac_layers`` blocks of each model chunk recomputed whole)."""
         sm = self.sm
-        key = (mb, ac)
+        key = (mb, ac, ac_layers)
         hit = self.micro.get(key)
         if hit is None:
-            hit = self.micro[key] = self._micro(mb, ac)
+            hit = self.micro[key] = self._micro(mb, ac, ac_layers)
         compute, recompute, elem, tp_comm, ep_comm, cp_comm, pp_comm = hit
         fsdp = 0.0
         if self.fsdp_passes:
@@ -580,11 +591,13 @@ class LayoutTimer:
             "pp_bubble": bubble, "dp_comm": dp, "optimizer": self.optimizer,
         }
 
-    def _micro(self, mb: int, ac: str) -> tuple[float, float, float, float, float, float, float]:
+    def _micro(self, mb: int, ac: str, ac_layers: int = 0) -> tuple[float, float, float, float, float, float, float]:
         """One micro-batch of the slowest pipeline rank, uncalibrated: (compute incl. recompute and elementwise,
-        recompute, elementwise, TP, EP, CP and PP communication seconds); the same for every split."""
+        recompute, elementwise, TP, EP, CP and PP communication seconds); the same for every split. Every
+        per-block term of a block recomputed whole (``full``, or one of ``partial``'s) runs its forward part
+        again; the other blocks' terms are those without recomputation."""
         sm, t, p, cp, ep = self.sm, self.t, self.p, self.cp, self.ep
-        n_slow, flops_tok, rec_tok, _, _ = _stage_info(sm, p, self.sched, self.chunks, ac)
+        n_slow, flops_tok, rec_tok, _, _, n_whole = _stage_info(sm, p, self.sched, self.chunks, ac, ac_layers)
         tokens_gpu = mb * sm.seq_len / cp  # tokens of this GPU's sequence shard per micro-batch
         eff = _efficiency(sm, mb, cp, t)
         spf = sm.sec_per_flop / eff
@@ -598,10 +611,9 @@ class LayoutTimer:
         else:
             cast = tokens_gpu * (sm.fp8_cast_tp1 + sm.fp8_cast_sharded)
         elem_bytes = tokens_gpu / t * sm.elementwise_bytes + cast + sm.fp8_weight_cast / t
-        elem = n_slow * elem_bytes / sm.hbm_Bps * (4 / 3 if ac == "full" else 1.0)
+        elem = (n_slow + n_whole / 3) * elem_bytes / sm.hbm_Bps
         compute = flops_tok * scale + elem
         recompute = rec_tok * scale
-        full = ac == "full"
         tp_comm = 0.0
         if t > 1:
             # sequence parallelism: per block 2 all-gathers + 2 reduce-scatters forward (again when the forward
@@ -611,16 +623,17 @@ class LayoutTimer:
             # all-gather whose result is first cast to fp8 (torchao rowwise float8: bf16 gathers) feeds no GEMM
             # and stays exposed (PyTorch micro-pipeline TP, torch/_inductor/fx_passes/micro_pipeline_tp.py fuses
             # only the matmuls that consume the all-gather result)
-            n_coll = 2 * (2 if full else 1) + 2  # all-gathers (and as many reduce-scatters) per block
+            # all-gathers (and as many reduce-scatters) per block: 4, and 2 more in a block recomputed whole
+            n_coll = 4 * n_slow + 2 * n_whole
             # torchtitan's per-op SAC saves no all-gather output: the backward gathers the attention and MLP inputs
             # again (backends.py, sac_regathers_tp); their consumers are the recomputed forward GEMMs, as in full AC
-            n_ag = n_coll + (2 if ac == "selective" and sm.sac_regathers_tp else 0)
+            n_ag = n_coll + (2 * n_slow if ac == "selective" and sm.sac_regathers_tp else 0)
             ag, rs = n_ag * sm.tp_gather_bytes, n_coll * ACT_BYTES
             per_elem = ag + rs - sm.tp_overlap * (rs + (0.0 if sm.tp_gather_unfused else ag))
-            tp_comm = n_slow * tokens_gpu * sm.d_model * per_elem * (t - 1) / t / sm.nvlink_Bps
+            tp_comm = tokens_gpu * sm.d_model * per_elem * (t - 1) / t / sm.nvlink_Bps
         ep_comm = 0.0
         if ep > 1 and sm.n_moe_layers:  # 4 all-to-alls per MoE block (+2 with full recompute)
-            ep_comm = n_slow * sm.n_moe_layers / sm.n_layers * (6 if full else 4) * self.a2a_per_token \
+            ep_comm = (4 * n_slow + 2 * n_whole) * sm.n_moe_layers / sm.n_layers * self.a2a_per_token \
                 * tokens_gpu / t * sm.d_model * ACT_BYTES
             ep_comm *= 1.0 - sm.ep_overlap
         cp_comm = 0.0
@@ -640,7 +653,8 @@ def layout_timer(sm: StepModel, plan: ParallelPlan) -> LayoutTimer:
 
 def step_time(sm: StepModel, plan: ParallelPlan) -> tuple[float, float, dict[str, float]]:
     """(step seconds, MFU, breakdown) of one optimizer step of ``plan``; the breakdown sums to the step."""
-    return layout_timer(sm, plan).time(plan.micro_batch, plan.grad_accum, plan.activation_checkpointing, True)
+    return layout_timer(sm, plan).time(plan.micro_batch, plan.grad_accum, plan.activation_checkpointing, True,
+                                       plan.ac_layers)
 
 
 def time_numbers(sm: StepModel, plan: ParallelPlan, steps: int) -> TimeNumbers:

@@ -107,7 +107,7 @@ _METRICS = [
 _STAGE_FIELDS = [("steps", "steps"), ("lr", "lr"), ("seq_len", "seq_len"), ("trainable params", "trainable_params"),
                  ("memory per GPU", "memory.per_gpu_bytes"), ("fits", "memory.fits")]
 _PLAN_KEYS = ("dp_replicate", "dp_shard", "tp", "pp", "pp_schedule", "cp", "ep", "micro_batch", "grad_accum",
-              "activation_checkpointing", "zero_stage")
+              "activation_checkpointing", "ac_layers", "zero_stage")
 
 
 def _fmt(v: Any, kind: str) -> str:

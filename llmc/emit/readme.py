@@ -34,7 +34,7 @@ def readme_numbers(compiled) -> list[tuple[str, str]]:
     out.append(("global batch", f"{h.global_batch_seqs} sequences x {h.seq_len} tokens, {h.steps} steps"))
     out.append(("plan", f"dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x tp {p.tp} x pp {p.pp} x cp {p.cp}"
                         f" (ep {p.ep}), micro-batch {p.micro_batch}, grad-accum {p.grad_accum}, "
-                        f"AC {p.activation_checkpointing}"))
+                        f"AC {p.ac_label}"))
     if compiled.memory is not None:
         out.append(("memory per GPU", f"{compiled.memory.per_gpu_bytes / 2**30:.2f} GiB of "
                                       f"{compiled.memory.capacity_bytes / 2**30:.2f} GiB"))

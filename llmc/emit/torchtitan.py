@@ -30,6 +30,15 @@ Diagnostics (errors unless noted):
     X300 no plan             X301 RoPE scaling        X302 MLA with qkv bias     X303 tying with PP
     X304 tp | heads          X305 seq_len > RoPE      X306 seq_len % (tp*2cp)    X307 batch identity
     X308 PP stages/schedule  X309 router bias         X310 init_hf without an adapter that keeps every weight
+    X311 fp8 recipe          X312 partial activation checkpointing without ac_layers >= 1
+
+Activation checkpointing: the plan's ``selective`` / ``full`` / ``none`` are torchtitan's ``SelectiveAC`` /
+``FullAC`` / ``None``. ``partial`` (``ac_layers`` = K) has no torchtitan 0.3.0 policy (``FullAC`` wraps every block,
+torchtitan/distributed/activation_checkpoint.py): the job defines ``PartialFullAC``, a ``FullAC`` whose ``apply``
+wraps only the first K blocks of ``model.layers`` of each model chunk (torchtitan applies the policy per pipeline
+chunk, distributed/pipeline_parallel.py ``pipeline_llm``), Megatron-LM's ``--recompute-method block
+--recompute-num-layers K``. Its Config subclasses ``FullAC.Config``, so torchtitan's tyro parsing keeps it (as the
+``activation-checkpoint:full`` choice) and the trainer's checks take it as full AC.
 """
 
 from __future__ import annotations
@@ -256,6 +265,11 @@ def _parallelism(compiled, errs: list[Diagnostic]) -> dict[str, Any]:
     else:
         local_batch, pp_microbatch = plan.micro_batch, 1
     global_batch = plan.global_batch_seqs  # micro_batch * grad_accum * dp (ParallelPlan)
+    if plan.activation_checkpointing == "partial" and not (
+            isinstance(plan.ac_layers, int) and not isinstance(plan.ac_layers, bool) and plan.ac_layers >= 1):
+        errs.append(diag("X312", "error", "parallelism.ac_layers",
+                         f"activation_checkpointing 'partial' needs ac_layers >= 1 (blocks recomputed per model "
+                         f"chunk), got {plan.ac_layers!r}"))
     if global_batch != hyper.global_batch_seqs:
         errs.append(diag("X307", "error", "training.global_batch_tokens",
                          f"plan batch {global_batch} sequences != resolved batch {hyper.global_batch_seqs}"))
@@ -295,6 +309,8 @@ def _parallelism(compiled, errs: list[Diagnostic]) -> dict[str, Any]:
         "cp": plan.cp,
         "ep": plan.ep,
         "ac": plan.activation_checkpointing,
+        # "partial": the job's PartialFullAC wraps the first ac_layers blocks of every model chunk (0 otherwise)
+        "ac_layers": plan.ac_layers,
     }
 
 

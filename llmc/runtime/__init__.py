@@ -6,11 +6,13 @@ API for the other backends (post-training, DeepSpeed, torchtitan):
 * ``model``: ``Transformer(arch)`` (torchtitan parameter names; builds on ``torch.device("meta")`` for any
   preset), ``build_model(arch, device="cpu", seed=0)``, ``model(tokens, return_aux=True) -> (logits, aux)``,
   ``lm_loss(logits, labels, z_loss=0.0)`` (ignore_index -100), ``model.set_ac("none"|"selective"|"full")``,
-  ``model.init_weights(std=0.02)``, ``model.generate(tokens, n, temperature)``, ``model.num_params()``.
+  ``model.set_ac("partial", K)`` (the first K blocks recomputed whole), ``model.init_weights(std=0.02)``,
+  ``model.generate(tokens, n, temperature)``, ``model.num_params()``.
 * ``job``: ``TrainJob.from_lock(lock, stage=None)`` reads the stage's ``lock["stages"]`` entry; fields
   arch, sources, tokenizer, seq_len, steps, lr, min_lr, warmup_steps, schedule, micro_batch, grad_accum,
-  dp_replicate, dp_shard, tp, ..., ``stage_spec`` (the Stage) and ``stage_plan`` (the lock entry);
-  ``job.lr_factor(step)`` / ``lr_factor(...)``: the one LR schedule of every loop;
+  dp_replicate, dp_shard, tp, ..., activation_checkpointing, ac_layers, ``stage_spec`` (the Stage) and
+  ``stage_plan`` (the lock entry);
+  ``job.lr_factor(step)`` / ``lr_factor(...)``: the one LR schedule of every loop; ``check_ac`` / ``ac_label``;
 * ``entry``: ``prepare_assets(job, root) -> Assets`` writes ``root/assets/tokenizer.json`` (+ config) and
   names every source where it lies, for every backend (builtin corpora are generated into ``root/data/``;
   ``eval.validation``'s held-out split is applied while streaming); ``python -m llmc.runtime.entry [prepare] --lock ...``.
@@ -25,7 +27,7 @@ API for the other backends (post-training, DeepSpeed, torchtitan):
   ``export_peft_adapter``, ``export_checkpoint(run_dir, stage)`` (``python -m llmc.runtime.hf_io``).
 * ``train``: ``train(job, out_dir, assets, ...)`` (native loop),
   ``build_optimizer``, ``clip_grad_norm`` (plain + DTensor grads), ``TrainingError``.
-* ``distributed``: ``init_distributed() -> DistInfo``, ``parallelize(model, info, dp_replicate, dp_shard, tp, ac)``.
+* ``distributed``: ``init_distributed() -> DistInfo``, ``parallelize(model, info, dp_replicate, dp_shard, tp, ac, ac_layers=K)``.
 * ``metrics``: ``MetricsLogger`` (metrics.jsonl), ``flops_per_token``, ``active_params``, ``peak_memory_bytes``.
 * ``corpus``: the offline ``python-docs`` corpus (stdlib docstrings).
 """

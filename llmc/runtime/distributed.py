@@ -132,10 +132,13 @@ def wants_compile(job) -> bool:
 
 
 def parallelize(model: nn.Module, info: DistInfo, dp_replicate: int, dp_shard: int, tp: int,
-                ac_mode: str = "none", mixed_bf16: bool = False, compile: bool = False) -> nn.Module:
-    """Apply TP, activation checkpointing, per-block torch.compile (opt-in) and FSDP2/DDP as the plan says;
-    returns the module to call."""
-    model.set_ac(ac_mode)
+                ac_mode: str = "none", mixed_bf16: bool = False, compile: bool = False, *,
+                ac_layers: int = 0) -> nn.Module:
+    """Apply TP, activation checkpointing (``model.set_ac(ac_mode, ac_layers)``; ``ac_layers`` for
+    ``partial`` only), per-block torch.compile (opt-in) and FSDP2/DDP as the plan says; returns the module to
+    call. The checkpoint wraps each block's call in ``Transformer.forward``, outside the compiled block, so
+    compile_blocks compiles the same block forward under every mode."""
+    model.set_ac(ac_mode, ac_layers)
     if info.world == 1:
         if compile:
             model.compile_blocks()

@@ -26,8 +26,9 @@ Model: ZeRO-3 builds it under ``deepspeed.zero.Init`` (every parameter is partit
 created, so no rank ever holds the whole model) and initialises it one part at a time
 (``GatheredParameters(part, modifier_rank=0)``, the same random numbers as an unsharded build); weights
 from ``init_from`` / ``init_hf`` are loaded per parameter the same way. Activation checkpointing follows
-the plan (``model.set_ac``); AdamW groups follow :func:`llmc.runtime.model.param_groups` (no decay on
-1-D parameters and token embeddings), as the native trainer and the torchtitan job.
+the plan (``model.set_ac(mode, ac_layers)``; logged and recorded in DONE.json as e.g. ``partial(2)``);
+AdamW groups follow :func:`llmc.runtime.model.param_groups` (no decay on 1-D parameters and token
+embeddings), as the native trainer and the torchtitan job.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     from llmc.runtime import preempt
     from llmc.runtime.checkpoint import save_checkpoint
     from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into
-    from llmc.runtime.job import TrainJob
+    from llmc.runtime.job import TrainJob, ac_label
     from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
     from llmc.runtime.model import Transformer, build_model, lm_loss, param_groups
 
@@ -254,7 +255,8 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         model = build_zero3_model(job.arch, cfg, job.seed, rank)
     else:
         model = build_model(job.arch, device, seed=job.seed)
-    model.set_ac(job.activation_checkpointing)
+    model.set_ac(job.activation_checkpointing, job.ac_layers)
+    ac = ac_label(job.activation_checkpointing, job.ac_layers)
     local_numel = _local_numel(model)
     ds_dir, ckpt_dir = out / "ds_checkpoints", out / job.checkpoint_folder
     can_resume = resume and (ds_dir / "latest").exists()
@@ -297,7 +299,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
                           resumed_step=step if can_resume else None)
     _say(f"{job.name}/{job.stage} (DeepSpeed ZeRO-{zero}, {config_name}): {n_params:,} params "
          f"({local_numel:,} held by rank 0), {job.steps} steps x {tokens_per_step:,} tokens "
-         f"(mb {micro} x accum {accum} x dp {world}), seq {job.seq_len}, AC {job.activation_checkpointing}, "
+         f"(mb {micro} x accum {accum} x dp {world}), seq {job.seq_len}, AC {ac}, "
          f"device {device}")
     if can_resume:
         log.event("resume", step=step)
@@ -371,7 +373,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
               "step": step, "steps": job.steps, "loss": last_loss, "tokens": tokens,
               "checkpoint": os.path.relpath(final, out), "wall_s": round(time.time() - t_start, 2),
               "params": n_params, "world": world, "rank0_param_numel": local_numel,
-              "activation_checkpointing": job.activation_checkpointing}
+              "activation_checkpointing": ac}
     if validator is not None and validator.last is not None:
         result.update({f"val_{k}" if k == "step" else k: v for k, v in validator.last.items()})
     if main:

@@ -62,7 +62,8 @@ class TrainJob:
     pp: int = 1
     cp: int = 1
     ep: int = 1
-    activation_checkpointing: str = "none"
+    activation_checkpointing: str = "none"  # none | selective | full | partial (see check_ac)
+    ac_layers: int = 0  # partial only: blocks recomputed whole, counted from the first; 0 otherwise
     meta_init: bool | None = None  # build on meta, shard, then init (FSDP/TP only); None = auto (> 2B params)
     # checkpoints and robustness
     checkpoint_interval: int = 100
@@ -122,6 +123,11 @@ class TrainJob:
         spec_path = lock["spec"].get("path")
         plan = lock.get("plan") or {}
         num = _Numbers(entry)
+        ac_mode, ac_layers = plan.get("activation_checkpointing", "none"), plan.get("ac_layers", 0)
+        try:
+            check_ac(ac_mode, ac_layers)
+        except ValueError as e:
+            raise ValueError(f"lock: plan: {e} (rebuild with `llmc build`)") from None
         job = cls(
             arch=spec.model, sources=list(spec.data.sources), seq_len=int(num["seq_len"]), steps=int(num["steps"]),
             name=spec.name, stage=str(entry["name"]), kind=str(entry["kind"]), tokenizer=spec.data.tokenizer,
@@ -132,7 +138,7 @@ class TrainJob:
             micro_batch=int(num["micro_batch"]), grad_accum=int(num["grad_accum"]),
             dp_replicate=int(plan.get("dp_replicate", 1)), dp_shard=int(plan.get("dp_shard", 1)),
             tp=int(plan.get("tp", 1)), pp=int(plan.get("pp", 1)), cp=int(plan.get("cp", 1)), ep=int(plan.get("ep", 1)),
-            activation_checkpointing=str(plan.get("activation_checkpointing", "none")),
+            activation_checkpointing=ac_mode, ac_layers=ac_layers,
             checkpoint_interval=int(num["checkpoint_interval"]),
             keep_latest=t.checkpoint.keep_latest, checkpoint_folder=t.checkpoint.folder, loss_spike=t.loss_spike,
             spec_dir=_spec_dir(lock["spec"], spec_path, build_dir),
@@ -173,6 +179,31 @@ class TrainJob:
 # Resolved numbers every stage entry of the lock carries (the compiler computes them once).
 STAGE_KEYS = ("seq_len", "steps", "lr", "min_lr", "warmup_steps", "schedule", "decay_fraction", "micro_batch",
               "grad_accum", "global_batch_seqs", "checkpoint_interval")
+
+
+# Activation-checkpointing modes the runtime runs (llmc.compiler.plan.ACMode; Transformer.set_ac applies them).
+# "partial" recomputes the first ac_layers blocks whole and no others: Megatron-LM's --recompute-granularity
+# full --recompute-method block --recompute-num-layers K (megatron/core/transformer/transformer_block.py,
+# TransformerBlock._checkpointed_forward, recompute_method == "block").
+AC_MODES = ("none", "selective", "full", "partial")
+
+
+def check_ac(mode: object, layers: object = 0) -> None:
+    """Refuse (one-line ValueError) a mode the runtime does not know, or an ``ac_layers`` that does not
+    go with it: ``partial`` needs an integer >= 1, every other mode 0."""
+    if not isinstance(mode, str) or mode not in AC_MODES:
+        raise ValueError(f"activation_checkpointing must be one of {'/'.join(AC_MODES)}, got {mode!r}")
+    if isinstance(layers, bool) or not isinstance(layers, int):
+        raise ValueError(f"ac_layers must be an integer, got {layers!r}")
+    if mode == "partial" and layers < 1:
+        raise ValueError(f"activation_checkpointing 'partial' needs ac_layers >= 1, got {layers}")
+    if mode != "partial" and layers != 0:
+        raise ValueError(f"ac_layers is for activation_checkpointing 'partial' only; {mode!r} needs 0, got {layers}")
+
+
+def ac_label(mode: str, layers: int = 0) -> str:
+    """The mode as logs and records show it: ``partial(K)``, else the mode's name."""
+    return f"partial({layers})" if mode == "partial" else mode
 
 
 class _Numbers:

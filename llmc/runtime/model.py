@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llmc.runtime.job import check_ac
 from llmc.spec.model import Architecture, RopeScaling
 
 IGNORE_INDEX = -100
@@ -53,8 +54,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return y.type_as(x) * self.weight
+        # one fused op with the weight, as torch.nn.RMSNorm (torchtitan's norm): it computes in fp32 and saves
+        # only x and the fp32 rstd for the backward. Upcasting x first (x.float()) saved an fp32 copy of x plus the
+        # normalised output for the weight's product: 8 extra bytes per element of the two norms of a block
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), w, eps=self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -458,22 +462,33 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(arch.d_model, arch.vocab_size, bias=False)
         self.rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else arch.hd
         self.register_buffer("rope", self._rope_tables(), persistent=False)  # (max_seq_len, rope_dim/2, 2)
-        self.ac_mode = "none"
+        self.ac_mode, self.ac_layers = "none", 0  # see set_ac
 
     def _rope_tables(self) -> torch.Tensor:
         a = self.arch
         return rope_tables(self.rope_dim, a.max_seq_len, a.rope_theta, a.rope_scaling)
 
-    def set_ac(self, mode: str) -> None:
+    def set_ac(self, mode: str, layers: int = 0) -> None:
         """Activation checkpointing. ``full``: recompute each whole block in backward
-        (torch.utils.checkpoint, non-reentrant). ``selective``: recompute only the attention core
+        (torch.utils.checkpoint, non-reentrant). ``partial`` with ``layers`` = K >= 1: recompute the first K
+        blocks of ``self.layers`` whole (as ``full``) and keep every activation of the others (as ``none``);
+        Megatron-LM's ``recompute_method="block"`` with ``recompute_num_layers=K``
+        (megatron/core/transformer/transformer_block.py, ``_checkpointed_forward``), counted per pipeline model
+        chunk: under pipelining a chunk's ``self.layers`` holds only its own blocks. K above the number of
+        blocks recomputes them all. ``selective``: recompute only the attention core
         (RoPE + softmax(QK^T)V) of every block, the part Korthikanti et al. 2022 call selective
-        recomputation. ``none``: store everything."""
-        if mode not in ("none", "selective", "full"):
-            raise ValueError(f"activation_checkpointing must be none/selective/full, got {mode!r}")
-        self.ac_mode = mode
+        recomputation. ``none``: store everything. ``layers`` must be 0 for every mode but ``partial``;
+        ValueError otherwise (:func:`llmc.runtime.job.check_ac`)."""
+        check_ac(mode, layers)
+        self.ac_mode, self.ac_layers = mode, layers
         for blk in self.layers.values():
             blk.attention.checkpoint_core = mode == "selective"
+
+    def _recomputed_blocks(self) -> int:
+        """How many blocks, from the first, the forward wraps in torch.utils.checkpoint."""
+        if not self.training:
+            return 0
+        return len(self.layers) if self.ac_mode == "full" else self.ac_layers if self.ac_mode == "partial" else 0
 
     def compile_blocks(self, **kw) -> None:
         """``torch.compile`` each block in place (``nn.Module.compile``: parameter names unchanged), as
@@ -489,8 +504,9 @@ class Transformer(nn.Module):
         rope = self.rope[:T]
         h = self.tok_embeddings(tokens)  # (B, T, D)
         aux = h.new_zeros((), dtype=torch.float32)
-        for blk in self.layers.values():
-            if self.ac_mode == "full" and self.training:
+        n_ckpt = self._recomputed_blocks()
+        for i, blk in enumerate(self.layers.values()):
+            if i < n_ckpt:
                 h, a = checkpoint(blk, h, rope, use_reentrant=False)
             else:
                 h, a = blk(h, rope)

@@ -43,7 +43,7 @@ from llmc.runtime.checkpoint import (
 from llmc.runtime.data import Assets, StreamLoader, build_stream_loader
 from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize, wants_compile
 from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into, load_init_from
-from llmc.runtime.job import TrainJob
+from llmc.runtime.job import TrainJob, ac_label
 from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
 from llmc.runtime.metrics_io import truncate_after_step
 from llmc.runtime.model import Transformer, build_model, lm_loss, param_groups
@@ -209,7 +209,7 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
     if adapt is not None:
         adapt(model)
     wrapped = parallelize(model, info, job.dp_replicate, job.dp_shard, job.tp, job.activation_checkpointing,
-                          compile=wants_compile(job))
+                          compile=wants_compile(job), ac_layers=job.ac_layers)
     if meta:
         model.to_empty(device=info.device)
         torch.manual_seed(job.seed)
@@ -337,7 +337,7 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
 
     say(f"{job.name}/{job.stage}: {n_params:,} params, {job.steps} steps x {job.tokens_per_step:,} tokens "
         f"(mb {job.micro_batch} x accum {job.grad_accum} x dp {job.dp}, tp {job.tp}, seq {job.seq_len}), "
-        f"device {info.device}, world {info.world}")
+        f"AC {ac_label(job.activation_checkpointing, job.ac_layers)}, device {info.device}, world {info.world}")
     stop_at = min(job.steps, max_steps) if max_steps else job.steps
     last_ckpt_step = step if resume_from is not None else -1
     last_loss = float("nan")

@@ -321,8 +321,13 @@ class Parallelism(SpecModel):
     """Expert parallel degree (MoE only)."""
     micro_batch: Int | None = Field(default=None, gt=0)
     """Sequences per GPU per micro-step."""
-    activation_checkpointing: Literal["none", "selective", "full"] | None = None
-    """Activation recomputation."""
+    activation_checkpointing: Literal["none", "selective", "full", "partial"] | None = None
+    """Activation recomputation: ``selective`` (the backend's per-op or attention-core recompute), ``full`` (every
+    block recomputed whole) or ``partial`` (the first ``ac_layers`` blocks of every pipeline model chunk
+    recomputed whole, the rest not at all)."""
+    ac_layers: Int | None = Field(default=None, gt=0)
+    """With ``activation_checkpointing: partial``: blocks per pipeline model chunk (the whole model without
+    pipelining) recomputed whole. None = the fewest that fit."""
     zero_stage: Annotated[Literal[0, 1, 2, 3] | None, BeforeValidator(refuse_bool)] = None
     """DeepSpeed ZeRO stage for the DeepSpeed backend. None = derived from the plan."""
     offload_optimizer: bool = False
