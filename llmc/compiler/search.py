@@ -261,6 +261,9 @@ class _Search:
         # micro-batch, AC) the smallest of them that fits
         self.ds_lists: dict[tuple, list[int]] = {}
         self.fit_from: dict[tuple, float | None] = {}
+        # per (tp, pp, cp, schedule, v, ZeRO, ep, micro-batch): the (dp_shard, ac_layers) of partial candidates that
+        # did not fit; memory never rises with either (fit_from_ds, try_partial), so they rule out smaller ones
+        self.partial_fails: dict[tuple, list[tuple[int, int]]] = {}
 
     # ------------------------------------------------------------------ bookkeeping
     def reject(self, plan: ParallelPlan, category: str, reason: str, mem: int = 0, dims: tuple = (),
@@ -536,6 +539,12 @@ class _Search:
                 else:
                     a = c
             hi = a
+        fails = self.partial_fails.setdefault((lay.t, lay.p, lay.c, lay.sched, lay.v, lay.z, lay.e, mb), []) \
+            if lay.ds * lay.c > 1 else []  # the dp_shard monotonicity holds with a shard group (fit_from_ds)
+        ds = lay.ds
+        if any(d >= ds and k >= hi for d, k in fails):
+            self.counts["memory"] = self.counts.get("memory", 0) + 1
+            return None  # a larger shard group with at least as many blocks recomputed did not fit
         plan = lay.plan(mb, "partial", hi)
         try:
             mem = self.memory(plan)
@@ -544,15 +553,20 @@ class _Search:
             return None
         if not self.fits_fn(mem):
             self.note_nofit(plan, mem.per_gpu_bytes)
+            fails.append((ds, hi))
             return (mem.per_gpu_bytes, plan)
         while lo < hi:  # the fewest that fit: binary search, memory never rises with the count
             c = (lo + hi) // 2
+            if any(d >= ds and k >= c for d, k in fails):
+                lo = c + 1
+                continue
             cplan = lay.plan(mb, "partial", c)
             cmem = self.memory(cplan)
             if self.fits_fn(cmem):
                 hi, plan, mem = c, cplan, cmem
             else:
                 self.note_nofit(cplan, cmem.per_gpu_bytes)
+                fails.append((ds, c))
                 lo = c + 1
         if self.partial_k is None:
             # counts in the same 0.1 % step bin as the fewest that fit rank before it by their lower memory: take the
