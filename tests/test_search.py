@@ -65,9 +65,8 @@ def test_pruned_search_equals_exhaustive_on_a_small_case():
     arch = PRESETS["llama3-8b"]
     res = _search(arch, 16, 256, seq_len=4096)
     sm = timing.step_model(arch, 4096, "bf16", H100)
-    from llmc.compiler.plan import ParallelPlan
-
     from llmc.compiler.memory import max_chunk_layers
+    from llmc.compiler.plan import ParallelPlan
 
     best = None
     for t in (1, 2, 4, 8):
