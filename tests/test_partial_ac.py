@@ -225,3 +225,14 @@ def test_partial_plan_reaches_the_lock():
     assert c.plan.ac_label == "partial(6)"
     lock = lock_dict(c)
     assert lock["plan"]["activation_checkpointing"] == "partial" and lock["plan"]["ac_layers"] == 6
+
+
+def test_ac_layers_covering_every_block_warns_that_it_is_full():
+    run, lines = loads_spec(SPEC.replace("PINS", "{activation_checkpointing: partial, ac_layers: 32, pp: 1}"),
+                            file="s.yaml")
+    c = compile_spec(run, "s.yaml", lines, spec_bytes=b"")
+    p013 = [d for d in c.diagnostics if d.code == "P013"]
+    assert len(p013) == 1 and p013[0].severity == "warning" and "every block of the model" in p013[0].message
+    run, lines = loads_spec(SPEC.replace("PINS", "{activation_checkpointing: partial, ac_layers: 31, pp: 1}"),
+                            file="s.yaml")
+    assert not [d for d in compile_spec(run, "s.yaml", lines, spec_bytes=b"").diagnostics if d.code == "P013"]

@@ -16,6 +16,7 @@ P006   warning   pipeline bubble: fewer than 4 x pp micro-batches (v x m < 4 p f
 P007   error     pinned EP on a dense model / EP not dividing the experts
 P011   info      optimizer offload: the host's share of each step (the CPU rate it assumes, host-dependent)
 P012   error     parallelism.ac_layers without activation_checkpointing: partial
+P013   warning   ac_layers at least the largest pipeline chunk: every block recomputed, as full
 T001   warning   peak LR outside the pre-training range / far from the size-aware value
 T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
 T003   warning   no gradient clipping
@@ -188,7 +189,8 @@ def check_pins(run, gpu, sink: Sink) -> None:
 
 
 def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
-    """P004 (nothing fits), P005 (batch identity impossible), P006 (bubble) from a search result."""
+    """P004 (nothing fits), P005 (batch identity impossible), P006 (bubble), P013 (partial AC = full) from a search
+    result."""
     world = run.hardware.count
     if res.best is None:
         counts = res.rejected_counts
@@ -235,6 +237,15 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
                  f"{p.grad_accum} micro-batches for {p.pp} pipeline stages ({p.pp_schedule}): "
                  f"bubble ~{100 * bubble:.0f}% of pipeline time (Narayanan et al. 2021: (p-1)/(v*m+p-1))",
                  f"m >= 4 x pp = {4 * p.pp} keeps it under ~20%: raise the global batch or lower pp")
+    if p.activation_checkpointing == "partial":
+        from llmc.compiler.memory import max_chunk_layers
+
+        top = max_chunk_layers(run.model.n_layers, p.pp, p.pp_schedule, p.pp_virtual_stages)
+        if p.ac_layers >= top:
+            where = "block of the model" if p.pp == 1 else f"block of every pipeline chunk (the largest has {top})"
+            sink.add("P013", "warning", "parallelism.ac_layers",
+                     f"ac_layers {p.ac_layers} recomputes every {where}: the same as activation_checkpointing full",
+                     f"use full, or fewer than {top} blocks (unset ac_layers: the fewest that fit)")
 
 
 def min_batch_seqs(arch, world: int, gpus_per_node: int) -> int:
