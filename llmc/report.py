@@ -162,7 +162,11 @@ def _plan(c) -> Table:
         t.add_row("pipeline", sched)
     t.add_row("batch split", f"micro_batch {p.micro_batch} x grad_accum {p.grad_accum} x dp {p.dp} = "
               f"{p.global_batch_seqs} sequences")
-    t.add_row("recompute", f"activation checkpointing {p.ac_label}")
+    ac_text = f"activation checkpointing {p.ac_label}"
+    if p.activation_checkpointing == "partial":
+        where = "of every pipeline chunk" if p.pp > 1 else "of the model"
+        ac_text += f": the first {p.ac_layers} blocks {where} recomputed whole, the others keep their activations"
+    t.add_row("recompute", ac_text)
     _model_rows(t, c)
     for i, r in enumerate(c.reasons):
         t.add_row("why" if i == 0 else "", r)
