@@ -198,6 +198,13 @@ def test_pinned_partial_with_and_without_a_count():
     assert free.ac_layers > 1
     tight = _search(arch, 16, 256, 4096, Parallelism(activation_checkpointing="partial", ac_layers=1, **pins))
     assert tight.best is None and tight.closest.plan.ac_label == "partial(1)"
+    # where not even full recomputation fits, the pinned count is still what is reported, with its own memory
+    pins4 = {**pins, "micro_batch": 4, "zero_stage": 1}
+    assert _search(arch, 16, 256, 4096, Parallelism(activation_checkpointing="full", **pins4)).best is None
+    worse = _search(arch, 16, 256, 4096, Parallelism(activation_checkpointing="partial", ac_layers=1, **pins4))
+    c = worse.closest
+    assert worse.best is None and c.plan.ac_label == "partial(1)" and "partial(1) recomputation" in c.reason
+    assert c.per_gpu_bytes == memory_per_gpu(arch, c.plan, 4096, "bf16", H100.hbm_bytes).per_gpu_bytes
 
 
 SPEC = """name: t

@@ -237,10 +237,14 @@ class _Search:
         # the scanned modes; a pinned "partial" scans none of them and is tried by try_partial alone, with "full"
         # as its least-memory corner (partial keeps at least what full keeps)
         self.acs = AC_ORDER if pin_ac is None else () if pin_ac == "partial" else (pin_ac,)
-        self.corner_ac = "full" if pin_ac == "partial" else self.acs[-1]
         self.partial = pin_ac in (None, "partial")
         self.partial_pin = pin_ac == "partial"
         self.partial_k = getattr(pins, "ac_layers", None)
+        # the least-memory candidate of a layout: the strongest mode scanned, or the pinned partial count (without a
+        # count: full, which keeps no more than any count does), so a layout that fails it reports that plan
+        pinned_k = self.partial_pin and self.partial_k is not None
+        self.corner_ac = "partial" if pinned_k else "full" if self.partial_pin else self.acs[-1]
+        self.corner_k = self.partial_k if pinned_k else 0
         self.fitting: list[Candidate] = []
         self.rejected: list[Candidate] = []
         self.counts: dict[str, int] = {}
@@ -358,7 +362,7 @@ class _Search:
             return False
         if any(ds <= lay.ds and e <= lay.e for ds, e in fits):
             return True
-        plan = lay.plan(lay.mbs[0], self.corner_ac)
+        plan = lay.plan(lay.mbs[0], self.corner_ac, self.corner_k)
         try:
             mem = self.memory(plan)
         except ValueError as e:  # a layout the memory model refuses (e.g. more pipeline chunks than blocks)
@@ -371,7 +375,7 @@ class _Search:
         fails.append((lay.ds, lay.e))
         self.note_nofit(plan, mem.per_gpu_bytes)
         self.reject(plan, "memory", f"memory {gib(mem.per_gpu_bytes)} > {self.usable_txt()} even with micro_batch "
-                    f"{lay.mbs[0]} and {self.corner_ac} recomputation", mem.per_gpu_bytes)
+                    f"{lay.mbs[0]} and {plan.ac_label} recomputation", mem.per_gpu_bytes)
         return False
 
     def fit_from_ds(self, lay: _Layout, mb: int, ac: str) -> float | None:
@@ -403,7 +407,8 @@ class _Search:
                 ds = dss[mid]
                 plan = _plan(dp_replicate=dp // ds, dp_shard=ds, tp=lay.t, pp=lay.p, pp_schedule=lay.sched,
                              pp_virtual_stages=lay.v, cp=lay.c, ep=lay.e, micro_batch=mb,
-                             grad_accum=lay.per_dp // mb, activation_checkpointing=ac, zero_stage=lay.z)
+                             grad_accum=lay.per_dp // mb, activation_checkpointing=ac,
+                             ac_layers=self.corner_k if ac == "partial" else 0, zero_stage=lay.z)
                 mem = self.memory(plan)
                 if self.fits_fn(mem):
                     hi = mid
@@ -412,7 +417,7 @@ class _Search:
                 self.note_nofit(plan, mem.per_gpu_bytes)
                 if corner:
                     self.reject(plan, "memory", f"memory {gib(mem.per_gpu_bytes)} > {self.usable_txt()} even with "
-                                f"micro_batch {mb} and {ac} recomputation", mem.per_gpu_bytes)
+                                f"micro_batch {mb} and {plan.ac_label} recomputation", mem.per_gpu_bytes)
             first = dss[lo] if lo < len(dss) else math.inf
         except ValueError:  # the memory model refuses the layout: the per-layout path reports it
             first = None
