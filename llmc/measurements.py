@@ -267,8 +267,8 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
         return None if v is None else str(v)
 
     from llmc.compiler.backends import BACKENDS
-    from llmc.compiler.memory import AC_MODES
     from llmc.compiler.timing import FP8_RECIPES
+    from llmc.spec.schema import AC_MODES
 
     choice("backend", tuple(BACKENDS))
     sched = choice("pp_schedule", _literals("Parallelism", "pp_schedule"), "1F1B")

@@ -55,6 +55,7 @@ from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import MemoryNumbers
 from llmc.spec.families import family_of
 from llmc.spec.model import Architecture
+from llmc.spec.schema import AC_MODES
 
 GiB = 2**30
 MiB = 2**20
@@ -574,7 +575,6 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
     return out
 
 
-AC_MODES = ("none", "selective", "full", "partial")
 ACT_MODES = ("none", "selective", "full", "selective_core")  # what activations are computed for (backends.activation_mode)
 
 # Per-layout results that do not depend on the micro-batch, AC or gradient accumulation, keyed by the

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from llmc.spec.schema import ACMode
+
 PPSchedule = Literal["1F1B", "Interleaved1F1B", "GPipe", "ZBVZeroBubble"]
-ACMode = Literal["none", "selective", "full", "partial"]
 
 
 @dataclass(frozen=True)

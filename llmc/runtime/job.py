@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmc.spec.model import Architecture, RopeScaling
-from llmc.spec.schema import CHAT_KINDS, LM_KINDS, LossSpike, RunSpec, Source, Stage
+from llmc.spec.schema import AC_MODES, CHAT_KINDS, LM_KINDS, LossSpike, RunSpec, Source, Stage
 from llmc.spec.schema import Tokenizer as TokenizerSpec
 
 # Stage kinds the native trainer runs (packed next-token loss) and the post-training loops run.
@@ -181,11 +181,10 @@ STAGE_KEYS = ("seq_len", "steps", "lr", "min_lr", "warmup_steps", "schedule", "d
               "grad_accum", "global_batch_seqs", "checkpoint_interval")
 
 
-# Activation-checkpointing modes the runtime runs (llmc.compiler.plan.ACMode; Transformer.set_ac applies them).
+# Activation-checkpointing modes (llmc.spec.schema.AC_MODES; Transformer.set_ac applies them).
 # "partial" recomputes the first ac_layers blocks whole and no others: Megatron-LM's --recompute-granularity
 # full --recompute-method block --recompute-num-layers K (megatron/core/transformer/transformer_block.py,
 # TransformerBlock._checkpointed_forward, recompute_method == "block").
-AC_MODES = ("none", "selective", "full", "partial")
 
 
 def check_ac(mode: object, layers: object = 0) -> None:

@@ -302,6 +302,11 @@ class Training(SpecModel):
     default (torchtitan: rowwise). Timed and sized per recipe; torchtitan 0.3.0 runs rowwise and mxfp8."""
 
 
+ACMode = Literal["none", "selective", "full", "partial"]
+#: every activation-checkpointing mode; the one list the compiler, measurement tables and runtime import
+AC_MODES: tuple[str, ...] = typing.get_args(ACMode)
+
+
 class Parallelism(SpecModel):
     """Optional pins for the parallelism search; None = let llmc search."""
 
@@ -321,7 +326,7 @@ class Parallelism(SpecModel):
     """Expert parallel degree (MoE only)."""
     micro_batch: Int | None = Field(default=None, gt=0)
     """Sequences per GPU per micro-step."""
-    activation_checkpointing: Literal["none", "selective", "full", "partial"] | None = None
+    activation_checkpointing: ACMode | None = None
     """Activation recomputation: ``selective`` (the backend's per-op or attention-core recompute), ``full`` (every
     block recomputed whole) or ``partial`` (the first ``ac_layers`` blocks of every pipeline model chunk
     recomputed whole, the rest not at all)."""
