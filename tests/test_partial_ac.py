@@ -140,7 +140,7 @@ def test_partial_time_and_memory_between_none_and_full(model, fields):
         t, _, br = timing.step_time(sm, plan)
         m = memory_per_gpu(arch, plan, 8192, "bf16", H100.hbm_bytes).per_gpu_bytes
         assert prev_t < t < t_full and m <= prev_m
-        if arch.moe is None and not layout[-1][2] or slow_blocks == len(layout[0][0]):
+        if slow_blocks == len(layout[0][0]):  # rank 0 has the most blocks and no head: it is the slowest rank
             rec = partial_recomputed(arch.n_layers, base.pp, base.pp_schedule, base.pp_virtual_stages, k)
             n = len(rec[[len(layers) for layers, _, _ in layout].index(slow_blocks)])
             assert br["recompute"] == pytest.approx(br_full["recompute"] * n / slow_blocks, rel=1e-9)
