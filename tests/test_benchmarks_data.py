@@ -134,7 +134,8 @@ def test_spearman_matches_scipy():
 
 
 def test_script_runs_on_a_subset(capsys):
-    ids = ["tt24-t1-fsdp", "mb2511-h100-llama3-70b-fp8-cs", "mb260401-gb200-llama3-70b-nvfp4"]
+    ids = ["tt24-t1-fsdp", "mb2511-h100-llama3-70b-fp8-cs", "mb260401-gb200-llama3-70b-nvfp4",
+           "mb2606-gb200-llama31-405b-mxfp8"]
     assert bf.main(["--ids", ",".join(ids), "--format", "json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     scored = {x["id"]: x for x in rep["results"]}
@@ -149,6 +150,8 @@ def test_script_runs_on_a_subset(capsys):
     # the pinned layout is what llmc evaluated
     assert "tp4 pp8" in scored["mb2511-h100-llama3-70b-fp8-cs"]["plan"]
     assert "ds8 tp1 pp1" in scored["tt24-t1-fsdp"]["plan"]
+    # 16 x 8 = 128 pipeline chunks for 126 blocks: one of only the embedding, one of only the norm and head
+    assert "tp4 pp16(Interleaved1F1B v8)" in scored["mb2606-gb200-llama31-405b-mxfp8"]["plan"]
 
 
 def test_unknown_row_id_is_an_error(capsys):

@@ -295,7 +295,10 @@ def test_moe_activations_scale_with_top_k():
     "n_layers, pp, schedule, v",
     [(80, 16, "1F1B", 1), (61, 16, "1F1B", 1), (32, 4, "1F1B", 1), (126, 16, "Interleaved1F1B", 2),
      (32, 4, "ZBVZeroBubble", 2), (24, 4, "GPipe", 1), (32, 2, "Interleaved1F1B", 4), (30, 4, "1F1B", 1),
-     (4, 4, "1F1B", 1)],
+     (4, 4, "1F1B", 1),
+     # more chunks than blocks: the first holds only the embedding and / or the last only the norm and head
+     (126, 64, "Interleaved1F1B", 2), (126, 16, "Interleaved1F1B", 8), (5, 3, "Interleaved1F1B", 2),
+     (4, 2, "Interleaved1F1B", 3), (5, 2, "Interleaved1F1B", 3), (4, 3, "ZBVZeroBubble", 2)],
 )  # fmt: skip
 def test_pipeline_split_matches_torchtitan_and_renderer(n_layers, pp, schedule, v):
     """Our per-rank layout must be the one the rendered torchtitan job builds: torchtitan's automatic

@@ -743,15 +743,19 @@ def test_tiny_mla_moe_deepseek_family_one_process(tmp_path):
 
 @pytest.mark.parametrize("layout", ["pp2_interleaved", "tp2"])
 def test_tiny_llama_pipeline_or_tensor_parallel_two_gloo_processes(layout, tmp_path):
-    """The emitted PP mapping (local batch = micro-batches per step, pipeline micro-batch size, 2 stages
-    per rank for Interleaved1F1B, CUDA graphs off) and TP degree run in torchtitan on 2 gloo ranks."""
+    """The emitted PP mapping (local batch = micro-batches per step, pipeline micro-batch size, 3 stages
+    per rank for Interleaved1F1B: 6 stages for the 4 blocks, the first of only the embedding, the last of only
+    the norm and head; CUDA graphs off) and TP degree run in torchtitan on 2 gloo ranks."""
     from llmc.compiler.plan import ParallelPlan
     from llmc.runtime.titan_launch import torchtitan_command
 
-    plan = {"pp2_interleaved": ParallelPlan(pp=2, pp_schedule="Interleaved1F1B", pp_virtual_stages=2,
+    plan = {"pp2_interleaved": ParallelPlan(pp=2, pp_schedule="Interleaved1F1B", pp_virtual_stages=3,
                                             micro_batch=2, grad_accum=2),
             "tp2": ParallelPlan(tp=2, micro_batch=4)}[layout]
     module, run = _tiny_family_build(tmp_path, {}, plan)
+    if layout == "pp2_interleaved":
+        assert "[['tok_embeddings'], ['layers.0'], ['layers.1'], ['layers.2'], ['layers.3'], ['norm', 'lm_head']]" \
+            in module.read_text()
     argv, env = torchtitan_command(module, 2, True, ["--metrics.log_freq", "1", "--checkpoint.no-enable"],
                                    run_dir=run)
     rc, log, dt = run_logged(argv, env, run)

@@ -178,6 +178,25 @@ def test_pp_module_split_covers_every_layer_once():
     assert len(v["pp_module_fqns"]) == 16
 
 
+def test_pp_split_with_more_stages_than_blocks():
+    """Up to 2 stages more than blocks (Megatron-LM's embedding / loss accounting in the pipeline split, as in
+    Megatron-Bridge's 405B pp 16 x v 8 recipes): the first stage holds only the embedding, the last only the norm
+    and head, and torchtitan builds those chunks from the module lists (its ``_split_module`` keeps an empty
+    ``layers``); 3 more is X308."""
+    parts = _pp_module_fqns(126, 128)
+    assert parts[0] == ["tok_embeddings"] and parts[-1] == ["norm", "lm_head"]
+    assert [p for p in parts[1:-1]] == [[f"layers.{i}"] for i in range(126)]
+    assert _pp_module_fqns(4, 5)[-1] == ["norm", "lm_head"] and _pp_module_fqns(4, 5)[0][0] == "tok_embeddings"
+    plan = ParallelPlan(pp=2, pp_schedule="Interleaved1F1B", pp_virtual_stages=3, micro_batch=1, grad_accum=8)
+    assert torchtitan_values(compiled_for(plan=plan)).ctx["pp_module_fqns"][0] == ["tok_embeddings"]
+    # that chunk has no weight-decayed parameter: the job's optimizer skips the group there (torchtitan raises)
+    assert "optimizer=ChunkOptimizers.Config(" in render_torchtitan(compiled_for(plan=plan), strict=True)["torchtitan/llmc_job.py"]
+    two = render_torchtitan(compiled_for(plan=dataclasses.replace(plan, pp_virtual_stages=2)), strict=True)["torchtitan/llmc_job.py"]
+    assert "ChunkOptimizers" not in two and "optimizer=OptimizersContainer.Config(" in two
+    too_many = dataclasses.replace(plan, pp_virtual_stages=4)  # 8 stages for 4 blocks
+    assert [d.code for d in torchtitan_diagnostics(compiled_for(plan=too_many))] == ["X308"]
+
+
 def test_torchtitan_command_gpu_and_cpu(tmp_path):
     mod = tmp_path / "build" / "torchtitan" / "llmc_job.py"
     mod.parent.mkdir(parents=True)

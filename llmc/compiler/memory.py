@@ -106,9 +106,14 @@ def _default_virtual(schedule: str) -> int:
     return 1 if schedule in SINGLE_STAGE_SCHEDULES else 2
 
 
-def _even_parts(n_layers: int, n_parts: int) -> list[int]:
+def even_parts(n_layers: int, n_parts: int) -> list[int]:
     """Layers per part when llmc passes an explicit split (render_torchtitan._pp_module_fqns): as even
-    as possible, the remainder to the middle parts first, then the first, then the last."""
+    as possible, the remainder to the middle parts first, then the first, then the last. With one or two
+    parts more than blocks, the last part, then also the first, gets none: it holds only the norm and head
+    (the embedding). This is Megatron-LM's ``account_for_loss_in_pipeline_split`` /
+    ``account_for_embedding_in_pipeline_split`` layout, which Megatron-Bridge's Llama 3.1 405B recipes use at
+    pp 16 x 8 virtual stages (126 blocks + 2), and torchtitan builds such chunks from the same module lists
+    (``_split_module`` keeps an empty ``layers`` dict)."""
     base, extra = divmod(n_layers, n_parts)
     counts = [base] * n_parts
     order = list(range(1, n_parts - 1)) + [0, n_parts - 1] if n_parts > 2 else list(range(n_parts))
@@ -146,15 +151,16 @@ def _parts_owners(n_layers: int, pp: int, schedule: str, virtual: int) -> tuple[
     if pp < 1 or virtual < 1:
         raise ValueError("pp and virtual stages must be >= 1")
     n_parts = pp * virtual
-    if n_parts > n_layers:
-        raise ValueError(f"{n_parts} pipeline chunks exceed n_layers={n_layers}")
+    if n_parts > n_layers + 2:
+        raise ValueError(f"{n_parts} pipeline chunks exceed n_layers + 2 = {n_layers + 2} (every chunk needs a block, "
+                         "except a first one of only the embedding and a last one of only the norm and head)")
     if n_parts == 1:
         return (tuple(range(n_layers)),), ((0,),)
     counts = None
     if virtual == _default_virtual(schedule):
         counts = _titan_parts(n_layers, n_parts)
     if counts is None or sum(counts) != n_layers:
-        counts = _even_parts(n_layers, n_parts)
+        counts = even_parts(n_layers, n_parts)
     parts, start = [], 0
     for c in counts:
         parts.append(tuple(range(start, start + c)))
@@ -164,6 +170,12 @@ def _parts_owners(n_layers: int, pp: int, schedule: str, virtual: int) -> tuple[
     else:
         owners = [tuple(r + k * pp for k in range(virtual)) for r in range(pp)]
     return tuple(parts), tuple(owners)
+
+
+def pipeline_chunks(n_layers: int, pp: int, schedule: str = "1F1B", virtual: int = 1) -> tuple[tuple[int, ...], ...]:
+    """The blocks of every pipeline model chunk, in stage order (the first chunk also holds the embedding, the last
+    the norm and head; either may hold no block): see :func:`pipeline_layout`."""
+    return _parts_owners(n_layers, pp, schedule, virtual)[0]
 
 
 @lru_cache(maxsize=1024)

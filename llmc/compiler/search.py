@@ -802,7 +802,8 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Family]:
                     continue
                 if not scheds:
                     why = (f"pp_schedule {pins.pp_schedule} needs pp > 1" if p == 1 else
-                           f"pp_schedule {pins.pp_schedule} needs at least 2 x pp = {2 * p} layers (has {L})")
+                           f"pp_schedule {pins.pp_schedule} needs 2 x pp = {2 * p} pipeline chunks, at most "
+                           f"{L} layers + 2 (embedding and head chunks)")
                     S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "pins", why,
                              dims=("pp",))
                     continue
@@ -898,12 +899,12 @@ def _schedules(p: int, L: int, pins) -> list[tuple[str, int]]:
         # a pinned multi-stage schedule asks for a pipeline; plain 1F1B is also what pp = 1 reports
         return [("1F1B", 1)] if pinned in (None, "1F1B") else []
     if pinned == "Interleaved1F1B":
-        return [("Interleaved1F1B", v) for v in INTERLEAVE_V if p * v <= L]
+        return [("Interleaved1F1B", v) for v in INTERLEAVE_V if p * v <= L + 2]
     if pinned == "ZBVZeroBubble":
-        return [("ZBVZeroBubble", 2)] if 2 * p <= L else []  # V-shape: two chunks per rank
+        return [("ZBVZeroBubble", 2)] if 2 * p <= L + 2 else []  # V-shape: two chunks per rank
     if pinned is not None:
         return [(pinned, 1)]
-    return [("1F1B", 1)] + [("Interleaved1F1B", v) for v in INTERLEAVE_V if p * v <= L]
+    return [("1F1B", 1)] + [("Interleaved1F1B", v) for v in INTERLEAVE_V if p * v <= L + 2]
 
 
 # ---------------------------------------------------------------------------------------- reasons

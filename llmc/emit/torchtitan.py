@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.compiler.memory import even_parts, pipeline_chunks
 from llmc.diagnostics import Diagnostic, SpecError
 from llmc.emit.base import Emitter
 from llmc.emit.common import diag, gpus_per_node, jinja_env
@@ -199,13 +200,10 @@ def _validation(compiled) -> dict | None:
 
 
 def _pp_module_fqns(n_layers: int, n_stages: int) -> list[list[str]]:
-    """Explicit stage split: layers spread evenly, remainder to the middle stages first (the first
-    stage also holds the embedding and the last the final norm + output head)."""
-    base, extra = divmod(n_layers, n_stages)
-    counts = [base] * n_stages
-    order = list(range(1, n_stages - 1)) + [0, n_stages - 1] if n_stages > 2 else list(range(n_stages))
-    for i in order[:extra]:
-        counts[i] += 1
+    """Explicit stage split, the memory model's (``memory.even_parts``): layers spread evenly, remainder to
+    the middle stages first; the first stage also holds the embedding and the last the final norm + output
+    head, alone when there are more stages than layers."""
+    counts = even_parts(n_layers, n_stages)
     parts, layer = [], 0
     for s, c in enumerate(counts):
         mods = ["tok_embeddings"] if s == 0 else []
@@ -283,11 +281,19 @@ def _parallelism(compiled, errs: list[Diagnostic]) -> dict[str, Any]:
                              f"schedule {plan.pp_schedule} runs one stage per rank, plan has {v}"))
         elif v != default_v:
             n_stages = plan.pp * v
-            if n_stages > arch.n_layers:
+            if n_stages > arch.n_layers + 2:
                 errs.append(diag("X308", "error", "parallelism.pp",
-                                 f"{n_stages} pipeline stages for {arch.n_layers} layers"))
+                                 f"{n_stages} pipeline stages for {arch.n_layers} layers (at most layers + 2: "
+                                 "one of only the embedding, one of only the norm and head)"))
             else:
                 pp_fqns = _pp_module_fqns(arch.n_layers, n_stages)
+    embedding_only = False
+    if plan.pp > 1:
+        try:
+            embedding_only = not pipeline_chunks(arch.n_layers, plan.pp, plan.pp_schedule, plan.pp_virtual_stages)[0]
+        except ValueError as e:  # more chunks than blocks + 2 (with the schedule's own chunk count too)
+            if not any(d.code == "X308" for d in errs):
+                errs.append(diag("X308", "error", "parallelism.pp", str(e)))
     cpu = compiled.spec.hardware.gpu == "cpu"
     # FSDP2 always shards parameters at rest; the plan's ZeRO stage maps to when they are resharded:
     # ZeRO-3 -> after every forward (also under PP, where torchtitan's "default" would not);
@@ -306,6 +312,8 @@ def _parallelism(compiled, errs: list[Diagnostic]) -> dict[str, Any]:
         "pp_schedule": plan.pp_schedule,
         "pp_microbatch": pp_microbatch,
         "pp_module_fqns": pp_fqns,
+        # a first chunk of only the embedding: the job's ChunkOptimizers skips the parameter groups it has none of
+        "pp_embedding_only_chunk": embedding_only,
         "cp": plan.cp,
         "ep": plan.ep,
         "ac": plan.activation_checkpointing,
