@@ -214,6 +214,8 @@ def spec_yaml(req: PlanRequest) -> str:
            "ep": req.ep, "micro_batch": req.micro_batch, "zero_stage": req.zero_stage}
     if req.pp_schedule is not None:
         par["pp_schedule"] = req.pp_schedule
+    if req.virtual_stages is not None:
+        par["pp_virtual_stages"] = req.virtual_stages
     if req.activation_checkpointing is not None:
         par["activation_checkpointing"] = req.activation_checkpointing
     hw = {"gpu": req.gpu, "count": req.gpus}

@@ -17,6 +17,7 @@ P007   error     pinned EP on a dense model / EP not dividing the experts
 P011   info      optimizer offload: the host's share of each step (the CPU rate it assumes, host-dependent)
 P012   error     parallelism.ac_layers without activation_checkpointing: partial
 P013   warning   ac_layers at least the largest pipeline chunk: every block recomputed, as full
+P014   error     parallelism.pp_virtual_stages the pinned schedule cannot run, or pp x chunks > n_layers + 2
 T001   warning   peak LR outside the pre-training range / far from the size-aware value
 T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
 T003   warning   no gradient clipping
@@ -174,6 +175,21 @@ def check_pins(run, gpu, sink: Sink) -> None:
     if par.pp is not None and par.pp > arch.n_layers:
         sink.add("P001", "error", "parallelism.pp", f"pp {par.pp} > {arch.n_layers} layers",
                  "each pipeline stage needs at least one block")
+    v = par.pp_virtual_stages
+    if v is not None:
+        need = {"1F1B": 1, "GPipe": 1, "ZBVZeroBubble": 2}.get(par.pp_schedule or "")
+        if need is not None and v != need:
+            sink.add("P014", "error", "parallelism.pp_virtual_stages",
+                     f"pp_virtual_stages {v} with pp_schedule {par.pp_schedule}, which runs {need} chunk(s) per rank",
+                     f"use Interleaved1F1B for {v} chunks per rank, or pp_virtual_stages {need}")
+        elif par.pp == 1 and v > 1:
+            sink.add("P014", "error", "parallelism.pp_virtual_stages", f"pp_virtual_stages {v} without a pipeline (pp 1)",
+                     "set pp > 1, or remove pp_virtual_stages")
+        elif par.pp is not None and par.pp * v > arch.n_layers + 2:
+            sink.add("P014", "error", "parallelism.pp_virtual_stages",
+                     f"pp {par.pp} x {v} chunks = {par.pp * v} > {arch.n_layers} layers + 2",
+                     "every chunk needs a block, except a first one of only the embedding and a last one of only "
+                     f"the norm and head: at most {(arch.n_layers + 2) // par.pp} chunks per rank")
     if par.ac_layers is not None and par.activation_checkpointing != "partial":
         mode = par.activation_checkpointing or "unset (searched)"
         sink.add("P012", "error", "parallelism.ac_layers",

@@ -801,9 +801,11 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Family]:
                              "zero_stage 0 (DDP) needs dp_shard x cp = 1")
                     continue
                 if not scheds:
-                    why = (f"pp_schedule {pins.pp_schedule} needs pp > 1" if p == 1 else
-                           f"pp_schedule {pins.pp_schedule} needs 2 x pp = {2 * p} pipeline chunks, at most "
-                           f"{L} layers + 2 (embedding and head chunks)")
+                    what = " and ".join(f"{k} {getattr(pins, k)}" for k in ("pp_schedule", "pp_virtual_stages")
+                                        if getattr(pins, k, None) is not None)
+                    why = (f"{what} needs pp > 1" if p == 1 else
+                           f"{what} at pp {p}: more pipeline chunks than {L} layers + 2 (an embedding and a head "
+                           "chunk), or a chunk count the schedule does not run")
                     S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "pins", why,
                              dims=("pp",))
                     continue
@@ -893,18 +895,21 @@ def _layout(p: ParallelPlan) -> tuple:
 
 
 def _schedules(p: int, L: int, pins) -> list[tuple[str, int]]:
-    """(schedule, chunks per rank) options for pp = p; empty when a pinned schedule cannot apply."""
+    """(schedule, chunks per rank) options for pp = p; empty when a pinned schedule or chunk count cannot apply.
+    At most L + 2 chunks: the first may hold only the embedding, the last only the norm and head."""
     pinned = pins.pp_schedule
+    pin_v = getattr(pins, "pp_virtual_stages", None)
     if p == 1:
-        # a pinned multi-stage schedule asks for a pipeline; plain 1F1B is also what pp = 1 reports
-        return [("1F1B", 1)] if pinned in (None, "1F1B") else []
+        # a pinned multi-stage schedule or chunk count asks for a pipeline; plain 1F1B is also what pp = 1 reports
+        return [("1F1B", 1)] if pinned in (None, "1F1B") and pin_v in (None, 1) else []
+    inter = [v for v in ((pin_v,) if pin_v is not None else INTERLEAVE_V) if v > 1 and p * v <= L + 2]
     if pinned == "Interleaved1F1B":
-        return [("Interleaved1F1B", v) for v in INTERLEAVE_V if p * v <= L + 2]
-    if pinned == "ZBVZeroBubble":
-        return [("ZBVZeroBubble", 2)] if 2 * p <= L + 2 else []  # V-shape: two chunks per rank
+        return [("Interleaved1F1B", v) for v in inter]
+    if pinned == "ZBVZeroBubble":  # V-shape: two chunks per rank
+        return [("ZBVZeroBubble", 2)] if 2 * p <= L + 2 and pin_v in (None, 2) else []
     if pinned is not None:
-        return [(pinned, 1)]
-    return [("1F1B", 1)] + [("Interleaved1F1B", v) for v in INTERLEAVE_V if p * v <= L + 2]
+        return [(pinned, 1)] if pin_v in (None, 1) else []
+    return ([("1F1B", 1)] if pin_v in (None, 1) else []) + [("Interleaved1F1B", v) for v in inter]
 
 
 # ---------------------------------------------------------------------------------------- reasons

@@ -320,6 +320,10 @@ class Parallelism(SpecModel):
     """Pipeline parallel degree."""
     pp_schedule: Literal["1F1B", "Interleaved1F1B", "GPipe", "ZBVZeroBubble"] | None = None
     """Pipeline schedule."""
+    pp_virtual_stages: Int | None = Field(default=None, gt=0)
+    """Model chunks per pipeline rank: 1 for 1F1B / GPipe, 2 for ZBVZeroBubble, any for Interleaved1F1B (Megatron-LM's
+    ``--num-virtual-stages-per-pipeline-rank``). Up to n_layers + 2 chunks in all: the first may hold only the
+    embedding, the last only the norm and head. None = searched (2, 4 or 8 when interleaved)."""
     cp: Int | None = Field(default=None, gt=0)
     """Context parallel degree."""
     ep: Int | None = Field(default=None, gt=0)
