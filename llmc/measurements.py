@@ -85,6 +85,7 @@ class Measurement:
     async_tp: bool = False
     fp8_recipe: str | None = None
     offload_optimizer: bool = False  # ZeRO-Offload (AdamW on the host): changes both time and memory
+    offload_params: bool = False  # ZeRO-Infinity to CPU (the parameters on the host too): time and memory
     tokens_per_s_per_gpu: float | None = None
     reserved_bytes: float | None = None  # torch.cuda.max_memory_reserved
     allocated_bytes: float | None = None  # torch.cuda.max_memory_allocated
@@ -145,7 +146,8 @@ def _from_lock(lock: dict, lock_path: str, label: str, source: str) -> Measureme
     return Measurement(label=label, source=source, backend=be, gpu=hw.get("key") or spec.hardware.gpu,
                        model=spec.model, seq_len=spec.data.seq_len, precision=spec.training.precision, plan=plan,
                        gpus_per_node=spec.hardware.gpus_per_node, compile=comp, fp8_recipe=spec.training.fp8_recipe,
-                       offload_optimizer=spec.parallelism.offload_optimizer)
+                       offload_optimizer=spec.parallelism.offload_optimizer,
+                       offload_params=spec.parallelism.offload_params)
 
 
 def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Measurement:
@@ -302,12 +304,16 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
         raise MeasurementError(source, line, "M004", "layout", str(e), "see benchmarks/README.md, Schema") from None
     tps, mem = positive("tokens_per_s_per_gpu"), positive("mem_gib")
     kind = str(get("mem_kind", "reserved"))
+    if flag("offload_params", False) and not (flag("offload_optimizer", False) and zero == 3):
+        raise MeasurementError(source, line, "M004", "offload_params", "offload_params needs offload_optimizer and "
+                               "zero_stage 3 (DeepSpeed ZeRO-Infinity)", "see benchmarks/README.md, Schema")
     return Measurement(
         label=str(get("id", f"{Path(source).name}:{line}")), source=source, backend=str(backend), gpu=str(gpu),
         model=PRESETS[name], seq_len=whole("seq_len"), precision=prec, plan=plan,
         gpus_per_node=None if get("gpus_per_node") is None else whole("gpus_per_node"), compile=flag("compile"),
         async_tp=bool(flag("async_tp", False)), fp8_recipe=recipe,
         offload_optimizer=bool(flag("offload_optimizer", False)),
+        offload_params=bool(flag("offload_params", False)),
         tokens_per_s_per_gpu=tps,
         reserved_bytes=mem * GiB if mem is not None and "alloc" not in kind else None,
         allocated_bytes=mem * GiB if mem is not None and "alloc" in kind else None)
@@ -391,10 +397,11 @@ def predicted(m: Measurement, factors=None):
         gpu = replace(gpu, gpus_per_node=int(m.gpus_per_node))
     sm = timing.step_model(m.model, m.seq_len, m.precision, gpu, m.backend, compile=m.compile,
                            async_tp=m.async_tp, fp8_recipe=m.fp8_recipe, factors=factors,
-                           offload_optimizer=m.offload_optimizer)
+                           offload_optimizer=m.offload_optimizer, offload_params=m.offload_params)
     t = timing.time_numbers(sm, m.plan, 1)
     mem = memory.memory_per_gpu(m.model, m.plan, m.seq_len, m.precision, gpu.hbm_bytes, backend=m.backend,
-                                compile=m.compile, factors=factors, offload_optimizer=m.offload_optimizer)
+                                compile=m.compile, factors=factors, offload_optimizer=m.offload_optimizer,
+                                offload_params=m.offload_params)
     return t, mem
 
 

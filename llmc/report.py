@@ -155,7 +155,10 @@ def _plan(c) -> Table:
     t.add_row("degrees", deg)
     zero = {0: "DDP (no sharding)", 1: "ZeRO-1 (optimizer sharded)", 2: "ZeRO-2 (optimizer + grads sharded)",
             3: "ZeRO-3 / FSDP (weights, grads, optimizer sharded)"}[p.zero_stage]
-    t.add_row("data parallel", f"{zero} over {p.dp_shard * p.cp} ranks" if p.dp_shard * p.cp > 1 else zero)
+    par = c.spec.parallelism
+    off = ("; optimizer and parameters offloaded to the host (ZeRO-Infinity)" if par.offload_params else
+           "; optimizer offloaded to the host (ZeRO-Offload)" if par.offload_optimizer else "")
+    t.add_row("data parallel", (f"{zero} over {p.dp_shard * p.cp} ranks" if p.dp_shard * p.cp > 1 else zero) + off)
     if p.pp > 1:
         sched = p.pp_schedule + (f", {p.pp_virtual_stages} virtual stages per rank"
                                  if p.pp_schedule == "Interleaved1F1B" else "")
@@ -209,8 +212,9 @@ def _memory(c) -> Table:
         t.add_row("stages", f"{len(m.per_stage_bytes)} stages, {gib(min(m.per_stage_bytes))} .. "
                   f"{gib(max(m.per_stage_bytes))}")
     if m.host_bytes_per_node:
+        params = ", and the 16-bit parameters" if c.spec.parallelism.offload_params else ""
         t.add_row("host", f"{gib(m.host_bytes_per_node)} of CPU memory per node (optimizer offload: fp32 master "
-                  "weights, AdamW moments and gradients of its GPUs' shares)")
+                  f"weights, AdamW moments and gradients of its GPUs' shares{params})")
     return t
 
 

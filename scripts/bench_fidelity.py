@@ -308,14 +308,14 @@ def llmc_predict(req: PlanRequest) -> Prediction:
 
 
 def llmc_model_states(n_params: float, zero_stage: int, shard: int, offload_optimizer: bool,
-                      largest_layer_params: float = 0.0) -> float:
+                      largest_layer_params: float = 0.0, offload_params: bool = False) -> float:
     """llmc's model-state bytes per GPU (weights + grads + optimizer) under the DeepSpeed profile, plus for
     ZeRO-3 the gathered largest layer (what DeepSpeed's estimator adds as 4 B x its parameters)."""
     from llmc.compiler.backends import get_backend
     from llmc.compiler.memory import backend_state_bytes
 
     b = sum(backend_state_bytes(n_params, get_backend("deepspeed"), zero_stage=zero_stage, shard=shard,
-                                offload_optimizer=offload_optimizer).values())
+                                offload_optimizer=offload_optimizer, offload_params=offload_params).values())
     return b + (4.0 * largest_layer_params if zero_stage == 3 else 0.0)
 
 
@@ -621,16 +621,15 @@ def within_sweep_spread(results: list[dict]) -> float | None:
 
 def _model_states_result(r: Row) -> dict[str, Any]:
     f = r.fields
-    if f.get("offload_param"):
-        raise Skip("parameter offload (ZeRO-3 offload_param): llmc models optimizer offload only")
     pred = llmc_model_states(f["params_total"], f["zero_stage"], f["gpus"], bool(f.get("offload_optimizer")),
-                             f.get("largest_layer_params") or 0.0) / GIB
+                             f.get("largest_layer_params") or 0.0, bool(f.get("offload_param"))) / GIB
     return {"id": r.id, "group": r.group, "use": r.use, "sweep": None, "kind": r.kind, "gpu_key": None,
             "backend": "deepspeed", "pred_alloc_gib": pred, "step_seconds": None,
             "gpu_key_exact": True, "pred_tps": None, "meas_tps": None, "err_tps": None,
             "pred_mem_gib": pred, "meas_mem_gib": f["per_gpu_gib"], "mem_kind": "model states (DeepSpeed estimator)",
             "err_mem": pct(pred, f["per_gpu_gib"]), "pred_mfu": None, "meas_tflops": None,
-            "plan": f"zero{f['zero_stage']} over {f['gpus']}" + (" offload_optimizer" if f.get("offload_optimizer") else ""),
+            "plan": f"zero{f['zero_stage']} over {f['gpus']}" + (" offload_optimizer" if f.get("offload_optimizer") else "")
+            + (" offload_params" if f.get("offload_param") else ""),
             "path": "model_state_bytes", "llmc_fits": True, "notes": [], "breakdown": {},
             "flops_ratio": None}
 

@@ -49,7 +49,8 @@ VALIDATE = textwrap.dedent("""
                         "gas": c.gradient_accumulation_steps, "zero_stage": c.zero_optimization_stage,
                         "bf16": c.bfloat16_config.enabled, "clip": c.gradient_clipping,
                         "optimizer": c.optimizer_name, "scheduler": c.scheduler_name,
-                        "offload": str(c.zero_config.offload_optimizer.device) if c.zero_config.offload_optimizer else None})
+                        "offload": str(c.zero_config.offload_optimizer.device) if c.zero_config.offload_optimizer else None,
+                        "offload_param": str(c.zero_config.offload_param.device) if c.zero_config.offload_param else None})
         except Exception as e:
             out.append({"name": case["name"], "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
     print("RESULT " + json.dumps(out))
@@ -110,6 +111,8 @@ def test_every_emitted_config_passes_deepspeed(tmp_path):
     variants = {
         "zero1": make_compiled(make_run(parallelism={"zero_stage": 1})),
         "zero2_offload": make_compiled(make_run(parallelism={"zero_stage": 2, "offload_optimizer": True})),
+        "zero3_infinity": make_compiled(make_run(parallelism={"zero_stage": 3, "offload_optimizer": True,
+                                                              "offload_params": True})),
         "zero3_fp32": make_compiled(make_run(training={"precision": "fp32"})),
         "ddp": make_compiled(plan=ParallelPlan(dp_replicate=8, micro_batch=4, grad_accum=1, zero_stage=0)),
         "tp_folded": make_compiled(plan=ParallelPlan(dp_shard=4, tp=2, micro_batch=2, grad_accum=4)),
@@ -144,7 +147,8 @@ def test_every_emitted_config_passes_deepspeed(tmp_path):
         assert r["ok"], (name, r)
         assert r["world_size"] == dp and r["train_batch_size"] == st.global_batch_seqs == r["micro"] * r["gas"] * dp
         assert r["scheduler"] == (cfg["scheduler"]["type"] if "scheduler" in cfg else None)
-    assert res["zero2_offload"]["offload"].endswith("cpu")
+    assert res["zero2_offload"]["offload"].endswith("cpu") and res["zero2_offload"]["offload_param"] is None
+    assert res["zero3_infinity"]["offload"].endswith("cpu") and res["zero3_infinity"]["offload_param"].endswith("cpu")
     assert res["zero1"]["zero_stage"] == 1 and res["zero3_fp32"]["zero_stage"] == 3
     assert not res["broken_identity"]["ok"]
     assert "train_batch_size is not equal to micro_batch_per_gpu" in res["broken_identity"]["error"]
@@ -260,9 +264,10 @@ def test_estimators_agree_with_llmc_model_states(example):
     nodes = G // gpn
     seq = compiled.hyper.seq_len
 
-    def states(zero: int, offload: bool = False) -> int:
+    def states(zero: int, offload: bool = False, params: bool = False) -> int:
         plan = ParallelPlan(dp_shard=G, micro_batch=1, grad_accum=1, zero_stage=zero)
-        b = memory_per_gpu(arch, plan, seq, "bf16", compiled.gpu.hbm_bytes, offload_optimizer=offload).breakdown
+        b = memory_per_gpu(arch, plan, seq, "bf16", compiled.gpu.hbm_bytes, offload_optimizer=offload,
+                           offload_params=params).breakdown
         return b["weights"] + b["grads"] + b["optimizer"]
 
     _, ds2 = estimate_zero2_model_states_mem_needs(P, gpn, nodes, cpu_offload=False)
@@ -274,6 +279,12 @@ def test_estimators_agree_with_llmc_model_states(example):
                                                             cpu_offload_params=False)
     assert largest == 4 * L
     assert ds3 == pytest.approx(states(3) + 2 * P / G + 4 * L, rel=1e-3, abs=64)
+    # ZeRO-3 with optimizer offload: the 16-bit partition stays (2P/G); with parameter offload too (ZeRO-Infinity
+    # to CPU) only the gathered largest layer is left on the GPU, which llmc counts in its buffers
+    _, ds3o, _ = estimate_zero3_model_states_mem_needs(P, L, gpn, nodes, cpu_offload=True, cpu_offload_params=False)
+    assert ds3o == pytest.approx(states(3, offload=True) + 4 * L, rel=1e-3, abs=64)
+    _, ds3i, _ = estimate_zero3_model_states_mem_needs(P, L, gpn, nodes, cpu_offload=True, cpu_offload_params=True)
+    assert states(3, offload=True, params=True) == 0 and ds3i == 4 * L
     # host memory under optimizer offload, per node: DeepSpeed's ZeRO-3 estimator with zero_init (how llmc's
     # runtime builds ZeRO-3) is llmc's 16 B x params / nodes; its ZeRO-2 one adds a full fp32 model per rank on
     # the host (4 B x params x GPUs, the load-on-CPU pattern), which llmc's runtime never makes: an upper bound
@@ -286,6 +297,11 @@ def test_estimators_agree_with_llmc_model_states(example):
         assert host == pytest.approx(cpu3o, rel=1e-6, abs=1)
     cpu2o = estimate_zero2_model_states_mem_needs(P, gpn, nodes, cpu_offload=True, additional_buffer_factor=1.0)[0]
     assert host <= cpu2o
+    # ... and with the parameters on the host too: 18 B x params / nodes
+    cpu3i = estimate_zero3_model_states_mem_needs(P, L, gpn, nodes, cpu_offload=True, cpu_offload_params=True,
+                                                  zero_init=True, additional_buffer_factor=1.0)[0]
+    assert offload_host_bytes_per_node(P, ParallelPlan(dp_shard=G, zero_stage=3), gpn, offload_params=True) == \
+        pytest.approx(cpu3i, rel=1e-6, abs=1)
     # by hand: 7B on 8 GPUs, ZeRO-2 = 2 P + 18 P / 8 = 29.75e9 B = 27.71 GiB (16-bit weights replicated; 16-bit and
     # fp32 gradients, fp32 master weights and AdamW moments sharded)
     assert estimate_zero2_model_states_mem_needs(7_000_000_000, 8, 1, cpu_offload=False)[1] / 2**30 == \

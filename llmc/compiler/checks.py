@@ -18,6 +18,7 @@ P011   info      optimizer offload: the host's share of each step (the CPU rate 
 P012   error     parallelism.ac_layers without activation_checkpointing: partial
 P013   warning   ac_layers at least the largest pipeline chunk: every block recomputed, as full
 P014   error     parallelism.pp_virtual_stages the pinned schedule cannot run, or pp x chunks > n_layers + 2
+P015   error     parallelism.offload_params without offload_optimizer, or with a ZeRO stage other than 3
 T001   warning   peak LR outside the pre-training range / far from the size-aware value
 T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
 T003   warning   no gradient clipping
@@ -175,6 +176,14 @@ def check_pins(run, gpu, sink: Sink) -> None:
     if par.pp is not None and par.pp > arch.n_layers:
         sink.add("P001", "error", "parallelism.pp", f"pp {par.pp} > {arch.n_layers} layers",
                  "each pipeline stage needs at least one block")
+    if par.offload_params and not par.offload_optimizer:
+        sink.add("P015", "error", "parallelism.offload_params", "offload_params without offload_optimizer",
+                 "set offload_optimizer: true too (DeepSpeed ZeRO-Infinity keeps the optimizer on the host with the "
+                 "parameters)")
+    elif par.offload_params and par.zero_stage not in (None, 3):
+        sink.add("P015", "error", "parallelism.offload_params",
+                 f"offload_params with zero_stage {par.zero_stage}: only ZeRO-3 partitions the parameters",
+                 "pin zero_stage 3 or leave it unset")
     v = par.pp_virtual_stages
     if v is not None:
         need = {"1F1B": 1, "GPipe": 1, "ZBVZeroBubble": 2}.get(par.pp_schedule or "")
@@ -230,9 +239,12 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
             # (not fp8: torchao float8 keeps bf16/fp32 states, so it does not shrink the model states)
             if not run.parallelism.offload_optimizer:
                 hints.append("CPU optimizer offload (parallelism.offload_optimizer)")
+            elif not run.parallelism.offload_params:
+                hints.append("CPU parameter offload (parallelism.offload_params)")
             if run.data.seq_len > 2048:
                 hints.append(f"a shorter seq_len than {run.data.seq_len}")
-            if any(v is not None for v in run.parallelism.model_dump(exclude={"offload_optimizer"}).values()):
+            if any(v is not None for v in run.parallelism.model_dump(exclude={"offload_optimizer",
+                                                                               "offload_params"}).values()):
                 hints.append("fewer parallelism pins")
             hints.append("a GPU with more memory")
             sink.add("P004", "error", "hardware",

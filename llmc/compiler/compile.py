@@ -146,7 +146,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
 
     be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration, sink)
     model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe,
-                               run.parallelism.offload_optimizer)
+                               run.parallelism.offload_optimizer, run.parallelism.offload_params)
     searched = _Searched()
     if pretrains and cluster_ok and supports(gpu, training.precision) and batch_ok:
         searched = _search(run, gpu, data.seq_len, training, seqs, sink, model_opts)
@@ -201,11 +201,13 @@ class _ModelOptions:
     fit_check: bool
     fp8_recipe: str | None = None  # training.fp8_recipe (None = the backend's)
     offload_optimizer: bool = False  # parallelism.offload_optimizer (ZeRO-Offload: the update runs on the host)
+    offload_params: bool = False  # parallelism.offload_params (ZeRO-Infinity: the parameters on the host too)
 
 
 def _step_model(arch: Architecture, seq_len: int, precision: str, gpu: GPU, o: _ModelOptions):
     return timing.step_model(arch, seq_len, precision, gpu, o.backend, compile=o.compile, factors=o.factors,
-                             fp8_recipe=o.fp8_recipe, offload_optimizer=o.offload_optimizer)
+                             fp8_recipe=o.fp8_recipe, offload_optimizer=o.offload_optimizer,
+                             offload_params=o.offload_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +292,8 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
     arch = run.model
     sm = _step_model(arch, seq_len, training.precision, gpu, o)
     memory_fn = partial(_memory, memory_mod, arch, seq_len, training.precision, gpu.hbm_bytes,
-                        run.parallelism.offload_optimizer, o.backend, o.compile, o.factors)
+                        run.parallelism.offload_optimizer, o.backend, o.compile, o.factors,
+                        offload_params=run.parallelism.offload_params)
     res = search.search(arch, sm, world=run.hardware.count, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
                         precision=training.precision, pins=backend_pins(run.parallelism, o.backend),
                         memory_fn=memory_fn, peak_fn=partial(memory_fn, per_stage=False),
@@ -311,7 +314,7 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
     memory = res.memory if best else None
     if memory is not None and run.parallelism.offload_optimizer:
         memory = dataclasses.replace(memory, host_bytes_per_node=memory_mod.offload_host_bytes_per_node(
-            params.params_total(arch), best.plan, gpu.gpus_per_node))
+            params.params_total(arch), best.plan, gpu.gpus_per_node, run.parallelism.offload_params))
     return _Searched(plan=best.plan if best else None, memory=memory,
                      reasons=tuple(reasons), alternatives=tuple(res.alternatives),
                      rejected=tuple(res.rejected[:20]), info=info, unfit=unfit)
@@ -344,6 +347,8 @@ def backend_pins(par, backend: str):
     upd = {d: 1 for d in ("tp", "pp", "cp", "ep") if d not in sup and getattr(par, d) is None}
     if "hsdp" not in sup and par.dp_replicate is None:
         upd["dp_replicate"] = 1
+    if par.offload_params and par.zero_stage is None:
+        upd["zero_stage"] = 3  # parameter offload partitions the parameters: ZeRO-3 (on one GPU too)
     return par.model_copy(update=upd) if upd else par
 
 
@@ -393,9 +398,10 @@ def has_pretraining(run: RunSpec) -> bool:
 
 
 def _memory(memory_mod, arch, seq_len, precision, capacity, offload, backend, compile_, factors, plan, *,
-            per_stage: bool = True):
+            per_stage: bool = True, offload_params: bool = False):
     return memory_mod.memory_per_gpu(arch, plan, seq_len, precision, capacity, offload_optimizer=offload,
-                                     backend=backend, compile=compile_, factors=factors, per_stage=per_stage)
+                                     backend=backend, compile=compile_, factors=factors, per_stage=per_stage,
+                                     offload_params=offload_params)
 
 
 def _located(d: Diagnostic, lines: dict, file: str) -> Diagnostic:

@@ -66,6 +66,9 @@ DDP_BUCKET_BYTES = 25 * MiB  # torch DDP bucket_cap_mb default
 # and the fp32 gradient the host update reads (4) (Ren et al. 2021, arXiv:2101.06840 sec. 4; DeepSpeed's
 # estimate_zero3_model_states_mem_needs with zero_init: 16 x params / nodes per node)
 OFFLOAD_HOST_BYTES_PER_PARAM = 16
+# ... and with parameter offload (ZeRO-Infinity to CPU) also its bf16 parameter partition (2): DeepSpeed's
+# estimate_zero3_model_states_mem_needs with cpu_offload_params and zero_init: 18 x params / nodes per node
+OFFLOAD_PARAM_HOST_BYTES_PER_PARAM = 2
 # Loss memory per token per vocabulary entry on the last stage. torchtitan computes
 # cross_entropy(pred.float(), labels): log_softmax keeps its fp32 output (4 B, the "s*b*V*4 fp32 logits"),
 # and the peak comes at the start of the backward, while all activations are still alive: nll_loss's dense
@@ -278,11 +281,14 @@ def model_state_bytes(
     grad_bytes: float = 2,
     optimizer_bytes: float = 12,
     offload_optimizer: bool = False,
+    offload_params: bool = False,
 ) -> dict[str, float]:
     """Weights / grads / optimizer bytes for n_params replicated over a shard group of size ``shard``.
 
     ZeRO paper sec. 5 / Figure 1: stage 1 shards the optimizer, 2 also the grads, 3 also the weights.
-    With ``offload_optimizer`` the optimizer states and the (fp32) grads are on the CPU (GPU part 0).
+    With ``offload_optimizer`` the optimizer states and the (fp32) grads are on the CPU (GPU part 0); with
+    ``offload_params`` (ZeRO-3) the weights' partitions too (ZeRO-Infinity, Rajbhandari et al. 2021,
+    arXiv:2104.07857: each layer is gathered to the GPU only while it runs, in the buffers).
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0..3, got {zero_stage}")
@@ -292,7 +298,15 @@ def model_state_bytes(
     o = n_params * optimizer_bytes / (n if zero_stage >= 1 else 1)
     if offload_optimizer:
         g, o = 0.0, 0.0
+    if offload_params:
+        _check_param_offload(zero_stage, offload_optimizer)
+        w = 0.0
     return {"weights": w, "grads": g, "optimizer": o}
+
+
+def _check_param_offload(zero_stage: int, offload_optimizer: bool) -> None:
+    if zero_stage != 3 or not offload_optimizer:
+        raise ValueError("offload_params needs ZeRO stage 3 with offload_optimizer (DeepSpeed ZeRO-Infinity on CPU)")
 
 
 def _precision_bytes(precision: str, optimizer_bytes_per_param: float, grad_bytes_per_param: float | None):
@@ -516,6 +530,7 @@ def stage_memory(
     backend=None,
     compile: bool | None = None,
     compile_loss: bool | None = None,
+    offload_params: bool = False,
 ) -> list[StageMemory]:
     """Memory of one GPU in each pipeline stage (see the module docstring for every term).
 
@@ -526,11 +541,16 @@ def stage_memory(
     """
     be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
     return [StageMemory(w, gr, op, acts, buf) for _, _, w, gr, op, acts, buf in _stage_values(
-        arch, plan, seq_len, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param,
-        flash_attention, be, compile, compile_loss, runs=False)]
+        arch, plan, seq_len, precision, optimizer_bytes_per_param, _offload_level(offload_optimizer, offload_params),
+        grad_bytes_per_param, flash_attention, be, compile, compile_loss, runs=False)]
 
 
-def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param,
+def _offload_level(offload_optimizer: bool, offload_params: bool) -> int:
+    """0: nothing on the host; 1: the optimizer (ZeRO-Offload); 2: the optimizer and the parameters (ZeRO-Infinity)."""
+    return 2 if offload_params else 1 if offload_optimizer else 0
+
+
+def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, offload, grad_bytes_per_param,
                   flash_attention, be, compile, compile_loss, *, runs: bool) -> list[tuple]:
     """(first stage, number of stages, weights, grads, optimizer, activations, buffers) for every stage
     (``runs=False``), or once per run of consecutive stages with the same parameters and blocks
@@ -553,8 +573,8 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
         if plan.ac_layers < 1:
             raise ValueError("activation_checkpointing 'partial' needs ac_layers >= 1")
         split = _partial_split(arch.n_layers, plan.pp, plan.pp_schedule, virtual, plan.ac_layers)
-    static = _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload_optimizer,
-                          grad_bytes_per_param, be, structure)
+    static = _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload, grad_bytes_per_param, be,
+                          structure)
     out: list[tuple] = []
     for run, (w, gr, op, buf0) in zip(structure, static, strict=True):
         start, count, has_head = run[0], run[1], run[5]
@@ -663,19 +683,19 @@ def _structure(arch, pp, schedule, virtual, seq_len, flash, act_b) -> tuple:
     return out
 
 
-def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param, be,
+def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload, grad_bytes_per_param, be,
                  structure) -> tuple:
     """Per run of ``structure`` (:func:`_structure`): (weights, grads, optimizer, buffers without the
     logits), which depend on the layout but not on the micro-batch, AC or gradient accumulation."""
     # dp_replicate > 1 separately from dp > 1: the outside-allocator bytes count its NCCL communicator
     key = (id(structure), plan.tp, plan.ep, plan.dp_shard, plan.cp, plan.dp > 1, plan.dp_replicate > 1,
-           plan.zero_stage, plan.pp, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param, be.name)
+           plan.zero_stage, plan.pp, precision, optimizer_bytes_per_param, offload, grad_bytes_per_param, be.name)
     hit = _STATIC.get(key)
     if hit is not None and hit[0] is structure:
         return hit[1]
     cwb = 4.0 if precision == "fp32" else 2.0  # bytes of an all-gathered (unsharded) parameter in compute
     zs = plan.zero_stage
-    per_group = {name: _group_bytes(mp, z, zs, precision, optimizer_bytes_per_param, offload_optimizer,
+    per_group = {name: _group_bytes(mp, z, zs, precision, optimizer_bytes_per_param, offload,
                                     grad_bytes_per_param, be)
                  for name, (mp, z) in _shard_groups(plan).items()}
     out = []
@@ -729,27 +749,28 @@ def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload_optim
 _GROUP_BYTES: dict[tuple, tuple] = {}
 
 
-def _group_bytes(mp, z, zs, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param, be):
+def _group_bytes(mp, z, zs, precision, optimizer_bytes_per_param, offload, grad_bytes_per_param, be):
     """(1, weights, grads, optimizer) bytes per parameter of a sharding group, / its model-parallel divisor
     ``mp``: the same arithmetic as backend_state_bytes / model_state_bytes, evaluated once per group and
     shard size instead of once per stage."""
-    key = (mp, z, zs, precision, optimizer_bytes_per_param, offload_optimizer, grad_bytes_per_param, id(be))
+    key = (mp, z, zs, precision, optimizer_bytes_per_param, offload, grad_bytes_per_param, id(be))
     hit = _GROUP_BYTES.get(key)
     if hit is not None and hit[0] is be:
         return hit[1]
     wb, gb, ob = _precision_bytes(precision, optimizer_bytes_per_param, grad_bytes_per_param)
     if precision != "fp32" and grad_bytes_per_param is None and optimizer_bytes_per_param == 12:
-        st = backend_state_bytes(1.0, be, zero_stage=zs, shard=z, offload_optimizer=offload_optimizer)
+        st = backend_state_bytes(1.0, be, zero_stage=zs, shard=z, offload_optimizer=offload >= 1,
+                                 offload_params=offload == 2)
     else:
         st = model_state_bytes(1.0, zero_stage=zs, shard=z, weight_bytes=wb, grad_bytes=gb, optimizer_bytes=ob,
-                               offload_optimizer=offload_optimizer)
+                               offload_optimizer=offload >= 1, offload_params=offload == 2)
     out = (1.0 / mp, st["weights"] / mp, st["grads"] / mp, st["optimizer"] / mp)
     _bounded(_GROUP_BYTES)[key] = (be, out)
     return out
 
 
 def backend_state_bytes(n_params: float, backend, *, zero_stage: int = 0, shard: int = 1,
-                        offload_optimizer: bool = False) -> dict[str, float]:
+                        offload_optimizer: bool = False, offload_params: bool = False) -> dict[str, float]:
     """Weights / grads / optimizer bytes of ``n_params`` under ``backend``'s mixed-precision layout
     (:mod:`llmc.compiler.backends`: replicated + sharded bytes per parameter for each ZeRO stage)."""
     if zero_stage not in (0, 1, 2, 3):
@@ -763,6 +784,9 @@ def backend_state_bytes(n_params: float, backend, *, zero_stage: int = 0, shard:
     w, g, o = part(st.weights), part(st.grads), part(st.optimizer)
     if offload_optimizer:  # ZeRO-Offload: fp32 grads, master and moments on the CPU; bf16 weights stay
         w, g, o = n_params * 2.0 / (n if zero_stage >= 3 else 1), 0.0, 0.0
+    if offload_params:  # ZeRO-Infinity: the bf16 partitions too; a layer is gathered only while it runs (buffers)
+        _check_param_offload(zero_stage, offload_optimizer)
+        w = 0.0
     return {"weights": w, "grads": g, "optimizer": o}
 
 
@@ -802,6 +826,7 @@ def memory_per_gpu(
     factors=None,
     compile_loss: bool | None = None,
     per_stage: bool = True,
+    offload_params: bool = False,
 ) -> MemoryNumbers:
     """Peak bytes per GPU over the pipeline stages, with the breakdown of the peak stage.
 
@@ -821,8 +846,9 @@ def memory_per_gpu(
     scale = be.reserved_over_allocated * (getattr(factors, "mem_scale", 1.0) if factors is not None else 1.0)
     extra = getattr(factors, "mem_overhead_bytes", 0.0) if factors is not None else 0.0
     runs = not per_stage and scale > 0 and be.compile_act_saving <= 1.0
-    values = _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, offload_optimizer,
-                           grad_bytes_per_param, flash_attention, be, compile, compile_loss, runs=runs)
+    values = _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param,
+                           _offload_level(offload_optimizer, offload_params), grad_bytes_per_param, flash_attention, be,
+                           compile, compile_loss, runs=runs)
     ceil = math.ceil
     # reserved = (StageMemory.total - outside) x scale + extra; what must fit = reserved + outside
     totals = [int(ceil(((w + gr + op + acts + buf) - outside) * scale + extra + outside))
@@ -841,14 +867,17 @@ def memory_per_gpu(
     )
 
 
-def offload_host_bytes_per_node(n_params: int, plan: ParallelPlan, gpus_per_node: int) -> int:
+def offload_host_bytes_per_node(n_params: int, plan: ParallelPlan, gpus_per_node: int,
+                                offload_params: bool = False) -> int:
     """Host memory per node under optimizer offload: every parameter is owned by one rank of each data-parallel
     replica (ZeRO shards the optimizer over dp_shard; TP / PP / EP split it first), so the hosts hold
-    :data:`OFFLOAD_HOST_BYTES_PER_PARAM` x params x dp_replicate, spread evenly over the nodes. Steady state:
-    llmc's runtimes build the model on the GPU (ZeRO-3 under ``zero.Init``), never a full fp32 copy per rank
-    on the host (which DeepSpeed's ZeRO-2 estimator adds as 4 B x params x GPUs)."""
+    :data:`OFFLOAD_HOST_BYTES_PER_PARAM` x params x dp_replicate (+ :data:`OFFLOAD_PARAM_HOST_BYTES_PER_PARAM` with
+    ``offload_params``), spread evenly over the nodes. Steady state: llmc's runtimes build the model on the GPU
+    (ZeRO-3 under ``zero.Init``, on the host with parameter offload), never a full fp32 copy per rank on the host
+    (which DeepSpeed's ZeRO-2 estimator adds as 4 B x params x GPUs)."""
     nodes = max(1, math.ceil(plan.world / max(1, gpus_per_node)))
-    return math.ceil(OFFLOAD_HOST_BYTES_PER_PARAM * n_params * plan.dp_replicate / nodes)
+    per_param = OFFLOAD_HOST_BYTES_PER_PARAM + (OFFLOAD_PARAM_HOST_BYTES_PER_PARAM if offload_params else 0)
+    return math.ceil(per_param * n_params * plan.dp_replicate / nodes)
 
 
 def fits(mem: MemoryNumbers, headroom: float | None = None) -> bool:

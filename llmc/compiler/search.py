@@ -205,10 +205,12 @@ class _Family:
 
     def bound(self, sm: StepModel) -> float:
         """The fastest step over ``mbs`` without recomputation and without the terms that depend on the data-parallel
-        split (FSDP / ZeRO traffic, replica all-reduce, optimizer update): every other term of
+        split (FSDP / ZeRO traffic, parameter fetches from the host, replica all-reduce, optimizer update): every
+        other term of
         :meth:`LayoutTimer.time` is the same for all members, so this is <= each member's ``_Layout.lb``."""
         timer = self.timer = LayoutTimer(sm, self.t, self.p, self.c, self.e, self.dp, 1, self.z, self.sched, self.v)
         timer.fsdp_passes, timer.fsdp_latency, timer.per_step_comm, timer.optimizer = 0, 0.0, 0.0, 0.0
+        timer.param_fetch = 0.0
         return min(timer.time(mb, self.per_dp // mb, "none")[0] for mb in self.mbs)
 
     def expand(self) -> list[_Layout]:
@@ -950,10 +952,11 @@ def _verdict(dim, chosen, values, best_by, nofit_by, step) -> str:
 
 
 def pins_set(pins) -> dict:
-    """The parallelism fields the spec pinned (offload_optimizer is a setting, not a pin)."""
+    """The parallelism fields the spec pinned (offload_optimizer and offload_params are settings, not pins)."""
     if pins is None:
         return {}
-    return {k: v for k, v in pins.model_dump(exclude={"offload_optimizer"}).items() if v is not None}
+    return {k: v for k, v in pins.model_dump(exclude={"offload_optimizer", "offload_params"}).items()
+            if v is not None}
 
 
 def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capacity: int,

@@ -100,6 +100,12 @@ ADAM_BYTES_PER_PARAM = 30  # HBM traffic of one fused AdamW update per owned par
 # for M parameters in the paper), at the table's pcie_gbps per direction (else OFFLOAD_PCIE_GBPS) x COMM_EFFICIENCY,
 # counted exposed; the update runs on the node's shared CPUs at CPU_ADAM_PARAMS_PER_S for all of the node's ranks.
 OFFLOAD_PCIE_BYTES_PER_PARAM = 4
+# ZeRO-Infinity's parameter offload to CPU (parallelism.offload_params; Rajbhandari et al. 2021, arXiv:2104.07857
+# sec. 5): the 16-bit parameter partitions live on the host too. Each rank copies its partition over its PCIe link
+# before the forward and again before the backward all-gather of every micro-batch (2 x 2 B per owned parameter),
+# overlapped with compute as the ZeRO-3 gathers are (prefetch); the updated parameters stay on the host, so the
+# step sends only the gradients (2 of OFFLOAD_PCIE_BYTES_PER_PARAM's 4 B).
+PARAM_FETCHES_PER_MICRO_BATCH = 2
 OFFLOAD_PCIE_GBPS = 32.0  # PCIe Gen4 x16 per direction, where the table gives no host link (Gen5 hosts: 64)
 # DeepSpeedCPUAdam (AVX-512, all cores of a training host): an 11.6B-parameter GPT-2's optimizer step in 8.2 s
 # (torch.optim.Adam: 56 s), https://github.com/deepspeedai/DeepSpeed/pull/735. Host-dependent: a single
@@ -177,6 +183,7 @@ class StepModel:
     fp8_peak_ratio: float = 1.0  # fp8 / bf16 dense peak
     fp8_mx: bool = False  # MXFP8: the fp8 GEMMs also read one E8M0 scale per 32 input elements (roofline)
     offload_optimizer: bool = False  # ZeRO-Offload: AdamW on the host (OFFLOAD_PCIE_BYTES_PER_PARAM, CPU_ADAM_PARAMS_PER_S)
+    offload_params: bool = False  # ZeRO-Infinity to CPU: parameter partitions fetched per pass (PARAM_FETCHES_...)
     host_Bps: float = 0.0  # bytes/s per GPU per direction to the host (PCIe), for the offload traffic
     gpus_per_host: int = 1  # GPUs sharing one host's CPUs (the table's gpus_per_node; not the NVLink domain)
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # per-pp stage info
@@ -184,7 +191,7 @@ class StepModel:
 
 def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile: bool | None = None,
                async_tp: bool = False, fp8_recipe: str | None = None, factors=None,
-               offload_optimizer: bool = False) -> StepModel:
+               offload_optimizer: bool = False, offload_params: bool = False) -> StepModel:
     """Precompute the constants of the time model for one architecture on one cluster.
 
     ``gpu`` is a ``hardware.GPU`` (already carrying the spec's gpus_per_node / network overrides).
@@ -195,7 +202,8 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     (:class:`calibration.Factors`: compute_scale divides the compute time, comm_scale multiplies every
     exposed communication time; applied in :meth:`LayoutTimer.time` after the overlap model, so the
     reported step is exactly the linear model the calibration was fitted with); ``offload_optimizer`` =
-    ZeRO-Offload (the optimizer step runs on the host: :data:`CPU_ADAM_PARAMS_PER_S`).
+    ZeRO-Offload (the optimizer step runs on the host: :data:`CPU_ADAM_PARAMS_PER_S`); ``offload_params`` = the
+    parameters on the host too (:data:`PARAM_FETCHES_PER_MICRO_BATCH`).
     """
     from llmc.compiler.backends import activation_mode, compile_on, fp8_recipe_on, get_backend
 
@@ -311,6 +319,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         fp8_peak_ratio=peak_flops(gpu, "fp8") / peak if precision == "fp8" else 1.0,
         fp8_mx=precision == "fp8" and recipe == "mxfp8",
         offload_optimizer=offload_optimizer,
+        offload_params=offload_params,
         host_Bps=(float(getattr(gpu, "pcie_gbps", 0.0) or 0.0) or OFFLOAD_PCIE_GBPS) * 1e9 * COMM_EFFICIENCY,
         gpus_per_host=max(1, int(gpu.gpus_per_node)),
     )
@@ -458,7 +467,8 @@ class LayoutTimer:
     # ``micro`` caches the per-micro-batch terms, which the split does not change (shared by with_split)
     _FAMILY = ("sm", "t", "p", "cp", "ep", "zero", "sched", "v", "chunks", "world", "bubble_slots", "pp_bw", "ep_bw",
                "cp_bw", "a2a_per_token", "dense_local", "expert_local", "max_blocks", "micro")
-    __slots__ = _FAMILY + ("ds", "dr", "one_pass", "fsdp_passes", "fsdp_latency", "per_step_comm", "optimizer")
+    __slots__ = _FAMILY + ("ds", "dr", "one_pass", "fsdp_passes", "fsdp_latency", "per_step_comm", "optimizer",
+                           "param_fetch")
 
     def __init__(self, sm: StepModel, tp: int, pp: int, cp: int, ep: int, dp_shard: int, dp_replicate: int,
                  zero_stage: int, pp_schedule: str = "1F1B", pp_virtual_stages: int = 1):
@@ -551,8 +561,12 @@ class LayoutTimer:
             bw = sm.nvlink_Bps if n_sh * t * dp_replicate <= gpn else sm.net_Bps
             self.per_step_comm += 2 * (dp_replicate - 1) / dp_replicate * shard_bytes / bw
         owned = (dense_local / n_sh + expert_local / n_esh) if zero_stage >= 1 else dense_local + expert_local
+        # ZeRO-Infinity: the owned 16-bit partition crosses the host link before each gather of a micro-batch
+        self.param_fetch = (PARAM_FETCHES_PER_MICRO_BATCH * ACT_BYTES * owned / sm.host_Bps
+                            if sm.offload_params else 0.0)
         if sm.offload_optimizer:  # ZeRO-Offload: PCIe both ways, then the node's CPUs update every rank's share
-            self.optimizer = (owned * OFFLOAD_PCIE_BYTES_PER_PARAM / sm.host_Bps
+            pcie = OFFLOAD_PCIE_BYTES_PER_PARAM - (ACT_BYTES if sm.offload_params else 0)  # params stay on the host
+            self.optimizer = (owned * pcie / sm.host_Bps
                               + owned * min(sm.gpus_per_host, self.world) / CPU_ADAM_PARAMS_PER_S)
         else:
             self.optimizer = owned * ADAM_BYTES_PER_PARAM / sm.hbm_Bps
@@ -567,8 +581,9 @@ class LayoutTimer:
             hit = self.micro[key] = self._micro(mb, ac, ac_layers)
         compute, recompute, elem, tp_comm, ep_comm, cp_comm, pp_comm = hit
         fsdp = 0.0
-        if self.fsdp_passes:
-            fsdp = _exposed(self.fsdp_passes * self.one_pass + self.fsdp_latency, compute, sm.fsdp_overlap)
+        if self.fsdp_passes or self.param_fetch:
+            fsdp = _exposed(self.fsdp_passes * self.one_pass + self.fsdp_latency + self.param_fetch, compute,
+                            sm.fsdp_overlap)
         dp = _exposed(self.per_step_comm, compute, sm.fsdp_overlap)
         if sm.compute_scale != 1.0 or sm.comm_scale != 1.0:
             # calibration (calibration.py): compute parts / compute_scale, exposed communication x comm_scale,

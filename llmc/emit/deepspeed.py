@@ -16,6 +16,7 @@ Diagnostics:
     X106 warning  fp8 training: the DeepSpeed runner trains in bf16
     X108 error    offload_optimizer with ZeRO stage 0
     X109 warning  a stage's global batch cannot be split over the DeepSpeed data-parallel ranks
+    X110 error    offload_params with a ZeRO stage other than 3
 
 Per-stage configs: ``llmc.runtime.ds_train`` runs ``deepspeed/ds_config.<stage>.json`` for ``--stage S``
 when it exists, else ``ds_config.json``, and refuses a config whose batch / lr / steps / precision are not
@@ -156,6 +157,11 @@ def _pinning_checks(compiled, plan: ParallelPlan, stage: int) -> list[Diagnostic
         out.append(diag("X108", "error", "parallelism.offload_optimizer",
                         "offload_optimizer needs ZeRO stage >= 1 (zero_stage is 0)",
                         "pin zero_stage 1, 2 or 3, or drop offload_optimizer"))
+    if par.offload_params and stage != 3:
+        out.append(diag("X110", "error", "parallelism.offload_params",
+                        f"offload_params needs ZeRO stage 3 (zero_stage is {stage}): only ZeRO-3 partitions the "
+                        "parameters DeepSpeed's offload_param moves to the host",
+                        "pin zero_stage 3, or drop offload_params"))
     return out
 
 
@@ -214,6 +220,9 @@ def _zero_section(compiled, stage: int) -> dict[str, Any]:
                     stage3_gather_16bit_weights_on_model_save=True)
     if compiled.spec.parallelism.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if compiled.spec.parallelism.offload_params and stage == 3:
+        # ZeRO-Infinity on CPU: the parameter partitions live in pinned host memory (zero.Init allocates them there)
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return zero
 
 

@@ -341,6 +341,9 @@ class Parallelism(SpecModel):
     """DeepSpeed ZeRO stage for the DeepSpeed backend. None = derived from the plan."""
     offload_optimizer: bool = False
     """Offload optimizer states to CPU (DeepSpeed)."""
+    offload_params: bool = False
+    """Offload the parameters to CPU too (DeepSpeed ZeRO-3 ``offload_param``, ZeRO-Infinity): each layer is fetched
+    to the GPU only while it runs. Needs ``offload_optimizer`` and ZeRO stage 3."""
 
 
 # ----------------------------------------------------------------------------- stages
