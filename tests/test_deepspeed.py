@@ -391,6 +391,9 @@ def test_zero_stages_train_the_tiny_model_identically(tmp_path):
         assert f"DeepSpeed ZeRO-{zero}" in r.stdout
         done = json.loads((b / "run" / "pretrain" / "DONE.json").read_text())
         assert done["status"] == "done" and done["step"] == 8 and done["zero_stage"] == zero
+        # what DeepSpeed ran: torch's AdamW (ds_config torch_adam), nothing offloaded (ZeRO-3's own flags)
+        assert done["optimizer"] == "AdamW" and done.get("offload") == (
+            {"optimizer": False, "params": False} if zero == 3 else None)
         ck = b / "run" / "pretrain" / done["checkpoint"]
         assert (ck / "manifest.json").exists()  # llmc-format weights, so a next stage can init_from this one
         import torch

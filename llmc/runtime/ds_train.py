@@ -108,6 +108,18 @@ def _local_numel(model) -> int:
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
 
 
+def _placement(engine, zero: int) -> dict:
+    """What DeepSpeed really runs of what the config offloads, recorded in DONE.json: the optimizer that updates
+    the partitions (``DeepSpeedCPUAdam`` under ``offload_optimizer``) and, under ZeRO-3, the flags DeepSpeed's
+    stage-3 optimizer set from the config (``DeepSpeedZeroOptimizer_Stage3._configure_offloading``)."""
+    zopt = engine.optimizer
+    out = {"optimizer": type(getattr(zopt, "optimizer", zopt)).__name__}
+    if zero == 3:
+        out["offload"] = {"optimizer": bool(getattr(zopt, "offload_optimizer", False)),
+                          "params": bool(getattr(zopt, "offload_param", False))}
+    return out
+
+
 def build_zero3_model(arch, cfg: dict, seed: int, rank: int, std: float = 0.02):
     """The model built under ``deepspeed.zero.Init`` (parameters partitioned as each module is created) and
     initialised part by part (embeddings, each block, norm, head) on rank 0 inside ``GatheredParameters``,
@@ -373,7 +385,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
               "step": step, "steps": job.steps, "loss": last_loss, "tokens": tokens,
               "checkpoint": os.path.relpath(final, out), "wall_s": round(time.time() - t_start, 2),
               "params": n_params, "world": world, "rank0_param_numel": local_numel,
-              "activation_checkpointing": ac}
+              "activation_checkpointing": ac, **_placement(engine, zero)}
     if validator is not None and validator.last is not None:
         result.update({f"val_{k}" if k == "step" else k: v for k, v in validator.last.items()})
     if main:
