@@ -98,3 +98,24 @@ def test_memory_model_refuses_parameter_offload_without_zero3_and_optimizer_offl
         backend_state_bytes(1.0, get_backend("deepspeed"), zero_stage=2, offload_optimizer=True, offload_params=True)
     with pytest.raises(ValueError, match="offload_optimizer"):
         model_state_bytes(1.0, zero_stage=3, offload_params=True)
+
+
+@pytest.mark.parametrize("hardware, code", [
+    ("{gpu: h100-sxm, count: 1}", None),  # 1,183 GiB of the reference node's 2,048 GiB
+    ("{gpu: h100-sxm, count: 1, host_memory_gib: 1400}", "warning"),  # 85%
+    ("{gpu: h100-sxm, count: 1, host_memory_gib: 1024}", "error"),
+    ("{gpu: h100-sxm, count: 1, gpus_per_node: 4}", "info"),  # another node than the table's: unknown
+    ("{gpu: a100-80g, count: 1}", "info"),  # the table gives no host memory for it
+])  # fmt: skip
+def test_host_memory_of_the_offload_against_the_node(hardware, code):
+    """P016: the host bytes the plan reports per node (18 B per parameter here) against the node's host memory."""
+    spec = SPEC.replace("hardware: {gpu: h100-sxm, count: 1}", f"hardware: {hardware}")
+    run, lines = loads_spec(spec.replace("PINS", "{offload_optimizer: true, offload_params: true}"), file="s.yaml")
+    c = compile_spec(run, "s.yaml", lines, spec_bytes=b"")
+    p016 = [d for d in c.diagnostics if d.code == "P016"]
+    if code is None:
+        assert not p016 and c.memory.host_bytes_per_node < 2048 * 2**30
+        return
+    assert [d.severity for d in p016] == [code], p016
+    need = f"{c.memory.host_bytes_per_node / 2**30:,.0f} GiB"
+    assert need in p016[0].message and p016[0].hint

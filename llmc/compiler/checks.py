@@ -19,6 +19,7 @@ P012   error     parallelism.ac_layers without activation_checkpointing: partial
 P013   warning   ac_layers at least the largest pipeline chunk: every block recomputed, as full
 P014   error     parallelism.pp_virtual_stages the pinned schedule cannot run, or pp x chunks > n_layers + 2
 P015   error     parallelism.offload_params without offload_optimizer, or with a ZeRO stage other than 3
+P016   error     offload needs more host memory per node than the node has (warning above 80%; info: unknown)
 T001   warning   peak LR outside the pre-training range / far from the size-aware value
 T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
 T003   warning   no gradient clipping
@@ -408,6 +409,34 @@ def check_offload(run, time, sink: Sink) -> None:
              f"({opt / time.step_seconds:.0%}), at {CPU_ADAM_PARAMS_PER_S / 1e9:.2f}e9 parameters/s per host "
              "(DeepSpeedCPUAdam on an AVX-512 training host; a smaller host is slower)",
              "measure a few steps and fit the plan to them with `llmc calibrate`")
+
+
+HOST_MEMORY_WARN = 0.8  # of the node's host memory: the OS, the data loaders and pinned transfer buffers need the rest
+
+
+def check_host_memory(run, memory, gpu, sink: Sink) -> None:
+    """P016: what optimizer (and parameter) offload keeps in each node's host memory
+    (``memory.offload_host_bytes_per_node``) against the node's (``hardware.host_memory_gib``, else the table's
+    reference node): error above it, warning above :data:`HOST_MEMORY_WARN` of it, info when it is unknown."""
+    need = getattr(memory, "host_bytes_per_node", 0) if memory is not None else 0
+    if not need or gpu is None:
+        return
+    what = "optimizer and parameter offload" if run.parallelism.offload_params else "optimizer offload"
+    have = gpu.host_gib * 2**30
+    if not have:
+        sink.add("P016", "info", "hardware.host_memory_gib",
+                 f"{what} keeps {need / 2**30:,.0f} GiB per node in host memory; the node's is not known",
+                 "set hardware.host_memory_gib to have the plan check it")
+    elif need > have:
+        hint = ("more nodes (each holds the optimizer of its own GPUs' shards)" +
+                (", or optimizer offload alone" if run.parallelism.offload_params else ""))
+        sink.add("P016", "error", "parallelism.offload_optimizer",
+                 f"{what} needs {need / 2**30:,.0f} GiB of host memory per node, more than the node's "
+                 f"{have / 2**30:,.0f} GiB (hardware.host_memory_gib or the hardware table's reference node)", hint)
+    elif need > HOST_MEMORY_WARN * have:
+        sink.add("P016", "warning", "parallelism.offload_optimizer",
+                 f"{what} fills {need / have:.0%} of the node's {have / 2**30:,.0f} GiB of host memory "
+                 f"({need / 2**30:,.0f} GiB)", "leave room for the OS, data loaders and pinned buffers: more nodes")
 
 
 def check_budget(run, training_flops: float, time, cost, peak: float, price: float, sink: Sink) -> None:

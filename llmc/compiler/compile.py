@@ -78,6 +78,10 @@ def cluster_gpu(run: RunSpec, gpu: GPU) -> GPU:
     changes = {}
     if hw.gpus_per_node is not None:
         changes["gpus_per_node"] = hw.gpus_per_node
+        if hw.gpus_per_node != gpu.gpus_per_node:
+            changes["host_gib"] = 0.0  # another node than the table's reference one: its host memory is unknown
+    if hw.host_memory_gib is not None:
+        changes["host_gib"] = hw.host_memory_gib
     if hw.inter_node_gbps is not None:
         changes["net_gbps"] = hw.inter_node_gbps
     if hw.usd_per_gpu_hour is not None:
@@ -160,6 +164,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
 
     if pretrains:
         _check_pretraining(run, gpu, hyper, compute, time, cost, sink)
+        checks.check_host_memory(run, searched.memory, gpu, sink)
     stages, stage_diags = _stages(run, gpu, lines, spec_path, hyper, searched, facts)
     serving, serving_diags = _serving(run, gpu, lines)
     evaluation = _evaluation(run, sink, spec_path, stages, hyper, searched.plan, compute, time)

@@ -53,6 +53,7 @@ class GPU:
     nvlink_domain: int | None = None  # GPUs sharing one NVLink fabric (None = gpus_per_node; GB200 NVL72: 72)
     pcie_gbps: float = 0.0  # GB/s per GPU per direction over PCIe; 0 = not given
     mx_block_scaling: bool = False  # tensor cores run OCP MX block-scaled formats (MXFP8: Blackwell, SM 10.x)
+    host_gib: float = 0.0  # host (CPU) memory of the reference node in GiB, for offload plans; 0 = not given
 
     @property
     def hbm_gib(self) -> float:
@@ -80,7 +81,10 @@ _ROWS: list[dict] = [
         net_gbps=400,
         gpus_per_node=8,
         usd_per_hour=2.5,
-        source="https://www.nvidia.com/en-us/data-center/h100/ ; https://resources.nvidia.com/en-us-tensor-core/gtc22-whitepaper-hopper",
+        # host: 2 TB (32 x 64 GB DIMMs) in 8x H100 SXM systems' MLPerf descriptions (e.g. HPE Cray XD670, MLPerf
+        # Inference v5.0: host_memory_capacity 2048GB); vendors ship 1-2 TB: set hardware.host_memory_gib
+        host_gib=2048,
+        source="https://www.nvidia.com/en-us/data-center/h100/ ; https://resources.nvidia.com/en-us-tensor-core/gtc22-whitepaper-hopper ; https://github.com/mlcommons/inference_results_v4.1/blob/main/open/HPE/results/HPE_Cray_XD670_H100_SXM_80GBx8_TRT/README.md",
     ),
     dict(
         key="h100-pcie",
@@ -137,7 +141,10 @@ _ROWS: list[dict] = [
         net_gbps=400,
         gpus_per_node=8,
         usd_per_hour=3.5,
-        source="https://www.nvidia.com/en-us/data-center/h200/",
+        # host: 2 TB (32 x 64 GB DIMMs) in NVIDIA's own 8x H200 SXM MLPerf system (Inference v4.1, closed,
+        # H200-SXM-141GBx8); other vendors ship 1.5-2 TB: set hardware.host_memory_gib
+        host_gib=2048,
+        source="https://www.nvidia.com/en-us/data-center/h200/ ; https://github.com/mlcommons/inference_results_v4.1/blob/main/closed/NVIDIA/systems/H200-SXM-141GBx8_TRT_MaxQ.json",
     ),
     dict(
         key="b200",

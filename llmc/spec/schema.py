@@ -190,6 +190,9 @@ class Hardware(SpecModel):
     """Price per GPU-hour. None = the hardware table's reference price."""
     inter_node_gbps: Float | None = Field(default=None, gt=0)
     """Network bandwidth per GPU in Gbit/s. None = the table's default (400 Gb/s per GPU)."""
+    host_memory_gib: Float | None = Field(default=None, gt=0)
+    """Host (CPU) memory per node in GiB, which optimizer and parameter offload fill (P016). None = the hardware
+    table's reference node where it gives one (``llmc gpus``)."""
     gpu_overrides: GpuOverrides | None = None
     """Override table fields of ``gpu`` (peaks, HBM, power, NVLink) or define a custom GPU."""
 
