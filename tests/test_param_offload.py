@@ -119,3 +119,24 @@ def test_host_memory_of_the_offload_against_the_node(hardware, code):
     assert [d.severity for d in p016] == [code], p016
     need = f"{c.memory.host_bytes_per_node / 2**30:,.0f} GiB"
     assert need in p016[0].message and p016[0].hint
+
+
+def test_offload_runs_on_deepspeed_only_and_one_gpu_gets_the_stage_it_was_sized_for():
+    """Only llmc's DeepSpeed job offloads: another pinned backend is P017 (the plan would size states its job keeps
+    on the GPU). On one GPU, optimizer offload is ZeRO-2 (ZeRO-Offload) and parameter offload ZeRO-3, and the
+    emitted ds_config runs the plan's stage (it used to derive 0 from the single rank: X108, no DeepSpeed job)."""
+    from llmc.emit.deepspeed import deepspeed_config
+
+    run, lines = loads_spec(SPEC.replace("llama3-70b", "llama3-8b").replace("PINS", "{offload_optimizer: true}").replace(
+        "training: {", "training: {backend: torchtitan, "), file="s.yaml")
+    c = compile_spec(run, "s.yaml", lines, spec_bytes=b"")
+    assert [(d.code, d.path) for d in c.diagnostics if d.severity == "error"] == \
+        [("P017", "parallelism.offload_optimizer")]
+    # (70B on one GPU does not fit with optimizer offload alone: 8B there)
+    for model, pins, stage in (("llama3-8b", "{offload_optimizer: true}", 2),
+                               ("llama3-70b", "{offload_optimizer: true, offload_params: true}", 3)):
+        run, lines = loads_spec(SPEC.replace("llama3-70b", model).replace("PINS", pins), file="s.yaml")
+        c = compile_spec(run, "s.yaml", lines, spec_bytes=b"")
+        assert c.backend.name == "deepspeed" and c.plan.zero_stage == stage
+        cfg, diags = deepspeed_config(c)
+        assert cfg["zero_optimization"]["stage"] == stage and not [d for d in diags if d.severity == "error"]

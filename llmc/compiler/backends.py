@@ -75,7 +75,7 @@ class Backend:
     reserved_over_allocated: float  # allocator reserved / allocated at the peak (fragmentation; fitted)
     cuda_context_bytes: float  # CUDA context + kernels, outside the caching allocator
     nccl_bytes_per_peer_group: float  # NCCL buffers per communicator (outside the allocator)
-    supports: frozenset[str] = frozenset()  # parallel dimensions the runner implements
+    supports: frozenset[str] = frozenset()  # parallel dimensions the runner implements (+ "offload": CPU offload)
     sources: dict[str, str] = field(default_factory=dict)
     # HBM bytes per cast element when the cast cannot be fused into the producing kernel (its input comes out
     # of a collective, or eager mode), by recipe; missing = fp8_cast_bytes
@@ -249,7 +249,7 @@ BACKENDS: dict[str, Backend] = {
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
-        supports=frozenset({"dp", "zero"}), selective_ac="attention_core",
+        supports=frozenset({"dp", "zero", "offload"}), selective_ac="attention_core",
         sources={
             "states": "deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs; "
             "stage3.py estimate_zero3_model_states_mem_needs (DeepSpeed 0.19.8)",
@@ -304,7 +304,7 @@ BACKENDS: dict[str, Backend] = {
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.5,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.0,
         cuda_context_bytes=1.0 * GiB, nccl_bytes_per_peer_group=0.0,
-        supports=frozenset({"dp", "fsdp", "hsdp", "zero", "tp", "pp", "cp", "ep"}),
+        supports=frozenset({"dp", "fsdp", "hsdp", "zero", "tp", "pp", "cp", "ep", "offload"}),
         sources={"states": "Rajbhandari et al. 2020, ZeRO, arXiv 1910.02054 sec. 3.1 (2 + 2 + 12 B/param)"}),
 }
 
@@ -325,10 +325,10 @@ def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = N
     runner data parallelism only)."""
     if requested != "auto":
         return requested, f"training.backend pins {requested}"
+    if offload_optimizer:  # also on CPU: llmc's DeepSpeed runner runs there on DeepSpeed's CPU accelerator
+        return "deepspeed", "auto: optimizer offload is a DeepSpeed feature (ZeRO-Offload)"
     if cpu:
         return "native", "auto: llmc's native trainer (a CPU run; torchtitan and DeepSpeed need GPUs)"
-    if offload_optimizer:
-        return "deepspeed", "auto: optimizer offload is a DeepSpeed feature (ZeRO-Offload)"
     if zero_stage in (1, 2):
         return "deepspeed", f"auto: ZeRO-{zero_stage} is a DeepSpeed optimizer (torchtitan shards with FSDP2)"
     dims = [n for n, v in (("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)) if v and v > 1]

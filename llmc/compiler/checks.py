@@ -20,6 +20,7 @@ P013   warning   ac_layers at least the largest pipeline chunk: every block reco
 P014   error     parallelism.pp_virtual_stages the pinned schedule cannot run, or pp x chunks > n_layers + 2
 P015   error     parallelism.offload_params without offload_optimizer, or with a ZeRO stage other than 3
 P016   error     offload needs more host memory per node than the node has (warning above 80%; info: unknown)
+P017   error     optimizer / parameter offload on a backend whose job does not offload (only DeepSpeed does)
 T001   warning   peak LR outside the pre-training range / far from the size-aware value
 T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
 T003   warning   no gradient clipping
@@ -93,6 +94,17 @@ def check_mx(run, g, gpus: dict, sink: Sink) -> None:
                  f"mxfp8 needs MX (block-scaled) fp8 tensor cores, Blackwell SM 10.x; {g.name} has none",
                  f"use fp8_recipe tensorwise or rowwise, or {' / '.join(mx)} (or hardware.gpu_overrides."
                  "mx_block_scaling for a part the table lacks)")
+
+
+def check_offload_backend(run, backend, sink: Sink) -> None:
+    """P017: offload asked of a backend whose job keeps every state on the GPU (llmc emits offload for DeepSpeed
+    only), which the plan would size as offloaded."""
+    par = run.parallelism
+    if (par.offload_optimizer or par.offload_params) and "offload" not in backend.supports:
+        what = "offload_params" if par.offload_params and not par.offload_optimizer else "offload_optimizer"
+        sink.add("P017", "error", f"parallelism.{what}",
+                 f"the {backend.name} backend does not offload: its job keeps the optimizer and parameters on the GPU",
+                 "use training.backend: deepspeed (or auto, which picks it for offload), or drop the offload")
 
 
 def check_fp8_recipe(run, backend, sink: Sink) -> None:

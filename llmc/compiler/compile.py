@@ -364,7 +364,7 @@ def _backend_and_calibration(run, gpu, calibration, sink):
 
     par = run.parallelism
     name, why = backends.resolve_backend(run.training.backend, tp=par.tp, pp=par.pp, cp=par.cp, ep=par.ep,
-                                         zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
+                                         zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer or par.offload_params,
                                          cpu=gpu is not None and gpu.key == "cpu")
     be = backends.get_backend(name)
     comp = backends.compile_on(be, run.training.compile)
@@ -376,6 +376,7 @@ def _backend_and_calibration(run, gpu, calibration, sink):
     be_info = BackendChoice(name=name, reason=f"backend {name}: {why}; torch.compile {'on' if comp else 'off'}",
                             compile=comp, fp8=fp8)
     checks.check_fp8_recipe(run, be, sink)
+    checks.check_offload_backend(run, be, sink)
     gkey = gpu.key if gpu is not None else ""
     if calibration is None:
         band = cal_mod.RANKING_BAND_UNCALIBRATED

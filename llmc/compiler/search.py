@@ -779,7 +779,8 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Family]:
         if pins.zero_stage is not None:
             zeros = [pins.zero_stage]
         elif ds * c == 1:
-            zeros = [0]
+            # no shard group: DDP, or with optimizer offload ZeRO-2 (ZeRO-Offload on one GPU, Ren et al. 2021 sec. 6)
+            zeros = [2] if getattr(pins, "offload_optimizer", False) else [0]
         else:
             zeros = [1, 3]
         if moe is None:

@@ -126,17 +126,22 @@ def _ds_plan(compiled) -> ParallelPlan | None:
 
 
 def zero_stage_for(compiled) -> int:
-    """Pinned ``parallelism.zero_stage``, else 3 when the plan shards (dp_shard > 1 or the DS runner
-    folds tp/pp into data parallelism), else 0 (pure replicas)."""
-    pinned = compiled.spec.parallelism.zero_stage
-    if pinned is not None:
-        return int(pinned)
+    """Pinned ``parallelism.zero_stage``; else the plan's when it was searched for DeepSpeed and runs as planned
+    (data parallel only: its stage is the one sized and timed, e.g. ZeRO-3 for parameter offload on one GPU);
+    else 3 when the plan shards (dp_shard > 1 or the DS runner folds tp/pp into data parallelism) or offloads the
+    parameters, 2 for optimizer offload on replicas (ZeRO-Offload), 0 otherwise (pure replicas)."""
+    par = compiled.spec.parallelism
+    if par.zero_stage is not None:
+        return int(par.zero_stage)
     p = _ds_plan(compiled)
     if p is None:
         return 3
-    if p.dp_shard > 1 or p.tp > 1 or p.pp > 1 or p.cp > 1:
+    be = getattr(compiled.backend, "name", None)
+    if be == "deepspeed" and compiled.plan is not None and p.tp == p.pp == p.cp == p.ep == 1:
+        return int(p.zero_stage)
+    if p.dp_shard > 1 or p.tp > 1 or p.pp > 1 or p.cp > 1 or par.offload_params:
         return 3
-    return 0
+    return 2 if par.offload_optimizer else 0
 
 
 def _x104(gbs: int, n: int, hint: str) -> Diagnostic:
