@@ -114,6 +114,15 @@ def compile_example(path: Path):
                         facts=gather_facts(run, path.parent))
 
 
+def compile_text(text: str, file: str = "s.yaml"):
+    """Real load + compile of a spec given as YAML text (diagnostics located in ``file``)."""
+    from llmc.compiler.compile import compile_spec
+    from llmc.spec.load import loads_spec
+
+    run, lines = loads_spec(text, file=file)
+    return compile_spec(run, file, lines, spec_bytes=b"")
+
+
 def lock_for(spec: dict | RunSpec, *, plan: dict | None = None, hyper: dict | None = None,
              stages: list[dict] | None = None, spec_path: str = "spec.yaml") -> dict:
     """The lock ``llmc build`` would write for ``spec`` (the real compiler), with optional overrides: ``plan``

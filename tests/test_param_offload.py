@@ -9,14 +9,13 @@ parameters on the host, with the host traffic in the step time.
 from __future__ import annotations
 
 import pytest
+from test_build_fakes import compile_text
 
 from llmc.compiler import timing
-from llmc.compiler.compile import compile_spec
 from llmc.compiler.hardware import get_gpu
 from llmc.compiler.memory import memory_per_gpu
 from llmc.compiler.params import params_total
 from llmc.compiler.plan import ParallelPlan
-from llmc.spec.load import loads_spec
 from llmc.spec.presets import PRESETS
 
 SPEC = """name: t
@@ -29,8 +28,7 @@ parallelism: PINS
 
 
 def _compile(pins: str):
-    run, lines = loads_spec(SPEC.replace("PINS", pins), file="s.yaml")
-    return compile_spec(run, "s.yaml", lines, spec_bytes=b"")
+    return compile_text(SPEC.replace("PINS", pins))
 
 
 def _codes(c, severity="error") -> list[str]:
@@ -110,8 +108,7 @@ def test_memory_model_refuses_parameter_offload_without_zero3_and_optimizer_offl
 def test_host_memory_of_the_offload_against_the_node(hardware, code):
     """P016: the host bytes the plan reports per node (18 B per parameter here) against the node's host memory."""
     spec = SPEC.replace("hardware: {gpu: h100-sxm, count: 1}", f"hardware: {hardware}")
-    run, lines = loads_spec(spec.replace("PINS", "{offload_optimizer: true, offload_params: true}"), file="s.yaml")
-    c = compile_spec(run, "s.yaml", lines, spec_bytes=b"")
+    c = compile_text(spec.replace("PINS", "{offload_optimizer: true, offload_params: true}"))
     p016 = [d for d in c.diagnostics if d.code == "P016"]
     if code is None:
         assert not p016 and c.memory.host_bytes_per_node < 2048 * 2**30
@@ -127,16 +124,14 @@ def test_offload_runs_on_deepspeed_only_and_one_gpu_gets_the_stage_it_was_sized_
     emitted ds_config runs the plan's stage (it used to derive 0 from the single rank: X108, no DeepSpeed job)."""
     from llmc.emit.deepspeed import deepspeed_config
 
-    run, lines = loads_spec(SPEC.replace("llama3-70b", "llama3-8b").replace("PINS", "{offload_optimizer: true}").replace(
-        "training: {", "training: {backend: torchtitan, "), file="s.yaml")
-    c = compile_spec(run, "s.yaml", lines, spec_bytes=b"")
+    c = compile_text(SPEC.replace("llama3-70b", "llama3-8b").replace("PINS", "{offload_optimizer: true}").replace(
+        "training: {", "training: {backend: torchtitan, "))
     assert [(d.code, d.path) for d in c.diagnostics if d.severity == "error"] == \
         [("P017", "parallelism.offload_optimizer")]
     # (70B on one GPU does not fit with optimizer offload alone: 8B there)
     for model, pins, stage in (("llama3-8b", "{offload_optimizer: true}", 2),
                                ("llama3-70b", "{offload_optimizer: true, offload_params: true}", 3)):
-        run, lines = loads_spec(SPEC.replace("llama3-70b", model).replace("PINS", pins), file="s.yaml")
-        c = compile_spec(run, "s.yaml", lines, spec_bytes=b"")
+        c = compile_text(SPEC.replace("llama3-70b", model).replace("PINS", pins))
         assert c.backend.name == "deepspeed" and c.plan.zero_stage == stage
         cfg, diags = deepspeed_config(c)
         assert cfg["zero_optimization"]["stage"] == stage and not [d for d in diags if d.severity == "error"]

@@ -8,9 +8,7 @@ Checked against: torchtitan's own module split (the emitted job's module lists, 
 from __future__ import annotations
 
 import pytest
-
-from llmc.compiler.compile import compile_spec
-from llmc.spec.load import loads_spec
+from test_build_fakes import compile_text
 
 SPEC = """name: t
 model: llama3-8b
@@ -22,8 +20,7 @@ parallelism: PINS
 
 
 def _compile(pins: str):
-    run, lines = loads_spec(SPEC.replace("PINS", pins), file="s.yaml")
-    return compile_spec(run, "s.yaml", lines, spec_bytes=b"")
+    return compile_text(SPEC.replace("PINS", pins))
 
 
 def _errors(c) -> list:
