@@ -30,6 +30,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("native", "torchtitan", "deepspeed")
+# opt-in runs of their own build: DeepSpeed with optimizer and parameter offload to CPU (ZeRO-Infinity), which
+# checks llmc's offload time and memory terms (PCIe fetches, CPU Adam, no weights on the GPU); its first run
+# JIT-builds DeepSpeed's cpu_adam (about a minute)
+VARIANTS = {"deepspeed-offload": ("deepspeed", "parallelism: {offload_optimizer: true, offload_params: true}\n")}
 
 HOOK = '''
 import atexit, json, os
@@ -77,8 +81,9 @@ def gpu_key(name: str | None) -> str:
     return "h100-sxm"
 
 
-def spec_yaml(cpu: bool, steps: int, key: str) -> str:
-    """The run: llama3.2-1b, 8 x 2048 tokens per step, bf16 (tiny, 4 x 64, fp32 on CPU); offline corpus."""
+def spec_yaml(cpu: bool, steps: int, key: str, extra: str = "") -> str:
+    """The run: llama3.2-1b, 8 x 2048 tokens per step, bf16 (tiny, 4 x 64, fp32 on CPU); offline corpus; ``extra``
+    YAML appended (a variant's settings)."""
     model, seq, seqs, prec, log = ("tiny", 64, 4, "fp32", 1) if cpu else ("llama3.2-1b", 2048, 8, "bf16", 5)
     return f"""name: gpu-check
 model: {model}
@@ -100,7 +105,7 @@ training:
   log_every: {log}
   checkpoint:
     interval_steps: {steps * 10}
-"""
+{extra}"""
 
 
 def run(cmd: list[str], env: dict, log: Path, timeout: float) -> tuple[int, float]:
@@ -173,12 +178,12 @@ def _env(work: Path, mem: Path | None, cpu: bool) -> dict:
     return env
 
 
-def build_once(spec: Path, work: Path, *, cpu: bool) -> tuple[Path | None, str]:
+def build_once(spec: Path, work: Path, *, cpu: bool, name: str = "build") -> tuple[Path | None, str]:
     """``llmc build`` + ``python -m llmc.runtime.entry prepare`` (tokenizer, data, token cache) once for all
-    backends; returns (build dir or None, log path)."""
-    build = work / "build"
+    backends (and once per variant); returns (build dir or None, log path)."""
+    build = work / name
     shutil.rmtree(build, ignore_errors=True)
-    log = work / "build.log"
+    log = work / f"{name}.log"
     log.write_text("")
     env = _env(work, None, cpu)
     py = sys.executable
@@ -188,14 +193,17 @@ def build_once(spec: Path, work: Path, *, cpu: bool) -> tuple[Path | None, str]:
     return (build if rc == 0 else None), str(log)
 
 
-def check_backend(backend: str, build: Path, work: Path, *, cpu: bool, timeout: float, warmup: int) -> dict:
-    """Launch one backend on the shared build (its previous run outputs removed first) and measure it."""
-    mem = work / f"mem-{backend}"
+def check_backend(backend: str, build: Path, work: Path, *, cpu: bool, timeout: float, warmup: int,
+                  label: str | None = None) -> dict:
+    """Launch one backend on the shared build (its previous run outputs removed first) and measure it; ``label``
+    names a variant's logs and memory records (default: the backend)."""
+    label = label or backend
+    mem = work / f"mem-{label}"
     for d in (mem, build / "run", build / "outputs"):  # keep assets/, data/, cache/ (prepared once)
         shutil.rmtree(d, ignore_errors=True)
     mem.mkdir(parents=True)
     env = _env(work, mem, cpu)
-    log = work / f"{backend}.log"
+    log = work / f"{label}.log"
     log.write_text("")
     py = sys.executable
     row: dict = {"backend": backend}
@@ -235,6 +243,12 @@ def check_backend(backend: str, build: Path, work: Path, *, cpu: bool, timeout: 
         "mem_reserved_gib": round(reserved / 2**30, 2) if reserved else None,
         "host_rss_gib": round(rss / 2**30, 2) if rss else None,
     })
+    par = lock["spec"]["resolved"].get("parallelism") or {}
+    for k in ("offload_optimizer", "offload_params"):  # the measurements schema reads them (llmc calibrate)
+        if par.get(k):
+            row[k] = True
+    if par.get("offload_optimizer"):
+        row["zero_stage"] = plan.get("zero_stage")
     if tps is None and "error" not in row:
         row["error"] = f"no throughput found (see {log})"
     return row
@@ -250,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model, 2 steps, on CPU (checks the pipeline)")
-    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--backends", default=",".join(BACKENDS),
+                    help=f"comma-separated: {', '.join(BACKENDS)}, and opt-in {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 30; 2 with --cpu-smoke)")
     ap.add_argument("--timeout", type=float, default=150, help="seconds per backend launch (default 150)")
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default OUT/work; removed unless --keep)")
@@ -272,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     spec.write_text(spec_yaml(cpu, steps, key))
     rows = []
     backends = [x.strip() for x in a.backends.split(",") if x.strip()]
-    bad = [b for b in backends if b not in BACKENDS]
+    bad = [b for b in backends if b not in BACKENDS and b not in VARIANTS]
     if bad:
-        print(f"gpu_check: unknown backend {bad[0]!r} (one of {', '.join(BACKENDS)})", file=sys.stderr)
+        print(f"gpu_check: unknown backend {bad[0]!r} (one of {', '.join(BACKENDS + tuple(VARIANTS))})",
+              file=sys.stderr)
         return 1
     t0 = time.time()
     build, build_log = build_once(spec, work, cpu=cpu)
@@ -285,7 +301,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for b in backends:
         t0 = time.time()
-        row = check_backend(b, build, work, cpu=cpu, timeout=a.timeout, warmup=warmup)
+        where, backend = build, b
+        if b in VARIANTS:  # its own spec and build (the data preparation is repeated: a minute at most)
+            backend, extra = VARIANTS[b]
+            vspec = work / f"spec-{b}.yaml"
+            vspec.write_text(spec_yaml(cpu, steps, key, extra))
+            where, vlog = build_once(vspec, work, cpu=cpu, name=f"build-{b}")
+            if where is None:
+                rows.append({"id": f"gpu-check-{'cpu' if cpu else key}-{b}", "backend": backend,
+                             "error": f"build failed (see {vlog})"})
+                continue
+        row = check_backend(backend, where, work, cpu=cpu, timeout=a.timeout, warmup=warmup, label=b)
         row = {"id": f"gpu-check-{'cpu' if cpu else key}-{b}", **row}
         rows.append(row)
         print(f"{b:11s} {time.time() - t0:6.1f}s  tok/s/gpu {row.get('tokens_per_s_per_gpu')}  "
@@ -294,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         if not a.keep:  # checkpoints of a 1B model are several GB
             for d in ("run", "outputs"):
-                shutil.rmtree(build / d, ignore_errors=True)
+                shutil.rmtree(where / d, ignore_errors=True)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {"source": {"url": None, "commit": commit or None, "date": dt.date.today().isoformat(), "license": None},
            "use": "check", "kind": "throughput", "system": name or "cpu", "gpu_key": None if cpu else key,
@@ -303,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
            "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.yaml").write_text(to_yaml(doc))
-    for b in ("build", *BACKENDS):
+    for b in ("build", *BACKENDS, *VARIANTS):
         if (work / f"{b}.log").exists():
             shutil.copyfile(work / f"{b}.log", out / f"gpu_check.{b}.log")
     if not a.keep:

@@ -6,6 +6,8 @@
 # on one H100/H200.
 #
 #   scripts/gpu_check.sh [--out DIR] [--backends native,torchtitan,deepspeed] [--steps N] [--keep]
+#   scripts/gpu_check.sh --backends deepspeed,deepspeed-offload    # + DeepSpeed with optimizer and parameter
+#                                                                   #   offload to CPU (its own build; ~2 min more)
 #   scripts/gpu_check.sh --cpu-smoke --out /tmp/gc      # the same pipeline, tiny model, 2 steps, CPU
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
