@@ -135,3 +135,22 @@ def test_offload_runs_on_deepspeed_only_and_one_gpu_gets_the_stage_it_was_sized_
         assert c.backend.name == "deepspeed" and c.plan.zero_stage == stage
         cfg, diags = deepspeed_config(c)
         assert cfg["zero_optimization"]["stage"] == stage and not [d for d in diags if d.severity == "error"]
+
+
+def test_stage_memory_follows_where_the_stage_runs():
+    """LM stages (midtrain, long_context) run on llmc's DeepSpeed runner with the run's ds_config, so their memory
+    leaves the optimizer (and with parameter offload the weights) on the host; chat stages run on the native
+    runtime, which does not offload, and say so."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "examples" / "pipeline_llama3_8b.yaml").read_text()
+    assert "\nparallelism:" not in text
+    base = {s.name: s for s in compile_text(text).stages}
+    off = {s.name: s for s in compile_text(text + "parallelism: {offload_optimizer: true, offload_params: true}\n").stages}
+    mid0, mid1 = base["midtrain"].memory, off["midtrain"].memory
+    shard = mid0.shard_degree
+    assert mid1.grads_optimizer_bytes == 0 and mid1.weights_bytes == 0
+    assert mid0.per_gpu_bytes - mid1.per_gpu_bytes == (mid0.weights_bytes + mid0.grads_optimizer_bytes) // shard
+    assert any("offloaded to the host" in n for n in off["midtrain"].notes)
+    assert off["sft"].memory.per_gpu_bytes == base["sft"].memory.per_gpu_bytes
+    assert any("no offload" in n for n in off["sft"].notes)

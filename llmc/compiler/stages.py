@@ -416,6 +416,17 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     optim = trainable * BYTES_PER_TRAINABLE_PARAM
     if lora is None:
         optim -= trainable * 2  # the bf16 weight is already counted in `weights`
+    par = env.run.parallelism
+    if par.offload_optimizer and st.kind in LM_KINDS:
+        # LM stages run on llmc's DeepSpeed runner with the run's ds_config: ZeRO-Offload keeps the optimizer states
+        # and fp32 gradients on the host, ZeRO-Infinity the parameters too (memory.backend_state_bytes)
+        optim = 0
+        if par.offload_params:
+            weights = 0
+        notes.append("optimizer states" + (" and parameters" if par.offload_params else "") +
+                     " offloaded to the host (DeepSpeed, the run's ds_config)")
+    elif par.offload_optimizer and st.kind in CHAT_KINDS:
+        notes.append("no offload: chat post-training runs on llmc's native runtime, which keeps every state on the GPU")
     cap = env.capacity or DEFAULT_CAPACITY
     shard = 1 if weights + ref + optim < 0.6 * cap else env.world
     pinned_cp = env.run.parallelism.cp
