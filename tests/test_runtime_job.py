@@ -130,3 +130,20 @@ def test_peak_flops_is_the_dense_bf16_datasheet_figure():
     assert TrainJob.from_lock(lock).peak_flops == pytest.approx(989.4e12, rel=1e-3)
     lock["spec"]["resolved"]["training"]["precision"] = "fp8"  # MFU is quoted against the bf16 peak
     assert TrainJob.from_lock(lock).peak_flops == pytest.approx(989.4e12, rel=1e-3)
+
+
+def test_each_stage_recomputes_what_its_plan_sized():
+    """The compiled pipeline_tiny lock: pre-training runs the searched plan's mode; every later stage runs the mode
+    its own memory estimate assumed (the lock's stage ``memory.activation_checkpointing``), not the searched
+    plan's (which once left SFT without recomputation while its memory was sized with full)."""
+    lock = json.loads((Path(__file__).parent / "golden" / "build" / "pipeline_tiny" / "plan.lock.json").read_text())
+    want = {st["name"]: st["memory"]["activation_checkpointing"] for st in lock["stages"]}
+    assert set(want.values()) >= {"full", "selective"} and lock["plan"]["activation_checkpointing"] == "none"
+    for st in lock["stages"]:
+        job = TrainJob.from_lock(lock, st["name"])
+        expect = lock["plan"]["activation_checkpointing"] if st["kind"] == "pretrain" else want[st["name"]]
+        assert (job.activation_checkpointing, job.ac_layers) == (expect, 0), st["name"]
+    bad = json.loads(json.dumps(lock))
+    next(s for s in bad["stages"] if s["kind"] == "sft")["memory"]["activation_checkpointing"] = "sometimes"
+    with pytest.raises(ValueError, match="stage 'sft' memory"):
+        TrainJob.from_lock(bad, "sft")

@@ -169,10 +169,20 @@ class TrainJob:
                 "rope_theta": float(ctx["rope_theta"]),
                 "rope_scaling": RopeScaling.model_validate(scaling) if scaling else None,
                 "max_seq_len": max(arch.max_seq_len, self.seq_len)})
+        # a stage other than pre-training recomputes what its own plan sized its memory with (the lock's stage
+        # ``memory.activation_checkpointing``); the searched plan's mode is the pre-training run's
+        ac, ac_layers = self.activation_checkpointing, self.ac_layers
+        stage_ac = (entry.get("memory") or {}).get("activation_checkpointing")
+        if st.kind != "pretrain" and stage_ac:
+            try:
+                check_ac(stage_ac, 0)
+            except ValueError as e:
+                raise ValueError(f"lock: stage {self.stage!r} memory: {e} (rebuild with `llmc build`)") from None
+            ac, ac_layers = stage_ac, 0
         return replace(
             self, arch=arch, sources=list(data.sources) if data else list(self.sources),
             tokenizer=(data.tokenizer if data and (data.tokenizer.path or data.tokenizer.train) else self.tokenizer),
-            init_from=st.init_from, stage_spec=st, stage_plan=entry,
+            init_from=st.init_from, stage_spec=st, stage_plan=entry, activation_checkpointing=ac, ac_layers=ac_layers,
         )
 
 
