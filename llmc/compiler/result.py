@@ -140,6 +140,7 @@ class StageMemoryPlan:
     activation_bytes: int | None = None
     activation_source: str | None = None
     rollout_kv_bytes: int | None = None
+    buffer_bytes: int | None = None  # logits and their gradient, gathered FSDP units, CUDA context, NCCL
 
 
 @dataclass(frozen=True)

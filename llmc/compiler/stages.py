@@ -372,10 +372,16 @@ class _Env:
 
 
 def _activation_bytes(env: _Env, plan: ParallelPlan, seq_len: int) -> int:
-    # post-training runs on llmc's runtime: its "selective" recomputes the attention core (backends.py)
+    return _acts_buffers(env, plan, seq_len)[0]
+
+
+def _acts_buffers(env: _Env, plan: ParallelPlan, seq_len: int) -> tuple[int, int]:
+    """(activations, buffers) per GPU of one micro-step of ``plan`` on llmc's runtime (its "selective" recomputes
+    the attention core, backends.py). Buffers: the fp32 logits and their gradient (the runtime's losses upcast the
+    whole logits: sft.masked_lm_loss, dpo.sequence_logprobs), the FSDP units gathered, CUDA context and NCCL."""
     mem = memory.memory_per_gpu(env.run.model, plan, seq_len, env.precision, env.capacity or DEFAULT_CAPACITY,
                                 backend="native")
-    return int(mem.breakdown["activations"])
+    return int(mem.breakdown["activations"]), int(mem.breakdown["buffers"])
 
 
 def recommended_cp(seq_len: int, world: int) -> int:
@@ -416,6 +422,10 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     optim = trainable * BYTES_PER_TRAINABLE_PARAM
     if lora is None:
         optim -= trainable * 2  # the bf16 weight is already counted in `weights`
+    cap = env.capacity or DEFAULT_CAPACITY
+    # the layout comes from the states' size before any offload (the DeepSpeed stage, hence the sharding, does not
+    # change with offload in llmc's ds_config)
+    shard = 1 if weights + ref + optim < 0.6 * cap else env.world
     par = env.run.parallelism
     if par.offload_optimizer and st.kind in LM_KINDS:
         # LM stages run on llmc's DeepSpeed runner with the run's ds_config: ZeRO-Offload keeps the optimizer states
@@ -427,8 +437,6 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
                      " offloaded to the host (DeepSpeed, the run's ds_config)")
     elif par.offload_optimizer and st.kind in CHAT_KINDS:
         notes.append("no offload: chat post-training runs on llmc's native runtime, which keeps every state on the GPU")
-    cap = env.capacity or DEFAULT_CAPACITY
-    shard = 1 if weights + ref + optim < 0.6 * cap else env.world
     pinned_cp = env.run.parallelism.cp
     cp = pinned_cp or (recommended_cp(seq_len, env.world) if st.kind == "long_context" else 1)
     if shard > 1:
@@ -438,19 +446,19 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     dp = max(1, env.world // cp)
     layout = ParallelPlan(dp_shard=dp if shard > 1 else 1, dp_replicate=1 if shard > 1 else dp, cp=cp,
                           activation_checkpointing=ac)
-    act = _activation_bytes(env, layout, seq_len)
+    act, buffers = _acts_buffers(env, layout, seq_len)
     rollout_kv = 0
     if st.kind == "grpo":
         # KV cache of one group of G sequences (prompt + generation) while sampling on the same GPUs
         G = tr.hyper["group_size"]
         rollout_kv = G * seq_len * env.kv_bytes
         notes.append(f"GRPO: rollout KV cache for one group of {G} sequences x {seq_len} tokens counted")
-    per_gpu = int((weights + ref + optim) // shard + act + rollout_kv)
+    per_gpu = int((weights + ref + optim) // shard + act + buffers + rollout_kv)
     return StageMemoryPlan(
         per_gpu_bytes=per_gpu, capacity_bytes=env.capacity, fits=(per_gpu <= cap) if env.capacity else None,
         shard_degree=shard, cp=cp, activation_checkpointing=ac, source="stage estimate",
         weights_bytes=weights, reference_bytes=ref, grads_optimizer_bytes=optim, activation_bytes=act,
-        activation_source=ACTIVATION_SOURCE, rollout_kv_bytes=rollout_kv,
+        activation_source=ACTIVATION_SOURCE, rollout_kv_bytes=rollout_kv, buffer_bytes=buffers,
     )
 
 
