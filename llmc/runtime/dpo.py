@@ -89,10 +89,13 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
               batch_size: int = 8, pad_id: int = 0, max_len: int | None = None, grad_clip: float | None = 1.0,
               seed: int = 0, reference: Reference | None = None,
               log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
-              device: torch.device | None = None, state: LoopState | None = None) -> list[dict]:
+              device: torch.device | None = None, state: LoopState | None = None,
+              micro_batch: int | None = None) -> list[dict]:
     """DPO with AdamW (constant LR); returns per-step stats (loss, margin, rewards, accuracy), means over the
     global batch of pairs; ``shard``: this data-parallel rank's share of each step's pairs; ``state``: resume /
-    stop / mid-stage checkpoints (:class:`llmc.runtime.sft.LoopState`)."""
+    stop / mid-stage checkpoints (:class:`llmc.runtime.sft.LoopState`); ``micro_batch``: pairs per forward and
+    backward (the stage plan's), the share accumulated over ceil(share / micro_batch) of them, the same number on
+    every rank (weight-0 pairs top shares up); None: the whole share at once."""
     shard = shard or DataShard()
     state = state or LoopState()
     ref = reference or Reference(model)  # before a resume loads trained weights: the reference is the start
@@ -104,25 +107,31 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
     hist = state.history
     for step in todo:
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
-        mine, w = shard.split(batch)
-        ids, labels = pad_batch([b[0] for b in mine] + [b[1] for b in mine], pad_id, max_len)
-        if device is not None:
-            ids, labels = ids.to(device), labels.to(device)
-        ref_lp = ref.logprobs(ids, labels)
-        pol_lp = sequence_logprobs(model, ids, labels)
-        n = len(mine)
-        wt = torch.tensor(w, device=pol_lp.device)
-        # dpo_loss's terms, summed over this rank's pairs (weight 0: a rank's placeholder pair)
-        chosen, rejected = beta * (pol_lp[:n] - ref_lp[:n]), beta * (pol_lp[n:] - ref_lp[n:])
-        margin = chosen - rejected
-        loss_sum = -(F.logsigmoid(margin) * wt).sum()
+        mine, w = shard.split(batch, equal=micro_batch is not None)
+        micro = max(1, micro_batch or len(mine))
         opt.zero_grad(set_to_none=True)
-        (loss_sum * (shard.size / len(batch))).backward()
+        parts = torch.zeros(5)  # loss, chosen, rejected, margin, accuracy sums over this rank's pairs
+        for i in range(0, len(mine), micro):
+            sub = mine[i:i + micro]
+            ids, labels = pad_batch([b[0] for b in sub] + [b[1] for b in sub], pad_id, max_len)
+            if device is not None:
+                ids, labels = ids.to(device), labels.to(device)
+            ref_lp = ref.logprobs(ids, labels)
+            pol_lp = sequence_logprobs(model, ids, labels)
+            n = len(sub)
+            wt = torch.tensor(w[i:i + micro], device=pol_lp.device)
+            # dpo_loss's terms, summed over these pairs (weight 0: a placeholder pair)
+            chosen, rejected = beta * (pol_lp[:n] - ref_lp[:n]), beta * (pol_lp[n:] - ref_lp[n:])
+            margin = chosen - rejected
+            loss_sum = -(F.logsigmoid(margin) * wt).sum()
+            (loss_sum * (shard.size / len(batch))).backward()
+            d = margin.detach()
+            parts = parts + torch.stack([loss_sum.detach(), (chosen.detach() * wt).sum(),
+                                         (rejected.detach() * wt).sum(), (d * wt).sum(),
+                                         ((d > 0).float() * wt).sum()]).float().cpu()
         clip_grads(params, grad_clip)
         opt.step()
-        d = margin.detach()
-        sums = shard.sum(torch.stack([loss_sum.detach(), (chosen.detach() * wt).sum(), (rejected.detach() * wt).sum(),
-                                      (d * wt).sum(), ((d > 0).float() * wt).sum()]).cpu()) / len(batch)
+        sums = shard.sum(parts) / len(batch)
         stats = dict(zip(("loss", "chosen_reward", "rejected_reward", "margin", "accuracy"), map(float, sums),
                          strict=True))
         hist.append(stats)

@@ -391,6 +391,13 @@ class _Loop:
     state: Any = None  # llmc.runtime.sft.LoopState: resume / stop / mid-stage checkpoints
 
 
+def _micro(job) -> int | None:
+    """The stage plan's micro-batch (sequences, or pairs for DPO, per forward and backward: what its memory was
+    sized with); None where the lock gives none (one pass over the rank's share, as before)."""
+    m = int(getattr(job, "micro_batch", 0) or 0)
+    return m if m > 0 else None
+
+
 def _run_sft(c: _Loop) -> dict:
     from llmc.runtime.sft import encode_conversations, train_sft
 
@@ -399,7 +406,7 @@ def _run_sft(c: _Loop) -> dict:
     ex = encode_conversations(load_stage_data(job, "chat"), c.tok, c.template, mask)
     losses = train_sft(c.model, ex, steps=c.steps, lr=c.lr, batch_size=c.batch, pad_id=c.pad_id, max_len=c.seq_len,
                        grad_clip=job.grad_clip, lr_factor=job.lr_factor, seed=job.seed, log=c.log,
-                       shard=c.shard, device=c.device, state=c.state)
+                       shard=c.shard, device=c.device, state=c.state, micro_batch=_micro(job))
     return {"loss_first": losses[0], "loss_last": losses[-1], "loss_mask": mask, "examples": len(ex)}
 
 
@@ -411,7 +418,7 @@ def _run_dpo(c: _Loop) -> dict:
     pairs = encode_pairs(load_stage_data(job, "preference"), c.tok, c.template)
     hist = train_dpo(c.model, pairs, steps=c.steps, lr=c.lr, beta=beta, batch_size=c.batch, pad_id=c.pad_id,
                      max_len=c.seq_len, grad_clip=job.grad_clip, seed=job.seed, log=c.log, shard=c.shard,
-                     device=c.device, reference=c.reference, state=c.state)
+                     device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job))
     return {"loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"], "margin_last": hist[-1]["margin"],
             "accuracy_last": hist[-1]["accuracy"], "beta": beta, "pairs": len(pairs)}
 

@@ -175,12 +175,16 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
               batch_size: int = 8, pad_id: int = 0, max_len: int | None = None, weight_decay: float = 0.0,
               grad_clip: float | None = 1.0, lr_factor: Callable[[int], float] | None = None, seed: int = 0,
               log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
-              device: torch.device | None = None, state: LoopState | None = None) -> list[float]:
+              device: torch.device | None = None, state: LoopState | None = None,
+              micro_batch: int | None = None) -> list[float]:
     """AdamW over the trainable params, LR = lr * lr_factor(step) (the stage's schedule, ``TrainJob.lr_factor``;
     constant when None); returns per-step losses (the mean over the global batch's trained tokens).
 
     ``shard``: this data-parallel rank's share of each step's batch (every rank draws the same batch).
-    ``state``: resume / stop / mid-stage checkpoints (:class:`LoopState`)."""
+    ``state``: resume / stop / mid-stage checkpoints (:class:`LoopState`). ``micro_batch``: sequences per forward
+    and backward (the stage plan's, what its memory was sized with), the rank's share accumulated over
+    ceil(share / micro_batch) of them; None: the whole share at once. Every rank runs as many (FSDP's
+    collectives): shares are topped up with weight-0 sequences whose tokens train nothing."""
     shard = shard or DataShard()
     state = state or LoopState()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -194,19 +198,29 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
         for g in opt.param_groups:
             g["lr"] = lr_t
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
-        mine, w = shard.split(batch)
-        ids, labels = pad_batch(mine, pad_id, max_len)
-        if w[0] == 0.0:
-            labels.fill_(IGNORE_INDEX)
-        if device is not None:
-            ids, labels = ids.to(device), labels.to(device)
-        loss_sum, n_tok = sft_loss_sum(model, ids, labels)
-        n_all = max(float(shard.sum(n_tok)), 1.0)
+        mine, w = shard.split(batch, equal=micro_batch is not None)
+        micro = max(1, micro_batch or len(mine))
+        chunks = []
+        for i in range(0, len(mine), micro):
+            ids, labels = pad_batch(mine[i:i + micro], pad_id, max_len)
+            for j, wj in enumerate(w[i:i + micro]):
+                if wj == 0.0:  # a placeholder: it runs the forward and backward, and trains nothing
+                    labels[j].fill_(IGNORE_INDEX)
+            chunks.append((ids, labels))
+        # the global count of trained tokens first (masked_lm_loss's: labels[:, 1:] != -100), so that every chunk's
+        # gradient is scaled as in one pass over the whole batch
+        n_all = max(float(shard.sum(sum(int((lb[:, 1:] != IGNORE_INDEX).sum()) for _, lb in chunks))), 1.0)
         opt.zero_grad(set_to_none=True)
-        (loss_sum * (shard.size / n_all)).backward()
+        loss_total = torch.zeros(())
+        for ids, labels in chunks:
+            if device is not None:
+                ids, labels = ids.to(device), labels.to(device)
+            loss_sum, _ = sft_loss_sum(model, ids, labels)
+            (loss_sum * (shard.size / n_all)).backward()
+            loss_total = loss_total + loss_sum.detach().float().cpu()
         clip_grads(params, grad_clip)
         opt.step()
-        losses.append(float(shard.sum(loss_sum)) / n_all)
+        losses.append(float(shard.sum(loss_total)) / n_all)
         if log:
             log(step, {"loss": losses[-1], "lr": lr_t})
         if state.end_step(step, model, opt, rng):
