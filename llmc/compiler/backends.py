@@ -318,14 +318,14 @@ def get_backend(name: str | None) -> Backend:
 
 def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = None, cp: int | None = None,
                     ep: int | None = None, zero_stage: int | None = None,
-                    offload_optimizer: bool = False, cpu: bool = False) -> tuple[str, str]:
+                    offload: bool = False, cpu: bool = False) -> tuple[str, str]:
     """(backend, reason). ``auto``: the native trainer on CPU; DeepSpeed when the spec asks for a
-    DeepSpeed-only feature (optimizer offload, ZeRO-1/2); otherwise torchtitan (it runs every dimension the
+    DeepSpeed-only feature (``offload``: optimizer or parameter offload; ZeRO-1/2); otherwise torchtitan (it runs every dimension the
     search may choose: TP, PP, CP, EP, FSDP; llmc's native trainer does DDP/FSDP/TP only and DeepSpeed's
     runner data parallelism only)."""
     if requested != "auto":
         return requested, f"training.backend pins {requested}"
-    if offload_optimizer:  # also on CPU: llmc's DeepSpeed runner runs there on DeepSpeed's CPU accelerator
+    if offload:  # also on CPU: llmc's DeepSpeed runner runs there on DeepSpeed's CPU accelerator
         return "deepspeed", "auto: optimizer offload is a DeepSpeed feature (ZeRO-Offload)"
     if cpu:
         return "native", "auto: llmc's native trainer (a CPU run; torchtitan and DeepSpeed need GPUs)"

@@ -430,7 +430,7 @@ def check_host_memory(run, memory, gpu, sink: Sink) -> None:
     """P016: what optimizer (and parameter) offload keeps in each node's host memory
     (``memory.offload_host_bytes_per_node``) against the node's (``hardware.host_memory_gib``, else the table's
     reference node): error above it, warning above :data:`HOST_MEMORY_WARN` of it, info when it is unknown."""
-    need = getattr(memory, "host_bytes_per_node", 0) if memory is not None else 0
+    need = memory.host_bytes_per_node if memory is not None else 0
     if not need or gpu is None:
         return
     what = "optimizer and parameter offload" if run.parallelism.offload_params else "optimizer offload"

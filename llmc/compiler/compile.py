@@ -364,7 +364,7 @@ def _backend_and_calibration(run, gpu, calibration, sink):
 
     par = run.parallelism
     name, why = backends.resolve_backend(run.training.backend, tp=par.tp, pp=par.pp, cp=par.cp, ep=par.ep,
-                                         zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer or par.offload_params,
+                                         zero_stage=par.zero_stage, offload=par.offload_optimizer or par.offload_params,
                                          cpu=gpu is not None and gpu.key == "cpu")
     be = backends.get_backend(name)
     comp = backends.compile_on(be, run.training.compile)

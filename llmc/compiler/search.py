@@ -780,7 +780,7 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Family]:
             zeros = [pins.zero_stage]
         elif ds * c == 1:
             # no shard group: DDP, or with optimizer offload ZeRO-2 (ZeRO-Offload on one GPU, Ren et al. 2021 sec. 6)
-            zeros = [2] if getattr(pins, "offload_optimizer", False) else [0]
+            zeros = [2] if pins.offload_optimizer else [0]
         else:
             zeros = [1, 3]
         if moe is None:
@@ -805,7 +805,7 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Family]:
                     continue
                 if not scheds:
                     what = " and ".join(f"{k} {getattr(pins, k)}" for k in ("pp_schedule", "pp_virtual_stages")
-                                        if getattr(pins, k, None) is not None)
+                                        if getattr(pins, k) is not None)
                     why = (f"{what} needs pp > 1" if p == 1 else
                            f"{what} at pp {p}: more pipeline chunks than {L} layers + 2 (an embedding and a head "
                            "chunk), or a chunk count the schedule does not run")
@@ -901,7 +901,7 @@ def _schedules(p: int, L: int, pins) -> list[tuple[str, int]]:
     """(schedule, chunks per rank) options for pp = p; empty when a pinned schedule or chunk count cannot apply.
     At most L + 2 chunks: the first may hold only the embedding, the last only the norm and head."""
     pinned = pins.pp_schedule
-    pin_v = getattr(pins, "pp_virtual_stages", None)
+    pin_v = pins.pp_virtual_stages
     if p == 1:
         # a pinned multi-stage schedule or chunk count asks for a pipeline; plain 1F1B is also what pp = 1 reports
         return [("1F1B", 1)] if pinned in (None, "1F1B") and pin_v in (None, 1) else []

@@ -371,10 +371,6 @@ class _Env:
         return self.run.training.precision
 
 
-def _activation_bytes(env: _Env, plan: ParallelPlan, seq_len: int) -> int:
-    return _acts_buffers(env, plan, seq_len)[0]
-
-
 def _acts_buffers(env: _Env, plan: ParallelPlan, seq_len: int) -> tuple[int, int]:
     """(activations, buffers) per GPU of one micro-step of ``plan`` on llmc's runtime (its "selective" recomputes
     the attention core, backends.py). Buffers: the fp32 logits and their gradient (the runtime's losses upcast the
@@ -437,7 +433,7 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
                      " offloaded to the host (DeepSpeed, the run's ds_config)")
     elif par.offload_optimizer and st.kind in CHAT_KINDS:
         notes.append("no offload: chat post-training runs on llmc's native runtime, which keeps every state on the GPU")
-    pinned_cp = env.run.parallelism.cp
+    pinned_cp = par.cp
     cp = pinned_cp or (recommended_cp(seq_len, env.world) if st.kind == "long_context" else 1)
     if shard > 1:
         notes.append(f"weights/optimizer sharded over {shard} GPUs (FSDP / ZeRO-3)")
@@ -502,7 +498,7 @@ def long_context_plan(env: _Env, st: StageBase, seq_len: int, inherited: dict, n
         old_seq_len=old, new_seq_len=seq_len, extension_factor=seq_len / old if old else None,
         rope_theta_old=inherited["rope_theta"], rope_theta=st.rope_theta or inherited["rope_theta"],
         rope_scaling=scaling, yarn_factor=factor if (scaling or {}).get("type") == "yarn" else None,
-        recommended_cp=cp_rec, cp=cp, activation_bytes_per_gpu=_activation_bytes(env, act_plan, seq_len),
+        recommended_cp=cp_rec, cp=cp, activation_bytes_per_gpu=_acts_buffers(env, act_plan, seq_len)[0],
         activation_source=ACTIVATION_SOURCE, kv_cache_bytes_per_sequence=seq_len * env.kv_bytes,
     )
 

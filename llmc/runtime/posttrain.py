@@ -394,8 +394,7 @@ class _Loop:
 def _micro(job) -> int | None:
     """The stage plan's micro-batch (sequences, or pairs for DPO, per forward and backward: what its memory was
     sized with); None where the lock gives none (one pass over the rank's share, as before)."""
-    m = int(getattr(job, "micro_batch", 0) or 0)
-    return m if m > 0 else None
+    return int(job.micro_batch) if job.micro_batch else None
 
 
 def _run_sft(c: _Loop) -> dict:
