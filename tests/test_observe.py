@@ -179,3 +179,18 @@ def test_trainer_writes_tensorboard_and_each_step_once_after_resume(tmp_path, mo
     assert losses(cut) == ref
     tb_cut = _scalars(cut / "tensorboard", "train/loss")
     assert sorted(tb_cut) == list(range(1, 9)) and all(tb_cut[s] == pytest.approx(ref[s], rel=1e-6) for s in ref)
+
+
+def test_resumed_event_file_sorts_after_the_killed_runs(tmp_path, monkeypatch):
+    """TensorBoard reads event files in name order and purges only what earlier files wrote: a writer
+    opened in the same second as an existing file must still get a later name (names carry the second,
+    then host, pid and a counter compared as strings)."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    tb_dir = tmp_path / "tensorboard"
+    tb_dir.mkdir()
+    old = tb_dir / f"events.out.tfevents.{int(time.time()):010d}.~~~~.99999999.9"  # sorts after any same-second name
+    old.write_bytes(b"")
+    log = RunLogger(tmp_path, total_steps=2, echo=False, purge_step=3)
+    log.close()
+    names = sorted(f.name for f in tb_dir.glob("events.out.tfevents.*"))
+    assert len(names) == 2 and names[0] == old.name

@@ -83,6 +83,21 @@ def scalars_of(rec: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _wait_for_a_later_event_file_name(tb_dir: Path) -> None:
+    """TensorBoard reads a run's event files in file-name order, and purge_step only drops events
+    written before the purging file. The name is ``events.out.tfevents.<unix second>.<host>.<pid>.<n>``,
+    so two files opened in the same second (an in-process restart, a quick retry) sort by pid and
+    counter as strings ("10" < "9"), which can put the resumed file first. Wait out the second of
+    the newest existing file (at most about one second) so the new name sorts after it."""
+    newest = -1
+    for f in tb_dir.glob("events.out.tfevents.*"):
+        part = f.name.split(".")[3] if f.name.count(".") >= 4 else ""
+        if part.isdigit():
+            newest = max(newest, int(part))
+    while newest >= int(time.time()):
+        time.sleep(max(0.01, newest + 1 - time.time()))
+
+
 class RunLogger:
     """TensorBoard + W&B + progress/ETA for one stage; see the module docstring."""
 
@@ -110,6 +125,7 @@ class RunLogger:
 
             # purge_step: a resumed run drops the events a killed run wrote at steps >= purge_step
             # (https://pytorch.org/docs/stable/tensorboard.html#torch.utils.tensorboard.writer.SummaryWriter)
+            _wait_for_a_later_event_file_name(self.out_dir / "tensorboard")
             self.tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge_step)
             if config:
                 self.tb.add_text("config", "```\n" + _pretty(config) + "\n```", 0)
