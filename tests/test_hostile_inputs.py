@@ -256,6 +256,20 @@ def test_count_is_bounded():
     assert run.hardware.count == 2**20
 
 
+@pytest.mark.parametrize("old,new,path", [
+    ("tokens: 2M", "tokens: 1e308", "data.tokens"),
+    ("format: builtin}", "format: builtin, tokens: 2e17}", "data.sources.0.tokens"),
+    ("global_batch_tokens: 4096", "global_batch_tokens: 1e300", "training.global_batch_tokens"),
+    ("global_batch_tokens: 4096", "global_batch_tokens: 1e-300", "training.global_batch_tokens"),
+    ("", "stages: [{name: s, kind: sft, global_batch_tokens: 1e-300}]\n", "stages.0.global_batch_tokens"),
+])
+def test_token_counts_are_bounded(old, new, path):
+    """Finite but absurd token counts overflowed the FLOP count (an internal error): refused at the spec."""
+    text = BASE.replace(old, new) if old else BASE + new
+    assert text != BASE
+    assert "must be" in _one(text, path).render()
+
+
 @pytest.mark.parametrize("count", [720_720, 997_920, 2**20])
 def test_plan_time_at_highly_composite_counts(count):
     """720,720 and 997,920 have 240 divisors each (the most below 2**20, the limit). The work is bounded

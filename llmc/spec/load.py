@@ -679,7 +679,7 @@ def _human_message(err: dict[str, Any]) -> str:
         key, op = _OPS[t]
         bound = ctx.get(key)
         if isinstance(bound, float) and bound.is_integer():
-            bound = int(bound)
+            bound = int(bound) if abs(bound) < 1e9 else f"{bound:g}"  # 1e+17, not 100000000000000000
         return f"must be {op} {bound} (got {got})"
     if t == "literal_error":
         return f"must be one of {ctx.get('expected')} (got {got})"

@@ -24,6 +24,11 @@ _NAME_RE = re.compile(NAME_PATTERN)
 MAX_NAME_LEN = 128
 #: Largest world size llmc plans for (the largest published runs use ~10^5 GPUs); bounds the search.
 MAX_GPUS = 2**20
+#: Most tokens a run or a source may name: 10^17, thousands of times the largest published pre-training runs
+#: (Llama 3: 15.6T, Qwen3: 36T). Larger values are typos, and their FLOP counts overflow a double.
+MAX_TOKENS = 1e17
+#: Most tokens per optimizer step: 10^12, thousands of times the largest published batches (tens of millions).
+MAX_BATCH_TOKENS = 1e12
 
 #: A simple name (see :data:`NAME_PATTERN`), at most :data:`MAX_NAME_LEN` characters.
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME_LEN)]
@@ -69,7 +74,7 @@ class Source(SpecModel):
     """Field holding the document text (jsonl/parquet)."""
     weight: Float = Field(default=1.0, gt=0)
     """Mixture weight (normalised over sources)."""
-    tokens: HumanFloat | None = Field(default=None, gt=0)
+    tokens: HumanFloat | None = Field(default=None, gt=0, le=MAX_TOKENS)
     """Unique tokens available in this source; used to warn about repeated epochs."""
     kind: Literal["general", "domain", "code", "math", "multilingual", "chat", "preference", "prompts"] = "general"
     """What the source is, for the forgetting / mixture checks."""
@@ -141,7 +146,7 @@ class Data(SpecModel):
     """Tokenizer to use."""
     seq_len: Int = Field(gt=0)
     """Packed sequence length in tokens (documents joined with EOS)."""
-    tokens: HumanFloat = Field(gt=0)
+    tokens: HumanFloat = Field(gt=0, le=MAX_TOKENS)
     """Total training tokens (D), e.g. ``15.6e12`` or ``15.6T``."""
     quality: Quality | None = None
     """Data-quality pass run by ``prepare`` before tokenization. None = none."""
@@ -272,7 +277,7 @@ class Training(SpecModel):
 
     precision: Literal["bf16", "fp8", "fp32"] = "bf16"
     """Compute precision of matmuls. fp8 needs Hopper or newer."""
-    global_batch_tokens: HumanFloat | None = Field(default=None, gt=0)
+    global_batch_tokens: HumanFloat | None = Field(default=None, ge=1, le=MAX_BATCH_TOKENS)
     """Tokens per optimizer step. None = size-aware default (2M-16M tokens; small for tiny runs)."""
     optimizer: Optimizer = Field(default_factory=Optimizer)
     """Optimizer."""
@@ -399,7 +404,7 @@ class StageBase(SpecModel):
     """Peak LR. None = size-aware default for the stage kind."""
     steps: Int | None = Field(default=None, gt=0)
     """Optimizer steps. None = data.tokens / batch."""
-    global_batch_tokens: HumanFloat | None = Field(default=None, gt=0)
+    global_batch_tokens: HumanFloat | None = Field(default=None, ge=1, le=MAX_BATCH_TOKENS)
     """Tokens per step. None = default for the stage kind."""
     lora: LoRA | None = None
     """Train LoRA/QLoRA adapters instead of all weights."""
