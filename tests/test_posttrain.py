@@ -328,6 +328,35 @@ def _p_correct(m, prompts):
     return sum(out) / len(out)
 
 
+def test_grpo_micro_batches_equal_the_whole_group_update():
+    """The stage plan sizes GRPO's memory for ``micro_batch`` completions per forward and backward; the update used
+    to take a whole group at once. Sliced into parts of a group, the step (losses, KL, trained weights) equals the
+    whole-group step, and no forward with gradients holds more than the slice (sampling still runs the group)."""
+    prompts = arithmetic_prompts(20, seed=3, hi=2)
+
+    def run(micro):
+        torch.manual_seed(0)
+        m = _model()
+        seen: list[tuple[int, bool]] = []
+        m.register_forward_pre_hook(lambda mod, args: seen.append((int(args[0].shape[0]), torch.is_grad_enabled())))
+        hist = train_grpo(m, prompts, TOK, steps=2, lr=1e-3, reward_fn=lambda c, it: arithmetic_reward(c, it["expression"]),
+                          group_size=4, prompts_per_step=3, max_new_tokens=4, kl_coef=0.04, pad_id=TOK.pad_id,
+                          seed=2, reference=Reference(_model()), micro_batch=micro)
+        return m, seen, hist
+
+    one, seen1, base = run(None)
+    assert max(b for b, grad in seen1 if grad) == 4
+    for micro in (1, 2):
+        m, seen, hist = run(micro)
+        assert max(b for b, grad in seen if grad) == micro
+        assert max(b for b, grad in seen if not grad) == 4  # the group is sampled whole
+        for h, h1 in zip(hist, base, strict=True):
+            assert (h["loss"], h["kl"], h["reward_mean"]) == pytest.approx((h1["loss"], h1["kl"], h1["reward_mean"]),
+                                                                            rel=1e-4, abs=1e-6)
+        for (k, a), b in zip(m.state_dict().items(), one.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_grpo_improves_reward_on_easy_arithmetic():
     """Format-only SFT warm start (random answers), then GRPO with the sympy verifier on a+b, a,b in 0..2."""
     torch.manual_seed(0)

@@ -44,6 +44,7 @@ from llmc.compiler.result import (
     StageMemoryPlan,
     StagePlan,
 )
+from llmc.compiler.search import divisors
 from llmc.diagnostics import Diagnostic
 from llmc.spec.facts import ExternalFacts
 from llmc.spec.families import FAMILIES, family_by_name
@@ -274,7 +275,8 @@ def resolve_stage_training(run: RunSpec, st: StageBase, hyper: Hyper, plan: Para
         if data_tokens:
             steps, tokens = defaults_mod.default_steps(data_tokens, gbt), float(data_tokens)
         chosen.append("steps")
-    micro, accum = _batch_split(seqs, st.kind, plan, run.hardware.count)
+    micro, accum = _batch_split(seqs, st.kind, plan, run.hardware.count, seq_len, hyper.seq_len,
+                                kh["group_size"] if st.kind == "grpo" else None)
     sched = defaults_mod.stage_schedule(st.kind, lr, steps, hyper, run.training.schedule)
     return StageTraining(
         seq_len=seq_len, global_batch_tokens=gbt, global_batch_seqs=seqs, steps=steps, tokens=tokens, lr=lr,
@@ -301,13 +303,32 @@ def _pretrain_training(run: RunSpec, hyper: Hyper, plan: ParallelPlan | None, kh
     )
 
 
-def _batch_split(seqs: int, kind: str, plan: ParallelPlan | None, world: int) -> tuple[int, int]:
-    """(micro_batch, grad_accum) a non-pretrain stage runs with: the searched plan's data-parallel layout
-    (all ranks without one) for continued training; post-training stages run as one process."""
-    dp = (plan.dp if plan else world) if kind in LM_KINDS else 1
-    base = plan.micro_batch if plan else 1
-    micro = max(1, min(base, seqs // dp)) if seqs >= dp else 1
-    return micro, max(1, math.ceil(seqs / (micro * dp)))
+def _batch_split(seqs: int, kind: str, plan: ParallelPlan | None, world: int, seq_len: int,
+                 plan_seq_len: int, group: int | None = None) -> tuple[int, int]:
+    """(micro_batch, grad_accum) a non-pretrain stage runs with, per data-parallel rank.
+
+    Data parallel over the searched plan's dp for continued training (it runs the plan's layout), over every GPU
+    for chat post-training (llmc's runtime shards it over all ranks, ``llmc.runtime.posttrain.post_layout``, and
+    tops uneven shares up with weight-0 examples). The micro-batch holds at most the tokens of the searched plan's
+    micro-step (the search sized that to fit), in sequences, or pairs for DPO (a chosen and a rejected sequence
+    per pair); one without a searched plan. GRPO (``group`` = G completions per prompt): a divisor of G, the
+    prompts split over the ranks. Continued training keeps micro x accum x dp = the batch."""
+    dp = plan.dp if (plan and kind in LM_KINDS) else world
+    item = seq_len * (2 if kind == "dpo" else 1)
+    most = max(1, plan.micro_batch * plan_seq_len // item) if plan else 1
+    if kind in LM_KINDS:
+        if seqs < dp or seqs % dp:
+            return 1, max(1, math.ceil(seqs / dp))
+        per_rank = seqs // dp
+        micro = max(d for d in divisors(per_rank) if d <= most)
+        return micro, per_rank // micro
+    if group:  # GRPO: each group's completions are scored together; its update runs in equal parts of a group
+        micro = max(d for d in divisors(group) if d <= most)
+        share = math.ceil(seqs / group / dp) * group
+        return micro, share // micro
+    share = math.ceil(seqs / dp)
+    micro = min(most, share)
+    return micro, math.ceil(share / micro)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -440,8 +461,10 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     # LoRA/QLoRA recipes always use gradient checkpointing (QLoRA paper); long sequences and sharded runs too
     ac = "full" if lora is not None or seq_len >= 8192 or shard > 1 else "selective"
     dp = max(1, env.world // cp)
+    # one micro-step: the stage plan's micro-batch, a DPO pair being two sequences (chosen, rejected)
+    micro = (tr.micro_batch or 1) * (2 if st.kind == "dpo" else 1)
     layout = ParallelPlan(dp_shard=dp if shard > 1 else 1, dp_replicate=1 if shard > 1 else dp, cp=cp,
-                          activation_checkpointing=ac)
+                          activation_checkpointing=ac, micro_batch=micro)
     act, buffers = _acts_buffers(env, layout, seq_len)
     rollout_kv = 0
     if st.kind == "grpo":

@@ -111,12 +111,16 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                temperature: float = 1.0, inner_steps: int = 2, grad_clip: float | None = 1.0, pad_id: int = 0,
                seed: int = 0, reference: Reference | None = None,
                log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
-               device: torch.device | None = None, state: LoopState | None = None) -> list[dict]:
+               device: torch.device | None = None, state: LoopState | None = None,
+               micro_batch: int | None = None) -> list[dict]:
     """GRPO on ``prompts`` ({prompt: messages, ...}); ``reward_fn(completion_text, item)``. Returns stats per step.
 
     ``shard``: each step's prompts are split over the data-parallel ranks (each rank samples its groups with
     its own generator); the loss stays the token-level mean over the whole step's completions. ``state``:
-    resume / stop / mid-stage checkpoints (:class:`llmc.runtime.sft.LoopState`; the generator is saved too)."""
+    resume / stop / mid-stage checkpoints (:class:`llmc.runtime.sft.LoopState`; the generator is saved too).
+    ``micro_batch``: completions per forward and backward (the stage plan's; None = a whole group). A group is
+    sampled and scored whole (its advantages are normalised within it); its log-probs and its update then run
+    in slices of ``micro_batch`` rows, the same step as one pass over the group."""
     shard = shard or DataShard()
     state = state or LoopState()
     if group_size < 2:
@@ -131,6 +135,7 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     encoded = [encode_prompt(p["prompt"], tok, template) for p in prompts]
     todo = state.begin(model, opt, steps, rng, gen)
     hist: list[dict] = state.history
+    micro = max(1, micro_batch or group_size)
     for step in todo:
         batch = []
         rewards_all = []
@@ -147,13 +152,15 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                 rewards_all.append(r)
             adv = group_advantages(r).to(full.device)
             cmask = cmask.to(full.device) * int(wt)  # a placeholder group (weight 0) trains nothing
-            with torch.no_grad():
-                old = completion_logprobs(model, full, n0)
-                ref_lp = None
-                if ref is not None:
-                    with ref.as_module() as rm:
-                        ref_lp = completion_logprobs(rm, full, n0)
-            batch.append((full, n0, cmask, adv, old, ref_lp))
+            for r0 in range(0, full.shape[0], micro):
+                rows = slice(r0, r0 + micro)
+                with torch.no_grad():
+                    old = completion_logprobs(model, full[rows], n0)
+                    ref_lp = None
+                    if ref is not None:
+                        with ref.as_module() as rm:
+                            ref_lp = completion_logprobs(rm, full[rows], n0)
+                batch.append((full[rows], n0, cmask[rows], adv[rows], old, ref_lp))
         stats: dict = {}
         tot_tokens = float(shard.sum(sum(float(b[2].sum()) for b in batch)))
         for _ in range(inner_steps):

@@ -151,7 +151,9 @@ class TrainJob:
             # No searched layout in the lock (e.g. a pipeline of post-training stages only): shard over
             # every rank that was started (FSDP), one sequence per rank per micro-step.
             job = replace(job, dp_shard=world, micro_batch=1, grad_accum=max(1, math.ceil(gbs / world)))
-        elif plan and job.global_batch_seqs != gbs:
+        elif plan and job.kind not in POSTTRAIN_KINDS and job.global_batch_seqs != gbs:
+            # (post-training splits the stage's batch over every rank it is started on, whatever the plan's dp:
+            # llmc.runtime.posttrain; its micro_batch is per forward, its grad_accum the planned count of them)
             raise ValueError(f"lock: stage {job.stage!r} micro_batch*grad_accum*dp = {job.global_batch_seqs} != "
                              f"global_batch_seqs {gbs}")
         return job._with_stage_spec(spec, entry)

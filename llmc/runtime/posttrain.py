@@ -392,8 +392,8 @@ class _Loop:
 
 
 def _micro(job) -> int | None:
-    """The stage plan's micro-batch (sequences, or pairs for DPO, per forward and backward: what its memory was
-    sized with); None where the lock gives none (one pass over the rank's share, as before)."""
+    """The stage plan's micro-batch (sequences, pairs for DPO, completions for GRPO, per forward and backward:
+    what its memory was sized with); None where the lock gives none (one pass over the rank's share, as before)."""
     return int(job.micro_batch) if job.micro_batch else None
 
 
@@ -444,7 +444,7 @@ def _run_grpo(c: _Loop) -> dict:
     hist = train_grpo(c.model, load_stage_data(job, "prompts"), c.tok, steps=c.steps, lr=c.lr, reward_fn=reward_fn,
                       template=c.template, group_size=G, prompts_per_step=pps, max_new_tokens=max_new,
                       kl_coef=kl, clip_eps=clip, pad_id=c.pad_id, seed=job.seed, log=c.log,
-                      shard=c.shard, device=c.device, reference=c.reference, state=c.state)
+                      shard=c.shard, device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job))
     k = max(1, len(hist) // 4)
     return {"reward_first": sum(h["reward_mean"] for h in hist[:k]) / k,
             "reward_last": sum(h["reward_mean"] for h in hist[-k:]) / k,
