@@ -147,3 +147,37 @@ def test_each_stage_recomputes_what_its_plan_sized():
     next(s for s in bad["stages"] if s["kind"] == "sft")["memory"]["activation_checkpointing"] = "sometimes"
     with pytest.raises(ValueError, match="stage 'sft' memory"):
         TrainJob.from_lock(bad, "sft")
+
+
+def test_post_training_stages_of_a_multi_gpu_plan_load_on_every_rank(monkeypatch):
+    """Llama 3 8B pre-training on 8 H100 (a searched plan with dp 8) followed by SFT, DPO and GRPO: the runtime
+    shards post-training over every started rank, so the compiler splits those batches over all 8 GPUs; the
+    runtime used to refuse every post-training stage ("micro_batch*grad_accum*dp = 512 != global_batch_seqs 64")."""
+    chat = {"sources": [{"name": "c", "path": "c.jsonl", "kind": "chat"}], "seq_len": 4096, "tokens": 1e8}
+    spec = {"name": "t", "model": "llama3-8b", "hardware": {"gpu": "h100-sxm", "count": 8},
+            "data": {"sources": [{"name": "d", "path": "d.jsonl"}], "seq_len": 4096, "tokens": 1e10,
+                     "tokenizer": {"path": "tok"}},
+            "stages": [{"name": "pre", "kind": "pretrain"},
+                       {"name": "sft", "kind": "sft", "data": chat},
+                       {"name": "dpo", "kind": "dpo", "data": {**chat, "sources": [{"name": "p", "path": "p.jsonl",
+                                                                                     "kind": "preference"}]}},
+                       {"name": "grpo", "kind": "grpo", "steps": 10, "data": {
+                           "sources": [{"name": "q", "path": "q.jsonl", "kind": "prompts"}], "seq_len": 1024,
+                           "tokens": 1e6}}]}
+    import yaml
+
+    from llmc.spec.load import loads_spec
+
+    run, _ = loads_spec(yaml.safe_dump(spec))  # the loader resolves the preset
+    lock = lock_for(run)
+    assert lock["plan"]["dp_replicate"] * lock["plan"]["dp_shard"] == 8
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    entries = {e["name"]: e for e in lock["stages"]}
+    for name in ("sft", "dpo", "grpo"):
+        job = TrainJob.from_lock(lock, name)
+        e = entries[name]
+        # every rank runs grad_accum forwards of micro_batch; together they cover the stage's batch
+        assert job.micro_batch * job.grad_accum * 8 >= e["global_batch_seqs"]
+        assert (job.micro_batch - 1) * job.grad_accum * 8 < e["global_batch_seqs"]
+    group = entries["grpo"]["hyper"]["group_size"]
+    assert group % entries["grpo"]["micro_batch"] == 0  # a group's update splits into equal slices
