@@ -288,6 +288,35 @@ def test_grpo_rollout_cost():
     assert r.kv_cache_bytes_per_step == 64 * r.kv_cache_bytes_per_group
 
 
+@pytest.mark.parametrize("mu", [None, 3])
+def test_grpo_policy_updates_per_sample_batch(mu, monkeypatch):
+    """GRPO's mu (policy updates per sampled batch) multiplies the training FLOPs the plan counts, and the runtime
+    runs exactly that many updates per step (it ran 2 while the plan counted 1). Default 1 (DeepSeekMath)."""
+    from llmc.runtime import grpo, posttrain
+
+    extra = f"\n          grpo_iterations: {mu}" if mu else ""
+    _, plans, _ = spec(f"""\
+        - name: g
+          kind: grpo
+          grpo_group_size: 8
+          prompts_per_step: 64
+          max_prompt_tokens: 512
+          max_new_tokens: 1024{extra}
+        """)
+    r, hyper = plans[0].rollout, plans[0].hyper
+    n = params_total(PRESETS["llama3-8b"])
+    assert hyper["iterations"] == (mu or 1)
+    assert r.train_flops_per_step == pytest.approx(6 * n * 64 * 8 * (512 + 1024) * (mu or 1))
+    seen = {}
+    monkeypatch.setattr(grpo, "train_grpo", lambda *a, **kw: seen.update(kw) or [{"reward_mean": 0.0, "kl": 0.0}])
+    monkeypatch.setattr(posttrain, "load_stage_data", lambda job, kind: [])
+    job = type("J", (), {"seed": 0, "micro_batch": 4})()
+    loop = posttrain._Loop(job=job, model=None, tok=None, template="llama3", hyper=hyper, st=None, steps=1, lr=1e-6,
+                           batch=512, seq_len=1536, pad_id=0, log=None)
+    posttrain._run_grpo(loop)
+    assert seen["inner_steps"] == (mu or 1) and seen["micro_batch"] == 4
+
+
 def test_long_context_plan_and_cp():
     _, plans, diags = spec("""\
         - name: lc

@@ -73,6 +73,7 @@ DEFAULT_PROMPT_TOKENS = 512
 DEFAULT_DPO_BETA = 0.1  # Rafailov et al. 2023 §6 / TRL DPOConfig default
 DEFAULT_GRPO_GROUP = 8
 DEFAULT_GRPO_KL = 0.04
+DEFAULT_GRPO_ITERATIONS = 1  # policy updates per sampled batch (mu): DeepSeekMath-RL sec. 4.2, TRL num_iterations
 GRPO_COMPLETIONS_PER_STEP = 1024  # DeepSeekMath GRPO batch size
 CHAT_BATCH_SEQS = 64  # SFT / DPO sequences per optimizer step when unset
 CP_TOKENS_PER_RANK = 16384  # target tokens per rank when recommending context parallelism
@@ -225,6 +226,7 @@ def kind_hyper(run: RunSpec, st: StageBase) -> tuple[dict[str, Any], list[str]]:
         G = pick("group_size", "grpo_group_size", st.grpo_group_size, DEFAULT_GRPO_GROUP)
         pick("kl_coef", "grpo_kl_coef", st.grpo_kl_coef, DEFAULT_GRPO_KL)
         h["clip"] = st.grpo_clip
+        pick("iterations", "grpo_iterations", st.grpo_iterations, DEFAULT_GRPO_ITERATIONS)
         pick("max_new_tokens", "max_new_tokens", st.max_new_tokens, DEFAULT_MAX_NEW_TOKENS)
         pick("max_prompt_tokens", "max_prompt_tokens", st.max_prompt_tokens, DEFAULT_PROMPT_TOKENS)
         pick("prompts_per_step", "prompts_per_step", st.prompts_per_step,
@@ -487,7 +489,8 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
 def rollout_plan(env: _Env, tr: StageTraining, lora: bool, needs_ref: bool) -> RolloutPlan:
     """GRPO cost per step: 2N FLOPs per generated/prefilled token (forward only; prompts shared by the
     group with prefix caching); training 6N per token (full) or 4N with a frozen base (no weight
-    grads); reference forward 2N per token (Kaplan et al. 2020, arXiv:2001.08361 §2.1)."""
+    grads), once per policy update (``iterations``, mu); reference forward 2N per token (Kaplan et al. 2020,
+    arXiv:2001.08361 §2.1)."""
     h, n = tr.hyper, env.n_active
     G, P = h["group_size"], h["prompts_per_step"]
     prompt, gen_len = h["max_prompt_tokens"], h["max_new_tokens"]
@@ -498,7 +501,7 @@ def rollout_plan(env: _Env, tr: StageTraining, lora: bool, needs_ref: bool) -> R
     return RolloutPlan(
         prompts_per_step=P, completions_per_step=P * G, generated_tokens_per_step=gen,
         generation_flops_per_step=2.0 * n * (gen + prefill),
-        train_flops_per_step=(4.0 if lora else 6.0) * n * train_tok,
+        train_flops_per_step=(4.0 if lora else 6.0) * n * train_tok * h["iterations"],
         reference_flops_per_step=2.0 * n * train_tok if needs_ref else 0.0,
         kv_cache_bytes_per_group=seq_tokens * env.kv_bytes, kv_cache_bytes_per_step=P * seq_tokens * env.kv_bytes,
         kv_bytes_per_token=env.kv_bytes,

@@ -441,11 +441,12 @@ def _run_grpo(c: _Loop) -> dict:
     clip = float(hyper.get("clip") or (st.grpo_clip if st is not None else 0.2))
     max_new = int(hyper.get("max_new_tokens") or (st.max_new_tokens if st is not None else None) or 16)
     pps = int(hyper.get("prompts_per_step") or (st.prompts_per_step if st is not None else None) or 4)
+    mu = int(hyper.get("iterations") or (st.grpo_iterations if st is not None else None) or 1)
     hist = train_grpo(c.model, load_stage_data(job, "prompts"), c.tok, steps=c.steps, lr=c.lr, reward_fn=reward_fn,
                       template=c.template, group_size=G, prompts_per_step=pps, max_new_tokens=max_new,
-                      kl_coef=kl, clip_eps=clip, pad_id=c.pad_id, seed=job.seed, log=c.log,
+                      kl_coef=kl, clip_eps=clip, inner_steps=mu, pad_id=c.pad_id, seed=job.seed, log=c.log,
                       shard=c.shard, device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job))
     k = max(1, len(hist) // 4)
     return {"reward_first": sum(h["reward_mean"] for h in hist[:k]) / k,
             "reward_last": sum(h["reward_mean"] for h in hist[-k:]) / k,
-            "kl_last": hist[-1]["kl"], "group_size": G, "kl_coef": kl}
+            "kl_last": hist[-1]["kl"], "group_size": G, "kl_coef": kl, "iterations": mu}

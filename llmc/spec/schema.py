@@ -474,6 +474,10 @@ class GRPOStage(StageBase):
     """KL coefficient against the reference (default 0.04)."""
     grpo_clip: Float = Field(default=0.2, gt=0)
     """PPO ratio clip epsilon."""
+    grpo_iterations: Int | None = Field(default=None, gt=0)
+    """Policy updates (optimizer steps) per batch of samples, GRPO's mu (Shao et al. 2024, Algorithm 1; TRL
+    ``num_iterations``). None = 1, on-policy: DeepSeekMath-RL "only has a single update following each
+    exploration stage" (sec. 4.2)."""
     max_new_tokens: Int | None = Field(default=None, gt=0)
     """Generation length per completion (default 256)."""
     prompts_per_step: Int | None = Field(default=None, gt=0)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
 # targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.33.0
-# spec sha256: dee5a47388f67703db979a8ab006dd46577f074fb2fe4cba2673429f7d7cc4b4
+# spec sha256: 5cc830f37601c7980db0da0b4279f11daf04387f30e83e8363ba1bf9e592505d
 #
 # torchrun on one node (1 processes by default).
 #   BACKEND=native     llmc.runtime.entry, every stage in order (default)
