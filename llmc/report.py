@@ -319,12 +319,33 @@ def _stages(c) -> Table | None:
     rows = list(c.stages)
     if len(rows) <= 1 and not c.spec.stages:
         return None
-    t = Table(title="Stages", title_justify="left", box=box.SIMPLE_HEAD, title_style="bold", pad_edge=False)
-    for col in ("stage", "kind", "init from", "steps", "lr", "trainable", "memory/GPU"):
-        t.add_column(col, justify="left" if col in ("stage", "kind", "init from") else "right")
+    pipe = c.pipeline
+    caption = None
+    if pipe is not None:
+        head = "pre-training from the searched plan, the other stages" if c.time is not None else "each stage"
+        parts = [f"time: {head} from llmc's time model on their own layout (uncalibrated)"]
+        if pipe.excludes:
+            parts.append("* leaves out " + "; ".join(pipe.excludes))
+        caption = "\n".join(parts)
+    t = Table(title="Stages", title_justify="left", box=box.SIMPLE_HEAD, title_style="bold", pad_edge=False,
+              caption=caption, caption_justify="left", show_footer=pipe is not None)
+    cols = ("stage", "kind", "init from", "steps", "lr", "trainable", "memory/GPU", "time", "cost")
+    foot = {}
+    if pipe is not None:
+        foot = {"stage": "pipeline", "time": duration(pipe.days * 86400) if pipe.counted else "-",
+                "cost": usd(pipe.usd) if pipe.usd is not None and pipe.counted else "-"}
+        if pipe.unknown:
+            foot["init from"] = f"(without {', '.join(pipe.unknown)})"
+    for col in cols:
+        t.add_column(col, footer=foot.get(col, ""), justify="left" if col in ("stage", "kind", "init from") else "right")
     for s in rows:
+        days, cost = (c.time.days, c.cost.usd if c.cost else None) if s.kind == "pretrain" and c.time else (
+            (s.time.days, s.time.usd) if s.time is not None else (None, None))
+        star = "*" if s.time is not None and s.time.excludes else ""
         t.add_row(s.name, s.kind, s.init_from or "-", f"{s.steps:,}" if s.steps is not None else "-",
-                  f"{s.lr:.3g}", human(s.trainable_params), gib(s.memory.per_gpu_bytes))
+                  f"{s.lr:.3g}", human(s.trainable_params), gib(s.memory.per_gpu_bytes),
+                  duration(days * 86400) + star if days is not None else "-",
+                  usd(cost) if cost is not None else "-")
     return t
 
 

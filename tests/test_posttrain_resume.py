@@ -46,7 +46,8 @@ STAGES = {
     "sft_lora": ({"kind": "sft", "lora": LORA}, 3e-3, 3),
     "sft_qlora": ({"kind": "sft", "lora": {**LORA, "quantize_base": "nf4"}}, 3e-3, 3),
     "dpo": ({"kind": "dpo", "dpo_beta": 0.1}, 1e-3, 2),
-    "grpo": ({"kind": "grpo", "grpo_group_size": 3, "max_new_tokens": 4, "prompts_per_step": 2}, 1e-3, 1),
+    "grpo": ({"kind": "grpo", "grpo_group_size": 3, "max_new_tokens": 4, "prompts_per_step": 2,
+             "grpo_iterations": 2}, 1e-3, 1),
 }
 STEPS = 4
 KEYS = {"sft": ("loss", "lr"), "sft_lora": ("loss", "lr"), "sft_qlora": ("loss", "lr"), "dpo": ("loss", "margin", "accuracy", "chosen_reward"),

@@ -474,3 +474,75 @@ def test_stage_memory_counts_the_logits_the_runtime_losses_materialise():
             floor = 8 * st.seq_len * vocab // m.cp
             assert m.buffer_bytes >= floor, (st.name, m.buffer_bytes, floor)
             assert m.per_gpu_bytes >= m.activation_bytes + m.buffer_bytes
+
+
+def _stage_times(stages: str, **kw):
+    _, plans, diags = spec(stages, **kw)
+    return {p.name: p for p in plans}, diags
+
+
+def test_stage_time_counts_dpo_pairs_the_reference_and_loras_cheaper_backward():
+    """A DPO step over B pairs trains 2B sequences like an SFT step over 2B sequences, plus one forward of the frozen
+    reference (a third of a pass's compute); LoRA's frozen base skips the weight gradients (4N instead of 6N on the
+    linears). Both stages run on llmc's native trainer with the same layout here (replicated, selective AC)."""
+    p, _ = _stage_times("""\
+        - name: sft
+          kind: sft
+          steps: 10
+          seq_len: 2048
+          global_batch_tokens: 262144
+        - name: sft_8k
+          kind: sft
+          steps: 10
+          seq_len: 8192
+          global_batch_tokens: 262144
+        - name: sft_lora
+          kind: sft
+          steps: 10
+          seq_len: 8192
+          global_batch_tokens: 262144
+          lora: {rank: 16}
+        - name: dpo
+          kind: dpo
+          steps: 10
+          seq_len: 2048
+          global_batch_tokens: 131072
+        """, model="llama3.2-1b")
+    sft, lora, dpo, full = p["sft"].time, p["sft_lora"].time, p["dpo"].time, p["sft_8k"].time
+    assert p["sft"].memory.shard_degree == p["dpo"].memory.shard_degree == 1
+    assert (sft.backend, sft.forward_passes, dpo.forward_passes, sft.updates) == ("native", 0, 1, 1)
+    # 64 pairs train 128 sequences (counted as 64 it would be ~0.5); micro-steps of a pair (2 sequences) against
+    # SFT's 1 sequence run a little more efficiently
+    assert 0.85 < dpo.train_pass_seconds / sft.train_pass_seconds < 1.0
+    assert 1.2 < dpo.step_seconds / dpo.train_pass_seconds < 1.34  # + the reference's forward (at most a third)
+    # at 8K both recompute every block (full AC); LoRA saves the base linears' weight-gradient GEMMs, a third of
+    # their training FLOPs: less than a third of the step, and not nothing (the linears are ~3/4 of the FLOPs)
+    assert p["sft_8k"].memory.activation_checkpointing == p["sft_lora"].memory.activation_checkpointing == "full"
+    assert 2 / 3 < lora.step_seconds / full.step_seconds < 0.95
+    assert sft.days == pytest.approx(10 * sft.step_seconds / 86400)
+    assert sft.tokens_per_second == pytest.approx(128 * 2048 / sft.step_seconds)
+
+
+def test_pipeline_time_sums_the_stages_and_is_checked_against_the_budget():
+    text = HEAD.format(model="llama3-8b", gpu="h100-sxm", count=8, seq=4096, tok="    path: /nope/tok") + """\
+budget: {max_days: 1.0}
+stages:
+  - {name: pre, kind: pretrain}
+  - {name: sft, kind: sft, steps: 30000, seq_len: 4096}
+  - {name: g, kind: grpo, steps: 5, init_from: sft}
+"""
+    from llmc.compiler.compile import compile_spec
+
+    run, lines = loads_spec(text, file="s.yaml")
+    c = compile_spec(run, "s.yaml", lines)
+    st = {s.name: s for s in c.stages}
+    pipe = c.pipeline
+    assert st["pre"].time is None and c.time is not None  # pre-training's figures are the plan's
+    assert pipe.counted == ["pre", "sft", "g"] and pipe.unknown == []
+    assert pipe.days == pytest.approx(c.time.days + st["sft"].time.days + st["g"].time.days)
+    assert pipe.usd == pytest.approx(c.cost.usd + st["sft"].time.usd + st["g"].time.usd)
+    assert pipe.excludes == ["g: sampling the completions (generation)"]
+    assert c.time.days < 1.0 < pipe.days  # pre-training fits the budget, the pipeline does not
+    b004 = [d for d in c.diagnostics if d.code == "B004"]
+    assert len(b004) == 1 and b004[0].severity == "warning" and "sft" in b004[0].message
+    assert not [d for d in c.diagnostics if d.code == "B001"]

@@ -483,3 +483,22 @@ def check_budget(run, training_flops: float, time, cost, peak: float, price: flo
                      f"predicted ${cost.usd:,.0f} > max_usd ${b.max_usd:,.0f}",
                      f"{cost.gpu_hours:,.0f} GPU-hours at ${price:g}; ${best_usd:,.0f} is the floor at "
                      f"{100 * MAX_PLAUSIBLE_MFU:.0f}% MFU")
+
+
+def check_pipeline_budget(run, pipeline, sink: Sink) -> None:
+    """B004 (warning): the whole pipeline, pre-training plus the other stages, over ``budget.max_days`` /
+    ``max_usd``; B001/B002 judge pre-training alone, with its searched layout."""
+    b = run.budget
+    rest = [n for n in pipeline.counted if n != "pretrain"] or ["no other stage"]
+    if b.max_days is not None and pipeline.days > b.max_days:
+        sink.add("B004", "warning", "budget.max_days",
+                 f"the pipeline is predicted to take {pipeline.days:.1f} days > max_days {b.max_days:g} "
+                 f"(stages {', '.join(pipeline.counted)})",
+                 f"stages other than pre-training ({', '.join(rest)}) are uncalibrated estimates; "
+                 "fewer steps or more GPUs")
+    if b.max_usd is not None and pipeline.usd is not None and pipeline.usd > b.max_usd:
+        sink.add("B004", "warning", "budget.max_usd",
+                 f"the pipeline is predicted to cost ${pipeline.usd:,.0f} > max_usd ${b.max_usd:,.0f} "
+                 f"(stages {', '.join(pipeline.counted)})",
+                 f"stages other than pre-training ({', '.join(rest)}) are uncalibrated estimates; "
+                 "fewer steps or a cheaper GPU-hour")

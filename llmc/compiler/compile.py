@@ -165,7 +165,13 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     if pretrains:
         _check_pretraining(run, gpu, hyper, compute, time, cost, sink)
         checks.check_host_memory(run, searched.memory, gpu, sink)
-    stages, stage_diags = _stages(run, gpu, lines, spec_path, hyper, searched, facts)
+    stages, stage_diags = _stages(run, gpu, lines, spec_path, hyper, searched, facts, be_info.name)
+    from llmc.compiler.stages import pipeline_time
+
+    pipeline = pipeline_time(stages, time.days if time else None, cost.usd if cost else None, run.hardware.count,
+                             bool(run.stages))
+    if pipeline is not None:
+        checks.check_pipeline_budget(run, pipeline, sink)
     serving, serving_diags = _serving(run, gpu, lines)
     evaluation = _evaluation(run, sink, spec_path, stages, hyper, searched.plan, compute, time)
     diags = sink.items + [_located(d, lines, spec_path) for d in stage_diags + serving_diags]
@@ -175,7 +181,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         reasons=list(searched.reasons),
         alternatives=list(searched.alternatives), rejected=list(searched.rejected),
         diagnostics=sort_diagnostics(_dedupe(diags)), stages=stages, serving=serving, search=dict(searched.info),
-        backend=be_info, calibration=cal_info, unfit=searched.unfit, evaluation=evaluation,
+        backend=be_info, calibration=cal_info, unfit=searched.unfit, evaluation=evaluation, pipeline=pipeline,
     )
 
 
@@ -425,11 +431,11 @@ def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
 
 
 def _stages(run: RunSpec, gpu: GPU | None, lines: dict, file: str, hyper: Hyper, searched: _Searched,
-            facts: ExternalFacts | None) -> tuple[list[StagePlan], list[Diagnostic]]:
+            facts: ExternalFacts | None, backend: str) -> tuple[list[StagePlan], list[Diagnostic]]:
     from llmc.compiler.stages import plan_stages
 
     return plan_stages(run, gpu=gpu, lines=lines, file=file, hyper=hyper, plan=searched.plan,
-                       searched_memory=searched.memory, facts=facts)
+                       searched_memory=searched.memory, facts=facts, backend=backend)
 
 
 def _serving(run: RunSpec, gpu: GPU | None, lines: dict) -> tuple[list[ServingPlan], list[Diagnostic]]:

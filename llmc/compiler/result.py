@@ -144,6 +144,37 @@ class StageMemoryPlan:
 
 
 @dataclass(frozen=True)
+class StageTimePlan:
+    """Predicted wall time and cost of one stage other than pre-training (whose figures are ``Compiled.time`` and
+    ``Compiled.cost``): llmc's time model on the stage's own layout (:func:`llmc.compiler.stages.stage_time`)."""
+
+    backend: str  # the trainer the stage runs on (LM stages: llmc's DeepSpeed runner or native; chat: native)
+    step_seconds: float  # one optimizer step: its training passes and extra forwards (reference, GRPO's old policy)
+    train_pass_seconds: float  # one forward + backward pass over the step's batch
+    forward_passes: int  # forwards without backward per step (DPO / GRPO reference, GRPO's old log-probs)
+    updates: int  # training passes per step (GRPO's mu; 1 otherwise)
+    tokens_per_second: float  # trained tokens (a DPO pair's two sequences) per second, all GPUs
+    days: float | None  # steps x step_seconds (None: the stage's steps are not known)
+    gpu_hours: float | None
+    usd: float | None  # None without a price per GPU-hour
+    excludes: list[str]  # work the figure leaves out (GRPO's sampling)
+    source: str
+
+
+@dataclass(frozen=True)
+class PipelineTime:
+    """The whole pipeline's predicted time and cost: pre-training (``Compiled.time`` / ``cost``) plus every other
+    stage's :class:`StageTimePlan`, run one after another on the same GPUs (:func:`llmc.compiler.stages.pipeline_time`)."""
+
+    days: float
+    gpu_hours: float
+    usd: float | None  # None without a price per GPU-hour
+    counted: list[str]  # stages whose time is in the sum
+    unknown: list[str]  # stages without a time (no plan, or steps not known)
+    excludes: list[str]  # "stage: what", work a counted stage's figure leaves out
+
+
+@dataclass(frozen=True)
 class RolloutPlan:
     """GRPO sampling cost per optimizer step (forward 2N FLOPs per token, training 6N or 4N)."""
 
@@ -220,6 +251,7 @@ class StagePlan:
     long_context: LongContextPlan | None
     context: ContextPlan
     notes: list[str]
+    time: StageTimePlan | None = None  # None for pre-training (Compiled.time) and without a GPU
 
 
 @dataclass(frozen=True)
@@ -312,6 +344,7 @@ class Compiled:
     calibration: CalibrationStatus | None = None
     unfit: UnfitLayout | None = None
     evaluation: EvaluationPlan | None = None  # eval.validation / eval.tasks / data.quality (evaluation.py)
+    pipeline: PipelineTime | None = None  # every stage's time and cost together (specs with stages)
 
     def to_json(self) -> dict:
         """JSON view; keys documented in README (model.*, compute.*, plan, memory.*, time.*, cost.*)."""
@@ -336,6 +369,7 @@ class Compiled:
             "memory": dc(self.memory),
             "time": dc(self.time),
             "cost": dc(self.cost),
+            "pipeline": dc(self.pipeline),
             "reasons": list(self.reasons),
             "alternatives": [_cand(c) for c in self.alternatives],
             "rejected": [_cand(c) for c in self.rejected],

@@ -22,6 +22,7 @@ Sources:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import graphlib
 import math
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmc.compiler import defaults as defaults_mod
-from llmc.compiler import memory, params
+from llmc.compiler import flops, memory, params, timing
 from llmc.compiler.checks import Sink
 from llmc.compiler.hardware import GPU
 from llmc.compiler.plan import ParallelPlan
@@ -40,9 +41,11 @@ from llmc.compiler.result import (
     LoraPlan,
     MemoryNumbers,
     ModelInMemory,
+    PipelineTime,
     RolloutPlan,
     StageMemoryPlan,
     StagePlan,
+    StageTimePlan,
 )
 from llmc.compiler.search import divisors
 from llmc.diagnostics import Diagnostic
@@ -384,6 +387,8 @@ class _Env:
     n_emb: int
     kv_bytes: int
     n_stages: int
+    gpu: GPU | None = None  # the cluster's GPU (stage time and cost)
+    backend: str | None = None  # the run's training backend (LM stages run on DeepSpeed when it is deepspeed)
 
     @property
     def world(self) -> int:
@@ -420,6 +425,19 @@ def _searched_stage_memory(env: _Env) -> StageMemoryPlan:
         activation_checkpointing=plan.activation_checkpointing, source="the searched parallelism plan",
         breakdown=dict(mem.breakdown),
     )
+
+
+def _micro_seqs(kind: str, tr: StageTraining) -> int:
+    """Sequences in one micro-step: the stage plan's micro-batch, a DPO pair being two (chosen, rejected)."""
+    return (tr.micro_batch or 1) * (2 if kind == "dpo" else 1)
+
+
+def stage_layout(world: int, shard: int, cp: int, ac: str, micro: int, grad_accum: int = 1) -> ParallelPlan:
+    """The layout a stage estimate sizes and times: data parallel over every GPU (per ``cp``), the states sharded
+    (FSDP / ZeRO-3) when ``shard`` > 1, else replicated; no TP or PP."""
+    dp = max(1, world // cp)
+    return ParallelPlan(dp_shard=dp if shard > 1 else 1, dp_replicate=1 if shard > 1 else dp, cp=cp,
+                        activation_checkpointing=ac, micro_batch=micro, grad_accum=grad_accum)
 
 
 def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, needs_ref: bool,
@@ -462,11 +480,7 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
         notes.append(f"weights/optimizer sharded over {shard} GPUs (FSDP / ZeRO-3)")
     # LoRA/QLoRA recipes always use gradient checkpointing (QLoRA paper); long sequences and sharded runs too
     ac = "full" if lora is not None or seq_len >= 8192 or shard > 1 else "selective"
-    dp = max(1, env.world // cp)
-    # one micro-step: the stage plan's micro-batch, a DPO pair being two sequences (chosen, rejected)
-    micro = (tr.micro_batch or 1) * (2 if st.kind == "dpo" else 1)
-    layout = ParallelPlan(dp_shard=dp if shard > 1 else 1, dp_replicate=1 if shard > 1 else dp, cp=cp,
-                          activation_checkpointing=ac, micro_batch=micro)
+    layout = stage_layout(env.world, shard, cp, ac, _micro_seqs(st.kind, tr))
     act, buffers = _acts_buffers(env, layout, seq_len)
     rollout_kv = 0
     if st.kind == "grpo":
@@ -481,6 +495,89 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
         weights_bytes=weights, reference_bytes=ref, grads_optimizer_bytes=optim, activation_bytes=act,
         activation_source=ACTIVATION_SOURCE, rollout_kv_bytes=rollout_kv, buffer_bytes=buffers,
     )
+
+
+# ----------------------------------------------------------------------------- time
+
+
+#: Share of a training pass (forward + backward) that is the forward: 2N of 6N FLOPs per token (Kaplan et al.
+#: 2020, arXiv:2001.08361 sec. 2.1); a frozen reference's forward, or GRPO's old-policy log-probs, cost this much.
+FORWARD_SHARE = 1.0 / 3.0
+#: LoRA / QLoRA: the frozen base computes no weight gradients, so its linears cost 4N instead of 6N per token
+#: (the backward still propagates activation gradients through them; Hu et al. 2021, arXiv:2106.09685 sec. 4.2).
+LORA_LINEAR_COST = 4.0 / 6.0
+
+
+def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan, lora: bool,
+               needs_ref: bool) -> StageTimePlan | None:
+    """Wall time and cost of a stage other than pre-training, with llmc's time model (:mod:`timing`) on the layout
+    its memory was sized for (:func:`stage_layout`), on the trainer that runs it: chat stages on llmc's native
+    runtime (eager, bf16: it runs fp8 as bf16), LM stages on llmc's DeepSpeed runner when the run's backend is
+    DeepSpeed, else native (torchtitan runs pre-training only). One step = ``updates`` training passes (GRPO's mu)
+    over the step's batch (a DPO pair = 2 sequences), with LoRA's cheaper backward on the linears, plus
+    ``forward_passes`` forwards (the frozen reference; GRPO's old-policy log-probs), each
+    :data:`FORWARD_SHARE` of a pass's compute. GRPO's sampling is not included (``excludes``)."""
+    gpu = env.gpu
+    if gpu is None or st.kind == "pretrain" or not tr.global_batch_seqs:
+        return None
+    par = env.run.parallelism
+    lm = st.kind in LM_KINDS
+    backend = "deepspeed" if lm and env.backend == "deepspeed" else "native"
+    precision = "bf16" if env.precision == "fp8" else env.precision
+    micro = _micro_seqs(st.kind, tr)
+    seqs = tr.global_batch_seqs * (2 if st.kind == "dpo" else 1)
+    layout = stage_layout(env.world, mem.shard_degree, mem.cp, mem.activation_checkpointing, micro)
+    layout = dataclasses.replace(layout, grad_accum=max(1, math.ceil(seqs / (micro * layout.dp))))
+    offload = backend == "deepspeed" and par.offload_optimizer
+    sm = timing.step_model(env.run.model, tr.seq_len, precision, gpu, backend,
+                           compile=env.run.training.compile if lm else False, offload_optimizer=offload,
+                           offload_params=offload and par.offload_params)
+    step, _, br = timing.step_time(sm, layout)
+    gemm = br["compute"]
+    if lora:
+        linear = 1.0 - flops.attention_share(env.run.model, tr.seq_len)
+        step -= gemm * linear * (1.0 - LORA_LINEAR_COST)
+    updates = int(tr.hyper.get("iterations", 1)) if st.kind == "grpo" else 1
+    forwards = int(needs_ref) + (1 if st.kind == "grpo" else 0)
+    total = updates * step + forwards * FORWARD_SHARE * (gemm + br["elementwise"])
+    days = total * tr.steps / 86400.0 if tr.steps else None
+    gh = timing.gpu_hours(days, env.world) if days is not None else None
+    price = gpu.usd_per_hour
+    excludes = ["sampling the completions (generation)"] if st.kind == "grpo" else []
+    return StageTimePlan(
+        backend=backend, step_seconds=total, train_pass_seconds=step, forward_passes=forwards, updates=updates,
+        tokens_per_second=seqs * tr.seq_len / total, days=days, gpu_hours=gh,
+        usd=timing.usd(gh, price) if gh is not None and price else None, excludes=excludes,
+        source=f"llmc.compiler.timing on the stage layout ({layout.dp} x data parallel, "
+               f"{'sharded' if mem.shard_degree > 1 else 'replicated'}, AC {mem.activation_checkpointing}, "
+               f"micro-batch {micro} x {layout.grad_accum} sequences) on the {backend} trainer, uncalibrated",
+    )
+
+
+def pipeline_time(stages: list[StagePlan], pretrain_days: float | None, pretrain_usd: float | None,
+                  world: int, spec_has_stages: bool) -> PipelineTime | None:
+    """Pre-training plus every other stage, one after another on the run's ``world`` GPUs; None for a spec without
+    stages (its time is the pre-training time)."""
+    if not spec_has_stages:
+        return None
+    days, usd, priced = 0.0, 0.0, True
+    counted, unknown, excludes = [], [], []
+    for s in stages:
+        if s.kind == "pretrain":
+            d, u = pretrain_days, pretrain_usd
+        else:
+            d = s.time.days if s.time is not None else None
+            u = s.time.usd if s.time is not None else None
+            excludes += [f"{s.name}: {x}" for x in (s.time.excludes if s.time is not None else [])]
+        if d is None:
+            unknown.append(s.name)
+            continue
+        counted.append(s.name)
+        days += d
+        priced = priced and u is not None
+        usd += u or 0.0
+    return PipelineTime(days=days, gpu_hours=timing.gpu_hours(days, world), usd=usd if priced else None,
+                        counted=counted, unknown=unknown, excludes=excludes)
 
 
 # ----------------------------------------------------------------------------- rollout / long context
@@ -684,6 +781,7 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
     else:
         mem = stage_memory(env, st, tr, trainable, needs_ref, notes)
     rollout = rollout_plan(env, tr, st.lora is not None, needs_ref) if st.kind == "grpo" else None
+    stime = stage_time(env, st, tr, mem, st.lora is not None, needs_ref)
     lc = long_context_plan(env, st, tr.seq_len, inherited, notes) if st.kind == "long_context" else None
     out_ctx = _context_out(env, st, p, tr.seq_len, inherited, sink)
     check_stage(env, st, p, tr, mem, sink)
@@ -698,7 +796,7 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
         rollout=rollout, long_context=lc,
         context=ContextPlan(max_context=out_ctx["max_context"], rope_theta=out_ctx["rope_theta"],
                             rope_scaling=out_ctx["rope_scaling"]),
-        notes=notes,
+        notes=notes, time=stime,
     )
     return plan, out_ctx
 
@@ -715,7 +813,7 @@ def _base_context(run: RunSpec, seq_len: int) -> dict:
 def plan_stages(run: RunSpec, gpu: GPU | None = None, lines: dict | None = None, file: str | None = None,
                 hyper: Hyper | None = None, plan: ParallelPlan | None = None,
                 searched_memory: MemoryNumbers | None = None, facts: ExternalFacts | None = None,
-                ) -> tuple[list[StagePlan], list[Diagnostic]]:
+                backend: str | None = None) -> tuple[list[StagePlan], list[Diagnostic]]:
     """Check the stage graph and plan every stage; returns (plans in topological order, diagnostics).
 
     hyper / plan / searched_memory: the pre-training run's resolved hyperparameters, searched layout and
@@ -729,7 +827,8 @@ def plan_stages(run: RunSpec, gpu: GPU | None = None, lines: dict | None = None,
     env = _Env(run=run, hyper=hyper or defaults_mod.pretrain_hyper(run, gpu), plan=plan, searched_memory=searched_memory,
                facts=facts, capacity=gpu.hbm_bytes if gpu is not None else None,
                n_total=params.params_total(arch), n_active=params.params_active(arch),
-               n_emb=params.params_embedding(arch), kv_bytes=params.kv_bytes_per_token(arch), n_stages=len(stages))
+               n_emb=params.params_embedding(arch), kv_bytes=params.kv_bytes_per_token(arch), n_stages=len(stages),
+               gpu=gpu, backend=backend)
     base = _base_context(run, run.data.seq_len)
     ctx: dict[str, dict] = {}
     plans: list[StagePlan] = []

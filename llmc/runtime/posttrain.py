@@ -120,12 +120,15 @@ class _Log:
     def __init__(self, path: Path, stage: str, every: int, enabled: bool = True):
         self.f = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115 - closed in close()
         self.stage, self.every = stage, max(1, every)
+        self._last = time.monotonic()
 
     def __call__(self, step: int, stats: dict) -> None:
         if self.f is None:  # ranks > 0: the values are already averaged over the ranks
             return
+        now = time.monotonic()  # step_s: wall seconds since the previous record (the first: since the loop's setup)
         rec = {"stage": self.stage, "step": step + 1, **{k: (round(v, 6) if isinstance(v, float) else v)
-                                                         for k, v in stats.items()}}
+                                                         for k, v in stats.items()}, "step_s": round(now - self._last, 4)}
+        self._last = now
         self.f.write(json.dumps(rec) + "\n")
         self.f.flush()
         if step == 0 or (step + 1) % self.every == 0:
