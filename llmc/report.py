@@ -323,10 +323,7 @@ def _stages(c) -> Table | None:
     caption = None
     if pipe is not None:
         head = "pre-training from the searched plan, the other stages" if c.time is not None else "each stage"
-        parts = [f"time: {head} from llmc's time model on their own layout (uncalibrated)"]
-        if pipe.excludes:
-            parts.append("* leaves out " + "; ".join(pipe.excludes))
-        caption = "\n".join(parts)
+        caption = f"time: {head} from llmc's time model on their own layout (uncalibrated)"
     t = Table(title="Stages", title_justify="left", box=box.SIMPLE_HEAD, title_style="bold", pad_edge=False,
               caption=caption, caption_justify="left", show_footer=pipe is not None)
     cols = ("stage", "kind", "init from", "steps", "lr", "trainable", "memory/GPU", "time", "cost")
@@ -341,10 +338,9 @@ def _stages(c) -> Table | None:
     for s in rows:
         days, cost = (c.time.days, c.cost.usd if c.cost else None) if s.kind == "pretrain" and c.time else (
             (s.time.days, s.time.usd) if s.time is not None else (None, None))
-        star = "*" if s.time is not None and s.time.excludes else ""
         t.add_row(s.name, s.kind, s.init_from or "-", f"{s.steps:,}" if s.steps is not None else "-",
                   f"{s.lr:.3g}", human(s.trainable_params), gib(s.memory.per_gpu_bytes),
-                  duration(days * 86400) + star if days is not None else "-",
+                  duration(days * 86400) if days is not None else "-",
                   usd(cost) if cost is not None else "-")
     return t
 

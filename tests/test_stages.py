@@ -271,7 +271,7 @@ def test_size_aware_default_lrs():
 
 
 def test_grpo_rollout_cost():
-    _, plans, _ = spec("""\
+    _, plans, diags = spec("""\
         - name: g
           kind: grpo
           grpo_group_size: 8
@@ -282,10 +282,14 @@ def test_grpo_rollout_cost():
     r = plans[0].rollout
     n = params_total(PRESETS["llama3-8b"])
     assert r.generated_tokens_per_step == 64 * 8 * 1024
-    assert r.generation_flops_per_step == pytest.approx(2 * n * (64 * 8 * 1024 + 64 * 512))
-    assert r.kv_bytes_per_token == 131_072  # Llama-3-8B bf16 KV per token
-    assert r.kv_cache_bytes_per_group == 8 * (512 + 1024) * 131_072
-    assert r.kv_cache_bytes_per_step == 64 * r.kv_cache_bytes_per_group
+    # llmc's sampler (llmc.runtime.grpo.sample_group) forwards the whole (G, prompt + i) batch for new token i
+    lengths = [512 + i for i in range(1024)]
+    assert r.sampled_tokens_per_step == 64 * 8 * sum(lengths)
+    assert r.generation_flops_per_step == pytest.approx(2 * n * r.sampled_tokens_per_step)
+    assert r.sampling_logits_bytes == 8 * (512 + 1024) * 128_256 * 2  # bf16 logits over every position
+    t = plans[0].time
+    assert t.sampling_seconds > 0.9 * t.step_seconds  # 1K new tokens without a KV cache: sampling dominates
+    assert "T108" in codes(diags, "warning")
 
 
 @pytest.mark.parametrize("mu", [None, 3])
@@ -541,7 +545,7 @@ stages:
     assert pipe.counted == ["pre", "sft", "g"] and pipe.unknown == []
     assert pipe.days == pytest.approx(c.time.days + st["sft"].time.days + st["g"].time.days)
     assert pipe.usd == pytest.approx(c.cost.usd + st["sft"].time.usd + st["g"].time.usd)
-    assert pipe.excludes == ["g: sampling the completions (generation)"]
+    assert st["g"].time.sampling_seconds > 0
     assert c.time.days < 1.0 < pipe.days  # pre-training fits the budget, the pipeline does not
     b004 = [d for d in c.diagnostics if d.code == "B004"]
     assert len(b004) == 1 and b004[0].severity == "warning" and "sft" in b004[0].message

@@ -139,7 +139,7 @@ class StageMemoryPlan:
     grads_optimizer_bytes: int | None = None
     activation_bytes: int | None = None
     activation_source: str | None = None
-    rollout_kv_bytes: int | None = None
+    sampling_bytes: int | None = None  # GRPO: the logits of one group's sampling forward (RolloutPlan)
     buffer_bytes: int | None = None  # logits and their gradient, gathered FSDP units, CUDA context, NCCL
 
 
@@ -157,7 +157,7 @@ class StageTimePlan:
     days: float | None  # steps x step_seconds (None: the stage's steps are not known)
     gpu_hours: float | None
     usd: float | None  # None without a price per GPU-hour
-    excludes: list[str]  # work the figure leaves out (GRPO's sampling)
+    sampling_seconds: float  # GRPO: sampling the step's completions (in step_seconds; 0 otherwise)
     source: str
 
 
@@ -171,22 +171,21 @@ class PipelineTime:
     usd: float | None  # None without a price per GPU-hour
     counted: list[str]  # stages whose time is in the sum
     unknown: list[str]  # stages without a time (no plan, or steps not known)
-    excludes: list[str]  # "stage: what", work a counted stage's figure leaves out
 
 
 @dataclass(frozen=True)
 class RolloutPlan:
-    """GRPO sampling cost per optimizer step (forward 2N FLOPs per token, training 6N or 4N)."""
+    """GRPO cost per step with llmc's sampler, which re-runs each group's whole sequence for every new token (no KV
+    cache): forward 2N FLOPs per processed token, training 6N or 4N per token per policy update."""
 
     prompts_per_step: int
     completions_per_step: int
-    generated_tokens_per_step: int
+    generated_tokens_per_step: int  # at most: every completion runs to max_new_tokens
+    sampled_tokens_per_step: int  # tokens the sampler's forwards process: per new token, the whole sequence so far
     generation_flops_per_step: float
     train_flops_per_step: float
     reference_flops_per_step: float
-    kv_cache_bytes_per_group: int
-    kv_cache_bytes_per_step: int
-    kv_bytes_per_token: int
+    sampling_logits_bytes: int  # one group's sampling forward: bf16 logits over every position of its sequences
 
 
 @dataclass(frozen=True)

@@ -482,18 +482,21 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     ac = "full" if lora is not None or seq_len >= 8192 or shard > 1 else "selective"
     layout = stage_layout(env.world, shard, cp, ac, _micro_seqs(st.kind, tr))
     act, buffers = _acts_buffers(env, layout, seq_len)
-    rollout_kv = 0
+    sampling = 0
     if st.kind == "grpo":
-        # KV cache of one group of G sequences (prompt + generation) while sampling on the same GPUs
+        # llmc's sampler runs the whole sequences of one group per new token (no KV cache): the model's bf16 logits
+        # over every position stay until the next token is drawn (counted on top of a training micro-step: an upper
+        # bound, the two are not alive at once)
         G = tr.hyper["group_size"]
-        rollout_kv = G * seq_len * env.kv_bytes
-        notes.append(f"GRPO: rollout KV cache for one group of {G} sequences x {seq_len} tokens counted")
-    per_gpu = int((weights + ref + optim) // shard + act + buffers + rollout_kv)
+        sampling = sampling_logits_bytes(G, seq_len, env.run.model.vocab_size)
+        notes.append(f"GRPO: sampling holds the logits of one group ({G} sequences x {seq_len} tokens x vocab, "
+                     "bf16): llmc's sampler has no KV cache")
+    per_gpu = int((weights + ref + optim) // shard + act + buffers + sampling)
     return StageMemoryPlan(
         per_gpu_bytes=per_gpu, capacity_bytes=env.capacity, fits=(per_gpu <= cap) if env.capacity else None,
         shard_degree=shard, cp=cp, activation_checkpointing=ac, source="stage estimate",
         weights_bytes=weights, reference_bytes=ref, grads_optimizer_bytes=optim, activation_bytes=act,
-        activation_source=ACTIVATION_SOURCE, rollout_kv_bytes=rollout_kv, buffer_bytes=buffers,
+        activation_source=ACTIVATION_SOURCE, sampling_bytes=sampling, buffer_bytes=buffers,
     )
 
 
@@ -506,6 +509,8 @@ FORWARD_SHARE = 1.0 / 3.0
 #: LoRA / QLoRA: the frozen base computes no weight gradients, so its linears cost 4N instead of 6N per token
 #: (the backward still propagates activation gradients through them; Hu et al. 2021, arXiv:2106.09685 sec. 4.2).
 LORA_LINEAR_COST = 4.0 / 6.0
+#: T108 when GRPO's sampling is more than this share of its predicted step
+SAMPLING_WARN_SHARE = 0.5
 
 
 def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan, lora: bool,
@@ -516,7 +521,8 @@ def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan
     DeepSpeed, else native (torchtitan runs pre-training only). One step = ``updates`` training passes (GRPO's mu)
     over the step's batch (a DPO pair = 2 sequences), with LoRA's cheaper backward on the linears, plus
     ``forward_passes`` forwards (the frozen reference; GRPO's old-policy log-probs), each
-    :data:`FORWARD_SHARE` of a pass's compute. GRPO's sampling is not included (``excludes``)."""
+    :data:`FORWARD_SHARE` of a pass's compute, plus GRPO's sampling: the forwards over :func:`sampled_tokens` per
+    completion (an upper bound: every completion runs to max_new_tokens)."""
     gpu = env.gpu
     if gpu is None or st.kind == "pretrain" or not tr.global_batch_seqs:
         return None
@@ -539,15 +545,23 @@ def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan
         step -= gemm * linear * (1.0 - LORA_LINEAR_COST)
     updates = int(tr.hyper.get("iterations", 1)) if st.kind == "grpo" else 1
     forwards = int(needs_ref) + (1 if st.kind == "grpo" else 0)
-    total = updates * step + forwards * FORWARD_SHARE * (gemm + br["elementwise"])
+    forward = FORWARD_SHARE * (gemm + br["elementwise"])  # one forward over the step's batch
+    sampling = 0.0
+    if st.kind == "grpo":
+        # the sampler's forwards process sampled_tokens per completion where a forward over the batch processes
+        # prompt + new (at the training pass's per-token speed: batches of one group, eager)
+        h = tr.hyper
+        per_seq = h["max_prompt_tokens"] + h["max_new_tokens"]
+        sampling = forward * sampled_tokens(h["max_prompt_tokens"], h["max_new_tokens"]) / per_seq
+    total = updates * step + forwards * forward + sampling
     days = total * tr.steps / 86400.0 if tr.steps else None
     gh = timing.gpu_hours(days, env.world) if days is not None else None
     price = gpu.usd_per_hour
-    excludes = ["sampling the completions (generation)"] if st.kind == "grpo" else []
     return StageTimePlan(
         backend=backend, step_seconds=total, train_pass_seconds=step, forward_passes=forwards, updates=updates,
+        sampling_seconds=sampling,
         tokens_per_second=seqs * tr.seq_len / total, days=days, gpu_hours=gh,
-        usd=timing.usd(gh, price) if gh is not None and price else None, excludes=excludes,
+        usd=timing.usd(gh, price) if gh is not None and price else None,
         source=f"llmc.compiler.timing on the stage layout ({layout.dp} x data parallel, "
                f"{'sharded' if mem.shard_degree > 1 else 'replicated'}, AC {mem.activation_checkpointing}, "
                f"micro-batch {micro} x {layout.grad_accum} sequences) on the {backend} trainer, uncalibrated",
@@ -561,14 +575,13 @@ def pipeline_time(stages: list[StagePlan], pretrain_days: float | None, pretrain
     if not spec_has_stages:
         return None
     days, usd, priced = 0.0, 0.0, True
-    counted, unknown, excludes = [], [], []
+    counted, unknown = [], []
     for s in stages:
         if s.kind == "pretrain":
             d, u = pretrain_days, pretrain_usd
         else:
             d = s.time.days if s.time is not None else None
             u = s.time.usd if s.time is not None else None
-            excludes += [f"{s.name}: {x}" for x in (s.time.excludes if s.time is not None else [])]
         if d is None:
             unknown.append(s.name)
             continue
@@ -577,31 +590,40 @@ def pipeline_time(stages: list[StagePlan], pretrain_days: float | None, pretrain
         priced = priced and u is not None
         usd += u or 0.0
     return PipelineTime(days=days, gpu_hours=timing.gpu_hours(days, world), usd=usd if priced else None,
-                        counted=counted, unknown=unknown, excludes=excludes)
+                        counted=counted, unknown=unknown)
 
 
 # ----------------------------------------------------------------------------- rollout / long context
 
 
+def sampling_logits_bytes(group: int, seq_len: int, vocab: int) -> int:
+    """One sampling forward of a GRPO group: ``group`` sequences x ``seq_len`` positions x ``vocab`` bf16 logits."""
+    return group * seq_len * vocab * 2
+
+
+def sampled_tokens(prompt: int, new: int) -> int:
+    """Tokens llmc's sampler runs through the model for one completion of ``new`` tokens after a ``prompt``-token
+    prompt: the whole sequence again for every new token (no KV cache), sum over i < new of (prompt + i)."""
+    return new * prompt + new * (new - 1) // 2
+
+
 def rollout_plan(env: _Env, tr: StageTraining, lora: bool, needs_ref: bool) -> RolloutPlan:
-    """GRPO cost per step: 2N FLOPs per generated/prefilled token (forward only; prompts shared by the
-    group with prefix caching); training 6N per token (full) or 4N with a frozen base (no weight
-    grads), once per policy update (``iterations``, mu); reference forward 2N per token (Kaplan et al. 2020,
-    arXiv:2001.08361 §2.1)."""
+    """GRPO cost per step with llmc's runtime: sampling 2N FLOPs per token its forwards process (each new token
+    re-runs the whole sequence, the prompt repeated for each of the G samples: :func:`sampled_tokens`; an upper
+    bound, every completion running to max_new_tokens); training 6N per token (full) or 4N with a frozen base (no
+    weight grads), once per policy update (``iterations``, mu); reference forward 2N per token (Kaplan et al. 2020,
+    arXiv:2001.08361 §2.1). Attention FLOPs are left out of these counts."""
     h, n = tr.hyper, env.n_active
     G, P = h["group_size"], h["prompts_per_step"]
     prompt, gen_len = h["max_prompt_tokens"], h["max_new_tokens"]
-    gen = P * G * gen_len
-    prefill = P * prompt
-    seq_tokens = G * (prompt + gen_len)
+    sampled = P * G * sampled_tokens(prompt, gen_len)
     train_tok = P * G * (prompt + gen_len)
     return RolloutPlan(
-        prompts_per_step=P, completions_per_step=P * G, generated_tokens_per_step=gen,
-        generation_flops_per_step=2.0 * n * (gen + prefill),
+        prompts_per_step=P, completions_per_step=P * G, generated_tokens_per_step=P * G * gen_len,
+        sampled_tokens_per_step=sampled, generation_flops_per_step=2.0 * n * sampled,
         train_flops_per_step=(4.0 if lora else 6.0) * n * train_tok * h["iterations"],
         reference_flops_per_step=2.0 * n * train_tok if needs_ref else 0.0,
-        kv_cache_bytes_per_group=seq_tokens * env.kv_bytes, kv_cache_bytes_per_step=P * seq_tokens * env.kv_bytes,
-        kv_bytes_per_token=env.kv_bytes,
+        sampling_logits_bytes=sampling_logits_bytes(G, prompt + gen_len, env.run.model.vocab_size),
     )
 
 
@@ -782,6 +804,12 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
         mem = stage_memory(env, st, tr, trainable, needs_ref, notes)
     rollout = rollout_plan(env, tr, st.lora is not None, needs_ref) if st.kind == "grpo" else None
     stime = stage_time(env, st, tr, mem, st.lora is not None, needs_ref)
+    if stime is not None and stime.sampling_seconds > SAMPLING_WARN_SHARE * stime.step_seconds:
+        sink.add("T108", "warning", f"{p}.max_new_tokens",
+                 f"GRPO sampling is {stime.sampling_seconds / stime.step_seconds:.0%} of stage {st.name!r}'s predicted "
+                 f"step ({stime.sampling_seconds:,.0f} of {stime.step_seconds:,.0f} s): llmc's sampler re-runs the whole "
+                 "sequence for every new token (no KV cache)",
+                 "keep max_new_tokens and max_prompt_tokens short (llmc's GRPO suits short verifiable answers)")
     lc = long_context_plan(env, st, tr.seq_len, inherited, notes) if st.kind == "long_context" else None
     out_ctx = _context_out(env, st, p, tr.seq_len, inherited, sink)
     check_stage(env, st, p, tr, mem, sink)
