@@ -297,6 +297,35 @@ def test_grpo_loss_clip_and_kl():
     assert torch.allclose(l_a, l_b)
 
 
+@pytest.mark.parametrize("kind", ["gqa", "mla_moe"])
+def test_kv_cache_sampling_equals_rerunning_the_sequence(kind):
+    """The sampler runs the prompt once into a KV cache, then one position per new token; re-running the whole
+    sequence per token (the plain forward) must give the same logits, hence the same tokens from the same
+    generator: grouped-query attention, and MLA with MoE blocks (DeepSeek-V3's shape, rope keys cached)."""
+    from llmc.runtime.model import KVCache
+    from llmc.spec.model import MLA, MoE
+
+    arch = ARCH if kind == "gqa" else Architecture(
+        name="t", n_layers=3, d_model=48, n_heads=4, d_ff=64, vocab_size=TOK.vocab_size, max_seq_len=256,
+        mla=MLA(q_lora_rank=16, kv_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=10),
+        moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, expert_d_ff=24, dense_layers=1))
+    m = build_model(arch, seed=3)
+    from llmc.runtime.chat import encode_prompt
+
+    p = encode_prompt([{"role": "user", "content": "12+30="}], TOK)
+    stop = TOK.token_to_id("<|eot_id|>")
+    ids = torch.tensor(p).repeat(3, 1)
+    with torch.no_grad():  # the cache's logits, position by position, against the full forward's
+        cache = KVCache()
+        got = [m(ids[:, :5], cache=cache)[:, -1]] + [m(ids[:, t:t + 1], cache=cache)[:, -1] for t in range(5, len(p))]
+        full = m(ids)[:, 4:]
+    torch.testing.assert_close(torch.stack(got, 1), full, rtol=1e-4, atol=1e-5)
+    for temp in (0.0, 1.0):
+        a = sample_group(m, p, 4, 12, stop, TOK.pad_id, temp, torch.Generator().manual_seed(1))
+        b = sample_group(m, p, 4, 12, stop, TOK.pad_id, temp, torch.Generator().manual_seed(1), kv_cache=False)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 def test_sampling_stops_and_masks():
     m = _model()
     from llmc.runtime.chat import encode_prompt

@@ -139,7 +139,7 @@ class StageMemoryPlan:
     grads_optimizer_bytes: int | None = None
     activation_bytes: int | None = None
     activation_source: str | None = None
-    sampling_bytes: int | None = None  # GRPO: the logits of one group's sampling forward (RolloutPlan)
+    sampling_bytes: int | None = None  # GRPO: the KV cache of one group while sampling (RolloutPlan)
     buffer_bytes: int | None = None  # logits and their gradient, gathered FSDP units, CUDA context, NCCL
 
 
@@ -175,17 +175,19 @@ class PipelineTime:
 
 @dataclass(frozen=True)
 class RolloutPlan:
-    """GRPO cost per step with llmc's sampler, which re-runs each group's whole sequence for every new token (no KV
-    cache): forward 2N FLOPs per processed token, training 6N or 4N per token per policy update."""
+    """GRPO cost per step with llmc's sampler (a KV cache per group: the G copies of the prompt in one forward, then
+    one position per new token): forward 2N FLOPs per processed token, training 6N or 4N per token per update."""
 
     prompts_per_step: int
     completions_per_step: int
     generated_tokens_per_step: int  # at most: every completion runs to max_new_tokens
-    sampled_tokens_per_step: int  # tokens the sampler's forwards process: per new token, the whole sequence so far
+    sampled_tokens_per_step: int  # tokens the sampler's forwards process: each sample's prompt, then its new tokens
+    decode_steps_per_group: int  # one-position forwards per group (max_new_tokens at most)
     generation_flops_per_step: float
     train_flops_per_step: float
     reference_flops_per_step: float
-    sampling_logits_bytes: int  # one group's sampling forward: bf16 logits over every position of its sequences
+    kv_cache_bytes_per_group: int  # bf16 K and V of one group's G sequences (prompt + new tokens)
+    kv_bytes_per_token: int
 
 
 @dataclass(frozen=True)

@@ -484,13 +484,11 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     act, buffers = _acts_buffers(env, layout, seq_len)
     sampling = 0
     if st.kind == "grpo":
-        # llmc's sampler runs the whole sequences of one group per new token (no KV cache): the model's bf16 logits
-        # over every position stay until the next token is drawn (counted on top of a training micro-step: an upper
-        # bound, the two are not alive at once)
+        # llmc's sampler keeps a KV cache of one group of G sequences (prompt + generation) while sampling on the same
+        # GPUs (counted on top of a training micro-step: an upper bound, the two are not alive at once)
         G = tr.hyper["group_size"]
-        sampling = sampling_logits_bytes(G, seq_len, env.run.model.vocab_size)
-        notes.append(f"GRPO: sampling holds the logits of one group ({G} sequences x {seq_len} tokens x vocab, "
-                     "bf16): llmc's sampler has no KV cache")
+        sampling = G * seq_len * env.kv_bytes
+        notes.append(f"GRPO: the sampling KV cache of one group ({G} sequences x {seq_len} tokens) counted")
     per_gpu = int((weights + ref + optim) // shard + act + buffers + sampling)
     return StageMemoryPlan(
         per_gpu_bytes=per_gpu, capacity_bytes=env.capacity, fits=(per_gpu <= cap) if env.capacity else None,
@@ -513,6 +511,28 @@ LORA_LINEAR_COST = 4.0 / 6.0
 SAMPLING_WARN_SHARE = 0.5
 
 
+def _sampling_seconds(env: _Env, tr: StageTraining, mem: StageMemoryPlan, token_forward_s: float) -> float:
+    """GRPO sampling per step on one rank, with llmc's sampler: its share of the step's groups (the prompts split over
+    every rank), each a prefill of G x prompt tokens at ``token_forward_s`` (a training forward's time per token) and
+    max_new_tokens one-position forwards. A one-position forward over G rows reads every weight: it takes the
+    longest of its compute (G tokens), streaming the bf16 weights from HBM and, when the weights are sharded,
+    gathering them (FSDP2 all-gathers each block per forward, over NVLink within a node, the NIC across nodes);
+    the KV cache read is left out."""
+    h, gpu = tr.hyper, env.gpu
+    G, new = h["group_size"], h["max_new_tokens"]
+    groups = math.ceil(h["prompts_per_step"] / env.world)
+    weights = 2.0 * env.n_total
+    read = weights / (gpu.hbm_gbps * 1e9)
+    gather = 0.0
+    if mem.shard_degree > 1:
+        dp = mem.shard_degree
+        within = env.world <= (gpu.nvlink_domain or gpu.gpus_per_node)
+        bw = (timing.intra_node_gbps(gpu)[0] if within else gpu.net_gbps / 8.0) * 1e9
+        gather = weights * (dp - 1) / dp / bw if bw > 0 else 0.0
+    decode = max(G * token_forward_s, read, gather)
+    return groups * (G * h["max_prompt_tokens"] * token_forward_s + new * decode)
+
+
 def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan, lora: bool,
                needs_ref: bool) -> StageTimePlan | None:
     """Wall time and cost of a stage other than pre-training, with llmc's time model (:mod:`timing`) on the layout
@@ -521,8 +541,8 @@ def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan
     DeepSpeed, else native (torchtitan runs pre-training only). One step = ``updates`` training passes (GRPO's mu)
     over the step's batch (a DPO pair = 2 sequences), with LoRA's cheaper backward on the linears, plus
     ``forward_passes`` forwards (the frozen reference; GRPO's old-policy log-probs), each
-    :data:`FORWARD_SHARE` of a pass's compute, plus GRPO's sampling: the forwards over :func:`sampled_tokens` per
-    completion (an upper bound: every completion runs to max_new_tokens)."""
+    :data:`FORWARD_SHARE` of a pass's compute, plus GRPO's sampling (:func:`_sampling_seconds`; an upper bound:
+    every completion runs to max_new_tokens)."""
     gpu = env.gpu
     if gpu is None or st.kind == "pretrain" or not tr.global_batch_seqs:
         return None
@@ -548,11 +568,7 @@ def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan
     forward = FORWARD_SHARE * (gemm + br["elementwise"])  # one forward over the step's batch
     sampling = 0.0
     if st.kind == "grpo":
-        # the sampler's forwards process sampled_tokens per completion where a forward over the batch processes
-        # prompt + new (at the training pass's per-token speed: batches of one group, eager)
-        h = tr.hyper
-        per_seq = h["max_prompt_tokens"] + h["max_new_tokens"]
-        sampling = forward * sampled_tokens(h["max_prompt_tokens"], h["max_new_tokens"]) / per_seq
+        sampling = _sampling_seconds(env, tr, mem, forward / (seqs * tr.seq_len / layout.dp))
     total = updates * step + forwards * forward + sampling
     days = total * tr.steps / 86400.0 if tr.steps else None
     gh = timing.gpu_hours(days, env.world) if days is not None else None
@@ -596,34 +612,23 @@ def pipeline_time(stages: list[StagePlan], pretrain_days: float | None, pretrain
 # ----------------------------------------------------------------------------- rollout / long context
 
 
-def sampling_logits_bytes(group: int, seq_len: int, vocab: int) -> int:
-    """One sampling forward of a GRPO group: ``group`` sequences x ``seq_len`` positions x ``vocab`` bf16 logits."""
-    return group * seq_len * vocab * 2
-
-
-def sampled_tokens(prompt: int, new: int) -> int:
-    """Tokens llmc's sampler runs through the model for one completion of ``new`` tokens after a ``prompt``-token
-    prompt: the whole sequence again for every new token (no KV cache), sum over i < new of (prompt + i)."""
-    return new * prompt + new * (new - 1) // 2
-
-
 def rollout_plan(env: _Env, tr: StageTraining, lora: bool, needs_ref: bool) -> RolloutPlan:
-    """GRPO cost per step with llmc's runtime: sampling 2N FLOPs per token its forwards process (each new token
-    re-runs the whole sequence, the prompt repeated for each of the G samples: :func:`sampled_tokens`; an upper
-    bound, every completion running to max_new_tokens); training 6N per token (full) or 4N with a frozen base (no
-    weight grads), once per policy update (``iterations``, mu); reference forward 2N per token (Kaplan et al. 2020,
-    arXiv:2001.08361 §2.1). Attention FLOPs are left out of these counts."""
+    """GRPO cost per step with llmc's sampler (``llmc.runtime.grpo.sample_group``): per group, one forward over the
+    G copies of the prompt fills a KV cache, then one one-position forward per new token (an upper bound: every
+    completion runs to max_new_tokens); 2N FLOPs per processed token. Training 6N per token (full) or 4N with a
+    frozen base (no weight grads), once per policy update (``iterations``, mu); reference forward 2N per token
+    (Kaplan et al. 2020, arXiv:2001.08361 §2.1). Attention FLOPs are left out of these counts."""
     h, n = tr.hyper, env.n_active
     G, P = h["group_size"], h["prompts_per_step"]
     prompt, gen_len = h["max_prompt_tokens"], h["max_new_tokens"]
-    sampled = P * G * sampled_tokens(prompt, gen_len)
     train_tok = P * G * (prompt + gen_len)
+    sampled = P * G * (prompt + gen_len)
     return RolloutPlan(
         prompts_per_step=P, completions_per_step=P * G, generated_tokens_per_step=P * G * gen_len,
-        sampled_tokens_per_step=sampled, generation_flops_per_step=2.0 * n * sampled,
+        sampled_tokens_per_step=sampled, decode_steps_per_group=gen_len, generation_flops_per_step=2.0 * n * sampled,
         train_flops_per_step=(4.0 if lora else 6.0) * n * train_tok * h["iterations"],
         reference_flops_per_step=2.0 * n * train_tok if needs_ref else 0.0,
-        sampling_logits_bytes=sampling_logits_bytes(G, prompt + gen_len, env.run.model.vocab_size),
+        kv_cache_bytes_per_group=G * (prompt + gen_len) * env.kv_bytes, kv_bytes_per_token=env.kv_bytes,
     )
 
 
@@ -806,10 +811,11 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
     stime = stage_time(env, st, tr, mem, st.lora is not None, needs_ref)
     if stime is not None and stime.sampling_seconds > SAMPLING_WARN_SHARE * stime.step_seconds:
         sink.add("T108", "warning", f"{p}.max_new_tokens",
-                 f"GRPO sampling is {stime.sampling_seconds / stime.step_seconds:.0%} of stage {st.name!r}'s predicted "
-                 f"step ({stime.sampling_seconds:,.0f} of {stime.step_seconds:,.0f} s): llmc's sampler re-runs the whole "
-                 "sequence for every new token (no KV cache)",
-                 "keep max_new_tokens and max_prompt_tokens short (llmc's GRPO suits short verifiable answers)")
+                 f"GRPO sampling is {stime.sampling_seconds / stime.step_seconds:.0%} of the predicted step of stage "
+                 f"{st.name!r} ({stime.sampling_seconds:,.0f} of {stime.step_seconds:,.0f} s): each new token is a "
+                 "forward of one position that reads (and, sharded, gathers) every weight",
+                 "fewer max_new_tokens, or a policy that is not sharded, LoRA or states that fit one GPU: then no "
+                 "decoding forward gathers weights")
     lc = long_context_plan(env, st, tr.seq_len, inherited, notes) if st.kind == "long_context" else None
     out_ctx = _context_out(env, st, p, tr.seq_len, inherited, sink)
     check_stage(env, st, p, tr, mem, sink)

@@ -75,22 +75,32 @@ def completion_logprobs(model: nn.Module, full: torch.Tensor, n_prompt: int) -> 
 @torch.no_grad()
 def sample_group(model: nn.Module, prompt_ids: list[int], G: int, max_new_tokens: int, stop_id: int,
                  pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None,
-                 all_done: Callable[[bool], bool] | None = None, device: torch.device | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """G temperature samples of one prompt (no KV cache). Returns (full ids (G, T0+n), completion mask (G, n)).
+                 all_done: Callable[[bool], bool] | None = None, device: torch.device | None = None,
+                 kv_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """G temperature samples of one prompt. Returns (full ids (G, T0+n), completion mask (G, n)).
+
+    The prompt runs once (G copies in one batch), filling a :class:`llmc.runtime.model.KVCache`; each new token
+    then runs one position against it. ``kv_cache=False`` re-runs the whole sequence per token instead (the same
+    tokens; the reference the cached path is tested against).
 
     Tokens after a sequence's stop token are padding with mask 0; the stop token itself is kept (mask 1),
     so the policy is also trained on when to stop. ``all_done(local_done)``: whether to stop now; the
     sharded runs pass a cross-rank AND, so every rank makes the same number of forward calls (FSDP2).
     Sampling draws on the CPU from ``generator``.
     """
+    from llmc.runtime.model import KVCache
+
     was = model.training
     model.eval()
     x = torch.tensor(prompt_ids, dtype=torch.long, device=device).repeat(G, 1)
     done = torch.zeros(G, dtype=torch.bool)
     masks = []
+    cache = KVCache() if kv_cache else None
     for _ in range(max_new_tokens):
-        logits = model(x)[:, -1].float().cpu()
+        if cache is None:
+            logits = model(x)[:, -1].float().cpu()
+        else:  # the prompt first, then the last token against the cache
+            logits = model(x if cache.length == 0 else x[:, -1:], cache=cache)[:, -1].float().cpu()
         if temperature <= 0:
             nxt = logits.argmax(-1)
         else:

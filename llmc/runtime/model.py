@@ -138,19 +138,52 @@ def _sdpa_gqa_ok(q: torch.Tensor) -> bool:
             and torch.backends.cuda.flash_sdp_enabled())
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Causal attention core. q: (B, H, T, dq); k: (B, K, T, dq); v: (B, K, T, dv) -> (B, H, T, dv).
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+          causal: bool = True) -> torch.Tensor:
+    """Attention core. q: (B, H, T, dq); k: (B, K, S, dq); v: (B, K, S, dv) -> (B, H, T, dv); causal (S = T), or
+    ``causal=False`` for one query position that sees every key (a decoding step against a KV cache).
 
     K < H (grouped-query): each kv head serves H/K consecutive query heads. Where the flash kernel runs,
     through SDPA's own GQA path (``enable_gqa``, torch >= 2.5, no K/V copies); otherwise K/V are expanded
     with ``repeat_interleave`` first (same numbers)."""
     rep = q.shape[1] // k.shape[1]
     if rep == 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     if _sdpa_gqa_ok(q):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, for sampling: ``model(prompt, cache=c)`` fills it
+    (and returns the last position's logits), then ``model(next_tokens[:, None], cache=c)`` runs one position per
+    call against it. Keys are stored after RoPE. A plain object (not a pytree), so FSDP2's input casting leaves it
+    alone."""
+
+    def __init__(self) -> None:
+        self.length = 0  # positions cached (the next position's index)
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``k``, ``v`` (B, T, heads, dim) of ``layer``; returns everything cached for it."""
+        if layer in self.layers:
+            k0, v0 = self.layers[layer]
+            k, v = torch.cat([k0, k], dim=1), torch.cat([v0, v], dim=1)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
+            scale: float | None = None) -> torch.Tensor:
+    """(B, T, h, d) roped q / k / v -> (B, H, T, dv): causal over the T positions, or, with a ``cache`` that holds
+    earlier positions, one new position (T = 1) against all of them."""
+    if cache is not None:
+        k, v = cache.extend(layer, k, v)
+        if k.shape[1] != q.shape[1] and q.shape[1] != 1:
+            raise ValueError("a KV cache takes the whole prompt first, then one position per call")
+    return _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale,
+                 causal=k.shape[1] == q.shape[1])
 
 
 class Attention(nn.Module):
@@ -166,22 +199,25 @@ class Attention(nn.Module):
         self.wo = nn.Linear(arch.n_heads * hd, d, bias=False)
         self.checkpoint_core = False  # selective activation checkpointing (see Transformer.set_ac)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
         B, T, _ = x.shape
         # -1 instead of H/K: under tensor parallelism each rank holds H/tp, K/tp heads
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, K, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, K, hd)
-        if self.checkpoint_core and self.training:
+        if cache is not None:
+            out = self._core(q, k, v, rope, cache, layer)
+        elif self.checkpoint_core and self.training:
             out = checkpoint(self._core, q, k, v, rope, use_reentrant=False)
         else:
             out = self._core(q, k, v, rope)
         return self.wo(out)
 
-    def _core(self, q, k, v, rope):  # -> (B, T, H*hd)
+    def _core(self, q, k, v, rope, cache=None, layer=0):  # -> (B, T, H*hd)
         B, T, H, _ = q.shape
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, T, hd); k, v keep K heads
+        out = _attend(q, k, v, cache, layer)  # (B, H, T, hd); k, v keep K heads
         return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -223,27 +259,30 @@ class MLAttention(nn.Module):
         self.scale = qk**-0.5
         self.checkpoint_core = False
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
         B, T, _ = x.shape
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, -1, self.nope + self.rope_dim)  # (B, T, H, nope+rope)
         kv, k_pe = self.wkv_a(x).split([self.kv_lora, self.rope_dim], dim=-1)  # (B,T,kv_lora), (B,T,rope)
         kv = self.wkv_b(self.kv_norm(kv)).view(B, T, -1, self.nope + self.v_dim)  # (B, T, H, nope+v)
         args = (q, kv, k_pe, rope)
-        if self.checkpoint_core and self.training:
+        if cache is not None:
+            out = self._core(*args, cache, layer)
+        elif self.checkpoint_core and self.training:
             out = checkpoint(self._core, *args, use_reentrant=False)
         else:
             out = self._core(*args)
         return self.wo(out)
 
-    def _core(self, q, kv, k_pe, rope):  # -> (B, T, H*v)
+    def _core(self, q, kv, k_pe, rope, cache=None, layer=0):  # -> (B, T, H*v)
         B, T, H, _ = q.shape
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         q = torch.cat([q_nope, apply_rope(q_pe, rope)], dim=-1)  # (B, T, H, nope+rope)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, T, H, nope), (B, T, H, v)
         k_pe = apply_rope(k_pe.unsqueeze(2), rope).expand(-1, -1, H, -1)  # (B, T, H, rope) shared by heads
         k = torch.cat([k_nope, k_pe], dim=-1)  # (B, T, H, nope+rope)
-        out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale)  # (B,H,T,v)
+        out = _attend(q, k, v, cache, layer, scale=self.scale)  # (B, H, T, v)
         return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*v)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -433,8 +472,9 @@ class TransformerBlock(nn.Module):
         else:
             self.feed_forward = FeedForward(arch.d_model, arch.d_ff)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = x + self.attention(self.attention_norm(x), rope)  # (B, T, D)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x + self.attention(self.attention_norm(x), rope, cache, self.layer_id)  # (B, T, D)
         if self.is_moe:
             y, aux = self.moe(self.ffn_norm(h))
         else:
@@ -496,21 +536,27 @@ class Transformer(nn.Module):
         for blk in self.layers.values():
             blk.compile(**kw)
 
-    def forward(self, tokens: torch.Tensor, return_aux: bool = False):
-        """tokens (B, T) int64 -> logits (B, T, V) [fp32 upcast left to the loss]; aux = summed MoE loss."""
+    def forward(self, tokens: torch.Tensor, return_aux: bool = False, cache: KVCache | None = None):
+        """tokens (B, T) int64 -> logits (B, T, V) [fp32 upcast left to the loss]; aux = summed MoE loss.
+        With a :class:`KVCache` (sampling, no gradients): tokens continue the cached positions, and the logits
+        are the last position's only, (B, 1, V)."""
         T = tokens.shape[1]
-        if T > self.rope.shape[0]:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.rope.shape[0]}")
-        rope = self.rope[:T]
+        pos = cache.length if cache is not None else 0
+        if pos + T > self.rope.shape[0]:
+            raise ValueError(f"sequence length {pos + T} exceeds max_seq_len {self.rope.shape[0]}")
+        rope = self.rope[pos:pos + T]
         h = self.tok_embeddings(tokens)  # (B, T, D)
         aux = h.new_zeros((), dtype=torch.float32)
-        n_ckpt = self._recomputed_blocks()
+        n_ckpt = 0 if cache is not None else self._recomputed_blocks()
         for i, blk in enumerate(self.layers.values()):
             if i < n_ckpt:
                 h, a = checkpoint(blk, h, rope, use_reentrant=False)
             else:
-                h, a = blk(h, rope)
+                h, a = blk(h, rope) if cache is None else blk(h, rope, cache)
             aux = aux + a
+        if cache is not None:
+            cache.length += T
+            h = h[:, -1:]
         h = self.norm(h)
         logits = h @ self.tok_embeddings.weight.t() if self.arch.tied_embeddings else self.lm_head(h)  # (B,T,V)
         return (logits, aux) if return_aux else logits
