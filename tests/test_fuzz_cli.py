@@ -9,9 +9,11 @@ in-process CLI (``typer.testing.CliRunner`` on ``llmc.cli.app``): ``plan`` and `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -184,6 +186,21 @@ def _numeric_leaves(d, prefix=()):
         yield prefix
 
 
+@contextlib.contextmanager
+def _deadline(seconds: int, what: str):
+    """Fail (instead of hanging the suite) when the body runs longer than ``seconds`` (SIGALRM, main thread)."""
+    def expire(*_):
+        raise AssertionError(f"{what}: no answer within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 @pytest.mark.parametrize("name", sorted(BASES))
 def test_every_number_at_its_extremes_compiles_cleanly(name):
     """The deterministic sweep behind the random one: each number of each example (``15.6T`` included) set to
@@ -202,6 +219,7 @@ def test_every_number_at_its_extremes_compiles_cleanly(name):
                 node = node[key]
             node[path[-1]] = value
             loaded = reads_spec(yaml.dump(spec, sort_keys=False).encode(), file=name)
-            out = compile_loaded(loaded)  # raises on an internal error
+            with _deadline(10, f"{'.'.join(map(str, path))} = {value!r}"):  # a stage divisor search once hung here
+                out = compile_loaded(loaded)  # raises on an internal error
             for d in out.diagnostics:
                 assert LOCATED.match(d.render()), d.render()

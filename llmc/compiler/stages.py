@@ -308,6 +308,10 @@ def _pretrain_training(run: RunSpec, hyper: Hyper, plan: ParallelPlan | None, kh
     )
 
 
+#: Largest stage micro-batch llmc picks, in sequences (bounds the divisor search; far above what fits a GPU).
+MAX_STAGE_MICRO = 1024
+
+
 def _batch_split(seqs: int, kind: str, plan: ParallelPlan | None, world: int, seq_len: int,
                  plan_seq_len: int, group: int | None = None) -> tuple[int, int]:
     """(micro_batch, grad_accum) a non-pretrain stage runs with, per data-parallel rank.
@@ -325,10 +329,10 @@ def _batch_split(seqs: int, kind: str, plan: ParallelPlan | None, world: int, se
         if seqs < dp or seqs % dp:
             return 1, max(1, math.ceil(seqs / dp))
         per_rank = seqs // dp
-        micro = max(d for d in divisors(per_rank) if d <= most)
+        micro = next(d for d in range(min(most, per_rank, MAX_STAGE_MICRO), 0, -1) if per_rank % d == 0)
         return micro, per_rank // micro
     if group:  # GRPO: each group's completions are scored together; its update runs in equal parts of a group
-        micro = max(d for d in divisors(group) if d <= most)
+        micro = max(d for d in divisors(group) if d <= most)  # group <= MAX_GRPO_GROUP (spec)
         share = math.ceil(seqs / group / dp) * group
         return micro, share // micro
     share = math.ceil(seqs / dp)

@@ -29,6 +29,8 @@ MAX_GPUS = 2**20
 MAX_TOKENS = 1e17
 #: Most tokens per optimizer step: 10^12, thousands of times the largest published batches (tens of millions).
 MAX_BATCH_TOKENS = 1e12
+#: Most completions per GRPO prompt: one group is sampled and scored in one batch (DeepSeekMath-RL: 64).
+MAX_GRPO_GROUP = 4096
 
 #: A simple name (see :data:`NAME_PATTERN`), at most :data:`MAX_NAME_LEN` characters.
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME_LEN)]
@@ -468,8 +470,8 @@ class GRPOStage(StageBase):
 
     kind: Literal["grpo"]
     """``grpo``."""
-    grpo_group_size: Int | None = Field(default=None, gt=0)
-    """Completions per prompt G (default 8)."""
+    grpo_group_size: Int | None = Field(default=None, gt=0, le=MAX_GRPO_GROUP)
+    """Completions per prompt G (default 8; DeepSeekMath-RL samples 64)."""
     grpo_kl_coef: Float | None = Field(default=None, ge=0)
     """KL coefficient against the reference (default 0.04)."""
     grpo_clip: Float = Field(default=0.2, gt=0)
