@@ -144,8 +144,13 @@ def _assert_stage_numbers_agree(c) -> None:
                 assert s.tokens == s.steps * s.global_batch_tokens
         if s.steps is not None:
             assert s.warmup_steps <= s.steps and s.min_lr <= s.lr
-        if s.kind != "pretrain":  # the split covers the batch with the fewest micro-steps
-            dp = 1 if s.kind in CHAT_KINDS else (c.plan.dp if c.plan else c.spec.hardware.count)
+        if s.kind == "grpo":  # every rank samples whole groups (ceil(P / GPUs) of them), each in equal slices
+            G, P = s.hyper["group_size"], s.hyper["prompts_per_step"]
+            assert G % s.micro_batch == 0
+            assert s.micro_batch * s.grad_accum == -(-P // c.spec.hardware.count) * G
+        elif s.kind != "pretrain":  # the split covers the batch with the fewest micro-steps
+            # chat stages run data parallel over every GPU (llmc.runtime.posttrain), LM stages over the plan's dp
+            dp = c.spec.hardware.count if s.kind in CHAT_KINDS or not c.plan else c.plan.dp
             assert s.micro_batch * (s.grad_accum - 1) * dp < s.global_batch_seqs <= s.micro_batch * s.grad_accum * dp
 
 

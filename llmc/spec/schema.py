@@ -27,8 +27,8 @@ MAX_GPUS = 2**20
 #: Most tokens a run or a source may name: 10^17, thousands of times the largest published pre-training runs
 #: (Llama 3: 15.6T, Qwen3: 36T). Larger values are typos, and their FLOP counts overflow a double.
 MAX_TOKENS = 1e17
-#: Most tokens per optimizer step: 10^12, thousands of times the largest published batches (tens of millions).
-MAX_BATCH_TOKENS = 1e12
+#: Most tokens per optimizer step: 10^15, millions of times the largest published batches (tens of millions).
+MAX_BATCH_TOKENS = 1e15
 #: Most completions per GRPO prompt: one group is sampled and scored in one batch (DeepSeekMath-RL: 64).
 MAX_GRPO_GROUP = 4096
 
