@@ -22,7 +22,6 @@ Sources:
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import graphlib
 import math
@@ -556,8 +555,9 @@ def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan
     precision = "bf16" if env.precision == "fp8" else env.precision
     micro = _micro_seqs(st.kind, tr)
     seqs = tr.global_batch_seqs * (2 if st.kind == "dpo" else 1)
-    layout = stage_layout(env.world, mem.shard_degree, mem.cp, mem.activation_checkpointing, micro)
-    layout = dataclasses.replace(layout, grad_accum=max(1, math.ceil(seqs / (micro * layout.dp))))
+    dp = max(1, env.world // mem.cp)
+    layout = stage_layout(env.world, mem.shard_degree, mem.cp, mem.activation_checkpointing, micro,
+                          max(1, math.ceil(seqs / (micro * dp))))
     offload = backend == "deepspeed" and par.offload_optimizer
     sm = timing.step_model(env.run.model, tr.seq_len, precision, gpu, backend,
                            compile=env.run.training.compile if lm else False, offload_optimizer=offload,
@@ -625,8 +625,7 @@ def rollout_plan(env: _Env, tr: StageTraining, lora: bool, needs_ref: bool) -> R
     h, n = tr.hyper, env.n_active
     G, P = h["group_size"], h["prompts_per_step"]
     prompt, gen_len = h["max_prompt_tokens"], h["max_new_tokens"]
-    train_tok = P * G * (prompt + gen_len)
-    sampled = P * G * (prompt + gen_len)
+    train_tok = sampled = P * G * (prompt + gen_len)  # the sampler's forwards process what training does
     return RolloutPlan(
         prompts_per_step=P, completions_per_step=P * G, generated_tokens_per_step=P * G * gen_len,
         sampled_tokens_per_step=sampled, decode_steps_per_group=gen_len, generation_flops_per_step=2.0 * n * sampled,
