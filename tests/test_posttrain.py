@@ -16,6 +16,7 @@ from llmc.runtime.grpo import (  # noqa: E402
     grpo_loss,
     kl_k3,
     sample_group,
+    sample_groups,
     train_grpo,
 )
 from llmc.runtime.model import build_model  # noqa: E402
@@ -326,6 +327,39 @@ def test_kv_cache_sampling_equals_rerunning_the_sequence(kind):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("kind", ["gqa", "mla_moe"])
+def test_groups_sampled_in_one_batch_equal_each_group_alone(kind):
+    """The sampler samples a rank's groups in one batch (one decoding forward reads the weights once for all of
+    them): prompts of different lengths are left-padded, each row keeps its own RoPE positions and no query sees a
+    padding key. Each row's logits must equal those of its prompt run alone, step by step, and greedy samples must
+    equal each group's own (re-running the whole sequence per token, no cache, no padding)."""
+    from llmc.runtime.chat import encode_prompt
+    from llmc.runtime.model import KVCache
+    from llmc.spec.model import MLA, MoE
+
+    arch = ARCH if kind == "gqa" else Architecture(
+        name="t", n_layers=3, d_model=48, n_heads=4, d_ff=64, vocab_size=TOK.vocab_size, max_seq_len=256,
+        mla=MLA(q_lora_rank=16, kv_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=10),
+        moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, expert_d_ff=24, dense_layers=1))
+    m = build_model(arch, seed=5).eval()
+    prompts = [encode_prompt([{"role": "user", "content": q}], TOK) for q in ("7+5=", "123+456=", "12*34*56*78=")]
+    assert len({len(p) for p in prompts}) == 3
+    L = max(len(p) for p in prompts)
+    nxt = torch.tensor([[11], [12], [13]])
+    with torch.no_grad():
+        x = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+        cache = KVCache(pad=torch.tensor([L - len(p) for p in prompts]))
+        batched = [m(x, cache=cache)[:, -1], m(nxt, cache=cache)[:, -1], m(nxt + 1, cache=cache)[:, -1]]
+        for i, p in enumerate(prompts):
+            alone = m(torch.tensor([p + [11 + i, 12 + i]]))[0, -3:]
+            torch.testing.assert_close(torch.stack([b[i] for b in batched]), alone, rtol=1e-4, atol=1e-5)
+    stop = TOK.token_to_id("<|eot_id|>")
+    together = sample_groups(m, prompts, 2, 10, stop, TOK.pad_id, 0.0)
+    for p, (full, mask) in zip(prompts, together, strict=True):
+        ref_full, ref_mask = sample_group(m, p, 2, 10, stop, TOK.pad_id, 0.0, kv_cache=False)
+        assert torch.equal(full, ref_full) and torch.equal(mask, ref_mask)
+
+
 def test_sampling_stops_and_masks():
     m = _model()
     from llmc.runtime.chat import encode_prompt
@@ -360,17 +394,17 @@ def _p_correct(m, prompts):
 def test_grpo_micro_batches_equal_the_whole_group_update():
     """The stage plan sizes GRPO's memory for ``micro_batch`` completions per forward and backward; the update used
     to take a whole group at once. Sliced into parts of a group, the step (losses, KL, trained weights) equals the
-    whole-group step, and no forward with gradients holds more than the slice (sampling still runs the group)."""
+    whole-group step, and no forward with gradients holds more than the slice (sampling still runs whole groups)."""
     prompts = arithmetic_prompts(20, seed=3, hi=2)
 
-    def run(micro):
+    def run(micro, groups=None):
         torch.manual_seed(0)
         m = _model()
         seen: list[tuple[int, bool]] = []
         m.register_forward_pre_hook(lambda mod, args: seen.append((int(args[0].shape[0]), torch.is_grad_enabled())))
         hist = train_grpo(m, prompts, TOK, steps=2, lr=1e-3, reward_fn=lambda c, it: arithmetic_reward(c, it["expression"]),
                           group_size=4, prompts_per_step=3, max_new_tokens=4, kl_coef=0.04, pad_id=TOK.pad_id,
-                          seed=2, reference=Reference(_model()), micro_batch=micro)
+                          seed=2, reference=Reference(_model()), micro_batch=micro, sampling_groups=groups)
         return m, seen, hist
 
     one, seen1, base = run(None)
@@ -378,12 +412,15 @@ def test_grpo_micro_batches_equal_the_whole_group_update():
     for micro in (1, 2):
         m, seen, hist = run(micro)
         assert max(b for b, grad in seen if grad) == micro
-        assert max(b for b, grad in seen if not grad) == 4  # the group is sampled whole
+        assert max(b for b, grad in seen if not grad) == 12  # the step's 3 groups are sampled in one batch
         for h, h1 in zip(hist, base, strict=True):
             assert (h["loss"], h["kl"], h["reward_mean"]) == pytest.approx((h1["loss"], h1["kl"], h1["reward_mean"]),
                                                                             rel=1e-4, abs=1e-6)
         for (k, a), b in zip(m.state_dict().items(), one.state_dict().values(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+    # the plan's sampling batch (groups whose KV caches fit at once): 2 groups, then the third
+    _, seen2, _ = run(None, groups=2)
+    assert {b for b, grad in seen2 if not grad} >= {8, 4} and max(b for b, grad in seen2 if not grad) == 8
 
 
 def test_grpo_improves_reward_on_easy_arithmetic():

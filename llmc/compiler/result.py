@@ -139,7 +139,8 @@ class StageMemoryPlan:
     grads_optimizer_bytes: int | None = None
     activation_bytes: int | None = None
     activation_source: str | None = None
-    sampling_bytes: int | None = None  # GRPO: the KV cache of one group while sampling (RolloutPlan)
+    sampling_bytes: int | None = None  # GRPO: the KV cache of one sampling batch (sampling_groups groups)
+    sampling_groups: int | None = None  # GRPO: groups sampled in one batch per rank (as many as fit; RolloutPlan)
     buffer_bytes: int | None = None  # logits and their gradient, gathered FSDP units, CUDA context, NCCL
 
 
@@ -175,14 +176,18 @@ class PipelineTime:
 
 @dataclass(frozen=True)
 class RolloutPlan:
-    """GRPO cost per step with llmc's sampler (a KV cache per group: the G copies of the prompt in one forward, then
-    one position per new token): forward 2N FLOPs per processed token, training 6N or 4N per token per update."""
+    """GRPO cost per step with llmc's sampler (each rank samples its groups in batches of ``groups_per_batch``: the G
+    copies of each prompt in one forward that fills a KV cache, then one position of every row per new token):
+    forward 2N FLOPs per processed token, training 6N or 4N per token per update."""
 
     prompts_per_step: int
     completions_per_step: int
     generated_tokens_per_step: int  # at most: every completion runs to max_new_tokens
     sampled_tokens_per_step: int  # tokens the sampler's forwards process: each sample's prompt, then its new tokens
-    decode_steps_per_group: int  # one-position forwards per group (max_new_tokens at most)
+    groups_per_rank: int  # the step's prompts split over every GPU
+    groups_per_batch: int  # groups sampled together (their KV caches fit: StageMemoryPlan.sampling_groups)
+    sampling_batches_per_rank: int  # ceil(groups_per_rank / groups_per_batch)
+    decode_steps_per_batch: int  # one-position forwards per sampling batch (max_new_tokens at most)
     generation_flops_per_step: float
     train_flops_per_step: float
     reference_flops_per_step: float

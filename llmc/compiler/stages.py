@@ -81,6 +81,8 @@ CHAT_BATCH_SEQS = 64  # SFT / DPO sequences per optimizer step when unset
 CP_TOKENS_PER_RANK = 16384  # target tokens per rank when recommending context parallelism
 LORA_RANK_RANGE = (4, 64)  # ranks studied in Hu et al. 2021 Table 6 / QLoRA
 DEFAULT_CAPACITY = 80 * 10**9  # memory estimate without a GPU: an 80 GB part
+#: GRPO samples as many groups at once as keep the stage within this share of a GPU (the rest: allocator headroom)
+SAMPLING_MEMORY_SHARE = 0.9
 ACTIVATION_SOURCE = "llmc.compiler.memory.memory_per_gpu"
 
 
@@ -485,20 +487,31 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     ac = "full" if lora is not None or seq_len >= 8192 or shard > 1 else "selective"
     layout = stage_layout(env.world, shard, cp, ac, _micro_seqs(st.kind, tr))
     act, buffers = _acts_buffers(env, layout, seq_len)
-    sampling = 0
+    base = int((weights + ref + optim) // shard + act + buffers)
+    sampling, groups = 0, None
     if st.kind == "grpo":
-        # llmc's sampler keeps a KV cache of one group of G sequences (prompt + generation) while sampling on the same
-        # GPUs (counted on top of a training micro-step: an upper bound, the two are not alive at once)
+        # llmc's sampler keeps a KV cache of G sequences (prompt + generation) per group it samples at once, on the same
+        # GPUs (counted on top of a training micro-step: an upper bound, the two are not alive at once); it samples as
+        # many of the rank's groups together as fit (llmc.runtime.grpo.sample_groups), at least one
         G = tr.hyper["group_size"]
-        sampling = G * seq_len * env.kv_bytes
-        notes.append(f"GRPO: the sampling KV cache of one group ({G} sequences x {seq_len} tokens) counted")
-    per_gpu = int((weights + ref + optim) // shard + act + buffers + sampling)
+        per_group = G * seq_len * env.kv_bytes
+        room = int(SAMPLING_MEMORY_SHARE * cap) - base
+        groups = max(1, min(sampling_groups_per_rank(tr, env.world), room // per_group if per_group else 1))
+        sampling = groups * per_group
+        notes.append(f"GRPO: the sampling KV cache of {groups} group(s) sampled together ({groups * G} sequences x "
+                     f"{seq_len} tokens) counted")
+    per_gpu = base + sampling
     return StageMemoryPlan(
         per_gpu_bytes=per_gpu, capacity_bytes=env.capacity, fits=(per_gpu <= cap) if env.capacity else None,
         shard_degree=shard, cp=cp, activation_checkpointing=ac, source="stage estimate",
         weights_bytes=weights, reference_bytes=ref, grads_optimizer_bytes=optim, activation_bytes=act,
-        activation_source=ACTIVATION_SOURCE, sampling_bytes=sampling, buffer_bytes=buffers,
+        activation_source=ACTIVATION_SOURCE, sampling_bytes=sampling, sampling_groups=groups, buffer_bytes=buffers,
     )
+
+
+def sampling_groups_per_rank(tr: StageTraining, world: int) -> int:
+    """GRPO groups one rank samples per step: the step's prompts split over every GPU (llmc.runtime.grpo)."""
+    return math.ceil(tr.hyper["prompts_per_step"] / world)
 
 
 # ----------------------------------------------------------------------------- time
@@ -514,16 +527,17 @@ LORA_LINEAR_COST = 4.0 / 6.0
 SAMPLING_WARN_SHARE = 0.5
 
 
-def _sampling_seconds(env: _Env, tr: StageTraining, mem: StageMemoryPlan, token_forward_s: float) -> float:
+def _sampling_seconds(env: _Env, tr: StageTraining, mem: StageMemoryPlan, rollout: RolloutPlan,
+                      token_forward_s: float) -> float:
     """GRPO sampling per step on one rank, with llmc's sampler: its share of the step's groups (the prompts split over
-    every rank), each a prefill of G x prompt tokens at ``token_forward_s`` (a training forward's time per token) and
-    max_new_tokens one-position forwards. A one-position forward over G rows reads every weight: it takes the
-    longest of its compute (G tokens), streaming the bf16 weights from HBM and, when the weights are sharded,
-    gathering them (FSDP2 all-gathers each block per forward, over NVLink within a node, the NIC across nodes);
-    the KV cache read is left out."""
+    every rank) in batches of ``groups_per_batch``, each a prefill of the batch's G x prompt tokens at
+    ``token_forward_s`` (a training forward's time per token) and max_new_tokens one-position forwards of all its
+    rows. A one-position forward reads every weight: it takes the longest of its compute (one token per row),
+    streaming the bf16 weights from HBM and, when the weights are sharded, gathering them (FSDP2 all-gathers each
+    block per forward, over NVLink within a node, the NIC across nodes); the KV cache read is left out."""
     h, gpu = tr.hyper, env.gpu
     G, new = h["group_size"], h["max_new_tokens"]
-    groups = math.ceil(h["prompts_per_step"] / env.world)
+    groups, per = rollout.groups_per_rank, rollout.groups_per_batch
     weights = 2.0 * env.n_total
     read = weights / (gpu.hbm_gbps * 1e9)
     gather = 0.0
@@ -532,12 +546,13 @@ def _sampling_seconds(env: _Env, tr: StageTraining, mem: StageMemoryPlan, token_
         within = env.world <= (gpu.nvlink_domain or gpu.gpus_per_node)
         bw = (timing.intra_node_gbps(gpu)[0] if within else gpu.net_gbps / 8.0) * 1e9
         gather = weights * (dp - 1) / dp / bw if bw > 0 else 0.0
-    decode = max(G * token_forward_s, read, gather)
-    return groups * (G * h["max_prompt_tokens"] * token_forward_s + new * decode)
+    sizes = [min(per, groups - b0) for b0 in range(0, groups, per)]  # groups in each batch (the last may be short)
+    decode = sum(max(n * G * token_forward_s, read, gather) for n in sizes)
+    return groups * G * h["max_prompt_tokens"] * token_forward_s + new * decode
 
 
 def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan, lora: bool,
-               needs_ref: bool) -> StageTimePlan | None:
+               needs_ref: bool, rollout: RolloutPlan | None = None) -> StageTimePlan | None:
     """Wall time and cost of a stage other than pre-training, with llmc's time model (:mod:`timing`) on the layout
     its memory was sized for (:func:`stage_layout`), on the trainer that runs it: chat stages on llmc's native
     runtime (eager, bf16: it runs fp8 as bf16), LM stages on llmc's DeepSpeed runner when the run's backend is
@@ -571,8 +586,8 @@ def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan
     forwards = int(needs_ref) + (1 if st.kind == "grpo" else 0)
     forward = FORWARD_SHARE * (gemm + br["elementwise"])  # one forward over the step's batch
     sampling = 0.0
-    if st.kind == "grpo":
-        sampling = _sampling_seconds(env, tr, mem, forward / (seqs * tr.seq_len / layout.dp))
+    if st.kind == "grpo" and rollout is not None:
+        sampling = _sampling_seconds(env, tr, mem, rollout, forward / (seqs * tr.seq_len / layout.dp))
     total = updates * step + forwards * forward + sampling
     days = total * tr.steps / 86400.0 if tr.steps else None
     gh = timing.gpu_hours(days, env.world) if days is not None else None
@@ -616,9 +631,10 @@ def pipeline_time(stages: list[StagePlan], pretrain_days: float | None, pretrain
 # ----------------------------------------------------------------------------- rollout / long context
 
 
-def rollout_plan(env: _Env, tr: StageTraining, lora: bool, needs_ref: bool) -> RolloutPlan:
-    """GRPO cost per step with llmc's sampler (``llmc.runtime.grpo.sample_group``): per group, one forward over the
-    G copies of the prompt fills a KV cache, then one one-position forward per new token (an upper bound: every
+def rollout_plan(env: _Env, tr: StageTraining, lora: bool, needs_ref: bool, mem: StageMemoryPlan) -> RolloutPlan:
+    """GRPO cost per step with llmc's sampler (``llmc.runtime.grpo.sample_groups``): each rank samples its groups in
+    batches of as many as its memory holds (``mem.sampling_groups``); per batch, one forward over the G copies of each
+    prompt fills a KV cache, then one one-position forward of every row per new token (an upper bound: every
     completion runs to max_new_tokens); 2N FLOPs per processed token. Training 6N per token (full) or 4N with a
     frozen base (no weight grads), once per policy update (``iterations``, mu); reference forward 2N per token
     (Kaplan et al. 2020, arXiv:2001.08361 §2.1). Attention FLOPs are left out of these counts."""
@@ -626,9 +642,12 @@ def rollout_plan(env: _Env, tr: StageTraining, lora: bool, needs_ref: bool) -> R
     G, P = h["group_size"], h["prompts_per_step"]
     prompt, gen_len = h["max_prompt_tokens"], h["max_new_tokens"]
     train_tok = sampled = P * G * (prompt + gen_len)  # the sampler's forwards process what training does
+    groups, per = sampling_groups_per_rank(tr, env.world), mem.sampling_groups or 1
     return RolloutPlan(
         prompts_per_step=P, completions_per_step=P * G, generated_tokens_per_step=P * G * gen_len,
-        sampled_tokens_per_step=sampled, decode_steps_per_group=gen_len, generation_flops_per_step=2.0 * n * sampled,
+        sampled_tokens_per_step=sampled, groups_per_rank=groups, groups_per_batch=per,
+        sampling_batches_per_rank=math.ceil(groups / per), decode_steps_per_batch=gen_len,
+        generation_flops_per_step=2.0 * n * sampled,
         train_flops_per_step=(4.0 if lora else 6.0) * n * train_tok * h["iterations"],
         reference_flops_per_step=2.0 * n * train_tok if needs_ref else 0.0,
         kv_cache_bytes_per_group=G * (prompt + gen_len) * env.kv_bytes, kv_bytes_per_token=env.kv_bytes,
@@ -810,15 +829,16 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
         mem = _searched_stage_memory(env)
     else:
         mem = stage_memory(env, st, tr, trainable, needs_ref, notes)
-    rollout = rollout_plan(env, tr, st.lora is not None, needs_ref) if st.kind == "grpo" else None
-    stime = stage_time(env, st, tr, mem, st.lora is not None, needs_ref)
+    rollout = rollout_plan(env, tr, st.lora is not None, needs_ref, mem) if st.kind == "grpo" else None
+    stime = stage_time(env, st, tr, mem, st.lora is not None, needs_ref, rollout)
     if stime is not None and stime.sampling_seconds > SAMPLING_WARN_SHARE * stime.step_seconds:
         sink.add("T108", "warning", f"{p}.max_new_tokens",
                  f"GRPO sampling is {stime.sampling_seconds / stime.step_seconds:.0%} of the predicted step of stage "
                  f"{st.name!r} ({stime.sampling_seconds:,.0f} of {stime.step_seconds:,.0f} s): each new token is a "
                  "forward of one position that reads (and, sharded, gathers) every weight",
-                 "fewer max_new_tokens, or a policy that is not sharded, LoRA or states that fit one GPU: then no "
-                 "decoding forward gathers weights")
+                 "fewer max_new_tokens; more prompts_per_step per GPU (a rank's groups share each decoding forward "
+                 "as far as their KV caches fit); or a policy that is not sharded, LoRA or states that fit one GPU: "
+                 "then no decoding forward gathers weights")
     lc = long_context_plan(env, st, tr.seq_len, inherited, notes) if st.kind == "long_context" else None
     out_ctx = _context_out(env, st, p, tr.seq_len, inherited, sink)
     check_stage(env, st, p, tr, mem, sink)

@@ -72,34 +72,51 @@ def completion_logprobs(model: nn.Module, full: torch.Tensor, n_prompt: int) -> 
     return torch.gather(F.log_softmax(logits, -1), 2, full[:, n_prompt:].unsqueeze(-1)).squeeze(-1)
 
 
-@torch.no_grad()
 def sample_group(model: nn.Module, prompt_ids: list[int], G: int, max_new_tokens: int, stop_id: int,
                  pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None,
                  all_done: Callable[[bool], bool] | None = None, device: torch.device | None = None,
                  kv_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """G temperature samples of one prompt. Returns (full ids (G, T0+n), completion mask (G, n)).
+    """G temperature samples of one prompt: :func:`sample_groups` of one group."""
+    return sample_groups(model, [prompt_ids], G, max_new_tokens, stop_id, pad_id, temperature, generator, all_done,
+                         device, kv_cache)[0]
 
-    The prompt runs once (G copies in one batch), filling a :class:`llmc.runtime.model.KVCache`; each new token
-    then runs one position against it. ``kv_cache=False`` re-runs the whole sequence per token instead (the same
-    tokens; the reference the cached path is tested against).
+
+@torch.no_grad()
+def sample_groups(model: nn.Module, prompts: list[list[int]], G: int, max_new_tokens: int, stop_id: int,
+                  pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None,
+                  all_done: Callable[[bool], bool] | None = None, device: torch.device | None = None,
+                  kv_cache: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """G temperature samples of each prompt, every group in one batch. Returns per group (full ids (G, T0+n),
+    completion mask (G, n)), T0 that prompt's length.
+
+    The prompts run once (G copies each, left-padded to the longest: :class:`llmc.runtime.model.KVCache` ``pad``),
+    filling a KV cache; each new token then runs one position of every row against it, so a decoding forward
+    reads (and, sharded, gathers) the weights once for all the groups. ``kv_cache=False`` re-runs the whole
+    sequence per token instead (prompts of one length only; the reference the cached path is tested against).
 
     Tokens after a sequence's stop token are padding with mask 0; the stop token itself is kept (mask 1),
-    so the policy is also trained on when to stop. ``all_done(local_done)``: whether to stop now; the
-    sharded runs pass a cross-rank AND, so every rank makes the same number of forward calls (FSDP2).
-    Sampling draws on the CPU from ``generator``.
+    so the policy is also trained on when to stop. A group's columns end at its last sampled token. ``all_done
+    (local_done)``: whether to stop now; the sharded runs pass a cross-rank AND, so every rank makes the same number
+    of forward calls (FSDP2). Sampling draws on the CPU from ``generator``.
     """
     from llmc.runtime.model import KVCache
 
+    lens = [len(p) for p in prompts]
+    L = max(lens)
+    if not kv_cache and min(lens) != L:
+        raise ValueError("sampling without a KV cache takes prompts of one length")
     was = model.training
     model.eval()
-    x = torch.tensor(prompt_ids, dtype=torch.long, device=device).repeat(G, 1)
-    done = torch.zeros(G, dtype=torch.bool)
+    rows = [[pad_id] * (L - len(p)) + list(p) for p in prompts for _ in range(G)]
+    x = torch.tensor(rows, dtype=torch.long, device=device)
+    pad = torch.tensor([L - n for n in lens for _ in range(G)], dtype=torch.long)
+    done = torch.zeros(len(rows), dtype=torch.bool)
     masks = []
-    cache = KVCache() if kv_cache else None
+    cache = (KVCache(pad=pad if int(pad.max()) > 0 else None)) if kv_cache else None
     for _ in range(max_new_tokens):
         if cache is None:
             logits = model(x)[:, -1].float().cpu()
-        else:  # the prompt first, then the last token against the cache
+        else:  # the prompts first, then the last token against the cache
             logits = model(x if cache.length == 0 else x[:, -1:], cache=cache)[:, -1].float().cpu()
         if temperature <= 0:
             nxt = logits.argmax(-1)
@@ -112,7 +129,14 @@ def sample_group(model: nn.Module, prompt_ids: list[int], G: int, max_new_tokens
         if (all_done or bool)(bool(done.all())):
             break
     model.train(was)
-    return x, torch.stack(masks, dim=1)
+    mask = torch.stack(masks, dim=1)
+    out = []
+    for g, n in enumerate(lens):
+        r = slice(g * G, (g + 1) * G)
+        cols = mask[r].any(0).nonzero()
+        n_new = int(cols[-1]) + 1 if len(cols) else 0
+        out.append((x[r, L - n:L + n_new], mask[r, :n_new]))
+    return out
 
 
 def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: float,
@@ -122,7 +146,7 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                seed: int = 0, reference: Reference | None = None,
                log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
                device: torch.device | None = None, state: LoopState | None = None,
-               micro_batch: int | None = None) -> list[dict]:
+               micro_batch: int | None = None, sampling_groups: int | None = None) -> list[dict]:
     """GRPO on ``prompts`` ({prompt: messages, ...}); ``reward_fn(completion_text, item)``. Returns stats per step.
 
     ``shard``: each step's prompts are split over the data-parallel ranks (each rank samples its groups with
@@ -130,7 +154,9 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     resume / stop / mid-stage checkpoints (:class:`llmc.runtime.sft.LoopState`; the generator is saved too).
     ``micro_batch``: completions per forward and backward (the stage plan's; None = a whole group). A group is
     sampled and scored whole (its advantages are normalised within it); its log-probs and its update then run
-    in slices of ``micro_batch`` rows, the same step as one pass over the group."""
+    in slices of ``micro_batch`` rows, the same step as one pass over the group. ``sampling_groups``: groups sampled
+    in one batch (:func:`sample_groups`; the stage plan's ``rollout.groups_per_batch``, what its KV cache memory was
+    sized for; None = all of the rank's groups of a step at once)."""
     shard = shard or DataShard()
     state = state or LoopState()
     if group_size < 2:
@@ -151,9 +177,12 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
         rewards_all = []
         picks, weights = shard.split([rng.randrange(len(prompts)) for _ in range(prompts_per_step)],
                                      equal=True)
-        for j, wt in zip(picks, weights, strict=True):
-            full, cmask = sample_group(model, encoded[j], group_size, max_new_tokens, stop, pad_id,
-                                       temperature, gen, all_done=shard.all_true, device=device)
+        per = max(1, sampling_groups or len(picks))  # every rank has as many picks (equal=True): as many batches
+        sampled = []
+        for b0 in range(0, len(picks), per):
+            sampled += sample_groups(model, [encoded[j] for j in picks[b0:b0 + per]], group_size, max_new_tokens,
+                                     stop, pad_id, temperature, gen, all_done=shard.all_true, device=device)
+        for j, wt, (full, cmask) in zip(picks, weights, sampled, strict=True):
             n0 = len(encoded[j])
             texts = [a.decode([t for t, m in zip(row[n0:].tolist(), mrow.tolist(), strict=True) if m])
                      for row, mrow in zip(full, cmask, strict=True)]

@@ -117,13 +117,15 @@ def rope_tables(dim: int, max_len: int, theta: float, scaling: RopeScaling | Non
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) by angle pos*inv_freq[i] (Meta/torchtitan interleaved layout).
 
-    x: (B, T, h, dim); rope: (T, dim/2, 2) of (cos, sin). The same numbers as Meta's complex
+    x: (B, T, h, dim); rope: (T, dim/2, 2) of (cos, sin), or (B, T, dim/2, 2) with each row's own positions (a
+    left-padded sampling batch, :class:`KVCache` ``pad``). The same numbers as Meta's complex
     ``apply_rotary_emb`` (view_as_complex(x) * (cos + i sin)), written with real cos/sin so that
     torch.compile and bf16 kernels see plain elementwise ops: (a, b) -> (a cos - b sin, a sin + b cos), in fp32.
     """
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, h, dim/2, 2)
     a, b = xf[..., 0], xf[..., 1]
-    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]  # (1, T, 1, dim/2)
+    r = rope[None, :, None] if rope.dim() == 3 else rope[:, :, None]  # (1 or B, T, 1, dim/2, 2)
+    cos, sin = r[..., 0], r[..., 1]
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
 
 
@@ -139,31 +141,39 @@ def _sdpa_gqa_ok(q: torch.Tensor) -> bool:
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-          causal: bool = True) -> torch.Tensor:
+          causal: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention core. q: (B, H, T, dq); k: (B, K, S, dq); v: (B, K, S, dv) -> (B, H, T, dv); causal (S = T), or
-    ``causal=False`` for one query position that sees every key (a decoding step against a KV cache).
+    ``causal=False`` for one query position that sees every key (a decoding step against a KV cache); ``mask``
+    (B, 1, T, S), True = attend, replaces both (a left-padded sampling batch, :class:`KVCache`).
 
     K < H (grouped-query): each kv head serves H/K consecutive query heads. Where the flash kernel runs,
     through SDPA's own GQA path (``enable_gqa``, torch >= 2.5, no K/V copies); otherwise K/V are expanded
     with ``repeat_interleave`` first (same numbers)."""
     rep = q.shape[1] // k.shape[1]
+    kw = {"is_causal": causal} if mask is None else {"attn_mask": mask}
     if rep == 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
     if _sdpa_gqa_ok(q):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **kw)
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
 
 
 class KVCache:
     """Keys and values of the positions seen so far, per layer, for sampling: ``model(prompt, cache=c)`` fills it
     (and returns the last position's logits), then ``model(next_tokens[:, None], cache=c)`` runs one position per
     call against it. Keys are stored after RoPE. A plain object (not a pytree), so FSDP2's input casting leaves it
-    alone."""
+    alone.
 
-    def __init__(self) -> None:
+    ``pad`` (B,): left padding per row, for a batch of prompts of different lengths (the sampler's several groups
+    in one batch): row b's first ``pad[b]`` positions are no token; its real positions count from 0 (RoPE) and no
+    query attends to a padding key (``mask``, set by :meth:`Transformer.forward` for each call)."""
+
+    def __init__(self, pad: torch.Tensor | None = None) -> None:
         self.length = 0  # positions cached (the next position's index)
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pad = pad
+        self.mask: torch.Tensor | None = None  # (B, 1, T, S) of the current call when ``pad`` is set
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k``, ``v`` (B, T, heads, dim) of ``layer``; returns everything cached for it."""
@@ -183,7 +193,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | 
         if k.shape[1] != q.shape[1] and q.shape[1] != 1:
             raise ValueError("a KV cache takes the whole prompt first, then one position per call")
     return _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale,
-                 causal=k.shape[1] == q.shape[1])
+                 causal=k.shape[1] == q.shape[1], mask=cache.mask if cache is not None else None)
 
 
 class Attention(nn.Module):
@@ -539,12 +549,14 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, return_aux: bool = False, cache: KVCache | None = None):
         """tokens (B, T) int64 -> logits (B, T, V) [fp32 upcast left to the loss]; aux = summed MoE loss.
         With a :class:`KVCache` (sampling, no gradients): tokens continue the cached positions, and the logits
-        are the last position's only, (B, 1, V)."""
+        are the last position's only, (B, 1, V); a cache with ``pad`` gives each row its own positions and mask."""
         T = tokens.shape[1]
         pos = cache.length if cache is not None else 0
         if pos + T > self.rope.shape[0]:
             raise ValueError(f"sequence length {pos + T} exceeds max_seq_len {self.rope.shape[0]}")
         rope = self.rope[pos:pos + T]
+        if cache is not None and cache.pad is not None:
+            rope, cache.mask = self._padded(cache.pad.to(tokens.device), pos, T)
         h = self.tok_embeddings(tokens)  # (B, T, D)
         aux = h.new_zeros((), dtype=torch.float32)
         n_ckpt = 0 if cache is not None else self._recomputed_blocks()
@@ -560,6 +572,19 @@ class Transformer(nn.Module):
         h = self.norm(h)
         logits = h @ self.tok_embeddings.weight.t() if self.arch.tied_embeddings else self.lm_head(h)  # (B,T,V)
         return (logits, aux) if return_aux else logits
+
+    def _padded(self, pad: torch.Tensor, pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE rows (B, T, rope_dim/2, 2) and attention mask (B, 1, T, pos + T) of cache positions pos..pos+T-1 in a
+        batch whose row b starts with ``pad[b]`` padding positions: a real position counts from the row's first
+        token (RoPE scores depend only on q - k, so this keeps the row's numbers those of its prompt alone rather
+        than changing them), a query sees the real keys up to itself; a padding query sees only itself (its output
+        is never used, and a query with no key at all would give NaN)."""
+        q = torch.arange(pos, pos + T, device=pad.device)  # cache index of each query
+        keys = torch.arange(pos + T, device=pad.device)
+        rope = self.rope[(q[None, :] - pad[:, None]).clamp(min=0)]  # (B, T, rope_dim/2, 2)
+        real = keys[None, None, :] >= pad[:, None, None]  # (B, 1, S)
+        mask = (real & (keys[None, :] <= q[:, None])[None]) | (keys[None, :] == q[:, None])[None]  # (B, T, S)
+        return rope, mask[:, None]
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, buffer_device: torch.device | None = None) -> None:

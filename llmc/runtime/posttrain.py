@@ -400,6 +400,14 @@ def _micro(job) -> int | None:
     return int(job.micro_batch) if job.micro_batch else None
 
 
+def _sampling_groups(job) -> int | None:
+    """GRPO groups sampled in one batch: the stage plan's (``rollout.groups_per_batch``, what its KV cache memory was
+    sized for); None where the lock gives none (all of a rank's groups at once)."""
+    rollout = (getattr(job, "stage_plan", None) or {}).get("rollout") or {}
+    n = rollout.get("groups_per_batch")
+    return int(n) if n else None
+
+
 def _run_sft(c: _Loop) -> dict:
     from llmc.runtime.sft import encode_conversations, train_sft
 
@@ -448,7 +456,8 @@ def _run_grpo(c: _Loop) -> dict:
     hist = train_grpo(c.model, load_stage_data(job, "prompts"), c.tok, steps=c.steps, lr=c.lr, reward_fn=reward_fn,
                       template=c.template, group_size=G, prompts_per_step=pps, max_new_tokens=max_new,
                       kl_coef=kl, clip_eps=clip, inner_steps=mu, pad_id=c.pad_id, seed=job.seed, log=c.log,
-                      shard=c.shard, device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job))
+                      shard=c.shard, device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job),
+                      sampling_groups=_sampling_groups(job))
     k = max(1, len(hist) // 4)
     return {"reward_first": sum(h["reward_mean"] for h in hist[:k]) / k,
             "reward_last": sum(h["reward_mean"] for h in hist[-k:]) / k,
