@@ -585,4 +585,6 @@ stages:
     assert c.time.days < 1.0 < pipe.days  # pre-training fits the budget, the pipeline does not
     b004 = [d for d in c.diagnostics if d.code == "B004"]
     assert len(b004) == 1 and b004[0].severity == "warning" and "sft" in b004[0].message
+    # the pre-training stage (named "pre" here) is the calibrated part: the hint names only the stage estimates
+    assert pipe.estimated == ["sft", "g"] and "other than pre-training (sft, g) are uncalibrated" in b004[0].hint
     assert not [d for d in c.diagnostics if d.code == "B001"]

@@ -489,16 +489,14 @@ def check_pipeline_budget(run, pipeline, sink: Sink) -> None:
     """B004 (warning): the whole pipeline, pre-training plus the other stages, over ``budget.max_days`` /
     ``max_usd``; B001/B002 judge pre-training alone, with its searched layout."""
     b = run.budget
-    rest = [n for n in pipeline.counted if n != "pretrain"] or ["no other stage"]
-    if b.max_days is not None and pipeline.days > b.max_days:
-        sink.add("B004", "warning", "budget.max_days",
-                 f"the pipeline is predicted to take {pipeline.days:.1f} days > max_days {b.max_days:g} "
-                 f"(stages {', '.join(pipeline.counted)})",
-                 f"stages other than pre-training ({', '.join(rest)}) are uncalibrated estimates; "
-                 "fewer steps or more GPUs")
-    if b.max_usd is not None and pipeline.usd is not None and pipeline.usd > b.max_usd:
-        sink.add("B004", "warning", "budget.max_usd",
-                 f"the pipeline is predicted to cost ${pipeline.usd:,.0f} > max_usd ${b.max_usd:,.0f} "
-                 f"(stages {', '.join(pipeline.counted)})",
-                 f"stages other than pre-training ({', '.join(rest)}) are uncalibrated estimates; "
-                 "fewer steps or a cheaper GPU-hour")
+    rest = ", ".join(pipeline.estimated) or "no other stage"
+    stages = ", ".join(pipeline.counted)
+    for field_, limit, value, what, remedy in (
+            ("max_days", b.max_days, pipeline.days, f"take {pipeline.days:.1f} days", "more GPUs"),
+            ("max_usd", b.max_usd, pipeline.usd, f"cost ${pipeline.usd or 0:,.0f}", "a cheaper GPU-hour")):
+        if limit is None or value is None or value <= limit:
+            continue
+        bound = f"{limit:g}" if field_ == "max_days" else f"${limit:,.0f}"
+        sink.add("B004", "warning", f"budget.{field_}",
+                 f"the pipeline is predicted to {what} > {field_} {bound} (stages {stages})",
+                 f"stages other than pre-training ({rest}) are uncalibrated estimates; fewer steps or {remedy}")

@@ -172,6 +172,7 @@ class PipelineTime:
     usd: float | None  # None without a price per GPU-hour
     counted: list[str]  # stages whose time is in the sum
     unknown: list[str]  # stages without a time (no plan, or steps not known)
+    estimated: list[str] = field(default_factory=list)  # counted stages other than pre-training (stage estimates)
 
 
 @dataclass(frozen=True)

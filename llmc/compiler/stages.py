@@ -610,7 +610,7 @@ def pipeline_time(stages: list[StagePlan], pretrain_days: float | None, pretrain
     if not spec_has_stages:
         return None
     days, usd, priced = 0.0, 0.0, True
-    counted, unknown = [], []
+    counted, unknown, estimated = [], [], []
     for s in stages:
         if s.kind == "pretrain":
             d, u = pretrain_days, pretrain_usd
@@ -621,11 +621,13 @@ def pipeline_time(stages: list[StagePlan], pretrain_days: float | None, pretrain
             unknown.append(s.name)
             continue
         counted.append(s.name)
+        if s.kind != "pretrain":
+            estimated.append(s.name)
         days += d
         priced = priced and u is not None
         usd += u or 0.0
     return PipelineTime(days=days, gpu_hours=timing.gpu_hours(days, world), usd=usd if priced else None,
-                        counted=counted, unknown=unknown)
+                        counted=counted, unknown=unknown, estimated=estimated)
 
 
 # ----------------------------------------------------------------------------- rollout / long context
