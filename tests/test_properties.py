@@ -21,7 +21,7 @@ from llmc.compiler.search import search
 from llmc.diagnostics import SpecError
 from llmc.spec.load import load_spec, loads_spec
 from llmc.spec.model import Architecture, MoE
-from llmc.spec.schema import CHAT_KINDS, Parallelism
+from llmc.spec.schema import Parallelism
 
 
 @st.composite
@@ -149,8 +149,8 @@ def _assert_stage_numbers_agree(c) -> None:
             assert G % s.micro_batch == 0
             assert s.micro_batch * s.grad_accum == -(-P // c.spec.hardware.count) * G
         elif s.kind != "pretrain":  # the split covers the batch with the fewest micro-steps
-            # chat stages run data parallel over every GPU (llmc.runtime.posttrain), LM stages over the plan's dp
-            dp = c.spec.hardware.count if s.kind in CHAT_KINDS or not c.plan else c.plan.dp
+            # every stage but pre-training runs data parallel over every GPU (llmc.runtime.posttrain, TrainJob.from_lock)
+            dp = c.spec.hardware.count
             assert s.micro_batch * (s.grad_accum - 1) * dp < s.global_batch_seqs <= s.micro_batch * s.grad_accum * dp
 
 

@@ -56,6 +56,44 @@ def test_long_context_stage_changes_rope_and_seq_len():
         TrainJob.from_lock(lock, "nope")
 
 
+def test_continued_training_runs_its_stage_layout_not_the_pipeline_plan(monkeypatch):
+    """Pre-training searched (here pinned) a pipeline-parallel layout, which the torchtitan job runs; the midtrain
+    and long_context stages run on llmc's native trainer, which refused it ("plan has pp=4"), so such a pipeline
+    stopped at its first continued-training stage while its plan reported every stage as fitting. They now run the
+    layout their stage plan sized and timed: FSDP2 over every rank, no TP / PP / CP, the stage's own batch split."""
+    import torch
+
+    from llmc.runtime.distributed import DistInfo
+    from llmc.runtime.train import _check_layout
+
+    spec = {"name": "t", "model": "llama3-70b", "hardware": {"gpu": "h100-sxm", "count": 64},
+            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}], "seq_len": 8192, "tokens": "1T"},
+            "training": {"precision": "bf16", "global_batch_tokens": 8_388_608},
+            "parallelism": {"pp": 4, "tp": 8},
+            "stages": [{"name": "pre", "kind": "pretrain"},
+                       {"name": "mid", "kind": "midtrain", "init_from": "pre", "steps": 10},
+                       {"name": "long", "kind": "long_context", "init_from": "mid", "seq_len": 16384, "steps": 5,
+                        "rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position": 8192}}]}
+    import yaml
+
+    from llmc.spec.load import loads_spec
+
+    lock = lock_for(loads_spec(yaml.safe_dump(spec), file="spec.yaml")[0])
+    assert (lock["plan"]["pp"], lock["plan"]["tp"]) == (4, 8)
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    for name in ("mid", "long"):
+        entry = next(s for s in lock["stages"] if s["name"] == name)
+        job = TrainJob.from_lock(lock, name)
+        assert entry["memory"]["shard_degree"] == 64 and entry["memory"]["cp"] == 1
+        assert (job.dp_replicate, job.dp_shard, job.tp, job.pp, job.cp, job.ep) == (1, 64, 1, 1, 1, 1)
+        assert (job.micro_batch, job.grad_accum) == (entry["micro_batch"], entry["grad_accum"])
+        assert job.global_batch_seqs == entry["global_batch_seqs"]
+        _check_layout(job, DistInfo(0, 64, 0, torch.device("cpu")))
+    monkeypatch.setenv("WORLD_SIZE", "8")  # built for 64 GPUs: the stage's batch split does not hold on 8
+    with pytest.raises(ValueError, match="8 process"):
+        TrainJob.from_lock(lock, "mid")
+
+
 def test_lock_without_plan_shards_over_the_started_ranks(monkeypatch):
     # A post-training-only pipeline has no searched layout; under torchrun with N ranks the native
     # trainer must still run (FSDP over all N) instead of refusing "plan needs 1 process".

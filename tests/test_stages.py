@@ -369,7 +369,9 @@ def test_long_context_plan_and_cp():
     assert lc.recommended_cp == 8  # 16K tokens per rank
     assert lc.kv_cache_bytes_per_sequence == 131072 * kv_bytes_per_token(PRESETS["llama3-8b"])
     assert lc.activation_bytes_per_gpu > 0
-    assert any("128k" in n for n in plans[0].notes)
+    # llmc's runtimes train the stage without CP: its memory and activations are those of whole sequences per GPU
+    assert lc.cp == plans[0].memory.cp == 1
+    assert any("cp=8" in n and "without context parallelism" in n for n in plans[0].notes)
     assert "T107" not in codes(diags)
     _, plans, _ = spec("- {name: lc, kind: long_context, seq_len: 32768, rope_theta: 2000000}\n")
     assert plans[0].long_context.recommended_cp == 2
@@ -496,7 +498,7 @@ def test_examples_plan_cleanly(name):
         assert [p.name for p in plans] == ["pretrain", "sft", "dpo", "grpo"]
     if name == "pipeline_llama3_8b.yaml":
         assert [p.kind for p in plans] == ["midtrain", "long_context", "sft", "dpo", "grpo"]
-        assert plans[1].long_context.recommended_cp == 2
+        assert plans[1].long_context.new_seq_len == 16384 and plans[1].memory.fits
 
 
 def test_stage_memory_counts_the_logits_the_runtime_losses_materialise():

@@ -317,13 +317,14 @@ def _batch_split(seqs: int, kind: str, plan: ParallelPlan | None, world: int, se
                  plan_seq_len: int, group: int | None = None) -> tuple[int, int]:
     """(micro_batch, grad_accum) a non-pretrain stage runs with, per data-parallel rank.
 
-    Data parallel over the searched plan's dp for continued training (it runs the plan's layout), over every GPU
-    for chat post-training (llmc's runtime shards it over all ranks, ``llmc.runtime.posttrain.post_layout``, and
-    tops uneven shares up with weight-0 examples). The micro-batch holds at most the tokens of the searched plan's
-    micro-step (the search sized that to fit), in sequences, or pairs for DPO (a chosen and a rejected sequence
-    per pair); one without a searched plan. GRPO (``group`` = G completions per prompt): a divisor of G, the
+    Data parallel over every GPU: llmc's runtimes run a stage other than pre-training on its own layout, without
+    TP, PP or CP (:func:`stage_layout`: the native trainer as FSDP2 or DDP over all ranks, ``TrainJob.from_lock``;
+    DeepSpeed as ZeRO over all ranks; chat post-training sharded over all ranks,
+    ``llmc.runtime.posttrain.post_layout``, uneven shares topped up with weight-0 examples). The micro-batch holds
+    at most the tokens of the searched plan's micro-step, in sequences, or pairs for DPO (a chosen and a rejected
+    sequence per pair); one without a searched plan. GRPO (``group`` = G completions per prompt): a divisor of G, the
     prompts split over the ranks. Continued training keeps micro x accum x dp = the batch."""
-    dp = plan.dp if (plan and kind in LM_KINDS) else world
+    dp = world
     item = seq_len * (2 if kind == "dpo" else 1)
     most = max(1, plan.micro_batch * plan_seq_len // item) if plan else 1
     if kind in LM_KINDS:
@@ -479,8 +480,9 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
                      " offloaded to the host (DeepSpeed, the run's ds_config)")
     elif par.offload_optimizer and st.kind in CHAT_KINDS:
         notes.append("no offload: chat post-training runs on llmc's native runtime, which keeps every state on the GPU")
-    pinned_cp = par.cp
-    cp = pinned_cp or (recommended_cp(seq_len, env.world) if st.kind == "long_context" else 1)
+    # llmc's runtimes train a stage other than pre-training without context parallelism (ring attention runs in the
+    # torchtitan pre-training job only): every GPU holds whole sequences, whatever the spec pins for pre-training
+    cp = 1
     if shard > 1:
         notes.append(f"weights/optimizer sharded over {shard} GPUs (FSDP / ZeRO-3)")
     # LoRA/QLoRA recipes always use gradient checkpointing (QLoRA paper); long sequences and sharded runs too
@@ -662,12 +664,12 @@ def long_context_plan(env: _Env, st: StageBase, seq_len: int, inherited: dict, n
     scaling = st.rope_scaling
     factor = (scaling or {}).get("factor") or (seq_len / old if old else None)
     cp_rec = recommended_cp(seq_len, env.world)
-    cp = env.run.parallelism.cp or cp_rec
-    act_plan = ParallelPlan(dp_shard=max(1, env.world // cp), cp=cp, activation_checkpointing="full")
-    if seq_len >= 131072:
-        notes.append(f"seq_len {seq_len} >= 128k: context parallelism (ring attention) recommended, cp={cp_rec}")
-    elif seq_len >= 32768:
-        notes.append(f"seq_len {seq_len} >= 32k: consider context parallelism cp={cp_rec}")
+    cp = 1  # what runs: llmc's runtimes train this stage without context parallelism (stage_memory)
+    act_plan = ParallelPlan(dp_shard=env.world, cp=cp, activation_checkpointing="full")
+    if cp_rec > 1:
+        notes.append(f"seq_len {seq_len} >= 32k: ring attention over cp={cp_rec} GPUs would split each sequence's "
+                     "activations, but llmc's runtimes train stages other than pre-training without context "
+                     "parallelism: every GPU holds whole sequences (memory above)")
     return LongContextPlan(
         old_seq_len=old, new_seq_len=seq_len, extension_factor=seq_len / old if old else None,
         rope_theta_old=inherited["rope_theta"], rope_theta=st.rope_theta or inherited["rope_theta"],
