@@ -227,7 +227,25 @@ def test_full_finetune_70b_does_not_fit_8x80g():
     n = params_total(PRESETS["llama3-70b"])
     assert m.reference_bytes == 2 * n  # frozen bf16 reference copy
     assert m.shard_degree == 8 and m.fits is False  # 16 B/param + reference ~ 1.27 TB / 8 GPUs
-    assert by_code(diags, "G005").severity == "warning"
+    g005 = by_code(diags, "G005")
+    states = (m.weights_bytes + m.reference_bytes + m.grads_optimizer_bytes) // 8
+    assert g005.severity == "warning" and f"{states / 1e9:.1f} GB of it is weights" in g005.hint and "LoRA" in g005.hint
+
+
+def test_long_sequences_that_do_not_fit_say_more_gpus_will_not_help():
+    """A continued-training stage runs data parallel without CP, so at 128K one sequence's activations and logits
+    are on every GPU: the warning names that share, and a shorter seq_len, not more GPUs."""
+    _, plans, diags = spec("""        - name: lc
+          kind: long_context
+          seq_len: 131072
+          rope_scaling: {type: yarn, factor: 16, original_max_position: 8192}
+        """)
+    m = plans[0].memory
+    states = (m.weights_bytes + m.reference_bytes + m.grads_optimizer_bytes) // m.shard_degree
+    g005 = by_code(diags, "G005")
+    assert m.fits is False and m.per_gpu_bytes - states > states
+    assert f"{(m.per_gpu_bytes - states) / 1e9:.1f} GB of it is one micro-step at seq_len 131072" in g005.hint
+    assert "more GPUs do not split" in g005.hint and "LoRA" not in g005.hint
 
 
 # ----------------------------------------------------------------------------- models held, defaults

@@ -548,8 +548,12 @@ def _sampling_seconds(env: _Env, tr: StageTraining, mem: StageMemoryPlan, rollou
         within = env.world <= (gpu.nvlink_domain or gpu.gpus_per_node)
         bw = (timing.intra_node_gbps(gpu)[0] if within else gpu.net_gbps / 8.0) * 1e9
         gather = weights * (dp - 1) / dp / bw if bw > 0 else 0.0
-    sizes = [min(per, groups - b0) for b0 in range(0, groups, per)]  # groups in each batch (the last may be short)
-    decode = sum(max(n * G * token_forward_s, read, gather) for n in sizes)
+    full, rest = divmod(groups, per)  # full batches, then the groups of a last, shorter one
+
+    def batch(n: int) -> float:  # one decoding forward of a batch of n groups
+        return max(n * G * token_forward_s, read, gather) if n else 0.0
+
+    decode = full * batch(per) + batch(rest)
     return groups * G * h["max_prompt_tokens"] * token_forward_s + new * decode
 
 
@@ -786,8 +790,17 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
         sink.add("T106", "warning", f"{p}.lora.rank", f"LoRA rank {st.lora.rank} outside the usual 4-64",
                  "r=16 is a common default")
     if mem.fits is False:
+        states = ((mem.weights_bytes or 0) + (mem.reference_bytes or 0) + (mem.grads_optimizer_bytes or 0)) \
+            // max(mem.shard_degree, 1)
+        per_step = mem.per_gpu_bytes - states  # activations, logits, buffers (and GRPO's sampling KV cache)
+        if per_step > states:
+            hint = (f"{per_step / 1e9:.1f} GB of it is one micro-step at seq_len {tr.seq_len} (activations with "
+                    f"{mem.activation_checkpointing} recomputation, logits, buffers), which more GPUs do not split: "
+                    "stages other than pre-training run data parallel, without TP, PP or CP; a shorter seq_len")
+        else:
+            hint = f"{states / 1e9:.1f} GB of it is weights, gradients and optimizer states: LoRA/QLoRA or more GPUs"
         sink.add("G005", "warning", p, f"stage {st.name!r} needs {mem.per_gpu_bytes / 1e9:.1f} GB per GPU, "
-                 f"more than {(env.capacity or 0) / 1e9:.0f} GB", "use LoRA/QLoRA, more GPUs or activation checkpointing")
+                 f"more than {(env.capacity or 0) / 1e9:.0f} GB", hint)
     if st.kind in PREFERENCE_KINDS and st.init_from is None and env.n_stages > 1:
         sink.add("G004", "info", p, f"{st.kind} stage {st.name!r} starts from the base model, not an SFT stage",
                  "preference/RL stages usually start from (and use as reference) the SFT model")
