@@ -806,3 +806,53 @@ def test_fake_backend_dry_run_llama3_8b_64_ranks(tmp_path):
     got = losses(log)
     assert list(got) == [1] and math.isfinite(got[1]), log[-2000:]
     print(f"fake-backend 8B x64: {dt:.1f}s, max child RSS {rss_gib:.1f} GiB, loss {got[1]}")
+
+
+# --------------------------------------------------------------------------------------------- 5
+
+
+def test_pipeline_parallel_pretraining_then_midtrain_launches_end_to_end(tmp_path):
+    """`llmc build` + `llmc launch` of pre-training on a pipeline-parallel layout (torchtitan, pp 2 on 2 gloo
+    processes) followed by a midtrain stage (llmc's native trainer, which does not run PP). The midtrain stage ran
+    the pre-training plan's layout and refused it ("plan has pp=2"), so the pipeline stopped there; it now runs its
+    own stage layout (FSDP2 over both ranks) and starts from the pre-trained weights."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("""\
+name: pp-then-mid
+model: tiny
+hardware: {gpu: cpu, count: 2}
+data:
+  sources: [{name: python-docs, format: builtin}]
+  tokenizer: {train: true, vocab_size: 2048}
+  seq_len: 64
+  tokens: 20480
+training:
+  precision: fp32
+  global_batch_tokens: 1024
+  backend: torchtitan
+  optimizer: {lr: 3.0e-3}
+  log_every: 1
+parallelism: {pp: 2}
+stages:
+  - {name: pre, kind: pretrain}
+  - {name: mid, kind: midtrain, init_from: pre, steps: 3, lr: 1.0e-3}
+""")
+    env = dict(os.environ, **OFFLINE)
+    llmc = [sys.executable, "-c", "from llmc.cli import main; main()"]
+    out = tmp_path / "b"
+    r = subprocess.run([*llmc, "build", str(spec), "-o", str(out)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lock = json.loads((out / "plan.lock.json").read_text())
+    assert lock["plan"]["pp"] == 2 and lock["backend"]["name"] == "torchtitan"
+    t0 = time.time()
+    r = subprocess.run([*llmc, "launch", str(out), "--nproc", "2"], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert (out / "run" / "pre" / "hf").is_dir() and (out / "run" / "mid" / "DONE.json").exists()
+    mid = [json.loads(x) for x in (out / "run" / "mid" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in mid if "loss" in m and "step" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    # from the pre-trained weights: well below a random model's ln(2048) = 7.62 nats
+    assert steps[0]["loss"] < math.log(2048) - 0.8, steps[0]
+    print(f"pp2 pretrain + midtrain: {time.time() - t0:.1f}s, midtrain first loss {steps[0]['loss']:.3f}")
