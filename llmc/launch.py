@@ -13,7 +13,8 @@ Backends:
 * ``torchtitan`` ``llmc.runtime.titan_launch.torchtitan_command``: ``torchrun ... -m torchtitan.train
   --module llmc_job --config job`` on GPUs; on a machine without a GPU the CPU shim
   ``llmc.runtime.titan_cpu_shim`` replaces ``torchtitan.train`` (never in the emitted GPU scripts).
-  torchtitan runs the pre-training stage; the other stages run on the native runtime.
+  torchtitan runs the pre-training stage (finished once its ``run/<stage>/hf`` export exists: torchtitan
+  writes no DONE.json); the other stages run on the native runtime.
 * ``deepspeed``  ``deepspeed --num_gpus N --module llmc.runtime.ds_train --lock L --ds-config C ...``
   with ``DS_ACCELERATOR=cpu`` when there is no GPU. Stage kinds the DeepSpeed runner does not train
   (dpo, grpo) run on the native runtime.
@@ -220,6 +221,10 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
                          stage=s["name"])
             if hf.exists():
                 export.skip_reason = f"stage {s['name']!r} already exported ({hf.parent})"
+                # the export runs only after torchtitan finished the stage (a failed or preempted run stops the
+                # launch before it): torchtitan writes no DONE.json, its exported model marks the stage done
+                c.skip_reason = (f"stage {s['name']!r} already finished and exported ({hf.parent}); delete it to run "
+                                 "the stage again")
         else:
             c = native(s)
         if done.exists():

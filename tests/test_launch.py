@@ -132,6 +132,14 @@ def test_torchtitan_dry_run_uses_cpu_shim_only_without_gpu(tmp_path):
         assert c.env["LLMC_RUN_DIR"] == str(b.resolve())  # where prepare wrote assets/ and data/
     # the post-training stages run on llmc's runtime
     assert "llmc.runtime.entry" in next(c for c in cpu if c.stage == "chat").argv
+    # torchtitan writes no DONE.json: once the stage's model is exported (which runs only after torchtitan finished
+    # it), a relaunch skips the stage instead of starting torchtitan again
+    assert all(c.skip_reason is None for c in cpu if c.stage == "base")
+    (b / "run" / "base" / "hf").mkdir(parents=True)
+    (b / "run" / "base" / "hf" / "config.json").write_text("{}")
+    again = [c for c in launch_commands(b, backend="torchtitan", nproc=2, gpu=False) if c.stage == "base"]
+    assert len(again) == 2 and all(c.skip_reason for c in again)  # training and export
+    assert "already finished and exported" in again[0].skip_reason
 
 
 def test_stage_skipping_resumes_at_first_unfinished(tmp_path):

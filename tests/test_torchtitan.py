@@ -856,3 +856,8 @@ stages:
     # from the pre-trained weights: well below a random model's ln(2048) = 7.62 nats
     assert steps[0]["loss"] < math.log(2048) - 0.8, steps[0]
     print(f"pp2 pretrain + midtrain: {time.time() - t0:.1f}s, midtrain first loss {steps[0]['loss']:.3f}")
+    # a relaunch skips both stages (torchtitan's by its export: it writes no DONE.json)
+    r = subprocess.run([*llmc, "launch", str(out), "--nproc", "2"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and "already finished and exported" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+    assert "stage 'mid' already finished" in r.stdout + r.stderr
