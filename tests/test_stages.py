@@ -232,6 +232,19 @@ def test_full_finetune_70b_does_not_fit_8x80g():
     assert g005.severity == "warning" and f"{states / 1e9:.1f} GB of it is weights" in g005.hint and "LoRA" in g005.hint
 
 
+def test_continued_training_batch_must_split_over_every_gpu():
+    """midtrain / long_context run data parallel over every GPU and the runtime needs micro x accum x GPUs = batch
+    exactly (TrainJob.from_lock refuses the stage at launch otherwise, after the stages before it ran): the plan says
+    so first (G006, an error, with a batch that splits)."""
+    _, plans, diags = spec("- {name: m, kind: midtrain, seq_len: 4096, global_batch_tokens: 20480}\n")
+    g006 = by_code(diags, "G006")
+    assert plans[0].global_batch_seqs == 5 and g006.severity == "error"
+    assert g006.path == "stages.0.global_batch_tokens" and "multiple of 8 x 4,096 = 32,768 tokens" in g006.hint
+    _, plans, diags = spec("- {name: m, kind: midtrain, seq_len: 4096, global_batch_tokens: 32768}\n")
+    p = plans[0]
+    assert "G006" not in codes(diags) and p.micro_batch * p.grad_accum * 8 == p.global_batch_seqs == 8
+
+
 def test_long_sequences_that_do_not_fit_say_more_gpus_will_not_help():
     """A continued-training stage runs data parallel without CP, so at 128K one sequence's activations and logits
     are on every GPU: the warning names that share, and a shorter seq_len, not more GPUs."""

@@ -773,6 +773,16 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
             sink.add("D101", "warning", path,
                      f"only {frac:.0%} general data in domain stage {st.name!r}: catastrophic forgetting risk",
                      "mix 10-20% general data and monitor general benchmarks")
+    if st.kind in LM_KINDS and st.kind != "pretrain" and tr.global_batch_seqs and tr.micro_batch and tr.grad_accum \
+            and tr.micro_batch * tr.grad_accum * env.world != tr.global_batch_seqs:
+        # the native trainer runs continued training data parallel over every rank and needs the exact split
+        # (TrainJob.from_lock refuses the stage at launch, after the stages before it ran; DeepSpeed: X104 at build)
+        unit = env.world * tr.seq_len
+        sink.add("G006", "error", f"{p}.global_batch_tokens" if st.global_batch_tokens else p,
+                 f"stage {st.name!r} has {tr.global_batch_seqs:,} sequences per step, which do not split evenly over "
+                 f"the {env.world:,} GPUs it runs on (data parallel over every GPU, without TP, PP or CP)",
+                 f"set the stage's global_batch_tokens to a multiple of {env.world:,} x {tr.seq_len:,} = {unit:,} "
+                 f"tokens (e.g. {max(1, round(tr.global_batch_seqs / env.world)) * unit:,})")
     if st.kind == "sft" and st.loss_mask == "none":
         sink.add("T102", "warning", f"{p}.loss_mask", "SFT without a loss mask trains on user/system tokens",
                  "use loss_mask: assistant (labels -100 on non-assistant tokens)")
