@@ -11,10 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from llmc.runtime.job import TrainJob, ac_label, check_ac  # noqa: E402
+from llmc.runtime.job import TrainJob, check_ac  # noqa: E402
 from llmc.runtime.model import Transformer, build_model  # noqa: E402
 from llmc.spec.model import Architecture  # noqa: E402
 from llmc.spec.model import MoE as MoESpec  # noqa: E402
+from llmc.spec.schema import ac_label  # noqa: E402
 
 N_LAYERS = 4
 TINY = dict(n_layers=N_LAYERS, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=97, max_seq_len=64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from llmc.spec.schema import ACMode
+from llmc.spec.schema import ACMode, ac_label
 
 PPSchedule = Literal["1F1B", "Interleaved1F1B", "GPipe", "ZBVZeroBubble"]
 
@@ -38,9 +38,7 @@ class ParallelPlan:
     @property
     def ac_label(self) -> str:
         """The AC mode as printed: ``partial(K)`` with its block count, else the mode."""
-        if self.activation_checkpointing == "partial":
-            return f"partial({self.ac_layers})"
-        return self.activation_checkpointing
+        return ac_label(self.activation_checkpointing, self.ac_layers)
 
     @property
     def world(self) -> int:

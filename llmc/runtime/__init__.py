@@ -12,7 +12,7 @@ API for the other backends (post-training, DeepSpeed, torchtitan):
   arch, sources, tokenizer, seq_len, steps, lr, min_lr, warmup_steps, schedule, micro_batch, grad_accum,
   dp_replicate, dp_shard, tp, ..., activation_checkpointing, ac_layers, ``stage_spec`` (the Stage) and
   ``stage_plan`` (the lock entry);
-  ``job.lr_factor(step)`` / ``lr_factor(...)``: the one LR schedule of every loop; ``check_ac`` / ``ac_label``;
+  ``job.lr_factor(step)`` / ``lr_factor(...)``: the one LR schedule of every loop; ``check_ac`` (``ac_label`` is ``llmc.spec.schema``'s, shared with the compiler);
 * ``entry``: ``prepare_assets(job, root) -> Assets`` writes ``root/assets/tokenizer.json`` (+ config) and
   names every source where it lies, for every backend (builtin corpora are generated into ``root/data/``;
   ``eval.validation``'s held-out split is applied while streaming); ``python -m llmc.runtime.entry [prepare] --lock ...``.

@@ -228,9 +228,10 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     from llmc.runtime import preempt
     from llmc.runtime.checkpoint import save_checkpoint
     from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into
-    from llmc.runtime.job import TrainJob, ac_label
+    from llmc.runtime.job import TrainJob
     from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
     from llmc.runtime.model import Transformer, build_model, lm_loss, param_groups
+    from llmc.spec.schema import ac_label
 
     job = TrainJob.from_lock(lock, stage, build_dir=build_dir)
     if job.kind not in DS_STAGE_KINDS:

@@ -232,11 +232,6 @@ def check_ac(mode: object, layers: object = 0) -> None:
         raise ValueError(f"ac_layers is for activation_checkpointing 'partial' only; {mode!r} needs 0, got {layers}")
 
 
-def ac_label(mode: str, layers: int = 0) -> str:
-    """The mode as logs and records show it: ``partial(K)``, else the mode's name."""
-    return f"partial({layers})" if mode == "partial" else mode
-
-
 class _Numbers:
     """A stage entry's resolved numbers; a missing one is a one-line ValueError."""
 

@@ -43,7 +43,7 @@ from llmc.runtime.checkpoint import (
 from llmc.runtime.data import Assets, StreamLoader, build_stream_loader
 from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize, wants_compile
 from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into, load_init_from
-from llmc.runtime.job import TrainJob, ac_label
+from llmc.runtime.job import TrainJob
 from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
 from llmc.runtime.metrics_io import truncate_after_step
 from llmc.runtime.model import Transformer, build_model, lm_loss, param_groups
@@ -51,6 +51,7 @@ from llmc.runtime.observe import RunLogger
 from llmc.runtime.preempt import handlers as _preempt_handlers
 from llmc.runtime.preempt import stop_now as _stop_now
 from llmc.runtime.preempt import world as _world
+from llmc.spec.schema import ac_label
 
 
 class TrainingError(RuntimeError):

@@ -317,6 +317,12 @@ ACMode = Literal["none", "selective", "full", "partial"]
 AC_MODES: tuple[str, ...] = typing.get_args(ACMode)
 
 
+def ac_label(mode: str, layers: int = 0) -> str:
+    """An activation-checkpointing mode as plans, logs and records print it: ``partial(K)`` with its block count,
+    else the mode's name (the compiler's ``ParallelPlan.ac_label`` and the runtime's logs)."""
+    return f"partial({layers})" if mode == "partial" else mode
+
+
 class Parallelism(SpecModel):
     """Optional pins for the parallelism search; None = let llmc search."""
 
