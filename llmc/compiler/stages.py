@@ -558,7 +558,7 @@ def _sampling_seconds(env: _Env, tr: StageTraining, mem: StageMemoryPlan, rollou
 
 
 def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan, lora: bool,
-               needs_ref: bool, rollout: RolloutPlan | None = None) -> StageTimePlan | None:
+               needs_ref: bool, rollout: RolloutPlan | None) -> StageTimePlan | None:
     """Wall time and cost of a stage other than pre-training, with llmc's time model (:mod:`timing`) on the layout
     its memory was sized for (:func:`stage_layout`), on the trainer that runs it: chat stages on llmc's native
     runtime (eager, bf16: it runs fp8 as bf16), LM stages on llmc's DeepSpeed runner when the run's backend is
