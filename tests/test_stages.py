@@ -322,7 +322,7 @@ def test_grpo_rollout_cost():
     assert r.kv_cache_bytes_per_group == 8 * (512 + 1024) * 131_072
     # 64 prompts over 8 GPUs: each rank's 8 groups (8 x 1.6 GB of KV cache) fit in one sampling batch
     mem = plans[0].memory
-    assert (r.groups_per_rank, r.groups_per_batch, r.sampling_batches_per_rank) == (8, 8, 1)
+    assert r.groups_per_rank == 8
     assert mem.sampling_groups == 8 and mem.sampling_bytes == 8 * 8 * plans[0].seq_len * 131_072
     t, gpu = plans[0].time, get_gpu("h100-sxm")
     # the weights are sharded over the 8 GPUs: each decoding forward gathers 7/8 of the 16 GB of bf16 weights over
@@ -350,12 +350,13 @@ def test_grpo_samples_as_many_groups_at_once_as_fit():
     r, mem, t = p.rollout, p.memory, p.time
     per_group = 8 * p.seq_len * 131_072
     base = mem.per_gpu_bytes - mem.sampling_bytes
-    assert r.groups_per_rank == 128 and 1 < r.groups_per_batch < 128
-    assert mem.sampling_bytes == r.groups_per_batch * per_group
+    per = mem.sampling_groups
+    assert r.groups_per_rank == 128 and 1 < per < 128
+    assert mem.sampling_bytes == per * per_group
     assert base + mem.sampling_bytes <= 0.9 * mem.capacity_bytes < base + mem.sampling_bytes + per_group
-    assert r.sampling_batches_per_rank == math.ceil(128 / r.groups_per_batch)
+
     gather = 2 * params_total(PRESETS["llama3-8b"]) * 7 / 8 / 450e9
-    decode = r.sampling_batches_per_rank * 1024 * gather
+    decode = math.ceil(128 / per) * 1024 * gather  # one decoding pass of gathered weights per batch
     assert decode < t.sampling_seconds < 1.06 * decode + 128 * 8 * 512 * 1e-4
 
 
@@ -381,7 +382,7 @@ def test_grpo_policy_updates_per_sample_batch(mu, monkeypatch):
     seen = {}
     monkeypatch.setattr(grpo, "train_grpo", lambda *a, **kw: seen.update(kw) or [{"reward_mean": 0.0, "kl": 0.0}])
     monkeypatch.setattr(posttrain, "load_stage_data", lambda job, kind: [])
-    job = type("J", (), {"seed": 0, "micro_batch": 4, "stage_plan": {"rollout": {"groups_per_batch": 3}}})()
+    job = type("J", (), {"seed": 0, "micro_batch": 4, "stage_plan": {"memory": {"sampling_groups": 3}}})()
     loop = posttrain._Loop(job=job, model=None, tok=None, template="llama3", hyper=hyper, st=None, steps=1, lr=1e-6,
                            batch=512, seq_len=1536, pad_id=0, log=None)
     posttrain._run_grpo(loop)

@@ -140,7 +140,7 @@ class StageMemoryPlan:
     activation_bytes: int | None = None
     activation_source: str | None = None
     sampling_bytes: int | None = None  # GRPO: the KV cache of one sampling batch (sampling_groups groups)
-    sampling_groups: int | None = None  # GRPO: groups sampled in one batch per rank (as many as fit; RolloutPlan)
+    sampling_groups: int | None = None  # GRPO: groups sampled in one batch per rank (as many as fit; the runtime's)
     buffer_bytes: int | None = None  # logits and their gradient, gathered FSDP units, CUDA context, NCCL
 
 
@@ -177,17 +177,16 @@ class PipelineTime:
 
 @dataclass(frozen=True)
 class RolloutPlan:
-    """GRPO cost per step with llmc's sampler (each rank samples its groups in batches of ``groups_per_batch``: the G
-    copies of each prompt in one forward that fills a KV cache, then one position of every row per new token):
-    forward 2N FLOPs per processed token, training 6N or 4N per token per update."""
+    """GRPO cost per step with llmc's sampler (each rank samples its groups in batches of
+    ``StageMemoryPlan.sampling_groups``: the G copies of each prompt in one forward that fills a KV cache, then one
+    position of every row per new token): forward 2N FLOPs per processed token, training 6N or 4N per token per
+    update."""
 
     prompts_per_step: int
     completions_per_step: int
     generated_tokens_per_step: int  # at most: every completion runs to max_new_tokens
     sampled_tokens_per_step: int  # tokens the sampler's forwards process: each sample's prompt, then its new tokens
     groups_per_rank: int  # the step's prompts split over every GPU
-    groups_per_batch: int  # groups sampled together (their KV caches fit: StageMemoryPlan.sampling_groups)
-    sampling_batches_per_rank: int  # ceil(groups_per_rank / groups_per_batch)
     decode_steps_per_batch: int  # one-position forwards per sampling batch (max_new_tokens at most)
     generation_flops_per_step: float
     train_flops_per_step: float

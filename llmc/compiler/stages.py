@@ -50,7 +50,15 @@ from llmc.compiler.search import divisors
 from llmc.diagnostics import Diagnostic
 from llmc.spec.facts import ExternalFacts
 from llmc.spec.families import FAMILIES, family_by_name
-from llmc.spec.schema import CHAT_KINDS, LM_KINDS, PREFERENCE_KINDS, PretrainStage, RunSpec, StageBase
+from llmc.spec.schema import (
+    CHAT_KINDS,
+    CONTINUED_KINDS,
+    LM_KINDS,
+    PREFERENCE_KINDS,
+    PretrainStage,
+    RunSpec,
+    StageBase,
+)
 
 # ----------------------------------------------------------------------------- constants (data)
 
@@ -532,14 +540,14 @@ SAMPLING_WARN_SHARE = 0.5
 def _sampling_seconds(env: _Env, tr: StageTraining, mem: StageMemoryPlan, rollout: RolloutPlan,
                       token_forward_s: float) -> float:
     """GRPO sampling per step on one rank, with llmc's sampler: its share of the step's groups (the prompts split over
-    every rank) in batches of ``groups_per_batch``, each a prefill of the batch's G x prompt tokens at
+    every rank) in batches of ``mem.sampling_groups``, each a prefill of the batch's G x prompt tokens at
     ``token_forward_s`` (a training forward's time per token) and max_new_tokens one-position forwards of all its
     rows. A one-position forward reads every weight: it takes the longest of its compute (one token per row),
     streaming the bf16 weights from HBM and, when the weights are sharded, gathering them (FSDP2 all-gathers each
     block per forward, over NVLink within a node, the NIC across nodes); the KV cache read is left out."""
     h, gpu = tr.hyper, env.gpu
     G, new = h["group_size"], h["max_new_tokens"]
-    groups, per = rollout.groups_per_rank, rollout.groups_per_batch
+    groups, per = rollout.groups_per_rank, mem.sampling_groups or 1
     weights = 2.0 * env.n_total
     read = weights / (gpu.hbm_gbps * 1e9)
     gather = 0.0
@@ -650,11 +658,10 @@ def rollout_plan(env: _Env, tr: StageTraining, lora: bool, needs_ref: bool, mem:
     G, P = h["group_size"], h["prompts_per_step"]
     prompt, gen_len = h["max_prompt_tokens"], h["max_new_tokens"]
     train_tok = sampled = P * G * (prompt + gen_len)  # the sampler's forwards process what training does
-    groups, per = sampling_groups_per_rank(tr, env.world), mem.sampling_groups or 1
     return RolloutPlan(
         prompts_per_step=P, completions_per_step=P * G, generated_tokens_per_step=P * G * gen_len,
-        sampled_tokens_per_step=sampled, groups_per_rank=groups, groups_per_batch=per,
-        sampling_batches_per_rank=math.ceil(groups / per), decode_steps_per_batch=gen_len,
+        sampled_tokens_per_step=sampled, groups_per_rank=sampling_groups_per_rank(tr, env.world),
+        decode_steps_per_batch=gen_len,
         generation_flops_per_step=2.0 * n * sampled,
         train_flops_per_step=(4.0 if lora else 6.0) * n * train_tok * h["iterations"],
         reference_flops_per_step=2.0 * n * train_tok if needs_ref else 0.0,
@@ -773,7 +780,7 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
             sink.add("D101", "warning", path,
                      f"only {frac:.0%} general data in domain stage {st.name!r}: catastrophic forgetting risk",
                      "mix 10-20% general data and monitor general benchmarks")
-    if st.kind in LM_KINDS and st.kind != "pretrain" and tr.global_batch_seqs and tr.micro_batch and tr.grad_accum \
+    if st.kind in CONTINUED_KINDS and tr.global_batch_seqs and tr.micro_batch and tr.grad_accum \
             and tr.micro_batch * tr.grad_accum * env.world != tr.global_batch_seqs:
         # the native trainer runs continued training data parallel over every rank and needs the exact split
         # (TrainJob.from_lock refuses the stage at launch, after the stages before it ran; DeepSpeed: X104 at build)

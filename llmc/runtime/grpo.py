@@ -155,7 +155,7 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     ``micro_batch``: completions per forward and backward (the stage plan's; None = a whole group). A group is
     sampled and scored whole (its advantages are normalised within it); its log-probs and its update then run
     in slices of ``micro_batch`` rows, the same step as one pass over the group. ``sampling_groups``: groups sampled
-    in one batch (:func:`sample_groups`; the stage plan's ``rollout.groups_per_batch``, what its KV cache memory was
+    in one batch (:func:`sample_groups`; the stage plan's ``memory.sampling_groups``, what its KV cache memory was
     sized for; None = all of the rank's groups of a step at once)."""
     shard = shard or DataShard()
     state = state or LoopState()

@@ -4,7 +4,7 @@
 wrote every resolved number once (seq_len, steps, lr, min_lr, warmup_steps, schedule,
 decay_fraction, micro_batch, grad_accum, global_batch_seqs, checkpoint_interval, hyper, lora,
 long_context), the parallel layout from ``lock["plan"]`` (pre-training; continued training runs its own stage
-layout, :data:`CONTINUED_KINDS`), the model and data from
+layout, ``llmc.spec.schema.CONTINUED_KINDS``), the model and data from
 ``lock["spec"]["resolved"]`` and the device peak from ``lock["hardware"]``. Nothing is recomputed.
 Tests construct ``TrainJob(...)`` directly or read a compiled lock. Users: ``llmc.runtime.train``
 (native trainer), ``posttrain`` (sft/dpo/grpo: ``job.stage_plan`` is the stage's lock entry,
@@ -20,17 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from llmc.spec.model import Architecture, RopeScaling
-from llmc.spec.schema import AC_MODES, CHAT_KINDS, LM_KINDS, LossSpike, RunSpec, Source, Stage
+from llmc.spec.schema import (
+    AC_MODES,
+    CONTINUED_KINDS,
+    LM_KINDS,
+    POSTTRAIN_KINDS,
+    LossSpike,
+    RunSpec,
+    Source,
+    Stage,
+)
 from llmc.spec.schema import Tokenizer as TokenizerSpec
 
-# Stage kinds the native trainer runs (packed next-token loss) and the post-training loops run.
+# Stage kinds the native trainer runs (packed next-token loss); the post-training loops run POSTTRAIN_KINDS.
 NATIVE_KINDS = LM_KINDS
-POSTTRAIN_KINDS = CHAT_KINDS
-#: Continued training (midtrain, long_context) runs the layout its stage plan sized and timed
-#: (``llmc.compiler.stages.stage_layout``): data parallel over every rank, sharded (FSDP2) when the lock's stage
-#: ``memory.shard_degree`` > 1, else replicated; no TP, PP or CP, whatever layout the pre-training plan searched
-#: (its PP / CP / EP run in the torchtitan pre-training job only).
-CONTINUED_KINDS = tuple(k for k in LM_KINDS if k != "pretrain")
 
 
 @dataclass
@@ -153,29 +156,26 @@ class TrainJob:
         )
         gbs = int(num["global_batch_seqs"])
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if job.kind in CONTINUED_KINDS and entry.get("memory"):
+        continued = job.kind in CONTINUED_KINDS and bool(entry.get("memory"))
+        if continued:
+            # continued training runs the layout its stage plan sized and timed (llmc.compiler.stages.stage_layout):
+            # data parallel over every rank, FSDP2 when the stage memory is sharded, else replicated; no TP, PP or CP,
+            # whatever the pre-training plan searched (its PP / CP / EP run in the torchtitan pre-training job only)
             shard = int(entry["memory"].get("shard_degree") or 1) > 1
             job = replace(job, dp_shard=world if shard else 1, dp_replicate=1 if shard else world, tp=1, pp=1, cp=1,
                           ep=1)
-            if job.global_batch_seqs != gbs and not plan:
-                # a pipeline without pre-training, started on another number of ranks than it was planned for:
-                # shard over every rank that was started, one sequence per rank per micro-step (as below)
-                job = replace(job, dp_shard=world, dp_replicate=1, micro_batch=1,
-                              grad_accum=max(1, math.ceil(gbs / world)))
-            elif job.global_batch_seqs != gbs:
-                raise ValueError(f"lock: stage {job.stage!r} splits its batch of {gbs} sequences as micro_batch "
-                                 f"{job.micro_batch} x grad_accum {job.grad_accum} per rank, but {world} process(es) "
-                                 f"are running (launch {gbs // (job.micro_batch * job.grad_accum)}, or rebuild for "
-                                 f"{world} GPUs)")
-        elif not plan and world > 1:
-            # No searched layout in the lock (e.g. a pipeline of post-training stages only): shard over
-            # every rank that was started (FSDP), one sequence per rank per micro-step.
-            job = replace(job, dp_shard=world, micro_batch=1, grad_accum=max(1, math.ceil(gbs / world)))
+        if not plan and (job.global_batch_seqs != gbs if continued else world > 1):
+            # No searched layout in the lock (a pipeline without pre-training), started on another number of ranks
+            # than its split: shard over every rank that was started (FSDP), one sequence per rank per micro-step.
+            job = replace(job, dp_shard=world, dp_replicate=1, micro_batch=1, grad_accum=max(1, math.ceil(gbs / world)))
         elif plan and job.kind not in POSTTRAIN_KINDS and job.global_batch_seqs != gbs:
             # (post-training splits the stage's batch over every rank it is started on, whatever the plan's dp:
             # llmc.runtime.posttrain; its micro_batch is per forward, its grad_accum the planned count of them)
-            raise ValueError(f"lock: stage {job.stage!r} micro_batch*grad_accum*dp = {job.global_batch_seqs} != "
-                             f"global_batch_seqs {gbs}")
+            dp = job.dp_replicate * job.dp_shard
+            where = (f"{world} process(es) are running: launch {gbs // (job.micro_batch * job.grad_accum)}, or "
+                     f"rebuild for {world} GPUs" if continued else "rebuild with `llmc build`")
+            raise ValueError(f"lock: stage {job.stage!r}: micro_batch {job.micro_batch} x grad_accum {job.grad_accum} "
+                             f"x dp {dp} = {job.global_batch_seqs} != its batch of {gbs} sequences ({where})")
         return job._with_stage_spec(spec, entry)
 
     def _with_stage_spec(self, spec: RunSpec, entry: dict) -> TrainJob:

@@ -401,10 +401,9 @@ def _micro(job) -> int | None:
 
 
 def _sampling_groups(job) -> int | None:
-    """GRPO groups sampled in one batch: the stage plan's (``rollout.groups_per_batch``, what its KV cache memory was
-    sized for); None where the lock gives none (all of a rank's groups at once)."""
-    rollout = (getattr(job, "stage_plan", None) or {}).get("rollout") or {}
-    n = rollout.get("groups_per_batch")
+    """GRPO groups sampled in one batch: what the stage plan sized its KV cache memory for (``memory.sampling_groups``);
+    None where the lock gives none (all of a rank's groups at once)."""
+    n = ((getattr(job, "stage_plan", None) or {}).get("memory") or {}).get("sampling_groups")
     return int(n) if n else None
 
 

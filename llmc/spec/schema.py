@@ -369,6 +369,9 @@ StageKind = Literal["pretrain", "midtrain", "long_context", "sft", "dpo", "grpo"
 STAGE_KINDS: tuple[str, ...] = typing.get_args(StageKind)
 #: kinds trained with the next-token loss on packed text (same objective as pre-training)
 LM_KINDS: tuple[str, ...] = ("pretrain", "midtrain", "long_context")
+#: continued training: LM stages after pre-training; llmc's trainers run them data parallel over every GPU, without
+#: TP, PP or CP (the compiler sizes them so, G006 checks their batch split, ``TrainJob.from_lock`` runs them so)
+CONTINUED_KINDS: tuple[str, ...] = tuple(k for k in LM_KINDS if k != "pretrain")
 #: post-training kinds: chat-formatted data, a chat template and a base model to start from
 CHAT_KINDS: tuple[str, ...] = ("sft", "dpo", "grpo")
 POSTTRAIN_KINDS = CHAT_KINDS
@@ -610,7 +613,7 @@ class RunSpec(SpecModel):
 __all__ = [
     "NAME_PATTERN", "MAX_NAME_LEN", "MAX_GPUS", "Name", "relative_folder", "ModelRef", "Source", "Tokenizer", "Data", "Hardware", "Budget", "Optimizer", "Schedule",
     "Checkpoint", "LossSpike", "Training", "Parallelism", "StageKind", "STAGE_KINDS", "LM_KINDS", "CHAT_KINDS",
-    "POSTTRAIN_KINDS", "PREFERENCE_KINDS", "LoRA", "StageBase", "PretrainStage", "MidtrainStage", "LongContextStage", "SFTStage",
+    "CONTINUED_KINDS", "POSTTRAIN_KINDS", "PREFERENCE_KINDS", "LoRA", "StageBase", "PretrainStage", "MidtrainStage", "LongContextStage", "SFTStage",
     "DPOStage", "GRPOStage", "STAGE_TYPES", "Stage", "make_stage", "Serving", "GpuOverrides", "RunSpec",
     "NearDup", "Decontaminate", "Quality", "Validation", "Eval",
 ]
