@@ -123,6 +123,34 @@ def test_sft_loss_ignores_user_tokens():
     assert not torch.allclose(sft_loss(m, ids, labn), sft_loss(m, ids2, labn2))
 
 
+def test_chat_losses_in_slices_equal_the_whole_logits():
+    """SFT loss, DPO sequence log-probs and GRPO completion log-probs computed in slices of the loss (the stage plan's
+    ``loss_chunk_tokens``) equal the textbook forms on a plain forward's logits, gradients included."""
+    F = torch.nn.functional
+    conv = [{"role": "user", "content": "What is 12+30?"}, {"role": "assistant", "content": "42, of course"}]
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ids, lab = pad_batch([encode_chat(conv, TOK), encode_chat(short, TOK)], TOK.pad_id)
+    whole, sliced = _model(), _model()
+    logits = whole(ids)
+    lp = F.log_softmax(logits[:, :-1].float(), -1)
+    tgt = lab[:, 1:]
+    keep = tgt != IGNORE_INDEX
+    per_tok = torch.gather(lp, 2, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * keep
+    seq_ref = per_tok.sum(-1)
+    sft_ref = F.cross_entropy(logits[:, :-1][keep], tgt[keep])
+    (sft_ref + seq_ref.sum()).backward()
+    seq = sequence_logprobs(sliced, ids, lab, loss_chunk=5)
+    sft = sft_loss(sliced, ids, lab, loss_chunk=5)
+    (sft + seq.sum()).backward()
+    torch.testing.assert_close(sft, sft_ref)
+    torch.testing.assert_close(seq, seq_ref)
+    for (n, p), (_, q) in zip(whole.named_parameters(), sliced.named_parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=n, rtol=1e-5, atol=1e-6 * float(p.grad.abs().max()))
+    n0 = 6  # GRPO: the completion is everything after the prompt's n0 tokens
+    ref = torch.gather(F.log_softmax(logits[:, n0 - 1:-1].float(), -1), 2, ids[:, n0:].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(completion_logprobs(sliced, ids, n0, loss_chunk=3), ref.detach())
+
+
 def test_sft_loss_falls():
     torch.manual_seed(0)
     m = _model()

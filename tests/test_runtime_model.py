@@ -16,6 +16,7 @@ from llmc.runtime.model import (  # noqa: E402
     apply_rope,
     build_model,
     lm_loss,
+    mean_token_loss,
     rope_inv_freq,
     rope_tables,
 )
@@ -202,6 +203,55 @@ def test_lm_loss_ignore_index_and_z_loss():
     torch.testing.assert_close(lm_loss(logits, labels), ce)
     z = (torch.logsumexp(logits[keep], -1) ** 2).mean()
     torch.testing.assert_close(lm_loss(logits, labels, z_loss=1e-3), ce + 1e-3 * z)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("chunk", [7, 16])  # 7 leaves a shorter last slice
+def test_sliced_loss_equals_whole_loss_and_gradients(tied, chunk):
+    """The loss in slices (each recomputed in the backward) is the loss of the whole logits, with the same gradients,
+    ignored targets and z-loss included; checked against F.cross_entropy on the logits of a plain forward."""
+    a = arch(tied_embeddings=tied)
+    whole, sliced = build_model(a, seed=3), build_model(a, seed=3)
+    tok = torch.randint(0, 97, (2, 17))
+    x, y = tok[:, :-1], tok[:, 1:].clone()
+    y[0, :5] = -100
+    logits = whole(x)
+    keep = y != -100
+    ref = F.cross_entropy(logits[keep], y[keep]) + 1e-3 * (torch.logsumexp(logits[keep], -1) ** 2).mean()
+    ref.backward()
+    got = mean_token_loss(sliced(x, targets=y, loss_chunk=chunk, lse=True), y, 1e-3)
+    got.backward()
+    torch.testing.assert_close(got, ref)
+    for (n, p), (_, q) in zip(whole.named_parameters(), sliced.named_parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=n, rtol=1e-5, atol=1e-7)
+    nll = sliced(x, targets=y, loss_chunk=chunk).nll
+    assert nll.shape == y.shape and bool((nll[~keep] == 0).all())
+
+
+def test_sliced_loss_keeps_no_logits_for_the_backward():
+    """What autograd saves for the backward (torch.autograd.graph.saved_tensors_hooks): the whole loss keeps tensors
+    of the batch's logits size (B*T*V fp32); in slices nothing vocabulary-sized but the head's weight is kept, so the
+    logits exist one slice at a time (the memory model's ``loss_chunk_tokens`` term)."""
+    a = arch(d_model=32, vocab_size=4099)  # a vocabulary far from every other dimension
+    m = build_model(a, seed=0)
+    tok = torch.randint(0, a.vocab_size, (2, 33))
+    x, y = tok[:, :-1], tok[:, 1:]
+    params = {p.data_ptr() for p in m.parameters()}
+
+    def vocab_sized_saved(**kw) -> int:
+        sizes = []
+
+        def pack(t):
+            if a.vocab_size in t.shape and t.data_ptr() not in params:
+                sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            mean_token_loss(m(x, targets=y, **kw), y).backward()
+        return sum(sizes)
+
+    assert vocab_sized_saved() >= x.numel() * a.vocab_size  # the whole logits (and more) are kept
+    assert vocab_sized_saved(loss_chunk=8) == 0
 
 
 def test_meta_build_then_init_equals_direct_build():

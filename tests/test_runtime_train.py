@@ -158,14 +158,14 @@ def test_loss_spike_rewinds_and_skips(tmp_path, docs, monkeypatch):
     import llmc.runtime.train as tr
 
     calls = {"n": 0}
-    real = tr.lm_loss
+    real = tr.mean_token_loss
 
-    def spiky(logits, labels, z=0.0):
+    def spiky(losses, targets, z=0.0):
         calls["n"] += 1
-        out = real(logits, labels, z)
+        out = real(losses, targets, z)
         return out * 50 if calls["n"] == 14 else out  # one poisoned micro-batch at step 14
 
-    monkeypatch.setattr(tr, "lm_loss", spiky)
+    monkeypatch.setattr(tr, "mean_token_loss", spiky)
     spike = {"enabled": True, "threshold": 3.0, "window": 10, "skip_batches": 1, "max_rewinds": 2}
     lock = make_lock(tmp_path, docs, steps=18, interval=6, loss_spike=spike)
     res = run(lock, tmp_path / "o")
@@ -174,7 +174,7 @@ def test_loss_spike_rewinds_and_skips(tmp_path, docs, monkeypatch):
     sp = [r for r in ev if r.get("event") == "loss_spike"]
     assert len(sp) == 1 and sp[0]["step"] == 14 and sp[0]["rewound_to"] == 12
     # giving up after max_rewinds: a non-finite loss always counts as a spike
-    monkeypatch.setattr(tr, "lm_loss", lambda lo, la, z=0.0: real(lo, la, z) * float("nan"))
+    monkeypatch.setattr(tr, "mean_token_loss", lambda lo, la, z=0.0: real(lo, la, z) * float("nan"))
     spike0 = dict(spike, max_rewinds=0)
     lock = make_lock(tmp_path / "b", docs, steps=4, interval=2, loss_spike=spike0)
     with pytest.raises(TrainingError, match="gave up after 0 rewinds"):
@@ -220,6 +220,9 @@ LAYOUTS = {  # name: (plan, processes)
     "fsdp_tp": ({"dp_shard": 2, "tp": 2, "micro_batch": 4}, 4),  # 2-D: FSDP2 over TP (_StridedShard grads)
     "hsdp": ({"dp_replicate": 2, "dp_shard": 2, "micro_batch": 2}, 4),
     "fsdp_full_ac": ({"dp_shard": 2, "micro_batch": 2, "grad_accum": 2, "activation_checkpointing": "full"}, 2),
+    # the loss in slices of 24 tokens (128 per micro-batch: 5 slices and a shorter one), each recomputed in the backward
+    # under FSDP2 (the head belongs to the root unit, unsharded from its forward to its backward)
+    "fsdp_loss_slices": ({"dp_shard": 2, "micro_batch": 4, "loss_chunk_tokens": 24}, 2),
 }
 
 

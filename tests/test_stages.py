@@ -246,19 +246,73 @@ def test_continued_training_batch_must_split_over_every_gpu():
 
 
 def test_long_sequences_that_do_not_fit_say_more_gpus_will_not_help():
-    """A continued-training stage runs data parallel without CP, so at 128K one sequence's activations and logits
-    are on every GPU: the warning names that share, and a shorter seq_len, not more GPUs."""
+    """A continued-training stage runs data parallel without CP, so at 256K one sequence's activations (and a slice of
+    its logits) are on every GPU: the warning names that share, and a shorter seq_len, not more GPUs."""
     _, plans, diags = spec("""        - name: lc
           kind: long_context
-          seq_len: 131072
-          rope_scaling: {type: yarn, factor: 16, original_max_position: 8192}
+          seq_len: 262144
+          rope_scaling: {type: yarn, factor: 32, original_max_position: 8192}
         """)
     m = plans[0].memory
     states = (m.weights_bytes + m.reference_bytes + m.grads_optimizer_bytes) // m.shard_degree
     g005 = by_code(diags, "G005")
     assert m.fits is False and m.per_gpu_bytes - states > states
-    assert f"{(m.per_gpu_bytes - states) / 1e9:.1f} GB of it is one micro-step at seq_len 131072" in g005.hint
+    assert f"{(m.per_gpu_bytes - states) / 1e9:.1f} GB of it is one micro-step at seq_len 262144" in g005.hint
     assert "more GPUs do not split" in g005.hint and "LoRA" not in g005.hint
+
+
+LC_32K = """\
+        - name: lc
+          kind: long_context
+          seq_len: 32768
+          rope_scaling: {type: yarn, factor: 4, original_max_position: 8192}
+        """
+
+
+def test_long_context_loss_in_slices_when_the_whole_logits_do_not_fit():
+    """At 32K a Llama 3 8B long-context stage holds a whole sequence per GPU (no CP in llmc's runtimes), and the loss of
+    its 32,768 positions x 128,256 vocabulary entries at 12 B each (fp32 log-probs and gradients) is 50 GB: with the
+    rest, more than an 80 GB H100. The native trainer then computes the loss in slices of 512 tokens (1 GiB of logits),
+    each recomputed in the backward: memory falls by exactly the other 32,256 positions' logits and the stage fits.
+    On the DeepSpeed runner (which does not slice) the same stage keeps them and does not fit."""
+    from llmc.compiler import memory as mem_mod
+
+    V = PRESETS["llama3-8b"].vocab_size
+    assert mem_mod.loss_slice_tokens(V) == 512 and 512 * V * 12 <= 2**30 < 1024 * V * 12
+    _, plans, diags = spec(LC_32K)
+    m = plans[0].memory
+    assert m.loss_chunk_tokens == 512 and m.fits and "G005" not in codes(diags)
+    saved = (32768 - 512) * V * 12
+    assert any("loss in slices of 512 tokens" in n and f"{saved / 2**30:.1f} GiB of logits less" in n
+               for n in plans[0].notes)
+    assert "loss in slices of 512 tokens" in plans[0].time.source
+    text = HEAD.format(model="llama3-8b", gpu="h100-sxm", count=8, seq=8192, tok="    path: /nope/tok") + \
+        "training:\n  backend: deepspeed\nstages:\n" + textwrap.indent(textwrap.dedent(LC_32K), "  ")
+    run, lines = loads_spec(text, file="s.yaml")
+    ds_plans, ds_diags = plan_stages(run, gpu=get_gpu("h100-sxm"), lines=lines, file="s.yaml", backend="deepspeed")
+    ds = ds_plans[0].memory
+    assert ds.loss_chunk_tokens == 0 and ds.fits is False and "G005" in codes(ds_diags)
+    assert ds.per_gpu_bytes - m.per_gpu_bytes == saved
+    # a stage whose whole logits fit keeps them (the slices cost the head's forward again)
+    _, plans16, _ = spec(LC_32K.replace("32768", "16384").replace("factor: 4", "factor: 2"))
+    assert plans16[0].memory.loss_chunk_tokens == 0 and plans16[0].memory.fits
+
+
+def test_sliced_loss_costs_the_heads_forward_again():
+    """The time of a step with the loss in slices is the step's plus the head's forward once more per token (2 V d
+    FLOPs: flops.loss_recompute_flops_per_token), at the rate the step runs its model FLOPs: the breakdown's compute
+    scaled by 2 V d over the model FLOPs per token."""
+    from llmc.compiler import timing
+    from llmc.compiler.stages import stage_layout
+
+    arch = PRESETS["llama3-8b"]
+    sm = timing.step_model(arch, 32768, "bf16", get_gpu("h100-sxm"), "native")
+    whole = stage_layout(8, 8, 1, "full", 1, 16)
+    t0, _, br = timing.step_time(sm, whole)
+    t1, _, br1 = timing.step_time(sm, dataclasses.replace(whole, loss_chunk_tokens=512))
+    head_fwd = 2 * arch.vocab_size * arch.d_model
+    assert t1 - t0 == pytest.approx(br["compute"] * head_fwd / sm.flops_per_token, rel=1e-9)
+    assert br1["recompute"] - br["recompute"] == pytest.approx(t1 - t0, rel=1e-9)  # reported as recomputation
 
 
 # ----------------------------------------------------------------------------- models held, defaults
@@ -382,11 +436,13 @@ def test_grpo_policy_updates_per_sample_batch(mu, monkeypatch):
     seen = {}
     monkeypatch.setattr(grpo, "train_grpo", lambda *a, **kw: seen.update(kw) or [{"reward_mean": 0.0, "kl": 0.0}])
     monkeypatch.setattr(posttrain, "load_stage_data", lambda job, kind: [])
-    job = type("J", (), {"seed": 0, "micro_batch": 4, "stage_plan": {"memory": {"sampling_groups": 3}}})()
+    job = type("J", (), {"seed": 0, "micro_batch": 4, "loss_chunk": 512,
+                         "stage_plan": {"memory": {"sampling_groups": 3}}})()
     loop = posttrain._Loop(job=job, model=None, tok=None, template="llama3", hyper=hyper, st=None, steps=1, lr=1e-6,
                            batch=512, seq_len=1536, pad_id=0, log=None)
     posttrain._run_grpo(loop)
     assert seen["inner_steps"] == (mu or 1) and seen["micro_batch"] == 4 and seen["sampling_groups"] == 3
+    assert seen["loss_chunk"] == 512
 
 
 def test_long_context_plan_and_cp():
@@ -530,12 +586,13 @@ def test_examples_plan_cleanly(name):
         assert [p.name for p in plans] == ["pretrain", "sft", "dpo", "grpo"]
     if name == "pipeline_llama3_8b.yaml":
         assert [p.kind for p in plans] == ["midtrain", "long_context", "sft", "dpo", "grpo"]
-        assert plans[1].long_context.new_seq_len == 16384 and plans[1].memory.fits
+        assert plans[1].long_context.new_seq_len == 32768 and plans[1].memory.fits
+        assert plans[1].memory.loss_chunk_tokens == 512
 
 
 def test_stage_memory_counts_the_logits_the_runtime_losses_materialise():
-    """llmc's post-training losses upcast the whole logits (``sft.masked_lm_loss``, ``dpo.sequence_logprobs``:
-    ``logits.float()`` then log-softmax), so a micro-step holds at least the fp32 copy and the fp32 log-probs of
+    """llmc's post-training losses upcast the whole logits unless sliced (``model.token_losses``: ``logits.float()``
+    then cross-entropy), so a micro-step holds at least the fp32 copy and the fp32 log-probs of
     every position: 8 B x seq_len x vocab (Llama 3: 128,256 entries; 4 GiB at 4K tokens). The stage estimate
     used to leave them out (SFT of Llama 3 8B on 8 H100: 16.6 GiB, now 26.5 GiB)."""
     from test_build_fakes import ROOT, compile_text

@@ -105,6 +105,13 @@ def recompute_flops_per_token(arch: Architecture, seq_len: int, ac_mode: str) ->
     raise ValueError(f"unknown activation checkpointing mode {ac_mode!r}")
 
 
+def loss_recompute_flops_per_token(arch: Architecture) -> float:
+    """Extra FLOPs per token of a loss computed in slices, each slice's logits recomputed in the backward so that
+    only one slice's exist at a time (llmc's native trainer, ``ParallelPlan.loss_chunk_tokens``): the output head's
+    forward once more, 2*V*d (its backward is not repeated; the cross-entropy itself is elementwise)."""
+    return 2.0 * _head_params(arch)
+
+
 def hardware_flops_per_token(arch: Architecture, seq_len: int, ac_mode: str) -> float:
     """Model FLOPs + recompute FLOPs (numerator of HFU)."""
     return train_flops_per_token(arch, seq_len) + recompute_flops_per_token(arch, seq_len, ac_mode)

@@ -39,8 +39,10 @@ torchtitan keeps the whole stage unsharded (no reshard after forward, gradients 
 fp32 until the last micro-batch), i.e. FSDP+PP costs (2 + 4) B per stage-local parameter; DeepSpeed
 ZeRO-1/2 reduce and all-gather buckets (default 5e8 elements each); DDP buckets (25 MiB); the fp32
 logits/loss peak on the last stage (12 B per token per vocab entry, see LOGITS_BYTES_PER_ELEM); 1 GiB
-workspace (CUDA context, cuBLAS workspace, NCCL). Not modelled: allocator fragmentation (``fits`` keeps
-8% headroom), CP ring-attention K/V exchange buffers, MoE load imbalance.
+workspace (CUDA context, cuBLAS workspace, NCCL). A loss computed in slices (``plan.loss_chunk_tokens``: llmc's
+native trainer, the head and cross-entropy of each slice recomputed in the backward) holds one slice's logits.
+Not modelled: allocator fragmentation (``fits`` keeps 8% headroom), CP ring-attention K/V exchange buffers, MoE
+load imbalance.
 """
 
 from __future__ import annotations
@@ -78,6 +80,16 @@ LOGITS_BYTES_PER_ELEM = 12
 # With the loss compiled (torchtitan compile.components includes "loss"), Inductor fuses the upcast,
 # log_softmax and nll_loss: only the bf16 logits (2 B) and their bf16 gradient (2 B) exist at the peak.
 LOGITS_COMPILED_BYTES_PER_ELEM = 4
+# Logits bytes one slice of a sliced loss holds at most (``ParallelPlan.loss_chunk_tokens``): small next to a GPU,
+# while slices of hundreds of tokens keep the head's GEMM large (512 x d x V for Llama 3's 128K vocabulary).
+LOSS_SLICE_BYTES = 1 * GiB
+
+
+def loss_slice_tokens(vocab_size: int) -> int:
+    """Tokens per slice of a sliced loss: the largest power of two whose logits (LOGITS_BYTES_PER_ELEM per entry)
+    fit in LOSS_SLICE_BYTES."""
+    n = max(1, LOSS_SLICE_BYTES // (vocab_size * LOGITS_BYTES_PER_ELEM))
+    return 1 << (n.bit_length() - 1)
 
 # ----------------------------------------------------------------------------- parameter groups
 
@@ -602,7 +614,8 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
                 acts += tokens_mb * arch.d_model * (4 * act_b + (5.0 if precision == "fp8" else 0.0))
             buf = buf0
             if has_head:
-                buf += tokens_mb * arch.vocab_size * logits_b / plan.tp
+                loss_tokens = min(tokens_mb, plan.loss_chunk_tokens) if plan.loss_chunk_tokens else tokens_mb
+                buf += loss_tokens * arch.vocab_size * logits_b / plan.tp
             out.append((si, count if runs else 1, w, gr, op, acts, buf))
     return out
 

@@ -416,7 +416,8 @@ class _Env:
 def _acts_buffers(env: _Env, plan: ParallelPlan, seq_len: int) -> tuple[int, int]:
     """(activations, buffers) per GPU of one micro-step of ``plan`` on llmc's runtime (its "selective" recomputes
     the attention core, backends.py). Buffers: the fp32 logits and their gradient (the runtime's losses upcast the
-    whole logits: sft.masked_lm_loss, dpo.sequence_logprobs), the FSDP units gathered, CUDA context and NCCL."""
+    logits of the micro-step, or of one slice with ``plan.loss_chunk_tokens``: llmc.runtime.model.token_losses), the
+    FSDP units gathered, CUDA context and NCCL."""
     mem = memory.memory_per_gpu(env.run.model, plan, seq_len, env.precision, env.capacity or DEFAULT_CAPACITY,
                                 backend="native")
     return int(mem.breakdown["activations"]), int(mem.breakdown["buffers"])
@@ -446,12 +447,21 @@ def _micro_seqs(kind: str, tr: StageTraining) -> int:
     return (tr.micro_batch or 1) * (2 if kind == "dpo" else 1)
 
 
-def stage_layout(world: int, shard: int, cp: int, ac: str, micro: int, grad_accum: int = 1) -> ParallelPlan:
+def stage_layout(world: int, shard: int, cp: int, ac: str, micro: int, grad_accum: int = 1,
+                 loss_chunk: int = 0) -> ParallelPlan:
     """The layout a stage estimate sizes and times: data parallel over every GPU (per ``cp``), the states sharded
-    (FSDP / ZeRO-3) when ``shard`` > 1, else replicated; no TP or PP."""
+    (FSDP / ZeRO-3) when ``shard`` > 1, else replicated; no TP or PP; the loss in slices of ``loss_chunk`` tokens
+    (0: whole)."""
     dp = max(1, world // cp)
     return ParallelPlan(dp_shard=dp if shard > 1 else 1, dp_replicate=1 if shard > 1 else dp, cp=cp,
-                        activation_checkpointing=ac, micro_batch=micro, grad_accum=grad_accum)
+                        activation_checkpointing=ac, micro_batch=micro, grad_accum=grad_accum,
+                        loss_chunk_tokens=loss_chunk)
+
+
+def stage_backend(env: _Env, kind: str) -> str:
+    """The trainer that runs a stage other than pre-training: LM stages run on llmc's DeepSpeed runner when the run's
+    backend is DeepSpeed, every other stage on llmc's native trainer (torchtitan runs pre-training only)."""
+    return "deepspeed" if kind in LM_KINDS and env.backend == "deepspeed" else "native"
 
 
 def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, needs_ref: bool,
@@ -495,16 +505,27 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
         notes.append(f"weights/optimizer sharded over {shard} GPUs (FSDP / ZeRO-3)")
     # LoRA/QLoRA recipes always use gradient checkpointing (QLoRA paper); long sequences and sharded runs too
     ac = "full" if lora is not None or seq_len >= 8192 or shard > 1 else "selective"
-    layout = stage_layout(env.world, shard, cp, ac, _micro_seqs(st.kind, tr))
+    micro = _micro_seqs(st.kind, tr)
+    layout = stage_layout(env.world, shard, cp, ac, micro)
     act, buffers = _acts_buffers(env, layout, seq_len)
     base = int((weights + ref + optim) // shard + act + buffers)
+    # GRPO: llmc's sampler keeps a KV cache of G sequences (prompt + generation) per group it samples at once, on the
+    # same GPUs (counted on top of a training micro-step: an upper bound, the two are not alive at once)
+    per_group = tr.hyper["group_size"] * seq_len * env.kv_bytes if st.kind == "grpo" else 0
+    chunk = memory.loss_slice_tokens(env.run.model.vocab_size)
+    if base + per_group > cap and stage_backend(env, st.kind) == "native" and chunk < micro * seq_len:
+        # the whole micro-step's logits do not fit: the native trainer computes the loss in slices
+        # (llmc.runtime.model.token_losses), each slice's head recomputed in the backward
+        layout = stage_layout(env.world, shard, cp, ac, micro, loss_chunk=chunk)
+        act, sliced = _acts_buffers(env, layout, seq_len)
+        notes.append(f"loss in slices of {chunk} tokens, the output head run again in the backward: "
+                     f"{(buffers - sliced) / memory.GiB:.1f} GiB of logits less per GPU")
+        base -= buffers - sliced
+        buffers = sliced
     sampling, groups = 0, None
     if st.kind == "grpo":
-        # llmc's sampler keeps a KV cache of G sequences (prompt + generation) per group it samples at once, on the same
-        # GPUs (counted on top of a training micro-step: an upper bound, the two are not alive at once); it samples as
-        # many of the rank's groups together as fit (llmc.runtime.grpo.sample_groups), at least one
+        # it samples as many of the rank's groups together as fit (llmc.runtime.grpo.sample_groups), at least one
         G = tr.hyper["group_size"]
-        per_group = G * seq_len * env.kv_bytes
         room = int(SAMPLING_MEMORY_SHARE * cap) - base
         groups = max(1, min(sampling_groups_per_rank(tr, env.world), room // per_group if per_group else 1))
         sampling = groups * per_group
@@ -514,6 +535,7 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     return StageMemoryPlan(
         per_gpu_bytes=per_gpu, capacity_bytes=env.capacity, fits=(per_gpu <= cap) if env.capacity else None,
         shard_degree=shard, cp=cp, activation_checkpointing=ac, source="stage estimate",
+        loss_chunk_tokens=layout.loss_chunk_tokens,
         weights_bytes=weights, reference_bytes=ref, grads_optimizer_bytes=optim, activation_bytes=act,
         activation_source=ACTIVATION_SOURCE, sampling_bytes=sampling, sampling_groups=groups, buffer_bytes=buffers,
     )
@@ -580,13 +602,13 @@ def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan
         return None
     par = env.run.parallelism
     lm = st.kind in LM_KINDS
-    backend = "deepspeed" if lm and env.backend == "deepspeed" else "native"
+    backend = stage_backend(env, st.kind)
     precision = "bf16" if env.precision == "fp8" else env.precision
     micro = _micro_seqs(st.kind, tr)
     seqs = tr.global_batch_seqs * (2 if st.kind == "dpo" else 1)
     dp = max(1, env.world // mem.cp)
     layout = stage_layout(env.world, mem.shard_degree, mem.cp, mem.activation_checkpointing, micro,
-                          max(1, math.ceil(seqs / (micro * dp))))
+                          max(1, math.ceil(seqs / (micro * dp))), mem.loss_chunk_tokens)
     offload = backend == "deepspeed" and par.offload_optimizer
     sm = timing.step_model(env.run.model, tr.seq_len, precision, gpu, backend,
                            compile=env.run.training.compile if lm else False, offload_optimizer=offload,
@@ -613,7 +635,9 @@ def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan
         usd=timing.usd(gh, price) if gh is not None and price else None,
         source=f"llmc.compiler.timing on the stage layout ({layout.dp} x data parallel, "
                f"{'sharded' if mem.shard_degree > 1 else 'replicated'}, AC {mem.activation_checkpointing}, "
-               f"micro-batch {micro} x {layout.grad_accum} sequences) on the {backend} trainer, uncalibrated",
+               f"micro-batch {micro} x {layout.grad_accum} sequences"
+               f"{f', loss in slices of {mem.loss_chunk_tokens} tokens' if mem.loss_chunk_tokens else ''}) on the "
+               f"{backend} trainer, uncalibrated",
     )
 
 

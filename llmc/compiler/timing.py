@@ -143,6 +143,7 @@ class StepModel:
     elementwise_bytes: float  # HBM bytes of memory-bound ops per token per block, fwd + bwd
     layer_flops: float  # training FLOPs per token of one average block (fwd+bwd, no recompute)
     head_flops: float  # training FLOPs per token of the output head (on the last stage)
+    loss_recompute_flops: float  # extra FLOPs per token of a loss in slices (flops.loss_recompute_flops_per_token)
     recompute_flops: dict[str, float]  # extra FLOPs per token for each AC mode (whole model)
     flops_per_token: float  # training model FLOPs per token (no recompute)
     layer_params: float  # parameters of one average block (total, i.e. all experts)
@@ -301,6 +302,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         n_layers=L, n_moe_layers=n_moe, d_model=d, seq_len=seq_len,
         top_k=arch.moe.top_k if arch.moe else 0,
         kv_bytes_per_token_layer=kv, elementwise_bytes=elementwise, layer_flops=layer_flops, head_flops=head,
+        loss_recompute_flops=flops.loss_recompute_flops_per_token(arch),
         recompute_flops=rec, flops_per_token=float(total),
         layer_params=blocks / L, expert_params_per_layer=expert, embed_params=embed, head_params=head_p,
         is_moe=arch.moe is not None, peak=peak, sec_per_flop=sec_per_flop, precision=precision,
@@ -360,16 +362,17 @@ def mfu_peak(gpu, precision: str) -> float:
 
 
 def _stage_info(sm: StepModel, p: int, sched: str, v: int, ac: str,
-                ac_layers: int = 0) -> tuple[int, float, float, float, int, int]:
+                ac_layers: int = 0, loss_sliced: bool = False) -> tuple[int, float, float, float, int, int]:
     """(blocks on the slowest pipeline rank, its FLOPs/token incl. recompute, its recompute FLOPs/token,
     largest rank parameter count, most blocks on a rank, blocks of the slowest rank recomputed whole);
     cached on the StepModel.
 
     A rank's work per micro-batch is all of its chunks (interleaved schedules hold v chunks per rank),
     plus the output head where it holds it; the pipeline runs at the pace of the slowest rank. ``partial``
-    recomputes the first ``ac_layers`` blocks of each chunk whole (memory.partial_recomputed).
+    recomputes the first ``ac_layers`` blocks of each chunk whole (memory.partial_recomputed). ``loss_sliced``: the
+    rank with the head runs its forward again in the backward (``ParallelPlan.loss_chunk_tokens``).
     """
-    key = (p, sched, v, ac, ac_layers)
+    key = (p, sched, v, ac, ac_layers, loss_sliced)
     hit = sm.cache.get(key)
     if hit is not None:
         return hit
@@ -385,6 +388,8 @@ def _stage_info(sm: StepModel, p: int, sched: str, v: int, ac: str,
         whole = blocks if ac == "full" else [0] * p
         rec = sm.recompute_flops[ac] / sm.n_layers
         recs = [n * rec for n in blocks]
+    if loss_sliced:
+        recs = [r + (sm.loss_recompute_flops if head else 0.0) for r, (_, _, head) in zip(recs, layout, strict=True)]
     load = [n * sm.layer_flops + r + (sm.head_flops if head else 0.0)
             for n, r, (_, _, head) in zip(blocks, recs, layout, strict=True)]
     params = [n * sm.layer_params + (sm.embed_params if emb else 0.0)
@@ -571,14 +576,15 @@ class LayoutTimer:
         else:
             self.optimizer = owned * ADAM_BYTES_PER_PARAM / sm.hbm_Bps
 
-    def time(self, mb: int, m: int, ac: str, breakdown: bool = False, ac_layers: int = 0):
+    def time(self, mb: int, m: int, ac: str, breakdown: bool = False, ac_layers: int = 0,
+             loss_sliced: bool = False):
         """(step seconds, MFU[, breakdown]) for micro_batch ``mb``, ``m`` micro-batches, AC ``ac`` (``partial``:
-        the first ``ac_layers`` blocks of each model chunk recomputed whole)."""
+        the first ``ac_layers`` blocks of each model chunk recomputed whole), the loss in slices or not."""
         sm = self.sm
-        key = (mb, ac, ac_layers)
+        key = (mb, ac, ac_layers, loss_sliced)
         hit = self.micro.get(key)
         if hit is None:
-            hit = self.micro[key] = self._micro(mb, ac, ac_layers)
+            hit = self.micro[key] = self._micro(mb, ac, ac_layers, loss_sliced)
         compute, recompute, elem, tp_comm, ep_comm, cp_comm, pp_comm = hit
         fsdp = 0.0
         if self.fsdp_passes or self.param_fetch:
@@ -606,13 +612,15 @@ class LayoutTimer:
             "pp_bubble": bubble, "dp_comm": dp, "optimizer": self.optimizer,
         }
 
-    def _micro(self, mb: int, ac: str, ac_layers: int = 0) -> tuple[float, float, float, float, float, float, float]:
+    def _micro(self, mb: int, ac: str, ac_layers: int = 0,
+               loss_sliced: bool = False) -> tuple[float, float, float, float, float, float, float]:
         """One micro-batch of the slowest pipeline rank, uncalibrated: (compute incl. recompute and elementwise,
         recompute, elementwise, TP, EP, CP and PP communication seconds); the same for every split. Every
         per-block term of a block recomputed whole (``full``, or one of ``partial``'s) runs its forward part
         again; the other blocks' terms are those without recomputation."""
         sm, t, p, cp, ep = self.sm, self.t, self.p, self.cp, self.ep
-        n_slow, flops_tok, rec_tok, _, _, n_whole = _stage_info(sm, p, self.sched, self.chunks, ac, ac_layers)
+        n_slow, flops_tok, rec_tok, _, _, n_whole = _stage_info(sm, p, self.sched, self.chunks, ac, ac_layers,
+                                                                loss_sliced)
         tokens_gpu = mb * sm.seq_len / cp  # tokens of this GPU's sequence shard per micro-batch
         eff = _efficiency(sm, mb, cp, t)
         spf = sm.sec_per_flop / eff
@@ -669,7 +677,7 @@ def layout_timer(sm: StepModel, plan: ParallelPlan) -> LayoutTimer:
 def step_time(sm: StepModel, plan: ParallelPlan) -> tuple[float, float, dict[str, float]]:
     """(step seconds, MFU, breakdown) of one optimizer step of ``plan``; the breakdown sums to the step."""
     return layout_timer(sm, plan).time(plan.micro_batch, plan.grad_accum, plan.activation_checkpointing, True,
-                                       plan.ac_layers)
+                                       plan.ac_layers, plan.loss_chunk_tokens > 0)
 
 
 def time_numbers(sm: StepModel, plan: ParallelPlan, steps: int) -> TimeNumbers:

@@ -19,18 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmc.runtime.chat import IGNORE_INDEX, encode_prompt_response
+from llmc.runtime.chat import encode_prompt_response
 from llmc.runtime.lora import disable_adapters, lora_modules
-from llmc.runtime.sft import DataShard, LoopState, clip_grads, pad_batch
+from llmc.runtime.sft import DataShard, LoopState, clip_grads, next_token_targets, pad_batch
 
 
-def sequence_logprobs(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over t of log p(labels[t+1] | ids[:t+1]) where labels != -100; returns (B,)."""
-    logits = model(ids)[:, :-1].float()
-    tgt = labels[:, 1:]
-    mask = tgt != IGNORE_INDEX
-    lp = torch.gather(F.log_softmax(logits, -1), 2, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (lp * mask).sum(-1)
+def sequence_logprobs(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, loss_chunk: int = 0) -> torch.Tensor:
+    """Sum over t of log p(labels[t+1] | ids[:t+1]) where labels != -100; returns (B,). The per-token losses in
+    slices of ``loss_chunk`` tokens (``model.token_losses``)."""
+    return -model(ids, targets=next_token_targets(labels), loss_chunk=loss_chunk).nll.sum(-1)
 
 
 def dpo_loss(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
@@ -65,15 +62,15 @@ class Reference:
                 p.requires_grad_(False)
 
     @torch.no_grad()
-    def logprobs(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def logprobs(self, ids: torch.Tensor, labels: torch.Tensor, loss_chunk: int = 0) -> torch.Tensor:
         if self.shared:
             was = self.model.training
             self.model.eval()
             with disable_adapters(self.model):
-                out = sequence_logprobs(self.model, ids, labels)
+                out = sequence_logprobs(self.model, ids, labels, loss_chunk)
             self.model.train(was)
             return out
-        return sequence_logprobs(self.copy, ids, labels)
+        return sequence_logprobs(self.copy, ids, labels, loss_chunk)
 
     @contextlib.contextmanager
     def as_module(self):
@@ -90,12 +87,13 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
               seed: int = 0, reference: Reference | None = None,
               log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
               device: torch.device | None = None, state: LoopState | None = None,
-              micro_batch: int | None = None) -> list[dict]:
+              micro_batch: int | None = None, loss_chunk: int = 0) -> list[dict]:
     """DPO with AdamW (constant LR); returns per-step stats (loss, margin, rewards, accuracy), means over the
     global batch of pairs; ``shard``: this data-parallel rank's share of each step's pairs; ``state``: resume /
     stop / mid-stage checkpoints (:class:`llmc.runtime.sft.LoopState`); ``micro_batch``: pairs per forward and
     backward (the stage plan's), the share accumulated over ceil(share / micro_batch) of them, the same number on
-    every rank (weight-0 pairs top shares up); None: the whole share at once."""
+    every rank (weight-0 pairs top shares up); None: the whole share at once. ``loss_chunk``: tokens per slice of the
+    log-probs (the stage plan's, ``model.token_losses``; 0 = whole)."""
     shard = shard or DataShard()
     state = state or LoopState()
     ref = reference or Reference(model)  # before a resume loads trained weights: the reference is the start
@@ -116,8 +114,8 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
             ids, labels = pad_batch([b[0] for b in sub] + [b[1] for b in sub], pad_id, max_len)
             if device is not None:
                 ids, labels = ids.to(device), labels.to(device)
-            ref_lp = ref.logprobs(ids, labels)
-            pol_lp = sequence_logprobs(model, ids, labels)
+            ref_lp = ref.logprobs(ids, labels, loss_chunk)
+            pol_lp = sequence_logprobs(model, ids, labels, loss_chunk)
             n = len(sub)
             wt = torch.tensor(w[i:i + micro], device=pol_lp.device)
             # dpo_loss's terms, summed over these pairs (weight 0: a placeholder pair)

@@ -17,10 +17,9 @@ import random
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from llmc.runtime.chat import TokAdapter, encode_prompt, end_token_id
+from llmc.runtime.chat import IGNORE_INDEX, TokAdapter, encode_prompt, end_token_id
 from llmc.runtime.dpo import Reference
 from llmc.runtime.sft import DataShard, LoopState, clip_grads
 
@@ -66,10 +65,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mas
     return loss, stats
 
 
-def completion_logprobs(model: nn.Module, full: torch.Tensor, n_prompt: int) -> torch.Tensor:
-    """log p(full[:, t] | full[:, :t]) for the completion positions t >= n_prompt; (B, T - n_prompt)."""
-    logits = model(full)[:, n_prompt - 1:-1].float()
-    return torch.gather(F.log_softmax(logits, -1), 2, full[:, n_prompt:].unsqueeze(-1)).squeeze(-1)
+def completion_logprobs(model: nn.Module, full: torch.Tensor, n_prompt: int, loss_chunk: int = 0) -> torch.Tensor:
+    """log p(full[:, t] | full[:, :t]) for the completion positions t >= n_prompt; (B, T - n_prompt). The per-token
+    losses in slices of ``loss_chunk`` tokens (``model.token_losses``)."""
+    targets = full.new_full(full.shape, IGNORE_INDEX)
+    targets[:, n_prompt - 1:-1] = full[:, n_prompt:]  # position t predicts token t + 1; the prompt's predict nothing
+    return -model(full, targets=targets, loss_chunk=loss_chunk).nll[:, n_prompt - 1:-1]
 
 
 def sample_group(model: nn.Module, prompt_ids: list[int], G: int, max_new_tokens: int, stop_id: int,
@@ -146,7 +147,7 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                seed: int = 0, reference: Reference | None = None,
                log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
                device: torch.device | None = None, state: LoopState | None = None,
-               micro_batch: int | None = None, sampling_groups: int | None = None) -> list[dict]:
+               micro_batch: int | None = None, sampling_groups: int | None = None, loss_chunk: int = 0) -> list[dict]:
     """GRPO on ``prompts`` ({prompt: messages, ...}); ``reward_fn(completion_text, item)``. Returns stats per step.
 
     ``shard``: each step's prompts are split over the data-parallel ranks (each rank samples its groups with
@@ -156,7 +157,8 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     sampled and scored whole (its advantages are normalised within it); its log-probs and its update then run
     in slices of ``micro_batch`` rows, the same step as one pass over the group. ``sampling_groups``: groups sampled
     in one batch (:func:`sample_groups`; the stage plan's ``memory.sampling_groups``, what its KV cache memory was
-    sized for; None = all of the rank's groups of a step at once)."""
+    sized for; None = all of the rank's groups of a step at once). ``loss_chunk``: tokens per slice of the log-probs
+    (the stage plan's, ``model.token_losses``; 0 = whole)."""
     shard = shard or DataShard()
     state = state or LoopState()
     if group_size < 2:
@@ -194,11 +196,11 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
             for r0 in range(0, full.shape[0], micro):
                 rows = slice(r0, r0 + micro)
                 with torch.no_grad():
-                    old = completion_logprobs(model, full[rows], n0)
+                    old = completion_logprobs(model, full[rows], n0, loss_chunk)
                     ref_lp = None
                     if ref is not None:
                         with ref.as_module() as rm:
-                            ref_lp = completion_logprobs(rm, full[rows], n0)
+                            ref_lp = completion_logprobs(rm, full[rows], n0, loss_chunk)
                 batch.append((full[rows], n0, cmask[rows], adv[rows], old, ref_lp))
         stats: dict = {}
         tot_tokens = float(shard.sum(sum(float(b[2].sum()) for b in batch)))
@@ -206,7 +208,7 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
             opt.zero_grad(set_to_none=True)
             agg = torch.zeros(3)
             for full, n0, cmask, adv, old, ref_lp in batch:
-                lp = completion_logprobs(model, full, n0)
+                lp = completion_logprobs(model, full, n0, loss_chunk)
                 loss, st = grpo_loss(lp, old, adv, cmask, ref_lp, clip_eps, kl_coef)
                 w = float(cmask.sum()) / max(tot_tokens, 1.0)  # token-level mean over the whole step's batch
                 (loss * (w * shard.size)).backward()

@@ -73,6 +73,7 @@ class TrainJob:
     ep: int = 1
     activation_checkpointing: str = "none"  # none | selective | full | partial (see check_ac)
     ac_layers: int = 0  # partial only: blocks recomputed whole, counted from the first; 0 otherwise
+    loss_chunk: int = 0  # tokens per slice of the loss (model.token_losses); 0 = the whole micro-batch at once
     meta_init: bool | None = None  # build on meta, shard, then init (FSDP/TP only); None = auto (> 2B params)
     # checkpoints and robustness
     checkpoint_interval: int = 100
@@ -148,6 +149,7 @@ class TrainJob:
             dp_replicate=int(plan.get("dp_replicate", 1)), dp_shard=int(plan.get("dp_shard", 1)),
             tp=int(plan.get("tp", 1)), pp=int(plan.get("pp", 1)), cp=int(plan.get("cp", 1)), ep=int(plan.get("ep", 1)),
             activation_checkpointing=ac_mode, ac_layers=ac_layers,
+            loss_chunk=int(plan.get("loss_chunk_tokens") or 0),
             checkpoint_interval=int(num["checkpoint_interval"]),
             keep_latest=t.checkpoint.keep_latest, checkpoint_folder=t.checkpoint.folder, loss_spike=t.loss_spike,
             spec_dir=_spec_dir(lock["spec"], spec_path, build_dir),
@@ -201,10 +203,15 @@ class TrainJob:
             except ValueError as e:
                 raise ValueError(f"lock: stage {self.stage!r} memory: {e} (rebuild with `llmc build`)") from None
             ac, ac_layers = stage_ac, 0
+        # ... and computes its loss in the slices its plan sized the logits for (0: whole)
+        chunk = self.loss_chunk
+        if st.kind != "pretrain":
+            chunk = int((entry.get("memory") or {}).get("loss_chunk_tokens") or 0)
         return replace(
             self, arch=arch, sources=list(data.sources) if data else list(self.sources),
             tokenizer=(data.tokenizer if data and (data.tokenizer.path or data.tokenizer.train) else self.tokenizer),
             init_from=st.init_from, stage_spec=st, stage_plan=entry, activation_checkpointing=ac, ac_layers=ac_layers,
+            loss_chunk=chunk,
         )
 
 

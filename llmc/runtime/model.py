@@ -30,17 +30,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llmc.runtime.chat import IGNORE_INDEX
 from llmc.runtime.job import check_ac
 from llmc.spec.model import Architecture, RopeScaling
-
-IGNORE_INDEX = -100
-
 
 # ----------------------------------------------------------------------------- norms and RoPE
 
@@ -546,10 +545,14 @@ class Transformer(nn.Module):
         for blk in self.layers.values():
             blk.compile(**kw)
 
-    def forward(self, tokens: torch.Tensor, return_aux: bool = False, cache: KVCache | None = None):
+    def forward(self, tokens: torch.Tensor, return_aux: bool = False, cache: KVCache | None = None, *,
+                targets: torch.Tensor | None = None, loss_chunk: int = 0, lse: bool = False):
         """tokens (B, T) int64 -> logits (B, T, V) [fp32 upcast left to the loss]; aux = summed MoE loss.
         With a :class:`KVCache` (sampling, no gradients): tokens continue the cached positions, and the logits
-        are the last position's only, (B, 1, V); a cache with ``pad`` gives each row its own positions and mask."""
+        are the last position's only, (B, 1, V); a cache with ``pad`` gives each row its own positions and mask.
+        With ``targets`` (B, T) (the token each position predicts, IGNORE_INDEX for none): the per-token
+        :class:`TokenLosses` instead of the logits (:func:`token_losses`, in slices of ``loss_chunk`` tokens; with
+        the log-sum-exp when ``lse``), computed inside the forward so that wrappers (FSDP2, DDP) see one call."""
         T = tokens.shape[1]
         pos = cache.length if cache is not None else 0
         if pos + T > self.rope.shape[0]:
@@ -570,8 +573,15 @@ class Transformer(nn.Module):
             cache.length += T
             h = h[:, -1:]
         h = self.norm(h)
-        logits = h @ self.tok_embeddings.weight.t() if self.arch.tied_embeddings else self.lm_head(h)  # (B,T,V)
-        return (logits, aux) if return_aux else logits
+        if targets is not None:
+            out = token_losses(self._head, h, targets, loss_chunk, lse)
+        else:
+            out = self._head(h)  # (B, T, V)
+        return (out, aux) if return_aux else out
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The output projection: hidden states (..., D) -> logits (..., V) (a tied head uses the embeddings)."""
+        return h @ self.tok_embeddings.weight.t() if self.arch.tied_embeddings else self.lm_head(h)
 
     def _padded(self, pad: torch.Tensor, pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE rows (B, T, rope_dim/2, 2) and attention mask (B, 1, T, pos + T) of cache positions pos..pos+T-1 in a
@@ -639,19 +649,51 @@ class Transformer(nn.Module):
         return tokens
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
-    """Mean next-token cross-entropy over labels != -100 (labels already shifted), in fp32.
+class TokenLosses(NamedTuple):
+    """Per-token losses of a forward with targets, fp32, shaped like the targets."""
 
-    z_loss adds coef * mean(logsumexp(logits)^2) over the same tokens (PaLM, Chowdhery et al. 2022).
-    """
-    logits = logits.float().flatten(0, -2)  # (N, V)
-    labels = labels.flatten()  # (N,)
-    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    nll: torch.Tensor  # -log p(target); 0 where the target is IGNORE_INDEX
+    lse: torch.Tensor | None  # log-sum-exp of the logits (for the z-loss); None unless asked for
+
+
+def token_losses(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, targets: torch.Tensor,
+                 chunk: int = 0, lse: bool = False) -> TokenLosses:
+    """Cross-entropy of ``head(h)`` (logits, upcast to fp32) against ``targets`` per token.
+
+    ``chunk`` > 0: over slices of ``chunk`` tokens (of the flattened batch), each wrapped in torch.utils.checkpoint
+    when gradients are on, so its logits are freed after its loss and recomputed in the backward: one slice's logits
+    exist at a time instead of the whole batch's (B x T x V fp32 and their gradient), for the head's forward once more
+    (the "chunked cross-entropy" of torchtune / Liger-Kernel, here by recomputation). 0: all tokens at once."""
+    flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+
+    def piece(hs: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        logits = head(hs).float()
+        nll = F.cross_entropy(logits, ts, ignore_index=IGNORE_INDEX, reduction="none")
+        return torch.stack([nll, torch.logsumexp(logits, -1)]) if lse else nll[None]
+
+    n = flat_t.numel()
+    if chunk <= 0 or chunk >= n:
+        out = piece(flat_h, flat_t)
+    else:
+        run = functools.partial(checkpoint, piece, use_reentrant=False) if torch.is_grad_enabled() else piece
+        out = torch.cat([run(flat_h[i:i + chunk], flat_t[i:i + chunk]) for i in range(0, n, chunk)], dim=1)
+    return TokenLosses(out[0].view(targets.shape), out[1].view(targets.shape) if lse else None)
+
+
+def mean_token_loss(losses: TokenLosses, targets: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy over targets != -100; z_loss adds coef * mean(logsumexp(logits)^2) over the same
+    tokens (PaLM, Chowdhery et al. 2022; ``losses`` must then carry ``lse``)."""
+    mask = targets != IGNORE_INDEX
+    ce = losses.nll.sum() / mask.sum()
     if z_loss > 0:
-        mask = labels != IGNORE_INDEX
-        lse = torch.logsumexp(logits[mask], dim=-1)
-        ce = ce + z_loss * (lse**2).mean()
+        ce = ce + z_loss * (losses.lse[mask] ** 2).mean()
     return ce
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``logits`` over labels != -100 (labels already shifted), in fp32, with the
+    z-loss (:func:`mean_token_loss`)."""
+    return mean_token_loss(token_losses(lambda x: x, logits, labels, lse=z_loss > 0), labels, z_loss)
 
 
 # Weight decay (one rule for the native trainer, DeepSpeed and the torchtitan job): decay the matrices

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmc.runtime.chat import IGNORE_INDEX, encode_chat
+from llmc.runtime.model import mean_token_loss
 
 
 @dataclass(frozen=True)
@@ -148,22 +148,24 @@ def pad_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, max_len: int
     return ids_t, lab_t
 
 
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean CE of logits[:, t] against labels[:, t+1] over labels != -100 (labels aligned with ids)."""
-    lg = logits[:, :-1].float().flatten(0, 1)
-    lb = labels[:, 1:].flatten()
-    return F.cross_entropy(lg, lb, ignore_index=IGNORE_INDEX)
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with ids (labels[:, t] belongs to ids[:, t]) -> what each position predicts: labels[:, t+1],
+    -100 at the last position (the ``targets`` of ``Transformer.forward``)."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
 
 
-def sft_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return masked_lm_loss(model(ids), labels)
+def sft_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, loss_chunk: int = 0) -> torch.Tensor:
+    """Mean CE of position t's logits against labels[:, t+1] over labels != -100 (labels aligned with ids); the loss in
+    slices of ``loss_chunk`` tokens (``model.token_losses``)."""
+    targets = next_token_targets(labels)
+    return mean_token_loss(model(ids, targets=targets, loss_chunk=loss_chunk), targets)
 
 
-def sft_loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(summed CE over the trained tokens, their count): the pieces of :func:`masked_lm_loss`."""
-    lg = model(ids)[:, :-1].float().flatten(0, 1)
-    lb = labels[:, 1:].flatten()
-    return F.cross_entropy(lg, lb, ignore_index=IGNORE_INDEX, reduction="sum"), int((lb != IGNORE_INDEX).sum())
+def sft_loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+                 loss_chunk: int = 0) -> tuple[torch.Tensor, int]:
+    """(summed CE over the trained tokens, their count): the pieces of :func:`sft_loss`."""
+    targets = next_token_targets(labels)
+    return model(ids, targets=targets, loss_chunk=loss_chunk).nll.sum(), int((targets != IGNORE_INDEX).sum())
 
 
 def encode_conversations(convs: list[list[dict]], tok, template: str = "llama3", mask: str = "assistant"
@@ -176,7 +178,7 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
               grad_clip: float | None = 1.0, lr_factor: Callable[[int], float] | None = None, seed: int = 0,
               log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
               device: torch.device | None = None, state: LoopState | None = None,
-              micro_batch: int | None = None) -> list[float]:
+              micro_batch: int | None = None, loss_chunk: int = 0) -> list[float]:
     """AdamW over the trainable params, LR = lr * lr_factor(step) (the stage's schedule, ``TrainJob.lr_factor``;
     constant when None); returns per-step losses (the mean over the global batch's trained tokens).
 
@@ -184,7 +186,8 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
     ``state``: resume / stop / mid-stage checkpoints (:class:`LoopState`). ``micro_batch``: sequences per forward
     and backward (the stage plan's, what its memory was sized with), the rank's share accumulated over
     ceil(share / micro_batch) of them; None: the whole share at once. Every rank runs as many (FSDP's
-    collectives): shares are topped up with weight-0 sequences whose tokens train nothing."""
+    collectives): shares are topped up with weight-0 sequences whose tokens train nothing. ``loss_chunk``: tokens per
+    slice of the loss (the stage plan's, ``model.token_losses``; 0 = whole)."""
     shard = shard or DataShard()
     state = state or LoopState()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -207,7 +210,7 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
                 if wj == 0.0:  # a placeholder: it runs the forward and backward, and trains nothing
                     labels[j].fill_(IGNORE_INDEX)
             chunks.append((ids, labels))
-        # the global count of trained tokens first (masked_lm_loss's: labels[:, 1:] != -100), so that every chunk's
+        # the global count of trained tokens first (sft_loss's: labels[:, 1:] != -100), so that every chunk's
         # gradient is scaled as in one pass over the whole batch
         n_all = max(float(shard.sum(sum(int((lb[:, 1:] != IGNORE_INDEX).sum()) for _, lb in chunks))), 1.0)
         opt.zero_grad(set_to_none=True)
@@ -215,7 +218,7 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
         for ids, labels in chunks:
             if device is not None:
                 ids, labels = ids.to(device), labels.to(device)
-            loss_sum, _ = sft_loss_sum(model, ids, labels)
+            loss_sum, _ = sft_loss_sum(model, ids, labels, loss_chunk)
             (loss_sum * (shard.size / n_all)).backward()
             loss_total = loss_total + loss_sum.detach().float().cpu()
         clip_grads(params, grad_clip)

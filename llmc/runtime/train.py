@@ -4,7 +4,8 @@
 
     data (packed, DP-sharded) -> model (seeded init | init_from) -> parallelize -> AdamW + LR schedule
     -> resume from the newest verified checkpoint -> loop:
-         grad_accum x (forward [bf16 autocast on CUDA] -> lm_loss + MoE aux -> backward)
+         grad_accum x (forward [bf16 autocast on CUDA] -> mean token loss (in the plan's slices) + MoE aux
+                       -> backward)
          -> clip -> step -> log -> loss-spike check (rewind + skip) -> checkpoint
     -> final checkpoint + DONE.json
     (SIGTERM / SIGUSR1 on any rank: checkpoint of the current step, status "preempted": llmc.runtime.preempt)
@@ -46,7 +47,7 @@ from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into, load_
 from llmc.runtime.job import TrainJob
 from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
 from llmc.runtime.metrics_io import truncate_after_step
-from llmc.runtime.model import Transformer, build_model, lm_loss, param_groups
+from llmc.runtime.model import Transformer, build_model, mean_token_loss, param_groups
 from llmc.runtime.observe import RunLogger
 from llmc.runtime.preempt import handlers as _preempt_handlers
 from llmc.runtime.preempt import stop_now as _stop_now
@@ -235,8 +236,8 @@ def _forward_backward(job: TrainJob, wrapped, loader: StreamLoader, info: DistIn
         ctx = wrapped.no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
         with ctx:
             with _autocast(job, info.device, cpu_bf16):
-                logits, aux = wrapped(x, return_aux=True)
-                loss = lm_loss(logits, y, job.z_loss) + aux
+                losses, aux = wrapped(x, return_aux=True, targets=y, loss_chunk=job.loss_chunk, lse=job.z_loss > 0)
+                loss = mean_token_loss(losses, y, job.z_loss) + aux
             (loss / job.grad_accum).backward()
         loss_sum += loss.detach()
     return loss_sum
