@@ -345,6 +345,17 @@ def _stages(c) -> Table | None:
     return t
 
 
+def _stage_notes(c) -> Text | None:
+    """Why each stage's plan looks as it does (``stages[].notes``: layout, models held, loss slices, sampling)."""
+    rows = [(s.name, n) for s in c.stages for n in s.notes]
+    if not rows or (len(c.stages) <= 1 and not c.spec.stages):
+        return None
+    width = max(len(name) for name, _ in rows)
+    out = Text("Stage notes\n", style="bold")
+    out.append("\n".join(f" {name:<{width}}   {note}" for name, note in rows))
+    return out
+
+
 def _serving(c) -> Table | None:
     if not c.serving:
         return None
@@ -433,7 +444,7 @@ def report_renderables(c) -> list:
         parts += [_compute(c), _hyper(c), Text("No parallelism plan (see the errors below).", style="bold red")]
         if c.unfit:
             parts.append(_unfit(c))
-    parts += [_budget(c), _alternatives(c), _rejected(c), _stages(c), _serving(c), _evaluation(c),
+    parts += [_budget(c), _alternatives(c), _rejected(c), _stages(c), _stage_notes(c), _serving(c), _evaluation(c),
               *_diagnostics(c)]
     return [p for p in parts if p is not None]
 

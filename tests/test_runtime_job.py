@@ -94,6 +94,23 @@ def test_continued_training_runs_its_stage_layout_not_the_pipeline_plan(monkeypa
         TrainJob.from_lock(lock, "mid")
 
 
+def test_stages_run_the_loss_slices_and_sampling_batch_their_plan_sized(monkeypatch):
+    """examples/pipeline_llama3_8b.yaml: its 32K long-context stage does not fit with the whole logits, so its plan
+    slices the loss (512 tokens) and the job computes it so; the other stages keep whole logits; GRPO samples as many
+    groups at once as its plan sized the KV cache for. Both are read from each stage's memory in the lock."""
+    from test_build_fakes import ROOT
+
+    from llmc.spec.load import load_spec
+
+    lock = lock_for(load_spec(ROOT / "examples" / "pipeline_llama3_8b.yaml")[0])
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    for entry in lock["stages"]:
+        job = TrainJob.from_lock(lock, entry["name"])
+        mem = entry["memory"]
+        assert job.loss_chunk == mem["loss_chunk_tokens"] == (512 if entry["kind"] == "long_context" else 0)
+        assert job.sampling_groups == mem["sampling_groups"] == (8 if entry["kind"] == "grpo" else None)
+
+
 def test_lock_without_plan_shards_over_the_started_ranks(monkeypatch):
     # A post-training-only pipeline has no searched layout; under torchrun with N ranks the native
     # trainer must still run (FSDP over all N) instead of refusing "plan needs 1 process".

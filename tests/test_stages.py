@@ -436,8 +436,7 @@ def test_grpo_policy_updates_per_sample_batch(mu, monkeypatch):
     seen = {}
     monkeypatch.setattr(grpo, "train_grpo", lambda *a, **kw: seen.update(kw) or [{"reward_mean": 0.0, "kl": 0.0}])
     monkeypatch.setattr(posttrain, "load_stage_data", lambda job, kind: [])
-    job = type("J", (), {"seed": 0, "micro_batch": 4, "loss_chunk": 512,
-                         "stage_plan": {"memory": {"sampling_groups": 3}}})()
+    job = type("J", (), {"seed": 0, "micro_batch": 4, "loss_chunk": 512, "sampling_groups": 3})()
     loop = posttrain._Loop(job=job, model=None, tok=None, template="llama3", hyper=hyper, st=None, steps=1, lr=1e-6,
                            batch=512, seq_len=1536, pad_id=0, log=None)
     posttrain._run_grpo(loop)

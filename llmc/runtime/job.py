@@ -74,6 +74,7 @@ class TrainJob:
     activation_checkpointing: str = "none"  # none | selective | full | partial (see check_ac)
     ac_layers: int = 0  # partial only: blocks recomputed whole, counted from the first; 0 otherwise
     loss_chunk: int = 0  # tokens per slice of the loss (model.token_losses); 0 = the whole micro-batch at once
+    sampling_groups: int | None = None  # GRPO: groups sampled in one batch (grpo.sample_groups); None = all at once
     meta_init: bool | None = None  # build on meta, shard, then init (FSDP/TP only); None = auto (> 2B params)
     # checkpoints and robustness
     checkpoint_interval: int = 100
@@ -203,15 +204,16 @@ class TrainJob:
             except ValueError as e:
                 raise ValueError(f"lock: stage {self.stage!r} memory: {e} (rebuild with `llmc build`)") from None
             ac, ac_layers = stage_ac, 0
-        # ... and computes its loss in the slices its plan sized the logits for (0: whole)
-        chunk = self.loss_chunk
-        if st.kind != "pretrain":
-            chunk = int((entry.get("memory") or {}).get("loss_chunk_tokens") or 0)
+        # ... computes its loss in the slices its plan sized the logits for (0: whole), and GRPO samples as many groups
+        # at once as its plan sized the KV cache memory for (``memory.sampling_groups``)
+        mem = entry.get("memory") or {}
+        chunk = int(mem.get("loss_chunk_tokens") or 0) if st.kind != "pretrain" else self.loss_chunk
+        groups = int(mem["sampling_groups"]) if mem.get("sampling_groups") else None
         return replace(
             self, arch=arch, sources=list(data.sources) if data else list(self.sources),
             tokenizer=(data.tokenizer if data and (data.tokenizer.path or data.tokenizer.train) else self.tokenizer),
             init_from=st.init_from, stage_spec=st, stage_plan=entry, activation_checkpointing=ac, ac_layers=ac_layers,
-            loss_chunk=chunk,
+            loss_chunk=chunk, sampling_groups=groups,
         )
 
 

@@ -400,13 +400,6 @@ def _micro(job) -> int | None:
     return int(job.micro_batch) if job.micro_batch else None
 
 
-def _sampling_groups(job) -> int | None:
-    """GRPO groups sampled in one batch: what the stage plan sized its KV cache memory for (``memory.sampling_groups``);
-    None where the lock gives none (all of a rank's groups at once)."""
-    n = ((getattr(job, "stage_plan", None) or {}).get("memory") or {}).get("sampling_groups")
-    return int(n) if n else None
-
-
 def _run_sft(c: _Loop) -> dict:
     from llmc.runtime.sft import encode_conversations, train_sft
 
@@ -457,7 +450,7 @@ def _run_grpo(c: _Loop) -> dict:
                       template=c.template, group_size=G, prompts_per_step=pps, max_new_tokens=max_new,
                       kl_coef=kl, clip_eps=clip, inner_steps=mu, pad_id=c.pad_id, seed=job.seed, log=c.log,
                       shard=c.shard, device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job),
-                      sampling_groups=_sampling_groups(job), loss_chunk=job.loss_chunk)
+                      sampling_groups=job.sampling_groups, loss_chunk=job.loss_chunk)
     k = max(1, len(hist) // 4)
     return {"reward_first": sum(h["reward_mean"] for h in hist[:k]) / k,
             "reward_last": sum(h["reward_mean"] for h in hist[-k:]) / k,
