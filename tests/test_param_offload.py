@@ -150,7 +150,11 @@ def test_stage_memory_follows_where_the_stage_runs():
     mid0, mid1 = base["midtrain"].memory, off["midtrain"].memory
     shard = mid0.shard_degree
     assert mid1.grads_optimizer_bytes == 0 and mid1.weights_bytes == 0
-    assert mid0.per_gpu_bytes - mid1.per_gpu_bytes == (mid0.weights_bytes + mid0.grads_optimizer_bytes) // shard
+    # the states leave the GPU (the recomputation each picks may differ: the one with offload has more room)
+    def states(m):
+        return m.per_gpu_bytes - m.activation_bytes - m.buffer_bytes
+
+    assert states(mid0) - states(mid1) == (mid0.weights_bytes + mid0.grads_optimizer_bytes) // shard
     assert any("offloaded to the host" in n for n in off["midtrain"].notes)
     assert off["sft"].memory.per_gpu_bytes == base["sft"].memory.per_gpu_bytes
     assert any("no offload" in n for n in off["sft"].notes)

@@ -22,6 +22,7 @@ Sources:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import graphlib
 import math
@@ -46,7 +47,7 @@ from llmc.compiler.result import (
     StagePlan,
     StageTimePlan,
 )
-from llmc.compiler.search import divisors
+from llmc.compiler.search import USABLE_FRACTION, divisors
 from llmc.diagnostics import Diagnostic
 from llmc.spec.facts import ExternalFacts
 from llmc.spec.families import FAMILIES, family_by_name
@@ -464,10 +465,20 @@ def stage_backend(env: _Env, kind: str) -> str:
     return "deepspeed" if kind in LM_KINDS and env.backend == "deepspeed" else "native"
 
 
+def recompute_options(env: _Env, st: StageBase, tr: StageTraining) -> list[tuple[str, int]]:
+    """The (AC mode, loss slice tokens) a stage can run with, least recomputation first: none, selective (llmc's
+    runtimes recompute the attention core), full; each with the whole logits, then (on llmc's native trainer, when a
+    micro-step has more tokens than a slice) with the loss in slices (memory.loss_slice_tokens)."""
+    chunk = memory.loss_slice_tokens(env.run.model.vocab_size)
+    sliced = stage_backend(env, st.kind) == "native" and chunk < _micro_seqs(st.kind, tr) * tr.seq_len
+    return [(ac, c) for ac in ("none", "selective", "full") for c in ((0, chunk) if sliced else (0,))]
+
+
 def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, needs_ref: bool,
-                 notes: list[str]) -> StageMemoryPlan:
-    """Per-GPU bytes for one stage: weights, reference, grads+optimizer (trainable only), activations,
-    GRPO rollout KV. Replicated when the states fit in 60 % of a GPU, else sharded over all GPUs."""
+                 notes: list[str], ac: str, loss_chunk: int = 0) -> StageMemoryPlan:
+    """Per-GPU bytes for one stage recomputing ``ac`` with the loss in slices of ``loss_chunk`` tokens (0: whole):
+    weights, reference, grads+optimizer (trainable only), activations, logits, GRPO's sampling KV cache. Replicated
+    when the states fit in 60 % of a GPU, else sharded over all GPUs."""
     lora, seq_len = st.lora, tr.seq_len
     qlora = lora is not None and lora.quantize_base == "nf4"
     if qlora:
@@ -503,25 +514,19 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     cp = 1
     if shard > 1:
         notes.append(f"weights/optimizer sharded over {shard} GPUs (FSDP / ZeRO-3)")
-    # LoRA/QLoRA recipes always use gradient checkpointing (QLoRA paper); long sequences and sharded runs too
-    ac = "full" if lora is not None or seq_len >= 8192 or shard > 1 else "selective"
     micro = _micro_seqs(st.kind, tr)
-    layout = stage_layout(env.world, shard, cp, ac, micro)
+    layout = stage_layout(env.world, shard, cp, ac, micro, loss_chunk=loss_chunk)
     act, buffers = _acts_buffers(env, layout, seq_len)
+    if loss_chunk:
+        # the native trainer computes the loss in slices (llmc.runtime.model.token_losses), each slice's head run
+        # again in the backward: one slice's logits are alive instead of the micro-step's
+        _, whole = _acts_buffers(env, dataclasses.replace(layout, loss_chunk_tokens=0), seq_len)
+        notes.append(f"loss in slices of {loss_chunk} tokens, the output head run again in the backward: "
+                     f"{(whole - buffers) / memory.GiB:.1f} GiB of logits less per GPU")
     base = int((weights + ref + optim) // shard + act + buffers)
     # GRPO: llmc's sampler keeps a KV cache of G sequences (prompt + generation) per group it samples at once, on the
     # same GPUs (counted on top of a training micro-step: an upper bound, the two are not alive at once)
     per_group = tr.hyper["group_size"] * seq_len * env.kv_bytes if st.kind == "grpo" else 0
-    chunk = memory.loss_slice_tokens(env.run.model.vocab_size)
-    if base + per_group > cap and stage_backend(env, st.kind) == "native" and chunk < micro * seq_len:
-        # the whole micro-step's logits do not fit: the native trainer computes the loss in slices
-        # (llmc.runtime.model.token_losses), each slice's head recomputed in the backward
-        layout = stage_layout(env.world, shard, cp, ac, micro, loss_chunk=chunk)
-        act, sliced = _acts_buffers(env, layout, seq_len)
-        notes.append(f"loss in slices of {chunk} tokens, the output head run again in the backward: "
-                     f"{(buffers - sliced) / memory.GiB:.1f} GiB of logits less per GPU")
-        base -= buffers - sliced
-        buffers = sliced
     sampling, groups = 0, None
     if st.kind == "grpo":
         # it samples as many of the rank's groups together as fit (llmc.runtime.grpo.sample_groups), at least one
@@ -885,10 +890,9 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
     needs_ref = len(models) > 1
     if st.kind == "pretrain" and env.searched_memory is not None and env.plan is not None:
         mem = _searched_stage_memory(env)
+        rollout, stime = None, stage_time(env, st, tr, mem, st.lora is not None, needs_ref, None)
     else:
-        mem = stage_memory(env, st, tr, trainable, needs_ref, notes)
-    rollout = rollout_plan(env, tr, st.lora is not None, needs_ref, mem) if st.kind == "grpo" else None
-    stime = stage_time(env, st, tr, mem, st.lora is not None, needs_ref, rollout)
+        mem, rollout, stime = _recompute_choice(env, st, tr, trainable, needs_ref, notes)
     if stime is not None and stime.sampling_seconds > SAMPLING_WARN_SHARE * stime.step_seconds:
         sink.add("T108", "warning", f"{p}.max_new_tokens",
                  f"GRPO sampling is {stime.sampling_seconds / stime.step_seconds:.0%} of the predicted step of stage "
@@ -914,6 +918,35 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
         notes=notes, time=stime,
     )
     return plan, out_ctx
+
+
+def _recompute_choice(env: _Env, st: StageBase, tr: StageTraining, trainable: int, needs_ref: bool,
+                      notes: list[str]) -> tuple[StageMemoryPlan, RolloutPlan | None, StageTimePlan | None]:
+    """(memory, GRPO rollout, time) of the stage's recomputation option (:func:`recompute_options`) with the shortest
+    predicted step among those that fit the GPU with the search's fragmentation margin (``USABLE_FRACTION``; without
+    a time model: the least recomputation that fits); none fits: the one with the least memory (G005 says by how
+    much when that does not fit the whole GPU either). Its notes are added to ``notes``."""
+    usable = USABLE_FRACTION * (env.capacity or DEFAULT_CAPACITY)
+    lora = st.lora is not None
+    tried = []
+    for ac, chunk in recompute_options(env, st, tr):
+        own: list[str] = []
+        mem = stage_memory(env, st, tr, trainable, needs_ref, own, ac, chunk)
+        rollout = rollout_plan(env, tr, lora, needs_ref, mem) if st.kind == "grpo" else None
+        tried.append((mem, rollout, stage_time(env, st, tr, mem, lora, needs_ref, rollout), own))
+    fit = [t for t in tried if t[0].per_gpu_bytes <= usable]
+    if not fit:
+        mem, rollout, stime, own = min(tried, key=lambda t: t[0].per_gpu_bytes)
+    elif all(t[2] is not None for t in fit):
+        mem, rollout, stime, own = min(fit, key=lambda t: t[2].step_seconds)  # the first of equals: less recomputed
+        if len(tried) > 1:
+            own.append(f"recomputation: AC {mem.activation_checkpointing}"
+                       f"{', loss in slices' if mem.loss_chunk_tokens else ''}, the fastest predicted of the "
+                       f"{len(fit)} of {len(tried)} options that fit in {USABLE_FRACTION:.0%} of the GPU")
+    else:
+        mem, rollout, stime, own = fit[0]
+    notes.extend(own)
+    return mem, rollout, stime
 
 
 def _base_context(run: RunSpec, seq_len: int) -> dict:
