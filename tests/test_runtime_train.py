@@ -219,10 +219,10 @@ LAYOUTS = {  # name: (plan, processes)
     "tp": ({"tp": 2, "micro_batch": 8}, 2),
     "fsdp_tp": ({"dp_shard": 2, "tp": 2, "micro_batch": 4}, 4),  # 2-D: FSDP2 over TP (_StridedShard grads)
     "hsdp": ({"dp_replicate": 2, "dp_shard": 2, "micro_batch": 2}, 4),
-    "fsdp_full_ac": ({"dp_shard": 2, "micro_batch": 2, "grad_accum": 2, "activation_checkpointing": "full"}, 2),
-    # the loss in slices of 24 tokens (128 per micro-batch: 5 slices and a shorter one), each recomputed in the backward
-    # under FSDP2 (the head belongs to the root unit, unsharded from its forward to its backward)
-    "fsdp_loss_slices": ({"dp_shard": 2, "micro_batch": 4, "loss_chunk_tokens": 24}, 2),
+    # with the loss in slices of 24 tokens too (64 per micro-batch: 2 slices and a shorter one), each recomputed in the
+    # backward under FSDP2 (the head belongs to the root unit, unsharded from its forward to its backward)
+    "fsdp_full_ac_loss_slices": ({"dp_shard": 2, "micro_batch": 2, "grad_accum": 2, "activation_checkpointing": "full",
+                                  "loss_chunk_tokens": 24}, 2),
 }
 
 
