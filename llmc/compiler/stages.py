@@ -843,6 +843,9 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
             hint = (f"{per_step / 1e9:.1f} GB of it is one micro-step at seq_len {tr.seq_len} (activations with "
                     f"{mem.activation_checkpointing} recomputation, logits, buffers), which more GPUs do not split: "
                     "stages other than pre-training run data parallel, without TP, PP or CP; a shorter seq_len")
+            if stage_backend(env, st.kind) == "deepspeed":
+                hint += ("; or a training.backend other than deepspeed: llmc's DeepSpeed runner holds the micro-step's "
+                         "whole logits, its native trainer can compute the loss in slices")
         else:
             hint = f"{states / 1e9:.1f} GB of it is weights, gradients and optimizer states: LoRA/QLoRA or more GPUs"
         sink.add("G005", "warning", p, f"stage {st.name!r} needs {mem.per_gpu_bytes / 1e9:.1f} GB per GPU, "
