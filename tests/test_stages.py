@@ -269,13 +269,15 @@ LC_32K = """\
         """
 
 
-def test_long_context_loss_in_slices_when_the_whole_logits_do_not_fit():
+def test_long_context_loss_in_slices_when_the_whole_logits_do_not_fit(monkeypatch):
     """At 32K a Llama 3 8B long-context stage holds a whole sequence per GPU (no CP in llmc's runtimes), and the loss of
     its 32,768 positions x 128,256 vocabulary entries at 12 B each (fp32 log-probs and gradients) is 50 GB: with the
-    rest, more than an 80 GB H100. The native trainer then computes the loss in slices of 512 tokens (1 GiB of logits),
-    each recomputed in the backward: memory falls by exactly the other 32,256 positions' logits and the stage fits.
-    On the DeepSpeed runner (which does not slice) the same stage keeps them and does not fit."""
+    rest, more than an 80 GB H100. The trainer then computes the loss in slices of 512 tokens (1 GiB of logits), each
+    recomputed in the backward: memory falls by exactly the other 32,256 positions' logits (the stage pinned to the
+    whole logits needs exactly that much more and does not fit) and the stage fits, on the native trainer and on the
+    DeepSpeed runner alike."""
     from llmc.compiler import memory as mem_mod
+    from llmc.compiler import stages as S
 
     V = PRESETS["llama3-8b"].vocab_size
     assert mem_mod.loss_slice_tokens(V) == 512 and 512 * V * 12 <= 2**30 < 1024 * V * 12
@@ -286,14 +288,18 @@ def test_long_context_loss_in_slices_when_the_whole_logits_do_not_fit():
     assert any("loss in slices of 512 tokens" in n and f"{saved / 2**30:.1f} GiB of logits less" in n
                for n in plans[0].notes)
     assert "loss in slices of 512 tokens" in plans[0].time.source
+    with monkeypatch.context() as mp:
+        mp.setattr(S, "recompute_options", lambda env, st, tr: [(m.activation_checkpointing, 0)])
+        _, whole, whole_diags = spec(LC_32K)
+    w = whole[0].memory
+    assert w.loss_chunk_tokens == 0 and w.fits is False and "G005" in codes(whole_diags)
+    assert w.per_gpu_bytes - m.per_gpu_bytes == saved
     text = HEAD.format(model="llama3-8b", gpu="h100-sxm", count=8, seq=8192, tok="    path: /nope/tok") + \
         "training:\n  backend: deepspeed\nstages:\n" + textwrap.indent(textwrap.dedent(LC_32K), "  ")
     run, lines = loads_spec(text, file="s.yaml")
-    ds_plans, ds_diags = plan_stages(run, gpu=get_gpu("h100-sxm"), lines=lines, file="s.yaml", backend="deepspeed")
-    ds = ds_plans[0].memory
-    assert ds.loss_chunk_tokens == 0 and ds.fits is False
-    assert "native trainer can compute the loss in slices" in by_code(ds_diags, "G005").hint
-    assert ds.per_gpu_bytes - m.per_gpu_bytes == saved
+    ds_plans, _ = plan_stages(run, gpu=get_gpu("h100-sxm"), lines=lines, file="s.yaml", backend="deepspeed")
+    assert ds_plans[0].time.backend == "deepspeed"
+    assert ds_plans[0].memory.loss_chunk_tokens == 512 and ds_plans[0].memory.fits
     # a stage whose whole logits fit keeps them (the slices cost the head's forward again)
     _, plans16, _ = spec(LC_32K.replace("32768", "16384").replace("factor: 4", "factor: 2"))
     assert plans16[0].memory.loss_chunk_tokens == 0 and plans16[0].memory.fits

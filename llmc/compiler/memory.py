@@ -40,7 +40,7 @@ fp32 until the last micro-batch), i.e. FSDP+PP costs (2 + 4) B per stage-local p
 ZeRO-1/2 reduce and all-gather buckets (default 5e8 elements each); DDP buckets (25 MiB); the fp32
 logits/loss peak on the last stage (12 B per token per vocab entry, see LOGITS_BYTES_PER_ELEM); 1 GiB
 workspace (CUDA context, cuBLAS workspace, NCCL). A loss computed in slices (``plan.loss_chunk_tokens``: llmc's
-native trainer, the head and cross-entropy of each slice recomputed in the backward) holds one slice's logits.
+trainers, the head and cross-entropy of each slice recomputed in the backward) holds one slice's logits.
 Not modelled: allocator fragmentation (``fits`` keeps 8% headroom), CP ring-attention K/V exchange buffers, MoE
 load imbalance.
 """

@@ -34,7 +34,7 @@ class ParallelPlan:
     # with recompute_num_layers); 0 for every other mode
     ac_layers: int = 0
     zero_stage: int = 3  # 0 = DDP-style replicas only; 1/2/3 = ZeRO/FSDP flavour over dp_shard
-    # tokens per slice of the output head + cross-entropy (llmc's native trainer: each slice recomputed in the
+    # tokens per slice of the output head + cross-entropy (llmc's native and DeepSpeed trainers: each recomputed in the
     # backward, so one slice's logits exist at a time); 0 = the whole micro-batch's logits at once
     loss_chunk_tokens: int = 0
 

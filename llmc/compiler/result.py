@@ -142,7 +142,7 @@ class StageMemoryPlan:
     sampling_bytes: int | None = None  # GRPO: the KV cache of one sampling batch (sampling_groups groups)
     sampling_groups: int | None = None  # GRPO: groups sampled in one batch per rank (as many as fit; the runtime's)
     buffer_bytes: int | None = None  # logits and their gradient, gathered FSDP units, CUDA context, NCCL
-    # tokens per slice of the loss (llmc's native trainer runs the head + cross-entropy slice by slice, recomputed in
+    # tokens per slice of the loss (llmc's trainers run the head + cross-entropy slice by slice, recomputed in
     # the backward) when the whole micro-step's logits would not fit; 0 = whole
     loss_chunk_tokens: int = 0
 

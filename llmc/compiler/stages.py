@@ -467,10 +467,11 @@ def stage_backend(env: _Env, kind: str) -> str:
 
 def recompute_options(env: _Env, st: StageBase, tr: StageTraining) -> list[tuple[str, int]]:
     """The (AC mode, loss slice tokens) a stage can run with, least recomputation first: none, selective (llmc's
-    runtimes recompute the attention core), full; each with the whole logits, then (on llmc's native trainer, when a
-    micro-step has more tokens than a slice) with the loss in slices (memory.loss_slice_tokens)."""
+    runtimes recompute the attention core), full; each with the whole logits, then (when a micro-step has more tokens
+    than a slice) with the loss in slices (memory.loss_slice_tokens; llmc's native trainer and DeepSpeed runner both
+    compute it so: llmc.runtime.model.token_losses)."""
     chunk = memory.loss_slice_tokens(env.run.model.vocab_size)
-    sliced = stage_backend(env, st.kind) == "native" and chunk < _micro_seqs(st.kind, tr) * tr.seq_len
+    sliced = chunk < _micro_seqs(st.kind, tr) * tr.seq_len
     return [(ac, c) for ac in ("none", "selective", "full") for c in ((0, chunk) if sliced else (0,))]
 
 
@@ -518,8 +519,8 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     layout = stage_layout(env.world, shard, cp, ac, micro, loss_chunk=loss_chunk)
     act, buffers = _acts_buffers(env, layout, seq_len)
     if loss_chunk:
-        # the native trainer computes the loss in slices (llmc.runtime.model.token_losses), each slice's head run
-        # again in the backward: one slice's logits are alive instead of the micro-step's
+        # the trainer computes the loss in slices (llmc.runtime.model.token_losses), each slice's head run again in
+        # the backward: one slice's logits are alive instead of the micro-step's
         _, whole = _acts_buffers(env, dataclasses.replace(layout, loss_chunk_tokens=0), seq_len)
         notes.append(f"loss in slices of {loss_chunk} tokens, the output head run again in the backward: "
                      f"{(whole - buffers) / memory.GiB:.1f} GiB of logits less per GPU")
@@ -843,9 +844,6 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
             hint = (f"{per_step / 1e9:.1f} GB of it is one micro-step at seq_len {tr.seq_len} (activations with "
                     f"{mem.activation_checkpointing} recomputation, logits, buffers), which more GPUs do not split: "
                     "stages other than pre-training run data parallel, without TP, PP or CP; a shorter seq_len")
-            if stage_backend(env, st.kind) == "deepspeed":
-                hint += ("; or a training.backend other than deepspeed: llmc's DeepSpeed runner holds the micro-step's "
-                         "whole logits, its native trainer can compute the loss in slices")
         else:
             hint = f"{states / 1e9:.1f} GB of it is weights, gradients and optimizer states: LoRA/QLoRA or more GPUs"
         sink.add("G005", "warning", p, f"stage {st.name!r} needs {mem.per_gpu_bytes / 1e9:.1f} GB per GPU, "

@@ -230,7 +230,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into
     from llmc.runtime.job import TrainJob
     from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
-    from llmc.runtime.model import Transformer, build_model, lm_loss, param_groups
+    from llmc.runtime.model import Transformer, build_model, mean_token_loss, param_groups
     from llmc.spec.schema import ac_label
 
     job = TrainJob.from_lock(lock, stage, build_dir=build_dir)
@@ -312,7 +312,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
                           resumed_step=step if can_resume else None)
     _say(f"{job.name}/{job.stage} (DeepSpeed ZeRO-{zero}, {config_name}): {n_params:,} params "
          f"({local_numel:,} held by rank 0), {job.steps} steps x {tokens_per_step:,} tokens "
-         f"(mb {micro} x accum {accum} x dp {world}), seq {job.seq_len}, AC {ac}, "
+         f"(mb {micro} x accum {accum} x dp {world}), seq {job.seq_len}, AC {ac}{job.loss_note}, "
          f"device {device}")
     if can_resume:
         log.event("resume", step=step)
@@ -343,8 +343,9 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         for i in range(accum):
             x, y = loader.next_batch(micro)
             x, y = x.to(device), y.to(device)
-            logits, aux = engine(x, return_aux=True)
-            loss = lm_loss(logits.float(), y, job.z_loss)
+            # the loss in the plan's slices (0: whole), inside the forward (ZeRO-3 gathers the head there)
+            losses, aux = engine(x, return_aux=True, targets=y, loss_chunk=job.loss_chunk, lse=job.z_loss > 0)
+            loss = mean_token_loss(losses, y, job.z_loss)
             loss = loss + (aux.float() if torch.is_tensor(aux) else aux)
             engine.backward(loss)
             if log_now and zero == 0 and i == accum - 1:  # ZeRO-0 may not report a norm: take it before step

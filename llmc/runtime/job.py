@@ -102,6 +102,11 @@ class TrainJob:
         return self.dp_replicate * self.dp_shard * self.tp * self.pp * self.cp
 
     @property
+    def loss_note(self) -> str:
+        """``, loss in slices of N tokens`` for the trainers' start-up line when the loss is sliced; else empty."""
+        return f", loss in slices of {self.loss_chunk} tokens" if self.loss_chunk else ""
+
+    @property
     def global_batch_seqs(self) -> int:
         return self.micro_batch * self.grad_accum * self.dp
 

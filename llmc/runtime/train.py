@@ -339,7 +339,8 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
 
     say(f"{job.name}/{job.stage}: {n_params:,} params, {job.steps} steps x {job.tokens_per_step:,} tokens "
         f"(mb {job.micro_batch} x accum {job.grad_accum} x dp {job.dp}, tp {job.tp}, seq {job.seq_len}), "
-        f"AC {ac_label(job.activation_checkpointing, job.ac_layers)}, device {info.device}, world {info.world}")
+        f"AC {ac_label(job.activation_checkpointing, job.ac_layers)}{job.loss_note}, device {info.device}, "
+        f"world {info.world}")
     stop_at = min(job.steps, max_steps) if max_steps else job.steps
     last_ckpt_step = step if resume_from is not None else -1
     last_loss = float("nan")
