@@ -182,6 +182,9 @@ def test_evaluate_equals_a_direct_cross_entropy():
         ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 512).double(), w[:, 1:].reshape(-1)).item()
     assert got["val_loss"] == pytest.approx(ref, rel=1e-5) and got["val_tokens"] == 12 * 32
     assert model.training  # restored
+    # a stage whose plan slices the loss validates in the same slices (its whole logits would not fit either)
+    sliced = evaluate(model, vs, torch.device("cpu"), loss_chunk=20)
+    assert sliced["val_loss"] == pytest.approx(ref, rel=1e-5) and sliced["val_tokens"] == 12 * 32
 
 
 _DS_EQUAL = r"""

@@ -196,15 +196,17 @@ def build_validation_set(assets: Assets, tok, seq_len: int, micro_batch: int, ma
     return ValidationSet.from_streams([np.load(cache)], seq_len, micro_batch, max_batches, dp_rank, dp_size)
 
 
-def evaluate(model, vset: ValidationSet, device, autocast=None) -> dict:
+def evaluate(model, vset: ValidationSet, device, autocast=None, loss_chunk: int = 0) -> dict:
     """Mean next-token loss of ``model`` (returns logits for ``model(x)``) over the validation set, averaged
-    over all data-parallel ranks: ``{"val_loss", "val_ppl", "val_tokens"}``. Collective under a process group."""
+    over all data-parallel ranks: ``{"val_loss", "val_ppl", "val_tokens"}``. Collective under a process group.
+    ``loss_chunk`` > 0: the loss in slices of that many tokens (``model(x, targets=y, loss_chunk=...)``, llmc's model:
+    the stage's plan sliced it because a micro-batch's whole logits do not fit)."""
     import contextlib
 
     import torch
     import torch.distributed as dist
 
-    from llmc.runtime.model import lm_loss
+    from llmc.runtime.model import lm_loss, mean_token_loss
 
     was_training = getattr(model, "training", False)
     model.eval()
@@ -215,10 +217,11 @@ def evaluate(model, vset: ValidationSet, device, autocast=None) -> dict:
                 x, y = vset.batch(b)
                 x, y = x.to(device), y.to(device)
                 with autocast if autocast is not None else contextlib.nullcontext():
-                    logits = model(x)
-                if isinstance(logits, tuple):
-                    logits = logits[0]
-                loss = lm_loss(logits.float(), y)
+                    out = model(x, targets=y, loss_chunk=loss_chunk) if loss_chunk else model(x)
+                if loss_chunk:
+                    loss = mean_token_loss(out, y)
+                else:
+                    loss = lm_loss((out[0] if isinstance(out, tuple) else out).float(), y)
                 total[0] += loss.double() * y.numel()
                 total[1] += y.numel()
     finally:
@@ -243,8 +246,9 @@ class Validator:
     """What a training loop calls: ``v.maybe(step, last_step, model, log)`` validates when due and logs a
     ``{"step", "val_loss", "val_ppl", "val_tokens"}`` record to metrics.jsonl; ``v.last`` is the latest."""
 
-    def __init__(self, vset: ValidationSet, every: int, device, autocast=None):
+    def __init__(self, vset: ValidationSet, every: int, device, autocast=None, loss_chunk: int = 0):
         self.vset, self.every, self.device, self.autocast = vset, every, device, autocast
+        self.loss_chunk = loss_chunk  # the stage's loss slices (evaluate)
         self.last: dict | None = None
 
     @classmethod
@@ -262,12 +266,12 @@ class Validator:
         if vset.batches < v.max_batches and int(os.environ.get("RANK", "0")) == 0:
             print(f"note: validation uses {vset.batches} of eval.validation.max_batches={v.max_batches} batches "
                   f"(the held-out set is smaller; raise eval.validation.fraction)", flush=True)
-        return cls(vset, v.every_steps, device, autocast)
+        return cls(vset, v.every_steps, device, autocast, job.loss_chunk)
 
     def maybe(self, step: int, last_step: int, model, log) -> dict | None:
         if not due(step, self.every, last_step):
             return None
-        self.last = {"step": step, **evaluate(model, self.vset, self.device, self.autocast)}
+        self.last = {"step": step, **evaluate(model, self.vset, self.device, self.autocast, self.loss_chunk)}
         log.log(dict(self.last))
         return self.last
 
