@@ -333,6 +333,9 @@ def test_stage_recomputation_is_the_fastest_option_that_fits(gpu, monkeypatch):
         m = plan.memory
         assert (m.activation_checkpointing, m.loss_chunk_tokens) == want, name
         assert plan.time.step_seconds == pinned[name, want].time.step_seconds
+        if fit:  # the note counts the options that fit
+            assert any(n.startswith(f"recomputation: AC {want[0]}") and f"of the {len(fit)} of {len(options)} options"
+                       in n for n in plan.notes), plan.notes
         acs.add(m.activation_checkpointing)
     assert acs == ({"none", "full"} if gpu == "h100-sxm" else {"full"})
 

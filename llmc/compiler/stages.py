@@ -22,7 +22,6 @@ Sources:
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import graphlib
 import math
@@ -518,20 +517,14 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     micro = _micro_seqs(st.kind, tr)
     layout = stage_layout(env.world, shard, cp, ac, micro, loss_chunk=loss_chunk)
     act, buffers = _acts_buffers(env, layout, seq_len)
-    if loss_chunk:
-        # the trainer computes the loss in slices (llmc.runtime.model.token_losses), each slice's head run again in
-        # the backward: one slice's logits are alive instead of the micro-step's
-        _, whole = _acts_buffers(env, dataclasses.replace(layout, loss_chunk_tokens=0), seq_len)
-        notes.append(f"loss in slices of {loss_chunk} tokens, the output head run again in the backward: "
-                     f"{(whole - buffers) / memory.GiB:.1f} GiB of logits less per GPU")
     base = int((weights + ref + optim) // shard + act + buffers)
-    # GRPO: llmc's sampler keeps a KV cache of G sequences (prompt + generation) per group it samples at once, on the
-    # same GPUs (counted on top of a training micro-step: an upper bound, the two are not alive at once)
-    per_group = tr.hyper["group_size"] * seq_len * env.kv_bytes if st.kind == "grpo" else 0
     sampling, groups = 0, None
     if st.kind == "grpo":
-        # it samples as many of the rank's groups together as fit (llmc.runtime.grpo.sample_groups), at least one
+        # llmc's sampler keeps a KV cache of G sequences (prompt + generation) per group it samples at once, on the same
+        # GPUs (counted on top of a training micro-step: an upper bound, the two are not alive at once); it samples as
+        # many of the rank's groups together as fit (llmc.runtime.grpo.sample_groups), at least one
         G = tr.hyper["group_size"]
+        per_group = G * seq_len * env.kv_bytes
         room = int(SAMPLING_MEMORY_SHARE * cap) - base
         groups = max(1, min(sampling_groups_per_rank(tr, env.world), room // per_group if per_group else 1))
         sampling = groups * per_group
@@ -936,16 +929,22 @@ def _recompute_choice(env: _Env, st: StageBase, tr: StageTraining, trainable: in
         rollout = rollout_plan(env, tr, lora, needs_ref, mem) if st.kind == "grpo" else None
         tried.append((mem, rollout, stage_time(env, st, tr, mem, lora, needs_ref, rollout), own))
     fit = [t for t in tried if t[0].per_gpu_bytes <= usable]
+    timed = bool(fit) and all(t[2] is not None for t in fit)
     if not fit:
         mem, rollout, stime, own = min(tried, key=lambda t: t[0].per_gpu_bytes)
-    elif all(t[2] is not None for t in fit):
-        mem, rollout, stime, own = min(fit, key=lambda t: t[2].step_seconds)  # the first of equals: less recomputed
-        if len(tried) > 1:
-            own.append(f"recomputation: AC {mem.activation_checkpointing}"
-                       f"{', loss in slices' if mem.loss_chunk_tokens else ''}, the fastest predicted of the "
-                       f"{len(fit)} of {len(tried)} options that fit in {USABLE_FRACTION:.0%} of the GPU")
-    else:
-        mem, rollout, stime, own = fit[0]
+    else:  # the first of equals: less recomputed
+        mem, rollout, stime, own = min(fit, key=lambda t: t[2].step_seconds) if timed else fit[0]
+    if mem.loss_chunk_tokens:
+        # the trainer computes the loss in slices (llmc.runtime.model.token_losses): against the same AC with the
+        # whole logits (an option tried above), one slice's logits are alive instead of the micro-step's
+        whole = next((t[0] for t in tried if t[0].activation_checkpointing == mem.activation_checkpointing
+                      and not t[0].loss_chunk_tokens), None)
+        saved = f": {(whole.buffer_bytes - mem.buffer_bytes) / memory.GiB:.1f} GiB of logits less per GPU" if whole else ""
+        own.append(f"loss in slices of {mem.loss_chunk_tokens} tokens, the output head run again in the backward{saved}")
+    if timed and len(tried) > 1:
+        own.append(f"recomputation: AC {mem.activation_checkpointing}"
+                   f"{', loss in slices' if mem.loss_chunk_tokens else ''}, the fastest predicted of the "
+                   f"{len(fit)} of {len(tried)} options that fit in {USABLE_FRACTION:.0%} of the GPU")
     notes.extend(own)
     return mem, rollout, stime
 

@@ -199,14 +199,14 @@ def build_validation_set(assets: Assets, tok, seq_len: int, micro_batch: int, ma
 def evaluate(model, vset: ValidationSet, device, autocast=None, loss_chunk: int = 0) -> dict:
     """Mean next-token loss of ``model`` (returns logits for ``model(x)``) over the validation set, averaged
     over all data-parallel ranks: ``{"val_loss", "val_ppl", "val_tokens"}``. Collective under a process group.
-    ``loss_chunk`` > 0: the loss in slices of that many tokens (``model(x, targets=y, loss_chunk=...)``, llmc's model:
-    the stage's plan sliced it because a micro-batch's whole logits do not fit)."""
+    The loss is llmc's model's own (``model(x, targets=y, loss_chunk=...)``), in slices of ``loss_chunk`` tokens when
+    the stage's plan sliced it (a micro-batch's whole logits would not fit); 0: all at once."""
     import contextlib
 
     import torch
     import torch.distributed as dist
 
-    from llmc.runtime.model import lm_loss, mean_token_loss
+    from llmc.runtime.model import mean_token_loss
 
     was_training = getattr(model, "training", False)
     model.eval()
@@ -217,11 +217,7 @@ def evaluate(model, vset: ValidationSet, device, autocast=None, loss_chunk: int 
                 x, y = vset.batch(b)
                 x, y = x.to(device), y.to(device)
                 with autocast if autocast is not None else contextlib.nullcontext():
-                    out = model(x, targets=y, loss_chunk=loss_chunk) if loss_chunk else model(x)
-                if loss_chunk:
-                    loss = mean_token_loss(out, y)
-                else:
-                    loss = lm_loss((out[0] if isinstance(out, tuple) else out).float(), y)
+                    loss = mean_token_loss(model(x, targets=y, loss_chunk=loss_chunk), y)
                 total[0] += loss.double() * y.numel()
                 total[1] += y.numel()
     finally:
