@@ -91,6 +91,15 @@ def loss_slice_tokens(vocab_size: int) -> int:
     n = max(1, LOSS_SLICE_BYTES // (vocab_size * LOGITS_BYTES_PER_ELEM))
     return 1 << (n.bit_length() - 1)
 
+
+def loss_logits_bytes(vocab_size: int, tokens: float, plan: ParallelPlan, *, compiled: bool = False) -> float:
+    """The logits / loss peak of a micro-step of ``tokens`` tokens on the rank holding the head: one slice's when the
+    plan slices the loss (``plan.loss_chunk_tokens``), else the whole micro-step's; LOGITS_BYTES_PER_ELEM per vocab
+    entry (LOGITS_COMPILED_BYTES_PER_ELEM with the loss compiled), vocab-parallel over tp."""
+    if plan.loss_chunk_tokens:
+        tokens = min(tokens, plan.loss_chunk_tokens)
+    return tokens * vocab_size * (LOGITS_COMPILED_BYTES_PER_ELEM if compiled else LOGITS_BYTES_PER_ELEM) / plan.tp
+
 # ----------------------------------------------------------------------------- parameter groups
 
 #: how each labelled component (params.layer_components / param_breakdown) is sharded
@@ -572,7 +581,6 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
     compiled = compile_on(be, compile)
     act_keep = 1.0 - (be.compile_act_saving if compiled else 0.0)
     loss_compiled = compiled and (be.compiles_loss if compile_loss is None else compile_loss)
-    logits_b = LOGITS_COMPILED_BYTES_PER_ELEM if loss_compiled else LOGITS_BYTES_PER_ELEM
     tokens_mb = plan.micro_batch * seq_len / plan.cp  # tokens per micro-batch on this rank
     act_div = plan.tp  # sequence parallel: every activation is split over tp (Korthikanti Table 2)
     ac = plan.activation_checkpointing
@@ -614,8 +622,7 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
                 acts += tokens_mb * arch.d_model * (4 * act_b + (5.0 if precision == "fp8" else 0.0))
             buf = buf0
             if has_head:
-                loss_tokens = min(tokens_mb, plan.loss_chunk_tokens) if plan.loss_chunk_tokens else tokens_mb
-                buf += loss_tokens * arch.vocab_size * logits_b / plan.tp
+                buf += loss_logits_bytes(arch.vocab_size, tokens_mb, plan, compiled=loss_compiled)
             out.append((si, count if runs else 1, w, gr, op, acts, buf))
     return out
 

@@ -517,20 +517,26 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     micro = _micro_seqs(st.kind, tr)
     layout = stage_layout(env.world, shard, cp, ac, micro, loss_chunk=loss_chunk)
     act, buffers = _acts_buffers(env, layout, seq_len)
-    base = int((weights + ref + optim) // shard + act + buffers)
+    states = int((weights + ref + optim) // shard)
+    per_gpu = states + act + buffers  # a training micro-step
     sampling, groups = 0, None
     if st.kind == "grpo":
-        # llmc's sampler keeps a KV cache of G sequences (prompt + generation) per group it samples at once, on the same
-        # GPUs (counted on top of a training micro-step: an upper bound, the two are not alive at once); it samples as
-        # many of the rank's groups together as fit (llmc.runtime.grpo.sample_groups), at least one
+        # llmc's sampler (llmc.runtime.grpo.sample_groups) runs between training passes: the micro-step's activations
+        # and logits are freed by then, the states, gathered FSDP units and workspace stay. It samples as many of the
+        # rank's groups at once as keep that phase within SAMPLING_MEMORY_SHARE of the GPU, at least one; the stage's
+        # peak is the larger phase.
         G = tr.hyper["group_size"]
-        per_group = G * seq_len * env.kv_bytes
-        room = int(SAMPLING_MEMORY_SHARE * cap) - base
+        logits = int(memory.loss_logits_bytes(env.run.model.vocab_size, micro * seq_len, layout))
+        idle = states + buffers - logits
+        per_group = G * sampling_row_bytes(env, tr.hyper["max_prompt_tokens"], seq_len)
+        room = int(SAMPLING_MEMORY_SHARE * cap) - idle
         groups = max(1, min(sampling_groups_per_rank(tr, env.world), room // per_group if per_group else 1))
         sampling = groups * per_group
-        notes.append(f"GRPO: the sampling KV cache of {groups} group(s) sampled together ({groups * G} sequences x "
-                     f"{seq_len} tokens) counted")
-    per_gpu = base + sampling
+        phase = "sampling" if idle + sampling > per_gpu else "training"
+        per_gpu = max(per_gpu, idle + sampling)
+        notes.append(f"GRPO: {groups} group(s) sampled at once ({groups * G} sequences x {seq_len} tokens: "
+                     f"{_size(sampling)} of KV cache and prefill tensors) while the training micro-step's "
+                     f"{_size(act + logits)} of activations and logits are freed; the {phase} phase is the peak")
     return StageMemoryPlan(
         per_gpu_bytes=per_gpu, capacity_bytes=env.capacity, fits=(per_gpu <= cap) if env.capacity else None,
         shard_degree=shard, cp=cp, activation_checkpointing=ac, source="stage estimate",
@@ -538,6 +544,23 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
         weights_bytes=weights, reference_bytes=ref, grads_optimizer_bytes=optim, activation_bytes=act,
         activation_source=ACTIVATION_SOURCE, sampling_bytes=sampling, sampling_groups=groups, buffer_bytes=buffers,
     )
+
+
+def _size(n: float) -> str:
+    return f"{n / memory.GiB:.1f} GiB" if n >= memory.GiB else f"{n / memory.MiB:.1f} MiB"
+
+
+def sampling_row_bytes(env: _Env, prompt: int, seq_len: int) -> int:
+    """Peak bytes one sampled sequence adds while its batch is sampled (llmc.runtime.grpo.sample_groups): its KV cache
+    at the end of the decoding (``seq_len`` positions, params.kv_bytes_per_token), or, when larger, the prefill's: the
+    prompt's KV cache plus one block's tensors for the prompt's positions (no gradient: at most what the block keeps
+    for a backward, memory.layer_activation_bytes_per_token without recomputation, of the dense or the MoE block);
+    plus the last position's logits (bf16 and their fp32 copy, 6 B per vocab entry)."""
+    arch = env.run.model
+    elem = 4 if env.precision == "fp32" else 2
+    block = max(memory.layer_activation_bytes_per_token(arch, i, "none", seq_len=prompt, bytes_per_elem=elem)
+                for i in {0, arch.n_layers - 1})
+    return int(max(seq_len * env.kv_bytes, prompt * (env.kv_bytes + block)) + arch.vocab_size * 6)
 
 
 def sampling_groups_per_rank(tr: StageTraining, world: int) -> int:
