@@ -86,6 +86,7 @@ class Measurement:
     fp8_recipe: str | None = None
     offload_optimizer: bool = False  # ZeRO-Offload (AdamW on the host): changes both time and memory
     offload_params: bool = False  # ZeRO-Infinity to CPU (the parameters on the host too): time and memory
+    loss_chunks: int | None = None  # slices of the backend's chunked loss (None: what llmc's job for it uses)
     tokens_per_s_per_gpu: float | None = None
     reserved_bytes: float | None = None  # torch.cuda.max_memory_reserved
     allocated_bytes: float | None = None  # torch.cuda.max_memory_allocated
@@ -314,6 +315,7 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
         async_tp=bool(flag("async_tp", False)), fp8_recipe=recipe,
         offload_optimizer=bool(flag("offload_optimizer", False)),
         offload_params=bool(flag("offload_params", False)),
+        loss_chunks=None if get("loss_chunks") is None else whole("loss_chunks"),
         tokens_per_s_per_gpu=tps,
         reserved_bytes=mem * GiB if mem is not None and "alloc" not in kind else None,
         allocated_bytes=mem * GiB if mem is not None and "alloc" in kind else None)
@@ -401,7 +403,7 @@ def predicted(m: Measurement, factors=None):
     t = timing.time_numbers(sm, m.plan, 1)
     mem = memory.memory_per_gpu(m.model, m.plan, m.seq_len, m.precision, gpu.hbm_bytes, backend=m.backend,
                                 compile=m.compile, factors=factors, offload_optimizer=m.offload_optimizer,
-                                offload_params=m.offload_params)
+                                offload_params=m.offload_params, loss_chunks=m.loss_chunks)
     return t, mem
 
 

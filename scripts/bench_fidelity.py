@@ -96,7 +96,7 @@ def load_rows(data_dir: Path = DATA_DIR) -> list[Row]:
                 system=r.get("system", doc.get("system", "")),
                 gpu_key=r["gpu_key"] if "gpu_key" in r else doc.get("gpu_key"),
                 gpu_key_exact=bool(r.get("gpu_key_exact", doc.get("gpu_key_exact", True))),
-                fields={**{k: v for k, v in doc.items() if k in ("gpus_per_node",)}, **r},
+                fields={**{k: v for k, v in doc.items() if k in ("gpus_per_node", "loss_chunks")}, **r},
             ))
     return rows
 
@@ -136,6 +136,7 @@ class PlanRequest:
     fp8_recipe: str | None = None
     gpu_note: str | None = None
     compile_loss: bool | None = None
+    loss_chunks: int | None = None  # None: the backend's (llmc.compiler.backends.Backend.loss_chunks)
 
 
 @dataclass
@@ -178,6 +179,7 @@ def request_for(row: Row) -> PlanRequest:
         # torchtitan 9dec370 (Dec 2024) compiled the TransformerBlocks only; by June 2025 --training.compile
         # also compiled the loss (components/loss.py build_cross_entropy_loss)
         compile_loss = compile_ and not str(row.file).endswith("202412")
+        loss_chunks = f.get("loss_chunks")  # the release's chunked loss (None: llmc's torchtitan job's)
     elif row.backend == "megatron":
         tp, pp, cp = f["tp"], f["pp"], f["cp"]
         ep = row.get("ep", 1)
@@ -192,7 +194,7 @@ def request_for(row: Row) -> PlanRequest:
         compile_, async_tp = False, True  # TE kernels; TP comm overlap
         # the row's recipe (the data file maps the page's FP8 / FP8-CS to tensorwise, FP8-MX / MXFP8 to mxfp8)
         recipe = f.get("quantization") or "tensorwise"
-        compile_loss = False
+        compile_loss, loss_chunks = False, None
         if "w/ MTP" in str(f.get("model_label", "")):
             raise Skip("multi-token prediction (MTP) module: not in llmc's deepseek-v3 preset")
     else:
@@ -202,7 +204,7 @@ def request_for(row: Row) -> PlanRequest:
         seq_len=f["seq_len"], global_batch_seqs=gbs, precision=prec, dp_replicate=dp_rep, dp_shard=dp_shard,
         tp=tp, pp=pp, cp=cp, ep=ep, pp_schedule=sched, virtual_stages=vp, micro_batch=mb,
         activation_checkpointing=ac, zero_stage=zero, backend=BACKEND_PROFILE[row.backend], compile=compile_,
-        async_tp=async_tp, fp8_recipe=recipe, gpu_note=gpu_note, compile_loss=compile_loss,
+        async_tp=async_tp, fp8_recipe=recipe, gpu_note=gpu_note, compile_loss=compile_loss, loss_chunks=loss_chunks,
     )
 
 
@@ -270,7 +272,8 @@ def llmc_predict(req: PlanRequest) -> Prediction:
 
     def memory_of(p):
         return memory_mod.memory_per_gpu(run.model, p, req.seq_len, req.precision, gpu.hbm_bytes, backend=be,
-                                         compile=req.compile, compile_loss=req.compile_loss)
+                                         compile=req.compile, compile_loss=req.compile_loss,
+                                         loss_chunks=req.loss_chunks)
 
     dp = req.dp_replicate * req.dp_shard
     plan = ParallelPlan(

@@ -631,3 +631,80 @@ def test_reserved_memory_of_the_h200_check_rows():
     for m in rows:
         _, mem = ms.predicted(m)
         assert mem.reserved_bytes == pytest.approx(m.reserved_bytes, rel=0.08), m.label
+
+
+# What is alive after every op (a dispatch mode samples glibc's in-use bytes; tensors above the mmap threshold, set
+# low, are mmapped and freed at once, so the sample is the live tensor bytes), for the whole loss and torchtitan
+# 0.3.0's ChunkedLossWrapper over bf16 hidden states (B 2, T 1024, D 64, V 8192). Prints the peaks per logit element.
+_LOSS_PEAK = """
+import ctypes, gc, json, sys
+import torch, torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
+
+libc = ctypes.CDLL("libc.so.6")
+class MI2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = MI2
+def inuse():
+    m = libc.mallinfo2()
+    return m.uordblks + m.hblkhd
+
+class Peak(TorchDispatchMode):
+    def __enter__(self):
+        self.base, self.peak = inuse(), 0
+        return super().__enter__()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, inuse() - self.base)
+        return out
+
+B, T, D, V, C = 2, 1024, 64, 8192, int(sys.argv[1])
+torch.manual_seed(0)
+head = nn.Linear(D, V, bias=False).to(torch.bfloat16)
+head.weight.grad = torch.zeros_like(head.weight)  # the head's gradient exists before the loss (the model's)
+labels = torch.randint(0, V, (B, T))
+
+def peak(chunked):
+    h = torch.randn(B, T, D, dtype=torch.bfloat16, requires_grad=True)
+    gc.collect()
+    with Peak() as p:
+        if chunked:
+            w = ChunkedLossWrapper(ChunkedLossWrapper.Config(num_chunks=C))
+            w.set_lm_head(head)
+            out = w(h, labels)
+        else:
+            out = CrossEntropyLoss(CrossEntropyLoss.Config())(head(h), labels)
+        (out[0] if isinstance(out, tuple) else out).backward()
+    return p.peak / (B * T * V)
+
+peak(False), peak(True)  # first calls allocate once-only state
+print(json.dumps({"whole": peak(False), "chunked": peak(True)}))
+"""
+
+
+@pytest.mark.parametrize("chunks", [4, 8])
+def test_logits_peak_of_the_whole_and_the_chunked_loss_is_measured(chunks):
+    """The loss peak llmc charges (memory.loss_logits_bytes) against what torchtitan 0.3.0's own losses hold, measured
+    on CPU: the whole micro-batch's logits (12 B per logit: LOGITS_BYTES_PER_ELEM), and with its ChunkedLossWrapper one
+    chunk's (12 B + the chunk's bf16 logits its loop keeps during the chunk's backward) plus the hidden states in
+    chunks and their fp32 gradient."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("torchtitan")
+    from llmc.compiler.memory import loss_logits_bytes
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", _LOSS_PEAK, str(chunks)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    tokens, plan = 2 * 1024, ParallelPlan()
+    whole = loss_logits_bytes(8192, tokens, plan) / (tokens * 8192)
+    chunked = loss_logits_bytes(8192, tokens, plan, chunks=chunks, d_model=64) / (tokens * 8192)
+    assert whole == 12 and got["whole"] == pytest.approx(whole, rel=0.01)
+    assert got["chunked"] == pytest.approx(chunked, rel=0.02)
+    assert got["chunked"] < got["whole"] / (0.8 * chunks)  # the point of chunking

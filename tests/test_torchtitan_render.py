@@ -140,6 +140,13 @@ def test_mxfp8_job_loads_through_torchtitans_config_manager(tmp_path):
     try:
         cfg = ConfigManager().parse_args(["--module", "llmc_job", "--config", "job_without_converters"])
         assert cfg.parallelism.data_parallel_shard_degree == 8
+        # the GPU job's chunked loss cuts each sequence into as many chunks as the plan's memory counted
+        from torchtitan.components.loss import ChunkedLossWrapper
+
+        from llmc.compiler.backends import get_backend
+
+        assert isinstance(cfg.loss, ChunkedLossWrapper.Config)
+        assert cfg.loss.num_chunks == get_backend("torchtitan").loss_chunks == 8
         import llmc_job
 
         convs = llmc_job.converters()
@@ -148,6 +155,17 @@ def test_mxfp8_job_loads_through_torchtitans_config_manager(tmp_path):
     finally:
         sys.path.remove(str(mod_dir))
         sys.modules.pop("llmc_job", None)
+
+
+def test_a_sequence_the_chunked_loss_cannot_split_is_a_located_error():
+    """X313: torchtitan's ChunkedLossWrapper cuts each rank's sequence (seq_len / cp) into 8 equal chunks and refuses
+    a length they do not divide; the CPU job computes the loss whole."""
+    assert torchtitan_diagnostics(compiled_for(seq=64)) == []
+    cp2 = ParallelPlan(dp_shard=4, cp=2, micro_batch=2, grad_accum=2)
+    assert torchtitan_diagnostics(compiled_for(plan=cp2, seq=64)) == []  # 32 tokens per rank
+    d = torchtitan_diagnostics(compiled_for(plan=cp2, seq=72))  # 36 per rank
+    assert [x.code for x in d] == ["X313"] and d[0].path == "data.seq_len" and "multiple of 16" in d[0].hint
+    assert torchtitan_diagnostics(compiled_for(seq=60, gpu="cpu", plan=ParallelPlan(dp_shard=2))) == []
 
 
 def test_unexpressible_architectures_give_diagnostics_not_modules():

@@ -91,6 +91,9 @@ class Backend:
     # selective recomputation of the attention core only (RoPE + softmax(QK^T)V), which keeps nearly every
     # activation (memory.layer_activation_bytes_per_token "selective_core")
     selective_ac: str = "per_op"
+    # the job computes the output head and the loss over this many equal slices of each rank's micro-batch sequence,
+    # each slice's backward run at once (1: the whole micro-batch's logits at the peak; memory.loss_logits_bytes)
+    loss_chunks: int = 1
 
 
 _FSDP2_STATES = {
@@ -140,6 +143,8 @@ _SCALE = 1.0 / MX_BLOCK  # E8M0 scale bytes per fp8 byte written
 MX_CAST_FUSED = (1 + _SCALE) * _MX_W0 + (2 + 1 + _SCALE) * _MX_W1
 MX_CAST_UNFUSED = (2 + 1 + _SCALE) * _MX_W0 + (2 + 1 + _SCALE) * _MX_W1
 _TT = "https://github.com/pytorch/torchtitan"
+# Slices of torchtitan's chunked loss (ChunkedLossWrapper.Config.num_chunks default): the emitted job sets it
+TITAN_LOSS_CHUNKS = 8
 _FP8_SRC = ("torchtitan docs/float8.md and benchmarks/llama3_h100_202412_torchtitan.md Table 1/3: compile + "
             "Float8 vs compile bf16 = 8532/6667 = 1.28x and 8380/6514 = 1.29x end to end for Llama 3.1 8B")
 
@@ -152,7 +157,7 @@ BACKENDS: dict[str, Backend] = {
         fp8_cast_bytes_unfused={"tensorwise": 6.0, "rowwise": 8.0, "mxfp8": MX_CAST_UNFUSED},
         fp8_weight_cast_bytes={"tensorwise": 8.0, "rowwise": 10.0, "mxfp8": MX_CAST_UNFUSED},
         fp8_tp_gather_recipes=frozenset({"tensorwise"}), fp8_shape_stretch=True, fp8_cast_blocks_async_tp=True,
-        sac_regathers_tp=True, fp8_recipes=frozenset({"rowwise", "mxfp8"}),
+        sac_regathers_tp=True, fp8_recipes=frozenset({"rowwise", "mxfp8"}), loss_chunks=TITAN_LOSS_CHUNKS,
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.5, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=True, compile_act_saving=0.08, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
@@ -218,6 +223,11 @@ BACKENDS: dict[str, Backend] = {
             "cp_overlap": _TT + " experimental context_parallel (ring attention via SDPA; the K/V rotation "
             "is issued per attention call and waited on before the next block, taken as exposed)",
             "logits_fp32": _TT + "/blob/main/torchtitan/components/loss.py (cross_entropy(pred.float(), ...))",
+            "loss_chunks": "torchtitan 0.3.0 components/loss.py ChunkedLossWrapper (Config.num_chunks default 8; "
+            "added April 2026, after every torchtitan row of benchmarks/): the model's forward skips the output head; "
+            "the final hidden states are split into num_chunks slices along the rank's sequence, and each slice runs "
+            "the head, the loss and their backward in turn, into an fp32 gradient buffer of the hidden states "
+            "(GradAccumulator). llmc's torchtitan job on GPUs uses it with num_chunks = loss_chunks",
             "compiles_loss": _TT + "/blob/main/torchtitan/components/loss.py build_cross_entropy_loss: torch.compile"
             "(loss_fn) when compile covers the loss (llmc's job: compile.components = [model, loss]); Inductor "
             "fuses the fp32 upcast, log_softmax and nll, keeping the bf16 logits and their bf16 gradient",

@@ -40,7 +40,9 @@ fp32 until the last micro-batch), i.e. FSDP+PP costs (2 + 4) B per stage-local p
 ZeRO-1/2 reduce and all-gather buckets (default 5e8 elements each); DDP buckets (25 MiB); the fp32
 logits/loss peak on the last stage (12 B per token per vocab entry, see LOGITS_BYTES_PER_ELEM); 1 GiB
 workspace (CUDA context, cuBLAS workspace, NCCL). A loss computed in slices (``plan.loss_chunk_tokens``: llmc's
-trainers, the head and cross-entropy of each slice recomputed in the backward) holds one slice's logits.
+trainers, the head and cross-entropy of each slice recomputed in the backward) holds one slice's logits; a backend
+with a chunked loss (``Backend.loss_chunks``: torchtitan 0.3.0's ChunkedLossWrapper) one chunk's, plus the hidden
+states cut into chunks and their fp32 gradient (``loss_logits_bytes``).
 Not modelled: allocator fragmentation (``fits`` keeps 8% headroom), CP ring-attention K/V exchange buffers, MoE
 load imbalance.
 """
@@ -80,6 +82,10 @@ LOGITS_BYTES_PER_ELEM = 12
 # With the loss compiled (torchtitan compile.components includes "loss"), Inductor fuses the upcast,
 # log_softmax and nll_loss: only the bf16 logits (2 B) and their bf16 gradient (2 B) exist at the peak.
 LOGITS_COMPILED_BYTES_PER_ELEM = 4
+# torchtitan's ChunkedLossWrapper runs each chunk's backward while its loop still references the chunk's bf16 logits,
+# so an eager loss holds them (2 B) on top of LOGITS_BYTES_PER_ELEM (the compiled loss's 4 B already count them).
+# Measured with torchtitan 0.3.0's wrapper on CPU: 14.0 B per element of a chunk (tests/test_memory.py).
+CHUNKED_LOSS_LOGITS_BYTES = 2
 # Logits bytes one slice of a sliced loss holds at most (``ParallelPlan.loss_chunk_tokens``): small next to a GPU,
 # while slices of hundreds of tokens keep the head's GEMM large (512 x d x V for Llama 3's 128K vocabulary).
 LOSS_SLICE_BYTES = 1 * GiB
@@ -92,13 +98,22 @@ def loss_slice_tokens(vocab_size: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
-def loss_logits_bytes(vocab_size: int, tokens: float, plan: ParallelPlan, *, compiled: bool = False) -> float:
+def loss_logits_bytes(vocab_size: int, tokens: float, plan: ParallelPlan, *, compiled: bool = False,
+                      chunks: int = 1, d_model: int = 0, act_bytes: float = 2.0) -> float:
     """The logits / loss peak of a micro-step of ``tokens`` tokens on the rank holding the head: one slice's when the
-    plan slices the loss (``plan.loss_chunk_tokens``), else the whole micro-step's; LOGITS_BYTES_PER_ELEM per vocab
-    entry (LOGITS_COMPILED_BYTES_PER_ELEM with the loss compiled), vocab-parallel over tp."""
+    plan slices the loss (``plan.loss_chunk_tokens``: llmc's trainers), one of ``chunks`` equal slices' with the
+    backend's chunked loss (``Backend.loss_chunks``: torchtitan's ChunkedLossWrapper), else the whole micro-step's;
+    LOGITS_BYTES_PER_ELEM per vocab entry (LOGITS_COMPILED_BYTES_PER_ELEM with the loss compiled), vocab-parallel
+    over tp. The chunked loss also holds the hidden states cut into slices (a copy, ``act_bytes`` per element) and
+    their fp32 gradient (GradAccumulator), whole on every tp rank (the head's input is replicated on the TP axis)."""
+    per_elem, extra = (LOGITS_COMPILED_BYTES_PER_ELEM if compiled else LOGITS_BYTES_PER_ELEM), 0.0
     if plan.loss_chunk_tokens:
         tokens = min(tokens, plan.loss_chunk_tokens)
-    return tokens * vocab_size * (LOGITS_COMPILED_BYTES_PER_ELEM if compiled else LOGITS_BYTES_PER_ELEM) / plan.tp
+    elif chunks > 1:
+        extra = tokens * d_model * (act_bytes + 4.0)
+        tokens = tokens / chunks
+        per_elem += 0 if compiled else CHUNKED_LOSS_LOGITS_BYTES
+    return tokens * vocab_size * per_elem / plan.tp + extra
 
 # ----------------------------------------------------------------------------- parameter groups
 
@@ -552,6 +567,7 @@ def stage_memory(
     compile: bool | None = None,
     compile_loss: bool | None = None,
     offload_params: bool = False,
+    loss_chunks: int | None = None,
 ) -> list[StageMemory]:
     """Memory of one GPU in each pipeline stage (see the module docstring for every term).
 
@@ -563,7 +579,7 @@ def stage_memory(
     be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
     return [StageMemory(w, gr, op, acts, buf) for _, _, w, gr, op, acts, buf in _stage_values(
         arch, plan, seq_len, precision, optimizer_bytes_per_param, _offload_level(offload_optimizer, offload_params),
-        grad_bytes_per_param, flash_attention, be, compile, compile_loss, runs=False)]
+        grad_bytes_per_param, flash_attention, be, compile, compile_loss, loss_chunks, runs=False)]
 
 
 def _offload_level(offload_optimizer: bool, offload_params: bool) -> int:
@@ -572,7 +588,7 @@ def _offload_level(offload_optimizer: bool, offload_params: bool) -> int:
 
 
 def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, offload, grad_bytes_per_param,
-                  flash_attention, be, compile, compile_loss, *, runs: bool) -> list[tuple]:
+                  flash_attention, be, compile, compile_loss, loss_chunks, *, runs: bool) -> list[tuple]:
     """(first stage, number of stages, weights, grads, optimizer, activations, buffers) for every stage
     (``runs=False``), or once per run of consecutive stages with the same parameters and blocks
     (``runs=True``), valued at the run's first stage: its in-flight micro-batch count is the run's
@@ -622,7 +638,9 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
                 acts += tokens_mb * arch.d_model * (4 * act_b + (5.0 if precision == "fp8" else 0.0))
             buf = buf0
             if has_head:
-                buf += loss_logits_bytes(arch.vocab_size, tokens_mb, plan, compiled=loss_compiled)
+                buf += loss_logits_bytes(arch.vocab_size, tokens_mb, plan, compiled=loss_compiled,
+                                         chunks=be.loss_chunks if loss_chunks is None else loss_chunks,
+                                         d_model=arch.d_model, act_bytes=act_b)
             out.append((si, count if runs else 1, w, gr, op, acts, buf))
     return out
 
@@ -847,6 +865,7 @@ def memory_per_gpu(
     compile_loss: bool | None = None,
     per_stage: bool = True,
     offload_params: bool = False,
+    loss_chunks: int | None = None,
 ) -> MemoryNumbers:
     """Peak bytes per GPU over the pipeline stages, with the breakdown of the peak stage.
 
@@ -860,6 +879,9 @@ def memory_per_gpu(
     first stage of each run of stages with the same parameters and blocks: every term is non-decreasing
     in the in-flight micro-batch count, which never rises along a run, so the peak (and every other
     field) is exactly the one of the full evaluation.
+
+    ``compile_loss`` / ``loss_chunks`` (None: the backend's) describe a run of another release of the backend
+    (the benchmark's older torchtitan rows: no chunked loss).
     """
     be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
     outside = non_allocator_bytes(plan, be)
@@ -868,7 +890,7 @@ def memory_per_gpu(
     runs = not per_stage and scale > 0 and be.compile_act_saving <= 1.0
     values = _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param,
                            _offload_level(offload_optimizer, offload_params), grad_bytes_per_param, flash_attention, be,
-                           compile, compile_loss, runs=runs)
+                           compile, compile_loss, loss_chunks, runs=runs)
     ceil = math.ceil
     # reserved = (StageMemory.total - outside) x scale + extra; what must fit = reserved + outside
     totals = [int(ceil(((w + gr + op + acts + buf) - outside) * scale + extra + outside))

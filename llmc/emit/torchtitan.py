@@ -31,6 +31,7 @@ Diagnostics (errors unless noted):
     X304 tp | heads          X305 seq_len > RoPE      X306 seq_len % (tp*2cp)    X307 batch identity
     X308 PP stages/schedule  X309 router bias         X310 init_hf without an adapter that keeps every weight
     X311 fp8 recipe          X312 partial activation checkpointing without ac_layers >= 1
+    X313 seq_len / cp not divisible by the chunked loss's chunks
 
 Activation checkpointing: the plan's ``selective`` / ``full`` / ``none`` are torchtitan's ``SelectiveAC`` /
 ``FullAC`` / ``None``. ``partial`` (``ac_layers`` = K) has no torchtitan 0.3.0 policy (``FullAC`` wraps every block,
@@ -253,6 +254,26 @@ def _arch_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]
         ))
 
 
+def _loss_chunks() -> int:
+    from llmc.compiler.backends import get_backend
+
+    return get_backend("torchtitan").loss_chunks
+
+
+def _chunked_loss_check(compiled, errs: list[Diagnostic]) -> None:
+    """X313: ChunkedLossWrapper cuts each rank's sequence (seq_len / cp) into loss_chunks equal slices and refuses a
+    length they do not divide (torchtitan 0.3.0 components/loss.py ``_chunk_local``); the CPU job computes the loss
+    whole."""
+    if compiled.spec.hardware.gpu == "cpu":
+        return
+    local, chunks = compiled.hyper.seq_len // compiled.plan.cp, _loss_chunks()
+    if local % chunks:
+        errs.append(diag("X313", "error", "data.seq_len",
+                         f"torchtitan's chunked loss splits each rank's {local}-token sequence (seq_len / cp) into "
+                         f"{chunks} equal chunks; {local} is not a multiple of {chunks}",
+                         f"use a seq_len that is a multiple of {chunks * compiled.plan.cp}"))
+
+
 def _parallelism(compiled, errs: list[Diagnostic]) -> dict[str, Any]:
     """Batch split, pipeline stages and parallel degrees."""
     arch, plan, hyper = compiled.spec.model, compiled.plan, compiled.hyper
@@ -350,8 +371,10 @@ def _optimizer_schedule(compiled, notes: list[str]) -> dict[str, Any]:
     if tr.loss_spike.enabled:
         notes.append("training.loss_spike is not applied: torchtitan has no rewind-and-skip")
     return {
-        # torchtitan's own 8B/70B/405B recipes use ChunkedLossWrapper
+        # torchtitan's own 8B/70B/405B recipes use ChunkedLossWrapper; the plan's memory counts its chunks
+        # (Backend.loss_chunks, memory.loss_logits_bytes)
         "loss_kind": "ce" if cpu else "chunked",
+        "loss_chunks": _loss_chunks(),
         "adamw": adamw,
         "adamw_no_wd": {**adamw, "weight_decay": 0.0},
         # one pattern so every pipeline stage's part matches it (each has norms)
@@ -583,6 +606,7 @@ def torchtitan_values(compiled) -> TitanValues:
     family = _family(compiled.spec.model)
     _arch_checks(compiled, family, errs, notes)
     _hf_checks(compiled, family, errs, notes)
+    _chunked_loss_check(compiled, errs)
     optim = _optimizer_schedule(compiled, notes)
     model = _model_args(compiled, family, errs, notes)
     par = _parallelism(compiled, errs)

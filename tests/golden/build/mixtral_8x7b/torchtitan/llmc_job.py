@@ -556,7 +556,8 @@ def _trainer_config(spec):
         model_spec=spec,
         hf_assets_path=ASSETS_DIR,
         dump_folder=DUMP_FOLDER,
-        loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(spec))),
+        loss=ChunkedLossWrapper.Config(num_chunks=8,
+                                       loss_fn=CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(spec))),
         optimizer=OptimizersContainer.Config(
             param_groups=[
                 # first match wins: no weight decay on norm gains, biases, the expert bias and token embeddings
