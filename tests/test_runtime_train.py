@@ -215,7 +215,8 @@ def torchrun(lock: Path, out: Path, nproc: int = 2, extra=(), timeout=240) -> su
 
 LAYOUTS = {  # name: (plan, processes)
     "ddp": ({"dp_replicate": 2, "micro_batch": 4}, 2),
-    "fsdp": ({"dp_shard": 2, "micro_batch": 4}, 2),
+    # ZeRO-1: FSDP2 keeps the gathered parameters from forward to backward (ZeRO-3 layouts below)
+    "fsdp_zero1": ({"dp_shard": 2, "micro_batch": 4, "zero_stage": 1}, 2),
     "tp": ({"tp": 2, "micro_batch": 8}, 2),
     "fsdp_tp": ({"dp_shard": 2, "tp": 2, "micro_batch": 4}, 4),  # 2-D: FSDP2 over TP (_StridedShard grads)
     "hsdp": ({"dp_replicate": 2, "dp_shard": 2, "micro_batch": 2}, 4),
@@ -233,7 +234,11 @@ def test_parallel_layouts_match_single_process(tmp_path, docs, layout):
     single = make_lock(tmp_path / "single", docs, steps=8, interval=8)
     run(single, tmp_path / "single" / "o")
     lock = make_lock(tmp_path / layout, docs, steps=8, interval=8, plan=plan)
-    torchrun(lock, tmp_path / layout / "o", nproc=nproc)
+    p = torchrun(lock, tmp_path / layout / "o", nproc=nproc)
+    if plan.get("dp_shard", 1) > 1:  # the resharding the plan's ZeRO stage stands for
+        want = "keeping parameters gathered from forward to backward (ZeRO-1)" if plan.get("zero_stage") == 1 \
+            else "resharding after forward (ZeRO-3)"
+        assert f"FSDP2 {want}" in p.stdout, p.stdout[-2000:]
     ref, got = losses(tmp_path / "single" / "o"), losses(tmp_path / layout / "o")
     assert got[8] < got[1] - 0.5  # it trains
     for s in range(1, 9):

@@ -103,7 +103,11 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         parallelize_module(blk, tp_mesh, plan)
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, mixed_bf16: bool = False) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh, mixed_bf16: bool = False, reshard: bool = True) -> None:
+    """FSDP2 per block, then the root (embedding, final norm, head). ``reshard``: each block's parameters are
+    resharded after its forward and gathered again for its backward (ZeRO-3); False keeps them gathered from the
+    forward to the backward (ZeRO-1/2: fully_shard's reshard_after_forward=False; the root never reshards after
+    forward, fully_shard's own rule)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 \
@@ -112,7 +116,7 @@ def apply_fsdp(model: nn.Module, dp_mesh, mixed_bf16: bool = False) -> None:
     blocks = list(model.layers.values())
     for i, blk in enumerate(blocks):
         # the last block's params are needed right away in backward: don't reshard it after forward
-        fully_shard(blk, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+        fully_shard(blk, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard and i < len(blocks) - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
     if gloo:
         for m in [*blocks, model]:
@@ -133,11 +137,11 @@ def wants_compile(job) -> bool:
 
 def parallelize(model: nn.Module, info: DistInfo, dp_replicate: int, dp_shard: int, tp: int,
                 ac_mode: str = "none", mixed_bf16: bool = False, compile: bool = False, *,
-                ac_layers: int = 0) -> nn.Module:
+                ac_layers: int = 0, reshard: bool = True) -> nn.Module:
     """Apply TP, activation checkpointing (``model.set_ac(ac_mode, ac_layers)``; ``ac_layers`` for
     ``partial`` only), per-block torch.compile (opt-in) and FSDP2/DDP as the plan says; returns the module to
     call. The checkpoint wraps each block's call in ``Transformer.forward``, outside the compiled block, so
-    compile_blocks compiles the same block forward under every mode."""
+    compile_blocks compiles the same block forward under every mode. ``reshard``: see :func:`apply_fsdp`."""
     model.set_ac(ac_mode, ac_layers)
     if info.world == 1:
         if compile:
@@ -153,7 +157,7 @@ def parallelize(model: nn.Module, info: DistInfo, dp_replicate: int, dp_shard: i
         model.compile_blocks()
     if dp_shard > 1 or (dp_replicate > 1 and tp > 1):
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dp_replicate > 1 else mesh["dp_shard"]
-        apply_fsdp(model, dp_mesh, mixed_bf16)
+        apply_fsdp(model, dp_mesh, mixed_bf16, reshard)
         return model
     if dp_replicate > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP

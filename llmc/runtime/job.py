@@ -73,6 +73,9 @@ class TrainJob:
     ep: int = 1
     activation_checkpointing: str = "none"  # none | selective | full | partial (see check_ac)
     ac_layers: int = 0  # partial only: blocks recomputed whole, counted from the first; 0 otherwise
+    # FSDP2 (dp_shard > 1): 3 reshards the parameters after each block's forward; 1 / 2 keep them gathered from the
+    # forward to the backward (the plan's memory and time model ZeRO-1/2 so: backends.py _FSDP2_STATES)
+    zero_stage: int = 3
     loss_chunk: int = 0  # tokens per slice of the loss (model.token_losses); 0 = the whole micro-batch at once
     sampling_groups: int | None = None  # GRPO: groups sampled in one batch (grpo.sample_groups); None = all at once
     meta_init: bool | None = None  # build on meta, shard, then init (FSDP/TP only); None = auto (> 2B params)
@@ -105,6 +108,21 @@ class TrainJob:
     def loss_note(self) -> str:
         """``, loss in slices of N tokens`` for the trainers' start-up line when the loss is sliced; else empty."""
         return f", loss in slices of {self.loss_chunk} tokens" if self.loss_chunk else ""
+
+    @property
+    def reshards(self) -> bool:
+        """FSDP2 reshards the parameters after each block's forward: every plan but ZeRO-1/2 (a compiled plan with a
+        shard group is ZeRO-1, 2 or 3)."""
+        return self.zero_stage not in (1, 2)
+
+    @property
+    def shard_note(self) -> str:
+        """How FSDP2 holds the parameters, for the start-up line (empty without sharding)."""
+        if self.dp_shard <= 1:
+            return ""
+        if self.reshards:
+            return ", FSDP2 resharding after forward (ZeRO-3)"
+        return f", FSDP2 keeping parameters gathered from forward to backward (ZeRO-{self.zero_stage})"
 
     @property
     def global_batch_seqs(self) -> int:
@@ -154,7 +172,7 @@ class TrainJob:
             micro_batch=int(num["micro_batch"]), grad_accum=int(num["grad_accum"]),
             dp_replicate=int(plan.get("dp_replicate", 1)), dp_shard=int(plan.get("dp_shard", 1)),
             tp=int(plan.get("tp", 1)), pp=int(plan.get("pp", 1)), cp=int(plan.get("cp", 1)), ep=int(plan.get("ep", 1)),
-            activation_checkpointing=ac_mode, ac_layers=ac_layers,
+            activation_checkpointing=ac_mode, ac_layers=ac_layers, zero_stage=int(plan.get("zero_stage", 3)),
             loss_chunk=int(plan.get("loss_chunk_tokens") or 0),
             checkpoint_interval=int(num["checkpoint_interval"]),
             keep_latest=t.checkpoint.keep_latest, checkpoint_folder=t.checkpoint.folder, loss_spike=t.loss_spike,
@@ -219,6 +237,8 @@ class TrainJob:
             tokenizer=(data.tokenizer if data and (data.tokenizer.path or data.tokenizer.train) else self.tokenizer),
             init_from=st.init_from, stage_spec=st, stage_plan=entry, activation_checkpointing=ac, ac_layers=ac_layers,
             loss_chunk=chunk, sampling_groups=groups,
+            # a stage's own layout shards like ZeRO-3 when it shards at all (llmc.compiler.stages.stage_layout)
+            zero_stage=self.zero_stage if st.kind == "pretrain" else 3,
         )
 
 

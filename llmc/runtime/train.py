@@ -14,9 +14,8 @@ Outputs in ``out_dir``: ``metrics.jsonl``, ``checkpoints/step-N/``, ``hf/`` (Hug
 final weights, for the serving configs) and ``DONE.json``.
 
 Not handled here (by design): pp / cp / ep > 1 (refused with a one-line error: use torchtitan),
-fp8 (run as bf16), DeepSpeed's zero_stage /
-offload_optimizer (ds_train). The whole model is initialised on every rank before sharding unless
-``job.meta_init`` (auto above 2B parameters with FSDP2/TP), so small-model layouts start bit-identical.
+fp8 (run as bf16), offload_optimizer (ds_train). The plan's zero_stage sets FSDP2's resharding
+(``TrainJob.zero_stage``). The whole model is initialised on every rank before sharding unless ``job.meta_init`` (auto above 2B parameters with FSDP2/TP), so small-model layouts start bit-identical.
 """
 
 from __future__ import annotations
@@ -211,7 +210,7 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
     if adapt is not None:
         adapt(model)
     wrapped = parallelize(model, info, job.dp_replicate, job.dp_shard, job.tp, job.activation_checkpointing,
-                          compile=wants_compile(job), ac_layers=job.ac_layers)
+                          compile=wants_compile(job), ac_layers=job.ac_layers, reshard=job.reshards)
     if meta:
         model.to_empty(device=info.device)
         torch.manual_seed(job.seed)
@@ -338,7 +337,8 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
         checkpoint_now()  # step-0 checkpoint so a spike before the first interval can rewind
 
     say(f"{job.name}/{job.stage}: {n_params:,} params, {job.steps} steps x {job.tokens_per_step:,} tokens "
-        f"(mb {job.micro_batch} x accum {job.grad_accum} x dp {job.dp}, tp {job.tp}, seq {job.seq_len}), "
+        f"(mb {job.micro_batch} x accum {job.grad_accum} x dp {job.dp}, tp {job.tp}, seq {job.seq_len}"
+        f"{job.shard_note}), "
         f"AC {ac_label(job.activation_checkpointing, job.ac_layers)}{job.loss_note}, device {info.device}, "
         f"world {info.world}")
     stop_at = min(job.steps, max_steps) if max_steps else job.steps
