@@ -452,3 +452,66 @@ def test_deepspeed_pipeline_via_launch_commands(tmp_path):
         assert done["status"] == "done" and done["backend"] == "deepspeed" and done["step"] == 3
     assert "initialised weights from" in logs["mid"] and str(b / "run" / "base") in logs["mid"]
     assert all(x.skip_reason for x in launch_commands(b, backend="deepspeed", gpu=False))
+
+
+# One process, llmc's model under the ZeRO section llmc emits (overlap_comm, contiguous_gradients, reduce_bucket_size);
+# records the reduce buckets DeepSpeed allocates for the backward (DeepSpeedZeroOptimizer.setup_buckets).
+_IPG = """
+import json, os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch, deepspeed
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from llmc.runtime.model import build_model
+from llmc.spec.model import Architecture
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+seen = []
+orig = DeepSpeedZeroOptimizer.setup_buckets
+def rec(self):
+    orig(self)
+    seen.append([(b.numel(), b.element_size()) for bk in self.ipg_buckets.values() for b in bk.buffer])
+DeepSpeedZeroOptimizer.setup_buckets = rec
+arch = Architecture(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512, max_seq_len=64)
+zero_sections = json.loads(sys.argv[1])
+out = {}
+for stage, zero in zero_sections.items():
+    model = build_model(arch, seed=0)
+    cfg = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+           "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+           "zero_optimization": zero}
+    eng, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
+    x = torch.randint(0, 512, (2, 32))
+    eng.backward(eng(x).float().mean())
+    out[stage] = seen[-1]
+    seen.clear()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_zero12_reduce_buckets_are_what_the_memory_model_counts():
+    """ZeRO-1/2 under llmc's ds_config: DeepSpeed allocates two reduce buckets (overlap_comm) of the emitted
+    reduce_bucket_size in bf16, d_model^2 elements each (backends.ds_reduce_bucket_elems); the memory model's
+    buffers for a DeepSpeed ZeRO-1/2 layout hold exactly those on top of what a layout without a reduction holds."""
+    from llmc.compiler.backends import ds_reduce_bucket_elems
+    from llmc.compiler.memory import stage_memory
+    from llmc.emit.deepspeed import _zero_section
+    from llmc.spec.model import Architecture
+
+    arch = Architecture(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512,
+                        max_seq_len=64)
+    compiled = make_compiled(make_run(model=arch.model_dump(exclude_none=True)))
+    sections = {z: _zero_section(compiled, z) for z in (1, 2)}
+    assert all(s["reduce_bucket_size"] == ds_reduce_bucket_elems(64) == 4096 for s in sections.values())
+    port = str(29400 + os.getpid() % 300)
+    r = subprocess.run([PY, "-c", _IPG, json.dumps(sections), port], capture_output=True, text=True, timeout=600,
+                       env={**ENV, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    for z in ("1", "2"):
+        assert got[z] == [[4096, 2], [4096, 2]], got
+        ds = sum(n * b for n, b in got[z])
+        one = ParallelPlan(dp_shard=1, dp_replicate=1, zero_stage=int(z))  # no data parallelism: no reduction
+        two = ParallelPlan(dp_shard=2, dp_replicate=1, zero_stage=int(z))
+        b1, b2 = (stage_memory(arch, p, 64, backend="deepspeed")[0].buffers for p in (one, two))
+        nccl = 64 * 2**20  # the data-parallel communicator's NCCL buffers (outside the allocator)
+        assert b2 - b1 - nccl == ds

@@ -94,6 +94,11 @@ class Backend:
     # the job computes the output head and the loss over this many equal slices of each rank's micro-batch sequence,
     # each slice's backward run at once (1: the whole micro-batch's logits at the peak; memory.loss_logits_bytes)
     loss_chunks: int = 1
+    # what ZeRO-1/2 holds for the gradient reduction (memory._static_runs): "fsdp_unit" = FSDP2 with
+    # reshard_after_forward=False, one unit's unsharded fp32 gradient before its reduce-scatter (a pipeline stage's
+    # whole, accumulated until the last micro-batch); "ds_ipg" = DeepSpeed's two reduce buckets of
+    # ds_reduce_bucket_elems; "buckets" = reduce + all-gather buckets of DeepSpeed's default size (5e8 elements)
+    zero12_buffers: str = "buckets"
 
 
 _FSDP2_STATES = {
@@ -158,6 +163,7 @@ BACKENDS: dict[str, Backend] = {
         fp8_weight_cast_bytes={"tensorwise": 8.0, "rowwise": 10.0, "mxfp8": MX_CAST_UNFUSED},
         fp8_tp_gather_recipes=frozenset({"tensorwise"}), fp8_shape_stretch=True, fp8_cast_blocks_async_tp=True,
         sac_regathers_tp=True, fp8_recipes=frozenset({"rowwise", "mxfp8"}), loss_chunks=TITAN_LOSS_CHUNKS,
+        zero12_buffers="fsdp_unit",
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.5, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=True, compile_act_saving=0.08, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
@@ -244,7 +250,7 @@ BACKENDS: dict[str, Backend] = {
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
-        supports=frozenset({"dp", "fsdp", "hsdp", "tp"}), selective_ac="attention_core",
+        supports=frozenset({"dp", "fsdp", "hsdp", "tp"}), selective_ac="attention_core", zero12_buffers="fsdp_unit",
         sources={
             "states": "llmc/runtime/distributed.py: fully_shard per block with MixedPrecisionPolicy"
             "(bf16, fp32); DDP otherwise",
@@ -259,11 +265,16 @@ BACKENDS: dict[str, Backend] = {
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
-        supports=frozenset({"dp", "zero", "offload"}), selective_ac="attention_core",
+        supports=frozenset({"dp", "zero", "offload"}), selective_ac="attention_core", zero12_buffers="ds_ipg",
         sources={
             "states": "deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs; "
             "stage3.py estimate_zero3_model_states_mem_needs (DeepSpeed 0.19.8)",
             "fsdp_overlap": "ds_config overlap_comm=true (llmc's DeepSpeed config)",
+            "zero12_buffers": "deepspeed/runtime/zero/stage_1_and_2.py setup_buckets (DeepSpeed 0.19.8): with "
+            "contiguous_gradients one reduce bucket of reduce_bucket_size elements, a second with overlap_comm, in "
+            "the gradient-accumulation dtype (_gradient_reduction_buffer_dtype; engine.get_data_types: the model's "
+            "dtype unless data_types.grad_accum_dtype is set, which llmc's ds_config does not); llmc's ds_config sets "
+            "reduce_bucket_size = d_model^2 (ds_reduce_bucket_elems)",
             "fp8_linear_speedup": "llmc's DeepSpeed runner trains fp8 specs in bf16 (render.py X106)",
             "selective_ac": "llmc's DeepSpeed runner builds llmc's model and applies its set_ac (llmc/runtime/ds_train.py; model.py Transformer.set_ac('selective')): torch.utils.checkpoint around each attention core (RoPE + SDPA), Korthikanti et al. 2022 (arXiv 2205.05198) sec. 4.1 selective activation recomputation",
         }),
@@ -319,6 +330,12 @@ BACKENDS: dict[str, Backend] = {
 }
 
 RUNNABLE = tuple(k for k, b in BACKENDS.items() if b.runnable)
+
+
+def ds_reduce_bucket_elems(d_model: int) -> int:
+    """DeepSpeed ``reduce_bucket_size`` in llmc's ds_config: d_model^2 elements, the value the Hugging Face Trainer's
+    DeepSpeed integration fills in for "auto" (transformers/integrations/deepspeed.py)."""
+    return d_model * d_model
 
 
 def get_backend(name: str | None) -> Backend:

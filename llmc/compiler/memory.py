@@ -36,8 +36,10 @@ SwiGLU/GQA/MLA/MoE derivation and :func:`korthikanti_layer_bytes` for the paper'
 Buffers: FSDP all-gather/reduce-scatter buffers (two unsharded units in bf16 for current + prefetch, one
 unit's fp32 gradient before reduce-scatter, torchtitan reduce_dtype=fp32); with pipeline parallelism
 torchtitan keeps the whole stage unsharded (no reshard after forward, gradients accumulated unsharded in
-fp32 until the last micro-batch), i.e. FSDP+PP costs (2 + 4) B per stage-local parameter; DeepSpeed
-ZeRO-1/2 reduce and all-gather buckets (default 5e8 elements each); DDP buckets (25 MiB); the fp32
+fp32 until the last micro-batch), i.e. FSDP+PP costs (2 + 4) B per stage-local parameter; ZeRO-1/2
+(``Backend.zero12_buffers``): FSDP2 keeping the gathered parameters, one unit's fp32 gradient before its
+reduce-scatter; DeepSpeed, its two reduce buckets of d_model^2 elements (llmc's ds_config); the reference profiles,
+reduce and all-gather buckets of DeepSpeed's default 5e8 elements; DDP buckets (25 MiB); the fp32
 logits/loss peak on the last stage (12 B per token per vocab entry, see LOGITS_BYTES_PER_ELEM); 1 GiB
 workspace (CUDA context, cuBLAS workspace, NCCL). A loss computed in slices (``plan.loss_chunk_tokens``: llmc's
 trainers, the head and cross-entropy of each slice recomputed in the backward) holds one slice's logits; a backend
@@ -53,7 +55,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from llmc.compiler.backends import activation_mode, compile_on, get_backend
+from llmc.compiler.backends import activation_mode, compile_on, ds_reduce_bucket_elems, get_backend
 from llmc.compiler.params import expert_d_ff, is_moe_layer, layer_components
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import MemoryNumbers
@@ -763,17 +765,18 @@ def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload, grad
             # FSDP unit = one block (or the embedding / head): 2 units all-gathered in the compute dtype
             # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter (pp = 1: one
             # stage, so the run's blocks are the stage's)
-            bkey = (id(arch), layers, plan.tp, max(1, plan.ep))
-            bhit = _BLOCKS.get(bkey)
-            if bhit is None or bhit[0] is not arch:
-                bhit = (arch, _max_block_local(arch, layers, plan.tp, max(1, plan.ep)))
-                _bounded(_BLOCKS)[bkey] = bhit
-            block = bhit[1]
-            unit = block
-            if has_emb or has_head:
-                unit = max(unit, arch.vocab_size * arch.d_model / plan.tp)  # embedding / head unit
+            block, unit = _fsdp_units(arch, layers, plan, has_emb or has_head)
             # the largest unit gathered (wb) with its fp32 gradient (4) + the next block prefetched (wb)
             buf += unit * (cwb + 4) + block * cwb
+        elif zs in (1, 2) and plan.dp > 1 and be.zero12_buffers == "fsdp_unit":
+            # FSDP2 keeping the gathered parameters (counted in the weights): the reduce-scatter input of one unit,
+            # its unsharded gradient in fp32 (reduce_dtype); under PP gradient sync waits for the last micro-batch
+            # (as above), so the stage's whole unsharded gradient accumulates in fp32
+            buf += unsharded_local * 4 if plan.pp > 1 else _fsdp_units(arch, layers, plan, has_emb or has_head)[1] * 4
+        elif zs in (1, 2) and plan.dp > 1 and be.zero12_buffers == "ds_ipg":
+            # DeepSpeed's two reduce buckets (overlap_comm) in the gradient-accumulation dtype: llmc's ds_config sets
+            # none, so the training dtype
+            buf += 2 * ds_reduce_bucket_elems(arch.d_model) * cwb
         elif zs in (1, 2) and plan.dp > 1:
             buf += 2 * min(DS_BUCKET_ELEMS, unsharded_local) * cwb  # reduce + all-gather buckets
         elif plan.dp > 1:
@@ -782,6 +785,18 @@ def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload, grad
     out_t = tuple(out)
     _bounded(_STATIC)[key] = (structure, out_t)
     return out_t
+
+
+def _fsdp_units(arch, layers, plan: ParallelPlan, has_emb_or_head: bool) -> tuple[float, float]:
+    """(the stage's largest block, its largest FSDP unit: that block or the embedding / head) in local parameters."""
+    bkey = (id(arch), layers, plan.tp, max(1, plan.ep))
+    bhit = _BLOCKS.get(bkey)
+    if bhit is None or bhit[0] is not arch:
+        bhit = (arch, _max_block_local(arch, layers, plan.tp, max(1, plan.ep)))
+        _bounded(_BLOCKS)[bkey] = bhit
+    block = bhit[1]
+    unit = max(block, arch.vocab_size * arch.d_model / plan.tp) if has_emb_or_head else block
+    return block, unit
 
 
 _GROUP_BYTES: dict[tuple, tuple] = {}

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llmc.compiler.backends import ds_reduce_bucket_elems
 from llmc.compiler.plan import ParallelPlan
 from llmc.diagnostics import Diagnostic
 from llmc.emit.base import Emitter
@@ -216,7 +217,7 @@ def _zero_section(compiled, stage: int) -> dict[str, Any]:
     d = compiled.spec.model.d_model
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
-        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=d * d)
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=ds_reduce_bucket_elems(d))
     if stage in (1, 2):
         zero.update(allgather_partitions=True, allgather_bucket_size=ALLGATHER_BUCKET, reduce_scatter=True)
     if stage == 3:
