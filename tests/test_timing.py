@@ -623,3 +623,39 @@ def test_an_fp8_recipe_on_a_run_that_is_not_fp8_is_a_located_warning():
         assert len(t012) == want, (prec, t012)
         if want:
             assert t012[0].severity == "warning" and t012[0].path == "training.fp8_recipe" and t012[0].line == 7
+
+
+@pytest.mark.parametrize("backend,zero,per_micro,per_step", [
+    # FSDP2 keeping its gathered parameters (llmc's ZeRO-1/2 on torchtitan and the native trainer): resharded after
+    # each backward and gradient sync on, so every micro-batch all-gathers and reduce-scatters
+    ("torchtitan", 1, True, False), ("native", 2, True, False),
+    # FSDP2 ZeRO-3: gathers before forward and backward, reduce-scatter after, every micro-batch
+    ("torchtitan", 3, True, False),
+    # DeepSpeed ZeRO-1 reduces at the accumulation boundary; ZeRO-2 into its gradient partitions every micro-batch,
+    # both gather the parameters once per step
+    ("deepspeed", 1, False, True), ("deepspeed", 2, True, True),
+])
+def test_zero_traffic_runs_as_often_as_the_backend_issues_it(backend, zero, per_micro, per_step):
+    """Which FSDP / ZeRO collectives a backend issues per micro-batch and which once per step: per-micro-batch traffic
+    grows with gradient accumulation (the breakdown's fsdp_comm), per-step traffic does not (dp_comm)."""
+    arch = PRESETS["llama3-8b"]
+    gpu = dataclasses.replace(get_gpu("h100-sxm"), gpus_per_node=8)
+    sm = timing.step_model(arch, 8192, "bf16", gpu, backend)
+    plans = [ParallelPlan(dp_shard=16, micro_batch=1, grad_accum=m, zero_stage=zero, activation_checkpointing="full")
+             for m in (1, 8)]
+    (_, _, b1), (_, _, b8) = (timing.step_time(sm, p) for p in plans)
+    if per_micro:
+        assert b1["fsdp_comm"] > 0 and b8["fsdp_comm"] == pytest.approx(8 * b1["fsdp_comm"])
+    else:
+        assert b1["fsdp_comm"] == b8["fsdp_comm"] == 0
+    assert (b1["dp_comm"] > 0) == per_step and b8["dp_comm"] == pytest.approx(b1["dp_comm"])
+
+
+def test_fsdp2_zero1_under_pipelining_syncs_once_per_step():
+    """torch.distributed.pipelining turns FSDP2's gradient sync and post-backward reshard off until the last
+    micro-batch: ZeRO-1 with PP gathers and reduces once per step, like ZeRO-3 with PP."""
+    sm = timing.step_model(PRESETS["llama3-70b"], 8192, "bf16", get_gpu("h100-sxm"), "torchtitan")
+    for zero in (1, 3):
+        _, _, b = timing.step_time(sm, ParallelPlan(dp_shard=8, tp=8, pp=4, micro_batch=1, grad_accum=16,
+                                                    zero_stage=zero, activation_checkpointing="full"))
+        assert b["fsdp_comm"] == 0 and b["dp_comm"] > 0

@@ -94,11 +94,15 @@ class Backend:
     # the job computes the output head and the loss over this many equal slices of each rank's micro-batch sequence,
     # each slice's backward run at once (1: the whole micro-batch's logits at the peak; memory.loss_logits_bytes)
     loss_chunks: int = 1
-    # what ZeRO-1/2 holds for the gradient reduction (memory._static_runs): "fsdp_unit" = FSDP2 with
-    # reshard_after_forward=False, one unit's unsharded fp32 gradient before its reduce-scatter (a pipeline stage's
-    # whole, accumulated until the last micro-batch); "ds_ipg" = DeepSpeed's two reduce buckets of
-    # ds_reduce_bucket_elems; "buckets" = reduce + all-gather buckets of DeepSpeed's default size (5e8 elements)
-    zero12_buffers: str = "buckets"
+    # how ZeRO-1/2 runs (memory._static_runs, timing._Layout._split). "fsdp2": FSDP2 with reshard_after_forward=False
+    # (llmc's torchtitan job and native trainer): the parameters are all-gathered before each micro-batch's forward
+    # (resharded after its backward) and its gradient reduce-scattered after it, holding one unit's unsharded fp32
+    # gradient; under PP gradient sync waits for the last micro-batch (once per step, the stage's whole fp32 gradient
+    # held). "deepspeed": two reduce buckets of ds_reduce_bucket_elems; ZeRO-2 reduces into the gradient partitions
+    # every micro-batch, ZeRO-1 at the accumulation boundary; parameters all-gathered once per step. "reference":
+    # gradients reduced and parameters gathered once per step, reduce + all-gather buckets of DeepSpeed's default
+    # size (5e8 elements)
+    zero12: str = "reference"
 
 
 _FSDP2_STATES = {
@@ -163,7 +167,7 @@ BACKENDS: dict[str, Backend] = {
         fp8_weight_cast_bytes={"tensorwise": 8.0, "rowwise": 10.0, "mxfp8": MX_CAST_UNFUSED},
         fp8_tp_gather_recipes=frozenset({"tensorwise"}), fp8_shape_stretch=True, fp8_cast_blocks_async_tp=True,
         sac_regathers_tp=True, fp8_recipes=frozenset({"rowwise", "mxfp8"}), loss_chunks=TITAN_LOSS_CHUNKS,
-        zero12_buffers="fsdp_unit",
+        zero12="fsdp2",
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.5, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=True, compile_act_saving=0.08, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
@@ -229,6 +233,11 @@ BACKENDS: dict[str, Backend] = {
             "cp_overlap": _TT + " experimental context_parallel (ring attention via SDPA; the K/V rotation "
             "is issued per attention call and waited on before the next block, taken as exposed)",
             "logits_fp32": _TT + "/blob/main/torchtitan/components/loss.py (cross_entropy(pred.float(), ...))",
+            "zero12": "llmc maps ZeRO-1/2 to FSDP2 reshard_after_forward=False (torchtitan job: "
+            "fsdp_reshard_after_forward 'never'; native: llmc/runtime/distributed.py apply_fsdp); FSDP2 reshards after "
+            "backward by default (FSDPModule.set_reshard_after_backward) and torchtitan 0.3.0 leaves gradient sync on "
+            "during accumulation, so every micro-batch all-gathers and reduce-scatters; torch/distributed/pipelining/"
+            "stage.py turns sync and the post-backward reshard off until the last micro-batch",
             "loss_chunks": "torchtitan 0.3.0 components/loss.py ChunkedLossWrapper (Config.num_chunks default 8; "
             "added April 2026, after every torchtitan row of benchmarks/): the model's forward skips the output head; "
             "the final hidden states are split into num_chunks slices along the rank's sequence, and each slice runs "
@@ -250,12 +259,17 @@ BACKENDS: dict[str, Backend] = {
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
-        supports=frozenset({"dp", "fsdp", "hsdp", "tp"}), selective_ac="attention_core", zero12_buffers="fsdp_unit",
+        supports=frozenset({"dp", "fsdp", "hsdp", "tp"}), selective_ac="attention_core", zero12="fsdp2",
         sources={
             "states": "llmc/runtime/distributed.py: fully_shard per block with MixedPrecisionPolicy"
             "(bf16, fp32); DDP otherwise",
             "fp8_linear_speedup": "llmc's native trainer runs fp8 specs in bf16 (llmc/runtime/train.py)",
             "selective_ac": "llmc/runtime/model.py Transformer.set_ac('selective'): torch.utils.checkpoint around each attention core (RoPE + SDPA), Korthikanti et al. 2022 (arXiv 2205.05198) sec. 4.1 selective activation recomputation",
+            "zero12": "llmc maps ZeRO-1/2 to FSDP2 reshard_after_forward=False (torchtitan job: "
+            "fsdp_reshard_after_forward 'never'; native: llmc/runtime/distributed.py apply_fsdp); FSDP2 reshards after "
+            "backward by default (FSDPModule.set_reshard_after_backward) and torchtitan 0.3.0 leaves gradient sync on "
+            "during accumulation, so every micro-batch all-gathers and reduce-scatters; torch/distributed/pipelining/"
+            "stage.py turns sync and the post-backward reshard off until the last micro-batch",
             "base_efficiency": "as torchtitan (same PyTorch kernels, no compile)",
         }),
     "deepspeed": Backend(
@@ -265,12 +279,14 @@ BACKENDS: dict[str, Backend] = {
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
-        supports=frozenset({"dp", "zero", "offload"}), selective_ac="attention_core", zero12_buffers="ds_ipg",
+        supports=frozenset({"dp", "zero", "offload"}), selective_ac="attention_core", zero12="deepspeed",
         sources={
             "states": "deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs; "
             "stage3.py estimate_zero3_model_states_mem_needs (DeepSpeed 0.19.8)",
             "fsdp_overlap": "ds_config overlap_comm=true (llmc's DeepSpeed config)",
-            "zero12_buffers": "deepspeed/runtime/zero/stage_1_and_2.py setup_buckets (DeepSpeed 0.19.8): with "
+            "zero12": "deepspeed/runtime/zero/stage_1_and_2.py (DeepSpeed 0.19.8): reduce_ready_partitions_and_remove_grads "
+            "reduces every backward when gradients are partitioned (ZeRO-2), else at the accumulation boundary; "
+            "setup_buckets: with "
             "contiguous_gradients one reduce bucket of reduce_bucket_size elements, a second with overlap_comm, in "
             "the gradient-accumulation dtype (_gradient_reduction_buffer_dtype; engine.get_data_types: the model's "
             "dtype unless data_types.grad_accum_dtype is set, which llmc's ds_config does not); llmc's ds_config sets "

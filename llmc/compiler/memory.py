@@ -37,7 +37,7 @@ Buffers: FSDP all-gather/reduce-scatter buffers (two unsharded units in bf16 for
 unit's fp32 gradient before reduce-scatter, torchtitan reduce_dtype=fp32); with pipeline parallelism
 torchtitan keeps the whole stage unsharded (no reshard after forward, gradients accumulated unsharded in
 fp32 until the last micro-batch), i.e. FSDP+PP costs (2 + 4) B per stage-local parameter; ZeRO-1/2
-(``Backend.zero12_buffers``): FSDP2 keeping the gathered parameters, one unit's fp32 gradient before its
+(``Backend.zero12``): FSDP2 keeping the gathered parameters, one unit's fp32 gradient before its
 reduce-scatter; DeepSpeed, its two reduce buckets of d_model^2 elements (llmc's ds_config); the reference profiles,
 reduce and all-gather buckets of DeepSpeed's default 5e8 elements; DDP buckets (25 MiB); the fp32
 logits/loss peak on the last stage (12 B per token per vocab entry, see LOGITS_BYTES_PER_ELEM); 1 GiB
@@ -768,12 +768,12 @@ def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload, grad
             block, unit = _fsdp_units(arch, layers, plan, has_emb or has_head)
             # the largest unit gathered (wb) with its fp32 gradient (4) + the next block prefetched (wb)
             buf += unit * (cwb + 4) + block * cwb
-        elif zs in (1, 2) and plan.dp > 1 and be.zero12_buffers == "fsdp_unit":
+        elif zs in (1, 2) and plan.dp > 1 and be.zero12 == "fsdp2":
             # FSDP2 keeping the gathered parameters (counted in the weights): the reduce-scatter input of one unit,
             # its unsharded gradient in fp32 (reduce_dtype); under PP gradient sync waits for the last micro-batch
             # (as above), so the stage's whole unsharded gradient accumulates in fp32
             buf += unsharded_local * 4 if plan.pp > 1 else _fsdp_units(arch, layers, plan, has_emb or has_head)[1] * 4
-        elif zs in (1, 2) and plan.dp > 1 and be.zero12_buffers == "ds_ipg":
+        elif zs in (1, 2) and plan.dp > 1 and be.zero12 == "deepspeed":
             # DeepSpeed's two reduce buckets (overlap_comm) in the gradient-accumulation dtype: llmc's ds_config sets
             # none, so the training dtype
             buf += 2 * ds_reduce_bucket_elems(arch.d_model) * cwb

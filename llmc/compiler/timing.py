@@ -159,6 +159,7 @@ class StepModel:
     net_Bps: float  # bytes/s per GPU
     hbm_Bps: float
     backend: str = "generic"
+    zero12: str = "reference"  # how the backend runs ZeRO-1/2 (backends.Backend.zero12)
     compiled: bool = False  # torch.compile on
     tp_overlap: float = 0.0  # share of TP collectives hidden behind GEMMs (async TP / comm-GEMM overlap)
     fsdp_overlap: float = 0.85  # share of FSDP/ZeRO traffic hidden behind compute (prefetch)
@@ -308,7 +309,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         is_moe=arch.moe is not None, peak=peak, sec_per_flop=sec_per_flop, precision=precision,
         gpus_per_node=domain, nvlink_Bps=intra_node_gbps(gpu)[0] * 1e9 * COMM_EFFICIENCY,
         net_Bps=gpu.net_gbps / 8 * 1e9 * COMM_EFFICIENCY, hbm_Bps=gpu.hbm_gbps * 1e9,
-        backend=be.name, compiled=compiled_, tp_overlap=tp_overlap, fsdp_overlap=be.fsdp_overlap,
+        backend=be.name, zero12=be.zero12, compiled=compiled_, tp_overlap=tp_overlap, fsdp_overlap=be.fsdp_overlap,
         ep_overlap=be.ep_overlap, ep_node_dedup=be.ep_node_dedup, cp_overlap=be.cp_overlap, compute_scale=compute_scale, comm_scale=comm_scale,
         base_efficiency=be.base_efficiency, fp8_cast_full=cast_full, fp8_cast_sharded=cast_sharded,
         fp8_cast_tp1=cast_tp1, fp8_cast_tp_sharded=cast_tp_sharded, fp8_weight_cast=weight_cast,
@@ -548,17 +549,27 @@ class LayoutTimer:
         self.fsdp_latency = 0.0
         self.per_step_comm = 0.0
         hop = HOP_LATENCY_NET if shard_net else HOP_LATENCY_NVLINK
+        fsdp2 = zero_stage in (1, 2) and sm.zero12 == "fsdp2"
         if zero_stage == 3 and n_sh > 1 and p == 1:
             # FSDP2 with gradient accumulation: all-gather before forward and before backward,
             # reduce-scatter after backward, every micro-batch; one collective per FSDP unit (block),
             # each paying (n-1) ring hops of latency
             self.fsdp_passes = 3
             self.fsdp_latency = self.fsdp_passes * (max_blocks + 1) * (n_sh - 1) * hop
-        elif zero_stage == 3 and n_sh > 1:
+        elif fsdp2 and n_sh > 1 and p == 1:
+            # ZeRO-1/2 as FSDP2 keeping the gathered parameters (backends.Backend.zero12): all-gather before each
+            # micro-batch's forward, reduce-scatter after its backward
+            self.fsdp_passes = 2
+            self.fsdp_latency = self.fsdp_passes * (max_blocks + 1) * (n_sh - 1) * hop
+        elif (zero_stage == 3 or fsdp2) and n_sh > 1:
             # under pipelining torchtitan keeps the stage unsharded (reshard_after_forward=False) and
             # torch.distributed.pipelining reduces gradients once, after the last micro-batch: one
             # all-gather + one reduce-scatter per step (memory.py holds the unsharded stage likewise)
             self.per_step_comm += 2 * self.one_pass + 2 * (max_blocks + 1) * (n_sh - 1) * hop
+        elif n_sh > 1 and zero_stage == 2 and sm.zero12 == "deepspeed":
+            # DeepSpeed ZeRO-2 reduces into the gradient partitions every micro-batch; parameters gathered once
+            self.fsdp_passes = 1
+            self.per_step_comm += self.one_pass
         elif n_sh > 1:
             self.per_step_comm += 2 * self.one_pass  # ZeRO-1/2: reduce-scatter grads + all-gather params, once
         if dp_replicate > 1:

@@ -47,6 +47,7 @@ from torchtitan.components.optimizer import (
 )
 from torchtitan.components.validate import Validator
 from torchtitan.config import CommConfig, CompileConfig, DebugConfig, ParallelismConfig, TrainingConfig
+from torchtitan.distributed.activation_checkpoint import SelectiveAC
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.hf_datasets import DatasetConfig
 from torchtitan.hf_datasets.text_datasets import (
@@ -573,7 +574,7 @@ def _trainer_config(spec):
             min_lr_factor=0.1,
         ),
         training=TrainingConfig(
-            local_batch_size=1,
+            local_batch_size=4,
             global_batch_size=1024,
             seq_len=4096,
             max_norm=1.0,
@@ -587,26 +588,26 @@ def _trainer_config(spec):
         validator=_validator(),
         metrics=MetricsProcessor.Config(log_freq=10, enable_tensorboard=True),
         parallelism=ParallelismConfig(
-            data_parallel_replicate_degree=1,
-            data_parallel_shard_degree=256,
-            fsdp_reshard_after_forward='never',
+            data_parallel_replicate_degree=4,
+            data_parallel_shard_degree=64,
+            fsdp_reshard_after_forward='default',
             tensor_parallel_degree=1,
             pipeline_parallel_degree=1,
             pipeline_parallel_schedule='1F1B',
             pipeline_parallel_microbatch_size=1,
             module_fqns_per_model_part=None,
             context_parallel_degree=1,
-            expert_parallel_degree=8,
+            expert_parallel_degree=4,
         ),
         checkpoint=CheckpointManager.Config(
             enable=True,
             folder='checkpoints',
-            interval=507,
+            interval=462,
             async_mode='async',
             keep_latest_k=3,
             last_save_model_only=False,  # keep optimizer + dataloader state so the last checkpoint resumes
         ),
-        activation_checkpoint=None,
+        activation_checkpoint=SelectiveAC.Config(),
         compile=CompileConfig(enable=True, components=['model', 'loss']),
         comm=CommConfig(init_timeout_seconds=300, train_timeout_seconds=100),
         debug=DebugConfig(seed=0),
