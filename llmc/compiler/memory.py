@@ -768,7 +768,7 @@ def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload, grad
             block, unit = _fsdp_units(arch, layers, plan, has_emb or has_head)
             # the largest unit gathered (wb) with its fp32 gradient (4) + the next block prefetched (wb)
             buf += unit * (cwb + 4) + block * cwb
-        elif zs in (1, 2) and plan.dp > 1 and be.zero12 == "fsdp2":
+        elif zs in (1, 2) and z_dense > 1 and be.zero12 == "fsdp2":
             # FSDP2 keeping the gathered parameters (counted in the weights): the reduce-scatter input of one unit,
             # its unsharded gradient in fp32 (reduce_dtype); under PP gradient sync waits for the last micro-batch
             # (as above), so the stage's whole unsharded gradient accumulates in fp32
