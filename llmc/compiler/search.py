@@ -889,8 +889,10 @@ def _result(S: _Search) -> SearchResult:
 
 
 def _simplicity(p: ParallelPlan) -> tuple:
-    """Lower = simpler: fewer pipeline stages, then no CP, then smaller TP and EP, then fewer other knobs."""
-    return (p.pp, p.cp, p.tp, p.ep, _complexity(p))
+    """Lower = simpler: fewer pipeline stages, then no CP, then smaller TP and EP. Layouts of the same degrees are
+    equally simple: between them the faster wins (the ZeRO stage, schedule or recomputation are not simplifications
+    worth a slower step)."""
+    return (p.pp, p.cp, p.tp, p.ep)
 
 
 def _layout(p: ParallelPlan) -> tuple:
