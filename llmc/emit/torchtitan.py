@@ -317,10 +317,13 @@ def _parallelism(compiled, errs: list[Diagnostic]) -> dict[str, Any]:
                 errs.append(diag("X308", "error", "parallelism.pp", str(e)))
     cpu = compiled.spec.hardware.gpu == "cpu"
     # FSDP2 always shards parameters at rest; the plan's ZeRO stage maps to when they are resharded:
-    # ZeRO-3 -> after every forward (also under PP, where torchtitan's "default" would not);
+    # ZeRO-3 -> torchtitan's "default" policy: after every forward, except under PP (distributed/fsdp.py
+    # get_fsdp_reshard_after_forward_policy: "do not reshard after forward to avoid per-microbatch all-gathers";
+    # pipelining keeps the stage gathered from its first backward anyway), which is what llmc's memory and time
+    # models hold and count for ZeRO-3 + PP (one all-gather per step);
     # ZeRO-1/2 -> keep the gathered parameters from forward to backward ("never"), which needs no
     # more memory than llmc's ZeRO-1/2 model (unsharded weights, sharded optimizer state).
-    reshard = ("always" if plan.pp > 1 else "default") if plan.zero_stage >= 3 else "never"
+    reshard = "default" if plan.zero_stage >= 3 else "never"
     return {
         "local_batch_size": local_batch,
         "global_batch_size": global_batch,
