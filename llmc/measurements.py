@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.units import GiB
 
-GiB = 2**30
 WARMUP_STEPS = 10
 
 _TITAN = re.compile(

@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from llmc.compiler.units import gib
 from llmc.diagnostics import sort_diagnostics
 
 WIDTH = 120
-GiB = 2**30
 BAR = 60  # characters of the memory / step-time bars
 _MEM_PARTS = (("weights", "W"), ("grads", "G"), ("optimizer", "O"), ("activations", "A"), ("buffers", "B"))
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -34,13 +34,6 @@ def human(x: float, unit: str = "") -> str:
         if abs(x) >= div:
             return f"{x / div:.3g}{suffix}{unit}"
     return f"{x:.3g}{unit}"
-
-
-def gib(b: float) -> str:
-    """Bytes as GiB (MiB below 1 GiB, so small runs do not read 0.0)."""
-    if abs(b) < GiB:
-        return f"{b / 2**20:.1f} MiB"
-    return f"{b / GiB:.1f} GiB"
 
 
 def duration(seconds: float) -> str:

@@ -708,3 +708,23 @@ def test_logits_peak_of_the_whole_and_the_chunked_loss_is_measured(chunks):
     assert whole == 12 and got["whole"] == pytest.approx(whole, rel=0.01)
     assert got["chunked"] == pytest.approx(chunked, rel=0.02)
     assert got["chunked"] < got["whole"] / (0.8 * chunks)  # the point of chunking
+
+
+def test_under_pipelining_fsdp2_zero1_and_zero3_hold_the_same():
+    """torch.distributed.pipelining keeps a stage's parameters gathered and its gradients unsynced (fp32, reduce_dtype)
+    until the last micro-batch whatever FSDP2's reshard_after_forward: on torchtitan a ZeRO-1 (reshard never) and a
+    ZeRO-3 layout with PP hold the same bytes (gathered bf16 stage + fp32 shards + fp32 unsharded gradient), while
+    without PP ZeRO-1's replicated bf16 copy costs more than ZeRO-3's two gathered units."""
+    from llmc.compiler.memory import stage_memory
+
+    arch = LLAMA3_70B
+    for pp in (4, 8):
+        z1, z3 = (stage_memory(arch, ParallelPlan(dp_shard=8, tp=8, pp=pp, micro_batch=1, grad_accum=16, zero_stage=z,
+                                                  activation_checkpointing="full"), 8192, backend="torchtitan")
+                  for z in (1, 3))
+        assert [s.total for s in z1] == pytest.approx([s.total for s in z3], rel=1e-12)
+        assert all(a.weights > b.weights and a.buffers < b.buffers for a, b in zip(z1, z3, strict=True))
+    z1, z3 = (stage_memory(arch, ParallelPlan(dp_shard=8, tp=8, micro_batch=1, grad_accum=16, zero_stage=z,
+                                              activation_checkpointing="full"), 8192, backend="torchtitan")[0]
+              for z in (1, 3))
+    assert z1.total - z3.total > 0.9 * 2 * params_total(arch) / 8  # ~ the bf16 copy of the tp-local weights

@@ -32,8 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-GiB = 2**30
-MiB = 2**20
+from llmc.compiler.units import GiB, MiB
 
 
 @dataclass(frozen=True)
@@ -152,6 +151,12 @@ _SCALE = 1.0 / MX_BLOCK  # E8M0 scale bytes per fp8 byte written
 MX_CAST_FUSED = (1 + _SCALE) * _MX_W0 + (2 + 1 + _SCALE) * _MX_W1
 MX_CAST_UNFUSED = (2 + 1 + _SCALE) * _MX_W0 + (2 + 1 + _SCALE) * _MX_W1
 _TT = "https://github.com/pytorch/torchtitan"
+# Source of Backend.zero12 = "fsdp2" (llmc's torchtitan job and native trainer)
+_FSDP2_ZERO12 = ("llmc maps ZeRO-1/2 to FSDP2 reshard_after_forward=False (torchtitan job: fsdp_reshard_after_forward "
+                 "'never'; native: llmc/runtime/distributed.py apply_fsdp); FSDP2 reshards after backward by default "
+                 "(FSDPModule.set_reshard_after_backward) and torchtitan 0.3.0 leaves gradient sync on during "
+                 "accumulation, so every micro-batch all-gathers and reduce-scatters; torch/distributed/pipelining/"
+                 "stage.py turns sync and the post-backward reshard off until the last micro-batch")
 # Slices of torchtitan's chunked loss (ChunkedLossWrapper.Config.num_chunks default): the emitted job sets it
 TITAN_LOSS_CHUNKS = 8
 _FP8_SRC = ("torchtitan docs/float8.md and benchmarks/llama3_h100_202412_torchtitan.md Table 1/3: compile + "
@@ -233,11 +238,7 @@ BACKENDS: dict[str, Backend] = {
             "cp_overlap": _TT + " experimental context_parallel (ring attention via SDPA; the K/V rotation "
             "is issued per attention call and waited on before the next block, taken as exposed)",
             "logits_fp32": _TT + "/blob/main/torchtitan/components/loss.py (cross_entropy(pred.float(), ...))",
-            "zero12": "llmc maps ZeRO-1/2 to FSDP2 reshard_after_forward=False (torchtitan job: "
-            "fsdp_reshard_after_forward 'never'; native: llmc/runtime/distributed.py apply_fsdp); FSDP2 reshards after "
-            "backward by default (FSDPModule.set_reshard_after_backward) and torchtitan 0.3.0 leaves gradient sync on "
-            "during accumulation, so every micro-batch all-gathers and reduce-scatters; torch/distributed/pipelining/"
-            "stage.py turns sync and the post-backward reshard off until the last micro-batch",
+            "zero12": _FSDP2_ZERO12,
             "loss_chunks": "torchtitan 0.3.0 components/loss.py ChunkedLossWrapper (Config.num_chunks default 8; "
             "added April 2026, after every torchtitan row of benchmarks/): the model's forward skips the output head; "
             "the final hidden states are split into num_chunks slices along the rank's sequence, and each slice runs "
@@ -265,11 +266,7 @@ BACKENDS: dict[str, Backend] = {
             "(bf16, fp32); DDP otherwise",
             "fp8_linear_speedup": "llmc's native trainer runs fp8 specs in bf16 (llmc/runtime/train.py)",
             "selective_ac": "llmc/runtime/model.py Transformer.set_ac('selective'): torch.utils.checkpoint around each attention core (RoPE + SDPA), Korthikanti et al. 2022 (arXiv 2205.05198) sec. 4.1 selective activation recomputation",
-            "zero12": "llmc maps ZeRO-1/2 to FSDP2 reshard_after_forward=False (torchtitan job: "
-            "fsdp_reshard_after_forward 'never'; native: llmc/runtime/distributed.py apply_fsdp); FSDP2 reshards after "
-            "backward by default (FSDPModule.set_reshard_after_backward) and torchtitan 0.3.0 leaves gradient sync on "
-            "during accumulation, so every micro-batch all-gathers and reduce-scatters; torch/distributed/pipelining/"
-            "stage.py turns sync and the post-backward reshard off until the last micro-batch",
+            "zero12": _FSDP2_ZERO12,
             "base_efficiency": "as torchtitan (same PyTorch kernels, no compile)",
         }),
     "deepspeed": Backend(

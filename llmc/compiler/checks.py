@@ -45,9 +45,9 @@ from __future__ import annotations
 import difflib
 import math
 
+from llmc.compiler.units import GiB
 from llmc.diagnostics import Diagnostic, line_for
 
-GiB = 2**30
 MAX_PLAUSIBLE_MFU = 0.60  # above the best published large-run MFUs (PaLM 46 %, Chowdhery et al. 2022 Table 3)
 BIG_PRETRAIN_PARAMS = 1e9  # T006 applies from 1B parameters (active)
 LR_CHECK_MIN_PARAMS = 1e8  # T001's range is for LLM pre-training; toy models legitimately go higher

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmc.compiler.units import GiB
+
 TERA = 1e12
 GB = 10**9
-GiB = 2**30
 
 
 @dataclass(frozen=True)

@@ -59,12 +59,11 @@ from llmc.compiler.backends import activation_mode, compile_on, ds_reduce_bucket
 from llmc.compiler.params import expert_d_ff, is_moe_layer, layer_components
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import MemoryNumbers
+from llmc.compiler.units import GiB, MiB
 from llmc.spec.families import family_of
 from llmc.spec.model import Architecture
 from llmc.spec.schema import AC_MODES
 
-GiB = 2**30
-MiB = 2**20
 WORKSPACE_BYTES = 1 * GiB  # CUDA context + cuBLAS workspace + NCCL internal buffers (estimate)
 DS_BUCKET_ELEMS = 500_000_000  # DeepSpeed reduce_bucket_size / allgather_bucket_size defaults (5e8)
 DDP_BUCKET_BYTES = 25 * MiB  # torch DDP bucket_cap_mb default

@@ -48,8 +48,8 @@ from llmc.compiler.memory import max_chunk_layers
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import Candidate, MemoryNumbers
 from llmc.compiler.timing import LayoutTimer, StepModel, step_time
+from llmc.compiler.units import gib
 
-GiB = 2**30
 AC_ORDER = ("none", "selective", "full")  # the scan: each keeps less than the one before and costs more
 AC_RANKS = ("none", "selective", "partial", "full")  # order of plans and of "simpler" (less recomputation first)
 CP_MIN_SEQ = 32_768
@@ -139,10 +139,6 @@ def describe(p: ParallelPlan) -> str:
     parts.append(f"mb{p.micro_batch}x{p.grad_accum}")
     parts.append(f"ac={p.ac_label}")
     return " ".join(parts)
-
-
-def gib(b: float) -> str:
-    return f"{b / GiB:.1f} GiB"
 
 
 @dataclass

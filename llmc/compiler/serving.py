@@ -31,11 +31,11 @@ from collections.abc import Callable
 from llmc.compiler import params
 from llmc.compiler.hardware import GPU
 from llmc.compiler.result import ServingPlan
+from llmc.compiler.units import GiB
 from llmc.diagnostics import Diagnostic, line_for
 from llmc.spec.model import Architecture
 from llmc.spec.schema import RunSpec, Serving
 
-GiB = 2**30
 WORKSPACE_BYTES = 1 * GiB  # CUDA context + cuBLAS workspace + CUDA graphs + NCCL (estimate)
 PREFILL_CHUNK_TOKENS = 8192  # vLLM default max_num_batched_tokens with chunked prefill
 MAX_PP = 16

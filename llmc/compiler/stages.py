@@ -47,6 +47,7 @@ from llmc.compiler.result import (
     StageTimePlan,
 )
 from llmc.compiler.search import USABLE_FRACTION, divisors
+from llmc.compiler.units import gib
 from llmc.diagnostics import Diagnostic
 from llmc.spec.facts import ExternalFacts
 from llmc.spec.families import FAMILIES, family_by_name
@@ -413,14 +414,17 @@ class _Env:
         return self.run.training.precision
 
 
-def _acts_buffers(env: _Env, plan: ParallelPlan, seq_len: int) -> tuple[int, int]:
-    """(activations, buffers) per GPU of one micro-step of ``plan`` on llmc's runtime (its "selective" recomputes
-    the attention core, backends.py). Buffers: the fp32 logits and their gradient (the runtime's losses upcast the
-    logits of the micro-step, or of one slice with ``plan.loss_chunk_tokens``: llmc.runtime.model.token_losses), the
-    FSDP units gathered, CUDA context and NCCL."""
-    mem = memory.memory_per_gpu(env.run.model, plan, seq_len, env.precision, env.capacity or DEFAULT_CAPACITY,
+def _acts_buffers(env: _Env, plan: ParallelPlan, seq_len: int) -> tuple[int, int, int]:
+    """(activations, buffers, the buffers' logits) per GPU of one micro-step of ``plan`` on llmc's runtime (its
+    "selective" recomputes the attention core, backends.py). Buffers: the fp32 logits and their gradient (the
+    runtime's losses upcast the logits of the micro-step, or of one slice with ``plan.loss_chunk_tokens``:
+    llmc.runtime.model.token_losses; an eager loss, no chunking: the native profile's), the FSDP units gathered, CUDA
+    context and NCCL."""
+    arch = env.run.model
+    mem = memory.memory_per_gpu(arch, plan, seq_len, env.precision, env.capacity or DEFAULT_CAPACITY,
                                 backend="native")
-    return int(mem.breakdown["activations"]), int(mem.breakdown["buffers"])
+    logits = memory.loss_logits_bytes(arch.vocab_size, plan.micro_batch * seq_len / plan.cp, plan)
+    return int(mem.breakdown["activations"]), int(mem.breakdown["buffers"]), int(logits)
 
 
 def recommended_cp(seq_len: int, world: int) -> int:
@@ -516,7 +520,7 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
         notes.append(f"weights/optimizer sharded over {shard} GPUs (FSDP / ZeRO-3)")
     micro = _micro_seqs(st.kind, tr)
     layout = stage_layout(env.world, shard, cp, ac, micro, loss_chunk=loss_chunk)
-    act, buffers = _acts_buffers(env, layout, seq_len)
+    act, buffers, logits = _acts_buffers(env, layout, seq_len)
     states = int((weights + ref + optim) // shard)
     per_gpu = states + act + buffers  # a training micro-step
     sampling, groups = 0, None
@@ -526,7 +530,6 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
         # rank's groups at once as keep that phase within SAMPLING_MEMORY_SHARE of the GPU, at least one; the stage's
         # peak is the larger phase.
         G = tr.hyper["group_size"]
-        logits = int(memory.loss_logits_bytes(env.run.model.vocab_size, micro * seq_len, layout))
         idle = states + buffers - logits
         per_group = G * sampling_row_bytes(env, tr.hyper["max_prompt_tokens"], seq_len)
         room = int(SAMPLING_MEMORY_SHARE * cap) - idle
@@ -535,8 +538,8 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
         phase = "sampling" if idle + sampling > per_gpu else "training"
         per_gpu = max(per_gpu, idle + sampling)
         notes.append(f"GRPO: {groups} group(s) sampled at once ({groups * G} sequences x {seq_len} tokens: "
-                     f"{_size(sampling)} of KV cache and prefill tensors) while the training micro-step's "
-                     f"{_size(act + logits)} of activations and logits are freed; the {phase} phase is the peak")
+                     f"{gib(sampling)} of KV cache and prefill tensors) while the training micro-step's "
+                     f"{gib(act + logits)} of activations and logits are freed; the {phase} phase is the peak")
     return StageMemoryPlan(
         per_gpu_bytes=per_gpu, capacity_bytes=env.capacity, fits=(per_gpu <= cap) if env.capacity else None,
         shard_degree=shard, cp=cp, activation_checkpointing=ac, source="stage estimate",
@@ -544,10 +547,6 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
         weights_bytes=weights, reference_bytes=ref, grads_optimizer_bytes=optim, activation_bytes=act,
         activation_source=ACTIVATION_SOURCE, sampling_bytes=sampling, sampling_groups=groups, buffer_bytes=buffers,
     )
-
-
-def _size(n: float) -> str:
-    return f"{n / memory.GiB:.1f} GiB" if n >= memory.GiB else f"{n / memory.MiB:.1f} MiB"
 
 
 def sampling_row_bytes(env: _Env, prompt: int, seq_len: int) -> int:
@@ -962,7 +961,7 @@ def _recompute_choice(env: _Env, st: StageBase, tr: StageTraining, trainable: in
         # whole logits (an option tried above), one slice's logits are alive instead of the micro-step's
         whole = next((t[0] for t in tried if t[0].activation_checkpointing == mem.activation_checkpointing
                       and not t[0].loss_chunk_tokens), None)
-        saved = f": {(whole.buffer_bytes - mem.buffer_bytes) / memory.GiB:.1f} GiB of logits less per GPU" if whole else ""
+        saved = f": {gib(whole.buffer_bytes - mem.buffer_bytes)} of logits less per GPU" if whole else ""
         own.append(f"loss in slices of {mem.loss_chunk_tokens} tokens, the output head run again in the backward{saved}")
     if timed and len(tried) > 1:
         own.append(f"recomputation: AC {mem.activation_checkpointing}"

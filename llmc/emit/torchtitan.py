@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.compiler.backends import compile_on, fp8_recipe_on, get_backend
 from llmc.compiler.memory import even_parts, pipeline_chunks
 from llmc.diagnostics import Diagnostic, SpecError
 from llmc.emit.base import Emitter
@@ -254,19 +255,13 @@ def _arch_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]
         ))
 
 
-def _loss_chunks() -> int:
-    from llmc.compiler.backends import get_backend
-
-    return get_backend("torchtitan").loss_chunks
-
-
 def _chunked_loss_check(compiled, errs: list[Diagnostic]) -> None:
     """X313: ChunkedLossWrapper cuts each rank's sequence (seq_len / cp) into loss_chunks equal slices and refuses a
     length they do not divide (torchtitan 0.3.0 components/loss.py ``_chunk_local``); the CPU job computes the loss
     whole."""
     if compiled.spec.hardware.gpu == "cpu":
         return
-    local, chunks = compiled.hyper.seq_len // compiled.plan.cp, _loss_chunks()
+    local, chunks = compiled.hyper.seq_len // compiled.plan.cp, get_backend("torchtitan").loss_chunks
     if local % chunks:
         errs.append(diag("X313", "error", "data.seq_len",
                          f"torchtitan's chunked loss splits each rank's {local}-token sequence (seq_len / cp) into "
@@ -377,7 +372,7 @@ def _optimizer_schedule(compiled, notes: list[str]) -> dict[str, Any]:
         # torchtitan's own 8B/70B/405B recipes use ChunkedLossWrapper; the plan's memory counts its chunks
         # (Backend.loss_chunks, memory.loss_logits_bytes)
         "loss_kind": "ce" if cpu else "chunked",
-        "loss_chunks": _loss_chunks(),
+        "loss_chunks": get_backend("torchtitan").loss_chunks,
         "adamw": adamw,
         "adamw_no_wd": {**adamw, "weight_decay": 0.0},
         # one pattern so every pipeline stage's part matches it (each has norms)
@@ -502,8 +497,6 @@ def _hf_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]) 
 
 def _titan_compile(compiled) -> bool:
     """torch.compile as the plan's time and memory assumed it (the torchtitan backend's choice)."""
-    from llmc.compiler.backends import compile_on, get_backend
-
     if compiled.backend is not None and compiled.backend.name == "torchtitan":
         return compiled.backend.compile
     return compile_on(get_backend("torchtitan"), compiled.spec.training.compile)
@@ -519,8 +512,6 @@ MXFP8_FQNS = ["attention", "feed_forward", "shared_experts"]
 def _fp8_recipe(compiled, errs: list[Diagnostic]) -> str:
     """The fp8 recipe of the job: ``training.fp8_recipe`` or the torchtitan backend's default; X311 when
     torchtitan 0.3.0 has no converter for it."""
-    from llmc.compiler.backends import fp8_recipe_on, get_backend
-
     titan = get_backend("torchtitan")
     recipe = fp8_recipe_on(titan, compiled.spec.training.fp8_recipe)
     if recipe not in titan.fp8_recipes:  # the plan refuses it first (T011)
