@@ -162,6 +162,8 @@ def _plan(c) -> Table:
     if p.activation_checkpointing == "partial":
         where = "of every pipeline chunk" if p.pp > 1 else "of the model"
         ac_text += f": the first {p.ac_layers} blocks {where} recomputed whole, the others keep their activations"
+    if p.loss_chunk_tokens:
+        ac_text += f"; the output head and loss in slices of {p.loss_chunk_tokens} tokens, each recomputed in the backward"
     t.add_row("recompute", ac_text)
     _model_rows(t, c)
     for i, r in enumerate(c.reasons):

@@ -112,6 +112,25 @@ def test_stages_run_the_loss_slices_and_sampling_batch_their_plan_sized(monkeypa
         assert job.sampling_groups == mem["sampling_groups"] == (8 if entry["kind"] == "grpo" else None)
 
 
+def test_pretraining_runs_the_loss_slices_its_search_chose(monkeypatch):
+    """Llama 3 8B on 8 H100s on DeepSpeed (as in the README's example): the whole micro-step's logits do not fit without
+    recomputing blocks, the search slices the loss instead (the runner's option), and the pre-training job computes it in
+    those slices; torchtitan's job has its own chunked loss and never gets a slice from the search."""
+    import yaml
+
+    from llmc.spec.load import loads_spec
+
+    spec = {"name": "t", "model": "llama3-8b", "hardware": {"gpu": "h100-sxm", "count": 8},
+            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}], "seq_len": 8192, "tokens": "160B"},
+            "training": {"precision": "bf16", "global_batch_tokens": 4_194_304, "backend": "deepspeed"}}
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    lock = lock_for(loads_spec(yaml.safe_dump(spec), file="spec.yaml")[0])
+    assert lock["plan"]["loss_chunk_tokens"] == 512 and lock["plan"]["activation_checkpointing"] == "none"
+    assert TrainJob.from_lock(lock).loss_chunk == 512
+    spec["training"]["backend"] = "torchtitan"
+    assert lock_for(loads_spec(yaml.safe_dump(spec), file="spec.yaml")[0])["plan"]["loss_chunk_tokens"] == 0
+
+
 def test_lock_without_plan_shards_over_the_started_ranks(monkeypatch):
     # A post-training-only pipeline has no searched layout; under torchrun with N ranks the native
     # trainer must still run (FSDP over all N) instead of refusing "plan needs 1 process".

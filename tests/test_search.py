@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -234,21 +235,23 @@ training: {backend: BACKEND, global_batch_tokens: 4194304}
     assert nat.plan is not None and (nat.plan.pp, nat.plan.cp) == (1, 1)
 
 
-def _exhaustive(arch, world, seqs, seq_len, gpn=8):
+def _exhaustive(arch, world, seqs, seq_len, gpn=8, backend=None, chunk=0, pipeline=True, gpu=H100):
     """Every candidate of the search's space by plain loops, without pruning: the fitting ones with their
-    step time and memory (independent of the search's bookkeeping; ranked with its published key)."""
+    step time and memory (independent of the search's bookkeeping; ranked with its published key). With ``chunk``
+    (a runner that can slice the loss) a candidate whose whole loss does not fit is taken with the loss in slices when
+    that fits; ``pipeline=False``: pp = 1 only."""
     from llmc.compiler.memory import max_chunk_layers
     from llmc.compiler.plan import ParallelPlan
     from llmc.compiler.result import Candidate
     from llmc.compiler.search import CP_MIN_SEQ, MAX_MICRO_TOKENS
 
     assert seq_len < CP_MIN_SEQ and arch.moe is None  # cp = ep = 1
-    sm = timing.step_model(arch, seq_len, "bf16", H100)
+    sm = timing.step_model(arch, seq_len, "bf16", gpu, backend)
     out = []
     for t in (t for t in divisors(world) if t <= gpn and gpn % t == 0):
         if arch.n_heads % t or arch.kv_heads % t:
             continue
-        for p in (p for p in divisors(world // t) if p <= arch.n_layers):
+        for p in (p for p in divisors(world // t) if p <= arch.n_layers and (pipeline or p == 1)):
             dp = world // (t * p)
             if seqs % dp:
                 continue
@@ -266,14 +269,16 @@ def _exhaustive(arch, world, seqs, seq_len, gpn=8):
                             top = max_chunk_layers(arch.n_layers, p, sched, v)
                             for ac, k in [("none", 0), ("selective", 0), ("full", 0),
                                           *(("partial", k) for k in range(1, top))]:
-                                plan = ParallelPlan(dp_replicate=dp // ds, dp_shard=ds, tp=t, pp=p,
-                                                    pp_schedule=sched, pp_virtual_stages=v, micro_batch=mb,
-                                                    grad_accum=m, activation_checkpointing=ac, ac_layers=k,
-                                                    zero_stage=z)
-                                mem = memory_per_gpu(arch, plan, seq_len, "bf16", H100.hbm_bytes)
-                                if fits(mem):
-                                    step, mfu = timing.step_time(sm, plan)[:2]
-                                    out.append(Candidate(plan, step, mfu, mem.per_gpu_bytes, True, ""))
+                                for c in ((0, chunk) if chunk and mb * seq_len > chunk else (0,)):
+                                    plan = ParallelPlan(dp_replicate=dp // ds, dp_shard=ds, tp=t, pp=p,
+                                                        pp_schedule=sched, pp_virtual_stages=v, micro_batch=mb,
+                                                        grad_accum=m, activation_checkpointing=ac, ac_layers=k,
+                                                        zero_stage=z, loss_chunk_tokens=c)
+                                    mem = memory_per_gpu(arch, plan, seq_len, "bf16", gpu.hbm_bytes, backend=backend)
+                                    if fits(mem):
+                                        step, mfu = timing.step_time(sm, plan)[:2]
+                                        out.append(Candidate(plan, step, mfu, mem.per_gpu_bytes, True, ""))
+                                        break
     return out
 
 
@@ -303,6 +308,54 @@ def test_pruned_search_equals_exhaustive_with_many_dp_splits(model, world, seqs)
     others = [c for k, c in per_layout.items() if k != layout(every[0])][:4]
     assert [a.plan for a in res.alternatives] == [c.plan for c in others]
     assert res.evaluated < len(every)  # and it got there with fewer memory evaluations
+
+
+@pytest.mark.parametrize("model,gpu,backend,world,seqs,seq_len,sliced", [
+    ("llama3-8b", "h100-sxm", "native", 16, 256, 8192, True),  # no recomputation, the loss in slices
+    ("llama3-8b", "h100-sxm", "deepspeed", 8, 512, 8192, True),
+    ("llama3-8b", "l40s", "deepspeed", 8, 64, 2048, True),  # 2 blocks recomputed with slices, not 10 without
+    ("llama3.2-1b", "l40s", "native", 8, 64, 2048, False),  # slicing fits, recomputing nothing with ZeRO-1 is faster
+    ("llama3.2-1b", "a100-40g", "deepspeed", 2, 16, 8192, False),  # 2 blocks recomputed beat the head's recompute
+])
+def test_a_trainer_that_slices_the_loss_gets_it_where_the_whole_loss_does_not_fit(model, gpu, backend, world, seqs,
+                                                                                   seq_len, sliced):
+    # llmc's native and DeepSpeed trainers can compute the loss in slices (each slice's head recomputed in the
+    # backward): the pruned search equals the exhaustive one where every candidate takes the whole loss when it fits
+    # and the sliced one otherwise (best plan and the best of every other layout); Llama 3's 128K vocabulary makes the
+    # micro-step's fp32 logits and their gradient (11.7 GiB at 8K tokens) weigh against recomputing blocks
+    from llmc.compiler.compile import backend_pins
+    from llmc.compiler.memory import loss_slice_tokens
+    from llmc.compiler.search import _rank_key
+
+    arch, g = PRESETS[model], get_gpu(gpu)
+    chunk = loss_slice_tokens(arch.vocab_size)
+    sm = timing.step_model(arch, seq_len, "bf16", g, backend)
+    pins = backend_pins(Parallelism(), backend)
+
+    def run(loss_slice):
+        return search(arch, sm, world=world, gpu=g, seq_len=seq_len, global_batch_seqs=seqs, precision="bf16",
+                      pins=pins, top_k=4, loss_slice=loss_slice,
+                      memory_fn=lambda plan: memory_per_gpu(arch, plan, seq_len, "bf16", g.hbm_bytes, backend=backend))
+
+    res, whole = run(chunk), run(0)
+    every = sorted((c for c in _exhaustive(arch, world, seqs, seq_len, gpn=g.gpus_per_node, backend=backend,
+                                           chunk=chunk, pipeline=False, gpu=g)
+                    if c.plan.tp == (pins.tp or c.plan.tp)
+                    and c.plan.dp_replicate == (pins.dp_replicate or c.plan.dp_replicate)), key=_rank_key)
+    assert res.best.plan == every[0].plan
+    per_layout = {}
+    for c in every:
+        per_layout.setdefault((c.plan.tp, c.plan.pp, c.plan.cp, c.plan.ep), c)
+    others = [c.plan for k, c in per_layout.items() if k != (res.best.plan.tp, 1, 1, 1)][:4]
+    assert [a.plan for a in res.alternatives] == others
+    assert whole.best.plan.loss_chunk_tokens == 0
+    if sliced:
+        assert res.best.plan.loss_chunk_tokens == chunk
+        unsliced = replace(res.best.plan, loss_chunk_tokens=0)
+        assert not fits(memory_per_gpu(arch, unsliced, seq_len, "bf16", g.hbm_bytes, backend=backend))
+        assert res.best.step_seconds < whole.best.step_seconds  # it pays: less recomputation than without slices
+    else:
+        assert res.best.plan.loss_chunk_tokens == 0 and res.best.plan == whole.best.plan
 
 
 def test_peak_only_memory_equals_the_full_evaluation():

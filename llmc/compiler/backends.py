@@ -93,6 +93,10 @@ class Backend:
     # the job computes the output head and the loss over this many equal slices of each rank's micro-batch sequence,
     # each slice's backward run at once (1: the whole micro-batch's logits at the peak; memory.loss_logits_bytes)
     loss_chunks: int = 1
+    # the runner can compute the output head and the loss in slices of memory.loss_slice_tokens tokens, each slice's
+    # head recomputed in the backward (ParallelPlan.loss_chunk_tokens): the search slices the loss of a candidate whose
+    # whole logits do not fit (search._Search.fitting_plan)
+    slices_loss: bool = False
     # how ZeRO-1/2 runs (memory._static_runs, timing._Layout._split). "fsdp2": FSDP2 with reshard_after_forward=False
     # (llmc's torchtitan job and native trainer): the parameters are all-gathered before each micro-batch's forward
     # (resharded after its backward) and its gradient reduce-scattered after it, holding one unit's unsharded fp32
@@ -103,6 +107,9 @@ class Backend:
     # size (5e8 elements)
     zero12: str = "reference"
 
+
+_SLICED_LOSS = ("llmc/runtime/model.py token_losses(chunk=loss_chunk_tokens): the head and cross-entropy of each slice "
+                "under torch.utils.checkpoint, recomputed in the backward (the job's plan.loss_chunk_tokens)")
 
 _FSDP2_STATES = {
     0: StateBytes(weights=(4, 0), grads=(4, 0), optimizer=(8, 0)),
@@ -261,6 +268,7 @@ BACKENDS: dict[str, Backend] = {
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
         supports=frozenset({"dp", "fsdp", "hsdp", "tp"}), selective_ac="attention_core", zero12="fsdp2",
+        slices_loss=True,
         sources={
             "states": "llmc/runtime/distributed.py: fully_shard per block with MixedPrecisionPolicy"
             "(bf16, fp32); DDP otherwise",
@@ -268,6 +276,7 @@ BACKENDS: dict[str, Backend] = {
             "selective_ac": "llmc/runtime/model.py Transformer.set_ac('selective'): torch.utils.checkpoint around each attention core (RoPE + SDPA), Korthikanti et al. 2022 (arXiv 2205.05198) sec. 4.1 selective activation recomputation",
             "zero12": _FSDP2_ZERO12,
             "base_efficiency": "as torchtitan (same PyTorch kernels, no compile)",
+            "slices_loss": _SLICED_LOSS,
         }),
     "deepspeed": Backend(
         name="deepspeed", runnable=True, states=_DS_STATES,
@@ -277,10 +286,12 @@ BACKENDS: dict[str, Backend] = {
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
         supports=frozenset({"dp", "zero", "offload"}), selective_ac="attention_core", zero12="deepspeed",
+        slices_loss=True,
         sources={
             "states": "deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs; "
             "stage3.py estimate_zero3_model_states_mem_needs (DeepSpeed 0.19.8)",
             "fsdp_overlap": "ds_config overlap_comm=true (llmc's DeepSpeed config)",
+            "slices_loss": _SLICED_LOSS,
             "zero12": "deepspeed/runtime/zero/stage_1_and_2.py (DeepSpeed 0.19.8): reduce_ready_partitions_and_remove_grads "
             "reduces every backward when gradients are partitioned (ZeRO-2), else at the accumulation boundary; "
             "setup_buckets: with "

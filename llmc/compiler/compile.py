@@ -32,6 +32,7 @@ from llmc.compiler.result import (
     StagePlan,
     UnfitLayout,
 )
+from llmc.compiler.units import gib
 from llmc.diagnostics import Diagnostic, errors, line_for, sort_diagnostics
 from llmc.spec.facts import ExternalFacts
 from llmc.spec.load import LoadedSpec
@@ -308,7 +309,8 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
     res = search.search(arch, sm, world=run.hardware.count, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
                         precision=training.precision, pins=backend_pins(run.parallelism, o.backend),
                         memory_fn=memory_fn, peak_fn=partial(memory_fn, per_stage=False),
-                        fits_fn=None if o.fit_check else _always_fits, band=o.band)
+                        fits_fn=None if o.fit_check else _always_fits, band=o.band,
+                        loss_slice=memory_mod.loss_slice_tokens(arch.vocab_size) if _slices_loss(o.backend) else 0)
     checks.check_search(run, res, gpu, seqs, sink)
     info = {"memory_evaluations": res.evaluated, "fitting": res.fitting,
             "rejected": dict(sorted(res.rejected_counts.items()))}
@@ -316,6 +318,15 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
     if not o.fit_check and res.best is not None and not memory_mod.fits(res.memory):
         reasons.insert(0, f"fit check off: the plan needs {res.memory.per_gpu_bytes / 2**30:.1f} GiB per GPU, "
                           f"more than the {gpu.hbm_bytes / 2**30:.1f} GiB the GPU has")
+    if res.best is not None and res.best.plan.loss_chunk_tokens:
+        sliced = res.best.plan
+        whole = dataclasses.replace(sliced, loss_chunk_tokens=0)
+        logits = memory_mod.loss_logits_bytes(arch.vocab_size, whole.micro_batch * seq_len / whole.cp, whole)
+        slower = 100 * (timing.step_time(sm, sliced)[0] / timing.step_time(sm, whole)[0] - 1)
+        reasons.insert(min(2, len(reasons)), (
+            f"loss in slices of {sliced.loss_chunk_tokens} tokens: the {o.backend} trainer recomputes each slice's "
+            f"output head in the backward (+{slower:.1f}% step time) instead of holding the micro-step's "
+            f"{gib(logits)} of logits and their gradient, which do not fit with this layout and recomputation"))
     unfit = None
     if res.best is None and res.closest is not None:
         c = res.closest.plan
@@ -402,6 +413,13 @@ def _backend_and_calibration(run, gpu, calibration, sink):
                              ranking_band_pct=100 * band, backend=calibration.backend, gpu=calibration.gpu,
                              factors=dataclasses.asdict(calibration.factors), provenance=dict(calibration.provenance))
     return be_info, info, (calibration.factors if ok else None), band
+
+
+def _slices_loss(backend: str) -> bool:
+    """Can the backend's runner compute the loss in slices (backends.Backend.slices_loss)?"""
+    from llmc.compiler.backends import get_backend
+
+    return get_backend(backend).slices_loss
 
 
 def has_pretraining(run: RunSpec) -> bool:

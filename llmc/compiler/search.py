@@ -138,6 +138,8 @@ def describe(p: ParallelPlan) -> str:
         parts.append(f"zero{p.zero_stage}")
     parts.append(f"mb{p.micro_batch}x{p.grad_accum}")
     parts.append(f"ac={p.ac_label}")
+    if p.loss_chunk_tokens:
+        parts.append(f"loss_slice={p.loss_chunk_tokens}")
     return " ".join(parts)
 
 
@@ -167,11 +169,11 @@ class _Layout:
         return (self.t, self.p, self.c, self.e, self.ds, self.dr, self.sched, self.v, self.mbs[0],
                 _AC_RANK[ac], 0, self.z)
 
-    def plan(self, mb: int, ac: str, ac_layers: int = 0) -> ParallelPlan:
+    def plan(self, mb: int, ac: str, ac_layers: int = 0, chunk: int = 0) -> ParallelPlan:
         return _plan(dp_replicate=self.dr, dp_shard=self.ds, tp=self.t, pp=self.p, pp_schedule=self.sched,
                      pp_virtual_stages=self.v, cp=self.c, ep=self.e, micro_batch=mb,
                      grad_accum=self.per_dp // mb, activation_checkpointing=ac, ac_layers=ac_layers,
-                     zero_stage=self.z)
+                     zero_stage=self.z, loss_chunk_tokens=chunk)
 
     def fixed_keys(self) -> list[tuple[str, object]]:
         return [("tp", self.t), ("pp", self.p), ("cp", self.c), ("ep", self.e), ("dp_shard", self.ds),
@@ -225,8 +227,10 @@ class _Family:
 class _Search:
     """Mutable state of one search (see :func:`search`)."""
 
-    def __init__(self, arch, sm, world, gpu, seq_len, G, pins, memory_fn, fits_fn, top_k, peak_fn=None):
+    def __init__(self, arch, sm, world, gpu, seq_len, G, pins, memory_fn, fits_fn, top_k, peak_fn=None,
+                 loss_slice: int = 0):
         self.arch, self.sm, self.world, self.gpu, self.seq_len, self.G = arch, sm, world, gpu, seq_len, G
+        self.loss_slice = loss_slice  # tokens per slice of the loss the runner can compute (0: it cannot)
         self.pins, self.memory_fn, self.fits_fn, self.top_k = pins, memory_fn, fits_fn, top_k
         self.peak_fn = peak_fn or memory_fn  # the candidates' fit checks need only the peak stage
         self.capacity = gpu.hbm_bytes
@@ -266,6 +270,7 @@ class _Search:
         # per (tp, pp, cp, schedule, v, ZeRO, ep, micro-batch): the (dp_shard, ac_layers) of partial candidates that
         # did not fit; memory never rises with either (fit_from_ds, try_partial), so they rule out smaller ones
         self.partial_fails: dict[tuple, list[tuple[int, int]]] = {}
+        self.partial_found: int | None = None  # the count of try_partial's last added candidate (the fewest that fit)
 
     # ------------------------------------------------------------------ bookkeeping
     def reject(self, plan: ParallelPlan, category: str, reason: str, mem: int = 0, dims: tuple = (),
@@ -284,13 +289,36 @@ class _Search:
         # grad_accum only through min(pp, m) in-flight micro-batches (all of m for GPipe)
         m = plan.grad_accum if plan.pp_schedule == "GPipe" else min(plan.grad_accum, plan.pp)
         key = (plan.dp_shard, plan.dp > 1, plan.tp, plan.pp, plan.pp_schedule, plan.pp_virtual_stages, plan.cp,
-               plan.ep, plan.micro_batch, m, plan.activation_checkpointing, plan.ac_layers, plan.zero_stage)
+               plan.ep, plan.micro_batch, m, plan.activation_checkpointing, plan.ac_layers, plan.zero_stage,
+               plan.loss_chunk_tokens)
         hit = self.mem_cache.get(key)
         if hit is None:
             self.evaluated += 1
             hit = self.peak_fn(plan)
             self.mem_cache[key] = hit
         return hit
+
+    def chunk(self, lay: _Layout, mb: int) -> int:
+        """The loss slice of ``lay``'s least-memory candidates at micro-batch ``mb``: the runner's slice, or 0 when it
+        cannot slice the loss or one slice holds the rank's whole micro-step (mb x seq_len / cp tokens)."""
+        s = self.loss_slice
+        return s if s and mb * self.seq_len > s * lay.c else 0
+
+    def fitting_plan(self, lay: _Layout, mb: int, ac: str, k: int = 0) -> tuple[ParallelPlan, MemoryNumbers, bool]:
+        """(plan, memory, fits) of a candidate: with the whole loss when it fits, else with the loss in slices (where
+        the runner can: its head recomputed in the backward, so never faster) when that fits, else the misfit with the
+        least memory. Memory never rises when the loss is sliced, so "fits either way" has every monotonicity the
+        search relies on (dp_shard, ep, micro-batch, recomputation)."""
+        plan = lay.plan(mb, ac, k)
+        mem = self.memory(plan)
+        if self.fits_fn(mem):
+            return plan, mem, True
+        c = self.chunk(lay, mb)
+        if not c:
+            return plan, mem, False
+        plan = lay.plan(mb, ac, k, c)
+        mem = self.memory(plan)
+        return plan, mem, self.fits_fn(mem)
 
     def note_nofit(self, plan: ParallelPlan, mem: int, dims=("tp", "pp", "cp", "ep", "dp_shard", "zero_stage",
                                                            "pp_schedule", "activation_checkpointing",
@@ -360,7 +388,7 @@ class _Search:
             return False
         if any(ds <= lay.ds and e <= lay.e for ds, e in fits):
             return True
-        plan = lay.plan(lay.mbs[0], self.corner_ac, self.corner_k)
+        plan = lay.plan(lay.mbs[0], self.corner_ac, self.corner_k, self.chunk(lay, lay.mbs[0]))
         try:
             mem = self.memory(plan)
         except ValueError as e:  # a layout the memory model refuses (e.g. more pipeline chunks than blocks)
@@ -406,7 +434,8 @@ class _Search:
                 plan = _plan(dp_replicate=dp // ds, dp_shard=ds, tp=lay.t, pp=lay.p, pp_schedule=lay.sched,
                              pp_virtual_stages=lay.v, cp=lay.c, ep=lay.e, micro_batch=mb,
                              grad_accum=lay.per_dp // mb, activation_checkpointing=ac,
-                             ac_layers=self.corner_k if ac == "partial" else 0, zero_stage=lay.z)
+                             ac_layers=self.corner_k if ac == "partial" else 0, zero_stage=lay.z,
+                             loss_chunk_tokens=self.chunk(lay, mb))
                 mem = self.memory(plan)
                 if self.fits_fn(mem):
                     hi = mid
@@ -435,13 +464,14 @@ class _Search:
         fit_mem: dict[int, int] = {}  # micro-batch -> memory with the weakest AC mode that fits
         fit_step: dict[int, float] = {}  # micro-batch -> that candidate's step time
         fit_ac: dict[int, str] = {}  # micro-batch -> that AC mode
+        fit_chunk: dict[int, int] = {}  # micro-batch -> that candidate's loss slice (0: the whole loss)
         nofit_from = math.inf  # the smallest micro-batch where the strongest scanned AC mode does not fit
         any_fit = skipped = False
         strongest = self.acs[-1] if self.acs else None
         for ac in self.acs:
             for i, mb in enumerate(lay.mbs):
-                if mb in fit_mem:
-                    # a weaker AC already fits with this micro-batch: this one fits too and is slower;
+                if mb in fit_mem and not fit_chunk[mb]:
+                    # a weaker AC already fits with this micro-batch (and the whole loss): this one fits too and is slower;
                     # time it for the per-dimension comparison, memory bounded by the weaker mode's
                     plan = lay.plan(mb, ac)
                     step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac)
@@ -468,50 +498,69 @@ class _Search:
                         if ac == strongest:
                             nofit_from = min(nofit_from, mb)
                         break  # a larger shard group of its group does not fit: neither does this one
-                plan = lay.plan(mb, ac)
-                mem = self.memory(plan)
-                if not self.fits_fn(mem):
+                plan, mem, ok = self.fitting_plan(lay, mb, ac)
+                if not ok:
                     self.note_nofit(plan, mem.per_gpu_bytes)
                     if best_nofit is None or mem.per_gpu_bytes < best_nofit[0]:
                         best_nofit = (mem.per_gpu_bytes, plan)
                     if ac == strongest:
                         nofit_from = min(nofit_from, mb)
                     break
+                if plan.loss_chunk_tokens:  # fits with the loss in slices only: slower by the head's recomputation
+                    step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac, False, 0, True)
+                    if self.can_skip(lay, step):
+                        skipped = True
+                        continue
                 self.add_fit(Candidate(plan, step, mfu, mem.per_gpu_bytes, True, ""), lay)
                 any_fit = True
                 fit_mem[mb] = mem.per_gpu_bytes
                 fit_step[mb] = step
                 fit_ac[mb] = ac
+                fit_chunk[mb] = plan.loss_chunk_tokens
         if self.partial:
             for mb in lay.mbs:
                 # full recomputation keeps the least: where it does not fit, no partial one does
-                if mb >= nofit_from or fit_ac.get(mb) == "none":
-                    continue  # ... and where nothing is recomputed, none is needed
-                res = self.try_partial(lay, mb, fit_step.get(mb))
-                if res is True:
-                    any_fit = True
-                elif res is False:
-                    skipped = True
-                elif res is not None:
-                    if best_nofit is None or res[0] < best_nofit[0]:
-                        best_nofit = res
-                    if self.partial_pin:
-                        break  # more sequences per micro-batch only need more memory
+                if mb >= nofit_from or (fit_ac.get(mb) == "none" and not fit_chunk[mb]):
+                    continue  # ... and where nothing is recomputed (with the whole loss), none is needed
+                outcomes = [self.try_partial(lay, mb, fit_step.get(mb))]
+                chunk = self.chunk(lay, mb)
+                if chunk and outcomes[0] is not False and self.partial_found != 1:
+                    # with the loss in slices: fewer blocks recomputed than the whole loss needs (with as many or more,
+                    # the whole loss fits and is faster; where the whole loss's counts are pruned, slower ones are too)
+                    outcomes.append(self.try_partial(lay, mb, fit_step.get(mb), chunk, self.partial_found))
+                misfit = False
+                for res in outcomes:
+                    if res is True:
+                        any_fit = True
+                    elif res is False:
+                        skipped = True
+                    elif res is not None:
+                        misfit = True
+                        if best_nofit is None or res[0] < best_nofit[0]:
+                            best_nofit = res
+                if misfit and self.partial_pin and True not in outcomes:
+                    break  # more sequences per micro-batch only need more memory
         if not any_fit and skipped:
             self.pruned += 1  # its corner fits, but nothing it could offer beats what is known
         elif not any_fit and best_nofit is not None:
             mem_b, plan = best_nofit
             self.reject(plan, "memory", f"memory {gib(mem_b)} > {self.usable_txt()}", mem_b)
 
-    def try_partial(self, lay: _Layout, mb: int, weaker_step: float | None):
+    def try_partial(self, lay: _Layout, mb: int, weaker_step: float | None, chunk: int = 0,
+                    below: int | None = None):
         """Partial recomputation at micro-batch ``mb``: the fewest blocks per model chunk recomputed whole that
         fit (or the pinned ``ac_layers``). Memory falls and step time rises with every block recomputed, so
         the fewest that fit is the fastest; it is only worth a memory evaluation when faster than
         ``weaker_step`` (the step of the weakest scanned AC mode that fits). True: a candidate was added;
         False: pruned (it cannot beat what is known); (bytes, plan): the least-memory misfit; None: nothing
-        to try."""
+        to try. ``chunk``: the loss in slices of that many tokens (0: whole); ``below``: only counts below it. The count
+        of an added candidate is left in ``partial_found`` (None when none was added)."""
+        self.partial_found = None
         m = lay.per_dp // mb
-        time = lay.timer.time
+        sliced = chunk > 0
+
+        def time(mb, m, ac, breakdown, k):
+            return lay.timer.time(mb, m, ac, breakdown, k, sliced)
         top = max_chunk_layers(self.arch.n_layers, lay.p, lay.sched, lay.v) - 1  # more = every block ("full")
         if self.partial_k is not None:
             lo = hi = self.partial_k
@@ -531,6 +580,10 @@ class _Search:
                     else:
                         b = c - 1
                 hi = a
+        if below is not None:
+            top, hi = min(top, below - 1), min(hi, below - 1)
+            if hi < lo:
+                return None
         if self.can_skip(lay, time(mb, m, "partial", False, lo)[0]):
             return False
         if lo < hi and self.can_skip(lay, time(mb, m, "partial", False, hi)[0]):
@@ -542,13 +595,13 @@ class _Search:
                 else:
                     a = c
             hi = a
-        fails = self.partial_fails.setdefault((lay.t, lay.p, lay.c, lay.sched, lay.v, lay.z, lay.e, mb), []) \
+        fails = self.partial_fails.setdefault((lay.t, lay.p, lay.c, lay.sched, lay.v, lay.z, lay.e, mb, chunk), []) \
             if lay.ds * lay.c > 1 else []  # the dp_shard monotonicity holds with a shard group (fit_from_ds)
         ds = lay.ds
         if any(d >= ds and k >= hi for d, k in fails):
             self.counts["memory"] = self.counts.get("memory", 0) + 1
             return None  # a larger shard group with at least as many blocks recomputed did not fit
-        plan = lay.plan(mb, "partial", hi)
+        plan = lay.plan(mb, "partial", hi, chunk)
         try:
             mem = self.memory(plan)
         except ValueError as e:
@@ -563,7 +616,7 @@ class _Search:
             if any(d >= ds and k >= c for d, k in fails):
                 lo = c + 1
                 continue
-            cplan = lay.plan(mb, "partial", c)
+            cplan = lay.plan(mb, "partial", c, chunk)
             cmem = self.memory(cplan)
             if self.fits_fn(cmem):
                 hi, plan, mem = c, cplan, cmem
@@ -571,6 +624,7 @@ class _Search:
                 self.note_nofit(cplan, cmem.per_gpu_bytes)
                 fails.append((ds, c))
                 lo = c + 1
+        self.partial_found = hi
         if self.partial_k is None:
             # counts in the same 0.1 % step bin as the fewest that fit rank before it by their lower memory: take the
             # largest (step time rises with the count, memory falls)
@@ -584,7 +638,7 @@ class _Search:
                     b = c - 1
             if a > hi:
                 hi = a
-                plan = lay.plan(mb, "partial", hi)
+                plan = lay.plan(mb, "partial", hi, chunk)
                 mem = self.memory(plan)
         step, mfu = time(mb, m, "partial", False, hi)
         self.add_fit(Candidate(plan, step, mfu, mem.per_gpu_bytes, True, ""), lay)
@@ -600,7 +654,8 @@ USABLE_FRACTION = 0.92  # memory.fits headroom: allocator fragmentation margin
 
 
 def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_seqs: int, precision: str,
-           pins, memory_fn, fits_fn=None, top_k: int = 5, band: float = 0.0, peak_fn=None) -> SearchResult:
+           pins, memory_fn, fits_fn=None, top_k: int = 5, band: float = 0.0, peak_fn=None,
+           loss_slice: int = 0) -> SearchResult:
     """Find the fastest plan that fits.
 
     Args:
@@ -617,6 +672,9 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
         band: the model's relative error band; among fitting plans predicted within it of the fastest,
             the simplest (fewest pipeline stages, then no CP, then the smallest TP) is chosen, and
             ``reasons`` says so (0 = always the fastest).
+        loss_slice: tokens per slice of the loss the backend's runner can compute (``memory.loss_slice_tokens``; 0:
+            it cannot): a candidate whose whole logits do not fit is tried with the loss in slices
+            (``_Search.fitting_plan``).
 
     Layouts are visited in order of a lower bound on their step time (no recomputation, memory
     ignored) and skipped when that bound cannot beat the best plan found for any of the values
@@ -625,7 +683,7 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
     """
     if fits_fn is None:
         from llmc.compiler.memory import fits as fits_fn
-    S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k, peak_fn)
+    S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k, peak_fn, loss_slice)
     S.band = band
     ac0 = _AC_RANK[S.acs[0] if S.acs else "partial"]  # lay.order(...), inlined
     # best first: layouts in order of (lower bound, plan order); a family of layouts (all dp_shard x dp_replicate
