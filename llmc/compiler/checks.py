@@ -45,7 +45,7 @@ from __future__ import annotations
 import difflib
 import math
 
-from llmc.compiler.units import GiB
+from llmc.compiler.units import GiB, gib
 from llmc.diagnostics import Diagnostic, line_for
 
 MAX_PLAUSIBLE_MFU = 0.60  # above the best published large-run MFUs (PaLM 46 %, Chowdhery et al. 2022 Table 3)
@@ -261,9 +261,8 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
                 hints.append("fewer parallelism pins")
             hints.append("a GPU with more memory")
             sink.add("P004", "error", "hardware",
-                     f"no parallelism plan fits in {gpu.hbm_bytes / GiB:.1f} GiB per GPU ({usable / GiB:.1f} GiB "
-                     f"usable): the closest, "
-                     f"{describe(c.plan)}, needs {c.per_gpu_bytes / GiB:.1f} GiB",
+                     f"no parallelism plan fits in {gib(gpu.hbm_bytes)} per GPU ({gib(usable)} usable): the closest, "
+                     f"{describe(c.plan)}, needs {gib(c.per_gpu_bytes)}",
                      "try " + ", ".join(hints))
         else:
             reasons = sorted({c.reason for c in res.rejected})[:3]
@@ -434,21 +433,21 @@ def check_host_memory(run, memory, gpu, sink: Sink) -> None:
     if not need or gpu is None:
         return
     what = "optimizer and parameter offload" if run.parallelism.offload_params else "optimizer offload"
-    have = gpu.host_gib * 2**30
+    have = gpu.host_gib * GiB
     if not have:
         sink.add("P016", "info", "hardware.host_memory_gib",
-                 f"{what} keeps {need / 2**30:,.0f} GiB per node in host memory; the node's is not known",
+                 f"{what} keeps {need / GiB:,.0f} GiB per node in host memory; the node's is not known",
                  "set hardware.host_memory_gib to have the plan check it")
     elif need > have:
         hint = ("more nodes (each holds the optimizer of its own GPUs' shards)" +
                 (", or optimizer offload alone" if run.parallelism.offload_params else ""))
         sink.add("P016", "error", "parallelism.offload_optimizer",
-                 f"{what} needs {need / 2**30:,.0f} GiB of host memory per node, more than the node's "
-                 f"{have / 2**30:,.0f} GiB (hardware.host_memory_gib or the hardware table's reference node)", hint)
+                 f"{what} needs {need / GiB:,.0f} GiB of host memory per node, more than the node's "
+                 f"{have / GiB:,.0f} GiB (hardware.host_memory_gib or the hardware table's reference node)", hint)
     elif need > HOST_MEMORY_WARN * have:
         sink.add("P016", "warning", "parallelism.offload_optimizer",
-                 f"{what} fills {need / have:.0%} of the node's {have / 2**30:,.0f} GiB of host memory "
-                 f"({need / 2**30:,.0f} GiB)", "leave room for the OS, data loaders and pinned buffers: more nodes")
+                 f"{what} fills {need / have:.0%} of the node's {have / GiB:,.0f} GiB of host memory "
+                 f"({need / GiB:,.0f} GiB)", "leave room for the OS, data loaders and pinned buffers: more nodes")
 
 
 def check_budget(run, training_flops: float, time, cost, peak: float, price: float, sink: Sink) -> None:

@@ -316,8 +316,8 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
             "rejected": dict(sorted(res.rejected_counts.items()))}
     reasons = list(res.reasons)
     if not o.fit_check and res.best is not None and not memory_mod.fits(res.memory):
-        reasons.insert(0, f"fit check off: the plan needs {res.memory.per_gpu_bytes / 2**30:.1f} GiB per GPU, "
-                          f"more than the {gpu.hbm_bytes / 2**30:.1f} GiB the GPU has")
+        reasons.insert(0, f"fit check off: the plan needs {gib(res.memory.per_gpu_bytes)} per GPU, "
+                          f"more than the {gib(gpu.hbm_bytes)} the GPU has")
     if res.best is not None and res.best.plan.loss_chunk_tokens:
         sliced = res.best.plan
         whole = dataclasses.replace(sliced, loss_chunk_tokens=0)

@@ -557,10 +557,10 @@ class _Search:
         of an added candidate is left in ``partial_found`` (None when none was added)."""
         self.partial_found = None
         m = lay.per_dp // mb
-        sliced = chunk > 0
-
-        def time(mb, m, ac, breakdown, k):
-            return lay.timer.time(mb, m, ac, breakdown, k, sliced)
+        time = lay.timer.time
+        if chunk:
+            def time(mb, m, ac, breakdown, k):  # noqa: F811 (the head recomputed for each slice)
+                return lay.timer.time(mb, m, ac, breakdown, k, True)
         top = max_chunk_layers(self.arch.n_layers, lay.p, lay.sched, lay.v) - 1  # more = every block ("full")
         if self.partial_k is not None:
             lo = hi = self.partial_k

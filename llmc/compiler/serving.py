@@ -31,7 +31,7 @@ from collections.abc import Callable
 from llmc.compiler import params
 from llmc.compiler.hardware import GPU
 from llmc.compiler.result import ServingPlan
-from llmc.compiler.units import GiB
+from llmc.compiler.units import GiB, gib
 from llmc.diagnostics import Diagnostic, line_for
 from llmc.spec.model import Architecture
 from llmc.spec.schema import RunSpec, Serving
@@ -142,14 +142,13 @@ def _fit_diagnostic(best: dict, t: Serving, max_len: int, util: float, capacity:
     """V002 (the weights alone do not fit) or V001 (the KV cache cannot hold max_model_len x concurrency)."""
     if best["kv_budget"] <= 0:
         out.add("V002", "error", "",
-                f"weights do not fit: {best['weights_gpu'] / GiB:.1f} GiB weights + "
-                f"{best['reserve'] / GiB:.1f} GiB workspace per GPU exceed "
-                f"{best['budget'] / GiB:.1f} GiB ({util:g} x {capacity / GiB:.0f} GiB) at tp={best['tp']} pp={best['pp']}",
+                f"weights do not fit: {gib(best['weights_gpu'])} weights + {gib(best['reserve'])} workspace per GPU "
+                f"exceed {gib(best['budget'])} ({util:g} x {gib(capacity)}) at tp={best['tp']} pp={best['pp']}",
                 "quantize the weights (fp8/awq), or use more GPUs")
     else:
         out.add("V001", "error", "concurrency",
                 f"KV cache cannot hold max_model_len x concurrency ({max_len} x {t.concurrency}): needs "
-                f"{best['kv_need'] / GiB:.1f} GiB, has {best['kv_budget'] / GiB:.1f} GiB per GPU "
+                f"{gib(best['kv_need'])}, has {gib(best['kv_budget'])} per GPU "
                 f"(tp={best['tp']} pp={best['pp']}; {best['max_seqs']} sequences fit)",
                 "use kv_cache_dtype: fp8, fewer concurrent sequences, a shorter max_model_len, or more GPUs")
 
