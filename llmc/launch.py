@@ -13,8 +13,10 @@ Backends:
 * ``torchtitan`` ``llmc.runtime.titan_launch.torchtitan_command``: ``torchrun ... -m torchtitan.train
   --module llmc_job --config job`` on GPUs; on a machine without a GPU the CPU shim
   ``llmc.runtime.titan_cpu_shim`` replaces ``torchtitan.train`` (never in the emitted GPU scripts).
-  torchtitan runs the pre-training stage (finished once its ``run/<stage>/hf`` export exists: torchtitan
-  writes no DONE.json); the other stages run on the native runtime.
+  torchtitan runs the pre-training stage and each continued-training stage with its own searched ``layout``
+  (``torchtitan/llmc_job_stage<i>.py``, started from the Hugging Face export of its ``init_from`` stage, passed as
+  ``LLMC_INIT_HF``); each is finished once its ``run/<stage>/hf`` export exists (torchtitan writes no DONE.json);
+  the other stages run on the native runtime.
 * ``deepspeed``  ``deepspeed --num_gpus N --module llmc.runtime.ds_train --lock L --ds-config C ...``
   with ``DS_ACCELERATOR=cpu`` when there is no GPU. Stage kinds the DeepSpeed runner does not train
   (dpo, grpo) run on the native runtime.
@@ -43,7 +45,12 @@ from pathlib import Path
 
 from llmc.compiler.plan import ParallelPlan
 from llmc.emit.common import RUNTIME_ENTRY, launch_backend
-from llmc.runtime.capabilities import DS_STAGE_KINDS, TITAN_STAGE_KINDS
+from llmc.runtime.capabilities import (
+    DS_STAGE_KINDS,
+    TITAN_PRETRAIN_MODULE,
+    TITAN_STAGE_KINDS,
+    titan_stage_module,
+)
 from llmc.runtime.evaluate import SUMMARY as EVAL_SUMMARY
 from llmc.runtime.evaluate import eval_stages
 
@@ -85,7 +92,8 @@ def _stages(lock: dict) -> list[dict]:
     out = []
     for s in lock.get("stages") or []:
         if isinstance(s, dict) and s.get("name"):
-            out.append({"name": str(s["name"]), "kind": str(s.get("kind") or "pretrain")})
+            out.append({"name": str(s["name"]), "kind": str(s.get("kind") or "pretrain"),
+                        "layout": s.get("layout"), "init_from": s.get("init_from"), "init_hf": s.get("init_hf")})
     return out or [{"name": "pretrain", "kind": "pretrain"}]
 
 
@@ -198,9 +206,13 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
                          "--out", str(run / s["name"])], cwd=str(b), stage=s["name"])
 
     evaluated = set(eval_stages(lock))
+    position = {st["name"]: i for i, st in enumerate(_stages(lock))}
     cmds: list[Cmd] = []
     for s in stages:
         done = run / s["name"] / "DONE.json"
+        # continued training with its own searched layout runs as its own torchtitan job (torchtitan builds)
+        own = bool(s.get("layout")) and s["kind"] not in TITAN_STAGE_KINDS
+        titan = backend == "torchtitan" and (s["kind"] in TITAN_STAGE_KINDS or own)
         if backend == "deepspeed" and s["kind"] in DS_STAGE_KINDS:
             env = {} if on_gpu else {"DS_ACCELERATOR": "cpu"}
             port = os.environ.get("LLMC_MASTER_PORT", str(DEFAULT_MASTER_PORT))
@@ -208,17 +220,23 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
                           "llmc.runtime.ds_train", "--lock", lock_path, "--ds-config", str(ds_config),
                           "--stage", s["name"], "--out", str(run / s["name"])], env=env, cwd=str(b),
                     stage=s["name"])
-        elif backend == "torchtitan" and s["kind"] in TITAN_STAGE_KINDS:
+        elif titan:
             from llmc.runtime.titan_launch import torchtitan_command  # torch-free module
 
+            module = b / "torchtitan" / f"{titan_stage_module(position[s['name']]) if own else TITAN_PRETRAIN_MODULE}.py"
+            if not module.exists():
+                raise LaunchError(f"this build has no {module.relative_to(b)} for stage {s['name']!r}; rebuild with "
+                                  "`llmc build`")
             # the job reads <build>/assets and <build>/data (written by the prepare step) via LLMC_RUN_DIR
-            argv, env = torchtitan_command(titan_module, nproc, not on_gpu, run_dir=b, python=py)
+            argv, env = torchtitan_command(module, nproc, not on_gpu, run_dir=b, python=py)
+            if own and s.get("init_from") and not s.get("init_hf"):
+                env["LLMC_INIT_HF"] = str(run / s["init_from"] / "hf")  # the stage before it ends with this export
             c = Cmd(argv=argv, env=env, cwd=str(b), stage=s["name"])
             # torchtitan writes DCP checkpoints: the stage ends, as every stage does, with a Hugging Face
             # directory run/<stage>/hf (llmc.runtime.hf_io converts the newest checkpoint)
             hf = run / s["name"] / "hf" / "config.json"
-            export = Cmd(argv=[py, "-m", "llmc.runtime.hf_io", str(b), "--stage", s["name"]], cwd=str(b),
-                         stage=s["name"])
+            export = Cmd(argv=[py, "-m", "llmc.runtime.hf_io", str(b), "--stage", s["name"], "-o", str(hf.parent)],
+                         cwd=str(b), stage=s["name"])
             if hf.exists():
                 export.skip_reason = f"stage {s['name']!r} already exported ({hf.parent})"
                 # the export runs only after torchtitan finished the stage (a failed or preempted run stops the
@@ -230,7 +248,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         if done.exists():
             c.skip_reason = f"stage {s['name']!r} already finished ({done}); delete it to run the stage again"
         cmds.append(c)
-        if backend == "torchtitan" and s["kind"] in TITAN_STAGE_KINDS:
+        if titan:
             cmds.append(export)
         if s["name"] in evaluated:
             ev = Cmd(argv=[py, "-m", "llmc.runtime.evaluate", "--lock", lock_path, "--stage", s["name"],

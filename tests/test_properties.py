@@ -148,6 +148,10 @@ def _assert_stage_numbers_agree(c) -> None:
             G, P = s.hyper["group_size"], s.hyper["prompts_per_step"]
             assert G % s.micro_batch == 0
             assert s.micro_batch * s.grad_accum == -(-P // c.spec.hardware.count) * G
+        elif s.layout is not None:  # its own torchtitan job: its searched layout's batch identity, as pre-training's
+            assert s.layout.global_batch_seqs == s.global_batch_seqs and s.layout.world == c.spec.hardware.count
+            assert (s.micro_batch, s.grad_accum) == (s.layout.micro_batch, s.layout.grad_accum)
+            assert s.memory.per_gpu_bytes <= s.memory.capacity_bytes and s.time.backend == "torchtitan"
         elif s.kind != "pretrain":  # the split covers the batch with the fewest micro-steps
             # every stage but pre-training runs data parallel over every GPU (llmc.runtime.posttrain, TrainJob.from_lock)
             dp = c.spec.hardware.count

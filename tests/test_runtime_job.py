@@ -57,10 +57,10 @@ def test_long_context_stage_changes_rope_and_seq_len():
 
 
 def test_continued_training_runs_its_stage_layout_not_the_pipeline_plan(monkeypatch):
-    """Pre-training searched (here pinned) a pipeline-parallel layout, which the torchtitan job runs; the midtrain
-    and long_context stages run on llmc's native trainer, which refused it ("plan has pp=4"), so such a pipeline
-    stopped at its first continued-training stage while its plan reported every stage as fitting. They now run the
-    layout their stage plan sized and timed: FSDP2 over every rank, no TP / PP / CP, the stage's own batch split."""
+    """Pre-training searched (here pinned) a layout with model parallelism; the midtrain and long_context stages ran
+    on llmc's native trainer with it ("plan has pp=4" with a pipeline), so such a pipeline stopped at its first
+    continued-training stage while its plan reported every stage as fitting. On llmc's trainers they run the layout
+    their stage plan sized and timed: FSDP2 over every rank, no TP / PP / CP, the stage's own batch split."""
     import torch
 
     from llmc.runtime.distributed import DistInfo
@@ -78,8 +78,13 @@ def test_continued_training_runs_its_stage_layout_not_the_pipeline_plan(monkeypa
 
     from llmc.spec.load import loads_spec
 
+    # on torchtitan (the backend such a plan picks) each continued stage runs as its own torchtitan job on its own
+    # searched layout, which llmc's trainers refuse (test_continued_stages_on_torchtitan_run_their_own_layout); here the
+    # run pins the native trainer for its stages: llmc's own layout
+    spec["training"]["backend"] = "native"
+    spec["parallelism"] = {"tp": 8}
     lock = lock_for(loads_spec(yaml.safe_dump(spec), file="spec.yaml")[0])
-    assert (lock["plan"]["pp"], lock["plan"]["tp"]) == (4, 8)
+    assert lock["plan"]["tp"] == 8 and all(not s.get("layout") for s in lock["stages"])
     monkeypatch.setenv("WORLD_SIZE", "64")
     for name in ("mid", "long"):
         entry = next(s for s in lock["stages"] if s["name"] == name)
@@ -102,7 +107,9 @@ def test_stages_run_the_loss_slices_and_sampling_batch_their_plan_sized(monkeypa
 
     from llmc.spec.load import load_spec
 
-    lock = lock_for(load_spec(ROOT / "examples" / "pipeline_llama3_8b.yaml")[0])
+    run = load_spec(ROOT / "examples" / "pipeline_llama3_8b.yaml")[0]
+    # (on its default backend, torchtitan, the continued stages run as their own torchtitan jobs with CP instead)
+    lock = lock_for(run.model_copy(update={"training": run.training.model_copy(update={"backend": "native"})}))
     monkeypatch.setenv("WORLD_SIZE", "8")
     for entry in lock["stages"]:
         job = TrainJob.from_lock(lock, entry["name"])

@@ -814,9 +814,10 @@ def test_fake_backend_dry_run_llama3_8b_64_ranks(tmp_path):
 
 def test_pipeline_parallel_pretraining_then_midtrain_launches_end_to_end(tmp_path):
     """`llmc build` + `llmc launch` of pre-training on a pipeline-parallel layout (torchtitan, pp 2 on 2 gloo
-    processes) followed by a midtrain stage (llmc's native trainer, which does not run PP). The midtrain stage ran
-    the pre-training plan's layout and refused it ("plan has pp=2"), so the pipeline stopped there; it now runs its
-    own stage layout (FSDP2 over both ranks) and starts from the pre-trained weights."""
+    processes) followed by a midtrain stage, which runs as its own torchtitan job on the layout the compiler searched
+    for it (llmc_job_stage1.py), started from the pre-training stage's Hugging Face export: the job loads it through
+    torchtitan's state-dict adapter, trains the stage's 3 steps at the stage's batch, writes its checkpoints to its own
+    dump folder and ends, as every stage does, with its own export."""
     spec = tmp_path / "spec.yaml"
     spec.write_text("""\
 name: pp-then-mid
@@ -846,19 +847,30 @@ stages:
     assert r.returncode == 0, r.stdout + r.stderr
     lock = json.loads((out / "plan.lock.json").read_text())
     assert lock["plan"]["pp"] == 2 and lock["backend"]["name"] == "torchtitan"
+    mid_plan = lock["stages"][1]["layout"]
+    assert mid_plan["micro_batch"] * mid_plan["grad_accum"] * mid_plan["dp_shard"] * mid_plan["dp_replicate"] == 16
+    assert (out / "torchtitan" / "llmc_job_stage1.py").is_file()
     t0 = time.time()
-    r = subprocess.run([*llmc, "launch", str(out), "--nproc", "2"], capture_output=True, text=True, env=env,
-                       timeout=900)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert (out / "run" / "pre" / "hf").is_dir() and (out / "run" / "mid" / "DONE.json").exists()
-    mid = [json.loads(x) for x in (out / "run" / "mid" / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in mid if "loss" in m and "step" in m]
-    assert [m["step"] for m in steps] == [1, 2, 3]
+    logs = {}
+    for stage in ("pre", "mid"):  # one launch per stage: each job's log on its own
+        r = subprocess.run([*llmc, "launch", str(out), "--nproc", "2", "--stage", stage], capture_output=True,
+                           text=True, env=env, timeout=900)
+        logs[stage] = ANSI.sub("", r.stdout + r.stderr)
+        assert r.returncode == 0, logs[stage][-4000:]
+    assert (out / "run" / "pre" / "hf" / "config.json").is_file() and (out / "run" / "mid" / "hf" / "config.json").is_file()
+    assert (out / "outputs" / "torchtitan-mid" / "checkpoints" / "step-3").is_dir()
+    mid_log = logs["mid"]
+    assert "--module llmc_job_stage1" in mid_log
+    assert f"initial_load_path: {out.resolve() / 'run' / 'pre' / 'hf'}" in mid_log, mid_log[:3000]
+    degrees = ", ".join(f"{k}={mid_plan[k]}" for k in ("dp_replicate", "dp_shard", "cp", "tp"))
+    assert f"pp={mid_plan['pp']}, {degrees}" in mid_log
+    got = losses(mid_log)
+    assert sorted(got) == [1, 2, 3], mid_log[-3000:]
     # from the pre-trained weights: well below a random model's ln(2048) = 7.62 nats
-    assert steps[0]["loss"] < math.log(2048) - 0.8, steps[0]
-    print(f"pp2 pretrain + midtrain: {time.time() - t0:.1f}s, midtrain first loss {steps[0]['loss']:.3f}")
-    # a relaunch skips both stages (torchtitan's by its export: it writes no DONE.json)
+    assert got[1] < math.log(2048) - 0.8, got
+    print(f"pp2 pretrain + midtrain (own torchtitan job): {time.time() - t0:.1f}s, midtrain losses {got}")
+    # a relaunch skips both stages (each torchtitan job's by its export: it writes no DONE.json)
     r = subprocess.run([*llmc, "launch", str(out), "--nproc", "2"], capture_output=True, text=True, env=env,
                        timeout=300)
-    assert r.returncode == 0 and "already finished and exported" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
-    assert "stage 'mid' already finished" in r.stdout + r.stderr
+    out_text = r.stdout + r.stderr
+    assert r.returncode == 0 and out_text.count("already finished and exported") == 2, out_text[-3000:]

@@ -166,7 +166,8 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     if pretrains:
         _check_pretraining(run, gpu, hyper, compute, time, cost, sink)
         checks.check_host_memory(run, searched.memory, gpu, sink)
-    stages, stage_diags = _stages(run, gpu, lines, spec_path, hyper, searched, facts, be_info.name)
+    stages, stage_diags = _stages(run, gpu, lines, spec_path, hyper, searched, facts, be_info.name,
+                                  _stage_search(run, gpu, model_opts) if cluster_ok else None)
     from llmc.compiler.stages import pipeline_time
 
     pipeline = pipeline_time(stages, time.days if time else None, cost.usd if cost else None, run.hardware.count,
@@ -449,11 +450,44 @@ def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
 
 
 def _stages(run: RunSpec, gpu: GPU | None, lines: dict, file: str, hyper: Hyper, searched: _Searched,
-            facts: ExternalFacts | None, backend: str) -> tuple[list[StagePlan], list[Diagnostic]]:
+            facts: ExternalFacts | None, backend: str, stage_search=None) -> tuple[list[StagePlan], list[Diagnostic]]:
     from llmc.compiler.stages import plan_stages
 
     return plan_stages(run, gpu=gpu, lines=lines, file=file, hyper=hyper, plan=searched.plan,
-                       searched_memory=searched.memory, facts=facts, backend=backend)
+                       searched_memory=searched.memory, facts=facts, backend=backend, stage_search=stage_search)
+
+
+def _stage_search(run: RunSpec, gpu: GPU | None, o: _ModelOptions):
+    """``(seq_len, global batch seqs) -> StageLayout | None``: the parallelism search for a continued-training stage
+    (midtrain, long_context) of a torchtitan run, which runs as its own torchtitan job (the emitter writes one per
+    such stage) with every dimension pre-training's job has (TP, PP, CP, FSDP). The same models, backend, calibration
+    and error band as the pre-training search, over the whole cluster; the spec's ``parallelism`` pins describe
+    pre-training and do not bind it (a long-context stage needs its own CP). None when the run is not torchtitan's."""
+    from llmc.spec.families import family_of
+
+    if o.backend != "torchtitan" or gpu is None or not family_of(run.model).torchtitan_hf:
+        return None  # (a torchtitan job starts a stage from Hugging Face weights only through the family's adapter)
+    from llmc.compiler import memory as memory_mod
+    from llmc.compiler import search
+    from llmc.compiler.result import StageLayout
+    from llmc.spec.schema import Parallelism
+
+    arch, precision = run.model, run.training.precision
+    pins = backend_pins(Parallelism(), o.backend)
+
+    def find(seq_len: int, seqs: int) -> StageLayout | None:
+        sm = _step_model(arch, seq_len, precision, gpu, o)
+        memory_fn = partial(_memory, memory_mod, arch, seq_len, precision, gpu.hbm_bytes, False, o.backend,
+                            o.compile, o.factors)
+        res = search.search(arch, sm, world=run.hardware.count, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
+                            precision=precision, pins=pins, memory_fn=memory_fn,
+                            peak_fn=partial(memory_fn, per_stage=False), band=o.band)
+        if res.best is None:
+            return None
+        return StageLayout(plan=res.best.plan, memory=res.memory, step_seconds=res.best.step_seconds,
+                           mfu=res.best.mfu, why=res.reasons[0] if res.reasons else "")
+
+    return find
 
 
 def _serving(run: RunSpec, gpu: GPU | None, lines: dict) -> tuple[list[ServingPlan], list[Diagnostic]]:

@@ -224,6 +224,18 @@ class ContextPlan:
 
 
 @dataclass(frozen=True)
+class StageLayout:
+    """A continued-training stage's own searched layout (the run's backend is torchtitan: the stage runs as its own
+    torchtitan job, with TP / PP / CP like pre-training): the plan, its memory and one step's predicted time."""
+
+    plan: ParallelPlan
+    memory: MemoryNumbers
+    step_seconds: float
+    mfu: float
+    why: str  # the search's first reason (what was chosen among how many candidates)
+
+
+@dataclass(frozen=True)
 class StagePlan:
     """One stage's resolved plan. For the ``pretrain`` stage the training numbers equal ``Compiled.hyper``
     and the batch split equals ``Compiled.plan``; other stages resolve theirs in
@@ -261,6 +273,9 @@ class StagePlan:
     context: ContextPlan
     notes: list[str]
     time: StageTimePlan | None = None  # None for pre-training (Compiled.time) and without a GPU
+    # a continued-training stage on a torchtitan run: the layout its own torchtitan job runs (None: the stage runs
+    # on llmc's trainers on the stage estimate's layout, data parallel only)
+    layout: ParallelPlan | None = None
 
 
 @dataclass(frozen=True)

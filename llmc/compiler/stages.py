@@ -25,7 +25,8 @@ from __future__ import annotations
 import difflib
 import graphlib
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from llmc.compiler import defaults as defaults_mod
@@ -42,11 +43,12 @@ from llmc.compiler.result import (
     ModelInMemory,
     PipelineTime,
     RolloutPlan,
+    StageLayout,
     StageMemoryPlan,
     StagePlan,
     StageTimePlan,
 )
-from llmc.compiler.search import USABLE_FRACTION, divisors
+from llmc.compiler.search import USABLE_FRACTION, describe, divisors
 from llmc.compiler.units import gib
 from llmc.diagnostics import Diagnostic
 from llmc.spec.facts import ExternalFacts
@@ -404,6 +406,9 @@ class _Env:
     n_stages: int
     gpu: GPU | None = None  # the cluster's GPU (stage time and cost)
     backend: str | None = None  # the run's training backend (LM stages run on DeepSpeed when it is deepspeed)
+    # (seq_len, global batch seqs) -> StageLayout | None: a continued-training stage's own layout search (torchtitan
+    # runs: the stage runs as its own torchtitan job; compile._stage_search); None: llmc's trainers run every stage
+    stage_search: Callable[[int, int], StageLayout | None] | None = None
 
     @property
     def world(self) -> int:
@@ -714,12 +719,23 @@ def rollout_plan(env: _Env, tr: StageTraining, lora: bool, needs_ref: bool, mem:
     )
 
 
-def long_context_plan(env: _Env, st: StageBase, seq_len: int, inherited: dict, notes: list[str]) -> LongContextPlan:
+def long_context_plan(env: _Env, st: StageBase, seq_len: int, inherited: dict, notes: list[str],
+                      layout: StageLayout | None = None) -> LongContextPlan:
     """What a context extension changes: RoPE base / scaling, the CP degree and activation / KV sizes."""
     old = inherited["max_context"]
     scaling = st.rope_scaling
     factor = (scaling or {}).get("factor") or (seq_len / old if old else None)
     cp_rec = recommended_cp(seq_len, env.world)
+    if layout is not None:  # its own torchtitan job: the searched layout's CP and activations
+        return LongContextPlan(
+            old_seq_len=old, new_seq_len=seq_len, extension_factor=seq_len / old if old else None,
+            rope_theta_old=inherited["rope_theta"], rope_theta=st.rope_theta or inherited["rope_theta"],
+            rope_scaling=scaling, yarn_factor=factor if (scaling or {}).get("type") == "yarn" else None,
+            recommended_cp=cp_rec, cp=layout.plan.cp,
+            activation_bytes_per_gpu=int(layout.memory.breakdown.get("activations", 0)),
+            activation_source="the stage's searched parallelism plan (llmc.compiler.memory)",
+            kv_cache_bytes_per_sequence=seq_len * env.kv_bytes,
+        )
     cp = 1  # what runs: llmc's runtimes train this stage without context parallelism (stage_memory)
     act_plan = ParallelPlan(dp_shard=env.world, cp=cp, activation_checkpointing="full")
     if cp_rec > 1:
@@ -826,7 +842,7 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
                      f"only {frac:.0%} general data in domain stage {st.name!r}: catastrophic forgetting risk",
                      "mix 10-20% general data and monitor general benchmarks")
     if st.kind in CONTINUED_KINDS and tr.global_batch_seqs and tr.micro_batch and tr.grad_accum \
-            and tr.micro_batch * tr.grad_accum * env.world != tr.global_batch_seqs:
+            and mem.source != _LAYOUT_SOURCE and tr.micro_batch * tr.grad_accum * env.world != tr.global_batch_seqs:
         # the native trainer runs continued training data parallel over every rank and needs the exact split
         # (TrainJob.from_lock refuses the stage at launch, after the stages before it ran; DeepSpeed: X104 at build)
         unit = env.world * tr.seq_len
@@ -904,9 +920,16 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
     trainable = lora_trainable_params(arch, st.lora.rank, st.lora.targets) if st.lora else env.n_total
     models = _models(st, tr.hyper.get("kl_coef"), env.precision, notes)
     needs_ref = len(models) > 1
+    layout = None
+    if st.kind in CONTINUED_KINDS and env.stage_search is not None and tr.global_batch_seqs:
+        layout = env.stage_search(tr.seq_len, tr.global_batch_seqs)
     if st.kind == "pretrain" and env.searched_memory is not None and env.plan is not None:
         mem = _searched_stage_memory(env)
         rollout, stime = None, stage_time(env, st, tr, mem, st.lora is not None, needs_ref, None)
+    elif layout is not None:
+        tr = replace(tr, micro_batch=layout.plan.micro_batch, grad_accum=layout.plan.grad_accum)
+        mem, rollout, stime = _layout_memory(layout), None, _layout_time(env, tr, layout)
+        notes.append(f"runs as its own torchtitan job on its searched layout: {layout.why}")
     else:
         mem, rollout, stime = _recompute_choice(env, st, tr, trainable, needs_ref, notes)
     if stime is not None and stime.sampling_seconds > SAMPLING_WARN_SHARE * stime.step_seconds:
@@ -917,7 +940,7 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
                  "fewer max_new_tokens; more prompts_per_step per GPU (a rank's groups share each decoding forward "
                  "as far as their KV caches fit); or a policy that is not sharded, LoRA or states that fit one GPU: "
                  "then no decoding forward gathers weights")
-    lc = long_context_plan(env, st, tr.seq_len, inherited, notes) if st.kind == "long_context" else None
+    lc = long_context_plan(env, st, tr.seq_len, inherited, notes, layout) if st.kind == "long_context" else None
     out_ctx = _context_out(env, st, p, tr.seq_len, inherited, sink)
     check_stage(env, st, p, tr, mem, sink)
     plan = StagePlan(
@@ -931,9 +954,40 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
         rollout=rollout, long_context=lc,
         context=ContextPlan(max_context=out_ctx["max_context"], rope_theta=out_ctx["rope_theta"],
                             rope_scaling=out_ctx["rope_scaling"]),
-        notes=notes, time=stime,
+        notes=notes, time=stime, layout=layout.plan if layout is not None else None,
     )
     return plan, out_ctx
+
+
+_LAYOUT_SOURCE = "the stage's searched parallelism plan (its torchtitan job)"
+
+
+def _layout_memory(layout: StageLayout) -> StageMemoryPlan:
+    """A stage's memory from its searched layout (the figure its search fit-checked, as pre-training's)."""
+    mem, plan = layout.memory, layout.plan
+    return StageMemoryPlan(
+        per_gpu_bytes=mem.per_gpu_bytes, capacity_bytes=mem.capacity_bytes,
+        fits=mem.per_gpu_bytes <= mem.capacity_bytes, shard_degree=plan.dp_shard, cp=plan.cp,
+        activation_checkpointing=plan.activation_checkpointing, source=_LAYOUT_SOURCE,
+        breakdown=dict(mem.breakdown),
+    )
+
+
+def _layout_time(env: _Env, tr: StageTraining, layout: StageLayout) -> StageTimePlan | None:
+    """A stage's time from its searched layout's step (llmc's time model for the torchtitan job)."""
+    gpu = env.gpu
+    if gpu is None:
+        return None
+    step = layout.step_seconds
+    days = step * tr.steps / 86400.0 if tr.steps else None
+    gh = timing.gpu_hours(days, env.world) if days is not None else None
+    price = gpu.usd_per_hour
+    return StageTimePlan(
+        backend="torchtitan", step_seconds=step, train_pass_seconds=step, forward_passes=0, updates=1,
+        tokens_per_second=tr.global_batch_seqs * tr.seq_len / step, days=days, gpu_hours=gh,
+        usd=timing.usd(gh, price) if gh is not None and price else None, sampling_seconds=0.0,
+        source=f"llmc.compiler.timing on the stage's searched layout ({describe(layout.plan)}) on torchtitan",
+    )
 
 
 def _recompute_choice(env: _Env, st: StageBase, tr: StageTraining, trainable: int, needs_ref: bool,
@@ -983,7 +1037,8 @@ def _base_context(run: RunSpec, seq_len: int) -> dict:
 def plan_stages(run: RunSpec, gpu: GPU | None = None, lines: dict | None = None, file: str | None = None,
                 hyper: Hyper | None = None, plan: ParallelPlan | None = None,
                 searched_memory: MemoryNumbers | None = None, facts: ExternalFacts | None = None,
-                backend: str | None = None) -> tuple[list[StagePlan], list[Diagnostic]]:
+                backend: str | None = None, stage_search: Callable[[int, int], StageLayout | None] | None = None,
+                ) -> tuple[list[StagePlan], list[Diagnostic]]:
     """Check the stage graph and plan every stage; returns (plans in topological order, diagnostics).
 
     hyper / plan / searched_memory: the pre-training run's resolved hyperparameters, searched layout and
@@ -998,7 +1053,7 @@ def plan_stages(run: RunSpec, gpu: GPU | None = None, lines: dict | None = None,
                facts=facts, capacity=gpu.hbm_bytes if gpu is not None else None,
                n_total=params.params_total(arch), n_active=params.params_active(arch),
                n_emb=params.params_embedding(arch), kv_bytes=params.kv_bytes_per_token(arch), n_stages=len(stages),
-               gpu=gpu, backend=backend)
+               gpu=gpu, backend=backend, stage_search=stage_search)
     base = _base_context(run, run.data.seq_len)
     ctx: dict[str, dict] = {}
     plans: list[StagePlan] = []

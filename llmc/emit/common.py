@@ -16,7 +16,13 @@ from typing import Any
 from llmc import escape
 from llmc.compiler.plan import ParallelPlan
 from llmc.diagnostics import Diagnostic
-from llmc.runtime.capabilities import DS_STAGE_KINDS, NATIVE_UNSUPPORTED, TITAN_STAGE_KINDS
+from llmc.runtime.capabilities import (
+    DS_STAGE_KINDS,
+    NATIVE_UNSUPPORTED,
+    TITAN_PRETRAIN_MODULE,
+    TITAN_STAGE_KINDS,
+    titan_stage_module,
+)
 
 GEN_NOTE = "generated file, do not edit: change the spec and run `llmc build` again"
 
@@ -122,9 +128,15 @@ def planned_backend(compiled) -> str | None:
 
 
 def stage_list(compiled) -> list[dict]:
-    """Stages in execution order (``compiled.stages`` order); one ``pretrain`` stage when there are none."""
+    """Stages in execution order (``compiled.stages`` order); one ``pretrain`` stage when there are none. ``titan``:
+    a torchtitan job runs it under the torchtitan backend (pre-training, and continued training with its own searched
+    ``layout``), ``titan_module`` its job module, ``titan_init`` the stage whose Hugging Face export it starts from
+    (a continued stage's ``init_from``; None for pre-training, which starts from ``init_hf`` or a fresh init)."""
     out = []
-    for s in compiled.stages:
+    for i, s in enumerate(compiled.stages):
+        own = getattr(s, "layout", None) is not None
         out.append({"name": s.name, "kind": s.kind, "init_from": s.init_from,
-                    "ds": s.kind in DS_STAGE_KINDS, "titan": s.kind in TITAN_STAGE_KINDS})
+                    "ds": s.kind in DS_STAGE_KINDS, "titan": s.kind in TITAN_STAGE_KINDS or own,
+                    "titan_module": titan_stage_module(i) if own else TITAN_PRETRAIN_MODULE,
+                    "titan_init": s.init_from if own and not s.init_hf else None})
     return out

@@ -50,23 +50,30 @@ import os
 import posixpath
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from llmc.compiler.backends import compile_on, fp8_recipe_on, get_backend
 from llmc.compiler.memory import even_parts, pipeline_chunks
+from llmc.compiler.result import Hyper
 from llmc.diagnostics import Diagnostic, SpecError
 from llmc.emit.base import Emitter
 from llmc.emit.common import diag, gpus_per_node, jinja_env
 from llmc.escape import visible
-from llmc.runtime.capabilities import TITAN_STAGE_KINDS
+from llmc.runtime.capabilities import (
+    TITAN_PRETRAIN_MODULE,
+    TITAN_STAGE_KINDS,
+    titan_dump_subdir,
+    titan_stage_module,
+)
 from llmc.runtime.runlock import EXIT_PREEMPTED  # torch-free: the exit status of a preempted stage
 from llmc.spec.families import family_of
+from llmc.spec.model import RopeScaling
 
 TORCHTITAN_VERSION = "0.3.0"
 TORCH_VERSION = "2.14.1"
-MODULE_NAME = "llmc_job"
+MODULE_NAME = TITAN_PRETRAIN_MODULE
 CONFIG_FN = "job"
 OUT_DIR = "torchtitan"
 
@@ -589,58 +596,109 @@ def _checkpoint_comm(compiled) -> dict[str, Any]:
     }
 
 
-def torchtitan_values(compiled) -> TitanValues:
+def titan_stages(compiled) -> list[tuple[int, Any]]:
+    """(position in ``compiled.stages``, StagePlan) of every continued-training stage that runs as its own torchtitan
+    job: the compiler searched a layout for it (``StagePlan.layout``; torchtitan runs only)."""
+    return [(i, sp) for i, sp in enumerate(compiled.stages) if sp.layout is not None]
+
+
+def _stage_view(compiled, sp):
+    """The run as the stage's own job sees it: the stage's layout, training numbers (``Hyper``), data, sequence
+    length and RoPE (the context the stage trains with: a long-context stage's new base or scaling, with the
+    model's max_seq_len raised to the stage's, as llmc's trainers do), no validation and no stages. Every value the
+    pre-training job's functions compute from it is then the stage's."""
+    spec = compiled.spec
+    st = next(s for s in spec.stages if s.name == sp.name)
+    ctx = sp.context
+    arch = spec.model.model_copy(update={
+        "rope_theta": float(ctx.rope_theta),
+        "rope_scaling": RopeScaling.model_validate(ctx.rope_scaling) if ctx.rope_scaling else None,
+        "max_seq_len": max(spec.model.max_seq_len, sp.seq_len)})
+    data = (st.data or spec.data).model_copy(update={"seq_len": sp.seq_len})
+    view_spec = spec.model_copy(update={"model": arch, "data": data, "stages": [], "eval": None,
+                                        "training": spec.training.model_copy(update={"init_hf": None})})
+    hyper = Hyper(lr=sp.lr, min_lr=sp.min_lr, warmup_steps=sp.warmup_steps, steps=sp.steps,
+                  global_batch_tokens=sp.global_batch_tokens, global_batch_seqs=sp.global_batch_seqs,
+                  seq_len=sp.seq_len, schedule=sp.schedule, checkpoint_interval=sp.checkpoint_interval,
+                  checkpoint_async=compiled.hyper.checkpoint_async)
+    return replace(compiled, spec=view_spec, plan=sp.layout, hyper=hyper, stages=[]), st
+
+
+def torchtitan_values(compiled, stage: int | None = None) -> TitanValues:
     """Compute every number of the torchtitan job from the compiled plan; raise SpecError when the
-    architecture or plan cannot be expressed in torchtitan 0.3.0."""
-    if compiled.plan is None:
+    architecture or plan cannot be expressed in torchtitan 0.3.0. ``stage``: the job of the continued-training stage
+    at that position of ``compiled.stages`` (its own layout; it starts from the weights of its ``init_from`` stage's
+    Hugging Face export, or its own ``init_hf``)."""
+    if compiled.plan is None and stage is None:
         raise SpecError([diag("X300", "error", "parallelism",
                               "no feasible parallelism plan; nothing to render for torchtitan")])
     errs: list[Diagnostic] = []
     notes: list[str] = []
-    family = _family(compiled.spec.model)
-    _arch_checks(compiled, family, errs, notes)
-    _hf_checks(compiled, family, errs, notes)
-    _chunked_loss_check(compiled, errs)
-    optim = _optimizer_schedule(compiled, notes)
-    model = _model_args(compiled, family, errs, notes)
-    par = _parallelism(compiled, errs)
+    view, st = (compiled, None) if stage is None else _stage_view(compiled, compiled.stages[stage])
+    family = _family(view.spec.model)
+    _arch_checks(view, family, errs, notes)
+    _hf_checks(view, family, errs, notes)
+    _chunked_loss_check(view, errs)
+    optim = _optimizer_schedule(view, notes)
+    model = _model_args(view, family, errs, notes)
+    par = _parallelism(view, errs)
+    init_hf, init_source = init_hf_location(view), _init_hf(view)[0]
+    if st is not None:
+        # the weights it starts from: its own init_hf, else its init_from stage's Hugging Face export (written when
+        # that stage finished; `llmc launch` and the launchers pass its folder as LLMC_INIT_HF), else none (a fresh
+        # init, as llmc's trainers)
+        sp = compiled.stages[stage]
+        init_source = sp.init_hf or (posixpath.join("run", st.init_from, "hf") if st.init_from else None)
+        init_hf = _from_build(compiled, sp.init_hf) if sp.init_hf else init_source
+        if init_hf and _sd_adapter(view.spec.model, family) is None:
+            errs.append(diag("X310", "error", f"stages.{next(i for i, s in enumerate(compiled.spec.stages) if s is st)}",
+                             f"stage {st.name!r}: the torchtitan job cannot start from its base model's weights (no "
+                             f"state-dict adapter for this model in torchtitan {TORCHTITAN_VERSION})",
+                             "build with training.backend native or deepspeed"))
     if errs:
         raise SpecError(errs)
     ctx = {
         "run_name": compiled.spec.name,
+        "stage_name": None if st is None else st.name,
         **model,
         **optim,
         **par,
-        **_checkpoint_comm(compiled),
-        "seq_len": compiled.hyper.seq_len,
-        "data_sources": _data_sources(compiled),
-        "init_hf": init_hf_location(compiled),
-        "init_hf_source": _init_hf(compiled)[0],
-        "validation": _validation(compiled),
+        **_checkpoint_comm(view),
+        "seq_len": view.hyper.seq_len,
+        "data_sources": _data_sources(view),
+        "init_hf": init_hf,
+        "init_hf_source": init_source,
+        "validation": _validation(view),
+        "dump_subdir": titan_dump_subdir(None if st is None else st.name),
+        "module_name": MODULE_NAME if stage is None else titan_stage_module(stage),
+        "script_suffix": "" if stage is None else f"_stage{stage}",
     }
     return TitanValues(ctx=ctx, notes=notes)
 
 
 def launch_lines(ctx: dict[str, Any]) -> dict[str, str]:
     """The human-readable launch commands recorded in the header (exact scripts are emitted too)."""
-    mod = f"--module {MODULE_NAME} --config {CONFIG_FN}"
+    mod = f"--module {ctx['module_name']} --config {CONFIG_FN}"
     return {
         "single": f"PYTHONPATH=torchtitan torchrun --nproc_per_node={ctx['nproc_per_node']} "
         f"--rdzv_backend c10d --rdzv_endpoint=localhost:0 --local-ranks-filter 0 --role rank --tee 3 "
         f"-m torchtitan.train {mod}",
-        "multi": f"NNODES={ctx['nnodes']} MASTER_ADDR=<head> bash torchtitan/run_multi_node.sh   (on every node)",
+        "multi": f"NNODES={ctx['nnodes']} MASTER_ADDR=<head> bash torchtitan/run_multi_node{ctx['script_suffix']}.sh"
+        "   (on every node)",
         "dry_run": f"NGPU={ctx['world']} LOCAL_RANK=0 PYTHONPATH=torchtitan python -m torchtitan.train "
-        f"--module {MODULE_NAME} --config job_without_converters --comm.mode fake_backend --training.steps 1",
+        f"--module {ctx['module_name']} --config job_without_converters --comm.mode fake_backend --training.steps 1",
     }
 
 
 def torchtitan_diagnostics(compiled) -> list[Diagnostic]:
     """Why the torchtitan target cannot be emitted for this run (empty when it can)."""
-    try:
-        torchtitan_values(compiled)
-    except SpecError as e:
-        return list(e.diagnostics)
-    return []
+    out: list[Diagnostic] = []
+    for stage in (None, *(i for i, _ in titan_stages(compiled))):
+        try:
+            torchtitan_values(compiled, stage)
+        except SpecError as e:
+            out += list(e.diagnostics)
+    return out
 
 
 def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
@@ -653,7 +711,7 @@ def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
     import llmc
 
     try:
-        vals = torchtitan_values(compiled)
+        jobs = [torchtitan_values(compiled, stage) for stage in (None, *(i for i, _ in titan_stages(compiled)))]
     except SpecError as e:
         if strict:
             raise
@@ -663,25 +721,27 @@ def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
             *[visible(d.render()) for d in e.diagnostics],
         ]
         return {f"{OUT_DIR}/NOT_EMITTED.txt": "\n".join(lines) + "\n"}
-    ctx = dict(vals.ctx)
-    ctx.update(
-        llmc_version=llmc.__version__,
-        torchtitan_version=TORCHTITAN_VERSION,
-        torch_version=TORCH_VERSION,
-        spec_path=compiled.spec_path,
-        spec_sha256=compiled.spec_sha256,
-        notes=vals.notes,
-        module_name=MODULE_NAME,
-        config_fn=CONFIG_FN,
-        launch=launch_lines(vals.ctx),
-    )
     env = jinja_env()
-    files = {
-        f"{OUT_DIR}/{MODULE_NAME}.py": tidy_imports(env.get_template("torchtitan/llmc_job.py.j2").render(**ctx)),
-        f"{OUT_DIR}/run_single_node.sh": env.get_template("torchtitan/run_single_node.sh.j2").render(**ctx),
-        f"{OUT_DIR}/run_multi_node.sh": env.get_template("torchtitan/run_multi_node.sh.j2").render(**ctx),
-        f"{OUT_DIR}/slurm.sbatch": env.get_template("torchtitan/slurm.sbatch.j2").render(**ctx),
-    }
+    files = {}
+    for vals in jobs:
+        ctx = dict(vals.ctx)
+        ctx.update(
+            llmc_version=llmc.__version__,
+            torchtitan_version=TORCHTITAN_VERSION,
+            torch_version=TORCH_VERSION,
+            spec_path=compiled.spec_path,
+            spec_sha256=compiled.spec_sha256,
+            notes=vals.notes,
+            config_fn=CONFIG_FN,
+            launch=launch_lines(vals.ctx),
+        )
+        sfx, module = ctx["script_suffix"], ctx["module_name"]
+        files.update({
+            f"{OUT_DIR}/{module}.py": tidy_imports(env.get_template("torchtitan/llmc_job.py.j2").render(**ctx)),
+            f"{OUT_DIR}/run_single_node{sfx}.sh": env.get_template("torchtitan/run_single_node.sh.j2").render(**ctx),
+            f"{OUT_DIR}/run_multi_node{sfx}.sh": env.get_template("torchtitan/run_multi_node.sh.j2").render(**ctx),
+            f"{OUT_DIR}/slurm{sfx}.sbatch": env.get_template("torchtitan/slurm.sbatch.j2").render(**ctx),
+        })
     return files
 
 

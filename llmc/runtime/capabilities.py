@@ -16,3 +16,20 @@ NATIVE_UNSUPPORTED: tuple[str, ...] = ("pp", "cp", "ep")
 DS_STAGE_KINDS: tuple[str, ...] = LM_KINDS
 #: Stage kinds the emitted torchtitan job runs; the others run on the native runtime.
 TITAN_STAGE_KINDS: tuple[str, ...] = ("pretrain",)
+
+
+#: The pre-training job module llmc emits (``torchtitan/llmc_job.py``).
+TITAN_PRETRAIN_MODULE = "llmc_job"
+
+
+def titan_dump_subdir(stage: str | None = None) -> str:
+    """torchtitan's dump folder (its DCP checkpoints, TensorBoard logs) under ``<run dir>/outputs/``: the pre-training
+    job's (``stage`` None), or the own job of continued-training stage ``stage`` (a stage with a ``layout`` in the
+    lock). Stage names are plain path components (``llmc.spec.schema.NAME_PATTERN``)."""
+    return "torchtitan" if stage is None else f"torchtitan-{stage}"
+
+
+def titan_stage_module(index: int) -> str:
+    """The torchtitan job module (``torchtitan/<name>.py``) of the stage at position ``index`` of the lock's stages
+    (continued-training stages with their own ``layout``; the pre-training job is ``llmc_job``)."""
+    return f"llmc_job_stage{index}"

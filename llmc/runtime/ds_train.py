@@ -234,6 +234,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     from llmc.spec.schema import ac_label
 
     job = TrainJob.from_lock(lock, stage, build_dir=build_dir)
+    job.check_runner("DeepSpeed")
     if job.kind not in DS_STAGE_KINDS:
         raise ValueError(f"stage {job.stage!r} is {job.kind}: the DeepSpeed runner trains "
                          f"{', '.join(DS_STAGE_KINDS)}; run it with `llmc launch --backend native`")

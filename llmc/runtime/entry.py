@@ -249,6 +249,7 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
     from llmc.runtime.distributed import init_distributed, shutdown
 
     job = TrainJob.from_lock(lock, stage, build_dir=lock_dir)
+    job.check_runner("native")
     if steps:
         job = job.replace(steps=steps, warmup_steps=min(job.warmup_steps, steps // 10),
                           checkpoint_interval=min(job.checkpoint_interval, steps))

@@ -309,8 +309,9 @@ def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | No
     for stale in (out / "eval").glob(".hf-step-*"):  # left by an eval step that was killed
         shutil.rmtree(stale, ignore_errors=True)
     present = dict(list_checkpoints(out / job.checkpoint_folder))
-    if not present and build_dir is not None and job.kind in TITAN_STAGE_KINDS:
-        present = titan_checkpoints(build_dir)
+    own = bool((job.stage_plan or {}).get("layout"))  # a continued stage trained by its own torchtitan job
+    if not present and build_dir is not None and (job.kind in TITAN_STAGE_KINDS or own):
+        present = titan_checkpoints(build_dir, job.stage if own else None)
     done: dict[int, dict] = {}
     for n in steps:
         dest = out / STEP_DIR.format(step=n)

@@ -820,9 +820,12 @@ def _model_state(stage_dir: Path, *more: Path) -> tuple[dict[str, torch.Tensor],
     return out, "torchtitan"
 
 
-def titan_checkpoints(build_dir: str | Path) -> dict[int, Path]:
-    """step -> torchtitan DCP checkpoint (``step-N/.metadata``) under the build's torchtitan dump folder."""
-    titan = Path(build_dir) / "outputs" / "torchtitan"
+def titan_checkpoints(build_dir: str | Path, stage: str | None = None) -> dict[int, Path]:
+    """step -> torchtitan DCP checkpoint (``step-N/.metadata``) under the build's torchtitan dump folder: the
+    pre-training job's, or continued-training stage ``stage``'s own job's."""
+    from llmc.runtime.capabilities import titan_dump_subdir
+
+    titan = Path(build_dir) / "outputs" / titan_dump_subdir(stage)
     if not titan.is_dir():
         return {}
     return {int(p.name.split("-")[-1]): p for p in titan.glob("**/step-*")
@@ -886,7 +889,11 @@ def export_checkpoint(run_dir: str | Path, stage: str, out: str | Path | None = 
     lock = json.loads(lock_path.read_text())
     job = TrainJob.from_lock(lock, stage)
     stage_dir = root / job.stage
-    titan = lock_path.parent / "outputs" / "torchtitan"  # torchtitan's dump folder (its DCP checkpoints)
+    from llmc.runtime.capabilities import titan_dump_subdir
+
+    # torchtitan's dump folder (its DCP checkpoints): the pre-training job's, or the stage's own job's
+    own = bool((job.stage_plan or {}).get("layout"))
+    titan = lock_path.parent / "outputs" / titan_dump_subdir(job.stage if own else None)
     if not stage_dir.is_dir() and not titan.is_dir():
         raise HFError(f"{stage_dir}: stage {stage!r} has no output yet (run `llmc launch` first)")
     tok_dir = lock_path.parent / "assets"

@@ -132,6 +132,17 @@ class TrainJob:
     def tokens_per_step(self) -> int:
         return self.global_batch_seqs * self.seq_len
 
+    def check_runner(self, runner: str) -> None:
+        """Refuse, on llmc's ``runner`` (native / DeepSpeed), a continued-training stage planned as its own torchtitan
+        job: the plan sized and timed it on a layout (TP / PP / CP) only that job runs."""
+        layout = (self.stage_plan or {}).get("layout") if self.kind in CONTINUED_KINDS else None
+        if layout:
+            degrees = " ".join(f"{k}={layout[k]}" for k in ("tp", "pp", "cp", "dp_shard", "dp_replicate")
+                               if layout.get(k, 1) != 1) or "data parallel"
+            raise ValueError(f"stage {self.stage!r} was planned as its own torchtitan job ({degrees}); the {runner} "
+                             "trainer does not run that layout: launch with `llmc launch --backend torchtitan`, or "
+                             "build with training.backend native or deepspeed to plan it for llmc's trainers")
+
     def replace(self, **kw: Any) -> TrainJob:
         return replace(self, **kw)
 
@@ -182,8 +193,13 @@ class TrainJob:
         )
         gbs = int(num["global_batch_seqs"])
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        continued = job.kind in CONTINUED_KINDS and bool(entry.get("memory"))
-        if continued:
+        layout = entry.get("layout") if job.kind in CONTINUED_KINDS else None
+        continued = job.kind in CONTINUED_KINDS and bool(entry.get("memory")) and not layout
+        if layout:
+            # its own torchtitan job runs it (llmc.emit.torchtitan): the job records that layout (export and eval read
+            # the stage's lock entry); llmc's trainers refuse it (check_runner)
+            job = replace(job, **{k: int(layout[k]) for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp", "ep")})
+        elif continued:
             # continued training runs the layout its stage plan sized and timed (llmc.compiler.stages.stage_layout):
             # data parallel over every rank, FSDP2 when the stage memory is sharded, else replicated; no TP, PP or CP,
             # whatever the pre-training plan searched (its PP / CP / EP run in the torchtitan pre-training job only)
@@ -194,7 +210,7 @@ class TrainJob:
             # No searched layout in the lock (a pipeline without pre-training), started on another number of ranks
             # than its split: shard over every rank that was started (FSDP), one sequence per rank per micro-step.
             job = replace(job, dp_shard=world, dp_replicate=1, micro_batch=1, grad_accum=max(1, math.ceil(gbs / world)))
-        elif plan and job.kind not in POSTTRAIN_KINDS and job.global_batch_seqs != gbs:
+        elif plan and job.kind not in POSTTRAIN_KINDS and job.global_batch_seqs != gbs and not layout:
             # (post-training splits the stage's batch over every rank it is started on, whatever the plan's dp:
             # llmc.runtime.posttrain; its micro_batch is per forward, its grad_accum the planned count of them)
             dp = job.dp_replicate * job.dp_shard
@@ -221,7 +237,10 @@ class TrainJob:
         # ``memory.activation_checkpointing``); the searched plan's mode is the pre-training run's
         ac, ac_layers = self.activation_checkpointing, self.ac_layers
         stage_ac = (entry.get("memory") or {}).get("activation_checkpointing")
-        if st.kind != "pretrain" and stage_ac:
+        layout = entry.get("layout") if st.kind in CONTINUED_KINDS else None
+        if layout:  # its own torchtitan job's recomputation
+            ac, ac_layers = str(layout.get("activation_checkpointing", "none")), int(layout.get("ac_layers", 0))
+        elif st.kind != "pretrain" and stage_ac:
             try:
                 check_ac(stage_ac, 0)
             except ValueError as e:

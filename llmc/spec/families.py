@@ -46,17 +46,20 @@ class Family:
     torchtitan_module: str  # torchtitan 0.3.0 ``torchtitan.models.<module>``
     name_prefixes: tuple[str, ...]  # model names (lower case, no punctuation) recognised as this family
     tokenizer_specials: tuple[str, ...] = ()  # chat special tokens its tokenizer is known to have
+    # torchtitan 0.3.0's state-dict adapter for its module converts every weight of the model llmc emits, so a
+    # torchtitan job can start from Hugging Face weights (continued-training stages run as torchtitan jobs then)
+    torchtitan_hf: bool = False
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("llama", "mistral"), "LlamaForCausalLM", "gqa", False, False, "llama3",
-                    ("llama3",), LLAMA3_SPECIALS),
+                    ("llama3",), LLAMA3_SPECIALS, torchtitan_hf=True),
     "qwen2": Family("qwen2", ("qwen2",), "Qwen2ForCausalLM", "gqa", False, True, "llama3", ("qwen",),
                     QWEN_SPECIALS),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
     "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),
     "deepseek_v3": Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", "mla", True, False,
-                          "deepseek_v3", ("deepseek",)),
+                          "deepseek_v3", ("deepseek",), torchtitan_hf=True),
 }
 
 #: every HF model_type llmc imports

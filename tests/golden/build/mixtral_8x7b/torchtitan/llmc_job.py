@@ -79,7 +79,7 @@ BUILD_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_DIR = os.environ.get("LLMC_RUN_DIR", BUILD_DIR)
 ASSETS_DIR = os.environ.get("LLMC_ASSETS_DIR", os.path.join(RUN_DIR, "assets"))  # tokenizer.json
 DATA_DIR = os.environ.get("LLMC_DATA_DIR", os.path.join(RUN_DIR, "data"))  # builtin corpora, data.quality parts
-DUMP_FOLDER = os.environ.get("LLMC_DUMP_FOLDER", os.path.join(RUN_DIR, "outputs", "torchtitan"))
+DUMP_FOLDER = os.environ.get("LLMC_DUMP_FOLDER", os.path.join(RUN_DIR, "outputs", 'torchtitan'))
 
 # ---------------------------------------------------------------- data: every source read where it lies, streamed
 # Pre-training text sources: {"name", "format" (parquet | jsonl | text), "path", "under" ("build": relative to the

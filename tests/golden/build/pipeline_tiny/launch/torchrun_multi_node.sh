@@ -22,7 +22,26 @@ LOCK="$BUILD_DIR/plan.lock.json"
 # Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
 # unfinished one). STAGE=<name> runs only that stage.
 stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
+# a stage a torchtitan job trains is done once its Hugging Face export exists (torchtitan writes no DONE.json)
+titan_done() { [ -f "$RUN_DIR/$1/hf/config.json" ]; }
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+# Several nodes run the multi-node script: the first to create <run dir>/<stage>/hf.claim exports the stage a
+# torchtitan job trained, the others wait for the export (the next stage starts from it).
+export_once() {
+  titan_done "$1" && return 0
+  mkdir -p "$RUN_DIR/$1"
+  if mkdir "$RUN_DIR/$1/hf.claim" 2>/dev/null; then
+    local rc=0
+    python -m llmc.runtime.hf_io "$BUILD_DIR" --stage "$1" -o "$RUN_DIR/$1/hf" || rc=$?
+    rmdir "$RUN_DIR/$1/hf.claim"
+    return $rc
+  fi
+  echo "stage $1: another node exports it ($RUN_DIR/$1/hf.claim); waiting for $RUN_DIR/$1/hf/config.json"
+  while ! titan_done "$1"; do
+    [ -d "$RUN_DIR/$1/hf.claim" ] || { echo "stage $1: the export stopped without finishing" >&2; return 1; }
+    sleep 10
+  done
+}
 
 TORCHRUN=(torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC"
           --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_ID")
@@ -44,11 +63,14 @@ case "$BACKEND" in
     ;;
   torchtitan)
     python -m llmc.runtime.entry prepare --lock "$LOCK"
-    if want_stage pretrain && ! stage_done pretrain; then
+    # a torchtitan job writes DCP checkpoints and no DONE.json: the stage ends with its Hugging Face export
+    # (run/<stage>/hf, what the next stage starts from; one node writes it, the others wait for it)
+    if want_stage pretrain && ! titan_done pretrain; then
       LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled \
       PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
         "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
         -m torchtitan.train --module llmc_job --config job "$@"
+      export_once pretrain
     fi
     if want_stage sft && ! stage_done sft; then
       "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft

@@ -5,8 +5,8 @@
 #
 # torchrun on one node (1 processes by default).
 #   BACKEND=native     llmc.runtime.entry, every stage in order (default)
-#   BACKEND=torchtitan torchtitan.train with the job module in torchtitan/ for the pre-training stage,
-#                      llmc.runtime.entry for the others
+#   BACKEND=torchtitan torchtitan.train with the job modules in torchtitan/ for pre-training and continued
+#                      training with its own layout, llmc.runtime.entry for the others
 #   BACKEND=deepspeed  deepspeed/launch.sh (the DeepSpeed launcher)
 # Arguments after the script name go to torchtitan.train (BACKEND=torchtitan).
 # Env: NPROC, RUN_DIR (default <build>/run), STAGE, BACKEND.
@@ -19,6 +19,8 @@ LOCK="$BUILD_DIR/plan.lock.json"
 # Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
 # unfinished one). STAGE=<name> runs only that stage.
 stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
+# a stage a torchtitan job trains is done once its Hugging Face export exists (torchtitan writes no DONE.json)
+titan_done() { [ -f "$RUN_DIR/$1/hf/config.json" ]; }
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 # eval.tasks (lm-evaluation-harness) on run/<stage>/hf after the stages listed in the lock, once:
 # skipped when <run dir>/<stage>/eval/summary.json exists.
@@ -49,14 +51,13 @@ case "$BACKEND" in
     ;;
   torchtitan)
     python -m llmc.runtime.entry prepare --lock "$LOCK"
-    if want_stage pretrain && ! stage_done pretrain; then
+    # a torchtitan job writes DCP checkpoints and no DONE.json: the stage ends with its Hugging Face export
+    # (run/<stage>/hf, what the next stage starts from), and is done once that exists
+    if want_stage pretrain && ! titan_done pretrain; then
       LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled \
       PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
         "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
         -m torchtitan.train --module llmc_job --config job "$@"
-    fi
-    # torchtitan writes DCP checkpoints: export the stage's Hugging Face directory for the eval
-    if want_stage pretrain && [ ! -f "$RUN_DIR"/pretrain/hf/config.json ]; then
       python -m llmc.runtime.hf_io "$BUILD_DIR" --stage pretrain -o "$RUN_DIR"/pretrain/hf
     fi
     if want_stage pretrain; then run_evals pretrain; fi

@@ -15,6 +15,8 @@ LOCK="$BUILD_DIR/plan.lock.json"
 # Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
 # unfinished one). STAGE=<name> runs only that stage.
 stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
+# a stage a torchtitan job trains is done once its Hugging Face export exists (torchtitan writes no DONE.json)
+titan_done() { [ -f "$RUN_DIR/$1/hf/config.json" ]; }
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 # eval.tasks (lm-evaluation-harness) on run/<stage>/hf after the stages listed in the lock, once:
 # skipped when <run dir>/<stage>/eval/summary.json exists.
