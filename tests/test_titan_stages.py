@@ -132,3 +132,22 @@ def test_the_stage_job_is_the_stages_own(tmp_path):
     with pytest.raises(ValueError, match="planned as its own torchtitan job"):
         t.check_runner("native")
     TrainJob.from_lock(lock, "pre").check_runner("native")  # pre-training is not refused
+
+
+def test_tied_embeddings_stay_on_one_pipeline_stage_where_torchtitan_cannot_tie_them():
+    """torchtitan refuses weight tying with pipeline parallelism (the emitter's X303), so neither the pre-training
+    search nor a stage's own search may pick pp > 1 for a tied model on torchtitan; a pp the user pinned stays (and
+    X303 says why the job cannot be emitted)."""
+    from llmc.compiler.compile import backend_pins
+    from llmc.spec.presets import PRESETS
+    from llmc.spec.schema import Parallelism
+
+    tied, untied = PRESETS["llama3.2-1b"], PRESETS["llama3-8b"]
+    assert tied.tied_embeddings and not untied.tied_embeddings
+    assert backend_pins(Parallelism(), "torchtitan", tied).pp == 1
+    assert backend_pins(Parallelism(), "torchtitan", untied).pp is None
+    assert backend_pins(Parallelism(pp=2), "torchtitan", tied).pp == 2
+    c = compile_text(SPEC.replace("llama3-70b", "llama3.2-1b").replace("BACKEND", ", backend: torchtitan")
+                     .replace("count: 64", "count: 1024"))
+    assert c.plan.pp == 1 and all(s.layout is None or s.layout.pp == 1 for s in c.stages)
+    assert not [d for d in c.diagnostics if d.code == "X303"]

@@ -97,6 +97,9 @@ class Backend:
     # head recomputed in the backward (ParallelPlan.loss_chunk_tokens): the search slices the loss of a candidate whose
     # whole logits do not fit (search._Search.fitting_plan)
     slices_loss: bool = False
+    # the runner can pipeline a model whose output head shares the embedding's weight (False: the search keeps such a
+    # model on one pipeline stage, pp = 1)
+    tied_pp: bool = True
     # how ZeRO-1/2 runs (memory._static_runs, timing._Layout._split). "fsdp2": FSDP2 with reshard_after_forward=False
     # (llmc's torchtitan job and native trainer): the parameters are all-gathered before each micro-batch's forward
     # (resharded after its backward) and its gradient reduce-scattered after it, holding one unit's unsharded fp32
@@ -179,12 +182,14 @@ BACKENDS: dict[str, Backend] = {
         fp8_weight_cast_bytes={"tensorwise": 8.0, "rowwise": 10.0, "mxfp8": MX_CAST_UNFUSED},
         fp8_tp_gather_recipes=frozenset({"tensorwise"}), fp8_shape_stretch=True, fp8_cast_blocks_async_tp=True,
         sac_regathers_tp=True, fp8_recipes=frozenset({"rowwise", "mxfp8"}), loss_chunks=TITAN_LOSS_CHUNKS,
-        zero12="fsdp2",
+        zero12="fsdp2", tied_pp=False,
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.5, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=True, compile_act_saving=0.08, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
         supports=frozenset({"dp", "fsdp", "hsdp", "tp", "pp", "cp", "ep"}),
         sources={
+            "tied_pp": "torchtitan 0.3.0 Decoder.Config.update_from_config refuses weight tying with pipeline "
+            "parallelism (llmc's emitter: X303)",
             "states": "FSDP2 fully_shard MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); " + _TT
             + "/blob/main/torchtitan/config/job_config.py (mixed_precision_param / mixed_precision_reduce)",
             "base_efficiency": "fitted: benchmarks/ torchtitan H100 Dec 2024 rows (use: fit)",

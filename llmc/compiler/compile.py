@@ -308,7 +308,7 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
                         run.parallelism.offload_optimizer, o.backend, o.compile, o.factors,
                         offload_params=run.parallelism.offload_params)
     res = search.search(arch, sm, world=run.hardware.count, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
-                        precision=training.precision, pins=backend_pins(run.parallelism, o.backend),
+                        precision=training.precision, pins=backend_pins(run.parallelism, o.backend, arch),
                         memory_fn=memory_fn, peak_fn=partial(memory_fn, per_stage=False),
                         fits_fn=None if o.fit_check else _always_fits, band=o.band,
                         loss_slice=memory_mod.loss_slice_tokens(arch.vocab_size) if _slices_loss(o.backend) else 0)
@@ -360,14 +360,18 @@ def _always_fits(mem) -> bool:
     return True
 
 
-def backend_pins(par, backend: str):
+def backend_pins(par, backend: str, arch: Architecture | None = None):
     """The spec's pins plus what the backend's runner cannot do: a dimension it does not implement is pinned
     to 1 (llmc's DeepSpeed runner is data-parallel only; the native trainer has no PP/CP/EP), and DeepSpeed
-    has no replicate dimension. A dimension the user pinned is left as pinned (the renderers warn)."""
+    has no replicate dimension; a model with tied embeddings stays on one pipeline stage where the runner cannot tie
+    them across stages (torchtitan: X303). A dimension the user pinned is left as pinned (the renderers warn)."""
     from llmc.compiler.backends import get_backend
 
-    sup = get_backend(backend).supports
+    be = get_backend(backend)
+    sup = be.supports
     upd = {d: 1 for d in ("tp", "pp", "cp", "ep") if d not in sup and getattr(par, d) is None}
+    if arch is not None and arch.tied_embeddings and not be.tied_pp and par.pp is None:
+        upd["pp"] = 1
     if "hsdp" not in sup and par.dp_replicate is None:
         upd["dp_replicate"] = 1
     if par.offload_params and par.zero_stage is None:
@@ -473,7 +477,7 @@ def _stage_search(run: RunSpec, gpu: GPU | None, o: _ModelOptions):
     from llmc.spec.schema import Parallelism
 
     arch, precision = run.model, run.training.precision
-    pins = backend_pins(Parallelism(), o.backend)
+    pins = backend_pins(Parallelism(), o.backend, arch)
 
     def find(seq_len: int, seqs: int) -> StageLayout | None:
         sm = _step_model(arch, seq_len, precision, gpu, o)
