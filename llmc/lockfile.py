@@ -48,4 +48,6 @@ def read_lock(path: str | Path) -> dict:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"not an llmc lockfile: invalid JSON at line {e.lineno} ({e.msg})") from None
+    except RecursionError:
+        raise ValueError("not an llmc lockfile: JSON nested too deeply") from None
     return check_lock(d)

@@ -125,6 +125,9 @@ def steady(values: list[tuple[int, float]], warmup: int = WARMUP_STEPS) -> float
 def _lock(path: Path) -> dict:
     try:
         d = json.loads(path.read_text())
+    except RecursionError:
+        raise MeasurementError(str(path), 0, "M002", "plan.lock.json", "cannot read the lock: JSON nested too deeply",
+                               "pass the plan.lock.json written by llmc build") from None
     except (OSError, json.JSONDecodeError) as e:
         raise MeasurementError(str(path), 0, "M002", "plan.lock.json", f"cannot read the lock: {e}",
                                "pass the plan.lock.json written by llmc build") from e
@@ -175,6 +178,9 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise MeasurementError(str(metrics), i, "M001", "metrics.jsonl", f"not a JSON record: {e.msg}") from e
+        except RecursionError:
+            raise MeasurementError(str(metrics), i, "M001", "metrics.jsonl", "not a JSON record: nested too deeply") \
+                from None
         if "step" in r and r.get("tokens_per_s"):
             tps.append((int(r["step"]), float(r["tokens_per_s"])))
         if "step" in r and r.get("peak_mem_bytes"):
@@ -354,6 +360,8 @@ def read_table(path: str | Path) -> list[Measurement]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise MeasurementError(str(p), (mark.line + 1) if mark else 0, "M001", "table", "invalid YAML") from e
+    except RecursionError:
+        raise MeasurementError(str(p), 0, "M001", "table", "YAML nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
         raise MeasurementError(str(p), 0, "M004", "rows", "expected a mapping with a 'rows' list")
     file_keys = {k: v for k, v in doc.items() if k != "rows"}
@@ -498,6 +506,9 @@ def load_calibration(path: str | Path, spec_file: str | None = None):
         p = Path(spec_file).parent / p
     try:
         return Calibration.from_json(json.loads(p.read_text()))
+    except RecursionError:
+        raise MeasurementError(str(p), 0, "M007", "calibration", "cannot read the calibration: JSON nested too deeply",
+                               "write it with llmc calibrate") from None
     except (OSError, json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
         raise MeasurementError(str(p), 0, "M007", "calibration", f"cannot read the calibration: {e}",
                                "write it with llmc calibrate") from e

@@ -59,6 +59,8 @@ def parse_override(text: str) -> Override:
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "invalid YAML"
         raise ValueError(f"--set {key}: value {raw!r} is not a YAML scalar ({first})") from None
+    except RecursionError:
+        raise ValueError(f"--set {key}: the value is nested too deeply to read") from None
     if isinstance(value, str) and _FLOAT.match(raw.strip()):
         value = float(raw)  # YAML 1.2 reads 3e-4 as a number; PyYAML (YAML 1.1) needs a dot
     return Override(path=key, value=value, text=text)
@@ -143,7 +145,7 @@ def load_with_overrides(path: str | Path, overrides: list[Override]):
     try:
         text = p.read_text(encoding="utf-8")
         raw = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
         return load_spec(path)  # the loader's own located error for an unreadable or malformed file
     if not isinstance(raw, dict):
         return load_spec(path)

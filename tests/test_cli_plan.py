@@ -208,3 +208,21 @@ def test_command_line_misuse_is_one_line_and_exit_1(argv, cmd):
     assert err[0].startswith(f"{cmd}: error[CLI] ") and f"(see `{cmd} --help`)" in err[0], err
     r = subprocess.run([sys.executable, "-m", "llmc.cli"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "Usage: llmc" in r.stdout and "plan" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("case", ["diff", "calibration", "set", "table"])
+def test_inputs_nested_thousands_deep_are_one_located_line(case, tmp_path):
+    """A --diff lock, a calibration file, a --set value or a measured table nested thousands of levels deep made the
+    JSON / YAML readers overflow Python's recursion limit, which reached the user as error[INTERNAL]; each is now the
+    reader's own located error (found by fuzzing the command line)."""
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "d.json").write_text(deep)
+    (tmp_path / "tab.yaml").write_text("rows: " + "[" * 5000 + "]" * 5000)
+    argv = {"diff": ["plan", "examples/tiny_cpu.yaml", "--diff", str(tmp_path / "d.json")],
+            "calibration": ["plan", "examples/tiny_cpu.yaml", "--calibration", str(tmp_path / "d.json")],
+            "set": ["plan", "examples/tiny_cpu.yaml", "--set", "training.seed=" + deep[99_000:101_000]],
+            "table": ["calibrate", str(tmp_path / "tab.yaml"), "-o", str(tmp_path / "cal.json")]}[case]
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    err = [ln for ln in (r.stdout + r.stderr).splitlines() if "error[" in ln]
+    assert r.returncode == 1 and len(err) == 1 and "INTERNAL" not in err[0], r.stdout + r.stderr
+    assert "nested too deeply" in err[0] and not (tmp_path / "cal.json").exists()
