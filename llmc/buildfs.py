@@ -119,7 +119,7 @@ class Manifest:
             for rel, sha in files.items():
                 _canonical(rel)
                 ok = ok and isinstance(sha, str) and len(sha) == 64
-        except (ValueError, UnsafePathError):
+        except (ValueError, UnsafePathError, RecursionError):  # RecursionError: JSON nested thousands deep
             ok = False
         if not ok:
             raise BuildDirError(f"{where}: not a valid llmc build manifest ({MANIFEST_FORMAT})",
@@ -368,7 +368,7 @@ def _recover(dfd: int, out: Path, locked: bool) -> None:
             ok = (isinstance(journal, dict) and isinstance(journal.get("staging"), str)
                   and journal["staging"].startswith(STAGING_PREFIX) and "/" not in journal["staging"]
                   and all(isinstance(journal.get(k), list) for k in ("write", "remove")))
-        except ValueError:
+        except (ValueError, RecursionError):
             ok = False
         if not ok:
             raise BuildDirError(f"{out / JOURNAL}: unreadable build journal",

@@ -103,8 +103,9 @@ def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = Tru
         for text in sets:
             try:
                 overrides.append(parse_override(text))
-            except ValueError as e:
-                _fail([f"error[S001] {e}"])
+            except ValueError as e:  # "--set X: why" -> located like every other spec error
+                where, _, why = str(e).partition(": ")
+                _fail([f"{where}: error[S001] {why}"])
         try:
             run, lines = load_with_overrides(spec, overrides)
         except SpecError as e:
@@ -154,7 +155,7 @@ def plan(
 ) -> None:
     """Validate the spec, do the math, search a parallelism plan and print the report."""
     if format not in ("text", "json"):
-        _fail([f"error: --format must be 'text' or 'json' (got {format!r})"])
+        _fail([f"llmc plan: error[CLI] --format must be 'text' or 'json' (got {format!r}) (see `llmc plan --help`)"])
     compiled = _compile(spec, set_, fit_check=not no_fit_check, calibration=calibration)
     if diff is not None:
         from llmc.emit.lock import diff_lock

@@ -152,6 +152,8 @@ def _lock_change_summary(data: bytes) -> str:
         d = json.loads(data)
     except ValueError as e:
         return f"it is no longer valid JSON: {e}"
+    except RecursionError:
+        return "it is no longer valid JSON: nested too deeply"
     if not isinstance(d, dict):
         return "it is no longer a JSON object"
     head = (d.get("_llmc") or {}).get("spec_sha256") if isinstance(d.get("_llmc"), dict) else None

@@ -10,6 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmc.spec.facts import read_regular_file
+
+#: Largest lock llmc reads: the lock of a many-stage pipeline is a few hundred KB; a larger file, or one that
+#: is not a regular file (``/dev/zero``, a FIFO), is not a lock and is refused rather than read without end.
+MAX_LOCK_BYTES = 64 * 2**20
+
 LOCK_FILE = "plan.lock.json"
 LOCK_HEADER_KEY = "_llmc"
 # Version of the lock's layout. Bump it when a reader (``llmc launch``, the runtime) would misread
@@ -39,11 +45,15 @@ def read_lock(path: str | Path) -> dict:
     """Load a plan.lock.json; ValueError with a one-line reason if it is not a current llmc lock."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = read_regular_file(p, MAX_LOCK_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ValueError(f"no such file: {p}") from None
     except OSError as e:
         raise ValueError(f"cannot read {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"not an llmc lockfile: {p} is not UTF-8 text") from None
+    except ValueError as e:
+        raise ValueError(f"cannot read {p}: {e}") from None
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:

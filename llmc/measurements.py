@@ -30,6 +30,12 @@ from pathlib import Path
 
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.units import GiB
+from llmc.spec.facts import read_regular_file
+
+#: Largest measurement input llmc reads (a lock, metrics.jsonl, torchtitan log, table or calibration): the
+#: metrics or log of a month-long run are tens of MB; anything larger, or not a regular file (``/dev/zero``,
+#: a FIFO), is refused rather than read without end.
+MAX_INPUT_BYTES = 256 * 2**20
 
 WARMUP_STEPS = 10
 
@@ -53,6 +59,17 @@ class MeasurementError(ValueError):
     def located(self) -> str:
         loc = f"{self.file}:{self.line}" if self.line else self.file
         return f"{loc}: error[{self.code}] {self.path}: {self.message}" + (f" ({self.hint})" if self.hint else "")
+
+
+def _read_text(path: Path, code: str, what: str, hint: str = "") -> str:
+    """The text of the regular file ``path`` (at most :data:`MAX_INPUT_BYTES`; undecodable bytes replaced),
+    or the MeasurementError that locates why it cannot be read."""
+    try:
+        return read_regular_file(path, MAX_INPUT_BYTES).decode("utf-8", "replace")
+    except OSError as e:
+        raise MeasurementError(str(path), 0, code, what, f"cannot read: {e.strerror or e}", hint) from None
+    except ValueError as e:
+        raise MeasurementError(str(path), 0, code, what, f"cannot read: {e}", hint) from None
 
 
 @dataclass(frozen=True)
@@ -123,12 +140,13 @@ def steady(values: list[tuple[int, float]], warmup: int = WARMUP_STEPS) -> float
 
 
 def _lock(path: Path) -> dict:
+    text = _read_text(path, "M002", "plan.lock.json", "pass the plan.lock.json written by llmc build")
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(text)
     except RecursionError:
         raise MeasurementError(str(path), 0, "M002", "plan.lock.json", "cannot read the lock: JSON nested too deeply",
                                "pass the plan.lock.json written by llmc build") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except json.JSONDecodeError as e:
         raise MeasurementError(str(path), 0, "M002", "plan.lock.json", f"cannot read the lock: {e}",
                                "pass the plan.lock.json written by llmc build") from e
     if not isinstance(d, dict) or "spec" not in d or "plan" not in d:
@@ -167,10 +185,7 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
                                    "pass --lock PATH")
     lock = _lock(Path(lock_path))
     tps, mem = [], []
-    try:
-        lines = metrics.read_text().splitlines()
-    except OSError as e:
-        raise MeasurementError(str(metrics), 0, "M001", "metrics.jsonl", f"cannot read: {e}") from e
+    lines = _read_text(metrics, "M001", "metrics.jsonl").splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -197,10 +212,7 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
 def read_torchtitan_log(path: str | Path, lock_path: str | Path) -> Measurement:
     """A torchtitan log of a job llmc built, with that build's ``plan.lock.json``."""
     p = Path(path)
-    try:
-        steps = parse_torchtitan_log(p.read_text(errors="replace"))
-    except OSError as e:
-        raise MeasurementError(str(p), 0, "M001", "log", f"cannot read: {e}") from e
+    steps = parse_torchtitan_log(_read_text(p, "M001", "log"))
     if not steps:
         raise MeasurementError(str(p), 0, "M001", "log", "no torchtitan metrics lines (step: .. loss: .. tps: ..)",
                                "pass the rank-0 training log")
@@ -346,10 +358,7 @@ def _literals(model: str, name: str) -> tuple[str, ...]:
 def read_table(path: str | Path) -> list[Measurement]:
     """Measured layouts from a YAML (benchmarks/ schema) or CSV file."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise MeasurementError(str(p), 0, "M001", "table", f"cannot read: {e}") from e
+    text = _read_text(p, "M001", "table")
     if p.suffix.lower() == ".csv":
         rows = list(csv.DictReader(io.StringIO(text)))
         return [_row_measurement(r, {}, str(p), i + 2) for i, r in enumerate(rows)]
@@ -504,8 +513,9 @@ def load_calibration(path: str | Path, spec_file: str | None = None):
     p = Path(path)
     if not p.is_absolute() and spec_file:
         p = Path(spec_file).parent / p
+    text = _read_text(p, "M007", "calibration", "write it with llmc calibrate")
     try:
-        return Calibration.from_json(json.loads(p.read_text()))
+        return Calibration.from_json(json.loads(text))
     except RecursionError:
         raise MeasurementError(str(p), 0, "M007", "calibration", "cannot read the calibration: JSON nested too deeply",
                                "write it with llmc calibrate") from None

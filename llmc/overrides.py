@@ -155,7 +155,7 @@ def load_with_overrides(path: str | Path, overrides: list[Override]):
         from llmc.diagnostics import Diagnostic
 
         raise SpecError([Diagnostic(code="S001", severity="error", path="", message=str(e),
-                                    hint="check the key path against `llmc schema`")]) from None
+                                    hint="check the key path against `llmc schema`", file=str(path))]) from None
     lines = file_lines(text)
     try:
         run, _ = loads_spec(yaml.safe_dump(data, sort_keys=False), file=str(path), base_dir=p.parent)

@@ -120,7 +120,9 @@ def _read_summary(path: Path, stage: str, step: int | None = None) -> StageEval 
 
     try:
         d = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(d, dict):
         return None
     tasks = {t: {k: float(v) for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)}
              for t, m in (d.get("tasks") or {}).items() if isinstance(m, dict)}

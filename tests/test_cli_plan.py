@@ -226,3 +226,54 @@ def test_inputs_nested_thousands_deep_are_one_located_line(case, tmp_path):
     err = [ln for ln in (r.stdout + r.stderr).splitlines() if "error[" in ln]
     assert r.returncode == 1 and len(err) == 1 and "INTERNAL" not in err[0], r.stdout + r.stderr
     assert "nested too deeply" in err[0] and not (tmp_path / "cal.json").exists()
+
+
+@pytest.mark.parametrize("special", ["fifo", "huge"])
+@pytest.mark.parametrize("case", ["diff", "calibration", "spec_calibration", "table", "log"])
+def test_inputs_that_are_not_plain_files_are_one_located_line(case, special, tmp_path):
+    """A FIFO (no writer: reading it never ends) or a file past the size llmc reads (here a sparse 300 MB file,
+    standing in for /dev/zero, which would be read until memory ran out), given where llmc expects a lock, a
+    calibration, a measured table or a log: one located line and exit 1, at once."""
+    f = tmp_path / ("in.csv" if case == "table" else "in.json")
+    if special == "fifo":
+        os.mkfifo(f)
+    else:
+        with open(f, "wb") as fh:
+            fh.truncate(300 * 2**20)
+    (tmp_path / "s.yaml").write_text((ROOT / "examples/tiny_cpu.yaml").read_text() + f"calibration: {f}\n")
+    argv = {"diff": ["plan", "examples/tiny_cpu.yaml", "--diff", str(f)],
+            "calibration": ["plan", "examples/tiny_cpu.yaml", "--calibration", str(f)],
+            "spec_calibration": ["plan", str(tmp_path / "s.yaml")],
+            "table": ["calibrate", str(f), "-o", str(tmp_path / "cal.json")],
+            "log": ["calibrate", str(f), "--lock", str(f), "-o", str(tmp_path / "cal.json")]}[case]
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    err = [ln for ln in (r.stdout + r.stderr).splitlines() if "error[" in ln]
+    assert r.returncode == 1 and len(err) == 1 and "INTERNAL" not in err[0], r.stdout + r.stderr
+    assert err[0].startswith(str(f)) and ("not a regular file" in err[0] or "more than the" in err[0]), err[0]
+    assert not (tmp_path / "cal.json").exists()
+
+
+@pytest.mark.parametrize("name", [".llmc-build.json", ".llmc-build.journal"])
+def test_build_dir_bookkeeping_nested_thousands_deep_is_refused(name, tmp_path):
+    """A build manifest or journal nested 100,000 deep (damaged, or hostile) overflowed the JSON reader's recursion
+    (error[INTERNAL]); it is the build directory's own error, and the directory is left as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("[" * 100_000 + "]" * 100_000)
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", "build", "examples/tiny_cpu.yaml", "-o", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    err = [ln for ln in (r.stdout + r.stderr).splitlines() if "error[" in ln]
+    assert r.returncode == 1 and len(err) == 1 and "error[X010]" in err[0], r.stdout + r.stderr
+    assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("argv,prefix", [
+    (["--format", "xml"], "llmc plan: error[CLI] --format"),
+    (["--set", "foo"], "--set 'foo': error[S001] "),
+    (["--set", "name.x=1"], "examples/tiny_cpu.yaml: error[S001] --set name.x: "),
+])
+def test_option_errors_are_located(argv, prefix):
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", "plan", "examples/tiny_cpu.yaml", *argv], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(err) == 1 and err[0].startswith(prefix), r.stderr

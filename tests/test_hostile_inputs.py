@@ -142,6 +142,7 @@ def _hf(tmp_path: Path, **changes) -> Path:
     ("intermediate_size", 1e400), ("rope_theta", "big"), ("rms_norm_eps", float("nan")),
     ("tie_word_embeddings", "yes"), ("rope_scaling", "x"), ("max_position_embeddings", 8192.5),
     ("head_dim", 0), ("model_type", ["llama"]), ("hidden_act", {"a": 1}),
+    ("hidden_size", 10**60), ("vocab_size", 2**53 + 1),  # past 2**53: overflowed the FLOP count (INTERNAL)
 ])
 def test_hf_config_values_are_checked_not_coerced(tmp_path, key, value):
     _hf(tmp_path, **{key: value})
@@ -289,6 +290,70 @@ def test_layer_count_is_bounded():
             "data: {seq_len: 8192, tokens: 15T}\n")
     c = _compile(text)
     assert c.search["memory_evaluations"] < 20_000
+
+
+@pytest.mark.parametrize("big", [2**53 + 1, 10**400])
+@pytest.mark.parametrize("section,path", [
+    ("model: {preset: tiny, d_model: %s}", "model.d_model"),
+    ("model: {preset: tiny, vocab_size: %s}", "model.vocab_size"),
+    ("model: {preset: tiny, head_dim: %s}", "model.head_dim"),
+    ("training: {precision: fp32, global_batch_tokens: 4096, steps: %s}", "training.steps"),
+    ("training: {precision: fp32, global_batch_tokens: %s}", "training.global_batch_tokens"),
+    ("stages: [{name: s, kind: grpo, max_new_tokens: %s}]", "stages.0.max_new_tokens"),
+    ("serving: [{concurrency: %s}]", "serving.0.concurrency"),
+])
+def test_integers_past_two_to_the_53_are_refused_everywhere(big, section, path):
+    """Any count past 2**53 (the largest integer a double holds exactly) is a typo; a 400-digit one made the FLOP,
+    time or memory math raise OverflowError, which reached the user as error[INTERNAL] (found by fuzzing)."""
+    key = section.split(":")[0]
+    d = _one(_with(**{key: section % big}), path)
+    assert "must be" in d.message or "too large" in d.message, d.render()
+
+
+def test_two_to_the_53_itself_is_a_valid_count():
+    run, _ = loads_spec(_with(training=f"training: {{precision: fp32, global_batch_tokens: 4096, steps: {2**53}}}"))
+    assert run.training.steps == 2**53
+
+
+def test_expert_count_is_bounded():
+    """The search enumerates the divisors of the expert count: 10**18 experts kept it busy past any timeout."""
+    _one(_with(model="model: {preset: mixtral-8x7b, moe: {num_experts: 2097152, top_k: 2}}"), "model.moe.num_experts")
+
+
+@pytest.mark.parametrize("bad", ["1e300", "1e-300"])
+@pytest.mark.parametrize("field", ["bf16_tflops", "fp8_tflops", "hbm_gib", "hbm_tbps", "power_w"])
+def test_gpu_figures_are_bounded(field, bad):
+    """hbm_gib 1e300 overflowed the byte count, 1e-300 divided by zero, bf16_tflops 1e300 made a NaN: each
+    was error[INTERNAL]; the spec now takes figures from a thousandth of a unit to far past any part built."""
+    hw = f"hardware: {{gpu: h100-sxm, count: 8, gpu_overrides: {{{field}: {bad}}}}}"
+    assert "must be" in _one(_with(hardware=hw), f"hardware.gpu_overrides.{field}").message
+
+
+def test_gpu_figures_of_real_parts_are_fine():
+    hw = ("hardware: {gpu: my-gpu, count: 8, gpu_overrides: {base: b200, name: My B200, bf16_tflops: 2250, "
+          "fp8_tflops: 4500, hbm_gib: 180, hbm_tbps: 8, power_w: 1000, nvlink_gbps: 900}}")
+    run, _ = loads_spec(_with(hardware=hw))
+    assert run.hardware.gpu_overrides.hbm_gib == 180
+
+
+@pytest.mark.parametrize("name,char", [('"a\\0b"', "U+0000"), ('"x\\u202ey"', "U+202E"), ('"a\\x1b[31mb"', "U+001B"),
+                                       ('"two\\nlines"', "U+000A")])
+@pytest.mark.parametrize("where", ["model: {preset: tiny, name: %s}",
+                                   "hardware: {gpu: cpu, count: 1, gpu_overrides: {name: %s}}"])
+def test_display_names_are_printable(name, char, where):
+    """A NUL in the model name reached the emitted torchtitan job and broke `llmc build` (error[INTERNAL]
+    SyntaxError); escape sequences and bidi overrides would garble the report."""
+    key = where.split(":")[0]
+    path = "model.name" if key == "model" else "hardware.gpu_overrides.name"
+    assert char in _one(_with(**{key: where % name}), path).message
+
+
+def test_minhash_permutations_are_bounded():
+    """A million permutations kept the band/row choice busy for minutes; Lee et al. 2022 used 9,000."""
+    quality = "  quality: {near_dup: {num_perm: 1000000, bands: null, rows: null}}"
+    _one(BASE.replace("  seq_len: 128", quality + "\n  seq_len: 128"), "data.quality.near_dup.num_perm")
+    run, _ = loads_spec(BASE.replace("  seq_len: 128", "  quality: {near_dup: {num_perm: 9000}}\n  seq_len: 128"))
+    assert run.data.quality.near_dup.num_perm == 9000
 
 
 BOMB = "name: t\n" + "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(

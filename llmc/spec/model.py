@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 #: Every spec model: unknown keys refused, frozen, and no infinities or NaN in any float field
 #: (``.inf``, ``.nan`` or an overflowing ``1e400`` would turn every derived number into inf/nan).
@@ -24,8 +24,35 @@ def refuse_bool(value: Any) -> Any:
     return value
 
 
-#: An int that refuses ``true``/``false`` (and, as pydantic does, floats with a fraction).
-Int = Annotated[int, BeforeValidator(refuse_bool)]
+#: Largest magnitude of any integer in a spec: 2**53, the largest integer a double holds exactly. llmc's FLOP,
+#: time and memory math is in doubles; a larger count is a typo, and one past ~10**308 overflows that math.
+MAX_INT = 2**53
+
+
+def within_max_int(value: int) -> int:
+    """Refuse an integer larger in magnitude than :data:`MAX_INT`."""
+    if abs(value) > MAX_INT:
+        raise ValueError(f"must be at most 2**53 = {MAX_INT:,} in magnitude (got a {len(str(abs(value)))}-digit "
+                         "number)")
+    return value
+
+
+#: An int that refuses ``true``/``false`` (and, as pydantic does, floats with a fraction) and magnitudes past
+#: :data:`MAX_INT`.
+Int = Annotated[int, BeforeValidator(refuse_bool), AfterValidator(within_max_int)]
+def printable_label(value: str) -> str:
+    """Refuse display text with control characters (NUL, escape sequences, newlines), unpaired surrogates or
+    invisible format characters (bidi overrides): such a name would garble the report and the emitted files."""
+    bad = next((c for c in value if not c.isprintable()), None)
+    if bad is not None:
+        raise ValueError(f"must be printable text (found the character U+{ord(bad):04X})")
+    return value
+
+
+#: Display text (a model or GPU name): printable characters only, at most 256 of them.
+Label = Annotated[str, Field(max_length=256), AfterValidator(printable_label)]
+
+
 #: A float that refuses ``true``/``false`` (infinities and NaN are refused by :data:`_CFG`).
 Float = Annotated[float, BeforeValidator(refuse_bool)]
 
@@ -34,6 +61,10 @@ Float = Annotated[float, BeforeValidator(refuse_bool)]
 #: trained Transformer 1,000 (DeepNet, Wang et al. 2022, arXiv:2203.00555); the parallelism search
 #: enumerates pipeline splits per layer count, so this also bounds its work.
 MAX_LAYERS = 1024
+#: Most routed experts per MoE layer: published models have at most 256 (DeepSeek-V3), the most fine-grained
+#: research design 1024**2 (PEER, He 2024, arXiv:2407.04153); the search enumerates expert-parallel degrees
+#: among the divisors of this number, so it also bounds that work.
+MAX_EXPERTS = 2**20
 
 
 class SpecModel(BaseModel):
@@ -45,7 +76,7 @@ class SpecModel(BaseModel):
 class MoE(SpecModel):
     """Mixture-of-experts feed-forward (Mixtral / DeepSeek-MoE style)."""
 
-    num_experts: Int = Field(gt=0)
+    num_experts: Int = Field(gt=0, le=MAX_EXPERTS)
     """Routed experts per MoE layer (Mixtral 8, DeepSeek-V3 256)."""
     top_k: Int = Field(gt=0)
     """Routed experts each token is sent to (Mixtral 2, DeepSeek-V3 8)."""
@@ -126,7 +157,7 @@ class RopeScaling(SpecModel):
 class Architecture(SpecModel):
     """An explicit Llama-style decoder: RMSNorm, RoPE, GQA (or MLA), SwiGLU, optional MoE."""
 
-    name: str = "custom"
+    name: Label = "custom"
     """Display name (the preset name when resolved from a preset)."""
     n_layers: Int = Field(gt=0, le=MAX_LAYERS)
     """Transformer blocks (at most 1024)."""

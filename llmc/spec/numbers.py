@@ -32,6 +32,8 @@ def parse_human_number(value: object) -> object:
     """
     if isinstance(value, bool):
         raise ValueError(f"must be a number (got {value!r})")
+    if isinstance(value, int) and abs(value) > 2**1023:  # float() of an int past the double range raises
+        raise ValueError(f"is too large (a {len(str(abs(value)))}-digit integer)")
     if isinstance(value, int | float):
         return _finite(float(value), value)
     if not isinstance(value, str):

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from llmc.spec.model import Architecture, Float, Int, SpecModel, refuse_bool
+from llmc.spec.model import Architecture, Float, Int, Label, SpecModel, refuse_bool
 from llmc.spec.numbers import HumanFloat
 
 #: Run, stage and data-source names become job names, file names and folder names: no spaces,
@@ -31,6 +31,22 @@ MAX_TOKENS = 1e17
 MAX_BATCH_TOKENS = 1e15
 #: Most completions per GRPO prompt: one group is sampled and scored in one batch (DeepSeekMath-RL: 64).
 MAX_GRPO_GROUP = 4096
+
+#: Ranges of the hardware figures a spec may set (``hardware.gpu_overrides`` and ``hardware``): from a thousandth
+#: of a unit up to far past any part built (B200: 2,250 dense BF16 TFLOPS, 180 GiB at 8 TB/s, 1,000 W; NVLink 5:
+#: 900 GB/s per GPU). Values outside are typos, and at the extremes (1e-300, 1e300) the time and memory math
+#: divides by zero or overflows.
+MIN_HW, MAX_TFLOPS, MAX_HBM_GIB, MAX_HBM_TBPS, MAX_POWER_W, MAX_LINK_GBPS = 1e-3, 1e6, 1e6, 1e4, 1e6, 1e6
+#: Most US dollars per GPU-hour a spec may set (list prices are a few dollars).
+MAX_USD_PER_GPU_HOUR = 1e6
+
+#: Most MinHash permutations: the largest published setting is 9,000 (Lee et al. 2022, arXiv:2107.06499); choosing
+#: bands and rows for 16,384 takes ~2 s and the work grows with the count.
+MAX_NUM_PERM = 16384
+#: Most words per n-gram (dedup uses 5, decontamination 8-13: GPT-3 arXiv:2005.14165 App. C).
+MAX_NGRAM = 1024
+#: Most data-preparation worker processes on one machine.
+MAX_WORKERS = 4096
 
 #: A simple name (see :data:`NAME_PATTERN`), at most :data:`MAX_NAME_LEN` characters.
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME_LEN)]
@@ -100,9 +116,9 @@ class NearDup(SpecModel):
 
     threshold: Float = Field(default=0.75, gt=0, lt=1)
     """Jaccard similarity of word n-gram sets above which two documents count as near-duplicates."""
-    num_perm: Int = Field(default=112, ge=2)
-    """MinHash permutations per document."""
-    ngram: Int = Field(default=5, gt=0)
+    num_perm: Int = Field(default=112, ge=2, le=MAX_NUM_PERM)
+    """MinHash permutations per document (at most 16384)."""
+    ngram: Int = Field(default=5, gt=0, le=MAX_NGRAM)
     """Words per shingle."""
     bands: Int | None = Field(default=14, gt=0)
     """LSH bands b. None (with rows None) = the b x r minimising FP + FN at ``threshold`` (datasketch's rule)."""
@@ -115,7 +131,7 @@ class NearDup(SpecModel):
 class Decontaminate(SpecModel):
     """Remove training documents sharing an n-gram with a benchmark item (GPT-3, arXiv:2005.14165 App. C)."""
 
-    ngram: Int = Field(default=13, gt=0)
+    ngram: Int = Field(default=13, gt=0, le=MAX_NGRAM)
     """Words per n-gram (13 as in GPT-3)."""
     benchmarks: list[str] = Field(default_factory=list)
     """Benchmark files (``.jsonl`` items or text lines), relative to the spec file."""
@@ -132,7 +148,7 @@ class Quality(SpecModel):
     """MinHash near-duplicate removal. None = off."""
     decontaminate: Decontaminate | None = None
     """Benchmark decontamination. None = off."""
-    workers: Int = Field(default=1, gt=0)
+    workers: Int = Field(default=1, gt=0, le=MAX_WORKERS)
     """Worker processes."""
     expected_removal_fraction: Float | None = Field(default=None, ge=0, lt=1)
     """Expected share of tokens removed (from an earlier run's report), for the plan's tokens-left figure.
@@ -160,25 +176,25 @@ class GpuOverrides(SpecModel):
 
     base: str | None = None
     """Table key to start from (for a custom key)."""
-    name: str | None = None
+    name: Label | None = None
     """Display name."""
-    bf16_tflops: Float | None = Field(default=None, gt=0)
+    bf16_tflops: Float | None = Field(default=None, ge=MIN_HW, le=MAX_TFLOPS)
     """Dense BF16 tensor peak in TFLOPS (not the 2:4 sparsity figure)."""
-    fp8_tflops: Float | None = Field(default=None, gt=0)
+    fp8_tflops: Float | None = Field(default=None, ge=MIN_HW, le=MAX_TFLOPS)
     """Dense FP8 tensor peak in TFLOPS."""
-    fp32_tflops: Float | None = Field(default=None, gt=0)
+    fp32_tflops: Float | None = Field(default=None, ge=MIN_HW, le=MAX_TFLOPS)
     """Plain FP32 peak in TFLOPS."""
-    hbm_gib: Float | None = Field(default=None, gt=0)
+    hbm_gib: Float | None = Field(default=None, ge=MIN_HW, le=MAX_HBM_GIB)
     """Device memory in GiB."""
-    hbm_tbps: Float | None = Field(default=None, gt=0)
+    hbm_tbps: Float | None = Field(default=None, ge=MIN_HW, le=MAX_HBM_TBPS)
     """Memory bandwidth in TB/s."""
-    power_w: Float | None = Field(default=None, gt=0)
+    power_w: Float | None = Field(default=None, ge=MIN_HW, le=MAX_POWER_W)
     """Board power limit in W."""
-    nvlink_gbps: Float | None = Field(default=None, ge=0)
+    nvlink_gbps: Float | None = Field(default=None, ge=0, le=MAX_LINK_GBPS)
     """Scale-up bandwidth per GPU per direction in GB/s (0 = none)."""
-    pcie_gbps: Float | None = Field(default=None, ge=0)
+    pcie_gbps: Float | None = Field(default=None, ge=0, le=MAX_LINK_GBPS)
     """Host-link (PCIe) bandwidth per GPU per direction in GB/s; used inside a node when there is no NVLink."""
-    nvlink_domain: Int | None = Field(default=None, gt=0)
+    nvlink_domain: Int | None = Field(default=None, gt=0, le=MAX_GPUS)
     """GPUs sharing one NVLink domain (GB200 NVL72: 72). None = gpus_per_node."""
     mx_block_scaling: bool | None = None
     """Tensor cores run OCP MX block-scaled formats (MXFP8; Blackwell). Needed for ``fp8_recipe: mxfp8``."""
@@ -193,11 +209,11 @@ class Hardware(SpecModel):
     """Total accelerators (world size), at most 2**20."""
     gpus_per_node: Int | None = Field(default=None, gt=0, le=1024)
     """Accelerators per node. None = the hardware table's default (8 for HGX)."""
-    usd_per_gpu_hour: Float | None = Field(default=None, ge=0)
+    usd_per_gpu_hour: Float | None = Field(default=None, ge=0, le=MAX_USD_PER_GPU_HOUR)
     """Price per GPU-hour. None = the hardware table's reference price."""
-    inter_node_gbps: Float | None = Field(default=None, gt=0)
+    inter_node_gbps: Float | None = Field(default=None, ge=MIN_HW, le=8 * MAX_LINK_GBPS)
     """Network bandwidth per GPU in Gbit/s. None = the table's default (400 Gb/s per GPU)."""
-    host_memory_gib: Float | None = Field(default=None, gt=0)
+    host_memory_gib: Float | None = Field(default=None, ge=MIN_HW, le=MAX_HBM_GIB)
     """Host (CPU) memory per node in GiB, which optimizer and parameter offload fill (P016). None = the hardware
     table's reference node where it gives one (``llmc gpus``)."""
     gpu_overrides: GpuOverrides | None = None
