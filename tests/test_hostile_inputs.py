@@ -348,6 +348,13 @@ def test_display_names_are_printable(name, char, where):
     assert char in _one(_with(**{key: where % name}), path).message
 
 
+def test_mixture_weights_are_bounded():
+    """A weight of 1e300 made the D002 check report a source repeated "inf epochs" (tokens x weight overflowed)."""
+    text = BASE.replace("format: builtin}]", "format: builtin, weight: 1e300}, {name: b, format: builtin}]")
+    assert text != BASE
+    _one(text, "data.sources.0.weight")
+
+
 def test_minhash_permutations_are_bounded():
     """A million permutations kept the band/row choice busy for minutes; Lee et al. 2022 used 9,000."""
     quality = "  quality: {near_dup: {num_perm: 1000000, bands: null, rows: null}}"

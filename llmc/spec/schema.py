@@ -40,6 +40,9 @@ MIN_HW, MAX_TFLOPS, MAX_HBM_GIB, MAX_HBM_TBPS, MAX_POWER_W, MAX_LINK_GBPS = 1e-3
 #: Most US dollars per GPU-hour a spec may set (list prices are a few dollars).
 MAX_USD_PER_GPU_HOUR = 1e6
 
+#: Largest mixture weight: weights are relative, and a million to one is far past any published mixture; 1e300
+#: overflowed the token share (tokens x weight) to infinity.
+MAX_MIX_WEIGHT = 1e6
 #: Most MinHash permutations: the largest published setting is 9,000 (Lee et al. 2022, arXiv:2107.06499); choosing
 #: bands and rows for 16,384 takes ~2 s and the work grows with the count.
 MAX_NUM_PERM = 16384
@@ -90,8 +93,8 @@ class Source(SpecModel):
     """File format; ``builtin`` = a corpus llmc generates offline (``python-docs``)."""
     text_field: str = "text"
     """Field holding the document text (jsonl/parquet)."""
-    weight: Float = Field(default=1.0, gt=0)
-    """Mixture weight (normalised over sources)."""
+    weight: Float = Field(default=1.0, gt=0, le=MAX_MIX_WEIGHT)
+    """Mixture weight (normalised over sources), at most 10**6."""
     tokens: HumanFloat | None = Field(default=None, gt=0, le=MAX_TOKENS)
     """Unique tokens available in this source; used to warn about repeated epochs."""
     kind: Literal["general", "domain", "code", "math", "multilingual", "chat", "preference", "prompts"] = "general"
