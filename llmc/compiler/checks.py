@@ -52,7 +52,16 @@ MAX_PLAUSIBLE_MFU = 0.60  # above the best published large-run MFUs (PaLM 46 %, 
 BIG_PRETRAIN_PARAMS = 1e9  # T006 applies from 1B parameters (active)
 LR_CHECK_MIN_PARAMS = 1e8  # T001's range is for LLM pre-training; toy models legitimately go higher
 Z_LOSS_PARAMS = 30e9  # T007: suggest z-loss from ~30B (PaLM used it at 540B; OLMo/Chameleon for stability)
-MAX_EPOCHS = 4.0  # Muennighoff et al. 2023: up to ~4 epochs of repeated data is almost as good as unique
+#: Muennighoff et al. 2023, "Scaling Data-Constrained Language Models" (arXiv:2305.16264): up to ~4
+#: epochs of repeated data are almost as good as unique data.
+MAX_EPOCHS = 4.0
+
+
+def mixture_shares(sources) -> list[float]:
+    """Each source's share of its mixture: its weight over the sum of the weights (spec weights are relative).
+    The one place a share is computed: the data checks, the stage mix and the torchtitan job's loader use it."""
+    total = sum(s.weight for s in sources)
+    return [s.weight / total for s in sources]
 
 
 class Sink:
@@ -385,11 +394,11 @@ def check_data(run, hyper, sink: Sink) -> None:
     srcs = d.sources
     if not srcs:
         return
-    total_w = sum(s.weight for s in srcs)
-    for i, s in enumerate(srcs):
+    shares = mixture_shares(srcs)
+    for i, (s, share) in enumerate(zip(srcs, shares, strict=True)):
         if s.tokens is None:
             continue
-        need = d.tokens * s.weight / total_w
+        need = d.tokens * share
         epochs = need / s.tokens
         if epochs > MAX_EPOCHS:
             sink.add("D002", "warning", f"data.sources.{i}.tokens",
@@ -400,8 +409,8 @@ def check_data(run, hyper, sink: Sink) -> None:
             sink.add("D002", "info", f"data.sources.{i}.tokens",
                      f"source {s.name!r} is seen {epochs:.1f} epochs ({need:.3g} of {s.tokens:.3g} tokens)")
     if len(srcs) > 1:
-        shares = ", ".join(f"{s.name} {100 * s.weight / total_w:.1f}%" for s in srcs)
-        sink.add("D003", "info", "data.sources", f"mixture: {shares}")
+        mix = ", ".join(f"{s.name} {100 * share:.1f}%" for s, share in zip(srcs, shares, strict=True))
+        sink.add("D003", "info", "data.sources", f"mixture: {mix}")
 
 
 # ------------------------------------------------------------------------------------------- budget

@@ -50,11 +50,9 @@ import posixpath
 from dataclasses import asdict, dataclass
 
 from llmc.compiler import quality_math
+from llmc.compiler.checks import MAX_EPOCHS, mixture_shares
 from llmc.spec.schema import CHAT_KINDS
 
-#: Muennighoff et al. 2023, "Scaling Data-Constrained Language Models" (arXiv:2305.16264): up to ~4
-#: epochs of repeated data are almost as good as unique data.
-MAX_EPOCHS = 4.0
 #: Words per BPE token for English text: "1 token ~= 3/4 of a word"
 #: (https://help.openai.com/en/articles/4936856-what-are-tokens-and-how-to-count-them).
 WORDS_PER_TOKEN = 0.75
@@ -340,11 +338,10 @@ def _check_epochs(run, val: ValidationPlan | None, qual: QualityPlan | None, sin
         why.append(f"{100 * qual.expected_removal_fraction:.2g}% expected removed by the quality pass")
     if keep >= 1.0 or not data.sources:
         return
-    wsum = sum(s.weight for s in data.sources)
-    for i, s in enumerate(data.sources):
+    for i, (s, share) in enumerate(zip(data.sources, mixture_shares(data.sources), strict=True)):
         if s.tokens is None:
             continue
-        need = data.tokens * s.weight / wsum
+        need = data.tokens * share
         raw, after = need / s.tokens, need / (s.tokens * keep)
         if raw <= MAX_EPOCHS < after:
             sink.add("E001", "warning", f"data.sources.{i}.tokens",

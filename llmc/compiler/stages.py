@@ -31,7 +31,7 @@ from typing import Any
 
 from llmc.compiler import defaults as defaults_mod
 from llmc.compiler import flops, memory, params, timing
-from llmc.compiler.checks import Sink
+from llmc.compiler.checks import Sink, mixture_shares
 from llmc.compiler.hardware import GPU
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import (
@@ -794,9 +794,8 @@ def _general_fraction(stage: StageBase) -> tuple[float | None, bool]:
         return stage.general_data_fraction, True
     if not srcs:
         return None, False
-    tot = sum(s.weight for s in srcs)
-    gen = sum(s.weight for s in srcs if s.kind in ("general", "chat"))
-    return gen / tot, domain
+    return sum(share for s, share in zip(srcs, mixture_shares(srcs), strict=True)
+               if s.kind in ("general", "chat")), domain
 
 
 def check_lr(env: _Env, st: StageBase, p: str, lr: float, sink: Sink) -> None:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from llmc.compiler.backends import compile_on, fp8_recipe_on, get_backend
+from llmc.compiler.checks import mixture_shares
 from llmc.compiler.memory import even_parts, pipeline_chunks
 from llmc.compiler.result import Hyper
 from llmc.diagnostics import Diagnostic, SpecError
@@ -178,9 +179,8 @@ def _data_sources(compiled) -> list[dict[str, Any]]:
     the data dir (``under`` "data"); weights normalised (torchtitan's interleaved loader's token ratios)."""
     spec = compiled.spec
     srcs = [s for s in spec.data.sources if s.kind in TEXT_KINDS]
-    total = sum(s.weight for s in srcs)
     out = []
-    for s in srcs:
+    for s, share in zip(srcs, mixture_shares(srcs), strict=True):
         if spec.data.quality is not None:  # llmc.runtime.quality_prepare: data/quality/<name>/part-*.jsonl
             fmt, path, under, field = "jsonl", f"quality/{s.name}", "data", "text"
         elif s.format == "builtin":  # llmc.runtime.corpus, written by prepare
@@ -188,7 +188,7 @@ def _data_sources(compiled) -> list[dict[str, Any]]:
         else:
             fmt, path, under, field = s.format, _from_build(compiled, s.path), "build", s.text_field
         out.append({"name": s.name, "format": fmt, "path": path, "under": under, "text_field": field,
-                    "weight": s.weight / total})
+                    "weight": share})
     return out
 
 
