@@ -115,3 +115,14 @@ def test_missing_field_hint_is_the_field_docstring(tmp_path):
     assert missing, diags
     assert any(d.path == "hardware.count" and d.hint == "Total accelerators (world size), at most 2**20."
                for d in missing), missing
+
+
+def test_every_source_kind_is_text_or_records_never_both():
+    """The torchtitan loader streams TEXT_SOURCE_KINDS, the runtime keeps RECORD_SOURCE_KINDS for post-training: a
+    kind added to the spec and to neither list would silently be dropped by both."""
+    import typing
+
+    from llmc.spec.schema import RECORD_SOURCE_KINDS, TEXT_SOURCE_KINDS, SourceKind
+
+    assert sorted(TEXT_SOURCE_KINDS + RECORD_SOURCE_KINDS) == sorted(typing.get_args(SourceKind))
+    assert not set(TEXT_SOURCE_KINDS) & set(RECORD_SOURCE_KINDS)

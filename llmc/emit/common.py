@@ -28,6 +28,8 @@ GEN_NOTE = "generated file, do not edit: change the spec and run `llmc build` ag
 
 # The module built jobs run: ``python -m llmc.runtime.entry`` (prepare, then one stage at a time).
 RUNTIME_ENTRY = "llmc.runtime.entry"
+#: The c10d rendezvous port of multi-node launches (torchrun's and the DeepSpeed launcher's default, 29500).
+RDZV_PORT = 29500
 
 
 def diag(code: str, severity: str, path: str, message: str, hint: str = "") -> Diagnostic:

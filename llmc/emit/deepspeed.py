@@ -37,6 +37,7 @@ from llmc.compiler.plan import ParallelPlan
 from llmc.diagnostics import Diagnostic
 from llmc.emit.base import Emitter
 from llmc.emit.common import (
+    RDZV_PORT,
     diag,
     dump_json,
     gpus_per_node,
@@ -77,7 +78,6 @@ STAGE3_MAX_LIVE = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameter
 
 CONFIG_PATH = "deepspeed/ds_config.json"
 STAGE_CONFIG_PATH = "deepspeed/ds_config.{stage}.json"  # llmc.runtime.ds_train.stage_config_path
-RDZV_PORT = 29500
 
 
 @dataclass(frozen=True)

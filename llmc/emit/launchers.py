@@ -21,6 +21,7 @@ from llmc import escape
 from llmc.buildfs import GITIGNORE as BUILDFS_GITIGNORE
 from llmc.emit.base import Emitter
 from llmc.emit.common import (
+    RDZV_PORT,
     gpus_per_node,
     header_lines,
     is_cpu,
@@ -34,7 +35,6 @@ from llmc.emit.deepspeed import CONFIG_PATH
 from llmc.emit.evaluation import eval_stages
 from llmc.runtime.runlock import ELASTIC_SHUTDOWN_S, EXIT_PREEMPTED  # torch-free (preempted status, shutdown)
 
-RDZV_PORT = 29500
 #: Seconds before the time limit at which Slurm signals the batch shell (``--signal=B:USR1@N``): the
 #: time the running step has to checkpoint its current step before Slurm kills it.
 SLURM_SIGNAL_LEAD_S = 120

@@ -56,7 +56,7 @@ from typing import Any
 
 from llmc.compiler.backends import compile_on, fp8_recipe_on, get_backend
 from llmc.compiler.checks import mixture_shares
-from llmc.compiler.memory import even_parts, pipeline_chunks
+from llmc.compiler.memory import SINGLE_STAGE_SCHEDULES, even_parts, pipeline_chunks
 from llmc.compiler.result import Hyper
 from llmc.diagnostics import Diagnostic, SpecError
 from llmc.emit.base import Emitter
@@ -71,6 +71,7 @@ from llmc.runtime.capabilities import (
 from llmc.runtime.runlock import EXIT_PREEMPTED  # torch-free: the exit status of a preempted stage
 from llmc.spec.families import family_of
 from llmc.spec.model import RopeScaling
+from llmc.spec.schema import TEXT_SOURCE_KINDS
 
 TORCHTITAN_VERSION = "0.3.0"
 TORCH_VERSION = "2.14.1"
@@ -97,7 +98,6 @@ COMM_TRAIN_TIMEOUT_S = 100
 # A synchronous checkpoint save of a large state blocks the ranks; give collectives headroom then.
 COMM_TRAIN_TIMEOUT_CKPT_S = 600
 
-SINGLE_STAGE_SCHEDULES = {"1F1B", "GPipe"}
 
 # Parameters AdamW does not decay, matched with re.search on torchtitan's FQNs (ParamGroupConfig, first match
 # wins): RMSNorm gains (attention_norm, ffn_norm, norm, MLA q_norm / kv_norm), biases, the MoE expert bias and
@@ -160,9 +160,6 @@ def _rope(arch, family: str, errs: list[Diagnostic]) -> dict[str, Any]:
     return out
 
 
-TEXT_KINDS = ("general", "domain", "code", "math", "multilingual")
-
-
 def _from_build(compiled, path: str | None) -> str | None:
     """A spec path as the job reads it: absolute (``~`` expanded), else relative to the spec's folder, which
     ``llmc build`` records relative to the build directory (the job joins it with its build directory)."""
@@ -178,7 +175,7 @@ def _data_sources(compiled) -> list[dict[str, Any]]:
     "build"), or for ``builtin`` corpora and ``data.quality``'s cleaned parts, what ``prepare`` writes under
     the data dir (``under`` "data"); weights normalised (torchtitan's interleaved loader's token ratios)."""
     spec = compiled.spec
-    srcs = [s for s in spec.data.sources if s.kind in TEXT_KINDS]
+    srcs = [s for s in spec.data.sources if s.kind in TEXT_SOURCE_KINDS]
     out = []
     for s, share in zip(srcs, mixture_shares(srcs), strict=True):
         if spec.data.quality is not None:  # llmc.runtime.quality_prepare: data/quality/<name>/part-*.jsonl

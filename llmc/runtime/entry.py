@@ -33,6 +33,7 @@ from pathlib import Path
 from llmc.lockfile import read_lock
 from llmc.runtime.data import Assets, SourceData
 from llmc.runtime.job import NATIVE_KINDS, POSTTRAIN_KINDS, TrainJob
+from llmc.spec.schema import RECORD_SOURCE_KINDS
 
 MAX_TOKENIZER_TRAIN_CHARS = 50_000_000  # cap on text fed to BPE training
 
@@ -97,7 +98,7 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
     produced: list[SourceData] = []
     text_keys: dict[str, str] = {}  # text source name -> key of its content
     for src in _stage_sources(job):
-        if src.format == "builtin" and src.kind in ("chat", "preference", "prompts"):
+        if src.format == "builtin" and src.kind in RECORD_SOURCE_KINDS:
             continue  # post-training records: generated at stage time by llmc.runtime.synthetic
         if src.format == "builtin":
             target = data_dir / f"{src.name}.jsonl"
@@ -117,7 +118,7 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
             raise ValueError(f"data source {src.name!r} has no path (planning-only source); the native trainer "
                              f"needs local data")
         path = job.resolve_path(src.path)
-        if src.kind in ("chat", "preference", "prompts"):  # structured records: read by the post-training code
+        if src.kind in RECORD_SOURCE_KINDS:  # structured records: read by the post-training code
             produced.append(SourceData(src.name, str(path), src.format, src.text_field, src.weight))
             continue
         fmt = "hf" if is_hf_saved_dataset(path) else src.format
@@ -164,9 +165,9 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
     assets = Assets(str(root), str(asset_dir), tuple(produced), str(cache_dir))
     ev = job.spec.eval if job.spec is not None else None
     if ev is not None and ev.validation is not None:  # hold out the validation documents (validation.py)
-        from llmc.runtime.validation import TEXT_KINDS, split_assets
+        from llmc.runtime.validation import split_assets
 
-        skip = tuple(s.name for s in _stage_sources(job) if s.kind in TEXT_KINDS)
+        skip = tuple(s.name for s in _stage_sources(job) if s.kind in RECORD_SOURCE_KINDS)
         assets = split_assets(assets, ev.validation, resolve=job.resolve_path, skip=skip, log=log)
     _atomic_write(asset_dir / "assets.json", json.dumps(assets.to_json(), indent=1) + "\n")
     return assets

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from llmc.runtime.data import SourceData
+from llmc.spec.schema import RECORD_SOURCE_KINDS
 
 QUALITY_DIR = "quality"
 
@@ -43,7 +44,7 @@ def _groups(job) -> list[tuple[object, set[str]]]:
     for d in datas:
         if d.quality is None:
             continue
-        names = {s.name for s in d.sources if s.kind not in ("chat", "preference", "prompts")}
+        names = {s.name for s in d.sources if s.kind not in RECORD_SOURCE_KINDS}
         for q, have in out:
             if q == d.quality:
                 have |= names

@@ -42,7 +42,6 @@ import numpy as np
 from llmc.runtime.data import Assets, SourceData
 
 SPLIT_DIR = "split"
-TEXT_KINDS = ("chat", "preference", "prompts")  # source kinds that are not packed text (not split)
 
 
 def is_heldout(source: str, index: int, seed: int, fraction: float) -> bool:

@@ -43,6 +43,11 @@ MAX_USD_PER_GPU_HOUR = 1e6
 #: Largest mixture weight: weights are relative, and a million to one is far past any published mixture; 1e300
 #: overflowed the token share (tokens x weight) to infinity.
 MAX_MIX_WEIGHT = 1e6
+#: What a data source holds: packed text (:data:`TEXT_SOURCE_KINDS`, streamed as documents joined with EOS) or
+#: structured records (:data:`RECORD_SOURCE_KINDS`: chat turns, preference pairs, prompts, read by post-training).
+SourceKind = Literal["general", "domain", "code", "math", "multilingual", "chat", "preference", "prompts"]
+TEXT_SOURCE_KINDS: tuple[str, ...] = ("general", "domain", "code", "math", "multilingual")
+RECORD_SOURCE_KINDS: tuple[str, ...] = ("chat", "preference", "prompts")
 #: Most MinHash permutations: the largest published setting is 9,000 (Lee et al. 2022, arXiv:2107.06499); choosing
 #: bands and rows for 16,384 takes ~2 s and the work grows with the count.
 MAX_NUM_PERM = 16384
@@ -97,7 +102,7 @@ class Source(SpecModel):
     """Mixture weight (normalised over sources), at most 10**6."""
     tokens: HumanFloat | None = Field(default=None, gt=0, le=MAX_TOKENS)
     """Unique tokens available in this source; used to warn about repeated epochs."""
-    kind: Literal["general", "domain", "code", "math", "multilingual", "chat", "preference", "prompts"] = "general"
+    kind: SourceKind = "general"
     """What the source is, for the forgetting / mixture checks."""
 
 
@@ -630,7 +635,7 @@ class RunSpec(SpecModel):
 
 
 __all__ = [
-    "NAME_PATTERN", "MAX_NAME_LEN", "MAX_GPUS", "Name", "relative_folder", "ModelRef", "Source", "Tokenizer", "Data", "Hardware", "Budget", "Optimizer", "Schedule",
+    "NAME_PATTERN", "MAX_NAME_LEN", "MAX_GPUS", "Name", "relative_folder", "ModelRef", "SourceKind", "TEXT_SOURCE_KINDS", "RECORD_SOURCE_KINDS", "Source", "Tokenizer", "Data", "Hardware", "Budget", "Optimizer", "Schedule",
     "Checkpoint", "LossSpike", "Training", "Parallelism", "StageKind", "STAGE_KINDS", "LM_KINDS", "CHAT_KINDS",
     "CONTINUED_KINDS", "POSTTRAIN_KINDS", "PREFERENCE_KINDS", "LoRA", "StageBase", "PretrainStage", "MidtrainStage", "LongContextStage", "SFTStage",
     "DPOStage", "GRPOStage", "STAGE_TYPES", "Stage", "make_stage", "Serving", "GpuOverrides", "RunSpec",
