@@ -360,6 +360,19 @@ def _apply(dfd: int, journal: dict) -> None:
             os.close(sfd)
 
 
+def _lock_dir(dfd: int, out: Path, busy: str) -> bool:
+    """Take the build directory's exclusive flock for this process (released when ``dfd`` closes). False on a
+    filesystem without flock (stale staging is then told by its writer's pid); BuildDirError when another
+    process holds it."""
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BuildDirError(f"{out}: {busy}", "wait for it to finish") from None
+    except OSError:
+        return False
+    return True
+
+
 def _recover(dfd: int, out: Path, locked: bool) -> None:
     data = _read(dfd, (JOURNAL,), JOURNAL)
     if data is not None:
@@ -414,15 +427,8 @@ def write_build(out: Path, files: Mapping[str, str | bytes], *, protect: Iterabl
     out.mkdir(parents=True, exist_ok=True)
     dfd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        locked = True
-        try:
-            fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BuildDirError(f"{out}: another llmc build is writing this directory",
-                                "wait for it to finish") from None
-        except OSError:
-            locked = False  # a filesystem without flock: fall back to pid checks for stale staging
-        _recover(dfd, out, locked)  # finish a committed build, drop stale staging
+        # finish a committed build, drop stale staging
+        _recover(dfd, out, _lock_dir(dfd, out, "another llmc build is writing this directory"))
         old = _read_manifest_fd(dfd, out)
         if old is None:
             if os.listdir(dfd):
@@ -497,14 +503,6 @@ def recover(out: Path) -> None:
         return
     dfd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        locked = True
-        try:
-            fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BuildDirError(f"{out}: an llmc build is writing this directory",
-                                "wait for it to finish") from None
-        except OSError:
-            locked = False
-        _recover(dfd, out, locked)
+        _recover(dfd, out, _lock_dir(dfd, out, "an llmc build is writing this directory"))
     finally:
         os.close(dfd)
