@@ -142,6 +142,27 @@ def test_mutated_examples_plan_cleanly(tmp_path_factory, name, fmt, data):
     _check(result, started)
 
 
+@settings(max_examples=int(os.environ.get("LLMC_FUZZ_BUILDS", "25")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(name=st.sampled_from(sorted(BASES)), data=st.data())
+def test_mutated_examples_build_cleanly(tmp_path_factory, name, data):
+    """`llmc build` of a mutated spec: what the plan accepts must also render and write, and nothing lands
+    outside the output directory (a NUL in model.name once passed the plan and broke the emitted job's Python)."""
+    text = _mutate(copy.deepcopy(BASES[name]), data)
+    d = tmp_path_factory.mktemp("fuzzb")
+    spec = d / name
+    spec.write_bytes(text.encode("utf-8", "surrogatepass"))
+    result = CliRunner().invoke(app, ["build", str(spec), "-o", str(d / "out")])
+    out = result.stdout + result.stderr
+    assert result.exit_code in (0, 1), (result.exit_code, out[-2000:], result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in out and "INTERNAL" not in out, out[-2000:]
+    for line in result.stderr.splitlines():
+        if "error" in line:
+            assert LOCATED.match(line), line
+    assert {p.name for p in d.iterdir()} <= {name, "out"}
+
+
 @pytest.mark.parametrize("name", sorted(BASES))
 def test_every_example_plans_in_process(tmp_path, name):
     """The unmutated examples: the baseline the mutations start from (exit 0, no error lines)."""
