@@ -97,15 +97,14 @@ def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = Tru
     from llmc.spec.facts import gather_facts
 
     if sets:
-        from llmc.overrides import load_with_overrides, override_bytes, parse_override
+        from llmc.overrides import OverrideError, load_with_overrides, override_bytes, parse_override
 
         overrides = []
         for text in sets:
             try:
                 overrides.append(parse_override(text))
-            except ValueError as e:  # "--set X: why" -> located like every other spec error
-                where, _, why = str(e).partition(": ")
-                _fail([f"{where}: error[S001] {why}"])
+            except OverrideError as e:  # located like every other spec error
+                _fail([f"{e.where}: error[S001] {e.why}"])
         try:
             run, lines = load_with_overrides(spec, overrides)
         except SpecError as e:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmc.spec.facts import read_regular_file
+from llmc.fileio import read_regular_file
 
 #: Largest lock llmc reads: the lock of a many-stage pipeline is a few hundred KB; a larger file, or one that
 #: is not a regular file (``/dev/zero``, a FIFO), is not a lock and is refused rather than read without end.
@@ -41,8 +41,9 @@ def check_lock(d: Any) -> dict:
     return d
 
 
-def read_lock(path: str | Path) -> dict:
-    """Load a plan.lock.json; ValueError with a one-line reason if it is not a current llmc lock."""
+def load_lock_json(path: str | Path) -> Any:
+    """The parsed JSON of a lock file (any schema version): a regular file of at most MAX_LOCK_BYTES; ValueError
+    with a one-line reason if it cannot be read or parsed."""
     p = Path(path)
     try:
         text = read_regular_file(p, MAX_LOCK_BYTES).decode("utf-8")
@@ -60,4 +61,9 @@ def read_lock(path: str | Path) -> dict:
         raise ValueError(f"not an llmc lockfile: invalid JSON at line {e.lineno} ({e.msg})") from None
     except RecursionError:
         raise ValueError("not an llmc lockfile: JSON nested too deeply") from None
-    return check_lock(d)
+    return d
+
+
+def read_lock(path: str | Path) -> dict:
+    """Load a plan.lock.json; ValueError with a one-line reason if it is not a current llmc lock."""
+    return check_lock(load_lock_json(path))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.units import GiB
-from llmc.spec.facts import read_regular_file
+from llmc.fileio import read_regular_file
 
 #: Largest measurement input llmc reads (a lock, metrics.jsonl, torchtitan log, table or calibration): the
 #: metrics or log of a month-long run are tens of MB; anything larger, or not a regular file (``/dev/zero``,
@@ -140,15 +140,13 @@ def steady(values: list[tuple[int, float]], warmup: int = WARMUP_STEPS) -> float
 
 
 def _lock(path: Path) -> dict:
-    text = _read_text(path, "M002", "plan.lock.json", "pass the plan.lock.json written by llmc build")
-    try:
-        d = json.loads(text)
-    except RecursionError:
-        raise MeasurementError(str(path), 0, "M002", "plan.lock.json", "cannot read the lock: JSON nested too deeply",
+    from llmc.lockfile import load_lock_json
+
+    try:  # any schema version: a run's lock may be older than this llmc, its plan is all calibration needs
+        d = load_lock_json(path)
+    except ValueError as e:
+        raise MeasurementError(str(path), 0, "M002", "plan.lock.json", str(e),
                                "pass the plan.lock.json written by llmc build") from None
-    except json.JSONDecodeError as e:
-        raise MeasurementError(str(path), 0, "M002", "plan.lock.json", f"cannot read the lock: {e}",
-                               "pass the plan.lock.json written by llmc build") from e
     if not isinstance(d, dict) or "spec" not in d or "plan" not in d:
         raise MeasurementError(str(path), 0, "M002", "plan.lock.json", "not an llmc plan.lock.json",
                                "pass the plan.lock.json written by llmc build")

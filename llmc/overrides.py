@@ -6,7 +6,7 @@ API
     ``"training.optimizer.lr=3e-4"`` -> ``Override(path="training.optimizer.lr", value=0.0003)``. The value
     is read as one YAML scalar or flow collection (``yaml.safe_load``: ``true``, ``8``, ``[1, 2]``,
     ``"quoted text"``; ``3e-4`` is a float, as in YAML 1.2 section 10.2.1.4, though PyYAML's YAML 1.1
-    resolver reads it as a string); ``ValueError`` with a one-line reason for a malformed override.
+    resolver reads it as a string); ``OverrideError`` (a ValueError: where, why) for a malformed override.
     A path part that is a non-negative integer indexes a list (``stages.0.steps=10``).
 ``apply_overrides(mapping, overrides) -> dict``
     A deep copy of ``mapping`` with every override applied in order; missing mappings on the way are
@@ -36,6 +36,14 @@ _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.([A-Za-z_][A-Za-z0-9_-]*|[0-9]+))*$")
 
 
+class OverrideError(ValueError):
+    """A ``--set`` that cannot be read: ``where`` is the option as given (``--set 'a: b'``), ``why`` the reason."""
+
+    def __init__(self, where: str, why: str):
+        super().__init__(f"{where}: {why}")
+        self.where, self.why = where, why
+
+
 @dataclass(frozen=True)
 class Override:
     path: str
@@ -51,16 +59,16 @@ def parse_override(text: str) -> Override:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep:
-        raise ValueError(f"--set {text!r}: expected key.path=value (e.g. training.optimizer.lr=3e-4)")
+        raise OverrideError(f"--set {text!r}", "expected key.path=value (e.g. training.optimizer.lr=3e-4)")
     if not _PATH.match(key):
-        raise ValueError(f"--set {text!r}: {key!r} is not a dotted path of names and list indices")
+        raise OverrideError(f"--set {text!r}", f"{key!r} is not a dotted path of names and list indices")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "invalid YAML"
-        raise ValueError(f"--set {key}: value {raw!r} is not a YAML scalar ({first})") from None
+        raise OverrideError(f"--set {key}", f"value {raw!r} is not a YAML scalar ({first})") from None
     except RecursionError:
-        raise ValueError(f"--set {key}: the value is nested too deeply to read") from None
+        raise OverrideError(f"--set {key}", "the value is nested too deeply to read") from None
     if isinstance(value, str) and _FLOAT.match(raw.strip()):
         value = float(raw)  # YAML 1.2 reads 3e-4 as a number; PyYAML (YAML 1.1) needs a dot
     return Override(path=key, value=value, text=text)

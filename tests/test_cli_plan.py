@@ -270,6 +270,7 @@ def test_build_dir_bookkeeping_nested_thousands_deep_is_refused(name, tmp_path):
 @pytest.mark.parametrize("argv,prefix", [
     (["--format", "xml"], "llmc plan: error[CLI] --format"),
     (["--set", "foo"], "--set 'foo': error[S001] "),
+    (["--set", "a: b"], "--set 'a: b': error[S001] expected key.path=value"),  # a ': ' inside the option
     (["--set", "name.x=1"], "examples/tiny_cpu.yaml: error[S001] --set name.x: "),
 ])
 def test_option_errors_are_located(argv, prefix):

@@ -213,12 +213,16 @@ def test_s007_unknown_gpu_with_did_you_mean():
 def test_d001_d002_d003_data():
     c = _compile(_spec(tokens="1M"))
     assert "D001" in _codes(c, "error")
-    extra = ("  sources:\n    - {name: web, tokens: 100B, weight: 0.7}\n    - {name: code, tokens: 500B, weight: 0.3}\n")
+    # weights are relative: 7 : 3 is 70% / 30%; web needs 1T x 0.7 = 700B of its 100B unique tokens = 7 epochs,
+    # code 300B of 500B = 0.6 epochs (no D002)
+    extra = ("  sources:\n    - {name: web, tokens: 100B, weight: 7}\n    - {name: code, tokens: 500B, weight: 3}\n")
     text = _spec().replace("data: {seq_len: 8192, tokens: 1T}\n", "data:\n  seq_len: 8192\n  tokens: 1T\n" + extra)
     c = _compile(text)
     d = _diag(c, "D002")
     assert d.severity == "warning" and "web" in d.message and d.line == 8  # the "- {name: web ...}" line
-    assert "D003" in _codes(c, "info")
+    assert "7.0 epochs (7e+11 of 1e+11 tokens)" in d.message, d.message
+    assert [x.path for x in c.diagnostics if x.code == "D002"] == ["data.sources.0.tokens"]
+    assert "mixture: web 70.0%, code 30.0%" in _diag(c, "D003").message
 
 
 def test_every_example_compiles_without_errors():

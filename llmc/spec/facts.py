@@ -9,41 +9,15 @@ https://huggingface.co/docs/tokenizers/api/tokenizer). The compiler takes the re
 from __future__ import annotations
 
 import json
-import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmc.fileio import read_regular_file
 from llmc.spec.schema import RunSpec
 
 #: Largest referenced JSON file read (HF config.json files are a few KiB; tokenizer.json a few MiB).
 MAX_CONFIG_BYTES = 4 * 2**20
 MAX_TOKENIZER_BYTES = 64 * 2**20
-
-
-def read_regular_file(path: str | Path, limit: int) -> bytes:
-    """The bytes of ``path``, which must be a regular file of at most ``limit`` bytes.
-
-    Raises ``OSError`` (``FileNotFoundError``, ``IsADirectoryError``...) or ``ValueError`` with a
-    message for a FIFO, device or socket (``/dev/zero`` would never end) or a file that is too large.
-    Opened with ``O_NONBLOCK`` so that opening a FIFO with no writer does not block.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(21, "is a directory", str(path))
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path} is not a regular file (a device, FIFO or socket)")
-        if st.st_size > limit:
-            raise ValueError(f"{path} is {st.st_size:,} bytes, more than the {limit:,} llmc reads")
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            data = fh.read(limit + 1)
-        if len(data) > limit:
-            raise ValueError(f"{path} is more than the {limit:,} bytes llmc reads")
-        return data
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -85,4 +59,4 @@ def gather_facts(run: RunSpec, spec_dir: str | Path) -> ExternalFacts:
     return ExternalFacts(tokenizers={p: read_tokenizer(p, spec_dir) for p in tokenizer_paths(run)})
 
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_TOKENIZER_BYTES", "read_regular_file", "TokenizerFacts", "ExternalFacts", "tokenizer_paths", "read_tokenizer", "gather_facts"]
+__all__ = ["MAX_CONFIG_BYTES", "MAX_TOKENIZER_BYTES", "TokenizerFacts", "ExternalFacts", "tokenizer_paths", "read_tokenizer", "gather_facts"]

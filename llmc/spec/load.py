@@ -47,7 +47,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from llmc.diagnostics import Diagnostic, SpecError, line_for
-from llmc.spec.facts import MAX_CONFIG_BYTES, read_regular_file
+from llmc.fileio import read_regular_file
+from llmc.spec.facts import MAX_CONFIG_BYTES
 from llmc.spec.hf import HF_KEY_FOR_FIELD, HFConfigError, architecture_from_hf_config
 from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.presets import PRESETS

@@ -40,6 +40,8 @@ def within_max_int(value: int) -> int:
 #: An int that refuses ``true``/``false`` (and, as pydantic does, floats with a fraction) and magnitudes past
 #: :data:`MAX_INT`.
 Int = Annotated[int, BeforeValidator(refuse_bool), AfterValidator(within_max_int)]
+
+
 def printable_label(value: str) -> str:
     """Refuse display text with control characters (NUL, escape sequences, newlines), unpaired surrogates or
     invisible format characters (bidi overrides): such a name would garble the report and the emitted files."""

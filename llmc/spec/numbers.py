@@ -32,10 +32,11 @@ def parse_human_number(value: object) -> object:
     """
     if isinstance(value, bool):
         raise ValueError(f"must be a number (got {value!r})")
-    if isinstance(value, int) and abs(value) > 2**1023:  # float() of an int past the double range raises
-        raise ValueError(f"is too large (a {len(str(abs(value)))}-digit integer)")
     if isinstance(value, int | float):
-        return _finite(float(value), value)
+        try:
+            return _finite(float(value), value)
+        except OverflowError:  # an int past the double range (float(10**400) raises instead of giving inf)
+            raise ValueError(f"must be a finite number (got an integer of {len(str(abs(value)))} digits)") from None
     if not isinstance(value, str):
         return value
     m = _NUM.match(value)

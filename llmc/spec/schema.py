@@ -219,7 +219,7 @@ class Hardware(SpecModel):
     """Accelerators per node. None = the hardware table's default (8 for HGX)."""
     usd_per_gpu_hour: Float | None = Field(default=None, ge=0, le=MAX_USD_PER_GPU_HOUR)
     """Price per GPU-hour. None = the hardware table's reference price."""
-    inter_node_gbps: Float | None = Field(default=None, ge=MIN_HW, le=8 * MAX_LINK_GBPS)
+    inter_node_gbps: Float | None = Field(default=None, ge=MIN_HW, le=8 * MAX_LINK_GBPS)  # Gbit/s: 8 x GB/s
     """Network bandwidth per GPU in Gbit/s. None = the table's default (400 Gb/s per GPU)."""
     host_memory_gib: Float | None = Field(default=None, ge=MIN_HW, le=MAX_HBM_GIB)
     """Host (CPU) memory per node in GiB, which optimizer and parameter offload fill (P016). None = the hardware

@@ -1,0 +1,40 @@
+"""Reading a file the user names, safely (stdlib only): a regular file of bounded size, never a FIFO or device.
+
+Every reader of a user-named input goes through :func:`read_regular_file`: the spec's HF config and tokenizer
+(``llmc.spec``), a lock (``llmc.lockfile``), and ``llmc calibrate``'s runs, logs, tables and calibrations
+(``llmc.measurements``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+
+def read_regular_file(path: str | Path, limit: int) -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most ``limit`` bytes.
+
+    Raises ``OSError`` (``FileNotFoundError``, ``IsADirectoryError``...) or ``ValueError`` with a
+    message for a FIFO, device or socket (``/dev/zero`` would never end) or a file that is too large.
+    Opened with ``O_NONBLOCK`` so that opening a FIFO with no writer does not block.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(21, "is a directory", str(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file (a device, FIFO or socket)")
+        if st.st_size > limit:
+            raise ValueError(f"{path} is {st.st_size:,} bytes, more than the {limit:,} llmc reads")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"{path} is more than the {limit:,} bytes llmc reads")
+        return data
+    finally:
+        os.close(fd)
+
+
+__all__ = ["read_regular_file"]
