@@ -85,7 +85,9 @@ def test_local_multiple_choice_task(tmp_path):
     task = tmp_path / "tasks" / "tiny_mc.yaml"
     task.parent.mkdir()
     task.write_text(TASK_YAML.format(data=data))
-    assert resolve_tasks((str(task),)) == (["tiny_local_mc"], [str(task.parent.resolve())])
+    resolved = resolve_tasks((str(task),))
+    assert (resolved.names, resolved.include) == (["tiny_local_mc"], [str(task.parent.resolve())])
+    assert not resolved.builtin  # lm_eval indexes only tasks/, not its built-in task files
 
     summary = run_eval(EvalConfig(model_dir=str(tmp_path / "model"), tasks=(str(task),), batch_size=4),
                        tmp_path / "eval")
@@ -107,8 +109,9 @@ def test_relative_data_files_resolve_against_the_task_file(tmp_path):
     (tasks / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     (tasks / "mc.yaml").write_text(TASK_YAML.format(data="mc.jsonl"))
     (tasks / "fn.yaml").write_text("task: fn_task\nprocess_docs: !function utils.process\n")
-    names, include = resolve_tasks((str(tasks / "mc.yaml"), str(tasks / "fn.yaml"), "hellaswag"), tmp_path / "copy")
-    assert names == ["tiny_local_mc", "fn_task", "hellaswag"]
+    resolved = resolve_tasks((str(tasks / "mc.yaml"), str(tasks / "fn.yaml"), "hellaswag"), tmp_path / "copy")
+    names, include = resolved.names, resolved.include
+    assert names == ["tiny_local_mc", "fn_task", "hellaswag"] and resolved.builtin  # hellaswag is built in
     copy = Path(include[0]) / "mc.yaml"
     assert copy.parent != tasks and copy.is_file()
     doc = yaml.safe_load(copy.read_text())
@@ -117,7 +120,40 @@ def test_relative_data_files_resolve_against_the_task_file(tmp_path):
     assert include[1] == str(tasks.resolve())  # a !function task file is used where it is
     # absolute paths need no copy
     (tasks / "abs.yaml").write_text(TASK_YAML.format(data=tasks / "mc.jsonl"))
-    assert resolve_tasks((str(tasks / "abs.yaml"),), tmp_path / "copy2")[1] == [str(tasks.resolve())]
+    assert resolve_tasks((str(tasks / "abs.yaml"),), tmp_path / "copy2").include == [str(tasks.resolve())]
+
+
+def test_task_files_name_their_task_or_group(tmp_path):
+    """A task file is evaluated by its ``task:`` name, a group file (``group:`` + a ``task:`` list, lm_eval's task
+    guide) by its ``group:`` name; only files that list other tasks (or a built-in name) need lm_eval's index of
+    its own tasks. A file with neither name is refused with its path."""
+    (tmp_path / "quoted.yaml").write_text("task: 'my_task'  # comment\nprocess_docs: !function utils.process\n")
+    (tmp_path / "group.yaml").write_text("group: my_suite\ntask:\n  - tiny_local_mc\n  - hellaswag\n")
+    (tmp_path / "none.yaml").write_text("dataset_path: json\n")
+    (tmp_path / "bad.yaml").write_text("task: [unclosed\n")
+    one = resolve_tasks((str(tmp_path / "quoted.yaml"),))
+    assert one.names == ["my_task"] and not one.builtin
+    group = resolve_tasks((str(tmp_path / "quoted.yaml"), str(tmp_path / "group.yaml")))
+    assert group.names == ["my_task", "my_suite"] and group.builtin and group.include == [str(tmp_path.resolve())]
+    for bad in ("none.yaml", "bad.yaml"):
+        with pytest.raises(ValueError, match=bad):
+            resolve_tasks((str(tmp_path / bad),))
+
+
+@pytest.mark.slow
+def test_local_group_file_is_evaluated_by_its_group_name(tmp_path):
+    """A group of local tasks, through lm_eval's full task index (the group file lists tasks by name): its task's
+    accuracy is the independent one."""
+    make_model(tmp_path / "model")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tasks / "mc.yaml").write_text(TASK_YAML.format(data=tasks / "mc.jsonl"))
+    (tasks / "suite.yaml").write_text("group: tiny_suite\ntask:\n  - tiny_local_mc\n")
+    summary = run_eval(EvalConfig(model_dir=str(tmp_path / "model"), tasks=(str(tasks / "suite.yaml"),),
+                                  batch_size=4), tmp_path / "eval")
+    assert summary.samples["tiny_local_mc"] == 4
+    assert math.isclose(summary.metrics["tiny_local_mc"]["acc"], independent_acc(tmp_path / "model"))
 
 
 def _eval_lock(tmp_path, stages=None):

@@ -57,6 +57,8 @@ from llmc.spec.schema import (
     CHAT_KINDS,
     CONTINUED_KINDS,
     LM_KINDS,
+    NF4_BLOCK,
+    NF4_DQ_BLOCK,
     PREFERENCE_KINDS,
     PretrainStage,
     RunSpec,
@@ -78,8 +80,7 @@ LLMC_TOKENIZER_SPECIALS = (
 )
 #: NF4: 4-bit codes + blockwise absmax (block 64). Double quantisation stores the absmax in 8 bits
 #: with one fp32 constant per 256 blocks: 8/64 + 32/(64*256) = 0.127 bit/param (QLoRA paper §3).
-NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
-NF4_BLOCK = 64
+NF4_BITS_PER_PARAM = 4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * NF4_DQ_BLOCK)
 BYTES_PER_TRAINABLE_PARAM = 16  # bf16 weight + bf16 grad + fp32 master + Adam m, v (ZeRO paper §3.1: 2+2+12)
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_PROMPT_TOKENS = 512

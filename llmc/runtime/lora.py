@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ALL_LINEAR = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+from llmc.spec.schema import LORA_TARGETS, NF4_BLOCK, NF4_DQ_BLOCK
 
 # The 16 NF4 code values (QLoRA paper, Appendix E; bitsandbytes `NF4` table).
 NF4_LEVELS = torch.tensor([
@@ -31,8 +31,6 @@ NF4_LEVELS = torch.tensor([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ])
-NF4_BLOCK = 64
-DQ_BLOCK = 256  # absmax constants per second-level block (double quantisation)
 
 
 # ----------------------------------------------------------------------------- NF4
@@ -62,7 +60,7 @@ class NF4Tensor:
         if self.dq_codes is None:
             return self.absmax
         nb = self.dq_codes.numel()
-        scale = self.dq_scale.repeat_interleave(DQ_BLOCK)[:nb]
+        scale = self.dq_scale.repeat_interleave(NF4_DQ_BLOCK)[:nb]
         return self.dq_codes.float() * scale + self.dq_offset
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -85,11 +83,11 @@ def quantize_nf4(w: torch.Tensor, block: int = NF4_BLOCK, double_quant: bool = F
     packed = (codes[0::2] << 4) | codes[1::2]
     if not double_quant:
         return NF4Tensor(packed, absmax, w.shape, numel, block)
-    # double quantisation: absmax (positive) - mean, symmetric int8 per DQ_BLOCK constants, fp32 scale each
+    # double quantisation: absmax (positive) - mean, symmetric int8 per NF4_DQ_BLOCK constants, fp32 scale each
     offset = float(absmax.mean())
     centred = absmax - offset
-    pad2 = (-centred.numel()) % DQ_BLOCK
-    c2 = torch.cat([centred, centred.new_zeros(pad2)]).view(-1, DQ_BLOCK)
+    pad2 = (-centred.numel()) % NF4_DQ_BLOCK
+    c2 = torch.cat([centred, centred.new_zeros(pad2)]).view(-1, NF4_DQ_BLOCK)
     scale = (c2.abs().amax(dim=1) / 127).clamp_min(1e-12)
     q = torch.round(c2 / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: absmax.numel()]
     return NF4Tensor(packed, None, w.shape, numel, block, dq_codes=q, dq_scale=scale, dq_offset=offset)
@@ -214,7 +212,7 @@ def _targets(model: nn.Module, targets: Iterable[str]) -> list[tuple[nn.Module, 
 
 
 def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
-               targets: Iterable[str] = ALL_LINEAR, quantize_base: str = "none") -> int:
+               targets: Iterable[str] = LORA_TARGETS, quantize_base: str = "none") -> int:
     """Freeze the model, wrap every target linear with a LoRA adapter; returns the trainable param count.
 
     ``quantize_base="nf4"`` first replaces each target's weight with an NF4 copy (QLoRA).

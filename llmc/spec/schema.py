@@ -403,6 +403,15 @@ POSTTRAIN_KINDS = CHAT_KINDS
 PREFERENCE_KINDS: tuple[str, ...] = ("dpo", "grpo")
 
 
+#: the linear layers an adapter can wrap (torchtitan / llmc names)
+LoRATarget = Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+LORA_TARGETS: tuple[str, ...] = typing.get_args(LoRATarget)
+#: the NF4 format of ``quantize_base: nf4`` (QLoRA, Dettmers et al. 2023, arXiv:2305.14314 §3): one absmax per block
+#: of 64 weights; double quantisation stores those absmax values in 8 bits with one fp32 scale per 256 of them
+NF4_BLOCK = 64
+NF4_DQ_BLOCK = 256
+
+
 class LoRA(SpecModel):
     """LoRA / QLoRA adapters."""
 
@@ -412,9 +421,7 @@ class LoRA(SpecModel):
     """Scaling alpha; the update is (alpha / r) * B @ A."""
     dropout: Float = Field(default=0.05, ge=0, lt=1)
     """Dropout on the adapter input."""
-    targets: list[Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3"]] = Field(
-        default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-    )
+    targets: list[LoRATarget] = Field(default_factory=lambda: list(LORA_TARGETS))
     """Adapted linear layers (torchtitan names)."""
     quantize_base: Literal["none", "nf4"] = "none"
     """QLoRA: keep the frozen base in 4-bit NF4."""
