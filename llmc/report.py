@@ -86,6 +86,8 @@ def _model(c) -> Table:
              f"(head_dim {a.hd}), d_ff {a.d_ff}, vocab {a.vocab_size}")
     if a.mla is not None:
         shape += f", MLA kv_lora {a.mla.kv_lora_rank}"
+    if a.qk_norm:
+        shape += ", q/k norms"
     if a.moe is not None:
         mo = a.moe
         shape += (f", MoE {mo.num_experts} experts top-{mo.top_k}"

@@ -1,4 +1,4 @@
-"""Start from a pretrained Hugging Face model, end with one: tiny random Llama / Qwen2 / Mixtral models made
+"""Start from a pretrained Hugging Face model, end with one: tiny random Llama / Qwen2 / Qwen3 / Mixtral models made
 with transformers here, loaded into llmc's model (logits and loss equal transformers'), trained by the native
 trainer and exported back (transformers loads the export with llmc's logits); LoRA adapters load with PEFT."""
 
@@ -35,6 +35,9 @@ def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: in
     if kind == "qwen2":
         cfg = transformers.Qwen2Config(**{**TINY, **over})
         model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "qwen3":
+        cfg = transformers.Qwen3Config(**{**TINY, **over})
+        model = transformers.Qwen3ForCausalLM(cfg)
     elif kind == "mixtral":
         cfg = transformers.MixtralConfig(**{**TINY, "num_local_experts": 3, "num_experts_per_tok": 2, **over})
         model = transformers.MixtralForCausalLM(cfg)
@@ -61,7 +64,7 @@ def arch_of(path: Path):
 
 
 @pytest.mark.parametrize("kind,over", [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {}),
-                                       ("mixtral", {})])
+                                       ("qwen3", {"head_dim": 16}), ("mixtral", {})])
 def test_load_gives_transformers_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     if kind != "mixtral":  # sharded: several files + index
@@ -79,9 +82,11 @@ def test_load_gives_transformers_logits(tmp_path, kind, over):
     assert abs(float(lm_loss(ours, labels)) - float(lm_loss(ref, labels))) < 1e-4
 
 
-def test_export_loads_in_transformers_with_our_logits(tmp_path):
-    src = make_hf(tmp_path, "qwen2")
+@pytest.mark.parametrize("kind,over", [("qwen2", {}), ("qwen3", {"head_dim": 16})])
+def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
+    src = make_hf(tmp_path, kind, **over)
     arch = arch_of(src)
+    assert arch.qk_norm is (kind == "qwen3") and arch.hd == (over.get("head_dim") or 8)
     model = build_model(arch, seed=0).eval()
     load_hf_into(model, src, arch)
     with torch.no_grad():  # move away from the source weights so the check is on the export

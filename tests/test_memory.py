@@ -153,8 +153,10 @@ def test_llama_layer_follows_korthikanti_term_by_term():
     assert layer_activation_bytes_per_token(a, 0, seq_len=s, flash_attention=False) - expected == 2 * H * s
 
 
-def test_llama_block_matches_autograd_saved_tensors():
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_llama_block_matches_autograd_saved_tensors(qk_norm):
     """Measure what autograd really keeps for a Llama block (bf16, CPU) and compare with the formula.
+    With ``qk_norm`` (Qwen3) each query and key head passes an RMSNorm before RoPE (torchtitan's GQAttention).
 
     The block mirrors torchtitan 0.3.0's ops: fused wqkv split into contiguous q/k/v, complex RoPE,
     SDPA with is_causal + enable_gqa (the CPU flash kernel: saves q, k, v, out, logsumexp), the
@@ -183,6 +185,7 @@ def test_llama_block_matches_autograd_saved_tensors():
 
     wqkv, wo, w1, w2, w3 = p((H + 2 * KV) * hd, d), p(d, H * hd), p(f, d), p(d, f), p(f, d)
     g1, g2 = torch.ones(d, dtype=dt, requires_grad=True), torch.ones(d, dtype=dt, requires_grad=True)
+    gq, gk = torch.ones(hd, dtype=dt, requires_grad=True), torch.ones(hd, dtype=dt, requires_grad=True)
     inv = 1.0 / (500000 ** (torch.arange(0, hd, 2).float() / hd))
     freqs = torch.polar(torch.ones(S, hd // 2), torch.outer(torch.arange(S).float(), inv))
 
@@ -194,6 +197,8 @@ def test_llama_block_matches_autograd_saved_tensors():
         qkv = RMS.apply(x, g1) @ wqkv.t()
         q, k, v = qkv.split([H * hd, KV * hd, KV * hd], -1)
         q, k, v = (t.reshape(B, S, -1, hd).contiguous() for t in (q, k, v))
+        if qk_norm:
+            q, k = RMS.apply(q, gq), RMS.apply(k, gk)
         q, k = rope(q), rope(k)
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
@@ -202,7 +207,7 @@ def test_llama_block_matches_autograd_saved_tensors():
         hn = RMS.apply(h, g2)
         return h + (F.silu(hn @ w1.t()) * (hn @ w3.t())) @ w2.t()
 
-    skip = {t.untyped_storage().data_ptr() for t in (wqkv, wo, w1, w2, w3, g1, g2, freqs)}
+    skip = {t.untyped_storage().data_ptr() for t in (wqkv, wo, w1, w2, w3, g1, g2, gq, gk, freqs)}
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -215,7 +220,7 @@ def test_llama_block_matches_autograd_saved_tensors():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x)
     measured = sum(saved.values()) / (B * S)
-    arch = Architecture(n_layers=1, d_model=d, n_heads=H, n_kv_heads=KV, d_ff=f, vocab_size=100)
+    arch = Architecture(n_layers=1, d_model=d, n_heads=H, n_kv_heads=KV, d_ff=f, vocab_size=100, qk_norm=qk_norm)
     assert measured == layer_activation_bytes_per_token(arch, 0)
 
 

@@ -1,5 +1,5 @@
 """Hugging Face export: the written safetensors + config.json, run through an independent transcription of
-HF's Llama / Qwen2 / Mixtral forward (rotate_half RoPE, HF weight names), give our model's logits."""
+HF's Llama / Qwen2 / Qwen3 / Mixtral forward (rotate_half RoPE, HF weight names), give our model's logits."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ BASE = dict(n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=80, vocab_size
 
 
 def hf_forward(sd: dict, cfg: dict, tokens: torch.Tensor) -> torch.Tensor:
-    """HF modeling_llama / qwen2 / mixtral, written out (no transformers needed)."""
+    """HF modeling_llama / qwen2 / qwen3 / mixtral, written out (no transformers needed)."""
     H, K, hd, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["rms_norm_eps"]
     B, T = tokens.shape
     inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
@@ -46,6 +46,8 @@ def hf_forward(sd: dict, cfg: dict, tokens: torch.Tensor) -> torch.Tensor:
         q = lin(x, p + "self_attn.q_proj").view(B, T, H, hd).transpose(1, 2)
         k = lin(x, p + "self_attn.k_proj").view(B, T, K, hd).transpose(1, 2)
         v = lin(x, p + "self_attn.v_proj").view(B, T, K, hd).transpose(1, 2)
+        if cfg["model_type"] == "qwen3":  # Qwen3Attention: q_norm / k_norm over each head's dims, before RoPE
+            q, k = rms(q, sd[p + "self_attn.q_norm.weight"]), rms(k, sd[p + "self_attn.k_norm.weight"])
         q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
         k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)
         s = (q @ k.transpose(-1, -2) / hd**0.5).masked_fill(mask, float("-inf"))
@@ -72,6 +74,7 @@ def hf_forward(sd: dict, cfg: dict, tokens: torch.Tensor) -> torch.Tensor:
     ({}, "LlamaForCausalLM"),
     ({"tied_embeddings": True}, "LlamaForCausalLM"),
     ({"qkv_bias": True}, "Qwen2ForCausalLM"),
+    ({"qk_norm": True}, "Qwen3ForCausalLM"),
     ({"moe": MoE(num_experts=3, top_k=2)}, "MixtralForCausalLM"),
 ])
 def test_export_matches_independent_hf_forward(tmp_path, kw, cls):

@@ -35,8 +35,8 @@ def docs(tmp_path_factory) -> Path:
 
 
 def make_lock(tmp: Path, docs: Path, *, steps=12, interval=4, plan=None, loss_spike=None, lr=3e-3,
-              moe=None) -> Path:
-    arch = dict(ARCH, moe=moe) if moe else ARCH
+              moe=None, **arch_over) -> Path:
+    arch = {**ARCH, **({"moe": moe} if moe else {}), **arch_over}
     spec = {"name": "t", "model": arch, "hardware": {"gpu": "cpu", "count": 1},
             "data": {"sources": [{"name": "docs", "path": str(docs), "format": "jsonl"}],
                      "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 256 * steps},
@@ -246,6 +246,27 @@ def test_parallel_layouts_match_single_process(tmp_path, docs, layout):
     gn = [json.loads(x) for x in (tmp_path / layout / "o" / "metrics.jsonl").read_text().splitlines()]
     gr = [json.loads(x) for x in (tmp_path / "single" / "o" / "metrics.jsonl").read_text().splitlines()]
     assert gn[0]["grad_norm"] == pytest.approx(gr[0]["grad_norm"], rel=1e-4)  # global norm over shards
+
+
+@pytest.mark.slow
+def test_tensor_parallel_qk_norm_matches_single_process(tmp_path, docs):
+    """Qwen3's q/k norms under TP 2: each rank normalises its own heads with the whole weight and the weight's
+    gradient is summed over the TP ranks (llmc.runtime.distributed._heads_sharded_norm); the losses and the global
+    gradient norm are the single process's. head_dim 48 is not d_model / n_heads (32)."""
+    qwen3 = {"qk_norm": True, "head_dim": 48}
+    single = make_lock(tmp_path / "single", docs, steps=6, interval=6, **qwen3)
+    run(single, tmp_path / "single" / "o")
+    lock = make_lock(tmp_path / "tp", docs, steps=6, interval=6, plan={"tp": 2, "micro_batch": 8}, **qwen3)
+    torchrun(lock, tmp_path / "tp" / "o", nproc=2)
+    ref, got = losses(tmp_path / "single" / "o"), losses(tmp_path / "tp" / "o")
+    assert sorted(got) == list(range(1, 7)) and got[6] < got[1] - 0.3
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], abs=2e-4), (s, ref, got)
+    gn = [json.loads(x)["grad_norm"] for x in (tmp_path / "tp" / "o" / "metrics.jsonl").read_text().splitlines()
+          if "grad_norm" in x]
+    gr = [json.loads(x)["grad_norm"] for x in (tmp_path / "single" / "o" / "metrics.jsonl").read_text().splitlines()
+          if "grad_norm" in x]
+    assert gn == pytest.approx(gr, rel=1e-4)
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ HF = Path(__file__).resolve().parent / "fixtures" / "hf"
 CONFIGS = sorted(HF.glob("*.json"))
 
 REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
-            "llama3.2-1b", "mistral-7b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "deepseek-v3",
-            "tiny", "tiny-moe"]
+            "llama3.2-1b", "mistral-7b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
+            "deepseek-v3", "tiny", "tiny-moe"]
 
 
 def test_required_presets_exist():
@@ -77,6 +77,26 @@ def test_preset_params_match_published_totals():
                  "llama2-7b": 6_738_415_616, "llama3.2-1b": 1_235_814_400, "deepseek-v3": 671_026_419_200}
     for name, total in published.items():
         assert fn(PRESETS[name]) == total, name
+    # Qwen3 model cards give rounded figures: 8.2B (6.95B without embeddings), 0.6B (0.44B)
+    for name, total, non_emb in (("qwen3-8b", 8.2e9, 6.95e9), ("qwen3-0.6b", 0.6e9, 0.44e9)):
+        a = PRESETS[name]
+        emb = a.vocab_size * a.d_model * (1 if a.tied_embeddings else 2)
+        assert round(fn(a) / 1e9, 1) == total / 1e9 and round((fn(a) - emb) / 1e9, 2) == non_emb / 1e9, name
+
+
+@pytest.mark.parametrize("name", ["qwen3-8b", "qwen3-0.6b"])
+def test_qwen3_counts_equal_transformers(name):
+    """The parameter count of transformers' own Qwen3ForCausalLM (built on the meta device) for the fixture config:
+    an independent count of the q/k norms, the decoupled head_dim and the (un)tied head."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from llmc.compiler.params import params_total
+
+    cfg = json.loads((HF / f"{name}.json").read_text())
+    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "transformers_version")}
+    with torch.device("meta"):
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**keep))
+    assert params_total(architecture_from_hf_config(cfg)) == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("cfg, msg", [
@@ -86,6 +106,9 @@ def test_preset_params_match_published_totals():
     ({"model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "hidden_size": 64,
       "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64,
       "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+    ({"model_type": "qwen3", "num_attention_heads": 4, "num_hidden_layers": 2, "hidden_size": 64,
+      "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64, "use_sliding_window": True},
+     "use_sliding_window"),
 ])
 def test_hf_errors(cfg, msg):
     with pytest.raises(HFConfigError, match=msg):
@@ -102,7 +125,7 @@ def test_hf_defaults_mha_and_qwen_bias():
 
 
 @pytest.mark.parametrize("model_type, family", [
-    ("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"), ("mixtral", "mixtral"),
+    ("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mixtral", "mixtral"),
     ("deepseek_v3", "deepseek_v3"),
 ])
 def test_imported_config_lands_in_its_family(model_type, family):

@@ -119,9 +119,10 @@ class TitanValues:
 
 def _family(arch) -> str:
     """The torchtitan model the job builds (``llmc.spec.families``: its ``torchtitan_module``); the MoE
-    build of torchtitan's qwen3 module is the template's ``qwen3_moe`` branch."""
+    build of torchtitan's qwen3 module is the template's ``qwen3_moe`` branch, the dense one (Qwen3's q/k norms)
+    its ``qwen3`` branch."""
     module = family_of(arch).torchtitan_module
-    return "qwen3_moe" if module == "qwen3" else module
+    return "qwen3_moe" if module == "qwen3" and arch.moe is not None else module
 
 
 def _rope(arch, family: str, errs: list[Diagnostic]) -> dict[str, Any]:
@@ -547,6 +548,7 @@ def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str])
         "tied": bool(arch.tied_embeddings),
         # fused wqkv Linear gets a bias (colwise TP shards it S(0): models/common/decoder_sharding.py)
         "qkv_bias": bool(arch.qkv_bias),
+        "qk_norm": bool(arch.qk_norm),
         "sd_adapter": _sd_adapter(arch, family),
         "base_init_std": BASE_INIT_STD,
         "output_init_std": float(arch.d_model ** -0.5),

@@ -6,7 +6,8 @@ Order (as torchtitan): TP -> activation checkpointing -> torch.compile per block
   on cpu+gloo or cuda+nccl.
 * TP (``tp > 1``): DTensor ``parallelize_module`` per block: ColwiseParallel wq/wk/wv/w1/w3,
   RowwiseParallel wo/w2, so each rank holds H/tp query and K/tp kv heads (K % tp == 0 required).
-  Embedding, norms, output head and MoE experts stay replicated. MLA is not tensor-parallelised.
+  Embedding, norms, output head and MoE experts stay replicated; Qwen3's q/k norms take each rank's heads
+  (Replicate weight, gradient summed over TP). MLA is not tensor-parallelised.
 * FSDP2 (``dp_shard > 1``): ``fully_shard`` on every block, then on the root; with
   ``dp_replicate > 1`` too it is HSDP over the 2-D ("dp_replicate", "dp_shard") mesh.
   Gradient reduction uses FSDP2's default (AVG over the data-parallel ranks), never
@@ -101,6 +102,28 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
             plan.update({"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
                          "feed_forward.w2": RowwiseParallel()})
         parallelize_module(blk, tp_mesh, plan)
+        if arch.qk_norm:
+            for norm in (blk.attention.q_norm, blk.attention.k_norm):
+                _heads_sharded_norm(norm, tp_mesh)
+
+
+def _heads_sharded_norm(norm: nn.Module, tp_mesh) -> None:
+    """Qwen3's q/k norm under TP: each rank normalises its own heads (input Shard(2), the heads dim) with the
+    whole weight (Replicate), as torchtitan's qwen3 sharding does. Each rank's weight gradient covers only its
+    heads (DTensor: Partial(sum)); a hook sums it over the TP group before it accumulates, so the weight stays
+    equal on every rank and the optimizer and the global gradient norm see the whole gradient."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+
+    def params(_name, mod, mesh):
+        for n, p in list(mod.named_parameters(recurse=False)):
+            d = nn.Parameter(distribute_tensor(p.data, mesh, [Replicate()]))
+            d.register_hook(lambda g: g.redistribute(placements=[Replicate()]))
+            mod.register_parameter(n, d)
+
+    distribute_module(norm, tp_mesh, params,
+                      input_fn=lambda mod, inputs, mesh: (DTensor.from_local(inputs[0], mesh, [Shard(2)],
+                                                                               run_check=False),),
+                      output_fn=lambda mod, out, mesh: out.to_local())
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, mixed_bf16: bool = False, reshard: bool = True) -> None:

@@ -152,7 +152,7 @@ def _rope_tail(w: torch.Tensor, blocks: int, r: int, fn: Callable[[torch.Tensor,
 
 
 def hf_export_supported(arch) -> str | None:
-    """None when the architecture maps onto an HF class here (Llama, Qwen2, Mixtral, DeepSeek-V3), else the
+    """None when the architecture maps onto an HF class here (Llama, Qwen2, Qwen3, Mixtral, DeepSeek-V3), else the
     reason."""
     if arch.mla is not None:
         return _deepseek_supported(arch)
@@ -189,6 +189,9 @@ def hf_names(arch, rope_interleave: bool = True) -> dict[str, HFParam]:
             for kind in kinds:
                 out[f"{s}attention.{ours}.{kind}"] = HFParam((f"{d}self_attn.{HF_TARGETS[ours]}.{kind}",), heads)
         out[s + "attention.wo.weight"] = HFParam((d + "self_attn.o_proj.weight",))
+        if arch.qk_norm:  # Qwen3: the norm weight runs along a head's dims, so it takes the q/k rows' RoPE order
+            for n in ("q_norm", "k_norm"):
+                out[f"{s}attention.{n}.weight"] = HFParam((f"{d}self_attn.{n}.weight",), 1)
         if arch.moe is None:
             for ours in ("w1", "w3", "w2"):
                 out[f"{s}feed_forward.{ours}.weight"] = HFParam((f"{d}mlp.{HF_TARGETS[ours]}.weight",))
@@ -346,7 +349,7 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
     # MLA: K and V have n_heads heads whatever n_kv_heads says (DeepseekV3Config writes num_key_value_heads =
     # heads), and the head dims are the mla ones (head_dim is not used)
     fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
-              "qkv_bias", "rope_theta", "norm_eps")
+              "qkv_bias", "qk_norm", "rope_theta", "norm_eps")
     for f in fields if arch.mla is None else [f for f in fields if f not in ("n_kv_heads", "hd")]:
         a, b = getattr(arch, f), getattr(theirs, f)
         if a != b:
@@ -562,8 +565,8 @@ def load_init_from(model: nn.Module, stage_dir: str | Path, arch, *, rank: int =
 
 def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
               *, softmax_mscale: bool = False) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), MixtralForCausalLM or
-    DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see :func:`export_hf`."""
+    """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q/k norms),
+    MixtralForCausalLM or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see :func:`export_hf`."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
     cls, mtype = fam.hf_class, fam.hf_model_types[0]
     if arch.mla is not None:
@@ -577,7 +580,9 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
            "use_cache": True}
     if mtype == "llama":
         cfg.update(attention_bias=False, mlp_bias=False)
-    if mtype == "qwen2":
+    if mtype == "qwen3":
+        cfg.update(attention_bias=arch.qkv_bias)
+    if mtype in ("qwen2", "qwen3"):
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=arch.n_layers)
     if arch.moe is not None:
         cfg.update(num_local_experts=arch.moe.num_experts, num_experts_per_tok=arch.moe.top_k,

@@ -8,6 +8,7 @@ checkpoints and with the compiler's ``param_breakdown`` keys::
     tok_embeddings.weight
     layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight
     layers.{i}.attention.{wq,wk,wv,wo}.weight           (GQA; q/k/v biases when qkv_bias)
+    layers.{i}.attention.{q_norm,k_norm}.weight         (GQA with qk_norm, Qwen3)
     layers.{i}.attention.{wq_a,q_norm,wq_b | wq, wkv_a,kv_norm,wkv_b,wo}   (MLA)
     layers.{i}.feed_forward.{w1,w2,w3}.weight            (dense layers)
     layers.{i}.moe.router.gate.weight, layers.{i}.moe.experts.{w1,w2,w3},
@@ -196,7 +197,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | 
 
 
 class Attention(nn.Module):
-    """Grouped-query attention (Ainslie et al. 2023): K kv heads shared by H/K query heads each."""
+    """Grouped-query attention (Ainslie et al. 2023): K kv heads shared by H/K query heads each. With
+    ``qk_norm`` (Qwen3, arXiv:2505.09388 §2) every query and key head passes an RMSNorm over its head dim (one
+    weight shared by all heads) before RoPE, as HF ``Qwen3Attention`` and torchtitan's ``qk_norm`` do."""
 
     def __init__(self, arch: Architecture):
         super().__init__()
@@ -206,6 +209,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d, arch.kv_heads * hd, bias=arch.qkv_bias)
         self.wv = nn.Linear(d, arch.kv_heads * hd, bias=arch.qkv_bias)
         self.wo = nn.Linear(arch.n_heads * hd, d, bias=False)
+        if arch.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(hd, arch.norm_eps), RMSNorm(hd, arch.norm_eps)
+        self.qk_norm = arch.qk_norm
         self.checkpoint_core = False  # selective activation checkpointing (see Transformer.set_ac)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None,
@@ -215,6 +221,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, K, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, K, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             out = self._core(q, k, v, rope, cache, layer)
         elif self.checkpoint_core and self.training:
@@ -235,6 +243,9 @@ class Attention(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
         nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+        if self.qk_norm:
+            self.q_norm.reset_parameters()
+            self.k_norm.reset_parameters()
 
 
 class MLAttention(nn.Module):

@@ -1,7 +1,7 @@
-"""Model families: the one table of what distinguishes Llama, Qwen2, Mixtral and DeepSeek-V3.
+"""Model families: the one table of what distinguishes Llama, Qwen2, Qwen3, Mixtral and DeepSeek-V3.
 
 An :class:`~llmc.spec.model.Architecture` is a Llama-style decoder with optional switches (q/k/v
-biases, MoE, MLA); :func:`family_of` names the family those switches select, and :data:`FAMILIES`
+biases, q/k norms, MoE, MLA); :func:`family_of` names the family those switches select, and :data:`FAMILIES`
 declares, per family, what the other layers need: the Hugging Face ``model_type`` / class names
 (import in :mod:`llmc.spec.hf`, export in the runtime), the torchtitan 0.3.0 model module, the
 attention kind (what params / memory / FLOPs count), and the tokenizer's chat special tokens.
@@ -13,9 +13,10 @@ activations (``llmc.compiler.memory``) and head dims (``llmc.compiler.flops``), 
 Sources:
   * Llama 2 / 3: Touvron et al. 2023 (arXiv:2307.09288); Llama 3 herd, arXiv:2407.21783 §3.1
   * Qwen2: Yang et al. 2024 (arXiv:2407.10671 §2.2.1: "QKV bias")
+  * Qwen3: Yang et al. 2025 (arXiv:2505.09388 §2: no QKV bias, "QK-Norm" on queries and keys)
   * Mixtral: Jiang et al. 2024 (arXiv:2401.04088 §2: 8 experts, top-2)
   * DeepSeek-V3: DeepSeek-AI 2024 (arXiv:2412.19437 §2.1: MLA + DeepSeekMoE)
-  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,qwen2,mixtral,deepseek_v3}
+  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,qwen2,qwen3,mixtral,deepseek_v3}
   * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
 Gemma is not declared: llmc models no sliding-window attention.
 """
@@ -49,11 +50,15 @@ class Family:
     # torchtitan 0.3.0's state-dict adapter for its module converts every weight of the model llmc emits, so a
     # torchtitan job can start from Hugging Face weights (continued-training stages run as torchtitan jobs then)
     torchtitan_hf: bool = False
+    qk_norm: bool = False  # q and k heads always pass an RMSNorm before RoPE
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("llama", "mistral"), "LlamaForCausalLM", "gqa", False, False, "llama3",
                     ("llama3",), LLAMA3_SPECIALS, torchtitan_hf=True),
+    # before qwen2: family_by_name takes the first family whose prefix a name starts with
+    "qwen3": Family("qwen3", ("qwen3",), "Qwen3ForCausalLM", "gqa", False, False, "qwen3", ("qwen3",),
+                    QWEN_SPECIALS, qk_norm=True),
     "qwen2": Family("qwen2", ("qwen2",), "Qwen2ForCausalLM", "gqa", False, True, "llama3", ("qwen",),
                     QWEN_SPECIALS),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
@@ -67,12 +72,14 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES.values() for 
 
 
 def family_of(arch: Architecture) -> Family:
-    """The family an architecture's switches select: MLA -> deepseek_v3, MoE -> mixtral,
-    q/k/v biases -> qwen2, else llama."""
+    """The family an architecture's switches select: MLA -> deepseek_v3, MoE -> mixtral, q/k norms -> qwen3,
+    q/k/v biases -> qwen2, else llama (the spec refuses q/k norms with MoE or MLA: M006)."""
     if arch.mla is not None:
         return FAMILIES["deepseek_v3"]
     if arch.moe is not None:
         return FAMILIES["mixtral"]
+    if arch.qk_norm:
+        return FAMILIES["qwen3"]
     if arch.qkv_bias:
         return FAMILIES["qwen2"]
     return FAMILIES["llama"]

@@ -1,7 +1,7 @@
 """Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
 
 Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``,
-``qwen2``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
+``qwen2``, ``qwen3``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
 =============================  =====================================
@@ -16,6 +16,8 @@ head_dim                       head_dim (DeepSeek-V3: qk_nope + qk_rope)
 vocab_size                     vocab_size
 tie_word_embeddings            tied_embeddings
 attention_bias                 qkv_bias (qwen2: always True)
+(model_type qwen3)             qk_norm (Qwen3 always normalises q and k heads)
+use_sliding_window: true       refused (llmc models no sliding-window attention)
 rope_theta / rope_scaling      rope_theta / rope_scaling
 max_position_embeddings        max_seq_len
 rms_norm_eps                   norm_eps
@@ -203,6 +205,8 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         raise HFConfigError(f"unsupported hidden_act {act!r} (llmc models SwiGLU, i.e. silu)")
 
     errs: list[str] = []
+    if cfg.get("use_sliding_window") is True:  # Qwen2 / Qwen3 configs; false in their released checkpoints
+        errs.append("use_sliding_window: true is not supported (llmc models full attention in every layer)")
     heads = _each(errs, n_heads=lambda: _int(cfg, "num_attention_heads"))
     n_heads = heads.get("n_heads", 1)
     kw: dict[str, Any] = {"name": name, **heads, **_each(
@@ -216,6 +220,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         tied_embeddings=lambda: _bool(cfg, "tie_word_embeddings"),
         # Qwen2 always has q/k/v biases (the HF Qwen2 attention hard-codes bias=True).
         qkv_bias=lambda: family.qkv_bias or _bool(cfg, "attention_bias"),
+        qk_norm=lambda: family.qk_norm,
         rope_theta=lambda: _float(cfg, "rope_theta", 10000.0),
         rope_scaling=lambda: _rope_scaling(cfg.get("rope_scaling")),
         norm_eps=lambda: _float(cfg, "rms_norm_eps", 1e-6),

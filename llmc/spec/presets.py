@@ -86,6 +86,18 @@ PRESETS: dict[str, Architecture] = {
         "qwen2.5-72b", n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8, d_ff=29568, vocab_size=152064,
         qkv_bias=True, rope_theta=1e6, norm_eps=1e-5, max_seq_len=131072,
     ),
+    # https://huggingface.co/Qwen/Qwen3-8B/blob/main/config.json (Qwen3: q/k norms, no q/k/v bias; 8.2B
+    # parameters, 6.95B without embeddings, per the model card)
+    "qwen3-8b": _arch(
+        "qwen3-8b", n_layers=36, d_model=4096, n_heads=32, n_kv_heads=8, head_dim=128, d_ff=12288,
+        vocab_size=151936, qk_norm=True, rope_theta=1e6, norm_eps=1e-6, max_seq_len=40960,
+    ),
+    # https://huggingface.co/Qwen/Qwen3-0.6B/blob/main/config.json (head_dim 128 with d_model 1024 / 16 heads:
+    # the attention is twice the residual width; tied embeddings)
+    "qwen3-0.6b": _arch(
+        "qwen3-0.6b", n_layers=28, d_model=1024, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=3072,
+        vocab_size=151936, tied_embeddings=True, qk_norm=True, rope_theta=1e6, norm_eps=1e-6, max_seq_len=40960,
+    ),
     # https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json
     # MLA (q_lora_rank 1536, kv_lora_rank 512, qk_rope 64, qk_nope 128, v 128; head_dim here is the
     # q/k head dim 128 + 64 = 192), 3 dense layers (intermediate_size 18432) then 58 MoE layers with

@@ -601,7 +601,8 @@ class Eval(SpecModel):
     validation: Validation | None = None
     """Held-out validation loss. None = none."""
     tasks: list[str] = Field(default_factory=list)
-    """lm-evaluation-harness task names or local task YAML files (relative to the spec file)."""
+    """lm-evaluation-harness task names or local task / group YAML files (relative to the spec file). When every
+    entry is a local file that lists no other task, lm-evaluation-harness indexes only those files' folders."""
     task_stages: list[str] | None = None
     """Stages whose final HF export is evaluated on ``tasks``. None = the last stage."""
     backend: Literal["hf", "vllm"] = "hf"

@@ -1,0 +1,81 @@
+"""Qwen3 (dense, q/k norms): the torchtitan job llmc emits builds torchtitan's own Qwen3 model, and computes what
+llmc's model computes for the same weights (the Hugging Face side, transformers' Qwen3ForCausalLM, is checked in
+test_hf_init.py and test_runtime_export.py; the parameter counts against transformers in test_spec_hf.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchtitan")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_torchtitan import load_job, write_build  # noqa: E402
+
+from llmc.compiler.compile import compile_spec  # noqa: E402
+from llmc.spec.load import load_spec  # noqa: E402
+
+
+def _compiled(tmp_path: Path, model: str, hardware: str, data: str):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: q3\nmodel: {model}\nhardware: {hardware}\ndata: {data}\n"
+                    "training: {precision: fp32, backend: torchtitan}\n")
+    run, lines = load_spec(spec)
+    return compile_spec(run, spec_path=str(spec), yaml_lines=lines)
+
+
+def test_emitted_qwen3_8b_is_torchtitans_own_8b_model(tmp_path):
+    """Every parameter of the emitted job's model has the name and shape of torchtitan 0.3.0's own Qwen3 8B flavour
+    (q/k norms included), and the total is the published 8,190,735,360 llmc counts."""
+    from torchtitan.models.qwen3 import qwen3_configs
+
+    from llmc.compiler.params import params_total
+
+    c = _compiled(tmp_path, "qwen3-8b", "{gpu: h100-sxm, count: 8}", "{seq_len: 4096, tokens: 1e9}")
+    cfg = load_job(write_build(c, tmp_path / "b"), "job_without_converters")
+    with torch.device("meta"):
+        ours = cfg.model_spec.model.build()
+        theirs = qwen3_configs["8B"](attn_backend="flex").build()
+    shapes = {n: tuple(p.shape) for n, p in ours.named_parameters()}
+    assert shapes == {n: tuple(p.shape) for n, p in theirs.named_parameters()}
+    assert any(n.endswith("attention.q_norm.weight") for n in shapes)
+    assert sum(p.numel() for p in ours.parameters()) == params_total(c.spec.model) == 8_190_735_360
+
+
+def test_torchtitan_qwen3_forward_equals_llmcs_model(tmp_path):
+    """The emitted job's torchtitan model, given llmc's model's weights (torchtitan names mapped as llmc's export of a
+    torchtitan checkpoint maps them), returns llmc's logits: the q/k norms sit at the same place (per head, before
+    RoPE) in both, on a head_dim apart from d_model / n_heads. Norm weights are perturbed so a misplaced or
+    missing norm changes the logits."""
+    from llmc.runtime.hf_io import _TITAN_RENAMES
+    from llmc.runtime.model import build_model
+    from llmc.runtime.titan_cpu_shim import swap_flex_for_sdpa
+
+    model = ("{name: q3tiny, n_layers: 2, d_model: 64, n_heads: 4, n_kv_heads: 2, head_dim: 24, d_ff: 96, "
+             "vocab_size: 97, max_seq_len: 32, qk_norm: true}")
+    c = _compiled(tmp_path, model, "{gpu: cpu, count: 1}", "{seq_len: 32, tokens: 4096}")
+    cfg = load_job(write_build(c, tmp_path / "b"), "job_without_converters")
+    assert swap_flex_for_sdpa(cfg) > 0  # plain causal attention on the CPU, as llmc's model
+    titan = cfg.model_spec.model.build()
+    titan.init_states(buffer_device=torch.device("cpu"))
+    ref = build_model(c.spec.model, "cpu", seed=0).eval()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.3)
+    ours = ref.state_dict()
+    sd = {}
+    for k in titan.state_dict():
+        name = k
+        for a, b in _TITAN_RENAMES:
+            name = name.replace(a, b)
+        sd[k] = ours[name]
+    assert len(sd) == len(ours)
+    titan.load_state_dict(sd, strict=True)
+    titan.eval()
+    tokens = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(titan(tokens), ref(tokens), rtol=1e-5, atol=1e-5)
