@@ -145,13 +145,13 @@ def _lock(path: Path) -> dict:
     try:  # any schema version: a run's lock may be older than this llmc, its plan is all calibration needs
         d = load_lock_json(path)
     except ValueError as e:
-        raise MeasurementError(str(path), 0, "M002", "plan.lock.json", str(e),
+        raise MeasurementError(str(path), 0, "K002", "plan.lock.json", str(e),
                                "pass the plan.lock.json written by llmc build") from None
     if not isinstance(d, dict) or "spec" not in d or "plan" not in d:
-        raise MeasurementError(str(path), 0, "M002", "plan.lock.json", "not an llmc plan.lock.json",
+        raise MeasurementError(str(path), 0, "K002", "plan.lock.json", "not an llmc plan.lock.json",
                                "pass the plan.lock.json written by llmc build")
     if d.get("plan") is None:
-        raise MeasurementError(str(path), 0, "M002", "plan", "the lock has no parallelism plan")
+        raise MeasurementError(str(path), 0, "K002", "plan", "the lock has no parallelism plan")
     return d
 
 
@@ -179,27 +179,27 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
         cands = [metrics.parent / "plan.lock.json", metrics.parent.parent / "plan.lock.json"]
         lock_path = next((c for c in cands if c.is_file()), None)
         if lock_path is None:
-            raise MeasurementError(str(metrics), 0, "M003", "plan.lock.json", "no plan.lock.json next to the run",
+            raise MeasurementError(str(metrics), 0, "K003", "plan.lock.json", "no plan.lock.json next to the run",
                                    "pass --lock PATH")
     lock = _lock(Path(lock_path))
     tps, mem = [], []
-    lines = _read_text(metrics, "M001", "metrics.jsonl").splitlines()
+    lines = _read_text(metrics, "K001", "metrics.jsonl").splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MeasurementError(str(metrics), i, "M001", "metrics.jsonl", f"not a JSON record: {e.msg}") from e
+            raise MeasurementError(str(metrics), i, "K001", "metrics.jsonl", f"not a JSON record: {e.msg}") from e
         except RecursionError:
-            raise MeasurementError(str(metrics), i, "M001", "metrics.jsonl", "not a JSON record: nested too deeply") \
+            raise MeasurementError(str(metrics), i, "K001", "metrics.jsonl", "not a JSON record: nested too deeply") \
                 from None
         if "step" in r and r.get("tokens_per_s"):
             tps.append((int(r["step"]), float(r["tokens_per_s"])))
         if "step" in r and r.get("peak_mem_bytes"):
             mem.append((int(r["step"]), float(r["peak_mem_bytes"])))
     if not tps:
-        raise MeasurementError(str(metrics), 0, "M001", "metrics.jsonl", "no step records with tokens_per_s",
+        raise MeasurementError(str(metrics), 0, "K001", "metrics.jsonl", "no step records with tokens_per_s",
                                "train for more than log_every steps")
     m = _from_lock(lock, str(lock_path), label=metrics.parent.name or str(metrics), source=str(metrics))
     world = m.plan.world
@@ -210,9 +210,9 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
 def read_torchtitan_log(path: str | Path, lock_path: str | Path) -> Measurement:
     """A torchtitan log of a job llmc built, with that build's ``plan.lock.json``."""
     p = Path(path)
-    steps = parse_torchtitan_log(_read_text(p, "M001", "log"))
+    steps = parse_torchtitan_log(_read_text(p, "K001", "log"))
     if not steps:
-        raise MeasurementError(str(p), 0, "M001", "log", "no torchtitan metrics lines (step: .. loss: .. tps: ..)",
+        raise MeasurementError(str(p), 0, "K001", "log", "no torchtitan metrics lines (step: .. loss: .. tps: ..)",
                                "pass the rank-0 training log")
     lock = _lock(Path(lock_path))
     m = _from_lock(lock, str(lock_path), label=p.stem, source=str(p))
@@ -234,16 +234,16 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
 
     for k in _TABLE_REQUIRED:
         if get(k) is None:
-            raise MeasurementError(source, line, "M004", k, f"missing {k!r}", "see benchmarks/README.md, Schema")
+            raise MeasurementError(source, line, "K004", k, f"missing {k!r}", "see benchmarks/README.md, Schema")
     name = str(get("model"))
     if name not in PRESETS:
-        raise MeasurementError(source, line, "M004", "model", f"unknown preset {name!r}", "llmc presets lists them")
+        raise MeasurementError(source, line, "K004", "model", f"unknown preset {name!r}", "llmc presets lists them")
     backend, gpu = get("backend"), get("gpu_key")
     if not backend or not gpu:
-        raise MeasurementError(source, line, "M004", "backend" if not backend else "gpu_key",
+        raise MeasurementError(source, line, "K004", "backend" if not backend else "gpu_key",
                                "every row needs a backend and an llmc gpu_key")
     def bad(k: str, want: str):
-        return MeasurementError(source, line, "M004", k, f"{k} must be {want}, got {get(k)!r}",
+        return MeasurementError(source, line, "K004", k, f"{k} must be {want}, got {get(k)!r}",
                                 "see benchmarks/README.md, Schema")
 
     def whole(k: str, default=None) -> int:  # a positive whole number (YAML int, or a CSV cell such as "8")
@@ -282,7 +282,7 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
     def choice(k: str, options, default=None) -> str | None:
         v = get(k, default)
         if v is not None and str(v) not in options:
-            raise MeasurementError(source, line, "M004", k, f"unknown {k} {v!r} (one of {', '.join(options)})")
+            raise MeasurementError(source, line, "K004", k, f"unknown {k} {v!r} (one of {', '.join(options)})")
         return None if v is None else str(v)
 
     from llmc.compiler.backends import BACKENDS
@@ -312,17 +312,17 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
     mb, gb = whole("micro_batch"), whole("global_batch")
     vp = whole("vp", 2 if sched == "Interleaved1F1B" else 1)
     if dr * ds * tp * pp * cp != whole("gpus"):
-        raise MeasurementError(source, line, "M004", "gpus", "dp_replicate x dp_shard x tp x pp x cp != gpus")
+        raise MeasurementError(source, line, "K004", "gpus", "dp_replicate x dp_shard x tp x pp x cp != gpus")
     try:
         plan = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=tp, pp=pp, pp_schedule=sched, pp_virtual_stages=vp,
                             cp=cp, ep=ep, micro_batch=mb, grad_accum=max(1, gb // (mb * dr * ds)),
                             activation_checkpointing=ac, ac_layers=ac_layers, zero_stage=zero)
     except ValueError as e:
-        raise MeasurementError(source, line, "M004", "layout", str(e), "see benchmarks/README.md, Schema") from None
+        raise MeasurementError(source, line, "K004", "layout", str(e), "see benchmarks/README.md, Schema") from None
     tps, mem = positive("tokens_per_s_per_gpu"), positive("mem_gib")
     kind = str(get("mem_kind", "reserved"))
     if flag("offload_params", False) and not (flag("offload_optimizer", False) and zero == 3):
-        raise MeasurementError(source, line, "M004", "offload_params", "offload_params needs offload_optimizer and "
+        raise MeasurementError(source, line, "K004", "offload_params", "offload_params needs offload_optimizer and "
                                "zero_stage 3 (DeepSpeed ZeRO-Infinity)", "see benchmarks/README.md, Schema")
     return Measurement(
         label=str(get("id", f"{Path(source).name}:{line}")), source=source, backend=str(backend), gpu=str(gpu),
@@ -356,7 +356,7 @@ def _literals(model: str, name: str) -> tuple[str, ...]:
 def read_table(path: str | Path) -> list[Measurement]:
     """Measured layouts from a YAML (benchmarks/ schema) or CSV file."""
     p = Path(path)
-    text = _read_text(p, "M001", "table")
+    text = _read_text(p, "K001", "table")
     if p.suffix.lower() == ".csv":
         rows = list(csv.DictReader(io.StringIO(text)))
         return [_row_measurement(r, {}, str(p), i + 2) for i, r in enumerate(rows)]
@@ -366,11 +366,11 @@ def read_table(path: str | Path) -> list[Measurement]:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise MeasurementError(str(p), (mark.line + 1) if mark else 0, "M001", "table", "invalid YAML") from e
+        raise MeasurementError(str(p), (mark.line + 1) if mark else 0, "K001", "table", "invalid YAML") from e
     except RecursionError:
-        raise MeasurementError(str(p), 0, "M001", "table", "YAML nested too deeply") from None
+        raise MeasurementError(str(p), 0, "K001", "table", "YAML nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
-        raise MeasurementError(str(p), 0, "M004", "rows", "expected a mapping with a 'rows' list")
+        raise MeasurementError(str(p), 0, "K004", "rows", "expected a mapping with a 'rows' list")
     file_keys = {k: v for k, v in doc.items() if k != "rows"}
     lines = _row_lines(text)
     return [_row_measurement(r, file_keys, str(p), lines.get(r.get("id"), 0)) for r in doc["rows"]
@@ -394,7 +394,7 @@ def read_any(path: str | Path, lock: str | Path | None = None) -> list[Measureme
     if p.suffix.lower() in (".yaml", ".yml", ".csv"):
         return read_table(p)
     if lock is None:
-        raise MeasurementError(str(p), 0, "M003", "--lock", "a torchtitan log needs the job's plan.lock.json",
+        raise MeasurementError(str(p), 0, "K003", "--lock", "a torchtitan log needs the job's plan.lock.json",
                                "llmc calibrate LOG --lock BUILD/plan.lock.json")
     return [read_torchtitan_log(p, lock)]
 
@@ -409,7 +409,7 @@ def predicted(m: Measurement, factors=None):
 
     gpu = get_gpu(m.gpu)
     if gpu is None:
-        raise MeasurementError(m.source, 0, "M005", "gpu", f"unknown llmc GPU key {m.gpu!r}", "llmc gpus lists them")
+        raise MeasurementError(m.source, 0, "K005", "gpu", f"unknown llmc GPU key {m.gpu!r}", "llmc gpus lists them")
     if m.gpus_per_node:
         gpu = replace(gpu, gpus_per_node=int(m.gpus_per_node))
     sm = timing.step_model(m.model, m.seq_len, m.precision, gpu, m.backend, compile=m.compile,
@@ -456,13 +456,13 @@ def calibrate_measurements(ms: list[Measurement], inputs: list[str]):
 
     keys = sorted({(m.backend, m.gpu) for m in ms})
     if len(keys) != 1:
-        raise MeasurementError(inputs[0], 0, "M006", "backend/gpu",
+        raise MeasurementError(inputs[0], 0, "K006", "backend/gpu",
                                f"the runs span {len(keys)} (backend, GPU) pairs: "
                                + ", ".join(f"{b}/{g}" for b, g in keys),
                                "calibrate each backend and GPU separately (--backend, --gpu)")
     tps, mps = fit_points(ms)
     if not tps and not mps:
-        raise MeasurementError(inputs[0], 0, "M001", "measurements", "no throughput or memory figures to fit")
+        raise MeasurementError(inputs[0], 0, "K001", "measurements", "no throughput or memory figures to fit")
     prov = {"llmc_version": llmc.__version__,
             "inputs": [{"path": str(p), "sha256": sha256_file(p)} for p in inputs],
             "runs": [m.label for m in ms]}
@@ -470,7 +470,7 @@ def calibrate_measurements(ms: list[Measurement], inputs: list[str]):
     try:  # what `llmc plan --calibration` will accept: never write a file it would refuse
         type(cal).from_json(cal.to_json())
     except ValueError as e:
-        raise MeasurementError(inputs[0], 0, "M008", "fit", f"the fit is not usable ({e})",
+        raise MeasurementError(inputs[0], 0, "K008", "fit", f"the fit is not usable ({e})",
                                "the runs disagree with llmc's model by orders of magnitude: check their units "
                                "(tokens/s per GPU, GiB)") from None
     return cal
@@ -489,7 +489,7 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
         if gpu:
             ms = [m for m in ms if m.gpu == gpu]
         if not ms:
-            raise MeasurementError(inputs[0] if inputs else "-", 0, "M001", "inputs", "no measured runs selected")
+            raise MeasurementError(inputs[0] if inputs else "-", 0, "K001", "inputs", "no measured runs selected")
         cal = calibrate_measurements(ms, inputs)
     except MeasurementError as e:
         print(e.located(), file=sys.stderr)
@@ -511,14 +511,14 @@ def load_calibration(path: str | Path, spec_file: str | None = None):
     p = Path(path)
     if not p.is_absolute() and spec_file:
         p = Path(spec_file).parent / p
-    text = _read_text(p, "M007", "calibration", "write it with llmc calibrate")
+    text = _read_text(p, "K007", "calibration", "write it with llmc calibrate")
     try:
         return Calibration.from_json(json.loads(text))
     except RecursionError:
-        raise MeasurementError(str(p), 0, "M007", "calibration", "cannot read the calibration: JSON nested too deeply",
+        raise MeasurementError(str(p), 0, "K007", "calibration", "cannot read the calibration: JSON nested too deeply",
                                "write it with llmc calibrate") from None
     except (OSError, json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
-        raise MeasurementError(str(p), 0, "M007", "calibration", f"cannot read the calibration: {e}",
+        raise MeasurementError(str(p), 0, "K007", "calibration", f"cannot read the calibration: {e}",
                                "write it with llmc calibrate") from e
 
 

@@ -142,7 +142,7 @@ def test_json_round_trip():
     (lambda d: d.update(residuals="none"), "residuals")])
 def test_a_damaged_calibration_is_one_located_line_naming_the_field(tmp_path, edit, field):
     """A hand-edited calibration reached the time model (a string scale was an INTERNAL TypeError at plan time);
-    now `llmc plan --calibration` names the field in one M007 line and exits 1."""
+    now `llmc plan --calibration` names the field in one K007 line and exits 1."""
     from typer.testing import CliRunner
 
     from llmc.cli import app
@@ -157,7 +157,7 @@ def test_a_damaged_calibration_is_one_located_line_naming_the_field(tmp_path, ed
     r = CliRunner().invoke(app, ["plan", str(spec), "--calibration", str(f)])
     assert r.exit_code == 1, r.output
     err = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(err) == 1 and "error[M007]" in err[0] and field in err[0] and "INTERNAL" not in err[0], err
+    assert len(err) == 1 and "error[K007]" in err[0] and field in err[0] and "INTERNAL" not in err[0], err
 
 
 SPEC = """\

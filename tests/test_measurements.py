@@ -88,14 +88,14 @@ def test_bad_inputs_give_one_located_line(tmp_path, capsys):
                    "b,no-such-model,8,8192,8,2,16,torchtitan,h100-sxm,5000\n")
     with pytest.raises(ms.MeasurementError) as e:
         ms.read_table(bad)
-    assert e.value.located().startswith(f"{bad}:3: error[M004] model: unknown preset")
+    assert e.value.located().startswith(f"{bad}:3: error[K004] model: unknown preset")
     assert ms.calibrate_main([str(bad)], str(tmp_path / "cal.json")) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "error[M004]" in err[0] and "Traceback" not in err[0]
+    assert len(err) == 1 and "error[K004]" in err[0] and "Traceback" not in err[0]
     log = tmp_path / "x.log"
     log.write_text("no metrics here\n")
     assert ms.calibrate_main([str(log)], str(tmp_path / "cal.json"), lock=str(tmp_path / "missing.json")) == 1
-    assert "error[M001]" in capsys.readouterr().err
+    assert "error[K001]" in capsys.readouterr().err
 
 
 def test_calibrate_main_fits_a_table_and_writes_provenance(tmp_path, capsys):
@@ -222,13 +222,13 @@ def test_every_bad_table_cell_is_one_located_line(tmp_path, capsys, cells, path)
     p = _csv(tmp_path, **cells)
     assert ms.calibrate_main([str(p)], str(tmp_path / "cal.json")) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"{p}:2: error[M004] {path}: "), err
+    assert len(err) == 1 and err[0].startswith(f"{p}:2: error[K004] {path}: "), err
     assert not (tmp_path / "cal.json").exists()
 
 
 def test_calibrate_never_writes_a_fit_that_plan_would_refuse(tmp_path, capsys):
     """Runs 1e-300 and 1e300 tokens/s apart fit to NaN factors; `llmc calibrate` wrote that file (and printed a
-    "nan%" band) for `llmc plan --calibration` to refuse later. It now stops with one M008 line and writes nothing."""
+    "nan%" band) for `llmc plan --calibration` to refuse later. It now stops with one K008 line and writes nothing."""
     import csv
 
     p = tmp_path / "runs.csv"
@@ -239,5 +239,18 @@ def test_calibrate_never_writes_a_fit_that_plan_would_refuse(tmp_path, capsys):
         w.writerow({**_CSV_ROW, "id": "b", "micro_batch": "1", "tokens_per_s_per_gpu": "1e300"})
     assert ms.calibrate_main([str(p)], str(tmp_path / "cal.json")) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"{p}: error[M008] fit: the fit is not usable"), err
+    assert len(err) == 1 and err[0].startswith(f"{p}: error[K008] fit: the fit is not usable"), err
     assert not (tmp_path / "cal.json").exists()
+
+
+def test_calibration_input_codes_are_their_own():
+    """`llmc calibrate` / `--calibration` errors carry K codes, which no other part of llmc emits: the spec's M codes
+    (M001-M006) once shared numbers with them, so `error[M004]` had two meanings."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "llmc"
+    code = re.compile(r"""["']([A-Z])\d{3}["']""")
+    letters = {p.relative_to(root).as_posix(): set(code.findall(p.read_text())) for p in root.rglob("*.py")}
+    assert letters["measurements.py"] == {"K"}
+    assert [f for f, ls in letters.items() if "K" in ls and f != "measurements.py"] == []

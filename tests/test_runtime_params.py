@@ -58,6 +58,9 @@ def runtime_breakdown(arch: Architecture) -> dict[str, int]:
     model = meta_model(arch)
     out: dict[str, int] = {}
     for name, p in model.named_parameters():
+        if arch.mla is None and name.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+            out["attn/qk_norm"] = out.get("attn/qk_norm", 0) + p.numel()  # Qwen3's q/k norms (GQA)
+            continue
         lab = label(name)
         if arch.mla is not None and lab in ("attn/wq", "attn/wo"):
             lab = "mla/" + lab.split("/")[1]
@@ -98,6 +101,7 @@ def architectures(draw):
         kw["mla"] = MLA(q_lora_rank=draw(st.sampled_from([None, 16, 24])), kv_lora_rank=draw(st.sampled_from([8, 16])),
                         qk_rope_head_dim=draw(st.sampled_from([4, 8])), qk_nope_head_dim=draw(st.sampled_from([8, 16])),
                         v_head_dim=draw(st.sampled_from([8, 12])))
+    kw["qk_norm"] = "moe" not in kw and "mla" not in kw and draw(st.booleans())  # Qwen3: dense GQA only (M006)
     return Architecture(**kw)
 
 

@@ -344,7 +344,7 @@ def test_report_and_calibrate_commands(tmp_path):
     assert r.returncode == 1 and "error[" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "cal.json").exists()
     r = llmc("plan", "examples/tiny_cpu.yaml", "--calibration", str(tmp_path / "missing.json"))
-    assert r.returncode == 1 and "error[M007]" in r.stderr
+    assert r.returncode == 1 and "error[K007]" in r.stderr
     assert llmc("plan", "examples/tiny_cpu.yaml", "--no-fit-check").returncode == 0
 
 
