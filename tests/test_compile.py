@@ -307,3 +307,42 @@ def test_tokenizer_facts_drive_the_template_check(tmp_path):
     without = compile_spec(run, "s.yaml", lines, spec_bytes=text.encode())
     sev = {c: [d.severity for d in x.diagnostics if d.code == "T103"] for c, x in (("f", with_facts), ("n", without))}
     assert sev == {"f": ["error"], "n": []}  # the file lacks llama3's header tokens; the name guess has them
+
+
+MLA_NATIVE = """\
+name: mla-native
+model:
+  name: mla
+  n_layers: 4
+  d_model: 1024
+  n_heads: 16
+  d_ff: 4096
+  vocab_size: 32000
+  mla: {kv_lora_rank: 256, qk_rope_head_dim: 32, qk_nope_head_dim: 64, v_head_dim: 64}
+hardware: {gpu: h100-sxm, count: 8}
+data: {seq_len: 4096, tokens: 1e9}
+training: {backend: native}
+"""
+
+
+def test_native_plans_mla_without_tensor_parallelism_as_its_trainer_runs_it():
+    """llmc's native trainer has no tensor parallelism for MLA attention (runtime apply_tp refuses it), so the search
+    keeps an MLA model at tp 1 there and a pinned tp > 1 is P018 at plan time, not an error at launch; torchtitan
+    (which shards MLA) keeps its choice."""
+    from llmc.compiler.compile import backend_pins
+    from llmc.spec.schema import Parallelism
+
+    c = _compile(MLA_NATIVE)
+    assert c.backend.name == "native" and c.plan.tp == 1
+    assert not [d for d in c.diagnostics if d.severity == "error"]
+    pinned = _compile(MLA_NATIVE + "parallelism: {tp: 2}\n")
+    assert [(d.code, d.path, d.line) for d in pinned.diagnostics if d.severity == "error"] == \
+        [("P018", "parallelism.tp", 13)]
+    assert backend_pins(Parallelism(), "torchtitan", c.spec.model).tp is None
+    pytest.importorskip("torch")  # the runtime fact the backend's tp_mla states
+    from llmc.runtime.distributed import apply_tp
+    from llmc.runtime.model import build_model
+
+    model = build_model(c.spec.model, "meta")
+    with pytest.raises(ValueError, match="MLA"):
+        apply_tp(model, type("Mesh", (), {"size": lambda self: 2})())

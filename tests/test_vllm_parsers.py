@@ -1,7 +1,7 @@
 """vLLM 0.33's own parsers accept what llmc emits: every ``serving/vllm*.yaml`` goes through ``vllm serve``'s
 argument parser (``FlexibleArgumentParser`` with ``--config``, built by ``ServeSubcommand`` as in
 ``vllm/entrypoints/cli/main.py``) and ``AsyncEngineArgs.from_cli_args``, and lands on the values of the lock's
-serving plan; every Hugging Face export (Llama, Qwen2, Mixtral, DeepSeek-V3) goes through
+serving plan; every Hugging Face export (Llama, Qwen2, Qwen3, Mixtral, DeepSeek-V3) goes through
 ``vllm.transformers_utils.config.get_config`` and ``vllm.config.ModelConfig`` (architecture resolution through
 vLLM's model registry, which inspects the model class in a subprocess) and reads back as the exported
 architecture, with vLLM's KV-cache bytes per token equal to llmc's serving plan; the dense exports also load
@@ -228,6 +228,7 @@ def model_exports(tmp_path_factory) -> tuple[dict, dict]:
     archs = {
         "LlamaForCausalLM": Architecture(name="llama", **base),
         "Qwen2ForCausalLM": Architecture(name="qwen2", **base, qkv_bias=True),
+        "Qwen3ForCausalLM": Architecture(name="qwen3", **{**base, "head_dim": 16}, qk_norm=True),
         "MixtralForCausalLM": Architecture(name="mixtral", **base, moe=MoE(num_experts=3, top_k=2)),
         "DeepseekV3ForCausalLM": Architecture(
             name="deepseek", n_layers=3, d_model=24, n_heads=3, d_ff=40, vocab_size=77, max_seq_len=64,
@@ -258,7 +259,7 @@ def test_hf_exports_pass_vllm_model_config(model_exports, vllm):
         assert m["heads"] == a.n_heads and m["max_model_len"] == a.max_seq_len and m["dtype"] == "torch.bfloat16"
         assert m["is_moe"] is (a.moe is not None) and m["use_mla"] is (a.mla is not None)
         if a.mla is None:
-            assert m["kv_heads"] == a.n_kv_heads and m["head_size"] == a.d_model // a.n_heads
+            assert m["kv_heads"] == a.n_kv_heads and m["head_size"] == a.hd
         else:  # vLLM caches the compressed latent plus the shared rope key (DeepSeek-V2, arXiv:2405.04434, 2.1)
             assert m["head_size"] == a.mla.kv_lora_rank + a.mla.qk_rope_head_dim
         spec = RunSpec.model_validate({"name": "t", "model": a.model_dump(), "data": {"seq_len": a.max_seq_len,
@@ -311,7 +312,8 @@ def load_exports(tmp_path_factory) -> tuple[dict, dict, dict]:
                 rope_theta=5000.0)
     archs = {"llama": Architecture(name="llama", **base),
              "llama-tied": Architecture(name="llama-tied", **base, tied_embeddings=True),
-             "qwen2": Architecture(name="qwen2", **base, qkv_bias=True)}
+             "qwen2": Architecture(name="qwen2", **base, qkv_bias=True),
+             "qwen3": Architecture(name="qwen3", **{**base, "head_dim": 16}, qk_norm=True)}
     dirs, want = {}, {}
     for name, a in archs.items():
         model = build_model(a, seed=0)
@@ -330,7 +332,8 @@ def test_dense_hf_exports_load_into_vllm_models(load_exports, vllm):
     got = result(vllm, "load")
     for name, a in archs.items():
         m = got[str(dirs[name])]
-        assert m["class"] == ("Qwen2ForCausalLM" if a.qkv_bias else "LlamaForCausalLM")
+        assert m["class"] == ("Qwen2ForCausalLM" if a.qkv_bias else "Qwen3ForCausalLM" if a.qk_norm
+                              else "LlamaForCausalLM")
         # VocabParallelEmbedding pads the vocabulary to a multiple of 64 rows (DEFAULT_VOCAB_PADDING_SIZE in
         # vllm/model_executor/layers/vocab_parallel_embedding.py), in the embedding and in an untied LM head
         pad_rows = -a.vocab_size % 64 * (1 if a.tied_embeddings else 2)
