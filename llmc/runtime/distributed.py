@@ -110,8 +110,9 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
 def _heads_sharded_norm(norm: nn.Module, tp_mesh) -> None:
     """Qwen3's q/k norm under TP: each rank normalises its own heads (input Shard(2), the heads dim) with the
     whole weight (Replicate), as torchtitan's qwen3 sharding does. Each rank's weight gradient covers only its
-    heads (DTensor: Partial(sum)); a hook sums it over the TP group before it accumulates, so the weight stays
-    equal on every rank and the optimizer and the global gradient norm see the whole gradient."""
+    heads (DTensor: Partial(sum)). DTensor's optimizer ops would reduce it themselves, but the global gradient norm
+    (train.clip_grad_norm) would add each rank's squares of a partial gradient instead of squaring their sum: a
+    hook sums it over the TP group before it accumulates, so the gradient is Replicate like the weight."""
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 
     def params(_name, mod, mesh):
