@@ -121,7 +121,7 @@ def check_tp_backend(run, backend, sink: Sink) -> None:
     """P018: a pinned tp > 1 on an MLA model where the backend's trainer does not tensor-parallelise MLA (the native
     trainer refuses it at start-up: what the plan promises must run)."""
     tp = run.parallelism.tp
-    if tp is not None and tp > 1 and getattr(run.model, "mla", None) is not None and not backend.tp_mla:
+    if tp is not None and tp > 1 and run.model.mla is not None and not backend.tp_mla:
         sink.add("P018", "error", "parallelism.tp",
                  f"the {backend.name} trainer has no tensor parallelism for MLA attention (tp {tp} pinned)",
                  "drop the tp pin (the search keeps tp 1 there) or use training.backend: torchtitan")

@@ -125,8 +125,8 @@ def _task_file_name(path: str, text: str) -> tuple[str, bool]:
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
     task = doc.get("task") if isinstance(doc, dict) else None
-    if isinstance(task, str | int | float) and not isinstance(task, bool):
-        return str(task), False
+    if isinstance(task, str):
+        return task, False
     if isinstance(task, list) and isinstance(doc.get("group"), str):
         return doc["group"], True
     raise ValueError(f"{path}: no top-level 'task:' name (or 'group:' name with a 'task:' list)")
