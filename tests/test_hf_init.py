@@ -1,4 +1,4 @@
-"""Start from a pretrained Hugging Face model, end with one: tiny random Llama / Qwen2 / Qwen3 / Mixtral models made
+"""Start from a pretrained Hugging Face model, end with one: tiny random Llama / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE models made
 with transformers here, loaded into llmc's model (logits and loss equal transformers'), trained by the native
 trainer and exported back (transformers loads the export with llmc's logits); LoRA adapters load with PEFT."""
 
@@ -41,6 +41,10 @@ def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: in
     elif kind == "mixtral":
         cfg = transformers.MixtralConfig(**{**TINY, "num_local_experts": 3, "num_experts_per_tok": 2, **over})
         model = transformers.MixtralForCausalLM(cfg)
+    elif kind == "qwen3_moe":  # experts narrower than intermediate_size (the dense layers' width), top-k renormalised
+        cfg = transformers.Qwen3MoeConfig(**{**TINY, "num_experts": 4, "num_experts_per_tok": 2,
+                                             "moe_intermediate_size": 40, "norm_topk_prob": True, **over})
+        model = transformers.Qwen3MoeForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(**{**TINY, **over})
         model = transformers.LlamaForCausalLM(cfg)
@@ -64,7 +68,8 @@ def arch_of(path: Path):
 
 
 @pytest.mark.parametrize("kind,over", [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {}),
-                                       ("qwen3", {"head_dim": 16}), ("mixtral", {})])
+                                       ("qwen3", {"head_dim": 16}), ("mixtral", {}),
+                                       ("qwen3_moe", {"head_dim": 16, "mlp_only_layers": [0]})])
 def test_load_gives_transformers_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     if kind != "mixtral":  # sharded: several files + index
@@ -82,11 +87,14 @@ def test_load_gives_transformers_logits(tmp_path, kind, over):
     assert abs(float(lm_loss(ours, labels)) - float(lm_loss(ref, labels))) < 1e-4
 
 
-@pytest.mark.parametrize("kind,over", [("qwen2", {}), ("qwen3", {"head_dim": 16})])
+@pytest.mark.parametrize("kind,over", [("qwen2", {}), ("qwen3", {"head_dim": 16}),
+                                       ("qwen3_moe", {"mlp_only_layers": [0], "num_hidden_layers": 3})])
 def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     arch = arch_of(src)
-    assert arch.qk_norm is (kind == "qwen3") and arch.hd == (over.get("head_dim") or 8)
+    assert arch.qk_norm is kind.startswith("qwen3") and arch.hd == (over.get("head_dim") or 8)
+    if kind == "qwen3_moe":
+        assert (arch.moe.dense_layers, arch.moe.expert_d_ff, arch.d_ff) == (1, 40, 96)
     model = build_model(arch, seed=0).eval()
     load_hf_into(model, src, arch)
     with torch.no_grad():  # move away from the source weights so the check is on the export

@@ -1,5 +1,6 @@
 """Hugging Face export: the written safetensors + config.json, run through an independent transcription of
-HF's Llama / Qwen2 / Qwen3 / Mixtral forward (rotate_half RoPE, HF weight names), give our model's logits."""
+HF's Llama / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE forward (rotate_half RoPE, HF weight names), give our model's
+logits."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ BASE = dict(n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=80, vocab_size
 
 
 def hf_forward(sd: dict, cfg: dict, tokens: torch.Tensor) -> torch.Tensor:
-    """HF modeling_llama / qwen2 / qwen3 / mixtral, written out (no transformers needed)."""
+    """HF modeling_llama / qwen2 / qwen3 / mixtral / qwen3_moe, written out (no transformers needed)."""
     H, K, hd, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["rms_norm_eps"]
     B, T = tokens.shape
     inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
@@ -46,7 +47,7 @@ def hf_forward(sd: dict, cfg: dict, tokens: torch.Tensor) -> torch.Tensor:
         q = lin(x, p + "self_attn.q_proj").view(B, T, H, hd).transpose(1, 2)
         k = lin(x, p + "self_attn.k_proj").view(B, T, K, hd).transpose(1, 2)
         v = lin(x, p + "self_attn.v_proj").view(B, T, K, hd).transpose(1, 2)
-        if cfg["model_type"] == "qwen3":  # Qwen3Attention: q_norm / k_norm over each head's dims, before RoPE
+        if cfg["model_type"] in ("qwen3", "qwen3_moe"):  # Qwen3Attention: q_norm / k_norm over each head's dims, before RoPE
             q, k = rms(q, sd[p + "self_attn.q_norm.weight"]), rms(k, sd[p + "self_attn.k_norm.weight"])
         q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
         k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)
@@ -63,6 +64,17 @@ def hf_forward(sd: dict, cfg: dict, tokens: torch.Tensor) -> torch.Tensor:
                 y = lin(F.silu(lin(x, ex + "w1")) * lin(x, ex + "w3"), ex + "w2")
                 out = out + y * (w * (idx == e)).sum(-1, keepdim=True)
             h = h + out
+        elif cfg["model_type"] == "qwen3_moe" and i not in cfg["mlp_only_layers"]:  # Qwen3MoeSparseMoeBlock
+            probs = lin(x, p + "mlp.gate").softmax(-1)
+            w, idx = probs.topk(cfg["num_experts_per_tok"], -1)
+            if cfg["norm_topk_prob"]:
+                w = w / w.sum(-1, keepdim=True)
+            out = torch.zeros_like(x)
+            for e in range(cfg["num_experts"]):
+                ex = p + f"mlp.experts.{e}."
+                y = lin(F.silu(lin(x, ex + "gate_proj")) * lin(x, ex + "up_proj"), ex + "down_proj")
+                out = out + y * (w * (idx == e)).sum(-1, keepdim=True)
+            h = h + out
         else:
             h = h + lin(F.silu(lin(x, p + "mlp.gate_proj")) * lin(x, p + "mlp.up_proj"), p + "mlp.down_proj")
     h = rms(h, sd["model.norm.weight"])
@@ -76,9 +88,12 @@ def hf_forward(sd: dict, cfg: dict, tokens: torch.Tensor) -> torch.Tensor:
     ({"qkv_bias": True}, "Qwen2ForCausalLM"),
     ({"qk_norm": True}, "Qwen3ForCausalLM"),
     ({"moe": MoE(num_experts=3, top_k=2)}, "MixtralForCausalLM"),
+    # the first layer dense (d_ff 80), the others with 3 experts of width 24
+    ({"qk_norm": True, "n_layers": 3, "moe": MoE(num_experts=3, top_k=2, expert_d_ff=24, dense_layers=1)},
+     "Qwen3MoeForCausalLM"),
 ])
 def test_export_matches_independent_hf_forward(tmp_path, kw, cls):
-    arch = Architecture(**BASE, **kw)
+    arch = Architecture(**{**BASE, **kw})
     model = build_model(arch, seed=0)
     with torch.no_grad():  # non-trivial norms and biases, so a wrong mapping cannot hide
         for n, p in model.named_parameters():
@@ -102,3 +117,5 @@ def test_export_refuses_unsupported():
         export_hf({}, arch, "/nonexistent")
     ds_moe = Architecture(**BASE, moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, score_func="sigmoid"))
     assert "Mixtral-style" in hf_export_supported(ds_moe)  # DeepSeek MoE without MLA: no HF class here
+    q3 = Architecture(**BASE, qk_norm=True, moe=MoE(num_experts=4, top_k=2, num_shared_experts=1))
+    assert "Qwen3-MoE routing" in hf_export_supported(q3)  # Qwen3MoeForCausalLM has no shared experts

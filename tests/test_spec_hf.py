@@ -15,7 +15,7 @@ CONFIGS = sorted(HF.glob("*.json"))
 
 REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
             "llama3.2-1b", "mistral-7b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
-            "deepseek-v3", "tiny", "tiny-moe"]
+            "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "tiny", "tiny-moe"]
 
 
 def test_required_presets_exist():
@@ -82,20 +82,32 @@ def test_preset_params_match_published_totals():
         a = PRESETS[name]
         emb = a.vocab_size * a.d_model * (1 if a.tied_embeddings else 2)
         assert round(fn(a) / 1e9, 1) == total / 1e9 and round((fn(a) - emb) / 1e9, 2) == non_emb / 1e9, name
+    # Qwen3-MoE model cards: 30.5B total / 3.3B activated (29.9B without embeddings); 235B / 22B (activated figures
+    # cut, not rounded: llmc's exact 3.353B and 22.19B)
+    from llmc.compiler.params import params_active
+
+    a = PRESETS["qwen3-30b-a3b"]
+    emb = 2 * a.vocab_size * a.d_model
+    assert (round(fn(a) / 1e9, 1), int(params_active(a) / 1e8), round((fn(a) - emb) / 1e9, 1)) == (30.5, 33, 29.9)
+    a = PRESETS["qwen3-235b-a22b"]
+    assert (round(fn(a) / 1e9), int(params_active(a) / 1e9)) == (235, 22)
 
 
-@pytest.mark.parametrize("name", ["qwen3-8b", "qwen3-0.6b"])
+@pytest.mark.parametrize("name", ["qwen3-8b", "qwen3-0.6b", "qwen3-30b-a3b", "qwen3-235b-a22b"])
 def test_qwen3_counts_equal_transformers(name):
-    """The parameter count of transformers' own Qwen3ForCausalLM (built on the meta device) for the fixture config:
-    an independent count of the q/k norms, the decoupled head_dim and the (un)tied head."""
+    """The parameter count of transformers' own Qwen3ForCausalLM / Qwen3MoeForCausalLM (built on the meta device) for
+    the fixture config: an independent count of the q/k norms, the decoupled head_dim, the (un)tied head and, for the
+    MoE models, the router and the experts of moe_intermediate_size (intermediate_size unused)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from llmc.compiler.params import params_total
 
     cfg = json.loads((HF / f"{name}.json").read_text())
     keep = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "transformers_version")}
+    moe = cfg["model_type"] == "qwen3_moe"
     with torch.device("meta"):
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**keep))
+        model = (transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**keep)) if moe else
+                 transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**keep)))
     assert params_total(architecture_from_hf_config(cfg)) == sum(p.numel() for p in model.parameters())
 
 
@@ -126,7 +138,7 @@ def test_hf_defaults_mha_and_qwen_bias():
 
 @pytest.mark.parametrize("model_type, family", [
     ("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mixtral", "mixtral"),
-    ("deepseek_v3", "deepseek_v3"),
+    ("qwen3_moe", "qwen3_moe"), ("deepseek_v3", "deepseek_v3"),
 ])
 def test_imported_config_lands_in_its_family(model_type, family):
     from llmc.spec.families import family_of
@@ -135,6 +147,8 @@ def test_imported_config_lands_in_its_family(model_type, family):
            "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64}
     if model_type == "mixtral":
         cfg.update(num_local_experts=4, num_experts_per_tok=2)
+    if model_type == "qwen3_moe":
+        cfg.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
     if model_type == "deepseek_v3":
         cfg.update(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
                    num_experts_per_tok=2, moe_intermediate_size=32)
@@ -154,3 +168,16 @@ def test_deepseek_v3_config_as_transformers_saves_it():
     assert arch.moe.expert_bias and arch.moe.score_func == "sigmoid" and arch.hd == 192
     with pytest.raises(HFConfigError, match="norm_topk_prob"):
         architecture_from_hf_config({**cfg, "norm_topk_prob": False})
+
+
+def test_qwen3_moe_dense_layers_and_refusals():
+    """Qwen3-MoE's layer placement (``Qwen3MoeDecoderLayer``: dense where the index is in mlp_only_layers): a leading
+    run of dense layers is llmc's dense_layers; any other placement, a sparse step, or unnormalised top-k weights
+    (transformers' default norm_topk_prob false) is refused with the key named, every problem at once."""
+    cfg = json.loads((HF / "qwen3-30b-a3b.json").read_text())
+    arch = architecture_from_hf_config({**cfg, "mlp_only_layers": [0, 1, 2]})
+    assert arch.moe.dense_layers == 3 and arch.moe.expert_d_ff == 768 and arch.qk_norm
+    with pytest.raises(HFConfigError) as e:
+        architecture_from_hf_config({**cfg, "mlp_only_layers": [1, 3], "decoder_sparse_step": 2,
+                                     "norm_topk_prob": None})
+    assert [m.split("'")[1] for m in e.value.messages] == ["norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"]

@@ -1,7 +1,7 @@
 """vLLM 0.33's own parsers accept what llmc emits: every ``serving/vllm*.yaml`` goes through ``vllm serve``'s
 argument parser (``FlexibleArgumentParser`` with ``--config``, built by ``ServeSubcommand`` as in
 ``vllm/entrypoints/cli/main.py``) and ``AsyncEngineArgs.from_cli_args``, and lands on the values of the lock's
-serving plan; every Hugging Face export (Llama, Qwen2, Qwen3, Mixtral, DeepSeek-V3) goes through
+serving plan; every Hugging Face export (Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, DeepSeek-V3) goes through
 ``vllm.transformers_utils.config.get_config`` and ``vllm.config.ModelConfig`` (architecture resolution through
 vLLM's model registry, which inspects the model class in a subprocess) and reads back as the exported
 architecture, with vLLM's KV-cache bytes per token equal to llmc's serving plan; the dense exports also load
@@ -230,6 +230,8 @@ def model_exports(tmp_path_factory) -> tuple[dict, dict]:
         "Qwen2ForCausalLM": Architecture(name="qwen2", **base, qkv_bias=True),
         "Qwen3ForCausalLM": Architecture(name="qwen3", **{**base, "head_dim": 16}, qk_norm=True),
         "MixtralForCausalLM": Architecture(name="mixtral", **base, moe=MoE(num_experts=3, top_k=2)),
+        "Qwen3MoeForCausalLM": Architecture(name="qwen3moe", **{**base, "n_layers": 3, "head_dim": 16}, qk_norm=True,
+                                            moe=MoE(num_experts=4, top_k=2, expert_d_ff=24, dense_layers=1)),
         "DeepseekV3ForCausalLM": Architecture(
             name="deepseek", n_layers=3, d_model=24, n_heads=3, d_ff=40, vocab_size=77, max_seq_len=64,
             rope_theta=10000.0, norm_eps=1e-6,

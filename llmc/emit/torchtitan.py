@@ -11,8 +11,9 @@ Model families (checked against the installed torchtitan 0.3.0 source):
 - dense GQA decoder -> ``torchtitan.models.llama3`` (``Llama3Model`` + ``Llama3TransformerBlock``,
   layer configs from the public ``make_gqa_config`` / ``make_ffn_config`` helpers, so any
   ``head_dim`` / ``d_ff`` works, not only the registry flavors);
-- GQA + MoE (Mixtral-style) -> ``torchtitan.models.qwen3`` (``Qwen3Model`` is the only 0.3.0
-  decoder whose block takes GQA attention *and* an MoE; we build it without Qwen's q/k norm);
+- GQA + MoE -> ``torchtitan.models.qwen3`` (``Qwen3Model`` is the only 0.3.0 decoder whose block takes GQA
+  attention *and* an MoE): Qwen3-MoE with its q/k norms (torchtitan's own 30B-A3B / 235B-A22B flavors),
+  Mixtral-style without them;
 - MLA (+ MoE) (DeepSeek-V2/V3-style) -> ``torchtitan.models.deepseek_v3``
   (``build_mla_moe_layers``).
 
@@ -453,7 +454,8 @@ def _mla(arch, notes: list[str]) -> dict[str, Any]:
 
 def _sd_adapter(arch, family: str) -> str | None:
     """The torchtitan state-dict adapter class the job names, or None where the family has none that keeps
-    every weight: qwen3 (its adapter expects q/k norms this job does not build) and q/k/v-bias models
+    every weight: qwen3 dense and MoE (its adapter reads HF's rotate_half RoPE rows, the job's RoPE is
+    ComplexRoPE) and q/k/v-bias models
     (Llama3StateDictAdapter has no bias keys: ``to_hf`` skips them, so a load would leave them at zero)."""
     if arch.qkv_bias:
         return None

@@ -19,7 +19,8 @@ files (with a Jinja ``chat_template`` for chat stages); :func:`export_peft_adapt
 in PEFT's format; :func:`export_checkpoint` does both from any finished stage; ``python -m
 llmc.runtime.hf_io RUN_DIR --stage S`` is its command line (:func:`main`).
 
-Name mapping (llmc/torchtitan <-> HF Llama / Qwen2 / Mixtral), as HF ``convert_llama_weights_to_hf.py``::
+Name mapping (llmc/torchtitan <-> HF Llama / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE), as HF
+``convert_llama_weights_to_hf.py``::
 
     tok_embeddings.weight                  model.embed_tokens.weight
     layers.N.attention_norm.weight         model.layers.N.input_layernorm.weight
@@ -29,6 +30,9 @@ Name mapping (llmc/torchtitan <-> HF Llama / Qwen2 / Mixtral), as HF ``convert_l
     layers.N.moe.router.gate.weight        model.layers.N.block_sparse_moe.gate.weight
     layers.N.moe.experts.wK  [E, ...]      model.layers.N.block_sparse_moe.experts.{e}.wK.weight
     norm.weight, lm_head.weight            model.norm.weight, lm_head.weight
+    layers.N.attention.{q_norm,k_norm}.weight  model.layers.N.self_attn.{q_norm,k_norm}.weight  (Qwen3, Qwen3-MoE)
+    layers.N.moe.router.gate.weight        model.layers.N.mlp.gate.weight                      (Qwen3-MoE)
+    layers.N.moe.experts.{w1,w3,w2} [E,..] model.layers.N.mlp.experts.{e}.{gate,up,down}_proj.weight  (Qwen3-MoE)
 
 RoPE: llmc rotates adjacent pairs (Meta layout); HF rotates halves (``rotate_half``). The export permutes
 the q/k rows per head as HF's ``permute`` (pairs -> halves); the import applies the inverse.
@@ -152,11 +156,17 @@ def _rope_tail(w: torch.Tensor, blocks: int, r: int, fn: Callable[[torch.Tensor,
 
 
 def hf_export_supported(arch) -> str | None:
-    """None when the architecture maps onto an HF class here (Llama, Qwen2, Qwen3, Mixtral, DeepSeek-V3), else the
-    reason."""
+    """None when the architecture maps onto an HF class here (Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, DeepSeek-V3),
+    else the reason."""
     if arch.mla is not None:
         return _deepseek_supported(arch)
     m = arch.moe
+    if m is not None and arch.qk_norm:  # Qwen3MoeForCausalLM: softmax top-k renormalised, own expert width, dense first
+        if (m.num_shared_experts or m.score_func != "softmax" or m.router_bias or getattr(m, "expert_bias", False)
+                or m.route_scale != 1.0 or m.n_expert_groups):
+            return ("only Qwen3-MoE routing (softmax top-k, no shared experts, router bias, expert bias, route scale or "
+                    "expert groups) is exported with q/k norms")
+        return "MoE with q/k/v biases has no Hugging Face model class here" if arch.qkv_bias else None
     if m is not None and (m.num_shared_experts or m.dense_layers or m.score_func != "softmax" or m.router_bias
                           or getattr(m, "expert_bias", False) or (m.expert_d_ff or arch.d_ff) != arch.d_ff):
         return "only Mixtral-style MoE (softmax top-k, no shared/dense layers, no router bias) is exported"
@@ -192,9 +202,15 @@ def hf_names(arch, rope_interleave: bool = True) -> dict[str, HFParam]:
         if arch.qk_norm:  # Qwen3: the norm weight runs along a head's dims, so it takes the q/k rows' RoPE order
             for n in ("q_norm", "k_norm"):
                 out[f"{s}attention.{n}.weight"] = HFParam((f"{d}self_attn.{n}.weight",), 1)
-        if arch.moe is None:
+        if arch.moe is None or i < arch.moe.dense_layers:
             for ours in ("w1", "w3", "w2"):
                 out[f"{s}feed_forward.{ours}.weight"] = HFParam((f"{d}mlp.{HF_TARGETS[ours]}.weight",))
+        elif arch.qk_norm:  # Qwen3MoeSparseMoeBlock
+            out[s + "moe.router.gate.weight"] = HFParam((d + "mlp.gate.weight",))
+            for ours in ("w1", "w3", "w2"):
+                out[f"{s}moe.experts.{ours}"] = HFParam(
+                    tuple(f"{d}mlp.experts.{e}.{HF_TARGETS[ours]}.weight" for e in range(arch.moe.num_experts)),
+                    stacked=True)
         else:
             out[s + "moe.router.gate.weight"] = HFParam((d + "block_sparse_moe.gate.weight",))
             for w in ("w1", "w2", "w3"):
@@ -566,7 +582,8 @@ def load_init_from(model: nn.Module, stage_dir: str | Path, arch, *, rank: int =
 def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
               *, softmax_mscale: bool = False) -> dict[str, Any]:
     """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q/k norms),
-    MixtralForCausalLM or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see :func:`export_hf`."""
+    MixtralForCausalLM, Qwen3MoeForCausalLM (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see
+    :func:`export_hf`."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
     cls, mtype = fam.hf_class, fam.hf_model_types[0]
     if arch.mla is not None:
@@ -580,11 +597,16 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
            "use_cache": True}
     if mtype == "llama":
         cfg.update(attention_bias=False, mlp_bias=False)
-    if mtype == "qwen3":
+    if mtype in ("qwen3", "qwen3_moe"):
         cfg.update(attention_bias=arch.qkv_bias)
-    if mtype in ("qwen2", "qwen3"):
+    if mtype in ("qwen2", "qwen3", "qwen3_moe"):
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=arch.n_layers)
-    if arch.moe is not None:
+    if mtype == "qwen3_moe":  # Qwen3MoeConfig (transformers configuration_qwen3_moe.py): the first layers dense
+        m = arch.moe
+        cfg.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_d_ff or arch.d_ff,
+                   norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=list(range(m.dense_layers)),
+                   router_aux_loss_coef=m.aux_loss_coef, output_router_logits=False)
+    elif arch.moe is not None:
         cfg.update(num_local_experts=arch.moe.num_experts, num_experts_per_tok=arch.moe.top_k,
                    router_aux_loss_coef=arch.moe.aux_loss_coef, output_router_logits=False, sliding_window=None,
                    # DeepSeek-V3 config.json names (routed_scaling_factor 2.5, n_group 8, topk_group 4);

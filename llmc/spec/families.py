@@ -1,4 +1,4 @@
-"""Model families: the one table of what distinguishes Llama, Qwen2, Qwen3, Mixtral and DeepSeek-V3.
+"""Model families: the one table of what distinguishes Llama, Qwen2, Qwen3, Qwen3-MoE, Mixtral and DeepSeek-V3.
 
 An :class:`~llmc.spec.model.Architecture` is a Llama-style decoder with optional switches (q/k/v
 biases, q/k norms, MoE, MLA); :func:`family_of` names the family those switches select, and :data:`FAMILIES`
@@ -13,10 +13,11 @@ activations (``llmc.compiler.memory``) and head dims (``llmc.compiler.flops``), 
 Sources:
   * Llama 2 / 3: Touvron et al. 2023 (arXiv:2307.09288); Llama 3 herd, arXiv:2407.21783 §3.1
   * Qwen2: Yang et al. 2024 (arXiv:2407.10671 §2.2.1: "QKV bias")
-  * Qwen3: Yang et al. 2025 (arXiv:2505.09388 §2: no QKV bias, "QK-Norm" on queries and keys)
+  * Qwen3: Yang et al. 2025 (arXiv:2505.09388 §2: no QKV bias, "QK-Norm" on queries and keys; the MoE models
+    (§2, Table 2): 128 experts, 8 activated, no shared experts, global-batch load balancing)
   * Mixtral: Jiang et al. 2024 (arXiv:2401.04088 §2: 8 experts, top-2)
   * DeepSeek-V3: DeepSeek-AI 2024 (arXiv:2412.19437 §2.1: MLA + DeepSeekMoE)
-  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,qwen2,qwen3,mixtral,deepseek_v3}
+  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
   * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
 Gemma is not declared: llmc models no sliding-window attention.
 """
@@ -56,6 +57,11 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("llama", "mistral"), "LlamaForCausalLM", "gqa", False, False, "llama3",
                     ("llama3",), LLAMA3_SPECIALS, torchtitan_hf=True),
+    # q/k norms + routed experts (Qwen3-30B-A3B, Qwen3-235B-A22B): torchtitan's qwen3 MoE build. Routing is Mixtral's
+    # (softmax over all experts, top-k, weights renormalised: HF norm_topk_prob true), experts of their own width
+    # (moe_intermediate_size), the first layers optionally dense (mlp_only_layers)
+    "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", "gqa", True, False, "qwen3",
+                        ("qwen3moe",), QWEN_SPECIALS, qk_norm=True),
     # before qwen2: family_by_name takes the first family whose prefix a name starts with
     "qwen3": Family("qwen3", ("qwen3",), "Qwen3ForCausalLM", "gqa", False, False, "qwen3", ("qwen3",),
                     QWEN_SPECIALS, qk_norm=True),
@@ -72,12 +78,12 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES.values() for 
 
 
 def family_of(arch: Architecture) -> Family:
-    """The family an architecture's switches select: MLA -> deepseek_v3, MoE -> mixtral, q/k norms -> qwen3,
-    q/k/v biases -> qwen2, else llama (the spec refuses q/k norms with MoE or MLA: M006)."""
+    """The family an architecture's switches select: MLA -> deepseek_v3, MoE -> qwen3_moe with q/k norms, else
+    mixtral, q/k norms -> qwen3, q/k/v biases -> qwen2, else llama (the spec refuses q/k norms with MLA: M006)."""
     if arch.mla is not None:
         return FAMILIES["deepseek_v3"]
     if arch.moe is not None:
-        return FAMILIES["mixtral"]
+        return FAMILIES["qwen3_moe" if arch.qk_norm else "mixtral"]
     if arch.qk_norm:
         return FAMILIES["qwen3"]
     if arch.qkv_bias:

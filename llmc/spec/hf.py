@@ -1,7 +1,7 @@
 """Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
 
 Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``,
-``qwen2``, ``qwen3``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
+``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
 =============================  =====================================
@@ -16,12 +16,16 @@ head_dim                       head_dim (DeepSeek-V3: qk_nope + qk_rope)
 vocab_size                     vocab_size
 tie_word_embeddings            tied_embeddings
 attention_bias                 qkv_bias (qwen2: always True)
-(model_type qwen3)             qk_norm (Qwen3 always normalises q and k heads)
+(model_type qwen3, qwen3_moe)  qk_norm (Qwen3 always normalises q and k heads)
 use_sliding_window: true       refused (llmc models no sliding-window attention)
 rope_theta / rope_scaling      rope_theta / rope_scaling
 max_position_embeddings        max_seq_len
 rms_norm_eps                   norm_eps
 num_local_experts, *_per_tok   moe.num_experts, moe.top_k (mixtral)
+num_experts, *_per_tok,        moe.num_experts (or num_local_experts), moe.top_k, moe.expert_d_ff,
+                               moe.aux_loss_coef (qwen3_moe;
+moe_intermediate_size,         mlp_only_layers [0..N-1] -> moe.dense_layers N; other dense-layer placements,
+router_aux_loss_coef           decoder_sparse_step != 1 and norm_topk_prob false (transformers' default) are refused)
 n_routed_experts, ...          moe.* and mla.* (deepseek_v3; routed_scaling_factor, n_group, topk_group ->
                                moe.route_scale, n_expert_groups, n_limited_groups; topk_method noaux_tc or
                                absent -> moe.expert_bias, as transformers' DeepseekV3TopkRouter always adds
@@ -148,6 +152,31 @@ def _mixtral(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
         kw["moe"] = MoE(**moe, score_func="softmax")
 
 
+def _qwen3_moe(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    """transformers ``Qwen3MoeConfig``: layer i is sparse unless it is in ``mlp_only_layers`` or (i + 1) is not a
+    multiple of ``decoder_sparse_step`` (``Qwen3MoeDecoderLayer``); llmc's dense layers are the first N."""
+    if cfg.get("norm_topk_prob", False) is not True:  # transformers' default is false; Qwen3's configs say true
+        errs.append("config.json 'norm_topk_prob' false (or absent: transformers' default) is not supported (llmc "
+                    "renormalises the top-k routing weights, as Qwen3-30B-A3B / 235B-A22B do)")
+    step = cfg.get("decoder_sparse_step", 1)
+    if step != 1:
+        errs.append(f"config.json 'decoder_sparse_step' {step!r} is not supported (llmc's dense layers are the first "
+                    "N: decoder_sparse_step 1 with mlp_only_layers [0, ..., N-1])")
+    dense = cfg.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or dense != list(range(len(dense))):
+        errs.append(f"config.json 'mlp_only_layers' {dense!r} is not supported (llmc's dense layers are the first N: "
+                    "[0, ..., N-1] or [])")
+        dense = []
+    # the released configs say num_experts; transformers >= 5 saves it as num_local_experts (its attribute_map)
+    experts = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
+    moe = _each(errs, num_experts=lambda: _int(cfg, experts),
+                top_k=lambda: _int(cfg, "num_experts_per_tok"),
+                expert_d_ff=lambda: _int(cfg, "moe_intermediate_size"),
+                aux_loss_coef=lambda: _float(cfg, "router_aux_loss_coef", 0.001))
+    if len(moe) == 4:
+        kw["moe"] = MoE(**moe, dense_layers=len(dense), score_func="softmax")
+
+
 def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
     mla = _each(errs, q_lora_rank=lambda: _int(cfg, "q_lora_rank") if cfg.get("q_lora_rank") is not None else None,
                 kv_lora_rank=lambda: _int(cfg, "kv_lora_rank"),
@@ -185,7 +214,7 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> No
 
 #: family name -> the hook that reads its extra config keys
 _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
-    "mixtral": _mixtral, "deepseek_v3": _deepseek_v3,
+    "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3,
 }
 
 

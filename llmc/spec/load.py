@@ -21,7 +21,7 @@ M002    d_model not divisible by n_heads while head_dim is unset
 M003    moe.top_k greater than moe.num_experts
 M004    moe.dense_layers greater than n_layers
 M005    tokenizer vocab_size differs from the model's vocab_size
-M006    qk_norm with MoE or MLA (only dense Qwen3-style models have q/k norms here)
+M006    qk_norm with MLA (q/k norms are modelled on GQA models: Qwen3, Qwen3-MoE)
 D004    duplicate data source name (in ``data.sources`` or a stage's)
 G001    duplicate stage name (same code as the compiler's stage-graph check)
 V004    ``serving.N.stage`` names no stage (same code as the compiler's serving check)
@@ -945,10 +945,10 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
             if arch.moe.dense_layers > arch.n_layers:
                 out.append(ctx.diag("M004", "model.moe.dense_layers",
                                     f"dense_layers ({arch.moe.dense_layers}) exceeds n_layers ({arch.n_layers})"))
-        if arch.qk_norm and (arch.moe is not None or arch.mla is not None):
+        if arch.qk_norm and arch.mla is not None:
             out.append(ctx.diag("M006", "model.qk_norm",
-                                f"qk_norm with {'MLA' if arch.mla is not None else 'MoE'} is not modelled (Qwen3's q/k "
-                                "norms are supported on dense GQA models)", "set qk_norm: false"))
+                                "qk_norm with MLA is not modelled (Qwen3's q/k norms are supported on GQA models, dense "
+                                "or MoE)", "set qk_norm: false"))
     datas: list[tuple[str, Data | None]] = [("data", data)]
     datas += [(f"stages.{i}.data", s.data) for i, s in enumerate(stages) if s is not None and s.data is not None]
     if arch is not None:

@@ -180,7 +180,7 @@ class Architecture(SpecModel):
     qkv_bias: bool = False
     """Bias on the q/k/v projections (Qwen2)."""
     qk_norm: bool = False
-    """RMSNorm over each query and key head before RoPE (Qwen3; dense GQA models only)."""
+    """RMSNorm over each query and key head before RoPE (Qwen3, Qwen3-MoE; GQA models only)."""
     rope_theta: Float = Field(default=10_000.0, gt=0)
     """RoPE base (Llama-2 10000, Llama-3 500000)."""
     rope_scaling: RopeScaling | None = None

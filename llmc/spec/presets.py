@@ -7,6 +7,8 @@ Published parameter totals these shapes must reproduce (checked by the compiler'
 Llama-2-7B 6,738,415,616; Llama-3-8B 8,030,261,248; Llama-3.1-405B 405,853,388,800;
 Llama-3.2-1B 1,235,814,400 (tied); Mistral-7B 7,241,732,096; Mixtral-8x7B 46,702,792,704;
 Qwen2.5-7B 7,615,616,512; Qwen2.5-72B 72,706,203,648; DeepSeek-V3 671,026,419,200 (without MTP).
+Qwen3 (transformers' own count; the model cards round): 8B 8,190,735,360; 0.6B 596,049,920;
+30B-A3B 30,532,122,624; 235B-A22B 235,093,634,560.
 """
 
 from __future__ import annotations
@@ -97,6 +99,20 @@ PRESETS: dict[str, Architecture] = {
     "qwen3-0.6b": _arch(
         "qwen3-0.6b", n_layers=28, d_model=1024, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=3072,
         vocab_size=151936, tied_embeddings=True, qk_norm=True, rope_theta=1e6, norm_eps=1e-6, max_seq_len=40960,
+    ),
+    # https://huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json (Qwen3-MoE: q/k norms, 128 experts of
+    # moe_intermediate_size 768, top-8 renormalised (norm_topk_prob true), no shared experts, every layer sparse;
+    # intermediate_size 6144 is unused; 30.5B parameters, 3.3B activated, per the model card)
+    "qwen3-30b-a3b": _arch(
+        "qwen3-30b-a3b", n_layers=48, d_model=2048, n_heads=32, n_kv_heads=4, head_dim=128, d_ff=6144,
+        vocab_size=151936, qk_norm=True, rope_theta=1e6, norm_eps=1e-6, max_seq_len=40960,
+        moe=MoE(num_experts=128, top_k=8, expert_d_ff=768, aux_loss_coef=0.001, score_func="softmax"),
+    ),
+    # https://huggingface.co/Qwen/Qwen3-235B-A22B/blob/main/config.json (235B parameters, 22B activated)
+    "qwen3-235b-a22b": _arch(
+        "qwen3-235b-a22b", n_layers=94, d_model=4096, n_heads=64, n_kv_heads=4, head_dim=128, d_ff=12288,
+        vocab_size=151936, qk_norm=True, rope_theta=1e6, norm_eps=1e-6, max_seq_len=40960,
+        moe=MoE(num_experts=128, top_k=8, expert_d_ff=1536, aux_loss_coef=0.001, score_func="softmax"),
     ),
     # https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json
     # MLA (q_lora_rank 1536, kv_lora_rank 512, qk_rope 64, qk_nope 128, v 128; head_dim here is the

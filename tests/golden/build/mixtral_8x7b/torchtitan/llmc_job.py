@@ -481,7 +481,9 @@ def model_spec(with_converters=True):
         parallelize_fn=parallelize_qwen3,
         pipelining_fn=pipeline_llm,
         post_optimizer_build_fn=register_moe_load_balancing_hook,
-        state_dict_adapter=None,  # Qwen3's HF adapter expects q/k norms; llmc trains from scratch
+        # Qwen3StateDictAdapter reads HF's rotate_half RoPE layout (and q/k norms); this job's RoPE is ComplexRoPE, as
+        # llmc's own model and checkpoints: it trains from scratch or from llmc's weights, not from an HF checkpoint
+        state_dict_adapter=None,
     )
 
 
