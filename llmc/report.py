@@ -88,6 +88,8 @@ def _model(c) -> Table:
         shape += f", MLA kv_lora {a.mla.kv_lora_rank}"
     if a.qk_norm:
         shape += ", q/k norms"
+    if a.sliding_window:
+        shape += f", released with a {a.sliding_window}-token attention window (trained here with full attention)"
     if a.moe is not None:
         mo = a.moe
         shape += (f", MoE {mo.num_experts} experts top-{mo.top_k}"

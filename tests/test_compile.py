@@ -346,3 +346,16 @@ def test_native_plans_mla_without_tensor_parallelism_as_its_trainer_runs_it():
     model = build_model(c.spec.model, "meta")
     with pytest.raises(ValueError, match="MLA"):
         apply_tp(model, type("Mesh", (), {"size": lambda self: 2})())
+
+
+def test_sequences_past_the_attention_window_are_flagged():
+    """Mistral-7B v0.1 was trained with a 4096-token window (its config.json): llmc's full causal attention equals it up
+    to 4096 tokens only, so 4096 passes and 8192 (top level or a long-context stage) is M007 at its line."""
+    assert "M007" not in _codes(_compile(_spec("mistral-7b", count=8, seq=4096, tokens="1B")))
+    d = _diag(_compile(_spec("mistral-7b", count=8, seq=8192, tokens="1B")), "M007")
+    assert (d.severity, d.path, d.line) == ("warning", "data.seq_len", 4) and "4096-token attention window" in d.message
+    staged = _compile(_spec("mistral-7b", count=8, seq=4096, tokens="1B", extra=(
+        "stages:\n  - {name: pretrain, kind: pretrain}\n"
+        "  - {name: long, kind: long_context, seq_len: 16384, rope_theta: 1.0e+6, data: {seq_len: 16384, tokens: 1e8}}\n")))
+    assert [d.path for d in staged.diagnostics if d.code == "M007"] == ["stages.1.seq_len"]
+    assert "M007" not in _codes(_compile(_spec("llama3-8b", count=8, seq=8192, tokens="1B")))  # no window

@@ -181,3 +181,16 @@ def test_qwen3_moe_dense_layers_and_refusals():
         architecture_from_hf_config({**cfg, "mlp_only_layers": [1, 3], "decoder_sparse_step": 2,
                                      "norm_topk_prob": None})
     assert [m.split("'")[1] for m in e.value.messages] == ["norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"]
+
+
+def test_sliding_window_recorded_where_the_config_uses_it():
+    """Mistral-7B v0.1 attends to the previous 4096 tokens (its config.json ``sliding_window``, no
+    ``use_sliding_window`` key); Qwen2 / Qwen3 configs carry a window they switch off (``use_sliding_window: false``)."""
+    mistral = json.loads((HF / "mistral-7b.json").read_text())
+    assert mistral["sliding_window"] == 4096 and architecture_from_hf_config(mistral).sliding_window == 4096
+    assert architecture_from_hf_config({**mistral, "sliding_window": None}).sliding_window is None
+    qwen = json.loads((HF / "qwen2.5-7b.json").read_text())
+    assert qwen["use_sliding_window"] is False and qwen["sliding_window"]
+    assert architecture_from_hf_config(qwen).sliding_window is None
+    with pytest.raises(HFConfigError, match="'sliding_window' must be an integer"):
+        architecture_from_hf_config({**mistral, "sliding_window": "4k"})

@@ -135,6 +135,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     for d in scaling.scaling_diagnostics(model.params_active, data.tokens, "data.tokens") if pretrains else []:
         sink.items.append(dataclasses.replace(d, line=d.line or line_for(lines, d.path), file=spec_path))
 
+    checks.check_attention_window(run, sink)
     table_gpu = spec_gpu(run)
     if get_gpu(run.hardware.gpu) is not None or table_gpu is None:
         checks.check_gpu(run, GPUS, sink, table_gpu)

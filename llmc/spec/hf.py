@@ -18,6 +18,8 @@ tie_word_embeddings            tied_embeddings
 attention_bias                 qkv_bias (qwen2: always True)
 (model_type qwen3, qwen3_moe)  qk_norm (Qwen3 always normalises q and k heads)
 use_sliding_window: true       refused (llmc models no sliding-window attention)
+sliding_window (mistral,       sliding_window: recorded, not modelled (full attention; `llmc plan` warns M007 for
+mixtral: no use_sliding_window)  longer sequences); ignored where use_sliding_window is false (Qwen2 / Qwen3)
 rope_theta / rope_scaling      rope_theta / rope_scaling
 max_position_embeddings        max_seq_len
 rms_norm_eps                   norm_eps
@@ -257,6 +259,9 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     )}
     if cfg.get("head_dim") is not None:
         kw.update(_each(errs, head_dim=lambda: _int(cfg, "head_dim")))
+    # Mistral's window (no use_sliding_window key there); Qwen2 / Qwen3 configs carry a sliding_window they switch off
+    if cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True) is not False:
+        kw.update(_each(errs, sliding_window=lambda: _int(cfg, "sliding_window")))
     hook = _FAMILY_HOOKS.get(family.name)
     if hook is not None:
         hook(cfg, kw, errs)

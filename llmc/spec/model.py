@@ -181,6 +181,10 @@ class Architecture(SpecModel):
     """Bias on the q/k/v projections (Qwen2)."""
     qk_norm: bool = False
     """RMSNorm over each query and key head before RoPE (Qwen3, Qwen3-MoE; GQA models only)."""
+    sliding_window: Int | None = Field(default=None, gt=0)
+    """The released model's attention window in tokens (Mistral-7B v0.1 4096; config.json ``sliding_window``). Recorded,
+    not modelled: llmc trains, counts and serves full causal attention, and ``llmc plan`` warns (M007) where a
+    sequence is longer than the window. None = full attention."""
     rope_theta: Float = Field(default=10_000.0, gt=0)
     """RoPE base (Llama-2 10000, Llama-3 500000)."""
     rope_scaling: RopeScaling | None = None

@@ -66,10 +66,10 @@ PRESETS: dict[str, Architecture] = {
         norm_eps=1e-5, max_seq_len=131072,
     ),
     # https://huggingface.co/mistralai/Mistral-7B-v0.1/blob/main/config.json
-    # (sliding_window 4096 is not modelled; attention is treated as full causal)
+    # (sliding_window 4096: recorded, not modelled; llmc trains full causal attention and warns past 4096 tokens)
     "mistral-7b": _arch(
         "mistral-7b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336, vocab_size=32000,
-        rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32768,
+        rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32768, sliding_window=4096,
     ),
     # https://huggingface.co/mistralai/Mixtral-8x7B-v0.1/blob/main/config.json
     # (num_local_experts 8, num_experts_per_tok 2, router_aux_loss_coef 0.02)
