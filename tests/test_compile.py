@@ -359,3 +359,25 @@ def test_sequences_past_the_attention_window_are_flagged():
         "  - {name: long, kind: long_context, seq_len: 16384, rope_theta: 1.0e+6, data: {seq_len: 16384, tokens: 1e8}}\n")))
     assert [d.path for d in staged.diagnostics if d.code == "M007"] == ["stages.1.seq_len"]
     assert "M007" not in _codes(_compile(_spec("llama3-8b", count=8, seq=8192, tokens="1B")))  # no window
+
+
+def test_training_init_hf_with_stages_is_an_error_not_a_random_init():
+    """With `stages:`, only a stage's own init_hf is read (the lock's stage entries, every backend): a top-level
+    training.init_hf would leave the pre-training stage at random init, so it is G007 at its line."""
+    stages = "stages:\n  - {name: pretrain, kind: pretrain}\n  - {name: sft, kind: sft, init_from: pretrain}\n"
+    c = _compile(_spec(count=8, seq=4096, tokens="1B") + "training: {init_hf: /models/llama}\n" + stages)
+    d = _diag(c, "G007")
+    assert (d.severity, d.path, d.line) == ("error", "training.init_hf", 5)
+    assert "G007" not in _codes(_compile(_spec(count=8, seq=4096, tokens="1B") + "training: {init_hf: /models/llama}\n"))
+    ok = _compile(_spec(count=8, seq=4096, tokens="1B") + stages.replace("kind: pretrain}", "kind: pretrain, "
+                                                                           "init_hf: /models/llama}"))
+    assert "G007" not in _codes(ok) and ok.stages[0].init_hf == "/models/llama"
+
+
+def test_compute_optimal_checks_are_for_training_from_scratch():
+    """C001 (fewer than 20 tokens per parameter) judges a model trained from scratch; continued pre-training of a
+    trained model (init_hf) on 1B tokens is not under-trained by that rule."""
+    assert "C001" in _codes(_compile(_spec(count=8, seq=4096, tokens="1B")))
+    assert "C001" not in _codes(_compile(_spec(count=8, seq=4096, tokens="1B") + "training: {init_hf: /models/llama}\n"))
+    staged = "stages:\n  - {name: pretrain, kind: pretrain, init_hf: /models/llama}\n"
+    assert "C001" not in _codes(_compile(_spec(count=8, seq=4096, tokens="1B") + staged))

@@ -69,12 +69,17 @@ def test_emitted_qwen3_30b_a3b_is_torchtitans_own_moe_model(tmp_path):
 @pytest.mark.parametrize("moe", ["", ", moe: {num_experts: 4, top_k: 2, expert_d_ff: 40, dense_layers: 1}"],
                          ids=["dense", "moe"])
 def test_torchtitan_qwen3_forward_equals_llmcs_model(tmp_path, moe):
-    """The emitted job's torchtitan model, given llmc's model's weights (torchtitan names mapped as llmc's export of a
-    torchtitan checkpoint maps them), returns llmc's logits: the q/k norms sit at the same place (per head, before
-    RoPE) in both, on a head_dim apart from d_model / n_heads; with experts (Qwen3-MoE, a dense first layer), the
-    routing (softmax, top-k, renormalised) and the experts too. Norm weights are perturbed so a misplaced or
-    missing norm changes the logits."""
-    from llmc.runtime.hf_io import _TITAN_RENAMES
+    """The emitted job's torchtitan model, given llmc's model's weights as a Hugging Face checkpoint holds them (llmc's
+    export: HF names, q/k rows and norms in rotate_half order) read through the state-dict adapter the job names
+    (torchtitan's Qwen3StateDictAdapter, what ``init_hf`` uses), returns llmc's logits: the cos/sin RoPE and the q/k
+    norms sit at the same place (per head, before RoPE) in both, on a head_dim apart from d_model / n_heads; with
+    experts (Qwen3-MoE, a dense first layer), the routing (softmax, top-k, renormalised) and the experts too. And the
+    torchtitan state, renamed and permuted back as llmc's export of a torchtitan checkpoint does
+    (``titan_state_to_llmc``), is llmc's state exactly. Norm weights are perturbed so a misplaced or missing norm,
+    or one left in the wrong order, changes the logits."""
+    from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
+
+    from llmc.runtime.hf_io import _TITAN_RENAMES, titan_state_to_llmc, to_hf_state_dict
     from llmc.runtime.model import build_model
     from llmc.runtime.titan_cpu_shim import swap_flex_for_sdpa
 
@@ -91,18 +96,19 @@ def test_torchtitan_qwen3_forward_equals_llmcs_model(tmp_path, moe):
             if n.endswith("norm.weight"):
                 p.add_(torch.randn_like(p) * 0.3)
     ours = ref.state_dict()
-    sd, used = {}, set()
-    for k, v in titan.state_dict().items():
-        name = k
+    assert "Qwen3StateDictAdapter" in cfg.model_spec.state_dict_adapter.__name__
+    sd = cfg.model_spec.state_dict_adapter(cfg.model_spec.model, None).from_hf(to_hf_state_dict(ours, c.spec.model))
+    extra = set(titan.state_dict()) - set(sd)  # torchtitan's load-balancing buffers (the aux-loss-free bias: zero)
+    assert all(k.endswith((".moe.expert_bias_E", ".moe.tokens_per_expert_E")) for k in extra), extra
+    sd.update({k: titan.state_dict()[k] for k in extra})
+    back = {}
+    for k, v in sd.items():
         for a, b in _TITAN_RENAMES:
-            name = name.replace(a, b)
-        if name in ours:
-            sd[k] = ours[name]
-            used.add(name)
-        else:  # torchtitan's load-balancing buffers (the aux-loss-free bias, zero: no effect on the first routing)
-            assert name.endswith((".moe.expert_bias", ".moe.tokens_per_expert")), k
-            sd[k] = v
-    assert used == set(ours)
+            k = k.replace(a, b)
+        back[k] = v
+    back = titan_state_to_llmc(back, c.spec.model)
+    assert all(torch.equal(back[k], v) for k, v in ours.items())
+    assert issubclass(cfg.model_spec.state_dict_adapter, Qwen3StateDictAdapter)
     titan.load_state_dict(sd, strict=True)
     titan.eval()
     tokens = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))

@@ -325,6 +325,24 @@ def test_init_hf_without_an_adapter_is_a_located_error():
     assert list(render_torchtitan(c)) == ["torchtitan/NOT_EMITTED.txt"]
 
 
+def test_qwen3_jobs_start_from_hf_checkpoints_through_the_qwen3_adapter():
+    """Qwen3 and Qwen3-MoE jobs build torchtitan's cos/sin RoPE (HF's rotate_half order), so the job names torchtitan's
+    Qwen3StateDictAdapter and ``init_hf`` is read through it (its from_hf checks the RoPE class: test_qwen3.py loads
+    an export through it); llama3-type RoPE scaling has no cos/sin form (X301). Mixtral on the same torchtitan
+    module keeps ComplexRoPE and no adapter (its HF names are not Qwen3's: X310)."""
+    for extra in ({}, {"moe": {"num_experts": 4, "top_k": 2, "expert_d_ff": 32}}):
+        q3 = {**TINY, "qk_norm": True, **extra}
+        c = with_init_hf(compiled_for(model=q3), "/models/qwen3")
+        assert torchtitan_diagnostics(c) == []
+        src = render_torchtitan(c)["torchtitan/llmc_job.py"]
+        assert "state_dict_adapter=Qwen3StateDictAdapter," in src and "initial_load_in_hf=True" in src
+        assert "return CosSinRoPE.Config(" in src and "ComplexRoPE" not in src
+    scaled = {**TINY, "qk_norm": True, "rope_scaling": {"type": "llama3", "factor": 8.0}}
+    assert [d.code for d in torchtitan_diagnostics(compiled_for(model=scaled))] == ["X301"]
+    mix = render_torchtitan(compiled_for(model={**TINY, "moe": {"num_experts": 4, "top_k": 2}}))["torchtitan/llmc_job.py"]
+    assert "return ComplexRoPE.Config(" in mix and "state_dict_adapter=None," in mix
+
+
 def test_qwen_qkv_bias_gets_no_bias_dropping_adapter():
     """torchtitan 0.3.0's Llama3/Qwen3 state-dict adapters have no q/k/v bias keys (checked against the library
     in test_torchtitan.py): a Qwen2.5-style model gets no adapter, and init_hf on it is refused."""

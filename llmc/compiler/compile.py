@@ -132,7 +132,12 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     # A pipeline of post-training stages only (no ``pretrain`` stage) starts from a trained base: the
     # top-level data/training sections then describe no run of their own, so there is nothing to search.
     pretrains = has_pretraining(run)
-    for d in scaling.scaling_diagnostics(model.params_active, data.tokens, "data.tokens") if pretrains else []:
+    # the compute-optimal token count (C001 / C002) is a rule for training from scratch, not for continuing a trained
+    # model (init_hf, or a pretrain stage initialised from another stage)
+    pre = next((s for s in run.stages if s.kind == "pretrain"), None)
+    continued = (pre.init_hf or pre.init_from) if pre is not None else run.training.init_hf
+    for d in scaling.scaling_diagnostics(model.params_active, data.tokens, "data.tokens") if pretrains and not continued \
+            else []:
         sink.items.append(dataclasses.replace(d, line=d.line or line_for(lines, d.path), file=spec_path))
 
     checks.check_attention_window(run, sink)

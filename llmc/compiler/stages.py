@@ -1048,6 +1048,10 @@ def plan_stages(run: RunSpec, gpu: GPU | None = None, lines: dict | None = None,
     sink = Sink(lines, file)
     stages = resolved_stages(run)
     idx, order = stage_order(stages, sink)
+    if run.stages and run.training.init_hf is not None:
+        sink.add("G007", "error", "training.init_hf", "training.init_hf is read only by a run without `stages:`; "
+                 "with stages each starts from its own init_hf or init_from, so this checkpoint would not be loaded",
+                 "move it to the stage that starts from it: stages[i].init_hf")
     arch = run.model
     env = _Env(run=run, hyper=hyper or defaults_mod.pretrain_hyper(run, gpu), plan=plan, searched_memory=searched_memory,
                facts=facts, capacity=gpu.hbm_bytes if gpu is not None else None,

@@ -25,7 +25,10 @@ initial_load_in_hf=True, initial_load_model_only=True)`` (torchtitan/components/
 through the family's state-dict adapter. torchtitan 0.3.0's ``Llama3StateDictAdapter`` and
 ``Qwen3StateDictAdapter`` map no q/k/v bias (``to_hf`` skips unmapped keys, so the biases would silently
 stay at their zero init); a q/k/v-bias model (Qwen2/2.5) therefore gets no adapter and ``init_hf`` on it,
-or on a family without an adapter, is an error (X310).
+or on a family without an adapter (Mixtral), is an error (X310). Qwen3 and Qwen3-MoE jobs use torchtitan's
+``CosSinRoPE`` (HF's rotate_half order, as its own qwen3 flavours; ``Qwen3StateDictAdapter.from_hf`` checks it),
+so their q/k rows and q/k norm weights are in HF's order in the job and its checkpoints (llmc's export of such a
+checkpoint permutes them back into llmc's pair order: ``llmc.runtime.hf_io.titan_state_to_llmc``).
 
 Diagnostics (errors unless noted):
     X300 no plan             X301 RoPE scaling        X302 MLA with qkv bias     X303 tying with PP
@@ -107,7 +110,8 @@ COMM_TRAIN_TIMEOUT_CKPT_S = 600
 NO_WD_PATTERN = r"(norm\.weight|\.bias|expert_bias|tok_embeddings\.weight)$"
 
 # Families whose torchtitan 0.3.0 state-dict adapter converts every weight of the model llmc emits.
-HF_ADAPTERS = {"llama3": "Llama3StateDictAdapter", "deepseek_v3": "DeepSeekV3StateDictAdapter"}
+HF_ADAPTERS = {"llama3": "Llama3StateDictAdapter", "deepseek_v3": "DeepSeekV3StateDictAdapter",
+               "qwen3": "Qwen3StateDictAdapter", "qwen3_moe": "Qwen3StateDictAdapter"}
 
 
 @dataclass
@@ -128,6 +132,10 @@ def _family(arch) -> str:
 
 def _rope(arch, family: str, errs: list[Diagnostic]) -> dict[str, Any]:
     rs = arch.rope_scaling
+    if rs is not None and rs.type == "llama3" and family_of(arch).torchtitan_rope == "cossin":
+        errs.append(diag("X301", "error", "model.rope_scaling.type",
+                         f"torchtitan {TORCHTITAN_VERSION}'s cos/sin RoPE (the rotate_half layout of its Qwen3 models "
+                         "and their Hugging Face adapter) has no llama3 scaling", "use type: yarn, or another backend"))
     rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else arch.hd
     out: dict[str, Any] = {
         "dim": rope_dim,
@@ -454,10 +462,9 @@ def _mla(arch, notes: list[str]) -> dict[str, Any]:
 
 def _sd_adapter(arch, family: str) -> str | None:
     """The torchtitan state-dict adapter class the job names, or None where the family has none that keeps
-    every weight: qwen3 dense and MoE (its adapter reads HF's rotate_half RoPE rows, the job's RoPE is
-    ComplexRoPE) and q/k/v-bias models
-    (Llama3StateDictAdapter has no bias keys: ``to_hf`` skips them, so a load would leave them at zero)."""
-    if arch.qkv_bias:
+    every weight (``Family.torchtitan_hf``: Mixtral's HF names are not the Qwen3 adapter's) or the model has q/k/v
+    biases (Llama3StateDictAdapter has no bias keys: ``to_hf`` skips them, so a load would leave them at zero)."""
+    if arch.qkv_bias or not family_of(arch).torchtitan_hf:
         return None
     return HF_ADAPTERS.get(family)
 
@@ -556,6 +563,7 @@ def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str])
         "output_init_std": float(arch.d_model ** -0.5),
         "output_init_bound": float(3 * arch.d_model ** -0.5),
         "rope": _rope(arch, family, errs),
+        "rope_cls": "CosSinRoPE" if family_of(arch).torchtitan_rope == "cossin" else "ComplexRoPE",
         "moe": _moe(arch, notes, errs),
         "mla": _mla(arch, notes),
         "attn_backend": "flex",

@@ -847,6 +847,20 @@ def _model_state(stage_dir: Path, *more: Path) -> tuple[dict[str, torch.Tensor],
     return out, "torchtitan"
 
 
+def titan_state_to_llmc(sd: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
+    """A torchtitan job's model state (names already llmc's, ``_TITAN_RENAMES``) in llmc's layout: for the families whose
+    job uses torchtitan's cos/sin RoPE (``Family.torchtitan_rope``: Qwen3, Qwen3-MoE) the q/k rows and q/k norm weights
+    are in HF's rotate_half order, as in an HF checkpoint, and are permuted back per head (:func:`_hf_unpermute`, the
+    import's own step); other families' jobs use llmc's pair order already."""
+    if family_of(arch).torchtitan_rope != "cossin":
+        return sd
+    out = dict(sd)
+    for name, m in hf_names(arch).items():
+        if m.heads and name in out:
+            out[name] = _hf_unpermute(out[name], m.heads)
+    return out
+
+
 def titan_checkpoints(build_dir: str | Path, stage: str | None = None) -> dict[int, Path]:
     """step -> torchtitan DCP checkpoint (``step-N/.metadata``) under the build's torchtitan dump folder: the
     pre-training job's, or continued-training stage ``stage``'s own job's."""
@@ -873,6 +887,8 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     if why:
         return {"hf": None, "why": why}
     sd, source = (model_sd, "llmc") if model_sd is not None else _model_state(stage_dir, *search)
+    if source == "torchtitan":
+        sd = titan_state_to_llmc(sd, arch)
     params = hf_names(arch)
     missing = sorted(set(params) - set(sd))
     if missing:

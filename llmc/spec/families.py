@@ -52,6 +52,10 @@ class Family:
     # torchtitan job can start from Hugging Face weights (continued-training stages run as torchtitan jobs then)
     torchtitan_hf: bool = False
     qk_norm: bool = False  # q and k heads always pass an RMSNorm before RoPE
+    # the torchtitan job's RoPE: "complex" rotates adjacent pairs (Meta's layout, llmc's model: ComplexRoPE), "cossin"
+    # rotates halves (HF's rotate_half: CosSinRoPE, what torchtitan's qwen3 flavours and its Qwen3StateDictAdapter use,
+    # so its q/k rows and norms are in HF's order and the adapter reads an HF checkpoint unchanged)
+    torchtitan_rope: Literal["complex", "cossin"] = "complex"
 
 
 FAMILIES: dict[str, Family] = {
@@ -61,10 +65,10 @@ FAMILIES: dict[str, Family] = {
     # (softmax over all experts, top-k, weights renormalised: HF norm_topk_prob true), experts of their own width
     # (moe_intermediate_size), the first layers optionally dense (mlp_only_layers)
     "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", "gqa", True, False, "qwen3",
-                        ("qwen3moe",), QWEN_SPECIALS, qk_norm=True),
+                        ("qwen3moe",), QWEN_SPECIALS, torchtitan_hf=True, qk_norm=True, torchtitan_rope="cossin"),
     # before qwen2: family_by_name takes the first family whose prefix a name starts with
     "qwen3": Family("qwen3", ("qwen3",), "Qwen3ForCausalLM", "gqa", False, False, "qwen3", ("qwen3",),
-                    QWEN_SPECIALS, qk_norm=True),
+                    QWEN_SPECIALS, torchtitan_hf=True, qk_norm=True, torchtitan_rope="cossin"),
     "qwen2": Family("qwen2", ("qwen2",), "Qwen2ForCausalLM", "gqa", False, True, "llama3", ("qwen",),
                     QWEN_SPECIALS),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation

@@ -481,8 +481,8 @@ def model_spec(with_converters=True):
         parallelize_fn=parallelize_qwen3,
         pipelining_fn=pipeline_llm,
         post_optimizer_build_fn=register_moe_load_balancing_hook,
-        # Qwen3StateDictAdapter reads HF's rotate_half RoPE layout (and q/k norms); this job's RoPE is ComplexRoPE, as
-        # llmc's own model and checkpoints: it trains from scratch or from llmc's weights, not from an HF checkpoint
+        # no Hugging Face adapter: torchtitan's Qwen3StateDictAdapter reads Qwen3-MoE's names and cos/sin RoPE, not this
+        # model's; it trains from scratch or from llmc's weights
         state_dict_adapter=None,
     )
 
