@@ -39,6 +39,17 @@ def hf_forward(sd: dict, cfg: dict, tokens: torch.Tensor) -> torch.Tensor:
         y = x @ sd[name + ".weight"].t()
         return y + sd[name + ".bias"] if name + ".bias" in sd else y
 
+    def moe(x, p, n_experts, names, renorm):  # softmax over all experts, top-k, optionally renormalised
+        w, idx = lin(x, p + "gate").softmax(-1).topk(cfg["num_experts_per_tok"], -1)
+        if renorm:
+            w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(n_experts):
+            ex = f"{p}experts.{e}."
+            gate, up, down = (ex + n for n in names)
+            out = out + lin(F.silu(lin(x, gate)) * lin(x, up), down) * (w * (idx == e)).sum(-1, keepdim=True)
+        return out
+
     h = sd["model.embed_tokens.weight"][tokens]
     mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
     for i in range(cfg["num_hidden_layers"]):
@@ -54,27 +65,10 @@ def hf_forward(sd: dict, cfg: dict, tokens: torch.Tensor) -> torch.Tensor:
         s = (q @ k.transpose(-1, -2) / hd**0.5).masked_fill(mask, float("-inf"))
         h = h + lin((s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * hd), p + "self_attn.o_proj")
         x = rms(h, sd[p + "post_attention_layernorm.weight"])
-        if cfg["model_type"] == "mixtral":
-            probs = lin(x, p + "block_sparse_moe.gate").softmax(-1)
-            w, idx = probs.topk(cfg["num_experts_per_tok"], -1)
-            w = w / w.sum(-1, keepdim=True)
-            out = torch.zeros_like(x)
-            for e in range(cfg["num_local_experts"]):
-                ex = p + f"block_sparse_moe.experts.{e}."
-                y = lin(F.silu(lin(x, ex + "w1")) * lin(x, ex + "w3"), ex + "w2")
-                out = out + y * (w * (idx == e)).sum(-1, keepdim=True)
-            h = h + out
+        if cfg["model_type"] == "mixtral":  # MixtralSparseMoeBlock: experts' w1 / w3 / w2, always renormalised
+            h = h + moe(x, p + "block_sparse_moe.", cfg["num_local_experts"], ("w1", "w3", "w2"), True)
         elif cfg["model_type"] == "qwen3_moe" and i not in cfg["mlp_only_layers"]:  # Qwen3MoeSparseMoeBlock
-            probs = lin(x, p + "mlp.gate").softmax(-1)
-            w, idx = probs.topk(cfg["num_experts_per_tok"], -1)
-            if cfg["norm_topk_prob"]:
-                w = w / w.sum(-1, keepdim=True)
-            out = torch.zeros_like(x)
-            for e in range(cfg["num_experts"]):
-                ex = p + f"mlp.experts.{e}."
-                y = lin(F.silu(lin(x, ex + "gate_proj")) * lin(x, ex + "up_proj"), ex + "down_proj")
-                out = out + y * (w * (idx == e)).sum(-1, keepdim=True)
-            h = h + out
+            h = h + moe(x, p + "mlp.", cfg["num_experts"], ("gate_proj", "up_proj", "down_proj"), cfg["norm_topk_prob"])
         else:
             h = h + lin(F.silu(lin(x, p + "mlp.gate_proj")) * lin(x, p + "mlp.up_proj"), p + "mlp.down_proj")
     h = rms(h, sd["model.norm.weight"])
