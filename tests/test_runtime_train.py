@@ -249,16 +249,22 @@ def test_parallel_layouts_match_single_process(tmp_path, docs, layout):
 
 
 @pytest.mark.slow
-def test_tensor_parallel_qk_norm_matches_single_process(tmp_path, docs):
-    """Qwen3's q/k norms under TP 2 inside FSDP2 over 2 (4 ranks): each rank normalises its own heads with the
-    whole weight and the weight's gradient is summed over the TP ranks (llmc.runtime.distributed._heads_sharded_norm)
-    before FSDP2 reduce-scatters it; the losses and the global gradient norm are the single process's. head_dim 48
-    is not d_model / n_heads (32)."""
-    qwen3 = {"qk_norm": True, "head_dim": 48}
-    single = make_lock(tmp_path / "single", docs, steps=6, interval=6, **qwen3)
+@pytest.mark.parametrize("model", [
+    {"qk_norm": True, "head_dim": 48},
+    {"mla": {"q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 12}},
+], ids=["qk_norm", "mla"])
+def test_tensor_parallel_matches_single_process(tmp_path, docs, model):
+    """TP 2 inside FSDP2 over 2 (4 ranks) equals one process: losses and the global gradient norm.
+
+    Qwen3's q/k norms: each rank normalises its own heads with the whole weight and the weight's gradient is summed
+    over the TP ranks (llmc.runtime.distributed._heads_sharded_norm) before FSDP2 reduce-scatters it; head_dim 48 is
+    not d_model / n_heads (32). MLA: the per-head up-projections column-parallel, the low-rank down-projections
+    replicated, the shared rope key's gradient summed over TP (_sum_rope_key_grad; without it the replicated wkv_a
+    gets only each rank's heads' share and the gradient norm and losses drift)."""
+    single = make_lock(tmp_path / "single", docs, steps=6, interval=6, **model)
     run(single, tmp_path / "single" / "o")
     lock = make_lock(tmp_path / "tp", docs, steps=6, interval=6, plan={"dp_shard": 2, "tp": 2, "micro_batch": 4},
-                     **qwen3)
+                     **model)
     torchrun(lock, tmp_path / "tp" / "o", nproc=4)
     ref, got = losses(tmp_path / "single" / "o"), losses(tmp_path / "tp" / "o")
     assert sorted(got) == list(range(1, 7)) and got[6] < got[1] - 0.3

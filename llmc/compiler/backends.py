@@ -100,9 +100,6 @@ class Backend:
     # the runner can pipeline a model whose output head shares the embedding's weight (False: the search keeps such a
     # model on one pipeline stage, pp = 1)
     tied_pp: bool = True
-    # the runner tensor-parallelises MLA attention (False: the search keeps an MLA model at tp = 1, a pinned tp > 1 is
-    # P018)
-    tp_mla: bool = True
     # how ZeRO-1/2 runs (memory._static_runs, timing._Layout._split). "fsdp2": FSDP2 with reshard_after_forward=False
     # (llmc's torchtitan job and native trainer): the parameters are all-gathered before each micro-batch's forward
     # (resharded after its backward) and its gradient reduce-scattered after it, holding one unit's unsharded fp32
@@ -276,7 +273,7 @@ BACKENDS: dict[str, Backend] = {
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
         supports=frozenset({"dp", "fsdp", "hsdp", "tp"}), selective_ac="attention_core", zero12="fsdp2",
-        slices_loss=True, tp_mla=False,
+        slices_loss=True,
         sources={
             "states": "llmc/runtime/distributed.py: fully_shard per block with MixedPrecisionPolicy"
             "(bf16, fp32); DDP otherwise",
@@ -285,8 +282,6 @@ BACKENDS: dict[str, Backend] = {
             "zero12": _FSDP2_ZERO12,
             "base_efficiency": "as torchtitan (same PyTorch kernels, no compile)",
             "slices_loss": _SLICED_LOSS,
-            "tp_mla": "llmc/runtime/distributed.py apply_tp: column/row-parallel GQA projections only; MLA's "
-                      "low-rank q/kv projections are not sharded (it refuses tp > 1 for MLA)",
         }),
     "deepspeed": Backend(
         name="deepspeed", runnable=True, states=_DS_STATES,

@@ -21,7 +21,6 @@ P014   error     parallelism.pp_virtual_stages the pinned schedule cannot run, o
 P015   error     parallelism.offload_params without offload_optimizer, or with a ZeRO stage other than 3
 P016   error     offload needs more host memory per node than the node has (warning above 80%; info: unknown)
 P017   error     optimizer / parameter offload on a backend whose job does not offload (only DeepSpeed does)
-P018   error     pinned TP on an MLA model with a backend whose trainer has no MLA tensor parallelism (native)
 T001   warning   peak LR outside the pre-training range / far from the size-aware value
 T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
 T003   warning   no gradient clipping
@@ -115,16 +114,6 @@ def check_offload_backend(run, backend, sink: Sink) -> None:
         sink.add("P017", "error", f"parallelism.{what}",
                  f"the {backend.name} backend does not offload: its job keeps the optimizer and parameters on the GPU",
                  "use training.backend: deepspeed (or auto, which picks it for offload), or drop the offload")
-
-
-def check_tp_backend(run, backend, sink: Sink) -> None:
-    """P018: a pinned tp > 1 on an MLA model where the backend's trainer does not tensor-parallelise MLA (the native
-    trainer refuses it at start-up: what the plan promises must run)."""
-    tp = run.parallelism.tp
-    if tp is not None and tp > 1 and run.model.mla is not None and not backend.tp_mla:
-        sink.add("P018", "error", "parallelism.tp",
-                 f"the {backend.name} trainer has no tensor parallelism for MLA attention (tp {tp} pinned)",
-                 "drop the tp pin (the search keeps tp 1 there) or use training.backend: torchtitan")
 
 
 def check_fp8_recipe(run, backend, sink: Sink) -> None:

@@ -370,8 +370,7 @@ def backend_pins(par, backend: str, arch: Architecture | None = None):
     """The spec's pins plus what the backend's runner cannot do: a dimension it does not implement is pinned
     to 1 (llmc's DeepSpeed runner is data-parallel only; the native trainer has no PP/CP/EP), and DeepSpeed
     has no replicate dimension; a model with tied embeddings stays on one pipeline stage where the runner cannot tie
-    them across stages (torchtitan: X303), an MLA model at tp 1 where the runner has no MLA tensor parallelism
-    (native: P018 when pinned). A dimension the user pinned is left as pinned (the renderers warn)."""
+    them across stages (torchtitan: X303). A dimension the user pinned is left as pinned (the renderers warn)."""
     from llmc.compiler.backends import get_backend
 
     be = get_backend(backend)
@@ -379,8 +378,6 @@ def backend_pins(par, backend: str, arch: Architecture | None = None):
     upd = {d: 1 for d in ("tp", "pp", "cp", "ep") if d not in sup and getattr(par, d) is None}
     if arch is not None and arch.tied_embeddings and not be.tied_pp and par.pp is None:
         upd["pp"] = 1
-    if arch is not None and arch.mla is not None and not be.tp_mla and par.tp is None:
-        upd["tp"] = 1
     if "hsdp" not in sup and par.dp_replicate is None:
         upd["dp_replicate"] = 1
     if par.offload_params and par.zero_stage is None:
@@ -408,7 +405,6 @@ def _backend_and_calibration(run, gpu, calibration, sink):
                             compile=comp, fp8=fp8)
     checks.check_fp8_recipe(run, be, sink)
     checks.check_offload_backend(run, be, sink)
-    checks.check_tp_backend(run, be, sink)
     gkey = gpu.key if gpu is not None else ""
     if calibration is None:
         band = cal_mod.RANKING_BAND_UNCALIBRATED

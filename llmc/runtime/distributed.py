@@ -7,7 +7,10 @@ Order (as torchtitan): TP -> activation checkpointing -> torch.compile per block
 * TP (``tp > 1``): DTensor ``parallelize_module`` per block: ColwiseParallel wq/wk/wv/w1/w3,
   RowwiseParallel wo/w2, so each rank holds H/tp query and K/tp kv heads (K % tp == 0 required).
   Embedding, norms, output head and MoE experts stay replicated; Qwen3's q/k norms take each rank's heads
-  (Replicate weight, gradient summed over TP). MLA is not tensor-parallelised.
+  (Replicate weight, gradient summed over TP). MLA (DeepSeek-V2/V3): the per-head up-projections (wq or wq_b, wkv_b)
+  column-parallel and wo row-parallel, so each rank holds H/tp heads; the low-rank down-projections (wq_a, wkv_a)
+  and their norms stay replicated, as torchtitan's deepseek_v3 parallelize does (NoParallel); the shared rope key
+  from wkv_a feeds every rank's heads, so its gradient is summed over TP (:func:`_sum_rope_key_grad`).
 * FSDP2 (``dp_shard > 1``): ``fully_shard`` on every block, then on the root; with
   ``dp_replicate > 1`` too it is HSDP over the 2-D ("dp_replicate", "dp_shard") mesh.
   Gradient reduction uses FSDP2's default (AVG over the data-parallel ranks), never
@@ -89,13 +92,18 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
 
     arch = model.arch
     tp = tp_mesh.size()
-    if arch.mla is not None:
-        raise ValueError("tensor parallelism for MLA attention is not implemented in the native trainer (use tp=1)")
-    if arch.n_heads % tp or arch.kv_heads % tp:
-        raise ValueError(f"tp={tp} must divide n_heads={arch.n_heads} and n_kv_heads={arch.kv_heads}")
+    mla = arch.mla
+    if arch.n_heads % tp or (mla is None and arch.kv_heads % tp):
+        raise ValueError(f"tp={tp} must divide n_heads={arch.n_heads}"
+                         + ("" if mla is not None else f" and n_kv_heads={arch.kv_heads}"))
     for blk in model.layers.values():
-        plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
-                "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel()}
+        if mla is None:
+            plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                    "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel()}
+        else:  # rows / columns are grouped by head, so contiguous shards are whole heads
+            plan = {"attention.wq" if mla.q_lora_rank is None else "attention.wq_b": ColwiseParallel(),
+                    "attention.wkv_b": ColwiseParallel(), "attention.wo": RowwiseParallel()}
+            _sum_rope_key_grad(blk.attention.wkv_a, mla.kv_lora_rank, tp_mesh)
         if not blk.is_moe:
             if arch.d_ff % tp:
                 raise ValueError(f"tp={tp} must divide d_ff={arch.d_ff}")
@@ -105,6 +113,33 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         if arch.qk_norm:
             for norm in (blk.attention.q_norm, blk.attention.k_norm):
                 _heads_sharded_norm(norm, tp_mesh)
+
+
+class _RopeKeyGrad(torch.autograd.Function):
+    """Identity forward; backward sums the gradient of the last ``rope`` features (MLA's shared rope key) over the TP
+    group (Megatron-LM's copy-to-tensor-parallel-region, on those features only). The latent features' gradient
+    is complete already: wkv_b's column-parallel input sums it."""
+
+    @staticmethod
+    def forward(ctx, x, kv_lora: int, group):
+        ctx.kv_lora, ctx.group = kv_lora, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        key = grad[..., ctx.kv_lora:].contiguous()
+        dist.all_reduce(key, group=ctx.group)
+        grad[..., ctx.kv_lora:] = key
+        return grad, None, None
+
+
+def _sum_rope_key_grad(wkv_a: nn.Module, kv_lora: int, tp_mesh) -> None:
+    """MLA under TP: wkv_a (replicated) outputs the kv latent and one rope key shared by all heads; each rank's heads
+    use the key, so each rank's gradient of it is partial: a forward hook routes the output through
+    :class:`_RopeKeyGrad`."""
+    group = tp_mesh.get_group()
+    wkv_a.register_forward_hook(lambda _mod, _inp, out: _RopeKeyGrad.apply(out, kv_lora, group))
 
 
 def _heads_sharded_norm(norm: nn.Module, tp_mesh) -> None:
