@@ -18,8 +18,8 @@ tie_word_embeddings            tied_embeddings
 attention_bias                 qkv_bias (qwen2: always True)
 (model_type qwen3, qwen3_moe)  qk_norm (Qwen3 always normalises q and k heads)
 use_sliding_window: true       refused (llmc models no sliding-window attention)
-sliding_window (mistral,       sliding_window: recorded, not modelled (full attention; `llmc plan` warns M007 for
-mixtral: no use_sliding_window)  longer sequences); ignored where use_sliding_window is false (Qwen2 / Qwen3)
+sliding_window                 sliding_window where use_sliding_window is not false (Mistral): recorded, not
+                               modelled (full attention; `llmc plan` warns M007 for longer sequences)
 rope_theta / rope_scaling      rope_theta / rope_scaling
 max_position_embeddings        max_seq_len
 rms_norm_eps                   norm_eps
@@ -154,6 +154,12 @@ def _mixtral(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
         kw["moe"] = MoE(**moe, score_func="softmax")
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a config value quoted in an error line)."""
+    text = repr(value) if not isinstance(value, list | dict) or len(value) <= 64 else f"<{type(value).__name__} of {len(value)}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _qwen3_moe(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
     """transformers ``Qwen3MoeConfig``: layer i is sparse unless it is in ``mlp_only_layers`` or (i + 1) is not a
     multiple of ``decoder_sparse_step`` (``Qwen3MoeDecoderLayer``); llmc's dense layers are the first N."""
@@ -162,12 +168,12 @@ def _qwen3_moe(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None
                     "renormalises the top-k routing weights, as Qwen3-30B-A3B / 235B-A22B do)")
     step = cfg.get("decoder_sparse_step", 1)
     if step != 1:
-        errs.append(f"config.json 'decoder_sparse_step' {step!r} is not supported (llmc's dense layers are the first "
-                    "N: decoder_sparse_step 1 with mlp_only_layers [0, ..., N-1])")
+        errs.append(f"config.json 'decoder_sparse_step' {_short(step)} is not supported (llmc's dense layers are the "
+                    "first N: decoder_sparse_step 1 with mlp_only_layers [0, ..., N-1])")
     dense = cfg.get("mlp_only_layers") or []
     if not isinstance(dense, list) or dense != list(range(len(dense))):
-        errs.append(f"config.json 'mlp_only_layers' {dense!r} is not supported (llmc's dense layers are the first N: "
-                    "[0, ..., N-1] or [])")
+        errs.append(f"config.json 'mlp_only_layers' {_short(dense)} is not supported (llmc's dense layers are the "
+                    "first N: [0, ..., N-1] or [])")
         dense = []
     # the released configs say num_experts; transformers >= 5 saves it as num_local_experts (its attribute_map)
     experts = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
