@@ -97,6 +97,9 @@ class Backend:
     # head recomputed in the backward (ParallelPlan.loss_chunk_tokens): the search slices the loss of a candidate whose
     # whole logits do not fit (search._Search.fitting_plan)
     slices_loss: bool = False
+    # tensor parallelism with sequence parallelism (Korthikanti et al. 2022 sec. 4.2.2: the norms and the block's
+    # inputs split over tp as well); False: they are replicated on every TP rank (memory._stage_values adds them)
+    sequence_parallel: bool = True
     # the runner can pipeline a model whose output head shares the embedding's weight (False: the search keeps such a
     # model on one pipeline stage, pp = 1)
     tied_pp: bool = True
@@ -273,7 +276,7 @@ BACKENDS: dict[str, Backend] = {
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
         supports=frozenset({"dp", "fsdp", "hsdp", "tp"}), selective_ac="attention_core", zero12="fsdp2",
-        slices_loss=True,
+        slices_loss=True, sequence_parallel=False,
         sources={
             "states": "llmc/runtime/distributed.py: fully_shard per block with MixedPrecisionPolicy"
             "(bf16, fp32); DDP otherwise",
@@ -282,6 +285,8 @@ BACKENDS: dict[str, Backend] = {
             "zero12": _FSDP2_ZERO12,
             "base_efficiency": "as torchtitan (same PyTorch kernels, no compile)",
             "slices_loss": _SLICED_LOSS,
+            "sequence_parallel": "llmc/runtime/distributed.py apply_tp: ColwiseParallel / RowwiseParallel only, no "
+                                 "SequenceParallel: each TP rank keeps the whole sequence's norm inputs and outputs",
         }),
     "deepspeed": Backend(
         name="deepspeed", runnable=True, states=_DS_STATES,

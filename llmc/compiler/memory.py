@@ -27,7 +27,9 @@ Tensor / expert / pipeline sharding of the states
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
 arXiv 2205.05198, sec. 4.1 and Table 2) -- see :func:`layer_activation_bytes_per_token` for the
 SwiGLU/GQA/MLA/MoE derivation and :func:`korthikanti_layer_bytes` for the paper's GPT formula.
-    Sharded / tp with sequence parallelism (torchtitan turns SP on with TP), / cp for context parallel.
+    Sharded / tp with sequence parallelism (torchtitan turns SP on with TP), / cp for context parallel; on a
+    backend without SP (``Backend.sequence_parallel``: llmc's native trainer) the norms' activations and the
+    head's inputs stay whole on every TP rank (Table 2's "tensor parallel" row: :func:`_replicated_per_token`).
     Pipeline: stage i of p with 1F1B keeps min(p - i, m) micro-batches in flight (Narayanan et al. 2021,
     "Efficient Large-Scale Language Model Training on GPU Clusters", sec. 2.2.1); interleaved 1F1B with v
     chunks per rank multiplies by (1 + (p - 1)/(p v)) (Korthikanti et al. 2022 sec. 4.2.3); GPipe keeps
@@ -616,7 +618,7 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
                           structure)
     out: list[tuple] = []
     for run, (w, gr, op, buf0) in zip(structure, static, strict=True):
-        start, count, has_head = run[0], run[1], run[5]
+        start, count, layers, has_head = run[0], run[1], run[4], run[5]
         per_tok, work = run[7][activation_mode(ac, be)] if split is None else (0.0, 0.0)
         # per token, + the final norm's and the head's inputs on the last stage
         for si in ((start,) if runs else range(start, start + count)):
@@ -630,6 +632,13 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
                 work = max(0.0, work - kept_n)
             # --- activations
             acts = in_flight_microbatches(plan, si) * tokens_mb * per_tok / act_div * act_keep
+            if plan.tp > 1 and not be.sequence_parallel:
+                # TP without sequence parallelism (Korthikanti et al. 2022 Table 2, "tensor parallel": 10 s b h
+                # outside the 24/t): the norms' inputs / outputs (the column-parallel linears' inputs), or the block
+                # input a recomputed block keeps, and the head's inputs are whole on every TP rank, not 1/tp of them
+                acts += (in_flight_microbatches(plan, si) * tokens_mb * act_keep * (1.0 - 1.0 / plan.tp)
+                         * _replicated_per_token(arch, layers if split is None else split[si], activation_mode(ac, be),
+                                                 has_head, act_b))
             # while one block is recomputed and back-propagated, what was dropped for it is rematerialised:
             # its full working set minus what is kept anyway (so AC never exceeds no AC); 0 without AC
             acts += tokens_mb * work / act_div
@@ -646,6 +655,21 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
                                          d_model=arch.d_model, act_bytes=act_b)
             out.append((si, count if runs else 1, w, gr, op, acts, buf))
     return out
+
+
+def _replicated_per_token(arch, layers, ac: str, has_head: bool, act_b: float) -> float:
+    """Bytes per token of a stage's activations that tensor parallelism without sequence parallelism leaves whole on
+    every rank (the part of :func:`layer_activation_bytes_per_token` outside the heads and the FFN width): per block
+    the two norms' inputs and outputs + their fp32 rstd (4 d + 4 elements) where the block keeps its activations, its
+    input (d) where it is recomputed (full, or torchtitan-style selective); + the final norm's and the head's inputs.
+    ``layers``: the stage's blocks, or under partial recomputation its (recomputed, kept) blocks."""
+    d = arch.d_model
+    if ac == "partial":
+        rec, kept = layers
+        elems = len(rec) * d + len(kept) * (4 * d + 4)
+    else:
+        elems = len(layers) * (d if ac in ("full", "selective") else 4 * d + 4)
+    return (elems + (2 * d if has_head else 0)) * act_b
 
 
 ACT_MODES = ("none", "selective", "full", "selective_core")  # what activations are computed for (backends.activation_mode)
