@@ -112,4 +112,4 @@ def test_export_refuses_unsupported():
     ds_moe = Architecture(**BASE, moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, score_func="sigmoid"))
     assert "Mixtral-style" in hf_export_supported(ds_moe)  # DeepSeek MoE without MLA: no HF class here
     q3 = Architecture(**BASE, qk_norm=True, moe=MoE(num_experts=4, top_k=2, num_shared_experts=1))
-    assert "Qwen3-MoE routing" in hf_export_supported(q3)  # Qwen3MoeForCausalLM has no shared experts
+    assert "only Qwen3-MoE-style" in hf_export_supported(q3)  # Qwen3MoeForCausalLM has no shared experts

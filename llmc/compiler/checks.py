@@ -384,24 +384,6 @@ def check_hyper(run, hyper, params_active: float, default_lr: float, world: int,
 # ------------------------------------------------------------------------------------------- data
 
 
-def check_attention_window(run, sink: Sink) -> None:
-    """M007: a training sequence longer than the released model's attention window (``model.sliding_window``,
-    Mistral-7B v0.1's 4096). llmc's trainers, FLOP count, memory and export are full causal attention, which equals
-    the windowed model up to the window only (Jiang et al. 2023, arXiv:2310.06825 sec. 2: each token attends to the
-    previous W)."""
-    w = run.model.sliding_window
-    if not w:
-        return
-    lens = [("data.seq_len", run.data.seq_len)] + [(f"stages.{i}.seq_len", s.seq_len) for i, s in
-                                                    enumerate(run.stages) if getattr(s, "seq_len", None)]
-    for path, n in lens:
-        if n > w:
-            sink.add("M007", "warning", path,
-                     f"seq_len {n} is longer than the model's {w}-token attention window: llmc trains, counts and "
-                     f"exports full causal attention, so positions past {w} attend further back than the released "
-                     "model did", f"keep seq_len <= {w} to train the model as released, or accept full attention")
-
-
 def check_data(run, hyper, sink: Sink) -> None:
     """D001 (less data than one step), D002 (repeated epochs), D003 (mixture shares)."""
     d = run.data

@@ -134,13 +134,13 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     pretrains = has_pretraining(run)
     # the compute-optimal token count (C001 / C002) is a rule for training from scratch, not for continuing a trained
     # model (init_hf, or a pretrain stage initialised from another stage)
-    pre = next((s for s in run.stages if s.kind == "pretrain"), None)
-    continued = (pre.init_hf or pre.init_from) if pre is not None else run.training.init_hf
-    for d in scaling.scaling_diagnostics(model.params_active, data.tokens, "data.tokens") if pretrains and not continued \
-            else []:
+    from llmc.compiler.stages import resolved_stages
+
+    pre = next((s for s in resolved_stages(run) if s.kind == "pretrain"), None)
+    from_scratch = pre is not None and pre.init_hf is None and pre.init_from is None
+    for d in scaling.scaling_diagnostics(model.params_active, data.tokens, "data.tokens") if from_scratch else []:
         sink.items.append(dataclasses.replace(d, line=d.line or line_for(lines, d.path), file=spec_path))
 
-    checks.check_attention_window(run, sink)
     table_gpu = spec_gpu(run)
     if get_gpu(run.hardware.gpu) is not None or table_gpu is None:
         checks.check_gpu(run, GPUS, sink, table_gpu)

@@ -161,18 +161,18 @@ def hf_export_supported(arch) -> str | None:
     if arch.mla is not None:
         return _deepseek_supported(arch)
     m = arch.moe
-    if m is not None and arch.qk_norm:  # Qwen3MoeForCausalLM: softmax top-k renormalised, own expert width, dense first
-        if (m.num_shared_experts or m.score_func != "softmax" or m.router_bias or getattr(m, "expert_bias", False)
-                or m.route_scale != 1.0 or m.n_expert_groups):
-            return ("only Qwen3-MoE routing (softmax top-k, no shared experts, router bias, expert bias, route scale or "
-                    "expert groups) is exported with q/k norms")
-        return "MoE with q/k/v biases has no Hugging Face model class here" if arch.qkv_bias else None
-    if m is not None and (m.num_shared_experts or m.dense_layers or m.score_func != "softmax" or m.router_bias
-                          or getattr(m, "expert_bias", False) or (m.expert_d_ff or arch.d_ff) != arch.d_ff):
-        return "only Mixtral-style MoE (softmax top-k, no shared/dense layers, no router bias) is exported"
-    if m is not None and (m.route_scale != 1.0 or m.n_expert_groups):
-        return "DeepSeek-V3 routing (route_scale / expert groups) has no Mixtral equivalent"
-    if m is not None and arch.qkv_bias:
+    if m is None:
+        return None
+    # MixtralForCausalLM, or with q/k norms Qwen3MoeForCausalLM: both route softmax top-k, renormalised
+    cls = "Qwen3-MoE" if arch.qk_norm else "Mixtral"
+    if m.num_shared_experts or m.score_func != "softmax" or m.router_bias or m.expert_bias:
+        return f"only {cls}-style MoE (softmax top-k, no shared experts, no router or expert bias) is exported"
+    if m.route_scale != 1.0 or m.n_expert_groups:
+        return f"DeepSeek-V3 routing (route_scale / expert groups) has no {cls} equivalent"
+    if not arch.qk_norm and (m.dense_layers or (m.expert_d_ff or arch.d_ff) != arch.d_ff):
+        return ("Mixtral has no dense layers and its experts are d_ff wide (Qwen3-MoE, the class with q/k norms, has "
+                "both)")
+    if arch.qkv_bias:
         return "MoE with q/k/v biases has no Hugging Face model class here"
     return None
 
@@ -202,21 +202,24 @@ def hf_names(arch, rope_interleave: bool = True) -> dict[str, HFParam]:
         if arch.qk_norm:  # Qwen3: the norm weight runs along a head's dims, so it takes the q/k rows' RoPE order
             for n in ("q_norm", "k_norm"):
                 out[f"{s}attention.{n}.weight"] = HFParam((f"{d}self_attn.{n}.weight",), 1)
-        if arch.moe is None or i < arch.moe.dense_layers:
-            for ours in ("w1", "w3", "w2"):
-                out[f"{s}feed_forward.{ours}.weight"] = HFParam((f"{d}mlp.{HF_TARGETS[ours]}.weight",))
-        elif arch.qk_norm:  # Qwen3MoeSparseMoeBlock
-            out[s + "moe.router.gate.weight"] = HFParam((d + "mlp.gate.weight",))
-            for ours in ("w1", "w3", "w2"):
-                out[f"{s}moe.experts.{ours}"] = HFParam(
-                    tuple(f"{d}mlp.experts.{e}.{HF_TARGETS[ours]}.weight" for e in range(arch.moe.num_experts)),
-                    stacked=True)
-        else:
-            out[s + "moe.router.gate.weight"] = HFParam((d + "block_sparse_moe.gate.weight",))
-            for w in ("w1", "w2", "w3"):
-                out[f"{s}moe.experts.{w}"] = HFParam(
-                    tuple(f"{d}block_sparse_moe.experts.{e}.{w}.weight" for e in range(arch.moe.num_experts)),
-                    stacked=True)
+        out.update(_ffn_names(arch, i, s, d))
+    return out
+
+
+def _ffn_names(arch, i: int, s: str, d: str) -> dict[str, HFParam]:
+    """Layer ``i``'s FFN (llmc prefix ``s``, HF prefix ``d``): a dense SwiGLU (``mlp.{gate,up,down}_proj``), or the
+    router and the stacked routed experts: Mixtral's ``block_sparse_moe.experts.{e}.w1/w3/w2``, the other classes'
+    (Qwen3-MoE, DeepSeek-V3) ``mlp.experts.{e}.{gate,up,down}_proj``. DeepSeek-V3's extras: :func:`_deepseek_names`."""
+    m = arch.moe
+    if m is None or i < m.dense_layers:
+        return {f"{s}feed_forward.{w}.weight": HFParam((f"{d}mlp.{HF_TARGETS[w]}.weight",)) for w in ("w1", "w3", "w2")}
+    mixtral = family_of(arch).name == "mixtral"
+    block = f"{d}block_sparse_moe." if mixtral else f"{d}mlp."
+    out = {s + "moe.router.gate.weight": HFParam((block + "gate.weight",))}
+    for w in ("w1", "w3", "w2"):
+        hf = w if mixtral else HF_TARGETS[w]
+        out[f"{s}moe.experts.{w}"] = HFParam(tuple(f"{block}experts.{e}.{hf}.weight" for e in range(m.num_experts)),
+                                            stacked=True)
     return out
 
 
@@ -240,16 +243,12 @@ def _deepseek_names(arch, rope_interleave: bool = True) -> dict[str, HFParam]:
             blocks = {"wq": arch.n_heads, "wq_b": arch.n_heads, "wkv_a": 1}.get(ours)
             rope = (blocks, arch.mla.qk_rope_head_dim) if blocks and not rope_interleave else None
             out[f"{s}attention.{ours}.weight"] = HFParam((f"{d}self_attn.{_MLA_TARGETS[ours]}.weight",), rope=rope)
+        out.update(_ffn_names(arch, i, s, d))
         if m is None or i < m.dense_layers:
-            for ours in ("w1", "w3", "w2"):
-                out[f"{s}feed_forward.{ours}.weight"] = HFParam((f"{d}mlp.{HF_TARGETS[ours]}.weight",))
             continue
-        out[s + "moe.router.gate.weight"] = HFParam((d + "mlp.gate.weight",))
         if m.expert_bias:
             out[s + "moe.expert_bias"] = HFParam((d + "mlp.gate.e_score_correction_bias",))
         for ours in ("w1", "w3", "w2"):
-            out[f"{s}moe.experts.{ours}"] = HFParam(
-                tuple(f"{d}mlp.experts.{e}.{HF_TARGETS[ours]}.weight" for e in range(m.num_experts)), stacked=True)
             out[f"{s}moe.shared_experts.{ours}.weight"] = HFParam((f"{d}mlp.shared_experts.{HF_TARGETS[ours]}.weight",))
     return out
 

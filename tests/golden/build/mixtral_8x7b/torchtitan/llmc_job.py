@@ -481,7 +481,7 @@ def model_spec(with_converters=True):
         parallelize_fn=parallelize_qwen3,
         pipelining_fn=pipeline_llm,
         post_optimizer_build_fn=register_moe_load_balancing_hook,
-        # no Hugging Face adapter: torchtitan's Qwen3StateDictAdapter reads Qwen3-MoE's names and cos/sin RoPE, not this
+        # no Hugging Face adapter: torchtitan's Qwen3StateDictAdapter reads Qwen3's names and cos/sin RoPE, not this
         # model's; it trains from scratch or from llmc's weights
         state_dict_adapter=None,
     )
