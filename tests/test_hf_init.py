@@ -41,6 +41,9 @@ def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: in
     elif kind == "mixtral":
         cfg = transformers.MixtralConfig(**{**TINY, "num_local_experts": 3, "num_experts_per_tok": 2, **over})
         model = transformers.MixtralForCausalLM(cfg)
+    elif kind == "phi3":  # q/k/v and gate/up fused in the checkpoint (token ids inside the tiny vocabulary)
+        cfg = transformers.Phi3Config(**{**TINY, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **over})
+        model = transformers.Phi3ForCausalLM(cfg)
     elif kind == "qwen3_moe":  # experts narrower than intermediate_size (the dense layers' width), top-k renormalised
         cfg = transformers.Qwen3MoeConfig(**{**TINY, "num_experts": 4, "num_experts_per_tok": 2,
                                              "moe_intermediate_size": 40, "norm_topk_prob": True, **over})
@@ -69,7 +72,7 @@ def arch_of(path: Path):
 
 @pytest.mark.parametrize("kind,over", [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {}),
                                        ("qwen3", {"head_dim": 16}), ("mixtral", {}),
-                                       ("qwen3_moe", {"head_dim": 16, "mlp_only_layers": [0]})])
+                                       ("qwen3_moe", {"head_dim": 16, "mlp_only_layers": [0]}), ("phi3", {})])
 def test_load_gives_transformers_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     if kind != "mixtral":  # sharded: several files + index
@@ -323,10 +326,11 @@ from test_runtime_train import META_RUN as META_HF_RUN  # noqa: E402  (the same 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("plan", [{"dp_shard": 2, "micro_batch": 4}, {"tp": 2, "micro_batch": 8}])
-def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, plan):
-    """FSDP2 / TP built on meta: each rank cuts its shards out of the HF tensors; the first loss is still
-    transformers' loss on the same global batch."""
+@pytest.mark.parametrize("kind,plan", [("qwen2", {"dp_shard": 2, "micro_batch": 4}),
+                                       ("qwen2", {"tp": 2, "micro_batch": 8}), ("phi3", {"tp": 2, "micro_batch": 8})])
+def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, kind, plan):
+    """FSDP2 / TP built on meta: each rank cuts its shards out of the HF tensors (Phi-3: its row ranges of the fused
+    qkv_proj / gate_up_proj); the first loss is still transformers' loss on the same global batch."""
     import os
     import subprocess
     import sys
@@ -335,7 +339,7 @@ def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, plan):
     from llmc.runtime.entry import prepare_assets
     from llmc.runtime.job import TrainJob
 
-    src = make_hf(tmp_path, "qwen2")
+    src = make_hf(tmp_path, kind)
     arch = arch_of(src)
     lock = _lock(tmp_path, docs, arch, steps=2, init_hf=str(src), plan=plan)
     (tmp_path / "plan.lock.json").write_text(json.dumps(lock))

@@ -14,7 +14,7 @@ HF = Path(__file__).resolve().parent / "fixtures" / "hf"
 CONFIGS = sorted(HF.glob("*.json"))
 
 REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
-            "llama3.2-1b", "mistral-7b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
+            "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
             "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "tiny", "tiny-moe"]
 
 
@@ -111,6 +111,38 @@ def test_qwen3_counts_equal_transformers(name):
     assert params_total(architecture_from_hf_config(cfg)) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", ["phi3-mini-4k", "phi4"])
+def test_phi_counts_equal_transformers_and_model_cards(name):
+    """transformers' own Phi3ForCausalLM (meta device) for the fixture config has llmc's parameter count (its fused
+    qkv_proj / gate_up_proj hold exactly llmc's q, k, v / gate, up rows); the Hugging Face model pages (safetensors
+    metadata) say 3.82B and 14.7B parameters."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from llmc.compiler.params import params_total
+
+    cfg = json.loads((HF / f"{name}.json").read_text())
+    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "transformers_version")}
+    with torch.device("meta"):
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**keep))
+    arch = architecture_from_hf_config(cfg)
+    assert params_total(arch) == sum(p.numel() for p in model.parameters())
+    assert round(params_total(arch) / 1e9, 2 if name == "phi3-mini-4k" else 1) == {"phi3-mini-4k": 3.82, "phi4": 14.7}[name]
+
+
+def test_phi3_long_context_rope_and_partial_rotary_refused():
+    """Phi3Config reads every rope_scaling type (su, yarn, longrope) as LongRoPE: none is taken for llmc's yarn;
+    Phi-4-mini's partial_rotary_factor 0.75 is refused too (both at once); a 4k / 16k checkpoint imports."""
+    cfg = json.loads((HF / "phi3-mini-4k.json").read_text())
+    for kind in ("su", "yarn", "longrope"):
+        with pytest.raises(HFConfigError, match="LongRoPE"):
+            architecture_from_hf_config({**cfg, "rope_scaling": {"type": kind, "short_factor": [1.0] * 48,
+                                                                 "long_factor": [1.0] * 48}})
+    with pytest.raises(HFConfigError) as e:
+        architecture_from_hf_config({**cfg, "partial_rotary_factor": 0.75, "rope_scaling": {"rope_type": "longrope"}})
+    assert len(e.value.messages) == 2 and "partial_rotary_factor" in e.value.messages[1]
+    assert architecture_from_hf_config({**cfg, "partial_rotary_factor": 1.0}).sliding_window == 2047
+
+
 @pytest.mark.parametrize("cfg, msg", [
     ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'"),
     ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act"),
@@ -137,7 +169,7 @@ def test_hf_defaults_mha_and_qwen_bias():
 
 
 @pytest.mark.parametrize("model_type, family", [
-    ("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mixtral", "mixtral"),
+    ("llama", "llama"), ("mistral", "llama"), ("phi3", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mixtral", "mixtral"),
     ("qwen3_moe", "qwen3_moe"), ("deepseek_v3", "deepseek_v3"),
 ])
 def test_imported_config_lands_in_its_family(model_type, family):

@@ -316,6 +316,29 @@ def test_init_hf_emits_an_initial_hf_load(tmp_path):
     assert "initial_load" not in plain and "INIT_HF" not in plain
 
 
+def test_job_refuses_a_fused_phi3_checkpoint_when_it_starts(tmp_path, monkeypatch):
+    """The build cannot see the checkpoint (the compiler reads no files): the job's own ``_init_hf_dir`` reads its
+    config.json and stops on a Phi-3 checkpoint (fused qkv_proj / gate_up_proj, which torchtitan's Llama adapter does
+    not read) with one line naming the way out; a Llama checkpoint passes."""
+    import json
+    import os
+
+    src = render_torchtitan(with_init_hf(compiled_for(), "ckpt"))["torchtitan/llmc_job.py"]
+    fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "_init_hf_dir")
+    ns = {"os": os, "json": json, "BUILD_DIR": str(tmp_path), "INIT_HF": "ckpt", "INIT_HF_SOURCE": "ckpt"}
+    exec(compile(ast.Module([fn], []), "llmc_job.py", "exec"), ns)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    monkeypatch.delenv("LLMC_INIT_HF", raising=False)
+    for model_type, ok in (("llama", True), ("mistral", True), ("phi3", False)):
+        (ckpt / "config.json").write_text(json.dumps({"model_type": model_type}))
+        if ok:
+            assert ns["_init_hf_dir"]() == str(ckpt)
+        else:
+            with pytest.raises(SystemExit, match="Phi-3 checkpoint .* native or deepspeed"):
+                ns["_init_hf_dir"]()
+
+
 def test_init_hf_without_an_adapter_is_a_located_error():
     moe = {**TINY, "moe": {"num_experts": 4, "top_k": 2}}
     c = with_init_hf(compiled_for(model=moe), "/models/mixtral")

@@ -34,6 +34,15 @@ Name mapping (llmc/torchtitan <-> HF Llama / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE
     layers.N.moe.router.gate.weight        model.layers.N.mlp.gate.weight                      (Qwen3-MoE)
     layers.N.moe.experts.{w1,w3,w2} [E,..] model.layers.N.mlp.experts.{e}.{gate,up,down}_proj.weight  (Qwen3-MoE)
 
+Phi-3 / Phi-4 checkpoints (``model_type: phi3``, ``Phi3ForCausalLM``: a Llama block whose checkpoint fuses the
+projections, transformers ``modeling_phi3.py``) are read by row ranges of the fused tensors::
+
+    layers.N.attention.{wq,wk,wv}.weight   model.layers.N.self_attn.qkv_proj.weight rows [0, H hd), [H hd, (H+K) hd),
+                                           [(H+K) hd, (H+2K) hd)                        (wq, wk rows permuted)
+    layers.N.feed_forward.{w1,w3}.weight   model.layers.N.mlp.gate_up_proj.weight rows [0, F), [F, 2F) (gate, up)
+
+and exported as ``LlamaForCausalLM`` (the same computation; the Phi-3 family names no other class).
+
 RoPE: llmc rotates adjacent pairs (Meta layout); HF rotates halves (``rotate_half``). The export permutes
 the q/k rows per head as HF's ``permute`` (pairs -> halves); the import applies the inverse.
 
@@ -112,6 +121,8 @@ class HFParam:
     heads: int | None = None
     stacked: bool = False
     rope: tuple[int, int] | None = None
+    # (start, stop, rows): rows [start, stop) of a fused HF tensor of that many rows (Phi-3's qkv_proj, gate_up_proj)
+    rows: tuple[int, int, int] | None = None
 
 
 def _hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -177,9 +188,14 @@ def hf_export_supported(arch) -> str | None:
     return None
 
 
-def hf_names(arch, rope_interleave: bool = True) -> dict[str, HFParam]:
+#: HF model_types whose checkpoints fuse q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` (read, never written)
+FUSED_MODEL_TYPES = ("phi3",)
+
+
+def hf_names(arch, rope_interleave: bool = True, fused: bool = False) -> dict[str, HFParam]:
     """llmc parameter name -> :class:`HFParam`, for every parameter of ``Transformer(arch)``;
-    ``rope_interleave`` (MLA): the checkpoint's config says so (false: rope rows in rotate_half order)."""
+    ``rope_interleave`` (MLA): the checkpoint's config says so (false: rope rows in rotate_half order); ``fused``:
+    a Phi-3 checkpoint (:data:`FUSED_MODEL_TYPES`), whose q/k/v and gate/up projections are row ranges of one tensor."""
     why = hf_export_supported(arch)
     if why:
         raise HFError(f"{arch.name}: no Hugging Face mapping ({why})")
@@ -199,11 +215,29 @@ def hf_names(arch, rope_interleave: bool = True) -> dict[str, HFParam]:
             for kind in kinds:
                 out[f"{s}attention.{ours}.{kind}"] = HFParam((f"{d}self_attn.{HF_TARGETS[ours]}.{kind}",), heads)
         out[s + "attention.wo.weight"] = HFParam((d + "self_attn.o_proj.weight",))
+        if fused:
+            out.update(_fused_names(arch, s, d))
+            continue
         if arch.qk_norm:  # Qwen3: the norm weight runs along a head's dims, so it takes the q/k rows' RoPE order
             for n in ("q_norm", "k_norm"):
                 out[f"{s}attention.{n}.weight"] = HFParam((f"{d}self_attn.{n}.weight",), 1)
         out.update(_ffn_names(arch, i, s, d))
     return out
+
+
+def _fused_names(arch, s: str, d: str) -> dict[str, HFParam]:
+    """A Phi-3 layer's fused projections (``Phi3Attention``: q, k, v = qkv_proj rows in that order; ``Phi3MLP``:
+    gate, up = gate_up_proj.chunk(2)); the other names are Llama's."""
+    if arch.qkv_bias or arch.qk_norm or arch.moe is not None:
+        raise HFError(f"{arch.name}: Phi3ForCausalLM checkpoints have no q/k/v biases, q/k norms or experts")
+    H, K, hd, F = arch.n_heads, arch.kv_heads, arch.hd, arch.d_ff
+    qkv, gate_up, n = f"{d}self_attn.qkv_proj.weight", f"{d}mlp.gate_up_proj.weight", (H + 2 * K) * hd
+    return {f"{s}attention.wq.weight": HFParam((qkv,), H, rows=(0, H * hd, n)),
+            f"{s}attention.wk.weight": HFParam((qkv,), K, rows=(H * hd, (H + K) * hd, n)),
+            f"{s}attention.wv.weight": HFParam((qkv,), rows=((H + K) * hd, n, n)),
+            f"{s}feed_forward.w1.weight": HFParam((gate_up,), rows=(0, F, 2 * F)),
+            f"{s}feed_forward.w3.weight": HFParam((gate_up,), rows=(F, 2 * F, 2 * F)),
+            f"{s}feed_forward.w2.weight": HFParam((f"{d}mlp.down_proj.weight",))}
 
 
 def _ffn_names(arch, i: int, s: str, d: str) -> dict[str, HFParam]:
@@ -283,6 +317,8 @@ def from_hf_tensor(m: HFParam, get: Callable[[str], torch.Tensor]) -> torch.Tens
     if m.stacked:
         return torch.stack([get(n) for n in m.hf])
     t = get(m.hf[0])
+    if m.rows:
+        t = t[m.rows[0]:m.rows[1]]
     if m.rope:
         return _rope_tail(t, *m.rope, _hf_unpermute)
     return _hf_unpermute(t, m.heads) if m.heads else t
@@ -429,7 +465,8 @@ def _read_local_block(files: SafetensorsDir, m: HFParam, p) -> torch.Tensor | No
         hd = p.shape[0] // m.heads
         if offset[0] % hd or shape[0] % hd:
             return None
-    t = files.get_block(m.hf[0], tuple(offset), tuple(shape))
+    start = (offset[0] + m.rows[0], *offset[1:]) if m.rows else tuple(offset)
+    t = files.get_block(m.hf[0], start, tuple(shape))
     return _hf_unpermute(t, shape[0] // (p.shape[0] // m.heads)) if m.heads and shape[0] else t
 
 
@@ -452,7 +489,8 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
     if check_config:
         _check_config(cfg, arch, src)
     files = SafetensorsDir(src)
-    mapping = hf_names(arch, rope_interleave=cfg.get("rope_interleave", True) is not False)
+    mapping = hf_names(arch, rope_interleave=cfg.get("rope_interleave", True) is not False,
+                       fused=cfg.get("model_type") in FUSED_MODEL_TYPES)
     # DeepSeek-V3's multi-token-prediction layers follow the last layer (model.layers.61 of the 61-layer
     # model; transformers ignores them too, _keys_to_ignore_on_load_unexpected): not part of llmc's model
     mtp = tuple(f"model.layers.{arch.n_layers + j}." for j in range(int(cfg.get("num_nextn_predict_layers") or 0)))
@@ -471,6 +509,12 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
             continue
         used.update(m.hf)
         shape = (len(m.hf), *files.shapes[m.hf[0]]) if m.stacked else files.shapes[m.hf[0]]
+        if m.rows:  # a row range of a fused tensor of m.rows[2] rows
+            if shape[0] != m.rows[2]:
+                mismatched.append(f"{m.hf[0]} {list(shape)} vs {name} {list(_model_shape(p))} (fused: "
+                                  f"{m.rows[2]} rows expected)")
+                continue
+            shape = (m.rows[1] - m.rows[0], *shape[1:])
         if tuple(shape) != _model_shape(p):
             mismatched.append(f"{m.hf[0]} {list(shape)} vs {name} {list(_model_shape(p))}")
     zeros = {n: (e,) for n, (_, e) in hf_zero_extras(arch).items() if n in files.shapes}

@@ -17,7 +17,9 @@ Sources:
     (§2, Table 2): 128 experts, 8 activated, no shared experts, global-batch load balancing)
   * Mixtral: Jiang et al. 2024 (arXiv:2401.04088 §2: 8 experts, top-2)
   * DeepSeek-V3: DeepSeek-AI 2024 (arXiv:2412.19437 §2.1: MLA + DeepSeekMoE)
-  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
+  * Phi-3 / Phi-4: Abdin et al. 2024 (arXiv:2404.14219, arXiv:2412.08905): Llama-style blocks (RMSNorm, SwiGLU, RoPE,
+    GQA for Phi-4); the checkpoints fuse qkv_proj and gate_up_proj (transformers modeling_phi3.py)
+  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
   * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
 Gemma is not declared: llmc models no sliding-window attention.
 """
@@ -59,7 +61,9 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", ("llama", "mistral"), "LlamaForCausalLM", "gqa", False, False, "llama3",
+    # Mistral-7B and Phi-3 / Phi-4 (Phi3ForCausalLM: the same block, q/k/v and gate/up fused in the checkpoint) are
+    # Llama computations: imported as this family, exported as LlamaForCausalLM
+    "llama": Family("llama", ("llama", "mistral", "phi3"), "LlamaForCausalLM", "gqa", False, False, "llama3",
                     ("llama3",), LLAMA3_SPECIALS, torchtitan_hf=True),
     # q/k norms + routed experts (Qwen3-30B-A3B, Qwen3-235B-A22B): torchtitan's qwen3 MoE build. Routing is Mixtral's
     # (softmax over all experts, top-k, weights renormalised: HF norm_topk_prob true), experts of their own width

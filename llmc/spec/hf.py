@@ -1,6 +1,6 @@
 """Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
 
-Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``,
+Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``, ``phi3``,
 ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
@@ -20,7 +20,8 @@ attention_bias                 qkv_bias (qwen2: always True)
 use_sliding_window: true       refused (llmc models no sliding-window attention)
 sliding_window                 sliding_window where use_sliding_window is not false (Mistral): recorded, not
                                modelled (full attention; `llmc plan` warns M007 for longer sequences)
-rope_theta / rope_scaling      rope_theta / rope_scaling
+rope_theta / rope_scaling      rope_theta / rope_scaling (phi3: every rope_scaling type is LongRoPE in transformers'
+                               Phi3Config, refused; so is partial_rotary_factor != 1, Phi-4-mini's 0.75)
 max_position_embeddings        max_seq_len
 rms_norm_eps                   norm_eps
 num_local_experts, *_per_tok   moe.num_experts, moe.top_k (mixtral)
@@ -146,6 +147,26 @@ def _each(errs: list[str], **getters: Callable[[], Any]) -> dict[str, Any]:
     return out
 
 
+def _phi3_problems(cfg: dict[str, Any]) -> list[str]:
+    """What a ``phi3`` config (Phi-3, Phi-3.5, Phi-4: ``Phi3ForCausalLM``, a Llama block with fused projections in the
+    checkpoint) computes that llmc's model does not: LongRoPE (``Phi3Config`` reads every rope_scaling type, su /
+    yarn / longrope, as LongRoPE) and partial rotary embeddings."""
+    bad = []
+    rs = cfg.get("rope_scaling")
+    if rs and (not isinstance(rs, dict) or rs.get("rope_type", rs.get("type")) not in (None, "default")):
+        kind = rs.get("rope_type", rs.get("type")) if isinstance(rs, dict) else rs
+        bad.append(f"config.json 'rope_scaling' {_short(kind)}: Phi-3's long-context rope (LongRoPE, short/long "
+                   "factors per frequency) is not modelled (the 4k / 16k checkpoints, e.g. Phi-3-mini-4k, Phi-4, have "
+                   "none)")
+    for where in (cfg, cfg.get("rope_parameters"), rs):
+        prf = where.get("partial_rotary_factor") if isinstance(where, dict) else None
+        if prf is not None and prf != 1:
+            bad.append(f"config.json 'partial_rotary_factor' {_short(prf)} is not supported (llmc rotates every "
+                       "dimension of a head)")
+            break
+    return bad
+
+
 def _mixtral(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
     moe = _each(errs, num_experts=lambda: _int(cfg, "num_local_experts"),
                 top_k=lambda: _int(cfg, "num_experts_per_tok"),
@@ -241,7 +262,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     if not isinstance(act, str) or act != "silu":
         raise HFConfigError(f"unsupported hidden_act {act!r} (llmc models SwiGLU, i.e. silu)")
 
-    errs: list[str] = []
+    errs: list[str] = _phi3_problems(cfg) if mt == "phi3" else []
     if cfg.get("use_sliding_window") is True:  # Qwen2 / Qwen3 configs; false in their released checkpoints
         errs.append("use_sliding_window: true is not supported (llmc models full attention in every layer)")
     heads = _each(errs, n_heads=lambda: _int(cfg, "num_attention_heads"))
@@ -259,7 +280,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         qkv_bias=lambda: family.qkv_bias or _bool(cfg, "attention_bias"),
         qk_norm=lambda: family.qk_norm,
         rope_theta=lambda: _float(cfg, "rope_theta", 10000.0),
-        rope_scaling=lambda: _rope_scaling(cfg.get("rope_scaling")),
+        rope_scaling=lambda: None if mt == "phi3" else _rope_scaling(cfg.get("rope_scaling")),  # phi3: _phi3_problems
         norm_eps=lambda: _float(cfg, "rms_norm_eps", 1e-6),
         max_seq_len=lambda: _int(cfg, "max_position_embeddings"),
     )}

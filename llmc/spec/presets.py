@@ -8,7 +8,8 @@ Llama-2-7B 6,738,415,616; Llama-3-8B 8,030,261,248; Llama-3.1-405B 405,853,388,8
 Llama-3.2-1B 1,235,814,400 (tied); Mistral-7B 7,241,732,096; Mixtral-8x7B 46,702,792,704;
 Qwen2.5-7B 7,615,616,512; Qwen2.5-72B 72,706,203,648; DeepSeek-V3 671,026,419,200 (without MTP).
 Qwen3 (transformers' own count; the model cards round): 8B 8,190,735,360; 0.6B 596,049,920;
-30B-A3B 30,532,122,624; 235B-A22B 235,093,634,560.
+30B-A3B 30,532,122,624; 235B-A22B 235,093,634,560. Phi (transformers' Phi3ForCausalLM count): Phi-3-mini-4k
+3,821,079,552; Phi-4 14,659,507,200.
 """
 
 from __future__ import annotations
@@ -70,6 +71,17 @@ PRESETS: dict[str, Architecture] = {
     "mistral-7b": _arch(
         "mistral-7b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336, vocab_size=32000,
         rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32768, sliding_window=4096,
+    ),
+    # https://huggingface.co/microsoft/Phi-3-mini-4k-instruct/blob/main/config.json (model_type phi3: a Llama block
+    # with fused qkv_proj / gate_up_proj in the checkpoint; sliding_window 2047: recorded, not modelled)
+    "phi3-mini-4k": _arch(
+        "phi3-mini-4k", n_layers=32, d_model=3072, n_heads=32, n_kv_heads=32, d_ff=8192, vocab_size=32064,
+        rope_theta=10000.0, norm_eps=1e-5, max_seq_len=4096, sliding_window=2047,
+    ),
+    # https://huggingface.co/microsoft/phi-4/blob/main/config.json (Phi3ForCausalLM, GQA 40 / 10 heads, full attention)
+    "phi4": _arch(
+        "phi4", n_layers=40, d_model=5120, n_heads=40, n_kv_heads=10, d_ff=17920, vocab_size=100352,
+        rope_theta=250000.0, norm_eps=1e-5, max_seq_len=16384,
     ),
     # https://huggingface.co/mistralai/Mixtral-8x7B-v0.1/blob/main/config.json
     # (num_local_experts 8, num_experts_per_tok 2, router_aux_loss_coef 0.02)
