@@ -115,6 +115,33 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
         assert torch.equal(a, b), n
 
 
+def test_phi3_longrope_both_regimes_in_and_out(tmp_path):
+    """LongRoPE (Phi-3-mini-128k, Phi-3.5-mini): transformers' Phi3 switches every position to the long factors once
+    a sequence is longer than original_max_position_embeddings (here 16). llmc's model gives transformers' logits
+    below and above the switch, and its LlamaForCausalLM export (rope_type longrope) gives llmc's logits in
+    transformers at both; with the short table at 40 tokens the logits would differ (checked: > 1e-3 apart)."""
+    src = make_hf(tmp_path, "phi3", shard=None, original_max_position_embeddings=16,
+                  rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 2.0, 3.5],
+                                "long_factor": [1.1, 2.5, 4.0, 9.0]})
+    arch = arch_of(src)
+    rs = arch.rope_scaling
+    assert (rs.type, rs.factor, rs.original_max_position) == ("longrope", 4.0, 16)
+    model = build_model(arch, seed=3).eval()
+    load_hf_into(model, src, arch)
+    out = export_hf(model.state_dict(), arch, tmp_path / "out", dtype=torch.float32)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    ref, back = hf_model(src), hf_model(out)
+    for T in (12, 16, 17, 40):
+        tokens = torch.randint(0, arch.vocab_size, (2, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            ours = model(tokens)
+            torch.testing.assert_close(ours, ref(input_ids=tokens).logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(back(input_ids=tokens).logits, ours, atol=1e-5, rtol=1e-5)
+    model.long_from = None  # the short table for every length
+    with torch.no_grad():
+        assert (model(tokens) - ours).abs().max() > 1e-3
+
+
 def test_mismatches_are_one_line_errors(tmp_path):
     src = make_hf(tmp_path, "llama", shard=None)
     arch = arch_of(src)

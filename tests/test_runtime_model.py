@@ -37,6 +37,8 @@ def arch(**kw) -> Architecture:
     {"mla": MLA(q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)},
     {"mla": MLA(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6)},
     {"rope_scaling": RopeScaling(type="yarn", factor=4.0, original_max_position=16)},
+    {"rope_scaling": RopeScaling(type="longrope", factor=2.0, original_max_position=16, short_factor=[1.0, 1.5, 2, 3],
+                                 long_factor=[1.0, 2, 4, 8])},
 ])
 def test_forward_shapes_and_backward(kw):
     a = arch(**kw)

@@ -129,18 +129,33 @@ def test_phi_counts_equal_transformers_and_model_cards(name):
     assert round(params_total(arch) / 1e9, 2 if name == "phi3-mini-4k" else 1) == {"phi3-mini-4k": 3.82, "phi4": 14.7}[name]
 
 
-def test_phi3_long_context_rope_and_partial_rotary_refused():
-    """Phi3Config reads every rope_scaling type (su, yarn, longrope) as LongRoPE: none is taken for llmc's yarn;
-    Phi-4-mini's partial_rotary_factor 0.75 is refused too (both at once); a 4k / 16k checkpoint imports."""
-    cfg = json.loads((HF / "phi3-mini-4k.json").read_text())
+def test_phi3_long_context_rope_is_longrope_and_partial_rotary_refused():
+    """Phi3Config reads every rope_scaling type (su, yarn, longrope) as LongRoPE (never llmc's yarn), with
+    original_max_position_embeddings at the top level of Phi-3's configs and factor = max / original when absent
+    (Phi-3-mini-128k: 131072 / 4096 = 32); a Llama config's yarn stays yarn. Phi-4-mini's partial_rotary_factor 0.75
+    is refused, with every other problem at once; transformers >= 5 configs (rope_parameters) read the same."""
+    cfg = {**json.loads((HF / "phi3-mini-4k.json").read_text()), "max_position_embeddings": 131072,
+           "sliding_window": 262144}
+    short, long = [1.0 + i / 10 for i in range(48)], [2.0 + i for i in range(48)]
     for kind in ("su", "yarn", "longrope"):
-        with pytest.raises(HFConfigError, match="LongRoPE"):
-            architecture_from_hf_config({**cfg, "rope_scaling": {"type": kind, "short_factor": [1.0] * 48,
-                                                                 "long_factor": [1.0] * 48}})
+        rs = architecture_from_hf_config({**cfg, "rope_scaling": {"type": kind, "short_factor": short,
+                                                                  "long_factor": long}}).rope_scaling
+        assert (rs.type, rs.factor, rs.original_max_position, rs.short_factor, rs.long_factor) == (
+            "longrope", 32.0, 4096, tuple(short), tuple(long))
+    t5 = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling")}
+    t5["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short,
+                             "long_factor": long, "original_max_position_embeddings": 4096, "partial_rotary_factor": 1.0}
+    assert architecture_from_hf_config(t5).rope_scaling == architecture_from_hf_config(
+        {**cfg, "rope_scaling": {"type": "longrope", "short_factor": short, "long_factor": long}}).rope_scaling
+    llama = json.loads((HF / "llama3-8b.json").read_text())
+    assert architecture_from_hf_config({**llama, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}).rope_scaling.type \
+        == "yarn"
     with pytest.raises(HFConfigError) as e:
-        architecture_from_hf_config({**cfg, "partial_rotary_factor": 0.75, "rope_scaling": {"rope_type": "longrope"}})
-    assert len(e.value.messages) == 2 and "partial_rotary_factor" in e.value.messages[1]
-    assert architecture_from_hf_config({**cfg, "partial_rotary_factor": 1.0}).sliding_window == 2047
+        architecture_from_hf_config({**cfg, "partial_rotary_factor": 0.75,
+                                     "rope_scaling": {"rope_type": "longrope", "short_factor": "x", "long_factor": long}})
+    assert ["partial_rotary_factor" in m for m in e.value.messages] == [True, False]
+    assert "rope_scaling.short_factor" in e.value.messages[1]
+    assert architecture_from_hf_config({**cfg, "partial_rotary_factor": 1.0}).sliding_window == 262144
 
 
 @pytest.mark.parametrize("cfg, msg", [

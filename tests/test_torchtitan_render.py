@@ -177,6 +177,10 @@ def test_unexpressible_architectures_give_diagnostics_not_modules():
     assert list(files) == ["torchtitan/NOT_EMITTED.txt"] and "X301" in files["torchtitan/NOT_EMITTED.txt"]
     with pytest.raises(SpecError):
         render_torchtitan(c, strict=True)
+    longrope = {**TINY, "rope_scaling": {"type": "longrope", "factor": 4.0, "original_max_position": 64,
+                                         "short_factor": [1.0] * 16, "long_factor": [2.0] * 16}}
+    [d] = torchtitan_diagnostics(compiled_for(model=longrope))
+    assert d.code == "X301" and "'longrope'" in d.message
     tied_pp = compiled_for(model={**TINY, "tied_embeddings": True},
                            plan=ParallelPlan(pp=2, micro_batch=1, grad_accum=4))
     assert [d.code for d in torchtitan_diagnostics(tied_pp)] == ["X303"]

@@ -378,13 +378,9 @@ class SafetensorsDir:
 def read_hf_config(path: str | Path) -> dict:
     """config.json with transformers >= 5's ``rope_parameters`` folded back into ``rope_theta`` /
     ``rope_scaling`` (the keys llmc.spec.hf reads)."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    rp = cfg.get("rope_parameters")
-    if isinstance(rp, dict):
-        cfg.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
-        if rp.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
-            cfg["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
-    return cfg
+    from llmc.spec.hf import fold_rope_parameters
+
+    return fold_rope_parameters(json.loads((Path(path) / "config.json").read_text()))
 
 
 def _check_config(cfg: dict, arch, where: Path) -> None:
@@ -673,6 +669,11 @@ def _rope_scaling_config(arch) -> dict[str, Any] | None:
     elif rs.type == "yarn":
         scaling.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow,
                        original_max_position_embeddings=rs.original_max_position)
+    elif rs.type == "longrope":  # transformers' _compute_longrope_parameters; vLLM's LongRoPE reads the same keys
+        scaling.update(short_factor=list(rs.short_factor), long_factor=list(rs.long_factor),
+                       original_max_position_embeddings=rs.original_max_position)
+        if rs.attention_factor is not None:
+            scaling["attention_factor"] = rs.attention_factor
     return scaling
 
 

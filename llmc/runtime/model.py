@@ -64,7 +64,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: bool = False
+                  ) -> tuple[torch.Tensor, float]:
     """Inverse frequencies theta^(-2i/dim), i < dim/2, after optional scaling; returns (inv_freq, mscale).
 
     llama3: Llama-3.1 band rule (meta-llama/llama-models ``apply_scaling``): wavelengths shorter than
@@ -74,6 +75,9 @@ def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None) -> tuple[
     and extrapolation over the correction range [beta_fast, beta_slow]; cos/sin scaled by
     mscale = 0.1 ln(factor) + 1.
     linear: position interpolation (Chen et al. 2023): inv_freq / factor.
+    longrope: LongRoPE (Ding et al. 2024, arXiv:2402.13753; transformers ``_compute_longrope_parameters``): inv_freq
+    divided by one factor per frequency, ``short_factor`` (``long``: ``long_factor``, for sequences longer than
+    original_max_position); cos/sin scaled by attention_factor, default sqrt(1 + ln(factor) / ln(original)).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (dim/2,)
     mscale = 1.0
@@ -102,14 +106,21 @@ def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None) -> tuple[
         extrapolate = 1 - ramp  # 1 = keep the original frequency (high-frequency dims)
         inv_freq = inv_freq / scaling.factor * (1 - extrapolate) + inv_freq * extrapolate
         mscale = 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
+    elif scaling.type == "longrope":
+        ext = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float64)
+        inv_freq = inv_freq / ext
+        mscale = scaling.attention_factor or (
+            math.sqrt(1 + math.log(scaling.factor) / math.log(scaling.original_max_position))
+            if scaling.factor > 1 else 1.0)
     else:  # pragma: no cover - pydantic forbids other values
         raise ValueError(f"unknown rope scaling {scaling.type!r}")
     return inv_freq.float(), mscale
 
 
-def rope_tables(dim: int, max_len: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """(max_len, dim/2, 2) table of (cos, sin) for positions 0..max_len-1."""
-    inv_freq, mscale = rope_inv_freq(dim, theta, scaling)
+def rope_tables(dim: int, max_len: int, theta: float, scaling: RopeScaling | None, long: bool = False
+                ) -> torch.Tensor:
+    """(max_len, dim/2, 2) table of (cos, sin) for positions 0..max_len-1 (``long``: longrope's long factors)."""
+    inv_freq, mscale = rope_inv_freq(dim, theta, scaling, long)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, dim/2)
     return torch.stack([angles.cos() * mscale, angles.sin() * mscale], dim=-1)
 
@@ -522,11 +533,20 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(arch.d_model, arch.vocab_size, bias=False)
         self.rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else arch.hd
         self.register_buffer("rope", self._rope_tables(), persistent=False)  # (max_seq_len, rope_dim/2, 2)
+        # longrope: the table of its long factors, used for every position of a sequence longer than the original
+        # context (transformers' longrope_frequency_update: max position + 1 > original_max_position_embeddings)
+        rs = arch.rope_scaling
+        self.long_from = rs.original_max_position if rs is not None and rs.type == "longrope" else None
+        self.register_buffer("rope_long", self._rope_tables(True) if self.long_from else None, persistent=False)
         self.ac_mode, self.ac_layers = "none", 0  # see set_ac
 
-    def _rope_tables(self) -> torch.Tensor:
+    def _rope_tables(self, long: bool = False) -> torch.Tensor:
         a = self.arch
-        return rope_tables(self.rope_dim, a.max_seq_len, a.rope_theta, a.rope_scaling)
+        return rope_tables(self.rope_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, long)
+
+    def _rope_for(self, length: int) -> torch.Tensor:
+        """The (cos, sin) table for a sequence of ``length`` positions (longrope: the long one past the original)."""
+        return self.rope_long if self.long_from is not None and length > self.long_from else self.rope
 
     def set_ac(self, mode: str, layers: int = 0) -> None:
         """Activation checkpointing. ``full``: recompute each whole block in backward
@@ -568,7 +588,7 @@ class Transformer(nn.Module):
         pos = cache.length if cache is not None else 0
         if pos + T > self.rope.shape[0]:
             raise ValueError(f"sequence length {pos + T} exceeds max_seq_len {self.rope.shape[0]}")
-        rope = self.rope[pos:pos + T]
+        rope = self._rope_for(pos + T)[pos:pos + T]
         if cache is not None and cache.pad is not None:
             rope, cache.mask = self._padded(cache.pad.to(tokens.device), pos, T)
         h = self.tok_embeddings(tokens)  # (B, T, D)
@@ -602,7 +622,8 @@ class Transformer(nn.Module):
         is never used, and a query with no key at all would give NaN)."""
         q = torch.arange(pos, pos + T, device=pad.device)  # cache index of each query
         keys = torch.arange(pos + T, device=pad.device)
-        rope = self.rope[(q[None, :] - pad[:, None]).clamp(min=0)]  # (B, T, rope_dim/2, 2)
+        idx = (q[None, :] - pad[:, None]).clamp(min=0)
+        rope = self._rope_for(int(idx.max()) + 1)[idx]  # (B, T, rope_dim/2, 2)
         real = keys[None, None, :] >= pad[:, None, None]  # (B, 1, S)
         mask = (real & (keys[None, :] <= q[:, None])[None]) | (keys[None, :] == q[:, None])[None]  # (B, T, S)
         return rope, mask[:, None]
@@ -617,6 +638,8 @@ class Transformer(nn.Module):
         if dev.type != "meta":
             with torch.device(dev):
                 self.rope = self._rope_tables()
+                if self.long_from is not None:
+                    self.rope_long = self._rope_tables(True)
         for _, init in self.init_parts(std):
             init()
 

@@ -20,8 +20,10 @@ attention_bias                 qkv_bias (qwen2: always True)
 use_sliding_window: true       refused (llmc models no sliding-window attention)
 sliding_window                 sliding_window where use_sliding_window is not false (Mistral): recorded, not
                                modelled (full attention; `llmc plan` warns M007 for longer sequences)
-rope_theta / rope_scaling      rope_theta / rope_scaling (phi3: every rope_scaling type is LongRoPE in transformers'
-                               Phi3Config, refused; so is partial_rotary_factor != 1, Phi-4-mini's 0.75)
+rope_theta / rope_scaling      rope_theta / rope_scaling: llama3, yarn, linear, longrope (short_factor, long_factor,
+                               original_max_position_embeddings (phi3: top level), factor (absent: max_position /
+                               original, as transformers), attention_factor); phi3 reads su / yarn as longrope, as
+                               transformers' Phi3Config does; partial_rotary_factor != 1 (Phi-4-mini's 0.75) is refused
 max_position_embeddings        max_seq_len
 rms_norm_eps                   norm_eps
 num_local_experts, *_per_tok   moe.num_experts, moe.top_k (mixtral)
@@ -45,7 +47,8 @@ from typing import Any
 from llmc.spec.families import SUPPORTED_MODEL_TYPES, family_for_model_type
 from llmc.spec.model import MLA, Architecture, MoE, RopeScaling
 
-__all__ = ["HFConfigError", "HF_KEY_FOR_FIELD", "architecture_from_hf_config", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["HFConfigError", "HF_KEY_FOR_FIELD", "architecture_from_hf_config", "fold_rope_parameters",
+           "SUPPORTED_MODEL_TYPES"]
 
 
 #: Architecture field -> the config.json key it is read from (to name the key in error messages).
@@ -67,6 +70,20 @@ class HFConfigError(ValueError):
 
     def __str__(self) -> str:
         return "; ".join(self.messages)
+
+
+def fold_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with transformers >= 5's ``rope_parameters`` (how it saves every config) folded back into the
+    ``rope_theta`` / ``rope_scaling`` keys of the released configs; keys already there win."""
+    rp = cfg.get("rope_parameters")
+    if not isinstance(rp, dict):
+        return cfg
+    cfg = dict(cfg)
+    if cfg.get("rope_theta") is None:
+        cfg["rope_theta"] = rp.get("rope_theta", 10000.0)
+    if rp.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
+        cfg["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    return cfg
 
 
 def _req(cfg: dict[str, Any], key: str) -> Any:
@@ -113,17 +130,46 @@ def _bool(cfg: dict[str, Any], key: str, default: bool = False) -> bool:
     return value
 
 
-def _rope_scaling(rs: Any) -> RopeScaling | None:
-    """HF ``rope_scaling`` dict -> :class:`RopeScaling` (``rope_type`` or legacy ``type`` key)."""
+def _factors(rs: dict[str, Any], key: str) -> tuple[float, ...]:
+    value = rs.get(key)
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in value):
+        raise HFConfigError(f"config.json 'rope_scaling.{key}' must be a non-empty list of positive numbers "
+                            f"(got {_short(value)})")
+    return tuple(float(v) for v in value)
+
+
+def _longrope(rs: dict[str, Any], cfg: dict[str, Any]) -> RopeScaling:
+    """LongRoPE (transformers ``_compute_longrope_parameters``): per-frequency divisors, short while a sequence fits
+    the original context, long beyond it; ``factor`` absent = max_position_embeddings / original (Phi-3's configs
+    keep original_max_position_embeddings at the top level)."""
+    where = rs if rs.get("original_max_position_embeddings") is not None else cfg
+    original = _int(where, "original_max_position_embeddings")
+    factor = _float(rs, "factor") if rs.get("factor") is not None else _int(cfg, "max_position_embeddings") / original
+    kw: dict[str, Any] = {"type": "longrope", "factor": factor, "original_max_position": original,
+                          "short_factor": _factors(rs, "short_factor"), "long_factor": _factors(rs, "long_factor")}
+    if rs.get("attention_factor") is not None:
+        kw["attention_factor"] = _float(rs, "attention_factor")
+    return RopeScaling(**kw)
+
+
+def _rope_scaling(rs: Any, cfg: dict[str, Any] | None = None) -> RopeScaling | None:
+    """HF ``rope_scaling`` dict -> :class:`RopeScaling` (``rope_type`` or legacy ``type`` key). A ``phi3`` config's
+    su / yarn are LongRoPE (transformers' ``Phi3Config.convert_rope_params_to_dict`` renames them)."""
     if not rs:
         return None
     if not isinstance(rs, dict):
         raise HFConfigError(f"config.json 'rope_scaling' must be an object or null (got {rs!r})")
+    cfg = cfg or {}
     kind = rs.get("rope_type", rs.get("type"))
     if kind in (None, "default"):
         return None
+    if cfg.get("model_type") == "phi3" and kind in ("su", "yarn"):
+        kind = "longrope"
+    if kind == "longrope":
+        return _longrope(rs, cfg)
     if kind not in ("llama3", "yarn", "linear"):
-        raise HFConfigError(f"unsupported rope_scaling type {kind!r} (supported: llama3, yarn, linear)")
+        raise HFConfigError(f"unsupported rope_scaling type {kind!r} (supported: llama3, yarn, linear, longrope)")
     kw: dict[str, Any] = {"type": kind, "factor": _float(rs, "factor")}
     if "original_max_position_embeddings" in rs:
         kw["original_max_position"] = _int(rs, "original_max_position_embeddings")
@@ -149,15 +195,9 @@ def _each(errs: list[str], **getters: Callable[[], Any]) -> dict[str, Any]:
 
 def _phi3_problems(cfg: dict[str, Any]) -> list[str]:
     """What a ``phi3`` config (Phi-3, Phi-3.5, Phi-4: ``Phi3ForCausalLM``, a Llama block with fused projections in the
-    checkpoint) computes that llmc's model does not: LongRoPE (``Phi3Config`` reads every rope_scaling type, su /
-    yarn / longrope, as LongRoPE) and partial rotary embeddings."""
+    checkpoint) computes that llmc's model does not: partial rotary embeddings (Phi-4-mini)."""
     bad = []
     rs = cfg.get("rope_scaling")
-    if rs and (not isinstance(rs, dict) or rs.get("rope_type", rs.get("type")) not in (None, "default")):
-        kind = rs.get("rope_type", rs.get("type")) if isinstance(rs, dict) else rs
-        bad.append(f"config.json 'rope_scaling' {_short(kind)}: Phi-3's long-context rope (LongRoPE, short/long "
-                   "factors per frequency) is not modelled (the 4k / 16k checkpoints, e.g. Phi-3-mini-4k, Phi-4, have "
-                   "none)")
     for where in (cfg, cfg.get("rope_parameters"), rs):
         prf = where.get("partial_rotary_factor") if isinstance(where, dict) else None
         if prf is not None and prf != 1:
@@ -254,6 +294,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     values of the wrong type (``messages`` lists every one), and pydantic's ``ValidationError`` if the
     values are out of the Architecture's ranges.
     """
+    cfg = fold_rope_parameters(cfg)
     mt = cfg.get("model_type")
     family = family_for_model_type(mt) if isinstance(mt, str) else None
     if family is None:
@@ -280,7 +321,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         qkv_bias=lambda: family.qkv_bias or _bool(cfg, "attention_bias"),
         qk_norm=lambda: family.qk_norm,
         rope_theta=lambda: _float(cfg, "rope_theta", 10000.0),
-        rope_scaling=lambda: None if mt == "phi3" else _rope_scaling(cfg.get("rope_scaling")),  # phi3: _phi3_problems
+        rope_scaling=lambda: _rope_scaling(cfg.get("rope_scaling"), cfg),
         norm_eps=lambda: _float(cfg, "rms_norm_eps", 1e-6),
         max_seq_len=lambda: _int(cfg, "max_position_embeddings"),
     )}

@@ -22,6 +22,7 @@ M003    moe.top_k greater than moe.num_experts
 M004    moe.dense_layers greater than n_layers
 M005    tokenizer vocab_size differs from the model's vocab_size
 M006    qk_norm with MLA (q/k norms are modelled on GQA models: Qwen3, Qwen3-MoE)
+M008    longrope factors: not one per rotary frequency (head_dim / 2), or on an MLA model
 D004    duplicate data source name (in ``data.sources`` or a stage's)
 G001    duplicate stage name (same code as the compiler's stage-graph check)
 V004    ``serving.N.stage`` names no stage (same code as the compiler's serving check)
@@ -949,6 +950,15 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
             out.append(ctx.diag("M006", "model.qk_norm",
                                 "qk_norm with MLA is not modelled (Qwen3's q/k norms are supported on GQA models, dense "
                                 "or MoE)", "set qk_norm: false"))
+        rs = arch.rope_scaling
+        if rs is not None and rs.type == "longrope":
+            if arch.mla is not None:
+                out.append(ctx.diag("M008", "model.rope_scaling.type", "longrope is modelled on GQA models only (Phi-3)",
+                                    "use type: yarn for MLA"))
+            elif len(rs.short_factor) * 2 != arch.hd:
+                out.append(ctx.diag("M008", "model.rope_scaling.short_factor",
+                                    f"longrope has {len(rs.short_factor)} factors for head_dim {arch.hd}",
+                                    f"give one per rotary frequency: head_dim / 2 = {arch.hd // 2}"))
     datas: list[tuple[str, Data | None]] = [("data", data)]
     datas += [(f"stages.{i}.data", s.data) for i, s in enumerate(stages) if s is not None and s.data is not None]
     if arch is not None:

@@ -140,10 +140,12 @@ class MLA(SpecModel):
 class RopeScaling(SpecModel):
     """RoPE frequency scaling for context extension."""
 
-    type: Literal["llama3", "yarn", "linear"]
-    """Scaling rule: Llama-3.1 band scaling, YaRN, or plain linear position interpolation."""
+    type: Literal["llama3", "yarn", "linear", "longrope"]
+    """Scaling rule: Llama-3.1 band scaling, YaRN, plain linear position interpolation, or LongRoPE (Phi-3 128k,
+    Phi-3.5: per-frequency factors, the short ones while a sequence fits original_max_position, else the long ones)."""
     factor: Float = Field(gt=0)
-    """Context extension factor (Llama-3.1: 8, YaRN for 4k->128k: 32)."""
+    """Context extension factor (Llama-3.1: 8, YaRN for 4k->128k: 32; longrope: max_seq_len / original_max_position,
+    what sets its default attention_factor)."""
     original_max_position: Int = Field(default=8192, gt=0)
     """Context length the base model was trained at."""
     low_freq_factor: Float = 1.0
@@ -154,6 +156,26 @@ class RopeScaling(SpecModel):
     """yarn rule only."""
     beta_slow: Float = 1.0
     """yarn rule only."""
+    short_factor: tuple[Float, ...] | None = None
+    """longrope rule only: one divisor per rotary frequency (head_dim / 2 of them) while a sequence is at most
+    original_max_position tokens long."""
+    long_factor: tuple[Float, ...] | None = None
+    """longrope rule only: the divisors for longer sequences."""
+    attention_factor: Float | None = Field(default=None, gt=0)
+    """longrope rule only: cos/sin scale; None = sqrt(1 + ln(factor) / ln(original_max_position)) (1 for factor <= 1),
+    transformers' ``_compute_longrope_parameters``."""
+
+    @model_validator(mode="after")
+    def _longrope_fields(self) -> RopeScaling:
+        factors = (self.short_factor, self.long_factor)
+        if self.type == "longrope":
+            if None in factors or len(self.short_factor) != len(self.long_factor) or not self.short_factor:
+                raise ValueError("longrope needs short_factor and long_factor lists of the same length (head_dim / 2)")
+            if min(self.short_factor + self.long_factor) <= 0:
+                raise ValueError("longrope short_factor / long_factor values must be > 0")
+        elif factors != (None, None) or self.attention_factor is not None:
+            raise ValueError(f"short_factor / long_factor / attention_factor belong to type longrope, not {self.type}")
+        return self
 
 
 class Architecture(SpecModel):
