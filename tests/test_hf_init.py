@@ -115,21 +115,36 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
         assert torch.equal(a, b), n
 
 
-def test_phi3_longrope_both_regimes_in_and_out(tmp_path):
+@pytest.mark.parametrize("partial", [None, 0.75])
+def test_phi3_longrope_both_regimes_in_and_out(tmp_path, partial):
     """LongRoPE (Phi-3-mini-128k, Phi-3.5-mini): transformers' Phi3 switches every position to the long factors once
     a sequence is longer than original_max_position_embeddings (here 16). llmc's model gives transformers' logits
-    below and above the switch, and its LlamaForCausalLM export (rope_type longrope) gives llmc's logits in
-    transformers at both; with the short table at 40 tokens the logits would differ (checked: > 1e-3 apart)."""
+    below and above the switch, and its export gives llmc's logits in transformers at both (LlamaForCausalLM with
+    rope_type longrope; with Phi-4-mini's partial RoPE, 0.75 of each head, and tied embeddings: Phi3ForCausalLM,
+    fused, which loads back bit-exactly); with the short table at 40 tokens the logits would differ (> 1e-3)."""
+    over = {"hidden_size": 64, "num_attention_heads": 4, "partial_rotary_factor": partial, "tie_word_embeddings": True} \
+        if partial else {}
+    n = 6 if partial else 4  # one factor per rotary frequency: 16 x 0.75 / 2, or 8 / 2
     src = make_hf(tmp_path, "phi3", shard=None, original_max_position_embeddings=16,
-                  rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 2.0, 3.5],
-                                "long_factor": [1.1, 2.5, 4.0, 9.0]})
+                  rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 2.0, 3.5, 4.0, 5.0][:n],
+                                "long_factor": [1.1, 2.5, 4.0, 9.0, 10.0, 12.0][:n]}, **over)
     arch = arch_of(src)
     rs = arch.rope_scaling
-    assert (rs.type, rs.factor, rs.original_max_position) == ("longrope", 4.0, 16)
+    assert (rs.type, rs.factor, rs.original_max_position, arch.rotary_dim) == (
+        "longrope", 4.0, 16, 12 if partial else None)
     model = build_model(arch, seed=3).eval()
     load_hf_into(model, src, arch)
     out = export_hf(model.state_dict(), arch, tmp_path / "out", dtype=torch.float32)
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Phi3ForCausalLM" if partial else "LlamaForCausalLM"]
+    if partial:
+        assert cfg["partial_rotary_factor"] == 0.75 and cfg["tie_word_embeddings"]
+        again = build_model(arch, seed=5)
+        load_hf_into(again, out, arch)
+        for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+        with pytest.raises(HFError, match="fused"):  # no PEFT layout: the merged model is what a LoRA stage exports
+            export_peft_adapter({}, arch, tmp_path / "adapter", rank=4, alpha=8.0)
     ref, back = hf_model(src), hf_model(out)
     for T in (12, 16, 17, 40):
         tokens = torch.randint(0, arch.vocab_size, (2, T), generator=torch.Generator().manual_seed(T))

@@ -39,6 +39,7 @@ def arch(**kw) -> Architecture:
     {"rope_scaling": RopeScaling(type="yarn", factor=4.0, original_max_position=16)},
     {"rope_scaling": RopeScaling(type="longrope", factor=2.0, original_max_position=16, short_factor=[1.0, 1.5, 2, 3],
                                  long_factor=[1.0, 2, 4, 8])},
+    {"rotary_dim": 4},
 ])
 def test_forward_shapes_and_backward(kw):
     a = arch(**kw)

@@ -133,7 +133,8 @@ def test_phi3_long_context_rope_is_longrope_and_partial_rotary_refused():
     """Phi3Config reads every rope_scaling type (su, yarn, longrope) as LongRoPE (never llmc's yarn), with
     original_max_position_embeddings at the top level of Phi-3's configs and factor = max / original when absent
     (Phi-3-mini-128k: 131072 / 4096 = 32); a Llama config's yarn stays yarn. Phi-4-mini's partial_rotary_factor 0.75
-    is refused, with every other problem at once; transformers >= 5 configs (rope_parameters) read the same."""
+    is int(head_dim x 0.75) = 96 rotary dims (an out-of-range factor is refused with every other problem at once);
+    transformers >= 5 configs (rope_parameters) read the same."""
     cfg = {**json.loads((HF / "phi3-mini-4k.json").read_text()), "max_position_embeddings": 131072,
            "sliding_window": 262144}
     short, long = [1.0 + i / 10 for i in range(48)], [2.0 + i for i in range(48)]
@@ -151,11 +152,17 @@ def test_phi3_long_context_rope_is_longrope_and_partial_rotary_refused():
     assert architecture_from_hf_config({**llama, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}).rope_scaling.type \
         == "yarn"
     with pytest.raises(HFConfigError) as e:
-        architecture_from_hf_config({**cfg, "partial_rotary_factor": 0.75,
+        architecture_from_hf_config({**cfg, "partial_rotary_factor": 1.5,
                                      "rope_scaling": {"rope_type": "longrope", "short_factor": "x", "long_factor": long}})
-    assert ["partial_rotary_factor" in m for m in e.value.messages] == [True, False]
-    assert "rope_scaling.short_factor" in e.value.messages[1]
-    assert architecture_from_hf_config({**cfg, "partial_rotary_factor": 1.0}).sliding_window == 262144
+    assert ["partial_rotary_factor" in m for m in e.value.messages] == [False, True]
+    assert "rope_scaling.short_factor" in e.value.messages[0]
+    from llmc.spec.families import family_of
+
+    mini = architecture_from_hf_config({**cfg, "num_attention_heads": 24, "num_key_value_heads": 8,
+                                        "partial_rotary_factor": 0.75})
+    assert (mini.hd, mini.rotary_dim, family_of(mini).name) == (128, 96, "phi3")
+    full = architecture_from_hf_config({**cfg, "partial_rotary_factor": 1.0})
+    assert (full.rotary_dim, full.sliding_window, family_of(full).name) == (None, 262144, "llama")
 
 
 @pytest.mark.parametrize("cfg, msg", [

@@ -136,6 +136,10 @@ def _rope(arch, family: str, errs: list[Diagnostic]) -> dict[str, Any]:
         errs.append(diag("X301", "error", "model.rope_scaling.type",
                          f"torchtitan {TORCHTITAN_VERSION}'s cos/sin RoPE (the rotate_half layout of its Qwen3 models "
                          "and their Hugging Face adapter) has no llama3 scaling", "use type: yarn, or another backend"))
+    if arch.mla is None and arch.rotary_dim is not None and arch.rotary_dim < arch.hd:
+        errs.append(diag("X301", "error", "model.rotary_dim",
+                         f"torchtitan {TORCHTITAN_VERSION}'s Llama / Qwen3 attention rotates whole heads (rotary_dim "
+                         f"{arch.rotary_dim} of head_dim {arch.hd})", "build with training.backend native or deepspeed"))
     rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else arch.hd
     out: dict[str, Any] = {
         "dim": rope_dim,

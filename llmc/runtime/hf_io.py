@@ -123,6 +123,7 @@ class HFParam:
     rope: tuple[int, int] | None = None
     # (start, stop, rows): rows [start, stop) of a fused HF tensor of that many rows (Phi-3's qkv_proj, gate_up_proj)
     rows: tuple[int, int, int] | None = None
+    rotary: int | None = None  # with ``heads``: only the first this many rows of each head are RoPE-permuted
 
 
 def _hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -136,6 +137,19 @@ def _hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of :func:`_hf_permute` (HF rotate_half rows -> Meta interleaved pairs)."""
     rows = w.shape[0]
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _heads_permuted(w: torch.Tensor, n_heads: int, rotary: int | None,
+                    fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """``fn`` (:func:`_hf_permute` / :func:`_hf_unpermute`) on each of ``n_heads`` row blocks, or with partial RoPE
+    (``rotary`` rows of a head rotate: Phi-4-mini) on the first ``rotary`` rows of each (the rest never rotate)."""
+    if not n_heads:
+        return w
+    if rotary is None or rotary * n_heads == w.shape[0]:
+        return fn(w, n_heads)
+    b = w.reshape(n_heads, -1, *w.shape[1:])
+    rot = fn(b[:, :rotary].reshape(n_heads * rotary, *w.shape[1:]), n_heads).reshape(n_heads, rotary, *w.shape[1:])
+    return torch.cat([rot, b[:, rotary:]], dim=1).reshape(w.shape)
 
 
 def _deepseek_supported(arch) -> str | None:
@@ -167,10 +181,12 @@ def _rope_tail(w: torch.Tensor, blocks: int, r: int, fn: Callable[[torch.Tensor,
 
 
 def hf_export_supported(arch) -> str | None:
-    """None when the architecture maps onto an HF class here (Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, DeepSeek-V3),
-    else the reason."""
+    """None when the architecture maps onto an HF class here (Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, DeepSeek-V3,
+    Phi-3), else the reason."""
     if arch.mla is not None:
         return _deepseek_supported(arch)
+    if arch.rotary_dim is not None and arch.rotary_dim < arch.hd and (arch.qkv_bias or arch.qk_norm or arch.moe):
+        return "partial RoPE is exported as Phi3ForCausalLM, which has no q/k/v biases, q/k norms or experts"
     m = arch.moe
     if m is None:
         return None
@@ -195,12 +211,15 @@ FUSED_MODEL_TYPES = ("phi3",)
 def hf_names(arch, rope_interleave: bool = True, fused: bool = False) -> dict[str, HFParam]:
     """llmc parameter name -> :class:`HFParam`, for every parameter of ``Transformer(arch)``;
     ``rope_interleave`` (MLA): the checkpoint's config says so (false: rope rows in rotate_half order); ``fused``:
-    a Phi-3 checkpoint (:data:`FUSED_MODEL_TYPES`), whose q/k/v and gate/up projections are row ranges of one tensor."""
+    a Phi-3 checkpoint (:data:`FUSED_MODEL_TYPES`), whose q/k/v and gate/up projections are row ranges of one tensor
+    (always for the phi3 family, which is exported as Phi3ForCausalLM)."""
     why = hf_export_supported(arch)
     if why:
         raise HFError(f"{arch.name}: no Hugging Face mapping ({why})")
     if arch.mla is not None:
         return _deepseek_names(arch, rope_interleave)
+    fused = fused or family_of(arch).hf_model_types[0] in FUSED_MODEL_TYPES
+    rot = arch.rotary_dim if arch.rotary_dim is not None and arch.rotary_dim < arch.hd else None
     H, K = arch.n_heads, arch.kv_heads
     out = {"tok_embeddings.weight": HFParam(("model.embed_tokens.weight",)),
            "norm.weight": HFParam(("model.norm.weight",))}
@@ -213,14 +232,15 @@ def hf_names(arch, rope_interleave: bool = True, fused: bool = False) -> dict[st
         out[s + "ffn_norm.weight"] = HFParam((d + "post_attention_layernorm.weight",))
         for ours, heads in (("wq", H), ("wk", K), ("wv", None)):
             for kind in kinds:
-                out[f"{s}attention.{ours}.{kind}"] = HFParam((f"{d}self_attn.{HF_TARGETS[ours]}.{kind}",), heads)
+                out[f"{s}attention.{ours}.{kind}"] = HFParam((f"{d}self_attn.{HF_TARGETS[ours]}.{kind}",), heads,
+                                                             rotary=rot if heads else None)
         out[s + "attention.wo.weight"] = HFParam((d + "self_attn.o_proj.weight",))
         if fused:
             out.update(_fused_names(arch, s, d))
             continue
         if arch.qk_norm:  # Qwen3: the norm weight runs along a head's dims, so it takes the q/k rows' RoPE order
             for n in ("q_norm", "k_norm"):
-                out[f"{s}attention.{n}.weight"] = HFParam((f"{d}self_attn.{n}.weight",), 1)
+                out[f"{s}attention.{n}.weight"] = HFParam((f"{d}self_attn.{n}.weight",), 1, rotary=rot)
         out.update(_ffn_names(arch, i, s, d))
     return out
 
@@ -231,9 +251,10 @@ def _fused_names(arch, s: str, d: str) -> dict[str, HFParam]:
     if arch.qkv_bias or arch.qk_norm or arch.moe is not None:
         raise HFError(f"{arch.name}: Phi3ForCausalLM checkpoints have no q/k/v biases, q/k norms or experts")
     H, K, hd, F = arch.n_heads, arch.kv_heads, arch.hd, arch.d_ff
+    rot = arch.rotary_dim if arch.rotary_dim is not None and arch.rotary_dim < hd else None
     qkv, gate_up, n = f"{d}self_attn.qkv_proj.weight", f"{d}mlp.gate_up_proj.weight", (H + 2 * K) * hd
-    return {f"{s}attention.wq.weight": HFParam((qkv,), H, rows=(0, H * hd, n)),
-            f"{s}attention.wk.weight": HFParam((qkv,), K, rows=(H * hd, (H + K) * hd, n)),
+    return {f"{s}attention.wq.weight": HFParam((qkv,), H, rows=(0, H * hd, n), rotary=rot),
+            f"{s}attention.wk.weight": HFParam((qkv,), K, rows=(H * hd, (H + K) * hd, n), rotary=rot),
             f"{s}attention.wv.weight": HFParam((qkv,), rows=((H + K) * hd, n, n)),
             f"{s}feed_forward.w1.weight": HFParam((gate_up,), rows=(0, F, 2 * F)),
             f"{s}feed_forward.w3.weight": HFParam((gate_up,), rows=(F, 2 * F, 2 * F)),
@@ -303,12 +324,20 @@ def to_hf_state_dict(model_sd: dict[str, torch.Tensor], arch) -> dict[str, torch
     """llmc state dict -> HF state dict (names, q/k row permutation, experts unstacked)."""
     sd: dict[str, torch.Tensor] = {n: model_sd[ours] if ours in model_sd else torch.zeros(e)
                                    for n, (ours, e) in hf_zero_extras(arch).items()}
+    fused: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for name, m in hf_names(arch).items():
         t = model_sd[name]
         if m.stacked:
             sd.update({hf: t[e] for e, hf in enumerate(m.hf)})
+            continue
+        t = _heads_permuted(t, m.heads, m.rotary, _hf_permute) if m.heads else \
+            _rope_tail(t, *m.rope, _hf_permute) if m.rope else t
+        if m.rows:  # one row range of a fused tensor (Phi-3): concatenated in row order below
+            fused.setdefault(m.hf[0], []).append((m.rows[0], t))
         else:
-            sd[m.hf[0]] = _hf_permute(t, m.heads) if m.heads else _rope_tail(t, *m.rope, _hf_permute) if m.rope else t
+            sd[m.hf[0]] = t
+    for hf, parts in fused.items():
+        sd[hf] = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])], dim=0)
     return sd
 
 
@@ -321,7 +350,7 @@ def from_hf_tensor(m: HFParam, get: Callable[[str], torch.Tensor]) -> torch.Tens
         t = t[m.rows[0]:m.rows[1]]
     if m.rope:
         return _rope_tail(t, *m.rope, _hf_unpermute)
-    return _hf_unpermute(t, m.heads) if m.heads else t
+    return _heads_permuted(t, m.heads, m.rotary, _hf_unpermute) if m.heads else t
 
 
 # ----------------------------------------------------------------------------- reading checkpoints
@@ -463,7 +492,7 @@ def _read_local_block(files: SafetensorsDir, m: HFParam, p) -> torch.Tensor | No
             return None
     start = (offset[0] + m.rows[0], *offset[1:]) if m.rows else tuple(offset)
     t = files.get_block(m.hf[0], start, tuple(shape))
-    return _hf_unpermute(t, shape[0] // (p.shape[0] // m.heads)) if m.heads and shape[0] else t
+    return _heads_permuted(t, shape[0] // (p.shape[0] // m.heads), m.rotary, _hf_unpermute) if m.heads and shape[0] else t
 
 
 def _model_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -621,7 +650,7 @@ def load_init_from(model: nn.Module, stage_dir: str | Path, arch, *, rank: int =
 def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
               *, softmax_mscale: bool = False) -> dict[str, Any]:
     """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q/k norms),
-    MixtralForCausalLM, Qwen3MoeForCausalLM (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see
+    Phi3ForCausalLM (partial RoPE), MixtralForCausalLM, Qwen3MoeForCausalLM (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see
     :func:`export_hf`."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
     cls, mtype = fam.hf_class, fam.hf_model_types[0]
@@ -636,6 +665,12 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
            "use_cache": True}
     if mtype == "llama":
         cfg.update(attention_bias=False, mlp_bias=False)
+    if mtype == "phi3":  # Phi3Config (transformers configuration_phi3.py); partial RoPE: int(head_dim x factor) dims
+        rs = arch.rope_scaling
+        cfg.update(attention_bias=False, partial_rotary_factor=(arch.rotary_dim or arch.hd) / arch.hd,
+                   original_max_position_embeddings=rs.original_max_position if rs is not None and
+                   rs.type == "longrope" else arch.max_seq_len, sliding_window=None, pad_token_id=None,
+                   resid_pdrop=0.0, embd_pdrop=0.0)
     if mtype in ("qwen3", "qwen3_moe"):
         cfg.update(attention_bias=arch.qkv_bias)
     if mtype in ("qwen2", "qwen3", "qwen3_moe"):
@@ -784,6 +819,9 @@ def peft_state_dict(lora_sd: dict[str, torch.Tensor], arch) -> dict[str, torch.T
     RoPE permutation as the base weight (W' = P W, so B' = P B). Stacked-expert adapters are refused, and for
     MLA (DeepSeek-V3) models every adapter outside the attention."""
     out: dict[str, torch.Tensor] = {}
+    if family_of(arch).name == "phi3":
+        raise HFError("LoRA on a Phi3ForCausalLM export has no PEFT layout here (its q/k/v and gate/up projections are "
+                      "fused); the merged model is exported")
     for k, v in lora_sd.items():
         parts = k.split(".")
         if "experts" in parts:

@@ -223,6 +223,8 @@ class Attention(nn.Module):
         if arch.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(hd, arch.norm_eps), RMSNorm(hd, arch.norm_eps)
         self.qk_norm = arch.qk_norm
+        # partial RoPE (Phi-4-mini): only the first rotary_dim dims of each head rotate, as HF Phi3Attention's q_rot
+        self.rotary = arch.rotary_dim if arch.rotary_dim is not None and arch.rotary_dim < hd else None
         self.checkpoint_core = False  # selective activation checkpointing (see Transformer.set_ac)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None,
@@ -244,7 +246,12 @@ class Attention(nn.Module):
 
     def _core(self, q, k, v, rope, cache=None, layer=0):  # -> (B, T, H*hd)
         B, T, H, _ = q.shape
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.rotary is None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        else:
+            r = self.rotary
+            q = torch.cat([apply_rope(q[..., :r], rope), q[..., r:]], dim=-1)
+            k = torch.cat([apply_rope(k[..., :r], rope), k[..., r:]], dim=-1)
         out = _attend(q, k, v, cache, layer)  # (B, H, T, hd); k, v keep K heads
         return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
 
@@ -531,7 +538,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(arch.d_model, arch.norm_eps)
         if not arch.tied_embeddings:
             self.lm_head = nn.Linear(arch.d_model, arch.vocab_size, bias=False)
-        self.rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else arch.hd
+        self.rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else min(arch.rotary_dim or arch.hd, arch.hd)
         self.register_buffer("rope", self._rope_tables(), persistent=False)  # (max_seq_len, rope_dim/2, 2)
         # longrope: the table of its long factors, used for every position of a sequence longer than the original
         # context (transformers' longrope_frequency_update: max position + 1 > original_max_position_embeddings)

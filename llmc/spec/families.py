@@ -18,7 +18,8 @@ Sources:
   * Mixtral: Jiang et al. 2024 (arXiv:2401.04088 §2: 8 experts, top-2)
   * DeepSeek-V3: DeepSeek-AI 2024 (arXiv:2412.19437 §2.1: MLA + DeepSeekMoE)
   * Phi-3 / Phi-4: Abdin et al. 2024 (arXiv:2404.14219, arXiv:2412.08905): Llama-style blocks (RMSNorm, SwiGLU, RoPE,
-    GQA for Phi-4); the checkpoints fuse qkv_proj and gate_up_proj (transformers modeling_phi3.py)
+    GQA for Phi-4); the checkpoints fuse qkv_proj and gate_up_proj (transformers modeling_phi3.py); Phi-4-mini rotates
+    0.75 of each head (partial_rotary_factor)
   * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
   * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
 Gemma is not declared: llmc models no sliding-window attention.
@@ -75,6 +76,10 @@ FAMILIES: dict[str, Family] = {
                     QWEN_SPECIALS, torchtitan_hf=True, qk_norm=True, torchtitan_rope="cossin"),
     "qwen2": Family("qwen2", ("qwen2",), "Qwen2ForCausalLM", "gqa", False, True, "llama3", ("qwen",),
                     QWEN_SPECIALS),
+    # RoPE on the first rotary_dim dims of each head only (Phi-4-mini: partial_rotary_factor 0.75), which
+    # LlamaForCausalLM cannot express: exported as Phi3ForCausalLM (fused qkv_proj / gate_up_proj); phi3 configs
+    # import through the llama entry (the first family listing the type), which yields this family when partial
+    "phi3": Family("phi3", ("phi3",), "Phi3ForCausalLM", "gqa", False, False, "llama3", ("phi",)),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
     "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),
     "deepseek_v3": Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", "mla", True, False,
@@ -82,12 +87,13 @@ FAMILIES: dict[str, Family] = {
 }
 
 #: every HF model_type llmc imports
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES.values() for t in f.hf_model_types)
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES.values() for t in f.hf_model_types))
 
 
 def family_of(arch: Architecture) -> Family:
     """The family an architecture's switches select: MLA -> deepseek_v3, MoE -> qwen3_moe with q/k norms, else
-    mixtral, q/k norms -> qwen3, q/k/v biases -> qwen2, else llama (the spec refuses q/k norms with MLA: M006)."""
+    mixtral, q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, else llama (the spec refuses q/k norms
+    with MLA: M006)."""
     if arch.mla is not None:
         return FAMILIES["deepseek_v3"]
     if arch.moe is not None:
@@ -96,6 +102,8 @@ def family_of(arch: Architecture) -> Family:
         return FAMILIES["qwen3"]
     if arch.qkv_bias:
         return FAMILIES["qwen2"]
+    if arch.rotary_dim is not None and arch.rotary_dim < arch.hd:
+        return FAMILIES["phi3"]
     return FAMILIES["llama"]
 
 

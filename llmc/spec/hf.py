@@ -23,7 +23,8 @@ sliding_window                 sliding_window where use_sliding_window is not fa
 rope_theta / rope_scaling      rope_theta / rope_scaling: llama3, yarn, linear, longrope (short_factor, long_factor,
                                original_max_position_embeddings (phi3: top level), factor (absent: max_position /
                                original, as transformers), attention_factor); phi3 reads su / yarn as longrope, as
-                               transformers' Phi3Config does; partial_rotary_factor != 1 (Phi-4-mini's 0.75) is refused
+                               transformers' Phi3Config does
+partial_rotary_factor (phi3)   rotary_dim = int(head_dim x factor) when below 1 (Phi-4-mini 0.75: 96 of 128)
 max_position_embeddings        max_seq_len
 rms_norm_eps                   norm_eps
 num_local_experts, *_per_tok   moe.num_experts, moe.top_k (mixtral)
@@ -193,18 +194,26 @@ def _each(errs: list[str], **getters: Callable[[], Any]) -> dict[str, Any]:
     return out
 
 
-def _phi3_problems(cfg: dict[str, Any]) -> list[str]:
-    """What a ``phi3`` config (Phi-3, Phi-3.5, Phi-4: ``Phi3ForCausalLM``, a Llama block with fused projections in the
-    checkpoint) computes that llmc's model does not: partial rotary embeddings (Phi-4-mini)."""
-    bad = []
+def _phi3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    """``phi3`` (Phi-3, Phi-3.5, Phi-4, Phi-4-mini: ``Phi3ForCausalLM``, a Llama block with fused projections in the
+    checkpoint): ``partial_rotary_factor`` (top level, or in rope_parameters / rope_scaling) -> ``rotary_dim`` =
+    int(head_dim x factor), as transformers' Phi3 rotary embedding and ``Phi3Attention`` compute it."""
     rs = cfg.get("rope_scaling")
-    for where in (cfg, cfg.get("rope_parameters"), rs):
-        prf = where.get("partial_rotary_factor") if isinstance(where, dict) else None
-        if prf is not None and prf != 1:
-            bad.append(f"config.json 'partial_rotary_factor' {_short(prf)} is not supported (llmc rotates every "
-                       "dimension of a head)")
-            break
-    return bad
+    where = next((w for w in (cfg, cfg.get("rope_parameters"), rs)
+                  if isinstance(w, dict) and w.get("partial_rotary_factor") is not None), None)
+    if where is None:
+        return
+    try:
+        prf = _float(where, "partial_rotary_factor")
+    except HFConfigError as e:
+        errs.append(str(e))
+        return
+    if not 0 < prf <= 1:
+        errs.append(f"config.json 'partial_rotary_factor' must be in (0, 1] (got {_short(prf)})")
+        return
+    hd = kw.get("head_dim") or (kw["d_model"] // kw["n_heads"] if "d_model" in kw and "n_heads" in kw else None)
+    if prf < 1 and hd:
+        kw["rotary_dim"] = int(hd * prf)
 
 
 def _mixtral(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
@@ -285,6 +294,8 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> No
 _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
     "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3,
 }
+#: model_type -> the hook for a type imported by a family that also imports others (phi3 through llama)
+_TYPE_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {"phi3": _phi3}
 
 
 def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Architecture:
@@ -303,7 +314,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     if not isinstance(act, str) or act != "silu":
         raise HFConfigError(f"unsupported hidden_act {act!r} (llmc models SwiGLU, i.e. silu)")
 
-    errs: list[str] = _phi3_problems(cfg) if mt == "phi3" else []
+    errs: list[str] = []
     if cfg.get("use_sliding_window") is True:  # Qwen2 / Qwen3 configs; false in their released checkpoints
         errs.append("use_sliding_window: true is not supported (llmc models full attention in every layer)")
     heads = _each(errs, n_heads=lambda: _int(cfg, "num_attention_heads"))
@@ -330,9 +341,9 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     # Mistral's window (no use_sliding_window key there); Qwen2 / Qwen3 configs carry a sliding_window they switch off
     if cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True) is not False:
         kw.update(_each(errs, sliding_window=lambda: _int(cfg, "sliding_window")))
-    hook = _FAMILY_HOOKS.get(family.name)
-    if hook is not None:
-        hook(cfg, kw, errs)
+    for hook in (_FAMILY_HOOKS.get(family.name), _TYPE_HOOKS.get(mt)):
+        if hook is not None:
+            hook(cfg, kw, errs)
     if errs:
         raise HFConfigError(*errs)
     return Architecture(**kw)

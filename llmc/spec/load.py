@@ -22,7 +22,8 @@ M003    moe.top_k greater than moe.num_experts
 M004    moe.dense_layers greater than n_layers
 M005    tokenizer vocab_size differs from the model's vocab_size
 M006    qk_norm with MLA (q/k norms are modelled on GQA models: Qwen3, Qwen3-MoE)
-M008    longrope factors: not one per rotary frequency (head_dim / 2), or on an MLA model
+M008    longrope factors: not one per rotary frequency (rotary dims / 2), or on an MLA model
+M009    rotary_dim odd, larger than head_dim, or on an MLA model
 D004    duplicate data source name (in ``data.sources`` or a stage's)
 G001    duplicate stage name (same code as the compiler's stage-graph check)
 V004    ``serving.N.stage`` names no stage (same code as the compiler's serving check)
@@ -955,10 +956,17 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
             if arch.mla is not None:
                 out.append(ctx.diag("M008", "model.rope_scaling.type", "longrope is modelled on GQA models only (Phi-3)",
                                     "use type: yarn for MLA"))
-            elif len(rs.short_factor) * 2 != arch.hd:
+            elif len(rs.short_factor) * 2 != (arch.rotary_dim or arch.hd):
+                dims = f"rotary_dim {arch.rotary_dim}" if arch.rotary_dim else f"head_dim {arch.hd}"
                 out.append(ctx.diag("M008", "model.rope_scaling.short_factor",
-                                    f"longrope has {len(rs.short_factor)} factors for head_dim {arch.hd}",
-                                    f"give one per rotary frequency: head_dim / 2 = {arch.hd // 2}"))
+                                    f"longrope has {len(rs.short_factor)} factors for {dims}",
+                                    f"give one per rotary frequency: {dims.split()[0]} / 2 = "
+                                    f"{(arch.rotary_dim or arch.hd) // 2}"))
+        r = arch.rotary_dim
+        if r is not None and (r % 2 or r > arch.hd or arch.mla is not None):
+            why = ("rotary_dim with MLA is not modelled (MLA's rope dims are mla.qk_rope_head_dim)" if arch.mla is not None
+                   else f"rotary_dim {r} must be even and at most head_dim {arch.hd}")
+            out.append(ctx.diag("M009", "model.rotary_dim", why, "RoPE rotates pairs of the first rotary_dim dims"))
     datas: list[tuple[str, Data | None]] = [("data", data)]
     datas += [(f"stages.{i}.data", s.data) for i, s in enumerate(stages) if s is not None and s.data is not None]
     if arch is not None:

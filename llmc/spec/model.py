@@ -209,6 +209,9 @@ class Architecture(SpecModel):
     sequence is longer than the window. None = full attention."""
     rope_theta: Float = Field(default=10_000.0, gt=0)
     """RoPE base (Llama-2 10000, Llama-3 500000)."""
+    rotary_dim: Int | None = Field(default=None, gt=0)
+    """Dimensions of each query / key head that RoPE rotates, the first ones (Phi-4-mini: 96 of 128, config.json
+    ``partial_rotary_factor`` 0.75); the rest carry no position. None = the whole head. GQA models only."""
     rope_scaling: RopeScaling | None = None
     """Optional RoPE scaling for long context."""
     norm_eps: Float = Field(default=1e-5, gt=0)
