@@ -22,6 +22,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmc.spec.model import RopeScaling
+
+# Phi-3.5 / Phi-4-mini's LongRoPE on a tiny head (3 rotary frequencies), switching at 16 tokens
+PHI3_LONGROPE = RopeScaling(type="longrope", factor=2.0, original_max_position=16, short_factor=[1.0, 1.5, 2.0],
+                            long_factor=[1.2, 3.0, 8.0])
+
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = ROOT / ".venv-vllm/bin/python"
 
@@ -229,6 +235,7 @@ def model_exports(tmp_path_factory) -> tuple[dict, dict]:
         "LlamaForCausalLM": Architecture(name="llama", **base),
         "Qwen2ForCausalLM": Architecture(name="qwen2", **base, qkv_bias=True),
         "Qwen3ForCausalLM": Architecture(name="qwen3", **{**base, "head_dim": 16}, qk_norm=True),
+        "Phi3ForCausalLM": Architecture(name="phi3", **base, rotary_dim=6, rope_scaling=PHI3_LONGROPE),
         "MixtralForCausalLM": Architecture(name="mixtral", **base, moe=MoE(num_experts=3, top_k=2)),
         "Qwen3MoeForCausalLM": Architecture(name="qwen3moe", **{**base, "n_layers": 3, "head_dim": 16}, qk_norm=True,
                                             moe=MoE(num_experts=4, top_k=2, expert_d_ff=24, dense_layers=1)),
@@ -258,7 +265,11 @@ def test_hf_exports_pass_vllm_model_config(model_exports, vllm):
         m = got[str(dirs[cls])]
         assert m["architectures"] == [cls]
         assert m["hidden"] == a.d_model and m["layers"] == a.n_layers and m["vocab"] == a.vocab_size
-        assert m["heads"] == a.n_heads and m["max_model_len"] == a.max_seq_len and m["dtype"] == "torch.bfloat16"
+        # without --max-model-len, vLLM serves a LongRoPE model at its original context (vllm/config/model.py, "to
+        # avoid performance degradation for shorter sequences"); llmc's vllm.yaml always sets max-model-len
+        longrope = a.rope_scaling is not None and a.rope_scaling.type == "longrope"
+        assert m["max_model_len"] == (a.rope_scaling.original_max_position if longrope else a.max_seq_len)
+        assert m["heads"] == a.n_heads and m["dtype"] == "torch.bfloat16"
         assert m["is_moe"] is (a.moe is not None) and m["use_mla"] is (a.mla is not None)
         if a.mla is None:
             assert m["kv_heads"] == a.n_kv_heads and m["head_size"] == a.hd
@@ -315,7 +326,10 @@ def load_exports(tmp_path_factory) -> tuple[dict, dict, dict]:
     archs = {"llama": Architecture(name="llama", **base),
              "llama-tied": Architecture(name="llama-tied", **base, tied_embeddings=True),
              "qwen2": Architecture(name="qwen2", **base, qkv_bias=True),
-             "qwen3": Architecture(name="qwen3", **{**base, "head_dim": 16}, qk_norm=True)}
+             "qwen3": Architecture(name="qwen3", **{**base, "head_dim": 16}, qk_norm=True),
+             # Phi-4-mini's shape of RoPE: 6 of 8 dims per head, LongRoPE, tied embeddings (fused qkv / gate_up)
+             "phi3": Architecture(name="phi3", **base, rotary_dim=6, tied_embeddings=True,
+                                  rope_scaling=PHI3_LONGROPE)}
     dirs, want = {}, {}
     for name, a in archs.items():
         model = build_model(a, seed=0)
@@ -335,7 +349,7 @@ def test_dense_hf_exports_load_into_vllm_models(load_exports, vllm):
     for name, a in archs.items():
         m = got[str(dirs[name])]
         assert m["class"] == ("Qwen2ForCausalLM" if a.qkv_bias else "Qwen3ForCausalLM" if a.qk_norm
-                              else "LlamaForCausalLM")
+                              else "Phi3ForCausalLM" if a.rotary_dim else "LlamaForCausalLM")
         # VocabParallelEmbedding pads the vocabulary to a multiple of 64 rows (DEFAULT_VOCAB_PADDING_SIZE in
         # vllm/model_executor/layers/vocab_parallel_embedding.py), in the embedding and in an untied LM head
         pad_rows = -a.vocab_size % 64 * (1 if a.tied_embeddings else 2)
