@@ -253,15 +253,17 @@ def _lock(tmp: Path, docs: Path, arch, *, steps: int, init_hf: str, stages: list
 
 
 @pytest.mark.slow
-def test_native_continued_pretraining_from_hf_and_export(tmp_path, docs):
+@pytest.mark.parametrize("kind,over", [("llama", {}), ("phi3", {"partial_rotary_factor": 0.5})])
+def test_native_continued_pretraining_from_hf_and_export(tmp_path, docs, kind, over):
     """First-step loss of the native trainer = transformers' loss on the same batch; the stage ends with an HF
-    directory that transformers loads with the trained model's logits."""
+    directory that transformers loads with the trained model's logits (Phi-3 with partial RoPE: a fused
+    Phi3ForCausalLM export)."""
     from llmc.runtime.checkpoint import load_model_weights
     from llmc.runtime.data import build_stream_loader
     from llmc.runtime.entry import prepare_assets, run_stage
     from llmc.runtime.job import TrainJob
 
-    src = make_hf(tmp_path, "llama")
+    src = make_hf(tmp_path, kind, **over)
     arch = arch_of(src)
     lock = _lock(tmp_path, docs, arch, steps=2, init_hf=str(src))
     out = tmp_path / "run" / "pretrain"
@@ -283,6 +285,7 @@ def test_native_continued_pretraining_from_hf_and_export(tmp_path, docs):
     load_model_weights(trained, out)
     assert not torch.equal(trained.tok_embeddings.weight, hf_model(src).model.embed_tokens.weight)
     exported = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", torch_dtype=torch.float32).eval()
+    assert type(exported).__name__ == ("Phi3ForCausalLM" if kind == "phi3" else "LlamaForCausalLM")
     assert (out / "hf" / "tokenizer.json").exists()
     with torch.no_grad():  # the export is bf16: compare against our bf16-rounded weights' logits
         for p in trained.parameters():
