@@ -80,6 +80,37 @@ def test_chatml_template_and_tokenizer_check():
         encode_chat(conv, llama_only, "chatml")
 
 
+@pytest.mark.parametrize("template", ["llama3", "chatml", "phi3", "phi4"])
+def test_encoding_equals_the_exported_jinja_through_transformers(template):
+    """What llmc trains on is what the export's chat template gives: for every template, transformers'
+    apply_chat_template on the Jinja form written into tokenizer_config.json (llmc.spec.chat) yields exactly the ids
+    llmc's encoder builds (a character-level tokenizer with the template's special tokens, so the pieces llmc encodes
+    one by one tokenise as the whole rendered string does), with and without the generation prompt; the trained
+    labels are the assistant turns' content and end token (Phi-3: <|end|>, its released generation config's stop)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from llmc.spec.chat import CHAT_TEMPLATES
+
+    t = CHAT_TEMPLATES[template]
+    chars = [chr(c) for c in range(33, 127)] + ["\u0120", "\u010a"]  # ByteLevel's space and newline symbols
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(t.specials))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=t.bos, chat_template=t.jinja)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3 + 3?"},
+            {"role": "assistant", "content": "6, of course"}]
+    ids, labels = encode_chat(conv, tok, template)
+    assert ids == hf.apply_chat_template(conv, tokenize=True, return_dict=False)
+    prompt = conv[:2]
+    assert encode_chat(prompt, tok, template, add_generation_prompt=True)[0] == hf.apply_chat_template(
+        prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+    trained = tok.decode([x for x in labels if x != IGNORE_INDEX], skip_special_tokens=False)
+    assert trained == f"4{t.end}6, of course{t.end}"
+
+
 def test_chat_with_runtime_bpe_tokenizer(tmp_path):
     pytest.importorskip("tokenizers")
     from llmc.runtime.tokenizer import TextTokenizer, train_bpe

@@ -51,6 +51,7 @@ from llmc.compiler.result import (
 from llmc.compiler.search import USABLE_FRACTION, describe, divisors
 from llmc.compiler.units import gib
 from llmc.diagnostics import Diagnostic
+from llmc.spec.chat import CHAT_TEMPLATES
 from llmc.spec.facts import ExternalFacts
 from llmc.spec.families import FAMILIES, family_by_name
 from llmc.spec.schema import (
@@ -67,13 +68,8 @@ from llmc.spec.schema import (
 
 # ----------------------------------------------------------------------------- constants (data)
 
-#: special tokens each chat template needs from the tokenizer
-TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
-    # https://www.llama.com/docs/model-cards-and-prompt-formats/meta-llama-3/
-    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    # https://github.com/openai/openai-python/blob/release-v0.28.0/chatml.md
-    "chatml": ("<|im_start|>", "<|im_end|>"),
-}
+#: special tokens each chat template needs from the tokenizer (llmc.spec.chat, with the templates' sources)
+TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {name: t.specials for name, t in CHAT_TEMPLATES.items()}
 #: special tokens of the tokenizer llmc trains locally (llmc.runtime.tokenizer)
 LLMC_TOKENIZER_SPECIALS = (
     "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
@@ -830,13 +826,14 @@ def check_chat_template(env: _Env, st: StageBase, p: str, tmpl: str, sink: Sink)
     tpath = (f"{p}.data.tokenizer.chat_template" if st.data is not None and tok.chat_template
              else "data.tokenizer.chat_template" if tok.chat_template else p)
     if need is None:
-        sink.add("T103", "error", tpath, f"unknown chat template {tmpl!r}", "use llama3 or chatml")
+        sink.add("T103", "error", tpath, f"unknown chat template {tmpl!r}", f"use one of {', '.join(TEMPLATE_TOKENS)}")
     elif have is not None:
         missing = [t for t in need if t not in have]
         if missing:
             sink.add("T103", "warning" if how.startswith("inferred") else "error", tpath,
                      f"chat template {tmpl!r} needs {', '.join(missing)} which the tokenizer ({how}) lacks",
-                     "pick the template that matches the base model's tokenizer (llama3 for Llama-3)")
+                     "pick the template that matches the base model's tokenizer (llama3 for Llama-3, chatml for "
+                     "Qwen, phi3 for Phi-3 / Phi-3.5, phi4 for Phi-4)")
 
 
 def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageMemoryPlan, sink: Sink) -> None:

@@ -1,20 +1,9 @@
 """Chat templates and loss masks for SFT / DPO / GRPO.
 
-Templates (special tokens are looked up as single ids, never split by the BPE):
-
-  llama3 (Meta Llama-3 instruct format, https://www.llama.com/docs/model-cards-and-prompt-formats/meta-llama-3/; the real template puts "\\n\\n" after the header)::
-
-      <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{content}<|eot_id|>
-      <|start_header_id|>user<|end_header_id|>\\n\\n{content}<|eot_id|>
-      <|start_header_id|>assistant<|end_header_id|>\\n\\n{content}<|eot_id|>
-
-  chatml (Qwen / OpenAI ChatML)::
-
-      <|im_start|>{role}\\n{content}<|im_end|>\\n
-
-Labels are -100 (PyTorch cross-entropy ignore_index) everywhere except assistant content and the
-turn's closing token (<|eot_id|> / <|im_end|>), so the model learns to answer *and to stop*
-(a model never trained on the end token does not learn to stop).
+The templates (llama3, chatml, phi3, phi4) are declared in :mod:`llmc.spec.chat`; special tokens are looked up as
+single ids, never split by the BPE. Labels are -100 (PyTorch cross-entropy ignore_index) everywhere except
+assistant content and the turn's closing token (<|eot_id|> / <|im_end|> / <|end|>), so the model learns to answer
+*and to stop* (a model never trained on the end token does not learn to stop).
 ``mask="last_assistant"`` trains only the final assistant turn;
 ``mask="none"`` trains every token (warned by the compiler, T102).
 """
@@ -24,24 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-IGNORE_INDEX = -100
+from llmc.spec.chat import CHAT_TEMPLATES, ChatTemplate
 
-TEMPLATES: dict[str, dict[str, Any]] = {
-    "llama3": {
-        "bos": "<|begin_of_text|>",
-        "header": ("<|start_header_id|>", "{role}", "<|end_header_id|>", "\n\n"),
-        "end": "<|eot_id|>",
-        "after_end": "",
-        "specials": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    },
-    "chatml": {
-        "bos": None,
-        "header": ("<|im_start|>", "{role}", "\n"),
-        "end": "<|im_end|>",
-        "after_end": "\n",
-        "specials": ("<|im_start|>", "<|im_end|>"),
-    },
-}
+IGNORE_INDEX = -100
+TEMPLATES = CHAT_TEMPLATES  # name -> ChatTemplate
 
 
 class TemplateError(ValueError):
@@ -104,25 +79,25 @@ class TokAdapter:
 def check_template(tok: Any, template: str) -> None:
     """Raise TemplateError when the tokenizer lacks a special token the template needs (T103 at runtime)."""
     if template not in TEMPLATES:
-        raise TemplateError(f"unknown chat template {template!r} (llama3, chatml)")
+        raise TemplateError(f"unknown chat template {template!r} ({', '.join(TEMPLATES)})")
     a = tok if isinstance(tok, TokAdapter) else TokAdapter(tok)
-    missing = [s for s in TEMPLATES[template]["specials"] if not a.has_special(s)]
+    missing = [s for s in TEMPLATES[template].specials if not a.has_special(s)]
     if missing:
         raise TemplateError(f"chat template {template!r} needs {missing}, missing from the tokenizer")
 
 
 def end_token_id(tok: Any, template: str) -> int:
     a = tok if isinstance(tok, TokAdapter) else TokAdapter(tok)
-    return a.special(TEMPLATES[template]["end"])
+    return a.special(TEMPLATES[template].end)
 
 
-def _header(a: TokAdapter, tmpl: dict, role: str) -> list[int]:
+def _header(a: TokAdapter, tmpl: ChatTemplate, role: str) -> list[int]:
     ids: list[int] = []
-    for part in tmpl["header"]:
+    for part in tmpl.header:
         if part == "{role}":
             ids += a.text(role)
-        elif part.startswith("<|"):
-            ids.append(a.special(part))
+        elif part.startswith("<|"):  # a special token; "<|{role}|>": the role's own (Phi-3's <|user|>)
+            ids.append(a.special(part.replace("{role}", role)))
         else:
             ids += a.text(part)
     return ids
@@ -147,8 +122,8 @@ def encode_chat(messages: list[dict], tok: Any, template: str = "llama3", mask: 
         ids.extend(xs)
         labels.extend(xs if train else [IGNORE_INDEX] * len(xs))
 
-    if tmpl["bos"]:
-        put([a.special(tmpl["bos"])], mask == "none")
+    if tmpl.bos:
+        put([a.special(tmpl.bos)], mask == "none")
     last_asst = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
@@ -156,9 +131,9 @@ def encode_chat(messages: list[dict], tok: Any, template: str = "llama3", mask: 
             raise ValueError(f"unknown role {role!r}")
         train = mask == "none" or (role == "assistant" and (mask == "assistant" or i == last_asst))
         put(_header(a, tmpl, role), mask == "none")
-        put(a.text(content) + [a.special(tmpl["end"])], train)
-        if tmpl["after_end"]:
-            put(a.text(tmpl["after_end"]), mask == "none")
+        put(a.text(content) + [a.special(tmpl.end)], train)
+        if tmpl.after_end:
+            put(a.text(tmpl.after_end), mask == "none")
     if add_generation_prompt:
         put(_header(a, tmpl, "assistant"), False)
     return ids, labels

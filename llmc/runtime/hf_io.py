@@ -87,21 +87,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmc.spec.chat import CHAT_TEMPLATES
 from llmc.spec.families import family_of
 
 HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
               "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _IGNORED_HF = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
 
-# Jinja chat templates equal to llmc.runtime.chat's token layouts (transformers apply_chat_template)
-CHAT_TEMPLATES_JINJA = {
-    "llama3": ("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}"
-               "<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>{% endfor %}"
-               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
-    "chatml": ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-               "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
-}
-CHAT_END_TOKEN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+
 
 
 class HFError(ValueError):
@@ -757,7 +750,8 @@ def _write_tokenizer(tokenizer_dir: str | Path | None, out: Path, chat_template:
             shutil.copyfile(Path(tokenizer_dir) / name, out / name)
     if chat_template and (out / "tokenizer_config.json").exists():
         tc = json.loads((out / "tokenizer_config.json").read_text())
-        tc["chat_template"] = CHAT_TEMPLATES_JINJA.get(chat_template, chat_template)
+        known = CHAT_TEMPLATES.get(chat_template)
+        tc["chat_template"] = known.jinja if known is not None else chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
 
 
@@ -768,7 +762,8 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
     """Write an HF model directory that transformers / vLLM / SGLang load (``from_pretrained(out_dir)``).
 
     Weights in ``dtype``, split into shards of at most ``max_shard_size`` (HF's naming and index file);
-    ``chat_template`` (llama3 | chatml | a Jinja string) goes into tokenizer_config.json. ``softmax_mscale``
+    ``chat_template`` (a name of :data:`llmc.spec.chat.CHAT_TEMPLATES` or a Jinja string) goes into
+    tokenizer_config.json. ``softmax_mscale``
     (MLA + YaRN only): the weights were trained by a model that folds YaRN's mscale into the softmax scale
     (torchtitan's deepseek_v3) rather than llmc's, which scales the rope dims' cos/sin; the config says so.
     """
@@ -790,7 +785,7 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
         index = {"metadata": {**split.metadata, "total_size": sum(v.numel() * v.element_size() for v in sd.values())},
                  "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    if chat_template in CHAT_END_TOKEN and tokenizer_dir is not None:
+    if chat_template in CHAT_TEMPLATES and tokenizer_dir is not None:
         eos_id = _with_chat_eos(eos_id, tokenizer_dir, chat_template)
     cfg = hf_config(arch, dtype, bos_id, eos_id, softmax_mscale=softmax_mscale)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -800,11 +795,11 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
 
 
 def _with_chat_eos(eos_id, tokenizer_dir, template: str):
-    """A chat model stops at its turn-end token too (<|eot_id|> / <|im_end|>)."""
+    """A chat model stops at its turn-end token too (<|eot_id|> / <|im_end|> / <|end|>)."""
     try:
         from tokenizers import Tokenizer
 
-        end = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).token_to_id(CHAT_END_TOKEN[template])
+        end = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).token_to_id(CHAT_TEMPLATES[template].end)
     except Exception:
         return eos_id
     if end is None:

@@ -116,7 +116,7 @@ class Tokenizer(SpecModel):
     vocab_size: Int | None = Field(default=None, gt=0)
     """Vocabulary size; must equal the model's vocab_size. None = the model's."""
     chat_template: Name | None = None
-    """Chat template name (``llama3``, ``chatml``) for SFT/DPO/GRPO stages."""
+    """Chat template name (``llama3``, ``chatml``, ``phi3``, ``phi4``: llmc.spec.chat) for SFT/DPO/GRPO stages."""
 
 
 class NearDup(SpecModel):
