@@ -216,6 +216,46 @@ def test_auto_backend_choice_and_reason():
     assert resolve_backend("native") == ("native", "training.backend pins native")
 
 
+def test_auto_backend_keeps_off_torchtitan_for_a_model_it_cannot_run(tmp_path):
+    """``auto`` plans for the backend that will run the job: a model torchtitan 0.3.0 cannot express (partial RoPE,
+    LongRoPE, weights only its missing adapters would read) is planned, timed and sized for llmc's native trainer,
+    with the reason in the report; the torchtitan emitter reports the same gaps (one function,
+    backends.torchtitan_model_gaps). A Phi-3 checkpoint is recognised by its config.json (facts gathered before
+    compiling: the compiler reads no files)."""
+    import json
+
+    from llmc.compiler.backends import torchtitan_model_gaps
+    from llmc.spec.facts import gather_facts
+
+    base = """\
+name: t
+model: MODEL
+hardware: {gpu: h100-sxm, count: 16}
+data: {seq_len: 4096, tokens: 1B}
+training: {global_batch_tokens: 1048576INIT}
+"""
+    def comp(model, init="", facts=None):
+        run, lines = loads_spec(base.replace("MODEL", model).replace("INIT", init), file=str(tmp_path / "s.yaml"))
+        return compile_spec(run, "s.yaml", lines, spec_bytes=b"", facts=facts(run) if facts else None)
+
+    plain = comp("llama3-8b")
+    assert plain.backend.name == "torchtitan" and torchtitan_model_gaps(plain.spec.model) == []
+    for model, what in (("{preset: llama3-8b, rotary_dim: 64}", "rotates whole heads"),
+                        ("{preset: llama3-8b, rope_scaling: {type: linear, factor: 2.0}}", "not 'linear'"),
+                        ("qwen2.5-7b", None)):
+        c = comp(model) if what else comp(model, ", init_hf: ckpt")
+        assert c.backend.name == "native" and "torchtitan cannot run this model" in c.backend.reason, model
+        assert (what or "q/k/v biases") in c.backend.reason and c.plan is not None
+        assert c.plan.pp == c.plan.cp == 1  # what the native trainer runs
+    assert comp("qwen2.5-7b").backend.name == "torchtitan"  # from scratch: nothing to read
+    (tmp_path / "ckpt").mkdir()
+    for model_type, backend in (("llama", "torchtitan"), ("phi3", "native")):
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": model_type}))
+        c = comp("llama3-8b", ", init_hf: ckpt", facts=lambda run: gather_facts(run, tmp_path))
+        assert c.backend.name == backend and c.checkpoint_types == {"ckpt": model_type}
+    assert "fused" in c.backend.reason
+
+
 def test_the_search_only_uses_what_the_backend_runs():
     base = """\
 name: t

@@ -345,6 +345,15 @@ def test_job_refuses_a_fused_phi3_checkpoint_when_it_starts(tmp_path, monkeypatc
                 ns["_init_hf_dir"]()
 
 
+def test_a_phi3_checkpoint_is_a_located_error_when_the_build_knows_it():
+    """With the init_hf checkpoint's model_type gathered before compiling (llmc.spec.facts), a Phi-3 checkpoint
+    (fused projections) is X310 at build time, not only when the job starts."""
+    c = with_init_hf(compiled_for(), "/models/phi-4")
+    assert torchtitan_diagnostics(c) == []
+    [d] = torchtitan_diagnostics(dataclasses.replace(c, checkpoint_types={"/models/phi-4": "phi3"}))
+    assert (d.code, d.path) == ("X310", "training.init_hf") and "fused" in d.message
+
+
 def test_init_hf_without_an_adapter_is_a_located_error():
     moe = {**TINY, "moe": {"num_experts": 4, "top_k": 2}}
     c = with_init_hf(compiled_for(model=moe), "/models/mixtral")

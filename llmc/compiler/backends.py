@@ -32,7 +32,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmc import TARGET_VERSIONS
 from llmc.compiler.units import GiB, MiB
+from llmc.spec.families import family_of
 
 
 @dataclass(frozen=True)
@@ -377,13 +379,71 @@ def get_backend(name: str | None) -> Backend:
     return BACKENDS["generic" if name is None else name]
 
 
+@dataclass(frozen=True)
+class ModelGap:
+    """A part of the model (or of the weights it starts from) that torchtitan cannot run: the diagnostic the
+    torchtitan emitter reports for it (code, spec path, message, hint)."""
+
+    code: str
+    path: str
+    message: str
+    hint: str
+
+
+def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = "training.init_hf",
+                          hf_model_type: str | None = None) -> list[ModelGap]:
+    """What torchtitan's model code cannot express about ``arch`` whatever the layout (empty when it can run it):
+    RoPE variants (llama3 scaling on its cos/sin RoPE, other scalings, partial rotary), MLA with q/k/v biases, a router
+    bias; with ``init_hf`` (the spec path the pre-training weights come from) a family or checkpoint its state-dict
+    adapters cannot read (``hf_model_type``: the checkpoint's config.json model_type, gathered before compiling).
+    The torchtitan emitter reports these as its X301 / X302 / X309 / X310 errors; ``training.backend: auto`` picks
+    another backend for such a model (:func:`resolve_backend`)."""
+    v = TARGET_VERSIONS["torchtitan"]
+    fam = family_of(arch)
+    out: list[ModelGap] = []
+    rs = arch.rope_scaling
+    if rs is not None and rs.type == "llama3" and fam.torchtitan_rope == "cossin":
+        out.append(ModelGap("X301", "model.rope_scaling.type",
+                            f"torchtitan {v}'s cos/sin RoPE (the rotate_half layout of its Qwen3 models and their "
+                            "Hugging Face adapter) has no llama3 scaling", "use type: yarn, or another backend"))
+    elif rs is not None and rs.type not in ("llama3", "yarn"):
+        out.append(ModelGap("X301", "model.rope_scaling.type",
+                            f"torchtitan {v} RoPE supports scaling 'none', 'llama' and 'yarn', not {rs.type!r}",
+                            "use type: llama3 or yarn, or build with another backend"))
+    if arch.mla is None and arch.rotary_dim is not None and arch.rotary_dim < arch.hd:
+        out.append(ModelGap("X301", "model.rotary_dim",
+                            f"torchtitan {v}'s Llama / Qwen3 attention rotates whole heads (rotary_dim "
+                            f"{arch.rotary_dim} of head_dim {arch.hd})", "build with training.backend native or deepspeed"))
+    if arch.qkv_bias and arch.mla is not None:
+        out.append(ModelGap("X302", "model.qkv_bias", f"torchtitan {v} deepseek_v3 MLA attention has no q/k/v bias",
+                            "set qkv_bias: false or use another backend"))
+    if arch.moe is not None and arch.moe.router_bias:
+        out.append(ModelGap("X309", "model.moe.router_bias",
+                            "a bias on the router gate linear is not emitted by llmc's torchtitan target",
+                            "set router_bias: false or use the native backend"))
+    if init_hf and (arch.qkv_bias or not fam.torchtitan_hf):
+        why = ("its q/k/v biases are not in torchtitan's Llama3/Qwen3 state-dict adapters (they would stay zero)"
+               if arch.qkv_bias else f"torchtitan {v} has no state-dict adapter for the {fam.name} family that keeps "
+               "every weight")
+        out.append(ModelGap("X310", init_hf_path, f"the torchtitan job cannot start from a Hugging Face checkpoint: {why}",
+                            "run this stage with `llmc launch --backend native` or deepspeed (llmc.runtime.hf_io "
+                            "loads every weight)"))
+    elif init_hf and hf_model_type in ("phi3",):
+        out.append(ModelGap("X310", init_hf_path,
+                            f"the torchtitan job cannot start from {init_hf}: a {hf_model_type} checkpoint (fused "
+                            "qkv_proj / gate_up_proj), which torchtitan's Llama adapter does not read",
+                            "run it on the native or deepspeed backend, or start from llmc's export of it"))
+    return out
+
+
 def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = None, cp: int | None = None,
                     ep: int | None = None, zero_stage: int | None = None,
-                    offload: bool = False, cpu: bool = False) -> tuple[str, str]:
+                    offload: bool = False, cpu: bool = False, model_gaps: tuple[str, ...] = ()) -> tuple[str, str]:
     """(backend, reason). ``auto``: the native trainer on CPU; DeepSpeed when the spec asks for a
-    DeepSpeed-only feature (``offload``: optimizer or parameter offload; ZeRO-1/2); otherwise torchtitan (it runs every dimension the
-    search may choose: TP, PP, CP, EP, FSDP; llmc's native trainer does DDP/FSDP/TP only and DeepSpeed's
-    runner data parallelism only)."""
+    DeepSpeed-only feature (``offload``: optimizer or parameter offload; ZeRO-1/2); the native trainer when torchtitan
+    cannot run the model (``model_gaps``: :func:`torchtitan_model_gaps` messages); otherwise torchtitan (it runs every
+    dimension the search may choose: TP, PP, CP, EP, FSDP; llmc's native trainer does DDP/FSDP/TP only and
+    DeepSpeed's runner data parallelism only)."""
     if requested != "auto":
         return requested, f"training.backend pins {requested}"
     if offload:  # also on CPU: llmc's DeepSpeed runner runs there on DeepSpeed's CPU accelerator
@@ -392,6 +452,9 @@ def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = N
         return "native", "auto: llmc's native trainer (a CPU run; torchtitan and DeepSpeed need GPUs)"
     if zero_stage in (1, 2):
         return "deepspeed", f"auto: ZeRO-{zero_stage} is a DeepSpeed optimizer (torchtitan shards with FSDP2)"
+    if model_gaps:
+        return "native", (f"auto: llmc's native trainer (DDP / FSDP2 / TP), since torchtitan cannot run this model: "
+                          f"{model_gaps[0]}")
     dims = [n for n, v in (("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)) if v and v > 1]
     why = f"it runs the pinned {'/'.join(dims)}" if dims else "it runs every dimension the search may choose"
     return "torchtitan", f"auto: torchtitan ({why}: FSDP2, TP, PP, CP, EP; compiled, fp8 via torchao)"
@@ -432,5 +495,6 @@ def activation_mode(ac: str, backend: Backend) -> str:
     return "selective_core" if ac == "selective" and backend.selective_ac == "attention_core" else ac
 
 
-__all__ = ["Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "get_backend", "resolve_backend", "compile_on",
+__all__ = ["Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "ModelGap", "get_backend", "resolve_backend",
+           "torchtitan_model_gaps", "compile_on",
            "fp8_recipe_on", "activation_mode", "describe"]

@@ -14,7 +14,7 @@ import hashlib
 import json
 from functools import partial
 
-from llmc.compiler import checks, defaults, flops, params, scaling, timing
+from llmc.compiler import backends, checks, defaults, flops, params, scaling, timing
 from llmc.compiler.checks import Sink
 from llmc.compiler.defaults import pretrain_batch_seqs, pretrain_hyper, pretrain_inputs
 from llmc.compiler.hardware import GPU, GPUS, get_gpu, supports, with_overrides
@@ -155,7 +155,10 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     seqs, _ = pretrain_batch_seqs(run, gpu, data.seq_len, training)
     hyper = pretrain_hyper(run, gpu)  # steps etc.; the checkpoint interval is refined by the step time below
 
-    be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration, sink)
+    init_hf = pre.init_hf if pre is not None else None
+    gaps = backends.torchtitan_model_gaps(run.model, init_hf, hf_model_type=(
+        facts.checkpoint_types.get(init_hf) if facts is not None and init_hf else None))
+    be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration, sink, gaps)
     model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe,
                                run.parallelism.offload_optimizer, run.parallelism.offload_params)
     searched = _Searched()
@@ -190,6 +193,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         alternatives=list(searched.alternatives), rejected=list(searched.rejected),
         diagnostics=sort_diagnostics(_dedupe(diags)), stages=stages, serving=serving, search=dict(searched.info),
         backend=be_info, calibration=cal_info, unfit=searched.unfit, evaluation=evaluation, pipeline=pipeline,
+        checkpoint_types=dict(facts.checkpoint_types) if facts is not None else {},
     )
 
 
@@ -385,15 +389,16 @@ def backend_pins(par, backend: str, arch: Architecture | None = None):
     return par.model_copy(update=upd) if upd else par
 
 
-def _backend_and_calibration(run, gpu, calibration, sink):
-    """(backend info, calibration info, factors or None, ranking error band) for the run."""
-    from llmc.compiler import backends
+def _backend_and_calibration(run, gpu, calibration, sink, gaps=()):
+    """(backend info, calibration info, factors or None, ranking error band) for the run; ``gaps``: what torchtitan
+    cannot run about the model (:func:`backends.torchtitan_model_gaps`), which keeps ``auto`` off it."""
     from llmc.compiler import calibration as cal_mod
 
     par = run.parallelism
     name, why = backends.resolve_backend(run.training.backend, tp=par.tp, pp=par.pp, cp=par.cp, ep=par.ep,
                                          zero_stage=par.zero_stage, offload=par.offload_optimizer or par.offload_params,
-                                         cpu=gpu is not None and gpu.key == "cpu")
+                                         cpu=gpu is not None and gpu.key == "cpu",
+                                         model_gaps=tuple(g.message for g in gaps))
     be = backends.get_backend(name)
     comp = backends.compile_on(be, run.training.compile)
     fp8 = None

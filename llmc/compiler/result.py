@@ -369,6 +369,9 @@ class Compiled:
     unfit: UnfitLayout | None = None
     evaluation: EvaluationPlan | None = None  # eval.validation / eval.tasks / data.quality (evaluation.py)
     pipeline: PipelineTime | None = None  # every stage's time and cost together (specs with stages)
+    # config.json model_type of each local init_hf checkpoint, keyed by the spec's path (llmc.spec.facts): what the
+    # torchtitan target's state-dict adapters can read
+    checkpoint_types: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """JSON view; keys documented in README (model.*, compute.*, plan, memory.*, time.*, cost.*)."""

@@ -58,7 +58,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from llmc.compiler.backends import compile_on, fp8_recipe_on, get_backend
+from llmc import TARGET_VERSIONS
+from llmc.compiler.backends import compile_on, fp8_recipe_on, get_backend, torchtitan_model_gaps
 from llmc.compiler.checks import mixture_shares
 from llmc.compiler.memory import SINGLE_STAGE_SCHEDULES, even_parts, pipeline_chunks
 from llmc.compiler.result import Hyper
@@ -77,8 +78,8 @@ from llmc.spec.families import family_of
 from llmc.spec.model import RopeScaling
 from llmc.spec.schema import TEXT_SOURCE_KINDS
 
-TORCHTITAN_VERSION = "0.3.0"
-TORCH_VERSION = "2.14.1"
+TORCHTITAN_VERSION = TARGET_VERSIONS["torchtitan"]
+TORCH_VERSION = TARGET_VERSIONS["torch"]
 MODULE_NAME = TITAN_PRETRAIN_MODULE
 CONFIG_FN = "job"
 OUT_DIR = "torchtitan"
@@ -131,15 +132,8 @@ def _family(arch) -> str:
 
 
 def _rope(arch, family: str, errs: list[Diagnostic]) -> dict[str, Any]:
+    """The job's RoPE settings (what it cannot express is a model gap: llmc.compiler.backends.torchtitan_model_gaps)."""
     rs = arch.rope_scaling
-    if rs is not None and rs.type == "llama3" and family_of(arch).torchtitan_rope == "cossin":
-        errs.append(diag("X301", "error", "model.rope_scaling.type",
-                         f"torchtitan {TORCHTITAN_VERSION}'s cos/sin RoPE (the rotate_half layout of its Qwen3 models "
-                         "and their Hugging Face adapter) has no llama3 scaling", "use type: yarn, or another backend"))
-    if arch.mla is None and arch.rotary_dim is not None and arch.rotary_dim < arch.hd:
-        errs.append(diag("X301", "error", "model.rotary_dim",
-                         f"torchtitan {TORCHTITAN_VERSION}'s Llama / Qwen3 attention rotates whole heads (rotary_dim "
-                         f"{arch.rotary_dim} of head_dim {arch.hd})", "build with training.backend native or deepspeed"))
     rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else arch.hd
     out: dict[str, Any] = {
         "dim": rope_dim,
@@ -165,12 +159,6 @@ def _rope(arch, family: str, errs: list[Diagnostic]) -> dict[str, Any]:
             beta_slow=float(rs.beta_slow),
             original_seq_len=int(rs.original_max_position),
         )
-    else:
-        errs.append(diag(
-            "X301", "error", "model.rope_scaling.type",
-            f"torchtitan {TORCHTITAN_VERSION} RoPE supports scaling 'none', 'llama' and 'yarn', not {rs.type!r}",
-            "use type: llama3 or yarn, or build with another backend",
-        ))
     return out
 
 
@@ -238,12 +226,6 @@ def _pp_module_fqns(n_layers: int, n_stages: int) -> list[list[str]]:
 def _arch_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]) -> None:
     """What torchtitan 0.3.0 cannot express about this architecture and plan (errors) or drops (notes)."""
     arch, plan, seq_len = compiled.spec.model, compiled.plan, compiled.hyper.seq_len
-    if arch.qkv_bias and family == "deepseek_v3":
-        errs.append(diag(
-            "X302", "error", "model.qkv_bias",
-            f"torchtitan {TORCHTITAN_VERSION} deepseek_v3 MLA attention has no q/k/v bias",
-            "set qkv_bias: false or use another backend",
-        ))
     if arch.tied_embeddings and plan.pp > 1:
         errs.append(diag(
             "X303", "error", "model.tied_embeddings",
@@ -422,10 +404,6 @@ def _moe(arch, notes: list[str], errs: list[Diagnostic]) -> dict[str, Any]:
             f"balancing loss; experts are balanced aux-loss-free instead (routing-bias buffer, "
             f"load_balance_coeff={LOAD_BALANCE_COEFF})"
         )
-    if moe.router_bias:
-        errs.append(diag("X309", "error", "model.moe.router_bias",
-                         "a bias on the router gate linear is not emitted by llmc's torchtitan target",
-                         "set router_bias: false or use the native backend"))
     return {
         "num_experts": moe.num_experts,
         "top_k": moe.top_k,
@@ -495,22 +473,11 @@ def init_hf_location(compiled) -> str | None:
     return _from_build(compiled, src) if src else None
 
 
-def _hf_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]) -> None:
-    src, path = _init_hf(compiled)
-    if not src:
-        return
-    arch = compiled.spec.model
-    if family == "deepseek_v3":
+def _hf_notes(compiled, family: str, notes: list[str]) -> None:
+    """What the job's start from ``init_hf`` needs to know (what it cannot read is a model gap: X310)."""
+    if _init_hf(compiled)[0] and family == "deepseek_v3":
         notes.append("init_hf: an FP8-quantized checkpoint (DeepSeek-V3's own release) needs "
                      "--checkpoint.initial_load_in_hf_quantized (DeepSeekV3StateDictAdapter dequantizes it)")
-    if _sd_adapter(arch, family) is None:
-        why = ("its q/k/v biases are not in torchtitan's Llama3/Qwen3 state-dict adapters (they would stay zero)"
-               if arch.qkv_bias else f"torchtitan {TORCHTITAN_VERSION}'s {family} job has no state-dict adapter "
-               "for this model")
-        errs.append(diag("X310", "error", path,
-                         f"the torchtitan job cannot start from a Hugging Face checkpoint: {why}",
-                         "run this stage with `llmc launch --backend native` or deepspeed (llmc.runtime.hf_io "
-                         "loads every weight)"))
 
 
 def _titan_compile(compiled) -> bool:
@@ -649,8 +616,11 @@ def torchtitan_values(compiled, stage: int | None = None) -> TitanValues:
     notes: list[str] = []
     view, st = (compiled, None) if stage is None else _stage_view(compiled, compiled.stages[stage])
     family = _family(view.spec.model)
+    src, src_path = _init_hf(view)
+    errs += [diag(g.code, "error", g.path, g.message, g.hint) for g in torchtitan_model_gaps(
+        view.spec.model, src, src_path, view.checkpoint_types.get(src) if src else None)]
     _arch_checks(view, family, errs, notes)
-    _hf_checks(view, family, errs, notes)
+    _hf_notes(view, family, notes)
     _chunked_loss_check(view, errs)
     optim = _optimizer_schedule(view, notes)
     model = _model_args(view, family, errs, notes)

@@ -3,7 +3,9 @@
 ``gather_facts(run, spec_dir)`` reads each tokenizer the spec names (``data.tokenizer.path`` and every
 stage's) and records its special tokens (the ``added_tokens`` of a Hugging Face ``tokenizer.json``, see
 https://huggingface.co/docs/tokenizers/api/tokenizer). The compiler takes the result as
-``compile_spec(..., facts=...)``; without it the special tokens are inferred from the model name.
+``compile_spec(..., facts=...)``; without it the special tokens are inferred from the model name. It also
+reads the ``model_type`` of each local Hugging Face checkpoint an ``init_hf`` names (a folder with a config.json),
+which decides whether torchtitan's state-dict adapters can read it.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ class TokenizerFacts:
 
 @dataclass(frozen=True)
 class ExternalFacts:
-    """Facts keyed by the tokenizer path exactly as the spec writes it."""
+    """Facts keyed by the path exactly as the spec writes it: tokenizers, and the config.json ``model_type`` of
+    each ``init_hf`` checkpoint that is a local folder (absent: a Hub id, or unreadable)."""
 
     tokenizers: dict[str, TokenizerFacts] = field(default_factory=dict)
+    checkpoint_types: dict[str, str] = field(default_factory=dict)
 
 
 def tokenizer_paths(run: RunSpec) -> list[str]:
@@ -54,9 +58,31 @@ def read_tokenizer(path: str, spec_dir: str | Path) -> TokenizerFacts:
         return TokenizerFacts(None, str(f))
 
 
+def init_hf_paths(run: RunSpec) -> list[str]:
+    """Every ``init_hf`` the spec names (``training.init_hf``, then each stage's), without repeats."""
+    paths = [run.training.init_hf] + [getattr(st, "init_hf", None) for st in run.stages]
+    return list(dict.fromkeys(p for p in paths if p))
+
+
+def read_model_type(path: str, spec_dir: str | Path) -> str | None:
+    """``model_type`` of ``path``/config.json (relative to ``spec_dir``), None when it is not a readable local one."""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = Path(spec_dir) / p
+    try:
+        mt = json.loads(read_regular_file(p / "config.json", MAX_CONFIG_BYTES).decode("utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError, RecursionError):
+        return None
+    return mt if isinstance(mt, str) else None
+
+
 def gather_facts(run: RunSpec, spec_dir: str | Path) -> ExternalFacts:
-    """Read every tokenizer the spec references; unreadable ones are recorded with ``specials=None``."""
-    return ExternalFacts(tokenizers={p: read_tokenizer(p, spec_dir) for p in tokenizer_paths(run)})
+    """Read every tokenizer the spec references (unreadable ones are recorded with ``specials=None``) and the model
+    type of every local ``init_hf`` checkpoint."""
+    types = {p: mt for p in init_hf_paths(run) if (mt := read_model_type(p, spec_dir)) is not None}
+    return ExternalFacts(tokenizers={p: read_tokenizer(p, spec_dir) for p in tokenizer_paths(run)},
+                         checkpoint_types=types)
 
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_TOKENIZER_BYTES", "TokenizerFacts", "ExternalFacts", "tokenizer_paths", "read_tokenizer", "gather_facts"]
+__all__ = ["MAX_CONFIG_BYTES", "MAX_TOKENIZER_BYTES", "TokenizerFacts", "ExternalFacts", "tokenizer_paths",
+           "read_tokenizer", "init_hf_paths", "read_model_type", "gather_facts"]
