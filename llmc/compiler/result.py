@@ -236,20 +236,14 @@ class StageLayout:
 
 
 @dataclass(frozen=True)
-class StagePlan:
-    """One stage's resolved plan. For the ``pretrain`` stage the training numbers equal ``Compiled.hyper``
-    and the batch split equals ``Compiled.plan``; other stages resolve theirs in
-    :func:`llmc.compiler.stages.resolve_stage_training`."""
+class StageTraining:
+    """A stage's resolved training numbers (:func:`llmc.compiler.stages.resolve_stage_training`), the first fields
+    of its :class:`StagePlan`."""
 
-    name: str
-    kind: str
-    init_from: str | None
-    init_hf: str | None  # a Hugging Face checkpoint (directory or Hub id in the local cache) to start from
-    order: int
     seq_len: int
-    steps: int | None
     global_batch_tokens: int | None
     global_batch_seqs: int | None
+    steps: int | None
     tokens: float | None  # tokens the stage trains on (steps x global_batch_tokens when data gives none)
     lr: float
     min_lr: float
@@ -260,7 +254,20 @@ class StagePlan:
     grad_accum: int | None
     checkpoint_interval: int | None
     hyper: dict[str, Any]  # kind-specific: beta (dpo), group_size/kl_coef/... (grpo), loss_mask, chat_template
-    defaults: list[str]
+    defaults: list[str]  # the settings llmc chose (the spec left them out)
+
+
+@dataclass(frozen=True)
+class StagePlan(StageTraining):
+    """One stage's resolved plan: its training numbers (:class:`StageTraining`) and the rest. For the ``pretrain``
+    stage the training numbers equal ``Compiled.hyper`` and the batch split equals ``Compiled.plan``; other stages
+    resolve theirs in :func:`llmc.compiler.stages.resolve_stage_training`."""
+
+    name: str
+    kind: str
+    init_from: str | None
+    init_hf: str | None  # a Hugging Face checkpoint (directory or Hub id in the local cache) to start from
+    order: int
     models_in_memory: list[ModelInMemory]
     n_models: int
     params_total: int

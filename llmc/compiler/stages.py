@@ -26,7 +26,7 @@ import difflib
 import graphlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from llmc.compiler import defaults as defaults_mod
@@ -47,6 +47,7 @@ from llmc.compiler.result import (
     StageMemoryPlan,
     StagePlan,
     StageTimePlan,
+    StageTraining,
 )
 from llmc.compiler.search import USABLE_FRACTION, describe, divisors
 from llmc.compiler.units import gib
@@ -197,27 +198,6 @@ def _cycles(parent: dict[str, str]) -> list[list[str]]:
 
 
 # ----------------------------------------------------------------------------- training numbers
-
-
-@dataclass(frozen=True)
-class StageTraining:
-    """A stage's resolved training numbers (copied into its :class:`StagePlan`)."""
-
-    seq_len: int
-    global_batch_tokens: int | None
-    global_batch_seqs: int | None
-    steps: int | None
-    tokens: float | None
-    lr: float
-    min_lr: float
-    warmup_steps: int
-    schedule: str
-    decay_fraction: float
-    micro_batch: int | None
-    grad_accum: int | None
-    checkpoint_interval: int | None
-    hyper: dict[str, Any]
-    defaults: list[str]
 
 
 def kind_hyper(run: RunSpec, st: StageBase) -> tuple[dict[str, Any], list[str]]:
@@ -949,12 +929,8 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
     out_ctx = _context_out(env, st, p, tr.seq_len, inherited, sink)
     check_stage(env, st, p, tr, mem, sink)
     plan = StagePlan(
-        name=st.name, kind=st.kind, init_from=st.init_from, init_hf=st.init_hf, order=order, seq_len=tr.seq_len, steps=tr.steps,
-        global_batch_tokens=tr.global_batch_tokens, global_batch_seqs=tr.global_batch_seqs, tokens=tr.tokens,
-        lr=tr.lr, min_lr=tr.min_lr, warmup_steps=tr.warmup_steps, schedule=tr.schedule,
-        decay_fraction=tr.decay_fraction, micro_batch=tr.micro_batch, grad_accum=tr.grad_accum,
-        checkpoint_interval=tr.checkpoint_interval, hyper=tr.hyper, defaults=tr.defaults,
-        models_in_memory=models, n_models=len(models), params_total=env.n_total, trainable_params=trainable,
+        **{f.name: getattr(tr, f.name) for f in fields(StageTraining)},
+        name=st.name, kind=st.kind, init_from=st.init_from, init_hf=st.init_hf, order=order, models_in_memory=models, n_models=len(models), params_total=env.n_total, trainable_params=trainable,
         trainable_fraction=trainable / env.n_total if env.n_total else 0.0, lora=_lora_plan(st), memory=mem,
         rollout=rollout, long_context=lc,
         context=ContextPlan(max_context=out_ctx["max_context"], rope_theta=out_ctx["rope_theta"],
