@@ -66,7 +66,9 @@ from llmc.spec.families import family_of
 from llmc.spec.model import Architecture
 from llmc.spec.schema import AC_MODES
 
-WORKSPACE_BYTES = 1 * GiB  # CUDA context + cuBLAS workspace + NCCL internal buffers (estimate)
+# the backend-neutral profile's device memory outside the allocator (CUDA context + cuBLAS workspace + NCCL), the
+# workspace every ``generic`` plan counts; the backend profiles have their own (backends.Backend.cuda_context_bytes)
+WORKSPACE_BYTES = get_backend("generic").cuda_context_bytes
 DS_BUCKET_ELEMS = 500_000_000  # DeepSpeed reduce_bucket_size / allgather_bucket_size defaults (5e8)
 DDP_BUCKET_BYTES = 25 * MiB  # torch DDP bucket_cap_mb default
 # ZeRO-Offload keeps on the host, per parameter a rank owns: the fp32 master weight (4), AdamW's two moments (8)
