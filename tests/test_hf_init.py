@@ -44,6 +44,11 @@ def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: in
     elif kind == "phi3":  # q/k/v and gate/up fused in the checkpoint (token ids inside the tiny vocabulary)
         cfg = transformers.Phi3Config(**{**TINY, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **over})
         model = transformers.Phi3ForCausalLM(cfg)
+    elif kind == "granite":  # muP multipliers as Granite 3's (embeddings x 12, residual branches x 0.22, logits / 8)
+        cfg = transformers.GraniteConfig(**{**TINY, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                                            "attention_multiplier": 0.125, "logits_scaling": 8.0, "pad_token_id": 0,
+                                            **over})
+        model = transformers.GraniteForCausalLM(cfg)
     elif kind == "qwen3_moe":  # experts narrower than intermediate_size (the dense layers' width), top-k renormalised
         cfg = transformers.Qwen3MoeConfig(**{**TINY, "num_experts": 4, "num_experts_per_tok": 2,
                                              "moe_intermediate_size": 40, "norm_topk_prob": True, **over})
@@ -72,7 +77,8 @@ def arch_of(path: Path):
 
 @pytest.mark.parametrize("kind,over", [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {}),
                                        ("qwen3", {"head_dim": 16}), ("mixtral", {}),
-                                       ("qwen3_moe", {"head_dim": 16, "mlp_only_layers": [0]}), ("phi3", {})])
+                                       ("qwen3_moe", {"head_dim": 16, "mlp_only_layers": [0]}), ("phi3", {}),
+                                       ("granite", {"tie_word_embeddings": True})])
 def test_load_gives_transformers_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     if kind != "mixtral":  # sharded: several files + index
@@ -91,7 +97,7 @@ def test_load_gives_transformers_logits(tmp_path, kind, over):
 
 
 @pytest.mark.parametrize("kind,over", [("qwen2", {}), ("qwen3", {"head_dim": 16}),
-                                       ("qwen3_moe", {"mlp_only_layers": [0], "num_hidden_layers": 3})])
+                                       ("qwen3_moe", {"mlp_only_layers": [0], "num_hidden_layers": 3}), ("granite", {})])
 def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     arch = arch_of(src)

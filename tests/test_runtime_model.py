@@ -20,7 +20,7 @@ from llmc.runtime.model import (  # noqa: E402
     rope_inv_freq,
     rope_tables,
 )
-from llmc.spec.model import MLA, Architecture, RopeScaling  # noqa: E402
+from llmc.spec.model import MLA, Architecture, Multipliers, RopeScaling  # noqa: E402
 from llmc.spec.model import MoE as MoESpec  # noqa: E402
 
 TINY = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=97, max_seq_len=32)
@@ -40,6 +40,7 @@ def arch(**kw) -> Architecture:
     {"rope_scaling": RopeScaling(type="longrope", factor=2.0, original_max_position=16, short_factor=[1.0, 1.5, 2, 3],
                                  long_factor=[1.0, 2, 4, 8])},
     {"rotary_dim": 4},
+    {"multipliers": Multipliers(embedding=12.0, residual=0.22, attention=0.125, logits=8.0)},
 ])
 def test_forward_shapes_and_backward(kw):
     a = arch(**kw)

@@ -242,6 +242,7 @@ training: {global_batch_tokens: 1048576INIT}
     assert plain.backend.name == "torchtitan" and torchtitan_model_gaps(plain.spec.model) == []
     for model, what in (("{preset: llama3-8b, rotary_dim: 64}", "rotates whole heads"),
                         ("{preset: llama3-8b, rope_scaling: {type: linear, factor: 2.0}}", "not 'linear'"),
+                        ("{preset: llama3-8b, multipliers: {embedding: 12}}", "muP multipliers"),
                         ("qwen2.5-7b", None)):
         c = comp(model) if what else comp(model, ", init_hf: ckpt")
         assert c.backend.name == "native" and "torchtitan cannot run this model" in c.backend.reason, model

@@ -191,7 +191,7 @@ def test_hf_defaults_mha_and_qwen_bias():
 
 
 @pytest.mark.parametrize("model_type, family", [
-    ("llama", "llama"), ("mistral", "llama"), ("phi3", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mixtral", "mixtral"),
+    ("llama", "llama"), ("mistral", "llama"), ("phi3", "llama"), ("granite", "granite"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mixtral", "mixtral"),
     ("qwen3_moe", "qwen3_moe"), ("deepseek_v3", "deepseek_v3"),
 ])
 def test_imported_config_lands_in_its_family(model_type, family):
@@ -208,6 +208,22 @@ def test_imported_config_lands_in_its_family(model_type, family):
                    num_experts_per_tok=2, moe_intermediate_size=32)
     arch = architecture_from_hf_config(cfg)
     assert family_of(arch).name == family and model_type in family_of(arch).hf_model_types
+
+
+def test_granite_multipliers_and_refusals():
+    """Granite's four muP scalars land in model.multipliers (transformers' GraniteConfig defaults: 1.0 each, and the
+    softmax scale is attention_multiplier itself, not 1/sqrt(head_dim)); its attention_bias (which also biases o_proj)
+    and mlp_bias are refused, with a zero multiplier, all at once."""
+    base = {"model_type": "granite", "num_attention_heads": 4, "num_hidden_layers": 2, "hidden_size": 64,
+            "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64}
+    m = architecture_from_hf_config({**base, "embedding_multiplier": 12, "residual_multiplier": 0.22,
+                                     "attention_multiplier": 0.0078125, "logits_scaling": 16}).multipliers
+    assert (m.embedding, m.residual, m.attention, m.logits) == (12.0, 0.22, 0.0078125, 16.0)
+    assert architecture_from_hf_config(base).multipliers.attention == 1.0
+    with pytest.raises(HFConfigError) as e:
+        architecture_from_hf_config({**base, "attention_bias": True, "mlp_bias": True, "logits_scaling": 0})
+    assert [m.split("'")[1] for m in e.value.messages[:2]] == ["attention_bias", "mlp_bias"]
+    assert e.value.messages[2] == "config.json 'logits_scaling' must be > 0 (got 0.0)"
 
 
 def test_deepseek_v3_config_as_transformers_saves_it():

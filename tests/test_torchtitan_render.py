@@ -183,6 +183,8 @@ def test_unexpressible_architectures_give_diagnostics_not_modules():
     assert d.code == "X301" and "'longrope'" in d.message
     [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "rotary_dim": TINY["d_model"] // TINY["n_heads"] // 2}))
     assert (d.code, d.path) == ("X301", "model.rotary_dim")
+    [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "multipliers": {"embedding": 12.0}}))
+    assert (d.code, d.path) == ("X314", "model.multipliers")
     tied_pp = compiled_for(model={**TINY, "tied_embeddings": True},
                            plan=ParallelPlan(pp=2, micro_batch=1, grad_accum=4))
     assert [d.code for d in torchtitan_diagnostics(tied_pp)] == ["X303"]

@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmc.spec.model import RopeScaling
+from llmc.spec.model import Multipliers, RopeScaling
 
 # Phi-3.5 / Phi-4-mini's LongRoPE on a tiny head (3 rotary frequencies), switching at 16 tokens
+# Granite 3's muP scalars (embedding 12, residual 0.22, softmax scale 1/128-style, logits / 8)
+GRANITE = Multipliers(embedding=12.0, residual=0.22, attention=0.125, logits=8.0)
 PHI3_LONGROPE = RopeScaling(type="longrope", factor=2.0, original_max_position=16, short_factor=[1.0, 1.5, 2.0],
                             long_factor=[1.2, 3.0, 8.0])
 
@@ -236,6 +238,7 @@ def model_exports(tmp_path_factory) -> tuple[dict, dict]:
         "Qwen2ForCausalLM": Architecture(name="qwen2", **base, qkv_bias=True),
         "Qwen3ForCausalLM": Architecture(name="qwen3", **{**base, "head_dim": 16}, qk_norm=True),
         "Phi3ForCausalLM": Architecture(name="phi3", **base, rotary_dim=6, rope_scaling=PHI3_LONGROPE),
+        "GraniteForCausalLM": Architecture(name="granite", **base, multipliers=GRANITE),
         "MixtralForCausalLM": Architecture(name="mixtral", **base, moe=MoE(num_experts=3, top_k=2)),
         "Qwen3MoeForCausalLM": Architecture(name="qwen3moe", **{**base, "n_layers": 3, "head_dim": 16}, qk_norm=True,
                                             moe=MoE(num_experts=4, top_k=2, expert_d_ff=24, dense_layers=1)),
@@ -329,7 +332,8 @@ def load_exports(tmp_path_factory) -> tuple[dict, dict, dict]:
              "qwen3": Architecture(name="qwen3", **{**base, "head_dim": 16}, qk_norm=True),
              # Phi-4-mini's shape of RoPE: 6 of 8 dims per head, LongRoPE, tied embeddings (fused qkv / gate_up)
              "phi3": Architecture(name="phi3", **base, rotary_dim=6, tied_embeddings=True,
-                                  rope_scaling=PHI3_LONGROPE)}
+                                  rope_scaling=PHI3_LONGROPE),
+             "granite": Architecture(name="granite", **base, tied_embeddings=True, multipliers=GRANITE)}
     dirs, want = {}, {}
     for name, a in archs.items():
         model = build_model(a, seed=0)
@@ -349,7 +353,8 @@ def test_dense_hf_exports_load_into_vllm_models(load_exports, vllm):
     for name, a in archs.items():
         m = got[str(dirs[name])]
         assert m["class"] == ("Qwen2ForCausalLM" if a.qkv_bias else "Qwen3ForCausalLM" if a.qk_norm
-                              else "Phi3ForCausalLM" if a.rotary_dim else "LlamaForCausalLM")
+                              else "Phi3ForCausalLM" if a.rotary_dim else "GraniteForCausalLM" if a.multipliers
+                              else "LlamaForCausalLM")
         # VocabParallelEmbedding pads the vocabulary to a multiple of 64 rows (DEFAULT_VOCAB_PADDING_SIZE in
         # vllm/model_executor/layers/vocab_parallel_embedding.py), in the embedding and in an untied LM head
         pad_rows = -a.vocab_size % 64 * (1 if a.tied_embeddings else 2)

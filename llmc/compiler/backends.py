@@ -417,6 +417,10 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
     if arch.qkv_bias and arch.mla is not None:
         out.append(ModelGap("X302", "model.qkv_bias", f"torchtitan {v} deepseek_v3 MLA attention has no q/k/v bias",
                             "set qkv_bias: false or use another backend"))
+    if arch.multipliers is not None:
+        out.append(ModelGap("X314", "model.multipliers",
+                            f"torchtitan {v}'s Llama model has no muP multipliers (Granite's embedding, residual, "
+                            "attention and logits scalars)", "build with training.backend native or deepspeed"))
     if arch.moe is not None and arch.moe.router_bias:
         out.append(ModelGap("X309", "model.moe.router_bias",
                             "a bias on the router gate linear is not emitted by llmc's torchtitan target",

@@ -643,7 +643,7 @@ def load_init_from(model: nn.Module, stage_dir: str | Path, arch, *, rank: int =
 def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
               *, softmax_mscale: bool = False) -> dict[str, Any]:
     """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q/k norms),
-    Phi3ForCausalLM (partial RoPE), MixtralForCausalLM, Qwen3MoeForCausalLM (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see
+    Phi3ForCausalLM (partial RoPE), GraniteForCausalLM (muP multipliers), MixtralForCausalLM, Qwen3MoeForCausalLM (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see
     :func:`export_hf`."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
     cls, mtype = fam.hf_class, fam.hf_model_types[0]
@@ -656,8 +656,12 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
            "tie_word_embeddings": arch.tied_embeddings, "hidden_act": "silu", "torch_dtype": str(dtype).split(".")[-1],
            "bos_token_id": bos_id, "eos_token_id": eos_id, "attention_dropout": 0.0, "initializer_range": 0.02,
            "use_cache": True}
-    if mtype == "llama":
+    if mtype in ("llama", "granite"):
         cfg.update(attention_bias=False, mlp_bias=False)
+    if mtype == "granite":  # GraniteConfig (transformers configuration_granite.py): the muP multipliers
+        m = arch.multipliers
+        cfg.update(embedding_multiplier=m.embedding, residual_multiplier=m.residual, logits_scaling=m.logits,
+                   attention_multiplier=m.attention if m.attention is not None else arch.hd ** -0.5)
     if mtype == "phi3":  # Phi3Config (transformers configuration_phi3.py); partial RoPE: int(head_dim x factor) dims
         rs = arch.rope_scaling
         cfg.update(attention_bias=False, partial_rotary_factor=(arch.rotary_dim or arch.hd) / arch.hd,

@@ -225,6 +225,8 @@ class Attention(nn.Module):
         self.qk_norm = arch.qk_norm
         # partial RoPE (Phi-4-mini): only the first rotary_dim dims of each head rotate, as HF Phi3Attention's q_rot
         self.rotary = arch.rotary_dim if arch.rotary_dim is not None and arch.rotary_dim < hd else None
+        # Granite's softmax scale (attention_multiplier); None = SDPA's 1/sqrt(head_dim)
+        self.scale = arch.multipliers.attention if arch.multipliers is not None else None
         self.checkpoint_core = False  # selective activation checkpointing (see Transformer.set_ac)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None,
@@ -252,7 +254,7 @@ class Attention(nn.Module):
             r = self.rotary
             q = torch.cat([apply_rope(q[..., :r], rope), q[..., r:]], dim=-1)
             k = torch.cat([apply_rope(k[..., :r], rope), k[..., r:]], dim=-1)
-        out = _attend(q, k, v, cache, layer)  # (B, H, T, hd); k, v keep K heads
+        out = _attend(q, k, v, cache, layer, scale=self.scale)  # (B, H, T, hd); k, v keep K heads
         return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -509,15 +511,18 @@ class TransformerBlock(nn.Module):
             self.moe = MoE(arch)
         else:
             self.feed_forward = FeedForward(arch.d_model, arch.d_ff)
+        # Granite: each branch's output x residual_multiplier before its residual add (1: none)
+        self.residual = arch.multipliers.residual if arch.multipliers is not None else 1.0
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        h = x + self.attention(self.attention_norm(x), rope, cache, self.layer_id)  # (B, T, D)
+        a = self.attention(self.attention_norm(x), rope, cache, self.layer_id)  # (B, T, D)
+        h = x + (a if self.residual == 1.0 else a * self.residual)
         if self.is_moe:
             y, aux = self.moe(self.ffn_norm(h))
         else:
             y, aux = self.feed_forward(self.ffn_norm(h)), h.new_zeros((), dtype=torch.float32)
-        return h + y, aux
+        return h + (y if self.residual == 1.0 else y * self.residual), aux
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.reset_parameters()
@@ -546,6 +551,8 @@ class Transformer(nn.Module):
         self.long_from = rs.original_max_position if rs is not None and rs.type == "longrope" else None
         self.register_buffer("rope_long", self._rope_tables(True) if self.long_from else None, persistent=False)
         self.ac_mode, self.ac_layers = "none", 0  # see set_ac
+        mult = arch.multipliers
+        self.embed_scale, self.logit_div = (mult.embedding, mult.logits) if mult is not None else (1.0, 1.0)
 
     def _rope_tables(self, long: bool = False) -> torch.Tensor:
         a = self.arch
@@ -599,6 +606,8 @@ class Transformer(nn.Module):
         if cache is not None and cache.pad is not None:
             rope, cache.mask = self._padded(cache.pad.to(tokens.device), pos, T)
         h = self.tok_embeddings(tokens)  # (B, T, D)
+        if self.embed_scale != 1.0:  # Granite's embedding_multiplier
+            h = h * self.embed_scale
         aux = h.new_zeros((), dtype=torch.float32)
         n_ckpt = 0 if cache is not None else self._recomputed_blocks()
         for i, blk in enumerate(self.layers.values()):
@@ -618,8 +627,10 @@ class Transformer(nn.Module):
         return (out, aux) if return_aux else out
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """The output projection: hidden states (..., D) -> logits (..., V) (a tied head uses the embeddings)."""
-        return h @ self.tok_embeddings.weight.t() if self.arch.tied_embeddings else self.lm_head(h)
+        """The output projection: hidden states (..., D) -> logits (..., V) (a tied head uses the embeddings; Granite
+        divides the logits by its logits_scaling)."""
+        out = h @ self.tok_embeddings.weight.t() if self.arch.tied_embeddings else self.lm_head(h)
+        return out if self.logit_div == 1.0 else out / self.logit_div
 
     def _padded(self, pad: torch.Tensor, pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE rows (B, T, rope_dim/2, 2) and attention mask (B, 1, T, pos + T) of cache positions pos..pos+T-1 in a

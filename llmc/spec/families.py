@@ -20,7 +20,9 @@ Sources:
   * Phi-3 / Phi-4: Abdin et al. 2024 (arXiv:2404.14219, arXiv:2412.08905): Llama-style blocks (RMSNorm, SwiGLU, RoPE,
     GQA for Phi-4); the checkpoints fuse qkv_proj and gate_up_proj (transformers modeling_phi3.py); Phi-4-mini rotates
     0.75 of each head (partial_rotary_factor)
-  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
+  * Granite 3: IBM, "Granite 3.0 Language Models" (2024; https://github.com/ibm-granite/granite-3.0-language-models):
+    a Llama block with muP multipliers (transformers modeling_granite.py)
+  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
   * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
 Gemma is not declared: llmc models no sliding-window attention.
 """
@@ -80,6 +82,8 @@ FAMILIES: dict[str, Family] = {
     # LlamaForCausalLM cannot express: exported as Phi3ForCausalLM (fused qkv_proj / gate_up_proj); phi3 configs
     # import through the llama entry (the first family listing the type), which yields this family when partial
     "phi3": Family("phi3", ("phi3",), "Phi3ForCausalLM", "gqa", False, False, "llama3", ("phi",)),
+    # a Llama block with muP's fixed multipliers on the embeddings, residual branches, softmax and logits (IBM Granite 3)
+    "granite": Family("granite", ("granite",), "GraniteForCausalLM", "gqa", False, False, "llama3", ("granite",)),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
     "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),
     "deepseek_v3": Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", "mla", True, False,
@@ -92,8 +96,8 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES
 
 def family_of(arch: Architecture) -> Family:
     """The family an architecture's switches select: MLA -> deepseek_v3, MoE -> qwen3_moe with q/k norms, else
-    mixtral, q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, else llama (the spec refuses q/k norms
-    with MLA: M006)."""
+    mixtral, q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, else llama
+    (the spec refuses q/k norms with MLA: M006; multipliers combine with none of these: M010)."""
     if arch.mla is not None:
         return FAMILIES["deepseek_v3"]
     if arch.moe is not None:
@@ -104,6 +108,8 @@ def family_of(arch: Architecture) -> Family:
         return FAMILIES["qwen2"]
     if arch.rotary_dim is not None and arch.rotary_dim < arch.hd:
         return FAMILIES["phi3"]
+    if arch.multipliers is not None:
+        return FAMILIES["granite"]
     return FAMILIES["llama"]
 
 

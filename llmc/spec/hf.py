@@ -1,7 +1,7 @@
 """Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
 
 Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``, ``phi3``,
-``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
+``granite``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
 =============================  =====================================
@@ -25,6 +25,8 @@ rope_theta / rope_scaling      rope_theta / rope_scaling: llama3, yarn, linear, 
                                original, as transformers), attention_factor); phi3 reads su / yarn as longrope, as
                                transformers' Phi3Config does
 partial_rotary_factor (phi3)   rotary_dim = int(head_dim x factor) when below 1 (Phi-4-mini 0.75: 96 of 128)
+embedding_multiplier, ...      multipliers.embedding / residual / attention / logits (granite: *_multiplier,
+                               logits_scaling); attention_bias / mlp_bias true refused (o_proj and MLP biases)
 max_position_embeddings        max_seq_len
 rms_norm_eps                   norm_eps
 num_local_experts, *_per_tok   moe.num_experts, moe.top_k (mixtral)
@@ -46,7 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llmc.spec.families import SUPPORTED_MODEL_TYPES, family_for_model_type
-from llmc.spec.model import MLA, Architecture, MoE, RopeScaling
+from llmc.spec.model import MLA, Architecture, MoE, Multipliers, RopeScaling
 
 __all__ = ["HFConfigError", "HF_KEY_FOR_FIELD", "architecture_from_hf_config", "fold_rope_parameters",
            "SUPPORTED_MODEL_TYPES"]
@@ -290,9 +292,26 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> No
             )
 
 
+def _granite(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    """transformers ``GraniteConfig``: a Llama block with muP multipliers (``modeling_granite.py``: embeddings x
+    embedding_multiplier, each attention / MLP output x residual_multiplier, softmax scale attention_multiplier,
+    logits / logits_scaling). Its attention_bias also biases o_proj, and mlp_bias the MLP: neither is llmc's."""
+    for key, what in (("attention_bias", "q/k/v and o_proj biases"), ("mlp_bias", "MLP biases")):
+        if cfg.get(key) is True:
+            errs.append(f"config.json {key!r} true is not supported for granite ({what}; llmc's Granite block has none)")
+    kw["qkv_bias"] = False
+    keys = {"embedding": "embedding_multiplier", "residual": "residual_multiplier",
+            "attention": "attention_multiplier", "logits": "logits_scaling"}
+    m = _each(errs, **{f: (lambda k=k: _float(cfg, k, 1.0)) for f, k in keys.items()})
+    bad = [f"config.json {keys[f]!r} must be > 0 (got {_short(v)})" for f, v in m.items() if v <= 0]
+    errs.extend(bad)
+    if len(m) == 4 and not bad:
+        kw["multipliers"] = Multipliers(**m)
+
+
 #: family name -> the hook that reads its extra config keys
 _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
-    "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3,
+    "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "granite": _granite,
 }
 #: model_type -> the hook for a type imported by a family that also imports others (phi3 through llama)
 _TYPE_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {"phi3": _phi3}

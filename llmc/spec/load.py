@@ -24,6 +24,7 @@ M005    tokenizer vocab_size differs from the model's vocab_size
 M006    qk_norm with MLA (q/k norms are modelled on GQA models: Qwen3, Qwen3-MoE)
 M008    longrope factors: not one per rotary frequency (rotary dims / 2), or on an MLA model
 M009    rotary_dim odd, larger than head_dim, or on an MLA model
+M010    multipliers (Granite) with q/k/v biases, q/k norms, experts, MLA or partial RoPE (not modelled together)
 D004    duplicate data source name (in ``data.sources`` or a stage's)
 G001    duplicate stage name (same code as the compiler's stage-graph check)
 V004    ``serving.N.stage`` names no stage (same code as the compiler's serving check)
@@ -967,6 +968,13 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
             why = ("rotary_dim with MLA is not modelled (MLA's rope dims are mla.qk_rope_head_dim)" if arch.mla is not None
                    else f"rotary_dim {r} must be even and at most head_dim {arch.hd}")
             out.append(ctx.diag("M009", "model.rotary_dim", why, "RoPE rotates pairs of the first rotary_dim dims"))
+        if arch.multipliers is not None:
+            other = [n for n, on in (("qkv_bias", arch.qkv_bias), ("qk_norm", arch.qk_norm), ("moe", arch.moe),
+                                     ("mla", arch.mla), ("rotary_dim", r is not None and r < arch.hd)) if on]
+            if other:
+                out.append(ctx.diag("M010", "model.multipliers",
+                                    f"multipliers (Granite) with {', '.join(other)} is not modelled",
+                                    "Granite 3 is a plain Llama block with multipliers"))
     datas: list[tuple[str, Data | None]] = [("data", data)]
     datas += [(f"stages.{i}.data", s.data) for i, s in enumerate(stages) if s is not None and s.data is not None]
     if arch is not None:

@@ -137,6 +137,20 @@ class MLA(SpecModel):
     """Per-head value dims (DeepSeek-V3 128)."""
 
 
+class Multipliers(SpecModel):
+    """Fixed scalars of a muP-parametrised model (IBM Granite 3: config.json ``embedding_multiplier``,
+    ``residual_multiplier``, ``attention_multiplier``, ``logits_scaling``; transformers ``modeling_granite.py``)."""
+
+    embedding: Float = Field(default=1.0, gt=0)
+    """Token embeddings are multiplied by this (Granite-3 8B: 12)."""
+    residual: Float = Field(default=1.0, gt=0)
+    """Each attention and FFN output is multiplied by this before its residual add (Granite-3 8B: 0.22)."""
+    attention: Float | None = Field(default=None, gt=0)
+    """The softmax scale of q.k (Granite-3: 1/128); None = 1/sqrt(head_dim)."""
+    logits: Float = Field(default=1.0, gt=0)
+    """The head's logits are divided by this (Granite-3 8B: 16)."""
+
+
 class RopeScaling(SpecModel):
     """RoPE frequency scaling for context extension."""
 
@@ -220,6 +234,8 @@ class Architecture(SpecModel):
     """Longest context the model is configured for (RoPE tables, serving default)."""
     moe: MoE | None = None
     """Mixture-of-experts FFN; None = dense."""
+    multipliers: Multipliers | None = None
+    """muP-style fixed scalars on the embeddings, residual branches, softmax and logits (Granite); None = none."""
     mla: MLA | None = None
     """Multi-head latent attention; None = standard GQA."""
 
