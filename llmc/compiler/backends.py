@@ -410,7 +410,7 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
         out.append(ModelGap("X301", "model.rope_scaling.type",
                             f"torchtitan {v} RoPE supports scaling 'none', 'llama' and 'yarn', not {rs.type!r}",
                             "use type: llama3 or yarn, or build with another backend"))
-    if arch.mla is None and arch.rotary_dim is not None and arch.rotary_dim < arch.hd:
+    if arch.mla is None and arch.partial_rotary:
         out.append(ModelGap("X301", "model.rotary_dim",
                             f"torchtitan {v}'s Llama / Qwen3 attention rotates whole heads (rotary_dim "
                             f"{arch.rotary_dim} of head_dim {arch.hd})", "build with training.backend native or deepspeed"))

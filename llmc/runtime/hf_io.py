@@ -41,7 +41,9 @@ projections, transformers ``modeling_phi3.py``) are read by row ranges of the fu
                                            [(H+K) hd, (H+2K) hd)                        (wq, wk rows permuted)
     layers.N.feed_forward.{w1,w3}.weight   model.layers.N.mlp.gate_up_proj.weight rows [0, F), [F, 2F) (gate, up)
 
-and exported as ``LlamaForCausalLM`` (the same computation; the Phi-3 family names no other class).
+and exported as ``LlamaForCausalLM`` (the same computation), except a model with partial RoPE (Phi-4-mini: the first
+``rotary_dim`` rows of each q/k head are permuted, the rest never rotate), which Llama cannot express: it is written
+back as ``Phi3ForCausalLM`` with the fused tensors. Granite (``GraniteForCausalLM``) has Llama's names.
 
 RoPE: llmc rotates adjacent pairs (Meta layout); HF rotates halves (``rotate_half``). The export permutes
 the q/k rows per head as HF's ``permute`` (pairs -> halves); the import applies the inverse.
@@ -93,9 +95,6 @@ from llmc.spec.families import family_of
 HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
               "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _IGNORED_HF = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
-
-
-
 
 class HFError(ValueError):
     """A Hugging Face checkpoint that cannot be loaded / written; ``str(e)`` is one line."""
@@ -178,7 +177,7 @@ def hf_export_supported(arch) -> str | None:
     Phi-3), else the reason."""
     if arch.mla is not None:
         return _deepseek_supported(arch)
-    if arch.rotary_dim is not None and arch.rotary_dim < arch.hd and (arch.qkv_bias or arch.qk_norm or arch.moe):
+    if arch.partial_rotary and (arch.qkv_bias or arch.qk_norm or arch.moe):
         return "partial RoPE is exported as Phi3ForCausalLM, which has no q/k/v biases, q/k norms or experts"
     m = arch.moe
     if m is None:
@@ -197,7 +196,8 @@ def hf_export_supported(arch) -> str | None:
     return None
 
 
-#: HF model_types whose checkpoints fuse q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` (read, never written)
+#: HF model_types whose checkpoints fuse q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` (read; written for the
+#: phi3 family)
 FUSED_MODEL_TYPES = ("phi3",)
 
 
@@ -212,7 +212,7 @@ def hf_names(arch, rope_interleave: bool = True, fused: bool = False) -> dict[st
     if arch.mla is not None:
         return _deepseek_names(arch, rope_interleave)
     fused = fused or family_of(arch).hf_model_types[0] in FUSED_MODEL_TYPES
-    rot = arch.rotary_dim if arch.rotary_dim is not None and arch.rotary_dim < arch.hd else None
+    rot = arch.partial_rotary
     H, K = arch.n_heads, arch.kv_heads
     out = {"tok_embeddings.weight": HFParam(("model.embed_tokens.weight",)),
            "norm.weight": HFParam(("model.norm.weight",))}
@@ -244,7 +244,7 @@ def _fused_names(arch, s: str, d: str) -> dict[str, HFParam]:
     if arch.qkv_bias or arch.qk_norm or arch.moe is not None:
         raise HFError(f"{arch.name}: Phi3ForCausalLM checkpoints have no q/k/v biases, q/k norms or experts")
     H, K, hd, F = arch.n_heads, arch.kv_heads, arch.hd, arch.d_ff
-    rot = arch.rotary_dim if arch.rotary_dim is not None and arch.rotary_dim < hd else None
+    rot = arch.partial_rotary
     qkv, gate_up, n = f"{d}self_attn.qkv_proj.weight", f"{d}mlp.gate_up_proj.weight", (H + 2 * K) * hd
     return {f"{s}attention.wq.weight": HFParam((qkv,), H, rows=(0, H * hd, n), rotary=rot),
             f"{s}attention.wk.weight": HFParam((qkv,), K, rows=(H * hd, (H + K) * hd, n), rotary=rot),
@@ -643,8 +643,8 @@ def load_init_from(model: nn.Module, stage_dir: str | Path, arch, *, rank: int =
 def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
               *, softmax_mscale: bool = False) -> dict[str, Any]:
     """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q/k norms),
-    Phi3ForCausalLM (partial RoPE), GraniteForCausalLM (muP multipliers), MixtralForCausalLM, Qwen3MoeForCausalLM (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see
-    :func:`export_hf`."""
+    Phi3ForCausalLM (partial RoPE), GraniteForCausalLM (muP multipliers), MixtralForCausalLM, Qwen3MoeForCausalLM
+    (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see :func:`export_hf`."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
     cls, mtype = fam.hf_class, fam.hf_model_types[0]
     if arch.mla is not None:
@@ -664,7 +664,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
                    attention_multiplier=m.attention if m.attention is not None else arch.hd ** -0.5)
     if mtype == "phi3":  # Phi3Config (transformers configuration_phi3.py); partial RoPE: int(head_dim x factor) dims
         rs = arch.rope_scaling
-        cfg.update(attention_bias=False, partial_rotary_factor=(arch.rotary_dim or arch.hd) / arch.hd,
+        cfg.update(attention_bias=False, partial_rotary_factor=(arch.partial_rotary or arch.hd) / arch.hd,
                    original_max_position_embeddings=rs.original_max_position if rs is not None and
                    rs.type == "longrope" else arch.max_seq_len, sliding_window=None, pad_token_id=None,
                    resid_pdrop=0.0, embd_pdrop=0.0)

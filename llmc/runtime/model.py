@@ -224,7 +224,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(hd, arch.norm_eps), RMSNorm(hd, arch.norm_eps)
         self.qk_norm = arch.qk_norm
         # partial RoPE (Phi-4-mini): only the first rotary_dim dims of each head rotate, as HF Phi3Attention's q_rot
-        self.rotary = arch.rotary_dim if arch.rotary_dim is not None and arch.rotary_dim < hd else None
+        self.rotary = arch.partial_rotary
         # Granite's softmax scale (attention_multiplier); None = SDPA's 1/sqrt(head_dim)
         self.scale = arch.multipliers.attention if arch.multipliers is not None else None
         self.checkpoint_core = False  # selective activation checkpointing (see Transformer.set_ac)
@@ -543,7 +543,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(arch.d_model, arch.norm_eps)
         if not arch.tied_embeddings:
             self.lm_head = nn.Linear(arch.d_model, arch.vocab_size, bias=False)
-        self.rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else min(arch.rotary_dim or arch.hd, arch.hd)
+        self.rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else arch.partial_rotary or arch.hd
         self.register_buffer("rope", self._rope_tables(), persistent=False)  # (max_seq_len, rope_dim/2, 2)
         # longrope: the table of its long factors, used for every position of a sequence longer than the original
         # context (transformers' longrope_frequency_update: max position + 1 > original_max_position_embeddings)

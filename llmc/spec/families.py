@@ -106,7 +106,7 @@ def family_of(arch: Architecture) -> Family:
         return FAMILIES["qwen3"]
     if arch.qkv_bias:
         return FAMILIES["qwen2"]
-    if arch.rotary_dim is not None and arch.rotary_dim < arch.hd:
+    if arch.partial_rotary:
         return FAMILIES["phi3"]
     if arch.multipliers is not None:
         return FAMILIES["granite"]

@@ -957,12 +957,12 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
             if arch.mla is not None:
                 out.append(ctx.diag("M008", "model.rope_scaling.type", "longrope is modelled on GQA models only (Phi-3)",
                                     "use type: yarn for MLA"))
-            elif len(rs.short_factor) * 2 != (arch.rotary_dim or arch.hd):
-                dims = f"rotary_dim {arch.rotary_dim}" if arch.rotary_dim else f"head_dim {arch.hd}"
+            elif len(rs.short_factor) * 2 != (arch.partial_rotary or arch.hd):
+                dims = f"rotary_dim {arch.partial_rotary}" if arch.partial_rotary else f"head_dim {arch.hd}"
                 out.append(ctx.diag("M008", "model.rope_scaling.short_factor",
                                     f"longrope has {len(rs.short_factor)} factors for {dims}",
                                     f"give one per rotary frequency: {dims.split()[0]} / 2 = "
-                                    f"{(arch.rotary_dim or arch.hd) // 2}"))
+                                    f"{(arch.partial_rotary or arch.hd) // 2}"))
         r = arch.rotary_dim
         if r is not None and (r % 2 or r > arch.hd or arch.mla is not None):
             why = ("rotary_dim with MLA is not modelled (MLA's rope dims are mla.qk_rope_head_dim)" if arch.mla is not None
@@ -970,7 +970,7 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
             out.append(ctx.diag("M009", "model.rotary_dim", why, "RoPE rotates pairs of the first rotary_dim dims"))
         if arch.multipliers is not None:
             other = [n for n, on in (("qkv_bias", arch.qkv_bias), ("qk_norm", arch.qk_norm), ("moe", arch.moe),
-                                     ("mla", arch.mla), ("rotary_dim", r is not None and r < arch.hd)) if on]
+                                     ("mla", arch.mla), ("rotary_dim", arch.partial_rotary)) if on]
             if other:
                 out.append(ctx.diag("M010", "model.multipliers",
                                     f"multipliers (Granite) with {', '.join(other)} is not modelled",

@@ -257,5 +257,10 @@ class Architecture(SpecModel):
         return self.head_dim or self.d_model // self.n_heads
 
     @property
+    def partial_rotary(self) -> int | None:
+        """``rotary_dim`` when RoPE rotates only part of each head (Phi-4-mini), else None (the whole head)."""
+        return self.rotary_dim if self.rotary_dim is not None and self.rotary_dim < self.hd else None
+
+    @property
     def is_moe(self) -> bool:
         return self.moe is not None
