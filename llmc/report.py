@@ -95,7 +95,12 @@ def _model(c) -> Table:
         shape += (f", MoE {mo.num_experts} experts top-{mo.top_k}"
                   + (f" + {mo.num_shared_experts} shared" if mo.num_shared_experts else "")
                   + (f", first {mo.dense_layers} dense" if mo.dense_layers else ""))
+    if a.multipliers is not None:
+        mu = a.multipliers
+        shape += (f", muP multipliers: embedding x{mu.embedding:g}, residual x{mu.residual:g}, softmax scale "
+                  f"{mu.attention if mu.attention is not None else a.hd ** -0.5:.4g}, logits /{mu.logits:g}")
     t.add_row("architecture", shape)
+    t.add_row("RoPE", _rope_text(a))
     params = f"{m.params_total:,} total ({human(m.params_total)})"
     if m.params_active != m.params_total:
         params += f", {m.params_active:,} active ({human(m.params_active)})"
@@ -106,6 +111,18 @@ def _model(c) -> Table:
     t.add_row("breakdown", shown + (f", {len(top) - 6} more" if len(top) > 6 else ""))
     t.add_row("KV cache", f"{m.kv_bytes_per_token:,} B/token (bf16, all layers)")
     return t
+
+
+def _rope_text(a) -> str:
+    """RoPE as the model runs it: base, the dims it rotates, the context-extension rule."""
+    dims = a.mla.qk_rope_head_dim if a.mla is not None else a.partial_rotary
+    out = f"theta {a.rope_theta:g}" + (f", on {dims} of {a.hd} dims per head" if dims else "")
+    rs = a.rope_scaling
+    if rs is not None:
+        rule = {"llama3": "Llama 3.1 bands", "yarn": "YaRN", "linear": "linear interpolation",
+                "longrope": "LongRoPE (long factors past it)"}[rs.type]
+        out += f", {rule} x{rs.factor:g} from {rs.original_max_position:,} tokens"
+    return out + f"; max_seq_len {a.max_seq_len:,}"
 
 
 def _compute(c) -> Table:
