@@ -619,6 +619,29 @@ def test_T103_chat_template_vs_tokenizer(tmp_path):
     assert d.severity == "error" and "<|start_header_id|>" in d.message
 
 
+def test_default_chat_template_follows_the_tokenizer(tmp_path):
+    """A chat stage without chat_template uses the format its tokenizer has the special tokens for (read from its
+    tokenizer.json, or inferred from the model's family), never one T103 would then refuse: Qwen's ChatML, Phi-4's,
+    Phi-3's, Llama 3's; llmc's own tokenizer keeps llama3. The choice is listed with the stage's defaults."""
+    def default_for(tokens, model="llama3-8b", tok=None):
+        if tok is None:
+            tdir = tmp_path / "-".join(t.strip("<|>") for t in tokens)
+            tdir.mkdir()
+            (tdir / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"content": t} for t in tokens]}))
+            tok = f"    path: {tdir}"
+        _, plans, diags = spec("- {name: sft, kind: sft}\n", model=model, tok=tok)
+        sft = next(p for p in plans if p.name == "sft")
+        assert "chat_template" in sft.defaults and "T103" not in codes(diags)
+        return sft.hyper["chat_template"]
+
+    assert default_for(["<|im_start|>", "<|im_end|>", "<|endoftext|>"]) == "chatml"
+    assert default_for(["<|im_start|>", "<|im_sep|>", "<|im_end|>"]) == "phi4"
+    assert default_for(["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]) == "phi3"
+    assert default_for(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]) == "llama3"
+    assert default_for([], model="qwen2.5-7b", tok="    path: /nope/tok") == "chatml"  # inferred from the family
+    assert default_for([], model="tiny", tok="    train: true") == "llama3"  # llmc's own tokenizer
+
+
 def test_T104_T106():
     text, _, diags = spec("""\
         - name: g

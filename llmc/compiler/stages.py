@@ -200,8 +200,18 @@ def _cycles(parent: dict[str, str]) -> list[list[str]]:
 # ----------------------------------------------------------------------------- training numbers
 
 
-def kind_hyper(run: RunSpec, st: StageBase) -> tuple[dict[str, Any], list[str]]:
-    """Kind-specific settings with their defaults filled, and the names llmc chose."""
+def default_chat_template(specials: set[str] | None) -> str:
+    """The chat template of a stage whose spec names none: the first whose special tokens the tokenizer has (llama3,
+    then phi4 before chatml, whose tokens phi4's include, then phi3), else llama3 (llmc's own tokenizer's format)."""
+    for name in ("llama3", "phi4", "chatml", "phi3") if specials else ():
+        if set(TEMPLATE_TOKENS[name]) <= specials:
+            return name
+    return "llama3"
+
+
+def kind_hyper(run: RunSpec, st: StageBase, specials: set[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Kind-specific settings with their defaults filled, and the names llmc chose; ``specials``: the stage
+    tokenizer's special tokens where known (:func:`tokenizer_specials`), which pick the default chat template."""
     h: dict[str, Any] = {}
     chosen: list[str] = []
 
@@ -227,12 +237,12 @@ def kind_hyper(run: RunSpec, st: StageBase) -> tuple[dict[str, Any], list[str]]:
     if st.kind == "sft":
         pick("loss_mask", "loss_mask", st.loss_mask, "assistant")
     if st.kind in CHAT_KINDS:
-        pick("chat_template", "chat_template", tokenizer_for(run, st).chat_template, "llama3")
+        pick("chat_template", "chat_template", tokenizer_for(run, st).chat_template, default_chat_template(specials))
     return h, chosen
 
 
 def resolve_stage_training(run: RunSpec, st: StageBase, hyper: Hyper, plan: ParallelPlan | None,
-                           inherited_seq_len: int) -> StageTraining:
+                           inherited_seq_len: int, specials: set[str] | None = None) -> StageTraining:
     """Every training number of one stage, in one place.
 
     ``pretrain``: ``hyper`` (the run's resolved hyperparameters) and the searched ``plan``'s batch split.
@@ -240,7 +250,7 @@ def resolve_stage_training(run: RunSpec, st: StageBase, hyper: Hyper, plan: Para
     batch 64 sequences (sft/dpo), prompts x G completions (grpo) or the run's batch (continued training),
     steps = tokens / batch, the run's LR schedule (:func:`defaults.stage_schedule`).
     """
-    kh, chosen = kind_hyper(run, st)
+    kh, chosen = kind_hyper(run, st, specials)
     if st.kind == "pretrain":
         return _pretrain_training(run, hyper, plan, kh)
     seq_len = st.seq_len or (kh["max_prompt_tokens"] + kh["max_new_tokens"] if st.kind == "grpo" else None) \
@@ -900,7 +910,8 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
     """One stage's plan and the context it hands on to stages that ``init_from`` it."""
     p = f"stages.{i}"
     notes: list[str] = []
-    tr = resolve_stage_training(env.run, st, env.hyper, env.plan, inherited["seq_len"])
+    specials = tokenizer_specials(env.run, tokenizer_for(env.run, st), env.facts)[0] if st.kind in CHAT_KINDS else None
+    tr = resolve_stage_training(env.run, st, env.hyper, env.plan, inherited["seq_len"], specials)
     arch = env.run.model
     trainable = lora_trainable_params(arch, st.lora.rank, st.lora.targets) if st.lora else env.n_total
     models = _models(st, tr.hyper.get("kl_coef"), env.precision, notes)
