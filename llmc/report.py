@@ -98,7 +98,7 @@ def _model(c) -> Table:
     if a.multipliers is not None:
         mu = a.multipliers
         shape += (f", muP multipliers: embedding x{mu.embedding:g}, residual x{mu.residual:g}, softmax scale "
-                  f"{mu.attention if mu.attention is not None else a.hd ** -0.5:.4g}, logits /{mu.logits:g}")
+                  f"{mu.softmax_scale(a.hd):.4g}, logits /{mu.logits:g}")
     t.add_row("architecture", shape)
     t.add_row("RoPE", _rope_text(a))
     params = f"{m.params_total:,} total ({human(m.params_total)})"

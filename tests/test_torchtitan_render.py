@@ -332,9 +332,12 @@ def test_job_refuses_a_fused_phi3_checkpoint_when_it_starts(tmp_path, monkeypatc
     import os
 
     src = render_torchtitan(with_init_hf(compiled_for(), "ckpt"))["torchtitan/llmc_job.py"]
-    fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "_init_hf_dir")
+    body = ast.parse(src).body
+    fn = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == "_init_hf_dir")
+    fused = next(n for n in body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "FUSED_HF_MODEL_TYPES")
     ns = {"os": os, "json": json, "BUILD_DIR": str(tmp_path), "INIT_HF": "ckpt", "INIT_HF_SOURCE": "ckpt"}
-    exec(compile(ast.Module([fn], []), "llmc_job.py", "exec"), ns)
+    exec(compile(ast.Module([fused, fn], []), "llmc_job.py", "exec"), ns)
+    assert ns["FUSED_HF_MODEL_TYPES"] == ["phi3"]  # llmc.spec.families.FUSED_HF_MODEL_TYPES, written into the job
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     monkeypatch.delenv("LLMC_INIT_HF", raising=False)
@@ -343,7 +346,7 @@ def test_job_refuses_a_fused_phi3_checkpoint_when_it_starts(tmp_path, monkeypatc
         if ok:
             assert ns["_init_hf_dir"]() == str(ckpt)
         else:
-            with pytest.raises(SystemExit, match="Phi-3 checkpoint .* native or deepspeed"):
+            with pytest.raises(SystemExit, match="phi3 checkpoint .* native or deepspeed"):
                 ns["_init_hf_dir"]()
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from llmc import TARGET_VERSIONS
 from llmc.compiler.units import GiB, MiB
-from llmc.spec.families import family_of
+from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
 
 
 @dataclass(frozen=True)
@@ -390,6 +390,14 @@ class ModelGap:
     hint: str
 
 
+def torchtitan_reads_hf(arch) -> bool:
+    """Does torchtitan's state-dict adapter for ``arch``'s family convert every weight of an HF checkpoint of it?
+    Not where the family has none that keeps every weight (``Family.torchtitan_hf``: Mixtral's HF names are not the
+    Qwen3 adapter's) or the model has q/k/v biases (torchtitan 0.3.0's Llama3 / Qwen3 adapters have no bias keys:
+    ``to_hf`` skips them, so a load would leave them at zero)."""
+    return not arch.qkv_bias and family_of(arch).torchtitan_hf
+
+
 def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = "training.init_hf",
                           hf_model_type: str | None = None) -> list[ModelGap]:
     """What torchtitan's model code cannot express about ``arch`` whatever the layout (empty when it can run it):
@@ -425,14 +433,14 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
         out.append(ModelGap("X309", "model.moe.router_bias",
                             "a bias on the router gate linear is not emitted by llmc's torchtitan target",
                             "set router_bias: false or use the native backend"))
-    if init_hf and (arch.qkv_bias or not fam.torchtitan_hf):
+    if init_hf and not torchtitan_reads_hf(arch):
         why = ("its q/k/v biases are not in torchtitan's Llama3/Qwen3 state-dict adapters (they would stay zero)"
                if arch.qkv_bias else f"torchtitan {v} has no state-dict adapter for the {fam.name} family that keeps "
                "every weight")
         out.append(ModelGap("X310", init_hf_path, f"the torchtitan job cannot start from a Hugging Face checkpoint: {why}",
                             "run this stage with `llmc launch --backend native` or deepspeed (llmc.runtime.hf_io "
                             "loads every weight)"))
-    elif init_hf and hf_model_type in ("phi3",):
+    elif init_hf and hf_model_type in FUSED_HF_MODEL_TYPES:
         out.append(ModelGap("X310", init_hf_path,
                             f"the torchtitan job cannot start from {init_hf}: a {hf_model_type} checkpoint (fused "
                             "qkv_proj / gate_up_proj), which torchtitan's Llama adapter does not read",
@@ -500,5 +508,5 @@ def activation_mode(ac: str, backend: Backend) -> str:
 
 
 __all__ = ["Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "ModelGap", "get_backend", "resolve_backend",
-           "torchtitan_model_gaps", "compile_on",
+           "torchtitan_model_gaps", "torchtitan_reads_hf", "compile_on",
            "fp8_recipe_on", "activation_mode", "describe"]

@@ -941,7 +941,8 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
     check_stage(env, st, p, tr, mem, sink)
     plan = StagePlan(
         **{f.name: getattr(tr, f.name) for f in fields(StageTraining)},
-        name=st.name, kind=st.kind, init_from=st.init_from, init_hf=st.init_hf, order=order, models_in_memory=models, n_models=len(models), params_total=env.n_total, trainable_params=trainable,
+        name=st.name, kind=st.kind, init_from=st.init_from, init_hf=st.init_hf, order=order,
+        models_in_memory=models, n_models=len(models), params_total=env.n_total, trainable_params=trainable,
         trainable_fraction=trainable / env.n_total if env.n_total else 0.0, lora=_lora_plan(st), memory=mem,
         rollout=rollout, long_context=lc,
         context=ContextPlan(max_context=out_ctx["max_context"], rope_theta=out_ctx["rope_theta"],

@@ -60,7 +60,13 @@ from pathlib import Path
 from typing import Any
 
 from llmc import TARGET_VERSIONS
-from llmc.compiler.backends import compile_on, fp8_recipe_on, get_backend, torchtitan_model_gaps
+from llmc.compiler.backends import (
+    compile_on,
+    fp8_recipe_on,
+    get_backend,
+    torchtitan_model_gaps,
+    torchtitan_reads_hf,
+)
 from llmc.compiler.checks import mixture_shares
 from llmc.compiler.memory import SINGLE_STAGE_SCHEDULES, even_parts, pipeline_chunks
 from llmc.compiler.result import Hyper
@@ -75,7 +81,7 @@ from llmc.runtime.capabilities import (
     titan_stage_module,
 )
 from llmc.runtime.runlock import EXIT_PREEMPTED  # torch-free: the exit status of a preempted stage
-from llmc.spec.families import family_of
+from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
 from llmc.spec.model import RopeScaling
 from llmc.spec.schema import TEXT_SOURCE_KINDS
 
@@ -132,7 +138,7 @@ def _family(arch) -> str:
     return "qwen3_moe" if module == "qwen3" and arch.moe is not None else module
 
 
-def _rope(arch, family: str, errs: list[Diagnostic]) -> dict[str, Any]:
+def _rope(arch) -> dict[str, Any]:
     """The job's RoPE settings (what it cannot express is a model gap: llmc.compiler.backends.torchtitan_model_gaps)."""
     rs = arch.rope_scaling
     rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else arch.hd
@@ -444,12 +450,9 @@ def _mla(arch, notes: list[str]) -> dict[str, Any]:
 
 
 def _sd_adapter(arch, family: str) -> str | None:
-    """The torchtitan state-dict adapter class the job names, or None where the family has none that keeps
-    every weight (``Family.torchtitan_hf``: Mixtral's HF names are not the Qwen3 adapter's) or the model has q/k/v
-    biases (Llama3StateDictAdapter has no bias keys: ``to_hf`` skips them, so a load would leave them at zero)."""
-    if arch.qkv_bias or not family_of(arch).torchtitan_hf:
-        return None
-    return HF_ADAPTERS.get(family)
+    """The torchtitan state-dict adapter class the job names, or None where it cannot read every weight
+    (:func:`llmc.compiler.backends.torchtitan_reads_hf`)."""
+    return HF_ADAPTERS.get(family) if torchtitan_reads_hf(arch) else None
 
 
 def _init_hf(compiled) -> tuple[str | None, str]:
@@ -534,7 +537,7 @@ def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str])
         "base_init_std": BASE_INIT_STD,
         "output_init_std": float(arch.d_model ** -0.5),
         "output_init_bound": float(3 * arch.d_model ** -0.5),
-        "rope": _rope(arch, family, errs),
+        "rope": _rope(arch),
         "rope_cls": "CosSinRoPE" if family_of(arch).torchtitan_rope == "cossin" else "ComplexRoPE",
         "moe": _moe(arch, notes, errs),
         "mla": _mla(arch, notes),
@@ -652,6 +655,7 @@ def torchtitan_values(compiled, stage: int | None = None) -> TitanValues:
         "data_sources": _data_sources(view),
         "init_hf": init_hf,
         "init_hf_source": init_source,
+        "fused_hf_model_types": list(FUSED_HF_MODEL_TYPES),
         "validation": _validation(view),
         "dump_subdir": titan_dump_subdir(None if st is None else st.name),
         "module_name": MODULE_NAME if stage is None else titan_stage_module(stage),

@@ -90,7 +90,7 @@ import torch
 from torch import nn
 
 from llmc.spec.chat import CHAT_TEMPLATES
-from llmc.spec.families import family_of
+from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
 
 HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
               "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -196,22 +196,17 @@ def hf_export_supported(arch) -> str | None:
     return None
 
 
-#: HF model_types whose checkpoints fuse q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` (read; written for the
-#: phi3 family)
-FUSED_MODEL_TYPES = ("phi3",)
-
-
 def hf_names(arch, rope_interleave: bool = True, fused: bool = False) -> dict[str, HFParam]:
     """llmc parameter name -> :class:`HFParam`, for every parameter of ``Transformer(arch)``;
     ``rope_interleave`` (MLA): the checkpoint's config says so (false: rope rows in rotate_half order); ``fused``:
-    a Phi-3 checkpoint (:data:`FUSED_MODEL_TYPES`), whose q/k/v and gate/up projections are row ranges of one tensor
+    a Phi-3 checkpoint (:data:`llmc.spec.families.FUSED_HF_MODEL_TYPES`), whose q/k/v and gate/up projections are row ranges of one tensor
     (always for the phi3 family, which is exported as Phi3ForCausalLM)."""
     why = hf_export_supported(arch)
     if why:
         raise HFError(f"{arch.name}: no Hugging Face mapping ({why})")
     if arch.mla is not None:
         return _deepseek_names(arch, rope_interleave)
-    fused = fused or family_of(arch).hf_model_types[0] in FUSED_MODEL_TYPES
+    fused = fused or family_of(arch).hf_model_types[0] in FUSED_HF_MODEL_TYPES
     rot = arch.partial_rotary
     H, K = arch.n_heads, arch.kv_heads
     out = {"tok_embeddings.weight": HFParam(("model.embed_tokens.weight",)),
@@ -508,7 +503,7 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
         _check_config(cfg, arch, src)
     files = SafetensorsDir(src)
     mapping = hf_names(arch, rope_interleave=cfg.get("rope_interleave", True) is not False,
-                       fused=cfg.get("model_type") in FUSED_MODEL_TYPES)
+                       fused=cfg.get("model_type") in FUSED_HF_MODEL_TYPES)
     # DeepSeek-V3's multi-token-prediction layers follow the last layer (model.layers.61 of the 61-layer
     # model; transformers ignores them too, _keys_to_ignore_on_load_unexpected): not part of llmc's model
     mtp = tuple(f"model.layers.{arch.n_layers + j}." for j in range(int(cfg.get("num_nextn_predict_layers") or 0)))
@@ -661,7 +656,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
     if mtype == "granite":  # GraniteConfig (transformers configuration_granite.py): the muP multipliers
         m = arch.multipliers
         cfg.update(embedding_multiplier=m.embedding, residual_multiplier=m.residual, logits_scaling=m.logits,
-                   attention_multiplier=m.attention if m.attention is not None else arch.hd ** -0.5)
+                   attention_multiplier=m.softmax_scale(arch.hd))
     if mtype == "phi3":  # Phi3Config (transformers configuration_phi3.py); partial RoPE: int(head_dim x factor) dims
         rs = arch.rope_scaling
         cfg.update(attention_bias=False, partial_rotary_factor=(arch.partial_rotary or arch.hd) / arch.hd,

@@ -90,6 +90,10 @@ FAMILIES: dict[str, Family] = {
                           "deepseek_v3", ("deepseek",), torchtitan_hf=True),
 }
 
+#: HF model_types whose checkpoints fuse q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` (transformers
+#: modeling_phi3.py): llmc's loader reads them by row ranges; torchtitan's state-dict adapters cannot read them
+FUSED_HF_MODEL_TYPES: tuple[str, ...] = ("phi3",)
+
 #: every HF model_type llmc imports
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES.values() for t in f.hf_model_types))
 
@@ -124,5 +128,5 @@ def family_by_name(model_name: str | None) -> Family | None:
     return next((f for f in FAMILIES.values() if any(n.startswith(p) for p in f.name_prefixes)), None)
 
 
-__all__ = ["Family", "FAMILIES", "SUPPORTED_MODEL_TYPES", "family_of", "family_for_model_type", "family_by_name",
+__all__ = ["Family", "FAMILIES", "FUSED_HF_MODEL_TYPES", "SUPPORTED_MODEL_TYPES", "family_of", "family_for_model_type", "family_by_name",
            "LLAMA3_SPECIALS", "QWEN_SPECIALS"]

@@ -150,6 +150,10 @@ class Multipliers(SpecModel):
     logits: Float = Field(default=1.0, gt=0)
     """The head's logits are divided by this (Granite-3 8B: 16)."""
 
+    def softmax_scale(self, head_dim: int) -> float:
+        """The q.k scale the model runs with: ``attention``, else the usual 1/sqrt(head_dim)."""
+        return self.attention if self.attention is not None else head_dim ** -0.5
+
 
 class RopeScaling(SpecModel):
     """RoPE frequency scaling for context extension."""
