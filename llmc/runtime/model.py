@@ -641,7 +641,9 @@ class Transformer(nn.Module):
         q = torch.arange(pos, pos + T, device=pad.device)  # cache index of each query
         keys = torch.arange(pos + T, device=pad.device)
         idx = (q[None, :] - pad[:, None]).clamp(min=0)
-        rope = self._rope_for(int(idx.max()) + 1)[idx]  # (B, T, rope_dim/2, 2)
+        # longrope picks its table by the batch's largest position (a host sync, so only where it matters)
+        table = self._rope_for(int(idx.max()) + 1) if self.long_from is not None else self.rope
+        rope = table[idx]  # (B, T, rope_dim/2, 2)
         real = keys[None, None, :] >= pad[:, None, None]  # (B, 1, S)
         mask = (real & (keys[None, :] <= q[:, None])[None]) | (keys[None, :] == q[:, None])[None]  # (B, T, S)
         return rope, mask[:, None]
