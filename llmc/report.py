@@ -89,7 +89,7 @@ def _model(c) -> Table:
     if a.qk_norm:
         shape += ", q/k norms"
     if a.sliding_window:
-        shape += f", released with a {a.sliding_window}-token attention window (trained here with full attention)"
+        shape += f", sliding-window attention ({a.sliding_window} tokens)"
     if a.moe is not None:
         mo = a.moe
         shape += (f", MoE {mo.num_experts} experts top-{mo.top_k}"

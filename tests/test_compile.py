@@ -343,17 +343,35 @@ def test_native_mla_tensor_parallelism_is_planned_and_runs():
         apply_tp(build_model(c.spec.model, "meta"), type("Mesh", (), {"size": lambda self: 3})())
 
 
-def test_sequences_past_the_attention_window_are_flagged():
-    """Mistral-7B v0.1 was trained with a 4096-token window (its config.json): llmc's full causal attention equals it up
-    to 4096 tokens only, so 4096 passes and 8192 (top level or a long-context stage) is M007 at its line."""
-    assert "M007" not in _codes(_compile(_spec("mistral-7b", count=8, seq=4096, tokens="1B")))
-    d = _diag(_compile(_spec("mistral-7b", count=8, seq=8192, tokens="1B")), "M007")
-    assert (d.severity, d.path, d.line) == ("warning", "data.seq_len", 4) and "4096-token attention window" in d.message
-    staged = _compile(_spec("mistral-7b", count=8, seq=4096, tokens="1B", extra=(
-        "stages:\n  - {name: pretrain, kind: pretrain}\n"
-        "  - {name: long, kind: long_context, seq_len: 16384, rope_theta: 1.0e+6, data: {seq_len: 16384, tokens: 1e8}}\n")))
-    assert [d.path for d in staged.diagnostics if d.code == "M007"] == ["stages.1.seq_len"]
-    assert "M007" not in _codes(_compile(_spec("llama3-8b", count=8, seq=8192, tokens="1B")))  # no window
+def test_a_sliding_window_is_counted_planned_and_run_by_a_trainer_that_applies_it():
+    """Mistral-7B v0.1 attends to the previous 4096 tokens (its config.json). Its attention FLOPs stop growing at the
+    window (Megatron-Bridge's transformer_flops: min(window, seq_len) keys per query); torchtitan has no window
+    (X315), so ``auto`` plans llmc's trainer; that trainer's band mask (seq_len^2 elements) is in the memory, and the
+    masked kernel computes the whole square, so the step takes longer per counted FLOP than without a window."""
+    from llmc.compiler import flops
+    from llmc.report import render_text
+    from llmc.spec.presets import PRESETS
+
+    mistral = PRESETS["mistral-7b"]
+    full = mistral.model_copy(update={"sliding_window": None})
+    hd, L, H = mistral.hd, mistral.n_layers, mistral.n_heads
+    for s in (2048, 4096, 8192, 32768):  # the attention term: 6 L s' H (d_qk + d_v), s' = min(s, 4096)
+        got = flops.train_flops_per_token(mistral, s) - flops.train_flops_per_token(mistral, s, attention=False)
+        assert got == 6 * L * min(s, 4096) * H * 2 * hd
+        assert flops.train_flops_per_token(full, s) - flops.train_flops_per_token(full, s, attention=False) == \
+            6 * L * s * H * 2 * hd
+    c8 = _compile(_spec("mistral-7b", count=8, seq=8192, tokens="1B"))
+    assert c8.compute.flops_per_token == flops.train_flops_per_token(mistral, 4096)
+    assert "sliding_window 4096" in c8.compute.convention and "M007" not in _codes(c8)
+    assert c8.backend.name == "native" and "no sliding window" in c8.backend.reason
+    # the same plan without the window: one (s, s) bf16 mask less, and less time per FLOP
+    plain = _compile(_spec("mistral-7b", count=8, seq=8192, tokens="1B", extra="training: {backend: native}\n").replace(
+        "model: mistral-7b", "model: {preset: mistral-7b, sliding_window: null}"))
+    assert plain.plan == c8.plan
+    assert c8.memory.breakdown["buffers"] - plain.memory.breakdown["buffers"] == 8192 ** 2 * 2
+    per_flop = [c.time.step_seconds / c.compute.flops_per_token for c in (c8, plain)]
+    assert per_flop[0] > per_flop[1]
+    assert "sliding-window attention (4096 tokens)" in render_text(c8)
 
 
 def test_training_init_hf_with_stages_is_an_error_not_a_random_init():

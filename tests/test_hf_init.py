@@ -41,6 +41,9 @@ def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: in
     elif kind == "mixtral":
         cfg = transformers.MixtralConfig(**{**TINY, "num_local_experts": 3, "num_experts_per_tok": 2, **over})
         model = transformers.MixtralForCausalLM(cfg)
+    elif kind == "mistral":  # the Llama block with a sliding window (Mistral-7B v0.1: 4096)
+        cfg = transformers.MistralConfig(**{**TINY, **over})
+        model = transformers.MistralForCausalLM(cfg)
     elif kind == "phi3":  # q/k/v and gate/up fused in the checkpoint (token ids inside the tiny vocabulary)
         cfg = transformers.Phi3Config(**{**TINY, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **over})
         model = transformers.Phi3ForCausalLM(cfg)
@@ -78,12 +81,17 @@ def arch_of(path: Path):
 @pytest.mark.parametrize("kind,over", [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {}),
                                        ("qwen3", {"head_dim": 16}), ("mixtral", {}),
                                        ("qwen3_moe", {"head_dim": 16, "mlp_only_layers": [0]}), ("phi3", {}),
-                                       ("granite", {"tie_word_embeddings": True})])
+                                       ("granite", {"tie_word_embeddings": True}),
+                                       # sliding windows shorter than the 17 tokens: each query sees its last 5
+                                       ("mistral", {"sliding_window": 5}), ("phi3", {"sliding_window": 5}),
+                                       ("qwen2", {"use_sliding_window": True, "sliding_window": 5,
+                                                  "max_window_layers": 0})])
 def test_load_gives_transformers_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     if kind != "mixtral":  # sharded: several files + index
         assert (src / "model.safetensors.index.json").exists()
     arch = arch_of(src)
+    assert arch.sliding_window == over.get("sliding_window")
     model = build_model(arch, seed=123).eval()
     info = load_hf_into(model, src, arch)
     assert info["params"] == len(list(model.parameters()))
@@ -97,7 +105,10 @@ def test_load_gives_transformers_logits(tmp_path, kind, over):
 
 
 @pytest.mark.parametrize("kind,over", [("qwen2", {}), ("qwen3", {"head_dim": 16}),
-                                       ("qwen3_moe", {"mlp_only_layers": [0], "num_hidden_layers": 3}), ("granite", {})])
+                                       ("qwen3_moe", {"mlp_only_layers": [0], "num_hidden_layers": 3}), ("granite", {}),
+                                       ("mistral", {"sliding_window": 4}),
+                                       ("qwen3", {"head_dim": 16, "use_sliding_window": True, "sliding_window": 4,
+                                                  "max_window_layers": 0})])
 def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     arch = arch_of(src)
@@ -111,6 +122,9 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
             p.add_(torch.randn_like(p) * 0.01)
     out = export_hf(model.state_dict(), arch, tmp_path / "out", dtype=torch.float32, max_shard_size="30KB")
     assert (out / "model.safetensors.index.json").exists() and len(list(out.glob("model-*.safetensors"))) > 1
+    if arch.sliding_window:  # a window transformers applies (LlamaConfig has none: the Llama block goes as Mistral)
+        assert arch_of(out).sliding_window == arch.sliding_window
+        assert json.loads((out / "config.json").read_text())["model_type"] == ("mistral" if kind == "mistral" else kind)
     tokens = torch.randint(0, arch.vocab_size, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(hf_model(out)(input_ids=tokens).logits, model(tokens), atol=1e-5, rtol=1e-5)
@@ -259,11 +273,12 @@ def _lock(tmp: Path, docs: Path, arch, *, steps: int, init_hf: str, stages: list
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,over", [("llama", {}), ("phi3", {"partial_rotary_factor": 0.5})])
+@pytest.mark.parametrize("kind,over", [("llama", {}), ("phi3", {"partial_rotary_factor": 0.5}),
+                                       ("mistral", {"sliding_window": 8})])
 def test_native_continued_pretraining_from_hf_and_export(tmp_path, docs, kind, over):
     """First-step loss of the native trainer = transformers' loss on the same batch; the stage ends with an HF
     directory that transformers loads with the trained model's logits (Phi-3 with partial RoPE: a fused
-    Phi3ForCausalLM export)."""
+    Phi3ForCausalLM export; Mistral with an 8-token window, shorter than the sequences)."""
     from llmc.runtime.checkpoint import load_model_weights
     from llmc.runtime.data import build_stream_loader
     from llmc.runtime.entry import prepare_assets, run_stage
@@ -291,7 +306,9 @@ def test_native_continued_pretraining_from_hf_and_export(tmp_path, docs, kind, o
     load_model_weights(trained, out)
     assert not torch.equal(trained.tok_embeddings.weight, hf_model(src).model.embed_tokens.weight)
     exported = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", torch_dtype=torch.float32).eval()
-    assert type(exported).__name__ == ("Phi3ForCausalLM" if kind == "phi3" else "LlamaForCausalLM")
+    assert type(exported).__name__ == {"phi3": "Phi3ForCausalLM", "mistral": "MistralForCausalLM"}.get(
+        kind, "LlamaForCausalLM")
+    assert job.seq_len > (arch.sliding_window or 0)
     assert (out / "hf" / "tokenizer.json").exists()
     with torch.no_grad():  # the export is bf16: compare against our bf16-rounded weights' logits
         for p in trained.parameters():

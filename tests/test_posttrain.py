@@ -357,15 +357,16 @@ def test_grpo_loss_clip_and_kl():
     assert torch.allclose(l_a, l_b)
 
 
-@pytest.mark.parametrize("kind", ["gqa", "mla_moe"])
+@pytest.mark.parametrize("kind", ["gqa", "gqa_window", "mla_moe"])
 def test_kv_cache_sampling_equals_rerunning_the_sequence(kind):
     """The sampler runs the prompt once into a KV cache, then one position per new token; re-running the whole
     sequence per token (the plain forward) must give the same logits, hence the same tokens from the same
-    generator: grouped-query attention, and MLA with MoE blocks (DeepSeek-V3's shape, rope keys cached)."""
+    generator: grouped-query attention (also with a 4-token sliding window, shorter than the prompt), and MLA with
+    MoE blocks (DeepSeek-V3's shape, rope keys cached)."""
     from llmc.runtime.model import KVCache
     from llmc.spec.model import MLA, MoE
 
-    arch = ARCH if kind == "gqa" else Architecture(
+    arch = ARCH if kind == "gqa" else ARCH.model_copy(update={"sliding_window": 4}) if kind == "gqa_window" else Architecture(
         name="t", n_layers=3, d_model=48, n_heads=4, d_ff=64, vocab_size=TOK.vocab_size, max_seq_len=256,
         mla=MLA(q_lora_rank=16, kv_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=10),
         moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, expert_d_ff=24, dense_layers=1))
@@ -386,7 +387,7 @@ def test_kv_cache_sampling_equals_rerunning_the_sequence(kind):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("kind", ["gqa", "mla_moe"])
+@pytest.mark.parametrize("kind", ["gqa", "gqa_window", "mla_moe"])
 def test_groups_sampled_in_one_batch_equal_each_group_alone(kind):
     """The sampler samples a rank's groups in one batch (one decoding forward reads the weights once for all of
     them): prompts of different lengths are left-padded, each row keeps its own RoPE positions and no query sees a
@@ -396,7 +397,7 @@ def test_groups_sampled_in_one_batch_equal_each_group_alone(kind):
     from llmc.runtime.model import KVCache
     from llmc.spec.model import MLA, MoE
 
-    arch = ARCH if kind == "gqa" else Architecture(
+    arch = ARCH if kind == "gqa" else ARCH.model_copy(update={"sliding_window": 4}) if kind == "gqa_window" else Architecture(
         name="t", n_layers=3, d_model=48, n_heads=4, d_ff=64, vocab_size=TOK.vocab_size, max_seq_len=256,
         mla=MLA(q_lora_rank=16, kv_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=10),
         moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, expert_d_ff=24, dense_layers=1))

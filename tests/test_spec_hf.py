@@ -253,9 +253,11 @@ def test_qwen3_moe_dense_layers_and_refusals():
     assert [m.split("'")[1] for m in e.value.messages] == ["norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"]
 
 
-def test_sliding_window_recorded_where_the_config_uses_it():
+def test_sliding_window_read_where_the_config_uses_it():
     """Mistral-7B v0.1 attends to the previous 4096 tokens (its config.json ``sliding_window``, no
-    ``use_sliding_window`` key); Qwen2 / Qwen3 configs carry a window they switch off (``use_sliding_window: false``)."""
+    ``use_sliding_window`` key); Qwen2 / Qwen3 configs carry a window they switch off (``use_sliding_window: false``),
+    or apply from layer max_window_layers on (every layer only when that is 0); transformers' ``layer_types`` lists
+    each layer's kind (one kind for every layer, or refused)."""
     mistral = json.loads((HF / "mistral-7b.json").read_text())
     assert mistral["sliding_window"] == 4096 and architecture_from_hf_config(mistral).sliding_window == 4096
     assert architecture_from_hf_config({**mistral, "sliding_window": None}).sliding_window is None
@@ -264,3 +266,12 @@ def test_sliding_window_recorded_where_the_config_uses_it():
     assert architecture_from_hf_config(qwen).sliding_window is None
     with pytest.raises(HFConfigError, match="'sliding_window' must be an integer"):
         architecture_from_hf_config({**mistral, "sliding_window": "4k"})
+    every = {**qwen, "use_sliding_window": True, "max_window_layers": 0}
+    assert architecture_from_hf_config(every).sliding_window == qwen["sliding_window"]
+    with pytest.raises(HFConfigError, match="max_window_layers"):
+        architecture_from_hf_config({**every, "max_window_layers": 4})
+    n = mistral["num_hidden_layers"]
+    assert architecture_from_hf_config({**mistral, "layer_types": ["sliding_attention"] * n}).sliding_window == 4096
+    assert architecture_from_hf_config({**mistral, "layer_types": ["full_attention"] * n}).sliding_window is None
+    with pytest.raises(HFConfigError, match="layer_types"):
+        architecture_from_hf_config({**mistral, "layer_types": ["sliding_attention", "full_attention"] * (n // 2)})

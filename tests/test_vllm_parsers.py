@@ -83,7 +83,13 @@ for path in sys.argv[1:]:
                  "layers": layers, "heads": mc.get_num_attention_heads(ParallelConfig()),
                  "kv_heads": mc.get_total_num_kv_heads(), "head_size": mc.get_head_size(),
                  "vocab": mc.get_vocab_size(), "dtype": str(mc.dtype), "max_model_len": mc.max_model_len,
-                 "use_mla": mc.use_mla, "is_moe": mc.is_moe, "kv_bytes_per_token": layers * per_layer}
+                 "use_mla": mc.use_mla, "is_moe": mc.is_moe, "kv_bytes_per_token": layers * per_layer,
+                 "sliding_window": mc.get_sliding_window()}
+    if mc.get_sliding_window():  # KV positions one sequence holds (8192-token chunks, 16-token blocks), per max_model_len
+        from vllm.v1.kv_cache_interface import SlidingWindowSpec
+        sw = SlidingWindowSpec(block_size=16, num_kv_heads=kv_heads, head_size=mc.get_head_size(), dtype=mc.dtype,
+                               sliding_window=mc.get_sliding_window())
+        out[path]["window_tokens"] = {n: 16 * sw.max_admission_blocks_per_request(8192, n) for n in (32, 10000, 131072)}
 print(json.dumps(out, default=str))
 """
 
@@ -239,6 +245,7 @@ def model_exports(tmp_path_factory) -> tuple[dict, dict]:
         "Qwen3ForCausalLM": Architecture(name="qwen3", **{**base, "head_dim": 16}, qk_norm=True),
         "Phi3ForCausalLM": Architecture(name="phi3", **base, rotary_dim=6, rope_scaling=PHI3_LONGROPE),
         "GraniteForCausalLM": Architecture(name="granite", **base, multipliers=GRANITE),
+        "MistralForCausalLM": Architecture(name="mistral", **base, sliding_window=8),
         "MixtralForCausalLM": Architecture(name="mixtral", **base, moe=MoE(num_experts=3, top_k=2)),
         "Qwen3MoeForCausalLM": Architecture(name="qwen3moe", **{**base, "n_layers": 3, "head_dim": 16}, qk_norm=True,
                                             moe=MoE(num_experts=4, top_k=2, expert_d_ff=24, dense_layers=1)),
@@ -257,7 +264,7 @@ def model_exports(tmp_path_factory) -> tuple[dict, dict]:
 def test_hf_exports_pass_vllm_model_config(model_exports, vllm):
     from types import SimpleNamespace
 
-    from llmc.compiler.serving import GiB, plan_serving
+    from llmc.compiler.serving import GiB, kv_tokens_per_sequence, plan_serving
     from llmc.spec.schema import RunSpec
 
     archs, dirs = model_exports
@@ -283,6 +290,10 @@ def test_hf_exports_pass_vllm_model_config(model_exports, vllm):
                                        "serving": [{"concurrency": 1, "gpus": 1}]})
         plans, _ = plan_serving(spec, lambda key: h100 if key == "h100-sxm" else None)
         assert m["kv_bytes_per_token"] == plans[0].kv_bytes_per_token, cls
+        assert m["sliding_window"] == a.sliding_window, cls
+        if a.sliding_window:  # vLLM keeps a windowed sequence's last W - 1 positions + one chunk, not max_model_len
+            assert {int(n): t for n, t in m["window_tokens"].items()} == {
+                n: kv_tokens_per_sequence(a, "vllm", n) for n in (32, 10000, 131072)}
 
 
 # vLLM builds its model class for the export on its CPU platform and loads the safetensors with its default
@@ -333,7 +344,8 @@ def load_exports(tmp_path_factory) -> tuple[dict, dict, dict]:
              # Phi-4-mini's shape of RoPE: 6 of 8 dims per head, LongRoPE, tied embeddings (fused qkv / gate_up)
              "phi3": Architecture(name="phi3", **base, rotary_dim=6, tied_embeddings=True,
                                   rope_scaling=PHI3_LONGROPE),
-             "granite": Architecture(name="granite", **base, tied_embeddings=True, multipliers=GRANITE)}
+             "granite": Architecture(name="granite", **base, tied_embeddings=True, multipliers=GRANITE),
+             "mistral": Architecture(name="mistral", **base, sliding_window=8)}
     dirs, want = {}, {}
     for name, a in archs.items():
         model = build_model(a, seed=0)
@@ -354,7 +366,7 @@ def test_dense_hf_exports_load_into_vllm_models(load_exports, vllm):
         m = got[str(dirs[name])]
         assert m["class"] == ("Qwen2ForCausalLM" if a.qkv_bias else "Qwen3ForCausalLM" if a.qk_norm
                               else "Phi3ForCausalLM" if a.rotary_dim else "GraniteForCausalLM" if a.multipliers
-                              else "LlamaForCausalLM")
+                              else "MistralForCausalLM" if a.sliding_window else "LlamaForCausalLM")
         # VocabParallelEmbedding pads the vocabulary to a multiple of 64 rows (DEFAULT_VOCAB_PADDING_SIZE in
         # vllm/model_executor/layers/vocab_parallel_embedding.py), in the embedding and in an untied LM head
         pad_rows = -a.vocab_size % 64 * (1 if a.tied_embeddings else 2)

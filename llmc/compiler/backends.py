@@ -429,6 +429,10 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
         out.append(ModelGap("X314", "model.multipliers",
                             f"torchtitan {v}'s Llama model has no muP multipliers (Granite's embedding, residual, "
                             "attention and logits scalars)", "build with training.backend native or deepspeed"))
+    if arch.sliding_window is not None:
+        out.append(ModelGap("X315", "model.sliding_window",
+                            f"torchtitan {v}'s Llama / Qwen3 attention is full causal, with no sliding window",
+                            "build with training.backend native or deepspeed (llmc's model applies the window)"))
     if arch.moe is not None and arch.moe.router_bias:
         out.append(ModelGap("X309", "model.moe.router_bias",
                             "a bias on the router gate linear is not emitted by llmc's torchtitan target",

@@ -58,7 +58,7 @@ def compute_numbers(arch: Architecture, seq_len: int, tokens: float) -> ComputeN
     # => N = sqrt(C / 120), D = 20 N, with C in Chinchilla's own 6ND convention (no attention term).
     n_opt, d_opt = scaling.compute_optimal(6.0 * n_act * float(tokens))
     return ComputeNumbers(
-        convention=flops.CONVENTION, flops_per_token=fpt, training_flops=total, tokens=float(tokens),
+        convention=flops.convention(arch), flops_per_token=fpt, training_flops=total, tokens=float(tokens),
         tokens_per_param=scaling.tokens_per_param(n_act, tokens), chinchilla_tokens=scaling.chinchilla_tokens(n_act),
         optimal_params=n_opt, optimal_tokens=d_opt,
     )

@@ -14,6 +14,12 @@ planned and the measured MFU agree):
   forward, x3 for forward+backward -> 6*L*s*H*(d_qk+d_v). This is PaLM (Chowdhery et al. 2022,
   App. B: 6N + 12*L*H*Q*T) and Megatron-LM (Narayanan et al. 2021, eq. 3: the 12*s*l*h term) and
   torchtitan ``get_dense_model_nparams_and_flops``.
+* **Sliding-window attention** (``model.sliding_window`` W): each query attends to at most W keys, so the
+  attention term counts min(s, W) keys per query instead of s, every layer: 6*L*min(s, W)*H*(d_qk+d_v). This is
+  Megatron-Bridge's convention (``transformer_flops`` in megatron/bridge/training/utils/flop_utils.py: its sliding-
+  window layers' core attention uses ``swa_context = min(window, seq_len)`` where full layers use seq_len), so the
+  two stay comparable; it counts the useful band, not the work of a kernel that computes the whole square and masks
+  it (``timing.py`` times llmc's masked kernel).
 * **No causal halving.** With a causal mask only about half the score entries are needed (FlashAttention
   skips masked blocks), so "useful" attention FLOPs are half of this term. PaLM, Megatron and torchtitan
   all count the full s x s product; so do we (``attention_flops_per_token(..., causal_halved=True)``
@@ -46,15 +52,22 @@ def _attn_dims(arch: Architecture) -> tuple[int, int]:
     return arch.hd, arch.hd
 
 
+def attention_span(arch: Architecture, seq_len: int) -> int:
+    """Keys per query that the attention term counts: seq_len, or min(seq_len, W) with a sliding window W."""
+    w = arch.sliding_window
+    return min(seq_len, w) if w else seq_len
+
+
 def attention_flops_per_token(
     arch: Architecture, seq_len: int, *, causal_halved: bool = False, backward: bool = True
 ) -> float:
-    """Score + value FLOPs per token, all layers: 2*L*s*H*(d_qk+d_v) forward, x3 with backward.
+    """Score + value FLOPs per token, all layers: 2*L*s*H*(d_qk+d_v) forward, x3 with backward; s is
+    :func:`attention_span` (min(s, W) with a sliding window W).
 
     Narayanan et al. 2021 eq. 3 / PaLM App. B (not halved); ``causal_halved`` divides by 2.
     """
     dqk, dv = _attn_dims(arch)
-    fwd = 2.0 * arch.n_layers * seq_len * arch.n_heads * (dqk + dv)
+    fwd = 2.0 * arch.n_layers * attention_span(arch, seq_len) * arch.n_heads * (dqk + dv)
     f = fwd * (3 if backward else 1)
     return f / 2 if causal_halved else f
 
@@ -65,6 +78,12 @@ def forward_flops_per_token(arch: Architecture, seq_len: int, *, attention: bool
     if attention:
         f += attention_flops_per_token(arch, seq_len, backward=False)
     return f
+
+
+def convention(arch: Architecture) -> str:
+    """:data:`CONVENTION`, with the sliding-window span where the model has one."""
+    w = arch.sliding_window
+    return CONVENTION + (f"; s = min(seq_len, sliding_window {w}) (Megatron-Bridge's windowed term)" if w else "")
 
 
 def train_flops_per_token(arch: Architecture, seq_len: int, *, attention: bool = True) -> float:

@@ -46,7 +46,9 @@ logits/loss peak on the last stage (12 B per token per vocab entry, see LOGITS_B
 workspace (CUDA context, cuBLAS workspace, NCCL). A loss computed in slices (``plan.loss_chunk_tokens``: llmc's
 trainers, the head and cross-entropy of each slice recomputed in the backward) holds one slice's logits; a backend
 with a chunked loss (``Backend.loss_chunks``: torchtitan 0.3.0's ChunkedLossWrapper) one chunk's, plus the hidden
-states cut into chunks and their fp32 gradient (``loss_logits_bytes``).
+states cut into chunks and their fp32 gradient (``loss_logits_bytes``). A sliding window shorter than the sequence:
+the additive band mask llmc's model hands SDPA, seq_len^2 elements in the activation dtype, one tensor shared by every
+layer and kept for the backward (``window_mask_bytes``).
 Not modelled: allocator fragmentation (``fits`` keeps 8% headroom), CP ring-attention K/V exchange buffers, MoE
 load imbalance.
 """
@@ -650,13 +652,20 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
                 # holds them and, in the backward, their gradients unsplit by tp; with fp8 also the fp8 copies
                 # of the gathered input for each column-parallel linear (wq, wk, wv, w1, w3: 1 B each)
                 acts += tokens_mb * arch.d_model * (4 * act_b + (5.0 if precision == "fp8" else 0.0))
-            buf = buf0
+            buf = buf0 + window_mask_bytes(arch, seq_len, act_b)
             if has_head:
                 buf += loss_logits_bytes(arch.vocab_size, tokens_mb, plan, compiled=loss_compiled,
                                          chunks=be.loss_chunks if loss_chunks is None else loss_chunks,
                                          d_model=arch.d_model, act_bytes=act_b)
             out.append((si, count if runs else 1, w, gr, op, acts, buf))
     return out
+
+
+def window_mask_bytes(arch, seq_len: int, act_bytes: float) -> float:
+    """The band mask of a sliding window W < seq_len (llmc.runtime.model: one additive (s, s) mask per micro-batch
+    shape, in the activation dtype, shared by every layer and saved by SDPA for the backward); 0 otherwise."""
+    w = arch.sliding_window
+    return float(seq_len) ** 2 * act_bytes if w and w < seq_len else 0.0
 
 
 def _replicated_per_token(arch, layers, ac: str, has_head: bool, act_b: float) -> float:

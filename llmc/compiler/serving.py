@@ -13,6 +13,10 @@ Memory model per GPU of one replica (tp x pp GPUs), all in bytes:
 * KV per token  = params.kv_bytes_per_token(arch, 2 or 1 for an fp8 KV cache)   [2 x L x n_kv x hd x bytes]
   sharded over min(tp, n_kv_heads) (vLLM replicates KV heads when tp > n_kv_heads; an MLA latent
   cache is replicated on every TP rank) and over pp (layers are split).
+  A model with a sliding window W on vLLM: a sequence holds at most the last W - 1 tokens + one prefill chunk,
+  never more than max_model_len, plus one block (vLLM v1 ``SlidingWindowSpec.max_admission_blocks_per_request``:
+  cdiv(min(W - 1 + max_in_flight_tokens, max_model_len), block_size) + 1 blocks of 16 tokens); SGLang is counted
+  at max_model_len (llmc does not model its sliding-window pool).
 * reserve       = 1 GiB (CUDA context, cuBLAS workspace, CUDA graphs, NCCL buffers)
   + prefill activations of one chunk of 8192 tokens (vLLM's default max_num_batched_tokens for
   chunked prefill): 8192 x 2 B x (4 x d_model + 3 x d_ff / tp)  -- an estimate of vLLM's profile run.
@@ -38,6 +42,7 @@ from llmc.spec.schema import RunSpec, Serving
 
 WORKSPACE_BYTES = 1 * GiB  # CUDA context + cuBLAS workspace + CUDA graphs + NCCL (estimate)
 PREFILL_CHUNK_TOKENS = 8192  # vLLM default max_num_batched_tokens with chunked prefill
+VLLM_BLOCK_TOKENS = 16  # vLLM's default KV-cache block_size
 MAX_PP = 16
 _BYTES_PER_PARAM = {"none": 2.0, "fp8": 1.0, "awq": 0.5 + 2.5 / 128, "gptq": 0.5 + 2.5 / 128}
 
@@ -68,8 +73,17 @@ def _pow2_upto(n: int) -> list[int]:
     return out
 
 
-def _evaluate(arch: Architecture, *, tp: int, pp: int, weight_bytes: float, kv_tok: int, max_len: int,
-              concurrency: int, capacity: int, util: float) -> dict:
+def kv_tokens_per_sequence(arch: Architecture, engine: str, max_len: int) -> int:
+    """KV-cache positions one sequence of max_len tokens holds at most (the module docstring: a vLLM sliding window
+    bounds it)."""
+    w = arch.sliding_window
+    if engine != "vllm" or not w:
+        return max_len
+    return (-(-min(w - 1 + PREFILL_CHUNK_TOKENS, max_len) // VLLM_BLOCK_TOKENS) + 1) * VLLM_BLOCK_TOKENS
+
+
+def _evaluate(arch: Architecture, *, tp: int, pp: int, weight_bytes: float, kv_tok: int,
+              kv_len: int, concurrency: int, capacity: int, util: float) -> dict:
     kv_shard = 1 if arch.mla is not None else min(tp, arch.kv_heads)
     kv_tok_gpu = kv_tok / kv_shard / pp
     d_ff = arch.d_ff
@@ -80,7 +94,7 @@ def _evaluate(arch: Architecture, *, tp: int, pp: int, weight_bytes: float, kv_t
     weights_gpu = weight_bytes / (tp * pp)
     budget = capacity * util
     kv_budget = budget - weights_gpu - reserve
-    kv_per_seq = kv_tok_gpu * max_len
+    kv_per_seq = kv_tok_gpu * kv_len
     need = kv_per_seq * concurrency
     max_seqs = max(0, math.floor(kv_budget / kv_per_seq)) if kv_per_seq > 0 else 0
     return {
@@ -199,7 +213,8 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
         out.add("V005", "warning", "max_model_len",
                 f"max_model_len {max_len} exceeds the model's max_seq_len {arch.max_seq_len}",
                 "add a long_context stage or rope_scaling, or serve a shorter context")
-    common = dict(weight_bytes=weight_bytes, kv_tok=kv_tok, max_len=max_len, concurrency=t.concurrency,
+    common = dict(weight_bytes=weight_bytes, kv_tok=kv_tok,
+                  kv_len=kv_tokens_per_sequence(arch, t.engine, max_len), concurrency=t.concurrency,
                   capacity=capacity, util=util)
     chosen, tried = _layouts(arch, t, max(1, gpu.gpus_per_node), common, out)
     if not tried:

@@ -739,16 +739,8 @@ def long_context_plan(env: _Env, st: StageBase, seq_len: int, inherited: dict, n
 
 
 def _context_out(env: _Env, st: StageBase, p: str, seq_len: int, inherited: dict, sink: Sink) -> dict:
-    """The context the stage hands on (RoPE changes of a long_context stage), with T107 / G004 / M007."""
+    """The context the stage hands on (RoPE changes of a long_context stage), with T107 / G004."""
     out = dict(inherited, seq_len=seq_len)
-    w = env.run.model.sliding_window
-    if w and seq_len > w:
-        # llmc's trainers, FLOP count, memory and export are full causal attention, which equals the windowed model up
-        # to the window only (Jiang et al. 2023, arXiv:2310.06825 sec. 2: each token attends to the previous W)
-        sink.add("M007", "warning", f"{p}.seq_len" if st.seq_len else p if env.run.stages else "data.seq_len",
-                 f"seq_len {seq_len} is longer than the model's {w}-token attention window: llmc trains, counts and "
-                 f"exports full causal attention, so positions past {w} attend further back than the released model "
-                 "did", f"keep seq_len <= {w} to train the model as released, or accept full attention")
     if st.kind == "long_context":
         if st.rope_theta is None and st.rope_scaling is None:
             sink.add("T107", "warning", f"{p}.kind",

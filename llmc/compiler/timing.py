@@ -241,6 +241,11 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     kv = params.kv_bytes_per_token(arch) / L  # bf16 K+V bytes per token per layer
     # fp8 (torchao float8) runs only the linears in fp8; attention stays bf16 (hardware.peak_flops note)
     attn_share = flops.attention_share(arch, seq_len)
+    # a sliding window W < seq_len: the model FLOPs count the band (flops.attention_span), but the trainers that run
+    # such a model (llmc's, also under DeepSpeed; torchtitan has no window, X315) give SDPA a band mask, whose
+    # memory-efficient kernel computes every score of the square and masks it: the attention takes s / span times
+    # the counted work (FlashAttention's block-skipping window kernel would not; llmc does not call it)
+    attn_work = seq_len / flops.attention_span(arch, seq_len)
     peak = mfu_peak(gpu, precision)
     fp8_lin = 0.0
     speedup = 1.0
@@ -249,9 +254,9 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         speedup = be.fp8_rowwise_speedup if recipe == "rowwise" else be.fp8_linear_speedup
         speedup = min(speedup, peak_flops(gpu, "fp8") / peak)
         fp8_lin = (1 - attn_share) / (peak * speedup) / (be.base_efficiency * clock_factor(gpu))
-        sec_per_flop = (1 - attn_share) / (peak * speedup) + attn_share / (peak * be.attn_relative_efficiency)
+        sec_per_flop = (1 - attn_share) / (peak * speedup) + attn_share * attn_work / (peak * be.attn_relative_efficiency)
     else:
-        sec_per_flop = (1 - attn_share) / peak + attn_share / (peak * be.attn_relative_efficiency)
+        sec_per_flop = (1 - attn_share) / peak + attn_share * attn_work / (peak * be.attn_relative_efficiency)
     sec_per_flop /= be.base_efficiency * clock_factor(gpu)  # a power-capped part runs at lower clocks
     ff_active = arch.d_ff
     if arch.moe is not None:

@@ -36,7 +36,7 @@ Diagnostics (errors unless noted):
     X308 PP stages/schedule  X309 router bias         X310 init_hf without an adapter that keeps every weight
     X311 fp8 recipe          X312 partial activation checkpointing without ac_layers >= 1
     X313 seq_len / cp not divisible by the chunked loss's chunks
-    X314 muP multipliers (Granite)
+    X314 muP multipliers (Granite)  X315 sliding-window attention (Mistral v0.1, Phi-3)
 
 Activation checkpointing: the plan's ``selective`` / ``full`` / ``none`` are torchtitan's ``SelectiveAC`` /
 ``FullAC`` / ``None``. ``partial`` (``ac_layers`` = K) has no torchtitan 0.3.0 policy (``FullAC`` wraps every block,

@@ -642,6 +642,9 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
     (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see :func:`export_hf`."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
     cls, mtype = fam.hf_class, fam.hf_model_types[0]
+    w = arch.sliding_window
+    if mtype == "llama" and w:  # LlamaConfig has no window: MistralForCausalLM is the same block and names with one
+        cls, mtype = "MistralForCausalLM", "mistral"
     if arch.mla is not None:
         return _deepseek_config(arch, cls, mtype, dtype, bos_id, eos_id, softmax_mscale)
     cfg = {"architectures": [cls], "model_type": mtype, "hidden_size": arch.d_model,
@@ -653,6 +656,8 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
            "use_cache": True}
     if mtype in ("llama", "granite"):
         cfg.update(attention_bias=False, mlp_bias=False)
+    if mtype == "mistral":  # MistralConfig (transformers configuration_mistral.py): the window in every layer
+        cfg.update(sliding_window=w)
     if mtype == "granite":  # GraniteConfig (transformers configuration_granite.py): the muP multipliers
         m = arch.multipliers
         cfg.update(embedding_multiplier=m.embedding, residual_multiplier=m.residual, logits_scaling=m.logits,
@@ -661,12 +666,12 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
         rs = arch.rope_scaling
         cfg.update(attention_bias=False, partial_rotary_factor=(arch.partial_rotary or arch.hd) / arch.hd,
                    original_max_position_embeddings=rs.original_max_position if rs is not None and
-                   rs.type == "longrope" else arch.max_seq_len, sliding_window=None, pad_token_id=None,
+                   rs.type == "longrope" else arch.max_seq_len, sliding_window=w, pad_token_id=None,
                    resid_pdrop=0.0, embd_pdrop=0.0)
     if mtype in ("qwen3", "qwen3_moe"):
         cfg.update(attention_bias=arch.qkv_bias)
-    if mtype in ("qwen2", "qwen3", "qwen3_moe"):
-        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=arch.n_layers)
+    if mtype in ("qwen2", "qwen3", "qwen3_moe"):  # their configs window the layers from max_window_layers on: all
+        cfg.update(use_sliding_window=bool(w), sliding_window=w, max_window_layers=0 if w else arch.n_layers)
     if mtype == "qwen3_moe":  # Qwen3MoeConfig (transformers configuration_qwen3_moe.py): the first layers dense
         m = arch.moe
         cfg.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_d_ff or arch.d_ff,
@@ -674,7 +679,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
                    router_aux_loss_coef=m.aux_loss_coef, output_router_logits=False)
     elif arch.moe is not None:
         cfg.update(num_local_experts=arch.moe.num_experts, num_experts_per_tok=arch.moe.top_k,
-                   router_aux_loss_coef=arch.moe.aux_loss_coef, output_router_logits=False, sliding_window=None,
+                   router_aux_loss_coef=arch.moe.aux_loss_coef, output_router_logits=False, sliding_window=w,
                    # DeepSeek-V3 config.json names (routed_scaling_factor 2.5, n_group 8, topk_group 4);
                    # 1 / 1 / 1 = plain top-k (llmc.spec.hf reads them back into route_scale / expert groups)
                    routed_scaling_factor=arch.moe.route_scale, n_group=arch.moe.n_expert_groups or 1,

@@ -195,16 +195,40 @@ class KVCache:
         return k, v
 
 
+@functools.lru_cache(maxsize=4)
+def window_mask(T: int, S: int, window: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(T, S) sliding-window causal mask of the last T of S positions: the query at position i (S - T <= i < S) sees
+    the keys at positions i - window + 1 .. i (Jiang et al. 2023, arXiv:2310.06825 sec. 2; transformers'
+    ``sliding_window_overlay``: kv_idx > q_idx - sliding_window). ``torch.bool``: True = attend; a float dtype: the
+    additive form (0 / -inf), which SDPA uses as it is rather than converting a boolean mask in every layer, so one
+    tensor, shared by the layers and kept once for the backward (llmc.compiler.memory.window_mask_bytes), serves them
+    all. Cached per shape: every micro-batch of a run has the same."""
+    q = torch.arange(S - T, S, device=device)[:, None]
+    keys = torch.arange(S, device=device)[None, :]
+    band = (keys <= q) & (keys > q - window)
+    if dtype == torch.bool:
+        return band
+    return torch.zeros(T, S, device=device, dtype=dtype).masked_fill_(~band, float("-inf"))
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
-            scale: float | None = None) -> torch.Tensor:
+            scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """(B, T, h, d) roped q / k / v -> (B, H, T, dv): causal over the T positions, or, with a ``cache`` that holds
-    earlier positions, one new position (T = 1) against all of them."""
+    earlier positions, one new position (T = 1) against all of them; with a sliding ``window`` each query sees only
+    the last ``window`` positions up to itself (:func:`window_mask`, where there are more keys than that)."""
     if cache is not None:
         k, v = cache.extend(layer, k, v)
         if k.shape[1] != q.shape[1] and q.shape[1] != 1:
             raise ValueError("a KV cache takes the whole prompt first, then one position per call")
+    mask = cache.mask if cache is not None else None
+    T, S = q.shape[1], k.shape[1]
+    if window is not None and S > window:
+        if mask is not None:  # a padded sampling batch (bool): its real-key mask and the band
+            mask = mask & window_mask(T, S, window, q.device, torch.bool)
+        else:
+            mask = window_mask(T, S, window, q.device, q.dtype)
     return _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale,
-                 causal=k.shape[1] == q.shape[1], mask=cache.mask if cache is not None else None)
+                 causal=S == T, mask=mask)
 
 
 class Attention(nn.Module):
@@ -227,6 +251,7 @@ class Attention(nn.Module):
         self.rotary = arch.partial_rotary
         # Granite's softmax scale (attention_multiplier); None = SDPA's 1/sqrt(head_dim)
         self.scale = arch.multipliers.attention if arch.multipliers is not None else None
+        self.window = arch.sliding_window  # None: full causal attention
         self.checkpoint_core = False  # selective activation checkpointing (see Transformer.set_ac)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None,
@@ -254,7 +279,7 @@ class Attention(nn.Module):
             r = self.rotary
             q = torch.cat([apply_rope(q[..., :r], rope), q[..., r:]], dim=-1)
             k = torch.cat([apply_rope(k[..., :r], rope), k[..., r:]], dim=-1)
-        out = _attend(q, k, v, cache, layer, scale=self.scale)  # (B, H, T, hd); k, v keep K heads
+        out = _attend(q, k, v, cache, layer, scale=self.scale, window=self.window)  # (B, H, T, hd); k, v keep K heads
         return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
 
     def init_weights(self, std: float, out_std: float) -> None:

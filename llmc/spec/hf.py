@@ -17,9 +17,10 @@ vocab_size                     vocab_size
 tie_word_embeddings            tied_embeddings
 attention_bias                 qkv_bias (qwen2: always True)
 (model_type qwen3, qwen3_moe)  qk_norm (Qwen3 always normalises q and k heads)
-use_sliding_window: true       refused (llmc models no sliding-window attention)
-sliding_window                 sliding_window where use_sliding_window is not false (Mistral): recorded, not
-                               modelled (full attention; `llmc plan` warns M007 for longer sequences)
+use_sliding_window: true       sliding_window with max_window_layers 0, else refused (Qwen2 / Qwen3 window the
+                               layers from max_window_layers on; llmc models one window for every layer)
+sliding_window                 sliding_window where use_sliding_window is not false (Mistral, Phi-3): every layer
+layer_types                    all "sliding_attention": sliding_window; all "full_attention": none; mixed refused
 rope_theta / rope_scaling      rope_theta / rope_scaling: llama3, yarn, linear, longrope (short_factor, long_factor,
                                original_max_position_embeddings (phi3: top level), factor (absent: max_position /
                                original, as transformers), attention_factor); phi3 reads su / yarn as longrope, as
@@ -334,8 +335,16 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         raise HFConfigError(f"unsupported hidden_act {act!r} (llmc models SwiGLU, i.e. silu)")
 
     errs: list[str] = []
-    if cfg.get("use_sliding_window") is True:  # Qwen2 / Qwen3 configs; false in their released checkpoints
-        errs.append("use_sliding_window: true is not supported (llmc models full attention in every layer)")
+    if cfg.get("use_sliding_window") is True and cfg.get("max_window_layers") != 0:  # Qwen2 / Qwen3; false in releases
+        errs.append("use_sliding_window: true is not supported (these configs window only the layers from "
+                    "max_window_layers on; llmc models one attention window for every layer)")
+    kinds = cfg.get("layer_types")  # transformers >= 4.5x writes it: one "full_attention" / "sliding_attention" per layer
+    if kinds is not None and (not isinstance(kinds, list) or len(set(map(str, kinds))) > 1):
+        errs.append("layer_types: layers of different attention kinds are not modelled (llmc models one attention "
+                    "window, or none, for every layer)")
+    windowed = cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True) is not False
+    if kinds:
+        windowed = windowed and set(map(str, kinds)) == {"sliding_attention"}
     heads = _each(errs, n_heads=lambda: _int(cfg, "num_attention_heads"))
     n_heads = heads.get("n_heads", 1)
     kw: dict[str, Any] = {"name": name, **heads, **_each(
@@ -357,8 +366,8 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     )}
     if cfg.get("head_dim") is not None:
         kw.update(_each(errs, head_dim=lambda: _int(cfg, "head_dim")))
-    # Mistral's window (no use_sliding_window key there); Qwen2 / Qwen3 configs carry a sliding_window they switch off
-    if cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True) is not False:
+    # Mistral's / Phi-3's window (no use_sliding_window key there); Qwen2 / Qwen3 configs carry one they switch off
+    if windowed:
         kw.update(_each(errs, sliding_window=lambda: _int(cfg, "sliding_window")))
     for hook in (_FAMILY_HOOKS.get(family.name), _TYPE_HOOKS.get(mt)):
         if hook is not None:

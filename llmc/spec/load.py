@@ -963,6 +963,10 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
                                     f"longrope has {len(rs.short_factor)} factors for {dims}",
                                     f"give one per rotary frequency: {dims.split()[0]} / 2 = "
                                     f"{(arch.partial_rotary or arch.hd) // 2}"))
+        if arch.sliding_window is not None and arch.mla is not None:
+            out.append(ctx.diag("M011", "model.sliding_window",
+                                "sliding-window attention with MLA is not modelled (Mistral's and Phi-3's windows are, "
+                                "on GQA models)", "remove sliding_window"))
         r = arch.rotary_dim
         if r is not None and (r % 2 or r > arch.hd or arch.mla is not None):
             why = ("rotary_dim with MLA is not modelled (MLA's rope dims are mla.qk_rope_head_dim)" if arch.mla is not None
@@ -970,7 +974,8 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
             out.append(ctx.diag("M009", "model.rotary_dim", why, "RoPE rotates pairs of the first rotary_dim dims"))
         if arch.multipliers is not None:
             other = [n for n, on in (("qkv_bias", arch.qkv_bias), ("qk_norm", arch.qk_norm), ("moe", arch.moe),
-                                     ("mla", arch.mla), ("rotary_dim", arch.partial_rotary)) if on]
+                                     ("mla", arch.mla), ("rotary_dim", arch.partial_rotary),
+                                     ("sliding_window", arch.sliding_window)) if on]
             if other:
                 out.append(ctx.diag("M010", "model.multipliers",
                                     f"multipliers (Granite) with {', '.join(other)} is not modelled",

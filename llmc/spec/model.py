@@ -222,9 +222,10 @@ class Architecture(SpecModel):
     qk_norm: bool = False
     """RMSNorm over each query and key head before RoPE (Qwen3, Qwen3-MoE; GQA models only)."""
     sliding_window: Int | None = Field(default=None, gt=0)
-    """The released model's attention window in tokens (Mistral-7B v0.1 4096; config.json ``sliding_window``). Recorded,
-    not modelled: llmc trains, counts and serves full causal attention, and ``llmc plan`` warns (M007) where a
-    sequence is longer than the window. None = full attention."""
+    """Sliding-window attention in every layer (Mistral-7B v0.1 4096, Phi-3-mini 2047; config.json ``sliding_window``):
+    the query at position i attends to the keys at positions i - W + 1 .. i (Jiang et al. 2023, arXiv:2310.06825
+    sec. 2; transformers' sliding-window causal mask). Modelled in the FLOP count, memory, timing, serving KV cache and
+    llmc's trainer; GQA models only (M011). None = full causal attention."""
     rope_theta: Float = Field(default=10_000.0, gt=0)
     """RoPE base (Llama-2 10000, Llama-3 500000)."""
     rotary_dim: Int | None = Field(default=None, gt=0)

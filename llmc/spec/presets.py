@@ -67,13 +67,13 @@ PRESETS: dict[str, Architecture] = {
         norm_eps=1e-5, max_seq_len=131072,
     ),
     # https://huggingface.co/mistralai/Mistral-7B-v0.1/blob/main/config.json
-    # (sliding_window 4096: recorded, not modelled; llmc trains full causal attention and warns past 4096 tokens)
+    # (sliding_window 4096: each token attends to the previous 4096)
     "mistral-7b": _arch(
         "mistral-7b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336, vocab_size=32000,
         rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32768, sliding_window=4096,
     ),
     # https://huggingface.co/microsoft/Phi-3-mini-4k-instruct/blob/main/config.json (model_type phi3: a Llama block
-    # with fused qkv_proj / gate_up_proj in the checkpoint; sliding_window 2047: recorded, not modelled)
+    # with fused qkv_proj / gate_up_proj in the checkpoint; sliding_window 2047)
     "phi3-mini-4k": _arch(
         "phi3-mini-4k", n_layers=32, d_model=3072, n_heads=32, n_kv_heads=32, d_ff=8192, vocab_size=32064,
         rope_theta=10000.0, norm_eps=1e-5, max_seq_len=4096, sliding_window=2047,
