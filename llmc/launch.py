@@ -163,6 +163,12 @@ def _lock_change_summary(data: bytes) -> str:
     return "its spec hash is unchanged, so a plan or number was edited"
 
 
+def _has_titan_job(b: Path) -> bool:
+    """Does the build hold a torchtitan job module: pre-training's ``llmc_job.py`` or a continued-training stage's
+    ``llmc_job_stage<i>.py`` (a pipeline that continues a trained model has only those)?"""
+    return any((b / "torchtitan").glob(f"{TITAN_PRETRAIN_MODULE}*.py"))
+
+
 def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, nproc: int | None = None,
                     stage: str | None = None, run_dir: str | os.PathLike | None = None,
                     gpu: bool | None = None) -> list[Cmd]:
@@ -175,8 +181,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     if backend is None:
         plan = ParallelPlan(**lock["plan"]) if lock.get("plan") else None
         planned = (lock.get("backend") or {}).get("name") if isinstance(lock.get("backend"), dict) else None
-        backend = launch_backend(planned, plan, (b / "torchtitan" / "llmc_job.py").exists(),
-                                 (b / "deepspeed" / "ds_config.json").exists())
+        backend = launch_backend(planned, plan, _has_titan_job(b), (b / "deepspeed" / "ds_config.json").exists())
     on_gpu = has_gpu() if gpu is None else gpu
     if nproc is None:
         nproc = _gpus_per_node(lock) if on_gpu else 1
@@ -197,9 +202,9 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     if backend == "deepspeed" and not ds_config.exists():
         raise LaunchError("this build has no deepspeed/ds_config.json (see README.md warnings); "
                           "use --backend native or torchtitan")
-    titan_module = b / "torchtitan" / "llmc_job.py"
-    if backend == "torchtitan" and not titan_module.exists():
-        raise LaunchError("this build has no torchtitan/llmc_job.py; use --backend native or deepspeed")
+    if backend == "torchtitan" and not _has_titan_job(b):
+        raise LaunchError("this build has no torchtitan job (torchtitan/llmc_job*.py); use --backend native or "
+                          "deepspeed")
 
     def native(s: dict) -> Cmd:
         # every kind runs on nproc ranks (post-training too: FSDP2 over the ranks, llmc.runtime.posttrain)

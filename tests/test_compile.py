@@ -374,6 +374,22 @@ def test_a_sliding_window_is_counted_planned_and_run_by_a_trainer_that_applies_i
     assert "sliding-window attention (4096 tokens)" in render_text(c8)
 
 
+def test_a_stage_that_starts_from_no_weights_is_flagged():
+    """A stage with neither init_from nor init_hf is trained from a fresh init by every backend (a fine-tune of
+    random weights): G008 at the stage, not for one that names its base or chains from an earlier stage."""
+    base = _spec("llama3-8b", count=8, seq=4096, tokens="1B")
+    sft = "  - {name: sft, kind: sft, data: {seq_len: 4096, tokens: 1e7, sources: [{name: c, path: c.jsonl, kind: chat}]}"
+    bare = _compile(base + "stages:\n" + sft + "}\n")
+    d = _diag(bare, "G008")
+    assert (d.severity, d.path, d.line) == ("warning", "stages.0", 6) and "randomly initialised" in d.message
+    assert "G008" not in _codes(_compile(base + "stages:\n" + sft + ", init_hf: /models/llama3-8b}\n"))
+    chained = _compile(base + "stages:\n  - {name: pre, kind: pretrain}\n" + sft + ", init_from: pre}\n")
+    assert "G008" not in _codes(chained)
+    for ex in ("pipeline_tiny", "pipeline_llama3_8b", "pipeline_llama3_70b_qlora"):
+        run, lines = load_spec(f"examples/{ex}.yaml")
+        assert "G008" not in _codes(compile_spec(run, ex, lines)), ex
+
+
 def test_training_init_hf_with_stages_is_an_error_not_a_random_init():
     """With `stages:`, only a stage's own init_hf is read (the lock's stage entries, every backend): a top-level
     training.init_hf would leave the pre-training stage at random init, so it is G007 at its line."""

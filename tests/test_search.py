@@ -257,6 +257,41 @@ training: {global_batch_tokens: 1048576INIT}
     assert "fused" in c.backend.reason
 
 
+def test_auto_backend_reads_the_checkpoints_of_continued_training_stages(tmp_path):
+    """A torchtitan run trains its continued-training stages as torchtitan jobs too, so a stage's own init_hf that
+    torchtitan's adapters cannot read (a fused Phi-3 checkpoint) keeps ``auto`` on llmc's trainer, as a top-level one
+    does, also in a pipeline without pre-training (whose torchtitan build is its stage jobs only)."""
+    import json
+
+    from llmc.emit import torchtitan as tt
+    from llmc.spec.facts import gather_facts
+
+    for name, model_type in (("fused", "phi3"), ("plain", "llama")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": model_type}))
+    stage = "  - {name: cpt, kind: midtrain, init_hf: fused, data: {seq_len: 4096, tokens: 1e8}}\n"
+    base = ("name: t\nmodel: phi4\nhardware: {gpu: h100-sxm, count: 16}\ndata: {seq_len: 4096, tokens: 1B}\n"
+            "training: {global_batch_tokens: 1048576BACKEND}\nstages:\nPRE" + stage)
+
+    def comp(pre: str, backend: str = "", ckpt: str = "fused"):
+        text = base.replace("PRE", pre).replace("BACKEND", backend).replace("init_hf: fused", f"init_hf: {ckpt}")
+        run, lines = loads_spec(text, file=str(tmp_path / "s.yaml"))
+        return compile_spec(run, "s.yaml", lines, spec_bytes=text.encode(), facts=gather_facts(run, tmp_path))
+
+    pre = "  - {name: pretrain, kind: pretrain}\n"
+    with_pre = comp(pre)
+    assert with_pre.backend.name == "native" and "torchtitan cannot run this model" in with_pre.backend.reason
+    assert "fused" in with_pre.backend.reason and with_pre.checkpoint_types == {"fused": "phi3"}
+    assert comp(pre, ckpt="plain").backend.name == "torchtitan"
+    pinned = comp(pre, ", backend: torchtitan")  # pinned: the emitter says why this stage has no torchtitan job
+    assert [(d.code, d.path) for d in tt.torchtitan_diagnostics(pinned)] == [("X310", "stages.1.init_hf")]
+    only = comp("", ckpt="plain")
+    assert only.plan is None and only.backend.name == "torchtitan" and tt.titan_jobs(only) == [0]
+    assert tt.torchtitan_diagnostics(only) == []
+    fused = comp("")
+    assert fused.backend.name == "native" and "fused" in fused.backend.reason
+
+
 def test_the_search_only_uses_what_the_backend_runs():
     base = """\
 name: t

@@ -134,6 +134,29 @@ def test_the_stage_job_is_the_stages_own(tmp_path):
     TrainJob.from_lock(lock, "pre").check_runner("native")  # pre-training is not refused
 
 
+def test_a_pipeline_without_pre_training_builds_and_launches_its_stage_jobs(tmp_path):
+    """Continuing a trained model (no pre-training stage): the plan gives the long-context stage its own torchtitan
+    layout, so the build holds that stage's job and no pre-training job, and `llmc launch` and the launch scripts
+    default to torchtitan for it (before, the build had no torchtitan job and the stage fell to a trainer that refuses
+    its layout)."""
+    import json
+
+    spec = SPEC.replace("BACKEND", "").replace("  - {name: pre, kind: pretrain}\n", "").replace(
+        "init_from: pre, ", "init_hf: /models/llama3-70b, ")
+    c = compile_text(spec)
+    assert c.plan is None and c.backend.name == "torchtitan" and c.stages[0].layout is not None
+    b = tmp_path / "b"
+    write_build(b, render_artifacts(c))
+    assert sorted(p.name for p in (b / "torchtitan").glob("*.py")) == ["llmc_job_stage0.py"]
+    assert "initial_load_in_hf=True" in (b / "torchtitan" / "llmc_job_stage0.py").read_text()
+    train, export = launch_commands(b, gpu=True)[1:3]  # after the prepare step; the default backend: the plan's
+    assert train.argv[train.argv.index("--module") + 1] == "llmc_job_stage0" and "LLMC_INIT_HF" not in train.env
+    assert export.argv[2:6] == ["llmc.runtime.hf_io", str(b.resolve()), "--stage", "long"]
+    script = (b / "launch" / "torchrun_single_node.sh").read_text()
+    assert 'BACKEND="${BACKEND:-torchtitan}"' in script and "--module llmc_job_stage0" in script
+    assert json.loads((b / "plan.lock.json").read_text())["backend"]["name"] == "torchtitan"
+
+
 def test_tied_embeddings_stay_on_one_pipeline_stage_where_torchtitan_cannot_tie_them():
     """torchtitan refuses weight tying with pipeline parallelism (the emitter's X303), so neither the pre-training
     search nor a stage's own search may pick pp > 1 for a tied model on torchtitan; a pp the user pinned stays (and

@@ -426,7 +426,7 @@ def test_init_hf_of_a_pretrain_stage_is_read_and_located_there():
     moe = make_run(model={"moe": {"num_experts": 4, "top_k": 2}}, stages=stages)
     c = make_compiled(moe, stages=[{k: v for k, v in s.items() if k != "steps"} for s in stages])
     [d] = torchtitan_diagnostics(c)
-    assert (d.code, d.path) == ("X310", "stages[0].init_hf")
+    assert (d.code, d.path) == ("X310", "stages.0.init_hf")
     dense = make_compiled(make_run(stages=stages), stages=[{k: v for k, v in s.items() if k != "steps"}
                                                            for s in stages])
     src = render_torchtitan(dense)["torchtitan/llmc_job.py"]

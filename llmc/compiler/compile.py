@@ -37,7 +37,7 @@ from llmc.diagnostics import Diagnostic, errors, line_for, sort_diagnostics
 from llmc.spec.facts import ExternalFacts
 from llmc.spec.load import LoadedSpec
 from llmc.spec.model import Architecture
-from llmc.spec.schema import RunSpec, Training
+from llmc.spec.schema import CONTINUED_KINDS, RunSpec, Training
 
 
 def model_numbers(arch: Architecture) -> ModelNumbers:
@@ -156,8 +156,13 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     hyper = pretrain_hyper(run, gpu)  # steps etc.; the checkpoint interval is refined by the step time below
 
     init_hf = pre.init_hf if pre is not None else None
-    gaps = backends.torchtitan_model_gaps(run.model, init_hf, hf_model_type=(
-        facts.checkpoint_types.get(init_hf) if facts is not None and init_hf else None))
+    types = facts.checkpoint_types if facts is not None else {}
+    gaps = backends.torchtitan_model_gaps(run.model, init_hf, hf_model_type=types.get(init_hf) if init_hf else None)
+    # a torchtitan run trains its continued-training stages as torchtitan jobs too: the checkpoints they start from
+    for i, st in enumerate(run.stages):
+        if st.kind in CONTINUED_KINDS and st.init_hf and st.init_hf != init_hf:
+            gaps += [g for g in backends.torchtitan_model_gaps(run.model, st.init_hf, f"stages.{i}.init_hf",
+                                                               types.get(st.init_hf)) if g.code == "X310"]
     be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration, sink, gaps)
     model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe,
                                run.parallelism.offload_optimizer, run.parallelism.offload_params)
@@ -391,7 +396,8 @@ def backend_pins(par, backend: str, arch: Architecture | None = None):
 
 def _backend_and_calibration(run, gpu, calibration, sink, gaps=()):
     """(backend info, calibration info, factors or None, ranking error band) for the run; ``gaps``: what torchtitan
-    cannot run about the model (:func:`backends.torchtitan_model_gaps`), which keeps ``auto`` off it."""
+    cannot run about the model or the checkpoints its stages start from (:func:`backends.torchtitan_model_gaps`),
+    which keeps ``auto`` off it."""
     from llmc.compiler import calibration as cal_mod
 
     par = run.parallelism

@@ -866,7 +866,12 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
             hint = f"{states / 1e9:.1f} GB of it is weights, gradients and optimizer states: LoRA/QLoRA or more GPUs"
         sink.add("G005", "warning", p, f"stage {st.name!r} needs {mem.per_gpu_bytes / 1e9:.1f} GB per GPU, "
                  f"more than {(env.capacity or 0) / 1e9:.0f} GB", hint)
-    if st.kind in PREFERENCE_KINDS and st.init_from is None and env.n_stages > 1:
+    if st.kind != "pretrain" and st.init_from is None and st.init_hf is None:
+        # llmc's trainers and the stage's torchtitan job then start from a fresh init (llmc.runtime.posttrain)
+        sink.add("G008", "warning", p, f"{st.kind} stage {st.name!r} starts from randomly initialised weights: it has "
+                 "neither init_from nor init_hf", "set init_hf to the base model's Hugging Face checkpoint (a folder or "
+                 "hub id), or init_from to the stage before it")
+    elif st.kind in PREFERENCE_KINDS and st.init_from is None and env.n_stages > 1:
         sink.add("G004", "info", p, f"{st.kind} stage {st.name!r} starts from the base model, not an SFT stage",
                  "preference/RL stages usually start from (and use as reference) the SFT model")
 

@@ -461,7 +461,7 @@ def _init_hf(compiled) -> tuple[str | None, str]:
     spec = compiled.spec
     for i, st in enumerate(spec.stages):
         if st.kind in TITAN_STAGE_KINDS:
-            return st.init_hf, f"stages[{i}].init_hf"
+            return st.init_hf, f"stages.{i}.init_hf"
     plan = next((st for st in compiled.stages if st.kind in TITAN_STAGE_KINDS), None)
     if plan is not None and plan.init_hf:
         return plan.init_hf, "training.init_hf"
@@ -586,6 +586,14 @@ def titan_stages(compiled) -> list[tuple[int, Any]]:
     return [(i, sp) for i, sp in enumerate(compiled.stages) if sp.layout is not None]
 
 
+def titan_jobs(compiled) -> list[int | None]:
+    """The torchtitan jobs of the run: ``None`` for pre-training (when the run has a pre-training plan), then the
+    position of every continued-training stage with its own job. A pipeline that continues a trained model (no
+    pre-training stage) has its stage jobs only."""
+    stages = [i for i, _ in titan_stages(compiled)]
+    return [None, *stages] if compiled.plan is not None or not stages else stages
+
+
 def _stage_view(compiled, sp):
     """The run as the stage's own job sees it: the stage's layout, training numbers (``Hyper``), data, sequence
     length and RoPE (the context the stage trains with: a long-context stage's new base or scaling, with the
@@ -621,6 +629,8 @@ def torchtitan_values(compiled, stage: int | None = None) -> TitanValues:
     view, st = (compiled, None) if stage is None else _stage_view(compiled, compiled.stages[stage])
     family = _family(view.spec.model)
     src, src_path = _init_hf(view)
+    if st is not None:  # a continued-training stage's job: the checkpoint it starts from is its own init_hf
+        src, src_path = st.init_hf, f"stages.{compiled.spec.stages.index(st)}.init_hf"
     errs += [diag(g.code, "error", g.path, g.message, g.hint) for g in torchtitan_model_gaps(
         view.spec.model, src, src_path, view.checkpoint_types.get(src) if src else None)]
     _arch_checks(view, family, errs, notes)
@@ -637,7 +647,7 @@ def torchtitan_values(compiled, stage: int | None = None) -> TitanValues:
         sp = compiled.stages[stage]
         init_source = sp.init_hf or (posixpath.join("run", st.init_from, "hf") if st.init_from else None)
         init_hf = _from_build(compiled, sp.init_hf) if sp.init_hf else init_source
-        if init_hf and _sd_adapter(view.spec.model, family) is None:
+        if init_hf and not sp.init_hf and _sd_adapter(view.spec.model, family) is None:  # (own init_hf: above)
             errs.append(diag("X310", "error", f"stages.{next(i for i, s in enumerate(compiled.spec.stages) if s is st)}",
                              f"stage {st.name!r}: the torchtitan job cannot start from its base model's weights (no "
                              f"state-dict adapter for this model in torchtitan {TORCHTITAN_VERSION})",
@@ -681,7 +691,7 @@ def launch_lines(ctx: dict[str, Any]) -> dict[str, str]:
 def torchtitan_diagnostics(compiled) -> list[Diagnostic]:
     """Why the torchtitan target cannot be emitted for this run (empty when it can)."""
     out: list[Diagnostic] = []
-    for stage in (None, *(i for i, _ in titan_stages(compiled))):
+    for stage in titan_jobs(compiled):
         try:
             torchtitan_values(compiled, stage)
         except SpecError as e:
@@ -699,7 +709,7 @@ def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
     import llmc
 
     try:
-        jobs = [torchtitan_values(compiled, stage) for stage in (None, *(i for i, _ in titan_stages(compiled)))]
+        jobs = [torchtitan_values(compiled, stage) for stage in titan_jobs(compiled)]
     except SpecError as e:
         if strict:
             raise
@@ -789,7 +799,7 @@ class TorchtitanEmitter(Emitter):
     name = "torchtitan"
 
     def applies(self, compiled) -> bool:
-        return compiled.plan is not None
+        return compiled.plan is not None or bool(titan_stages(compiled))
 
     def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
         return render_torchtitan(compiled)
