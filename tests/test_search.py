@@ -292,6 +292,19 @@ def test_auto_backend_reads_the_checkpoints_of_continued_training_stages(tmp_pat
     assert fused.backend.name == "native" and "fused" in fused.backend.reason
 
 
+def test_auto_backend_of_a_post_training_pipeline_is_the_trainer_that_runs_it():
+    """SFT / DPO / GRPO stages run on llmc's trainers whatever the backend, so a pipeline of those only plans (and
+    locks) the native trainer, which the build's launchers then run, instead of naming torchtitan for nothing."""
+    from llmc.emit.common import stage_list
+
+    run, lines = load_spec("examples/pipeline_llama3_70b_qlora.yaml")
+    c = compile_spec(run, "p.yaml", lines)
+    assert [s.kind for s in c.stages] == ["sft", "dpo", "grpo"] and not any(s["titan"] for s in stage_list(c))
+    assert c.backend.name == "native" and "every stage is post-training" in c.backend.reason
+    run, lines = load_spec("examples/pipeline_llama3_8b.yaml")  # with midtrain / long_context: torchtitan jobs
+    assert compile_spec(run, "p.yaml", lines).backend.name == "torchtitan"
+
+
 def test_the_search_only_uses_what_the_backend_runs():
     base = """\
 name: t

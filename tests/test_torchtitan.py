@@ -874,3 +874,24 @@ stages:
                        timeout=300)
     out_text = r.stdout + r.stderr
     assert r.returncode == 0 and out_text.count("already finished and exported") == 2, out_text[-3000:]
+
+    # a pipeline that continues that model (no pre-training stage): its build is the stage's torchtitan job alone,
+    # which `llmc launch` runs by default, from the checkpoint the stage names
+    base = out.resolve() / "run" / "pre" / "hf"
+    spec2 = tmp_path / "continue.yaml"
+    spec2.write_text(spec.read_text().replace("{train: true, vocab_size: 2048}", f"{{path: '{base}'}}")
+                     .replace("  - {name: pre, kind: pretrain}\n", "")
+                     .replace("init_from: pre", f"init_hf: '{base}'").replace("parallelism: {pp: 2}\n", ""))
+    out2 = tmp_path / "b2"
+    r = subprocess.run([*llmc, "build", str(spec2), "-o", str(out2)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in (out2 / "torchtitan").glob("*.py")) == ["llmc_job_stage0.py"]
+    r = subprocess.run([*llmc, "launch", str(out2), "--nproc", "2"], capture_output=True, text=True, env=env,
+                       timeout=900)
+    log2 = ANSI.sub("", r.stdout + r.stderr)
+    assert r.returncode == 0, log2[-4000:]
+    assert "--module llmc_job_stage0" in log2 and f"initial_load_path: {base}" in log2, log2[:3000]
+    got2 = losses(log2)
+    assert sorted(got2) == [1, 2, 3] and got2[1] < math.log(2048) - 0.8, got2
+    assert (out2 / "run" / "mid" / "hf" / "config.json").is_file()

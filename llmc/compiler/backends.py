@@ -454,10 +454,13 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
 
 def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = None, cp: int | None = None,
                     ep: int | None = None, zero_stage: int | None = None,
-                    offload: bool = False, cpu: bool = False, model_gaps: tuple[str, ...] = ()) -> tuple[str, str]:
+                    offload: bool = False, cpu: bool = False, model_gaps: tuple[str, ...] = (),
+                    titan_work: bool = True) -> tuple[str, str]:
     """(backend, reason). ``auto``: the native trainer on CPU; DeepSpeed when the spec asks for a
     DeepSpeed-only feature (``offload``: optimizer or parameter offload; ZeRO-1/2); the native trainer when torchtitan
-    cannot run the model (``model_gaps``: :func:`torchtitan_model_gaps` messages); otherwise torchtitan (it runs every
+    cannot run the model (``model_gaps``: :func:`torchtitan_model_gaps` messages) or a pipeline has nothing a
+    torchtitan job would run (``titan_work`` False: post-training stages only, which llmc's trainers run on every
+    backend); otherwise torchtitan (it runs every
     dimension the search may choose: TP, PP, CP, EP, FSDP; llmc's native trainer does DDP/FSDP/TP only and
     DeepSpeed's runner data parallelism only)."""
     if requested != "auto":
@@ -471,6 +474,9 @@ def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = N
     if model_gaps:
         return "native", (f"auto: llmc's native trainer (DDP / FSDP2 / TP), since torchtitan cannot run this model: "
                           f"{model_gaps[0]}")
+    if not titan_work:
+        return "native", ("auto: llmc's native trainer (every stage is post-training, which llmc's trainers run on any "
+                          "backend)")
     dims = [n for n, v in (("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)) if v and v > 1]
     why = f"it runs the pinned {'/'.join(dims)}" if dims else "it runs every dimension the search may choose"
     return "torchtitan", f"auto: torchtitan ({why}: FSDP2, TP, PP, CP, EP; compiled, fp8 via torchao)"

@@ -163,7 +163,9 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         if st.kind in CONTINUED_KINDS and st.init_hf and st.init_hf != init_hf:
             gaps += [g for g in backends.torchtitan_model_gaps(run.model, st.init_hf, f"stages.{i}.init_hf",
                                                                types.get(st.init_hf)) if g.code == "X310"]
-    be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration, sink, gaps)
+    # what a torchtitan build would run: pre-training and continued-training stages (post-training runs on llmc's)
+    titan_work = pretrains or any(st.kind in CONTINUED_KINDS for st in run.stages)
+    be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration, sink, gaps, titan_work)
     model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe,
                                run.parallelism.offload_optimizer, run.parallelism.offload_params)
     searched = _Searched()
@@ -394,17 +396,17 @@ def backend_pins(par, backend: str, arch: Architecture | None = None):
     return par.model_copy(update=upd) if upd else par
 
 
-def _backend_and_calibration(run, gpu, calibration, sink, gaps=()):
+def _backend_and_calibration(run, gpu, calibration, sink, gaps=(), titan_work=True):
     """(backend info, calibration info, factors or None, ranking error band) for the run; ``gaps``: what torchtitan
     cannot run about the model or the checkpoints its stages start from (:func:`backends.torchtitan_model_gaps`),
-    which keeps ``auto`` off it."""
+    which keeps ``auto`` off it; ``titan_work``: whether any stage would run as a torchtitan job."""
     from llmc.compiler import calibration as cal_mod
 
     par = run.parallelism
     name, why = backends.resolve_backend(run.training.backend, tp=par.tp, pp=par.pp, cp=par.cp, ep=par.ep,
                                          zero_stage=par.zero_stage, offload=par.offload_optimizer or par.offload_params,
                                          cpu=gpu is not None and gpu.key == "cpu",
-                                         model_gaps=tuple(g.message for g in gaps))
+                                         model_gaps=tuple(g.message for g in gaps), titan_work=titan_work)
     be = backends.get_backend(name)
     comp = backends.compile_on(be, run.training.compile)
     fp8 = None
