@@ -138,3 +138,22 @@ def test_v001_points_at_the_yaml_line():
     run, lines = loads_spec(text)
     _, diags = plan_serving(run, gpus, lines)
     assert [(d.code, d.line) for d in diags] == [("V001", 8)]
+
+
+def test_a_sliding_window_bounds_vllm_cache_and_sglang_is_warned():
+    """Mistral-7B v0.1 (window 4096) at 32K tokens x 16 sequences: vLLM keeps each sequence's last 4095 positions plus
+    one 8192-token prefill chunk and a block (12,304 positions, by hand: ceil((4095 + 8192) / 16) + 1 = 769 blocks of
+    16), not 32,768; SGLang serves it without the window (V008) and is sized at the full length."""
+    mistral = dict(name="mistral-7b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336,
+                   vocab_size=32000, max_seq_len=32768, sliding_window=4096)
+    kv_tok = 2 * 32 * 8 * 128 * 2  # K and V, 32 layers, 8 kv heads of 128, bf16
+    plans, diags = plan_serving(run_with(mistral, [{"engine": "vllm", "max_model_len": 32768, "concurrency": 16},
+                                                   {"engine": "sglang", "max_model_len": 32768, "concurrency": 16}]),
+                                gpus)
+    vllm, sglang = plans
+    # per GPU of a replica: the kv heads are split over tensor_parallel_size (<= 8 here)
+    assert vllm.kv_gib_per_seq == round(769 * 16 * kv_tok / vllm.tensor_parallel_size / GiB, 4)
+    assert sglang.kv_gib_per_seq == round(32768 * kv_tok / sglang.tensor_parallel_size / GiB, 4)
+    assert [(d.code, d.severity, d.path) for d in diags] == [("V008", "warning", "serving.1.engine")]
+    short, diags = plan_serving(run_with(mistral, [{"engine": "sglang", "max_model_len": 4096}]), gpus)
+    assert diags == [] and short[0].kv_gib_per_seq == round(4096 * kv_tok / short[0].tensor_parallel_size / GiB, 4)

@@ -37,6 +37,7 @@ from llmc.compiler.hardware import GPU
 from llmc.compiler.result import ServingPlan
 from llmc.compiler.units import GiB, gib
 from llmc.diagnostics import Diagnostic, line_for
+from llmc.spec.families import family_of
 from llmc.spec.model import Architecture
 from llmc.spec.schema import RunSpec, Serving
 
@@ -213,6 +214,14 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
         out.add("V005", "warning", "max_model_len",
                 f"max_model_len {max_len} exceeds the model's max_seq_len {arch.max_seq_len}",
                 "add a long_context stage or rope_scaling, or serve a shorter context")
+    w = arch.sliding_window
+    if t.engine == "sglang" and w and max_len > w and family_of(arch).name in ("llama", "phi3"):
+        # SGLang serves MistralForCausalLM and Phi3ForCausalLM with its Llama model, whose RadixAttention is built
+        # without a window (python/sglang/srt/models/llama.py); vLLM applies the config's sliding_window
+        out.add("V008", "warning", "engine",
+                f"SGLang serves this model without its {w}-token attention window (its Llama model, which runs "
+                f"Mistral and Phi-3 checkpoints, attends to every position): past {w} tokens its outputs are not the "
+                "trained model's", f"serve it with engine: vllm, or max_model_len <= {w}")
     common = dict(weight_bytes=weight_bytes, kv_tok=kv_tok,
                   kv_len=kv_tokens_per_sequence(arch, t.engine, max_len), concurrency=t.concurrency,
                   capacity=capacity, util=util)
