@@ -353,3 +353,29 @@ def test_deepseek_v3_group_limited_routing_matches_reference_gate():
     if moe.shared_experts is not None:
         ref += moe.shared_experts(x)
     torch.testing.assert_close(out[0], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sliding_window_mask_is_one_tensor_for_every_layer_also_compiled():
+    """The band mask of a sliding window is built once per shape, outside torch.compile's graphs, and handed to every
+    layer (the memory model counts one seq_len^2 mask, llmc.compiler.memory.window_mask_bytes); each query sees only
+    the last W positions, compiled or not (the compiled blocks give the eager model's logits and gradients)."""
+    from llmc.runtime.model import _window_mask, window_mask
+
+    arch = Architecture(name="t", n_layers=3, d_model=48, n_heads=6, n_kv_heads=2, d_ff=96, vocab_size=100,
+                        max_seq_len=64, sliding_window=5)
+    band = window_mask(4, 9, 3, torch.device("cpu"), torch.bool)  # the last 4 of 9 positions, window 3, by hand
+    assert band.int().tolist() == [[0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 0, 0],
+                                   [0, 0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0, 1, 1, 1]]
+    eager, compiled = build_model(arch, seed=0), build_model(arch, seed=0)
+    compiled.compile_blocks()
+    tokens = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
+    _window_mask.cache_clear()
+    out = compiled(tokens)
+    assert _window_mask.cache_info()[:2] == (2, 1)  # (hits, misses): three layers, one mask
+    ref = eager(tokens)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(compiled.tok_embeddings.weight.grad, eager.tok_embeddings.weight.grad, rtol=1e-4,
+                               atol=1e-4)

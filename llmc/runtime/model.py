@@ -196,7 +196,7 @@ class KVCache:
 
 
 @functools.lru_cache(maxsize=4)
-def window_mask(T: int, S: int, window: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _window_mask(T: int, S: int, window: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(T, S) sliding-window causal mask of the last T of S positions: the query at position i (S - T <= i < S) sees
     the keys at positions i - window + 1 .. i (Jiang et al. 2023, arXiv:2310.06825 sec. 2; transformers'
     ``sliding_window_overlay``: kv_idx > q_idx - sliding_window). ``torch.bool``: True = attend; a float dtype: the
@@ -209,6 +209,10 @@ def window_mask(T: int, S: int, window: int, device: torch.device, dtype: torch.
     if dtype == torch.bool:
         return band
     return torch.zeros(T, S, device=device, dtype=dtype).masked_fill_(~band, float("-inf"))
+
+
+# built eagerly and cached, also inside torch.compile'd blocks (a graph break, not a mask per layer)
+window_mask = torch.compiler.disable(_window_mask)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
