@@ -206,10 +206,11 @@ def test_activation_checkpointing_follows_the_plan(tmp_path, ac, per_micro, zero
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["llama", "phi3"])
+@pytest.mark.parametrize("kind", ["llama", "phi3", "mistral"])
 def test_zero3_from_hugging_face_matches_transformers_and_exports(tmp_path, kind):
     """ZeRO-3 partitions built under zero.Init: rank 0 reads each HF tensor (Phi-3: its rows of the fused qkv_proj /
-    gate_up_proj, with partial RoPE) and DeepSpeed re-partitions it; the first loss is transformers'."""
+    gate_up_proj, with partial RoPE) and DeepSpeed re-partitions it; the first loss is transformers' (Mistral: with
+    an 8-token sliding window, shorter than the sequences)."""
     transformers = pytest.importorskip("transformers")
     from test_hf_init import arch_of, make_hf
 
@@ -220,8 +221,8 @@ def test_zero3_from_hugging_face_matches_transformers_and_exports(tmp_path, kind
 
     src = make_hf(tmp_path, kind, seed=3, hidden_size=48, intermediate_size=96, num_attention_heads=6,
                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=64,
-                  **({"partial_rotary_factor": 0.5} if kind == "phi3" else {}))
-    arch = arch_of(src).model_dump(mode="json") if kind == "phi3" else None
+                  **{"phi3": {"partial_rotary_factor": 0.5}, "mistral": {"sliding_window": 8}}.get(kind, {}))
+    arch = arch_of(src).model_dump(mode="json") if kind != "llama" else None
     lock = _lock(tmp_path, steps=2, ac="none", init_hf=str(src), arch=arch)
     res = _torchrun(tmp_path, RUN, _ds_args(tmp_path))
     assert len(res) == 2 and all(r["rc"] == 0 for r in res)
