@@ -395,10 +395,12 @@ from test_runtime_train import META_RUN as META_HF_RUN  # noqa: E402  (the same 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,plan", [("qwen2", {"dp_shard": 2, "micro_batch": 4}),
-                                       ("qwen2", {"tp": 2, "micro_batch": 8}), ("phi3", {"tp": 2, "micro_batch": 8})])
+                                       ("qwen2", {"tp": 2, "micro_batch": 8}), ("phi3", {"tp": 2, "micro_batch": 8}),
+                                       ("mistral", {"tp": 2, "micro_batch": 8})])
 def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, kind, plan):
     """FSDP2 / TP built on meta: each rank cuts its shards out of the HF tensors (Phi-3: its row ranges of the fused
-    qkv_proj / gate_up_proj); the first loss is still transformers' loss on the same global batch."""
+    qkv_proj / gate_up_proj); the first loss is still transformers' loss on the same global batch (Mistral: an
+    8-token sliding window, each TP rank's heads masked alike)."""
     import os
     import subprocess
     import sys
@@ -407,7 +409,7 @@ def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, kind, plan):
     from llmc.runtime.entry import prepare_assets
     from llmc.runtime.job import TrainJob
 
-    src = make_hf(tmp_path, kind)
+    src = make_hf(tmp_path, kind, **({"sliding_window": 8} if kind == "mistral" else {}))
     arch = arch_of(src)
     lock = _lock(tmp_path, docs, arch, steps=2, init_hf=str(src), plan=plan)
     (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
