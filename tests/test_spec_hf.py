@@ -162,7 +162,8 @@ def test_phi3_long_context_rope_is_longrope_and_partial_rotary_refused():
                                         "partial_rotary_factor": 0.75})
     assert (mini.hd, mini.rotary_dim, family_of(mini).name) == (128, 96, "phi3")
     full = architecture_from_hf_config({**cfg, "partial_rotary_factor": 1.0})
-    assert (full.rotary_dim, full.sliding_window, family_of(full).name) == (None, 262144, "llama")
+    # Phi-3.5-mini's window (262144) is longer than its context (131072): it never binds, full attention
+    assert (full.rotary_dim, full.sliding_window, family_of(full).name) == (None, None, "llama")
 
 
 @pytest.mark.parametrize("cfg, msg", [
@@ -266,8 +267,10 @@ def test_sliding_window_read_where_the_config_uses_it():
     assert architecture_from_hf_config(qwen).sliding_window is None
     with pytest.raises(HFConfigError, match="'sliding_window' must be an integer"):
         architecture_from_hf_config({**mistral, "sliding_window": "4k"})
-    every = {**qwen, "use_sliding_window": True, "max_window_layers": 0}
-    assert architecture_from_hf_config(every).sliding_window == qwen["sliding_window"]
+    assert architecture_from_hf_config({**mistral, "sliding_window": 0}).sliding_window is None  # 0: disabled
+    assert architecture_from_hf_config({**mistral, "sliding_window": 32768}).sliding_window is None  # >= context
+    every = {**qwen, "use_sliding_window": True, "max_window_layers": 0, "sliding_window": 4096}
+    assert architecture_from_hf_config(every).sliding_window == 4096
     with pytest.raises(HFConfigError, match="max_window_layers"):
         architecture_from_hf_config({**every, "max_window_layers": 4})
     n = mistral["num_hidden_layers"]

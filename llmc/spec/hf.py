@@ -19,7 +19,8 @@ attention_bias                 qkv_bias (qwen2: always True)
 (model_type qwen3, qwen3_moe)  qk_norm (Qwen3 always normalises q and k heads)
 use_sliding_window: true       sliding_window with max_window_layers 0, else refused (Qwen2 / Qwen3 window the
                                layers from max_window_layers on; llmc models one window for every layer)
-sliding_window                 sliding_window where use_sliding_window is not false (Mistral, Phi-3): every layer
+sliding_window                 sliding_window where use_sliding_window is not false (Mistral, Phi-3): every layer;
+                               0, or at least max_position_embeddings (never binds): none
 layer_types                    all "sliding_attention": sliding_window; all "full_attention": none; mixed refused
 rope_theta / rope_scaling      rope_theta / rope_scaling: llama3, yarn, linear, longrope (short_factor, long_factor,
                                original_max_position_embeddings (phi3: top level), factor (absent: max_position /
@@ -368,7 +369,11 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         kw.update(_each(errs, head_dim=lambda: _int(cfg, "head_dim")))
     # Mistral's / Phi-3's window (no use_sliding_window key there); Qwen2 / Qwen3 configs carry one they switch off
     if windowed:
-        kw.update(_each(errs, sliding_window=lambda: _int(cfg, "sliding_window")))
+        kw.update(_each(errs, sliding_window=lambda: _int(cfg, "sliding_window", minimum=0)))
+        # 0 means no window (vLLM reads it so: some checkpoints disable it that way); a window at least the model's
+        # context never binds (Phi-3.5-mini: 262144 over 131072 positions): both are full attention
+        if kw.get("sliding_window") == 0 or kw.get("sliding_window", 0) >= kw.get("max_seq_len", 0) > 0:
+            kw.pop("sliding_window", None)
     for hook in (_FAMILY_HOOKS.get(family.name), _TYPE_HOOKS.get(mt)):
         if hook is not None:
             hook(cfg, kw, errs)
