@@ -24,7 +24,8 @@ M005    tokenizer vocab_size differs from the model's vocab_size
 M006    qk_norm with MLA (q/k norms are modelled on GQA models: Qwen3, Qwen3-MoE)
 M008    longrope factors: not one per rotary frequency (rotary dims / 2), or on an MLA model
 M009    rotary_dim odd, larger than head_dim, or on an MLA model
-M010    multipliers (Granite) with q/k/v biases, q/k norms, experts, MLA or partial RoPE (not modelled together)
+M010    multipliers (Granite) with q/k/v biases, q/k norms, experts, MLA, partial RoPE or a sliding window
+M011    sliding_window on an MLA model (windows are modelled on GQA models)
 D004    duplicate data source name (in ``data.sources`` or a stage's)
 G001    duplicate stage name (same code as the compiler's stage-graph check)
 V004    ``serving.N.stage`` names no stage (same code as the compiler's serving check)
