@@ -276,5 +276,8 @@ def test_sliding_window_read_where_the_config_uses_it():
     n = mistral["num_hidden_layers"]
     assert architecture_from_hf_config({**mistral, "layer_types": ["sliding_attention"] * n}).sliding_window == 4096
     assert architecture_from_hf_config({**mistral, "layer_types": ["full_attention"] * n}).sliding_window is None
-    with pytest.raises(HFConfigError, match="layer_types"):
+    with pytest.raises(HFConfigError, match="layer_types: layers of different attention kinds"):
         architecture_from_hf_config({**mistral, "layer_types": ["sliding_attention", "full_attention"] * (n // 2)})
+    for bad in ("sliding_attention", ["chunked_attention"] * n, [1] * n):  # not a list of the two kinds
+        with pytest.raises(HFConfigError, match="layer_types must list full_attention or sliding_attention"):
+            architecture_from_hf_config({**mistral, "layer_types": bad})

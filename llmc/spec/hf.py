@@ -97,6 +97,10 @@ def _req(cfg: dict[str, Any], key: str) -> Any:
     return cfg[key]
 
 
+#: transformers' per-layer attention kinds (``layer_types``) llmc reads: every layer one or the other
+_LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
+
+
 def _int(cfg: dict[str, Any], key: str, default: int | None = None, *, minimum: int = 1) -> int:
     """``cfg[key]`` as an int >= ``minimum`` (``default`` when absent or null); a float with a fraction,
     a bool, a string or a value below ``minimum`` is an error naming the key (never truncated)."""
@@ -340,7 +344,10 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         errs.append("use_sliding_window: true is not supported (these configs window only the layers from "
                     "max_window_layers on; llmc models one attention window for every layer)")
     kinds = cfg.get("layer_types")  # transformers >= 4.5x writes it: one "full_attention" / "sliding_attention" per layer
-    if kinds is not None and (not isinstance(kinds, list) or len(set(map(str, kinds))) > 1):
+    if kinds is not None and (not isinstance(kinds, list) or not set(map(str, kinds)) <= _LAYER_KINDS):
+        errs.append(f"layer_types must list {' or '.join(sorted(_LAYER_KINDS))} per layer (got {kinds!r:.80})")
+        kinds = None
+    elif kinds is not None and len(set(kinds)) > 1:
         errs.append("layer_types: layers of different attention kinds are not modelled (llmc models one attention "
                     "window, or none, for every layer)")
     windowed = cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True) is not False
