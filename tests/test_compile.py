@@ -364,6 +364,13 @@ def test_a_sliding_window_is_counted_planned_and_run_by_a_trainer_that_applies_i
     assert c8.compute.flops_per_token == flops.train_flops_per_token(mistral, 4096)
     assert "sliding_window 4096" in c8.compute.convention and "M007" not in _codes(c8)
     assert c8.backend.name == "native" and "no sliding window" in c8.backend.reason
+    # sequences no longer than the window: full causal attention is the windowed model, which torchtitan runs
+    c4 = _compile(_spec("mistral-7b", count=8, seq=4096, tokens="1B"))
+    assert c4.backend.name == "torchtitan" and c4.memory.breakdown["buffers"] < c8.memory.breakdown["buffers"]
+    longer = _compile(_spec("mistral-7b", count=8, seq=4096, tokens="1B", extra=(  # a torchtitan job past the window
+        "stages:\n  - {name: pre, kind: pretrain}\n  - {name: long, kind: long_context, init_from: pre, "
+        "seq_len: 16384, rope_theta: 1.0e+6, data: {seq_len: 16384, tokens: 1e8}}\n")))
+    assert longer.backend.name == "native" and "shorter than seq_len 16384" in longer.backend.reason
     # the same plan without the window: one (s, s) bf16 mask less, and less time per FLOP
     plain = _compile(_spec("mistral-7b", count=8, seq=8192, tokens="1B", extra="training: {backend: native}\n").replace(
         "model: mistral-7b", "model: {preset: mistral-7b, sliding_window: null}"))

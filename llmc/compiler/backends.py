@@ -399,13 +399,14 @@ def torchtitan_reads_hf(arch) -> bool:
 
 
 def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = "training.init_hf",
-                          hf_model_type: str | None = None) -> list[ModelGap]:
+                          hf_model_type: str | None = None, seq_len: int | None = None) -> list[ModelGap]:
     """What torchtitan's model code cannot express about ``arch`` whatever the layout (empty when it can run it):
     RoPE variants (llama3 scaling on its cos/sin RoPE, other scalings, partial rotary), MLA with q/k/v biases, a router
-    bias; with ``init_hf`` (the spec path the pre-training weights come from) a family or checkpoint its state-dict
-    adapters cannot read (``hf_model_type``: the checkpoint's config.json model_type, gathered before compiling).
-    The torchtitan emitter reports these as its X301 / X302 / X309 / X310 errors; ``training.backend: auto`` picks
-    another backend for such a model (:func:`resolve_backend`)."""
+    bias, muP multipliers, a sliding window shorter than the job's ``seq_len`` (None: any); with ``init_hf`` (the spec
+    path the pre-training weights come from) a family or checkpoint its state-dict adapters cannot read
+    (``hf_model_type``: the checkpoint's config.json model_type, gathered before compiling). The torchtitan emitter
+    reports these as its X301 / X302 / X309 / X310 / X314 / X315 errors; ``training.backend: auto`` picks another
+    backend for such a model (:func:`resolve_backend`)."""
     v = TARGET_VERSIONS["torchtitan"]
     fam = family_of(arch)
     out: list[ModelGap] = []
@@ -429,10 +430,13 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
         out.append(ModelGap("X314", "model.multipliers",
                             f"torchtitan {v}'s Llama model has no muP multipliers (Granite's embedding, residual, "
                             "attention and logits scalars)", "build with training.backend native or deepspeed"))
-    if arch.sliding_window is not None:
+    if arch.sliding_window is not None and (seq_len is None or seq_len > arch.sliding_window):
+        # (sequences no longer than the window: full causal attention is the windowed model, torchtitan runs it)
         out.append(ModelGap("X315", "model.sliding_window",
-                            f"torchtitan {v}'s Llama / Qwen3 attention is full causal, with no sliding window",
-                            "build with training.backend native or deepspeed (llmc's model applies the window)"))
+                            f"torchtitan {v}'s Llama / Qwen3 attention is full causal, with no sliding window "
+                            f"({arch.sliding_window} tokens{f', shorter than seq_len {seq_len}' if seq_len else ''})",
+                            "build with training.backend native or deepspeed (llmc's model applies the window), or "
+                            f"train sequences of at most {arch.sliding_window} tokens"))
     if arch.moe is not None and arch.moe.router_bias:
         out.append(ModelGap("X309", "model.moe.router_bias",
                             "a bias on the router gate linear is not emitted by llmc's torchtitan target",

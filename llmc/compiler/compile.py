@@ -157,14 +157,19 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
 
     init_hf = pre.init_hf if pre is not None else None
     types = facts.checkpoint_types if facts is not None else {}
-    gaps = backends.torchtitan_model_gaps(run.model, init_hf, hf_model_type=types.get(init_hf) if init_hf else None)
-    # a torchtitan run trains its continued-training stages as torchtitan jobs too: the checkpoints they start from
-    for i, st in enumerate(run.stages):
-        if st.kind in CONTINUED_KINDS and st.init_hf and st.init_hf != init_hf:
+    # a torchtitan run trains its continued-training stages as torchtitan jobs too: their sequences and the
+    # checkpoints they start from
+    continued = [(i, st) for i, st in enumerate(run.stages) if st.kind in CONTINUED_KINDS]
+    titan_seq = max([data.seq_len] * pretrains + [st.seq_len or (st.data.seq_len if st.data else data.seq_len)
+                                                  for _, st in continued] or [data.seq_len])
+    gaps = backends.torchtitan_model_gaps(run.model, init_hf, hf_model_type=types.get(init_hf) if init_hf else None,
+                                          seq_len=titan_seq)
+    for i, st in continued:
+        if st.init_hf and st.init_hf != init_hf:
             gaps += [g for g in backends.torchtitan_model_gaps(run.model, st.init_hf, f"stages.{i}.init_hf",
                                                                types.get(st.init_hf)) if g.code == "X310"]
     # what a torchtitan build would run: pre-training and continued-training stages (post-training runs on llmc's)
-    titan_work = pretrains or any(st.kind in CONTINUED_KINDS for st in run.stages)
+    titan_work = pretrains or bool(continued)
     be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration, sink, gaps, titan_work)
     model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe,
                                run.parallelism.offload_optimizer, run.parallelism.offload_params)

@@ -632,7 +632,7 @@ def torchtitan_values(compiled, stage: int | None = None) -> TitanValues:
     if st is not None:  # a continued-training stage's job: the checkpoint it starts from is its own init_hf
         src, src_path = st.init_hf, f"stages.{compiled.spec.stages.index(st)}.init_hf"
     errs += [diag(g.code, "error", g.path, g.message, g.hint) for g in torchtitan_model_gaps(
-        view.spec.model, src, src_path, view.checkpoint_types.get(src) if src else None)]
+        view.spec.model, src, src_path, view.checkpoint_types.get(src) if src else None, view.hyper.seq_len)]
     _arch_checks(view, family, errs, notes)
     _hf_notes(view, family, notes)
     _chunked_loss_check(view, errs)
