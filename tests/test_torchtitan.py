@@ -228,6 +228,30 @@ def test_example_module_loads_through_config_manager(name, tmp_path, monkeypatch
             (arch.moe.route_scale, arch.moe.n_expert_groups, arch.moe.n_limited_groups)}
 
 
+def test_pipeline_example_stage_jobs_load_through_config_manager(tmp_path, monkeypatch):
+    """examples/pipeline_llama3_8b.yaml continues Llama 3 8B (no pre-training stage): its build is the midtrain and
+    long-context jobs alone, and torchtitan's own loader reads each with the layout the plan searched for that stage
+    (context parallelism for the 32K one), its sequence length and the weights it starts from."""
+    c = compiled_example("pipeline_llama3_8b")
+    assert c.plan is None and c.backend.name == "torchtitan"
+    write_build(c, tmp_path)
+    monkeypatch.setenv("LLMC_RUN_DIR", str(tmp_path / "run"))
+    assert sorted(p.name for p in (tmp_path / "torchtitan").glob("*.py")) == ["llmc_job_stage0.py",
+                                                                               "llmc_job_stage1.py"]
+    for i, name in ((0, "midtrain"), (1, "long_context")):
+        sp = c.stages[i]
+        assert sp.name == name and sp.layout is not None
+        cfg = load_job(tmp_path / "torchtitan" / f"llmc_job_stage{i}.py")
+        par, lay = cfg.parallelism, sp.layout
+        assert (par.data_parallel_replicate_degree, par.data_parallel_shard_degree, par.tensor_parallel_degree,
+                par.pipeline_parallel_degree, par.context_parallel_degree) == (
+            lay.dp_replicate, lay.dp_shard, lay.tp, lay.pp, lay.cp)
+        assert cfg.training.seq_len == sp.seq_len and cfg.training.steps == sp.steps
+    assert c.stages[1].layout.cp > 1 and c.stages[1].seq_len == 32768
+    src = (tmp_path / "torchtitan" / "llmc_job_stage0.py").read_text()
+    assert "Meta-Llama-3-8B" in src and "initial_load_in_hf=True" in src
+
+
 def test_published_sizes_through_torchtitan(tmp_path):
     """The torchtitan models llmc emits have the published sizes (not only llmc's own numbers)."""
     import torch
