@@ -160,8 +160,8 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     # a torchtitan run trains its continued-training stages as torchtitan jobs too: their sequences and the
     # checkpoints they start from
     continued = [(i, st) for i, st in enumerate(run.stages) if st.kind in CONTINUED_KINDS]
-    titan_seq = max([data.seq_len] * pretrains + [st.seq_len or (st.data.seq_len if st.data else data.seq_len)
-                                                  for _, st in continued] or [data.seq_len])
+    # the longest of them: a stage without a seq_len of its own inherits the base data's or an earlier stage's
+    titan_seq = max([data.seq_len] + [st.seq_len or st.data.seq_len for _, st in continued if st.seq_len or st.data])
     gaps = backends.torchtitan_model_gaps(run.model, init_hf, hf_model_type=types.get(init_hf) if init_hf else None,
                                           seq_len=titan_seq)
     for i, st in continued:

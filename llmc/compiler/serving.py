@@ -215,7 +215,8 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
                 f"max_model_len {max_len} exceeds the model's max_seq_len {arch.max_seq_len}",
                 "add a long_context stage or rope_scaling, or serve a shorter context")
     w = arch.sliding_window
-    if t.engine == "sglang" and w and max_len > w and family_of(arch).name in ("llama", "phi3"):
+    if t.engine == "sglang" and w and max_len > w and family_of(arch).hf_class in ("MistralForCausalLM",
+                                                                                    "Phi3ForCausalLM"):
         # SGLang serves MistralForCausalLM and Phi3ForCausalLM with its Llama model, whose RadixAttention is built
         # without a window (python/sglang/srt/models/llama.py); vLLM applies the config's sliding_window
         out.add("V008", "warning", "engine",

@@ -643,8 +643,6 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
     fam = family_of(arch)  # the one table of families: HF class and model_type
     cls, mtype = fam.hf_class, fam.hf_model_types[0]
     w = arch.sliding_window
-    if mtype == "llama" and w:  # LlamaConfig has no window: MistralForCausalLM is the same block and names with one
-        cls, mtype = "MistralForCausalLM", "mistral"
     if arch.mla is not None:
         return _deepseek_config(arch, cls, mtype, dtype, bos_id, eos_id, softmax_mscale)
     cfg = {"architectures": [cls], "model_type": mtype, "hidden_size": arch.d_model,

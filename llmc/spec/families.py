@@ -24,7 +24,7 @@ Sources:
     a Llama block with muP multipliers (transformers modeling_granite.py)
   * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
   * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
-Gemma is not declared: llmc models no sliding-window attention.
+Gemma is not declared: its per-layer attention pattern, GeGLU, sandwich norms and soft-capping are not modelled.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     # Mistral-7B and Phi-3 / Phi-4 (Phi3ForCausalLM: the same block, q/k/v and gate/up fused in the checkpoint) are
-    # Llama computations: imported as this family, exported as LlamaForCausalLM
+    # Llama computations: imported as this family, exported as LlamaForCausalLM (with a sliding window: mistral)
     "llama": Family("llama", ("llama", "mistral", "phi3"), "LlamaForCausalLM", "gqa", False, False, "llama3",
                     ("llama3",), LLAMA3_SPECIALS, torchtitan_hf=True),
     # q/k norms + routed experts (Qwen3-30B-A3B, Qwen3-235B-A22B): torchtitan's qwen3 MoE build. Routing is Mixtral's
@@ -82,6 +82,11 @@ FAMILIES: dict[str, Family] = {
     # LlamaForCausalLM cannot express: exported as Phi3ForCausalLM (fused qkv_proj / gate_up_proj); phi3 configs
     # import through the llama entry (the first family listing the type), which yields this family when partial
     "phi3": Family("phi3", ("phi3",), "Phi3ForCausalLM", "gqa", False, False, "llama3", ("phi",)),
+    # a Llama block with a sliding window in every layer (Mistral-7B v0.1, Phi-3-mini): LlamaConfig has no window, so
+    # it is exported as MistralForCausalLM (the same names); imported through the llama entry, torchtitan's Llama
+    # (up to the window's length: backends.torchtitan_model_gaps, X315)
+    "mistral": Family("mistral", ("mistral",), "MistralForCausalLM", "gqa", False, False, "llama3", (),
+                      torchtitan_hf=True),
     # a Llama block with muP's fixed multipliers on the embeddings, residual branches, softmax and logits (IBM Granite 3)
     "granite": Family("granite", ("granite",), "GraniteForCausalLM", "gqa", False, False, "llama3", ("granite",)),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
@@ -100,8 +105,9 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES
 
 def family_of(arch: Architecture) -> Family:
     """The family an architecture's switches select: MLA -> deepseek_v3, MoE -> qwen3_moe with q/k norms, else
-    mixtral, q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, else llama
-    (the spec refuses q/k norms with MLA: M006; multipliers combine with none of these: M010)."""
+    mixtral, q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
+    sliding window -> mistral, else llama (the spec refuses q/k norms with MLA: M006; multipliers combine with none of
+    these: M010)."""
     if arch.mla is not None:
         return FAMILIES["deepseek_v3"]
     if arch.moe is not None:
@@ -114,6 +120,8 @@ def family_of(arch: Architecture) -> Family:
         return FAMILIES["phi3"]
     if arch.multipliers is not None:
         return FAMILIES["granite"]
+    if arch.sliding_window is not None:
+        return FAMILIES["mistral"]
     return FAMILIES["llama"]
 
 

@@ -379,8 +379,9 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         kw.update(_each(errs, sliding_window=lambda: _int(cfg, "sliding_window", minimum=0)))
         # 0 means no window (vLLM reads it so: some checkpoints disable it that way); a window at least the model's
         # context never binds (Phi-3.5-mini: 262144 over 131072 positions): both are full attention
-        if kw.get("sliding_window") == 0 or kw.get("sliding_window", 0) >= kw.get("max_seq_len", 0) > 0:
-            kw.pop("sliding_window", None)
+        w, context = kw.get("sliding_window"), kw.get("max_seq_len")
+        if w == 0 or (w is not None and context is not None and w >= context):
+            del kw["sliding_window"]
     for hook in (_FAMILY_HOOKS.get(family.name), _TYPE_HOOKS.get(mt)):
         if hook is not None:
             hook(cfg, kw, errs)
