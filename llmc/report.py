@@ -122,6 +122,9 @@ def _rope_text(a) -> str:
         rule = {"llama3": "Llama 3.1 bands", "yarn": "YaRN", "linear": "linear interpolation",
                 "longrope": "LongRoPE (long factors past it)"}[rs.type]
         out += f", {rule} x{rs.factor:g} from {rs.original_max_position:,} tokens"
+    if a.nope_layers:
+        shown = ", ".join(map(str, a.nope_layers[:6])) + (", ..." if len(a.nope_layers) > 6 else "")
+        out += f"; none in {len(a.nope_layers)} of {a.n_layers} layers (NoPE: {shown})"
     return out + f"; max_seq_len {a.max_seq_len:,}"
 
 

@@ -382,6 +382,29 @@ def test_a_sliding_window_is_counted_planned_and_run_by_a_trainer_that_applies_i
     assert "sliding-window attention (4096 tokens)" in render_text(c8)
 
 
+def test_nope_layers_plan_the_trainer_that_skips_rope_there():
+    """SmolLM3-3B has no RoPE in every 4th layer. That changes no count (RoPE's rotations are not in the matmul
+    FLOPs, and NoPE adds no weight): the same FLOPs, parameters and plan as the model with RoPE everywhere on the
+    native trainer. torchtitan 0.3.0's Llama ropes every layer (X316), so ``auto`` plans llmc's trainer and says
+    why; the report names the NoPE layers; the tokenizer is known to hold ChatML's specials."""
+    from llmc.report import render_text
+
+    smol = _spec("smollm3-3b", count=8, seq=4096, tokens="10B")
+    c = _compile(smol)
+    assert c.backend.name == "native" and "applies RoPE in every layer" in c.backend.reason
+    assert c.model.params_total == 3_075_098_624
+    roped = _compile(smol.replace("model: smollm3-3b", "model: {preset: smollm3-3b, nope_layers: []}") +
+                     "training: {backend: native}\n")
+    assert (c.compute.flops_per_token, c.plan, c.time.step_seconds) == (
+        roped.compute.flops_per_token, roped.plan, roped.time.step_seconds)
+    assert _compile(smol.replace("model: smollm3-3b", "model: {preset: smollm3-3b, nope_layers: []}")
+                    ).backend.name == "torchtitan"
+    assert "none in 9 of 36 layers (NoPE: 3, 7, 11, 15, 19, 23, ...)" in render_text(c)
+    sft = _compile(smol + "stages:\n  - {name: sft, kind: sft, init_hf: /models/SmolLM3-3B, data: {seq_len: 4096, "
+                   "tokens: 1e7, sources: [{name: c, path: c.jsonl, kind: chat}]}}\n")
+    assert sft.stages[0].hyper["chat_template"] == "chatml" and "T103" not in _codes(sft)
+
+
 def test_a_stage_that_starts_from_no_weights_is_flagged():
     """A stage with neither init_from nor init_hf is trained from a fresh init by every backend (a fine-tune of
     random weights): G008 at the stage, not for one that names its base or chains from an earlier stage."""

@@ -44,6 +44,10 @@ def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: in
     elif kind == "mistral":  # the Llama block with a sliding window (Mistral-7B v0.1: 4096)
         cfg = transformers.MistralConfig(**{**TINY, **over})
         model = transformers.MistralForCausalLM(cfg)
+    elif kind == "smollm3":  # no RoPE in the layers no_rope_layers flags 0 (SmolLM3-3B: every 4th)
+        cfg = transformers.SmolLM3Config(**{**TINY, "num_hidden_layers": 3, "no_rope_layers": [1, 0, 1],
+                                            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **over})
+        model = transformers.SmolLM3ForCausalLM(cfg)
     elif kind == "phi3":  # q/k/v and gate/up fused in the checkpoint (token ids inside the tiny vocabulary)
         cfg = transformers.Phi3Config(**{**TINY, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **over})
         model = transformers.Phi3ForCausalLM(cfg)
@@ -85,7 +89,8 @@ def arch_of(path: Path):
                                        # sliding windows shorter than the 17 tokens: each query sees its last 5
                                        ("mistral", {"sliding_window": 5}), ("phi3", {"sliding_window": 5}),
                                        ("qwen2", {"use_sliding_window": True, "sliding_window": 5,
-                                                  "max_window_layers": 0})])
+                                                  "max_window_layers": 0}),
+                                       ("smollm3", {"tie_word_embeddings": True})])
 def test_load_gives_transformers_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     if kind != "mixtral":  # sharded: several files + index
@@ -108,7 +113,8 @@ def test_load_gives_transformers_logits(tmp_path, kind, over):
                                        ("qwen3_moe", {"mlp_only_layers": [0], "num_hidden_layers": 3}), ("granite", {}),
                                        ("mistral", {"sliding_window": 4}),
                                        ("qwen3", {"head_dim": 16, "use_sliding_window": True, "sliding_window": 4,
-                                                  "max_window_layers": 0})])
+                                                  "max_window_layers": 0}),
+                                       ("smollm3", {"no_rope_layers": [0, 1, 0]})])
 def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     arch = arch_of(src)
@@ -125,6 +131,9 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
     if arch.sliding_window:  # a window transformers applies (LlamaConfig has none: the Llama block goes as Mistral)
         assert arch_of(out).sliding_window == arch.sliding_window
         assert json.loads((out / "config.json").read_text())["model_type"] == ("mistral" if kind == "mistral" else kind)
+    if kind == "smollm3":  # NoPE layers 0 and 2, written as SmolLM3Config's flags and read back
+        assert json.loads((out / "config.json").read_text())["no_rope_layers"] == [0, 1, 0]
+        assert arch_of(out).nope_layers == arch.nope_layers == (0, 2)
     tokens = torch.randint(0, arch.vocab_size, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(hf_model(out)(input_ids=tokens).logits, model(tokens), atol=1e-5, rtol=1e-5)
@@ -133,6 +142,26 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
     load_hf_into(again, out, arch)
     for (n, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
+
+
+def test_nope_layers_are_what_makes_smollm3_logits_equal(tmp_path):
+    """The check above can fail: the same SmolLM3 weights in llmc's model with RoPE in every layer (no NoPE layer)
+    give other logits than transformers' (it skips RoPE in layer 1); with layer 1 NoPE they are equal. Position 0
+    is the same either way (RoPE at position 0 is the identity)."""
+    src = make_hf(tmp_path, "smollm3")
+    arch = arch_of(src)
+    assert arch.nope_layers == (1,)
+    tokens = torch.randint(0, arch.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf_model(src)(input_ids=tokens).logits
+        outs = []
+        for a in (arch, arch.model_copy(update={"nope_layers": ()})):
+            model = build_model(a, seed=0).eval()
+            load_hf_into(model, src, a)
+            outs.append(model(tokens))
+    torch.testing.assert_close(outs[0], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1][:, 0], ref[:, 0], atol=1e-5, rtol=1e-5)
+    assert (outs[1][:, 1:] - ref[:, 1:]).abs().max() > 100 * 1e-5  # (random tiny weights: ~4e-3, 400x the tolerance)
 
 
 @pytest.mark.parametrize("partial", [None, 0.75])

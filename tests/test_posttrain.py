@@ -357,19 +357,29 @@ def test_grpo_loss_clip_and_kl():
     assert torch.allclose(l_a, l_b)
 
 
-@pytest.mark.parametrize("kind", ["gqa", "gqa_window", "mla_moe"])
-def test_kv_cache_sampling_equals_rerunning_the_sequence(kind):
-    """The sampler runs the prompt once into a KV cache, then one position per new token; re-running the whole
-    sequence per token (the plain forward) must give the same logits, hence the same tokens from the same
-    generator: grouped-query attention (also with a 4-token sliding window, shorter than the prompt), and MLA with
-    MoE blocks (DeepSeek-V3's shape, rope keys cached)."""
-    from llmc.runtime.model import KVCache
+def _sampling_arch(kind: str) -> Architecture:
+    """The sampler tests' models: grouped-query attention, with a 4-token sliding window, with no RoPE in layer 1
+    (SmolLM3's NoPE), and MLA with MoE blocks (DeepSeek-V3's shape)."""
     from llmc.spec.model import MLA, MoE
 
-    arch = ARCH if kind == "gqa" else ARCH.model_copy(update={"sliding_window": 4}) if kind == "gqa_window" else Architecture(
+    if kind != "mla_moe":
+        return ARCH.model_copy(update={"gqa": {}, "gqa_window": {"sliding_window": 4},
+                                       "gqa_nope": {"nope_layers": (1,)}}[kind])
+    return Architecture(
         name="t", n_layers=3, d_model=48, n_heads=4, d_ff=64, vocab_size=TOK.vocab_size, max_seq_len=256,
         mla=MLA(q_lora_rank=16, kv_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=10),
         moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, expert_d_ff=24, dense_layers=1))
+
+
+@pytest.mark.parametrize("kind", ["gqa", "gqa_window", "gqa_nope", "mla_moe"])
+def test_kv_cache_sampling_equals_rerunning_the_sequence(kind):
+    """The sampler runs the prompt once into a KV cache, then one position per new token; re-running the whole
+    sequence per token (the plain forward) must give the same logits, hence the same tokens from the same
+    generator: grouped-query attention (also with a 4-token sliding window, shorter than the prompt, or with no RoPE
+    in one layer), and MLA with MoE blocks (DeepSeek-V3's shape, rope keys cached)."""
+    from llmc.runtime.model import KVCache
+
+    arch = _sampling_arch(kind)
     m = build_model(arch, seed=3)
     from llmc.runtime.chat import encode_prompt
 
@@ -387,20 +397,16 @@ def test_kv_cache_sampling_equals_rerunning_the_sequence(kind):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("kind", ["gqa", "gqa_window", "mla_moe"])
+@pytest.mark.parametrize("kind", ["gqa", "gqa_window", "gqa_nope", "mla_moe"])
 def test_groups_sampled_in_one_batch_equal_each_group_alone(kind):
     """The sampler samples a rank's groups in one batch (one decoding forward reads the weights once for all of
     them): prompts of different lengths are left-padded, each row keeps its own RoPE positions and no query sees a
-    padding key. Each row's logits must equal those of its prompt run alone, step by step, and greedy samples must
+    padding key (also in a NoPE layer, where only that mask keeps the padding out). Each row's logits must equal those of its prompt run alone, step by step, and greedy samples must
     equal each group's own (re-running the whole sequence per token, no cache, no padding)."""
     from llmc.runtime.chat import encode_prompt
     from llmc.runtime.model import KVCache
-    from llmc.spec.model import MLA, MoE
 
-    arch = ARCH if kind == "gqa" else ARCH.model_copy(update={"sliding_window": 4}) if kind == "gqa_window" else Architecture(
-        name="t", n_layers=3, d_model=48, n_heads=4, d_ff=64, vocab_size=TOK.vocab_size, max_seq_len=256,
-        mla=MLA(q_lora_rank=16, kv_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=10),
-        moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, expert_d_ff=24, dense_layers=1))
+    arch = _sampling_arch(kind)
     m = build_model(arch, seed=5).eval()
     prompts = [encode_prompt([{"role": "user", "content": q}], TOK) for q in ("7+5=", "123+456=", "12*34*56*78=")]
     assert len({len(p) for p in prompts}) == 3

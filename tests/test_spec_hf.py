@@ -14,7 +14,7 @@ HF = Path(__file__).resolve().parent / "fixtures" / "hf"
 CONFIGS = sorted(HF.glob("*.json"))
 
 REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
-            "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
+            "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
             "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "tiny", "tiny-moe"]
 
 
@@ -129,6 +129,47 @@ def test_phi_counts_equal_transformers_and_model_cards(name):
     assert round(params_total(arch) / 1e9, 2 if name == "phi3-mini-4k" else 1) == {"phi3-mini-4k": 3.82, "phi4": 14.7}[name]
 
 
+def test_smollm3_count_equals_transformers_and_model_card():
+    """transformers' own SmolLM3ForCausalLM (meta device) for the fixture config has llmc's parameter count (tied
+    embeddings: one 128256 x 2048 matrix); the model page (https://huggingface.co/HuggingFaceTB/SmolLM3-3B) says
+    3.08B. Its NoPE layers are the ones no_rope_layers flags 0: 3, 7, ..., 35 (the blog's "every 4th layer")."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from llmc.compiler.params import params_total
+
+    cfg = json.loads((HF / "smollm3-3b.json").read_text())
+    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "transformers_version")}
+    with torch.device("meta"):
+        model = transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**keep))
+    arch = architecture_from_hf_config(cfg)
+    assert params_total(arch) == sum(p.numel() for p in model.parameters())
+    assert round(params_total(arch) / 1e9, 2) == 3.08
+    uses_rope = [layer.self_attn.use_rope for layer in model.model.layers]
+    assert arch.nope_layers == tuple(i for i, r in enumerate(uses_rope) if not r) == tuple(range(3, 36, 4))
+
+
+def test_smollm3_nope_layers_read_and_refusals():
+    """``no_rope_layers`` absent: SmolLM3Config's default, NoPE every ``no_rope_layer_interval``-th layer (here 2:
+    1, 3, 5); all flags 1: no NoPE layer, a plain Llama; a RoPE base absent: SmolLM3's 2e6. Flags that are not
+    one 0/1 per layer, and the bias / window switches llmc does not model, are refused at once, each named."""
+    from llmc.spec.families import family_of
+
+    base = {"model_type": "smollm3", "num_attention_heads": 4, "num_hidden_layers": 6, "hidden_size": 64,
+            "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64}
+    a = architecture_from_hf_config({**base, "no_rope_layer_interval": 2})
+    assert (a.nope_layers, a.rope_theta, family_of(a).name) == ((1, 3, 5), 2e6, "smollm3")
+    assert architecture_from_hf_config({**base, "no_rope_layers": [0, 1, 1, 1, 1, 0]}).nope_layers == (0, 5)
+    plain = architecture_from_hf_config({**base, "no_rope_layers": [1] * 6, "rope_theta": 1e4})
+    assert (plain.nope_layers, family_of(plain).name) == ((), "llama")
+    with pytest.raises(HFConfigError) as e:
+        architecture_from_hf_config({**base, "no_rope_layers": [1, 0], "attention_bias": True,
+                                     "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 3})
+    assert [m.split("'")[1] for m in e.value.messages] == ["attention_bias", "use_sliding_window", "no_rope_layers"]
+    for bad in ([1, 0, 1, 1, 2, 1], [1.0] * 6, "1110"):
+        with pytest.raises(HFConfigError, match="'no_rope_layers' must list 1"):
+            architecture_from_hf_config({**base, "no_rope_layers": bad})
+
+
 def test_phi3_long_context_rope_is_longrope_and_partial_rotary_refused():
     """Phi3Config reads every rope_scaling type (su, yarn, longrope) as LongRoPE (never llmc's yarn), with
     original_max_position_embeddings at the top level of Phi-3's configs and factor = max / original when absent
@@ -192,7 +233,7 @@ def test_hf_defaults_mha_and_qwen_bias():
 
 
 @pytest.mark.parametrize("model_type, family", [
-    ("llama", "llama"), ("mistral", "llama"), ("phi3", "llama"), ("granite", "granite"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mixtral", "mixtral"),
+    ("llama", "llama"), ("mistral", "llama"), ("phi3", "llama"), ("granite", "granite"), ("smollm3", "smollm3"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mixtral", "mixtral"),
     ("qwen3_moe", "qwen3_moe"), ("deepseek_v3", "deepseek_v3"),
 ])
 def test_imported_config_lands_in_its_family(model_type, family):
@@ -202,6 +243,8 @@ def test_imported_config_lands_in_its_family(model_type, family):
            "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64}
     if model_type == "mixtral":
         cfg.update(num_local_experts=4, num_experts_per_tok=2)
+    if model_type == "smollm3":  # (a NoPE layer: the 4th)
+        cfg.update(num_hidden_layers=4)
     if model_type == "qwen3_moe":
         cfg.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
     if model_type == "deepseek_v3":

@@ -4,7 +4,8 @@ argument parser (``FlexibleArgumentParser`` with ``--config``, built by ``ServeS
 serving plan; every Hugging Face export (Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, DeepSeek-V3) goes through
 ``vllm.transformers_utils.config.get_config`` and ``vllm.config.ModelConfig`` (architecture resolution through
 vLLM's model registry, which inspects the model class in a subprocess) and reads back as the exported
-architecture, with vLLM's KV-cache bytes per token equal to llmc's serving plan; the dense exports also load
+architecture (SmolLM3 with its NoPE layers: vLLM serves it through its Transformers backend), with vLLM's KV-cache
+bytes per token equal to llmc's serving plan; the dense exports also load
 into vLLM's own model classes (every parameter set from the checkpoint, the same values).
 
 vLLM 0.33.0 pins torch 2.14.0 and transformers < 5.21, so it runs in its own environment, ``.venv-vllm``
@@ -84,7 +85,7 @@ for path in sys.argv[1:]:
                  "kv_heads": mc.get_total_num_kv_heads(), "head_size": mc.get_head_size(),
                  "vocab": mc.get_vocab_size(), "dtype": str(mc.dtype), "max_model_len": mc.max_model_len,
                  "use_mla": mc.use_mla, "is_moe": mc.is_moe, "kv_bytes_per_token": layers * per_layer,
-                 "sliding_window": mc.get_sliding_window()}
+                 "sliding_window": mc.get_sliding_window(), "no_rope_layers": getattr(hf, "no_rope_layers", None)}
     if mc.get_sliding_window():  # KV positions one sequence holds (8192-token chunks, 16-token blocks), per max_model_len
         from vllm.v1.kv_cache_interface import SlidingWindowSpec
         sw = SlidingWindowSpec(block_size=16, num_kv_heads=kv_heads, head_size=mc.get_head_size(), dtype=mc.dtype,
@@ -246,6 +247,7 @@ def model_exports(tmp_path_factory) -> tuple[dict, dict]:
         "Phi3ForCausalLM": Architecture(name="phi3", **base, rotary_dim=6, rope_scaling=PHI3_LONGROPE),
         "GraniteForCausalLM": Architecture(name="granite", **base, multipliers=GRANITE),
         "MistralForCausalLM": Architecture(name="mistral", **base, sliding_window=8),
+        "SmolLM3ForCausalLM": Architecture(name="smollm3", **base, tied_embeddings=True, nope_layers=(1,)),
         "MixtralForCausalLM": Architecture(name="mixtral", **base, moe=MoE(num_experts=3, top_k=2)),
         "Qwen3MoeForCausalLM": Architecture(name="qwen3moe", **{**base, "n_layers": 3, "head_dim": 16}, qk_norm=True,
                                             moe=MoE(num_experts=4, top_k=2, expert_d_ff=24, dense_layers=1)),
@@ -291,6 +293,8 @@ def test_hf_exports_pass_vllm_model_config(model_exports, vllm):
         plans, _ = plan_serving(spec, lambda key: h100 if key == "h100-sxm" else None)
         assert m["kv_bytes_per_token"] == plans[0].kv_bytes_per_token, cls
         assert m["sliding_window"] == a.sliding_window, cls
+        if a.nope_layers:  # SmolLM3Config's per-layer RoPE flags, as vLLM reads the export
+            assert m["no_rope_layers"] == [int(i not in a.nope_layers) for i in range(a.n_layers)] == [1, 0]
         if a.sliding_window:  # vLLM keeps a windowed sequence's last W - 1 positions + one chunk, not max_model_len
             assert {int(n): t for n, t in m["window_tokens"].items()} == {
                 n: kv_tokens_per_sequence(a, "vllm", n) for n in (32, 10000, 131072)}
@@ -317,7 +321,8 @@ for i, path in enumerate(sys.argv[2:]):
         model = get_model(vllm_config=vc)
     ps = dict(model.named_parameters())
     out[path] = {"class": type(model).__name__, "numel": sum(p.numel() for p in ps.values()),
-                 "abs_sum": sum(p.double().abs().sum().item() for p in ps.values())}
+                 "abs_sum": sum(p.double().abs().sum().item() for p in ps.values()),
+                 "use_rope": [int(m.use_rope) for _, m in model.named_modules() if hasattr(m, "use_rope")]}
 print(json.dumps(out))
 """
 
@@ -345,7 +350,9 @@ def load_exports(tmp_path_factory) -> tuple[dict, dict, dict]:
              "phi3": Architecture(name="phi3", **base, rotary_dim=6, tied_embeddings=True,
                                   rope_scaling=PHI3_LONGROPE),
              "granite": Architecture(name="granite", **base, tied_embeddings=True, multipliers=GRANITE),
-             "mistral": Architecture(name="mistral", **base, sliding_window=8)}
+             "mistral": Architecture(name="mistral", **base, sliding_window=8),
+             # NoPE in layer 1 (SmolLM3): vLLM builds transformers' SmolLM3 model in its Transformers backend
+             "smollm3": Architecture(name="smollm3", **base, tied_embeddings=True, nope_layers=(1,))}
     dirs, want = {}, {}
     for name, a in archs.items():
         model = build_model(a, seed=0)
@@ -366,10 +373,13 @@ def test_dense_hf_exports_load_into_vllm_models(load_exports, vllm):
         m = got[str(dirs[name])]
         assert m["class"] == ("Qwen2ForCausalLM" if a.qkv_bias else "Qwen3ForCausalLM" if a.qk_norm
                               else "Phi3ForCausalLM" if a.rotary_dim else "GraniteForCausalLM" if a.multipliers
-                              else "MistralForCausalLM" if a.sliding_window else "LlamaForCausalLM")
+                              else "MistralForCausalLM" if a.sliding_window
+                              else "TransformersForCausalLM" if a.nope_layers else "LlamaForCausalLM")
         # VocabParallelEmbedding pads the vocabulary to a multiple of 64 rows (DEFAULT_VOCAB_PADDING_SIZE in
         # vllm/model_executor/layers/vocab_parallel_embedding.py), in the embedding and in an untied LM head
         pad_rows = -a.vocab_size % 64 * (1 if a.tied_embeddings else 2)
         assert m["numel"] == want[name][0] + pad_rows * a.d_model
         # vLLM fuses q/k/v and gate/up into single parameters; the values are the export's, rounded to float32 sums
         assert m["abs_sum"] == pytest.approx(want[name][1], rel=1e-9)
+        if a.nope_layers:  # the attention modules vLLM built: RoPE in layer 0, none in layer 1
+            assert m["use_rope"] == [1, 0]

@@ -638,7 +638,8 @@ def load_init_from(model: nn.Module, stage_dir: str | Path, arch, *, rank: int =
 def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
               *, softmax_mscale: bool = False) -> dict[str, Any]:
     """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q/k norms),
-    Phi3ForCausalLM (partial RoPE), GraniteForCausalLM (muP multipliers), MixtralForCausalLM, Qwen3MoeForCausalLM
+    Phi3ForCausalLM (partial RoPE), GraniteForCausalLM (muP multipliers), SmolLM3ForCausalLM (NoPE layers),
+    MistralForCausalLM (a sliding window), MixtralForCausalLM, Qwen3MoeForCausalLM
     (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see :func:`export_hf`."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
     cls, mtype = fam.hf_class, fam.hf_model_types[0]
@@ -666,6 +667,10 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
                    original_max_position_embeddings=rs.original_max_position if rs is not None and
                    rs.type == "longrope" else arch.max_seq_len, sliding_window=w, pad_token_id=None,
                    resid_pdrop=0.0, embd_pdrop=0.0)
+    if mtype == "smollm3":  # SmolLM3Config (transformers configuration_smollm3.py): one RoPE flag per layer, 0 = NoPE
+        cfg.update(no_rope_layers=[int(i not in arch.nope_layers) for i in range(arch.n_layers)],
+                   use_sliding_window=False, sliding_window=None, attention_bias=False, mlp_bias=False,
+                   pad_token_id=None)  # (its default pad id 128004 is an embedding row only in the 128K vocabulary)
     if mtype in ("qwen3", "qwen3_moe"):
         cfg.update(attention_bias=arch.qkv_bias)
     if mtype in ("qwen2", "qwen3", "qwen3_moe"):  # their configs window the layers from max_window_layers on: all

@@ -240,10 +240,12 @@ class Attention(nn.Module):
     ``qk_norm`` (Qwen3, arXiv:2505.09388 §2) every query and key head passes an RMSNorm over its head dim (one
     weight shared by all heads) before RoPE, as HF ``Qwen3Attention`` and torchtitan's ``qk_norm`` do."""
 
-    def __init__(self, arch: Architecture):
+    def __init__(self, arch: Architecture, rope: bool = True):
         super().__init__()
         d, hd = arch.d_model, arch.hd
         self.head_dim = hd
+        # False: a NoPE layer (SmolLM3's every 4th, HF SmolLM3Attention's use_rope 0): q and k carry no position
+        self.use_rope = rope
         self.wq = nn.Linear(d, arch.n_heads * hd, bias=arch.qkv_bias)
         self.wk = nn.Linear(d, arch.kv_heads * hd, bias=arch.qkv_bias)
         self.wv = nn.Linear(d, arch.kv_heads * hd, bias=arch.qkv_bias)
@@ -277,9 +279,9 @@ class Attention(nn.Module):
 
     def _core(self, q, k, v, rope, cache=None, layer=0):  # -> (B, T, H*hd)
         B, T, H, _ = q.shape
-        if self.rotary is None:
+        if self.use_rope and self.rotary is None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        else:
+        elif self.use_rope:
             r = self.rotary
             q = torch.cat([apply_rope(q[..., :r], rope), q[..., r:]], dim=-1)
             k = torch.cat([apply_rope(k[..., :r], rope), k[..., r:]], dim=-1)
@@ -533,7 +535,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(arch.d_model, arch.norm_eps)
-        self.attention = MLAttention(arch) if arch.mla is not None else Attention(arch)
+        self.attention = (MLAttention(arch) if arch.mla is not None
+                          else Attention(arch, rope=layer_id not in arch.nope_layers))
         self.ffn_norm = RMSNorm(arch.d_model, arch.norm_eps)
         self.is_moe = arch.moe is not None and layer_id >= arch.moe.dense_layers
         if self.is_moe:

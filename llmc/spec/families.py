@@ -22,7 +22,9 @@ Sources:
     0.75 of each head (partial_rotary_factor)
   * Granite 3: IBM, "Granite 3.0 Language Models" (2024; https://github.com/ibm-granite/granite-3.0-language-models):
     a Llama block with muP multipliers (transformers modeling_granite.py)
-  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
+  * SmolLM3: Hugging Face, "SmolLM3: smol, multilingual, long-context reasoner" (2025; https://huggingface.co/blog/smollm3):
+    a Llama block with GQA and tied embeddings, no RoPE in every 4th layer (NoPE, Yang et al. 2025, arXiv:2501.18795)
+  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,smollm3,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
   * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
 Gemma is not declared: its per-layer attention pattern, GeGLU, sandwich norms and soft-capping are not modelled.
 """
@@ -89,6 +91,10 @@ FAMILIES: dict[str, Family] = {
                       torchtitan_hf=True),
     # a Llama block with muP's fixed multipliers on the embeddings, residual branches, softmax and logits (IBM Granite 3)
     "granite": Family("granite", ("granite",), "GraniteForCausalLM", "gqa", False, False, "llama3", ("granite",)),
+    # a Llama block with no RoPE in some layers (SmolLM3: every 4th); its tokenizer (Llama 3's vocabulary) holds the
+    # ChatML specials its chat template uses (https://huggingface.co/HuggingFaceTB/SmolLM3-3B/blob/main/tokenizer_config.json)
+    "smollm3": Family("smollm3", ("smollm3",), "SmolLM3ForCausalLM", "gqa", False, False, "llama3", ("smollm3",),
+                      ("<|im_start|>", "<|im_end|>")),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
     "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),
     "deepseek_v3": Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", "mla", True, False,
@@ -106,8 +112,8 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES
 def family_of(arch: Architecture) -> Family:
     """The family an architecture's switches select: MLA -> deepseek_v3, MoE -> qwen3_moe with q/k norms, else
     mixtral, q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
-    sliding window -> mistral, else llama (the spec refuses q/k norms with MLA: M006; multipliers combine with none of
-    these: M010)."""
+    sliding window -> mistral, NoPE layers -> smollm3, else llama (the spec refuses q/k norms with MLA: M006;
+    multipliers combine with none of these: M010; NoPE layers neither: M012)."""
     if arch.mla is not None:
         return FAMILIES["deepseek_v3"]
     if arch.moe is not None:
@@ -122,6 +128,8 @@ def family_of(arch: Architecture) -> Family:
         return FAMILIES["granite"]
     if arch.sliding_window is not None:
         return FAMILIES["mistral"]
+    if arch.nope_layers:
+        return FAMILIES["smollm3"]
     return FAMILIES["llama"]
 
 

@@ -1,7 +1,7 @@
 """Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
 
 Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``, ``phi3``,
-``granite``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
+``granite``, ``smollm3``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
 =============================  =====================================
@@ -27,6 +27,8 @@ rope_theta / rope_scaling      rope_theta / rope_scaling: llama3, yarn, linear, 
                                original, as transformers), attention_factor); phi3 reads su / yarn as longrope, as
                                transformers' Phi3Config does
 partial_rotary_factor (phi3)   rotary_dim = int(head_dim x factor) when below 1 (Phi-4-mini 0.75: 96 of 128)
+no_rope_layers (smollm3)       nope_layers: the layers flagged 0 (absent: every no_rope_layer_interval-th, default
+                               4); attention_bias / mlp_bias / use_sliding_window true refused
 embedding_multiplier, ...      multipliers.embedding / residual / attention / logits (granite: *_multiplier,
                                logits_scaling); attention_bias / mlp_bias true refused (o_proj and MLP biases)
 max_position_embeddings        max_seq_len
@@ -315,9 +317,43 @@ def _granite(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
         kw["multipliers"] = Multipliers(**m)
 
 
+def _smollm3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    """transformers ``SmolLM3Config`` (configuration_smollm3.py): ``no_rope_layers`` holds one flag per layer, 1 =
+    RoPE, 0 = none (absent: 0 for every ``no_rope_layer_interval``-th layer, int((i + 1) % interval != 0), interval
+    4), read into ``nope_layers``; RoPE base absent = 2e6 (its ``default_theta``). Its attention_bias also biases
+    o_proj and mlp_bias the MLP, and use_sliding_window windows the NoPE layers only (``SmolLM3Config.layer_types``):
+    none of these is modelled (no released checkpoint sets them)."""
+    for key, what in (("attention_bias", "q/k/v and o_proj biases"), ("mlp_bias", "MLP biases"),
+                      ("use_sliding_window", "a window on the NoPE layers only")):
+        if cfg.get(key) is True:
+            errs.append(f"config.json {key!r} true is not supported for smollm3 ({what}; llmc's SmolLM3 block has "
+                        "none)")
+    kw["qkv_bias"] = False
+    if cfg.get("rope_theta") is None:
+        kw["rope_theta"] = 2e6
+    n = kw.get("n_layers")
+    flags = cfg.get("no_rope_layers")
+    if flags is None and n is not None:
+        try:
+            every = _int(cfg, "no_rope_layer_interval", 4)
+        except HFConfigError as e:
+            errs.append(str(e))
+            return
+        flags = [int((i + 1) % every != 0) for i in range(n)]
+    if flags is None:
+        return
+    if not isinstance(flags, list) or any(f not in (0, 1) or isinstance(f, float) for f in flags) or (
+            n is not None and len(flags) != n):
+        errs.append(f"config.json 'no_rope_layers' must list 1 (RoPE) or 0 (none) for each of the {n} layers "
+                    f"(got {_short(flags)})")
+        return
+    kw["nope_layers"] = tuple(i for i, f in enumerate(flags) if not f)
+
+
 #: family name -> the hook that reads its extra config keys
 _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
     "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "granite": _granite,
+    "smollm3": _smollm3,
 }
 #: model_type -> the hook for a type imported by a family that also imports others (phi3 through llama)
 _TYPE_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {"phi3": _phi3}
@@ -340,7 +376,8 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         raise HFConfigError(f"unsupported hidden_act {act!r} (llmc models SwiGLU, i.e. silu)")
 
     errs: list[str] = []
-    if cfg.get("use_sliding_window") is True and cfg.get("max_window_layers") != 0:  # Qwen2 / Qwen3; false in releases
+    if cfg.get("use_sliding_window") is True and cfg.get("max_window_layers") != 0 and mt != "smollm3":
+        # Qwen2 / Qwen3; false in releases (SmolLM3's hook says why it refuses its own)
         errs.append("use_sliding_window: true is not supported (these configs window only the layers from "
                     "max_window_layers on; llmc models one attention window for every layer)")
     kinds = cfg.get("layer_types")  # transformers >= 4.5x writes it: one "full_attention" / "sliding_attention" per layer

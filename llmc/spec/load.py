@@ -26,6 +26,8 @@ M008    longrope factors: not one per rotary frequency (rotary dims / 2), or on 
 M009    rotary_dim odd, larger than head_dim, or on an MLA model
 M010    multipliers (Granite) with q/k/v biases, q/k norms, experts, MLA, partial RoPE or a sliding window
 M011    sliding_window on an MLA model (windows are modelled on GQA models)
+M012    nope_layers: a layer outside 0..n_layers-1 or listed twice / out of order, or with MLA, experts, q/k/v
+        biases, q/k norms, partial RoPE, multipliers or a sliding window (NoPE is modelled on SmolLM3's block)
 D004    duplicate data source name (in ``data.sources`` or a stage's)
 G001    duplicate stage name (same code as the compiler's stage-graph check)
 V004    ``serving.N.stage`` names no stage (same code as the compiler's serving check)
@@ -973,7 +975,21 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
             why = ("rotary_dim with MLA is not modelled (MLA's rope dims are mla.qk_rope_head_dim)" if arch.mla is not None
                    else f"rotary_dim {r} must be even and at most head_dim {arch.hd}")
             out.append(ctx.diag("M009", "model.rotary_dim", why, "RoPE rotates pairs of the first rotary_dim dims"))
-        if arch.multipliers is not None:
+        nope = arch.nope_layers
+        if nope and (any(b <= a for a, b in zip(nope, nope[1:], strict=False)) or nope[-1] >= arch.n_layers):
+            out.append(ctx.diag("M012", "model.nope_layers",
+                                f"nope_layers {list(nope)[:12]} must name layers 0..{arch.n_layers - 1}, each once, "
+                                "in increasing order", "SmolLM3-3B's are [3, 7, 11, ..., 35]: every 4th of 36"))
+        elif nope:
+            other = [n for n, on in (("mla", arch.mla), ("moe", arch.moe), ("qkv_bias", arch.qkv_bias),
+                                     ("qk_norm", arch.qk_norm), ("rotary_dim", arch.partial_rotary),
+                                     ("multipliers", arch.multipliers), ("sliding_window", arch.sliding_window))
+                     if on]
+            if other:
+                out.append(ctx.diag("M012", "model.nope_layers",
+                                    f"nope_layers with {', '.join(other)} is not modelled (NoPE layers are, on "
+                                    "SmolLM3's plain Llama block)", f"remove {other[0]} or nope_layers"))
+        if arch.multipliers is not None and not arch.nope_layers:
             other = [n for n, on in (("qkv_bias", arch.qkv_bias), ("qk_norm", arch.qk_norm), ("moe", arch.moe),
                                      ("mla", arch.mla), ("rotary_dim", arch.partial_rotary),
                                      ("sliding_window", arch.sliding_window)) if on]

@@ -228,6 +228,11 @@ class Architecture(SpecModel):
     llmc's trainer; GQA models only (M011). None = full causal attention."""
     rope_theta: Float = Field(default=10_000.0, gt=0)
     """RoPE base (Llama-2 10000, Llama-3 500000)."""
+    nope_layers: tuple[Annotated[Int, Field(ge=0)], ...] = Field(default=(), max_length=MAX_LAYERS)
+    """Layers (0-based) whose attention applies no rotary position embedding, "NoPE" (SmolLM3: every 4th layer,
+    3, 7, ..., 35 of 36, after Yang et al. 2025, arXiv:2501.18795; config.json ``no_rope_layers`` 0). Their queries
+    and keys carry no position: the causal mask alone orders the tokens. Empty = RoPE in every layer. GQA models
+    only (M012)."""
     rotary_dim: Int | None = Field(default=None, gt=0)
     """Dimensions of each query / key head that RoPE rotates, the first ones (Phi-4-mini: 96 of 128, config.json
     ``partial_rotary_factor`` 0.75); the rest carry no position. None = the whole head. GQA models only."""

@@ -78,6 +78,13 @@ PRESETS: dict[str, Architecture] = {
         "phi3-mini-4k", n_layers=32, d_model=3072, n_heads=32, n_kv_heads=32, d_ff=8192, vocab_size=32064,
         rope_theta=10000.0, norm_eps=1e-5, max_seq_len=4096, sliding_window=2047,
     ),
+    # https://huggingface.co/HuggingFaceTB/SmolLM3-3B/blob/main/config.json (SmolLM3ForCausalLM: a Llama block, GQA
+    # 16 / 4 heads, tied embeddings, RoPE base 5e6 for its 64K context, no RoPE in every 4th layer: no_rope_layers
+    # 0 at 3, 7, ..., 35; https://huggingface.co/blog/smollm3)
+    "smollm3-3b": _arch(
+        "smollm3-3b", n_layers=36, d_model=2048, n_heads=16, n_kv_heads=4, d_ff=11008, vocab_size=128256,
+        tied_embeddings=True, rope_theta=5e6, norm_eps=1e-6, max_seq_len=65536, nope_layers=tuple(range(3, 36, 4)),
+    ),
     # https://huggingface.co/microsoft/phi-4/blob/main/config.json (Phi3ForCausalLM, GQA 40 / 10 heads, full attention)
     "phi4": _arch(
         "phi4", n_layers=40, d_model=5120, n_heads=40, n_kv_heads=10, d_ff=17920, vocab_size=100352,
