@@ -87,7 +87,9 @@ def _model(c) -> Table:
     if a.mla is not None:
         shape += f", MLA kv_lora {a.mla.kv_lora_rank}"
     if a.qk_norm:
-        shape += ", q/k norms"
+        shape += ", q/k norms" + (" over the whole projections" if a.qk_norm_scope == "projection" else "")
+    if a.norm_placement == "post":
+        shape += ", norms on the attention / MLP outputs (OLMo 2)"
     if a.sliding_window:
         shape += f", sliding-window attention ({a.sliding_window} tokens)"
     if a.moe is not None:

@@ -405,6 +405,32 @@ def test_nope_layers_plan_the_trainer_that_skips_rope_there():
     assert sft.stages[0].hyper["chat_template"] == "chatml" and "T103" not in _codes(sft)
 
 
+def test_olmo2_plans_native_fsdp_without_tp():
+    """OLMo-2 7B: torchtitan 0.3.0 has no OLMo 2 block (X317), so ``auto`` plans llmc's trainer; no backend shards a
+    q / k norm over the whole projection across TP ranks, so the search keeps tp 1 (FSDP shards the model) and a
+    pinned tp 2 is P018 at its line. Its counts: the model page's 7.3B parameters; per token, the Llama block of the
+    same shape's FLOPs plus 6 x its q / k norm weights (6N counts every non-embedding weight)."""
+    from llmc.compiler import flops
+    from llmc.compiler.params import params_total
+    from llmc.spec.presets import PRESETS
+
+    c = _compile(_spec("olmo2-7b", count=16, seq=4096, tokens="10B"))
+    assert c.backend.name == "native" and "no OLMo 2 block" in c.backend.reason
+    assert c.plan.tp == 1 and c.plan.dp_shard > 1 and not _codes(c, "error")
+    assert round(c.model.params_total / 1e9, 1) == 7.3
+    from llmc.report import render_text
+
+    text = " ".join(render_text(c).split())  # (the table wraps long lines)
+    assert "q/k norms over the whole projections, norms on the attention / MLP outputs (OLMo 2)" in text
+    llama = PRESETS["olmo2-7b"].model_copy(update={"qk_norm": False, "qk_norm_scope": "head", "norm_placement": "pre"})
+    extra = params_total(PRESETS["olmo2-7b"]) - params_total(llama)
+    assert extra == 32 * (4096 + 4096)  # one q and one k norm over 32 x 128 dims a layer
+    assert c.compute.flops_per_token == flops.train_flops_per_token(llama, 4096) + 6 * extra
+    pinned = _compile(_spec("olmo2-7b", count=16, seq=4096, tokens="10B", extra="parallelism: {tp: 2}\n"))
+    d = _diag(pinned, "P018")
+    assert (d.severity, d.path, d.line) == ("error", "parallelism.tp", 5)
+
+
 def test_a_stage_that_starts_from_no_weights_is_flagged():
     """A stage with neither init_from nor init_hf is trained from a fresh init by every backend (a fine-tune of
     random weights): G008 at the stage, not for one that names its base or chains from an earlier stage."""

@@ -44,6 +44,9 @@ def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: in
     elif kind == "mistral":  # the Llama block with a sliding window (Mistral-7B v0.1: 4096)
         cfg = transformers.MistralConfig(**{**TINY, **over})
         model = transformers.MistralForCausalLM(cfg)
+    elif kind == "olmo2":  # norms on the branches' outputs, q / k norms over the whole projections
+        cfg = transformers.Olmo2Config(**{**TINY, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **over})
+        model = transformers.Olmo2ForCausalLM(cfg)
     elif kind == "smollm3":  # no RoPE in the layers no_rope_layers flags 0 (SmolLM3-3B: every 4th)
         cfg = transformers.SmolLM3Config(**{**TINY, "num_hidden_layers": 3, "no_rope_layers": [1, 0, 1],
                                             "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **over})
@@ -90,7 +93,8 @@ def arch_of(path: Path):
                                        ("mistral", {"sliding_window": 5}), ("phi3", {"sliding_window": 5}),
                                        ("qwen2", {"use_sliding_window": True, "sliding_window": 5,
                                                   "max_window_layers": 0}),
-                                       ("smollm3", {"tie_word_embeddings": True})])
+                                       ("smollm3", {"tie_word_embeddings": True}), ("olmo2", {}),
+                                       ("olmo2", {"tie_word_embeddings": True, "num_key_value_heads": 6})])
 def test_load_gives_transformers_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     if kind != "mixtral":  # sharded: several files + index
@@ -114,11 +118,11 @@ def test_load_gives_transformers_logits(tmp_path, kind, over):
                                        ("mistral", {"sliding_window": 4}),
                                        ("qwen3", {"head_dim": 16, "use_sliding_window": True, "sliding_window": 4,
                                                   "max_window_layers": 0}),
-                                       ("smollm3", {"no_rope_layers": [0, 1, 0]})])
+                                       ("smollm3", {"no_rope_layers": [0, 1, 0]}), ("olmo2", {})])
 def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     arch = arch_of(src)
-    assert arch.qk_norm is kind.startswith("qwen3") and arch.hd == (over.get("head_dim") or 8)
+    assert arch.qk_norm is kind.startswith(("qwen3", "olmo2")) and arch.hd == (over.get("head_dim") or 8)
     if kind == "qwen3_moe":
         assert (arch.moe.dense_layers, arch.moe.expert_d_ff, arch.d_ff) == (1, 40, 96)
     model = build_model(arch, seed=0).eval()
@@ -131,6 +135,10 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
     if arch.sliding_window:  # a window transformers applies (LlamaConfig has none: the Llama block goes as Mistral)
         assert arch_of(out).sliding_window == arch.sliding_window
         assert json.loads((out / "config.json").read_text())["model_type"] == ("mistral" if kind == "mistral" else kind)
+    if kind == "olmo2":  # the post-norm block with whole-projection q / k norms is Olmo2ForCausalLM's
+        assert json.loads((out / "config.json").read_text())["architectures"] == ["Olmo2ForCausalLM"]
+        assert (arch.norm_placement, arch.qk_norm_scope) == ("post", "projection") == (
+            arch_of(out).norm_placement, arch_of(out).qk_norm_scope)
     if kind == "smollm3":  # NoPE layers 0 and 2, written as SmolLM3Config's flags and read back
         assert json.loads((out / "config.json").read_text())["no_rope_layers"] == [0, 1, 0]
         assert arch_of(out).nope_layers == arch.nope_layers == (0, 2)

@@ -14,7 +14,7 @@ HF = Path(__file__).resolve().parent / "fixtures" / "hf"
 CONFIGS = sorted(HF.glob("*.json"))
 
 REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
-            "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
+            "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "olmo2-7b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
             "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "tiny", "tiny-moe"]
 
 
@@ -148,6 +148,26 @@ def test_smollm3_count_equals_transformers_and_model_card():
     assert arch.nope_layers == tuple(i for i, r in enumerate(uses_rope) if not r) == tuple(range(3, 36, 4))
 
 
+def test_olmo2_count_equals_transformers_and_model_card():
+    """transformers' own Olmo2ForCausalLM (meta device) for the fixture config has llmc's parameter count: its q / k
+    norms run over the whole projections (4096 + 4096 weights a layer, not Qwen3's 2 x head_dim) and its two block
+    norms sit on the outputs (the same count as Llama's); the model page (https://huggingface.co/allenai/OLMo-2-1124-7B)
+    says 7.3B. An attention_bias (which biases o_proj too) is refused."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from llmc.compiler.params import params_total
+
+    cfg = json.loads((HF / "olmo2-7b.json").read_text())
+    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "transformers_version")}
+    with torch.device("meta"):
+        model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**keep))
+    arch = architecture_from_hf_config(cfg)
+    assert params_total(arch) == sum(p.numel() for p in model.parameters()) == 7_298_617_344
+    assert round(params_total(arch) / 1e9, 1) == 7.3
+    with pytest.raises(HFConfigError, match="'attention_bias' true is not supported for olmo2"):
+        architecture_from_hf_config({**cfg, "attention_bias": True})
+
+
 def test_smollm3_nope_layers_read_and_refusals():
     """``no_rope_layers`` absent: SmolLM3Config's default, NoPE every ``no_rope_layer_interval``-th layer (here 2:
     1, 3, 5); all flags 1: no NoPE layer, a plain Llama; a RoPE base absent: SmolLM3's 2e6. Flags that are not
@@ -233,7 +253,7 @@ def test_hf_defaults_mha_and_qwen_bias():
 
 
 @pytest.mark.parametrize("model_type, family", [
-    ("llama", "llama"), ("mistral", "llama"), ("phi3", "llama"), ("granite", "granite"), ("smollm3", "smollm3"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mixtral", "mixtral"),
+    ("llama", "llama"), ("mistral", "llama"), ("phi3", "llama"), ("granite", "granite"), ("smollm3", "smollm3"), ("olmo2", "olmo2"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mixtral", "mixtral"),
     ("qwen3_moe", "qwen3_moe"), ("deepseek_v3", "deepseek_v3"),
 ])
 def test_imported_config_lands_in_its_family(model_type, family):

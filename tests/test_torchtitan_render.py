@@ -189,6 +189,9 @@ def test_unexpressible_architectures_give_diagnostics_not_modules():
     assert (d.code, d.path) == ("X315", "model.sliding_window")
     [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "nope_layers": [3]}))
     assert (d.code, d.path) == ("X316", "model.nope_layers") and "NoPE" in d.message
+    [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "qk_norm": True, "qk_norm_scope": "projection",
+                                                     "norm_placement": "post"}))
+    assert (d.code, d.path) == ("X317", "model.norm_placement") and "OLMo 2" in d.message
     tied_pp = compiled_for(model={**TINY, "tied_embeddings": True},
                            plan=ParallelPlan(pp=2, micro_batch=1, grad_accum=4))
     assert [d.code for d in torchtitan_diagnostics(tied_pp)] == ["X303"]

@@ -4,7 +4,7 @@ argument parser (``FlexibleArgumentParser`` with ``--config``, built by ``ServeS
 serving plan; every Hugging Face export (Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, DeepSeek-V3) goes through
 ``vllm.transformers_utils.config.get_config`` and ``vllm.config.ModelConfig`` (architecture resolution through
 vLLM's model registry, which inspects the model class in a subprocess) and reads back as the exported
-architecture (SmolLM3 with its NoPE layers: vLLM serves it through its Transformers backend), with vLLM's KV-cache
+architecture (SmolLM3 with its NoPE layers and OLMo 2: vLLM serves both through its Transformers backend), with vLLM's KV-cache
 bytes per token equal to llmc's serving plan; the dense exports also load
 into vLLM's own model classes (every parameter set from the checkpoint, the same values).
 
@@ -248,6 +248,8 @@ def model_exports(tmp_path_factory) -> tuple[dict, dict]:
         "GraniteForCausalLM": Architecture(name="granite", **base, multipliers=GRANITE),
         "MistralForCausalLM": Architecture(name="mistral", **base, sliding_window=8),
         "SmolLM3ForCausalLM": Architecture(name="smollm3", **base, tied_embeddings=True, nope_layers=(1,)),
+        "Olmo2ForCausalLM": Architecture(name="olmo2", **base, qk_norm=True, qk_norm_scope="projection",
+                                         norm_placement="post"),
         "MixtralForCausalLM": Architecture(name="mixtral", **base, moe=MoE(num_experts=3, top_k=2)),
         "Qwen3MoeForCausalLM": Architecture(name="qwen3moe", **{**base, "n_layers": 3, "head_dim": 16}, qk_norm=True,
                                             moe=MoE(num_experts=4, top_k=2, expert_d_ff=24, dense_layers=1)),
@@ -352,7 +354,10 @@ def load_exports(tmp_path_factory) -> tuple[dict, dict, dict]:
              "granite": Architecture(name="granite", **base, tied_embeddings=True, multipliers=GRANITE),
              "mistral": Architecture(name="mistral", **base, sliding_window=8),
              # NoPE in layer 1 (SmolLM3): vLLM builds transformers' SmolLM3 model in its Transformers backend
-             "smollm3": Architecture(name="smollm3", **base, tied_embeddings=True, nope_layers=(1,))}
+             "smollm3": Architecture(name="smollm3", **base, tied_embeddings=True, nope_layers=(1,)),
+             # OLMo 2: norms on the branches' outputs, q / k norms over the whole projections
+             "olmo2": Architecture(name="olmo2", **base, qk_norm=True, qk_norm_scope="projection",
+                                   norm_placement="post")}
     dirs, want = {}, {}
     for name, a in archs.items():
         model = build_model(a, seed=0)
@@ -371,10 +376,12 @@ def test_dense_hf_exports_load_into_vllm_models(load_exports, vllm):
     got = result(vllm, "load")
     for name, a in archs.items():
         m = got[str(dirs[name])]
-        assert m["class"] == ("Qwen2ForCausalLM" if a.qkv_bias else "Qwen3ForCausalLM" if a.qk_norm
+        assert m["class"] == ("Qwen2ForCausalLM" if a.qkv_bias
+                              # vLLM 0.33's registry runs SmolLM3 and OLMo 2 in its Transformers backend
+                              else "TransformersForCausalLM" if a.nope_layers or a.norm_placement == "post"
+                              else "Qwen3ForCausalLM" if a.qk_norm
                               else "Phi3ForCausalLM" if a.rotary_dim else "GraniteForCausalLM" if a.multipliers
-                              else "MistralForCausalLM" if a.sliding_window
-                              else "TransformersForCausalLM" if a.nope_layers else "LlamaForCausalLM")
+                              else "MistralForCausalLM" if a.sliding_window else "LlamaForCausalLM")
         # VocabParallelEmbedding pads the vocabulary to a multiple of 64 rows (DEFAULT_VOCAB_PADDING_SIZE in
         # vllm/model_executor/layers/vocab_parallel_embedding.py), in the embedding and in an untied LM head
         pad_rows = -a.vocab_size % 64 * (1 if a.tied_embeddings else 2)

@@ -402,10 +402,11 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
                           hf_model_type: str | None = None, seq_len: int | None = None) -> list[ModelGap]:
     """What torchtitan's model code cannot express about ``arch`` whatever the layout (empty when it can run it):
     RoPE variants (llama3 scaling on its cos/sin RoPE, other scalings, partial rotary), MLA with q/k/v biases, a router
-    bias, muP multipliers, a sliding window shorter than the job's ``seq_len`` (None: any), layers without RoPE; with ``init_hf`` (the spec
+    bias, muP multipliers, a sliding window shorter than the job's ``seq_len`` (None: any), layers without RoPE,
+    OLMo 2's block; with ``init_hf`` (the spec
     path the pre-training weights come from) a family or checkpoint its state-dict adapters cannot read
     (``hf_model_type``: the checkpoint's config.json model_type, gathered before compiling). The torchtitan emitter
-    reports these as its X301 / X302 / X309 / X310 / X314 / X315 / X316 errors; ``training.backend: auto`` picks another
+    reports these as its X301 / X302 / X309 / X310 / X314 / X315 / X316 / X317 errors; ``training.backend: auto`` picks another
     backend for such a model (:func:`resolve_backend`)."""
     v = TARGET_VERSIONS["torchtitan"]
     fam = family_of(arch)
@@ -442,6 +443,10 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
                             f"torchtitan {v}'s Llama attention applies RoPE in every layer (this model has none in "
                             f"{len(arch.nope_layers)} of its {arch.n_layers} layers: NoPE)",
                             "build with training.backend native or deepspeed: llmc's model skips RoPE there"))
+    if arch.norm_placement == "post" or arch.qk_norm_scope == "projection":
+        out.append(ModelGap("X317", "model.norm_placement",
+                            f"torchtitan {v} has no OLMo 2 block (norms on the attention / MLP outputs, q / k norms "
+                            "over the whole projections)", "build with training.backend native or deepspeed"))
     if arch.moe is not None and arch.moe.router_bias:
         out.append(ModelGap("X309", "model.moe.router_bias",
                             "a bias on the router gate linear is not emitted by llmc's torchtitan target",

@@ -402,8 +402,9 @@ def _attn_act_per_token(arch: Architecture) -> tuple[float, float, float]:
         return inter + qkv, lin_out, H * dv
     hd, kv = arch.hd, arch.kv_heads
     qkv = H * hd + 2 * kv * hd  # post-RoPE q, k and v saved by SDPA (GQA: K/V at n_kv heads)
-    if arch.qk_norm:  # Qwen3's q/k norms keep their inputs (wq / wk outputs) and one fp32 rstd per head
-        qkv += (H + kv) * (hd + 2)
+    if arch.qk_norm:  # q/k norms keep their inputs (wq / wk outputs) and one fp32 rstd per head (Qwen3) or per
+        # projection (OLMo 2's norm over all heads at once)
+        qkv += (H + kv) * hd + (2 * (H + kv) if arch.qk_norm_scope == "head" else 2 * 2)
     lin_out = H * hd + 2 * kv * hd + arch.d_model  # wq, wk, wv, wo outputs
     return qkv, lin_out, H * hd
 

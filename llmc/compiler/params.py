@@ -8,7 +8,8 @@ shapes as the Hugging Face checkpoints:
 * per block: ``attention_norm.weight`` [d], ``ffn_norm.weight`` [d] (RMSNorm: weight only, no bias).
 * GQA attention: ``wq`` [H*hd, d], ``wk``/``wv`` [KV*hd, d], ``wo`` [d, H*hd]; Qwen2-style q/k/v biases
   [H*hd] + 2*[KV*hd] when ``qkv_bias``; Qwen3's ``q_norm`` / ``k_norm`` [hd] each when ``qk_norm`` (one RMSNorm
-  weight shared by every head, HF ``Qwen3Attention``).
+  weight shared by every head, HF ``Qwen3Attention``), OLMo 2's [H*hd] / [KV*hd] with ``qk_norm_scope: projection``
+  (HF ``Olmo2Attention``). ``norm_placement: post`` moves the two block norms, it does not add any.
 * MLA attention (DeepSeek-V2/V3, arXiv 2405.04434 sec. 2.1): ``wq_a`` [q_lora, d], ``q_norm`` [q_lora],
   ``wq_b`` [H*(nope+rope), q_lora] (or ``wq`` [H*(nope+rope), d] when q_lora_rank is None),
   ``wkv_a`` [kv_lora+rope, d], ``kv_norm`` [kv_lora], ``wkv_b`` [H*(nope+v), kv_lora], ``wo`` [d, H*v].
@@ -58,8 +59,8 @@ def _gqa_components(arch: Architecture) -> dict[str, int]:
     }
     if arch.qkv_bias:
         out["attn/bias"] = H * hd + 2 * kv * hd
-    if arch.qk_norm:
-        out["attn/qk_norm"] = 2 * hd
+    if arch.qk_norm:  # over a head (one weight for every head), or over the whole q / k projection (OLMo 2)
+        out["attn/qk_norm"] = 2 * hd if arch.qk_norm_scope == "head" else (H + kv) * hd
     return out
 
 

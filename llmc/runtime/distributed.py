@@ -93,6 +93,9 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
     arch = model.arch
     tp = tp_mesh.size()
     mla = arch.mla
+    if arch.qk_norm and arch.qk_norm_scope == "projection":  # the plan never asks it (compiler P018)
+        raise ValueError("tensor parallelism with q/k norms over the whole projection (OLMo 2) is not implemented: "
+                         "each rank would normalise its own heads only")
     if arch.n_heads % tp or (mla is None and arch.kv_heads % tp):
         raise ValueError(f"tp={tp} must divide n_heads={arch.n_heads}"
                          + ("" if mla is not None else f" and n_kv_heads={arch.kv_heads}"))

@@ -25,6 +25,8 @@ Name mapping (llmc/torchtitan <-> HF Llama / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE
     tok_embeddings.weight                  model.embed_tokens.weight
     layers.N.attention_norm.weight         model.layers.N.input_layernorm.weight
     layers.N.ffn_norm.weight               model.layers.N.post_attention_layernorm.weight
+                                           (OLMo 2: attention_norm <-> post_attention_layernorm, ffn_norm <->
+                                           post_feedforward_layernorm, the norms of the branches' outputs)
     layers.N.attention.{wq,wk,wv,wo}.*     model.layers.N.self_attn.{q,k,v,o}_proj.*   (wq, wk rows permuted)
     layers.N.feed_forward.{w1,w3,w2}.weight  model.layers.N.mlp.{gate,up,down}_proj.weight
     layers.N.moe.router.gate.weight        model.layers.N.block_sparse_moe.gate.weight
@@ -216,8 +218,12 @@ def hf_names(arch, rope_interleave: bool = True, fused: bool = False) -> dict[st
     kinds = ("weight", "bias") if arch.qkv_bias else ("weight",)
     for i in range(arch.n_layers):
         s, d = f"layers.{i}.", f"model.layers.{i}."
-        out[s + "attention_norm.weight"] = HFParam((d + "input_layernorm.weight",))
-        out[s + "ffn_norm.weight"] = HFParam((d + "post_attention_layernorm.weight",))
+        if arch.norm_placement == "post":  # OLMo 2 (Olmo2DecoderLayer): the norms of the branches' outputs
+            out[s + "attention_norm.weight"] = HFParam((d + "post_attention_layernorm.weight",))
+            out[s + "ffn_norm.weight"] = HFParam((d + "post_feedforward_layernorm.weight",))
+        else:
+            out[s + "attention_norm.weight"] = HFParam((d + "input_layernorm.weight",))
+            out[s + "ffn_norm.weight"] = HFParam((d + "post_attention_layernorm.weight",))
         for ours, heads in (("wq", H), ("wk", K), ("wv", None)):
             for kind in kinds:
                 out[f"{s}attention.{ours}.{kind}"] = HFParam((f"{d}self_attn.{HF_TARGETS[ours]}.{kind}",), heads,
@@ -226,9 +232,11 @@ def hf_names(arch, rope_interleave: bool = True, fused: bool = False) -> dict[st
         if fused:
             out.update(_fused_names(arch, s, d))
             continue
-        if arch.qk_norm:  # Qwen3: the norm weight runs along a head's dims, so it takes the q/k rows' RoPE order
-            for n in ("q_norm", "k_norm"):
-                out[f"{s}attention.{n}.weight"] = HFParam((f"{d}self_attn.{n}.weight",), 1, rotary=rot)
+        if arch.qk_norm:  # the norm weight runs along a head's dims (Qwen3) or every head's (OLMo 2: the whole
+            # projection), so it takes the q/k rows' RoPE order
+            whole = arch.qk_norm_scope == "projection"
+            for n, heads in (("q_norm", H if whole else 1), ("k_norm", K if whole else 1)):
+                out[f"{s}attention.{n}.weight"] = HFParam((f"{d}self_attn.{n}.weight",), heads, rotary=rot)
         out.update(_ffn_names(arch, i, s, d))
     return out
 
@@ -639,6 +647,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
               *, softmax_mscale: bool = False) -> dict[str, Any]:
     """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q/k norms),
     Phi3ForCausalLM (partial RoPE), GraniteForCausalLM (muP multipliers), SmolLM3ForCausalLM (NoPE layers),
+    Olmo2ForCausalLM (post-norm blocks),
     MistralForCausalLM (a sliding window), MixtralForCausalLM, Qwen3MoeForCausalLM
     (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see :func:`export_hf`."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
@@ -667,6 +676,8 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
                    original_max_position_embeddings=rs.original_max_position if rs is not None and
                    rs.type == "longrope" else arch.max_seq_len, sliding_window=w, pad_token_id=None,
                    resid_pdrop=0.0, embd_pdrop=0.0)
+    if mtype == "olmo2":  # Olmo2Config (transformers configuration_olmo2.py): its block is implied by the type
+        cfg.update(attention_bias=False, pad_token_id=None)  # (its default pad id 1 is a token of a tiny vocabulary)
     if mtype == "smollm3":  # SmolLM3Config (transformers configuration_smollm3.py): one RoPE flag per layer, 0 = NoPE
         cfg.update(no_rope_layers=[int(i not in arch.nope_layers) for i in range(arch.n_layers)],
                    use_sliding_window=False, sliding_window=None, attention_bias=False, mlp_bias=False,

@@ -6,9 +6,9 @@ load-balancing aux loss). Parameter names follow torchtitan so state dicts line 
 checkpoints and with the compiler's ``param_breakdown`` keys::
 
     tok_embeddings.weight
-    layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight
+    layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight   (OLMo 2: on the branches' outputs)
     layers.{i}.attention.{wq,wk,wv,wo}.weight           (GQA; q/k/v biases when qkv_bias)
-    layers.{i}.attention.{q_norm,k_norm}.weight         (GQA with qk_norm, Qwen3)
+    layers.{i}.attention.{q_norm,k_norm}.weight         (GQA with qk_norm: Qwen3 per head, OLMo 2 per projection)
     layers.{i}.attention.{wq_a,q_norm,wq_b | wq, wkv_a,kv_norm,wkv_b,wo}   (MLA)
     layers.{i}.feed_forward.{w1,w2,w3}.weight            (dense layers)
     layers.{i}.moe.router.gate.weight, layers.{i}.moe.experts.{w1,w2,w3},
@@ -250,9 +250,13 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d, arch.kv_heads * hd, bias=arch.qkv_bias)
         self.wv = nn.Linear(d, arch.kv_heads * hd, bias=arch.qkv_bias)
         self.wo = nn.Linear(arch.n_heads * hd, d, bias=False)
-        if arch.qk_norm:
+        # OLMo 2 ("projection"): one norm over the whole q / k projection output, before the split into heads
+        self.qk_norm, self.qk_norm_scope = arch.qk_norm, arch.qk_norm_scope
+        if arch.qk_norm and arch.qk_norm_scope == "projection":
+            self.q_norm = RMSNorm(arch.n_heads * hd, arch.norm_eps)
+            self.k_norm = RMSNorm(arch.kv_heads * hd, arch.norm_eps)
+        elif arch.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(hd, arch.norm_eps), RMSNorm(hd, arch.norm_eps)
-        self.qk_norm = arch.qk_norm
         # partial RoPE (Phi-4-mini): only the first rotary_dim dims of each head rotate, as HF Phi3Attention's q_rot
         self.rotary = arch.partial_rotary
         # Granite's softmax scale (attention_multiplier); None = SDPA's 1/sqrt(head_dim)
@@ -263,11 +267,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
         B, T, _ = x.shape
+        q, k = self.wq(x), self.wk(x)  # (B, T, H*hd), (B, T, K*hd)
+        if self.qk_norm and self.qk_norm_scope == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
         # -1 instead of H/K: under tensor parallelism each rank holds H/tp, K/tp heads
-        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
-        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, K, hd)
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, K, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, K, hd)
-        if self.qk_norm:
+        if self.qk_norm and self.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             out = self._core(q, k, v, rope, cache, layer)
@@ -545,9 +552,14 @@ class TransformerBlock(nn.Module):
             self.feed_forward = FeedForward(arch.d_model, arch.d_ff)
         # Granite: each branch's output x residual_multiplier before its residual add (1: none)
         self.residual = arch.multipliers.residual if arch.multipliers is not None else 1.0
+        # OLMo 2: the two norms on the branches' outputs (a dense block without multipliers: the spec's M013)
+        self.post_norm = arch.norm_placement == "post"
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.post_norm:  # h = x + norm(attention(x)); out = h + norm(mlp(h)) (HF Olmo2DecoderLayer)
+            h = x + self.attention_norm(self.attention(x, rope, cache, self.layer_id))
+            return h + self.ffn_norm(self.feed_forward(h)), h.new_zeros((), dtype=torch.float32)
         a = self.attention(self.attention_norm(x), rope, cache, self.layer_id)  # (B, T, D)
         h = x + (a if self.residual == 1.0 else a * self.residual)
         if self.is_moe:

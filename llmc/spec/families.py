@@ -24,7 +24,9 @@ Sources:
     a Llama block with muP multipliers (transformers modeling_granite.py)
   * SmolLM3: Hugging Face, "SmolLM3: smol, multilingual, long-context reasoner" (2025; https://huggingface.co/blog/smollm3):
     a Llama block with GQA and tied embeddings, no RoPE in every 4th layer (NoPE, Yang et al. 2025, arXiv:2501.18795)
-  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,smollm3,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
+  * OLMo 2: Team OLMo 2024, "2 OLMo 2 Furious" (arXiv:2501.00656 sec. 3.1): a Llama block with its two RMSNorms on
+    the outputs of attention and MLP (before the residual add) and q / k norms over the whole projections
+  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,smollm3,olmo2,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
   * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
 Gemma is not declared: its per-layer attention pattern, GeGLU, sandwich norms and soft-capping are not modelled.
 """
@@ -95,6 +97,9 @@ FAMILIES: dict[str, Family] = {
     # ChatML specials its chat template uses (https://huggingface.co/HuggingFaceTB/SmolLM3-3B/blob/main/tokenizer_config.json)
     "smollm3": Family("smollm3", ("smollm3",), "SmolLM3ForCausalLM", "gqa", False, False, "llama3", ("smollm3",),
                       ("<|im_start|>", "<|im_end|>")),
+    # norms on the outputs of attention and MLP, q / k norms over the whole projections (OLMo 2): no torchtitan 0.3.0
+    # model has this block (backends.torchtitan_model_gaps, X317)
+    "olmo2": Family("olmo2", ("olmo2",), "Olmo2ForCausalLM", "gqa", False, False, "llama3", ("olmo2",)),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
     "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),
     "deepseek_v3": Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", "mla", True, False,
@@ -111,13 +116,15 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES
 
 def family_of(arch: Architecture) -> Family:
     """The family an architecture's switches select: MLA -> deepseek_v3, MoE -> qwen3_moe with q/k norms, else
-    mixtral, q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
+    mixtral, post-norm blocks -> olmo2, q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
     sliding window -> mistral, NoPE layers -> smollm3, else llama (the spec refuses q/k norms with MLA: M006;
-    multipliers combine with none of these: M010; NoPE layers neither: M012)."""
+    multipliers combine with none of these: M010; NoPE layers neither: M012; OLMo 2's block: M013)."""
     if arch.mla is not None:
         return FAMILIES["deepseek_v3"]
     if arch.moe is not None:
         return FAMILIES["qwen3_moe" if arch.qk_norm else "mixtral"]
+    if arch.norm_placement == "post":
+        return FAMILIES["olmo2"]
     if arch.qk_norm:
         return FAMILIES["qwen3"]
     if arch.qkv_bias:

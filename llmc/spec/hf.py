@@ -1,7 +1,7 @@
 """Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
 
 Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``, ``phi3``,
-``granite``, ``smollm3``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
+``granite``, ``smollm3``, ``olmo2``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
 =============================  =====================================
@@ -27,6 +27,8 @@ rope_theta / rope_scaling      rope_theta / rope_scaling: llama3, yarn, linear, 
                                original, as transformers), attention_factor); phi3 reads su / yarn as longrope, as
                                transformers' Phi3Config does
 partial_rotary_factor (phi3)   rotary_dim = int(head_dim x factor) when below 1 (Phi-4-mini 0.75: 96 of 128)
+(model_type olmo2)             qk_norm over the projections, norm_placement post (OLMo 2's block); attention_bias
+                               true refused
 no_rope_layers (smollm3)       nope_layers: the layers flagged 0 (absent: every no_rope_layer_interval-th, default
                                4); attention_bias / mlp_bias / use_sliding_window true refused
 embedding_multiplier, ...      multipliers.embedding / residual / attention / logits (granite: *_multiplier,
@@ -350,10 +352,22 @@ def _smollm3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
     kw["nope_layers"] = tuple(i for i, f in enumerate(flags) if not f)
 
 
+def _olmo2(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    """transformers ``Olmo2Config`` (modeling_olmo2.py): always q / k norms over the whole projections and the block's
+    norms on the attention / MLP outputs (``Olmo2DecoderLayer``); its attention_bias also biases o_proj (refused);
+    RMSNorm epsilon absent = 1e-5 (its default)."""
+    if cfg.get("attention_bias") is True:
+        errs.append("config.json 'attention_bias' true is not supported for olmo2 (q/k/v and o_proj biases; llmc's "
+                    "OLMo 2 block has none)")
+    kw.update(qkv_bias=False, qk_norm=True, qk_norm_scope="projection", norm_placement="post")
+    if cfg.get("rms_norm_eps") is None:
+        kw["norm_eps"] = 1e-5
+
+
 #: family name -> the hook that reads its extra config keys
 _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
     "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "granite": _granite,
-    "smollm3": _smollm3,
+    "smollm3": _smollm3, "olmo2": _olmo2,
 }
 #: model_type -> the hook for a type imported by a family that also imports others (phi3 through llama)
 _TYPE_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {"phi3": _phi3}

@@ -28,6 +28,8 @@ M010    multipliers (Granite) with q/k/v biases, q/k norms, experts, MLA, partia
 M011    sliding_window on an MLA model (windows are modelled on GQA models)
 M012    nope_layers: a layer outside 0..n_layers-1 or listed twice / out of order, or with MLA, experts, q/k/v
         biases, q/k norms, partial RoPE, multipliers or a sliding window (NoPE is modelled on SmolLM3's block)
+M013    norm_placement post / qk_norm_scope projection apart from OLMo 2's block (both, with qk_norm, and none of
+        experts, q/k/v biases, partial RoPE, multipliers or a sliding window)
 D004    duplicate data source name (in ``data.sources`` or a stage's)
 G001    duplicate stage name (same code as the compiler's stage-graph check)
 V004    ``serving.N.stage`` names no stage (same code as the compiler's serving check)
@@ -989,7 +991,20 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
                 out.append(ctx.diag("M012", "model.nope_layers",
                                     f"nope_layers with {', '.join(other)} is not modelled (NoPE layers are, on "
                                     "SmolLM3's plain Llama block)", f"remove {other[0]} or nope_layers"))
-        if arch.multipliers is not None and not arch.nope_layers:
+        olmo2 = (arch.norm_placement == "post", arch.qk_norm_scope == "projection")
+        if any(olmo2):
+            where = "model.norm_placement" if olmo2[0] else "model.qk_norm_scope"
+            # (with MLA: M006, with NoPE layers: M012, both about its q/k norms)
+            other = [n for n, on in (("moe", arch.moe), ("qkv_bias", arch.qkv_bias),
+                                     ("rotary_dim", arch.partial_rotary), ("multipliers", arch.multipliers),
+                                     ("sliding_window", arch.sliding_window)) if on]
+            if not all(olmo2) or not arch.qk_norm:
+                out.append(ctx.diag("M013", where, "norm_placement: post, qk_norm: true and qk_norm_scope: projection "
+                                    "are modelled together only (OLMo 2's block)", "set all three, or none"))
+            elif other:
+                out.append(ctx.diag("M013", where, f"OLMo 2's block with {', '.join(other)} is not modelled",
+                                    f"remove {other[0]}"))
+        if arch.multipliers is not None and not arch.nope_layers and not any(olmo2):
             other = [n for n, on in (("qkv_bias", arch.qkv_bias), ("qk_norm", arch.qk_norm), ("moe", arch.moe),
                                      ("mla", arch.mla), ("rotary_dim", arch.partial_rotary),
                                      ("sliding_window", arch.sliding_window)) if on]

@@ -221,6 +221,14 @@ class Architecture(SpecModel):
     """Bias on the q/k/v projections (Qwen2)."""
     qk_norm: bool = False
     """RMSNorm over each query and key head before RoPE (Qwen3, Qwen3-MoE; GQA models only)."""
+    qk_norm_scope: Literal["head", "projection"] = "head"
+    """What a q / k norm normalises: each head (Qwen3: one weight of head_dim shared by the heads) or the whole
+    q / k projection output (OLMo 2, Groeneveld et al.'s OLMo 2 report, arXiv:2501.00656 sec. 3.1: one weight of
+    n_heads x head_dim / n_kv_heads x head_dim). Only with ``qk_norm``."""
+    norm_placement: Literal["pre", "post"] = "pre"
+    """Where a block's two RMSNorms sit: on the input of attention and of the MLP (Llama), or on their outputs,
+    before each is added to the residual stream (OLMo 2: h = x + norm(attention(x)), out = h + norm(mlp(h)),
+    arXiv:2501.00656 sec. 3.1; "post" needs ``qk_norm_scope: projection``, OLMo 2's block: M013)."""
     sliding_window: Int | None = Field(default=None, gt=0)
     """Sliding-window attention in every layer (Mistral-7B v0.1 4096, Phi-3-mini 2047; config.json ``sliding_window``):
     the query at position i attends to the keys at positions i - W + 1 .. i (Jiang et al. 2023, arXiv:2310.06825

@@ -85,6 +85,13 @@ PRESETS: dict[str, Architecture] = {
         "smollm3-3b", n_layers=36, d_model=2048, n_heads=16, n_kv_heads=4, d_ff=11008, vocab_size=128256,
         tied_embeddings=True, rope_theta=5e6, norm_eps=1e-6, max_seq_len=65536, nope_layers=tuple(range(3, 36, 4)),
     ),
+    # https://huggingface.co/allenai/OLMo-2-1124-7B/blob/main/config.json (Olmo2ForCausalLM: MHA, norms on the attention
+    # and MLP outputs, q / k norms over the whole projections; arXiv:2501.00656 sec. 3.1)
+    "olmo2-7b": _arch(
+        "olmo2-7b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, d_ff=11008, vocab_size=100352,
+        qk_norm=True, qk_norm_scope="projection", norm_placement="post", rope_theta=500000.0, norm_eps=1e-6,
+        max_seq_len=4096,
+    ),
     # https://huggingface.co/microsoft/phi-4/blob/main/config.json (Phi3ForCausalLM, GQA 40 / 10 heads, full attention)
     "phi4": _arch(
         "phi4", n_layers=40, d_model=5120, n_heads=40, n_kv_heads=10, d_ff=17920, vocab_size=100352,
