@@ -93,22 +93,35 @@ def test_preset_params_match_published_totals():
     assert (round(fn(a) / 1e9), int(params_active(a) / 1e9)) == (235, 22)
 
 
+#: config.json model_type -> the prefix of transformers' config / model classes
+_HF_CLASSES = {"qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "phi3": "Phi3", "smollm3": "SmolLM3", "olmo2": "Olmo2"}
+
+
+def _meta_model(name: str):
+    """(config.json of fixture ``name``, transformers' own model class for it built on the meta device): an
+    independent parameter count (and layer flags) to compare llmc's against."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = json.loads((HF / f"{name}.json").read_text())
+    cls = _HF_CLASSES[cfg["model_type"]]
+    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "transformers_version")}
+    with torch.device("meta"):
+        return cfg, getattr(transformers, f"{cls}ForCausalLM")(getattr(transformers, f"{cls}Config")(**keep))
+
+
+def _numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.parametrize("name", ["qwen3-8b", "qwen3-0.6b", "qwen3-30b-a3b", "qwen3-235b-a22b"])
 def test_qwen3_counts_equal_transformers(name):
     """The parameter count of transformers' own Qwen3ForCausalLM / Qwen3MoeForCausalLM (built on the meta device) for
     the fixture config: an independent count of the q/k norms, the decoupled head_dim, the (un)tied head and, for the
     MoE models, the router and the experts of moe_intermediate_size (intermediate_size unused)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     from llmc.compiler.params import params_total
 
-    cfg = json.loads((HF / f"{name}.json").read_text())
-    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "transformers_version")}
-    moe = cfg["model_type"] == "qwen3_moe"
-    with torch.device("meta"):
-        model = (transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**keep)) if moe else
-                 transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**keep)))
-    assert params_total(architecture_from_hf_config(cfg)) == sum(p.numel() for p in model.parameters())
+    cfg, model = _meta_model(name)
+    assert params_total(architecture_from_hf_config(cfg)) == _numel(model)
 
 
 @pytest.mark.parametrize("name", ["phi3-mini-4k", "phi4"])
@@ -116,16 +129,11 @@ def test_phi_counts_equal_transformers_and_model_cards(name):
     """transformers' own Phi3ForCausalLM (meta device) for the fixture config has llmc's parameter count (its fused
     qkv_proj / gate_up_proj hold exactly llmc's q, k, v / gate, up rows); the Hugging Face model pages (safetensors
     metadata) say 3.82B and 14.7B parameters."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     from llmc.compiler.params import params_total
 
-    cfg = json.loads((HF / f"{name}.json").read_text())
-    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "transformers_version")}
-    with torch.device("meta"):
-        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**keep))
+    cfg, model = _meta_model(name)
     arch = architecture_from_hf_config(cfg)
-    assert params_total(arch) == sum(p.numel() for p in model.parameters())
+    assert params_total(arch) == _numel(model)
     assert round(params_total(arch) / 1e9, 2 if name == "phi3-mini-4k" else 1) == {"phi3-mini-4k": 3.82, "phi4": 14.7}[name]
 
 
@@ -133,16 +141,11 @@ def test_smollm3_count_equals_transformers_and_model_card():
     """transformers' own SmolLM3ForCausalLM (meta device) for the fixture config has llmc's parameter count (tied
     embeddings: one 128256 x 2048 matrix); the model page (https://huggingface.co/HuggingFaceTB/SmolLM3-3B) says
     3.08B. Its NoPE layers are the ones no_rope_layers flags 0: 3, 7, ..., 35 (the blog's "every 4th layer")."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     from llmc.compiler.params import params_total
 
-    cfg = json.loads((HF / "smollm3-3b.json").read_text())
-    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "transformers_version")}
-    with torch.device("meta"):
-        model = transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**keep))
+    cfg, model = _meta_model("smollm3-3b")
     arch = architecture_from_hf_config(cfg)
-    assert params_total(arch) == sum(p.numel() for p in model.parameters())
+    assert params_total(arch) == _numel(model)
     assert round(params_total(arch) / 1e9, 2) == 3.08
     uses_rope = [layer.self_attn.use_rope for layer in model.model.layers]
     assert arch.nope_layers == tuple(i for i, r in enumerate(uses_rope) if not r) == tuple(range(3, 36, 4))
@@ -153,16 +156,11 @@ def test_olmo2_count_equals_transformers_and_model_card():
     norms run over the whole projections (4096 + 4096 weights a layer, not Qwen3's 2 x head_dim) and its two block
     norms sit on the outputs (the same count as Llama's); the model page (https://huggingface.co/allenai/OLMo-2-1124-7B)
     says 7.3B. An attention_bias (which biases o_proj too) is refused."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     from llmc.compiler.params import params_total
 
-    cfg = json.loads((HF / "olmo2-7b.json").read_text())
-    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "transformers_version")}
-    with torch.device("meta"):
-        model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**keep))
+    cfg, model = _meta_model("olmo2-7b")
     arch = architecture_from_hf_config(cfg)
-    assert params_total(arch) == sum(p.numel() for p in model.parameters()) == 7_298_617_344
+    assert params_total(arch) == _numel(model)
     assert round(params_total(arch) / 1e9, 1) == 7.3
     with pytest.raises(HFConfigError, match="'attention_bias' true is not supported for olmo2"):
         architecture_from_hf_config({**cfg, "attention_bias": True})
