@@ -386,7 +386,8 @@ def backend_pins(par, backend: str, arch: Architecture | None = None):
     """The spec's pins plus what the backend's runner cannot do: a dimension it does not implement is pinned
     to 1 (llmc's DeepSpeed runner is data-parallel only; the native trainer has no PP/CP/EP), and DeepSpeed
     has no replicate dimension; a model with tied embeddings stays on one pipeline stage where the runner cannot tie
-    them across stages (torchtitan: X303); OLMo 2's q / k norms over the whole projection keep TP at 1 (P018). A dimension the user pinned is left as pinned (the renderers warn)."""
+    them across stages (torchtitan: X303); OLMo 2's q / k norms over the whole projection keep TP at 1 (P018). A
+    dimension the user pinned is left as pinned (the renderers warn)."""
     from llmc.compiler.backends import get_backend
 
     be = get_backend(backend)

@@ -677,11 +677,12 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
                    rs.type == "longrope" else arch.max_seq_len, sliding_window=w, pad_token_id=None,
                    resid_pdrop=0.0, embd_pdrop=0.0)
     if mtype == "olmo2":  # Olmo2Config (transformers configuration_olmo2.py): its block is implied by the type
-        cfg.update(attention_bias=False, pad_token_id=None)  # (its default pad id 1 is a token of a tiny vocabulary)
+        # (its default pad id 1 would make token 1's embedding row nn.Embedding's padding_idx: no gradient there)
+        cfg.update(attention_bias=False, pad_token_id=None)
     if mtype == "smollm3":  # SmolLM3Config (transformers configuration_smollm3.py): one RoPE flag per layer, 0 = NoPE
         cfg.update(no_rope_layers=[int(i not in arch.nope_layers) for i in range(arch.n_layers)],
                    use_sliding_window=False, sliding_window=None, attention_bias=False, mlp_bias=False,
-                   pad_token_id=None)  # (its default pad id 128004 is an embedding row only in the 128K vocabulary)
+                   pad_token_id=None)  # (its default 128004: a padding_idx row, or past a smaller vocabulary)
     if mtype in ("qwen3", "qwen3_moe"):
         cfg.update(attention_bias=arch.qkv_bias)
     if mtype in ("qwen2", "qwen3", "qwen3_moe"):  # their configs window the layers from max_window_layers on: all
