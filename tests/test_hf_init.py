@@ -433,7 +433,8 @@ from test_runtime_train import META_RUN as META_HF_RUN  # noqa: E402  (the same 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,plan", [("qwen2", {"dp_shard": 2, "micro_batch": 4}),
                                        ("qwen2", {"tp": 2, "micro_batch": 8}), ("phi3", {"tp": 2, "micro_batch": 8}),
-                                       ("mistral", {"tp": 2, "micro_batch": 8})])
+                                       ("mistral", {"tp": 2, "micro_batch": 8}),
+                                       ("olmo2", {"dp_shard": 2, "micro_batch": 4})])
 def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, kind, plan):
     """FSDP2 / TP built on meta: each rank cuts its shards out of the HF tensors (Phi-3: its row ranges of the fused
     qkv_proj / gate_up_proj); the first loss is still transformers' loss on the same global batch (Mistral: an
