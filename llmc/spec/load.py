@@ -707,8 +707,10 @@ def _human_message(err: dict[str, Any]) -> str:
         return f"must be a mapping (got {got})"
     if t in ("list_type", "tuple_type"):
         return f"must be a list (got {got})"
-    if t in ("too_short", "too_long"):
-        return f"must have {ctx.get('min_length', ctx.get('max_length'))} items (got {ctx.get('actual_length')})"
+    if t == "too_short":
+        return f"must have at least {ctx.get('min_length')} items (got {ctx.get('actual_length')})"
+    if t == "too_long":
+        return f"must have at most {ctx.get('max_length')} items (got {ctx.get('actual_length')})"
     if t == "string_pattern_mismatch":
         return f"must be a simple name: letters, digits, '.', '_' or '-', not starting with a symbol (got {got})"
     if t == "value_error":
