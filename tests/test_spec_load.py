@@ -147,9 +147,9 @@ def test_list_length_messages_say_which_bound(tmp_path):
     """A list past its longest (one NoPE entry per layer at most: 1024) or a fixed pair given three items says "at
     most", not "must have 1024 items" as if the list needed exactly that many."""
     spec = tmp_path / "s.yaml"
-    spec.write_text("name: x\nmodel: {preset: tiny, nope_layers: [%s]}\nhardware: {gpu: cpu, count: 1}\n"
-                    "data: {seq_len: 128, tokens: 1M}\ntraining: {optimizer: {betas: [0.9, 0.95, 0.99]}}\n"
-                    % ", ".join(map(str, range(1100))))
+    layers = ", ".join(map(str, range(1100)))
+    spec.write_text(f"name: x\nmodel: {{preset: tiny, nope_layers: [{layers}]}}\nhardware: {{gpu: cpu, count: 1}}\n"
+                    "data: {seq_len: 128, tokens: 1M}\ntraining: {optimizer: {betas: [0.9, 0.95, 0.99]}}\n")
     diags = {d.path: d.message for d in _diags(spec)}
     assert diags == {"model.nope_layers": "must have at most 1024 items (got 1100)",
                      "training.optimizer.betas": "must have at most 2 items (got 3)"}
