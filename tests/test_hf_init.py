@@ -434,7 +434,8 @@ from test_runtime_train import META_RUN as META_HF_RUN  # noqa: E402  (the same 
 @pytest.mark.parametrize("kind,plan", [("qwen2", {"dp_shard": 2, "micro_batch": 4}),
                                        ("qwen2", {"tp": 2, "micro_batch": 8}), ("phi3", {"tp": 2, "micro_batch": 8}),
                                        ("mistral", {"tp": 2, "micro_batch": 8}),
-                                       ("olmo2", {"dp_shard": 2, "micro_batch": 4})])
+                                       ("olmo2", {"dp_shard": 2, "micro_batch": 4}),
+                                       ("olmo2", {"tp": 2, "micro_batch": 8})])
 def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, kind, plan):
     """FSDP2 / TP built on meta: each rank cuts its shards out of the HF tensors (Phi-3: its row ranges of the fused
     qkv_proj / gate_up_proj); the first loss is still transformers' loss on the same global batch (Mistral: an
@@ -460,8 +461,10 @@ def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, kind, plan):
     read = int(re.search(r"\(([\d,]+) bytes read by rank 0\)", p.stdout).group(1).replace(",", ""))
     sd = hf_model(src).state_dict()
     full = sum(t.numel() * t.element_size() for t in sd.values())
-    if "tp" in plan:  # attention / MLP projections (and q/k/v biases) halved; embeddings, head, norms whole
-        split = sum(t.numel() * t.element_size() for k, t in sd.items() if re.search(r"_proj\.(weight|bias)$", k))
+    if "tp" in plan:  # attention / MLP projections (and q/k/v biases) halved, and OLMo 2's q / k norms (over the
+        # whole projection, sharded with it); embeddings, head, other norms whole
+        sharded = r"_proj\.(weight|bias)$" + (r"|self_attn\.[qk]_norm\.weight$" if kind == "olmo2" else "")
+        split = sum(t.numel() * t.element_size() for k, t in sd.items() if re.search(sharded, k))
         assert read == full - split // 2, (read, full, split)
     else:  # FSDP2: every parameter's first half of rows
         assert read == full // 2, (read, full)

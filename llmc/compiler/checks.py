@@ -21,7 +21,6 @@ P014   error     parallelism.pp_virtual_stages the pinned schedule cannot run, o
 P015   error     parallelism.offload_params without offload_optimizer, or with a ZeRO stage other than 3
 P016   error     offload needs more host memory per node than the node has (warning above 80%; info: unknown)
 P017   error     optimizer / parameter offload on a backend whose job does not offload (only DeepSpeed does)
-P018   error     tp > 1 pinned for q/k norms over the whole projection (OLMo 2), which no backend shards
 T001   warning   peak LR outside the pre-training range / far from the size-aware value
 T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
 T003   warning   no gradient clipping
@@ -166,7 +165,7 @@ def check_cluster(run, gpu, sink: Sink) -> bool:
 
 
 def check_pins(run, gpu, sink: Sink) -> None:
-    """P001/P002/P003/P007/P018 on the spec's parallelism pins (before searching)."""
+    """P001/P002/P003/P007 on the spec's parallelism pins (before searching)."""
     par, arch = run.parallelism, run.model
     world = run.hardware.count
     gpn = gpu.gpus_per_node
@@ -190,10 +189,6 @@ def check_pins(run, gpu, sink: Sink) -> None:
         elif gpn % par.tp:
             sink.add("P002", "error", "parallelism.tp", f"tp {par.tp} does not divide {gpn} GPUs per node",
                      "a TP group would straddle two nodes; use a divisor of the node size")
-        if par.tp > 1 and arch.qk_norm and arch.qk_norm_scope == "projection":
-            sink.add("P018", "error", "parallelism.tp", f"tp {par.tp} with q/k norms over the whole projection "
-                     "(OLMo 2): no llmc backend shards them (each rank would normalise its own heads only)",
-                     "unpin tp (FSDP shards OLMo 2 on every backend that runs it)")
         heads = arch.n_heads
         kv = arch.n_heads if arch.mla is not None else arch.kv_heads
         if heads % par.tp or kv % par.tp:

@@ -386,8 +386,7 @@ def backend_pins(par, backend: str, arch: Architecture | None = None):
     """The spec's pins plus what the backend's runner cannot do: a dimension it does not implement is pinned
     to 1 (llmc's DeepSpeed runner is data-parallel only; the native trainer has no PP/CP/EP), and DeepSpeed
     has no replicate dimension; a model with tied embeddings stays on one pipeline stage where the runner cannot tie
-    them across stages (torchtitan: X303); OLMo 2's q / k norms over the whole projection keep TP at 1 (P018). A
-    dimension the user pinned is left as pinned (the renderers warn)."""
+    them across stages (torchtitan: X303). A dimension the user pinned is left as pinned (the renderers warn)."""
     from llmc.compiler.backends import get_backend
 
     be = get_backend(backend)
@@ -395,8 +394,6 @@ def backend_pins(par, backend: str, arch: Architecture | None = None):
     upd = {d: 1 for d in ("tp", "pp", "cp", "ep") if d not in sup and getattr(par, d) is None}
     if arch is not None and arch.tied_embeddings and not be.tied_pp and par.pp is None:
         upd["pp"] = 1
-    if arch is not None and arch.qk_norm and arch.qk_norm_scope == "projection" and par.tp is None:
-        upd["tp"] = 1  # no runner shards a norm over the whole projection (OLMo 2): P018 when pinned
     if "hsdp" not in sup and par.dp_replicate is None:
         upd["dp_replicate"] = 1
     if par.offload_params and par.zero_stage is None:

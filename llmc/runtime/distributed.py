@@ -93,9 +93,6 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
     arch = model.arch
     tp = tp_mesh.size()
     mla = arch.mla
-    if arch.qk_norm and arch.qk_norm_scope == "projection":  # the plan never asks it (compiler P018)
-        raise ValueError("tensor parallelism with q/k norms over the whole projection (OLMo 2) is not implemented: "
-                         "each rank would normalise its own heads only")
     if arch.n_heads % tp or (mla is None and arch.kv_heads % tp):
         raise ValueError(f"tp={tp} must divide n_heads={arch.n_heads}"
                          + ("" if mla is not None else f" and n_kv_heads={arch.kv_heads}"))
@@ -115,7 +112,7 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         parallelize_module(blk, tp_mesh, plan)
         if arch.qk_norm:
             for norm in (blk.attention.q_norm, blk.attention.k_norm):
-                _heads_sharded_norm(norm, tp_mesh)
+                (_heads_sharded_norm if arch.qk_norm_scope == "head" else _projection_sharded_norm)(norm, tp_mesh)
 
 
 class _RopeKeyGrad(torch.autograd.Function):
@@ -161,6 +158,32 @@ def _heads_sharded_norm(norm: nn.Module, tp_mesh) -> None:
 
     distribute_module(norm, tp_mesh, params,
                       input_fn=lambda mod, inputs, mesh: (DTensor.from_local(inputs[0], mesh, [Shard(2)],
+                                                                               run_check=False),),
+                      output_fn=lambda mod, out, mesh: out.to_local())
+
+
+def _projection_sharded_norm(norm: nn.Module, tp_mesh) -> None:
+    """OLMo 2's q / k norm under TP: one RMSNorm over the whole projection, whose columns the ranks hold in blocks
+    (ColwiseParallel wq / wk: Shard on the last dim). The weight is sharded alike (Shard(0)), and the input is a
+    DTensor sharded on the normalised dim, so the mean of squares is a sum over the TP group (DTensor reduces the
+    partial means before the rsqrt) and each rank normalises its block with the whole projection's statistics,
+    as Megatron-LM's and transformers' OLMo 2 (which gathers q / k first) do. Each rank's weight gradient is its
+    own block: no partial sums. (torch's fused rms_norm adds eps in place, which DTensor refuses on the partial
+    mean: this norm computes the same formula out of place, in fp32.)"""
+    from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
+
+    def params(_name, mod, mesh):
+        for n, p in list(mod.named_parameters(recurse=False)):
+            mod.register_parameter(n, nn.Parameter(distribute_tensor(p.data, mesh, [Shard(0)])))
+
+    def forward(x):  # x: (B, T, columns) sharded on the columns
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return (y * norm.weight.float()).to(x.dtype)
+
+    norm.forward = forward
+    distribute_module(norm, tp_mesh, params,
+                      input_fn=lambda mod, inputs, mesh: (DTensor.from_local(inputs[0], mesh, [Shard(-1)],
                                                                                run_check=False),),
                       output_fn=lambda mod, out, mesh: out.to_local())
 
