@@ -25,7 +25,7 @@ def dead(pid: int) -> bool:
     """Gone, or a zombie waiting to be reaped (it runs no more code)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # (reaped between the open and the read: ESRCH)
         return True
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
