@@ -356,6 +356,25 @@ def test_deepseek_v3_group_limited_routing_matches_reference_gate():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("extra", [{"nope_layers": (1,)},
+                                   {"qk_norm": True, "qk_norm_scope": "projection", "norm_placement": "post"}],
+                         ids=["smollm3-nope", "olmo2-block"])
+def test_compiled_blocks_equal_eager_for_nope_and_olmo2(extra):
+    """``training.compile`` compiles each block: a NoPE layer (no rotation) and OLMo 2's block (norms on the branch
+    outputs, q / k norms over the whole projections) give the eager model's logits and gradients."""
+    arch = Architecture(name="t", n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=96, vocab_size=100,
+                        max_seq_len=64, **extra)
+    eager, compiled = build_model(arch, seed=0), build_model(arch, seed=0)
+    compiled.compile_blocks()
+    tokens = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
+    out, ref = compiled(tokens), eager(tokens)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    for (n, a), b in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=n)
+
+
 def test_sliding_window_mask_is_one_tensor_for_every_layer_also_compiled():
     """The band mask of a sliding window is built once per shape, outside torch.compile's graphs, and handed to every
     layer (the memory model counts one seq_len^2 mask, llmc.compiler.memory.window_mask_bytes); each query sees only

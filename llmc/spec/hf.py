@@ -395,15 +395,16 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         errs.append("use_sliding_window: true is not supported (these configs window only the layers from "
                     "max_window_layers on; llmc models one attention window for every layer)")
     kinds = cfg.get("layer_types")  # transformers >= 4.5x writes it: one "full_attention" / "sliding_attention" per layer
-    if kinds is not None and (not isinstance(kinds, list) or not set(map(str, kinds)) <= _LAYER_KINDS):
+    kind_set = set(map(str, kinds)) if isinstance(kinds, list) else None
+    if kinds is not None and (kind_set is None or not kind_set <= _LAYER_KINDS):
         errs.append(f"layer_types must list {' or '.join(sorted(_LAYER_KINDS))} per layer (got {kinds!r:.80})")
-        kinds = None
-    elif kinds is not None and len(set(kinds)) > 1:
+        kind_set = None
+    elif kind_set is not None and len(kind_set) > 1:
         errs.append("layer_types: layers of different attention kinds are not modelled (llmc models one attention "
                     "window, or none, for every layer)")
     windowed = cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True) is not False
-    if kinds:
-        windowed = windowed and set(map(str, kinds)) == {"sliding_attention"}
+    if kind_set:
+        windowed = windowed and kind_set == {"sliding_attention"}
     heads = _each(errs, n_heads=lambda: _int(cfg, "num_attention_heads"))
     n_heads = heads.get("n_heads", 1)
     kw: dict[str, Any] = {"name": name, **heads, **_each(
