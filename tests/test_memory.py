@@ -178,10 +178,12 @@ def test_llama_layer_follows_korthikanti_term_by_term():
     assert layer_activation_bytes_per_token(a, 0, seq_len=s, flash_attention=False) - expected == 2 * H * s
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("qk_norm", [False, True, "olmo2"])
 def test_llama_block_matches_autograd_saved_tensors(qk_norm):
     """Measure what autograd really keeps for a Llama block (bf16, CPU) and compare with the formula.
     With ``qk_norm`` (Qwen3) each query and key head passes an RMSNorm before RoPE (torchtitan's GQAttention).
+    ``olmo2``: OLMo 2's block as llmc's runtime runs it (separate q / k / v projections, q and k normalised over the
+    whole projection, the two norms on the attention and MLP outputs before the residual adds).
 
     The block mirrors torchtitan 0.3.0's ops: fused wqkv split into contiguous q/k/v, complex RoPE,
     SDPA with is_causal + enable_gqa (the CPU flash kernel: saves q, k, v, out, logsumexp), the
@@ -218,7 +220,23 @@ def test_llama_block_matches_autograd_saved_tensors(qk_norm):
         xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
         return torch.view_as_real(xc * freqs[None, :, None, :]).flatten(3).type_as(x)
 
+    wq, wk, wv = p(H * hd, d), p(KV * hd, d), p(KV * hd, d)  # (trained weights: each matmul keeps its input)
+    gq_all = torch.ones(H * hd, dtype=dt, requires_grad=True)
+    gk_all = torch.ones(KV * hd, dtype=dt, requires_grad=True)
+
+    def olmo2_block(x):
+        q, k = RMS.apply(x @ wq.t(), gq_all), RMS.apply(x @ wk.t(), gk_all)
+        q, k, v = (t.reshape(B, S, -1, hd) for t in (q, k, x @ wv.t()))
+        q, k = rope(q), rope(k)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        h = x + RMS.apply(o.transpose(1, 2).reshape(B, S, H * hd) @ wo.t(), g1)
+        return h + RMS.apply((F.silu(h @ w1.t()) * (h @ w3.t())) @ w2.t(), g2)
+
     def block(x):
+        if qk_norm == "olmo2":
+            return olmo2_block(x)
         qkv = RMS.apply(x, g1) @ wqkv.t()
         q, k, v = qkv.split([H * hd, KV * hd, KV * hd], -1)
         q, k, v = (t.reshape(B, S, -1, hd).contiguous() for t in (q, k, v))
@@ -232,7 +250,7 @@ def test_llama_block_matches_autograd_saved_tensors(qk_norm):
         hn = RMS.apply(h, g2)
         return h + (F.silu(hn @ w1.t()) * (hn @ w3.t())) @ w2.t()
 
-    skip = {t.untyped_storage().data_ptr() for t in (wqkv, wo, w1, w2, w3, g1, g2, gq, gk, freqs)}
+    skip = {t.untyped_storage().data_ptr() for t in (wqkv, wo, w1, w2, w3, g1, g2, gq, gk, freqs, gq_all, gk_all, wq, wk, wv)}
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -245,7 +263,9 @@ def test_llama_block_matches_autograd_saved_tensors(qk_norm):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x)
     measured = sum(saved.values()) / (B * S)
-    arch = Architecture(n_layers=1, d_model=d, n_heads=H, n_kv_heads=KV, d_ff=f, vocab_size=100, qk_norm=qk_norm)
+    olmo2 = {"qk_norm": True, "qk_norm_scope": "projection", "norm_placement": "post"}
+    arch = Architecture(n_layers=1, d_model=d, n_heads=H, n_kv_heads=KV, d_ff=f, vocab_size=100,
+                        **(olmo2 if qk_norm == "olmo2" else {"qk_norm": qk_norm}))
     assert measured == layer_activation_bytes_per_token(arch, 0)
 
 

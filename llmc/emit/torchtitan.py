@@ -629,9 +629,9 @@ def torchtitan_values(compiled, stage: int | None = None) -> TitanValues:
     notes: list[str] = []
     view, st = (compiled, None) if stage is None else _stage_view(compiled, compiled.stages[stage])
     family = _family(view.spec.model)
-    src, src_path = _init_hf(view)
-    if st is not None:  # a continued-training stage's job: the checkpoint it starts from is its own init_hf
-        src, src_path = st.init_hf, f"stages.{compiled.spec.stages.index(st)}.init_hf"
+    si = None if st is None else next(i for i, s in enumerate(compiled.spec.stages) if s is st)  # its spec position
+    # the Hugging Face checkpoint the job starts from: pre-training's, or a continued-training stage's own init_hf
+    src, src_path = _init_hf(view) if st is None else (st.init_hf, f"stages.{si}.init_hf")
     errs += [diag(g.code, "error", g.path, g.message, g.hint) for g in torchtitan_model_gaps(
         view.spec.model, src, src_path, view.checkpoint_types.get(src) if src else None, view.hyper.seq_len)]
     _arch_checks(view, family, errs, notes)
@@ -640,7 +640,7 @@ def torchtitan_values(compiled, stage: int | None = None) -> TitanValues:
     optim = _optimizer_schedule(view, notes)
     model = _model_args(view, family, errs, notes)
     par = _parallelism(view, errs)
-    init_hf, init_source = init_hf_location(view), _init_hf(view)[0]
+    init_hf, init_source = init_hf_location(view), src
     if st is not None:
         # the weights it starts from: its own init_hf, else its init_from stage's Hugging Face export (written when
         # that stage finished; `llmc launch` and the launchers pass its folder as LLMC_INIT_HF), else none (a fresh
@@ -649,7 +649,7 @@ def torchtitan_values(compiled, stage: int | None = None) -> TitanValues:
         init_source = sp.init_hf or (posixpath.join("run", st.init_from, "hf") if st.init_from else None)
         init_hf = _from_build(compiled, sp.init_hf) if sp.init_hf else init_source
         if init_hf and not sp.init_hf and _sd_adapter(view.spec.model, family) is None:  # (own init_hf: above)
-            errs.append(diag("X310", "error", f"stages.{next(i for i, s in enumerate(compiled.spec.stages) if s is st)}",
+            errs.append(diag("X310", "error", f"stages.{si}",
                              f"stage {st.name!r}: the torchtitan job cannot start from its base model's weights (no "
                              f"state-dict adapter for this model in torchtitan {TORCHTITAN_VERSION})",
                              "build with training.backend native or deepspeed"))

@@ -101,6 +101,9 @@ def _req(cfg: dict[str, Any], key: str) -> Any:
     return cfg[key]
 
 
+#: model_types whose use_sliding_window windows only the layers from max_window_layers on (transformers' Qwen2 /
+#: Qwen3 configs; false in every release): llmc reads it only with max_window_layers 0 (every layer)
+_MAX_WINDOW_LAYERS_TYPES = frozenset({"qwen2", "qwen3", "qwen3_moe"})
 #: transformers' per-layer attention kinds (``layer_types``) llmc reads: every layer one or the other
 _LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
 
@@ -390,8 +393,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         raise HFConfigError(f"unsupported hidden_act {act!r} (llmc models SwiGLU, i.e. silu)")
 
     errs: list[str] = []
-    if cfg.get("use_sliding_window") is True and cfg.get("max_window_layers") != 0 and mt != "smollm3":
-        # Qwen2 / Qwen3; false in releases (SmolLM3's hook says why it refuses its own)
+    if mt in _MAX_WINDOW_LAYERS_TYPES and cfg.get("use_sliding_window") is True and cfg.get("max_window_layers") != 0:
         errs.append("use_sliding_window: true is not supported (these configs window only the layers from "
                     "max_window_layers on; llmc models one attention window for every layer)")
     kinds = cfg.get("layer_types")  # transformers >= 4.5x writes it: one "full_attention" / "sliding_attention" per layer
