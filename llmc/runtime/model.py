@@ -250,12 +250,12 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d, arch.kv_heads * hd, bias=arch.qkv_bias)
         self.wv = nn.Linear(d, arch.kv_heads * hd, bias=arch.qkv_bias)
         self.wo = nn.Linear(arch.n_heads * hd, d, bias=False)
-        # OLMo 2 ("projection"): one norm over the whole q / k projection output, before the split into heads
-        self.qk_norm, self.qk_norm_scope = arch.qk_norm, arch.qk_norm_scope
-        if arch.qk_norm and arch.qk_norm_scope == "projection":
+        # None, "head" (Qwen3: per head) or "projection" (OLMo 2: over the whole q / k output, before the head split)
+        self.qk_norm = arch.qk_norm_scope if arch.qk_norm else None
+        if self.qk_norm == "projection":
             self.q_norm = RMSNorm(arch.n_heads * hd, arch.norm_eps)
             self.k_norm = RMSNorm(arch.kv_heads * hd, arch.norm_eps)
-        elif arch.qk_norm:
+        elif self.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(hd, arch.norm_eps), RMSNorm(hd, arch.norm_eps)
         # partial RoPE (Phi-4-mini): only the first rotary_dim dims of each head rotate, as HF Phi3Attention's q_rot
         self.rotary = arch.partial_rotary
@@ -268,13 +268,13 @@ class Attention(nn.Module):
                 layer: int = 0) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
         B, T, _ = x.shape
         q, k = self.wq(x), self.wk(x)  # (B, T, H*hd), (B, T, K*hd)
-        if self.qk_norm and self.qk_norm_scope == "projection":
+        if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
         # -1 instead of H/K: under tensor parallelism each rank holds H/tp, K/tp heads
         q = q.view(B, T, -1, self.head_dim)  # (B, T, H, hd)
         k = k.view(B, T, -1, self.head_dim)  # (B, T, K, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, K, hd)
-        if self.qk_norm and self.qk_norm_scope == "head":
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             out = self._core(q, k, v, rope, cache, layer)

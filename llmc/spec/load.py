@@ -936,6 +936,14 @@ def _checks_from_raw(data: dict[str, Any], ctx: _Ctx) -> list[Diagnostic]:
     return out + _structural(arch, dat, stages, serving, ctx)
 
 
+def _switches_on(arch: Architecture, *names: str) -> list[str]:
+    """Those of the named architecture switches that are set, in the order given (what M010 / M012 / M013 name as
+    not modelled together with the switch they are about)."""
+    on = {"mla": arch.mla, "moe": arch.moe, "qkv_bias": arch.qkv_bias, "qk_norm": arch.qk_norm,
+          "rotary_dim": arch.partial_rotary, "multipliers": arch.multipliers, "sliding_window": arch.sliding_window}
+    return [n for n in names if on[n]]
+
+
 def _structural(arch: Architecture | None, data: Data | None, stages: list[StageBase | None],
                 serving: list[Serving | None], ctx: _Ctx) -> list[Diagnostic]:
     out: list[Diagnostic] = []
@@ -985,10 +993,8 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
                                 f"nope_layers {list(nope)[:12]} must name layers 0..{arch.n_layers - 1}, each once, "
                                 "in increasing order", "SmolLM3-3B's are [3, 7, 11, ..., 35]: every 4th of 36"))
         elif nope:
-            other = [n for n, on in (("mla", arch.mla), ("moe", arch.moe), ("qkv_bias", arch.qkv_bias),
-                                     ("qk_norm", arch.qk_norm), ("rotary_dim", arch.partial_rotary),
-                                     ("multipliers", arch.multipliers), ("sliding_window", arch.sliding_window))
-                     if on]
+            other = _switches_on(arch, "mla", "moe", "qkv_bias", "qk_norm", "rotary_dim", "multipliers",
+                                 "sliding_window")
             if other:
                 out.append(ctx.diag("M012", "model.nope_layers",
                                     f"nope_layers with {', '.join(other)} is not modelled (NoPE layers are, on "
@@ -997,9 +1003,7 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
         if any(olmo2):
             where = "model.norm_placement" if olmo2[0] else "model.qk_norm_scope"
             # (with MLA: M006, with NoPE layers: M012, both about its q/k norms)
-            other = [n for n, on in (("moe", arch.moe), ("qkv_bias", arch.qkv_bias),
-                                     ("rotary_dim", arch.partial_rotary), ("multipliers", arch.multipliers),
-                                     ("sliding_window", arch.sliding_window)) if on]
+            other = _switches_on(arch, "moe", "qkv_bias", "rotary_dim", "multipliers", "sliding_window")
             if not all(olmo2) or not arch.qk_norm:
                 out.append(ctx.diag("M013", where, "norm_placement: post, qk_norm: true and qk_norm_scope: projection "
                                     "are modelled together only (OLMo 2's block)", "set all three, or none"))
@@ -1007,9 +1011,7 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
                 out.append(ctx.diag("M013", where, f"OLMo 2's block with {', '.join(other)} is not modelled",
                                     f"remove {other[0]}"))
         if arch.multipliers is not None and not arch.nope_layers and not any(olmo2):
-            other = [n for n, on in (("qkv_bias", arch.qkv_bias), ("qk_norm", arch.qk_norm), ("moe", arch.moe),
-                                     ("mla", arch.mla), ("rotary_dim", arch.partial_rotary),
-                                     ("sliding_window", arch.sliding_window)) if on]
+            other = _switches_on(arch, "qkv_bias", "qk_norm", "moe", "mla", "rotary_dim", "sliding_window")
             if other:
                 out.append(ctx.diag("M010", "model.multipliers",
                                     f"multipliers (Granite) with {', '.join(other)} is not modelled",
