@@ -91,7 +91,11 @@ def _model(c) -> Table:
     if a.norm_placement == "post":
         shape += ", norms on the attention / MLP outputs (OLMo 2)"
     if a.sliding_window:
-        shape += f", sliding-window attention ({a.sliding_window} tokens)"
+        shape += f", sliding-window attention ({a.sliding_window} tokens"
+        if a.full_attention_layers:
+            shape += (f"; full attention in {len(a.full_attention_layers)} of {a.n_layers} layers: "
+                      f"{_layer_list(a.full_attention_layers)}")
+        shape += ")"
     if a.moe is not None:
         mo = a.moe
         shape += (f", MoE {mo.num_experts} experts top-{mo.top_k}"
@@ -124,10 +128,16 @@ def _rope_text(a) -> str:
         rule = {"llama3": "Llama 3.1 bands", "yarn": "YaRN", "linear": "linear interpolation",
                 "longrope": "LongRoPE (long factors past it)"}[rs.type]
         out += f", {rule} x{rs.factor:g} from {rs.original_max_position:,} tokens"
+    if a.full_attention_layers and (rs is not None or a.sliding_rope_theta is not None):
+        out += (f"{' (full-attention layers)' if rs is not None else ''}; windowed layers theta "
+                f"{a.sliding_rope_theta or a.rope_theta:g}{', unscaled' if rs is not None else ''}")
     if a.nope_layers:
-        shown = ", ".join(map(str, a.nope_layers[:6])) + (", ..." if len(a.nope_layers) > 6 else "")
-        out += f"; none in {len(a.nope_layers)} of {a.n_layers} layers (NoPE: {shown})"
+        out += f"; none in {len(a.nope_layers)} of {a.n_layers} layers (NoPE: {_layer_list(a.nope_layers)})"
     return out + f"; max_seq_len {a.max_seq_len:,}"
+
+
+def _layer_list(layers: tuple[int, ...]) -> str:
+    return ", ".join(map(str, layers[:6])) + (", ..." if len(layers) > 6 else "")
 
 
 def _compute(c) -> Table:

@@ -431,6 +431,43 @@ def test_olmo2_plans_the_native_trainer():
     assert pinned.plan.tp == 2 and pinned.backend.name == "native" and not _codes(pinned, "error")
 
 
+def test_olmo3_counts_windowed_and_full_layers_apart():
+    """OLMo 3-7B windows 24 of its 32 layers at 4096 tokens; the other 8 attend to the whole sequence. Its attention
+    FLOPs per token are Megatron-Bridge's per-layer sum (transformer_flops: min(window, s) keys in a windowed layer, s
+    in a full one), between the all-windowed and the unwindowed model's; everything else is OLMo 2-7B's block (the
+    same FLOPs at s <= 4096, where no window binds). ``auto`` plans llmc's trainer (torchtitan has neither the window,
+    X315, nor OLMo's block, X317);
+    the report names the full-attention layers and says where YaRN applies; on vLLM each windowed layer holds only the
+    window's positions of a sequence, a full layer all of them."""
+    from llmc.compiler import flops
+    from llmc.compiler.serving import kv_tokens_per_sequence
+    from llmc.report import render_text
+    from llmc.spec.presets import PRESETS
+
+    o3 = PRESETS["olmo3-7b"]
+    windowed = o3.model_copy(update={"full_attention_layers": ()})
+    unwindowed = o3.model_copy(update={"full_attention_layers": (), "sliding_window": None})
+    hd, H = o3.hd, o3.n_heads
+    for s in (4096, 8192, 65536):
+        attn = [flops.train_flops_per_token(a, s) - flops.train_flops_per_token(a, s, attention=False)
+                for a in (o3, windowed, unwindowed)]
+        assert attn[0] == 6 * (8 * s + 24 * min(s, 4096)) * H * 2 * hd
+        assert attn[1] <= attn[0] <= attn[2] and (attn[1] < attn[0]) is (s > 4096)
+    olmo2 = PRESETS["olmo2-7b"].model_copy(update={"vocab_size": o3.vocab_size})
+    assert flops.train_flops_per_token(o3, 4096) == flops.train_flops_per_token(olmo2, 4096)
+    c = _compile(_spec("olmo3-7b", count=16, seq=16384, tokens="10B"))
+    assert c.backend.name == "native" and "no sliding window" in c.backend.reason and not _codes(c, "error")
+    assert c.model.params_total == 7_298_011_136
+    assert c.compute.flops_per_token == flops.train_flops_per_token(o3, 16384)
+    assert "min(seq_len, sliding_window 4096) in 24 of 32 layers" in c.compute.convention
+    text = " ".join(render_text(c).split())
+    assert "sliding-window attention (4096 tokens; full attention in 8 of 32 layers: 3, 7, 11, 15, 19, 23, ...)" in text
+    assert "YaRN x8 from 8,192 tokens (full-attention layers); windowed layers theta 500000, unscaled" in text
+    n = 65536
+    assert kv_tokens_per_sequence(o3, "vllm", n) * 32 == 8 * n + 24 * kv_tokens_per_sequence(windowed, "vllm", n)
+    assert kv_tokens_per_sequence(o3, "sglang", n) == n
+
+
 def test_a_stage_that_starts_from_no_weights_is_flagged():
     """A stage with neither init_from nor init_hf is trained from a fresh init by every backend (a fine-tune of
     random weights): G008 at the stage, not for one that names its base or chains from an earlier stage."""

@@ -47,6 +47,13 @@ def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: in
     elif kind == "olmo2":  # norms on the branches' outputs, q / k norms over the whole projections
         cfg = transformers.Olmo2Config(**{**TINY, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **over})
         model = transformers.Olmo2ForCausalLM(cfg)
+    elif kind == "olmo3":  # OLMo 2's block with a window in layers 0 and 2 and YaRN in layer 1 only (transformers >= 5
+        # saves the windowed layers' RoPE apart, at its default base 500000: llmc's sliding_rope_theta)
+        cfg = transformers.Olmo3Config(**{**TINY, "num_hidden_layers": 3, "sliding_window": 5, "layer_types": [
+            "sliding_attention", "full_attention", "sliding_attention"], "rope_scaling": {
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, "pad_token_id": 0,
+            "bos_token_id": 1, "eos_token_id": 2, **over})
+        model = transformers.Olmo3ForCausalLM(cfg)
     elif kind == "smollm3":  # no RoPE in the layers no_rope_layers flags 0 (SmolLM3-3B: every 4th)
         cfg = transformers.SmolLM3Config(**{**TINY, "num_hidden_layers": 3, "no_rope_layers": [1, 0, 1],
                                             "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **over})
@@ -94,7 +101,9 @@ def arch_of(path: Path):
                                        ("qwen2", {"use_sliding_window": True, "sliding_window": 5,
                                                   "max_window_layers": 0}),
                                        ("smollm3", {"tie_word_embeddings": True}), ("olmo2", {}),
-                                       ("olmo2", {"tie_word_embeddings": True, "num_key_value_heads": 6})])
+                                       ("olmo2", {"tie_word_embeddings": True, "num_key_value_heads": 6}),
+                                       ("olmo3", {"sliding_window": 5}),
+                                       ("olmo3", {"sliding_window": 4, "tie_word_embeddings": True})])
 def test_load_gives_transformers_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     if kind != "mixtral":  # sharded: several files + index
@@ -118,11 +127,13 @@ def test_load_gives_transformers_logits(tmp_path, kind, over):
                                        ("mistral", {"sliding_window": 4}),
                                        ("qwen3", {"head_dim": 16, "use_sliding_window": True, "sliding_window": 4,
                                                   "max_window_layers": 0}),
-                                       ("smollm3", {"no_rope_layers": [0, 1, 0]}), ("olmo2", {})])
+                                       ("smollm3", {"no_rope_layers": [0, 1, 0]}), ("olmo2", {}),
+                                       ("olmo3", {"layer_types": ["full_attention", "sliding_attention"] * 2,
+                                                  "num_hidden_layers": 4})])
 def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     arch = arch_of(src)
-    assert arch.qk_norm is kind.startswith(("qwen3", "olmo2")) and arch.hd == (over.get("head_dim") or 8)
+    assert arch.qk_norm is kind.startswith(("qwen3", "olmo")) and arch.hd == (over.get("head_dim") or 8)
     if kind == "qwen3_moe":
         assert (arch.moe.dense_layers, arch.moe.expert_d_ff, arch.d_ff) == (1, 40, 96)
     model = build_model(arch, seed=0).eval()
@@ -139,6 +150,11 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
         assert json.loads((out / "config.json").read_text())["architectures"] == ["Olmo2ForCausalLM"]
         assert (arch.norm_placement, arch.qk_norm_scope) == ("post", "projection") == (
             arch_of(out).norm_placement, arch_of(out).qk_norm_scope)
+    if kind == "olmo3":  # full attention in layers 0 and 2, the other two windowed, each with its own RoPE
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["layer_types"] == over["layer_types"] and cfg["architectures"] == ["Olmo3ForCausalLM"]
+        assert (arch.full_attention_layers, arch.sliding_rope_theta) == ((0, 2), 5e5) == (
+            arch_of(out).full_attention_layers, arch_of(out).sliding_rope_theta)
     if kind == "smollm3":  # NoPE layers 0 and 2, written as SmolLM3Config's flags and read back
         assert json.loads((out / "config.json").read_text())["no_rope_layers"] == [0, 1, 0]
         assert arch_of(out).nope_layers == arch.nope_layers == (0, 2)
@@ -165,11 +181,33 @@ def test_nope_layers_are_what_makes_smollm3_logits_equal(tmp_path):
         outs = []
         for a in (arch, arch.model_copy(update={"nope_layers": ()})):
             model = build_model(a, seed=0).eval()
-            load_hf_into(model, src, a)
+            load_hf_into(model, src, arch)  # (the same weights; the checkpoint's config is arch's)
             outs.append(model(tokens))
     torch.testing.assert_close(outs[0], ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[1][:, 0], ref[:, 0], atol=1e-5, rtol=1e-5)
     assert (outs[1][:, 1:] - ref[:, 1:]).abs().max() > 100 * 1e-5  # (random tiny weights: ~4e-3, 400x the tolerance)
+
+
+def test_olmo3_layer_kinds_are_what_makes_the_logits_equal(tmp_path):
+    """The checks above can fail: OLMo 3's weights in llmc's model give transformers' logits (17 tokens, window 5)
+    only with both halves of its layer kinds: the window everywhere (no full-attention layer) gives others, and so
+    does RoPE scaled in the windowed layers too (one table for every layer, as a single-kind model has)."""
+    src = make_hf(tmp_path, "olmo3")
+    arch = arch_of(src)
+    assert (arch.full_attention_layers, arch.sliding_window, arch.rope_scaling.type) == ((1,), 5, "yarn")
+    tokens = torch.randint(0, arch.vocab_size, (1, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf_model(src)(input_ids=tokens).logits
+        outs = []
+        for a in (arch, arch.model_copy(update={"full_attention_layers": (), "sliding_rope_theta": None}), arch):
+            model = build_model(a, seed=0).eval()
+            load_hf_into(model, src, arch)  # (the same weights; the checkpoint's config is arch's)
+            if len(outs) == 2:
+                model.rope_local = model.rope  # the full-attention layers' scaled table in every layer
+            outs.append(model(tokens))
+    torch.testing.assert_close(outs[0], ref, atol=1e-5, rtol=1e-5)
+    for other in outs[1:]:
+        assert (other - ref).abs().max() > 100 * 1e-5
 
 
 @pytest.mark.parametrize("partial", [None, 0.75])

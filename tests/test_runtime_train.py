@@ -251,16 +251,19 @@ def test_parallel_layouts_match_single_process(tmp_path, docs, layout):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", [
     {"qk_norm": True, "head_dim": 48},
-    {"qk_norm": True, "qk_norm_scope": "projection", "norm_placement": "post"},
+    # OLMo 3: OLMo 2's block, a window of 8 of the 32 positions in layer 0, full attention and YaRN in layer 1
+    {"qk_norm": True, "qk_norm_scope": "projection", "norm_placement": "post", "sliding_window": 8,
+     "full_attention_layers": [1], "rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position": 16}},
     {"mla": {"q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 12}},
-], ids=["qk_norm", "olmo2", "mla"])
+], ids=["qk_norm", "olmo3", "mla"])
 def test_tensor_parallel_matches_single_process(tmp_path, docs, model):
     """TP 2 inside FSDP2 over 2 (4 ranks) equals one process: losses and the global gradient norm.
 
     Qwen3's q/k norms: each rank normalises its own heads with the whole weight and the weight's gradient is summed
     over the TP ranks (llmc.runtime.distributed._heads_sharded_norm) before FSDP2 reduce-scatters it; head_dim 48 is
-    not d_model / n_heads (32). OLMo 2's q/k norms over the whole projection: each rank's block of columns with its
-    block of the weight, the mean of squares summed over the TP ranks (_projection_sharded_norm). MLA: the per-head up-projections column-parallel, the low-rank down-projections
+    not d_model / n_heads (32). OLMo 2's q/k norms over the whole projection (here in OLMo 3's model, whose layers
+    differ in window and RoPE): each rank's block of columns with its block of the weight, the mean of squares summed
+    over the TP ranks (_projection_sharded_norm). MLA: the per-head up-projections column-parallel, the low-rank down-projections
     replicated, the shared rope key's gradient summed over TP (_sum_rope_key_grad; without it the replicated wkv_a
     gets only each rank's heads' share and the gradient norm and losses drift)."""
     single = make_lock(tmp_path / "single", docs, steps=6, interval=6, **model)

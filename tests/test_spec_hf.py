@@ -14,7 +14,7 @@ HF = Path(__file__).resolve().parent / "fixtures" / "hf"
 CONFIGS = sorted(HF.glob("*.json"))
 
 REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
-            "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "olmo2-7b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
+            "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "olmo2-7b", "olmo3-7b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
             "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "tiny", "tiny-moe"]
 
 
@@ -94,7 +94,8 @@ def test_preset_params_match_published_totals():
 
 
 #: config.json model_type -> the prefix of transformers' config / model classes
-_HF_CLASSES = {"qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "phi3": "Phi3", "smollm3": "SmolLM3", "olmo2": "Olmo2"}
+_HF_CLASSES = {"qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "phi3": "Phi3", "smollm3": "SmolLM3", "olmo2": "Olmo2",
+               "olmo3": "Olmo3"}
 
 
 def _meta_model(name: str):
@@ -164,6 +165,58 @@ def test_olmo2_count_equals_transformers_and_model_card():
     assert round(params_total(arch) / 1e9, 1) == 7.3
     with pytest.raises(HFConfigError, match="'attention_bias' true is not supported for olmo2"):
         architecture_from_hf_config({**cfg, "attention_bias": True})
+
+
+def test_olmo3_count_windows_and_rope_equal_transformers():
+    """transformers' own Olmo3ForCausalLM (meta device) for the fixture config has llmc's parameter count, the Hub's
+    7,298,011,136 for allenai/Olmo-3-1025-7B (OLMo 2-7B's shapes with a 100,278-row vocabulary); its attention
+    layers' kinds are llmc's: the 4096-token window everywhere but layers 3, 7, ..., 31, and its per-kind rotary
+    embedding scales (YaRN x8, attention factor 1.2079) only the full-attention layers' frequencies."""
+    import torch
+
+    from llmc.compiler.params import params_total
+    from llmc.runtime.model import rope_inv_freq
+
+    cfg, model = _meta_model("olmo3-7b")
+    arch = architecture_from_hf_config(cfg)
+    assert params_total(arch) == _numel(model) == 7_298_011_136
+    kinds = model.config.layer_types
+    assert arch.full_attention_layers == tuple(i for i, k in enumerate(kinds) if k == "full_attention") == tuple(
+        range(3, 32, 4))
+    assert arch.sliding_window == model.config.sliding_window == 4096
+    from transformers.models.olmo3.modeling_olmo3 import Olmo3RotaryEmbedding
+
+    rot = Olmo3RotaryEmbedding(model.config, device="cpu")
+    for kind, scaling in (("full_attention", arch.rope_scaling), ("sliding_attention", None)):
+        ours, mscale = rope_inv_freq(arch.hd, arch.sliding_rope_theta or arch.rope_theta, scaling)
+        torch.testing.assert_close(ours, getattr(rot, f"{kind}_inv_freq").float(), rtol=1e-6, atol=0)
+        assert mscale == pytest.approx(getattr(rot, f"{kind}_attention_scaling"))
+
+
+def test_olmo3_layer_kinds_defaults_and_refusals():
+    """``layer_types`` absent: Olmo3Config's default, every 4th layer full ((i + 1) % 4 == 0), a 4096 window and base
+    500000; all layers full: OLMo 2's computation; a windowed layer's own base in transformers >= 5's per-kind
+    rope_parameters is ``sliding_rope_theta``, a scaling there is refused, as are mixed kinds in another model type."""
+    from llmc.spec.families import family_of
+
+    base = {"model_type": "olmo3", "num_attention_heads": 4, "num_hidden_layers": 8, "hidden_size": 64,
+            "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 8192}
+    a = architecture_from_hf_config(base)
+    assert (a.full_attention_layers, a.sliding_window, a.rope_theta, family_of(a).name) == ((3, 7), 4096, 5e5, "olmo3")
+    full = architecture_from_hf_config({**base, "layer_types": ["full_attention"] * 8})
+    assert (full.sliding_window, full.full_attention_layers, family_of(full).name) == (None, (), "olmo2")
+    kinds = ["sliding_attention", "full_attention"] * 4
+    rp = {"full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
+                             "rope_theta": 1e4}, "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}
+    b = architecture_from_hf_config({**base, "layer_types": kinds, "sliding_window": 512, "rope_parameters": rp})
+    assert (b.full_attention_layers, b.sliding_window, b.rope_theta, b.sliding_rope_theta, b.rope_scaling.type) == (
+        (1, 3, 5, 7), 512, 1e4, 5e5, "yarn")
+    with pytest.raises(HFConfigError, match="'rope_parameters.sliding_attention'"):
+        architecture_from_hf_config({**base, "rope_parameters": {**rp, "sliding_attention": rp["full_attention"]}})
+    with pytest.raises(HFConfigError, match="'layer_types' must list one kind for each of the 8"):
+        architecture_from_hf_config({**base, "layer_types": kinds[:6]})
+    with pytest.raises(HFConfigError, match="layer_types: layers of different attention kinds"):
+        architecture_from_hf_config({**base, "model_type": "mistral", "layer_types": kinds, "sliding_window": 512})
 
 
 def test_smollm3_nope_layers_read_and_refusals():

@@ -28,6 +28,7 @@ from llmc.spec.model import Multipliers, RopeScaling
 # Phi-3.5 / Phi-4-mini's LongRoPE on a tiny head (3 rotary frequencies), switching at 16 tokens
 # Granite 3's muP scalars (embedding 12, residual 0.22, softmax scale 1/128-style, logits / 8)
 GRANITE = Multipliers(embedding=12.0, residual=0.22, attention=0.125, logits=8.0)
+OLMO3_YARN = RopeScaling(type="yarn", factor=2.0, original_max_position=16)
 PHI3_LONGROPE = RopeScaling(type="longrope", factor=2.0, original_max_position=16, short_factor=[1.0, 1.5, 2.0],
                             long_factor=[1.2, 3.0, 8.0])
 
@@ -85,7 +86,8 @@ for path in sys.argv[1:]:
                  "kv_heads": mc.get_total_num_kv_heads(), "head_size": mc.get_head_size(),
                  "vocab": mc.get_vocab_size(), "dtype": str(mc.dtype), "max_model_len": mc.max_model_len,
                  "use_mla": mc.use_mla, "is_moe": mc.is_moe, "kv_bytes_per_token": layers * per_layer,
-                 "sliding_window": mc.get_sliding_window(), "no_rope_layers": getattr(hf, "no_rope_layers", None)}
+                 "sliding_window": mc.get_sliding_window(), "no_rope_layers": getattr(hf, "no_rope_layers", None),
+                 "layer_types": getattr(hf, "layer_types", None)}
     if mc.get_sliding_window():  # KV positions one sequence holds (8192-token chunks, 16-token blocks), per max_model_len
         from vllm.v1.kv_cache_interface import SlidingWindowSpec
         sw = SlidingWindowSpec(block_size=16, num_kv_heads=kv_heads, head_size=mc.get_head_size(), dtype=mc.dtype,
@@ -250,6 +252,10 @@ def model_exports(tmp_path_factory) -> tuple[dict, dict]:
         "SmolLM3ForCausalLM": Architecture(name="smollm3", **base, tied_embeddings=True, nope_layers=(1,)),
         "Olmo2ForCausalLM": Architecture(name="olmo2", **base, qk_norm=True, qk_norm_scope="projection",
                                          norm_placement="post"),
+        # OLMo 3: a window in layers 0 and 2, full attention in layer 1, YaRN there only
+        "Olmo3ForCausalLM": Architecture(name="olmo3", **{**base, "n_layers": 3}, qk_norm=True,
+                                         qk_norm_scope="projection", norm_placement="post", sliding_window=8,
+                                         full_attention_layers=(1,), rope_scaling=OLMO3_YARN),
         "MixtralForCausalLM": Architecture(name="mixtral", **base, moe=MoE(num_experts=3, top_k=2)),
         "Qwen3MoeForCausalLM": Architecture(name="qwen3moe", **{**base, "n_layers": 3, "head_dim": 16}, qk_norm=True,
                                             moe=MoE(num_experts=4, top_k=2, expert_d_ff=24, dense_layers=1)),
@@ -298,7 +304,11 @@ def test_hf_exports_pass_vllm_model_config(model_exports, vllm):
         if a.nope_layers:  # SmolLM3Config's per-layer RoPE flags, as vLLM reads the export
             assert m["no_rope_layers"] == [int(i not in a.nope_layers) for i in range(a.n_layers)] == [1, 0]
         if a.sliding_window:  # vLLM keeps a windowed sequence's last W - 1 positions + one chunk, not max_model_len
-            assert {int(n): t for n, t in m["window_tokens"].items()} == {
+            full = a.full_attention_layers  # (OLMo 3: max_model_len in the layers vLLM builds without a window)
+            assert m["layer_types"] is None or [i for i, k in enumerate(m["layer_types"]) if k == "full_attention"] \
+                == list(full), cls
+            assert {int(n): (len(full) * int(n) + (a.n_layers - len(full)) * t) / a.n_layers
+                    for n, t in m["window_tokens"].items()} == {
                 n: kv_tokens_per_sequence(a, "vllm", n) for n in (32, 10000, 131072)}
 
 
@@ -357,7 +367,10 @@ def load_exports(tmp_path_factory) -> tuple[dict, dict, dict]:
              "smollm3": Architecture(name="smollm3", **base, tied_embeddings=True, nope_layers=(1,)),
              # OLMo 2: norms on the branches' outputs, q / k norms over the whole projections
              "olmo2": Architecture(name="olmo2", **base, qk_norm=True, qk_norm_scope="projection",
-                                   norm_placement="post")}
+                                   norm_placement="post"),
+             "olmo3": Architecture(name="olmo3", **base, qk_norm=True, qk_norm_scope="projection",
+                                   norm_placement="post", sliding_window=8, full_attention_layers=(1,),
+                                   rope_scaling=OLMO3_YARN)}
     dirs, want = {}, {}
     for name, a in archs.items():
         model = build_model(a, seed=0)

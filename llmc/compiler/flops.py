@@ -15,7 +15,8 @@ planned and the measured MFU agree):
   App. B: 6N + 12*L*H*Q*T) and Megatron-LM (Narayanan et al. 2021, eq. 3: the 12*s*l*h term) and
   torchtitan ``get_dense_model_nparams_and_flops``.
 * **Sliding-window attention** (``model.sliding_window`` W): each query attends to at most W keys, so the
-  attention term counts min(s, W) keys per query instead of s, every layer: 6*L*min(s, W)*H*(d_qk+d_v). This is
+  attention term counts min(s, W) keys per query instead of s in each windowed layer (every layer, or all but
+  ``model.full_attention_layers``, which count s): 6*L*min(s, W)*H*(d_qk+d_v) with the window everywhere. This is
   Megatron-Bridge's convention (``transformer_flops`` in megatron/bridge/training/utils/flop_utils.py: its sliding-
   window layers' core attention uses ``swa_context = min(window, seq_len)`` where full layers use seq_len), so the
   two stay comparable; it counts the useful band, not the work of a kernel that computes the whole square and masks
@@ -52,22 +53,31 @@ def _attn_dims(arch: Architecture) -> tuple[int, int]:
     return arch.hd, arch.hd
 
 
-def attention_span(arch: Architecture, seq_len: int) -> int:
-    """Keys per query that the attention term counts: seq_len, or min(seq_len, W) with a sliding window W."""
+def attention_keys(arch: Architecture, seq_len: int) -> int:
+    """Keys per query that the attention term counts, summed over the layers: seq_len in each, min(seq_len, W) in a
+    layer with a sliding window W (every layer, or all but ``full_attention_layers``)."""
     w = arch.sliding_window
-    return min(seq_len, w) if w else seq_len
+    if not w:
+        return arch.n_layers * seq_len
+    n_full = len(arch.full_attention_layers)
+    return n_full * seq_len + (arch.n_layers - n_full) * min(seq_len, w)
+
+
+def attention_span(arch: Architecture, seq_len: int) -> float:
+    """Keys per query that the attention term counts, the mean over the layers (:func:`attention_keys` / L)."""
+    return attention_keys(arch, seq_len) / arch.n_layers
 
 
 def attention_flops_per_token(
     arch: Architecture, seq_len: int, *, causal_halved: bool = False, backward: bool = True
 ) -> float:
-    """Score + value FLOPs per token, all layers: 2*L*s*H*(d_qk+d_v) forward, x3 with backward; s is
-    :func:`attention_span` (min(s, W) with a sliding window W).
+    """Score + value FLOPs per token, all layers: 2*L*s*H*(d_qk+d_v) forward, x3 with backward; L*s is
+    :func:`attention_keys` (min(s, W) keys in a layer with a sliding window W).
 
     Narayanan et al. 2021 eq. 3 / PaLM App. B (not halved); ``causal_halved`` divides by 2.
     """
     dqk, dv = _attn_dims(arch)
-    fwd = 2.0 * arch.n_layers * attention_span(arch, seq_len) * arch.n_heads * (dqk + dv)
+    fwd = 2.0 * attention_keys(arch, seq_len) * arch.n_heads * (dqk + dv)
     f = fwd * (3 if backward else 1)
     return f / 2 if causal_halved else f
 
@@ -83,7 +93,11 @@ def forward_flops_per_token(arch: Architecture, seq_len: int, *, attention: bool
 def convention(arch: Architecture) -> str:
     """:data:`CONVENTION`, with the sliding-window span where the model has one."""
     w = arch.sliding_window
-    return CONVENTION + (f"; s = min(seq_len, sliding_window {w}) (Megatron-Bridge's windowed term)" if w else "")
+    if not w:
+        return CONVENTION
+    where = (f" in {arch.n_layers - len(arch.full_attention_layers)} of {arch.n_layers} layers"
+             if arch.full_attention_layers else "")
+    return CONVENTION + f"; s = min(seq_len, sliding_window {w}){where} (Megatron-Bridge's windowed term)"
 
 
 def train_flops_per_token(arch: Architecture, seq_len: int, *, attention: bool = True) -> float:

@@ -16,7 +16,9 @@ Memory model per GPU of one replica (tp x pp GPUs), all in bytes:
   A model with a sliding window W on vLLM: a sequence holds at most the last W - 1 tokens + one prefill chunk,
   never more than max_model_len, plus one block (vLLM v1 ``SlidingWindowSpec.max_admission_blocks_per_request``:
   cdiv(min(W - 1 + max_in_flight_tokens, max_model_len), block_size) + 1 blocks of 16 tokens); SGLang is counted
-  at max_model_len (llmc does not model its sliding-window pool).
+  at max_model_len (llmc does not model its sliding-window pool). Layers without the window (OLMo 3's every 4th:
+  ``model.full_attention_layers``) hold max_model_len on vLLM too (its hybrid KV-cache manager: one block pool, a
+  group of layers of one kind per block table).
 * reserve       = 1 GiB (CUDA context, cuBLAS workspace, CUDA graphs, NCCL buffers)
   + prefill activations of one chunk of 8192 tokens (vLLM's default max_num_batched_tokens for
   chunked prefill): 8192 x 2 B x (4 x d_model + 3 x d_ff / tp)  -- an estimate of vLLM's profile run.
@@ -74,17 +76,20 @@ def _pow2_upto(n: int) -> list[int]:
     return out
 
 
-def kv_tokens_per_sequence(arch: Architecture, engine: str, max_len: int) -> int:
-    """KV-cache positions one sequence of max_len tokens holds at most (the module docstring: a vLLM sliding window
-    bounds it)."""
+def kv_tokens_per_sequence(arch: Architecture, engine: str, max_len: int) -> float:
+    """KV-cache positions one sequence of max_len tokens holds at most, the mean over the layers (the module
+    docstring: a vLLM sliding window bounds it in the windowed layers; the full-attention layers of a model that
+    has both hold max_len, in vLLM's hybrid KV-cache manager's groups of one kind each)."""
     w = arch.sliding_window
     if engine != "vllm" or not w:
         return max_len
-    return (-(-min(w - 1 + PREFILL_CHUNK_TOKENS, max_len) // VLLM_BLOCK_TOKENS) + 1) * VLLM_BLOCK_TOKENS
+    windowed = (-(-min(w - 1 + PREFILL_CHUNK_TOKENS, max_len) // VLLM_BLOCK_TOKENS) + 1) * VLLM_BLOCK_TOKENS
+    n_full = len(arch.full_attention_layers)
+    return windowed if not n_full else (n_full * max_len + (arch.n_layers - n_full) * windowed) / arch.n_layers
 
 
 def _evaluate(arch: Architecture, *, tp: int, pp: int, weight_bytes: float, kv_tok: int,
-              kv_len: int, concurrency: int, capacity: int, util: float) -> dict:
+              kv_len: float, concurrency: int, capacity: int, util: float) -> dict:
     kv_shard = 1 if arch.mla is not None else min(tp, arch.kv_heads)
     kv_tok_gpu = kv_tok / kv_shard / pp
     d_ff = arch.d_ff

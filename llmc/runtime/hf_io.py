@@ -421,7 +421,8 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
     # MLA: K and V have n_heads heads whatever n_kv_heads says (DeepseekV3Config writes num_key_value_heads =
     # heads), and the head dims are the mla ones (head_dim is not used)
     fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
-              "qkv_bias", "qk_norm", "rope_theta", "norm_eps")
+              "qkv_bias", "qk_norm", "rope_theta", "norm_eps", "qk_norm_scope", "norm_placement", "nope_layers",
+              "full_attention_layers")
     for f in fields if arch.mla is None else [f for f in fields if f not in ("n_kv_heads", "hd")]:
         a, b = getattr(arch, f), getattr(theirs, f)
         if a != b:
@@ -647,7 +648,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
               *, softmax_mscale: bool = False) -> dict[str, Any]:
     """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q/k norms),
     Phi3ForCausalLM (partial RoPE), GraniteForCausalLM (muP multipliers), SmolLM3ForCausalLM (NoPE layers),
-    Olmo2ForCausalLM (post-norm blocks),
+    Olmo2ForCausalLM (post-norm blocks), Olmo3ForCausalLM (post-norm blocks with a sliding window),
     MistralForCausalLM (a sliding window), MixtralForCausalLM, Qwen3MoeForCausalLM
     (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see :func:`export_hf`."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
@@ -676,9 +677,13 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
                    original_max_position_embeddings=rs.original_max_position if rs is not None and
                    rs.type == "longrope" else arch.max_seq_len, sliding_window=w, pad_token_id=None,
                    resid_pdrop=0.0, embd_pdrop=0.0)
-    if mtype == "olmo2":  # Olmo2Config (transformers configuration_olmo2.py): its block is implied by the type
-        # (its default pad id 1 would make token 1's embedding row nn.Embedding's padding_idx: no gradient there)
+    if mtype in ("olmo2", "olmo3"):  # Olmo2Config / Olmo3Config (transformers configuration_olmo2/3.py): the block
+        # is implied by the type (their default pad id 1 would make token 1's embedding row nn.Embedding's
+        # padding_idx: no gradient there)
         cfg.update(attention_bias=False, pad_token_id=None)
+    if mtype == "olmo3":  # one attention kind per layer; its rope_scaling applies to the full-attention ones only
+        cfg.update(sliding_window=w, layer_types=["sliding_attention" if arch.layer_window(i) else "full_attention"
+                                                  for i in range(arch.n_layers)])
     if mtype == "smollm3":  # SmolLM3Config (transformers configuration_smollm3.py): one RoPE flag per layer, 0 = NoPE
         cfg.update(no_rope_layers=[int(i not in arch.nope_layers) for i in range(arch.n_layers)],
                    use_sliding_window=False, sliding_window=None, attention_bias=False, mlp_bias=False,
@@ -702,6 +707,10 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
     scaling = _rope_scaling_config(arch)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
+    if mtype == "olmo3":  # transformers >= 5's per-kind RoPE (else the windowed layers take its default base 500000)
+        cfg["rope_parameters"] = {
+            "full_attention": {**(scaling or {"rope_type": "default"}), "rope_theta": arch.rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": arch.sliding_rope_theta or arch.rope_theta}}
     return cfg
 
 
@@ -719,8 +728,8 @@ def _rope_scaling_config(arch) -> dict[str, Any] | None:
     elif rs.type == "longrope":  # transformers' _compute_longrope_parameters; vLLM's LongRoPE reads the same keys
         scaling.update(short_factor=list(rs.short_factor), long_factor=list(rs.long_factor),
                        original_max_position_embeddings=rs.original_max_position)
-        if rs.attention_factor is not None:
-            scaling["attention_factor"] = rs.attention_factor
+    if rs.attention_factor is not None:  # longrope, yarn
+        scaling["attention_factor"] = rs.attention_factor
     return scaling
 
 

@@ -72,7 +72,7 @@ def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: boo
     original/high_freq_factor keep their frequency, longer than original/low_freq_factor are divided by
     ``factor``, and the band between is interpolated smoothly.
     yarn: YaRN (Peng et al. 2023), as HF ``_compute_yarn_parameters``: per-dim ramp between interpolation
-    and extrapolation over the correction range [beta_fast, beta_slow]; cos/sin scaled by
+    and extrapolation over the correction range [beta_fast, beta_slow]; cos/sin scaled by attention_factor, default
     mscale = 0.1 ln(factor) + 1.
     linear: position interpolation (Chen et al. 2023): inv_freq / factor.
     longrope: LongRoPE (Ding et al. 2024, arXiv:2402.13753; transformers ``_compute_longrope_parameters``): inv_freq
@@ -105,7 +105,7 @@ def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: boo
         ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
         extrapolate = 1 - ramp  # 1 = keep the original frequency (high-frequency dims)
         inv_freq = inv_freq / scaling.factor * (1 - extrapolate) + inv_freq * extrapolate
-        mscale = 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
+        mscale = scaling.attention_factor or (0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0)
     elif scaling.type == "longrope":
         ext = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float64)
         inv_freq = inv_freq / ext
@@ -240,7 +240,7 @@ class Attention(nn.Module):
     ``qk_norm`` (Qwen3, arXiv:2505.09388 §2) every query and key head passes an RMSNorm over its head dim (one
     weight shared by all heads) before RoPE, as HF ``Qwen3Attention`` and torchtitan's ``qk_norm`` do."""
 
-    def __init__(self, arch: Architecture, rope: bool = True):
+    def __init__(self, arch: Architecture, rope: bool = True, window: int | None = None):
         super().__init__()
         d, hd = arch.d_model, arch.hd
         self.head_dim = hd
@@ -261,7 +261,7 @@ class Attention(nn.Module):
         self.rotary = arch.partial_rotary
         # Granite's softmax scale (attention_multiplier); None = SDPA's 1/sqrt(head_dim)
         self.scale = arch.multipliers.attention if arch.multipliers is not None else None
-        self.window = arch.sliding_window  # None: full causal attention
+        self.window = window  # None: full causal attention (the layer's own: Architecture.layer_window)
         self.checkpoint_core = False  # selective activation checkpointing (see Transformer.set_ac)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None,
@@ -543,7 +543,11 @@ class TransformerBlock(nn.Module):
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(arch.d_model, arch.norm_eps)
         self.attention = (MLAttention(arch) if arch.mla is not None
-                          else Attention(arch, rope=layer_id not in arch.nope_layers))
+                          else Attention(arch, rope=layer_id not in arch.nope_layers,
+                                         window=arch.layer_window(layer_id)))
+        # OLMo 3: a windowed layer of a model with full-attention layers rotates without the rope_scaling
+        # (Transformer.rope_local); every other layer takes the model's table
+        self.local_rope = bool(arch.full_attention_layers) and arch.layer_window(layer_id) is not None
         self.ffn_norm = RMSNorm(arch.d_model, arch.norm_eps)
         self.is_moe = arch.moe is not None and layer_id >= arch.moe.dense_layers
         if self.is_moe:
@@ -594,6 +598,11 @@ class Transformer(nn.Module):
         rs = arch.rope_scaling
         self.long_from = rs.original_max_position if rs is not None and rs.type == "longrope" else None
         self.register_buffer("rope_long", self._rope_tables(True) if self.long_from else None, persistent=False)
+        # OLMo 3: the windowed layers' table, unscaled at their own base (only where it differs from the full layers')
+        self.has_local_rope = bool(arch.full_attention_layers) and (
+            rs is not None or arch.sliding_rope_theta not in (None, arch.rope_theta))
+        self.register_buffer("rope_local", self._local_rope_table() if self.has_local_rope else None,
+                             persistent=False)
         self.ac_mode, self.ac_layers = "none", 0  # see set_ac
         mult = arch.multipliers
         self.embed_scale, self.logit_div = (mult.embedding, mult.logits) if mult is not None else (1.0, 1.0)
@@ -601,6 +610,10 @@ class Transformer(nn.Module):
     def _rope_tables(self, long: bool = False) -> torch.Tensor:
         a = self.arch
         return rope_tables(self.rope_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, long)
+
+    def _local_rope_table(self) -> torch.Tensor:
+        a = self.arch
+        return rope_tables(self.rope_dim, a.max_seq_len, a.sliding_rope_theta or a.rope_theta, None)
 
     def _rope_for(self, length: int) -> torch.Tensor:
         """The (cos, sin) table for a sequence of ``length`` positions (longrope: the long one past the original)."""
@@ -646,19 +659,25 @@ class Transformer(nn.Module):
         pos = cache.length if cache is not None else 0
         if pos + T > self.rope.shape[0]:
             raise ValueError(f"sequence length {pos + T} exceeds max_seq_len {self.rope.shape[0]}")
-        rope = self._rope_for(pos + T)[pos:pos + T]
+        idx: slice | torch.Tensor = slice(pos, pos + T)
+        table = self._rope_for(pos + T)
         if cache is not None and cache.pad is not None:
-            rope, cache.mask = self._padded(cache.pad.to(tokens.device), pos, T)
+            idx, cache.mask = self._padded(cache.pad.to(tokens.device), pos, T)
+            # longrope picks its table by the batch's largest position (a host sync, so only where it matters)
+            table = self._rope_for(int(idx.max()) + 1) if self.long_from is not None else self.rope
+        rope = table[idx]  # (T, rope_dim/2, 2), or (B, T, rope_dim/2, 2) for a padded batch
+        rope_local = self.rope_local[idx] if self.has_local_rope else rope
         h = self.tok_embeddings(tokens)  # (B, T, D)
         if self.embed_scale != 1.0:  # Granite's embedding_multiplier
             h = h * self.embed_scale
         aux = h.new_zeros((), dtype=torch.float32)
         n_ckpt = 0 if cache is not None else self._recomputed_blocks()
         for i, blk in enumerate(self.layers.values()):
+            r = rope_local if blk.local_rope else rope
             if i < n_ckpt:
-                h, a = checkpoint(blk, h, rope, use_reentrant=False)
+                h, a = checkpoint(blk, h, r, use_reentrant=False)
             else:
-                h, a = blk(h, rope) if cache is None else blk(h, rope, cache)
+                h, a = blk(h, r) if cache is None else blk(h, r, cache)
             aux = aux + a
         if cache is not None:
             cache.length += T
@@ -677,7 +696,7 @@ class Transformer(nn.Module):
         return out if self.logit_div == 1.0 else out / self.logit_div
 
     def _padded(self, pad: torch.Tensor, pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE rows (B, T, rope_dim/2, 2) and attention mask (B, 1, T, pos + T) of cache positions pos..pos+T-1 in a
+        """RoPE positions (B, T) and attention mask (B, 1, T, pos + T) of cache positions pos..pos+T-1 in a
         batch whose row b starts with ``pad[b]`` padding positions: a real position counts from the row's first
         token (RoPE scores depend only on q - k, so this keeps the row's numbers those of its prompt alone rather
         than changing them), a query sees the real keys up to itself; a padding query sees only itself (its output
@@ -685,12 +704,9 @@ class Transformer(nn.Module):
         q = torch.arange(pos, pos + T, device=pad.device)  # cache index of each query
         keys = torch.arange(pos + T, device=pad.device)
         idx = (q[None, :] - pad[:, None]).clamp(min=0)
-        # longrope picks its table by the batch's largest position (a host sync, so only where it matters)
-        table = self._rope_for(int(idx.max()) + 1) if self.long_from is not None else self.rope
-        rope = table[idx]  # (B, T, rope_dim/2, 2)
         real = keys[None, None, :] >= pad[:, None, None]  # (B, 1, S)
         mask = (real & (keys[None, :] <= q[:, None])[None]) | (keys[None, :] == q[:, None])[None]  # (B, T, S)
-        return rope, mask[:, None]
+        return idx, mask[:, None]
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, buffer_device: torch.device | None = None) -> None:
@@ -704,6 +720,8 @@ class Transformer(nn.Module):
                 self.rope = self._rope_tables()
                 if self.long_from is not None:
                     self.rope_long = self._rope_tables(True)
+                if self.has_local_rope:
+                    self.rope_local = self._local_rope_table()
         for _, init in self.init_parts(std):
             init()
 

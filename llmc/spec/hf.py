@@ -1,7 +1,7 @@
 """Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
 
 Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``, ``phi3``,
-``granite``, ``smollm3``, ``olmo2``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
+``granite``, ``smollm3``, ``olmo2``, ``olmo3``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
 =============================  =====================================
@@ -21,7 +21,8 @@ use_sliding_window: true       sliding_window with max_window_layers 0, else ref
                                layers from max_window_layers on; llmc models one window for every layer)
 sliding_window                 sliding_window where use_sliding_window is not false (Mistral, Phi-3): every layer;
                                0, or at least max_position_embeddings (never binds): none
-layer_types                    all "sliding_attention": sliding_window; all "full_attention": none; mixed refused
+layer_types                    all "sliding_attention": sliding_window; all "full_attention": none; mixed: refused
+                               but for olmo3 (full_attention_layers: the "full_attention" ones; absent: every 4th)
 rope_theta / rope_scaling      rope_theta / rope_scaling: llama3, yarn, linear, longrope (short_factor, long_factor,
                                original_max_position_embeddings (phi3: top level), factor (absent: max_position /
                                original, as transformers), attention_factor); phi3 reads su / yarn as longrope, as
@@ -83,8 +84,12 @@ class HFConfigError(ValueError):
 
 def fold_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
     """``cfg`` with transformers >= 5's ``rope_parameters`` (how it saves every config) folded back into the
-    ``rope_theta`` / ``rope_scaling`` keys of the released configs; keys already there win."""
+    ``rope_theta`` / ``rope_scaling`` keys of the released configs; keys already there win. Parameters per layer kind
+    (OLMo 3: ``{"full_attention": ..., "sliding_attention": ...}``) fold the full-attention layers' (llmc's
+    ``rope_scaling`` applies there only; :func:`_olmo3` checks the windowed layers' are plain RoPE)."""
     rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict) and "full_attention" in rp:
+        rp = rp["full_attention"]
     if not isinstance(rp, dict):
         return cfg
     cfg = dict(cfg)
@@ -104,8 +109,10 @@ def _req(cfg: dict[str, Any], key: str) -> Any:
 #: model_types whose use_sliding_window windows only the layers from max_window_layers on (transformers' Qwen2 /
 #: Qwen3 configs; false in every release): llmc reads it only with max_window_layers 0 (every layer)
 _MAX_WINDOW_LAYERS_TYPES = frozenset({"qwen2", "qwen3", "qwen3_moe"})
-#: transformers' per-layer attention kinds (``layer_types``) llmc reads: every layer one or the other
+#: transformers' per-layer attention kinds (``layer_types``) llmc reads: every layer one or the other (OLMo 3: a mix)
 _LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
+#: model_types whose layers may mix the two kinds (llmc's ``full_attention_layers``)
+_MIXED_LAYER_TYPES = frozenset({"olmo3"})
 
 
 def _int(cfg: dict[str, Any], key: str, default: int | None = None, *, minimum: int = 1) -> int:
@@ -195,6 +202,8 @@ def _rope_scaling(rs: Any, cfg: dict[str, Any] | None = None) -> RopeScaling | N
     if kind == "yarn":
         kw["beta_fast"] = _float(rs, "beta_fast", 32.0)
         kw["beta_slow"] = _float(rs, "beta_slow", 1.0)
+        if rs.get("attention_factor") is not None:
+            kw["attention_factor"] = _float(rs, "attention_factor")
     return RopeScaling(**kw)
 
 
@@ -367,10 +376,54 @@ def _olmo2(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
         kw["norm_eps"] = 1e-5
 
 
+def _olmo3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    """transformers ``Olmo3Config`` (configuration_olmo3.py): OLMo 2's block; ``layer_types`` absent = a window in
+    every layer but each 4th ((i + 1) % 4 == 0: full attention), ``sliding_window`` absent = 4096, RoPE base absent =
+    500000. Its rope_scaling (OLMo 3-7B: YaRN x8 from 8192) applies to the full-attention layers only, the windowed
+    ones rotating unscaled at the same base (``Olmo3RotaryEmbedding`` per layer type; vLLM's OLMo 3 alike): llmc's
+    ``full_attention_layers`` semantics. transformers >= 5 saves the two kinds' RoPE apart
+    (``rope_parameters.sliding_attention``): another base there is ``sliding_rope_theta``, a scaling is refused."""
+    _olmo2(cfg, kw, errs)
+    if cfg.get("rope_theta") is None:
+        kw["rope_theta"] = 500000.0
+    n = kw.get("n_layers")
+    if n is None:
+        return
+    kinds = cfg.get("layer_types")
+    if kinds is None:
+        kinds = ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n)]
+    elif len(kinds) != n:
+        errs.append(f"config.json 'layer_types' must list one kind for each of the {n} layers (got {len(kinds)})")
+        return
+    full = tuple(i for i, k in enumerate(kinds) if k == "full_attention")
+    if cfg.get("sliding_window") is None:
+        kw["sliding_window"] = 4096
+    if len(full) == n or kw.get("sliding_window") is None:  # no layer windowed (or 0 / a window that never binds)
+        kw.pop("sliding_window", None)
+        return
+    if full:
+        kw["full_attention_layers"] = full
+    rp = cfg.get("rope_parameters")
+    local = rp.get("sliding_attention") if isinstance(rp, dict) else None
+    if not isinstance(local, dict):
+        return
+    if local.get("rope_type", "default") != "default":
+        errs.append(f"config.json 'rope_parameters.sliding_attention' {_short(local)} is not supported (llmc's "
+                    "windowed OLMo 3 layers rotate unscaled)")
+    elif local.get("rope_theta") is not None:
+        try:
+            theta = _float(local, "rope_theta")
+        except HFConfigError as e:
+            errs.append(str(e))
+            return
+        if full and theta != kw.get("rope_theta"):
+            kw["sliding_rope_theta"] = theta
+
+
 #: family name -> the hook that reads its extra config keys
 _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
     "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "granite": _granite,
-    "smollm3": _smollm3, "olmo2": _olmo2,
+    "smollm3": _smollm3, "olmo2": _olmo2, "olmo3": _olmo3,
 }
 #: model_type -> the hook for a type imported by a family that also imports others (phi3 through llama)
 _TYPE_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {"phi3": _phi3}
@@ -401,12 +454,12 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     if kinds is not None and (kind_set is None or not kind_set <= _LAYER_KINDS):
         errs.append(f"layer_types must list {' or '.join(sorted(_LAYER_KINDS))} per layer (got {kinds!r:.80})")
         kind_set = None
-    elif kind_set is not None and len(kind_set) > 1:
-        errs.append("layer_types: layers of different attention kinds are not modelled (llmc models one attention "
-                    "window, or none, for every layer)")
+    elif kind_set is not None and len(kind_set) > 1 and mt not in _MIXED_LAYER_TYPES:
+        errs.append("layer_types: layers of different attention kinds are not modelled for this model_type (llmc "
+                    "models them on OLMo 3's block; here one attention window, or none, for every layer)")
     windowed = cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True) is not False
     if kind_set:
-        windowed = windowed and kind_set == {"sliding_attention"}
+        windowed = windowed and "sliding_attention" in kind_set
     heads = _each(errs, n_heads=lambda: _int(cfg, "num_attention_heads"))
     n_heads = heads.get("n_heads", 1)
     kw: dict[str, Any] = {"name": name, **heads, **_each(

@@ -29,7 +29,9 @@ M011    sliding_window on an MLA model (windows are modelled on GQA models)
 M012    nope_layers: a layer outside 0..n_layers-1 or listed twice / out of order, or with MLA, experts, q/k/v
         biases, q/k norms, partial RoPE, multipliers or a sliding window (NoPE is modelled on SmolLM3's block)
 M013    norm_placement post / qk_norm_scope projection apart from OLMo 2's block (both, with qk_norm, and none of
-        experts, q/k/v biases, partial RoPE, multipliers or a sliding window)
+        experts, q/k/v biases, partial RoPE or multipliers; OLMo 3 is OLMo 2's block with a sliding window)
+M014    full_attention_layers: without sliding_window, a layer outside 0..n_layers-1 or listed twice / out of order,
+        every layer listed, or apart from OLMo 3's block (mixed windows are modelled on OLMo 3)
 D004    duplicate data source name (in ``data.sources`` or a stage's)
 G001    duplicate stage name (same code as the compiler's stage-graph check)
 V004    ``serving.N.stage`` names no stage (same code as the compiler's serving check)
@@ -1003,13 +1005,37 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
         if any(olmo2):
             where = "model.norm_placement" if olmo2[0] else "model.qk_norm_scope"
             # (with MLA: M006, with NoPE layers: M012, both about its q/k norms)
-            other = _switches_on(arch, "moe", "qkv_bias", "rotary_dim", "multipliers", "sliding_window")
+            other = _switches_on(arch, "moe", "qkv_bias", "rotary_dim", "multipliers")
             if not all(olmo2) or not arch.qk_norm:
                 out.append(ctx.diag("M013", where, "norm_placement: post, qk_norm: true and qk_norm_scope: projection "
                                     "are modelled together only (OLMo 2's block)", "set all three, or none"))
             elif other:
                 out.append(ctx.diag("M013", where, f"OLMo 2's block with {', '.join(other)} is not modelled",
                                     f"remove {other[0]}"))
+        full = arch.full_attention_layers
+        if full:
+            if arch.sliding_window is None:
+                out.append(ctx.diag("M014", "model.full_attention_layers", "full_attention_layers without "
+                                    "sliding_window: the other layers' window is missing",
+                                    "set sliding_window (OLMo 3: 4096), or remove full_attention_layers"))
+            elif any(b <= a for a, b in zip(full, full[1:], strict=False)) or full[-1] >= arch.n_layers:
+                out.append(ctx.diag("M014", "model.full_attention_layers",
+                                    f"full_attention_layers {list(full)[:12]} must name layers 0..{arch.n_layers - 1}, "
+                                    "each once, in increasing order", "OLMo 3-7B's are [3, 7, 11, ..., 31]: every "
+                                    "4th of 32"))
+            elif len(full) == arch.n_layers:
+                out.append(ctx.diag("M014", "model.full_attention_layers", "every layer is listed in "
+                                    "full_attention_layers: no layer keeps the window",
+                                    "remove sliding_window and full_attention_layers"))
+            elif arch.norm_placement != "post":
+                out.append(ctx.diag("M014", "model.full_attention_layers", "layers with and without the window are "
+                                    "modelled on OLMo 3's block only (norm_placement post, qk_norm_scope projection)",
+                                    "remove full_attention_layers (one window in every layer), or use OLMo 3's "
+                                    "block"))
+        elif arch.sliding_rope_theta is not None:
+            out.append(ctx.diag("M014", "model.sliding_rope_theta", "sliding_rope_theta without full_attention_layers "
+                                "(it is the windowed layers' base where others attend fully)",
+                                "set rope_theta instead"))
         if arch.multipliers is not None and not arch.nope_layers and not any(olmo2):
             other = _switches_on(arch, "qkv_bias", "qk_norm", "moe", "mla", "rotary_dim", "sliding_window")
             if other:

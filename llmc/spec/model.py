@@ -180,8 +180,9 @@ class RopeScaling(SpecModel):
     long_factor: tuple[Float, ...] | None = None
     """longrope rule only: the divisors for longer sequences."""
     attention_factor: Float | None = Field(default=None, gt=0)
-    """longrope rule only: cos/sin scale; None = sqrt(1 + ln(factor) / ln(original_max_position)) (1 for factor <= 1),
-    transformers' ``_compute_longrope_parameters``."""
+    """longrope and yarn rules only: cos/sin scale; None = longrope's sqrt(1 + ln(factor) / ln(original_max_position)),
+    yarn's 0.1 ln(factor) + 1 (1 for factor <= 1), transformers' ``_compute_longrope_parameters`` /
+    ``_compute_yarn_parameters`` (OLMo 3 states yarn's default, 1.2079 for factor 8)."""
 
     @model_validator(mode="after")
     def _longrope_fields(self) -> RopeScaling:
@@ -191,8 +192,10 @@ class RopeScaling(SpecModel):
                 raise ValueError("longrope needs short_factor and long_factor lists of the same length (head_dim / 2)")
             if min(self.short_factor + self.long_factor) <= 0:
                 raise ValueError("longrope short_factor / long_factor values must be > 0")
-        elif factors != (None, None) or self.attention_factor is not None:
-            raise ValueError(f"short_factor / long_factor / attention_factor belong to type longrope, not {self.type}")
+        elif factors != (None, None):
+            raise ValueError(f"short_factor / long_factor belong to type longrope, not {self.type}")
+        elif self.attention_factor is not None and self.type != "yarn":
+            raise ValueError(f"attention_factor belongs to types longrope and yarn, not {self.type}")
         return self
 
 
@@ -234,6 +237,16 @@ class Architecture(SpecModel):
     the query at position i attends to the keys at positions i - W + 1 .. i (Jiang et al. 2023, arXiv:2310.06825
     sec. 2; transformers' sliding-window causal mask). Modelled in the FLOP count, memory, timing, serving KV cache and
     llmc's trainer; GQA models only (M011). None = full causal attention."""
+    full_attention_layers: tuple[Annotated[Int, Field(ge=0)], ...] = Field(default=(), max_length=MAX_LAYERS)
+    """With ``sliding_window``: the layers (0-based) that attend to every earlier position while the others keep the
+    window (OLMo 3: every 4th, 3, 7, ..., 31 of 32; config.json ``layer_types`` "full_attention"). ``rope_scaling``
+    then applies in these layers only, the windowed ones rotating at ``rope_theta`` unscaled, as transformers'
+    per-layer-type RoPE (``Olmo3RotaryEmbedding``) and vLLM's OLMo 3 ("rope scaling is only applied on full attention
+    layers") do. Empty = the window in every layer. Modelled on OLMo 3's block (M014)."""
+    sliding_rope_theta: Float | None = Field(default=None, gt=0)
+    """With ``full_attention_layers``: the RoPE base of the windowed layers where it is not ``rope_theta``
+    (config.json ``rope_parameters.sliding_attention.rope_theta``; transformers >= 5 gives OLMo 3's windowed layers
+    its default 500000 whatever the full layers' base). None = ``rope_theta``."""
     rope_theta: Float = Field(default=10_000.0, gt=0)
     """RoPE base (Llama-2 10000, Llama-3 500000)."""
     nope_layers: tuple[Annotated[Int, Field(ge=0)], ...] = Field(default=(), max_length=MAX_LAYERS)
@@ -273,6 +286,10 @@ class Architecture(SpecModel):
     @property
     def hd(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of ``layer`` (0-based): ``sliding_window``, or None (every earlier position)."""
+        return None if layer in self.full_attention_layers else self.sliding_window
 
     @property
     def partial_rotary(self) -> int | None:

@@ -9,7 +9,7 @@ Llama-3.2-1B 1,235,814,400 (tied); Mistral-7B 7,241,732,096; Mixtral-8x7B 46,702
 Qwen2.5-7B 7,615,616,512; Qwen2.5-72B 72,706,203,648; DeepSeek-V3 671,026,419,200 (without MTP).
 Qwen3 (transformers' own count; the model cards round): 8B 8,190,735,360; 0.6B 596,049,920;
 30B-A3B 30,532,122,624; 235B-A22B 235,093,634,560. Phi (transformers' Phi3ForCausalLM count): Phi-3-mini-4k
-3,821,079,552; Phi-4 14,659,507,200.
+3,821,079,552; Phi-4 14,659,507,200. OLMo 2-7B 7,298,617,344; OLMo 3-7B 7,298,011,136 (the Hub's count).
 """
 
 from __future__ import annotations
@@ -91,6 +91,15 @@ PRESETS: dict[str, Architecture] = {
         "olmo2-7b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, d_ff=11008, vocab_size=100352,
         qk_norm=True, qk_norm_scope="projection", norm_placement="post", rope_theta=500000.0, norm_eps=1e-6,
         max_seq_len=4096,
+    ),
+    # https://huggingface.co/allenai/Olmo-3-1025-7B/blob/main/config.json (Olmo3ForCausalLM: OLMo 2's block, a 4096-token
+    # window in three of every four layers, YaRN x8 from 8192 in the full-attention ones; 7,298,011,136 parameters)
+    "olmo3-7b": _arch(
+        "olmo3-7b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, d_ff=11008, vocab_size=100278,
+        qk_norm=True, qk_norm_scope="projection", norm_placement="post", rope_theta=500000.0, norm_eps=1e-6,
+        max_seq_len=65536, sliding_window=4096, full_attention_layers=tuple(range(3, 32, 4)),
+        rope_scaling=RopeScaling(type="yarn", factor=8.0, original_max_position=8192, beta_fast=32.0, beta_slow=1.0,
+                                 attention_factor=1.2079441541679836),
     ),
     # https://huggingface.co/microsoft/phi-4/blob/main/config.json (Phi3ForCausalLM, GQA 40 / 10 heads, full attention)
     "phi4": _arch(
