@@ -29,9 +29,9 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
 def human(x: float, unit: str = "") -> str:
-    """1234567 -> '1.23M' (3 significant digits; K, M, B, T)."""
+    """1234567 -> '1.23M' (3 significant digits; K, M, B, T; 999,885,952 -> '1B', not '1e+03M')."""
     for suffix, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= div:
+        if float(f"{abs(x):.3g}") >= div:
             return f"{x / div:.3g}{suffix}{unit}"
     return f"{x:.3g}{unit}"
 
@@ -90,6 +90,9 @@ def _model(c) -> Table:
         shape += ", q/k norms" + (" over the whole projections" if a.qk_norm_scope == "projection" else "")
     if a.norm_placement == "post":
         shape += ", norms on the attention / MLP outputs (OLMo 2)"
+    if a.norm_placement == "sandwich":
+        shape += (", norms before and after attention and MLP (Gemma 3: 1 + weight), GeGLU, embeddings x sqrt(d_model)"
+                  + (f", softmax scale {a.query_pre_attn_scalar}^-0.5" if a.query_pre_attn_scalar else ""))
     if a.sliding_window:
         shape += f", sliding-window attention ({a.sliding_window} tokens"
         if a.full_attention_layers:

@@ -468,6 +468,30 @@ def test_olmo3_counts_windowed_and_full_layers_apart():
     assert kv_tokens_per_sequence(o3, "sglang", n) == n
 
 
+def test_gemma3_plans_the_native_trainer_with_its_block_counted():
+    """Gemma 3-1B: transformers' 999,885,952 parameters (test_spec_hf); torchtitan 0.3.0 has no Gemma block (X318),
+    so ``auto`` plans llmc's trainer (test_torchtitan_render: X318). Its FLOPs per token: 6 x the non-embedding weights (the tied head counted as a
+    matmul) + the attention term with 22 windowed layers at min(s, 512) keys and 4 full ones at s; the report
+    names the block and the two RoPE bases."""
+    from llmc.compiler import flops
+    from llmc.compiler.params import params_total
+    from llmc.report import render_text
+    from llmc.spec.presets import PRESETS
+
+    g = PRESETS["gemma3-1b"]
+    c = _compile(_spec("gemma3-1b", count=8, seq=8192, tokens="10B"))
+    assert c.backend.name == "native" and not _codes(c, "error")
+    assert "no Gemma 3 block" in c.backend.reason or "no sliding window" in c.backend.reason
+    assert c.model.params_total == params_total(g) == 999_885_952
+    H, hd, s = g.n_heads, g.hd, 8192
+    assert c.compute.flops_per_token == 6 * params_total(g) + 6 * (4 * s + 22 * 512) * H * 2 * hd
+    assert c.compute.flops_per_token == flops.train_flops_per_token(g, s)
+    text = " ".join(render_text(c).split())
+    assert "norms before and after attention and MLP (Gemma 3: 1 + weight), GeGLU, embeddings x sqrt(d_model)" in text
+    assert "theta 1e+06" in text and "windowed layers theta 10000" in text
+    assert "999,885,952 total (1B)" in text  # (3 significant digits round it up to the next unit, not to "1e+03M")
+
+
 def test_a_stage_that_starts_from_no_weights_is_flagged():
     """A stage with neither init_from nor init_hf is trained from a fresh init by every backend (a fine-tune of
     random weights): G008 at the stage, not for one that names its base or chains from an earlier stage."""

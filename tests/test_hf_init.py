@@ -54,6 +54,14 @@ def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: in
             "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, "pad_token_id": 0,
             "bos_token_id": 1, "eos_token_id": 2, **over})
         model = transformers.Olmo3ForCausalLM(cfg)
+    elif kind == "gemma3":  # norms before and after both branches (1 + weight), GeGLU, embeddings x sqrt(d), a window
+        # in layers 0 and 2 at base 100, full attention with linear RoPE scaling in layer 1, softmax scale 12^-0.5
+        cfg = transformers.Gemma3TextConfig(**{**TINY, "num_hidden_layers": 3, "head_dim": 16, "query_pre_attn_scalar": 12,
+                                               "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                                               "sliding_window": 5, "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+                                               "rope_local_base_freq": 100.0, "pad_token_id": 0, "bos_token_id": 1,
+                                               "eos_token_id": 2, **over})
+        model = transformers.Gemma3ForCausalLM(cfg)
     elif kind == "smollm3":  # no RoPE in the layers no_rope_layers flags 0 (SmolLM3-3B: every 4th)
         cfg = transformers.SmolLM3Config(**{**TINY, "num_hidden_layers": 3, "no_rope_layers": [1, 0, 1],
                                             "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **over})
@@ -103,7 +111,9 @@ def arch_of(path: Path):
                                        ("smollm3", {"tie_word_embeddings": True}), ("olmo2", {}),
                                        ("olmo2", {"tie_word_embeddings": True, "num_key_value_heads": 6}),
                                        ("olmo3", {"sliding_window": 5}),
-                                       ("olmo3", {"sliding_window": 4, "tie_word_embeddings": True})])
+                                       ("olmo3", {"sliding_window": 4, "tie_word_embeddings": True}),
+                                       ("gemma3", {"sliding_window": 5}),
+                                       ("gemma3", {"sliding_window": 4, "tie_word_embeddings": False})])
 def test_load_gives_transformers_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     if kind != "mixtral":  # sharded: several files + index
@@ -129,11 +139,12 @@ def test_load_gives_transformers_logits(tmp_path, kind, over):
                                                   "max_window_layers": 0}),
                                        ("smollm3", {"no_rope_layers": [0, 1, 0]}), ("olmo2", {}),
                                        ("olmo3", {"layer_types": ["full_attention", "sliding_attention"] * 2,
-                                                  "num_hidden_layers": 4})])
+                                                  "num_hidden_layers": 4}), ("gemma3", {})])
 def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     arch = arch_of(src)
-    assert arch.qk_norm is kind.startswith(("qwen3", "olmo")) and arch.hd == (over.get("head_dim") or 8)
+    assert arch.qk_norm is kind.startswith(("qwen3", "olmo", "gemma")) and arch.hd == (
+        over.get("head_dim") or (16 if kind == "gemma3" else 8))
     if kind == "qwen3_moe":
         assert (arch.moe.dense_layers, arch.moe.expert_d_ff, arch.d_ff) == (1, 40, 96)
     model = build_model(arch, seed=0).eval()
@@ -145,7 +156,8 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
     assert (out / "model.safetensors.index.json").exists() and len(list(out.glob("model-*.safetensors"))) > 1
     if arch.sliding_window:  # a window transformers applies (LlamaConfig has none: the Llama block goes as Mistral)
         assert arch_of(out).sliding_window == arch.sliding_window
-        assert json.loads((out / "config.json").read_text())["model_type"] == ("mistral" if kind == "mistral" else kind)
+        assert json.loads((out / "config.json").read_text())["model_type"] == {
+            "mistral": "mistral", "gemma3": "gemma3_text"}.get(kind, kind)
     if kind == "olmo2":  # the post-norm block with whole-projection q / k norms is Olmo2ForCausalLM's
         assert json.loads((out / "config.json").read_text())["architectures"] == ["Olmo2ForCausalLM"]
         assert (arch.norm_placement, arch.qk_norm_scope) == ("post", "projection") == (
@@ -155,6 +167,10 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
         assert cfg["layer_types"] == over["layer_types"] and cfg["architectures"] == ["Olmo3ForCausalLM"]
         assert (arch.full_attention_layers, arch.sliding_rope_theta) == ((0, 2), 5e5) == (
             arch_of(out).full_attention_layers, arch_of(out).sliding_rope_theta)
+    if kind == "gemma3":  # Gemma 3's block, its layer kinds and RoPE bases, its softmax scale: read back unchanged
+        assert json.loads((out / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+        assert arch_of(out).model_dump(exclude={"name"}) == arch.model_dump(exclude={"name"})
+        assert (arch.full_attention_layers, arch.sliding_rope_theta, arch.query_pre_attn_scalar) == ((1,), 100.0, 12)
     if kind == "smollm3":  # NoPE layers 0 and 2, written as SmolLM3Config's flags and read back
         assert json.loads((out / "config.json").read_text())["no_rope_layers"] == [0, 1, 0]
         assert arch_of(out).nope_layers == arch.nope_layers == (0, 2)
@@ -208,6 +224,28 @@ def test_olmo3_layer_kinds_are_what_makes_the_logits_equal(tmp_path):
     torch.testing.assert_close(outs[0], ref, atol=1e-5, rtol=1e-5)
     for other in outs[1:]:
         assert (other - ref).abs().max() > 100 * 1e-5
+
+
+def test_each_part_of_gemma3s_block_changes_the_logits(tmp_path):
+    """The checks above can fail: Gemma 3's weights in llmc's model give transformers' logits only with every part of
+    its block; without any one of them (norms scaling by weight instead of 1 + weight, no sqrt(d) on the
+    embeddings, SiLU for its tanh GELU, the usual softmax scale, the windowed
+    layers at the full layers' RoPE base, the window in every layer) the same weights give other logits."""
+    src = make_hf(tmp_path, "gemma3")
+    arch = arch_of(src)
+    tokens = torch.randint(0, arch.vocab_size, (1, 17), generator=torch.Generator().manual_seed(3))
+    variants = [{}, {"norm_unit_offset": False}, {"embedding_scale": False}, {"activation": "silu"},
+                {"query_pre_attn_scalar": None}, {"sliding_rope_theta": None}, {"full_attention_layers": ()}]
+    with torch.no_grad():
+        ref = hf_model(src)(input_ids=tokens).logits
+        outs = []
+        for v in variants:
+            model = build_model(arch.model_copy(update=v), seed=0).eval()
+            load_hf_into(model, src, arch)  # (the same weights; the checkpoint's config is arch's)
+            outs.append(model(tokens))
+    torch.testing.assert_close(outs[0], ref, atol=1e-5, rtol=1e-5)
+    for v, other in zip(variants[1:], outs[1:], strict=True):
+        assert (other - ref).abs().max() > 100 * 1e-5, v
 
 
 @pytest.mark.parametrize("partial", [None, 0.75])

@@ -178,12 +178,14 @@ def test_llama_layer_follows_korthikanti_term_by_term():
     assert layer_activation_bytes_per_token(a, 0, seq_len=s, flash_attention=False) - expected == 2 * H * s
 
 
-@pytest.mark.parametrize("qk_norm", [False, True, "olmo2"])
+@pytest.mark.parametrize("qk_norm", [False, True, "olmo2", "gemma3"])
 def test_llama_block_matches_autograd_saved_tensors(qk_norm):
     """Measure what autograd really keeps for a Llama block (bf16, CPU) and compare with the formula.
     With ``qk_norm`` (Qwen3) each query and key head passes an RMSNorm before RoPE (torchtitan's GQAttention).
     ``olmo2``: OLMo 2's block as llmc's runtime runs it (separate q / k / v projections, q and k normalised over the
-    whole projection, the two norms on the attention and MLP outputs before the residual adds).
+    whole projection, the two norms on the attention and MLP outputs before the residual adds). ``gemma3``: Gemma 3's
+    block as llmc's runtime runs it (norms before and after attention and MLP and on each q / k head, each scaling by
+    1 + weight in fp32 from an fp32 copy of its input, as transformers' Gemma3RMSNorm; GeGLU with the tanh GELU).
 
     The block mirrors torchtitan 0.3.0's ops: fused wqkv split into contiguous q/k/v, complex RoPE,
     SDPA with is_causal + enable_gqa (the CPU flash kernel: saves q, k, v, out, logsumexp), the
@@ -234,9 +236,28 @@ def test_llama_block_matches_autograd_saved_tensors(qk_norm):
         h = x + RMS.apply(o.transpose(1, 2).reshape(B, S, H * hd) @ wo.t(), g1)
         return h + RMS.apply((F.silu(h @ w1.t()) * (h @ w3.t())) @ w2.t(), g2)
 
+    ones = [torch.zeros(n, dtype=dt, requires_grad=True) for n in (d, d, d, d, hd, hd)]  # Gemma's weights (w = 0)
+    plus = [1.0 + w.float() for w in ones]  # the norms' (1 + w), parameter-sized (not per token)
+
+    def gnorm(x, i):  # transformers' Gemma3RMSNorm: fp32 input, (1 + w), cast back
+        return RMS.apply(x.float(), plus[i]).to(dt)
+
+    def gemma3_block(x):
+        xn = gnorm(x, 0)
+        q, k, v = (t.reshape(B, S, -1, hd) for t in (xn @ wq.t(), xn @ wk.t(), xn @ wv.t()))
+        q, k = rope(gnorm(q, 4)), rope(gnorm(k, 5))
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        h = x + gnorm(o.transpose(1, 2).reshape(B, S, H * hd) @ wo.t(), 1)
+        hn = gnorm(h, 2)
+        return h + gnorm((F.gelu(hn @ w1.t(), approximate="tanh") * (hn @ w3.t())) @ w2.t(), 3)
+
     def block(x):
         if qk_norm == "olmo2":
             return olmo2_block(x)
+        if qk_norm == "gemma3":
+            return gemma3_block(x)
         qkv = RMS.apply(x, g1) @ wqkv.t()
         q, k, v = qkv.split([H * hd, KV * hd, KV * hd], -1)
         q, k, v = (t.reshape(B, S, -1, hd).contiguous() for t in (q, k, v))
@@ -250,7 +271,8 @@ def test_llama_block_matches_autograd_saved_tensors(qk_norm):
         hn = RMS.apply(h, g2)
         return h + (F.silu(hn @ w1.t()) * (hn @ w3.t())) @ w2.t()
 
-    skip = {t.untyped_storage().data_ptr() for t in (wqkv, wo, w1, w2, w3, g1, g2, gq, gk, freqs, gq_all, gk_all, wq, wk, wv)}
+    skip = {t.untyped_storage().data_ptr() for t in (wqkv, wo, w1, w2, w3, g1, g2, gq, gk, freqs, gq_all, gk_all, wq, wk, wv,
+                                                     *ones, *plus)}
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -263,9 +285,11 @@ def test_llama_block_matches_autograd_saved_tensors(qk_norm):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x)
     measured = sum(saved.values()) / (B * S)
-    olmo2 = {"qk_norm": True, "qk_norm_scope": "projection", "norm_placement": "post"}
+    blocks = {"olmo2": {"qk_norm": True, "qk_norm_scope": "projection", "norm_placement": "post"},
+              "gemma3": {"qk_norm": True, "norm_placement": "sandwich", "norm_unit_offset": True,
+                         "activation": "gelu_tanh", "embedding_scale": True}}
     arch = Architecture(n_layers=1, d_model=d, n_heads=H, n_kv_heads=KV, d_ff=f, vocab_size=100,
-                        **(olmo2 if qk_norm == "olmo2" else {"qk_norm": qk_norm}))
+                        **blocks.get(qk_norm, {"qk_norm": qk_norm}))
     assert measured == layer_activation_bytes_per_token(arch, 0)
 
 

@@ -254,8 +254,11 @@ def test_parallel_layouts_match_single_process(tmp_path, docs, layout):
     # OLMo 3: OLMo 2's block, a window of 8 of the 32 positions in layer 0, full attention and YaRN in layer 1
     {"qk_norm": True, "qk_norm_scope": "projection", "norm_placement": "post", "sliding_window": 8,
      "full_attention_layers": [1], "rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position": 16}},
+    # Gemma 3: norms before and after both branches and on each q / k head (1 + weight), GeGLU, scaled embeddings
+    {"qk_norm": True, "norm_placement": "sandwich", "norm_unit_offset": True, "activation": "gelu_tanh",
+     "embedding_scale": True, "sliding_window": 8, "full_attention_layers": [1], "sliding_rope_theta": 100.0},
     {"mla": {"q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 12}},
-], ids=["qk_norm", "olmo3", "mla"])
+], ids=["qk_norm", "olmo3", "gemma3", "mla"])
 def test_tensor_parallel_matches_single_process(tmp_path, docs, model):
     """TP 2 inside FSDP2 over 2 (4 ranks) equals one process: losses and the global gradient norm.
 

@@ -14,7 +14,7 @@ HF = Path(__file__).resolve().parent / "fixtures" / "hf"
 CONFIGS = sorted(HF.glob("*.json"))
 
 REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
-            "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "olmo2-7b", "olmo3-7b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
+            "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "olmo2-7b", "olmo3-7b", "gemma3-1b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
             "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "tiny", "tiny-moe"]
 
 
@@ -95,7 +95,7 @@ def test_preset_params_match_published_totals():
 
 #: config.json model_type -> the prefix of transformers' config / model classes
 _HF_CLASSES = {"qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "phi3": "Phi3", "smollm3": "SmolLM3", "olmo2": "Olmo2",
-               "olmo3": "Olmo3"}
+               "olmo3": "Olmo3", "gemma3_text": ("Gemma3", "Gemma3Text")}
 
 
 def _meta_model(name: str):
@@ -105,9 +105,10 @@ def _meta_model(name: str):
     transformers = pytest.importorskip("transformers")
     cfg = json.loads((HF / f"{name}.json").read_text())
     cls = _HF_CLASSES[cfg["model_type"]]
+    model_cls, config_cls = cls if isinstance(cls, tuple) else (cls, cls)  # (Gemma 3's text config has its own class)
     keep = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "transformers_version")}
     with torch.device("meta"):
-        return cfg, getattr(transformers, f"{cls}ForCausalLM")(getattr(transformers, f"{cls}Config")(**keep))
+        return cfg, getattr(transformers, f"{model_cls}ForCausalLM")(getattr(transformers, f"{config_cls}Config")(**keep))
 
 
 def _numel(model) -> int:
@@ -191,6 +192,56 @@ def test_olmo3_count_windows_and_rope_equal_transformers():
         ours, mscale = rope_inv_freq(arch.hd, arch.sliding_rope_theta or arch.rope_theta, scaling)
         torch.testing.assert_close(ours, getattr(rot, f"{kind}_inv_freq").float(), rtol=1e-6, atol=0)
         assert mscale == pytest.approx(getattr(rot, f"{kind}_attention_scaling"))
+
+
+def test_gemma3_count_layer_kinds_and_rope_equal_transformers():
+    """transformers' own Gemma3ForCausalLM (meta device) for google/gemma-3-1b-pt's config has llmc's parameter
+    count, 999,885,952 (four norms a block, per-head q / k norms of head_dim 256, tied embeddings of 262,144 rows);
+    its attention kinds are llmc's (a 512 window but in layers 5, 11, 17, 23: sliding_window_pattern 6) and its
+    per-kind rotary embedding is llmc's (base 1e6 in the full layers, rope_local_base_freq 1e4 in the windowed)."""
+    import torch
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    from llmc.compiler.params import params_total
+    from llmc.runtime.model import rope_inv_freq
+
+    cfg, model = _meta_model("gemma3-1b")
+    arch = architecture_from_hf_config(cfg)
+    assert params_total(arch) == _numel(model) == 999_885_952
+    kinds = model.config.layer_types
+    assert arch.full_attention_layers == tuple(i for i, k in enumerate(kinds) if k == "full_attention") == (
+        5, 11, 17, 23)
+    rot = Gemma3RotaryEmbedding(model.config, device="cpu")
+    for kind, theta in (("full_attention", arch.rope_theta), ("sliding_attention", arch.sliding_rope_theta)):
+        ours, mscale = rope_inv_freq(arch.hd, theta, None)
+        torch.testing.assert_close(ours, getattr(rot, f"{kind}_inv_freq").float(), rtol=1e-6, atol=0)
+        assert mscale == getattr(rot, f"{kind}_attention_scaling") == 1.0
+
+
+def test_gemma3_defaults_and_refusals():
+    """Gemma3TextConfig's defaults where a key is absent (tied embeddings, head_dim 256, window 4096 but in every 6th
+    layer, RoPE bases 1e6 / 1e4, query_pre_attn_scalar 256 = head_dim: the usual scale); a query_pre_attn_scalar
+    apart from head_dim (Gemma 3-27B's 168 over 128) is kept; Gemma 2's soft-capping, bidirectional attention,
+    another activation and biases are refused at once, each named."""
+    from llmc.spec.families import family_of
+
+    base = {"model_type": "gemma3_text", "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 6,
+            "hidden_size": 64, "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 8192}
+    a = architecture_from_hf_config(base)
+    assert (a.tied_embeddings, a.hd, a.sliding_window, a.full_attention_layers, a.rope_theta, a.sliding_rope_theta,
+            a.query_pre_attn_scalar, family_of(a).name) == (True, 256, 4096, (5,), 1e6, 1e4, None, "gemma3")
+    b = architecture_from_hf_config({**base, "head_dim": 128, "query_pre_attn_scalar": 168,
+                                     "tie_word_embeddings": False})
+    assert (b.query_pre_attn_scalar, b.tied_embeddings) == (168, False)
+    with pytest.raises(HFConfigError) as e:
+        architecture_from_hf_config({**base, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                                     "use_bidirectional_attention": True, "hidden_activation": "gelu",
+                                     "attention_bias": True})
+    assert sorted(m.split("'")[1] for m in e.value.messages) == [
+        "attention_bias", "attn_logit_softcapping", "final_logit_softcapping", "hidden_activation",
+        "use_bidirectional_attention"]
+    with pytest.raises(HFConfigError, match="give its text_config .model_type gemma3_text."):
+        architecture_from_hf_config({"model_type": "gemma3", "text_config": base})
 
 
 def test_olmo3_layer_kinds_defaults_and_refusals():

@@ -192,6 +192,10 @@ def test_unexpressible_architectures_give_diagnostics_not_modules():
     [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "qk_norm": True, "qk_norm_scope": "projection",
                                                      "norm_placement": "post"}))
     assert (d.code, d.path) == ("X317", "model.norm_placement") and "OLMo 2" in d.message
+    [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "qk_norm": True, "norm_placement": "sandwich",
+                                                     "norm_unit_offset": True, "activation": "gelu_tanh",
+                                                     "embedding_scale": True}))
+    assert (d.code, d.path) == ("X318", "model.norm_placement") and "Gemma 3" in d.message
     tied_pp = compiled_for(model={**TINY, "tied_embeddings": True},
                            plan=ParallelPlan(pp=2, micro_batch=1, grad_accum=4))
     assert [d.code for d in torchtitan_diagnostics(tied_pp)] == ["X303"]

@@ -406,7 +406,7 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
     OLMo 2's block; with ``init_hf`` (the spec
     path the pre-training weights come from) a family or checkpoint its state-dict adapters cannot read
     (``hf_model_type``: the checkpoint's config.json model_type, gathered before compiling). The torchtitan emitter
-    reports these as its X301 / X302 / X309 / X310 / X314 / X315 / X316 / X317 errors; ``training.backend: auto`` picks another
+    reports these as its X301 / X302 / X309 / X310 / X314 / X315 / X316 / X317 / X318 errors; ``training.backend: auto`` picks another
     backend for such a model (:func:`resolve_backend`)."""
     v = TARGET_VERSIONS["torchtitan"]
     fam = family_of(arch)
@@ -443,6 +443,11 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
                             f"torchtitan {v}'s Llama attention applies RoPE in every layer (this model has none in "
                             f"{len(arch.nope_layers)} of its {arch.n_layers} layers: NoPE)",
                             "build with training.backend native or deepspeed: llmc's model skips RoPE there"))
+    if arch.norm_placement == "sandwich" or arch.norm_unit_offset or arch.activation != "silu" or arch.embedding_scale:
+        out.append(ModelGap("X318", "model.norm_placement",
+                            f"torchtitan {v} has no Gemma 3 block (norms before and after attention and MLP scaling "
+                            "by 1 + weight, GeGLU, embeddings x sqrt(d_model))",
+                            "build with training.backend native or deepspeed"))
     if arch.norm_placement == "post" or arch.qk_norm_scope == "projection":
         out.append(ModelGap("X317", "model.norm_placement",
                             f"torchtitan {v} has no OLMo 2 block (norms on the attention / MLP outputs, q / k norms "

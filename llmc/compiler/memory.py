@@ -402,11 +402,25 @@ def _attn_act_per_token(arch: Architecture) -> tuple[float, float, float]:
         return inter + qkv, lin_out, H * dv
     hd, kv = arch.hd, arch.kv_heads
     qkv = H * hd + 2 * kv * hd  # post-RoPE q, k and v saved by SDPA (GQA: K/V at n_kv heads)
-    if arch.qk_norm:  # q/k norms keep their inputs (wq / wk outputs) and one fp32 rstd per head (Qwen3) or per
-        # projection (OLMo 2's norm over all heads at once)
-        qkv += (H + kv) * hd + (2 * (H + kv) if arch.qk_norm_scope == "head" else 2 * 2)
+    if arch.qk_norm:  # q/k norms keep their inputs (wq / wk outputs; Gemma's in fp32: 2 elements each) and one fp32
+        # rstd per head (Qwen3) or per projection (OLMo 2's norm over all heads at once)
+        qkv += (H + kv) * hd * (2 if arch.norm_unit_offset else 1) + (
+            2 * (H + kv) if arch.qk_norm_scope == "head" else 2 * 2)
     lin_out = H * hd + 2 * kv * hd + arch.d_model  # wq, wk, wv, wo outputs
     return qkv, lin_out, H * hd
+
+
+def block_norm_elems(arch: Architecture) -> float:
+    """Elements per token a block's RMSNorms keep for the backward (16-bit units): each norm its input and one fp32
+    rstd (2), a norm feeding a matmul also its output (the matmul's input): 4 d + 4 for Llama's two (OLMo 2's on the
+    outputs keep as much: the next matmul keeps the residual instead). Gemma's four (before and after attention and
+    MLP, ``norm_placement: sandwich``) upcast their input to fp32 (``Gemma3RMSNorm``), kept so: 2 d each, the two
+    before the branches their output too: 4 (2 d + 2) + 2 d = 10 d + 8."""
+    d = arch.d_model
+    if arch.norm_placement == "sandwich":
+        inp = 2 * d if arch.norm_unit_offset else d
+        return 4 * (inp + 2) + 2 * d
+    return 4 * d + 4
 
 
 def _ffn_act_per_token(arch: Architecture, i: int) -> tuple[float, float]:
@@ -480,8 +494,9 @@ def layer_activation_bytes_per_token(
         return d * bytes_per_elem
     attn_saved, attn_lin, attn_out = _attn_act_per_token(arch)
     ffn_saved, ffn_lin = _ffn_act_per_token(arch, i)
+    norms = block_norm_elems(arch)
     if ac_mode == "none":
-        elems = 4 * d + 4 + attn_saved + attn_out + 2 * H + ffn_saved  # +4: two fp32 rstd
+        elems = norms + attn_saved + attn_out + 2 * H + ffn_saved
         score = 0.0 if flash_attention else H * seq_len  # softmax output, a s^2 b per sequence
         return (elems + score) * bytes_per_elem
     if ac_mode == "selective":
@@ -491,7 +506,7 @@ def layer_activation_bytes_per_token(
         core_in = attn_saved
         if arch.mla is not None:  # the core gets k_pe once (rope dims) and expands it to every head itself
             core_in -= (H - 1) * arch.mla.qk_rope_head_dim
-        return (4 * d + 4 + core_in + attn_out + ffn_saved) * bytes_per_elem
+        return (norms + core_in + attn_out + ffn_saved) * bytes_per_elem
     raise ValueError(f"unknown activation checkpointing mode {ac_mode!r}")
 
 
@@ -675,12 +690,12 @@ def _replicated_per_token(arch, layers, ac: str, has_head: bool, act_b: float) -
     the two norms' inputs and outputs + their fp32 rstd (4 d + 4 elements) where the block keeps its activations, its
     input (d) where it is recomputed (full, or torchtitan-style selective); + the final norm's and the head's inputs.
     ``layers``: the stage's blocks, or under partial recomputation its (recomputed, kept) blocks."""
-    d = arch.d_model
+    d, norms = arch.d_model, block_norm_elems(arch)
     if ac == "partial":
         rec, kept = layers
-        elems = len(rec) * d + len(kept) * (4 * d + 4)
+        elems = len(rec) * d + len(kept) * norms
     else:
-        elems = len(layers) * (d if ac in ("full", "selective") else 4 * d + 4)
+        elems = len(layers) * (d if ac in ("full", "selective") else norms)
     return (elems + (2 * d if has_head else 0)) * act_b
 
 

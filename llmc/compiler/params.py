@@ -9,7 +9,8 @@ shapes as the Hugging Face checkpoints:
 * GQA attention: ``wq`` [H*hd, d], ``wk``/``wv`` [KV*hd, d], ``wo`` [d, H*hd]; Qwen2-style q/k/v biases
   [H*hd] + 2*[KV*hd] when ``qkv_bias``; Qwen3's ``q_norm`` / ``k_norm`` [hd] each when ``qk_norm`` (one RMSNorm
   weight shared by every head, HF ``Qwen3Attention``), OLMo 2's [H*hd] / [KV*hd] with ``qk_norm_scope: projection``
-  (HF ``Olmo2Attention``). ``norm_placement: post`` moves the two block norms, it does not add any.
+  (HF ``Olmo2Attention``). ``norm_placement: post`` moves the two block norms, it does not add any; ``sandwich``
+  (Gemma 3) adds two more, on the outputs of attention and MLP: 4 [d] a block.
 * MLA attention (DeepSeek-V2/V3, arXiv 2405.04434 sec. 2.1): ``wq_a`` [q_lora, d], ``q_norm`` [q_lora],
   ``wq_b`` [H*(nope+rope), q_lora] (or ``wq`` [H*(nope+rope), d] when q_lora_rank is None),
   ``wkv_a`` [kv_lora+rope, d], ``kv_norm`` [kv_lora], ``wkv_b`` [H*(nope+v), kv_lora], ``wo`` [d, H*v].
@@ -111,6 +112,8 @@ def layer_components(arch: Architecture, i: int) -> dict[str, int]:
     if not 0 <= i < arch.n_layers:
         raise IndexError(f"layer {i} out of range 0..{arch.n_layers - 1}")
     out = {"norm/attn": arch.d_model, "norm/ffn": arch.d_model}  # RMSNorm weights, no bias
+    if arch.norm_placement == "sandwich":  # Gemma: a norm before and one after each of attention and MLP
+        out["norm/attn_post"], out["norm/ffn_post"] = arch.d_model, arch.d_model
     out.update(_attn_components(arch))
     out.update(_ffn_components(arch, i))
     return out

@@ -221,6 +221,11 @@ def hf_names(arch, rope_interleave: bool = True, fused: bool = False) -> dict[st
         if arch.norm_placement == "post":  # OLMo 2 (Olmo2DecoderLayer): the norms of the branches' outputs
             out[s + "attention_norm.weight"] = HFParam((d + "post_attention_layernorm.weight",))
             out[s + "ffn_norm.weight"] = HFParam((d + "post_feedforward_layernorm.weight",))
+        elif arch.norm_placement == "sandwich":  # Gemma 3 (Gemma3DecoderLayer): norms before and after both branches
+            for ours, theirs in (("attention_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+                                 ("ffn_norm", "pre_feedforward_layernorm"),
+                                 ("post_ffn_norm", "post_feedforward_layernorm")):
+                out[f"{s}{ours}.weight"] = HFParam((f"{d}{theirs}.weight",))
         else:
             out[s + "attention_norm.weight"] = HFParam((d + "input_layernorm.weight",))
             out[s + "ffn_norm.weight"] = HFParam((d + "post_attention_layernorm.weight",))
@@ -649,6 +654,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
     """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q/k norms),
     Phi3ForCausalLM (partial RoPE), GraniteForCausalLM (muP multipliers), SmolLM3ForCausalLM (NoPE layers),
     Olmo2ForCausalLM (post-norm blocks), Olmo3ForCausalLM (post-norm blocks with a sliding window),
+    Gemma3ForCausalLM (sandwich-norm blocks),
     MistralForCausalLM (a sliding window), MixtralForCausalLM, Qwen3MoeForCausalLM
     (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see :func:`export_hf`."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
@@ -681,9 +687,15 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
         # is implied by the type (their default pad id 1 would make token 1's embedding row nn.Embedding's
         # padding_idx: no gradient there)
         cfg.update(attention_bias=False, pad_token_id=None)
-    if mtype == "olmo3":  # one attention kind per layer; its rope_scaling applies to the full-attention ones only
+    if mtype in ("olmo3", "gemma3_text"):  # one attention kind per layer; rope_scaling in the full-attention ones only
         cfg.update(sliding_window=w, layer_types=["sliding_attention" if arch.layer_window(i) else "full_attention"
                                                   for i in range(arch.n_layers)])
+    if mtype == "gemma3_text":  # Gemma3TextConfig (transformers configuration_gemma3.py): its block implied by the type
+        del cfg["hidden_act"]
+        cfg.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=arch.query_pre_attn_scalar or arch.hd,
+                   rope_local_base_freq=arch.sliding_rope_theta or arch.rope_theta, attention_bias=False,
+                   attn_logit_softcapping=None, final_logit_softcapping=None, use_bidirectional_attention=False,
+                   pad_token_id=None)  # (its default pad id 0: a padding_idx row of the embedding, no gradient)
     if mtype == "smollm3":  # SmolLM3Config (transformers configuration_smollm3.py): one RoPE flag per layer, 0 = NoPE
         cfg.update(no_rope_layers=[int(i not in arch.nope_layers) for i in range(arch.n_layers)],
                    use_sliding_window=False, sliding_window=None, attention_bias=False, mlp_bias=False,
@@ -707,7 +719,8 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
     scaling = _rope_scaling_config(arch)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
-    if mtype == "olmo3":  # transformers >= 5's per-kind RoPE (else the windowed layers take its default base 500000)
+    if mtype in ("olmo3", "gemma3_text"):  # transformers >= 5's per-kind RoPE (else OLMo 3's windowed layers take its
+        # default base 500000)
         cfg["rope_parameters"] = {
             "full_attention": {**(scaling or {"rope_type": "default"}), "rope_theta": arch.rope_theta},
             "sliding_attention": {"rope_type": "default", "rope_theta": arch.sliding_rope_theta or arch.rope_theta}}

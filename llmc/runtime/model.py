@@ -7,6 +7,7 @@ checkpoints and with the compiler's ``param_breakdown`` keys::
 
     tok_embeddings.weight
     layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight   (OLMo 2: on the branches' outputs)
+    layers.{i}.post_attention_norm.weight, layers.{i}.post_ffn_norm.weight   (Gemma 3: on the outputs too)
     layers.{i}.attention.{wq,wk,wv,wo}.weight           (GQA; q/k/v biases when qkv_bias)
     layers.{i}.attention.{q_norm,k_norm}.weight         (GQA with qk_norm: Qwen3 per head, OLMo 2 per projection)
     layers.{i}.attention.{wq_a,q_norm,wq_b | wq, wkv_a,kv_norm,wkv_b,wo}   (MLA)
@@ -46,14 +47,20 @@ from llmc.spec.model import Architecture, RopeScaling
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019), computed in fp32."""
+    """y = x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019), computed in fp32. ``unit_offset`` (Gemma):
+    y = x / sqrt(mean(x^2) + eps) * (1 + weight), the weight starting at 0, computed in fp32 and cast back as
+    transformers' ``Gemma3RMSNorm`` does (its input is kept in fp32 for the backward:
+    llmc.compiler.memory counts it so)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, unit_offset: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unit_offset:
+            return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), eps=self.eps).to(x.dtype)
         # one fused op with the weight, as torch.nn.RMSNorm (torchtitan's norm): it computes in fp32 and saves
         # only x and the fp32 rstd for the backward. Upcasting x first (x.float()) saved an fp32 copy of x plus the
         # normalised output for the weight's product: 8 extra bytes per element of the two norms of a block
@@ -61,7 +68,12 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), w, eps=self.eps)
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        (nn.init.zeros_ if self.unit_offset else nn.init.ones_)(self.weight)
+
+
+def norm_for(arch: Architecture, dim: int) -> RMSNorm:
+    """The model's RMSNorm over ``dim`` features (its epsilon; Gemma's 1 + weight)."""
+    return RMSNorm(dim, arch.norm_eps, arch.norm_unit_offset)
 
 
 def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: bool = False
@@ -253,14 +265,15 @@ class Attention(nn.Module):
         # None, "head" (Qwen3: per head) or "projection" (OLMo 2: over the whole q / k output, before the head split)
         self.qk_norm = arch.qk_norm_scope if arch.qk_norm else None
         if self.qk_norm == "projection":
-            self.q_norm = RMSNorm(arch.n_heads * hd, arch.norm_eps)
-            self.k_norm = RMSNorm(arch.kv_heads * hd, arch.norm_eps)
+            self.q_norm = norm_for(arch, arch.n_heads * hd)
+            self.k_norm = norm_for(arch, arch.kv_heads * hd)
         elif self.qk_norm == "head":
-            self.q_norm, self.k_norm = RMSNorm(hd, arch.norm_eps), RMSNorm(hd, arch.norm_eps)
+            self.q_norm, self.k_norm = norm_for(arch, hd), norm_for(arch, hd)
         # partial RoPE (Phi-4-mini): only the first rotary_dim dims of each head rotate, as HF Phi3Attention's q_rot
         self.rotary = arch.partial_rotary
-        # Granite's softmax scale (attention_multiplier); None = SDPA's 1/sqrt(head_dim)
-        self.scale = arch.multipliers.attention if arch.multipliers is not None else None
+        # Granite's softmax scale (attention_multiplier), Gemma's query_pre_attn_scalar^-0.5; None = 1/sqrt(head_dim)
+        self.scale = (arch.multipliers.attention if arch.multipliers is not None
+                      else arch.query_pre_attn_scalar ** -0.5 if arch.query_pre_attn_scalar else None)
         self.window = window  # None: full causal attention (the layer's own: Architecture.layer_window)
         self.checkpoint_core = False  # selective activation checkpointing (see Transformer.set_ac)
 
@@ -377,16 +390,19 @@ class MLAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x); ``activation`` gelu_tanh: GeGLU with the tanh-approximated GELU
+    (Gemma: transformers' ``gelu_pytorch_tanh``)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "silu"):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.gelu = activation == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        g = self.w1(x)
+        return self.w2((F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)) * self.w3(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.trunc_normal_(self.w1.weight, std=std, a=-3 * std, b=3 * std)
@@ -541,19 +557,23 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, arch: Architecture):
         super().__init__()
         self.layer_id = layer_id
-        self.attention_norm = RMSNorm(arch.d_model, arch.norm_eps)
+        self.attention_norm = norm_for(arch, arch.d_model)
         self.attention = (MLAttention(arch) if arch.mla is not None
                           else Attention(arch, rope=layer_id not in arch.nope_layers,
                                          window=arch.layer_window(layer_id)))
         # OLMo 3: a windowed layer of a model with full-attention layers rotates without the rope_scaling
         # (Transformer.rope_local); every other layer takes the model's table
         self.local_rope = bool(arch.full_attention_layers) and arch.layer_window(layer_id) is not None
-        self.ffn_norm = RMSNorm(arch.d_model, arch.norm_eps)
+        self.ffn_norm = norm_for(arch, arch.d_model)
+        # Gemma: the attention's and the MLP's outputs pass a norm of their own too, before the residual adds
+        self.sandwich = arch.norm_placement == "sandwich"
+        if self.sandwich:
+            self.post_attention_norm, self.post_ffn_norm = norm_for(arch, arch.d_model), norm_for(arch, arch.d_model)
         self.is_moe = arch.moe is not None and layer_id >= arch.moe.dense_layers
         if self.is_moe:
             self.moe = MoE(arch)
         else:
-            self.feed_forward = FeedForward(arch.d_model, arch.d_ff)
+            self.feed_forward = FeedForward(arch.d_model, arch.d_ff, arch.activation)
         # Granite: each branch's output x residual_multiplier before its residual add (1: none)
         self.residual = arch.multipliers.residual if arch.multipliers is not None else 1.0
         # OLMo 2: the two norms on the branches' outputs (a dense block without multipliers: the spec's M013)
@@ -564,6 +584,10 @@ class TransformerBlock(nn.Module):
         if self.post_norm:  # h = x + norm(attention(x)); out = h + norm(mlp(h)) (HF Olmo2DecoderLayer)
             h = x + self.attention_norm(self.attention(x, rope, cache, self.layer_id))
             return h + self.ffn_norm(self.feed_forward(h)), h.new_zeros((), dtype=torch.float32)
+        if self.sandwich:  # h = x + norm(attention(norm(x))); out = h + norm(mlp(norm(h))) (HF Gemma3DecoderLayer)
+            h = x + self.post_attention_norm(self.attention(self.attention_norm(x), rope, cache, self.layer_id))
+            return (h + self.post_ffn_norm(self.feed_forward(self.ffn_norm(h))),
+                    h.new_zeros((), dtype=torch.float32))
         a = self.attention(self.attention_norm(x), rope, cache, self.layer_id)  # (B, T, D)
         h = x + (a if self.residual == 1.0 else a * self.residual)
         if self.is_moe:
@@ -575,6 +599,9 @@ class TransformerBlock(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
+        if self.sandwich:
+            self.post_attention_norm.reset_parameters()
+            self.post_ffn_norm.reset_parameters()
         self.attention.init_weights(std, out_std)
         (self.moe if self.is_moe else self.feed_forward).init_weights(std, out_std)
 
@@ -588,7 +615,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(arch.vocab_size, arch.d_model)
         # ModuleDict keyed "0".."L-1" (torchtitan) so pipeline/FSDP wrapping keeps stable FQNs
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, arch) for i in range(arch.n_layers)})
-        self.norm = RMSNorm(arch.d_model, arch.norm_eps)
+        self.norm = norm_for(arch, arch.d_model)
         if not arch.tied_embeddings:
             self.lm_head = nn.Linear(arch.d_model, arch.vocab_size, bias=False)
         self.rope_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else arch.partial_rotary or arch.hd
@@ -606,6 +633,8 @@ class Transformer(nn.Module):
         self.ac_mode, self.ac_layers = "none", 0  # see set_ac
         mult = arch.multipliers
         self.embed_scale, self.logit_div = (mult.embedding, mult.logits) if mult is not None else (1.0, 1.0)
+        # Gemma: embeddings x sqrt(d_model), the factor rounded to the weights' dtype (Gemma3TextScaledWordEmbedding)
+        self.embed_sqrt_d = arch.embedding_scale
 
     def _rope_tables(self, long: bool = False) -> torch.Tensor:
         a = self.arch
@@ -670,6 +699,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, D)
         if self.embed_scale != 1.0:  # Granite's embedding_multiplier
             h = h * self.embed_scale
+        if self.embed_sqrt_d:
+            h = h * torch.tensor(self.arch.d_model ** 0.5, dtype=h.dtype)
         aux = h.new_zeros((), dtype=torch.float32)
         n_ckpt = 0 if cache is not None else self._recomputed_blocks()
         for i, blk in enumerate(self.layers.values()):

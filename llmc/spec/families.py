@@ -28,9 +28,12 @@ Sources:
     the outputs of attention and MLP (before the residual add) and q / k norms over the whole projections
   * OLMo 3: Team OLMo 2025, "Olmo 3" (https://allenai.org/blog/olmo3; transformers modeling_olmo3.py): OLMo 2's block
     with a sliding window (4096) in three of every four layers, RoPE scaling (YaRN) in the full-attention layers only
-  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,smollm3,olmo2,olmo3,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
+  * Gemma 3: Gemma Team 2025, "Gemma 3 Technical Report" (arXiv:2503.19786 sec. 2): GQA with per-head q / k norms,
+    RMSNorms before and after attention and MLP (scaling by 1 + weight), GeGLU (tanh GELU), embeddings x sqrt(d),
+    five windowed layers (RoPE base 10k) for every full one (base 1M; transformers modeling_gemma3.py)
+  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,smollm3,olmo2,olmo3,gemma3,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
   * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
-Gemma is not declared: its per-layer attention pattern, GeGLU, sandwich norms and soft-capping are not modelled.
+Gemma 2 is not declared: its logit soft-capping is not modelled.
 """
 
 from __future__ import annotations
@@ -104,6 +107,10 @@ FAMILIES: dict[str, Family] = {
     "olmo2": Family("olmo2", ("olmo2",), "Olmo2ForCausalLM", "gqa", False, False, "llama3", ("olmo2",)),
     # OLMo 2's block with a sliding window, in every layer or all but ``full_attention_layers`` (OLMo 3: 3 of 4)
     "olmo3": Family("olmo3", ("olmo3",), "Olmo3ForCausalLM", "gqa", False, False, "llama3", ("olmo3",)),
+    # norms before and after attention and MLP, GeGLU, scaled embeddings, mixed windows (Gemma 3): no torchtitan 0.3.0
+    # model has this block (backends.torchtitan_model_gaps, X318)
+    "gemma3": Family("gemma3", ("gemma3_text",), "Gemma3ForCausalLM", "gqa", False, False, "llama3", ("gemma3",),
+                     qk_norm=True),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
     "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),
     "deepseek_v3": Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", "mla", True, False,
@@ -120,7 +127,7 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES
 
 def family_of(arch: Architecture) -> Family:
     """The family an architecture's switches select: MLA -> deepseek_v3, MoE -> qwen3_moe with q/k norms, else
-    mixtral, post-norm blocks -> olmo2 (olmo3 with a sliding window), q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
+    mixtral, post-norm blocks -> olmo2 (olmo3 with a sliding window), sandwich norms -> gemma3, q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
     sliding window -> mistral, NoPE layers -> smollm3, else llama (the spec refuses q/k norms with MLA: M006;
     multipliers combine with none of these: M010; NoPE layers neither: M012; OLMo 2's block: M013)."""
     if arch.mla is not None:
@@ -129,6 +136,8 @@ def family_of(arch: Architecture) -> Family:
         return FAMILIES["qwen3_moe" if arch.qk_norm else "mixtral"]
     if arch.norm_placement == "post":
         return FAMILIES["olmo3" if arch.sliding_window is not None else "olmo2"]
+    if arch.norm_placement == "sandwich":
+        return FAMILIES["gemma3"]
     if arch.qk_norm:
         return FAMILIES["qwen3"]
     if arch.qkv_bias:

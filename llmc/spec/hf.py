@@ -112,7 +112,7 @@ _MAX_WINDOW_LAYERS_TYPES = frozenset({"qwen2", "qwen3", "qwen3_moe"})
 #: transformers' per-layer attention kinds (``layer_types``) llmc reads: every layer one or the other (OLMo 3: a mix)
 _LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
 #: model_types whose layers may mix the two kinds (llmc's ``full_attention_layers``)
-_MIXED_LAYER_TYPES = frozenset({"olmo3"})
+_MIXED_LAYER_TYPES = frozenset({"olmo3", "gemma3_text"})
 
 
 def _int(cfg: dict[str, Any], key: str, default: int | None = None, *, minimum: int = 1) -> int:
@@ -386,12 +386,22 @@ def _olmo3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
     _olmo2(cfg, kw, errs)
     if cfg.get("rope_theta") is None:
         kw["rope_theta"] = 500000.0
+    _layer_kinds(cfg, kw, errs, every=4, window=4096, local_theta=None)
+
+
+def _layer_kinds(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, every: int, window: int,
+                 local_theta: float | None) -> None:
+    """A mixed-window model's ``layer_types`` (absent: full attention in every ``every``-th layer, (i + 1) % every
+    == 0, as its config class derives them) -> ``full_attention_layers``; ``sliding_window`` absent = ``window``; the
+    windowed layers' RoPE base, from transformers >= 5's ``rope_parameters.sliding_attention`` (else
+    ``local_theta``, else the full layers'), where it differs -> ``sliding_rope_theta``; a scaling there is
+    refused."""
     n = kw.get("n_layers")
     if n is None:
         return
     kinds = cfg.get("layer_types")
     if kinds is None:
-        kinds = ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n)]
+        kinds = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
     elif len(kinds) != n:
         errs.append(f"config.json 'layer_types' must list one kind for each of the {n} layers (got {len(kinds)})")
         return
@@ -405,25 +415,62 @@ def _olmo3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
         kw["full_attention_layers"] = full
     rp = cfg.get("rope_parameters")
     local = rp.get("sliding_attention") if isinstance(rp, dict) else None
-    if not isinstance(local, dict):
-        return
-    if local.get("rope_type", "default") != "default":
-        errs.append(f"config.json 'rope_parameters.sliding_attention' {_short(local)} is not supported (llmc's "
-                    "windowed OLMo 3 layers rotate unscaled)")
-    elif local.get("rope_theta") is not None:
-        try:
-            theta = _float(local, "rope_theta")
-        except HFConfigError as e:
-            errs.append(str(e))
+    theta = local_theta
+    if isinstance(local, dict):
+        if local.get("rope_type", "default") != "default":
+            errs.append(f"config.json 'rope_parameters.sliding_attention' {_short(local)} is not supported (llmc's "
+                        "windowed layers rotate unscaled)")
             return
-        if full and theta != kw.get("rope_theta"):
-            kw["sliding_rope_theta"] = theta
+        if local.get("rope_theta") is not None:
+            try:
+                theta = _float(local, "rope_theta")
+            except HFConfigError as e:
+                errs.append(str(e))
+                return
+    if full and theta is not None and theta != kw.get("rope_theta"):
+        kw["sliding_rope_theta"] = theta
+
+
+def _gemma3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    """transformers ``Gemma3TextConfig`` (configuration_gemma3.py; ``Gemma3ForCausalLM``): Gemma 3's block (norms
+    before and after attention and MLP, scaling by 1 + weight; per-head q / k norms; GeGLU with tanh GELU,
+    ``hidden_activation``; embeddings x sqrt(hidden_size)); tied embeddings unless tie_word_embeddings is false;
+    softmax scale query_pre_attn_scalar^-0.5 (default 256); ``layer_types`` absent = full attention in every
+    ``sliding_window_pattern``-th layer (default 6); RoPE base absent = 1e6, the windowed layers' =
+    ``rope_local_base_freq`` (default 1e4) and unscaled (Gemma 3-4B and up scale the full layers' linearly x8).
+    Soft-capping (Gemma 2), bidirectional attention and biases are refused."""
+    act = cfg.get("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        errs.append(f"config.json 'hidden_activation' {_short(act)} is not supported for gemma3_text (llmc's Gemma 3 "
+                    "block uses gelu_pytorch_tanh)")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key) is not None:
+            errs.append(f"config.json {key!r} {_short(cfg[key])} is not supported (logit soft-capping is not "
+                        "modelled)")
+    for key, what in (("attention_bias", "q/k/v and o_proj biases"), ("use_bidirectional_attention",
+                                                                       "bidirectional attention")):
+        if cfg.get(key) is True:
+            errs.append(f"config.json {key!r} true is not supported for gemma3_text ({what})")
+    kw.update(qkv_bias=False, norm_placement="sandwich", norm_unit_offset=True, activation="gelu_tanh",
+              embedding_scale=True, tied_embeddings=cfg.get("tie_word_embeddings", True) is not False)
+    if cfg.get("rope_theta") is None:
+        kw["rope_theta"] = 1e6
+    if cfg.get("head_dim") is None:  # Gemma3TextConfig's default, whatever hidden_size / heads
+        kw["head_dim"] = 256
+    extra = _each(errs, scalar=lambda: _int(cfg, "query_pre_attn_scalar", 256),
+                  every=lambda: _int(cfg, "sliding_window_pattern", 6),
+                  local=lambda: _float(cfg, "rope_local_base_freq", 1e4))
+    if len(extra) != 3:
+        return
+    if extra["scalar"] != kw["head_dim"]:
+        kw["query_pre_attn_scalar"] = extra["scalar"]
+    _layer_kinds(cfg, kw, errs, every=extra["every"], window=4096, local_theta=extra["local"])
 
 
 #: family name -> the hook that reads its extra config keys
 _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
     "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "granite": _granite,
-    "smollm3": _smollm3, "olmo2": _olmo2, "olmo3": _olmo3,
+    "smollm3": _smollm3, "olmo2": _olmo2, "olmo3": _olmo3, "gemma3": _gemma3,
 }
 #: model_type -> the hook for a type imported by a family that also imports others (phi3 through llama)
 _TYPE_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {"phi3": _phi3}
@@ -439,9 +486,14 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     cfg = fold_rope_parameters(cfg)
     mt = cfg.get("model_type")
     family = family_for_model_type(mt) if isinstance(mt, str) else None
+    if mt == "gemma3" and isinstance(cfg.get("text_config"), dict):
+        raise HFConfigError("model_type 'gemma3' is Gemma 3's image-text model (Gemma3ForConditionalGeneration); llmc "
+                            "models its language model: give its text_config (model_type gemma3_text) as a "
+                            "config.json of its own (its checkpoint keeps the weights under language_model, which "
+                            "llmc does not read)")
     if family is None:
         raise HFConfigError(f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    act = cfg.get("hidden_act", "silu")
+    act = cfg.get("hidden_act", "silu") if family.name != "gemma3" else "silu"  # (Gemma: hidden_activation)
     if not isinstance(act, str) or act != "silu":
         raise HFConfigError(f"unsupported hidden_act {act!r} (llmc models SwiGLU, i.e. silu)")
 

@@ -228,10 +228,24 @@ class Architecture(SpecModel):
     """What a q / k norm normalises: each head (Qwen3: one weight of head_dim shared by the heads) or the whole
     q / k projection output (OLMo 2, Groeneveld et al.'s OLMo 2 report, arXiv:2501.00656 sec. 3.1: one weight of
     n_heads x head_dim / n_kv_heads x head_dim). Only with ``qk_norm``."""
-    norm_placement: Literal["pre", "post"] = "pre"
-    """Where a block's two RMSNorms sit: on the input of attention and of the MLP (Llama), or on their outputs,
-    before each is added to the residual stream (OLMo 2: h = x + norm(attention(x)), out = h + norm(mlp(h)),
-    arXiv:2501.00656 sec. 3.1; "post" needs ``qk_norm_scope: projection``, OLMo 2's block: M013)."""
+    norm_placement: Literal["pre", "post", "sandwich"] = "pre"
+    """Where a block's RMSNorms sit: on the input of attention and of the MLP (Llama), on their outputs, before each is
+    added to the residual stream (OLMo 2: h = x + norm(attention(x)), out = h + norm(mlp(h)), arXiv:2501.00656 sec.
+    3.1; "post" needs ``qk_norm_scope: projection``, OLMo 2's block: M013), or on both, four a block (Gemma 2 / 3:
+    h = x + norm(attention(norm(x))), out = h + norm(mlp(norm(h))), arXiv:2503.19786 sec. 2; "sandwich" is Gemma 3's
+    block with ``norm_unit_offset``, ``activation: gelu_tanh``, ``embedding_scale`` and per-head ``qk_norm``: M015)."""
+    norm_unit_offset: bool = False
+    """Every RMSNorm scales by (1 + weight) instead of weight, the weights starting at 0, computed in fp32 (Gemma:
+    transformers' ``Gemma3RMSNorm``; the checkpoint stores the weight so)."""
+    activation: Literal["silu", "gelu_tanh"] = "silu"
+    """The gated MLP's activation: SiLU (SwiGLU, Llama) or tanh-approximated GELU (GeGLU, Gemma: config.json
+    ``hidden_activation: gelu_pytorch_tanh``; Shazeer 2020)."""
+    embedding_scale: bool = False
+    """The token embeddings are multiplied by sqrt(d_model), rounded to the weights' dtype (Gemma: transformers'
+    ``Gemma3TextScaledWordEmbedding``)."""
+    query_pre_attn_scalar: Int | None = Field(default=None, gt=0)
+    """The softmax scale is query_pre_attn_scalar^-0.5 instead of head_dim^-0.5 (Gemma 3-27B: 168 with head_dim 128;
+    config.json ``query_pre_attn_scalar``). None = head_dim. Gemma 3's block only (M015)."""
     sliding_window: Int | None = Field(default=None, gt=0)
     """Sliding-window attention in every layer (Mistral-7B v0.1 4096, Phi-3-mini 2047; config.json ``sliding_window``):
     the query at position i attends to the keys at positions i - W + 1 .. i (Jiang et al. 2023, arXiv:2310.06825

@@ -9,7 +9,7 @@ Llama-3.2-1B 1,235,814,400 (tied); Mistral-7B 7,241,732,096; Mixtral-8x7B 46,702
 Qwen2.5-7B 7,615,616,512; Qwen2.5-72B 72,706,203,648; DeepSeek-V3 671,026,419,200 (without MTP).
 Qwen3 (transformers' own count; the model cards round): 8B 8,190,735,360; 0.6B 596,049,920;
 30B-A3B 30,532,122,624; 235B-A22B 235,093,634,560. Phi (transformers' Phi3ForCausalLM count): Phi-3-mini-4k
-3,821,079,552; Phi-4 14,659,507,200. OLMo 2-7B 7,298,617,344; OLMo 3-7B 7,298,011,136 (the Hub's count).
+3,821,079,552; Phi-4 14,659,507,200. OLMo 2-7B 7,298,617,344; OLMo 3-7B 7,298,011,136 (the Hub's count); Gemma 3-1B 999,885,952 (transformers' count).
 """
 
 from __future__ import annotations
@@ -100,6 +100,15 @@ PRESETS: dict[str, Architecture] = {
         max_seq_len=65536, sliding_window=4096, full_attention_layers=tuple(range(3, 32, 4)),
         rope_scaling=RopeScaling(type="yarn", factor=8.0, original_max_position=8192, beta_fast=32.0, beta_slow=1.0,
                                  attention_factor=1.2079441541679836),
+    ),
+    # https://huggingface.co/google/gemma-3-1b-pt/blob/main/config.json (Gemma3ForCausalLM: MQA with head_dim 256, norms
+    # before and after attention and MLP, GeGLU, a 512-token window in five of every six layers at RoPE base 10k, full
+    # attention at base 1M in the sixth; tied embeddings of 262,144 rows; arXiv:2503.19786 sec. 2)
+    "gemma3-1b": _arch(
+        "gemma3-1b", n_layers=26, d_model=1152, n_heads=4, n_kv_heads=1, head_dim=256, d_ff=6912,
+        vocab_size=262144, tied_embeddings=True, qk_norm=True, norm_placement="sandwich", norm_unit_offset=True,
+        activation="gelu_tanh", embedding_scale=True, sliding_window=512, full_attention_layers=(5, 11, 17, 23),
+        sliding_rope_theta=10000.0, rope_theta=1e6, norm_eps=1e-6, max_seq_len=32768,
     ),
     # https://huggingface.co/microsoft/phi-4/blob/main/config.json (Phi3ForCausalLM, GQA 40 / 10 heads, full attention)
     "phi4": _arch(
