@@ -34,6 +34,10 @@ def label(name: str) -> str:
         return "norm/attn"
     if part.startswith("ffn_norm."):
         return "norm/ffn"
+    if part.startswith("post_attention_norm."):  # Gemma 3's norms on the branches' outputs
+        return "norm/attn_post"
+    if part.startswith("post_ffn_norm."):
+        return "norm/ffn_post"
     if part.startswith("attention."):
         sub = part.split(".")[1]
         if sub in ("wq_a", "q_norm", "wq_b", "wkv_a", "kv_norm", "wkv_b"):

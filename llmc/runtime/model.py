@@ -561,8 +561,8 @@ class TransformerBlock(nn.Module):
         self.attention = (MLAttention(arch) if arch.mla is not None
                           else Attention(arch, rope=layer_id not in arch.nope_layers,
                                          window=arch.layer_window(layer_id)))
-        # OLMo 3: a windowed layer of a model with full-attention layers rotates without the rope_scaling
-        # (Transformer.rope_local); every other layer takes the model's table
+        # OLMo 3 / Gemma 3: a windowed layer of a model with full-attention layers rotates without the rope_scaling,
+        # at sliding_rope_theta (Transformer.rope_local); every other layer takes the model's table
         self.local_rope = bool(arch.full_attention_layers) and arch.layer_window(layer_id) is not None
         self.ffn_norm = norm_for(arch, arch.d_model)
         # Gemma: the attention's and the MLP's outputs pass a norm of their own too, before the residual adds
@@ -625,7 +625,8 @@ class Transformer(nn.Module):
         rs = arch.rope_scaling
         self.long_from = rs.original_max_position if rs is not None and rs.type == "longrope" else None
         self.register_buffer("rope_long", self._rope_tables(True) if self.long_from else None, persistent=False)
-        # OLMo 3: the windowed layers' table, unscaled at their own base (only where it differs from the full layers')
+        # OLMo 3 / Gemma 3: the windowed layers' table, unscaled at their own base (only where it differs from the
+        # full layers')
         self.has_local_rope = bool(arch.full_attention_layers) and (
             rs is not None or arch.sliding_rope_theta not in (None, arch.rope_theta))
         self.register_buffer("rope_local", self._local_rope_table() if self.has_local_rope else None,

@@ -1,7 +1,7 @@
 """Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
 
 Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``, ``phi3``,
-``granite``, ``smollm3``, ``olmo2``, ``olmo3``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
+``granite``, ``smollm3``, ``olmo2``, ``olmo3``, ``gemma3_text``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
 =============================  =====================================
@@ -22,7 +22,12 @@ use_sliding_window: true       sliding_window with max_window_layers 0, else ref
 sliding_window                 sliding_window where use_sliding_window is not false (Mistral, Phi-3): every layer;
                                0, or at least max_position_embeddings (never binds): none
 layer_types                    all "sliding_attention": sliding_window; all "full_attention": none; mixed: refused
-                               but for olmo3 (full_attention_layers: the "full_attention" ones; absent: every 4th)
+                               but for olmo3 / gemma3_text (full_attention_layers: the "full_attention" ones;
+                               absent: every 4th / every sliding_window_pattern-th, default 6)
+(model_type gemma3_text)       Gemma 3's block: norm_placement sandwich, norm_unit_offset, activation gelu_tanh
+                               (hidden_activation gelu_pytorch_tanh), embedding_scale, per-head qk_norm;
+                               query_pre_attn_scalar (kept where not head_dim), rope_local_base_freq ->
+                               sliding_rope_theta; soft-capping, bidirectional attention, biases refused
 rope_theta / rope_scaling      rope_theta / rope_scaling: llama3, yarn, linear, longrope (short_factor, long_factor,
                                original_max_position_embeddings (phi3: top level), factor (absent: max_position /
                                original, as transformers), attention_factor); phi3 reads su / yarn as longrope, as
@@ -85,8 +90,8 @@ class HFConfigError(ValueError):
 def fold_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
     """``cfg`` with transformers >= 5's ``rope_parameters`` (how it saves every config) folded back into the
     ``rope_theta`` / ``rope_scaling`` keys of the released configs; keys already there win. Parameters per layer kind
-    (OLMo 3: ``{"full_attention": ..., "sliding_attention": ...}``) fold the full-attention layers' (llmc's
-    ``rope_scaling`` applies there only; :func:`_olmo3` checks the windowed layers' are plain RoPE)."""
+    (OLMo 3, Gemma 3: ``{"full_attention": ..., "sliding_attention": ...}``) fold the full-attention layers' (llmc's
+    ``rope_scaling`` applies there only; :func:`_layer_kinds` reads the windowed layers')."""
     rp = cfg.get("rope_parameters")
     if isinstance(rp, dict) and "full_attention" in rp:
         rp = rp["full_attention"]
@@ -407,7 +412,7 @@ def _layer_kinds(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, ev
         return
     full = tuple(i for i, k in enumerate(kinds) if k == "full_attention")
     if cfg.get("sliding_window") is None:
-        kw["sliding_window"] = 4096
+        kw["sliding_window"] = window
     if len(full) == n or kw.get("sliding_window") is None:  # no layer windowed (or 0 / a window that never binds)
         kw.pop("sliding_window", None)
         return
