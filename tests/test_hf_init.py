@@ -19,6 +19,7 @@ from llmc.runtime.hf_io import (  # noqa: E402
     export_hf,
     export_peft_adapter,
     load_hf_into,
+    loaded_from,
     read_hf_config,
     resolve_hf_source,
 )
@@ -62,6 +63,13 @@ def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: in
                                                "rope_local_base_freq": 100.0, "pad_token_id": 0, "bos_token_id": 1,
                                                "eos_token_id": 2, **over})
         model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind == "gemma3_mm":  # Gemma 3-4B and up: an image-text model (a tiny SigLIP encoder) around the language model
+        text = {**TINY, "num_hidden_layers": 3, "head_dim": 16, "layer_types": [
+            "sliding_attention", "full_attention", "sliding_attention"], "sliding_window": 5, **over}
+        cfg = transformers.Gemma3Config(text_config=text, vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+            patch_size=14), mm_tokens_per_image=4, image_token_index=500, boi_token_index=501, eoi_token_index=502)
+        model = transformers.Gemma3ForConditionalGeneration(cfg)
     elif kind == "smollm3":  # no RoPE in the layers no_rope_layers flags 0 (SmolLM3-3B: every 4th)
         cfg = transformers.SmolLM3Config(**{**TINY, "num_hidden_layers": 3, "no_rope_layers": [1, 0, 1],
                                             "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **over})
@@ -224,6 +232,32 @@ def test_olmo3_layer_kinds_are_what_makes_the_logits_equal(tmp_path):
     torch.testing.assert_close(outs[0], ref, atol=1e-5, rtol=1e-5)
     for other in outs[1:]:
         assert (other - ref).abs().max() > 100 * 1e-5
+
+
+def test_gemma3_image_text_checkpoint_loads_as_its_language_model(tmp_path):
+    """Gemma 3-4B / 12B / 27B are released as Gemma3ForConditionalGeneration (model_type gemma3): llmc imports the
+    text_config as Gemma 3's language model and loads its weights (language_model.model.*) alone, the image encoder's
+    tensors left out and said so; on text the image-text model's logits are llmc's; the export is the text model,
+    Gemma3ForCausalLM, which transformers loads with the same logits."""
+    src = make_hf(tmp_path, "gemma3_mm")
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg["model_type"] == "gemma3" and cfg["architectures"] == ["Gemma3ForConditionalGeneration"]
+    arch = arch_of(src)
+    text = architecture_from_hf_config({**cfg["text_config"], "tie_word_embeddings": cfg["tie_word_embeddings"]},
+                                       name="from-hf")
+    assert arch == text and (arch.norm_placement, arch.full_attention_layers) == ("sandwich", (1,))
+    model = build_model(arch, seed=0).eval()
+    got = load_hf_into(model, src, arch)
+    assert got["params"] == len(list(model.parameters())) and got["skipped"] > 0
+    assert "image-encoder tensors left out" in loaded_from(got)
+    tokens = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(1))  # (500..: image specials)
+    ref_model = transformers.Gemma3ForConditionalGeneration.from_pretrained(src, dtype=torch.float32,
+                                                                            attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), ref_model(input_ids=tokens).logits, atol=1e-5, rtol=1e-5)
+        out = export_hf(model.state_dict(), arch, tmp_path / "out", dtype=torch.float32)
+        assert json.loads((out / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+        torch.testing.assert_close(hf_model(out)(input_ids=tokens).logits, model(tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_each_part_of_gemma3s_block_changes_the_logits(tmp_path):
@@ -511,7 +545,8 @@ from test_runtime_train import META_RUN as META_HF_RUN  # noqa: E402  (the same 
                                        ("qwen2", {"tp": 2, "micro_batch": 8}), ("phi3", {"tp": 2, "micro_batch": 8}),
                                        ("mistral", {"tp": 2, "micro_batch": 8}),
                                        ("olmo2", {"dp_shard": 2, "micro_batch": 4}),
-                                       ("olmo2", {"tp": 2, "micro_batch": 8})])
+                                       ("olmo2", {"tp": 2, "micro_batch": 8}),
+                                       ("gemma3", {"tp": 2, "micro_batch": 8})])
 def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, kind, plan):
     """FSDP2 / TP built on meta: each rank cuts its shards out of the HF tensors (Phi-3: its row ranges of the fused
     qkv_proj / gate_up_proj); the first loss is still transformers' loss on the same global batch (Mistral: an
@@ -536,7 +571,8 @@ def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, kind, plan):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     read = int(re.search(r"\(([\d,]+) bytes read by rank 0\)", p.stdout).group(1).replace(",", ""))
     sd = hf_model(src).state_dict()
-    full = sum(t.numel() * t.element_size() for t in sd.values())
+    # (a tied head is the embedding's tensor: counted once)
+    full = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in sd.values()}.values())
     if "tp" in plan:  # attention / MLP projections (and q/k/v biases) halved, and OLMo 2's q / k norms (over the
         # whole projection, sharded with it); embeddings, head, other norms whole
         sharded = r"_proj\.(weight|bias)$" + (r"|self_attn\.[qk]_norm\.weight$" if kind == "olmo2" else "")

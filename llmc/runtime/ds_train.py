@@ -227,7 +227,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
 
     from llmc.runtime import preempt
     from llmc.runtime.checkpoint import save_checkpoint
-    from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into
+    from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into, loaded_from
     from llmc.runtime.job import TrainJob
     from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
     from llmc.runtime.model import Transformer, build_model, mean_token_loss, param_groups
@@ -283,7 +283,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         _say(f"initialised weights from {got}")
     elif not can_resume and hf_src:
         info = load_hf_into(model, hf_src, job.arch, rank=rank, world=world)
-        _say(f"initialised weights from Hugging Face {info['source']}")
+        _say(f"initialised weights from Hugging Face {loaded_from(info)}")
 
     client_sched = None
     if "scheduler" not in cfg:

@@ -395,13 +395,31 @@ class SafetensorsDir:
         self._handles = {f: safe_open(str(self.path / f), framework="pt", device="cpu") for f in files}
         self.where = {k: f for f, h in self._handles.items() for k in h.keys()}
         self.shapes = {k: tuple(self._handles[f].get_slice(k).get_shape()) for k, f in self.where.items()}
+        self.stored: dict[str, str] = {}  # exposed name -> the name in the file (see expose)
+
+    def expose(self, prefix: str, as_prefix: str) -> int:
+        """Read every tensor named ``prefix`` + rest as ``as_prefix`` + rest instead (an image-text checkpoint's
+        language model under a text-only model's names); returns how many."""
+        names = [k for k in self.where if k.startswith(prefix)]
+        for k in names:
+            new = as_prefix + k[len(prefix):]
+            self.where[new], self.shapes[new] = self.where.pop(k), self.shapes.pop(k)
+            self.stored[new] = self.stored.pop(k, k)
+        return len(names)
+
+    def drop(self, prefixes: tuple[str, ...]) -> int:
+        """Forget the tensors whose names start with one of ``prefixes`` (parts that are not llmc's model)."""
+        names = [k for k in self.where if k.startswith(prefixes)]
+        for k in names:
+            del self.where[k], self.shapes[k]
+        return len(names)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self.where[name]].get_tensor(name)
+        return self._handles[self.where[name]].get_tensor(self.stored.get(name, name))
 
     def get_block(self, name: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
         """Only the block [offset, offset + shape) of a tensor (read from the file, nothing else materialised)."""
-        sl = self._handles[self.where[name]].get_slice(name)
+        sl = self._handles[self.where[name]].get_slice(self.stored.get(name, name))
         return sl[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
 
 
@@ -516,6 +534,7 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
     if check_config:
         _check_config(cfg, arch, src)
     files = SafetensorsDir(src)
+    skipped = _language_model_only(cfg, files)
     mapping = hf_names(arch, rope_interleave=cfg.get("rope_interleave", True) is not False,
                        fused=cfg.get("model_type") in FUSED_HF_MODEL_TYPES)
     # DeepSeek-V3's multi-token-prediction layers follow the last layer (model.layers.61 of the 61-layer
@@ -590,7 +609,38 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
                 t = from_hf_tensor(m, files.get)
                 nbytes += t.numel() * t.element_size()
                 p.copy_(t)
-    return {"source": str(src), "tensors": len(used), "params": len(params), "bytes_read": nbytes}
+    return {"source": str(src), "tensors": len(used), "params": len(params), "bytes_read": nbytes,
+            "skipped": skipped}
+
+
+#: image-text model_type -> (its language model's name prefixes in the checkpoint -> a text-only model's, the prefixes
+#: of the parts llmc's model does not have). Gemma 3-4B / 12B / 27B (Gemma3ForConditionalGeneration): the Hub's files
+#: name the language model language_model.model.* / language_model.lm_head.*, what transformers >= 5 also saves (its
+#: in-memory model.language_model.* in older saves); the SigLIP image encoder and its projector are not llmc's
+_IMAGE_TEXT_CHECKPOINTS: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
+    "gemma3": ((("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                ("model.language_model.", "model.")),
+               ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")),
+}
+
+
+def loaded_from(got: dict[str, Any]) -> str:
+    """What :func:`load_hf_into` read, for the run's log: its source, and what of an image-text model it left out."""
+    return got["source"] + (f" (its language model; {got['skipped']} image-encoder tensors left out)"
+                            if got.get("skipped") else "")
+
+
+def _language_model_only(cfg: dict, files: SafetensorsDir) -> int:
+    """An image-text checkpoint read as its language model alone (:data:`_IMAGE_TEXT_CHECKPOINTS`); returns how many
+    of its tensors (the image encoder's) are left out. 0 for a text-only checkpoint."""
+    kind = _IMAGE_TEXT_CHECKPOINTS.get(cfg.get("model_type"))
+    if kind is None:
+        return 0
+    renames, image = kind
+    skipped = files.drop(image)
+    for prefix, as_prefix in renames:
+        files.expose(prefix, as_prefix)
+    return skipped
 
 
 def init_hf_source(job) -> str | None:

@@ -42,7 +42,7 @@ from llmc.runtime.checkpoint import (
 )
 from llmc.runtime.data import Assets, StreamLoader, build_stream_loader
 from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize, wants_compile
-from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into, load_init_from
+from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into, load_init_from, loaded_from
 from llmc.runtime.job import TrainJob
 from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
 from llmc.runtime.metrics_io import truncate_after_step
@@ -206,7 +206,7 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
         if init_checkpoint is not None:
             say(f"initialised weights from {load_init_from(model, init_checkpoint, job.arch)}")
         if hf_src:
-            say(f"initialised weights from Hugging Face {load_hf_into(model, hf_src, job.arch)['source']}")
+            say(f"initialised weights from Hugging Face {loaded_from(load_hf_into(model, hf_src, job.arch))}")
     if adapt is not None:
         adapt(model)
     wrapped = parallelize(model, info, job.dp_replicate, job.dp_shard, job.tp, job.activation_checkpointing,
@@ -220,7 +220,8 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
             say(f"initialised weights from {got}")
         if hf_src:  # each rank reads only what its shards need, tensor by tensor
             got = load_hf_into(model, hf_src, job.arch, rank=info.rank, world=info.world)
-            say(f"initialised weights from Hugging Face {got['source']} ({got['bytes_read']:,} bytes read by rank 0)")
+            say(f"initialised weights from Hugging Face {loaded_from(got)} ({got['bytes_read']:,} bytes read by rank "
+                f"0)")
     return model, wrapped, n_params
 
 

@@ -109,7 +109,7 @@ FAMILIES: dict[str, Family] = {
     "olmo3": Family("olmo3", ("olmo3",), "Olmo3ForCausalLM", "gqa", False, False, "llama3", ("olmo3",)),
     # norms before and after attention and MLP, GeGLU, scaled embeddings, mixed windows (Gemma 3): no torchtitan 0.3.0
     # model has this block (backends.torchtitan_model_gaps, X318)
-    "gemma3": Family("gemma3", ("gemma3_text",), "Gemma3ForCausalLM", "gqa", False, False, "llama3", ("gemma3",),
+    "gemma3": Family("gemma3", ("gemma3_text", "gemma3"), "Gemma3ForCausalLM", "gqa", False, False, "llama3", ("gemma3",),
                      qk_norm=True),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
     "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),

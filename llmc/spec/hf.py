@@ -63,7 +63,7 @@ from llmc.spec.families import SUPPORTED_MODEL_TYPES, family_for_model_type
 from llmc.spec.model import MLA, Architecture, MoE, Multipliers, RopeScaling
 
 __all__ = ["HFConfigError", "HF_KEY_FOR_FIELD", "architecture_from_hf_config", "fold_rope_parameters",
-           "SUPPORTED_MODEL_TYPES"]
+           "language_model_config", "SUPPORTED_MODEL_TYPES"]
 
 
 #: Architecture field -> the config.json key it is read from (to name the key in error messages).
@@ -103,6 +103,20 @@ def fold_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
     if rp.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
         cfg["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
     return cfg
+
+
+def language_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """An image-text config's language model as a config of its own: Gemma 3's ``Gemma3Config`` (model_type gemma3,
+    ``Gemma3ForConditionalGeneration``: the 4B, 12B and 27B releases) keeps it in ``text_config`` (a
+    ``Gemma3TextConfig``), the head's tying at the top level; the image encoder is not llmc's model."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise HFConfigError(f"config.json of model_type {cfg.get('model_type')!r} has no 'text_config' object (the "
+                            "language model's config)")
+    out = fold_rope_parameters({**text, "model_type": "gemma3_text"})
+    if cfg.get("tie_word_embeddings") is not None:
+        out["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    return out
 
 
 def _req(cfg: dict[str, Any], key: str) -> Any:
@@ -491,11 +505,9 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     cfg = fold_rope_parameters(cfg)
     mt = cfg.get("model_type")
     family = family_for_model_type(mt) if isinstance(mt, str) else None
-    if mt == "gemma3" and isinstance(cfg.get("text_config"), dict):
-        raise HFConfigError("model_type 'gemma3' is Gemma 3's image-text model (Gemma3ForConditionalGeneration); llmc "
-                            "models its language model: give its text_config (model_type gemma3_text) as a "
-                            "config.json of its own (its checkpoint keeps the weights under language_model, which "
-                            "llmc does not read)")
+    if mt == "gemma3":  # Gemma 3-4B / 12B / 27B: an image-text model whose language model llmc imports
+        cfg = language_model_config(cfg)
+        mt = "gemma3_text"
     if family is None:
         raise HFConfigError(f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     act = cfg.get("hidden_act", "silu") if family.name != "gemma3" else "silu"  # (Gemma: hidden_activation)
