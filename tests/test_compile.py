@@ -490,6 +490,11 @@ def test_gemma3_plans_the_native_trainer_with_its_block_counted():
     assert "norms before and after attention and MLP (Gemma 3: 1 + weight), GeGLU, embeddings x sqrt(d_model)" in text
     assert "theta 1e+06" in text and "windowed layers theta 10000" in text
     assert "999,885,952 total (1B)" in text  # (3 significant digits round it up to the next unit, not to "1e+03M")
+    # a chat stage from Gemma 3 weights takes Gemma's turn format (its tokenizer's <start_of_turn> / <end_of_turn>)
+    sft = _compile(_spec("gemma3-1b", count=8, seq=8192, tokens="10B") + "stages:\n  - {name: sft, kind: sft, init_hf: "
+                   "/models/gemma-3-1b-it, data: {seq_len: 4096, tokens: 1e7, sources: [{name: c, path: c.jsonl, "
+                   "kind: chat}]}}\n")
+    assert sft.stages[0].hyper["chat_template"] == "gemma" and "T103" not in _codes(sft)
 
 
 def test_a_stage_that_starts_from_no_weights_is_flagged():

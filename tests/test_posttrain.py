@@ -80,13 +80,15 @@ def test_chatml_template_and_tokenizer_check():
         encode_chat(conv, llama_only, "chatml")
 
 
-@pytest.mark.parametrize("template", ["llama3", "chatml", "phi3", "phi4"])
+@pytest.mark.parametrize("template", ["llama3", "chatml", "phi3", "phi4", "gemma"])
 def test_encoding_equals_the_exported_jinja_through_transformers(template):
     """What llmc trains on is what the export's chat template gives: for every template, transformers'
     apply_chat_template on the Jinja form written into tokenizer_config.json (llmc.spec.chat) yields exactly the ids
     llmc's encoder builds (a character-level tokenizer with the template's special tokens, so the pieces llmc encodes
     one by one tokenise as the whole rendered string does), with and without the generation prompt; the trained
-    labels are the assistant turns' content and end token (Phi-3: <|end|>, its released generation config's stop)."""
+    labels are the assistant turns' content and end token (Phi-3: <|end|>, its released generation config's stop;
+    Gemma: <end_of_turn>, the system message opening the first user turn, the assistant's turns named "model",
+    surrounding whitespace trimmed)."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -101,7 +103,7 @@ def test_encoding_equals_the_exported_jinja_through_transformers(template):
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=t.bos, chat_template=t.jinja)
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
             {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3 + 3?"},
-            {"role": "assistant", "content": "6, of course"}]
+            {"role": "assistant", "content": "6, of course" + (" \n" if t.trim else "")}]
     ids, labels = encode_chat(conv, tok, template)
     assert ids == hf.apply_chat_template(conv, tokenize=True, return_dict=False)
     prompt = conv[:2]

@@ -202,8 +202,9 @@ def _cycles(parent: dict[str, str]) -> list[list[str]]:
 
 def default_chat_template(specials: set[str] | None) -> str:
     """The chat template of a stage whose spec names none: the first whose special tokens the tokenizer has (llama3,
-    then phi4 before chatml, whose tokens phi4's include, then phi3), else llama3 (llmc's own tokenizer's format)."""
-    for name in ("llama3", "phi4", "chatml", "phi3") if specials else ():
+    then phi4 before chatml, whose tokens phi4's include, then phi3, gemma), else llama3 (llmc's own tokenizer's
+    format)."""
+    for name in ("llama3", "phi4", "chatml", "phi3", "gemma") if specials else ():
         if set(TEMPLATE_TOKENS[name]) <= specials:
             return name
     return "llama3"

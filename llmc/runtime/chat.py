@@ -1,8 +1,8 @@
 """Chat templates and loss masks for SFT / DPO / GRPO.
 
-The templates (llama3, chatml, phi3, phi4) are declared in :mod:`llmc.spec.chat`; special tokens are looked up as
+The templates (llama3, chatml, phi3, phi4, gemma) are declared in :mod:`llmc.spec.chat`; special tokens are looked up as
 single ids, never split by the BPE. Labels are -100 (PyTorch cross-entropy ignore_index) everywhere except
-assistant content and the turn's closing token (<|eot_id|> / <|im_end|> / <|end|>), so the model learns to answer
+assistant content and the turn's closing token (<|eot_id|> / <|im_end|> / <|end|> / <end_of_turn>), so the model learns to answer
 *and to stop* (a model never trained on the end token does not learn to stop).
 ``mask="last_assistant"`` trains only the final assistant turn;
 ``mask="none"`` trains every token (warned by the compiler, T102).
@@ -92,12 +92,13 @@ def end_token_id(tok: Any, template: str) -> int:
 
 
 def _header(a: TokAdapter, tmpl: ChatTemplate, role: str) -> list[int]:
+    role = dict(tmpl.roles).get(role, role)  # (Gemma: the assistant's turns are "model" turns)
     ids: list[int] = []
     for part in tmpl.header:
         if part == "{role}":
             ids += a.text(role)
-        elif part.startswith("<|"):  # a special token; "<|{role}|>": the role's own (Phi-3's <|user|>)
-            ids.append(a.special(part.replace("{role}", role)))
+        elif part.startswith("<|") or part in tmpl.specials:  # a special token; "<|{role}|>": the role's own
+            ids.append(a.special(part.replace("{role}", role)))  # (Phi-3's <|user|>)
         else:
             ids += a.text(part)
     return ids
@@ -124,9 +125,14 @@ def encode_chat(messages: list[dict], tok: Any, template: str = "llama3", mask: 
 
     if tmpl.bos:
         put([a.special(tmpl.bos)], mask == "none")
+    prefix = ""
+    if tmpl.system == "first_user" and messages and messages[0]["role"] == "system":  # (Gemma: no system turn)
+        prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
     last_asst = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, m in enumerate(messages):
-        role, content = m["role"], m["content"]
+        role, content = m["role"], m["content"].strip() if tmpl.trim else m["content"]
+        if i == 0:
+            content = prefix + content
         if role not in ("system", "user", "assistant", "tool"):
             raise ValueError(f"unknown role {role!r}")
         train = mask == "none" or (role == "assistant" and (mask == "assistant" or i == last_asst))

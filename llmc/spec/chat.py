@@ -16,11 +16,16 @@ Sources:
     trained: <|end|> is what the released generation config stops on)
   * phi4 (Phi-4): https://huggingface.co/microsoft/phi-4/blob/main/tokenizer_config.json
     (``<|im_start|>{role}<|im_sep|>{content}<|im_end|>``, no newlines)
+  * gemma (Gemma 3 instruct): https://huggingface.co/google/gemma-3-1b-it/blob/main/tokenizer_config.json
+    (``<bos><start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n...``: the assistant's role is
+    "model", there is no system turn, a system message's content + "\n\n" opens the first user turn, every turn's
+    content is trimmed; its generation config stops on <end_of_turn>)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,9 @@ class ChatTemplate:
     after_end: str  # text after the end token
     specials: tuple[str, ...]  # every special token the template needs from the tokenizer
     jinja: str  # the same layout for tokenizer_config.json (transformers apply_chat_template)
+    roles: tuple[tuple[str, str], ...] = ()  # a role's name in the header where it is not the role (Gemma: model)
+    system: Literal["turn", "first_user"] = "turn"  # a system message: a turn, or the first user turn's opening
+    trim: bool = False  # each turn's content stripped of surrounding whitespace (Jinja's trim)
 
 
 CHAT_TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
@@ -54,6 +62,15 @@ CHAT_TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
         ("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '<|im_sep|>' + message['content'] "
         "+ '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"),
+    ChatTemplate(
+        "gemma", "<bos>", ("<start_of_turn>", "{role}", "\n"), "<end_of_turn>", "\n",
+        ("<bos>", "<start_of_turn>", "<end_of_turn>"),
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
+        "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+        "{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + message['content'] | trim "
+        "+ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
+        roles=(("assistant", "model"),), system="first_user", trim=True),
 )}
 
 __all__ = ["ChatTemplate", "CHAT_TEMPLATES"]

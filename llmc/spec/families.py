@@ -109,8 +109,10 @@ FAMILIES: dict[str, Family] = {
     "olmo3": Family("olmo3", ("olmo3",), "Olmo3ForCausalLM", "gqa", False, False, "llama3", ("olmo3",)),
     # norms before and after attention and MLP, GeGLU, scaled embeddings, mixed windows (Gemma 3): no torchtitan 0.3.0
     # model has this block (backends.torchtitan_model_gaps, X318)
+    # (its tokenizer's turn markers, https://huggingface.co/google/gemma-3-1b-it/blob/main/tokenizer_config.json, make
+    # the gemma chat template a chat stage's default)
     "gemma3": Family("gemma3", ("gemma3_text", "gemma3"), "Gemma3ForCausalLM", "gqa", False, False, "llama3", ("gemma3",),
-                     qk_norm=True),
+                     ("<bos>", "<start_of_turn>", "<end_of_turn>"), qk_norm=True),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
     "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),
     "deepseek_v3": Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", "mla", True, False,
