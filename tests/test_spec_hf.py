@@ -221,8 +221,8 @@ def test_gemma3_count_layer_kinds_and_rope_equal_transformers():
 def test_gemma3_defaults_and_refusals():
     """Gemma3TextConfig's defaults where a key is absent (tied embeddings, head_dim 256, window 4096 but in every 6th
     layer, RoPE bases 1e6 / 1e4, query_pre_attn_scalar 256 = head_dim: the usual scale); a query_pre_attn_scalar
-    apart from head_dim (Gemma 3-27B's 168 over 128) is kept; Gemma 2's soft-capping, bidirectional attention,
-    another activation and biases are refused at once, each named."""
+    apart from head_dim (Gemma 3-27B's 168 over 128) is kept; an image-text config (4B and up) is its text_config;
+    Gemma 2's soft-capping, bidirectional attention, another activation and biases are refused at once, each named."""
     from llmc.spec.families import family_of
 
     base = {"model_type": "gemma3_text", "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 6,
@@ -240,8 +240,11 @@ def test_gemma3_defaults_and_refusals():
     assert sorted(m.split("'")[1] for m in e.value.messages) == [
         "attention_bias", "attn_logit_softcapping", "final_logit_softcapping", "hidden_activation",
         "use_bidirectional_attention"]
-    with pytest.raises(HFConfigError, match="give its text_config .model_type gemma3_text."):
-        architecture_from_hf_config({"model_type": "gemma3", "text_config": base})
+    # the image-text releases (model_type gemma3): their language model, the head's tying from the top level
+    mm = architecture_from_hf_config({"model_type": "gemma3", "text_config": base, "tie_word_embeddings": False})
+    assert mm == architecture_from_hf_config({**base, "tie_word_embeddings": False})
+    with pytest.raises(HFConfigError, match="has no 'text_config' object"):
+        architecture_from_hf_config({**base, "model_type": "gemma3"})
 
 
 def test_olmo3_layer_kinds_defaults_and_refusals():
