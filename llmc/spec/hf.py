@@ -105,6 +105,16 @@ def fold_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+#: transformers' ``Gemma3TextConfig`` defaults (configuration_gemma3.py) for the keys llmc reads: the image-text
+#: releases' text_config gives only what differs from them (gemma-3-27b-it: no vocab_size, context or RoPE bases)
+_GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "hidden_activation": "gelu_pytorch_tanh", "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+    "sliding_window_pattern": 6}
+
+
 def language_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """An image-text config's language model as a config of its own: Gemma 3's ``Gemma3Config`` (model_type gemma3,
     ``Gemma3ForConditionalGeneration``: the 4B, 12B and 27B releases) keeps it in ``text_config`` (a
@@ -425,7 +435,7 @@ def _layer_kinds(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, ev
         errs.append(f"config.json 'layer_types' must list one kind for each of the {n} layers (got {len(kinds)})")
         return
     full = tuple(i for i, k in enumerate(kinds) if k == "full_attention")
-    if cfg.get("sliding_window") is None:
+    if "sliding_window" not in cfg:  # (an explicit null: no window, as the config classes keep it)
         kw["sliding_window"] = window
     if len(full) == n or kw.get("sliding_window") is None:  # no layer windowed (or 0 / a window that never binds)
         kw.pop("sliding_window", None)
@@ -453,12 +463,13 @@ def _layer_kinds(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, ev
 def _gemma3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
     """transformers ``Gemma3TextConfig`` (configuration_gemma3.py; ``Gemma3ForCausalLM``): Gemma 3's block (norms
     before and after attention and MLP, scaling by 1 + weight; per-head q / k norms; GeGLU with tanh GELU,
-    ``hidden_activation``; embeddings x sqrt(hidden_size)); tied embeddings unless tie_word_embeddings is false;
-    softmax scale query_pre_attn_scalar^-0.5 (default 256); ``layer_types`` absent = full attention in every
-    ``sliding_window_pattern``-th layer (default 6); RoPE base absent = 1e6, the windowed layers' =
-    ``rope_local_base_freq`` (default 1e4) and unscaled (Gemma 3-4B and up scale the full layers' linearly x8).
+    ``hidden_activation``; embeddings x sqrt(hidden_size)); softmax scale query_pre_attn_scalar^-0.5; ``layer_types``
+    absent = full attention in every ``sliding_window_pattern``-th layer; the windowed layers' RoPE base
+    ``rope_local_base_freq``, unscaled (Gemma 3-4B and up scale the full layers' linearly x8). Absent keys take the
+    config class's defaults (:data:`_GEMMA3_TEXT_DEFAULTS`: tied embeddings, head_dim 256, pattern 6, bases 1e6 /
+    1e4, ...).
     Soft-capping (Gemma 2), bidirectional attention and biases are refused."""
-    act = cfg.get("hidden_activation", "gelu_pytorch_tanh")
+    act = cfg.get("hidden_activation")
     if act != "gelu_pytorch_tanh":
         errs.append(f"config.json 'hidden_activation' {_short(act)} is not supported for gemma3_text (llmc's Gemma 3 "
                     "block uses gelu_pytorch_tanh)")
@@ -471,14 +482,10 @@ def _gemma3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
         if cfg.get(key) is True:
             errs.append(f"config.json {key!r} true is not supported for gemma3_text ({what})")
     kw.update(qkv_bias=False, norm_placement="sandwich", norm_unit_offset=True, activation="gelu_tanh",
-              embedding_scale=True, tied_embeddings=cfg.get("tie_word_embeddings", True) is not False)
-    if cfg.get("rope_theta") is None:
-        kw["rope_theta"] = 1e6
-    if cfg.get("head_dim") is None:  # Gemma3TextConfig's default, whatever hidden_size / heads
-        kw["head_dim"] = 256
-    extra = _each(errs, scalar=lambda: _int(cfg, "query_pre_attn_scalar", 256),
-                  every=lambda: _int(cfg, "sliding_window_pattern", 6),
-                  local=lambda: _float(cfg, "rope_local_base_freq", 1e4))
+              embedding_scale=True)
+    extra = _each(errs, scalar=lambda: _int(cfg, "query_pre_attn_scalar"),
+                  every=lambda: _int(cfg, "sliding_window_pattern"),
+                  local=lambda: _float(cfg, "rope_local_base_freq"))
     if len(extra) != 3:
         return
     if extra["scalar"] != kw["head_dim"]:
@@ -508,6 +515,8 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     if mt == "gemma3":  # Gemma 3-4B / 12B / 27B: an image-text model whose language model llmc imports
         cfg = language_model_config(cfg)
         mt = "gemma3_text"
+    if mt == "gemma3_text":  # what its config class fills in where a key is absent
+        cfg = {**_GEMMA3_TEXT_DEFAULTS, **cfg}
     if family is None:
         raise HFConfigError(f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     act = cfg.get("hidden_act", "silu") if family.name != "gemma3" else "silu"  # (Gemma: hidden_activation)

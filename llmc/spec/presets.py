@@ -110,6 +110,16 @@ PRESETS: dict[str, Architecture] = {
         activation="gelu_tanh", embedding_scale=True, sliding_window=512, full_attention_layers=(5, 11, 17, 23),
         sliding_rope_theta=10000.0, rope_theta=1e6, norm_eps=1e-6, max_seq_len=32768,
     ),
+    # https://huggingface.co/google/gemma-3-27b-pt/blob/main/config.json (Gemma3ForConditionalGeneration: its text_config,
+    # the rest Gemma3TextConfig's defaults; GQA 32 / 16 heads of 128, softmax scale 168^-0.5, a 1024-token window in five
+    # of every six layers, linear RoPE scaling x8 in the others; tied embeddings of 262,208 rows)
+    "gemma3-27b": _arch(
+        "gemma3-27b", n_layers=62, d_model=5376, n_heads=32, n_kv_heads=16, head_dim=128, d_ff=21504,
+        vocab_size=262208, tied_embeddings=True, qk_norm=True, norm_placement="sandwich", norm_unit_offset=True,
+        activation="gelu_tanh", embedding_scale=True, query_pre_attn_scalar=168, sliding_window=1024,
+        full_attention_layers=tuple(range(5, 62, 6)), sliding_rope_theta=10000.0, rope_theta=1e6,
+        rope_scaling=RopeScaling(type="linear", factor=8.0), norm_eps=1e-6, max_seq_len=131072,
+    ),
     # https://huggingface.co/microsoft/phi-4/blob/main/config.json (Phi3ForCausalLM, GQA 40 / 10 heads, full attention)
     "phi4": _arch(
         "phi4", n_layers=40, d_model=5120, n_heads=40, n_kv_heads=10, d_ff=17920, vocab_size=100352,
