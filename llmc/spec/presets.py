@@ -9,7 +9,8 @@ Llama-3.2-1B 1,235,814,400 (tied); Mistral-7B 7,241,732,096; Mixtral-8x7B 46,702
 Qwen2.5-7B 7,615,616,512; Qwen2.5-72B 72,706,203,648; DeepSeek-V3 671,026,419,200 (without MTP).
 Qwen3 (transformers' own count; the model cards round): 8B 8,190,735,360; 0.6B 596,049,920;
 30B-A3B 30,532,122,624; 235B-A22B 235,093,634,560. Phi (transformers' Phi3ForCausalLM count): Phi-3-mini-4k
-3,821,079,552; Phi-4 14,659,507,200. OLMo 2-7B 7,298,617,344; OLMo 3-7B 7,298,011,136 (the Hub's count); Gemma 3-1B 999,885,952 (transformers' count).
+3,821,079,552; Phi-4 14,659,507,200. OLMo 2-7B 7,298,617,344; OLMo 3-7B 7,298,011,136 (the Hub's count); Gemma 3 (transformers' counts; 4B and 27B: the language model
+of the image-text release) 1B 999,885,952, 4B 3,880,263,168, 27B 27,009,346,304.
 """
 
 from __future__ import annotations
@@ -109,6 +110,16 @@ PRESETS: dict[str, Architecture] = {
         vocab_size=262144, tied_embeddings=True, qk_norm=True, norm_placement="sandwich", norm_unit_offset=True,
         activation="gelu_tanh", embedding_scale=True, sliding_window=512, full_attention_layers=(5, 11, 17, 23),
         sliding_rope_theta=10000.0, rope_theta=1e6, norm_eps=1e-6, max_seq_len=32768,
+    ),
+    # https://huggingface.co/google/gemma-3-4b-pt/blob/main/config.json (Gemma3ForConditionalGeneration: its text_config,
+    # the rest Gemma3TextConfig's defaults; GQA 8 / 4 heads of 256, a 1024-token window in five of every six layers,
+    # linear RoPE scaling x8 in the others; tied embeddings of 262,208 rows)
+    "gemma3-4b": _arch(
+        "gemma3-4b", n_layers=34, d_model=2560, n_heads=8, n_kv_heads=4, head_dim=256, d_ff=10240,
+        vocab_size=262208, tied_embeddings=True, qk_norm=True, norm_placement="sandwich", norm_unit_offset=True,
+        activation="gelu_tanh", embedding_scale=True, sliding_window=1024, full_attention_layers=tuple(range(5, 34, 6)),
+        sliding_rope_theta=10000.0, rope_theta=1e6, rope_scaling=RopeScaling(type="linear", factor=8.0), norm_eps=1e-6,
+        max_seq_len=131072,
     ),
     # https://huggingface.co/google/gemma-3-27b-pt/blob/main/config.json (Gemma3ForConditionalGeneration: its text_config,
     # the rest Gemma3TextConfig's defaults; GQA 32 / 16 heads of 128, softmax scale 168^-0.5, a 1024-token window in five
