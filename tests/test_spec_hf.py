@@ -14,7 +14,7 @@ HF = Path(__file__).resolve().parent / "fixtures" / "hf"
 CONFIGS = sorted(HF.glob("*.json"))
 
 REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
-            "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "olmo2-7b", "olmo3-7b", "gemma3-1b", "gemma3-4b", "gemma3-27b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
+            "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "olmo2-7b", "olmo3-7b", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
             "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "tiny", "tiny-moe"]
 
 
@@ -218,9 +218,10 @@ def test_gemma3_count_layer_kinds_and_rope_equal_transformers():
         assert mscale == getattr(rot, f"{kind}_attention_scaling") == 1.0
 
 
-@pytest.mark.parametrize("name,count,scalar", [("gemma3-4b", 3_880_263_168, None), ("gemma3-27b", 27_009_346_304, 168)])
+@pytest.mark.parametrize("name,count,scalar", [("gemma3-4b", 3_880_263_168, None), ("gemma3-12b", 11_766_034_176, None),
+                                               ("gemma3-27b", 27_009_346_304, 168)])
 def test_gemma3_image_text_configs_count_their_language_model(name, count, scalar):
-    """gemma-3-4b's and -27b's config.json are image-text ones whose text_config gives only what differs from
+    """gemma-3-4b's, -12b's and -27b's config.json are image-text ones whose text_config gives only what differs from
     Gemma3TextConfig's defaults (no vocabulary, context or RoPE bases; 4B: no heads either): llmc's count of the
     language model equals transformers' own Gemma3ForCausalLM built from that text_config (262,208 tied embedding
     rows, blocks of four norms), with 27B's softmax scale 168^-0.5 and linear RoPE x8 in the full layers."""

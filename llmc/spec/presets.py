@@ -10,7 +10,7 @@ Qwen2.5-7B 7,615,616,512; Qwen2.5-72B 72,706,203,648; DeepSeek-V3 671,026,419,20
 Qwen3 (transformers' own count; the model cards round): 8B 8,190,735,360; 0.6B 596,049,920;
 30B-A3B 30,532,122,624; 235B-A22B 235,093,634,560. Phi (transformers' Phi3ForCausalLM count): Phi-3-mini-4k
 3,821,079,552; Phi-4 14,659,507,200. OLMo 2-7B 7,298,617,344; OLMo 3-7B 7,298,011,136 (the Hub's count); Gemma 3 (transformers' counts; 4B and 27B: the language model
-of the image-text release) 1B 999,885,952, 4B 3,880,263,168, 27B 27,009,346,304.
+of the image-text release) 1B 999,885,952, 4B 3,880,263,168, 12B 11,766,034,176, 27B 27,009,346,304.
 """
 
 from __future__ import annotations
@@ -118,6 +118,14 @@ PRESETS: dict[str, Architecture] = {
         "gemma3-4b", n_layers=34, d_model=2560, n_heads=8, n_kv_heads=4, head_dim=256, d_ff=10240,
         vocab_size=262208, tied_embeddings=True, qk_norm=True, norm_placement="sandwich", norm_unit_offset=True,
         activation="gelu_tanh", embedding_scale=True, sliding_window=1024, full_attention_layers=tuple(range(5, 34, 6)),
+        sliding_rope_theta=10000.0, rope_theta=1e6, rope_scaling=RopeScaling(type="linear", factor=8.0), norm_eps=1e-6,
+        max_seq_len=131072,
+    ),
+    # https://huggingface.co/google/gemma-3-12b-pt/blob/main/config.json (as gemma3-4b: GQA 16 / 8 heads of 256)
+    "gemma3-12b": _arch(
+        "gemma3-12b", n_layers=48, d_model=3840, n_heads=16, n_kv_heads=8, head_dim=256, d_ff=15360,
+        vocab_size=262208, tied_embeddings=True, qk_norm=True, norm_placement="sandwich", norm_unit_offset=True,
+        activation="gelu_tanh", embedding_scale=True, sliding_window=1024, full_attention_layers=tuple(range(5, 48, 6)),
         sliding_rope_theta=10000.0, rope_theta=1e6, rope_scaling=RopeScaling(type="linear", factor=8.0), norm_eps=1e-6,
         max_seq_len=131072,
     ),
