@@ -29,6 +29,20 @@ def _arch(name: str, **kw) -> Architecture:
     return Architecture(name=name, **kw)
 
 
+def _gemma3(name: str, n_layers: int, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, *,
+            vocab_size: int = 262208, window: int = 1024, max_seq_len: int = 131072,
+            rope_scaling: RopeScaling | None = RopeScaling(type="linear", factor=8.0), **kw) -> Architecture:
+    """Gemma 3's block (arXiv:2503.19786 sec. 2: norms before and after attention and MLP scaling by 1 + weight,
+    per-head q / k norms, GeGLU, embeddings x sqrt(d_model), tied) with a window in five of every six layers (RoPE
+    base 10k) and full attention in the sixth (base 1M); the defaults are Gemma3TextConfig's."""
+    return Architecture(
+        name=name, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+        d_ff=d_ff, vocab_size=vocab_size, tied_embeddings=True, qk_norm=True, norm_placement="sandwich",
+        norm_unit_offset=True, activation="gelu_tanh", embedding_scale=True, sliding_window=window,
+        full_attention_layers=tuple(range(5, n_layers, 6)), sliding_rope_theta=10000.0, rope_theta=1e6,
+        rope_scaling=rope_scaling, norm_eps=1e-6, max_seq_len=max_seq_len, **kw)
+
+
 PRESETS: dict[str, Architecture] = {
     # https://huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json
     "llama2-7b": _arch(
@@ -102,43 +116,17 @@ PRESETS: dict[str, Architecture] = {
         rope_scaling=RopeScaling(type="yarn", factor=8.0, original_max_position=8192, beta_fast=32.0, beta_slow=1.0,
                                  attention_factor=1.2079441541679836),
     ),
-    # https://huggingface.co/google/gemma-3-1b-pt/blob/main/config.json (Gemma3ForCausalLM: MQA with head_dim 256, norms
-    # before and after attention and MLP, GeGLU, a 512-token window in five of every six layers at RoPE base 10k, full
-    # attention at base 1M in the sixth; tied embeddings of 262,144 rows; arXiv:2503.19786 sec. 2)
-    "gemma3-1b": _arch(
-        "gemma3-1b", n_layers=26, d_model=1152, n_heads=4, n_kv_heads=1, head_dim=256, d_ff=6912,
-        vocab_size=262144, tied_embeddings=True, qk_norm=True, norm_placement="sandwich", norm_unit_offset=True,
-        activation="gelu_tanh", embedding_scale=True, sliding_window=512, full_attention_layers=(5, 11, 17, 23),
-        sliding_rope_theta=10000.0, rope_theta=1e6, norm_eps=1e-6, max_seq_len=32768,
-    ),
-    # https://huggingface.co/google/gemma-3-4b-pt/blob/main/config.json (Gemma3ForConditionalGeneration: its text_config,
-    # the rest Gemma3TextConfig's defaults; GQA 8 / 4 heads of 256, a 1024-token window in five of every six layers,
-    # linear RoPE scaling x8 in the others; tied embeddings of 262,208 rows)
-    "gemma3-4b": _arch(
-        "gemma3-4b", n_layers=34, d_model=2560, n_heads=8, n_kv_heads=4, head_dim=256, d_ff=10240,
-        vocab_size=262208, tied_embeddings=True, qk_norm=True, norm_placement="sandwich", norm_unit_offset=True,
-        activation="gelu_tanh", embedding_scale=True, sliding_window=1024, full_attention_layers=tuple(range(5, 34, 6)),
-        sliding_rope_theta=10000.0, rope_theta=1e6, rope_scaling=RopeScaling(type="linear", factor=8.0), norm_eps=1e-6,
-        max_seq_len=131072,
-    ),
-    # https://huggingface.co/google/gemma-3-12b-pt/blob/main/config.json (as gemma3-4b: GQA 16 / 8 heads of 256)
-    "gemma3-12b": _arch(
-        "gemma3-12b", n_layers=48, d_model=3840, n_heads=16, n_kv_heads=8, head_dim=256, d_ff=15360,
-        vocab_size=262208, tied_embeddings=True, qk_norm=True, norm_placement="sandwich", norm_unit_offset=True,
-        activation="gelu_tanh", embedding_scale=True, sliding_window=1024, full_attention_layers=tuple(range(5, 48, 6)),
-        sliding_rope_theta=10000.0, rope_theta=1e6, rope_scaling=RopeScaling(type="linear", factor=8.0), norm_eps=1e-6,
-        max_seq_len=131072,
-    ),
-    # https://huggingface.co/google/gemma-3-27b-pt/blob/main/config.json (Gemma3ForConditionalGeneration: its text_config,
-    # the rest Gemma3TextConfig's defaults; GQA 32 / 16 heads of 128, softmax scale 168^-0.5, a 1024-token window in five
-    # of every six layers, linear RoPE scaling x8 in the others; tied embeddings of 262,208 rows)
-    "gemma3-27b": _arch(
-        "gemma3-27b", n_layers=62, d_model=5376, n_heads=32, n_kv_heads=16, head_dim=128, d_ff=21504,
-        vocab_size=262208, tied_embeddings=True, qk_norm=True, norm_placement="sandwich", norm_unit_offset=True,
-        activation="gelu_tanh", embedding_scale=True, query_pre_attn_scalar=168, sliding_window=1024,
-        full_attention_layers=tuple(range(5, 62, 6)), sliding_rope_theta=10000.0, rope_theta=1e6,
-        rope_scaling=RopeScaling(type="linear", factor=8.0), norm_eps=1e-6, max_seq_len=131072,
-    ),
+    # https://huggingface.co/google/gemma-3-1b-pt/blob/main/config.json (Gemma3ForCausalLM: MQA with head_dim 256, a
+    # 512-token window in five of every six layers at RoPE base 10k, full attention at base 1M in the sixth; tied
+    # embeddings of 262,144 rows)
+    "gemma3-1b": _gemma3("gemma3-1b", 26, 1152, 4, 1, 256, 6912, vocab_size=262144, window=512, max_seq_len=32768,
+                         rope_scaling=None),
+    # https://huggingface.co/google/gemma-3-{4b,12b,27b}-pt/blob/main/config.json (Gemma3ForConditionalGeneration: its
+    # text_config, the rest Gemma3TextConfig's defaults: tied embeddings of 262,208 rows, a 1024-token window in five of
+    # every six layers, linear RoPE scaling x8 in the others; 27B: head_dim 128, softmax scale 168^-0.5)
+    "gemma3-4b": _gemma3("gemma3-4b", 34, 2560, 8, 4, 256, 10240),
+    "gemma3-12b": _gemma3("gemma3-12b", 48, 3840, 16, 8, 256, 15360),
+    "gemma3-27b": _gemma3("gemma3-27b", 62, 5376, 32, 16, 128, 21504, query_pre_attn_scalar=168),
     # https://huggingface.co/microsoft/phi-4/blob/main/config.json (Phi3ForCausalLM, GQA 40 / 10 heads, full attention)
     "phi4": _arch(
         "phi4", n_layers=40, d_model=5120, n_heads=40, n_kv_heads=10, d_ff=17920, vocab_size=100352,
