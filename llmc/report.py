@@ -133,7 +133,7 @@ def _rope_text(a) -> str:
         out += f", {rule} x{rs.factor:g} from {rs.original_max_position:,} tokens"
     if a.full_attention_layers and (rs is not None or a.sliding_rope_theta is not None):
         out += (f"{' (full-attention layers)' if rs is not None else ''}; windowed layers theta "
-                f"{a.sliding_rope_theta or a.rope_theta:g}{', unscaled' if rs is not None else ''}")
+                f"{a.window_rope_theta:g}{', unscaled' if rs is not None else ''}")
     if a.nope_layers:
         out += f"; none in {len(a.nope_layers)} of {a.n_layers} layers (NoPE: {_layer_list(a.nope_layers)})"
     return out + f"; max_seq_len {a.max_seq_len:,}"

@@ -463,6 +463,15 @@ def test_olmo3_counts_windowed_and_full_layers_apart():
     text = " ".join(render_text(c).split())
     assert "sliding-window attention (4096 tokens; full attention in 8 of 32 layers: 3, 7, 11, 15, 19, 23, ...)" in text
     assert "YaRN x8 from 8,192 tokens (full-attention layers); windowed layers theta 500000, unscaled" in text
+    # time: llmc's trainer masks the band in SDPA, which computes every score of the square, so the model's
+    # compute time is the unwindowed model's (same plan), as for Mistral's window in every layer, and the MFU falls
+    # by about the FLOP ratio (the sliced loss's recomputed head is charged at the model's blended rate: 0.3% here)
+    plain = _compile(_spec("olmo3-7b", count=16, seq=16384, tokens="10B", extra="training: {backend: native}\n").replace(
+        "model: olmo3-7b", "model: {preset: olmo3-7b, sliding_window: null, full_attention_layers: []}"))
+    assert plain.plan == c.plan
+    assert c.time.breakdown["compute"] == pytest.approx(plain.time.breakdown["compute"], rel=1e-12)
+    assert c.time.mfu / plain.time.mfu == pytest.approx(c.compute.flops_per_token / plain.compute.flops_per_token,
+                                                        rel=0.01)
     n = 65536
     assert kv_tokens_per_sequence(o3, "vllm", n) * 32 == 8 * n + 24 * kv_tokens_per_sequence(windowed, "vllm", n)
     assert kv_tokens_per_sequence(o3, "sglang", n) == n

@@ -93,6 +93,7 @@ from torch import nn
 
 from llmc.spec.chat import CHAT_TEMPLATES
 from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
+from llmc.spec.hf import HF_ACTIVATIONS
 
 HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
               "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -716,7 +717,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
            "intermediate_size": arch.d_ff, "num_hidden_layers": arch.n_layers, "num_attention_heads": arch.n_heads,
            "num_key_value_heads": arch.kv_heads, "head_dim": arch.hd, "vocab_size": arch.vocab_size,
            "rms_norm_eps": arch.norm_eps, "rope_theta": arch.rope_theta, "max_position_embeddings": arch.max_seq_len,
-           "tie_word_embeddings": arch.tied_embeddings, "hidden_act": "silu", "torch_dtype": str(dtype).split(".")[-1],
+           "tie_word_embeddings": arch.tied_embeddings, "torch_dtype": str(dtype).split(".")[-1],
            "bos_token_id": bos_id, "eos_token_id": eos_id, "attention_dropout": 0.0, "initializer_range": 0.02,
            "use_cache": True}
     if mtype in ("llama", "granite"):
@@ -737,13 +738,12 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
         # is implied by the type (their default pad id 1 would make token 1's embedding row nn.Embedding's
         # padding_idx: no gradient there)
         cfg.update(attention_bias=False, pad_token_id=None)
-    if mtype in ("olmo3", "gemma3_text"):  # one attention kind per layer; rope_scaling in the full-attention ones only
-        cfg.update(sliding_window=w, layer_types=["sliding_attention" if arch.layer_window(i) else "full_attention"
-                                                  for i in range(arch.n_layers)])
+    # the MLP's activation, under the key its config class reads (Gemma3TextConfig: hidden_activation)
+    act = next(k for k, v in HF_ACTIVATIONS.items() if v == arch.activation)
+    cfg["hidden_activation" if mtype == "gemma3_text" else "hidden_act"] = act
     if mtype == "gemma3_text":  # Gemma3TextConfig (transformers configuration_gemma3.py): its block implied by the type
-        del cfg["hidden_act"]
-        cfg.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=arch.query_pre_attn_scalar or arch.hd,
-                   rope_local_base_freq=arch.sliding_rope_theta or arch.rope_theta, attention_bias=False,
+        cfg.update(query_pre_attn_scalar=arch.query_pre_attn_scalar or arch.hd,
+                   rope_local_base_freq=arch.window_rope_theta, attention_bias=False,
                    attn_logit_softcapping=None, final_logit_softcapping=None, use_bidirectional_attention=False,
                    pad_token_id=None)  # (its default pad id 0: a padding_idx row of the embedding, no gradient)
     if mtype == "smollm3":  # SmolLM3Config (transformers configuration_smollm3.py): one RoPE flag per layer, 0 = NoPE
@@ -769,11 +769,13 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
     scaling = _rope_scaling_config(arch)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
-    if mtype in ("olmo3", "gemma3_text"):  # transformers >= 5's per-kind RoPE (else OLMo 3's windowed layers take its
-        # default base 500000)
+    if mtype in ("olmo3", "gemma3_text"):  # one attention kind per layer, rope_scaling in the full-attention ones
+        # only; transformers >= 5's per-kind RoPE (else OLMo 3's windowed layers take its default base 500000)
+        cfg.update(sliding_window=w, layer_types=["sliding_attention" if arch.layer_window(i) else "full_attention"
+                                                  for i in range(arch.n_layers)])
         cfg["rope_parameters"] = {
             "full_attention": {**(scaling or {"rope_type": "default"}), "rope_theta": arch.rope_theta},
-            "sliding_attention": {"rope_type": "default", "rope_theta": arch.sliding_rope_theta or arch.rope_theta}}
+            "sliding_attention": {"rope_type": "default", "rope_theta": arch.window_rope_theta}}
     return cfg
 
 

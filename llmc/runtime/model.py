@@ -628,7 +628,7 @@ class Transformer(nn.Module):
         # OLMo 3 / Gemma 3: the windowed layers' table, unscaled at their own base (only where it differs from the
         # full layers')
         self.has_local_rope = bool(arch.full_attention_layers) and (
-            rs is not None or arch.sliding_rope_theta not in (None, arch.rope_theta))
+            rs is not None or arch.window_rope_theta != arch.rope_theta)
         self.register_buffer("rope_local", self._local_rope_table() if self.has_local_rope else None,
                              persistent=False)
         self.ac_mode, self.ac_layers = "none", 0  # see set_ac
@@ -643,7 +643,7 @@ class Transformer(nn.Module):
 
     def _local_rope_table(self) -> torch.Tensor:
         a = self.arch
-        return rope_tables(self.rope_dim, a.max_seq_len, a.sliding_rope_theta or a.rope_theta, None)
+        return rope_tables(self.rope_dim, a.max_seq_len, a.window_rope_theta, None)
 
     def _rope_for(self, length: int) -> torch.Tensor:
         """The (cos, sin) table for a sequence of ``length`` positions (longrope: the long one past the original)."""

@@ -62,7 +62,7 @@ from typing import Any
 from llmc.spec.families import SUPPORTED_MODEL_TYPES, family_for_model_type
 from llmc.spec.model import MLA, Architecture, MoE, Multipliers, RopeScaling
 
-__all__ = ["HFConfigError", "HF_KEY_FOR_FIELD", "architecture_from_hf_config", "fold_rope_parameters",
+__all__ = ["HFConfigError", "HF_ACTIVATIONS", "HF_KEY_FOR_FIELD", "architecture_from_hf_config", "fold_rope_parameters",
            "language_model_config", "SUPPORTED_MODEL_TYPES"]
 
 
@@ -140,6 +140,8 @@ def _req(cfg: dict[str, Any], key: str) -> Any:
 _MAX_WINDOW_LAYERS_TYPES = frozenset({"qwen2", "qwen3", "qwen3_moe"})
 #: transformers' per-layer attention kinds (``layer_types``) llmc reads: every layer one or the other (OLMo 3: a mix)
 _LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
+#: config.json's MLP activation (``hidden_act``; Gemma's configs: ``hidden_activation``) -> llmc's gated MLP
+HF_ACTIVATIONS: dict[str, str] = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 #: model_types whose layers may mix the two kinds (llmc's ``full_attention_layers``)
 _MIXED_LAYER_TYPES = frozenset({"olmo3", "gemma3_text"})
 
@@ -469,10 +471,9 @@ def _gemma3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
     config class's defaults (:data:`_GEMMA3_TEXT_DEFAULTS`: tied embeddings, head_dim 256, pattern 6, bases 1e6 /
     1e4, ...).
     Soft-capping (Gemma 2), bidirectional attention and biases are refused."""
-    act = cfg.get("hidden_activation")
-    if act != "gelu_pytorch_tanh":
-        errs.append(f"config.json 'hidden_activation' {_short(act)} is not supported for gemma3_text (llmc's Gemma 3 "
-                    "block uses gelu_pytorch_tanh)")
+    if kw.get("activation", "gelu_tanh") != "gelu_tanh":  # (an unknown one: reported by the caller)
+        errs.append(f"config.json 'hidden_activation' {_short(cfg.get('hidden_activation'))} is not supported for "
+                    "gemma3_text (llmc's Gemma 3 block uses gelu_pytorch_tanh)")
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if cfg.get(key) is not None:
             errs.append(f"config.json {key!r} {_short(cfg[key])} is not supported (logit soft-capping is not "
@@ -481,8 +482,7 @@ def _gemma3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
                                                                        "bidirectional attention")):
         if cfg.get(key) is True:
             errs.append(f"config.json {key!r} true is not supported for gemma3_text ({what})")
-    kw.update(qkv_bias=False, norm_placement="sandwich", norm_unit_offset=True, activation="gelu_tanh",
-              embedding_scale=True)
+    kw.update(qkv_bias=False, norm_placement="sandwich", norm_unit_offset=True, embedding_scale=True)
     extra = _each(errs, scalar=lambda: _int(cfg, "query_pre_attn_scalar"),
                   every=lambda: _int(cfg, "sliding_window_pattern"),
                   local=lambda: _float(cfg, "rope_local_base_freq"))
@@ -519,11 +519,13 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         cfg = {**_GEMMA3_TEXT_DEFAULTS, **cfg}
     if family is None:
         raise HFConfigError(f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    act = cfg.get("hidden_act", "silu") if family.name != "gemma3" else "silu"  # (Gemma: hidden_activation)
-    if not isinstance(act, str) or act != "silu":
-        raise HFConfigError(f"unsupported hidden_act {act!r} (llmc models SwiGLU, i.e. silu)")
-
     errs: list[str] = []
+    act_key = "hidden_activation" if "hidden_activation" in cfg else "hidden_act"
+    act = cfg.get(act_key, "silu")
+    activation = HF_ACTIVATIONS.get(act) if isinstance(act, str) else None
+    if activation is None:
+        errs.append(f"config.json {act_key!r} {_short(act)} is not supported (llmc models SwiGLU, silu, and "
+                    "Gemma's GeGLU, gelu_pytorch_tanh)")
     if mt in _MAX_WINDOW_LAYERS_TYPES and cfg.get("use_sliding_window") is True and cfg.get("max_window_layers") != 0:
         errs.append("use_sliding_window: true is not supported (these configs window only the layers from "
                     "max_window_layers on; llmc models one attention window for every layer)")
@@ -557,6 +559,8 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         norm_eps=lambda: _float(cfg, "rms_norm_eps", 1e-6),
         max_seq_len=lambda: _int(cfg, "max_position_embeddings"),
     )}
+    if activation is not None:
+        kw["activation"] = activation
     if cfg.get("head_dim") is not None:
         kw.update(_each(errs, head_dim=lambda: _int(cfg, "head_dim")))
     # Mistral's / Phi-3's window (no use_sliding_window key there); Qwen2 / Qwen3 configs carry one they switch off

@@ -301,6 +301,11 @@ class Architecture(SpecModel):
     def hd(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
+    @property
+    def window_rope_theta(self) -> float:
+        """The RoPE base of the windowed layers: ``sliding_rope_theta``, else ``rope_theta``."""
+        return self.sliding_rope_theta or self.rope_theta
+
     def layer_window(self, layer: int) -> int | None:
         """The attention window of ``layer`` (0-based): ``sliding_window``, or None (every earlier position)."""
         return None if layer in self.full_attention_layers else self.sliding_window
