@@ -91,8 +91,13 @@ def _model(c) -> Table:
     if a.norm_placement == "post":
         shape += ", norms on the attention / MLP outputs (OLMo 2)"
     if a.norm_placement == "sandwich":
-        shape += (", norms before and after attention and MLP (Gemma 3: 1 + weight), GeGLU, embeddings x sqrt(d_model)"
+        shape += (", norms before and after attention and MLP (Gemma: 1 + weight), GeGLU, embeddings x sqrt(d_model)"
                   + (f", softmax scale {a.query_pre_attn_scalar}^-0.5" if a.query_pre_attn_scalar else ""))
+    if a.attn_logit_softcap is not None:
+        shape += (f", attention scores soft-capped at {a.attn_logit_softcap:g} (no fused kernel: every score is kept "
+                  "for the backward)")
+    if a.final_logit_softcap is not None:
+        shape += f", logits soft-capped at {a.final_logit_softcap:g}"
     if a.sliding_window:
         shape += f", sliding-window attention ({a.sliding_window} tokens"
         if a.full_attention_layers:

@@ -490,13 +490,13 @@ def test_gemma3_plans_the_native_trainer_with_its_block_counted():
     g = PRESETS["gemma3-1b"]
     c = _compile(_spec("gemma3-1b", count=8, seq=8192, tokens="10B"))
     assert c.backend.name == "native" and not _codes(c, "error")
-    assert "no Gemma 3 block" in c.backend.reason or "no sliding window" in c.backend.reason
+    assert "no Gemma block" in c.backend.reason or "no sliding window" in c.backend.reason
     assert c.model.params_total == params_total(g) == 999_885_952
     H, hd, s = g.n_heads, g.hd, 8192
     assert c.compute.flops_per_token == 6 * params_total(g) + 6 * (4 * s + 22 * 512) * H * 2 * hd
     assert c.compute.flops_per_token == flops.train_flops_per_token(g, s)
     text = " ".join(render_text(c).split())
-    assert "norms before and after attention and MLP (Gemma 3: 1 + weight), GeGLU, embeddings x sqrt(d_model)" in text
+    assert "norms before and after attention and MLP (Gemma: 1 + weight), GeGLU, embeddings x sqrt(d_model)" in text
     assert "theta 1e+06" in text and "windowed layers theta 10000" in text
     assert "999,885,952 total (1B)" in text  # (3 significant digits round it up to the next unit, not to "1e+03M")
     # a chat stage from Gemma 3 weights takes Gemma's turn format (its tokenizer's <start_of_turn> / <end_of_turn>)
@@ -504,6 +504,34 @@ def test_gemma3_plans_the_native_trainer_with_its_block_counted():
                    "/models/gemma-3-1b-it, data: {seq_len: 4096, tokens: 1e7, sources: [{name: c, path: c.jsonl, "
                    "kind: chat}]}}\n")
     assert sft.stages[0].hyper["chat_template"] == "gemma" and "T103" not in _codes(sft)
+
+
+def test_gemma2_plans_its_soft_capped_scores():
+    """Gemma 2-9B (transformers' 9,241,705,984 parameters, test_spec_hf) plans llmc's trainer (no Gemma block in
+    torchtitan 0.3.0, X318). Its soft-capped attention keeps every score (8 B a score, memory.softcap_score_bytes; test_memory
+    measures it): at 8K tokens without recomputation that is 16 heads x 8192 x 8 B = 1 MiB a token a layer, so the plan
+    checkpoints; the scores also cost HBM time (elementwise) that the same model without soft-capping does not pay.
+    The report says the scores are kept and names both caps."""
+    from llmc.compiler import memory
+    from llmc.compiler.params import params_total
+    from llmc.report import render_text
+    from llmc.spec.presets import PRESETS
+
+    g = PRESETS["gemma2-9b"]
+    c = _compile(_spec("gemma2-9b", count=8, seq=8192, tokens="10B"))
+    assert c.backend.name == "native" and not _codes(c, "error")
+    assert c.model.params_total == params_total(g) == 9_241_705_984
+    assert c.plan.activation_checkpointing != "none"
+    none = memory.layer_activation_bytes_per_token(g, 0, "none", seq_len=8192)
+    plain = memory.layer_activation_bytes_per_token(g.model_copy(update={"attn_logit_softcap": None}), 0, "none",
+                                                    seq_len=8192)
+    assert none - plain == 16 * 8192 * 8 + 2 * 2 * (16 - 8) * 256 - 2 * 2 * 16  # scores + expanded K/V - the LSE
+    uncapped = _compile(_spec("gemma2-9b", count=8, seq=8192, tokens="10B").replace(
+        "model: gemma2-9b", "model: {preset: gemma2-9b, attn_logit_softcap: null}"))
+    assert c.time.breakdown["elementwise"] > 1.5 * uncapped.time.breakdown["elementwise"]
+    text = " ".join(render_text(c).split())
+    assert "attention scores soft-capped at 50 (no fused kernel: every score is kept for the backward)" in text
+    assert "logits soft-capped at 30" in text
 
 
 def test_a_stage_that_starts_from_no_weights_is_flagged():

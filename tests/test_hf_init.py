@@ -63,6 +63,16 @@ def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: in
                                                "rope_local_base_freq": 100.0, "pad_token_id": 0, "bos_token_id": 1,
                                                "eos_token_id": 2, **over})
         model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind == "gemma2":  # Gemma 3's block without q / k norms, a window in layers 0 and 2, full attention in layer
+        # 1, softmax scale 12^-0.5, attention scores soft-capped at 1 and logits at 1.5 (small caps and weights ten
+        # times the usual initialisation's, so that both caps bind)
+        cfg = transformers.Gemma2Config(**{**TINY, "num_hidden_layers": 3, "head_dim": 16, "query_pre_attn_scalar": 12,
+                                           "initializer_range": 0.2,
+                                           "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                                           "sliding_window": 5, "attn_logit_softcapping": 1.0,
+                                           "final_logit_softcapping": 1.5, "pad_token_id": 0, "bos_token_id": 1,
+                                           "eos_token_id": 2, **over})
+        model = transformers.Gemma2ForCausalLM(cfg)
     elif kind == "gemma3_mm":  # Gemma 3-4B and up: an image-text model (a tiny SigLIP encoder) around the language model
         text = {**TINY, "num_hidden_layers": 3, "head_dim": 16, "layer_types": [
             "sliding_attention", "full_attention", "sliding_attention"], "sliding_window": 5, **over}
@@ -121,7 +131,10 @@ def arch_of(path: Path):
                                        ("olmo3", {"sliding_window": 5}),
                                        ("olmo3", {"sliding_window": 4, "tie_word_embeddings": True}),
                                        ("gemma3", {"sliding_window": 5}),
-                                       ("gemma3", {"sliding_window": 4, "tie_word_embeddings": False})])
+                                       ("gemma3", {"sliding_window": 4, "tie_word_embeddings": False}),
+                                       ("gemma2", {"sliding_window": 5}),
+                                       ("gemma2", {"sliding_window": 4, "tie_word_embeddings": False}),
+                                       ("gemma3", {"sliding_window": 5, "final_logit_softcapping": 1.5})])
 def test_load_gives_transformers_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     if kind != "mixtral":  # sharded: several files + index
@@ -147,12 +160,12 @@ def test_load_gives_transformers_logits(tmp_path, kind, over):
                                                   "max_window_layers": 0}),
                                        ("smollm3", {"no_rope_layers": [0, 1, 0]}), ("olmo2", {}),
                                        ("olmo3", {"layer_types": ["full_attention", "sliding_attention"] * 2,
-                                                  "num_hidden_layers": 4}), ("gemma3", {})])
+                                                  "num_hidden_layers": 4}), ("gemma3", {}), ("gemma2", {})])
 def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     arch = arch_of(src)
-    assert arch.qk_norm is kind.startswith(("qwen3", "olmo", "gemma")) and arch.hd == (
-        over.get("head_dim") or (16 if kind == "gemma3" else 8))
+    assert arch.qk_norm is kind.startswith(("qwen3", "olmo", "gemma3")) and arch.hd == (
+        over.get("head_dim") or (16 if kind.startswith("gemma") else 8))
     if kind == "qwen3_moe":
         assert (arch.moe.dense_layers, arch.moe.expert_d_ff, arch.d_ff) == (1, 40, 96)
     model = build_model(arch, seed=0).eval()
@@ -179,6 +192,11 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
         assert json.loads((out / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
         assert arch_of(out).model_dump(exclude={"name"}) == arch.model_dump(exclude={"name"})
         assert (arch.full_attention_layers, arch.sliding_rope_theta, arch.query_pre_attn_scalar) == ((1,), 100.0, 12)
+    if kind == "gemma2":  # Gemma 2's block, its layer kinds, softmax scale and soft-caps: read back unchanged
+        assert json.loads((out / "config.json").read_text())["architectures"] == ["Gemma2ForCausalLM"]
+        assert arch_of(out).model_dump(exclude={"name"}) == arch.model_dump(exclude={"name"})
+        assert (arch.full_attention_layers, arch.query_pre_attn_scalar, arch.attn_logit_softcap,
+                arch.final_logit_softcap) == ((1,), 12, 1.0, 1.5)
     if kind == "smollm3":  # NoPE layers 0 and 2, written as SmolLM3Config's flags and read back
         assert json.loads((out / "config.json").read_text())["no_rope_layers"] == [0, 1, 0]
         assert arch_of(out).nope_layers == arch.nope_layers == (0, 2)
@@ -260,16 +278,19 @@ def test_gemma3_image_text_checkpoint_loads_as_its_language_model(tmp_path):
         torch.testing.assert_close(hf_model(out)(input_ids=tokens).logits, model(tokens), atol=1e-5, rtol=1e-5)
 
 
-def test_each_part_of_gemma3s_block_changes_the_logits(tmp_path):
-    """The checks above can fail: Gemma 3's weights in llmc's model give transformers' logits only with every part of
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2"])
+def test_each_part_of_gemmas_block_changes_the_logits(tmp_path, kind):
+    """The checks above can fail: Gemma's weights in llmc's model give transformers' logits only with every part of
     its block; without any one of them (norms scaling by weight instead of 1 + weight, no sqrt(d) on the
-    embeddings, SiLU for its tanh GELU, the usual softmax scale, the windowed
-    layers at the full layers' RoPE base, the window in every layer) the same weights give other logits."""
-    src = make_hf(tmp_path, "gemma3")
+    embeddings, SiLU for its tanh GELU, the usual softmax scale, the window in every layer; Gemma 3: the windowed
+    layers at the full layers' RoPE base; Gemma 2: either soft-cap) the same weights give other logits."""
+    src = make_hf(tmp_path, kind)
     arch = arch_of(src)
     tokens = torch.randint(0, arch.vocab_size, (1, 17), generator=torch.Generator().manual_seed(3))
     variants = [{}, {"norm_unit_offset": False}, {"embedding_scale": False}, {"activation": "silu"},
-                {"query_pre_attn_scalar": None}, {"sliding_rope_theta": None}, {"full_attention_layers": ()}]
+                {"query_pre_attn_scalar": None}, {"full_attention_layers": ()}] + (
+        [{"sliding_rope_theta": None}] if kind == "gemma3" else
+        [{"attn_logit_softcap": None}, {"final_logit_softcap": None}])
     with torch.no_grad():
         ref = hf_model(src)(input_ids=tokens).logits
         outs = []
@@ -338,6 +359,11 @@ def test_mismatches_are_one_line_errors(tmp_path):
         load_hf_into(build_model(wider), src, wider, check_config=False)
     with pytest.raises(HFError, match="not in the local Hugging Face cache"):
         resolve_hf_source("nobody/not-a-model-llmc-test")
+    # Gemma 2 weights under a spec without its soft-caps (the same tensors, another model): refused, named
+    g2 = make_hf(tmp_path, "gemma2", shard=None)
+    uncapped = arch_of(g2).model_copy(update={"attn_logit_softcap": None})
+    with pytest.raises(HFError, match=r"attn_logit_softcap None \(spec\) != 1.0 \(checkpoint\)"):
+        load_hf_into(build_model(uncapped), g2, uncapped)
 
 
 def test_hub_id_resolves_through_the_local_cache(tmp_path, monkeypatch):
@@ -546,7 +572,8 @@ from test_runtime_train import META_RUN as META_HF_RUN  # noqa: E402  (the same 
                                        ("mistral", {"tp": 2, "micro_batch": 8}),
                                        ("olmo2", {"dp_shard": 2, "micro_batch": 4}),
                                        ("olmo2", {"tp": 2, "micro_batch": 8}),
-                                       ("gemma3", {"tp": 2, "micro_batch": 8})])
+                                       ("gemma3", {"tp": 2, "micro_batch": 8}),
+                                       ("gemma2", {"tp": 2, "micro_batch": 8})])
 def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, kind, plan):
     """FSDP2 / TP built on meta: each rank cuts its shards out of the HF tensors (Phi-3: its row ranges of the fused
     qkv_proj / gate_up_proj); the first loss is still transformers' loss on the same global batch (Mistral: an

@@ -293,6 +293,29 @@ def test_llama_block_matches_autograd_saved_tensors(qk_norm):
     assert measured == layer_activation_bytes_per_token(arch, 0)
 
 
+def _runtime_saved_per_token(model, part, mode: str, B: int, S: int) -> float:
+    """Bytes per token autograd keeps for ``part`` (a block or an attention of llmc's bf16 ``model``) with activation
+    checkpointing ``mode``: parameters and the RoPE table left out, each storage once; the backward runs, so a
+    checkpoint's recompute does too."""
+    import torch
+
+    model.set_ac(mode)
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), model.rope]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip and not t.is_complex():
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(B, S, model.arch.d_model, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = part(x, model.rope[:S])
+    (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    return sum(saved.values()) / (B * S)
+
+
 def test_llmc_runtime_selective_matches_autograd_saved_tensors():
     """What "selective" keeps on llmc's own runtime (native / DeepSpeed: ``Transformer.set_ac("selective")``
     checkpoints each attention core), measured with autograd's saved-tensor hooks on a block of llmc's model,
@@ -307,33 +330,73 @@ def test_llmc_runtime_selective_matches_autograd_saved_tensors():
     arch = Architecture(n_layers=1, d_model=256, n_heads=8, n_kv_heads=8, d_ff=768, vocab_size=100,
                         max_seq_len=128)
     model = build_model(arch, "cpu", seed=0).to(torch.bfloat16).train()
-    block, rope = model.layers["0"], model.rope
-    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), rope]}
-    B, S = 2, 128
-
-    def measure(mode: str) -> float:
-        model.set_ac(mode)
-        saved: dict[int, int] = {}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in skip and not t.is_complex():
-                saved[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        x = torch.randn(B, S, arch.d_model, dtype=torch.bfloat16, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = block(x, rope[:S])
-        (out[0] if isinstance(out, tuple) else out).float().sum().backward()  # the recompute runs
-        return sum(saved.values()) / (B * S)
-
-    none, sel = measure("none"), measure("selective")
+    none, sel = (_runtime_saved_per_token(model, model.layers["0"], mode, 2, 128) for mode in ("none", "selective"))
     f_none = layer_activation_bytes_per_token(arch, 0, "none")
     f_core = layer_activation_bytes_per_token(arch, 0, "selective_core")
     assert none - sel == f_none - f_core == 4 * arch.n_heads  # the fp32 log-sum-exp per head
     assert f_none - layer_activation_bytes_per_token(arch, 0, "selective") > 10 * (f_none - f_core)
     for be, mode in (("native", "selective_core"), ("deepspeed", "selective_core"), ("torchtitan", "selective")):
         assert activation_mode("selective", get_backend(be)) == mode
+
+
+GEMMA2_TINY = Architecture(n_layers=2, d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=256, vocab_size=512,
+                           max_seq_len=64, norm_placement="sandwich", norm_unit_offset=True, activation="gelu_tanh",
+                           embedding_scale=True, attn_logit_softcap=50.0, final_logit_softcap=30.0, sliding_window=16,
+                           full_attention_layers=(1,), tied_embeddings=True)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_softcapped_attention_keeps_what_the_formula_counts(layer):
+    """Gemma 2's soft-capped attention runs without a fused kernel (llmc.runtime.model._softcapped), so every score is
+    kept: autograd's saved tensors of the attention of a block of llmc's model in bf16 (a windowed layer and a full
+    one: the window is a mask on the same square) equal the formula's attention part of ``none`` (8 B a score: tanh's
+    output, the fp32 softmax, its bf16 cast; q, and K / V expanded to the query heads, copied by the two matmuls; the
+    output for wo; the input, the attention norm's output), and checkpointing the attention core drops exactly the
+    scores and the expansion (``selective_core``). (The block's norms are left out: on CPU torch's composite rms_norm
+    keeps fp32 copies that CUDA's fused kernel does not, test_llama_block_matches_autograd_saved_tensors.)"""
+    torch = pytest.importorskip("torch")
+    from llmc.compiler.memory import _ffn_act_per_token, block_norm_elems
+    from llmc.runtime.model import build_model
+
+    model = build_model(GEMMA2_TINY, "cpu", seed=0).to(torch.bfloat16).train()
+    S, d = 64, GEMMA2_TINY.d_model
+    none, core = (_runtime_saved_per_token(model, model.layers[str(layer)].attention, mode, 2, S)
+                  for mode in ("none", "selective"))
+    f_none = layer_activation_bytes_per_token(GEMMA2_TINY, layer, "none", seq_len=S)
+    f_core = layer_activation_bytes_per_token(GEMMA2_TINY, layer, "selective_core", seq_len=S)
+    outside = 2 * (block_norm_elems(GEMMA2_TINY) - d + _ffn_act_per_token(GEMMA2_TINY, layer)[0])
+    assert none == f_none - outside
+    H, hd, kv = GEMMA2_TINY.n_heads, GEMMA2_TINY.hd, GEMMA2_TINY.kv_heads
+    assert none - core == f_none - f_core == H * S * 8 + 2 * 2 * (H - kv) * hd
+
+
+def test_final_softcap_keeps_tanhs_output_per_logit():
+    """The final logits' soft-cap (Transformer._head) keeps tanh's output for the backward: what the loss's forward
+    saves grows by exactly the bf16 logits' size, the ``softcapped`` term of memory.loss_logits_bytes."""
+    torch = pytest.importorskip("torch")
+    from llmc.compiler.memory import loss_logits_bytes
+    from llmc.runtime.model import build_model, token_losses
+
+    def saved_per_logit(arch) -> float:
+        model = build_model(arch, "cpu", seed=0).to(torch.bfloat16).train()
+        skip = {t.untyped_storage().data_ptr() for t in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in skip:
+                saved[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        h = torch.randn(2, 32, arch.d_model, dtype=torch.bfloat16, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            token_losses(model._head, h, torch.randint(0, arch.vocab_size, (2, 32)))
+        return sum(saved.values()) / (2 * 32 * arch.vocab_size)
+
+    plain = GEMMA2_TINY.model_copy(update={"final_logit_softcap": None})
+    plan = ParallelPlan()
+    formula = (loss_logits_bytes(512, 64, plan, softcapped=True) - loss_logits_bytes(512, 64, plan)) / (64 * 512)
+    assert saved_per_logit(GEMMA2_TINY) - saved_per_logit(plain) == pytest.approx(formula, rel=0.01) and formula == 2
 
 
 def test_recompute_modes_llama3_8b():

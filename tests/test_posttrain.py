@@ -362,13 +362,18 @@ def test_grpo_loss_clip_and_kl():
 def _sampling_arch(kind: str) -> Architecture:
     """The sampler tests' models: grouped-query attention, with a 4-token sliding window, with no RoPE in layer 1
     (SmolLM3's NoPE), OLMo 3's block with the window in layer 0 only and YaRN in layer 1 only, Gemma 3's block (the
-    window in layer 0 at its own RoPE base), and MLA with MoE blocks (DeepSeek-V3's shape)."""
+    window in layer 0 at its own RoPE base), Gemma 2's (soft-capped scores and logits: no fused kernel, its own masks)
+    and MLA with MoE blocks (DeepSeek-V3's shape)."""
     from llmc.spec.model import MLA, MoE, RopeScaling
 
     if kind == "gemma3":
         return ARCH.model_copy(update={"qk_norm": True, "norm_placement": "sandwich", "norm_unit_offset": True,
                                        "activation": "gelu_tanh", "embedding_scale": True, "sliding_window": 4,
                                        "full_attention_layers": (1,), "sliding_rope_theta": 100.0})
+    if kind == "gemma2":  # small caps, so that they bind on the small initial scores and logits
+        return ARCH.model_copy(update={"norm_placement": "sandwich", "norm_unit_offset": True, "activation": "gelu_tanh",
+                                       "embedding_scale": True, "sliding_window": 4, "full_attention_layers": (1,),
+                                       "attn_logit_softcap": 0.02, "final_logit_softcap": 0.5})
     if kind == "olmo3":
         return ARCH.model_copy(update={"qk_norm": True, "qk_norm_scope": "projection", "norm_placement": "post",
                                        "sliding_window": 4, "full_attention_layers": (1,), "rope_scaling":
@@ -382,7 +387,7 @@ def _sampling_arch(kind: str) -> Architecture:
         moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, expert_d_ff=24, dense_layers=1))
 
 
-@pytest.mark.parametrize("kind", ["gqa", "gqa_window", "gqa_nope", "olmo3", "gemma3", "mla_moe"])
+@pytest.mark.parametrize("kind", ["gqa", "gqa_window", "gqa_nope", "olmo3", "gemma3", "gemma2", "mla_moe"])
 def test_kv_cache_sampling_equals_rerunning_the_sequence(kind):
     """The sampler runs the prompt once into a KV cache, then one position per new token; re-running the whole
     sequence per token (the plain forward) must give the same logits, hence the same tokens from the same
@@ -408,7 +413,7 @@ def test_kv_cache_sampling_equals_rerunning_the_sequence(kind):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("kind", ["gqa", "gqa_window", "gqa_nope", "olmo3", "gemma3", "mla_moe"])
+@pytest.mark.parametrize("kind", ["gqa", "gqa_window", "gqa_nope", "olmo3", "gemma3", "gemma2", "mla_moe"])
 def test_groups_sampled_in_one_batch_equal_each_group_alone(kind):
     """The sampler samples a rank's groups in one batch (one decoding forward reads the weights once for all of
     them): prompts of different lengths are left-padded, each row keeps its own RoPE positions and no query sees a

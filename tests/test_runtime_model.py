@@ -364,12 +364,16 @@ def test_deepseek_v3_group_limited_routing_matches_reference_gate():
                                    {"qk_norm": True, "norm_placement": "sandwich", "norm_unit_offset": True,
                                     "activation": "gelu_tanh", "embedding_scale": True, "sliding_window": 5,
                                     "full_attention_layers": (1,), "sliding_rope_theta": 100.0,
-                                    "query_pre_attn_scalar": 10}],
-                         ids=["smollm3-nope", "olmo2-block", "olmo3-layer-kinds", "gemma3-block"])
+                                    "query_pre_attn_scalar": 10},
+                                   {"norm_placement": "sandwich", "norm_unit_offset": True, "activation": "gelu_tanh",
+                                    "embedding_scale": True, "sliding_window": 5, "full_attention_layers": (1,),
+                                    "attn_logit_softcap": 0.05, "final_logit_softcap": 0.5}],
+                         ids=["smollm3-nope", "olmo2-block", "olmo3-layer-kinds", "gemma3-block", "gemma2-softcaps"])
 def test_compiled_blocks_equal_eager_for_nope_and_olmo2(extra):
     """``training.compile`` compiles each block: a NoPE layer (no rotation), OLMo 2's block (norms on the branch
     outputs, q / k norms over the whole projections), OLMo 3's layer kinds (a windowed layer with unscaled RoPE, a
-    full one with YaRN) and Gemma 3's block give the eager model's logits and gradients."""
+    full one with YaRN), Gemma 3's block and Gemma 2's soft-capped scores and logits give the eager model's logits and
+    gradients."""
     arch = Architecture(name="t", n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=96, vocab_size=100,
                         max_seq_len=64, **extra)
     eager, compiled = build_model(arch, seed=0), build_model(arch, seed=0)

@@ -14,7 +14,8 @@ HF = Path(__file__).resolve().parent / "fixtures" / "hf"
 CONFIGS = sorted(HF.glob("*.json"))
 
 REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
-            "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "olmo2-7b", "olmo3-7b", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
+            "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "olmo2-7b", "olmo3-7b", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b", "gemma2-2b", "gemma2-9b",
+            "gemma2-27b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
             "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "tiny", "tiny-moe"]
 
 
@@ -95,7 +96,7 @@ def test_preset_params_match_published_totals():
 
 #: config.json model_type -> the prefix of transformers' config / model classes
 _HF_CLASSES = {"qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "phi3": "Phi3", "smollm3": "SmolLM3", "olmo2": "Olmo2",
-               "olmo3": "Olmo3", "gemma3_text": ("Gemma3", "Gemma3Text")}
+               "olmo3": "Olmo3", "gemma3_text": ("Gemma3", "Gemma3Text"), "gemma2": "Gemma2"}
 
 
 def _meta_model(name: str):
@@ -244,7 +245,7 @@ def test_gemma3_defaults_and_refusals():
     """Gemma3TextConfig's defaults where a key is absent (tied embeddings, head_dim 256, window 4096 but in every 6th
     layer, RoPE bases 1e6 / 1e4, query_pre_attn_scalar 256 = head_dim: the usual scale); a query_pre_attn_scalar
     apart from head_dim (Gemma 3-27B's 168 over 128) is kept; an image-text config (4B and up) is its text_config;
-    Gemma 2's soft-capping, bidirectional attention, another activation and biases are refused at once, each named."""
+    bidirectional attention, another activation and biases are refused at once, each named."""
     from llmc.spec.families import family_of
 
     base = {"model_type": "gemma3_text", "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 6,
@@ -256,17 +257,57 @@ def test_gemma3_defaults_and_refusals():
                                      "tie_word_embeddings": False})
     assert (b.query_pre_attn_scalar, b.tied_embeddings) == (168, False)
     with pytest.raises(HFConfigError) as e:
-        architecture_from_hf_config({**base, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
-                                     "use_bidirectional_attention": True, "hidden_activation": "gelu",
+        architecture_from_hf_config({**base, "use_bidirectional_attention": True, "hidden_activation": "gelu",
                                      "attention_bias": True})
     assert sorted(m.split("'")[1] for m in e.value.messages) == [
-        "attention_bias", "attn_logit_softcapping", "final_logit_softcapping", "hidden_activation",
-        "use_bidirectional_attention"]
+        "attention_bias", "hidden_activation", "use_bidirectional_attention"]
     # the image-text releases (model_type gemma3): their language model, the head's tying from the top level
     mm = architecture_from_hf_config({"model_type": "gemma3", "text_config": base, "tie_word_embeddings": False})
     assert mm == architecture_from_hf_config({**base, "tie_word_embeddings": False})
     with pytest.raises(HFConfigError, match="has no 'text_config' object"):
         architecture_from_hf_config({**base, "model_type": "gemma3"})
+
+
+@pytest.mark.parametrize("name,count,scalar", [("gemma2-2b", 2_614_341_888, None), ("gemma2-9b", 9_241_705_984, None),
+                                               ("gemma2-27b", 27_227_128_320, 144)])
+def test_gemma2_count_layer_kinds_and_soft_caps_equal_transformers(name, count, scalar):
+    """transformers' own Gemma2ForCausalLM (meta device) for google/gemma-2-{2b,9b,27b}'s configs has llmc's parameter
+    count (the model pages' 2.61B / 9.24B / 27.2B: Gemma 3's four norms a block, no q / k norms, 256,000 tied rows);
+    its layer kinds are llmc's (the 4096 window in the even layers), and so are its soft-caps (50, 30) and 27B's
+    softmax scale (144^-0.5 with head_dim 128)."""
+    from llmc.compiler.params import params_total
+    from llmc.spec.families import family_of
+
+    cfg, model = _meta_model(name)
+    arch = architecture_from_hf_config(cfg)
+    assert params_total(arch) == _numel(model) == count
+    assert arch.full_attention_layers == tuple(i for i, k in enumerate(model.config.layer_types)
+                                               if k == "full_attention") == tuple(range(1, arch.n_layers, 2))
+    assert (arch.sliding_window, arch.attn_logit_softcap, arch.final_logit_softcap) == (
+        model.config.sliding_window, model.config.attn_logit_softcapping, model.config.final_logit_softcapping)
+    assert (arch.query_pre_attn_scalar, arch.qk_norm, family_of(arch).name) == (scalar, False, "gemma2")
+
+
+def test_gemma2_defaults_and_refusals():
+    """Gemma2Config's defaults where a key is absent (soft-capping on, 50 / 30; the window in every other layer; tied;
+    head_dim 256); an explicit null switches a soft-cap off; soft-capping is read for Gemma 3 too (its config class
+    has the keys, off by default, and applies only the final one); biases and bidirectional attention are refused, each named."""
+    base = {"model_type": "gemma2", "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4,
+            "hidden_size": 64, "intermediate_size": 128, "vocab_size": 100}
+    a = architecture_from_hf_config(base)
+    assert (a.attn_logit_softcap, a.final_logit_softcap, a.full_attention_layers, a.sliding_window, a.hd,
+            a.tied_embeddings, a.rope_theta, a.sliding_rope_theta) == (50.0, 30.0, (1, 3), 4096, 256, True, 1e4, None)
+    b = architecture_from_hf_config({**base, "attn_logit_softcapping": None, "final_logit_softcapping": None})
+    assert (b.attn_logit_softcap, b.final_logit_softcap) == (None, None)
+    g3 = architecture_from_hf_config({**base, "model_type": "gemma3_text", "final_logit_softcapping": 30.0})
+    assert (g3.final_logit_softcap, g3.attn_logit_softcap, g3.qk_norm) == (30.0, None, True)
+    with pytest.raises(HFConfigError, match="Gemma3Attention does not apply it"):  # (transformers keeps, never uses it)
+        architecture_from_hf_config({**base, "model_type": "gemma3_text", "attn_logit_softcapping": 50.0})
+    with pytest.raises(HFConfigError) as e:
+        architecture_from_hf_config({**base, "attention_bias": True, "use_bidirectional_attention": True,
+                                     "attn_logit_softcapping": "x"})
+    assert sorted(m.split("'")[1] for m in e.value.messages) == [
+        "attention_bias", "attn_logit_softcapping", "use_bidirectional_attention"]
 
 
 def test_olmo3_layer_kinds_defaults_and_refusals():

@@ -195,7 +195,11 @@ def test_unexpressible_architectures_give_diagnostics_not_modules():
     [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "qk_norm": True, "norm_placement": "sandwich",
                                                      "norm_unit_offset": True, "activation": "gelu_tanh",
                                                      "embedding_scale": True}))
-    assert (d.code, d.path) == ("X318", "model.norm_placement") and "Gemma 3" in d.message
+    assert (d.code, d.path) == ("X318", "model.norm_placement") and "Gemma block" in d.message
+    [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "norm_placement": "sandwich", "norm_unit_offset": True,
+                                                     "activation": "gelu_tanh", "embedding_scale": True,
+                                                     "attn_logit_softcap": 50.0, "final_logit_softcap": 30.0}))
+    assert (d.code, d.path) == ("X318", "model.norm_placement") and "soft-capping" in d.message
     tied_pp = compiled_for(model={**TINY, "tied_embeddings": True},
                            plan=ParallelPlan(pp=2, micro_batch=1, grad_accum=4))
     assert [d.code for d in torchtitan_diagnostics(tied_pp)] == ["X303"]

@@ -32,6 +32,8 @@ OLMO3_YARN = RopeScaling(type="yarn", factor=2.0, original_max_position=16)
 # Gemma 3's block: norms before and after attention and MLP (1 + weight), per-head q / k norms, GeGLU, scaled embeddings
 GEMMA3_BLOCK = dict(qk_norm=True, norm_placement="sandwich", norm_unit_offset=True, activation="gelu_tanh",
                     embedding_scale=True)
+GEMMA2_BLOCK = dict(norm_placement="sandwich", norm_unit_offset=True, activation="gelu_tanh", embedding_scale=True,
+                    attn_logit_softcap=50.0, final_logit_softcap=30.0)
 PHI3_LONGROPE = RopeScaling(type="longrope", factor=2.0, original_max_position=16, short_factor=[1.0, 1.5, 2.0],
                             long_factor=[1.2, 3.0, 8.0])
 
@@ -262,6 +264,8 @@ def model_exports(tmp_path_factory) -> tuple[dict, dict]:
         "Gemma3ForCausalLM": Architecture(name="gemma3", **{**base, "n_layers": 3, "head_dim": 16}, **GEMMA3_BLOCK,
                                           tied_embeddings=True, sliding_window=8, full_attention_layers=(1,),
                                           sliding_rope_theta=100.0),
+        "Gemma2ForCausalLM": Architecture(name="gemma2", **{**base, "n_layers": 3, "head_dim": 16}, **GEMMA2_BLOCK,
+                                          tied_embeddings=True, sliding_window=8, full_attention_layers=(1,)),
         "MixtralForCausalLM": Architecture(name="mixtral", **base, moe=MoE(num_experts=3, top_k=2)),
         "Qwen3MoeForCausalLM": Architecture(name="qwen3moe", **{**base, "n_layers": 3, "head_dim": 16}, qk_norm=True,
                                             moe=MoE(num_experts=4, top_k=2, expert_d_ff=24, dense_layers=1)),
@@ -379,6 +383,9 @@ def load_exports(tmp_path_factory) -> tuple[dict, dict, dict]:
                                    rope_scaling=OLMO3_YARN),
              # Gemma 3: vLLM's own Gemma3ForCausalLM (GemmaRMSNorm adds the 1 to the stored weight itself)
              "gemma3": Architecture(name="gemma3", **{**base, "head_dim": 16}, **GEMMA3_BLOCK, tied_embeddings=True,
+                                    sliding_window=8, full_attention_layers=(1,), query_pre_attn_scalar=12),
+             # Gemma 2: vLLM's own Gemma2ForCausalLM (no q / k norms, soft-capped scores and logits)
+             "gemma2": Architecture(name="gemma2", **{**base, "head_dim": 16}, **GEMMA2_BLOCK, tied_embeddings=True,
                                     sliding_window=8, full_attention_layers=(1,), query_pre_attn_scalar=12)}
     dirs, want = {}, {}
     for name, a in archs.items():
@@ -399,7 +406,8 @@ def test_dense_hf_exports_load_into_vllm_models(load_exports, vllm):
     for name, a in archs.items():
         m = got[str(dirs[name])]
         assert m["class"] == ("Qwen2ForCausalLM" if a.qkv_bias
-                              else "Gemma3ForCausalLM" if a.norm_placement == "sandwich"
+                              else ("Gemma3ForCausalLM" if a.qk_norm else "Gemma2ForCausalLM")
+                              if a.norm_placement == "sandwich"
                               # vLLM 0.33's registry runs SmolLM3 and OLMo 2 in its Transformers backend
                               else "TransformersForCausalLM" if a.nope_layers or a.norm_placement == "post"
                               else "Qwen3ForCausalLM" if a.qk_norm

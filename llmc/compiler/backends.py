@@ -445,8 +445,8 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
                             "build with training.backend native or deepspeed: llmc's model skips RoPE there"))
     if arch.norm_placement == "sandwich" or arch.norm_unit_offset or arch.activation != "silu" or arch.embedding_scale:
         out.append(ModelGap("X318", "model.norm_placement",
-                            f"torchtitan {v} has no Gemma 3 block (norms before and after attention and MLP scaling "
-                            "by 1 + weight, GeGLU, embeddings x sqrt(d_model))",
+                            f"torchtitan {v} has no Gemma block (norms before and after attention and MLP scaling "
+                            "by 1 + weight, GeGLU, embeddings x sqrt(d_model); Gemma 2's logit soft-capping)",
                             "build with training.backend native or deepspeed"))
     if arch.norm_placement == "post" or arch.qk_norm_scope == "projection":
         out.append(ModelGap("X317", "model.norm_placement",

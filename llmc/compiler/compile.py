@@ -344,7 +344,8 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
     if res.best is not None and res.best.plan.loss_chunk_tokens:
         sliced = res.best.plan
         whole = dataclasses.replace(sliced, loss_chunk_tokens=0)
-        logits = memory_mod.loss_logits_bytes(arch.vocab_size, whole.micro_batch * seq_len / whole.cp, whole)
+        logits = memory_mod.loss_logits_bytes(arch.vocab_size, whole.micro_batch * seq_len / whole.cp, whole,
+                                              softcapped=arch.final_logit_softcap is not None)
         slower = 100 * (timing.step_time(sm, sliced)[0] / timing.step_time(sm, whole)[0] - 1)
         reasons.insert(min(2, len(reasons)), (
             f"loss in slices of {sliced.loss_chunk_tokens} tokens: the {o.backend} trainer recomputes each slice's "

@@ -86,6 +86,7 @@ OFFLOAD_PARAM_HOST_BYTES_PER_PARAM = 2
 # fp32 gradient (4) + the saved log-probs (4) + log_softmax's fp32 input gradient (4) = 12 B
 # (the forward peak is 2 bf16 logits + 4 fp32 copy + 4 log-probs = 10 B). Vocab-parallel: / tp.
 LOGITS_BYTES_PER_ELEM = 12
+SOFTMAX_FP32_BYTES = 4.0  # a softmax computed in fp32 (dtype=torch.float32) keeps its fp32 output
 # With the loss compiled (torchtitan compile.components includes "loss"), Inductor fuses the upcast,
 # log_softmax and nll_loss: only the bf16 logits (2 B) and their bf16 gradient (2 B) exist at the peak.
 LOGITS_COMPILED_BYTES_PER_ELEM = 4
@@ -106,14 +107,18 @@ def loss_slice_tokens(vocab_size: int) -> int:
 
 
 def loss_logits_bytes(vocab_size: int, tokens: float, plan: ParallelPlan, *, compiled: bool = False,
-                      chunks: int = 1, d_model: int = 0, act_bytes: float = 2.0) -> float:
+                      chunks: int = 1, d_model: int = 0, act_bytes: float = 2.0, softcapped: bool = False) -> float:
     """The logits / loss peak of a micro-step of ``tokens`` tokens on the rank holding the head: one slice's when the
     plan slices the loss (``plan.loss_chunk_tokens``: llmc's trainers), one of ``chunks`` equal slices' with the
     backend's chunked loss (``Backend.loss_chunks``: torchtitan's ChunkedLossWrapper), else the whole micro-step's;
     LOGITS_BYTES_PER_ELEM per vocab entry (LOGITS_COMPILED_BYTES_PER_ELEM with the loss compiled), vocab-parallel
     over tp. The chunked loss also holds the hidden states cut into slices (a copy, ``act_bytes`` per element) and
-    their fp32 gradient (GradAccumulator), whole on every tp rank (the head's input is replicated on the TP axis)."""
+    their fp32 gradient (GradAccumulator), whole on every tp rank (the head's input is replicated on the TP axis).
+    ``softcapped`` (``final_logit_softcap``, llmc.runtime.model.Transformer._head): tanh keeps its output, ``act_bytes``
+    per logit, until the backward reaches it."""
     per_elem, extra = (LOGITS_COMPILED_BYTES_PER_ELEM if compiled else LOGITS_BYTES_PER_ELEM), 0.0
+    if softcapped:
+        per_elem += act_bytes
     if plan.loss_chunk_tokens:
         tokens = min(tokens, plan.loss_chunk_tokens)
     elif chunks > 1:
@@ -495,6 +500,13 @@ def layer_activation_bytes_per_token(
     attn_saved, attn_lin, attn_out = _attn_act_per_token(arch)
     ffn_saved, ffn_lin = _ffn_act_per_token(arch, i)
     norms = block_norm_elems(arch)
+    if ac_mode == "none" and arch.attn_logit_softcap is not None:
+        # soft-capped attention (llmc.runtime.model._softcapped): no kernel's log-sum-exp; K and V expanded to every
+        # query head (GQA) and kept by the two matmuls; every score kept (softcap_score_bytes), the whole s x s square
+        # in a windowed layer too (the band is a mask on it)
+        expand = 2 * (H - arch.kv_heads) * arch.hd
+        elems = norms + attn_saved + expand + attn_out + ffn_saved
+        return elems * bytes_per_elem + H * seq_len * softcap_score_bytes(bytes_per_elem)
     if ac_mode == "none":
         elems = norms + attn_saved + attn_out + 2 * H + ffn_saved
         score = 0.0 if flash_attention else H * seq_len  # softmax output, a s^2 b per sequence
@@ -672,16 +684,28 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
             if has_head:
                 buf += loss_logits_bytes(arch.vocab_size, tokens_mb, plan, compiled=loss_compiled,
                                          chunks=be.loss_chunks if loss_chunks is None else loss_chunks,
-                                         d_model=arch.d_model, act_bytes=act_b)
+                                         d_model=arch.d_model, act_bytes=act_b,
+                                         softcapped=arch.final_logit_softcap is not None)
             out.append((si, count if runs else 1, w, gr, op, acts, buf))
     return out
 
 
 def window_mask_bytes(arch, seq_len: int, act_bytes: float) -> float:
     """The band mask of a sliding window W < seq_len (llmc.runtime.model: one additive (s, s) mask per micro-batch
-    shape, in the activation dtype, shared by every layer and saved by SDPA for the backward); 0 otherwise."""
+    shape, in the activation dtype, shared by every layer and saved by SDPA for the backward); with soft-capped
+    attention (``attn_logit_softcap``, llmc.runtime.model._softcapped) also the causal mask of the layers without a
+    binding window, cached alike; 0 otherwise."""
     w = arch.sliding_window
-    return float(seq_len) ** 2 * act_bytes if w and w < seq_len else 0.0
+    band = bool(w and w < seq_len)
+    n = int(band) + int(arch.attn_logit_softcap is not None and (not band or bool(arch.full_attention_layers)))
+    return n * float(seq_len) ** 2 * act_bytes
+
+
+def softcap_score_bytes(act_bytes: float) -> float:
+    """Bytes soft-capped attention keeps per score for the backward (llmc.runtime.model._softcapped, as transformers'
+    eager attention): tanh's output (the activation dtype), the fp32 softmax and its cast back (the same tensor when
+    the activations are fp32): 2 + 4 + 2 = 8 in bf16, 4 + 4 in fp32."""
+    return act_bytes + SOFTMAX_FP32_BYTES + (act_bytes if act_bytes < SOFTMAX_FP32_BYTES else 0.0)
 
 
 def _replicated_per_token(arch, layers, ac: str, has_head: bool, act_b: float) -> float:

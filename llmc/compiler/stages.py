@@ -416,7 +416,8 @@ def _acts_buffers(env: _Env, plan: ParallelPlan, seq_len: int) -> tuple[int, int
     arch = env.run.model
     mem = memory.memory_per_gpu(arch, plan, seq_len, env.precision, env.capacity or DEFAULT_CAPACITY,
                                 backend="native")
-    logits = memory.loss_logits_bytes(arch.vocab_size, plan.micro_batch * seq_len / plan.cp, plan)
+    logits = memory.loss_logits_bytes(arch.vocab_size, plan.micro_batch * seq_len / plan.cp, plan,
+                                      softcapped=arch.final_logit_softcap is not None)
     return int(mem.breakdown["activations"]), int(mem.breakdown["buffers"]), int(logits)
 
 

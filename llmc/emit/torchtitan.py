@@ -38,7 +38,7 @@ Diagnostics (errors unless noted):
     X313 seq_len / cp not divisible by the chunked loss's chunks
     X314 muP multipliers (Granite)  X315 sliding-window attention (Mistral v0.1, Phi-3)
     X316 layers without RoPE (SmolLM3's NoPE layers)  X317 OLMo 2's block (post-norms, projection q/k norms)
-    X318 Gemma 3's block (sandwich norms with 1 + weight, GeGLU, scaled embeddings)
+    X318 Gemma's block (sandwich norms with 1 + weight, GeGLU, scaled embeddings; Gemma 2's soft-capping)
 
 Activation checkpointing: the plan's ``selective`` / ``full`` / ``none`` are torchtitan's ``SelectiveAC`` /
 ``FullAC`` / ``None``. ``partial`` (``ac_layers`` = K) has no torchtitan 0.3.0 policy (``FullAC`` wraps every block,

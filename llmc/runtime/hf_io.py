@@ -222,7 +222,7 @@ def hf_names(arch, rope_interleave: bool = True, fused: bool = False) -> dict[st
         if arch.norm_placement == "post":  # OLMo 2 (Olmo2DecoderLayer): the norms of the branches' outputs
             out[s + "attention_norm.weight"] = HFParam((d + "post_attention_layernorm.weight",))
             out[s + "ffn_norm.weight"] = HFParam((d + "post_feedforward_layernorm.weight",))
-        elif arch.norm_placement == "sandwich":  # Gemma 3 (Gemma3DecoderLayer): norms before and after both branches
+        elif arch.norm_placement == "sandwich":  # Gemma 2 / 3 (Gemma3DecoderLayer): norms before and after both branches
             for ours, theirs in (("attention_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
                                  ("ffn_norm", "pre_feedforward_layernorm"),
                                  ("post_ffn_norm", "post_feedforward_layernorm")):
@@ -446,7 +446,8 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
     # heads), and the head dims are the mla ones (head_dim is not used)
     fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
               "qkv_bias", "qk_norm", "rope_theta", "norm_eps", "qk_norm_scope", "norm_placement", "nope_layers",
-              "full_attention_layers")
+              "full_attention_layers", "norm_unit_offset", "activation", "embedding_scale", "query_pre_attn_scalar",
+              "attn_logit_softcap", "final_logit_softcap")
     for f in fields if arch.mla is None else [f for f in fields if f not in ("n_kv_heads", "hd")]:
         a, b = getattr(arch, f), getattr(theirs, f)
         if a != b:
@@ -705,7 +706,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
     """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q/k norms),
     Phi3ForCausalLM (partial RoPE), GraniteForCausalLM (muP multipliers), SmolLM3ForCausalLM (NoPE layers),
     Olmo2ForCausalLM (post-norm blocks), Olmo3ForCausalLM (post-norm blocks with a sliding window),
-    Gemma3ForCausalLM (sandwich-norm blocks),
+    Gemma3ForCausalLM / Gemma2ForCausalLM (sandwich-norm blocks, with / without q/k norms),
     MistralForCausalLM (a sliding window), MixtralForCausalLM, Qwen3MoeForCausalLM
     (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see :func:`export_hf`."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
@@ -740,12 +741,18 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
         cfg.update(attention_bias=False, pad_token_id=None)
     # the MLP's activation, under the key its config class reads (Gemma3TextConfig: hidden_activation)
     act = next(k for k, v in HF_ACTIVATIONS.items() if v == arch.activation)
-    cfg["hidden_activation" if mtype == "gemma3_text" else "hidden_act"] = act
-    if mtype == "gemma3_text":  # Gemma3TextConfig (transformers configuration_gemma3.py): its block implied by the type
-        cfg.update(query_pre_attn_scalar=arch.query_pre_attn_scalar or arch.hd,
-                   rope_local_base_freq=arch.window_rope_theta, attention_bias=False,
-                   attn_logit_softcapping=None, final_logit_softcapping=None, use_bidirectional_attention=False,
+    cfg["hidden_activation" if mtype in ("gemma3_text", "gemma2") else "hidden_act"] = act
+    if mtype in ("gemma3_text", "gemma2"):  # Gemma3TextConfig / Gemma2Config (transformers configuration_gemma3/2.py):
+        # the block implied by the type; an absent soft-cap would be Gemma2Config's default (on), so both are written
+        cfg.update(query_pre_attn_scalar=arch.query_pre_attn_scalar or arch.hd, attention_bias=False,
+                   attn_logit_softcapping=arch.attn_logit_softcap, final_logit_softcapping=arch.final_logit_softcap,
+                   use_bidirectional_attention=False,
                    pad_token_id=None)  # (its default pad id 0: a padding_idx row of the embedding, no gradient)
+    if mtype == "gemma3_text":
+        cfg.update(rope_local_base_freq=arch.window_rope_theta)
+    if mtype == "gemma2":  # one RoPE for every layer (the spec refuses another for the windowed ones: M015)
+        cfg.update(sliding_window=w, layer_types=["sliding_attention" if arch.layer_window(i) else "full_attention"
+                                                  for i in range(arch.n_layers)])
     if mtype == "smollm3":  # SmolLM3Config (transformers configuration_smollm3.py): one RoPE flag per layer, 0 = NoPE
         cfg.update(no_rope_layers=[int(i not in arch.nope_layers) for i in range(arch.n_layers)],
                    use_sliding_window=False, sliding_window=None, attention_bias=False, mlp_bias=False,

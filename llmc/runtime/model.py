@@ -227,11 +227,33 @@ def _window_mask(T: int, S: int, window: int, device: torch.device, dtype: torch
 window_mask = torch.compiler.disable(_window_mask)
 
 
+def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, cap: float, causal: bool,
+                mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention with soft-capped scores (Gemma 2, arXiv:2408.00118 sec. 2), as transformers' eager attention computes
+    it (modeling_gemma2.py ``eager_attention_forward``): scores = q k^T x scale, then cap x tanh(scores / cap), the
+    mask added, softmax in fp32, cast back. q: (B, H, T, d); k, v: (B, K, S, d) (K < H: expanded first). No fused
+    kernel takes a soft-cap, so the scores exist: autograd keeps tanh's output, the fp32 softmax and its cast per
+    score (llmc.compiler.memory.SOFTCAP_SCORE_BYTES). ``causal`` (S = T) without a ``mask``: :func:`window_mask`'s
+    band as wide as the sequence, i.e. the causal mask (one cached tensor)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    s = torch.tanh(s / cap) * cap
+    T, S = q.shape[2], k.shape[2]
+    if mask is None and causal:
+        mask = window_mask(T, S, S, q.device, s.dtype)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
-            scale: float | None = None, window: int | None = None) -> torch.Tensor:
+            scale: float | None = None, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """(B, T, h, d) roped q / k / v -> (B, H, T, dv): causal over the T positions, or, with a ``cache`` that holds
     earlier positions, one new position (T = 1) against all of them; with a sliding ``window`` each query sees only
-    the last ``window`` positions up to itself (:func:`window_mask`, where there are more keys than that)."""
+    the last ``window`` positions up to itself (:func:`window_mask`, where there are more keys than that); with a
+    ``softcap``, the scores soft-capped (:func:`_softcapped`)."""
     if cache is not None:
         k, v = cache.extend(layer, k, v)
         if k.shape[1] != q.shape[1] and q.shape[1] != 1:
@@ -243,6 +265,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | 
             mask = mask & window_mask(T, S, window, q.device, torch.bool)
         else:
             mask = window_mask(T, S, window, q.device, q.dtype)
+    if softcap is not None:
+        return _softcapped(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, softcap, S == T, mask)
     return _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale,
                  causal=S == T, mask=mask)
 
@@ -275,6 +299,7 @@ class Attention(nn.Module):
         self.scale = (arch.multipliers.attention if arch.multipliers is not None
                       else arch.query_pre_attn_scalar ** -0.5 if arch.query_pre_attn_scalar else None)
         self.window = window  # None: full causal attention (the layer's own: Architecture.layer_window)
+        self.softcap = arch.attn_logit_softcap  # Gemma 2: scores capped by cap x tanh(score / cap)
         self.checkpoint_core = False  # selective activation checkpointing (see Transformer.set_ac)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None,
@@ -305,7 +330,8 @@ class Attention(nn.Module):
             r = self.rotary
             q = torch.cat([apply_rope(q[..., :r], rope), q[..., r:]], dim=-1)
             k = torch.cat([apply_rope(k[..., :r], rope), k[..., r:]], dim=-1)
-        out = _attend(q, k, v, cache, layer, scale=self.scale, window=self.window)  # (B, H, T, hd); k, v keep K heads
+        out = _attend(q, k, v, cache, layer, scale=self.scale, window=self.window,
+                      softcap=self.softcap)  # (B, H, T, hd); k, v keep K heads
         return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -723,8 +749,12 @@ class Transformer(nn.Module):
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """The output projection: hidden states (..., D) -> logits (..., V) (a tied head uses the embeddings; Granite
-        divides the logits by its logits_scaling)."""
+        divides the logits by its logits_scaling; Gemma 2 soft-caps them, cap x tanh(logit / cap), in their dtype as
+        transformers' Gemma2ForCausalLM)."""
         out = h @ self.tok_embeddings.weight.t() if self.arch.tied_embeddings else self.lm_head(h)
+        cap = self.arch.final_logit_softcap
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
         return out if self.logit_div == 1.0 else out / self.logit_div
 
     def _padded(self, pad: torch.Tensor, pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,9 @@ Sources:
   * gemma (Gemma 3 instruct): https://huggingface.co/google/gemma-3-1b-it/blob/main/tokenizer_config.json
     (``<bos><start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n...``: the assistant's role is
     "model", there is no system turn, a system message's content + "\n\n" opens the first user turn, every turn's
-    content is trimmed; its generation config stops on <end_of_turn>)
+    content is trimmed; its generation config stops on <end_of_turn>). Gemma 2 instruct has the same turns
+    (https://huggingface.co/google/gemma-2-2b-it/blob/main/tokenizer_config.json); its own template refuses a system
+    message, which this one folds into the first user turn as Gemma 3's does
 """
 
 from __future__ import annotations

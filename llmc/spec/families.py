@@ -31,9 +31,11 @@ Sources:
   * Gemma 3: Gemma Team 2025, "Gemma 3 Technical Report" (arXiv:2503.19786 sec. 2): GQA with per-head q / k norms,
     RMSNorms before and after attention and MLP (scaling by 1 + weight), GeGLU (tanh GELU), embeddings x sqrt(d),
     five windowed layers (RoPE base 10k) for every full one (base 1M; transformers modeling_gemma3.py)
-  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,smollm3,olmo2,olmo3,gemma3,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
+  * Gemma 2: Gemma Team 2024, "Gemma 2: Improving Open Language Models at a Practical Size" (arXiv:2408.00118 sec. 2,
+    Table 1): Gemma 3's block without q / k norms, a 4096 window in every other layer, logit soft-capping (attention
+    50, final 30; transformers modeling_gemma2.py)
+  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,smollm3,olmo2,olmo3,gemma2,gemma3,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
   * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
-Gemma 2 is not declared: its logit soft-capping is not modelled.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from llmc.spec.model import Architecture
 LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 #: ChatML special tokens of the Qwen2 tokenizer (https://huggingface.co/Qwen/Qwen2-7B/blob/main/tokenizer_config.json)
 QWEN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+#: turn markers of the Gemma 2 / 3 tokenizers (https://huggingface.co/google/gemma-3-1b-it/blob/main/tokenizer_config.json)
+GEMMA_SPECIALS = ("<bos>", "<start_of_turn>", "<end_of_turn>")
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,11 @@ FAMILIES: dict[str, Family] = {
     # (its tokenizer's turn markers, https://huggingface.co/google/gemma-3-1b-it/blob/main/tokenizer_config.json, make
     # the gemma chat template a chat stage's default)
     "gemma3": Family("gemma3", ("gemma3_text", "gemma3"), "Gemma3ForCausalLM", "gqa", False, False, "llama3", ("gemma3",),
-                     ("<bos>", "<start_of_turn>", "<end_of_turn>"), qk_norm=True),
+                     GEMMA_SPECIALS, qk_norm=True),
+    # Gemma 3's block without the q / k norms, with logit soft-capping and a window in every other layer (Gemma 2); its
+    # tokenizer has the same turn markers (https://huggingface.co/google/gemma-2-2b-it/blob/main/tokenizer_config.json)
+    "gemma2": Family("gemma2", ("gemma2",), "Gemma2ForCausalLM", "gqa", False, False, "llama3", ("gemma2",),
+                     GEMMA_SPECIALS),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
     "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),
     "deepseek_v3": Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", "mla", True, False,
@@ -129,7 +137,7 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES
 
 def family_of(arch: Architecture) -> Family:
     """The family an architecture's switches select: MLA -> deepseek_v3, MoE -> qwen3_moe with q/k norms, else
-    mixtral, post-norm blocks -> olmo2 (olmo3 with a sliding window), sandwich norms -> gemma3, q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
+    mixtral, post-norm blocks -> olmo2 (olmo3 with a sliding window), sandwich norms -> gemma3 (gemma2 without q/k norms), q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
     sliding window -> mistral, NoPE layers -> smollm3, else llama (the spec refuses q/k norms with MLA: M006;
     multipliers combine with none of these: M010; NoPE layers neither: M012; OLMo 2's block: M013)."""
     if arch.mla is not None:
@@ -139,7 +147,7 @@ def family_of(arch: Architecture) -> Family:
     if arch.norm_placement == "post":
         return FAMILIES["olmo3" if arch.sliding_window is not None else "olmo2"]
     if arch.norm_placement == "sandwich":
-        return FAMILIES["gemma3"]
+        return FAMILIES["gemma3" if arch.qk_norm else "gemma2"]
     if arch.qk_norm:
         return FAMILIES["qwen3"]
     if arch.qkv_bias:

@@ -1,7 +1,7 @@
 """Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
 
 Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``, ``phi3``,
-``granite``, ``smollm3``, ``olmo2``, ``olmo3``, ``gemma3_text``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
+``granite``, ``smollm3``, ``olmo2``, ``olmo3``, ``gemma2``, ``gemma3_text``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
 =============================  =====================================
@@ -22,12 +22,14 @@ use_sliding_window: true       sliding_window with max_window_layers 0, else ref
 sliding_window                 sliding_window where use_sliding_window is not false (Mistral, Phi-3): every layer;
                                0, or at least max_position_embeddings (never binds): none
 layer_types                    all "sliding_attention": sliding_window; all "full_attention": none; mixed: refused
-                               but for olmo3 / gemma3_text (full_attention_layers: the "full_attention" ones;
-                               absent: every 4th / every sliding_window_pattern-th, default 6)
-(model_type gemma3_text)       Gemma 3's block: norm_placement sandwich, norm_unit_offset, activation gelu_tanh
-                               (hidden_activation gelu_pytorch_tanh), embedding_scale, per-head qk_norm;
-                               query_pre_attn_scalar (kept where not head_dim), rope_local_base_freq ->
-                               sliding_rope_theta; soft-capping, bidirectional attention, biases refused
+                               but for olmo3 / gemma2 / gemma3_text (full_attention_layers: the "full_attention"
+                               ones; absent: every 4th / every 2nd / every sliding_window_pattern-th, default 6)
+(model_type gemma3_text,       Gemma's block: norm_placement sandwich, norm_unit_offset, activation gelu_tanh
+ gemma2)                       (hidden_activation gelu_pytorch_tanh), embedding_scale, per-head qk_norm (Gemma 3
+                               only); query_pre_attn_scalar (kept where not head_dim), attn_logit_softcapping /
+                               final_logit_softcapping -> attn_logit_softcap / final_logit_softcap (gemma2 absent:
+                               50 / 30), rope_local_base_freq -> sliding_rope_theta (gemma3_text); bidirectional
+                               attention, biases refused
 rope_theta / rope_scaling      rope_theta / rope_scaling: llama3, yarn, linear, longrope (short_factor, long_factor,
                                original_max_position_embeddings (phi3: top level), factor (absent: max_position /
                                original, as transformers), attention_factor); phi3 reads su / yarn as longrope, as
@@ -55,6 +57,7 @@ n_routed_experts, ...          moe.* and mla.* (deepseek_v3; routed_scaling_fact
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -113,6 +116,12 @@ _GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
     "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096,
     "hidden_activation": "gelu_pytorch_tanh", "rope_theta": 1e6, "rope_local_base_freq": 1e4,
     "sliding_window_pattern": 6}
+#: transformers' ``Gemma2Config`` defaults (configuration_gemma2.py) for the keys llmc reads: Gemma3TextConfig's shape,
+#: window, scalar and activation, with Gemma 2's vocabulary, context and one RoPE base; absent soft-capping keys are on
+#: (final 30, attention 50), an explicit null off (the window pattern and the local base are not Gemma 2's keys)
+_GEMMA2_DEFAULTS: dict[str, Any] = {
+    **_GEMMA3_TEXT_DEFAULTS, "vocab_size": 256_000, "max_position_embeddings": 8192, "rope_theta": 1e4,
+    "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}
 
 
 def language_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +152,7 @@ _LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
 #: config.json's MLP activation (``hidden_act``; Gemma's configs: ``hidden_activation``) -> llmc's gated MLP
 HF_ACTIVATIONS: dict[str, str] = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 #: model_types whose layers may mix the two kinds (llmc's ``full_attention_layers``)
-_MIXED_LAYER_TYPES = frozenset({"olmo3", "gemma3_text"})
+_MIXED_LAYER_TYPES = frozenset({"olmo3", "gemma3_text", "gemma2"})
 
 
 def _int(cfg: dict[str, Any], key: str, default: int | None = None, *, minimum: int = 1) -> int:
@@ -433,6 +442,8 @@ def _layer_kinds(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, ev
     kinds = cfg.get("layer_types")
     if kinds is None:
         kinds = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    elif not isinstance(kinds, list):  # (reported by the caller)
+        return
     elif len(kinds) != n:
         errs.append(f"config.json 'layer_types' must list one kind for each of the {n} layers (got {len(kinds)})")
         return
@@ -463,40 +474,64 @@ def _layer_kinds(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, ev
 
 
 def _gemma3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
-    """transformers ``Gemma3TextConfig`` (configuration_gemma3.py; ``Gemma3ForCausalLM``): Gemma 3's block (norms
-    before and after attention and MLP, scaling by 1 + weight; per-head q / k norms; GeGLU with tanh GELU,
-    ``hidden_activation``; embeddings x sqrt(hidden_size)); softmax scale query_pre_attn_scalar^-0.5; ``layer_types``
-    absent = full attention in every ``sliding_window_pattern``-th layer; the windowed layers' RoPE base
+    """transformers ``Gemma3TextConfig`` (configuration_gemma3.py; ``Gemma3ForCausalLM``): Gemma's block (norms
+    before and after attention and MLP, scaling by 1 + weight; GeGLU with tanh GELU, ``hidden_activation``; embeddings
+    x sqrt(hidden_size)) with per-head q / k norms; softmax scale query_pre_attn_scalar^-0.5; ``layer_types`` absent =
+    full attention in every ``sliding_window_pattern``-th layer; the windowed layers' RoPE base
     ``rope_local_base_freq``, unscaled (Gemma 3-4B and up scale the full layers' linearly x8). Absent keys take the
     config class's defaults (:data:`_GEMMA3_TEXT_DEFAULTS`: tied embeddings, head_dim 256, pattern 6, bases 1e6 /
-    1e4, ...).
-    Soft-capping (Gemma 2), bidirectional attention and biases are refused."""
+    1e4, no soft-capping, ...). Its attn_logit_softcapping is refused: Gemma3Attention keeps it but never applies it."""
+    if cfg.get("attn_logit_softcapping") is not None:
+        errs.append(f"config.json 'attn_logit_softcapping' {_short(cfg['attn_logit_softcapping'])} is not supported "
+                    "for gemma3_text (transformers' Gemma3Attention does not apply it; llmc would)")
+    extra = _each(errs, every=lambda: _int(cfg, "sliding_window_pattern"),
+                  local=lambda: _float(cfg, "rope_local_base_freq"))
+    if len(extra) == 2:
+        _gemma(cfg, kw, errs, every=extra["every"], local_theta=extra["local"])
+
+
+def _gemma2(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    """transformers ``Gemma2Config`` (configuration_gemma2.py; ``Gemma2ForCausalLM``): Gemma's block without q / k
+    norms; ``layer_types`` absent = the window in every other layer (layers 1, 3, ... attend fully), one RoPE base;
+    soft-capping of the attention scores and the final logits (absent: 50 and 30, :data:`_GEMMA2_DEFAULTS`). A
+    rope_scaling is refused: Gemma2ForCausalLM scales every layer's RoPE, llmc's mixed-window models only the full
+    layers' (no Gemma 2 release scales it)."""
+    if kw.get("rope_scaling") is not None:
+        errs.append(f"config.json 'rope_scaling' {_short(cfg.get('rope_scaling'))} is not supported for gemma2 (it "
+                    "would scale the windowed layers too; llmc scales the full-attention layers only)")
+    _gemma(cfg, kw, errs, every=2, local_theta=None)
+
+
+def _gemma(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, every: int,
+           local_theta: float | None) -> None:
+    """What Gemma 2 and 3 share: the block's switches, query_pre_attn_scalar (kept where not head_dim), logit
+    soft-capping, the layer kinds; bidirectional attention, biases and another activation refused."""
+    mt = cfg.get("model_type")
     if kw.get("activation", "gelu_tanh") != "gelu_tanh":  # (an unknown one: reported by the caller)
         errs.append(f"config.json 'hidden_activation' {_short(cfg.get('hidden_activation'))} is not supported for "
-                    "gemma3_text (llmc's Gemma 3 block uses gelu_pytorch_tanh)")
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if cfg.get(key) is not None:
-            errs.append(f"config.json {key!r} {_short(cfg[key])} is not supported (logit soft-capping is not "
-                        "modelled)")
+                    f"{mt} (llmc's Gemma block uses gelu_pytorch_tanh)")
     for key, what in (("attention_bias", "q/k/v and o_proj biases"), ("use_bidirectional_attention",
                                                                        "bidirectional attention")):
         if cfg.get(key) is True:
-            errs.append(f"config.json {key!r} true is not supported for gemma3_text ({what})")
+            errs.append(f"config.json {key!r} true is not supported for {mt} ({what})")
     kw.update(qkv_bias=False, norm_placement="sandwich", norm_unit_offset=True, embedding_scale=True)
     extra = _each(errs, scalar=lambda: _int(cfg, "query_pre_attn_scalar"),
-                  every=lambda: _int(cfg, "sliding_window_pattern"),
-                  local=lambda: _float(cfg, "rope_local_base_freq"))
-    if len(extra) != 3:
+                  **{field: functools.partial(_float, cfg, key) for field, key in (
+                      ("attn_logit_softcap", "attn_logit_softcapping"),
+                      ("final_logit_softcap", "final_logit_softcapping")) if cfg.get(key) is not None})
+    scalar = extra.pop("scalar", None)
+    if scalar is None:
         return
-    if extra["scalar"] != kw["head_dim"]:
-        kw["query_pre_attn_scalar"] = extra["scalar"]
-    _layer_kinds(cfg, kw, errs, every=extra["every"], window=4096, local_theta=extra["local"])
+    if "head_dim" in kw and scalar != kw["head_dim"]:  # (a bad head_dim: reported by the caller)
+        kw["query_pre_attn_scalar"] = scalar
+    kw.update(extra)
+    _layer_kinds(cfg, kw, errs, every=every, window=4096, local_theta=local_theta)
 
 
 #: family name -> the hook that reads its extra config keys
 _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
     "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "granite": _granite,
-    "smollm3": _smollm3, "olmo2": _olmo2, "olmo3": _olmo3, "gemma3": _gemma3,
+    "smollm3": _smollm3, "olmo2": _olmo2, "olmo3": _olmo3, "gemma3": _gemma3, "gemma2": _gemma2,
 }
 #: model_type -> the hook for a type imported by a family that also imports others (phi3 through llama)
 _TYPE_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {"phi3": _phi3}
@@ -515,8 +550,8 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     if mt == "gemma3":  # Gemma 3-4B / 12B / 27B: an image-text model whose language model llmc imports
         cfg = language_model_config(cfg)
         mt = "gemma3_text"
-    if mt == "gemma3_text":  # what its config class fills in where a key is absent
-        cfg = {**_GEMMA3_TEXT_DEFAULTS, **cfg}
+    if mt in ("gemma3_text", "gemma2"):  # what its config class fills in where a key is absent
+        cfg = {**(_GEMMA3_TEXT_DEFAULTS if mt == "gemma3_text" else _GEMMA2_DEFAULTS), **cfg}
     if family is None:
         raise HFConfigError(f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     errs: list[str] = []

@@ -31,11 +31,12 @@ M012    nope_layers: a layer outside 0..n_layers-1 or listed twice / out of orde
 M013    norm_placement post / qk_norm_scope projection apart from OLMo 2's block (both, with qk_norm, and none of
         experts, q/k/v biases, partial RoPE or multipliers; OLMo 3 is OLMo 2's block with a sliding window)
 M014    full_attention_layers: without sliding_window, a layer outside 0..n_layers-1 or listed twice / out of order,
-        every layer listed, or apart from OLMo 3's and Gemma 3's blocks (where mixed windows are modelled);
+        every layer listed, or apart from OLMo 3's and Gemma's blocks (where mixed windows are modelled);
         sliding_rope_theta without full_attention_layers
-M015    norm_placement sandwich / norm_unit_offset / activation gelu_tanh / embedding_scale / query_pre_attn_scalar
-        apart from Gemma 3's block (the first four together, with per-head qk_norm, and none of experts, MLA, q/k/v
-        biases, partial RoPE, multipliers or NoPE layers)
+M015    norm_placement sandwich / norm_unit_offset / activation gelu_tanh / embedding_scale / query_pre_attn_scalar /
+        attn_logit_softcap / final_logit_softcap apart from Gemma's block (the first four together, with per-head
+        qk_norm (Gemma 3) or none (Gemma 2), and none of experts, MLA, q/k/v biases, partial RoPE, multipliers or
+        NoPE layers)
 D004    duplicate data source name (in ``data.sources`` or a stage's)
 G001    duplicate stage name (same code as the compiler's stage-graph check)
 V004    ``serving.N.stage`` names no stage (same code as the compiler's serving check)
@@ -950,22 +951,38 @@ def _switches_on(arch: Architecture, *names: str) -> list[str]:
     return [n for n in names if on[n]]
 
 
-def _gemma3_block(arch: Architecture, ctx: _Ctx) -> list[Diagnostic]:
-    """M015: Gemma 3's block switches are modelled together only (and with none of the other blocks' parts)."""
+def _gemma_block(arch: Architecture, ctx: _Ctx) -> list[Diagnostic]:
+    """M015: Gemma's block switches are modelled together only (and with none of the other blocks' parts): Gemma 3's
+    with per-head q / k norms, Gemma 2's without (and its logit soft-capping)."""
     parts = {"norm_placement": arch.norm_placement == "sandwich", "norm_unit_offset": arch.norm_unit_offset,
              "activation": arch.activation == "gelu_tanh", "embedding_scale": arch.embedding_scale}
-    if not any(parts.values()) and arch.query_pre_attn_scalar is None:
+    extra = [k for k in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap")
+             if getattr(arch, k) is not None]
+    if not any(parts.values()) and not extra:
         return []
-    where = "model." + next((k for k, on in parts.items() if on), "query_pre_attn_scalar")
-    if not all(parts.values()) or not arch.qk_norm or arch.qk_norm_scope != "head":
-        return [ctx.diag("M015", where, "norm_placement: sandwich, norm_unit_offset, activation: gelu_tanh, "
-                         "embedding_scale and per-head qk_norm are modelled together only (Gemma 3's block)",
-                         "set them all (or import the model's config.json), or none")]
+    if not any(parts.values()):
+        return [ctx.diag("M015", f"model.{extra[0]}", f"{extra[0]} is modelled on Gemma's block only (norm_placement: "
+                         "sandwich, norm_unit_offset, activation: gelu_tanh, embedding_scale)",
+                         f"remove {extra[0]}, or import the model's config.json")]
+    where = "model." + next(k for k, on in parts.items() if on)
+    if not all(parts.values()) or (arch.qk_norm and arch.qk_norm_scope != "head"):
+        return [ctx.diag("M015", where, "norm_placement: sandwich, norm_unit_offset, activation: gelu_tanh and "
+                         "embedding_scale are modelled together only (Gemma's block: with per-head qk_norm, Gemma 3; "
+                         "without, Gemma 2)", "set them all (or import the model's config.json), or none")]
     other = _switches_on(arch, "moe", "mla", "qkv_bias", "rotary_dim", "multipliers") + (
         ["nope_layers"] if arch.nope_layers else [])
     if other:
-        return [ctx.diag("M015", f"model.{other[0]}", f"Gemma 3's block with {', '.join(other)} is not modelled",
+        return [ctx.diag("M015", f"model.{other[0]}", f"Gemma's block with {', '.join(other)} is not modelled",
                          f"remove {other[0]}")]
+    if arch.qk_norm and arch.attn_logit_softcap is not None:
+        return [ctx.diag("M015", "model.attn_logit_softcap", "attention soft-capping with Gemma 3's block (per-head "
+                         "qk_norm) is not modelled: transformers' Gemma3ForCausalLM does not apply it",
+                         "remove attn_logit_softcap (Gemma 2's block, without qk_norm, has it)")]
+    if not arch.qk_norm and arch.full_attention_layers and (arch.rope_scaling or arch.sliding_rope_theta):
+        key = "rope_scaling" if arch.rope_scaling else "sliding_rope_theta"
+        return [ctx.diag("M015", f"model.{key}", f"Gemma 2's block rotates every layer with one RoPE (transformers' "
+                         f"Gemma2ForCausalLM): {key} apart for the windowed layers is not modelled for it",
+                         f"remove {key}, or use Gemma 3's block (per-head qk_norm)")]
     return []
 
 
@@ -1052,14 +1069,14 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
                                     "remove sliding_window and full_attention_layers"))
             elif arch.norm_placement == "pre":
                 out.append(ctx.diag("M014", "model.full_attention_layers", "layers with and without the window are "
-                                    "modelled on OLMo 3's and Gemma 3's blocks only (norm_placement post / sandwich)",
+                                    "modelled on OLMo 3's and Gemma's blocks only (norm_placement post / sandwich)",
                                     "remove full_attention_layers (one window in every layer), or use OLMo 3's "
                                     "block"))
         elif arch.sliding_rope_theta is not None:
             out.append(ctx.diag("M014", "model.sliding_rope_theta", "sliding_rope_theta without full_attention_layers "
                                 "(it is the windowed layers' base where others attend fully)",
                                 "set rope_theta instead"))
-        out += _gemma3_block(arch, ctx)
+        out += _gemma_block(arch, ctx)
         if arch.multipliers is not None and not arch.nope_layers and not any(olmo2):
             other = _switches_on(arch, "qkv_bias", "qk_norm", "moe", "mla", "rotary_dim", "sliding_window")
             if other:

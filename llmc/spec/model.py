@@ -232,8 +232,9 @@ class Architecture(SpecModel):
     """Where a block's RMSNorms sit: on the input of attention and of the MLP (Llama), on their outputs, before each is
     added to the residual stream (OLMo 2: h = x + norm(attention(x)), out = h + norm(mlp(h)), arXiv:2501.00656 sec.
     3.1; "post" needs ``qk_norm_scope: projection``, OLMo 2's block: M013), or on both, four a block (Gemma 2 / 3:
-    h = x + norm(attention(norm(x))), out = h + norm(mlp(norm(h))), arXiv:2503.19786 sec. 2; "sandwich" is Gemma 3's
-    block with ``norm_unit_offset``, ``activation: gelu_tanh``, ``embedding_scale`` and per-head ``qk_norm``: M015)."""
+    h = x + norm(attention(norm(x))), out = h + norm(mlp(norm(h))), arXiv:2503.19786 sec. 2; "sandwich" is Gemma's
+    block with ``norm_unit_offset``, ``activation: gelu_tanh``, ``embedding_scale``, and per-head ``qk_norm`` (Gemma 3)
+    or none (Gemma 2): M015)."""
     norm_unit_offset: bool = False
     """Every RMSNorm scales by (1 + weight) instead of weight, the weights starting at 0, computed in fp32 (Gemma:
     transformers' ``Gemma3RMSNorm``; the checkpoint stores the weight so)."""
@@ -245,7 +246,16 @@ class Architecture(SpecModel):
     ``Gemma3TextScaledWordEmbedding``)."""
     query_pre_attn_scalar: Int | None = Field(default=None, gt=0)
     """The softmax scale is query_pre_attn_scalar^-0.5 instead of head_dim^-0.5 (Gemma 3-27B: 168 with head_dim 128;
-    config.json ``query_pre_attn_scalar``). None = head_dim. Gemma 3's block only (M015)."""
+    config.json ``query_pre_attn_scalar``). None = head_dim. Gemma's block only (M015)."""
+    attn_logit_softcap: Float | None = Field(default=None, gt=0)
+    """Attention logit soft-capping: every score (after the softmax scale) becomes cap x tanh(score / cap) before the
+    mask and the softmax (Gemma 2: 50; Gemma Team 2024, "Gemma 2", arXiv:2408.00118 sec. 2; config.json
+    ``attn_logit_softcapping``). The fused attention kernels llmc's trainer calls have no soft-capping, so such a
+    layer computes and keeps its scores as transformers' eager attention does (the memory and time models count
+    them). Gemma's block only (M015). None = none."""
+    final_logit_softcap: Float | None = Field(default=None, gt=0)
+    """Final logit soft-capping: every output logit becomes cap x tanh(logit / cap) (Gemma 2: 30; config.json
+    ``final_logit_softcapping``). Gemma's block only (M015). None = none."""
     sliding_window: Int | None = Field(default=None, gt=0)
     """Sliding-window attention in every layer (Mistral-7B v0.1 4096, Phi-3-mini 2047; config.json ``sliding_window``):
     the query at position i attends to the keys at positions i - W + 1 .. i (Jiang et al. 2023, arXiv:2310.06825

@@ -10,7 +10,8 @@ Qwen2.5-7B 7,615,616,512; Qwen2.5-72B 72,706,203,648; DeepSeek-V3 671,026,419,20
 Qwen3 (transformers' own count; the model cards round): 8B 8,190,735,360; 0.6B 596,049,920;
 30B-A3B 30,532,122,624; 235B-A22B 235,093,634,560. Phi (transformers' Phi3ForCausalLM count): Phi-3-mini-4k
 3,821,079,552; Phi-4 14,659,507,200. OLMo 2-7B 7,298,617,344; OLMo 3-7B 7,298,011,136 (the Hub's count); Gemma 3 (transformers' counts; 4B and 27B: the language model
-of the image-text release) 1B 999,885,952, 4B 3,880,263,168, 12B 11,766,034,176, 27B 27,009,346,304.
+of the image-text release) 1B 999,885,952, 4B 3,880,263,168, 12B 11,766,034,176, 27B 27,009,346,304; Gemma 2
+(transformers' counts, the model pages' 2.61B / 9.24B / 27.2B) 2B 2,614,341,888, 9B 9,241,705,984, 27B 27,227,128,320.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ def _gemma3(name: str, n_layers: int, d_model: int, n_heads: int, n_kv_heads: in
         norm_unit_offset=True, activation="gelu_tanh", embedding_scale=True, sliding_window=window,
         full_attention_layers=tuple(range(5, n_layers, 6)), sliding_rope_theta=10000.0, rope_theta=1e6,
         rope_scaling=rope_scaling, norm_eps=1e-6, max_seq_len=max_seq_len, **kw)
+
+
+def _gemma2(name: str, n_layers: int, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int,
+            **kw) -> Architecture:
+    """Gemma 2's block (arXiv:2408.00118 sec. 2: Gemma 3's without the q / k norms) with a 4096-token window in the
+    even layers and full attention in the odd ones (one RoPE base, 10k), attention logits soft-capped at 50 and final
+    logits at 30, tied embeddings of 256,000 rows, an 8192-token context (Gemma2Config's defaults)."""
+    return Architecture(
+        name=name, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+        d_ff=d_ff, vocab_size=256000, tied_embeddings=True, norm_placement="sandwich", norm_unit_offset=True,
+        activation="gelu_tanh", embedding_scale=True, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+        sliding_window=4096, full_attention_layers=tuple(range(1, n_layers, 2)), rope_theta=10000.0, norm_eps=1e-6,
+        max_seq_len=8192, **kw)
 
 
 PRESETS: dict[str, Architecture] = {
@@ -127,6 +141,11 @@ PRESETS: dict[str, Architecture] = {
     "gemma3-4b": _gemma3("gemma3-4b", 34, 2560, 8, 4, 256, 10240),
     "gemma3-12b": _gemma3("gemma3-12b", 48, 3840, 16, 8, 256, 15360),
     "gemma3-27b": _gemma3("gemma3-27b", 62, 5376, 32, 16, 128, 21504, query_pre_attn_scalar=168),
+    # https://huggingface.co/google/gemma-2-{2b,9b,27b}/blob/main/config.json (Gemma2ForCausalLM: a 4096-token window in
+    # every other layer, attention scores soft-capped at 50, logits at 30; 27B: head_dim 128, softmax scale 144^-0.5)
+    "gemma2-2b": _gemma2("gemma2-2b", 26, 2304, 8, 4, 256, 9216),
+    "gemma2-9b": _gemma2("gemma2-9b", 42, 3584, 16, 8, 256, 14336),
+    "gemma2-27b": _gemma2("gemma2-27b", 46, 4608, 32, 16, 128, 36864, query_pre_attn_scalar=144),
     # https://huggingface.co/microsoft/phi-4/blob/main/config.json (Phi3ForCausalLM, GQA 40 / 10 heads, full attention)
     "phi4": _arch(
         "phi4", n_layers=40, d_model=5120, n_heads=40, n_kv_heads=10, d_ff=17920, vocab_size=100352,
