@@ -468,7 +468,9 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
                             f"the torchtitan job cannot start from {init_hf}: a {hf_model_type} checkpoint (fused "
                             "qkv_proj / gate_up_proj), which torchtitan's Llama adapter does not read",
                             "run it on the native or deepspeed backend, or start from llmc's export of it"))
-    return out
+    # a block torchtitan has no model for (OLMo 2 / 3, Gemma) first: the reason `auto` gives is the first gap's, and the
+    # block is why, more than its window or RoPE
+    return sorted(out, key=lambda g: g.code not in ("X317", "X318"))
 
 
 def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = None, cp: int | None = None,
