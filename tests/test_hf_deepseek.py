@@ -66,9 +66,10 @@ def tokens_for(arch, T=17):
 
 
 @pytest.mark.parametrize("over", [{}, {"q_lora_rank": None}, {"rope_interleave": False},
-                                  {"q_lora_rank": None, "rope_interleave": False}])
+                                  {"q_lora_rank": None, "rope_interleave": False}, {"norm_topk_prob": False}])
 def test_load_gives_transformers_logits(tmp_path, over):
-    """rope_interleave false: the rope rows are in rotate_half order and go through the inverse permutation."""
+    """rope_interleave false: the rope rows are in rotate_half order and go through the inverse permutation;
+    norm_topk_prob false: the picked experts' sigmoid scores unnormalised (route_norm false)."""
     src = make_hf(tmp_path, **over)
     assert (src / "model.safetensors.index.json").exists()
     arch = arch_of(src)
@@ -152,7 +153,8 @@ def test_mismatches_are_one_line_errors(tmp_path):
     for update, pattern in (
             ({"mla": arch.mla.model_copy(update={"kv_lora_rank": 8})}, r"mla .*kv_lora_rank=8.* \(spec\)"),
             ({"moe": arch.moe.model_copy(update={"num_shared_experts": 2})}, r"moe.num_shared_experts 2 \(spec\)"),
-            ({"moe": arch.moe.model_copy(update={"dense_layers": 2})}, r"moe.dense_layers 2 \(spec\)")):
+            ({"moe": arch.moe.model_copy(update={"dense_layers": 2})}, r"moe.dense_layers 2 \(spec\)"),
+            ({"moe": arch.moe.model_copy(update={"route_norm": False})}, r"moe.route_norm False \(spec\)")):
         other = arch.model_copy(update=update)
         with pytest.raises(HFError, match=pattern) as e:
             load_hf_into(build_model(other), src, other)

@@ -120,7 +120,8 @@ def arch_of(path: Path):
 
 @pytest.mark.parametrize("kind,over", [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {}),
                                        ("qwen3", {"head_dim": 16}), ("mixtral", {}),
-                                       ("qwen3_moe", {"head_dim": 16, "mlp_only_layers": [0]}), ("phi3", {}),
+                                       ("qwen3_moe", {"head_dim": 16, "mlp_only_layers": [0]}),
+                                       ("qwen3_moe", {"head_dim": 16, "norm_topk_prob": False}), ("phi3", {}),
                                        ("granite", {"tie_word_embeddings": True}),
                                        # sliding windows shorter than the 17 tokens: each query sees its last 5
                                        ("mistral", {"sliding_window": 5}), ("phi3", {"sliding_window": 5}),

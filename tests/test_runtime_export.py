@@ -85,6 +85,9 @@ def hf_forward(sd: dict, cfg: dict, tokens: torch.Tensor) -> torch.Tensor:
     # the first layer dense (d_ff 80), the others with 3 experts of width 24
     ({"qk_norm": True, "n_layers": 3, "moe": MoE(num_experts=3, top_k=2, expert_d_ff=24, dense_layers=1)},
      "Qwen3MoeForCausalLM"),
+    # the picked experts' scores as they are (norm_topk_prob false: Qwen1.5 / 2-MoE, OLMoE, transformers' default)
+    ({"qk_norm": True, "n_layers": 3, "moe": MoE(num_experts=3, top_k=2, expert_d_ff=24, route_norm=False)},
+     "Qwen3MoeForCausalLM"),
 ])
 def test_export_matches_independent_hf_forward(tmp_path, kw, cls):
     arch = Architecture(**{**BASE, **kw})
@@ -113,3 +116,5 @@ def test_export_refuses_unsupported():
     assert "Mixtral-style" in hf_export_supported(ds_moe)  # DeepSeek MoE without MLA: no HF class here
     q3 = Architecture(**BASE, qk_norm=True, moe=MoE(num_experts=4, top_k=2, num_shared_experts=1))
     assert "only Qwen3-MoE-style" in hf_export_supported(q3)  # Qwen3MoeForCausalLM has no shared experts
+    unnormalised = Architecture(**BASE, moe=MoE(num_experts=3, top_k=2, route_norm=False))
+    assert "Mixtral always renormalises" in hf_export_supported(unnormalised)

@@ -467,22 +467,23 @@ def test_deepseek_v3_config_as_transformers_saves_it():
     cfg["head_dim"] = cfg["qk_rope_head_dim"]
     arch = architecture_from_hf_config(cfg, name="deepseek-v3")
     assert arch.model_dump() == PRESETS["deepseek-v3"].model_dump()
-    assert arch.moe.expert_bias and arch.moe.score_func == "sigmoid" and arch.hd == 192
-    with pytest.raises(HFConfigError, match="norm_topk_prob"):
-        architecture_from_hf_config({**cfg, "norm_topk_prob": False})
+    assert arch.moe.expert_bias and arch.moe.score_func == "sigmoid" and arch.hd == 192 and arch.moe.route_norm
+    assert architecture_from_hf_config({**cfg, "norm_topk_prob": False}).moe.route_norm is False
 
 
 def test_qwen3_moe_dense_layers_and_refusals():
     """Qwen3-MoE's layer placement (``Qwen3MoeDecoderLayer``: dense where the index is in mlp_only_layers): a leading
-    run of dense layers is llmc's dense_layers; any other placement, a sparse step, or unnormalised top-k weights
-    (transformers' default norm_topk_prob false) is refused with the key named, every problem at once."""
+    run of dense layers is llmc's dense_layers; any other placement or a sparse step is refused with the key named,
+    every problem at once. Unnormalised top-k weights (norm_topk_prob false, transformers' default where absent) are
+    ``route_norm: false``; Qwen3-30B-A3B's config says true."""
     cfg = json.loads((HF / "qwen3-30b-a3b.json").read_text())
     arch = architecture_from_hf_config({**cfg, "mlp_only_layers": [0, 1, 2]})
-    assert arch.moe.dense_layers == 3 and arch.moe.expert_d_ff == 768 and arch.qk_norm
+    assert arch.moe.dense_layers == 3 and arch.moe.expert_d_ff == 768 and arch.qk_norm and arch.moe.route_norm
+    for value in (False, None):
+        assert architecture_from_hf_config({**cfg, "norm_topk_prob": value}).moe.route_norm is False
     with pytest.raises(HFConfigError) as e:
-        architecture_from_hf_config({**cfg, "mlp_only_layers": [1, 3], "decoder_sparse_step": 2,
-                                     "norm_topk_prob": None})
-    assert [m.split("'")[1] for m in e.value.messages] == ["norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"]
+        architecture_from_hf_config({**cfg, "mlp_only_layers": [1, 3], "decoder_sparse_step": 2})
+    assert [m.split("'")[1] for m in e.value.messages] == ["decoder_sparse_step", "mlp_only_layers"]
 
 
 def test_sliding_window_read_where_the_config_uses_it():

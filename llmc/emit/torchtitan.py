@@ -421,8 +421,8 @@ def _moe(arch, notes: list[str], errs: list[Diagnostic]) -> dict[str, Any]:
         "shared_hidden_dim": moe_hidden * moe.num_shared_experts,
         "n_dense_layers": moe.dense_layers,
         "score_func": moe.score_func,
-        # Mixtral / DeepSeek-V3 renormalise the top-k weights (norm_topk_prob)
-        "route_norm": True,
+        # renormalise the top-k weights (HF norm_topk_prob: Mixtral, Qwen3-MoE, DeepSeek-V3) or not
+        "route_norm": bool(moe.route_norm),
         "router_bias": bool(moe.router_bias),
         # torchtitan 0.3.0 MoE has no auxiliary balancing loss, only aux-loss-free balancing
         # (per-expert routing bias buffer updated before each optimizer step, arXiv:2408.15664).

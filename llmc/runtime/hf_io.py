@@ -194,6 +194,8 @@ def hf_export_supported(arch) -> str | None:
     if not arch.qk_norm and (m.dense_layers or (m.expert_d_ff or arch.d_ff) != arch.d_ff):
         return ("Mixtral has no dense layers and its experts are d_ff wide (Qwen3-MoE, the class with q/k norms, has "
                 "both)")
+    if not arch.qk_norm and not m.route_norm:
+        return "Mixtral always renormalises the top-k weights (route_norm: true; Qwen3-MoE, with q/k norms, has both)"
     if arch.qkv_bias:
         return "MoE with q/k/v biases has no Hugging Face model class here"
     return None
@@ -460,7 +462,7 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
         bad.append("mixture-of-experts settings differ")
     elif arch.moe is not None:
         for f in ("route_scale", "n_expert_groups", "n_limited_groups", "num_shared_experts", "dense_layers",
-                  "score_func", "router_bias"):
+                  "score_func", "router_bias", "route_norm"):
             a, b = getattr(arch.moe, f), getattr(theirs.moe, f)
             if a != b:
                 bad.append(f"moe.{f} {a} (spec) != {b} (checkpoint)")
@@ -481,8 +483,6 @@ def _deepseek_config_problems(cfg: dict) -> list[str]:
     if cfg.get("quantization_config"):
         bad.append(f"quantized weights ({cfg['quantization_config'].get('quant_method', '?')}) are not read; "
                    f"give a bf16/fp32 checkpoint")
-    if cfg.get("norm_topk_prob", True) is False:
-        bad.append("norm_topk_prob false is not modelled (llmc normalises the top-k weights)")
     if cfg.get("scoring_func", "sigmoid") != "sigmoid":
         bad.append(f"scoring_func {cfg['scoring_func']!r}: DeepseekV3ForCausalLM routes with sigmoid")
     rs = cfg.get("rope_scaling") or {}
@@ -764,7 +764,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
     if mtype == "qwen3_moe":  # Qwen3MoeConfig (transformers configuration_qwen3_moe.py): the first layers dense
         m = arch.moe
         cfg.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_d_ff or arch.d_ff,
-                   norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=list(range(m.dense_layers)),
+                   norm_topk_prob=m.route_norm, decoder_sparse_step=1, mlp_only_layers=list(range(m.dense_layers)),
                    router_aux_loss_coef=m.aux_loss_coef, output_router_logits=False)
     elif arch.moe is not None:
         cfg.update(num_local_experts=arch.moe.num_experts, num_experts_per_tok=arch.moe.top_k,
@@ -832,7 +832,7 @@ def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id, softmax_
         cfg.update(first_k_dense_replace=a.dense_layers, n_routed_experts=a.num_experts,
                    n_shared_experts=a.num_shared_experts, moe_intermediate_size=a.expert_d_ff or arch.d_ff,
                    num_experts_per_tok=a.top_k, routed_scaling_factor=a.route_scale,
-                   n_group=a.n_expert_groups or 1, topk_group=a.n_limited_groups or 1, norm_topk_prob=True,
+                   n_group=a.n_expert_groups or 1, topk_group=a.n_limited_groups or 1, norm_topk_prob=a.route_norm,
                    scoring_func="sigmoid", topk_method="noaux_tc", aux_loss_alpha=a.aux_loss_coef)
     scaling = _rope_scaling_config(arch)
     if scaling is not None:

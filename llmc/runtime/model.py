@@ -458,8 +458,8 @@ class GroupedExperts(nn.Module):
 
 
 class Router(nn.Module):
-    """Token-choice top-k router: scores = softmax|sigmoid(gate(x)); top-k weights renormalised to sum 1, then
-    times ``route_scale``.
+    """Token-choice top-k router: scores = softmax|sigmoid(gate(x)); top-k weights renormalised to sum 1 (``norm``;
+    else the picked scores as they are: HF ``norm_topk_prob`` false), then times ``route_scale``.
 
     DeepSeek-V3 routing (``MoEGate`` of https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/modeling_deepseek.py;
     arXiv:2412.19437 sec. 2.1.2): with ``n_groups`` / ``topk_groups`` the E experts form n_groups equal groups,
@@ -470,10 +470,11 @@ class Router(nn.Module):
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str, bias: bool,
-                 route_scale: float = 1.0, n_groups: int | None = None, topk_groups: int | None = None):
+                 route_scale: float = 1.0, n_groups: int | None = None, topk_groups: int | None = None,
+                 norm: bool = True):
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, bias=bias)
-        self.top_k, self.score_func = top_k, score_func
+        self.top_k, self.score_func, self.norm = top_k, score_func, norm
         self.route_scale, self.n_groups, self.topk_groups = float(route_scale), n_groups, topk_groups
 
     def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None
@@ -494,7 +495,9 @@ class Router(nn.Module):
             choice = grouped.masked_fill(~keep[..., None], 0.0).view(N, E)
         idx = choice.topk(self.top_k, dim=-1).indices  # (N, k)
         weights = scores.gather(-1, idx)
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20) * self.route_scale
+        if self.norm:
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        weights = weights * self.route_scale
         probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
         return weights, idx, probs
 
@@ -513,7 +516,8 @@ class MoE(nn.Module):
         hidden = m.expert_d_ff or arch.d_ff
         self.num_experts, self.top_k, self.aux_coef = m.num_experts, m.top_k, m.aux_loss_coef
         self.router = Router(arch.d_model, m.num_experts, m.top_k, m.score_func, m.router_bias,
-                             route_scale=m.route_scale, n_groups=m.n_expert_groups, topk_groups=m.n_limited_groups)
+                             route_scale=m.route_scale, n_groups=m.n_expert_groups, topk_groups=m.n_limited_groups,
+                             norm=m.route_norm)
         self.experts = GroupedExperts(arch.d_model, hidden, m.num_experts)
         # S shared experts as one SwiGLU of width S*hidden (DeepSeek-V3 / torchtitan); same param count
         self.shared_experts = FeedForward(arch.d_model, hidden * m.num_shared_experts) if m.num_shared_experts else None

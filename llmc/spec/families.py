@@ -82,7 +82,7 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("llama", "mistral", "phi3"), "LlamaForCausalLM", "gqa", False, False, "llama3",
                     ("llama3",), LLAMA3_SPECIALS, torchtitan_hf=True),
     # q/k norms + routed experts (Qwen3-30B-A3B, Qwen3-235B-A22B): torchtitan's qwen3 MoE build. Routing is Mixtral's
-    # (softmax over all experts, top-k, weights renormalised: HF norm_topk_prob true), experts of their own width
+    # (softmax over all experts, top-k, weights renormalised, HF norm_topk_prob true, or not: moe.route_norm), experts of their own width
     # (moe_intermediate_size), the first layers optionally dense (mlp_only_layers)
     "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", "gqa", True, False, "qwen3",
                         ("qwen3moe",), QWEN_SPECIALS, torchtitan_hf=True, qk_norm=True, torchtitan_rope="cossin"),

@@ -47,11 +47,12 @@ num_local_experts, *_per_tok   moe.num_experts, moe.top_k (mixtral)
 num_experts, *_per_tok,        moe.num_experts (or num_local_experts), moe.top_k, moe.expert_d_ff,
                                moe.aux_loss_coef (qwen3_moe;
 moe_intermediate_size,         mlp_only_layers [0..N-1] -> moe.dense_layers N; other dense-layer placements,
-router_aux_loss_coef           decoder_sparse_step != 1 and norm_topk_prob false (transformers' default) are refused)
+router_aux_loss_coef           decoder_sparse_step != 1 refused; norm_topk_prob -> moe.route_norm (absent: false,
+                               transformers' default))
 n_routed_experts, ...          moe.* and mla.* (deepseek_v3; routed_scaling_factor, n_group, topk_group ->
                                moe.route_scale, n_expert_groups, n_limited_groups; topk_method noaux_tc or
                                absent -> moe.expert_bias, as transformers' DeepseekV3TopkRouter always adds
-                               e_score_correction_bias; norm_topk_prob false is refused)
+                               e_score_correction_bias; norm_topk_prob -> moe.route_norm, absent: true)
 =============================  =====================================
 """
 
@@ -297,9 +298,6 @@ def _short(value: Any, limit: int = 60) -> str:
 def _qwen3_moe(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
     """transformers ``Qwen3MoeConfig``: layer i is sparse unless it is in ``mlp_only_layers`` or (i + 1) is not a
     multiple of ``decoder_sparse_step`` (``Qwen3MoeDecoderLayer``); llmc's dense layers are the first N."""
-    if cfg.get("norm_topk_prob", False) is not True:  # transformers' default is false; Qwen3's configs say true
-        errs.append("config.json 'norm_topk_prob' false (or absent: transformers' default) is not supported (llmc "
-                    "renormalises the top-k routing weights, as Qwen3-30B-A3B / 235B-A22B do)")
     step = cfg.get("decoder_sparse_step", 1)
     if step != 1:
         errs.append(f"config.json 'decoder_sparse_step' {_short(step)} is not supported (llmc's dense layers are the "
@@ -315,8 +313,9 @@ def _qwen3_moe(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None
                 top_k=lambda: _int(cfg, "num_experts_per_tok"),
                 expert_d_ff=lambda: _int(cfg, "moe_intermediate_size"),
                 aux_loss_coef=lambda: _float(cfg, "router_aux_loss_coef", 0.001))
-    if len(moe) == 4:
-        kw["moe"] = MoE(**moe, dense_layers=len(dense), score_func="softmax")
+    if len(moe) == 4:  # norm_topk_prob: transformers' default false; Qwen3-30B-A3B's / 235B-A22B's configs say true
+        kw["moe"] = MoE(**moe, dense_layers=len(dense), score_func="softmax",
+                        route_norm=cfg.get("norm_topk_prob", False) is True)
 
 
 def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
@@ -329,9 +328,6 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> No
         kw["mla"] = MLA(**mla)
         kw["head_dim"] = kw["mla"].qk_nope_head_dim + kw["mla"].qk_rope_head_dim  # q/k head dim
     if cfg.get("n_routed_experts"):
-        if cfg.get("norm_topk_prob", True) is False:  # transformers' default and DeepSeek-V3's: true
-            errs.append("config.json 'norm_topk_prob' false is not supported (llmc renormalises the top-k "
-                        "routing weights)")
         moe = _each(errs, num_experts=lambda: _int(cfg, "n_routed_experts"),
                     top_k=lambda: _int(cfg, "num_experts_per_tok"),
                     num_shared_experts=lambda: _int(cfg, "n_shared_experts", 0, minimum=0),
@@ -351,6 +347,7 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> No
                 # transformers' DeepseekV3TopkRouter always adds e_score_correction_bias (and its saved
                 # config.json has no topk_method): absent = noaux_tc, DeepSeek-V3's own setting
                 expert_bias=cfg.get("topk_method", "noaux_tc") == "noaux_tc",
+                route_norm=cfg.get("norm_topk_prob", True) is not False,  # transformers' and DeepSeek-V3's: true
             )
 
 

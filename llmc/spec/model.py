@@ -97,6 +97,10 @@ class MoE(SpecModel):
     expert_bias: bool = False
     """Learned per-expert routing bias for aux-loss-free balancing (DeepSeek-V3
     ``e_score_correction_bias``, ``topk_method: noaux_tc``): num_experts extra parameters per MoE layer."""
+    route_norm: bool = True
+    """The picked experts' mixing weights are renormalised to sum 1 (Mixtral, Qwen3-30B-A3B, DeepSeek-V3: config.json
+    ``norm_topk_prob`` true; torchtitan's ``route_norm``); false = their router scores as they are (Qwen1.5 / Qwen2
+    MoE, OLMoE: ``norm_topk_prob`` false, transformers' Qwen3-MoE default)."""
     route_scale: Float = Field(default=1.0, gt=0)
     """Factor on the routed experts' combined output (DeepSeek-V3 config.json ``routed_scaling_factor`` 2.5;
     Mixtral 1.0)."""
