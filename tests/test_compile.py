@@ -534,6 +534,27 @@ def test_gemma2_plans_its_soft_capped_scores():
     assert "logits soft-capped at 30" in text
 
 
+def test_a_yarn_long_context_stage_is_not_a_torchtitan_job():
+    """A long-context stage's YaRN (cos/sin times 0.1 ln(factor) + 1, transformers' and llmc's model) is not what
+    torchtitan's pure-rotation RoPE computes: pinned to torchtitan the stage's job is refused (X301, what `llmc build`
+    reports), and `auto` runs the pipeline on llmc's trainer instead of planning a torchtitan job the build would
+    refuse; Llama 3.1's rule (torchtitan's 'llama' scaling) stays a torchtitan job."""
+    from llmc.emit.torchtitan import torchtitan_diagnostics
+
+    stages = ("stages:\n  - {name: pre, kind: pretrain}\n"
+              "  - {name: long, kind: long_context, init_from: pre, seq_len: 16384, rope_scaling: "
+              "{type: %s, factor: 2, original_max_position: 8192}, data: {seq_len: 16384, tokens: 1e8}}\n")
+    for backend, rule, want in (("torchtitan", "yarn", "error"), ("auto", "yarn", "native"),
+                                ("auto", "llama3", "torchtitan")):
+        extra = (f"training: {{backend: {backend}}}\n" if backend != "auto" else "") + stages % rule
+        c = _compile(_spec("llama3-8b", count=8, seq=8192, tokens="1B", extra=extra))
+        if want == "error":
+            [d] = torchtitan_diagnostics(c)
+            assert (d.code, d.severity) == ("X301", "error") and "pure rotation" in d.message
+        else:
+            assert c.backend.name == want and not _codes(c, "error"), (rule, c.backend)
+
+
 def test_a_stage_that_starts_from_no_weights_is_flagged():
     """A stage with neither init_from nor init_hf is trained from a fresh init by every backend (a fine-tune of
     random weights): G008 at the stage, not for one that names its base or chains from an earlier stage."""

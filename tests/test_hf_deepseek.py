@@ -65,15 +65,27 @@ def tokens_for(arch, T=17):
     return torch.randint(0, arch.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
 
 
+_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 5000.0}
+
+
 @pytest.mark.parametrize("over", [{}, {"q_lora_rank": None}, {"rope_interleave": False},
-                                  {"q_lora_rank": None, "rope_interleave": False}, {"norm_topk_prob": False}])
+                                  {"q_lora_rank": None, "rope_interleave": False}, {"norm_topk_prob": False},
+                                  {"rope_parameters": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0}},
+                                  {"rope_parameters": {**_YARN, "mscale": 0.707, "mscale_all_dim": 1.0}},
+                                  {"rope_parameters": _YARN}])
 def test_load_gives_transformers_logits(tmp_path, over):
     """rope_interleave false: the rope rows are in rotate_half order and go through the inverse permutation;
-    norm_topk_prob false: the picked experts' sigmoid scores unnormalised (route_norm false)."""
+    norm_topk_prob false: the picked experts' sigmoid scores unnormalised (route_norm false); DeepSeek's YaRN, the
+    softmax scale times m(mscale_all_dim)^2 and cos/sin times m(mscale) / m(mscale_all_dim) (DeepSeek-V3's own 1 / 1,
+    unequal ones, and none: cos/sin times 0.1 ln(factor) + 1), at 17 positions beyond the original 16."""
     src = make_hf(tmp_path, **over)
     assert (src / "model.safetensors.index.json").exists()
     arch = arch_of(src)
     assert arch.mla.q_lora_rank == over.get("q_lora_rank", 24)
+    if "rope_parameters" in over:
+        rp, rs = over["rope_parameters"], arch.rope_scaling
+        assert (rs.type, rs.factor, rs.mscale, rs.mscale_all_dim) == ("yarn", 4.0, rp.get("mscale"),
+                                                                     rp.get("mscale_all_dim"))
     m = arch.moe
     assert (m.num_experts, m.top_k, m.num_shared_experts, m.dense_layers, m.n_expert_groups, m.n_limited_groups,
             m.route_scale, m.score_func, m.expert_bias) == (8, 2, 1, 1, 2, 1, 2.5, "sigmoid", True)
@@ -410,10 +422,12 @@ def test_fsdp_meta_init_loads_deepseek_shards(tmp_path, docs):
 
 
 @pytest.mark.slow
-def test_torchtitan_yarn_stage_exports_deepseeks_softmax_mscale(tmp_path, monkeypatch):
-    """torchtitan's deepseek_v3 folds YaRN's mscale into the softmax scale (DeepSeek-V3's convention), llmc
-    scales the rope dims' cos/sin: a torchtitan stage's DCP checkpoint (its own FQNs, saved by DCP) exports with
-    ``mscale = mscale_all_dim = 1`` and transformers then gives torchtitan's logits; llmc's convention would not."""
+def test_deepseeks_yarn_is_one_model_on_torchtitan_llmc_and_transformers(tmp_path, monkeypatch):
+    """DeepSeek's YaRN (mscale = mscale_all_dim: the rotation pure, the softmax scale times (0.1 ln(factor) + 1)^2)
+    is one model everywhere: torchtitan's deepseek_v3 job, its DCP checkpoint (its own FQNs) exported with the spec's
+    mscale keys, transformers loading that export, and llmc's model loading it give the same logits; without the
+    mscale keys the same weights are another model (transformers then scales cos/sin), which the torchtitan job
+    refuses to run (X301)."""
     pytest.importorskip("torchtitan")
     import torch.distributed.checkpoint as dcp
     from test_build_fakes import lock_for
@@ -421,13 +435,15 @@ def test_torchtitan_yarn_stage_exports_deepseeks_softmax_mscale(tmp_path, monkey
     from test_torchtitan_render import TINY, compiled_for
 
     from llmc.compiler.plan import ParallelPlan
+    from llmc.emit.torchtitan import torchtitan_diagnostics
     from llmc.runtime.hf_io import _TITAN_RENAMES, export_checkpoint
     from llmc.runtime.titan_cpu_shim import swap_flex_for_sdpa
 
     for k, v in OFFLINE.items():
         monkeypatch.setenv(k, v)
     model = {**TINY, "n_kv_heads": 4, "norm_eps": 1e-6,
-             "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position": 64},
+             "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position": 64, "mscale": 1.0,
+                              "mscale_all_dim": 1.0},
              "mla": {"q_lora_rank": 24, "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16,
                      "v_head_dim": 16}}
     c = compiled_for(model=model, plan=ParallelPlan(micro_batch=4), gpu="cpu", seq=64, steps=8)
@@ -454,16 +470,23 @@ def test_torchtitan_yarn_stage_exports_deepseeks_softmax_mscale(tmp_path, monkey
     hf = Path(export_checkpoint(tmp_path, "pretrain")["hf"])
     rs = json.loads((hf / "config.json").read_text())["rope_scaling"]
     assert (rs["rope_type"], rs["mscale"], rs["mscale_all_dim"]) == ("yarn", 1.0, 1.0)
+    ours = build_model(arch, seed=1).eval()
+    load_hf_into(ours, hf, arch)
     with torch.no_grad():
-        got = hf_model(hf)(input_ids=x).logits
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hf_model(hf)(input_ids=x).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours(x), want, atol=1e-4, rtol=1e-4)
         renamed = {}
         for k, v in sd.items():
             for a, b in _TITAN_RENAMES:
                 k = k.replace(a, b)
             renamed[k] = v
-        llmc_convention = export_hf(renamed, arch, tmp_path / "llmc", dtype=torch.float32)
-        assert (hf_model(llmc_convention)(input_ids=x).logits - want).abs().max() > 1e-3
+        plain = arch.model_copy(update={"rope_scaling": arch.rope_scaling.model_copy(
+            update={"mscale": None, "mscale_all_dim": None})})
+        other = export_hf(renamed, plain, tmp_path / "plain", dtype=torch.float32)
+        assert (hf_model(other)(input_ids=x).logits - want).abs().max() > 1e-3
+    plain_spec = {**model, "rope_scaling": {k: v for k, v in model["rope_scaling"].items() if "mscale" not in k}}
+    [d] = [d for d in torchtitan_diagnostics(compiled_for(model=plain_spec, gpu="cpu", seq=64)) if d.code == "X301"]
+    assert d.path == "model.rope_scaling" and "pure rotation" in d.message
 
 
 def test_deepseek_v3_preset_config_builds_the_671b_hf_model():

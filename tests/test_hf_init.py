@@ -25,6 +25,7 @@ from llmc.runtime.hf_io import (  # noqa: E402
 )
 from llmc.runtime.model import build_model, lm_loss  # noqa: E402
 from llmc.spec.hf import architecture_from_hf_config  # noqa: E402
+from llmc.spec.presets import PRESETS  # noqa: E402
 
 TINY = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-5)
@@ -632,11 +633,12 @@ def test_deepseek_v3_routing_keys_written_and_checked(tmp_path):
     cfg = json.loads(fixture.read_text())
     a = architecture_from_hf_config(cfg)
     assert (a.moe.route_scale, a.moe.n_expert_groups, a.moe.n_limited_groups) == (2.5, 8, 4)
-    # DeepSeek-V3's own yarn (mscale_all_dim: softmax scale times mscale^2) is not llmc's: refused ...
-    with pytest.raises(HFError, match="mscale_all_dim"):
-        _check_config(cfg, a, tmp_path)
-    cfg["rope_scaling"] = {k: v for k, v in cfg["rope_scaling"].items() if not k.startswith("mscale")}
-    _check_config(cfg, a, tmp_path)  # ... and without it, the same model: accepted
+    # DeepSeek-V3's own yarn (mscale = mscale_all_dim = 1: the softmax scale times m^2) is the preset's: accepted ...
+    assert a == PRESETS["deepseek-v3"].model_copy(update={"name": a.name})
+    _check_config(cfg, a, tmp_path)
+    plain = {**cfg, "rope_scaling": {k: v for k, v in cfg["rope_scaling"].items() if not k.startswith("mscale")}}
+    with pytest.raises(HFError, match="rope_scaling"):  # ... without it, another model (cos/sin scaled): refused
+        _check_config(plain, a, tmp_path)
     for key, val in (("routed_scaling_factor", 1.0), ("topk_group", 2)):
         with pytest.raises(HFError, match="route_scale|n_limited_groups"):
             _check_config({**cfg, key: val}, a, tmp_path)

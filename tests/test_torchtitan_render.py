@@ -183,6 +183,16 @@ def test_unexpressible_architectures_give_diagnostics_not_modules():
     assert d.code == "X301" and "'longrope'" in d.message
     [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "rotary_dim": TINY["d_model"] // TINY["n_heads"] // 2}))
     assert (d.code, d.path) == ("X301", "model.rotary_dim")
+    # YaRN: torchtitan's rotation is pure, transformers' (and llmc's) cos/sin carry the attention factor, 0.1 ln(4) + 1
+    # here: refused; with it 1 (attention_factor 1, or DeepSeek's mscale = mscale_all_dim) the same model: rendered
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position": 64}
+    [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "rope_scaling": yarn}))
+    assert (d.code, d.path) == ("X301", "model.rope_scaling") and "pure rotation" in d.message
+    for pure in ({"attention_factor": 1.0}, {"mscale": 0.7, "mscale_all_dim": 0.7}):
+        assert torchtitan_diagnostics(compiled_for(model={**TINY, "rope_scaling": {**yarn, **pure}})) == []
+    [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "rope_scaling": {**yarn, "mscale": 1.0,
+                                                                             "mscale_all_dim": 0.7}}))
+    assert (d.code, d.path) == ("X301", "model.rope_scaling")
     [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "multipliers": {"embedding": 12.0}}))
     assert (d.code, d.path) == ("X314", "model.multipliers")
     [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "sliding_window": 16}))

@@ -398,6 +398,35 @@ def torchtitan_reads_hf(arch) -> bool:
     return not arch.qkv_bias and family_of(arch).torchtitan_hf
 
 
+def torchtitan_rope_gaps(rs, fam, path: str = "model.rope_scaling") -> list[ModelGap]:
+    """What torchtitan 0.3.0's RoPE cannot compute of a ``rope_scaling`` (the model's, or a continued-training stage's
+    at ``path``): another rule than its 'llama' / 'yarn' (no 'llama' on its cos/sin RoPE), or a YaRN whose attention
+    factor is not 1 (X301)."""
+    v = TARGET_VERSIONS["torchtitan"]
+    out: list[ModelGap] = []
+    if rs is not None and rs.type == "llama3" and fam.torchtitan_rope == "cossin":
+        out.append(ModelGap("X301", f"{path}.type",
+                            f"torchtitan {v}'s cos/sin RoPE (the rotate_half layout of its Qwen3 models and their "
+                            "Hugging Face adapter) has no llama3 scaling", "use type: yarn, or another backend"))
+    elif rs is not None and rs.type not in ("llama3", "yarn"):
+        out.append(ModelGap("X301", f"{path}.type",
+                            f"torchtitan {v} RoPE supports scaling 'none', 'llama' and 'yarn', not {rs.type!r}",
+                            "use type: llama3 or yarn, or build with another backend"))
+    if rs is not None and rs.type == "yarn" and rs.factor > 1 and (
+            rs.attention_factor != 1.0 if rs.attention_factor is not None
+            else not (rs.mscale and rs.mscale_all_dim and rs.mscale == rs.mscale_all_dim)):
+        # transformers (and llmc's model) scale a YaRN table's cos/sin by its attention factor (0.1 ln(factor) + 1, or
+        # DeepSeek's m(mscale) / m(mscale_all_dim)); torchtitan's RoPE is a pure rotation (models/common/rope.py: the
+        # temperature "intentionally NOT applied here"), its deepseek_v3 folding m(mscale)^2 into the softmax instead
+        out.append(ModelGap("X301", path,
+                            f"torchtitan {v}'s YaRN is a pure rotation: it cannot scale cos/sin by the attention factor "
+                            "this rope_scaling gives (transformers' and llmc's model do)",
+                            "set rope_scaling mscale and mscale_all_dim equal (DeepSeek's YaRN: the temperature in the "
+                            "softmax of MLA, none elsewhere) or attention_factor 1, use type: llama3, or build with "
+                            "training.backend native or deepspeed"))
+    return out
+
+
 def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = "training.init_hf",
                           hf_model_type: str | None = None, seq_len: int | None = None) -> list[ModelGap]:
     """What torchtitan's model code cannot express about ``arch`` whatever the layout (empty when it can run it):
@@ -411,15 +440,7 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
     v = TARGET_VERSIONS["torchtitan"]
     fam = family_of(arch)
     out: list[ModelGap] = []
-    rs = arch.rope_scaling
-    if rs is not None and rs.type == "llama3" and fam.torchtitan_rope == "cossin":
-        out.append(ModelGap("X301", "model.rope_scaling.type",
-                            f"torchtitan {v}'s cos/sin RoPE (the rotate_half layout of its Qwen3 models and their "
-                            "Hugging Face adapter) has no llama3 scaling", "use type: yarn, or another backend"))
-    elif rs is not None and rs.type not in ("llama3", "yarn"):
-        out.append(ModelGap("X301", "model.rope_scaling.type",
-                            f"torchtitan {v} RoPE supports scaling 'none', 'llama' and 'yarn', not {rs.type!r}",
-                            "use type: llama3 or yarn, or build with another backend"))
+    out += torchtitan_rope_gaps(arch.rope_scaling, fam)
     if arch.mla is None and arch.partial_rotary:
         out.append(ModelGap("X301", "model.rotary_dim",
                             f"torchtitan {v}'s Llama / Qwen3 attention rotates whole heads (rotary_dim "

@@ -35,8 +35,9 @@ from llmc.compiler.result import (
 from llmc.compiler.units import gib
 from llmc.diagnostics import Diagnostic, errors, line_for, sort_diagnostics
 from llmc.spec.facts import ExternalFacts
+from llmc.spec.families import family_of
 from llmc.spec.load import LoadedSpec
-from llmc.spec.model import Architecture
+from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.schema import CONTINUED_KINDS, RunSpec, Training
 
 
@@ -168,6 +169,12 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         if st.init_hf and st.init_hf != init_hf:
             gaps += [g for g in backends.torchtitan_model_gaps(run.model, st.init_hf, f"stages.{i}.init_hf",
                                                                types.get(st.init_hf)) if g.code == "X310"]
+        if isinstance(getattr(st, "rope_scaling", None), dict):  # a long-context stage's own RoPE (the stage's torchtitan job runs it)
+            try:
+                rs = RopeScaling.model_validate(st.rope_scaling)
+            except ValueError:  # (reported by the spec checks)
+                continue
+            gaps += backends.torchtitan_rope_gaps(rs, family_of(run.model), f"stages.{i}.rope_scaling")
     # what a torchtitan build would run: pre-training and continued-training stages (post-training runs on llmc's)
     titan_work = pretrains or bool(continued)
     be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration, sink, gaps, titan_work)

@@ -446,8 +446,9 @@ def _mla(arch, notes: list[str]) -> dict[str, Any]:
         "qk_nope_head_dim": m.qk_nope_head_dim,
         "qk_rope_head_dim": m.qk_rope_head_dim,
         "v_head_dim": m.v_head_dim,
-        # YaRN attention-temperature (mscale) used by torchtitan's DeepSeek-V3 671B flavor
-        "mscale": 1.0,
+        # DeepSeek's YaRN temperature: torchtitan multiplies the softmax scale by (0.1 mscale ln(factor) + 1)^2 under
+        # yarn, transformers and llmc's model by m(mscale_all_dim)^2 (a spec whose cos/sin scale is not 1 is X301)
+        "mscale": float(arch.rope_scaling.mscale_all_dim or 0.0) if arch.rope_scaling is not None else 1.0,
     }
 
 

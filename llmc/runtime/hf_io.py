@@ -65,12 +65,11 @@ the checkpoint layout of https://huggingface.co/deepseek-ai/DeepSeek-V3, experts
 
 No row permutation: the config says ``rope_interleave: true`` (HF's default, DeepSeek's own layout), so HF
 rotates the rope dims as adjacent pairs like llmc; a checkpoint with ``rope_interleave: false`` has its rope
-rows (per head of q, the shared key of kv_a) in rotate_half order and is read through the inverse permutation. YaRN is written without ``mscale`` / ``mscale_all_dim``,
-so HF scales cos/sin by 0.1 ln(factor) + 1 and keeps the softmax scale, exactly as llmc; a torchtitan stage
-(its deepseek_v3 folds mscale into the softmax scale, as DeepSeek-V3 does) is written with
-``mscale = mscale_all_dim = 1``, which makes HF do the same. Loading into llmc's model, a checkpoint whose
-config sets ``mscale_all_dim`` (softmax scale times mscale^2) is refused. transformers'
-router (``DeepseekV3TopkRouter``) masks the experts of unselected groups with -inf, llmc's (like the
+rows (per head of q, the shared key of kv_a) in rotate_half order and is read through the inverse permutation. YaRN
+is read and written with DeepSeek's ``mscale`` / ``mscale_all_dim`` (``RopeScaling``): the softmax scale times
+m(mscale_all_dim)^2 and cos/sin times m(mscale) / m(mscale_all_dim), as transformers, llmc's model and torchtitan's
+deepseek_v3 compute them (without them, cos/sin times 0.1 ln(factor) + 1, which torchtitan's model cannot: X301).
+transformers' router (``DeepseekV3TopkRouter``) masks the experts of unselected groups with -inf, llmc's (like the
 reference ``MoEGate``) with 0: the picks differ only when fewer than top_k experts of the selected groups
 have a positive biased score (sigmoid + e_score_correction_bias). transformers' (and DeepSeek's reference)
 q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever ``rms_norm_eps`` says; llmc's q_norm / kv_norm use the
@@ -91,6 +90,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmc.runtime.model import rope_attention_factor
 from llmc.spec.chat import CHAT_TEMPLATES
 from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
 from llmc.spec.hf import HF_ACTIVATIONS
@@ -470,7 +470,9 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
         if a != b:
             bad.append(f"moe.expert_d_ff {a} (spec) != {b} (checkpoint)")
     rs_a, rs_b = arch.rope_scaling, theirs.rope_scaling
-    if (rs_a is None) != (rs_b is None) or (rs_a is not None and (rs_a.type, rs_a.factor) != (rs_b.type, rs_b.factor)):
+    if (rs_a is None) != (rs_b is None) or (rs_a is not None and (
+            (rs_a.type, rs_a.factor, rs_a.mscale_all_dim) != (rs_b.type, rs_b.factor, rs_b.mscale_all_dim)
+            or abs(rope_attention_factor(rs_a) - rope_attention_factor(rs_b)) > 1e-9)):
         bad.append(f"rope_scaling {rs_a} (spec) != {rs_b} (checkpoint)")
     if bad:
         raise HFError(f"{where}: the checkpoint is not the spec's model: {'; '.join(bad[:4])} "
@@ -485,11 +487,6 @@ def _deepseek_config_problems(cfg: dict) -> list[str]:
                    f"give a bf16/fp32 checkpoint")
     if cfg.get("scoring_func", "sigmoid") != "sigmoid":
         bad.append(f"scoring_func {cfg['scoring_func']!r}: DeepseekV3ForCausalLM routes with sigmoid")
-    rs = cfg.get("rope_scaling") or {}
-    if rs.get("attention_factor") is not None or (rs.get("mscale") and rs.get("mscale_all_dim")) or (
-            rs.get("mscale_all_dim") and rs.get("rope_type", rs.get("type")) not in (None, "default")):
-        bad.append("yarn with mscale / mscale_all_dim / attention_factor (softmax scale times mscale^2) is not "
-                   "modelled: llmc scales the rope dims' cos/sin by 0.1 ln(factor) + 1 instead")
     return bad
 
 
@@ -701,19 +698,19 @@ def load_init_from(model: nn.Module, stage_dir: str | Path, arch, *, rank: int =
 # ----------------------------------------------------------------------------- writing checkpoints
 
 
-def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
-              *, softmax_mscale: bool = False) -> dict[str, Any]:
+def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1
+              ) -> dict[str, Any]:
     """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q/k norms),
     Phi3ForCausalLM (partial RoPE), GraniteForCausalLM (muP multipliers), SmolLM3ForCausalLM (NoPE layers),
     Olmo2ForCausalLM (post-norm blocks), Olmo3ForCausalLM (post-norm blocks with a sliding window),
     Gemma3ForCausalLM / Gemma2ForCausalLM (sandwich-norm blocks, with / without q/k norms),
     MistralForCausalLM (a sliding window), MixtralForCausalLM, Qwen3MoeForCausalLM
-    (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA). ``softmax_mscale``: see :func:`export_hf`."""
+    (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA)."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
     cls, mtype = fam.hf_class, fam.hf_model_types[0]
     w = arch.sliding_window
     if arch.mla is not None:
-        return _deepseek_config(arch, cls, mtype, dtype, bos_id, eos_id, softmax_mscale)
+        return _deepseek_config(arch, cls, mtype, dtype, bos_id, eos_id)
     cfg = {"architectures": [cls], "model_type": mtype, "hidden_size": arch.d_model,
            "intermediate_size": arch.d_ff, "num_hidden_layers": arch.n_layers, "num_attention_heads": arch.n_heads,
            "num_key_value_heads": arch.kv_heads, "head_dim": arch.hd, "vocab_size": arch.vocab_size,
@@ -802,18 +799,20 @@ def _rope_scaling_config(arch) -> dict[str, Any] | None:
                        original_max_position_embeddings=rs.original_max_position)
     if rs.attention_factor is not None:  # longrope, yarn
         scaling["attention_factor"] = rs.attention_factor
+    for key in ("mscale", "mscale_all_dim"):  # DeepSeek's YaRN
+        if getattr(rs, key) is not None:
+            scaling[key] = getattr(rs, key)
     return scaling
 
 
-def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id, softmax_mscale: bool = False
-                     ) -> dict[str, Any]:
+def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id) -> dict[str, Any]:
     """``DeepseekV3Config`` keys (transformers ``configuration_deepseek_v3.py``; DeepSeek-V3's config.json names).
 
     A dense MLA model is written with ``first_k_dense_replace`` = all layers and ``n_routed_experts`` 0.
     ``head_dim`` is the rope head dim, as DeepseekV3Config sets it (its rotary embedding reads it);
-    ``num_key_value_heads`` = heads (MLA expands K and V to every head). YaRN without mscale keys (llmc's convention, module docstring), or with
-    ``mscale = mscale_all_dim = 1`` when ``softmax_mscale`` (torchtitan deepseek_v3 and DeepSeek-V3's own:
-    pure-rotation rope, softmax scale times (0.1 ln(factor) + 1)^2; transformers' ``yarn_apply_mscale``)."""
+    ``num_key_value_heads`` = heads (MLA expands K and V to every head). YaRN with the spec's mscale / mscale_all_dim
+    (DeepSeek's: the softmax scale times m(mscale_all_dim)^2; transformers' ``yarn_apply_mscale``), as llmc's model
+    and torchtitan's deepseek_v3 compute it."""
     m, a = arch.mla, arch.moe
     cfg = {"architectures": [cls], "model_type": mtype, "hidden_size": arch.d_model,
            "intermediate_size": arch.d_ff, "num_hidden_layers": arch.n_layers, "num_attention_heads": arch.n_heads,
@@ -836,8 +835,6 @@ def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id, softmax_
                    scoring_func="sigmoid", topk_method="noaux_tc", aux_loss_alpha=a.aux_loss_coef)
     scaling = _rope_scaling_config(arch)
     if scaling is not None:
-        if softmax_mscale and scaling["rope_type"] == "yarn":
-            scaling.update(mscale=1.0, mscale_all_dim=1.0)
         cfg["rope_scaling"] = scaling
     return cfg
 
@@ -857,15 +854,12 @@ def _write_tokenizer(tokenizer_dir: str | Path | None, out: Path, chat_template:
 
 def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
               dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
-              chat_template: str | None = None, max_shard_size: int | str = "5GB", softmax_mscale: bool = False
-              ) -> Path:
+              chat_template: str | None = None, max_shard_size: int | str = "5GB") -> Path:
     """Write an HF model directory that transformers / vLLM / SGLang load (``from_pretrained(out_dir)``).
 
     Weights in ``dtype``, split into shards of at most ``max_shard_size`` (HF's naming and index file);
     ``chat_template`` (a name of :data:`llmc.spec.chat.CHAT_TEMPLATES` or a Jinja string) goes into
-    tokenizer_config.json. ``softmax_mscale``
-    (MLA + YaRN only): the weights were trained by a model that folds YaRN's mscale into the softmax scale
-    (torchtitan's deepseek_v3) rather than llmc's, which scales the rope dims' cos/sin; the config says so.
+    tokenizer_config.json.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -887,7 +881,7 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if chat_template in CHAT_TEMPLATES and tokenizer_dir is not None:
         eos_id = _with_chat_eos(eos_id, tokenizer_dir, chat_template)
-    cfg = hf_config(arch, dtype, bos_id, eos_id, softmax_mscale=softmax_mscale)
+    cfg = hf_config(arch, dtype, bos_id, eos_id)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos_id, "eos_token_id": eos_id}) + "\n")
     _write_tokenizer(tokenizer_dir, out, chat_template)
@@ -1082,9 +1076,7 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     if job.kind in ("sft", "dpo", "grpo"):
         hyper = (job.stage_plan or {}).get("hyper") or {}
         template = hyper.get("chat_template") or job.tokenizer.chat_template or "llama3"
-    # torchtitan's deepseek_v3 folds YaRN's mscale into the softmax scale (its models/deepseek_v3/model.py)
-    export_hf(sd, arch, out, tokenizer_dir, bos_id=bos, eos_id=eos, chat_template=template,
-              softmax_mscale=source == "torchtitan")
+    export_hf(sd, arch, out, tokenizer_dir, bos_id=bos, eos_id=eos, chat_template=template)
     res: dict[str, Any] = {"hf": str(out), "chat_template": template}
     lora = getattr(job.stage_spec, "lora", None) if job.stage_spec is not None else None
     if lora_sd is None and lora is not None and (stage_dir / "lora_adapters.pt").exists():

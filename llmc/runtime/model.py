@@ -76,6 +76,28 @@ def norm_for(arch: Architecture, dim: int) -> RMSNorm:
     return RMSNorm(dim, arch.norm_eps, arch.norm_unit_offset)
 
 
+def yarn_mscale(factor: float, k: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 k ln(factor) + 1 (1 for factor <= 1): Peng et al. 2023 (arXiv:2309.00071,
+    sec. 3.4) with DeepSeek's coefficient k (transformers' ``get_mscale`` / ``yarn_get_mscale``)."""
+    return 0.1 * k * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def rope_attention_factor(scaling: RopeScaling) -> float:
+    """The scale on a yarn or longrope table's cos/sin (transformers' ``_compute_yarn_parameters`` /
+    ``_compute_longrope_parameters``): ``attention_factor`` where set; yarn: m(mscale) / m(mscale_all_dim) with
+    DeepSeek's two, else 0.1 ln(factor) + 1 (:func:`yarn_mscale`); longrope: sqrt(1 + ln(factor) /
+    ln(original_max_position)) (1 for factor <= 1); 1 for the other rules."""
+    if scaling.attention_factor:
+        return scaling.attention_factor
+    if scaling.type == "yarn":
+        if scaling.mscale and scaling.mscale_all_dim:
+            return yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)
+        return yarn_mscale(scaling.factor)
+    if scaling.type == "longrope" and scaling.factor > 1:
+        return math.sqrt(1 + math.log(scaling.factor) / math.log(scaling.original_max_position))
+    return 1.0
+
+
 def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: bool = False
                   ) -> tuple[torch.Tensor, float]:
     """Inverse frequencies theta^(-2i/dim), i < dim/2, after optional scaling; returns (inv_freq, mscale).
@@ -85,7 +107,7 @@ def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: boo
     ``factor``, and the band between is interpolated smoothly.
     yarn: YaRN (Peng et al. 2023), as HF ``_compute_yarn_parameters``: per-dim ramp between interpolation
     and extrapolation over the correction range [beta_fast, beta_slow]; cos/sin scaled by attention_factor, default
-    mscale = 0.1 ln(factor) + 1.
+    mscale = 0.1 ln(factor) + 1, or with DeepSeek's mscale / mscale_all_dim their ratio (:func:`yarn_mscale`).
     linear: position interpolation (Chen et al. 2023): inv_freq / factor.
     longrope: LongRoPE (Ding et al. 2024, arXiv:2402.13753; transformers ``_compute_longrope_parameters``): inv_freq
     divided by one factor per frequency, ``short_factor`` (``long``: ``long_factor``, for sequences longer than
@@ -117,13 +139,11 @@ def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: boo
         ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
         extrapolate = 1 - ramp  # 1 = keep the original frequency (high-frequency dims)
         inv_freq = inv_freq / scaling.factor * (1 - extrapolate) + inv_freq * extrapolate
-        mscale = scaling.attention_factor or (0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0)
+        mscale = rope_attention_factor(scaling)
     elif scaling.type == "longrope":
         ext = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float64)
         inv_freq = inv_freq / ext
-        mscale = scaling.attention_factor or (
-            math.sqrt(1 + math.log(scaling.factor) / math.log(scaling.original_max_position))
-            if scaling.factor > 1 else 1.0)
+        mscale = rope_attention_factor(scaling)
     else:  # pragma: no cover - pydantic forbids other values
         raise ValueError(f"unknown rope scaling {scaling.type!r}")
     return inv_freq.float(), mscale
@@ -350,7 +370,9 @@ class MLAttention(nn.Module):
 
     q = wq_b(q_norm(wq_a(x))) (or wq(x)) split into [nope | rope] per head; wkv_a(x) gives the kv latent
     (kv_lora) plus one shared rope key (rope dims); wkv_b expands the normed latent into per-head
-    [k_nope | v]. Softmax scale 1/sqrt(nope + rope) (times mscale^2 under yarn, as DeepSeek-V3).
+    [k_nope | v]. Softmax scale 1/sqrt(nope + rope), times yarn_mscale(factor, mscale_all_dim)^2 under a YaRN
+    with ``mscale_all_dim`` (DeepSeek-V2 / V3; transformers' ``DeepseekV3Attention``); the rope dims' cos/sin carry
+    the YaRN attention factor (:func:`rope_inv_freq`, 1 when mscale equals mscale_all_dim).
     """
 
     def __init__(self, arch: Architecture):
@@ -371,9 +393,9 @@ class MLAttention(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora, arch.norm_eps)
         self.wkv_b = nn.Linear(self.kv_lora, H * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, d, bias=False)
-        # DeepSeek-V3 multiplies this by mscale^2 under yarn; here the yarn mscale sits on the rope
-        # dims' cos/sin instead (HF convention), a small documented difference.
-        self.scale = qk**-0.5
+        rs = arch.rope_scaling
+        soft = yarn_mscale(rs.factor, rs.mscale_all_dim) if rs is not None and rs.mscale_all_dim else 1.0
+        self.scale = qk**-0.5 * soft * soft
         self.checkpoint_core = False
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None,

@@ -245,6 +245,9 @@ def _rope_scaling(rs: Any, cfg: dict[str, Any] | None = None) -> RopeScaling | N
         kw["beta_slow"] = _float(rs, "beta_slow", 1.0)
         if rs.get("attention_factor") is not None:
             kw["attention_factor"] = _float(rs, "attention_factor")
+        for key in ("mscale", "mscale_all_dim"):  # DeepSeek's YaRN (0 or absent: not set, as transformers reads it)
+            if rs.get(key):
+                kw[key] = _float(rs, key)
     return RopeScaling(**kw)
 
 

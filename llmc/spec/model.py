@@ -185,8 +185,18 @@ class RopeScaling(SpecModel):
     """longrope rule only: the divisors for longer sequences."""
     attention_factor: Float | None = Field(default=None, gt=0)
     """longrope and yarn rules only: cos/sin scale; None = longrope's sqrt(1 + ln(factor) / ln(original_max_position)),
-    yarn's 0.1 ln(factor) + 1 (1 for factor <= 1), transformers' ``_compute_longrope_parameters`` /
-    ``_compute_yarn_parameters`` (OLMo 3 states yarn's default, 1.2079 for factor 8)."""
+    yarn's 0.1 ln(factor) + 1 (1 for factor <= 1; with ``mscale`` and ``mscale_all_dim`` their ratio below),
+    transformers' ``_compute_longrope_parameters`` / ``_compute_yarn_parameters`` (OLMo 3 states yarn's default,
+    1.2079 for factor 8)."""
+    mscale: Float | None = Field(default=None, gt=0)
+    """yarn rule only, DeepSeek's YaRN (config.json ``mscale``; DeepSeek-V3 1.0, V2-Lite 0.707): with
+    ``mscale_all_dim`` the cos/sin scale is m(mscale) / m(mscale_all_dim), m(k) = 0.1 k ln(factor) + 1
+    (transformers' ``_compute_yarn_parameters``): 1 when the two are equal. None = not set."""
+    mscale_all_dim: Float | None = Field(default=None, gt=0)
+    """yarn rule only (config.json ``mscale_all_dim``): multi-head latent attention multiplies its softmax scale by
+    m(mscale_all_dim)^2 (DeepSeek-V2 / V3's reference and transformers' ``DeepseekV3Attention``, torchtitan's
+    deepseek_v3 ``mscale``), so with ``mscale`` equal the rotation stays pure and the temperature moves into the
+    softmax. None = not set (MLA keeps its softmax scale)."""
 
     @model_validator(mode="after")
     def _longrope_fields(self) -> RopeScaling:
@@ -200,6 +210,8 @@ class RopeScaling(SpecModel):
             raise ValueError(f"short_factor / long_factor belong to type longrope, not {self.type}")
         elif self.attention_factor is not None and self.type != "yarn":
             raise ValueError(f"attention_factor belongs to types longrope and yarn, not {self.type}")
+        if (self.mscale is not None or self.mscale_all_dim is not None) and self.type != "yarn":
+            raise ValueError(f"mscale / mscale_all_dim belong to type yarn, not {self.type}")
         return self
 
 

@@ -202,12 +202,13 @@ PRESETS: dict[str, Architecture] = {
     # aux-loss-free bias and a sequence-wise loss of alpha 1e-4, arXiv:2412.19437 sec. 4.2).
     # expert_bias: the 256-entry e_score_correction_bias per MoE layer (counted in the 671,026,419,200).
     # Routing: routed_scaling_factor 2.5, n_group 8, topk_group 4 (config.json; node-limited routing, sec. 2.1.2).
-    # YaRN rope_scaling: factor 40 from 4096 (mscale 1.0 not modelled). The MTP module is not part of it.
+    # YaRN rope_scaling: factor 40 from 4096, mscale = mscale_all_dim = 1.0 (the softmax scale times
+    # (0.1 ln 40 + 1)^2, the rotation pure). The MTP module is not part of it.
     "deepseek-v3": _arch(
         "deepseek-v3", n_layers=61, d_model=7168, n_heads=128, n_kv_heads=128, head_dim=192, d_ff=18432,
         vocab_size=129280, rope_theta=10000.0, norm_eps=1e-6, max_seq_len=163840,
         rope_scaling=RopeScaling(type="yarn", factor=40.0, original_max_position=4096, beta_fast=32.0,
-                                 beta_slow=1.0),
+                                 beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
         moe=MoE(num_experts=256, top_k=8, num_shared_experts=1, expert_d_ff=2048, dense_layers=3,
                 aux_loss_coef=0.001, score_func="sigmoid", expert_bias=True,
                 route_scale=2.5, n_expert_groups=8, n_limited_groups=4),
