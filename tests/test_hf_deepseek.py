@@ -107,6 +107,46 @@ def test_load_gives_transformers_logits(tmp_path, over):
     assert not torch.equal(idx.sort(-1).values, idx_nobias.sort(-1).values)
 
 
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+def test_deepseek_v2_loads_and_exports_with_transformers_logits(tmp_path, q_lora_rank):
+    """DeepSeek-V2 (DeepseekV2ForCausalLM, V2-Lite's shape: softmax-routed experts mixed by their unnormalised top-k
+    scores times routed_scaling_factor, no expert bias; YaRN with mscale = mscale_all_dim = 0.707) loads into llmc's
+    model with transformers' logits, exports as DeepseekV2ForCausalLM (no e_score_correction_bias) with llmc's logits,
+    and renormalising the top-k weights (route_norm, V3's and Mixtral's way) would give other logits."""
+    torch.manual_seed(0)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 5000.0,
+            "mscale": 0.707, "mscale_all_dim": 0.707}
+    keep = {k: v for k, v in TINY.items() if k not in ("n_group", "topk_group", "rope_theta")}
+    model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(
+        **{**keep, "q_lora_rank": q_lora_rank, "rope_parameters": yarn}))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+            elif "experts" in n and p.dim() == 3:
+                p.normal_(0, 0.2)
+    src = tmp_path / "hf-v2"
+    model.save_pretrained(src, max_shard_size="60KB")
+    arch = arch_of(src)
+    assert (arch.moe.score_func, arch.moe.route_norm, arch.moe.expert_bias, arch.mla.q_lora_rank) == (
+        "softmax", False, False, q_lora_rank)
+    ours = build_model(arch, seed=0).eval()
+    load_hf_into(ours, src, arch)
+    tokens = tokens_for(arch)
+    with torch.no_grad():
+        want = hf_model(src)(input_ids=tokens).logits
+        torch.testing.assert_close(ours(tokens), want, atol=1e-4, rtol=1e-4)
+        out = export_hf(ours.state_dict(), arch, tmp_path / "out", dtype=torch.float32)
+        cfg = json.loads((out / "config.json").read_text())
+        assert (cfg["architectures"], cfg["topk_method"], cfg["norm_topk_prob"]) == (
+            ["DeepseekV2ForCausalLM"], "greedy", False)
+        torch.testing.assert_close(hf_model(out)(input_ids=tokens).logits, want, atol=1e-4, rtol=1e-4)
+        for blk in ours.layers.values():  # the same weights, the top-k weights renormalised
+            if blk.is_moe:
+                blk.moe.router.norm = True
+        assert (ours(tokens) - want).abs().max() > 1e-3
+
+
 def test_export_loads_in_transformers_with_our_logits(tmp_path):
     src = make_hf(tmp_path)
     arch = arch_of(src)
@@ -208,7 +248,7 @@ def test_names_cover_every_parameter_and_refusals():
     hf = to_hf_state_dict({k: v for k, v in sd.items() if "expert_bias" not in k}, no_bias)
     assert not hf["model.layers.1.mlp.gate.e_score_correction_bias"].any()
     softmax = arch.model_copy(update={"moe": arch.moe.model_copy(update={"score_func": "softmax"})})
-    assert "sigmoid" in hf_export_supported(softmax)
+    assert "DeepseekV2ForCausalLM routes softmax top-k unnormalised" in hf_export_supported(softmax)  # with V3's bias
     unshared = arch.model_copy(update={"moe": arch.moe.model_copy(update={"num_shared_experts": 0})})
     assert "shared experts" in hf_export_supported(unshared)
 

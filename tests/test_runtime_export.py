@@ -108,8 +108,10 @@ def test_export_matches_independent_hf_forward(tmp_path, kw, cls):
 def test_export_refuses_unsupported():
     mla = MLA(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)
     assert hf_export_supported(Architecture(**BASE, mla=mla)) is None  # DeepseekV3ForCausalLM (test_hf_deepseek)
-    arch = Architecture(**BASE, mla=mla, moe=MoE(num_experts=4, top_k=2, num_shared_experts=1))  # softmax router
-    assert "sigmoid" in hf_export_supported(arch)
+    arch = Architecture(**BASE, mla=mla, moe=MoE(num_experts=4, top_k=2, num_shared_experts=1))  # softmax router,
+    assert "DeepseekV2ForCausalLM routes softmax top-k unnormalised" in hf_export_supported(arch)  # renormalised
+    assert hf_export_supported(arch.model_copy(update={"moe": arch.moe.model_copy(update={"route_norm": False})})) \
+        is None  # DeepSeek-V2's
     with pytest.raises(ValueError, match="cannot export"):
         export_hf({}, arch, "/nonexistent")
     ds_moe = Architecture(**BASE, moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, score_func="sigmoid"))

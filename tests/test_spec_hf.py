@@ -15,7 +15,7 @@ CONFIGS = sorted(HF.glob("*.json"))
 
 REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
             "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "olmo2-7b", "olmo3-7b", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b", "gemma2-2b", "gemma2-9b",
-            "gemma2-27b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
+            "gemma2-27b", "deepseek-v2-lite", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
             "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "tiny", "tiny-moe"]
 
 
@@ -96,7 +96,8 @@ def test_preset_params_match_published_totals():
 
 #: config.json model_type -> the prefix of transformers' config / model classes
 _HF_CLASSES = {"qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "phi3": "Phi3", "smollm3": "SmolLM3", "olmo2": "Olmo2",
-               "olmo3": "Olmo3", "gemma3_text": ("Gemma3", "Gemma3Text"), "gemma2": "Gemma2"}
+               "olmo3": "Olmo3", "gemma3_text": ("Gemma3", "Gemma3Text"), "gemma2": "Gemma2",
+               "deepseek_v2": "DeepseekV2"}
 
 
 def _meta_model(name: str):
@@ -308,6 +309,29 @@ def test_gemma2_defaults_and_refusals():
                                      "attn_logit_softcapping": "x"})
     assert sorted(m.split("'")[1] for m in e.value.messages) == [
         "attention_bias", "attn_logit_softcapping", "use_bidirectional_attention"]
+
+
+def test_deepseek_v2_lite_count_routing_and_refusals():
+    """transformers' own DeepseekV2ForCausalLM (meta device) for deepseek-ai/DeepSeek-V2-Lite's config has llmc's
+    parameter count, 15,706,484,224 (the model page's 15.7B: MLA with a full-rank q, 64 routed experts of 1408 and 2
+    shared, the first layer dense); its router is softmax top-6 unnormalised (DeepseekV2TopkRouter never reads
+    norm_topk_prob), no bias, and its YaRN keeps DeepSeek's mscale keys. Group-limited routing (a group scored by its
+    best expert), a sparse step, norm_topk_prob true and sigmoid scoring are refused, each named."""
+    from llmc.compiler.params import params_total
+    from llmc.spec.families import family_of
+
+    cfg, model = _meta_model("deepseek-v2-lite")
+    arch = architecture_from_hf_config(cfg)
+    assert params_total(arch) == _numel(model) == 15_706_484_224
+    m, rs = arch.moe, arch.rope_scaling
+    assert (m.score_func, m.route_norm, m.expert_bias, m.n_expert_groups, m.top_k, family_of(arch).name) == (
+        "softmax", False, False, None, 6, "deepseek_v2")
+    assert (rs.type, rs.factor, rs.mscale, rs.mscale_all_dim, arch.mla.q_lora_rank) == ("yarn", 40.0, 0.707, 0.707, None)
+    with pytest.raises(HFConfigError) as e:
+        architecture_from_hf_config({**cfg, "topk_method": "group_limited_greedy", "moe_layer_freq": 2,
+                                     "norm_topk_prob": True, "scoring_func": "sigmoid"})
+    assert [x.split("'")[1] for x in e.value.messages] == ["topk_method", "moe_layer_freq", "norm_topk_prob",
+                                                           "scoring_func"]
 
 
 def test_olmo3_layer_kinds_defaults_and_refusals():

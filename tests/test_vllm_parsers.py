@@ -269,6 +269,15 @@ def model_exports(tmp_path_factory) -> tuple[dict, dict]:
         "MixtralForCausalLM": Architecture(name="mixtral", **base, moe=MoE(num_experts=3, top_k=2)),
         "Qwen3MoeForCausalLM": Architecture(name="qwen3moe", **{**base, "n_layers": 3, "head_dim": 16}, qk_norm=True,
                                             moe=MoE(num_experts=4, top_k=2, expert_d_ff=24, dense_layers=1)),
+        # DeepSeek-V2(-Lite): softmax-routed experts, unnormalised, full-rank q, DeepSeek's YaRN
+        "DeepseekV2ForCausalLM": Architecture(
+            name="deepseek2", n_layers=3, d_model=24, n_heads=3, d_ff=40, vocab_size=77, max_seq_len=64,
+            rope_theta=10000.0, norm_eps=1e-6,
+            rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_position=16, mscale=0.707,
+                                     mscale_all_dim=0.707),
+            mla=MLA(q_lora_rank=None, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6),
+            moe=MoE(num_experts=4, top_k=2, num_shared_experts=2, expert_d_ff=20, dense_layers=1,
+                    route_norm=False)),
         "DeepseekV3ForCausalLM": Architecture(
             name="deepseek", n_layers=3, d_model=24, n_heads=3, d_ff=40, vocab_size=77, max_seq_len=64,
             rope_theta=10000.0, norm_eps=1e-6,

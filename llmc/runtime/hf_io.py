@@ -148,11 +148,19 @@ def _heads_permuted(w: torch.Tensor, n_heads: int, rotary: int | None,
 
 
 def _deepseek_supported(arch) -> str | None:
-    """None when an MLA architecture maps onto ``DeepseekV3ForCausalLM``, else the reason."""
+    """None when an MLA architecture maps onto ``DeepseekV3ForCausalLM`` (sigmoid-routed experts, or dense) or
+    ``DeepseekV2ForCausalLM`` (softmax-routed: unnormalised, ungrouped, unbiased), else the reason."""
     if arch.qkv_bias:
         return "MLA with q/k/v biases has no DeepseekV3ForCausalLM equivalent (attention_bias adds o_proj bias too)"
     m = arch.moe
     if m is None:
+        return None
+    if m.score_func == "softmax":  # DeepseekV2TopkRouter (transformers modeling_deepseek_v2.py)
+        if m.route_norm or m.n_expert_groups or m.expert_bias or m.router_bias:
+            return ("DeepseekV2ForCausalLM routes softmax top-k unnormalised, without groups or biases (route_norm: "
+                    "false; no n_expert_groups, expert_bias, router_bias)")
+        if not m.num_shared_experts:
+            return "DeepseekV2ForCausalLM always has shared experts (num_shared_experts >= 1)"
         return None
     if m.score_func != "sigmoid":
         return "DeepseekV3ForCausalLM routes with sigmoid scores only (score_func: sigmoid)"
@@ -318,7 +326,7 @@ def hf_zero_extras(arch) -> dict[str, tuple[str, int]]:
     torchtitan checkpoint may still carry it under, length). Loading requires zeros; the export writes zeros
     unless the state dict has the tensor (torchtitan balances with a bias whenever aux_loss_coef > 0)."""
     m = arch.moe
-    if arch.mla is None or m is None or m.expert_bias:
+    if arch.mla is None or m is None or m.expert_bias or family_of(arch).name != "deepseek_v3":
         return {}
     return {f"model.layers.{i}.mlp.gate.e_score_correction_bias": (f"layers.{i}.moe.expert_bias", m.num_experts)
             for i in range(m.dense_layers, arch.n_layers)}
@@ -441,7 +449,7 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
         theirs = architecture_from_hf_config(cfg)
     except Exception as e:
         raise HFError(f"{where}/config.json: {e}") from None
-    if cfg.get("model_type") == "deepseek_v3" and (problems := _deepseek_config_problems(cfg)):
+    if cfg.get("model_type") in ("deepseek_v3", "deepseek_v2") and (problems := _deepseek_config_problems(cfg)):
         raise HFError(f"{where}/config.json: cannot load this DeepSeek-V3 checkpoint: {'; '.join(problems)}")
     bad = []
     # MLA: K and V have n_heads heads whatever n_kv_heads says (DeepseekV3Config writes num_key_value_heads =
@@ -480,12 +488,12 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
 
 
 def _deepseek_config_problems(cfg: dict) -> list[str]:
-    """What in a DeepSeek-V3 config.json llmc's model does not compute the way ``DeepseekV3ForCausalLM`` does."""
+    """What in a DeepSeek-V3 / V2 config.json llmc's model does not compute the way transformers' class does."""
     bad = []
     if cfg.get("quantization_config"):
         bad.append(f"quantized weights ({cfg['quantization_config'].get('quant_method', '?')}) are not read; "
                    f"give a bf16/fp32 checkpoint")
-    if cfg.get("scoring_func", "sigmoid") != "sigmoid":
+    if cfg.get("model_type") == "deepseek_v3" and cfg.get("scoring_func", "sigmoid") != "sigmoid":
         bad.append(f"scoring_func {cfg['scoring_func']!r}: DeepseekV3ForCausalLM routes with sigmoid")
     return bad
 
@@ -806,7 +814,8 @@ def _rope_scaling_config(arch) -> dict[str, Any] | None:
 
 
 def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id) -> dict[str, Any]:
-    """``DeepseekV3Config`` keys (transformers ``configuration_deepseek_v3.py``; DeepSeek-V3's config.json names).
+    """``DeepseekV3Config`` / ``DeepseekV2Config`` keys (transformers ``configuration_deepseek_v3/2.py``; DeepSeek's
+    config.json names).
 
     A dense MLA model is written with ``first_k_dense_replace`` = all layers and ``n_routed_experts`` 0.
     ``head_dim`` is the rope head dim, as DeepseekV3Config sets it (its rotary embedding reads it);
@@ -832,7 +841,11 @@ def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id) -> dict[
                    n_shared_experts=a.num_shared_experts, moe_intermediate_size=a.expert_d_ff or arch.d_ff,
                    num_experts_per_tok=a.top_k, routed_scaling_factor=a.route_scale,
                    n_group=a.n_expert_groups or 1, topk_group=a.n_limited_groups or 1, norm_topk_prob=a.route_norm,
-                   scoring_func="sigmoid", topk_method="noaux_tc", aux_loss_alpha=a.aux_loss_coef)
+                   aux_loss_alpha=a.aux_loss_coef)
+        if mtype == "deepseek_v3":  # sigmoid scores with the selection bias
+            cfg.update(scoring_func="sigmoid", topk_method="noaux_tc")
+        else:  # DeepseekV2Config: softmax, plain top-k, every layer after the dense ones sparse
+            cfg.update(scoring_func="softmax", topk_method="greedy", moe_layer_freq=1)
     scaling = _rope_scaling_config(arch)
     if scaling is not None:
         cfg["rope_scaling"] = scaling

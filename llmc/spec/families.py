@@ -17,6 +17,8 @@ Sources:
     (§2, Table 2): 128 experts, 8 activated, no shared experts, global-batch load balancing)
   * Mixtral: Jiang et al. 2024 (arXiv:2401.04088 §2: 8 experts, top-2)
   * DeepSeek-V3: DeepSeek-AI 2024 (arXiv:2412.19437 §2.1: MLA + DeepSeekMoE)
+  * DeepSeek-V2: DeepSeek-AI 2024 (arXiv:2405.04434 §2: MLA, DeepSeekMoE with softmax gates, top-k unnormalised;
+    transformers modeling_deepseek_v2.py)
   * Phi-3 / Phi-4: Abdin et al. 2024 (arXiv:2404.14219, arXiv:2412.08905): Llama-style blocks (RMSNorm, SwiGLU, RoPE,
     GQA for Phi-4); the checkpoints fuse qkv_proj and gate_up_proj (transformers modeling_phi3.py); Phi-4-mini rotates
     0.75 of each head (partial_rotary_factor)
@@ -34,7 +36,7 @@ Sources:
   * Gemma 2: Gemma Team 2024, "Gemma 2: Improving Open Language Models at a Practical Size" (arXiv:2408.00118 sec. 2,
     Table 1): Gemma 3's block without q / k norms, a 4096 window in every other layer, logit soft-capping (attention
     50, final 30; transformers modeling_gemma2.py)
-  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,smollm3,olmo2,olmo3,gemma2,gemma3,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v3}
+  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,smollm3,olmo2,olmo3,gemma2,gemma3,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v2,deepseek_v3}
   * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
 """
 
@@ -123,6 +125,11 @@ FAMILIES: dict[str, Family] = {
                      GEMMA_SPECIALS),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
     "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),
+    # MLA with softmax-routed experts, the picked scores unnormalised, no bias (DeepSeek-V2 / V2-Lite,
+    # DeepSeek-Coder-V2): torchtitan's deepseek_v3 module builds it (its router takes softmax scores), but its
+    # DeepSeekV3StateDictAdapter is V3's (X310 for a V2 checkpoint)
+    "deepseek_v2": Family("deepseek_v2", ("deepseek_v2",), "DeepseekV2ForCausalLM", "mla", True, False,
+                          "deepseek_v3", ("deepseekv2",)),
     "deepseek_v3": Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", "mla", True, False,
                           "deepseek_v3", ("deepseek",), torchtitan_hf=True),
 }
@@ -136,12 +143,12 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES
 
 
 def family_of(arch: Architecture) -> Family:
-    """The family an architecture's switches select: MLA -> deepseek_v3, MoE -> qwen3_moe with q/k norms, else
+    """The family an architecture's switches select: MLA -> deepseek_v3 (deepseek_v2 with softmax-routed experts), MoE -> qwen3_moe with q/k norms, else
     mixtral, post-norm blocks -> olmo2 (olmo3 with a sliding window), sandwich norms -> gemma3 (gemma2 without q/k norms), q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
     sliding window -> mistral, NoPE layers -> smollm3, else llama (the spec refuses q/k norms with MLA: M006;
     multipliers combine with none of these: M010; NoPE layers neither: M012; OLMo 2's block: M013)."""
-    if arch.mla is not None:
-        return FAMILIES["deepseek_v3"]
+    if arch.mla is not None:  # softmax-routed experts: DeepSeek-V2's MoE; sigmoid (or dense): V3's
+        return FAMILIES["deepseek_v2" if arch.moe is not None and arch.moe.score_func == "softmax" else "deepseek_v3"]
     if arch.moe is not None:
         return FAMILIES["qwen3_moe" if arch.qk_norm else "mixtral"]
     if arch.norm_placement == "post":

@@ -1,7 +1,8 @@
 """Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
 
 Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``, ``phi3``,
-``granite``, ``smollm3``, ``olmo2``, ``olmo3``, ``gemma2``, ``gemma3_text``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
+``granite``, ``smollm3``, ``olmo2``, ``olmo3``, ``gemma2``, ``gemma3_text``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v2``,
+``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
 =============================  =====================================
@@ -52,7 +53,11 @@ router_aux_loss_coef           decoder_sparse_step != 1 refused; norm_topk_prob 
 n_routed_experts, ...          moe.* and mla.* (deepseek_v3; routed_scaling_factor, n_group, topk_group ->
                                moe.route_scale, n_expert_groups, n_limited_groups; topk_method noaux_tc or
                                absent -> moe.expert_bias, as transformers' DeepseekV3TopkRouter always adds
-                               e_score_correction_bias; norm_topk_prob -> moe.route_norm, absent: true)
+                               e_score_correction_bias; norm_topk_prob -> moe.route_norm, absent: true;
+                               deepseek_v2: softmax, route_norm false, no expert bias; group-limited routing,
+                               moe_layer_freq != 1, norm_topk_prob true refused)
+rope_scaling mscale,           rope_scaling.mscale / mscale_all_dim (DeepSeek's YaRN)
+mscale_all_dim
 =============================  =====================================
 """
 
@@ -354,6 +359,24 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> No
             )
 
 
+def _deepseek_v2(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    """transformers ``DeepseekV2Config`` (DeepSeek-V2-Lite, DeepSeek-Coder-V2-Lite): V3's MLA, and experts routed by a
+    softmax over all of them whose top-k scores mix unnormalised (``DeepseekV2TopkRouter``: norm_topk_prob is never
+    read, so a config saying true is refused as ambiguous), times routed_scaling_factor, no bias. Group-limited
+    routing (``topk_method: group_limited_greedy``, DeepSeek-V2's 236B: a group scored by its best expert) and a
+    sparse step (``moe_layer_freq`` != 1) are refused."""
+    for key, ok, why in (("topk_method", ("greedy", None), "group-limited routing scores a group by its best expert; "
+                                                          "llmc's groups by their two best (DeepSeek-V3)"),
+                         ("moe_layer_freq", (1, None), "llmc's dense layers are the first N, every later one sparse"),
+                         ("norm_topk_prob", (False, None), "DeepseekV2ForCausalLM never renormalises the top-k "
+                                                           "weights whatever it says"),
+                         ("scoring_func", ("softmax", None), "DeepseekV2ForCausalLM routes with softmax")):
+        if cfg.get(key) not in ok:
+            errs.append(f"config.json {key!r} {_short(cfg.get(key))} is not supported for deepseek_v2 ({why})")
+    _deepseek_v3({**cfg, "scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+                  "norm_topk_prob": False}, kw, errs)
+
+
 def _granite(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
     """transformers ``GraniteConfig``: a Llama block with muP multipliers (``modeling_granite.py``: embeddings x
     embedding_multiplier, each attention / MLP output x residual_multiplier, softmax scale attention_multiplier,
@@ -530,7 +553,8 @@ def _gemma(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, every: i
 
 #: family name -> the hook that reads its extra config keys
 _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
-    "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "granite": _granite,
+    "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "deepseek_v2": _deepseek_v2,
+    "granite": _granite,
     "smollm3": _smollm3, "olmo2": _olmo2, "olmo3": _olmo3, "gemma3": _gemma3, "gemma2": _gemma2,
 }
 #: model_type -> the hook for a type imported by a family that also imports others (phi3 through llama)

@@ -12,6 +12,7 @@ Qwen3 (transformers' own count; the model cards round): 8B 8,190,735,360; 0.6B 5
 3,821,079,552; Phi-4 14,659,507,200. OLMo 2-7B 7,298,617,344; OLMo 3-7B 7,298,011,136 (the Hub's count); Gemma 3 (transformers' counts; 4B and 27B: the language model
 of the image-text release) 1B 999,885,952, 4B 3,880,263,168, 12B 11,766,034,176, 27B 27,009,346,304; Gemma 2
 (transformers' counts, the model pages' 2.61B / 9.24B / 27.2B) 2B 2,614,341,888, 9B 9,241,705,984, 27B 27,227,128,320.
+DeepSeek-V2-Lite 15,706,484,224 (transformers' count; the model page's 15.7B).
 """
 
 from __future__ import annotations
@@ -213,6 +214,18 @@ PRESETS: dict[str, Architecture] = {
                 aux_loss_coef=0.001, score_func="sigmoid", expert_bias=True,
                 route_scale=2.5, n_expert_groups=8, n_limited_groups=4),
         mla=MLA(q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128),
+    ),
+    # https://huggingface.co/deepseek-ai/DeepSeek-V2-Lite/blob/main/config.json (DeepseekV2ForCausalLM: MLA with a
+    # full-rank q, 64 softmax-routed experts of width 1408 + 2 shared, top-6 unnormalised, the first layer dense; YaRN
+    # x40 from 4096 with mscale = mscale_all_dim = 0.707; 15,706,484,224 parameters = transformers' count)
+    "deepseek-v2-lite": _arch(
+        "deepseek-v2-lite", n_layers=27, d_model=2048, n_heads=16, n_kv_heads=16, head_dim=192, d_ff=10944,
+        vocab_size=102400, rope_theta=10000.0, norm_eps=1e-6, max_seq_len=163840,
+        rope_scaling=RopeScaling(type="yarn", factor=40.0, original_max_position=4096, beta_fast=32.0,
+                                 beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707),
+        moe=MoE(num_experts=64, top_k=6, num_shared_experts=2, expert_d_ff=1408, dense_layers=1,
+                aux_loss_coef=0.001, score_func="softmax", route_norm=False),
+        mla=MLA(q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128),
     ),
     # llmc's own CPU model (1.31M params): small enough to train visibly on 2 cores in minutes.
     "tiny": _arch(
