@@ -74,6 +74,10 @@ def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: in
                                            "final_logit_softcapping": 1.5, "pad_token_id": 0, "bos_token_id": 1,
                                            "eos_token_id": 2, **over})
         model = transformers.Gemma2ForCausalLM(cfg)
+    elif kind == "olmoe":  # a pre-norm block, q / k norms over the whole projections, 4 experts top-2 unnormalised
+        cfg = transformers.OlmoeConfig(**{**TINY, "num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 40,
+                                          "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **over})
+        model = transformers.OlmoeForCausalLM(cfg)
     elif kind == "gemma3_mm":  # Gemma 3-4B and up: an image-text model (a tiny SigLIP encoder) around the language model
         text = {**TINY, "num_hidden_layers": 3, "head_dim": 16, "layer_types": [
             "sliding_attention", "full_attention", "sliding_attention"], "sliding_window": 5, **over}
@@ -123,6 +127,7 @@ def arch_of(path: Path):
                                        ("qwen3", {"head_dim": 16}), ("mixtral", {}),
                                        ("qwen3_moe", {"head_dim": 16, "mlp_only_layers": [0]}),
                                        ("qwen3_moe", {"head_dim": 16, "norm_topk_prob": False}), ("phi3", {}),
+                                       ("olmoe", {}), ("olmoe", {"norm_topk_prob": True}),
                                        ("granite", {"tie_word_embeddings": True}),
                                        # sliding windows shorter than the 17 tokens: each query sees its last 5
                                        ("mistral", {"sliding_window": 5}), ("phi3", {"sliding_window": 5}),
@@ -162,7 +167,8 @@ def test_load_gives_transformers_logits(tmp_path, kind, over):
                                                   "max_window_layers": 0}),
                                        ("smollm3", {"no_rope_layers": [0, 1, 0]}), ("olmo2", {}),
                                        ("olmo3", {"layer_types": ["full_attention", "sliding_attention"] * 2,
-                                                  "num_hidden_layers": 4}), ("gemma3", {}), ("gemma2", {})])
+                                                  "num_hidden_layers": 4}), ("gemma3", {}), ("gemma2", {}),
+                                       ("olmoe", {})])
 def test_export_loads_in_transformers_with_our_logits(tmp_path, kind, over):
     src = make_hf(tmp_path, kind, **over)
     arch = arch_of(src)

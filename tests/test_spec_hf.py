@@ -15,7 +15,7 @@ CONFIGS = sorted(HF.glob("*.json"))
 
 REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
             "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "olmo2-7b", "olmo3-7b", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b", "gemma2-2b", "gemma2-9b",
-            "gemma2-27b", "deepseek-v2-lite", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
+            "gemma2-27b", "deepseek-v2-lite", "olmoe-1b-7b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
             "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "tiny", "tiny-moe"]
 
 
@@ -97,7 +97,7 @@ def test_preset_params_match_published_totals():
 #: config.json model_type -> the prefix of transformers' config / model classes
 _HF_CLASSES = {"qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "phi3": "Phi3", "smollm3": "SmolLM3", "olmo2": "Olmo2",
                "olmo3": "Olmo3", "gemma3_text": ("Gemma3", "Gemma3Text"), "gemma2": "Gemma2",
-               "deepseek_v2": "DeepseekV2"}
+               "deepseek_v2": "DeepseekV2", "olmoe": "Olmoe"}
 
 
 def _meta_model(name: str):
@@ -332,6 +332,24 @@ def test_deepseek_v2_lite_count_routing_and_refusals():
                                      "norm_topk_prob": True, "scoring_func": "sigmoid"})
     assert [x.split("'")[1] for x in e.value.messages] == ["topk_method", "moe_layer_freq", "norm_topk_prob",
                                                            "scoring_func"]
+
+
+def test_olmoe_count_block_and_refusals():
+    """transformers' own OlmoeForCausalLM (meta device) for allenai/OLMoE-1B-7B-0924's config has llmc's parameter
+    count, 6,919,161,856 (the paper's 6.9B total, 1.3B active: arXiv:2409.02060): a pre-norm block with q / k norms
+    over the whole projections (2048 + 2048 weights a layer) and 64 experts of 1024 in every layer, top-8
+    unnormalised (norm_topk_prob false); clip_qkv and attention_bias are refused, each named."""
+    from llmc.compiler.params import params_active, params_total
+    from llmc.spec.families import family_of
+
+    cfg, model = _meta_model("olmoe-1b-7b")
+    arch = architecture_from_hf_config(cfg)
+    assert params_total(arch) == _numel(model) == 6_919_161_856 and round(params_active(arch) / 1e9, 1) == 1.3
+    assert (arch.norm_placement, arch.qk_norm_scope, arch.moe.route_norm, arch.moe.top_k, family_of(arch).name) == (
+        "pre", "projection", False, 8, "olmoe")
+    with pytest.raises(HFConfigError) as e:
+        architecture_from_hf_config({**cfg, "attention_bias": True, "clip_qkv": 8.0})
+    assert [x.split("'")[1] for x in e.value.messages] == ["attention_bias", "clip_qkv"]
 
 
 def test_olmo3_layer_kinds_defaults_and_refusals():

@@ -470,9 +470,10 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
                             "by 1 + weight, GeGLU, embeddings x sqrt(d_model); Gemma 2's logit soft-capping)",
                             "build with training.backend native or deepspeed"))
     if arch.norm_placement == "post" or arch.qk_norm_scope == "projection":
-        out.append(ModelGap("X317", "model.norm_placement",
-                            f"torchtitan {v} has no OLMo 2 block (norms on the attention / MLP outputs, q / k norms "
-                            "over the whole projections)", "build with training.backend native or deepspeed"))
+        what = ("no OLMo 2 block (norms on the attention / MLP outputs, q / k norms over the whole projections)"
+                if arch.norm_placement == "post" else "no q / k norms over the whole projections (OLMoE's block)")
+        out.append(ModelGap("X317", "model.norm_placement" if arch.norm_placement == "post" else "model.qk_norm_scope",
+                            f"torchtitan {v} has {what}", "build with training.backend native or deepspeed"))
     if arch.moe is not None and arch.moe.router_bias:
         out.append(ModelGap("X309", "model.moe.router_bias",
                             "a bias on the router gate linear is not emitted by llmc's torchtitan target",

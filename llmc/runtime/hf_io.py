@@ -193,16 +193,18 @@ def hf_export_supported(arch) -> str | None:
     m = arch.moe
     if m is None:
         return None
-    # MixtralForCausalLM, or with q/k norms Qwen3MoeForCausalLM: both route softmax top-k, renormalised
-    cls = "Qwen3-MoE" if arch.qk_norm else "Mixtral"
+    # MixtralForCausalLM, with per-head q/k norms Qwen3MoeForCausalLM, with q/k norms over the projections
+    # OlmoeForCausalLM: all route softmax top-k (Mixtral renormalised, the others either way)
+    fam = family_of(arch).name
+    cls = {"qwen3_moe": "Qwen3-MoE", "olmoe": "OLMoE"}.get(fam, "Mixtral")
     if m.num_shared_experts or m.score_func != "softmax" or m.router_bias or m.expert_bias:
         return f"only {cls}-style MoE (softmax top-k, no shared experts, no router or expert bias) is exported"
     if m.route_scale != 1.0 or m.n_expert_groups:
         return f"DeepSeek-V3 routing (route_scale / expert groups) has no {cls} equivalent"
-    if not arch.qk_norm and (m.dense_layers or (m.expert_d_ff or arch.d_ff) != arch.d_ff):
-        return ("Mixtral has no dense layers and its experts are d_ff wide (Qwen3-MoE, the class with q/k norms, has "
-                "both)")
-    if not arch.qk_norm and not m.route_norm:
+    if fam != "qwen3_moe" and (m.dense_layers or (m.expert_d_ff or arch.d_ff) != arch.d_ff):
+        return (f"{cls} has no dense layers and its experts are d_ff wide (Qwen3-MoE, the class with per-head q/k "
+                "norms, has both)")
+    if fam == "mixtral" and not m.route_norm:
         return "Mixtral always renormalises the top-k weights (route_norm: true; Qwen3-MoE, with q/k norms, has both)"
     if arch.qkv_bias:
         return "MoE with q/k/v biases has no Hugging Face model class here"
@@ -766,7 +768,13 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
         cfg.update(attention_bias=arch.qkv_bias)
     if mtype in ("qwen2", "qwen3", "qwen3_moe"):  # their configs window the layers from max_window_layers on: all
         cfg.update(use_sliding_window=bool(w), sliding_window=w, max_window_layers=0 if w else arch.n_layers)
-    if mtype == "qwen3_moe":  # Qwen3MoeConfig (transformers configuration_qwen3_moe.py): the first layers dense
+    if mtype == "olmoe":  # OlmoeConfig (transformers configuration_olmoe.py): every layer sparse, experts of
+        # intermediate_size; its default pad id 1 would make token 1's embedding row a padding_idx (no gradient)
+        m = arch.moe
+        cfg.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, norm_topk_prob=m.route_norm,
+                   router_aux_loss_coef=m.aux_loss_coef, output_router_logits=False, clip_qkv=None,
+                   attention_bias=False, pad_token_id=None)
+    elif mtype == "qwen3_moe":  # Qwen3MoeConfig (transformers configuration_qwen3_moe.py): the first layers dense
         m = arch.moe
         cfg.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_d_ff or arch.d_ff,
                    norm_topk_prob=m.route_norm, decoder_sparse_step=1, mlp_only_layers=list(range(m.dense_layers)),

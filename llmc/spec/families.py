@@ -123,6 +123,10 @@ FAMILIES: dict[str, Family] = {
     # tokenizer has the same turn markers (https://huggingface.co/google/gemma-2-2b-it/blob/main/tokenizer_config.json)
     "gemma2": Family("gemma2", ("gemma2",), "Gemma2ForCausalLM", "gqa", False, False, "llama3", ("gemma2",),
                      GEMMA_SPECIALS),
+    # a pre-norm block with OLMo 2's q / k norms over the whole projections and softmax-routed experts, top-k
+    # unnormalised (OLMoE-1B-7B: Muennighoff et al. 2024, arXiv:2409.02060): no torchtitan 0.3.0 model has those
+    # norms (X317)
+    "olmoe": Family("olmoe", ("olmoe",), "OlmoeForCausalLM", "gqa", True, False, "qwen3", ("olmoe",), qk_norm=True),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
     "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),
     # MLA with softmax-routed experts, the picked scores unnormalised, no bias (DeepSeek-V2 / V2-Lite,
@@ -144,12 +148,14 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES
 
 def family_of(arch: Architecture) -> Family:
     """The family an architecture's switches select: MLA -> deepseek_v3 (deepseek_v2 with softmax-routed experts), MoE -> qwen3_moe with q/k norms, else
-    mixtral, post-norm blocks -> olmo2 (olmo3 with a sliding window), sandwich norms -> gemma3 (gemma2 without q/k norms), q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
+    mixtral (olmoe with q/k norms over the projections), post-norm blocks -> olmo2 (olmo3 with a sliding window), sandwich norms -> gemma3 (gemma2 without q/k norms), q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
     sliding window -> mistral, NoPE layers -> smollm3, else llama (the spec refuses q/k norms with MLA: M006;
     multipliers combine with none of these: M010; NoPE layers neither: M012; OLMo 2's block: M013)."""
     if arch.mla is not None:  # softmax-routed experts: DeepSeek-V2's MoE; sigmoid (or dense): V3's
         return FAMILIES["deepseek_v2" if arch.moe is not None and arch.moe.score_func == "softmax" else "deepseek_v3"]
     if arch.moe is not None:
+        if arch.qk_norm and arch.qk_norm_scope == "projection":
+            return FAMILIES["olmoe"]
         return FAMILIES["qwen3_moe" if arch.qk_norm else "mixtral"]
     if arch.norm_placement == "post":
         return FAMILIES["olmo3" if arch.sliding_window is not None else "olmo2"]

@@ -1,7 +1,7 @@
 """Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
 
 Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``, ``phi3``,
-``granite``, ``smollm3``, ``olmo2``, ``olmo3``, ``gemma2``, ``gemma3_text``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v2``,
+``granite``, ``smollm3``, ``olmo2``, ``olmo3``, ``olmoe``, ``gemma2``, ``gemma3_text``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v2``,
 ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
@@ -38,6 +38,9 @@ rope_theta / rope_scaling      rope_theta / rope_scaling: llama3, yarn, linear, 
 partial_rotary_factor (phi3)   rotary_dim = int(head_dim x factor) when below 1 (Phi-4-mini 0.75: 96 of 128)
 (model_type olmo2)             qk_norm over the projections, norm_placement post (OLMo 2's block); attention_bias
                                true refused
+(model_type olmoe)             qk_norm over the projections in a pre-norm block; num_experts, num_experts_per_tok,
+                               router_aux_loss_coef, norm_topk_prob -> moe (experts intermediate_size wide);
+                               attention_bias / clip_qkv refused
 no_rope_layers (smollm3)       nope_layers: the layers flagged 0 (absent: every no_rope_layer_interval-th, default
                                4); attention_bias / mlp_bias / use_sliding_window true refused
 embedding_multiplier, ...      multipliers.embedding / residual / attention / logits (granite: *_multiplier,
@@ -439,6 +442,23 @@ def _olmo2(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
         kw["norm_eps"] = 1e-5
 
 
+def _olmoe(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    """transformers ``OlmoeConfig`` (modeling_olmoe.py): a pre-norm block whose q / k norms run over the whole
+    projections (``OlmoeAttention``), every layer sparse (``OlmoeSparseMoeBlock``: num_experts of width
+    intermediate_size, softmax top-k, renormalised only with norm_topk_prob, default false, no shared experts);
+    clip_qkv (clamping q / k / v) and attention_bias (o_proj too) are refused; RMSNorm epsilon absent = 1e-5."""
+    for key, what in (("attention_bias", "q/k/v and o_proj biases"), ("clip_qkv", "q / k / v clamped")):
+        if cfg.get(key) not in (None, False):
+            errs.append(f"config.json {key!r} {_short(cfg[key])} is not supported for olmoe ({what})")
+    kw.update(qkv_bias=False, qk_norm=True, qk_norm_scope="projection")
+    if cfg.get("rms_norm_eps") is None:
+        kw["norm_eps"] = 1e-5
+    moe = _each(errs, num_experts=lambda: _int(cfg, "num_experts"), top_k=lambda: _int(cfg, "num_experts_per_tok"),
+                aux_loss_coef=lambda: _float(cfg, "router_aux_loss_coef", 0.01))
+    if len(moe) == 3:
+        kw["moe"] = MoE(**moe, score_func="softmax", route_norm=cfg.get("norm_topk_prob", False) is True)
+
+
 def _olmo3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
     """transformers ``Olmo3Config`` (configuration_olmo3.py): OLMo 2's block; ``layer_types`` absent = a window in
     every layer but each 4th ((i + 1) % 4 == 0: full attention), ``sliding_window`` absent = 4096, RoPE base absent =
@@ -555,7 +575,7 @@ def _gemma(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, every: i
 _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
     "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "deepseek_v2": _deepseek_v2,
     "granite": _granite,
-    "smollm3": _smollm3, "olmo2": _olmo2, "olmo3": _olmo3, "gemma3": _gemma3, "gemma2": _gemma2,
+    "smollm3": _smollm3, "olmo2": _olmo2, "olmo3": _olmo3, "olmoe": _olmoe, "gemma3": _gemma3, "gemma2": _gemma2,
 }
 #: model_type -> the hook for a type imported by a family that also imports others (phi3 through llama)
 _TYPE_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {"phi3": _phi3}

@@ -29,7 +29,9 @@ M011    sliding_window on an MLA model (windows are modelled on GQA models)
 M012    nope_layers: a layer outside 0..n_layers-1 or listed twice / out of order, or with MLA, experts, q/k/v
         biases, q/k norms, partial RoPE, multipliers or a sliding window (NoPE is modelled on SmolLM3's block)
 M013    norm_placement post / qk_norm_scope projection apart from OLMo 2's block (both, with qk_norm, and none of
-        experts, q/k/v biases, partial RoPE or multipliers; OLMo 3 is OLMo 2's block with a sliding window)
+        experts, q/k/v biases, partial RoPE or multipliers; OLMo 3 is OLMo 2's block with a sliding window) or
+        OLMoE's (qk_norm_scope projection in a pre-norm block with experts, with qk_norm, without q/k/v biases,
+        partial RoPE or multipliers)
 M014    full_attention_layers: without sliding_window, a layer outside 0..n_layers-1 or listed twice / out of order,
         every layer listed, or apart from OLMo 3's and Gemma's blocks (where mixed windows are modelled);
         sliding_rope_theta without full_attention_layers
@@ -1042,7 +1044,16 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
                                     f"nope_layers with {', '.join(other)} is not modelled (NoPE layers are, on "
                                     "SmolLM3's plain Llama block)", f"remove {other[0]} or nope_layers"))
         olmo2 = (arch.norm_placement == "post", arch.qk_norm_scope == "projection")
-        if any(olmo2):
+        # OLMoE (arXiv:2409.02060): a pre-norm block with OLMo 2's q / k norms over the whole projections and experts
+        olmoe = arch.norm_placement == "pre" and arch.qk_norm_scope == "projection" and arch.moe is not None
+        if olmoe:
+            other = _switches_on(arch, "qkv_bias", "rotary_dim", "multipliers")
+            if not arch.qk_norm or other:
+                out.append(ctx.diag("M013", "model.qk_norm_scope", "OLMoE's block (pre-norm, experts, q / k norms over "
+                                    "the whole projections) needs qk_norm: true"
+                                    + (f" and none of {', '.join(other)}" if other else ""),
+                                    f"remove {other[0]}" if other else "set qk_norm: true"))
+        elif any(olmo2):
             where = "model.norm_placement" if olmo2[0] else "model.qk_norm_scope"
             # (with MLA: M006, with NoPE layers: M012, both about its q/k norms)
             other = _switches_on(arch, "moe", "qkv_bias", "rotary_dim", "multipliers")
@@ -1077,7 +1088,7 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
                                 "(it is the windowed layers' base where others attend fully)",
                                 "set rope_theta instead"))
         out += _gemma_block(arch, ctx)
-        if arch.multipliers is not None and not arch.nope_layers and not any(olmo2):
+        if arch.multipliers is not None and not arch.nope_layers and not any(olmo2) and not olmoe:
             other = _switches_on(arch, "qkv_bias", "qk_norm", "moe", "mla", "rotary_dim", "sliding_window")
             if other:
                 out.append(ctx.diag("M010", "model.multipliers",

@@ -12,7 +12,8 @@ Qwen3 (transformers' own count; the model cards round): 8B 8,190,735,360; 0.6B 5
 3,821,079,552; Phi-4 14,659,507,200. OLMo 2-7B 7,298,617,344; OLMo 3-7B 7,298,011,136 (the Hub's count); Gemma 3 (transformers' counts; 4B and 27B: the language model
 of the image-text release) 1B 999,885,952, 4B 3,880,263,168, 12B 11,766,034,176, 27B 27,009,346,304; Gemma 2
 (transformers' counts, the model pages' 2.61B / 9.24B / 27.2B) 2B 2,614,341,888, 9B 9,241,705,984, 27B 27,227,128,320.
-DeepSeek-V2-Lite 15,706,484,224 (transformers' count; the model page's 15.7B).
+DeepSeek-V2-Lite 15,706,484,224 (transformers' count; the model page's 15.7B); OLMoE-1B-7B 6,919,161,856
+(transformers' count; the paper's 6.9B).
 """
 
 from __future__ import annotations
@@ -226,6 +227,14 @@ PRESETS: dict[str, Architecture] = {
         moe=MoE(num_experts=64, top_k=6, num_shared_experts=2, expert_d_ff=1408, dense_layers=1,
                 aux_loss_coef=0.001, score_func="softmax", route_norm=False),
         mla=MLA(q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128),
+    ),
+    # https://huggingface.co/allenai/OLMoE-1B-7B-0924/blob/main/config.json (OlmoeForCausalLM: a pre-norm block with q / k
+    # norms over the whole projections, 64 experts of width 1024 in every layer, top-8 unnormalised; 6,919,161,856
+    # parameters = transformers' count, 1.28B active; Muennighoff et al. 2024, arXiv:2409.02060)
+    "olmoe-1b-7b": _arch(
+        "olmoe-1b-7b", n_layers=16, d_model=2048, n_heads=16, n_kv_heads=16, d_ff=1024, vocab_size=50304,
+        qk_norm=True, qk_norm_scope="projection", rope_theta=10000.0, norm_eps=1e-5, max_seq_len=4096,
+        moe=MoE(num_experts=64, top_k=8, aux_loss_coef=0.01, score_func="softmax", route_norm=False),
     ),
     # llmc's own CPU model (1.31M params): small enough to train visibly on 2 cores in minutes.
     "tiny": _arch(
