@@ -59,6 +59,20 @@ def _gemma2(name: str, n_layers: int, d_model: int, n_heads: int, n_kv_heads: in
         max_seq_len=8192, **kw)
 
 
+def _deepseek(name: str, n_layers: int, d_model: int, n_heads: int, d_ff: int, vocab_size: int, *,
+              q_lora_rank: int | None, mscale: float, moe: MoE) -> Architecture:
+    """DeepSeek-V2 / V3's shared shape (arXiv:2405.04434 sec. 2.1, arXiv:2412.19437 sec. 2.1): MLA with a 512-wide kv
+    latent, 128 + 64 q/k head dims (the 64 rotated) and 128 v dims, a 1e-6 norm epsilon, and DeepSeek's YaRN x40 from
+    4096 (163,840 positions) with mscale = mscale_all_dim (the temperature in the softmax, the rotation pure)."""
+    return Architecture(
+        name=name, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_heads, head_dim=192, d_ff=d_ff,
+        vocab_size=vocab_size, rope_theta=10000.0, norm_eps=1e-6, max_seq_len=163840,
+        rope_scaling=RopeScaling(type="yarn", factor=40.0, original_max_position=4096, beta_fast=32.0, beta_slow=1.0,
+                                 mscale=mscale, mscale_all_dim=mscale),
+        moe=moe,
+        mla=MLA(q_lora_rank=q_lora_rank, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128))
+
+
 PRESETS: dict[str, Architecture] = {
     # https://huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json
     "llama2-7b": _arch(
@@ -206,28 +220,18 @@ PRESETS: dict[str, Architecture] = {
     # Routing: routed_scaling_factor 2.5, n_group 8, topk_group 4 (config.json; node-limited routing, sec. 2.1.2).
     # YaRN rope_scaling: factor 40 from 4096, mscale = mscale_all_dim = 1.0 (the softmax scale times
     # (0.1 ln 40 + 1)^2, the rotation pure). The MTP module is not part of it.
-    "deepseek-v3": _arch(
-        "deepseek-v3", n_layers=61, d_model=7168, n_heads=128, n_kv_heads=128, head_dim=192, d_ff=18432,
-        vocab_size=129280, rope_theta=10000.0, norm_eps=1e-6, max_seq_len=163840,
-        rope_scaling=RopeScaling(type="yarn", factor=40.0, original_max_position=4096, beta_fast=32.0,
-                                 beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+    "deepseek-v3": _deepseek(
+        "deepseek-v3", 61, 7168, 128, 18432, 129280, q_lora_rank=1536, mscale=1.0,
         moe=MoE(num_experts=256, top_k=8, num_shared_experts=1, expert_d_ff=2048, dense_layers=3,
                 aux_loss_coef=0.001, score_func="sigmoid", expert_bias=True,
-                route_scale=2.5, n_expert_groups=8, n_limited_groups=4),
-        mla=MLA(q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128),
-    ),
+                route_scale=2.5, n_expert_groups=8, n_limited_groups=4)),
     # https://huggingface.co/deepseek-ai/DeepSeek-V2-Lite/blob/main/config.json (DeepseekV2ForCausalLM: MLA with a
     # full-rank q, 64 softmax-routed experts of width 1408 + 2 shared, top-6 unnormalised, the first layer dense; YaRN
     # x40 from 4096 with mscale = mscale_all_dim = 0.707; 15,706,484,224 parameters = transformers' count)
-    "deepseek-v2-lite": _arch(
-        "deepseek-v2-lite", n_layers=27, d_model=2048, n_heads=16, n_kv_heads=16, head_dim=192, d_ff=10944,
-        vocab_size=102400, rope_theta=10000.0, norm_eps=1e-6, max_seq_len=163840,
-        rope_scaling=RopeScaling(type="yarn", factor=40.0, original_max_position=4096, beta_fast=32.0,
-                                 beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707),
+    "deepseek-v2-lite": _deepseek(
+        "deepseek-v2-lite", 27, 2048, 16, 10944, 102400, q_lora_rank=None, mscale=0.707,
         moe=MoE(num_experts=64, top_k=6, num_shared_experts=2, expert_d_ff=1408, dense_layers=1,
-                aux_loss_coef=0.001, score_func="softmax", route_norm=False),
-        mla=MLA(q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128),
-    ),
+                aux_loss_coef=0.001, score_func="softmax", route_norm=False)),
     # https://huggingface.co/allenai/OLMoE-1B-7B-0924/blob/main/config.json (OlmoeForCausalLM: a pre-norm block with q / k
     # norms over the whole projections, 64 experts of width 1024 in every layer, top-8 unnormalised; 6,919,161,856
     # parameters = transformers' count, 1.28B active; Muennighoff et al. 2024, arXiv:2409.02060)
