@@ -184,8 +184,7 @@ def _rope_tail(w: torch.Tensor, blocks: int, r: int, fn: Callable[[torch.Tensor,
 
 
 def hf_export_supported(arch) -> str | None:
-    """None when the architecture maps onto an HF class here (Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, DeepSeek-V3,
-    Phi-3), else the reason."""
+    """None when the architecture maps onto an HF class here (:func:`hf_config` lists them), else the reason."""
     if arch.mla is not None:
         return _deepseek_supported(arch)
     if arch.partial_rotary and (arch.qkv_bias or arch.qk_norm or arch.moe):
@@ -714,8 +713,9 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
     Phi3ForCausalLM (partial RoPE), GraniteForCausalLM (muP multipliers), SmolLM3ForCausalLM (NoPE layers),
     Olmo2ForCausalLM (post-norm blocks), Olmo3ForCausalLM (post-norm blocks with a sliding window),
     Gemma3ForCausalLM / Gemma2ForCausalLM (sandwich-norm blocks, with / without q/k norms),
-    MistralForCausalLM (a sliding window), MixtralForCausalLM, Qwen3MoeForCausalLM
-    (MoE + q/k norms) or DeepseekV3ForCausalLM (MLA)."""
+    MistralForCausalLM (a sliding window), MixtralForCausalLM, Qwen3MoeForCausalLM (MoE + q/k norms),
+    OlmoeForCausalLM (MoE + q/k norms over the projections) or DeepseekV3ForCausalLM / DeepseekV2ForCausalLM (MLA;
+    sigmoid- / softmax-routed experts)."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
     cls, mtype = fam.hf_class, fam.hf_model_types[0]
     w = arch.sliding_window

@@ -253,7 +253,7 @@ def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float 
     it (modeling_gemma2.py ``eager_attention_forward``): scores = q k^T x scale, then cap x tanh(scores / cap), the
     mask added, softmax in fp32, cast back. q: (B, H, T, d); k, v: (B, K, S, d) (K < H: expanded first). No fused
     kernel takes a soft-cap, so the scores exist: autograd keeps tanh's output, the fp32 softmax and its cast per
-    score (llmc.compiler.memory.SOFTCAP_SCORE_BYTES). ``causal`` (S = T) without a ``mask``: :func:`window_mask`'s
+    score (llmc.compiler.memory.softcap_score_bytes). ``causal`` (S = T) without a ``mask``: :func:`window_mask`'s
     band as wide as the sequence, i.e. the causal mask (one cached tensor)."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
