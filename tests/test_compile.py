@@ -534,25 +534,27 @@ def test_gemma2_plans_its_soft_capped_scores():
     assert "logits soft-capped at 30" in text
 
 
-def test_a_yarn_long_context_stage_is_not_a_torchtitan_job():
-    """A long-context stage's YaRN (cos/sin times 0.1 ln(factor) + 1, transformers' and llmc's model) is not what
-    torchtitan's pure-rotation RoPE computes: pinned to torchtitan the stage's job is refused (X301, what `llmc build`
-    reports), and `auto` runs the pipeline on llmc's trainer instead of planning a torchtitan job the build would
-    refuse; Llama 3.1's rule (torchtitan's 'llama' scaling) stays a torchtitan job."""
-    from llmc.emit.torchtitan import torchtitan_diagnostics
+def test_a_yarn_long_context_stage_is_a_torchtitan_job_with_yarns_temperature():
+    """A long-context stage's YaRN (cos/sin times 0.1 ln(factor) + 1, transformers' and llmc's model) runs as the
+    stage's torchtitan job, whose TemperedRoPE puts that factor on torchtitan's pure rotation; a rule torchtitan's RoPE
+    lacks (linear) is refused at the stage, and `auto` then plans llmc's trainer instead of a job the build would
+    refuse."""
+    from llmc.emit.torchtitan import render_torchtitan, torchtitan_diagnostics
 
     stages = ("stages:\n  - {name: pre, kind: pretrain}\n"
               "  - {name: long, kind: long_context, init_from: pre, seq_len: 16384, rope_scaling: "
               "{type: %s, factor: 2, original_max_position: 8192}, data: {seq_len: 16384, tokens: 1e8}}\n")
-    for backend, rule, want in (("torchtitan", "yarn", "error"), ("auto", "yarn", "native"),
-                                ("auto", "llama3", "torchtitan")):
-        extra = (f"training: {{backend: {backend}}}\n" if backend != "auto" else "") + stages % rule
-        c = _compile(_spec("llama3-8b", count=8, seq=8192, tokens="1B", extra=extra))
-        if want == "error":
-            [d] = torchtitan_diagnostics(c)
-            assert (d.code, d.severity) == ("X301", "error") and "pure rotation" in d.message
-        else:
-            assert c.backend.name == want and not _codes(c, "error"), (rule, c.backend)
+    c = _compile(_spec("llama3-8b", count=8, seq=8192, tokens="1B", extra=stages % "yarn"))
+    assert c.backend.name == "torchtitan" and not _codes(c, "error") and torchtitan_diagnostics(c) == []
+    job = render_torchtitan(c)["torchtitan/llmc_job_stage1.py"]
+    assert "return TemperedRoPE.Config(" in job and "attention_factor=" in job
+    assert "TemperedRoPE" not in render_torchtitan(c)["torchtitan/llmc_job.py"]  # pre-training: no scaling
+    pinned = _compile(_spec("llama3-8b", count=8, seq=8192, tokens="1B",
+                            extra="training: {backend: torchtitan}\n" + stages % "linear"))
+    [d] = torchtitan_diagnostics(pinned)
+    assert (d.code, d.severity) == ("X301", "error") and "'linear'" in d.message
+    auto = _compile(_spec("llama3-8b", count=8, seq=8192, tokens="1B", extra=stages % "linear"))
+    assert auto.backend.name == "native" and not _codes(auto, "error")
 
 
 def test_a_stage_that_starts_from_no_weights_is_flagged():

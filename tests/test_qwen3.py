@@ -5,6 +5,7 @@ transformers in test_spec_hf.py)."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -66,8 +67,9 @@ def test_emitted_qwen3_30b_a3b_is_torchtitans_own_moe_model(tmp_path):
     assert sum(p.numel() for p in ours.parameters()) == params_total(c.spec.model) == 30_532_122_624
 
 
-@pytest.mark.parametrize("moe", ["", ", moe: {num_experts: 4, top_k: 2, expert_d_ff: 40, dense_layers: 1}"],
-                         ids=["dense", "moe"])
+@pytest.mark.parametrize("moe", ["", ", moe: {num_experts: 4, top_k: 2, expert_d_ff: 40, dense_layers: 1}",
+                                 ", rope_scaling: {type: yarn, factor: 4.0, original_max_position: 8}"],
+                         ids=["dense", "moe", "yarn"])
 def test_torchtitan_qwen3_forward_equals_llmcs_model(tmp_path, moe):
     """The emitted job's torchtitan model, given llmc's model's weights as a Hugging Face checkpoint holds them (llmc's
     export: HF names, q/k rows and norms in rotate_half order) read through the state-dict adapter the job names
@@ -76,7 +78,9 @@ def test_torchtitan_qwen3_forward_equals_llmcs_model(tmp_path, moe):
     experts (Qwen3-MoE, a dense first layer), the routing (softmax, top-k, renormalised) and the experts too. And the
     torchtitan state, renamed and permuted back as llmc's export of a torchtitan checkpoint does
     (``titan_state_to_llmc``), is llmc's state exactly. Norm weights are perturbed so a misplaced or missing norm,
-    or one left in the wrong order, changes the logits."""
+    or one left in the wrong order, changes the logits. With YaRN (x4 from 8 positions), the job's TemperedRoPE puts
+    its attention factor (0.1 ln 4 + 1) on cos / sin as llmc's model and transformers do; torchtitan's own pure
+    rotation would give other logits."""
     from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
 
     from llmc.runtime.hf_io import _TITAN_RENAMES, titan_state_to_llmc, to_hf_state_dict
@@ -114,6 +118,12 @@ def test_torchtitan_qwen3_forward_equals_llmcs_model(tmp_path, moe):
     tokens = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
     # torchtitan's grouped experts compute in bf16 (GroupedExperts.forward casts x and the weights): 3.0e-4 at most
     # here, where the top-k weights left unnormalised (route_norm False in the job) give 2.8e-2
-    tol = 3e-3 if moe else 1e-5
+    tol = 3e-3 if "moe" in moe else 1e-5
     with torch.no_grad():
         torch.testing.assert_close(titan(tokens), ref(tokens), rtol=1e-5, atol=tol)
+        if "yarn" in moe:  # the same job without the temperature: torchtitan's pure rotation, other logits
+            ropes = [m for m in titan.modules() if type(m).__name__ == "TemperedRoPE"]
+            assert ropes and ropes[0].config.attention_factor == pytest.approx(0.1 * math.log(4.0) + 1)
+            for rope in ropes:
+                rope.cache /= rope.config.attention_factor
+            assert (titan(tokens) - ref(tokens)).abs().max() > 1e-3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
+import math
 import sys
 from pathlib import Path
 
@@ -183,16 +184,21 @@ def test_unexpressible_architectures_give_diagnostics_not_modules():
     assert d.code == "X301" and "'longrope'" in d.message
     [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "rotary_dim": TINY["d_model"] // TINY["n_heads"] // 2}))
     assert (d.code, d.path) == ("X301", "model.rotary_dim")
-    # YaRN: torchtitan's rotation is pure, transformers' (and llmc's) cos/sin carry the attention factor, 0.1 ln(4) + 1
-    # here: refused; with it 1 (attention_factor 1, or DeepSeek's mscale = mscale_all_dim) the same model: rendered
+    # YaRN: torchtitan's rotation is pure, transformers' (and llmc's) cos/sin carry the attention factor (0.1 ln(4) + 1
+    # here; DeepSeek's m(mscale) / m(mscale_all_dim)): the job's TemperedRoPE scales its cache by it (test_qwen3 runs
+    # it against llmc's model); with the factor 1 (attention_factor 1, or mscale = mscale_all_dim) the plain RoPE
     yarn = {"type": "yarn", "factor": 4.0, "original_max_position": 64}
-    [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "rope_scaling": yarn}))
-    assert (d.code, d.path) == ("X301", "model.rope_scaling") and "pure rotation" in d.message
-    for pure in ({"attention_factor": 1.0}, {"mscale": 0.7, "mscale_all_dim": 0.7}):
-        assert torchtitan_diagnostics(compiled_for(model={**TINY, "rope_scaling": {**yarn, **pure}})) == []
-    [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "rope_scaling": {**yarn, "mscale": 1.0,
-                                                                             "mscale_all_dim": 0.7}}))
-    assert (d.code, d.path) == ("X301", "model.rope_scaling")
+    for extra, factor in (({}, 0.1 * math.log(4.0) + 1), ({"mscale": 1.0, "mscale_all_dim": 0.7},
+                                                          (0.1 * math.log(4.0) + 1) / (0.07 * math.log(4.0) + 1)),
+                          ({"attention_factor": 1.0}, None), ({"mscale": 0.7, "mscale_all_dim": 0.7}, None)):
+        c = compiled_for(model={**TINY, "rope_scaling": {**yarn, **extra}})
+        assert torchtitan_diagnostics(c) == []
+        src = render_torchtitan(c)["torchtitan/llmc_job.py"]
+        if factor is None:
+            assert "TemperedRoPE" not in src and "attention_factor=" not in src
+        else:
+            assert "return TemperedRoPE.Config(" in src
+            assert float(src.split("attention_factor=")[-1].split(",")[0]) == pytest.approx(factor, rel=1e-12)
     [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "multipliers": {"embedding": 12.0}}))
     assert (d.code, d.path) == ("X314", "model.multipliers")
     [d] = torchtitan_diagnostics(compiled_for(model={**TINY, "sliding_window": 16}))

@@ -400,8 +400,8 @@ def torchtitan_reads_hf(arch) -> bool:
 
 def torchtitan_rope_gaps(rs, fam, path: str = "model.rope_scaling") -> list[ModelGap]:
     """What torchtitan 0.3.0's RoPE cannot compute of a ``rope_scaling`` (the model's, or a continued-training stage's
-    at ``path``): another rule than its 'llama' / 'yarn' (no 'llama' on its cos/sin RoPE), or a YaRN whose attention
-    factor is not 1 (X301)."""
+    at ``path``): another rule than its 'llama' / 'yarn', no 'llama' on its cos/sin RoPE (X301). (A YaRN's attention
+    factor, which its pure rotation lacks, the emitted job's TemperedRoPE applies: llmc.emit.torchtitan._rope.)"""
     v = TARGET_VERSIONS["torchtitan"]
     out: list[ModelGap] = []
     if rs is not None and rs.type == "llama3" and fam.torchtitan_rope == "cossin":
@@ -412,18 +412,6 @@ def torchtitan_rope_gaps(rs, fam, path: str = "model.rope_scaling") -> list[Mode
         out.append(ModelGap("X301", f"{path}.type",
                             f"torchtitan {v} RoPE supports scaling 'none', 'llama' and 'yarn', not {rs.type!r}",
                             "use type: llama3 or yarn, or build with another backend"))
-    if rs is not None and rs.type == "yarn" and rs.factor > 1 and (
-            rs.attention_factor != 1.0 if rs.attention_factor is not None
-            else not (rs.mscale and rs.mscale_all_dim and rs.mscale == rs.mscale_all_dim)):
-        # transformers (and llmc's model) scale a YaRN table's cos/sin by its attention factor (0.1 ln(factor) + 1, or
-        # DeepSeek's m(mscale) / m(mscale_all_dim)); torchtitan's RoPE is a pure rotation (models/common/rope.py: the
-        # temperature "intentionally NOT applied here"), its deepseek_v3 folding m(mscale)^2 into the softmax instead
-        out.append(ModelGap("X301", path,
-                            f"torchtitan {v}'s YaRN is a pure rotation: it cannot scale cos/sin by the attention factor "
-                            "this rope_scaling gives (transformers' and llmc's model do)",
-                            "set rope_scaling mscale and mscale_all_dim equal (DeepSeek's YaRN: the temperature in the "
-                            "softmax of MLA, none elsewhere) or attention_factor 1, use type: llama3, or build with "
-                            "training.backend native or deepspeed"))
     return out
 
 

@@ -76,6 +76,7 @@ from llmc.diagnostics import Diagnostic, SpecError
 from llmc.emit.base import Emitter
 from llmc.emit.common import diag, gpus_per_node, jinja_env
 from llmc.escape import visible
+from llmc.rope import rope_attention_factor
 from llmc.runtime.capabilities import (
     TITAN_PRETRAIN_MODULE,
     TITAN_STAGE_KINDS,
@@ -168,6 +169,9 @@ def _rope(arch) -> dict[str, Any]:
             beta_slow=float(rs.beta_slow),
             original_seq_len=int(rs.original_max_position),
         )
+        factor = rope_attention_factor(rs)
+        if rs.factor > 1 and factor != 1.0:  # torchtitan's rotation is pure: the job's TemperedRoPE scales its cache
+            out["attention_factor"] = float(factor)
     return out
 
 
@@ -447,7 +451,7 @@ def _mla(arch, notes: list[str]) -> dict[str, Any]:
         "qk_rope_head_dim": m.qk_rope_head_dim,
         "v_head_dim": m.v_head_dim,
         # DeepSeek's YaRN temperature: torchtitan multiplies the softmax scale by (0.1 mscale ln(factor) + 1)^2 under
-        # yarn, transformers and llmc's model by m(mscale_all_dim)^2 (a spec whose cos/sin scale is not 1 is X301)
+        # yarn, transformers and llmc's model by m(mscale_all_dim)^2 (0: none); the cos/sin factor is TemperedRoPE's
         "mscale": float(arch.rope_scaling.mscale_all_dim or 0.0) if arch.rope_scaling is not None else 1.0,
     }
 

@@ -68,7 +68,7 @@ rotates the rope dims as adjacent pairs like llmc; a checkpoint with ``rope_inte
 rows (per head of q, the shared key of kv_a) in rotate_half order and is read through the inverse permutation. YaRN
 is read and written with DeepSeek's ``mscale`` / ``mscale_all_dim`` (``RopeScaling``): the softmax scale times
 m(mscale_all_dim)^2 and cos/sin times m(mscale) / m(mscale_all_dim), as transformers, llmc's model and torchtitan's
-deepseek_v3 compute them (without them, cos/sin times 0.1 ln(factor) + 1, which torchtitan's model cannot: X301).
+deepseek_v3 compute them (without them, cos/sin times 0.1 ln(factor) + 1: the torchtitan job's TemperedRoPE).
 transformers' router (``DeepseekV3TopkRouter``) masks the experts of unselected groups with -inf, llmc's (like the
 reference ``MoEGate``) with 0: the picks differ only when fewer than top_k experts of the selected groups
 have a positive biased score (sigmoid + e_score_correction_bias). transformers' (and DeepSeek's reference)
@@ -90,7 +90,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmc.runtime.model import rope_attention_factor
+from llmc.rope import rope_attention_factor
 from llmc.spec.chat import CHAT_TEMPLATES
 from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
 from llmc.spec.hf import HF_ACTIVATIONS

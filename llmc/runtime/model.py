@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llmc.rope import mla_softmax_factor, rope_attention_factor
 from llmc.runtime.chat import IGNORE_INDEX
 from llmc.runtime.job import check_ac
 from llmc.spec.model import Architecture, RopeScaling
@@ -76,28 +77,6 @@ def norm_for(arch: Architecture, dim: int) -> RMSNorm:
     return RMSNorm(dim, arch.norm_eps, arch.norm_unit_offset)
 
 
-def yarn_mscale(factor: float, k: float = 1.0) -> float:
-    """YaRN's attention temperature 0.1 k ln(factor) + 1 (1 for factor <= 1): Peng et al. 2023 (arXiv:2309.00071,
-    sec. 3.4) with DeepSeek's coefficient k (transformers' ``get_mscale`` / ``yarn_get_mscale``)."""
-    return 0.1 * k * math.log(factor) + 1.0 if factor > 1 else 1.0
-
-
-def rope_attention_factor(scaling: RopeScaling) -> float:
-    """The scale on a yarn or longrope table's cos/sin (transformers' ``_compute_yarn_parameters`` /
-    ``_compute_longrope_parameters``): ``attention_factor`` where set; yarn: m(mscale) / m(mscale_all_dim) with
-    DeepSeek's two, else 0.1 ln(factor) + 1 (:func:`yarn_mscale`); longrope: sqrt(1 + ln(factor) /
-    ln(original_max_position)) (1 for factor <= 1); 1 for the other rules."""
-    if scaling.attention_factor:
-        return scaling.attention_factor
-    if scaling.type == "yarn":
-        if scaling.mscale and scaling.mscale_all_dim:
-            return yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)
-        return yarn_mscale(scaling.factor)
-    if scaling.type == "longrope" and scaling.factor > 1:
-        return math.sqrt(1 + math.log(scaling.factor) / math.log(scaling.original_max_position))
-    return 1.0
-
-
 def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: bool = False
                   ) -> tuple[torch.Tensor, float]:
     """Inverse frequencies theta^(-2i/dim), i < dim/2, after optional scaling; returns (inv_freq, mscale).
@@ -107,7 +86,7 @@ def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: boo
     ``factor``, and the band between is interpolated smoothly.
     yarn: YaRN (Peng et al. 2023), as HF ``_compute_yarn_parameters``: per-dim ramp between interpolation
     and extrapolation over the correction range [beta_fast, beta_slow]; cos/sin scaled by attention_factor, default
-    mscale = 0.1 ln(factor) + 1, or with DeepSeek's mscale / mscale_all_dim their ratio (:func:`yarn_mscale`).
+    mscale = 0.1 ln(factor) + 1, or with DeepSeek's mscale / mscale_all_dim their ratio (llmc.rope).
     linear: position interpolation (Chen et al. 2023): inv_freq / factor.
     longrope: LongRoPE (Ding et al. 2024, arXiv:2402.13753; transformers ``_compute_longrope_parameters``): inv_freq
     divided by one factor per frequency, ``short_factor`` (``long``: ``long_factor``, for sequences longer than
@@ -370,7 +349,7 @@ class MLAttention(nn.Module):
 
     q = wq_b(q_norm(wq_a(x))) (or wq(x)) split into [nope | rope] per head; wkv_a(x) gives the kv latent
     (kv_lora) plus one shared rope key (rope dims); wkv_b expands the normed latent into per-head
-    [k_nope | v]. Softmax scale 1/sqrt(nope + rope), times yarn_mscale(factor, mscale_all_dim)^2 under a YaRN
+    [k_nope | v]. Softmax scale 1/sqrt(nope + rope), times m(mscale_all_dim)^2 under a YaRN
     with ``mscale_all_dim`` (DeepSeek-V2 / V3; transformers' ``DeepseekV3Attention``); the rope dims' cos/sin carry
     the YaRN attention factor (:func:`rope_inv_freq`, 1 when mscale equals mscale_all_dim).
     """
@@ -393,9 +372,7 @@ class MLAttention(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora, arch.norm_eps)
         self.wkv_b = nn.Linear(self.kv_lora, H * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, d, bias=False)
-        rs = arch.rope_scaling
-        soft = yarn_mscale(rs.factor, rs.mscale_all_dim) if rs is not None and rs.mscale_all_dim else 1.0
-        self.scale = qk**-0.5 * soft * soft
+        self.scale = qk**-0.5 * mla_softmax_factor(arch.rope_scaling)
         self.checkpoint_core = False
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None,
