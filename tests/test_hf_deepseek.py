@@ -539,6 +539,64 @@ def test_deepseeks_yarn_is_one_model_on_torchtitan_llmc_and_transformers(tmp_pat
         torch.testing.assert_close(titan_plain.eval()(x), got, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_torchtitan_job_of_a_deepseek_v2_model_is_transformers_deepseek_v2(tmp_path, monkeypatch):
+    """A DeepSeek-V2-shaped spec (MLA with a full-rank q, softmax-routed experts mixed by their unnormalised top-k
+    scores, shared experts, a dense first layer, DeepSeek's YaRN) runs as torchtitan's deepseek_v3 job (softmax
+    router, route_norm false); its DCP checkpoint exports as DeepseekV2ForCausalLM, which transformers loads with the
+    job's logits, and llmc's model loads the export with them; renormalising the job's top-k weights changes them."""
+    pytest.importorskip("torchtitan")
+    import torch.distributed.checkpoint as dcp
+    from test_build_fakes import lock_for
+    from test_torchtitan import OFFLINE, load_job, write_build
+    from test_torchtitan_render import TINY, compiled_for
+
+    from llmc.compiler.plan import ParallelPlan
+    from llmc.runtime.hf_io import export_checkpoint
+    from llmc.runtime.titan_cpu_shim import swap_flex_for_sdpa
+
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    model = {**TINY, "n_kv_heads": 4, "norm_eps": 1e-6,
+             "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position": 64, "mscale": 0.707,
+                              "mscale_all_dim": 0.707},
+             "mla": {"kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16},
+             "moe": {"num_experts": 4, "top_k": 2, "num_shared_experts": 1, "expert_d_ff": 32, "dense_layers": 1,
+                     "score_func": "softmax", "route_norm": False, "route_scale": 1.5, "aux_loss_coef": 0.0}}
+    c = compiled_for(model=model, plan=ParallelPlan(micro_batch=4), gpu="cpu", seq=64, steps=8)
+    arch = c.spec.model
+    cfg = load_job(write_build(c, tmp_path / "build"))
+    swap_flex_for_sdpa(cfg)
+    torch.manual_seed(0)
+    titan = cfg.model_spec.model.build()
+    titan.init_states(buffer_device=torch.device("cpu"))
+    with torch.no_grad():
+        for p in titan.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # the export is bf16
+    x = torch.randint(0, arch.vocab_size, (2, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = titan.eval()(x)
+    sd = {k: v for k, v in titan.state_dict().items()}
+    dcp.save(dict(sd), checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / "step-8"))
+    spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "d", "format": "builtin"}], "seq_len": 64, "tokens": 1024}}
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock_for(spec)))
+    hf = Path(export_checkpoint(tmp_path, "pretrain")["hf"])
+    cfg_hf = json.loads((hf / "config.json").read_text())
+    assert (cfg_hf["architectures"], cfg_hf["topk_method"], cfg_hf["norm_topk_prob"]) == (
+        ["DeepseekV2ForCausalLM"], "greedy", False)
+    ours = build_model(arch, seed=1).eval()
+    load_hf_into(ours, hf, arch)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(hf)(input_ids=x).logits, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours(x), want, atol=1e-4, rtol=1e-4)
+        routers = [m for m in titan.modules() if hasattr(m, "route_norm")]
+        assert routers and not any(r.route_norm for r in routers)
+        for r in routers:  # the same job renormalising the top-k weights (DeepSeek-V3's, Mixtral's): other logits
+            r.route_norm = True
+        assert (titan(x) - want).abs().max() > 1e-3
+
+
 def test_deepseek_v3_preset_config_builds_the_671b_hf_model():
     """hf_config of the deepseek-v3 preset builds (on meta) a DeepseekV3ForCausalLM with exactly llmc's
     parameter count, 671B as published (arXiv:2412.19437 abstract; the multi-token-prediction module aside)."""
