@@ -461,6 +461,41 @@ def test_fsdp_meta_init_loads_deepseek_shards(tmp_path, docs):
     assert (tmp_path / "o" / "hf" / "config.json").exists()
 
 
+def _titan_job_model(tmp_path, monkeypatch, model: dict, build: str = "build"):
+    """(compiled spec, the torchtitan job's model built on CPU with the job's own init, seed 0) for an MLA ``model``
+    (on CPU the job's flex attention is swapped for SDPA, as llmc's CPU launcher does)."""
+    from test_torchtitan import OFFLINE, load_job, write_build
+    from test_torchtitan_render import compiled_for
+
+    from llmc.compiler.plan import ParallelPlan
+    from llmc.runtime.titan_cpu_shim import swap_flex_for_sdpa
+
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    c = compiled_for(model=model, plan=ParallelPlan(micro_batch=4), gpu="cpu", seq=64, steps=8)
+    cfg = load_job(write_build(c, tmp_path / build))
+    swap_flex_for_sdpa(cfg)
+    torch.manual_seed(0)
+    titan = cfg.model_spec.model.build()
+    titan.init_states(buffer_device=torch.device("cpu"))
+    return c, titan
+
+
+def _export_titan_checkpoint(tmp_path, sd: dict, arch) -> Path:
+    """Save a torchtitan state dict as the job's DCP checkpoint (its own FQNs) under ``tmp_path`` and export it as
+    llmc's launcher does (``export_checkpoint`` of the pre-training stage of a lock for ``arch``): the HF directory."""
+    import torch.distributed.checkpoint as dcp
+    from test_build_fakes import lock_for
+
+    from llmc.runtime.hf_io import export_checkpoint
+
+    dcp.save(dict(sd), checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / "step-8"))
+    spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "d", "format": "builtin"}], "seq_len": 64, "tokens": 1024}}
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock_for(spec)))
+    return Path(export_checkpoint(tmp_path, "pretrain")["hf"])
+
+
 @pytest.mark.slow
 def test_deepseeks_yarn_is_one_model_on_torchtitan_llmc_and_transformers(tmp_path, monkeypatch):
     """DeepSeek's YaRN (mscale = mscale_all_dim: the rotation pure, the softmax scale times (0.1 ln(factor) + 1)^2)
@@ -469,30 +504,18 @@ def test_deepseeks_yarn_is_one_model_on_torchtitan_llmc_and_transformers(tmp_pat
     mscale keys the same weights are another model (transformers then scales cos/sin), which the torchtitan job of
     that spec computes too (its TemperedRoPE)."""
     pytest.importorskip("torchtitan")
-    import torch.distributed.checkpoint as dcp
-    from test_build_fakes import lock_for
-    from test_torchtitan import OFFLINE, load_job, write_build
-    from test_torchtitan_render import TINY, compiled_for
+    from test_torchtitan_render import TINY
 
-    from llmc.compiler.plan import ParallelPlan
     from llmc.emit.torchtitan import torchtitan_diagnostics
-    from llmc.runtime.hf_io import _TITAN_RENAMES, export_checkpoint
-    from llmc.runtime.titan_cpu_shim import swap_flex_for_sdpa
+    from llmc.runtime.hf_io import _TITAN_RENAMES
 
-    for k, v in OFFLINE.items():
-        monkeypatch.setenv(k, v)
     model = {**TINY, "n_kv_heads": 4, "norm_eps": 1e-6,
              "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position": 64, "mscale": 1.0,
                               "mscale_all_dim": 1.0},
              "mla": {"q_lora_rank": 24, "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16,
                      "v_head_dim": 16}}
-    c = compiled_for(model=model, plan=ParallelPlan(micro_batch=4), gpu="cpu", seq=64, steps=8)
+    c, titan = _titan_job_model(tmp_path, monkeypatch, model)
     arch = c.spec.model
-    cfg = load_job(write_build(c, tmp_path / "build"))
-    swap_flex_for_sdpa(cfg)
-    torch.manual_seed(0)
-    titan = cfg.model_spec.model.build()
-    titan.init_states(buffer_device=torch.device("cpu"))
     with torch.no_grad():  # sharper attention, so the softmax temperature shows in the logits
         for n, p in titan.named_parameters():
             if n.endswith(("attention.wq_b.weight", "attention.wkv_b.weight")):
@@ -503,11 +526,7 @@ def test_deepseeks_yarn_is_one_model_on_torchtitan_llmc_and_transformers(tmp_pat
         want = titan.eval()(x)
     sd = titan.state_dict()
     assert any("inner_experts" in k for k in sd) is False and "layers.0.attention.wkv_b.weight" in sd
-    dcp.save(dict(sd), checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / "step-8"))
-    spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
-            "data": {"sources": [{"name": "d", "format": "builtin"}], "seq_len": 64, "tokens": 1024}}
-    (tmp_path / "plan.lock.json").write_text(json.dumps(lock_for(spec)))
-    hf = Path(export_checkpoint(tmp_path, "pretrain")["hf"])
+    hf = _export_titan_checkpoint(tmp_path, sd, arch)
     rs = json.loads((hf / "config.json").read_text())["rope_scaling"]
     assert (rs["rope_type"], rs["mscale"], rs["mscale_all_dim"]) == ("yarn", 1.0, 1.0)
     ours = build_model(arch, seed=1).eval()
@@ -528,12 +547,8 @@ def test_deepseeks_yarn_is_one_model_on_torchtitan_llmc_and_transformers(tmp_pat
     # that other model (YaRN without DeepSeek's keys: cos/sin times 0.1 ln(factor) + 1) is what the torchtitan job of
     # the spec without them computes too (its TemperedRoPE), from the same weights
     plain_spec = {**model, "rope_scaling": {k: v for k, v in model["rope_scaling"].items() if "mscale" not in k}}
-    pc = compiled_for(model=plain_spec, plan=ParallelPlan(micro_batch=4), gpu="cpu", seq=64, steps=8)
+    pc, titan_plain = _titan_job_model(tmp_path, monkeypatch, plain_spec, "build-plain")
     assert torchtitan_diagnostics(pc) == []
-    pcfg = load_job(write_build(pc, tmp_path / "build-plain"))
-    swap_flex_for_sdpa(pcfg)
-    titan_plain = pcfg.model_spec.model.build()
-    titan_plain.init_states(buffer_device=torch.device("cpu"))
     titan_plain.load_state_dict(sd, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(titan_plain.eval()(x), got, atol=1e-5, rtol=1e-5)
@@ -546,42 +561,23 @@ def test_torchtitan_job_of_a_deepseek_v2_model_is_transformers_deepseek_v2(tmp_p
     router, route_norm false); its DCP checkpoint exports as DeepseekV2ForCausalLM, which transformers loads with the
     job's logits, and llmc's model loads the export with them; renormalising the job's top-k weights changes them."""
     pytest.importorskip("torchtitan")
-    import torch.distributed.checkpoint as dcp
-    from test_build_fakes import lock_for
-    from test_torchtitan import OFFLINE, load_job, write_build
-    from test_torchtitan_render import TINY, compiled_for
+    from test_torchtitan_render import TINY
 
-    from llmc.compiler.plan import ParallelPlan
-    from llmc.runtime.hf_io import export_checkpoint
-    from llmc.runtime.titan_cpu_shim import swap_flex_for_sdpa
-
-    for k, v in OFFLINE.items():
-        monkeypatch.setenv(k, v)
     model = {**TINY, "n_kv_heads": 4, "norm_eps": 1e-6,
              "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position": 64, "mscale": 0.707,
                               "mscale_all_dim": 0.707},
              "mla": {"kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16},
              "moe": {"num_experts": 4, "top_k": 2, "num_shared_experts": 1, "expert_d_ff": 32, "dense_layers": 1,
                      "score_func": "softmax", "route_norm": False, "route_scale": 1.5, "aux_loss_coef": 0.0}}
-    c = compiled_for(model=model, plan=ParallelPlan(micro_batch=4), gpu="cpu", seq=64, steps=8)
+    c, titan = _titan_job_model(tmp_path, monkeypatch, model)
     arch = c.spec.model
-    cfg = load_job(write_build(c, tmp_path / "build"))
-    swap_flex_for_sdpa(cfg)
-    torch.manual_seed(0)
-    titan = cfg.model_spec.model.build()
-    titan.init_states(buffer_device=torch.device("cpu"))
     with torch.no_grad():
         for p in titan.parameters():
             p.copy_(p.to(torch.bfloat16).float())  # the export is bf16
     x = torch.randint(0, arch.vocab_size, (2, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = titan.eval()(x)
-    sd = {k: v for k, v in titan.state_dict().items()}
-    dcp.save(dict(sd), checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / "step-8"))
-    spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
-            "data": {"sources": [{"name": "d", "format": "builtin"}], "seq_len": 64, "tokens": 1024}}
-    (tmp_path / "plan.lock.json").write_text(json.dumps(lock_for(spec)))
-    hf = Path(export_checkpoint(tmp_path, "pretrain")["hf"])
+    hf = _export_titan_checkpoint(tmp_path, titan.state_dict(), arch)
     cfg_hf = json.loads((hf / "config.json").read_text())
     assert (cfg_hf["architectures"], cfg_hf["topk_method"], cfg_hf["norm_topk_prob"]) == (
         ["DeepseekV2ForCausalLM"], "greedy", False)

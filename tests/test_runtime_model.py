@@ -387,6 +387,26 @@ def test_compiled_blocks_equal_eager_for_nope_and_olmo2(extra):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=n)
 
 
+def test_soft_capped_attention_holds_the_masks_the_memory_model_counts():
+    """Soft-capped attention (no fused kernel) adds its masks itself: the window's band for the windowed layers and
+    the causal square for the full ones, each built once per shape and shared (functools cache) -- the two (s, s)
+    tensors llmc.compiler.memory.window_mask_bytes charges; without windowed layers, the causal one only."""
+    from llmc.compiler.memory import window_mask_bytes
+    from llmc.runtime.model import _window_mask
+
+    gemma2 = dict(norm_placement="sandwich", norm_unit_offset=True, activation="gelu_tanh", embedding_scale=True,
+                  attn_logit_softcap=50.0, final_logit_softcap=30.0)
+    T = 17
+    for extra, masks in (({"sliding_window": 5, "full_attention_layers": (1,)}, 2), ({}, 1)):
+        arch = Architecture(name="t", n_layers=3, d_model=48, n_heads=6, n_kv_heads=2, d_ff=96, vocab_size=100,
+                            max_seq_len=64, **gemma2, **extra)
+        model = build_model(arch, seed=0)
+        _window_mask.cache_clear()
+        model(torch.randint(0, 100, (2, T), generator=torch.Generator().manual_seed(0)))
+        assert _window_mask.cache_info().misses == masks  # one tensor per mask, shared by the layers
+        assert window_mask_bytes(arch, T, 4.0) == masks * T * T * 4.0
+
+
 def test_sliding_window_mask_is_one_tensor_for_every_layer_also_compiled():
     """The band mask of a sliding window is built once per shape, outside torch.compile's graphs, and handed to every
     layer (the memory model counts one seq_len^2 mask, llmc.compiler.memory.window_mask_bytes); each query sees only
