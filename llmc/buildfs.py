@@ -15,7 +15,8 @@ API
     * ``out`` is non-empty and is not an llmc build (no valid ``MANIFEST``);
     * a path in ``protect`` (e.g. the spec file) is ``out`` itself, or lies inside ``out`` and is not an
       llmc build, or a build would overwrite or remove it;
-    * a new artifact would overwrite a file the previous build did not own;
+    * a new artifact would overwrite a file the previous build did not own, or one it owned whose content
+      changed since (its sha256 differs from the manifest's: the user edited it);
     * a path in ``files`` leaves ``out`` or crosses a symlink inside ``out`` (``UnsafePathError``);
     * another ``write_build`` holds the directory lock.
 
@@ -26,6 +27,10 @@ API
 
 ``read_manifest(out) -> Manifest | None``
     The committed manifest, ``None`` when ``out`` holds none.
+
+An owned file the new build drops is removed only if it still holds what llmc wrote (sha256 as in the
+manifest); an edited one, or one that is no longer a regular file, is kept and no longer owned
+(``BuildResult.kept``).
 
 ``recover(out) -> None``
     Finish an interrupted, committed build and delete stale staging; readers (``llmc launch``) call it
@@ -50,7 +55,10 @@ Protocol (crash safety for the whole set, not just per file)
 4. Commit point: atomically create the journal (temp file, fsync, ``os.replace``, fsync ``out``) naming
    the staging directory, the files to move in and the files to remove.
 5. Apply: ``os.replace`` each staged file into place, unlink the removed ones, move the manifest in last,
-   fsync, delete the journal, delete the staging directory.
+   fsync, delete the journal, delete the staging directory. Applying (also when recovering) checks every
+   path against the manifest still in place (the old one: it moves last): a file is replaced or unlinked
+   only if it is missing or a link, or holds the content that manifest records for it. A journal found in a
+   directory llmc did not build (copied, crafted) can therefore neither delete nor overwrite anything.
 
 A build killed before step 4 leaves the old build (its staging directory is deleted by the next build);
 killed after it, the next build finishes the new one before starting. All operations inside ``out``
@@ -133,6 +141,7 @@ class BuildResult:
     written: tuple[str, ...]  # created or changed
     unchanged: tuple[str, ...]
     removed: tuple[str, ...]  # owned by the previous build, not by this one
+    kept: tuple[str, ...] = ()  # dropped by this build but edited since (or no longer a file): left, disowned
 
 
 def _sha(data: bytes) -> str:
@@ -297,8 +306,29 @@ def read_manifest(out: Path) -> Manifest | None:
         os.close(dfd)
 
 
+def _holds_owned(dfd: int, parts: tuple[str, ...], rel: str, owned: Mapping[str, str]) -> bool:
+    """Whether llmc may replace or unlink ``rel``: missing, a link (never followed), or a regular file still
+    holding the content ``owned`` (the manifest in place) records for it."""
+    try:
+        st = _lstat(dfd, parts, rel)
+    except UnsafePathError:
+        return False
+    if st is None or stat.S_ISLNK(st.st_mode):
+        return True
+    if not stat.S_ISREG(st.st_mode) or rel not in owned:
+        return False
+    data = _read(dfd, parts, rel)
+    return data is not None and _sha(data) == owned[rel]
+
+
 def _apply(dfd: int, journal: dict) -> None:
-    """Roll a committed journal forward; idempotent (safe to rerun after a crash at any point)."""
+    """Roll a committed journal forward; idempotent (safe to rerun after a crash at any point). Touches only
+    what the manifest in place (the previous build's until the new one moves in, last) owns unchanged."""
+    try:
+        in_place = _read_manifest_fd(dfd, Path("."))
+    except BuildDirError:
+        in_place = None
+    owned = in_place.files if in_place else {}
     staging = journal["staging"]
     sfd = _open_dir(dfd, (staging,), staging, create=False)
     try:
@@ -314,6 +344,8 @@ def _apply(dfd: int, journal: dict) -> None:
                     os.stat(parts[-1], dir_fd=spfd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+                if not _holds_owned(dfd, parts, rel, owned):
+                    continue  # not llmc's (or edited): left as it is
                 dpfd = _open_dir(dfd, parts[:-1], rel, create=True)
                 try:
                     os.replace(parts[-1], parts[-1], src_dir_fd=spfd, dst_dir_fd=dpfd)
@@ -324,6 +356,8 @@ def _apply(dfd: int, journal: dict) -> None:
                 os.close(spfd)
         for rel in journal["remove"]:
             parts = _canonical(rel)
+            if not _holds_owned(dfd, parts, rel, owned):
+                continue
             try:
                 pfd = _open_dir(dfd, parts[:-1], rel, create=False)
             except UnsafePathError:
@@ -451,15 +485,21 @@ def write_build(out: Path, files: Mapping[str, str | bytes], *, protect: Iterabl
                                     "move it away; llmc never overwrites files it did not write")
             if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
                 raise BuildDirError(f"{out / rel}: is not a regular file", "remove it and build again")
-            if (st is not None and stat.S_ISREG(st.st_mode) and (st.st_mode & 0o777) == _mode(rel)
-                    and owned.get(rel) == _sha(blobs[rel]) and _read(dfd, parts, rel) == blobs[rel]):
+            current = _read(dfd, parts, rel) if st is not None and stat.S_ISREG(st.st_mode) else None
+            if current is not None and _sha(current) not in (owned[rel], _sha(blobs[rel])):
+                raise BuildDirError(f"{out / rel}: changed since llmc wrote it (sha256 differs from {MANIFEST})",
+                                    "llmc never overwrites edits: move the file away, or carry the change in the "
+                                    "spec or on the command line, and build again")
+            if current == blobs[rel] and (st.st_mode & 0o777) == _mode(rel) and owned.get(rel) == _sha(blobs[rel]):
                 unchanged.append(rel)
             else:
                 to_write.append(rel)
-        to_remove = sorted(set(owned) - set(blobs))
+        to_remove, kept = [], []
+        for rel in sorted(set(owned) - set(blobs)):
+            (to_remove if _holds_owned(dfd, _canonical(rel), rel, owned) else kept).append(rel)
         new = Manifest(llmc_version=version, files={k: _sha(v) for k, v in blobs.items()})
         if not to_write and not to_remove and old == new:
-            return BuildResult(out, (), tuple(sorted(unchanged)), ())
+            return BuildResult(out, (), tuple(sorted(unchanged)), (), tuple(kept))
 
         staging = f"{STAGING_PREFIX}{os.getpid()}"
         os.mkdir(staging, 0o700, dir_fd=dfd)
@@ -487,7 +527,7 @@ def write_build(out: Path, files: Mapping[str, str | bytes], *, protect: Iterabl
         _apply(dfd, journal)
         shutil.rmtree(out / staging)
         os.fsync(dfd)
-        return BuildResult(out, tuple(sorted(to_write)), tuple(sorted(unchanged)), tuple(to_remove))
+        return BuildResult(out, tuple(sorted(to_write)), tuple(sorted(unchanged)), tuple(to_remove), tuple(kept))
     finally:
         os.close(dfd)
 

@@ -78,9 +78,15 @@ def _echo(text: str, err: bool = False) -> None:
     stream.flush()
 
 
+def _one_line(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (a path holding a newline or a terminal
+    escape sequence stays one inert line)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def _fail(lines: list[str]) -> None:
     for line in lines:
-        _echo(line, err=True)
+        _echo(_one_line(line), err=True)
     raise SystemExit(1)  # what typer.Exit(1) becomes
 
 
@@ -217,13 +223,21 @@ def build(
     try:
         res = write_build(out, files, protect=[spec])
     except BuildDirError as e:
-        msg = e.message.removeprefix(f"{out.resolve()}: ")  # the line names the directory as given
-        _fail([f"{out}: error[X010] {msg}" + (f" ({e.hint})" if e.hint else "")])
+        msg, where, root = e.message, out, str(out.resolve())  # the line names the directory as given
+        if msg.startswith(root + ": "):
+            msg = msg[len(root) + 2:]
+        elif msg.startswith(root + "/") and ": " in msg:
+            rel, msg = msg[len(root) + 1:].split(": ", 1)
+            where = out / rel
+        _fail([f"{where}: error[X010] {msg}" + (f" ({e.hint})" if e.hint else "")])
     for d in build_warnings(compiled):
         typer.echo(d.render(), err=True)
     typer.echo(f"wrote {len(res.written)} of {len(files)} files to {out}"
                + (f" ({len(res.unchanged)} unchanged)" if res.unchanged else "")
                + (f", removed {len(res.removed)} stale" if res.removed else ""))
+    for rel in res.kept:
+        typer.echo(f"{out / rel}: warning[X012] kept: no longer written by this build, but edited since llmc "
+                   "wrote it (or no longer a file); it is yours now", err=True)
     for name in sorted(files):
         typer.echo(f"  {name}")
 

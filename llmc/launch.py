@@ -38,6 +38,7 @@ the emitted launchers use). Default ``nproc``: the plan's GPUs per node on a GPU
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ def load_build(build_dir: str | os.PathLike) -> tuple[Path, dict]:
 
     b = Path(build_dir)
     if not b.is_dir():
-        raise LaunchError(f"no such build directory (run `llmc build SPEC -o {b}` first)")
+        raise LaunchError(f"no such build directory (run `llmc build SPEC -o {shlex.quote(str(b))}` first)")
     lock_path = b / "plan.lock.json"
     if not lock_path.exists():
         raise LaunchError("plan.lock.json not found: not an llmc build directory (run `llmc build` first)")
@@ -234,6 +235,10 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
             if not module.exists():
                 raise LaunchError(f"this build has no {module.relative_to(b)} for stage {s['name']!r}; rebuild with "
                                   "`llmc build`")
+            if os.pathsep in str(module.parent):  # PYTHONPATH is split on it: torchtitan could not import the job
+                raise LaunchError(f"the build directory's path {str(b)!r} contains {os.pathsep!r}, which PYTHONPATH "
+                                  "cannot carry (torchtitan imports the job from it); move or link the build to a "
+                                  "path without it, or use --backend native")
             # the job reads <build>/assets and <build>/data (written by the prepare step) via LLMC_RUN_DIR
             argv, env = torchtitan_command(module, nproc, not on_gpu, run_dir=b, python=py)
             if own and s.get("init_from") and not s.get("init_hf"):

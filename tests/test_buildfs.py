@@ -52,6 +52,10 @@ USER = {"run/pretrain/checkpoints/step-10/model.pt": b"\x00weights", "data/train
         "notes.txt": b"mine\n"}
 
 
+def expected_manifest(files: dict[str, str]) -> dict[str, str]:
+    return {k: hashlib.sha256(v.encode()).hexdigest() for k, v in files.items()}
+
+
 def expected(files: dict[str, str], extra: dict[str, bytes] | None = None) -> dict[str, bytes]:
     man = {"files": {k: hashlib.sha256(v.encode()).hexdigest() for k, v in sorted(files.items())},
            "format": "llmc-build/1", "llmc_version": buildfs.llmc.__version__}
@@ -128,6 +132,63 @@ def test_never_overwrites_unowned_file(tmp_path):
         write_build(out, B)
     assert (out / "new" / "only_b.txt").read_text() == "user wrote this\n"
     assert tree(out)["plan.lock.json"] == A["plan.lock.json"].encode()
+
+
+def test_edited_artifact_is_never_overwritten_and_a_dropped_one_is_kept(tmp_path):
+    out = tmp_path / "b"
+    write_build(out, A)
+    (out / "launch/train.sh").write_text("#!/bin/sh\n#SBATCH --account=mine\necho a\n")
+    with pytest.raises(BuildDirError, match="changed since llmc wrote it"):
+        write_build(out, B)
+    assert (out / "launch/train.sh").read_text().count("--account=mine") == 1
+    assert read_manifest(out).files == expected_manifest(A)
+    (out / "launch/train.sh").write_text(B["launch/train.sh"])  # edited to what the new build writes: fine
+    (out / "old/only_a.txt").write_text("my notes now\n")  # dropped by B, but edited: kept and disowned
+    res = write_build(out, B)
+    assert res.kept == ("old/only_a.txt",) and res.removed == ()
+    assert tree(out) == expected(B, {"old/only_a.txt": b"my notes now\n"})
+    with pytest.raises(BuildDirError, match="not written by llmc"):  # it is the user's file now
+        write_build(out, A)
+
+
+def test_dropped_artifact_that_became_a_directory_is_kept(tmp_path):
+    out = tmp_path / "b"
+    write_build(out, A)
+    (out / "old/only_a.txt").unlink()
+    (out / "old/only_a.txt").mkdir()
+    (out / "old/only_a.txt/data.bin").write_bytes(b"mine")
+    res = write_build(out, B)
+    assert res.kept == ("old/only_a.txt",)
+    assert tree(out) == expected(B, {"old/only_a.txt/data.bin": b"mine"})
+    buildfs.recover(out)  # nothing left half-done
+    assert not [n for n in os.listdir(out) if n.startswith((JOURNAL, STAGING_PREFIX))]
+
+
+def test_a_journal_llmc_did_not_write_deletes_and_overwrites_nothing(tmp_path):
+    """A journal copied into a directory (a clone, a tarball, a crafted file) is rolled forward only over what
+    the manifest in place owns unchanged: in a foreign directory that is nothing."""
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "src/main.py").write_text("code\n")
+    (proj / ".llmc-staging-1").mkdir()
+    (proj / ".llmc-staging-1/NOTES.md").write_text("theirs\n")
+    (proj / "NOTES.md").write_text("mine\n")
+    journal = {"staging": ".llmc-staging-1", "write": ["NOTES.md"], "remove": ["src/main.py"]}
+    (proj / JOURNAL).write_text(json.dumps(journal))
+    buildfs.recover(proj)
+    assert tree(proj) == {"src/main.py": b"code\n", "NOTES.md": b"mine\n"}
+    (proj / JOURNAL).write_text(json.dumps(journal))
+    with pytest.raises(BuildDirError, match="not an llmc build"):
+        write_build(proj, A)
+    assert tree(proj) == {"src/main.py": b"code\n", "NOTES.md": b"mine\n"}
+    # in a build: only what the manifest owns unchanged goes
+    out = tmp_path / "b"
+    write_build(out, A)
+    (out / "README.md").write_text("# edited\n")
+    (out / JOURNAL).write_text(json.dumps({"staging": ".llmc-staging-2", "write": [],
+                                           "remove": ["README.md", "old/only_a.txt"]}))
+    buildfs.recover(out)
+    assert (out / "README.md").read_text() == "# edited\n" and not (out / "old/only_a.txt").exists()
 
 
 @pytest.mark.parametrize("bad", ["/etc/passwd", "../x", "a/../../x", "a//b", "./a", "", "a\0b", ".llmc-build.json",

@@ -278,3 +278,14 @@ def test_option_errors_are_located(argv, prefix):
                        capture_output=True, text=True, timeout=120)
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1 and len(err) == 1 and err[0].startswith(prefix), r.stderr
+
+
+@pytest.mark.parametrize("args", [["plan", "no\nsuch\x1b[31m.yaml"], ["launch", "no such\x1b[2J\nbuild", "--dry-run"]])
+def test_an_error_naming_a_hostile_path_stays_one_inert_line(args):
+    """A path holding a newline or a terminal escape sequence is printed escaped: one line, nothing for the terminal
+    to act on, the path still recognisable."""
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and "\x1b" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert ascii(args[1])[1:-1] in lines[0]

@@ -104,7 +104,7 @@ def test_skypilot_task_loads_in_skypilot(ex, builds):
     task = json.loads(out.stdout.strip().splitlines()[-1])
     nodes, gpn = expected_shape(ex, builds[ex])
     assert task["num_nodes"] == nodes
-    assert task["accelerators"] == {skypilot.SKYPILOT_ACCELERATORS[lock["hardware"]["key"]]: gpn}
+    assert task["accelerators"] == {{"h100-sxm": "H100", "h800": "H800"}[lock["hardware"]["key"]]: gpn}
     assert "launch/torchrun_multi_node.sh" in task["run"] and (builds[ex] / "launch/torchrun_multi_node.sh").exists()
 
 
@@ -131,6 +131,90 @@ def test_kubeflow_trainjob_valid_and_matches_build(ex, builds):
     for var in ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_MASTER_ADDR", "PET_MASTER_PORT"):
         assert f"${{{var}" in cmd
     assert "launch/torchrun_multi_node.sh" in cmd
+
+
+MULTI_NODE = """
+name: "{name}"
+model: llama3-8b
+hardware: {{gpu: {gpu}, count: 16, gpus_per_node: 8{extra}}}
+data: {{seq_len: 4096, tokens: 10B}}
+"""
+
+
+def _artifacts(name: str, gpu: str, extra: str = ""):
+    from llmc.compiler.compile import compile_spec
+    from llmc.emit import build_warnings, render_artifacts
+    from llmc.spec.load import loads_spec
+
+    text = MULTI_NODE.format(name=name, gpu=gpu, extra=extra)
+    run, lines = loads_spec(text, file="spec.yaml")
+    c = compile_spec(run, "spec.yaml", lines, spec_bytes=text.encode())
+    return render_artifacts(c), {d.code for d in build_warnings(c)}
+
+
+# SkyPilot's names for the table's parts (sky show-gpus -a / sky/utils/gpu_names.py; RunPod's H100-NVL, RTX4090),
+# written out here independently of the hardware table; None: SkyPilot knows no name for the part
+SKY_NAMES = {"h100-sxm": "H100", "h100-pcie": "H100", "h800": "H800", "h200": "H200", "b200": "B200", "b300": "B300",
+             "gb200": "GB200", "gb300": "GB300", "h100-nvl": "H100-NVL", "h100-hbm2e-96g": None, "h20": None,
+             "a100-40g": "A100", "a100-80g": "A100-80GB", "l40s": "L40S", "mi300x": "MI300X", "mi325x": None,
+             "rtx4090": "RTX4090"}
+AMD = {"mi300x", "mi325x"}
+
+
+def test_every_table_gpu_builds_multi_node_manifests():
+    """Every GPU of the table builds on two nodes: the SkyPilot task names SkyPilot's accelerator (or, where SkyPilot
+    has none, is left out with warning X111), and the TrainJob asks for the vendor's device-plugin resource."""
+    from llmc.compiler.hardware import GPUS
+
+    assert set(SKY_NAMES) == set(GPUS) - {"cpu"}
+    for gpu, sky_name in SKY_NAMES.items():
+        files, warnings = _artifacts("multi", gpu)
+        job = yaml.safe_load(files["kubeflow/trainjob.yaml"])
+        resource = "amd.com/gpu" if gpu in AMD else "nvidia.com/gpu"
+        assert job["spec"]["trainer"]["resourcesPerNode"]["limits"] == {resource: "8"}, gpu
+        if sky_name is None:
+            assert "skypilot/task.yaml" not in files and "X111" in warnings, gpu
+        else:
+            task = yaml.safe_load(files["skypilot/task.yaml"])
+            assert task["resources"]["accelerators"] == f"{sky_name}:8" and "X111" not in warnings, gpu
+    # a custom part takes its base's names, or its own
+    files, _ = _artifacts("multi", "my-gpu", ", gpu_overrides: {base: mi300x}")
+    assert "amd.com/gpu" in files["kubeflow/trainjob.yaml"] and '"MI300X:8"' in files["skypilot/task.yaml"]
+    files, warnings = _artifacts("multi", "my-gpu", ", gpu_overrides: {bf16_tflops: 500, hbm_gib: 64, hbm_tbps: 2}")
+    assert "skypilot/task.yaml" not in files and "X111" in warnings
+    files, _ = _artifacts("multi", "h20", ", gpu_overrides: {skypilot_name: H20-POOL, vendor: nvidia}")
+    assert yaml.safe_load(files["skypilot/task.yaml"])["resources"]["accelerators"] == "H20-POOL:8"
+
+
+# What a YAML 1.2 core-schema reader (Kubernetes' go-yaml / sigs.k8s.io/yaml) or a YAML 1.1 one resolves to something
+# other than a string when written plain (https://yaml.org/spec/1.2.2/#1032-tag-resolution, https://yaml.org/type/bool.html)
+NOT_STRINGS = re.compile(r"""(?x)
+    ~|null|Null|NULL|
+    [yY]|yes|Yes|YES|[nN]|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF|
+    [-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+|
+    [-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?|
+    [-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)|[0-9]+(:[0-5]?[0-9])+""")
+
+
+@pytest.mark.parametrize("name", ["y", "N", "on", "1e3", "1.5e3", "0x1f", "007", "null", "true", "ok-name"])
+def test_cluster_yaml_writes_no_string_a_yaml_reader_takes_for_a_number_or_bool(name):
+    """The spec name lands in the manifests as labels, env values and the task name: a plain ``y`` or ``1e3`` there
+    is a bool or a float to kubectl. Every plain scalar the manifests write must be one no reader resolves."""
+    files, _ = _artifacts(name, "h100-sxm")
+    for rel in ("kubeflow/trainjob.yaml", "skypilot/task.yaml"):
+        text = files[rel]
+        node = yaml.compose(text)
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if isinstance(n, yaml.MappingNode):
+                stack += [x for kv in n.value for x in kv]
+            elif isinstance(n, yaml.SequenceNode):
+                stack += n.value
+            elif n.tag.endswith(":str") and n.style is None:
+                assert not NOT_STRINGS.fullmatch(n.value), (rel, n.value)
+        doc = yaml.safe_load(text)
+        assert name in (doc.get("name"), doc.get("metadata", {}).get("annotations", {}).get("llmc/spec-name"))
 
 
 def closed(schema):

@@ -201,6 +201,7 @@ def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_pat
     from llmc.emit import render_artifacts
     from llmc.runtime import corpus, evaluate
     from llmc.runtime.entry import run_stage
+    from llmc.spec.facts import gather_facts
     from llmc.spec.schema import RunSpec
 
     corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=100)
@@ -216,12 +217,14 @@ def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_pat
             "eval": {"tasks": ["tasks/tiny_mc.yaml"], "batch_size": 2}}
     lock = lock_for(spec, plan={"micro_batch": 8}, hyper={"warmup_steps": 1}, spec_path=str(tmp_path / "spec.yaml"))
     assert lock["evaluation"]["tasks"]["stages"] == ["pretrain"]
+    run = RunSpec.model_validate(spec)
     files = render_artifacts(__import__("llmc.compiler.compile", fromlist=["x"]).compile_spec(
-        RunSpec.model_validate(spec), str(tmp_path / "spec.yaml")))
+        run, str(tmp_path / "spec.yaml"), facts=gather_facts(run, tmp_path)))
     emitted = json.loads(files["eval/tasks.json"])
     assert emitted["tasks"] == ["tasks/tiny_mc.yaml"] and emitted["results"] == {
         "pretrain": "run/pretrain/eval/eval_results.json"}
-    assert "--tasks tiny_mc --batch_size 2" in emitted["lm_eval_commands"]["pretrain"]
+    # lm_eval knows a task file by its task: name (the results below are keyed by it), not by the file's name
+    assert "--tasks tiny_local_mc --batch_size 2" in emitted["lm_eval_commands"]["pretrain"]
     assert f"--include_path {tmp_path / 'tasks'}" in emitted["lm_eval_commands"]["pretrain"]  # next to the spec
 
     out = tmp_path / "run" / "pretrain"
@@ -780,3 +783,28 @@ def _run_ds_train(tmp_path, root, out, *, zero: int, bf16: bool = False, extra: 
         if r.returncode == 0 or "terminate called without an active exception" not in r.stderr or attempt:
             break
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_local_task_files_are_read_for_their_lm_eval_name_and_a_missing_one_is_flagged(tmp_path):
+    """eval.tasks' local files: each one's ``task:`` (or ``group:``) name is what lm_eval is given (as llmc's eval
+    step resolves it); a missing file, or one naming no task, is E009 at plan time rather than a failure after
+    training."""
+    from llmc.runtime.evaluate import resolve_tasks
+    from llmc.spec.facts import gather_facts
+
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals/file_name.yaml").write_text("task: real_name\ndataset_path: json\n")
+    (tmp_path / "evals/suite.yml").write_text("group: my_suite\ntask: [real_name, hellaswag]\n")
+    (tmp_path / "evals/broken.yaml").write_text("dataset_path: json\n")
+    text = _tiny("eval: {tasks: [hellaswag, evals/file_name.yaml, evals/suite.yml, evals/missing.yaml, "
+                 "evals/broken.yaml]}\n")
+    run, lines = loads_spec(text, file=str(tmp_path / "spec.yaml"))
+    c = compile_spec(run, str(tmp_path / "spec.yaml"), lines, spec_bytes=text.encode(),
+                     facts=gather_facts(run, tmp_path))
+    assert c.evaluation.tasks.names == ["hellaswag", "real_name", "my_suite", "missing", "broken"]
+    runtime = resolve_tasks(("hellaswag", str(tmp_path / "evals/file_name.yaml"), str(tmp_path / "evals/suite.yml")))
+    assert runtime.names == c.evaluation.tasks.names[:3]
+    e009 = {d.path: d for d in c.diagnostics if d.code == "E009"}
+    assert set(e009) == {"eval.tasks.3", "eval.tasks.4"} and all(d.severity == "warning" for d in e009.values())
+    assert "does not exist" in e009["eval.tasks.3"].message and "no top-level 'task:'" in e009["eval.tasks.4"].message
+    assert e009["eval.tasks.3"].line == 10

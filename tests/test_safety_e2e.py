@@ -20,6 +20,7 @@ import ast
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,7 +81,11 @@ def test_build_owns_only_its_files(tmp_path):
     for rel, data in mine.items():
         (b / rel).parent.mkdir(parents=True, exist_ok=True)
         (b / rel).write_bytes(data)
-    (b / "README.md").write_text("edited")  # an owned artifact: the rebuild restores it
+    (b / "README.md").write_text("edited")  # an owned artifact edited by hand: the rebuild refuses to overwrite it
+    r = llmc("build", str(spec), "-o", str(b), "--set", "training.optimizer.lr=0.002")
+    assert r.returncode == 1 and r.stderr.startswith(f"{b / 'README.md'}: error[X010] changed since llmc wrote it")
+    assert (b / "README.md").read_text() == "edited"
+    (b / "README.md").unlink()  # moved away: the rebuild writes it again
     r = llmc("build", str(spec), "-o", str(b), "--set", "training.optimizer.lr=0.002")
     assert r.returncode == 0, r.stderr
     for rel, data in mine.items():
@@ -152,6 +157,16 @@ def test_hostile_spec_file_name_is_inert(tmp_path):
         assert r.returncode == 0, (s, r.stderr)
     assert "--lock" in (tmp_path / "calls.log").read_text()  # the scripts really ran (against the fakes)
     assert llmc("launch", str(b), "--dry-run", cwd=cwd).returncode == 0
+    # run by a relative path with CDPATH exported (where `cd` prints the directory it enters): each script still
+    # finds its own build directory
+    (tmp_path / "calls.log").unlink()
+    for s in scripts:
+        if s.suffix == ".sh":
+            r = subprocess.run(["bash", str(s.relative_to(b))], cwd=b, env={**env, "CDPATH": f"{tmp_path / 'nowhere'}:{b}"},
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, (s, r.stderr)
+    locks = re.findall(r"--lock (\S*)", (tmp_path / "calls.log").read_text())
+    assert locks and set(locks) == {str(b / "plan.lock.json")}, set(locks)
     assert not [p for p in tmp_path.rglob("pwned*")], "a spec file name was executed"
 
 

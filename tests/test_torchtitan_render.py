@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import hashlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -484,3 +485,32 @@ def test_source_paths_reach_the_job_as_python_literals():
          "weight": 0.25}]
     assert lits["VALIDATION"] == {"freq": 5, "steps": 2, "micro_batch": c.plan.micro_batch, "fraction": None, "seed": 0,
                                   "files": ["val's.jsonl"]}
+
+
+def test_home_relative_paths_are_expanded_where_the_job_runs(monkeypatch):
+    """``~`` in a source path, validation file or ``init_hf`` stays ``~`` in the job (the home of the machine that
+    runs it, as llmc's own runtime reads it), never the home of the machine that built it: two builds from
+    different homes are byte-identical, and the job and the native trainer open the same file."""
+    from types import SimpleNamespace
+
+    from llmc.runtime.job import TrainJob
+
+    data = {"seq_len": 64, "tokens": 1e6, "sources": [{"name": "web", "path": "~/corpus/web.jsonl"}]}
+    jobs = []
+    for home in ("/home/alice", "/home/bob"):
+        monkeypatch.setenv("HOME", home)
+        c = compiled_for(data=data, training_extra={"init_hf": "~/models/base"},
+                         eval={"validation": {"files": ["~/val.jsonl"], "every_steps": 5}})
+        jobs.append(render_torchtitan(c)["torchtitan/llmc_job.py"])
+    assert jobs[0] == jobs[1] and "alice" not in jobs[0]
+    tree = ast.parse(jobs[0])
+    lits = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+            for t in n.targets if isinstance(t, ast.Name) and t.id in ("DATA_SOURCES", "VALIDATION", "INIT_HF")}
+    assert lits["DATA_SOURCES"][0]["path"] == "~/corpus/web.jsonl" and lits["VALIDATION"]["files"] == ["~/val.jsonl"]
+    assert lits["INIT_HF"] == "~/models/base"
+    # the job's own resolution (its _where function, run here) and the native trainer's agree on this machine
+    where = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_where")
+    scope = {"os": os, "DATA_DIR": "/run/data", "BUILD_DIR": "/builds/b"}
+    exec(compile(ast.Module([where], []), "llmc_job", "exec"), scope)
+    native = TrainJob.resolve_path(SimpleNamespace(spec_dir="/specs"), "~/corpus/web.jsonl")
+    assert scope["_where"](lits["DATA_SOURCES"][0]) == str(native) == "/home/bob/corpus/web.jsonl"

@@ -203,7 +203,8 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     if pipeline is not None:
         checks.check_pipeline_budget(run, pipeline, sink)
     serving, serving_diags = _serving(run, gpu, lines)
-    evaluation = _evaluation(run, sink, spec_path, stages, hyper, searched.plan, compute, time)
+    evaluation = _evaluation(run, sink, spec_path, stages, hyper, searched.plan, compute, time,
+                             facts.eval_tasks if facts is not None else {})
     diags = sink.items + [_located(d, lines, spec_path) for d in stage_diags + serving_diags]
     return Compiled(
         spec_path=spec_path, spec_sha256=spec_sha256(run, spec_bytes), spec=run, gpu=gpu, model=model,
@@ -216,7 +217,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     )
 
 
-def _evaluation(run, sink, spec_path, stages, hyper, plan, compute, time):
+def _evaluation(run, sink, spec_path, stages, hyper, plan, compute, time, task_files):
     """``eval`` / ``data.quality``: validation cost at the plan's throughput, banding, checks (evaluation.py)."""
     import posixpath
 
@@ -228,7 +229,7 @@ def _evaluation(run, sink, spec_path, stages, hyper, plan, compute, time):
         forward_flops_per_token=flops.forward_flops_per_token(run.model, run.data.seq_len),
         tokens_per_second=time.tokens_per_second if time else None,
         train_flops_per_token=compute.flops_per_token, step_seconds=time.step_seconds if time else None,
-        stages=stages)
+        stages=stages, task_files=task_files)
 
 
 @dataclasses.dataclass(frozen=True)

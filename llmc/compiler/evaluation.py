@@ -106,6 +106,7 @@ class QualityPlan:
 @dataclass(frozen=True)
 class TasksPlan:
     tasks: list[str]
+    names: list[str]  # what ``lm_eval --tasks`` is given: a built-in name as written, a local file's task / group name
     stages: list[str]  # stages whose final HF export is evaluated
     backend: str
     batch_size: int
@@ -236,11 +237,12 @@ def _task_key(task: str) -> str:
 def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: int | None,
                     micro_batch: int | None, dp: int | None, forward_flops_per_token: float,
                     tokens_per_second: float | None, train_flops_per_token: float | None,
-                    step_seconds: float | None, stages=None) -> EvaluationPlan | None:
+                    step_seconds: float | None, stages=None, task_files=None) -> EvaluationPlan | None:
     """The :class:`EvaluationPlan` of ``run`` (None when it has neither ``eval`` nor ``data.quality``).
 
     ``stages``: the compiled stages (``name``, ``kind``, ``steps``, ``checkpoint_interval``), for
-    ``eval.every_checkpoints``."""
+    ``eval.every_checkpoints``. ``task_files``: what each local task file of ``eval.tasks`` says
+    (:class:`llmc.spec.facts.EvalTaskFacts` by spec path; absent: not read, its file name stands in)."""
     ev, q, data = run.eval, run.data.quality, run.data
     if ev is None and q is None:
         return None
@@ -268,7 +270,16 @@ def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: 
         ck = None
         if ev.every_checkpoints is not None:
             ck = _checkpoint_evals(run, ev.every_checkpoints, names, stages or [], sink)
-        tasks = TasksPlan(tasks=list(ev.tasks), stages=names, backend=ev.backend, batch_size=ev.batch_size,
+        lm_names = []
+        for j, t in enumerate(ev.tasks):
+            fact = (task_files or {}).get(t)
+            if fact is not None and fact.problem is not None:
+                sink.add("E009", "warning", f"eval.tasks.{j}", f"eval task file: {fact.problem}; the eval step after "
+                         "training would fail", "fix the path (relative to the spec's folder) or the file")
+            local = t.endswith((".yaml", ".yml"))
+            lm_names.append(fact.name if fact is not None and fact.name else
+                            posixpath.splitext(posixpath.basename(t))[0] if local else t)
+        tasks = TasksPlan(tasks=list(ev.tasks), names=lm_names, stages=names, backend=ev.backend, batch_size=ev.batch_size,
                           limit=ev.limit, every_checkpoints=ev.every_checkpoints, checkpoint_steps=ck)
         if ev.backend == "vllm":
             sink.add("E007", "info", "eval.backend",

@@ -55,6 +55,12 @@ class GPU:
     pcie_gbps: float = 0.0  # GB/s per GPU per direction over PCIe; 0 = not given
     mx_block_scaling: bool = False  # tensor cores run OCP MX block-scaled formats (MXFP8: Blackwell, SM 10.x)
     host_gib: float = 0.0  # host (CPU) memory of the reference node in GiB, for offload plans; 0 = not given
+    vendor: str = "nvidia"  # "nvidia" | "amd": the Kubernetes device-plugin resource (nvidia.com/gpu, amd.com/gpu)
+    # SkyPilot accelerator name for a multi-node build's skypilot/task.yaml; None = none known (the task is then
+    # not written). Names as SkyPilot's catalogs and canonical list spell them: ``sky show-gpus -a``,
+    # https://docs.skypilot.co/en/latest/compute/gpus.html and sky/utils/gpu_names.py (GB300, GB200, B300, ...)
+    # in https://github.com/skypilot-org/skypilot; H100-NVL and RTX4090 are RunPod catalog names.
+    skypilot_name: str | None = None
 
     @property
     def hbm_gib(self) -> float:
@@ -67,6 +73,7 @@ class GPU:
 _ROWS: list[dict] = [
     dict(
         key="h100-sxm",
+        skypilot_name="H100",
         power_w=700,
         name="NVIDIA H100 SXM5 80GB",
         # datasheet: BF16 1,979 TF / FP8 3,958 TF "with sparsity" -> dense 989.4 / 1,978.9 (H100 whitepaper
@@ -89,6 +96,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="h100-pcie",
+        skypilot_name="H100",
         power_w=350,
         name="NVIDIA H100 PCIe 80GB",
         # datasheet: BF16 1,513 TF sparse -> 756.5 dense; FP8 3,026 sparse -> 1,513 dense; FP32 51 TF;
@@ -109,6 +117,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="h800",
+        skypilot_name="H800",
         power_w=700,
         name="NVIDIA H800 SXM5 80GB",
         # Export variant of H100 SXM: same tensor cores and HBM3, NVLink cut to 400 GB/s bidirectional
@@ -128,6 +137,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="h200",
+        skypilot_name="H200",
         power_w=700,
         name="NVIDIA H200 SXM 141GB",
         # datasheet: same compute as H100 SXM (BF16 1,979 sparse / FP8 3,958 sparse); 141 GB HBM3e 4.8 TB/s;
@@ -149,6 +159,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="b200",
+        skypilot_name="B200",
         power_w=1000,
         name="NVIDIA B200 180GB (HGX)",
         # HGX B200 spec table (per GPU): FP16/BF16 tensor 4.5 PF sparse -> 2.25 PF dense; FP8 9 PF sparse
@@ -173,6 +184,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="h100-nvl",
+        skypilot_name="H100-NVL",
         name="NVIDIA H100 NVL 94GB",
         # H100 NVL datasheet: BF16 1,671 TF sparse -> 835.5 dense; FP8 3,341 sparse -> 1,670.5 dense;
         # FP32 60 TF; TF32 835 sparse -> 417.5 dense; 94 GB HBM3 3.9 TB/s; NVLink bridge 600 GB/s
@@ -233,6 +245,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="gb200",
+        skypilot_name="GB200",
         name="NVIDIA GB200 NVL72 (per Blackwell GPU)",
         # GB200 NVL72 spec table (72 GPUs): FP16/BF16 360 PF sparse -> 2.5 PF dense per GPU; FP8 720 PF
         # sparse -> 5 PF dense per GPU; TF32 180 PF sparse -> 1.25 PF dense per GPU; FP32 5,760 TF -> 80 TF
@@ -255,6 +268,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="b300",
+        skypilot_name="B300",
         name="NVIDIA B300 288GB (HGX, Blackwell Ultra)",
         # HGX B300 spec table (8 GPUs): FP8/FP6 72 PF sparse -> 4.5 PF dense per GPU; FP16/BF16 36 PF sparse ->
         # 2.25 PF dense; TF32 18 PF sparse -> 1.125 PF dense; FP32 600 TF -> 75 TF; up to 2.3 TB HBM3e -> 288 GB
@@ -278,6 +292,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="gb300",
+        skypilot_name="GB300",
         name="NVIDIA GB300 NVL72 (per Blackwell Ultra GPU)",
         # GB300 NVL72 spec table (72 GPUs): FP8/FP6 720 PF sparse -> 5 PF dense per GPU; FP16/BF16 360 PF sparse
         # -> 2.5 PF dense; TF32 180 PF sparse -> 1.25 PF dense; FP32 6 PF -> 83 TF; up to 20 TB HBM3e at up to
@@ -301,6 +316,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="mi325x",
+        vendor="amd",
         name="AMD Instinct MI325X 256GB",
         # AMD spec page: same CDNA3 compute as MI300X (BF16 1,307.4 TF dense, FP8 2,614.9 dense, FP32
         # 163.4 TF), 256 GB HBM3E at 6 TB/s, Infinity Fabric 896 GB/s aggregate -> 448 per direction, 1000 W.
@@ -319,6 +335,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="a100-40g",
+        skypilot_name="A100",
         power_w=400,
         name="NVIDIA A100 SXM4 40GB",
         # datasheet: BF16 312 TF dense (624 sparse); FP32 19.5 TF; TF32 156 dense; 40 GB HBM2 1,555 GB/s;
@@ -337,6 +354,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="a100-80g",
+        skypilot_name="A100-80GB",
         power_w=400,
         name="NVIDIA A100 SXM4 80GB",
         # datasheet: as the 40GB part, with 80 GB HBM2e 2,039 GB/s.
@@ -354,6 +372,8 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="mi300x",
+        skypilot_name="MI300X",
+        vendor="amd",
         power_w=750,
         name="AMD Instinct MI300X 192GB",
         # AMD datasheet: BF16 1,307.4 TF dense (2,614.9 with sparsity); FP8 2,614.9 dense; FP32 vector and
@@ -375,6 +395,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="l40s",
+        skypilot_name="L40S",
         power_w=350,
         name="NVIDIA L40S 48GB",
         # datasheet: BF16 362.05 TF dense (733 sparse); FP8 733 dense (1,466 sparse); FP32 91.6 TF;
@@ -394,6 +415,7 @@ _ROWS: list[dict] = [
     ),
     dict(
         key="rtx4090",
+        skypilot_name="RTX4090",
         power_w=450,
         name="NVIDIA GeForce RTX 4090 24GB",
         # Ada whitepaper (appendix table): FP16/BF16 tensor with FP32 accumulate 165.2 TF dense (330.3
@@ -525,6 +547,8 @@ _OVERRIDE_FIELDS = {
     "nvlink_domain": ("nvlink_domain", None),
     "mx_block_scaling": ("mx_block_scaling", None),
     "usd_per_gpu_hour": ("usd_per_hour", 1.0),
+    "vendor": ("vendor", None),
+    "skypilot_name": ("skypilot_name", None),
 }
 CUSTOM_REQUIRED = ("bf16_tflops", "hbm_gib", "hbm_tbps")
 

@@ -41,7 +41,7 @@ class EvalTasksEmitter(Emitter):
 
     def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
         t = compiled.evaluation.tasks
-        names = [posixpath.splitext(posixpath.basename(x))[0] if _is_local(x) else x for x in t.tasks]
+        names = t.names  # a local file's task: or group: name (llmc.spec.facts), as lm_eval --tasks takes it
         spec_dir = posixpath.dirname(compiled.spec_path) or "."
         # the commands run from the build directory (pretrained=run/<stage>/hf); spec_dir is relative to it
         include = sorted({posixpath.normpath(posixpath.join(spec_dir, posixpath.dirname(x) or "."))

@@ -25,8 +25,6 @@ from collections.abc import Mapping
 
 from llmc.emit.base import Emitter
 from llmc.emit.skypilot import (
-    K8S_GPU_RESOURCE,
-    K8S_GPU_RESOURCE_DEFAULT,
     cluster_shape,
     dump_yaml,
     header,
@@ -58,7 +56,7 @@ def trainjob(lock: dict) -> dict:
     """The TrainJob manifest as a dict."""
     shape = cluster_shape(lock)
     sha = (lock.get("_llmc") or {}).get("spec_sha256", "")
-    gpu = K8S_GPU_RESOURCE.get(shape.hardware_key, K8S_GPU_RESOURCE_DEFAULT)
+    gpu = shape.k8s_resource
     n = str(shape.gpus_per_node)
     return {
         "apiVersion": API_VERSION,

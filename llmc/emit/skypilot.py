@@ -20,32 +20,20 @@ Shared helpers used by :mod:`llmc.emit.kubeflow` too: :class:`ClusterShape`, :fu
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import yaml
 
+from llmc.diagnostics import Diagnostic
 from llmc.emit.base import Emitter
+from llmc.emit.common import diag, is_cpu, nnodes
 from llmc.lockfile import LOCK_FILE
 
-# llmc hardware key -> SkyPilot accelerator name (``sky show-gpus -a``;
-# https://docs.skypilot.co/en/latest/compute/gpus.html). H800 is not in the public-cloud catalogs; the
-# name still schedules on Kubernetes / SSH node pools labelled with it.
-SKYPILOT_ACCELERATORS = {
-    "h100-sxm": "H100",
-    "h100-pcie": "H100",
-    "h800": "H800",
-    "h200": "H200",
-    "b200": "B200",
-    "a100-40g": "A100",
-    "a100-80g": "A100-80GB",
-    "l40s": "L40S",
-    "mi300x": "MI300X",
-}
-
-# Kubernetes extended resource per GPU vendor (NVIDIA / AMD device plugins).
-K8S_GPU_RESOURCE = {"mi300x": "amd.com/gpu"}
-K8S_GPU_RESOURCE_DEFAULT = "nvidia.com/gpu"
+# Kubernetes extended resource per GPU vendor (NVIDIA / AMD device plugins); the vendor and the SkyPilot
+# accelerator name are hardware data (llmc.compiler.hardware.GPU.vendor / .skypilot_name, in the lock).
+K8S_GPU_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +43,8 @@ class ClusterShape:
     world: int  # GPUs in the job
     gpus_per_node: int
     num_nodes: int
+    k8s_resource: str = K8S_GPU_RESOURCE["nvidia"]  # the Kubernetes device-plugin resource of the GPU
+    accelerator: str | None = None  # SkyPilot accelerator name (None: none known)
 
 
 def cluster_shape(lock: dict) -> ClusterShape:
@@ -65,7 +55,8 @@ def cluster_shape(lock: dict) -> ClusterShape:
     if key == "cpu":
         raise ValueError("the build targets the local CPU pseudo-device; cluster manifests need GPUs")
     c = lock["cluster"]  # written once, by llmc.emit.lock.lock_dict
-    return ClusterShape(lock["spec"]["name"], key, int(c["world"]), int(c["gpus_per_node"]), int(c["nnodes"]))
+    return ClusterShape(lock["spec"]["name"], key, int(c["world"]), int(c["gpus_per_node"]), int(c["nnodes"]),
+                        K8S_GPU_RESOURCE[hw["vendor"]], hw["skypilot_name"])
 
 
 def header(lock: dict) -> list[str]:
@@ -80,8 +71,17 @@ class _Dumper(yaml.SafeDumper):
     pass
 
 
+# A string stays plain only when every YAML reader takes it as a string: PyYAML (YAML 1.1) and Kubernetes'
+# go-yaml read ``1e3`` as a number and ``y`` / ``on`` as booleans where PyYAML's dumper leaves them unquoted.
+_PLAIN = re.compile(r"[A-Za-z_/][A-Za-z0-9_./-]*")
+_YAML11_WORDS = frozenset({"y", "yes", "n", "no", "true", "false", "on", "off", "null"})
+
+
 def _str(dumper: yaml.SafeDumper, s: str) -> yaml.Node:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+    if "\n" in s:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", s, style="|")
+    plain = _PLAIN.fullmatch(s) is not None and s.lower() not in _YAML11_WORDS
+    return dumper.represent_scalar("tag:yaml.org,2002:str", s, style=None if plain else '"')
 
 
 _Dumper.add_representer(str, _str)
@@ -108,10 +108,9 @@ bash launch/torchrun_multi_node.sh
 def task(lock: dict) -> dict:
     """The SkyPilot task as a dict (what ``sky.Task.from_yaml_config`` takes)."""
     shape = cluster_shape(lock)
-    accel = SKYPILOT_ACCELERATORS.get(shape.hardware_key)
+    accel = shape.accelerator
     if accel is None:
-        raise ValueError(f"hardware {shape.hardware_key!r} has no SkyPilot accelerator name "
-                         f"(known: {', '.join(sorted(SKYPILOT_ACCELERATORS))})")
+        raise ValueError(f"hardware {shape.hardware_key!r} has no SkyPilot accelerator name")
     version = (lock.get("_llmc") or {}).get("llmc_version") or lock.get("llmc_version")
     return {
         "name": shape.name,
@@ -137,14 +136,22 @@ class SkyPilotEmitter(Emitter):
     def applies(self, compiled) -> bool:
         return multi_node_gpu(compiled)
 
+    def diagnostics(self, compiled) -> list[Diagnostic]:
+        if compiled.gpu.skypilot_name is not None:
+            return []
+        return [diag("X111", "warning", "hardware.gpu",
+                     f"no SkyPilot accelerator name is known for {compiled.gpu.key!r}: skypilot/task.yaml is not "
+                     "written (the other launchers are)",
+                     "set hardware.gpu_overrides.skypilot_name (`sky show-gpus -a`, or your node pool's label)")]
+
     def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
+        if compiled.gpu.skypilot_name is None:
+            return {}
         return files(json.loads(earlier[LOCK_FILE]))
 
 
 def multi_node_gpu(compiled) -> bool:
     """Cluster manifests are emitted only for GPU builds spanning more than one node."""
-    from llmc.emit.common import is_cpu, nnodes
-
     return not is_cpu(compiled) and nnodes(compiled) > 1
 
 

@@ -176,12 +176,13 @@ def _rope(arch) -> dict[str, Any]:
 
 
 def _from_build(compiled, path: str | None) -> str | None:
-    """A spec path as the job reads it: absolute (``~`` expanded), else relative to the spec's folder, which
-    ``llmc build`` records relative to the build directory (the job joins it with its build directory)."""
+    """A spec path as the job reads it: absolute or ``~`` (kept: the job expands it on the machine it runs on, as
+    llmc's runtime does, never with the home of the machine that built it), else relative to the spec's folder,
+    which ``llmc build`` records relative to the build directory (the job joins it with its build directory)."""
     if path is None:
         return None
-    if os.path.isabs(os.path.expanduser(path)):
-        return os.path.expanduser(path)
+    if path.startswith("~") or os.path.isabs(path):
+        return path
     return posixpath.normpath(posixpath.join(posixpath.dirname(Path(compiled.spec_path).as_posix()), path))
 
 

@@ -69,6 +69,8 @@ from typing import Any
 
 import yaml
 
+from llmc.spec.facts import task_file_name
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -100,13 +102,6 @@ class EvalSummary:
     lm_eval_version: str
 
 
-class _TaskYaml(yaml.SafeLoader):
-    """YAML as lm_eval's task files write it: lm_eval's own tags (``!function utils.process``) read as None."""
-
-
-_TaskYaml.add_multi_constructor("!", lambda loader, suffix, node: None)
-
-
 @dataclass(frozen=True)
 class ResolvedTasks:
     names: list[str]
@@ -115,21 +110,6 @@ class ResolvedTasks:
     """Directories of the local files (lm_eval's ``include_path``)."""
     builtin: bool
     """Whether lm_eval needs its built-in task index: a task given by name, or a local group of tasks."""
-
-
-def _task_file_name(path: str, text: str) -> tuple[str, bool]:
-    """(the name lm_eval knows a task file by, whether it lists other tasks): ``task: x`` -> (x, False); a group
-    file (``group: g`` with ``task: [a, b]``) -> (g, True)."""
-    try:
-        doc = yaml.load(text, Loader=_TaskYaml)  # noqa: S506 (a SafeLoader whose only addition ignores tags)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
-    task = doc.get("task") if isinstance(doc, dict) else None
-    if isinstance(task, str):
-        return task, False
-    if isinstance(task, list) and isinstance(doc.get("group"), str):
-        return doc["group"], True
-    raise ValueError(f"{path}: no top-level 'task:' name (or 'group:' name with a 'task:' list)")
 
 
 #: Relative to a stage's output directory.
@@ -190,7 +170,7 @@ def resolve_tasks(tasks: tuple[str, ...], copy_dir: str | Path | None = None) ->
             if not p.is_file():
                 raise FileNotFoundError(f"eval task file {t} does not exist")
             text = p.read_text(encoding="utf-8")
-            name, lists_tasks = _task_file_name(t, text)
+            name, lists_tasks = task_file_name(t, text)
             names.append(name)
             builtin |= lists_tasks
             p = _absolute_data_files(p, text, Path(copy_dir) / str(i) if copy_dir is not None else None)

@@ -147,7 +147,9 @@ class TrainJob:
         return replace(self, **kw)
 
     def resolve_path(self, p: str) -> Path:
-        q = Path(p)
+        """A spec path on this machine: ``~`` is this machine's home (as the torchtitan job expands it); relative
+        is relative to the spec's folder."""
+        q = Path(p).expanduser()
         return q if q.is_absolute() else Path(self.spec_dir) / q
 
     def lr_factor(self, step: int) -> float:

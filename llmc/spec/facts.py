@@ -5,7 +5,9 @@ stage's) and records its special tokens (the ``added_tokens`` of a Hugging Face 
 https://huggingface.co/docs/tokenizers/api/tokenizer). The compiler takes the result as
 ``compile_spec(..., facts=...)``; without it the special tokens are inferred from the model name. It also
 reads the ``model_type`` of each local Hugging Face checkpoint an ``init_hf`` names (a folder with a config.json),
-which decides whether torchtitan's state-dict adapters can read it.
+which decides whether torchtitan's state-dict adapters can read it, and the task name of each local
+lm-evaluation-harness task file ``eval.tasks`` names (``task:``, or ``group:`` over a ``task:`` list: what
+``lm_eval --tasks`` takes; https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/new_task_guide.md).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from llmc.fileio import read_regular_file
 from llmc.spec.schema import RunSpec
 
 #: Largest referenced JSON file read (HF config.json files are a few KiB; tokenizer.json a few MiB).
 MAX_CONFIG_BYTES = 4 * 2**20
 MAX_TOKENIZER_BYTES = 64 * 2**20
+MAX_TASK_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,56 @@ class ExternalFacts:
 
     tokenizers: dict[str, TokenizerFacts] = field(default_factory=dict)
     checkpoint_types: dict[str, str] = field(default_factory=dict)
+    eval_tasks: dict[str, EvalTaskFacts] = field(default_factory=dict)
+    """Each local task file of ``eval.tasks`` (``*.yaml``), keyed as the spec writes it."""
+
+
+@dataclass(frozen=True)
+class EvalTaskFacts:
+    """A local lm-evaluation-harness task file: the name ``lm_eval --tasks`` knows it by, or why it cannot be read."""
+
+    name: str | None
+    problem: str | None = None
+
+
+class _TaskYaml(yaml.SafeLoader):
+    """YAML as lm_eval's task files write it: lm_eval's own tags (``!function utils.process``) read as None."""
+
+
+_TaskYaml.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def task_file_name(path: str, text: str) -> tuple[str, bool]:
+    """(the name lm_eval knows a task file by, whether it lists other tasks): ``task: x`` -> (x, False); a group
+    file (``group: g`` with ``task: [a, b]``) -> (g, True). ValueError when it is neither."""
+    try:
+        doc = yaml.load(text, Loader=_TaskYaml)  # noqa: S506 (a SafeLoader whose only addition ignores tags)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
+    task = doc.get("task") if isinstance(doc, dict) else None
+    if isinstance(task, str):
+        return task, False
+    if isinstance(task, list) and isinstance(doc.get("group"), str):
+        return doc["group"], True
+    raise ValueError(f"{path}: no top-level 'task:' name (or 'group:' name with a 'task:' list)")
+
+
+def read_eval_task(path: str, spec_dir: str | Path) -> EvalTaskFacts:
+    """The task name of the local task file ``path`` (relative to ``spec_dir``), or why it cannot be read (naming the
+    file as the spec does: the reason lands in the lock, which must not depend on the directory llmc ran from)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = Path(spec_dir) / p
+    try:
+        text = read_regular_file(p, MAX_TASK_BYTES).decode("utf-8")
+    except FileNotFoundError:
+        return EvalTaskFacts(None, f"{path} does not exist (next to the spec)")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return EvalTaskFacts(None, f"{path}: cannot be read ({type(e).__name__})")
+    try:
+        return EvalTaskFacts(task_file_name(path, text)[0])
+    except (ValueError, RecursionError) as e:
+        return EvalTaskFacts(None, str(e))
 
 
 def tokenizer_paths(run: RunSpec) -> list[str]:
@@ -47,7 +102,7 @@ def tokenizer_paths(run: RunSpec) -> list[str]:
 
 def read_tokenizer(path: str, spec_dir: str | Path) -> TokenizerFacts:
     """Special tokens of ``path`` (a ``tokenizer.json`` or a folder holding one; relative to ``spec_dir``)."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_absolute():
         p = Path(spec_dir) / p
     f = p / "tokenizer.json" if p.is_dir() else p
@@ -80,9 +135,11 @@ def gather_facts(run: RunSpec, spec_dir: str | Path) -> ExternalFacts:
     """Read every tokenizer the spec references (unreadable ones are recorded with ``specials=None``) and the model
     type of every local ``init_hf`` checkpoint."""
     types = {p: mt for p in init_hf_paths(run) if (mt := read_model_type(p, spec_dir)) is not None}
+    local_tasks = [t for t in (run.eval.tasks if run.eval is not None else ()) if t.endswith((".yaml", ".yml"))]
     return ExternalFacts(tokenizers={p: read_tokenizer(p, spec_dir) for p in tokenizer_paths(run)},
-                         checkpoint_types=types)
+                         checkpoint_types=types, eval_tasks={t: read_eval_task(t, spec_dir) for t in local_tasks})
 
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_TOKENIZER_BYTES", "TokenizerFacts", "ExternalFacts", "tokenizer_paths",
-           "read_tokenizer", "init_hf_paths", "read_model_type", "gather_facts"]
+__all__ = ["MAX_CONFIG_BYTES", "MAX_TOKENIZER_BYTES", "TokenizerFacts", "ExternalFacts", "EvalTaskFacts",
+           "tokenizer_paths", "read_tokenizer", "init_hf_paths", "read_model_type", "read_eval_task", "task_file_name",
+           "gather_facts"]

@@ -206,6 +206,12 @@ class GpuOverrides(SpecModel):
     """GPUs sharing one NVLink domain (GB200 NVL72: 72). None = gpus_per_node."""
     mx_block_scaling: bool | None = None
     """Tensor cores run OCP MX block-scaled formats (MXFP8; Blackwell). Needed for ``fp8_recipe: mxfp8``."""
+    vendor: Literal["nvidia", "amd"] | None = None
+    """GPU vendor: the Kubernetes resource of ``kubeflow/trainjob.yaml`` (nvidia.com/gpu or amd.com/gpu). None = the
+    base's, else nvidia."""
+    skypilot_name: Label | None = None
+    """SkyPilot accelerator name (``sky show-gpus -a``, or the label of a Kubernetes / SSH node pool) for the
+    multi-node ``skypilot/task.yaml``. None = the base's; without one that file is not written (X111)."""
 
 
 class Hardware(SpecModel):

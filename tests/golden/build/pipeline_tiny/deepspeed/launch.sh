@@ -11,7 +11,7 @@
 # The DeepSpeed runner trains pretrain / midtrain / long_context stages (packed next-token loss); stages
 # sft (sft), dpo (dpo), grpo (grpo) run on llmc's native runtime (torchrun).
 set -euo pipefail
-BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD_DIR="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." >/dev/null && pwd)"
 RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
 NPROC="${NPROC:-1}"
 MASTER_PORT="${MASTER_PORT:-29500}"

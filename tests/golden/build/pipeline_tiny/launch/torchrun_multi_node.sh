@@ -9,7 +9,7 @@
 # NODE_RANK is needed. BACKEND=native|torchtitan|deepspeed as in torchrun_single_node.sh (default native).
 # Env: NNODES, MASTER_ADDR, MASTER_PORT, NPROC, RUN_DIR, RUN_ID, STAGE, BACKEND.
 set -euo pipefail
-BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD_DIR="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." >/dev/null && pwd)"
 RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
 NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
@@ -24,6 +24,12 @@ LOCK="$BUILD_DIR/plan.lock.json"
 stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
 # a stage a torchtitan job trains is done once its Hugging Face export exists (torchtitan writes no DONE.json)
 titan_done() { [ -f "$RUN_DIR/$1/hf/config.json" ]; }
+# PYTHONPATH is split on ':': torchtitan cannot import the job from a build path that holds one
+titan_path_ok() {
+  case "$BUILD_DIR" in
+    *:*) echo "error: the build directory's path ($BUILD_DIR) contains ':', which PYTHONPATH cannot carry; move the build or use BACKEND=native" >&2; return 2 ;;
+  esac
+}
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 # Several nodes run the multi-node script: the first to create <run dir>/<stage>/hf.claim exports the stage a
 # torchtitan job trained, the others wait for the export (the next stage starts from it).
@@ -62,6 +68,7 @@ case "$BACKEND" in
     fi
     ;;
   torchtitan)
+    titan_path_ok || exit 2
     python -m llmc.runtime.entry prepare --lock "$LOCK"
     # a torchtitan job writes DCP checkpoints and no DONE.json: the stage ends with its Hugging Face export
     # (run/<stage>/hf, what the next stage starts from; one node writes it, the others wait for it)

@@ -11,7 +11,7 @@
 # Arguments after the script name go to torchtitan.train (BACKEND=torchtitan).
 # Env: NPROC, RUN_DIR (default <build>/run), STAGE, BACKEND.
 set -euo pipefail
-BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD_DIR="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." >/dev/null && pwd)"
 RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
 NPROC="${NPROC:-1}"
 BACKEND="${BACKEND:-native}"
@@ -21,6 +21,12 @@ LOCK="$BUILD_DIR/plan.lock.json"
 stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
 # a stage a torchtitan job trains is done once its Hugging Face export exists (torchtitan writes no DONE.json)
 titan_done() { [ -f "$RUN_DIR/$1/hf/config.json" ]; }
+# PYTHONPATH is split on ':': torchtitan cannot import the job from a build path that holds one
+titan_path_ok() {
+  case "$BUILD_DIR" in
+    *:*) echo "error: the build directory's path ($BUILD_DIR) contains ':', which PYTHONPATH cannot carry; move the build or use BACKEND=native" >&2; return 2 ;;
+  esac
+}
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 
 TORCHRUN=(torchrun --standalone --nproc_per_node "$NPROC")
@@ -41,6 +47,7 @@ case "$BACKEND" in
     fi
     ;;
   torchtitan)
+    titan_path_ok || exit 2
     python -m llmc.runtime.entry prepare --lock "$LOCK"
     # a torchtitan job writes DCP checkpoints and no DONE.json: the stage ends with its Hugging Face export
     # (run/<stage>/hf, what the next stage starts from), and is done once that exists

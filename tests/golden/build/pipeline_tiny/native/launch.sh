@@ -8,7 +8,7 @@
 #   NPROC=2 STAGE=pretrain bash native/launch.sh
 # Env: NPROC (processes, default 1; CPU run), RUN_DIR (default <build>/run), STAGE.
 set -euo pipefail
-BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD_DIR="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." >/dev/null && pwd)"
 RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
 NPROC="${NPROC:-1}"
 LOCK="$BUILD_DIR/plan.lock.json"
@@ -17,6 +17,12 @@ LOCK="$BUILD_DIR/plan.lock.json"
 stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
 # a stage a torchtitan job trains is done once its Hugging Face export exists (torchtitan writes no DONE.json)
 titan_done() { [ -f "$RUN_DIR/$1/hf/config.json" ]; }
+# PYTHONPATH is split on ':': torchtitan cannot import the job from a build path that holds one
+titan_path_ok() {
+  case "$BUILD_DIR" in
+    *:*) echo "error: the build directory's path ($BUILD_DIR) contains ':', which PYTHONPATH cannot carry; move the build or use BACKEND=native" >&2; return 2 ;;
+  esac
+}
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 skipped() { echo "stage $1: done ($RUN_DIR/$1/DONE.json), skipped"; }
 

@@ -9,7 +9,7 @@
 #   HOSTFILE=hostfile bash deepspeed/launch.sh     # 1 node(s): MPI-style hostfile ("host slots=N")
 # On a machine without a GPU set DS_ACCELERATOR=cpu (gloo). Env: NPROC, HOSTFILE, MASTER_PORT, RUN_DIR, STAGE.
 set -euo pipefail
-BUILD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD_DIR="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." >/dev/null && pwd)"
 RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
 NPROC="${NPROC:-1}"
 MASTER_PORT="${MASTER_PORT:-29500}"

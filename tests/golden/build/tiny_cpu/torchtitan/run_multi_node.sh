@@ -3,8 +3,11 @@
 # Run once on every node: 1 nodes x 1 GPUs = 1 ranks.
 # Needs MASTER_ADDR (head node); optional MASTER_PORT, NNODES, NPROC_PER_NODE, RDZV_ID.
 set -euo pipefail
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+HERE="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")" >/dev/null && pwd)"
 export LLMC_RUN_DIR="${LLMC_RUN_DIR:-$(dirname "$HERE")}"
+case "$HERE" in  # PYTHONPATH is split on ':': the job could not be imported from here
+  *:*) echo "error: the build directory's path ($HERE) contains ':', which PYTHONPATH cannot carry; move the build" >&2; exit 2 ;;
+esac
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}" WANDB_MODE="${WANDB_MODE:-disabled}"
 : "${MASTER_ADDR:?set MASTER_ADDR to the head node}"
