@@ -555,3 +555,111 @@ def test_sliding_window_read_where_the_config_uses_it():
     for bad in ("sliding_attention", ["chunked_attention"] * n, [1] * n):  # not a list of the two kinds
         with pytest.raises(HFConfigError, match="layer_types must list full_attention or sliding_attention"):
             architecture_from_hf_config({**mistral, "layer_types": bad})
+
+
+def test_class_defaults_are_transformers_config_defaults():
+    """Where config.json leaves a key out, llmc reads what transformers' config class fills in (its dataclass default
+    or its RoPE default base): the table in llmc.spec.hf, checked here against transformers itself."""
+    transformers = pytest.importorskip("transformers")
+    from llmc.spec.hf import _CLASS_DEFAULTS
+
+    for mt, defaults in _CLASS_DEFAULTS.items():
+        cls = transformers.CONFIG_MAPPING[mt]
+        fields = cls.__dataclass_fields__
+        for key, value in defaults.items():
+            if key == "rope_theta":  # RotaryEmbeddingConfigMixin: the class's default_theta unless it declares one
+                theo = fields["rope_theta"].default if "rope_theta" in fields else cls.default_theta
+                theo = theo if isinstance(theo, float | int) else cls.default_theta
+                built = cls().rope_parameters
+                built = built.get("full_attention", built)
+                assert built["rope_theta"] == value == theo, (mt, key)
+            else:
+                assert fields[key].default == value, (mt, key, fields[key].default)
+        for key in ("num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps"):
+            # every default that differs from llmc's own fallbacks (n_heads, d_model / n_heads, untied, 1e-6) is listed
+            default = fields[key].default if key in fields else None
+            fallback = {"num_key_value_heads": None, "head_dim": None, "tie_word_embeddings": False,
+                        "rms_norm_eps": 1e-6}[key]
+            if default != fallback and not (key == "head_dim" and mt.startswith("deepseek")):  # (MLA's: its own keys)
+                assert defaults.get(key) == default, (mt, key, default)
+
+
+_TINY = {"num_attention_heads": 8, "num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256,
+         "vocab_size": 128, "max_position_embeddings": 256, "num_key_value_heads": 4, "head_dim": 16,
+         "pad_token_id": None}
+_TINY_MOE = {"mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+             "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}}
+
+
+def _tiny(mt: str, drop=(), **changes) -> dict:
+    cfg = {"model_type": mt, **_TINY, **_TINY_MOE.get(mt, {}), **changes}
+    return {k: v for k, v in cfg.items() if k not in drop}
+
+
+@pytest.mark.parametrize("cfg", [
+    _tiny("mistral", attention_bias=True),  # Mistral's attention hard-codes bias=False: the key is not read
+    _tiny("mixtral", attention_bias=True, drop=("rope_theta", "rms_norm_eps")),  # and absent: 1e6, 1e-5
+    _tiny("llama", sliding_window=16),  # LlamaAttention never reads a window
+    _tiny("olmo2", sliding_window=16),
+    _tiny("qwen2", sliding_window=16),  # use_sliding_window absent: false
+    _tiny("qwen3_moe", use_sliding_window=True, sliding_window=16),  # every layer (no max_window_layers)
+    _tiny("mistral", max_position_embeddings=8192),  # sliding_window absent: MistralConfig's 4096
+    _tiny("mistral", drop=("num_key_value_heads",)),  # absent: MistralConfig's 8
+    _tiny("qwen3", drop=("head_dim",)),  # absent: Qwen3Config's 128
+    _tiny("smollm3"),  # tie_word_embeddings absent: SmolLM3Config's true
+    _tiny("phi3", drop=("head_dim",)),  # rms_norm_eps absent: Phi3Config's 1e-5
+    _tiny("llama", hidden_act="swish"),
+    _tiny("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+    _tiny("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}, original_max_position_embeddings=64),
+    _tiny("llama", rope_theta=1e4, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+    _tiny("llama", rope_theta=1e4, rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 2e5}),
+    _tiny("phi3", drop=("head_dim",), original_max_position_embeddings=64, max_position_embeddings=256,
+          rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 32,
+                        "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
+], ids=lambda c: "-".join(f"{k}" for k in c if k not in _TINY and k != "model_type") or c["model_type"])
+def test_imported_model_is_the_one_transformers_builds(cfg):
+    """The model llmc imports from a config.json is the one transformers builds from it: the same parameter count
+    (meta device), tying, RMSNorm epsilon, window in every layer and RoPE frequencies / attention scaling, where the
+    config leaves keys out, says things its model class never reads, or puts a RoPE key in two places."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from llmc.compiler.params import params_total
+    from llmc.runtime.model import rope_inv_freq
+
+    arch = architecture_from_hf_config(cfg)
+    hf_cfg = transformers.AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    assert params_total(arch) == _numel(model)
+    assert arch.tied_embeddings == (model.lm_head.weight is model.model.embed_tokens.weight)
+    assert arch.norm_eps == hf_cfg.rms_norm_eps
+    n, mt = hf_cfg.num_hidden_layers, cfg["model_type"]
+    if mt in ("qwen2", "qwen3"):
+        windows = [hf_cfg.sliding_window if k == "sliding_attention" else None for k in hf_cfg.layer_types]
+    elif mt in ("mistral", "mixtral", "phi3", "qwen3_moe"):
+        windows = [hf_cfg.sliding_window] * n
+    else:
+        windows = [None] * n
+    windows = [w if w is not None and w < hf_cfg.max_position_embeddings else None for w in windows]  # (else: never binds)
+    assert [arch.layer_window(i) for i in range(n)] == windows
+    with torch.device("cpu"):
+        rot = type(model.model.rotary_emb)(config=hf_cfg)
+    ours, scaling = rope_inv_freq(arch.rotary_dim or arch.hd, arch.rope_theta, arch.rope_scaling)
+    torch.testing.assert_close(ours.double(), rot.inv_freq.double(), rtol=1e-6, atol=0)
+    assert scaling == pytest.approx(rot.attention_scaling)
+
+
+@pytest.mark.parametrize("cfg, key", [
+    (_tiny("llama", attention_bias=True), "attention_bias"),  # q/k/v and o_proj biased in transformers
+    (_tiny("qwen3", attention_bias=True), "attention_bias"),
+    (_tiny("qwen3_moe", attention_bias=True), "attention_bias"),
+    (_tiny("llama", mlp_bias=True), "mlp_bias"),
+    (_tiny("llama", hidden_act="gelu_pytorch_tanh"), "hidden_act"),  # GeGLU: Gemma's block only
+    (_tiny("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0, "truncate": False}), "rope_scaling.truncate"),
+    (_tiny("phi3", rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling"),
+    (_tiny("qwen3", use_sliding_window=True, sliding_window=16, max_window_layers=1), "use_sliding_window"),
+])
+def test_configs_whose_model_llmc_would_change_are_refused_naming_the_key(cfg, key):
+    with pytest.raises(HFConfigError) as e:
+        architecture_from_hf_config(cfg)
+    assert [m.split("'")[1] for m in e.value.messages] == [key]

@@ -17,8 +17,8 @@ shapes as the Hugging Face checkpoints:
 * dense FFN (SwiGLU, Shazeer 2020): ``w1``/``w3`` [d_ff, d], ``w2`` [d, d_ff] -> 3*d*d_ff.
 * MoE FFN: router ``moe.router.gate`` Linear(d, E, bias=router_bias); routed experts (GroupedExperts
   ``w1``/``w3`` [E, f, d], ``w2`` [E, d, f]) -> E*3*d*f; shared experts one SwiGLU of width S*f -> 3*d*S*f.
-  DeepSeek-V3's ``e_score_correction_bias`` (``expert_bias``) adds E per MoE layer (an nn.Parameter in
-  HF; torchtitan keeps it as a buffer).
+  DeepSeek-V3's ``e_score_correction_bias`` (``expert_bias``) adds E per MoE layer: a weight of the checkpoint,
+  counted here, though transformers >= 5 and torchtitan register it as a buffer (outside ``parameters()``).
 
 Verified against the published totals in tests/test_params.py.
 """

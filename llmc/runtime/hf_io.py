@@ -189,6 +189,9 @@ def hf_export_supported(arch) -> str | None:
         return _deepseek_supported(arch)
     if arch.partial_rotary and (arch.qkv_bias or arch.qk_norm or arch.moe):
         return "partial RoPE is exported as Phi3ForCausalLM, which has no q/k/v biases, q/k norms or experts"
+    if arch.qkv_bias and arch.qk_norm and arch.moe is None:
+        return ("q/k/v biases with q/k norms have no Hugging Face class: Qwen3ForCausalLM's attention_bias biases "
+                "o_proj too")
     m = arch.moe
     if m is None:
         return None
@@ -765,7 +768,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
                    use_sliding_window=False, sliding_window=None, attention_bias=False, mlp_bias=False,
                    pad_token_id=None)  # (its default 128004: a padding_idx row, or past a smaller vocabulary)
     if mtype in ("qwen3", "qwen3_moe"):
-        cfg.update(attention_bias=arch.qkv_bias)
+        cfg.update(attention_bias=False)  # (o_proj too: q/k/v biases with q/k norms are not exported)
     if mtype in ("qwen2", "qwen3", "qwen3_moe"):  # their configs window the layers from max_window_layers on: all
         cfg.update(use_sliding_window=bool(w), sliding_window=w, max_window_layers=0 if w else arch.n_layers)
     if mtype == "olmoe":  # OlmoeConfig (transformers configuration_olmoe.py): every layer sparse, experts of

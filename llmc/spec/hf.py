@@ -100,20 +100,25 @@ class HFConfigError(ValueError):
 
 
 def fold_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``cfg`` with transformers >= 5's ``rope_parameters`` (how it saves every config) folded back into the
-    ``rope_theta`` / ``rope_scaling`` keys of the released configs; keys already there win. Parameters per layer kind
-    (OLMo 3, Gemma 3: ``{"full_attention": ..., "sliding_attention": ...}``) fold the full-attention layers' (llmc's
-    ``rope_scaling`` applies there only; :func:`_layer_kinds` reads the windowed layers')."""
-    rp = cfg.get("rope_parameters")
+    """``cfg`` with its RoPE parameters in the ``rope_theta`` / ``rope_scaling`` keys of the released configs, as
+    transformers >= 5 resolves them (``RotaryEmbeddingConfigMixin.convert_rope_params_to_dict``): a ``rope_scaling``
+    object replaces ``rope_parameters`` (how transformers >= 5 saves every config), and a ``rope_theta`` inside it wins
+    over the top-level one. Parameters per layer kind (OLMo 3, Gemma 3: ``{"full_attention": ...,
+    "sliding_attention": ...}``) fold the full-attention layers' (llmc's ``rope_scaling`` applies there only;
+    :func:`_layer_kinds` reads the windowed layers')."""
+    rs = cfg.get("rope_scaling")
+    rp = rs if isinstance(rs, dict) and rs else cfg.get("rope_parameters")
     if isinstance(rp, dict) and "full_attention" in rp:
         rp = rp["full_attention"]
     if not isinstance(rp, dict):
         return cfg
     cfg = dict(cfg)
-    if cfg.get("rope_theta") is None:
-        cfg["rope_theta"] = rp.get("rope_theta", 10000.0)
-    if rp.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
+    if rp.get("rope_theta") is not None:
+        cfg["rope_theta"] = rp["rope_theta"]
+    if rp.get("rope_type", rp.get("type", "default")) != "default":
         cfg["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    elif rp is not rs:
+        cfg.pop("rope_scaling", None)
     return cfg
 
 
@@ -131,6 +136,44 @@ _GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
 _GEMMA2_DEFAULTS: dict[str, Any] = {
     **_GEMMA3_TEXT_DEFAULTS, "vocab_size": 256_000, "max_position_embeddings": 8192, "rope_theta": 1e4,
     "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}
+
+
+#: transformers' config classes' defaults (configuration_<type>.py) for the keys llmc reads whose absence would
+#: otherwise mean llmc's own default: what ``<Type>Config()`` fills in where config.json leaves a key out (an explicit
+#: null num_key_value_heads is still num_attention_heads, as their __post_init__ sets it). Checked against transformers
+#: in tests/test_spec_hf.py.
+_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False},
+    "mistral": {"num_key_value_heads": 8, "rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False,
+                "sliding_window": 4096},
+    "phi3": {"rms_norm_eps": 1e-5, "rope_theta": 1e4, "tie_word_embeddings": False,
+             "original_max_position_embeddings": 4096},
+    "granite": {"rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False},
+    "smollm3": {"num_key_value_heads": 4, "rms_norm_eps": 1e-6, "rope_theta": 2e6, "tie_word_embeddings": True},
+    "olmo2": {"rms_norm_eps": 1e-5, "rope_theta": 1e4, "tie_word_embeddings": False},
+    "olmo3": {"rms_norm_eps": 1e-5, "rope_theta": 5e5, "tie_word_embeddings": False},
+    "olmoe": {"rms_norm_eps": 1e-5, "rope_theta": 1e4, "tie_word_embeddings": False, "router_aux_loss_coef": 0.01},
+    "qwen2": {"num_key_value_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False,
+              "sliding_window": 4096},
+    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1e4,
+              "tie_word_embeddings": False, "sliding_window": 4096},
+    "qwen3_moe": {"num_key_value_heads": 4, "rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False,
+                  "router_aux_loss_coef": 0.001, "sliding_window": 4096},
+    "mixtral": {"num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False,
+                "router_aux_loss_coef": 0.001},
+    "deepseek_v2": {"rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False},
+    "deepseek_v3": {"num_key_value_heads": 128, "rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False},
+}
+#: model_types whose attention reads ``attention_bias`` for q, k, v and o_proj alike (transformers' modeling_<type>.py;
+#: DeepSeek: q_a_proj, kv_a_proj_with_mqa and o_proj): a bias llmc does not model, refused when true. Granite, SmolLM3,
+#: OLMo 2 / 3, OLMoE and Gemma refuse it in their hooks; Qwen2 (q/k/v biased, o_proj not), Mistral, Mixtral and Phi-3
+#: hard-code their biases and never read the key.
+_O_PROJ_BIAS_TYPES = frozenset({"llama", "qwen3", "qwen3_moe", "deepseek_v2", "deepseek_v3"})
+#: model_types whose MLP reads ``mlp_bias`` (gate, up and down biased): refused when true (Granite, SmolLM3: their hooks)
+_MLP_BIAS_TYPES = frozenset({"llama", "deepseek_v2"})
+#: model_types whose attention reads ``sliding_window`` for every layer (Mistral, Mixtral, Phi-3; Qwen's only with
+#: use_sliding_window true, default false); Llama, OLMo 2, OLMoE, Granite and DeepSeek never read it
+_WINDOW_TYPES = frozenset({"mistral", "mixtral", "phi3", "qwen2", "qwen3", "qwen3_moe"})
 
 
 def language_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -154,12 +197,13 @@ def _req(cfg: dict[str, Any], key: str) -> Any:
 
 
 #: model_types whose use_sliding_window windows only the layers from max_window_layers on (transformers' Qwen2 /
-#: Qwen3 configs; false in every release): llmc reads it only with max_window_layers 0 (every layer)
-_MAX_WINDOW_LAYERS_TYPES = frozenset({"qwen2", "qwen3", "qwen3_moe"})
+#: Qwen3 configs; false in every release): llmc reads it only with max_window_layers 0 (every layer). Qwen3-MoE's
+#: windows every layer (Qwen3MoeConfig has no max_window_layers).
+_MAX_WINDOW_LAYERS_TYPES = frozenset({"qwen2", "qwen3"})
 #: transformers' per-layer attention kinds (``layer_types``) llmc reads: every layer one or the other (OLMo 3: a mix)
 _LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
 #: config.json's MLP activation (``hidden_act``; Gemma's configs: ``hidden_activation``) -> llmc's gated MLP
-HF_ACTIVATIONS: dict[str, str] = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+HF_ACTIVATIONS: dict[str, str] = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "swish": "silu"}
 #: model_types whose layers may mix the two kinds (llmc's ``full_attention_layers``)
 _MIXED_LAYER_TYPES = frozenset({"olmo3", "gemma3_text", "gemma2"})
 
@@ -215,14 +259,23 @@ def _longrope(rs: dict[str, Any], cfg: dict[str, Any]) -> RopeScaling:
     """LongRoPE (transformers ``_compute_longrope_parameters``): per-frequency divisors, short while a sequence fits
     the original context, long beyond it; ``factor`` absent = max_position_embeddings / original (Phi-3's configs
     keep original_max_position_embeddings at the top level)."""
-    where = rs if rs.get("original_max_position_embeddings") is not None else cfg
-    original = _int(where, "original_max_position_embeddings")
+    original = _original_context(rs, cfg)
     factor = _float(rs, "factor") if rs.get("factor") is not None else _int(cfg, "max_position_embeddings") / original
     kw: dict[str, Any] = {"type": "longrope", "factor": factor, "original_max_position": original,
                           "short_factor": _factors(rs, "short_factor"), "long_factor": _factors(rs, "long_factor")}
     if rs.get("attention_factor") is not None:
         kw["attention_factor"] = _float(rs, "attention_factor")
     return RopeScaling(**kw)
+
+
+def _original_context(rs: dict[str, Any], cfg: dict[str, Any]) -> int:
+    """The pre-training context a llama3 / yarn / longrope scaling starts from, where transformers'
+    ``standardize_rope_params`` takes it: a top-level original_max_position_embeddings (Phi-3's configs keep it
+    there; Phi3Config's default 4096) wins, then the one in rope_scaling, then max_position_embeddings."""
+    for where in (cfg, rs):
+        if where.get("original_max_position_embeddings") is not None:
+            return _int(where, "original_max_position_embeddings")
+    return _int(cfg, "max_position_embeddings")
 
 
 def _rope_scaling(rs: Any, cfg: dict[str, Any] | None = None) -> RopeScaling | None:
@@ -242,9 +295,16 @@ def _rope_scaling(rs: Any, cfg: dict[str, Any] | None = None) -> RopeScaling | N
         return _longrope(rs, cfg)
     if kind not in ("llama3", "yarn", "linear"):
         raise HFConfigError(f"unsupported rope_scaling type {kind!r} (supported: llama3, yarn, linear, longrope)")
+    if cfg.get("model_type") == "phi3":
+        raise HFConfigError(f"config.json 'rope_scaling' type {kind!r} is not supported for phi3 (transformers' "
+                            "Phi3Config takes longrope only)")
     kw: dict[str, Any] = {"type": kind, "factor": _float(rs, "factor")}
-    if "original_max_position_embeddings" in rs:
-        kw["original_max_position"] = _int(rs, "original_max_position_embeddings")
+    if kind in ("llama3", "yarn"):
+        kw["original_max_position"] = _original_context(rs, cfg)
+    if kind == "yarn" and rs.get("truncate", True) is not True:
+        raise HFConfigError(f"config.json 'rope_scaling.truncate' {_short(rs.get('truncate'))} is not supported "
+                            "(llmc's YaRN rounds the correction range to whole dims, transformers' default truncate: "
+                            "true)")
     if kind == "llama3":
         kw["low_freq_factor"] = _float(rs, "low_freq_factor", 1.0)
         kw["high_freq_factor"] = _float(rs, "high_freq_factor", 4.0)
@@ -329,7 +389,13 @@ def _qwen3_moe(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None
                         route_norm=cfg.get("norm_topk_prob", False) is True)
 
 
-def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, v2: bool = False) -> None:
+    """transformers ``DeepseekV3Config``: MLA, and experts routed by a sigmoid (``DeepseekV3TopkRouter`` never reads
+    scoring_func: another value is refused as ambiguous) with e_score_correction_bias; ``v2``: DeepSeek-V2's softmax
+    routing (:func:`_deepseek_v2`)."""
+    if not v2 and cfg.get("scoring_func", "sigmoid") != "sigmoid":
+        errs.append(f"config.json 'scoring_func' {_short(cfg.get('scoring_func'))} is not supported for deepseek_v3 "
+                    "(DeepseekV3ForCausalLM routes with a sigmoid whatever it says)")
     mla = _each(errs, q_lora_rank=lambda: _int(cfg, "q_lora_rank") if cfg.get("q_lora_rank") is not None else None,
                 kv_lora_rank=lambda: _int(cfg, "kv_lora_rank"),
                 qk_rope_head_dim=lambda: _int(cfg, "qk_rope_head_dim"),
@@ -354,7 +420,7 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> No
                 **moe,
                 n_expert_groups=groups[0] if groups[0] > 1 else None,
                 n_limited_groups=groups[1] if groups[0] > 1 else None,
-                score_func="sigmoid" if cfg.get("scoring_func", "sigmoid") == "sigmoid" else "softmax",
+                score_func="softmax" if v2 else "sigmoid",
                 # transformers' DeepseekV3TopkRouter always adds e_score_correction_bias (and its saved
                 # config.json has no topk_method): absent = noaux_tc, DeepSeek-V3's own setting
                 expert_bias=cfg.get("topk_method", "noaux_tc") == "noaux_tc",
@@ -376,8 +442,8 @@ def _deepseek_v2(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> No
                          ("scoring_func", ("softmax", None), "DeepseekV2ForCausalLM routes with softmax")):
         if cfg.get(key) not in ok:
             errs.append(f"config.json {key!r} {_short(cfg.get(key))} is not supported for deepseek_v2 ({why})")
-    _deepseek_v3({**cfg, "scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1,
-                  "norm_topk_prob": False}, kw, errs)
+    _deepseek_v3({**cfg, "topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": False}, kw, errs,
+                 v2=True)
 
 
 def _granite(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
@@ -409,8 +475,6 @@ def _smollm3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
             errs.append(f"config.json {key!r} true is not supported for smollm3 ({what}; llmc's SmolLM3 block has "
                         "none)")
     kw["qkv_bias"] = False
-    if cfg.get("rope_theta") is None:
-        kw["rope_theta"] = 2e6
     n = kw.get("n_layers")
     flags = cfg.get("no_rope_layers")
     if flags is None and n is not None:
@@ -438,8 +502,6 @@ def _olmo2(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
         errs.append("config.json 'attention_bias' true is not supported for olmo2 (q/k/v and o_proj biases; llmc's "
                     "OLMo 2 block has none)")
     kw.update(qkv_bias=False, qk_norm=True, qk_norm_scope="projection", norm_placement="post")
-    if cfg.get("rms_norm_eps") is None:
-        kw["norm_eps"] = 1e-5
 
 
 def _olmoe(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
@@ -451,8 +513,9 @@ def _olmoe(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
         if cfg.get(key) not in (None, False):
             errs.append(f"config.json {key!r} {_short(cfg[key])} is not supported for olmoe ({what})")
     kw.update(qkv_bias=False, qk_norm=True, qk_norm_scope="projection")
-    if cfg.get("rms_norm_eps") is None:
-        kw["norm_eps"] = 1e-5
+    if kw.get("head_dim") is not None and "d_model" in kw and kw["head_dim"] * kw.get("n_heads", 0) != kw["d_model"]:
+        errs.append(f"config.json 'head_dim' {kw['head_dim']} is not supported for olmoe (OlmoeAttention sizes its q "
+                    "norm hidden_size wide: head_dim x num_attention_heads must equal hidden_size)")
     moe = _each(errs, num_experts=lambda: _int(cfg, "num_experts"), top_k=lambda: _int(cfg, "num_experts_per_tok"),
                 aux_loss_coef=lambda: _float(cfg, "router_aux_loss_coef", 0.01))
     if len(moe) == 3:
@@ -467,8 +530,6 @@ def _olmo3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
     ``full_attention_layers`` semantics. transformers >= 5 saves the two kinds' RoPE apart
     (``rope_parameters.sliding_attention``): another base there is ``sliding_rope_theta``, a scaling is refused."""
     _olmo2(cfg, kw, errs)
-    if cfg.get("rope_theta") is None:
-        kw["rope_theta"] = 500000.0
     _layer_kinds(cfg, kw, errs, every=4, window=4096, local_theta=None)
 
 
@@ -493,13 +554,20 @@ def _layer_kinds(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, ev
     full = tuple(i for i, k in enumerate(kinds) if k == "full_attention")
     if "sliding_window" not in cfg:  # (an explicit null: no window, as the config classes keep it)
         kw["sliding_window"] = window
-    if len(full) == n or kw.get("sliding_window") is None:  # no layer windowed (or 0 / a window that never binds)
+    rp = cfg.get("rope_parameters")
+    local = rp.get("sliding_attention") if isinstance(rp, dict) else None
+    if len(full) == n:  # no layer windowed
         kw.pop("sliding_window", None)
+        return
+    if kw.get("sliding_window") is None:  # "sliding_attention" layers without a window (null or 0)
+        if kw.get("rope_scaling") is not None or (local_theta or kw.get("rope_theta")) != kw.get("rope_theta") or (
+                isinstance(local, dict) and local.get("rope_theta", kw.get("rope_theta")) != kw.get("rope_theta")):
+            errs.append(f"config.json 'sliding_window' {_short(cfg.get('sliding_window'))} with 'sliding_attention' "
+                        "layers is not supported (transformers still rotates those layers with their own RoPE, "
+                        "unscaled at their own base: give the window)")
         return
     if full:
         kw["full_attention_layers"] = full
-    rp = cfg.get("rope_parameters")
-    local = rp.get("sliding_attention") if isinstance(rp, dict) else None
     theta = local_theta
     if isinstance(local, dict):
         if local.get("rope_type", "default") != "default":
@@ -512,7 +580,11 @@ def _layer_kinds(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, ev
             except HFConfigError as e:
                 errs.append(str(e))
                 return
-    if full and theta is not None and theta != kw.get("rope_theta"):
+    if not full:  # every layer windowed: each rotates as transformers' windowed layers do (unscaled, their base)
+        kw.pop("rope_scaling", None)
+        if theta is not None:
+            kw["rope_theta"] = theta
+    elif theta is not None and theta != kw.get("rope_theta"):
         kw["sliding_rope_theta"] = theta
 
 
@@ -594,8 +666,10 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     if mt == "gemma3":  # Gemma 3-4B / 12B / 27B: an image-text model whose language model llmc imports
         cfg = language_model_config(cfg)
         mt = "gemma3_text"
-    if mt in ("gemma3_text", "gemma2"):  # what its config class fills in where a key is absent
-        cfg = {**(_GEMMA3_TEXT_DEFAULTS if mt == "gemma3_text" else _GEMMA2_DEFAULTS), **cfg}
+    gemma = mt in ("gemma3_text", "gemma2")
+    # what its config class fills in where a key is absent
+    cfg = {**(_GEMMA3_TEXT_DEFAULTS if mt == "gemma3_text" else _GEMMA2_DEFAULTS if gemma else
+              _CLASS_DEFAULTS.get(mt, {})), **cfg}
     if family is None:
         raise HFConfigError(f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     errs: list[str] = []
@@ -605,9 +679,17 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     if activation is None:
         errs.append(f"config.json {act_key!r} {_short(act)} is not supported (llmc models SwiGLU, silu, and "
                     "Gemma's GeGLU, gelu_pytorch_tanh)")
+    elif activation != "silu" and not gemma:
+        errs.append(f"config.json {act_key!r} {_short(act)} is not supported for {mt} (llmc's GeGLU is Gemma's block "
+                    "only; this block's MLP is SwiGLU, silu)")
+    for key, types, what in (("attention_bias", _O_PROJ_BIAS_TYPES, "q/k/v and o_proj biases"),
+                             ("mlp_bias", _MLP_BIAS_TYPES, "MLP biases")):
+        if mt in types and cfg.get(key) is True:
+            errs.append(f"config.json {key!r} true is not supported for {mt} ({what}; llmc's block has none)")
     if mt in _MAX_WINDOW_LAYERS_TYPES and cfg.get("use_sliding_window") is True and cfg.get("max_window_layers") != 0:
-        errs.append("use_sliding_window: true is not supported (these configs window only the layers from "
-                    "max_window_layers on; llmc models one attention window for every layer)")
+        errs.append(f"config.json 'use_sliding_window' true with 'max_window_layers' "
+                    f"{_short(cfg.get('max_window_layers'))} is not supported ({mt} windows only the layers from "
+                    "max_window_layers on; llmc models one attention window for every layer: max_window_layers 0)")
     kinds = cfg.get("layer_types")  # transformers >= 4.5x writes it: one "full_attention" / "sliding_attention" per layer
     kind_set = set(map(str, kinds)) if isinstance(kinds, list) else None
     if kinds is not None and (kind_set is None or not kind_set <= _LAYER_KINDS):
@@ -616,7 +698,10 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     elif kind_set is not None and len(kind_set) > 1 and mt not in _MIXED_LAYER_TYPES:
         errs.append("layer_types: layers of different attention kinds are not modelled for this model_type (llmc "
                     "models them on OLMo 3's block; here one attention window, or none, for every layer)")
-    windowed = cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True) is not False
+    # Mistral's / Mixtral's / Phi-3's window, in every layer; Qwen's where use_sliding_window is true (default false);
+    # OLMo 3's and Gemma's in their sliding_attention layers (:func:`_layer_kinds`)
+    windowed = cfg.get("sliding_window") is not None and mt in _WINDOW_TYPES | _MIXED_LAYER_TYPES and (
+        cfg.get("use_sliding_window") is True or mt not in ("qwen2", "qwen3", "qwen3_moe"))
     if kind_set:
         windowed = windowed and "sliding_attention" in kind_set
     heads = _each(errs, n_heads=lambda: _int(cfg, "num_attention_heads"))
@@ -625,13 +710,14 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         errs,
         n_layers=lambda: _int(cfg, "num_hidden_layers"),
         d_model=lambda: _int(cfg, "hidden_size"),
-        # absent or null = MHA (the HF Llama/Mistral/Qwen2 configs default it to num_attention_heads)
+        # null (or absent where the config class has no default of its own: _CLASS_DEFAULTS) = MHA
         n_kv_heads=lambda: _int(cfg, "num_key_value_heads", n_heads),
         d_ff=lambda: _int(cfg, "intermediate_size"),
         vocab_size=lambda: _int(cfg, "vocab_size"),
         tied_embeddings=lambda: _bool(cfg, "tie_word_embeddings"),
-        # Qwen2 always has q/k/v biases (the HF Qwen2 attention hard-codes bias=True).
-        qkv_bias=lambda: family.qkv_bias or _bool(cfg, "attention_bias"),
+        # Qwen2 always has q/k/v biases (the HF Qwen2 attention hard-codes bias=True); attention_bias biases o_proj
+        # too where it is read (refused above), nowhere q/k/v alone
+        qkv_bias=lambda: family.qkv_bias,
         qk_norm=lambda: family.qk_norm,
         rope_theta=lambda: _float(cfg, "rope_theta", 10000.0),
         rope_scaling=lambda: _rope_scaling(cfg.get("rope_scaling"), cfg),
@@ -642,13 +728,13 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
         kw["activation"] = activation
     if cfg.get("head_dim") is not None:
         kw.update(_each(errs, head_dim=lambda: _int(cfg, "head_dim")))
-    # Mistral's / Phi-3's window (no use_sliding_window key there); Qwen2 / Qwen3 configs carry one they switch off
     if windowed:
         kw.update(_each(errs, sliding_window=lambda: _int(cfg, "sliding_window", minimum=0)))
         # 0 means no window (vLLM reads it so: some checkpoints disable it that way); a window at least the model's
         # context never binds (Phi-3.5-mini: 262144 over 131072 positions): both are full attention
         w, context = kw.get("sliding_window"), kw.get("max_seq_len")
-        if w == 0 or (w is not None and context is not None and w >= context):
+        # (a mixed-window model keeps it: its windowed layers' own RoPE still applies: _layer_kinds)
+        if w == 0 or (w is not None and context is not None and w >= context and mt not in _MIXED_LAYER_TYPES):
             del kw["sliding_window"]
     for hook in (_FAMILY_HOOKS.get(family.name), _TYPE_HOOKS.get(mt)):
         if hook is not None:

@@ -39,6 +39,7 @@ M015    norm_placement sandwich / norm_unit_offset / activation gelu_tanh / embe
         attn_logit_softcap / final_logit_softcap apart from Gemma's block (the first four together, with per-head
         qk_norm (Gemma 3) or none (Gemma 2), and none of experts, MLA, q/k/v biases, partial RoPE, multipliers or
         NoPE layers)
+M016    head_dim (or MLA's qk_rope_head_dim) odd where RoPE rotates the whole head: RoPE rotates pairs of dims
 D004    duplicate data source name (in ``data.sources`` or a stage's)
 G001    duplicate stage name (same code as the compiler's stage-graph check)
 V004    ``serving.N.stage`` names no stage (same code as the compiler's serving check)
@@ -1031,6 +1032,11 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
             why = ("rotary_dim with MLA is not modelled (MLA's rope dims are mla.qk_rope_head_dim)" if arch.mla is not None
                    else f"rotary_dim {r} must be even and at most head_dim {arch.hd}")
             out.append(ctx.diag("M009", "model.rotary_dim", why, "RoPE rotates pairs of the first rotary_dim dims"))
+        rope_dims = arch.mla.qk_rope_head_dim if arch.mla is not None else None if arch.partial_rotary else arch.hd
+        if rope_dims is not None and rope_dims % 2 and len(arch.nope_layers) < arch.n_layers:
+            where = "model.mla.qk_rope_head_dim" if arch.mla is not None else "model.head_dim"
+            out.append(ctx.diag("M016", where, f"{where.rsplit('.', 1)[1]} {rope_dims} is odd: RoPE rotates pairs of dims "
+                                "(transformers refuses such a model too)", "use an even head dimension"))
         nope = arch.nope_layers
         if nope and (any(b <= a for a, b in zip(nope, nope[1:], strict=False)) or nope[-1] >= arch.n_layers):
             out.append(ctx.diag("M012", "model.nope_layers",
