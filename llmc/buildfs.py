@@ -87,6 +87,9 @@ STAGING_PREFIX = ".llmc-staging-"
 MANIFEST_FORMAT = "llmc-build/1"
 EXECUTABLE_SUFFIXES = (".sh", ".sbatch")
 RESERVED_PREFIX = ".llmc-"
+#: top-level folders a run writes into a build directory (checkpoints, prepared data, the tokenizer, torchtitan's
+#: dumps, caches): never an artifact, so a manifest naming a path there is not one llmc wrote
+RUN_DIRS = frozenset({"run", "data", "assets", "outputs", "cache"})
 GITIGNORE = f"/{JOURNAL}*\n/{STAGING_PREFIX}*/\n"  # lines for the build directory's .gitignore
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
@@ -159,6 +162,8 @@ def _canonical(rel: str) -> tuple[str, ...]:
         raise UnsafePathError(f"{rel!r}: path must not contain empty, '.' or '..' parts")
     if parts[0].startswith(RESERVED_PREFIX):
         raise UnsafePathError(f"{rel!r}: names starting with {RESERVED_PREFIX!r} are reserved for llmc")
+    if parts[0] in RUN_DIRS and len(parts) > 1:
+        raise UnsafePathError(f"{rel!r}: {parts[0]}/ holds what runs write, never a build artifact")
     return parts
 
 

@@ -112,11 +112,11 @@ def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = Tru
             except OverrideError as e:  # located like every other spec error
                 _fail([f"{e.where}: error[S001] {e.why}"])
         try:
-            run, lines = load_with_overrides(spec, overrides)
+            run, lines, spec_bytes = load_with_overrides(spec, overrides)
         except SpecError as e:
             _fail([d.render() for d in e.diagnostics])
         compiled = compile_spec(run, spec_path=str(spec), yaml_lines=lines,
-                                spec_bytes=spec.read_bytes() + override_bytes(overrides),
+                                spec_bytes=spec_bytes + override_bytes(overrides),
                                 facts=gather_facts(run, spec.parent),
                                 calibration=_calibration(spec, run, calibration), fit_check=fit_check)
         errs = errors(compiled.diagnostics)
@@ -403,6 +403,27 @@ def report(
         typer.echo(line)
 
 
+def _calibration_out_problem(out: Path, inputs: list[str]) -> str | None:
+    """Why ``llmc calibrate -o OUT`` must not write ``out`` (None: it may): it is one of the inputs, a directory,
+    or an existing file that is not a calibration ``llmc calibrate`` wrote (nothing the user owns is overwritten)."""
+    from llmc.fileio import read_regular_file
+
+    target = out.resolve()
+    if any(Path(p).resolve() == target for p in inputs):
+        return "-o names one of the inputs (give a new file for the calibration)"
+    if target.is_dir():
+        return "-o names a directory (give the calibration JSON file to write)"
+    if not target.exists() and not target.is_symlink():
+        return None
+    try:
+        doc = json.loads(read_regular_file(target, 2**20))
+    except (OSError, ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict) or doc.get("kind") != "llmc-calibration":
+        return "exists and is not a calibration llmc wrote (move it away or give a new file; llmc never overwrites it)"
+    return None
+
+
 @_command()
 def calibrate(
     inputs: Annotated[list[str], typer.Argument(help="Measured runs: metrics.jsonl / run folders, torchtitan "
@@ -416,6 +437,9 @@ def calibrate(
     """Fit the time/memory calibration factors to measured runs (use with `calibration:` or --calibration)."""
     from llmc.measurements import calibrate_main
 
+    problem = _calibration_out_problem(out, [*inputs, *([str(lock)] if lock else [])])
+    if problem:
+        _fail([f"{out}: error[K010] {problem}"])
     rc = calibrate_main(list(inputs), str(out), lock=str(lock) if lock else None, backend=backend, gpu=gpu)
     if rc:
         raise typer.Exit(rc)
@@ -431,7 +455,7 @@ def export(
     """Write a Hugging Face model directory (safetensors, config, tokenizer) from a stage's checkpoint."""
     from llmc.runtime.hf_io import main as export_main  # torch: only for this command
 
-    rc = export_main([str(run_dir), "--stage", stage, *(["--out", str(out)] if out else [])])
+    rc = export_main([f"--stage={stage}", *([f"--out={out}"] if out else []), "--", str(run_dir)])
     if rc:
         raise typer.Exit(rc)
 

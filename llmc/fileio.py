@@ -37,4 +37,13 @@ def read_regular_file(path: str | Path, limit: int) -> bytes:
         os.close(fd)
 
 
-__all__ = ["read_regular_file"]
+def expand_user(path: str | Path) -> Path:
+    """``path`` with a leading ``~`` / ``~user`` expanded; as given when there is no such home (``~nosuchuser``:
+    the read that follows then says the file is missing, rather than ``expanduser`` raising)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
+__all__ = ["read_regular_file", "expand_user"]

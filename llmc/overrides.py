@@ -11,7 +11,7 @@ API
 ``apply_overrides(mapping, overrides) -> dict``
     A deep copy of ``mapping`` with every override applied in order; missing mappings on the way are
     created. ``ValueError`` when a path runs through a scalar or past the end of a list.
-``load_with_overrides(path, overrides) -> (RunSpec, lines)``
+``load_with_overrides(path, overrides) -> (RunSpec, lines, spec bytes)``
     Reads the spec file, applies the overrides to its YAML mapping and validates the result with
     ``llmc.spec.load.loads_spec``. Diagnostics keep the spec file's own line numbers (a path the file
     does not spell has none); a diagnostic about an overridden path names the override instead of a
@@ -69,6 +69,8 @@ def parse_override(text: str) -> Override:
         raise OverrideError(f"--set {key}", f"value {raw!r} is not a YAML scalar ({first})") from None
     except RecursionError:
         raise OverrideError(f"--set {key}", "the value is nested too deeply to read") from None
+    except ValueError:  # an integer beyond Python's 4300-digit conversion limit
+        raise OverrideError(f"--set {key}", f"value of {len(raw)} characters is not a number a spec takes") from None
     if isinstance(value, str) and _FLOAT.match(raw.strip()):
         value = float(raw)  # YAML 1.2 reads 3e-4 as a number; PyYAML (YAML 1.1) needs a dot
     return Override(path=key, value=value, text=text)
@@ -143,22 +145,36 @@ def file_lines(text: str) -> dict[str, int]:
 
 
 def load_with_overrides(path: str | Path, overrides: list[Override]):
-    """``(RunSpec, lines)`` of the spec file with the overrides applied; SpecError on any error."""
-    from llmc.diagnostics import SpecError
-    from llmc.spec.load import load_spec, loads_spec
+    """``(RunSpec, lines, spec bytes)`` of the spec file (``-``: standard input; read once) with the overrides
+    applied; SpecError on any error."""
+    from llmc.diagnostics import SpecError, errors
+    from llmc.spec.load import (
+        LoadedSpec,
+        _parse_yaml,
+        _unwrap_loaded,
+        loads_spec,
+        read_spec_bytes,
+        reads_spec,
+        spec_base_dir,
+    )
 
-    if not overrides:
-        return load_spec(path)
-    p = Path(path)
+    data = read_spec_bytes(path)
+    if isinstance(data, LoadedSpec):
+        raise SpecError(data.diagnostics)
+    base = spec_base_dir(path)
+
+    def as_is():  # the loader's own located errors for an unreadable or malformed file
+        return (*_unwrap_loaded(reads_spec(data, file=str(path), base_dir=base)), data)
+
     try:
-        text = p.read_text(encoding="utf-8")
-        raw = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
-        return load_spec(path)  # the loader's own located error for an unreadable or malformed file
-    if not isinstance(raw, dict):
-        return load_spec(path)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return as_is()
+    raw, _, diags = _parse_yaml(text, str(path))  # bounded: depth, aliases, sizes, long numbers
+    if not isinstance(raw, dict) or errors(diags):
+        return as_is()
     try:
-        data = apply_overrides(raw, overrides)
+        changed = apply_overrides(raw, overrides)
     except ValueError as e:
         from llmc.diagnostics import Diagnostic
 
@@ -166,7 +182,7 @@ def load_with_overrides(path: str | Path, overrides: list[Override]):
                                     hint="check the key path against `llmc schema`", file=str(path))]) from None
     lines = file_lines(text)
     try:
-        run, _ = loads_spec(yaml.safe_dump(data, sort_keys=False), file=str(path), base_dir=p.parent)
+        run, _ = loads_spec(yaml.safe_dump(changed, sort_keys=False), file=str(path), base_dir=base)
     except SpecError as e:
         raise SpecError([locate(d, overrides, lines) for d in e.diagnostics]) from None
-    return run, lines
+    return run, lines, data

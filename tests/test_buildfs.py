@@ -191,7 +191,7 @@ def test_a_journal_llmc_did_not_write_deletes_and_overwrites_nothing(tmp_path):
     assert (out / "README.md").read_text() == "# edited\n" and not (out / "old/only_a.txt").exists()
 
 
-@pytest.mark.parametrize("bad", ["/etc/passwd", "../x", "a/../../x", "a//b", "./a", "", "a\0b", ".llmc-build.json",
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../x", "a/../../x", "a//b", "./a", "", "a\0b", ".llmc-build.json", "run/pretrain/model.pt", "data/x",
                                  ".llmc-staging-1/x", "a/"])
 def test_rejects_bad_relative_paths(tmp_path, bad):
     with pytest.raises(UnsafePathError):

@@ -289,3 +289,86 @@ def test_an_error_naming_a_hostile_path_stays_one_inert_line(args):
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and "\x1b" not in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert ascii(args[1])[1:-1] in lines[0]
+
+
+def _cli(*args: str, cwd: Path = ROOT, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "llmc.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, input=stdin, env=env)
+
+
+def test_the_readme_spec_plans():
+    """The spec the README shows is one llmc plans (its batch a whole number of sequences)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```yaml", text.index("## A spec")) + len("```yaml")
+    r = _cli("plan", "-", stdin=text[start:text.index("```", start)])
+    assert r.returncode == 0 and " 0 error(s)" in r.stdout, r.stdout[-2000:] + r.stderr
+
+
+TINY_SPEC = """\
+name: x
+model: tiny
+hardware: {gpu: cpu, count: 1}
+data:
+  sources: [{name: a, format: builtin}]
+  tokenizer: {train: true, vocab_size: 2048}
+  seq_len: 128
+  tokens: 1M
+training: {precision: fp32, global_batch_tokens: 4096}
+"""
+
+
+@pytest.mark.parametrize("text, args, where, code", [
+    (TINY_SPEC.replace("count: 1}", "count: 1, gpu_overrides: {base: h100-sxmm}}"), (), "spec.yaml:3", "S007"),
+    (TINY_SPEC.replace("count: 1}", "count: " + "9" * 5000 + "}"), (), "spec.yaml:3", "S002"),
+    (TINY_SPEC, ("--set", "hardware.count=" + "9" * 5000), "--set hardware.count", "S001"),
+])
+def test_unknown_base_gpu_and_numbers_past_pythons_limit_are_located_errors(tmp_path, text, args, where, code):
+    """A typo in gpu_overrides.base was a plan with no plan and exit 0 (build: INTERNAL); an integer of more than 4300
+    digits, in the spec or in --set, was Python's conversion error. Each is one located line now."""
+    (tmp_path / "spec.yaml").write_text(text)
+    for cmd in (["plan", "spec.yaml"], ["build", "spec.yaml", "-o", str(tmp_path / "b")]):
+        r = _cli(*cmd, *args, cwd=tmp_path)
+        lines = r.stderr.splitlines()
+        assert r.returncode == 1 and len(lines) == 1, r.stdout[-500:] + r.stderr
+        assert lines[0].startswith(f"{where}: error[{code}]") and "INTERNAL" not in r.stderr, lines
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_home_that_does_not_exist_is_just_a_missing_path(tmp_path):
+    """``~nosuchuser/...``: expanduser raises where there is no such user; llmc treats it as a path not found."""
+    (tmp_path / "spec.yaml").write_text(TINY_SPEC.replace("global_batch_tokens: 4096}",
+                                                          "global_batch_tokens: 4096, init_hf: ~nosuchuser/ckpt}"))
+    for cmd in (["plan", "spec.yaml"], ["build", "spec.yaml", "-o", str(tmp_path / "b")]):
+        r = _cli(*cmd, cwd=tmp_path)
+        assert r.returncode == 0 and "INTERNAL" not in r.stderr, r.stderr
+    from types import SimpleNamespace
+
+    from llmc.runtime.job import TrainJob
+
+    assert TrainJob.resolve_path(SimpleNamespace(spec_dir="/s"), "~nosuchuser/ckpt") == Path("/s/~nosuchuser/ckpt")
+
+
+def test_a_spec_on_stdin_takes_overrides_and_its_hash_covers_the_spec(tmp_path):
+    """``llmc plan - --set ...`` reads standard input once; the lock's sha256 is the spec's with the overrides, the
+    same as for the file."""
+    (tmp_path / "spec.yaml").write_text(TINY_SPEC)
+    piped = _cli("plan", "-", "--set", "training.optimizer.lr=0.002", "--format", "json", cwd=tmp_path,
+                 stdin=TINY_SPEC)
+    named = _cli("plan", "spec.yaml", "--set", "training.optimizer.lr=0.002", "--format", "json", cwd=tmp_path)
+    assert piped.returncode == named.returncode == 0, piped.stderr + named.stderr
+    a, b = json.loads(piped.stdout), json.loads(named.stdout)
+    assert a["spec"]["sha256"] == b["spec"]["sha256"] != json.loads(
+        _cli("plan", "spec.yaml", "--format", "json", cwd=tmp_path).stdout)["spec"]["sha256"]
+    assert a["spec"]["resolved"]["training"]["optimizer"]["lr"] == 0.002
+
+
+def test_calibrate_never_overwrites_an_input_or_a_file_it_did_not_write(tmp_path):
+    table = tmp_path / "runs.yaml"
+    table.write_text("rows: []\n")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}\n')
+    for out in (table, notes, tmp_path):
+        r = _cli("calibrate", str(table), "-o", str(out))
+        assert r.returncode == 1 and "error[K010]" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert table.read_text() == "rows: []\n" and notes.read_text() == '{"mine": true}\n'

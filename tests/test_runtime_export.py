@@ -120,3 +120,43 @@ def test_export_refuses_unsupported():
     assert "only Qwen3-MoE-style" in hf_export_supported(q3)  # Qwen3MoeForCausalLM has no shared experts
     unnormalised = Architecture(**BASE, moe=MoE(num_experts=3, top_k=2, route_norm=False))
     assert "Mixtral always renormalises" in hf_export_supported(unnormalised)
+
+
+def test_export_of_damaged_run_files_is_one_error_line(tmp_path):
+    """`llmc export` on what a crash or a hand edit leaves: a DCP checkpoint whose metadata is not a pickle (torch's
+    CheckpointException is a BaseException, and its loader logs tracebacks on the root logger), a DONE.json of the
+    wrong shape, a FIFO where the lock should be, a stage name starting with '-': exit 1, one line, no traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+
+    def llmc(*args):
+        return subprocess.run([sys.executable, "-m", "llmc.cli", *args], capture_output=True, text=True, timeout=120,
+                              env=env, cwd=tmp_path)
+
+    b = tmp_path / "b"
+    assert llmc("build", str(root / "examples/tiny_cpu.yaml"), "-o", str(b)).returncode == 0
+    (b / "run/pretrain/step-1").mkdir(parents=True)
+    (b / "run/pretrain/step-1/.metadata").write_text("x")
+    cases = [("pretrain", None)]
+    for done in ("[]", '{"checkpoint": 5}'):
+        cases.append(("pretrain", done))
+    for stage, done in cases + [("-x", None)]:
+        if done is not None:
+            import shutil
+
+            shutil.rmtree(b / "run/pretrain/step-1", ignore_errors=True)
+            (b / "run/pretrain/DONE.json").write_text(done)
+        r = llmc("export", str(b), f"--stage={stage}")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and "error[R010]" in lines[0], r.stderr[-1500:]
+        assert "Traceback" not in r.stderr and "INTERNAL" not in r.stderr
+    fifo = tmp_path / "f"
+    fifo.mkdir()
+    os.mkfifo(fifo / "plan.lock.json")
+    r = llmc("export", str(fifo), "--stage", "pretrain")  # (would block forever reading it)
+    assert r.returncode == 1 and "not a regular file" in r.stderr, r.stderr

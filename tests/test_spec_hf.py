@@ -663,3 +663,8 @@ def test_configs_whose_model_llmc_would_change_are_refused_naming_the_key(cfg, k
     with pytest.raises(HFConfigError) as e:
         architecture_from_hf_config(cfg)
     assert [m.split("'")[1] for m in e.value.messages] == [key]
+
+
+def test_a_float_key_given_as_a_huge_integer_is_named():
+    with pytest.raises(HFConfigError, match="'rms_norm_eps' must be a finite number"):
+        architecture_from_hf_config(_tiny("llama", rms_norm_eps=10**400))

@@ -82,11 +82,17 @@ def check_gpu(run, gpus: dict, sink: Sink, gpu=None) -> None:
     ``gpu``: the table's part with the spec's overrides (None = the table's)."""
     from llmc.compiler.hardware import get_gpu, supports
 
+    ov = run.hardware.gpu_overrides
+    for key, path, what in ((ov.base if ov is not None else None, "hardware.gpu_overrides.base", "base GPU type"),
+                            (run.hardware.gpu, "hardware.gpu", "GPU type")):
+        if key is None or (gpu is not None and path == "hardware.gpu") or get_gpu(key) is not None:
+            continue
+        close = difflib.get_close_matches(key.lower(), sorted(gpus), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(gpus))}"
+        sink.add("S007", "error", path, f"unknown {what} {key!r}", hint)
+        return
     g = gpu or get_gpu(run.hardware.gpu)
     if g is None:
-        close = difflib.get_close_matches(run.hardware.gpu.lower(), sorted(gpus), n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(gpus))}"
-        sink.add("S007", "error", "hardware.gpu", f"unknown GPU type {run.hardware.gpu!r}", hint)
         return
     if run.training.precision == "fp8" and not supports(g, "fp8"):
         sink.add("T005", "error", "training.precision", f"fp8 needs FP8 tensor cores; {g.name} has none",

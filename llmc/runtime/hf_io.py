@@ -90,6 +90,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmc.fileio import expand_user
 from llmc.rope import rope_attention_factor
 from llmc.spec.chat import CHAT_TEMPLATES
 from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
@@ -374,7 +375,7 @@ def from_hf_tensor(m: HFParam, get: Callable[[str], torch.Tensor]) -> torch.Tens
 
 def resolve_hf_source(src: str | Path) -> Path:
     """A local directory with config.json, or a Hub id (``org/name[@revision]``) in the local HF cache."""
-    p = Path(src).expanduser()
+    p = expand_user(src)
     if p.is_dir():
         if not (p / "config.json").exists():
             raise HFError(f"{p}: no config.json (expected a Hugging Face model directory)")
@@ -664,7 +665,7 @@ def init_hf_source(job) -> str | None:
     src = entry.get("init_hf")
     if not src:
         return None
-    p = Path(src).expanduser()
+    p = expand_user(src)
     if not p.is_absolute():
         q = Path(getattr(job, "spec_dir", ".")) / p
         if q.exists():
@@ -1025,12 +1026,19 @@ def _model_state(stage_dir: Path, *more: Path) -> tuple[dict[str, torch.Tensor],
                       if (p / ".metadata").exists()), key=lambda p: int(p.name.split("-")[-1]))
     if not dcp:
         raise HFError(f"{stage_dir}: no llmc checkpoint and no torchtitan DCP checkpoint")
+    import logging
     import tempfile
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(str(dcp[-1]), f"{tmp}/full.pt")
+        # DCP's loader logs each failed metadata read with its traceback on the root logger; the CheckpointException
+        # it raises says the same, in the one error line the export prints
+        logging.disable(logging.ERROR)
+        try:
+            dcp_to_torch_save(str(dcp[-1]), f"{tmp}/full.pt")
+        finally:
+            logging.disable(logging.NOTSET)
         sd = torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=False)
     sd = sd.get("model", sd)
     out = {}
@@ -1118,11 +1126,12 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
 def export_checkpoint(run_dir: str | Path, stage: str, out: str | Path | None = None) -> dict[str, Any]:
     """``llmc export RUN_DIR --stage S``: write ``<RUN_DIR>/run/<S>/hf`` (or ``out``) from stage S's final
     checkpoint. RUN_DIR is the build dir (with plan.lock.json) or its ``run/`` folder."""
+    from llmc.lockfile import read_lock
     from llmc.runtime.job import TrainJob
 
     run_dir = Path(run_dir).resolve()
     lock_path, root = _find_lock(run_dir)
-    lock = json.loads(lock_path.read_text())
+    lock = read_lock(lock_path)  # a regular file of bounded size, a current lock (never a FIFO or /dev/zero)
     job = TrainJob.from_lock(lock, stage)
     stage_dir = root / job.stage
     from llmc.runtime.capabilities import titan_dump_subdir
@@ -1147,10 +1156,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", required=True, help="stage name (pretrain for the main pre-training)")
     ap.add_argument("-o", "--out", type=Path, default=None, help="output dir (default RUN_DIR/run/<stage>/hf)")
     a = ap.parse_args(argv)
+    from torch.distributed.checkpoint.api import (
+        CheckpointException,  # (a BaseException: a bad DCP checkpoint)
+    )
+
     try:
         res = export_checkpoint(a.run_dir, a.stage, a.out)
     except (HFError, ValueError, OSError, KeyError) as e:
         print(f"{a.run_dir}: error[R010] export {a.stage}: {e}", file=sys.stderr)
+        return 1
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 (what the stage's files hold is the user's: a
+        # malformed DONE.json or checkpoint is one error line, never a traceback)
+        why = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
+        print(f"{a.run_dir}: error[R010] export {a.stage}: unreadable run files ({type(e).__name__}: {why}) (check "
+              f"the stage's DONE.json and checkpoints, or rerun the stage)", file=sys.stderr)
         return 1
     print(f"wrote {res['hf']}" + (f" and {res['adapter']}" if res.get("adapter") else ""))
     return 0

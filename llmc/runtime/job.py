@@ -149,7 +149,9 @@ class TrainJob:
     def resolve_path(self, p: str) -> Path:
         """A spec path on this machine: ``~`` is this machine's home (as the torchtitan job expands it); relative
         is relative to the spec's folder."""
-        q = Path(p).expanduser()
+        from llmc.fileio import expand_user
+
+        q = expand_user(p)
         return q if q.is_absolute() else Path(self.spec_dir) / q
 
     def lr_factor(self, step: int) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from llmc.fileio import read_regular_file
+from llmc.fileio import expand_user, read_regular_file
 from llmc.spec.schema import RunSpec
 
 #: Largest referenced JSON file read (HF config.json files are a few KiB; tokenizer.json a few MiB).
@@ -79,7 +79,7 @@ def task_file_name(path: str, text: str) -> tuple[str, bool]:
 def read_eval_task(path: str, spec_dir: str | Path) -> EvalTaskFacts:
     """The task name of the local task file ``path`` (relative to ``spec_dir``), or why it cannot be read (naming the
     file as the spec does: the reason lands in the lock, which must not depend on the directory llmc ran from)."""
-    p = Path(path).expanduser()
+    p = expand_user(path)
     if not p.is_absolute():
         p = Path(spec_dir) / p
     try:
@@ -102,7 +102,7 @@ def tokenizer_paths(run: RunSpec) -> list[str]:
 
 def read_tokenizer(path: str, spec_dir: str | Path) -> TokenizerFacts:
     """Special tokens of ``path`` (a ``tokenizer.json`` or a folder holding one; relative to ``spec_dir``)."""
-    p = Path(path).expanduser()
+    p = expand_user(path)
     if not p.is_absolute():
         p = Path(spec_dir) / p
     f = p / "tokenizer.json" if p.is_dir() else p
@@ -121,7 +121,7 @@ def init_hf_paths(run: RunSpec) -> list[str]:
 
 def read_model_type(path: str, spec_dir: str | Path) -> str | None:
     """``model_type`` of ``path``/config.json (relative to ``spec_dir``), None when it is not a readable local one."""
-    p = Path(path).expanduser()
+    p = expand_user(path)
     if not p.is_absolute():
         p = Path(spec_dir) / p
     try:

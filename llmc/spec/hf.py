@@ -232,8 +232,12 @@ def _float(cfg: dict[str, Any], key: str, default: float | None = None) -> float
             value = _req(cfg, key)
         else:
             return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise HFConfigError(f"config.json {key!r} must be a finite number (got {value!r})")
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    except OverflowError:  # an integer past the double range
+        ok = False
+    if not ok:
+        raise HFConfigError(f"config.json {key!r} must be a finite number (got {_short(value)})")
     return float(value)
 
 

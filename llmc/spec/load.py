@@ -84,6 +84,8 @@ MAX_YAML_DEPTH = 64
 #: alias bombs (https://en.wikipedia.org/wiki/Billion_laughs_attack), whose expansion is exponential,
 #: and the time PyYAML spends on a huge flat list. The largest example spec has a few hundred.
 MAX_YAML_NODES = 20_000
+#: Longest integer literal read (Python refuses to convert integers of more than 4300 digits; a spec's are short).
+MAX_NUMBER_CHARS = 400
 
 
 # ----------------------------------------------------------------------------- public API
@@ -118,8 +120,23 @@ class LoadedSpec:
 def read_spec(path: str | Path) -> LoadedSpec:
     """Read (once, at most :data:`MAX_SPEC_BYTES`), parse, resolve and validate a spec; never raises
     for bad input. ``"-"`` reads standard input; pipes such as ``/dev/stdin`` work too."""
+    data = read_spec_bytes(path)
+    if isinstance(data, LoadedSpec):
+        return data
     file = str(path)
-    base_dir = "." if file == "-" else str(Path(path).parent)
+    return reads_spec(data, file=file, base_dir=spec_base_dir(path))
+
+
+def spec_base_dir(path: str | Path) -> str:
+    """The folder a spec's relative paths resolve against (the current one for standard input)."""
+    return "." if str(path) == "-" else str(Path(path).parent)
+
+
+def read_spec_bytes(path: str | Path) -> bytes | LoadedSpec:
+    """The spec file's bytes (``"-"``: standard input), read once and at most :data:`MAX_SPEC_BYTES`; or, when it
+    cannot be read, a :class:`LoadedSpec` holding the located error."""
+    file = str(path)
+    base_dir = spec_base_dir(path)
 
     def fail(message: str, hint: str = "") -> LoadedSpec:
         return LoadedSpec(file=file, spec_bytes=b"", lines={}, base_dir=base_dir, run=None,
@@ -139,7 +156,7 @@ def read_spec(path: str | Path) -> LoadedSpec:
         return fail(f"cannot read spec: {_one_line(e.strerror or str(e))}", "check the path and its permissions")
     if len(data) > MAX_SPEC_BYTES:
         return fail(f"spec is larger than {MAX_SPEC_BYTES // 2**20} MiB", "a run spec is a few KiB of YAML")
-    return reads_spec(data, file=file, base_dir=base_dir)
+    return data
 
 
 def reads_spec(source: str | bytes, file: str = "<spec>", base_dir: str | Path = ".") -> LoadedSpec:
@@ -419,6 +436,9 @@ def _measure(node: yaml.Node, depth: int, stack: set[int], memo: dict[int, tuple
             children = list(node.value)
         else:
             children = []
+            if node.tag == "tag:yaml.org,2002:int" and len(node.value) > MAX_NUMBER_CHARS:
+                raise _YAMLLimit(f"a number {len(node.value)} characters long", node,
+                                 "no figure in a spec needs more than a few digits")
         stack.add(key)
         size, height = 1, 1
         for child in children:
