@@ -142,6 +142,10 @@ def test_p005_batch_not_whole_sequences_and_not_splittable():
     tiny = "name: t\nmodel: tiny\nhardware: {gpu: h100-sxm, count: 16}\ndata: {seq_len: 128, tokens: 1M}\n" \
            "training: {global_batch_tokens: 896}\n"  # 7 sequences over 16 GPUs: no layout splits it
     assert "P005" in _codes(_compile(tiny), "error")
+    # a batch that splits, but not with the pinned micro-batch: the pin is named, not the batch
+    c = _compile(_spec(count=8, extra="training: {global_batch_tokens: 4194304}\nparallelism: {micro_batch: 3}\n"))
+    d = _diag(c, "P005")
+    assert d.path == "parallelism.micro_batch" and "pinned micro_batch 3" in d.message and "512" in d.hint
 
 
 def test_p006_pipeline_bubble_warning():

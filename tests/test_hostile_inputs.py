@@ -593,3 +593,26 @@ def test_load_spec_keeps_its_contract(tmp_path):
     with pytest.raises(SpecError) as e:
         loads_spec(BASE.replace("count: 1", "count: 0"))
     assert e.value.diagnostics[0].path == "hardware.count"
+
+
+def test_an_invalid_source_does_not_hide_a_duplicate_name():
+    """Every error at once: a source with a bad weight made the whole data section unreadable to the structural
+    checks, so the duplicate name beside it surfaced only after the first fix."""
+    text = BASE.replace("sources: [{name: a, format: builtin}]",
+                        "sources: [{name: a, path: x.jsonl, weight: -1}, {name: a, path: y.jsonl}]")
+    errs = {(d.code, d.path) for d in _errors(text)}
+    assert {("S002", "data.sources.0.weight"), ("D004", "data.sources.1.name")} <= errs, errs
+
+
+def test_pinned_steps_that_disagree_with_the_tokens_are_flagged():
+    """training.steps x the batch is what the trainer runs; FLOPs, cost and the scaling check count data.tokens: D005
+    says so when the two disagree by more than 1%, and not when they agree."""
+    def d005(steps: int):
+        text = _with(training=f"training: {{precision: bf16, global_batch_tokens: 4096, steps: {steps}}}")
+        run, lines = loads_spec(text, file="s.yaml")
+        c = compile_spec(run, "s.yaml", lines, spec_bytes=text.encode())
+        return [d for d in c.diagnostics if d.code == "D005"], run.data.tokens
+
+    hits, tokens = d005(10_000)
+    assert len(hits) == 1 and hits[0].severity == "warning" and f"{10_000 * 4096:,}" in hits[0].message
+    assert d005(round(tokens / 4096))[0] == []

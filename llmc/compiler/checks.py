@@ -37,6 +37,8 @@ B003   error     budget impossible even at 60 % MFU (with the budget that would 
 D001   error     data.tokens smaller than one optimizer step
 D002   warning   a source is repeated more than 4 epochs (info above 1 epoch)
 D003   info      effective mixture shares
+D005   warning   training.steps x global batch and data.tokens disagree by more than 1% (FLOPs, cost and the scaling
+                 check count data.tokens; the trainer runs training.steps)
 =====  ========  ==========================================================================
 """
 
@@ -250,11 +252,21 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
         if res.batch_blocked or ("batch" in counts and "memory" not in counts):
             q = min_batch_seqs(run.model, world, gpu.gpus_per_node)
             good = _round_up(max(global_batch_seqs, q), q)
-            sink.add("P005", "error", "training.global_batch_tokens",
-                     f"global batch of {global_batch_seqs} sequences cannot be split over {world} GPUs "
-                     "(micro_batch x grad_accum x dp must equal it, with at least pp micro-batches)",
-                     f"use a multiple of {q} sequences, e.g. {good} ({good * run.data.seq_len:,} tokens), "
-                     "or fewer GPUs")
+            par = run.parallelism
+            pins = [(k, getattr(par, k)) for k in ("micro_batch", "dp_replicate", "dp_shard", "tp", "pp", "cp")
+                    if getattr(par, k, None) is not None]
+            if pins and global_batch_seqs % q == 0:  # the batch splits; the pins are what blocks it
+                sink.add("P005", "error", f"parallelism.{pins[0][0]}",
+                         f"global batch of {global_batch_seqs} sequences cannot be split over {world} GPUs with the "
+                         f"pinned {', '.join(f'{k} {v}' for k, v in pins)} (micro_batch x grad_accum x dp must "
+                         "equal it, with at least pp micro-batches)",
+                         f"pin values whose micro_batch x dp divides {global_batch_seqs}, or unpin them")
+            else:
+                sink.add("P005", "error", "training.global_batch_tokens",
+                         f"global batch of {global_batch_seqs} sequences cannot be split over {world} GPUs "
+                         "(micro_batch x grad_accum x dp must equal it, with at least pp micro-batches)",
+                         f"use a multiple of {q} sequences, e.g. {good} ({good * run.data.seq_len:,} tokens), "
+                         "or fewer GPUs")
         elif res.closest is not None:
             c = res.closest
             from llmc.compiler.search import USABLE_FRACTION
@@ -397,6 +409,12 @@ def check_data(run, hyper, sink: Sink) -> None:
         sink.add("D001", "error", "data.tokens",
                  f"{d.tokens:,.0f} tokens is less than one optimizer step ({hyper.global_batch_tokens:,} tokens)",
                  "raise data.tokens or lower training.global_batch_tokens")
+    trained = hyper.steps * hyper.global_batch_tokens
+    if run.training.steps is not None and abs(trained - d.tokens) > 0.01 * d.tokens:
+        sink.add("D005", "warning", "training.steps",
+                 f"{hyper.steps:,} steps x {hyper.global_batch_tokens:,} tokens = {trained:,.0f} tokens, but data.tokens "
+                 f"is {d.tokens:,.0f}: the trainer runs the steps while FLOPs, cost and the scaling check count "
+                 "data.tokens", "drop training.steps (llmc derives it from data.tokens), or set data.tokens to match")
     srcs = d.sources
     if not srcs:
         return

@@ -71,7 +71,7 @@ from llmc.spec.facts import MAX_CONFIG_BYTES
 from llmc.spec.hf import HF_KEY_FOR_FIELD, HFConfigError, architecture_from_hf_config
 from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.presets import PRESETS
-from llmc.spec.schema import STAGE_KINDS, STAGE_TYPES, Data, RunSpec, Serving, StageBase, Tokenizer
+from llmc.spec.schema import STAGE_KINDS, STAGE_TYPES, Data, RunSpec, Serving, Source, StageBase, Tokenizer
 
 __all__ = ["LoadedSpec", "read_spec", "reads_spec", "load_spec", "loads_spec", "json_schema",
            "MAX_SPEC_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_NODES"]
@@ -946,10 +946,13 @@ def _checks_from_raw(data: dict[str, Any], ctx: _Ctx) -> list[Diagnostic]:
     """Validate each section on its own so checks still run when another section has errors."""
     arch = _lenient(Architecture, data.get("model"))
     dat = _lenient(Data, data.get("data"))
-    if dat is None and isinstance(data.get("data"), dict):  # e.g. tokens missing: still check the tokenizer
-        tok = _lenient(Tokenizer, data["data"].get("tokenizer"))
-        if tok is not None:
-            dat = Data.model_construct(tokenizer=tok, sources=[], seq_len=1, tokens=1.0)
+    if dat is None and isinstance(data.get("data"), dict):  # e.g. tokens missing, a bad source: still check the
+        # tokenizer and the source names (each source as far as it reads: an invalid one keeps its index)
+        raw = data["data"]
+        tok = _lenient(Tokenizer, raw.get("tokenizer")) or Tokenizer.model_construct()
+        srcs = raw.get("sources") if isinstance(raw.get("sources"), list) else []
+        named = [Source.model_construct(name=s.get("name") if isinstance(s, dict) else None) for s in srcs]
+        dat = Data.model_construct(tokenizer=tok, sources=named, seq_len=1, tokens=1.0)
     stages_raw = data.get("stages") if isinstance(data.get("stages"), list) else []
     serving_raw = data.get("serving") if isinstance(data.get("serving"), list) else []
     stages = [_lenient(t, s) if (t := _stage_type(s)) else None for s in stages_raw]
@@ -1132,6 +1135,8 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
     for prefix, d in datas:
         seen: dict[str, int] = {}
         for j, src in enumerate(d.sources if d is not None else []):
+            if not isinstance(src.name, str):  # (an invalid source: reported by the schema check)
+                continue
             if src.name in seen:
                 out.append(ctx.diag("D004", f"{prefix}.sources.{j}.name", f"duplicate data source name {src.name!r}",
                                     f"already used by {prefix}.sources.{seen[src.name]}; names key the "
