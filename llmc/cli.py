@@ -390,7 +390,8 @@ def report(
     dest = out or rd / "report"
     try:
         paths = make_report(rd, lock, dest)
-        summary = summary_lines(rd, lock)  # validation loss first -> last, eval task results
+        skipped: list[str] = []  # run files left out of the report (warnings)
+        summary = summary_lines(rd, lock, skipped)  # validation loss first -> last, eval task results
     except FileNotFoundError as e:
         _fail([f"{run_dir}: error[L011] {e}"])
     except MetricsError as e:
@@ -399,6 +400,8 @@ def report(
     typer.echo(f"wrote {len(paths)} files to {dest}")
     for p in paths:
         typer.echo(f"  {p.name}")
+    for line in skipped:
+        typer.echo(line, err=True)
     for line in summary:
         typer.echo(line)
 

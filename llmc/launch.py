@@ -179,13 +179,17 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     if backend is not None and backend not in BACKENDS:
         raise LaunchError(f"unknown backend {backend!r} (one of: {', '.join(BACKENDS)})")
     b, lock = load_build(build_dir)
-    if backend is None:
-        plan = ParallelPlan(**lock["plan"]) if lock.get("plan") else None
-        planned = (lock.get("backend") or {}).get("name") if isinstance(lock.get("backend"), dict) else None
-        backend = launch_backend(planned, plan, _has_titan_job(b), (b / "deepspeed" / "ds_config.json").exists())
-    on_gpu = has_gpu() if gpu is None else gpu
-    if nproc is None:
-        nproc = _gpus_per_node(lock) if on_gpu else 1
+    try:  # (read_lock checked the lock's shape; a field it leaves optional may still be missing)
+        if backend is None:
+            plan = ParallelPlan(**lock["plan"]) if lock.get("plan") else None
+            planned = (lock.get("backend") or {}).get("name") if isinstance(lock.get("backend"), dict) else None
+            backend = launch_backend(planned, plan, _has_titan_job(b), (b / "deepspeed" / "ds_config.json").exists())
+        on_gpu = has_gpu() if gpu is None else gpu
+        if nproc is None:
+            nproc = _gpus_per_node(lock) if on_gpu else 1
+    except (KeyError, TypeError, ValueError) as e:
+        raise LaunchError(f"plan.lock.json: malformed lockfile ({type(e).__name__}: {e}) (rebuild it with "
+                          "`llmc build`)") from None
     if nproc < 1:
         raise LaunchError(f"--nproc must be >= 1 (got {nproc})")
     run = Path(run_dir).resolve() if run_dir is not None else b / "run"

@@ -1,7 +1,8 @@
 """The lockfile's schema: its name, version and the one reader (stdlib only).
 
 ``llmc launch``, the runtime and ``llmc plan --diff`` read locks through :func:`read_lock`, which refuses
-a lock of another schema version with a one-line reason; ``llmc.emit.lock`` writes them.
+a lock of another schema version, or one whose fields have the wrong JSON types (:func:`check_lock_shape`), with a
+one-line reason; ``llmc.emit.lock`` writes them.
 """
 
 from __future__ import annotations
@@ -38,6 +39,66 @@ def check_lock(d: Any) -> dict:
         found = "no schema_version" if version is None else f"schema_version {version!r}"
         raise ValueError(f"lock schema mismatch: {found}, this llmc reads schema_version {SCHEMA_VERSION} "
                          "(rebuild with `llmc build`)")
+    return check_lock_shape(d)
+
+
+# The JSON type of each lock field llmc's readers index (launch, report, calibrate, the runtime), where it is
+# present and not null; ``stages[]`` is each stage.
+_SHAPE = {
+    "spec": "object", "spec.resolved": "object", "plan": "object", "backend": "object", "backend.name": "string",
+    "hardware": "object", "hardware.key": "string", "hardware.gpus_per_node": "integer", "cluster": "object",
+    "time": "object", "memory": "object", "hyper": "object", "model": "object", LOCK_HEADER_KEY: "object",
+    "stages": "list", "stages[]": "object", "stages[].name": "string", "stages[].kind": "string",
+    "stages[].order": "integer", "stages[].steps": "integer", "stages[].memory": "object",
+}
+_TYPES = {"object": dict, "list": list, "string": str, "integer": int}
+# ``plan``'s fields (llmc.compiler.plan.ParallelPlan, which is not imported here: this module is stdlib only): the
+# names, then the whole numbers; tests/test_lockfile.py checks the two lists against the dataclass
+_PLAN_NAMES = ("pp_schedule", "activation_checkpointing")
+_PLAN_NUMBERS = ("dp_replicate", "dp_shard", "tp", "pp", "pp_virtual_stages", "cp", "ep", "micro_batch", "grad_accum",
+                 "ac_layers", "zero_stage", "loss_chunk_tokens")
+
+
+def _json_type(v: Any) -> str:
+    """How JSON names the type of a parsed value ("a string", "an object", ...)."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _malformed(where: str, want: str, v: Any) -> ValueError:
+    return ValueError(f"malformed lockfile: {where} must be {want}, got {_json_type(v)} (rebuild it with `llmc build`)")
+
+
+def check_lock_shape(d: dict) -> dict:
+    """``d`` when each field llmc reads from a lock has the JSON type llmc writes (:data:`_SHAPE`; an absent or
+    null field is left to the readers, which take it as missing) and ``plan`` holds only the plan's fields, each
+    a whole number or a name as ``ParallelPlan`` has it; else ValueError with a one-line reason naming the field. A hand-edited lock (``stages: "abc"``,
+    ``plan: [1]``) is then one error line in every command, not an AttributeError deep inside one of them. Any
+    schema version (``llmc calibrate`` reads older locks through it too)."""
+
+    def check(path: str, v: Any, where: str) -> None:
+        want = _SHAPE[path]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, _TYPES[want])):
+            raise _malformed(where, ("an " if want[0] in "aeiou" else "a ") + want, v)
+
+    for path in _SHAPE:
+        head, _, key = path.rpartition(".")
+        parent = d.get(head) if head else d
+        if "[]" not in path and isinstance(parent, dict) and key in parent:
+            check(path, parent[key], path)
+    for i, stage in enumerate(d.get("stages") or []):
+        check("stages[]", stage, f"stages[{i}]")
+        for key in ("name", "kind", "order", "steps", "memory"):
+            if isinstance(stage, dict) and key in stage:
+                check(f"stages[].{key}", stage[key], f"stages[{i}].{key}")
+    for key, v in (d.get("plan") or {}).items():
+        if key not in _PLAN_NAMES + _PLAN_NUMBERS:
+            raise ValueError(f"malformed lockfile: plan.{key} is not a field of a parallelism plan (rebuild it with "
+                             "`llmc build`)")
+        if key in _PLAN_NAMES and not isinstance(v, str):
+            raise _malformed(f"plan.{key}", "a string", v)
+        if key in _PLAN_NUMBERS and (isinstance(v, bool) or not isinstance(v, int)):
+            raise _malformed(f"plan.{key}", "an integer", v)
     return d
 
 
@@ -61,6 +122,8 @@ def load_lock_json(path: str | Path) -> Any:
         raise ValueError(f"not an llmc lockfile: invalid JSON at line {e.lineno} ({e.msg})") from None
     except RecursionError:
         raise ValueError("not an llmc lockfile: JSON nested too deeply") from None
+    except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise ValueError(f"not an llmc lockfile: {e}") from None
     return d
 
 

@@ -22,6 +22,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
 import statistics
 import sys
@@ -107,6 +108,7 @@ class Measurement:
     tokens_per_s_per_gpu: float | None = None
     reserved_bytes: float | None = None  # torch.cuda.max_memory_reserved
     allocated_bytes: float | None = None  # torch.cuda.max_memory_allocated
+    line: int = 0  # the table row's line in ``source`` (0: the whole file), where an error about it points
     notes: list[str] = field(default_factory=list)
 
 
@@ -126,10 +128,17 @@ def parse_torchtitan_log(text: str) -> list[TitanStep]:
 
         def num(k: str, m=m) -> float | None:
             v = m.group(k)
-            return None if v is None else float(v.replace(",", ""))
+            try:
+                return None if v is None else float(v.replace(",", ""))
+            except ValueError:  # text the pattern admits that is no number ("1.2.3", "-")
+                return None
 
-        out.append(TitanStep(step=int(m.group("step")), loss=float(m.group("loss")), memory_gib=num("mem"),
-                             memory_pct=num("mem_pct"), tps=num("tps"), tflops=num("tflops"), mfu_pct=num("mfu")))
+        step, loss = m.group("step"), num("loss")
+        if loss is None or len(step) > 18:  # not a metrics line: no loss, or a step no run reaches (int() refuses
+            # thousands of digits)
+            continue
+        out.append(TitanStep(step=int(step), loss=loss, memory_gib=num("mem"), memory_pct=num("mem_pct"),
+                             tps=num("tps"), tflops=num("tflops"), mfu_pct=num("mfu")))
     return out
 
 
@@ -140,7 +149,7 @@ def steady(values: list[tuple[int, float]], warmup: int = WARMUP_STEPS) -> float
 
 
 def _lock(path: Path) -> dict:
-    from llmc.lockfile import load_lock_json
+    from llmc.lockfile import check_lock_shape, load_lock_json
 
     try:  # any schema version: a run's lock may be older than this llmc, its plan is all calibration needs
         d = load_lock_json(path)
@@ -150,6 +159,10 @@ def _lock(path: Path) -> dict:
     if not isinstance(d, dict) or "spec" not in d or "plan" not in d:
         raise MeasurementError(str(path), 0, "K002", "plan.lock.json", "not an llmc plan.lock.json",
                                "pass the plan.lock.json written by llmc build")
+    try:
+        check_lock_shape(d)
+    except ValueError as e:  # its message ends in a hint of its own
+        raise MeasurementError(str(path), 0, "K002", "plan.lock.json", str(e)) from None
     if d.get("plan") is None:
         raise MeasurementError(str(path), 0, "K002", "plan", "the lock has no parallelism plan")
     return d
@@ -158,8 +171,19 @@ def _lock(path: Path) -> dict:
 def _from_lock(lock: dict, lock_path: str, label: str, source: str) -> Measurement:
     from llmc.spec.schema import RunSpec
 
-    spec = RunSpec.model_validate(lock["spec"]["resolved"])
-    plan = ParallelPlan(**lock["plan"])
+    # a hand-edited lock can hold a spec llmc no longer validates or a plan it cannot lay out: one K002 line
+    try:
+        spec = RunSpec.model_validate(lock["spec"]["resolved"])
+        plan = ParallelPlan(**lock["plan"])
+    except (KeyError, TypeError, ValueError) as e:
+        errs = e.errors() if hasattr(e, "errors") else None  # pydantic: the first problem, on one line
+        why = (f"spec.resolved.{'.'.join(map(str, errs[0]['loc']))}: {errs[0]['msg']}" if errs
+               else "no spec.resolved" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}")
+        raise MeasurementError(lock_path, 0, "K002", "plan.lock.json", f"malformed lock ({why})",
+                               "pass the plan.lock.json written by llmc build, unedited") from None
+    if plan.world < 1:
+        raise MeasurementError(lock_path, 0, "K002", "plan", f"the plan's world size is {plan.world}",
+                               "pass the plan.lock.json written by llmc build, unedited")
     be = (lock.get("backend") or {}).get("name") or "native"
     comp = (lock.get("backend") or {}).get("compile")
     hw = lock.get("hardware") or {}
@@ -172,11 +196,12 @@ def _from_lock(lock: dict, lock_path: str, label: str, source: str) -> Measureme
 
 def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Measurement:
     """An llmc run: ``metrics.jsonl`` (or the folder holding it) and the ``plan.lock.json`` it was built from
-    (default: next to it, or one folder up)."""
+    (default: next to it, one folder up, or two: ``llmc launch`` writes ``<build>/run/<stage>/metrics.jsonl``)."""
     p = Path(path)
     metrics = p / "metrics.jsonl" if p.is_dir() else p
     if lock_path is None:
-        cands = [metrics.parent / "plan.lock.json", metrics.parent.parent / "plan.lock.json"]
+        cands = [metrics.parent / "plan.lock.json", metrics.parent.parent / "plan.lock.json",
+                 metrics.parent.parent.parent / "plan.lock.json"]
         lock_path = next((c for c in cands if c.is_file()), None)
         if lock_path is None:
             raise MeasurementError(str(metrics), 0, "K003", "plan.lock.json", "no plan.lock.json next to the run",
@@ -194,10 +219,14 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
         except RecursionError:
             raise MeasurementError(str(metrics), i, "K001", "metrics.jsonl", "not a JSON record: nested too deeply") \
                 from None
-        if "step" in r and r.get("tokens_per_s"):
-            tps.append((int(r["step"]), float(r["tokens_per_s"])))
-        if "step" in r and r.get("peak_mem_bytes"):
-            mem.append((int(r["step"]), float(r["peak_mem_bytes"])))
+        except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+            raise MeasurementError(str(metrics), i, "K001", "metrics.jsonl", f"not a JSON record: {e}") from None
+        if not isinstance(r, dict):
+            raise MeasurementError(str(metrics), i, "K001", "metrics.jsonl",
+                                   f"not a JSON object: {_shown(r)}", _RECORD_HINT)
+        for key, out in (("tokens_per_s", tps), ("peak_mem_bytes", mem)):
+            if "step" in r and r.get(key):
+                out.append((_record_number(r, "step", str(metrics), i), _record_number(r, key, str(metrics), i)))
     if not tps:
         raise MeasurementError(str(metrics), 0, "K001", "metrics.jsonl", "no step records with tokens_per_s",
                                "train for more than log_every steps")
@@ -205,6 +234,33 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
     world = m.plan.world
     return replace(m, tokens_per_s_per_gpu=steady(tps) / world,
                    allocated_bytes=max(v for _, v in mem) if mem else None)
+
+
+_RECORD_HINT = "llmc's trainers write one JSON object of numbers per line: restore or delete that line"
+
+
+def _shown(v, limit: int = 60) -> str:
+    """``repr(v)`` for an error line, cut to ``limit`` characters (a cell can hold hundreds of digits)."""
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _record_number(r: dict, key: str, file: str, line: int) -> float:
+    """A metrics.jsonl record's ``step`` (a whole number >= 0) or measured figure (a positive finite number), as
+    llmc's trainers write them; else the MeasurementError naming the line (a string, a bool or a number too
+    large for a float is an edited or foreign record, not a measurement)."""
+    v = r[key]
+    f = None
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        try:
+            f = float(v)
+        except OverflowError:
+            f = None
+    whole = key == "step"
+    if f is None or not math.isfinite(f) or (f < 0 or not f.is_integer() if whole else f <= 0):
+        want = "a whole number >= 0" if whole else "a positive number"
+        raise MeasurementError(file, line, "K001", key, f"{key} must be {want}, got {_shown(v)}", _RECORD_HINT)
+    return int(f) if whole else f
 
 
 def read_torchtitan_log(path: str | Path, lock_path: str | Path) -> Measurement:
@@ -235,6 +291,9 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
     for k in _TABLE_REQUIRED:
         if get(k) is None:
             raise MeasurementError(source, line, "K004", k, f"missing {k!r}", "see benchmarks/README.md, Schema")
+    if isinstance(get("id"), list | dict):  # the run's label: one name, not a YAML list or mapping
+        raise MeasurementError(source, line, "K004", "id", f"id must be a name, got {_shown(get('id'))}",
+                               "see benchmarks/README.md, Schema")
     name = str(get("model"))
     if name not in PRESETS:
         raise MeasurementError(source, line, "K004", "model", f"unknown preset {name!r}", "llmc presets lists them")
@@ -243,14 +302,14 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
         raise MeasurementError(source, line, "K004", "backend" if not backend else "gpu_key",
                                "every row needs a backend and an llmc gpu_key")
     def bad(k: str, want: str):
-        return MeasurementError(source, line, "K004", k, f"{k} must be {want}, got {get(k)!r}",
+        return MeasurementError(source, line, "K004", k, f"{k} must be {want}, got {_shown(get(k))}",
                                 "see benchmarks/README.md, Schema")
 
     def whole(k: str, default=None) -> int:  # a positive whole number (YAML int, or a CSV cell such as "8")
         v = get(k, default)
         try:
             f = float(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a YAML integer beyond a float's range
             raise bad(k, "a positive whole number") from None
         if isinstance(v, bool) or not f.is_integer() or f < (0 if k == "zero_stage" else 1):
             raise bad(k, "a positive whole number")
@@ -262,7 +321,7 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
             return None
         try:
             f = float(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise bad(k, "a positive number") from None
         if isinstance(v, bool) or not (0 < f < float("inf")):
             raise bad(k, "a positive number")
@@ -332,7 +391,7 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
         offload_optimizer=bool(flag("offload_optimizer", False)),
         offload_params=bool(flag("offload_params", False)),
         loss_chunks=None if get("loss_chunks") is None else whole("loss_chunks"),
-        tokens_per_s_per_gpu=tps,
+        tokens_per_s_per_gpu=tps, line=line,
         reserved_bytes=mem * GiB if mem is not None and "alloc" not in kind else None,
         allocated_bytes=mem * GiB if mem is not None and "alloc" in kind else None)
 
@@ -362,33 +421,53 @@ def read_table(path: str | Path) -> list[Measurement]:
         return [_row_measurement(r, {}, str(p), i + 2) for i, r in enumerate(rows)]
     import yaml
 
+    loader = yaml.SafeLoader(text)  # what yaml.safe_load does, keeping the node tree for the rows' lines
     try:
-        doc = yaml.safe_load(text)
+        node = loader.get_single_node()
+        doc = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise MeasurementError(str(p), (mark.line + 1) if mark else 0, "K001", "table", "invalid YAML") from e
     except RecursionError:
         raise MeasurementError(str(p), 0, "K001", "table", "YAML nested too deeply") from None
+    except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise MeasurementError(str(p), 0, "K001", "table", f"invalid YAML: {e}") from None
+    finally:
+        loader.dispose()
     if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
         raise MeasurementError(str(p), 0, "K004", "rows", "expected a mapping with a 'rows' list")
     file_keys = {k: v for k, v in doc.items() if k != "rows"}
-    lines = _row_lines(text)
-    return [_row_measurement(r, file_keys, str(p), lines.get(r.get("id"), 0)) for r in doc["rows"]
-            if r.get("kind", file_keys.get("kind", "throughput")) == "throughput"]
-
-
-def _row_lines(text: str) -> dict:
-    out = {}
-    for i, line in enumerate(text.splitlines(), 1):
-        m = re.search(r"\bid:\s*([^,}\s]+)", line)
-        if m:
-            out.setdefault(m.group(1), i)
+    lines = _row_lines(node)
+    out = []
+    for i, r in enumerate(doc["rows"]):
+        line = lines[i] if i < len(lines) else 0
+        if not isinstance(r, dict):
+            raise MeasurementError(str(p), line, "K004", "rows", f"a row must be a mapping of column: value, got "
+                                   f"{_shown(r)}", "see benchmarks/README.md, Schema")
+        if r.get("kind", file_keys.get("kind", "throughput")) == "throughput":
+            out.append(_row_measurement(r, file_keys, str(p), line))
     return out
+
+
+def _row_lines(root) -> list[int]:
+    """The 1-based line of each item of the document's top-level ``rows:`` list (its YAML node tree), in order;
+    [] when there is none."""
+    import yaml
+
+    lines: list[int] = []
+    if isinstance(root, yaml.MappingNode):
+        for key, value in root.value:  # the last ``rows:`` wins, as in the constructed mapping
+            if isinstance(key, yaml.ScalarNode) and key.value == "rows" and isinstance(value, yaml.SequenceNode):
+                lines = [item.start_mark.line + 1 for item in value.value]
+    return lines
 
 
 def read_any(path: str | Path, lock: str | Path | None = None) -> list[Measurement]:
     """Dispatch on the file: a table (.yaml/.yml/.csv), metrics.jsonl / a run folder, or a torchtitan log."""
     p = Path(path)
+    if not p.exists():  # else it would be taken for a torchtitan log and asked for a --lock
+        raise MeasurementError(str(p), 0, "K001", "input", "no such file or directory",
+                               "pass metrics.jsonl files or run folders, torchtitan logs, or .yaml/.csv tables")
     if p.is_dir() or p.name.endswith(".jsonl"):
         return [read_llmc_run(p, lock)]
     if p.suffix.lower() in (".yaml", ".yml", ".csv"):
@@ -409,16 +488,27 @@ def predicted(m: Measurement, factors=None):
 
     gpu = get_gpu(m.gpu)
     if gpu is None:
-        raise MeasurementError(m.source, 0, "K005", "gpu", f"unknown llmc GPU key {m.gpu!r}", "llmc gpus lists them")
+        raise MeasurementError(m.source, m.line, "K005", "gpu", f"unknown llmc GPU key {m.gpu!r}",
+                               "llmc gpus lists them")
     if m.gpus_per_node:
         gpu = replace(gpu, gpus_per_node=int(m.gpus_per_node))
-    sm = timing.step_model(m.model, m.seq_len, m.precision, gpu, m.backend, compile=m.compile,
-                           async_tp=m.async_tp, fp8_recipe=m.fp8_recipe, factors=factors,
-                           offload_optimizer=m.offload_optimizer, offload_params=m.offload_params)
-    t = timing.time_numbers(sm, m.plan, 1)
-    mem = memory.memory_per_gpu(m.model, m.plan, m.seq_len, m.precision, gpu.hbm_bytes, backend=m.backend,
-                                compile=m.compile, factors=factors, offload_optimizer=m.offload_optimizer,
-                                offload_params=m.offload_params, loss_chunks=m.loss_chunks)
+    # the time and memory models refuse a layout they cannot lay out (ValueError: more pipeline chunks than the
+    # model has blocks, ...) and overflow on absurd sizes (a 300-digit seq_len); a table row is checked for its
+    # cells only, so either is the row's error
+    try:
+        sm = timing.step_model(m.model, m.seq_len, m.precision, gpu, m.backend, compile=m.compile,
+                               async_tp=m.async_tp, fp8_recipe=m.fp8_recipe, factors=factors,
+                               offload_optimizer=m.offload_optimizer, offload_params=m.offload_params)
+        t = timing.time_numbers(sm, m.plan, 1)
+        mem = memory.memory_per_gpu(m.model, m.plan, m.seq_len, m.precision, gpu.hbm_bytes, backend=m.backend,
+                                    compile=m.compile, factors=factors, offload_optimizer=m.offload_optimizer,
+                                    offload_params=m.offload_params, loss_chunks=m.loss_chunks)
+    except (ValueError, ArithmeticError) as e:
+        hint = ("check the row's parallel degrees and sizes against the model; see benchmarks/README.md, Schema"
+                if m.line else "pass the plan.lock.json written by llmc build, unedited")
+        why = (f"llmc cannot model this layout: {e}" if isinstance(e, ValueError)
+               else f"llmc cannot model this run: a size is out of range ({type(e).__name__}: {e})")
+        raise MeasurementError(m.source, m.line, "K004", "layout", why, hint) from None
     return t, mem
 
 

@@ -35,6 +35,11 @@ gives the same numbers as text (``llmc report`` prints them)::
     pretrain: eval pydoc_mc: acc 0.7917, acc_norm 0.7500 (24 documents)
     pretrain: eval pydoc_mc acc by step: 200 0.5417, 400 0.6250, final (500) 0.7917
 
+A summary that cannot be read or is not of that shape (``tasks`` or ``samples`` not an object) is left out of the
+report, and :func:`summary_lines` says so in one ``warning[L013]`` line naming the file (after its lines, or in the
+list its caller passes as ``skipped``). A figure that is not a finite number within ±:data:`LIMIT` (NaN, an
+infinity, an integer too large for a float) is left out like a missing one.
+
 Checkpoints compared on the same suite (``eval.every_checkpoints``): each scored checkpoint's
 ``<stage>/eval/step-N/summary.json`` (:func:`read_checkpoint_evals`) becomes a column of a per-stage table
 (task, metric; one column per step, then the final export at the stage's last step from the lock) and a
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +108,38 @@ class Row:
         return None
 
 
+#: Largest magnitude of a figure the report reads (a metric, an eval score, a prediction, a step): no measurement
+#: comes near it, and matplotlib cannot lay out an axis much wider (numpy overflows computing its margins and
+#: ticks, with a RuntimeWarning, then an error), so a value beyond it is skipped like a missing one.
+LIMIT = 1e150
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a float when it is a JSON number (not a bool), finite and within ±:data:`LIMIT`; else None."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return f if math.isfinite(f) and abs(f) <= LIMIT else None
+
+
+def _get(d: Any, *keys: str) -> Any:
+    """``d[k1][k2]...``, None where a level is missing or not an object."""
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def _lock_stages(lock: dict) -> list[dict]:
+    """The lock's stages that have a name, in their ``order``."""
+    stages = lock.get("stages")
+    named = [s for s in stages if isinstance(s, dict) and isinstance(s.get("name"), str)] \
+        if isinstance(stages, list) else []
+    return sorted(named, key=lambda s: s["order"] if isinstance(s.get("order"), int) else 0)
+
+
 NUMERIC = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes", "step_s", "val_loss", "val_ppl")
 
 
@@ -115,18 +153,34 @@ class StageEval:
     step: int | None = None  # the checkpoint's step (None: the stage's final export)
 
 
-def _read_summary(path: Path, stage: str, step: int | None = None) -> StageEval | None:
+def _read_summary(path: Path, stage: str, step: int | None = None,
+                  skipped: list[str] | None = None) -> StageEval | None:
+    """The summary at ``path``; None when it cannot be read or is not of a summary's shape (a JSON object whose
+    ``tasks`` and ``samples`` are objects), with a warning line saying why appended to ``skipped``. A task that is
+    not an object and a value that is not a number (:func:`_number`) are left out: lm_eval writes "N/A" for some
+    standard errors."""
     import json
 
     try:
         d = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+    except OSError as e:
+        why = f"it cannot be read ({e.strerror or e})"
+    except (ValueError, RecursionError):  # UnicodeDecodeError and an over-long integer are ValueErrors too
+        why = "it is not valid JSON"
+    else:
+        bad = [k for k in ("tasks", "samples") if isinstance(d, dict) and not isinstance(d.get(k) or {}, dict)]
+        why = ("it is not a JSON object" if not isinstance(d, dict)
+               else f"its {bad[0]!r} is not an object (task -> {'metrics' if bad[0] == 'tasks' else 'documents'})"
+               if bad else None)
+    if why is not None:
+        if skipped is not None:
+            skipped.append(f"{path}: warning[L013] eval summary left out of the report: {why} (restore it, or "
+                           "delete it and rerun the eval)")
         return None
-    if not isinstance(d, dict):
-        return None
-    tasks = {t: {k: float(v) for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    tasks = {t: {k: f for k, v in m.items() if (f := _number(v)) is not None}
              for t, m in (d.get("tasks") or {}).items() if isinstance(m, dict)}
-    samples = {t: int(n) for t, n in (d.get("samples") or {}).items() if isinstance(n, int)}
+    samples = {t: n for t, n in (d.get("samples") or {}).items()
+               if isinstance(n, int) and not isinstance(n, bool) and _number(n) is not None}
     return StageEval(stage, tasks, samples, step)
 
 
@@ -135,20 +189,23 @@ def _stage_dirs(run_dir: Path, lock: dict, marker: str) -> list[tuple[str, Path]
     in the lock's stage order, then the others by name."""
     if any(run_dir.glob(marker)):
         return [(run_dir.name, run_dir)]
-    order = [s["name"] for s in sorted(lock.get("stages") or [], key=lambda s: s.get("order", 0))]
+    order = [s["name"] for s in _lock_stages(lock)]
     found = {p.name: p for p in sorted(run_dir.iterdir()) if p.is_dir() and any(p.glob(marker))} \
         if run_dir.is_dir() else {}
     return [(n, found[n]) for n in [n for n in order if n in found] + sorted(n for n in found if n not in order)]
 
 
-def read_checkpoint_evals(run_dir: str | Path, lock: dict) -> dict[str, list[StageEval]]:
-    """stage -> its scored checkpoints (``<stage>/eval/step-N/summary.json``), by step."""
+def read_checkpoint_evals(run_dir: str | Path, lock: dict,
+                          skipped: list[str] | None = None) -> dict[str, list[StageEval]]:
+    """stage -> its scored checkpoints (``<stage>/eval/step-N/summary.json``), by step; a malformed summary is
+    left out, with a line in ``skipped`` (:func:`_read_summary`)."""
     out: dict[str, list[StageEval]] = {}
     for name, d in _stage_dirs(Path(run_dir), lock, "eval/step-*/summary.json"):
         evs = []
         for p in d.glob("eval/step-*/summary.json"):
             step = p.parent.name.split("-", 1)[1]
-            ev = _read_summary(p, name, int(step)) if step.isdigit() else None
+            ok = step.isdigit() and _number(int(step)) is not None
+            ev = _read_summary(p, name, int(step), skipped) if ok else None
             if ev is not None:
                 evs.append(ev)
         if evs:
@@ -157,9 +214,8 @@ def read_checkpoint_evals(run_dir: str | Path, lock: dict) -> dict[str, list[Sta
 
 
 def _final_step(lock: dict, stage: str) -> int | None:
-    st = next((s for s in lock.get("stages") or [] if s.get("name") == stage), None)
-    v = (st or {}).get("steps")
-    return int(v) if isinstance(v, int) else None
+    v = next((s.get("steps") for s in _lock_stages(lock) if s["name"] == stage), None)
+    return v if isinstance(v, int) and not isinstance(v, bool) and _number(v) is not None else None
 
 
 def _by_step(steps: list[StageEval], final: StageEval | None, lock: dict
@@ -173,18 +229,19 @@ def _by_step(steps: list[StageEval], final: StageEval | None, lock: dict
     return labels, {key: [e.tasks.get(key[0], {}).get(key[1]) for e in cols] for key in keys}, xs
 
 
-def read_evals(run_dir: str | Path, lock: dict) -> list[StageEval]:
-    """Every stage's eval summary under ``run_dir`` (lock stage order), skipping unreadable files."""
+def read_evals(run_dir: str | Path, lock: dict, skipped: list[str] | None = None) -> list[StageEval]:
+    """Every stage's eval summary under ``run_dir`` (lock stage order), leaving out unreadable or malformed
+    files, with a line for each in ``skipped`` (:func:`_read_summary`)."""
 
     run_dir = Path(run_dir)
-    order = [s["name"] for s in sorted(lock.get("stages") or [], key=lambda s: s.get("order", 0))]
+    order = [s["name"] for s in _lock_stages(lock)]
     if (run_dir / "eval" / "summary.json").is_file():
         found = {run_dir.name: run_dir / "eval" / "summary.json"}
     else:
         found = {p.parent.parent.name: p for p in sorted(run_dir.glob("*/eval/summary.json"))}
     out = []
     for name in [n for n in order if n in found] + sorted(n for n in found if n not in order):
-        ev = _read_summary(found[name], name)
+        ev = _read_summary(found[name], name, skipped=skipped)
         if ev is not None:
             out.append(ev)
     return out
@@ -195,10 +252,12 @@ def _shown(metric: str) -> bool:
     return not metric.endswith("_stderr") and metric != "sample_len"
 
 
-def summary_lines(run_dir: str | Path, lock: dict) -> list[str]:
+def summary_lines(run_dir: str | Path, lock: dict, skipped: list[str] | None = None) -> list[str]:
     """Per stage: validation loss/perplexity first -> last, then each eval task's metrics, then each
-    metric by checkpoint step (``eval.every_checkpoints``)."""
-    lines = []
+    metric by checkpoint step (``eval.every_checkpoints``). A ``warning[L013]`` line per eval summary left out
+    (:func:`_read_summary`) goes to ``skipped`` when given (for stderr), else after those lines."""
+    lines: list[str] = []
+    left_out: list[str] = [] if skipped is None else skipped
     for name, path in find_stages(run_dir, lock):
         sm = read_metrics(path, name)
         steps, vals = sm.series("val_loss")
@@ -206,19 +265,21 @@ def summary_lines(run_dir: str | Path, lock: dict) -> list[str]:
             _, ppl = sm.series("val_ppl")
             pp = f" (ppl {ppl[0]:.1f} -> {ppl[-1]:.1f})" if ppl else ""
             lines.append(f"{name}: validation loss {vals[0]:.4f} -> {vals[-1]:.4f}{pp}, steps {steps[0]} -> {steps[-1]}")
-    evals = read_evals(run_dir, lock)
+    evals = read_evals(run_dir, lock, left_out)
     for ev in evals:
         for task, metrics in ev.tasks.items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if _shown(k))
+            if not shown:  # no score that is a number
+                continue
             n = ev.samples.get(task)
             lines.append(f"{ev.stage}: eval {task}: {shown}" + (f" ({n} documents)" if n else ""))
     finals = {ev.stage: ev for ev in evals}
-    for stage, steps in read_checkpoint_evals(run_dir, lock).items():
+    for stage, steps in read_checkpoint_evals(run_dir, lock, left_out).items():
         labels, rows, _ = _by_step(steps, finals.get(stage), lock)
         for (task, metric), vals in rows.items():
             lines.append(f"{stage}: eval {task} {metric} by step: " + ", ".join(
                 f"{lab} {v:.4f}" for lab, v in zip(labels, vals, strict=True) if v is not None))
-    return lines
+    return lines if skipped is not None else lines + left_out
 
 
 def read_metrics(path: str | Path, name: str | None = None) -> StageMetrics:
@@ -227,13 +288,14 @@ def read_metrics(path: str | Path, name: str | None = None) -> StageMetrics:
     from llmc.runtime.metrics_io import read_metrics as read_log  # no torch import
 
     path = Path(path)
-    by_step: dict[int, dict[str, Any]] = {r["step"]: r for r in read_log(path).steps if isinstance(r.get("step"), int)}
+    by_step: dict[int, dict[str, Any]] = {r["step"]: r for r in read_log(path).steps
+                                          if isinstance(r.get("step"), int) and _number(r["step"]) is not None}
     steps = sorted(by_step)
     cols: dict[str, list[float | None]] = {}
     for key in NUMERIC:
-        vals = [by_step[s].get(key) for s in steps]
-        if any(isinstance(v, int | float) and not isinstance(v, bool) for v in vals):
-            cols[key] = [float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None for v in vals]
+        vals = [_number(by_step[s].get(key)) for s in steps]
+        if any(v is not None for v in vals):
+            cols[key] = vals
     return StageMetrics(name or path.parent.name, path, steps, cols)
 
 
@@ -242,7 +304,7 @@ def find_stages(run_dir: str | Path, lock: dict) -> list[tuple[str, Path]]:
     run_dir = Path(run_dir)
     if (run_dir / "metrics.jsonl").is_file():
         return [(run_dir.name, run_dir / "metrics.jsonl")]
-    order = [s["name"] for s in sorted(lock.get("stages") or [], key=lambda s: s.get("order", 0))]
+    order = [s["name"] for s in _lock_stages(lock)]
     found = {p.parent.name: p for p in sorted(run_dir.glob("*/metrics.jsonl"))}
     names = [n for n in order if n in found] + sorted(n for n in found if n not in order)
     return [(n, found[n]) for n in names]
@@ -250,21 +312,22 @@ def find_stages(run_dir: str | Path, lock: dict) -> list[tuple[str, Path]]:
 
 def _main_stage(lock: dict) -> str | None:
     """The stage the lock's ``time`` block describes: the first pre-training stage."""
-    for s in sorted(lock.get("stages") or [], key=lambda s: s.get("order", 0)):
+    for s in _lock_stages(lock):
         if s.get("kind") == "pretrain":
             return s["name"]
     return None
 
 
 def predictions(lock: dict, stage: str) -> Prediction:
-    st = next((s for s in lock.get("stages") or [] if s.get("name") == stage), None)
-    mem = ((st or {}).get("memory") or {}).get("per_gpu_bytes")
+    """The lock's numbers for ``stage`` (None where the lock has none, or no usable number: :func:`_number`)."""
+    st = next((s for s in _lock_stages(lock) if s["name"] == stage), None)
+    mem = _number(_get(st, "memory", "per_gpu_bytes"))
     main = _main_stage(lock)
     if mem is None and (st is None or stage == main):
-        mem = (lock.get("memory") or {}).get("per_gpu_bytes")
-    t = lock.get("time") or {}
+        mem = _number(_get(lock, "memory", "per_gpu_bytes"))
     if stage == main or (main is None and st is None):
-        return Prediction(t.get("step_seconds"), t.get("tokens_per_second"), t.get("mfu"), mem)
+        return Prediction(*(_number(_get(lock, "time", k)) for k in ("step_seconds", "tokens_per_second", "mfu")),
+                          mem)
     return Prediction(per_gpu_bytes=mem)
 
 
@@ -440,7 +503,8 @@ def make_report(run_dir: str | Path, lock: dict, out_dir: str | Path) -> list[Pa
         path = out / f"{stage}-evals.png"
         if _plot_evals(stage, *_by_step(steps, finals.get(stage), lock), path):
             pngs.append(path)
-    name = (lock.get("spec") or {}).get("name") or Path(run_dir).name
+    name = _get(lock, "spec", "name")
+    name = name if isinstance(name, str) and name else Path(run_dir).name
     page = out / "report.html"
     extra = _eval_html(stages, evals) + "\n" + _checkpoint_html(ck, evals, lock)
     page.write_text(_html(f"llmc run report: {name}", table(stages, lock), pngs, extra), encoding="utf-8")

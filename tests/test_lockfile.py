@@ -139,3 +139,73 @@ def test_same_spec_different_numbers_blames_llmc():
     old = lock_dict(make_compiled(step_s=1.0))
     text = diff_lock(old, make_compiled(step_s=2.0))
     assert text.startswith("spec unchanged") and "come from llmc itself" in text and "step time (s): 1 -> 2" in text
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda d: d.update(stages="abc"), "stages must be a list, got a string"),
+    (lambda d: d.update(plan=[1]), "plan must be an object, got a list"),
+    (lambda d: d.update(stages=[1]), "stages[0] must be an object, got an integer"),
+    (lambda d: d["stages"][0].update(name=5), "stages[0].name must be a string, got an integer"),
+    (lambda d: d["stages"][0].update(order="x"), "stages[0].order must be an integer, got a string"),
+    (lambda d: d["stages"][0].update(memory=[]), "stages[0].memory must be an object, got a list"),
+    (lambda d: d.update(time=1.5), "time must be an object, got a number"),
+    (lambda d: d.update(hardware=True), "hardware must be an object, got a boolean"),
+    (lambda d: d["spec"].update(resolved="x"), "spec.resolved must be an object, got a string"),
+    (lambda d: d["plan"].update(tp="2"), "plan.tp must be an integer, got a string"),
+    (lambda d: d["plan"].update(pp_schedule=1), "plan.pp_schedule must be a string, got an integer"),
+    (lambda d: d["plan"].update(TP=2), "plan.TP is not a field of a parallelism plan"),
+])
+def test_wrong_json_types_are_refused_in_one_line(tmp_path, edit, msg):
+    """A hand-edited lock whose fields have the wrong JSON types was an AttributeError / TypeError deep in
+    `llmc report` or `llmc launch` (error[INTERNAL]); read_lock refuses it with one line naming the field."""
+    d = lock_dict(make_compiled(stages=[{"name": "pretrain", "kind": "pretrain", "steps": 10}]))
+    edit(d)
+    p = tmp_path / "plan.lock.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ValueError) as e:
+        read_lock(p)
+    assert str(e.value) == f"malformed lockfile: {msg} (rebuild it with `llmc build`)"
+
+
+def test_every_lock_llmc_writes_has_the_checked_shape():
+    """check_lock_shape accepts the golden builds' locks (absent and null fields too), and its copy of the plan's
+    field names (lockfile.py is stdlib only) is ParallelPlan's."""
+    import dataclasses
+    from pathlib import Path
+
+    from llmc import lockfile
+
+    for p in sorted((Path(__file__).parent / "golden" / "build").glob("*/plan.lock.json")):
+        assert read_lock(p)["stages"]
+    assert lockfile.check_lock_shape({"plan": None, "stages": None, "time": None}) is not None
+    fields = {f.name: f.type for f in dataclasses.fields(ParallelPlan)}
+    assert set(lockfile._PLAN_NAMES) | set(lockfile._PLAN_NUMBERS) == set(fields)
+    assert {n for n, t in fields.items() if t == "int"} == set(lockfile._PLAN_NUMBERS)
+
+
+def test_cli_report_and_launch_on_an_edited_lock_are_one_line(tmp_path):
+    """The auditor's case: `llmc report` on a lock with ``stages: "abc"`` and `llmc launch --force` on one with
+    ``plan: [1]`` ended in error[INTERNAL]; each is one located line and exit 1."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def llmc(*args):
+        return subprocess.run([sys.executable, "-m", "llmc.cli", *args], cwd=root, capture_output=True, text=True)
+
+    b = tmp_path / "b"
+    assert llmc("build", str(root / "examples/tiny_cpu.yaml"), "-o", str(b)).returncode == 0
+    lock = b / "plan.lock.json"
+    good = json.loads(lock.read_text())
+    (b / "run" / "pretrain").mkdir(parents=True)
+    (b / "run" / "pretrain" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    for edit, args, want in [({"stages": "abc"}, ("report", str(b)), f"{lock}: error[X001] malformed lockfile: stages"),
+                             ({"plan": [1]}, ("launch", str(b), "--dry-run", "--force"),
+                              f"{b}: error[L001] plan.lock.json: malformed lockfile: plan must be an object")]:
+        lock.write_text(json.dumps(good | edit))
+        r = llmc(*args)
+        err = [ln for ln in r.stderr.splitlines() if "warning[L004]" not in ln]  # --force: the edit is reported
+        assert r.returncode == 1 and len(err) == 1 and err[0].startswith(want), r.stderr
+        assert "Traceback" not in r.stderr and "INTERNAL" not in r.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -254,3 +255,121 @@ def test_calibration_input_codes_are_their_own():
     letters = {p.relative_to(root).as_posix(): set(code.findall(p.read_text())) for p in root.rglob("*.py")}
     assert letters["measurements.py"] == {"K"}
     assert [f for f, ls in letters.items() if "K" in ls and f != "measurements.py"] == []
+
+
+_YAML_HEAD = "backend: torchtitan\ngpu_key: h100-sxm\nrows:\n  - {id: ok, model: llama3-8b, gpus: 8, dp_shard: 8, micro_batch: 2, global_batch: 16, seq_len: 8192, tokens_per_s_per_gpu: 5000}\n"  # noqa: E501
+_YAML_ROW = "model: llama3-8b, gpus: 8, dp_shard: 8, micro_batch: 2, global_batch: 16, seq_len: 8192, tokens_per_s_per_gpu: 5000"  # noqa: E501
+
+
+@pytest.mark.parametrize("row,path", [
+    ("- 1", "rows"),
+    ("- [a, b]", "rows"),
+    (f"- {{id: [1], {_YAML_ROW}}}", "id"),
+    (f"- {{id: b, {_YAML_ROW}, tp: 1{'0' * 400}, gpus: 8}}", "tp"),
+    (f"- {{id: b, {_YAML_ROW}, tokens_per_s_per_gpu: 1{'0' * 400}}}", "tokens_per_s_per_gpu"),
+    (f"- {{id: b, {_YAML_ROW}, vp: 100, pp_schedule: Interleaved1F1B, pp: 2, dp_shard: 4}}", "layout"),
+    (f"- {{id: b, {_YAML_ROW}, seq_len: 1{'0' * 300}}}", "layout"),
+    (f"- {{id: b, {_YAML_ROW}, micro_batch: 1{'0' * 300}}}", "layout"),
+])
+def test_mistyped_yaml_table_rows_are_one_located_line(tmp_path, capsys, row, path):
+    """A row that is no mapping (AttributeError), a list id (unhashable), an integer beyond a float (OverflowError),
+    a layout the pipeline model refuses (ValueError from the compiler) and a size it overflows on were INTERNAL
+    errors; each is one K004 line at the row's own line (the second row: line 5)."""
+    p = tmp_path / "runs.yaml"
+    p.write_text(_YAML_HEAD + "  " + row + "\n")
+    assert ms.calibrate_main([str(p)], str(tmp_path / "cal.json")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(rf"{re.escape(str(p))}:5: error\[K004\] {path}: ", err[0]), err
+    assert len(err[0]) < 600 and not (tmp_path / "cal.json").exists()
+
+
+def test_yaml_rows_are_located_by_position_not_by_id(tmp_path):
+    """Each row's line is where the row starts, whatever its id (an integer id, or none, found no line before)."""
+    p = tmp_path / "runs.yaml"
+    block = "".join(f"    {cell}\n" for cell in _YAML_ROW.split(", "))  # a block mapping, no id
+    p.write_text(_YAML_HEAD + f"  - {{id: 7, {_YAML_ROW}}}\n  - kind: throughput\n" + block)
+    rows = ms.read_table(p)
+    assert [m.line for m in rows] == [4, 5, 6]
+    assert [m.label for m in rows] == ["ok", "7", f"{p.name}:6"]
+
+
+@pytest.mark.parametrize("record,path", [
+    ('["step"]', "metrics.jsonl: not a JSON object"),
+    ('{"step": "x", "tokens_per_s": 5}', "step: step must be a whole number"),
+    ('{"step": 1, "tokens_per_s": "abc"}', "tokens_per_s: tokens_per_s must be a positive number"),
+    ('{"step": 1.5, "tokens_per_s": 5}', "step: step must be a whole number"),
+    ('{"step": 1, "tokens_per_s": NaN}', "tokens_per_s: tokens_per_s must be a positive number"),
+    ('{"step": 1, "tokens_per_s": 5, "peak_mem_bytes": true}', "peak_mem_bytes: peak_mem_bytes must be a positive"),
+    ('{"step": 1, "tokens_per_s": 1' + "0" * 400 + "}", "tokens_per_s: tokens_per_s must be a positive number"),
+    ('{"step": 1, "tokens_per_s": 1' + "0" * 5000 + "}", "metrics.jsonl: not a JSON record"),
+])
+def test_mistyped_metrics_records_are_one_located_line(build, capsys, record, path):
+    """A metrics.jsonl line that is no object, or whose step / figures are not numbers, was an INTERNAL error
+    (AttributeError, ValueError from int() / float()); it is one K001 line naming the file and line."""
+    d, _ = build
+    m = d / "metrics.jsonl"
+    m.write_text('{"step": 1, "loss": 3.0, "tokens_per_s": 40000.0}\n' + record + "\n")
+    assert ms.calibrate_main([str(d)], str(d / "cal.json")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{m}:2: error[K001] {path}"), err
+    assert len(err[0]) < 600 and not (d / "cal.json").exists()
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda d: d.update(plan=[1]), "plan must be an object, got a list"),
+    (lambda d: d["plan"].update(foo=1), "plan.foo is not a field of a parallelism plan"),
+    (lambda d: d["plan"].update(dp_shard=0), "the plan's world size is 0"),
+    (lambda d: d["spec"].pop("resolved"), "malformed lock (no spec.resolved)"),
+    (lambda d: d["spec"]["resolved"].update(model=5), "malformed lock (spec.resolved.model: "),
+    (lambda d: d.update(hardware="h100"), "hardware must be an object, got a string"),
+])
+def test_an_edited_lock_is_one_K002_line(build, capsys, edit, msg):
+    """The lock a run was built from, edited by hand, was a TypeError / pydantic error (INTERNAL) in calibrate."""
+    d, _ = build
+    lock = json.loads((d / "plan.lock.json").read_text())
+    edit(lock)
+    (d / "plan.lock.json").write_text(json.dumps(lock))
+    (d / "metrics.jsonl").write_text('{"step": 1, "tokens_per_s": 40000.0}\n')
+    assert ms.calibrate_main([str(d)], str(d / "cal.json")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{d / 'plan.lock.json'}: error[K002] ") and msg in err[0], err
+
+
+def test_llmc_layout_finds_the_lock_and_a_missing_input_is_named(build, tmp_path, capsys):
+    """``llmc launch`` writes <build>/run/<stage>/metrics.jsonl, two folders below the lock: found without
+    --lock. A path that does not exist was taken for a torchtitan log and asked for a --lock."""
+    d, c = build
+    run = d / "run" / "pretrain"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "tokens_per_s": 40000.0}\n')
+    assert ms.read_llmc_run(run).plan == c.plan
+    assert ms.calibrate_main([str(tmp_path / "nope")], str(tmp_path / "cal.json")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{tmp_path / 'nope'}: error[K001] input: no such file or directory (pass metrics.jsonl files or "
+                   "run folders, torchtitan logs, or .yaml/.csv tables)"]
+
+
+def test_torchtitan_lines_that_only_look_like_metrics_are_ignored():
+    """The log pattern admits text that is no number ("loss: -", "tflops: 1.2.3") and steps of thousands of digits
+    (int() refuses them): ValueError, an INTERNAL error. Such a line is not a metrics line; a bad optional field
+    is missing."""
+    steps = ms.parse_torchtitan_log("step: 1 loss: - tps: 5\n"
+                                    f"step: 1{'0' * 5000} loss: 1.0 tps: 5\n"
+                                    "step: 12 loss: 2.5 tps: 7,000 tflops: 1.2.3\n")
+    assert [(s.step, s.loss, s.tps, s.tflops) for s in steps] == [(12, 2.5, 7000.0, None)]
+
+
+def test_calibrate_cli_mistyped_inputs_are_one_line(tmp_path):
+    """Through the CLI (where an unexpected exception becomes error[INTERNAL]): exit 1, one stderr line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    p = tmp_path / "runs.yaml"
+    p.write_text(_YAML_HEAD + f"  - {{id: b, {_YAML_ROW}, vp: 100, pp_schedule: Interleaved1F1B, pp: 2, dp_shard: 4}}\n")
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", "calibrate", str(p), "-o", str(tmp_path / "cal.json")],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(err) == 1, r.stderr
+    assert err[0].startswith(f"{p}:5: error[K004] layout: llmc cannot model this layout: 200 pipeline chunks")
+    assert "Traceback" not in r.stderr and "INTERNAL" not in r.stderr

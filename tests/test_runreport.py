@@ -214,3 +214,83 @@ def test_a_damaged_metrics_line_is_one_located_error(tmp_path, damage):
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1 and len(err) == 1, r.stderr
     assert err[0].startswith("b/run/pretrain/metrics.jsonl:2: error[L012] metrics record not a JSON"), err
+
+
+@pytest.mark.parametrize("summary,why", [
+    ('{"tasks": [1, 2]}', "its 'tasks' is not an object (task -> metrics)"),
+    ('{"tasks": "x"}', "its 'tasks' is not an object (task -> metrics)"),
+    ('{"tasks": {"a": {"acc": 1}}, "samples": [1]}', "its 'samples' is not an object (task -> documents)"),
+    ("[1]", "it is not a JSON object"),
+    ("{not json", "it is not valid JSON"),
+])
+def test_a_malformed_eval_summary_is_left_out_with_one_warning(tmp_path, lock, summary, why):
+    """An eval summary.json whose tasks or samples are not objects was an AttributeError (error[INTERNAL] in
+    `llmc report`); it is left out of the report, like an unreadable one, and summary_lines says so in one
+    warning line (in ``skipped`` when the caller passes a list, for stderr)."""
+    from llmc.runreport import read_evals, summary_lines
+
+    write_run(tmp_path / "run", lock)
+    s = tmp_path / "run" / "pretrain" / "eval" / "summary.json"
+    s.parent.mkdir()
+    s.write_text(summary)
+    want = f"{s}: warning[L013] eval summary left out of the report: {why} (restore it, or delete it and rerun the eval)"
+    assert read_evals(tmp_path / "run", lock) == []
+    assert summary_lines(tmp_path / "run", lock) == [want]
+    skipped: list[str] = []
+    assert summary_lines(tmp_path / "run", lock, skipped) == [] and skipped == [want]
+    assert make_report(tmp_path / "run", lock, tmp_path / "report")[-1].name == "report.html"
+
+
+def test_values_beyond_a_float_or_an_axis_are_left_out(tmp_path, lock):
+    """A metric of 400 digits was an OverflowError; values near 1e308 made matplotlib print RuntimeWarnings and
+    then fail ("arange: cannot compute length"). Such values, NaN and infinities are left out like missing ones:
+    no warning, no error, the other values kept."""
+    import warnings
+
+    from llmc.runreport import predictions, read_evals, summary_lines
+
+    pre = tmp_path / "run" / "pretrain"
+    pre.mkdir(parents=True)
+    (pre / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 1e308, "tokens_per_s": 1.7e308, "mfu": Infinity}\n'
+        '{"step": 2, "loss": -1e308, "tokens_per_s": 5.0, "mfu": NaN}\n'
+        '{"step": 3, "loss": 2.0, "peak_mem_bytes": 1' + "0" * 400 + "}\n"
+        '{"step": 1' + "0" * 400 + ', "loss": 1.0}\n')
+    for step, acc in ((5, "1e308"), (7, "0.25")):
+        (pre / f"eval/step-{step}").mkdir(parents=True)
+        (pre / f"eval/step-{step}/summary.json").write_text('{"tasks": {"a": {"acc": ' + acc + "}}}")
+    (pre / "eval/summary.json").write_text(
+        '{"tasks": {"a": {"acc": -1e308, "b": 1' + "0" * 400 + ', "c": 0.5}}, "samples": {"a": 1' + "0" * 400 + "}}")
+    edited = {**lock, "time": {**lock["time"], "mfu": 1e300}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = make_report(tmp_path / "run", edited, tmp_path / "report")
+        lines = summary_lines(tmp_path / "run", edited)
+    assert [p.name for p in paths] == ["pretrain-loss.png", "pretrain-throughput.png", "pretrain-evals.png",
+                                       "report.html"]
+    sm = read_metrics(pre / "metrics.jsonl")
+    assert sm.steps == [1, 2, 3] and sm.series("loss") == ([3], [2.0]) and sm.series("tokens_per_s") == ([2], [5.0])
+    assert "mfu" not in sm.columns and "peak_mem_bytes" not in sm.columns
+    ev = read_evals(tmp_path / "run", lock)[0]
+    assert ev.tasks == {"a": {"c": 0.5}} and ev.samples == {}
+    assert predictions(edited, "pretrain").mfu is None
+    last = next(s["steps"] for s in lock["stages"] if s["name"] == "pretrain")
+    assert lines == ["pretrain: eval a: c 0.5000", "pretrain: eval a acc by step: 7 0.2500",
+                     f"pretrain: eval a c by step: final ({last}) 0.5000"]
+
+
+def test_cli_report_on_a_malformed_summary_says_so_without_a_traceback(tmp_path):
+    """`llmc report` on a build whose summary.json has ``tasks: [1, 2]`` ended in error[INTERNAL]: the report is
+    written, the summary named in a warning line, exit 0."""
+    b = tmp_path / "b"
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", "build", str(ROOT / "examples/tiny_cpu.yaml"), "-o", str(b)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    pre = b / "run" / "pretrain"
+    (pre / "eval").mkdir(parents=True)
+    (pre / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.9}\n')
+    (pre / "eval" / "summary.json").write_text('{"tasks": [1, 2]}')
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", "report", str(b)], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "INTERNAL" not in r.stderr, r.stderr
+    assert f"{pre.resolve() / 'eval' / 'summary.json'}: warning[L013] eval summary left out" in r.stdout + r.stderr
