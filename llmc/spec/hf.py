@@ -673,7 +673,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     gemma = mt in ("gemma3_text", "gemma2")
     # what its config class fills in where a key is absent
     cfg = {**(_GEMMA3_TEXT_DEFAULTS if mt == "gemma3_text" else _GEMMA2_DEFAULTS if gemma else
-              _CLASS_DEFAULTS.get(mt, {})), **cfg}
+              _CLASS_DEFAULTS.get(mt, {}) if isinstance(mt, str) else {}), **cfg}
     if family is None:
         raise HFConfigError(f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     errs: list[str] = []

@@ -85,7 +85,7 @@ MAX_YAML_DEPTH = 64
 #: and the time PyYAML spends on a huge flat list. The largest example spec has a few hundred.
 MAX_YAML_NODES = 20_000
 #: Longest integer literal read (Python refuses to convert integers of more than 4300 digits; a spec's are short).
-MAX_NUMBER_CHARS = 400
+MAX_NUMBER_CHARS = 4000
 
 
 # ----------------------------------------------------------------------------- public API
