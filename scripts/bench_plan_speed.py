@@ -95,14 +95,14 @@ def _one(spec: str, world: int) -> dict:
     from llmc.overrides import load_with_overrides, parse_override
 
     sets = [f"hardware.count={world}"]
-    run, _ = load_with_overrides(Path(spec), [parse_override(s) for s in sets])
+    run, _, _ = load_with_overrides(Path(spec), [parse_override(s) for s in sets])
     seq_len = run.data.seq_len
     seqs = round(run.training.global_batch_tokens / seq_len)
     q = min_batch_seqs(run.model, world, get_gpu(run.hardware.gpu).gpus_per_node)
     if seqs % q:
         seqs = -(-max(seqs, q) // q) * q
         sets.append(f"training.global_batch_tokens={seqs * seq_len}")
-    run, lines = load_with_overrides(Path(spec), [parse_override(s) for s in sets])
+    run, lines, _ = load_with_overrides(Path(spec), [parse_override(s) for s in sets])
     timed = {"wall": 0.0, "cpu": 0.0}
     inner = search_mod.search
 
