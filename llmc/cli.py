@@ -78,10 +78,18 @@ def _echo(text: str, err: bool = False) -> None:
     stream.flush()
 
 
+#: Longest error line printed (a 900 KB name quoted in full would bury everything else)
+MAX_ERROR_LINE = 2000
+
+
 def _one_line(text: str) -> str:
     """``text`` with control and other unprintable characters escaped (a path holding a newline or a terminal
-    escape sequence stays one inert line)."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    escape sequence stays one inert line), its middle cut past :data:`MAX_ERROR_LINE` characters."""
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    if len(text) > MAX_ERROR_LINE:
+        half = MAX_ERROR_LINE // 2
+        text = f"{text[:half]} ... [{len(text) - 2 * half:,} characters cut] ... {text[-half:]}"
+    return text
 
 
 def _fail(lines: list[str]) -> None:
@@ -244,7 +252,7 @@ def build(
 
 @_command()
 def launch(
-    build_dir: Annotated[Path, typer.Argument(help="A directory written by `llmc build`.")],
+    build_dir: Annotated[str, typer.Argument(help="A directory written by `llmc build`.")],
     backend: Annotated[str | None, typer.Option(
         help="native, torchtitan or deepspeed (default: the backend the plan was computed for)")] = None,
     nproc: Annotated[int | None, typer.Option(help="Processes per node (default: from the plan, or 1 on CPU).")] = None,
@@ -261,6 +269,9 @@ def launch(
     from llmc.buildfs import BuildDirError, recover
     from llmc.launch import LaunchError, check_lock_integrity, launch_commands
 
+    if not build_dir:  # (a Path would read '' as '.')
+        _fail(["error[L001] no build directory given (an empty path; name the directory `llmc build -o` wrote)"])
+    build_dir = Path(build_dir)
     try:
         if build_dir.is_dir():
             recover(build_dir)

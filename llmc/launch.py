@@ -56,6 +56,8 @@ from llmc.runtime.evaluate import SUMMARY as EVAL_SUMMARY
 from llmc.runtime.evaluate import eval_stages
 
 BACKENDS = ("native", "torchtitan", "deepspeed")
+#: Most processes per node ``--nproc`` takes (the spec's own ceiling on hardware.gpus_per_node)
+MAX_NPROC = 1024
 DEFAULT_MASTER_PORT = 29500
 
 
@@ -107,7 +109,11 @@ def _gpus_per_node(lock: dict) -> int:
 def load_build(build_dir: str | os.PathLike) -> tuple[Path, dict]:
     from llmc.lockfile import read_lock
 
+    if not str(build_dir):
+        raise LaunchError("no build directory given (an empty path; name the directory `llmc build -o` wrote)")
     b = Path(build_dir)
+    if b.exists() and not b.is_dir():
+        raise LaunchError("not a directory: give the build directory `llmc build -o` wrote, not a file in it")
     if not b.is_dir():
         raise LaunchError(f"no such build directory (run `llmc build SPEC -o {shlex.quote(str(b))}` first)")
     lock_path = b / "plan.lock.json"
@@ -190,8 +196,8 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     except (KeyError, TypeError, ValueError) as e:
         raise LaunchError(f"plan.lock.json: malformed lockfile ({type(e).__name__}: {e}) (rebuild it with "
                           "`llmc build`)") from None
-    if nproc < 1:
-        raise LaunchError(f"--nproc must be >= 1 (got {nproc})")
+    if not 1 <= nproc <= MAX_NPROC:
+        raise LaunchError(f"--nproc must be 1 to {MAX_NPROC} processes per node (got {nproc})")
     run = Path(run_dir).resolve() if run_dir is not None else b / "run"
     lock_path = str(b / "plan.lock.json")
     stages = _stages(lock)

@@ -372,3 +372,24 @@ def test_calibrate_never_overwrites_an_input_or_a_file_it_did_not_write(tmp_path
         r = _cli("calibrate", str(table), "-o", str(out))
         assert r.returncode == 1 and "error[K010]" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
     assert table.read_text() == "rows: []\n" and notes.read_text() == '{"mine": true}\n'
+
+
+def test_small_inputs_get_messages_that_say_what_is_wrong(tmp_path):
+    """An empty eval task name, a spec that is YAML null, `launch` on a file, on an empty path or with an absurd
+    --nproc, and a 900 KB name: each one line that names the actual problem (and a bounded line)."""
+    (tmp_path / "et.yaml").write_text(TINY_SPEC + 'eval: {tasks: [""]}\n')
+    (tmp_path / "null.yaml").write_text("null\n")
+    (tmp_path / "long.yaml").write_text(TINY_SPEC.replace("name: x", "name: " + "x" * 900_000))
+    b = tmp_path / "b"
+    assert _cli("build", "null.yaml", cwd=tmp_path).returncode == 1
+    assert _cli("build", str(ROOT / "examples/tiny_cpu.yaml"), "-o", str(b)).returncode == 0
+    cases = [(("plan", "et.yaml"), "eval.tasks.0: must not be empty"),
+             (("plan", "null.yaml"), "a spec must be a YAML mapping (got null)"),
+             (("launch", "null.yaml", "--dry-run"), "not a directory: give the build directory"),
+             (("launch", "", "--dry-run"), "no build directory given"),
+             (("launch", str(b), "--dry-run", "--nproc", "99999999999999999999"), "--nproc must be 1 to 1024"),
+             (("plan", "long.yaml"), "characters cut")]
+    for args, says in cases:
+        r = _cli(*args, cwd=tmp_path)
+        lines = r.stderr.splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and says in lines[0] and len(lines[0]) < 2200, (args, r.stderr[:500])

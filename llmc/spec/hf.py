@@ -192,7 +192,8 @@ def language_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _req(cfg: dict[str, Any], key: str) -> Any:
     if key not in cfg or cfg[key] is None:
-        raise HFConfigError(f"config.json has no {key!r} (needed for model_type {cfg.get('model_type')!r})")
+        raise HFConfigError(f"config.json has no {key!r}" + (f" (needed for model_type {cfg['model_type']!r})"
+                                                             if cfg.get("model_type") else ""))
     return cfg[key]
 
 
@@ -302,6 +303,8 @@ def _rope_scaling(rs: Any, cfg: dict[str, Any] | None = None) -> RopeScaling | N
     if cfg.get("model_type") == "phi3":
         raise HFConfigError(f"config.json 'rope_scaling' type {kind!r} is not supported for phi3 (transformers' "
                             "Phi3Config takes longrope only)")
+    if rs.get("factor") is None:
+        raise HFConfigError(f"config.json 'rope_scaling' ({kind}) has no 'factor'")
     kw: dict[str, Any] = {"type": kind, "factor": _float(rs, "factor")}
     if kind in ("llama3", "yarn"):
         kw["original_max_position"] = _original_context(rs, cfg)

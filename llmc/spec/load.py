@@ -180,7 +180,7 @@ def reads_spec(source: str | bytes, file: str = "<spec>", base_dir: str | Path =
     if raw is None and diags:
         return done(diags, lines)
     if not isinstance(raw, dict):
-        got = "an empty file" if raw is None else _got(raw)
+        got = ("an empty file" if not text.strip() else "null") if raw is None else _got(raw)
         return done(diags + [_diag("S002", "", f"a spec must be a YAML mapping (got {got})", line=1,
                                    file=file, hint="start with `name: my-run`")], lines)
 
@@ -737,6 +737,9 @@ def _human_message(err: dict[str, Any]) -> str:
         return f"must be a mapping (got {got})"
     if t in ("list_type", "tuple_type"):
         return f"must be a list (got {got})"
+    if t == "too_short" and isinstance(err.get("input"), str):
+        return f"must not be empty (got {got})" if ctx.get("min_length") == 1 else \
+            f"must be at least {ctx.get('min_length')} characters long (got {got})"
     if t == "too_short":
         return f"must have at least {ctx.get('min_length')} items (got {ctx.get('actual_length')})"
     if t == "too_long":

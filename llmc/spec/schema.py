@@ -606,7 +606,7 @@ class Eval(SpecModel):
 
     validation: Validation | None = None
     """Held-out validation loss. None = none."""
-    tasks: list[str] = Field(default_factory=list)
+    tasks: list[Annotated[Label, Field(min_length=1)]] = Field(default_factory=list)
     """lm-evaluation-harness task names or local task / group YAML files (relative to the spec file). When every
     entry is a local file that lists no other task, lm-evaluation-harness indexes only those files' folders."""
     task_stages: list[str] | None = None
