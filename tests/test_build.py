@@ -26,14 +26,15 @@ from llmc.lockfile import SCHEMA_VERSION, check_lock
 GOLDEN = ROOT / "tests" / "golden" / "build"
 
 VLLM_KEYS = {"model", "served-model-name", "dtype", "tensor-parallel-size", "pipeline-parallel-size",
-             "max-model-len", "max-num-seqs", "gpu-memory-utilization", "kv-cache-dtype", "quantization",
+             "max-model-len", "max-num-seqs", "max-num-batched-tokens", "gpu-memory-utilization", "kv-cache-dtype",
+             "quantization",
              "enable-prefix-caching", "no-enable-prefix-caching", "distributed-executor-backend", "host", "port"}
 SGLANG_KEYS = {"model-path", "served-model-name", "dtype", "tp-size", "pp-size", "context-length",
-               "max-running-requests", "mem-fraction-static", "kv-cache-dtype", "quantization",
+               "max-running-requests", "chunked-prefill-size", "mem-fraction-static", "kv-cache-dtype", "quantization",
                "disable-radix-cache", "nnodes", "host", "port"}
 
 SERVING = [{"index": 0, "engine": "vllm", "gpu": "h100-sxm", "stage": "pretrain", "tensor_parallel_size": 2,
-            "pipeline_parallel_size": 1, "gpus": 2, "max_model_len": 8192, "concurrency": 64, "max_num_seqs": 64,
+            "pipeline_parallel_size": 1, "gpus": 2, "max_model_len": 8192, "concurrency": 64, "max_num_seqs": 64, "max_num_batched_tokens": 8192,
             "max_seqs_that_fit": 70, "gpu_memory_utilization": 0.9, "quantization": None, "kv_cache_dtype": "auto",
             "prefix_caching": True, "kv_bytes_per_token": 131072, "weights_gib": 15.0, "weights_gib_per_gpu": 7.5,
             "reserve_gib_per_gpu": 2.0, "kv_gib_per_seq": 0.5, "kv_gib_needed": 32.0, "kv_budget_gib": 35.0,

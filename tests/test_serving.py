@@ -19,7 +19,7 @@ LLAMA3_405B = dict(name="llama3-405b", n_layers=126, d_model=16384, n_heads=128,
                    vocab_size=128256, rope_theta=500000.0)
 LLAMA2_7B = dict(name="llama2-7b", n_layers=32, d_model=4096, n_heads=32, d_ff=11008, vocab_size=32000)
 
-H100 = SimpleNamespace(hbm_bytes=80 * GiB, gpus_per_node=8)
+H100 = SimpleNamespace(key="h100-sxm", hbm_bytes=80 * GiB, gpus_per_node=8)
 
 
 def gpus(key):
@@ -108,11 +108,36 @@ def test_llama2_7b_mha_kv_is_512_kib_per_token():
     assert plans[0].kv_bytes_per_token == 512 * 1024
 
 
-def test_max_model_len_defaults_to_long_context_stage():
-    stages = [{"name": "base", "kind": "pretrain"},
-              {"name": "long", "kind": "long_context", "init_from": "base", "seq_len": 32768}]
-    plans, _ = plan_serving(run_with(LLAMA3_8B, [{"concurrency": 4}], stages=stages), gpus)
-    assert plans[0].max_model_len == 32768 and plans[0].stage == "long"
+def _compiled_serving(stages: str, serving: str, model: str = "llama3-8b", gpu: str = "h100-sxm"):
+    from llmc.compiler.compile import compile_spec
+    from llmc.spec.load import loads_spec
+
+    text = (f"name: t\nmodel: {model}\nhardware: {{gpu: {gpu}, count: 8}}\n"
+            "data: {sources: [{name: web, path: web.jsonl}], seq_len: 8192, tokens: 10B}\n"
+            + (f"stages:\n{stages}" if stages else "") + f"serving: {serving}\n")
+    run, lines = loads_spec(text, file="s.yaml")
+    c = compile_spec(run, "s.yaml", lines, spec_bytes=text.encode())
+    return c.serving, {d.code: d for d in c.diagnostics if d.code.startswith("V")}
+
+
+PRE = "  - {name: base, kind: pretrain}\n"
+LONG = "  - {name: long, kind: long_context, init_from: base, rope_theta: 2000000.0, data: {seq_len: 32768, tokens: 1B}}\n"
+
+
+def test_max_model_len_follows_the_served_stages_ancestry_and_its_exports_context():
+    """The default max_model_len is the longest context a long_context stage trained the served model at (its
+    init_from chain: a sibling's extension does not count; a seq_len under the stage's data: does); asking beyond
+    the served export's context (its config.json max_position_embeddings, which vLLM and SGLang refuse to exceed)
+    is V005, an error."""
+    plans, v = _compiled_serving(PRE + LONG, "[{concurrency: 4}]")
+    assert plans[0].stage == "long" and plans[0].max_model_len == 32768 and "V005" not in v
+    sft = "  - {name: chat, kind: sft, init_from: base, data: {sources: [{name: c, path: c.jsonl, kind: chat}], seq_len: 8192, tokens: 10M}}\n"
+    plans, v = _compiled_serving(PRE + LONG + sft, "[{concurrency: 4}]")  # chat starts from base, not from long
+    assert plans[0].stage == "chat" and plans[0].max_model_len == 8192 and "V005" not in v
+    plans, v = _compiled_serving(PRE + LONG, "[{stage: base, max_model_len: 32768, concurrency: 4}]")
+    assert v["V005"].severity == "error" and "8192" in v["V005"].message
+    plans, v = _compiled_serving(PRE + LONG, "[{max_model_len: 65536, concurrency: 4}]")
+    assert "V005" in v and "32768" in v["V005"].message
 
 
 def test_mla_cache_is_replicated_over_tp():
@@ -157,3 +182,55 @@ def test_a_sliding_window_bounds_vllm_cache_and_sglang_is_warned():
     assert [(d.code, d.severity, d.path) for d in diags] == [("V008", "warning", "serving.1.engine")]
     short, diags = plan_serving(run_with(mistral, [{"engine": "sglang", "max_model_len": 4096}]), gpus)
     assert diags == [] and short[0].kv_gib_per_seq == round(4096 * kv_tok / short[0].tensor_parallel_size / GiB, 4)
+
+
+def test_tensor_parallel_sizes_the_engines_can_shard():
+    """vLLM's QKVParallelLinear needs kv_heads % tp == 0 or tp % kv_heads == 0 (Phi-4: 40 heads, 10 KV heads: tp 4
+    divides the heads but not the KV heads); the MLP width must split too (Qwen2.5-7B's 18,944 over 7 GPUs)."""
+    from llmc.compiler.serving import tp_ok
+    from llmc.spec.presets import PRESETS
+
+    phi4 = PRESETS["phi4"]
+    assert (phi4.n_heads, phi4.kv_heads) == (40, 10) and not tp_ok(phi4, 4) and tp_ok(phi4, 2)
+    plans, v = _compiled_serving("", "[{concurrency: 256}]", model="phi4")
+    assert plans[0].tensor_parallel_size in (1, 2) and "V007" not in v
+    plans, v = _compiled_serving("", "[{concurrency: 4, gpus: 4}]", model="phi4")
+    assert v["V007"].severity == "error" and "kv heads 10" in v["V007"].message
+    assert not tp_ok(PRESETS["qwen2.5-7b"], 7)
+
+
+@pytest.mark.parametrize("serving, code", [
+    ("[{quantization: awq, concurrency: 4}]", "V009"),  # llmc's export is 16-bit: no AWQ checkpoint to serve
+    ("[{gpu: cpu, concurrency: 4}]", "V003"),
+    ("[{gpus: 1000000000, concurrency: 4}]", "V006"),  # pipeline stages past the layers / 16
+])
+def test_configs_the_engines_could_not_start_are_errors(serving, code):
+    _, v = _compiled_serving("", serving)
+    assert v[code].severity == "error", v
+
+
+def test_the_prefill_chunk_is_pinned_at_least_max_num_seqs():
+    """vLLM refuses max_num_seqs above max_num_batched_tokens, whose default drops to 2048 on GPUs under 70 GiB:
+    the config pins 8192 (what the sizing assumes), or the concurrency when that is larger."""
+    plans, _ = _compiled_serving("", "[{concurrency: 64}]", model="llama3.2-1b", gpu="a100-40g")
+    assert plans[0].max_num_batched_tokens == 8192
+    plans, _ = _compiled_serving("", "[{concurrency: 20000, max_model_len: 1024}]", model="llama3.2-1b")
+    assert plans[0].max_num_batched_tokens == 20000
+
+
+def test_a_continued_stage_without_a_length_is_an_error_not_a_crash():
+    """A long_context stage with a seq_len but neither steps nor data tokens has no length: G009 at plan time (the
+    torchtitan emitter crashed on its steps, INTERNAL); its export's context is what serving checks against."""
+    lc = "  - {name: long, kind: long_context, init_from: base, rope_theta: 2000000.0, seq_len: 32768}\n"
+    from llmc.compiler.compile import compile_spec
+    from llmc.spec.load import loads_spec
+
+    text = ("name: t\nmodel: llama3-8b\nhardware: {gpu: h100-sxm, count: 8}\n"
+            "data: {sources: [{name: web, path: web.jsonl}], seq_len: 8192, tokens: 10B}\n"
+            f"stages:\n{PRE}{lc}")
+    run, lines = loads_spec(text, file="s.yaml")
+    c = compile_spec(run, "s.yaml", lines, spec_bytes=text.encode())
+    g = [d for d in c.diagnostics if d.code == "G009"]
+    assert len(g) == 1 and g[0].severity == "error" and g[0].path == "stages.1"
+    long = next(s for s in c.stages if s.name == "long")
+    assert long.max_position_embeddings == 32768

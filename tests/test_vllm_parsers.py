@@ -66,7 +66,7 @@ for path in sys.argv[1:]:
         args.model = args.model_tag
     ea = AsyncEngineArgs.from_cli_args(args)
     keys = ("model", "served_model_name", "dtype", "tensor_parallel_size", "pipeline_parallel_size",
-            "max_model_len", "max_num_seqs", "gpu_memory_utilization", "kv_cache_dtype", "quantization",
+            "max_model_len", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "kv_cache_dtype", "quantization",
             "enable_prefix_caching", "distributed_executor_backend")
     out[path] = {**{k: getattr(ea, k) for k in keys}, "host": args.host, "port": args.port}
 print(json.dumps(out, default=str))
@@ -173,7 +173,7 @@ VARIANTS = {
     "llama3_8b_h100x8": [
         {"engine": "vllm", "concurrency": 8, "quantization": "fp8", "kv_cache_dtype": "fp8", "prefix_caching": False,
          "gpu_memory_utilization": 0.85},
-        {"engine": "vllm", "concurrency": 4, "quantization": "awq", "max_model_len": 4096},
+        {"engine": "vllm", "concurrency": 4, "max_model_len": 4096},
     ],
     "llama3_405b_h100x16384": [{"engine": "vllm", "concurrency": 16}],
 }
@@ -214,7 +214,7 @@ def test_every_vllm_yaml_passes_vllm_serve_parser(served, vllm):
     got = result(vllm, "serve")
     bad = [k for k in got if k.endswith("misspelled.yaml")]
     assert len(bad) == 1 and got[bad[0]] == {"refused": 2}
-    assert any(p["nodes"] > 1 for _, p in served) and any(p["quantization"] == "awq" for _, p in served)
+    assert any(p["nodes"] > 1 for _, p in served) and any(p["quantization"] == "fp8" for _, p in served)
     assert any(not p["prefix_caching"] for _, p in served) and any(p["kv_cache_dtype"] == "fp8" for _, p in served)
     for f, plan in served:
         args = got[str(f)]
@@ -225,6 +225,8 @@ def test_every_vllm_yaml_passes_vllm_serve_parser(served, vllm):
         assert args["pipeline_parallel_size"] == plan["pipeline_parallel_size"]
         assert args["tensor_parallel_size"] * args["pipeline_parallel_size"] == plan["gpus"]
         assert args["max_model_len"] == plan["max_model_len"] and args["max_num_seqs"] == plan["max_num_seqs"]
+        # pinned: vLLM's own default drops to 2048 on GPUs under 70 GiB and must not fall below max_num_seqs
+        assert args["max_num_batched_tokens"] == plan["max_num_batched_tokens"] >= plan["max_num_seqs"]
         assert args["gpu_memory_utilization"] == pytest.approx(plan["gpu_memory_utilization"])
         assert args["kv_cache_dtype"] == plan["kv_cache_dtype"]
         assert args["quantization"] == plan["quantization"]
@@ -299,7 +301,7 @@ def test_hf_exports_pass_vllm_model_config(model_exports, vllm):
     archs, dirs = model_exports
     got = result(vllm, "model")
 
-    h100 = SimpleNamespace(hbm_bytes=80 * GiB, gpus_per_node=8)
+    h100 = SimpleNamespace(key="h100-sxm", hbm_bytes=80 * GiB, gpus_per_node=8)
     for cls, a in archs.items():
         m = got[str(dirs[cls])]
         assert m["architectures"] == [cls]

@@ -202,7 +202,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
                              bool(run.stages))
     if pipeline is not None:
         checks.check_pipeline_budget(run, pipeline, sink)
-    serving, serving_diags = _serving(run, gpu, lines)
+    serving, serving_diags = _serving(run, gpu, lines, stages)
     evaluation = _evaluation(run, sink, spec_path, stages, hyper, searched.plan, compute, time,
                              facts.eval_tasks if facts is not None else {})
     diags = sink.items + [_located(d, lines, spec_path) for d in stage_diags + serving_diags]
@@ -527,12 +527,12 @@ def _stage_search(run: RunSpec, gpu: GPU | None, o: _ModelOptions):
     return find
 
 
-def _serving(run: RunSpec, gpu: GPU | None, lines: dict) -> tuple[list[ServingPlan], list[Diagnostic]]:
+def _serving(run: RunSpec, gpu: GPU | None, lines: dict, stages) -> tuple[list[ServingPlan], list[Diagnostic]]:
     if not run.serving:
         return [], []
     from llmc.compiler.serving import plan_serving
 
-    return plan_serving(run, gpu_lookup=get_gpu, lines=lines, train_gpu=gpu)
+    return plan_serving(run, gpu_lookup=get_gpu, lines=lines, train_gpu=gpu, stages=stages)
 
 
 __all__ = ["compile_spec", "compile_loaded", "Outcome", "model_numbers", "compute_numbers", "cluster_gpu", "spec_gpu",

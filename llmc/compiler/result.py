@@ -283,6 +283,9 @@ class StagePlan(StageTraining):
     # a continued-training stage on a torchtitan run: the layout its own torchtitan job runs (None: the stage runs
     # on llmc's trainers on the stage estimate's layout, data parallel only)
     layout: ParallelPlan | None = None
+    # the context the stage's Hugging Face export states (config.json max_position_embeddings): the model's, the
+    # stage's seq_len or the context its RoPE was extended to, whichever is largest; what serving may ask for
+    max_position_embeddings: int = 0
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,7 @@ class ServingPlan:
     kv_budget_gib: float
     capacity_gib: float
     fits: bool
+    max_num_batched_tokens: int  # the prefill chunk the configs pin (vLLM's; SGLang's chunked_prefill_size)
 
 
 @dataclass(frozen=True)

@@ -55,17 +55,53 @@ def embedding_params(arch: Architecture) -> int:
     return params.params_embedding(arch)
 
 
-def serving_max_model_len(run: RunSpec, target: Serving) -> int:
-    """max_model_len: explicit, else the long-context stage's seq_len (up to the served stage), else data.seq_len."""
+def served_stage(run: RunSpec, target: Serving, stages: list | None) -> object | None:
+    """The compiled stage (:class:`~llmc.compiler.result.StagePlan`) whose export ``target`` serves: the named one,
+    else the last; None without stages."""
+    by_name = {s.name: s for s in stages or []}
+    name = target.stage or (run.stages[-1].name if run.stages else None)
+    return by_name.get(name) if name else None
+
+
+def serving_max_model_len(run: RunSpec, target: Serving, stages: list | None = None) -> int:
+    """max_model_len: explicit, else the longest context a long_context stage trained the served model at (its
+    ``init_from`` ancestry, the served stage included), else data.seq_len."""
     if target.max_model_len:
         return int(target.max_model_len)
     seq = int(run.data.seq_len)
-    for st in run.stages:
-        if st.kind == "long_context" and st.seq_len:
-            seq = int(st.seq_len)
-        if target.stage and st.name == target.stage:
-            break
+    by_name = {s.name: s for s in stages or []}
+    st, seen = served_stage(run, target, stages), set()
+    while st is not None and st.name not in seen:
+        seen.add(st.name)
+        if st.kind == "long_context":
+            seq = max(seq, int(st.seq_len))
+        st = by_name.get(st.init_from) if st.init_from else None
     return seq
+
+
+def export_context(run: RunSpec, target: Serving, stages: list | None) -> int:
+    """The context the served export states (config.json max_position_embeddings): what vLLM and SGLang refuse to
+    serve beyond (vLLM ``ModelConfig`` "max_model_len ... is greater than the derived max_model_len")."""
+    st = served_stage(run, target, stages)
+    return int(st.max_position_embeddings) if st is not None and st.max_position_embeddings else int(
+        run.model.max_seq_len)
+
+
+def tp_ok(arch: Architecture, tp: int) -> bool:
+    """Whether the engines can shard the model ``tp`` ways: heads, KV heads (vLLM's ``QKVParallelLinear``:
+    kv_heads % tp == 0 or tp % kv_heads == 0, replicating KV heads past their count), the MLP and the experts'
+    widths divide (``ColumnParallelLinear`` / the fused MoE split them evenly)."""
+    if arch.n_heads % tp or arch.d_ff % tp:
+        return False
+    if arch.mla is None and arch.kv_heads % tp and tp % arch.kv_heads:
+        return False
+    return not (arch.moe is not None and (arch.moe.expert_d_ff or arch.d_ff) % tp)
+
+
+def prefill_chunk_tokens(concurrency: int) -> int:
+    """max_num_batched_tokens the configs pin: vLLM's 8192 chunk, or the concurrency when larger (vLLM refuses a
+    max_num_seqs above max_num_batched_tokens, and its own default drops to 2048 on GPUs under 70 GiB)."""
+    return max(PREFILL_CHUNK_TOKENS, int(concurrency))
 
 
 def _pow2_upto(n: int) -> list[int]:
@@ -76,26 +112,26 @@ def _pow2_upto(n: int) -> list[int]:
     return out
 
 
-def kv_tokens_per_sequence(arch: Architecture, engine: str, max_len: int) -> float:
+def kv_tokens_per_sequence(arch: Architecture, engine: str, max_len: int, chunk: int = PREFILL_CHUNK_TOKENS) -> float:
     """KV-cache positions one sequence of max_len tokens holds at most, the mean over the layers (the module
     docstring: a vLLM sliding window bounds it in the windowed layers; the full-attention layers of a model that
     has both hold max_len, in vLLM's hybrid KV-cache manager's groups of one kind each)."""
     w = arch.sliding_window
     if engine != "vllm" or not w:
         return max_len
-    windowed = (-(-min(w - 1 + PREFILL_CHUNK_TOKENS, max_len) // VLLM_BLOCK_TOKENS) + 1) * VLLM_BLOCK_TOKENS
+    windowed = (-(-min(w - 1 + chunk, max_len) // VLLM_BLOCK_TOKENS) + 1) * VLLM_BLOCK_TOKENS
     n_full = len(arch.full_attention_layers)
     return windowed if not n_full else (n_full * max_len + (arch.n_layers - n_full) * windowed) / arch.n_layers
 
 
 def _evaluate(arch: Architecture, *, tp: int, pp: int, weight_bytes: float, kv_tok: int,
-              kv_len: float, concurrency: int, capacity: int, util: float) -> dict:
+              kv_len: float, concurrency: int, capacity: int, util: float, chunk: int) -> dict:
     kv_shard = 1 if arch.mla is not None else min(tp, arch.kv_heads)
     kv_tok_gpu = kv_tok / kv_shard / pp
     d_ff = arch.d_ff
     if arch.moe is not None and arch.moe.expert_d_ff:
         d_ff = max(d_ff, arch.moe.expert_d_ff * arch.moe.top_k)
-    act = PREFILL_CHUNK_TOKENS * 2 * (4 * arch.d_model + 3 * d_ff / tp)
+    act = chunk * 2 * (4 * arch.d_model + 3 * d_ff / tp)
     reserve = WORKSPACE_BYTES + act
     weights_gpu = weight_bytes / (tp * pp)
     budget = capacity * util
@@ -143,13 +179,20 @@ def _layouts(arch: Architecture, t: Serving, gpn: int, common: dict, out: _Targe
             out.add("V006", "error", "gpus", f"gpus={t.gpus} is not a multiple of the GPUs per node ({gpn})",
                     "use a multiple of gpus_per_node or at most one node")
             return None, tried
-        if arch.n_heads % tp != 0:
-            out.add("V007", "error", "gpus", f"tensor_parallel_size {tp} does not divide n_heads={arch.n_heads}",
-                    "pick a GPU count whose per-node part divides the head count")
+        if not tp_ok(arch, tp):
+            out.add("V007", "error", "gpus", f"tensor_parallel_size {tp} does not split the model: n_heads "
+                    f"{arch.n_heads}, kv heads {arch.kv_heads}, d_ff {arch.d_ff} (each must divide evenly; kv heads "
+                    "may also divide tp)", "pick a GPU count whose per-node part divides them")
             return None, tried
-        tried.append(_evaluate(arch, tp=tp, pp=t.gpus // tp, **common))
+        pp = t.gpus // tp
+        if pp > min(MAX_PP, arch.n_layers):
+            out.add("V006", "error", "gpus", f"gpus={t.gpus} is {pp} pipeline stages of {tp} GPUs: more than "
+                    f"{min(MAX_PP, arch.n_layers)} (the model's {arch.n_layers} layers, at most {MAX_PP} stages)",
+                    "use fewer GPUs per replica (more replicas serve more requests)")
+            return None, tried
+        tried.append(_evaluate(arch, tp=tp, pp=pp, **common))
         return (tried[-1] if tried[-1]["fits"] else None), tried
-    tps = [tp for tp in _pow2_upto(gpn) if arch.n_heads % tp == 0] or [1]
+    tps = [tp for tp in _pow2_upto(gpn) if tp_ok(arch, tp)] or [1]
     layouts = [(tp, 1) for tp in tps] + [(tps[-1], pp) for pp in range(2, min(MAX_PP, arch.n_layers) + 1)]
     for tp, pp in layouts:
         tried.append(_evaluate(arch, tp=tp, pp=pp, **common))
@@ -174,11 +217,12 @@ def _fit_diagnostic(best: dict, t: Serving, max_len: int, util: float, capacity:
 
 
 def plan_serving(run: RunSpec, gpu_lookup: Callable[[str], GPU | None] | None = None, lines: dict | None = None,
-                 train_gpu: GPU | None = None) -> tuple[list[ServingPlan], list[Diagnostic]]:
+                 train_gpu: GPU | None = None, stages: list | None = None) -> tuple[list[ServingPlan], list[Diagnostic]]:
     """One :class:`ServingPlan` per ``run.serving`` target, plus V-diagnostics (V001 KV does not fit, ...).
 
     ``train_gpu``: the training GPU with the spec's hardware overrides (``compile.cluster_gpu``), used
-    for targets that name no GPU of their own; others come from ``gpu_lookup`` (the hardware table).
+    for targets that name no GPU of their own; others come from ``gpu_lookup`` (the hardware table). ``stages``:
+    the compiled stages (the served export's context and its ancestry's trained length).
     """
     if gpu_lookup is None:
         from llmc.compiler.hardware import get_gpu as gpu_lookup  # type: ignore[no-redef]
@@ -189,14 +233,14 @@ def plan_serving(run: RunSpec, gpu_lookup: Callable[[str], GPU | None] | None = 
     plans: list[ServingPlan] = []
     diags: list[Diagnostic] = []
     for i, t in enumerate(run.serving):
-        plan = _plan_target(run, i, t, gpu_lookup, train_gpu, _Target(i, lines, diags))
+        plan = _plan_target(run, i, t, gpu_lookup, train_gpu, _Target(i, lines, diags), stages)
         if plan is not None:
             plans.append(plan)
     return plans, diags
 
 
-def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | None, out: _Target
-                 ) -> ServingPlan | None:
+def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | None, out: _Target,
+                 stages: list | None = None) -> ServingPlan | None:
     arch = run.model
     stage_names = [s.name for s in run.stages]
     gpu_key = t.gpu or run.hardware.gpu
@@ -204,21 +248,30 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
     if gpu is None:  # the spec checker reports the training GPU (S007) too; say it here for serving
         out.add("V003", "error", "gpu", f"unknown GPU type {gpu_key!r}", "see `llmc gpus` for the hardware table")
         return None
+    if gpu.key == "cpu":
+        out.add("V003", "error", "gpu", "serving on the CPU pseudo-device is not planned (vLLM's CPU backend sizes its "
+                "KV cache from VLLM_CPU_KVCACHE_SPACE, not from GPU memory)", "name a GPU: serving: [{gpu: h100-sxm}]")
+        return None
+    if t.quantization in ("awq", "gptq"):
+        out.add("V009", "error", "quantization", f"quantization {t.quantization} serves a pre-quantized checkpoint "
+                f"(the engines read its quantize config), but the served export is llmc's 16-bit one",
+                "use quantization: fp8 (quantized on load), or quantize the export yourself and serve that")
     if t.stage is not None and t.stage not in stage_names:
         out.add("V004", "error", "stage", f"stage {t.stage!r} does not exist",
                 f"one of: {', '.join(stage_names) or '(no stages)'}")
     capacity = int(gpu.hbm_bytes)
     util = float(t.gpu_memory_utilization)
-    max_len = serving_max_model_len(run, t)
+    max_len = serving_max_model_len(run, t, stages)
+    context = export_context(run, t, stages)
     kv_tok = params.kv_bytes_per_token(arch, 1 if t.kv_cache_dtype == "fp8" else 2)
     p_total = params.params_total(arch)
     p_emb = min(embedding_params(arch), p_total)
     weight_bytes = (p_total - p_emb) * _BYTES_PER_PARAM[t.quantization] + p_emb * 2
-    if max_len > arch.max_seq_len and not arch.rope_scaling and not any(
-            s.kind == "long_context" for s in run.stages):
-        out.add("V005", "warning", "max_model_len",
-                f"max_model_len {max_len} exceeds the model's max_seq_len {arch.max_seq_len}",
-                "add a long_context stage or rope_scaling, or serve a shorter context")
+    if max_len > context:
+        out.add("V005", "error", "max_model_len",
+                f"max_model_len {max_len} exceeds the served export's context {context} (its config.json "
+                "max_position_embeddings): vLLM and SGLang refuse to start beyond it",
+                "serve at most that, or extend the context first (a long_context stage, rope_scaling)")
     w = arch.sliding_window
     if t.engine == "sglang" and w and max_len > w and family_of(arch).hf_class in ("MistralForCausalLM",
                                                                                     "Phi3ForCausalLM"):
@@ -228,9 +281,10 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
                 f"SGLang serves this model without its {w}-token attention window (its Llama model, which runs "
                 f"Mistral and Phi-3 checkpoints, attends to every position): past {w} tokens its outputs are not the "
                 "trained model's", f"serve it with engine: vllm, or max_model_len <= {w}")
+    chunk = prefill_chunk_tokens(t.concurrency)
     common = dict(weight_bytes=weight_bytes, kv_tok=kv_tok,
-                  kv_len=kv_tokens_per_sequence(arch, t.engine, max_len), concurrency=t.concurrency,
-                  capacity=capacity, util=util)
+                  kv_len=kv_tokens_per_sequence(arch, t.engine, max_len, chunk), concurrency=t.concurrency,
+                  capacity=capacity, util=util, chunk=chunk)
     chosen, tried = _layouts(arch, t, max(1, gpu.gpus_per_node), common, out)
     if not tried:
         return None
@@ -241,7 +295,7 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
         index=i, engine=t.engine, gpu=gpu_key, stage=t.stage or (stage_names[-1] if stage_names else "pretrain"),
         tensor_parallel_size=best["tp"], pipeline_parallel_size=best["pp"], gpus=best["tp"] * best["pp"],
         nodes=best["pp"] if best["pp"] > 1 else 1,  # pipeline stages go across nodes, tp within one
-        max_model_len=max_len, concurrency=t.concurrency, max_num_seqs=t.concurrency,
+        max_model_len=max_len, concurrency=t.concurrency, max_num_seqs=t.concurrency, max_num_batched_tokens=chunk,
         max_seqs_that_fit=best["max_seqs"], gpu_memory_utilization=util,
         quantization=None if t.quantization == "none" else t.quantization, kv_cache_dtype=t.kv_cache_dtype,
         prefix_caching=bool(t.prefix_caching), kv_bytes_per_token=kv_tok, weights_gib=_r(weight_bytes / GiB),

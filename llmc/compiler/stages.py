@@ -823,6 +823,9 @@ def check_chat_template(env: _Env, st: StageBase, p: str, tmpl: str, sink: Sink)
 def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageMemoryPlan, sink: Sink) -> None:
     """Known pitfalls: LR, forgetting, loss mask, chat template, GRPO group / KL, LoRA rank, memory, base."""
     check_lr(env, st, p, tr.lr, sink)
+    if st.kind in CONTINUED_KINDS and tr.steps is None:
+        sink.add("G009", "error", p, f"{st.kind} stage {st.name!r} has no length: neither steps nor a data.tokens to "
+                 "derive them from", f"set {p}.steps, or give the stage data: with tokens")
     if st.kind in ("midtrain", "sft"):
         frac, domain = _general_fraction(st)
         if domain and frac is not None and frac < 0.1:
@@ -947,6 +950,7 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
         context=ContextPlan(max_context=out_ctx["max_context"], rope_theta=out_ctx["rope_theta"],
                             rope_scaling=out_ctx["rope_scaling"]),
         notes=notes, time=stime, layout=layout.plan if layout is not None else None,
+        max_position_embeddings=max(env.run.model.max_seq_len, tr.seq_len, out_ctx["max_context"]),
     )
     return plan, out_ctx
 

@@ -29,6 +29,7 @@ def _vllm(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[st
              ("pipeline-parallel-size", str(p.pipeline_parallel_size)),
              ("max-model-len", str(p.max_model_len)),
              ("max-num-seqs", str(p.max_num_seqs)),
+             ("max-num-batched-tokens", str(p.max_num_batched_tokens)),
              ("gpu-memory-utilization", repr(float(p.gpu_memory_utilization))),
              ("kv-cache-dtype", p.kv_cache_dtype)]
     if p.quantization:
@@ -56,6 +57,7 @@ def _sglang(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[
              ("pp-size", str(p.pipeline_parallel_size)),
              ("context-length", str(p.max_model_len)),
              ("max-running-requests", str(p.max_num_seqs)),
+             ("chunked-prefill-size", str(p.max_num_batched_tokens)),
              ("mem-fraction-static", repr(mem_frac)),
              ("kv-cache-dtype", kv)]
     if p.quantization:

@@ -613,7 +613,7 @@ def _stage_view(compiled, sp):
     arch = spec.model.model_copy(update={
         "rope_theta": float(ctx.rope_theta),
         "rope_scaling": RopeScaling.model_validate(ctx.rope_scaling) if ctx.rope_scaling else None,
-        "max_seq_len": max(spec.model.max_seq_len, sp.seq_len)})
+        "max_seq_len": sp.max_position_embeddings or max(spec.model.max_seq_len, sp.seq_len)})
     data = (st.data or spec.data).model_copy(update={"seq_len": sp.seq_len})
     view_spec = spec.model_copy(update={"model": arch, "data": data, "stages": [], "eval": None,
                                         "training": spec.training.model_copy(update={"init_hf": None})})

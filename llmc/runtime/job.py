@@ -236,7 +236,8 @@ class TrainJob:
             arch = arch.model_copy(update={
                 "rope_theta": float(ctx["rope_theta"]),
                 "rope_scaling": RopeScaling.model_validate(scaling) if scaling else None,
-                "max_seq_len": max(arch.max_seq_len, self.seq_len)})
+                # the context the compiler states for the stage's export (older locks: the model's or the stage's)
+                "max_seq_len": int(entry.get("max_position_embeddings") or max(arch.max_seq_len, self.seq_len))})
         # a stage other than pre-training recomputes what its own plan sized its memory with (the lock's stage
         # ``memory.activation_checkpointing``); the searched plan's mode is the pre-training run's
         ac, ac_layers = self.activation_checkpointing, self.ac_layers
