@@ -597,3 +597,19 @@ def test_compute_optimal_checks_are_for_training_from_scratch():
     assert "C001" not in _codes(_compile(_spec(count=8, seq=4096, tokens="1B") + "training: {init_hf: /models/llama}\n"))
     staged = "stages:\n  - {name: pretrain, kind: pretrain, init_hf: /models/llama}\n"
     assert "C001" not in _codes(_compile(_spec(count=8, seq=4096, tokens="1B") + staged))
+
+
+def test_options_the_running_backend_drops_are_said_and_not_timed():
+    """T013: torchtitan 0.3.0 has no z-loss and no loss-spike rewind, llmc's DeepSpeed runner no torch.compile and no
+    rewind; the plan says so for the backend that runs it, and a compile the runner never applies is not timed."""
+    base = _spec(count=8, extra="training: {z_loss: 0.0001, loss_spike: {enabled: true}, compile: true}\n")
+    titan = _compile(base)
+    assert titan.backend.name == "torchtitan"
+    assert {d.path for d in titan.diagnostics if d.code == "T013"} == {"training.z_loss", "training.loss_spike"}
+    ds = _compile(base.replace("compile: true}", "compile: true, backend: deepspeed}"))
+    assert {d.path for d in ds.diagnostics if d.code == "T013"} == {"training.compile", "training.loss_spike"}
+    assert ds.backend.compile is False
+    ds_eager = _compile(base.replace("compile: true}", "compile: false, backend: deepspeed}"))
+    assert ds.time.step_seconds == pytest.approx(ds_eager.time.step_seconds)  # timed as it runs: uncompiled
+    native = _compile(base.replace("compile: true}", "compile: true, backend: native}"))
+    assert not [d for d in native.diagnostics if d.code == "T013"] and native.backend.compile

@@ -78,10 +78,38 @@ def test_lr_schedules():
     assert j.lr_factor(100) == pytest.approx(0.1)
     j = _job(schedule="linear")
     assert j.lr_factor(55) == pytest.approx(0.55)
-    j = _job(schedule="wsd", decay_fraction=0.2)
-    assert j.lr_factor(79) == 1.0 and j.lr_factor(90) == pytest.approx(0.55)
+    j = _job(schedule="wsd", decay_fraction=0.2)  # 1-sqrt cooldown: halfway through it, 1 - sqrt(0.5) of the way
+    assert j.lr_factor(79) == 1.0 and j.lr_factor(90) == pytest.approx(0.1 + 0.9 * (1 - 0.5 ** 0.5))
     assert j.lr_factor(100) == pytest.approx(0.1)
     assert _job(schedule="constant").lr_factor(50) == 1.0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])
+def test_every_backend_trains_one_lr_schedule(schedule):
+    """llmc's lr_factor (native trainer, DeepSpeed's LambdaLR) equals the LR factor of the scheduler torchtitan 0.3.0
+    builds from the job's lr_scheduler settings, step by step (the wsd cooldown shape included)."""
+    from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
+
+    from llmc.compiler.compile import compile_spec
+    from llmc.emit.torchtitan import _optimizer_schedule
+    from llmc.spec.load import loads_spec
+
+    steps, warmup, min_ratio, frac = 120, 7, 0.1, 0.25
+    text = ("name: t\nmodel: tiny\nhardware: {gpu: cpu, count: 1}\ndata: {seq_len: 128, tokens: 491520}\n"
+            f"training: {{precision: fp32, global_batch_tokens: 4096, optimizer: {{lr: 0.001}}, schedule: {{kind: "
+            f"{schedule}, warmup_steps: {warmup}, min_lr_ratio: {min_ratio}, decay_fraction: {frac}}}}}\n")
+    run, lines = loads_spec(text, file="s.yaml")
+    compiled = compile_spec(run, "s.yaml", lines, spec_bytes=text.encode())
+    assert compiled.hyper.steps == steps
+    o = _optimizer_schedule(compiled, [])
+    cfg = LRSchedulersContainer.Config(warmup_steps=o["warmup_steps"], decay_ratio=o["decay_ratio"],
+                                       decay_type=o["decay_type"], min_lr_factor=o["min_lr_factor"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    titan = cfg.build(optimizers=[opt], training_steps=o["steps"]).schedulers[0].lr_lambdas[0]
+    ours = _job(schedule=schedule, decay_fraction=frac, steps=steps, warmup_steps=warmup, min_lr=1e-3 * min_ratio,
+                lr=1e-3)
+    for s in range(steps):
+        assert ours.lr_factor(s) == pytest.approx(titan(s), abs=1e-9), (schedule, s)
 
 
 # ----------------------------------------------------------------------------- single process

@@ -87,6 +87,9 @@ class Backend:
     fp8_cast_blocks_async_tp: bool = False  # an fp8 cast between a TP all-gather and its GEMM stops async TP fusing them
     sac_regathers_tp: bool = False  # selective AC does not save the TP all-gathers' outputs: the backward re-gathers
     fp8_recipes: frozenset[str] = frozenset()  # fp8 recipes the runner executes (empty: it trains fp8 specs in bf16)
+    can_compile: bool = True  # the runner applies training.compile (torch.compile of the blocks)
+    # training options the runner applies ("z_loss": the log-sum-exp penalty, "loss_spike": rewind and skip)
+    applies: frozenset[str] = frozenset({"z_loss", "loss_spike"})
     # what activation_checkpointing "selective" recomputes: "per_op" = torchtitan's per-op SAC (every other matmul
     # and the elementwise ops; flops.recompute_flops_per_token); "attention_core" = Korthikanti et al. 2022's
     # selective recomputation of the attention core only (RoPE + softmax(QK^T)V), which keeps nearly every
@@ -191,8 +194,10 @@ BACKENDS: dict[str, Backend] = {
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.5, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=True, compile_act_saving=0.08, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
+        applies=frozenset(),
         supports=frozenset({"dp", "fsdp", "hsdp", "tp", "pp", "cp", "ep"}),
         sources={
+            "applies": "torchtitan 0.3.0 has no z-loss and no rewind-and-skip on loss spikes (its train.py loss: cross-entropy only)",
             "tied_pp": "torchtitan 0.3.0 Decoder.Config.update_from_config refuses weight tying with pipeline "
             "parallelism (llmc's emitter: X303)",
             "states": "FSDP2 fully_shard MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); " + _TT
@@ -297,12 +302,15 @@ BACKENDS: dict[str, Backend] = {
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
         cuda_context_bytes=0.6 * GiB, nccl_bytes_per_peer_group=64 * MiB,
+        can_compile=False, applies=frozenset({"z_loss"}),
         supports=frozenset({"dp", "zero", "offload"}), selective_ac="attention_core", zero12="deepspeed",
         slices_loss=True,
         sources={
             "states": "deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs; "
             "stage3.py estimate_zero3_model_states_mem_needs (DeepSpeed 0.19.8)",
             "fsdp_overlap": "ds_config overlap_comm=true (llmc's DeepSpeed config)",
+            "can_compile": "llmc/runtime/ds_train.py wraps the model in deepspeed.initialize without torch.compile",
+            "applies": "llmc/runtime/ds_train.py: z-loss in its loss (mean_token_loss); no loss-spike rewind",
             "slices_loss": _SLICED_LOSS,
             "zero12": "deepspeed/runtime/zero/stage_1_and_2.py (DeepSpeed 0.19.8): reduce_ready_partitions_and_remove_grads "
             "reduces every backward when gradients are partitioned (ZeRO-2), else at the accumulation boundary; "
@@ -532,8 +540,9 @@ def describe(name: str) -> list[tuple[str, object, str]]:
 
 
 def compile_on(backend: Backend, requested: bool | None) -> bool:
-    """torch.compile for this run: the spec's ``training.compile`` or the backend's default."""
-    return backend.compile_default if requested is None else bool(requested)
+    """torch.compile for this run: the spec's ``training.compile`` or the backend's default; never on a backend
+    whose runner does not compile (the plan times what runs: T013 says so when the spec asks for it)."""
+    return backend.can_compile and (backend.compile_default if requested is None else bool(requested))
 
 
 def fp8_recipe_on(backend: Backend, requested: str | None) -> str:

@@ -31,6 +31,8 @@ T007   info      z-loss suggested for large runs
 T008   warning   MoE with a zero load-balancing loss
 T009   warning   Adam beta2 / weight decay far from LLM pre-training practice
 T012   warning   training.fp8_recipe set while training.precision is not fp8 (no effect)
+T013   warning   the backend that runs the plan does not apply training.compile, z_loss or loss_spike (timed and run
+                 without it)
 B001   error     predicted days > budget.max_days
 B002   error     predicted cost > budget.max_usd
 B003   error     budget impossible even at 60 % MFU (with the budget that would be needed)
@@ -122,6 +124,25 @@ def check_offload_backend(run, backend, sink: Sink) -> None:
         sink.add("P017", "error", f"parallelism.{what}",
                  f"the {backend.name} backend does not offload: its job keeps the optimizer and parameters on the GPU",
                  "use training.backend: deepspeed (or auto, which picks it for offload), or drop the offload")
+
+
+def check_backend_options(run, backend, sink: Sink) -> None:
+    """T013: a training option the spec sets that the backend which will run the plan does not apply (the plan is
+    timed without it: ``backends.compile_on``), said at plan time rather than in a comment of the job."""
+    from llmc.compiler.backends import BACKENDS
+
+    def applies(be, key: str) -> bool:
+        return be.can_compile if key == "compile" else key in be.applies
+
+    tr = run.training
+    asked = [("compile", "torch.compile", tr.compile is True),
+             ("z_loss", "z-loss", tr.z_loss > 0), ("loss_spike", "loss-spike rewind", tr.loss_spike.enabled)]
+    for key, what, on in asked:
+        if on and not applies(backend, key):
+            others = [n for n, be in BACKENDS.items() if n != backend.name and be.runnable and applies(be, key)]
+            sink.add("T013", "warning", f"training.{key}",
+                     f"the {backend.name} backend, which runs this plan, does not apply {what} (planned and run "
+                     "without it)", f"set training.backend to one that does ({' or '.join(others)}), or drop it")
 
 
 def check_fp8_recipe(run, backend, sink: Sink) -> None:

@@ -432,6 +432,7 @@ def _backend_and_calibration(run, gpu, calibration, sink, gaps=(), titan_work=Tr
                             compile=comp, fp8=fp8)
     checks.check_fp8_recipe(run, be, sink)
     checks.check_offload_backend(run, be, sink)
+    checks.check_backend_options(run, be, sink)
     gkey = gpu.key if gpu is not None else ""
     if calibration is None:
         band = cal_mod.RANKING_BAND_UNCALIBRATED

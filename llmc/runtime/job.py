@@ -347,8 +347,10 @@ def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str, min_ra
 
     Linear warmup over ``warmup_steps`` (step s uses (s+1)/warmup), then
     cosine: min + (1-min) * (1 + cos(pi p)) / 2;  linear: min + (1-min)(1-p);
-    wsd: 1 until the last ``decay_fraction`` of steps, then linear to min (Hu et al. 2024, "MiniCPM",
-    arXiv:2404.06395, sec. 4); constant: 1. p = progress through the post-warmup steps in [0, 1].
+    wsd: 1 until the last ``decay_fraction`` of steps (Hu et al. 2024, "MiniCPM", arXiv:2404.06395, sec. 4), then
+    1-sqrt to min: min + (1-min)(1 - sqrt(q)), q = progress through the cooldown (Hägele et al. 2024, arXiv:2405.18392,
+    sec. 3: 1-sqrt beats a linear cooldown; torchtitan's ``decay_type: sqrt``, which the torchtitan job uses, so every
+    backend trains one schedule); constant: 1. p = progress through the post-warmup steps in [0, 1].
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -365,7 +367,7 @@ def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str, min_ra
         start = steps - decay_steps
         if step < start:
             return 1.0
-        return min_ratio + (1 - min_ratio) * (1 - min(1.0, (step - start) / decay_steps))
+        return min_ratio + (1 - min_ratio) * (1 - math.sqrt(min(1.0, (step - start) / decay_steps)))
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
