@@ -257,9 +257,9 @@ def _config(compiled, nums: DsNumbers, micro: int, accum: int, dp: int, zero: in
         "steps_per_print": int(spec.training.log_every),
         "wall_clock_breakdown": False,
     }
-    sched = _ds_scheduler(nums)
-    if sched is not None:
-        cfg["scheduler"] = sched
+    # no "scheduler": DeepSpeed's WarmupLR / WarmupCosineLR start from LR 0 and step after the first update, two
+    # steps behind llmc's warmup ((s + 1) / warmup at step s); ds_train runs llmc's own schedule (TrainJob.lr_factor,
+    # the lock's numbers) as a client LambdaLR, the one schedule every backend trains
     return cfg
 
 
@@ -322,29 +322,6 @@ def stage_configs(compiled) -> tuple[dict[str, dict], list[Diagnostic]]:
             cfg[DS_HEADER_KEY] = {**cfg[DS_HEADER_KEY], "stage": st.name}
             out[st.name] = cfg
     return out, diags
-
-
-def _ds_scheduler(n: DsNumbers) -> dict | None:
-    """DeepSpeed scheduler matching llmc's schedule, or None (ds_train then uses llmc's own LambdaLR).
-
-    cosine -> WarmupCosineLR (linear warmup from 0, cosine to min_lr_ratio: exact);
-    constant -> WarmupLR; linear -> WarmupDecayLR only when min_lr_ratio == 0 (it decays to 0);
-    wsd and linear-to-a-floor have no DeepSpeed equivalent -> client scheduler in ds_train.
-    """
-    warm = max(1, int(n.warmup_steps))  # DeepSpeed requires a positive integer
-    total = max(int(n.steps), warm)
-    if n.schedule == "cosine":
-        return {"type": "WarmupCosineLR", "params": {"total_num_steps": total, "warmup_num_steps": warm,
-                                                     "warmup_min_ratio": 0.0, "cos_min_ratio": n.min_lr_ratio,
-                                                     "warmup_type": "linear"}}
-    if n.schedule == "constant":
-        return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": n.lr,
-                                               "warmup_num_steps": warm, "warmup_type": "linear"}}
-    if n.schedule == "linear" and n.min_lr_ratio == 0:
-        return {"type": "WarmupDecayLR", "params": {"total_num_steps": total, "warmup_min_lr": 0.0,
-                                                    "warmup_max_lr": n.lr, "warmup_num_steps": warm,
-                                                    "warmup_type": "linear"}}
-    return None
 
 
 class DeepSpeedEmitter(Emitter):

@@ -18,9 +18,9 @@ The committed config is what runs: for ``--stage S`` the runner reads ``ds_confi
 ``--ds-config`` when the build wrote one (stages whose lr / steps / batch differ), else the given file,
 and changes nothing in it. It refuses, with one line, a config whose batch identity
 (train_batch_size = micro x accum x processes) does not hold for the processes it runs on, or whose
-lr / steps / global batch / precision are not the stage's (:func:`check_config`). Without a
-``scheduler`` block (wsd, linear to a floor) the LR follows llmc's own schedule
-(``TrainJob.lr_factor``) as a client LambdaLR.
+lr / steps / global batch / precision are not the stage's (:func:`check_config`). The build writes no
+``scheduler`` block: the LR follows llmc's own schedule (``TrainJob.lr_factor``, every backend's) as a client
+LambdaLR (a hand-added block is still checked against the stage and used).
 
 Model: ZeRO-3 builds it under ``deepspeed.zero.Init`` (every parameter is partitioned as its module is
 created, so no rank ever holds the whole model) and initialises it one part at a time
