@@ -485,3 +485,22 @@ def test_one_trainer_per_stage_folder(tmp_path):
     assert r.returncode == 1 and "error[R002]" in r.stderr and f"pid {os.getpid()}" in r.stderr, r.stderr
     assert main(["--lock", str(tmp_path / "b/plan.lock.json"), "--steps", "2"]) == 0  # free again: it runs
     assert (tmp_path / "b/run/pretrain/DONE.json").exists()
+
+
+def test_multi_node_deepspeed_runs_under_every_nodes_torchrun(tmp_path):
+    """The multi-node launcher and the Slurm script run on every node: BACKEND=deepspeed starts llmc's DeepSpeed
+    trainer under that torchrun rendezvous (all nodes one world), not the single-node deepspeed launcher per node."""
+    b = tmp_path / "b"
+    assert llmc("build", str(ROOT / "examples/tiny_cpu.yaml"), "-o", str(b)).returncode == 0
+    fake = _fake_tools(tmp_path / "bin")
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_LOG": str(log), "BACKEND": "deepspeed",
+           "NNODES": "2", "NPROC": "4", "MASTER_ADDR": "head", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "2",
+           "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(b)}
+    for script in ("launch/torchrun_multi_node.sh", "launch/slurm.sbatch"):
+        log.unlink(missing_ok=True)
+        r = subprocess.run(["bash", str(b / script)], cwd=b, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (script, r.stderr)
+        calls = log.read_text()
+        assert re.search(r"torchrun --nnodes \S+ --nproc_per_node \S+ .*-m llmc\.runtime\.ds_train --lock", calls), calls
+        assert "deepspeed --num_gpus" not in calls, calls

@@ -90,8 +90,21 @@ case "$BACKEND" in
     fi
     ;;
   deepspeed)
-    # the DeepSpeed launcher (deepspeed/launch.sh; HOSTFILE for several nodes)
-    exec bash "$BUILD_DIR/deepspeed/launch.sh"
+    # every node runs this script: llmc's DeepSpeed trainer under the same torchrun rendezvous (deepspeed reads
+    # torchrun's RANK / WORLD_SIZE / LOCAL_RANK); deepspeed/launch.sh is the single-launcher alternative (HOSTFILE)
+    python -m llmc.runtime.entry prepare --lock "$LOCK"
+    if want_stage pretrain && ! stage_done pretrain; then
+      "${TORCHRUN[@]}" -m llmc.runtime.ds_train --lock "$LOCK" --ds-config "$BUILD_DIR/deepspeed/ds_config.json" --stage pretrain --out "$RUN_DIR"/pretrain
+    fi
+    if want_stage sft && ! stage_done sft; then
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
+    fi
+    if want_stage dpo && ! stage_done dpo; then
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
+    fi
+    if want_stage grpo && ! stage_done grpo; then
+      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
+    fi
     ;;
   *) echo "unknown BACKEND=$BACKEND" >&2; exit 2 ;;
 esac

@@ -91,8 +91,13 @@ case "$BACKEND" in
     if want_stage pretrain; then run_evals_once pretrain; fi
     ;;
   deepspeed)
-    # the DeepSpeed launcher (deepspeed/launch.sh; HOSTFILE for several nodes)
-    exec bash "$BUILD_DIR/deepspeed/launch.sh"
+    # every node runs this script: llmc's DeepSpeed trainer under the same torchrun rendezvous (deepspeed reads
+    # torchrun's RANK / WORLD_SIZE / LOCAL_RANK); deepspeed/launch.sh is the single-launcher alternative (HOSTFILE)
+    python -m llmc.runtime.entry prepare --lock "$LOCK"
+    if want_stage pretrain && ! stage_done pretrain; then
+      "${TORCHRUN[@]}" -m llmc.runtime.ds_train --lock "$LOCK" --ds-config "$BUILD_DIR/deepspeed/ds_config.json" --stage pretrain --out "$RUN_DIR"/pretrain
+    fi
+    if want_stage pretrain; then run_evals_once pretrain; fi
     ;;
   *) echo "unknown BACKEND=$BACKEND" >&2; exit 2 ;;
 esac
