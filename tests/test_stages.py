@@ -586,6 +586,20 @@ def test_D101_domain_stage_without_general_data():
     assert by_code(diags, "D101").line == line_of(text, "data:", 1)
     _, _, diags = spec("- {name: mid, kind: midtrain, general_data_fraction: 0.15}\n")
     assert "D101" not in codes(diags)
+    # a declared share the stage's own sources do not give: the runners mix sources by weight and add nothing, so the
+    # forgetting check counts the sources (0% general: D101) and G010 says the declaration is not what trains
+    text, _, diags = spec("""\
+        - name: mid
+          kind: midtrain
+          general_data_fraction: 0.2
+          data:
+            seq_len: 8192
+            tokens: 10B
+            sources:
+              - {name: code, path: /c.jsonl, kind: code}
+        """)
+    assert {"D101", "G010"} <= set(codes(diags))
+    assert by_code(diags, "G010").line == line_of(text, "general_data_fraction: 0.2")
 
 
 def test_T102_sft_without_loss_mask():

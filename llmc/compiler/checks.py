@@ -39,8 +39,8 @@ B003   error     budget impossible even at 60 % MFU (with the budget that would 
 D001   error     data.tokens smaller than one optimizer step
 D002   warning   a source is repeated more than 4 epochs (info above 1 epoch)
 D003   info      effective mixture shares
-D005   warning   training.steps x global batch and data.tokens disagree by more than 1% (FLOPs, cost and the scaling
-                 check count data.tokens; the trainer runs training.steps)
+D005   warning   training.steps x global batch and data.tokens disagree by more than 1% (the training FLOPs and the
+                 scaling check count data.tokens; the trainer, time and cost run training.steps)
 =====  ========  ==========================================================================
 """
 
@@ -434,8 +434,8 @@ def check_data(run, hyper, sink: Sink) -> None:
     if run.training.steps is not None and abs(trained - d.tokens) > 0.01 * d.tokens:
         sink.add("D005", "warning", "training.steps",
                  f"{hyper.steps:,} steps x {hyper.global_batch_tokens:,} tokens = {trained:,.0f} tokens, but data.tokens "
-                 f"is {d.tokens:,.0f}: the trainer runs the steps while FLOPs, cost and the scaling check count "
-                 "data.tokens", "drop training.steps (llmc derives it from data.tokens), or set data.tokens to match")
+                 f"is {d.tokens:,.0f}: the trainer runs the steps (time and cost count them) while the training FLOPs "
+                 "and the scaling check count data.tokens", "drop training.steps (llmc derives it from data.tokens), or set data.tokens to match")
     srcs = d.sources
     if not srcs:
         return

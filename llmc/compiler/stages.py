@@ -776,15 +776,17 @@ def _context_out(env: _Env, st: StageBase, p: str, seq_len: int, inherited: dict
 
 
 def _general_fraction(stage: StageBase) -> tuple[float | None, bool]:
-    """(share of general data, is this a domain stage)."""
+    """(share of general data, is this a domain stage): the stage's own sources' mixture where it has them (what the
+    runners train on: they mix by source weights and add nothing), else its declared general_data_fraction."""
     srcs = stage.data.sources if stage.data is not None else []
     domain = any(s.kind in ("domain", "code", "math", "multilingual") for s in srcs)
-    if stage.general_data_fraction is not None:
-        return stage.general_data_fraction, True
     if not srcs:
-        return None, False
-    return sum(share for s, share in zip(srcs, mixture_shares(srcs), strict=True)
-               if s.kind in ("general", "chat")), domain
+        return stage.general_data_fraction, stage.general_data_fraction is not None
+    return _source_general_share(srcs), domain or stage.general_data_fraction is not None
+
+
+def _source_general_share(srcs, kinds: tuple[str, ...] = ("general", "chat")) -> float:
+    return sum(share for s, share in zip(srcs, mixture_shares(srcs), strict=True) if s.kind in kinds)
 
 
 def check_lr(env: _Env, st: StageBase, p: str, lr: float, sink: Sink) -> None:
@@ -826,6 +828,13 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
     if st.kind in CONTINUED_KINDS and tr.steps is None:
         sink.add("G009", "error", p, f"{st.kind} stage {st.name!r} has no length: neither steps nor a data.tokens to "
                  "derive them from", f"set {p}.steps, or give the stage data: with tokens")
+    srcs = st.data.sources if st.data is not None else []
+    general = _source_general_share(srcs, ("general",)) if srcs else None
+    if st.general_data_fraction is not None and general is not None and abs(general - st.general_data_fraction) > 0.05:
+        sink.add("G010", "warning", f"{p}.general_data_fraction",
+                 f"general_data_fraction {st.general_data_fraction:g} is declared, but the stage's sources give "
+                 f"{general:.0%} general data: llmc's runners mix the sources by their weights and add nothing",
+                 "add a general source to the stage's data with that weight (or drop the declaration)")
     if st.kind in ("midtrain", "sft"):
         frac, domain = _general_fraction(st)
         if domain and frac is not None and frac < 0.1:

@@ -331,7 +331,12 @@ class DeepSpeedEmitter(Emitter):
         return any(s["ds"] for s in stage_list(compiled))
 
     def diagnostics(self, compiled) -> list[Diagnostic]:
-        return deepspeed_config(compiled)[1] + stage_configs(compiled)[1]
+        own = [s.name for s in compiled.stages if getattr(s, "layout", None) is not None]
+        jobs = [diag("X113", "warning", "stages", f"stage(s) {', '.join(own)} are planned as their own torchtitan jobs "
+                     "(their layouts): llmc's DeepSpeed and native runners refuse them at launch, so deepspeed/ and "
+                     "native/ run the other stages only", "launch with the torchtitan backend (the default of this "
+                     "build's launchers)")] if own else []
+        return deepspeed_config(compiled)[1] + stage_configs(compiled)[1] + jobs
 
     def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
         cfg, _ = deepspeed_config(compiled)

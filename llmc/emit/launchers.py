@@ -86,7 +86,25 @@ def launch_context(compiled, files: Mapping[str, str]) -> dict[str, Any]:
         "signal_lead_s": SLURM_SIGNAL_LEAD_S,
         "elastic_shutdown_s": ELASTIC_SHUTDOWN_S,
         "eval_stages": eval_stages(compiled),
+        "native_refuses": native_refused_stages(compiled),
     }
+
+
+def native_refused_stages(compiled) -> list[str]:
+    """Stages llmc's own trainers (native and DeepSpeed) refuse at launch (``TrainJob.check_runner``): pre-training
+    whose plan uses a degree they do not run (``NATIVE_UNSUPPORTED``), and continued training planned as its own
+    torchtitan job (a stage ``layout``)."""
+    from llmc.runtime.capabilities import NATIVE_UNSUPPORTED
+
+    plan = compiled.plan
+    out = []
+    for s in stage_list(compiled):
+        sp = next((x for x in compiled.stages if x.name == s["name"]), None)
+        if s["kind"] == "pretrain" and plan is not None and any(getattr(plan, k) != 1 for k in NATIVE_UNSUPPORTED):
+            out.append(s["name"])
+        elif sp is not None and getattr(sp, "layout", None) is not None:
+            out.append(s["name"])
+    return out
 
 
 

@@ -457,7 +457,8 @@ class StageBase(SpecModel):
     lora: LoRA | None = None
     """Train LoRA/QLoRA adapters instead of all weights."""
     general_data_fraction: Float | None = Field(default=None, ge=0, le=1)
-    """Share of general data mixed in against forgetting (warned below 10%)."""
+    """Share of general data the stage is meant to mix in against forgetting (warned below 10%): a declaration,
+    checked against the stage's own sources (G010), which the runners mix by their weights."""
     seq_len: Int | None = Field(default=None, gt=0)
     """Training sequence length. None = data.seq_len (grpo: max_prompt_tokens + max_new_tokens)."""
 
