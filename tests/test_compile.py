@@ -613,3 +613,11 @@ def test_options_the_running_backend_drops_are_said_and_not_timed():
     assert ds.time.step_seconds == pytest.approx(ds_eager.time.step_seconds)  # timed as it runs: uncompiled
     native = _compile(base.replace("compile: true}", "compile: true, backend: native}"))
     assert not [d for d in native.diagnostics if d.code == "T013"] and native.backend.compile
+
+
+def test_the_z_loss_suggestion_names_a_backend_that_applies_it():
+    c = _compile(_spec(model="llama3-70b", count=64))
+    assert c.backend.name == "torchtitan"
+    assert "native or deepspeed" in _diag(c, "T007").hint
+    c = _compile(_spec(model="llama3-70b", count=64, extra="training: {backend: native}\n"))
+    assert "backend" not in _diag(c, "T007").hint

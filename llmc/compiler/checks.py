@@ -367,7 +367,8 @@ def check_batch_tokens(run, sink: Sink) -> bool:
     return True
 
 
-def check_hyper(run, hyper, params_active: float, default_lr: float, world: int, is_cpu: bool, sink: Sink) -> None:
+def check_hyper(run, hyper, params_active: float, default_lr: float, world: int, is_cpu: bool, sink: Sink,
+                backend=None) -> None:
     """T001-T004, T006-T009 on the resolved hyperparameters."""
     tr = run.training
     lr = hyper.lr
@@ -408,8 +409,10 @@ def check_hyper(run, hyper, params_active: float, default_lr: float, world: int,
                      f"global batch {bt / 1e6:.2f}M tokens is outside 2M-16M for large pre-training",
                      "2M-16M tokens per step (Llama 2: 4M; Llama 3 405B: up to 16M)")
     if tr.z_loss == 0 and params_active >= Z_LOSS_PARAMS and not is_cpu:
-        sink.add("T007", "info", "training.z_loss", "no z-loss on a large run",
-                 "z_loss 1e-4..1e-5 keeps output logits from drifting (PaLM, arXiv:2204.02311 §5)")
+        hint = "z_loss 1e-4..1e-5 keeps output logits from drifting (PaLM, arXiv:2204.02311 §5)"
+        if backend is not None and "z_loss" not in backend.applies:  # (T013 would then say it is dropped)
+            hint += f"; the {backend.name} backend this plan runs on has none: training.backend native or deepspeed"
+        sink.add("T007", "info", "training.z_loss", "no z-loss on a large run", hint)
     moe = run.model.moe
     if moe is not None and moe.aux_loss_coef == 0:
         sink.add("T008", "warning", "model.moe.aux_loss_coef", "MoE without a load-balancing loss",

@@ -192,7 +192,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         hyper = pretrain_hyper(run, gpu, time.step_seconds)
 
     if pretrains:
-        _check_pretraining(run, gpu, hyper, compute, time, cost, sink)
+        _check_pretraining(run, gpu, hyper, compute, time, cost, sink, backends.get_backend(be_info.name))
         checks.check_host_memory(run, searched.memory, gpu, sink)
     stages, stage_diags = _stages(run, gpu, lines, spec_path, hyper, searched, facts, be_info.name,
                                   _stage_search(run, gpu, model_opts) if cluster_ok else None)
@@ -375,11 +375,11 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
 
 
 def _check_pretraining(run: RunSpec, gpu: GPU | None, hyper: Hyper, compute: ComputeNumbers, time, cost,
-                       sink: Sink) -> None:
-    """Hyperparameter, data and budget diagnostics of the pre-training run."""
+                       sink: Sink, backend=None) -> None:
+    """Hyperparameter, data and budget diagnostics of the pre-training run (``backend``: the one that runs it)."""
     n_act = params.params_active(run.model)
     is_cpu = gpu is not None and gpu.key == "cpu"
-    checks.check_hyper(run, hyper, n_act, defaults.default_lr(n_act), run.hardware.count, is_cpu, sink)
+    checks.check_hyper(run, hyper, n_act, defaults.default_lr(n_act), run.hardware.count, is_cpu, sink, backend)
     checks.check_data(run, hyper, sink)
     if gpu is not None and supports(gpu, run.training.precision):
         peak = timing.mfu_peak(gpu, run.training.precision)
