@@ -259,6 +259,8 @@ def launch(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and exit.")] = False,
     stage: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Launch even if plan.lock.json was edited by hand.")] = False,
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Start the stages over: their earlier runs are set "
+                                            "aside (run/<stage>.set-aside-N), never deleted.")] = False,
 ) -> None:
     """Run a built job: torchrun for native/torchtitan, the deepspeed launcher for DeepSpeed.
 
@@ -297,6 +299,18 @@ def launch(
         lock = RunLock(b / "run").acquire()
     except RunLockBusy as e:
         _fail([f"{build_dir}: error[L003] {e}"])
+    if no_resume:  # under the run lock: set every stage this launch runs aside, then plan the commands again
+        from llmc.fileio import set_aside
+
+        for name in dict.fromkeys(c.stage for c in cmds if c.stage != "prepare"):
+            moved = set_aside(b / "run" / name)
+            if moved is not None:
+                _echo(f"{name}: the earlier run is set aside in {os.path.relpath(moved)}")
+        try:
+            cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage)
+        except LaunchError as e:
+            lock.release()
+            _fail([f"{build_dir}: error[L001] {e}"])
     try:
         for c in cmds:
             if c.skip_reason:

@@ -46,4 +46,17 @@ def expand_user(path: str | Path) -> Path:
         return Path(path)
 
 
-__all__ = ["read_regular_file", "expand_user"]
+def set_aside(path: str | Path) -> Path | None:
+    """Rename a non-empty directory ``path`` to ``<path>.set-aside-N`` (the first free N) so that a run can start over
+    without deleting anything; returns the new path (None when there was nothing to set aside)."""
+    p = Path(path)
+    if not p.is_dir() or p.is_symlink() or not any(p.iterdir()):
+        return None
+    n = 1
+    while (target := p.with_name(f"{p.name}.set-aside-{n}")).exists() or target.is_symlink():
+        n += 1
+    os.rename(p, target)
+    return target
+
+
+__all__ = ["read_regular_file", "expand_user", "set_aside"]

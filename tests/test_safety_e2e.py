@@ -504,3 +504,51 @@ def test_multi_node_deepspeed_runs_under_every_nodes_torchrun(tmp_path):
         calls = log.read_text()
         assert re.search(r"torchrun --nnodes \S+ --nproc_per_node \S+ .*-m llmc\.runtime\.ds_train --lock", calls), calls
         assert "deepspeed --num_gpus" not in calls, calls
+
+
+def test_a_changed_lr_is_not_resumed_silently_and_no_resume_sets_the_run_aside(tmp_path):
+    """An interrupted stage rebuilt with another learning rate: resuming would keep the checkpoint's schedule (the
+    scheduler's and optimizer's saved state win), so the launch refuses in one line and names --no-resume, which
+    sets the earlier run aside (renamed, every file kept) and starts the stage over."""
+    spec = micro_spec(tmp_path / "s", steps=8, interval=4)
+    b = tmp_path / "b"
+    assert llmc("build", str(spec), "-o", str(b)).returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for argv in (["prepare", "--lock", str(b / "plan.lock.json")],
+                 ["--lock", str(b / "plan.lock.json"), "--stage", "pretrain", "--out", str(b / "run/pretrain"),
+                  "--stop-after", "4"]):
+        p = subprocess.run([sys.executable, "-m", "llmc.runtime.entry", *argv], cwd=b, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+    ckpts = sorted(p.name for p in (b / "run/pretrain/checkpoints").iterdir())
+    assert ckpts and not (b / "run/pretrain/DONE.json").exists()
+    assert llmc("build", str(spec), "-o", str(b), "--set", "training.optimizer.lr=0.0001").returncode == 0
+    r = llmc("launch", str(b))
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "trained with lr 0.003" in last and "--no-resume" in last, r.stderr[-2000:]
+    r = llmc("launch", str(b), "--no-resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    aside = b / "run/pretrain.set-aside-1"
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ckpts  # kept, not pruned or deleted
+    assert json.loads((b / "run/pretrain/DONE.json").read_text())["step"] == 8
+
+
+def test_export_never_overwrites_files_it_did_not_write(tmp_path):
+    torch = pytest.importorskip("torch")
+    from llmc.runtime.hf_io import EXPORT_MARKER, export_hf
+    from llmc.runtime.model import build_model
+    from llmc.spec.model import Architecture
+
+    arch = Architecture(**MICRO)
+    model = build_model(arch)
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "model_finetuned_v2.safetensors").write_text("mine")
+    with pytest.raises(ValueError, match="files an llmc export did not write"):
+        export_hf(model.state_dict(), arch, out, dtype=torch.float32)
+    assert sorted(p.name for p in out.iterdir()) == ["model_finetuned_v2.safetensors"]
+    fresh = tmp_path / "fresh"
+    export_hf(model.state_dict(), arch, fresh, dtype=torch.float32)
+    export_hf(model.state_dict(), arch, fresh, dtype=torch.float32)  # its own earlier export: replaced whole
+    assert (fresh / EXPORT_MARKER).is_file() and (fresh / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind

@@ -239,7 +239,7 @@ def latest_checkpoint(folder: str | Path, fallback: bool = False, log=print) -> 
             return path
         except CheckpointError as e:
             if not fallback:
-                older = "; an older complete one may exist: rerun with --fallback-checkpoint" if i + 1 < len(ckpts) else ""
+                older = "; an older complete one may exist: move this one aside (or run the stage with --fallback-checkpoint)" if i + 1 < len(ckpts) else ""
                 raise CheckpointError(f"{e}{older}") from None
             log(f"warning: skipping bad checkpoint: {e}")
             if _rank() == 0 and path.exists():

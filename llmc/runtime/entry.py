@@ -257,6 +257,17 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
     check_outputs(job, assets_root, out)
     out = out or assets_root / "run" / job.stage
     done = out / "DONE.json"
+    if not resume:  # start over: the earlier run is set aside (renamed), never deleted or pruned into
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if any(out.glob("*")):
+                raise ValueError(f"{out}: --no-resume with several ranks: set the stage aside before they start "
+                                 "(`llmc launch BUILD --no-resume` does)")
+        else:
+            from llmc.fileio import set_aside
+
+            moved = set_aside(out)
+            if moved is not None:
+                _say(f"{job.stage}: the earlier run is set aside in {moved}")
     if resume and done.exists():
         _say(f"{job.stage}: already done ({done}); nothing to do")
         return json.loads(done.read_text())

@@ -80,6 +80,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -892,10 +894,17 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
     why = hf_export_supported(arch)
     if why:
         raise ValueError(f"cannot export {arch.name} to Hugging Face format: {why}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-        old.unlink()
+    final = Path(out_dir)
+    foreign = _foreign_files(final)
+    if foreign:
+        raise ValueError(f"{final}: holds files an llmc export did not write ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); export into a new or empty folder (llmc never "
+                         "overwrites them)")
+    # written beside it and swapped in whole: a crash leaves the previous export or the new one, never a mix
+    out = final.with_name(f".{final.name}.llmc-tmp-{os.getpid()}")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_hf_state_dict(model_sd, arch).items()}
     split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard_size)
     for fname, names in split.filename_to_tensors.items():
@@ -910,7 +919,33 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos_id, "eos_token_id": eos_id}) + "\n")
     _write_tokenizer(tokenizer_dir, out, chat_template)
-    return out
+    (out / EXPORT_MARKER).write_text(json.dumps({"written_by": "llmc", "arch": arch.name}) + "\n")
+    old = final.with_name(f".{final.name}.llmc-old-{os.getpid()}")
+    if final.exists():
+        os.rename(final, old)
+    os.rename(out, final)
+    if old.exists():
+        shutil.rmtree(old)  # the previous llmc export of this folder (checked above: nothing else in it)
+    return final
+
+
+#: What an llmc export writes: the marker file, and the names a Hugging Face directory of it holds (also an export
+#: an older llmc wrote, without the marker); ``adapter/`` is the LoRA stages' PEFT adapter
+EXPORT_MARKER = ".llmc-export.json"
+_EXPORT_NAMES = re.compile(r"(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
+                           r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|adapter|"
+                           + re.escape(EXPORT_MARKER) + ")")
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """Entries of ``out`` an llmc export did not write (none when it is missing, empty or carries the marker)."""
+    if not out.exists():
+        return []
+    if not out.is_dir() or out.is_symlink():
+        return [out.name]
+    if (out / EXPORT_MARKER).is_file():
+        return []
+    return sorted(p.name for p in out.iterdir() if not _EXPORT_NAMES.fullmatch(p.name))
 
 
 def _with_chat_eos(eos_id, tokenizer_dir, template: str):
