@@ -381,7 +381,8 @@ def last_error_line(text: str) -> str:
     else the last Python exception line, else the last non-empty line."""
     import re
 
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # torchrun's wrappers (ChildFailedError, SignalException) repeat after the worker's own error: not the cause
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "torch.distributed.elastic" not in ln]
     for pat in (r"error\[[A-Z]+\d*\]", r"^[\w.]*(Error|Exception|Interrupt)\b.*:", r"^[\w.]*(Error|Exception)\b"):
         hits = [ln for ln in lines if re.search(pat, ln)]
         if hits:

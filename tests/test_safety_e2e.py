@@ -300,6 +300,10 @@ def test_last_error_line_prefers_the_workers_error():
     assert last_error_line(torchrun).startswith("/x/b/plan.lock.json: error[R002]")
     assert last_error_line("Traceback:\n  File x\nValueError: bad value\n") == "ValueError: bad value"
     assert last_error_line("") == "no error output (see the log)"
+    # a worker's exception, then torchrun's wrapper of it: the worker's is the cause
+    worker = ("ValueError: Size mismatch between saved torch.Size([2048, 128]) and current: torch.Size([2048, 192])\n"
+              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+    assert last_error_line(worker).startswith("ValueError: Size mismatch")
 
 
 def test_plan_diff_against_malformed_lock(tmp_path):

@@ -203,7 +203,9 @@ def supervise(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path
         received.append(signum)
         for pg in group:
             try:
-                os.killpg(pg, signal.SIGTERM if signum == signal.SIGUSR1 else signum)
+                # SIGUSR1 (a time limit) and SIGINT (Ctrl-C) reach the trainers as SIGTERM, on which they save the
+                # step in flight and exit as preempted (a SIGINT killed torchrun's workers unsaved)
+                os.killpg(pg, signal.SIGTERM if signum in (signal.SIGUSR1, signal.SIGINT) else signum)
             except ProcessLookupError:
                 pass
 
