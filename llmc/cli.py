@@ -302,7 +302,7 @@ def launch(
     if no_resume:  # under the run lock: set every stage this launch runs aside, then plan the commands again
         from llmc.fileio import set_aside
 
-        for name in dict.fromkeys(c.stage for c in cmds if c.stage != "prepare"):
+        for name in dict.fromkeys(c.stage for c in cmds if c.stage and c.stage != "prepare" and "/" not in c.stage):
             moved = set_aside(b / "run" / name)
             if moved is not None:
                 _echo(f"{name}: the earlier run is set aside in {os.path.relpath(moved)}")
