@@ -129,12 +129,15 @@ def test_children_die_when_supervisor_is_sigkilled(tmp_path, mode):
                 pass
 
 
-def test_sighup_is_forwarded_and_children_die(tmp_path):
+@pytest.mark.parametrize("sent, passed_on", [(signal.SIGHUP, signal.SIGHUP), (signal.SIGINT, signal.SIGTERM)])
+def test_signals_are_forwarded_and_children_die(tmp_path, sent, passed_on):
+    """SIGHUP is passed on as is; a SIGINT (Ctrl-C on `llmc launch`) as SIGTERM, the signal llmc's trainers save their
+    current step on (a SIGINT made torchrun kill its workers unsaved); the supervisor exits as its child did."""
     parent, child, grandchild = start_parent(tmp_path, "normal")
     try:
-        parent.send_signal(signal.SIGHUP)
+        parent.send_signal(sent)
         assert wait_dead([child, grandchild], 2.0) < float("inf")
-        assert parent.wait(timeout=10) == 128 + signal.SIGHUP
+        assert parent.wait(timeout=10) == 128 + passed_on
     finally:
         parent.kill()
         for p in (child, grandchild):
@@ -206,20 +209,3 @@ def test_read_metrics_last_write_wins_and_tolerates_partial_tail(tmp_path):
     path.write_text(_rec(1, 5.0) + _rec(2, 4.0) + json.dumps({"step": 2, "val_loss": 4.4}) + "\n")
     assert [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(path).steps] == [
         (1, 5.0, None), (2, 4.0, 4.4)]
-
-
-def test_ctrl_c_reaches_the_children_as_sigterm(tmp_path):
-    """A SIGINT to the supervisor (Ctrl-C on `llmc launch`) is passed on as SIGTERM, the signal llmc's trainers save
-    their current step on (a SIGINT made torchrun kill its workers unsaved); the supervisor exits as its child did."""
-    parent, child, grandchild = start_parent(tmp_path, "normal")
-    try:
-        parent.send_signal(signal.SIGINT)
-        assert wait_dead([child, grandchild], 2.0) < float("inf")
-        assert parent.wait(timeout=10) == 128 + signal.SIGTERM
-    finally:
-        parent.kill()
-        for p in (child, grandchild):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
