@@ -99,8 +99,10 @@ def _fail(lines: list[str]) -> None:
 
 
 def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = True,
-             calibration: Path | None = None):
+             calibration: Path | None = None, json_errors: bool = False):
     """Load (with --set overrides) + compile; print every error (one line each, all phases) and exit 1.
+    ``json_errors`` (``plan --format json``): the spec's errors also go to standard output as one JSON
+    document, ``{"ok": false, "spec": ..., "diagnostics": [...]}``, for a program reading the plan.
 
     The spec is read once (``read_spec``: ``-`` is standard input) and its bytes are what the lock's
     sha256 records; the overrides are appended to them. A spec with schema errors is still compiled from
@@ -122,7 +124,7 @@ def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = Tru
         try:
             run, lines, spec_bytes = load_with_overrides(spec, overrides)
         except SpecError as e:
-            _fail([d.render() for d in e.diagnostics])
+            _fail_diagnostics(spec, e.diagnostics, json_errors)
         compiled = compile_spec(run, spec_path=str(spec), yaml_lines=lines,
                                 spec_bytes=spec_bytes + override_bytes(overrides),
                                 facts=gather_facts(run, spec.parent),
@@ -138,8 +140,16 @@ def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = Tru
                              calibration=cal, fit_check=fit_check)
         compiled, errs = out.compiled, out.errors
     if errs:
-        _fail([d.render() for d in errs])
+        _fail_diagnostics(spec, errs, json_errors)
     return compiled
+
+
+def _fail_diagnostics(spec: Path, diags, as_json: bool) -> None:
+    """Exit 1 with the spec's error lines on standard error (and, ``as_json``, the JSON error document)."""
+    if as_json:
+        _echo(json.dumps({"ok": False, "spec": str(spec), "diagnostics": [d.to_json() for d in diags]},
+                         indent=2, sort_keys=True))
+    _fail([d.render() for d in diags])
 
 
 def _calibration(spec: Path, run, option: Path | None):
@@ -169,7 +179,8 @@ def plan(
     """Validate the spec, do the math, search a parallelism plan and print the report."""
     if format not in ("text", "json"):
         _fail([f"llmc plan: error[CLI] --format must be 'text' or 'json' (got {format!r}) (see `llmc plan --help`)"])
-    compiled = _compile(spec, set_, fit_check=not no_fit_check, calibration=calibration)
+    compiled = _compile(spec, set_, fit_check=not no_fit_check, calibration=calibration,
+                        json_errors=format == "json")
     if diff is not None:
         from llmc.emit.lock import diff_lock
         from llmc.lockfile import read_lock

@@ -393,3 +393,23 @@ def test_small_inputs_get_messages_that_say_what_is_wrong(tmp_path):
         r = _cli(*args, cwd=tmp_path)
         lines = r.stderr.splitlines()
         assert r.returncode == 1 and len(lines) == 1 and says in lines[0] and len(lines[0]) < 2200, (args, r.stderr[:500])
+
+
+def test_one_section_checks_still_run_when_a_required_section_is_missing(tmp_path):
+    """Without `data` no best-effort spec exists; the unknown GPU and the unknown init_from are still reported
+    (every error at once), and `--format json` gives the errors as one JSON document on standard output."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: t\nmodel: llama3-8b\nhardware: {gpu: h1000, count: 8}\nstages:\n"
+                    "  - {name: base, kind: pretrain}\n  - {name: sft, kind: sft, init_from: bsae}\n")
+    r = runner.invoke(app, ["plan", str(spec), "--format", "json"])
+    assert r.exit_code == 1
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False and doc["spec"] == str(spec)
+    got = [(d["code"], d["path"], d["line"]) for d in doc["diagnostics"]]
+    assert got == [("S003", "data", 1), ("S007", "hardware.gpu", 3), ("G003", "stages.1.init_from", 6)]
+    assert [ln.split("error[")[1][:4] for ln in r.stderr.splitlines()] == ["S003", "S007", "G003"]
+    # a custom GPU the section's own overrides define is not unknown
+    spec.write_text("name: t\nmodel: llama3-8b\n"
+                    "hardware: {gpu: my-gpu, count: 8, gpu_overrides: {base: h100-sxm, hbm_gib: 100}}\n")
+    r = runner.invoke(app, ["plan", str(spec)])
+    assert r.exit_code == 1 and "S007" not in r.output and "error[S003] data:" in r.output

@@ -321,3 +321,13 @@ def test_stage_kinds_load_as_their_classes():
     assert [type(s) for s in run.stages] == [STAGE_TYPES[k] for k in STAGE_KINDS]
     # the resolved spec round-trips through JSON (the lockfile stores it)
     assert RunSpec.model_validate(run.model_dump(mode="json")) == run
+
+
+@pytest.mark.parametrize(("key", "shown"), [("~", "null"), ("null", "null"), ("yes", "True"), ("0x10", "16")])
+def test_a_key_yaml_reads_as_another_type_is_located_under_the_name_it_loads_as(key, shown):
+    text = f"name: t\nmodel: llama3-8b\nhardware:\n  gpu: h100-sxm\n  count: 8\n  {key}: 3\n"
+    with pytest.raises(SpecError) as e:
+        loads_spec(text, file="s.yaml")
+    bad = [d for d in e.value.diagnostics if "keys should be strings" in d.message]
+    assert [(d.path, d.line) for d in bad] == [(f"hardware.{shown}", 6)], [d.render() for d in e.value.diagnostics]
+    assert "quote the key" in bad[0].hint

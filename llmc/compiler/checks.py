@@ -81,19 +81,29 @@ class Sink:
 # ------------------------------------------------------------------------------------------- hardware
 
 
-def check_gpu(run, gpus: dict, sink: Sink, gpu=None) -> None:
-    """S007 for an unknown GPU key; T005 for fp8 on a part without fp8; T010 for mxfp8 before Blackwell.
-    ``gpu``: the table's part with the spec's overrides (None = the table's)."""
-    from llmc.compiler.hardware import get_gpu, supports
+def check_gpu_names(hw, gpus: dict, sink: Sink, gpu=None) -> bool:
+    """S007 for an unknown GPU key in the ``hardware`` section ``hw``; False when one was reported.
+    ``gpu``: the table's part with the spec's overrides (a custom ``hardware.gpu`` they define is known)."""
+    from llmc.compiler.hardware import get_gpu
 
-    ov = run.hardware.gpu_overrides
+    ov = hw.gpu_overrides
     for key, path, what in ((ov.base if ov is not None else None, "hardware.gpu_overrides.base", "base GPU type"),
-                            (run.hardware.gpu, "hardware.gpu", "GPU type")):
+                            (hw.gpu, "hardware.gpu", "GPU type")):
         if key is None or (gpu is not None and path == "hardware.gpu") or get_gpu(key) is not None:
             continue
         close = difflib.get_close_matches(key.lower(), sorted(gpus), n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(gpus))}"
         sink.add("S007", "error", path, f"unknown {what} {key!r}", hint)
+        return False
+    return True
+
+
+def check_gpu(run, gpus: dict, sink: Sink, gpu=None) -> None:
+    """S007 for an unknown GPU key; T005 for fp8 on a part without fp8; T010 for mxfp8 before Blackwell.
+    ``gpu``: the table's part with the spec's overrides (None = the table's)."""
+    from llmc.compiler.hardware import get_gpu, supports
+
+    if not check_gpu_names(run.hardware, gpus, sink, gpu):
         return
     g = gpu or get_gpu(run.hardware.gpu)
     if g is None:

@@ -38,7 +38,7 @@ from llmc.spec.facts import ExternalFacts
 from llmc.spec.families import family_of
 from llmc.spec.load import LoadedSpec
 from llmc.spec.model import Architecture, RopeScaling
-from llmc.spec.schema import CONTINUED_KINDS, RunSpec, Training
+from llmc.spec.schema import CONTINUED_KINDS, Hardware, RunSpec, Training
 
 
 def model_numbers(arch: Architecture) -> ModelNumbers:
@@ -67,10 +67,14 @@ def compute_numbers(arch: Architecture, seq_len: int, tokens: float) -> ComputeN
 
 def spec_gpu(run: RunSpec) -> GPU | None:
     """The table's GPU (or a custom one) with ``hardware.gpu_overrides`` applied; None when unknown."""
-    ov = run.hardware.gpu_overrides
-    if ov is None:
-        return get_gpu(run.hardware.gpu)
-    return with_overrides(run.hardware.gpu, ov.model_dump())
+    return hardware_gpu(run.hardware)
+
+
+def hardware_gpu(hw: Hardware) -> GPU | None:
+    """:func:`spec_gpu` from the ``hardware`` section alone."""
+    if hw.gpu_overrides is None:
+        return get_gpu(hw.gpu)
+    return with_overrides(hw.gpu, hw.gpu_overrides.model_dump())
 
 
 def cluster_gpu(run: RunSpec, gpu: GPU) -> GPU:
@@ -319,6 +323,15 @@ def compile_loaded(loaded: LoadedSpec, facts: ExternalFacts | None = None, **opt
     if loaded.partial is not None:
         c = compile_spec(loaded.partial, loaded.file, loaded.lines, loaded.spec_bytes, facts, **options)
         extra = [d for d in c.diagnostics if _independent(d, loaded.invalid_paths)]
+    else:  # no best-effort whole (a required section is missing): the checks that read one valid section alone
+        sink = Sink(loaded.lines, loaded.file)
+        if loaded.hardware is not None:
+            checks.check_gpu_names(loaded.hardware, GPUS, sink, hardware_gpu(loaded.hardware))
+        if loaded.stages is not None:
+            from llmc.compiler.stages import stage_order
+
+            stage_order(list(loaded.stages), sink)
+        extra = sink.items
     return Outcome(None, sort_diagnostics(_dedupe(list(loaded.diagnostics) + extra)))
 
 

@@ -71,7 +71,17 @@ from llmc.spec.facts import MAX_CONFIG_BYTES
 from llmc.spec.hf import HF_KEY_FOR_FIELD, HFConfigError, architecture_from_hf_config
 from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.presets import PRESETS
-from llmc.spec.schema import STAGE_KINDS, STAGE_TYPES, Data, RunSpec, Serving, Source, StageBase, Tokenizer
+from llmc.spec.schema import (
+    STAGE_KINDS,
+    STAGE_TYPES,
+    Data,
+    Hardware,
+    RunSpec,
+    Serving,
+    Source,
+    StageBase,
+    Tokenizer,
+)
 
 __all__ = ["LoadedSpec", "read_spec", "reads_spec", "load_spec", "loads_spec", "json_schema",
            "MAX_SPEC_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_NODES"]
@@ -101,6 +111,9 @@ class LoadedSpec:
     it emptied), for compiling the checks that do not depend on the invalid values; None when no such
     spec exists (e.g. a required section is missing). ``invalid_paths`` are the dotted paths that
     were invalid (or dropped); diagnostics under them, computed from ``partial``, are meaningless.
+    Without a ``partial``, ``hardware`` and ``stages`` are those sections as validated on their own (None
+    when invalid; ``stages`` only when every stage is valid), so the checks that read one section alone
+    (an unknown GPU, an unknown ``init_from``) still run.
     """
 
     file: str
@@ -111,6 +124,8 @@ class LoadedSpec:
     partial: RunSpec | None = None
     invalid_paths: tuple[str, ...] = ()
     base_dir: str = "."
+    hardware: Hardware | None = None
+    stages: tuple[StageBase, ...] | None = None
 
     @property
     def ok(self) -> bool:
@@ -164,9 +179,11 @@ def reads_spec(source: str | bytes, file: str = "<spec>", base_dir: str | Path =
     data = source.encode("utf-8", "surrogatepass") if isinstance(source, str) else bytes(source)
 
     def done(diags: list[Diagnostic], lines: dict[str, int] | None = None, run: RunSpec | None = None,
-             partial: RunSpec | None = None, invalid: tuple[str, ...] = ()) -> LoadedSpec:
+             partial: RunSpec | None = None, invalid: tuple[str, ...] = (), sections: dict[str, Any] | None = None
+             ) -> LoadedSpec:
         return LoadedSpec(file=file, spec_bytes=data, lines=lines or {}, diagnostics=diags, run=run,
-                          partial=partial if run is None else run, invalid_paths=invalid, base_dir=str(base_dir))
+                          partial=partial if run is None else run, invalid_paths=invalid, base_dir=str(base_dir),
+                          **(sections or {}))
 
     if len(data) > MAX_SPEC_BYTES:
         return done([_diag("S000", "", f"spec is larger than {MAX_SPEC_BYTES // 2**20} MiB", file=file,
@@ -217,7 +234,17 @@ def reads_spec(source: str | bytes, file: str = "<spec>", base_dir: str | Path =
     partial, dropped = _best_effort(data_, ctx) if model_ok else (None, [])
     invalid += dropped
     invalid += [d.path for d in diags if d.severity == "error" and d.path]
-    return done(diags, lines, None, partial, tuple(dict.fromkeys(invalid)))
+    return done(diags, lines, None, partial, tuple(dict.fromkeys(invalid)),
+                None if partial is not None else _sections(data_))
+
+
+def _sections(data: dict[str, Any]) -> dict[str, Any]:
+    """The sections a check reads alone, each validated on its own (:class:`LoadedSpec`'s ``hardware`` /
+    ``stages``), for a spec without a best-effort whole."""
+    stages_raw = data.get("stages") if isinstance(data.get("stages"), list) else []
+    stages = [_lenient(t, s) if (t := _stage_type(s)) else None for s in stages_raw]
+    return {"hardware": _lenient(Hardware, data.get("hardware")),
+            "stages": tuple(stages) if all(s is not None for s in stages) else None}
 
 
 def load_spec(path: str | Path) -> tuple[RunSpec, dict[str, int]]:
@@ -507,15 +534,15 @@ def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], diags: list[Diagn
     """Record the line of every path; report duplicate keys. Keys merged in with ``<<`` (YAML merge
     key, https://yaml.org/type/merge.html) keep their anchors' lines and yield to explicit keys."""
     if isinstance(node, yaml.MappingNode):
-        explicit = {str(k.value) for k, _ in node.value if k.value != "<<"}
+        explicit = {_key_text(k) for k, _ in node.value if k.value != "<<"}
         seen: set[str] = set()
         for k, v in node.value:
-            key = str(k.value)
+            key = _key_text(k)
             if key == "<<":
                 for m in v.value if isinstance(v, yaml.SequenceNode) else [v]:
                     if isinstance(m, yaml.MappingNode):
                         for mk, mv in m.value:
-                            mkey = str(mk.value)
+                            mkey = _key_text(mk)
                             if mkey != "<<" and mkey not in explicit:
                                 mpath = f"{prefix}.{_seg(mkey)}" if prefix else _seg(mkey)
                                 lines.setdefault(mpath, mk.start_mark.line + 1)
@@ -780,9 +807,25 @@ def _one_line(text: str) -> str:
     return text if text.isprintable() else repr(text)[1:-1]
 
 
+def _key_text(node: yaml.Node) -> str:
+    """A mapping key's path segment as the loaded document has it: a plain ``~`` / ``null`` / ``yes`` /
+    ``0x10`` key is YAML null / bool / int (so the loaded path says ``null`` / ``True`` / ``16``)."""
+    if isinstance(node, yaml.ScalarNode) and node.tag in _CONSTRUCTED_KEY_TAGS:
+        try:
+            return _seg(yaml.constructor.SafeConstructor().construct_object(node))
+        except (yaml.YAMLError, ValueError, OverflowError):
+            pass
+    return str(node.value)
+
+
+#: YAML 1.1 scalar tags whose loaded key is not the text (PyYAML's SafeLoader resolvers)
+_CONSTRUCTED_KEY_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float"))
+
+
 def _seg(part: Any) -> str:
-    """A path segment, with control characters escaped so a diagnostic stays on one line."""
-    text = str(part)
+    """A path segment, with control characters escaped so a diagnostic stays on one line (a YAML null key
+    reads ``null``)."""
+    text = "null" if part is None else str(part)
     return text if text.isprintable() else repr(text)[1:-1]
 
 
@@ -791,9 +834,11 @@ def _from_pydantic(err: dict[str, Any], ctx: _Ctx, prefix: tuple = (), root: typ
     """One pydantic error -> one diagnostic. ``root``/``prefix``: the error came from validating
     ``root`` at ``prefix`` on its own (e.g. a stage's ``rope_scaling`` dict as :class:`RopeScaling`)."""
     loc = _clean_loc(prefix + tuple(err["loc"]), ctx.raw)
+    t = err["type"]
+    if t == "invalid_key" and loc:  # pydantic's loc holds str(key) ('None') or a bool as 1: the key itself
+        loc = (*loc[:-1], err.get("input"))
     rel = loc[len(prefix):]
     path = ".".join(_seg(p) for p in loc)
-    t = err["type"]
     if root is None:
         holder = _model_at(loc, ctx.raw) if loc else None
     else:
@@ -825,7 +870,7 @@ def _from_pydantic(err: dict[str, Any], ctx: _Ctx, prefix: tuple = (), root: typ
             desc = field_description(holder, key).split("\n")[0]
         d = ctx.diag("S003", path, f"missing required field {key!r}", desc.replace("``", "`"))
         return d if d.line is not None else dataclasses.replace(d, line=1)
-    hint = ""
+    hint = "quote the key: YAML reads ~, null, yes / no, on / off and numbers as other types" if t == "invalid_key" else ""
     if t == "literal_error":
         opts = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
         hint = _did_you_mean(str(err.get("input")), opts) if opts else ""
