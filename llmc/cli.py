@@ -108,12 +108,14 @@ def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = Tru
     sha256 records; the overrides are appended to them. A spec with schema errors is still compiled from
     its best-effort version, so the plan errors that do not depend on the invalid values show too.
     """
-    from llmc.compiler.compile import compile_loaded, compile_spec
-    from llmc.diagnostics import SpecError, errors
+    import dataclasses
+
+    from llmc.compiler.compile import compile_loaded
+    from llmc.diagnostics import errors, sort_diagnostics
     from llmc.spec.facts import gather_facts
 
     if sets:
-        from llmc.overrides import OverrideError, load_with_overrides, override_bytes, parse_override
+        from llmc.overrides import OverrideError, locate, parse_override, read_with_overrides
 
         overrides = []
         for text in sets:
@@ -121,24 +123,22 @@ def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = Tru
                 overrides.append(parse_override(text))
             except OverrideError as e:  # located like every other spec error
                 _fail([f"{e.where}: error[S001] {e.why}"])
-        try:
-            run, lines, spec_bytes = load_with_overrides(spec, overrides)
-        except SpecError as e:
-            _fail_diagnostics(spec, e.diagnostics, json_errors)
-        compiled = compile_spec(run, spec_path=str(spec), yaml_lines=lines,
-                                spec_bytes=spec_bytes + override_bytes(overrides),
-                                facts=gather_facts(run, spec.parent),
-                                calibration=_calibration(spec, run, calibration), fit_check=fit_check)
-        errs = errors(compiled.diagnostics)
+        loaded = read_with_overrides(spec, overrides)
     else:
         from llmc.spec.load import read_spec
 
         loaded = read_spec(spec)
-        base = loaded.run or loaded.partial
-        cal = _calibration(spec, base, calibration) if base is not None else None
-        out = compile_loaded(loaded, facts=gather_facts(base, loaded.base_dir) if base is not None else None,
-                             calibration=cal, fit_check=fit_check)
-        compiled, errs = out.compiled, out.errors
+    base = loaded.run or loaded.partial
+    cal = _calibration(spec, base, calibration) if base is not None else None
+    out = compile_loaded(loaded, facts=gather_facts(base, loaded.base_dir) if base is not None else None,
+                         calibration=cal, fit_check=fit_check)
+    compiled, diags = out.compiled, out.diagnostics
+    if sets:  # the compiler's diagnostics about an overridden value name the override, not the file's line
+        diags = sort_diagnostics([locate(d, overrides, loaded.lines) for d in diags])
+        if compiled is not None:
+            compiled = dataclasses.replace(compiled, diagnostics=sort_diagnostics(
+                [locate(d, overrides, loaded.lines) for d in compiled.diagnostics]))
+    errs = errors(diags)
     if errs:
         _fail_diagnostics(spec, errs, json_errors)
     return compiled

@@ -11,11 +11,14 @@ API
 ``apply_overrides(mapping, overrides) -> dict``
     A deep copy of ``mapping`` with every override applied in order; missing mappings on the way are
     created. ``ValueError`` when a path runs through a scalar or past the end of a list.
-``load_with_overrides(path, overrides) -> (RunSpec, lines, spec bytes)``
-    Reads the spec file, applies the overrides to its YAML mapping and validates the result with
-    ``llmc.spec.load.loads_spec``. Diagnostics keep the spec file's own line numbers (a path the file
+``read_with_overrides(path, overrides) -> LoadedSpec``
+    Reads the spec file, applies the overrides to its YAML mapping and loads the result as
+    ``llmc.spec.load.reads_spec`` does (an invalid result keeps its best-effort spec, so the compiler's
+    independent checks still run). Diagnostics keep the spec file's own line numbers (a path the file
     does not spell has none); a diagnostic about an overridden path names the override instead of a
-    line: ``--set training.optimizer.lr: error[S...] ...``.
+    line: ``--set training.optimizer.lr: error[S...] ...`` (``locate``, which the caller applies to the
+    compiler's diagnostics too). ``load_with_overrides`` returns ``(RunSpec, lines, spec bytes)`` of it, or
+    raises SpecError.
 ``override_bytes(overrides) -> bytes``
     The overrides as text, appended to the spec bytes for ``spec.sha256`` (the lock then identifies the
     effective input, not only the file).
@@ -122,67 +125,53 @@ def locate(diag, overrides: list[Override], lines: dict[str, int]):
 
 
 def file_lines(text: str) -> dict[str, int]:
-    """Dotted path -> 1-based line of every mapping key and list item in the YAML text."""
+    """Dotted path -> 1-based line of every mapping key and list item in the YAML text (the loader's own
+    walk: merge keys and null / bool / number keys as it locates them)."""
+    from llmc.spec.load import _walk
+
     lines: dict[str, int] = {}
-
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = f"{prefix}.{k.value}" if prefix else str(k.value)
-                lines.setdefault(key, k.start_mark.line + 1)
-                walk(v, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                key = f"{prefix}.{i}"
-                lines.setdefault(key, v.start_mark.line + 1)
-                walk(v, key)
-
     try:
-        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+        _walk(yaml.compose(text, Loader=yaml.SafeLoader), "", lines, [], "")
     except yaml.YAMLError:
         return {}
     return lines
 
 
-def load_with_overrides(path: str | Path, overrides: list[Override]):
-    """``(RunSpec, lines, spec bytes)`` of the spec file (``-``: standard input; read once) with the overrides
-    applied; SpecError on any error."""
-    from llmc.diagnostics import SpecError, errors
-    from llmc.spec.load import (
-        LoadedSpec,
-        _parse_yaml,
-        _unwrap_loaded,
-        loads_spec,
-        read_spec_bytes,
-        reads_spec,
-        spec_base_dir,
-    )
+def read_with_overrides(path: str | Path, overrides: list[Override]):
+    """The :class:`llmc.spec.load.LoadedSpec` of the spec file (``-``: standard input; read once) with the
+    overrides applied: the file's own lines, its bytes followed by :func:`override_bytes`, and every
+    diagnostic located (:func:`locate`); an invalid result keeps its best-effort spec, as ``read_spec``'s."""
+    from llmc.diagnostics import Diagnostic, errors
+    from llmc.spec.load import LoadedSpec, _parse_yaml, read_spec_bytes, reads_spec, spec_base_dir
 
     data = read_spec_bytes(path)
     if isinstance(data, LoadedSpec):
-        raise SpecError(data.diagnostics)
+        return data
     base = spec_base_dir(path)
-
-    def as_is():  # the loader's own located errors for an unreadable or malformed file
-        return (*_unwrap_loaded(reads_spec(data, file=str(path), base_dir=base)), data)
-
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        return as_is()
-    raw, _, diags = _parse_yaml(text, str(path))  # bounded: depth, aliases, sizes, long numbers
-    if not isinstance(raw, dict) or errors(diags):
-        return as_is()
+        text = None
+    raw, _, diags = _parse_yaml(text, str(path)) if text is not None else (None, {}, [])
+    if not isinstance(raw, dict) or errors(diags):  # the loader's own located errors for a malformed file
+        return reads_spec(data, file=str(path), base_dir=base)
     try:
         changed = apply_overrides(raw, overrides)
     except ValueError as e:
-        from llmc.diagnostics import Diagnostic
-
-        raise SpecError([Diagnostic(code="S001", severity="error", path="", message=str(e),
-                                    hint="check the key path against `llmc schema`", file=str(path))]) from None
+        return LoadedSpec(file=str(path), spec_bytes=data, lines={}, run=None, diagnostics=[Diagnostic(
+            code="S001", severity="error", path="", message=str(e), hint="check the key path against `llmc schema`",
+            file=str(path))])
     lines = file_lines(text)
-    try:
-        run, _ = loads_spec(yaml.safe_dump(changed, sort_keys=False), file=str(path), base_dir=base)
-    except SpecError as e:
-        raise SpecError([locate(d, overrides, lines) for d in e.diagnostics]) from None
-    return run, lines, data
+    loaded = reads_spec(yaml.safe_dump(changed, sort_keys=False), file=str(path), base_dir=base)
+    return dataclasses.replace(loaded, spec_bytes=data + override_bytes(overrides), lines=lines,
+                               diagnostics=[locate(d, overrides, lines) for d in loaded.diagnostics])
+
+
+def load_with_overrides(path: str | Path, overrides: list[Override]):
+    """``(RunSpec, lines, spec bytes with the overrides)`` of :func:`read_with_overrides`; SpecError on any error."""
+    from llmc.diagnostics import SpecError
+
+    loaded = read_with_overrides(path, overrides)
+    if loaded.run is None:
+        raise SpecError(loaded.diagnostics)
+    return loaded.run, loaded.lines, loaded.spec_bytes

@@ -413,3 +413,18 @@ def test_one_section_checks_still_run_when_a_required_section_is_missing(tmp_pat
                     "hardware: {gpu: my-gpu, count: 8, gpu_overrides: {base: h100-sxm, hbm_gib: 100}}\n")
     r = runner.invoke(app, ["plan", str(spec)])
     assert r.exit_code == 1 and "S007" not in r.output and "error[S003] data:" in r.output
+
+
+def test_overrides_get_every_error_at_once_each_naming_its_override():
+    """A schema error from one --set no longer hides the compiler's error from another; the compiler's error about
+    an overridden value names the override, not the file line holding the old value; serving targets on the
+    training GPU add no second error for the same unknown GPU."""
+    r = runner.invoke(app, ["plan", "examples/llama3_8b_h100x8.yaml", "--set", "hardware.gpu=h1000",
+                            "--set", "training.bogus=1"])
+    assert r.exit_code == 1
+    lines = r.output.splitlines()
+    assert lines == [
+        "--set training.bogus: error[S001] training.bogus: unknown key 'bogus' (valid keys: backend, checkpoint, "
+        "compile, fp8_recipe, global_batch_tokens, grad_clip, init_hf, log_every, loss_spike, optimizer, precision, "
+        "schedule, seed, steps, z_loss)",
+        "--set hardware.gpu: error[S007] hardware.gpu: unknown GPU type 'h1000' (did you mean 'h800'?)"], r.output

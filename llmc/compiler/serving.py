@@ -245,8 +245,9 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
     stage_names = [s.name for s in run.stages]
     gpu_key = t.gpu or run.hardware.gpu
     gpu = gpu_lookup(t.gpu) if t.gpu else train_gpu
-    if gpu is None:  # the spec checker reports the training GPU (S007) too; say it here for serving
-        out.add("V003", "error", "gpu", f"unknown GPU type {gpu_key!r}", "see `llmc gpus` for the hardware table")
+    if gpu is None:  # a target without its own GPU serves on the training GPU, whose S007 is the error
+        if t.gpu:
+            out.add("V003", "error", "gpu", f"unknown GPU type {gpu_key!r}", "see `llmc gpus` for the hardware table")
         return None
     if gpu.key == "cpu":
         out.add("V003", "error", "gpu", "serving on the CPU pseudo-device is not planned (vLLM's CPU backend sizes its "
