@@ -331,3 +331,17 @@ def test_a_key_yaml_reads_as_another_type_is_located_under_the_name_it_loads_as(
     bad = [d for d in e.value.diagnostics if "keys should be strings" in d.message]
     assert [(d.path, d.line) for d in bad] == [(f"hardware.{shown}", 6)], [d.render() for d in e.value.diagnostics]
     assert "quote the key" in bad[0].hint
+
+
+@pytest.mark.parametrize(("escape", "said"), [("\\0", "NUL character"), ("\\udc80", "lone surrogate (\\udc80)")])
+def test_text_no_file_or_argument_can_hold_is_refused_where_it_is_written(escape, said):
+    """A YAML escape can put a NUL or a lone surrogate in any string; a path holding one built fine and failed at
+    launch. Each is one located error, wherever it is (a path, a name inside a list)."""
+    text = (f'name: t\nmodel: llama3-8b\ndata:\n  seq_len: 4096\n  tokens: 1B\n'
+            f'  sources: [{{name: web, path: "/data/web{escape}x"}}]\n'
+            f'  tokenizer: {{path: "/tok{escape}"}}\nhardware: {{gpu: h100-sxm, count: 8}}\n')
+    with pytest.raises(SpecError) as e:
+        loads_spec(text, file="s.yaml")
+    got = [(d.code, d.path, d.line) for d in e.value.diagnostics]
+    assert got == [("S002", "data.sources.0.path", 6), ("S002", "data.tokenizer.path", 7)], got
+    assert all(said in d.message for d in e.value.diagnostics)

@@ -227,6 +227,8 @@ def reads_spec(source: str | bytes, file: str = "<spec>", base_dir: str | Path =
         invalid.append("model")
 
     ctx.diags.extend(_checks_from_raw(data_, ctx))
+    reported = {d.path for d in ctx.diags if d.severity == "error"}
+    ctx.diags.extend(d for d in _unusable_text(raw, (), ctx) if d.path not in reported)
     diags = _dedupe(ctx.diags)
     if not any(d.severity == "error" for d in diags):
         assert run is not None
@@ -1015,6 +1017,26 @@ def _checks_from_raw(data: dict[str, Any], ctx: _Ctx) -> list[Diagnostic]:
                 out += [_from_pydantic(err, ctx, ("stages", i, "rope_scaling"), RopeScaling) for err in e.errors()]
     serving = [_lenient(Serving, s) for s in serving_raw]
     return out + _structural(arch, dat, stages, serving, ctx)
+
+
+def _unusable_text(value: Any, loc: tuple, ctx: _Ctx) -> list[Diagnostic]:
+    """S002 for every string value holding a NUL (no file name, argument or environment value can) or a lone
+    surrogate (a ``\\udc80`` escape: not Unicode text, so no file can store it as written)."""
+    if isinstance(value, dict):
+        return [d for k, v in value.items() for d in _unusable_text(v, (*loc, k), ctx)]
+    if isinstance(value, list):
+        return [d for i, v in enumerate(value) for d in _unusable_text(v, (*loc, i), ctx)]
+    if not isinstance(value, str):
+        return []
+    path = ".".join(_seg(p) for p in loc)
+    if "\0" in value:
+        return [ctx.diag("S002", path, "holds a NUL character (\\0), which no path, argument or file name can",
+                         "remove the \\0 escape")]
+    bad = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+    if bad is not None:
+        return [ctx.diag("S002", path, f"holds a lone surrogate ({ascii(bad)[1:-1]}), which is not Unicode text",
+                         "write the character itself: the spec is UTF-8")]
+    return []
 
 
 def _switches_on(arch: Architecture, *names: str) -> list[str]:
