@@ -388,6 +388,22 @@ def test_zero_stages_train_the_tiny_model_identically(tmp_path):
             assert 1 <= cut < 8
             assert (b / "run" / "pretrain" / "ds_checkpoints" / "latest").read_text().strip() == f"step-{cut:08d}"
             assert rc != 0  # torchrun, itself signalled, reports a failure; the workers exited 75 (preempted)
+            # a lock whose LR schedule changed since that checkpoint does not resume it (DeepSpeed's saved scheduler
+            # and optimizer state would keep the old schedule): one line naming the change, nothing trained
+            lock_path, cfg_path = b / "plan.lock.json", b / "deepspeed" / "ds_config.json"
+            good = lock_path.read_text(), cfg_path.read_text()
+            lock, cfg = json.loads(good[0]), json.loads(good[1])
+            for entry in [lock.get("hyper") or {}, *lock["stages"]]:
+                if "lr" in entry:
+                    entry["lr"] = 1e-3
+            cfg["optimizer"]["params"]["lr"] = 1e-3
+            lock_path.write_text(json.dumps(lock))
+            cfg_path.write_text(json.dumps(cfg))
+            r = _run_ds(b, 8, assets)
+            assert r.returncode != 0 and "error[R002] pretrain: checkpoint step-" in r.stderr, r.stderr[-3000:]
+            assert "trained with lr 0.003, the lock says lr 0.001" in r.stderr, r.stderr[-3000:]
+            lock_path.write_text(good[0])
+            cfg_path.write_text(good[1])
         r = _run_ds(b, 8, assets)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert f"DeepSpeed ZeRO-{zero}" in r.stdout

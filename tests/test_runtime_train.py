@@ -84,6 +84,29 @@ def test_lr_schedules():
     assert _job(schedule="constant").lr_factor(50) == 1.0
 
 
+def test_a_resume_that_would_change_the_lr_or_the_optimizer_is_refused():
+    """The checkpoint's optimizer and scheduler state win on a resume, so a lock that changed the optimizer's
+    settings is refused by name; a changed step count only where the LR at the resumed step would jump (a longer
+    cosine run: the schedule stretches under it) and not in wsd's stable phase or a constant schedule."""
+    cos = _job(schedule="cosine")
+    saved = cos.lr_schedule
+    assert cos.schedule_change(saved, "step-00000050", 50) is None
+    assert cos.schedule_change(None, "c", 50) is None and cos.schedule_change({"lr": 1.0}, "c", 50) is None  # older
+    why = _job(schedule="cosine", weight_decay=0.0).schedule_change(saved, "step-00000050", 50)
+    assert why.startswith("checkpoint step-00000050 was trained with weight_decay 0.1, the lock says weight_decay 0")
+    assert "betas [0.9, 0.95]" in _job(schedule="cosine", betas=(0.9, 0.999)).schedule_change(saved, "c", 50)
+    why = _job(schedule="cosine", steps=200).schedule_change(saved, "c", 50)
+    # cosine over 100 steps at 50: 0.1 + 0.9 * (1 + cos(pi * 40 / 90)) / 2; over 200 steps: 40 of 190 into the decay
+    import math
+
+    was, now = (0.1 + 0.9 * (1 + math.cos(math.pi * 40 / n)) / 2 for n in (90, 190))
+    assert f"would jump from {was:.4g} to {now:.4g} x peak" in why, why
+    wsd = _job(schedule="wsd", decay_fraction=0.2)
+    assert _job(schedule="wsd", decay_fraction=0.2, steps=200).schedule_change(wsd.lr_schedule, "c", 50) is None
+    assert _job(schedule="wsd", decay_fraction=0.2, steps=200).schedule_change(wsd.lr_schedule, "c", 90) is not None
+    assert _job(schedule="constant", steps=7).schedule_change(_job(schedule="constant").lr_schedule, "c", 5) is None
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])
 def test_every_backend_trains_one_lr_schedule(schedule):
     """llmc's lr_factor (native trainer, DeepSpeed's LambdaLR) equals the LR factor of the scheduler torchtitan 0.3.0

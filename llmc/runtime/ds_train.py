@@ -297,6 +297,9 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         path, client = engine.load_checkpoint(str(ds_dir))
         if path is None:
             raise ValueError(f"cannot load the DeepSpeed checkpoint in {ds_dir}")
+        why = job.schedule_change(client.get("lr_schedule"), Path(path).parent.name, int(client["step"]))
+        if why is not None:
+            raise ValueError(why)
         step, tokens = int(client["step"]), int(client["tokens"])
         loader.load_state_dict(client["data"])
         _say(f"resumed from {path} at step {step}")
@@ -321,7 +324,8 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     def save_ds() -> None:
         tag = f"step-{step:08d}"
         engine.save_checkpoint(str(ds_dir), tag=tag,
-                               client_state={"step": step, "tokens": tokens, "data": loader.full_state()})
+                               client_state={"step": step, "tokens": tokens, "data": loader.full_state(),
+                                             "lr_schedule": job.lr_schedule})
         dist.barrier()
         if main:
             _prune(ds_dir, job.keep_latest)

@@ -154,6 +154,38 @@ class TrainJob:
         q = expand_user(p)
         return q if q.is_absolute() else Path(self.spec_dir) / q
 
+    @property
+    def lr_schedule(self) -> dict:
+        """What a checkpoint records of the LR schedule and optimizer it was trained with: a resume under a lock
+        that changed one would carry on with the checkpoint's (the scheduler's and optimizer's saved state win),
+        so :meth:`schedule_change` refuses it. A changed ``steps`` resumes when the LR at the resumed step stays
+        (a longer constant or wsd run in its stable phase)."""
+        return {"lr": self.lr, "min_lr": self.min_lr, "warmup_steps": self.warmup_steps, "schedule": self.schedule,
+                "decay_fraction": self.decay_fraction, "weight_decay": self.weight_decay, "betas": list(self.betas),
+                "eps": self.eps, "steps": self.steps}
+
+    def schedule_change(self, saved: dict | None, checkpoint: str, step: int) -> str | None:
+        """Why the checkpoint named ``checkpoint`` (optimizer step ``step``), trained with the ``saved``
+        :attr:`lr_schedule`, cannot be resumed under this job's; None when it can (nothing recorded, or the same
+        schedule and optimizer; keys an older llmc did not record are not compared)."""
+        saved = saved if isinstance(saved, dict) else {}
+        now = self.lr_schedule
+        changed = [k for k, v in saved.items() if k in now and k != "steps" and v != now[k]]
+        redo = "`llmc launch --no-resume` starts the stage over (the earlier run set aside), or rebuild with the old values"
+        if changed:
+            def show(d: dict) -> str:
+                return ", ".join(f"{k} {d[k]:g}" if isinstance(d[k], float) else f"{k} {d[k]}" for k in changed)
+
+            return f"checkpoint {checkpoint} was trained with {show(saved)}, the lock says {show(now)}: {redo}"
+        old_steps = saved.get("steps")
+        if isinstance(old_steps, int) and not isinstance(old_steps, bool) and old_steps > 0 and old_steps != self.steps:
+            was, now_f = replace(self, steps=old_steps).lr_factor(step), self.lr_factor(step)
+            if abs(was - now_f) > 1e-9 * max(1.0, abs(was)):
+                return (f"checkpoint {checkpoint} (step {step}) was trained for {old_steps} steps, the lock says "
+                        f"{self.steps}: the {self.schedule} schedule's LR at step {step} would jump from {was:.4g} to "
+                        f"{now_f:.4g} x peak; {redo}")
+        return None
+
     def lr_factor(self, step: int) -> float:
         """LR / peak LR of optimizer step ``step`` under this job's schedule (see ``lr_factor``)."""
         return lr_factor(step, steps=self.steps, warmup_steps=self.warmup_steps, schedule=self.schedule,

@@ -307,23 +307,14 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
     window: deque[float] = deque(maxlen=spike.window)
     step, tokens, rewinds = 0, 0, 0
 
-    # the LR schedule a checkpoint was trained with: a resume under a lock that changed it would carry on with the
-    # checkpoint's (the scheduler's and optimizer's saved state win), so a change is refused
-    schedule = {"lr": job.lr, "min_lr": job.min_lr, "warmup_steps": job.warmup_steps, "schedule": job.schedule,
-                "decay_fraction": job.decay_fraction}
-
     def restore(path: Path) -> dict:
         nonlocal step, tokens, window
-        saved = json.loads((path / "train.json").read_text()).get("lr_schedule") if (path / "train.json").is_file() \
-            else None
-        changed = [k for k, v in (saved or {}).items() if k in schedule and v != schedule[k]]
-        if changed:
-            def show(d: dict) -> str:
-                return ", ".join(f"{k} {d[k]:g}" if isinstance(d[k], float) else f"{k} {d[k]}" for k in changed)
-
-            raise TrainingError(f"checkpoint {path.name} was trained with {show(saved)}, the lock says {show(schedule)}: "
-                                "`llmc launch --no-resume` starts the stage over (the earlier run set aside), or "
-                                "rebuild with the old values")
+        saved = json.loads((path / "train.json").read_text()) if (path / "train.json").is_file() else {}
+        at = saved.get("step") if isinstance(saved, dict) else None
+        why = job.schedule_change(saved.get("lr_schedule") if isinstance(saved, dict) else None, path.name,
+                                  at if isinstance(at, int) else 0)
+        if why is not None:
+            raise TrainingError(why)
         st = load_checkpoint(path, wrapped, opt)
         sched.load_state_dict(st["scheduler"])
         loader.load_state_dict(st["data"])
@@ -336,7 +327,7 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
     def checkpoint_now() -> Path:
         state = {"tokens": tokens, "data": loader.full_state(), "scheduler": sched.state_dict(),
                  "loss_window": list(window), "rewinds": rewinds, "stage": job.stage, "seq_len": job.seq_len,
-                 "lr_schedule": schedule,
+                 "lr_schedule": job.lr_schedule,
                  "layout": {"dp_replicate": job.dp_replicate, "dp_shard": job.dp_shard, "tp": job.tp}}
         return save_checkpoint(ckpt_dir, step, wrapped, opt, state, keep_latest=job.keep_latest, sharded=True,
                                async_save=async_ckpt)
