@@ -621,3 +621,25 @@ def test_the_z_loss_suggestion_names_a_backend_that_applies_it():
     assert "native or deepspeed" in _diag(c, "T007").hint
     c = _compile(_spec(model="llama3-70b", count=64, extra="training: {backend: native}\n"))
     assert "backend" not in _diag(c, "T007").hint
+
+
+def test_a_long_context_stage_extends_the_context_its_base_was_trained_at():
+    """rope_scaling without original_max_position on a long_context stage scales from the base model's context (the
+    context YaRN / llama3's bands are placed for), not RopeScaling's 8192 default: the lock's stage context, the
+    torchtitan stage job and the runtime's model all carry the base's 4096."""
+    from llmc.emit.lock import lock_text
+    from llmc.emit.torchtitan import render_torchtitan
+    from llmc.runtime.job import TrainJob
+
+    stages = ("stages:\n  - {name: pre, kind: pretrain}\n"
+              "  - {name: long, kind: long_context, init_from: pre, seq_len: 16384, rope_scaling: "
+              "{type: yarn, factor: 4}, data: {seq_len: 16384, tokens: 1e8}}\n")
+    spec = _spec("llama3-8b", count=8, seq=4096, tokens="1B", extra=stages).replace(
+        "model: llama3-8b", "model: {preset: llama3-8b, max_seq_len: 4096}")
+    c = _compile(spec)
+    long = next(s for s in c.stages if s.name == "long")
+    assert long.context.rope_scaling == {"type": "yarn", "factor": 4, "original_max_position": 4096}
+    assert long.long_context.rope_scaling["original_max_position"] == 4096
+    assert "original_seq_len=4096," in render_torchtitan(c)["torchtitan/llmc_job_stage1.py"]
+    job = TrainJob.from_lock(json.loads(lock_text(c)), "long")
+    assert job.arch.rope_scaling.original_max_position == 4096 and job.arch.rope_scaling.factor == 4

@@ -712,7 +712,7 @@ def long_context_plan(env: _Env, st: StageBase, seq_len: int, inherited: dict, n
                       layout: StageLayout | None = None) -> LongContextPlan:
     """What a context extension changes: RoPE base / scaling, the CP degree and activation / KV sizes."""
     old = inherited["max_context"]
-    scaling = st.rope_scaling
+    scaling = stage_rope_scaling(st, inherited)
     factor = (scaling or {}).get("factor") or (seq_len / old if old else None)
     cp_rec = recommended_cp(seq_len, env.world)
     if layout is not None:  # its own torchtitan job: the searched layout's CP and activations
@@ -740,6 +740,16 @@ def long_context_plan(env: _Env, st: StageBase, seq_len: int, inherited: dict, n
     )
 
 
+def stage_rope_scaling(st: StageBase, inherited: dict) -> dict | None:
+    """A long_context stage's ``rope_scaling`` as it runs: without ``original_max_position`` the context it extends
+    is the one its base model was trained at (the inherited ``max_context``), not RopeScaling's 8192 default, which
+    would place YaRN's / llama3's interpolation bands for another model (arXiv:2309.00071 sec. 3)."""
+    scaling = getattr(st, "rope_scaling", None)
+    if not scaling or "original_max_position" in scaling:
+        return scaling
+    return {**scaling, "original_max_position": int(inherited["max_context"])}
+
+
 def _context_out(env: _Env, st: StageBase, p: str, seq_len: int, inherited: dict, sink: Sink) -> dict:
     """The context the stage hands on (RoPE changes of a long_context stage), with T107 / G004."""
     out = dict(inherited, seq_len=seq_len)
@@ -752,7 +762,7 @@ def _context_out(env: _Env, st: StageBase, p: str, seq_len: int, inherited: dict
                      "does not extend context")
         else:
             out.update(max_context=seq_len, rope_theta=st.rope_theta or inherited["rope_theta"],
-                       rope_scaling=st.rope_scaling)
+                       rope_scaling=stage_rope_scaling(st, inherited))
     elif seq_len > inherited["max_context"] and not inherited.get("rope_scaling"):
         sink.add("G004", "warning", f"{p}.seq_len" if st.seq_len else p,
                  f"stage {st.name!r} trains at seq_len {seq_len} beyond its base model's context "
