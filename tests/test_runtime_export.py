@@ -160,3 +160,41 @@ def test_export_of_damaged_run_files_is_one_error_line(tmp_path):
     os.mkfifo(fifo / "plan.lock.json")
     r = llmc("export", str(fifo), "--stage", "pretrain")  # (would block forever reading it)
     assert r.returncode == 1 and "not a regular file" in r.stderr, r.stderr
+
+
+def test_export_refuses_a_checkpoint_that_fails_its_manifest(tmp_path):
+    """`llmc export` reads a stage's final checkpoint only as its manifest's sha256s say it was written (as a resume or
+    a next stage's init_from does): flipped bytes in model.pt are one R010 line, not a silently different export."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llmc.runtime.checkpoint import save_checkpoint
+    from llmc.runtime.job import TrainJob
+    from llmc.runtime.model import build_model
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+
+    def llmc(*args):
+        return subprocess.run([sys.executable, "-m", "llmc.cli", *args], capture_output=True, text=True, timeout=300,
+                              env=env, cwd=tmp_path)
+
+    b = tmp_path / "b"
+    assert llmc("build", str(root / "examples/tiny_cpu.yaml"), "-o", str(b)).returncode == 0
+    job = TrainJob.from_lock(json.loads((b / "plan.lock.json").read_text()), "pretrain")
+    stage = b / "run/pretrain"
+    ck = save_checkpoint(stage / "checkpoints", 3, build_model(job.arch, torch.device("cpu"), seed=0), None,
+                         {"tokens": 0, "stage": "pretrain"})
+    (stage / "DONE.json").write_text(json.dumps({"status": "done", "step": 3, "checkpoint": str(ck)}))
+    r = llmc("export", str(b), "--stage", "pretrain", "-o", str(tmp_path / "good"))
+    assert r.returncode == 0 and (tmp_path / "good/config.json").exists(), r.stderr[-1500:]
+    data = bytearray((ck / "model.pt").read_bytes())
+    data[-4096:-4000] = bytes(96)  # inside the last tensor's storage
+    (ck / "model.pt").write_bytes(bytes(data))
+    r = llmc("export", str(b), "--stage", "pretrain", "-o", str(tmp_path / "bad"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "error[R010]" in lines[0] and "sha256" in lines[0], r.stderr[-1500:]
+    assert not (tmp_path / "bad").exists()

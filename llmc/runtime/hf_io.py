@@ -1046,14 +1046,25 @@ def _model_state(stage_dir: Path, *more: Path) -> tuple[dict[str, torch.Tensor],
     """(full llmc state dict, "llmc" | "torchtitan") of a stage: its llmc checkpoint (native, DeepSpeed,
     post-training) or, failing that, the newest torchtitan DCP checkpoint (``step-N/.metadata``) under
     ``stage_dir`` or ``more`` (converted with ``dcp_to_torch_save``, torchtitan FQNs mapped to llmc's)."""
-    from llmc.runtime.checkpoint import CheckpointError, read_model_state, resolve_checkpoint
+    from llmc.runtime.checkpoint import (
+        CheckpointError,
+        read_model_state,
+        resolve_checkpoint,
+        verify_checkpoint,
+    )
 
+    ck = None
     if stage_dir.is_dir():
         try:
             ck = resolve_checkpoint(stage_dir)
-            return read_model_state(ck), "llmc"  # model.pt or the sharded (DCP) checkpoint
         except CheckpointError:
             pass
+    if ck is not None:  # an llmc checkpoint is exported only as its manifest's sha256s say it was written
+        try:
+            verify_checkpoint(ck)
+        except CheckpointError as e:
+            raise HFError(str(e)) from None
+        return read_model_state(ck), "llmc"  # model.pt or the sharded (DCP) checkpoint
     if (stage_dir / ".metadata").is_file():  # one torchtitan DCP checkpoint, named exactly
         dcp = [stage_dir]
     else:
