@@ -52,7 +52,9 @@ def test_validation_cost_is_forward_flops_of_the_heldout_tokens_at_plan_throughp
     steps = round(2_048_000 / 4096)
     assert c.hyper.steps == steps == 500
     assert v.evals == 5  # steps 100, 200, 300, 400, 500
-    assert v.tokens_per_eval == 5 * c.plan.micro_batch * c.plan.dp * 128
+    # max_batches global batches of the run's sequences, whatever the layout
+    assert v.tokens_per_eval == 5 * c.hyper.global_batch_seqs * 128 == 5 * c.plan.micro_batch * c.plan.grad_accum * \
+        c.plan.dp * 128
     # forward FLOPs/token, counted independently: 2 per parameter except the embedding lookup (llmc's
     # convention keeps the tiny norm gains) + attention scores and values 2 * L * s * H * (d_qk + d_v)
     a = c.spec.model

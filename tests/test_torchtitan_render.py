@@ -483,8 +483,9 @@ def test_source_paths_reach_the_job_as_python_literals():
          "weight": 0.25},
         {"name": "python-docs", "format": "jsonl", "path": "python-docs.jsonl", "under": "data", "text_field": "text",
          "weight": 0.25}]
-    assert lits["VALIDATION"] == {"freq": 5, "steps": 2, "micro_batch": c.plan.micro_batch, "fraction": None, "seed": 0,
-                                  "files": ["val's.jsonl"]}
+    assert c.plan.grad_accum > 1  # max_batches global batches: grad_accum batches of micro_batch windows each
+    assert lits["VALIDATION"] == {"freq": 5, "steps": 2 * c.plan.grad_accum, "micro_batch": c.plan.micro_batch,
+                                  "fraction": None, "seed": 0, "files": ["val's.jsonl"]}
 
 
 def test_home_relative_paths_are_expanded_where_the_job_runs(monkeypatch):

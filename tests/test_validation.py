@@ -297,6 +297,20 @@ def test_torchtitan_job_logs_llmcs_validation_loss_of_its_checkpoint(tmp_path, m
     assert ours["val_loss"] == pytest.approx(val[8], abs=1.5e-4), (ours, val)  # logged with 4 decimals
 
 
+def test_the_validation_set_is_the_specs_whatever_the_micro_batch(tmp_path, docs):
+    """max_batches counts global batches: a layout of 4 accumulated micro-batches of 2 sequences validates on the same
+    2 x 8 windows as one micro-batch of 8 (it read 2 x 2 before), so val_loss compares across plans and hardware."""
+    val = {"fraction": 0.1, "every_steps": 2, "max_batches": 2}
+    runs = {}
+    for name, plan in (("whole", {"micro_batch": 8}), ("accum", {"micro_batch": 2, "grad_accum": 4})):
+        lock = _lock(tmp_path / name, docs, 2, val, plan=plan)
+        assert json.loads(lock.read_text())["evaluation"]["validation"]["tokens_per_eval"] == 2 * 8 * 32
+        run_stage(json.loads(lock.read_text()), None, tmp_path / name / "o", lock.parent)
+        runs[name] = _val_records(tmp_path / name / "o")[2]
+    assert runs["whole"]["val_tokens"] == runs["accum"]["val_tokens"] == 2 * 8 * 32
+    assert runs["accum"]["val_loss"] == pytest.approx(runs["whole"]["val_loss"], abs=2e-4)
+
+
 @pytest.mark.slow
 def test_fsdp_two_processes_measure_the_single_process_validation_loss(tmp_path, docs):
     single = _lock(tmp_path / "one", docs, 4, {"fraction": 0.1, "every_steps": 2, "max_batches": 2})

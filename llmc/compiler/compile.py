@@ -230,7 +230,7 @@ def _evaluation(run, sink, spec_path, stages, hyper, plan, compute, time, task_f
     return plan_evaluation(
         run, sink, spec_dir=posixpath.dirname(spec_path), stage_names=[s.name for s in stages], steps=hyper.steps,
         micro_batch=plan.micro_batch if plan else None, dp=plan.dp if plan else None,
-        forward_flops_per_token=flops.forward_flops_per_token(run.model, run.data.seq_len),
+        grad_accum=plan.grad_accum if plan else 1, forward_flops_per_token=flops.forward_flops_per_token(run.model, run.data.seq_len),
         tokens_per_second=time.tokens_per_second if time else None,
         train_flops_per_token=compute.flops_per_token, step_seconds=time.step_seconds if time else None,
         stages=stages, task_files=task_files)

@@ -4,10 +4,11 @@ Pure functions (no I/O, no torch). :func:`plan_evaluation` turns ``spec.eval`` a
 into an :class:`EvaluationPlan` (recorded in the lock as ``evaluation``) and adds the ``E``
 diagnostics to the sink.
 
-Validation cost. One validation reads ``max_batches`` batches of ``micro_batch`` sequences on each of
-the ``dp`` data-parallel ranks (torchtitan's ``validation.steps`` x ``local_batch_size``), so
+Validation cost. One validation reads ``max_batches`` global batches (the run's batch of sequences, so the
+validation set is the spec's, whatever the layout): ``max_batches * grad_accum`` batches of ``micro_batch``
+sequences on each of the ``dp`` data-parallel ranks (torchtitan's ``validation.steps`` x ``local_batch_size``), so
 
-    tokens_per_eval = max_batches * micro_batch * dp * seq_len
+    tokens_per_eval = max_batches * micro_batch * grad_accum * dp * seq_len
     evals           = ceil(steps / every_steps)            (every N steps, and once at the end)
     flops           = forward_flops_per_token * tokens_per_eval * evals
 
@@ -154,11 +155,12 @@ def checkpoint_eval_steps(steps: int, interval: int, every: int, keep_latest: in
 
 def validation_plan(v, *, steps: int | None, micro_batch: int | None, dp: int | None, seq_len: int,
                     forward_flops_per_token: float, tokens_per_second: float | None,
-                    train_flops_per_token: float | None, step_seconds: float | None) -> ValidationPlan:
-    """Cost of ``eval.validation`` ``v`` for a run of ``steps`` with the plan's micro-batch and dp."""
+                    train_flops_per_token: float | None, step_seconds: float | None,
+                    grad_accum: int = 1) -> ValidationPlan:
+    """Cost of ``eval.validation`` ``v`` for a run of ``steps`` with the plan's micro-batch, accumulation and dp."""
     tokens = evals = flops = seconds = frac = None
     if micro_batch and dp:
-        tokens = v.max_batches * micro_batch * dp * seq_len
+        tokens = v.max_batches * micro_batch * grad_accum * dp * seq_len
     if steps:
         evals = math.ceil(steps / v.every_steps)
     if tokens is not None and evals is not None:
@@ -235,7 +237,7 @@ def _task_key(task: str) -> str:
 
 
 def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: int | None,
-                    micro_batch: int | None, dp: int | None, forward_flops_per_token: float,
+                    micro_batch: int | None, dp: int | None, forward_flops_per_token: float, grad_accum: int = 1,
                     tokens_per_second: float | None, train_flops_per_token: float | None,
                     step_seconds: float | None, stages=None, task_files=None) -> EvaluationPlan | None:
     """The :class:`EvaluationPlan` of ``run`` (None when it has neither ``eval`` nor ``data.quality``).
@@ -249,7 +251,7 @@ def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: 
     val = tasks = qual = None
     if ev is not None and ev.validation is not None:
         v = ev.validation
-        val = validation_plan(v, steps=steps, micro_batch=micro_batch, dp=dp, seq_len=data.seq_len,
+        val = validation_plan(v, steps=steps, micro_batch=micro_batch, dp=dp, grad_accum=grad_accum, seq_len=data.seq_len,
                               forward_flops_per_token=forward_flops_per_token, tokens_per_second=tokens_per_second,
                               train_flops_per_token=train_flops_per_token, step_seconds=step_seconds)
         train_paths = [(i, _norm(s.path, spec_dir)) for i, s in enumerate(data.sources) if s.path]

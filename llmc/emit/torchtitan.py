@@ -207,7 +207,8 @@ def _data_sources(compiled) -> list[dict[str, Any]]:
 
 def _validation(compiled) -> dict | None:
     """torchtitan 0.3.0 ``Validator.Config`` values (torchtitan/components/validate.py): every
-    ``every_steps`` steps, ``max_batches`` batches of ``micro_batch`` windows per rank, over the held-out
+    ``every_steps`` steps, ``max_batches`` global batches (``max_batches x grad_accum`` batches of ``micro_batch``
+    windows per rank: the same windows on every layout), over the held-out
     documents of every text source (``fraction``, ``seed``: llmc.runtime.validation's split) or the spec's
     own validation files (``files``, read like the sources). The job's validation loader cuts them into
     llmc.runtime.validation's windows (EOS-joined, ``seq_len + 1`` tokens, dealt to ranks in order), so
@@ -217,7 +218,8 @@ def _validation(compiled) -> dict | None:
     if v is None:
         return None
     files = [_from_build(compiled, f) for f in v.files] if v.files else None
-    return {"freq": v.every_steps, "steps": v.max_batches, "micro_batch": compiled.plan.micro_batch,
+    return {"freq": v.every_steps, "steps": v.max_batches * compiled.plan.grad_accum,
+            "micro_batch": compiled.plan.micro_batch,
             "fraction": None if files else v.fraction, "seed": v.seed, "files": files}
 
 

@@ -17,8 +17,9 @@ tokenizer is trained on all documents.
 Loss (:func:`evaluate`). The validation token streams (documents joined with EOS, tokenised like the
 training data: no BOS, EOS after each document) are concatenated in source order and cut into windows
 of ``seq_len + 1`` tokens in order; validation batch ``b`` of data-parallel rank ``r`` holds windows
-``(b * dp + r) * micro_batch ...`` (+ micro_batch), for ``max_batches`` batches (torchtitan's validator:
-``steps`` batches of ``local_batch_size`` per rank). Reading stops once those windows are full; the
+``(b * dp + r) * micro_batch ...`` (+ micro_batch), for ``eval.validation.max_batches x grad_accum`` batches
+(torchtitan's validator: ``steps`` batches of ``local_batch_size`` per rank): ``max_batches`` global batches, the
+same windows on every layout of the run. Reading stops once those windows are full; the
 tokens are cached in ``<cache>/validation-<key>.npy`` (a few MB at most). The loss is
 :func:`llmc.runtime.model.lm_loss` without z-loss or MoE auxiliary terms, averaged over every token of
 every rank; ``val_ppl = exp(val_loss)``.
@@ -256,11 +257,14 @@ class Validator:
         if ev is None or ev.validation is None or job.kind not in LM_KINDS:
             return None
         v = ev.validation
-        vset = build_validation_set(assets, assets.tokenizer(), job.seq_len, micro_batch, v.max_batches, dp_rank,
-                                    dp_size, names=[s.name for s in job.sources])
-        if vset.batches < v.max_batches and int(os.environ.get("RANK", "0")) == 0:
-            print(f"note: validation uses {vset.batches} of eval.validation.max_batches={v.max_batches} batches "
-                  f"(the held-out set is smaller; raise eval.validation.fraction)", flush=True)
+        # max_batches global batches: the same windows whatever the layout (micro_batch x grad_accum x dp sequences
+        # each), so val_loss compares across plans and hardware
+        accum = max(int(job.grad_accum), 1)
+        vset = build_validation_set(assets, assets.tokenizer(), job.seq_len, micro_batch, v.max_batches * accum,
+                                    dp_rank, dp_size, names=[s.name for s in job.sources])
+        if vset.batches < v.max_batches * accum and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: validation uses {vset.batches / accum:g} of eval.validation.max_batches={v.max_batches} "
+                  f"global batches (the held-out set is smaller; raise eval.validation.fraction)", flush=True)
         return cls(vset, v.every_steps, device, autocast, job.loss_chunk)
 
     def maybe(self, step: int, last_step: int, model, log) -> dict | None:
