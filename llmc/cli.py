@@ -1,6 +1,9 @@
 """llmc command line: plan | build | launch | report | calibrate | export | schema | presets | gpus.
 
-Thin by design: load, compile, render, print or write, exit (0 ok, 1 errors, 2 usage).
+Thin by design: load, compile, render, print or write, exit. Exit status: 0 ok; 1 for every error, command-line
+misuse included (an unknown option or command, a missing argument, a bad value: one ``error[CLI]`` line), as for
+``IO`` and ``INTERNAL`` errors; 75 when ``llmc launch`` stopped a preempted stage after it saved its step (the same
+command resumes it); 130 on Ctrl-C.
 This is the only module that writes files. User errors never show a traceback.
 """
 

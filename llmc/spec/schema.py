@@ -116,7 +116,8 @@ class Tokenizer(SpecModel):
     vocab_size: Int | None = Field(default=None, gt=0)
     """Vocabulary size; must equal the model's vocab_size. None = the model's."""
     chat_template: Name | None = None
-    """Chat template name (``llama3``, ``chatml``, ``phi3``, ``phi4``: llmc.spec.chat) for SFT/DPO/GRPO stages."""
+    """Chat template name (``llama3``, ``chatml``, ``phi3``, ``phi4``, ``gemma``: llmc.spec.chat) for SFT/DPO/GRPO
+    stages."""
 
 
 class NearDup(SpecModel):
@@ -129,9 +130,10 @@ class NearDup(SpecModel):
     ngram: Int = Field(default=5, gt=0, le=MAX_NGRAM)
     """Words per shingle."""
     bands: Int | None = Field(default=14, gt=0)
-    """LSH bands b. None (with rows None) = the b x r minimising FP + FN at ``threshold`` (datasketch's rule)."""
+    """LSH bands b. Default 14 (x 8 rows: tuned for threshold 0.75, whatever ``threshold`` says); set bands and rows
+    both to None for the b x r minimising FP + FN at ``threshold`` (datasketch's rule)."""
     rows: Int | None = Field(default=8, gt=0)
-    """Rows per band r (b x r <= num_perm)."""
+    """Rows per band r (b x r <= num_perm). Default 8; None together with ``bands`` None: fitted to ``threshold``."""
     seed: Int = 1
     """MinHash permutation seed."""
 
@@ -153,7 +155,8 @@ class Quality(SpecModel):
     exact: bool = True
     """Drop exact duplicates (normalised text hash)."""
     near_dup: NearDup | None = Field(default_factory=NearDup)
-    """MinHash near-duplicate removal. None = off."""
+    """MinHash near-duplicate removal: on by default (these defaults) whenever ``data.quality`` is given. None =
+    off."""
     decontaminate: Decontaminate | None = None
     """Benchmark decontamination. None = off."""
     workers: Int = Field(default=1, gt=0, le=MAX_WORKERS)
@@ -226,10 +229,12 @@ class Hardware(SpecModel):
     usd_per_gpu_hour: Float | None = Field(default=None, ge=0, le=MAX_USD_PER_GPU_HOUR)
     """Price per GPU-hour. None = the hardware table's reference price."""
     inter_node_gbps: Float | None = Field(default=None, ge=MIN_HW, le=8 * MAX_LINK_GBPS)  # Gbit/s: 8 x GB/s
-    """Network bandwidth per GPU in Gbit/s. None = the table's default (400 Gb/s per GPU)."""
+    """Network bandwidth per GPU in Gbit/s. None = the table's value for the part (``net_gbps`` in
+    ``llmc/compiler/hardware.py``: 400 for HGX H100 / H200 / B200, 200 for A100, 800 for B300 / GB300)."""
     host_memory_gib: Float | None = Field(default=None, ge=MIN_HW, le=MAX_HBM_GIB)
     """Host (CPU) memory per node in GiB, which optimizer and parameter offload fill (P016). None = the hardware
-    table's reference node where it gives one (``llmc gpus``)."""
+    table's reference node where it gives one (``host_gib`` in ``llmc/compiler/hardware.py``, with its source;
+    ``llmc gpus`` lists only the keys and names)."""
     gpu_overrides: GpuOverrides | None = None
     """Override table fields of ``gpu`` (peaks, HBM, power, NVLink) or define a custom GPU."""
 
@@ -264,7 +269,8 @@ class Schedule(SpecModel):
     kind: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
     """Warmup then cosine decay, warmup-stable-decay, linear decay, or constant."""
     warmup_steps: Int | None = Field(default=None, ge=0)
-    """Linear warmup steps. None = 1% of steps (at least 1 when steps > 1)."""
+    """Linear warmup steps. None = 1% of steps, rounded, at least 1 and at most 2000 (0 for a single step); a
+    stage other than pre-training warms up at most a tenth of its own steps."""
     min_lr_ratio: Float = Field(default=0.1, ge=0, le=1)
     """Final LR as a fraction of peak (~10%)."""
     decay_fraction: Float = Field(default=0.2, gt=0, le=1)
@@ -573,7 +579,9 @@ class Serving(SpecModel):
     concurrency: Int = Field(default=64, gt=0)
     """Concurrent sequences at max_model_len that must fit in the KV cache."""
     quantization: Literal["none", "fp8", "awq", "gptq"] = "none"
-    """Weight quantization."""
+    """Weight quantization: none (the export's 16-bit weights) or fp8 (quantized by the engine on load). awq and
+    gptq are refused (V009): they serve a pre-quantized checkpoint (the engines read its quantization config), and
+    the export llmc serves is its own 16-bit one."""
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     """KV cache dtype (auto = the model dtype)."""
     gpu_memory_utilization: Float = Field(default=0.90, gt=0, le=0.99)
@@ -599,7 +607,8 @@ class Validation(SpecModel):
     every_steps: Int = Field(default=500, gt=0)
     """Optimizer steps between validations (and once at the end)."""
     max_batches: Int = Field(default=20, gt=0)
-    """Sequences-batches per validation (each ``micro_batch`` x ``seq_len`` tokens)."""
+    """Global batches per validation (each the stage's batch of ``seq_len`` sequences, read in micro-batches), so
+    the validation set is the same on every layout."""
 
 
 class Eval(SpecModel):
