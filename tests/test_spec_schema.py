@@ -33,6 +33,32 @@ def test_schema_accepts_human_numbers():
     assert {"number", "string"} <= types
 
 
+def test_an_editor_checking_the_schema_flags_what_llmc_refuses():
+    """Bounds are JSON Schema keywords (minimum / exclusiveMinimum / ...), which a validator applies: every example
+    validates, a zero GPU count or head count does not (llmc refuses both), and a `4M` token count still does."""
+    jsonschema = pytest.importorskip("jsonschema")
+    import glob
+
+    import yaml
+
+    v = jsonschema.Draft202012Validator(json_schema())
+    text = json.dumps(json_schema())
+    assert not any(f'"{k}": ' in text for k in ("gt", "ge", "lt", "le"))
+    for path in sorted(glob.glob("examples/*.yaml")):
+        assert not list(v.iter_errors(yaml.safe_load(open(path)))), path
+    spec = yaml.safe_load(open("examples/llama3_8b_h100x8.yaml"))
+    for where, key, bad in (("hardware", "count", 0), ("training", "global_batch_tokens", 0)):
+        doc = json.loads(json.dumps(spec))
+        doc[where][key] = bad
+        assert list(v.iter_errors(doc)), (where, key)
+    doc = json.loads(json.dumps(spec))
+    doc["model"] = {"preset": "llama3-8b", "n_kv_heads": 0}
+    assert list(v.iter_errors(doc))
+    doc["model"] = {"preset": "llama3-8b"}
+    doc["data"]["tokens"] = "4M"
+    assert not list(v.iter_errors(doc))
+
+
 def test_cli_schema():
     typer_testing = pytest.importorskip("typer.testing")
     from llmc.cli import app

@@ -207,7 +207,7 @@ def _fit_diagnostic(best: dict, t: Serving, max_len: int, util: float, capacity:
         out.add("V002", "error", "",
                 f"weights do not fit: {gib(best['weights_gpu'])} weights + {gib(best['reserve'])} workspace per GPU "
                 f"exceed {gib(best['budget'])} ({util:g} x {gib(capacity)}) at tp={best['tp']} pp={best['pp']}",
-                "quantize the weights (fp8/awq), or use more GPUs")
+                "quantize the weights on load (quantization: fp8), or use more GPUs")
     else:
         out.add("V001", "error", "concurrency",
                 f"KV cache cannot hold max_model_len x concurrency ({max_len} x {t.concurrency}): needs "

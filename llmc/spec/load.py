@@ -301,7 +301,24 @@ def json_schema() -> dict[str, Any]:
             {"$ref": "#/$defs/Architecture"},
         ],
     }
-    return schema
+    return _json_schema_bounds(schema)
+
+
+#: pydantic writes a bound on an Annotated number (llmc's Int / Float) under its own name; JSON Schema's keywords
+#: (https://json-schema.org/draft/2020-12/json-schema-validation#section-6.2) are what editors check
+_BOUND_KEYWORDS = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
+
+
+def _json_schema_bounds(node: Any) -> Any:
+    """``node`` with every numeric ``gt`` / ``ge`` / ``lt`` / ``le`` renamed to its JSON Schema keyword (which
+    applies to numbers only: on a number-or-text field such as ``4M`` tokens a string passes it). A property named
+    so holds a schema (a dict), never a number."""
+    if isinstance(node, list):
+        return [_json_schema_bounds(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    return {(_BOUND_KEYWORDS[k] if k in _BOUND_KEYWORDS and isinstance(v, int | float) and not isinstance(v, bool)
+             else k): _json_schema_bounds(v) for k, v in node.items()}
 
 
 @functools.cache
