@@ -149,6 +149,35 @@ def test_qlora_training_with_nf4_base():
     assert torch.allclose(before, m(y).detach(), atol=1e-4)
 
 
+def test_qlora_merges_into_the_full_precision_base():
+    """QLoRA's merge used to fold the adapters into the dequantised NF4 weights, keeping the 4-bit error in the
+    merged model; given the full-precision base, merge_lora and merged_state_dict give W + (alpha/r) B A with the
+    original W, computed here from the weights and adapters directly."""
+    from llmc.runtime.lora import lora_modules, merged_state_dict
+
+    torch.manual_seed(0)
+    base = build_model(ARCH, seed=0)
+    w0 = {k: v.clone() for k, v in base.state_dict().items()}
+    apply_lora(base, rank=4, alpha=8, quantize_base="nf4", targets=["wq", "w2"])
+    with torch.no_grad():
+        for mod in lora_modules(base):
+            mod.lora_B.normal_(0, 0.02)
+    want = dict(w0)
+    for name, mod in base.named_modules():
+        if isinstance(mod, LoRALinear):
+            want[f"{name}.weight"] = w0[f"{name}.weight"] + (8 / 4) * mod.lora_B.detach() @ mod.lora_A.detach()
+    sd = merged_state_dict(base, w0)
+    assert sd.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(sd[k], want[k], rtol=0, atol=1e-6, msg=k)
+    dequantised = merged_state_dict(base)  # without the base: the 4-bit weights (the old behaviour) are far off
+    wq = "layers.0.attention.wq.weight"
+    assert float((dequantised[wq] - want[wq]).abs().max()) > 1e-3
+    merge_lora(base, w0)
+    for k, v in base.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_lora_on_moe_experts_counts_and_merges():
     arch = PRESETS["tiny-moe"]
     torch.manual_seed(0)

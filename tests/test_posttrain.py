@@ -211,6 +211,34 @@ def test_sft_lr_follows_the_stage_schedule():
     assert seen == pytest.approx([5e-4, 1e-3, 1e-3, 7.75e-4, 5.5e-4, 3.25e-4])
 
 
+@pytest.mark.parametrize("kind", ["dpo", "grpo"])
+def test_dpo_and_grpo_lr_follow_the_stage_schedule(kind, monkeypatch):
+    """DPO and GRPO used to train at the constant peak LR whatever the stage's schedule; they follow it as SFT
+    does. The LR each optimizer step ran with is read from AdamW itself, against the hand-computed schedule."""
+    from llmc.runtime.job import lr_factor
+
+    sched = dict(steps=6, warmup_steps=2, schedule="linear", min_ratio=0.1)
+    stepped: list[float] = []
+    orig = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        stepped.append(self.param_groups[0]["lr"])
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    m, logged = _model(), []
+    kw = dict(steps=6, lr=1e-3, pad_id=TOK.pad_id, lr_factor=lambda s: lr_factor(s, **sched),
+              log=lambda step, st: logged.append(st["lr"]))
+    if kind == "dpo":
+        train_dpo(m, encode_pairs(preference_pairs(8, seed=2), TOK), batch_size=2, **kw)
+    else:
+        train_grpo(m, arithmetic_prompts(4, seed=2), TOK, reward_fn=lambda c, it: float(len(c) % 2), group_size=2,
+                   prompts_per_step=1, max_new_tokens=2, inner_steps=2, **kw)
+    want = [5e-4, 1e-3, 1e-3, 7.75e-4, 5.5e-4, 3.25e-4]  # as test_sft_lr_follows_the_stage_schedule
+    assert stepped == pytest.approx([w for w in want for _ in range(2 if kind == "grpo" else 1)])  # mu = 2 updates
+    assert logged == pytest.approx(want)
+
+
 def _forward_batches(m):
     """Record the batch size of every forward of ``m`` (what one micro-step holds in memory)."""
     seen: list[int] = []
@@ -298,12 +326,50 @@ def test_dpo_reference_is_frozen_copy_or_lora_base():
     assert torch.allclose(ref2.logprobs(ids, lab), base_lp, atol=1e-5)
 
 
+def test_dpo_drops_pairs_left_without_response_tokens(capsys):
+    """A pair whose prompt fills seq_len keeps no response token once cut (margin 0, loss log 2, no gradient) and
+    used to be averaged in silently: it is dropped with a count, and a run where no pair is left fails clearly."""
+    from llmc.runtime.dpo import usable_pairs
+    from llmc.runtime.sft import next_token_targets
+
+    long_prompt = [{"role": "user", "content": "x" * 100}]
+    good = encode_pairs(preference_pairs(6, seed=3), TOK)
+    bad = encode_pairs([{"prompt": long_prompt, "chosen": "good answer", "rejected": "bad"}], TOK)
+    # which sides keep a trained token, from the batch the loss sees (pad_batch, then the shifted targets)
+    for max_len in (40, 64, 110, 112, 115, None):
+        want = [all(bool((next_token_targets(pad_batch([side], TOK.pad_id, max_len)[1]) != IGNORE_INDEX).any())
+                    for side in pair) for pair in good + bad]
+        kept, dropped = usable_pairs(good + bad, max_len)
+        assert kept == [p for p, w in zip(good + bad, want, strict=True) if w] and dropped == want.count(False)
+    # the dropped pair changes nothing: the same run as on the usable pairs alone
+    runs = []
+    for pairs in (good + bad, good):
+        m = _model()
+        runs.append((train_dpo(m, pairs, steps=3, lr=2e-3, batch_size=4, pad_id=TOK.pad_id, max_len=64), m))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1].parameters(), runs[1][1].parameters(), strict=True))
+    assert "1 of 7 preference pairs dropped" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no preference pair keeps a response token within seq_len 64"):
+        train_dpo(_model(), bad, steps=1, lr=1e-3, pad_id=TOK.pad_id, max_len=64)
+
+
+def test_conversational_preference_records_are_one_clear_error():
+    rec = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+           "rejected": "5"}
+    with pytest.raises(ValueError, match="preference record 0: 'chosen' is a list, not a string"):
+        encode_pairs([rec], TOK)
+
+
 # ----------------------------------------------------------------------------- reward
 
 
 @pytest.mark.parametrize("text,expr,want", [
     ("5", "2+3", 1.0), ("The answer is 5.", "2+3", 1.0), ("2+3=5", "2+3", 1.0), ("\\boxed{5}", "2+3", 1.0),
-    ("6", "2+3", 0.0), ("0.5", "1/2", 1.0), ("2/4", "1/2", 1.0), ("x = -4", "1-5", 1.0),
+    ("6", "2+3", 0.0), ("0.5", "1/2", 1.0), ("3/7", "6/14", 1.0), ("x = -4", "1-5", 1.0), ("-2/3", "4/(-6)", 1.0),
+    # the answer is a number literal: echoing the question's expression (or an unreduced fraction of it) scores 0
+    ("\\boxed{17*23}", "17*23", 0.0), ("\\boxed{391}", "17*23", 1.0), ("= 12 - 5", "12-5", 0.0),
+    ("answer: 84 / 12", "84/12", 0.0), ("answer: 7", "84/12", 1.0), ("\\boxed{(37+45)}", "37+45", 0.0),
+    ("2/4", "1/2", 0.0), ("4/1", "4", 0.0),
     ("", "2+3", 0.0), ("five", "2+3", 0.0), ("__import__('os')", "2+3", 0.0), ("9" * 500, "2+3", 0.0),
     ("5", "not an expression", 0.0), ("5", "", 0.0), ("1/0", "2+3", 0.0), ("2**999999", "2+3", 0.0),
 ])
@@ -524,3 +590,81 @@ def test_grpo_improves_reward_on_easy_arithmetic():
     assert after > before + 0.08, (before, after)  # seeds 0-2: +0.13 .. +0.43
     assert last > first, (first, last)
     assert all(h["kl"] >= 0 for h in hist)
+
+
+def test_grpo_ratio_is_one_on_the_first_update_with_lora_dropout(monkeypatch):
+    """LoRA dropout (0.05 by default) used to draw a new mask in the 'old' log-prob pass and in the training pass,
+    so with one update per batch (policy == old policy) the ratio was not 1 and clipping fired. Dropout is off in
+    GRPO's policy passes: the ratio exp(logp - old) is exactly 1, nothing is clipped, and the model's dropout is
+    back afterwards."""
+    import llmc.runtime.grpo as grpo
+    from llmc.runtime.lora import apply_lora, lora_modules
+
+    torch.manual_seed(0)
+    m = _model()
+    apply_lora(m, rank=8, alpha=16, dropout=0.5)
+    with torch.no_grad():
+        for mod in lora_modules(m):
+            mod.lora_B.normal_(0, 0.2)  # trained adapters: dropout changes the output
+    m.train()
+    full = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():  # the setup can fail the test: two train-mode passes differ under dropout
+        assert not torch.equal(completion_logprobs(m, full, 6), completion_logprobs(m, full, 6))
+    seen = []
+    real = grpo.grpo_loss
+
+    def spy(logp, old_logp, *a, **k):
+        seen.append(torch.exp(logp.detach() - old_logp))
+        return real(logp, old_logp, *a, **k)
+
+    monkeypatch.setattr(grpo, "grpo_loss", spy)
+    hist = train_grpo(m, arithmetic_prompts(4, seed=0), TOK, steps=2, lr=1e-3,
+                      reward_fn=lambda t, it: float(len(t) % 2), group_size=4, prompts_per_step=2, max_new_tokens=6, inner_steps=1, grad_clip=None,
+                      pad_id=TOK.pad_id)
+    assert len(seen) == 4 and all(torch.equal(r, torch.ones_like(r)) for r in seen)
+    assert [h["clip_frac"] for h in hist] == [0.0, 0.0]
+    assert {mod.dropout.p for mod in lora_modules(m)} == {0.5}
+
+
+def _forward_rows(m):
+    """Record the first row of every forward of ``m`` (the first: the sampled prompt)."""
+    seen: list[list[int]] = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(args[0][0].tolist()))
+    return seen
+
+
+def test_grpo_left_truncates_long_prompts(capsys):
+    """A prompt longer than max_prompt_tokens (or than the model's context less max_new_tokens) used to crash the
+    stage mid-sampling; it keeps its last tokens (TRL's left truncation of GRPO prompts)."""
+    from llmc.runtime.chat import encode_prompt
+
+    item = {"prompt": [{"role": "user", "content": "7" * 110 + "+1="}], "expression": "1+1"}
+    full_prompt = encode_prompt(item["prompt"], TOK)
+    small = Architecture(name="t", n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64,
+                         vocab_size=TOK.vocab_size, max_seq_len=128)
+    assert len(full_prompt) + 16 > 128  # the context the forward refuses
+    for limit, want in ((20, 20), (None, 128 - 16)):
+        m = build_model(small, seed=0)
+        prompts_seen = _forward_rows(m)
+        train_grpo(m, [item], TOK, steps=1, lr=1e-3, reward_fn=lambda t, it: 0.0, group_size=2, prompts_per_step=1,
+                   max_new_tokens=16, pad_id=TOK.pad_id, max_prompt_tokens=limit)
+        assert prompts_seen[0] == full_prompt[-want:]
+        assert f"1 of 1 prompts longer than {want} tokens" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="leaves no room for a prompt"):
+        train_grpo(build_model(small, seed=0), [item], TOK, steps=1, lr=1e-3, reward_fn=lambda t, it: 0.0,
+                   group_size=2, prompts_per_step=1, max_new_tokens=128, pad_id=TOK.pad_id)
+
+
+def test_grpo_without_kl_runs_no_reference_forward():
+    """kl_coef 0: the reference's log-probs were computed and thrown away; no reference pass runs now."""
+    ref_model = _model()
+    calls: list[int] = []
+    ref_model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    train_grpo(_model(), arithmetic_prompts(4, seed=0), TOK, steps=1, lr=1e-3, reward_fn=lambda t, it: 0.0,
+               group_size=2, prompts_per_step=1, max_new_tokens=2, kl_coef=0.0, pad_id=TOK.pad_id,
+               reference=Reference(ref_model))
+    assert calls == []
+    train_grpo(_model(), arithmetic_prompts(4, seed=0), TOK, steps=1, lr=1e-3, reward_fn=lambda t, it: 0.0,
+               group_size=2, prompts_per_step=1, max_new_tokens=2, kl_coef=0.04, pad_id=TOK.pad_id,
+               reference=Reference(ref_model))
+    assert calls  # the hook sees the reference's forwards when there is a KL term

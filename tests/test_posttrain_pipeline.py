@@ -55,6 +55,40 @@ def test_sft_lora_dpo_grpo_chain(tmp_path):
     assert len(lines) == 3 and "reward_mean" in json.loads(lines[0])
 
 
+@pytest.mark.parametrize("kind", ["dpo", "grpo"])
+def test_stage_lr_schedule_applies_to_dpo_and_grpo(tmp_path, kind):
+    """The lock gives every stage its schedule (job.lr_factor); run_stage used to pass it to SFT only."""
+    extra = {"grpo_group_size": 2, "max_new_tokens": 2, "prompts_per_step": 1} if kind == "grpo" else {}
+    st = Stage(name=kind, kind=kind, data=BUILTIN, **extra)
+    job = _job(st, 6, 1e-3, batch=2).replace(warmup_steps=2, schedule="linear", min_lr=1e-4)
+    run_stage(job, tmp_path / kind, tokenizer=TOK)
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 7.75e-4, 5.5e-4, 3.25e-4])  # warmup 2, then 1 -> 0.1 linearly
+
+
+def test_qlora_stage_merges_into_the_full_precision_base(tmp_path):
+    """A QLoRA stage's merged checkpoint is the init model's full-precision weights + (alpha/r) B A (it used to be
+    the NF4-dequantised weights + B A), and its PEFT adapter names that init model as its base."""
+    from llmc.runtime.checkpoint import read_model_state, resolve_checkpoint
+
+    run = tmp_path / "run"
+    run_stage(_job(Stage(name="base", kind="sft", data=BUILTIN), 1, 1e-3), run / "base", tokenizer=TOK)
+    w0 = read_model_state(resolve_checkpoint(run / "base"))
+    st = Stage(name="q", kind="sft", init_from="base", data=BUILTIN,
+               lora={"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["wq", "w2"], "quantize_base": "nf4"})
+    run_stage(_job(st, 3, 3e-3), run / "q", tokenizer=TOK)
+    ad = torch.load(run / "q" / "lora_adapters.pt", weights_only=True)
+    assert any(bool(v.abs().sum() > 0) for k, v in ad.items() if k.endswith("lora_B"))  # the adapters trained
+    merged = read_model_state(resolve_checkpoint(run / "q"))
+    assert merged.keys() == w0.keys()
+    for k, v in merged.items():
+        a = ad.get(k.replace(".weight", ".lora_A"))
+        want = w0[k] if a is None else w0[k] + (8 / 4) * ad[k.replace(".weight", ".lora_B")] @ a
+        torch.testing.assert_close(v, want, rtol=0, atol=1e-6, msg=k)
+    cfg = json.loads((run / "q" / "hf" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((run / "base" / "hf").resolve())
+
+
 def test_init_from_weights_are_loaded(tmp_path):
     run = tmp_path / "run"
     sft = Stage(name="sft", kind="sft", data=BUILTIN)

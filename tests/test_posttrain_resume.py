@@ -50,8 +50,9 @@ STAGES = {
              "grpo_iterations": 2}, 1e-3, 1),
 }
 STEPS = 4
-KEYS = {"sft": ("loss", "lr"), "sft_lora": ("loss", "lr"), "sft_qlora": ("loss", "lr"), "dpo": ("loss", "margin", "accuracy", "chosen_reward"),
-        "grpo": ("loss", "kl", "clip_frac", "reward_mean", "reward_std")}
+KEYS = {"sft": ("loss", "lr"), "sft_lora": ("loss", "lr"), "sft_qlora": ("loss", "lr"),
+        "dpo": ("loss", "margin", "accuracy", "chosen_reward", "lr"),
+        "grpo": ("loss", "kl", "clip_frac", "reward_mean", "reward_std", "lr")}
 
 
 def job_of(name: str, steps: int = STEPS, interval: int = 2, keep_latest: int = 3, stage: str | None = None

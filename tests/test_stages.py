@@ -500,12 +500,14 @@ def test_grpo_policy_updates_per_sample_batch(mu, monkeypatch):
     seen = {}
     monkeypatch.setattr(grpo, "train_grpo", lambda *a, **kw: seen.update(kw) or [{"reward_mean": 0.0, "kl": 0.0}])
     monkeypatch.setattr(posttrain, "load_stage_data", lambda job, kind: [])
-    job = type("J", (), {"seed": 0, "micro_batch": 4, "loss_chunk": 512, "sampling_groups": 3})()
+    sched = lambda step: 1.0  # noqa: E731 - the stage's schedule, passed through as it is
+    job = type("J", (), {"seed": 0, "micro_batch": 4, "loss_chunk": 512, "sampling_groups": 3,
+                         "lr_factor": staticmethod(sched)})()
     loop = posttrain._Loop(job=job, model=None, tok=None, template="llama3", hyper=hyper, st=None, steps=1, lr=1e-6,
                            batch=512, seq_len=1536, pad_id=0, log=None)
     posttrain._run_grpo(loop)
     assert seen["inner_steps"] == (mu or 1) and seen["micro_batch"] == 4 and seen["sampling_groups"] == 3
-    assert seen["loss_chunk"] == 512
+    assert seen["loss_chunk"] == 512 and seen["lr_factor"] is sched and seen["max_prompt_tokens"] == 512
 
 
 def test_long_context_plan_and_cp():
@@ -667,6 +669,21 @@ def test_T104_T106():
     assert d.severity == "error" and d.line == line_of(text, "grpo_group_size: 1")
     d = by_code(diags, "T106")
     assert d.severity == "warning" and d.path == "stages.0.lora.rank"
+
+
+def test_G011_grpo_without_a_verifier():
+    """reward: none used to pass the compiler and fail only when the run reached the GRPO stage (the runtime has
+    no reward without a verifier): an error at the spec line; left out, the reward is the arithmetic verifier."""
+    text, plans, diags = spec("""\
+        - name: g
+          kind: grpo
+          reward: none
+        - {name: ok, kind: grpo}
+        """, model="tiny", gpu="cpu", count=1, seq=128, tok="    train: true")
+    d = by_code(diags, "G011")
+    assert (d.severity, d.path, d.line) == ("error", "stages.0.reward", line_of(text, "reward: none"))
+    assert "reward: arithmetic" in d.hint and codes(diags).count("G011") == 1
+    assert {p.name: p.hyper["reward"] for p in plans} == {"g": "none", "ok": "arithmetic"}
 
 
 # ----------------------------------------------------------------------------- examples

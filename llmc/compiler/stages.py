@@ -875,6 +875,10 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
         if tr.hyper["kl_coef"] == 0:
             sink.add("T105", "warning", f"{p}.grpo_kl_coef", "GRPO without a KL penalty invites reward hacking",
                      "use ~0.04 (DeepSeekMath) and watch the response-length distribution")
+        if tr.hyper["reward"] == "none":  # llmc.runtime.posttrain refuses it, after the stages before it ran
+            sink.add("G011", "error", f"{p}.reward", f"GRPO stage {st.name!r} has reward: none, but GRPO scores its "
+                     "completions with a verifier", "use reward: arithmetic, the exact answer check with sympy: "
+                     "llmc's one verifier, and the default when reward is left out")
     if st.lora is not None and not (LORA_RANK_RANGE[0] <= st.lora.rank <= LORA_RANK_RANGE[1]):
         sink.add("T106", "warning", f"{p}.lora.rank", f"LoRA rank {st.lora.rank} outside the usual 4-64",
                  "r=16 is a common default")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmc.runtime.chat import encode_prompt_response
+from llmc.runtime.chat import IGNORE_INDEX, encode_prompt_response
 from llmc.runtime.lora import disable_adapters, lora_modules
 from llmc.runtime.sft import DataShard, LoopState, clip_grads, next_token_targets, pad_batch
 
@@ -44,9 +44,26 @@ def dpo_loss(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l:
 
 
 def encode_pairs(pairs: list[dict], tok, template: str = "llama3") -> list[tuple[tuple, tuple]]:
-    """[(chosen (ids, labels), rejected (ids, labels))] from {prompt, chosen, rejected} dicts."""
+    """[(chosen (ids, labels), rejected (ids, labels))] from {prompt, chosen, rejected} dicts; chosen / rejected are
+    the response texts (ValueError, one line, for anything else, e.g. TRL's conversational message lists)."""
+    for i, p in enumerate(pairs):
+        bad = [k for k in ("chosen", "rejected") if not isinstance(p[k], str)]
+        if bad:
+            raise ValueError(f"preference record {i}: {bad[0]!r} is a {type(p[bad[0]]).__name__}, not a string: "
+                             "chosen and rejected must be the response texts (for the conversational format, give "
+                             "the assistant message's content)")
     return [(encode_prompt_response(p["prompt"], p["chosen"], tok, template),
              encode_prompt_response(p["prompt"], p["rejected"], tok, template)) for p in pairs]
+
+
+def usable_pairs(pairs: list[tuple[tuple, tuple]], max_len: int | None) -> tuple[list[tuple[tuple, tuple]], int]:
+    """(the pairs both of whose sides keep a trained token once cut to ``max_len`` -- labels[1:max_len], what
+    :func:`sequence_logprobs` sums over --, how many were dropped)."""
+    def trained(side: tuple) -> bool:
+        return any(t != IGNORE_INDEX for t in side[1][1:max_len])
+
+    kept = [p for p in pairs if trained(p[0]) and trained(p[1])]
+    return kept, len(pairs) - len(kept)
 
 
 class Reference:
@@ -87,15 +104,26 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
               seed: int = 0, reference: Reference | None = None,
               log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
               device: torch.device | None = None, state: LoopState | None = None,
-              micro_batch: int | None = None, loss_chunk: int = 0) -> list[dict]:
-    """DPO with AdamW (constant LR); returns per-step stats (loss, margin, rewards, accuracy), means over the
-    global batch of pairs; ``shard``: this data-parallel rank's share of each step's pairs; ``state``: resume /
-    stop / mid-stage checkpoints (:class:`llmc.runtime.sft.LoopState`); ``micro_batch``: pairs per forward and
-    backward (the stage plan's), the share accumulated over ceil(share / micro_batch) of them, the same number on
-    every rank (weight-0 pairs top shares up); None: the whole share at once. ``loss_chunk``: tokens per slice of the
-    log-probs (the stage plan's, ``model.token_losses``; 0 = whole)."""
+              micro_batch: int | None = None, loss_chunk: int = 0,
+              lr_factor: Callable[[int], float] | None = None) -> list[dict]:
+    """DPO with AdamW, LR = lr * lr_factor(step) (the stage's schedule, ``TrainJob.lr_factor``, as
+    :func:`llmc.runtime.sft.train_sft`; constant when None); returns per-step stats (loss, margin, rewards,
+    accuracy, lr), means over the global batch of pairs; ``shard``: this data-parallel rank's share of each step's
+    pairs; ``state``: resume / stop / mid-stage checkpoints (:class:`llmc.runtime.sft.LoopState`); ``micro_batch``:
+    pairs per forward and backward (the stage plan's), the share accumulated over ceil(share / micro_batch) of them,
+    the same number on every rank (weight-0 pairs top shares up); None: the whole share at once. ``loss_chunk``:
+    tokens per slice of the log-probs (the stage plan's, ``model.token_losses``; 0 = whole). Pairs with a side left
+    without a response token once cut to ``max_len`` (a prompt that fills it: margin 0, loss log 2, no gradient) are
+    dropped, their count printed once; ValueError when none is left."""
     shard = shard or DataShard()
     state = state or LoopState()
+    pairs, dropped = usable_pairs(pairs, max_len)
+    if not pairs:
+        raise ValueError(f"DPO: no preference pair keeps a response token within seq_len {max_len} (the prompts of "
+                         f"all {dropped} fill it); raise the stage's seq_len or shorten the prompts")
+    if dropped and shard.rank == 0:
+        print(f"DPO: {dropped} of {dropped + len(pairs)} preference pairs dropped: a response has no token within "
+              f"seq_len {max_len}", flush=True)
     ref = reference or Reference(model)  # before a resume loads trained weights: the reference is the start
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -104,6 +132,9 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
     todo = state.begin(model, opt, steps, rng)
     hist = state.history
     for step in todo:
+        lr_t = lr * (lr_factor(step) if lr_factor else 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr_t
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
         mine, w = shard.split(batch, equal=micro_batch is not None)
         micro = max(1, micro_batch or len(mine))
@@ -131,7 +162,7 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
         opt.step()
         sums = shard.sum(parts) / len(batch)
         stats = dict(zip(("loss", "chosen_reward", "rejected_reward", "margin", "accuracy"), map(float, sums),
-                         strict=True))
+                         strict=True), lr=lr_t)
         hist.append(stats)
         if log:
             log(step, stats)

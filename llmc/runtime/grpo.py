@@ -9,10 +9,15 @@ Per token: ratio = exp(logp - logp_old); surrogate min(ratio*A, clip(ratio, 1-ep
 KL to the frozen reference by the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020),
 which is >= 0 and exactly 0 when policy == reference. Loss = -(surrogate - beta*KL), averaged over
 all completion tokens of the batch ((x*mask).sum()/mask.sum()).
+
+Prompts longer than ``max_prompt_tokens`` (or than the model's context less ``max_new_tokens``) keep their last
+tokens, as TRL's GRPO truncates prompts from the left to ``max_prompt_length``
+(https://huggingface.co/docs/trl/grpo_trainer, GRPOConfig).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable
 
@@ -140,6 +145,27 @@ def sample_groups(model: nn.Module, prompts: list[list[int]], G: int, max_new_to
     return out
 
 
+@contextlib.contextmanager
+def dropout_off(model: nn.Module):
+    """Every dropout of ``model`` at p = 0 inside the context (TRL's ``disable_dropout_in_model``), restored after."""
+    mods = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    prev = [m.p for m in mods]
+    for m in mods:
+        m.p = 0.0
+    try:
+        yield model
+    finally:
+        for m, p in zip(mods, prev, strict=True):
+            m.p = p
+
+
+def truncate_prompts(encoded: list[list[int]], limit: int | None) -> tuple[list[list[int]], int]:
+    """(prompts cut to their last ``limit`` tokens, how many were cut): TRL's left truncation of GRPO prompts."""
+    if limit is None:
+        return encoded, 0
+    return [p[-limit:] for p in encoded], sum(len(p) > limit for p in encoded)
+
+
 def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: float,
                reward_fn: Callable[[str, dict], float], template: str = "llama3", group_size: int = 8,
                prompts_per_step: int = 4, max_new_tokens: int = 8, kl_coef: float = 0.04, clip_eps: float = 0.2,
@@ -147,7 +173,8 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                seed: int = 0, reference: Reference | None = None,
                log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
                device: torch.device | None = None, state: LoopState | None = None,
-               micro_batch: int | None = None, sampling_groups: int | None = None, loss_chunk: int = 0) -> list[dict]:
+               micro_batch: int | None = None, sampling_groups: int | None = None, loss_chunk: int = 0,
+               lr_factor: Callable[[int], float] | None = None, max_prompt_tokens: int | None = None) -> list[dict]:
     """GRPO on ``prompts`` ({prompt: messages, ...}); ``reward_fn(completion_text, item)``. Returns stats per step.
 
     ``shard``: each step's prompts are split over the data-parallel ranks (each rank samples its groups with
@@ -158,73 +185,95 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     in slices of ``micro_batch`` rows, the same step as one pass over the group. ``sampling_groups``: groups sampled
     in one batch (:func:`sample_groups`; the stage plan's ``memory.sampling_groups``, what its KV cache memory was
     sized for; None = all of the rank's groups of a step at once). ``loss_chunk``: tokens per slice of the log-probs
-    (the stage plan's, ``model.token_losses``; 0 = whole)."""
+    (the stage plan's, ``model.token_losses``; 0 = whole). ``lr_factor``: LR = lr * lr_factor(step), the stage's
+    schedule (``TrainJob.lr_factor``, as :func:`llmc.runtime.sft.train_sft`; constant when None).
+    ``max_prompt_tokens``: longer prompts keep their last tokens (TRL's left truncation), also cut to the model's
+    context less ``max_new_tokens``; how many were cut is printed once.
+
+    Dropout is off (p = 0) in every policy pass of the stage, the "old" log-probs and the training passes alike (LoRA
+    adapters default to dropout 0.05): the importance ratio pi/pi_old must be exactly 1 before any update
+    (DeepSeekMath Alg. 1 with one update per batch; TRL takes old = logp.detach()), which two passes under different
+    dropout masks are not."""
     shard = shard or DataShard()
     state = state or LoopState()
     if group_size < 2:
         raise ValueError("GRPO needs group_size >= 2 (one sample always has zero advantage)")
     a = TokAdapter(tok)
     stop = end_token_id(tok, template)
-    ref = reference if reference is not None else (Reference(model) if kl_coef > 0 else None)
+    ref = None if kl_coef <= 0 else reference if reference is not None else Reference(model)  # KL 0: no ref passes
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed + 1_000_003 * shard.rank)
-    encoded = [encode_prompt(p["prompt"], tok, template) for p in prompts]
-    todo = state.begin(model, opt, steps, rng, gen)
-    hist: list[dict] = state.history
-    micro = max(1, micro_batch or group_size)
-    for step in todo:
-        batch = []
-        rewards_all = []
-        picks, weights = shard.split([rng.randrange(len(prompts)) for _ in range(prompts_per_step)],
-                                     equal=True)
-        per = max(1, sampling_groups or len(picks))  # every rank has as many picks (equal=True): as many batches
-        sampled = []
-        for b0 in range(0, len(picks), per):
-            sampled += sample_groups(model, [encoded[j] for j in picks[b0:b0 + per]], group_size, max_new_tokens,
-                                     stop, pad_id, temperature, gen, all_done=shard.all_true, device=device)
-        for j, wt, (full, cmask) in zip(picks, weights, sampled, strict=True):
-            n0 = len(encoded[j])
-            texts = [a.decode([t for t, m in zip(row[n0:].tolist(), mrow.tolist(), strict=True) if m])
-                     for row, mrow in zip(full, cmask, strict=True)]
-            r = torch.tensor([float(reward_fn(t, prompts[j])) for t in texts])
-            if wt:
-                rewards_all.append(r)
-            adv = group_advantages(r).to(full.device)
-            cmask = cmask.to(full.device) * int(wt)  # a placeholder group (weight 0) trains nothing
-            for r0 in range(0, full.shape[0], micro):
-                rows = slice(r0, r0 + micro)
-                with torch.no_grad():
-                    old = completion_logprobs(model, full[rows], n0, loss_chunk)
-                    ref_lp = None
-                    if ref is not None:
-                        with ref.as_module() as rm:
-                            ref_lp = completion_logprobs(rm, full[rows], n0, loss_chunk)
-                batch.append((full[rows], n0, cmask[rows], adv[rows], old, ref_lp))
-        stats: dict = {}
-        tot_tokens = float(shard.sum(sum(float(b[2].sum()) for b in batch)))
-        for _ in range(inner_steps):
-            opt.zero_grad(set_to_none=True)
-            agg = torch.zeros(3)
-            for full, n0, cmask, adv, old, ref_lp in batch:
-                lp = completion_logprobs(model, full, n0, loss_chunk)
-                loss, st = grpo_loss(lp, old, adv, cmask, ref_lp, clip_eps, kl_coef)
-                w = float(cmask.sum()) / max(tot_tokens, 1.0)  # token-level mean over the whole step's batch
-                (loss * (w * shard.size)).backward()
-                agg += torch.tensor([st["loss"], st["kl"], st["clip_frac"]]) * w
-            clip_grads(params, grad_clip)
-            opt.step()
-            stats = dict(zip(("loss", "kl", "clip_frac"), map(float, shard.sum(agg)), strict=True))
-        rw = torch.cat(rewards_all) if rewards_all else torch.zeros(0)
-        n, s1, s2 = (float(v) for v in shard.sum(torch.tensor([rw.numel(), rw.sum(), (rw**2).sum()],
-                                                               dtype=torch.float64)))
-        mean = s1 / max(n, 1.0)
-        var = (s2 - n * mean**2) / (n - 1) if n > 1 else 0.0  # sample variance, as torch.std
-        stats.update(reward_mean=mean, reward_std=max(var, 0.0) ** 0.5)
-        hist.append(stats)
-        if log:
-            log(step, stats)
-        if state.end_step(step, model, opt, rng, gen):
-            break
+    ctx = getattr(getattr(model, "arch", None), "max_seq_len", None)
+    limit = max_prompt_tokens
+    if ctx:  # prompt + completion within the model's context (the forward refuses more)
+        limit = min(limit or ctx, ctx - max_new_tokens)
+    if limit is not None and limit < 1:
+        raise ValueError(f"GRPO: max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {ctx} tokens; lower max_new_tokens")
+    encoded, cut = truncate_prompts([encode_prompt(p["prompt"], tok, template) for p in prompts], limit)
+    if cut and shard.rank == 0:
+        print(f"GRPO: {cut} of {len(encoded)} prompts longer than {limit} tokens keep their last {limit} "
+              "(left truncation, as TRL's max_prompt_length)", flush=True)
+    with dropout_off(model):  # see the docstring: pi/pi_old is exactly 1 before an update
+        todo = state.begin(model, opt, steps, rng, gen)
+        hist: list[dict] = state.history
+        micro = max(1, micro_batch or group_size)
+        for step in todo:
+            lr_t = lr * (lr_factor(step) if lr_factor else 1.0)
+            for g in opt.param_groups:
+                g["lr"] = lr_t
+            batch = []
+            rewards_all = []
+            picks, weights = shard.split([rng.randrange(len(prompts)) for _ in range(prompts_per_step)],
+                                         equal=True)
+            per = max(1, sampling_groups or len(picks))  # every rank has as many picks (equal=True): as many batches
+            sampled = []
+            for b0 in range(0, len(picks), per):
+                sampled += sample_groups(model, [encoded[j] for j in picks[b0:b0 + per]], group_size, max_new_tokens,
+                                         stop, pad_id, temperature, gen, all_done=shard.all_true, device=device)
+            for j, wt, (full, cmask) in zip(picks, weights, sampled, strict=True):
+                n0 = len(encoded[j])
+                texts = [a.decode([t for t, m in zip(row[n0:].tolist(), mrow.tolist(), strict=True) if m])
+                         for row, mrow in zip(full, cmask, strict=True)]
+                r = torch.tensor([float(reward_fn(t, prompts[j])) for t in texts])
+                if wt:
+                    rewards_all.append(r)
+                adv = group_advantages(r).to(full.device)
+                cmask = cmask.to(full.device) * int(wt)  # a placeholder group (weight 0) trains nothing
+                for r0 in range(0, full.shape[0], micro):
+                    rows = slice(r0, r0 + micro)
+                    with torch.no_grad():
+                        old = completion_logprobs(model, full[rows], n0, loss_chunk)
+                        ref_lp = None
+                        if ref is not None:
+                            with ref.as_module() as rm:
+                                ref_lp = completion_logprobs(rm, full[rows], n0, loss_chunk)
+                    batch.append((full[rows], n0, cmask[rows], adv[rows], old, ref_lp))
+            stats: dict = {}
+            tot_tokens = float(shard.sum(sum(float(b[2].sum()) for b in batch)))
+            for _ in range(inner_steps):
+                opt.zero_grad(set_to_none=True)
+                agg = torch.zeros(3)
+                for full, n0, cmask, adv, old, ref_lp in batch:
+                    lp = completion_logprobs(model, full, n0, loss_chunk)
+                    loss, st = grpo_loss(lp, old, adv, cmask, ref_lp, clip_eps, kl_coef)
+                    w = float(cmask.sum()) / max(tot_tokens, 1.0)  # token-level mean over the whole step's batch
+                    (loss * (w * shard.size)).backward()
+                    agg += torch.tensor([st["loss"], st["kl"], st["clip_frac"]]) * w
+                clip_grads(params, grad_clip)
+                opt.step()
+                stats = dict(zip(("loss", "kl", "clip_frac"), map(float, shard.sum(agg)), strict=True))
+            rw = torch.cat(rewards_all) if rewards_all else torch.zeros(0)
+            n, s1, s2 = (float(v) for v in shard.sum(torch.tensor([rw.numel(), rw.sum(), (rw**2).sum()],
+                                                                   dtype=torch.float64)))
+            mean = s1 / max(n, 1.0)
+            var = (s2 - n * mean**2) / (n - 1) if n > 1 else 0.0  # sample variance, as torch.std
+            stats.update(reward_mean=mean, reward_std=max(var, 0.0) ** 0.5, lr=lr_t)
+            hist.append(stats)
+            if log:
+                log(step, stats)
+            if state.end_step(step, model, opt, rng, gen):
+                break
     return hist

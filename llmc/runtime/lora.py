@@ -263,10 +263,23 @@ def disable_adapters(model: nn.Module):
             m.enabled = e
 
 
+def _base_weight(name: str, m: LoRALinear, base: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """The weight adapter ``m`` (module ``name``) is folded into: for an NF4 (QLoRA) base, the full-precision one in
+    ``base`` (under the plain name ``<name>.weight``) when given, not the dequantised 4-bit copy, whose quantisation
+    error would stay in the merged model. PEFT warns that merging into a 4-bit layer "may get different generations
+    due to rounding errors" (peft/tuners/lora/bnb.py, ``Linear4bit.merge``), and the usual way round it is to reload
+    the base in 16-bit and merge there; the adapter is what QLoRA (Dettmers et al. 2023) trains, the base it stands
+    for is the original one."""
+    if isinstance(m.base, NF4Linear) and base is not None:
+        return base[f"{name}.weight"].to(m.lora_A.device)
+    return m.base.weight
+
+
 @torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold (alpha/r)·B@A into each base weight and replace the adapter by a plain nn.Linear."""
-    for parent in list(model.modules()):
+def merge_lora(model: nn.Module, base: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Fold (alpha/r)·B@A into each base weight and replace the adapter by a plain nn.Linear. ``base``: the
+    full-precision weights of the NF4 (QLoRA) bases by plain name (:func:`_base_weight`)."""
+    for pname, parent in list(model.named_modules()):
         for cname, child in list(parent.named_children()):
             if isinstance(child, LoRAExperts):
                 for t in child.targets:
@@ -275,12 +288,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 continue
             if not isinstance(child, LoRALinear):
                 continue
-            base = child.base
-            w = base.weight.detach().float()  # NF4 bases dequantise here
-            lin = nn.Linear(child.in_features, child.out_features, bias=base.bias is not None)
+            w = _base_weight(f"{pname}.{cname}" if pname else cname, child, base).detach().float()
+            lin = nn.Linear(child.in_features, child.out_features, bias=child.base.bias is not None)
             lin.weight.copy_(w + child.delta_weight().float())
-            if base.bias is not None:
-                lin.bias.copy_(base.bias)
+            if child.base.bias is not None:
+                lin.bias.copy_(child.base.bias)
             lin.to(child.lora_A.dtype)
             setattr(parent, cname, lin)
     for p in model.parameters():
@@ -343,16 +355,16 @@ def full_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every adapter folded into its base weight (as :func:`merge_lora`) under
-    the plain model's names, without changing the model. Sharded (FSDP2) weights stay sharded: each rank
+def merged_state_dict(model: nn.Module, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict with every adapter folded into its base weight (as :func:`merge_lora`, ``base`` too)
+    under the plain model's names, without changing the model. Sharded (FSDP2) weights stay sharded: each rank
     adds (alpha/r) B[rows] @ A[:, cols] for the block it holds (A and B are gathered whole, being small)."""
     from torch.distributed.tensor import DTensor
 
     sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            pairs = [(f"{name}.base.weight", f"{name}.weight", m.base.weight, m.lora_A, m.lora_B)]
+            pairs = [(f"{name}.base.weight", f"{name}.weight", _base_weight(name, m, base), m.lora_A, m.lora_B)]
             if m.base.bias is not None:
                 sd[f"{name}.bias"] = sd.pop(f"{name}.base.bias")
         elif isinstance(m, LoRAExperts):
@@ -362,9 +374,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         else:
             continue
         for old, new, w, A, B in pairs:
-            base = sd.pop(old, None)
+            stored = sd.pop(old, None)
             if w is None:
-                sd[new] = base
+                sd[new] = stored
                 continue
             a = A.full_tensor() if isinstance(A, DTensor) else A
             b = B.full_tensor() if isinstance(B, DTensor) else B

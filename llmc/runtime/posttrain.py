@@ -297,10 +297,13 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
 
     lora = st.lora if st is not None else None
     say = print if main else (lambda *a, **k: None)
+    fp_base = None  # QLoRA: the full-precision base the adapters are merged into (_full_precision_base)
     if model is None:
         model, wrapped, n_params = build_policy(job, info, out, lora, say)
     else:  # a caller's model (one process)
         wrapped, n_params = model, sum(p.numel() for p in model.parameters())
+        if lora is not None and lora.quantize_base == "nf4":  # its weights before quantisation, to merge into
+            fp_base = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if lora is not None:
             apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.quantize_base)
     trainable = lora_param_count(model) if lora is not None else n_params
@@ -309,7 +312,8 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     state = _loop_state(job, out, info, lora, layout, resume=resume, fallback=fallback,
                         stop_after=stop_after, max_seconds=max_seconds, log=say)
     reference = None
-    if kind in ("dpo", "grpo") and lora is None and info.world > 1:  # the frozen copy, sharded like the policy
+    # the frozen copy, sharded like the policy (GRPO without a KL term has no reference: the plan counts none)
+    if (kind == "dpo" or kind == "grpo" and _grpo_kl(hyper, st) > 0) and lora is None and info.world > 1:
         from llmc.runtime.dpo import Reference
 
         reference = Reference(wrapped, frozen=build_policy(job, info, out, None)[1])
@@ -345,12 +349,14 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
         if main:
             torch.save(lora_sd, out / "lora_adapters.pt")
         summary.update(lora_params=trainable, merged=True, quantize_base=lora.quantize_base)
+        if lora.quantize_base == "nf4" and fp_base is None:
+            fp_base = _full_precision_base(job, out, info)
     if info.world > 1:  # every rank writes its shards (DCP); adapters folded into the sharded weights
         final = save_checkpoint(out / "checkpoints", steps, wrapped, None, meta, sharded=True,
-                                model_sd=merged_state_dict(wrapped) if lora is not None else None)
+                                model_sd=merged_state_dict(wrapped, fp_base) if lora is not None else None)
     else:
         if lora is not None:
-            merge_lora(model)
+            merge_lora(model, fp_base)
         final = save_checkpoint(out / "checkpoints", steps, model, None, meta)
     result = {"status": "done", "stage": job.stage, "kind": kind, "step": steps, "steps": steps,
               "checkpoint": os.path.relpath(final, out), "init_from": job.init_from, "params": n_params,
@@ -364,12 +370,46 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
         result["hf"] = "hf" if hf.get("hf") else None
         if hf.get("adapter"):
             result["adapter"] = "hf/adapter"
+            _adapter_base(job, out, Path(hf["adapter"]))
 
         tmp = out / f"DONE.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
         os.replace(tmp, out / "DONE.json")
         shutil.rmtree(state.folder, ignore_errors=True)  # the stage is done: nothing left to resume
     return result
+
+
+def _full_precision_base(job: Any, out: Path, info: Any) -> dict[str, torch.Tensor]:
+    """A QLoRA stage's base weights before NF4 quantisation, on the CPU, loaded again from where
+    :func:`build_policy` loaded them (``init_from`` / ``init_hf``; a fresh init: rebuilt with the job's seed on the
+    stage's device, as it was): what the adapters are merged into (:func:`llmc.runtime.lora.merge_lora`)."""
+    from llmc.runtime.hf_io import init_hf_source, load_hf_into, load_init_from
+    from llmc.runtime.model import build_model
+
+    arch = stage_arch(job)
+    hf_src = None if job.init_from else init_hf_source(job)
+    base = build_model(arch, "cpu" if job.init_from or hf_src else info.device, seed=job.seed)
+    if job.init_from:
+        load_init_from(base, out.parent / job.init_from, arch)
+    elif hf_src:
+        load_hf_into(base, hf_src, arch)
+    return {k: v.detach().cpu() for k, v in base.state_dict().items()}
+
+
+def _adapter_base(job: Any, out: Path, adapter: Path) -> None:
+    """Name the adapter's base in its ``adapter_config.json`` (``base_model_name_or_path``): the model the stage
+    started from (``init_hf``, or the ``init_from`` stage's ``hf/`` export), not the merged model beside it, which
+    already holds the adapter."""
+    from llmc.runtime.hf_io import init_hf_source
+
+    start = out.parent / job.init_from / "hf" if job.init_from else None
+    base = (str(start.resolve()) if start.is_dir() else None) if start is not None else init_hf_source(job)
+    cfg_path = adapter / "adapter_config.json"
+    if base is None or not cfg_path.exists():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = base
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 @dataclass
@@ -421,9 +461,16 @@ def _run_dpo(c: _Loop) -> dict:
     hist = train_dpo(c.model, pairs, steps=c.steps, lr=c.lr, beta=beta, batch_size=c.batch, pad_id=c.pad_id,
                      max_len=c.seq_len, grad_clip=job.grad_clip, seed=job.seed, log=c.log, shard=c.shard,
                      device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job),
-                     loss_chunk=job.loss_chunk)
+                     loss_chunk=job.loss_chunk, lr_factor=job.lr_factor)
     return {"loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"], "margin_last": hist[-1]["margin"],
             "accuracy_last": hist[-1]["accuracy"], "beta": beta, "pairs": len(pairs)}
+
+
+def _grpo_kl(hyper: dict, st: Any) -> float:
+    """GRPO's KL coefficient: the plan's, else the stage spec's, else 0.04 (DeepSeekMath)."""
+    kl = hyper.get("kl_coef")
+    return float(kl if kl is not None else (st.grpo_kl_coef if st is not None and st.grpo_kl_coef is not None
+                                            else 0.04))
 
 
 def _run_grpo(c: _Loop) -> dict:
@@ -439,18 +486,18 @@ def _run_grpo(c: _Loop) -> dict:
         return arithmetic_reward(text, item.get("expression"), item.get("answer"))
 
     G = int(hyper.get("group_size") or (st.grpo_group_size if st is not None else None) or 8)
-    kl = hyper.get("kl_coef")
-    kl = float(kl if kl is not None else (st.grpo_kl_coef if st is not None and st.grpo_kl_coef is not None
-                                         else 0.04))
+    kl = _grpo_kl(hyper, st)
     clip = float(hyper.get("clip") or (st.grpo_clip if st is not None else 0.2))
     max_new = int(hyper.get("max_new_tokens") or (st.max_new_tokens if st is not None else None) or 16)
     pps = int(hyper.get("prompts_per_step") or (st.prompts_per_step if st is not None else None) or 4)
     mu = int(hyper.get("iterations") or (st.grpo_iterations if st is not None else None) or 1)
+    max_prompt = hyper.get("max_prompt_tokens") or (st.max_prompt_tokens if st is not None else None)
     hist = train_grpo(c.model, load_stage_data(job, "prompts"), c.tok, steps=c.steps, lr=c.lr, reward_fn=reward_fn,
                       template=c.template, group_size=G, prompts_per_step=pps, max_new_tokens=max_new,
                       kl_coef=kl, clip_eps=clip, inner_steps=mu, pad_id=c.pad_id, seed=job.seed, log=c.log,
                       shard=c.shard, device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job),
-                      sampling_groups=job.sampling_groups, loss_chunk=job.loss_chunk)
+                      sampling_groups=job.sampling_groups, loss_chunk=job.loss_chunk, lr_factor=job.lr_factor,
+                      max_prompt_tokens=int(max_prompt) if max_prompt else None)
     k = max(1, len(hist) // 4)
     return {"reward_first": sum(h["reward_mean"] for h in hist[:k]) / k,
             "reward_last": sum(h["reward_mean"] for h in hist[-k:]) / k,

@@ -1,14 +1,16 @@
 """Verifiable rewards: exact arithmetic checking with sympy (RLVR, Lambert et al. 2024, arXiv:2411.15124: reward 1 if the answer is correct).
 
-The completion's final answer is the last number (integer, decimal, fraction or simple expression
-of digits) in the text, preferring what follows "answer:" / "=" / a \\boxed{}. It is parsed with
-sympy *without* eval of arbitrary names (only digits, + - * / ( ) . and spaces are allowed, ** is
-rejected, length capped) and compared with the true value of the prompt's expression by exact
-symbolic equality. Anything unparsable scores 0; the verifier never raises.
+The completion's final answer is the last number in the text, preferring what follows "answer:" / "=" /
+a \\boxed{}. It must be a number *literal*: an integer, a decimal or a fraction p/q in lowest terms (q > 1), never
+an expression that evaluates to the value (else echoing the prompt, \\boxed{17*23}, scores 1: reward hacking; RLVR
+and math verifiers compare the final answer). It is compared with the true value of the prompt's expression (parsed
+with sympy *without* eval of arbitrary names: only digits, + - * / ( ) . and spaces, ** rejected, length capped)
+by exact equality. Anything else scores 0; the verifier never raises.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import sympy
@@ -16,6 +18,19 @@ from sympy.parsing.sympy_parser import parse_expr
 
 _SAFE = re.compile(r"^[0-9+\-*/(). ]{1,64}$")
 _NUM = re.compile(r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?")
+_LITERAL = re.compile(r"(-?\d+(?:\.\d+)?)|(-?\d+)\s*/\s*(\d+)")
+
+
+def _literal(answer: str) -> sympy.Rational | None:
+    """The value of a number literal (integer, decimal, or p/q in lowest terms with q > 1), else None."""
+    s = answer.strip().rstrip(".").strip()  # "The answer is 5."
+    m = _LITERAL.fullmatch(s) if len(s) <= 64 else None
+    if m is None:
+        return None
+    if m[1] is not None:
+        return sympy.Rational(m[1])  # exact: Rational("0.5") == 1/2
+    p, q = int(m[2]), int(m[3])
+    return sympy.Rational(p, q) if q > 1 and math.gcd(p, q) == 1 else None
 
 
 def _parse(expr: str) -> sympy.Expr | None:
@@ -50,7 +65,8 @@ def true_value(expression: str) -> sympy.Expr | None:
 
 
 def arithmetic_reward(completion: str, expression: str | None = None, answer=None) -> float:
-    """1.0 when the completion's final answer equals the expression's value (or ``answer``) exactly, else 0."""
+    """1.0 when the completion's final answer is a number literal equal to the expression's value (or ``answer``)
+    exactly, else 0."""
     try:
         truth = sympy.nsimplify(answer, rational=True) if answer is not None else _parse(expression or "")
         if truth is None:
@@ -58,7 +74,7 @@ def arithmetic_reward(completion: str, expression: str | None = None, answer=Non
         got = extract_answer(completion)
         if got is None:
             return 0.0
-        pred = _parse(got)
+        pred = _literal(got)
         if pred is None:
             return 0.0
         return 1.0 if sympy.simplify(pred - truth) == 0 else 0.0
