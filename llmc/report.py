@@ -473,9 +473,8 @@ def _diagnostics(c) -> list[Text]:
 
 def report_renderables(c) -> list:
     """Every section in order (skipping those without data)."""
-    pretrains = not c.spec.stages or any(st.kind == "pretrain" for st in c.spec.stages)
     parts = [_header(c), _model(c)]
-    if not pretrains:
+    if not c.spec.pretrains:
         parts.append(Text("No pre-training stage: the pipeline starts from the base model (stage plans below)."))
     elif c.plan is not None:
         parts += [_compute(c), _hyper(c), _plan(c), _memory(c), _time(c)]

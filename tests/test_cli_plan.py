@@ -428,3 +428,17 @@ def test_overrides_get_every_error_at_once_each_naming_its_override():
         "compile, fp8_recipe, global_batch_tokens, grad_clip, init_hf, log_every, loss_spike, optimizer, precision, "
         "schedule, seed, steps, z_loss)",
         "--set hardware.gpu: error[S007] hardware.gpu: unknown GPU type 'h1000' (did you mean 'h800'?)"], r.output
+
+
+def test_a_pipeline_without_pretraining_reports_no_compute_of_its_own():
+    """The text report shows no Compute section for a pipeline that starts from a trained base; the JSON said
+    8.7e23 training FLOPs for the top-level data no stage trains on. Now it says null, like plan / time / cost, and
+    the stages carry their own numbers."""
+    r = runner.invoke(app, ["plan", "examples/pipeline_llama3_8b.yaml", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    j = json.loads(r.stdout)
+    assert [s["kind"] for s in j["spec"]["resolved"]["stages"] if s["kind"] == "pretrain"] == []
+    assert j["compute"] is None and j["plan"] is None and j["time"] is None
+    assert j["pipeline"]["gpu_hours"] > 0 and all(s["time"]["gpu_hours"] > 0 for s in j["stages"])
+    r = runner.invoke(app, ["plan", "examples/llama3_8b_h100x8.yaml", "--format", "json"])
+    assert json.loads(r.stdout)["compute"]["training_flops"] > 0

@@ -475,8 +475,8 @@ def _slices_loss(backend: str) -> bool:
 
 
 def has_pretraining(run: RunSpec) -> bool:
-    """True when the run pre-trains on the top-level data: no stages, or a ``pretrain`` stage."""
-    return not run.stages or any(st.kind == "pretrain" for st in run.stages)
+    """True when the run pre-trains on the top-level data (:attr:`RunSpec.pretrains`)."""
+    return run.pretrains
 
 
 def _memory(memory_mod, arch, seq_len, precision, capacity, offload, backend, compile_, factors, plan, *,

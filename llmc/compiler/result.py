@@ -401,7 +401,8 @@ class Compiled:
             },
             "model": {"architecture": self.spec.model.model_dump(mode="json"), **dc(self.model)},
             "hardware": dc(self.gpu) if self.gpu is not None else None,
-            "compute": dc(self.compute),
+            # a pipeline without pre-training trains no top-level data: no compute of its own (its stages have theirs)
+            "compute": dc(self.compute) if self.spec.pretrains else None,
             "hyper": dc(self.hyper),
             "plan": self.plan.to_json() if self.plan else None,
             "memory": dc(self.memory),

@@ -26,7 +26,8 @@ def readme_numbers(compiled) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     m, h = compiled.model, compiled.hyper
     out.append(("parameters", f"{m.params_total:,} ({m.params_active:,} active)"))
-    out.append(("tokens", f"{compiled.compute.tokens:.4g}"))
+    if compiled.spec.pretrains:  # a pipeline of other stages trains no top-level data
+        out.append(("tokens", f"{compiled.compute.tokens:.4g}"))
     p = compiled.plan
     if p is None:
         out.append(("plan", "no pre-training plan: the stages start from the base model (per-stage plans in plan.lock.json)"))

@@ -657,6 +657,12 @@ class RunSpec(SpecModel):
     calibration: str | None = None
     """Path of a calibration JSON (``llmc calibrate``), relative to the spec file; its factors adjust time and memory."""
 
+    @property
+    def pretrains(self) -> bool:
+        """True when the run pre-trains on the top-level ``data``: no stages, or a ``pretrain`` stage (a pipeline of
+        other stages starts from a trained base, and ``data`` / ``training`` then describe no run of their own)."""
+        return not self.stages or any(st.kind == "pretrain" for st in self.stages)
+
 
 __all__ = [
     "NAME_PATTERN", "MAX_NAME_LEN", "MAX_GPUS", "Name", "relative_folder", "ModelRef", "SourceKind", "TEXT_SOURCE_KINDS", "RECORD_SOURCE_KINDS", "Source", "Tokenizer", "Data", "Hardware", "Budget", "Optimizer", "Schedule",
