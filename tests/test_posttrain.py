@@ -113,6 +113,52 @@ def test_encoding_equals_the_exported_jinja_through_transformers(template):
     assert trained == f"4{t.end}6, of course{t.end}"
 
 
+@pytest.mark.parametrize("kind", ["bpe_newline_merge", "sentencepiece_prepend", "metaspace_first"])
+def test_training_ids_are_the_served_ids_for_real_tokenizers(kind, tmp_path):
+    """The rendered conversation is tokenised in one call, as transformers' apply_chat_template and vLLM do: llmc's
+    own byte-level BPE with a "\n\n" merge (encoded piece by piece, the llama3 header's "\n\n" and the content
+    split differently), and SentencePiece-style tokenizers (a Prepend("▁") normaliser, or Metaspace with
+    prepend_scheme "first") that gave every piece its own "▁". The trained tokens are still exactly the assistant
+    content and end tokens, non-ASCII text included (character offsets)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    from llmc.runtime.tokenizer import TextTokenizer, train_bpe
+    from llmc.spec.chat import CHAT_TEMPLATES
+
+    template = "llama3" if kind == "bpe_newline_merge" else "phi3"
+    t = CHAT_TEMPLATES[template]
+    conv = [{"role": "user", "content": "Hello there, où?"}, {"role": "assistant", "content": "The answer is 4 ✓."},
+            {"role": "user", "content": "Next"}, {"role": "assistant", "content": "ok"}]
+    if kind == "bpe_newline_merge":
+        texts = [f"Paragraph {i} talks about things.\n\n  Next {i}.\n\n\nEnd\n\n" for i in range(300)]
+        texts += ["Hello there, où? The answer is 4 ✓.\n\n"] * 200
+        path = train_bpe(texts, 600, tmp_path / "tok")
+        tok = TextTokenizer(path)
+        assert tok.tok.token_to_id("ĊĊ") is not None  # the merge that split differently piece by piece
+        hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=t.bos,
+                                                  chat_template=t.jinja)
+        raw = tok.tok
+    else:
+        chars = ["<unk>", "▁", "\n", "ù", "✓"] + [chr(c) for c in range(33, 127)]
+        raw = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>"))
+        if kind == "sentencepiece_prepend":  # Llama-2 / Phi-3 style (legacy conversion)
+            raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+            raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        else:
+            raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+            raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        raw.add_special_tokens(list(t.specials))
+        tok = raw
+        hf = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, chat_template=t.jinja)
+    ids, labels = encode_chat(conv, tok, template)
+    assert ids == hf.apply_chat_template(conv, tokenize=True, return_dict=False)
+    assert encode_chat(conv[:1], tok, template, add_generation_prompt=True)[0] == hf.apply_chat_template(
+        conv[:1], tokenize=True, add_generation_prompt=True, return_dict=False)
+    trained = raw.decode([x for x in labels if x != IGNORE_INDEX], skip_special_tokens=False)
+    assert trained.replace(t.end, "|").replace(" ", "") == "The answer is 4 ✓.|ok|".replace(" ", "")
+
+
 def test_chat_with_runtime_bpe_tokenizer(tmp_path):
     pytest.importorskip("tokenizers")
     from llmc.runtime.tokenizer import TextTokenizer, train_bpe

@@ -91,17 +91,62 @@ def end_token_id(tok: Any, template: str) -> int:
     return a.special(TEMPLATES[template].end)
 
 
-def _header(a: TokAdapter, tmpl: ChatTemplate, role: str) -> list[int]:
+def _header(tmpl: ChatTemplate, role: str) -> list[tuple[str, bool]]:
+    """A turn's header as (text, is a special token) parts."""
     role = dict(tmpl.roles).get(role, role)  # (Gemma: the assistant's turns are "model" turns)
-    ids: list[int] = []
+    out: list[tuple[str, bool]] = []
     for part in tmpl.header:
         if part == "{role}":
-            ids += a.text(role)
+            out.append((role, False))
         elif part.startswith("<|") or part in tmpl.specials:  # a special token; "<|{role}|>": the role's own
-            ids.append(a.special(part.replace("{role}", role)))  # (Phi-3's <|user|>)
+            out.append((part.replace("{role}", role), True))  # (Phi-3's <|user|>)
         else:
-            ids += a.text(part)
-    return ids
+            out.append((part, False))
+    return out
+
+
+def _whole_string_encoder(tok: Any):
+    """The ``tokenizers.Tokenizer`` behind ``tok`` (itself, or llmc's TextTokenizer's), else None."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # pragma: no cover - tokenizers is a dependency
+        return None
+    for t in (tok, getattr(tok, "tok", None), getattr(tok, "tokenizer", None)):
+        if isinstance(t, Tokenizer):
+            return t
+    return None
+
+
+def _encode_segments(segs: list[tuple[str, bool, bool]], a: TokAdapter) -> tuple[list[int], list[int]]:
+    """(ids, labels) of (text, is special, trained) segments.
+
+    As transformers' ``apply_chat_template`` and vLLM do, the rendered conversation is tokenised in one call (a
+    segment encoded on its own may split differently: a BPE merge across two text parts, a SentencePiece ``▁``
+    before each part), and a token is trained when it starts inside a trained segment (character offsets). That
+    needs a ``tokenizers.Tokenizer`` that reads each special token of the text as its one id; any other tokenizer
+    encodes segment by segment, special tokens by id."""
+    tk = _whole_string_encoder(a.tok)
+    if tk is not None:
+        text = "".join(s for s, _, _ in segs)
+        enc = tk.encode(text, add_special_tokens=False)
+        spans, pos = [], 0
+        for s, special, train in segs:
+            spans.append((pos, pos + len(s), special, train))
+            pos += len(s)
+        starts = {st: i for i, (st, _) in enumerate(enc.offsets) if i == 0 or enc.offsets[i - 1][0] != st}
+        if all(not sp or (st in starts and enc.ids[starts[st]] == a.special(text[st:en]))
+               for st, en, sp, _ in spans):  # every special token read as its own id
+            trained = [(st, en) for st, en, _, train in spans if train]
+            labels = [i if any(st <= o[0] < en for st, en in trained) else IGNORE_INDEX
+                      for i, o in zip(enc.ids, enc.offsets, strict=True)]
+            return list(enc.ids), labels
+    ids: list[int] = []
+    labels: list[int] = []
+    for s, special, train in segs:
+        xs = [a.special(s)] if special else a.text(s)
+        ids.extend(xs)
+        labels.extend(xs if train else [IGNORE_INDEX] * len(xs))
+    return ids, labels
 
 
 def encode_chat(messages: list[dict], tok: Any, template: str = "llama3", mask: str = "assistant",
@@ -116,15 +161,16 @@ def encode_chat(messages: list[dict], tok: Any, template: str = "llama3", mask: 
     if tmpl is None:
         raise TemplateError(f"unknown chat template {template!r}")
     a = tok if isinstance(tok, TokAdapter) else TokAdapter(tok)
-    ids: list[int] = []
-    labels: list[int] = []
+    segs: list[tuple[str, bool, bool]] = []  # (text, is a special token, trained)
 
-    def put(xs: list[int], train: bool) -> None:
-        ids.extend(xs)
-        labels.extend(xs if train else [IGNORE_INDEX] * len(xs))
+    def put(parts: list[tuple[str, bool]], train: bool) -> None:
+        segs.extend((s, special, train) for s, special in parts if s)
 
+    for s in tmpl.specials:  # every special token the template needs, before anything is encoded (TemplateError)
+        if s != "<|{role}|>":
+            a.special(s)
     if tmpl.bos:
-        put([a.special(tmpl.bos)], mask == "none")
+        put([(tmpl.bos, True)], mask == "none")
     prefix = ""
     if tmpl.system == "first_user" and messages and messages[0]["role"] == "system":  # (Gemma: no system turn)
         prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
@@ -136,13 +182,13 @@ def encode_chat(messages: list[dict], tok: Any, template: str = "llama3", mask: 
         if role not in ("system", "user", "assistant", "tool"):
             raise ValueError(f"unknown role {role!r}")
         train = mask == "none" or (role == "assistant" and (mask == "assistant" or i == last_asst))
-        put(_header(a, tmpl, role), mask == "none")
-        put(a.text(content) + [a.special(tmpl.end)], train)
+        put(_header(tmpl, role), mask == "none")
+        put([(content, False), (tmpl.end, True)], train)
         if tmpl.after_end:
-            put(a.text(tmpl.after_end), mask == "none")
+            put([(tmpl.after_end, False)], mask == "none")
     if add_generation_prompt:
-        put(_header(a, tmpl, "assistant"), False)
-    return ids, labels
+        put(_header(tmpl, "assistant"), False)
+    return _encode_segments(segs, a)
 
 
 def encode_prompt_response(prompt: list[dict], response: str, tok: Any, template: str = "llama3"
