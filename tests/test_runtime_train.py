@@ -224,6 +224,9 @@ def test_loss_spike_rewinds_and_skips(tmp_path, docs, monkeypatch):
     ev = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     sp = [r for r in ev if r.get("event") == "loss_spike"]
     assert len(sp) == 1 and sp[0]["step"] == 14 and sp[0]["rewound_to"] == 12
+    # every step's loss once: the discarded trajectory's steps 13-14 are not logged beside their reruns
+    steps = [r["step"] for r in ev if "loss" in r and "event" not in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 18, steps
     # giving up after max_rewinds: a non-finite loss always counts as a spike
     monkeypatch.setattr(tr, "mean_token_loss", lambda lo, la, z=0.0: real(lo, la, z) * float("nan"))
     spike0 = dict(spike, max_rewinds=0)

@@ -686,6 +686,29 @@ def test_G011_grpo_without_a_verifier():
     assert {p.name: p.hyper["reward"] for p in plans} == {"g": "none", "ok": "arithmetic"}
 
 
+def test_G012_a_continued_stage_without_data_rereads_pretrainings_first_tokens():
+    """A midtrain / long_context stage without data: of its own opens the top-level data afresh (every runner reads a
+    stage's data from document 0): after a pre-training stage it repeats pre-training's first tokens. Warned at the
+    stage; not for a stage with its own data, nor in a pipeline that does not pre-train on the top-level data."""
+    stages = """\
+        - {name: pre, kind: pretrain}
+        - {name: mid, kind: midtrain, init_from: pre, steps: 10}
+        - {name: long, kind: long_context, init_from: mid, seq_len: 16384, rope_theta: 2.0e+6, steps: 10}
+        - name: mid2
+          kind: midtrain
+          init_from: pre
+          data: {seq_len: 8192, tokens: 1e8, sources: [{name: m, path: /m.jsonl}]}
+        """
+    text, _, diags = spec(stages)
+    found = [(d.path, d.severity, d.line) for d in diags if d.code == "G012"]
+    assert found == [("stages.1", "warning", line_of(text, "name: mid,")), ("stages.2", "warning", line_of(text, "name: long,"))]
+    assert "from its first document" in by_code(diags, "G012").message
+    _, _, diags = spec("""\
+        - {name: mid, kind: midtrain, init_hf: /models/base, steps: 10}
+        """)
+    assert "G012" not in codes(diags)
+
+
 # ----------------------------------------------------------------------------- examples
 
 

@@ -838,6 +838,13 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
     if st.kind in CONTINUED_KINDS and tr.steps is None:
         sink.add("G009", "error", p, f"{st.kind} stage {st.name!r} has no length: neither steps nor a data.tokens to "
                  "derive them from", f"set {p}.steps, or give the stage data: with tokens")
+    if st.kind in CONTINUED_KINDS and st.data is None and env.run.pretrains:
+        # every runner opens the stage's data afresh (its own stream, from document 0): pre-training's first tokens
+        sink.add("G012", "warning", p, f"{st.kind} stage {st.name!r} has no data of its own: it reads the top-level "
+                 "data again from its first document, the tokens pre-training trained on first (repeated; the part "
+                 "of the corpus pre-training did not reach stays unread)",
+                 f"give the stage its own data: (e.g. a higher-quality {st.kind} mix, or the corpus files "
+                 "pre-training did not reach)")
     srcs = st.data.sources if st.data is not None else []
     general = _source_general_share(srcs, ("general",)) if srcs else None
     if st.general_data_fraction is not None and general is not None and abs(general - st.general_data_fraction) > 0.05:

@@ -391,6 +391,8 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
                     raise TrainingError(f"loss spike at step {step} but no checkpoint to rewind to")
                 spike_step = step
                 restore(back)
+                if main:  # each step once in metrics.jsonl: the discarded steps' records go (the event keeps the spike)
+                    truncate_after_step(out / "metrics.jsonl", step)
                 loader.load_state_dict(data_after)  # drop the batches up to the spike ...
                 loader.skip(spike.skip_batches * job.grad_accum, job.micro_batch)  # ... and skip_batches more
                 say(f"loss spike at step {spike_step} (loss {last_loss:.4f}): rewound to step {step}, "
