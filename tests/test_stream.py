@@ -200,6 +200,43 @@ def test_mixture_weights_within_three_sigma(tmp_path):
         assert abs(c - n * p) <= 3 * math.sqrt(n * p * (1 - p)), (counts, weights)
 
 
+def test_parquet_row_groups_are_dealt_so_ranks_hold_about_as_many_rows(tmp_path):
+    """20 files of 157 rows in row groups of 50, 50, 50 and 7 over 16 ranks: dealt i % 16, every 4th group is a 7-row
+    tail and all of them land on ranks 3, 7, 11, 15 (35 rows there, 250 elsewhere: those shards wrap about 7 times
+    while others are read once). Balanced, ranks differ by at most one group (50 rows); every row is still read
+    exactly once over the ranks, each rank's groups in source order; a saved state without the dealing key (written
+    before it) resumes the shard it counted in."""
+    from llmc.runtime.stream import deal_row_groups
+
+    d = tmp_path / "pq"
+    write_parquet(d, 1, 20 * 157, files=20, row_group=50)
+    src = SourceRef("pq", str(d), "parquet")
+    world = 16
+    ranks = [doc_ids(documents(src, r, world)) for r in range(world)]
+    sizes = [len(x) for x in ranks]
+    assert max(sizes) - min(sizes) <= 50 and sum(sizes) == 20 * 157, sizes
+    assert sorted(i for x in ranks for i in x) == list(range(20 * 157))
+    assert all(x == sorted(x) for x in ranks)
+    strided = [len(doc_ids(documents(src, r, world, balanced=False))) for r in range(world)]
+    assert sorted(set(strided)) == [35, 250]  # what i % w gave
+    # the dealing itself against a brute-force check: no move of one group from the fullest rank helps (LPT bound)
+    rows = [50, 50, 50, 7] * 20
+    dealt = deal_row_groups(rows, world)
+    loads = [sum(rows[i] for i in x) for x in dealt]
+    assert max(loads) - min(loads) <= max(rows) and sorted(i for x in dealt for i in x) == list(range(80))
+    # an old state (no "dealing") resumes in i % w order, a new one in the balanced order
+    srcs = [src]
+    m = StreamingMixture(srcs, tokenize, EOS, seq_len=7, rank=3, world=world, seed=5)
+    for _ in range(5):
+        m.next_window()
+    state = json.loads(json.dumps(m.state_dict()))
+    assert state["sources"][0]["dealing"] == "balanced"
+    old = dict(state, sources=[{k: v for k, v in state["sources"][0].items() if k != "dealing"}])
+    r = StreamingMixture(srcs, tokenize, EOS, seq_len=7, rank=3, world=world, seed=5)
+    r.load_state_dict(old)
+    assert r.streams[0].balanced is False and not r.state_dict()["sources"][0]["dealing"] == "balanced"
+
+
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("kinds", [("parquet", "jsonl"), ("hf_disk", "text")])
 def test_resume_from_state_dict_is_the_exact_continuation(kinds, split, tmp_path, hf_cache):

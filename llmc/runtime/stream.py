@@ -17,7 +17,9 @@ Public API::
 Formats and how rank ``r`` of ``w`` gets a disjoint share of each source:
 
 * ``parquet``: a file, directory or glob of ``.parquet`` files. The unit is the row group (sorted
-  files, row groups in file order); unit ``i`` goes to rank ``i % w``. With fewer row groups than ranks
+  files, row groups in file order), dealt so every rank holds about as many rows (:func:`deal_row_groups`:
+  largest first, each to the rank with the fewest rows so far, ties to the lowest rank; a rank reads its row
+  groups in source order); a state saved before this dealing (no ``dealing`` key) keeps ``i % w``. With fewer row groups than ranks
   it falls back to rows (global row ``j`` -> rank ``j % w``). Read with ``pyarrow.parquet.ParquetFile.
   iter_batches`` (only the text column, a few hundred rows at a time); resume skips whole row groups
   using the footer's row counts.
@@ -61,6 +63,7 @@ There is deliberately no progress bar here (streaming is lazy; progress bars bel
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -106,7 +109,22 @@ def _first_kept(keep, first_index: int, n: int, start: int) -> tuple[int, int]:
     return n, kept
 
 
-def _parquet_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
+def deal_row_groups(rows: list[int], world: int) -> list[list[int]]:
+    """Row-group indices per rank, balanced by row count: longest-processing-time-first (Graham 1969,
+    "Bounds on multiprocessing timing anomalies"): largest group first, each to the rank holding the fewest rows
+    (ties: lowest rank), so ranks differ by at most one group's rows. Dealing ``i % w`` put every file's short last
+    group on the same ranks when files have as many groups as a multiple of w: those ranks' shards were a fraction
+    of the others' and, read at the same rate, wrapped epochs several times while other documents were never read."""
+    heap = [(0, r) for r in range(world)]
+    out: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(rows)), key=lambda i: (-rows[i], i)):
+        load, r = heapq.heappop(heap)
+        out[r].append(i)
+        heapq.heappush(heap, (load + rows[i], r))
+    return [sorted(x) for x in out]
+
+
+def _parquet_docs(src: SourceRef, rank: int, world: int, start: int, balanced: bool = True) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     keep = _keeper(src)
@@ -133,7 +151,9 @@ def _parquet_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator
             seen += len(vals)
 
     if len(units) >= world:  # whole row groups per rank; skip by footer row counts
-        for f, g, n, first in units[rank::world]:
+        mine = [units[i] for i in deal_row_groups([u[2] for u in units], world)[rank]] if balanced \
+            else units[rank::world]
+        for f, g, n, first in mine:
             skip, kept = _first_kept(keep, first, n, start)
             start -= kept
             if skip >= n:
@@ -248,12 +268,16 @@ def _hf_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]
 _READERS = {"parquet": _parquet_docs, "jsonl": _jsonl_docs, "text": _text_docs, "hf": _hf_docs}
 
 
-def documents(src: SourceRef, rank: int = 0, world: int = 1, start: int = 0) -> Iterator[str]:
-    """This rank's documents of ``src`` in shard order, from position ``start`` (one epoch)."""
+def documents(src: SourceRef, rank: int = 0, world: int = 1, start: int = 0, balanced: bool = True
+              ) -> Iterator[str]:
+    """This rank's documents of ``src`` in shard order, from position ``start`` (one epoch). ``balanced``: parquet
+    row groups dealt by :func:`deal_row_groups` (False: ``i % world``, how a state without ``dealing`` was read)."""
     if src.format not in _READERS:
         raise ValueError(f"data source {src.name!r}: format {src.format!r} is not streamable ({', '.join(FORMATS)})")
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    if src.format == "parquet" and not balanced:
+        return _parquet_docs(src, rank, world, start, balanced=False)
     return _READERS[src.format](src, rank, world, start)
 
 
@@ -267,9 +291,10 @@ class _SourceStream:
         self.epoch, self.docs = 0, 0
         self.buffer: list[int] = []
         self._it: Iterator[str] | None = None
+        self.balanced = True  # parquet row groups by deal_row_groups (False: restored from a state without it)
 
     def _open(self) -> None:
-        self._it = documents(self.src, self.rank, self.world, self.docs)
+        self._it = documents(self.src, self.rank, self.world, self.docs, self.balanced)
 
     def next_window(self) -> list[int]:
         need = self.seq_len + 1
@@ -293,10 +318,12 @@ class _SourceStream:
         return window
 
     def state(self) -> dict:
-        return {"name": self.src.name, "epoch": self.epoch, "docs": self.docs, "buffer": list(self.buffer)}
+        return {"name": self.src.name, "epoch": self.epoch, "docs": self.docs, "buffer": list(self.buffer),
+                "dealing": "balanced" if self.balanced else "strided"}
 
     def restore(self, st: dict) -> None:
         self.epoch, self.docs, self.buffer = int(st["epoch"]), int(st["docs"]), [int(t) for t in st["buffer"]]
+        self.balanced = st.get("dealing", "strided") == "balanced"  # the shard `docs` counts in
         self._it = None  # re-opened lazily at `docs`
 
 
