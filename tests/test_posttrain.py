@@ -714,3 +714,38 @@ def test_grpo_without_kl_runs_no_reference_forward():
                group_size=2, prompts_per_step=1, max_new_tokens=2, kl_coef=0.04, pad_id=TOK.pad_id,
                reference=Reference(ref_model))
     assert calls  # the hook sees the reference's forwards when there is a KL term
+
+
+def test_post_training_forwards_run_under_pretrainings_bf16_autocast():
+    """Post-training ran its forwards in fp32 whatever the precision (pre-training autocasts to bf16 on CUDA, and the
+    stage plans assume bf16 compute). bf16_forwards puts a module's forward under the same autocast (CPU: only with
+    cpu_bf16, as pre-training), the backward outside it; a deepcopy (DPO's frozen reference) computes with its own
+    weights."""
+    import copy
+
+    from llmc.runtime.posttrain import bf16_forwards
+    from llmc.runtime.train import _autocast
+
+    class Job:
+        precision = "bf16"
+
+    m = _model()
+    ids = torch.randint(0, 50, (2, 8))
+    assert m(ids).dtype == torch.float32
+    assert bf16_forwards(m, Job, torch.device("cpu")) is m and m(ids).dtype == torch.float32  # CPU: fp32 by default
+    bf16_forwards(m, Job, torch.device("cpu"), cpu_bf16=True)
+    out = m(ids)
+    assert out.dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
+    with _autocast(Job, torch.device("cpu"), True):
+        ref = _model()(ids)  # the same weights (seeded), the same autocast by hand
+    assert torch.equal(out, ref)
+    out.float().sum().backward()  # the backward outside autocast, grads in the parameters' fp32
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in m.parameters())
+    twin = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    assert twin(ids).dtype == torch.bfloat16 and not torch.equal(twin(ids), m(ids))
+    Job.precision = "fp32"
+    plain = _model()
+    assert bf16_forwards(plain, Job, torch.device("cpu"), cpu_bf16=True)(ids).dtype == torch.float32

@@ -302,7 +302,8 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
                 from llmc.runtime import posttrain
 
                 res = posttrain.run_stage(job, out, assets=assets, info=info, stop_after=stop_after,
-                                          max_seconds=max_seconds, resume=resume, fallback=fallback)
+                                          max_seconds=max_seconds, resume=resume, fallback=fallback,
+                                          cpu_bf16=cpu_bf16)
             else:
                 raise ValueError(f"stage kind {job.kind!r} is not runnable by the native trainer")
             finished = True

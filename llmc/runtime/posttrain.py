@@ -179,6 +179,27 @@ def post_layout(job: Any, world: int) -> dict:
     return {"dp_replicate": 1, "dp_shard": world, "tp": 1}
 
 
+def bf16_forwards(module: torch.nn.Module, job: Any, device: torch.device, cpu_bf16: bool = False) -> torch.nn.Module:
+    """``module`` whose forward runs under pre-training's bf16 autocast (``llmc.runtime.train._autocast``: precision
+    bf16 or fp8 on CUDA, on the CPU only with ``cpu_bf16``), as the stage plan's time and memory assume; the backward
+    stays outside it, as PyTorch's AMP guide asks (https://pytorch.org/docs/stable/amp.html). Returns ``module``."""
+    import contextlib
+    import types
+
+    from llmc.runtime.train import _autocast
+
+    if isinstance(_autocast(job, device, cpu_bf16), contextlib.nullcontext):
+        return module
+
+    def autocast_forward(self, *args, **kwargs):
+        with _autocast(job, device, cpu_bf16):
+            return type(self).forward(self, *args, **kwargs)
+
+    # a method bound to the module: a deepcopy (DPO's frozen reference) binds it to the copy, not to this module
+    module.forward = types.MethodType(autocast_forward, module)
+    return module
+
+
 def build_policy(job: Any, info: Any, out: Path, lora: Any | None, say=lambda *a: None):
     """(model, module to call, parameter count): the stage's model built as pre-training builds it
     (:func:`llmc.runtime.train._setup_model`: whole on every rank, or on meta and sharded for big models
@@ -256,7 +277,8 @@ def _loop_state(job: Any, out: Path, info: Any, lora: Any | None, layout: dict, 
 
 def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenizer: Any | None = None,
               model: torch.nn.Module | None = None, info: Any | None = None, *, stop_after: int | None = None,
-              max_seconds: float | None = None, resume: bool = True, fallback: bool = False) -> dict:
+              max_seconds: float | None = None, resume: bool = True, fallback: bool = False,
+              cpu_bf16: bool = False) -> dict:
     """Run an sft / dpo / grpo stage for real; returns (and writes to DONE.json, rank 0) the result dict.
 
     One process or every rank under torchrun (``info``: :class:`llmc.runtime.distributed.DistInfo`): FSDP2
@@ -316,7 +338,9 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     if (kind == "dpo" or kind == "grpo" and _grpo_kl(hyper, st) > 0) and lora is None and info.world > 1:
         from llmc.runtime.dpo import Reference
 
-        reference = Reference(wrapped, frozen=build_policy(job, info, out, None)[1])
+        reference = Reference(wrapped, frozen=bf16_forwards(build_policy(job, info, out, None)[1], job, info.device,
+                                                            cpu_bf16))
+    bf16_forwards(wrapped, job, info.device, cpu_bf16)
 
     # the stage's global batch (lock stage entry ``global_batch_seqs``), whatever the rank count
     batch = max(1, int(plan.get("global_batch_seqs") or job.global_batch_seqs))
