@@ -571,6 +571,22 @@ def test_sampling_stops_and_masks():
     assert lp.shape == mask.shape and bool((lp <= 0).all())
 
 
+def test_sampling_stops_on_eos_as_serving_does():
+    """A rollout ends on the turn's end token or on EOS (the exported generation config stops serving on both);
+    stopping only on the turn's end trained GRPO on tokens sampled after an EOS. Greedy rows whose first token is
+    made a stop token end there, mask 1 on it and nothing after."""
+    from llmc.runtime.chat import encode_prompt
+
+    m = _model()
+    p = encode_prompt([{"role": "user", "content": "1+1="}], TOK)
+    eot = TOK.token_to_id("<|eot_id|>")
+    full, mask = sample_group(m, p, 2, 6, eot, TOK.pad_id, 0.0)
+    first = int(full[0, len(p)])
+    assert first != eot and mask.shape[1] > 1  # the greedy rollout goes on past its first token ...
+    full, mask = sample_group(m, p, 2, 6, (eot, first), TOK.pad_id, 0.0)
+    assert mask.tolist() == [[1], [1]] and full[:, len(p):].tolist() == [[first], [first]]  # ... unless it stops
+
+
 def _p_correct(m, prompts):
     """Mean probability the policy assigns to the exactly-correct completion 'answer<|eot_id|>'."""
     from llmc.runtime.chat import encode_prompt

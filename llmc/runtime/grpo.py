@@ -78,7 +78,7 @@ def completion_logprobs(model: nn.Module, full: torch.Tensor, n_prompt: int, los
     return -model(full, targets=targets, loss_chunk=loss_chunk).nll[:, n_prompt - 1:-1]
 
 
-def sample_group(model: nn.Module, prompt_ids: list[int], G: int, max_new_tokens: int, stop_id: int,
+def sample_group(model: nn.Module, prompt_ids: list[int], G: int, max_new_tokens: int, stop_id: int | tuple[int, ...],
                  pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None,
                  all_done: Callable[[bool], bool] | None = None, device: torch.device | None = None,
                  kv_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +88,7 @@ def sample_group(model: nn.Module, prompt_ids: list[int], G: int, max_new_tokens
 
 
 @torch.no_grad()
-def sample_groups(model: nn.Module, prompts: list[list[int]], G: int, max_new_tokens: int, stop_id: int,
+def sample_groups(model: nn.Module, prompts: list[list[int]], G: int, max_new_tokens: int, stop_id: int | tuple[int, ...],
                   pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None,
                   all_done: Callable[[bool], bool] | None = None, device: torch.device | None = None,
                   kv_cache: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -100,7 +100,9 @@ def sample_groups(model: nn.Module, prompts: list[list[int]], G: int, max_new_to
     reads (and, sharded, gathers) the weights once for all the groups. ``kv_cache=False`` re-runs the whole
     sequence per token instead (prompts of one length only; the reference the cached path is tested against).
 
-    Tokens after a sequence's stop token are padding with mask 0; the stop token itself is kept (mask 1),
+    ``stop_id``: the token(s) a sequence ends on (the turn's end and the tokenizer's EOS: what the exported
+    generation config stops serving on). Tokens after a sequence's stop token are padding with mask 0; the stop
+    token itself is kept (mask 1),
     so the policy is also trained on when to stop. A group's columns end at its last sampled token. ``all_done
     (local_done)``: whether to stop now; the sharded runs pass a cross-rank AND, so every rank makes the same number
     of forward calls (FSDP2). Sampling draws on the CPU from ``generator``.
@@ -117,6 +119,7 @@ def sample_groups(model: nn.Module, prompts: list[list[int]], G: int, max_new_to
     x = torch.tensor(rows, dtype=torch.long, device=device)
     pad = torch.tensor([L - n for n in lens for _ in range(G)], dtype=torch.long)
     done = torch.zeros(len(rows), dtype=torch.bool)
+    stops = torch.tensor(sorted({stop_id} if isinstance(stop_id, int) else set(stop_id)), dtype=torch.long)
     masks = []
     cache = (KVCache(pad=pad if int(pad.max()) > 0 else None)) if kv_cache else None
     for _ in range(max_new_tokens):
@@ -131,7 +134,7 @@ def sample_groups(model: nn.Module, prompts: list[list[int]], G: int, max_new_to
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         masks.append((~done).long())
         x = torch.cat([x, nxt[:, None].to(x.device)], dim=1)
-        done = done | (nxt == stop_id)
+        done = done | torch.isin(nxt, stops)
         if (all_done or bool)(bool(done.all())):
             break
     model.train(was)
@@ -199,7 +202,8 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     if group_size < 2:
         raise ValueError("GRPO needs group_size >= 2 (one sample always has zero advantage)")
     a = TokAdapter(tok)
-    stop = end_token_id(tok, template)
+    eos = getattr(tok, "eos_id", None)  # serving stops on the turn's end and on EOS (hf_io's generation config)
+    stop = tuple(sorted({end_token_id(tok, template), *([int(eos)] if eos is not None else [])}))
     ref = None if kl_coef <= 0 else reference if reference is not None else Reference(model)  # KL 0: no ref passes
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
