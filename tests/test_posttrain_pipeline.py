@@ -66,6 +66,27 @@ def test_stage_lr_schedule_applies_to_dpo_and_grpo(tmp_path, kind):
     assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 7.75e-4, 5.5e-4, 3.25e-4])  # warmup 2, then 1 -> 0.1 linearly
 
 
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo"])
+def test_post_training_builds_the_optimizer_the_stage_plan_says(tmp_path, kind, monkeypatch):
+    """The lock's stage hyper carries the post-training AdamW (the spec's betas and eps, no weight decay); each
+    trainer builds exactly that one (SFT/DPO/GRPO hard-coded their betas, and GRPO's differed)."""
+    made = []
+    real = torch.optim.AdamW
+
+    def spy(params, **kw):
+        made.append(kw)
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    extra = {"grpo_group_size": 2, "max_new_tokens": 2, "prompts_per_step": 1} if kind == "grpo" else {}
+    job = _job(Stage(name=kind, kind=kind, data=BUILTIN, **extra), 1, 1e-3, batch=2)
+    opt = {"betas": [0.8, 0.9], "eps": 1e-6, "weight_decay": 0.0}
+    job = job.replace(stage_plan={**(job.stage_plan or {}), "hyper": {**((job.stage_plan or {}).get("hyper") or {}),
+                                                                      "optimizer": opt}})
+    run_stage(job, tmp_path / kind, tokenizer=TOK)
+    assert [(k["betas"], k["eps"], k["weight_decay"]) for k in made] == [((0.8, 0.9), 1e-6, 0.0)]
+
+
 def test_qlora_stage_merges_into_the_full_precision_base(tmp_path):
     """A QLoRA stage's merged checkpoint is the init model's full-precision weights + (alpha/r) B A (it used to be
     the NF4-dequantised weights + B A), and its PEFT adapter names that init model as its base."""

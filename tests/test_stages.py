@@ -671,6 +671,22 @@ def test_T104_T106():
     assert d.severity == "warning" and d.path == "stages.0.lora.rank"
 
 
+def test_post_training_stages_plan_the_specs_adam_settings_without_weight_decay():
+    """SFT / DPO / GRPO run AdamW with training.optimizer's betas and eps and no weight decay (TRL's default): the
+    stage plan says so (the lock's stage hyper, which the trainers read); continued training has no such entry (it
+    runs the pre-training optimizer, weight decay included)."""
+    text, plans, _ = spec("""\
+        - {name: s, kind: sft}
+        - {name: d, kind: dpo, init_from: s}
+        - {name: g, kind: grpo, init_from: d}
+        - {name: m, kind: midtrain, steps: 3}
+        """, model="tiny", gpu="cpu", count=1, seq=128, tok="    train: true")
+    _ = text
+    got = {p.name: p.hyper.get("optimizer") for p in plans}
+    assert got == {"s": {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}, "d": got["s"], "g": got["s"],
+                   "m": None}
+
+
 def test_G011_grpo_without_a_verifier():
     """reward: none used to pass the compiler and fail only when the run reached the GRPO stage (the runtime has
     no reward without a verifier): an error at the spec line; left out, the reward is the arithmetic verifier."""

@@ -200,6 +200,10 @@ def _cycles(parent: dict[str, str]) -> list[list[str]]:
 # ----------------------------------------------------------------------------- training numbers
 
 
+#: post-training (SFT / DPO / GRPO) decays no weights: transformers' / TRL's default (TrainingArguments.weight_decay)
+POSTTRAIN_WEIGHT_DECAY = 0.0
+
+
 def default_chat_template(specials: set[str] | None) -> str:
     """The chat template of a stage whose spec names none: the first whose special tokens the tokenizer has (llama3,
     then phi4 before chatml, whose tokens phi4's include, then phi3, gemma), else llama3 (llmc's own tokenizer's
@@ -239,6 +243,10 @@ def kind_hyper(run: RunSpec, st: StageBase, specials: set[str] | None = None) ->
         pick("loss_mask", "loss_mask", st.loss_mask, "assistant")
     if st.kind in CHAT_KINDS:
         pick("chat_template", "chat_template", tokenizer_for(run, st).chat_template, default_chat_template(specials))
+        # AdamW as the runtime builds it: the spec's betas and eps; no weight decay (TRL's default, weight_decay 0.0 in
+        # transformers' TrainingArguments, https://huggingface.co/docs/transformers/main_classes/trainer)
+        o = run.training.optimizer
+        h["optimizer"] = {"betas": list(o.betas), "eps": o.eps, "weight_decay": POSTTRAIN_WEIGHT_DECAY}
     return h, chosen
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from llmc.runtime.chat import IGNORE_INDEX, encode_prompt_response
 from llmc.runtime.lora import disable_adapters, lora_modules
-from llmc.runtime.sft import DataShard, LoopState, clip_grads, next_token_targets, pad_batch
+from llmc.runtime.sft import DataShard, LoopState, adamw, clip_grads, next_token_targets, pad_batch
 
 
 def sequence_logprobs(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, loss_chunk: int = 0) -> torch.Tensor:
@@ -105,8 +105,8 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
               log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
               device: torch.device | None = None, state: LoopState | None = None,
               micro_batch: int | None = None, loss_chunk: int = 0,
-              lr_factor: Callable[[int], float] | None = None) -> list[dict]:
-    """DPO with AdamW, LR = lr * lr_factor(step) (the stage's schedule, ``TrainJob.lr_factor``, as
+              lr_factor: Callable[[int], float] | None = None, optimizer: dict | None = None) -> list[dict]:
+    """DPO with AdamW (``optimizer``: the stage plan's settings, :func:`llmc.runtime.sft.adamw`), LR = lr * lr_factor(step) (the stage's schedule, ``TrainJob.lr_factor``, as
     :func:`llmc.runtime.sft.train_sft`; constant when None); returns per-step stats (loss, margin, rewards,
     accuracy, lr), means over the global batch of pairs; ``shard``: this data-parallel rank's share of each step's
     pairs; ``state``: resume / stop / mid-stage checkpoints (:class:`llmc.runtime.sft.LoopState`); ``micro_batch``:
@@ -126,7 +126,7 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
               f"seq_len {max_len}", flush=True)
     ref = reference or Reference(model)  # before a resume loads trained weights: the reference is the start
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = adamw(params, lr, optimizer)
     rng = random.Random(seed)
     model.train()
     todo = state.begin(model, opt, steps, rng)

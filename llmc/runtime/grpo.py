@@ -26,7 +26,7 @@ from torch import nn
 
 from llmc.runtime.chat import IGNORE_INDEX, TokAdapter, encode_prompt, end_token_id
 from llmc.runtime.dpo import Reference
-from llmc.runtime.sft import DataShard, LoopState, clip_grads
+from llmc.runtime.sft import DataShard, LoopState, adamw, clip_grads
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -177,7 +177,8 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
                device: torch.device | None = None, state: LoopState | None = None,
                micro_batch: int | None = None, sampling_groups: int | None = None, loss_chunk: int = 0,
-               lr_factor: Callable[[int], float] | None = None, max_prompt_tokens: int | None = None) -> list[dict]:
+               lr_factor: Callable[[int], float] | None = None, max_prompt_tokens: int | None = None,
+               optimizer: dict | None = None) -> list[dict]:
     """GRPO on ``prompts`` ({prompt: messages, ...}); ``reward_fn(completion_text, item)``. Returns stats per step.
 
     ``shard``: each step's prompts are split over the data-parallel ranks (each rank samples its groups with
@@ -206,7 +207,7 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     stop = tuple(sorted({end_token_id(tok, template), *([int(eos)] if eos is not None else [])}))
     ref = None if kl_coef <= 0 else reference if reference is not None else Reference(model)  # KL 0: no ref passes
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = adamw(params, lr, optimizer, betas=(0.9, 0.99))  # optimizer: the stage plan's (sft.adamw)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed + 1_000_003 * shard.rank)
     ctx = getattr(getattr(model, "arch", None), "max_seq_len", None)

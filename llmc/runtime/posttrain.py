@@ -472,7 +472,8 @@ def _run_sft(c: _Loop) -> dict:
     ex = encode_conversations(load_stage_data(job, "chat"), c.tok, c.template, mask)
     losses = train_sft(c.model, ex, steps=c.steps, lr=c.lr, batch_size=c.batch, pad_id=c.pad_id, max_len=c.seq_len,
                        grad_clip=job.grad_clip, lr_factor=job.lr_factor, seed=job.seed, log=c.log,
-                       shard=c.shard, device=c.device, state=c.state, micro_batch=_micro(job), loss_chunk=job.loss_chunk)
+                       shard=c.shard, device=c.device, state=c.state, micro_batch=_micro(job), loss_chunk=job.loss_chunk,
+                       optimizer=c.hyper.get("optimizer"))
     return {"loss_first": losses[0], "loss_last": losses[-1], "loss_mask": mask, "examples": len(ex)}
 
 
@@ -485,7 +486,7 @@ def _run_dpo(c: _Loop) -> dict:
     hist = train_dpo(c.model, pairs, steps=c.steps, lr=c.lr, beta=beta, batch_size=c.batch, pad_id=c.pad_id,
                      max_len=c.seq_len, grad_clip=job.grad_clip, seed=job.seed, log=c.log, shard=c.shard,
                      device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job),
-                     loss_chunk=job.loss_chunk, lr_factor=job.lr_factor)
+                     loss_chunk=job.loss_chunk, lr_factor=job.lr_factor, optimizer=c.hyper.get("optimizer"))
     return {"loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"], "margin_last": hist[-1]["margin"],
             "accuracy_last": hist[-1]["accuracy"], "beta": beta, "pairs": len(pairs)}
 
@@ -521,7 +522,7 @@ def _run_grpo(c: _Loop) -> dict:
                       kl_coef=kl, clip_eps=clip, inner_steps=mu, pad_id=c.pad_id, seed=job.seed, log=c.log,
                       shard=c.shard, device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job),
                       sampling_groups=job.sampling_groups, loss_chunk=job.loss_chunk, lr_factor=job.lr_factor,
-                      max_prompt_tokens=int(max_prompt) if max_prompt else None)
+                      max_prompt_tokens=int(max_prompt) if max_prompt else None, optimizer=hyper.get("optimizer"))
     k = max(1, len(hist) // 4)
     return {"reward_first": sum(h["reward_mean"] for h in hist[:k]) / k,
             "reward_last": sum(h["reward_mean"] for h in hist[-k:]) / k,

@@ -173,8 +173,17 @@ def encode_conversations(convs: list[list[dict]], tok, template: str = "llama3",
     return [encode_chat(c, tok, template, mask) for c in convs]
 
 
+def adamw(params: list, lr: float, optimizer: dict | None, betas: tuple[float, float] = (0.9, 0.95)
+          ) -> torch.optim.AdamW:
+    """A post-training stage's AdamW: ``optimizer`` is the stage plan's (the lock's stage ``hyper["optimizer"]``:
+    betas, eps, weight_decay); a lock without it keeps what llmc used before (``betas``, eps 1e-8, no decay)."""
+    o = optimizer or {}
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(o.get("betas", betas)), eps=float(o.get("eps", 1e-8)),
+                             weight_decay=float(o.get("weight_decay", 0.0)))
+
+
 def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, steps: int, lr: float,
-              batch_size: int = 8, pad_id: int = 0, max_len: int | None = None, weight_decay: float = 0.0,
+              batch_size: int = 8, pad_id: int = 0, max_len: int | None = None, optimizer: dict | None = None,
               grad_clip: float | None = 1.0, lr_factor: Callable[[int], float] | None = None, seed: int = 0,
               log: Callable[[int, dict], None] | None = None, shard: DataShard | None = None,
               device: torch.device | None = None, state: LoopState | None = None,
@@ -191,7 +200,7 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
     shard = shard or DataShard()
     state = state or LoopState()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    opt = adamw(params, lr, optimizer)
     rng = random.Random(seed)
     model.train()
     todo = state.begin(model, opt, steps, rng)

@@ -256,11 +256,12 @@ class Optimizer(SpecModel):
     lr: Float | None = Field(default=None, gt=0)
     """Peak learning rate. None = size-aware default (3e-4 at 1B -> 1e-4 at 70B, log-interpolated)."""
     betas: tuple[Beta, Beta] = (0.9, 0.95)
-    """Adam betas, each in [0, 1) (LLM pre-training uses beta2 = 0.95)."""
+    """Adam betas, each in [0, 1) (LLM pre-training uses beta2 = 0.95); every stage's, post-training's too."""
     eps: Float = Field(default=1e-8, gt=0)
     """Adam epsilon."""
     weight_decay: Float = Field(default=0.1, ge=0)
-    """Decoupled weight decay (PyTorch AdamW: theta -= lr * wd * theta)."""
+    """Decoupled weight decay (PyTorch AdamW: theta -= lr * wd * theta), of pre-training and continued training;
+    SFT / DPO / GRPO decay no weights (TRL's default; the stage plan's ``hyper.optimizer``)."""
 
 
 class Schedule(SpecModel):
