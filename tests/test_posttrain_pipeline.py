@@ -87,6 +87,28 @@ def test_post_training_builds_the_optimizer_the_stage_plan_says(tmp_path, kind, 
     assert [(k["betas"], k["eps"], k["weight_decay"]) for k in made] == [((0.8, 0.9), 1e-6, 0.0)]
 
 
+def test_a_lora_dpo_stage_trains_without_dropout(tmp_path, monkeypatch):
+    """DPO's implicit reward compares the policy with the reference, which runs without LoRA dropout: the stage runs
+    the policy without it too (TRL's DPOConfig disable_dropout; sft.dropout_off restores it after, see the GRPO
+    test)."""
+    import llmc.runtime.dpo as dpo
+    from llmc.runtime.lora import lora_modules
+
+    seen = []
+    real = dpo.sequence_logprobs
+
+    def spy(model, *a, **k):
+        seen.append({mod.dropout.p for mod in lora_modules(model)} or {None})
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(dpo, "sequence_logprobs", spy)
+    st = Stage(name="d", kind="dpo", data=BUILTIN, lora={"rank": 4, "alpha": 8, "dropout": 0.5, "targets": ["wq"]})
+    job = _job(st, 2, 1e-3, batch=2)
+    model = build_model(ARCH, seed=0)
+    run_stage(job, tmp_path / "d", tokenizer=TOK, model=model)
+    assert {0.0} in seen and all(s <= {0.0, None} for s in seen), seen  # the policy's passes: adapters at p 0
+
+
 def test_qlora_stage_merges_into_the_full_precision_base(tmp_path):
     """A QLoRA stage's merged checkpoint is the init model's full-precision weights + (alpha/r) B A (it used to be
     the NF4-dequantised weights + B A), and its PEFT adapter names that init model as its base."""

@@ -17,7 +17,6 @@ tokens, as TRL's GRPO truncates prompts from the left to ``max_prompt_length``
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import Callable
 
@@ -26,7 +25,7 @@ from torch import nn
 
 from llmc.runtime.chat import IGNORE_INDEX, TokAdapter, encode_prompt, end_token_id
 from llmc.runtime.dpo import Reference
-from llmc.runtime.sft import DataShard, LoopState, adamw, clip_grads
+from llmc.runtime.sft import DataShard, LoopState, adamw, clip_grads, dropout_off
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -146,20 +145,6 @@ def sample_groups(model: nn.Module, prompts: list[list[int]], G: int, max_new_to
         n_new = int(cols[-1]) + 1 if len(cols) else 0
         out.append((x[r, L - n:L + n_new], mask[r, :n_new]))
     return out
-
-
-@contextlib.contextmanager
-def dropout_off(model: nn.Module):
-    """Every dropout of ``model`` at p = 0 inside the context (TRL's ``disable_dropout_in_model``), restored after."""
-    mods = [m for m in model.modules() if isinstance(m, nn.Dropout)]
-    prev = [m.p for m in mods]
-    for m in mods:
-        m.p = 0.0
-    try:
-        yield model
-    finally:
-        for m, p in zip(mods, prev, strict=True):
-            m.p = p
 
 
 def truncate_prompts(encoded: list[list[int]], limit: int | None) -> tuple[list[list[int]], int]:

@@ -479,14 +479,18 @@ def _run_sft(c: _Loop) -> dict:
 
 def _run_dpo(c: _Loop) -> dict:
     from llmc.runtime.dpo import encode_pairs, train_dpo
+    from llmc.runtime.sft import dropout_off
 
     st, job = c.st, c.job
     beta = float(c.hyper.get("beta") or (st.dpo_beta if st is not None and st.dpo_beta else 0.1))
     pairs = encode_pairs(load_stage_data(job, "preference"), c.tok, c.template)
-    hist = train_dpo(c.model, pairs, steps=c.steps, lr=c.lr, beta=beta, batch_size=c.batch, pad_id=c.pad_id,
-                     max_len=c.seq_len, grad_clip=job.grad_clip, seed=job.seed, log=c.log, shard=c.shard,
-                     device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job),
-                     loss_chunk=job.loss_chunk, lr_factor=job.lr_factor, optimizer=c.hyper.get("optimizer"))
+    # dropout off (LoRA's adapters default to 0.05): the implicit reward compares the policy with the reference,
+    # which runs without it; TRL's DPOConfig disable_dropout=True (https://huggingface.co/docs/trl/dpo_trainer)
+    with dropout_off(c.model):
+        hist = train_dpo(c.model, pairs, steps=c.steps, lr=c.lr, beta=beta, batch_size=c.batch, pad_id=c.pad_id,
+                         max_len=c.seq_len, grad_clip=job.grad_clip, seed=job.seed, log=c.log, shard=c.shard,
+                         device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job),
+                         loss_chunk=job.loss_chunk, lr_factor=job.lr_factor, optimizer=c.hyper.get("optimizer"))
     return {"loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"], "margin_last": hist[-1]["margin"],
             "accuracy_last": hist[-1]["accuracy"], "beta": beta, "pairs": len(pairs)}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -171,6 +172,20 @@ def sft_loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
 def encode_conversations(convs: list[list[dict]], tok, template: str = "llama3", mask: str = "assistant"
                          ) -> list[tuple[list[int], list[int]]]:
     return [encode_chat(c, tok, template, mask) for c in convs]
+
+
+@contextlib.contextmanager
+def dropout_off(model: nn.Module):
+    """Every dropout of ``model`` at p = 0 inside the context (TRL's ``disable_dropout_in_model``; its DPO and GRPO trainers disable dropout by default), restored after."""
+    mods = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    prev = [m.p for m in mods]
+    for m in mods:
+        m.p = 0.0
+    try:
+        yield model
+    finally:
+        for m, p in zip(mods, prev, strict=True):
+            m.p = p
 
 
 def adamw(params: list, lr: float, optimizer: dict | None, betas: tuple[float, float] = (0.9, 0.95)
