@@ -278,10 +278,9 @@ def launch(
 ) -> None:
     """Run a built job: torchrun for native/torchtitan, the deepspeed launcher for DeepSpeed.
 
-    One launch per build at a time; stages run in order and finished ones are skipped, so after a
-    failure, fix the cause and run the same command again. A SIGTERM or SIGUSR1 (a preemption, a time
-    limit) makes llmc's runtime save the step it is on; the launch then exits 75 and the same command
-    resumes from that step."""
+    One launch per build at a time; stages run in order and finished ones are skipped, so after a failure, fix the cause and run the same command again.
+
+    A SIGTERM or SIGUSR1 (a preemption, a time limit) makes llmc's runtime save the step it is on; the launch then exits 75 and the same command resumes from that step."""
     from llmc.buildfs import BuildDirError, recover
     from llmc.launch import LaunchError, check_lock_integrity, launch_commands
 

@@ -30,12 +30,15 @@ T006   warning   global batch outside 2M-16M tokens for large pre-training
 T007   info      z-loss suggested for large runs
 T008   warning   MoE with a zero load-balancing loss
 T009   warning   Adam beta2 / weight decay far from LLM pre-training practice
+T010   error     fp8_recipe mxfp8 on a GPU without MX block-scaled fp8 tensor cores (before Blackwell)
+T011   error     an fp8_recipe the plan's backend does not run
 T012   warning   training.fp8_recipe set while training.precision is not fp8 (no effect)
 T013   warning   the backend that runs the plan does not apply training.compile, z_loss or loss_spike (timed and run
                  without it)
 B001   error     predicted days > budget.max_days
 B002   error     predicted cost > budget.max_usd
 B003   error     budget impossible even at 60 % MFU (with the budget that would be needed)
+B004   warning   the whole pipeline (every stage) predicted over budget.max_days / max_usd
 D001   error     data.tokens smaller than one optimizer step
 D002   warning   a source is repeated more than 4 epochs (info above 1 epoch)
 D003   info      effective mixture shares

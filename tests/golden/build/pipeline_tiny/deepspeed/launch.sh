@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # llmc 0.1.0: generated file, do not edit: change the spec and run `llmc build` again
 # targets: deepspeed 0.19.8, sglang 0.5, torch 2.14.1, torchtitan 0.3.0, vllm 0.33.0
-# spec sha256: 07ae8d204d028dae3adc80a3f95d4f1d0d9efbe55731ade2ccf70e2c71880260
+# spec sha256: c13bb38ca35f8b652f9b4515d8651a8431abe5121f8287c867193bc9cc450f82
 #
 # DeepSpeed 0.19.8 (data parallel + ZeRO-0), config in deepspeed/ds_config.json; a stage whose
 # batch / lr / steps differ runs deepspeed/ds_config.<stage>.json (llmc.runtime.ds_train picks it for --stage).
