@@ -520,12 +520,34 @@ def presets() -> None:
 
 
 @_command()
-def gpus() -> None:
-    """List the hardware table."""
+def gpus(
+    format: Annotated[str, typer.Option("--format", "-f", help="text or json")] = "text",
+) -> None:
+    """List the hardware table: each part's dense peaks, memory, links, node and price, with its source
+    (`--format json`: every field, as `hardware.gpu_overrides` names them)."""
+    import dataclasses
+
     from llmc.compiler.hardware import GPUS
 
-    for key, g in sorted(GPUS.items()):
-        typer.echo(f"{key:12s} {g.name}")
+    if format not in ("text", "json"):
+        _fail([f"llmc gpus: error[CLI] --format must be 'text' or 'json' (got {format!r}) (see `llmc gpus --help`)"])
+    if format == "json":
+        _echo(json.dumps({k: dataclasses.asdict(g) for k, g in sorted(GPUS.items())}, indent=2, sort_keys=True))
+        return
+
+    def num(x) -> str:
+        return "-" if not x else f"{x:,.0f}" if x >= 10 else f"{x:g}"
+
+    head = ("key", "bf16 TF", "fp8 TF", "HBM GiB", "HBM TB/s", "NVLink GB/s", "net Gb/s", "per node", "host GiB",
+            "$/GPU-h", "name")
+    rows = [(k, num(g.bf16_tflops), num(g.fp8_tflops), f"{g.hbm_gib:.0f}", f"{g.hbm_gbps / 1000:.2f}",
+             num(g.nvlink_gbps), num(g.net_gbps), str(g.gpus_per_node), num(g.host_gib), f"{g.usd_per_hour:.2f}",
+             g.name) for k, g in sorted(GPUS.items())]
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    for r in (head, *rows):
+        typer.echo("  ".join(c.ljust(w) if i in (0, len(head) - 1) else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+    typer.echo("\ndense peaks (no 2:4 sparsity); per GPU; each part's datasheet: llmc gpus --format json (source)")
 
 
 _PLAN_OPTIONS = {"--format": "format", "-f": "format", "--diff": "diff", "--set": "set_",

@@ -177,3 +177,31 @@ parallelism: {{dp_shard: 8}}
 
     slow, table, fast = tokens_per_s(8), tokens_per_s(GPUS["l40s"].pcie_gbps), tokens_per_s(256)
     assert slow < table < fast
+
+
+def test_llmc_gpus_prints_the_tables_figures_and_json_every_field():
+    """`llmc gpus` showed keys and names only, though the docs send users there for a part's figures: every row now
+    has the dense bf16 / fp8 peaks, HBM, links, node and price of the table (read back and compared), and
+    `--format json` every field, the datasheet source included."""
+    import dataclasses
+    import json
+
+    from typer.testing import CliRunner
+
+    from llmc.cli import app
+    from llmc.compiler.hardware import GPUS
+
+    r = CliRunner().invoke(app, ["gpus"])
+    assert r.exit_code == 0, r.output
+    rows = {ln.split()[0]: ln.split() for ln in r.output.splitlines()[1:] if ln.strip() and ln.split()[0] in GPUS}
+    assert set(rows) == set(GPUS)
+    for key, cols in rows.items():
+        g = GPUS[key]
+        assert float(cols[1].replace(",", "")) == pytest.approx(g.bf16_tflops, abs=0.5), key
+        assert cols[2] == "-" if g.fp8_tflops is None else float(cols[2].replace(",", "")) == pytest.approx(
+            g.fp8_tflops, abs=0.5)
+        assert float(cols[3]) == pytest.approx(g.hbm_gib, abs=0.5) and int(cols[7]) == g.gpus_per_node, key
+        assert float(cols[9]) == pytest.approx(g.usd_per_hour, abs=0.005), key
+    j = json.loads(CliRunner().invoke(app, ["gpus", "--format", "json"]).stdout)
+    assert j == {k: json.loads(json.dumps(dataclasses.asdict(g))) for k, g in GPUS.items()}
+    assert all(v["source"].startswith("http") or v["key"] == "cpu" for v in j.values())

@@ -233,8 +233,8 @@ class Hardware(SpecModel):
     ``llmc/compiler/hardware.py``: 400 for HGX H100 / H200 / B200, 200 for A100, 800 for B300 / GB300)."""
     host_memory_gib: Float | None = Field(default=None, ge=MIN_HW, le=MAX_HBM_GIB)
     """Host (CPU) memory per node in GiB, which optimizer and parameter offload fill (P016). None = the hardware
-    table's reference node where it gives one (``host_gib`` in ``llmc/compiler/hardware.py``, with its source;
-    ``llmc gpus`` lists only the keys and names)."""
+    table's reference node where it gives one (``host_gib``: ``llmc gpus``; its source in
+    ``llmc/compiler/hardware.py``)."""
     gpu_overrides: GpuOverrides | None = None
     """Override table fields of ``gpu`` (peaks, HBM, power, NVLink) or define a custom GPU."""
 
