@@ -556,8 +556,8 @@ def calibrate_measurements(ms: list[Measurement], inputs: list[str]):
     prov = {"llmc_version": llmc.__version__,
             "inputs": [{"path": str(p), "sha256": sha256_file(p)} for p in inputs],
             "runs": [m.label for m in ms]}
-    cal = calibrate(keys[0][0], keys[0][1], tps, mps, provenance=prov)
-    try:  # what `llmc plan --calibration` will accept: never write a file it would refuse
+    try:  # and what `llmc plan --calibration` will accept: never write a file it would refuse
+        cal = calibrate(keys[0][0], keys[0][1], tps, mps, provenance=prov)
         type(cal).from_json(cal.to_json())
     except ValueError as e:
         raise MeasurementError(inputs[0], 0, "K008", "fit", f"the fit is not usable ({e})",
@@ -572,7 +572,15 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
     factors, write the calibration JSON; print a summary. Bad input: one located line on stderr, exit 1."""
     try:
         ms: list[Measurement] = []
+        seen: dict[str, str] = {}
         for p in inputs:
+            f = Path(p) / "metrics.jsonl" if Path(p).is_dir() else Path(p)
+            digest = sha256_file(f) if f.is_file() else None  # (a FIFO or a missing file: read_any says so)
+            if digest is not None and digest in seen:  # a run counted twice narrows the leave-one-out band
+                raise MeasurementError(p, 0, "K001", "inputs", f"the same measurements as {seen[digest]} (given twice)",
+                                       "name each measured run once")
+            if digest is not None:
+                seen[digest] = p
             ms.extend(read_any(p, lock))
         if backend:
             ms = [m for m in ms if m.backend == backend]

@@ -14,16 +14,19 @@ Inputs:
   post-training loops (``stage, step, loss, ...``); event records (``"event"`` key) and a truncated last
   line are skipped.
 * ``lock``: predictions are read from it, never recomputed: ``time.step_seconds``,
-  ``time.tokens_per_second`` and ``time.mfu`` (the searched plan, i.e. the pre-training stage) and each
-  stage's ``stages[i].memory.per_gpu_bytes`` (falling back to ``memory.per_gpu_bytes``).
+  ``time.tokens_per_second`` and ``time.mfu`` (the searched plan, i.e. the pre-training stage); memory: the
+  pre-training's ``memory.allocated_bytes`` (what ``peak_mem_bytes``, the allocator's allocated peak, measures:
+  the must-fit ``per_gpu_bytes`` adds the allocator's reserve and the CUDA context), other stages'
+  ``stages[i].memory.per_gpu_bytes`` (the only figure their plans give: the row says "must-fit").
 
 Outputs in ``out_dir`` (created): per stage ``<stage>-loss.png``, ``<stage>-throughput.png``,
 ``<stage>-memory.png``, ``<stage>-mfu.png`` (a plot is skipped when no record has that metric), with the
 prediction drawn as a dashed horizontal line beside the measurement, and ``report.html``: a
 self-contained page (PNGs embedded as base64 data URIs) with a table of predicted vs measured values per
-stage. "Measured" is the median over the steady-state records (all but the first logged step, which
-carries start-up costs such as allocator warm-up and compilation) for step time, tokens/s and MFU, and
-the maximum for peak memory; the ratio column is measured / predicted.
+stage. "Measured" is the median over the steady-state records (those after
+:data:`llmc.measurements.WARMUP_STEPS` steps, which carry start-up costs such as allocator warm-up and
+compilation; all of them in a shorter run), as ``llmc calibrate`` takes it, for step time, tokens/s and MFU,
+and the maximum for peak memory; the ratio column is measured / predicted.
 
 Validation and benchmark evals: the validation records (``val_loss``, ``val_ppl``: every
 ``eval.validation.every_steps`` steps, merged into the step records) are drawn on the loss plot and
@@ -75,11 +78,12 @@ class StageMetrics:
         return [s for s, _ in pts], [v for _, v in pts]
 
     def steady(self, key: str) -> list[float]:
-        """Values after the first logged step (start-up excluded); all of them if that leaves none."""
+        """Values after the warm-up steps (:data:`llmc.measurements.WARMUP_STEPS`, as ``llmc calibrate``); all of
+        them if that leaves none."""
+        from llmc.measurements import WARMUP_STEPS
+
         steps, vals = self.series(key)
-        if not vals:
-            return []
-        rest = [v for s, v in zip(steps, vals, strict=True) if s > self.steps[0]]
+        rest = [v for s, v in zip(steps, vals, strict=True) if s > WARMUP_STEPS]
         return rest or vals
 
 
@@ -89,6 +93,12 @@ class Prediction:
     tokens_per_s: float | None = None
     mfu: float | None = None
     per_gpu_bytes: float | None = None
+    allocated_bytes: float | None = None  # the allocator's allocated peak (pre-training); None: not planned
+
+    @property
+    def memory_bytes(self) -> float | None:
+        """What a measured allocated peak compares with: the allocated prediction, else the must-fit figure."""
+        return self.allocated_bytes or self.per_gpu_bytes
 
 
 @dataclass(frozen=True)
@@ -327,7 +337,7 @@ def predictions(lock: dict, stage: str) -> Prediction:
         mem = _number(_get(lock, "memory", "per_gpu_bytes"))
     if stage == main or (main is None and st is None):
         return Prediction(*(_number(_get(lock, "time", k)) for k in ("step_seconds", "tokens_per_second", "mfu")),
-                          mem)
+                          mem, _number(_get(lock, "memory", "allocated_bytes")))
     return Prediction(per_gpu_bytes=mem)
 
 
@@ -341,8 +351,8 @@ def table(stages: list[StageMetrics], lock: dict) -> list[Row]:
                  Row(sm.name, "throughput", "tokens/s", p.tokens_per_s, med["tokens_per_s"]),
                  Row(sm.name, "MFU", "%", p.mfu * 100 if p.mfu is not None else None,
                      med["mfu"] * 100 if med["mfu"] is not None else None),
-                 Row(sm.name, "peak memory per GPU", "GiB", p.per_gpu_bytes / 2**30 if p.per_gpu_bytes else None,
-                     mem / 2**30 if mem is not None else None)]
+                 Row(sm.name, "peak memory per GPU" + (", allocated" if p.allocated_bytes else ", must-fit"), "GiB",
+                     p.memory_bytes / 2**30 if p.memory_bytes else None, mem / 2**30 if mem is not None else None)]
     return rows
 
 
@@ -350,7 +360,7 @@ def table(stages: list[StageMetrics], lock: dict) -> list[Row]:
 PLOTS = (
     ("loss", "loss", "training loss", "loss", 1.0, None),
     ("throughput", "tokens_per_s", "throughput", "tokens/s", 1.0, "tokens_per_s"),
-    ("memory", "peak_mem_bytes", "peak memory per GPU", "GiB", 1 / 2**30, "per_gpu_bytes"),
+    ("memory", "peak_mem_bytes", "peak memory per GPU", "GiB", 1 / 2**30, "memory_bytes"),
     ("mfu", "mfu", "model FLOPs utilisation", "MFU (%)", 100.0, "mfu"),
 )
 

@@ -277,3 +277,52 @@ def test_old_calibration_json_without_the_size_exponent_still_loads():
                       []).to_json()
     del d["factors"]["compute_size_exponent"]
     assert cal.Calibration.from_json(d).factors.compute_size_exponent == 0.0
+
+
+def test_steps_faster_than_the_communication_alone_are_no_fit():
+    """A whole job's tokens/s given as per-GPU makes every measured step shorter than llmc's communication and
+    optimizer time: no positive compute scale fits. The fit used to fall back to the identity and write it as a
+    calibration (band +-93%); it is an error now (K008 from `llmc calibrate`), while a leave-one-out fold keeps the
+    identity."""
+    pts = [TimePoint(f"r{i}", compute_s=1.0, comm_s=2.0, fixed_s=0.5, measured_s=0.2 + 0.01 * i) for i in range(4)]
+    with pytest.raises(ValueError, match="shorter than llmc's predicted communication"):
+        cal.fit(pts, [])
+    assert cal.fit_time(pts) == (1.0, 1.0, 0.0)
+
+
+def test_calibrated_reserved_memory_never_falls_below_allocated():
+    """A fitted negative overhead (points measured ~ 1.3 x predicted - 8 GiB) predicted negative reserved memory for
+    a small model; the caching allocator holds at least what it hands out."""
+    f = Factors(mem_scale=1.295, mem_overhead_bytes=-7.69 * GiB)
+    arch = PRESETS["llama3-8b"].model_copy(update={"n_layers": 2})
+    plan = ParallelPlan(dp_shard=8, micro_batch=1, grad_accum=1, activation_checkpointing="full")
+    m = memory.memory_per_gpu(arch, plan, 1024, "bf16", H100.hbm_bytes, factors=f)
+    assert 0 < m.allocated_bytes < 7.69 * GiB / 0.295  # small enough for the overhead to win
+    assert m.reserved_bytes == m.allocated_bytes and m.per_gpu_bytes == m.reserved_bytes + m.outside_allocator_bytes
+    big = dataclasses.replace(plan, micro_batch=64)
+    mb = memory.memory_per_gpu(arch, big, 8192, "bf16", H100.hbm_bytes, factors=f)
+    be = memory.get_backend(None)
+    assert mb.reserved_bytes == math.ceil(mb.allocated_bytes * be.reserved_over_allocated * 1.295 - 7.69 * GiB)
+
+
+def test_calibrate_refuses_the_same_measurements_twice_and_says_when_a_band_is_missing(tmp_path):
+    """The same file twice (or two copies) counted each run twice: the leave-one-out band narrowed (6.9% -> 5.3%)
+    with no warning. One run has no band: the plan says so instead of '+-nan%'."""
+    import shutil
+    import subprocess
+    import sys
+
+    rows = tmp_path / "runs.csv"
+    rows.write_text("id,model,gpus,gpu_key,backend,seq_len,global_batch,micro_batch,dp_shard,tp,tokens_per_s_per_gpu\n"
+                    "a,llama3-8b,8,h100-sxm,torchtitan,8192,16,2,8,1,5000\n")
+    copy = tmp_path / "copy.csv"
+    shutil.copy(rows, copy)
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", "calibrate", str(rows), str(copy), "-o",
+                        str(tmp_path / "c.json")], capture_output=True, text=True)
+    assert r.returncode == 1 and "error[K001]" in r.stderr and f"the same measurements as {rows}" in r.stderr, r.stderr
+    assert not (tmp_path / "c.json").exists()
+    one = cal.Calibration(backend="torchtitan", gpu="h100-sxm", factors=Factors(compute_scale=0.9), time_band=None,
+                          memory_band=None)
+    got = _compile(calibration=one)
+    assert got.calibration.calibrated and "nan" not in got.calibration.reason
+    assert "no leave-one-out error band" in got.calibration.reason and got.calibration.ranking_band_pct == 6.0

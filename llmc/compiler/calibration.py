@@ -184,9 +184,12 @@ def _size(d_model: float, gamma: float) -> float:
 
 
 def fit_time(points: list[TimePoint], *, comm_prior: float = COMM_PRIOR_WEIGHT,
-             size_prior: float | None = SIZE_PRIOR_WEIGHT) -> tuple[float, float, float]:
+             size_prior: float | None = SIZE_PRIOR_WEIGHT, strict: bool = False) -> tuple[float, float, float]:
     """(compute_scale, comm_scale, compute_size_exponent) minimising the squared relative step-time error plus
-    the ridge priors (module docstring). ``size_prior=None`` leaves the size term out (gamma = 0)."""
+    the ridge priors (module docstring). ``size_prior=None`` leaves the size term out (gamma = 0). When no
+    positive compute scale fits (every measured step shorter than llmc's communication and optimizer time alone,
+    e.g. a whole job's tokens/s given as per-GPU), ``strict`` raises ValueError; else the identity stands in
+    (a leave-one-out fold)."""
     pts = [p for p in points if p.measured_s > 0 and p.compute_s > 0]
     if not pts:
         return 1.0, 1.0, 0.0
@@ -208,6 +211,9 @@ def fit_time(points: list[TimePoint], *, comm_prior: float = COMM_PRIOR_WEIGHT,
         if best is None or obj < best[0] - 1e-15:
             best = (obj, a, b, g)
     if best is None:
+        if strict:
+            raise ValueError("every measured step is shorter than llmc's predicted communication and optimizer time "
+                             "alone, so no compute scale fits")
         return 1.0, 1.0, 0.0
     return 1.0 / best[1], best[2], best[3]
 
@@ -228,8 +234,9 @@ def fit_memory(points: list[MemPoint]) -> tuple[float, float]:
 
 
 def fit(time_points: list[TimePoint], mem_points: list[MemPoint]) -> Factors:
-    """All four factors from the measured runs (see the module docstring)."""
-    cs, ms, g = fit_time(time_points)
+    """All four factors from the measured runs (see the module docstring); ValueError when the time model
+    cannot fit them (:func:`fit_time` ``strict``)."""
+    cs, ms, g = fit_time(time_points, strict=True)
     mscale, mo = fit_memory(mem_points)
     return Factors(compute_scale=cs, comm_scale=ms, mem_scale=mscale, mem_overhead_bytes=mo,
                    compute_size_exponent=g)

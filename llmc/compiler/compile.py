@@ -457,8 +457,10 @@ def _backend_and_calibration(run, gpu, calibration, sink, gaps=(), titan_work=Tr
     eb = calibration.error_band_pct()
     band = (eb / 100.0) if (ok and eb is not None) else cal_mod.RANKING_BAND_UNCALIBRATED
     if ok:
-        reason = (f"calibrated for {name}/{gkey}: {calibration.factors.describe()}; expected tokens/s error "
-                  f"+-{eb if eb is not None else float('nan'):.1f}% (leave-one-out)")
+        err = (f"expected tokens/s error +-{eb:.1f}% (leave-one-out)" if eb is not None else
+               f"no leave-one-out error band (fewer than 2 timed runs): layouts within "
+               f"{100 * band:.0f}% of the fastest count as equal, as uncalibrated")
+        reason = f"calibrated for {name}/{gkey}: {calibration.factors.describe()}; {err}"
     else:
         reason = f"calibration for {calibration.backend}/{calibration.gpu} not applied: this run is {name}/{gkey}"
     info = CalibrationStatus(calibrated=ok, reason=reason, error_band_pct=eb if ok else None,

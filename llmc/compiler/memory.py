@@ -962,7 +962,8 @@ def memory_per_gpu(
 
     ``allocated_bytes`` is the peak of tensors (``torch.cuda.max_memory_allocated``) on the most loaded
     stage; ``reserved_bytes`` what the caching allocator holds for it (``max_memory_reserved``: allocated
-    x the backend's ``reserved_over_allocated``, x calibration ``mem_scale`` + ``mem_overhead_bytes``);
+    x the backend's ``reserved_over_allocated``, x calibration ``mem_scale`` + ``mem_overhead_bytes``, never
+    below allocated);
     ``per_gpu_bytes`` = reserved + the device memory outside the allocator (CUDA context, NCCL): what
     must fit in the GPU, and what ``fits`` compares with the capacity.
 
@@ -983,8 +984,14 @@ def memory_per_gpu(
                            _offload_level(offload_optimizer, offload_params), grad_bytes_per_param, flash_attention, be,
                            compile, compile_loss, loss_chunks, runs=runs)
     ceil = math.ceil
+
+    def reserved(allocated: float) -> float:
+        """allocated x scale + extra, and never below allocated: the caching allocator holds at least what it hands
+        out (a calibration's negative overhead or a scale under 1 would predict less)."""
+        return max(allocated, allocated * scale + extra)
+
     # reserved = (StageMemory.total - outside) x scale + extra; what must fit = reserved + outside
-    totals = [int(ceil(((w + gr + op + acts + buf) - outside) * scale + extra + outside))
+    totals = [int(ceil(reserved((w + gr + op + acts + buf) - outside) + outside))
               for _, _, w, gr, op, acts, buf in values]
     peak = totals.index(max(totals)) if len(totals) > 1 else 0  # the first stage with the peak
     s = StageMemory(*values[peak][2:])
@@ -994,7 +1001,7 @@ def memory_per_gpu(
         breakdown=s.as_dict(),
         per_stage_bytes=[] if runs else totals,
         allocated_bytes=int(ceil(s.total - outside)),
-        reserved_bytes=int(ceil((s.total - outside) * scale + extra)),
+        reserved_bytes=int(ceil(reserved(s.total - outside))),
         outside_allocator_bytes=int(outside),
         backend=be.name,
     )
