@@ -765,3 +765,33 @@ def test_post_training_forwards_run_under_pretrainings_bf16_autocast():
     Job.precision = "fp32"
     plain = _model()
     assert bf16_forwards(plain, Job, torch.device("cpu"), cpu_bf16=True)(ids).dtype == torch.float32
+
+
+def test_document_text_quoting_special_tokens_stays_text_while_templates_place_theirs(tmp_path):
+    """A web page quoting "<|end_of_text|>" encoded to the EOS id (tokenizers reads added tokens out of any text), a
+    fake document boundary in the packed stream; a chat turn could forge a turn end. llmc's tokenizer reads document
+    text as text (an exact round trip, no special id), while a chat template's own special tokens are still single
+    ids, equal to transformers' apply_chat_template. Its config no longer claims a BOS that pre-training never saw."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from llmc.runtime.tokenizer import TextTokenizer, train_bpe
+    from llmc.spec.chat import CHAT_TEMPLATES
+
+    path = train_bpe(["the quick brown fox jumps over the lazy dog " * 3] * 50, 400, tmp_path / "tok")
+    tok = TextTokenizer(path)
+    specials = {tok.token_id(s) for s in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")}
+    doc = "a page quoting <|end_of_text|> and <|eot_id|> and <|begin_of_text|> literally"
+    ids = tok.encode(doc)
+    assert not specials & set(ids) and tok.decode(ids) == doc
+    conv = [{"role": "user", "content": "the fox"}, {"role": "assistant", "content": "the dog"}]
+    t = CHAT_TEMPLATES["llama3"]
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=t.bos,
+                                              chat_template=t.jinja)
+    got, _ = encode_chat(conv, tok, "llama3")
+    assert got == hf.apply_chat_template(conv, tokenize=True, return_dict=False)
+    assert got.count(tok.token_id("<|eot_id|>")) == 2 and tok.tok.encode_special_tokens is True  # restored
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    assert cfg["add_bos_token"] is False
+    auto = transformers.AutoTokenizer.from_pretrained(str(path))
+    assert auto("the fox")["input_ids"] == tok.encode("the fox")  # no BOS, as pre-training packed it

@@ -128,7 +128,12 @@ def _encode_segments(segs: list[tuple[str, bool, bool]], a: TokAdapter) -> tuple
     tk = _whole_string_encoder(a.tok)
     if tk is not None:
         text = "".join(s for s, _, _ in segs)
-        enc = tk.encode(text, add_special_tokens=False)
+        plain = tk.encode_special_tokens  # (llmc's TextTokenizer reads document text with special tokens as text)
+        tk.encode_special_tokens = False  # a rendered template's special tokens are its own, as HF reads them
+        try:
+            enc = tk.encode(text, add_special_tokens=False)
+        finally:
+            tk.encode_special_tokens = plain
         spans, pos = [], 0
         for s, special, train in segs:
             spans.append((pos, pos + len(s), special, train))

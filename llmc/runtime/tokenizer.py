@@ -44,7 +44,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_fr
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-        "add_bos_token": True, "add_eos_token": False,
+        "add_bos_token": False, "add_eos_token": False,  # as trained: documents are packed without BOS
         "model_max_length": 1_000_000_000,
         "additional_special_tokens": [START_HEADER, END_HEADER, EOT],
     }
@@ -66,6 +66,10 @@ class TextTokenizer:
         if not file.exists():
             raise FileNotFoundError(f"{file}: no tokenizer.json (run `python -m llmc.runtime.entry prepare`)")
         self.tok = Tokenizer.from_file(str(file))
+        # a document's text is text: "<|end_of_text|>" quoted in a web page is not the EOS that separates packed
+        # documents (tokenizers otherwise reads every added token out of the text). Chat templates, which place
+        # special tokens on purpose, encode with it off (llmc.runtime.chat).
+        self.tok.encode_special_tokens = True
         cfg_file = self.dir / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
 
