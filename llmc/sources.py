@@ -3,20 +3,121 @@
 Used by the data-quality pipeline (:mod:`llmc.quality`), the runtime's packers and validation split
 (:mod:`llmc.runtime.data`) and the streaming loader (:mod:`llmc.runtime.stream`), so that every part of
 llmc reads the same documents in the same order: sorted files, file order inside each; ``text``: one
-document per file; ``jsonl``: ``text_field`` of each non-blank line; ``parquet``: the ``text_field``
-column via pyarrow, nulls skipped.
+document per file; ``jsonl``: ``text_field`` of each non-blank line (a UTF-8 BOM is accepted); ``parquet``:
+the ``text_field`` column via pyarrow; ``hf``: the ``text_field`` column of a ``datasets`` ``save_to_disk``
+folder, row order.
+
+One rule for every reader (:func:`doc_text`): a null text is the empty document ``""`` (so document
+indices, which the held-out split hashes, agree everywhere); a number, list or object is an error naming
+the file and line; lone UTF-16 surrogates (valid JSON, e.g. an emoji cut in half: ``"\\ud83d"``) become
+U+FFFD, so every document is valid Unicode (:func:`clean_text`). Bad input is one ``ValueError`` /
+``KeyError`` naming the file and line, never a traceback from deep inside.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 #: file suffixes of each file format
 SUFFIXES = {"text": (".txt", ".md", ".text"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_KIND = {dict: "an object", list: "an array", int: "a number", float: "a number", bool: "a boolean",
+              str: "a string"}
+
+
+def clean_text(text: str) -> str:
+    """``text`` as valid Unicode: lone UTF-16 surrogates -> U+FFFD, valid surrogate pairs joined (UTF-16
+    round trip with ``surrogatepass`` / ``replace``; the Python ``codecs`` error handlers). ``json.loads``
+    accepts a lone ``\\ud83d`` escape, which no UTF-8 encoder (tokenizer, writer) accepts."""
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def doc_text(value: object, field: str, where: object) -> str:
+    """The document of one record's ``field`` value: a string (cleaned), None -> "" (an empty document keeps
+    the document indices), anything else a ``ValueError`` naming ``where`` (file:line)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if value is None:
+        return ""
+    raise ValueError(f"{where}: field {field!r} is {_JSON_KIND.get(type(value), type(value).__name__)}, "
+                     f"not a string; hint: point text_field at a string field")
+
+
+def jsonl_record(line: str, where: object, field: str = "text") -> dict:
+    """One JSONL line as a JSON object (read with :func:`open_jsonl`, so bytes that are not UTF-8 show up here
+    as lone surrogates and are reported with their line); ``field`` only names the example in the hint."""
+    bad = _SURROGATE.search(line)
+    if bad:  # a JSON \\ud83d escape is six ASCII characters: a surrogate here is an undecodable byte
+        raise ValueError(f"{where}: not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at column "
+                         f"{bad.start() + 1}); hint: re-encode the file as UTF-8")
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON: {e.msg} (column {e.colno}); "
+                         f"hint: each line must be one JSON object") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: {_JSON_KIND.get(type(rec), 'null')}, not a JSON object; "
+                         f"hint: each line must be one JSON object such as {{{json.dumps(field)}: \"...\"}}")
+    return rec
+
+
+def jsonl_text(line: str, field: str, where: object) -> str:
+    """The document of one JSONL line (:func:`jsonl_record`, then :func:`doc_text` of its ``field``)."""
+    rec = jsonl_record(line, where, field)
+    if field not in rec:
+        raise KeyError(f"{where}: no field {field!r} (set text_field on the source)")
+    return doc_text(rec[field], field, where)
+
+
+def open_jsonl(path: str | Path):
+    """A JSONL file for :func:`jsonl_text`: text mode, a leading UTF-8 BOM dropped (the ``json`` docs suggest
+    tolerating it), undecodable bytes kept as surrogates for a located error."""
+    return open(path, encoding="utf-8-sig", errors="surrogateescape")
+
+
+def read_text_file(path: str | Path) -> str:
+    """One ``text`` document: UTF-8 (a leading BOM dropped, undecodable bytes -> U+FFFD)."""
+    return clean_text(Path(path).read_text(encoding="utf-8-sig", errors="replace"))
+
+
+def check_text_column(schema, field: str, where: object) -> None:
+    """A pyarrow schema's ``field`` exists and holds strings (or only nulls), else a located error."""
+    import pyarrow as pa
+
+    if field not in schema.names:
+        raise KeyError(f"{where}: no column {field!r} (set text_field on the source)")
+    t = schema.field(field).type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+            or getattr(pa.types, "is_string_view", lambda _: False)(t)):
+        raise ValueError(f"{where}: column {field!r} holds {t}, not strings; hint: point text_field at a "
+                         f"string column")
+
+
+def hf_saved(path: str | Path):
+    """The ``datasets`` ``Dataset`` of a ``save_to_disk`` folder (memory-mapped; a DatasetDict's ``train``)."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))  # memory-mapped Arrow files, read in place
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"{path}: a DatasetDict without a 'train' split ({sorted(ds)})")
+        ds = ds["train"]
+    return ds
+
+
+def is_hf_saved(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
 
 
 @dataclass(frozen=True)
@@ -46,43 +147,61 @@ def files_of(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def expand_paths(path: str | Path, fmt: str) -> list[Path]:
-    """The files of a ``text`` / ``jsonl`` / ``parquet`` source, sorted."""
+    """The files of a ``text`` / ``jsonl`` / ``parquet`` / ``hf`` source, sorted (``hf``: every file of a
+    ``save_to_disk`` folder, else its parquet / jsonl files)."""
+    if fmt == "hf":
+        if is_hf_saved(path):
+            return sorted(f for f in Path(path).rglob("*") if f.is_file())
+        return files_of(path, SUFFIXES["parquet"] + SUFFIXES["jsonl"])
     if fmt not in SUFFIXES:
-        raise ValueError(f"unsupported source format {fmt!r} (text, jsonl, parquet)")
+        raise ValueError(f"unsupported source format {fmt!r} (text, jsonl, parquet, hf)")
     return files_of(path, SUFFIXES[fmt])
 
 
 def iter_documents(path: str | Path, fmt: str, text_field: str = "text",
                    shard: int = 0, num_shards: int = 1) -> Iterator[tuple[int, str, str]]:
     """(index in source, "file:line" location, text) for documents with index % num_shards == shard."""
+    if fmt == "hf" and not is_hf_saved(path):  # a folder of parquet / jsonl files: read as that format
+        kinds = {f.suffix for f in expand_paths(path, fmt)}
+        if len(kinds) > 1:
+            raise ValueError(f"{path}: mixes {sorted(kinds)} files; use one format per source")
+        fmt = "parquet" if kinds == {".parquet"} else "jsonl"
+    if fmt == "hf":
+        ds = hf_saved(path)
+        check_text_column(ds.data.schema, text_field, path)
+        col = ds.select_columns([text_field]).with_format("arrow")
+        for first in range(0, len(col), 1024):
+            vals = col[first:first + 1024].column(0).to_pylist()
+            for j, t in enumerate(vals):
+                idx = first + j
+                if idx % num_shards == shard:
+                    yield idx, f"{Path(path).name}:{idx + 1}", doc_text(t, text_field, f"{path}:{idx + 1}")
+        return
     idx = 0
     for f in expand_paths(path, fmt):
         if fmt == "text":
             if idx % num_shards == shard:
-                yield idx, f"{f.name}", f.read_text(encoding="utf-8", errors="replace")
+                yield idx, f"{f.name}", read_text_file(f)
             idx += 1
         elif fmt == "jsonl":
-            with open(f, encoding="utf-8") as fh:
+            with open_jsonl(f) as fh:
                 for n, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
                     if idx % num_shards == shard:
-                        rec = json.loads(line)
-                        if text_field not in rec:
-                            raise KeyError(f"{f}:{n}: no field {text_field!r} (set text_field on the source)")
-                        yield idx, f"{f.name}:{n}", str(rec[text_field])
+                        yield idx, f"{f.name}:{n}", jsonl_text(line, text_field, f"{f}:{n}")
                     idx += 1
         else:
             import pyarrow.parquet as pq
 
+            pf = pq.ParquetFile(f)
+            check_text_column(pf.schema_arrow, text_field, f)
             row = 0
-            for batch in pq.ParquetFile(f).iter_batches(columns=[text_field], batch_size=1024):
+            for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
                 for t in batch.column(0).to_pylist():
                     row += 1
-                    if t is None:
-                        continue
                     if idx % num_shards == shard:
-                        yield idx, f"{f.name}:{row}", str(t)
+                        yield idx, f"{f.name}:{row}", doc_text(t, text_field, f"{f}: row {row}")
                     idx += 1
 
 

@@ -176,10 +176,58 @@ def test_text_and_parquet_sources_exact_only(tmp_path):
     t, p = res.sources["t"], res.sources["p"]
     assert (t.documents, t.removed["exact_dup"].documents) == (5, 1)
     assert t.removed["exact_dup"].examples[0] == {"id": "t/4", "location": "9.txt", "duplicate_of": "t/1"}
-    # parquet: null skipped; texts[2] duplicates t/2 across sources; the second texts[4] duplicates p/1
-    assert (p.documents, p.removed["exact_dup"].documents, p.kept_documents) == (4, 2, 2)
-    assert {e["duplicate_of"] for e in p.removed["exact_dup"].examples} == {"t/2", "p/1"}
+    # parquet: a null is the empty document p/1 (as in the training stream, so indices agree); texts[2]
+    # duplicates t/2 across sources; the second texts[4] duplicates p/2
+    assert (p.documents, p.removed["exact_dup"].documents, p.kept_documents) == (5, 2, 3)
+    assert {e["duplicate_of"] for e in p.removed["exact_dup"].examples} == {"t/2", "p/2"}
     kept = [json.loads(line)["text"] for f in sorted(res.outputs["p"].glob("*.jsonl"))
             for line in f.read_text().splitlines()]
-    assert sorted(kept) == sorted([texts[4], texts[5]])
+    assert sorted(kept) == sorted(["", texts[4], texts[5]])
     assert res.banding is None
+
+
+def test_documents_without_words_are_never_near_duplicates(tmp_path):
+    # no \w word -> no shingle; every empty set has the same MinHash, so all of them used to collide in LSH
+    texts = ["🙂🎉🚀 🙂🎉🚀", "-----", "→ ← ↑ ↓", "+++ !!! ???", "📈📉", "", "A real document with several words."]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts + ["-----"]))  # one exact copy
+    assert all(not words(t) for t in texts[:6])
+    res = run_quality([QualitySource("d", str(data))], QualityConfig(exact=True, near_dup=NearDupConfig()),
+                      tmp_path / "out")
+    rep = res.sources["d"]
+    assert rep.removed["near_dup"].documents == 0
+    assert rep.removed["exact_dup"].documents == 1  # exact dedup still applies to them
+    assert rep.removed["exact_dup"].examples[0] == {"id": "d/7", "location": "d.jsonl:8", "duplicate_of": "d/1"}
+    assert rep.kept_documents == len(texts)
+
+
+def _edit(w: list[str], k: int, rng: random.Random, vocab: list[str]) -> str:
+    """``w`` with ``k`` words replaced, 10 apart: each changes 5 of the 96 word 5-grams, J = (96-5k)/(96+5k)."""
+    w = list(w)
+    for p in range(5, 5 + 10 * k, 10):
+        w[p] = rng.choice([v for v in vocab if v not in w])
+    return " ".join(w)
+
+
+def test_near_dup_candidates_are_checked_against_the_threshold(tmp_path):
+    # 112 bands of 1 row make nearly every pair that shares a shingle a candidate: without the check against
+    # the threshold the J~0.59 copies go too; with it only the J~0.90 copies do (MinHash sd at 0.59 is 0.046)
+    rng = random.Random(3)
+    vocab = sorted(set(VOCAB))
+    originals = [rng.sample(vocab, DOC_WORDS) for _ in range(20)]
+    far = [_edit(w, 5, rng, vocab) for w in originals]
+    close = [_edit(w, 1, rng, vocab) for w in originals]
+    js_far = [_jaccard(" ".join(o), t) for o, t in zip(originals, far, strict=True)]
+    js_close = [_jaccard(" ".join(o), t) for o, t in zip(originals, close, strict=True)]
+    assert 0.55 < min(js_far) and max(js_far) < 0.62 and 0.88 < min(js_close) and max(js_close) < 0.92
+    docs = [" ".join(w) for w in originals] + far + close
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    cfg = QualityConfig(exact=True, near_dup=NearDupConfig(threshold=0.75, bands=112, rows=1))
+    res = run_quality([QualitySource("d", str(data))], cfg, tmp_path / "out")
+    kept = {json.loads(line)["id"] for f in res.outputs["d"].glob("*.jsonl") for line in f.read_text().splitlines()}
+    assert kept == {f"d/{i}" for i in range(40)}  # originals and the J~0.59 copies stay
+    nd = res.sources["d"].removed["near_dup"]
+    assert nd.documents == 20 and all(e["estimated_jaccard"] >= 0.75 for e in nd.examples)
+    # the first document of a cluster is the one kept
+    assert all(e["duplicate_of"] == f"d/{int(e['id'].split('/')[1]) - 40}" for e in nd.examples)

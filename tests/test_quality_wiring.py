@@ -124,3 +124,43 @@ def test_quality_config_maps_every_spec_key():
     assert cfg.near_dup.banding() == quality_math.optimal_bands(0.8, 128)
     assert cfg.decontaminate.benchmarks == ("/x/a.jsonl",) and cfg.decontaminate.ngram == 8
     assert cfg.decontaminate.text_fields == ("q",)
+
+
+def test_prepare_cleans_parquet_text_and_hf_sources_too(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    from llmc.runtime.entry import prepare_assets
+    from llmc.runtime.job import TrainJob
+
+    rng = __import__("random").Random(0)
+    docs = [" ".join(f"w{rng.randrange(3000)}" for _ in range(40)) for _ in range(12)]
+    docs = docs + docs[:4]  # 4 exact duplicates inside each source (and every source repeats the others)
+    d = tmp_path / "data"
+    (d / "pq").mkdir(parents=True)
+    pq.write_table(pa.table({"text": docs}), d / "pq" / "a.parquet")
+    (d / "txt").mkdir()
+    for i, t in enumerate(docs):
+        (d / "txt" / f"{i:03d}.txt").write_text(t)
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(d / "hf"))
+    # jsonl with a lone surrogate (valid JSON: an emoji cut in half), which used to fail prepare
+    (d / "js").mkdir()
+    (d / "js" / "a.jsonl").write_text(json.dumps({"text": "cut \ud83d emoji, a document of its own"}) + "\n")
+    spec = _spec({"exact": True, "near_dup": None})
+    spec["data"]["sources"] = [{"name": "pq", "path": "data/pq", "format": "parquet"},
+                               {"name": "txt", "path": "data/txt", "format": "text"},
+                               {"name": "hf", "path": "data/hf", "format": "parquet"},  # a save_to_disk folder
+                               {"name": "js", "path": "data/js"}]
+    lock = lock_for(spec, plan={"micro_batch": 8}, spec_path=str(tmp_path / "spec.yaml"))
+    logs: list[str] = []
+    assets = prepare_assets(TrainJob.from_lock(lock, None), tmp_path, log=logs.append)
+    report = json.loads((tmp_path / "data" / "quality" / "quality_report.json").read_text())
+    assert sorted(report["sources"]) == ["hf", "js", "pq", "txt"]
+    kept = {n: report["sources"][n]["kept_documents"] for n in report["sources"]}
+    assert kept == {"pq": 12, "txt": 0, "hf": 0, "js": 1}  # first occurrence wins, across sources too
+    assert {s.name: (s.format, Path(s.path)) for s in assets.sources} == {
+        n: ("jsonl", tmp_path / "data" / "quality" / n) for n in ("pq", "txt", "hf", "js")}
+    assert any(ln.startswith("prepare: quality hf: kept 0 of 16") for ln in logs)
+    cleaned = [json.loads(ln)["text"] for ln in (tmp_path / "data" / "quality" / "js" / "part-00000.jsonl")
+               .read_text(encoding="utf-8").splitlines()]
+    assert cleaned == ["cut \ufffd emoji, a document of its own"]

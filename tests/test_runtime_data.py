@@ -62,7 +62,7 @@ def test_read_documents_text_jsonl_parquet(tmp_path):
     pq.write_table(pa.table({"content": ["p1", None, "p2"]}), tmp_path / "d.parquet")
     assert list(read_documents(tmp_path / "t", "text")) == ["first", "second"]
     assert list(read_documents(tmp_path / "d.jsonl", "jsonl", "body")) == ["x1", "x2"]
-    assert list(read_documents(tmp_path / "d.parquet", "parquet", "content")) == ["p1", "p2"]
+    assert list(read_documents(tmp_path / "d.parquet", "parquet", "content")) == ["p1", "", "p2"]  # null: empty
     with pytest.raises(KeyError, match="no field 'text'"):
         list(read_documents(tmp_path / "d.jsonl", "jsonl"))
 

@@ -345,3 +345,62 @@ def test_with_llmc_bpe_tokenizer_windows_decode_to_the_documents(tmp_path):
     assert n_eos >= 29
     decoded = tok.decode(ids).split("<|end_of_text|>")
     assert decoded[:29] == texts[:29]
+
+
+def _both_readers(path: Path, fmt: str, field: str = "text") -> dict[str, list[str]]:
+    """The documents of one source by the quality pass's reader and by the training stream's."""
+    from llmc.sources import iter_documents
+
+    return {"sources": [t for _, _, t in iter_documents(path, fmt, field)],
+            "stream": list(documents(SourceRef("s", str(path), fmt, field)))}
+
+
+def test_readers_hand_out_valid_unicode_and_null_is_an_empty_document(tmp_path, hf_cache):
+    datasets = pytest.importorskip("datasets")
+    # written byte for byte: a BOM, a lone surrogate escape (an emoji cut in half), a valid pair, a null
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "cut \\ud83d emoji"}\n'
+                                       b'{"text": "pair \\ud83d\\ude00 ok"}\n{"text": null}\n\n{"text": "last"}\n')
+    want = ["first", "cut \ufffd emoji", "pair \U0001F600 ok", "", "last"]
+    for label, docs in _both_readers(tmp_path / "a.jsonl", "jsonl").items():
+        assert docs == want, label
+        for d in docs:
+            d.encode("utf-8")  # what every tokenizer / writer does; a lone surrogate raises here
+    # parquet and HF: a null row is the empty document too, so document indices agree in every reader
+    pq.write_table(pa.table({"text": ["a", None, "c"]}), tmp_path / "p.parquet")
+    datasets.Dataset.from_dict({"text": ["a", None, "c"]}).save_to_disk(str(tmp_path / "hf"))
+    for path, fmt in ((tmp_path / "p.parquet", "parquet"), (tmp_path / "hf", "hf")):
+        assert _both_readers(path, fmt) == {"sources": ["a", "", "c"], "stream": ["a", "", "c"]}, fmt
+    (tmp_path / "t.txt").write_bytes(b"\xef\xbb\xbfplain text")
+    assert _both_readers(tmp_path / "t.txt", "text") == {"sources": ["plain text"], "stream": ["plain text"]}
+
+
+@pytest.mark.parametrize("case", ["number", "array", "bad_json", "not_utf8", "not_object"])
+def test_reader_errors_name_the_file_and_line(case, tmp_path):
+    good = '{"text": "fine"}\n\n'  # a blank line: the bad record is on file line 3
+    bad = {"number": '{"text": 42}', "array": '{"text": ["x", "y"]}', "bad_json": '{"text": "b",}',
+           "not_utf8": '{"text": "caf\udce9"}', "not_object": '"just a string"'}[case]
+    f = tmp_path / "a.jsonl"
+    f.write_bytes((good + bad + "\n").encode("utf-8", "surrogateescape"))
+    hint = {"number": "is a number, not a string", "array": "is an array, not a string",
+            "bad_json": "invalid JSON", "not_utf8": "not valid UTF-8", "not_object": "a string, not a JSON object"}[case]
+    from llmc.sources import iter_documents
+
+    for read in (lambda: list(iter_documents(f, "jsonl")), lambda: list(documents(SourceRef("s", str(f), "jsonl")))):
+        with pytest.raises(ValueError) as e:  # entry.py reports ValueError as one line (R002)
+            read()
+        msg = str(e.value)
+        assert msg.startswith(f"{f}:3: ") and hint in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("field,err,hint", [("text", KeyError, "no column 'text'"),
+                                             ("n", ValueError, "holds int64, not strings")])
+def test_parquet_column_errors_are_located_in_every_reader(field, err, hint, tmp_path):
+    from llmc.sources import iter_documents
+
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"content": ["a"], "n": [1]}), f)
+    for read in (lambda: list(iter_documents(f, "parquet", field)),
+                 lambda: list(documents(SourceRef("s", str(f), "parquet", field)))):
+        with pytest.raises(err, match=hint) as e:
+            read()
+        assert str(f) in str(e.value)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from llmc.compiler.quality_math import Banding, banding, optimal_bands
 from llmc.sources import SourceRef
 
-#: One local source (``text`` / ``jsonl`` / ``parquet``), the runtime's source reference.
+#: One local source (``text`` / ``jsonl`` / ``parquet`` / ``hf`` save_to_disk), the runtime's source reference.
 QualitySource = SourceRef
 
 
@@ -21,7 +21,9 @@ class NearDupConfig:
     0.685, the MMDS estimate (1/b)^(1/r) is 0.72, and a pair at 0.8 is caught with probability
     0.924. ``bands``/``rows`` = None picks them with
     :func:`llmc.compiler.quality_math.optimal_bands` for ``threshold`` (datasketch's own rule);
-    given explicitly, ``threshold`` only labels the reported false-positive/negative areas.
+    given explicitly, they set which pairs become LSH candidates (the reported false-positive/negative
+    areas are at ``threshold``). Every candidate pair is then checked: it is a near duplicate only when
+    its estimated Jaccard (MinHash signature agreement) is at least ``threshold``.
     Word 5-grams follow Lee et al. 2022 ("Deduplicating Training Data Makes Language Models
     Better", arXiv:2107.06499, section 4.2), who used 9,000 permutations in 450 bands of 20 rows
     at Jaccard 0.8 (``NearDupConfig(threshold=0.8, num_perm=9000, bands=450, rows=20)``).

@@ -1,18 +1,19 @@
 """Reading sources and normalising text for hashing (no torch).
 
-Documents are read in the same order as llmc's runtime reader (sorted files, file order inside
-each; ``text``: one document per file; ``jsonl``: ``text_field`` of each non-blank line;
-``parquet``: the ``text_field`` column via pyarrow, nulls skipped).
+Documents are read by :func:`llmc.sources.iter_documents`, in the same order as llmc's runtime reader
+(sorted files, file order inside each; ``text``: one document per file; ``jsonl``: ``text_field`` of
+each non-blank line; ``parquet`` / ``hf``: the ``text_field`` column, a null being the empty document).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
+
+from llmc.sources import clean_text, jsonl_record, open_jsonl
 
 _WORD = re.compile(r"\w+")
 _SPACE = re.compile(r"\s+")
@@ -49,20 +50,20 @@ def ngram_hash(gram: list[str] | tuple[str, ...]) -> int:
 def benchmark_items(path: str | Path, text_fields: tuple[str, ...] | None) -> Iterator[tuple[str, list[str]]]:
     """(item id "file:line", its text pieces) of one benchmark file (.jsonl records or text lines)."""
     p = Path(path)
-    with open(p, encoding="utf-8") as fh:
+    with open_jsonl(p) as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             if p.suffix in (".jsonl", ".json"):
-                rec = json.loads(line)
+                rec = jsonl_record(line, f"{p}:{n}")
                 keys = text_fields if text_fields is not None else tuple(rec)
                 pieces: list[str] = []
                 for k in keys:
                     v = rec.get(k)
                     if isinstance(v, str):
-                        pieces.append(v)
+                        pieces.append(clean_text(v))
                     elif isinstance(v, list):
-                        pieces.extend(x for x in v if isinstance(x, str))
+                        pieces.extend(clean_text(x) for x in v if isinstance(x, str))
                 yield f"{p.name}:{n}", pieces
             else:
-                yield f"{p.name}:{n}", [line]
+                yield f"{p.name}:{n}", [clean_text(line)]

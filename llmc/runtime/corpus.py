@@ -15,6 +15,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from llmc.sources import clean_text
+
 BUILTIN_CORPORA = ("python-docs",)
 _SKIP_DIRS = {"test", "tests", "site-packages", "idlelib", "turtledemo", "lib2to3", "__pycache__",
               "dist-packages", "ensurepip", "tkinter", "venv"}
@@ -47,7 +49,7 @@ def iter_docstrings(root: Path | None = None, min_chars: int = 40) -> Iterator[d
             node, qual = stack.pop(0)
             doc = ast.get_docstring(node, clean=True)
             if doc and len(doc) >= min_chars:
-                yield {"text": doc, "source": qual}
+                yield {"text": clean_text(doc), "source": qual}  # a "\\ud800" escape would not encode
             children = [c for c in ast.iter_child_nodes(node)
                         if isinstance(c, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)]
             stack[0:0] = [(c, f"{qual}.{c.name}") for c in children]

@@ -1,10 +1,11 @@
 """The ``prepare`` step's data-quality pass: ``data.quality`` -> :func:`llmc.quality.run_quality` before tokenization.
 
 For every ``Data`` section of the run that sets ``quality`` (the top-level data and any stage's own
-data), its text sources -- already converted by ``prepare`` to ``data/<name>.jsonl`` -- are cleaned
-together (exact dedup, MinHash near-dedup, n-gram decontamination against the benchmark files, which
-resolve against the spec's folder) into ``data/quality/<name>/part-*.jsonl``; training, the tokenizer
-and the validation split then read the cleaned copies. The pipeline's report (per source and reason:
+data), its text sources -- every format: ``text``, ``jsonl``, ``parquet`` and ``datasets`` ``save_to_disk``
+folders, read where they lie by :func:`llmc.sources.iter_documents`, and ``builtin`` corpora as written by
+``prepare`` -- are cleaned together (exact dedup, MinHash near-dedup, n-gram decontamination against the
+benchmark files, which resolve against the spec's folder) into ``data/quality/<name>/part-*.jsonl``;
+training, the tokenizer and the validation split then read the cleaned copies (jsonl, field ``text``). The pipeline's report (per source and reason:
 documents and characters removed, examples) is ``data/quality/quality_report.json``. Re-running is
 cheap: :func:`llmc.quality.run_quality` skips every shard whose inputs and config are unchanged.
 """
@@ -66,12 +67,12 @@ def apply_quality(job, produced: list[SourceData], root: Path, log=print) -> tup
     replaced: dict[str, SourceData] = {}
     keys = []
     for k, (q, names) in enumerate(groups):
-        srcs = [s for s in produced if s.name in names and s.format == "jsonl"]  # spec order: first one wins
+        srcs = [s for s in produced if s.name in names]  # spec order: first one wins
         if not srcs:
             continue
         cfg = quality_config(q, job.resolve_path)
         out = data_dir / (QUALITY_DIR if k == 0 else f"{QUALITY_DIR}-{k}")
-        res = run_quality([QualitySource(s.name, s.path, "jsonl", s.text_field) for s in srcs], cfg, out)
+        res = run_quality([QualitySource(s.name, s.path, s.format, s.text_field) for s in srcs], cfg, out)
         for s in srcs:
             rep = res.sources[s.name]
             removed = {r: v.documents for r, v in rep.removed.items() if v.documents}

@@ -64,7 +64,6 @@ There is deliberately no progress bar here (streaming is lazy; progress bars bel
 from __future__ import annotations
 
 import heapq
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from itertools import islice
@@ -73,7 +72,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmc.sources import SUFFIXES, SourceRef, files_of
+from llmc.sources import (
+    SUFFIXES,
+    SourceRef,
+    check_text_column,
+    doc_text,
+    files_of,
+    hf_saved,
+    jsonl_text,
+    open_jsonl,
+    read_text_file,
+)
 
 FORMATS = ("parquet", "jsonl", "text", "hf")
 
@@ -138,8 +147,7 @@ def _parquet_docs(src: SourceRef, rank: int, world: int, start: int, balanced: b
 
     def column(f: Path, g: int, first_row: int = 0) -> Iterator[tuple[int, str]]:
         pf = pq.ParquetFile(f)
-        if src.text_field not in pf.schema_arrow.names:
-            raise KeyError(f"{f}: no column {src.text_field!r} (set text_field on the source)")
+        check_text_column(pf.schema_arrow, src.text_field, f)
         seen = 0
         for batch in pf.iter_batches(batch_size=256, row_groups=[g], columns=[src.text_field]):
             vals = batch.column(0).to_pylist()
@@ -147,7 +155,7 @@ def _parquet_docs(src: SourceRef, rank: int, world: int, start: int, balanced: b
                 seen += len(vals)
                 continue
             for j, v in enumerate(vals[max(0, first_row - seen):], start=max(seen, first_row)):
-                yield j, "" if v is None else str(v)
+                yield j, doc_text(v, src.text_field, f)
             seen += len(vals)
 
     if len(units) >= world:  # whole row groups per rank; skip by footer row counts
@@ -173,7 +181,7 @@ def _jsonl_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[s
     k = 0  # index of the non-blank line over all files (the document's index in the source)
     mine = 0  # this rank's documents so far
     for f in files_of(src.path, SUFFIXES["jsonl"]):
-        with open(f, encoding="utf-8") as fh:
+        with open_jsonl(f) as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -184,10 +192,7 @@ def _jsonl_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[s
                 mine += 1
                 if mine <= start:
                     continue  # resume: skipped without parsing
-                rec = json.loads(line)
-                if src.text_field not in rec:
-                    raise KeyError(f"{f}:{n}: no field {src.text_field!r} (set text_field on the source)")
-                yield str(rec[src.text_field])
+                yield jsonl_text(line, src.text_field, f"{f}:{n}")
 
 
 def _text_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
@@ -195,17 +200,13 @@ def _text_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[st
     files = [f for i, f in enumerate(files_of(src.path, SUFFIXES["text"]))
              if i % world == rank and (keep is None or keep(i))]
     for f in files[start:]:
-        yield f.read_text(encoding="utf-8", errors="replace")
+        yield read_text_file(f)
 
 
-def _hf_saved(p: Path):
-    import datasets
-
-    ds = datasets.load_from_disk(str(p))  # memory-mapped Arrow files, read in place
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise ValueError(f"{p}: a DatasetDict without a 'train' split ({sorted(ds)})")
-        ds = ds["train"]
+def _hf_saved(p: Path, field: str):
+    """The ``save_to_disk`` dataset, its ``field`` checked to be a string column."""
+    ds = hf_saved(p)
+    check_text_column(ds.data.schema, field, p)
     return ds
 
 
@@ -213,7 +214,7 @@ def _hf_dataset(src: SourceRef, rank: int, world: int):
     """The rank's ``datasets.IterableDataset`` for a ``save_to_disk`` folder (never copied, never downloaded)."""
     from datasets.distributed import split_dataset_by_node
 
-    ds = _hf_saved(Path(src.path))
+    ds = _hf_saved(Path(src.path), src.text_field)
     # `world` shards (when there are enough rows) so split_dataset_by_node hands out whole shards
     ids = ds.to_iterable_dataset(num_shards=world if len(ds) >= world else 1)
     return split_dataset_by_node(ids, rank=rank, world_size=world)
@@ -223,7 +224,7 @@ def _hf_split_docs(src: SourceRef, keep, rank: int, world: int, start: int, chun
     """A ``save_to_disk`` dataset with a held-out split: row ``i`` is document ``i``; the kept rows are dealt
     to ranks in turn (as ``split_dataset_by_node`` deals examples when shards do not divide), read in
     ``chunk``-row Arrow slices of the text column, converting only this rank's rows to Python."""
-    col = _hf_saved(Path(src.path)).select_columns([src.text_field]).with_format("arrow")
+    col = _hf_saved(Path(src.path), src.text_field).select_columns([src.text_field]).with_format("arrow")
     k = mine = 0  # kept rows so far; this rank's documents so far
     for first in range(0, len(col), chunk):
         n = min(chunk, len(col) - first)
@@ -240,8 +241,7 @@ def _hf_split_docs(src: SourceRef, keep, rank: int, world: int, start: int, chun
         if picks:
             arr = col[first:first + n].column(0)
             for j in picks:
-                v = arr[j].as_py()
-                yield "" if v is None else str(v)
+                yield doc_text(arr[j].as_py(), src.text_field, f"{src.path}:{first + j + 1}")
 
 
 def _hf_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
@@ -261,8 +261,7 @@ def _hf_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]
         return
     ds = _hf_dataset(src, rank, world).select_columns([src.text_field])
     for rec in islice(iter(ds), start, None):
-        v = rec[src.text_field]
-        yield "" if v is None else str(v)
+        yield doc_text(rec[src.text_field], src.text_field, src.path)
 
 
 _READERS = {"parquet": _parquet_docs, "jsonl": _jsonl_docs, "text": _text_docs, "hf": _hf_docs}

@@ -124,14 +124,16 @@ class NearDup(SpecModel):
     """MinHash near-duplicate removal (``llmc.quality.NearDupConfig``; defaults: datatrove / FineWeb)."""
 
     threshold: Float = Field(default=0.75, gt=0, lt=1)
-    """Jaccard similarity of word n-gram sets above which two documents count as near-duplicates."""
+    """Jaccard similarity of word n-gram sets above which two documents count as near-duplicates: the LSH bands
+    pick the pairs compared, and a pair is removed only when its MinHash estimate reaches this."""
     num_perm: Int = Field(default=112, ge=2, le=MAX_NUM_PERM)
     """MinHash permutations per document (at most 16384)."""
     ngram: Int = Field(default=5, gt=0, le=MAX_NGRAM)
     """Words per shingle."""
     bands: Int | None = Field(default=14, gt=0)
-    """LSH bands b. Default 14 (x 8 rows: tuned for threshold 0.75, whatever ``threshold`` says); set bands and rows
-    both to None for the b x r minimising FP + FN at ``threshold`` (datasketch's rule)."""
+    """LSH bands b. Default 14 (x 8 rows: tuned for threshold 0.75): which pairs are compared (a pair no band
+    catches is never removed); set bands and rows both to None for the b x r minimising FP + FN at ``threshold``
+    (datasketch's rule)."""
     rows: Int | None = Field(default=8, gt=0)
     """Rows per band r (b x r <= num_perm). Default 8; None together with ``bands`` None: fitted to ``threshold``."""
     seed: Int = 1
