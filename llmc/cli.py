@@ -269,7 +269,7 @@ def launch(
     build_dir: Annotated[str, typer.Argument(help="A directory written by `llmc build`.")],
     backend: Annotated[str | None, typer.Option(
         help="native, torchtitan or deepspeed (default: the backend the plan was computed for)")] = None,
-    nproc: Annotated[int | None, typer.Option(help="Processes per node (default: from the plan, or 1 on CPU).")] = None,
+    nproc: Annotated[int | None, typer.Option(help="Processes per node (default: from the plan; a CPU build: its world size).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and exit.")] = False,
     stage: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Launch even if plan.lock.json was edited by hand.")] = False,

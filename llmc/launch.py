@@ -28,7 +28,9 @@ Backends:
 Default backend: the one the plan was computed for (the lock's ``backend.name``) when the build has
 its artifacts, else ``native``, or ``torchtitan`` when the plan uses pp/cp/ep (which the native trainer
 does not run) and the build has a torchtitan job (``llmc.emit.common.launch_backend``, the same rule
-the emitted launchers use). Default ``nproc``: the plan's GPUs per node on a GPU machine, 1 on CPU.
+the emitted launchers use). Default ``nproc``: the plan's GPUs per node on a GPU machine; for a CPU build
+(``hardware.gpu: cpu``) the plan's world size (``hardware.count``) on this one node, as the emitted
+launchers do (the runtime refuses any other WORLD_SIZE); 1 for a GPU build on a machine without a GPU.
 
 ``check_lock_integrity(build_dir)`` compares ``plan.lock.json`` with the sha256 the build manifest
 (``llmc.buildfs``) recorded for it: a lock edited by hand is reported (``llmc launch`` refuses it unless
@@ -104,6 +106,12 @@ def _gpus_per_node(lock: dict) -> int:
     """The compiled hardware's GPUs per node (spec override applied), at most the GPU count."""
     count = int(lock["spec"]["resolved"]["hardware"]["count"])
     return max(1, min(int(lock["hardware"]["gpus_per_node"]), count))
+
+
+def _cpu_world(lock: dict) -> int:
+    """A CPU build's world size (``hardware.count`` processes, all on this node), else 0."""
+    hw = lock["spec"]["resolved"]["hardware"]
+    return max(1, int(hw["count"])) if str(hw.get("gpu", "")).lower() == "cpu" else 0
 
 
 def load_build(build_dir: str | os.PathLike) -> tuple[Path, dict]:
@@ -192,7 +200,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
             backend = launch_backend(planned, plan, _has_titan_job(b), (b / "deepspeed" / "ds_config.json").exists())
         on_gpu = has_gpu() if gpu is None else gpu
         if nproc is None:
-            nproc = _gpus_per_node(lock) if on_gpu else 1
+            nproc = _cpu_world(lock) or (_gpus_per_node(lock) if on_gpu else 1)
     except (KeyError, TypeError, ValueError) as e:
         raise LaunchError(f"plan.lock.json: malformed lockfile ({type(e).__name__}: {e}) (rebuild it with "
                           "`llmc build`)") from None

@@ -275,3 +275,27 @@ def test_real_example_builds_twice_identically(tmp_path):
     write_build(tmp_path / "a", a)
     write_build(tmp_path / "b", b)
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
+
+
+def test_x113_says_what_the_deepspeed_and_native_scripts_do():
+    """X113 (a continued-training stage planned as its own torchtitan job): deepspeed/launch.sh and native/launch.sh
+    run the stages in order under `set -e`, so the refused stage stops them (the later stages start from its output);
+    the warning must say so, not that they "run the other stages only"."""
+    from test_build_fakes import make_compiled, make_run
+
+    from llmc.compiler.plan import ParallelPlan
+    from llmc.emit import render_artifacts
+    from llmc.emit.deepspeed import DeepSpeedEmitter
+
+    stages = [{"name": "base", "kind": "pretrain", "init_from": None},
+              {"name": "mid", "kind": "midtrain", "init_from": "base",
+               "layout": ParallelPlan(dp_shard=4, tp=2, micro_batch=2, grad_accum=2)}]
+    run = make_run(stages=[{k: v for k, v in s.items() if k != "layout" and v is not None} for s in stages],
+                   training={"backend": "deepspeed"})
+    c = make_compiled(run, stages=stages)
+    x113 = [d for d in DeepSpeedEmitter().diagnostics(c) if d.code == "X113"]
+    assert len(x113) == 1
+    msg = x113[0].message
+    assert "other stages only" not in msg and "stop" in msg and "first of them" in msg, msg
+    native = render_artifacts(c)["native/launch.sh"]
+    assert "set -euo pipefail" in native and "--stage mid" in native  # it is started, refused, and stops the script

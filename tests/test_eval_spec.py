@@ -556,9 +556,10 @@ def test_emitted_launchers_run_the_eval_step_after_each_stage(pipe_build, tmp_pa
         (b / "run" / "base" / f).parent.mkdir(parents=True, exist_ok=True)
         (b / "run" / "base" / f).write_text("{}")
     assert run() == [c for c in order if not c.endswith(" base")]
-    if "multi_node" in script:  # another node claimed the eval of chat: this node does not run it
+    if "multi_node" in script:  # a claim left by a stopped node: taken over once stale, and the eval runs
         (b / "run" / "chat" / "eval.claim").mkdir(parents=True)
-        assert run() == ["prepare", "entry chat"]
+        penv.update(CLAIM_STALE_S="1", CLAIM_POLL_S="1")
+        assert run() == ["prepare", "entry chat", "evaluate chat"]
     shutil.rmtree(b / "run")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -383,3 +385,158 @@ def test_launch_gives_torchrun_the_shutdown_time_the_slurm_script_does(tmp_path,
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
     assert CliRunner().invoke(app, ["launch", str(out), "--backend", "native"]).exit_code == 0
     assert seen and all(e["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "300" for e in seen)
+
+
+# ----------------------------------------------------------------------------- emitted scripts, run on fakes
+
+CPU2_PIPE = """\
+name: p
+model: tiny
+hardware: {gpu: cpu, count: 2}
+data:
+  sources: [{name: python-docs, format: builtin}]
+  tokenizer: {train: true, vocab_size: 2048, chat_template: llama3}
+  seq_len: 128
+  tokens: 300K
+training: {precision: fp32, global_batch_tokens: 4096}
+stages:
+  - {name: base, kind: pretrain}
+  - name: chat
+    kind: sft
+    init_from: base
+    steps: 10
+    data: {sources: [{name: synthetic-chat, format: builtin, kind: chat}], seq_len: 128, tokens: 20K}
+eval:
+  tasks: [tasks/mc.yaml]
+  task_stages: [base, chat]
+"""
+
+
+@pytest.fixture(scope="module")
+def cpu2_build(tmp_path_factory) -> Path:
+    """A CPU pipeline on hardware.count 2 (plan world 2), with evals after both stages and a torchtitan job."""
+    from test_build_fakes import compile_text
+
+    d = tmp_path_factory.mktemp("cpu2")
+    (d / "spec.yaml").write_text(CPU2_PIPE)
+    c = compile_text(CPU2_PIPE, str(d / "spec.yaml"))
+    assert c.plan.dp_shard * c.plan.dp_replicate * c.plan.tp * c.plan.pp * c.plan.cp == 2
+    write_build(d / "b", render_artifacts(c))
+    return d / "b"
+
+
+def test_cpu_build_defaults_to_the_plans_world_on_one_node(cpu2_build):
+    """A CPU build of hardware.count 2 runs 2 processes on one node by default (the runtime refuses any other
+    WORLD_SIZE): `llmc launch`, native/launch.sh, the torchrun scripts, deepspeed/launch.sh; its Slurm script asks
+    for one node and no GPU."""
+    b = cpu2_build
+    for c in launch_commands(b, backend="native", gpu=False)[1:]:
+        if "--nproc_per_node" in c.argv:
+            assert c.argv[c.argv.index("--nproc_per_node") + 1] == "2", c.argv
+    ds = [c for c in launch_commands(b, backend="deepspeed", gpu=False) if "--num_gpus" in c.argv]
+    assert ds and all(c.argv[c.argv.index("--num_gpus") + 1] == "2" for c in ds)
+    assert launch_commands(b, backend="native", nproc=1, gpu=False)[1].argv[3] == "1"  # --nproc still wins
+    for name in ("native/launch.sh", "launch/torchrun_single_node.sh", "launch/torchrun_multi_node.sh",
+                 "deepspeed/launch.sh"):
+        assert 'NPROC="${NPROC:-2}"' in (b / name).read_text(), name
+    sbatch = (b / "launch/slurm.sbatch").read_text()
+    assert "--gpus-per-node" not in sbatch and "#SBATCH --nodes=1\n" in sbatch
+    assert "--nproc_per_node 2" in sbatch
+    assert 'NNODES="${NNODES:-1}"' in (b / "launch/torchrun_multi_node.sh").read_text()
+
+
+def test_no_emitted_script_reads_scontrol_with_head(cpu2_build, tmp_path):
+    """`scontrol show hostnames | head -n 1` under pipefail fails the job when scontrol is still writing after head
+    exits (SIGPIPE, a large allocation): every script reads the whole list. Checked by running the Slurm script
+    against an scontrol that keeps writing after its first line."""
+    import subprocess
+
+    b = cpu2_build
+    for p in b.rglob("*"):
+        if p.is_file() and p.suffix in (".sh", ".sbatch"):
+            assert "| head" not in p.read_text(), p
+    sh = tmp_path / "bin"
+    sh.mkdir()
+    # the first host, a pause (head has exited by then), then more hosts: the next write gets SIGPIPE
+    (sh / "scontrol").write_text("#!/bin/bash\necho node0001\nsleep 0.3\nfor i in $(seq 2000); do echo node$i; done\n")
+    (sh / "srun").write_text(f'#!/bin/sh\necho "srun $*" >> "{tmp_path}/calls.log"\n')
+    for f in sh.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{sh}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(b), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "node[0001-2001]", "SLURM_NNODES": "2001", "BACKEND": "native",
+           "RUN_DIR": str(tmp_path / "run")}
+    r = subprocess.run(["bash", str(b / "launch/slurm.sbatch")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "--rdzv_endpoint node0001:29500" in (tmp_path / "calls.log").read_text()
+
+
+def _node_shims(d: Path, slow: float = 0.0) -> dict[str, str]:
+    """python / torchrun stand-ins that log their call to d/calls.log; `python -m llmc.runtime.hf_io` and
+    `... evaluate` write the file that marks their work done, after `slow` seconds (prepare too sleeps)."""
+    d.mkdir(exist_ok=True)
+    log = d / "calls.log"
+    (d / "torchrun").write_text(f'#!/bin/bash\necho "torchrun $*" >> "{log}"\n')
+    (d / "python").write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        echo "python $*" >> "{log}"
+        case "$2" in
+          llmc.runtime.entry) sleep {slow} ;;
+          llmc.runtime.hf_io) sleep {slow}; out="${{@: -1}}"; mkdir -p "$out"; echo {{}} > "$out/config.json" ;;
+          llmc.runtime.evaluate) sleep {slow}; out="${{@: -1}}"; mkdir -p "$out/eval"; echo {{}} > "$out/eval/summary.json" ;;
+        esac
+        """))
+    for f in d.iterdir():
+        f.chmod(0o755)
+    return {**os.environ, "PATH": f"{d}:{os.environ['PATH']}", "BACKEND": "torchtitan", "MASTER_ADDR": "h0",
+            "CLAIM_STALE_S": "2", "CLAIM_POLL_S": "1", "CLAIM_BEAT_S": "1"}
+
+
+def _node_calls(d: Path) -> list[str]:
+    import re
+
+    out = []
+    for ln in (d / "calls.log").read_text().splitlines():
+        m = re.search(r"llmc\.runtime\.(\w+).*?--stage (\w+)", ln)
+        out.append("prepare" if " prepare " in ln else f"{m.group(1)} {m.group(2)}" if m else
+                   "titan base" if "torchtitan.train" in ln else ln)
+    return out
+
+
+def test_multi_node_relaunch_takes_over_stale_claims(cpu2_build, tmp_path):
+    """A node killed while exporting or evaluating leaves its claim directory; on relaunch the multi-node script
+    takes a claim over once nothing keeps it alive (no heartbeat), instead of waiting forever for the export or
+    skipping the eval on every later run."""
+    import subprocess
+
+    b = cpu2_build
+    run = tmp_path / "run"
+    for claim in ("prepare.claim", "base/hf.claim", "chat/eval.claim"):
+        (run / claim).mkdir(parents=True)
+    (run / "base" / "hf.claim" / "owner").write_text("deadnode 4242\n")
+    env = {**_node_shims(tmp_path / "bin"), "RUN_DIR": str(run)}
+    r = subprocess.run(["bash", str(b / "launch/torchrun_multi_node.sh")], env=env, capture_output=True, text=True,
+                       timeout=90)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _node_calls(tmp_path / "bin") == ["prepare", "titan base", "hf_io base", "evaluate base", "entry chat",
+                                             "evaluate chat"]
+    assert "taking it over" in r.stderr and "deadnode 4242" in r.stdout
+    assert not any(p.name.endswith(".claim") or ".takeover." in p.name for p in run.rglob("*"))
+
+
+def test_multi_node_nodes_share_prepare_export_and_eval(cpu2_build, tmp_path):
+    """Two nodes at once on one run dir: one prepares, exports and evaluates while the other waits for it (prepare
+    rewrites assets/ in place; the next stage starts from the export); both train every stage."""
+    import subprocess
+
+    b = cpu2_build
+    run = tmp_path / "run"
+    env = {**_node_shims(tmp_path / "bin", slow=1.5), "RUN_DIR": str(run)}
+    nodes = [subprocess.Popen(["bash", str(b / "launch/torchrun_multi_node.sh")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=90)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs
+    calls = _node_calls(tmp_path / "bin")
+    counts = {c: calls.count(c) for c in set(calls)}
+    assert counts == {"prepare": 1, "titan base": 2, "hf_io base": 1, "evaluate base": 1, "entry chat": 2,
+                      "evaluate chat": 1}, calls
+    assert "waiting for it" in "".join(outs)

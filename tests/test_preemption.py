@@ -262,30 +262,59 @@ def _sbatch(tmp_path: Path) -> Path:
 
 
 def test_sbatch_traps_the_signal_and_requeues(tmp_path):
-    """The rendered script asks for the warning signal and requeueing, is valid bash, and, run against fake
-    srun / scontrol, turns a USR1 into a SIGTERM for the running step and a requeue of the job."""
+    """The rendered script asks for the warning signal and requeueing, is valid bash, and, run against an srun
+    that handles signals as Slurm's does (a SIGTERM to srun SIGKILLs its tasks: srun.c _srun_signal_mgr, "forcing
+    job termination") and an scancel that signals the job steps' tasks, turns a USR1 into a SIGTERM that reaches
+    the running step's task (which saves its checkpoint and exits 75), then requeues the job."""
     script = _sbatch(tmp_path)
     text = script.read_text()
-    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "trap on_stop USR1 TERM",
-                 'scontrol requeue "$SLURM_JOB_ID"'):
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "trap on_usr1 USR1",
+                 'scancel --signal=TERM "$SLURM_JOB_ID"', 'scontrol requeue "$SLURM_JOB_ID"'):
         assert line in text
+    assert "--batch" not in text.split("scancel --signal=TERM")[1].splitlines()[0]  # the steps, not the batch shell
     assert re.search(r"^PREEMPTED=(\d+)", text, re.M).group(1) == str(EXIT_PREEMPTED)
     assert "\n      srun \"${TORCHRUN[@]}\" -m llmc.runtime.entry" not in text  # every stage through run_step
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
 
     fake = tmp_path / "bin"
     fake.mkdir()
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
     log = tmp_path / "log"
     (fake / "scontrol").write_text(f'#!/bin/bash\n[ "$1" = show ] && {{ echo node1; exit 0; }}\n'
                                    f'echo "scontrol $*" >> {log}\n')
+    # srun: runs its command as the step's task; TERM/HUP/QUIT -> SIGKILL of the task, other signals forwarded
     (fake / "srun").write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        while [ $# -gt 0 ]; do case "$1" in --*) shift ;; *) break ;; esac; done
+        "$@" &
+        t=$!
+        touch {tasks}/$t
+        trap 'echo "srun: forcing job termination" >> {log}; kill -KILL $t' TERM HUP QUIT
+        trap 'kill -USR1 $t' USR1
+        while kill -0 $t 2>/dev/null; do wait $t; rc=$?; done
+        rm -f {tasks}/$t
+        exit $rc
+        """))
+    # scancel --signal=SIG JOB (no --batch / --full): the signal goes to the tasks of the job's steps only
+    (fake / "scancel").write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        echo "scancel $*" >> {log}
+        case " $* " in *" --batch "*|*" -b "*) exit 0 ;; esac
+        sig="${{1#--signal=}}"
+        for t in {tasks}/*; do [ -e "$t" ] && kill -"$sig" "${{t##*/}}"; done
+        exit 0
+        """))
+    # the training task (torchrun and its workers): saves its checkpoint on SIGTERM (takes a while) and exits 75
+    (fake / "torchrun").write_text(textwrap.dedent(f"""\
         #!/bin/bash
         case " $* " in *" prepare "*|*llmc.runtime.evaluate*) exit 0 ;; esac
         echo "step $*" >> {log}
-        trap 'echo "step got TERM" >> {log}; exit {EXIT_PREEMPTED}' TERM
+        trap 'sleep 0.5; echo "checkpoint saved" >> {log}; exit {EXIT_PREEMPTED}' TERM
         echo running > {tmp_path}/running
         while :; do sleep 0.05; done
         """))
+    (fake / "python").write_text("#!/bin/bash\nexit 0\n")
     for f in fake.iterdir():
         f.chmod(0o755)
     env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242",
@@ -300,5 +329,7 @@ def test_sbatch_traps_the_signal_and_requeues(tmp_path):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_PREEMPTED, out
     lines = log.read_text().splitlines()
-    assert len([ln for ln in lines if ln.startswith("step ")]) == 2  # the first stage only, then the TERM
-    assert "--stage base" in lines[0] and lines[1:] == ["step got TERM", "scontrol requeue 4242"], lines
+    assert len([ln for ln in lines if ln.startswith("step ")]) == 1  # the first stage only, then the signal
+    assert "--stage base" in lines[0] and lines[1:] == ["scancel --signal=TERM 4242", "checkpoint saved",
+                                                         "scontrol requeue 4242"], lines
+    assert "exit 75" in out  # the requeue reports srun's own status (the task's)

@@ -43,6 +43,7 @@ from llmc.emit.common import (
     gpus_per_node,
     header_fields,
     header_lines,
+    is_cpu,
     jinja_env,
     nnodes,
     stage_list,
@@ -332,9 +333,12 @@ class DeepSpeedEmitter(Emitter):
 
     def diagnostics(self, compiled) -> list[Diagnostic]:
         own = [s.name for s in compiled.stages if getattr(s, "layout", None) is not None]
+        # the scripts run the stages in order under `set -e`: the first refused stage stops them (the stages after
+        # it start from its output, so skipping it would not help)
         jobs = [diag("X113", "warning", "stages", f"stage(s) {', '.join(own)} are planned as their own torchtitan jobs "
-                     "(their layouts): llmc's DeepSpeed and native runners refuse them at launch, so deepspeed/ and "
-                     "native/ run the other stages only", "launch with the torchtitan backend (the default of this "
+                     "(their layouts): llmc's DeepSpeed and native runners refuse them at launch (error[R002]), so "
+                     "deepspeed/launch.sh and native/launch.sh stop with that error at the first of them, and the "
+                     "stages after it do not run", "launch with the torchtitan backend (the default of this "
                      "build's launchers)")] if own else []
         return deepspeed_config(compiled)[1] + stage_configs(compiled)[1] + jobs
 
@@ -348,7 +352,9 @@ class DeepSpeedEmitter(Emitter):
         stages = stage_list(compiled)
         ctx = {"header": header_lines(compiled), "stages": stages,
                "ds_native_stages": [s for s in stages if not s["ds"]],
-               "gpus_per_node": gpus_per_node(compiled), "nnodes": nnodes(compiled), "rdzv_port": RDZV_PORT,
+               # on CPU: the plan's world on one node (llmc.emit.launchers.procs_per_node)
+               "gpus_per_node": world(compiled) if is_cpu(compiled) else gpus_per_node(compiled),
+               "nnodes": 1 if is_cpu(compiled) else nnodes(compiled), "rdzv_port": RDZV_PORT,
                "zero_stage": cfg["zero_optimization"]["stage"],
                "warnings": [d.render() for d in build_warnings(compiled)], "eval_stages": eval_stages(compiled)}
         per_stage = {STAGE_CONFIG_PATH.format(stage=name): dump_json(c) for name, c in stage_configs(compiled)[0].items()}

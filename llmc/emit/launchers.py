@@ -30,6 +30,7 @@ from llmc.emit.common import (
     nnodes,
     planned_backend,
     stage_list,
+    world,
 )
 from llmc.emit.deepspeed import CONFIG_PATH
 from llmc.emit.evaluation import eval_stages
@@ -65,17 +66,20 @@ def titan_module(files: Mapping[str, str]) -> str:
 
 def launch_context(compiled, files: Mapping[str, str]) -> dict[str, Any]:
     """The values every launch script template reads."""
-    n = nnodes(compiled)
+    cpu = is_cpu(compiled)
+    # on CPU the plan's world (hardware.count) runs as that many processes on one node (the torchtitan scripts
+    # do the same), not as hardware.count nodes of one "GPU" each: the runtime refuses any other WORLD_SIZE
+    n = 1 if cpu else nnodes(compiled)
     mod = titan_module(files)
     return {
         "header": header_lines(compiled),
         "name": compiled.spec.name,
         "job_name": compiled.spec.name,
         "stages": stage_list(compiled),
-        "gpus_per_node": gpus_per_node(compiled),
+        "gpus_per_node": procs_per_node(compiled),
         "nnodes": n,
         "last_node_rank": n - 1,
-        "is_cpu": is_cpu(compiled),
+        "is_cpu": cpu,
         "titan_module": mod,
         "titan_config": TITAN_CONFIG_FN,
         "has_titan": bool(mod),
@@ -88,6 +92,11 @@ def launch_context(compiled, files: Mapping[str, str]) -> dict[str, Any]:
         "eval_stages": eval_stages(compiled),
         "native_refuses": native_refused_stages(compiled),
     }
+
+
+def procs_per_node(compiled) -> int:
+    """Processes per node of the launchers: the GPUs per node, or on CPU the whole world on one node."""
+    return world(compiled) if is_cpu(compiled) else gpus_per_node(compiled)
 
 
 def native_refused_stages(compiled) -> list[str]:
@@ -105,7 +114,6 @@ def native_refused_stages(compiled) -> list[str]:
         elif sp is not None and getattr(sp, "layout", None) is not None:
             out.append(s["name"])
     return out
-
 
 
 def build_backend(compiled, files: Mapping[str, str]) -> str:

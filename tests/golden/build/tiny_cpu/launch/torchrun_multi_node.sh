@@ -7,7 +7,7 @@
 #   NNODES=1 MASTER_ADDR=<first host> bash launch/torchrun_multi_node.sh
 # Rendezvous: c10d on MASTER_ADDR:MASTER_PORT (default 29500) assigns the node ranks, so no
 # NODE_RANK is needed. BACKEND=native|torchtitan|deepspeed as in torchrun_single_node.sh (default native).
-# Env: NNODES, MASTER_ADDR, MASTER_PORT, NPROC, RUN_DIR, RUN_ID, STAGE, BACKEND.
+# Env: NNODES, MASTER_ADDR, MASTER_PORT, NPROC, RUN_DIR, RUN_ID, STAGE, BACKEND, CLAIM_STALE_S.
 set -euo pipefail
 BUILD_DIR="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." >/dev/null && pwd)"
 RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
@@ -36,41 +36,89 @@ want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 eval_done() { [ -f "$RUN_DIR/$1/eval/summary.json" ]; }
 run_evals() { eval_done "$1" || python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
 srun_evals() { eval_done "$1" || srun --ntasks=1 --nodes=1 python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
-# Several nodes run the multi-node script: the first to create <run dir>/<stage>/eval.claim evaluates.
+# Work done by one node for all (prepare, a torchtitan stage's export, an eval): every node runs this script on
+# the same shared run dir, so the first node to create a claim directory (mkdir is atomic, NFS included) does
+# the work and the others wait for it. A claim is left behind when its node dies or is killed (node loss, time
+# limit, scancel), and a relaunch must not wait for it forever: the holder writes its host and PID into
+# <claim>/owner and touches that file every CLAIM_BEAT_S s while this script runs; a waiting node that sees the
+# owner file unchanged for CLAIM_STALE_S s (default 300: a node's clock or a cached NFS mtime is never compared,
+# only watched for change) takes the claim over. One node wins the takeover of a given stale claim: it must
+# create <claim>.takeover.<mtime> first (mkdir again); it then rewrites the owner, which the others see change.
+CLAIM_BEAT_S="${CLAIM_BEAT_S:-10}"
+CLAIM_STALE_S="${CLAIM_STALE_S:-300}"
+CLAIM_POLL_S="${CLAIM_POLL_S:-5}"
+CLAIM_BEAT_PID=
+claim_hold() {
+  echo "$(hostname) $$" > "$1/owner"
+  ( while kill -0 $$ 2>/dev/null && [ -d "$1" ]; do touch -c "$1/owner"; sleep "$CLAIM_BEAT_S"; done ) </dev/null >/dev/null 2>&1 &
+  CLAIM_BEAT_PID=$!
+}
+claim_release() {
+  kill "$CLAIM_BEAT_PID" 2>/dev/null || true
+  rm -rf "$1" "$1".takeover.*
+}
+# claim_wait CLAIM: 0 when this node holds CLAIM (do the work, then claim_release CLAIM); 1 once the node that
+# held it released it (check its result)
+claim_wait() {
+  local c=$1 last= m idle=0
+  if mkdir "$c" 2>/dev/null; then claim_hold "$c"; return 0; fi
+  echo "$c: held by $(cat "$c/owner" 2>/dev/null || echo 'another node'); waiting for it"
+  while m="$(stat -c %Y "$c/owner" 2>/dev/null || stat -c %Y "$c" 2>/dev/null)"; do
+    if [ "$m" != "$last" ]; then
+      last=$m idle=0
+    elif [ "$idle" -ge "$CLAIM_STALE_S" ] && mkdir "$c.takeover.$m" 2>/dev/null; then
+      echo "$c: no sign of life from its holder for ${CLAIM_STALE_S} s (its node stopped); taking it over" >&2
+      claim_hold "$c"
+      return 0
+    fi
+    sleep "$CLAIM_POLL_S"
+    idle=$((idle + CLAIM_POLL_S))
+  done
+  return 1
+}
+# prepare: one node at a time (llmc.runtime.entry prepare writes assets/ and data/ in place); a node that waited
+# does not run it again (it skips unchanged inputs anyway), and the stages' rendezvous waits for every node
+prepare_once() {
+  mkdir -p "$RUN_DIR"
+  if claim_wait "$RUN_DIR/prepare.claim"; then
+    local rc=0
+    python -m llmc.runtime.entry prepare --lock "$LOCK" || rc=$?
+    claim_release "$RUN_DIR/prepare.claim"
+    return $rc
+  fi
+}
+# the eval of a stage: one node runs it, the others wait for eval/summary.json (so the next stage's rendezvous
+# does not start without them, and a relaunch never skips an eval a stopped node left unfinished)
 run_evals_once() {
-  local rc=0
+  local c="$RUN_DIR/$1/eval.claim" rc=0
   eval_done "$1" && return 0
   mkdir -p "$RUN_DIR/$1"
-  if mkdir "$RUN_DIR/$1/eval.claim" 2>/dev/null; then
+  if claim_wait "$c"; then
     run_evals "$1" || rc=$?
-    rmdir "$RUN_DIR/$1/eval.claim"
+    claim_release "$c"
     return $rc
   fi
-  echo "stage $1: another node runs its eval ($RUN_DIR/$1/eval.claim; remove it if none does)"
+  eval_done "$1" || { echo "stage $1: its eval on another node stopped without finishing" >&2; return 1; }
 }
-# Several nodes run the multi-node script: the first to create <run dir>/<stage>/hf.claim exports the stage a
-# torchtitan job trained, the others wait for the export (the next stage starts from it).
+# a stage a torchtitan job trained: one node exports it (run/<stage>/hf), the others wait for the export (the
+# next stage starts from it); done is checked again under the claim (another node may have just finished)
 export_once() {
+  local c="$RUN_DIR/$1/hf.claim" rc=0
   titan_done "$1" && return 0
   mkdir -p "$RUN_DIR/$1"
-  if mkdir "$RUN_DIR/$1/hf.claim" 2>/dev/null; then
-    local rc=0
-    python -m llmc.runtime.hf_io "$BUILD_DIR" --stage "$1" -o "$RUN_DIR/$1/hf" || rc=$?
-    rmdir "$RUN_DIR/$1/hf.claim"
+  if claim_wait "$c"; then
+    titan_done "$1" || python -m llmc.runtime.hf_io "$BUILD_DIR" --stage "$1" -o "$RUN_DIR/$1/hf" || rc=$?
+    claim_release "$c"
     return $rc
   fi
-  echo "stage $1: another node exports it ($RUN_DIR/$1/hf.claim); waiting for $RUN_DIR/$1/hf/config.json"
-  while ! titan_done "$1"; do
-    [ -d "$RUN_DIR/$1/hf.claim" ] || { echo "stage $1: the export stopped without finishing" >&2; return 1; }
-    sleep 10
-  done
+  titan_done "$1" || { echo "stage $1: its export on another node stopped without finishing" >&2; return 1; }
 }
 
 TORCHRUN=(torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC"
           --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_ID")
 case "$BACKEND" in
   native)
-    python -m llmc.runtime.entry prepare --lock "$LOCK"
+    prepare_once
     if want_stage pretrain && ! stage_done pretrain; then
       "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
     fi
@@ -78,7 +126,7 @@ case "$BACKEND" in
     ;;
   torchtitan)
     titan_path_ok || exit 2
-    python -m llmc.runtime.entry prepare --lock "$LOCK"
+    prepare_once
     # a torchtitan job writes DCP checkpoints and no DONE.json: the stage ends with its Hugging Face export
     # (run/<stage>/hf, what the next stage starts from; one node writes it, the others wait for it)
     if want_stage pretrain && ! titan_done pretrain; then
@@ -93,7 +141,7 @@ case "$BACKEND" in
   deepspeed)
     # every node runs this script: llmc's DeepSpeed trainer under the same torchrun rendezvous (deepspeed reads
     # torchrun's RANK / WORLD_SIZE / LOCAL_RANK); deepspeed/launch.sh is the single-launcher alternative (HOSTFILE)
-    python -m llmc.runtime.entry prepare --lock "$LOCK"
+    prepare_once
     if want_stage pretrain && ! stage_done pretrain; then
       "${TORCHRUN[@]}" -m llmc.runtime.ds_train --lock "$LOCK" --ds-config "$BUILD_DIR/deepspeed/ds_config.json" --stage pretrain --out "$RUN_DIR"/pretrain
     fi

@@ -29,18 +29,6 @@ want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 eval_done() { [ -f "$RUN_DIR/$1/eval/summary.json" ]; }
 run_evals() { eval_done "$1" || python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
 srun_evals() { eval_done "$1" || srun --ntasks=1 --nodes=1 python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
-# Several nodes run the multi-node script: the first to create <run dir>/<stage>/eval.claim evaluates.
-run_evals_once() {
-  local rc=0
-  eval_done "$1" && return 0
-  mkdir -p "$RUN_DIR/$1"
-  if mkdir "$RUN_DIR/$1/eval.claim" 2>/dev/null; then
-    run_evals "$1" || rc=$?
-    rmdir "$RUN_DIR/$1/eval.claim"
-    return $rc
-  fi
-  echo "stage $1: another node runs its eval ($RUN_DIR/$1/eval.claim; remove it if none does)"
-}
 skipped() { echo "stage $1: done ($RUN_DIR/$1/DONE.json), skipped"; }
 
 python -m llmc.runtime.entry prepare --lock "$LOCK"
