@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from test_build_fakes import make_compiled, make_run
+from test_eval_spec import PIPE as EVAL_PIPE
 from typer.testing import CliRunner
 
 from llmc.buildfs import write_build
@@ -389,27 +390,7 @@ def test_launch_gives_torchrun_the_shutdown_time_the_slurm_script_does(tmp_path,
 
 # ----------------------------------------------------------------------------- emitted scripts, run on fakes
 
-CPU2_PIPE = """\
-name: p
-model: tiny
-hardware: {gpu: cpu, count: 2}
-data:
-  sources: [{name: python-docs, format: builtin}]
-  tokenizer: {train: true, vocab_size: 2048, chat_template: llama3}
-  seq_len: 128
-  tokens: 300K
-training: {precision: fp32, global_batch_tokens: 4096}
-stages:
-  - {name: base, kind: pretrain}
-  - name: chat
-    kind: sft
-    init_from: base
-    steps: 10
-    data: {sources: [{name: synthetic-chat, format: builtin, kind: chat}], seq_len: 128, tokens: 20K}
-eval:
-  tasks: [tasks/mc.yaml]
-  task_stages: [base, chat]
-"""
+CPU2_PIPE = EVAL_PIPE.replace("count: 1}", "count: 2}")  # test_eval_spec's pipeline on 2 CPUs
 
 
 @pytest.fixture(scope="module")
