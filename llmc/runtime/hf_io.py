@@ -1154,8 +1154,11 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     if job.kind in ("sft", "dpo", "grpo"):
         hyper = (job.stage_plan or {}).get("hyper") or {}
         template = hyper.get("chat_template") or job.tokenizer.chat_template or "llama3"
-    export_hf(sd, arch, out, tokenizer_dir, bos_id=bos, eos_id=eos, chat_template=template)
-    res: dict[str, Any] = {"hf": str(out), "chat_template": template}
+    # the weights as trained: an fp32 run's export keeps fp32 (bf16 would round every weight it trained, unsaid);
+    # bf16 / fp8 runs keep fp32 master weights too, but serve and publish in bf16, as the serving configs load them
+    dtype = torch.float32 if getattr(job, "precision", "bf16") == "fp32" else torch.bfloat16
+    export_hf(sd, arch, out, tokenizer_dir, dtype=dtype, bos_id=bos, eos_id=eos, chat_template=template)
+    res: dict[str, Any] = {"hf": str(out), "chat_template": template, "dtype": str(dtype).split(".")[-1]}
     lora = getattr(job.stage_spec, "lora", None) if job.stage_spec is not None else None
     if lora_sd is None and lora is not None and (stage_dir / "lora_adapters.pt").exists():
         lora_sd = torch.load(stage_dir / "lora_adapters.pt", map_location="cpu", weights_only=True)
