@@ -110,6 +110,7 @@ class Measurement:
     allocated_bytes: float | None = None  # torch.cuda.max_memory_allocated
     line: int = 0  # the table row's line in ``source`` (0: the whole file), where an error about it points
     notes: list[str] = field(default_factory=list)
+    lock: str | None = None  # the plan.lock.json the run's prediction comes from (llmc metrics, a torchtitan log)
 
 
 # ----------------------------------------------------------------------------------------- parsers
@@ -191,7 +192,7 @@ def _from_lock(lock: dict, lock_path: str, label: str, source: str) -> Measureme
                        model=spec.model, seq_len=spec.data.seq_len, precision=spec.training.precision, plan=plan,
                        gpus_per_node=spec.hardware.gpus_per_node, compile=comp, fp8_recipe=spec.training.fp8_recipe,
                        offload_optimizer=spec.parallelism.offload_optimizer,
-                       offload_params=spec.parallelism.offload_params)
+                       offload_params=spec.parallelism.offload_params, lock=lock_path)
 
 
 def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Measurement:
@@ -372,9 +373,14 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
     vp = whole("vp", 2 if sched == "Interleaved1F1B" else 1)
     if dr * ds * tp * pp * cp != whole("gpus"):
         raise MeasurementError(source, line, "K004", "gpus", "dp_replicate x dp_shard x tp x pp x cp != gpus")
+    if gb % (mb * dr * ds):  # (it was rounded down to whole accumulation steps, or up to one: another layout)
+        raise MeasurementError(source, line, "K004", "global_batch",
+                               f"global_batch {_shown(gb)} is not a whole number of steps of micro_batch {_shown(mb)} "
+                               f"on {_shown(dr * ds)} data-parallel ranks",
+                               "global_batch = micro_batch x dp_replicate x dp_shard x gradient accumulation")
     try:
         plan = ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=tp, pp=pp, pp_schedule=sched, pp_virtual_stages=vp,
-                            cp=cp, ep=ep, micro_batch=mb, grad_accum=max(1, gb // (mb * dr * ds)),
+                            cp=cp, ep=ep, micro_batch=mb, grad_accum=gb // (mb * dr * ds),
                             activation_checkpointing=ac, ac_layers=ac_layers, zero_stage=zero)
     except ValueError as e:
         raise MeasurementError(source, line, "K004", "layout", str(e), "see benchmarks/README.md, Schema") from None
@@ -553,9 +559,13 @@ def calibrate_measurements(ms: list[Measurement], inputs: list[str]):
     tps, mps = fit_points(ms)
     if not tps and not mps:
         raise MeasurementError(inputs[0], 0, "K001", "measurements", "no throughput or memory figures to fit")
+    labels = [m.label for m in ms]  # two runs' stage folders are both "pretrain": a run is named with its source
+    locks = sorted({m.lock for m in ms if m.lock})
     prov = {"llmc_version": llmc.__version__,
             "inputs": [{"path": str(p), "sha256": sha256_file(p)} for p in inputs],
-            "runs": [m.label for m in ms]}
+            # the locks the predictions come from (model, layout, backend, GPU): the inputs alone do not reproduce it
+            "locks": [{"path": p, "sha256": sha256_file(p)} for p in locks],
+            "runs": [m.label if labels.count(m.label) == 1 else f"{m.label} ({m.source})" for m in ms]}
     try:  # and what `llmc plan --calibration` will accept: never write a file it would refuse
         cal = calibrate(keys[0][0], keys[0][1], tps, mps, provenance=prov)
         type(cal).from_json(cal.to_json())

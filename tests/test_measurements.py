@@ -269,7 +269,7 @@ _YAML_ROW = "model: llama3-8b, gpus: 8, dp_shard: 8, micro_batch: 2, global_batc
     (f"- {{id: b, {_YAML_ROW}, tokens_per_s_per_gpu: 1{'0' * 400}}}", "tokens_per_s_per_gpu"),
     (f"- {{id: b, {_YAML_ROW}, vp: 100, pp_schedule: Interleaved1F1B, pp: 2, dp_shard: 4}}", "layout"),
     (f"- {{id: b, {_YAML_ROW}, seq_len: 1{'0' * 300}}}", "layout"),
-    (f"- {{id: b, {_YAML_ROW}, micro_batch: 1{'0' * 300}}}", "layout"),
+    (f"- {{id: b, {_YAML_ROW}, micro_batch: 1{'0' * 300}}}", "global_batch"),  # no whole number of steps
 ])
 def test_mistyped_yaml_table_rows_are_one_located_line(tmp_path, capsys, row, path):
     """A row that is no mapping (AttributeError), a list id (unhashable), an integer beyond a float (OverflowError),
@@ -373,3 +373,36 @@ def test_calibrate_cli_mistyped_inputs_are_one_line(tmp_path):
     assert r.returncode == 1 and len(err) == 1, r.stderr
     assert err[0].startswith(f"{p}:5: error[K004] layout: llmc cannot model this layout: 200 pipeline chunks")
     assert "Traceback" not in r.stderr and "INTERNAL" not in r.stderr
+
+
+def test_provenance_names_the_locks_and_tells_two_runs_of_one_stage_apart(build, tmp_path):
+    """Two llmc runs are both "pretrain" (their stage folder) and the inputs' hashes do not fix the predictions:
+    the provenance lists each run under its own name and the locks (with their sha256) the predictions come from."""
+    import shutil
+
+    d, c = build
+    other = tmp_path / "other"
+    shutil.copytree(d, other)
+    for i, b in enumerate((d, other)):
+        run = b / "run" / "pretrain"
+        run.mkdir(parents=True)
+        run.joinpath("metrics.jsonl").write_text("".join(json.dumps({"step": s, "tokens_per_s": 40000.0 + 500 * i + s})
+                                                         + "\n" for s in range(1, 30)))
+    ins = [str(d / "run" / "pretrain"), str(other / "run" / "pretrain")]
+    cal = ms.calibrate_measurements(ms.read_any(ins[0]) + ms.read_any(ins[1]), ins)
+    runs = cal.provenance["runs"]
+    assert len(set(runs)) == 2 and all(r.startswith("pretrain (") for r in runs), runs
+    assert cal.provenance["locks"] == sorted(
+        [{"path": str(b / "plan.lock.json"), "sha256": ms.sha256_file(b / "plan.lock.json")} for b in (d, other)],
+        key=lambda x: x["path"])
+
+
+def test_a_table_batch_that_is_no_whole_number_of_steps_is_refused(tmp_path, capsys):
+    """global_batch 20 with micro_batch 2 on 8 ranks was modelled as 16 sequences (and 4 as 16): another layout than
+    the one measured. One located K004 line."""
+    t = tmp_path / "runs.csv"
+    t.write_text("id,model,gpus,gpu_key,backend,seq_len,global_batch,micro_batch,dp_shard,tokens_per_s_per_gpu\n"
+                 "a,llama3-8b,8,h100-sxm,torchtitan,8192,20,2,8,5000\n")
+    assert ms.calibrate_main([str(t)], str(tmp_path / "c.json")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{t}:2: error[K004] global_batch" in err[0] and "20" in err[0], err
