@@ -143,9 +143,15 @@ def parse_torchtitan_log(text: str) -> list[TitanStep]:
     return out
 
 
+def steady_values(values: list[tuple[int, float]], warmup: int = WARMUP_STEPS) -> list[float]:
+    """The values of (step, value) after the warm-up steps (all of them when none is past it): the steady state
+    ``llmc calibrate`` and ``llmc report`` both take."""
+    return [v for s, v in values if s > warmup] or [v for _, v in values]
+
+
 def steady(values: list[tuple[int, float]], warmup: int = WARMUP_STEPS) -> float | None:
-    """Median of (step, value) after the warm-up steps (all of them when none is past it)."""
-    vals = [v for s, v in values if s > warmup] or [v for _, v in values]
+    """Median of :func:`steady_values`."""
+    vals = steady_values(values, warmup)
     return statistics.median(vals) if vals else None
 
 
@@ -545,7 +551,7 @@ def sha256_file(path: str | Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def calibrate_measurements(ms: list[Measurement], inputs: list[str]):
+def calibrate_measurements(ms: list[Measurement], inputs: list[str], digests: dict[str, str] | None = None):
     """Fit one :class:`calibration.Calibration` for runs that share one (backend, GPU)."""
     import llmc
     from llmc.compiler.calibration import calibrate
@@ -562,7 +568,7 @@ def calibrate_measurements(ms: list[Measurement], inputs: list[str]):
     labels = [m.label for m in ms]  # two runs' stage folders are both "pretrain": a run is named with its source
     locks = sorted({m.lock for m in ms if m.lock})
     prov = {"llmc_version": llmc.__version__,
-            "inputs": [{"path": str(p), "sha256": sha256_file(p)} for p in inputs],
+            "inputs": [{"path": str(p), "sha256": (digests or {}).get(p) or sha256_file(p)} for p in inputs],
             # the locks the predictions come from (model, layout, backend, GPU): the inputs alone do not reproduce it
             "locks": [{"path": p, "sha256": sha256_file(p)} for p in locks],
             "runs": [m.label if labels.count(m.label) == 1 else f"{m.label} ({m.source})" for m in ms]}
@@ -590,7 +596,7 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
                 raise MeasurementError(p, 0, "K001", "inputs", f"the same measurements as {seen[digest]} (given twice)",
                                        "name each measured run once")
             if digest is not None:
-                seen[digest] = p
+                seen[digest] = p  # (read once: the provenance reuses it)
             ms.extend(read_any(p, lock))
         if backend:
             ms = [m for m in ms if m.backend == backend]
@@ -598,7 +604,7 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
             ms = [m for m in ms if m.gpu == gpu]
         if not ms:
             raise MeasurementError(inputs[0] if inputs else "-", 0, "K001", "inputs", "no measured runs selected")
-        cal = calibrate_measurements(ms, inputs)
+        cal = calibrate_measurements(ms, inputs, {p: d for d, p in seen.items()})
     except MeasurementError as e:
         print(e.located(), file=sys.stderr)
         return 1

@@ -80,11 +80,9 @@ class StageMetrics:
     def steady(self, key: str) -> list[float]:
         """Values after the warm-up steps (:data:`llmc.measurements.WARMUP_STEPS`, as ``llmc calibrate``); all of
         them if that leaves none."""
-        from llmc.measurements import WARMUP_STEPS
+        from llmc.measurements import steady_values
 
-        steps, vals = self.series(key)
-        rest = [v for s, v in zip(steps, vals, strict=True) if s > WARMUP_STEPS]
-        return rest or vals
+        return steady_values(list(zip(*self.series(key), strict=True)))
 
 
 @dataclass(frozen=True)

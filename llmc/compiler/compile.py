@@ -136,7 +136,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     compute = compute_numbers(arch, data.seq_len, data.tokens)
     # A pipeline of post-training stages only (no ``pretrain`` stage) starts from a trained base: the
     # top-level data/training sections then describe no run of their own, so there is nothing to search.
-    pretrains = has_pretraining(run)
+    pretrains = run.pretrains
     # the compute-optimal token count (C001 / C002) is a rule for training from scratch, not for continuing a trained
     # model (init_hf, or a pretrain stage initialised from another stage)
     from llmc.compiler.stages import resolved_stages
@@ -476,11 +476,6 @@ def _slices_loss(backend: str) -> bool:
     return get_backend(backend).slices_loss
 
 
-def has_pretraining(run: RunSpec) -> bool:
-    """True when the run pre-trains on the top-level data (:attr:`RunSpec.pretrains`)."""
-    return run.pretrains
-
-
 def _memory(memory_mod, arch, seq_len, precision, capacity, offload, backend, compile_, factors, plan, *,
             per_stage: bool = True, offload_params: bool = False):
     return memory_mod.memory_per_gpu(arch, plan, seq_len, precision, capacity, offload_optimizer=offload,
@@ -552,4 +547,4 @@ def _serving(run: RunSpec, gpu: GPU | None, lines: dict, stages) -> tuple[list[S
 
 
 __all__ = ["compile_spec", "compile_loaded", "Outcome", "model_numbers", "compute_numbers", "cluster_gpu", "spec_gpu",
-           "has_pretraining", "pretrain_inputs", "pretrain_batch_seqs", "pretrain_hyper", "spec_sha256"]
+           "pretrain_inputs", "pretrain_batch_seqs", "pretrain_hyper", "spec_sha256"]

@@ -243,10 +243,15 @@ def reads_spec(source: str | bytes, file: str = "<spec>", base_dir: str | Path =
 def _sections(data: dict[str, Any]) -> dict[str, Any]:
     """The sections a check reads alone, each validated on its own (:class:`LoadedSpec`'s ``hardware`` /
     ``stages``), for a spec without a best-effort whole."""
-    stages_raw = data.get("stages") if isinstance(data.get("stages"), list) else []
-    stages = [_lenient(t, s) if (t := _stage_type(s)) else None for s in stages_raw]
+    stages = _lenient_stages(data)
     return {"hardware": _lenient(Hardware, data.get("hardware")),
             "stages": tuple(stages) if all(s is not None for s in stages) else None}
+
+
+def _lenient_stages(data: dict[str, Any]) -> list[StageBase | None]:
+    """Each stage of ``data["stages"]`` validated on its own (unknown keys ignored); None where invalid."""
+    stages_raw = data.get("stages") if isinstance(data.get("stages"), list) else []
+    return [_lenient(t, s) if (t := _stage_type(s)) else None for s in stages_raw]
 
 
 def load_spec(path: str | Path) -> tuple[RunSpec, dict[str, int]]:
@@ -1022,7 +1027,7 @@ def _checks_from_raw(data: dict[str, Any], ctx: _Ctx) -> list[Diagnostic]:
         dat = Data.model_construct(tokenizer=tok, sources=named, seq_len=1, tokens=1.0)
     stages_raw = data.get("stages") if isinstance(data.get("stages"), list) else []
     serving_raw = data.get("serving") if isinstance(data.get("serving"), list) else []
-    stages = [_lenient(t, s) if (t := _stage_type(s)) else None for s in stages_raw]
+    stages = _lenient_stages(data)
     out: list[Diagnostic] = []
     for i, s in enumerate(stages_raw):
         # Stage.rope_scaling is a plain dict in the contract; hold it to the RopeScaling schema here.
