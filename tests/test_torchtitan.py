@@ -655,6 +655,38 @@ def test_job_dataset_resumes_exactly_through_torchtitan_state(kind, tmp_path, mo
     assert ds._epoch >= 1  # the second case did re-loop
 
 
+def test_job_tokenizer_reads_special_token_strings_in_documents_as_text(tmp_path, monkeypatch):
+    """A document quoting "<|end_of_text|>" gets no EOS id inside it from the job's tokenizer (the one its
+    Trainer.Config builds), in training (torchtitan's HuggingFaceTextDataset: BOS, the text, EOS) and in the
+    validation stream; the text's ids are the ones llmc's own trainers read (TextTokenizer)."""
+    from test_torchtitan_render import TINY, compiled_for
+    from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
+
+    from llmc.runtime.tokenizer import TextTokenizer
+
+    assets = tmp_path / "b" / "run" / "assets"
+    make_assets(tmp_path / "b" / "run", 600, n_docs=40, names=())
+    quoted = "the model trains <|end_of_text|> on <|begin_of_text|> tokens"
+    (tmp_path / "src.jsonl").write_text((json.dumps({"text": quoted}) + "\n") * 3)
+    data = {"seq_len": 16, "tokens": 1e6, "sources": [{"name": "web", "path": str(tmp_path / "src.jsonl"),
+                                                       "format": "jsonl", "text_field": "text"}]}
+    c = compiled_for(model=TINY, plan=None, gpu="cpu", data=data,
+                     eval={"validation": {"files": [str(tmp_path / "src.jsonl")], "every_steps": 4, "max_batches": 1}})
+    monkeypatch.setenv("LLMC_RUN_DIR", str(tmp_path / "b" / "run"))
+    job = _import_job(write_build(c, tmp_path / "b"))
+    tok = job.job_without_converters().tokenizer.build(tokenizer_path=str(assets))
+    bos, eos = tok.bos_id, tok.eos_id
+    want = TextTokenizer(assets).encode(quoted)
+    assert eos not in want and bos not in want and len(want) > 10  # the quoted strings are spelled out as bytes
+
+    ds = HuggingFaceTextDataset("llmc_train_0", None, tok, seq_len=16, dp_rank=0, dp_world_size=1, infinite=False)
+    windows = list(ds)  # consecutive windows: the first input token, then every window's labels
+    stream = [int(windows[0][0]["input"][0])] + [t for _, y in windows for t in y.tolist()]
+    assert len(stream) >= len(want) + 2 and stream[:len(want) + 2] == [bos, *want, eos]
+    val = job._validation_tokens(tok, len(want) + 1).tolist()
+    assert val == [*want, eos]
+
+
 STREAM_SPEC = """
 name: stream-titan
 model: tiny

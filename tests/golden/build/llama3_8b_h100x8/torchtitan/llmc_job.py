@@ -40,6 +40,7 @@ from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer, ParamGroupConfig
+from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.components.validate import Validator
 from torchtitan.config import CommConfig, CompileConfig, DebugConfig, ParallelismConfig, TrainingConfig
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
@@ -310,6 +311,22 @@ class LlmcValidationLoader(ParallelAwareDataloader):
         super().__init__(windows, dp_rank=dp_rank, dp_world_size=dp_world_size, batch_size=config.micro_batch)
 
 
+class LlmcTokenizer(HuggingFaceTokenizer):
+    """torchtitan's HuggingFaceTokenizer reading a document's text as text, as llmc's trainers do
+    (llmc.runtime.tokenizer.TextTokenizer): `tokenizers` otherwise matches every added token in the input, so a
+    web page quoting "<|end_of_text|>" would put a real EOS (or any other special id) in the middle of a training
+    document and of the validation stream (Tokenizer.encode_special_tokens, huggingface/tokenizers). BOS / EOS
+    around each document are still added as ids by torchtitan's dataset."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(HuggingFaceTokenizer.Config):
+        pass
+
+    def __init__(self, config=None, *, tokenizer_path):
+        super().__init__(config, tokenizer_path=tokenizer_path)
+        self.tokenizer.encode_special_tokens = True
+
+
 def _validator():
     if VALIDATION is None:
         return Validator.Config()
@@ -499,6 +516,7 @@ def _trainer_config(spec):
     return PreemptibleTrainer.Config(
         model_spec=spec,
         hf_assets_path=ASSETS_DIR,
+        tokenizer=LlmcTokenizer.Config(),
         dump_folder=DUMP_FOLDER,
         loss=ChunkedLossWrapper.Config(num_chunks=8,
                                        loss_fn=CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(spec))),
