@@ -8,7 +8,9 @@ API
 ``write_build(out, files, *, protect=(), version=llmc.__version__) -> BuildResult``
     ``files`` maps canonical relative POSIX paths (``"a/b.sh"``; no ``.``/``..``/empty parts, not
     absolute, no NUL, not starting with ``.llmc-``) to ``str`` (written as UTF-8) or ``bytes``.
-    ``.sh``/``.sbatch`` files get mode 0o755, others 0o644. Raises ``BuildDirError`` (one-line
+    ``.sh``/``.sbatch`` files get mode 0o777, others 0o666, less the process umask (as ``git checkout`` and
+    ``open(2)`` create files: 0o755 / 0o644 under the usual umask 022, group-writable under 002, private under
+    077). Raises ``BuildDirError`` (one-line
     ``message`` and a ``hint``) when:
 
     * ``out`` exists and is not a directory;
@@ -200,7 +202,7 @@ def _open_dir(dfd: int, parts: Iterable[str], rel: str, create: bool) -> int | N
                 if not create:
                     os.close(cur)
                     return None
-                os.mkdir(name, 0o755, dir_fd=cur)
+                os.mkdir(name, 0o777, dir_fd=cur)  # less the umask, as mkdir(1)
                 nxt = os.open(name, _DIR_FLAGS, dir_fd=cur)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -262,8 +264,25 @@ def _write_new(pfd: int, name: str, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def _mode(rel: str) -> int:
-    return 0o755 if rel.endswith(EXECUTABLE_SUFFIXES) else 0o644
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (proc(5): ``Umask:`` in
+    /proc/self/status); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _mode(rel: str, umask: int = 0o022) -> int:
+    """An artifact's mode: 0o777 for scripts, 0o666 for the rest, less ``umask``. ``os.fchmod`` sets a mode
+    as given, so the umask that ``open(2)`` applies to a new file is applied here."""
+    return (0o777 if rel.endswith(EXECUTABLE_SUFFIXES) else 0o666) & ~umask
 
 
 def _atomic_write_top(dfd: int, name: str, data: bytes) -> None:
@@ -456,6 +475,7 @@ def write_build(out: Path, files: Mapping[str, str | bytes], *, protect: Iterabl
             if "/".join(parts[:i]) in blobs:
                 raise UnsafePathError(f"{rel!r}: {'/'.join(parts[:i])!r} is both a file and a directory")
 
+    umask = _umask()
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise BuildDirError(f"{out}: exists and is not a directory", "-o names the directory to write the build into")
@@ -495,7 +515,7 @@ def write_build(out: Path, files: Mapping[str, str | bytes], *, protect: Iterabl
                 raise BuildDirError(f"{out / rel}: changed since llmc wrote it (sha256 differs from {MANIFEST})",
                                     "llmc never overwrites edits: move the file away, or carry the change in the "
                                     "spec or on the command line, and build again")
-            if current == blobs[rel] and (st.st_mode & 0o777) == _mode(rel) and owned.get(rel) == _sha(blobs[rel]):
+            if current == blobs[rel] and (st.st_mode & 0o777) == _mode(rel, umask) and owned.get(rel) == _sha(blobs[rel]):
                 unchanged.append(rel)
             else:
                 to_write.append(rel)
@@ -516,13 +536,13 @@ def write_build(out: Path, files: Mapping[str, str | bytes], *, protect: Iterabl
                     parts = keys[rel]
                     if parts[:-1] not in dirs:
                         dirs[parts[:-1]] = _open_dir(sfd, parts[:-1], rel, create=True)
-                    _write_new(dirs[parts[:-1]], parts[-1], blobs[rel], _mode(rel))
+                    _write_new(dirs[parts[:-1]], parts[-1], blobs[rel], _mode(rel, umask))
                 for pfd in dirs.values():
                     os.fsync(pfd)
             finally:
                 for pfd in dirs.values():
                     os.close(pfd)
-            _write_new(sfd, MANIFEST, new.to_json().encode(), 0o644)
+            _write_new(sfd, MANIFEST, new.to_json().encode(), _mode(MANIFEST, umask))
             os.fsync(sfd)
         finally:
             os.close(sfd)

@@ -64,8 +64,17 @@ def expected(files: dict[str, str], extra: dict[str, bytes] | None = None) -> di
     return {**out, **(extra or {})}
 
 
-def test_fresh_build_manifest_modes(tmp_path):
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (restored after)."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def test_fresh_build_manifest_modes(tmp_path, umask):
     out = tmp_path / "b"
+    umask(0o022)
     res = write_build(out, A)
     assert tree(out) == expected(A)
     assert set(res.written) == set(A) and res.removed == ()
@@ -76,6 +85,26 @@ def test_fresh_build_manifest_modes(tmp_path):
     # deterministic: a second build writes nothing and the bytes are identical
     res2 = write_build(out, A)
     assert res2.written == () and tree(out) == expected(A)
+
+
+@pytest.mark.parametrize("mask", [0o002, 0o027, 0o077])
+def test_artifact_modes_follow_the_umask_as_files_the_os_creates(tmp_path, umask, mask):
+    """Under a shared-group umask (002) teammates can rebuild the directory; under 077 nobody else reads it:
+    each artifact gets the mode open(2) / mkdir(2) give a new file, script or directory under that umask."""
+    umask(mask)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    fd = os.open(ref / "plain", os.O_WRONLY | os.O_CREAT, 0o666)
+    os.close(fd)
+    fd = os.open(ref / "script", os.O_WRONLY | os.O_CREAT, 0o777)
+    os.close(fd)
+    out = tmp_path / "b"
+    write_build(out, A)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(out / "launch/train.sh") == mode(ref / "script") == 0o777 & ~mask
+    assert mode(out / "README.md") == mode(out / MANIFEST) == mode(ref / "plain") == 0o666 & ~mask
+    assert mode(out / "launch") == mode(ref) == 0o777 & ~mask
+    assert write_build(out, A).written == ()  # the same umask: nothing to rewrite
 
 
 def test_rebuild_keeps_user_files_and_removes_dropped_artifacts(tmp_path):
