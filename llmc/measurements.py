@@ -233,14 +233,19 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
                                    f"not a JSON object: {_shown(r)}", _RECORD_HINT)
         for key, out in (("tokens_per_s", tps), ("peak_mem_bytes", mem)):
             if "step" in r and r.get(key):
-                out.append((_record_number(r, "step", str(metrics), i), _record_number(r, key, str(metrics), i)))
+                out.append((_record_number(r, "step", str(metrics), i), _record_number(r, key, str(metrics), i),
+                            r.get("peak_mem_device")))
     if not tps:
         raise MeasurementError(str(metrics), 0, "K001", "metrics.jsonl", "no step records with tokens_per_s",
                                "train for more than log_every steps")
     m = _from_lock(lock, str(lock_path), label=metrics.parent.name or str(metrics), source=str(metrics))
     world = m.plan.world
-    return replace(m, tokens_per_s_per_gpu=steady(tps) / world,
-                   allocated_bytes=max(v for _, v in mem) if mem else None)
+    # device memory only: on a CPU the trainers log the process's peak RSS (interpreter, libraries, data
+    # workers), which is not the per-GPU memory llmc's model predicts (records before peak_mem_device: the lock's
+    # hardware says where the run was)
+    device_mem = [v for _, v, dev in mem if dev == "cuda" or (dev is None and m.gpu != "cpu")]
+    return replace(m, tokens_per_s_per_gpu=steady([(s, v) for s, v, _ in tps]) / world,
+                   allocated_bytes=max(device_mem) if device_mem else None)
 
 
 _RECORD_HINT = "llmc's trainers write one JSON object of numbers per line: restore or delete that line"

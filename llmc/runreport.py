@@ -17,7 +17,9 @@ Inputs:
   ``time.tokens_per_second`` and ``time.mfu`` (the searched plan, i.e. the pre-training stage); memory: the
   pre-training's ``memory.allocated_bytes`` (what ``peak_mem_bytes``, the allocator's allocated peak, measures:
   the must-fit ``per_gpu_bytes`` adds the allocator's reserve and the CUDA context), other stages'
-  ``stages[i].memory.per_gpu_bytes`` (the only figure their plans give: the row says "must-fit").
+  ``stages[i].memory.per_gpu_bytes`` (the only figure their plans give: the row says "must-fit"). A CPU run's
+  ``peak_mem_bytes`` is the process's peak RSS (``peak_mem_device: "cpu"``; records without that field: the lock's
+  hardware is the CPU): shown as such, not compared with the per-GPU prediction.
 
 Outputs in ``out_dir`` (created): per stage ``<stage>-loss.png``, ``<stage>-throughput.png``,
 ``<stage>-memory.png``, ``<stage>-mfu.png`` (a plot is skipped when no record has that metric), with the
@@ -71,6 +73,12 @@ class StageMetrics:
     path: Path
     steps: list[int]
     columns: dict[str, list[float | None]] = field(default_factory=dict)
+    mem_device: str | None = None  # the records' peak_mem_device ("cuda", "cpu"); None: records before the field
+
+    def host_memory(self, lock: dict) -> bool:
+        """Whether peak_mem_bytes is the process's peak RSS of a CPU run, not device memory (so not what the plan
+        predicts): the records say so, or, for records without peak_mem_device, the lock's hardware is the CPU."""
+        return self.mem_device == "cpu" or (self.mem_device is None and _get(lock, "hardware", "key") == "cpu")
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         col = self.columns.get(key, [])
@@ -304,7 +312,8 @@ def read_metrics(path: str | Path, name: str | None = None) -> StageMetrics:
         vals = [_number(by_step[s].get(key)) for s in steps]
         if any(v is not None for v in vals):
             cols[key] = vals
-    return StageMetrics(name or path.parent.name, path, steps, cols)
+    devices = [d for s in steps if isinstance(d := by_step[s].get("peak_mem_device"), str)]
+    return StageMetrics(name or path.parent.name, path, steps, cols, devices[-1] if devices else None)
 
 
 def find_stages(run_dir: str | Path, lock: dict) -> list[tuple[str, Path]]:
@@ -345,12 +354,18 @@ def table(stages: list[StageMetrics], lock: dict) -> list[Row]:
         p = predictions(lock, sm.name)
         med = {k: (statistics.median(sm.steady(k)) if sm.steady(k) else None) for k in ("step_s", "tokens_per_s", "mfu")}
         mem = max(sm.series("peak_mem_bytes")[1], default=None)
+        if mem is not None and sm.host_memory(lock):  # a CPU run's RSS: shown, not compared with the per-GPU prediction
+            mem_row = Row(sm.name, "peak process RSS (CPU run, not GPU memory)", "GiB", None,
+                          mem / 2**30 if mem is not None else None)
+        else:
+            mem_row = Row(sm.name, "peak memory per GPU" + (", allocated" if p.allocated_bytes else ", must-fit"),
+                          "GiB", p.memory_bytes / 2**30 if p.memory_bytes else None,
+                          mem / 2**30 if mem is not None else None)
         rows += [Row(sm.name, "step time", "s", p.step_seconds, med["step_s"]),
                  Row(sm.name, "throughput", "tokens/s", p.tokens_per_s, med["tokens_per_s"]),
                  Row(sm.name, "MFU", "%", p.mfu * 100 if p.mfu is not None else None,
                      med["mfu"] * 100 if med["mfu"] is not None else None),
-                 Row(sm.name, "peak memory per GPU" + (", allocated" if p.allocated_bytes else ", must-fit"), "GiB",
-                     p.memory_bytes / 2**30 if p.memory_bytes else None, mem / 2**30 if mem is not None else None)]
+                 mem_row]
     return rows
 
 
@@ -502,6 +517,8 @@ def make_report(run_dir: str | Path, lock: dict, out_dir: str | Path) -> list[Pa
         p = predictions(lock, sm.name)
         for suffix, key, title, ylabel, scale, attr in PLOTS:
             path = out / f"{sm.name}-{suffix}.png"
+            if key == "peak_mem_bytes" and sm.host_memory(lock):
+                title, attr = "peak process RSS (CPU run, not GPU memory)", None
             if _plot(sm, key, title, ylabel, scale, getattr(p, attr) if attr else None, path):
                 pngs.append(path)
     evals = read_evals(run_dir, lock)

@@ -82,6 +82,38 @@ def test_llmc_metrics_jsonl_is_per_job_throughput(build):
     assert m.allocated_bytes == 40 * 2**30 + 39 and m.reserved_bytes is None
 
 
+def test_memory_of_a_cpu_run_is_not_a_device_measurement(build, tmp_path):
+    """On a CPU the trainers' peak_mem_bytes is the process's peak RSS (the interpreter, torch, data workers),
+    not the per-GPU memory llmc predicts: such a run calibrates throughput only. The record llmc's trainers
+    write (step_record) says which device it measured; an older record is judged by the lock's hardware."""
+    torch = pytest.importorskip("torch")
+    from llmc.runtime.metrics import step_record
+
+    d, _ = build
+    kw = dict(loss=3.0, lr=1e-3, grad_norm=1.0, tokens=0, tokens_per_step=8 * 5000, dt=1.0, flops_per_token=1.0,
+              peak_flops=None, world=8)
+    cpu = [step_record(step=s, device=torch.device("cpu"), **kw) for s in range(1, 40)]
+    assert cpu[0]["peak_mem_device"] == "cpu" and cpu[0]["peak_mem_bytes"] > 0
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cpu))
+    m = ms.read_llmc_run(d)
+    assert m.allocated_bytes is None and m.tokens_per_s_per_gpu == pytest.approx(5000.0)
+    cuda = [{**r, "peak_mem_device": "cuda", "peak_mem_bytes": 40 * 2**30} for r in cpu]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cuda))
+    assert ms.read_llmc_run(d).allocated_bytes == 40 * 2**30
+
+    # records without the field: a run whose lock is for the CPU pseudo-device measured RSS
+    tiny = "name: t\nmodel: tiny\nhardware: {gpu: cpu, count: 1}\ndata: {seq_len: 64, tokens: 1e5}\n" \
+           "training: {global_batch_tokens: 512}\n"
+    run, lines = loads_spec(tiny, file="spec.yaml")
+    c = compile_spec(run, "spec.yaml", lines, spec_bytes=tiny.encode())
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "plan.lock.json").write_text(lock_text(c))
+    old = [{"step": s, "loss": 3.0, "tokens_per_s": 900.0, "peak_mem_bytes": 2 * 2**30} for s in range(1, 40)]
+    (tmp_path / "cpu" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    m = ms.read_llmc_run(tmp_path / "cpu")
+    assert m.allocated_bytes is None and m.tokens_per_s_per_gpu == pytest.approx(900.0)
+
+
 def test_bad_inputs_give_one_located_line(tmp_path, capsys):
     bad = tmp_path / "runs.csv"
     bad.write_text("id,model,gpus,seq_len,dp_shard,micro_batch,global_batch,backend,gpu_key,tokens_per_s_per_gpu\n"

@@ -28,8 +28,9 @@ def lock(tmp_path_factory) -> dict:
     return json.loads((out / "plan.lock.json").read_text())
 
 
-def write_run(run: Path, lock: dict) -> dict:
-    """pretrain: 41 steps, the first slow; the other 40 alternate 0.30/0.34 s (median 0.32).
+def write_run(run: Path, lock: dict, device: str = "cuda") -> dict:
+    """pretrain: 41 steps, the first slow; the other 40 alternate 0.30/0.34 s (median 0.32), memory measured on
+    ``device`` (the lock is for the CPU pseudo-device; "cuda": records as a GPU run of the plan writes them).
     sft: post-training records (loss only). Returns the independent expectations."""
     t = lock["time"]
     pre = run / "pretrain"
@@ -41,7 +42,8 @@ def write_run(run: Path, lock: dict) -> dict:
         lines.append(json.dumps({
             "elapsed_s": s, "step": s, "loss": 7.5 * s ** -0.3, "lr": 1e-3, "grad_norm": 1.0,
             "tokens": s * tokens_per_step, "tokens_per_s": round(tokens_per_step / dt, 3),
-            "mfu": t["mfu"] * t["step_seconds"] / dt, "peak_mem_bytes": 900_000_000 + 1000 * s, "step_s": dt}))
+            "mfu": t["mfu"] * t["step_seconds"] / dt, "peak_mem_bytes": 900_000_000 + 1000 * s,
+            "peak_mem_device": device, "step_s": dt}))
     good = lines[5]
     lines[5] = lines[5].replace('"loss": ', '"loss": 99.0, "x": ')  # step 5 logged, then (after a resume)
     lines.insert(6, good)  # logged again: the later record is kept
@@ -104,6 +106,23 @@ def test_report_pngs_html_and_table(tmp_path, lock):
                                               ["per_gpu_bytes"] / 2**30)
     assert rows["sft", "step time"].predicted is None  # the lock's time block is the pre-training plan's
     assert f"{lock['time']['step_seconds']:,.3f}" in page and f"{exp['step_s'] / lock['time']['step_seconds']:.2f}" in page
+
+
+def test_a_cpu_runs_rss_is_shown_not_compared_with_the_gpu_prediction(tmp_path, lock):
+    """On a CPU, peak_mem_bytes is the process's peak RSS: the table shows it without a prediction or a ratio and
+    the memory plot draws no prediction line; throughput is still compared."""
+    exp = write_run(tmp_path / "run", lock, device="cpu")
+    paths = make_report(tmp_path / "run", lock, tmp_path / "report")
+    rows = {(r.stage, r.quantity): r for r in table([read_metrics(tmp_path / "run/pretrain/metrics.jsonl")], lock)}
+    rss = rows["pretrain", "peak process RSS (CPU run, not GPU memory)"]
+    assert rss.measured == pytest.approx(exp["mem"] / 2**30) and rss.predicted is None and rss.ratio is None
+    assert not any(q.startswith("peak memory per GPU") for _, q in rows)
+    assert rows["pretrain", "throughput"].ratio is not None
+    assert red_pixels(next(p for p in paths if p.name == "pretrain-memory.png")) == 0
+    # records written before peak_mem_device: the lock's hardware (the CPU) says what was measured
+    pre = tmp_path / "run/pretrain/metrics.jsonl"
+    pre.write_text(pre.read_text().replace(', "peak_mem_device": "cpu"', ""))
+    assert read_metrics(pre).mem_device is None and read_metrics(pre).host_memory(lock)
 
 
 def test_stage_order_single_dir_and_missing(tmp_path, lock):

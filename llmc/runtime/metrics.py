@@ -2,7 +2,8 @@
 
 Each record: step, loss, lr, grad_norm, tokens, tokens_per_s, flops_per_s, mfu (None when the device
 peak is unknown, e.g. CPU), peak_mem_bytes (``torch.cuda.max_memory_allocated`` on CUDA, process
-max RSS on CPU), step_s, elapsed_s. MFU = flops_per_token * tokens_per_s / peak_flops, where
+max RSS on CPU), peak_mem_device (``cuda`` / ``cpu``: which of the two it is; ``llmc calibrate`` fits memory
+only on the first), step_s, elapsed_s. MFU = flops_per_token * tokens_per_s / peak_flops, where
 flops_per_token is the compiler's number when the lock has it, else 6N (Kaplan et al. 2020) plus the
 causal attention term 6*L*T*d_attn (PaLM appendix B, halved for causality).
 """
@@ -35,7 +36,7 @@ def step_record(*, step: int, loss: float, lr: float, grad_norm: float | None, t
     norm = {} if grad_norm is None else {"grad_norm": round(grad_norm, 6)}  # None: the backend had none
     return {"step": step, "loss": round(loss, 6), "lr": lr, **norm, "tokens": tokens, "tokens_per_s": round(tps, 1), "flops_per_s": flops,
             "mfu": (flops / (peak_flops * world)) if peak_flops else None,
-            "peak_mem_bytes": peak_memory_bytes(device), "step_s": round(dt, 4)}
+            "peak_mem_bytes": peak_memory_bytes(device), "peak_mem_device": device.type, "step_s": round(dt, 4)}
 
 
 def active_params(model: torch.nn.Module) -> int:
