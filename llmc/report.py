@@ -427,6 +427,9 @@ def _evaluation(c) -> Table | None:
         lim = f", limit {e.tasks.limit}" if e.tasks.limit else ""
         t.add_row("eval tasks", f"{', '.join(e.tasks.tasks)} after {', '.join(e.tasks.stages)} "
                                 f"(lm-evaluation-harness, {e.tasks.backend}, batch {e.tasks.batch_size}{lim})")
+        chat = [st for st in e.tasks.stages if e.tasks.apply_chat_template.get(st)]
+        if chat:
+            t.add_row("", f"through the chat template: {', '.join(chat)} (eval.apply_chat_template)")
         if e.tasks.every_checkpoints is not None:
             from llmc.compiler.evaluation import format_steps
 

@@ -35,7 +35,20 @@ E006   info      ``eval.tasks`` without decontamination of the training data
 E007   info      ``eval.backend: vllm``: ``llmc launch`` runs the hf backend (the vllm command is emitted)
 E008   warning   ``eval.every_checkpoints``: ``training.checkpoint.keep_latest`` prunes chosen checkpoints
                  before the eval step runs (the plan lists the steps that will be scored)
+E009   warning   a local task file of ``eval.tasks`` is missing or names no ``task:`` / ``group:``
+E010   warning   ``eval.apply_chat_template: true`` for an evaluated stage whose export llmc writes no chat
+                 template into (not sft / dpo / grpo): the eval step fails unless its tokenizer carries one
 =====  ========  ================================================================================
+
+Chat template (``eval.apply_chat_template``). A chat stage's export (sft / dpo / grpo) carries its Jinja chat
+template in tokenizer_config.json (:func:`llmc.runtime.hf_io.export_stage`); lm-evaluation-harness scores raw
+prompts unless told ``--apply_chat_template``, which lays each prompt out as a user turn and the answer as the
+assistant's, with few-shot examples as earlier turns under ``--fewshot_as_multiturn`` (its default with the
+template, lm_eval/config/evaluate_config.py;
+https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/interface.md). The lock's
+``evaluation.tasks.apply_chat_template`` says, per evaluated stage, whether the eval step applies it: by default
+(None) exactly the chat stages, so an instruction-tuned model is scored on the layout it was trained on and a
+pre-trained one on raw text; ``true`` / ``false`` set every evaluated stage.
 
 Checkpoint evals (``eval.every_checkpoints: K``). The native trainer saves a checkpoint every
 ``checkpoint_interval`` steps before the last step and one at the last step, and keeps the newest
@@ -48,7 +61,7 @@ from __future__ import annotations
 
 import math
 import posixpath
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from llmc.compiler import quality_math
 from llmc.compiler.checks import MAX_EPOCHS, mixture_shares
@@ -114,6 +127,9 @@ class TasksPlan:
     limit: int | None
     every_checkpoints: int | None = None  # eval.every_checkpoints (None = off)
     checkpoint_steps: dict[str, list[int]] | None = None  # stage -> checkpoint steps the eval step scores
+    # stage -> whether its evals (export and checkpoints) go through the export's chat template (lm_eval
+    # apply_chat_template / fewshot_as_multiturn): eval.apply_chat_template, by default the chat stages
+    apply_chat_template: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -281,8 +297,10 @@ def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: 
             local = t.endswith((".yaml", ".yml"))
             lm_names.append(fact.name if fact is not None and fact.name else
                             posixpath.splitext(posixpath.basename(t))[0] if local else t)
+        chat = _chat_template_stages(ev.apply_chat_template, names, stages or [], sink)
         tasks = TasksPlan(tasks=list(ev.tasks), names=lm_names, stages=names, backend=ev.backend, batch_size=ev.batch_size,
-                          limit=ev.limit, every_checkpoints=ev.every_checkpoints, checkpoint_steps=ck)
+                          limit=ev.limit, every_checkpoints=ev.every_checkpoints, checkpoint_steps=ck,
+                          apply_chat_template=chat)
         if ev.backend == "vllm":
             sink.add("E007", "info", "eval.backend",
                      "llmc launch evaluates with lm-evaluation-harness's hf backend; eval/tasks.json gives the "
@@ -309,6 +327,22 @@ def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: 
                      "b x r <= num_perm; or omit both for llmc's choice")
     _check_epochs(run, val, qual, sink)
     return EvaluationPlan(validation=val, tasks=tasks, quality=qual)
+
+
+def _chat_template_stages(asked: bool | None, names: list[str], stages, sink) -> dict[str, bool]:
+    """stage -> whether its evals apply the chat template: ``asked`` (``eval.apply_chat_template``), or by default
+    whether the stage's export carries one (a chat kind); E010 where ``true`` meets a stage llmc writes none for."""
+    kinds = {st.name: st.kind for st in stages}
+    out: dict[str, bool] = {}
+    for name in names:
+        chat = kinds.get(name) in CHAT_KINDS
+        out[name] = chat if asked is None else asked
+        if asked and not chat and name in kinds:
+            sink.add("E010", "warning", "eval.apply_chat_template",
+                     f"stage {name!r} ({kinds[name]}) is scored through a chat template, but its export carries none "
+                     "of llmc's (only sft / dpo / grpo exports do); the eval step fails unless its tokenizer has one",
+                     "leave apply_chat_template out (chat stages only) or set it false")
+    return out
 
 
 def _checkpoint_evals(run, every: int, names: list[str], stages, sink) -> dict[str, list[int]]:

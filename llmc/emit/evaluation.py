@@ -54,6 +54,8 @@ class EvalTasksEmitter(Emitter):
                 argv += ["--include_path", ",".join(include)]
             if t.limit:
                 argv += ["--limit", str(t.limit)]
+            if t.apply_chat_template.get(st):  # the chat stages (eval.apply_chat_template), as the eval step runs
+                argv += ["--apply_chat_template", "--fewshot_as_multiturn"]
             commands[st] = shlex.join(argv)
         doc = {"_llmc": header_fields(compiled), "tasks": list(t.tasks), "stages": list(t.stages),
                "backend": t.backend, "batch_size": t.batch_size, "limit": t.limit,

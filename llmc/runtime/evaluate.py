@@ -55,6 +55,16 @@ its intermediate ones in DeepSpeed's format (``RUN/S/ds_checkpoints/step-XXXXXXX
 only there is rebuilt on the CPU with DeepSpeed's offline converter (:func:`ds_checkpoint_state`: the fp32
 master weights of ZeRO 1/2/3, ``deepspeed.utils.zero_to_fp32``; ZeRO-0 the saved module state) and scored
 the same way.
+
+Chat template: a stage whose lock entry ``evaluation.tasks.apply_chat_template[S]`` is true (by default the chat
+stages, sft / dpo / grpo, whose export carries their Jinja template) is scored through it, the export's and each
+checkpoint's alike: lm_eval's ``apply_chat_template=True`` renders each prompt as a user turn followed by the
+template's assistant header, the answer being scored as the assistant's text, and ``fewshot_as_multiturn=True`` makes
+few-shot examples earlier turns (lm_eval's own default with the template, lm_eval/config/evaluate_config.py;
+https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/interface.md). Other stages are scored on raw
+prompts, as before. ``summary.json`` records both flags; a stage that asks for the template when its export has none
+(no ``chat_template`` in tokenizer_config.json, no ``chat_template.jinja``) is an error, not a silent raw-prompt
+score.
 """
 
 from __future__ import annotations
@@ -90,6 +100,11 @@ class EvalConfig:
     offline: bool = True
     model_args: dict[str, Any] = field(default_factory=dict)
     """Extra ``HFLM`` arguments (e.g. ``max_length``, ``trust_remote_code``)."""
+    apply_chat_template: bool = False
+    """Render prompts with the model's chat template (lm_eval ``--apply_chat_template``)."""
+    fewshot_as_multiturn: bool | None = None
+    """Few-shot examples as separate turns (lm_eval ``--fewshot_as_multiturn``; only with the template).
+    None = ``apply_chat_template``, lm_eval's own default."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,8 @@ class EvalSummary:
     samples: dict[str, int]
     """task -> documents evaluated."""
     lm_eval_version: str
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +141,20 @@ def eval_stages(lock: dict) -> list[str]:
     ev = lock.get("evaluation") if isinstance(lock.get("evaluation"), dict) else None
     tasks = (ev or {}).get("tasks")
     return [str(s) for s in tasks.get("stages") or []] if isinstance(tasks, dict) and tasks.get("tasks") else []
+
+
+def has_chat_template(model_dir: str | Path) -> bool:
+    """Whether the Hugging Face directory's tokenizer carries a chat template: ``chat_template`` in
+    tokenizer_config.json (what an llmc export writes) or ``chat_template.jinja`` / ``chat_template.json`` (where
+    transformers' ``save_pretrained`` keeps it)."""
+    d = Path(model_dir)
+    if (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file():
+        return True
+    try:
+        tc = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(tc, dict) and bool(tc.get("chat_template"))
 
 
 def _absolute_data_files(p: Path, text: str, dest: Path | None) -> Path:
@@ -199,6 +230,12 @@ def run_eval(config: EvalConfig, out_dir: str | Path) -> EvalSummary:
 
     if not (Path(config.model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{config.model_dir}: not a Hugging Face model directory (no config.json)")
+    if config.apply_chat_template and not has_chat_template(config.model_dir):
+        raise ValueError(f"{config.model_dir}: the evals apply the chat template, but the tokenizer has none (no "
+                         "chat_template in tokenizer_config.json, no chat_template.jinja); give the tokenizer one, or set "
+                         "eval.apply_chat_template: false")
+    chat = bool(config.apply_chat_template)
+    multiturn = chat and (config.fewshot_as_multiturn is None or bool(config.fewshot_as_multiturn))
     out = Path(out_dir)
     tasks = resolve_tasks(config.tasks, out / "tasks")
     tm = TaskManager(include_path=tasks.include or None, include_defaults=tasks.builtin)
@@ -206,8 +243,8 @@ def run_eval(config: EvalConfig, out_dir: str | Path) -> EvalSummary:
     results = lm_eval.simple_evaluate(
         model="hf", model_args=model_args, tasks=tasks.names, num_fewshot=config.num_fewshot,
         batch_size=config.batch_size, device=config.device, limit=config.limit, task_manager=tm,
-        log_samples=False, random_seed=config.seed, numpy_random_seed=config.seed,
-        torch_random_seed=config.seed, fewshot_random_seed=config.seed)
+        log_samples=False, apply_chat_template=chat, fewshot_as_multiturn=multiturn, random_seed=config.seed,
+        numpy_random_seed=config.seed, torch_random_seed=config.seed, fewshot_random_seed=config.seed)
     if results is None:  # non-zero ranks under a distributed launch
         raise RuntimeError("lm_eval returned no results on this rank")
     out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +263,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path) -> EvalSummary:
     samples: dict[str, int] = {}
     for task, n in results.get("n-samples", {}).items():
         samples[task] = int(n.get("effective", n.get("original", 0)) if isinstance(n, dict) else n)
-    return EvalSummary(path, metrics, samples, getattr(lm_eval, "__version__", "unknown"))
+    return EvalSummary(path, metrics, samples, getattr(lm_eval, "__version__", "unknown"), chat, multiturn)
 
 
 def _tasks_plan(lock: dict) -> dict | None:
@@ -242,16 +279,20 @@ def checkpoint_steps(lock: dict, stage: str) -> list[int]:
 
 
 def _summarize(model_dir: Path, dest: Path, plan: dict, job, what: str, log, label: str = "", **extra) -> dict:
-    """lm_eval on ``model_dir`` with the lock's suite; ``dest/eval_results.json`` and ``dest/summary.json``."""
+    """lm_eval on ``model_dir`` with the lock's suite, through the chat template where the lock says so;
+    ``dest/eval_results.json`` and ``dest/summary.json`` (with ``apply_chat_template`` / ``fewshot_as_multiturn``)."""
     import torch
 
     tasks = tuple(str(job.resolve_path(t)) if t.endswith((".yaml", ".yml")) else t for t in plan["tasks"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    log(f"{job.stage}: lm-evaluation-harness {', '.join(plan['tasks'])} on {what} ({device})")
+    chat = bool((plan.get("apply_chat_template") or {}).get(job.stage, False))
+    log(f"{job.stage}: lm-evaluation-harness {', '.join(plan['tasks'])} on {what} ({device}"
+        f"{', chat template applied' if chat else ''})")
     res = run_eval(EvalConfig(model_dir=str(model_dir), tasks=tasks, batch_size=int(plan["batch_size"]),
-                              limit=plan.get("limit"), device=device), dest)
+                              limit=plan.get("limit"), device=device, apply_chat_template=chat), dest)
     summary = {**extra, "tasks": res.metrics, "samples": res.samples, "results": str(res.results_path),
-               "lm_eval_version": res.lm_eval_version}
+               "lm_eval_version": res.lm_eval_version, "apply_chat_template": res.apply_chat_template,
+               "fewshot_as_multiturn": res.fewshot_as_multiturn}
     path = dest / "summary.json"
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -632,6 +632,11 @@ class Eval(SpecModel):
     """At most this many documents per task. None = all."""
     every_checkpoints: Int | None = Field(default=None, gt=0)
     """Also score every K-th checkpoint of each evaluated stage on ``tasks`` (same suite, per step). None = off."""
+    apply_chat_template: bool | None = None
+    """Score ``tasks`` through the export's chat template (lm-evaluation-harness ``--apply_chat_template``, with
+    few-shot examples as turns, ``--fewshot_as_multiturn``). None = exactly the stages whose export carries one
+    (sft / dpo / grpo), so a chat model is scored on prompts laid out as it was trained and a pre-trained one on raw
+    text; true / false = every evaluated stage."""
 
 
 class RunSpec(SpecModel):
