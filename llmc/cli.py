@@ -333,7 +333,8 @@ def launch(
             env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(ELASTIC_SHUTDOWN_S), **os.environ, **c.env}
             rc, cause = _run_logged(c.argv, env=env, cwd=c.cwd, log=log)
             if rc == EXIT_PREEMPTED:  # a SIGTERM / SIGUSR1 stopped it after a checkpoint of its current step
-                _echo(f"{build_dir}: stage {c.stage!r} preempted: its current step is saved; rerun "
+                _echo(f"{build_dir}: stage {c.stage!r} preempted: stopped by a signal (a preemption, the time "
+                      f"limit or a cancel) after saving its current step; rerun "
                       f"`llmc launch {shlex.quote(str(build_dir))}` to resume from it", err=True)
                 raise SystemExit(EXIT_PREEMPTED)
             if rc != 0:

@@ -23,6 +23,12 @@ when it exists, else ``ds_config.json``, and refuses a config whose batch / lr /
 the stage's (``ds_train.check_config``). The build therefore writes ``ds_config.<stage>.json`` for every
 DeepSpeed-trained stage whose config differs from ``ds_config.json`` (numbers from the stage's
 ``StagePlan``), so the committed file is exactly what runs.
+
+``deepspeed/launch.sh`` runs the stages the DeepSpeed runner does not train (``DS_STAGE_KINDS``) on llmc's native
+runtime on the same processes: ``torchrun --standalone`` on one node, and with a ``HOSTFILE`` the DeepSpeed
+launcher's own multi-node start (``deepspeed --hostfile H --no_local_rank --module llmc.runtime.entry``: it sets
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT on every host as torchrun does,
+deepspeed/launcher/launch.py), so no stage of a hostfile run is left on the launching node alone.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from llmc.emit.common import (
     world,
 )
 from llmc.runtime.capabilities import DS_STAGE_KINDS
+from llmc.runtime.runlock import EXIT_PREEMPTED  # torch-free
 
 # Top-level ds_config keys llmc may emit. DeepSpeed silently ignores unknown top-level keys (a typo
 # such as "gradient_clipin" is accepted), so the emitter checks its own output against this list.
@@ -356,7 +363,8 @@ class DeepSpeedEmitter(Emitter):
                "gpus_per_node": world(compiled) if is_cpu(compiled) else gpus_per_node(compiled),
                "nnodes": 1 if is_cpu(compiled) else nnodes(compiled), "rdzv_port": RDZV_PORT,
                "zero_stage": cfg["zero_optimization"]["stage"],
-               "warnings": [d.render() for d in build_warnings(compiled)], "eval_stages": eval_stages(compiled)}
+               "warnings": [d.render() for d in build_warnings(compiled)], "eval_stages": eval_stages(compiled),
+               "preempted_exit": EXIT_PREEMPTED}
         per_stage = {STAGE_CONFIG_PATH.format(stage=name): dump_json(c) for name, c in stage_configs(compiled)[0].items()}
         return {CONFIG_PATH: dump_json(cfg), **per_stage,
                 "deepspeed/launch.sh": jinja_env().get_template("deepspeed/launch.sh.j2").render(**ctx)}

@@ -10,6 +10,17 @@ directory), then each stage in order, skipping those whose ``run/<stage>/DONE.js
 each stage listed in ``evaluation.tasks.stages`` (``eval.tasks``), whatever the backend, they run
 ``python -m llmc.runtime.evaluate`` on the stage's Hugging Face export (after exporting a torchtitan
 stage with ``python -m llmc.runtime.hf_io``), skipped once ``run/<stage>/eval/summary.json`` exists.
+
+A stage's stderr is shown live and appended to ``run/<stage>/stderr.log`` (the file ``llmc launch`` keeps); a stage
+that does not finish ends the script with one line (``launch/_logged.sh.j2``): the stage, its exit status, its
+cause (llmc's ``error[...]`` line, else the last Python exception, never torchrun's own ChildFailedError report,
+torch/distributed/elastic/multiprocessing/errors) and the log's path, or, for a stage that saved its step on a
+signal, how to resume. Nothing is filtered out of the output above that line.
+
+Slurm (``slurm/slurm.sbatch.j2``): the time-limit warning (``--signal=B:USR1@N``, and a preemption under
+``PreemptParameters=send_user_signal``) saves the running step and requeues the job; a SIGTERM to the batch shell
+is a cancel (``scancel``, job state CANCELLED) or a preemption Slurm itself requeues or cancels (slurm.conf
+``PreemptMode``): the step may save, but the script never requeues it nor starts another stage.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ Model families (checked against the installed torchtitan 0.3.0 source):
 - MLA (+ MoE) (DeepSeek-V2/V3-style) -> ``torchtitan.models.deepseek_v3``
   (``build_mla_moe_layers``).
 
+The scripts (``run_single_node.sh``, ``run_multi_node.sh`` on every node, ``slurm.sbatch`` through it) first run
+llmc's prepare step (``python -m llmc.runtime.entry prepare --assets $LLMC_RUN_DIR``: the tokenizer and data the job
+reads), as every llmc launcher does; on several nodes one prepares under the claim ``launch/_claim.sh.j2`` describes
+and the others wait for it. ``PREPARE=0`` skips it.
+
 torchtitan 0.3.0 has no llama4 package. What a model family cannot express is reported as an
 error diagnostic (X3xx) instead of emitting a wrong module.
 
@@ -742,6 +747,9 @@ def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
             notes=vals.notes,
             config_fn=CONFIG_FN,
             launch=launch_lines(vals.ctx),
+            # the stage the scripts log under (<run dir>/<stage>/stderr.log, as the launch/ scripts do)
+            stage_label=vals.ctx["stage_name"] or next((s.name for s in compiled.stages if s.kind == "pretrain"),
+                                                       "pretrain"),
         )
         sfx, module = ctx["script_suffix"], ctx["module_name"]
         files.update({

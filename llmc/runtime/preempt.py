@@ -17,6 +17,11 @@ lost. The same mechanism in other trainers:
 * PyTorch Lightning's SLURM plugin (lightning/pytorch/trainer/connectors/signal_connector.py): on SIGUSR1,
   save a checkpoint and ``scontrol requeue`` the job.
 
+The handlers cannot tell who sent a SIGTERM: a preemption, a time limit, or a user's ``scancel`` (job state
+CANCELLED; scancel(1)) all save the current step the same way, which is harmless. Whether the job then comes back
+is the launcher's decision: the Slurm script requeues only on its time-limit signal (USR1), never on a SIGTERM
+(``llmc/templates/slurm/slurm.sbatch.j2``).
+
 Here: :func:`handlers` (a context manager; the trainers enter it around their loop) installs, in the main
 thread of each worker process, handlers for SIGTERM and SIGUSR1 that only record the signal (no work inside
 a handler: it may interrupt anything, an all-reduce or a checkpoint write included); the loops call

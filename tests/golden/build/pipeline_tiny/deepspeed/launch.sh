@@ -9,7 +9,8 @@
 #   HOSTFILE=hostfile bash deepspeed/launch.sh     # 1 node(s): MPI-style hostfile ("host slots=N")
 # On a machine without a GPU set DS_ACCELERATOR=cpu (gloo). Env: NPROC, HOSTFILE, MASTER_ADDR, MASTER_PORT, RUN_DIR, STAGE.
 # The DeepSpeed runner trains pretrain / midtrain / long_context stages (packed next-token loss); stages
-# sft (sft), dpo (dpo), grpo (grpo) run on llmc's native runtime (torchrun).
+# sft (sft), dpo (dpo), grpo (grpo) run on llmc's native runtime, on the same processes: torchrun on this node, or with a
+# HOSTFILE the DeepSpeed launcher's multi-node start on every host of it.
 set -euo pipefail
 BUILD_DIR="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." >/dev/null && pwd)"
 RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
@@ -21,8 +22,52 @@ DS_CONFIG="$BUILD_DIR/deepspeed/ds_config.json"
 # unfinished one). STAGE=<name> runs only that stage.
 stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+# A stage's stderr is shown as it runs and appended to <run dir>/<stage>/stderr.log (the file `llmc launch` keeps).
+# A stage that does not finish ends the script with one line of llmc's: the stage, its exit status, the cause and
+# the log. The cause is llmc's own error line, else the last Python exception line, never the ChildFailedError
+# report torchrun (torch.distributed.elastic) prints after its worker's own traceback; nothing is hidden, the whole
+# output stays above that line and in the log.
+PREEMPTED=75  # llmc's trainers' exit status when a signal stopped them after a checkpoint
+stage_cause() {  # stage_cause LOG START: the cause line of LOG after its first START bytes
+  local text line pat
+  text="$(tail -c +"$(($2 + 1))" "$1" 2>/dev/null | grep -v 'torch\.distributed\.elastic' || true)"
+  for pat in 'error\[[A-Z]+[0-9]*\]' '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception|Interrupt)\b.*:' \
+             '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception)\b' '[^[:space:]]'; do
+    line="$(printf '%s\n' "$text" | grep -E "$pat" | tail -n 1 || true)"
+    if [ -n "$line" ]; then
+      line="${line#"${line%%[![:space:]]*}"}"
+      echo "${line:0:400}"
+      return
+    fi
+  done
+  echo "no error output"
+}
+stage_end() {  # stage_end STAGE STATUS LOG START: the last line of a script whose stage did not finish
+  if [ "$2" = "${PREEMPTED:-}" ]; then
+    echo "stage $1: stopped by a signal after saving its current step (exit $2); run the same command again to resume from it (full log: $3)" >&2
+  else
+    echo "error: stage $1 failed (exit $2): $(stage_cause "$3" "$4") (fix it and run the same command again; full log: $3)" >&2
+  fi
+}
+# run_logged STAGE CMD...: CMD in the foreground (Ctrl-C reaches it), its stderr shown and logged; its status
+run_logged() {
+  local name=$1 log rc=0
+  shift
+  mkdir -p "$RUN_DIR/$name"
+  log="$RUN_DIR/$name/stderr.log"
+  LOG_START="$(stat -c %s "$log" 2>/dev/null || echo 0)"
+  { "$@" 2>&1 1>&3 3>&- | (trap '' INT TERM; exec tee -a "$log" >&2 3>&-); } 3>&1 || rc=$?
+  [ "$rc" = 0 ] || stage_end "$name" "$rc" "$log" "$LOG_START"
+  return "$rc"
+}
 
 DS=(deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT")
+# A stage the DeepSpeed runner does not train (NATIVE, then the module) runs llmc.runtime.entry on the same
+# processes: torchrun on this node, or with a HOSTFILE the DeepSpeed launcher itself, which starts the ranks on every
+# host and sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun does
+# (https://github.com/deepspeedai/DeepSpeed/blob/master/deepspeed/launcher/launch.py); --no_local_rank: the entry
+# point takes no --local_rank argument
+NATIVE=(torchrun --standalone --nproc_per_node "$NPROC" -m)
 if [ -n "${HOSTFILE:-}" ]; then
   # --master_addr: the first host of the hostfile (DeepSpeed would otherwise take the first address `hostname -I`
   # prints there, which may be one the other nodes cannot reach); MASTER_ADDR overrides it
@@ -43,17 +88,18 @@ if [ -n "${HOSTFILE:-}" ]; then
   done
   DS=(deepspeed --hostfile "$HOSTFILE" --num_nodes 1 --num_gpus "$NPROC" --master_addr "$MASTER_ADDR"
       --master_port "$MASTER_PORT")
+  NATIVE=("${DS[@]}" --no_local_rank --module)
 fi
 python -m llmc.runtime.entry prepare --lock "$LOCK"
 if want_stage pretrain && ! stage_done pretrain; then
-  "${DS[@]}" --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR"/pretrain
+  run_logged pretrain "${DS[@]}" --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR"/pretrain
 fi
 if want_stage sft && ! stage_done sft; then
-  torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
+  run_logged sft "${NATIVE[@]}" llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
 fi
 if want_stage dpo && ! stage_done dpo; then
-  torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
+  run_logged dpo "${NATIVE[@]}" llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
 fi
 if want_stage grpo && ! stage_done grpo; then
-  torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
+  run_logged grpo "${NATIVE[@]}" llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
 fi

@@ -31,6 +31,44 @@ titan_path_ok() {
   esac
 }
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+# A stage's stderr is shown as it runs and appended to <run dir>/<stage>/stderr.log (the file `llmc launch` keeps).
+# A stage that does not finish ends the script with one line of llmc's: the stage, its exit status, the cause and
+# the log. The cause is llmc's own error line, else the last Python exception line, never the ChildFailedError
+# report torchrun (torch.distributed.elastic) prints after its worker's own traceback; nothing is hidden, the whole
+# output stays above that line and in the log.
+PREEMPTED=75  # llmc's trainers' exit status when a signal stopped them after a checkpoint
+stage_cause() {  # stage_cause LOG START: the cause line of LOG after its first START bytes
+  local text line pat
+  text="$(tail -c +"$(($2 + 1))" "$1" 2>/dev/null | grep -v 'torch\.distributed\.elastic' || true)"
+  for pat in 'error\[[A-Z]+[0-9]*\]' '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception|Interrupt)\b.*:' \
+             '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception)\b' '[^[:space:]]'; do
+    line="$(printf '%s\n' "$text" | grep -E "$pat" | tail -n 1 || true)"
+    if [ -n "$line" ]; then
+      line="${line#"${line%%[![:space:]]*}"}"
+      echo "${line:0:400}"
+      return
+    fi
+  done
+  echo "no error output"
+}
+stage_end() {  # stage_end STAGE STATUS LOG START: the last line of a script whose stage did not finish
+  if [ "$2" = "${PREEMPTED:-}" ]; then
+    echo "stage $1: stopped by a signal after saving its current step (exit $2); run the same command again to resume from it (full log: $3)" >&2
+  else
+    echo "error: stage $1 failed (exit $2): $(stage_cause "$3" "$4") (fix it and run the same command again; full log: $3)" >&2
+  fi
+}
+# run_logged STAGE CMD...: CMD in the foreground (Ctrl-C reaches it), its stderr shown and logged; its status
+run_logged() {
+  local name=$1 log rc=0
+  shift
+  mkdir -p "$RUN_DIR/$name"
+  log="$RUN_DIR/$name/stderr.log"
+  LOG_START="$(stat -c %s "$log" 2>/dev/null || echo 0)"
+  { "$@" 2>&1 1>&3 3>&- | (trap '' INT TERM; exec tee -a "$log" >&2 3>&-); } 3>&1 || rc=$?
+  [ "$rc" = 0 ] || stage_end "$name" "$rc" "$log" "$LOG_START"
+  return "$rc"
+}
 # Work done by one node for all (prepare, a torchtitan stage's export, an eval): every node runs this script on
 # the same shared run dir, so the first node to create a claim directory (mkdir is atomic, NFS included) does
 # the work and the others wait for it. A claim is left behind when its node dies or is killed (node loss, time
@@ -102,16 +140,16 @@ case "$BACKEND" in
   native)
     prepare_once
     if want_stage pretrain && ! stage_done pretrain; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
+      run_logged pretrain "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
     fi
     if want_stage sft && ! stage_done sft; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
+      run_logged sft "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
     fi
     if want_stage dpo && ! stage_done dpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
+      run_logged dpo "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
     fi
     if want_stage grpo && ! stage_done grpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
+      run_logged grpo "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
     fi
     ;;
   torchtitan)
@@ -122,18 +160,18 @@ case "$BACKEND" in
     if want_stage pretrain && ! titan_done pretrain; then
       LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled \
       PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
-        "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
+        run_logged pretrain "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
         -m torchtitan.train --module llmc_job --config job "$@"
       export_once pretrain
     fi
     if want_stage sft && ! stage_done sft; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
+      run_logged sft "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
     fi
     if want_stage dpo && ! stage_done dpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
+      run_logged dpo "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
     fi
     if want_stage grpo && ! stage_done grpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
+      run_logged grpo "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
     fi
     ;;
   deepspeed)
@@ -141,16 +179,16 @@ case "$BACKEND" in
     # torchrun's RANK / WORLD_SIZE / LOCAL_RANK); deepspeed/launch.sh is the single-launcher alternative (HOSTFILE)
     prepare_once
     if want_stage pretrain && ! stage_done pretrain; then
-      "${TORCHRUN[@]}" -m llmc.runtime.ds_train --lock "$LOCK" --ds-config "$BUILD_DIR/deepspeed/ds_config.json" --stage pretrain --out "$RUN_DIR"/pretrain
+      run_logged pretrain "${TORCHRUN[@]}" -m llmc.runtime.ds_train --lock "$LOCK" --ds-config "$BUILD_DIR/deepspeed/ds_config.json" --stage pretrain --out "$RUN_DIR"/pretrain
     fi
     if want_stage sft && ! stage_done sft; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
+      run_logged sft "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
     fi
     if want_stage dpo && ! stage_done dpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
+      run_logged dpo "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
     fi
     if want_stage grpo && ! stage_done grpo; then
-      "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
+      run_logged grpo "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
     fi
     ;;
   *) echo "unknown BACKEND=$BACKEND" >&2; exit 2 ;;

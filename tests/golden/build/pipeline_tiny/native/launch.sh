@@ -24,6 +24,44 @@ titan_path_ok() {
   esac
 }
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
+# A stage's stderr is shown as it runs and appended to <run dir>/<stage>/stderr.log (the file `llmc launch` keeps).
+# A stage that does not finish ends the script with one line of llmc's: the stage, its exit status, the cause and
+# the log. The cause is llmc's own error line, else the last Python exception line, never the ChildFailedError
+# report torchrun (torch.distributed.elastic) prints after its worker's own traceback; nothing is hidden, the whole
+# output stays above that line and in the log.
+PREEMPTED=75  # llmc's trainers' exit status when a signal stopped them after a checkpoint
+stage_cause() {  # stage_cause LOG START: the cause line of LOG after its first START bytes
+  local text line pat
+  text="$(tail -c +"$(($2 + 1))" "$1" 2>/dev/null | grep -v 'torch\.distributed\.elastic' || true)"
+  for pat in 'error\[[A-Z]+[0-9]*\]' '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception|Interrupt)\b.*:' \
+             '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception)\b' '[^[:space:]]'; do
+    line="$(printf '%s\n' "$text" | grep -E "$pat" | tail -n 1 || true)"
+    if [ -n "$line" ]; then
+      line="${line#"${line%%[![:space:]]*}"}"
+      echo "${line:0:400}"
+      return
+    fi
+  done
+  echo "no error output"
+}
+stage_end() {  # stage_end STAGE STATUS LOG START: the last line of a script whose stage did not finish
+  if [ "$2" = "${PREEMPTED:-}" ]; then
+    echo "stage $1: stopped by a signal after saving its current step (exit $2); run the same command again to resume from it (full log: $3)" >&2
+  else
+    echo "error: stage $1 failed (exit $2): $(stage_cause "$3" "$4") (fix it and run the same command again; full log: $3)" >&2
+  fi
+}
+# run_logged STAGE CMD...: CMD in the foreground (Ctrl-C reaches it), its stderr shown and logged; its status
+run_logged() {
+  local name=$1 log rc=0
+  shift
+  mkdir -p "$RUN_DIR/$name"
+  log="$RUN_DIR/$name/stderr.log"
+  LOG_START="$(stat -c %s "$log" 2>/dev/null || echo 0)"
+  { "$@" 2>&1 1>&3 3>&- | (trap '' INT TERM; exec tee -a "$log" >&2 3>&-); } 3>&1 || rc=$?
+  [ "$rc" = 0 ] || stage_end "$name" "$rc" "$log" "$LOG_START"
+  return "$rc"
+}
 skipped() { echo "stage $1: done ($RUN_DIR/$1/DONE.json), skipped"; }
 
 python -m llmc.runtime.entry prepare --lock "$LOCK"
@@ -31,27 +69,27 @@ if want_stage pretrain; then
   if stage_done pretrain; then
     skipped pretrain
   else
-    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
+    run_logged pretrain torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
   fi
 fi
 if want_stage sft; then
   if stage_done sft; then
     skipped sft
   else
-    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
+    run_logged sft torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
   fi
 fi
 if want_stage dpo; then
   if stage_done dpo; then
     skipped dpo
   else
-    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
+    run_logged dpo torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
   fi
 fi
 if want_stage grpo; then
   if stage_done grpo; then
     skipped grpo
   else
-    torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
+    run_logged grpo torchrun --standalone --nproc_per_node "$NPROC" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
   fi
 fi
