@@ -127,22 +127,24 @@ def test_decontamination_and_resume(tmp_path):
     assert cont.documents == 1 and cont.characters == len(docs[7])
     assert cont.examples[0]["id"] == "d/7" and cont.examples[0]["benchmark_item"] == "bench.jsonl:2"
     assert res.benchmarks["skipped_short"] == 1
-    assert res.work.signatures_computed == 4 and res.work.writes_computed == 4
-    first = sorted(p.read_text() for p in res.outputs["d"].glob("part-*.jsonl"))
-    assert sum(len(x.splitlines()) for x in first) == 39
+    assert res.work.signatures_computed == 4 and res.work.writes_computed == 1  # one write per source
+    first = {p.name: p.read_text() for p in res.outputs["d"].glob("part-*.jsonl")}
+    assert list(first) == ["part-00000.jsonl"]
+    kept = [json.loads(line) for line in first["part-00000.jsonl"].splitlines()]
+    assert [r["text"] for r in kept] == [t for i, t in enumerate(docs) if i != 7]  # source order
 
     # resume: nothing left to do
     again = run_quality(src, cfg, tmp_path / "out")
     assert (again.work.signatures_computed, again.work.decisions_computed, again.work.writes_computed) == (0, 0, 0)
-    assert (again.work.signatures_skipped, again.work.writes_skipped) == (4, 4)
-    # an interrupted shard (no marker, partial output) is redone alone, with the same result
+    assert (again.work.signatures_skipped, again.work.writes_skipped) == (4, 1)
+    # an interrupted write (no marker, partial output) and signature shard are redone alone, same result
     work = next((tmp_path / "out" / ".work").iterdir())
-    (work / "write-d-00002.done").unlink()
-    (res.outputs["d"] / "part-00002.jsonl").write_text("partial")
+    (work / "write-d.done").unlink()
+    (res.outputs["d"] / "part-00000.jsonl").write_text("partial")
     (work / "sig-d-00001.done").unlink()
     third = run_quality(src, cfg, tmp_path / "out")
     assert third.work.signatures_computed == 1 and third.work.writes_computed == 1
-    assert sorted(p.read_text() for p in res.outputs["d"].glob("part-*.jsonl")) == first
+    assert {p.name: p.read_text() for p in res.outputs["d"].glob("part-*.jsonl")} == first
 
     # a changed input is new work
     data.write_text(data.read_text() + json.dumps({"text": "one more document"}) + "\n")

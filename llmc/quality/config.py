@@ -57,10 +57,19 @@ class DecontamConfig:
     """Remove documents sharing any ``ngram``-word sequence with a benchmark item.
 
     13-grams follow GPT-3's contamination analysis (Brown et al. 2020, arXiv:2005.14165,
-    Appendix C). Words are lowercased ``\\w+`` runs, so whitespace and punctuation do not matter.
-    ``benchmarks`` are local files: ``.jsonl`` (each line one item; the string values of
-    ``text_fields``, or of every field when None, are matched separately) or text (each non-empty
-    line one item). Items shorter than ``ngram`` words are skipped and counted in the report.
+    Appendix C: a document is dirty when it shares any N-gram with an eval example; lm-evaluation-harness
+    uses N = 13 throughout, docs/decontamination.md). Words are lowercased ``\\w+`` runs, so whitespace
+    and punctuation do not matter. ``benchmarks`` are local files: ``.jsonl`` (each line one item) or
+    text (each non-empty line one item). An item's text is every string leaf of its record, at any
+    depth (objects and arrays are walked: AI2's ARC ``question.stem`` and ``question.choices[].text``, the
+    Hugging Face ARC ``choices.text`` list), or of the fields ``text_fields`` names (a top-level key or
+    a dotted path such as ``question.stem``). Each leaf is matched on its own, so ids, choice labels
+    and answer keys ("A", "Mercury_7175875") are shorter than ``ngram`` words and add nothing, while long
+    answer options are indexed too -- broader than lm-evaluation-harness, whose ARC task
+    decontaminates on the question only (``doc_to_decontamination_query: "Question: {{question}}..."``,
+    lm_eval/tasks/arc/arc_easy.yaml), and in the spirit of Llama 2's analysis (Touvron et al. 2023,
+    arXiv:2307.09288, Appendix A.6), which matches n-grams of the evaluation sample, not of one field.
+    Items without an ``ngram``-word leaf are skipped and counted in the report.
     """
 
     benchmarks: tuple[str, ...] = ()
@@ -73,7 +82,8 @@ class QualityConfig:
     """What the pipeline removes, and how it is parallelised.
 
     ``workers`` processes work on ``shards`` shards per source (default: ``workers``); shard i of
-    n holds the documents whose index in the source is i mod n.
+    n holds the documents whose index in the source is i mod n. Neither changes the result: the
+    cleaned sources keep their documents' order and are the same bytes for any ``workers`` / ``shards``.
     """
 
     exact: bool = True

@@ -1,9 +1,10 @@
-"""The data-quality pipeline: signatures (parallel) -> decisions (one pass, global) -> cleaned shards (parallel).
+"""The data-quality pipeline: signatures (parallel) -> decisions (one pass, global) -> cleaned sources.
 
 1. **signatures** (``workers`` processes, one task per (source, shard)): for each document its
    exact key (:func:`llmc.quality.text.exact_key`), its MinHash (datasketch, word n-gram shingles)
-   and the first benchmark n-gram it contains. Written as ``<shard>.json`` + ``<shard>.npy`` and then
-   a ``.done`` marker, each by write-to-temp + ``os.replace``.
+   and the first benchmark n-gram it contains, streamed: one document is held at a time, and a shard's
+   task keeps only these records (about 0.5 KB a document with 112 permutations). Written as
+   ``<shard>.json`` + ``<shard>.npy`` and then a ``.done`` marker, each by write-to-temp + ``os.replace``.
 2. **decisions** (this process): documents are visited in source order, then index order. A
    document is removed as ``contaminated`` if it holds a benchmark n-gram, else as ``exact_dup`` if
    an earlier kept document has its exact key, else as ``near_dup`` if ``MinHashLSH`` returns an
@@ -14,8 +15,14 @@
    ``threshold`` decides, not only the S-curve (pairs at Jaccard 0.5-0.6 were removed 5-19 % of the
    time by 14x8 bands alone). A document without shingles (no ``\\w`` word: emoji, punctuation) is
    never a near duplicate: every empty set has the same signature, so they would all collide.
-3. **write** (parallel): kept documents of each shard go to ``<out>/<source>/part-<shard>.jsonl``
-   (records ``{"id": "<source>/<index>", "text": ...}``), then a ``.done`` marker.
+3. **write** (one task per source, sources in parallel): the kept documents of a source, in source
+   order, go to ``<out>/<source>/part-00000.jsonl``, ``part-00001.jsonl``, ... (``PART_DOCS`` documents
+   each; records ``{"id": "<source>/<index>", "text": ...}``), then a ``.done`` marker.
+
+The output (cleaned files, byte for byte, and the report) does not depend on ``workers`` or ``shards``:
+every decision is taken in the global order of phase 2 and the cleaned documents keep the order of
+their source, so the document indices that the held-out validation split hashes
+(:mod:`llmc.runtime.validation`) are the same however the work was split.
 
 Resumable: all work lives under ``<out>/.work/<key>/`` where key hashes the config, the sources
 (paths, sizes, mtimes) and the benchmark files; re-running skips every shard whose marker exists,
@@ -44,9 +51,12 @@ from llmc.sources import expand_paths, iter_documents
 
 REASONS = ("contaminated", "exact_dup", "near_dup")
 SCHEME = "affine32"  # datasketch >= 2.0 default permutation scheme
-#: hashed into the work key: bump when the decisions for the same inputs change (2: candidates checked
-#: against the threshold, empty shingle sets never near duplicates)
-VERSION = 2
+#: hashed into the work key: bump when the decisions or the output layout for the same inputs change (2:
+#: candidates checked against the threshold, empty shingle sets never near duplicates; 3: one output per
+#: source in source order, parts of PART_DOCS documents)
+VERSION = 3
+#: kept documents per output part (``part-<k>.jsonl``)
+PART_DOCS = 100_000
 
 
 @dataclass
@@ -69,7 +79,7 @@ class SourceReport:
 
 @dataclass
 class WorkCount:
-    """Shards computed vs skipped (already done) per phase, for this call."""
+    """Signature shards / decisions / written sources computed vs skipped (already done), for this call."""
 
     signatures_computed: int = 0
     signatures_skipped: int = 0
@@ -148,17 +158,24 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _signature_task(args: tuple[QualitySource, int, int, QualityConfig, str]) -> None:
+    """Signatures of one shard, streamed: each document is read, hashed and dropped, so the task holds the
+    per-document records (a ``num_perm`` uint32 signature, an exact key, a location) and one document at a
+    time, not the shard's texts and shingle sets. Each signature is what ``MinHash.generator`` / ``MinHash.bulk``
+    give (datasketch/minhash.py: one initialised MinHash, ``copy()`` + ``update_batch(shingles)`` per set)."""
     src, shard, n, cfg, stem = args
     nd = cfg.near_dup
     meta: dict[str, list] = {"idx": [], "loc": [], "chars": [], "key": [], "hit": []}
     sigs: list[np.ndarray] = []
-    docs = list(iter_documents(src.path, src.format, src.text_field, shard, n))
+    proto = None
     if nd is not None:
         from datasketch import MinHash
 
-        mhs = MinHash.generator([shingles(t, nd.ngram) for _, _, t in docs], num_perm=nd.num_perm, seed=nd.seed)
-        sigs = [m.hashvalues for m in mhs]
-    for idx, loc, text in docs:
+        proto = MinHash(num_perm=nd.num_perm, seed=nd.seed)  # the permutations, made once per task
+    for idx, loc, text in iter_documents(src.path, src.format, src.text_field, shard, n):
+        if proto is not None:
+            mh = proto.copy()
+            mh.update_batch(shingles(text, nd.ngram))
+            sigs.append(mh.hashvalues)
         meta["idx"].append(idx)
         meta["loc"].append(loc)
         meta["chars"].append(len(text))
@@ -176,26 +193,62 @@ def _signature_task(args: tuple[QualitySource, int, int, QualityConfig, str]) ->
 
 # -- phase 3: writing -----------------------------------------------------------------------------
 
-def _write_task(args: tuple[QualitySource, int, int, list[int], str, str]) -> None:
-    src, shard, n, keep, out_path, marker = args
+def _part(out: Path, k: int) -> Path:
+    return out / f"part-{k:05d}.jsonl"
+
+
+def _write_task(args: tuple[QualitySource, list[int], str, int, str]) -> None:
+    """The kept documents of one source, in source order, into ``part-00000.jsonl``, ``part-00001.jsonl``, ...
+    of ``part_docs`` documents each (each part written to a temporary name, then renamed); parts left from
+    an earlier, longer output are removed; the marker records the number of parts."""
+    src, keep, out_dir, part_docs, marker = args
     keep_set = set(keep)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for idx, _, text in iter_documents(src.path, src.format, src.text_field, shard, n):
-            if idx in keep_set:
-                fh.write(json.dumps({"id": f"{src.name}/{idx}", "text": text}, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
-    _atomic_write(Path(marker), b"")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = 0
+    fh, tmp, in_part = None, None, 0
+
+    def close() -> None:
+        nonlocal fh, parts
+        if fh is not None:
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+            os.replace(tmp, _part(out, parts))
+            parts += 1
+            fh = None
+
+    for idx, _, text in iter_documents(src.path, src.format, src.text_field):
+        if idx not in keep_set:
+            continue
+        if fh is None:
+            tmp = _part(out, parts).with_name(f"{_part(out, parts).name}.tmp{os.getpid()}")
+            fh, in_part = open(tmp, "w", encoding="utf-8"), 0
+        fh.write(json.dumps({"id": f"{src.name}/{idx}", "text": text}, ensure_ascii=False) + "\n")
+        in_part += 1
+        if in_part >= part_docs:
+            close()
+    close()
+    if parts == 0:  # nothing kept: one empty part, so the output is a readable (empty) source
+        _atomic_write(_part(out, 0), b"")
+        parts = 1
+    for stale in out.glob("part-*.jsonl"):
+        if int(stale.stem.split("-")[1]) >= parts:
+            stale.unlink()
+    _atomic_write(Path(marker), json.dumps({"parts": parts}).encode())
 
 
 # -- driver ---------------------------------------------------------------------------------------
 
+def _settings(cfg: QualityConfig) -> dict[str, Any]:
+    """What decides the output: the config without ``workers`` / ``shards``, which only say how the work is
+    split (the report's ``config`` and the work key; so a changed ``workers`` reuses finished work)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("workers", "shards")}
+
+
 def _work_key(sources: Sequence[QualitySource], cfg: QualityConfig) -> str:
-    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(_settings(cfg), sort_keys=True, default=str).encode())
+    h.update(f"shards={cfg.num_shards()}\n".encode())  # the layout of the signature records
     h.update(f"v{VERSION}\n".encode())
     for s in sources:
         h.update(f"{s.name}|{s.format}|{s.text_field}\n".encode())
@@ -260,21 +313,18 @@ def run_quality(sources: Sequence[QualitySource], config: QualityConfig, out_dir
         _atomic_write(decisions_path, json.dumps(decided).encode())
         count.decisions_computed = 1
 
-    # phase 3
+    # phase 3: one task per source, in source order (not per shard: the output must not depend on the shards)
     tasks = []
     outputs: dict[str, Path] = {}
     for s in sources:
         outputs[s.name] = out / _safe(s.name)
-        for i in range(n):
-            marker = work / f"write-{_safe(s.name)}-{i:05d}.done"
-            part = outputs[s.name] / f"part-{i:05d}.jsonl"
-            if marker.exists() and part.exists():
-                count.writes_skipped += 1
-            else:
-                tasks.append((s, i, n, decided["keep"][s.name][i], str(part), str(marker)))
-        for stale in outputs[s.name].glob("part-*.jsonl") if outputs[s.name].exists() else ():
-            if int(stale.stem.split("-")[1]) >= n:
-                stale.unlink()
+        marker = work / f"write-{_safe(s.name)}.done"
+        if marker.exists() and all(_part(outputs[s.name], k).exists()
+                                   for k in range(json.loads(marker.read_text())["parts"])):
+            count.writes_skipped += 1
+        else:
+            keep = sorted(i for shard in decided["keep"][s.name] for i in shard)
+            tasks.append((s, keep, str(outputs[s.name]), PART_DOCS, str(marker)))
     count.writes_computed = len(tasks)
     _run_tasks(_write_task, tasks, config.workers, None)
 
@@ -283,7 +333,7 @@ def run_quality(sources: Sequence[QualitySource], config: QualityConfig, out_dir
                            asdict(band) | {"s_half": band.s_half} if band is not None else None,
                            {"items": len(bench.items), "skipped_short": bench.skipped_short,
                             "ngrams": len(bench.grams), "ngram": bench.ngram} if bench is not None else None)
-    report = {"config": asdict(config), "banding": result.banding, "benchmarks": result.benchmarks,
+    report = {"config": _settings(config), "banding": result.banding, "benchmarks": result.benchmarks,
               "sources": {k: asdict(v) for k, v in reports.items()},
               "totals": _totals(reports)}
     _atomic_write(result.report_path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())

@@ -47,8 +47,45 @@ def ngram_hash(gram: list[str] | tuple[str, ...]) -> int:
     return int.from_bytes(hashlib.blake2b(" ".join(gram).encode("utf-8"), digest_size=8).digest(), "little")
 
 
+def string_leaves(value: object) -> Iterator[str]:
+    """Every string inside a JSON value, depth first in document order (object values, array items; keys and
+    numbers are not text)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from string_leaves(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from string_leaves(v)
+
+
+def select_field(rec: dict, field: str) -> list[object]:
+    """The values ``field`` names in one record: a top-level key, else a dotted path into nested objects
+    (``question.stem``; an array on the way is mapped over: ``choices.text``); [] when absent."""
+    if field in rec:
+        return [rec[field]]
+    values: list[object] = [rec]
+    for key in field.split("."):
+        nxt: list[object] = []
+        for v in values:
+            for item in v if isinstance(v, list) else [v]:
+                if isinstance(item, dict) and key in item:
+                    nxt.append(item[key])
+        values = nxt
+    return values
+
+
 def benchmark_items(path: str | Path, text_fields: tuple[str, ...] | None) -> Iterator[tuple[str, list[str]]]:
-    """(item id "file:line", its text pieces) of one benchmark file (.jsonl records or text lines)."""
+    """(item id "file:line", its text pieces) of one benchmark file (.jsonl records or text lines).
+
+    A record's pieces are every string leaf (:func:`string_leaves`) of the fields ``text_fields`` names
+    (:func:`select_field`; None: the whole record), so nested layouts count: AI2's ARC jsonl
+    (``{"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}``), the Hugging Face ARC rows
+    (``"choices": {"text": [...], "label": [...]}``), lists of answers. Ids, labels and answer keys are
+    pieces too; each piece is matched on its own (no n-gram spans two pieces), so one shorter than the
+    n-gram contributes nothing and cannot cause a false match.
+    """
     p = Path(path)
     with open_jsonl(p) as fh:
         for n, line in enumerate(fh, 1):
@@ -56,14 +93,7 @@ def benchmark_items(path: str | Path, text_fields: tuple[str, ...] | None) -> It
                 continue
             if p.suffix in (".jsonl", ".json"):
                 rec = jsonl_record(line, f"{p}:{n}")
-                keys = text_fields if text_fields is not None else tuple(rec)
-                pieces: list[str] = []
-                for k in keys:
-                    v = rec.get(k)
-                    if isinstance(v, str):
-                        pieces.append(clean_text(v))
-                    elif isinstance(v, list):
-                        pieces.extend(clean_text(x) for x in v if isinstance(x, str))
-                yield f"{p.name}:{n}", pieces
+                values = [rec] if text_fields is None else [v for k in text_fields for v in select_field(rec, k)]
+                yield f"{p.name}:{n}", [clean_text(s) for v in values for s in string_leaves(v)]
             else:
                 yield f"{p.name}:{n}", [clean_text(line)]

@@ -71,6 +71,64 @@ def _source_key(path: Path, fmt: str, text_field: str) -> str:
     return h.hexdigest()
 
 
+def _prepare_output(p: Path, root: Path, builtins: set[str]) -> Path | None:
+    """The place prepare writes that ``p`` (resolved) is, or lies inside: ``assets/``, ``cache/``, and in
+    ``data/`` the quality outputs (``quality``, ``quality-<k>``), the validation record (``split``) and the
+    ``builtin`` corpora (``<name>.jsonl``); None when ``p`` is none of them."""
+    import re
+
+    from llmc.runtime.quality_prepare import QUALITY_DIR
+    from llmc.runtime.validation import SPLIT_DIR
+
+    for out in (root / "assets", root / "cache"):
+        if p.is_relative_to(out):
+            return out
+    data = root / "data"
+    if p.is_relative_to(data) and p != data:
+        top = p.relative_to(data).parts[0]
+        if top == SPLIT_DIR or re.fullmatch(rf"{QUALITY_DIR}(-\d+)?", top) or top in {f"{b}.jsonl" for b in builtins}:
+            return data / top
+    return None
+
+
+def check_source_location(name: str, path: Path, root: Path, builtins: set[str] = frozenset()) -> None:
+    """Refuse (ValueError, one line) a source that would read what prepare writes under ``root``: a folder that
+    is ``data/`` or holds it (the lock's folder, ``.``), or a path inside ``assets/``, ``cache/`` or one of
+    the folders / files prepare owns in ``data/`` (:func:`_prepare_output`); a sibling such as ``data/web/``
+    is fine. Checked on the spec's paths, before anything is written, so the first prepare refuses what a
+    second one would otherwise read back (the quality pipeline's ``.work`` records, ``validation.json``,
+    ``tokenizer.json``, the cleaned copies). A glob is checked by its folder before the first wildcard,
+    except that a one-level pattern (``data/*.jsonl``) only matches files directly in that folder, of which
+    prepare writes only the ``builtin`` corpora."""
+    import fnmatch
+    import glob as _glob
+
+    root = Path(os.path.realpath(root))
+    data = root / "data"
+    text = str(path)
+    pattern = None
+    if _glob.has_magic(text):
+        parts = Path(text).parts
+        k = next(i for i, part in enumerate(parts) if _glob.has_magic(part))
+        path, rest = Path(*parts[:k]), parts[k:]  # a deeper or recursive pattern: checked as its folder
+        pattern = rest[0] if len(rest) == 1 and "**" not in rest[0] else None
+    p = Path(os.path.realpath(path))
+    hint = (f"hint: keep the source's files in a folder of their own (such as data/{name}/) or give prepare "
+            "another --assets folder")
+    out = _prepare_output(p, root, builtins)
+    if out is not None:
+        raise ValueError(f"data source {name!r}: {path} is inside {out}, which prepare writes; {hint}")
+    if pattern is not None:
+        if p == data and any(fnmatch.fnmatch(f"{b}.jsonl", pattern) for b in builtins):
+            raise ValueError(f"data source {name!r}: {text} matches the builtin corpus files prepare writes "
+                             f"to {data}; {hint}")
+        return
+    if data.is_relative_to(p):
+        what = "is prepare's output folder" if p == data else f"holds prepare's output folder {data}"
+        raise ValueError(f"data source {name!r}: {path} {what}: prepare would read its own output back as input; "
+                         f"{hint}")
+
+
 def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
     """Build (or reuse) ``out_dir/assets`` (the tokenizer); returns :class:`Assets` naming every source where
     it lies, for the trainers to stream (:class:`llmc.runtime.data.StreamLoader`).
@@ -84,6 +142,8 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
     in place. Every step is skipped when its inputs are unchanged (a key in ``assets/prepare.json``).
     With ``eval.validation`` the held-out documents are marked, not copied (:func:`llmc.runtime.validation.
     split_assets`). Every backend (native, DeepSpeed, the torchtitan job) streams the sources from here.
+    A source that is ``data/``, holds it, or lies inside a place prepare writes is refused before anything
+    is written (:func:`check_source_location`), so prepare never reads its own output back as input.
     """
     from llmc.runtime import corpus
     from llmc.runtime.data import is_hf_saved_dataset
@@ -92,6 +152,10 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
 
     root = Path(out_dir).resolve()
     data_dir, asset_dir, cache_dir = root / "data", root / "assets", root / "cache"
+    builtins = {s.name for s in _stage_sources(job) if s.format == "builtin"}
+    for src in _stage_sources(job):  # never read prepare's own output as input
+        if src.format != "builtin" and src.path is not None:
+            check_source_location(src.name, job.resolve_path(src.path), root, builtins)
     asset_dir.mkdir(parents=True, exist_ok=True)
     state_file = asset_dir / "prepare.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}

@@ -1,0 +1,76 @@
+"""Decontamination indexes every string leaf of a benchmark record: nested layouts (AI2's ARC jsonl, the
+Hugging Face ARC rows) are matched like flat ones."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+pytest.importorskip("datasketch")
+
+from llmc.quality import DecontamConfig, QualityConfig, QualitySource, run_quality  # noqa: E402
+from llmc.quality.pipeline import build_benchmark_index  # noqa: E402
+
+# ARC-Challenge test item Mercury_7175875, as AI2 ships it (ARC-V1-Feb2018, ARC-Challenge-Test.jsonl) and as
+# the Hugging Face ``allenai/ai2_arc`` rows hold it (choices as parallel text / label lists)
+STEM = ("An astronomer observes that a planet rotates faster after a meteorite impact. Which is the most likely "
+        "effect of this increase in rotation?")
+OPTIONS = ["Planetary density will decrease.", "Planetary years will become longer.",
+           "Planetary days will become shorter.", "Planetary gravity will become stronger."]
+AI2 = {"id": "Mercury_7175875",
+       "question": {"stem": STEM, "choices": [{"text": t, "label": lab} for t, lab in zip(OPTIONS, "ABCD", strict=True)]},
+       "answerKey": "C"}
+HF = {"id": "Mercury_7175875", "question": STEM, "choices": {"text": OPTIONS, "label": list("ABCD")},
+      "answerKey": "C"}
+STEM_WORDS = 23  # An astronomer observes ... in rotation (counted by hand)
+
+
+def _filler(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega", "sigma"]) + str(rng.randrange(99))
+                    for _ in range(n))
+
+
+def test_arc_item_ngrams_are_indexed(tmp_path):
+    assert len(STEM.replace(".", " ").replace("?", " ").split()) == STEM_WORDS
+    for name, rec in (("ai2.jsonl", AI2), ("hf.jsonl", HF)):
+        (tmp_path / name).write_text(json.dumps(rec) + "\n")
+        idx = build_benchmark_index(DecontamConfig(benchmarks=(str(tmp_path / name),), ngram=13))
+        # the stem's 23 words give 23 - 13 + 1 = 11 13-grams; the options (4-5 words), the labels, the id and
+        # the answer key are shorter than 13 words and give none
+        assert (len(idx.grams), idx.items, idx.skipped_short) == (STEM_WORDS - 12, [f"{name}:1"], 0)
+        # with 4-grams the options count too: 4 options of 4 / 5 / 5 / 5 words -> 1 + 2 + 2 + 2
+        idx4 = build_benchmark_index(DecontamConfig(benchmarks=(str(tmp_path / name),), ngram=4))
+        assert len(idx4.grams) == (STEM_WORDS - 3) + 7
+    # text_fields: a top-level key or a dotted path into the nested record
+    for fields, grams in ((("question.stem",), 11), (("question",), 11), (("answerKey", "id"), 0),
+                          (("question.choices.text",), 0)):
+        idx = build_benchmark_index(DecontamConfig(benchmarks=(str(tmp_path / "ai2.jsonl"),), text_fields=fields))
+        assert len(idx.grams) == grams, fields
+    idx = build_benchmark_index(DecontamConfig(benchmarks=(str(tmp_path / "hf.jsonl"),), ngram=4,
+                                               text_fields=("choices.text",)))
+    assert len(idx.grams) == 7
+
+
+def test_training_doc_quoting_an_arc_stem_is_removed(tmp_path):
+    rng = random.Random(0)
+    docs = [_filler(rng, 80) for _ in range(6)]
+    # doc 2 quotes the stem in a quiz page (other case, line breaks, an option list after it)
+    docs[2] = (_filler(rng, 30) + "\nQuiz 4. " + STEM.replace(" planet ", "\nplanet ").upper() + "\n(A) "
+               + "\n(B) ".join(OPTIONS) + " " + _filler(rng, 20))
+    # doc 4 holds only the short options and labels: no 13 consecutive words of the item
+    docs[4] = _filler(rng, 20) + " A. " + " C. ".join(OPTIONS) + " answer C Mercury_7175875 " + _filler(rng, 20)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    for name, rec in (("ARC-Challenge-Test.jsonl", AI2), ("arc_hf.jsonl", HF)):
+        bench = tmp_path / name
+        bench.write_text(json.dumps(rec) + "\n")
+        cfg = QualityConfig(exact=True, near_dup=None, decontaminate=DecontamConfig(benchmarks=(str(bench),)))
+        res = run_quality([QualitySource("train", str(data))], cfg, tmp_path / f"out-{name}")
+        cont = res.sources["train"].removed["contaminated"]
+        assert cont.documents == 1 and cont.characters == len(docs[2]), name
+        ex = cont.examples[0]
+        assert ex["id"] == "train/2" and ex["benchmark_item"] == f"{name}:1"
+        assert ex["ngram"] in " ".join(STEM.lower().replace(".", "").replace("?", "").split())
+        assert res.sources["train"].kept_documents == 5
