@@ -275,6 +275,9 @@ def launch(
     force: Annotated[bool, typer.Option("--force", help="Launch even if plan.lock.json was edited by hand.")] = False,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start the stages over: their earlier runs are set "
                                             "aside (run/<stage>.set-aside-N), never deleted.")] = False,
+    fallback_checkpoint: Annotated[bool, typer.Option(
+        "--fallback-checkpoint", help="Resume from the newest checkpoint that verifies, walking back past a damaged "
+        "newer one (llmc's trainer; without it a damaged newest checkpoint stops the stage).")] = False,
 ) -> None:
     """Run a built job: torchrun for native/torchtitan, the deepspeed launcher for DeepSpeed.
 
@@ -295,7 +298,8 @@ def launch(
             raise LaunchError(f"{problem} (rebuild with `llmc build`, or pass --force to launch it as it is)")
         if problem:
             typer.echo(f"{build_dir}: warning[L004] {problem}; launching anyway (--force)", err=True)
-        cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage)
+        cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage,
+                               fallback_checkpoint=fallback_checkpoint)
     except (LaunchError, BuildDirError) as e:
         _fail([f"{build_dir}: error[L001] {e}"])
     import shlex
@@ -320,7 +324,8 @@ def launch(
             if moved is not None:
                 _echo(f"{name}: the earlier run is set aside in {os.path.relpath(moved)}")
         try:
-            cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage)
+            cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage,
+                                   fallback_checkpoint=fallback_checkpoint)
         except LaunchError as e:
             lock.release()
             _fail([f"{build_dir}: error[L001] {e}"])

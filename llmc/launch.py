@@ -186,10 +186,14 @@ def _has_titan_job(b: Path) -> bool:
 
 def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, nproc: int | None = None,
                     stage: str | None = None, run_dir: str | os.PathLike | None = None,
-                    gpu: bool | None = None) -> list[Cmd]:
+                    gpu: bool | None = None, fallback_checkpoint: bool = False) -> list[Cmd]:
     """Prepare step + one command per stage (skipped ones carry ``skip_reason``); raises LaunchError.
 
-    ``backend`` None: the build's default (``llmc.emit.common.default_backend``)."""
+    ``backend`` None: the build's default (``llmc.emit.common.default_backend``). ``fallback_checkpoint``: llmc's
+    trainer resumes from the newest checkpoint that verifies, walking back past a damaged newer one
+    (``python -m llmc.runtime.entry --fallback-checkpoint``; without it a damaged newest checkpoint stops the
+    stage); a stage the launch would run on DeepSpeed or torchtitan, whose checkpointers pick their own, is a
+    LaunchError."""
     if backend is not None and backend not in BACKENDS:
         raise LaunchError(f"unknown backend {backend!r} (one of: {', '.join(BACKENDS)})")
     b, lock = load_build(build_dir)
@@ -229,7 +233,8 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         # every kind runs on nproc ranks (post-training too: FSDP2 over the ranks, llmc.runtime.posttrain)
         argv = [_tool("torchrun"), "--standalone", "--nproc_per_node", str(nproc)]
         return Cmd(argv=[*argv, "-m", RUNTIME_ENTRY, "--lock", lock_path, "--stage", s["name"],
-                         "--out", str(run / s["name"])], cwd=str(b), stage=s["name"])
+                         "--out", str(run / s["name"]), *(["--fallback-checkpoint"] if fallback_checkpoint else [])],
+                   cwd=str(b), stage=s["name"])
 
     evaluated = set(eval_stages(lock))
     position = {st["name"]: i for i, st in enumerate(_stages(lock))}
@@ -277,6 +282,10 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
             c = native(s)
         if done.exists():
             c.skip_reason = f"stage {s['name']!r} already finished ({done}); delete it to run the stage again"
+        if fallback_checkpoint and not c.skip_reason and RUNTIME_ENTRY not in c.argv:
+            raise LaunchError(f"--fallback-checkpoint: stage {s['name']!r} runs on {backend}, whose checkpointer "
+                              "picks its own checkpoint; move the damaged one aside instead (or launch that stage "
+                              "with --backend native)")
         cmds.append(c)
         if titan:
             cmds.append(export)

@@ -209,6 +209,29 @@ def test_cli_dry_run_prints_commands(tmp_path, monkeypatch):
     assert lines[1].startswith("+ DS_ACCELERATOR=cpu ") and "--module llmc.runtime.ds_train" in lines[1]
 
 
+def test_fallback_checkpoint_reaches_llmcs_trainer_and_is_refused_for_other_checkpointers(tmp_path, monkeypatch):
+    """`llmc launch --fallback-checkpoint`: every native stage command asks the runtime to walk back past a damaged
+    newest checkpoint (an option `python -m llmc.runtime.entry` has); a stage that would run on DeepSpeed, whose
+    checkpointer picks its own (`latest`), is one L001 line instead of a flag it would ignore."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("LLMC_FORCE_CPU", "1")
+    b = _build(tmp_path)
+    r = CliRunner().invoke(app, ["launch", str(b), "--backend", "native", "--dry-run", "--fallback-checkpoint"])
+    assert r.exit_code == 0, r.output
+    stages = [ln for ln in r.output.splitlines() if ln.startswith("+ ") and " --stage " in ln]
+    assert len(stages) == 3 and all(ln.endswith(" --fallback-checkpoint") for ln in stages), stages
+    helptext = subprocess.run([sys.executable, "-m", "llmc.runtime.entry", "--help"], capture_output=True, text=True,
+                              check=True).stdout
+    assert "--fallback-checkpoint" in helptext
+    plain = CliRunner().invoke(app, ["launch", str(b), "--backend", "native", "--dry-run"])
+    assert "--fallback-checkpoint" not in plain.output
+    r = CliRunner().invoke(app, ["launch", str(b), "--backend", "deepspeed", "--dry-run", "--fallback-checkpoint"])
+    out = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(out) == 1 and "error[L001]" in out[0] and "stage 'base' runs on deepspeed" in out[0]
+
+
 @pytest.mark.slow
 def test_native_commands_run_for_real(tmp_path):
     """The prepare + native stage commands launch_commands returns run llmc's runtime (3 steps, 1 CPU process)."""
