@@ -315,8 +315,9 @@ def test_deepseek_v2_lite_count_routing_and_refusals():
     """transformers' own DeepseekV2ForCausalLM (meta device) for deepseek-ai/DeepSeek-V2-Lite's config has llmc's
     parameter count, 15,706,484,224 (the model page's 15.7B: MLA with a full-rank q, 64 routed experts of 1408 and 2
     shared, the first layer dense); its router is softmax top-6 unnormalised (DeepseekV2TopkRouter never reads
-    norm_topk_prob), no bias, and its YaRN keeps DeepSeek's mscale keys. Group-limited routing (a group scored by its
-    best expert), a sparse step, norm_topk_prob true and sigmoid scoring are refused, each named."""
+    norm_topk_prob), no bias, and its YaRN keeps DeepSeek-V2's mscale keys. A routing method DeepseekV2TopkRouter has
+    no branch for (V3's noaux_tc), a sparse step, norm_topk_prob true and sigmoid scoring are refused, each named
+    (group_limited_greedy, DeepSeek-V2's own: tests/test_deepseek_v2_group_routing.py)."""
     from llmc.compiler.params import params_total
     from llmc.spec.families import family_of
 
@@ -328,7 +329,7 @@ def test_deepseek_v2_lite_count_routing_and_refusals():
         "softmax", False, False, None, 6, "deepseek_v2")
     assert (rs.type, rs.factor, rs.mscale, rs.mscale_all_dim, arch.mla.q_lora_rank) == ("yarn", 40.0, 0.707, 0.707, None)
     with pytest.raises(HFConfigError) as e:
-        architecture_from_hf_config({**cfg, "topk_method": "group_limited_greedy", "moe_layer_freq": 2,
+        architecture_from_hf_config({**cfg, "topk_method": "noaux_tc", "moe_layer_freq": 2,
                                      "norm_topk_prob": True, "scoring_func": "sigmoid"})
     assert [x.split("'")[1] for x in e.value.messages] == ["topk_method", "moe_layer_freq", "norm_topk_prob",
                                                            "scoring_func"]

@@ -427,11 +427,13 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
                           hf_model_type: str | None = None, seq_len: int | None = None) -> list[ModelGap]:
     """What torchtitan's model code cannot express about ``arch`` whatever the layout (empty when it can run it):
     RoPE variants (llama3 scaling on its cos/sin RoPE, other scalings, partial rotary), MLA with q/k/v biases, a router
-    bias, muP multipliers, a sliding window shorter than the job's ``seq_len`` (None: any), layers without RoPE,
+    bias, expert groups scored by their best expert (DeepSeek-V2's ``group_score: max``: torchtitan's
+    ``TokenChoiceTopKRouter`` in torchtitan/models/common/moe.py scores a group by the sum of its top-2 experts only),
+    muP multipliers, a sliding window shorter than the job's ``seq_len`` (None: any), layers without RoPE,
     OLMo 2's block; with ``init_hf`` (the spec
     path the pre-training weights come from) a family or checkpoint its state-dict adapters cannot read
     (``hf_model_type``: the checkpoint's config.json model_type, gathered before compiling). The torchtitan emitter
-    reports these as its X301 / X302 / X309 / X310 / X314 / X315 / X316 / X317 / X318 errors; ``training.backend: auto`` picks another
+    reports these as its X301 / X302 / X309 / X310 / X314 / X315 / X316 / X317 / X318 / X319 errors; ``training.backend: auto`` picks another
     backend for such a model (:func:`resolve_backend`)."""
     v = TARGET_VERSIONS["torchtitan"]
     fam = family_of(arch)
@@ -474,6 +476,14 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
         out.append(ModelGap("X309", "model.moe.router_bias",
                             "a bias on the router gate linear is not emitted by llmc's torchtitan target",
                             "set router_bias: false or use the native backend"))
+    m = arch.moe
+    # (with every group kept there is no limit: both scorings route alike)
+    if m is not None and m.group_score != "top2_sum" and (m.n_limited_groups or 0) < (m.n_expert_groups or 0):
+        out.append(ModelGap("X319", "model.moe.group_score",
+                            f"torchtitan {v}'s router scores an expert group by the sum of its 2 best experts "
+                            f"(DeepSeek-V3); this model keeps the {m.n_limited_groups} of {m.n_expert_groups} groups "
+                            "with the best single expert (DeepSeek-V2's group_limited_greedy)",
+                            "build with training.backend native or deepspeed (llmc's model routes by the best expert)"))
     if init_hf and not torchtitan_reads_hf(arch):
         why = ("its q/k/v biases are not in torchtitan's Llama3/Qwen3 state-dict adapters (they would stay zero)"
                if arch.qkv_bias else f"torchtitan {v} has no state-dict adapter for the {fam.name} family that keeps "

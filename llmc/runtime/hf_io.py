@@ -71,7 +71,10 @@ m(mscale_all_dim)^2 and cos/sin times m(mscale) / m(mscale_all_dim), as transfor
 deepseek_v3 compute them (without them, cos/sin times 0.1 ln(factor) + 1: the torchtitan job's TemperedRoPE).
 transformers' router (``DeepseekV3TopkRouter``) masks the experts of unselected groups with -inf, llmc's (like the
 reference ``MoEGate``) with 0: the picks differ only when fewer than top_k experts of the selected groups
-have a positive biased score (sigmoid + e_score_correction_bias). transformers' (and DeepSeek's reference)
+have a positive biased score (sigmoid + e_score_correction_bias). DeepSeek-V2 / V2.5 (softmax-routed experts) are
+``DeepseekV2ForCausalLM`` with the same names and no e_score_correction_bias; their ``topk_method:
+group_limited_greedy`` (a group scored by its best expert, the others' scores set to 0, as llmc's ``group_score:
+max``) is read and written with n_group / topk_group, ``greedy`` without groups. transformers' (and DeepSeek's reference)
 q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever ``rms_norm_eps`` says; llmc's q_norm / kv_norm use the
 spec's ``norm_eps``: the logits are equal when norm_eps is 1e-6 (DeepSeek-V3's value), close otherwise.
 """
@@ -151,17 +154,21 @@ def _heads_permuted(w: torch.Tensor, n_heads: int, rotary: int | None,
 
 
 def _deepseek_supported(arch) -> str | None:
-    """None when an MLA architecture maps onto ``DeepseekV3ForCausalLM`` (sigmoid-routed experts, or dense) or
-    ``DeepseekV2ForCausalLM`` (softmax-routed: unnormalised, ungrouped, unbiased), else the reason."""
+    """None when an MLA architecture maps onto ``DeepseekV3ForCausalLM`` (sigmoid-routed experts, groups scored by
+    their two best, or dense) or ``DeepseekV2ForCausalLM`` (softmax-routed: unnormalised, unbiased, ungrouped or
+    groups scored by their best expert: ``topk_method: group_limited_greedy``), else the reason."""
     if arch.qkv_bias:
         return "MLA with q/k/v biases has no DeepseekV3ForCausalLM equivalent (attention_bias adds o_proj bias too)"
     m = arch.moe
     if m is None:
         return None
     if m.score_func == "softmax":  # DeepseekV2TopkRouter (transformers modeling_deepseek_v2.py)
-        if m.route_norm or m.n_expert_groups or m.expert_bias or m.router_bias:
-            return ("DeepseekV2ForCausalLM routes softmax top-k unnormalised, without groups or biases (route_norm: "
-                    "false; no n_expert_groups, expert_bias, router_bias)")
+        if m.route_norm or m.expert_bias or m.router_bias:
+            return ("DeepseekV2ForCausalLM routes softmax top-k unnormalised, without biases (route_norm: false; no "
+                    "expert_bias, router_bias)")
+        if m.n_expert_groups and m.group_score != "max":
+            return ("DeepseekV2ForCausalLM's group_limited_greedy scores a group by its best expert (group_score: "
+                    "max), not by its two best")
         if not m.num_shared_experts:
             return "DeepseekV2ForCausalLM always has shared experts (num_shared_experts >= 1)"
         return None
@@ -169,6 +176,8 @@ def _deepseek_supported(arch) -> str | None:
         return "DeepseekV3ForCausalLM routes with sigmoid scores only (score_func: sigmoid)"
     if m.router_bias:
         return "DeepseekV3ForCausalLM's router has no bias (router_bias: false)"
+    if m.n_expert_groups and m.group_score != "top2_sum":
+        return "DeepseekV3ForCausalLM scores a group by the sum of its 2 best experts (group_score: top2_sum)"
     if not m.num_shared_experts:
         return "DeepseekV3ForCausalLM always has shared experts (num_shared_experts >= 1)"
     if m.num_experts < 2 * (m.n_expert_groups or 1):
@@ -476,8 +485,8 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
                                                                                 theirs.moe.top_k)):
         bad.append("mixture-of-experts settings differ")
     elif arch.moe is not None:
-        for f in ("route_scale", "n_expert_groups", "n_limited_groups", "num_shared_experts", "dense_layers",
-                  "score_func", "router_bias", "route_norm"):
+        for f in ("route_scale", "n_expert_groups", "n_limited_groups", "group_score", "num_shared_experts",
+                  "dense_layers", "score_func", "router_bias", "route_norm"):
             a, b = getattr(arch.moe, f), getattr(theirs.moe, f)
             if a != b:
                 bad.append(f"moe.{f} {a} (spec) != {b} (checkpoint)")
@@ -858,8 +867,10 @@ def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id) -> dict[
                    aux_loss_alpha=a.aux_loss_coef)
         if mtype == "deepseek_v3":  # sigmoid scores with the selection bias
             cfg.update(scoring_func="sigmoid", topk_method="noaux_tc")
-        else:  # DeepseekV2Config: softmax, plain top-k, every layer after the dense ones sparse
-            cfg.update(scoring_func="softmax", topk_method="greedy", moe_layer_freq=1)
+        else:  # DeepseekV2Config: softmax, top-k of all experts or of the groups with the best experts (DeepSeek-V2's
+            # device-limited routing), every layer after the dense ones sparse
+            cfg.update(scoring_func="softmax", moe_layer_freq=1,
+                       topk_method="group_limited_greedy" if a.n_expert_groups else "greedy")
     scaling = _rope_scaling_config(arch)
     if scaling is not None:
         cfg["rope_scaling"] = scaling

@@ -466,15 +466,21 @@ class Router(nn.Module):
     topk_groups best groups only (the other experts' selection scores set to 0, as the reference's
     ``masked_fill(..., 0.0)``). The mixing weights are the unbiased scores of the picked experts,
     normalised, then multiplied by ``route_scale`` (``routed_scaling_factor``, 2.5 for V3).
+
+    DeepSeek-V2 / V2.5 routing (``group_score`` "max": device-limited routing, arXiv:2405.04434 sec. 2.2.2;
+    ``MoEGate`` of https://huggingface.co/deepseek-ai/DeepSeek-V2/blob/main/modeling_deepseek.py, ``topk_method:
+    group_limited_greedy``, and transformers' ``DeepseekV2TopkRouter``): each group is scored by its single best
+    softmax score instead, the rest as above (V2: ``route_norm`` false, ``routed_scaling_factor`` 16).
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str, bias: bool,
                  route_scale: float = 1.0, n_groups: int | None = None, topk_groups: int | None = None,
-                 norm: bool = True):
+                 norm: bool = True, group_score: str = "top2_sum"):
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, bias=bias)
         self.top_k, self.score_func, self.norm = top_k, score_func, norm
         self.route_scale, self.n_groups, self.topk_groups = float(route_scale), n_groups, topk_groups
+        self.group_score = group_score
 
     def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -488,7 +494,10 @@ class Router(nn.Module):
         if self.n_groups and self.topk_groups and self.topk_groups < self.n_groups:
             N, E = choice.shape
             grouped = choice.view(N, self.n_groups, E // self.n_groups)  # (N, G, E/G)
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # (N, G)
+            if self.group_score == "max":  # DeepSeek-V2: a group's best expert
+                group_scores = grouped.amax(-1)  # (N, G)
+            else:  # DeepSeek-V3: the sum of a group's 2 best experts
+                group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # (N, G)
             keep = torch.zeros_like(group_scores, dtype=torch.bool)
             keep.scatter_(1, group_scores.topk(self.topk_groups, dim=-1).indices, True)  # (N, G)
             choice = grouped.masked_fill(~keep[..., None], 0.0).view(N, E)
@@ -516,7 +525,7 @@ class MoE(nn.Module):
         self.num_experts, self.top_k, self.aux_coef = m.num_experts, m.top_k, m.aux_loss_coef
         self.router = Router(arch.d_model, m.num_experts, m.top_k, m.score_func, m.router_bias,
                              route_scale=m.route_scale, n_groups=m.n_expert_groups, topk_groups=m.n_limited_groups,
-                             norm=m.route_norm)
+                             norm=m.route_norm, group_score=m.group_score)
         self.experts = GroupedExperts(arch.d_model, hidden, m.num_experts)
         # S shared experts as one SwiGLU of width S*hidden (DeepSeek-V3 / torchtitan); same param count
         self.shared_experts = FeedForward(arch.d_model, hidden * m.num_shared_experts) if m.num_shared_experts else None

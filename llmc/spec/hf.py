@@ -57,8 +57,9 @@ n_routed_experts, ...          moe.* and mla.* (deepseek_v3; routed_scaling_fact
                                moe.route_scale, n_expert_groups, n_limited_groups; topk_method noaux_tc or
                                absent -> moe.expert_bias, as transformers' DeepseekV3TopkRouter always adds
                                e_score_correction_bias; norm_topk_prob -> moe.route_norm, absent: true;
-                               deepseek_v2: softmax, route_norm false, no expert bias; group-limited routing,
-                               moe_layer_freq != 1, norm_topk_prob true refused)
+                               deepseek_v2: softmax, route_norm false, no expert bias; topk_method
+                               group_limited_greedy -> n_group / topk_group with moe.group_score max (a group
+                               scored by its best expert); moe_layer_freq != 1, norm_topk_prob true refused)
 rope_scaling mscale,           rope_scaling.mscale / mscale_all_dim (DeepSeek's YaRN)
 mscale_all_dim
 =============================  =====================================
@@ -398,8 +399,8 @@ def _qwen3_moe(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None
 
 def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, v2: bool = False) -> None:
     """transformers ``DeepseekV3Config``: MLA, and experts routed by a sigmoid (``DeepseekV3TopkRouter`` never reads
-    scoring_func: another value is refused as ambiguous) with e_score_correction_bias; ``v2``: DeepSeek-V2's softmax
-    routing (:func:`_deepseek_v2`)."""
+    scoring_func: another value is refused as ambiguous) with e_score_correction_bias, a group scored by its two best
+    experts; ``v2``: DeepSeek-V2's softmax routing, a group scored by its best expert (:func:`_deepseek_v2`)."""
     if not v2 and cfg.get("scoring_func", "sigmoid") != "sigmoid":
         errs.append(f"config.json 'scoring_func' {_short(cfg.get('scoring_func'))} is not supported for deepseek_v3 "
                     "(DeepseekV3ForCausalLM routes with a sigmoid whatever it says)")
@@ -427,6 +428,7 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, v2
                 **moe,
                 n_expert_groups=groups[0] if groups[0] > 1 else None,
                 n_limited_groups=groups[1] if groups[0] > 1 else None,
+                group_score="max" if v2 and groups[0] > 1 else "top2_sum",
                 score_func="softmax" if v2 else "sigmoid",
                 # transformers' DeepseekV3TopkRouter always adds e_score_correction_bias (and its saved
                 # config.json has no topk_method): absent = noaux_tc, DeepSeek-V3's own setting
@@ -436,21 +438,35 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, v2
 
 
 def _deepseek_v2(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
-    """transformers ``DeepseekV2Config`` (DeepSeek-V2-Lite, DeepSeek-Coder-V2-Lite): V3's MLA, and experts routed by a
-    softmax over all of them whose top-k scores mix unnormalised (``DeepseekV2TopkRouter``: norm_topk_prob is never
-    read, so a config saying true is refused as ambiguous), times routed_scaling_factor, no bias. Group-limited
-    routing (``topk_method: group_limited_greedy``, DeepSeek-V2's 236B: a group scored by its best expert) and a
-    sparse step (``moe_layer_freq`` != 1) are refused."""
-    for key, ok, why in (("topk_method", ("greedy", None), "group-limited routing scores a group by its best expert; "
-                                                          "llmc's groups by their two best (DeepSeek-V3)"),
+    """transformers ``DeepseekV2Config`` (DeepSeek-V2, V2.5, V2-Lite, DeepSeek-Coder-V2): V3's MLA, and experts routed
+    by a softmax over all of them whose top-k scores mix unnormalised (``DeepseekV2TopkRouter``: norm_topk_prob is
+    never read, so a config saying true is refused as ambiguous), times routed_scaling_factor, no bias.
+    ``topk_method``: ``greedy`` (or absent, V2-Lite) picks the top-k of all experts (n_group / topk_group unread);
+    ``group_limited_greedy`` (DeepSeek-V2 / V2.5: n_group 8, topk_group 3; arXiv:2405.04434 sec. 2.2.2) first keeps
+    the topk_group groups whose best expert scores highest -> ``n_expert_groups``, ``n_limited_groups`` with
+    ``group_score: max``. Another method and a sparse step (``moe_layer_freq`` != 1) are refused."""
+    method = cfg.get("topk_method")
+    for key, ok, why in (("topk_method", ("greedy", "group_limited_greedy", None),
+                          "DeepseekV2ForCausalLM routes with greedy or group_limited_greedy"),
                          ("moe_layer_freq", (1, None), "llmc's dense layers are the first N, every later one sparse"),
                          ("norm_topk_prob", (False, None), "DeepseekV2ForCausalLM never renormalises the top-k "
                                                            "weights whatever it says"),
                          ("scoring_func", ("softmax", None), "DeepseekV2ForCausalLM routes with softmax")):
         if cfg.get(key) not in ok:
             errs.append(f"config.json {key!r} {_short(cfg.get(key))} is not supported for deepseek_v2 ({why})")
-    _deepseek_v3({**cfg, "topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": False}, kw, errs,
-                 v2=True)
+    groups = {"n_group": 1, "topk_group": 1}  # greedy: one group, no limit
+    if method == "group_limited_greedy" and cfg.get("n_routed_experts"):
+        got = _each(errs, n_group=lambda: _int(cfg, "n_group"), topk_group=lambda: _int(cfg, "topk_group"))
+        if len(got) == 2:
+            experts = cfg.get("n_routed_experts")
+            if isinstance(experts, int) and experts % got["n_group"]:
+                errs.append(f"config.json 'n_group' {got['n_group']} must divide 'n_routed_experts' {experts} "
+                            "(group_limited_greedy splits the experts into n_group equal groups)")
+            elif got["topk_group"] > got["n_group"]:
+                errs.append(f"config.json 'topk_group' {got['topk_group']} must be at most 'n_group' {got['n_group']}")
+            else:
+                groups = got
+    _deepseek_v3({**cfg, "topk_method": "greedy", **groups, "norm_topk_prob": False}, kw, errs, v2=True)
 
 
 def _granite(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:

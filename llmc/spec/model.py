@@ -109,12 +109,21 @@ class MoE(SpecModel):
     sec. 2.1.2). None = no grouping."""
     n_limited_groups: Int | None = Field(default=None, gt=0)
     """Groups each token may route to (DeepSeek-V3 ``topk_group`` 4). Needs ``n_expert_groups``."""
+    group_score: Literal["top2_sum", "max"] = "top2_sum"
+    """How a group of ``n_expert_groups`` is scored before the ``n_limited_groups`` best are kept: the sum of its two
+    best experts' selection scores (DeepSeek-V3's node-limited routing, arXiv:2412.19437 sec. 2.1.2; config.json
+    ``topk_method: noaux_tc``) or its single best score (DeepSeek-V2 / V2.5's device-limited routing,
+    arXiv:2405.04434 sec. 2.2.2; config.json ``topk_method: group_limited_greedy``, transformers'
+    ``DeepseekV2TopkRouter``). ``max`` needs ``n_expert_groups``."""
 
     @model_validator(mode="after")
     def _groups(self) -> MoE:
         g, lim = self.n_expert_groups, self.n_limited_groups
         if (g is None) != (lim is None):
             raise ValueError("give n_expert_groups and n_limited_groups together (or neither)")
+        if self.group_score != "top2_sum" and g is None:
+            raise ValueError(f"group_score {self.group_score} scores expert groups: give n_expert_groups and "
+                             "n_limited_groups")
         if g is not None and lim is not None:
             if self.num_experts % g:
                 raise ValueError(f"n_expert_groups {g} must divide num_experts {self.num_experts}")

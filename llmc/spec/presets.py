@@ -12,6 +12,7 @@ Qwen3 (transformers' own count; the model cards round): 8B 8,190,735,360; 0.6B 5
 3,821,079,552; Phi-4 14,659,507,200. OLMo 2-7B 7,298,617,344; OLMo 3-7B 7,298,011,136 (the Hub's count); Gemma 3 (transformers' counts; 4B and 27B: the language model
 of the image-text release) 1B 999,885,952, 4B 3,880,263,168, 12B 11,766,034,176, 27B 27,009,346,304; Gemma 2
 (transformers' counts, the model pages' 2.61B / 9.24B / 27.2B) 2B 2,614,341,888, 9B 9,241,705,984, 27B 27,227,128,320.
+DeepSeek-V2 235,741,434,880 total, 21,375,800,320 activated (the paper's 236B / 21B, arXiv:2405.04434 abstract);
 DeepSeek-V2-Lite 15,706,484,224 (transformers' count; the model page's 15.7B); OLMoE-1B-7B 6,919,161,856
 (transformers' count; the paper's 6.9B).
 """
@@ -225,6 +226,18 @@ PRESETS: dict[str, Architecture] = {
         moe=MoE(num_experts=256, top_k=8, num_shared_experts=1, expert_d_ff=2048, dense_layers=3,
                 aux_loss_coef=0.001, score_func="sigmoid", expert_bias=True,
                 route_scale=2.5, n_expert_groups=8, n_limited_groups=4)),
+    # https://huggingface.co/deepseek-ai/DeepSeek-V2/blob/main/config.json (DeepseekV2ForCausalLM: MLA with
+    # q_lora_rank 1536, 160 softmax-routed experts of width 1536 + 2 shared, top-6 unnormalised (norm_topk_prob false)
+    # times routed_scaling_factor 16, the first layer dense (intermediate_size 12288), aux_loss_alpha 0.001; YaRN x40
+    # from 4096 with mscale = mscale_all_dim = 0.707). Device-limited routing (topk_method group_limited_greedy,
+    # arXiv:2405.04434 sec. 2.2.2): the 160 experts in n_group 8 groups, each token's top-6 among the topk_group 3
+    # groups with the best single expert. 235,741,434,880 parameters, 21,375,800,320 activated per token (the paper's
+    # 236B / 21B, abstract).
+    "deepseek-v2": _deepseek(
+        "deepseek-v2", 60, 5120, 128, 12288, 102400, q_lora_rank=1536, mscale=0.707,
+        moe=MoE(num_experts=160, top_k=6, num_shared_experts=2, expert_d_ff=1536, dense_layers=1,
+                aux_loss_coef=0.001, score_func="softmax", route_norm=False, route_scale=16.0,
+                n_expert_groups=8, n_limited_groups=3, group_score="max")),
     # https://huggingface.co/deepseek-ai/DeepSeek-V2-Lite/blob/main/config.json (DeepseekV2ForCausalLM: MLA with a
     # full-rank q, 64 softmax-routed experts of width 1408 + 2 shared, top-6 unnormalised, the first layer dense; YaRN
     # x40 from 4096 with mscale = mscale_all_dim = 0.707; 15,706,484,224 parameters = transformers' count)
