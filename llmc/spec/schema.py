@@ -148,7 +148,9 @@ class Decontaminate(SpecModel):
     benchmarks: list[str] = Field(default_factory=list)
     """Benchmark files (``.jsonl`` items or text lines), relative to the spec file."""
     text_fields: list[str] | None = None
-    """jsonl fields to match. None = every string field."""
+    """jsonl fields to match: a key or a dotted path into nested items (``question.stem``, ``choices.text``).
+    None = every string in the item, nested ones included (ARC-style items); each is matched on its own, so ids
+    and answer labels shorter than ``ngram`` words add nothing."""
 
 
 class Quality(SpecModel):
@@ -162,7 +164,7 @@ class Quality(SpecModel):
     decontaminate: Decontaminate | None = None
     """Benchmark decontamination. None = off."""
     workers: Int = Field(default=1, gt=0, le=MAX_WORKERS)
-    """Worker processes."""
+    """Worker processes (the cleaned output and its order do not depend on it)."""
     expected_removal_fraction: Float | None = Field(default=None, ge=0, lt=1)
     """Expected share of tokens removed (from an earlier run's report), for the plan's tokens-left figure.
     None = unknown."""
