@@ -37,7 +37,14 @@ sha256 of every file, fsyncs, renames the folder to ``step-N`` and fsyncs the pa
 worst a ``.tmp`` folder, which is never loaded. On load every file is checked against the manifest;
 a mismatch raises :class:`CheckpointError` with a one-line message naming the file. By default the
 newest checkpoint must verify (refuse, do not silently fall back); ``fallback=True`` walks back to the
-newest complete one.
+newest complete one. Pruning (``keep_latest``) runs only after the new folder is in place and deletes only
+checkpoints of earlier steps (:func:`prune_older`); a second save of a step replaces the old folder only once
+the new one is complete.
+
+Before loading, the checkpoint's tensor names and shapes are compared with the model's (:func:`check_shapes`:
+the DCP metadata or a memory-mapped ``model.pt``, nothing loaded), so a checkpoint of another model is refused
+with one line naming the first mismatching tensor and both shapes, not with torch's size-mismatch traceback
+from inside the load.
 """
 
 from __future__ import annotations
@@ -85,13 +92,33 @@ def _publish(tmp: Path, final: Path, folder: Path, manifest: dict, keep_latest: 
     """Rank 0: write the manifest, atomically rename the finished step folder into place, prune old ones."""
     _write_json(manifest, tmp / "manifest.json")
     _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    replaced = None
+    if final.exists():  # a save of a step that has one already: the old folder goes only once the new one is in place
+        replaced = final.with_name(final.name + ".replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
     os.replace(tmp, final)
     _fsync_dir(folder)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     if keep_latest:
-        for _, old in list_checkpoints(folder)[:-keep_latest]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_older(folder, int(manifest["step"]), keep_latest)
+
+
+def prune_older(folder: Path, step: int, keep_latest: int) -> list[Path]:
+    """Delete the oldest ``step-N`` folders so that ``keep_latest`` remain of those up to ``step`` (the one just
+    completed included); returns what went. Only folders of earlier steps are candidates: one of a later step (left
+    by another run of the stage) is never taken for older, and the one just written is never pruned in its place.
+    Each is renamed (``step-N.pruned``) before it is deleted, so a deletion cut short never leaves a partial
+    ``step-N``."""
+    done = [p for s, p in list_checkpoints(folder) if s <= step]
+    gone = done[:-keep_latest] if keep_latest > 0 else []
+    for old in gone:
+        doomed = old.with_name(old.name + ".pruned")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return gone
 
 
 def _fsync_dir(path: Path) -> None:
@@ -174,6 +201,65 @@ def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(sd["model"])
 
 
+INIT_HINT = "written for another model: start this stage from a checkpoint of its model (or rerun that stage with it)"
+RESUME_HINT = ("written for another model: run it with the spec that wrote it, or move the checkpoint folder aside "
+               "to start over")
+
+
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the model tensors a ``step-N`` folder holds, read without loading any of them: the DCP
+    metadata's ``state_dict_metadata`` (``FileSystemReader(...).read_metadata()``; the ``model`` entries, flattened
+    to ``model.<fqn>`` by DCP's ``flatten_state_dict``), else ``model.pt`` memory-mapped (``torch.load(mmap=True)``).
+    https://pytorch.org/docs/stable/distributed.checkpoint.html"""
+    path = Path(path)
+    if (path / "dcp" / ".metadata").exists():
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        md = FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
+        return {k[len("model."):]: tuple(v.size) for k, v in md.items()
+                if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
+    sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    return {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}
+
+
+def model_shapes(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, tuple[int, ...]]:
+    """Name -> global shape of what a checkpoint of ``model`` holds (``get_model_state_dict``: the names DCP and the
+    full layout use, DDP / compile prefixes removed; a DTensor's ``shape`` is the whole tensor's); without the frozen
+    parameters when ``trainable_only``. Not collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    target = _unwrap(model) if _world() == 1 else model
+    sd = get_model_state_dict(target, options=_sd_options(ignore_frozen_params=trainable_only))
+    return {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}
+
+
+def _shape(s: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in s) + "]"
+
+
+def check_shapes(path: str | Path, want: dict[str, tuple[int, ...]], *, extra_ok: bool = False,
+                 hint: str = RESUME_HINT, have: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Raise :class:`CheckpointError` (one line: the first mismatching tensor, both shapes, the checkpoint and
+    ``hint``) unless the checkpoint at ``path`` holds every tensor of ``want`` (name -> shape) with that shape, and
+    (unless ``extra_ok``) no other. Run before any loading, so a checkpoint of another model is one line, not torch's
+    size-mismatch traceback from inside the load. ``have``: the checkpoint's shapes when the caller read them
+    (another format, e.g. DeepSpeed's); default :func:`checkpoint_shapes`."""
+    have = checkpoint_shapes(path) if have is None else have
+    for name, shape in want.items():
+        if name not in have:
+            raise CheckpointError(f"checkpoint {path}: has no tensor {name} (shape {_shape(shape)} in this model); "
+                                  f"{hint}")
+        if tuple(have[name]) != tuple(shape):
+            raise CheckpointError(f"checkpoint {path}: tensor {name} has shape {_shape(have[name])}, this model's is "
+                                  f"{_shape(shape)}; {hint}")
+    if not extra_ok:
+        for name in have:
+            if name not in want:
+                raise CheckpointError(f"checkpoint {path}: holds tensor {name} (shape {_shape(have[name])}) that this "
+                                      f"model does not have; {hint}")
+
+
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU state dict (collective under FSDP/TP: call on every rank)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -239,7 +325,7 @@ def latest_checkpoint(folder: str | Path, fallback: bool = False, log=print) -> 
             return path
         except CheckpointError as e:
             if not fallback:
-                older = "; an older complete one may exist: move this one aside (or run the stage with --fallback-checkpoint)" if i + 1 < len(ckpts) else ""
+                older = "; an older complete one may exist: move this one aside (or `llmc launch --fallback-checkpoint`)" if i + 1 < len(ckpts) else ""
                 raise CheckpointError(f"{e}{older}") from None
             log(f"warning: skipping bad checkpoint: {e}")
             if _rank() == 0 and path.exists():
@@ -405,6 +491,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
 
     path = Path(path)
     manifest = verify_checkpoint(path)
+    check_shapes(path, model_shapes(model, trainable_only))
     if manifest.get("layout") == "dcp":
         _load_dcp(path, model, optimizer, trainable_only)
     else:
@@ -483,6 +570,8 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, strict: bool = 
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     lora = any("lora_" in k for k in _unwrap(model).state_dict())
+    want = {_plain_name(k) if lora else k: v for k, v in model_shapes(model).items() if "lora_" not in k}
+    check_shapes(path, want, extra_ok=not strict or lora, hint=INIT_HINT)
     if manifest.get("layout") == "dcp" and _world() > 1:  # each rank reads the shards its layout needs
         import torch.distributed.checkpoint as dcp
 

@@ -10,7 +10,10 @@ the native trainer, hands the model to ``deepspeed.initialize(model, config=ds_c
 with ``engine.backward`` / ``engine.step`` (DeepSpeed scales the loss by 1/gradient_accumulation_steps
 and applies ``gradient_clipping``). Metrics go to ``<out>/metrics.jsonl`` in the native trainer's
 format, with TensorBoard / W&B / progress through ``llmc.runtime.observe.RunLogger``. Resumable DeepSpeed checkpoints (``engine.save_checkpoint`` / ``load_checkpoint``, ZeRO
-shards included) go to ``<out>/ds_checkpoints``; at the end the full weights are also written as an
+shards included) go to ``<out>/ds_checkpoints``, each written under a temporary tag and published by a rename and an
+atomic ``latest`` (:func:`save_ds_checkpoint`: a save killed midway never becomes the one resumed, and pruning
+never deletes the new one or a good older one); before DeepSpeed loads one, the stage that wrote it and its tensor
+shapes are checked against this stage's model (:func:`check_ds_checkpoint`, one line); at the end the full weights are also written as an
 llmc checkpoint (``<out>/checkpoints/step-N``) and ``DONE.json`` names it, so a following stage
 (native or DeepSpeed) can ``init_from`` this one.
 
@@ -163,6 +166,8 @@ def load_weights_zero_aware(model, path: Path, rank: int) -> int:
     import torch
 
     from llmc.runtime.checkpoint import (
+        INIT_HINT,
+        check_shapes,
         load_model_weights,
         read_model_state,
         resolve_checkpoint,
@@ -176,9 +181,9 @@ def load_weights_zero_aware(model, path: Path, rank: int) -> int:
     sd = (torch.load(ck / "model.pt", map_location="cpu", weights_only=True, mmap=True) if (ck / "model.pt").exists()
           else read_model_state(ck))  # a native stage's sharded (DCP) checkpoint
     params = dict(model.named_parameters())
-    if set(params) != set(sd):
-        diff = sorted(set(params) ^ set(sd))
-        raise ValueError(f"{ck}: checkpoint and model differ in {len(diff)} names: {', '.join(diff[:3])}")
+    # names and whole shapes (ZeRO-3's ds_shape) before any copy: one line, not a failed copy_ inside a gather
+    check_shapes(ck, {n: tuple(p.ds_shape) for n, p in params.items()}, hint=INIT_HINT,
+                 have={k: tuple(v.shape) for k, v in sd.items()})
     with torch.no_grad():
         for name, p in params.items():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
@@ -187,10 +192,92 @@ def load_weights_zero_aware(model, path: Path, rank: int) -> int:
     return step
 
 
-def _prune(folder: Path, keep: int) -> None:
-    tags = sorted(p for p in folder.glob("step-*") if p.is_dir())
-    for old in tags[:-keep] if keep else []:
-        shutil.rmtree(old, ignore_errors=True)
+def save_ds_checkpoint(engine, ds_dir: Path, step: int, client_state: dict, keep_latest: int | None,
+                       rank: int, barrier) -> Path:
+    """Collective: ``engine.save_checkpoint`` made atomic, as llmc's own checkpoints are
+    (:mod:`llmc.runtime.checkpoint`). DeepSpeed writes a tag's files straight into ``<ds_dir>/<tag>/`` and then the
+    ``latest`` file (``DeepSpeedEngine.save_checkpoint``, deepspeed/runtime/engine.py), so a save killed midway
+    leaves a partial ``step-N/`` beside the good ones, and a second save of a step rewrites its only copy in place.
+    Here every rank writes tag ``step-N.tmp`` (``save_latest=False``); once all have, rank 0 renames it to
+    ``step-N`` (an older ``step-N`` goes only after that), replaces ``latest`` atomically (a temporary file and
+    ``os.replace``) and only then prunes: the ``keep_latest`` newest of the steps up to this one stay, so neither
+    the new checkpoint nor a good older one is ever deleted in favour of a partial or foreign later one. A kill at
+    any point leaves ``latest`` naming a complete checkpoint (or no ``latest`` before the first)."""
+    from llmc.runtime.checkpoint import prune_older
+
+    tag = f"step-{step:08d}"
+    tmp, final = ds_dir / f"{tag}.tmp", ds_dir / tag
+    if rank == 0:
+        ds_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted save of this step left
+    barrier()
+    engine.save_checkpoint(str(ds_dir), tag=tmp.name, client_state=client_state, save_latest=False)
+    barrier()
+    if rank == 0:
+        replaced = None
+        if final.exists():
+            replaced = ds_dir / f"{tag}.replaced"
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
+        os.replace(tmp, final)
+        latest = ds_dir / f"latest.tmp{os.getpid()}"
+        with open(latest, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(latest, ds_dir / "latest")
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        if keep_latest:
+            prune_older(ds_dir, step, keep_latest)
+    barrier()
+    return final
+
+
+def ds_resume_point(ds_dir: Path) -> Path | None:
+    """The tag folder ``<ds_dir>/latest`` names (None: no ``latest``, nothing saved yet); CheckpointError (one
+    line) when it names a folder that is not there or holds no model states."""
+    from llmc.runtime.checkpoint import CheckpointError
+
+    latest = ds_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    path = ds_dir / tag
+    if not tag or not any(path.glob("*model_states.pt")):
+        raise CheckpointError(f"{latest}: names {tag!r}, which holds no DeepSpeed checkpoint "
+                              f"(*model_states.pt); refusing to resume: point it at a complete step-N folder "
+                              f"or move {ds_dir} aside to start over")
+    return path
+
+
+def check_ds_checkpoint(path: Path, model, job) -> None:
+    """Before DeepSpeed loads the checkpoint at ``path`` (a tag folder): the stage that wrote it (the client state
+    DeepSpeed keeps in the model-states file) must be this one, and its tensors must have this model's names and
+    shapes; else CheckpointError, one line (DeepSpeed's own load fails deep inside with torch's size mismatch).
+    The shapes are the ``param_shapes`` DeepSpeed records with a ZeRO optimizer (names from
+    ``module.named_parameters()``, ZeRO-3's whole ``ds_shape``), else the ``module`` state dict it saves
+    (``DeepSpeedEngine._save_checkpoint``, deepspeed/runtime/engine.py: ``mp_rank_00_model_states.pt``; ZeRO-3
+    ``zero_pp_rank_0_mp_rank_00_model_states.pt``)."""
+    import torch
+
+    from llmc.runtime.checkpoint import CheckpointError, check_shapes
+
+    f = sorted(path.glob("*model_states.pt"))[0]
+    ck = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+    theirs = (ck.get("stage"), ck.get("kind", job.kind))
+    if theirs[0] is not None and theirs != (job.stage, job.kind):
+        raise CheckpointError(f"checkpoint {path}: written by stage {theirs[0]!r} (kind {theirs[1]}), not by this "
+                              f"stage {job.stage!r} (kind {job.kind}); refusing to resume from it: give this stage "
+                              f"its own output folder, or move {path.parent} aside to start it over")
+    groups = ck.get("param_shapes")
+    if groups:
+        have = {k: tuple(v) for g in (groups if isinstance(groups, list) else [groups]) for k, v in g.items()}
+        want = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+    else:
+        have = {k: tuple(v.shape) for k, v in (ck.get("module") or {}).items() if torch.is_tensor(v)}
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    check_shapes(f, want, have=have)
 
 
 def _data_loader(job, assets_root: Path, rank: int, world: int):
@@ -240,8 +327,12 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
                          f"{', '.join(DS_STAGE_KINDS)}; run it with `llmc launch --backend native`")
     done = out / "DONE.json"
     if resume and done.exists():
+        res = json.loads(done.read_text())
+        if res.get("stage") not in (None, job.stage):  # another stage's folder: its result is not this stage's
+            raise ValueError(f"{done}: stage {res['stage']!r} finished in this folder, not stage {job.stage!r}; "
+                             f"give this stage its own output folder (--out)")
         _say(f"{job.stage}: already done ({done}); nothing to do")
-        return json.loads(done.read_text())
+        return res
 
     accel = get_accelerator()
     cpu = accel.device_name() == "cpu"
@@ -273,7 +364,10 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     ac = ac_label(job.activation_checkpointing, job.ac_layers)
     local_numel = _local_numel(model)
     ds_dir, ckpt_dir = out / "ds_checkpoints", out / job.checkpoint_folder
-    can_resume = resume and (ds_dir / "latest").exists()
+    resume_from = ds_resume_point(ds_dir) if resume else None
+    can_resume = resume_from is not None
+    if can_resume:  # before DeepSpeed reads it: a checkpoint of another stage or model is one line
+        check_ds_checkpoint(resume_from, model, job)
     hf_src = init_hf_source(job)
     if not can_resume and job.init_from:
         from llmc.runtime.hf_io import load_init_from  # its llmc checkpoint, else its hf/ export
@@ -321,14 +415,18 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     if can_resume:
         log.event("resume", step=step)
 
+    saved_at = step if can_resume else None  # the step the newest complete checkpoint holds
+
     def save_ds() -> None:
-        tag = f"step-{step:08d}"
-        engine.save_checkpoint(str(ds_dir), tag=tag,
-                               client_state={"step": step, "tokens": tokens, "data": loader.full_state(),
-                                             "lr_schedule": job.lr_schedule})
-        dist.barrier()
-        if main:
-            _prune(ds_dir, job.keep_latest)
+        nonlocal saved_at
+        if saved_at == step:  # already saved (an interval save, then a stop at that step): not rewritten
+            return
+        save_ds_checkpoint(engine, ds_dir, step, {"step": step, "tokens": tokens, "data": loader.full_state(),
+                                                  "lr_schedule": job.lr_schedule, "stage": job.stage,
+                                                  "kind": job.kind, "spec_sha256": (job.lock or {}).get(
+                                                      "spec", {}).get("sha256")},
+                           job.keep_latest, rank, dist.barrier)
+        saved_at = step
 
     stop_at = min(job.steps, max_steps) if max_steps else job.steps
     last_loss, t_start = float("nan"), time.time()
@@ -436,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     stage_name = a.stage or "pretrain"
     out = (a.out or root / "run" / stage_name).resolve()
     from llmc.runtime import preempt
+    from llmc.runtime.checkpoint import CheckpointError
     from llmc.runtime.distributed import shutdown
 
     finished = False
@@ -444,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             res = train(lock, ds_config, a.stage, out, root, max_steps=a.steps, resume=not a.no_resume,
                         config_name=str(cfg_path), build_dir=a.lock.resolve().parent)
         finished = True
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
         print(f"{a.lock}: error[R002] {stage_name}: {e}", file=sys.stderr)
         return 1
     finally:

@@ -3,7 +3,8 @@
 ``train(job, out_dir, assets)`` runs on 1 process or under torchrun (DDP / FSDP2 / TP per the plan):
 
     data (packed, DP-sharded) -> model (seeded init | init_from) -> parallelize -> AdamW + LR schedule
-    -> resume from the newest verified checkpoint -> loop:
+    -> resume from the newest verified checkpoint (refused, one line, when another stage wrote it or it holds
+       another model's tensor shapes) -> loop:
          grad_accum x (forward [bf16 autocast on CUDA] -> mean token loss (in the plan's slices) + MoE aux
                        -> backward)
          -> clip -> step -> log -> loss-spike check (rewind + skip) -> checkpoint
@@ -243,6 +244,28 @@ def _forward_backward(job: TrainJob, wrapped, loader: StreamLoader, info: DistIn
     return loss_sum
 
 
+def spec_sha256(job: TrainJob) -> str | None:
+    """The sha256 of the spec the lock was built from (``lock["spec"]["sha256"]``), recorded in each checkpoint."""
+    return ((job.lock or {}).get("spec") or {}).get("sha256")
+
+
+def foreign_checkpoint(saved: dict, path: Path, job: TrainJob) -> str | None:
+    """Why the checkpoint at ``path`` (its ``train.json``: ``saved``) cannot continue this stage: another stage (or
+    stage kind) wrote it, e.g. a run pointed at another stage's output folder. None when it can. A checkpoint of
+    the same stage under an edited spec is not refused for that alone (a spec hash changes with any edit, a comment
+    or a hardware count, and a layout change is meant to resume): what must match is checked where it matters, the
+    model's tensor shapes (:func:`llmc.runtime.checkpoint.check_shapes`) and the optimizer / LR schedule
+    (``TrainJob.schedule_change``)."""
+    if not isinstance(saved, dict):
+        return None
+    theirs = (saved.get("stage"), saved.get("kind", job.kind))
+    if theirs[0] is not None and theirs != (job.stage, job.kind):
+        return (f"checkpoint {path}: written by stage {theirs[0]!r} (kind {theirs[1]}), not by this stage "
+                f"{job.stage!r} (kind {job.kind}); refusing to resume from it: give this stage its own output "
+                f"folder, or move {path.parent} aside to start it over")
+    return None
+
+
 def is_spike(hist: list[float], loss: float, spike) -> bool:
     """A loss spike: non-finite, or (with at least min(window, 10) losses seen) above the window's
     mean + threshold x std."""
@@ -310,6 +333,9 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
     def restore(path: Path) -> dict:
         nonlocal step, tokens, window
         saved = json.loads((path / "train.json").read_text()) if (path / "train.json").is_file() else {}
+        why = foreign_checkpoint(saved, path, job)
+        if why is not None:
+            raise TrainingError(why)
         at = saved.get("step") if isinstance(saved, dict) else None
         why = job.schedule_change(saved.get("lr_schedule") if isinstance(saved, dict) else None, path.name,
                                   at if isinstance(at, int) else 0)
@@ -326,8 +352,8 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
 
     def checkpoint_now() -> Path:
         state = {"tokens": tokens, "data": loader.full_state(), "scheduler": sched.state_dict(),
-                 "loss_window": list(window), "rewinds": rewinds, "stage": job.stage, "seq_len": job.seq_len,
-                 "lr_schedule": job.lr_schedule,
+                 "loss_window": list(window), "rewinds": rewinds, "stage": job.stage, "kind": job.kind,
+                 "spec_sha256": spec_sha256(job), "seq_len": job.seq_len, "lr_schedule": job.lr_schedule,
                  "layout": {"dp_replicate": job.dp_replicate, "dp_shard": job.dp_shard, "tp": job.tp}}
         return save_checkpoint(ckpt_dir, step, wrapped, opt, state, keep_latest=job.keep_latest, sharded=True,
                                async_save=async_ckpt)
@@ -335,6 +361,9 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
     if resume_from is not None:
         st = restore(resume_from)
         rewinds = int(st.get("rewinds", 0))
+        if st.get("spec_sha256") not in (None, spec_sha256(job)):
+            say(f"note: {resume_from.name} was written under another spec (sha256 {st['spec_sha256'][:12]}, the lock's "
+                f"is {str(spec_sha256(job))[:12]}); its model shapes, optimizer and LR schedule match, resuming")
         if main:  # each step once in metrics.jsonl: drop what the interrupted run logged after the checkpoint
             truncate_after_step(out / "metrics.jsonl", step)
     log = open_run_logger(job, out, main, echo, metrics, resumed_step=step if resume_from is not None else None)
