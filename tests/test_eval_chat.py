@@ -19,27 +19,7 @@ from llmc.spec.load import loads_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-PIPE = """\
-name: p
-model: tiny
-hardware: {gpu: cpu, count: 1}
-data:
-  sources: [{name: python-docs, format: builtin}]
-  tokenizer: {train: true, vocab_size: 2048, chat_template: llama3}
-  seq_len: 128
-  tokens: 300K
-training: {precision: fp32, global_batch_tokens: 4096}
-stages:
-  - {name: base, kind: pretrain}
-  - name: chat
-    kind: sft
-    init_from: base
-    steps: 10
-    data: {sources: [{name: synthetic-chat, format: builtin, kind: chat}], seq_len: 128, tokens: 20K}
-eval:
-  tasks: [tasks/mc.yaml]
-  task_stages: [base, chat]
-"""
+from test_eval_spec import PIPE  # noqa: E402  (pretrain "base" + sft "chat", evaluated after both)
 
 #: Llama 3's layout of one user turn and the assistant's header (Meta's prompt format page), by hand
 LLAMA3_USER = "<s><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
