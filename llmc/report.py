@@ -277,7 +277,11 @@ def _time(c) -> Table:
     t.add_row("step", f"{duration(tm.step_seconds)} per step, MFU {100 * tm.mfu:.1f}%, "
               f"{human(tm.tokens_per_second)} tokens/s")
     n = s.hardware.count
-    t.add_row("run", f"{tm.steps:,} steps = {duration(tm.days * 86400)} on {n} GPU{'s' if n > 1 else ''}")
+    ck = tm.checkpoint
+    saves = f" + {ck.saves:,} checkpoint save{'s' if ck.saves > 1 else ''}" if ck is not None else ""
+    t.add_row("run", f"{tm.steps:,} steps{saves} = {duration(tm.days * 86400)} on {n} GPU{'s' if n > 1 else ''}")
+    if ck is not None:
+        t.add_row("checkpoints", _checkpoints(ck, tm.days * 86400))
     gh = f"{co.gpu_hours:,.0f}" if co.gpu_hours >= 10 else f"{co.gpu_hours:.2f}"
     t.add_row("cost", f"{gh} GPU-hours x ${co.usd_per_gpu_hour:g} = {usd(co.usd)}")
     br = {k: v for k, v in tm.breakdown.items() if v > 0}
@@ -285,6 +289,29 @@ def _time(c) -> Table:
     top = sorted(br.items(), key=lambda kv: -kv[1])
     t.add_row("step breakdown", ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in top))
     return t
+
+
+def _gb(x: float) -> str:
+    """Bytes in decimal units: '96.4 GB', '4.87 TB', '15.7 MB'."""
+    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if x >= div:
+            return f"{x / div:.3g} {unit}"
+    return f"{x / 1e3:.3g} kB"
+
+
+def _checkpoints(ck, run_seconds: float) -> str:
+    """The checkpoint saves' stall (``CheckpointNumbers``) and the assumptions it rests on."""
+    share = 100 * ck.total_seconds / run_seconds if run_seconds > 0 else 0.0
+    pct = f"{share:.1f}%" if share >= 0.1 or share == 0 else f"{share:.2g}%"
+    if ck.mode == "async":
+        each = (f"{ck.saves - 1:,} x {duration(ck.stall_seconds)} async (staging {_gb(ck.gpu_bytes)} per GPU over PCIe "
+                f"at {ck.staging_gbps:.3g} GB/s) + the last written in full ({duration(ck.write_seconds)})"
+                if ck.saves > 1 else f"1 x {duration(ck.write_seconds)} (the last, written in full)")
+    else:
+        each = f"{ck.saves:,} saves x {duration(ck.stall_seconds)} sync"
+    return (f"{each} = {duration(ck.total_seconds)}, {pct} of the run; {_gb(ck.state_bytes)} per checkpoint "
+            f"({ck.writer}), {_gb(ck.node_bytes)} per node at {ck.write_gbps:g} GB/s ({ck.write_source}), every "
+            f"{ck.interval:,} steps")
 
 
 def _budget(c) -> Table | None:
@@ -310,7 +337,11 @@ def _budget(c) -> Table | None:
         from llmc.compiler.checks import MAX_PLAUSIBLE_MFU as m60
 
         scale = c.time.mfu / m60  # the same FLOPs at the plausible-MFU ceiling (B003's yardstick)
-        t.add_row("floor", f"{c.time.days * scale:.1f} days, {usd(c.cost.usd * scale)} at {100 * m60:.0f}% MFU")
+        # the training steps alone: the checkpoint stalls do not scale with MFU (B003 counts no saves either)
+        train = 1.0 - (c.time.checkpoint.total_seconds / (c.time.days * 86400) if c.time.checkpoint and c.time.days
+                       else 0.0)
+        t.add_row("floor", f"{c.time.days * train * scale:.1f} days, {usd(c.cost.usd * train * scale)} at "
+                  f"{100 * m60:.0f}% MFU")
     return t
 
 

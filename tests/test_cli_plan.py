@@ -442,3 +442,16 @@ def test_a_pipeline_without_pretraining_reports_no_compute_of_its_own():
     assert j["pipeline"]["gpu_hours"] > 0 and all(s["time"]["gpu_hours"] > 0 for s in j["stages"])
     r = runner.invoke(app, ["plan", "examples/llama3_8b_h100x8.yaml", "--format", "json"])
     assert json.loads(r.stdout)["compute"]["training_flops"] > 0
+
+
+def test_plan_json_days_include_the_checkpoint_saves():
+    r = runner.invoke(app, ["plan", "examples/llama3_8b_h100x8.yaml", "--format", "json",
+                            "--set", "training.checkpoint.write_gbps=4", "--set", "training.checkpoint.interval_steps=100"])
+    assert r.exit_code == 0, r.output
+    t = json.loads(r.output)["time"]
+    ck = t["checkpoint"]
+    # 39,340 steps, a save every 100: 394; each 12 B x 8,030,261,248 params over one node at 4 GB/s
+    assert (ck["saves"], ck["interval"], ck["mode"]) == (394, 100, "sync")
+    assert ck["write_source"] == "training.checkpoint.write_gbps"
+    assert ck["total_seconds"] == pytest.approx(394 * 12 * 8_030_261_248 / 4e9)
+    assert t["days"] == pytest.approx((39_340 * t["step_seconds"] + 394 * 12 * 8_030_261_248 / 4e9) / 86400)

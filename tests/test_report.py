@@ -77,3 +77,22 @@ def test_report_renders_without_a_plan():
     c = compile_spec(run, "x.yaml", lines, spec_bytes=text.encode())
     out = render_text(c)
     assert "No parallelism plan" in out and "error[P004]" in out and "Compute" in out
+
+
+def test_time_section_reports_the_checkpoint_saves():
+    # llama3-8b on one 8-GPU node, torchtitan, sync saves (96.4 GB < the 100 GB async threshold): each save is
+    # 12 B x 8,030,261,248 params = 96.36 GB written by the one node at the table's 1 GB/s
+    c = _compiled("examples/llama3_8b_h100x8.yaml")
+    ck = c.time.checkpoint
+    saves = -(-39_340 // ck.interval)
+    stall = 12 * 8_030_261_248 / 1e9
+    text = " ".join(render_text(c).split())
+    assert f"{saves:,} saves x {stall:.2f} s sync = {saves * stall / 3600:.1f} h" in text
+    assert f"{100 * saves * stall / (c.time.days * 86400):.1f}% of the run" in text
+    assert "96.4 GB per checkpoint" in text and "96.4 GB per node at 1 GB/s" in text
+    assert f"39,340 steps + {saves:,} checkpoint saves" in text
+    j = c.to_json()["time"]["checkpoint"]
+    assert j["saves"] == saves and j["mode"] == "sync" and j["stall_seconds"] == pytest.approx(stall)
+    # the floor stays the training FLOPs at 60 % MFU (no saves), as B003 counts them
+    train_days = c.time.steps * c.time.step_seconds / 86400
+    assert f"floor      {train_days * c.time.mfu / 0.6:.1f} days" in render_text(c)

@@ -521,11 +521,14 @@ def check_host_memory(run, memory, gpu, sink: Sink) -> None:
 
 
 def check_budget(run, training_flops: float, time, cost, peak: float, price: float, sink: Sink) -> None:
-    """B001/B002 against the predicted plan, B003 when even 60 % MFU could not meet the budget."""
+    """B001/B002 against the predicted plan (its days and cost include the checkpoint saves' stalls,
+    ``TimeNumbers.checkpoint``), B003 when even 60 % MFU could not meet the budget (the training FLOPs alone)."""
     from llmc.compiler.timing import days_at_mfu, gpus_for_days
 
     b = run.budget
     n = run.hardware.count
+    ck = time.checkpoint if time is not None else None
+    saves = f", incl. {ck.total_seconds / 3600:.1f} h of checkpoint saves" if ck is not None else ""
     best_days = days_at_mfu(training_flops, n, peak, MAX_PLAUSIBLE_MFU)
     best_usd = best_days * 24 * n * price
     if b.max_days is not None:
@@ -538,7 +541,7 @@ def check_budget(run, training_flops: float, time, cost, peak: float, price: flo
         elif time is not None and time.days > b.max_days:
             sink.add("B001", "error", "budget.max_days",
                      f"predicted {time.days:.1f} days > max_days {b.max_days:g} "
-                     f"(at {100 * time.mfu:.1f}% MFU)",
+                     f"(at {100 * time.mfu:.1f}% MFU{saves})",
                      f"the planned layout needs ~{time.days / b.max_days:.2f}x the GPUs or time; "
                      f"{best_days:.1f} days is the floor at {100 * MAX_PLAUSIBLE_MFU:.0f}% MFU")
     if b.max_usd is not None:
@@ -549,7 +552,7 @@ def check_budget(run, training_flops: float, time, cost, peak: float, price: flo
                      f"needs max_usd >= {best_usd:,.0f}, a cheaper GPU-hour, or fewer tokens")
         elif cost is not None and cost.usd > b.max_usd:
             sink.add("B002", "error", "budget.max_usd",
-                     f"predicted ${cost.usd:,.0f} > max_usd ${b.max_usd:,.0f}",
+                     f"predicted ${cost.usd:,.0f} > max_usd ${b.max_usd:,.0f}{f' ({saves[2:]})' if saves else ''}",
                      f"{cost.gpu_hours:,.0f} GPU-hours at ${price:g}; ${best_usd:,.0f} is the floor at "
                      f"{100 * MAX_PLAUSIBLE_MFU:.0f}% MFU")
 

@@ -190,10 +190,12 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     time = cost = None
     if searched.plan is not None:
         sm = _step_model(arch, data.seq_len, training.precision, gpu, model_opts)
-        time = timing.time_numbers(sm, searched.plan, hyper.steps)
+        step = timing.step_time(sm, searched.plan)[0]
+        hyper = pretrain_hyper(run, gpu, step)  # the checkpoint interval follows the step time
+        time = timing.time_numbers(sm, searched.plan, hyper.steps,
+                                   _checkpoints(run, sm, searched.plan, gpu, hyper, step, be_info.name))
         gh = timing.gpu_hours(time.days, run.hardware.count)
         cost = CostNumbers(gpu_hours=gh, usd=timing.usd(gh, gpu.usd_per_hour), usd_per_gpu_hour=gpu.usd_per_hour)
-        hyper = pretrain_hyper(run, gpu, time.step_seconds)
 
     if pretrains:
         _check_pretraining(run, gpu, hyper, compute, time, cost, sink, backends.get_backend(be_info.name))
@@ -219,6 +221,19 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         backend=be_info, calibration=cal_info, unfit=searched.unfit, evaluation=evaluation, pipeline=pipeline,
         checkpoint_types=dict(facts.checkpoint_types) if facts is not None else {},
     )
+
+
+def _checkpoints(run: RunSpec, sm, plan: ParallelPlan, gpu: GPU, hyper: Hyper, step_seconds: float, backend: str):
+    """The pre-training run's checkpoint saves and their stalls (checkpoint_cost.py) on the backend that runs it."""
+    from llmc.compiler import checkpoint_cost
+
+    ck = run.training.checkpoint
+    return checkpoint_cost.checkpoint_numbers(
+        sm, plan, gpu, backend=backend, params_total=params.params_total(run.model),
+        precision=run.training.precision, steps=hyper.steps, interval=hyper.checkpoint_interval,
+        step_seconds=step_seconds, async_save=checkpoint_cost.saves_async(backend, hyper.checkpoint_async,
+                                                                          ck.async_mode),
+        write_gbps=ck.write_gbps)
 
 
 def _evaluation(run, sink, spec_path, stages, hyper, plan, compute, time, task_files):

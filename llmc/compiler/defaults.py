@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from llmc.compiler import params
+from llmc.compiler.checkpoint_cost import DCP_BYTES_PER_PARAM
 from llmc.compiler.checks import min_batch_seqs
 from llmc.compiler.hardware import GPU
 from llmc.compiler.result import Hyper
@@ -25,7 +26,7 @@ WARMUP_CAP = 2000  # Llama 2 warmed up for 2000 steps; a cap keeps multi-million
 CHECKPOINT_SECONDS = 1800.0  # ~30 min of wall time between checkpoints
 CHECKPOINT_CLAMP = (50, 1000)
 ASYNC_CHECKPOINT_BYTES = 100e9  # async above 100 GB of state
-CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights + AdamW m and v (what torchtitan's DCP saves)
+CHECKPOINT_BYTES_PER_PARAM = DCP_BYTES_PER_PARAM  # fp32 weights + AdamW m and v (what torchtitan's DCP saves)
 CPU_BATCH_SEQS = 8  # tiny CPU runs: a handful of sequences per step
 STAGE_WARMUP_DIVISOR = 10  # continued / post-training stages: warmup at most 1/10 of the stage
 

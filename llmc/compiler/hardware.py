@@ -21,6 +21,14 @@ Everything here is data with a source. Conventions (read these before using a nu
 * ``net_gbps`` is the scale-out NIC per GPU in **Gbit/s** (HGX/DGX H100: one 400 Gb/s ConnectX-7 per GPU).
 * ``usd_per_hour`` is a rough on-demand reference price per GPU-hour (volatile; users override it in
   ``hardware.usd_per_gpu_hour``).
+* ``storage_write_gbps`` is the sustained checkpoint write bandwidth **per node** in GB/s, to the storage the run
+  checkpoints to (``llmc.compiler.checkpoint_cost``; ``training.checkpoint.write_gbps`` overrides it). No datasheet
+  gives it: it is the cluster's filesystem, not the part. Every row keeps the conservative default
+  :data:`STORAGE_WRITE_GBPS` = 1 GB/s per node: Meta's Llama 3 cluster storage (Tectonic) "supports a sustainable
+  throughput of 2 TB/s and a peak throughput of 7 TB/s" for 16K H100 GPUs, i.e. 2,048 eight-GPU nodes (Dubey et al.
+  2024, arXiv:2407.21783 sec. 3.3.1): ~1 GB/s per node sustained when every node saves at once. One node writing to
+  its own NVMe RAID, or a parallel filesystem client with a dedicated storage NIC (DGX H100: 2 x 200 Gb/s), reaches
+  several times that: set it for the cluster you run on.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from llmc.compiler.units import GiB
 
 TERA = 1e12
 GB = 10**9
+# sustained checkpoint write bandwidth per node, GB/s (conservative default: see ``storage_write_gbps`` above)
+STORAGE_WRITE_GBPS = 1.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,7 @@ class GPU:
     # https://docs.skypilot.co/en/latest/compute/gpus.html and sky/utils/gpu_names.py (GB300, GB200, B300, ...)
     # in https://github.com/skypilot-org/skypilot; H100-NVL and RTX4090 are RunPod catalog names.
     skypilot_name: str | None = None
+    storage_write_gbps: float = STORAGE_WRITE_GBPS  # GB/s per node to the checkpoint storage (conservative default)
 
     @property
     def hbm_gib(self) -> float:

@@ -60,13 +60,34 @@ class MemoryNumbers:
 
 
 @dataclass(frozen=True)
+class CheckpointNumbers:
+    """The run's checkpoint saves and the training time they stall (:mod:`llmc.compiler.checkpoint_cost`)."""
+
+    saves: int  # every interval-th step before the last, and the last
+    interval: int  # steps between saves (Compiled.hyper.checkpoint_interval)
+    mode: str  # "sync" | "async": how the backend's trainer saves
+    writer: str  # what is saved and who writes it
+    bytes_per_param: float  # state bytes per model parameter in one checkpoint (one copy)
+    state_bytes: float  # one checkpoint on storage (deduplicated)
+    node_bytes: float  # written by the most loaded node per save
+    gpu_bytes: float  # held by the most loaded GPU in its state dict (what an async save stages to host memory)
+    write_gbps: float  # GB/s per node to the checkpoint storage
+    write_source: str  # where write_gbps comes from
+    staging_gbps: float  # GB/s per GPU to host memory (PCIe), for an async save's staging
+    write_seconds: float  # node_bytes / write bandwidth: one synchronous save
+    stall_seconds: float  # training stall of one save but the last (sync: write; async: staging + any wait)
+    total_seconds: float  # the run's stalls: (saves - 1) x stall + the last save written in full
+
+
+@dataclass(frozen=True)
 class TimeNumbers:
-    step_seconds: float
-    mfu: float
-    days: float
+    step_seconds: float  # one optimizer step (training only: no checkpoint stall)
+    mfu: float  # per training step
+    days: float  # steps x step_seconds + the checkpoint stalls (``checkpoint.total_seconds``)
     steps: int
-    tokens_per_second: float
+    tokens_per_second: float  # per training step
     breakdown: dict[str, float] = field(default_factory=dict)  # compute, dp_comm, tp_comm, pp_bubble, ...
+    checkpoint: CheckpointNumbers | None = None  # None: no saves counted (one-step figures, layouts not planned)
 
 
 @dataclass(frozen=True)
@@ -435,7 +456,7 @@ def _cand(c: Candidate) -> dict:
 
 
 __all__ = [
-    "ModelNumbers", "ComputeNumbers", "MemoryNumbers", "TimeNumbers", "CostNumbers", "Hyper", "Candidate",
-    "ModelInMemory", "LoraPlan", "StageMemoryPlan", "RolloutPlan", "LongContextPlan", "ContextPlan",
+    "ModelNumbers", "ComputeNumbers", "MemoryNumbers", "CheckpointNumbers", "TimeNumbers", "CostNumbers", "Hyper",
+    "Candidate", "ModelInMemory", "LoraPlan", "StageMemoryPlan", "RolloutPlan", "LongContextPlan", "ContextPlan",
     "StagePlan", "ServingPlan", "BackendChoice", "CalibrationStatus", "UnfitLayout", "Compiled",
 ]

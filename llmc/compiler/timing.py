@@ -68,7 +68,11 @@ The model, per optimizer step (m = grad_accum micro-batches, p = pp, v = virtual
   (``HOP_LATENCY_NET`` / ``HOP_LATENCY_NVLINK``), which is what makes HSDP (shard inside a few
   nodes, replicate across) win over one huge shard group at scale.
 
-Known omissions: kernel launch gaps, stragglers, data loading, checkpoint stalls, network
+Checkpoint saves stall training between steps: ``checkpoint_cost.py`` models them (bytes each backend writes per
+node / the storage bandwidth, or an async save's staging over PCIe); :func:`time_numbers` adds them to the run's
+days (and so to its GPU-hours and cost), never to the step time or MFU, which stay per training step.
+
+Known omissions: kernel launch gaps, stragglers, data loading, network
 congestion at scale, MoE load imbalance. Anchor (tests/test_timing.py): the published Llama 3
 405B layout (TP8 CP1 PP16 DP128, 16K H100) is predicted inside a 30-50 % MFU band; the paper
 reports 38-43 %.
@@ -488,7 +492,7 @@ class LayoutTimer:
     _FAMILY = ("sm", "t", "p", "cp", "ep", "zero", "sched", "v", "chunks", "world", "bubble_slots", "pp_bw", "ep_bw",
                "cp_bw", "a2a_per_token", "dense_local", "expert_local", "max_blocks", "micro")
     __slots__ = _FAMILY + ("ds", "dr", "one_pass", "fsdp_passes", "fsdp_latency", "per_step_comm", "optimizer",
-                           "param_fetch")
+                           "param_fetch", "owned")
 
     def __init__(self, sm: StepModel, tp: int, pp: int, cp: int, ep: int, dp_shard: int, dp_replicate: int,
                  zero_stage: int, pp_schedule: str = "1F1B", pp_virtual_stages: int = 1):
@@ -591,6 +595,7 @@ class LayoutTimer:
             bw = sm.nvlink_Bps if n_sh * t * dp_replicate <= gpn else sm.net_Bps
             self.per_step_comm += 2 * (dp_replicate - 1) / dp_replicate * shard_bytes / bw
         owned = (dense_local / n_sh + expert_local / n_esh) if zero_stage >= 1 else dense_local + expert_local
+        self.owned = owned  # parameters whose optimizer state this GPU holds (heaviest stage; checkpoint_cost.py)
         # ZeRO-Infinity: the owned 16-bit partition crosses the host link before each gather of a micro-batch
         self.param_fetch = (PARAM_FETCHES_PER_MICRO_BATCH * ACT_BYTES * owned / sm.host_Bps
                             if sm.offload_params else 0.0)
@@ -705,13 +710,17 @@ def step_time(sm: StepModel, plan: ParallelPlan) -> tuple[float, float, dict[str
                                        plan.ac_layers, plan.loss_chunk_tokens > 0)
 
 
-def time_numbers(sm: StepModel, plan: ParallelPlan, steps: int) -> TimeNumbers:
-    """:class:`TimeNumbers` for ``steps`` optimizer steps of ``plan``."""
+def time_numbers(sm: StepModel, plan: ParallelPlan, steps: int, checkpoint=None) -> TimeNumbers:
+    """:class:`TimeNumbers` for ``steps`` optimizer steps of ``plan``; ``checkpoint`` (a
+    :class:`~llmc.compiler.result.CheckpointNumbers`, ``checkpoint_cost.checkpoint_numbers``): the run's saves,
+    whose stalls the days include: days = (steps x step + checkpoint.total_seconds) / 86400. Step time, MFU and
+    tokens/s stay those of a training step."""
     step, mfu, br = step_time(sm, plan)
     tokens_step = plan.global_batch_seqs * sm.seq_len
+    stalls = checkpoint.total_seconds if checkpoint is not None else 0.0
     return TimeNumbers(
-        step_seconds=step, mfu=mfu, days=step * steps / 86400.0, steps=steps,
-        tokens_per_second=tokens_step / step, breakdown=br,
+        step_seconds=step, mfu=mfu, days=(step * steps + stalls) / 86400.0, steps=steps,
+        tokens_per_second=tokens_step / step, breakdown=br, checkpoint=checkpoint,
     )
 
 

@@ -81,6 +81,7 @@ class TrainJob:
     meta_init: bool | None = None  # build on meta, shard, then init (FSDP/TP only); None = auto (> 2B params)
     # checkpoints and robustness
     checkpoint_interval: int = 100
+    checkpoint_async: bool = False  # the plan's choice (lock hyper.checkpoint_async: spec async_mode, None = by size)
     keep_latest: int = 3
     checkpoint_folder: str = "checkpoints"
     loss_spike: LossSpike = field(default_factory=LossSpike)
@@ -222,6 +223,7 @@ class TrainJob:
             activation_checkpointing=ac_mode, ac_layers=ac_layers, zero_stage=int(plan.get("zero_stage", 3)),
             loss_chunk=int(plan.get("loss_chunk_tokens") or 0),
             checkpoint_interval=int(num["checkpoint_interval"]),
+            checkpoint_async=bool(entry.get("checkpoint_async", t.checkpoint.async_mode)),
             keep_latest=t.checkpoint.keep_latest, checkpoint_folder=t.checkpoint.folder, loss_spike=t.loss_spike,
             spec_dir=_spec_dir(lock["spec"], spec_path, build_dir),
             flops_per_token=(lock.get("compute") or {}).get("flops_per_token"),

@@ -348,7 +348,7 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
         window = deque(st.get("loss_window", []), maxlen=spike.window)
         return st
 
-    async_ckpt = bool(job.spec is not None and job.spec.training.checkpoint.async_mode)
+    async_ckpt = job.checkpoint_async  # the plan's choice, as the torchtitan job makes it (lock hyper.checkpoint_async)
 
     def checkpoint_now() -> Path:
         state = {"tokens": tokens, "data": loader.full_state(), "scheduler": sched.state_dict(),

@@ -289,6 +289,10 @@ class Checkpoint(SpecModel):
     """Steps between checkpoints. None = about every 30 minutes of predicted wall time, within [50, 1000]."""
     async_mode: bool | None = None
     """Asynchronous checkpointing. None = on when the state is larger than 100 GB."""
+    write_gbps: Float | None = Field(default=None, ge=MIN_HW, le=MAX_LINK_GBPS)
+    """Sustained write bandwidth per node to the checkpoint storage, in GB/s, for the predicted save stalls in the
+    run's time and cost. None = the hardware table's ``storage_write_gbps`` (a conservative 1 GB/s per node: its
+    source in ``llmc/compiler/hardware.py``)."""
     keep_latest: Int = Field(default=3, gt=0)
     """How many checkpoints to keep."""
     folder: str = "checkpoints"
