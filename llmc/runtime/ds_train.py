@@ -423,8 +423,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
             return
         save_ds_checkpoint(engine, ds_dir, step, {"step": step, "tokens": tokens, "data": loader.full_state(),
                                                   "lr_schedule": job.lr_schedule, "stage": job.stage,
-                                                  "kind": job.kind, "spec_sha256": (job.lock or {}).get(
-                                                      "spec", {}).get("sha256")},
+                                                  "kind": job.kind, "spec_sha256": job.spec_sha256},
                            job.keep_latest, rank, dist.barrier)
         saved_at = step
 

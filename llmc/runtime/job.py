@@ -106,6 +106,11 @@ class TrainJob:
         return self.dp_replicate * self.dp_shard * self.tp * self.pp * self.cp
 
     @property
+    def spec_sha256(self) -> str | None:
+        """The sha256 of the spec the lock was built from (``lock["spec"]["sha256"]``), recorded in checkpoints."""
+        return ((self.lock or {}).get("spec") or {}).get("sha256")
+
+    @property
     def loss_note(self) -> str:
         """``, loss in slices of N tokens`` for the trainers' start-up line when the loss is sliced; else empty."""
         return f", loss in slices of {self.loss_chunk} tokens" if self.loss_chunk else ""

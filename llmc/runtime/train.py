@@ -244,11 +244,6 @@ def _forward_backward(job: TrainJob, wrapped, loader: StreamLoader, info: DistIn
     return loss_sum
 
 
-def spec_sha256(job: TrainJob) -> str | None:
-    """The sha256 of the spec the lock was built from (``lock["spec"]["sha256"]``), recorded in each checkpoint."""
-    return ((job.lock or {}).get("spec") or {}).get("sha256")
-
-
 def foreign_checkpoint(saved: dict, path: Path, job: TrainJob) -> str | None:
     """Why the checkpoint at ``path`` (its ``train.json``: ``saved``) cannot continue this stage: another stage (or
     stage kind) wrote it, e.g. a run pointed at another stage's output folder. None when it can. A checkpoint of
@@ -353,7 +348,7 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
     def checkpoint_now() -> Path:
         state = {"tokens": tokens, "data": loader.full_state(), "scheduler": sched.state_dict(),
                  "loss_window": list(window), "rewinds": rewinds, "stage": job.stage, "kind": job.kind,
-                 "spec_sha256": spec_sha256(job), "seq_len": job.seq_len, "lr_schedule": job.lr_schedule,
+                 "spec_sha256": job.spec_sha256, "seq_len": job.seq_len, "lr_schedule": job.lr_schedule,
                  "layout": {"dp_replicate": job.dp_replicate, "dp_shard": job.dp_shard, "tp": job.tp}}
         return save_checkpoint(ckpt_dir, step, wrapped, opt, state, keep_latest=job.keep_latest, sharded=True,
                                async_save=async_ckpt)
@@ -361,9 +356,9 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
     if resume_from is not None:
         st = restore(resume_from)
         rewinds = int(st.get("rewinds", 0))
-        if st.get("spec_sha256") not in (None, spec_sha256(job)):
+        if st.get("spec_sha256") not in (None, job.spec_sha256):
             say(f"note: {resume_from.name} was written under another spec (sha256 {st['spec_sha256'][:12]}, the lock's "
-                f"is {str(spec_sha256(job))[:12]}); its model shapes, optimizer and LR schedule match, resuming")
+                f"is {str(job.spec_sha256)[:12]}); its model shapes, optimizer and LR schedule match, resuming")
         if main:  # each step once in metrics.jsonl: drop what the interrupted run logged after the checkpoint
             truncate_after_step(out / "metrics.jsonl", step)
     log = open_run_logger(job, out, main, echo, metrics, resumed_step=step if resume_from is not None else None)
