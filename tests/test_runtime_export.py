@@ -115,7 +115,9 @@ def test_export_refuses_unsupported():
     with pytest.raises(ValueError, match="cannot export"):
         export_hf({}, arch, "/nonexistent")
     ds_moe = Architecture(**BASE, moe=MoE(num_experts=4, top_k=2, num_shared_experts=1, score_func="sigmoid"))
-    assert "Mixtral-style" in hf_export_supported(ds_moe)  # DeepSeek MoE without MLA: no HF class here
+    assert hf_export_supported(ds_moe) is None  # sigmoid routing without MLA: Glm4MoeForCausalLM (test_glm4_moe)
+    no_shared = ds_moe.model_copy(update={"moe": ds_moe.moe.model_copy(update={"num_shared_experts": 0})})
+    assert "always has shared experts" in hf_export_supported(no_shared)
     q3 = Architecture(**BASE, qk_norm=True, moe=MoE(num_experts=4, top_k=2, num_shared_experts=1))
     assert "only Qwen3-MoE-style" in hf_export_supported(q3)  # Qwen3MoeForCausalLM has no shared experts
     unnormalised = Architecture(**BASE, moe=MoE(num_experts=3, top_k=2, route_norm=False))

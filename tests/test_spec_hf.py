@@ -114,7 +114,10 @@ def _meta_model(name: str):
 
 
 def _numel(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """transformers' parameters plus DeepSeek-V3 / GLM-4.5's e_score_correction_bias (a buffer there, a weight of the
+    checkpoint that llmc counts: llmc.compiler.params)."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
 
 
 @pytest.mark.parametrize("name", ["qwen3-8b", "qwen3-0.6b", "qwen3-30b-a3b", "qwen3-235b-a22b"])
@@ -465,7 +468,7 @@ def test_hf_defaults_mha_and_qwen_bias():
 
 @pytest.mark.parametrize("model_type, family", [
     ("llama", "llama"), ("mistral", "llama"), ("phi3", "llama"), ("granite", "granite"), ("smollm3", "smollm3"), ("olmo2", "olmo2"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mixtral", "mixtral"),
-    ("qwen3_moe", "qwen3_moe"), ("deepseek_v3", "deepseek_v3"),
+    ("qwen3_moe", "qwen3_moe"), ("deepseek_v3", "deepseek_v3"), ("glm4_moe", "glm4_moe"),
 ])
 def test_imported_config_lands_in_its_family(model_type, family):
     from llmc.spec.families import family_of
@@ -478,6 +481,8 @@ def test_imported_config_lands_in_its_family(model_type, family):
         cfg.update(num_hidden_layers=4)
     if model_type == "qwen3_moe":
         cfg.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+    if model_type == "glm4_moe":
+        cfg.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     if model_type == "deepseek_v3":
         cfg.update(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
                    num_experts_per_tok=2, moe_intermediate_size=32)
@@ -589,7 +594,8 @@ _TINY = {"num_attention_heads": 8, "num_hidden_layers": 2, "hidden_size": 128, "
          "vocab_size": 128, "max_position_embeddings": 256, "num_key_value_heads": 4, "head_dim": 16,
          "pad_token_id": None}
 _TINY_MOE = {"mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-             "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}}
+             "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+             "glm4_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}}
 
 
 def _tiny(mt: str, drop=(), **changes) -> dict:
@@ -610,6 +616,13 @@ def _tiny(mt: str, drop=(), **changes) -> dict:
     _tiny("smollm3"),  # tie_word_embeddings absent: SmolLM3Config's true
     _tiny("phi3", drop=("head_dim",)),  # rms_norm_eps absent: Phi3Config's 1e-5
     _tiny("llama", hidden_act="swish"),
+    # GLM-4.5's block: q/k/v biases (o_proj none), RoPE on half of each head (absent: Glm4MoeConfig's 0.5), the
+    # factor inside rope_parameters (transformers >= 5's saves), the defaults where the keys are absent
+    _tiny("glm4_moe", attention_bias=True, use_qk_norm=True, first_k_dense_replace=1, n_shared_experts=2),
+    _tiny("glm4_moe", drop=("num_key_value_heads", "head_dim", "rms_norm_eps", "n_routed_experts"),
+          rope_parameters={"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.25}),
+    _tiny("glm4_moe", partial_rotary_factor=1.0, rope_scaling={"rope_type": "yarn", "factor": 4.0},
+          original_max_position_embeddings=64),
     _tiny("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
     _tiny("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}, original_max_position_embeddings=64),
     _tiny("llama", rope_theta=1e4, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),

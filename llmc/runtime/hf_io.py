@@ -50,6 +50,13 @@ back as ``Phi3ForCausalLM`` with the fused tensors. Granite (``GraniteForCausalL
 RoPE: llmc rotates adjacent pairs (Meta layout); HF rotates halves (``rotate_half``). The export permutes
 the q/k rows per head as HF's ``permute`` (pairs -> halves); the import applies the inverse.
 
+GLM-4.5 / GLM-4.5-Air / GLM-4.6 (``Glm4MoeForCausalLM``, transformers ``modeling_glm4_moe.py``) have Llama's attention
+names with q/k/v biases and (``use_qk_norm``) Qwen3's ``q_norm`` / ``k_norm``; only the first
+int(head_dim x partial_rotary_factor) rows of each q/k head (and of the q/k norm weights) are permuted, the rest never
+rotate. Their MoE layers have DeepSeek-V3's names (``mlp.gate.weight``, ``mlp.gate.e_score_correction_bias``,
+``mlp.experts.{e}.*``, ``mlp.shared_experts.*``); the MTP layers after the last layer (``num_nextn_predict_layers``)
+are left out, as for DeepSeek-V3, and the export writes none.
+
 DeepSeek-V3 (MLA + DeepSeekMoE) <-> transformers ``DeepseekV3ForCausalLM`` (``modeling_deepseek_v3.py``;
 the checkpoint layout of https://huggingface.co/deepseek-ai/DeepSeek-V3, experts stored one by one)::
 
@@ -185,6 +192,26 @@ def _deepseek_supported(arch) -> str | None:
     return None
 
 
+def _glm4_moe_supported(arch) -> str | None:
+    """None when a GQA model with sigmoid-routed experts maps onto ``Glm4MoeForCausalLM`` (transformers
+    modeling_glm4_moe.py: a pre-norm SwiGLU block with per-head q/k norms or none, the first layers dense, shared
+    experts, groups scored by their two best experts, one RoPE in every layer), else the reason."""
+    m = arch.moe
+    if m.router_bias:
+        return "Glm4MoeForCausalLM's router has no bias (router_bias: false)"
+    if m.n_expert_groups and m.group_score != "top2_sum":
+        return "Glm4MoeForCausalLM scores a group by the sum of its 2 best experts (group_score: top2_sum)"
+    if m.num_experts < 2 * (m.n_expert_groups or 1):
+        return "Glm4MoeForCausalLM scores each expert group by its 2 best experts (>= 2 experts per group)"
+    if not m.num_shared_experts:
+        return "Glm4MoeForCausalLM always has shared experts (num_shared_experts >= 1)"
+    if (arch.norm_placement != "pre" or arch.sliding_window is not None or arch.nope_layers
+            or arch.multipliers is not None or arch.activation != "silu"):
+        return ("Glm4MoeForCausalLM is a pre-norm SwiGLU block with RoPE in every layer and no window or "
+                "multipliers")
+    return None
+
+
 def _rope_tail(w: torch.Tensor, blocks: int, r: int, fn: Callable[[torch.Tensor, int], torch.Tensor]
                ) -> torch.Tensor:
     """Apply ``fn`` (:func:`_hf_permute` / :func:`_hf_unpermute`) to the last ``r`` rows of each of ``blocks``
@@ -199,6 +226,8 @@ def hf_export_supported(arch) -> str | None:
     """None when the architecture maps onto an HF class here (:func:`hf_config` lists them), else the reason."""
     if arch.mla is not None:
         return _deepseek_supported(arch)
+    if family_of(arch).name == "glm4_moe":
+        return _glm4_moe_supported(arch)
     if arch.partial_rotary and (arch.qkv_bias or arch.qk_norm or arch.moe):
         return "partial RoPE is exported as Phi3ForCausalLM, which has no q/k/v biases, q/k norms or experts"
     if arch.qkv_bias and arch.qk_norm and arch.moe is None:
@@ -270,6 +299,19 @@ def hf_names(arch, rope_interleave: bool = True, fused: bool = False) -> dict[st
             for n, heads in (("q_norm", H if whole else 1), ("k_norm", K if whole else 1)):
                 out[f"{s}attention.{n}.weight"] = HFParam((f"{d}self_attn.{n}.weight",), heads, rotary=rot)
         out.update(_ffn_names(arch, i, s, d))
+        if family_of(arch).name == "glm4_moe" and i >= arch.moe.dense_layers:  # DeepSeek-V3's extras
+            out.update(_moe_extras(arch, s, d))
+    return out
+
+
+def _moe_extras(arch, s: str, d: str) -> dict[str, HFParam]:
+    """A DeepSeek-V3 / GLM-4.5 MoE layer's parameters beyond the router and routed experts: the selection bias
+    (``mlp.gate.e_score_correction_bias``, with ``expert_bias``) and the shared experts (one SwiGLU)."""
+    out = {}
+    if arch.moe.expert_bias:
+        out[s + "moe.expert_bias"] = HFParam((d + "mlp.gate.e_score_correction_bias",))
+    for ours in ("w1", "w3", "w2"):
+        out[f"{s}moe.shared_experts.{ours}.weight"] = HFParam((f"{d}mlp.shared_experts.{HF_TARGETS[ours]}.weight",))
     return out
 
 
@@ -327,22 +369,18 @@ def _deepseek_names(arch, rope_interleave: bool = True) -> dict[str, HFParam]:
             rope = (blocks, arch.mla.qk_rope_head_dim) if blocks and not rope_interleave else None
             out[f"{s}attention.{ours}.weight"] = HFParam((f"{d}self_attn.{_MLA_TARGETS[ours]}.weight",), rope=rope)
         out.update(_ffn_names(arch, i, s, d))
-        if m is None or i < m.dense_layers:
-            continue
-        if m.expert_bias:
-            out[s + "moe.expert_bias"] = HFParam((d + "mlp.gate.e_score_correction_bias",))
-        for ours in ("w1", "w3", "w2"):
-            out[f"{s}moe.shared_experts.{ours}.weight"] = HFParam((f"{d}mlp.shared_experts.{HF_TARGETS[ours]}.weight",))
+        if m is not None and i >= m.dense_layers:
+            out.update(_moe_extras(arch, s, d))
     return out
 
 
 def hf_zero_extras(arch) -> dict[str, tuple[str, int]]:
-    """HF tensors with no llmc parameter: DeepSeek-V3's ``e_score_correction_bias`` when the spec has no
+    """HF tensors with no llmc parameter: DeepSeek-V3's (and GLM-4.5's) ``e_score_correction_bias`` when the spec has no
     ``expert_bias`` (transformers always adds it to the selection scores). HF name -> (the llmc name a
     torchtitan checkpoint may still carry it under, length). Loading requires zeros; the export writes zeros
     unless the state dict has the tensor (torchtitan balances with a bias whenever aux_loss_coef > 0)."""
     m = arch.moe
-    if arch.mla is None or m is None or m.expert_bias or family_of(arch).name != "deepseek_v3":
+    if m is None or m.expert_bias or family_of(arch).name not in ("deepseek_v3", "glm4_moe"):
         return {}
     return {f"model.layers.{i}.mlp.gate.e_score_correction_bias": (f"layers.{i}.moe.expert_bias", m.num_experts)
             for i in range(m.dense_layers, arch.n_layers)}
@@ -473,7 +511,7 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
     fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
               "qkv_bias", "qk_norm", "rope_theta", "norm_eps", "qk_norm_scope", "norm_placement", "nope_layers",
               "full_attention_layers", "norm_unit_offset", "activation", "embedding_scale", "query_pre_attn_scalar",
-              "attn_logit_softcap", "final_logit_softcap")
+              "attn_logit_softcap", "final_logit_softcap", "partial_rotary")
     for f in fields if arch.mla is None else [f for f in fields if f not in ("n_kv_heads", "hd")]:
         a, b = getattr(arch, f), getattr(theirs, f)
         if a != b:
@@ -729,6 +767,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
     Olmo2ForCausalLM (post-norm blocks), Olmo3ForCausalLM (post-norm blocks with a sliding window),
     Gemma3ForCausalLM / Gemma2ForCausalLM (sandwich-norm blocks, with / without q/k norms),
     MistralForCausalLM (a sliding window), MixtralForCausalLM, Qwen3MoeForCausalLM (MoE + q/k norms),
+    Glm4MoeForCausalLM (sigmoid-routed experts on a GQA block),
     OlmoeForCausalLM (MoE + q/k norms over the projections) or DeepseekV3ForCausalLM / DeepseekV2ForCausalLM (MLA;
     sigmoid- / softmax-routed experts)."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
@@ -781,6 +820,17 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
                    pad_token_id=None)  # (its default 128004: a padding_idx row, or past a smaller vocabulary)
     if mtype in ("qwen3", "qwen3_moe"):
         cfg.update(attention_bias=False)  # (o_proj too: q/k/v biases with q/k norms are not exported)
+    if mtype == "glm4_moe":  # Glm4MoeConfig (transformers configuration_glm4_moe.py): q/k/v biases (o_proj has none),
+        # per-head q/k norms, RoPE on the first partial_rotary_factor of each head (its default 0.5, so always written),
+        # DeepSeek-V3's routing; no MTP layers (num_nextn_predict_layers 0: llmc's model has none)
+        m = arch.moe
+        cfg.update(attention_bias=arch.qkv_bias, use_qk_norm=arch.qk_norm,
+                   partial_rotary_factor=(arch.partial_rotary or arch.hd) / arch.hd,
+                   n_routed_experts=m.num_experts, num_experts_per_tok=m.top_k,
+                   n_shared_experts=m.num_shared_experts, moe_intermediate_size=m.expert_d_ff or arch.d_ff,
+                   first_k_dense_replace=m.dense_layers, routed_scaling_factor=m.route_scale,
+                   n_group=m.n_expert_groups or 1, topk_group=m.n_limited_groups or 1, norm_topk_prob=m.route_norm,
+                   num_nextn_predict_layers=0, output_router_logits=False, pad_token_id=None)
     if mtype in ("qwen2", "qwen3", "qwen3_moe"):  # their configs window the layers from max_window_layers on: all
         cfg.update(use_sliding_window=bool(w), sliding_window=w, max_window_layers=0 if w else arch.n_layers)
     if mtype == "olmoe":  # OlmoeConfig (transformers configuration_olmoe.py): every layer sparse, experts of
@@ -794,7 +844,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
         cfg.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_d_ff or arch.d_ff,
                    norm_topk_prob=m.route_norm, decoder_sparse_step=1, mlp_only_layers=list(range(m.dense_layers)),
                    router_aux_loss_coef=m.aux_loss_coef, output_router_logits=False)
-    elif arch.moe is not None:
+    elif arch.moe is not None and mtype != "glm4_moe":
         cfg.update(num_local_experts=arch.moe.num_experts, num_experts_per_tok=arch.moe.top_k,
                    router_aux_loss_coef=arch.moe.aux_loss_coef, output_router_logits=False, sliding_window=w,
                    # DeepSeek-V3 config.json names (routed_scaling_factor 2.5, n_group 8, topk_group 4);

@@ -1,4 +1,4 @@
-"""Model families: the one table of what distinguishes Llama, Qwen2, Qwen3, Qwen3-MoE, Mixtral and DeepSeek-V3.
+"""Model families: the one table of what distinguishes Llama, Qwen2, Qwen3, Qwen3-MoE, Mixtral, GLM-4.5 and DeepSeek-V3.
 
 An :class:`~llmc.spec.model.Architecture` is a Llama-style decoder with optional switches (q/k/v
 biases, q/k norms, MoE, MLA); :func:`family_of` names the family those switches select, and :data:`FAMILIES`
@@ -36,7 +36,11 @@ Sources:
   * Gemma 2: Gemma Team 2024, "Gemma 2: Improving Open Language Models at a Practical Size" (arXiv:2408.00118 sec. 2,
     Table 1): Gemma 3's block without q / k norms, a 4096 window in every other layer, logit soft-capping (attention
     50, final 30; transformers modeling_gemma2.py)
-  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,smollm3,olmo2,olmo3,gemma2,gemma3,qwen2,qwen3,qwen3_moe,mixtral,deepseek_v2,deepseek_v3}
+  * GLM-4.5: GLM-4.5 Team 2025, "GLM-4.5: Agentic, Reasoning, and Coding (ARC) Foundation Models" (arXiv:2508.06471
+    sec. 2.1): GQA with q/k/v biases, RoPE on half of each head, q / k norms (GLM-4.5; not GLM-4.5-Air), the first
+    layers dense, then DeepSeek-V3's MoE (sigmoid gates with a selection bias, one shared expert; transformers
+    modeling_glm4_moe.py, ``Glm4MoeForCausalLM``: GLM-4.5, GLM-4.5-Air, GLM-4.6)
+  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,smollm3,olmo2,olmo3,gemma2,gemma3,qwen2,qwen3,qwen3_moe,mixtral,glm4_moe,deepseek_v2,deepseek_v3}
   * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
 """
 
@@ -127,6 +131,11 @@ FAMILIES: dict[str, Family] = {
     # unnormalised (OLMoE-1B-7B: Muennighoff et al. 2024, arXiv:2409.02060): no torchtitan 0.3.0 model has those
     # norms (X317)
     "olmoe": Family("olmoe", ("olmoe",), "OlmoeForCausalLM", "gqa", True, False, "qwen3", ("olmoe",), qk_norm=True),
+    # GQA (q/k/v biases, RoPE on part of each head, optional per-head q/k norms: use_qk_norm) + DeepSeek-V3's
+    # sigmoid-routed experts with e_score_correction_bias, shared experts and dense first layers (GLM-4.5, GLM-4.5-Air,
+    # GLM-4.6: Glm4MoeForCausalLM). torchtitan's qwen3 MoE build has the block but rotates whole heads (X301 for
+    # partial rotary), and no state-dict adapter reads its checkpoints (q/k/v biases, shared experts: X310)
+    "glm4_moe": Family("glm4_moe", ("glm4_moe",), "Glm4MoeForCausalLM", "gqa", True, False, "qwen3", ("glm4.5", "glm4.6")),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
     "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),
     # MLA with softmax-routed experts, the picked scores unnormalised, no bias (DeepSeek-V2 / V2-Lite,
@@ -147,8 +156,8 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES
 
 
 def family_of(arch: Architecture) -> Family:
-    """The family an architecture's switches select: MLA -> deepseek_v3 (deepseek_v2 with softmax-routed experts), MoE -> qwen3_moe with q/k norms, else
-    mixtral (olmoe with q/k norms over the projections), post-norm blocks -> olmo2 (olmo3 with a sliding window), sandwich norms -> gemma3 (gemma2 without q/k norms), q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
+    """The family an architecture's switches select: MLA -> deepseek_v3 (deepseek_v2 with softmax-routed experts), MoE -> glm4_moe
+    with sigmoid-routed experts, qwen3_moe with q/k norms, else mixtral (olmoe with q/k norms over the projections), post-norm blocks -> olmo2 (olmo3 with a sliding window), sandwich norms -> gemma3 (gemma2 without q/k norms), q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
     sliding window -> mistral, NoPE layers -> smollm3, else llama (the spec refuses q/k norms with MLA: M006;
     multipliers combine with none of these: M010; NoPE layers neither: M012; OLMo 2's block: M013)."""
     if arch.mla is not None:  # softmax-routed experts: DeepSeek-V2's MoE; sigmoid (or dense): V3's
@@ -156,6 +165,8 @@ def family_of(arch: Architecture) -> Family:
     if arch.moe is not None:
         if arch.qk_norm and arch.qk_norm_scope == "projection":
             return FAMILIES["olmoe"]
+        if arch.moe.score_func == "sigmoid":  # DeepSeek-V3's gates on a GQA block: GLM-4.5's MoE
+            return FAMILIES["glm4_moe"]
         return FAMILIES["qwen3_moe" if arch.qk_norm else "mixtral"]
     if arch.norm_placement == "post":
         return FAMILIES["olmo3" if arch.sliding_window is not None else "olmo2"]

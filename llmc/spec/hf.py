@@ -1,8 +1,8 @@
 """Import a Hugging Face ``config.json`` as an :class:`~llmc.spec.model.Architecture`.
 
 Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``, ``phi3``,
-``granite``, ``smollm3``, ``olmo2``, ``olmo3``, ``olmoe``, ``gemma2``, ``gemma3_text``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``deepseek_v2``,
-``deepseek_v3``). The mapping is a plain key-by-key translation (no math
+``granite``, ``smollm3``, ``olmo2``, ``olmo3``, ``olmoe``, ``gemma2``, ``gemma3_text``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``glm4_moe``,
+``deepseek_v2``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
 =============================  =====================================
@@ -60,6 +60,14 @@ n_routed_experts, ...          moe.* and mla.* (deepseek_v3; routed_scaling_fact
                                deepseek_v2: softmax, route_norm false, no expert bias; topk_method
                                group_limited_greedy -> n_group / topk_group with moe.group_score max (a group
                                scored by its best expert); moe_layer_freq != 1, norm_topk_prob true refused)
+(model_type glm4_moe)          attention_bias -> qkv_bias (Glm4MoeAttention biases q/k/v, never o_proj); use_qk_norm ->
+                               per-head qk_norm; partial_rotary_factor (top level or in rope_parameters; absent: 0.5,
+                               Glm4MoeConfig's) -> rotary_dim; n_routed_experts (or num_local_experts),
+                               num_experts_per_tok, n_shared_experts, moe_intermediate_size, first_k_dense_replace,
+                               routed_scaling_factor, n_group / topk_group, norm_topk_prob -> moe.* with sigmoid
+                               scores and moe.expert_bias (Glm4MoeTopkRouter always adds e_score_correction_bias), no
+                               aux loss; num_nextn_predict_layers (the MTP layers after the last one) is not part of
+                               the model, as for deepseek_v3 (transformers builds none)
 rope_scaling mscale,           rope_scaling.mscale / mscale_all_dim (DeepSeek's YaRN)
 mscale_all_dim
 =============================  =====================================
@@ -162,6 +170,7 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
                   "router_aux_loss_coef": 0.001, "sliding_window": 4096},
     "mixtral": {"num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False,
                 "router_aux_loss_coef": 0.001},
+    "glm4_moe": {"num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1e4, "tie_word_embeddings": False},
     "deepseek_v2": {"rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False},
     "deepseek_v3": {"num_key_value_heads": 128, "rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False},
 }
@@ -338,15 +347,18 @@ def _each(errs: list[str], **getters: Callable[[], Any]) -> dict[str, Any]:
     return out
 
 
-def _phi3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+def _phi3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], default: float | None = None) -> None:
     """``phi3`` (Phi-3, Phi-3.5, Phi-4, Phi-4-mini: ``Phi3ForCausalLM``, a Llama block with fused projections in the
     checkpoint): ``partial_rotary_factor`` (top level, or in rope_parameters / rope_scaling) -> ``rotary_dim`` =
-    int(head_dim x factor), as transformers' Phi3 rotary embedding and ``Phi3Attention`` compute it."""
+    int(head_dim x factor), as transformers' Phi3 rotary embedding and ``Phi3Attention`` compute it; absent:
+    ``default`` (None: the whole head)."""
     rs = cfg.get("rope_scaling")
     where = next((w for w in (cfg, cfg.get("rope_parameters"), rs)
                   if isinstance(w, dict) and w.get("partial_rotary_factor") is not None), None)
     if where is None:
-        return
+        if default is None:
+            return
+        where = {"partial_rotary_factor": default}
     try:
         prf = _float(where, "partial_rotary_factor")
     except HFConfigError as e:
@@ -435,6 +447,37 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, v2
                 expert_bias=cfg.get("topk_method", "noaux_tc") == "noaux_tc",
                 route_norm=cfg.get("norm_topk_prob", True) is not False,  # transformers' and DeepSeek-V3's: true
             )
+
+
+def _glm4_moe(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    """transformers ``Glm4MoeConfig`` (configuration_glm4_moe.py; ``Glm4MoeForCausalLM``: GLM-4.5, GLM-4.5-Air,
+    GLM-4.6): GQA whose ``attention_bias`` biases q, k and v (``Glm4MoeAttention``: o_proj never), per-head q / k norms
+    with ``use_qk_norm`` (GLM-4.5: true, GLM-4.5-Air: false), RoPE on the first int(head_dim x partial_rotary_factor)
+    dims of each head (absent: 0.5, the class's default; rotate_half layout); the first ``first_k_dense_replace``
+    layers dense (intermediate_size wide), the others DeepSeek-V3's MoE (``Glm4MoeTopkRouter``: sigmoid scores plus
+    e_score_correction_bias for the choice, groups scored by their two best, the picked unbiased scores renormalised
+    with norm_topk_prob, times routed_scaling_factor; ``Glm4MoeMoE``: n_shared_experts x moe_intermediate_size wide
+    shared experts), no auxiliary loss (the class has none). ``num_nextn_predict_layers`` counts the MTP layers stored
+    after the last layer: transformers' model has none, nor has llmc's (the loader leaves them out)."""
+    kw.update(_each(errs, qkv_bias=lambda: _bool(cfg, "attention_bias"), qk_norm=lambda: _bool(cfg, "use_qk_norm")))
+    _phi3(cfg, kw, errs, default=0.5)
+    # the released configs say n_routed_experts (num_local_experts: its attribute_map alias); absent keys take
+    # Glm4MoeConfig's defaults
+    experts = "n_routed_experts" if cfg.get("n_routed_experts") is not None else "num_local_experts"
+    moe = _each(errs, num_experts=lambda: _int(cfg, experts, 128),
+                top_k=lambda: _int(cfg, "num_experts_per_tok", 8),
+                num_shared_experts=lambda: _int(cfg, "n_shared_experts", 1, minimum=0),
+                expert_d_ff=lambda: _int(cfg, "moe_intermediate_size", 1408),
+                dense_layers=lambda: _int(cfg, "first_k_dense_replace", 1, minimum=0),
+                route_scale=lambda: _float(cfg, "routed_scaling_factor", 1.0),
+                n_group=lambda: _int(cfg, "n_group", 1),
+                topk_group=lambda: _int(cfg, "topk_group", 1),
+                route_norm=lambda: _bool(cfg, "norm_topk_prob", True))
+    if len(moe) == 9:
+        groups = moe.pop("n_group"), moe.pop("topk_group")  # one group = no group limit
+        kw["moe"] = MoE(**moe, aux_loss_coef=0.0, score_func="sigmoid", expert_bias=True,
+                        n_expert_groups=groups[0] if groups[0] > 1 else None,
+                        n_limited_groups=groups[1] if groups[0] > 1 else None)
 
 
 def _deepseek_v2(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
@@ -669,6 +712,7 @@ def _gemma(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, every: i
 #: family name -> the hook that reads its extra config keys
 _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
     "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "deepseek_v2": _deepseek_v2,
+    "glm4_moe": _glm4_moe,
     "granite": _granite,
     "smollm3": _smollm3, "olmo2": _olmo2, "olmo3": _olmo3, "olmoe": _olmoe, "gemma3": _gemma3, "gemma2": _gemma2,
 }

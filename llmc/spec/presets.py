@@ -14,7 +14,8 @@ of the image-text release) 1B 999,885,952, 4B 3,880,263,168, 12B 11,766,034,176,
 (transformers' counts, the model pages' 2.61B / 9.24B / 27.2B) 2B 2,614,341,888, 9B 9,241,705,984, 27B 27,227,128,320.
 DeepSeek-V2 235,741,434,880 total, 21,375,800,320 activated (the paper's 236B / 21B, arXiv:2405.04434 abstract);
 DeepSeek-V2-Lite 15,706,484,224 (transformers' count; the model page's 15.7B); OLMoE-1B-7B 6,919,161,856
-(transformers' count; the paper's 6.9B).
+(transformers' count; the paper's 6.9B). GLM-4.5 352,797,829,024 and GLM-4.5-Air 106,852,251,264 (transformers'
+counts without the MTP layer; the model cards' 355B / 106B total, 32B / 12B active: tests/test_glm4_moe.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ _LLAMA32_ROPE = RopeScaling(type="llama3", factor=32.0, low_freq_factor=1.0, hig
 
 def _arch(name: str, **kw) -> Architecture:
     return Architecture(name=name, **kw)
+
+
+def _glm4_moe(name: str, n_layers: int, d_model: int, d_ff: int, **kw) -> Architecture:
+    """GLM-4.5's block (arXiv:2508.06471 sec. 2.1; transformers ``Glm4MoeForCausalLM``): 96 query / 8 kv heads of 128
+    with q/k/v biases, RoPE (base 1e6) on the first half of each head, the 151,552-token vocabulary, untied, 128k
+    context, RMSNorm eps 1e-5."""
+    return _arch(name, n_layers=n_layers, d_model=d_model, n_heads=96, n_kv_heads=8, head_dim=128, d_ff=d_ff,
+                 vocab_size=151552, qkv_bias=True, rotary_dim=64, rope_theta=1e6, norm_eps=1e-5, max_seq_len=131072,
+                 **kw)
 
 
 def _gemma3(name: str, n_layers: int, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, *,
@@ -211,6 +221,23 @@ PRESETS: dict[str, Architecture] = {
         vocab_size=151936, qk_norm=True, rope_theta=1e6, norm_eps=1e-6, max_seq_len=40960,
         moe=MoE(num_experts=128, top_k=8, expert_d_ff=1536, aux_loss_coef=0.001, score_func="softmax"),
     ),
+    # https://huggingface.co/zai-org/GLM-4.5/blob/main/config.json (Glm4MoeForCausalLM: GQA 96 / 8 heads of 128 with
+    # q/k/v biases and per-head q/k norms, RoPE on the first 64 dims of each head (partial_rotary_factor 0.5), 3 dense
+    # layers (intermediate_size 12288) then 89 MoE layers of 160 experts of width 1536 + 1 shared, top-8 sigmoid scores
+    # with e_score_correction_bias, renormalised, times routed_scaling_factor 2.5; no aux loss). 352,797,829,024
+    # parameters = transformers' count (its 14,240 e_score_correction_bias entries, a buffer there, included); the
+    # MTP layer (num_nextn_predict_layers 1) is not part of it, as for DeepSeek-V3
+    "glm4.5": _glm4_moe(
+        "glm4.5", 92, 5120, 12288, qk_norm=True,
+        moe=MoE(num_experts=160, top_k=8, num_shared_experts=1, expert_d_ff=1536, dense_layers=3, aux_loss_coef=0.0,
+                score_func="sigmoid", expert_bias=True, route_scale=2.5)),
+    # https://huggingface.co/zai-org/GLM-4.5-Air/blob/main/config.json (GLM-4.5's block without q/k norms: 1 dense layer
+    # (10944) then 45 MoE layers of 128 experts of width 1408 + 1 shared, top-8, routed_scaling_factor 1.0);
+    # 106,852,251,264 parameters = transformers' count (the MTP layer aside)
+    "glm4.5-air": _glm4_moe(
+        "glm4.5-air", 46, 4096, 10944, qk_norm=False,
+        moe=MoE(num_experts=128, top_k=8, num_shared_experts=1, expert_d_ff=1408, dense_layers=1, aux_loss_coef=0.0,
+                score_func="sigmoid", expert_bias=True)),
     # https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json
     # MLA (q_lora_rank 1536, kv_lora_rank 512, qk_rope 64, qk_nope 128, v 128; head_dim here is the
     # q/k head dim 128 + 64 = 192), 3 dense layers (intermediate_size 18432) then 58 MoE layers with
