@@ -308,7 +308,7 @@ def _checkpoints(ck, run_seconds: float) -> str:
                 f"at {ck.staging_gbps:.3g} GB/s) + the last written in full ({duration(ck.write_seconds)})"
                 if ck.saves > 1 else f"1 x {duration(ck.write_seconds)} (the last, written in full)")
     else:
-        each = f"{ck.saves:,} saves x {duration(ck.stall_seconds)} sync"
+        each = f"{ck.saves:,} save{'s' if ck.saves > 1 else ''} x {duration(ck.stall_seconds)} sync"
     return (f"{each} = {duration(ck.total_seconds)}, {pct} of the run; {_gb(ck.state_bytes)} per checkpoint "
             f"({ck.writer}), {_gb(ck.node_bytes)} per node at {ck.write_gbps:g} GB/s ({ck.write_source}), every "
             f"{ck.interval:,} steps")
