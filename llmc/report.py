@@ -309,9 +309,11 @@ def _checkpoints(ck, run_seconds: float) -> str:
                 if ck.saves > 1 else f"1 x {duration(ck.write_seconds)} (the last, written in full)")
     else:
         each = f"{ck.saves:,} save{'s' if ck.saves > 1 else ''} x {duration(ck.stall_seconds)} sync"
+    hashed = (f", each save then hashed by llmc's trainer ({duration(ck.hash_seconds)}: sha256 of a rank's files)"
+              if ck.hash_seconds else "")
     return (f"{each} = {duration(ck.total_seconds)}, {pct} of the run; {_gb(ck.state_bytes)} per checkpoint "
-            f"({ck.writer}), {_gb(ck.node_bytes)} per node at {ck.write_gbps:g} GB/s ({ck.write_source}), every "
-            f"{ck.interval:,} steps")
+            f"({ck.writer}), {_gb(ck.node_bytes)} per node at {ck.write_gbps:g} GB/s ({ck.write_source}){hashed}, "
+            f"every {ck.interval:,} steps")
 
 
 def _budget(c) -> Table | None:

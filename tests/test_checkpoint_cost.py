@@ -190,3 +190,20 @@ def test_budget_checks_use_the_days_with_the_saves():
     tight = _compile(", async_mode: false", budget=f"budget: {{max_days: {limit:.4f}}}\n")
     b001 = [d for d in tight.diagnostics if d.code == "B001"]
     assert b001 and "checkpoint saves" in b001[0].message
+
+
+def test_llmcs_trainer_stalls_to_hash_what_it_wrote():
+    """llmc's trainer re-reads and sha256-hashes every file a rank wrote before a checkpoint counts
+    (runtime/checkpoint.py _finalize): Llama 3 8B on 8 GPUs of one node, each rank 12 P / 8 bytes at 1 GB/s, after a
+    synchronous write of 12 P at 1 GB/s, or after an asynchronous save's staging; torchtitan writes no hashes."""
+    plan = ParallelPlan(dp_shard=8)
+    hashing = 12 * P_8B / 8 / 1e9
+    native = _numbers(plan, backend="native")
+    titan = _numbers(plan, backend="torchtitan")
+    assert native.hash_seconds == pytest.approx(hashing, rel=1e-6) and titan.hash_seconds == 0.0
+    assert native.stall_seconds == pytest.approx(12 * P_8B / 1e9 + hashing, rel=1e-6)
+    assert titan.stall_seconds == pytest.approx(12 * P_8B / 1e9, rel=1e-6)
+    assert native.total_seconds == pytest.approx(native.saves * (12 * P_8B / 1e9 + hashing), rel=1e-6)
+    # async, with a long interval: staging over PCIe (32 GB/s x 0.8), then the hashing at the next save
+    a = _numbers(plan, backend="native", async_save=True, interval=50, step_seconds=60.0)
+    assert a.stall_seconds == pytest.approx((12 * P_8B / 8) / (32e9 * 0.8) + hashing, rel=1e-5)

@@ -51,10 +51,16 @@ stay those of a training step. The model, per save:
 * **Saves**: every ``interval``-th step before the last, and the last step: ``ceil(steps / interval)`` (torchtitan
   ``CheckpointManager._should_save``; llmc's trainers). The last is written in full before the job ends (torchtitan
   saves the last step synchronously, ``_save_last_step``; llmc's trainer waits for it), so the run's stall is
-  ``(saves - 1) x stall + write``.
+  ``(saves - 1) x stall + write`` (+ the hashing below, on llmc's trainer).
+
+* **llmc's trainer verifies what it wrote**: before a checkpoint counts, every rank re-reads its own files and
+  hashes them (sha256 into the manifest, ``llmc.runtime.checkpoint._finalize``), in the training loop: right after a
+  synchronous save, and for an asynchronous one at the start of the next save (``wait_for_checkpoint``). That stall
+  is a rank's written bytes (the node's / its ranks) at :data:`HASH_GBPS`. torchtitan and DeepSpeed write no hashes.
 
 Not counted: the DeepSpeed runner's final full-weights ``model.pt`` (once per run), storage contention between
-nodes beyond the per-node figure, and the filesystem's metadata / fsync latency.
+nodes beyond the per-node figure, the filesystem's metadata / fsync latency, and DCP's default async stager
+copying into pageable (not pinned) host memory, which may stage slower than the PCIe figure used.
 
 The parallelism search does not evaluate this per candidate (``llmc plan`` stays as fast; it is computed once, for
 the chosen layout): with DCP's balanced dedup every layout of a run writes the same state spread over the same
@@ -75,6 +81,9 @@ DCP_BYTES_PER_PARAM = 12  # fp32 parameters + AdamW exp_avg + exp_avg_sq (torcht
 DS_OPTIMIZER_BYTES_PER_PARAM = 12  # a ZeRO partition: fp32 master + AdamW exp_avg + exp_avg_sq (DeepSpeed)
 DS_FP32_MASTER_BYTES = 4  # ZeRO-0 bf16 (FP16_Optimizer): the fp32 master copy in rank 0's model-states file
 ADAM_MOMENT_BYTES = 8  # AdamW exp_avg + exp_avg_sq, fp32
+# sha256 over a file read back, GB/s on one core (Python hashlib / OpenSSL): 1.2 GB/s measured on a 2-core x86
+# development machine; OpenSSL's SHA-NI kernels reach about 2 GB/s. A conservative round figure, not fitted.
+HASH_GBPS = 1.0
 
 
 def saves_async(backend: str, hyper_async: bool, spec_async: bool | None) -> bool:
@@ -141,17 +150,19 @@ def checkpoint_numbers(sm, plan, gpu, *, backend: str, params_total: float, prec
         source = ("the table's conservative default; training.checkpoint.write_gbps sets it"
                   if bw == STORAGE_WRITE_GBPS else f"the table's {gpu.key} storage_write_gbps")
     write = node / (bw * 1e9)
+    # llmc's trainer hashes each rank's files before the checkpoint counts (checkpoint._finalize)
+    hashing = node / ranks_per_node / (HASH_GBPS * 1e9) if backend == "native" else 0.0
     staging_bps = sm.host_Bps  # the GPU's PCIe link to the host x COMM_EFFICIENCY (timing.step_model)
     if async_save:
-        stall = gpu_bytes / staging_bps + max(0.0, write - interval * step_seconds)
+        stall = gpu_bytes / staging_bps + max(0.0, write - interval * step_seconds) + hashing
     else:
-        stall = write
+        stall = write + hashing
     saves = save_count(steps, interval)
     return CheckpointNumbers(
         saves=saves, interval=interval, mode="async" if async_save else "sync", writer=writer,
         bytes_per_param=per_param, state_bytes=state, node_bytes=node, gpu_bytes=gpu_bytes, write_gbps=bw,
-        write_source=source, staging_gbps=staging_bps / 1e9, write_seconds=write, stall_seconds=stall,
-        total_seconds=(saves - 1) * stall + write,
+        write_source=source, staging_gbps=staging_bps / 1e9, write_seconds=write, hash_seconds=hashing,
+        stall_seconds=stall, total_seconds=(saves - 1) * stall + write + hashing,
     )
 
 

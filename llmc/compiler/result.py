@@ -75,8 +75,9 @@ class CheckpointNumbers:
     write_source: str  # where write_gbps comes from
     staging_gbps: float  # GB/s per GPU to host memory (PCIe), for an async save's staging
     write_seconds: float  # node_bytes / write bandwidth: one synchronous save
-    stall_seconds: float  # training stall of one save but the last (sync: write; async: staging + any wait)
-    total_seconds: float  # the run's stalls: (saves - 1) x stall + the last save written in full
+    hash_seconds: float  # llmc's trainer re-reading and hashing a rank's files per save (0 on other backends)
+    stall_seconds: float  # training stall of one save but the last (sync: write + hash; async: staging + wait + hash)
+    total_seconds: float  # the run's stalls: (saves - 1) x stall + the last save written (and hashed) in full
 
 
 @dataclass(frozen=True)
