@@ -86,11 +86,11 @@ ADAM_MOMENT_BYTES = 8  # AdamW exp_avg + exp_avg_sq, fp32
 HASH_GBPS = 1.0
 
 
-def saves_async(backend: str, hyper_async: bool, spec_async: bool | None) -> bool:
+def saves_async(backend: str, hyper_async: bool) -> bool:
     """Whether the backend's trainer saves asynchronously: torchtitan (``async_mode = "async"`` in the emitted job)
     and llmc's trainer (``dcp.async_save``) when the resolved ``Hyper.checkpoint_async`` is on (the spec's
     ``training.checkpoint.async_mode``; None: by the state's size); llmc's DeepSpeed runner always saves
-    synchronously. ``spec_async`` is the spec's setting, which ``hyper_async`` already resolves."""
+    synchronously."""
     if backend == "deepspeed":
         return False
     return bool(hyper_async)

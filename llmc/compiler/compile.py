@@ -231,8 +231,7 @@ def _checkpoints(run: RunSpec, sm, plan: ParallelPlan, gpu: GPU, hyper: Hyper, s
     return checkpoint_cost.checkpoint_numbers(
         sm, plan, gpu, backend=backend, params_total=params.params_total(run.model),
         precision=run.training.precision, steps=hyper.steps, interval=hyper.checkpoint_interval,
-        step_seconds=step_seconds, async_save=checkpoint_cost.saves_async(backend, hyper.checkpoint_async,
-                                                                          ck.async_mode),
+        step_seconds=step_seconds, async_save=checkpoint_cost.saves_async(backend, hyper.checkpoint_async),
         write_gbps=ck.write_gbps)
 
 

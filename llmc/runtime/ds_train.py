@@ -265,11 +265,9 @@ def check_ds_checkpoint(path: Path, model, job) -> None:
 
     f = sorted(path.glob("*model_states.pt"))[0]
     ck = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
-    theirs = (ck.get("stage"), ck.get("kind", job.kind))
-    if theirs[0] is not None and theirs != (job.stage, job.kind):
-        raise CheckpointError(f"checkpoint {path}: written by stage {theirs[0]!r} (kind {theirs[1]}), not by this "
-                              f"stage {job.stage!r} (kind {job.kind}); refusing to resume from it: give this stage "
-                              f"its own output folder, or move {path.parent} aside to start it over")
+    why = job.foreign_checkpoint(ck, path)
+    if why is not None:
+        raise CheckpointError(why)
     groups = ck.get("param_shapes")
     if groups:
         have = {k: tuple(v) for g in (groups if isinstance(groups, list) else [groups]) for k, v in g.items()}
@@ -327,10 +325,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
                          f"{', '.join(DS_STAGE_KINDS)}; run it with `llmc launch --backend native`")
     done = out / "DONE.json"
     if resume and done.exists():
-        res = json.loads(done.read_text())
-        if res.get("stage") not in (None, job.stage):  # another stage's folder: its result is not this stage's
-            raise ValueError(f"{done}: stage {res['stage']!r} finished in this folder, not stage {job.stage!r}; "
-                             f"give this stage its own output folder (--out)")
+        res = job.finished_result(done)
         _say(f"{job.stage}: already done ({done}); nothing to do")
         return res
 

@@ -333,10 +333,7 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
             if moved is not None:
                 _say(f"{job.stage}: the earlier run is set aside in {moved}")
     if resume and done.exists():
-        res = json.loads(done.read_text())
-        if isinstance(res, dict) and res.get("stage") not in (None, job.stage):  # another stage's folder
-            raise ValueError(f"{done}: stage {res['stage']!r} finished in this folder, not stage {job.stage!r}; "
-                             f"give this stage its own output folder (--out)")
+        res = job.finished_result(done)
         _say(f"{job.stage}: already done ({done}); nothing to do")
         return res
     with _stage_lock(out):

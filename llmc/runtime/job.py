@@ -105,6 +105,33 @@ class TrainJob:
     def world(self) -> int:
         return self.dp_replicate * self.dp_shard * self.tp * self.pp * self.cp
 
+    def foreign_checkpoint(self, saved: Any, path: Path) -> str | None:
+        """Why the checkpoint at ``path`` (the stage / kind it recorded: ``saved``, its ``train.json`` or DeepSpeed
+        client state) cannot continue this stage: another stage (or stage kind) wrote it, e.g. a run pointed at
+        another stage's output folder. None when it can. A checkpoint of the same stage under an edited spec is not
+        refused for that alone (a spec hash changes with any edit, a comment or a hardware count, and a layout change
+        is meant to resume): what must match is checked where it matters, the model's tensor shapes
+        (:func:`llmc.runtime.checkpoint.check_shapes`) and the optimizer / LR schedule (:meth:`schedule_change`)."""
+        if not isinstance(saved, dict):
+            return None
+        theirs = (saved.get("stage"), saved.get("kind", self.kind))
+        if theirs[0] is not None and theirs != (self.stage, self.kind):
+            return (f"checkpoint {path}: written by stage {theirs[0]!r} (kind {theirs[1]}), not by this stage "
+                    f"{self.stage!r} (kind {self.kind}); refusing to resume from it: give this stage its own output "
+                    f"folder, or move {path.parent} aside to start it over")
+        return None
+
+    def finished_result(self, done: Path) -> dict:
+        """The result a finished run of this stage left in ``done`` (its ``DONE.json``); ValueError (one line) when
+        another stage finished in that folder: its result is not this stage's."""
+        import json
+
+        res = json.loads(done.read_text())
+        if isinstance(res, dict) and res.get("stage") not in (None, self.stage):
+            raise ValueError(f"{done}: stage {res['stage']!r} finished in this folder, not stage {self.stage!r}; "
+                             f"give this stage its own output folder (--out)")
+        return res
+
     @property
     def spec_sha256(self) -> str | None:
         """The sha256 of the spec the lock was built from (``lock["spec"]["sha256"]``), recorded in checkpoints."""

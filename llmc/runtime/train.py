@@ -244,23 +244,6 @@ def _forward_backward(job: TrainJob, wrapped, loader: StreamLoader, info: DistIn
     return loss_sum
 
 
-def foreign_checkpoint(saved: dict, path: Path, job: TrainJob) -> str | None:
-    """Why the checkpoint at ``path`` (its ``train.json``: ``saved``) cannot continue this stage: another stage (or
-    stage kind) wrote it, e.g. a run pointed at another stage's output folder. None when it can. A checkpoint of
-    the same stage under an edited spec is not refused for that alone (a spec hash changes with any edit, a comment
-    or a hardware count, and a layout change is meant to resume): what must match is checked where it matters, the
-    model's tensor shapes (:func:`llmc.runtime.checkpoint.check_shapes`) and the optimizer / LR schedule
-    (``TrainJob.schedule_change``)."""
-    if not isinstance(saved, dict):
-        return None
-    theirs = (saved.get("stage"), saved.get("kind", job.kind))
-    if theirs[0] is not None and theirs != (job.stage, job.kind):
-        return (f"checkpoint {path}: written by stage {theirs[0]!r} (kind {theirs[1]}), not by this stage "
-                f"{job.stage!r} (kind {job.kind}); refusing to resume from it: give this stage its own output "
-                f"folder, or move {path.parent} aside to start it over")
-    return None
-
-
 def is_spike(hist: list[float], loss: float, spike) -> bool:
     """A loss spike: non-finite, or (with at least min(window, 10) losses seen) above the window's
     mean + threshold x std."""
@@ -328,7 +311,7 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
     def restore(path: Path) -> dict:
         nonlocal step, tokens, window
         saved = json.loads((path / "train.json").read_text()) if (path / "train.json").is_file() else {}
-        why = foreign_checkpoint(saved, path, job)
+        why = job.foreign_checkpoint(saved, path)
         if why is not None:
             raise TrainingError(why)
         at = saved.get("step") if isinstance(saved, dict) else None
