@@ -74,3 +74,18 @@ def test_training_doc_quoting_an_arc_stem_is_removed(tmp_path):
         assert ex["id"] == "train/2" and ex["benchmark_item"] == f"{name}:1"
         assert ex["ngram"] in " ".join(STEM.lower().replace(".", "").replace("?", "").split())
         assert res.sources["train"].kept_documents == 5
+
+
+def test_string_leaves_walks_any_depth_in_document_order():
+    """Every string of an item in document order (object values, array items; keys and numbers are not text), at a
+    nesting depth past Python's recursion limit (a hostile benchmark file is not a traceback)."""
+    import sys
+
+    from llmc.quality.text import string_leaves
+
+    assert list(string_leaves({"id": "a1", "q": {"stem": "x", "choices": [{"text": "y", "n": 1}, "z"]}, "k": ["w"]})) \
+        == ["a1", "x", "y", "z", "w"]
+    deep: object = "leaf"
+    for _ in range(sys.getrecursionlimit() * 2):
+        deep = [deep]
+    assert list(string_leaves(deep)) == ["leaf"]

@@ -49,15 +49,16 @@ def ngram_hash(gram: list[str] | tuple[str, ...]) -> int:
 
 def string_leaves(value: object) -> Iterator[str]:
     """Every string inside a JSON value, depth first in document order (object values, array items; keys and
-    numbers are not text)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from string_leaves(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from string_leaves(v)
+    numbers are not text). Iterative: any depth ``json`` parses is walked without recursion."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, dict):
+            stack.extend(reversed(list(v.values())))
+        elif isinstance(v, list):
+            stack.extend(reversed(v))
 
 
 def select_field(rec: dict, field: str) -> list[object]:
