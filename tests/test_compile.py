@@ -313,6 +313,33 @@ def test_tokenizer_facts_drive_the_template_check(tmp_path):
     assert sev == {"f": ["error"], "n": []}  # the file lacks llama3's header tokens; the name guess has them
 
 
+def test_tokenizer_folder_without_tokenizer_json_is_warned(tmp_path):
+    """D006: a tokenizer folder that is here but holds no tokenizer.json (Kimi K2 ships a tiktoken.model) is warned
+    at its spec location, before prepare stops on it: the runtime's own tokenizer loader is the reference (it refuses
+    that folder and reads the other); a path that is not here is not checked (planned away from its files)."""
+    from llmc.runtime.tokenizer import TextTokenizer, train_bpe
+    from llmc.spec.facts import gather_facts
+
+    (tmp_path / "kimi").mkdir()
+    (tmp_path / "kimi" / "tiktoken.model").write_text("IQ== 0\n")
+    train_bpe(["a tokenizer that reads " * 20], 300, tmp_path / "good")
+    text = ("name: t\nmodel: tiny\nhardware: {gpu: h100-sxm, count: 8}\n"
+            "data: {seq_len: 256, tokens: 1B, tokenizer: {path: kimi}}\n"
+            "stages:\n  - {name: sft, kind: sft, data: {seq_len: 256, tokens: 1M, tokenizer: {path: good, chat_template: chatml}}}\n"
+            "  - {name: more, kind: sft, data: {seq_len: 256, tokens: 1M, tokenizer: {path: elsewhere/tok, chat_template: chatml}}}\n")
+    run, lines = loads_spec(text, file="s.yaml")
+    got = compile_spec(run, "s.yaml", lines, spec_bytes=text.encode(), facts=gather_facts(run, tmp_path))
+    d006 = [d for d in got.diagnostics if d.code == "D006"]
+    assert [(d.severity, d.path) for d in d006] == [("warning", "data.tokenizer.path")]
+    assert "holds no tokenizer.json but tiktoken.model" in d006[0].message and d006[0].line == 4
+    with pytest.raises(FileNotFoundError):
+        TextTokenizer(tmp_path / "kimi")
+    assert TextTokenizer(tmp_path / "good").tok.get_vocab_size() > 256
+    (tmp_path / "good" / "tokenizer.json").write_text("{not json")
+    bad = compile_spec(run, "s.yaml", lines, spec_bytes=text.encode(), facts=gather_facts(run, tmp_path))
+    assert [d.path for d in bad.diagnostics if d.code == "D006"] == ["data.tokenizer.path", "stages.0.data.tokenizer.path"]
+
+
 MLA_NATIVE = """\
 name: mla-native
 model:

@@ -610,6 +610,51 @@ def test_deepseek_v3_preset_config_builds_the_671b_hf_model():
     assert round(n_ours / 1e9) == 671
 
 
+def test_kimi_k2_config_builds_the_1t_hf_model():
+    """Kimi K2's released config.json (model_type kimi_k2) read as DeepSeek-V3's, which its makers say it is
+    (https://github.com/MoonshotAI/Kimi-K2/blob/main/docs/deploy_guidance.md: change model_type to deepseek_v3 where an
+    engine does not know kimi_k2): transformers' DeepseekV3ForCausalLM built from it on meta has exactly llmc's count,
+    the kimi-k2 preset's, and the model card's 1T total / 32B activated parameters."""
+    from llmc.compiler.params import params_active, params_total
+    from llmc.spec.presets import PRESETS
+
+    cfg = json.loads((Path(__file__).parent / "fixtures" / "hf" / "kimi-k2.json").read_text())
+    arch = architecture_from_hf_config(cfg, name="kimi-k2")
+    assert arch.model_dump() == PRESETS["kimi-k2"].model_dump()
+    config = transformers.DeepseekV3Config(**{k: v for k, v in cfg.items() if k not in (
+        "architectures", "model_type", "torch_dtype", "auto_map", "quantization_config")})
+    with torch.device("meta"):
+        theirs = transformers.DeepseekV3ForCausalLM(config)
+    n_hf = sum(p.numel() for p in theirs.parameters()) + sum(
+        b.numel() for n, b in theirs.named_buffers() if n.endswith("e_score_correction_bias"))
+    assert n_hf == build_model(arch, device="meta").num_params() == params_total(arch)
+    assert (round(params_total(arch) / 1e12), int(params_active(arch) / 1e9)) == (1, 32)
+
+
+def test_kimi_k2_checkpoint_loads_with_transformers_logits(tmp_path):
+    """A Kimi K2-shaped checkpoint (one dense layer, no expert groups, routed_scaling_factor 2.827, YaRN with
+    beta_fast = beta_slow = 1 on a 50,000 base) saved by transformers' DeepseekV3ForCausalLM, its config.json then
+    saying model_type kimi_k2 as Moonshot's does: llmc imports and loads it with transformers' logits, at 17
+    positions beyond the original 16; its fp8 release is refused with one line."""
+    src = make_hf(tmp_path, n_group=1, topk_group=1, routed_scaling_factor=2.827, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 50000.0,
+        "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
+    want = hf_model(src)(input_ids=tokens_for(arch_of(src), T=33)).logits
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "kimi_k2"}))
+    arch = arch_of(src)
+    assert (arch.moe.route_scale, arch.moe.n_expert_groups, arch.rope_scaling.beta_fast) == (2.827, None, 1.0)
+    model = build_model(arch).eval()
+    load_hf_into(model, src, arch)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens_for(arch, T=33)), want, atol=1e-4, rtol=1e-4)
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "kimi_k2", "quantization_config": {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}}))
+    with pytest.raises(HFError, match=r"quantized weights \(fp8\) are not read") as e:
+        load_hf_into(build_model(arch), src, arch)
+    assert "\n" not in str(e.value)
+
+
 def test_multi_token_prediction_layers_are_left_out(tmp_path):
     """DeepSeek-V3 checkpoints carry the MTP module as one more layer (model.layers.61.*, num_nextn_predict_layers
     1): not part of llmc's model, left out as transformers does; without that key they are unused tensors."""

@@ -16,7 +16,7 @@ CONFIGS = sorted(HF.glob("*.json"))
 REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
             "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "olmo2-7b", "olmo3-7b", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b", "gemma2-2b", "gemma2-9b",
             "gemma2-27b", "deepseek-v2-lite", "olmoe-1b-7b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
-            "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "tiny", "tiny-moe"]
+            "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "kimi-k2", "tiny", "tiny-moe"]
 
 
 def test_required_presets_exist():

@@ -44,6 +44,7 @@ D002   warning   a source is repeated more than 4 epochs (info above 1 epoch)
 D003   info      effective mixture shares
 D005   warning   training.steps x global batch and data.tokens disagree by more than 1% (the training FLOPs and the
                  scaling check count data.tokens; the trainer, time and cost run training.steps)
+D006   warning   a tokenizer path that exists but holds no readable tokenizer.json (e.g. only tiktoken.model)
 =====  ========  ==========================================================================
 """
 
@@ -472,6 +473,21 @@ def check_data(run, hyper, sink: Sink) -> None:
     if len(srcs) > 1:
         mix = ", ".join(f"{s.name} {100 * share:.1f}%" for s, share in zip(srcs, shares, strict=True))
         sink.add("D003", "info", "data.sources", f"mixture: {mix}")
+
+
+def check_tokenizers(run, tokenizers: dict, sink: Sink) -> None:
+    """D006: a tokenizer path that exists but holds no tokenizer.json llmc's trainers can read (``tokenizers``: the
+    spec's tokenizer facts, :func:`llmc.spec.facts.read_tokenizer`); a path that is not here is not checked (a spec
+    may be planned away from its files)."""
+    places = [("data.tokenizer.path", run.data.tokenizer.path)] + [
+        (f"stages.{i}.data.tokenizer.path", st.data.tokenizer.path) for i, st in enumerate(run.stages)
+        if st.data is not None]
+    for where, path in places:
+        known = tokenizers.get(path) if path else None
+        if known is not None and known.problem:
+            sink.add("D006", "warning", where,
+                     f"{known.problem}: prepare stops here (llmc's trainers and the torchtitan job read a Hugging Face "
+                     "tokenizer.json)", "point it at a tokenizer.json, or a folder holding one")
 
 
 # ------------------------------------------------------------------------------------------- budget

@@ -160,6 +160,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     seqs, _ = pretrain_batch_seqs(run, gpu, data.seq_len, training)
     hyper = pretrain_hyper(run, gpu)  # steps etc.; the checkpoint interval is refined by the step time below
 
+    checks.check_tokenizers(run, facts.tokenizers if facts is not None else {}, sink)
     init_hf = pre.init_hf if pre is not None else None
     types = facts.checkpoint_types if facts is not None else {}
     # a torchtitan run trains its continued-training stages as torchtitan jobs too: their sequences and the

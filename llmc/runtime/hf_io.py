@@ -503,7 +503,7 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
         theirs = architecture_from_hf_config(cfg)
     except Exception as e:
         raise HFError(f"{where}/config.json: {e}") from None
-    if cfg.get("model_type") in ("deepseek_v3", "deepseek_v2") and (problems := _deepseek_config_problems(cfg)):
+    if cfg.get("model_type") in ("deepseek_v3", "kimi_k2", "deepseek_v2") and (problems := _deepseek_config_problems(cfg)):
         raise HFError(f"{where}/config.json: cannot load this DeepSeek-V3 checkpoint: {'; '.join(problems)}")
     bad = []
     # MLA: K and V have n_heads heads whatever n_kv_heads says (DeepseekV3Config writes num_key_value_heads =
@@ -547,7 +547,7 @@ def _deepseek_config_problems(cfg: dict) -> list[str]:
     if cfg.get("quantization_config"):
         bad.append(f"quantized weights ({cfg['quantization_config'].get('quant_method', '?')}) are not read; "
                    f"give a bf16/fp32 checkpoint")
-    if cfg.get("model_type") == "deepseek_v3" and cfg.get("scoring_func", "sigmoid") != "sigmoid":
+    if cfg.get("model_type") in ("deepseek_v3", "kimi_k2") and cfg.get("scoring_func", "sigmoid") != "sigmoid":
         bad.append(f"scoring_func {cfg['scoring_func']!r}: DeepseekV3ForCausalLM routes with sigmoid")
     return bad
 

@@ -29,10 +29,13 @@ MAX_TASK_BYTES = 4 * 2**20
 
 @dataclass(frozen=True)
 class TokenizerFacts:
-    """What a tokenizer file says: its special tokens (None when unreadable) and the file read."""
+    """What a tokenizer file says: its special tokens (None when unreadable) and the file read; ``problem``: why a
+    path that exists here holds no tokenizer llmc's trainers can read (None where it reads, or is not here: a spec
+    may be planned away from its files)."""
 
     specials: frozenset[str] | None
     source: str
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,32 @@ def read_tokenizer(path: str, spec_dir: str | Path) -> TokenizerFacts:
     try:
         js = json.loads(read_regular_file(f, MAX_TOKENIZER_BYTES).decode("utf-8"))
         return TokenizerFacts(frozenset(t["content"] for t in js.get("added_tokens", [])), str(f))
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
-        return TokenizerFacts(None, str(f))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        return TokenizerFacts(None, str(f), _tokenizer_problem(p, f, e))
+
+
+#: tokenizer files other than tokenizer.json that a model folder may ship instead: what they are
+_OTHER_TOKENIZER_FILES = {
+    "tiktoken.model": "a tiktoken BPE file, as Kimi K2 ships; transformers' TikTokenConverter converts it",
+    "tokenizer.model": "a SentencePiece model; transformers' AutoTokenizer.from_pretrained(folder).save_pretrained("
+                       "folder) writes its tokenizer.json",
+}
+
+
+def _tokenizer_problem(p: Path, f: Path, err: Exception) -> str | None:
+    """Why the tokenizer at ``p`` (file ``f``) does not read, where something is there; None where nothing is."""
+    try:
+        if not p.exists():
+            return None
+        if p.is_dir() and not f.exists():
+            other = next((f"{name}, {what}" for name, what in _OTHER_TOKENIZER_FILES.items() if (p / name).exists()),
+                         None)
+            return f"{p} holds no tokenizer.json" + (f" but {other}" if other else "")
+    except OSError as e:
+        return f"{p} cannot be read ({e.strerror or e})"
+    if isinstance(err, OSError):
+        return f"{f} cannot be read ({err.strerror or err})"
+    return f"{f} is not a Hugging Face tokenizer.json ({type(err).__name__})"
 
 
 def init_hf_paths(run: RunSpec) -> list[str]:

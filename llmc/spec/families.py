@@ -143,7 +143,10 @@ FAMILIES: dict[str, Family] = {
     # DeepSeekV3StateDictAdapter is V3's (X310 for a V2 checkpoint)
     "deepseek_v2": Family("deepseek_v2", ("deepseek_v2",), "DeepseekV2ForCausalLM", "mla", True, False,
                           "deepseek_v3", ("deepseekv2",)),
-    "deepseek_v3": Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", "mla", True, False,
+    # Kimi K2 (config.json model_type kimi_k2, architectures DeepseekV3ForCausalLM): "Kimi-K2 reuses the
+    # DeepSeekV3CausalLM architecture" and its model_type only tells inference engines apart
+    # (https://github.com/MoonshotAI/Kimi-K2/blob/main/docs/deploy_guidance.md): imported as deepseek_v3
+    "deepseek_v3": Family("deepseek_v3", ("deepseek_v3", "kimi_k2"), "DeepseekV3ForCausalLM", "mla", True, False,
                           "deepseek_v3", ("deepseek",), torchtitan_hf=True),
 }
 

@@ -2,7 +2,7 @@
 
 Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``, ``phi3``,
 ``granite``, ``smollm3``, ``olmo2``, ``olmo3``, ``olmoe``, ``gemma2``, ``gemma3_text``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``glm4_moe``,
-``deepseek_v2``, ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
+``deepseek_v2``, ``deepseek_v3``; ``kimi_k2``, Kimi K2's DeepSeek-V3 model, as ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
 =============================  =====================================
@@ -174,11 +174,14 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v2": {"rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False},
     "deepseek_v3": {"num_key_value_heads": 128, "rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False},
 }
+#: model_types whose config class is another type's: Kimi K2's auto_map names DeepSeek-V3's
+#: configuration_deepseek.DeepseekV3Config
+_CONFIG_CLASS_TYPE = {"kimi_k2": "deepseek_v3"}
 #: model_types whose attention reads ``attention_bias`` for q, k, v and o_proj alike (transformers' modeling_<type>.py;
 #: DeepSeek: q_a_proj, kv_a_proj_with_mqa and o_proj): a bias llmc does not model, refused when true. Granite, SmolLM3,
 #: OLMo 2 / 3, OLMoE and Gemma refuse it in their hooks; Qwen2 (q/k/v biased, o_proj not), Mistral, Mixtral and Phi-3
 #: hard-code their biases and never read the key.
-_O_PROJ_BIAS_TYPES = frozenset({"llama", "qwen3", "qwen3_moe", "deepseek_v2", "deepseek_v3"})
+_O_PROJ_BIAS_TYPES = frozenset({"llama", "qwen3", "qwen3_moe", "deepseek_v2", "deepseek_v3", "kimi_k2"})
 #: model_types whose MLP reads ``mlp_bias`` (gate, up and down biased): refused when true (Granite, SmolLM3: their hooks)
 _MLP_BIAS_TYPES = frozenset({"llama", "deepseek_v2"})
 #: model_types whose attention reads ``sliding_window`` for every layer (Mistral, Mixtral, Phi-3; Qwen's only with
@@ -736,7 +739,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     gemma = mt in ("gemma3_text", "gemma2")
     # what its config class fills in where a key is absent
     cfg = {**(_GEMMA3_TEXT_DEFAULTS if mt == "gemma3_text" else _GEMMA2_DEFAULTS if gemma else
-              _CLASS_DEFAULTS.get(mt, {}) if isinstance(mt, str) else {}), **cfg}
+              _CLASS_DEFAULTS.get(_CONFIG_CLASS_TYPE.get(mt, mt), {}) if isinstance(mt, str) else {}), **cfg}
     if family is None:
         raise HFConfigError(f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     errs: list[str] = []

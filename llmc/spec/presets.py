@@ -71,15 +71,16 @@ def _gemma2(name: str, n_layers: int, d_model: int, n_heads: int, n_kv_heads: in
 
 
 def _deepseek(name: str, n_layers: int, d_model: int, n_heads: int, d_ff: int, vocab_size: int, *,
-              q_lora_rank: int | None, mscale: float, moe: MoE) -> Architecture:
+              q_lora_rank: int | None, mscale: float, moe: MoE, rope_theta: float = 10000.0, yarn_factor: float = 40.0,
+              beta_fast: float = 32.0) -> Architecture:
     """DeepSeek-V2 / V3's shared shape (arXiv:2405.04434 sec. 2.1, arXiv:2412.19437 sec. 2.1): MLA with a 512-wide kv
     latent, 128 + 64 q/k head dims (the 64 rotated) and 128 v dims, a 1e-6 norm epsilon, and DeepSeek's YaRN x40 from
     4096 (163,840 positions) with mscale = mscale_all_dim (the temperature in the softmax, the rotation pure)."""
     return Architecture(
         name=name, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_heads, head_dim=192, d_ff=d_ff,
-        vocab_size=vocab_size, rope_theta=10000.0, norm_eps=1e-6, max_seq_len=163840,
-        rope_scaling=RopeScaling(type="yarn", factor=40.0, original_max_position=4096, beta_fast=32.0, beta_slow=1.0,
-                                 mscale=mscale, mscale_all_dim=mscale),
+        vocab_size=vocab_size, rope_theta=rope_theta, norm_eps=1e-6, max_seq_len=int(4096 * yarn_factor),
+        rope_scaling=RopeScaling(type="yarn", factor=yarn_factor, original_max_position=4096, beta_fast=beta_fast,
+                                 beta_slow=1.0, mscale=mscale, mscale_all_dim=mscale),
         moe=moe,
         mla=MLA(q_lora_rank=q_lora_rank, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128))
 
@@ -253,6 +254,17 @@ PRESETS: dict[str, Architecture] = {
         moe=MoE(num_experts=256, top_k=8, num_shared_experts=1, expert_d_ff=2048, dense_layers=3,
                 aux_loss_coef=0.001, score_func="sigmoid", expert_bias=True,
                 route_scale=2.5, n_expert_groups=8, n_limited_groups=4)),
+    # https://huggingface.co/moonshotai/Kimi-K2-Instruct/blob/main/config.json (model_type kimi_k2, DeepSeek-V3's
+    # DeepseekV3ForCausalLM: Kimi K2, Kimi Team 2025, arXiv:2507.20534): DeepSeek-V3's MLA and sigmoid-routed MoE
+    # with 64 heads, 384 routed experts + 1 shared (top-8, routed_scaling_factor 2.827, no group limit: n_group 1),
+    # one dense first layer, a 163,840-token vocabulary, YaRN x32 from 4096 on a 50,000 RoPE base (beta_fast =
+    # beta_slow = 1). 1,026,408,232,448 parameters = transformers' DeepseekV3ForCausalLM count, 32,861,500,928
+    # activated per token (the model card's 1T total / 32B activated).
+    "kimi-k2": _deepseek(
+        "kimi-k2", 61, 7168, 64, 18432, 163840, q_lora_rank=1536, mscale=1.0, rope_theta=50000.0, yarn_factor=32.0,
+        beta_fast=1.0,
+        moe=MoE(num_experts=384, top_k=8, num_shared_experts=1, expert_d_ff=2048, dense_layers=1,
+                aux_loss_coef=0.001, score_func="sigmoid", expert_bias=True, route_scale=2.827)),
     # https://huggingface.co/deepseek-ai/DeepSeek-V2/blob/main/config.json (DeepseekV2ForCausalLM: MLA with
     # q_lora_rank 1536, 160 softmax-routed experts of width 1536 + 2 shared, top-6 unnormalised (norm_topk_prob false)
     # times routed_scaling_factor 16, the first layer dense (intermediate_size 12288), aux_loss_alpha 0.001; YaRN x40
