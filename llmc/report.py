@@ -316,6 +316,18 @@ def _checkpoints(ck, run_seconds: float) -> str:
             f"every {ck.interval:,} steps")
 
 
+def _stage_checkpoints(ck, run_seconds: float) -> str:
+    """A stage's checkpoint saves (``StageCheckpoints``): its periodic saves as pre-training's, then its final save
+    when that holds another state."""
+    parts = [_checkpoints(ck.periodic, run_seconds)] if ck.periodic is not None else []
+    f = ck.final
+    if f is not None:
+        parts.append(f"{'then ' if parts else ''}the final save {duration(f.total_seconds)}: {_gb(f.state_bytes)} "
+                     f"({f.writer}) at {f.write_gbps:g} GB/s"
+                     + (f", hashed in {duration(f.hash_seconds)}" if f.hash_seconds else ""))
+    return f"checkpoints: {ck.saves:,} save{'s' if ck.saves > 1 else ''} = {duration(ck.seconds)}; " + "; ".join(parts)
+
+
 def _budget(c) -> Table | None:
     b = c.spec.budget
     if b.max_days is None and b.max_usd is None:
@@ -418,8 +430,11 @@ def _stages(c) -> Table | None:
 
 
 def _stage_notes(c) -> Text | None:
-    """Why each stage's plan looks as it does (``stages[].notes``: layout, models held, loss slices, sampling)."""
-    rows = [(s.name, n) for s in c.stages for n in s.notes]
+    """Why each stage's plan looks as it does (``stages[].notes``: layout, models held, loss slices, sampling), and
+    what its checkpoint saves stall it (``stages[].time.checkpoint``)."""
+    rows = [(s.name, n) for s in c.stages
+            for n in [*s.notes, *([_stage_checkpoints(s.time.checkpoint, s.time.days * 86400)]
+                                  if s.time is not None and s.time.checkpoint is not None and s.time.days else [])]]
     if not rows or (len(c.stages) <= 1 and not c.spec.stages):
         return None
     width = max(len(name) for name, _ in rows)

@@ -806,7 +806,7 @@ def test_stage_time_counts_dpo_pairs_the_reference_and_loras_cheaper_backward():
     # their training FLOPs: less than a third of the step, and not nothing (the linears are ~3/4 of the FLOPs)
     assert p["sft_8k"].memory.activation_checkpointing == p["sft_lora"].memory.activation_checkpointing
     assert 2 / 3 < lora.step_seconds / full.step_seconds < 0.95
-    assert sft.days == pytest.approx(10 * sft.step_seconds / 86400)
+    assert sft.days == pytest.approx((10 * sft.step_seconds + sft.checkpoint.seconds) / 86400)
     assert sft.tokens_per_second == pytest.approx(128 * 2048 / sft.step_seconds)
 
 

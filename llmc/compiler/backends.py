@@ -560,6 +560,25 @@ def fp8_recipe_on(backend: Backend, requested: str | None) -> str:
     return requested or backend.fp8_default_recipe
 
 
+def deepspeed_zero_stage(par, plan, *, searched: bool, backend: str | None) -> int:
+    """The ZeRO stage of the run's ds_config, which llmc's DeepSpeed runner trains pre-training and every LM stage
+    with (the emitter writes it, the stage checkpoint model sizes its saves by it): a pinned ``parallelism.zero_stage``
+    (``par``); else the plan's when it was ``searched`` for DeepSpeed (``backend``) and runs as planned (data
+    parallel only: its stage is the one sized and timed, e.g. ZeRO-3 for parameter offload on one GPU); else 3 when
+    the plan shards (dp_shard > 1, or the DS runner folds tp/pp/cp into data parallelism) or offloads the
+    parameters, 2 for optimizer offload on replicas (ZeRO-Offload), 0 otherwise (pure replicas). ``plan`` None (no
+    plan DeepSpeed can run): 3."""
+    if par.zero_stage is not None:
+        return int(par.zero_stage)
+    if plan is None:
+        return 3
+    if backend == "deepspeed" and searched and plan.tp == plan.pp == plan.cp == plan.ep == 1:
+        return int(plan.zero_stage)
+    if plan.dp_shard > 1 or plan.tp > 1 or plan.pp > 1 or plan.cp > 1 or par.offload_params:
+        return 3
+    return 2 if par.offload_optimizer else 0
+
+
 def activation_mode(ac: str, backend: Backend) -> str:
     """The recompute model of activation-checkpointing mode ``ac`` on ``backend``: ``selective`` is the backend's
     own kind (:attr:`Backend.selective_ac`), ``selective_core`` where only the attention core is recomputed
@@ -567,6 +586,6 @@ def activation_mode(ac: str, backend: Backend) -> str:
     return "selective_core" if ac == "selective" and backend.selective_ac == "attention_core" else ac
 
 
-__all__ = ["Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "ModelGap", "get_backend", "resolve_backend",
+__all__ = ["deepspeed_zero_stage", "Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "ModelGap", "get_backend", "resolve_backend",
            "torchtitan_model_gaps", "torchtitan_reads_hf", "compile_on",
            "fp8_recipe_on", "activation_mode", "describe"]

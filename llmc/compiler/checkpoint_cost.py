@@ -58,9 +58,35 @@ stay those of a training step. The model, per save:
   synchronous save, and for an asynchronous one at the start of the next save (``wait_for_checkpoint``). That stall
   is a rank's written bytes (the node's / its ranks) at :data:`HASH_GBPS`. torchtitan and DeepSpeed write no hashes.
 
-Not counted: the DeepSpeed runner's final full-weights ``model.pt`` (once per run), storage contention between
-nodes beyond the per-node figure, the filesystem's metadata / fsync latency, and DCP's default async stager
-copying into pageable (not pinned) host memory, which may stage slower than the PCIe figure used.
+* **Stages other than pre-training** (:func:`stage_checkpoints`; in each stage's days, ``stages.stage_time``):
+
+  - post-training (sft, dpo, grpo on llmc's loop, ``llmc.runtime.sft.LoopState.end_step``): every ``interval``-th
+    step before the last, a synchronous ``save_checkpoint(..., trainable_only=True)`` of the trainable parameters
+    and the optimizer. The native trainer keeps fp32 parameters (bf16 autocast computes,
+    ``llmc.runtime.posttrain.bf16_forwards``) and AdamW's fp32 moments: :data:`DCP_BYTES_PER_PARAM` = 12 B per
+    trainable parameter. A LoRA / QLoRA stage saves its adapters alone (the frozen base is left out,
+    ``StateDictOptions(ignore_frozen_params=True)``; QLoRA's NF4 codes are neither parameters nor buffers,
+    ``llmc.runtime.lora.NF4Linear``); a DPO / GRPO frozen reference is a module of its own and is not saved. The
+    last step is not one of these saves (``step < steps``): the stage ends with one save of the whole model's fp32
+    weights, adapters merged, without optimizer state (:data:`WEIGHTS_BYTES_PER_PARAM` = 4 B per parameter,
+    ``llmc.runtime.posttrain.run_stage``). So ``save_count - 1`` periodic saves and the final one. On more than
+    one rank each is a DCP of every rank's share (``sharded=world > 1``; the runtime shards the stage with FSDP2
+    over every rank, ``posttrain.post_layout``, and DCP's dedup spreads a replicated layout's writing the same
+    way), each rank hashing its own files; on one GPU rank 0 writes and hashes whole files (``model.pt``,
+    ``optimizer.pt``).
+  - continued training on llmc's native trainer (``llmc.runtime.train``): pre-training's DCP of the model and the
+    AdamW state (:func:`checkpoint_numbers`), asynchronous only when the spec's ``training.checkpoint.async_mode``
+    is on (a stage's job reads the spec's setting, ``TrainJob.from_lock``; None: synchronous). On llmc's DeepSpeed
+    runner (``llmc.runtime.ds_train``): its engine checkpoints (synchronous) with the ZeRO stage of the run's
+    ds_config, then ``save_checkpoint`` of the full 16-bit weights as ``model.pt`` (rank 0 writes and hashes it).
+    As its own torchtitan job (a torchtitan run's searched stage layout): torchtitan's saves, asynchronous as the
+    run's pre-training job.
+
+Not counted: the DeepSpeed runner's final full-weights ``model.pt`` after pre-training (once per run; counted for
+the stages it trains), post-training's ``lora_adapters.pt`` (the adapters once more, by rank 0) and every stage's
+``hf/`` export, storage contention between nodes beyond the per-node figure, the filesystem's metadata / fsync
+latency, and DCP's default async stager copying into pageable (not pinned) host memory, which may stage slower
+than the PCIe figure used.
 
 The parallelism search does not evaluate this per candidate (``llmc plan`` stays as fast; it is computed once, for
 the chosen layout): with DCP's balanced dedup every layout of a run writes the same state spread over the same
@@ -75,12 +101,13 @@ from __future__ import annotations
 
 import math
 
-from llmc.compiler.result import CheckpointNumbers
+from llmc.compiler.result import CheckpointNumbers, StageCheckpoints
 
 DCP_BYTES_PER_PARAM = 12  # fp32 parameters + AdamW exp_avg + exp_avg_sq (torchtitan, llmc's trainer)
 DS_OPTIMIZER_BYTES_PER_PARAM = 12  # a ZeRO partition: fp32 master + AdamW exp_avg + exp_avg_sq (DeepSpeed)
 DS_FP32_MASTER_BYTES = 4  # ZeRO-0 bf16 (FP16_Optimizer): the fp32 master copy in rank 0's model-states file
 ADAM_MOMENT_BYTES = 8  # AdamW exp_avg + exp_avg_sq, fp32
+WEIGHTS_BYTES_PER_PARAM = 4  # llmc's native trainer keeps fp32 parameters: a weights-only save (post-training's last)
 # sha256 over a file read back, GB/s on one core (Python hashlib / OpenSSL): 1.2 GB/s measured on a 2-core x86
 # development machine; OpenSSL's SHA-NI kernels reach about 2 GB/s. A conservative round figure, not fitted.
 HASH_GBPS = 1.0
@@ -101,6 +128,69 @@ def save_count(steps: int, interval: int) -> int:
     return math.ceil(max(steps, 1) / max(interval, 1))
 
 
+def ds_module_bytes(precision: str) -> int:
+    """Bytes per parameter of the DeepSpeed module's weights: fp32 runs 4, bf16 (and fp8, which the runner trains
+    as bf16) 2."""
+    return 4 if precision == "fp32" else 2
+
+
+def _bandwidth(gpu, write_gbps: float | None) -> tuple[float, str]:
+    """(GB/s per node to the checkpoint storage, where the figure comes from)."""
+    from llmc.compiler.hardware import STORAGE_WRITE_GBPS
+
+    if write_gbps is not None:
+        return float(write_gbps), "training.checkpoint.write_gbps"
+    bw = float(gpu.storage_write_gbps)
+    return bw, ("the table's conservative default; training.checkpoint.write_gbps sets it"
+                if bw == STORAGE_WRITE_GBPS else f"the table's {gpu.key} storage_write_gbps")
+
+
+def _ranks_per_node(gpu, plan) -> int:
+    return max(1, min(gpu.gpus_per_node, plan.world))
+
+
+def _dcp_bytes(sm, plan, gpu, per_param: float, params_total: float,
+               saved: float | None = None) -> tuple[float, float, int]:
+    """(bytes the most loaded node writes, bytes the most loaded GPU holds, copies of each shard) of a DCP save of
+    ``per_param`` bytes for each of ``saved`` parameters (None: all ``params_total``; fewer, e.g. LoRA adapters,
+    spread over the GPUs as the model is) with DCP's balanced dedup (the module docstring, "Who writes it")."""
+    from llmc.compiler import timing
+
+    saved = params_total if saved is None else saved
+    world, rpn = plan.world, _ranks_per_node(gpu, plan)
+    lt = timing.layout_timer(sm, plan)
+    gpu_bytes = per_param * lt.owned * (saved / params_total if params_total else 1.0)
+    copies = plan.dp_replicate if plan.zero_stage >= 1 else plan.dp_shard * plan.dp_replicate * plan.cp
+    if world <= rpn:  # one node writes the whole state, once
+        node = per_param * saved
+    else:  # the node of the heaviest stage: its ranks at that stage's share, any other stage's at the average
+        same = min(rpn, world // plan.pp)
+        node = same * gpu_bytes / copies + (rpn - same) * per_param * saved / world
+    return node, gpu_bytes, copies
+
+
+def _numbers(sm, gpu, *, saves: int, interval: int, async_save: bool, writer: str, per_param: float, state: float,
+             node: float, gpu_bytes: float, hash_bytes: float, step_seconds: float,
+             write_gbps: float | None) -> CheckpointNumbers:
+    """:class:`CheckpointNumbers` of ``saves`` saves of ``state`` bytes (``node`` of them by the most loaded node,
+    ``gpu_bytes`` held by the most loaded GPU, ``hash_bytes`` re-read and hashed by one rank): the write, staging,
+    stall and total formulas of the module docstring, in one place."""
+    bw, source = _bandwidth(gpu, write_gbps)
+    write = node / (bw * 1e9)
+    hashing = hash_bytes / (HASH_GBPS * 1e9)
+    staging_bps = sm.host_Bps  # the GPU's PCIe link to the host x COMM_EFFICIENCY (timing.step_model)
+    if async_save:
+        stall = gpu_bytes / staging_bps + max(0.0, write - interval * step_seconds) + hashing
+    else:
+        stall = write + hashing
+    return CheckpointNumbers(
+        saves=saves, interval=interval, mode="async" if async_save else "sync", writer=writer,
+        bytes_per_param=per_param, state_bytes=state, node_bytes=node, gpu_bytes=gpu_bytes, write_gbps=bw,
+        write_source=source, staging_gbps=staging_bps / 1e9, write_seconds=write, hash_seconds=hashing,
+        stall_seconds=stall, total_seconds=(saves - 1) * stall + write + hashing,
+    )
+
+
 def checkpoint_numbers(sm, plan, gpu, *, backend: str, params_total: float, precision: str, steps: int,
                        interval: int, step_seconds: float, async_save: bool,
                        write_gbps: float | None = None) -> CheckpointNumbers:
@@ -108,13 +198,9 @@ def checkpoint_numbers(sm, plan, gpu, *, backend: str, params_total: float, prec
     the time model ``sm`` (``timing.StepModel``): ``steps`` steps, a save every ``interval``, each training step
     ``step_seconds``; ``async_save`` from :func:`saves_async`; ``write_gbps``: the spec's
     ``training.checkpoint.write_gbps`` (None: the table's ``storage_write_gbps``)."""
-    from llmc.compiler import timing
-    from llmc.compiler.hardware import STORAGE_WRITE_GBPS
-
-    world = plan.world
-    ranks_per_node = max(1, min(gpu.gpus_per_node, world))
+    ranks_per_node = _ranks_per_node(gpu, plan)
     if backend == "deepspeed":
-        w = 4 if precision == "fp32" else 2  # the module's dtype (fp8 trains as bf16 on DeepSpeed)
+        w = ds_module_bytes(precision)
         if plan.zero_stage == 0:
             per_param = w + (DS_FP32_MASTER_BYTES if w == 2 else 0) + ADAM_MOMENT_BYTES
             node = gpu_bytes = per_param * params_total
@@ -130,40 +216,77 @@ def checkpoint_numbers(sm, plan, gpu, *, backend: str, params_total: float, prec
                       f"({DS_OPTIMIZER_BYTES_PER_PARAM} B/param / {plan.dp})"
                       + (f", rank 0 the {'bf16' if w == 2 else 'fp32'} module ({w} B/param)" if module else ""))
     else:
-        lt = timing.layout_timer(sm, plan)
         per_param = DCP_BYTES_PER_PARAM
-        gpu_bytes = DCP_BYTES_PER_PARAM * lt.owned
-        copies = plan.dp_replicate if plan.zero_stage >= 1 else plan.dp_shard * plan.dp_replicate * plan.cp
-        if world <= ranks_per_node:  # one node writes the whole state, once
-            node = DCP_BYTES_PER_PARAM * params_total
-        else:  # the node of the heaviest stage: its ranks at that stage's share, any other stage's at the average
-            same = min(ranks_per_node, world // plan.pp)
-            node = same * gpu_bytes / copies + (ranks_per_node - same) * DCP_BYTES_PER_PARAM * params_total / world
+        node, gpu_bytes, copies = _dcp_bytes(sm, plan, gpu, per_param, params_total)
         who = "torchtitan" if backend == "torchtitan" else "llmc's trainer" if backend == "native" else backend
         writer = (f"{who} DCP: fp32 params + AdamW m, v = {DCP_BYTES_PER_PARAM} B/param"
                   + (f", each shard's writing shared by its {copies} replicas" if copies > 1 else ""))
-    state = per_param * params_total
-    if write_gbps is not None:
-        bw, source = float(write_gbps), "training.checkpoint.write_gbps"
-    else:
-        bw = float(gpu.storage_write_gbps)
-        source = ("the table's conservative default; training.checkpoint.write_gbps sets it"
-                  if bw == STORAGE_WRITE_GBPS else f"the table's {gpu.key} storage_write_gbps")
-    write = node / (bw * 1e9)
-    # llmc's trainer hashes each rank's files before the checkpoint counts (checkpoint._finalize)
-    hashing = node / ranks_per_node / (HASH_GBPS * 1e9) if backend == "native" else 0.0
-    staging_bps = sm.host_Bps  # the GPU's PCIe link to the host x COMM_EFFICIENCY (timing.step_model)
-    if async_save:
-        stall = gpu_bytes / staging_bps + max(0.0, write - interval * step_seconds) + hashing
-    else:
-        stall = write + hashing
-    saves = save_count(steps, interval)
-    return CheckpointNumbers(
-        saves=saves, interval=interval, mode="async" if async_save else "sync", writer=writer,
-        bytes_per_param=per_param, state_bytes=state, node_bytes=node, gpu_bytes=gpu_bytes, write_gbps=bw,
-        write_source=source, staging_gbps=staging_bps / 1e9, write_seconds=write, hash_seconds=hashing,
-        stall_seconds=stall, total_seconds=(saves - 1) * stall + write + hashing,
-    )
+    return _numbers(
+        sm, gpu, saves=save_count(steps, interval), interval=interval, async_save=async_save, writer=writer,
+        per_param=per_param, state=per_param * params_total, node=node, gpu_bytes=gpu_bytes,
+        # llmc's trainer hashes each rank's files before the checkpoint counts (checkpoint._finalize)
+        hash_bytes=node / ranks_per_node if backend == "native" else 0.0, step_seconds=step_seconds,
+        write_gbps=write_gbps)
 
 
-__all__ = ["checkpoint_numbers", "saves_async", "save_count", "DCP_BYTES_PER_PARAM", "DS_OPTIMIZER_BYTES_PER_PARAM"]
+def llmc_save_numbers(sm, plan, gpu, *, sharded: bool, params_total: float, saved_params: float,
+                      bytes_per_param: float, saves: int, interval: int, what: str,
+                      write_gbps: float | None = None) -> CheckpointNumbers:
+    """:class:`CheckpointNumbers` of ``saves`` synchronous saves of llmc's ``save_checkpoint`` holding
+    ``bytes_per_param`` bytes for each of ``saved_params`` parameters (``what`` says which): ``sharded``, a DCP
+    save of every rank's share (written as :func:`checkpoint_numbers` has it, each rank hashing its own files);
+    else whole files (``model.pt``, ``optimizer.pt``) gathered to and written by rank 0, which then hashes them
+    all (``llmc.runtime.checkpoint.save_checkpoint``, full layout)."""
+    state = bytes_per_param * saved_params
+    if sharded:
+        node, gpu_bytes, _ = _dcp_bytes(sm, plan, gpu, bytes_per_param, params_total, saved_params)
+        hashed, how = node / _ranks_per_node(gpu, plan), "DCP shards, every rank its share"
+    else:
+        node = gpu_bytes = hashed = state
+        how = "whole files written by rank 0"
+    return _numbers(sm, gpu, saves=saves, interval=interval, async_save=False, writer=f"{what}; {how}",
+                    per_param=bytes_per_param, state=state, node=node, gpu_bytes=gpu_bytes, hash_bytes=hashed,
+                    step_seconds=0.0, write_gbps=write_gbps)
+
+
+def stage_checkpoints(sm, plan, gpu, *, backend: str, posttrain: bool, lora: bool, params_total: float,
+                      trainable_params: float, precision: str, steps: int, interval: int, step_seconds: float,
+                      async_save: bool, write_gbps: float | None = None) -> StageCheckpoints:
+    """:class:`StageCheckpoints` of a stage other than pre-training on ``plan`` (its layout), by the trainer that
+    runs it (the module docstring, "Stages"): ``posttrain`` (sft / dpo / grpo on llmc's post-training loop, which
+    always saves synchronously): ``save_count - 1`` periodic saves of the trainable parameters (``lora``: the
+    adapters, ``trainable_params`` of them) with their AdamW state, then the final save of the fp32 weights alone;
+    else (continued training) the saves of ``backend`` as pre-training's (:func:`checkpoint_numbers`), and on
+    llmc's DeepSpeed runner its final 16-bit ``model.pt`` besides. ``async_save``: the stage trainer's (from
+    :func:`saves_async`)."""
+    sharded = plan.world > 1
+    final = None
+    if posttrain:
+        periodic_saves = save_count(steps, interval) - 1
+        periodic = llmc_save_numbers(
+            sm, plan, gpu, sharded=sharded, params_total=params_total, saved_params=trainable_params,
+            bytes_per_param=DCP_BYTES_PER_PARAM, saves=periodic_saves, interval=interval, write_gbps=write_gbps,
+            what=f"the trainable parameters{' (LoRA adapters)' if lora else ''} in fp32 + AdamW m, v: "
+                 f"{DCP_BYTES_PER_PARAM} B each") if periodic_saves > 0 else None
+        final = llmc_save_numbers(
+            sm, plan, gpu, sharded=sharded, params_total=params_total, saved_params=params_total,
+            bytes_per_param=WEIGHTS_BYTES_PER_PARAM, saves=1, interval=interval, write_gbps=write_gbps,
+            what=f"the fp32 weights{', adapters merged' if lora else ''}, no optimizer: "
+                 f"{WEIGHTS_BYTES_PER_PARAM} B/param")
+    else:
+        periodic = checkpoint_numbers(sm, plan, gpu, backend=backend, params_total=params_total, precision=precision,
+                                      steps=steps, interval=interval, step_seconds=step_seconds,
+                                      async_save=async_save, write_gbps=write_gbps)
+        if backend == "deepspeed":
+            w = ds_module_bytes(precision)
+            final = llmc_save_numbers(
+                sm, plan, gpu, sharded=False, params_total=params_total, saved_params=params_total,
+                bytes_per_param=w, saves=1, interval=interval, write_gbps=write_gbps,
+                what=f"model.pt of the {'fp32' if w == 4 else 'bf16'} weights: {w} B/param")
+    parts = [c for c in (periodic, final) if c is not None]
+    return StageCheckpoints(saves=sum(c.saves for c in parts), seconds=sum(c.total_seconds for c in parts),
+                            periodic=periodic, final=final)
+
+
+__all__ = ["checkpoint_numbers", "llmc_save_numbers", "stage_checkpoints", "saves_async", "save_count",
+           "DCP_BYTES_PER_PARAM", "DS_OPTIMIZER_BYTES_PER_PARAM", "WEIGHTS_BYTES_PER_PARAM"]

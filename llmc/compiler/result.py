@@ -67,7 +67,7 @@ class CheckpointNumbers:
     interval: int  # steps between saves (Compiled.hyper.checkpoint_interval)
     mode: str  # "sync" | "async": how the backend's trainer saves
     writer: str  # what is saved and who writes it
-    bytes_per_param: float  # state bytes per model parameter in one checkpoint (one copy)
+    bytes_per_param: float  # state bytes per saved parameter in one checkpoint (one copy; LoRA: per trainable one)
     state_bytes: float  # one checkpoint on storage (deduplicated)
     node_bytes: float  # written by the most loaded node per save
     gpu_bytes: float  # held by the most loaded GPU in its state dict (what an async save stages to host memory)
@@ -170,6 +170,19 @@ class StageMemoryPlan:
 
 
 @dataclass(frozen=True)
+class StageCheckpoints:
+    """A stage's checkpoint saves and the time they stall it (:func:`llmc.compiler.checkpoint_cost.stage_checkpoints`):
+    the saves every ``interval`` steps and, where its trainer ends with a save of another state, that final save."""
+
+    saves: int  # every save of the stage: periodic.saves + final.saves
+    seconds: float  # the stage's stalls, all saves together (in its days, GPU-hours and cost)
+    periodic: CheckpointNumbers | None  # the saves every interval steps (None: the stage writes only its final save)
+    # post-training: the merged weights alone; llmc's DeepSpeed runner: the full 16-bit weights after its last engine
+    # save (None: the last save is the last of ``periodic``)
+    final: CheckpointNumbers | None = None
+
+
+@dataclass(frozen=True)
 class StageTimePlan:
     """Predicted wall time and cost of one stage other than pre-training (whose figures are ``Compiled.time`` and
     ``Compiled.cost``): llmc's time model on the stage's own layout (:func:`llmc.compiler.stages.stage_time`)."""
@@ -180,11 +193,12 @@ class StageTimePlan:
     forward_passes: int  # forwards without backward per step (DPO / GRPO reference, GRPO's old log-probs)
     updates: int  # training passes per step (GRPO's mu; 1 otherwise)
     tokens_per_second: float  # trained tokens (a DPO pair's two sequences) per second, all GPUs
-    days: float | None  # steps x step_seconds (None: the stage's steps are not known)
+    days: float | None  # steps x step_seconds + the checkpoint stalls (None: the stage's steps are not known)
     gpu_hours: float | None
     usd: float | None  # None without a price per GPU-hour
     sampling_seconds: float  # GRPO: sampling the step's completions (in step_seconds; 0 otherwise)
     source: str
+    checkpoint: StageCheckpoints | None = None  # its saves' stalls (in days; None: steps not known)
 
 
 @dataclass(frozen=True)
@@ -457,7 +471,8 @@ def _cand(c: Candidate) -> dict:
 
 
 __all__ = [
-    "ModelNumbers", "ComputeNumbers", "MemoryNumbers", "CheckpointNumbers", "TimeNumbers", "CostNumbers", "Hyper",
+    "ModelNumbers", "ComputeNumbers", "MemoryNumbers", "CheckpointNumbers", "StageCheckpoints", "TimeNumbers",
+    "CostNumbers", "Hyper",
     "Candidate", "ModelInMemory", "LoraPlan", "StageMemoryPlan", "RolloutPlan", "LongContextPlan", "ContextPlan",
     "StagePlan", "ServingPlan", "BackendChoice", "CalibrationStatus", "UnfitLayout", "Compiled",
 ]

@@ -29,8 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from llmc.compiler import checkpoint_cost, flops, memory, params, timing
 from llmc.compiler import defaults as defaults_mod
-from llmc.compiler import flops, memory, params, timing
+from llmc.compiler.backends import deepspeed_zero_stage
 from llmc.compiler.checks import Sink, mixture_shares
 from llmc.compiler.hardware import GPU
 from llmc.compiler.plan import ParallelPlan
@@ -43,6 +44,7 @@ from llmc.compiler.result import (
     ModelInMemory,
     PipelineTime,
     RolloutPlan,
+    StageCheckpoints,
     StageLayout,
     StageMemoryPlan,
     StagePlan,
@@ -619,7 +621,8 @@ def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan
     over the step's batch (a DPO pair = 2 sequences), with LoRA's cheaper backward on the linears, plus
     ``forward_passes`` forwards (the frozen reference; GRPO's old-policy log-probs), each
     :data:`FORWARD_SHARE` of a pass's compute, plus GRPO's sampling (:func:`_sampling_seconds`; an upper bound:
-    every completion runs to max_new_tokens)."""
+    every completion runs to max_new_tokens). Its days, GPU-hours and cost are its steps plus the stalls of its
+    checkpoint saves (:func:`stage_checkpoints`); the step and tokens/s stay those of a training step."""
     gpu = env.gpu
     if gpu is None or st.kind == "pretrain" or not tr.global_batch_seqs:
         return None
@@ -648,12 +651,13 @@ def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan
     if st.kind == "grpo" and rollout is not None:
         sampling = _sampling_seconds(env, tr, mem, rollout, forward / (seqs * tr.seq_len / layout.dp))
     total = updates * step + forwards * forward + sampling
-    days = total * tr.steps / 86400.0 if tr.steps else None
+    ck = stage_checkpoints(env, st, tr, layout, sm, backend, total)
+    days = (total * tr.steps + ck.seconds) / 86400.0 if tr.steps and ck is not None else None
     gh = timing.gpu_hours(days, env.world) if days is not None else None
     price = gpu.usd_per_hour
     return StageTimePlan(
         backend=backend, step_seconds=total, train_pass_seconds=step, forward_passes=forwards, updates=updates,
-        sampling_seconds=sampling,
+        sampling_seconds=sampling, checkpoint=ck,
         tokens_per_second=seqs * tr.seq_len / total, days=days, gpu_hours=gh,
         usd=timing.usd(gh, price) if gh is not None and price else None,
         source=f"llmc.compiler.timing on the stage layout ({layout.dp} x data parallel, "
@@ -662,6 +666,33 @@ def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan
                f"{f', loss in slices of {mem.loss_chunk_tokens} tokens' if mem.loss_chunk_tokens else ''}) on the "
                f"{backend} trainer, uncalibrated",
     )
+
+
+def stage_checkpoints(env: _Env, st: StageBase, tr: StageTraining, plan: ParallelPlan, sm: timing.StepModel,
+                      backend: str, step_seconds: float) -> StageCheckpoints | None:
+    """The checkpoint saves of a stage other than pre-training on its layout ``plan`` and the time they stall it
+    (:func:`llmc.compiler.checkpoint_cost.stage_checkpoints`, whose docstring says what each trainer writes): sft /
+    dpo / grpo on llmc's post-training loop (the trainable parameters -- LoRA's adapters -- with their AdamW state
+    every ``checkpoint_interval`` steps, synchronously, then the final weights); continued training as pre-training
+    on its ``backend`` (llmc's DeepSpeed runner with the run's ZeRO stage, ``backends.deepspeed_zero_stage``: without a
+    pre-training plan the runner's, every GPU a data-parallel rank), asynchronous where
+    that trainer's setting says so: the torchtitan job the run's resolved ``Hyper.checkpoint_async``, llmc's trainers
+    the spec's ``training.checkpoint.async_mode`` (None: off). None when the stage's steps are not known."""
+    if not tr.steps or env.gpu is None:
+        return None
+    ck = env.run.training.checkpoint
+    posttrain = st.kind in CHAT_KINDS
+    lora = posttrain and st.lora is not None
+    if backend == "deepspeed":
+        ds_plan = env.plan if env.plan is not None else ParallelPlan(dp_shard=env.world)
+        plan = replace(plan, zero_stage=deepspeed_zero_stage(env.run.parallelism, ds_plan, searched=env.plan is not None,
+                                                             backend=backend))
+    hyper_async = env.hyper.checkpoint_async if backend == "torchtitan" else bool(ck.async_mode)
+    return checkpoint_cost.stage_checkpoints(
+        sm, plan, env.gpu, backend=backend, posttrain=posttrain, lora=lora, params_total=env.n_total,
+        trainable_params=lora_trainable_params(env.run.model, st.lora.rank, st.lora.targets) if lora else env.n_total,
+        precision=env.precision, steps=tr.steps, interval=tr.checkpoint_interval, step_seconds=step_seconds,
+        async_save=not posttrain and checkpoint_cost.saves_async(backend, hyper_async), write_gbps=ck.write_gbps)
 
 
 def pipeline_time(stages: list[StagePlan], pretrain_days: float | None, pretrain_usd: float | None,
@@ -964,7 +995,7 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
         rollout, stime = None, stage_time(env, st, tr, mem, st.lora is not None, needs_ref, None)
     elif layout is not None:
         tr = replace(tr, micro_batch=layout.plan.micro_batch, grad_accum=layout.plan.grad_accum)
-        mem, rollout, stime = _layout_memory(layout), None, _layout_time(env, tr, layout)
+        mem, rollout, stime = _layout_memory(layout), None, _layout_time(env, st, tr, layout)
         notes.append(f"runs as its own torchtitan job on its searched layout: {layout.why}")
     else:
         mem, rollout, stime = _recompute_choice(env, st, tr, trainable, needs_ref, notes)
@@ -1007,19 +1038,22 @@ def _layout_memory(layout: StageLayout) -> StageMemoryPlan:
     )
 
 
-def _layout_time(env: _Env, tr: StageTraining, layout: StageLayout) -> StageTimePlan | None:
-    """A stage's time from its searched layout's step (llmc's time model for the torchtitan job)."""
+def _layout_time(env: _Env, st: StageBase, tr: StageTraining, layout: StageLayout) -> StageTimePlan | None:
+    """A stage's time from its searched layout's step (llmc's time model for the torchtitan job), with its checkpoint
+    saves (:func:`stage_checkpoints`)."""
     gpu = env.gpu
     if gpu is None:
         return None
     step = layout.step_seconds
-    days = step * tr.steps / 86400.0 if tr.steps else None
+    sm = timing.step_model(env.run.model, tr.seq_len, env.precision, gpu, "torchtitan")
+    ck = stage_checkpoints(env, st, tr, layout.plan, sm, "torchtitan", step)
+    days = (step * tr.steps + ck.seconds) / 86400.0 if tr.steps and ck is not None else None
     gh = timing.gpu_hours(days, env.world) if days is not None else None
     price = gpu.usd_per_hour
     return StageTimePlan(
         backend="torchtitan", step_seconds=step, train_pass_seconds=step, forward_passes=0, updates=1,
         tokens_per_second=tr.global_batch_seqs * tr.seq_len / step, days=days, gpu_hours=gh,
-        usd=timing.usd(gh, price) if gh is not None and price else None, sampling_seconds=0.0,
+        usd=timing.usd(gh, price) if gh is not None and price else None, sampling_seconds=0.0, checkpoint=ck,
         source=f"llmc.compiler.timing on the stage's searched layout ({describe(layout.plan)}) on torchtitan",
     )
 

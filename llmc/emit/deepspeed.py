@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llmc.compiler.backends import ds_reduce_bucket_elems
+from llmc.compiler.backends import deepspeed_zero_stage, ds_reduce_bucket_elems
 from llmc.compiler.plan import ParallelPlan
 from llmc.diagnostics import Diagnostic
 from llmc.emit.base import Emitter
@@ -139,18 +139,8 @@ def zero_stage_for(compiled) -> int:
     (data parallel only: its stage is the one sized and timed, e.g. ZeRO-3 for parameter offload on one GPU);
     else 3 when the plan shards (dp_shard > 1 or the DS runner folds tp/pp into data parallelism) or offloads the
     parameters, 2 for optimizer offload on replicas (ZeRO-Offload), 0 otherwise (pure replicas)."""
-    par = compiled.spec.parallelism
-    if par.zero_stage is not None:
-        return int(par.zero_stage)
-    p = _ds_plan(compiled)
-    if p is None:
-        return 3
-    be = getattr(compiled.backend, "name", None)
-    if be == "deepspeed" and compiled.plan is not None and p.tp == p.pp == p.cp == p.ep == 1:
-        return int(p.zero_stage)
-    if p.dp_shard > 1 or p.tp > 1 or p.pp > 1 or p.cp > 1 or par.offload_params:
-        return 3
-    return 2 if par.offload_optimizer else 0
+    return deepspeed_zero_stage(compiled.spec.parallelism, _ds_plan(compiled), searched=compiled.plan is not None,
+                                backend=getattr(compiled.backend, "name", None))
 
 
 def _x104(gbs: int, n: int, hint: str) -> Diagnostic:
