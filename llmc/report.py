@@ -311,7 +311,9 @@ def _checkpoints(ck, run_seconds: float) -> str:
         each = f"{ck.saves:,} save{'s' if ck.saves > 1 else ''} x {duration(ck.stall_seconds)} sync"
     hashed = (f", each save then hashed by llmc's trainer ({duration(ck.hash_seconds)}: sha256 of a rank's files)"
               if ck.hash_seconds else "")
-    return (f"{each} = {duration(ck.total_seconds)}, {pct} of the run; {_gb(ck.state_bytes)} per checkpoint "
+    final = (f" + rank 0's closing model.pt of the weights ({_gb(ck.final_bytes)}, "
+             f"{duration(ck.final_seconds)} written and hashed)" if ck.final_seconds else "")
+    return (f"{each}{final} = {duration(ck.total_seconds)}, {pct} of the run; {_gb(ck.state_bytes)} per checkpoint "
             f"({ck.writer}), {_gb(ck.node_bytes)} per node at {ck.write_gbps:g} GB/s ({ck.write_source}){hashed}, "
             f"every {ck.interval:,} steps")
 

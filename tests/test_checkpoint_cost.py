@@ -89,6 +89,18 @@ def test_deepspeed_files_per_zero_stage():
     assert z0_fp32.node_bytes == pytest.approx(12 * P_8B)  # fp32 module is the master: 4 + 8
 
 
+def test_deepspeed_run_ends_with_rank_0s_model_pt():
+    """llmc's DeepSpeed runner writes the module's weights once more after its last engine save (model.pt, rank 0,
+    then hashed by llmc's save_checkpoint): 2 B/param bf16 (4 fp32) at 1 GB/s, hashed at 1 GB/s, once per run; the
+    DCP backends end with no such file."""
+    for precision, w in (("bf16", 2), ("fp32", 4)):
+        ds = _numbers(ParallelPlan(dp_shard=8, zero_stage=3), backend="deepspeed", precision=precision)
+        assert ds.final_bytes == pytest.approx(w * P_8B)
+        assert ds.final_seconds == pytest.approx(2 * w * P_8B / 1e9)  # written, then re-read and hashed
+        assert ds.total_seconds == pytest.approx(20 * 12 * P_8B / 1e9 + 2 * w * P_8B / 1e9)
+    assert _numbers(ParallelPlan(dp_shard=8)).final_seconds == 0.0
+
+
 # ----------------------------------------------------------------------------------------------- stalls
 
 

@@ -19,7 +19,9 @@ stay those of a training step. The model, per save:
     parameter / dp); ZeRO-3's module file holds the partitioned parameters' empty placeholders only. Without ZeRO
     (stage 0) the optimizer state goes into rank 0's model-states file (``optimizer.state_dict()``, not partitioned):
     bf16 runs' ``FP16_Optimizer`` adds its fp32 master copy (``fp32_groups_flat``): 2 + 4 + 8 = 14 B per parameter;
-    fp32 runs keep no master copy: 4 + 8 = 12 B.
+    fp32 runs keep no master copy: 4 + 8 = 12 B. After its last engine save, llmc's DeepSpeed runner writes the
+    module's weights once more as ``model.pt`` (``llmc.runtime.ds_train``: rank 0, the whole file, then hashed; 2 B
+    per parameter, fp32: 4), counted once per run (``CheckpointNumbers.final_seconds``).
 
 * **Who writes it**: DCP's default save planner deduplicates tensors that several ranks hold
   (``DefaultSavePlanner(dedup_save_to_lowest_rank=False)``, torch/distributed/checkpoint/_dedup_save_plans.py):
@@ -82,8 +84,7 @@ stay those of a training step. The model, per save:
     As its own torchtitan job (a torchtitan run's searched stage layout): torchtitan's saves, asynchronous as the
     run's pre-training job.
 
-Not counted: the DeepSpeed runner's final full-weights ``model.pt`` after pre-training (once per run; counted for
-the stages it trains), post-training's ``lora_adapters.pt`` (the adapters once more, by rank 0) and every stage's
+Not counted: the DeepSpeed runner's gathering of ZeRO-3 partitions for its ``model.pt``, post-training's ``lora_adapters.pt`` (the adapters once more, by rank 0) and every stage's
 ``hf/`` export, storage contention between nodes beyond the per-node figure, the filesystem's metadata / fsync
 latency, and DCP's default async stager copying into pageable (not pinned) host memory, which may stage slower
 than the PCIe figure used.
@@ -100,6 +101,7 @@ write different amounts, but that difference amortised over an interval stays fa
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from llmc.compiler.result import CheckpointNumbers, StageCheckpoints
 
@@ -221,12 +223,22 @@ def checkpoint_numbers(sm, plan, gpu, *, backend: str, params_total: float, prec
         who = "torchtitan" if backend == "torchtitan" else "llmc's trainer" if backend == "native" else backend
         writer = (f"{who} DCP: fp32 params + AdamW m, v = {DCP_BYTES_PER_PARAM} B/param"
                   + (f", each shard's writing shared by its {copies} replicas" if copies > 1 else ""))
-    return _numbers(
+    out = _numbers(
         sm, gpu, saves=save_count(steps, interval), interval=interval, async_save=async_save, writer=writer,
         per_param=per_param, state=per_param * params_total, node=node, gpu_bytes=gpu_bytes,
         # llmc's trainer hashes each rank's files before the checkpoint counts (checkpoint._finalize)
         hash_bytes=node / ranks_per_node if backend == "native" else 0.0, step_seconds=step_seconds,
         write_gbps=write_gbps)
+    if backend != "deepspeed":
+        return out
+    # llmc's DeepSpeed runner ends with save_checkpoint of the module's weights as model.pt (llmc.runtime.ds_train):
+    # rank 0 writes the whole file and hashes it
+    w = ds_module_bytes(precision)
+    final = llmc_save_numbers(sm, plan, gpu, sharded=False, params_total=params_total, saved_params=params_total,
+                              bytes_per_param=w, saves=1, interval=interval, write_gbps=write_gbps,
+                              what=f"model.pt of the {'fp32' if w == 4 else 'bf16'} weights: {w} B/param")
+    return replace(out, final_bytes=final.state_bytes, final_seconds=final.total_seconds,
+                   total_seconds=out.total_seconds + final.total_seconds)
 
 
 def llmc_save_numbers(sm, plan, gpu, *, sharded: bool, params_total: float, saved_params: float,
@@ -256,9 +268,8 @@ def stage_checkpoints(sm, plan, gpu, *, backend: str, posttrain: bool, lora: boo
     runs it (the module docstring, "Stages"): ``posttrain`` (sft / dpo / grpo on llmc's post-training loop, which
     always saves synchronously): ``save_count - 1`` periodic saves of the trainable parameters (``lora``: the
     adapters, ``trainable_params`` of them) with their AdamW state, then the final save of the fp32 weights alone;
-    else (continued training) the saves of ``backend`` as pre-training's (:func:`checkpoint_numbers`), and on
-    llmc's DeepSpeed runner its final 16-bit ``model.pt`` besides. ``async_save``: the stage trainer's (from
-    :func:`saves_async`)."""
+    else (continued training) the saves of ``backend`` as pre-training's (:func:`checkpoint_numbers`, with llmc's
+    DeepSpeed runner's closing ``model.pt``). ``async_save``: the stage trainer's (from :func:`saves_async`)."""
     sharded = plan.world > 1
     final = None
     if posttrain:
@@ -277,12 +288,6 @@ def stage_checkpoints(sm, plan, gpu, *, backend: str, posttrain: bool, lora: boo
         periodic = checkpoint_numbers(sm, plan, gpu, backend=backend, params_total=params_total, precision=precision,
                                       steps=steps, interval=interval, step_seconds=step_seconds,
                                       async_save=async_save, write_gbps=write_gbps)
-        if backend == "deepspeed":
-            w = ds_module_bytes(precision)
-            final = llmc_save_numbers(
-                sm, plan, gpu, sharded=False, params_total=params_total, saved_params=params_total,
-                bytes_per_param=w, saves=1, interval=interval, write_gbps=write_gbps,
-                what=f"model.pt of the {'fp32' if w == 4 else 'bf16'} weights: {w} B/param")
     parts = [c for c in (periodic, final) if c is not None]
     return StageCheckpoints(saves=sum(c.saves for c in parts), seconds=sum(c.total_seconds for c in parts),
                             periodic=periodic, final=final)

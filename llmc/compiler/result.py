@@ -78,6 +78,11 @@ class CheckpointNumbers:
     hash_seconds: float  # llmc's trainer re-reading and hashing a rank's files per save (0 on other backends)
     stall_seconds: float  # training stall of one save but the last (sync: write + hash; async: staging + wait + hash)
     total_seconds: float  # the run's stalls: (saves - 1) x stall + the last save written (and hashed) in full
+    # + final_seconds
+    # llmc's DeepSpeed runner, after its last engine save: rank 0 writes and hashes model.pt, the module's 16-bit (fp32
+    # runs: 32-bit) weights (0 on other backends)
+    final_bytes: float = 0.0
+    final_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
