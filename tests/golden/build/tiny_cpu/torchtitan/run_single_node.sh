@@ -18,6 +18,12 @@ RUN_DIR="${RUN_DIR:-$LLMC_RUN_DIR/run}"  # the stage's log: <run dir>/<stage>/st
 # the log. The cause is llmc's own error line, else the last Python exception line, never the ChildFailedError
 # report torchrun (torch.distributed.elastic) prints after its worker's own traceback; nothing is hidden, the whole
 # output stays above that line and in the log.
+# torchrun exits 1 whenever a worker fails, whatever the worker's status; a stage whose workers on this node all
+# left with llmc's preempted status counts as preempted (its status and last line). On several nodes that is how a
+# stop shows on the nodes the signal did not reach: the trainers agree on it at a step boundary
+# (llmc.runtime.preempt), so every rank saves the same step and exits PREEMPTED. The workers' statuses are the
+# "exitcode  : N" lines of torchrun's failure report (torch/distributed/elastic/multiprocessing/errors/__init__.py),
+# read from this node's own output (every node appends to the same stderr.log).
 PREEMPTED=75  # llmc's trainers' exit status when a signal stopped them after a checkpoint
 stage_cause() {  # stage_cause LOG START: the cause line of LOG after its first START bytes
   local text line pat
@@ -33,22 +39,38 @@ stage_cause() {  # stage_cause LOG START: the cause line of LOG after its first 
   done
   echo "no error output"
 }
-stage_end() {  # stage_end STAGE STATUS LOG START: the last line of a script whose stage did not finish
+stage_end() {  # stage_end STAGE STATUS LOG START [OWN]: the last line of a script whose stage did not finish;
+  # the cause comes from OWN (this node's own output) when given, else from LOG after its first START bytes
   if [ "$2" = "${PREEMPTED:-}" ]; then
     echo "stage $1: stopped by a signal after saving its current step (exit $2); run the same command again to resume from it (full log: $3)" >&2
+  elif [ -n "${5:-}" ]; then
+    echo "error: stage $1 failed (exit $2): $(stage_cause "$5" 0) (fix it and run the same command again; full log: $3)" >&2
   else
     echo "error: stage $1 failed (exit $2): $(stage_cause "$3" "$4") (fix it and run the same command again; full log: $3)" >&2
   fi
 }
+workers_preempted() {  # workers_preempted OUT: torchrun's failure report in OUT lists only PREEMPTED exits
+  local codes
+  [ -n "${PREEMPTED:-}" ] || return 1
+  codes="$(sed -nE 's/^[[:space:]]*exitcode[[:space:]]*:[[:space:]]*(-?[0-9]+).*/\1/p' "$1" 2>/dev/null | sort -u)"
+  [ "$codes" = "$PREEMPTED" ]
+}
 # run_logged STAGE CMD...: CMD in the foreground (Ctrl-C reaches it), its stderr shown and logged; its status
+# This node's own copy of the output is a temporary file; where /proc/self/fd exists (Linux) it is unlinked at once
+# and used through descriptor 9 (/dev/fd/9 opens the file anew), so that a killed script leaves nothing behind.
 run_logged() {
-  local name=$1 log rc=0
+  local name=$1 log tmp own= rc=0
   shift
   mkdir -p "$RUN_DIR/$name"
   log="$RUN_DIR/$name/stderr.log"
   LOG_START="$(stat -c %s "$log" 2>/dev/null || echo 0)"
-  { "$@" 2>&1 1>&3 3>&- | (trap '' INT TERM; exec tee -a "$log" >&2 3>&-); } 3>&1 || rc=$?
-  [ "$rc" = 0 ] || stage_end "$name" "$rc" "$log" "$LOG_START"
+  if tmp="$(mktemp "${TMPDIR:-/tmp}/llmc-stage.XXXXXX" 2>/dev/null)"; then
+    if [ -d /proc/self/fd ] && exec 9<>"$tmp"; then rm -f "$tmp"; own=/dev/fd/9; else own=$tmp; fi
+  fi
+  { "$@" 9>&- 2>&1 1>&3 3>&- | (trap '' INT TERM; exec tee -a "$log" ${own:+"$own"} >&2 3>&-); } 3>&1 || rc=$?
+  if [ "$rc" != 0 ] && [ -n "$own" ] && workers_preempted "$own"; then rc=$PREEMPTED; fi
+  [ "$rc" = 0 ] || stage_end "$name" "$rc" "$log" "$LOG_START" "$own"
+  if [ "$own" = /dev/fd/9 ]; then exec 9>&-; elif [ -n "$own" ]; then rm -f "$own"; fi
   return "$rc"
 }
 if [ "${PREPARE:-1}" != 0 ]; then
