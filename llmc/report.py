@@ -136,7 +136,7 @@ def _rope_text(a) -> str:
         rule = {"llama3": "Llama 3.1 bands", "yarn": "YaRN", "linear": "linear interpolation",
                 "longrope": "LongRoPE (long factors past it)"}[rs.type]
         out += f", {rule} x{rs.factor:g} from {rs.original_max_position:,} tokens"
-    if a.full_attention_layers and (rs is not None or a.sliding_rope_theta is not None):
+    if a.window_rope_apart and (rs is not None or a.sliding_rope_theta is not None):
         out += (f"{' (full-attention layers)' if rs is not None else ''}; windowed layers theta "
                 f"{a.window_rope_theta:g}{', unscaled' if rs is not None else ''}")
     if a.nope_layers:

@@ -206,12 +206,14 @@ def test_activation_checkpointing_follows_the_plan(tmp_path, ac, per_micro, zero
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["llama", "phi3", "mistral", "olmo2", "gemma3_mm"])
+@pytest.mark.parametrize("kind", ["llama", "phi3", "mistral", "olmo2", "gemma3_mm", "gpt_oss"])
 def test_zero3_from_hugging_face_matches_transformers_and_exports(tmp_path, kind):
     """ZeRO-3 partitions built under zero.Init: rank 0 reads each HF tensor (Phi-3: its rows of the fused qkv_proj /
     gate_up_proj, with partial RoPE) and DeepSpeed re-partitions it; the first loss is transformers' (Mistral: with
     an 8-token sliding window, shorter than the sequences; OLMo 2: its post-norm block and whole-projection q / k
-    norms; Gemma 3's image-text checkpoint: its language model, the norms' 1 + weight, windowed and full layers)."""
+    norms; Gemma 3's image-text checkpoint: its language model, the norms' 1 + weight, windowed and full layers;
+    gpt-oss: attention sinks, the experts' biases (above the persistence threshold: partitioned, gathered around the
+    MoE block like the experts' weights) and clamped SwiGLU)."""
     transformers = pytest.importorskip("transformers")
     from test_hf_init import arch_of, make_hf
 

@@ -101,6 +101,15 @@ def make_hf(tmp: Path, kind: str = "llama", shard: str | None = "40KB", seed: in
         cfg = transformers.Qwen3MoeConfig(**{**TINY, "num_experts": 4, "num_experts_per_tok": 2,
                                              "moe_intermediate_size": 40, "norm_topk_prob": True, **over})
         model = transformers.Qwen3MoeForCausalLM(cfg)
+    elif kind == "gpt_oss":  # sinks, q/k/v and o biases, biased clamped-SwiGLU experts (8, top-2; no aux loss in the
+        # logged loss; 8 x 96 gate / up biases: above DeepSpeed's ZeRO-3 persistence threshold of 10 x hidden, so
+        # partitioned), a window in layers 0 and 2 (GptOssConfig's default head_dim 64 replaced by hidden / heads)
+        kw = {**TINY, **over}
+        cfg = transformers.GptOssConfig(**{**kw, "num_hidden_layers": 3, "num_local_experts": 8,
+                                           "head_dim": kw["hidden_size"] // kw["num_attention_heads"],
+                                           "num_experts_per_tok": 2, "sliding_window": 5, "router_aux_loss_coef": 0.0,
+                                           "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
+        model = transformers.GptOssForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(**{**TINY, **over})
         model = transformers.LlamaForCausalLM(cfg)

@@ -42,8 +42,10 @@ def label(name: str) -> str:
         sub = part.split(".")[1]
         if sub in ("wq_a", "q_norm", "wq_b", "wkv_a", "kv_norm", "wkv_b"):
             return f"mla/{sub}"  # (MLA's wq/wo are relabelled by runtime_breakdown)
-        if part.endswith(".bias"):
-            return "attn/bias"
+        if sub == "sinks":  # gpt-oss: one sink logit per query head
+            return "attn/sinks"
+        if part.endswith(".bias"):  # q/k/v biases; gpt-oss's o_proj bias apart
+            return "attn/o_bias" if sub == "wo" else "attn/bias"
         return {"wq": "attn/wq", "wk": "attn/wkv", "wv": "attn/wkv", "wo": "attn/wo"}[sub]
     if part.startswith("feed_forward."):
         return "mlp/dense"

@@ -312,7 +312,13 @@ def test_parallel_layouts_match_single_process(tmp_path, docs, layout):
     {"qk_norm": True, "norm_placement": "sandwich", "norm_unit_offset": True, "activation": "gelu_tanh",
      "embedding_scale": True, "sliding_window": 8, "full_attention_layers": [1], "sliding_rope_theta": 100.0},
     {"mla": {"q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 12}},
-], ids=["qk_norm", "olmo3", "gemma3", "mla"])
+    # gpt-oss: q/k/v and o_proj biases, a sink logit per head (sharded by head), a window in layer 0, YaRN in both;
+    # biased clamped-SwiGLU experts (replicated over TP; all 4 picked: a near-tie in the router cannot flip a choice)
+    {"qkv_bias": True, "attn_out_bias": True, "attn_sinks": True, "activation": "swiglu_clamped", "sliding_window": 8,
+     "full_attention_layers": [1], "rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position": 16,
+                                                    "truncate": False},
+     "moe": {"num_experts": 4, "top_k": 4, "router_bias": True, "expert_proj_bias": True, "score_func": "softmax"}},
+], ids=["qk_norm", "olmo3", "gemma3", "mla", "gpt_oss"])
 def test_tensor_parallel_matches_single_process(tmp_path, docs, model):
     """TP 2 inside FSDP2 over 2 (4 ranks) equals one process: losses and the global gradient norm.
 
@@ -322,7 +328,8 @@ def test_tensor_parallel_matches_single_process(tmp_path, docs, model):
     differ in window and RoPE): each rank's block of columns with its block of the weight, the mean of squares summed
     over the TP ranks (_projection_sharded_norm). MLA: the per-head up-projections column-parallel, the low-rank down-projections
     replicated, the shared rope key's gradient summed over TP (_sum_rope_key_grad; without it the replicated wkv_a
-    gets only each rank's heads' share and the gradient norm and losses drift)."""
+    gets only each rank's heads' share and the gradient norm and losses drift). gpt-oss: each rank its heads' sink logits
+    (_heads_sharded_sinks)."""
     single = make_lock(tmp_path / "single", docs, steps=6, interval=6, **model)
     run(single, tmp_path / "single" / "o")
     lock = make_lock(tmp_path / "tp", docs, steps=6, interval=6, plan={"dp_shard": 2, "tp": 2, "micro_batch": 4},

@@ -16,7 +16,8 @@ CONFIGS = sorted(HF.glob("*.json"))
 REQUIRED = ["llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
             "llama3.2-1b", "mistral-7b", "phi3-mini-4k", "phi4", "smollm3-3b", "olmo2-7b", "olmo3-7b", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b", "gemma2-2b", "gemma2-9b",
             "gemma2-27b", "deepseek-v2-lite", "olmoe-1b-7b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "qwen3-0.6b",
-            "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "kimi-k2", "tiny", "tiny-moe"]
+            "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "kimi-k2", "gpt-oss-20b", "gpt-oss-120b", "tiny",
+            "tiny-moe"]
 
 
 def test_required_presets_exist():
@@ -625,6 +626,9 @@ def _tiny(mt: str, drop=(), **changes) -> dict:
           original_max_position_embeddings=64),
     _tiny("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
     _tiny("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}, original_max_position_embeddings=64),
+    # YaRN's correction range kept fractional (gpt-oss's truncate: false; was refused)
+    _tiny("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0, "truncate": False},
+          original_max_position_embeddings=64),
     _tiny("llama", rope_theta=1e4, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
     _tiny("llama", rope_theta=1e4, rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 2e5}),
     _tiny("phi3", drop=("head_dim",), original_max_position_embeddings=64, max_position_embeddings=256,
@@ -669,7 +673,6 @@ def test_imported_model_is_the_one_transformers_builds(cfg):
     (_tiny("qwen3_moe", attention_bias=True), "attention_bias"),
     (_tiny("llama", mlp_bias=True), "mlp_bias"),
     (_tiny("llama", hidden_act="gelu_pytorch_tanh"), "hidden_act"),  # GeGLU: Gemma's block only
-    (_tiny("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0, "truncate": False}), "rope_scaling.truncate"),
     (_tiny("phi3", rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling"),
     (_tiny("qwen3", use_sliding_window=True, sliding_window=16, max_window_layers=1), "use_sliding_window"),
 ])

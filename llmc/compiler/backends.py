@@ -430,10 +430,10 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
     bias, expert groups scored by their best expert (DeepSeek-V2's ``group_score: max``: torchtitan's
     ``TokenChoiceTopKRouter`` in torchtitan/models/common/moe.py scores a group by the sum of its top-2 experts only),
     muP multipliers, a sliding window shorter than the job's ``seq_len`` (None: any), layers without RoPE,
-    OLMo 2's block; with ``init_hf`` (the spec
+    OLMo 2's block, gpt-oss's block; with ``init_hf`` (the spec
     path the pre-training weights come from) a family or checkpoint its state-dict adapters cannot read
     (``hf_model_type``: the checkpoint's config.json model_type, gathered before compiling). The torchtitan emitter
-    reports these as its X301 / X302 / X309 / X310 / X314 / X315 / X316 / X317 / X318 / X319 errors; ``training.backend: auto`` picks another
+    reports these as its X301 / X302 / X309 / X310 / X314 / X315 / X316 / X317 / X318 / X319 / X320 errors; ``training.backend: auto`` picks another
     backend for such a model (:func:`resolve_backend`)."""
     v = TARGET_VERSIONS["torchtitan"]
     fam = family_of(arch)
@@ -462,7 +462,13 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
                             f"torchtitan {v}'s Llama attention applies RoPE in every layer (this model has none in "
                             f"{len(arch.nope_layers)} of its {arch.n_layers} layers: NoPE)",
                             "build with training.backend native or deepspeed: llmc's model skips RoPE there"))
-    if arch.norm_placement == "sandwich" or arch.norm_unit_offset or arch.activation != "silu" or arch.embedding_scale:
+    if arch.attn_sinks:  # gpt-oss's block (the spec admits its parts together only)
+        out.append(ModelGap("X320", "model.attn_sinks",
+                            f"llmc's torchtitan {v} job has no gpt-oss block (attention sinks, q/k/v and o_proj biases, "
+                            "biased clamped-SwiGLU experts, YaRN in windowed layers): torchtitan's own "
+                            "torchtitan/models/gpt_oss is not emitted", "build with training.backend native or deepspeed "
+                            "(llmc's model runs gpt-oss)"))
+    if arch.norm_placement == "sandwich" or arch.norm_unit_offset or arch.activation == "gelu_tanh" or arch.embedding_scale:
         out.append(ModelGap("X318", "model.norm_placement",
                             f"torchtitan {v} has no Gemma block (norms before and after attention and MLP scaling "
                             "by 1 + weight, GeGLU, embeddings x sqrt(d_model); Gemma 2's logit soft-capping)",
@@ -496,9 +502,9 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
                             f"the torchtitan job cannot start from {init_hf}: a {hf_model_type} checkpoint (fused "
                             "qkv_proj / gate_up_proj), which torchtitan's Llama adapter does not read",
                             "run it on the native or deepspeed backend, or start from llmc's export of it"))
-    # a block torchtitan has no model for (OLMo 2 / 3, Gemma) first: the reason `auto` gives is the first gap's, and the
+    # a block torchtitan has no model for (OLMo 2 / 3, Gemma, gpt-oss) first: the reason `auto` gives is the first gap's, and the
     # block is why, more than its window or RoPE
-    return sorted(out, key=lambda g: g.code not in ("X317", "X318"))
+    return sorted(out, key=lambda g: g.code not in ("X317", "X318", "X320"))
 
 
 def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = None, cp: int | None = None,

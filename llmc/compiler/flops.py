@@ -21,6 +21,10 @@ planned and the measured MFU agree):
   window layers' core attention uses ``swa_context = min(window, seq_len)`` where full layers use seq_len), so the
   two stay comparable; it counts the useful band, not the work of a kernel that computes the whole square and masks
   it (``timing.py`` times llmc's masked kernel).
+* **gpt-oss** (``attn_sinks``): its sink logits (one per head, a column of the softmax: elementwise work) and its
+  biases (q/k/v, o_proj, router, experts: an add per output, counted as parameters in N_mm, i.e. 6 FLOPs each, not
+  the 3 an add costs forward and backward) are under 0.1 % of its matmul FLOPs and stay in the convention as they
+  are; its windowed layers (every other one, W = 128) count min(s, 128) keys, the full ones s.
 * **No causal halving.** With a causal mask only about half the score entries are needed (FlashAttention
   skips masked blocks), so "useful" attention FLOPs are half of this term. PaLM, Megatron and torchtitan
   all count the full s x s product; so do we (``attention_flops_per_token(..., causal_halved=True)``

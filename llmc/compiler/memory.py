@@ -436,14 +436,18 @@ def _ffn_act_per_token(arch: Architecture, i: int) -> tuple[float, float]:
     MoE: each token is processed by top_k experts, so the expert part scales with top_k: per routed copy
     the permuted input (h), 4 x f_e SwiGLU intermediates and the expert output (h, needed for the
     gradient of the routing weights); shared experts 4 x S x f_e; router scores E (fp32 -> 2 elements).
+    gpt-oss's clamped SwiGLU (``activation: swiglu_clamped``, llmc.runtime.model.GroupedExperts, as transformers'
+    ``GptOssExperts._apply_gate``) keeps 7 x f_e per routed copy instead of 4: the two clamps' inputs (gate, up), the
+    clamped gate, the sigmoid's output, up + 1, the gated product and the w2 input.
     """
     d = arch.d_model
+    glu = 7 if arch.activation == "swiglu_clamped" else 4
     if not is_moe_layer(arch, i):
         return 4.0 * arch.d_ff, 2.0 * arch.d_ff + d
     moe = arch.moe
     f = expert_d_ff(arch)
     k, S, E = moe.top_k, moe.num_shared_experts, moe.num_experts
-    saved = k * (d + 4 * f + d) + 4 * S * f + 2 * E
+    saved = k * (d + glu * f + d) + 4 * S * f + 2 * E
     lin = k * (2 * f + d) + (S and (2 * S * f + d)) + E
     return float(saved), float(lin)
 
@@ -500,13 +504,14 @@ def layer_activation_bytes_per_token(
     attn_saved, attn_lin, attn_out = _attn_act_per_token(arch)
     ffn_saved, ffn_lin = _ffn_act_per_token(arch, i)
     norms = block_norm_elems(arch)
-    if ac_mode == "none" and arch.attn_logit_softcap is not None:
-        # soft-capped attention (llmc.runtime.model._softcapped): no kernel's log-sum-exp; K and V expanded to every
-        # query head (GQA) and kept by the two matmuls; every score kept (softcap_score_bytes), the whole s x s square
-        # in a windowed layer too (the band is a mask on it)
+    if ac_mode == "none" and eager_attention(arch):
+        # soft-capped attention or attention sinks (llmc.runtime.model._eager_attention): no kernel's log-sum-exp; K
+        # and V expanded to every query head (GQA) and kept by the two matmuls; every score kept (eager_score_bytes),
+        # the whole s x s square in a windowed layer too (the band is a mask on it)
         expand = 2 * (H - arch.kv_heads) * arch.hd
         elems = norms + attn_saved + expand + attn_out + ffn_saved
-        return elems * bytes_per_elem + H * seq_len * softcap_score_bytes(bytes_per_elem)
+        sink = H * SOFTMAX_FP32_BYTES if arch.attn_sinks else 0.0  # the softmax's sink column (fp32), per query
+        return elems * bytes_per_elem + H * seq_len * eager_score_bytes(arch, bytes_per_elem) + sink
     if ac_mode == "none":
         elems = norms + attn_saved + attn_out + 2 * H + ffn_saved
         score = 0.0 if flash_attention else H * seq_len  # softmax output, a s^2 b per sequence
@@ -693,12 +698,29 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
 def window_mask_bytes(arch, seq_len: int, act_bytes: float) -> float:
     """The band mask of a sliding window W < seq_len (llmc.runtime.model: one additive (s, s) mask per micro-batch
     shape, in the activation dtype, shared by every layer and saved by SDPA for the backward); with soft-capped
-    attention (``attn_logit_softcap``, llmc.runtime.model._softcapped) also the causal mask of the layers without a
-    binding window, cached alike; 0 otherwise."""
+    attention or attention sinks (:func:`eager_attention`, llmc.runtime.model._eager_attention) also the causal mask of
+    the layers without a binding window, cached alike; 0 otherwise."""
     w = arch.sliding_window
     band = bool(w and w < seq_len)
-    n = int(band) + int(arch.attn_logit_softcap is not None and (not band or bool(arch.full_attention_layers)))
+    n = int(band) + int(eager_attention(arch) and (not band or bool(arch.full_attention_layers)))
     return n * float(seq_len) ** 2 * act_bytes
+
+
+def eager_attention(arch) -> bool:
+    """llmc's trainer computes this model's attention scores unfused, as transformers' eager attention (no fused kernel
+    takes them): soft-capped scores (Gemma 2, ``attn_logit_softcap``) or attention sinks (gpt-oss, ``attn_sinks``)."""
+    return arch.attn_logit_softcap is not None or arch.attn_sinks
+
+
+def eager_score_bytes(arch, act_bytes: float) -> float:
+    """Bytes the unfused attention (:func:`eager_attention`) keeps per score for the backward: soft-capped,
+    :func:`softcap_score_bytes`; with sinks (llmc.runtime.model._eager_attention, as transformers'
+    ``eager_attention_forward`` in modeling_gpt_oss.py: the scores and the sink column concatenated, softmax in fp32,
+    cast back without the sink column) the fp32 softmax and its cast (the same tensor when the activations are fp32):
+    4 + 2 = 6 in bf16 (the softmax's sink column, 4 B a query and head, is counted beside)."""
+    if arch.attn_logit_softcap is not None:
+        return softcap_score_bytes(act_bytes)
+    return SOFTMAX_FP32_BYTES + (act_bytes if act_bytes < SOFTMAX_FP32_BYTES else 0.0)
 
 
 def softcap_score_bytes(act_bytes: float) -> float:

@@ -10,7 +10,9 @@ shapes as the Hugging Face checkpoints:
   [H*hd] + 2*[KV*hd] when ``qkv_bias``; Qwen3's ``q_norm`` / ``k_norm`` [hd] each when ``qk_norm`` (one RMSNorm
   weight shared by every head, HF ``Qwen3Attention``), OLMo 2's [H*hd] / [KV*hd] with ``qk_norm_scope: projection``
   (HF ``Olmo2Attention``). ``norm_placement: post`` moves the two block norms, it does not add any; ``sandwich``
-  (Gemma 3) adds two more, on the outputs of attention and MLP: 4 [d] a block.
+  (Gemma 3) adds two more, on the outputs of attention and MLP: 4 [d] a block. gpt-oss adds the o_proj bias
+  ``attn/o_bias`` [d] (``attn_out_bias``) and one sink logit per query head ``attn/sinks`` [H] (``attn_sinks``;
+  transformers ``GptOssAttention.sinks``).
 * MLA attention (DeepSeek-V2/V3, arXiv 2405.04434 sec. 2.1): ``wq_a`` [q_lora, d], ``q_norm`` [q_lora],
   ``wq_b`` [H*(nope+rope), q_lora] (or ``wq`` [H*(nope+rope), d] when q_lora_rank is None),
   ``wkv_a`` [kv_lora+rope, d], ``kv_norm`` [kv_lora], ``wkv_b`` [H*(nope+v), kv_lora], ``wo`` [d, H*v].
@@ -19,6 +21,8 @@ shapes as the Hugging Face checkpoints:
   ``w1``/``w3`` [E, f, d], ``w2`` [E, d, f]) -> E*3*d*f; shared experts one SwiGLU of width S*f -> 3*d*S*f.
   DeepSeek-V3's ``e_score_correction_bias`` (``expert_bias``) adds E per MoE layer: a weight of the checkpoint,
   counted here, though transformers >= 5 and torchtitan register it as a buffer (outside ``parameters()``).
+  gpt-oss's expert biases (``moe.expert_proj_bias``: ``gate_up_proj_bias`` [E, 2f], ``down_proj_bias`` [E, d]) are
+  counted in ``moe/experts`` (E x (3 d f + 2 f + d): sharded with their experts).
 
 Verified against the published totals in tests/test_params.py.
 """
@@ -60,6 +64,10 @@ def _gqa_components(arch: Architecture) -> dict[str, int]:
     }
     if arch.qkv_bias:
         out["attn/bias"] = H * hd + 2 * kv * hd
+    if arch.attn_out_bias:  # gpt-oss: o_proj's bias
+        out["attn/o_bias"] = d
+    if arch.attn_sinks:  # gpt-oss: one sink logit per query head
+        out["attn/sinks"] = H
     if arch.qk_norm:  # over a head (one weight for every head), or over the whole q / k projection (OLMo 2)
         out["attn/qk_norm"] = 2 * hd if arch.qk_norm_scope == "head" else (H + kv) * hd
     return out
@@ -90,6 +98,14 @@ def n_moe_layers(arch: Architecture) -> int:
     return max(0, arch.n_layers - arch.moe.dense_layers)
 
 
+def expert_params(arch: Architecture) -> int:
+    """Parameters of one routed expert: its SwiGLU's 3 d f, with ``moe.expert_proj_bias`` (gpt-oss) its gate / up
+    biases (2 f) and down bias (d)."""
+    assert arch.moe is not None
+    d, f = arch.d_model, expert_d_ff(arch)
+    return 3 * d * f + (2 * f + d if arch.moe.expert_proj_bias else 0)
+
+
 def _ffn_components(arch: Architecture, i: int) -> dict[str, int]:
     d = arch.d_model
     if not is_moe_layer(arch, i):
@@ -98,7 +114,7 @@ def _ffn_components(arch: Architecture, i: int) -> dict[str, int]:
     f = expert_d_ff(arch)
     out = {
         "moe/router": d * moe.num_experts + (moe.num_experts if moe.router_bias else 0),
-        "moe/experts": moe.num_experts * 3 * d * f,
+        "moe/experts": moe.num_experts * expert_params(arch),
     }
     if moe.num_shared_experts:
         out["moe/shared"] = 3 * d * moe.num_shared_experts * f
@@ -159,8 +175,7 @@ def inactive_expert_params(arch: Architecture) -> int:
     if arch.moe is None:
         return 0
     moe = arch.moe
-    per_expert = 3 * arch.d_model * expert_d_ff(arch)
-    return (moe.num_experts - moe.top_k) * per_expert * n_moe_layers(arch)
+    return (moe.num_experts - moe.top_k) * expert_params(arch) * n_moe_layers(arch)
 
 
 def params_active(arch: Architecture) -> int:

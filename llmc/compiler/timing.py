@@ -83,6 +83,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from llmc.compiler.memory import eager_attention
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import TimeNumbers
 
@@ -98,9 +99,11 @@ COMM_EFFICIENCY = 0.80  # achieved bus bandwidth / link bandwidth (NCCL ring, la
 OVERLAP = 0.85  # fraction of overlappable comm actually hidden behind compute
 CP_OVERLAP = 0.50  # ring-attention KV passing hidden behind the attention kernels
 ADAM_BYTES_PER_PARAM = 30  # HBM traffic of one fused AdamW update per owned parameter
-# HBM bytes per score of soft-capped attention's forward, fused as torch.compile fuses the pointwise chain (estimate):
-# the QK^T product read (2), tanh's output (2), the fp32 softmax (4) and its bf16 cast (2) written, the cast read by
-# the PV product (2); eager runs each op apart (x the backend's eager_elementwise, as the other memory-bound ops)
+# HBM bytes per score of unfused attention's forward (soft-capped scores; attention sinks: the scores with the sink
+# column concatenated in place of tanh's output), fused as torch.compile fuses the pointwise chain (estimate): the
+# QK^T product read (2), tanh's (or the concatenation's) output (2), the fp32 softmax (4) and its bf16 cast (2)
+# written, the cast read by the PV product (2); eager runs each op apart (x the backend's eager_elementwise, as the
+# other memory-bound ops)
 SOFTCAP_SCORE_FWD_BYTES = 12
 # ZeRO-Offload (parallelism.offload_optimizer; Ren et al. 2021, arXiv:2101.06840 sec. 4): the fp32 master weights
 # and AdamW moments live on the host, which runs the update. Per step, each rank's owned 16-bit gradients go to the
@@ -306,8 +309,9 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         else:
             cast_full = unfused * (5 * d + 2 * d)
         weight_cast = be.fp8_weight_cast_bytes.get(recipe, 0.0) * (blocks - expert * n_moe) / L  # dense linears
-    if arch.attn_logit_softcap is not None:
-        # soft-capped attention (llmc.runtime.model._softcapped) writes and reads every score of every layer (the whole
+    if eager_attention(arch):
+        # soft-capped attention, or attention with sinks (llmc.runtime.model._eager_attention: no fused kernel takes
+        # either), writes and reads every score of every layer (the whole
         # square in a windowed one too): SOFTCAP_SCORE_FWD_BYTES forward, twice that backward (the final logits'
         # soft-cap, one pass over the head's output, is not counted: under 1 % of a Gemma 2 step)
         elementwise += 3 * SOFTCAP_SCORE_FWD_BYTES * arch.n_heads * seq_len

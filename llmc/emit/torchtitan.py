@@ -45,6 +45,7 @@ Diagnostics (errors unless noted):
     X316 layers without RoPE (SmolLM3's NoPE layers)  X317 OLMo 2's block (post-norms, projection q/k norms)
     X318 Gemma's block (sandwich norms with 1 + weight, GeGLU, scaled embeddings; Gemma 2's soft-capping)
     X319 expert groups scored by their best expert (DeepSeek-V2's group_limited_greedy)
+    X320 gpt-oss's block (attention sinks, o_proj and expert biases, clamped SwiGLU): torchtitan's gpt_oss not emitted
 
 Activation checkpointing: the plan's ``selective`` / ``full`` / ``none`` are torchtitan's ``SelectiveAC`` /
 ``FullAC`` / ``None``. ``partial`` (``ac_layers`` = K) has no torchtitan 0.3.0 policy (``FullAC`` wraps every block,

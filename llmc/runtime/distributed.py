@@ -110,6 +110,8 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
             plan.update({"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
                          "feed_forward.w2": RowwiseParallel()})
         parallelize_module(blk, tp_mesh, plan)
+        if arch.attn_sinks:
+            _heads_sharded_sinks(blk.attention, tp_mesh)
         if arch.qk_norm:
             for norm in (blk.attention.q_norm, blk.attention.k_norm):
                 (_heads_sharded_norm if arch.qk_norm_scope == "head" else _projection_sharded_norm)(norm, tp_mesh)
@@ -140,6 +142,15 @@ def _sum_rope_key_grad(wkv_a: nn.Module, kv_lora: int, tp_mesh) -> None:
     :class:`_RopeKeyGrad`."""
     group = tp_mesh.get_group()
     wkv_a.register_forward_hook(lambda _mod, _inp, out: _RopeKeyGrad.apply(out, kv_lora, group))
+
+
+def _heads_sharded_sinks(attn: nn.Module, tp_mesh) -> None:
+    """gpt-oss's attention sinks (one logit per query head) under TP: each rank keeps its own heads' (Shard(0): the
+    contiguous block of heads the column-parallel wq gives it), as torchtitan's gpt_oss sharding does; the attention
+    reads the local shard (``llmc.runtime.model._local``), and its gradient stays on that rank's heads."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    attn.sinks = nn.Parameter(distribute_tensor(attn.sinks.data, tp_mesh, [Shard(0)]))
 
 
 def _heads_sharded_norm(norm: nn.Module, tp_mesh) -> None:

@@ -155,8 +155,10 @@ def _register_external_params(model) -> None:
     for blk in model.layers.values():
         moe = getattr(blk, "moe", None)
         if moe is not None:
-            for w in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
-                register_external_parameter(moe, w)
+            ex = moe.experts
+            for w in (ex.w1, ex.w2, ex.w3, *(b for b in (getattr(ex, n, None) for n in ("b1", "b2", "b3"))
+                                              if b is not None)):
+                register_external_parameter(moe, w)  # (gpt-oss: the experts' biases b1 / b3 / b2 too)
 
 
 def load_weights_zero_aware(model, path: Path, rank: int) -> int:

@@ -57,6 +57,21 @@ rotate. Their MoE layers have DeepSeek-V3's names (``mlp.gate.weight``, ``mlp.ga
 ``mlp.experts.{e}.*``, ``mlp.shared_experts.*``); the MTP layers after the last layer (``num_nextn_predict_layers``)
 are left out, as for DeepSeek-V3, and the export writes none.
 
+gpt-oss (``GptOssForCausalLM``, transformers ``modeling_gpt_oss.py``; gpt-oss-20b / 120b in bf16) has Llama's attention
+names with biases on q/k/v (rows permuted as the weights') and o_proj, plus ``self_attn.sinks``; its experts are stored
+stacked and transposed (``x @ W``), gate and up interleaved along the columns of one tensor::
+
+    layers.N.attention.sinks               model.layers.N.self_attn.sinks
+    layers.N.moe.router.gate.{weight,bias} model.layers.N.mlp.router.{weight,bias}
+    layers.N.moe.experts.w1 / w3 [E,F,D]   model.layers.N.mlp.experts.gate_up_proj [E,D,2F]: columns 0::2 / 1::2,
+                                           transposed
+    layers.N.moe.experts.b1 / b3 [E,F]     model.layers.N.mlp.experts.gate_up_proj_bias [E,2F]: columns 0::2 / 1::2
+    layers.N.moe.experts.w2 [E,D,F]        model.layers.N.mlp.experts.down_proj [E,F,D], transposed
+    layers.N.moe.experts.b2 [E,D]          model.layers.N.mlp.experts.down_proj_bias
+
+The released checkpoints store the experts in MXFP4 (``quantization_config.quant_method: mxfp4``,
+``gate_up_proj_blocks`` / ``_scales``): refused with one line (dequantize them to bf16 with transformers first).
+
 DeepSeek-V3 (MLA + DeepSeekMoE) <-> transformers ``DeepseekV3ForCausalLM`` (``modeling_deepseek_v3.py``;
 the checkpoint layout of https://huggingface.co/deepseek-ai/DeepSeek-V3, experts stored one by one)::
 
@@ -132,6 +147,9 @@ class HFParam:
     # (start, stop, rows): rows [start, stop) of a fused HF tensor of that many rows (Phi-3's qkv_proj, gate_up_proj)
     rows: tuple[int, int, int] | None = None
     rotary: int | None = None  # with ``heads``: only the first this many rows of each head are RoPE-permuted
+    # gpt-oss's stacked experts: "gate" / "up" (the even / odd columns of gate_up_proj [E, D, 2F], transposed; of its
+    # bias [E, 2F]), "down" (down_proj [E, F, D] transposed)
+    experts: str | None = None
 
 
 def _hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -158,6 +176,32 @@ def _heads_permuted(w: torch.Tensor, n_heads: int, rotary: int | None,
     b = w.reshape(n_heads, -1, *w.shape[1:])
     rot = fn(b[:, :rotary].reshape(n_heads * rotary, *w.shape[1:]), n_heads).reshape(n_heads, rotary, *w.shape[1:])
     return torch.cat([rot, b[:, rotary:]], dim=1).reshape(w.shape)
+
+
+def _gpt_oss_experts(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """One llmc expert tensor from a gpt-oss checkpoint tensor (:attr:`HFParam.experts`): gate / up take the even /
+    odd last-dim entries (``GptOssExperts._apply_gate``: gate_up[..., ::2], gate_up[..., 1::2]); the 3-D weights are
+    stored transposed (``x @ W``)."""
+    if kind in ("gate", "up"):
+        t = t[..., 0::2] if kind == "gate" else t[..., 1::2]
+    return t.transpose(1, 2) if t.dim() == 3 else t
+
+
+def _gpt_oss_experts_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    """The shape :func:`_gpt_oss_experts` gives a checkpoint tensor of ``shape``."""
+    if kind in ("gate", "up"):
+        shape = (*shape[:-1], shape[-1] // 2)
+    return (shape[0], shape[2], shape[1]) if len(shape) == 3 else tuple(shape)
+
+
+def _gpt_oss_supported(arch) -> str | None:
+    """None when a gpt-oss block maps onto ``GptOssForCausalLM`` (every layer's experts intermediate_size wide), else
+    the reason."""
+    m = arch.moe
+    if m.expert_d_ff not in (None, arch.d_ff):
+        return ("GptOssForCausalLM's experts are intermediate_size wide and it has no dense MLP (moe.expert_d_ff "
+                "must be unset)")
+    return None
 
 
 def _deepseek_supported(arch) -> str | None:
@@ -228,6 +272,8 @@ def hf_export_supported(arch) -> str | None:
         return _deepseek_supported(arch)
     if family_of(arch).name == "glm4_moe":
         return _glm4_moe_supported(arch)
+    if family_of(arch).name == "gpt_oss":
+        return _gpt_oss_supported(arch)
     if arch.partial_rotary and (arch.qkv_bias or arch.qk_norm or arch.moe):
         return "partial RoPE is exported as Phi3ForCausalLM, which has no q/k/v biases, q/k norms or experts"
     if arch.qkv_bias and arch.qk_norm and arch.moe is None:
@@ -290,6 +336,10 @@ def hf_names(arch, rope_interleave: bool = True, fused: bool = False) -> dict[st
                 out[f"{s}attention.{ours}.{kind}"] = HFParam((f"{d}self_attn.{HF_TARGETS[ours]}.{kind}",), heads,
                                                              rotary=rot if heads else None)
         out[s + "attention.wo.weight"] = HFParam((d + "self_attn.o_proj.weight",))
+        if arch.attn_out_bias:  # gpt-oss
+            out[s + "attention.wo.bias"] = HFParam((d + "self_attn.o_proj.bias",))
+        if arch.attn_sinks:
+            out[s + "attention.sinks"] = HFParam((d + "self_attn.sinks",))
         if fused:
             out.update(_fused_names(arch, s, d))
             continue
@@ -338,6 +388,16 @@ def _ffn_names(arch, i: int, s: str, d: str) -> dict[str, HFParam]:
     m = arch.moe
     if m is None or i < m.dense_layers:
         return {f"{s}feed_forward.{w}.weight": HFParam((f"{d}mlp.{HF_TARGETS[w]}.weight",)) for w in ("w1", "w3", "w2")}
+    if family_of(arch).name == "gpt_oss":  # GptOssMLP: mlp.router, mlp.experts' stacked interleaved tensors
+        e = f"{d}mlp.experts."
+        return {s + "moe.router.gate.weight": HFParam((d + "mlp.router.weight",)),
+                s + "moe.router.gate.bias": HFParam((d + "mlp.router.bias",)),
+                s + "moe.experts.w1": HFParam((e + "gate_up_proj",), experts="gate"),
+                s + "moe.experts.w3": HFParam((e + "gate_up_proj",), experts="up"),
+                s + "moe.experts.w2": HFParam((e + "down_proj",), experts="down"),
+                s + "moe.experts.b1": HFParam((e + "gate_up_proj_bias",), experts="gate"),
+                s + "moe.experts.b3": HFParam((e + "gate_up_proj_bias",), experts="up"),
+                s + "moe.experts.b2": HFParam((e + "down_proj_bias",))}
     mixtral = family_of(arch).name == "mixtral"
     block = f"{d}block_sparse_moe." if mixtral else f"{d}mlp."
     out = {s + "moe.router.gate.weight": HFParam((block + "gate.weight",))}
@@ -391,8 +451,15 @@ def to_hf_state_dict(model_sd: dict[str, torch.Tensor], arch) -> dict[str, torch
     sd: dict[str, torch.Tensor] = {n: model_sd[ours] if ours in model_sd else torch.zeros(e)
                                    for n, (ours, e) in hf_zero_extras(arch).items()}
     fused: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    interleaved: dict[str, dict[str, torch.Tensor]] = {}  # gpt-oss's gate_up tensors: "gate" / "up" halves
     for name, m in hf_names(arch).items():
         t = model_sd[name]
+        if m.experts == "down":
+            sd[m.hf[0]] = t.transpose(1, 2) if t.dim() == 3 else t
+            continue
+        if m.experts:
+            interleaved.setdefault(m.hf[0], {})[m.experts] = t.transpose(1, 2) if t.dim() == 3 else t
+            continue
         if m.stacked:
             sd.update({hf: t[e] for e, hf in enumerate(m.hf)})
             continue
@@ -404,6 +471,9 @@ def to_hf_state_dict(model_sd: dict[str, torch.Tensor], arch) -> dict[str, torch
             sd[m.hf[0]] = t
     for hf, parts in fused.items():
         sd[hf] = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])], dim=0)
+    for hf, halves in interleaved.items():  # gate, up, gate, up, ... along the last dim
+        g = halves["gate"]
+        sd[hf] = torch.stack([g, halves["up"]], dim=-1).reshape(*g.shape[:-1], 2 * g.shape[-1])
     return sd
 
 
@@ -412,6 +482,8 @@ def from_hf_tensor(m: HFParam, get: Callable[[str], torch.Tensor]) -> torch.Tens
     if m.stacked:
         return torch.stack([get(n) for n in m.hf])
     t = get(m.hf[0])
+    if m.experts:
+        return _gpt_oss_experts(t, m.experts)
     if m.rows:
         t = t[m.rows[0]:m.rows[1]]
     if m.rope:
@@ -511,7 +583,8 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
     fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
               "qkv_bias", "qk_norm", "rope_theta", "norm_eps", "qk_norm_scope", "norm_placement", "nope_layers",
               "full_attention_layers", "norm_unit_offset", "activation", "embedding_scale", "query_pre_attn_scalar",
-              "attn_logit_softcap", "final_logit_softcap", "partial_rotary")
+              "attn_logit_softcap", "final_logit_softcap", "partial_rotary", "attn_out_bias", "attn_sinks",
+              "swiglu_alpha", "swiglu_limit", "sliding_window")
     for f in fields if arch.mla is None else [f for f in fields if f not in ("n_kv_heads", "hd")]:
         a, b = getattr(arch, f), getattr(theirs, f)
         if a != b:
@@ -524,7 +597,7 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
         bad.append("mixture-of-experts settings differ")
     elif arch.moe is not None:
         for f in ("route_scale", "n_expert_groups", "n_limited_groups", "group_score", "num_shared_experts",
-                  "dense_layers", "score_func", "router_bias", "route_norm"):
+                  "dense_layers", "score_func", "router_bias", "route_norm", "expert_proj_bias"):
             a, b = getattr(arch.moe, f), getattr(theirs.moe, f)
             if a != b:
                 bad.append(f"moe.{f} {a} (spec) != {b} (checkpoint)")
@@ -533,7 +606,8 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
             bad.append(f"moe.expert_d_ff {a} (spec) != {b} (checkpoint)")
     rs_a, rs_b = arch.rope_scaling, theirs.rope_scaling
     if (rs_a is None) != (rs_b is None) or (rs_a is not None and (
-            (rs_a.type, rs_a.factor, rs_a.mscale_all_dim) != (rs_b.type, rs_b.factor, rs_b.mscale_all_dim)
+            (rs_a.type, rs_a.factor, rs_a.mscale_all_dim, rs_a.truncate)
+            != (rs_b.type, rs_b.factor, rs_b.mscale_all_dim, rs_b.truncate)
             or abs(rope_attention_factor(rs_a) - rope_attention_factor(rs_b)) > 1e-9)):
         bad.append(f"rope_scaling {rs_a} (spec) != {rs_b} (checkpoint)")
     if bad:
@@ -564,7 +638,7 @@ def _read_local_block(files: SafetensorsDir, m: HFParam, p) -> torch.Tensor | No
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    if m.stacked or m.rope or not all(type(pl) in (Shard, Replicate) for pl in p.placements):
+    if m.stacked or m.rope or m.experts or not all(type(pl) in (Shard, Replicate) for pl in p.placements):
         return None
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     if m.heads:
@@ -592,6 +666,12 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
     """
     src = resolve_hf_source(path)
     cfg = read_hf_config(src)
+    quant = cfg.get("quantization_config")
+    if cfg.get("model_type") == "gpt_oss" and quant:
+        raise HFError(f"{src}: its experts are {quant.get('quant_method', 'quantized') if isinstance(quant, dict) else 'quantized'} "
+                      "(quantization_config), which llmc does not read: give a bf16 / fp32 checkpoint (transformers "
+                      "dequantizes one: from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True)), then "
+                      "save_pretrained)")
     if check_config:
         _check_config(cfg, arch, src)
     files = SafetensorsDir(src)
@@ -616,6 +696,8 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
             continue
         used.update(m.hf)
         shape = (len(m.hf), *files.shapes[m.hf[0]]) if m.stacked else files.shapes[m.hf[0]]
+        if m.experts:  # gpt-oss's interleaved / transposed experts
+            shape = _gpt_oss_experts_shape(tuple(shape), m.experts)
         if m.rows:  # a row range of a fused tensor of m.rows[2] rows
             if shape[0] != m.rows[2]:
                 mismatched.append(f"{m.hf[0]} {list(shape)} vs {name} {list(_model_shape(p))} (fused: "
@@ -767,7 +849,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
     Olmo2ForCausalLM (post-norm blocks), Olmo3ForCausalLM (post-norm blocks with a sliding window),
     Gemma3ForCausalLM / Gemma2ForCausalLM (sandwich-norm blocks, with / without q/k norms),
     MistralForCausalLM (a sliding window), MixtralForCausalLM, Qwen3MoeForCausalLM (MoE + q/k norms),
-    Glm4MoeForCausalLM (sigmoid-routed experts on a GQA block),
+    Glm4MoeForCausalLM (sigmoid-routed experts on a GQA block), GptOssForCausalLM (gpt-oss's block),
     OlmoeForCausalLM (MoE + q/k norms over the projections) or DeepseekV3ForCausalLM / DeepseekV2ForCausalLM (MLA;
     sigmoid- / softmax-routed experts)."""
     fam = family_of(arch)  # the one table of families: HF class and model_type
@@ -801,7 +883,8 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
         # padding_idx: no gradient there)
         cfg.update(attention_bias=False, pad_token_id=None)
     # the MLP's activation, under the key its config class reads (Gemma3TextConfig: hidden_activation)
-    act = next(k for k, v in HF_ACTIVATIONS.items() if v == arch.activation)
+    # (gpt-oss's clamped SwiGLU is implied by its type: GptOssConfig's hidden_act silu, never read)
+    act = next((k for k, v in HF_ACTIVATIONS.items() if v == arch.activation), "silu")
     cfg["hidden_activation" if mtype in ("gemma3_text", "gemma2") else "hidden_act"] = act
     if mtype in ("gemma3_text", "gemma2"):  # Gemma3TextConfig / Gemma2Config (transformers configuration_gemma3/2.py):
         # the block implied by the type; an absent soft-cap would be Gemma2Config's default (on), so both are written
@@ -844,7 +927,7 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
         cfg.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_d_ff or arch.d_ff,
                    norm_topk_prob=m.route_norm, decoder_sparse_step=1, mlp_only_layers=list(range(m.dense_layers)),
                    router_aux_loss_coef=m.aux_loss_coef, output_router_logits=False)
-    elif arch.moe is not None and mtype != "glm4_moe":
+    elif arch.moe is not None and mtype not in ("glm4_moe", "gpt_oss"):
         cfg.update(num_local_experts=arch.moe.num_experts, num_experts_per_tok=arch.moe.top_k,
                    router_aux_loss_coef=arch.moe.aux_loss_coef, output_router_logits=False, sliding_window=w,
                    # DeepSeek-V3 config.json names (routed_scaling_factor 2.5, n_group 8, topk_group 4);
@@ -854,6 +937,17 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
     scaling = _rope_scaling_config(arch)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
+    if mtype == "gpt_oss":  # GptOssConfig (transformers configuration_gpt_oss.py): q/k/v and o_proj biases, sinks, the
+        # experts intermediate_size wide in every layer; one RoPE for every layer, written as rope_parameters (an absent
+        # one would be its YaRN default); its default pad id is None
+        m = arch.moe
+        cfg.pop("rope_scaling", None)
+        cfg.update(attention_bias=True, num_local_experts=m.num_experts, num_experts_per_tok=m.top_k,
+                   router_aux_loss_coef=m.aux_loss_coef, output_router_logits=False, swiglu_alpha=arch.swiglu_alpha,
+                   swiglu_limit=arch.swiglu_limit, sliding_window=w, pad_token_id=None,
+                   layer_types=["sliding_attention" if arch.layer_window(i) else "full_attention"
+                                for i in range(arch.n_layers)],
+                   rope_parameters={**(scaling or {"rope_type": "default"}), "rope_theta": arch.rope_theta})
     if mtype in ("olmo3", "gemma3_text"):  # one attention kind per layer, rope_scaling in the full-attention ones
         # only; transformers >= 5's per-kind RoPE (else OLMo 3's windowed layers take its default base 500000)
         cfg.update(sliding_window=w, layer_types=["sliding_attention" if arch.layer_window(i) else "full_attention"
@@ -875,6 +969,8 @@ def _rope_scaling_config(arch) -> dict[str, Any] | None:
     elif rs.type == "yarn":
         scaling.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow,
                        original_max_position_embeddings=rs.original_max_position)
+        if not rs.truncate:  # (gpt-oss; absent = true)
+            scaling["truncate"] = False
     elif rs.type == "longrope":  # transformers' _compute_longrope_parameters; vLLM's LongRoPE reads the same keys
         scaling.update(short_factor=list(rs.short_factor), long_factor=list(rs.long_factor),
                        original_max_position_embeddings=rs.original_max_position)

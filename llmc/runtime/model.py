@@ -2,7 +2,7 @@
 
 RMSNorm, RoPE (theta + llama3 / yarn / linear scaling), GQA attention or DeepSeek MLA, SwiGLU FFN,
 optional MoE (top-k softmax/sigmoid router, stacked ``[E, ...]`` experts, shared experts, Switch
-load-balancing aux loss). Parameter names follow torchtitan so state dicts line up with torchtitan
+load-balancing aux loss); gpt-oss's block (attention sinks, o_proj bias, biased clamped-SwiGLU experts). Parameter names follow torchtitan so state dicts line up with torchtitan
 checkpoints and with the compiler's ``param_breakdown`` keys::
 
     tok_embeddings.weight
@@ -10,10 +10,12 @@ checkpoints and with the compiler's ``param_breakdown`` keys::
     layers.{i}.post_attention_norm.weight, layers.{i}.post_ffn_norm.weight   (Gemma 3: on the outputs too)
     layers.{i}.attention.{wq,wk,wv,wo}.weight           (GQA; q/k/v biases when qkv_bias)
     layers.{i}.attention.{q_norm,k_norm}.weight         (GQA with qk_norm: Qwen3 per head, OLMo 2 per projection)
+    layers.{i}.attention.wo.bias, layers.{i}.attention.sinks   (gpt-oss: attn_out_bias, attn_sinks)
     layers.{i}.attention.{wq_a,q_norm,wq_b | wq, wkv_a,kv_norm,wkv_b,wo}   (MLA)
     layers.{i}.feed_forward.{w1,w2,w3}.weight            (dense layers)
     layers.{i}.moe.router.gate.weight, layers.{i}.moe.experts.{w1,w2,w3},
     layers.{i}.moe.shared_experts.{w1,w2,w3}.weight      (MoE layers)
+    layers.{i}.moe.router.gate.bias, layers.{i}.moe.experts.{b1,b3,b2}   (gpt-oss: router_bias, expert_proj_bias)
     norm.weight, lm_head.weight                          (lm_head absent when tied)
 
 Shapes in comments: B batch, T sequence, D d_model, H query heads, K kv heads, hd head dim,
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -85,7 +88,8 @@ def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: boo
     original/high_freq_factor keep their frequency, longer than original/low_freq_factor are divided by
     ``factor``, and the band between is interpolated smoothly.
     yarn: YaRN (Peng et al. 2023), as HF ``_compute_yarn_parameters``: per-dim ramp between interpolation
-    and extrapolation over the correction range [beta_fast, beta_slow]; cos/sin scaled by attention_factor, default
+    and extrapolation over the correction range [beta_fast, beta_slow] (widened to whole dims unless ``truncate`` is
+    false: gpt-oss); cos/sin scaled by attention_factor, default
     mscale = 0.1 ln(factor) + 1, or with DeepSeek's mscale / mscale_all_dim their ratio (llmc.rope).
     linear: position interpolation (Chen et al. 2023): inv_freq / factor.
     longrope: LongRoPE (Ding et al. 2024, arXiv:2402.13753; transformers ``_compute_longrope_parameters``): inv_freq
@@ -111,8 +115,10 @@ def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: boo
         def corr_dim(n_rot: float) -> float:  # dim index whose wavelength makes n_rot turns over `old`
             return dim * math.log(scaling.original_max_position / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
 
-        low = max(math.floor(corr_dim(scaling.beta_fast)), 0)
-        high = min(math.ceil(corr_dim(scaling.beta_slow)), dim - 1)
+        low, high = corr_dim(scaling.beta_fast), corr_dim(scaling.beta_slow)
+        if scaling.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
         ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
@@ -228,31 +234,52 @@ window_mask = torch.compiler.disable(_window_mask)
 
 def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, cap: float, causal: bool,
                 mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention with soft-capped scores (Gemma 2, arXiv:2408.00118 sec. 2), as transformers' eager attention computes
-    it (modeling_gemma2.py ``eager_attention_forward``): scores = q k^T x scale, then cap x tanh(scores / cap), the
-    mask added, softmax in fp32, cast back. q: (B, H, T, d); k, v: (B, K, S, d) (K < H: expanded first). No fused
-    kernel takes a soft-cap, so the scores exist: autograd keeps tanh's output, the fp32 softmax and its cast per
-    score (llmc.compiler.memory.softcap_score_bytes). ``causal`` (S = T) without a ``mask``: :func:`window_mask`'s
-    band as wide as the sequence, i.e. the causal mask (one cached tensor)."""
+    """Soft-capped attention: :func:`_eager_attention` with a cap."""
+    return _eager_attention(q, k, v, scale, causal, mask, cap=cap)
+
+
+def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
+                     mask: torch.Tensor | None, cap: float | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention with its scores computed, as transformers' eager attention does: with soft-capped scores (Gemma 2,
+    arXiv:2408.00118 sec. 2; modeling_gemma2.py ``eager_attention_forward``): scores = q k^T x scale, then
+    cap x tanh(scores / cap), the mask added, softmax in fp32, cast back; with attention ``sinks`` (H,) (gpt-oss,
+    modeling_gpt_oss.py ``eager_attention_forward``): each head's sink logit joins the masked scores as one more
+    column of the softmax, which is dropped after it (p_j = exp(s_j) / (exp(sink) + sum_k exp(s_k))). q: (B, H, T, d);
+    k, v: (B, K, S, d) (K < H: expanded first). No fused kernel takes a soft-cap or a sink, so the scores exist:
+    autograd keeps tanh's output (soft-capped), the fp32 softmax and its cast per score
+    (llmc.compiler.memory.eager_score_bytes). ``causal`` (S = T) without a ``mask``: :func:`window_mask`'s band as
+    wide as the sequence, i.e. the causal mask (one cached tensor)."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     s = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    s = torch.tanh(s / cap) * cap
+    if cap is not None:
+        s = torch.tanh(s / cap) * cap
     T, S = q.shape[2], k.shape[2]
     if mask is None and causal:
         mask = window_mask(T, S, S, q.device, s.dtype)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    if sinks is None:
+        return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    B, H = s.shape[0], s.shape[1]
+    s = torch.cat([s, sinks.to(s.dtype).view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)  # (B, H, T, S + 1)
+    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32)[..., :-1].to(q.dtype), v)
+
+
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter as this rank's tensor: a DTensor's local shard (TP-sharded attention sinks), else itself."""
+    return t.to_local() if t is not None and hasattr(t, "to_local") else t
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
-            scale: float | None = None, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+            scale: float | None = None, window: int | None = None, softcap: float | None = None,
+            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, h, d) roped q / k / v -> (B, H, T, dv): causal over the T positions, or, with a ``cache`` that holds
     earlier positions, one new position (T = 1) against all of them; with a sliding ``window`` each query sees only
     the last ``window`` positions up to itself (:func:`window_mask`, where there are more keys than that); with a
-    ``softcap``, the scores soft-capped (:func:`_softcapped`)."""
+    ``softcap`` or attention ``sinks`` (H,), computed as transformers' eager attention (:func:`_eager_attention`)."""
     if cache is not None:
         k, v = cache.extend(layer, k, v)
         if k.shape[1] != q.shape[1] and q.shape[1] != 1:
@@ -264,8 +291,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | 
             mask = mask & window_mask(T, S, window, q.device, torch.bool)
         else:
             mask = window_mask(T, S, window, q.device, q.dtype)
-    if softcap is not None:
-        return _softcapped(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, softcap, S == T, mask)
+    if softcap is not None or sinks is not None:
+        if sinks is not None and sinks.shape[0] != q.shape[2]:  # (TP: llmc.runtime.distributed shards them by head)
+            raise ValueError(f"attention sinks for {sinks.shape[0]} heads, {q.shape[2]} query heads here")
+        return _eager_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, S == T, mask,
+                                cap=softcap, sinks=sinks)
     return _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale,
                  causal=S == T, mask=mask)
 
@@ -284,7 +314,9 @@ class Attention(nn.Module):
         self.wq = nn.Linear(d, arch.n_heads * hd, bias=arch.qkv_bias)
         self.wk = nn.Linear(d, arch.kv_heads * hd, bias=arch.qkv_bias)
         self.wv = nn.Linear(d, arch.kv_heads * hd, bias=arch.qkv_bias)
-        self.wo = nn.Linear(arch.n_heads * hd, d, bias=False)
+        self.wo = nn.Linear(arch.n_heads * hd, d, bias=arch.attn_out_bias)  # gpt-oss: o_proj biased too
+        # gpt-oss: one learned sink logit per query head in every softmax (transformers' GptOssAttention.sinks)
+        self.sinks = nn.Parameter(torch.zeros(arch.n_heads)) if arch.attn_sinks else None
         # None, "head" (Qwen3: per head) or "projection" (OLMo 2: over the whole q / k output, before the head split)
         self.qk_norm = arch.qk_norm_scope if arch.qk_norm else None
         if self.qk_norm == "projection":
@@ -330,7 +362,7 @@ class Attention(nn.Module):
             q = torch.cat([apply_rope(q[..., :r], rope), q[..., r:]], dim=-1)
             k = torch.cat([apply_rope(k[..., :r], rope), k[..., r:]], dim=-1)
         out = _attend(q, k, v, cache, layer, scale=self.scale, window=self.window,
-                      softcap=self.softcap)  # (B, H, T, hd); k, v keep K heads
+                      softcap=self.softcap, sinks=_local(self.sinks))  # (B, H, T, hd); k, v keep K heads
         return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -339,6 +371,10 @@ class Attention(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
         nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+        if self.wo.bias is not None:
+            nn.init.zeros_(self.wo.bias)
+        if self.sinks is not None:  # 0: each head's sink starts as one more key scoring 0
+            nn.init.zeros_(self.sinks)
         if self.qk_norm:
             self.q_norm.reset_parameters()
             self.k_norm.reset_parameters()
@@ -439,21 +475,50 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked parameters (torchtitan GroupedExperts layout, nn.Linear order).
 
     w1, w3: (E, hidden, D); w2: (E, D, hidden). The forward is a readable loop over experts.
+
+    gpt-oss (``clamp``: ``activation: swiglu_clamped``; ``bias``: ``moe.expert_proj_bias``): biases b1, b3 (E, hidden),
+    b2 (E, D), and the clamped SwiGLU of transformers' ``GptOssExperts._apply_gate``: gate = w1 x + b1 clamped above at
+    limit, up = w3 x + b3 clamped to [-limit, limit], w2 ((up + 1) x gate x sigmoid(alpha x gate)) + b2.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int):
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, *, bias: bool = False,
+                 clamp: tuple[float, float] | None = None):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        if bias:
+            self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim))
+            self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+            self.b3 = nn.Parameter(torch.zeros(num_experts, hidden_dim))
+        self.bias = bias
+        self.clamp = clamp  # (alpha, limit) of gpt-oss's clamped SwiGLU, or None (SwiGLU)
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # (n, D) -> (n, D)
-        return F.silu(x @ self.w1[e].t()) * (x @ self.w3[e].t()) @ self.w2[e].t()
+    def expert(self, e: int, x: torch.Tensor, w: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """(n, D) -> (n, D) through expert ``e``; ``w``: its (w1, w3, w2) matrices instead of the stored ones (a LoRA
+        wrapper's merged weights)."""
+        w1, w3, w2 = w if w is not None else (self.w1[e], self.w3[e], self.w2[e])
+        if self.clamp is None and not self.bias:
+            return F.silu(x @ w1.t()) * (x @ w3.t()) @ w2.t()
+        gate, up = x @ w1.t(), x @ w3.t()
+        if self.bias:
+            gate, up = gate + self.b1[e], up + self.b3[e]
+        if self.clamp is None:
+            h = F.silu(gate) * up
+        else:
+            alpha, limit = self.clamp
+            gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+            h = (up + 1) * (gate * torch.sigmoid(gate * alpha))
+        out = h @ w2.t()
+        return out + self.b2[e] if self.bias else out
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.trunc_normal_(self.w1, std=std, a=-3 * std, b=3 * std)
         nn.init.trunc_normal_(self.w2, std=out_std, a=-3 * out_std, b=3 * out_std)
         nn.init.trunc_normal_(self.w3, std=out_std, a=-3 * out_std, b=3 * out_std)
+        if self.bias:
+            for b in (self.b1, self.b2, self.b3):
+                nn.init.zeros_(b)
 
 
 class Router(nn.Module):
@@ -526,7 +591,9 @@ class MoE(nn.Module):
         self.router = Router(arch.d_model, m.num_experts, m.top_k, m.score_func, m.router_bias,
                              route_scale=m.route_scale, n_groups=m.n_expert_groups, topk_groups=m.n_limited_groups,
                              norm=m.route_norm, group_score=m.group_score)
-        self.experts = GroupedExperts(arch.d_model, hidden, m.num_experts)
+        self.experts = GroupedExperts(arch.d_model, hidden, m.num_experts, bias=m.expert_proj_bias,
+                                      clamp=(arch.swiglu_alpha, arch.swiglu_limit)
+                                      if arch.activation == "swiglu_clamped" else None)
         # S shared experts as one SwiGLU of width S*hidden (DeepSeek-V3 / torchtitan); same param count
         self.shared_experts = FeedForward(arch.d_model, hidden * m.num_shared_experts) if m.num_shared_experts else None
         if getattr(m, "expert_bias", False):
@@ -548,7 +615,7 @@ class MoE(nn.Module):
             tok, slot = (idx == e).nonzero(as_tuple=True)  # tokens routed to e and which of their k slots
             if tok.numel() == 0:
                 continue
-            y = self.experts.expert(e, flat[tok]) * weights[tok, slot, None].to(flat.dtype)  # (n_e, D)
+            y = self._expert(e, flat[tok]) * weights[tok, slot, None].to(flat.dtype)  # (n_e, D)
             out.index_add_(0, tok, y)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -558,6 +625,16 @@ class MoE(nn.Module):
             f = counts / idx.numel()
             aux = self.aux_coef * self.num_experts * (f * probs.mean(0)).sum()
         return out.view(B, T, D), aux
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on its tokens; under a LoRA wrapper of the experts (llmc.runtime.lora.LoRAExperts: ``base`` and
+        the merged weights ``_w``) whose experts carry gpt-oss's biases or clamp, through them with its weights (the
+        wrapper's own expert is a plain SwiGLU)."""
+        ex = self.experts
+        base = getattr(ex, "base", None)
+        if isinstance(base, GroupedExperts) and (base.bias or base.clamp is not None):
+            return base.expert(e, x, tuple(ex._w(t, e) for t in ("w1", "w3", "w2")))
+        return ex.expert(e, x)
 
     @torch.no_grad()
     def update_expert_bias(self, rate: float = 1e-3) -> None:
@@ -601,7 +678,8 @@ class TransformerBlock(nn.Module):
                                          window=arch.layer_window(layer_id)))
         # OLMo 3 / Gemma 3: a windowed layer of a model with full-attention layers rotates without the rope_scaling,
         # at sliding_rope_theta (Transformer.rope_local); every other layer takes the model's table
-        self.local_rope = bool(arch.full_attention_layers) and arch.layer_window(layer_id) is not None
+        # (gpt-oss: every layer takes the one table: Architecture.window_rope_apart)
+        self.local_rope = arch.window_rope_apart and arch.layer_window(layer_id) is not None
         self.ffn_norm = norm_for(arch, arch.d_model)
         # Gemma: the attention's and the MLP's outputs pass a norm of their own too, before the residual adds
         self.sandwich = arch.norm_placement == "sandwich"
@@ -665,7 +743,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_long", self._rope_tables(True) if self.long_from else None, persistent=False)
         # OLMo 3 / Gemma 3: the windowed layers' table, unscaled at their own base (only where it differs from the
         # full layers')
-        self.has_local_rope = bool(arch.full_attention_layers) and (
+        self.has_local_rope = arch.window_rope_apart and (
             rs is not None or arch.window_rope_theta != arch.rope_theta)
         self.register_buffer("rope_local", self._local_rope_table() if self.has_local_rope else None,
                              persistent=False)
@@ -889,7 +967,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> 
 # Weight decay (one rule for the native trainer, DeepSpeed and the torchtitan job): decay the matrices
 # (projections, experts, an untied output head); none on 1-D parameters (norm gains, biases, the MoE expert
 # bias; Megatron-LM's default ``no_weight_decay_cond``: bias or 1-D) and none on the token embeddings (OLMo 2,
-# arXiv 2501.00656: no weight decay on embeddings, for stability; a tied head shares that matrix).
+# arXiv 2501.00656: no weight decay on embeddings, for stability; a tied head shares that matrix). gpt-oss's stacked
+# expert biases (``experts.b1`` / ``b3`` / ``b2``, (E, n): biases though 2-D) and attention sinks (1-D) are not decayed
+# either (no torchtitan job builds gpt-oss's block: X320, so the pattern need not name them).
 # torchtitan 0.3.0's ``default_adamw`` decays every parameter in one catch-all group, so the job lists
 # NO_DECAY_PATTERN first (``ParamGroupConfig(pattern=..., weight_decay=0)``, first match wins); the pattern
 # names exactly the parameters :func:`param_groups` leaves undecayed (checked in tests).
@@ -904,7 +984,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             shape = getattr(p, "ds_shape", p.shape)  # DeepSpeed ZeRO-3 keeps the full shape in ds_shape
             embedding = name.endswith("tok_embeddings.weight")
-            (decay if len(shape) >= 2 and not embedding else no_decay).append(p)
+            expert_bias = re.search(r"experts\.b[123]$", name) is not None  # gpt-oss's stacked expert biases
+            (decay if len(shape) >= 2 and not embedding and not expert_bias else no_decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
             if g["params"]]
 

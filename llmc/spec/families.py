@@ -1,4 +1,5 @@
-"""Model families: the one table of what distinguishes Llama, Qwen2, Qwen3, Qwen3-MoE, Mixtral, GLM-4.5 and DeepSeek-V3.
+"""Model families: the one table of what distinguishes Llama, Qwen2, Qwen3, Qwen3-MoE, Mixtral, GLM-4.5, gpt-oss and
+DeepSeek-V3.
 
 An :class:`~llmc.spec.model.Architecture` is a Llama-style decoder with optional switches (q/k/v
 biases, q/k norms, MoE, MLA); :func:`family_of` names the family those switches select, and :data:`FAMILIES`
@@ -40,7 +41,12 @@ Sources:
     sec. 2.1): GQA with q/k/v biases, RoPE on half of each head, q / k norms (GLM-4.5; not GLM-4.5-Air), the first
     layers dense, then DeepSeek-V3's MoE (sigmoid gates with a selection bias, one shared expert; transformers
     modeling_glm4_moe.py, ``Glm4MoeForCausalLM``: GLM-4.5, GLM-4.5-Air, GLM-4.6)
-  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,smollm3,olmo2,olmo3,gemma2,gemma3,qwen2,qwen3,qwen3_moe,mixtral,glm4_moe,deepseek_v2,deepseek_v3}
+  * gpt-oss: OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card" (arXiv:2508.10925 sec. 2.1): GQA (64 query heads, 8
+    kv heads of 64 dims) with q/k/v and output biases and a learned sink logit per head, a 128-token window in every
+    other layer, YaRN x32 from 4096 in every layer, pre-norm, and in every layer routed experts (top-4 of 32 / 128,
+    softmax over the picked router logits) whose SwiGLU is clamped (limit 7, alpha 1.702, (up + 1) x glu) and biased
+    (transformers modeling_gpt_oss.py, ``GptOssForCausalLM``)
+  * HF configs: https://huggingface.co/docs/transformers/model_doc/{llama,phi3,granite,smollm3,olmo2,olmo3,gemma2,gemma3,qwen2,qwen3,qwen3_moe,mixtral,glm4_moe,gpt_oss,deepseek_v2,deepseek_v3}
   * torchtitan 0.3.0 models: https://github.com/pytorch/torchtitan/tree/v0.3.0/torchtitan/models
 """
 
@@ -136,6 +142,10 @@ FAMILIES: dict[str, Family] = {
     # GLM-4.6: Glm4MoeForCausalLM). torchtitan's qwen3 MoE build has the block but rotates whole heads (X301 for
     # partial rotary), and no state-dict adapter reads its checkpoints (q/k/v biases, shared experts: X310)
     "glm4_moe": Family("glm4_moe", ("glm4_moe",), "Glm4MoeForCausalLM", "gqa", True, False, "qwen3", ("glm4.5", "glm4.6")),
+    # gpt-oss (gpt-oss-20b / 120b): attention sinks, q/k/v and o_proj biases, clamped biased SwiGLU experts, a window
+    # in every other layer, YaRN in every layer. torchtitan 0.3.0 ships torchtitan/models/gpt_oss, which llmc's
+    # torchtitan job does not emit (backends.torchtitan_model_gaps, X320)
+    "gpt_oss": Family("gpt_oss", ("gpt_oss",), "GptOssForCausalLM", "gqa", True, True, "gpt_oss", ("gptoss",)),
     # torchtitan 0.3.0 has no Mixtral model: its Qwen3 MoE model is the GQA + MoE implementation
     "mixtral": Family("mixtral", ("mixtral",), "MixtralForCausalLM", "gqa", True, False, "qwen3", ("mixtral",)),
     # MLA with softmax-routed experts, the picked scores unnormalised, no bias (DeepSeek-V2 / V2-Lite,
@@ -159,12 +169,15 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES
 
 
 def family_of(arch: Architecture) -> Family:
-    """The family an architecture's switches select: MLA -> deepseek_v3 (deepseek_v2 with softmax-routed experts), MoE -> glm4_moe
+    """The family an architecture's switches select: MLA -> deepseek_v3 (deepseek_v2 with softmax-routed experts), attention
+    sinks -> gpt_oss (the spec admits them on gpt-oss's block only), MoE -> glm4_moe
     with sigmoid-routed experts, qwen3_moe with q/k norms, else mixtral (olmoe with q/k norms over the projections), post-norm blocks -> olmo2 (olmo3 with a sliding window), sandwich norms -> gemma3 (gemma2 without q/k norms), q/k norms -> qwen3, q/k/v biases -> qwen2, partial rotary -> phi3, muP multipliers -> granite, a
     sliding window -> mistral, NoPE layers -> smollm3, else llama (the spec refuses q/k norms with MLA: M006;
     multipliers combine with none of these: M010; NoPE layers neither: M012; OLMo 2's block: M013)."""
     if arch.mla is not None:  # softmax-routed experts: DeepSeek-V2's MoE; sigmoid (or dense): V3's
         return FAMILIES["deepseek_v2" if arch.moe is not None and arch.moe.score_func == "softmax" else "deepseek_v3"]
+    if arch.attn_sinks:
+        return FAMILIES["gpt_oss"]
     if arch.moe is not None:
         if arch.qk_norm and arch.qk_norm_scope == "projection":
             return FAMILIES["olmoe"]

@@ -2,7 +2,7 @@
 
 Supported ``model_type`` values: those of :data:`llmc.spec.families.FAMILIES` (``llama``, ``mistral``, ``phi3``,
 ``granite``, ``smollm3``, ``olmo2``, ``olmo3``, ``olmoe``, ``gemma2``, ``gemma3_text``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``glm4_moe``,
-``deepseek_v2``, ``deepseek_v3``; ``kimi_k2``, Kimi K2's DeepSeek-V3 model, as ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
+``gpt_oss``, ``deepseek_v2``, ``deepseek_v3``; ``kimi_k2``, Kimi K2's DeepSeek-V3 model, as ``deepseek_v3``). The mapping is a plain key-by-key translation (no math
 beyond copying numbers), with one hook per family for its extra parts (MoE, MLA):
 
 =============================  =====================================
@@ -70,6 +70,17 @@ n_routed_experts, ...          moe.* and mla.* (deepseek_v3; routed_scaling_fact
                                the model, as for deepseek_v3 (transformers builds none)
 rope_scaling mscale,           rope_scaling.mscale / mscale_all_dim (DeepSeek's YaRN)
 mscale_all_dim
+rope_scaling truncate          rope_scaling.truncate (yarn; absent: true, transformers' default; gpt-oss: false)
+(model_type gpt_oss)           gpt-oss's block: attention_bias (absent: true; false refused) -> qkv_bias and
+                               attn_out_bias, attn_sinks, activation swiglu_clamped with swiglu_alpha / swiglu_limit
+                               (absent: 1.702 / 7.0), num_local_experts (or num_experts), num_experts_per_tok,
+                               router_aux_loss_coef -> moe with router_bias, expert_proj_bias, softmax over the
+                               top-k logits (route_norm), experts intermediate_size wide in every layer;
+                               layer_types (absent: the window in every other layer, layers 1, 3, ... full) ->
+                               full_attention_layers, sliding_window absent: 128; the one RoPE (GptOssConfig's
+                               default: YaRN x32 from 4096, truncate false, base 150000) in every layer. The
+                               released configs' quantization_config (mxfp4 experts) does not change the
+                               architecture (the loader refuses such weights)
 =============================  =====================================
 """
 
@@ -171,6 +182,13 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "mixtral": {"num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False,
                 "router_aux_loss_coef": 0.001},
     "glm4_moe": {"num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1e4, "tie_word_embeddings": False},
+    # GptOssConfig (configuration_gpt_oss.py): gpt-oss-20b's shape but 36 layers / 128 experts (gpt-oss-120b's), its
+    # base default_theta 150000 (its rope_parameters default: _GPT_OSS_ROPE)
+    "gpt_oss": {"vocab_size": 201_088, "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 36,
+                "num_local_experts": 128, "head_dim": 64, "num_attention_heads": 64, "num_key_value_heads": 8,
+                "sliding_window": 128, "tie_word_embeddings": False, "max_position_embeddings": 131_072,
+                "rms_norm_eps": 1e-5, "num_experts_per_tok": 4, "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+                "router_aux_loss_coef": 0.001, "attention_bias": True, "rope_theta": 150_000.0},
     "deepseek_v2": {"rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False},
     "deepseek_v3": {"num_key_value_heads": 128, "rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False},
 }
@@ -219,7 +237,7 @@ _LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
 #: config.json's MLP activation (``hidden_act``; Gemma's configs: ``hidden_activation``) -> llmc's gated MLP
 HF_ACTIVATIONS: dict[str, str] = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "swish": "silu"}
 #: model_types whose layers may mix the two kinds (llmc's ``full_attention_layers``)
-_MIXED_LAYER_TYPES = frozenset({"olmo3", "gemma3_text", "gemma2"})
+_MIXED_LAYER_TYPES = frozenset({"olmo3", "gemma3_text", "gemma2", "gpt_oss"})
 
 
 def _int(cfg: dict[str, Any], key: str, default: int | None = None, *, minimum: int = 1) -> int:
@@ -321,10 +339,8 @@ def _rope_scaling(rs: Any, cfg: dict[str, Any] | None = None) -> RopeScaling | N
     kw: dict[str, Any] = {"type": kind, "factor": _float(rs, "factor")}
     if kind in ("llama3", "yarn"):
         kw["original_max_position"] = _original_context(rs, cfg)
-    if kind == "yarn" and rs.get("truncate", True) is not True:
-        raise HFConfigError(f"config.json 'rope_scaling.truncate' {_short(rs.get('truncate'))} is not supported "
-                            "(llmc's YaRN rounds the correction range to whole dims, transformers' default truncate: "
-                            "true)")
+    if kind == "yarn" and rs.get("truncate") is not None:  # (transformers: absent or null = true)
+        kw["truncate"] = _bool(rs, "truncate", True)
     if kind == "llama3":
         kw["low_freq_factor"] = _float(rs, "low_freq_factor", 1.0)
         kw["high_freq_factor"] = _float(rs, "high_freq_factor", 4.0)
@@ -481,6 +497,40 @@ def _glm4_moe(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
         kw["moe"] = MoE(**moe, aux_loss_coef=0.0, score_func="sigmoid", expert_bias=True,
                         n_expert_groups=groups[0] if groups[0] > 1 else None,
                         n_limited_groups=groups[1] if groups[0] > 1 else None)
+
+
+#: GptOssConfig's RoPE where config.json gives none (a null or absent rope_scaling / rope_parameters)
+_GPT_OSS_ROPE: dict[str, Any] = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "truncate": False, "original_max_position_embeddings": 4096}
+
+
+def _gpt_oss(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
+    """transformers ``GptOssConfig`` (configuration_gpt_oss.py; ``GptOssForCausalLM``: gpt-oss-20b, gpt-oss-120b):
+    ``attention_bias`` biases q, k, v and o_proj (``GptOssAttention``; false is refused: no release has it, and llmc's
+    gpt-oss block has them), every layer's attention has a sink logit per head; every layer is sparse
+    (``GptOssMLP``: a router with a bias, softmax over the top-k logits, num_local_experts experts intermediate_size
+    wide with biased, clamped SwiGLU projections, ``swiglu_alpha`` / ``swiglu_limit``; ``hidden_act`` is not read);
+    ``layer_types`` absent = the window in every other layer ((i + 1) % 2: layers 1, 3, ... attend fully). One
+    ``GptOssRotaryEmbedding`` rotates every layer, the windowed ones too, with the rope_scaling (llmc's
+    ``Architecture.window_rope_apart`` false for this block)."""
+    if cfg.get("attention_bias") is not True:
+        errs.append(f"config.json 'attention_bias' {_short(cfg.get('attention_bias'))} is not supported for gpt_oss "
+                    "(llmc's gpt-oss block has q/k/v and o_proj biases, as every release)")
+    kw.update(qkv_bias=True, attn_out_bias=True, attn_sinks=True, activation="swiglu_clamped",
+              **_each(errs, swiglu_alpha=lambda: _float(cfg, "swiglu_alpha"),
+                      swiglu_limit=lambda: _float(cfg, "swiglu_limit")))
+    # the released configs say num_local_experts (num_experts: GptOssConfig's attribute_map alias)
+    experts = "num_local_experts" if cfg.get("num_local_experts") is not None else "num_experts"
+    moe = _each(errs, num_experts=lambda: _int(cfg, experts), top_k=lambda: _int(cfg, "num_experts_per_tok"),
+                aux_loss_coef=lambda: _float(cfg, "router_aux_loss_coef", 0.001))
+    if len(moe) == 3:
+        kw["moe"] = MoE(**moe, score_func="softmax", route_norm=True, router_bias=True, expert_proj_bias=True)
+    if not any(isinstance(cfg.get(k), dict) for k in ("rope_scaling", "rope_parameters")):
+        kw.update(_each(errs, rope_scaling=lambda: _rope_scaling(_GPT_OSS_ROPE, cfg)))
+    scaling = kw.get("rope_scaling")
+    _layer_kinds(cfg, kw, errs, every=2, window=128, local_theta=None)
+    if scaling is not None:  # (every layer windowed: still the one scaled RoPE)
+        kw["rope_scaling"] = scaling
 
 
 def _deepseek_v2(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
@@ -715,7 +765,7 @@ def _gemma(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, every: i
 #: family name -> the hook that reads its extra config keys
 _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {
     "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "deepseek_v2": _deepseek_v2,
-    "glm4_moe": _glm4_moe,
+    "glm4_moe": _glm4_moe, "gpt_oss": _gpt_oss,
     "granite": _granite,
     "smollm3": _smollm3, "olmo2": _olmo2, "olmo3": _olmo3, "olmoe": _olmoe, "gemma3": _gemma3, "gemma2": _gemma2,
 }

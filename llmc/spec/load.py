@@ -33,7 +33,7 @@ M013    norm_placement post / qk_norm_scope projection apart from OLMo 2's block
         OLMoE's (qk_norm_scope projection in a pre-norm block with experts, with qk_norm, without q/k/v biases,
         partial RoPE or multipliers)
 M014    full_attention_layers: without sliding_window, a layer outside 0..n_layers-1 or listed twice / out of order,
-        every layer listed, or apart from OLMo 3's and Gemma's blocks (where mixed windows are modelled);
+        every layer listed, or apart from OLMo 3's, Gemma's and gpt-oss's blocks (where mixed windows are modelled);
         sliding_rope_theta without full_attention_layers
 M015    norm_placement sandwich / norm_unit_offset / activation gelu_tanh / embedding_scale / query_pre_attn_scalar /
         attn_logit_softcap / final_logit_softcap apart from Gemma's block (the first four together, with per-head
@@ -1199,9 +1199,9 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
                 out.append(ctx.diag("M014", "model.full_attention_layers", "every layer is listed in "
                                     "full_attention_layers: no layer keeps the window",
                                     "remove sliding_window and full_attention_layers"))
-            elif arch.norm_placement == "pre":
+            elif arch.norm_placement == "pre" and not arch.attn_sinks:  # (gpt-oss's block: pre-norm, mixed windows)
                 out.append(ctx.diag("M014", "model.full_attention_layers", "layers with and without the window are "
-                                    "modelled on OLMo 3's and Gemma's blocks only (norm_placement post / sandwich)",
+                                    "modelled on OLMo 3's, Gemma's and gpt-oss's blocks only",
                                     "remove full_attention_layers (one window in every layer), or use OLMo 3's "
                                     "block"))
         elif arch.sliding_rope_theta is not None:

@@ -97,6 +97,10 @@ class MoE(SpecModel):
     expert_bias: bool = False
     """Learned per-expert routing bias for aux-loss-free balancing (DeepSeek-V3
     ``e_score_correction_bias``, ``topk_method: noaux_tc``): num_experts extra parameters per MoE layer."""
+    expert_proj_bias: bool = False
+    """Every routed expert's gate, up and down projections carry a bias (gpt-oss: transformers' ``GptOssExperts``
+    ``gate_up_proj_bias`` / ``down_proj_bias``): 2 expert_d_ff + d_model extra parameters per expert. gpt-oss's block
+    only (``Architecture.attn_sinks``)."""
     route_norm: bool = True
     """The picked experts' mixing weights are renormalised to sum 1 (Mixtral, Qwen3-30B-A3B, DeepSeek-V3: config.json
     ``norm_topk_prob`` true; torchtitan's ``route_norm``); false = their router scores as they are (Qwen1.5 / Qwen2
@@ -187,6 +191,10 @@ class RopeScaling(SpecModel):
     """yarn rule only."""
     beta_slow: Float = 1.0
     """yarn rule only."""
+    truncate: bool = True
+    """yarn rule only: the correction range [beta_fast, beta_slow] is widened to whole dims (floor / ceil), as YaRN's
+    reference and transformers' default do; false keeps its fractional ends (gpt-oss: config.json
+    ``rope_scaling.truncate`` false; transformers' ``_compute_yarn_parameters`` ``truncate``)."""
     short_factor: tuple[Float, ...] | None = None
     """longrope rule only: one divisor per rotary frequency (head_dim / 2 of them) while a sequence is at most
     original_max_position tokens long."""
@@ -219,6 +227,8 @@ class RopeScaling(SpecModel):
             raise ValueError(f"short_factor / long_factor belong to type longrope, not {self.type}")
         elif self.attention_factor is not None and self.type != "yarn":
             raise ValueError(f"attention_factor belongs to types longrope and yarn, not {self.type}")
+        if not self.truncate and self.type != "yarn":
+            raise ValueError(f"truncate belongs to type yarn, not {self.type}")
         if (self.mscale is not None or self.mscale_all_dim is not None) and self.type != "yarn":
             raise ValueError(f"mscale / mscale_all_dim belong to type yarn, not {self.type}")
         return self
@@ -263,9 +273,31 @@ class Architecture(SpecModel):
     norm_unit_offset: bool = False
     """Every RMSNorm scales by (1 + weight) instead of weight, the weights starting at 0, computed in fp32 (Gemma:
     transformers' ``Gemma3RMSNorm``; the checkpoint stores the weight so)."""
-    activation: Literal["silu", "gelu_tanh"] = "silu"
-    """The gated MLP's activation: SiLU (SwiGLU, Llama) or tanh-approximated GELU (GeGLU, Gemma: config.json
-    ``hidden_activation: gelu_pytorch_tanh``; Shazeer 2020)."""
+    activation: Literal["silu", "gelu_tanh", "swiglu_clamped"] = "silu"
+    """The gated MLP's activation: SiLU (SwiGLU, Llama), tanh-approximated GELU (GeGLU, Gemma: config.json
+    ``hidden_activation: gelu_pytorch_tanh``; Shazeer 2020), or gpt-oss's clamped SwiGLU (its experts: the gate
+    clamped above at ``swiglu_limit``, the up projection to [-limit, limit], out = (up + 1) x gate x sigmoid(
+    ``swiglu_alpha`` x gate); transformers' ``GptOssExperts._apply_gate``, OpenAI's gpt-oss reference
+    ``swiglu``). ``swiglu_clamped`` is gpt-oss's block only (``attn_sinks``)."""
+    swiglu_alpha: Float = Field(default=1.702, gt=0)
+    """``activation: swiglu_clamped`` only: the sigmoid's gain (gpt-oss 1.702; config.json ``swiglu_alpha``, absent in
+    the released configs: transformers' GptOssConfig default)."""
+    swiglu_limit: Float = Field(default=7.0, gt=0)
+    """``activation: swiglu_clamped`` only: the clamp (gpt-oss 7.0; config.json ``swiglu_limit``)."""
+    attn_out_bias: bool = False
+    """The attention output projection (o_proj) carries a bias too, beside the q/k/v biases of ``qkv_bias`` (gpt-oss:
+    config.json ``attention_bias`` biases q, k, v and o). gpt-oss's block only (``attn_sinks``)."""
+    attn_sinks: bool = False
+    """One learned logit per query head joins every softmax of the attention as a key with no value, an attention
+    sink (gpt-oss: ``self_attn.sinks``; OpenAI 2025, gpt-oss-120b & gpt-oss-20b model card, arXiv:2508.10925 sec.
+    2.1; Xiao et al. 2023, arXiv:2309.17453): p_j = exp(s_j) / (exp(sink_h) + sum_k exp(s_k)), so a head may attend to
+    nothing. The fused attention kernels llmc's trainer calls take no sink, so such a layer computes and keeps its
+    scores as transformers' eager attention (``eager_attention_forward`` in modeling_gpt_oss.py) does, as a
+    soft-capped one (the memory model counts them). Marks gpt-oss's block: a pre-norm GQA block with q/k/v and o_proj
+    biases (``qkv_bias``, ``attn_out_bias``), sinks, and in every layer routed experts (softmax over the top-k router
+    logits, ``route_norm``, a router bias, no shared experts) with ``expert_proj_bias`` and ``activation:
+    swiglu_clamped``; its windowed layers (``full_attention_layers``) rotate with the one RoPE of the full ones
+    (transformers' ``GptOssRotaryEmbedding``: YaRN in every layer)."""
     embedding_scale: bool = False
     """The token embeddings are multiplied by sqrt(d_model), rounded to the weights' dtype (Gemma: transformers'
     ``Gemma3TextScaledWordEmbedding``)."""
@@ -327,6 +359,50 @@ class Architecture(SpecModel):
         if self.head_dim is None and self.d_model % self.n_heads == 0:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         return self
+
+    @model_validator(mode="after")
+    def _gpt_oss_block(self) -> Architecture:
+        """gpt-oss's switches (``attn_sinks``, ``attn_out_bias``, ``activation: swiglu_clamped``,
+        ``moe.expert_proj_bias``) are modelled together only, on gpt-oss's block (transformers' GptOssForCausalLM),
+        and ``swiglu_alpha`` / ``swiglu_limit`` belong to the clamped SwiGLU."""
+        m = self.moe
+        parts = {"attn_sinks": self.attn_sinks, "attn_out_bias": self.attn_out_bias,
+                 "activation": self.activation == "swiglu_clamped",
+                 "moe.expert_proj_bias": m is not None and m.expert_proj_bias}
+        if not parts["activation"] and {"swiglu_alpha", "swiglu_limit"} & self.model_fields_set and (
+                self.swiglu_alpha, self.swiglu_limit) != (1.702, 7.0):
+            raise ValueError(f"swiglu_alpha / swiglu_limit belong to activation swiglu_clamped, not {self.activation}")
+        if not any(parts.values()):
+            return self
+        if not all(parts.values()):
+            missing = [k for k, on in parts.items() if not on]
+            raise ValueError("attn_sinks, attn_out_bias, activation: swiglu_clamped and moe.expert_proj_bias are "
+                             f"modelled together only (gpt-oss's block): {', '.join(missing)} not set")
+        other = [k for k, on in (
+            ("qkv_bias: false", not self.qkv_bias), ("mla", self.mla is not None), ("qk_norm", self.qk_norm),
+            (f"norm_placement {self.norm_placement}", self.norm_placement != "pre"),
+            ("norm_unit_offset", self.norm_unit_offset), ("embedding_scale", self.embedding_scale),
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar is not None),
+            ("attn_logit_softcap", self.attn_logit_softcap is not None),
+            ("final_logit_softcap", self.final_logit_softcap is not None), ("nope_layers", bool(self.nope_layers)),
+            ("rotary_dim", self.partial_rotary is not None), ("multipliers", self.multipliers is not None),
+            ("sliding_rope_theta", self.sliding_rope_theta is not None),
+            ("moe.num_shared_experts", m.num_shared_experts > 0), ("moe.dense_layers", m.dense_layers > 0),
+            ("moe.score_func sigmoid", m.score_func != "softmax"), ("moe.route_norm: false", not m.route_norm),
+            ("moe.router_bias: false", not m.router_bias), ("moe.expert_bias", m.expert_bias),
+            ("moe.route_scale", m.route_scale != 1.0), ("moe.n_expert_groups", m.n_expert_groups is not None)) if on]
+        if other:
+            raise ValueError(f"gpt-oss's block with {', '.join(other)} is not modelled (a pre-norm GQA block with q/k/v "
+                             "biases, every layer's experts routed by a softmax over the top-k biased router logits, "
+                             "no shared experts)")
+        return self
+
+    @property
+    def window_rope_apart(self) -> bool:
+        """The windowed layers of a mixed-window model rotate with a RoPE of their own, unscaled at
+        ``window_rope_theta`` (OLMo 3, Gemma 3); False where every layer takes the model's one RoPE (gpt-oss:
+        ``GptOssRotaryEmbedding``, its YaRN in every layer; models whose window is in every layer or none)."""
+        return bool(self.full_attention_layers) and not self.attn_sinks
 
     @property
     def kv_heads(self) -> int:

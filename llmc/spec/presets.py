@@ -16,6 +16,8 @@ DeepSeek-V2 235,741,434,880 total, 21,375,800,320 activated (the paper's 236B / 
 DeepSeek-V2-Lite 15,706,484,224 (transformers' count; the model page's 15.7B); OLMoE-1B-7B 6,919,161,856
 (transformers' count; the paper's 6.9B). GLM-4.5 352,797,829,024 and GLM-4.5-Air 106,852,251,264 (transformers'
 counts without the MTP layer; the model cards' 355B / 106B total, 32B / 12B active: tests/test_glm4_moe.py).
+gpt-oss-20b 20,914,757,184 and gpt-oss-120b 116,829,156,672 (transformers' GptOssForCausalLM counts; the model card's
+20.91B / 116.83B total, 3.61B / 5.13B active, arXiv:2508.10925 Table 1: tests/test_gpt_oss.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,22 @@ def _glm4_moe(name: str, n_layers: int, d_model: int, d_ff: int, **kw) -> Archit
     return _arch(name, n_layers=n_layers, d_model=d_model, n_heads=96, n_kv_heads=8, head_dim=128, d_ff=d_ff,
                  vocab_size=151552, qkv_bias=True, rotary_dim=64, rope_theta=1e6, norm_eps=1e-5, max_seq_len=131072,
                  **kw)
+
+
+def _gpt_oss(name: str, n_layers: int, num_experts: int) -> Architecture:
+    """gpt-oss's block (arXiv:2508.10925 sec. 2.1; transformers ``GptOssForCausalLM``): 64 query / 8 kv heads of 64 on a
+    2880-wide residual, q/k/v and o_proj biases, a sink logit per head, a 128-token window in every other layer (layers
+    1, 3, ... attend fully), YaRN x32 from 4096 (truncate false) on base 150000 in every layer; in every layer top-4 of
+    ``num_experts`` experts 2880 wide, softmax over the biased router's top-4 logits, the clamped SwiGLU (limit 7,
+    alpha 1.702) with biases; o200k_harmony's 201,088-row vocabulary, untied; config.json router_aux_loss_coef 0.9."""
+    return _arch(name, n_layers=n_layers, d_model=2880, n_heads=64, n_kv_heads=8, head_dim=64, d_ff=2880,
+                 vocab_size=201088, qkv_bias=True, attn_out_bias=True, attn_sinks=True, activation="swiglu_clamped",
+                 swiglu_alpha=1.702, swiglu_limit=7.0, sliding_window=128,
+                 full_attention_layers=tuple(range(1, n_layers, 2)), rope_theta=150000.0,
+                 rope_scaling=RopeScaling(type="yarn", factor=32.0, original_max_position=4096, truncate=False),
+                 norm_eps=1e-5, max_seq_len=131072,
+                 moe=MoE(num_experts=num_experts, top_k=4, aux_loss_coef=0.9, router_bias=True,
+                         expert_proj_bias=True))
 
 
 def _gemma3(name: str, n_layers: int, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, *,
@@ -292,6 +310,11 @@ PRESETS: dict[str, Architecture] = {
         qk_norm=True, qk_norm_scope="projection", rope_theta=10000.0, norm_eps=1e-5, max_seq_len=4096,
         moe=MoE(num_experts=64, top_k=8, aux_loss_coef=0.01, score_func="softmax", route_norm=False),
     ),
+    # https://huggingface.co/openai/gpt-oss-20b/blob/main/config.json and
+    # https://huggingface.co/openai/gpt-oss-120b/blob/main/config.json (GptOssForCausalLM; 24 layers of 32 experts /
+    # 36 of 128; the released experts are MXFP4, the architecture the same)
+    "gpt-oss-20b": _gpt_oss("gpt-oss-20b", 24, 32),
+    "gpt-oss-120b": _gpt_oss("gpt-oss-120b", 36, 128),
     # llmc's own CPU model (1.31M params): small enough to train visibly on 2 cores in minutes.
     "tiny": _arch(
         "tiny", n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, d_ff=384, vocab_size=2048,
