@@ -1,7 +1,7 @@
 """vLLM 0.33's own parsers accept what llmc emits: every ``serving/vllm*.yaml`` goes through ``vllm serve``'s
 argument parser (``FlexibleArgumentParser`` with ``--config``, built by ``ServeSubcommand`` as in
 ``vllm/entrypoints/cli/main.py``) and ``AsyncEngineArgs.from_cli_args``, and lands on the values of the lock's
-serving plan; every Hugging Face export (Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, DeepSeek-V3) goes through
+serving plan; every Hugging Face export (Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, gpt-oss, DeepSeek-V3) goes through
 ``vllm.transformers_utils.config.get_config`` and ``vllm.config.ModelConfig`` (architecture resolution through
 vLLM's model registry, which inspects the model class in a subprocess) and reads back as the exported
 architecture (SmolLM3 with its NoPE layers and OLMo 2: vLLM serves both through its Transformers backend), with vLLM's KV-cache
@@ -269,6 +269,12 @@ def model_exports(tmp_path_factory) -> tuple[dict, dict]:
         "Gemma2ForCausalLM": Architecture(name="gemma2", **{**base, "n_layers": 3, "head_dim": 16}, **GEMMA2_BLOCK,
                                           tied_embeddings=True, sliding_window=8, full_attention_layers=(1,)),
         "MixtralForCausalLM": Architecture(name="mixtral", **base, moe=MoE(num_experts=3, top_k=2)),
+        # gpt-oss: sinks, q/k/v and o_proj biases, a window in layer 0, YaRN (untruncated) in both, biased clamped experts
+        "GptOssForCausalLM": Architecture(
+            name="gpt-oss", **{**base, "d_ff": 24}, qkv_bias=True, attn_out_bias=True, attn_sinks=True,
+            activation="swiglu_clamped", sliding_window=8, full_attention_layers=(1,),
+            rope_scaling=RopeScaling(type="yarn", factor=2.0, original_max_position=16, truncate=False),
+            moe=MoE(num_experts=4, top_k=2, router_bias=True, expert_proj_bias=True, score_func="softmax")),
         "Qwen3MoeForCausalLM": Architecture(name="qwen3moe", **{**base, "n_layers": 3, "head_dim": 16}, qk_norm=True,
                                             moe=MoE(num_experts=4, top_k=2, expert_d_ff=24, dense_layers=1)),
         # DeepSeek-V2(-Lite): softmax-routed experts, unnormalised, full-rank q, DeepSeek's YaRN
