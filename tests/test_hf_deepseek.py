@@ -655,6 +655,31 @@ def test_kimi_k2_checkpoint_loads_with_transformers_logits(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_kimi_k25_image_text_config_imports_its_language_model(tmp_path):
+    """Kimi K2.5 (model_type kimi_k25, KimiK25ForConditionalGeneration) keeps a Kimi K2 language model (model_type
+    kimi_k2) in text_config beside its image encoder: llmc imports that language model, the same architecture as
+    the text config alone (the image encoder not counted); a text_config of another family is refused; its
+    checkpoint's weights are refused by the loader and by the torchtitan job (X310) with one line each."""
+    from llmc.compiler.backends import torchtitan_model_gaps
+    from llmc.spec.hf import HFConfigError
+
+    k2 = json.loads((Path(__file__).parent / "fixtures" / "hf" / "kimi-k2.json").read_text())
+    wrap = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25", "text_config": k2,
+            "vision_config": {"hidden_size": 1152, "num_hidden_layers": 27}}
+    arch = architecture_from_hf_config(wrap, name="kimi-k2")
+    assert arch.model_dump() == architecture_from_hf_config(k2, name="kimi-k2").model_dump()
+    with pytest.raises(HFConfigError, match="text_config has model_type 'llama'"):
+        architecture_from_hf_config({**wrap, "text_config": {**k2, "model_type": "llama"}})
+    src = tmp_path / "k25"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(wrap))
+    with pytest.raises(HFError, match="Kimi K2.5 image-text checkpoint") as e:
+        load_hf_into(build_model(arch, device="meta"), src, arch)
+    assert "\n" not in str(e.value)
+    gaps = torchtitan_model_gaps(arch, str(src), "training.init_hf", "kimi_k25")
+    assert [g.code for g in gaps] == ["X310"] and "Kimi K2.5" in gaps[0].message
+
+
 def test_multi_token_prediction_layers_are_left_out(tmp_path):
     """DeepSeek-V3 checkpoints carry the MTP module as one more layer (model.layers.61.*, num_nextn_predict_layers
     1): not part of llmc's model, left out as transformers does; without that key they are unused tensors."""

@@ -497,6 +497,11 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
         out.append(ModelGap("X310", init_hf_path, f"the torchtitan job cannot start from a Hugging Face checkpoint: {why}",
                             "run this stage with `llmc launch --backend native` or deepspeed (llmc.runtime.hf_io "
                             "loads every weight)"))
+    elif init_hf and hf_model_type == "kimi_k25":
+        out.append(ModelGap("X310", init_hf_path,
+                            f"the torchtitan job cannot start from {init_hf}: a Kimi K2.5 image-text checkpoint, which "
+                            "torchtitan's DeepSeek-V3 adapter does not read",
+                            "start from a text-only bf16 Kimi K2 / DeepSeek-V3 checkpoint"))
     elif init_hf and hf_model_type in FUSED_HF_MODEL_TYPES:
         out.append(ModelGap("X310", init_hf_path,
                             f"the torchtitan job cannot start from {init_hf}: a {hf_model_type} checkpoint (fused "

@@ -666,6 +666,9 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
     """
     src = resolve_hf_source(path)
     cfg = read_hf_config(src)
+    if cfg.get("model_type") == "kimi_k25":  # (its names and int4 weights: not what this loader reads)
+        raise HFError(f"{src}: a Kimi K2.5 image-text checkpoint (model_type kimi_k25): llmc imports its language "
+                      "model's shape but reads weights from a text-only bf16 Kimi K2 / DeepSeek-V3 checkpoint only")
     quant = cfg.get("quantization_config")
     if cfg.get("model_type") == "gpt_oss" and quant:
         raise HFError(f"{src}: its experts are {quant.get('quant_method', 'quantized') if isinstance(quant, dict) else 'quantized'} "

@@ -155,8 +155,11 @@ FAMILIES: dict[str, Family] = {
                           "deepseek_v3", ("deepseekv2",)),
     # Kimi K2 (config.json model_type kimi_k2, architectures DeepseekV3ForCausalLM): "Kimi-K2 reuses the
     # DeepSeekV3CausalLM architecture" and its model_type only tells inference engines apart
-    # (https://github.com/MoonshotAI/Kimi-K2/blob/main/docs/deploy_guidance.md): imported as deepseek_v3
-    "deepseek_v3": Family("deepseek_v3", ("deepseek_v3", "kimi_k2"), "DeepseekV3ForCausalLM", "mla", True, False,
+    # (https://github.com/MoonshotAI/Kimi-K2/blob/main/docs/deploy_guidance.md): imported as deepseek_v3; Kimi K2.5
+    # (model_type kimi_k25, KimiK25ForConditionalGeneration) wraps a kimi_k2 language model in text_config with an
+    # image encoder: its language model is imported (llmc.spec.hf.language_model_config)
+    "deepseek_v3": Family("deepseek_v3", ("deepseek_v3", "kimi_k2", "kimi_k25"), "DeepseekV3ForCausalLM", "mla", True,
+                          False,
                           "deepseek_v3", ("deepseek",), torchtitan_hf=True),
 }
 

@@ -207,15 +207,22 @@ _MLP_BIAS_TYPES = frozenset({"llama", "deepseek_v2"})
 _WINDOW_TYPES = frozenset({"mistral", "mixtral", "phi3", "qwen2", "qwen3", "qwen3_moe"})
 
 
+#: image-text model_type -> the model_type of the language model its ``text_config`` holds (None: the text_config's own)
+IMAGE_TEXT_TYPES: dict[str, str | None] = {"gemma3": "gemma3_text", "kimi_k25": None}
+
+
 def language_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """An image-text config's language model as a config of its own: Gemma 3's ``Gemma3Config`` (model_type gemma3,
     ``Gemma3ForConditionalGeneration``: the 4B, 12B and 27B releases) keeps it in ``text_config`` (a
-    ``Gemma3TextConfig``), the head's tying at the top level; the image encoder is not llmc's model."""
+    ``Gemma3TextConfig``), the head's tying at the top level; Kimi K2.5's (model_type kimi_k25,
+    ``KimiK25ForConditionalGeneration``) keeps a Kimi K2 config (model_type kimi_k2) there. The image encoder is not
+    llmc's model (nor counted)."""
     text = cfg.get("text_config")
     if not isinstance(text, dict):
         raise HFConfigError(f"config.json of model_type {cfg.get('model_type')!r} has no 'text_config' object (the "
                             "language model's config)")
-    out = fold_rope_parameters({**text, "model_type": "gemma3_text"})
+    mt = IMAGE_TEXT_TYPES.get(cfg.get("model_type")) or text.get("model_type")
+    out = fold_rope_parameters({**text, "model_type": mt})
     if cfg.get("tie_word_embeddings") is not None:
         out["tie_word_embeddings"] = cfg["tie_word_embeddings"]
     return out
@@ -783,9 +790,12 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     cfg = fold_rope_parameters(cfg)
     mt = cfg.get("model_type")
     family = family_for_model_type(mt) if isinstance(mt, str) else None
-    if mt == "gemma3":  # Gemma 3-4B / 12B / 27B: an image-text model whose language model llmc imports
+    if mt in IMAGE_TEXT_TYPES:  # Gemma 3-4B / 12B / 27B, Kimi K2.5: image-text models whose language model llmc imports
         cfg = language_model_config(cfg)
-        mt = "gemma3_text"
+        mt = cfg.get("model_type")
+        if mt == "kimi_k25" or family_for_model_type(mt) is not family:
+            raise HFConfigError(f"config.json's text_config has model_type {mt!r}, not the language model of "
+                                f"{family.name if family else '?'} that its model_type names")
     gemma = mt in ("gemma3_text", "gemma2")
     # what its config class fills in where a key is absent
     cfg = {**(_GEMMA3_TEXT_DEFAULTS if mt == "gemma3_text" else _GEMMA2_DEFAULTS if gemma else
