@@ -790,7 +790,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     cfg = fold_rope_parameters(cfg)
     mt = cfg.get("model_type")
     family = family_for_model_type(mt) if isinstance(mt, str) else None
-    if mt in IMAGE_TEXT_TYPES:  # Gemma 3-4B / 12B / 27B, Kimi K2.5: image-text models whose language model llmc imports
+    if isinstance(mt, str) and mt in IMAGE_TEXT_TYPES:  # Gemma 3-4B / 12B / 27B, Kimi K2.5: image-text models whose language model llmc imports
         cfg = language_model_config(cfg)
         mt = cfg.get("model_type")
         if mt == "kimi_k25" or family_for_model_type(mt) is not family:
