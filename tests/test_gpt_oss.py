@@ -136,6 +136,27 @@ def test_mxfp4_release_is_refused_in_one_line(tmp_path):
     assert "\n" not in msg and "mxfp4" in msg and "bf16" in msg
 
 
+def test_lora_on_gpt_oss_experts_keeps_their_biases_and_clamp(tmp_path):
+    """LoRA on the stacked experts (llmc.runtime.lora.LoRAExperts) runs the base experts' own expert with the merged
+    weights: with fresh adapters (B = 0) the model's logits are the loaded checkpoint's, transformers' (a plain
+    SwiGLU would drop gpt-oss's biases and clamp); a non-zero adapter on w1 moves them."""
+    from llmc.runtime.lora import LoRAExperts, apply_lora
+
+    src = make_hf(tmp_path)
+    arch = architecture_from_hf_config(read_hf_config(src), name="oss")
+    model = build_model(arch, seed=0).eval()
+    load_hf_into(model, src, arch)
+    apply_lora(model, rank=2, alpha=4.0, targets=["w1", "w2", "w3"])
+    wrapped = [m for m in model.modules() if isinstance(m, LoRAExperts)]
+    assert len(wrapped) == arch.n_layers
+    tokens = tokens_for(arch)
+    with torch.no_grad():
+        want = hf_model(src)(input_ids=tokens).logits
+        torch.testing.assert_close(model(tokens), want, atol=1e-4, rtol=1e-4)
+        wrapped[0].lora_B["w1"].normal_(0, 0.5)
+        assert (model(tokens) - want).abs().max() > 1e-3
+
+
 def test_tiny_gpt_oss_trains_on_cpu():
     """A tiny gpt-oss spec trains: a few AdamW steps on one batch lower llmc's loss; the expert biases (2-D) and the
     sinks are not weight-decayed, and every gpt-oss parameter gets a gradient."""

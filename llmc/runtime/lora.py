@@ -190,8 +190,10 @@ class LoRAExperts(nn.Module):
             w = w + self.scaling * (self.lora_B[t][e] @ self.lora_A[t][e])
         return w
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # (n, D) -> (n, D), as GroupedExperts.expert
-        return F.silu(x @ self._w("w1", e).t()) * (x @ self._w("w3", e).t()) @ self._w("w2", e).t()
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """(n, D) -> (n, D): the base experts' own expert (its activation, and gpt-oss's biases and clamp) with the
+        merged weights W + (alpha / r) B A."""
+        return self.base.expert(e, x, tuple(self._w(t, e) for t in ("w1", "w3", "w2")))
 
     def delta(self, t: str) -> torch.Tensor:
         return self.scaling * torch.bmm(self.lora_B[t], self.lora_A[t])

@@ -615,7 +615,7 @@ class MoE(nn.Module):
             tok, slot = (idx == e).nonzero(as_tuple=True)  # tokens routed to e and which of their k slots
             if tok.numel() == 0:
                 continue
-            y = self._expert(e, flat[tok]) * weights[tok, slot, None].to(flat.dtype)  # (n_e, D)
+            y = self.experts.expert(e, flat[tok]) * weights[tok, slot, None].to(flat.dtype)  # (n_e, D)
             out.index_add_(0, tok, y)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -625,16 +625,6 @@ class MoE(nn.Module):
             f = counts / idx.numel()
             aux = self.aux_coef * self.num_experts * (f * probs.mean(0)).sum()
         return out.view(B, T, D), aux
-
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on its tokens; under a LoRA wrapper of the experts (llmc.runtime.lora.LoRAExperts: ``base`` and
-        the merged weights ``_w``) whose experts carry gpt-oss's biases or clamp, through them with its weights (the
-        wrapper's own expert is a plain SwiGLU)."""
-        ex = self.experts
-        base = getattr(ex, "base", None)
-        if isinstance(base, GroupedExperts) and (base.bias or base.clamp is not None):
-            return base.expert(e, x, tuple(ex._w(t, e) for t in ("w1", "w3", "w2")))
-        return ex.expert(e, x)
 
     @torch.no_grad()
     def update_expert_bias(self, rate: float = 1e-3) -> None:
