@@ -347,7 +347,7 @@ GEMMA2_TINY = Architecture(n_layers=2, d_model=128, n_heads=4, n_kv_heads=2, hea
 
 @pytest.mark.parametrize("layer", [0, 1])
 def test_softcapped_attention_keeps_what_the_formula_counts(layer):
-    """Gemma 2's soft-capped attention runs without a fused kernel (llmc.runtime.model._softcapped), so every score is
+    """Gemma 2's soft-capped attention runs without a fused kernel (llmc.runtime.model._eager_attention), so every score is
     kept: autograd's saved tensors of the attention of a block of llmc's model in bf16 (a windowed layer and a full
     one: the window is a mask on the same square) equal the formula's attention part of ``none`` (8 B a score: tanh's
     output, the fp32 softmax, its bf16 cast; q, and K / V expanded to the query heads, copied by the two matmuls; the

@@ -724,7 +724,7 @@ def eager_score_bytes(arch, act_bytes: float) -> float:
 
 
 def softcap_score_bytes(act_bytes: float) -> float:
-    """Bytes soft-capped attention keeps per score for the backward (llmc.runtime.model._softcapped, as transformers'
+    """Bytes soft-capped attention keeps per score for the backward (llmc.runtime.model._eager_attention, as transformers'
     eager attention): tanh's output (the activation dtype), the fp32 softmax and its cast back (the same tensor when
     the activations are fp32): 2 + 4 + 2 = 8 in bf16, 4 + 4 in fp32."""
     return act_bytes + SOFTMAX_FP32_BYTES + (act_bytes if act_bytes < SOFTMAX_FP32_BYTES else 0.0)

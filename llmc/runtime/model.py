@@ -232,12 +232,6 @@ def _window_mask(T: int, S: int, window: int, device: torch.device, dtype: torch
 window_mask = torch.compiler.disable(_window_mask)
 
 
-def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, cap: float, causal: bool,
-                mask: torch.Tensor | None) -> torch.Tensor:
-    """Soft-capped attention: :func:`_eager_attention` with a cap."""
-    return _eager_attention(q, k, v, scale, causal, mask, cap=cap)
-
-
 def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
                      mask: torch.Tensor | None, cap: float | None = None,
                      sinks: torch.Tensor | None = None) -> torch.Tensor:
