@@ -40,7 +40,7 @@ def make_run(**over) -> RunSpec:
     d = {
         "name": "fake",
         "model": TINY_ARCH,
-        "data": {"seq_len": 64, "tokens": 1e6, "sources": [{"name": "syn", "format": "builtin"}]},
+        "data": {"seq_len": 64, "tokens": 1e6, "sources": [{"name": "python-docs", "format": "builtin"}]},
         "hardware": {"gpu": "h100-sxm", "count": 8},
         "training": {"precision": "bf16", "optimizer": {"lr": 1e-3}},
     }

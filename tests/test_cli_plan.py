@@ -310,7 +310,7 @@ name: x
 model: tiny
 hardware: {gpu: cpu, count: 1}
 data:
-  sources: [{name: a, format: builtin}]
+  sources: [{name: python-docs, format: builtin}]
   tokenizer: {train: true, vocab_size: 2048}
   seq_len: 128
   tokens: 1M

@@ -359,7 +359,7 @@ def test_export_from_a_torchtitan_deepseek_dcp_checkpoint(tmp_path):
     assert "layers.1.moe.routed_experts.inner_experts.w2_EDF" in titan and "layers.1.moe.expert_bias_E" in titan
     dcp.save(titan, checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / "step-2"))
     spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
-            "data": {"sources": [{"name": "d", "format": "builtin"}], "seq_len": 32, "tokens": 1024}}
+            "data": {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 32, "tokens": 1024}}
     (tmp_path / "plan.lock.json").write_text(json.dumps(lock_for(spec)))
     hf = Path(export_checkpoint(tmp_path, "pretrain")["hf"])
     tokens = torch.randint(0, 77, (2, 7))
@@ -489,7 +489,7 @@ def _export_titan_checkpoint(tmp_path, sd: dict, arch) -> Path:
 
     dcp.save(dict(sd), checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / "step-8"))
     spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
-            "data": {"sources": [{"name": "d", "format": "builtin"}], "seq_len": 64, "tokens": 1024}}
+            "data": {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 64, "tokens": 1024}}
     (tmp_path / "plan.lock.json").write_text(json.dumps(lock_for(spec)))
     return Path(export_checkpoint(tmp_path, "pretrain")["hf"])
 

@@ -567,7 +567,7 @@ def test_export_from_a_torchtitan_dcp_checkpoint(tmp_path):
         dcp.save({k: v * scale for k, v in titan.items()},
                  checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / f"step-{step}"))
     spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
-            "data": {"sources": [{"name": "d", "format": "builtin"}], "seq_len": 32, "tokens": 1024}}
+            "data": {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 32, "tokens": 1024}}
     (tmp_path / "plan.lock.json").write_text(json.dumps(lock_for(spec)))
     res = export_checkpoint(tmp_path, "pretrain")
     hf = Path(res["hf"])
@@ -693,7 +693,7 @@ def test_init_from_a_stage_that_left_only_hf(tmp_path):
     pre = TrainJob(arch=arch, sources=[], seq_len=16, steps=1, name="p", stage="mid", kind="midtrain",
                    init_from="titan")
     native, _, _ = _setup_model(pre, info, run / "titan", None, lambda *a: None)
-    st = make_stage(name="sft", kind="sft", init_from="titan", data={"sources": [{"name": "s", "format": "builtin"}],
+    st = make_stage(name="sft", kind="sft", init_from="titan", data={"sources": [{"name": "python-docs", "format": "builtin"}],
                                                                       "seq_len": 16, "tokens": 1e4})
     post = TrainJob(arch=arch, sources=[], seq_len=16, steps=1, name="p", stage="sft", kind="sft", init_from="titan",
                     stage_spec=st)

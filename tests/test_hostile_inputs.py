@@ -28,7 +28,7 @@ name: t
 model: tiny
 hardware: {gpu: cpu, count: 1}
 data:
-  sources: [{name: a, format: builtin}]
+  sources: [{name: python-docs, format: builtin}]
   tokenizer: {train: true}
   seq_len: 128
   tokens: 2M
@@ -175,9 +175,22 @@ def test_hf_config_zero_kv_heads_is_not_read_as_mha(tmp_path):
 
 
 def test_duplicate_source_names_are_an_error():
-    text = BASE.replace("[{name: a, format: builtin}]", "[{name: a, format: builtin}, {name: b}, {name: a, weight: 2}]")
+    text = BASE.replace("[{name: python-docs, format: builtin}]",
+                        "[{name: a, path: a.jsonl}, {name: b}, {name: a, weight: 2}]")
     d = _one(text, "data.sources.2.name", "D004")
     assert "data.sources.0" in d.hint
+
+
+def test_a_builtin_source_names_a_corpus_llmc_generates():
+    """``format: builtin`` with a name llmc generates no corpus for was planned as valid and refused by prepare at
+    launch (llmc.runtime.entry: "unknown builtin corpus"); now the plan says so, located. A builtin record source
+    (chat / preference / prompts: generated at stage time) may have any name."""
+    d = _one(BASE.replace("{name: python-docs, format: builtin}", "{name: docs, format: builtin}"),
+             "data.sources.0")
+    assert "python-docs" in d.message
+    stage = ("stages: [{name: s, kind: sft, data: {seq_len: 128, tokens: 1M, "
+             "sources: [{name: my-chat, format: builtin, kind: chat}]}}]")
+    assert reads_spec(_with(stages=stage), file="s.yaml").run is not None
 
 
 def test_duplicate_source_names_in_a_stage_are_an_error():
@@ -225,7 +238,7 @@ def test_whole_nodes_or_part_of_one_are_fine(count, gpn):
 def test_names_that_become_paths_are_simple(name, where, path):
     q = json.dumps(name)
     text = {
-        "source": BASE.replace("{name: a, format: builtin}", f"{{name: {q}, format: builtin}}"),
+        "source": BASE.replace("{name: python-docs, format: builtin}", f"{{name: {q}, format: builtin}}"),
         "run": BASE.replace("name: t\n", f"name: {q}\n"),
         "stage": _with(stages=f"stages: [{{name: {q}, kind: pretrain}}]"),
         "template": BASE.replace("{train: true}", f"{{train: true, chat_template: {q}}}"),
@@ -350,7 +363,7 @@ def test_display_names_are_printable(name, char, where):
 
 def test_mixture_weights_are_bounded():
     """A weight of 1e300 made the D002 check report a source repeated "inf epochs" (tokens x weight overflowed)."""
-    text = BASE.replace("format: builtin}]", "format: builtin, weight: 1e300}, {name: b, format: builtin}]")
+    text = BASE.replace("format: builtin}]", "format: builtin, weight: 1e300}, {name: b, path: b.jsonl}]")
     assert text != BASE
     _one(text, "data.sources.0.weight")
 
@@ -598,7 +611,7 @@ def test_load_spec_keeps_its_contract(tmp_path):
 def test_an_invalid_source_does_not_hide_a_duplicate_name():
     """Every error at once: a source with a bad weight made the whole data section unreadable to the structural
     checks, so the duplicate name beside it surfaced only after the first fix."""
-    text = BASE.replace("sources: [{name: a, format: builtin}]",
+    text = BASE.replace("sources: [{name: python-docs, format: builtin}]",
                         "sources: [{name: a, path: x.jsonl, weight: -1}, {name: a, path: y.jsonl}]")
     errs = {(d.code, d.path) for d in _errors(text)}
     assert {("S002", "data.sources.0.weight"), ("D004", "data.sources.1.name")} <= errs, errs

@@ -27,7 +27,7 @@ from llmc.spec.schema import make_stage as Stage  # noqa: E402
 TOK = ByteTokenizer()
 ARCH = dict(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=TOK.vocab_size,
             max_seq_len=128)
-BUILTIN = {"sources": [{"name": "syn", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
+BUILTIN = {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["wq", "wv", "w2"]}  # dropout 0: no random masks
 
 # name: (stage fields, steps, lr, global batch, meta_init)

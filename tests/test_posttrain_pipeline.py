@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 TOK = ByteTokenizer()
 ARCH = Architecture(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
                     vocab_size=TOK.vocab_size, max_seq_len=128)
-BUILTIN = {"sources": [{"name": "syn", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
+BUILTIN = {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
 
 
 def _job(stage: Stage, steps: int, lr: float, batch: int = 8) -> TrainJob:

@@ -37,7 +37,7 @@ torch.set_num_threads(1)
 TOK = ByteTokenizer()
 ARCH = dict(name="t", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, vocab_size=TOK.vocab_size,
             max_seq_len=96)
-DATA = {"sources": [{"name": "syn", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
+DATA = {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.1, "targets": ["wq", "wv", "w2"]}  # dropout: the torch RNG matters
 
 # name: (stage fields, lr, global batch)

@@ -37,7 +37,7 @@ TOK = ByteTokenizer()
 # big enough that torch.save's per-tensor framing is a small share of each file
 ARCH = dict(name="t", n_layers=2, d_model=128, n_heads=4, n_kv_heads=2, d_ff=256, vocab_size=TOK.vocab_size,
             max_seq_len=96)
-DATA = {"sources": [{"name": "syn", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
+DATA = {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
 LORA = {"rank": 32, "alpha": 64, "targets": ["wq", "wv", "w2"]}
 STEPS, INTERVAL = 5, 2  # periodic saves at steps 2 and 4 (before the last), then the final save at 5
 WRITE_GBPS = 0.5

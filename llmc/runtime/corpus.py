@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from llmc.sources import clean_text
+from llmc.spec.schema import BUILTIN_CORPORA
 
-BUILTIN_CORPORA = ("python-docs",)
 _SKIP_DIRS = {"test", "tests", "site-packages", "idlelib", "turtledemo", "lib2to3", "__pycache__",
               "dist-packages", "ensurepip", "tkinter", "venv"}
 

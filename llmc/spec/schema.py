@@ -48,6 +48,9 @@ MAX_MIX_WEIGHT = 1e6
 SourceKind = Literal["general", "domain", "code", "math", "multilingual", "chat", "preference", "prompts"]
 TEXT_SOURCE_KINDS: tuple[str, ...] = ("general", "domain", "code", "math", "multilingual")
 RECORD_SOURCE_KINDS: tuple[str, ...] = ("chat", "preference", "prompts")
+#: The text corpora ``format: builtin`` generates offline (named by the source's name; :mod:`llmc.runtime.corpus`).
+#: A builtin record source (chat / preference / prompts) is generated at stage time, whatever its name.
+BUILTIN_CORPORA: tuple[str, ...] = ("python-docs",)
 #: Most MinHash permutations: the largest published setting is 9,000 (Lee et al. 2022, arXiv:2107.06499); choosing
 #: bands and rows for 16,384 takes ~2 s and the work grows with the count.
 MAX_NUM_PERM = 16384
@@ -105,6 +108,15 @@ class Source(SpecModel):
     kind: SourceKind = "general"
     """What the source is, for the forgetting / mixture checks."""
 
+    @model_validator(mode="after")
+    def _builtin_known(self) -> Source:
+        # (prepare refuses it at launch otherwise, after the plan called the spec valid)
+        if self.format == "builtin" and self.kind not in RECORD_SOURCE_KINDS and self.name not in BUILTIN_CORPORA:
+            raise ValueError(f"format: builtin generates a corpus named by the source's name, and llmc has no "
+                             f"corpus {self.name!r} (known: {', '.join(BUILTIN_CORPORA)}); name it one of those, or "
+                             "give the source a path and format: jsonl / text / parquet")
+        return self
+
 
 class Tokenizer(SpecModel):
     """Tokenizer: a local HF ``tokenizer.json`` directory, or one trained locally."""
@@ -117,7 +129,9 @@ class Tokenizer(SpecModel):
     """Vocabulary size; must equal the model's vocab_size. None = the model's."""
     chat_template: Name | None = None
     """Chat template name (``llama3``, ``chatml``, ``phi3``, ``phi4``, ``gemma``: llmc.spec.chat) for SFT/DPO/GRPO
-    stages."""
+    stages, or ``tokenizer``: the tokenizer folder's own Jinja template (chat_template.jinja or tokenizer_config.json),
+    rendered by transformers. None = the named template whose special tokens the tokenizer has, else the tokenizer's
+    own when it has one, else llama3."""
 
 
 class NearDup(SpecModel):
@@ -679,7 +693,7 @@ class RunSpec(SpecModel):
 
 
 __all__ = [
-    "NAME_PATTERN", "MAX_NAME_LEN", "MAX_GPUS", "Name", "relative_folder", "ModelRef", "SourceKind", "TEXT_SOURCE_KINDS", "RECORD_SOURCE_KINDS", "Source", "Tokenizer", "Data", "Hardware", "Budget", "Optimizer", "Schedule",
+    "NAME_PATTERN", "MAX_NAME_LEN", "MAX_GPUS", "Name", "relative_folder", "ModelRef", "SourceKind", "TEXT_SOURCE_KINDS", "RECORD_SOURCE_KINDS", "BUILTIN_CORPORA", "Source", "Tokenizer", "Data", "Hardware", "Budget", "Optimizer", "Schedule",
     "Checkpoint", "LossSpike", "Training", "Parallelism", "StageKind", "STAGE_KINDS", "LM_KINDS", "CHAT_KINDS",
     "CONTINUED_KINDS", "POSTTRAIN_KINDS", "PREFERENCE_KINDS", "LoRA", "StageBase", "PretrainStage", "MidtrainStage", "LongContextStage", "SFTStage",
     "DPOStage", "GRPOStage", "STAGE_TYPES", "Stage", "make_stage", "Serving", "GpuOverrides", "RunSpec",
