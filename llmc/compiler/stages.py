@@ -54,7 +54,7 @@ from llmc.compiler.result import (
 from llmc.compiler.search import USABLE_FRACTION, describe, divisors
 from llmc.compiler.units import gib
 from llmc.diagnostics import Diagnostic
-from llmc.spec.chat import CHAT_TEMPLATES
+from llmc.spec.chat import CHAT_TEMPLATES, OWN_TEMPLATE
 from llmc.spec.facts import ExternalFacts
 from llmc.spec.families import FAMILIES, family_by_name
 from llmc.spec.schema import (
@@ -206,19 +206,21 @@ def _cycles(parent: dict[str, str]) -> list[list[str]]:
 POSTTRAIN_WEIGHT_DECAY = 0.0
 
 
-def default_chat_template(specials: set[str] | None) -> str:
+def default_chat_template(specials: set[str] | None, own: bool = False) -> str:
     """The chat template of a stage whose spec names none: the first whose special tokens the tokenizer has (llama3,
-    then phi4 before chatml, whose tokens phi4's include, then phi3, gemma), else llama3 (llmc's own tokenizer's
-    format)."""
+    then phi4 before chatml, whose tokens phi4's include, then phi3, gemma), else the tokenizer's own when it has
+    one (``own``: gpt-oss's harmony, Mistral's, DeepSeek's formats), else llama3 (llmc's own tokenizer's format)."""
     for name in ("llama3", "phi4", "chatml", "phi3", "gemma") if specials else ():
         if set(TEMPLATE_TOKENS[name]) <= specials:
             return name
-    return "llama3"
+    return OWN_TEMPLATE if own else "llama3"
 
 
-def kind_hyper(run: RunSpec, st: StageBase, specials: set[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+def kind_hyper(run: RunSpec, st: StageBase, specials: set[str] | None = None, own_template: bool = False
+               ) -> tuple[dict[str, Any], list[str]]:
     """Kind-specific settings with their defaults filled, and the names llmc chose; ``specials``: the stage
-    tokenizer's special tokens where known (:func:`tokenizer_specials`), which pick the default chat template."""
+    tokenizer's special tokens where known (:func:`tokenizer_specials`), which pick the default chat template
+    (``own_template``: the tokenizer carries a template of its own, :func:`tokenizer_has_template`)."""
     h: dict[str, Any] = {}
     chosen: list[str] = []
 
@@ -244,7 +246,8 @@ def kind_hyper(run: RunSpec, st: StageBase, specials: set[str] | None = None) ->
     if st.kind == "sft":
         pick("loss_mask", "loss_mask", st.loss_mask, "assistant")
     if st.kind in CHAT_KINDS:
-        pick("chat_template", "chat_template", tokenizer_for(run, st).chat_template, default_chat_template(specials))
+        pick("chat_template", "chat_template", tokenizer_for(run, st).chat_template,
+             default_chat_template(specials, own_template))
         # AdamW as the runtime builds it: the spec's betas and eps; no weight decay (TRL's default, weight_decay 0.0 in
         # transformers' TrainingArguments, https://huggingface.co/docs/transformers/main_classes/trainer)
         o = run.training.optimizer
@@ -253,7 +256,8 @@ def kind_hyper(run: RunSpec, st: StageBase, specials: set[str] | None = None) ->
 
 
 def resolve_stage_training(run: RunSpec, st: StageBase, hyper: Hyper, plan: ParallelPlan | None,
-                           inherited_seq_len: int, specials: set[str] | None = None) -> StageTraining:
+                           inherited_seq_len: int, specials: set[str] | None = None, own_template: bool = False
+                           ) -> StageTraining:
     """Every training number of one stage, in one place.
 
     ``pretrain``: ``hyper`` (the run's resolved hyperparameters) and the searched ``plan``'s batch split.
@@ -261,7 +265,7 @@ def resolve_stage_training(run: RunSpec, st: StageBase, hyper: Hyper, plan: Para
     batch 64 sequences (sft/dpo), prompts x G completions (grpo) or the run's batch (continued training),
     steps = tokens / batch, the run's LR schedule (:func:`defaults.stage_schedule`).
     """
-    kh, chosen = kind_hyper(run, st, specials)
+    kh, chosen = kind_hyper(run, st, specials, own_template)
     if st.kind == "pretrain":
         return _pretrain_training(run, hyper, plan, kh)
     seq_len = st.seq_len or (kh["max_prompt_tokens"] + kh["max_new_tokens"] if st.kind == "grpo" else None) \
@@ -365,6 +369,15 @@ def tokenizer_for(run: RunSpec, stage: StageBase) -> Any:
         return own
     return top.model_copy(update={"chat_template": own.chat_template or top.chat_template,
                                   "vocab_size": own.vocab_size or top.vocab_size})
+
+
+def tokenizer_has_template(tok: Any, facts: ExternalFacts | None) -> bool | None:
+    """Whether the tokenizer carries a chat template of its own: read from its folder (``facts``); llmc's trained
+    tokenizer has none; None where unknown (a path not read here)."""
+    if tok.train and not tok.path:
+        return False
+    known = facts.tokenizers.get(tok.path) if facts is not None and tok.path else None
+    return known.chat_template if known is not None else None
 
 
 def tokenizer_specials(run: RunSpec, tok: Any, facts: ExternalFacts | None) -> tuple[set[str] | None, str]:
@@ -858,17 +871,24 @@ def check_chat_template(env: _Env, st: StageBase, p: str, tmpl: str, sink: Sink)
     tok = tokenizer_for(env.run, st)
     need = TEMPLATE_TOKENS.get(tmpl)
     have, how = tokenizer_specials(env.run, tok, env.facts)
-    tpath = (f"{p}.data.tokenizer.chat_template" if st.data is not None and tok.chat_template
+    tpath = (f"{p}.data.tokenizer.chat_template" if st.data is not None and st.data.tokenizer.chat_template
              else "data.tokenizer.chat_template" if tok.chat_template else p)
-    if need is None:
-        sink.add("T103", "error", tpath, f"unknown chat template {tmpl!r}", f"use one of {', '.join(TEMPLATE_TOKENS)}")
+    if tmpl == OWN_TEMPLATE:
+        if tokenizer_has_template(tok, env.facts) is False:
+            sink.add("T103", "error", tpath, f"chat_template: {OWN_TEMPLATE} asks for the tokenizer's own chat "
+                     f"template, which the tokenizer ({how}) does not have (no chat_template.jinja, no chat_template "
+                     "in tokenizer_config.json)", f"name one of {', '.join(TEMPLATE_TOKENS)}, or use a tokenizer "
+                     "folder that ships its template")
+    elif need is None:
+        sink.add("T103", "error", tpath, f"unknown chat template {tmpl!r}",
+                 f"use one of {', '.join(TEMPLATE_TOKENS)}, or {OWN_TEMPLATE} (the tokenizer's own)")
     elif have is not None:
         missing = [t for t in need if t not in have]
         if missing:
             sink.add("T103", "warning" if how.startswith("inferred") else "error", tpath,
                      f"chat template {tmpl!r} needs {', '.join(missing)} which the tokenizer ({how}) lacks",
                      "pick the template that matches the base model's tokenizer (llama3 for Llama-3, chatml for "
-                     "Qwen, phi3 for Phi-3 / Phi-3.5, phi4 for Phi-4)")
+                     f"Qwen, phi3 for Phi-3 / Phi-3.5, phi4 for Phi-4), or {OWN_TEMPLATE} (the tokenizer's own)")
 
 
 def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageMemoryPlan, sink: Sink) -> None:
@@ -981,8 +1001,10 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
     """One stage's plan and the context it hands on to stages that ``init_from`` it."""
     p = f"stages.{i}"
     notes: list[str] = []
-    specials = tokenizer_specials(env.run, tokenizer_for(env.run, st), env.facts)[0] if st.kind in CHAT_KINDS else None
-    tr = resolve_stage_training(env.run, st, env.hyper, env.plan, inherited["seq_len"], specials)
+    tok = tokenizer_for(env.run, st)
+    specials = tokenizer_specials(env.run, tok, env.facts)[0] if st.kind in CHAT_KINDS else None
+    own = st.kind in CHAT_KINDS and bool(tokenizer_has_template(tok, env.facts))
+    tr = resolve_stage_training(env.run, st, env.hyper, env.plan, inherited["seq_len"], specials, own)
     arch = env.run.model
     trainable = lora_trainable_params(arch, st.lora.rank, st.lora.targets) if st.lora else env.n_total
     models = _models(st, tr.hyper.get("kl_coef"), env.precision, notes)
@@ -1138,5 +1160,6 @@ def plan_stages(run: RunSpec, gpu: GPU | None = None, lines: dict | None = None,
 
 
 __all__ = ["plan_stages", "plan_stage", "resolve_stage_training", "stage_order", "resolved_stages",
-           "lora_trainable_params", "linear_shapes", "tokenizer_for", "tokenizer_specials", "StageTraining",
+           "lora_trainable_params", "linear_shapes", "tokenizer_for", "tokenizer_specials", "tokenizer_has_template",
+           "StageTraining",
            "TEMPLATE_TOKENS", "NF4_BITS_PER_PARAM"]

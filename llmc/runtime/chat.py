@@ -6,14 +6,28 @@ assistant content and the turn's closing token (<|eot_id|> / <|im_end|> / <|end|
 *and to stop* (a model never trained on the end token does not learn to stop).
 ``mask="last_assistant"`` trains only the final assistant turn;
 ``mask="none"`` trains every token (warned by the compiler, T102).
+
+``chat_template: tokenizer`` lays conversations out with the tokenizer's own Jinja template (``chat_template.jinja``,
+else ``chat_template`` in tokenizer_config.json: the files transformers reads, in its order), rendered by
+transformers' ``apply_chat_template``: gpt-oss's harmony format, Mistral's, DeepSeek's, anything a model ships
+(:class:`TokenizerTemplate`). Which tokens an assistant turn owns is found as TRL's ``DataCollatorForCompletionOnlyLM``
+and axolotl's turn masking find it, from renders of the conversation's prefixes: turn *i* is the text between the
+render of messages[:i] with the generation prompt and the render of messages[:i+1], up to and including the
+tokenizer's end-of-sequence token where the turn holds it (what generation stops on; text after it, such as
+ChatML's newline, is layout). A template that renders an earlier turn differently once later messages follow
+(gpt-oss ends the last turn with ``<|return|>`` and earlier ones with ``<|end|>``, and drops their analysis channel;
+Qwen3 drops earlier turns' thinking) has no such prefix for that turn: only the turns whose text the whole
+conversation's render holds are trained, and the rest are counted (:attr:`TokenizerTemplate.untrained_turns`),
+which the trainer reports.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from llmc.spec.chat import CHAT_TEMPLATES, ChatTemplate
+from llmc.spec.chat import CHAT_TEMPLATES, OWN_TEMPLATE, ChatTemplate
 
 IGNORE_INDEX = -100
 TEMPLATES = CHAT_TEMPLATES  # name -> ChatTemplate
@@ -76,8 +90,69 @@ class TokAdapter:
             return t.decode(list(ids))
 
 
-def check_template(tok: Any, template: str) -> None:
+@dataclass
+class TokenizerTemplate:
+    """A tokenizer's own Jinja chat template (:func:`load_tokenizer_template`); ``render(messages,
+    add_generation_prompt)`` is transformers' ``apply_chat_template(..., tokenize=False)``; ``end`` is the tokenizer's
+    end-of-sequence token (what an assistant turn closes with, and generation stops on)."""
+
+    render: Any
+    end: str
+    source: str
+    name: str = OWN_TEMPLATE
+    conversations: int = 0
+    """Conversations encoded so far."""
+    untrained_turns: int = 0
+    """Assistant turns the mask asked for but left untrained: the full render does not hold their text as their own
+    prefix renders give it (module docstring)."""
+    examples: list[int] = field(default_factory=list)
+    """The indices (in encoding order) of the first few conversations with such turns."""
+
+
+def load_tokenizer_template(tokenizer_dir: str | Path) -> TokenizerTemplate:
+    """The chat template of the Hugging Face tokenizer folder ``tokenizer_dir``, read and rendered by transformers
+    (``PreTrainedTokenizerFast.from_pretrained``: chat_template.jinja first, then tokenizer_config.json, as
+    transformers' tokenization_utils_base does); TemplateError when it has none or transformers is missing."""
+    d = Path(tokenizer_dir)
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        raise TemplateError("chat_template: tokenizer renders the tokenizer's own template with transformers, which "
+                            "is not installed (pip install 'llmc[hf]')") from None
+    try:
+        hf = PreTrainedTokenizerFast.from_pretrained(str(d))
+    except Exception as e:  # noqa: BLE001 (transformers raises many kinds on an unreadable folder)
+        raise TemplateError(f"{d}: transformers cannot read the tokenizer ({type(e).__name__}: {e})") from None
+    tmpl = hf.chat_template
+    if isinstance(tmpl, dict):
+        tmpl = tmpl.get("default")
+    if not tmpl:
+        raise TemplateError(f"{d}: the tokenizer has no chat template of its own (no chat_template.jinja, no "
+                            "chat_template in tokenizer_config.json); name one of "
+                            f"{', '.join(TEMPLATES)} as data.tokenizer.chat_template")
+    if not hf.eos_token:
+        raise TemplateError(f"{d}: the tokenizer names no eos_token (tokenizer_config.json), which its chat "
+                            "template's assistant turns end with")
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    src = "chat_template.jinja" if (d / "chat_template.jinja").is_file() else "tokenizer_config.json"
+    return TokenizerTemplate(render, str(hf.eos_token), str(d / src))
+
+
+def template_name(template: str | TokenizerTemplate) -> str:
+    return template.name if isinstance(template, TokenizerTemplate) else template
+
+
+def check_template(tok: Any, template: str | TokenizerTemplate) -> None:
     """Raise TemplateError when the tokenizer lacks a special token the template needs (T103 at runtime)."""
+    if isinstance(template, TokenizerTemplate):
+        a = tok if isinstance(tok, TokAdapter) else TokAdapter(tok)
+        if _whole_string_encoder(a.tok) is None:
+            raise TemplateError("the tokenizer's own chat template needs a Hugging Face tokenizer.json")
+        a.special(template.end)
+        return
     if template not in TEMPLATES:
         raise TemplateError(f"unknown chat template {template!r} ({', '.join(TEMPLATES)})")
     a = tok if isinstance(tok, TokAdapter) else TokAdapter(tok)
@@ -86,9 +161,9 @@ def check_template(tok: Any, template: str) -> None:
         raise TemplateError(f"chat template {template!r} needs {missing}, missing from the tokenizer")
 
 
-def end_token_id(tok: Any, template: str) -> int:
+def end_token_id(tok: Any, template: str | TokenizerTemplate) -> int:
     a = tok if isinstance(tok, TokAdapter) else TokAdapter(tok)
-    return a.special(TEMPLATES[template].end)
+    return a.special(template.end if isinstance(template, TokenizerTemplate) else TEMPLATES[template].end)
 
 
 def _header(tmpl: ChatTemplate, role: str) -> list[tuple[str, bool]]:
@@ -117,6 +192,33 @@ def _whole_string_encoder(tok: Any):
     return None
 
 
+def _encode_whole(tk: Any, segs: list[tuple[str, bool, bool]], a: TokAdapter | None = None
+                  ) -> tuple[list[int], list[int]] | None:
+    """(ids, labels) of the segments' text tokenised in one call by the ``tokenizers.Tokenizer`` ``tk``, a token
+    trained when it starts inside a trained segment; None when a segment marked special (checked through ``a``) was
+    not read as its one id."""
+    text = "".join(s for s, _, _ in segs)
+    plain = tk.encode_special_tokens  # (llmc's TextTokenizer reads document text with special tokens as text)
+    tk.encode_special_tokens = False  # a rendered template's special tokens are its own, as HF reads them
+    try:
+        enc = tk.encode(text, add_special_tokens=False)
+    finally:
+        tk.encode_special_tokens = plain
+    spans, pos = [], 0
+    for s, special, train in segs:
+        spans.append((pos, pos + len(s), special, train))
+        pos += len(s)
+    ids, offsets = list(enc.ids), enc.offsets  # (each read of Encoding.offsets builds the whole list anew)
+    starts = {st: i for i, (st, _) in enumerate(offsets) if i == 0 or offsets[i - 1][0] != st}
+    if not all(not sp or (a is not None and st in starts and ids[starts[st]] == a.special(text[st:en]))
+               for st, en, sp, _ in spans):  # every special token read as its own id
+        return None
+    trained = [(st, en) for st, en, _, train in spans if train]
+    labels = [i if any(st <= o[0] < en for st, en in trained) else IGNORE_INDEX
+              for i, o in zip(ids, offsets, strict=True)]
+    return ids, labels
+
+
 def _encode_segments(segs: list[tuple[str, bool, bool]], a: TokAdapter) -> tuple[list[int], list[int]]:
     """(ids, labels) of (text, is special, trained) segments.
 
@@ -127,24 +229,9 @@ def _encode_segments(segs: list[tuple[str, bool, bool]], a: TokAdapter) -> tuple
     encodes segment by segment, special tokens by id."""
     tk = _whole_string_encoder(a.tok)
     if tk is not None:
-        text = "".join(s for s, _, _ in segs)
-        plain = tk.encode_special_tokens  # (llmc's TextTokenizer reads document text with special tokens as text)
-        tk.encode_special_tokens = False  # a rendered template's special tokens are its own, as HF reads them
-        try:
-            enc = tk.encode(text, add_special_tokens=False)
-        finally:
-            tk.encode_special_tokens = plain
-        spans, pos = [], 0
-        for s, special, train in segs:
-            spans.append((pos, pos + len(s), special, train))
-            pos += len(s)
-        starts = {st: i for i, (st, _) in enumerate(enc.offsets) if i == 0 or enc.offsets[i - 1][0] != st}
-        if all(not sp or (st in starts and enc.ids[starts[st]] == a.special(text[st:en]))
-               for st, en, sp, _ in spans):  # every special token read as its own id
-            trained = [(st, en) for st, en, _, train in spans if train]
-            labels = [i if any(st <= o[0] < en for st, en in trained) else IGNORE_INDEX
-                      for i, o in zip(enc.ids, enc.offsets, strict=True)]
-            return list(enc.ids), labels
+        got = _encode_whole(tk, segs, a)
+        if got is not None:
+            return got
     ids: list[int] = []
     labels: list[int] = []
     for s, special, train in segs:
@@ -154,7 +241,54 @@ def _encode_segments(segs: list[tuple[str, bool, bool]], a: TokAdapter) -> tuple
     return ids, labels
 
 
-def encode_chat(messages: list[dict], tok: Any, template: str = "llama3", mask: str = "assistant",
+def _rendered_segments(messages: list[dict], tmpl: TokenizerTemplate, mask: str, add_generation_prompt: bool
+                       ) -> list[tuple[str, bool, bool]]:
+    """The tokenizer template's render of ``messages`` as (text, False, trained) segments (module docstring)."""
+    def render(msgs: list[dict], gen: bool) -> str:
+        try:
+            return tmpl.render(msgs, gen)
+        except Exception as e:  # noqa: BLE001 (a Jinja error, or the template's own raise_exception)
+            raise TemplateError(f"the tokenizer's chat template ({tmpl.source}) cannot render the conversation: "
+                                f"{type(e).__name__}: {e}") from None
+
+    full = render(messages, add_generation_prompt)
+    tmpl.conversations += 1
+    if mask == "none":
+        return [(full, False, True)]
+    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if mask == "last_assistant":
+        turns = turns[-1:]
+    spans: list[tuple[int, int]] = []
+    lost = 0
+    for i in turns:
+        try:
+            pre, upto = render(messages[:i], True), render(messages[: i + 1], False)
+        except TemplateError:  # e.g. a template that needs a first message of its own kind
+            lost += 1
+            continue
+        if not (upto.startswith(pre) and full.startswith(upto) and len(upto) > len(pre)):
+            lost += 1
+            continue
+        start, stop = len(pre), len(upto)
+        end = upto.rfind(tmpl.end, start)
+        if end >= 0:  # through the end token; what follows it (a newline between turns) is layout
+            stop = end + len(tmpl.end)
+        if not spans or start >= spans[-1][1]:
+            spans.append((start, stop))
+    if lost:
+        if len(tmpl.examples) < 3:
+            tmpl.examples.append(tmpl.conversations - 1)
+        tmpl.untrained_turns += lost
+    segs: list[tuple[str, bool, bool]] = []
+    pos = 0
+    for start, stop in spans:
+        segs += [(full[pos:start], False, False), (full[start:stop], False, True)]
+        pos = stop
+    segs.append((full[pos:], False, False))
+    return [s for s in segs if s[0]]
+
+
+def encode_chat(messages: list[dict], tok: Any, template: str | TokenizerTemplate = "llama3", mask: str = "assistant",
                 add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """Tokenise a conversation; returns (ids, labels) of equal length, labels -100 off the trained tokens.
 
@@ -162,6 +296,14 @@ def encode_chat(messages: list[dict], tok: Any, template: str = "llama3", mask: 
     """
     if mask not in ("assistant", "last_assistant", "none"):
         raise ValueError(f"mask must be assistant/last_assistant/none, got {mask!r}")
+    if isinstance(template, TokenizerTemplate):
+        a = tok if isinstance(tok, TokAdapter) else TokAdapter(tok)
+        tk = _whole_string_encoder(a.tok)
+        if tk is None:
+            raise TemplateError("the tokenizer's own chat template needs a Hugging Face tokenizer.json")
+        got = _encode_whole(tk, _rendered_segments(messages, template, mask, add_generation_prompt))
+        assert got is not None  # (no segment is marked special)
+        return got
     tmpl = TEMPLATES.get(template)
     if tmpl is None:
         raise TemplateError(f"unknown chat template {template!r}")
@@ -196,14 +338,14 @@ def encode_chat(messages: list[dict], tok: Any, template: str = "llama3", mask: 
     return _encode_segments(segs, a)
 
 
-def encode_prompt_response(prompt: list[dict], response: str, tok: Any, template: str = "llama3"
+def encode_prompt_response(prompt: list[dict], response: str, tok: Any, template: str | TokenizerTemplate = "llama3"
                            ) -> tuple[list[int], list[int]]:
     """Prompt messages + one assistant response; labels only on the response (+ end token). For DPO."""
     return encode_chat([*prompt, {"role": "assistant", "content": response}], tok, template,
                        mask="last_assistant")
 
 
-def encode_prompt(prompt: list[dict], tok: Any, template: str = "llama3") -> list[int]:
+def encode_prompt(prompt: list[dict], tok: Any, template: str | TokenizerTemplate = "llama3") -> list[int]:
     """Prompt messages followed by the assistant header, ready for generation."""
     ids, _ = encode_chat(prompt, tok, template, mask="assistant", add_generation_prompt=True)
     return ids

@@ -33,6 +33,7 @@ from pathlib import Path
 from llmc.lockfile import read_lock
 from llmc.runtime.data import Assets, SourceData
 from llmc.runtime.job import NATIVE_KINDS, POSTTRAIN_KINDS, TrainJob
+from llmc.runtime.tokenizer import TOKENIZER_FILES
 from llmc.spec.schema import RECORD_SOURCE_KINDS
 
 MAX_TOKENIZER_TRAIN_CHARS = 50_000_000  # cap on text fed to BPE training
@@ -197,11 +198,17 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
     if tk.path:
         src_dir = job.resolve_path(tk.path)
         src_dir = src_dir if src_dir.is_dir() else src_dir.parent
-        key = "copy:" + hashlib.sha256((src_dir / "tokenizer.json").read_bytes()).hexdigest()
+        present = [n for n in TOKENIZER_FILES if (src_dir / n).exists()]
+        digest = hashlib.sha256((src_dir / "tokenizer.json").read_bytes())
+        for name in (n for n in present if n != "tokenizer.json"):  # (a changed config or template: copied again)
+            digest.update(name.encode() + b"\0" + (src_dir / name).read_bytes())
+        key = "copy:" + digest.hexdigest()
         if state.get("tokenizer") != key or not tok_json.exists():
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                if (src_dir / name).exists():
+            for name in TOKENIZER_FILES:
+                if name in present:
                     shutil.copyfile(src_dir / name, asset_dir / name)
+                elif (asset_dir / name).is_file():  # (one the folder no longer has: prepare's own copy)
+                    (asset_dir / name).unlink()
             state["tokenizer"] = key
             log(f"prepare: copied tokenizer from {src_dir}")
     else:

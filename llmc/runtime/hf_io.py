@@ -1027,12 +1027,20 @@ def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id) -> dict[
 
 
 def _write_tokenizer(tokenizer_dir: str | Path | None, out: Path, chat_template: str | None) -> None:
+    """The tokenizer's files (:data:`llmc.runtime.tokenizer.TOKENIZER_FILES`) into ``out``. A chat stage trained with
+    one of llmc's templates (or a Jinja string) writes it into tokenizer_config.json, without the tokenizer's own
+    chat_template.jinja (which transformers would read first); ``tokenizer`` (the tokenizer's own template) and no
+    template keep the tokenizer's files as they are."""
+    from llmc.runtime.chat import OWN_TEMPLATE
+    from llmc.runtime.tokenizer import TOKENIZER_FILES
+
     if tokenizer_dir is None:
         return
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (Path(tokenizer_dir) / name).exists():
+    ours = chat_template is not None and chat_template != OWN_TEMPLATE
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).exists() and not (ours and name == "chat_template.jinja"):
             shutil.copyfile(Path(tokenizer_dir) / name, out / name)
-    if chat_template and (out / "tokenizer_config.json").exists():
+    if ours and (out / "tokenizer_config.json").exists():
         tc = json.loads((out / "tokenizer_config.json").read_text())
         known = CHAT_TEMPLATES.get(chat_template)
         tc["chat_template"] = known.jinja if known is not None else chat_template
@@ -1093,7 +1101,7 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
 #: an older llmc wrote, without the marker); ``adapter/`` is the LoRA stages' PEFT adapter
 EXPORT_MARKER = ".llmc-export.json"
 _EXPORT_NAMES = re.compile(r"(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
-                           r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|adapter|"
+                           r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.jinja|adapter|"
                            + re.escape(EXPORT_MARKER) + ")")
 
 

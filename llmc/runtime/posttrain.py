@@ -40,7 +40,13 @@ from typing import Any
 import torch
 
 from llmc.runtime import synthetic
-from llmc.runtime.chat import check_template
+from llmc.runtime.chat import (
+    OWN_TEMPLATE,
+    TokenizerTemplate,
+    check_template,
+    load_tokenizer_template,
+    template_name,
+)
 from llmc.runtime.lora import apply_lora, lora_param_count, merge_lora
 
 SYNTHETIC_EXAMPLES = 512
@@ -311,6 +317,8 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     tok = tokenizer or _find_tokenizer(job, out, assets)
     template = hyper.get("chat_template") or job.tokenizer.chat_template or "llama3"
     try:
+        if template == OWN_TEMPLATE:  # the tokenizer's own Jinja template (prepare copied it beside tokenizer.json)
+            template = load_tokenizer_template(getattr(tok, "dir", None) or out)
         check_template(tok, template)
     except ValueError as e:
         raise PostTrainError(f"stage {job.stage!r}: {e}") from None
@@ -384,7 +392,7 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
         final = save_checkpoint(out / "checkpoints", steps, model, None, meta)
     result = {"status": "done", "stage": job.stage, "kind": kind, "step": steps, "steps": steps,
               "checkpoint": os.path.relpath(final, out), "init_from": job.init_from, "params": n_params,
-              "trainable_params": trainable, "lr": lr, "batch_seqs": batch, "chat_template": template,
+              "trainable_params": trainable, "lr": lr, "batch_seqs": batch, "chat_template": template_name(template),
               "world": info.world, "wall_s": round(time.time() - t0, 2), **summary}
     if main:  # servable model (+ PEFT adapter): <out>/hf, from the checkpoint as train.py's export reads it
         tok_dir = getattr(tok, "dir", None)
@@ -443,7 +451,7 @@ class _Loop:
     job: Any
     model: torch.nn.Module
     tok: Any
-    template: str
+    template: str | TokenizerTemplate
     hyper: dict
     st: Any
     steps: int
@@ -464,17 +472,33 @@ def _micro(job) -> int | None:
     return int(job.micro_batch) if job.micro_batch else None
 
 
+def _untrained_turns(c: _Loop) -> dict:
+    """The assistant turns the tokenizer's own template left untrained (llmc.runtime.chat): said once, logged as an
+    event, returned for the stage's summary; {} for llmc's named templates (every turn trained as asked)."""
+    t = c.template
+    if not isinstance(t, TokenizerTemplate) or not t.untrained_turns:
+        return {}
+    if c.log.f is not None:
+        print(f"warning: stage {c.job.stage}: {t.untrained_turns} assistant turn(s) in {t.conversations} "
+              f"conversation(s) are not trained (first: conversation {', '.join(map(str, t.examples))}): the "
+              f"tokenizer's chat template ({t.source}) renders them differently once later messages follow, as "
+              "gpt-oss's and Qwen3's do; each conversation's last assistant turn is trained", flush=True)
+    c.log.event("untrained_turns", turns=t.untrained_turns, conversations=t.conversations, first=t.examples)
+    return {"untrained_assistant_turns": t.untrained_turns}
+
+
 def _run_sft(c: _Loop) -> dict:
     from llmc.runtime.sft import encode_conversations, train_sft
 
     st, job = c.st, c.job
     mask = (st.loss_mask if st is not None and st.loss_mask else None) or c.hyper.get("loss_mask") or "assistant"
     ex = encode_conversations(load_stage_data(job, "chat"), c.tok, c.template, mask)
+    untrained = _untrained_turns(c)
     losses = train_sft(c.model, ex, steps=c.steps, lr=c.lr, batch_size=c.batch, pad_id=c.pad_id, max_len=c.seq_len,
                        grad_clip=job.grad_clip, lr_factor=job.lr_factor, seed=job.seed, log=c.log,
                        shard=c.shard, device=c.device, state=c.state, micro_batch=_micro(job), loss_chunk=job.loss_chunk,
                        optimizer=c.hyper.get("optimizer"))
-    return {"loss_first": losses[0], "loss_last": losses[-1], "loss_mask": mask, "examples": len(ex)}
+    return {"loss_first": losses[0], "loss_last": losses[-1], "loss_mask": mask, "examples": len(ex), **untrained}
 
 
 def _run_dpo(c: _Loop) -> dict:
@@ -484,6 +508,7 @@ def _run_dpo(c: _Loop) -> dict:
     st, job = c.st, c.job
     beta = float(c.hyper.get("beta") or (st.dpo_beta if st is not None and st.dpo_beta else 0.1))
     pairs = encode_pairs(load_stage_data(job, "preference"), c.tok, c.template)
+    untrained = _untrained_turns(c)
     # dropout off (LoRA's adapters default to 0.05): the implicit reward compares the policy with the reference,
     # which runs without it; TRL's DPOConfig disable_dropout=True (https://huggingface.co/docs/trl/dpo_trainer)
     with dropout_off(c.model):
@@ -492,7 +517,7 @@ def _run_dpo(c: _Loop) -> dict:
                          device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job),
                          loss_chunk=job.loss_chunk, lr_factor=job.lr_factor, optimizer=c.hyper.get("optimizer"))
     return {"loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"], "margin_last": hist[-1]["margin"],
-            "accuracy_last": hist[-1]["accuracy"], "beta": beta, "pairs": len(pairs)}
+            "accuracy_last": hist[-1]["accuracy"], "beta": beta, "pairs": len(pairs), **untrained}
 
 
 def _grpo_kl(hyper: dict, st: Any) -> float:

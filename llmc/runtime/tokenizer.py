@@ -17,6 +17,13 @@ BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, START_HEADER, END_HEADER, EOT]
 
+#: A Hugging Face tokenizer folder's files that llmc carries along (prepare copies them into assets/, an export into
+#: its folder): the tokenizer, its config (bos/eos/pad, the legacy ``chat_template``), the special-token map, and the
+#: chat template as transformers (>= 4.43) saves it, which takes priority over the config's
+#: (transformers tokenization_utils_base: "chat template file(s) ... take priority over template entries in the
+#: tokenizer config")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2) -> Path:
     """Train a byte-level BPE of at most ``vocab_size`` tokens (256 byte symbols + specials + merges).

@@ -75,4 +75,10 @@ CHAT_TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
         roles=(("assistant", "model"),), system="first_user", trim=True),
 )}
 
-__all__ = ["ChatTemplate", "CHAT_TEMPLATES"]
+#: ``data.tokenizer.chat_template: tokenizer``: the tokenizer's own Jinja template (its chat_template.jinja, else
+#: tokenizer_config.json's ``chat_template``), rendered by transformers (:mod:`llmc.runtime.chat`): what a model
+#: whose format is none of the above ships (gpt-oss's harmony, Mistral's, DeepSeek's). The default for a tokenizer
+#: that has one and whose special tokens fit none of the named templates.
+OWN_TEMPLATE = "tokenizer"
+
+__all__ = ["ChatTemplate", "CHAT_TEMPLATES", "OWN_TEMPLATE"]

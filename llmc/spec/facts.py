@@ -36,6 +36,9 @@ class TokenizerFacts:
     specials: frozenset[str] | None
     source: str
     problem: str | None = None
+    chat_template: bool | None = None
+    """Whether the tokenizer folder carries a chat template of its own (chat_template.jinja, or ``chat_template`` in
+    tokenizer_config.json: what transformers reads); None where the folder was not read."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,8 @@ def read_tokenizer(path: str, spec_dir: str | Path) -> TokenizerFacts:
     f = p / "tokenizer.json" if p.is_dir() else p
     try:
         js = json.loads(read_regular_file(f, MAX_TOKENIZER_BYTES).decode("utf-8"))
-        return TokenizerFacts(frozenset(t["content"] for t in js.get("added_tokens", [])), str(f))
+        return TokenizerFacts(frozenset(t["content"] for t in js.get("added_tokens", [])), str(f),
+                              chat_template=_has_chat_template(f.parent))
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         return TokenizerFacts(None, str(f), _tokenizer_problem(p, f, e))
 
@@ -122,6 +126,20 @@ _OTHER_TOKENIZER_FILES = {
     "tokenizer.model": "a SentencePiece model; transformers' AutoTokenizer.from_pretrained(folder).save_pretrained("
                        "folder) writes its tokenizer.json",
 }
+
+
+def _has_chat_template(d: Path) -> bool | None:
+    """Whether the tokenizer folder ``d`` has a chat template of its own (None: its tokenizer_config.json does not
+    read)."""
+    if (d / "chat_template.jinja").is_file():
+        return True
+    try:
+        cfg = json.loads(read_regular_file(d / "tokenizer_config.json", MAX_TOKENIZER_BYTES).decode("utf-8"))
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return isinstance(cfg, dict) and bool(cfg.get("chat_template"))
 
 
 def _tokenizer_problem(p: Path, f: Path, err: Exception) -> str | None:
