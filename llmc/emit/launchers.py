@@ -2,7 +2,8 @@
 
     native/launch.sh                llmc's own runtime, torchrun single node, every stage in order
     launch/torchrun_single_node.sh  torchrun --standalone (BACKEND=native|torchtitan)
-    launch/torchrun_multi_node.sh   NNODES / MASTER_ADDR, rendezvous c10d (node ranks assigned by c10d)
+    launch/torchrun_multi_node.sh   NNODES / MASTER_ADDR, rendezvous c10d (node ranks assigned by c10d), one per
+                                    stage (its own id and port: MASTER_PORT + the stage's position)
     launch/slurm.sbatch             srun torchrun, rendezvous on the first host
 
 Each script runs ``python -m llmc.runtime.entry prepare`` (tokenizer + data under the build

@@ -5,8 +5,16 @@
 #
 # torchrun across 1 node(s) x 1 GPUs; run this on EVERY node.
 #   NNODES=1 MASTER_ADDR=<first host> bash launch/torchrun_multi_node.sh
-# Rendezvous: c10d on MASTER_ADDR:MASTER_PORT (default 29500) assigns the node ranks, so no
-# NODE_RANK is needed. BACKEND=native|torchtitan|deepspeed as in torchrun_single_node.sh (default native).
+# Rendezvous: c10d on MASTER_ADDR (the first node hosts its store) assigns the node ranks, so no NODE_RANK is
+# needed. Each stage has its own: id "$RUN_ID-<stage>", port MASTER_PORT (default 29500) + the stage's position,
+# so the first node must accept connections on each of these ports:
+#   pretrain: MASTER_PORT + 0
+# A node goes on to the next stage as soon as its own torchrun returns, maybe while the first node's torchrun (the
+# store of the finished stage) is still shutting down: on the same port and id it would join that rendezvous, which
+# torchrun closes when it ends (RendezvousClosedError: the stage fails on that node, the others wait for it). On its
+# own port it reaches only the next stage's store, a c10d client retrying its connection until that is up
+# (torch/distributed/elastic/rendezvous/c10d_rendezvous_backend.py; torch/distributed/launcher/api.py launch_agent).
+# BACKEND=native|torchtitan|deepspeed as in torchrun_single_node.sh (default native).
 # Env: NNODES, MASTER_ADDR, MASTER_PORT, NPROC, RUN_DIR, RUN_ID, STAGE, BACKEND, CLAIM_STALE_S.
 set -euo pipefail
 BUILD_DIR="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." >/dev/null && pwd)"
@@ -14,6 +22,9 @@ RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
 NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+case "$MASTER_PORT" in
+  ''|*[!0-9]*) echo "error: MASTER_PORT=$MASTER_PORT is not a port number" >&2; exit 2 ;;
+esac
 NPROC="${NPROC:-1}"
 RUN_ID="${RUN_ID:-}"
 [ -n "$RUN_ID" ] || RUN_ID=tiny-cpu
@@ -174,13 +185,15 @@ export_once() {
   titan_done "$1" || { echo "stage $1: its export on another node stopped without finishing" >&2; return 1; }
 }
 
-TORCHRUN=(torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC"
-          --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_ID")
+TORCHRUN=(torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC" --rdzv_backend c10d)
+# rdzv INDEX STAGE: RDZV, the options of the rendezvous of STAGE at position INDEX (the header)
+rdzv() { RDZV=(--rdzv_endpoint "$MASTER_ADDR:$((MASTER_PORT + $1))" --rdzv_id "$RUN_ID-$2"); }
 case "$BACKEND" in
   native)
     prepare_once
     if want_stage pretrain && ! stage_done pretrain; then
-      run_logged pretrain "${TORCHRUN[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
+      rdzv 0 pretrain
+      run_logged pretrain "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
     fi
     if want_stage pretrain; then run_evals_once pretrain; fi
     ;;
@@ -190,20 +203,22 @@ case "$BACKEND" in
     # a torchtitan job writes DCP checkpoints and no DONE.json: the stage ends with its Hugging Face export
     # (run/<stage>/hf, what the next stage starts from; one node writes it, the others wait for it)
     if want_stage pretrain && ! titan_done pretrain; then
+      rdzv 0 pretrain
       LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled \
       PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
-        run_logged pretrain "${TORCHRUN[@]}" --local-ranks-filter 0 --role rank --tee 3 \
+        run_logged pretrain "${TORCHRUN[@]}" "${RDZV[@]}" --local-ranks-filter 0 --role rank --tee 3 \
         -m torchtitan.train --module llmc_job --config job "$@"
       export_once pretrain
     fi
     if want_stage pretrain; then run_evals_once pretrain; fi
     ;;
   deepspeed)
-    # every node runs this script: llmc's DeepSpeed trainer under the same torchrun rendezvous (deepspeed reads
+    # every node runs this script: llmc's DeepSpeed trainer under torchrun, as the other backends (deepspeed reads
     # torchrun's RANK / WORLD_SIZE / LOCAL_RANK); deepspeed/launch.sh is the single-launcher alternative (HOSTFILE)
     prepare_once
     if want_stage pretrain && ! stage_done pretrain; then
-      run_logged pretrain "${TORCHRUN[@]}" -m llmc.runtime.ds_train --lock "$LOCK" --ds-config "$BUILD_DIR/deepspeed/ds_config.json" --stage pretrain --out "$RUN_DIR"/pretrain
+      rdzv 0 pretrain
+      run_logged pretrain "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.ds_train --lock "$LOCK" --ds-config "$BUILD_DIR/deepspeed/ds_config.json" --stage pretrain --out "$RUN_DIR"/pretrain
     fi
     if want_stage pretrain; then run_evals_once pretrain; fi
     ;;
