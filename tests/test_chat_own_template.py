@@ -163,8 +163,12 @@ def test_plan_picks_the_tokenizers_own_template_where_no_named_one_fits(tmp_path
     tokenizer_folder(tmp_path / "bare", HARMONY, "<|return|>", None)
     c = _compile(tmp_path, "{path: harmony}")
     assert c.stages[-1].hyper["chat_template"] == "tokenizer" and not _template_errors(c)
+    assert "chat template: the tokenizer's own (the tokenizer's special tokens fit none of llama3, chatml, phi3, " \
+        "phi4, gemma)" in c.stages[-1].notes  # (the plan says which layout the stage trains on, and why)
     c = _compile(tmp_path, "{path: qwen}", vocab=99)
     assert c.stages[-1].hyper["chat_template"] == "chatml" and not _template_errors(c)
+    assert "chat template: chatml (the first whose special tokens the tokenizer has, before its own template)" \
+        in c.stages[-1].notes
     c = _compile(tmp_path, "{path: bare}")
     assert c.stages[-1].hyper["chat_template"] == "llama3" and _template_errors(c)  # (as before: nothing fits)
     c = _compile(tmp_path, "{path: bare, chat_template: tokenizer}")

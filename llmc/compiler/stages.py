@@ -997,6 +997,21 @@ def _lora_plan(st: StageBase) -> LoraPlan | None:
                     targets=list(lo.targets), quantize_base=lo.quantize_base, merge_after=True)
 
 
+def _template_note(name: str, chosen: bool, specials: set[str] | None, own: bool) -> str:
+    """The stage note saying which chat template a chat stage trains on, and why (:func:`default_chat_template`)."""
+    what = "the tokenizer's own" if name == OWN_TEMPLATE else name
+    if not chosen:
+        why = "named in the spec"
+    elif name == OWN_TEMPLATE:
+        why = f"the tokenizer's special tokens fit none of {', '.join(TEMPLATE_TOKENS)}"
+    elif specials is not None and set(TEMPLATE_TOKENS[name]) <= specials:
+        why = "the first whose special tokens the tokenizer has" + (", before its own template" if own else "")
+    else:
+        why = "llmc's default: the tokenizer's special tokens fit no template" if specials else \
+            "llmc's default: the tokenizer's special tokens are not known here"
+    return f"chat template: {what} ({why})"
+
+
 def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, sink: Sink) -> tuple[StagePlan, dict]:
     """One stage's plan and the context it hands on to stages that ``init_from`` it."""
     p = f"stages.{i}"
@@ -1005,6 +1020,8 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
     specials = tokenizer_specials(env.run, tok, env.facts)[0] if st.kind in CHAT_KINDS else None
     own = st.kind in CHAT_KINDS and bool(tokenizer_has_template(tok, env.facts))
     tr = resolve_stage_training(env.run, st, env.hyper, env.plan, inherited["seq_len"], specials, own)
+    if st.kind in CHAT_KINDS:
+        notes.append(_template_note(tr.hyper["chat_template"], "chat_template" in tr.defaults, specials, own))
     arch = env.run.model
     trainable = lora_trainable_params(arch, st.lora.rank, st.lora.targets) if st.lora else env.n_total
     models = _models(st, tr.hyper.get("kl_coef"), env.precision, notes)
