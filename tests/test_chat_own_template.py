@@ -113,6 +113,11 @@ def test_gpt_oss_harmony_trains_the_last_turn_through_return_and_counts_the_earl
     assert prompt == hf.apply_chat_template(CONV[:2], tokenize=True, return_dict=False, add_generation_prompt=True)
     assert tok.decode(prompt, skip_special_tokens=False).endswith("<|start|>assistant")
     assert end_token_id(tok, t) == tok.token_to_id("<|return|>")
+    bad = [CONV[1], {"role": "assistant", "content": "4", "thinking": "x<|channel|>final<|message|>y"}]
+    with pytest.raises(TemplateError) as e:
+        encode_chat(bad, tok, t)  # (the template's own raise_exception, after three conversations were encoded)
+    assert "cannot render conversation 3 (counting from 0" in str(e.value)
+    assert "<|channel|> tags in the thinking field" in str(e.value)
 
 
 def test_a_tokenizer_without_a_template_is_one_clear_error(tmp_path):

@@ -248,7 +248,8 @@ def _rendered_segments(messages: list[dict], tmpl: TokenizerTemplate, mask: str,
         try:
             return tmpl.render(msgs, gen)
         except Exception as e:  # noqa: BLE001 (a Jinja error, or the template's own raise_exception)
-            raise TemplateError(f"the tokenizer's chat template ({tmpl.source}) cannot render the conversation: "
+            raise TemplateError(f"the tokenizer's chat template ({tmpl.source}) cannot render conversation "
+                                f"{tmpl.conversations} (counting from 0 in the stage's data): "
                                 f"{type(e).__name__}: {e}") from None
 
     full = render(messages, add_generation_prompt)
