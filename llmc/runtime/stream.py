@@ -20,18 +20,19 @@ Formats and how rank ``r`` of ``w`` gets a disjoint share of each source:
   files, row groups in file order), dealt so every rank holds about as many rows (:func:`deal_row_groups`:
   largest first, each to the rank with the fewest rows so far, ties to the lowest rank; a rank reads its row
   groups in source order); a state saved before this dealing (no ``dealing`` key) keeps ``i % w``. With fewer row groups than ranks
-  it falls back to rows (global row ``j`` -> rank ``j % w``). Read with ``pyarrow.parquet.ParquetFile.
-  iter_batches`` (only the text column, a few hundred rows at a time); resume skips whole row groups
-  using the footer's row counts.
+  it falls back to rows (global row ``j`` -> rank ``j % w``; only the rank's rows are converted to Python).
+  Read with ``pyarrow.parquet.ParquetFile.iter_batches`` (only the text column, a few hundred rows at a time);
+  resume skips whole row groups using the footer's row counts (each file's footer read once per process).
 * ``jsonl``: by line: the ``k``-th non-blank line over the sorted files goes to rank ``k % w``; other
   ranks' lines are skipped without being parsed.
 * ``text``: one document per file; file ``i`` goes to rank ``i % w``.
 * ``hf``: a local Hugging Face ``datasets`` dataset: a ``save_to_disk`` directory (opened memory-mapped
-  with ``datasets.load_from_disk`` and streamed with ``Dataset.to_iterable_dataset``; ranks are split by
-  ``datasets.distributed.split_dataset_by_node``, the library's maintained tool for this:
-  https://huggingface.co/docs/datasets/en/use_with_pytorch#distributed; with a held-out split, row ``i``
-  is document ``i`` and the kept rows are dealt to ranks in turn), or a folder of parquet / jsonl files,
-  read as those formats.
+  with ``datasets.load_from_disk``; a rank reads the rows that ``datasets.distributed.split_dataset_by_node``,
+  the library's maintained tool for this (https://huggingface.co/docs/datasets/en/use_with_pytorch#distributed),
+  deals it from ``Dataset.to_iterable_dataset(num_shards=w)``: the ``r``-th of ``w`` contiguous blocks, or row
+  ``r`` when there are fewer rows than ranks (:func:`_hf_rows`), read as Arrow slices of the text column, so
+  resume skips rows without reading them; with a held-out split, row ``i`` is document ``i`` and the kept rows
+  are dealt to ranks in turn), or a folder of parquet / jsonl files, read as those formats.
 
 Held-out validation split: a source with ``holdout = (part, fraction, seed)`` (``SourceData`` of
 :mod:`llmc.runtime.data`) yields only the documents of that part: document ``i`` of the source (its
@@ -63,10 +64,10 @@ There is deliberately no progress bar here (streaming is lazy; progress bars bel
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,19 @@ def deal_row_groups(rows: list[int], world: int) -> list[list[int]]:
     return [sorted(x) for x in out]
 
 
+@functools.lru_cache(maxsize=4096)
+def _parquet_row_groups(path: str, stat: tuple[int, ...], field: str) -> tuple[int, ...]:
+    """Rows of each row group of one parquet file, from its footer, the text column checked
+    (:func:`llmc.sources.check_text_column`). Read once per process while the file's ``stat`` (inode, size,
+    mtime, ctime) stays the same: every sequence slot of a rank lists the same files, at every epoch and resume."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    check_text_column(pf.schema_arrow, field, Path(path))
+    md = pf.metadata
+    return tuple(md.row_group(g).num_rows for g in range(md.num_row_groups))
+
+
 def _parquet_docs(src: SourceRef, rank: int, world: int, start: int, balanced: bool = True) -> Iterator[str]:
     import pyarrow.parquet as pq
 
@@ -140,23 +154,45 @@ def _parquet_docs(src: SourceRef, rank: int, world: int, start: int, balanced: b
     units = []  # (file, row_group, num_rows, index of its first row in the source)
     first = 0
     for f in files_of(src.path, SUFFIXES["parquet"]):
-        md = pq.ParquetFile(f).metadata
-        for g in range(md.num_row_groups):
-            units.append((f, g, md.row_group(g).num_rows, first))
-            first += md.row_group(g).num_rows
+        st = f.stat()
+        stat = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        for g, n in enumerate(_parquet_row_groups(str(f), stat, src.text_field)):
+            units.append((f, g, n, first))
+            first += n
+    opened: dict[Path, pq.ParquetFile] = {}  # the file being read (units come file by file)
+
+    def batches(f: Path, g: int) -> Iterator:
+        if f not in opened:
+            opened.clear()
+            opened[f] = pq.ParquetFile(f)
+        return opened[f].iter_batches(batch_size=256, row_groups=[g], columns=[src.text_field])
 
     def column(f: Path, g: int, first_row: int = 0) -> Iterator[tuple[int, str]]:
-        pf = pq.ParquetFile(f)
-        check_text_column(pf.schema_arrow, src.text_field, f)
+        """(row in the group, text) of the rows from ``first_row`` on; skipped batches are not converted."""
         seen = 0
-        for batch in pf.iter_batches(batch_size=256, row_groups=[g], columns=[src.text_field]):
-            vals = batch.column(0).to_pylist()
-            if seen + len(vals) <= first_row:
-                seen += len(vals)
-                continue
-            for j, v in enumerate(vals[max(0, first_row - seen):], start=max(seen, first_row)):
-                yield j, doc_text(v, src.text_field, f)
-            seen += len(vals)
+        for batch in batches(f, g):
+            m = batch.num_rows
+            if seen + m > first_row:
+                skip = max(0, first_row - seen)
+                for j, v in enumerate(batch.column(0).slice(skip).to_pylist(), start=seen + skip):
+                    yield j, doc_text(v, src.text_field, f)
+            seen += m
+
+    def picked(f: Path, g: int, rows: list[int]) -> Iterator[str]:
+        """The texts of ``rows`` (ascending rows of the group): only those are converted to Python."""
+        seen = k = 0
+        for batch in batches(f, g):
+            m = batch.num_rows
+            take = []
+            while k < len(rows) and rows[k] < seen + m:
+                take.append(rows[k] - seen)
+                k += 1
+            if take:
+                for v in batch.column(0).take(take).to_pylist():
+                    yield doc_text(v, src.text_field, f)
+            seen += m
+            if k == len(rows):
+                return
 
     if len(units) >= world:  # whole row groups per rank; skip by footer row counts
         mine = [units[i] for i in deal_row_groups([u[2] for u in units], world)[rank]] if balanced \
@@ -170,10 +206,16 @@ def _parquet_docs(src: SourceRef, rank: int, world: int, start: int, balanced: b
                 if keep is None or keep(first + j):
                     yield text
             start = 0
-    else:  # fewer row groups than ranks: deal rows by their index in the source
-        rows = ((first + j, t) for f, g, _, first in units for j, t in column(f, g))
-        mine = (t for i, t in rows if i % world == rank and (keep is None or keep(i)))
-        yield from islice(mine, start, None)
+    else:  # fewer row groups than ranks: deal rows by their index in the source (row i -> rank i % world);
+        # only this rank's rows are converted, and resume skips by row counts
+        for f, g, n, first in units:
+            rows = [i - first for i in range(first + (rank - first) % world, first + n, world)
+                    if keep is None or keep(i)]
+            if start >= len(rows):
+                start -= len(rows)
+                continue
+            yield from picked(f, g, rows[start:])
+            start = 0
 
 
 def _jsonl_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]:
@@ -210,14 +252,21 @@ def _hf_saved(p: Path, field: str):
     return ds
 
 
-def _hf_dataset(src: SourceRef, rank: int, world: int):
-    """The rank's ``datasets.IterableDataset`` for a ``save_to_disk`` folder (never copied, never downloaded)."""
-    from datasets.distributed import split_dataset_by_node
-
-    ds = _hf_saved(Path(src.path), src.text_field)
-    # `world` shards (when there are enough rows) so split_dataset_by_node hands out whole shards
-    ids = ds.to_iterable_dataset(num_shards=world if len(ds) >= world else 1)
-    return split_dataset_by_node(ids, rank=rank, world_size=world)
+def _hf_rows(n: int, rank: int, world: int) -> range:
+    """The rows of an ``n``-row dataset that ``split_dataset_by_node(ds.to_iterable_dataset(num_shards), rank,
+    world)`` yields, in order, with ``num_shards = world`` when ``n >= world`` (else 1), computed instead of built
+    (building the ``world`` shards in every one of a rank's sequence slots cost O(world^2) ``Dataset.shard`` calls
+    per rank, at every epoch and resume). ``Dataset.to_iterable_dataset`` makes shard ``i`` of ``world`` the
+    contiguous block ``Dataset.shard(world, i, contiguous=True)`` (``div * i + min(i, mod)`` onwards, ``div + (i <
+    mod)`` rows, ``div, mod = divmod(n, world)``); ``split_dataset_by_node`` gives a rank the shards ``rank::world``
+    when they divide evenly (here: shard ``rank``), else every ``world``-th example from ``rank``
+    (huggingface/datasets, ``arrow_dataset.py`` ``Dataset.shard`` and ``iterable_dataset.py``
+    ``_split_by_node_iterable_dataset``)."""
+    if n >= world:
+        div, mod = divmod(n, world)
+        lo = div * rank + min(rank, mod)
+        return range(lo, lo + div + (rank < mod))
+    return range(rank, n, world)
 
 
 def _hf_split_docs(src: SourceRef, keep, rank: int, world: int, start: int, chunk: int = 256) -> Iterator[str]:
@@ -259,9 +308,15 @@ def _hf_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]
     if keep is not None:
         yield from _hf_split_docs(src, keep, rank, world, start)
         return
-    ds = _hf_dataset(src, rank, world).select_columns([src.text_field])
-    for rec in islice(iter(ds), start, None):
-        yield doc_text(rec[src.text_field], src.text_field, src.path)
+    # this rank's rows (as split_dataset_by_node deals them: _hf_rows) from `start` on, read in Arrow slices of the
+    # text column: resume converts no skipped row
+    col = _hf_saved(p, src.text_field).select_columns([src.text_field]).with_format("arrow")
+    rows = _hf_rows(len(col), rank, world)[start:]
+    for a in range(0, len(rows), 256):
+        part = rows[a:a + 256]
+        vals = col[part.start:part[-1] + 1].column(0).to_pylist()[::part.step]
+        for v in vals:
+            yield doc_text(v, src.text_field, src.path)
 
 
 _READERS = {"parquet": _parquet_docs, "jsonl": _jsonl_docs, "text": _text_docs, "hf": _hf_docs}
