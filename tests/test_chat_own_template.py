@@ -38,7 +38,11 @@ CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
         {"role": "assistant", "content": "6, of course", "thinking": "easy sum"}]
 
 
-def tokenizer_folder(d: Path, specials: list[str], eos: str, template: str | None, in_config: bool = False) -> Tokenizer:
+R1 = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+
+
+def tokenizer_folder(d: Path, specials: list[str], eos: str, template: str | None, in_config: bool = False,
+                     bos: str | None = None) -> Tokenizer:
     """A character-level byte-level BPE with the template's special tokens, saved as a Hugging Face folder."""
     chars = [chr(c) for c in range(33, 127)] + ["\u0120", "\u010a"]  # ByteLevel's space and newline symbols
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
@@ -47,7 +51,8 @@ def tokenizer_folder(d: Path, specials: list[str], eos: str, template: str | Non
     tok.add_special_tokens(specials)
     d.mkdir(parents=True)
     tok.save(str(d / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": "<|endoftext|>"}
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": "<|endoftext|>",
+           **({"bos_token": bos} if bos else {})}
     if template is not None and in_config:
         cfg["chat_template"] = template
     elif template is not None:
@@ -104,7 +109,8 @@ def test_gpt_oss_harmony_trains_the_last_turn_through_return_and_counts_the_earl
     assert ids == hf.apply_chat_template(CONV, tokenize=True, return_dict=False)
     assert trained_text(tok, labels) == ("<|channel|>analysis<|message|>easy sum<|end|>"
                                          "<|start|>assistant<|channel|>final<|message|>6, of course<|return|>")
-    assert (t.conversations, t.untrained_turns, t.examples) == (1, 1, [0])
+    assert (t.conversations, t.untrained_turns, t.examples) == (
+        1, 1, ["conversation 0 (counting from 0 in the stage's data)"])
     assert "<|channel|>final<|message|>4<|end|>" in tok.decode(ids, skip_special_tokens=False)
 
     pid, plab = encode_prompt_response(CONV[:2], "4", tok, t)
@@ -118,6 +124,75 @@ def test_gpt_oss_harmony_trains_the_last_turn_through_return_and_counts_the_earl
         encode_chat(bad, tok, t)  # (the template's own raise_exception, after three conversations were encoded)
     assert "cannot render conversation 3 (counting from 0" in str(e.value)
     assert "<|channel|> tags in the thinking field" in str(e.value)
+
+
+def test_a_generation_prompt_the_answer_does_not_repeat_is_not_the_turns(tmp_path):
+    """DeepSeek-R1's generation prompt opens the reasoning (``<｜Assistant｜><think>\n``) that its rendered answers
+    drop (content after ``</think>``): the turn starts where the prompt and the answer's render part, so every turn is
+    trained, as transformers' assistant mask gives it on the same template with {% generation %} around the answer
+    and its end of sentence (before: nothing was trained, the stage ran to the end on zero trained tokens)."""
+    src = (TEMPLATES / "deepseek-r1.jinja").read_text()
+    tok = tokenizer_folder(tmp_path / "tok", R1, "<｜end▁of▁sentence｜>", src, bos=R1[0])
+    t = load_tokenizer_template(tmp_path / "tok")
+    conv = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "<think>add</think>4"},
+            {"role": "user", "content": "and 3 + 3?"}, {"role": "assistant", "content": "<think>easy</think>6"}]
+    ids, labels = encode_chat(conv, tok, t)
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok"))
+    turn = "{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}"
+    assert turn in src
+    marked = src.replace(turn, "{{'<｜Assistant｜>'}}{% generation %}{{content + '<｜end▁of▁sentence｜>'}}"
+                               "{% endgeneration %}")
+    out = hf.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                 chat_template=marked)
+    assert out["input_ids"] == ids
+    assert [x != IGNORE_INDEX for x in labels] == [bool(m) for m in out["assistant_masks"]]
+    assert trained_text(tok, labels) == "4<｜end▁of▁sentence｜>6<｜end▁of▁sentence｜>" and t.untrained_turns == 0
+
+
+def test_the_turn_ends_with_the_token_the_template_writes_after_an_answer(tmp_path):
+    """Qwen2.5's base tokenizer: eos <|endoftext|>, but its template closes turns with <|im_end|>. The turn is trained
+    through <|im_end|> (not the newline after it), an <|endoftext|> quoted inside the answer does not cut the turn
+    short, and GRPO's sampling stops on <|im_end|> (before: all three went by the eos)."""
+    tok = tokenizer_folder(tmp_path / "tok", QWEN, "<|endoftext|>", (TEMPLATES / "qwen2.5.jinja").read_text())
+    t = load_tokenizer_template(tmp_path / "tok")
+    conv = [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": "one <|endoftext|> two"}]
+    _, labels = encode_chat(conv, tok, t)
+    assert trained_text(tok, labels) == "one <|endoftext|> two<|im_end|>"
+    assert end_token_id(tok, t) == tok.token_to_id("<|im_end|>")
+
+
+def test_renders_that_differ_between_calls_are_tried_again(tmp_path):
+    """A template that writes the date (gpt-oss: strftime_now) renders a conversation's prefixes differently when
+    midnight falls between the renders; the conversation is rendered once more before a turn counts as untrained."""
+    from llmc.runtime.chat import TokenizerTemplate
+
+    tok = tokenizer_folder(tmp_path / "tok", QWEN, "<|im_end|>", (TEMPLATES / "qwen2.5.jinja").read_text())
+    base = load_tokenizer_template(tmp_path / "tok")
+    calls = []
+
+    def render(messages, gen):  # the first render says "day 1", every later one "day 2"
+        calls.append(1)
+        return ("day 1 " if len(calls) == 1 else "day 2 ") + base.render(messages, gen)
+
+    t = TokenizerTemplate(render, base.end, "dated")
+    _, labels = encode_chat(CONV[1:3], tok, t)
+    assert trained_text(tok, labels) == "4<|im_end|>" and t.untrained_turns == 0
+
+
+def test_errors_name_the_record_a_dpo_pair_came_from(tmp_path):
+    """DPO encodes each record twice (chosen, rejected): the template's own error names the preference record and
+    which response, not the count of encodings."""
+    from llmc.runtime.dpo import encode_pairs
+
+    tok = tokenizer_folder(tmp_path / "tok", HARMONY, "<|return|>", (TEMPLATES / "gpt-oss.jinja").read_text())
+    t = load_tokenizer_template(tmp_path / "tok")
+    pairs = [{"prompt": [{"role": "user", "content": f"{i}?"}], "chosen": "yes", "rejected": "no"} for i in range(3)]
+    pairs[2]["prompt"] = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a",
+                                                              "thinking": "<|channel|>final<|message|>"},
+                          {"role": "user", "content": "q2"}]
+    with pytest.raises(TemplateError) as e:
+        encode_pairs(pairs, tok, t)
+    assert "cannot render preference record 2 (chosen)" in str(e.value)
 
 
 def test_a_tokenizer_without_a_template_is_one_clear_error(tmp_path):
@@ -188,9 +263,11 @@ def test_sft_on_the_tokenizers_template_runs_reports_and_exports_it(tmp_path, ca
     """End to end on CPU: prepare copies chat_template.jinja with the tokenizer; the SFT stage trains on the
     harmony layout (two-turn conversations: the first turn reported untrained, once); its export keeps the
     tokenizer's template, which transformers reads back (before, prepare and the export dropped the file and the
-    export had no chat template at all)."""
+    export had no chat template at all). The same build switched to llmc's trained tokenizer leaves no copied
+    template behind in its assets (its exports would carry gpt-oss's template beside llmc's tokenizer)."""
     from llmc.emit.lock import lock_dict
-    from llmc.runtime.entry import run_stage
+    from llmc.runtime.entry import prepare_assets, run_stage
+    from llmc.runtime.job import TrainJob
 
     src = (TEMPLATES / "gpt-oss.jinja").read_text()
     tokenizer_folder(tmp_path / "harmony", HARMONY, "<|return|>", src)
@@ -203,11 +280,19 @@ def test_sft_on_the_tokenizers_template_runs_reports_and_exports_it(tmp_path, ca
     res = run_stage(lock, "sft", tmp_path / "run" / "sft", tmp_path)
     assert res["status"] == "done" and res["chat_template"] == "tokenizer"
     assert res["untrained_assistant_turns"] == 12 and res["examples"] == 12
-    assert capsys.readouterr().out.count("12 assistant turn(s) in 12 conversation(s) are not trained") == 1
+    assert res["conversations_without_trained_tokens"] == 0
+    out = capsys.readouterr().out
+    assert out.count("12 assistant turn(s) of 12 encoded conversation(s) are not trained (first: conversation 0, "
+                     "conversation 1, conversation 2)") == 1
     assert (tmp_path / "assets" / "chat_template.jinja").read_text() == src
     hf_dir = tmp_path / "run" / "sft" / "hf"
     assert (hf_dir / "chat_template.jinja").read_text() == src
     assert transformers.AutoTokenizer.from_pretrained(str(hf_dir)).chat_template == src
+
+    trained = lock_dict(_compile(tmp_path, "{train: true, vocab_size: 512, chat_template: llama3}", vocab=512))
+    prepare_assets(TrainJob.from_lock(trained), tmp_path)
+    assert (tmp_path / "assets" / "tokenizer.json").exists()
+    assert not (tmp_path / "assets" / "chat_template.jinja").exists()
 
 
 def test_export_keeps_the_tokenizers_template_unless_a_named_one_was_trained(tmp_path):

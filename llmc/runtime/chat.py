@@ -23,6 +23,7 @@ which the trainer reports.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,10 @@ class TokenizerTemplate:
     untrained_turns: int = 0
     """Assistant turns the mask asked for but left untrained: the full render does not hold their text as their own
     prefix renders give it (module docstring)."""
-    examples: list[int] = field(default_factory=list)
-    """The indices (in encoding order) of the first few conversations with such turns."""
+    empty: int = 0
+    """Conversations left with no trained token at all (every turn asked for was untrained)."""
+    examples: list[str] = field(default_factory=list)
+    """Which conversations (as :func:`encode_chat`'s ``where`` names them) were the first few with such turns."""
 
 
 def load_tokenizer_template(tokenizer_dir: str | Path) -> TokenizerTemplate:
@@ -130,15 +133,34 @@ def load_tokenizer_template(tokenizer_dir: str | Path) -> TokenizerTemplate:
         raise TemplateError(f"{d}: the tokenizer has no chat template of its own (no chat_template.jinja, no "
                             "chat_template in tokenizer_config.json); name one of "
                             f"{', '.join(TEMPLATES)} as data.tokenizer.chat_template")
-    if not hf.eos_token:
-        raise TemplateError(f"{d}: the tokenizer names no eos_token (tokenizer_config.json), which its chat "
-                            "template's assistant turns end with")
-
     def render(messages: list[dict], add_generation_prompt: bool) -> str:
         return hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    added = [str(t.content) for t in hf.added_tokens_decoder.values()]  # (tokenizer.json's added tokens)
+    end = _turn_end(render, added + [str(t) for t in hf.all_special_tokens]) or hf.eos_token
+    if not end:
+        raise TemplateError(f"{d}: no token closes the chat template's assistant turn (none follows a rendered "
+                            "answer, and tokenizer_config.json names no eos_token)")
     src = "chat_template.jinja" if (d / "chat_template.jinja").is_file() else "tokenizer_config.json"
-    return TokenizerTemplate(render, str(hf.eos_token), str(d / src))
+    return TokenizerTemplate(render, str(end), str(d / src))
+
+
+_PROBE = "Four."
+
+
+def _turn_end(render, specials: list[str]) -> str | None:
+    """The special token the template writes right after an assistant answer (ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>, gpt-oss's <|return|> on a last turn, DeepSeek's end of sentence): what a turn is trained through and
+    generation stops on. The tokenizer's eos need not be it (Qwen2.5's base tokenizer: eos <|endoftext|>, turns end
+    with <|im_end|>). None when the probe conversation does not render or no special token follows the answer."""
+    try:
+        text = render([{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": _PROBE}], False)
+    except Exception:  # noqa: BLE001 (a template with requirements of its own)
+        return None
+    k = text.rfind(_PROBE)
+    after = text[k + len(_PROBE):] if k >= 0 else ""
+    hits = [s for s in specials if s and after.startswith(s)]
+    return max(hits, key=len) if hits else None
 
 
 def template_name(template: str | TokenizerTemplate) -> str:
@@ -241,15 +263,47 @@ def _encode_segments(segs: list[tuple[str, bool, bool]], a: TokAdapter) -> tuple
     return ids, labels
 
 
-def _rendered_segments(messages: list[dict], tmpl: TokenizerTemplate, mask: str, add_generation_prompt: bool
-                       ) -> list[tuple[str, bool, bool]]:
-    """The tokenizer template's render of ``messages`` as (text, False, trained) segments (module docstring)."""
+def _turn_spans(messages: list[dict], tmpl: TokenizerTemplate, full: str, turns: list[int], render
+                ) -> tuple[list[tuple[int, int]], int]:
+    """(character spans of ``full`` that assistant turns ``turns`` own, turns left untrained): turn ``i`` starts
+    where the render of messages[:i] with the generation prompt and that of messages[:i+1] part (their common
+    prefix: a generation prompt the answer's render does not repeat, as DeepSeek-R1's ``<think>\n``, is not the
+    turn's) and ends through the template's turn-end token after the answer's content; it counts only when the whole
+    conversation's render holds messages[:i+1]'s."""
+    spans: list[tuple[int, int]] = []
+    lost = 0
+    for i in turns:
+        try:
+            pre, upto = render(messages[:i], True), render(messages[: i + 1], False)
+        except TemplateError:  # e.g. an empty prefix (a conversation that opens with the assistant), which
+            lost += 1  # transformers refuses to render
+            continue
+        start = len(os.path.commonprefix([pre, upto]))
+        if not (full.startswith(upto) and len(upto) > start):
+            lost += 1
+            continue
+        stop = len(upto)
+        content = messages[i].get("content")
+        at = upto.rfind(content, start) if isinstance(content, str) and content else -1
+        end = upto.find(tmpl.end, at + len(content)) if at >= 0 else upto.rfind(tmpl.end, start)
+        if end >= 0:  # through the end token; what follows it (a newline between turns) is layout
+            stop = end + len(tmpl.end)
+        if not spans or start >= spans[-1][1]:
+            spans.append((start, stop))
+    return spans, lost
+
+
+def _rendered_segments(messages: list[dict], tmpl: TokenizerTemplate, mask: str, add_generation_prompt: bool,
+                       where: str | None = None) -> list[tuple[str, bool, bool]]:
+    """The tokenizer template's render of ``messages`` as (text, False, trained) segments (module docstring);
+    ``where`` names the conversation in errors and reports (default: its position among those encoded)."""
+    where = where or f"conversation {tmpl.conversations} (counting from 0 in the stage's data)"
+
     def render(msgs: list[dict], gen: bool) -> str:
         try:
             return tmpl.render(msgs, gen)
         except Exception as e:  # noqa: BLE001 (a Jinja error, or the template's own raise_exception)
-            raise TemplateError(f"the tokenizer's chat template ({tmpl.source}) cannot render conversation "
-                                f"{tmpl.conversations} (counting from 0 in the stage's data): "
+            raise TemplateError(f"the tokenizer's chat template ({tmpl.source}) cannot render {where}: "
                                 f"{type(e).__name__}: {e}") from None
 
     full = render(messages, add_generation_prompt)
@@ -259,27 +313,17 @@ def _rendered_segments(messages: list[dict], tmpl: TokenizerTemplate, mask: str,
     turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     if mask == "last_assistant":
         turns = turns[-1:]
-    spans: list[tuple[int, int]] = []
-    lost = 0
-    for i in turns:
-        try:
-            pre, upto = render(messages[:i], True), render(messages[: i + 1], False)
-        except TemplateError:  # e.g. a template that needs a first message of its own kind
-            lost += 1
-            continue
-        if not (upto.startswith(pre) and full.startswith(upto) and len(upto) > len(pre)):
-            lost += 1
-            continue
-        start, stop = len(pre), len(upto)
-        end = upto.rfind(tmpl.end, start)
-        if end >= 0:  # through the end token; what follows it (a newline between turns) is layout
-            stop = end + len(tmpl.end)
-        if not spans or start >= spans[-1][1]:
-            spans.append((start, stop))
+    spans, lost = _turn_spans(messages, tmpl, full, turns, render)
+    if lost:  # once more: a template that writes the date (gpt-oss's strftime_now) may have crossed midnight
+        again = render(messages, add_generation_prompt)
+        spans2, lost2 = _turn_spans(messages, tmpl, again, turns, render)
+        if lost2 < lost:
+            full, spans, lost = again, spans2, lost2
     if lost:
         if len(tmpl.examples) < 3:
-            tmpl.examples.append(tmpl.conversations - 1)
+            tmpl.examples.append(where)
         tmpl.untrained_turns += lost
+        tmpl.empty += not spans
     segs: list[tuple[str, bool, bool]] = []
     pos = 0
     for start, stop in spans:
@@ -290,10 +334,11 @@ def _rendered_segments(messages: list[dict], tmpl: TokenizerTemplate, mask: str,
 
 
 def encode_chat(messages: list[dict], tok: Any, template: str | TokenizerTemplate = "llama3", mask: str = "assistant",
-                add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+                add_generation_prompt: bool = False, where: str | None = None) -> tuple[list[int], list[int]]:
     """Tokenise a conversation; returns (ids, labels) of equal length, labels -100 off the trained tokens.
 
-    Labels are aligned with ids (not shifted): the loss compares logits[t] with labels[t+1].
+    Labels are aligned with ids (not shifted): the loss compares logits[t] with labels[t+1]. ``where`` names the
+    conversation in the tokenizer template's errors and reports (e.g. "preference record 3 (chosen)").
     """
     if mask not in ("assistant", "last_assistant", "none"):
         raise ValueError(f"mask must be assistant/last_assistant/none, got {mask!r}")
@@ -302,7 +347,7 @@ def encode_chat(messages: list[dict], tok: Any, template: str | TokenizerTemplat
         tk = _whole_string_encoder(a.tok)
         if tk is None:
             raise TemplateError("the tokenizer's own chat template needs a Hugging Face tokenizer.json")
-        got = _encode_whole(tk, _rendered_segments(messages, template, mask, add_generation_prompt))
+        got = _encode_whole(tk, _rendered_segments(messages, template, mask, add_generation_prompt, where))
         assert got is not None  # (no segment is marked special)
         return got
     tmpl = TEMPLATES.get(template)
@@ -339,11 +384,11 @@ def encode_chat(messages: list[dict], tok: Any, template: str | TokenizerTemplat
     return _encode_segments(segs, a)
 
 
-def encode_prompt_response(prompt: list[dict], response: str, tok: Any, template: str | TokenizerTemplate = "llama3"
-                           ) -> tuple[list[int], list[int]]:
+def encode_prompt_response(prompt: list[dict], response: str, tok: Any, template: str | TokenizerTemplate = "llama3",
+                           where: str | None = None) -> tuple[list[int], list[int]]:
     """Prompt messages + one assistant response; labels only on the response (+ end token). For DPO."""
     return encode_chat([*prompt, {"role": "assistant", "content": response}], tok, template,
-                       mask="last_assistant")
+                       mask="last_assistant", where=where)
 
 
 def encode_prompt(prompt: list[dict], tok: Any, template: str | TokenizerTemplate = "llama3") -> list[int]:

@@ -52,8 +52,9 @@ def encode_pairs(pairs: list[dict], tok, template: str = "llama3") -> list[tuple
             raise ValueError(f"preference record {i}: {bad[0]!r} is a {type(p[bad[0]]).__name__}, not a string: "
                              "chosen and rejected must be the response texts (for the conversational format, give "
                              "the assistant message's content)")
-    return [(encode_prompt_response(p["prompt"], p["chosen"], tok, template),
-             encode_prompt_response(p["prompt"], p["rejected"], tok, template)) for p in pairs]
+    return [(encode_prompt_response(p["prompt"], p["chosen"], tok, template, where=f"preference record {i} (chosen)"),
+             encode_prompt_response(p["prompt"], p["rejected"], tok, template,
+                                    where=f"preference record {i} (rejected)")) for i, p in enumerate(pairs)]
 
 
 def usable_pairs(pairs: list[tuple[tuple, tuple]], max_len: int | None) -> tuple[list[tuple[tuple, tuple]], int]:

@@ -230,6 +230,9 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
                         yield d
 
             train_bpe(texts(), vocab, asset_dir)
+            for name in TOKENIZER_FILES:  # a copied tokenizer's other files (its chat template): not this one's
+                if name not in ("tokenizer.json", "tokenizer_config.json") and (asset_dir / name).is_file():
+                    (asset_dir / name).unlink()
             state["tokenizer"] = key
             log(f"prepare: trained byte-level BPE (vocab {vocab}) -> {tok_json}")
     _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True) + "\n")

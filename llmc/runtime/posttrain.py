@@ -479,12 +479,14 @@ def _untrained_turns(c: _Loop) -> dict:
     if not isinstance(t, TokenizerTemplate) or not t.untrained_turns:
         return {}
     if c.log.f is not None:
-        print(f"warning: stage {c.job.stage}: {t.untrained_turns} assistant turn(s) in {t.conversations} "
-              f"conversation(s) are not trained (first: conversation {', '.join(map(str, t.examples))}): the "
-              f"tokenizer's chat template ({t.source}) renders them differently once later messages follow, as "
-              "gpt-oss's and Qwen3's do; each conversation's last assistant turn is trained", flush=True)
-    c.log.event("untrained_turns", turns=t.untrained_turns, conversations=t.conversations, first=t.examples)
-    return {"untrained_assistant_turns": t.untrained_turns}
+        none = f"; {t.empty} of them left with no trained token" if t.empty else ""
+        print(f"warning: stage {c.job.stage}: {t.untrained_turns} assistant turn(s) of {t.conversations} encoded "
+              f"conversation(s) are not trained (first: {', '.join(t.examples)}{none}): the tokenizer's chat "
+              f"template ({t.source}) renders them differently once later messages follow (as gpt-oss's and Qwen3's "
+              "do for earlier turns), or cannot render what precedes them", flush=True)
+    c.log.event("untrained_turns", turns=t.untrained_turns, conversations=t.conversations, empty=t.empty,
+                first=t.examples)
+    return {"untrained_assistant_turns": t.untrained_turns, "conversations_without_trained_tokens": t.empty}
 
 
 def _run_sft(c: _Loop) -> dict:

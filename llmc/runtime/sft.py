@@ -171,7 +171,7 @@ def sft_loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
 
 def encode_conversations(convs: list[list[dict]], tok, template: str = "llama3", mask: str = "assistant"
                          ) -> list[tuple[list[int], list[int]]]:
-    return [encode_chat(c, tok, template, mask) for c in convs]
+    return [encode_chat(c, tok, template, mask, where=f"conversation {i}") for i, c in enumerate(convs)]
 
 
 @contextlib.contextmanager
