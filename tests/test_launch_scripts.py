@@ -191,6 +191,75 @@ def test_a_preempted_stage_ends_the_script_with_the_resume_line(tiny_build, tmp_
     assert "resume" in last
 
 
+MULTI = {"BACKEND": "native", "MASTER_ADDR": "h0", "NNODES": "2"}
+
+
+def _multi_node(build: Path, env: dict) -> tuple[int, str]:
+    r = subprocess.run(["bash", str(build / "launch/torchrun_multi_node.sh")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    return r.returncode, r.stderr.strip().splitlines()[-1]
+
+
+def test_each_node_of_a_multi_node_run_logs_to_its_own_file(tiny_build, torchrun_failure, tmp_path):
+    """Every node runs launch/torchrun_multi_node.sh on the same run dir, and appends from several hosts to one file
+    of a shared filesystem can lose lines (open(2), O_APPEND: "may lead to corrupted files on NFS filesystems if
+    more than one process appends data to a file at once"): with NNODES > 1 each node appends to its own
+    run/<stage>/stderr.<LOG_NODE>.log, holding only its own torchrun's output, and its failure line names that
+    file. A second attempt is appended to the same file; where the script has no private copy of this attempt's
+    output (no usable TMPDIR) the cause is read from that log past the earlier attempt's bytes."""
+    run = tmp_path / "run"
+    for node in ("a", "b"):
+        penv = {**_replaying_tools(tmp_path / f"bin-{node}", f"worker of node {node}\n{torchrun_failure}", 1),
+                **MULTI, "RUN_DIR": str(run), "LOG_NODE": f"n{node}"}
+        rc, last = _multi_node(tiny_build, penv)
+        log = run / "pretrain" / f"stderr.n{node}.log"
+        assert rc == 1, last
+        assert last.startswith("error: stage pretrain failed (exit 1): RuntimeError: boom in worker"), last
+        assert last.endswith(f"full log: {log})"), last
+    for node, other in (("a", "b"), ("b", "a")):
+        text = (run / "pretrain" / f"stderr.n{node}.log").read_text()
+        assert f"worker of node {node}" in text and f"worker of node {other}" not in text, text
+        assert text.count("ChildFailedError") == torchrun_failure.count("ChildFailedError")
+    assert not (run / "pretrain" / "stderr.log").exists()
+
+    # node a again, failing otherwise, with no private copy of its output: the cause is this attempt's
+    penv = {**_replaying_tools(tmp_path / "bin-a2", "ValueError: second attempt\n", 1), **MULTI,
+            "RUN_DIR": str(run), "LOG_NODE": "na", "TMPDIR": str(tmp_path / "missing")}
+    rc, last = _multi_node(tiny_build, penv)
+    log = run / "pretrain" / "stderr.na.log"
+    assert rc == 1 and last.startswith("error: stage pretrain failed (exit 1): ValueError: second attempt"), last
+    assert last.endswith(f"full log: {log})"), last
+    assert log.read_text().endswith(f"worker of node a\n{torchrun_failure}ValueError: second attempt\n")
+
+
+@pytest.mark.parametrize("hostname,env,name", [
+    ("[ \"$1\" = -s ] && echo 'gpu 7(a)'", {}, "stderr.gpu_7_a_.log"),  # hostname -s, made of [A-Za-z0-9._-]
+    ("exit 1", {"HOSTNAME": "box-3.cluster.example"}, "stderr.box-3.log"),  # no hostname: bash's HOSTNAME
+    ("exit 1", {"LOG_NODE": "rack1/n.2"}, "stderr.rack1_n.2.log"),  # LOG_NODE first, made of the same
+    ("echo x", {"NNODES": "1", "LOG_NODE": "n0"}, "stderr.log"),  # one node: the file `llmc launch` keeps
+])
+def test_a_multi_node_runs_log_is_named_after_its_node(tiny_build, tmp_path, hostname, env, name):
+    d = tmp_path / "bin"
+    penv = {**_replaying_tools(d, "RuntimeError: boom\n", 1), **MULTI, "RUN_DIR": str(tmp_path / "run"), **env}
+    _exe(d / "hostname", f"#!/bin/bash\n{hostname}\n")
+    rc, last = _multi_node(tiny_build, penv)
+    assert rc == 1 and last.endswith(f"full log: {tmp_path / 'run' / 'pretrain' / name})"), last
+    assert [p.name for p in (tmp_path / "run" / "pretrain").iterdir()] == [name]
+    assert (tmp_path / "run" / "pretrain" / name).read_text() == "RuntimeError: boom\n"
+
+def test_torchtitan_multi_node_script_logs_per_node_too(tiny_build, tmp_path):
+    """torchtitan/run_multi_node.sh runs on every node as well (directly or through torchtitan/slurm.sbatch's srun):
+    with NNODES > 1 its log is the node's own, named in its failure line."""
+    env = {**_replaying_tools(tmp_path / "bin", "RuntimeError: boom\n", 1), "MASTER_ADDR": "h0", "NNODES": "2",
+           "LOG_NODE": "tA", "RUN_DIR": str(tmp_path / "run"), "PREPARE": "0"}
+    r = subprocess.run(["bash", str(tiny_build / "torchtitan/run_multi_node.sh")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    (stage,) = list((tmp_path / "run").iterdir())
+    assert r.returncode == 1 and [p.name for p in stage.iterdir()] == ["stderr.tA.log"], r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].endswith(f"full log: {stage / 'stderr.tA.log'})")
+    assert (stage / "stderr.tA.log").read_text() == "RuntimeError: boom\n"
+
+
 # ----------------------------------------------------------------------------- 3. the torchtitan scripts prepare
 
 def test_torchtitan_single_node_script_prepares_the_jobs_inputs_first(tiny_build, tmp_path):

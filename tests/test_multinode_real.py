@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -53,12 +54,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _node(build: Path, run: Path, nnodes: int, nproc: int, port: int, log: Path) -> subprocess.Popen:
-    """One node: the emitted script in its own session (so its process group can be signalled as a node's is)."""
+def _node(build: Path, run: Path, nnodes: int, nproc: int, port: int, log: Path, name: str = "") -> subprocess.Popen:
+    """One node: the emitted script in its own session (so its process group can be signalled as a node's is);
+    ``name``, its LOG_NODE (the "nodes" share this machine's host name)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "NNODES": str(nnodes), "NPROC": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "RUN_DIR": str(run), "BACKEND": "native", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "CLAIM_POLL_S": "1"}
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "CLAIM_POLL_S": "1",
+           "LOG_NODE": name}
     return subprocess.Popen(["bash", str(build / "launch/torchrun_multi_node.sh")], env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -94,12 +97,13 @@ def test_two_nodes_match_one_node_and_resume_after_a_node_is_stopped(tmp_path):
     assert ref.wait(timeout=240) == 0, (tmp_path / "ref.log").read_text()[-3000:]
     want = _steps(tmp_path / "ref" / "pretrain" / "metrics.jsonl")
     assert sorted(want) == list(range(1, STEPS + 1))
+    assert sorted(p.name for p in (tmp_path / "ref" / "pretrain").glob("stderr*")) == ["stderr.log"]  # one node
 
     # two nodes; node 0 is stopped (its whole process group) once a few steps are done
     run, port = tmp_path / "run", _free_port()
     metrics = run / "pretrain" / "metrics.jsonl"
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
-    nodes = [_node(b, run, 2, 1, port, logs[i]) for i in range(2)]
+    nodes = [_node(b, run, 2, 1, port, logs[i], f"n{i}") for i in range(2)]
     deadline = time.monotonic() + 180
     while _last_step(metrics) < 3:
         assert time.monotonic() < deadline and all(p.poll() is None for p in nodes), \
@@ -114,12 +118,30 @@ def test_two_nodes_match_one_node_and_resume_after_a_node_is_stopped(tmp_path):
     assert rcs[1] == EXIT_PREEMPTED, texts[1][-3000:]
     last = texts[1].strip().splitlines()[-1]
     assert last.startswith("stage pretrain: stopped by a signal after saving its current step"), last
+    # each node appended its stage output to its own log (the shared file of a shared filesystem can lose lines),
+    # the one its last line names: every line of it is one this node showed, and only node 1's holds the failure
+    # report of its own torchrun (torch/distributed/elastic/multiprocessing/errors/__init__.py), whose worker left
+    # with the preempted status; node 0's torchrun was stopped by the signal, and reports no worker's exit
+    stage_logs = [run / "pretrain" / f"stderr.n{i}.log" for i in range(2)]
+    assert sorted(p.name for p in (run / "pretrain").glob("stderr*")) == [p.name for p in stage_logs]
+    assert last.endswith(f"full log: {stage_logs[1]})"), last
+    own = [p.read_text().splitlines() for p in stage_logs]
+    for i in range(2):
+        shown = set(texts[i].splitlines())
+        assert own[i] and all(ln in shown for ln in own[i]), (i, [ln for ln in own[i] if ln not in shown][:5])
+    # torchrun's own log lines carry its process id ("W1205 22:44:30.093000 <pid> <file>:<line>] ..."): a
+    # node's processes only in its own log
+    pids = [{m.group(1) for ln in lines if (m := re.match(r"[DIWEF]\d{4} [\d:.]+ (\d+) ", ln))} for lines in own]
+    assert pids[0] and pids[1] and not pids[0] & pids[1], pids
+    report = [ln.split(":", 1)[1].split()[0] for ln in own[1] if ln.strip().startswith("exitcode")]
+    assert report and set(report) == {str(EXIT_PREEMPTED)}, own[1][-20:]
+    assert not any(ln.strip().startswith("exitcode") for ln in own[0]), own[0][-20:]
     end = json.loads(metrics.read_text().splitlines()[-1])
     assert end["event"] == "end" and end["status"] == "preempted" and 3 <= end["step"] < STEPS, end
     assert not (run / "pretrain" / "DONE.json").exists()
 
     # both nodes again: the stage resumes from the saved step and ends as the one-node run did
-    nodes = [_node(b, run, 2, 1, port, logs[i]) for i in range(2)]
+    nodes = [_node(b, run, 2, 1, port, logs[i], f"n{i}") for i in range(2)]
     rcs = [p.wait(timeout=240) for p in nodes]
     assert rcs == [0, 0], [f.read_text()[-3000:] for f in logs]
     records = [json.loads(ln) for ln in metrics.read_text().splitlines()]

@@ -12,15 +12,18 @@ each stage listed in ``evaluation.tasks.stages`` (``eval.tasks``), whatever the 
 ``python -m llmc.runtime.evaluate`` on the stage's Hugging Face export (after exporting a torchtitan
 stage with ``python -m llmc.runtime.hf_io``), skipped once ``run/<stage>/eval/summary.json`` exists.
 
-A stage's stderr is shown live and appended to ``run/<stage>/stderr.log`` (the file ``llmc launch`` keeps); a stage
-that does not finish ends the script with one line (``launch/_logged.sh.j2``): the stage, its exit status, its
-cause (llmc's ``error[...]`` line, else the last Python exception, never torchrun's own ChildFailedError report,
-torch/distributed/elastic/multiprocessing/errors) and the log's path, or, for a stage that saved its step on a
-signal, how to resume. Nothing is filtered out of the output above that line. torchrun exits 1 whenever a worker
-exits non-zero, so a stage also counts as preempted (exit 75) when every worker status in torchrun's failure report
-on this node is 75: with several nodes, that is how a stop shows on the nodes the signal did not reach (the
-trainers agree on a stop at a step boundary, ``llmc.runtime.preempt``). The cause and that report are read from
-the node's own output, not from ``stderr.log``, which every node appends to.
+A stage's stderr is shown live and appended to ``run/<stage>/stderr.log`` (the file ``llmc launch`` keeps; with
+``NNODES`` > 1, ``launch/torchrun_multi_node.sh`` appends each node's to its own ``run/<stage>/stderr.<node>.log``,
+<node> the host's short name or ``LOG_NODE``: on a shared filesystem such as NFS, appends from several hosts to one
+file can lose lines, open(2) O_APPEND); a stage that does not finish ends the script with one line
+(``launch/_logged.sh.j2``): the stage, its exit status, its cause (llmc's ``error[...]`` line, else the last Python
+exception, never torchrun's own ChildFailedError report, torch/distributed/elastic/multiprocessing/errors) and the
+log's path, or, for a stage that saved its step on a signal, how to resume. Nothing is filtered out of the output
+above that line. torchrun exits 1 whenever a worker exits non-zero, so a stage also counts as preempted (exit 75)
+when every worker status in torchrun's failure report on this node is 75: with several nodes, that is how a stop
+shows on the nodes the signal did not reach (the trainers agree on a stop at a step boundary,
+``llmc.runtime.preempt``). The cause and that report are read from the node's own output of this attempt, not from
+its log, which keeps the earlier attempts' too.
 
 Slurm (``slurm/slurm.sbatch.j2``): the time-limit warning (``--signal=B:USR1@N``, and a preemption under
 ``PreemptParameters=send_user_signal``) saves the running step and requeues the job; a SIGTERM to the batch shell

@@ -15,7 +15,11 @@
 # own port it reaches only the next stage's store, a c10d client retrying its connection until that is up
 # (torch/distributed/elastic/rendezvous/c10d_rendezvous_backend.py; torch/distributed/launcher/api.py launch_agent).
 # BACKEND=native|torchtitan|deepspeed as in torchrun_single_node.sh (default native).
-# Env: NNODES, MASTER_ADDR, MASTER_PORT, NPROC, RUN_DIR, RUN_ID, STAGE, BACKEND, CLAIM_STALE_S.
+# Logs: with NNODES > 1 each node appends its stage output to its own <run dir>/<stage>/stderr.<node>.log (several
+# hosts appending to one file of a shared filesystem can lose lines), <node> being the host's short name
+# (hostname -s); nodes that share a host name (containers) must each set their own LOG_NODE, e.g. LOG_NODE=n0 on
+# one and LOG_NODE=n1 on the other. With NNODES=1 it is <run dir>/<stage>/stderr.log, as the single-node scripts'.
+# Env: NNODES, MASTER_ADDR, MASTER_PORT, NPROC, RUN_DIR, RUN_ID, STAGE, BACKEND, CLAIM_STALE_S, LOG_NODE.
 set -euo pipefail
 BUILD_DIR="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." >/dev/null && pwd)"
 RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
@@ -52,7 +56,22 @@ want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 # stop shows on the nodes the signal did not reach: the trainers agree on it at a step boundary
 # (llmc.runtime.preempt), so every rank saves the same step and exits PREEMPTED. The workers' statuses are the
 # "exitcode  : N" lines of torchrun's failure report (torch/distributed/elastic/multiprocessing/errors/__init__.py),
-# read from this node's own output (every node appends to the same stderr.log).
+# read from this node's own output of this attempt (its log keeps the earlier attempts' output too).
+# On several nodes (NNODES > 1) each node appends to its own log, <run dir>/<stage>/stderr.<node>.log: appending to
+# one file from several hosts of a shared filesystem can lose lines (open(2), O_APPEND: "may lead to corrupted
+# files on NFS filesystems if more than one process appends data to a file at once"). <node> is LOG_NODE, else the
+# host's short name (hostname -s, else bash's HOSTNAME up to its first '.'), every character but A-Z a-z 0-9 . _ -
+# made '_'; a node with neither is node-<this shell's pid>. The failure line names this node's log.
+STAGE_LOG=stderr.log
+case "$NNODES" in
+  1|1:1) ;;
+  *)
+    LOG_NODE="${LOG_NODE:-$(hostname -s 2>/dev/null || true)}"
+    [ -n "$LOG_NODE" ] || { LOG_NODE="${HOSTNAME:-}"; LOG_NODE="${LOG_NODE%%.*}"; }
+    LOG_NODE="${LOG_NODE//[!A-Za-z0-9._-]/_}"
+    STAGE_LOG="stderr.${LOG_NODE:-node-$$}.log"
+    ;;
+esac
 PREEMPTED=75  # llmc's trainers' exit status when a signal stopped them after a checkpoint
 stage_cause() {  # stage_cause LOG START: the cause line of LOG after its first START bytes
   local text line pat
@@ -91,7 +110,7 @@ run_logged() {
   local name=$1 log tmp own= rc=0
   shift
   mkdir -p "$RUN_DIR/$name"
-  log="$RUN_DIR/$name/stderr.log"
+  log="$RUN_DIR/$name/$STAGE_LOG"
   LOG_START="$(stat -c %s "$log" 2>/dev/null || echo 0)"
   if tmp="$(mktemp "${TMPDIR:-/tmp}/llmc-stage.XXXXXX" 2>/dev/null)"; then
     if [ -d /proc/self/fd ] && exec 9<>"$tmp"; then rm -f "$tmp"; own=/dev/fd/9; else own=$tmp; fi
