@@ -247,6 +247,17 @@ def test_a_multi_node_runs_log_is_named_after_its_node(tiny_build, tmp_path, hos
     assert [p.name for p in (tmp_path / "run" / "pretrain").iterdir()] == [name]
     assert (tmp_path / "run" / "pretrain" / name).read_text() == "RuntimeError: boom\n"
 
+@pytest.mark.parametrize("port,says", [("29x", "is not a port number"), ("65536", "leaves no port for the last")])
+def test_a_master_port_with_no_room_for_the_stages_is_one_line(tiny_build, tmp_path, port, says):
+    """Each stage's rendezvous takes MASTER_PORT + its position: a port that is not a number, or leaves the last
+    stage past 65535, stops the script at once with one line (exit 2), before anything runs."""
+    env = {**_replaying_tools(tmp_path / "bin", "", 0), **MULTI, "RUN_DIR": str(tmp_path / "run"),
+           "MASTER_PORT": port}
+    rc, last = _multi_node(tiny_build, env)
+    assert rc == 2 and says in last and last.startswith("error: MASTER_PORT="), last
+    assert not (tmp_path / "bin" / "calls.log").exists()  # (nothing ran: no prepare, no torchrun)
+
+
 def test_torchtitan_multi_node_script_logs_per_node_too(tiny_build, tmp_path):
     """torchtitan/run_multi_node.sh runs on every node as well (directly or through torchtitan/slurm.sbatch's srun):
     with NNODES > 1 its log is the node's own, named in its failure line."""

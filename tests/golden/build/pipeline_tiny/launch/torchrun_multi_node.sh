@@ -32,6 +32,10 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 case "$MASTER_PORT" in
   ''|*[!0-9]*) echo "error: MASTER_PORT=$MASTER_PORT is not a port number" >&2; exit 2 ;;
 esac
+if [ "$((MASTER_PORT + 4 - 1))" -gt 65535 ]; then  # (one port per stage: the header)
+  echo "error: MASTER_PORT=$MASTER_PORT leaves no port for the last of the 4 stages (at most 65535); use a lower one" >&2
+  exit 2
+fi
 NPROC="${NPROC:-1}"
 RUN_ID="${RUN_ID:-}"
 [ -n "$RUN_ID" ] || RUN_ID=pipeline-tiny
