@@ -88,6 +88,9 @@ def test_ids_and_trained_tokens_equal_transformers_on_qwen25s_template(tmp_path,
     assert out["input_ids"] == ids
     assert [x != IGNORE_INDEX for x in labels] == [bool(m) for m in out["assistant_masks"]]
     assert trained_text(tok, labels) == "4<|im_end|>6, of course<|im_end|>" and t.untrained_turns == 0
+    opens = [{"role": "assistant", "content": "Hi, ask me."}, {"role": "user", "content": "2 + 2?"},
+             {"role": "assistant", "content": "4"}]  # (transformers refuses to render the first turn's empty prefix)
+    assert trained_text(tok, encode_chat(opens, tok, t)[1]) == "Hi, ask me.<|im_end|>4<|im_end|>"
     _, last = encode_chat(CONV, tok, t, mask="last_assistant")
     assert trained_text(tok, last) == "6, of course<|im_end|>"
     _, every = encode_chat(CONV, tok, t, mask="none")

@@ -273,17 +273,24 @@ def _turn_spans(messages: list[dict], tmpl: TokenizerTemplate, full: str, turns:
     spans: list[tuple[int, int]] = []
     lost = 0
     for i in turns:
+        content = messages[i].get("content")
         try:
-            pre, upto = render(messages[:i], True), render(messages[: i + 1], False)
-        except TemplateError:  # e.g. an empty prefix (a conversation that opens with the assistant), which
-            lost += 1  # transformers refuses to render
+            upto = render(messages[: i + 1], False)
+        except TemplateError:
+            lost += 1
             continue
-        start = len(os.path.commonprefix([pre, upto]))
+        try:
+            start = len(os.path.commonprefix([render(messages[:i], True), upto]))
+        except TemplateError:  # an empty prefix (a conversation that opens with the assistant), which transformers
+            # refuses to render: the turn starts at its content, as llmc's named templates train it
+            start = upto.rfind(content) if isinstance(content, str) and content else -1
+            if start < 0:
+                lost += 1
+                continue
         if not (full.startswith(upto) and len(upto) > start):
             lost += 1
             continue
         stop = len(upto)
-        content = messages[i].get("content")
         at = upto.rfind(content, start) if isinstance(content, str) and content else -1
         end = upto.find(tmpl.end, at + len(content)) if at >= 0 else upto.rfind(tmpl.end, start)
         if end >= 0:  # through the end token; what follows it (a newline between turns) is layout
