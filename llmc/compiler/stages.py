@@ -206,14 +206,19 @@ def _cycles(parent: dict[str, str]) -> list[list[str]]:
 POSTTRAIN_WEIGHT_DECAY = 0.0
 
 
-def default_chat_template(specials: set[str] | None, own: bool = False) -> str:
-    """The chat template of a stage whose spec names none: the first whose special tokens the tokenizer has (llama3,
-    then phi4 before chatml, whose tokens phi4's include, then phi3, gemma), else the tokenizer's own when it has
-    one (``own``: gpt-oss's harmony, Mistral's, DeepSeek's formats), else llama3 (llmc's own tokenizer's format)."""
+def default_chat_template(specials: set[str] | None, own: bool = False) -> tuple[str, str]:
+    """The chat template of a stage whose spec names none, and why: the first whose special tokens the tokenizer has
+    (llama3, then phi4 before chatml, whose tokens phi4's include, then phi3, gemma), else the tokenizer's own when
+    it has one (``own``: gpt-oss's harmony, Mistral's, DeepSeek's formats), else llama3 (llmc's own tokenizer's
+    format)."""
     for name in ("llama3", "phi4", "chatml", "phi3", "gemma") if specials else ():
         if set(TEMPLATE_TOKENS[name]) <= specials:
-            return name
-    return OWN_TEMPLATE if own else "llama3"
+            return name, "the first whose special tokens the tokenizer has" + (", before its own template" if own
+                                                                                else "")
+    if own:
+        return OWN_TEMPLATE, f"the tokenizer's special tokens fit none of {', '.join(TEMPLATE_TOKENS)}"
+    return "llama3", ("llmc's default: the tokenizer's special tokens fit no template" if specials else
+                      "llmc's default: the tokenizer's special tokens are not known here")
 
 
 def kind_hyper(run: RunSpec, st: StageBase, specials: set[str] | None = None, own_template: bool = False
@@ -247,7 +252,7 @@ def kind_hyper(run: RunSpec, st: StageBase, specials: set[str] | None = None, ow
         pick("loss_mask", "loss_mask", st.loss_mask, "assistant")
     if st.kind in CHAT_KINDS:
         pick("chat_template", "chat_template", tokenizer_for(run, st).chat_template,
-             default_chat_template(specials, own_template))
+             default_chat_template(specials, own_template)[0])
         # AdamW as the runtime builds it: the spec's betas and eps; no weight decay (TRL's default, weight_decay 0.0 in
         # transformers' TrainingArguments, https://huggingface.co/docs/transformers/main_classes/trainer)
         o = run.training.optimizer
@@ -1000,15 +1005,7 @@ def _lora_plan(st: StageBase) -> LoraPlan | None:
 def _template_note(name: str, chosen: bool, specials: set[str] | None, own: bool) -> str:
     """The stage note saying which chat template a chat stage trains on, and why (:func:`default_chat_template`)."""
     what = "the tokenizer's own" if name == OWN_TEMPLATE else name
-    if not chosen:
-        why = "named in the spec"
-    elif name == OWN_TEMPLATE:
-        why = f"the tokenizer's special tokens fit none of {', '.join(TEMPLATE_TOKENS)}"
-    elif specials is not None and set(TEMPLATE_TOKENS[name]) <= specials:
-        why = "the first whose special tokens the tokenizer has" + (", before its own template" if own else "")
-    else:
-        why = "llmc's default: the tokenizer's special tokens fit no template" if specials else \
-            "llmc's default: the tokenizer's special tokens are not known here"
+    why = default_chat_template(specials, own)[1] if chosen else "named in the spec"
     return f"chat template: {what} ({why})"
 
 

@@ -12,9 +12,9 @@ else ``chat_template`` in tokenizer_config.json: the files transformers reads, i
 transformers' ``apply_chat_template``: gpt-oss's harmony format, Mistral's, DeepSeek's, anything a model ships
 (:class:`TokenizerTemplate`). Which tokens an assistant turn owns is found as TRL's ``DataCollatorForCompletionOnlyLM``
 and axolotl's turn masking find it, from renders of the conversation's prefixes: turn *i* is the text between the
-render of messages[:i] with the generation prompt and the render of messages[:i+1], up to and including the
-tokenizer's end-of-sequence token where the turn holds it (what generation stops on; text after it, such as
-ChatML's newline, is layout). A template that renders an earlier turn differently once later messages follow
+render of messages[:i] with the generation prompt and the render of messages[:i+1] part, through the token the
+template writes after an answer (found by rendering a probe conversation; what generation stops on; text after it,
+such as ChatML's newline, is layout). A template that renders an earlier turn differently once later messages follow
 (gpt-oss ends the last turn with ``<|return|>`` and earlier ones with ``<|end|>``, and drops their analysis channel;
 Qwen3 drops earlier turns' thinking) has no such prefix for that turn: only the turns whose text the whole
 conversation's render holds are trained, and the rest are counted (:attr:`TokenizerTemplate.untrained_turns`),
@@ -94,8 +94,9 @@ class TokAdapter:
 @dataclass
 class TokenizerTemplate:
     """A tokenizer's own Jinja chat template (:func:`load_tokenizer_template`); ``render(messages,
-    add_generation_prompt)`` is transformers' ``apply_chat_template(..., tokenize=False)``; ``end`` is the tokenizer's
-    end-of-sequence token (what an assistant turn closes with, and generation stops on)."""
+    add_generation_prompt)`` is transformers' ``apply_chat_template(..., tokenize=False)``; ``end`` is the special
+    token the template writes after an answer (:func:`_turn_end`, else the tokenizer's eos): what an assistant turn
+    is trained through, and generation stops on."""
 
     render: Any
     end: str
@@ -171,8 +172,7 @@ def check_template(tok: Any, template: str | TokenizerTemplate) -> None:
     """Raise TemplateError when the tokenizer lacks a special token the template needs (T103 at runtime)."""
     if isinstance(template, TokenizerTemplate):
         a = tok if isinstance(tok, TokAdapter) else TokAdapter(tok)
-        if _whole_string_encoder(a.tok) is None:
-            raise TemplateError("the tokenizer's own chat template needs a Hugging Face tokenizer.json")
+        _rendered_text_encoder(a)
         a.special(template.end)
         return
     if template not in TEMPLATES:
@@ -212,6 +212,15 @@ def _whole_string_encoder(tok: Any):
         if isinstance(t, Tokenizer):
             return t
     return None
+
+
+def _rendered_text_encoder(a: TokAdapter) -> Any:
+    """The ``tokenizers.Tokenizer`` a rendered template's text is tokenised with (it reads each special token in the
+    text as its id); TemplateError for any other tokenizer."""
+    tk = _whole_string_encoder(a.tok)
+    if tk is None:
+        raise TemplateError("the tokenizer's own chat template needs a Hugging Face tokenizer.json")
+    return tk
 
 
 def _encode_whole(tk: Any, segs: list[tuple[str, bool, bool]], a: TokAdapter | None = None
@@ -351,9 +360,7 @@ def encode_chat(messages: list[dict], tok: Any, template: str | TokenizerTemplat
         raise ValueError(f"mask must be assistant/last_assistant/none, got {mask!r}")
     if isinstance(template, TokenizerTemplate):
         a = tok if isinstance(tok, TokAdapter) else TokAdapter(tok)
-        tk = _whole_string_encoder(a.tok)
-        if tk is None:
-            raise TemplateError("the tokenizer's own chat template needs a Hugging Face tokenizer.json")
+        tk = _rendered_text_encoder(a)
         got = _encode_whole(tk, _rendered_segments(messages, template, mask, add_generation_prompt, where))
         assert got is not None  # (no segment is marked special)
         return got

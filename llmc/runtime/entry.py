@@ -44,6 +44,14 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
+def _drop_tokenizer_files(asset_dir: Path, keep) -> None:
+    """Remove from prepare's own ``assets/`` the tokenizer files (:data:`TOKENIZER_FILES`) the tokenizer it now holds
+    does not have: a chat template copied with an earlier tokenizer would otherwise ride along into every export."""
+    for name in TOKENIZER_FILES:
+        if name not in keep and (asset_dir / name).is_file():
+            (asset_dir / name).unlink()
+
+
 def _stage_sources(job: TrainJob) -> list:
     """Every source any stage of the run reads (so one prepare serves all stages)."""
     srcs = list(job.sources)
@@ -198,17 +206,16 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
     if tk.path:
         src_dir = job.resolve_path(tk.path)
         src_dir = src_dir if src_dir.is_dir() else src_dir.parent
+        (src_dir / "tokenizer.json").stat()  # (FileNotFoundError, as before: the folder holds no tokenizer)
         present = [n for n in TOKENIZER_FILES if (src_dir / n).exists()]
-        digest = hashlib.sha256((src_dir / "tokenizer.json").read_bytes())
-        for name in (n for n in present if n != "tokenizer.json"):  # (a changed config or template: copied again)
+        digest = hashlib.sha256()
+        for name in present:  # (a changed config or template is copied again too)
             digest.update(name.encode() + b"\0" + (src_dir / name).read_bytes())
         key = "copy:" + digest.hexdigest()
         if state.get("tokenizer") != key or not tok_json.exists():
-            for name in TOKENIZER_FILES:
-                if name in present:
-                    shutil.copyfile(src_dir / name, asset_dir / name)
-                elif (asset_dir / name).is_file():  # (one the folder no longer has: prepare's own copy)
-                    (asset_dir / name).unlink()
+            for name in present:
+                shutil.copyfile(src_dir / name, asset_dir / name)
+            _drop_tokenizer_files(asset_dir, keep=present)
             state["tokenizer"] = key
             log(f"prepare: copied tokenizer from {src_dir}")
     else:
@@ -230,9 +237,7 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
                         yield d
 
             train_bpe(texts(), vocab, asset_dir)
-            for name in TOKENIZER_FILES:  # a copied tokenizer's other files (its chat template): not this one's
-                if name not in ("tokenizer.json", "tokenizer_config.json") and (asset_dir / name).is_file():
-                    (asset_dir / name).unlink()
+            _drop_tokenizer_files(asset_dir, keep=("tokenizer.json", "tokenizer_config.json"))
             state["tokenizer"] = key
             log(f"prepare: trained byte-level BPE (vocab {vocab}) -> {tok_json}")
     _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True) + "\n")

@@ -79,7 +79,7 @@ from typing import Any
 
 import yaml
 
-from llmc.spec.facts import task_file_name
+from llmc.spec.facts import has_chat_template, task_file_name
 
 
 @dataclass(frozen=True)
@@ -141,20 +141,6 @@ def eval_stages(lock: dict) -> list[str]:
     ev = lock.get("evaluation") if isinstance(lock.get("evaluation"), dict) else None
     tasks = (ev or {}).get("tasks")
     return [str(s) for s in tasks.get("stages") or []] if isinstance(tasks, dict) and tasks.get("tasks") else []
-
-
-def has_chat_template(model_dir: str | Path) -> bool:
-    """Whether the Hugging Face directory's tokenizer carries a chat template: ``chat_template`` in
-    tokenizer_config.json (what an llmc export writes) or ``chat_template.jinja`` / ``chat_template.json`` (where
-    transformers' ``save_pretrained`` keeps it)."""
-    d = Path(model_dir)
-    if (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file():
-        return True
-    try:
-        tc = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(tc, dict) and bool(tc.get("chat_template"))
 
 
 def _absolute_data_files(p: Path, text: str, dest: Path | None) -> Path:
@@ -230,7 +216,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path) -> EvalSummary:
 
     if not (Path(config.model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{config.model_dir}: not a Hugging Face model directory (no config.json)")
-    if config.apply_chat_template and not has_chat_template(config.model_dir):
+    if config.apply_chat_template and not has_chat_template(config.model_dir):  # (llmc.spec.facts)
         raise ValueError(f"{config.model_dir}: the evals apply the chat template, but the tokenizer has none (no "
                          "chat_template in tokenizer_config.json, no chat_template.jinja); give the tokenizer one, or set "
                          "eval.apply_chat_template: false")

@@ -42,6 +42,7 @@ import torch
 from llmc.runtime import synthetic
 from llmc.runtime.chat import (
     OWN_TEMPLATE,
+    TemplateError,
     TokenizerTemplate,
     check_template,
     load_tokenizer_template,
@@ -318,7 +319,11 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     template = hyper.get("chat_template") or job.tokenizer.chat_template or "llama3"
     try:
         if template == OWN_TEMPLATE:  # the tokenizer's own Jinja template (prepare copied it beside tokenizer.json)
-            template = load_tokenizer_template(getattr(tok, "dir", None) or out)
+            tok_dir = getattr(tok, "dir", None)
+            if tok_dir is None:
+                raise TemplateError("chat_template: tokenizer reads the template from the tokenizer's folder, and "
+                                    "this tokenizer has none")
+            template = load_tokenizer_template(tok_dir)
         check_template(tok, template)
     except ValueError as e:
         raise PostTrainError(f"stage {job.stage!r}: {e}") from None

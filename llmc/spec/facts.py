@@ -115,7 +115,7 @@ def read_tokenizer(path: str, spec_dir: str | Path) -> TokenizerFacts:
     try:
         js = json.loads(read_regular_file(f, MAX_TOKENIZER_BYTES).decode("utf-8"))
         return TokenizerFacts(frozenset(t["content"] for t in js.get("added_tokens", [])), str(f),
-                              chat_template=_has_chat_template(f.parent))
+                              chat_template=has_chat_template(f.parent))
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         return TokenizerFacts(None, str(f), _tokenizer_problem(p, f, e))
 
@@ -128,9 +128,11 @@ _OTHER_TOKENIZER_FILES = {
 }
 
 
-def _has_chat_template(d: Path) -> bool | None:
-    """Whether the tokenizer folder ``d`` has a chat template of its own (None: its tokenizer_config.json does not
-    read)."""
+def has_chat_template(d: str | Path) -> bool | None:
+    """Whether the tokenizer folder ``d`` has a chat template of its own, where transformers' tokenizer reads one:
+    chat_template.jinja, else ``chat_template`` in tokenizer_config.json (None: that file does not read). The plan
+    (``chat_template: tokenizer``) and the eval step (``--apply_chat_template`` on an export) ask the same question."""
+    d = Path(d)
     if (d / "chat_template.jinja").is_file():
         return True
     try:
@@ -186,5 +188,5 @@ def gather_facts(run: RunSpec, spec_dir: str | Path) -> ExternalFacts:
 
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_TOKENIZER_BYTES", "TokenizerFacts", "ExternalFacts", "EvalTaskFacts",
-           "tokenizer_paths", "read_tokenizer", "init_hf_paths", "read_model_type", "read_eval_task", "task_file_name",
-           "gather_facts"]
+           "tokenizer_paths", "read_tokenizer", "has_chat_template", "init_hf_paths", "read_model_type",
+           "read_eval_task", "task_file_name", "gather_facts"]
