@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -73,7 +72,8 @@ BUILD = textwrap.dedent("""
     from llmc.runtime.ds_train import build_zero3_model, _local_numel
     from llmc.runtime.model import build_model
     from llmc.spec.model import Architecture
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    from llmc.runtime.ds_train import init_deepspeed_distributed  # gloo, without DeepSpeed's CPU shm op
+    init_deepspeed_distributed()
     rank = dist.get_rank()
     arch = Architecture(**json.loads(sys.argv[1]))
     cfg = json.loads(sys.argv[2])
@@ -104,15 +104,9 @@ def _torchrun(tmp_path: Path, script: str, args: list[str], timeout: int = 300, 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
            "--rdzv_endpoint=localhost:0", str(f), *args]
     res_dir = tmp_path / "results"
-    for attempt in range(3):
-        shutil.rmtree(res_dir, ignore_errors=True)
-        res_dir.mkdir()
-        p = subprocess.run(cmd, env={**ENV, "LLMC_TEST_OUT": str(res_dir), **(env or {})}, capture_output=True,
-                           text=True, timeout=timeout, cwd=str(ROOT))
-        # DeepSpeed's CPU shm-comm op, loaded by both ranks at start-up, sometimes aborts ("terminate called
-        # without an active exception") before any llmc code runs; that start-up abort gets two retries
-        if p.returncode == 0 or "terminate called without an active exception" not in p.stderr or attempt == 2:
-            break
+    res_dir.mkdir()
+    p = subprocess.run(cmd, env={**ENV, "LLMC_TEST_OUT": str(res_dir), **(env or {})}, capture_output=True,
+                       text=True, timeout=timeout, cwd=str(ROOT))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return [json.loads(f.read_text()) for f in sorted(res_dir.glob("result-*.json"))]
 

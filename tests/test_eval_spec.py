@@ -780,11 +780,7 @@ def _run_ds_train(tmp_path, root, out, *, zero: int, bf16: bool = False, extra: 
             "--rdzv_endpoint", f"localhost:{port}", "-m", "llmc.runtime.ds_train", "--lock",
             str(tmp_path / "plan.lock.json"), "--ds-config", str(tmp_path / "ds.json"), "--out", str(out),
             "--assets", str(tmp_path), *extra]
-    for attempt in range(2):
-        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, cwd=str(root))
-        # DeepSpeed's CPU shm-comm op sometimes aborts at start-up on a loaded machine: one retry
-        if r.returncode == 0 or "terminate called without an active exception" not in r.stderr or attempt:
-            break
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, cwd=str(root))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 

@@ -96,6 +96,29 @@ def check_config(cfg: dict, job, world: int, where: str = "ds_config") -> dict:
     return cfg
 
 
+def init_deepspeed_distributed() -> bool:
+    """``deepspeed.init_distributed`` for llmc's trainer; returns whether it runs on the CPU (gloo).
+
+    On the CPU, DeepSpeed's shared-memory collectives (its ``ShareMemCommBuilder`` op, built just in time by
+    ``deepspeed/comm/torch.py`` ``build_shm_op`` whenever the op is listed as compatible) are turned off before the
+    process group starts: they serve ``inference_all_reduce`` (DeepSpeed-Inference's tensor parallelism), which this
+    trainer never calls (its collectives are gloo's), and the op costs a C++ compile of about a minute in the first
+    process of a machine, and sometimes aborts at start-up ("terminate called without an active exception") before
+    any of the trainer's code runs. DeepSpeed keeps ``deepspeed.ops.__compatible_ops__`` as one module-level dict
+    so that edits to it persist (deepspeed/ops/__init__.py)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    cpu = accel.device_name() == "cpu"
+    if cpu:
+        shm = accel.create_op_builder("ShareMemCommBuilder")
+        if shm is not None:
+            deepspeed.ops.__compatible_ops__[shm.NAME] = False
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else accel.communication_backend_name())
+    return cpu
+
+
 def _grad_norm(model):
     """Global L2 norm of the local gradients as a 0-d tensor (ZeRO-0: every rank holds the reduced grads)."""
     import torch
@@ -332,8 +355,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         return res
 
     accel = get_accelerator()
-    cpu = accel.device_name() == "cpu"
-    deepspeed.init_distributed(dist_backend="gloo" if cpu else accel.communication_backend_name())
+    cpu = init_deepspeed_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     main = rank == 0
     device = torch.device("cpu") if cpu else torch.device(accel.device_name(), int(os.environ.get("LOCAL_RANK", 0)))
