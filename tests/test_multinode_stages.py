@@ -37,7 +37,7 @@ from test_build_fakes import compile_text
 from llmc.buildfs import write_build
 from llmc.emit import render_artifacts
 
-TEARDOWN_S = 20  # node 0's first-stage agent outlives node 1's by this much (well under c10d's 60 s connect timeout)
+TEARDOWN_S = 10  # node 0's first-stage agent outlives node 1's by this much (well under c10d's 60 s connect timeout)
 SPEC = """\
 name: mns
 model: tiny

@@ -321,12 +321,19 @@ def test_sbatch_traps_the_signal_and_requeues(tmp_path):
                SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_SUBMIT_DIR=str(script.parent.parent),
                BACKEND="native")
     proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    deadline = time.time() + 30
-    while not (tmp_path / "running").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=30)
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        # the task runs and srun has recorded it as the step's task (scancel signals the recorded ones: on a loaded
+        # machine a USR1 sent between the two reached no task, and the job waited for it for ever)
+        while not ((tmp_path / "running").exists() and any(tasks.iterdir())) and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=30)
+    finally:  # a hang leaves no job script, fake srun or task behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == EXIT_PREEMPTED, out
     lines = log.read_text().splitlines()
     assert len([ln for ln in lines if ln.startswith("step ")]) == 1  # the first stage only, then the signal
