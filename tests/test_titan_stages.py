@@ -112,6 +112,18 @@ def test_the_stage_job_is_the_stages_own(tmp_path):
     for script in ("run_single_node_stage1.sh", "run_multi_node_stage1.sh", "slurm_stage1.sbatch"):
         text = (b / "torchtitan" / script).read_text()
         assert "llmc_job_stage1" in text or "run_multi_node_stage1.sh" in text, script
+    # each job's multi-node scripts default to a rendezvous port of their own: run back to back on the same nodes,
+    # the second job's torchrun must not join the first one's c10d store while the head node still tears it down
+    import re
+
+    ports = {}
+    for sfx in ("", "_stage1"):
+        for script in (f"run_multi_node{sfx}.sh", f"slurm{sfx}.sbatch"):
+            ports[script] = re.findall(r'MASTER_PORT="\$\{MASTER_PORT:-(\d+)\}"',
+                                       (b / "torchtitan" / script).read_text())
+    assert all(len(p) == 1 for p in ports.values()), ports
+    assert ports["run_multi_node.sh"] == ports["slurm.sbatch"] != ports["run_multi_node_stage1.sh"] \
+        == ports["slurm_stage1.sbatch"], ports
     cmds = [x for x in launch_commands(b, backend="torchtitan", gpu=True) if x.stage == "long"]
     train, export = cmds
     assert train.argv[train.argv.index("--module") + 1] == "llmc_job_stage1"

@@ -81,7 +81,7 @@ from llmc.compiler.memory import SINGLE_STAGE_SCHEDULES, even_parts, pipeline_ch
 from llmc.compiler.result import Hyper
 from llmc.diagnostics import Diagnostic, SpecError
 from llmc.emit.base import Emitter
-from llmc.emit.common import diag, gpus_per_node, jinja_env
+from llmc.emit.common import RDZV_PORT, diag, gpus_per_node, jinja_env
 from llmc.escape import visible
 from llmc.rope import rope_attention_factor
 from llmc.runtime.capabilities import (
@@ -687,6 +687,9 @@ def torchtitan_values(compiled, stage: int | None = None) -> TitanValues:
         "dump_subdir": titan_dump_subdir(None if st is None else st.name),
         "module_name": MODULE_NAME if stage is None else titan_stage_module(stage),
         "script_suffix": "" if stage is None else f"_stage{stage}",
+        # each job's scripts default to their own rendezvous port: run back to back on the same nodes, a node that
+        # starts the next job while the head node still tears the last one's store down must not join that store
+        "rdzv_port": RDZV_PORT + (stage or 0),
     }
     return TitanValues(ctx=ctx, notes=notes)
 

@@ -4,10 +4,10 @@
 # Needs MASTER_ADDR (head node); optional MASTER_PORT, NNODES, NPROC_PER_NODE, RDZV_ID, RUN_DIR, CLAIM_STALE_S,
 # LOG_NODE (with NNODES > 1 each node logs to <run dir>/<stage>/stderr.<node>.log, <node> its short host name or
 # LOG_NODE: several hosts appending to one file of a shared filesystem can lose lines).
-# Running several jobs' scripts one after another on every node: give each job its own MASTER_PORT. A node goes on
-# to the next script as soon as its own torchrun returns, maybe while the head node's (which hosts the c10d store) is
-# still shutting down; on the same port its torchrun would join that store, whose rendezvous torchrun closes when it
-# ends, and fail (launch/torchrun_multi_node.sh gives each stage its own port and rendezvous id).
+# Each job's script defaults to its own MASTER_PORT (this one 29500): run one after another on every node, a
+# node goes on to the next script as soon as its own torchrun returns, maybe while the head node's (which hosts the
+# c10d store) is still shutting down; on the same port its torchrun would join that store, whose rendezvous torchrun
+# closes when it ends, and fail. A MASTER_PORT set for every job must differ per job likewise.
 # First `python -m llmc.runtime.entry prepare`, as every llmc launcher: the tokenizer and data the job reads under
 # LLMC_RUN_DIR (llmc must be installed), once: one node prepares, the others wait for it (the claim below, shared
 # with launch/torchrun_multi_node.sh). PREPARE=0 skips it (prepared already).
