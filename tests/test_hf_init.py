@@ -580,7 +580,23 @@ def test_export_from_a_torchtitan_dcp_checkpoint(tmp_path):
         torch.testing.assert_close(exported(input_ids=tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
 
 
-from test_runtime_train import META_RUN as META_HF_RUN  # noqa: E402  (the same meta-init runner)
+from test_runtime_train import ParametrizedRuns  # noqa: E402  (the runtime tests' multi-rank launcher)
+
+
+@pytest.fixture(scope="module")
+def meta_hf_runs(request, tmp_path_factory, docs) -> ParametrizedRuns:
+    """The sharded meta-init cases' runs, all in one 2-rank torchrun launch, each from its own random HF
+    model."""
+
+    def build(folder: Path, kind: str, plan: dict) -> Path:
+        src = make_hf(folder, kind, **({"sliding_window": 8} if kind == "mistral" else {}))
+        lock = _lock(folder, docs, arch_of(src), steps=2, init_hf=str(src), plan=plan)
+        (folder / "plan.lock.json").write_text(json.dumps(lock))
+        return folder / "plan.lock.json"
+
+    return ParametrizedRuns(request, "test_sharded_meta_init_loads_only_local_shards",
+                            tmp_path_factory.mktemp("meta_hf"), build, lambda params: 2, meta_init=True,
+                            timeout=300)
 
 
 @pytest.mark.slow
@@ -591,28 +607,16 @@ from test_runtime_train import META_RUN as META_HF_RUN  # noqa: E402  (the same 
                                        ("olmo2", {"tp": 2, "micro_batch": 8}),
                                        ("gemma3", {"tp": 2, "micro_batch": 8}),
                                        ("gemma2", {"tp": 2, "micro_batch": 8})])
-def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, kind, plan):
+def test_sharded_meta_init_loads_only_local_shards(request, meta_hf_runs, kind, plan):
     """FSDP2 / TP built on meta: each rank cuts its shards out of the HF tensors (Phi-3: its row ranges of the fused
     qkv_proj / gate_up_proj); the first loss is still transformers' loss on the same global batch (Mistral: an
     8-token sliding window, each TP rank's heads masked alike)."""
-    import os
-    import subprocess
-    import sys
-
     from llmc.runtime.data import build_stream_loader
     from llmc.runtime.entry import prepare_assets
     from llmc.runtime.job import TrainJob
 
-    src = make_hf(tmp_path, kind, **({"sliding_window": 8} if kind == "mistral" else {}))
-    arch = arch_of(src)
-    lock = _lock(tmp_path, docs, arch, steps=2, init_hf=str(src), plan=plan)
-    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
-    script = tmp_path / "meta_hf.py"
-    script.write_text(META_HF_RUN)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=localhost:0", str(script), str(tmp_path / "plan.lock.json"), str(tmp_path / "o")]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    p = meta_hf_runs[request.node].check()
+    src, lock = p.dir / f"hf-{kind}", json.loads(p.lock.read_text())
     read = int(re.search(r"\(([\d,]+) bytes read by rank 0\)", p.stdout).group(1).replace(",", ""))
     sd = hf_model(src).state_dict()
     # (a tied head is the embedding's tensor: counted once)
@@ -624,10 +628,10 @@ def test_sharded_meta_init_loads_only_local_shards(tmp_path, docs, kind, plan):
         assert read == full - split // 2, (read, full, split)
     else:  # FSDP2: every parameter's first half of rows
         assert read == full // 2, (read, full)
-    recs = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (p.out / "metrics.jsonl").read_text().splitlines()]
     first = next(r["loss"] for r in recs if r.get("step") == 1 and "loss" in r)
     job = TrainJob.from_lock(lock)
-    assets = prepare_assets(job, tmp_path)
+    assets = prepare_assets(job, p.dir)
     dp = plan.get("dp_shard", 1)
     ref = hf_model(src)
     losses = []

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -267,6 +269,195 @@ def torchrun(lock: Path, out: Path, nproc: int = 2, extra=(), timeout=240) -> su
     return p
 
 
+# ----------------------------------------------------------------------------- many cases, one launch
+
+
+CASES_RUN = r'''
+"""Train several cases in one torchrun launch (one process group), each as a one-case launch would: for
+each case of the JSON list argv[1], in order, rank 0 prepares the assets while the other ranks wait in a
+barrier, then every rank trains (``meta_init``: built on meta, each rank materialising only its shards;
+``entry``: through llmc.runtime.entry's main, which ends the process group, so only ever the last case).
+Each rank writes the case's stdout / stderr to the case's folder and ``ok.<rank>`` once the case is done;
+a case that raises leaves its traceback in ``error.<rank>`` and ends the process at once, as a failing rank
+of llmc.runtime.entry does (torchrun then stops the other ranks), so no rank waits on a peer that left a
+collective."""
+import contextlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch.distributed as dist
+
+from llmc.runtime.distributed import init_distributed, shutdown
+from llmc.runtime.entry import _prepare_collective
+from llmc.runtime.entry import main as entry_main
+from llmc.runtime.job import TrainJob
+from llmc.runtime.train import train
+
+
+def run_case(case):
+    lock_path = Path(case["lock"])
+    if case["entry"]:
+        code = entry_main(["--lock", str(lock_path), "--out", case["out"]])
+        if code != 0:
+            raise RuntimeError(f"llmc.runtime.entry's main returned {code} (its message is in stderr)")
+        return
+    job = TrainJob.from_lock(json.loads(lock_path.read_text()))
+    if case["meta_init"]:
+        job = job.replace(meta_init=True)
+    assets = _prepare_collective(job, lock_path.parent)
+    info = init_distributed()
+    if info.rank == 0:
+        dist.barrier()
+    train(job, Path(case["out"]), assets, info=info)
+
+
+rank = int(os.environ["RANK"])
+for case in json.loads(Path(sys.argv[1]).read_text()):
+    folder, error = Path(case["dir"]), None
+    with open(folder / f"stdout.{rank}", "w") as out, open(folder / f"stderr.{rank}", "w") as err, \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_case(case)
+        except BaseException:
+            error = traceback.format_exc()
+    if error is not None:
+        (folder / f"error.{rank}").write_text(error)
+        os._exit(1)
+    (folder / f"ok.{rank}").write_text("")
+shutdown()
+'''
+
+
+@dataclass
+class CaseRun:
+    """One case of a :func:`torchrun_cases` launch: its folder, lock and output folder, rank 0's stdout, and
+    ``error`` (None when every rank finished the case): the ranks' tracebacks and output tails."""
+
+    dir: Path
+    lock: Path
+    out: Path
+    stdout: str
+    error: str | None
+
+    def check(self) -> CaseRun:
+        """This run; a case that failed fails the calling test with its error (tracebacks, output tails)."""
+        if self.error is not None:
+            pytest.fail(self.error, pytrace=False)
+        return self
+
+
+def _tail(path: Path, n: int | None = None) -> str:
+    """The last ``n`` characters of a file (all of it when None; "" when it is absent)."""
+    return path.read_text(errors="replace")[-n if n else 0:] if path.exists() else ""
+
+
+def _case_failure(name: str, folder: Path, nproc: int, done: bool, launch: str) -> str:
+    """Why case ``name`` failed: its ranks' tracebacks, the rank that failed first leading (the others' are
+    mostly that rank leaving their collectives), the ends of its ranks' output, and the end of the launcher's
+    (which names a rank that died without a traceback, by a signal or the timeout)."""
+    failed = sorted((folder / f"error.{r}" for r in range(nproc) if (folder / f"error.{r}").exists()),
+                    key=lambda f: f.stat().st_mtime_ns)
+    errors = [f"rank {f.suffix[1:]}{' (first to fail)' if i == 0 and len(failed) > 1 else ''}: "
+              f"{_tail(f, 4000)}" for i, f in enumerate(failed)]
+    said = "\n".join(errors) or ("every rank finished the case" if done else "no rank reported an error")
+    for stream in ("stdout", "stderr"):
+        for r in range(nproc):
+            if _tail(folder / f"{stream}.{r}", 1):
+                said += f"\n--- {stream} of rank {r}, last 2000 characters ---\n"
+                said += _tail(folder / f"{stream}.{r}", 2000)
+    return f"case {name} failed in its merged torchrun launch:\n{said}\n{launch}"
+
+
+def torchrun_cases(root: Path, locks: dict[str, Path], nproc: int, *, meta_init: bool = False,
+                   entry_last: bool = False, timeout: float = 240) -> dict[str, CaseRun]:
+    """Train every lock of ``locks`` (case name -> lock file, each in a folder of its own; outputs to its
+    ``o/``) in one ``torchrun --nproc_per_node=nproc`` launch of :data:`CASES_RUN`: the launcher's and the
+    workers' start-up (each imports torch: seconds of CPU) and the process group are paid once for all the
+    cases. ``entry_last``: the last case goes through ``llmc.runtime.entry.main`` (the command line's own
+    path: lock check, run lock, ``run_stage``). A case that fails ends its launch; the cases after it run in
+    a new one, from empty output folders, so every case has a result of its own; a launch that fails after
+    its last case finished (in the shutdown) fails that case. ``timeout``: seconds per case."""
+    script = root / "cases_run.py"
+    script.write_text(CASES_RUN)
+    runs: dict[str, CaseRun] = {}
+    pending, launches = list(locks), 0
+    while pending:
+        batch = []
+        for i, name in enumerate(pending):
+            folder = locks[name].parent
+            shutil.rmtree(folder / "o", ignore_errors=True)
+            for f in [*folder.glob("stdout.*"), *folder.glob("stderr.*"), *folder.glob("ok.*"),
+                      *folder.glob("error.*")]:
+                f.unlink()
+            batch.append({"dir": str(folder), "lock": str(locks[name]), "out": str(folder / "o"),
+                          "meta_init": meta_init, "entry": entry_last and i == len(pending) - 1})
+        listing = root / f"cases-{launches}.json"
+        launches += 1
+        listing.write_text(json.dumps(batch, indent=1))
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(script), str(listing)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        try:
+            out, err = proc.communicate(timeout=timeout * len(batch))
+            how = f"exited {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun stops its workers (each in a session of its own) on SIGTERM
+            try:
+                out, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            how = f"ran past {timeout * len(batch):.0f} s and was stopped"
+        launch = f"--- torchrun, launched for {len(batch)} case(s), {how}; the end of its output ---\n"
+        launch += out[-1000:] + err[-2000:]
+        for name in list(pending):
+            folder = locks[name].parent
+            done = not any((folder / f"error.{r}").exists() for r in range(nproc)) and all(
+                (folder / f"ok.{r}").exists() for r in range(nproc))
+            pending.remove(name)
+            if done and (pending or proc.returncode == 0):
+                runs[name] = CaseRun(folder, locks[name], folder / "o", _tail(folder / "stdout.0"), None)
+                continue
+            runs[name] = CaseRun(folder, locks[name], folder / "o", _tail(folder / "stdout.0"),
+                                 _case_failure(name, folder, nproc, done, launch))
+            break
+    return runs
+
+
+class ParametrizedRuns:
+    """The multi-rank runs of one parametrized test's cases, each world size's in one :func:`torchrun_cases`
+    launch, made when a case of that size is first asked for (``runs[request.node]``): every case of that
+    size that this session runs (``-k`` or node ids narrow them: one case alone is a launch of one case).
+    ``build(folder, **params)`` writes a case's lock into its folder and returns the lock's path;
+    ``nproc(params)`` is the case's world size; ``launch``: :func:`torchrun_cases`' options."""
+
+    def __init__(self, request, test: str, root: Path, build, nproc, **launch):
+        self.root, self.build, self.nproc, self.launch = root, build, nproc, launch
+        self.wanted = {it.callspec.id: it.callspec.params for it in request.session.items
+                       if getattr(it, "module", None) is request.module
+                       and getattr(it, "originalname", None) == test and hasattr(it, "callspec")}
+        self.runs: dict[str, CaseRun] = {}
+
+    def __getitem__(self, node) -> CaseRun:
+        case = node.callspec.id
+        if case not in self.runs:
+            self.wanted.setdefault(case, node.callspec.params)
+            size = self.nproc(self.wanted[case])
+            locks = {}
+            for c, params in self.wanted.items():
+                if c not in self.runs and self.nproc(params) == size:
+                    (self.root / c).mkdir(parents=True, exist_ok=True)
+                    locks[c] = self.build(self.root / c, **params)
+            launch_root = self.root / f"launch-{size}-{len(self.runs)}"
+            launch_root.mkdir()
+            self.runs.update(torchrun_cases(launch_root, locks, size, **self.launch))
+        return self.runs[case]
+
+
 LAYOUTS = {  # name: (plan, processes)
     "ddp": ({"dp_replicate": 2, "micro_batch": 4}, 2),
     # ZeRO-1: FSDP2 keeps the gathered parameters from forward to backward (ZeRO-3 layouts below)
@@ -281,25 +472,45 @@ LAYOUTS = {  # name: (plan, processes)
 }
 
 
+@pytest.fixture(scope="module")
+def layout_runs(request, tmp_path_factory, docs) -> ParametrizedRuns:
+    """The layouts' runs: one 2-rank and one 4-rank torchrun launch for all of them, the last case of each
+    through llmc.runtime.entry's main."""
+    return ParametrizedRuns(
+        request, "test_parallel_layouts_match_single_process", tmp_path_factory.mktemp("layouts"),
+        lambda folder, layout: make_lock(folder, docs, steps=8, interval=8, plan=LAYOUTS[layout][0]),
+        lambda params: LAYOUTS[params["layout"]][1], entry_last=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_parallel_layouts_match_single_process(tmp_path, docs, layout):
-    plan, nproc = LAYOUTS[layout]
+def test_parallel_layouts_match_single_process(request, tmp_path, docs, layout_runs, layout):
+    plan = LAYOUTS[layout][0]
     single = make_lock(tmp_path / "single", docs, steps=8, interval=8)
     run(single, tmp_path / "single" / "o")
-    lock = make_lock(tmp_path / layout, docs, steps=8, interval=8, plan=plan)
-    p = torchrun(lock, tmp_path / layout / "o", nproc=nproc)
+    p = layout_runs[request.node].check()
     if plan.get("dp_shard", 1) > 1:  # the resharding the plan's ZeRO stage stands for
         want = "keeping parameters gathered from forward to backward (ZeRO-1)" if plan.get("zero_stage") == 1 \
             else "resharding after forward (ZeRO-3)"
         assert f"FSDP2 {want}" in p.stdout, p.stdout[-2000:]
-    ref, got = losses(tmp_path / "single" / "o"), losses(tmp_path / layout / "o")
+    ref, got = losses(tmp_path / "single" / "o"), losses(p.out)
     assert got[8] < got[1] - 0.5  # it trains
     for s in range(1, 9):
         assert got[s] == pytest.approx(ref[s], abs=2e-4), (layout, s, ref, got)
-    gn = [json.loads(x) for x in (tmp_path / layout / "o" / "metrics.jsonl").read_text().splitlines()]
+    gn = [json.loads(x) for x in (p.out / "metrics.jsonl").read_text().splitlines()]
     gr = [json.loads(x) for x in (tmp_path / "single" / "o" / "metrics.jsonl").read_text().splitlines()]
     assert gn[0]["grad_norm"] == pytest.approx(gr[0]["grad_norm"], rel=1e-4)  # global norm over shards
+
+
+@pytest.fixture(scope="module")
+def tp_runs(request, tmp_path_factory, docs) -> ParametrizedRuns:
+    """The TP cases' runs (TP 2 inside FSDP2 over 2): one 4-rank torchrun launch for all of them, the last
+    case through llmc.runtime.entry's main."""
+    plan = {"dp_shard": 2, "tp": 2, "micro_batch": 4}
+    return ParametrizedRuns(
+        request, "test_tensor_parallel_matches_single_process", tmp_path_factory.mktemp("tp"),
+        lambda folder, model: make_lock(folder, docs, steps=6, interval=6, plan=plan, **model),
+        lambda params: 4, entry_last=True)
 
 
 @pytest.mark.slow
@@ -319,7 +530,7 @@ def test_parallel_layouts_match_single_process(tmp_path, docs, layout):
                                                     "truncate": False},
      "moe": {"num_experts": 4, "top_k": 4, "router_bias": True, "expert_proj_bias": True, "score_func": "softmax"}},
 ], ids=["qk_norm", "olmo3", "gemma3", "mla", "gpt_oss"])
-def test_tensor_parallel_matches_single_process(tmp_path, docs, model):
+def test_tensor_parallel_matches_single_process(request, tmp_path, docs, tp_runs, model):
     """TP 2 inside FSDP2 over 2 (4 ranks) equals one process: losses and the global gradient norm.
 
     Qwen3's q/k norms: each rank normalises its own heads with the whole weight and the weight's gradient is summed
@@ -332,14 +543,12 @@ def test_tensor_parallel_matches_single_process(tmp_path, docs, model):
     (_heads_sharded_sinks)."""
     single = make_lock(tmp_path / "single", docs, steps=6, interval=6, **model)
     run(single, tmp_path / "single" / "o")
-    lock = make_lock(tmp_path / "tp", docs, steps=6, interval=6, plan={"dp_shard": 2, "tp": 2, "micro_batch": 4},
-                     **model)
-    torchrun(lock, tmp_path / "tp" / "o", nproc=4)
-    ref, got = losses(tmp_path / "single" / "o"), losses(tmp_path / "tp" / "o")
+    tp = tp_runs[request.node].check()
+    ref, got = losses(tmp_path / "single" / "o"), losses(tp.out)
     assert sorted(got) == list(range(1, 7)) and got[6] < got[1] - 0.3
     for s in ref:
         assert got[s] == pytest.approx(ref[s], abs=2e-4), (s, ref, got)
-    gn = [json.loads(x)["grad_norm"] for x in (tmp_path / "tp" / "o" / "metrics.jsonl").read_text().splitlines()
+    gn = [json.loads(x)["grad_norm"] for x in (tp.out / "metrics.jsonl").read_text().splitlines()
           if "grad_norm" in x]
     gr = [json.loads(x)["grad_norm"] for x in (tmp_path / "single" / "o" / "metrics.jsonl").read_text().splitlines()
           if "grad_norm" in x]
