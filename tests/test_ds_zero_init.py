@@ -2,7 +2,8 @@
 or the world's), ZeRO-3 builds under zero.Init (a rank holds about 1/world of the weights, also at peak),
 the init equals an unsharded build, the plan's activation checkpointing is applied, the grad norm is a
 number, and a ZeRO-3 run started from a Hugging Face model has transformers' first-step loss and ends with
-an HF export. Multi-process runs are 2 gloo ranks on CPU (DS_ACCELERATOR=cpu)."""
+an HF export. Multi-process runs are 2 gloo ranks on CPU (DS_ACCELERATOR=cpu); a parametrized test's cases
+train in one torchrun launch (test_runtime_train's ParametrizedRuns)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
+
+from test_runtime_train import CASES_LOOP, CaseRun, ParametrizedRuns  # noqa: E402  (the multi-rank launcher)
 
 from llmc.runtime.ds_train import check_config, stage_config_path  # noqa: E402
 
@@ -138,23 +141,68 @@ def test_zero3_build_peak_memory_is_a_shard(tmp_path):
         assert r["peak"] < 0.8 * full, (r["peak"] / 2**20, full / 2**20)
 
 
-RUN = textwrap.dedent("""
-    import json, os, sys
-    from pathlib import Path
-    import llmc.runtime.model as M
-    calls = {"n": 0}
-    orig = M.TransformerBlock.forward
-    def counted(self, *a, **k):
-        calls["n"] += 1
-        return orig(self, *a, **k)
-    M.TransformerBlock.forward = counted
-    from llmc.runtime.ds_train import main
-    rc = main(sys.argv[1:])
-    import os
+DS_CASES_RUN = r'''
+"""Train several cases in one torchrun launch (one process group), each through llmc.runtime.ds_train's
+main as a one-case launch would (its lock, the ds_config in the lock's deepspeed/ folder, its out), and
+record each rank's main return code and how many times TransformerBlock.forward ran in that case
+(``result.<rank>.json`` in the case's folder). main ends the process group as it returns, and a second
+group does not come up in the same process under torchrun (torch names it "0" again and its gloo ranks
+read the first group's addresses from the launcher's store: "Connection refused"), so before the last
+case that end is only its barrier: the ranks still leave each case together, and the group, DeepSpeed's
+groups and the imports carry over to the next case."""
+import json
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+
+import llmc.runtime.distributed as distributed
+import llmc.runtime.model as M
+from llmc.runtime.ds_train import main
+
+calls = {"n": 0}
+orig = M.TransformerBlock.forward
+
+
+def counted(self, *a, **k):
+    calls["n"] += 1
+    return orig(self, *a, **k)
+
+
+M.TransformerBlock.forward = counted
+end_group = distributed.shutdown
+
+
+def keep_group(together: bool = True) -> None:
+    if together:
+        dist.barrier()
+
+
+def run_case(case):
+    calls["n"] = 0
+    distributed.shutdown = end_group if case["last"] else keep_group
+    lock = Path(case["lock"])
+    rc = main(["--lock", str(lock), "--ds-config", str(lock.parent / "deepspeed" / "ds_config.json"),
+               "--out", case["out"]])
     rank = int(os.environ["RANK"])
-    with open(os.path.join(os.environ["LLMC_TEST_OUT"], f"result-{rank}.json"), "w") as f:
-        json.dump({"rank": rank, "rc": rc, "block_calls": calls["n"]}, f)
-""")
+    (Path(case["dir"]) / f"result.{rank}.json").write_text(
+        json.dumps({"rank": rank, "rc": rc, "block_calls": calls["n"]}))
+    if rc != 0:
+        raise RuntimeError(f"llmc.runtime.ds_train's main returned {rc} (its message is in stderr)")
+
+''' + CASES_LOOP
+
+
+def _results(run: CaseRun) -> list[dict]:
+    """Each rank's record of ``run`` (``DS_CASES_RUN``), rank 0 first."""
+    return [json.loads(f.read_text()) for f in sorted(run.dir.glob("result.*.json"))]
+
+
+def _ds_runs(request, tmp_path_factory, test: str, build) -> ParametrizedRuns:
+    """The 2-rank runs of ``test``'s cases, all in one torchrun launch of ``DS_CASES_RUN``."""
+    return ParametrizedRuns(request, test, tmp_path_factory.mktemp(test.removeprefix("test_")[:30]), build,
+                            lambda params: 2, script=DS_CASES_RUN, timeout=300,
+                            env={k: ENV[k] for k in ("DS_ACCELERATOR", "PYTHONWARNINGS", "PYTHONPATH")})
 
 
 def _lock(tmp: Path, *, steps: int, ac: str, init_hf: str | None = None, arch: dict | None = None,
@@ -179,29 +227,52 @@ def _lock(tmp: Path, *, steps: int, ac: str, init_hf: str | None = None, arch: d
     return tmp / "plan.lock.json"
 
 
-def _ds_args(tmp: Path) -> list[str]:
-    return ["--lock", str(tmp / "plan.lock.json"), "--ds-config", str(tmp / "deepspeed" / "ds_config.json"),
-            "--out", str(tmp / "run" / "pretrain")]
+@pytest.fixture(scope="module")
+def ac_runs(request, tmp_path_factory) -> ParametrizedRuns:
+    """The activation checkpointing cases' runs: one 2-rank torchrun launch for all of them."""
+    return _ds_runs(request, tmp_path_factory, "test_activation_checkpointing_follows_the_plan",
+                    lambda folder, ac, per_micro, zero: _lock(folder, steps=2, ac=ac, zero=zero))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ac,per_micro,zero", [("none", 2, 0), ("partial", 3, 3)])
-def test_activation_checkpointing_follows_the_plan(tmp_path, ac, per_micro, zero):
+def test_activation_checkpointing_follows_the_plan(request, ac_runs, ac, per_micro, zero):
     """A block recomputed whole re-runs in backward: 2 layers -> 2 block forwards per micro-batch without AC, 3 with
     the first block recomputed (the lock's partial, ac_layers 1; full re-runs both: test_runtime_partial_ac).
     The logged grad norm is a finite number on ZeRO-0 (where DeepSpeed reports none) and ZeRO-3."""
-    _lock(tmp_path, steps=2, ac=ac, zero=zero)
-    res = _torchrun(tmp_path, RUN, _ds_args(tmp_path))
+    p = ac_runs[request.node].check()
+    res = _results(p)
     assert len(res) == 2 and all(r["rc"] == 0 for r in res)
     assert {r["block_calls"] for r in res} == {2 * per_micro}  # 2 steps x 1 micro-batch
-    recs = [json.loads(x) for x in (tmp_path / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (p.out / "metrics.jsonl").read_text().splitlines()]
     norms = [r["grad_norm"] for r in recs if "grad_norm" in r]
     assert len(norms) == 2 and all(isinstance(g, float) and 0 < g < 1e3 for g in norms), norms
 
 
+HF_SIZE = dict(hidden_size=48, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2, vocab_size=512,
+               max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def hf_runs(request, tmp_path_factory) -> ParametrizedRuns:
+    """The Hugging Face cases' runs, each from its own random HF model (``hf-<kind>`` in its folder): one 2-rank
+    torchrun launch for all of them."""
+    pytest.importorskip("transformers")
+    from test_hf_init import arch_of, make_hf
+
+    def build(folder: Path, kind: str) -> Path:
+        src = make_hf(folder, kind, seed=3, **HF_SIZE,
+                      **{"phi3": {"partial_rotary_factor": 0.5}, "mistral": {"sliding_window": 8}}.get(kind, {}))
+        arch = arch_of(src).model_dump(mode="json") if kind != "llama" else None
+        return _lock(folder, steps=2, ac="none", init_hf=str(src), arch=arch)
+
+    return _ds_runs(request, tmp_path_factory, "test_zero3_from_hugging_face_matches_transformers_and_exports",
+                    build)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "phi3", "mistral", "olmo2", "gemma3_mm", "gpt_oss"])
-def test_zero3_from_hugging_face_matches_transformers_and_exports(tmp_path, kind):
+def test_zero3_from_hugging_face_matches_transformers_and_exports(request, hf_runs, kind):
     """ZeRO-3 partitions built under zero.Init: rank 0 reads each HF tensor (Phi-3: its rows of the fused qkv_proj /
     gate_up_proj, with partial RoPE) and DeepSpeed re-partitions it; the first loss is transformers' (Mistral: with
     an 8-token sliding window, shorter than the sequences; OLMo 2: its post-norm block and whole-projection q / k
@@ -209,27 +280,23 @@ def test_zero3_from_hugging_face_matches_transformers_and_exports(tmp_path, kind
     gpt-oss: attention sinks, the experts' biases (above the persistence threshold: partitioned, gathered around the
     MoE block like the experts' weights) and clamped SwiGLU)."""
     transformers = pytest.importorskip("transformers")
-    from test_hf_init import arch_of, make_hf
 
     from llmc.runtime.data import build_stream_loader
     from llmc.runtime.entry import prepare_assets
     from llmc.runtime.job import TrainJob
     from llmc.runtime.model import lm_loss
 
-    src = make_hf(tmp_path, kind, seed=3, hidden_size=48, intermediate_size=96, num_attention_heads=6,
-                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=64,
-                  **{"phi3": {"partial_rotary_factor": 0.5}, "mistral": {"sliding_window": 8}}.get(kind, {}))
-    arch = arch_of(src).model_dump(mode="json") if kind != "llama" else None
-    lock = _lock(tmp_path, steps=2, ac="none", init_hf=str(src), arch=arch)
-    res = _torchrun(tmp_path, RUN, _ds_args(tmp_path))
+    p = hf_runs[request.node].check()
+    src, lock = p.dir / f"hf-{kind}", p.lock
+    res = _results(p)
     assert len(res) == 2 and all(r["rc"] == 0 for r in res)
-    out = tmp_path / "run" / "pretrain"
+    out = p.out
     done = json.loads((out / "DONE.json").read_text())
     assert done["hf"] == "hf" and done["rank0_param_numel"] <= done["params"] / 2 + 128
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first = next(r["loss"] for r in recs if r.get("step") == 1)
     job = TrainJob.from_lock(json.loads(lock.read_text()))
-    assets = prepare_assets(job, tmp_path)
+    assets = prepare_assets(job, p.dir)
     tok = assets.tokenizer()
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
     losses = []

@@ -272,15 +272,12 @@ def torchrun(lock: Path, out: Path, nproc: int = 2, extra=(), timeout=240) -> su
 # ----------------------------------------------------------------------------- many cases, one launch
 
 
-CASES_RUN = r'''
-"""Train several cases in one torchrun launch (one process group), each as a one-case launch would: for
-each case of the JSON list argv[1], in order, rank 0 prepares the assets while the other ranks wait in a
-barrier, then every rank trains (``meta_init``: built on meta, each rank materialising only its shards;
-``entry``: through llmc.runtime.entry's main, which ends the process group, so only ever the last case).
-Each rank writes the case's stdout / stderr to the case's folder and ``ok.<rank>`` once the case is done;
-a case that raises leaves its traceback in ``error.<rank>`` and ends the process at once, as a failing rank
-of llmc.runtime.entry does (torchrun then stops the other ranks), so no rank waits on a peer that left a
-collective."""
+CASES_LOOP = r'''
+# The cases of the JSON list argv[1], in order, each through the script's run_case(case). Each rank writes
+# the case's stdout / stderr to the case's folder and ``ok.<rank>`` once the case is done; a case that
+# raises leaves its traceback in ``error.<rank>`` and ends the process at once, as a failing rank of
+# llmc.runtime.entry does (torchrun then stops the other ranks), so no rank waits on a peer that left a
+# collective.
 import contextlib
 import json
 import os
@@ -288,9 +285,35 @@ import sys
 import traceback
 from pathlib import Path
 
+from llmc.runtime.distributed import shutdown
+
+rank = int(os.environ["RANK"])
+for case in json.loads(Path(sys.argv[1]).read_text()):
+    folder, error = Path(case["dir"]), None
+    with open(folder / f"stdout.{rank}", "w") as out, open(folder / f"stderr.{rank}", "w") as err, \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_case(case)
+        except BaseException:
+            error = traceback.format_exc()
+    if error is not None:
+        (folder / f"error.{rank}").write_text(error)
+        os._exit(1)
+    (folder / f"ok.{rank}").write_text("")
+shutdown()
+'''
+
+CASES_RUN = r'''
+"""Train several cases in one torchrun launch (one process group), each as a one-case launch would: for
+each case, rank 0 prepares the assets while the other ranks wait in a barrier, then every rank trains
+(``meta_init``: built on meta, each rank materialising only its shards; ``entry``: through
+llmc.runtime.entry's main, which ends the process group, so only ever the last case)."""
+import json
+from pathlib import Path
+
 import torch.distributed as dist
 
-from llmc.runtime.distributed import init_distributed, shutdown
+from llmc.runtime.distributed import init_distributed
 from llmc.runtime.entry import _prepare_collective
 from llmc.runtime.entry import main as entry_main
 from llmc.runtime.job import TrainJob
@@ -313,22 +336,7 @@ def run_case(case):
         dist.barrier()
     train(job, Path(case["out"]), assets, info=info)
 
-
-rank = int(os.environ["RANK"])
-for case in json.loads(Path(sys.argv[1]).read_text()):
-    folder, error = Path(case["dir"]), None
-    with open(folder / f"stdout.{rank}", "w") as out, open(folder / f"stderr.{rank}", "w") as err, \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run_case(case)
-        except BaseException:
-            error = traceback.format_exc()
-    if error is not None:
-        (folder / f"error.{rank}").write_text(error)
-        os._exit(1)
-    (folder / f"ok.{rank}").write_text("")
-shutdown()
-'''
+''' + CASES_LOOP
 
 
 @dataclass
@@ -372,16 +380,21 @@ def _case_failure(name: str, folder: Path, nproc: int, done: bool, launch: str) 
 
 
 def torchrun_cases(root: Path, locks: dict[str, Path], nproc: int, *, meta_init: bool = False,
-                   entry_last: bool = False, timeout: float = 240) -> dict[str, CaseRun]:
+                   entry_last: bool = False, timeout: float = 240, script: str = CASES_RUN,
+                   env: dict[str, str] | None = None) -> dict[str, CaseRun]:
     """Train every lock of ``locks`` (case name -> lock file, each in a folder of its own; outputs to its
-    ``o/``) in one ``torchrun --nproc_per_node=nproc`` launch of :data:`CASES_RUN`: the launcher's and the
+    ``o/``) in one ``torchrun --nproc_per_node=nproc`` launch of ``script``: the launcher's and the
     workers' start-up (each imports torch: seconds of CPU) and the process group are paid once for all the
-    cases. ``entry_last``: the last case goes through ``llmc.runtime.entry.main`` (the command line's own
-    path: lock check, run lock, ``run_stage``). A case that fails ends its launch; the cases after it run in
-    a new one, from empty output folders, so every case has a result of its own; a launch that fails after
-    its last case finished (in the shutdown) fails that case. ``timeout``: seconds per case."""
-    script = root / "cases_run.py"
-    script.write_text(CASES_RUN)
+    cases. ``script``: :data:`CASES_RUN` (the native trainer), or another that defines ``run_case(case)``
+    and ends with :data:`CASES_LOOP`; a case is a dict of its ``dir``, ``lock``, ``out``, ``meta_init``,
+    ``entry`` and ``last`` (the launch's last case). ``entry_last``: the last case goes through
+    ``llmc.runtime.entry.main`` (the command line's own path: lock check, run lock, ``run_stage``). A case
+    that fails ends its launch; the cases after it run in a new one, from empty output folders, so every
+    case has a result of its own; a launch that fails after its last case finished (in the shutdown) fails
+    that case. ``timeout``: seconds per case; ``env``: variables set for the launch, over this process's
+    (and ``OMP_NUM_THREADS=1``)."""
+    script_path = root / "cases_run.py"
+    script_path.write_text(script)
     runs: dict[str, CaseRun] = {}
     pending, launches = list(locks), 0
     while pending:
@@ -393,14 +406,15 @@ def torchrun_cases(root: Path, locks: dict[str, Path], nproc: int, *, meta_init:
                       *folder.glob("error.*")]:
                 f.unlink()
             batch.append({"dir": str(folder), "lock": str(locks[name]), "out": str(folder / "o"),
-                          "meta_init": meta_init, "entry": entry_last and i == len(pending) - 1})
+                          "meta_init": meta_init, "entry": entry_last and i == len(pending) - 1,
+                          "last": i == len(pending) - 1})
         listing = root / f"cases-{launches}.json"
         launches += 1
         listing.write_text(json.dumps(batch, indent=1))
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(script), str(listing)]
+               "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(script_path), str(listing)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         try:
             out, err = proc.communicate(timeout=timeout * len(batch))
             how = f"exited {proc.returncode}"
