@@ -706,7 +706,8 @@ def test_zero3_from_deepseek_checkpoint_matches_transformers(tmp_path):
     """DeepSpeed ZeRO-3 (parameters partitioned under zero.Init, rank 0 reads the file): the first loss of a
     stage started from a DeepseekV3 checkpoint is transformers' loss; the stage ends with hf/."""
     pytest.importorskip("deepspeed")
-    from test_ds_zero_init import RUN, _ds_args, _lock, _torchrun
+    from test_ds_zero_init import DS_CASES_RUN, ENV, _lock, _results
+    from test_runtime_train import torchrun_cases
 
     from llmc.runtime.data import build_stream_loader
     from llmc.runtime.entry import prepare_assets
@@ -715,14 +716,18 @@ def test_zero3_from_deepseek_checkpoint_matches_transformers(tmp_path):
 
     src = make_hf(tmp_path, vocab_size=512)
     arch = arch_of(src)
-    lock = _lock(tmp_path, steps=2, ac="none", init_hf=str(src), arch=arch.model_dump(mode="json"))
-    res = _torchrun(tmp_path, RUN, _ds_args(tmp_path))
+    case = tmp_path / "case"
+    case.mkdir()
+    lock = _lock(case, steps=2, ac="none", init_hf=str(src), arch=arch.model_dump(mode="json"))
+    run = torchrun_cases(tmp_path, {"deepseek": lock}, 2, script=DS_CASES_RUN, timeout=300,
+                         env={k: ENV[k] for k in ("DS_ACCELERATOR", "PYTHONWARNINGS", "PYTHONPATH")})["deepseek"]
+    res = _results(run.check())
     assert len(res) == 2 and all(r["rc"] == 0 for r in res)
-    out = tmp_path / "run" / "pretrain"
+    out = run.out
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first = next(r["loss"] for r in recs if r.get("step") == 1)
     job = TrainJob.from_lock(json.loads(lock.read_text()))
-    assets = prepare_assets(job, tmp_path)
+    assets = prepare_assets(job, case)
     ref = hf_model(src)
     losses = []
     for rank in (0, 1):
