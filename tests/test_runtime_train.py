@@ -304,9 +304,10 @@ shutdown()
 '''
 
 CASES_RUN = r'''
-"""Train several cases in one torchrun launch (one process group), each as a one-case launch would: for
-each case, rank 0 prepares the assets while the other ranks wait in a barrier, then every rank trains
-(``meta_init``: built on meta, each rank materialising only its shards; ``entry``: through
+"""Train several cases in one torchrun launch (one process group), each with the calls a one-case script of
+these tests makes (TrainJob.from_lock, _prepare_collective, train: not run_stage's stage checks and run lock):
+for each case, rank 0 prepares the assets while the other ranks wait in a barrier, then every rank trains
+(``meta_init``: built on meta, each rank materialising only its shards; ``entry``: the whole command-line path,
 llmc.runtime.entry's main, which ends the process group, so only ever the last case)."""
 import json
 from pathlib import Path

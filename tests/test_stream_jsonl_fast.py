@@ -204,26 +204,46 @@ def test_other_ranks_lines_cost_no_python_line_each(part, tmp_path):
     assert events < n / 4, f"{events} Python lines run for {n} corpus lines, {len(got)} own documents"
 
 
-def test_suspended_readers_hold_no_read_buffer(tmp_path):
-    """Every sequence slot keeps a reader open between documents: a suspended one holds its own lines of the
-    current read, not the read (64 readers holding their 1 MiB reads would hold 64 MiB)."""
+def _held_by_suspended_readers(src, ranks, world) -> tuple[list[str], int]:
+    """The first document of each rank of ``ranks`` and the bytes their readers, suspended after it, hold."""
     import tracemalloc
 
-    d = tmp_path / "c"
-    d.mkdir()
-    world = 64
-    (d / "a.jsonl").write_bytes(b"".join(rec(i, pad=2000) + b"\n" for i in range(world * 40)))  # ~5 MiB
-    src = SourceData("src", str(d), "jsonl", "text", 1.0, None)
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        readers = [stream.documents(src, r, world) for r in range(world)]
+        readers = [stream.documents(src, r, world) for r in ranks]
         firsts = [next(r) for r in readers]
         held = tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()
+    return firsts, held
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+def test_suspended_readers_hold_no_read_buffer(tmp_path, eol):
+    """Every sequence slot keeps a reader open between documents: a suspended one holds its own lines of the
+    current read, not the read (64 readers holding their 1 MiB reads would hold 64 MiB), CRLF files too (a read
+    with a \\r is not rewritten whole)."""
+    d = tmp_path / "c"
+    d.mkdir()
+    world = 64
+    (d / "a.jsonl").write_bytes(b"".join(rec(i, pad=2000) + eol for i in range(world * 40)))  # ~5 MiB
+    src = SourceData("src", str(d), "jsonl", "text", 1.0, None)
+    firsts, held = _held_by_suspended_readers(src, range(world), world)
     assert firsts == [f"doc {r} " + "x" * 2000 for r in range(world)]
     assert held < 8 << 20, f"{held / 2**20:.1f} MiB held by {world} suspended readers"
+
+
+def test_suspended_readers_do_not_hold_another_ranks_long_line(tmp_path):
+    """A line longer than a read is read whole; the ranks it does not belong to do not keep it once they pass it."""
+    d = tmp_path / "c"
+    d.mkdir()
+    world = 16
+    (d / "a.jsonl").write_bytes(rec(0, pad=8 << 20) + b"\n" + b"".join(rec(i) + b"\n" for i in range(1, 4 * world)))
+    src = SourceData("src", str(d), "jsonl", "text", 1.0, None)
+    firsts, held = _held_by_suspended_readers(src, range(1, world), world)
+    assert firsts == [f"doc {r} " for r in range(1, world)]
+    assert held < 4 << 20, f"{held / 2**20:.1f} MiB held by {world - 1} suspended readers"
 
 
 def test_newline_positions_are_numpys_flatnonzero():

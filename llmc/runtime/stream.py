@@ -24,9 +24,10 @@ Formats and how rank ``r`` of ``w`` gets a disjoint share of each source:
   Read with ``pyarrow.parquet.ParquetFile.iter_batches`` (only the text column, a few hundred rows at a time);
   resume skips whole row groups using the footer's row counts (each file's footer read once per process).
 * ``jsonl``: by line: the ``k``-th non-blank line over the sorted files goes to rank ``k % w``. Every rank
-  reads every line, but other ranks' lines cost no Python work each: the files are read in 1 MiB pieces whose
-  line ends numpy finds, a line that starts with ``{`` is not blank, so a rank's lines in a run of them are
-  every ``w``-th, and only its own lines are decoded and parsed (:func:`_jsonl_own_lines`).
+  reads every line, but other ranks' lines that start with ``{`` cost no Python work each: the files are read in
+  1 MiB pieces whose line ends numpy finds, a line that starts with ``{`` is not blank, so a rank's lines in a run
+  of them are every ``w``-th, and only its own lines are decoded and parsed (:func:`_jsonl_own_lines`); other
+  lines (blank, or with leading whitespace) are decoded and stripped one by one.
 * ``text``: one document per file; file ``i`` goes to rank ``i % w``.
 * ``hf``: a local Hugging Face ``datasets`` dataset: a ``save_to_disk`` directory (opened memory-mapped
   with ``datasets.load_from_disk``; a rank reads the rows that ``datasets.distributed.split_dataset_by_node``,
@@ -285,18 +286,33 @@ def _jsonl_reads(path: Path, chunk: int) -> Iterator[list[bytes | bytearray | me
 
 def _universal_newlines(buf: bytes | bytearray, lo: int = 0, hi: int | None = None
                         ) -> bytes | bytearray | memoryview:
-    """``buf[lo:hi]`` with ``\\r\\n`` and lone ``\\r`` written as ``\\n`` (a view when it has no ``\\r``)."""
+    """``buf[lo:hi]`` as a piece whose lines end at its ``\\n`` bytes, as text mode splits them: a view when every
+    ``\\r`` in it is one of a ``\\r\\n`` (LF and CRLF files: a CRLF line keeps its ``\\r`` until it is decoded, and
+    only a rank's own lines are, :func:`_line_text`), else a copy with ``\\r\\n`` and lone ``\\r`` written as ``\\n``
+    (old Mac line ends). Rewriting every read of a CRLF file made each rank copy the whole corpus."""
     hi = len(buf) if hi is None else hi
-    if buf.find(b"\r", lo, hi) < 0:
+    if buf.find(b"\r", lo, hi) < 0:  # (memchr)
+        return memoryview(buf)[lo:hi]
+    a = np.frombuffer(buf, np.uint8, hi - lo, lo)
+    cr = np.flatnonzero(a == 13)
+    if cr[-1] + 1 < len(a) and (a[cr + 1] == 10).all():  # (a piece that ends with a \r ends with a lone one)
         return memoryview(buf)[lo:hi]
     return buf[lo:hi].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
+def _line_text(piece: bytes | bytearray | memoryview, lo: int, hi: int) -> str:
+    """Line ``piece[lo:hi]`` (its line end included) as text mode reads it: UTF-8 with undecodable bytes kept as
+    surrogates, a ``\\r\\n`` end written as ``\\n``."""
+    line = str(piece[lo:hi], "utf-8", "surrogateescape")
+    return line.replace("\r\n", "\n") if "\r" in line else line
+
+
 def _newlines(a: np.ndarray) -> np.ndarray:
-    """Positions of the bytes ``\\n`` in ``a`` (uint8), ascending: ``np.flatnonzero(a == 10)``, about twice
-    as fast when no two are in one aligned 8-byte word (no line under 7 bytes): ``flatnonzero`` then runs
-    over the mask's 8-byte words, and a word holding one ``\\n`` at byte ``i`` is ``1 << 8 i`` (read
-    little-endian), whose float exponent gives ``i``."""
+    """Positions of the bytes ``\\n`` in ``a`` (uint8), ascending: ``np.flatnonzero(a == 10)``, 1.3-2x as fast
+    for lines of 100 bytes and more (measured on 1 MiB reads; JSONL documents are usually longer), as slow at
+    about 60 and up to 2x slower for lines of a few bytes. Where no two are in one aligned 8-byte word,
+    ``flatnonzero`` runs over the mask's 8-byte words, and a word holding one ``\\n`` at byte ``i`` is ``1 << 8 i``
+    (read little-endian), whose float exponent gives ``i``."""
     n = len(a)
     words = -(-n // 8)
     m = _SCRATCH.mask
@@ -350,10 +366,10 @@ def _jsonl_own_lines(piece: bytes | bytearray | memoryview, rank: int, world: in
                         if skipped < skip:
                             skipped += 1
                         else:
-                            own.append((j, str(piece[s:e + 1], "utf-8", "surrogateescape")))
+                            own.append((j, _line_text(piece, s, e + 1)))
         k += o - lo
         if o < n_lines:
-            line = str(piece[starts[o]:ends[o] + 1], "utf-8", "surrogateescape")
+            line = _line_text(piece, starts[o], ends[o] + 1)
             if line.strip():
                 if k % world == rank and (keep is None or keep(k)):
                     if skipped < skip:
@@ -381,7 +397,10 @@ def _jsonl_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[s
                 start -= skipped
                 own += [(lines_before + j + 1, line) for j, line in got]
                 lines_before += n_lines
-            pieces = piece = None  # views of the read buffer, which the next read (of any reader) overwrites
+            # views of the read buffer, which the next read (of any reader) overwrites, or copies (a CRLF read, a
+            # line longer than a read): emptied, not just dropped, as _jsonl_reads holds the same list while paused
+            pieces.clear()
+            piece = None
             for n, line in own:
                 yield jsonl_text(line, src.text_field, f"{f}:{n}")
 
