@@ -244,14 +244,3 @@ def test_suspended_readers_do_not_hold_another_ranks_long_line(tmp_path):
     firsts, held = _held_by_suspended_readers(src, range(1, world), world)
     assert firsts == [f"doc {r} " for r in range(1, world)]
     assert held < 4 << 20, f"{held / 2**20:.1f} MiB held by {world - 1} suspended readers"
-
-
-def test_newline_positions_are_numpys_flatnonzero():
-    """The reader's newline finder (two newlines in one 8-byte word take the plain path) against numpy's."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    for n in [*range(0, 40), 1000, 4099]:
-        for density in (0.0, 0.02, 0.2, 0.9):
-            a = np.where(rng.random(n) < density, 10, rng.integers(0, 256, n)).astype(np.uint8)
-            assert stream._newlines(a).tolist() == np.flatnonzero(a == 10).tolist(), (n, density)

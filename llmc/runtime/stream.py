@@ -227,12 +227,10 @@ _BOM = b"\xef\xbb\xbf"
 
 
 class _Scratch(threading.local):
-    """Per-thread buffers the jsonl reader reuses: ``read`` (the file's bytes) and ``mask`` (its newline
-    mask). A fresh buffer per read cost more than the scan itself (the allocator maps and faults in new
-    pages), and one per open reader would be held by every suspended reader (one per sequence slot)."""
+    """The per-thread buffer the jsonl reader reuses for the file's bytes (``read``). A fresh buffer per read
+    cost more than the scan itself (the allocator maps and faults in new pages), and one per open reader would be held by every suspended reader (one per sequence slot)."""
 
     read: bytearray | None = None
-    mask: np.ndarray | None = None
 
 
 _SCRATCH = _Scratch()
@@ -307,30 +305,6 @@ def _line_text(piece: bytes | bytearray | memoryview, lo: int, hi: int) -> str:
     return line.replace("\r\n", "\n") if "\r" in line else line
 
 
-def _newlines(a: np.ndarray) -> np.ndarray:
-    """Positions of the bytes ``\\n`` in ``a`` (uint8), ascending: ``np.flatnonzero(a == 10)``, 1.3-2x as fast
-    for lines of 100 bytes and more (measured on 1 MiB reads; JSONL documents are usually longer), as slow at
-    about 60 and up to 2x slower for lines of a few bytes. Where no two are in one aligned 8-byte word,
-    ``flatnonzero`` runs over the mask's 8-byte words, and a word holding one ``\\n`` at byte ``i`` is ``1 << 8 i``
-    (read little-endian), whose float exponent gives ``i``."""
-    n = len(a)
-    words = -(-n // 8)
-    m = _SCRATCH.mask
-    if m is None or len(m) < words * 8:
-        m = np.empty(words * 8, np.bool_)
-        if words * 8 <= JSONL_CHUNK + 8:  # kept for the next piece (not a long line's)
-            _SCRATCH.mask = m
-    m = m[:words * 8]
-    np.equal(a, 10, out=m[:n])
-    m[n:] = False
-    u = m.view("<u8")
-    w = np.flatnonzero(u != 0)
-    x = u[w]
-    if not ((x & (x - np.uint64(1))) == 0).all():
-        return np.flatnonzero(m)
-    return w * 8 + ((np.frexp(x.astype(np.float64))[1] - 1) >> 3)
-
-
 def _jsonl_own_lines(piece: bytes | bytearray | memoryview, rank: int, world: int, k: int, keep, skip: int
                      ) -> tuple[list[tuple[int, str]], int, int, int]:
     """This rank's lines of a piece of whole lines (:func:`_jsonl_reads`) whose first non-blank line is
@@ -338,11 +312,11 @@ def _jsonl_own_lines(piece: bytes | bytearray | memoryview, rank: int, world: in
     text as the text mode reads it, line end included)`` of the rank's lines that ``keep`` keeps, less the
     first ``skip`` of them (``skipped`` of them were skipped, not decoded). A line is blank iff
     ``line.strip()`` is empty, and one that starts with ``{`` (every JSON object line) is not: numpy finds the
-    line ends (:func:`_newlines`) and the lines that start with another byte; the rank's lines of a run of
+    line ends and the lines that start with another byte; the rank's lines of a run of
     ``{`` lines are every ``world``-th, taken by index, and only the other lines are decoded and stripped one
     by one. So there is no Python work per line of the other ranks."""
     a = np.frombuffer(piece, np.uint8)
-    ends = _newlines(a)  # line i is piece[starts[i]:ends[i] + 1], its "\n" included
+    ends = np.flatnonzero(a == 10)  # line i is piece[starts[i]:ends[i] + 1], its "\n" included
     if a[-1] != 10:
         ends = np.append(ends, len(a))  # the file's last line, without a line end
     starts = np.empty_like(ends)
