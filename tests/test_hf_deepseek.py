@@ -419,13 +419,10 @@ def test_export_loads_through_torchtitans_deepseek_adapter(tmp_path, monkeypatch
 def test_fsdp_meta_init_loads_deepseek_shards(tmp_path, docs):
     """FSDP2 on 2 processes, built on meta: each rank cuts its shards out of the DeepSeek checkpoint; the first
     loss is the mean of transformers' losses on the two ranks' micro-batches."""
-    import os
     import re
-    import subprocess
-    import sys
 
     from test_hf_init import _lock
-    from test_runtime_train import META_RUN
+    from test_runtime_train import torchrun_cases
 
     from llmc.runtime.data import build_stream_loader
     from llmc.runtime.entry import prepare_assets
@@ -435,19 +432,17 @@ def test_fsdp_meta_init_loads_deepseek_shards(tmp_path, docs):
     src = make_hf(tmp_path, vocab_size=512)
     arch = arch_of(src)
     lock = _lock(tmp_path, docs, arch, steps=2, init_hf=str(src), plan={"dp_shard": 2, "micro_batch": 4})
-    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
-    script = tmp_path / "meta_hf.py"
-    script.write_text(META_RUN)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=localhost:0", str(script), str(tmp_path / "plan.lock.json"), str(tmp_path / "o")]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    case = tmp_path / "case"
+    case.mkdir()
+    (case / "plan.lock.json").write_text(json.dumps(lock))
+    p = torchrun_cases(tmp_path, {"deepseek": case / "plan.lock.json"}, 2, meta_init=True, timeout=300)["deepseek"]
+    p.check()
     read = int(re.search(r"\(([\d,]+) bytes read by rank 0\)", p.stdout).group(1).replace(",", ""))
     assert read < sum(t.numel() * t.element_size() for t in hf_model(src).state_dict().values())
-    recs = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (p.out / "metrics.jsonl").read_text().splitlines()]
     first = next(r["loss"] for r in recs if r.get("step") == 1 and "loss" in r)
     job = TrainJob.from_lock(lock)
-    assets = prepare_assets(job, tmp_path)
+    assets = prepare_assets(job, case)
     ref = hf_model(src)
     losses = []
     for r in range(2):
@@ -456,7 +451,7 @@ def test_fsdp_meta_init_loads_deepseek_shards(tmp_path, docs):
         with torch.no_grad():
             losses.append(float(lm_loss(ref(input_ids=x).logits, y)))
     assert abs(first - sum(losses) / 2) < 1e-4, (first, losses)
-    assert (tmp_path / "o" / "hf" / "config.json").exists()
+    assert (p.out / "hf" / "config.json").exists()
 
 
 def _titan_job_model(tmp_path, monkeypatch, model: dict, build: str = "build"):

@@ -606,37 +606,12 @@ def test_resume_ddp_checkpoint_with_fsdp(tmp_path, docs):
     assert got[8] == pytest.approx(want[8], abs=2e-4)
 
 
-META_RUN = """
-import json, sys
-from pathlib import Path
-import torch.distributed as dist
-from llmc.runtime.distributed import init_distributed, shutdown
-from llmc.runtime.job import TrainJob
-from llmc.runtime.entry import _prepare_collective
-from llmc.runtime.train import train
-lock_path = Path(sys.argv[1])
-job = TrainJob.from_lock(json.loads(lock_path.read_text())).replace(meta_init=True)
-assets = _prepare_collective(job, lock_path.parent)
-info = init_distributed()
-if info.rank == 0:
-    dist.barrier()
-train(job, Path(sys.argv[2]), assets, info=info)
-shutdown()
-"""
-
-
 @pytest.mark.slow
 def test_meta_init_fsdp_trains(tmp_path, docs):
     """Large-model path: build on meta, fully_shard, materialise local shards, DTensor init -- trains."""
-    lock = make_lock(tmp_path, docs, steps=8, interval=8, plan={"dp_shard": 2, "micro_batch": 4},
+    lock = make_lock(tmp_path / "case", docs, steps=8, interval=8, plan={"dp_shard": 2, "micro_batch": 4},
                      moe={"num_experts": 4, "top_k": 2, "dense_layers": 1})
-    script = tmp_path / "meta_run.py"
-    script.write_text(META_RUN)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=localhost:0", str(script), str(lock), str(tmp_path / "o")]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    ls = losses(tmp_path / "o")
+    ls = losses(torchrun_cases(tmp_path, {"meta": lock}, 2, meta_init=True)["meta"].check().out)
     assert 5.5 < ls[1] < 7.5 and ls[8] < ls[1] - 0.5, ls
 
 
