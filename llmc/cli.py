@@ -27,11 +27,6 @@ if TYPE_CHECKING:
 # command but a plain ``llmc plan``): about a tenth of a ~0.3 s `llmc plan`. ``main`` runs ``plan`` with the
 # options it can read unambiguously (:func:`_plan_argv`) without it; everything else goes to typer.
 _APP = None
-# seconds a launched stage gets, after llmc passes it a SIGTERM / SIGINT / SIGUSR1, before its process group is
-# SIGKILLed: llmc's trainers save their current step first (llmc.runtime.preempt, the torchtitan job's
-# PreemptibleTrainer); torchrun allows its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which `llmc launch` sets to
-# runlock.ELASTIC_SHUTDOWN_S unless the environment has it, and this is kept above that
-STAGE_GRACE_S = 120.0
 _COMMANDS: list = []  # (function, app.command keyword arguments), in definition order
 
 
@@ -285,7 +280,7 @@ def launch(
 
     A SIGTERM or SIGUSR1 (a preemption, a time limit) makes llmc's runtime save the step it is on; the launch then exits 75 and the same command resumes from that step."""
     from llmc.buildfs import BuildDirError, recover
-    from llmc.launch import LaunchError, check_lock_integrity, launch_commands
+    from llmc.launch import LaunchError, check_lock_integrity, launch_commands, load_build, preemption_times
 
     if not build_dir:  # (a Path would read '' as '.')
         _fail(["error[L001] no build directory given (an empty path; name the directory `llmc build -o` wrote)"])
@@ -300,6 +295,10 @@ def launch(
             typer.echo(f"{build_dir}: warning[L004] {problem}; launching anyway (--force)", err=True)
         cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage,
                                fallback_checkpoint=fallback_checkpoint)
+        # after a SIGTERM / SIGINT / SIGUSR1 llmc passes on, a stage's trainers save their current step
+        # (llmc.runtime.preempt, the torchtitan job's PreemptibleTrainer): torchrun allows them the plan's shutdown
+        # time (unless the environment sets its own) and llmc waits longer than that before it kills the stage
+        shutdown, wait = preemption_times(load_build(build_dir)[1], os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"))
     except (LaunchError, BuildDirError) as e:
         _fail([f"{build_dir}: error[L001] {e}"])
     import shlex
@@ -309,7 +308,7 @@ def launch(
                    + shlex.join(c.argv))
     if dry_run:
         return
-    from llmc.runtime.runlock import ELASTIC_SHUTDOWN_S, EXIT_PREEMPTED, RunLock, RunLockBusy
+    from llmc.runtime.runlock import EXIT_PREEMPTED, RunLock, RunLockBusy
 
     b = build_dir.resolve()
     try:
@@ -335,8 +334,8 @@ def launch(
                 typer.echo(f"{c.stage}: skipped: {c.skip_reason}")
                 continue
             log = b / "run" / (c.stage if c.stage != "prepare" else ".prepare") / "stderr.log"
-            env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(ELASTIC_SHUTDOWN_S), **os.environ, **c.env}
-            rc, cause = _run_logged(c.argv, env=env, cwd=c.cwd, log=log)
+            env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown), **os.environ, **c.env}
+            rc, cause = _run_logged(c.argv, env=env, cwd=c.cwd, log=log, grace_s=wait)
             if rc == EXIT_PREEMPTED:  # a SIGTERM / SIGUSR1 stopped it after a checkpoint of its current step
                 _echo(f"{build_dir}: stage {c.stage!r} preempted: stopped by a signal (a preemption, the time "
                       f"limit or a cancel) after saving its current step; rerun "
@@ -351,11 +350,11 @@ def launch(
         lock.release()
 
 
-def _run_logged(argv: list[str], env: dict, cwd, log: Path) -> tuple[int, str]:
+def _run_logged(argv: list[str], env: dict, cwd, log: Path, grace_s: float) -> tuple[int, str]:
     """Run one stage command under ``supervise`` (its process group never outlives llmc, even on SIGHUP
     or SIGKILL) with its stderr shown live and appended to ``log``; returns (exit code, the last error
     line of this attempt's stderr). A stage that handled a SIGTERM / SIGUSR1 llmc passed on comes back as
-    ``EXIT_PREEMPTED`` (``supervise``)."""
+    ``EXIT_PREEMPTED`` (``supervise``); one that has not exited ``grace_s`` seconds after it is killed."""
     import threading
 
     from llmc.runtime.runlock import supervise
@@ -384,7 +383,7 @@ def _run_logged(argv: list[str], env: dict, cwd, log: Path) -> tuple[int, str]:
         os.dup2(w, 2)  # the child inherits the pipe as its stderr
         os.close(w)
         try:
-            rc = supervise(argv, env=env, cwd=cwd, grace_s=STAGE_GRACE_S)
+            rc = supervise(argv, env=env, cwd=cwd, grace_s=grace_s)
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)  # drops our copy of the pipe's write end: the pump sees EOF

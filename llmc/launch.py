@@ -134,6 +134,27 @@ def load_build(build_dir: str | os.PathLike) -> tuple[Path, dict]:
     return b.resolve(), lock
 
 
+def preemption_times(lock: dict, env_shutdown: str | None = None) -> tuple[int, float]:
+    """(torchrun's ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, ``llmc launch``'s wait before it kills a stage's process group)
+    after a SIGTERM: the lock's ``preemption`` figures, which the plan sized to the build's slowest save of the
+    current step (``llmc.compiler.checkpoint_cost.preemption_numbers``; a lock without them: that function's
+    floor). ``env_shutdown``: the environment's own ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, which torchrun then uses;
+    the wait stays the relay's margin above the longer of the two."""
+    from llmc.compiler.checkpoint_cost import PREEMPT_RELAY_S, preemption_numbers
+
+    p = lock.get("preemption") if isinstance(lock.get("preemption"), dict) else {}
+    default = preemption_numbers([])
+    shutdown = p.get("shutdown_seconds", default.shutdown_seconds)
+    wait = float(p.get("signal_lead_seconds", default.signal_lead_seconds))
+    try:
+        own = float(env_shutdown) if env_shutdown is not None else None
+    except ValueError:
+        own = None
+    if own is not None and own == own:  # (not NaN)
+        wait = max(wait, own + PREEMPT_RELAY_S)
+    return shutdown, wait
+
+
 def check_lock_integrity(build_dir: str | os.PathLike) -> str | None:
     """None when ``plan.lock.json`` is the one ``llmc build`` wrote (or the build has no manifest to
     compare with), else a one-line description of the difference."""

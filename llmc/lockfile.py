@@ -50,6 +50,7 @@ _SHAPE = {
     "time": "object", "memory": "object", "hyper": "object", "model": "object", LOCK_HEADER_KEY: "object",
     "stages": "list", "stages[]": "object", "stages[].name": "string", "stages[].kind": "string",
     "stages[].order": "integer", "stages[].steps": "integer", "stages[].memory": "object",
+    "preemption": "object", "preemption.shutdown_seconds": "integer", "preemption.signal_lead_seconds": "integer",
 }
 _TYPES = {"object": dict, "list": list, "string": str, "integer": int}
 # ``plan``'s fields (llmc.compiler.plan.ParallelPlan, which is not imported here: this module is stdlib only): the

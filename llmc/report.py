@@ -445,6 +445,29 @@ def _stage_notes(c) -> Text | None:
     return out
 
 
+def _preemption(c) -> Text | None:
+    """What a preemption / time-limit signal needs of the build's slowest job and the shutdown time the launchers
+    give it (``Compiled.preemption``, :func:`llmc.compiler.checkpoint_cost.preemption_numbers`)."""
+    from llmc.compiler.checkpoint_cost import PREEMPT_FLOOR_S, PREEMPT_SAFETY
+
+    p = getattr(c, "preemption", None)
+    if p is None or p.job is None:
+        return None
+    import textwrap
+
+    text = (f"On a SIGTERM / SIGUSR1 a job finishes its step and saves it; the longest is {p.job}'s: a step of "
+            f"{duration(p.step_seconds)} + a save of {duration(p.save_seconds)} = {duration(p.needed_seconds)}. "
+            f"The launchers give torchrun's workers {p.shutdown_seconds} s after the signal "
+            f"(TORCH_ELASTIC_SHUTDOWN_TIMEOUT: {PREEMPT_SAFETY:g} x that, at least {PREEMPT_FLOOR_S} s); the Slurm "
+            f"script asks for its signal {p.signal_lead_seconds} s before the time limit (--signal=B:USR1@"
+            f"{p.signal_lead_seconds}). A platform that kills on its own clock must give at least "
+            f"{p.signal_lead_seconds} s (Kubernetes: the pods' terminationGracePeriodSeconds, 30 s by default).")
+    out = Text("Preemption\n", style="bold")
+    out.append("\n".join(textwrap.wrap(text, WIDTH - 1, initial_indent=" ", subsequent_indent=" ",
+                                        break_on_hyphens=False)))
+    return out
+
+
 def _serving(c) -> Table | None:
     if not c.serving:
         return None
@@ -535,7 +558,8 @@ def report_renderables(c) -> list:
         parts += [_compute(c), _hyper(c), Text("No parallelism plan (see the errors below).", style="bold red")]
         if c.unfit:
             parts.append(_unfit(c))
-    parts += [_budget(c), _alternatives(c), _rejected(c), _stages(c), _stage_notes(c), _serving(c), _evaluation(c),
+    parts += [_budget(c), _alternatives(c), _rejected(c), _stages(c), _stage_notes(c), _preemption(c), _serving(c),
+              _evaluation(c),
               *_diagnostics(c)]
     return [p for p in parts if p is not None]
 

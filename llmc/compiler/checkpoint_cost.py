@@ -84,6 +84,19 @@ stay those of a training step. The model, per save:
     As its own torchtitan job (a torchtitan run's searched stage layout): torchtitan's saves, asynchronous as the
     run's pre-training job.
 
+* **Preemption** (:func:`preemption_numbers`; llmc's trainers and the torchtitan job's ``PreemptibleTrainer`` on a
+  SIGTERM / SIGUSR1, ``llmc.runtime.preempt``): the step under way finishes, then the current step is saved in full
+  before the job exits. An asynchronous save still writing is waited for first (torchtitan ``CheckpointManager.save``
+  calls ``maybe_wait_for_saving``; llmc's trainer ``wait_for_checkpoint``), at worst its whole write and hashing;
+  the current step is then written synchronously (torchtitan ``_save_last_step``: ``AsyncMode.DISABLED``) and, on
+  llmc's trainer, hashed; llmc's DeepSpeed runner also writes its closing ``model.pt``. So
+  ``preempt = (write + hash if async) + write + hash (+ model.pt)`` (:attr:`CheckpointNumbers.preempt_seconds`);
+  a post-training stage's is one of its periodic saves. torchrun kills its workers
+  ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds after passing them the SIGTERM (30 s by default,
+  torch/distributed/elastic/agent/server/api.py), a time every launcher sets: :data:`PREEMPT_SAFETY` times the
+  longest job's step + save, at least :data:`PREEMPT_FLOOR_S`; the Slurm script asks for its signal
+  (``--signal=B:USR1@N``) and ``llmc launch`` waits before it kills a stage :data:`PREEMPT_RELAY_S` longer.
+
 Not counted: the DeepSpeed runner's gathering of ZeRO-3 partitions for its ``model.pt``, post-training's ``lora_adapters.pt`` (the adapters once more, by rank 0) and every stage's
 ``hf/`` export, storage contention between nodes beyond the per-node figure, the filesystem's metadata / fsync
 latency, and DCP's default async stager copying into pageable (not pinned) host memory, which may stage slower
@@ -103,7 +116,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from llmc.compiler.result import CheckpointNumbers, StageCheckpoints
+from llmc.compiler.result import CheckpointNumbers, PreemptionNumbers, StageCheckpoints
 
 DCP_BYTES_PER_PARAM = 12  # fp32 parameters + AdamW exp_avg + exp_avg_sq (torchtitan, llmc's trainer)
 DS_OPTIMIZER_BYTES_PER_PARAM = 12  # a ZeRO partition: fp32 master + AdamW exp_avg + exp_avg_sq (DeepSpeed)
@@ -113,6 +126,15 @@ WEIGHTS_BYTES_PER_PARAM = 4  # llmc's native trainer keeps fp32 parameters: a we
 # sha256 over a file read back, GB/s on one core (Python hashlib / OpenSSL): 1.2 GB/s measured on a 2-core x86
 # development machine; OpenSSL's SHA-NI kernels reach about 2 GB/s. A conservative round figure, not fitted.
 HASH_GBPS = 1.0
+#: the launchers' shutdown time is this many times a preemption's predicted step + save: the storage figure is a
+#: per-node average that contention (other jobs, every node writing at once) can halve. A safety factor, not fitted.
+PREEMPT_SAFETY = 1.5
+#: the least shutdown time the launchers set (torchrun's own default is 30 s): 100 s, llmc's fixed figure before the
+#: plan sized it, kept for plans whose predicted save is short
+PREEMPT_FLOOR_S = 100
+#: what the Slurm script's signal relay (USR1 to the batch shell, then ``scancel --signal=TERM`` of the job's
+#: steps) and ``llmc launch``'s stop of a stage's process group keep beyond torchrun's shutdown time
+PREEMPT_RELAY_S = 20
 
 
 def saves_async(backend: str, hyper_async: bool) -> bool:
@@ -185,11 +207,14 @@ def _numbers(sm, gpu, *, saves: int, interval: int, async_save: bool, writer: st
         stall = gpu_bytes / staging_bps + max(0.0, write - interval * step_seconds) + hashing
     else:
         stall = write + hashing
+    # a preemption: the save in flight (async: at worst all of it) is waited for, then the current step is written
+    # synchronously and hashed (the module docstring, "Preemption")
+    preempt = (write + hashing if async_save else 0.0) + write + hashing
     return CheckpointNumbers(
         saves=saves, interval=interval, mode="async" if async_save else "sync", writer=writer,
         bytes_per_param=per_param, state_bytes=state, node_bytes=node, gpu_bytes=gpu_bytes, write_gbps=bw,
         write_source=source, staging_gbps=staging_bps / 1e9, write_seconds=write, hash_seconds=hashing,
-        stall_seconds=stall, total_seconds=(saves - 1) * stall + write + hashing,
+        stall_seconds=stall, total_seconds=(saves - 1) * stall + write + hashing, preempt_seconds=preempt,
     )
 
 
@@ -238,7 +263,8 @@ def checkpoint_numbers(sm, plan, gpu, *, backend: str, params_total: float, prec
                               bytes_per_param=w, saves=1, interval=interval, write_gbps=write_gbps,
                               what=f"model.pt of the {'fp32' if w == 4 else 'bf16'} weights: {w} B/param")
     return replace(out, final_bytes=final.state_bytes, final_seconds=final.total_seconds,
-                   total_seconds=out.total_seconds + final.total_seconds)
+                   total_seconds=out.total_seconds + final.total_seconds,
+                   preempt_seconds=out.preempt_seconds + final.total_seconds)
 
 
 def llmc_save_numbers(sm, plan, gpu, *, sharded: bool, params_total: float, saved_params: float,
@@ -274,11 +300,15 @@ def stage_checkpoints(sm, plan, gpu, *, backend: str, posttrain: bool, lora: boo
     final = None
     if posttrain:
         periodic_saves = save_count(steps, interval) - 1
-        periodic = llmc_save_numbers(
+        # a preemption saves what a periodic save does (llmc.runtime.sft.LoopState), also where the stage has none
+        each = llmc_save_numbers(
             sm, plan, gpu, sharded=sharded, params_total=params_total, saved_params=trainable_params,
-            bytes_per_param=DCP_BYTES_PER_PARAM, saves=periodic_saves, interval=interval, write_gbps=write_gbps,
+            bytes_per_param=DCP_BYTES_PER_PARAM, saves=max(periodic_saves, 1), interval=interval,
+            write_gbps=write_gbps,
             what=f"the trainable parameters{' (LoRA adapters)' if lora else ''} in fp32 + AdamW m, v: "
-                 f"{DCP_BYTES_PER_PARAM} B each") if periodic_saves > 0 else None
+                 f"{DCP_BYTES_PER_PARAM} B each")
+        periodic = each if periodic_saves > 0 else None
+        preempt = each.preempt_seconds
         final = llmc_save_numbers(
             sm, plan, gpu, sharded=sharded, params_total=params_total, saved_params=params_total,
             bytes_per_param=WEIGHTS_BYTES_PER_PARAM, saves=1, interval=interval, write_gbps=write_gbps,
@@ -288,10 +318,25 @@ def stage_checkpoints(sm, plan, gpu, *, backend: str, posttrain: bool, lora: boo
         periodic = checkpoint_numbers(sm, plan, gpu, backend=backend, params_total=params_total, precision=precision,
                                       steps=steps, interval=interval, step_seconds=step_seconds,
                                       async_save=async_save, write_gbps=write_gbps)
+        preempt = periodic.preempt_seconds
     parts = [c for c in (periodic, final) if c is not None]
     return StageCheckpoints(saves=sum(c.saves for c in parts), seconds=sum(c.total_seconds for c in parts),
-                            periodic=periodic, final=final)
+                            periodic=periodic, final=final, preempt_seconds=preempt)
+
+
+def preemption_numbers(jobs: list[tuple[str, float, float]]) -> PreemptionNumbers:
+    """:class:`PreemptionNumbers` of the jobs a build runs, each ``(name, step seconds, preemption save seconds)``
+    (:attr:`CheckpointNumbers.preempt_seconds`): the launchers' shutdown time is :data:`PREEMPT_SAFETY` x the
+    longest job's step + save, rounded up to 10 s, at least :data:`PREEMPT_FLOOR_S`; the signal lead (Slurm) and
+    ``llmc launch``'s wait are :data:`PREEMPT_RELAY_S` more (the module docstring, "Preemption"). No jobs (no
+    saves known): the floor."""
+    name, step, save = max(jobs, key=lambda j: j[1] + j[2]) if jobs else (None, 0.0, 0.0)
+    needed = step + save
+    shutdown = max(PREEMPT_FLOOR_S, 10 * math.ceil(PREEMPT_SAFETY * needed / 10))
+    return PreemptionNumbers(job=name, step_seconds=step, save_seconds=save, needed_seconds=needed,
+                             shutdown_seconds=shutdown, signal_lead_seconds=shutdown + PREEMPT_RELAY_S)
 
 
 __all__ = ["checkpoint_numbers", "llmc_save_numbers", "stage_checkpoints", "saves_async", "save_count",
+           "preemption_numbers", "PREEMPT_SAFETY", "PREEMPT_FLOOR_S", "PREEMPT_RELAY_S",
            "DCP_BYTES_PER_PARAM", "DS_OPTIMIZER_BYTES_PER_PARAM", "WEIGHTS_BYTES_PER_PARAM"]

@@ -213,6 +213,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     evaluation = _evaluation(run, sink, spec_path, stages, hyper, searched.plan, compute, time,
                              facts.eval_tasks if facts is not None else {})
     diags = sink.items + [_located(d, lines, spec_path) for d in stage_diags + serving_diags]
+    preemption = _preemption(time, stages)
     return Compiled(
         spec_path=spec_path, spec_sha256=spec_sha256(run, spec_bytes), spec=run, gpu=gpu, model=model,
         compute=compute, hyper=hyper, plan=searched.plan, memory=searched.memory, time=time, cost=cost,
@@ -220,8 +221,20 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         alternatives=list(searched.alternatives), rejected=list(searched.rejected),
         diagnostics=sort_diagnostics(_dedupe(diags)), stages=stages, serving=serving, search=dict(searched.info),
         backend=be_info, calibration=cal_info, unfit=searched.unfit, evaluation=evaluation, pipeline=pipeline,
-        checkpoint_types=dict(facts.checkpoint_types) if facts is not None else {},
+        checkpoint_types=dict(facts.checkpoint_types) if facts is not None else {}, preemption=preemption,
     )
+
+
+def _preemption(time, stages):
+    """What a preemption needs of the build's jobs (pre-training and each stage with a predicted time and saves)
+    and the shutdown time the launchers give it (checkpoint_cost.preemption_numbers)."""
+    from llmc.compiler import checkpoint_cost
+
+    jobs = [("pre-training", time.step_seconds, time.checkpoint.preempt_seconds)] if (
+        time is not None and time.checkpoint is not None) else []
+    jobs += [(s.name, s.time.step_seconds, s.time.checkpoint.preempt_seconds) for s in stages
+             if s.time is not None and s.time.checkpoint is not None]
+    return checkpoint_cost.preemption_numbers(jobs)
 
 
 def _checkpoints(run: RunSpec, sm, plan: ParallelPlan, gpu: GPU, hyper: Hyper, step_seconds: float, backend: str):

@@ -83,6 +83,10 @@ class CheckpointNumbers:
     # runs: 32-bit) weights (0 on other backends)
     final_bytes: float = 0.0
     final_seconds: float = 0.0
+    # a preemption's save of the current step (checkpoint_cost, "Preemption"): an asynchronous save in flight waited
+    # for (at worst its whole write and hashing), then the current step written and hashed in full, synchronously
+    # (+ final_seconds: llmc's DeepSpeed runner writes its model.pt on a preemption too)
+    preempt_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,25 @@ class StageCheckpoints:
     # post-training: the merged weights alone; llmc's DeepSpeed runner: the full 16-bit weights after its last engine
     # save (None: the last save is the last of ``periodic``)
     final: CheckpointNumbers | None = None
+    preempt_seconds: float = 0.0  # a preemption's save of the current step (CheckpointNumbers.preempt_seconds)
+
+
+@dataclass(frozen=True)
+class PreemptionNumbers:
+    """How long a job needs between a preemption / time-limit signal and its exit, and the time the launchers give
+    it (:func:`llmc.compiler.checkpoint_cost.preemption_numbers`): the step under way finishes, then the current step
+    is saved. The launchers' figures are set for the job (pre-training or a stage) that needs the longest."""
+
+    job: str | None  # the job that needs the longest ("pre-training" or a stage name; None: no saves are known)
+    step_seconds: float  # its training step, which finishes before the save
+    save_seconds: float  # its save of the current step (CheckpointNumbers.preempt_seconds)
+    needed_seconds: float  # step_seconds + save_seconds
+    # torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT (every launcher sets it): how long torchrun lets its workers save
+    # after passing them a SIGTERM before it kills them
+    shutdown_seconds: int
+    # the Slurm script's --signal=B:USR1@N and `llmc launch`'s wait before it kills a stage's process group: the
+    # shutdown time + the relay's own
+    signal_lead_seconds: int
 
 
 @dataclass(frozen=True)
@@ -421,6 +444,7 @@ class Compiled:
     unfit: UnfitLayout | None = None
     evaluation: EvaluationPlan | None = None  # eval.validation / eval.tasks / data.quality (evaluation.py)
     pipeline: PipelineTime | None = None  # every stage's time and cost together (specs with stages)
+    preemption: PreemptionNumbers | None = None  # a preemption's save and the launchers' shutdown time
     # config.json model_type of each local init_hf checkpoint, keyed by the spec's path (llmc.spec.facts): what the
     # torchtitan target's state-dict adapters can read
     checkpoint_types: dict[str, str] = field(default_factory=dict)
@@ -450,6 +474,7 @@ class Compiled:
             "time": dc(self.time),
             "cost": dc(self.cost),
             "pipeline": dc(self.pipeline),
+            "preemption": dc(self.preemption),
             "reasons": list(self.reasons),
             "alternatives": [_cand(c) for c in self.alternatives],
             "rejected": [_cand(c) for c in self.rejected],
@@ -477,7 +502,7 @@ def _cand(c: Candidate) -> dict:
 
 __all__ = [
     "ModelNumbers", "ComputeNumbers", "MemoryNumbers", "CheckpointNumbers", "StageCheckpoints", "TimeNumbers",
-    "CostNumbers", "Hyper",
+    "CostNumbers", "Hyper", "PreemptionNumbers",
     "Candidate", "ModelInMemory", "LoraPlan", "StageMemoryPlan", "RolloutPlan", "LongContextPlan", "ContextPlan",
     "StagePlan", "ServingPlan", "BackendChoice", "CalibrationStatus", "UnfitLayout", "Compiled",
 ]

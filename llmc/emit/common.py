@@ -101,6 +101,19 @@ def nnodes(compiled) -> int:
     return max(1, -(-world(compiled) // gpus_per_node(compiled)))
 
 
+def preemption_context(compiled) -> dict[str, Any]:
+    """The launch scripts' shutdown figures after a SIGTERM, as the plan sized them (``Compiled.preemption``,
+    ``llmc.compiler.checkpoint_cost.preemption_numbers``): torchrun's ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, the Slurm
+    script's signal lead, and what they rest on (for the scripts' comments)."""
+    from llmc.compiler.checkpoint_cost import PREEMPT_FLOOR_S, PREEMPT_SAFETY, preemption_numbers
+
+    p = compiled.preemption or preemption_numbers([])
+    job = (f"{p.job}: a step of {p.step_seconds:.3g} s + a save of {p.save_seconds:.3g} s" if p.job is not None
+           else "no save predicted")
+    return {"elastic_shutdown_s": p.shutdown_seconds, "signal_lead_s": p.signal_lead_seconds, "preempt_job": job,
+            "preempt_safety": f"{PREEMPT_SAFETY:g}", "preempt_floor_s": PREEMPT_FLOOR_S}
+
+
 def is_cpu(compiled) -> bool:
     return str(compiled.spec.hardware.gpu).lower() == "cpu"
 

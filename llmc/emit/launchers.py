@@ -48,16 +48,14 @@ from llmc.emit.common import (
     launch_backend,
     nnodes,
     planned_backend,
+    preemption_context,
     stage_list,
     world,
 )
 from llmc.emit.deepspeed import CONFIG_PATH
 from llmc.emit.evaluation import eval_stages
-from llmc.runtime.runlock import ELASTIC_SHUTDOWN_S, EXIT_PREEMPTED  # torch-free (preempted status, shutdown)
+from llmc.runtime.runlock import EXIT_PREEMPTED  # torch-free (the preempted status)
 
-#: Seconds before the time limit at which Slurm signals the batch shell (``--signal=B:USR1@N``): the
-#: time the running step has to checkpoint its current step before Slurm kills it.
-SLURM_SIGNAL_LEAD_S = 120
 TITAN_CONFIG_FN = "job"
 
 # What `llmc launch` / the runtime write into a build directory (prepare_assets: assets/, data/,
@@ -106,8 +104,7 @@ def launch_context(compiled, files: Mapping[str, str]) -> dict[str, Any]:
         "default_backend": build_backend(compiled, files),
         "rdzv_port": RDZV_PORT,
         "preempted_exit": EXIT_PREEMPTED,
-        "signal_lead_s": SLURM_SIGNAL_LEAD_S,
-        "elastic_shutdown_s": ELASTIC_SHUTDOWN_S,
+        **preemption_context(compiled),  # torchrun's shutdown time, the Slurm signal's lead
         "eval_stages": eval_stages(compiled),
         "native_refuses": native_refused_stages(compiled),
     }

@@ -81,7 +81,7 @@ from llmc.compiler.memory import SINGLE_STAGE_SCHEDULES, even_parts, pipeline_ch
 from llmc.compiler.result import Hyper
 from llmc.diagnostics import Diagnostic, SpecError
 from llmc.emit.base import Emitter
-from llmc.emit.common import RDZV_PORT, diag, gpus_per_node, jinja_env
+from llmc.emit.common import RDZV_PORT, diag, gpus_per_node, jinja_env, preemption_context
 from llmc.escape import visible
 from llmc.rope import rope_attention_factor
 from llmc.runtime.capabilities import (
@@ -585,6 +585,7 @@ def _checkpoint_comm(compiled) -> dict[str, Any]:
         "ckpt_async_mode": "async" if hyper.checkpoint_async else "disabled",
         "ckpt_keep_latest_k": int(ck.keep_latest),
         "preempted_exit": EXIT_PREEMPTED,
+        **preemption_context(compiled),  # torchrun's shutdown time (the run scripts)
         "log_freq": int(tr.log_every),
         "enable_tensorboard": not cpu,
         "seed": int(tr.seed),

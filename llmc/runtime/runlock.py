@@ -49,10 +49,6 @@ from pathlib import Path
 # nor Python (1 for an uncaught exception, 2 for a usage error) uses it for anything of its own, so a
 # launcher can tell "preempted, resume me" from "failed".
 EXIT_PREEMPTED = 75
-# torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT (its default is 30 s; torch/distributed/elastic/agent/server/api.py):
-# how long it waits, after passing a SIGTERM on to its workers, before it kills them. Checkpointing a large
-# model's step can take longer than 30 s, so every llmc launcher (the Slurm script, `llmc launch`) sets this.
-ELASTIC_SHUTDOWN_S = 100
 
 LOCK_NAME = ".lock"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

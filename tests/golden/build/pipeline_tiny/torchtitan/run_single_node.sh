@@ -25,6 +25,10 @@ RUN_DIR="${RUN_DIR:-$LLMC_RUN_DIR/run}"  # the stage's log: <run dir>/<stage>/st
 # "exitcode  : N" lines of torchrun's failure report (torch/distributed/elastic/multiprocessing/errors/__init__.py),
 # read from this node's own output (every node appends to the same stderr.log).
 PREEMPTED=75  # llmc's trainers' exit status when a signal stopped them after a checkpoint
+# torchrun kills its workers this many seconds after passing them a SIGTERM (its default: 30 s), so a preempted
+# stage must finish its step and save it within it: the plan's figure, 100 s, is 1.5 x the slowest
+# job's step + save (grpo: a step of 1.15 s + a save of 0.0315 s), at least 100 s (`llmc plan`: "preemption")
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}"
 stage_cause() {  # stage_cause LOG START: the cause line of LOG after its first START bytes
   local text line pat
   text="$(tail -c +"$(($2 + 1))" "$1" 2>/dev/null | grep -v 'torch\.distributed\.elastic' || true)"
