@@ -12,6 +12,12 @@ No torch. Three input kinds (one :class:`Measurement` per run):
 * a table of measured layouts, YAML (``benchmarks/data`` schema: file keys ``backend``, ``gpu_key``,
   ``rows``) or CSV (one row per run, same column names plus ``backend`` and ``gpu_key``).
 
+A table also says how each run differs from what llmc's own job for the backend would do, as data: ``compile_loss``
+(whether that release's torch.compile covered the loss), ``quantization`` (its fp8 recipe), ``loss_chunks``, and the
+exact part measured (``gpu_part``, or ``gpu_key_exact: false`` where llmc has no entry for it). :func:`read_table`
+is the one reader of those fields: ``llmc calibrate`` and ``scripts/bench_fidelity.py`` both predict a table's
+runs from the :class:`Measurement` it returns, so the two agree on every row.
+
 Steady-state figures: the median over logged steps after the first :data:`WARMUP_STEPS` (compilation,
 allocator warm-up and the first data-loader fill make the early steps unrepresentative).
 """
@@ -105,6 +111,9 @@ class Measurement:
     offload_optimizer: bool = False  # ZeRO-Offload (AdamW on the host): changes both time and memory
     offload_params: bool = False  # ZeRO-Infinity to CPU (the parameters on the host too): time and memory
     loss_chunks: int | None = None  # slices of the backend's chunked loss (None: what llmc's job for it uses)
+    compile_loss: bool | None = None  # torch.compile also covered the loss (None: what llmc's job for it does)
+    gpu_exact: bool = True  # ``gpu`` is the part the run was measured on (False: only llmc's closest entry)
+    system: str | None = None  # the hardware as the source names it (a table's ``system``)
     tokens_per_s_per_gpu: float | None = None
     reserved_bytes: float | None = None  # torch.cuda.max_memory_reserved
     allocated_bytes: float | None = None  # torch.cuda.max_memory_allocated
@@ -293,12 +302,34 @@ def read_torchtitan_log(path: str | Path, lock_path: str | Path) -> Measurement:
 _TABLE_REQUIRED = ("model", "gpus", "seq_len", "dp_shard", "micro_batch", "global_batch")
 
 
-def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measurement:
+def table_cell(r: dict, file_keys: dict, k: str, default=None):
+    """A table row's value of column ``k``: the row's own, else (absent, null or empty: the source gives none for
+    this row) the file-level key's, else ``default``."""
+    v = r.get(k)
+    if v in (None, ""):
+        v = file_keys.get(k)
+    return default if v in (None, "") else v
+
+
+def table_gpu(r: dict, file_keys: dict) -> tuple[str | None, bool]:
+    """(llmc GPU key, exact) a table row's run is predicted and calibrated on: ``gpu_part`` -- llmc's entry for the
+    exact part measured, where ``gpu_key`` names only the closest one the file was transcribed with -- when given
+    (exact); else ``gpu_key`` with ``gpu_key_exact`` (default true; false: the run's part has no llmc entry)."""
+    part = table_cell(r, file_keys, "gpu_part")
+    if part is not None:
+        return str(part), True
+    key = table_cell(r, file_keys, "gpu_key")
+    exact = str(table_cell(r, file_keys, "gpu_key_exact", True)).strip().lower()
+    return (None if key is None else str(key)), exact not in ("false", "no", "off", "0")
+
+
+def table_row(r: dict, file_keys: dict, source: str, line: int) -> Measurement:
+    """One row of a measured-layout table (its file-level keys in ``file_keys``) as a :class:`Measurement`, or the
+    MeasurementError that locates its first bad cell."""
     from llmc.spec.presets import PRESETS
 
     def get(k, default=None):
-        v = r.get(k, file_keys.get(k))
-        return default if v in (None, "") else v
+        return table_cell(r, file_keys, k, default)
 
     for k in _TABLE_REQUIRED:
         if get(k) is None:
@@ -309,7 +340,7 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
     name = str(get("model"))
     if name not in PRESETS:
         raise MeasurementError(source, line, "K004", "model", f"unknown preset {name!r}", "llmc presets lists them")
-    backend, gpu = get("backend"), get("gpu_key")
+    backend, (gpu, gpu_exact) = get("backend"), table_gpu(r, file_keys)
     if not backend or not gpu:
         raise MeasurementError(source, line, "K004", "backend" if not backend else "gpu_key",
                                "every row needs a backend and an llmc gpu_key")
@@ -404,10 +435,13 @@ def _row_measurement(r: dict, file_keys: dict, source: str, line: int) -> Measur
         label=str(get("id", f"{Path(source).name}:{line}")), source=source, backend=str(backend), gpu=str(gpu),
         model=PRESETS[name], seq_len=whole("seq_len"), precision=prec, plan=plan,
         gpus_per_node=None if get("gpus_per_node") is None else whole("gpus_per_node"), compile=flag("compile"),
-        async_tp=bool(flag("async_tp", False)), fp8_recipe=recipe,
+        async_tp=bool(flag("async_tp", False)), fp8_recipe=recipe if prec == "fp8" else None,  # (a file-level
+        # recipe names the fp8 rows' one: a bf16 row has none)
         offload_optimizer=bool(flag("offload_optimizer", False)),
         offload_params=bool(flag("offload_params", False)),
         loss_chunks=None if get("loss_chunks") is None else whole("loss_chunks"),
+        compile_loss=flag("compile_loss"), gpu_exact=gpu_exact,
+        system=None if get("system") is None else str(get("system")),
         tokens_per_s_per_gpu=tps, line=line,
         reserved_bytes=mem * GiB if mem is not None and "alloc" not in kind else None,
         allocated_bytes=mem * GiB if mem is not None and "alloc" in kind else None)
@@ -435,7 +469,7 @@ def read_table(path: str | Path) -> list[Measurement]:
     text = _read_text(p, "K001", "table")
     if p.suffix.lower() == ".csv":
         rows = list(csv.DictReader(io.StringIO(text)))
-        return [_row_measurement(r, {}, str(p), i + 2) for i, r in enumerate(rows)]
+        return [table_row(r, {}, str(p), i + 2) for i, r in enumerate(rows)]
     import yaml
 
     loader = yaml.SafeLoader(text)  # what yaml.safe_load does, keeping the node tree for the rows' lines
@@ -462,7 +496,7 @@ def read_table(path: str | Path) -> list[Measurement]:
             raise MeasurementError(str(p), line, "K004", "rows", f"a row must be a mapping of column: value, got "
                                    f"{_shown(r)}", "see benchmarks/README.md, Schema")
         if r.get("kind", file_keys.get("kind", "throughput")) == "throughput":
-            out.append(_row_measurement(r, file_keys, str(p), line))
+            out.append(table_row(r, file_keys, str(p), line))
     return out
 
 
@@ -519,7 +553,8 @@ def predicted(m: Measurement, factors=None):
         t = timing.time_numbers(sm, m.plan, 1)
         mem = memory.memory_per_gpu(m.model, m.plan, m.seq_len, m.precision, gpu.hbm_bytes, backend=m.backend,
                                     compile=m.compile, factors=factors, offload_optimizer=m.offload_optimizer,
-                                    offload_params=m.offload_params, loss_chunks=m.loss_chunks)
+                                    offload_params=m.offload_params, loss_chunks=m.loss_chunks,
+                                    compile_loss=m.compile_loss)
     except (ValueError, ArithmeticError) as e:
         hint = ("check the row's parallel degrees and sizes against the model; see benchmarks/README.md, Schema"
                 if m.line else "pass the plan.lock.json written by llmc build, unedited")
@@ -603,24 +638,42 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
             if digest is not None:
                 seen[digest] = p  # (read once: the provenance reuses it)
             ms.extend(read_any(p, lock))
+        held = sorted({f"{m.backend}/{m.gpu}" for m in ms})
         if backend:
             ms = [m for m in ms if m.backend == backend]
         if gpu:
             ms = [m for m in ms if m.gpu == gpu]
         if not ms:
-            raise MeasurementError(inputs[0] if inputs else "-", 0, "K001", "inputs", "no measured runs selected")
+            raise MeasurementError(inputs[0] if inputs else "-", 0, "K001", "inputs", "no measured runs selected",
+                                   f"the inputs hold {', '.join(held)} runs" if held else "")
         cal = calibrate_measurements(ms, inputs, {p: d for d, p in seen.items()})
     except MeasurementError as e:
         print(e.located(), file=sys.stderr)
         return 1
     Path(out).write_text(json.dumps(cal.to_json(), indent=2, sort_keys=True) + "\n")
-    band = cal.time_band
+    warning = inexact_gpu_warning(ms)
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"calibration {cal.backend}/{cal.gpu} from {len(ms)} run(s): {cal.factors.describe()}")
-    if band:
-        print(f"expected tokens/s error (leave-one-out): mean {band['mean_abs_pct']:.1f}%, "
-              f"max {band['max_abs_pct']:.1f}%")
+    for what, band in (("tokens/s", cal.time_band), ("memory", cal.memory_band)):
+        if band:
+            print(f"expected {what} error (leave-one-out): mean {band['mean_abs_pct']:.1f}%, "
+                  f"max {band['max_abs_pct']:.1f}%")
     print(f"wrote {out}")
     return 0
+
+
+def inexact_gpu_warning(ms: list[Measurement]) -> str | None:
+    """One warning line when some runs were measured on another part than the llmc GPU they are fitted for (a
+    table's ``gpu_key_exact: false`` with no ``gpu_part``): the factors then absorb the difference between the two
+    parts (memory size, clocks, power cap), and apply to neither exactly. None when every run is on its part."""
+    off = [m for m in ms if not m.gpu_exact]
+    if not off:
+        return None
+    systems = sorted({m.system or "another part" for m in off})
+    return (f"warning: {len(off)} of {len(ms)} run(s) were measured on {', '.join(systems)}, not on llmc's "
+            f"{off[0].gpu} (its closest entry): the factors fitted for {off[0].gpu} include the difference "
+            f"(name the part's own llmc key as the table's gpu_part where llmc gpus lists it)")
 
 
 def load_calibration(path: str | Path, spec_file: str | None = None):
@@ -643,4 +696,5 @@ def load_calibration(path: str | Path, spec_file: str | None = None):
 
 __all__ = ["Measurement", "MeasurementError", "TitanStep", "parse_torchtitan_log", "read_llmc_run",
            "read_torchtitan_log", "read_table", "read_any", "predicted", "fit_points", "calibrate_measurements",
-           "calibrate_main", "load_calibration", "steady"]
+           "calibrate_main", "load_calibration", "steady", "table_row", "table_cell", "table_gpu",
+           "inexact_gpu_warning"]

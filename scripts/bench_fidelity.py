@@ -17,6 +17,11 @@ calibrated error within each (backend, GPU) group, fitted with ``llmc.compiler.c
 
 Every call into llmc lives in :func:`llmc_predict` and :func:`llmc_model_states` (the adapter), so an API
 change is fixed in one place. A row llmc cannot express is listed as skipped with the reason.
+
+What a table says about how its runs differ from llmc's own job (the exact GPU part, whether torch.compile covered
+the loss, the fp8 recipe, the loss slices) is data in the table, read for every row in llmc's table schema by
+``llmc.measurements.table_row`` -- the reader ``llmc calibrate`` uses -- so a table calibrates on the numbers this
+script scores.
 """
 
 from __future__ import annotations
@@ -41,12 +46,13 @@ DATA_DIR = ROOT / "benchmarks" / "data"
 GIB = 2**30
 
 # Precision labels on the source pages -> llmc's training.precision (None: llmc cannot express it).
-# Systems whose own llmc GPU entry exists although the data file names the closest older key.
 # Blackwell Ultra parts: their datasheets give the dense FP8 / BF16 rates of GB200 / B200 (hardware.py), while the
 # Megatron-Bridge tables measure GB300 5-31 % faster than GB200 on the same model and release (19-21 % on the one
 # Llama 3 8B layout both ran); the summary also reports the rows without them
 BLACKWELL_ULTRA = frozenset({"gb300", "b300"})
-EXACT_GPU = {"Grand Teton H100 96GB HBM2e 500W": "h100-hbm2e-96g", "DGX-GB200": "gb200"}
+# backends whose rows are in llmc's measured-layout table schema (benchmarks/README.md, "Throughput rows,
+# torchtitan"), the one `llmc calibrate` reads: they are read with llmc.measurements.table_row
+TABLE_SCHEMA_BACKENDS = frozenset({"torchtitan"})
 # backend of the source -> llmc backend profile (llmc/compiler/backends.py; megatron is a reference profile)
 BACKEND_PROFILE = {"torchtitan": "torchtitan", "megatron": "megatron", "deepspeed": "deepspeed"}
 
@@ -67,9 +73,11 @@ class Row:
     kind: str  # "throughput" | "model_states"
     source_url: str
     system: str
-    gpu_key: str | None
+    gpu_key: str | None  # the data file's key
     gpu_key_exact: bool
     fields: dict[str, Any]
+    gpu: str | None = None  # the llmc GPU the row is predicted on (llmc.measurements.table_gpu: gpu_part or gpu_key)
+    measurement: Any = None  # llmc.measurements.Measurement of a table-schema row, or the MeasurementError reading it
 
     def get(self, key: str, default=None):
         v = self.fields.get(key)
@@ -86,18 +94,28 @@ class Row:
 
 def load_rows(data_dir: Path = DATA_DIR) -> list[Row]:
     """Every row of every ``*.yaml`` under ``data_dir`` (file-level keys apply to all its rows)."""
+    from llmc.measurements import MeasurementError, table_gpu, table_row
+
     rows: list[Row] = []
     for path in sorted(Path(data_dir).glob("*.yaml")):
         doc = yaml.safe_load(path.read_text())
+        file_keys = {k: v for k, v in doc.items() if k != "rows"}
         for r in doc.get("rows", []):
-            rows.append(Row(
+            row = Row(
                 id=r["id"], file=path.stem, backend=doc["backend"], use=r.get("use", doc.get("use", "check")),
                 kind=r.get("kind", doc.get("kind", "throughput")), source_url=doc["source"]["url"],
                 system=r.get("system", doc.get("system", "")),
                 gpu_key=r["gpu_key"] if "gpu_key" in r else doc.get("gpu_key"),
                 gpu_key_exact=bool(r.get("gpu_key_exact", doc.get("gpu_key_exact", True))),
                 fields={**{k: v for k, v in doc.items() if k in ("gpus_per_node", "loss_chunks")}, **r},
-            ))
+                gpu=table_gpu(r, file_keys)[0],
+            )
+            if row.kind == "throughput" and row.backend in TABLE_SCHEMA_BACKENDS:
+                try:
+                    row.measurement = table_row(r, file_keys, str(path), 0)
+                except MeasurementError as e:
+                    row.measurement = e
+            rows.append(row)
     return rows
 
 
@@ -131,6 +149,7 @@ class PlanRequest:
     activation_checkpointing: str | None
     zero_stage: int
     backend: str = "torchtitan"
+    ac_layers: int = 0  # blocks per model chunk recomputed whole (activation_checkpointing "partial")
     compile: bool | None = None
     async_tp: bool = False
     fp8_recipe: str | None = None
@@ -158,28 +177,30 @@ class Prediction:
 def request_for(row: Row) -> PlanRequest:
     """Translate a throughput row into llmc's terms, or raise :class:`Skip`."""
     f = row.fields
-    gpu_key, gpu_note = row.gpu_key, None
-    if row.system in EXACT_GPU:
-        gpu_key = EXACT_GPU[row.system]
-        gpu_note = f"llmc GPU {gpu_key} (data file: {row.gpu_key})"
+    gpu_key, gpu_note = row.gpu, None
     if gpu_key is None:
         raise Skip(f"no llmc GPU entry for {row.system}")
+    if gpu_key != row.gpu_key:  # the data file's gpu_part: the exact part, which llmc has an entry for
+        gpu_note = f"llmc GPU {gpu_key} (data file: {row.gpu_key})"
     prec = PRECISIONS.get(str(f.get("precision")))
     if f.get("precision") is None or prec is None:
         raise Skip(f"precision {f.get('precision')!r} not expressible in llmc (bf16, fp8, fp32)")
-    if row.backend == "torchtitan":
-        dp_rep, dp_shard = row.get("dp_replicate", 1), f["dp_shard"]
-        tp, pp, cp, ep = row.get("tp", 1), row.get("pp", 1), row.get("cp", 1), row.get("ep", 1)
-        sched = f.get("pp_schedule") if pp > 1 else None
-        vp = f.get("vp") if pp > 1 else None
-        mb, gbs, ac, zero = f["micro_batch"], f["global_batch"], f.get("ac"), 3
-        compile_, async_tp = bool(f.get("compile")), bool(f.get("async_tp"))
-        # torchao float8 before the recipe switch was tensorwise; later rows name their recipe
-        recipe = f.get("quantization") or "tensorwise"
-        # torchtitan 9dec370 (Dec 2024) compiled the TransformerBlocks only; by June 2025 --training.compile
-        # also compiled the loss (components/loss.py build_cross_entropy_loss)
-        compile_loss = compile_ and not str(row.file).endswith("202412")
-        loss_chunks = f.get("loss_chunks")  # the release's chunked loss (None: llmc's torchtitan job's)
+    ac_layers = 0
+    if row.backend in TABLE_SCHEMA_BACKENDS:
+        # the row as llmc calibrate reads it (llmc.measurements.table_row): layout, batch, compile, compiled
+        # loss, fp8 recipe and loss slices, the file's keys filling the row's gaps
+        m = row.measurement
+        if not hasattr(m, "plan"):
+            raise Skip(f"table row not readable: {m.message}" + (f" ({m.hint})" if m.hint else ""))
+        pl = m.plan
+        dp_rep, dp_shard, tp, pp, cp, ep = pl.dp_replicate, pl.dp_shard, pl.tp, pl.pp, pl.cp, pl.ep
+        sched = pl.pp_schedule if pp > 1 else None
+        vp = pl.pp_virtual_stages if pp > 1 else None
+        mb, gbs, zero = pl.micro_batch, pl.micro_batch * pl.dp * pl.grad_accum, pl.zero_stage
+        ac, ac_layers = pl.activation_checkpointing, pl.ac_layers
+        compile_, async_tp, recipe = m.compile, m.async_tp, m.fp8_recipe
+        compile_loss, loss_chunks = m.compile_loss, m.loss_chunks
+        gpu_key, prec = m.gpu, m.precision
     elif row.backend == "megatron":
         tp, pp, cp = f["tp"], f["pp"], f["cp"]
         ep = row.get("ep", 1)
@@ -205,6 +226,7 @@ def request_for(row: Row) -> PlanRequest:
         tp=tp, pp=pp, cp=cp, ep=ep, pp_schedule=sched, virtual_stages=vp, micro_batch=mb,
         activation_checkpointing=ac, zero_stage=zero, backend=BACKEND_PROFILE[row.backend], compile=compile_,
         async_tp=async_tp, fp8_recipe=recipe, gpu_note=gpu_note, compile_loss=compile_loss, loss_chunks=loss_chunks,
+        ac_layers=ac_layers,
     )
 
 
@@ -220,6 +242,8 @@ def spec_yaml(req: PlanRequest) -> str:
         par["pp_virtual_stages"] = req.virtual_stages
     if req.activation_checkpointing is not None:
         par["activation_checkpointing"] = req.activation_checkpointing
+    if req.activation_checkpointing == "partial":
+        par["ac_layers"] = req.ac_layers
     hw = {"gpu": req.gpu, "count": req.gpus}
     if req.gpus_per_node:
         hw["gpus_per_node"] = req.gpus_per_node
@@ -245,7 +269,7 @@ def llmc_predict(req: PlanRequest) -> Prediction:
     """
     from llmc.compiler import memory as memory_mod
     from llmc.compiler import timing
-    from llmc.compiler.backends import get_backend
+    from llmc.compiler.backends import fp8_recipe_on, get_backend
     from llmc.compiler.compile import cluster_gpu, compile_spec
     from llmc.compiler.hardware import get_gpu
     from llmc.compiler.plan import ParallelPlan
@@ -282,7 +306,8 @@ def llmc_predict(req: PlanRequest) -> Prediction:
         pp_virtual_stages=req.virtual_stages or (2 if req.pp_schedule == "Interleaved1F1B" else 1),
         cp=req.cp, ep=req.ep, micro_batch=req.micro_batch,
         grad_accum=max(1, req.global_batch_seqs // (req.micro_batch * dp)),
-        activation_checkpointing=req.activation_checkpointing or "none", zero_stage=req.zero_stage)
+        activation_checkpointing=req.activation_checkpointing or "none", ac_layers=req.ac_layers,
+        zero_stage=req.zero_stage)
     if req.activation_checkpointing is None:
         # AC not published: llmc's own choice rule, the fastest mode that fits (partial: any block count per
         # chunk short of every block), else full
@@ -300,7 +325,7 @@ def llmc_predict(req: PlanRequest) -> Prediction:
             + f" cp{plan.cp}" + (f" ep{plan.ep}" if plan.ep > 1 else "")
             + f" mb{plan.micro_batch}x{plan.grad_accum} ac={plan.ac_label} z{plan.zero_stage}"
             + f" [{be.name}{' compile' if sm.compiled else ''}{' asyncTP' if req.async_tp and sm.compiled else ''}"
-            + (f" fp8-{req.fp8_recipe}" if req.precision == 'fp8' else "") + "]")
+            + (f" fp8-{fp8_recipe_on(be, req.fp8_recipe)}" if req.precision == 'fp8' else "") + "]")
     return Prediction(
         tokens_per_s_per_gpu=t.tokens_per_second / req.gpus, mem_gib=mem.reserved_bytes / GIB, mfu=t.mfu,
         plan=desc, llmc_fits=memory_mod.fits(mem), path="pinned plan", notes=notes,

@@ -15,7 +15,7 @@ P005   error     global batch cannot be split: not a multiple of seq_len, or of 
 P006   warning   pipeline bubble: fewer than 4 x pp micro-batches (v x m < 4 p for interleaved)
 P007   error     pinned EP on a dense model / EP not dividing the experts
 P011   info      optimizer offload: the host's share of each step (the CPU rate it assumes, host-dependent)
-P012   error     parallelism.ac_layers without activation_checkpointing: partial
+P012   error     parallelism.ac_layers without activation_checkpointing: partial, or more than the model's layers
 P013   warning   ac_layers at least the largest pipeline chunk: every block recomputed, as full
 P014   error     parallelism.pp_virtual_stages the pinned schedule cannot run, or pp x chunks > n_layers + 2
 P015   error     parallelism.offload_params without offload_optimizer, or with a ZeRO stage other than 3
@@ -269,6 +269,14 @@ def check_pins(run, gpu, sink: Sink) -> None:
         sink.add("P012", "error", "parallelism.ac_layers",
                  f"ac_layers {par.ac_layers} with activation_checkpointing {mode}: only partial recomputation reads it",
                  "set activation_checkpointing: partial, or remove ac_layers")
+    elif par.ac_layers is not None and par.ac_layers > arch.n_layers:
+        # ac_layers counts blocks per pipeline model chunk (the whole model without pp): no chunk holds more than the
+        # model's blocks, so a larger count is no layout's (as pp > n_layers, P001)
+        sink.add("P012", "error", "parallelism.ac_layers",
+                 f"ac_layers {par.ac_layers} > {arch.n_layers} layers: it counts the blocks recomputed per pipeline "
+                 f"model chunk (the whole model without pp), and no chunk has more than the model's {arch.n_layers}",
+                 f"use fewer than the largest chunk's blocks (at most {arch.n_layers - 1} without pp), "
+                 "or activation_checkpointing: full to recompute every block")
     if par.ep is not None and par.ep > 1:
         if arch.moe is None:
             sink.add("P007", "error", "parallelism.ep", f"ep {par.ep} on a dense model", "remove ep (MoE only)")

@@ -954,13 +954,25 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
         sink.add("T106", "warning", f"{p}.lora.rank", f"LoRA rank {st.lora.rank} outside the usual 4-64",
                  "r=16 is a common default")
     if mem.fits is False:
-        states = ((mem.weights_bytes or 0) + (mem.reference_bytes or 0) + (mem.grads_optimizer_bytes or 0)) \
-            // max(mem.shard_degree, 1)
+        laid_out = mem.weights_bytes is None  # a searched parallelism plan's memory (pre-training's, a stage's
+        # torchtitan layout): its per-GPU breakdown, the model states already split by its TP / PP / FSDP
+        if laid_out:
+            states = sum(mem.breakdown.get(k, 0) for k in ("weights", "grads", "optimizer"))
+        else:
+            states = ((mem.weights_bytes or 0) + (mem.reference_bytes or 0) + (mem.grads_optimizer_bytes or 0)) \
+                // max(mem.shard_degree, 1)
         per_step = mem.per_gpu_bytes - states  # activations, logits, buffers (and GRPO's sampling KV cache)
-        if per_step > states:
-            hint = (f"{per_step / 1e9:.1f} GB of it is one micro-step at seq_len {tr.seq_len} (activations with "
-                    f"{mem.activation_checkpointing} recomputation, logits, buffers), which more GPUs do not split: "
-                    "stages other than pre-training run data parallel, without TP, PP or CP; a shorter seq_len")
+        step_text = (f"{per_step / 1e9:.1f} GB of it is one micro-step at seq_len {tr.seq_len} (activations with "
+                     f"{mem.activation_checkpointing} recomputation, logits, buffers)")
+        if laid_out and per_step > states:
+            hint = (f"{step_text}: recompute more (activation_checkpointing selective or full), a smaller "
+                    "micro_batch, or tp / cp to split the sequence")
+        elif laid_out:
+            hint = (f"{states / 1e9:.1f} GB of it is weights, gradients and optimizer states: shard them (dp_shard, "
+                    "tp, pp) or more GPUs")
+        elif per_step > states:
+            hint = (f"{step_text}, which more GPUs do not split: stages other than pre-training run data parallel, "
+                    "without TP, PP or CP; a shorter seq_len")
         else:
             hint = f"{states / 1e9:.1f} GB of it is weights, gradients and optimizer states: LoRA/QLoRA or more GPUs"
         sink.add("G005", "warning", p, f"stage {st.name!r} needs {mem.per_gpu_bytes / 1e9:.1f} GB per GPU, "

@@ -201,7 +201,7 @@ def reads_spec(source: str | bytes, file: str = "<spec>", base_dir: str | Path =
         return done(diags + [_diag("S002", "", f"a spec must be a YAML mapping (got {got})", line=1,
                                    file=file, hint="start with `name: my-run`")], lines)
 
-    ctx = _Ctx(file=file, lines=lines, diags=diags)
+    ctx = _Ctx(file=file, lines=lines, diags=diags, text=text)
     # An empty section (`serving:` with nothing under it) is YAML null: treat it as absent.
     data_ = {k: v for k, v in raw.items() if not (v is None and k in _OPTIONAL_SECTIONS)}
     ctx.raw = data_
@@ -398,11 +398,13 @@ def _describe_fields(root: type[BaseModel]) -> None:
 
 
 class _Ctx:
-    def __init__(self, file: str | None, lines: dict[str, int], diags: list[Diagnostic], raw: Any = None):
+    def __init__(self, file: str | None, lines: dict[str, int], diags: list[Diagnostic], raw: Any = None,
+                 text: str | None = None):
         self.file = file
         self.lines = lines
         self.diags = diags
         self.raw = raw  # the (model-resolved) input, to tell real keys from pydantic's loc labels
+        self.text = text  # the YAML source, for what a value was spelled as (:func:`_bool_hint`)
 
     def diag(self, code: str, path: str, message: str, hint: str = "", severity: str = "error") -> Diagnostic:
         return Diagnostic(code=code, severity=severity, path=path, message=message, hint=hint,  # type: ignore[arg-type]
@@ -898,7 +900,40 @@ def _from_pydantic(err: dict[str, Any], ctx: _Ctx, prefix: tuple = (), root: typ
     if t == "literal_error":
         opts = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
         hint = _did_you_mean(str(err.get("input")), opts) if opts else ""
+        if isinstance(err.get("input"), bool) and root is None:
+            word = _source_scalar(ctx.text, loc)
+            if word is not None and word in opts:  # an option that YAML 1.1 reads as a boolean unquoted
+                hint = _bool_hint(loc, word, err["input"])
+    if t == "string_type" and isinstance(err.get("input"), bool) and root is None:
+        hint = _bool_hint(loc, _source_scalar(ctx.text, loc) or str(err["input"]).lower(), err["input"])
     return ctx.diag("S002", path, _human_message(err), hint)
+
+
+def _bool_hint(loc: tuple, word: str, value: bool) -> str:
+    """The hint for a YAML 1.1 boolean where a string belongs (the "Norway problem": unquoted ``no``, ``off``,
+    ``yes``, ``on`` are booleans in YAML 1.1, which PyYAML implements; https://yaml.org/type/bool.html): quote it."""
+    key = loc[-1] if loc else ""
+    quoted = f'- "{word}"' if isinstance(key, int) else f'{_seg(key)}: "{word}"'
+    return f"YAML 1.1 reads an unquoted {word} as {str(value).lower()}: quote it, {quoted}"
+
+
+def _source_scalar(text: str | None, loc: tuple) -> str | None:
+    """The plain scalar at ``loc`` as the YAML source spells it (``off`` for a loaded False), or None where it cannot
+    be told (no source, a path through a merge key or an alias the walk does not follow)."""
+    if text is None:
+        return None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, RecursionError, ValueError):
+        return None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in reversed(node.value) if _key_text(k) == _seg(part)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+        else:
+            return None
+    return node.value if isinstance(node, yaml.ScalarNode) and node.style is None else None
 
 
 # --- best-effort spec (for compiling the checks that do not depend on the invalid values)
