@@ -247,9 +247,18 @@ def spec_yaml(req: PlanRequest) -> str:
     hw = {"gpu": req.gpu, "count": req.gpus}
     if req.gpus_per_node:
         hw["gpus_per_node"] = req.gpus_per_node
+    from llmc.spec.presets import PRESETS
+
+    model: str | dict = req.model
+    preset = PRESETS.get(req.model)
+    if preset is not None and req.seq_len > preset.max_seq_len:
+        # a measured run longer than the preset's context: the torchtitan of that run sized its RoPE cache to the
+        # training seq_len (TransformerModelArgs.update_from_config, torchtitan 9dec370), which llmc's spec says as
+        # model.max_seq_len (torchtitan 0.3.0 refuses a longer sequence: X305)
+        model = {"preset": req.model, "max_seq_len": req.seq_len}
     spec = {
         "name": "bench-" + re.sub(r"[^A-Za-z0-9._-]", "-", req.id),
-        "model": req.model,
+        "model": model,
         "data": {"seq_len": req.seq_len, "tokens": "1T"},
         "hardware": hw,
         "training": {"precision": req.precision, "global_batch_tokens": req.global_batch_seqs * req.seq_len},

@@ -512,6 +512,47 @@ def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = 
     return sorted(out, key=lambda g: g.code not in ("X317", "X318", "X320"))
 
 
+def torchtitan_seq_gaps(arch, seq_len: int, gpu: bool) -> list[ModelGap]:
+    """What keeps torchtitan's job from training ``seq_len``-token sequences on any layout: a length past the model's
+    ``max_seq_len`` (X305: the job's RoPE cache is that long, torchtitan rejects longer sequences) and, on GPUs, one
+    the chunked loss cannot cut (X313 at cp 1: :func:`torchtitan_layout_seq_problem`; a larger cp only divides it
+    further). ``auto`` then runs the model on another backend (:func:`resolve_backend`)."""
+    out: list[ModelGap] = []
+    if seq_len > arch.max_seq_len:
+        out.append(ModelGap("X305", "data.seq_len",
+                            f"seq_len {seq_len} exceeds the model's max_seq_len {arch.max_seq_len}; torchtitan rejects "
+                            "it (RoPE cache length)", "raise model.max_seq_len"))
+    problem = torchtitan_layout_problem(arch, seq_len, 1, 1, 1, gpu)
+    if problem is not None:
+        out.append(problem)
+    return out
+
+
+def torchtitan_layout_problem(arch, seq_len: int, tp: int, cp: int, pp: int, gpu: bool) -> ModelGap | None:
+    """Why torchtitan 0.3.0's job cannot run ``arch`` on a layout of ``tp`` x ``cp`` x ``pp`` (the first reason),
+    else None: tied embeddings with pipeline parallelism (X303; ``Decoder.Config.update_from_config``); sequence
+    parallelism shards the sequence over the TP ranks and context parallelism's load-balanced ring cuts it into
+    2 x cp chunks, so seq_len must be a multiple of tp x 2cp (X306; torchtitan distributed/tensor_parallel.py,
+    context_parallel.py); on GPUs the job's chunked loss cuts each rank's seq_len / cp tokens into
+    :attr:`Backend.loss_chunks` equal slices and refuses a length they do not divide (X313; components/loss.py
+    ``_chunk_local``; the CPU job computes the loss whole). The search rejects such layouts for a torchtitan plan and
+    the torchtitan emitter reports them."""
+    if arch.tied_embeddings and pp > 1:
+        return ModelGap("X303", "model.tied_embeddings", "torchtitan does not support weight tying with pipeline "
+                        "parallelism (Decoder.Config.update_from_config)", "untie the embeddings or pin parallelism.pp: 1")
+    sp = (tp if tp > 1 else 1) * (2 * cp if cp > 1 else 1)
+    if seq_len % sp:
+        return ModelGap("X306", "data.seq_len", f"torchtitan needs seq_len divisible by tp * 2 * cp = {sp} "
+                        f"(sequence/context parallel), got {seq_len}", f"use a seq_len that is a multiple of {sp}")
+    chunks = get_backend("torchtitan").loss_chunks
+    if gpu and (seq_len // cp) % chunks:
+        local = seq_len // cp
+        return ModelGap("X313", "data.seq_len", f"torchtitan's chunked loss splits each rank's {local}-token sequence "
+                        f"(seq_len / cp) into {chunks} equal chunks; {local} is not a multiple of {chunks}",
+                        f"use a seq_len that is a multiple of {chunks * cp}")
+    return None
+
+
 def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = None, cp: int | None = None,
                     ep: int | None = None, zero_stage: int | None = None,
                     offload: bool = False, cpu: bool = False, model_gaps: tuple[str, ...] = (),

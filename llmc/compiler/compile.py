@@ -170,6 +170,8 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     titan_seq = max([data.seq_len] + [st.seq_len or st.data.seq_len for _, st in continued if st.seq_len or st.data])
     gaps = backends.torchtitan_model_gaps(run.model, init_hf, hf_model_type=types.get(init_hf) if init_hf else None,
                                           seq_len=titan_seq)
+    if pretrains and gpu is not None:  # the pre-training job's sequence length
+        gaps += backends.torchtitan_seq_gaps(run.model, data.seq_len, gpu.key != "cpu")
     for i, st in continued:
         if st.init_hf and st.init_hf != init_hf:
             gaps += [g for g in backends.torchtitan_model_gaps(run.model, st.init_hf, f"stages.{i}.init_hf",
@@ -471,6 +473,9 @@ def _backend_and_calibration(run, gpu, calibration, sink, gaps=(), titan_work=Tr
                if be.fp8_linear_speedup > 1 else f"the {name} backend trains it in bf16 (timed as bf16)")
     be_info = BackendChoice(name=name, reason=f"backend {name}: {why}; torch.compile {'on' if comp else 'off'}",
                             compile=comp, fp8=fp8)
+    if name == "torchtitan":  # pinned (auto keeps off a model with gaps): what its job cannot run, at plan time
+        for g in gaps:
+            sink.add(g.code, "error", g.path, g.message, g.hint)
     checks.check_fp8_recipe(run, be, sink)
     checks.check_offload_backend(run, be, sink)
     checks.check_backend_options(run, be, sink)

@@ -44,6 +44,7 @@ import heapq
 import math
 from dataclasses import dataclass, field, fields
 
+from llmc.compiler import backends
 from llmc.compiler.memory import max_chunk_layers
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import Candidate, MemoryNumbers
@@ -727,6 +728,7 @@ def _enumerate(S: _Search) -> list[_Family]:
     kv = arch.n_heads if arch.mla is not None else arch.kv_heads
     moe = arch.moe
     out: list[_Layout] = []
+    titan, gpu = S.sm.backend == "torchtitan", S.gpu.key != "cpu"  # (the torchtitan job's own limits)
 
     tp_values = [pins.tp] if pins.tp is not None else [t for t in divisors(world) if t <= gpn]
     for t in tp_values:
@@ -754,10 +756,14 @@ def _enumerate(S: _Search) -> list[_Family]:
             if p > L:
                 S.reject(probe, "pp", f"pp {p} > {L} layers", dims=("pp",))
                 continue
+            if titan and arch.tied_embeddings and p > 1:  # (X303: backends.torchtitan_layout_problem)
+                S.reject(probe, "pp", f"{backends.torchtitan_layout_problem(arch, S.seq_len, t, 1, p, gpu).message} "
+                         "(X303)", dims=("pp",))
+                continue
             if pins.cp is not None:
                 cps = [pins.cp]
             elif S.seq_len >= CP_MIN_SEQ:
-                cps = [c for c in (1, 2, 4, 8, 16, 32) if S.seq_len % (2 * t * c) == 0]
+                cps = [c for c in (1, 2, 4, 8, 16, 32) if c == 1 or S.seq_len % (2 * t * c) == 0]
             else:
                 cps = [1]
             for c in cps:
@@ -768,6 +774,12 @@ def _enumerate(S: _Search) -> list[_Family]:
                 if c > 1 and S.seq_len % (2 * t * c):
                     S.reject(probe, "cp", f"seq_len {S.seq_len} not divisible by 2 x tp x cp = {2 * t * c}",
                              dims=("cp",))
+                    continue
+                # torchtitan's job splits the sequence over tp x cp and cuts its loss into chunks: a length it
+                # cannot split is no torchtitan plan (backends.torchtitan_layout_problem)
+                problem = backends.torchtitan_layout_problem(arch, S.seq_len, t, c, 1, gpu) if titan else None
+                if problem is not None:
+                    S.reject(probe, "seq", f"{problem.message} ({problem.code})", dims=("tp", "cp"))
                     continue
                 dp = rest // (p * c)
                 S.layouts_total += 1

@@ -73,8 +73,10 @@ from llmc.compiler.backends import (
     compile_on,
     fp8_recipe_on,
     get_backend,
+    torchtitan_layout_problem,
     torchtitan_model_gaps,
     torchtitan_reads_hf,
+    torchtitan_seq_gaps,
 )
 from llmc.compiler.checks import mixture_shares
 from llmc.compiler.memory import SINGLE_STAGE_SCHEDULES, even_parts, pipeline_chunks
@@ -249,12 +251,6 @@ def _pp_module_fqns(n_layers: int, n_stages: int) -> list[list[str]]:
 def _arch_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]) -> None:
     """What torchtitan 0.3.0 cannot express about this architecture and plan (errors) or drops (notes)."""
     arch, plan, seq_len = compiled.spec.model, compiled.plan, compiled.hyper.seq_len
-    if arch.tied_embeddings and plan.pp > 1:
-        errs.append(diag(
-            "X303", "error", "model.tied_embeddings",
-            "torchtitan does not support weight tying with pipeline parallelism (Decoder.Config.update_from_config)",
-            "untie the embeddings or pin parallelism.pp: 1",
-        ))
     if arch.mla is not None and arch.moe is None:
         notes.append("MLA without MoE: deepseek_v3 layers with every layer dense")
     if plan.tp > 1 and arch.mla is None and (arch.n_heads % plan.tp or arch.kv_heads % plan.tp):
@@ -263,33 +259,15 @@ def _arch_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]
             f"tensor_parallel_degree {plan.tp} must divide n_heads {arch.n_heads} and n_kv_heads {arch.kv_heads} "
             "(torchtitan Decoder.Config.update_from_config)",
         ))
-    if seq_len > arch.max_seq_len:
-        errs.append(diag(
-            "X305", "error", "data.seq_len",
-            f"seq_len {seq_len} exceeds the model's max_seq_len {arch.max_seq_len}; torchtitan rejects it "
-            "(RoPE cache length)",
-            "raise model.max_seq_len",
-        ))
-    sp_div = (plan.tp if plan.tp > 1 else 1) * (2 * plan.cp if plan.cp > 1 else 1)
-    if seq_len % sp_div:
-        errs.append(diag(
-            "X306", "error", "data.seq_len",
-            f"torchtitan needs seq_len divisible by tp * 2 * cp = {sp_div} (sequence/context parallel), got {seq_len}",
-        ))
-
-
-def _chunked_loss_check(compiled, errs: list[Diagnostic]) -> None:
-    """X313: ChunkedLossWrapper cuts each rank's sequence (seq_len / cp) into loss_chunks equal slices and refuses a
-    length they do not divide (torchtitan 0.3.0 components/loss.py ``_chunk_local``); the CPU job computes the loss
-    whole."""
-    if compiled.spec.hardware.gpu == "cpu":
-        return
-    local, chunks = compiled.hyper.seq_len // compiled.plan.cp, get_backend("torchtitan").loss_chunks
-    if local % chunks:
-        errs.append(diag("X313", "error", "data.seq_len",
-                         f"torchtitan's chunked loss splits each rank's {local}-token sequence (seq_len / cp) into "
-                         f"{chunks} equal chunks; {local} is not a multiple of {chunks}",
-                         f"use a seq_len that is a multiple of {chunks * compiled.plan.cp}"))
+    # X305 (seq_len past max_seq_len), X306 / X313 (a sequence the layout's tp x cp and the chunked loss cannot
+    # split): the compiler's rules, which keep `auto` and the search off such plans
+    gpu = compiled.spec.hardware.gpu != "cpu"
+    for g in torchtitan_seq_gaps(arch, seq_len, gpu):
+        if g.code == "X305":
+            errs.append(diag(g.code, "error", g.path, g.message, g.hint))
+    problem = torchtitan_layout_problem(arch, seq_len, plan.tp, plan.cp, plan.pp, gpu)
+    if problem is not None:  # X303 (tying with PP), X306, X313
+        errs.append(diag(problem.code, "error", problem.path, problem.message, problem.hint))
 
 
 def _parallelism(compiled, errs: list[Diagnostic]) -> dict[str, Any]:
@@ -653,7 +631,6 @@ def torchtitan_values(compiled, stage: int | None = None) -> TitanValues:
         view.spec.model, src, src_path, view.checkpoint_types.get(src) if src else None, view.hyper.seq_len)]
     _arch_checks(view, family, errs, notes)
     _hf_notes(view, family, notes)
-    _chunked_loss_check(view, errs)
     optim = _optimizer_schedule(view, notes)
     model = _model_args(view, family, errs, notes)
     par = _parallelism(view, errs)
@@ -824,6 +801,14 @@ class TorchtitanEmitter(Emitter):
 
     def applies(self, compiled) -> bool:
         return compiled.plan is not None or bool(titan_stages(compiled))
+
+    def diagnostics(self, compiled) -> list[Diagnostic]:
+        """A plan computed for torchtitan whose job cannot be emitted is a build error (X3xx): its numbers would
+        describe a job that does not exist and the launchers would fall back to another backend's trainer, on a
+        layout planned for torchtitan. For a plan on another backend the reasons stay in NOT_EMITTED.txt."""
+        if compiled.backend is None or compiled.backend.name != "torchtitan":
+            return []
+        return torchtitan_diagnostics(compiled)
 
     def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
         return render_torchtitan(compiled)
