@@ -345,11 +345,14 @@ def test_dpo_step0_is_log2_and_margin_grows():
     torch.manual_seed(0)
     m = _model()
     pairs = encode_pairs(preference_pairs(32, seed=2), TOK)
-    hist = train_dpo(m, pairs, steps=25, lr=2e-3, beta=0.1, batch_size=8, pad_id=TOK.pad_id)
+    hist = train_dpo(m, pairs, steps=30, lr=2e-3, beta=0.1, batch_size=8, pad_id=TOK.pad_id)
     assert math.isclose(hist[0]["loss"], math.log(2), abs_tol=1e-5)
     assert abs(hist[0]["margin"]) < 1e-5
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.1
-    assert sum(h["margin"] for h in hist[-5:]) / 5 > 0.5
+    # every pair once per epoch of 4 steps: the last steps' batches are pairs last seen an epoch earlier (with draws
+    # with replacement, as before, recent repeats lifted this mean above 0.5)
+    early, late = (sum(h["margin"] for h in hs) / 5 for hs in (hist[:5], hist[-5:]))
+    assert late > 0.25 and late > early + 0.2, (early, late)
 
 
 def test_dpo_reference_is_frozen_copy_or_lora_base():

@@ -21,7 +21,15 @@ from torch import nn
 
 from llmc.runtime.chat import IGNORE_INDEX, encode_prompt_response
 from llmc.runtime.lora import disable_adapters, lora_modules
-from llmc.runtime.sft import DataShard, LoopState, adamw, clip_grads, next_token_targets, pad_batch
+from llmc.runtime.sft import (
+    DataShard,
+    EpochOrder,
+    LoopState,
+    adamw,
+    clip_grads,
+    next_token_targets,
+    pad_batch,
+)
 
 
 def sequence_logprobs(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, loss_chunk: int = 0) -> torch.Tensor:
@@ -128,7 +136,8 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
     ref = reference or Reference(model)  # before a resume loads trained weights: the reference is the start
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, lr, optimizer)
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # (kept in the checkpoints' rank state; the draws come from ``order``)
+    order = EpochOrder(len(pairs), seed)
     model.train()
     todo = state.begin(model, opt, steps, rng)
     hist = state.history
@@ -136,7 +145,7 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
         lr_t = lr * (lr_factor(step) if lr_factor else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr_t
-        batch = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
+        batch = [pairs[i] for i in order.draws(step, batch_size)]
         mine, w = shard.split(batch, equal=micro_batch is not None)
         micro = max(1, micro_batch or len(mine))
         opt.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from torch import nn
 
 from llmc.runtime.chat import IGNORE_INDEX, TokAdapter, encode_prompt, end_token_id
 from llmc.runtime.dpo import Reference
-from llmc.runtime.sft import DataShard, LoopState, adamw, clip_grads, dropout_off
+from llmc.runtime.sft import DataShard, EpochOrder, LoopState, adamw, clip_grads, dropout_off
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -193,7 +193,8 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     ref = None if kl_coef <= 0 else reference if reference is not None else Reference(model)  # KL 0: no ref passes
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, lr, optimizer, betas=(0.9, 0.99))  # optimizer: the stage plan's (sft.adamw)
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # (kept in the checkpoints' rank state; the prompts come from ``order``)
+    order = EpochOrder(len(prompts), seed)
     gen = torch.Generator().manual_seed(seed + 1_000_003 * shard.rank)
     ctx = getattr(getattr(model, "arch", None), "max_seq_len", None)
     limit = max_prompt_tokens
@@ -216,8 +217,7 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                 g["lr"] = lr_t
             batch = []
             rewards_all = []
-            picks, weights = shard.split([rng.randrange(len(prompts)) for _ in range(prompts_per_step)],
-                                         equal=True)
+            picks, weights = shard.split(order.draws(step, prompts_per_step), equal=True)
             per = max(1, sampling_groups or len(picks))  # every rank has as many picks (equal=True): as many batches
             sampled = []
             for b0 in range(0, len(picks), per):

@@ -52,6 +52,32 @@ class DataShard:
         return not any_across(not flag)
 
 
+class EpochOrder:
+    """Which example a post-training loop draws: the run's ``k``-th draw is ``order(k)``, epoch after epoch, each
+    epoch a fresh permutation of the ``n`` examples (seeded by the run's seed and the epoch), so every example is
+    trained once per epoch, as torch's ``DataLoader(shuffle=True)`` / transformers' Trainer reshuffle each epoch
+    (https://pytorch.org/docs/stable/data.html, RandomSampler without replacement). A draw depends on ``k`` alone,
+    so a resumed loop (``k = step x draws per step + j``) draws what the uninterrupted one would have."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, list(range(n))
+
+    def __call__(self, k: int) -> int:
+        if self.n < 1:
+            raise ValueError("no examples to draw from")
+        epoch, i = divmod(k, self.n)
+        if epoch != self._epoch:  # (str seeds are hashed with SHA-512: the same on every platform and run)
+            self._perm = list(range(self.n))
+            random.Random(f"llmc-epoch:{self.seed}:{epoch}").shuffle(self._perm)
+            self._epoch = epoch
+        return self._perm[i]
+
+    def draws(self, step: int, count: int) -> list[int]:
+        """The ``count`` draws of 0-based step ``step`` of a loop that draws ``count`` per step."""
+        return [self(step * count + j) for j in range(count)]
+
+
 @dataclass
 class LoopState:
     """Where a post-training loop (:func:`train_sft`, :func:`llmc.runtime.dpo.train_dpo`,
@@ -216,7 +242,8 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
     state = state or LoopState()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, lr, optimizer)
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # (kept in the checkpoints' rank state; the draws come from ``order``)
+    order = EpochOrder(len(examples), seed)
     model.train()
     todo = state.begin(model, opt, steps, rng)
     losses: list[float] = state.history
@@ -224,7 +251,7 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
         lr_t = lr * (lr_factor(step) if lr_factor else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr_t
-        batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+        batch = [examples[i] for i in order.draws(step, batch_size)]
         mine, w = shard.split(batch, equal=micro_batch is not None)
         micro = max(1, micro_batch or len(mine))
         chunks = []

@@ -192,9 +192,14 @@ class Data(SpecModel):
     tokenizer: Tokenizer = Field(default_factory=Tokenizer)
     """Tokenizer to use."""
     seq_len: Int = Field(gt=0)
-    """Packed sequence length in tokens (documents joined with EOS)."""
+    """Sequence length in tokens: pre-training and continued training pack documents joined with EOS into
+    sequences of exactly this length; SFT / DPO / GRPO stages train one conversation (pair, prompt + completion) per
+    sequence, truncated to it and padded to the longest of its micro-batch, not packed."""
     tokens: HumanFloat = Field(gt=0, le=MAX_TOKENS)
-    """Total training tokens (D), e.g. ``15.6e12`` or ``15.6T``."""
+    """Total training tokens (D), e.g. ``15.6e12`` or ``15.6T``. For SFT / DPO / GRPO stages: sequence slots,
+    steps = tokens / (global batch x seq_len); each step draws a global batch of examples, every example once per
+    epoch in a fresh order, so a dataset shorter than seq_len per example trains fewer tokens than this (the
+    plan times full-length sequences: an upper bound)."""
     quality: Quality | None = None
     """Data-quality pass run by ``prepare`` before tokenization. None = none."""
 
