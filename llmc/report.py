@@ -384,7 +384,7 @@ def _rejected(c) -> Table | None:
 
     t = _kv_table("Rejected candidates")
     labels = {"memory": "do not fit in memory", "batch": "batch identity impossible",
-              "tp": "TP would span nodes", "heads": "heads not divisible by tp", "pp": "more stages than layers",
+              "tp": "TP would leave NVLink", "heads": "heads not divisible by tp", "pp": "more stages than layers",
               "cp": "seq_len not divisible for CP", "ep": "EP does not divide the experts", "pins": "conflict with pins",
               "pruned": "pruned (step-time bound cannot beat the chosen plan)"}
     if counts:

@@ -226,18 +226,23 @@ def check_pins(run, gpu, sink: Sink) -> None:
         sink.add("P001", "error", "parallelism", f"{expr} = {prod} does not divide {world} GPUs (hardware.count)",
                  "pinned degrees must multiply to a divisor of the world size")
     if par.tp is not None:
-        if par.tp > gpn:
-            sink.add("P002", "error", "parallelism.tp", f"tp {par.tp} > {gpn} GPUs per node: TP would span nodes",
-                     f"keep tp <= {gpn} (TP needs NVLink); use pp or FSDP across nodes")
-        elif gpn % par.tp:
-            sink.add("P002", "error", "parallelism.tp", f"tp {par.tp} does not divide {gpn} GPUs per node",
-                     "a TP group would straddle two nodes; use a divisor of the node size")
+        from llmc.compiler.hardware import nvlink_group
+
+        dom = nvlink_group(gpu)  # the node, or an NVL72 rack's 72 GPUs: where a TP group may reach
+        where, leave = ((f"{dom} GPUs per NVLink domain", "its NVLink domain") if dom != gpn else
+                        (f"{gpn} GPUs per node", "the node"))
+        if par.tp > dom:
+            sink.add("P002", "error", "parallelism.tp", f"tp {par.tp} > {where}: TP would leave {leave}",
+                     f"keep tp <= {dom} (TP needs NVLink); use pp or FSDP across nodes")
+        elif dom % par.tp:
+            sink.add("P002", "error", "parallelism.tp", f"tp {par.tp} does not divide {where}",
+                     f"a TP group would straddle {leave}'s edge; use a divisor of {dom}")
         heads = arch.n_heads
         kv = arch.n_heads if arch.mla is not None else arch.kv_heads
         if heads % par.tp or kv % par.tp:
             bad = f"n_heads {heads}" if heads % par.tp else f"n_kv_heads {kv}"
             sink.add("P003", "error", "parallelism.tp", f"{bad} not divisible by tp {par.tp}",
-                     f"choose tp from {[t for t in range(1, gpn + 1) if heads % t == 0 and kv % t == 0]}")
+                     f"choose tp from {[t for t in range(1, dom + 1) if dom % t == 0 and heads % t == 0 and kv % t == 0]}")
     if par.pp is not None and par.pp > arch.n_layers:
         sink.add("P001", "error", "parallelism.pp", f"pp {par.pp} > {arch.n_layers} layers",
                  "each pipeline stage needs at least one block")

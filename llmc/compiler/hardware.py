@@ -534,6 +534,14 @@ def peak_flops(gpu: GPU, precision: str) -> float:
 DVFS_EXPONENT = 1 / 3
 
 
+def nvlink_group(gpu: GPU) -> int:
+    """GPUs one NVLink fabric joins: the table's ``nvlink_domain`` (a GB200 / GB300 NVL72 rack: 72 GPUs over
+    18 nodes of 4, https://www.nvidia.com/en-us/data-center/gb200-nvl72/), else the node; where a TP group may reach
+    (TP needs NVLink bandwidth: Narayanan et al. 2021, arXiv:2104.04473 §3.2) and what the time model charges
+    NVLink rather than the network for."""
+    return (gpu.nvlink_domain if gpu.nvlink_gbps > 0 else None) or gpu.gpus_per_node
+
+
 def clock_factor(gpu: GPU) -> float:
     """Fraction of the datasheet tensor throughput sustained at ``power_w`` (1.0 at or above ``tdp_w``)."""
     if not gpu.power_w or not gpu.tdp_w or gpu.power_w >= gpu.tdp_w:

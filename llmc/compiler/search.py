@@ -3,8 +3,9 @@
 Enumeration (torchtitan's mesh: world = dp_replicate x dp_shard x cp x tp x pp, EP carved out of
 dp_shard x cp):
 
-* tp: divisors of the node size that divide n_heads and n_kv_heads (MLA: n_heads); TP never spans
-  nodes (TP needs NVLink bandwidth: Narayanan et al. 2021, arXiv:2104.04473 §3.2).
+* tp: divisors of the NVLink domain (the node; a GB200 / GB300 NVL72 rack's 72 GPUs,
+  ``hardware.nvlink_group``) that divide n_heads and n_kv_heads (MLA: n_heads); TP never leaves NVLink (TP needs
+  NVLink bandwidth: Narayanan et al. 2021, arXiv:2104.04473 §3.2).
 * pp: divisors of world/tp up to n_layers; uneven splits allowed (Llama 3 405B: 126 layers / 16).
   Schedules 1F1B and Interleaved1F1B with v in {2, 4, 8} virtual stages when the layers allow
   (Megatron requires grad_accum % pp == 0 for interleaving); GPipe and ZBVZeroBubble when pinned.
@@ -45,6 +46,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from llmc.compiler import backends
+from llmc.compiler.hardware import nvlink_group
 from llmc.compiler.memory import max_chunk_layers
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import Candidate, MemoryNumbers
@@ -730,18 +732,19 @@ def _enumerate(S: _Search) -> list[_Family]:
     out: list[_Layout] = []
     titan, gpu = S.sm.backend == "torchtitan", S.gpu.key != "cpu"  # (the torchtitan job's own limits)
 
-    tp_values = [pins.tp] if pins.tp is not None else [t for t in divisors(world) if t <= gpn]
+    dom = nvlink_group(S.gpu)  # (the node, or an NVL72 rack's 72 GPUs)
+    where = f"{dom} GPUs per NVLink domain" if dom != gpn else f"{gpn} GPUs per node"
+    tp_values = [pins.tp] if pins.tp is not None else [t for t in divisors(world) if t <= dom]
     for t in tp_values:
         probe = ParallelPlan(tp=t)
         if world % t:
             S.reject(probe, "pins", f"tp {t} does not divide {world} GPUs", dims=("tp",))
             continue
-        if t > gpn:
-            S.reject(probe, "tp", f"tp {t} > {gpn} GPUs per node (TP must stay on NVLink)", dims=("tp",))
+        if t > dom:
+            S.reject(probe, "tp", f"tp {t} > {where} (TP must stay on NVLink)", dims=("tp",))
             continue
-        if gpn % t:
-            S.reject(probe, "tp", f"tp {t} does not divide {gpn} GPUs per node (a TP group would span nodes)",
-                     dims=("tp",))
+        if dom % t:
+            S.reject(probe, "tp", f"tp {t} does not divide {where} (a TP group would leave NVLink)", dims=("tp",))
             continue
         if heads % t or kv % t:
             what = f"n_heads {heads}" if heads % t else f"n_kv_heads {kv}"
