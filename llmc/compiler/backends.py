@@ -87,6 +87,10 @@ class Backend:
     fp8_cast_blocks_async_tp: bool = False  # an fp8 cast between a TP all-gather and its GEMM stops async TP fusing them
     sac_regathers_tp: bool = False  # selective AC does not save the TP all-gathers' outputs: the backward re-gathers
     fp8_recipes: frozenset[str] = frozenset()  # fp8 recipes the runner executes (empty: it trains fp8 specs in bf16)
+    # the parts of the model (flops.LINEAR_PARTS) whose linears the runner converts to fp8 in an fp8 run; the
+    # time model speeds up those FLOPs only (fp8_converted_parts). Default: every block linear, the routed
+    # experts' grouped GEMMs included; the output head and the MoE router stay bf16
+    fp8_parts: frozenset[str] = frozenset({"attention", "mlp", "experts"})
     can_compile: bool = True  # the runner applies training.compile (torch.compile of the blocks)
     # training options the runner applies ("z_loss": the log-sum-exp penalty, "loss_spike": rewind and skip)
     applies: frozenset[str] = frozenset({"z_loss", "loss_spike"})
@@ -177,13 +181,18 @@ _FSDP2_ZERO12 = ("llmc maps ZeRO-1/2 to FSDP2 reshard_after_forward=False (torch
                  "stage.py turns sync and the post-backward reshard off until the last micro-batch")
 # Slices of torchtitan's chunked loss (ChunkedLossWrapper.Config.num_chunks default): the emitted job sets it
 TITAN_LOSS_CHUNKS = 8
+# how the torchtitan fp8 speed-ups are fitted (tests/test_timing.py reproduces the ratios,
+# tests/test_fp8_parts.py reruns the fit)
+_FP8_FIT = ("given the cast-byte, fp8 shape and GEMM roofline models, the roofline penalty 1.0 on these "
+            "shapes, and only the linears of fp8_parts in fp8, the output head bf16 as in those runs: least "
+            "squares of the relative error of llmc's fp8 / bf16 step-time ratio, on a 0.01 grid")
 _FP8_SRC = ("torchtitan docs/float8.md and benchmarks/llama3_h100_202412_torchtitan.md Table 1/3: compile + "
             "Float8 vs compile bf16 = 8532/6667 = 1.28x and 8380/6514 = 1.29x end to end for Llama 3.1 8B")
 
 BACKENDS: dict[str, Backend] = {
     "torchtitan": Backend(
         name="torchtitan", runnable=True, states=_FSDP2_STATES,
-        base_efficiency=0.68, fp8_linear_speedup=1.92, fp8_rowwise_speedup=1.47, fp8_default_recipe="rowwise",
+        base_efficiency=0.68, fp8_linear_speedup=2.0, fp8_rowwise_speedup=1.51, fp8_default_recipe="rowwise",
         fp8_cast_bytes={"tensorwise": 4.0, "rowwise": 6.0, "mxfp8": MX_CAST_FUSED}, attn_relative_efficiency=0.6,
         compile_default=True, eager_elementwise=3.0,
         fp8_cast_bytes_unfused={"tensorwise": 6.0, "rowwise": 8.0, "mxfp8": MX_CAST_UNFUSED},
@@ -203,7 +212,9 @@ BACKENDS: dict[str, Backend] = {
             "states": "FSDP2 fully_shard MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); " + _TT
             + "/blob/main/torchtitan/config/job_config.py (mixed_precision_param / mixed_precision_reduce)",
             "base_efficiency": "fitted: benchmarks/ torchtitan H100 Dec 2024 rows (use: fit)",
-            "fp8_linear_speedup": "fitted (given the cast-byte, fp8 shape and GEMM roofline models; the roofline penalty is 1.0 on these shapes) on the use: fit rows: " + _FP8_SRC,
+            "fp8_linear_speedup": "fitted (" + _FP8_FIT + ") on the use: fit rows: " + _FP8_SRC
+            + "; the optimum lies at the cap min(speedup, fp8/bf16 peak ratio), 2.0 on H100: fp8 GEMMs as "
+            "efficient as bf16 ones before the fp8 shape penalty and the casts",
             "fsdp_overlap": "FSDP2 prefetches the next unit's all-gather during the current unit's compute "
             "(https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html); share hidden is an estimate",
             "tp_overlap": "without async TP, torchtitan's DTensor TP collectives are issued on the compute stream "
@@ -211,7 +222,7 @@ BACKENDS: dict[str, Backend] = {
             "ep_overlap": "torchtitan's expert-parallel all-to-all is synchronous around the grouped GEMMs (exposed)",
             "nccl_bytes_per_peer_group": "NCCL_BUFFSIZE 4 MiB per channel, up to 16 channels per communicator "
             "on NVLink (https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html); estimate",
-            "fp8_rowwise_speedup": "fitted (given the cast-byte, fp8 shape and GEMM roofline models; the roofline penalty is 1.0 on these shapes) to the rowwise/bf16 ratio of "
+            "fp8_rowwise_speedup": "fitted (" + _FP8_FIT + ") to the rowwise/bf16 ratio of "
             + _TT + "/commit/7a04053a742af65bc76826bbcc57b7bede7be62c (Llama 3 8B, 8 H100, "
             "compile: bf16 5,760 tok/s, rowwise float8 6,424 (1.12x), tensorwise + fp8 all-gather 7,186 (1.25x))",
             "fp8_cast_bytes": "torchao float8 roofline model (https://github.com/pytorch/ao/blob/main/torchao/"
@@ -251,6 +262,15 @@ BACKENDS: dict[str, Backend] = {
             "(render_torchtitan.py)",
             "fp8_recipes": "torchtitan 0.3.0 components/quantization: Float8LinearConverter.Config.recipe_name is "
             "Literal['rowwise', 'rowwise_with_gw_hp'] (no tensorwise); MXFP8LinearConverter runs mxfp8",
+            "fp8_parts": "llmc's torchtitan job (torchtitan 0.3.0 components/quantization): "
+            "Float8LinearConverter (filter_fqns lm_head, router.gate) or MXFP8LinearConverter (fqns "
+            "attention, feed_forward, shared_experts) converts the attention, dense FFN and shared-expert "
+            "nn.Linear modules; the routed experts are GroupedExperts 3-D parameters, which only "
+            "Float8GroupedExpertsConverter / MXFP8GroupedExpertsConverter convert (the pair torchtitan's own "
+            "deepseek_v3_671b_float8 config uses), and the job emits them (fp8_converted_parts). The output "
+            "head stays bf16 in the job and in every published torchtitan float8 row: torchtitan 9dec370 "
+            "torchtitan/float8.py (module_filter_fn=lambda mod, fqn: fqn != 'output'), 820504e / e7c0cae "
+            "models/llama3/train_configs/llama3_{8b,70b}.toml ([float8] filter_fqns = ['output'])",
             "attn_relative_efficiency": "FlashAttention-2 reaches 35 % of H100 peak, FlashAttention-3 75 % "
             "(Shah et al. 2024, arXiv 2407.08608, sec. 1 and 4.1); PyTorch SDPA's flash/cuDNN kernels sit between: "
             "0.6 of the GEMM efficiency (fitted on the Table 2 sequence-length sweep)",
@@ -278,6 +298,7 @@ BACKENDS: dict[str, Backend] = {
     "native": Backend(
         name="native", runnable=True, states=_FSDP2_STATES,
         base_efficiency=0.52, fp8_linear_speedup=1.0, fp8_rowwise_speedup=1.0, fp8_default_recipe="tensorwise",
+        fp8_parts=frozenset(),
         fp8_cast_bytes={}, attn_relative_efficiency=0.6, compile_default=False, eager_elementwise=3.0,
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
@@ -288,6 +309,7 @@ BACKENDS: dict[str, Backend] = {
             "states": "llmc/runtime/distributed.py: fully_shard per block with MixedPrecisionPolicy"
             "(bf16, fp32); DDP otherwise",
             "fp8_linear_speedup": "llmc's native trainer runs fp8 specs in bf16 (llmc/runtime/train.py)",
+            "fp8_parts": "none: llmc's native trainer runs fp8 specs in bf16 (llmc/runtime/train.py)",
             "selective_ac": "llmc/runtime/model.py Transformer.set_ac('selective'): torch.utils.checkpoint around each attention core (RoPE + SDPA), Korthikanti et al. 2022 (arXiv 2205.05198) sec. 4.1 selective activation recomputation",
             "zero12": _FSDP2_ZERO12,
             "base_efficiency": "as torchtitan (same PyTorch kernels, no compile)",
@@ -298,6 +320,7 @@ BACKENDS: dict[str, Backend] = {
     "deepspeed": Backend(
         name="deepspeed", runnable=True, states=_DS_STATES,
         base_efficiency=0.52, fp8_linear_speedup=1.0, fp8_rowwise_speedup=1.0, fp8_default_recipe="tensorwise",
+        fp8_parts=frozenset(),
         fp8_cast_bytes={}, attn_relative_efficiency=0.6, compile_default=False, eager_elementwise=3.0,
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.0,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
@@ -320,6 +343,7 @@ BACKENDS: dict[str, Backend] = {
             "dtype unless data_types.grad_accum_dtype is set, which llmc's ds_config does not); llmc's ds_config sets "
             "reduce_bucket_size = d_model^2 (ds_reduce_bucket_elems)",
             "fp8_linear_speedup": "llmc's DeepSpeed runner trains fp8 specs in bf16 (render.py X106)",
+            "fp8_parts": "none: llmc's DeepSpeed runner trains fp8 specs in bf16 (render.py X106)",
             "selective_ac": "llmc's DeepSpeed runner builds llmc's model and applies its set_ac (llmc/runtime/ds_train.py; model.py Transformer.set_ac('selective')): torch.utils.checkpoint around each attention core (RoPE + SDPA), Korthikanti et al. 2022 (arXiv 2205.05198) sec. 4.1 selective activation recomputation",
         }),
     # Reference profile: Megatron-Core / Megatron-Bridge. llmc does not build Megatron jobs; the profile
@@ -354,6 +378,11 @@ BACKENDS: dict[str, Backend] = {
             "cp_overlap": "Megatron-Core context parallel: P2P K/V exchange overlapped with attention "
             "(Transformer Engine), https://docs.nvidia.com/megatron-core/developer-guide/latest/"
             "api-guide/context_parallel.html",
+            "fp8_parts": "Transformer Engine's fp8_autocast converts TE modules only: the attention and MLP "
+            "linears (TELayerNormColumnParallelLinear, TERowParallelLinear) and the routed experts "
+            "(TEGroupedMLP); the output layer is Megatron-Core's own tensor_parallel.ColumnParallelLinear "
+            "(megatron/core/models/gpt/gpt_model.py) and the MoE gate router_gating_linear "
+            "(megatron/core/transformer/moe/router.py), both outside TE, so bf16",
             "fp8_linear_speedup": "Transformer Engine FP8 GEMMs on Hopper/Blackwell (2x the bf16 tensor peak), set "
             "with the Megatron-Bridge rows in view (not independent)",
             "selective_ac": "per_op, although Megatron-Core's recompute_granularity='selective' recomputes only "
@@ -612,6 +641,28 @@ def fp8_recipe_on(backend: Backend, requested: str | None) -> str:
     return requested or backend.fp8_default_recipe
 
 
+# K and N of an fp8 grouped GEMM must be multiples of this, by recipe: torchao's float8 rowwise grouped GEMM
+# asserts "A must have a last dim divisible by 16" and "B must have last 2 dims divisible by 16"
+# (torchao/prototype/moe_training/fp8_grouped_mm.py); MX scales blocks of 32 elements along K (torchao MXFP8
+# block size, torchao/prototype/mx_formats/README.md). The fp8 tensor cores need 16-byte aligned dimensions.
+FP8_GROUPED_GEMM_ALIGN = {"tensorwise": 16, "rowwise": 16, "mxfp8": 32}
+
+
+def fp8_converted_parts(backend: Backend, arch, recipe: str) -> frozenset[str]:
+    """The parts of ``arch`` (``flops.LINEAR_PARTS``) whose linears an fp8 run on ``backend`` with ``recipe``
+    runs in fp8: the backend's :attr:`Backend.fp8_parts`, the routed experts only when the model has them and
+    their d_model and expert width meet the grouped GEMM's alignment (:data:`FP8_GROUPED_GEMM_ALIGN`). The
+    time model speeds up and casts exactly these parts (timing.step_model), and llmc's torchtitan job emits
+    the grouped-experts fp8 converter exactly when ``experts`` is among them (emit/torchtitan.py)."""
+    parts = set(backend.fp8_parts)
+    if "experts" in parts:
+        align = FP8_GROUPED_GEMM_ALIGN.get(recipe, 16)
+        moe = arch.moe
+        if moe is None or arch.d_model % align or (moe.expert_d_ff or arch.d_ff) % align:
+            parts.discard("experts")
+    return frozenset(parts)
+
+
 def deepspeed_zero_stage(par, plan, *, searched: bool, backend: str | None) -> int:
     """The ZeRO stage of the run's ds_config, which llmc's DeepSpeed runner trains pre-training and every LM stage
     with (the emitter writes it, the stage checkpoint model sizes its saves by it): a pinned ``parallelism.zero_stage``
@@ -640,4 +691,4 @@ def activation_mode(ac: str, backend: Backend) -> str:
 
 __all__ = ["deepspeed_zero_stage", "Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "ModelGap", "get_backend", "resolve_backend",
            "torchtitan_model_gaps", "torchtitan_reads_hf", "compile_on",
-           "fp8_recipe_on", "activation_mode", "describe"]
+           "fp8_recipe_on", "fp8_converted_parts", "activation_mode", "describe"]

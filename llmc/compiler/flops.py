@@ -31,11 +31,17 @@ planned and the measured MFU agree):
   gives the halved variant for comparison).
 * Recomputation (activation checkpointing, FlashAttention's backward recompute) is excluded: these are
   *model* FLOPs (MFU). :func:`recompute_flops_per_token` gives the extra work for HFU.
+* Per part (:func:`linear_flops_by_part`): 6 N_mm split into the attention projections, the dense /
+  shared-expert FFNs, the routed experts, the router, the output head and the rest (norms, biases). A
+  low-precision recipe converts some of these parts only (fp8: never the head;
+  ``backends.fp8_converted_parts``), and the time model speeds up those FLOPs (:func:`linear_share`).
 """
 
 from __future__ import annotations
 
 from llmc.compiler.params import (
+    expert_d_ff,
+    layer_components,
     matmul_params_active,
     params_active,
 )
@@ -169,12 +175,74 @@ def attention_share(arch: Architecture, seq_len: int) -> float:
     return attention_flops_per_token(arch, seq_len) / train_flops_per_token(arch, seq_len)
 
 
+#: the groups of linears a low-precision recipe converts or leaves alone, named by what they are in the model:
+#: ``attention`` = the attention projections (GQA wq, wk, wv, wo; MLA wq / wq_a, wq_b, wkv_a, wkv_b, wo);
+#: ``mlp`` = the SwiGLU linears of the dense FFNs and of the MoE shared experts (nn.Linear modules in
+#: torchtitan, TE linears in Megatron-Core); ``experts`` = the routed experts' grouped GEMMs (torchtitan
+#: ``GroupedExperts``: 3-D parameters, no nn.Linear); ``router`` = the MoE gate; ``head`` = the output
+#: projection (tied or not). ``other`` holds the rest of N_mm (norm weights, biases, attention sinks), which
+#: the convention counts and no GEMM runs.
+LINEAR_PARTS = ("attention", "mlp", "experts", "router", "head")
+_ATTENTION_MATRICES = frozenset({"attn/wq", "attn/wkv", "attn/wo", "mla/wq", "mla/wq_a", "mla/wq_b",
+                                 "mla/wkv_a", "mla/wkv_b", "mla/wo"})
+_MLP_MATRICES = frozenset({"mlp/dense", "moe/shared"})
+
+
+def matmul_params_by_part(arch: Architecture, *, active: bool = True) -> dict[str, float]:
+    """Parameters of each part of the model (:data:`LINEAR_PARTS` and ``other``), summed over the layers, from
+    the per-block components of params.py. ``active``: the routed experts a token uses (top_k of E in every
+    MoE layer, as :func:`params.params_active`); then the values add up to N_mm
+    (:func:`params.matmul_params_active`), so 6 x each value is that part's share of the 6 N_mm of
+    :data:`CONVENTION`. ``active=False``: every expert (the weights a rank casts). The routed experts'
+    matrices are E x 3 d f per MoE layer; their biases (gpt-oss) and the router's bias go to ``other``."""
+    out = dict.fromkeys((*LINEAR_PARTS, "other"), 0.0)
+    d = arch.d_model
+    for i in range(arch.n_layers):
+        for label, n in layer_components(arch, i).items():
+            if label in _ATTENTION_MATRICES:
+                out["attention"] += n
+            elif label in _MLP_MATRICES:
+                out["mlp"] += n
+            elif label == "moe/experts":
+                moe = arch.moe
+                used = moe.top_k if active else moe.num_experts
+                matrices = 3 * d * expert_d_ff(arch)
+                out["experts"] += used * matrices
+                out["other"] += used * (n / moe.num_experts - matrices)  # expert biases (gpt-oss)
+            elif label == "moe/router":
+                out["router"] += d * arch.moe.num_experts
+                out["other"] += n - d * arch.moe.num_experts
+            else:
+                out["other"] += n
+    out["head"] = float(arch.vocab_size * d)  # a matmul, also when tied (CONVENTION)
+    out["other"] += d  # the final norm
+    return out
+
+
+def linear_flops_by_part(arch: Architecture) -> dict[str, float]:
+    """Training FLOPs per token (forward + backward, 6 per active parameter, as :data:`CONVENTION`) of each
+    part of :func:`matmul_params_by_part`; with the attention scores and values
+    (:func:`attention_flops_per_token`) they add up to :func:`train_flops_per_token`."""
+    return {k: 6.0 * v for k, v in matmul_params_by_part(arch).items()}
+
+
+def linear_share(arch: Architecture, seq_len: int, parts) -> float:
+    """Fraction of the training FLOPs per token spent in the linears of ``parts`` (names of
+    :data:`LINEAR_PARTS`): what a recipe that converts those linears (fp8) speeds up, next to
+    :func:`attention_share`."""
+    by_part = linear_flops_by_part(arch)
+    return sum(by_part[p] for p in parts) / train_flops_per_token(arch, seq_len)
+
+
 __all__ = [
     "CONVENTION",
     "attention_flops_per_token",
     "attention_share",
     "forward_flops_per_token",
     "hardware_flops_per_token",
+    "linear_flops_by_part",
+    "linear_share",
+    "matmul_params_by_part",
     "params_active",
     "recompute_flops_per_token",
     "six_nd",

@@ -539,7 +539,7 @@ def nvlink_group(gpu: GPU) -> int:
     18 nodes of 4, https://www.nvidia.com/en-us/data-center/gb200-nvl72/), else the node; where a TP group may reach
     (TP needs NVLink bandwidth: Narayanan et al. 2021, arXiv:2104.04473 §3.2) and what the time model charges
     NVLink rather than the network for."""
-    return (gpu.nvlink_domain if gpu.nvlink_gbps > 0 else None) or gpu.gpus_per_node
+    return (getattr(gpu, "nvlink_domain", None) if gpu.nvlink_gbps > 0 else None) or gpu.gpus_per_node
 
 
 def clock_factor(gpu: GPU) -> float:

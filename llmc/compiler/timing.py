@@ -22,14 +22,18 @@ The model, per optimizer step (m = grad_accum micro-batches, p = pp, v = virtual
   0.57, a 1B layer at 2K tokens at 0.50, inside the 0.55-0.6 usually assumed for H100.
   Elementwise ops (RMSNorm, residual adds, RoPE, SwiGLU's product) are HBM-bound: forward traffic
   ~(16 d + 8 d_ff) bf16 elements per token per layer, backward twice that, at the HBM bandwidth
-  (an estimate; ~4 % of a 405B step, ~15 % of an 8B one). fp8 runs only the linears in fp8
-  (attention stays bf16), ``fp8_linear_speedup`` x faster than bf16 per recipe (backends.py), with
+  (an estimate; ~4 % of a 405B step, ~15 % of an 8B one). fp8 runs in fp8 only the linears the
+  backend's job converts (``backends.fp8_converted_parts``: the attention projections, the dense /
+  shared-expert FFNs and, where the grouped-GEMM converter runs, the routed experts; never the output
+  head or the MoE router, whose FLOPs stay bf16 with attention), each part's FLOPs from
+  ``flops.linear_flops_by_part``, ``fp8_linear_speedup`` x faster than bf16 per recipe (backends.py), with
   the GEMM shape penalty's half-points scaled by the fp8/bf16 peak ratio (per-tile costs do not
   speed up; torchao float8 README, "Derivation") and, for dense blocks, times torchao's float8 GEMM
   roofline penalty at each linear's TP-shard shape (``fp8_roofline_penalty``: a narrow shard's fp8
   GEMM is bound by its bf16 output write, so it gains less than the peak ratio; 1.0 on large
-  shapes, 1.045 for Llama 3 8B at TP 8, 1.016 for 70B); the casts are HBM traffic counted per element as
-  in torchao's float8 roofline model (fused into the producing kernel or not, weights included);
+  shapes, 1.045 for Llama 3 8B at TP 8, 1.016 for 70B); the casts of the converted linears are HBM
+  traffic counted per element as in torchao's float8 roofline model (fused into the producing kernel or
+  not, weights included);
   MFU for fp8 runs is quoted against the bf16 peak (the usual convention).
 * Communication (bandwidths from the hardware table, times ``COMM_EFFICIENCY``):
   - TP (Megatron, Narayanan et al. 2021 / Korthikanti et al. 2022): 2 all-reduces forward + 2
@@ -185,6 +189,7 @@ class StepModel:
     fp8_cast_tp1: float = 0.0  # the fp8_cast_full elements' bytes per token per block when tp = 1 (fusable casts)
     fp8_cast_tp_sharded: float = 0.0  # extra cast bytes per token per block split by tp, when tp > 1
     fp8_weight_cast: float = 0.0  # fp8 weight-cast HBM bytes per block per micro-batch, before tp sharding
+    fp8_expert_weight_cast: float = 0.0  # the same for the routed experts' weights, before tp x ep sharding
     tp_gather_bytes: float = ACT_BYTES  # bytes per element of the TP all-gathers (1: fp8 gathers)
     fp8_linear_sec_per_flop: float = 0.0  # the fp8 linears' part of sec_per_flop (0 = not fp8)
     fp8_shape_stretch: float = 1.0  # fp8 GEMMs: TOKENS_HALF / WIDTH_HALF scaled by this (see _efficiency)
@@ -218,7 +223,13 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     ZeRO-Offload (the optimizer step runs on the host: :data:`CPU_ADAM_PARAMS_PER_S`); ``offload_params`` = the
     parameters on the host too (:data:`PARAM_FETCHES_PER_MICRO_BATCH`).
     """
-    from llmc.compiler.backends import activation_mode, compile_on, fp8_recipe_on, get_backend
+    from llmc.compiler.backends import (
+        activation_mode,
+        compile_on,
+        fp8_converted_parts,
+        fp8_recipe_on,
+        get_backend,
+    )
 
     be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
     compiled_ = compile_on(be, compile)
@@ -229,7 +240,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         compute_scale = factors.compute_scale_at(arch.d_model)
     comm_scale = getattr(factors, "comm_scale", 1.0) if factors is not None else 1.0
     from llmc.compiler import flops, params
-    from llmc.compiler.hardware import clock_factor, peak_flops
+    from llmc.compiler.hardware import clock_factor, nvlink_group, peak_flops
 
     total = flops.train_flops_per_token(arch, seq_len)
     V, d, L = arch.vocab_size, arch.d_model, arch.n_layers
@@ -243,6 +254,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     n_moe = 0
     expert = 0.0
     blocks = 0.0
+    e_ff = arch.d_ff
     for i in range(L):
         blocks += params.layer_params(arch, i)
     if arch.moe is not None:
@@ -250,7 +262,6 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         e_ff = arch.moe.expert_d_ff or arch.d_ff
         expert = 3.0 * d * e_ff * arch.moe.num_experts  # routed experts' SwiGLU (params.py)
     kv = params.kv_bytes_per_token(arch) / L  # bf16 K+V bytes per token per layer
-    # fp8 (torchao float8) runs only the linears in fp8; attention stays bf16 (hardware.peak_flops note)
     attn_share = flops.attention_share(arch, seq_len)
     # a sliding window W < seq_len: the model FLOPs count the band (flops.attention_span), but the trainers that run
     # such a model (llmc's, also under DeepSpeed; torchtitan has no window, X315) give SDPA a band mask, whose
@@ -258,16 +269,22 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     # the counted work (FlashAttention's block-skipping window kernel would not; llmc does not call it)
     attn_work = seq_len / flops.attention_span(arch, seq_len)
     peak = mfu_peak(gpu, precision)
+    # fp8 (torchao float8, Transformer Engine) runs in fp8 only the linears the backend's job converts
+    # (backends.fp8_converted_parts); the other linears (the output head, the MoE router, anything the job
+    # leaves out) and attention stay bf16 (hardware.peak_flops note). Each part's share of the FLOPs:
+    # flops.linear_flops_by_part
+    fp8_parts = fp8_converted_parts(be, arch, recipe) if precision == "fp8" else frozenset()
+    fp8_share = flops.linear_share(arch, seq_len, fp8_parts) if fp8_parts else 0.0
     fp8_lin = 0.0
     speedup = 1.0
-    if precision == "fp8":
-        # the linears run fp8_linear_speedup x faster than in bf16 (never above the fp8/bf16 peak ratio)
+    if fp8_share:
+        # the converted linears run fp8_linear_speedup x faster than in bf16 (never above the fp8/bf16 peak
+        # ratio)
         speedup = be.fp8_rowwise_speedup if recipe == "rowwise" else be.fp8_linear_speedup
         speedup = min(speedup, peak_flops(gpu, "fp8") / peak)
-        fp8_lin = (1 - attn_share) / (peak * speedup) / (be.base_efficiency * clock_factor(gpu))
-        sec_per_flop = (1 - attn_share) / (peak * speedup) + attn_share * attn_work / (peak * be.attn_relative_efficiency)
-    else:
-        sec_per_flop = (1 - attn_share) / peak + attn_share * attn_work / (peak * be.attn_relative_efficiency)
+        fp8_lin = fp8_share / (peak * speedup) / (be.base_efficiency * clock_factor(gpu))
+    sec_per_flop = (fp8_share / (peak * speedup) + (1 - attn_share - fp8_share) / peak
+                    + attn_share * attn_work / (peak * be.attn_relative_efficiency))
     sec_per_flop /= be.base_efficiency * clock_factor(gpu)  # a power-capped part runs at lower clocks
     ff_active = arch.d_ff
     if arch.moe is not None:
@@ -276,22 +293,27 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     # backward about twice that (estimate; it is what keeps small models well below large-model MFU)
     elementwise = 3 * ACT_BYTES * (ELEMENTWISE_D * d + ELEMENTWISE_FF * ff_active)
     # fp8 casts (torchao float8 / TE), HBM-bound: every fp8 linear casts its input (forward), its weight and
-    # its grad_output (backward). Bytes per cast element follow torchao's float8 roofline model
+    # its grad_output (backward); only the converted parts' linears (fp8_parts) cast. Bytes per cast element
+    # follow torchao's float8 roofline model
     # (torchao/testing/float8/roofline_utils.py, get_tensor_memory_traffic_ovhd_s): a cast that torch.compile
     # fuses into the producing kernel (a norm, SwiGLU) saves the bf16 read (fp8_cast_bytes); one whose input
     # comes out of a collective or an eager op cannot (fp8_cast_bytes_unfused). Elements per token per
     # block: "full" = inputs of the column-parallel linears (wq, wk, wv, w1, w3: sequence-parallel TP
     # all-gathers them to the whole sequence, then each linear casts its input) + grad_outputs of the
     # row-parallel ones (wo, w2: full width); "sharded" (/ tp) = the other inputs and grad_outputs.
+    # The FFN's are the dense FFN's in a dense block and the shared experts' in an MoE block (none without
+    # them); the routed experts' grouped GEMMs cast their inputs (w1, w3: d each; w2: f) and grad_outputs
+    # (w1, w3: f each; w2: d) once per routed copy of a token (top_k per token; torchao fp8_grouped_mm
+    # quantizes A per call), after the dispatch, counted as sharded, and each rank's local experts' weights.
     # torchtitan with tensorwise scaling and TP casts on the local shard and all-gathers in fp8
     # (torchtitan parallelize.py: enable_float8_tensorwise_tp; rowwise "all-gather happens in high
     # precision"): torchao's PrepareFloat8ModuleInput casts the attention / MLP input once before the forward
     # gather, Float8RowwiseParallel's output hook casts the gradient before the backward gather ("fwd noop bwd
     # cast", torchao/float8/float8_tensor_parallel.py). All those casts are split by tp, fusable, and every
     # TP all-gather moves 1 byte per element.
-    cast_full = cast_sharded = cast_tp1 = cast_tp_sharded = weight_cast = 0.0
+    cast_full = cast_sharded = cast_tp1 = cast_tp_sharded = weight_cast = expert_weight_cast = 0.0
     tp_gather = float(ACT_BYTES)
-    if precision == "fp8":
+    if fp8_parts:
         fused = be.fp8_cast_bytes.get(recipe, 0.0)
         unfused = be.fp8_cast_bytes_unfused.get(recipe, fused)
         if not compiled_:  # eager: nothing is fused into the producing kernel
@@ -301,14 +323,29 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
             kv_out = 0.0
         else:
             q_out, kv_out = arch.n_heads * arch.hd, 2 * arch.kv_heads * arch.hd
-        cast_sharded = fused * (arch.n_heads * arch.hd + ff_active + q_out + kv_out + 2 * ff_active)
-        cast_tp1 = fused * (5 * d + 2 * d)
+        attn_on = 1.0 if "attention" in fp8_parts else 0.0
+        # per-block means: FFN width, share of the blocks with an FFN, routed copies of a token
+        mlp_ff = mlp_on = routed = 0.0
+        if "mlp" in fp8_parts:
+            shared = arch.moe.num_shared_experts * e_ff if arch.moe is not None else 0
+            mlp_ff = ((L - n_moe) * arch.d_ff + n_moe * shared) / L
+            mlp_on = ((L - n_moe) + (n_moe if shared else 0)) / L
+        if "experts" in fp8_parts:
+            routed = arch.moe.top_k * n_moe / L
+        full = attn_on * 4 * d + mlp_on * 3 * d  # wq, wk, wv inputs + wo grad_output; w1, w3 inputs + w2's
+        cast_sharded = fused * (attn_on * (arch.n_heads * arch.hd + q_out + kv_out) + 3 * mlp_ff
+                                + routed * 3 * (d + e_ff))
+        cast_tp1 = fused * full
         if recipe in be.fp8_tp_gather_recipes:
-            cast_tp_sharded = fused * 4 * d  # attention and MLP inputs (once each), wo and w2 grad_outputs
+            # attention and MLP inputs (once each), wo and w2 grad_outputs
+            cast_tp_sharded = fused * 2 * d * (attn_on + mlp_on)
             tp_gather = 1.0
         else:
-            cast_full = unfused * (5 * d + 2 * d)
-        weight_cast = be.fp8_weight_cast_bytes.get(recipe, 0.0) * (blocks - expert * n_moe) / L  # dense linears
+            cast_full = unfused * full
+        w_bytes = be.fp8_weight_cast_bytes.get(recipe, 0.0)
+        weights = flops.matmul_params_by_part(arch, active=False)
+        weight_cast = w_bytes * sum(weights[k] for k in ("attention", "mlp") if k in fp8_parts) / L
+        expert_weight_cast = w_bytes * weights["experts"] / L if "experts" in fp8_parts else 0.0
     if eager_attention(arch):
         # soft-capped attention, or attention with sinks (llmc.runtime.model._eager_attention: no fused kernel takes
         # either), writes and reads every score of every layer (the whole
@@ -318,7 +355,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     if not compiled_:  # eager: every norm / RoPE / SwiGLU op reads and writes HBM on its own
         elementwise *= be.eager_elementwise
     tp_overlap = be.async_tp_overlap if (async_tp and compiled_) else be.tp_overlap
-    domain = (getattr(gpu, "nvlink_domain", None) if gpu.nvlink_gbps > 0 else None) or gpu.gpus_per_node
+    domain = nvlink_group(gpu)  # GPUs on one NVLink fabric: TP and the intra-node collectives there
     embed = float(V * d)
     head_p = 0.0 if arch.tied_embeddings else float(V * d)
     return StepModel(
@@ -335,11 +372,12 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         ep_overlap=be.ep_overlap, ep_node_dedup=be.ep_node_dedup, cp_overlap=be.cp_overlap, compute_scale=compute_scale, comm_scale=comm_scale,
         base_efficiency=be.base_efficiency, fp8_cast_full=cast_full, fp8_cast_sharded=cast_sharded,
         fp8_cast_tp1=cast_tp1, fp8_cast_tp_sharded=cast_tp_sharded, fp8_weight_cast=weight_cast,
+        fp8_expert_weight_cast=expert_weight_cast,
         tp_gather_bytes=tp_gather, fp8_linear_sec_per_flop=fp8_lin,
         fp8_shape_stretch=peak_flops(gpu, "fp8") / peak if (precision == "fp8" and be.fp8_shape_stretch) else 1.0,
         tp_gather_unfused=(precision == "fp8" and be.fp8_cast_blocks_async_tp and tp_gather == ACT_BYTES),
         sac_regathers_tp=be.sac_regathers_tp,
-        fp8_linear_shapes=_dense_linear_shapes(arch) if precision == "fp8" else (),
+        fp8_linear_shapes=_dense_linear_shapes(arch, fp8_parts),
         fp8_peak=peak_flops(gpu, "fp8") * clock_factor(gpu) if precision == "fp8" else 0.0,
         fp8_peak_ratio=peak_flops(gpu, "fp8") / peak if precision == "fp8" else 1.0,
         fp8_mx=precision == "fp8" and recipe == "mxfp8",
@@ -350,15 +388,20 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     )
 
 
-def _dense_linear_shapes(arch) -> tuple[tuple[float, int, int, bool], ...]:
-    """(K*N, K, N, column_parallel) of a dense block's linears (Llama: wq, wk, wv, wo, w1, w3, w2). Megatron-LM
+def _dense_linear_shapes(arch, parts=("attention", "mlp")) -> tuple[tuple[float, int, int, bool], ...]:
+    """(K*N, K, N, column_parallel) of a dense block's fp8 linears (Llama: wq, wk, wv, wo of ``attention``,
+    w1, w3, w2 of ``mlp``, as far as ``parts`` converts them). Megatron-LM
     tensor parallelism (Shoemaker et al. 2019, arXiv 1909.08053, sec. 3) splits the output dimension N of
     the column-parallel ones (wq, wk, wv, w1, w3) and the input dimension K of the row-parallel ones (wo, w2).
     MLA and MoE blocks: empty (their fp8 linears keep the d_model / tp width)."""
     if arch.mla is not None or arch.moe is not None:
         return ()
     d, q, kv, ff = arch.d_model, arch.n_heads * arch.hd, arch.kv_heads * arch.hd, arch.d_ff
-    out = [(d, q, True), (d, kv, True), (d, kv, True), (q, d, False), (d, ff, True), (d, ff, True), (ff, d, False)]
+    out = []
+    if "attention" in parts:
+        out += [(d, q, True), (d, kv, True), (d, kv, True), (q, d, False)]
+    if "mlp" in parts:
+        out += [(d, ff, True), (d, ff, True), (ff, d, False)]
     return tuple((float(k * n), k, n, col) for k, n, col in out)
 
 
@@ -667,7 +710,8 @@ class LayoutTimer:
             cast = tokens_gpu * sm.fp8_cast_full + tokens_gpu / t * (sm.fp8_cast_sharded + sm.fp8_cast_tp_sharded)
         else:
             cast = tokens_gpu * (sm.fp8_cast_tp1 + sm.fp8_cast_sharded)
-        elem_bytes = tokens_gpu / t * sm.elementwise_bytes + cast + sm.fp8_weight_cast / t
+        elem_bytes = (tokens_gpu / t * sm.elementwise_bytes + cast + sm.fp8_weight_cast / t
+                      + sm.fp8_expert_weight_cast / (t * ep))
         elem = (n_slow + n_whole / 3) * elem_bytes / sm.hbm_Bps
         compute = flops_tok * scale + elem
         recompute = rec_tok * scale

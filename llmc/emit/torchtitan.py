@@ -71,6 +71,7 @@ from typing import Any
 from llmc import TARGET_VERSIONS
 from llmc.compiler.backends import (
     compile_on,
+    fp8_converted_parts,
     fp8_recipe_on,
     get_backend,
     torchtitan_layout_problem,
@@ -491,6 +492,14 @@ def _titan_compile(compiled) -> bool:
 # whose FQN contains one of ``fqns`` (empty = every Linear): the attention, dense MLP and shared-expert linears,
 # i.e. not the output head and not the MoE router (the float8 converter's skip list)
 MXFP8_FQNS = ["attention", "feed_forward", "shared_experts"]
+# The routed experts (GroupedExperts: 3-D parameters, no Linear) need their own converter,
+# Float8GroupedExpertsConverter (torchao float8 rowwise grouped GEMMs, token groups padded to 16) or
+# MXFP8GroupedExpertsConverter, as torchtitan's own deepseek_v3_671b_float8 / deepseek_v3_debugmodel_mxfp8
+# configs pair them (models/deepseek_v3/config_registry.py); the job emits it where
+# backends.fp8_converted_parts has "experts", the parts the plan timed in fp8. MXFP8 pads each expert's token
+# group to 128: "required by the CuTeDSL quantization kernel on sm_100" (the same configs;
+# MXFP8GroupedExpertsConverter.Config.pad_multiple's doc), and MXFP8 runs only on SM 10.x
+MXFP8_EXPERTS_PAD_MULTIPLE = 128
 
 
 def _fp8_recipe(compiled, errs: list[Diagnostic]) -> str:
@@ -513,6 +522,8 @@ def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str])
     precision = spec.training.precision
     converters_filter = ["lm_head"] + (["router.gate"] if arch.moe is not None else [])
     recipe = _fp8_recipe(compiled, errs) if precision == "fp8" else None
+    titan = get_backend("torchtitan")
+    fp8_experts = recipe is not None and "experts" in fp8_converted_parts(titan, arch, recipe)
     return {
         "family": family,
         "flavor": f"llmc-{arch.name}",
@@ -542,6 +553,9 @@ def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str])
         "float8_filter_fqns": converters_filter,
         "mxfp8": precision == "fp8" and recipe == "mxfp8",
         "mxfp8_fqns": MXFP8_FQNS,
+        "float8_experts": fp8_experts and recipe != "mxfp8",
+        "mxfp8_experts": fp8_experts and recipe == "mxfp8",
+        "mxfp8_experts_pad": MXFP8_EXPERTS_PAD_MULTIPLE,
         "compile_enable": spec.hardware.gpu != "cpu" and _titan_compile(compiled),
         "compile_components": ["model", "loss"],
         "training_dtype": "float32",

@@ -44,7 +44,7 @@ from torchtitan.components.optimizer import (
     ParamGroupConfig,
     register_moe_load_balancing_hook,
 )
-from torchtitan.components.quantization import Float8LinearConverter
+from torchtitan.components.quantization import Float8GroupedExpertsConverter, Float8LinearConverter
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.components.validate import Validator
 from torchtitan.config import CommConfig, CompileConfig, DebugConfig, ParallelismConfig, TrainingConfig
@@ -455,7 +455,9 @@ def converters():
             recipe_name='rowwise',
             filter_fqns=['lm_head', 'router.gate'],
             model_compile_enabled=True,
-        )
+        ),
+        # the routed experts: GroupedExperts (3-D parameters, no Linear) take their own converter
+        Float8GroupedExpertsConverter.Config(model_compile_enabled=True),
     ]
 
 
@@ -595,7 +597,7 @@ def _trainer_config(spec):
         checkpoint=CheckpointManager.Config(
             enable=True,
             folder='checkpoints',
-            interval=56,
+            interval=50,
             async_mode='async',
             keep_latest_k=3,
             last_save_model_only=False,  # keep optimizer + dataloader state so the last checkpoint resumes
