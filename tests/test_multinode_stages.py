@@ -12,9 +12,10 @@ for it in the next stage's rendezvous until the join timeout.
 
 The test makes that window wide instead of racing for it: node 0's torchrun is torch's own ``torchrun`` entry
 point (``torch.distributed.run.main``) run in-process by a wrapper that sleeps for a few seconds at the start of
-``LocalElasticAgent._shutdown`` (the store stays up for as long as the agent process lives; a wrapper around the
-torchrun *process* that delays its exit would not keep it). Node 1 is a second machine as torchrun sees one: its
-wrapper passes ``--rdzv_conf is_host=false`` (on another host ``_matches_machine_hostname(MASTER_ADDR)`` is false,
+the first stage's ``LocalElasticAgent._shutdown`` (the store stays up for as long as the agent process lives;
+a wrapper around the torchrun *process* that delays its exit would not keep it; the last stage's teardown, with
+no next stage to race, is not slowed). Node 1 is a second machine as torchrun sees one: its wrapper passes
+``--rdzv_conf is_host=false`` (on another host ``_matches_machine_hostname(MASTER_ADDR)`` is false,
 c10d_rendezvous_backend.py ``_create_tcp_store``), so it never hosts a store and connects to node 0's. Both
 wrappers record when each of their torchruns started and when node 0's teardown began and ended, so the test
 checks that node 1's second stage really started inside node 0's first-stage teardown. Expected (torch's
@@ -80,7 +81,7 @@ note("start")
 if os.environ.get("NOT_HOST") == "1":
     sys.argv[1:1] = ["--rdzv_conf", "is_host=false"]
 delay = float(os.environ.get("AGENT_TEARDOWN_S", "0"))
-if delay:
+if delay and stage == os.environ.get("AGENT_TEARDOWN_STAGE"):
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
     shutdown = LocalElasticAgent._shutdown
     def slow_shutdown(self, *args, **kwargs):
@@ -145,7 +146,8 @@ def test_a_node_starting_the_next_stage_while_the_store_host_tears_down_the_last
     run, port = tmp_path / "run", _free_ports(2)
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     traces = [tmp_path / f"node{i}.trace" for i in range(2)]
-    nodes = [_node(b, run, port, bindir, logs[0], TORCHRUN_TRACE=str(traces[0]), AGENT_TEARDOWN_S=str(TEARDOWN_S)),
+    nodes = [_node(b, run, port, bindir, logs[0], TORCHRUN_TRACE=str(traces[0]), AGENT_TEARDOWN_S=str(TEARDOWN_S),
+                   AGENT_TEARDOWN_STAGE="pretrain"),
              _node(b, run, port, bindir, logs[1], TORCHRUN_TRACE=str(traces[1]), NOT_HOST="1")]
     try:
         rc1 = nodes[1].wait(timeout=400)

@@ -428,15 +428,25 @@ def _losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in recs if "loss" in r and "event" not in r]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGKILL], ids=["SIGHUP", "SIGKILL"])
-def test_killed_launch_leaves_nothing_and_resumes_exactly(tmp_path, sig):
-    spec = micro_spec(tmp_path / "s", steps=24, interval=4)
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    for b in (ref, cut):
-        assert llmc("build", str(spec), "-o", str(b)).returncode == 0
+@pytest.fixture(scope="module")
+def killed_launch_ref(tmp_path_factory) -> tuple[Path, Path]:
+    """The spec of the killed-launch tests and its uninterrupted launch (built and trained once for the module:
+    every case compares its resumed run with the same reference)."""
+    d = tmp_path_factory.mktemp("killed-launch")
+    spec = micro_spec(d / "s", steps=24, interval=4)
+    ref = d / "ref"
+    assert llmc("build", str(spec), "-o", str(ref)).returncode == 0
     r = llmc("launch", str(ref), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    return spec, ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGKILL], ids=["SIGHUP", "SIGKILL"])
+def test_killed_launch_leaves_nothing_and_resumes_exactly(tmp_path, sig, killed_launch_ref):
+    spec, ref = killed_launch_ref
+    cut = tmp_path / "cut"
+    assert llmc("build", str(spec), "-o", str(cut)).returncode == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LLMC_FORCE_CPU": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "llmc.cli", "launch", str(cut)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
