@@ -144,8 +144,13 @@ def preemption_times(lock: dict, env_shutdown: str | None = None) -> tuple[int, 
 
     p = lock.get("preemption") if isinstance(lock.get("preemption"), dict) else {}
     default = preemption_numbers([])
-    shutdown = p.get("shutdown_seconds", default.shutdown_seconds)
-    wait = float(p.get("signal_lead_seconds", default.signal_lead_seconds))
+
+    def whole(key: str, fallback: int) -> int:  # (a hand-edited lock's null or non-number: the floor)
+        v = p.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else fallback
+
+    shutdown = whole("shutdown_seconds", default.shutdown_seconds)
+    wait = float(whole("signal_lead_seconds", default.signal_lead_seconds))
     try:
         own = float(env_shutdown) if env_shutdown is not None else None
     except ValueError:

@@ -314,7 +314,11 @@ def table_cell(r: dict, file_keys: dict, k: str, default=None):
 def table_gpu(r: dict, file_keys: dict) -> tuple[str | None, bool]:
     """(llmc GPU key, exact) a table row's run is predicted and calibrated on: ``gpu_part`` -- llmc's entry for the
     exact part measured, where ``gpu_key`` names only the closest one the file was transcribed with -- when given
-    (exact); else ``gpu_key`` with ``gpu_key_exact`` (default true; false: the run's part has no llmc entry)."""
+    (exact); else ``gpu_key`` with ``gpu_key_exact`` (default true; false: the run's part has no llmc entry). A row's
+    own ``gpu_part`` or ``gpu_key`` wins over the file's (the row names the GPU its run had)."""
+    if r.get("gpu_part") is None and r.get("gpu_key") is not None:  # the row's own GPU, over the file's part
+        key, exact = r["gpu_key"], r.get("gpu_key_exact", True)  # (the file's gpu_key_exact is about its key)
+        return str(key), str(exact).strip().lower() not in ("false", "no", "off", "0")
     part = table_cell(r, file_keys, "gpu_part")
     if part is not None:
         return str(part), True

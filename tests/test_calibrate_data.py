@@ -106,3 +106,16 @@ def test_a_rows_null_cell_takes_the_files_value():
     bf = _bench()
     reqs = [bf.request_for(r) for r in bf.load_rows() if r.file == "torchtitan_llama3_8b_h200_202506_trainy"]
     assert [q.fp8_recipe for q in reqs] == ["tensorwise", "tensorwise"]
+
+
+def test_a_rows_own_gpu_wins_over_the_files_part(tmp_path):
+    """A file-level gpu_part names the part of the file's runs; a row that names its own gpu_key ran elsewhere."""
+    from llmc.measurements import read_table
+
+    row = ("{id: %s, model: llama3.1-8b, gpus: 8, dp_shard: 8, micro_batch: 2, global_batch: 16, seq_len: 8192, "
+           "ac: selective, compile: true, precision: bf16, tokens_per_s_per_gpu: 6000%s}")
+    p = tmp_path / "t.yaml"
+    p.write_text("backend: torchtitan\ngpu_key: h100-sxm\ngpu_key_exact: false\ngpu_part: h100-hbm2e-96g\nrows:\n"
+                 f"  - {row % ('a', '')}\n  - {row % ('b', ', gpu_key: h200')}\n")
+    got = {m.label: (m.gpu, m.gpu_exact) for m in read_table(p)}
+    assert got == {"a": ("h100-hbm2e-96g", True), "b": ("h200", True)}

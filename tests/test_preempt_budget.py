@@ -39,15 +39,42 @@ def test_a_preemption_save_is_the_state_a_node_writes_over_its_storage_bandwidth
 
 
 def test_a_post_training_stage_without_periodic_saves_still_saves_on_a_signal():
-    """SFT on llmc's loop saves what a periodic save holds (the trainable parameters and their AdamW state) when a
-    signal stops it, even where its steps leave no periodic save; on one node of 8 ranks the node writes the whole
-    state and each rank hashes its eighth (llmc's trainer re-reads and hashes what it wrote, at 1 GB/s)."""
+    """DPO / GRPO on llmc's loop save what a periodic save holds (the trainable parameters and their AdamW state)
+    when a signal stops them, also where their steps leave no periodic save (these two have none); on one node of
+    8 ranks the node writes the whole state and each rank hashes its eighth (llmc's trainer re-reads and hashes what
+    it wrote, at 1 GB/s)."""
     c = compile_example(ROOT / "examples" / "pipeline_llama3_8b.yaml")
-    sft = next(s for s in c.stages if s.kind == "sft")
-    assert sft.time.checkpoint.preempt_seconds == pytest.approx(DCP * LLAMA3_8B / GBPS * (1 + 1 / 8), rel=0.005)
+    for kind in ("dpo", "grpo"):
+        ck = next(s for s in c.stages if s.kind == kind).time.checkpoint
+        assert ck.periodic is None
+        assert ck.preempt_seconds == pytest.approx(DCP * LLAMA3_8B / GBPS * (1 + 1 / 8), rel=0.005)
     jobs = [s for s in c.stages if s.time is not None and s.time.checkpoint is not None]
     slowest = max(jobs, key=lambda s: s.time.step_seconds + s.time.checkpoint.preempt_seconds)
     assert c.preemption.job == slowest.name
+
+
+def test_a_lora_stage_signalled_in_its_last_step_has_time_for_its_final_save():
+    """A post-training stage takes no signal in its last step: it ends with its final save, the merged weights
+    (4 B per parameter of Llama 3 70B: 282 GB), far larger than a QLoRA stage's adapters; the launchers' time covers
+    the step and that save."""
+    c = compile_example(ROOT / "examples" / "pipeline_llama3_70b_qlora.yaml")
+    p = c.preemption
+    for s in c.stages:
+        ck = s.time.checkpoint
+        assert ck.final is not None and ck.final.state_bytes == pytest.approx(4 * LLAMA3_70B, rel=0.005)
+        assert ck.preempt_seconds >= ck.final.total_seconds
+        assert p.shutdown_seconds >= 1.5 * (s.time.step_seconds + ck.final.total_seconds)
+
+
+def test_a_hand_edited_lock_without_the_figures_launches_with_the_floor(tmp_path):
+    out = tmp_path / "b"
+    assert CliRunner().invoke(app, ["build", str(ROOT / "examples" / "llama3_8b_h100x8.yaml"), "-o", str(out)]
+                              ).exit_code == 0
+    lock = json.loads((out / "plan.lock.json").read_text())
+    lock["preemption"].update(shutdown_seconds=None, signal_lead_seconds=None)
+    (out / "plan.lock.json").write_text(json.dumps(lock))
+    r = CliRunner().invoke(app, ["launch", str(out), "--dry-run", "--force"])
+    assert r.exit_code == 0 and "INTERNAL" not in r.output, r.output
 
 
 def test_every_launch_script_gives_torchrun_the_planned_shutdown_time(tmp_path):

@@ -75,6 +75,39 @@ def test_tied_embeddings_get_no_pipeline_stages_on_torchtitan(tmp_path):
     assert r.exit_code == 1 and "X303" in r.output and "error[P004]" in r.output
 
 
+def test_pinned_torchtitan_checks_its_continued_training_stage_jobs_too(tmp_path):
+    """A long-context stage runs as its own torchtitan job: 32,764 tokens do not split into the chunked loss's 8
+    slices, an error at the stage's seq_len (it used to plan the stage on llmc's trainer without a word)."""
+    from test_build_fakes import ROOT
+
+    text = (ROOT / "examples" / "pipeline_llama3_8b.yaml").read_text()
+    assert "    seq_len: 32768\n" in text
+    spec = tmp_path / "p.yaml"
+    spec.write_text(text.replace("    seq_len: 32768\n", "    seq_len: 32764\n").replace(
+        "training:\n  precision: bf16\n", "training:\n  backend: torchtitan\n  precision: bf16\n"))
+    r = CliRunner().invoke(app, ["plan", str(spec)])
+    assert r.exit_code == 1 and "error[X313] stages.1.seq_len: stage 'long_context'" in r.output, r.output[-2000:]
+
+
+def test_fp8_experts_split_over_tp_keep_the_grouped_gemms_alignment(tmp_path):
+    """Without EP torchtitan shards each routed expert's width over the TP ranks: 1,440 / 8 = 180 columns, which
+    torchao's fp8 grouped GEMM refuses (it needs multiples of 16); tp 2 (720) is fine, and EP keeps whole experts."""
+    base = """\
+name: g
+model: {preset: deepseek-v2-lite, moe: {expert_d_ff: 1440}}
+hardware: {gpu: h100-sxm, count: 64}
+data: {sources: [{name: w, path: /d/*.jsonl}], seq_len: 4096, tokens: 10B}
+training: {precision: fp8, global_batch_tokens: 4_194_304, backend: torchtitan}
+"""
+    p = tmp_path / "g.yaml"
+    for par, ok in (("{tp: 8, ep: 1}", False), ("{tp: 2, ep: 1}", True), ("{tp: 8, ep: 8}", True)):
+        p.write_text(base + f"parallelism: {par}\n")
+        r = CliRunner().invoke(app, ["plan", str(p)])
+        assert (r.exit_code == 0) == ok, (par, r.output[-1500:])
+        if not ok:
+            assert "180 columns per rank" in r.output and "(X311)" in r.output
+
+
 @pytest.mark.slow
 def test_torchtitans_chunked_loss_refuses_the_lengths_the_plan_refuses():
     """The rule comes from torchtitan's own ChunkedLossWrapper (its default 8 chunks, what llmc's job uses): it refuses

@@ -557,15 +557,27 @@ def torchtitan_seq_gaps(arch, seq_len: int, gpu: bool) -> list[ModelGap]:
     return out
 
 
-def torchtitan_layout_problem(arch, seq_len: int, tp: int, cp: int, pp: int, gpu: bool) -> ModelGap | None:
+def torchtitan_layout_problem(arch, seq_len: int, tp: int, cp: int, pp: int, gpu: bool, ep: int = 1,
+                              expert_align: int = 0) -> ModelGap | None:
     """Why torchtitan 0.3.0's job cannot run ``arch`` on a layout of ``tp`` x ``cp`` x ``pp`` (the first reason),
     else None: tied embeddings with pipeline parallelism (X303; ``Decoder.Config.update_from_config``); sequence
     parallelism shards the sequence over the TP ranks and context parallelism's load-balanced ring cuts it into
     2 x cp chunks, so seq_len must be a multiple of tp x 2cp (X306; torchtitan distributed/tensor_parallel.py,
     context_parallel.py); on GPUs the job's chunked loss cuts each rank's seq_len / cp tokens into
     :attr:`Backend.loss_chunks` equal slices and refuses a length they do not divide (X313; components/loss.py
-    ``_chunk_local``; the CPU job computes the loss whole). The search rejects such layouts for a torchtitan plan and
-    the torchtitan emitter reports them."""
+    ``_chunk_local``; the CPU job computes the loss whole); the routed experts' fp8 grouped GEMMs (``expert_align``:
+    :func:`fp8_expert_align`, 0 = none) need each rank's expert width aligned, and without EP torchtitan shards
+    every expert's width over the TP ranks (models/common/moe_sharding.py: EP disabled, TP > 1), so
+    expert_d_ff / tp must be a multiple of it (X311; torchao's grouped GEMM asserts it). The search rejects such
+    layouts for a torchtitan plan and the torchtitan emitter reports them."""
+    if expert_align and ep == 1 and tp > 1 and arch.moe is not None:
+        from llmc.compiler.params import expert_d_ff
+
+        if expert_d_ff(arch) % (tp * expert_align):
+            ff = expert_d_ff(arch)
+            return ModelGap("X311", "parallelism.tp", f"fp8 routed experts without EP are split over tp {tp}: "
+                            f"{ff} / {tp} = {ff / tp:g} columns per rank, not a multiple of the grouped GEMM's "
+                            f"{expert_align} (torchao)", "use expert parallelism (ep > 1) or a smaller tp")
     if arch.tied_embeddings and pp > 1:
         return ModelGap("X303", "model.tied_embeddings", "torchtitan does not support weight tying with pipeline "
                         "parallelism (Decoder.Config.update_from_config)", "untie the embeddings or pin parallelism.pp: 1")
@@ -654,13 +666,24 @@ def fp8_converted_parts(backend: Backend, arch, recipe: str) -> frozenset[str]:
     their d_model and expert width meet the grouped GEMM's alignment (:data:`FP8_GROUPED_GEMM_ALIGN`). The
     time model speeds up and casts exactly these parts (timing.step_model), and llmc's torchtitan job emits
     the grouped-experts fp8 converter exactly when ``experts`` is among them (emit/torchtitan.py)."""
+    from llmc.compiler.params import expert_d_ff
+
     parts = set(backend.fp8_parts)
     if "experts" in parts:
         align = FP8_GROUPED_GEMM_ALIGN.get(recipe, 16)
-        moe = arch.moe
-        if moe is None or arch.d_model % align or (moe.expert_d_ff or arch.d_ff) % align:
+        if arch.moe is None or arch.d_model % align or expert_d_ff(arch) % align:
             parts.discard("experts")
     return frozenset(parts)
+
+
+def fp8_expert_align(backend: Backend, arch, precision: str, recipe: str | None) -> int:
+    """The alignment an fp8 run's routed-expert grouped GEMMs need of each rank's expert width
+    (:data:`FP8_GROUPED_GEMM_ALIGN`), where the run converts the experts (:func:`fp8_converted_parts`); 0 where it
+    does not (bf16 runs, dense models, unaligned experts)."""
+    if precision != "fp8":
+        return 0
+    recipe = fp8_recipe_on(backend, recipe)
+    return FP8_GROUPED_GEMM_ALIGN.get(recipe, 16) if "experts" in fp8_converted_parts(backend, arch, recipe) else 0
 
 
 def deepspeed_zero_stage(par, plan, *, searched: bool, backend: str | None) -> int:

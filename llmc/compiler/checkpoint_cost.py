@@ -91,7 +91,8 @@ stay those of a training step. The model, per save:
   the current step is then written synchronously (torchtitan ``_save_last_step``: ``AsyncMode.DISABLED``) and, on
   llmc's trainer, hashed; llmc's DeepSpeed runner also writes its closing ``model.pt``. So
   ``preempt = (write + hash if async) + write + hash (+ model.pt)`` (:attr:`CheckpointNumbers.preempt_seconds`);
-  a post-training stage's is one of its periodic saves. torchrun kills its workers
+  a post-training stage's is one of its periodic saves, or its final save where that is larger (its last step
+  takes no signal and ends with that save: a LoRA stage's merged weights). torchrun kills its workers
   ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds after passing them the SIGTERM (30 s by default,
   torch/distributed/elastic/agent/server/api.py), a time every launcher sets: :data:`PREEMPT_SAFETY` times the
   longest job's step + save, at least :data:`PREEMPT_FLOOR_S`; the Slurm script asks for its signal
@@ -308,7 +309,7 @@ def stage_checkpoints(sm, plan, gpu, *, backend: str, posttrain: bool, lora: boo
             what=f"the trainable parameters{' (LoRA adapters)' if lora else ''} in fp32 + AdamW m, v: "
                  f"{DCP_BYTES_PER_PARAM} B each")
         periodic = each if periodic_saves > 0 else None
-        preempt = each.preempt_seconds
+        preempt = each.preempt_seconds  # (final, below: a signal during the last step waits for the final save)
         final = llmc_save_numbers(
             sm, plan, gpu, sharded=sharded, params_total=params_total, saved_params=params_total,
             bytes_per_param=WEIGHTS_BYTES_PER_PARAM, saves=1, interval=interval, write_gbps=write_gbps,
@@ -319,6 +320,8 @@ def stage_checkpoints(sm, plan, gpu, *, backend: str, posttrain: bool, lora: boo
                                       steps=steps, interval=interval, step_seconds=step_seconds,
                                       async_save=async_save, write_gbps=write_gbps)
         preempt = periodic.preempt_seconds
+    if final is not None:  # the last step takes no signal: it ends with the final save, which may be the larger one
+        preempt = max(preempt, final.total_seconds)  # (a LoRA stage's merged weights vs its adapters' state)
     parts = [c for c in (periodic, final) if c is not None]
     return StageCheckpoints(saves=sum(c.saves for c in parts), seconds=sum(c.total_seconds for c in parts),
                             periodic=periodic, final=final, preempt_seconds=preempt)

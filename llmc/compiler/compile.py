@@ -185,6 +185,13 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     # what a torchtitan build would run: pre-training and continued-training stages (post-training runs on llmc's)
     titan_work = pretrains or bool(continued)
     be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration, sink, gaps, titan_work)
+    if run.training.backend == "torchtitan" and gpu is not None:  # pinned: its continued-training stage jobs too
+        for i, st in continued:  # (a stage job sizes its RoPE cache to its own seq_len: no X305)
+            seq, where = ((st.seq_len, f"stages.{i}.seq_len") if st.seq_len else
+                          (st.data.seq_len, f"stages.{i}.data.seq_len") if st.data else (data.seq_len, "data.seq_len"))
+            g = backends.torchtitan_layout_problem(run.model, seq, 1, 1, 1, gpu.key != "cpu")
+            if g is not None:
+                sink.add(g.code, "error", where, f"stage {st.name!r}: {g.message}", g.hint)
     model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe,
                                run.parallelism.offload_optimizer, run.parallelism.offload_params)
     searched = _Searched()

@@ -867,6 +867,14 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Family]:
                 S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "ep",
                          f"ep {e} must divide num_experts {moe.num_experts} and dp_shard x cp {ds * c}", dims=("ep",))
                 continue
+            # fp8 experts split over TP without EP: their grouped GEMM's per-rank width (backends.torchtitan_layout_problem)
+            problem = (backends.torchtitan_layout_problem(S.arch, S.seq_len, t, c, p, S.gpu.key != "cpu", ep=e,
+                                                          expert_align=S.sm.fp8_expert_align)
+                       if S.sm.backend == "torchtitan" and S.sm.fp8_expert_align else None)
+            if problem is not None:
+                S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "ep",
+                         f"{problem.message} ({problem.code})", dims=("ep",))
+                continue
             for z in zeros:
                 if z == 0 and ds * c > 1:
                     S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "pins",

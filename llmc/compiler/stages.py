@@ -618,7 +618,9 @@ def _sampling_seconds(env: _Env, tr: StageTraining, mem: StageMemoryPlan, rollou
     gather = 0.0
     if mem.shard_degree > 1:
         dp = mem.shard_degree
-        within = env.world <= (gpu.nvlink_domain or gpu.gpus_per_node)
+        from llmc.compiler.hardware import nvlink_group
+
+        within = env.world <= nvlink_group(gpu)
         bw = (timing.intra_node_gbps(gpu)[0] if within else gpu.net_gbps / 8.0) * 1e9
         gather = weights * (dp - 1) / dp / bw if bw > 0 else 0.0
     full, rest = divmod(groups, per)  # full batches, then the groups of a last, shorter one

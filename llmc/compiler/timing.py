@@ -200,6 +200,9 @@ class StepModel:
     fp8_peak: float = 0.0  # dense fp8 peak FLOP/s (0 = not fp8)
     fp8_peak_ratio: float = 1.0  # fp8 / bf16 dense peak
     fp8_mx: bool = False  # MXFP8: the fp8 GEMMs also read one E8M0 scale per 32 input elements (roofline)
+    # fp8 routed experts: the alignment their grouped GEMMs need of each rank's expert width (0: experts not in
+    # fp8; backends.fp8_expert_align), which the search checks for torchtitan layouts (torchtitan_layout_problem)
+    fp8_expert_align: int = 0
     offload_optimizer: bool = False  # ZeRO-Offload: AdamW on the host (OFFLOAD_PCIE_BYTES_PER_PARAM, CPU_ADAM_PARAMS_PER_S)
     offload_params: bool = False  # ZeRO-Infinity to CPU: parameter partitions fetched per pass (PARAM_FETCHES_...)
     host_Bps: float = 0.0  # bytes/s per GPU per direction to the host (PCIe), for the offload traffic
@@ -224,6 +227,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     parameters on the host too (:data:`PARAM_FETCHES_PER_MICRO_BATCH`).
     """
     from llmc.compiler.backends import (
+        FP8_GROUPED_GEMM_ALIGN,
         activation_mode,
         compile_on,
         fp8_converted_parts,
@@ -259,7 +263,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         blocks += params.layer_params(arch, i)
     if arch.moe is not None:
         n_moe = L - min(arch.moe.dense_layers, L)
-        e_ff = arch.moe.expert_d_ff or arch.d_ff
+        e_ff = params.expert_d_ff(arch)
         expert = 3.0 * d * e_ff * arch.moe.num_experts  # routed experts' SwiGLU (params.py)
     kv = params.kv_bytes_per_token(arch) / L  # bf16 K+V bytes per token per layer
     attn_share = flops.attention_share(arch, seq_len)
@@ -288,7 +292,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     sec_per_flop /= be.base_efficiency * clock_factor(gpu)  # a power-capped part runs at lower clocks
     ff_active = arch.d_ff
     if arch.moe is not None:
-        ff_active = (arch.moe.top_k + arch.moe.num_shared_experts) * (arch.moe.expert_d_ff or arch.d_ff)
+        ff_active = (arch.moe.top_k + arch.moe.num_shared_experts) * params.expert_d_ff(arch)
     # memory-bound elementwise work (RMSNorm, residual adds, RoPE, SiLU x up): forward traffic in bf16,
     # backward about twice that (estimate; it is what keeps small models well below large-model MFU)
     elementwise = 3 * ACT_BYTES * (ELEMENTWISE_D * d + ELEMENTWISE_FF * ff_active)
@@ -381,6 +385,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         fp8_peak=peak_flops(gpu, "fp8") * clock_factor(gpu) if precision == "fp8" else 0.0,
         fp8_peak_ratio=peak_flops(gpu, "fp8") / peak if precision == "fp8" else 1.0,
         fp8_mx=precision == "fp8" and recipe == "mxfp8",
+        fp8_expert_align=FP8_GROUPED_GEMM_ALIGN.get(recipe, 16) if "experts" in fp8_parts else 0,
         offload_optimizer=offload_optimizer,
         offload_params=offload_params,
         host_Bps=(float(getattr(gpu, "pcie_gbps", 0.0) or 0.0) or OFFLOAD_PCIE_GBPS) * 1e9 * COMM_EFFICIENCY,

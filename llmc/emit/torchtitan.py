@@ -72,6 +72,7 @@ from llmc import TARGET_VERSIONS
 from llmc.compiler.backends import (
     compile_on,
     fp8_converted_parts,
+    fp8_expert_align,
     fp8_recipe_on,
     get_backend,
     torchtitan_layout_problem,
@@ -266,7 +267,10 @@ def _arch_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]
     for g in torchtitan_seq_gaps(arch, seq_len, gpu):
         if g.code == "X305":
             errs.append(diag(g.code, "error", g.path, g.message, g.hint))
-    problem = torchtitan_layout_problem(arch, seq_len, plan.tp, plan.cp, plan.pp, gpu)
+    align = fp8_expert_align(get_backend("torchtitan"), arch, compiled.spec.training.precision,
+                             compiled.spec.training.fp8_recipe)
+    problem = torchtitan_layout_problem(arch, seq_len, plan.tp, plan.cp, plan.pp, gpu, ep=plan.ep,
+                                        expert_align=align)
     if problem is not None:  # X303 (tying with PP), X306, X313
         errs.append(diag(problem.code, "error", problem.path, problem.message, problem.hint))
 
