@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +20,9 @@ GB = 1e9
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_fidelity", ROOT / "scripts" / "bench_fidelity.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_fidelity"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from test_benchmarks_data import _load_script
+
+    return _load_script()
 
 
 def test_long_context_rows_are_predicted_near_the_published_memory():
