@@ -41,7 +41,7 @@ def test_sft_lora_dpo_grpo_chain(tmp_path):
     plain = build_model(ARCH, seed=123)
     load_model_weights(plain, run / "sft")
     dpo = Stage(name="dpo", kind="dpo", init_from="sft", data=BUILTIN, dpo_beta=0.1)
-    r2 = run_stage(_job(dpo, 15, 2e-3), run / "dpo", tokenizer=TOK)
+    r2 = run_stage(_job(dpo, 15, 1e-3), run / "dpo", tokenizer=TOK)  # (2e-3 overshoots: the loss rises again)
     assert abs(r2["loss_first"] - 0.693147) < 1e-4  # reference == init_from model at step 0
     hist = [json.loads(x) for x in (run / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert len(hist) == 15
