@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the whole test suite on both cores: two pytest workers, each taking whole test
-# modules, the longest first by their measured cost (tests/conftest.py orders them, tests/module_cost.json). Every torch
+# modules (pytest-xdist's order: most tests first; tests/conftest.py says why not longest first). Every torch
 # process computes on one thread (OMP_NUM_THREADS=1, as torchrun sets for its workers): two workers, some
 # running two-rank jobs, already fill a 2-core machine, and more threads only spin against each other.
 set -euo pipefail

@@ -3,12 +3,8 @@
 A golden file that is missing is a failure (it is written only under ``--update-golden``), so a
 deleted or never-generated golden cannot pass silently.
 
-Also: per-test CPU accounting (``LLMC_TEST_CPU_LOG=FILE``), and the module order for ``scripts/test.sh``'s two
-xdist workers, longest modules first by their measured cost in ``tests/module_cost.json``. After tests were
-added or made faster or slower, refresh that file from a full run's log:
-
-    LLMC_TEST_CPU_LOG=/tmp/cost.jsonl scripts/test.sh
-    .venv/bin/python scripts/module_cost.py /tmp/cost.jsonl
+Also: per-test CPU accounting (``LLMC_TEST_CPU_LOG=FILE``): each test's wall and CPU seconds, its xdist worker and
+when it ended (the workers' timelines).
 """
 
 from __future__ import annotations
@@ -76,46 +72,10 @@ def pytest_runtest_protocol(item, nextitem):
                             "worker": os.environ.get("PYTEST_XDIST_WORKER")}) + "\n")
 
 
-# --- Test order for two workers: the longest modules first. ``scripts/test.sh`` runs the suite with ``-n 2
-# --dist loadfile``: pytest-xdist hands each worker one whole module at a time, in collection order, and gives
-# a worker its next module as soon as two tests of its current one are left (xdist/scheduler/loadscope.py
-# ``_reschedule``), so a worker takes on a module before it is free. Starting with the longest modules and
-# ending on many short ones (longest-processing-time first) keeps both workers busy to the end: what a worker
-# takes on early near the end is short, and the other worker's last long module is evened out by the short
-# ones. A module's tests keep their order. A module's cost is its measured wall time in
-# tests/module_cost.json, rewritten from a per-test log of a full run (LLMC_TEST_CPU_LOG above) by
-# scripts/module_cost.py; a module not in the file yet counts as SLOW_TEST_S per ``slow`` test and FAST_TEST_S
-# per other test (about the suite's means), so a new module is still placed sensibly.
-COST_FILE = Path(__file__).parent / "module_cost.json"
-SLOW_TEST_S, FAST_TEST_S = 10.0, 0.2
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Keep the collection order for xdist's module scheduling: by default (``--loadscope-reorder``) ``--dist
-    loadfile`` / ``loadscope`` re-sorts the modules by their number of tests, most first, which would put the
-    one-test modules that run for a minute (the multi-node runs) at the very end. An explicit
-    ``--loadscope-reorder`` on the command line still wins."""
-    if (getattr(config.option, "dist", "no") in ("loadfile", "loadscope")
-            and "--loadscope-reorder" not in config.invocation_params.args):
-        config.option.loadscopereorder = False
-
-
-def module_costs(items: list[pytest.Item]) -> dict[str, float]:
-    """Module path (as node ids spell it) -> expected seconds: measured (tests/module_cost.json) or
-    estimated."""
-    import json
-
-    measured = json.loads(COST_FILE.read_text()) if COST_FILE.exists() else {}
-    estimate: dict[str, float] = {}
-    for it in items:
-        module = it.nodeid.split("::", 1)[0]
-        estimate[module] = estimate.get(module, 0.0) + (
-            SLOW_TEST_S if it.get_closest_marker("slow") is not None else FAST_TEST_S)
-    return {m: float(measured.get(m, e)) for m, e in estimate.items()}
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """The modules longest first (see above), ties in file order; the order within a module is kept."""
-    cost = module_costs(items)
-    pos = {it.nodeid: i for i, it in enumerate(items)}
-    items.sort(key=lambda it: (-cost[it.nodeid.split("::", 1)[0]], pos[it.nodeid]))
+# --- Test order: pytest-xdist decides it. With ``--dist loadfile`` it hands each worker whole modules and, by default
+# (``--loadscope-reorder``), in order of their number of tests, most first; a worker gets its next module when two
+# tests of its current one are left (xdist/scheduler/loadscope.py). Longest-module-first by measured cost was tried
+# (xdist's reorder off): it ended both workers within 0.1 s of each other, but it runs the long multi-process
+# modules (two-rank torchrun jobs) side by side on the two cores, and their oversubscribed collectives cost more
+# CPU than the idle tail it saved: the whole suite took 17:30 against 16:12 with xdist's own order (2 cores, no
+# other load; 1,927 vs 1,725 CPU-seconds of tests).
