@@ -340,10 +340,10 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
                      f"{describe(c.plan)}, needs {gib(c.per_gpu_bytes)}",
                      "try " + ", ".join(hints))
         else:
-            every = {c.reason for c in res.rejected}
-            reasons = sorted(every)[:3]
-            # (every layout rejected for a sequence torchtitan cannot split: backends.torchtitan_layout_problem)
-            seq_only = bool(every) and all(r.endswith(("(X306)", "(X313)")) for r in every)
+            reasons = sorted({c.reason for c in res.rejected})[:3]
+            # every layout rejected for a sequence torchtitan cannot split (the search's "seq" category:
+            # backends.torchtitan_layout_problem)
+            seq_only = set(res.rejected_counts) == {"seq"}
             sink.add("P004", "error", "data.seq_len" if seq_only else "parallelism",
                      "no valid parallelism plan: " + "; ".join(reasons),
                      "use a seq_len torchtitan can split (see above), or training.backend native" if seq_only else
