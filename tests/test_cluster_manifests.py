@@ -254,3 +254,85 @@ def test_cpu_build_and_names(tmp_path):
             mod.files(lock)
     assert kubeflow.k8s_name("llama3.1-405b-h100x16384") == "llama3-1-405b-h100x16384"
     assert kubeflow.k8s_name("7B_Model") == "llmc-7b-model"
+
+
+# A stand-in for the build's launcher: a bash script (no trap, as launch/torchrun_multi_node.sh) whose foreground
+# child, as torchrun, takes a SIGTERM, spends SAVE_S "saving" and exits 75 (llmc's preempted status)
+FAKE_TORCHRUN = """import signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+def stop(signum, frame):
+    time.sleep(1.5)
+    (out / "saved").write_text("saved")
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+(out / "started").write_text("started")
+time.sleep(60)
+"""
+
+
+def _pod_pid1(proc: subprocess.Popen, timeout: float = 10.0) -> int:
+    """The host pid of the first process in the PID namespace ``unshare --fork`` made (the unshare's child)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        if kids.exists() and kids.read_text().split():
+            return int(kids.read_text().split()[0])
+        time.sleep(0.05)
+    raise AssertionError("no process in the new PID namespace")
+
+
+def test_kubeflow_pod_passes_sigterm_to_the_trainers_and_waits_for_their_save(tmp_path):
+    """Kubernetes stops a pod with SIGTERM to the container's first process, PID 1 of its PID namespace, which the
+    kernel gives no signal it has no handler for (pid_namespaces(7)), then SIGKILL after the grace period. Run the
+    TrainJob's command as PID 1 of a new PID namespace (as the container runtime does), SIGTERM it from outside:
+    the launcher's trainer must get the signal, finish its save, and the pod's shell must outlive that save. The
+    manifest's grace period must be the plan's (the lock's preemption figure), not Kubernetes' 30 s default."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None or shutil.which("setsid") is None:
+        pytest.skip("needs Linux unshare(1) and setsid(1)")
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a PID namespace here: {probe.stderr.decode()[-200:]}")
+    files, _ = _artifacts("pod", "h100-sxm")
+    doc = yaml.safe_load(files["kubeflow/trainjob.yaml"])
+    (patch,) = doc["spec"]["runtimePatches"]
+    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert job["name"] == "node"  # the torch-distributed runtime's replicated job
+    grace = job["template"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    from llmc.compiler.checkpoint_cost import PREEMPT_FLOOR_S
+
+    # at least torchrun's shutdown time (TORCH_ELASTIC_SHUTDOWN_TIMEOUT in the build's launcher) plus a relay
+    shutdown = int(re.search(r'TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)', files["launch/torchrun_multi_node.sh"]).group(1))
+    assert grace > shutdown >= PREEMPT_FLOOR_S
+
+    launch = tmp_path / "build/launch"
+    launch.mkdir(parents=True)
+    (tmp_path / "torchrun.py").write_text(FAKE_TORCHRUN)
+    (launch / "torchrun_multi_node.sh").write_text(
+        f'set -euo pipefail\n"{sys.executable}" "{tmp_path}/torchrun.py" "{tmp_path}"\n')
+    env = {**os.environ, "LLMC_BUILD_DIR": str(tmp_path / "build")}
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "bash", "-c", doc["spec"]["trainer"]["args"][0]],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        pid1 = _pod_pid1(proc)
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "started").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.05)
+        os.kill(pid1, signal.SIGTERM)  # the kubelet's stop
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the pod's first process ignored the SIGTERM: the kubelet would SIGKILL the unsaved trainers")
+        assert (tmp_path / "saved").exists(), "the pod ended before its trainer's save"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -15,6 +15,18 @@ launcher's ``NNODES``, ``NPROC``, ``MASTER_ADDR``, ``MASTER_PORT``.
 The container image must hold llmc (with its runtime extras) and the build directory at
 ``/workspace/build``; ``trainer.image`` names it ``llmc/<spec name>:<first 12 hex of the spec sha256>``,
 a tag to build and push (or edit) before ``kubectl apply -f kubeflow/trainjob.yaml``.
+
+Stopping a pod (preemption, eviction, a node drain, ``kubectl delete``): the kubelet sends SIGTERM to the
+container's first process and SIGKILL ``terminationGracePeriodSeconds`` later (30 s by default;
+https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#pod-termination). That first process is the
+command's shell, PID 1 of the pod's PID namespace, which the kernel gives no signal it has no handler for
+(pid_namespaces(7): "the only signals that can be sent to the init process are those for which the init process has
+established a signal handler"): a plain ``bash -c`` would let the SIGTERM vanish and the trainers die in the
+SIGKILL with every step since the last interval checkpoint. So the command starts the launcher in a process group
+of its own, passes a SIGTERM on to that group (torchrun forwards it to the trainers, which save the current step
+and exit) and ends only once the whole group has, and the manifest's ``runtimePatches`` set the pods'
+``terminationGracePeriodSeconds`` to the plan's figure (the lock's ``preemption.signal_lead_seconds``: torchrun's
+shutdown time + the relay's, as Slurm's ``--signal`` lead).
 """
 
 from __future__ import annotations
@@ -39,8 +51,18 @@ BUILD_DIR = "/workspace/build"
 COMMAND = """set -euo pipefail
 export NNODES="${PET_NNODES:-1}" NPROC="${PET_NPROC_PER_NODE:-%(gpn)d}"
 export MASTER_ADDR="${PET_MASTER_ADDR:-localhost}" MASTER_PORT="${PET_MASTER_PORT:-29500}"
-bash "$LLMC_BUILD_DIR/launch/torchrun_multi_node.sh"
+# PID 1: a SIGTERM reaches this shell only through its trap, which passes it on to the launcher's process group
+setsid bash "$LLMC_BUILD_DIR/launch/torchrun_multi_node.sh" &
+group=$!
+trap 'trap "" TERM; kill -TERM -- "-$group" 2>/dev/null || true' TERM
+wait "$group" || true  # returns early when the trap ran
+while kill -0 -- "-$group" 2>/dev/null; do sleep 1; done  # torchrun and its trainers may outlive the script
+wait "$group"  # the launcher's exit status
 """
+# The training runtime's replicated job (manifests/base/runtimes/torch_distributed.yaml in kubeflow/trainer) and
+# the owner of the patch below (spec.runtimePatches[].manager: any name; Kueue uses its own)
+RUNTIME_JOB = "node"
+PATCH_MANAGER = "llmc"
 
 
 def k8s_name(name: str, limit: int = 40) -> str:
@@ -80,8 +102,21 @@ def trainjob(lock: dict) -> dict:
                 "numProcPerNode": shape.gpus_per_node,
                 "resourcesPerNode": {"limits": {gpu: n}, "requests": {gpu: n}},
             },
+            "runtimePatches": [{
+                "manager": PATCH_MANAGER,
+                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
+                    "name": RUNTIME_JOB,
+                    "template": {"spec": {"template": {"spec": {"terminationGracePeriodSeconds": grace_seconds(lock)}}}},
+                }]}}},
+            }],
         },
     }
+
+
+def grace_seconds(lock: dict) -> int:
+    """The pods' ``terminationGracePeriodSeconds``: the plan's shutdown time after a SIGTERM plus the relay's (the
+    lock's ``preemption.signal_lead_seconds``, written by ``llmc.compiler.checkpoint_cost.preemption_numbers``)."""
+    return int(lock["preemption"]["signal_lead_seconds"])
 
 
 def files(lock: dict) -> dict[str, str]:
@@ -93,6 +128,8 @@ def files(lock: dict) -> dict[str, str]:
         f"# The image must contain llmc and this build directory at {BUILD_DIR}; then",
         "#   kubectl apply -f kubeflow/trainjob.yaml",
         "# RUN_DIR (checkpoints, metrics) should be a volume shared by the nodes for resume.",
+        f"# A stopped pod gets {grace_seconds(lock)} s between SIGTERM and SIGKILL (terminationGracePeriodSeconds, "
+        "the plan's preemption figure): its trainers save the current step and exit.",
     ]
     return {"kubeflow/trainjob.yaml": "\n".join(lines) + "\n" + dump_yaml(trainjob(lock))}
 
