@@ -332,6 +332,7 @@ def test_kubeflow_pod_passes_sigterm_to_the_trainers_and_waits_for_their_save(tm
         except subprocess.TimeoutExpired:
             pytest.fail("the pod's first process ignored the SIGTERM: the kubelet would SIGKILL the unsaved trainers")
         assert (tmp_path / "saved").exists(), "the pod ended before its trainer's save"
+        assert proc.returncode == 75, proc.stdout.read().decode()[-2000:]  # the launcher's status: its trainer's
     finally:
         if proc.poll() is None:
             proc.kill()

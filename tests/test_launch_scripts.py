@@ -5,6 +5,7 @@ the torchtitan scripts' prepare step, and where a DeepSpeed hostfile run's other
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,75 @@ def test_sbatch_cancel_saves_but_never_requeues(tmp_path, first_usr1):
     assert "checkpoint saved" in lines  # the running stage saved the step it was at
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "not requeued" in out.strip().splitlines()[-1], out
+
+
+def test_torchtitan_sbatch_saves_before_the_time_limit(tmp_path):
+    """torchtitan/slurm.sbatch at the time limit: Slurm sends USR1 to the batch shell (--signal=B:USR1@N, N the plan's
+    preemption figure) and the job must get a SIGTERM, save the step it is at, and end the script with llmc's
+    preempted status. Stand-ins as Slurm behaves: srun's task runs in a process group of its own (the step), scancel
+    --signal signals every process of the step, and once the task's process ends srun kills what is left of the step
+    (slurmstepd ends a step with its tasks), so a task shell that died on the SIGTERM would take torchrun's save
+    with it."""
+    b = _fake_build(tmp_path)
+    fake, log = tmp_path / "bin", tmp_path / "log"
+    fake.mkdir()
+    _exe(fake / "scontrol", '#!/bin/bash\n[ "$1" = show ] && { echo node1; exit 0; }\n')
+    _exe(fake / "srun", f"""\
+        #!/bin/bash
+        while [ $# -gt 0 ]; do case "$1" in --*) shift ;; *) break ;; esac; done
+        setsid "$@" &
+        t=$!
+        echo $t > {tmp_path}/step.pgid
+        while kill -0 $t 2>/dev/null; do wait $t; rc=$?; done
+        kill -KILL -- -$t 2>/dev/null
+        exit $rc
+        """)
+    _exe(fake / "scancel", f"""\
+        #!/bin/bash
+        echo "scancel $*" >> {log}
+        sig="${{1#--signal=}}"
+        kill -"$sig" -- -"$(cat {tmp_path}/step.pgid)"
+        """)
+    # in Python, as torchrun: it sets its own SIGTERM handler (torch.distributed.elastic's PContext.start), whatever
+    # the disposition it started with (a shell cannot trap a signal ignored when it started)
+    _exe(fake / "torchrun", f"""\
+        #!{sys.executable}
+        import signal, sys, time
+        def stop(signum, frame):
+            time.sleep(0.5)
+            with open({str(log)!r}, "a") as f:
+                f.write("checkpoint saved\\n")
+            sys.exit({EXIT_PREEMPTED})
+        signal.signal(signal.SIGTERM, stop)
+        open({str(tmp_path / "running")!r}, "w").write("running")
+        time.sleep(60)
+        """)
+    _exe(fake / "python", "#!/bin/bash\nexit 0\n")
+    env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(b),
+               SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", RUN_DIR=str(tmp_path / "run"))
+    script = (b / "torchtitan/slurm.sbatch").read_text()
+    lead = int(re.search(r"#SBATCH --signal=B:USR1@(\d+)", script).group(1))
+    shutdown = int(re.search(r'TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)', (b / "torchtitan/run_multi_node.sh").read_text())
+                   .group(1))
+    assert lead > shutdown  # the signal comes early enough for torchrun's whole shutdown time
+    proc = subprocess.Popen(["bash", str(b / "torchtitan/slurm.sbatch")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "running").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)  # Slurm, N s before the time limit
+    try:
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if (tmp_path / "step.pgid").exists():
+            subprocess.run(["kill", "-KILL", "--", f"-{(tmp_path / 'step.pgid').read_text().strip()}"],
+                           capture_output=True)
+    assert "checkpoint saved" in log.read_text().splitlines(), out
+    assert proc.returncode == EXIT_PREEMPTED, out
+    assert "stopped by a signal after saving its current step" in out.strip().splitlines()[-1], out
 
 
 # ----------------------------------------------------------------------------- 2. one last line of llmc's

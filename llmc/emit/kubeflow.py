@@ -24,7 +24,8 @@ command's shell, PID 1 of the pod's PID namespace, which the kernel gives no sig
 established a signal handler"): a plain ``bash -c`` would let the SIGTERM vanish and the trainers die in the
 SIGKILL with every step since the last interval checkpoint. So the command starts the launcher in a process group
 of its own, passes a SIGTERM on to that group (torchrun forwards it to the trainers, which save the current step
-and exit) and ends only once the whole group has, and the manifest's ``runtimePatches`` set the pods'
+and exit; the launcher's shell ignores it and ends with their preempted status) and ends only once the whole group
+has, and the manifest's ``runtimePatches`` set the pods'
 ``terminationGracePeriodSeconds`` to the plan's figure (the lock's ``preemption.signal_lead_seconds``: torchrun's
 shutdown time + the relay's, as Slurm's ``--signal`` lead).
 """
@@ -51,8 +52,9 @@ BUILD_DIR = "/workspace/build"
 COMMAND = """set -euo pipefail
 export NNODES="${PET_NNODES:-1}" NPROC="${PET_NPROC_PER_NODE:-%(gpn)d}"
 export MASTER_ADDR="${PET_MASTER_ADDR:-localhost}" MASTER_PORT="${PET_MASTER_PORT:-29500}"
-# PID 1: a SIGTERM reaches this shell only through its trap, which passes it on to the launcher's process group
-setsid bash "$LLMC_BUILD_DIR/launch/torchrun_multi_node.sh" &
+# PID 1: a SIGTERM reaches this shell only through its trap, which passes it on to the launcher's process group;
+# the launcher's own shell ignores it (torchrun and its trainers handle it) and ends with their status
+setsid bash -c 'trap "" TERM; exec bash "$0"' "$LLMC_BUILD_DIR/launch/torchrun_multi_node.sh" &
 group=$!
 trap 'trap "" TERM; kill -TERM -- "-$group" 2>/dev/null || true' TERM
 wait "$group" || true  # returns early when the trap ran
@@ -115,8 +117,12 @@ def trainjob(lock: dict) -> dict:
 
 def grace_seconds(lock: dict) -> int:
     """The pods' ``terminationGracePeriodSeconds``: the plan's shutdown time after a SIGTERM plus the relay's (the
-    lock's ``preemption.signal_lead_seconds``, written by ``llmc.compiler.checkpoint_cost.preemption_numbers``)."""
-    return int(lock["preemption"]["signal_lead_seconds"])
+    lock's ``preemption.signal_lead_seconds``, written by ``llmc.compiler.checkpoint_cost.preemption_numbers``; with
+    no saves known, its floor, as the launchers' ``llmc.emit.common.preemption_context``)."""
+    from llmc.compiler.checkpoint_cost import preemption_numbers
+
+    p = lock.get("preemption")
+    return int(p["signal_lead_seconds"]) if p else preemption_numbers([]).signal_lead_seconds
 
 
 def files(lock: dict) -> dict[str, str]:
