@@ -200,3 +200,41 @@ def test_export_refuses_a_checkpoint_that_fails_its_manifest(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and "error[R010]" in lines[0] and "sha256" in lines[0], r.stderr[-1500:]
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_reads_only_the_model_of_a_torchtitan_checkpoint_and_in_the_export_dtype(tmp_path, monkeypatch):
+    """A torchtitan checkpoint holds the model (fp32, flattened into the top level) and the optimizer's two fp32
+    moments per parameter, the LR schedule, data loader and train state: 12 B per parameter, 4.9 TB for a 405B
+    model. Exporting it must read the model's tensors only, straight into the export's dtype, with no temporary
+    copy of the whole checkpoint (as torch's dcp_to_torch_save makes): the bytes read are checked against the DCP
+    reader's own plan, the values against the model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from llmc.runtime import hf_io
+
+    arch = Architecture(name="t", **BASE)
+    torch.manual_seed(0)
+    model_sd = {k: v.detach().clone() for k, v in build_model(arch).state_dict().items()}
+    titan = {k.replace(".attention.", ".attention.qkv_linear.") if ".attention.w" in k and
+             any(f".w{x}." in k for x in "qkv") else k: v for k, v in model_sd.items()}
+    optim = {f"optimizer.state.{k}.{m}": torch.randn_like(v) for k, v in model_sd.items() for m in ("exp_avg",
+                                                                                                    "exp_avg_sq")}
+    ck = tmp_path / "outputs/checkpoint/step-10"
+    dcp.save({**titan, **optim, "train_state": {"step": torch.tensor(10)},
+              "lr_scheduler": {"last_epoch": torch.tensor(10)}}, checkpoint_id=str(ck), no_dist=True)
+    read: list[str] = []
+    real_read = FileSystemReader.read_data
+
+    def spy(self, plan, planner):
+        read.extend(item.dest_index.fqn for item in plan.items)
+        return real_read(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemReader, "read_data", spy)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "no-tmp"))  # (missing: a temporary file would fail)
+    sd, source = hf_io._model_state(ck, dtype=torch.bfloat16)
+    assert source == "torchtitan"
+    assert read and not [k for k in read if k.split(".", 1)[0] in ("optimizer", "train_state", "lr_scheduler")]
+    assert set(sd) == set(model_sd)
+    for k, v in model_sd.items():
+        assert sd[k].dtype == torch.bfloat16 and torch.equal(sd[k], v.to(torch.bfloat16)), k

@@ -182,23 +182,53 @@ def _sd_options(**kw):
     return StateDictOptions(**kw)
 
 
-def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+def read_model_state(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The full model state dict of a verified ``step-N`` folder, on CPU, in one process: ``model.pt``, or
-    the ``model`` entries of its DCP shards (loaded without a process group)."""
+    the ``model`` entries of its DCP shards (loaded without a process group; the optimizer's never read). ``dtype``:
+    floating-point tensors come back in it (an export's bf16: half the host memory of the fp32 they were saved in)."""
     path = Path(path)
     if (path / "model.pt").exists():
-        return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        return sd if dtype is None else {k: _as_dtype(v, dtype) for k, v in sd.items()}
     if not (path / "dcp" / ".metadata").exists():
         raise CheckpointError(f"checkpoint {path}: neither model.pt nor dcp/.metadata")
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    sd = read_dcp_tensors(path / "dcp", lambda key: key.startswith("model."), dtype)
+    return {k[len("model."):]: v for k, v in sd.items()}
 
-    # what torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, restricted to the model entries
-    sd: dict = {}
-    _load_state_dict(sd, storage_reader=FileSystemReader(str(path / "dcp")),
-                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
-    return dict(sd["model"])
+
+def _as_dtype(t, dtype: torch.dtype | None):
+    """``t`` in ``dtype`` when it is a real floating-point tensor (integer and complex ones keep theirs)."""
+    if dtype is None or not torch.is_tensor(t) or not t.is_floating_point():
+        return t
+    return t.to(dtype)
+
+
+def read_dcp_tensors(dcp_dir: str | Path, want, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a ``torch.distributed.checkpoint`` folder whose flattened key ``want(key)`` accepts, whole, on
+    CPU, in one process (no process group), each read straight into a tensor of its own (in ``dtype`` when given
+    and the stored one is real floating point: DCP's reader copies each stored chunk into its destination,
+    ``FileSystemReader.read_data``). Only those keys' bytes are read and held: a training checkpoint's optimizer
+    state (two fp32 moments per parameter) is never loaded to export its model, nor written to a temporary file as
+    ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` does (https://pytorch.org/docs/stable/
+    distributed.checkpoint.html)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(dcp_dir))
+    md = reader.read_metadata().state_dict_metadata
+    sd: dict[str, torch.Tensor] = {}
+    for key, m in md.items():
+        if isinstance(m, TensorStorageMetadata) and want(key):
+            real = m.properties.dtype.is_floating_point and not m.properties.dtype.is_complex
+            sd[key] = torch.empty(tuple(m.size), dtype=dtype if dtype is not None and real else m.properties.dtype)
+    if sd:
+        import warnings
+
+        with warnings.catch_warnings():  # (its "assuming the intent is to load in a single process": it is)
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load(sd, storage_reader=reader, no_dist=True)
+    return sd
 
 
 INIT_HINT = "written for another model: start this stage from a checkpoint of its model (or rerun that stage with it)"

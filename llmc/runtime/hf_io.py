@@ -1210,12 +1210,21 @@ _TITAN_RENAMES = ((".attention.qkv_linear.", ".attention."),
                   (".moe.expert_bias_E", ".moe.expert_bias"))
 
 
-def _model_state(stage_dir: Path, *more: Path) -> tuple[dict[str, torch.Tensor], str]:
+# The top-level entries of a torchtitan 0.3.0 checkpoint besides the model's (flattened into the top level:
+# torchtitan/components/checkpointer/dcp.py, CheckpointManager._flattened_model_states_sd): OPTIMIZER,
+# LR_SCHEDULER, DATALOADER, TRAIN_STATE (torchtitan/components/checkpoint.py)
+TITAN_AUX_STATES = frozenset({"optimizer", "lr_scheduler", "dataloader", "train_state"})
+
+
+def _model_state(stage_dir: Path, *more: Path, dtype: torch.dtype | None = None
+                 ) -> tuple[dict[str, torch.Tensor], str]:
     """(full llmc state dict, "llmc" | "torchtitan") of a stage: its llmc checkpoint (native, DeepSpeed,
     post-training) or, failing that, the newest torchtitan DCP checkpoint (``step-N/.metadata``) under
-    ``stage_dir`` or ``more`` (converted with ``dcp_to_torch_save``, torchtitan FQNs mapped to llmc's)."""
+    ``stage_dir`` or ``more`` (its model entries only, torchtitan FQNs mapped to llmc's). ``dtype``: floating-point
+    tensors are read into it (``checkpoint.read_dcp_tensors``)."""
     from llmc.runtime.checkpoint import (
         CheckpointError,
+        read_dcp_tensors,
         read_model_state,
         resolve_checkpoint,
         verify_checkpoint,
@@ -1232,7 +1241,7 @@ def _model_state(stage_dir: Path, *more: Path) -> tuple[dict[str, torch.Tensor],
             verify_checkpoint(ck)
         except CheckpointError as e:
             raise HFError(str(e)) from None
-        return read_model_state(ck), "llmc"  # model.pt or the sharded (DCP) checkpoint
+        return read_model_state(ck, dtype), "llmc"  # model.pt or the sharded (DCP) checkpoint
     if (stage_dir / ".metadata").is_file():  # one torchtitan DCP checkpoint, named exactly
         dcp = [stage_dir]
     else:
@@ -1241,20 +1250,14 @@ def _model_state(stage_dir: Path, *more: Path) -> tuple[dict[str, torch.Tensor],
     if not dcp:
         raise HFError(f"{stage_dir}: no llmc checkpoint and no torchtitan DCP checkpoint")
     import logging
-    import tempfile
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        # DCP's loader logs each failed metadata read with its traceback on the root logger; the CheckpointException
-        # it raises says the same, in the one error line the export prints
-        logging.disable(logging.ERROR)
-        try:
-            dcp_to_torch_save(str(dcp[-1]), f"{tmp}/full.pt")
-        finally:
-            logging.disable(logging.NOTSET)
-        sd = torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=False)
-    sd = sd.get("model", sd)
+    # DCP's loader logs each failed metadata read with its traceback on the root logger; the CheckpointException
+    # it raises says the same, in the one error line the export prints
+    logging.disable(logging.ERROR)
+    try:
+        sd = read_dcp_tensors(dcp[-1], lambda key: key.split(".", 1)[0] not in TITAN_AUX_STATES, dtype)
+    finally:
+        logging.disable(logging.NOTSET)
     out = {}
     for k, v in sd.items():
         if torch.is_tensor(v):
@@ -1303,7 +1306,11 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     why = hf_export_supported(arch)
     if why:
         return {"hf": None, "why": why}
-    sd, source = (model_sd, "llmc") if model_sd is not None else _model_state(stage_dir, *search)
+    # the weights as trained: an fp32 run's export keeps fp32 (bf16 would round every weight it trained, unsaid);
+    # bf16 / fp8 runs keep fp32 master weights too, but serve and publish in bf16, as the serving configs load them
+    dtype = torch.float32 if getattr(job, "precision", "bf16") == "fp32" else torch.bfloat16
+    # a checkpoint is read straight into that dtype: half the host memory of its fp32 weights
+    sd, source = (model_sd, "llmc") if model_sd is not None else _model_state(stage_dir, *search, dtype=dtype)
     if source == "torchtitan":
         sd = titan_state_to_llmc(sd, arch)
     params = hf_names(arch)
@@ -1322,9 +1329,6 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     if job.kind in ("sft", "dpo", "grpo"):
         hyper = (job.stage_plan or {}).get("hyper") or {}
         template = hyper.get("chat_template") or job.tokenizer.chat_template or "llama3"
-    # the weights as trained: an fp32 run's export keeps fp32 (bf16 would round every weight it trained, unsaid);
-    # bf16 / fp8 runs keep fp32 master weights too, but serve and publish in bf16, as the serving configs load them
-    dtype = torch.float32 if getattr(job, "precision", "bf16") == "fp32" else torch.bfloat16
     export_hf(sd, arch, out, tokenizer_dir, dtype=dtype, bos_id=bos, eos_id=eos, chat_template=template)
     res: dict[str, Any] = {"hf": str(out), "chat_template": template, "dtype": str(dtype).split(".")[-1]}
     lora = getattr(job.stage_spec, "lora", None) if job.stage_spec is not None else None
