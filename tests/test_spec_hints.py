@@ -111,3 +111,48 @@ def test_g005_splits_a_pretraining_plan_into_states_and_one_micro_step():
     d, total, part = _g005("{dp_replicate: 16, micro_batch: 1, activation_checkpointing: full}")
     assert "optimizer states" in d.hint and part == pytest.approx(states, abs=0.1)
     assert "dp_shard" in d.hint
+
+
+LORA_SPEC = """name: t
+model: tiny
+hardware: {gpu: cpu, count: 1}
+data: {seq_len: 64, tokens: 1M, tokenizer: {path: /t, chat_template: llama3}}
+stages:
+  - {name: s, kind: sft, init_hf: /m, lora: {targets: TARGETS},
+     data: {sources: [{name: c, path: /d.jsonl, kind: chat}], seq_len: 64, tokens: 1M}}
+"""
+
+
+@pytest.mark.parametrize("given, ours", [
+    ("[q_proj, v_proj]", ["wq", "wv"]),
+    ("[gate_proj, up_proj, down_proj, o_proj, k_proj]", ["w1", "w3", "w2", "wo", "wk"]),
+    ("[wq, q_proj]", ["wq"]),
+    ("all-linear", ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]),
+])
+def test_lora_targets_take_peft_names(given, ours):
+    """PEFT users name the adapted linears by their Hugging Face modules (LoraConfig(target_modules=["q_proj",
+    "v_proj"]), or "all-linear"); transformers' Llama block: q/k/v/o_proj in self_attn, gate/up/down_proj in mlp,
+    whose gate is torchtitan's w1, up w3 and down w2 (models/llama3/model/model.py: w2(silu(w1(x)) * w3(x)))."""
+    run, _ = loads_spec(LORA_SPEC.replace("TARGETS", given), file="s.yaml")
+    assert list(run.stages[0].lora.targets) == ours
+
+
+def test_an_hf_config_error_of_the_whole_model_reads_as_one_sentence(tmp_path):
+    """A check of the whole model (no field to name) is still one message after the file's name, single-spaced."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "deepseek_v3", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+        "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 300, "n_group": 4, "topk_group": 4,
+        "first_k_dense_replace": 1, "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 16, "v_head_dim": 16, "max_position_embeddings": 256}))
+    (tmp_path / "s.yaml").write_text("name: t\nmodel: {hf_config: config.json}\nhardware: {gpu: cpu, count: 1}\n"
+                                     "data: {seq_len: 64, tokens: 1M}\n")
+    from llmc.diagnostics import SpecError
+    from llmc.spec.load import load_spec
+
+    with pytest.raises(SpecError) as e:
+        load_spec(tmp_path / "s.yaml")
+    (msg,) = [d.message for d in e.value.diagnostics if "top_k" in d.message]
+    assert re.fullmatch(r"config\.json: top_k 300 exceeds \S.*", msg), msg

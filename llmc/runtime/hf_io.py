@@ -122,9 +122,9 @@ from llmc.rope import rope_attention_factor
 from llmc.spec.chat import CHAT_TEMPLATES
 from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
 from llmc.spec.hf import HF_ACTIVATIONS
+from llmc.spec.schema import LORA_HF_NAMES
 
-HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
-              "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+HF_TARGETS = {ours: hf for hf, ours in LORA_HF_NAMES.items()}  # llmc's LoRA target -> its HF module name
 _IGNORED_HF = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
 
 class HFError(ValueError):

@@ -686,8 +686,8 @@ def _load_hf(hf: Any, base_dir: Path, ctx: _Ctx) -> dict[str, Any] | None:
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
             key = HF_KEY_FOR_FIELD.get(str(err["loc"][0])) if err["loc"] else None
-            where = f"{loc} (config.json {key!r})" if key else loc
-            ctx.diags.append(ctx.diag("S005", path, f"{f.name}: {where} {_human_message(err)}"))
+            where = f"{loc} (config.json {key!r})" if key else loc  # ("": a check of the whole model)
+            ctx.diags.append(ctx.diag("S005", path, f"{f.name}: {where + ' ' if where else ''}{_human_message(err)}"))
         return None
     return arch.model_dump(exclude_unset=True)
 

@@ -446,6 +446,12 @@ PREFERENCE_KINDS: tuple[str, ...] = ("dpo", "grpo")
 #: the linear layers an adapter can wrap (torchtitan / llmc names)
 LoRATarget = Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 LORA_TARGETS: tuple[str, ...] = typing.get_args(LoRATarget)
+#: the same linears by their Hugging Face module names (PEFT's ``LoraConfig.target_modules`` for Llama-style
+#: models), accepted in ``lora.targets`` for llmc's; PEFT's ``all-linear`` is every one of them
+#: (https://huggingface.co/docs/peft/package_reference/lora, ``target_modules``)
+LORA_HF_NAMES: dict[str, str] = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
+                                 "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+LORA_ALL_LINEAR = "all-linear"
 #: the NF4 format of ``quantize_base: nf4`` (QLoRA, Dettmers et al. 2023, arXiv:2305.14314 §3): one absmax per block
 #: of 64 weights; double quantisation stores those absmax values in 8 bits with one fp32 scale per 256 of them
 NF4_BLOCK = 64
@@ -462,9 +468,24 @@ class LoRA(SpecModel):
     dropout: Float = Field(default=0.05, ge=0, lt=1)
     """Dropout on the adapter input."""
     targets: list[LoRATarget] = Field(default_factory=lambda: list(LORA_TARGETS))
-    """Adapted linear layers (torchtitan names)."""
+    """Adapted linear layers (torchtitan names; Hugging Face / PEFT names such as ``q_proj`` and ``all-linear`` are
+    read as theirs)."""
     quantize_base: Literal["none", "nf4"] = "none"
     """QLoRA: keep the frozen base in 4-bit NF4."""
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _peft_names(cls, v):
+        if v == LORA_ALL_LINEAR or v == [LORA_ALL_LINEAR]:
+            return list(LORA_TARGETS)
+        if not isinstance(v, list):
+            return v
+        out = []
+        for x in v:
+            x = LORA_HF_NAMES.get(x, x) if isinstance(x, str) else x
+            if x not in out:
+                out.append(x)
+        return out
 
 
 class StageBase(SpecModel):
