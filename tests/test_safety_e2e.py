@@ -558,11 +558,25 @@ def test_export_never_overwrites_files_it_did_not_write(tmp_path):
     out = tmp_path / "exp"
     out.mkdir()
     (out / "model_finetuned_v2.safetensors").write_text("mine")
-    with pytest.raises(ValueError, match="files an llmc export did not write"):
+    with pytest.raises(ValueError, match="is not an earlier llmc export"):
         export_hf(model.state_dict(), arch, out, dtype=torch.float32)
     assert sorted(p.name for p in out.iterdir()) == ["model_finetuned_v2.safetensors"]
+    # a model folder a user saved with transformers' save_pretrained holds the names an export writes: it is theirs
+    saved = tmp_path / "mybase"
+    saved.mkdir()
+    mine = {"config.json": '{"model_type": "llama"}', "model.safetensors": "weights", "tokenizer.json": "{}",
+            "generation_config.json": "{}"}
+    for name, text in mine.items():
+        (saved / name).write_text(text)
+    with pytest.raises(ValueError, match="is not an earlier llmc export"):
+        export_hf(model.state_dict(), arch, saved, dtype=torch.float32)
+    assert {p.name: p.read_text() for p in saved.iterdir()} == mine
     fresh = tmp_path / "fresh"
     export_hf(model.state_dict(), arch, fresh, dtype=torch.float32)
     export_hf(model.state_dict(), arch, fresh, dtype=torch.float32)  # its own earlier export: replaced whole
     assert (fresh / EXPORT_MARKER).is_file() and (fresh / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    (fresh / "NOTES.md").write_text("my notes")  # added to an llmc export: the export is not replaced over it
+    with pytest.raises(ValueError, match="files an llmc export did not write"):
+        export_hf(model.state_dict(), arch, fresh, dtype=torch.float32)
+    assert (fresh / "NOTES.md").read_text() == "my notes"

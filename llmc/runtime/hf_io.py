@@ -1065,9 +1065,10 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
     final = Path(out_dir)
     foreign = _foreign_files(final)
     if foreign:
-        raise ValueError(f"{final}: holds files an llmc export did not write ({', '.join(foreign[:3])}"
-                         f"{', ...' if len(foreign) > 3 else ''}); export into a new or empty folder (llmc never "
-                         "overwrites them)")
+        names = f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}"
+        what = (f"holds files an llmc export did not write ({names})" if (final / EXPORT_MARKER).is_file() else
+                f"is not an earlier llmc export (it holds {names} and no {EXPORT_MARKER})")
+        raise ValueError(f"{final}: {what}; export into a new or empty folder (llmc never overwrites them)")
     # written beside it and swapped in whole: a crash leaves the previous export or the new one, never a mix
     out = final.with_name(f".{final.name}.llmc-tmp-{os.getpid()}")
     if out.exists():
@@ -1097,8 +1098,8 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
     return final
 
 
-#: What an llmc export writes: the marker file, and the names a Hugging Face directory of it holds (also an export
-#: an older llmc wrote, without the marker); ``adapter/`` is the LoRA stages' PEFT adapter
+#: What an llmc export writes: the marker file, and the names a Hugging Face directory of it holds; ``adapter/`` is the
+#: LoRA stages' PEFT adapter
 EXPORT_MARKER = ".llmc-export.json"
 _EXPORT_NAMES = re.compile(r"(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
                            r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.jinja|adapter|"
@@ -1106,14 +1107,17 @@ _EXPORT_NAMES = re.compile(r"(model(-\d{5}-of-\d{5})?\.safetensors|model\.safete
 
 
 def _foreign_files(out: Path) -> list[str]:
-    """Entries of ``out`` an llmc export did not write (none when it is missing, empty or carries the marker)."""
+    """Entries of ``out`` an llmc export did not write: none when it is missing or empty; in a folder with the marker,
+    those an export never writes (files someone added to it); in any other folder, all of them. The names alone prove
+    nothing: transformers' ``save_pretrained`` writes the same ones (config.json, model.safetensors, tokenizer files),
+    and a model folder a user saved so must never be taken for an earlier export and replaced."""
     if not out.exists():
         return []
     if not out.is_dir() or out.is_symlink():
         return [out.name]
     if (out / EXPORT_MARKER).is_file():
-        return []
-    return sorted(p.name for p in out.iterdir() if not _EXPORT_NAMES.fullmatch(p.name))
+        return sorted(p.name for p in out.iterdir() if not _EXPORT_NAMES.fullmatch(p.name))
+    return sorted(p.name for p in out.iterdir())
 
 
 def _with_chat_eos(eos_id, tokenizer_dir, template: str):
