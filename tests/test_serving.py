@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -234,3 +238,117 @@ def test_a_continued_stage_without_a_length_is_an_error_not_a_crash():
     assert len(g) == 1 and g[0].severity == "error" and g[0].path == "stages.1"
     long = next(s for s in c.stages if s.name == "long")
     assert long.max_position_embeddings == 32768
+
+
+# ------------------------------------------------------------------------------------- layouts and pipeline stages
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PY = ROOT / ".venv-vllm/bin/python"  # vLLM 0.33.0 in its own environment (scripts/setup.sh)
+PP_PAIRS = [(61, 3), (48, 2), (63, 4), (126, 5), (80, 16), (27, 6), (7, 4), (32, 1)]
+
+
+def _qwen3_moe_layer_params() -> int:
+    """Qwen3-30B-A3B's block by hand from its config.json (hidden 2048, 32 heads and 4 KV heads of 128, q/k RMSNorm
+    of 128, 128 experts of moe_intermediate_size 768, no bias): attention + router + experts + two RMSNorms."""
+    d, hd = 2048, 128
+    attn = d * 32 * hd + 2 * d * 4 * hd + 32 * hd * d + 2 * hd
+    return attn + d * 128 + 128 * 3 * d * 768 + 2 * d
+
+
+def test_pipeline_stages_inside_one_node_before_a_second_node():
+    """Qwen3-30B-A3B (4 KV heads) at 40,960 tokens x 64 on H100 SXM (80 GB): tp 8 replicates the KV heads (vLLM's
+    ModelConfig.get_num_kv_heads: max(1, 4 // tp) = 1 per rank at tp 4 and at tp 8), so 8 GPUs fit only as tp 4 x pp 2
+    (24 layers per rank): 8 GPUs on one node, not tp 8 x pp 2 on two nodes (16 GPUs, a Ray cluster)."""
+    from llmc.compiler.hardware import get_gpu
+    from llmc.spec.presets import PRESETS
+
+    arch = PRESETS["qwen3-30b-a3b"]
+    run = run_with(arch.model_dump(), [{"max_model_len": 40960, "concurrency": 64}])
+    plans, diags = plan_serving(run, get_gpu)
+    p = plans[0]
+    assert not [d for d in diags if d.severity == "error"]
+    assert (p.tensor_parallel_size, p.pipeline_parallel_size, p.gpus, p.nodes, p.fits) == (4, 2, 8, 1, True)
+
+    # by hand: 80e9 B x 0.9; the per-token KV of one rank is K and V x its layers x 1 KV head x 128 x 2 bytes
+    budget, layer = 0.9 * 80e9, _qwen3_moe_layer_params()
+    emb = 151936 * 2048
+    assert 48 * layer + 2 * emb + 2048 == pytest.approx(30.5e9, rel=0.002)  # the model card's 30.5B
+    reserve = lambda tp: GiB + 8192 * 2 * (4 * 2048 + 3 * 6144 / tp)  # noqa: E731 - the module's workspace estimate
+    need_tp8 = 64 * 40960 * (2 * 48 * 1 * 128 * 2)  # tp 8 x pp 1: all 48 layers, 1 KV head per rank
+    assert need_tp8 > budget - (48 * layer + 2 * emb + 2048) * 2 / 8 - reserve(8)  # 8 GPUs without stages: no fit
+    kv_seq = 40960 * (2 * 24 * 1 * 128 * 2)  # 12,288 B/token/GPU
+    assert p.kv_gib_per_seq == round(kv_seq / GiB, 4) and p.kv_gib_needed == round(64 * kv_seq / GiB, 3)
+    # the last stage holds the LM head and the final norm besides its 24 layers (the first: the embedding)
+    weights = (24 * layer + emb + 2048) * 2 / 4
+    assert p.weights_gib_per_gpu == round(weights / GiB, 3)
+    assert p.max_seqs_that_fit == int((budget - weights - reserve(4)) // kv_seq) == 125
+
+
+def test_pipeline_stages_hold_the_layers_vllm_gives_them():
+    """vLLM's get_pp_indices: n // pp layers per stage, the remainder one each in the stages before the last from
+    the second-to-last backwards (its docstring: the last stage holds the norm and head)."""
+    from llmc.compiler.serving import pp_layer_split
+
+    for (n, pp), want in zip(PP_PAIRS, [[20, 21, 20], [24, 24], [16, 16, 16, 15], [25, 25, 25, 26, 25], [5] * 16,
+                                        [4, 4, 5, 5, 5, 4], [2, 2, 2, 1], [32]], strict=True):
+        assert pp_layer_split(n, pp) == want and sum(want) == n
+
+
+@pytest.mark.skipif(not VLLM_PY.exists(), reason="vLLM is not installed here (scripts/setup.sh puts it in .venv-vllm)")
+def test_pp_layer_split_equals_vllms_get_pp_indices(tmp_path):
+    from llmc.compiler.serving import pp_layer_split
+
+    script = ("import json, sys\nfrom vllm.distributed.utils import get_pp_indices\n"
+              "pairs = json.loads(sys.argv[1])\n"
+              "print(json.dumps([[e - s for s, e in (get_pp_indices(n, r, pp) for r in range(pp))] for n, pp in pairs]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLLM_PP_LAYER_PARTITION")}
+    env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CACHE_ROOT=str(tmp_path), VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+               VLLM_LOGGING_LEVEL="WARNING")
+    out = subprocess.run([str(VLLM_PY), "-c", script, json.dumps(PP_PAIRS)], capture_output=True, text=True,
+                         timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == [pp_layer_split(n, pp) for n, pp in PP_PAIRS]
+
+
+def test_the_kv_cache_is_sized_by_the_most_loaded_stage():
+    """DeepSeek-V3 (61 layers: 3 dense, 58 MoE; MLA latent cache of 512 + 64 per layer, replicated over tp) at tp 8 x
+    pp 3 on H200: vLLM gives the stages 20, 21, 20 layers and keeps every worker at the smallest block count
+    (get_kv_cache_configs), so the middle stage sets what fits: 21 layers of cache and 21 MoE layers of weights, not
+    the mean 61 / 3 of either."""
+    from llmc.compiler.hardware import get_gpu
+    from llmc.spec.presets import PRESETS
+
+    arch = PRESETS["deepseek-v3"]
+    run = run_with(arch.model_dump(), [{"max_model_len": 32768, "concurrency": 64, "gpus": 24, "gpu": "h200"}])
+    p = plan_serving(run, get_gpu)[0][0]
+    assert (p.tensor_parallel_size, p.pipeline_parallel_size, p.nodes) == (8, 3, 3)
+    kv_seq = 21 * (512 + 64) * 2 * 32768  # bf16 latent + rope key, 21 layers
+    assert p.kv_gib_per_seq == round(kv_seq / GiB, 4) == 0.7383  # the mean stage: 0.7148
+    # one MoE block by hand from config.json: MLA (q_lora 1536, 128 heads of 128 + 64 rope, v 128, kv_lora 512)
+    # + 256 routed and 1 shared expert of 2048 + router and its correction bias + two RMSNorms
+    d, h = 7168, 128
+    mla = d * 1536 + 1536 + 1536 * h * 192 + d * 576 + 512 + 512 * h * 256 + h * 128 * d
+    moe = 257 * 3 * d * 2048 + 256 * d + 256
+    weights = 21 * (mla + moe + 2 * d) * 2 / 8
+    assert p.weights_gib_per_gpu == round(weights / GiB, 3)
+    budget = 0.9 * 141e9 - weights - (GiB + 8192 * 2 * (4 * d + 3 * 18432 / 8))
+    assert p.max_seqs_that_fit == int(budget // kv_seq) == 81
+
+
+def test_one_node_of_pipeline_stages_is_served_without_ray():
+    """The emitted vLLM config of a tp 4 x pp 2 replica on one node: vLLM's own processes (its default executor
+    when the world fits the node), no Ray cluster; the notes say the figures are the most loaded stage's."""
+    from llmc.compiler.compile import compile_spec
+    from llmc.emit.serving import ServingEmitter
+    from llmc.spec.load import loads_spec
+
+    text = ("name: t\nmodel: qwen3-30b-a3b\nhardware: {gpu: h100-sxm, count: 8}\n"
+            "data: {sources: [{name: web, path: web.jsonl}], seq_len: 4096, tokens: 10B}\n"
+            "serving: [{engine: vllm, max_model_len: 40960, concurrency: 64}]\n")
+    run, lines = loads_spec(text, file="s.yaml")
+    c = compile_spec(run, "s.yaml", lines, spec_bytes=text.encode())
+    cfg = ServingEmitter().files(c, {})["serving/vllm.yaml"]
+    assert "tensor-parallel-size: 4\n" in cfg and "pipeline-parallel-size: 2\n" in cfg
+    assert "distributed-executor-backend" not in cfg and "ray start" not in cfg
+    assert "# 2 pipeline stages on 1 node; the per-GPU figures below are the most loaded stage's" in cfg

@@ -7,12 +7,15 @@ concurrency) + workspace do not fit in ``capacity x gpu_memory_utilization``.
 
 Memory model per GPU of one replica (tp x pp GPUs), all in bytes:
 
-* weights       = (non-embedding params x q + embedding params x 2) / (tp x pp)
+* weights       = (the stage's blocks' params x q + its embedding / LM head x 2) / tp
   q = 2 (bf16), 1 (fp8), 0.5 + 2.5/128 (awq/gptq 4-bit, group 128: fp16 scale + 4-bit zero per
   group). Embedding and LM head stay in 16 bit (vLLM and AutoAWQ/AutoGPTQ do not quantise them).
+  Pipeline stages hold the blocks vLLM's ``vllm.distributed.utils.get_pp_indices`` gives them (61 layers over 3
+  stages: 20, 21, 20), the first stage the embedding, the last the LM head and final norm (a tied head too: vLLM's
+  Llama and Qwen2 models build ``embed_tokens`` on the last rank for it, a ``PPMissingLayer`` on the middle ones).
 * KV per token  = params.kv_bytes_per_token(arch, 2 or 1 for an fp8 KV cache)   [2 x L x n_kv x hd x bytes]
   sharded over min(tp, n_kv_heads) (vLLM replicates KV heads when tp > n_kv_heads; an MLA latent
-  cache is replicated on every TP rank) and over pp (layers are split).
+  cache is replicated on every TP rank); a pipeline stage caches its own layers only.
   A model with a sliding window W on vLLM: a sequence holds at most the last W - 1 tokens + one prefill chunk,
   never more than max_model_len, plus one block (vLLM v1 ``SlidingWindowSpec.max_admission_blocks_per_request``:
   cdiv(min(W - 1 + max_in_flight_tokens, max_model_len), block_size) + 1 blocks of 16 tokens); SGLang is counted
@@ -25,8 +28,18 @@ Memory model per GPU of one replica (tp x pp GPUs), all in bytes:
 * budget        = capacity x gpu_memory_utilization
 * kv_budget     = budget - weights - reserve     (what the engine hands to the paged KV cache)
 
-Choice: the smallest power-of-two tp <= gpus_per_node that divides n_heads and fits; if a whole
-node is not enough, pipeline stages across nodes (pp = 2, 3, ... up to 16 and n_layers).
+With pipeline stages every stage sizes its own cache and vLLM keeps the smallest block count of all
+(``vllm.v1.core.kv_cache_planning.get_kv_cache_configs``): the plan reports the stage that holds the fewest
+sequences (the most loaded one), whose weights, KV budget and KV per sequence set what fits.
+
+Choice: the layout with the fewest GPUs that fits, of tp a power of two <= gpus_per_node that shards the
+model (:func:`tp_ok`) and pp = 1 .. min(16, n_layers) stages; among as many GPUs, the fewest stages (tensor
+parallelism shortens each decode step, pipeline stages do not). A replica takes a divisor of a node (replicas
+tile it: 1, 2, 4 or 8 GPUs of an 8-GPU node) or a power of two of its GPUs, or whole nodes (tp x pp a multiple of
+gpus_per_node, tp dividing it, so that no tensor parallel group straddles two nodes; vLLM runs those on a Ray
+cluster, one node's worth with its own processes). So pipeline stages inside one node come before a
+second node: tp 4 x pp 2 on one 8-GPU node halves the KV cache per GPU of a model with 4 KV heads, which tp 8
+only replicates (vLLM ``ModelConfig.get_num_kv_heads``: max(1, n_kv_heads // tp)).
 """
 
 from __future__ import annotations
@@ -104,6 +117,17 @@ def prefill_chunk_tokens(concurrency: int) -> int:
     return max(PREFILL_CHUNK_TOKENS, int(concurrency))
 
 
+def pp_layer_split(n_layers: int, pp: int) -> list[int]:
+    """Layers per pipeline stage as vLLM assigns them (``vllm.distributed.utils.get_pp_indices``, without a
+    ``VLLM_PP_LAYER_PARTITION`` override): n_layers // pp each, the remainder one more each in the stages before
+    the last, from the second-to-last backwards (61 over 3: 20, 21, 20; 63 over 4: 16, 16, 16, 15)."""
+    base, rem = divmod(n_layers, pp)
+    parts = [base] * pp
+    for i in range(2, rem + 2):
+        parts[-i] += 1
+    return parts
+
+
 def _pow2_upto(n: int) -> list[int]:
     out, t = [], 1
     while t <= n:
@@ -119,37 +143,81 @@ def kv_tokens_per_sequence(arch: Architecture, engine: str, max_len: int, chunk:
     w = arch.sliding_window
     if engine != "vllm" or not w:
         return max_len
-    windowed = (-(-min(w - 1 + chunk, max_len) // VLLM_BLOCK_TOKENS) + 1) * VLLM_BLOCK_TOKENS
+    windowed = _windowed_positions(w, max_len, chunk)
     n_full = len(arch.full_attention_layers)
     return windowed if not n_full else (n_full * max_len + (arch.n_layers - n_full) * windowed) / arch.n_layers
 
 
-def _evaluate(arch: Architecture, *, tp: int, pp: int, weight_bytes: float, kv_tok: int,
-              kv_len: float, concurrency: int, capacity: int, util: float, chunk: int) -> dict:
+def _windowed_positions(window: int, max_len: int, chunk: int) -> int:
+    """vLLM v1 ``SlidingWindowSpec.max_admission_blocks_per_request`` in tokens (the module docstring)."""
+    return (-(-min(window - 1 + chunk, max_len) // VLLM_BLOCK_TOKENS) + 1) * VLLM_BLOCK_TOKENS
+
+
+def layer_kv_positions(arch: Architecture, engine: str, max_len: int, chunk: int = PREFILL_CHUNK_TOKENS) -> list[int]:
+    """KV-cache positions one sequence holds in each layer (0-based): :func:`kv_tokens_per_sequence` layer by
+    layer, for pipeline stages that hold different shares of windowed and full-attention layers."""
+    w = arch.sliding_window
+    if engine != "vllm" or not w:
+        return [max_len] * arch.n_layers
+    windowed = _windowed_positions(w, max_len, chunk)
+    return [max_len if arch.layer_window(i) is None else windowed for i in range(arch.n_layers)]
+
+
+def stage_weight_bytes(arch: Architecture, pp: int, bytes_per_param: float) -> list[float]:
+    """Weight bytes of each pipeline stage (all its tp shards together): its blocks (:func:`pp_layer_split`) at
+    ``bytes_per_param``, the embedding on the first stage and the LM head (a tied one as well, when there are
+    several stages) on the last at 2 bytes, the final norm on the last. At pp = 1 this is the whole model."""
+    emb = arch.vocab_size * arch.d_model
+    out, start = [], 0
+    for s, n in enumerate(pp_layer_split(arch.n_layers, pp)):
+        b = sum(params.layer_params(arch, i) for i in range(start, start + n)) * bytes_per_param
+        start += n
+        if s == 0:
+            b += emb * 2
+        if s == pp - 1:
+            b += arch.d_model * bytes_per_param  # final norm
+            if pp > 1 or not arch.tied_embeddings:
+                b += emb * 2
+        out.append(b)
+    return out
+
+
+def _evaluate(arch: Architecture, *, tp: int, pp: int, gpn: int, bytes_per_param: float, kv_tok: int,
+              kv_pos: list[int], concurrency: int, capacity: int, util: float, chunk: int) -> dict:
+    """The memory fit of a tp x pp layout: every stage's, reported by the stage that holds the fewest sequences
+    (vLLM sizes every worker's cache to the smallest block count among them, ``get_kv_cache_configs``)."""
     kv_shard = 1 if arch.mla is not None else min(tp, arch.kv_heads)
-    kv_tok_gpu = kv_tok / kv_shard / pp
     d_ff = arch.d_ff
     if arch.moe is not None and arch.moe.expert_d_ff:
         d_ff = max(d_ff, arch.moe.expert_d_ff * arch.moe.top_k)
     act = chunk * 2 * (4 * arch.d_model + 3 * d_ff / tp)
     reserve = WORKSPACE_BYTES + act
-    weights_gpu = weight_bytes / (tp * pp)
     budget = capacity * util
-    kv_budget = budget - weights_gpu - reserve
-    kv_per_seq = kv_tok_gpu * kv_len
+    stages, start = [], 0
+    split, weights = pp_layer_split(arch.n_layers, pp), stage_weight_bytes(arch, pp, bytes_per_param)
+    for n, w in zip(split, weights, strict=True):
+        # bytes per token of the stage's layers: kv_tok is n_layers x (the same bytes in every layer)
+        kv_per_seq = kv_tok * sum(kv_pos[start:start + n]) / arch.n_layers / kv_shard
+        start += n
+        weights_gpu = w / tp
+        kv_budget = budget - weights_gpu - reserve
+        stages.append({"weights_gpu": weights_gpu, "kv_budget": kv_budget, "kv_per_seq_gpu": kv_per_seq,
+                       "room": kv_budget / kv_per_seq if kv_per_seq > 0 else 0.0})
+    worst = min(stages, key=lambda st: (st["room"], -st["kv_per_seq_gpu"]))
+    kv_budget, kv_per_seq = worst["kv_budget"], worst["kv_per_seq_gpu"]
     need = kv_per_seq * concurrency
-    max_seqs = max(0, math.floor(kv_budget / kv_per_seq)) if kv_per_seq > 0 else 0
     return {
         "tp": tp,
         "pp": pp,
-        "weights_gpu": weights_gpu,
+        "nodes": -(-tp * pp // gpn),
+        "weights_gpu": worst["weights_gpu"],
         "reserve": reserve,
         "budget": budget,
         "kv_budget": kv_budget,
         "kv_per_seq_gpu": kv_per_seq,
         "kv_need": need,
-        "max_seqs": max_seqs,
-        "fits": kv_budget > 0 and need <= kv_budget,
+        "max_seqs": max(0, math.floor(worst["room"])),
+        "fits": all(st["kv_budget"] > 0 for st in stages) and need <= kv_budget,
     }
 
 
@@ -171,7 +239,7 @@ class _Target:
 
 def _layouts(arch: Architecture, t: Serving, gpn: int, common: dict, out: _Target) -> tuple[dict | None, list[dict]]:
     """(the chosen layout or None, every layout tried). Pinned ``gpus``: tp within a node, pp across
-    nodes; else the smallest power-of-two tp that fits, then pipeline stages over nodes."""
+    nodes; else the first that fits of :func:`candidate_layouts`."""
     tried: list[dict] = []
     if t.gpus:
         tp = min(t.gpus, gpn)
@@ -190,15 +258,25 @@ def _layouts(arch: Architecture, t: Serving, gpn: int, common: dict, out: _Targe
                     f"{min(MAX_PP, arch.n_layers)} (the model's {arch.n_layers} layers, at most {MAX_PP} stages)",
                     "use fewer GPUs per replica (more replicas serve more requests)")
             return None, tried
-        tried.append(_evaluate(arch, tp=tp, pp=pp, **common))
+        tried.append(_evaluate(arch, tp=tp, pp=pp, gpn=gpn, **common))
         return (tried[-1] if tried[-1]["fits"] else None), tried
-    tps = [tp for tp in _pow2_upto(gpn) if tp_ok(arch, tp)] or [1]
-    layouts = [(tp, 1) for tp in tps] + [(tps[-1], pp) for pp in range(2, min(MAX_PP, arch.n_layers) + 1)]
-    for tp, pp in layouts:
-        tried.append(_evaluate(arch, tp=tp, pp=pp, **common))
+    for tp, pp in candidate_layouts(arch, gpn):
+        tried.append(_evaluate(arch, tp=tp, pp=pp, gpn=gpn, **common))
         if tried[-1]["fits"]:
             return tried[-1], tried
     return None, tried
+
+
+def candidate_layouts(arch: Architecture, gpn: int) -> list[tuple[int, int]]:
+    """(tp, pp) layouts in the order the search tries them (the module docstring): by GPU count, then by fewer
+    pipeline stages; a replica takes a divisor of a node (replicas tile it) or a power of two of its GPUs, or
+    whole nodes. At most (log2(gpus_per_node) + 1) x 16 layouts; the last is the largest (the widest tp over the
+    most stages), which a target that fits nowhere is reported at."""
+    tps = [tp for tp in _pow2_upto(gpn) if tp_ok(arch, tp)] or [1]
+    out = [(tp, pp) for tp in tps for pp in range(1, min(MAX_PP, arch.n_layers) + 1)
+           if (tp * pp <= gpn and (gpn % (tp * pp) == 0 or pp & (pp - 1) == 0))
+           or (tp * pp % gpn == 0 and gpn % tp == 0)]
+    return sorted(out, key=lambda lay: (lay[0] * lay[1], lay[1]))
 
 
 def _fit_diagnostic(best: dict, t: Serving, max_len: int, util: float, capacity: int, out: _Target) -> None:
@@ -265,9 +343,8 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
     max_len = serving_max_model_len(run, t, stages)
     context = export_context(run, t, stages)
     kv_tok = params.kv_bytes_per_token(arch, 1 if t.kv_cache_dtype == "fp8" else 2)
-    p_total = params.params_total(arch)
-    p_emb = min(embedding_params(arch), p_total)
-    weight_bytes = (p_total - p_emb) * _BYTES_PER_PARAM[t.quantization] + p_emb * 2
+    q = _BYTES_PER_PARAM[t.quantization]
+    weight_bytes = stage_weight_bytes(arch, 1, q)[0]  # (non-embedding params x q + embedding params x 2)
     if max_len > context:
         out.add("V005", "error", "max_model_len",
                 f"max_model_len {max_len} exceeds the served export's context {context} (its config.json "
@@ -283,9 +360,8 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
                 f"Mistral and Phi-3 checkpoints, attends to every position): past {w} tokens its outputs are not the "
                 "trained model's", f"serve it with engine: vllm, or max_model_len <= {w}")
     chunk = prefill_chunk_tokens(t.concurrency)
-    common = dict(weight_bytes=weight_bytes, kv_tok=kv_tok,
-                  kv_len=kv_tokens_per_sequence(arch, t.engine, max_len, chunk), concurrency=t.concurrency,
-                  capacity=capacity, util=util, chunk=chunk)
+    common = dict(bytes_per_param=q, kv_tok=kv_tok, kv_pos=layer_kv_positions(arch, t.engine, max_len, chunk),
+                  concurrency=t.concurrency, capacity=capacity, util=util, chunk=chunk)
     chosen, tried = _layouts(arch, t, max(1, gpu.gpus_per_node), common, out)
     if not tried:
         return None
@@ -295,7 +371,7 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
     return ServingPlan(
         index=i, engine=t.engine, gpu=gpu_key, stage=t.stage or (stage_names[-1] if stage_names else "pretrain"),
         tensor_parallel_size=best["tp"], pipeline_parallel_size=best["pp"], gpus=best["tp"] * best["pp"],
-        nodes=best["pp"] if best["pp"] > 1 else 1,  # pipeline stages go across nodes, tp within one
+        nodes=best["nodes"],  # one node's worth or whole nodes (candidate_layouts), tp within one
         max_model_len=max_len, concurrency=t.concurrency, max_num_seqs=t.concurrency, max_num_batched_tokens=chunk,
         max_seqs_that_fit=best["max_seqs"], gpu_memory_utilization=util,
         quantization=None if t.quantization == "none" else t.quantization, kv_cache_dtype=t.kv_cache_dtype,

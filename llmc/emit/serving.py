@@ -78,9 +78,14 @@ ENGINES = {"vllm": _vllm, "sglang": _sglang}
 
 def _notes(p: Any, model_dir: str, cmd: str) -> list[str]:
     g = lambda k: getattr(p, k)  # noqa: E731
+    pp, nodes = g("pipeline_parallel_size"), g("nodes")
+    stages = [] if pp <= 1 else [
+        f"{pp} pipeline stages on {nodes} node{'s' if nodes > 1 else ''}; the per-GPU figures below are the most "
+        "loaded stage's, which bounds the sequences the replica holds"]
     return [
         f"target serving[{g('index')}]: {g('gpus')} x {g('gpu')} (tp {g('tensor_parallel_size')}, "
-        f"pp {g('pipeline_parallel_size')}), stage {g('stage')!r}",
+        f"pp {pp}), stage {g('stage')!r}",
+        *stages,
         f"weights {g('weights_gib')} GiB total, {g('weights_gib_per_gpu')} GiB per GPU; "
         f"workspace reserve {g('reserve_gib_per_gpu')} GiB per GPU",
         f"KV cache: {g('kv_bytes_per_token')} B/token, {g('kv_gib_per_seq')} GiB per sequence per GPU at "
