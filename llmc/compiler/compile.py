@@ -211,7 +211,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         _check_pretraining(run, gpu, hyper, compute, time, cost, sink, backends.get_backend(be_info.name))
         checks.check_host_memory(run, searched.memory, gpu, sink)
     stages, stage_diags = _stages(run, gpu, lines, spec_path, hyper, searched, facts, be_info.name,
-                                  _stage_search(run, gpu, model_opts) if cluster_ok else None)
+                                  _stage_search(run, gpu, model_opts) if cluster_ok else None, fit_check=fit_check)
     from llmc.compiler.stages import pipeline_time
 
     pipeline = pipeline_time(stages, time.days if time else None, cost.usd if cost else None, run.hardware.count,
@@ -538,11 +538,13 @@ def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
 
 
 def _stages(run: RunSpec, gpu: GPU | None, lines: dict, file: str, hyper: Hyper, searched: _Searched,
-            facts: ExternalFacts | None, backend: str, stage_search=None) -> tuple[list[StagePlan], list[Diagnostic]]:
+            facts: ExternalFacts | None, backend: str, stage_search=None, fit_check: bool = True,
+            ) -> tuple[list[StagePlan], list[Diagnostic]]:
     from llmc.compiler.stages import plan_stages
 
     return plan_stages(run, gpu=gpu, lines=lines, file=file, hyper=hyper, plan=searched.plan,
-                       searched_memory=searched.memory, facts=facts, backend=backend, stage_search=stage_search)
+                       searched_memory=searched.memory, facts=facts, backend=backend, stage_search=stage_search,
+                       fit_check=fit_check)
 
 
 def _stage_search(run: RunSpec, gpu: GPU | None, o: _ModelOptions):

@@ -100,36 +100,51 @@ ACTIVATION_SOURCE = "llmc.compiler.memory.memory_per_gpu"
 # ----------------------------------------------------------------------------- LoRA shapes
 
 
-def linear_shapes(arch: Any) -> list[tuple[str, int, int, int]]:
-    """(torchtitan target name, d_in, d_out, count over layers/experts) of every adaptable linear.
+def linear_shapes(arch: Any) -> list[tuple[str, int, int, int, bool]]:
+    """(LoRA target name, d_in, d_out, count over layers, stacked) of every matrix of llmc's runtime model
+    (llmc.runtime.model) that ``llmc.runtime.lora.apply_lora`` can adapt: the ``nn.Linear`` children named like a
+    target (stacked False) and the routed experts' stacked ``w1``/``w2``/``w3`` (stacked True, one adapter per expert,
+    so ``count`` is layers x experts). The same list says what QLoRA quantises: the nn.Linear ones only.
 
-    Dense GQA attention: wq d->H*hd, wk/wv d->KV*hd, wo H*hd->d. SwiGLU: w1/w3 d->d_ff, w2 d_ff->d.
-    MoE layers count every routed + shared expert's w1/w2/w3 (router not adapted).
-    MLA attention projections are not counted (they have other names).
+    GQA attention (every layer): wq d->H*hd, wk/wv d->KV*hd, wo H*hd->d.
+    MLA attention (DeepSeek-V2/V3, ``MLAttention``): wo H*v_head_dim->d in every layer, and wq d->H*(nope+rope) when
+    the query is full rank (``q_lora_rank`` None: DeepSeek-V2-Lite); the low-rank wq_a, wq_b, wkv_a, wkv_b have no
+    target name, so they are left as they are.
+    Dense SwiGLU (a dense model, or an MoE model's first ``dense_layers``): w1/w3 d->d_ff, w2 d_ff->d.
+    MoE layers: each routed expert's w1/w3 d->h, w2 h->d (h = expert_d_ff), and the S shared experts as the runtime
+    builds them, one SwiGLU S*h wide (DeepSeek-V3 / torchtitan: ``MoE.shared_experts``): one adapter of
+    r*(d + S*h) per matrix, not S of r*(d + h). The router (``gate``) and the output head are never adapted.
     """
     d, hd, h, kv = arch.d_model, arch.hd, arch.n_heads, arch.kv_heads
     L = arch.n_layers
-    out: list[tuple[str, int, int, int]] = []
-    if arch.mla is None:
-        out += [("wq", d, h * hd, L), ("wk", d, kv * hd, L), ("wv", d, kv * hd, L), ("wo", h * hd, d, L)]
-    if arch.moe is None:
-        out += [("w1", d, arch.d_ff, L), ("w3", d, arch.d_ff, L), ("w2", arch.d_ff, d, L)]
+    out: list[tuple[str, int, int, int, bool]] = []
+    mla = arch.mla
+    if mla is None:
+        out += [("wq", d, h * hd, L, False), ("wk", d, kv * hd, L, False), ("wv", d, kv * hd, L, False),
+                ("wo", h * hd, d, L, False)]
     else:
-        m = arch.moe
-        dense = min(m.dense_layers, L)
-        moe_layers = L - dense
-        eff = params.expert_d_ff(arch)
-        n_exp = m.num_experts + m.num_shared_experts
-        if dense:
-            out += [("w1", d, arch.d_ff, dense), ("w3", d, arch.d_ff, dense), ("w2", arch.d_ff, d, dense)]
-        out += [("w1", d, eff, moe_layers * n_exp), ("w3", d, eff, moe_layers * n_exp),
-                ("w2", eff, d, moe_layers * n_exp)]
+        if mla.q_lora_rank is None:
+            out.append(("wq", d, h * (mla.qk_nope_head_dim + mla.qk_rope_head_dim), L, False))
+        out.append(("wo", h * mla.v_head_dim, d, L, False))
+    m = arch.moe
+    dense = L if m is None else min(m.dense_layers, L)
+    if dense:
+        out += [("w1", d, arch.d_ff, dense, False), ("w3", d, arch.d_ff, dense, False),
+                ("w2", arch.d_ff, d, dense, False)]
+    if m is not None and L > dense:
+        moe_layers, eff = L - dense, params.expert_d_ff(arch)
+        n = moe_layers * m.num_experts
+        out += [("w1", d, eff, n, True), ("w3", d, eff, n, True), ("w2", eff, d, n, True)]
+        if m.num_shared_experts:
+            sh = eff * m.num_shared_experts
+            out += [("w1", d, sh, moe_layers, False), ("w3", d, sh, moe_layers, False),
+                    ("w2", sh, d, moe_layers, False)]
     return out
 
 
 def lora_trainable_params(arch: Any, rank: int, targets: list[str] | tuple[str, ...]) -> int:
     """LoRA trainable params: sum over adapted matrices of r*(d_in+d_out) (A is r x d_in, B is d_out x r)."""
-    return sum(rank * (di + do) * n for name, di, do, n in linear_shapes(arch) if name in targets)
+    return sum(rank * (di + do) * n for name, di, do, n, _ in linear_shapes(arch) if name in targets)
 
 
 # ----------------------------------------------------------------------------- graph
@@ -273,7 +288,9 @@ def resolve_stage_training(run: RunSpec, st: StageBase, hyper: Hyper, plan: Para
     kh, chosen = kind_hyper(run, st, specials, own_template)
     if st.kind == "pretrain":
         return _pretrain_training(run, hyper, plan, kh)
-    seq_len = st.seq_len or (kh["max_prompt_tokens"] + kh["max_new_tokens"] if st.kind == "grpo" else None) \
+    # GRPO: a prompt of up to max_prompt_tokens and its completion, whatever seq_len says (llmc.runtime.grpo reads no
+    # seq_len; G015 says so)
+    seq_len = (kh["max_prompt_tokens"] + kh["max_new_tokens"] if st.kind == "grpo" else None) or st.seq_len \
         or (st.data.seq_len if st.data else None) or inherited_seq_len
     lr = st.lr
     if lr is None:
@@ -425,6 +442,9 @@ class _Env:
     # (seq_len, global batch seqs) -> StageLayout | None: a continued-training stage's own layout search (torchtitan
     # runs: the stage runs as its own torchtitan job; compile._stage_search); None: llmc's trainers run every stage
     stage_search: Callable[[int, int], StageLayout | None] | None = None
+    # compile's fit check (``--no-fit-check`` turns it off): a stage that does not fit the GPU is then a G005 warning
+    # with its numbers, as pre-training's plan is then reported with its predicted memory instead of P004
+    fit_check: bool = True
 
     @property
     def world(self) -> int:
@@ -508,10 +528,17 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     lora, seq_len = st.lora, tr.seq_len
     qlora = lora is not None and lora.quantize_base == "nf4"
     if qlora:
-        # QLoRA quantises the linear layers; embeddings/output/norms stay bf16
-        weights = int((env.n_total - env.n_emb) * NF4_BITS_PER_PARAM / 8 + env.n_emb * 2)
-        notes.append(f"QLoRA: linear weights in NF4 ({NF4_BITS_PER_PARAM:.3f} bit/param with double "
-                     f"quantisation, block {NF4_BLOCK}), embeddings bf16")
+        # llmc's QLoRA (llmc.runtime.lora.apply_lora) stores in NF4 exactly the adapted nn.Linear layers' weights;
+        # everything else stays bf16: the stacked routed experts (no nn.Linear: apply_lora leaves them unquantised),
+        # embeddings, output head, norms, router, biases and the linears no target names
+        shapes = linear_shapes(env.run.model)
+        nf4 = sum(di * do * n for name, di, do, n, stacked in shapes if name in lora.targets and not stacked)
+        weights = int(nf4 * NF4_BITS_PER_PARAM / 8 + (env.n_total - nf4) * 2)
+        experts = sum(di * do * n for _, di, do, n, stacked in shapes if stacked)
+        notes.append(f"QLoRA: the adapted linear layers' weights in NF4 ({NF4_BITS_PER_PARAM:.3f} bit/param with "
+                     f"double quantisation, block {NF4_BLOCK}), the rest bf16 (embeddings, norms"
+                     + (f"; the routed experts, {gib(experts * 2)}: llmc's trainer quantises nn.Linear layers "
+                        "only, not the stacked expert tensors" if experts else "") + ")")
     else:
         weights = env.n_total * (4 if env.precision == "fp32" else 2)
     ref = 0 if (lora or not needs_ref) else env.n_total * 2
@@ -533,8 +560,7 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
             weights = 0
         notes.append("optimizer states" + (" and parameters" if par.offload_params else "") +
                      " offloaded to the host (DeepSpeed, the run's ds_config)")
-    elif par.offload_optimizer and st.kind in CHAT_KINDS:
-        notes.append("no offload: chat post-training runs on llmc's native runtime, which keeps every state on the GPU")
+    # (chat stages: no offload, llmc's native trainer keeps every state on the GPU; G013 says so)
     # llmc's runtimes train a stage other than pre-training without context parallelism (ring attention runs in the
     # torchtitan pre-training job only): every GPU holds whole sequences, whatever the spec pins for pre-training
     cp = 1
@@ -822,11 +848,16 @@ def _context_out(env: _Env, st: StageBase, p: str, seq_len: int, inherited: dict
         else:
             out.update(max_context=seq_len, rope_theta=st.rope_theta or inherited["rope_theta"],
                        rope_scaling=stage_rope_scaling(st, inherited))
-    elif seq_len > inherited["max_context"] and not inherited.get("rope_scaling"):
-        sink.add("G004", "warning", f"{p}.seq_len" if st.seq_len else p,
-                 f"stage {st.name!r} trains at seq_len {seq_len} beyond its base model's context "
-                 f"{inherited['max_context']} without RoPE scaling",
-                 "add a long_context stage (rope_theta / yarn) before it")
+    elif seq_len > inherited["max_context"]:
+        # RoPE scaling (llama3, yarn, ...) stretches the positions a model was trained on up to its context, no further
+        ctx, scaled = inherited["max_context"], inherited.get("rope_scaling")
+        where = (f"{p}.seq_len" if st.seq_len else f"{p}.max_new_tokens" if st.kind == "grpo"
+                 else f"{p}.data.seq_len" if st.data is not None else p)
+        sink.add("G004", "warning", where,
+                 f"stage {st.name!r} trains at seq_len {seq_len:,} beyond its base model's context {ctx:,} "
+                 + (f"(with its {scaled.get('type') or 'RoPE'} scaling)" if scaled else "without RoPE scaling")
+                 + f": the positions past {ctx:,} are extrapolated, never trained at",
+                 "add a long_context stage (rope_theta / yarn) before it, or train within the context")
     tok = tokenizer_for(env.run, st)
     if tok.vocab_size is not None and tok.vocab_size != inherited["vocab_size"]:
         sink.add("G004", "error", f"{p}.data.tokenizer.vocab_size",
@@ -898,6 +929,88 @@ def check_chat_template(env: _Env, st: StageBase, p: str, tmpl: str, sink: Sink)
                      f"Qwen, phi3 for Phi-3 / Phi-3.5, phi4 for Phi-4), or {OWN_TEMPLATE} (the tokenizer's own)")
 
 
+#: the records each chat stage trains on: the source kind llmc.runtime.posttrain.load_stage_data reads for it
+#: (``KIND_FOR_STAGE``; a ``general`` source, the default kind, is read as such records too, other kinds skipped),
+#: and what one jsonl record holds
+STAGE_RECORDS: dict[str, tuple[str, str]] = {
+    "sft": ("chat", '{"messages": [{"role", "content"}, ...]}'),
+    "dpo": ("preference", '{"prompt", "chosen", "rejected"}'),
+    "grpo": ("prompts", '{"prompt", "answer" or "expression"}'),
+}
+
+
+def check_stage_data(st: StageBase, p: str, tr: StageTraining, sink: Sink) -> None:
+    """G014: a chat stage's sources against what llmc's trainer reads for its kind (llmc.runtime.posttrain.
+    load_stage_data): a source of another record or text kind is skipped (an error when no source is left: the stage
+    stops with "no ... data" after the stages before it ran), a file source must be jsonl records. G015: a GRPO
+    stage's seq_len, which its trainer never reads (llmc.runtime.grpo.train_grpo samples a prompt of up to
+    max_prompt_tokens and a completion of up to max_new_tokens: the length the plan sizes)."""
+    srcs = st.data.sources if st.data is not None else []
+    if st.kind in STAGE_RECORDS and srcs:
+        want, form = STAGE_RECORDS[st.kind]
+        read = [s for s in srcs if s.kind in (want, "general")]
+        for j, s in enumerate(srcs):
+            if s.kind not in (want, "general"):
+                sink.add("G014", "warning" if read else "error", f"{p}.data.sources.{j}.kind",
+                         f"{st.kind} stage {st.name!r} trains on {want} records, but source {s.name!r} is kind: "
+                         f"{s.kind}, which llmc's trainer skips for it" + (
+                             "" if read else f"; the stage has no other source and would stop with 'no {want} data'"),
+                         f"a {st.kind} stage needs a source of kind: {want} (jsonl records {form})"
+                         + (", or drop this one" if read else ""))
+            elif s.path is not None and s.format not in ("jsonl", "builtin"):
+                sink.add("G014", "error", f"{p}.data.sources.{j}.format",
+                         f"{st.kind} stage {st.name!r}: source {s.name!r} is format: {s.format}, but llmc's trainer "
+                         f"reads {want} data as jsonl records only", f"write it as jsonl records {form}")
+    if st.kind == "grpo":
+        prompt, new = tr.hyper["max_prompt_tokens"], tr.hyper["max_new_tokens"]
+        given = ((f"{p}.seq_len", st.seq_len) if st.seq_len else
+                 (f"{p}.data.seq_len", st.data.seq_len) if st.data is not None else (None, None))
+        # (data.seq_len is a required field: warned only where GRPO's sequences run longer than it)
+        if given[0] is not None and (given[1] < prompt + new or (st.seq_len and st.seq_len != prompt + new)):
+            sink.add("G015", "warning", given[0],
+                     f"GRPO stage {st.name!r} has seq_len {given[1]:,}, which llmc's GRPO trainer does not read: its "
+                     f"sequences are a prompt of up to max_prompt_tokens ({prompt:,}) and a completion of up to "
+                     f"max_new_tokens ({new:,}), {prompt + new:,} tokens, the length this plan sizes the stage for",
+                     "bound GRPO's sequences with max_prompt_tokens and max_new_tokens"
+                     + (f"; data.seq_len {prompt + new:,} says the same" if not st.seq_len else
+                        "; drop the stage's seq_len"))
+
+
+def _states_remedies(env: _Env, st: StageBase, mem: StageMemoryPlan, per_step: int, seq_len: int) -> str:
+    """What is left to try (G005's hint) when a stage's weights, gradients and optimizer states are the bulk of its
+    memory, for the way it trains. A full fine-tune: LoRA / QLoRA, more GPUs. LoRA: QLoRA, then for LoRA and QLoRA a
+    lower rank where the adapters' share can close the gap (their weights, gradients and AdamW states grow linearly with
+    the rank: r x (d_in + d_out) per adapted matrix, Hu et al. 2021, arXiv:2106.09685 sec. 4) or fewer targets, and a
+    shorter seq_len where one micro-step alone is as large as the excess. More GPUs split what FSDP shards (a bf16
+    base, adapters, optimizer states) but not a QLoRA base: llmc's trainer keeps its NF4 codes outside the module's
+    parameters (llmc.runtime.lora.NF4Linear), whole on every rank."""
+    over = mem.per_gpu_bytes - (env.capacity or DEFAULT_CAPACITY)
+    shard = max(mem.shard_degree, 1)
+    lora = st.lora
+    qlora = lora is not None and lora.quantize_base == "nf4"
+    gpus = (f"more GPUs (the states are split over every GPU, {shard} now)" if shard > 1
+            else "more GPUs to shard the states over")
+    short = [f"a shorter seq_len ({per_step / 1e9:.1f} GB is one micro-step at seq_len {seq_len})"] \
+        if per_step >= over else []
+    if lora is None:
+        return "; ".join(["LoRA or QLoRA (lora:, lora.quantize_base: nf4: only the adapters train)", gpus, *short])
+    base, adapters = (mem.weights_bytes or 0) // shard, (mem.grads_optimizer_bytes or 0) // shard
+    what = (f"{base / 1e9:.1f} GB the frozen {'NF4' if qlora else 'bf16'} base, {adapters / 1e9:.1f} GB the adapters "
+            "with their gradients and AdamW states")
+    # QLoRA stores the adapted linears (most of the base) in NF4: at most this much less per GPU
+    tries = [] if qlora or base * (1 - NF4_BITS_PER_PARAM / 16) < over else [
+        "QLoRA (lora.quantize_base: nf4: the frozen base in ~4.1 bits a weight instead of 16)"]
+    rank = lora.rank * (adapters - over) // adapters if adapters else 0
+    if rank >= 1:
+        tries.append(f"lora.rank about {rank} or lower (now {lora.rank}), or fewer lora.targets")
+    tries += short
+    tries.append("a GPU with more memory" if qlora else gpus)
+    if qlora:
+        tries.append(f"more GPUs split the adapters' states but not the NF4 base, which every rank holds whole "
+                     f"({base * shard / 1e9:.1f} GB)")
+    return f"{what}; " + "; ".join(tries)
+
+
 def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageMemoryPlan, sink: Sink) -> None:
     """Known pitfalls: LR, forgetting, loss mask, chat template, GRPO group / KL, LoRA rank, memory, base."""
     check_lr(env, st, p, tr.lr, sink)
@@ -955,6 +1068,16 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
     if st.lora is not None and not (LORA_RANK_RANGE[0] <= st.lora.rank <= LORA_RANK_RANGE[1]):
         sink.add("T106", "warning", f"{p}.lora.rank", f"LoRA rank {st.lora.rank} outside the usual 4-64",
                  "r=16 is a common default")
+    check_stage_data(st, p, tr, sink)
+    par = env.run.parallelism
+    if par.offload_optimizer and st.kind in CHAT_KINDS:
+        what = "offload_optimizer" + (" and offload_params" if par.offload_params else "")
+        sink.add("G013", "warning", p, f"parallelism.{what} does nothing for {st.kind} stage {st.name!r}: chat stages "
+                 "(sft, dpo, grpo) run on llmc's native trainer, which keeps the weights, gradients and optimizer "
+                 "states on the GPU (DeepSpeed's offload serves pre-training, midtrain and long_context only); the "
+                 "stage is planned without it",
+                 "to make it fit: LoRA or QLoRA (lora:), more GPUs (the stage shards its states over them), or a "
+                 "shorter seq_len")
     if mem.fits is False:
         laid_out = mem.weights_bytes is None  # a searched parallelism plan's memory (pre-training's, a stage's
         # torchtitan layout): its per-GPU breakdown, the model states already split by its TP / PP / FSDP
@@ -976,9 +1099,16 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
             hint = (f"{step_text}, which more GPUs do not split: stages other than pre-training run data parallel, "
                     "without TP, PP or CP; a shorter seq_len")
         else:
-            hint = f"{states / 1e9:.1f} GB of it is weights, gradients and optimizer states: LoRA/QLoRA or more GPUs"
-        sink.add("G005", "warning", p, f"stage {st.name!r} needs {mem.per_gpu_bytes / 1e9:.1f} GB per GPU, "
-                 f"more than {(env.capacity or 0) / 1e9:.0f} GB", hint)
+            hint = (f"{states / 1e9:.1f} GB of it is weights, gradients and optimizer states: "
+                    + _states_remedies(env, st, mem, per_step, tr.seq_len))
+        # a stage that does not fit would stop at its first step, after the stages before it ran: an error, as
+        # pre-training's P004; pre-training's own stage stays a warning (P004 reports it), and so does every stage
+        # with the fit check off (planned anyway, with its predicted memory)
+        refuse = env.fit_check and st.kind != "pretrain"
+        sink.add("G005", "error" if refuse else "warning", p,
+                 f"stage {st.name!r} needs {mem.per_gpu_bytes / 1e9:.1f} GB per GPU, more than "
+                 f"{(env.capacity or 0) / 1e9:.0f} GB" + ("" if refuse or st.kind == "pretrain" else
+                                                          " (fit check off: planned with this memory)"), hint)
     if st.kind != "pretrain" and st.init_from is None and st.init_hf is None:
         # llmc's trainers and the stage's torchtitan job then start from a fresh init (llmc.runtime.posttrain)
         sink.add("G008", "warning", p, f"{st.kind} stage {st.name!r} starts from randomly initialised weights: it has "
@@ -1156,12 +1286,14 @@ def plan_stages(run: RunSpec, gpu: GPU | None = None, lines: dict | None = None,
                 hyper: Hyper | None = None, plan: ParallelPlan | None = None,
                 searched_memory: MemoryNumbers | None = None, facts: ExternalFacts | None = None,
                 backend: str | None = None, stage_search: Callable[[int, int], StageLayout | None] | None = None,
-                ) -> tuple[list[StagePlan], list[Diagnostic]]:
+                fit_check: bool = True) -> tuple[list[StagePlan], list[Diagnostic]]:
     """Check the stage graph and plan every stage; returns (plans in topological order, diagnostics).
 
     hyper / plan / searched_memory: the pre-training run's resolved hyperparameters, searched layout and
     its memory (``compile_spec`` passes them; ``hyper`` is resolved here without a step time otherwise).
     The ``pretrain`` stage takes its numbers from them. facts: tokenizer contents (``gather_facts``).
+    fit_check: a stage other than pre-training that does not fit the GPU is an error (G005), as pre-training's P004;
+    False (``--no-fit-check``): a warning, the stage planned with its predicted memory.
     """
     sink = Sink(lines, file)
     stages = resolved_stages(run)
@@ -1175,7 +1307,7 @@ def plan_stages(run: RunSpec, gpu: GPU | None = None, lines: dict | None = None,
                facts=facts, capacity=gpu.hbm_bytes if gpu is not None else None,
                n_total=params.params_total(arch), n_active=params.params_active(arch),
                n_emb=params.params_embedding(arch), kv_bytes=params.kv_bytes_per_token(arch), n_stages=len(stages),
-               gpu=gpu, backend=backend, stage_search=stage_search)
+               gpu=gpu, backend=backend, stage_search=stage_search, fit_check=fit_check)
     base = _base_context(run, run.data.seq_len)
     ctx: dict[str, dict] = {}
     plans: list[StagePlan] = []
