@@ -312,3 +312,58 @@ def test_sft_past_a_rope_scaled_context_warns_that_positions_are_extrapolated():
           data: {sources: [{name: books, kind: general}], seq_len: 262144, tokens: 1B}
         """) + textwrap.dedent(sft.replace("INIT", "init_from: lc")), model="llama3.1-8b", count=8)
     assert not diags(compile_text(text, fit_check=False), "G004")
+
+
+# ----------------------------------------------------------------------------- QLoRA across GPUs
+
+
+QLORA = """\
+- name: sft
+  kind: sft
+  init_hf: /models/base
+  lora: {rank: 16, quantize_base: nf4}
+  data: {sources: [{name: chat, path: /d/chat.jsonl, kind: chat}], seq_len: 2048, tokens: 10M}
+"""
+
+
+@pytest.mark.parametrize("model, count, refused", [("llama3-8b", 2, True), ("llama3-8b", 1, False),
+                                                   ("llama3.2-1b", 2, False)])
+def test_qlora_of_a_model_the_trainer_builds_sharded_is_refused(model, count, refused):
+    """llmc's trainer builds a model over 2B parameters sharded on the meta device when it runs on several ranks and
+    quantises a QLoRA base from whole weights only: the stage would stop at its start (llmc.runtime.posttrain.
+    build_policy refuses it). Llama 3 8B (8.03B) on 2 GPUs is refused at lora.quantize_base; on one GPU, and Llama 3.2
+    1B (1.24B) on two, run."""
+    import torch  # noqa: F401  (the runtime's threshold, read from the runtime itself)
+
+    from llmc.runtime import train as runtime_train
+    from llmc.spec.schema import META_INIT_PARAMS
+
+    assert "META_INIT_PARAMS" in inspect.getsource(runtime_train._setup_model)
+    text = spec_text(QLORA, model=model, count=count)
+    c = compile_text(text)
+    g = diags(c, "G016")
+    assert bool(g) == refused
+    if refused:
+        assert g[0].severity == "error" and g[0].path == "stages.0.lora.quantize_base"
+        assert g[0].line == line_of(text, "quantize_base")
+        assert META_INIT_PARAMS < 8.03e9
+
+
+def test_a_qlora_base_is_held_whole_on_every_gpu_its_states_shard_over():
+    """QLoRA's NF4 codes are no module parameters (llmc.runtime.lora.NF4Linear keeps them in an attribute), so FSDP2
+    shards the rest of the stage's states over the GPUs but every rank holds the codes whole. On GPUs small enough to
+    shard a Llama 3.2 1B QLoRA stage over 2, the states per GPU are the whole NF4 part + half of the rest."""
+    from llmc.compiler.stages import NF4_BITS_PER_PARAM
+
+    text = spec_text(QLORA, model="llama3.2-1b", gpu="tiny", count=2,
+                     extra="").replace("gpu: tiny", "gpu: my-gpu, gpu_overrides: {base: h100-sxm, hbm_gib: 1.5}")
+    c = compile_text(text, fit_check=False)
+    m = c.stages[0].memory
+    assert m.shard_degree == 2
+    # Llama 3.2 1B (meta-llama/Llama-3.2-1B config.json): hidden 2048, 32 heads / 8 KV heads of 64, intermediate
+    # 8192, 16 layers; every linear of every block adapted, so all of them are NF4
+    d, h, kv, hd, ff, layers = 2048, 32, 8, 64, 8192, 16
+    nf4 = layers * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * ff)
+    assert m.replicated_bytes == int(nf4 * NF4_BITS_PER_PARAM / 8)
+    states = m.replicated_bytes + (m.weights_bytes - m.replicated_bytes + m.grads_optimizer_bytes) // 2
+    assert m.per_gpu_bytes - (m.activation_bytes + m.buffer_bytes) == states

@@ -173,6 +173,9 @@ class StageMemoryPlan:
     sampling_bytes: int | None = None  # GRPO: the KV cache of one sampling batch (sampling_groups groups)
     sampling_groups: int | None = None  # GRPO: groups sampled in one batch per rank (as many as fit; the runtime's)
     buffer_bytes: int | None = None  # logits and their gradient, gathered FSDP units, CUDA context, NCCL
+    # of weights_bytes, what every rank holds whole whatever the sharding: QLoRA's NF4 codes (llmc's trainer keeps them
+    # outside the module's parameters, which are all FSDP shards)
+    replicated_bytes: int = 0
     # tokens per slice of the loss (llmc's trainers run the head + cross-entropy slice by slice, recomputed in
     # the backward) when the whole micro-step's logits would not fit; 0 = whole
     loss_chunk_tokens: int = 0

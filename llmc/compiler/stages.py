@@ -61,6 +61,7 @@ from llmc.spec.schema import (
     CHAT_KINDS,
     CONTINUED_KINDS,
     LM_KINDS,
+    META_INIT_PARAMS,
     NF4_BLOCK,
     NF4_DQ_BLOCK,
     PREFERENCE_KINDS,
@@ -533,14 +534,17 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
         # embeddings, output head, norms, router, biases and the linears no target names
         shapes = linear_shapes(env.run.model)
         nf4 = sum(di * do * n for name, di, do, n, stacked in shapes if name in lora.targets and not stacked)
-        weights = int(nf4 * NF4_BITS_PER_PARAM / 8 + (env.n_total - nf4) * 2)
+        # the NF4 codes (llmc.runtime.lora.NF4Linear.weight_nf4) are no parameters: FSDP2 shards none of them, every
+        # rank holds them whole
+        replicated = int(nf4 * NF4_BITS_PER_PARAM / 8)
+        weights = replicated + (env.n_total - nf4) * 2
         experts = sum(di * do * n for _, di, do, n, stacked in shapes if stacked)
         notes.append(f"QLoRA: the adapted linear layers' weights in NF4 ({NF4_BITS_PER_PARAM:.3f} bit/param with "
                      f"double quantisation, block {NF4_BLOCK}), the rest bf16 (embeddings, norms"
                      + (f"; the routed experts, {gib(experts * 2)}: llmc's trainer quantises nn.Linear layers "
                         "only, not the stacked expert tensors" if experts else "") + ")")
     else:
-        weights = env.n_total * (4 if env.precision == "fp32" else 2)
+        weights, replicated = env.n_total * (4 if env.precision == "fp32" else 2), 0
     ref = 0 if (lora or not needs_ref) else env.n_total * 2
     if needs_ref and lora:
         notes.append("reference = base with adapters disabled: no extra weight copy")
@@ -569,7 +573,7 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     micro = _micro_seqs(st.kind, tr)
     layout = stage_layout(env.world, shard, cp, ac, micro, loss_chunk=loss_chunk)
     act, buffers, logits = _acts_buffers(env, layout, seq_len)
-    states = int((weights + ref + optim) // shard)
+    states = state_bytes_per_gpu(weights, ref, optim, replicated, shard)
     per_gpu = states + act + buffers  # a training micro-step
     sampling, groups = 0, None
     if st.kind == "grpo":
@@ -594,7 +598,14 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
         loss_chunk_tokens=layout.loss_chunk_tokens,
         weights_bytes=weights, reference_bytes=ref, grads_optimizer_bytes=optim, activation_bytes=act,
         activation_source=ACTIVATION_SOURCE, sampling_bytes=sampling, sampling_groups=groups, buffer_bytes=buffers,
+        replicated_bytes=replicated,
     )
+
+
+def state_bytes_per_gpu(weights: int, ref: int, optim: int, replicated: int, shard: int) -> int:
+    """A stage's weights, reference and gradients + optimizer states on one GPU: sharded over ``shard`` GPUs (FSDP2
+    / ZeRO-3 over every GPU, or 1), but for the ``replicated`` bytes of the weights every rank holds whole."""
+    return int(replicated + (weights - replicated + ref + optim) // max(shard, 1))
 
 
 def sampling_row_bytes(env: _Env, prompt: int, seq_len: int) -> int:
@@ -994,7 +1005,8 @@ def _states_remedies(env: _Env, st: StageBase, mem: StageMemoryPlan, per_step: i
         if per_step >= over else []
     if lora is None:
         return "; ".join(["LoRA or QLoRA (lora:, lora.quantize_base: nf4: only the adapters train)", gpus, *short])
-    base, adapters = (mem.weights_bytes or 0) // shard, (mem.grads_optimizer_bytes or 0) // shard
+    base = state_bytes_per_gpu(mem.weights_bytes or 0, 0, 0, mem.replicated_bytes, shard)
+    adapters = (mem.grads_optimizer_bytes or 0) // shard
     what = (f"{base / 1e9:.1f} GB the frozen {'NF4' if qlora else 'bf16'} base, {adapters / 1e9:.1f} GB the adapters "
             "with their gradients and AdamW states")
     # QLoRA stores the adapted linears (most of the base) in NF4: at most this much less per GPU
@@ -1007,7 +1019,7 @@ def _states_remedies(env: _Env, st: StageBase, mem: StageMemoryPlan, per_step: i
     tries.append("a GPU with more memory" if qlora else gpus)
     if qlora:
         tries.append(f"more GPUs split the adapters' states but not the NF4 base, which every rank holds whole "
-                     f"({base * shard / 1e9:.1f} GB)")
+                     f"({mem.replicated_bytes / 1e9:.1f} GB)")
     return f"{what}; " + "; ".join(tries)
 
 
@@ -1069,6 +1081,14 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
         sink.add("T106", "warning", f"{p}.lora.rank", f"LoRA rank {st.lora.rank} outside the usual 4-64",
                  "r=16 is a common default")
     check_stage_data(st, p, tr, sink)
+    if st.lora is not None and st.lora.quantize_base == "nf4" and env.world > 1 and env.n_total > META_INIT_PARAMS:
+        sink.add("G016", "error", f"{p}.lora.quantize_base",
+                 f"QLoRA stage {st.name!r} of a {env.n_total / 1e9:.1f}B-parameter model on {env.world} GPUs: llmc's "
+                 f"trainer builds a model over {META_INIT_PARAMS / 1e9:g}B parameters sharded on the meta device when "
+                 "it runs on several GPUs, and quantises a base to NF4 from whole weights only (its codes are no "
+                 "FSDP shards: every rank would hold them whole anyway); the stage would stop at its start",
+                 "QLoRA runs such a model on one GPU (hardware.count: 1); on several, LoRA without quantize_base "
+                 "(its base shards over the GPUs)")
     par = env.run.parallelism
     if par.offload_optimizer and st.kind in CHAT_KINDS:
         what = "offload_optimizer" + (" and offload_params" if par.offload_params else "")
@@ -1084,8 +1104,8 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
         if laid_out:
             states = sum(mem.breakdown.get(k, 0) for k in ("weights", "grads", "optimizer"))
         else:
-            states = ((mem.weights_bytes or 0) + (mem.reference_bytes or 0) + (mem.grads_optimizer_bytes or 0)) \
-                // max(mem.shard_degree, 1)
+            states = state_bytes_per_gpu(mem.weights_bytes or 0, mem.reference_bytes or 0,
+                                         mem.grads_optimizer_bytes or 0, mem.replicated_bytes, mem.shard_degree)
         per_step = mem.per_gpu_bytes - states  # activations, logits, buffers (and GRPO's sampling KV cache)
         step_text = (f"{per_step / 1e9:.1f} GB of it is one micro-step at seq_len {tr.seq_len} (activations with "
                      f"{mem.activation_checkpointing} recomputation, logits, buffers)")

@@ -52,7 +52,7 @@ from llmc.runtime.observe import RunLogger
 from llmc.runtime.preempt import handlers as _preempt_handlers
 from llmc.runtime.preempt import stop_now as _stop_now
 from llmc.runtime.preempt import world as _world
-from llmc.spec.schema import ac_label
+from llmc.spec.schema import META_INIT_PARAMS, ac_label
 
 
 class TrainingError(RuntimeError):
@@ -201,7 +201,7 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
     with torch.device("meta"):
         model = Transformer(job.arch)
     n_params = model.num_params()
-    meta = sharded and info.world > 1 and (job.meta_init if job.meta_init is not None else n_params > 2e9)
+    meta = sharded and info.world > 1 and (job.meta_init if job.meta_init is not None else n_params > META_INIT_PARAMS)
     if not meta:
         model = build_model(job.arch, info.device, seed=job.seed)
         if init_checkpoint is not None:

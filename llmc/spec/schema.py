@@ -456,6 +456,10 @@ LORA_ALL_LINEAR = "all-linear"
 #: of 64 weights; double quantisation stores those absmax values in 8 bits with one fp32 scale per 256 of them
 NF4_BLOCK = 64
 NF4_DQ_BLOCK = 256
+#: llmc's trainer builds a model of more parameters than this on the meta device when it shards it over several
+#: ranks (``llmc.runtime.train._setup_model``), then loads each rank's shards; QLoRA's NF4 codes are made from whole
+#: weights, so a QLoRA stage of such a model runs on one GPU only
+META_INIT_PARAMS = 2e9
 
 
 class LoRA(SpecModel):
