@@ -14,7 +14,8 @@ Inputs:
   post-training loops (``stage, step, loss, ...``); event records (``"event"`` key) and a truncated last
   line are skipped.
 * ``lock``: predictions are read from it, never recomputed: ``time.step_seconds``,
-  ``time.tokens_per_second`` and ``time.mfu`` (the searched plan, i.e. the pre-training stage); memory: the
+  ``time.tokens_per_second`` and ``time.mfu`` (the searched plan, i.e. the pre-training stage), every other
+  stage's own ``stages[i].time.step_seconds`` and ``tokens_per_second`` (its plans give no MFU); memory: the
   pre-training's ``memory.allocated_bytes`` (what ``peak_mem_bytes``, the allocator's allocated peak, measures:
   the must-fit ``per_gpu_bytes`` adds the allocator's reserve and the CUDA context), other stages'
   ``stages[i].memory.per_gpu_bytes`` (the only figure their plans give: the row says "must-fit"). A CPU run's
@@ -345,7 +346,9 @@ def predictions(lock: dict, stage: str) -> Prediction:
     if stage == main or (main is None and st is None):
         return Prediction(*(_number(_get(lock, "time", k)) for k in ("step_seconds", "tokens_per_second", "mfu")),
                           mem, _number(_get(lock, "memory", "allocated_bytes")))
-    return Prediction(per_gpu_bytes=mem)
+    # every other stage's plan times its own step (stages[i].time: its layout, batch and kind; no MFU figure)
+    return Prediction(*(_number(_get(st, "time", k)) for k in ("step_seconds", "tokens_per_second", "mfu")),
+                      per_gpu_bytes=mem)
 
 
 def table(stages: list[StageMetrics], lock: dict) -> list[Row]:

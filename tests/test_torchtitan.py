@@ -751,7 +751,8 @@ def test_launch_prepare_and_torchtitan_stream_parquet_and_hf_dataset_in_place(tm
     val = {int(s): float(x) for s, x in re.findall(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+)", log)}
     assert 4 in val and 8 in val and all(math.isfinite(x) for x in val.values()), log[-2000:]
     # nothing copied: no data file in the build or the datasets cache, data/ holds only small records
-    files = [f for f in b.rglob("*") if f.is_file() and "outputs" not in f.relative_to(b).parts]  # not logs
+    # not logs: torchtitan's outputs/, the stages' run/ (metrics.jsonl)
+    files = [f for f in b.rglob("*") if f.is_file() and not {"outputs", "run"} & set(f.relative_to(b).parts)]
     assert not [f for f in files if f.suffix in (".jsonl", ".parquet", ".arrow")], files
     assert not [f for f in (tmp_path / "hf_cache").rglob("*") if f.suffix == ".arrow"]
     assert all(f.stat().st_size < 16_384 for f in (b / "data").rglob("*") if f.is_file())

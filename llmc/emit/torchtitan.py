@@ -47,6 +47,13 @@ Diagnostics (errors unless noted):
     X319 expert groups scored by their best expert (DeepSeek-V2's group_limited_greedy)
     X320 gpt-oss's block (attention sinks, o_proj and expert biases, clamped SwiGLU): torchtitan's gpt_oss not emitted
 
+Run records: the job's ``LlmcMetricsProcessor`` writes llmc's ``metrics.jsonl`` (the records of llmc's own trainers,
+from torchtitan's logged figures; MFU against the plan's peak, ``_mfu_peak``) and TensorBoard into the stage's run
+folder, ``<run dir>/run/<stage>``, where ``llmc report`` and ``llmc calibrate`` read them; its ``LlmcValidator``
+validates when llmc's trainers do (every ``every_steps`` and the last step, what the plan counts; torchtitan's own
+rule adds step 1); its ``LlmcCheckpointManager`` keeps ``keep_latest`` checkpoints after the last-step and preemption
+saves too (torchtitan 0.3.0 purges only after an interval save).
+
 Activation checkpointing: the plan's ``selective`` / ``full`` / ``none`` are torchtitan's ``SelectiveAC`` /
 ``FullAC`` / ``None``. ``partial`` (``ac_layers`` = K) has no torchtitan 0.3.0 policy (``FullAC`` wraps every block,
 torchtitan/distributed/activation_checkpoint.py): the job defines ``PartialFullAC``, a ``FullAC`` whose ``apply``
@@ -83,6 +90,7 @@ from llmc.compiler.backends import (
 from llmc.compiler.checks import mixture_shares
 from llmc.compiler.memory import SINGLE_STAGE_SCHEDULES, even_parts, pipeline_chunks
 from llmc.compiler.result import Hyper
+from llmc.compiler.timing import mfu_peak
 from llmc.diagnostics import Diagnostic, SpecError
 from llmc.emit.base import Emitter
 from llmc.emit.common import RDZV_PORT, diag, gpus_per_node, jinja_env, preemption_context
@@ -567,6 +575,20 @@ def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str])
     }
 
 
+def _mfu_peak(compiled) -> dict[str, Any]:
+    """The peak FLOP/s per device the job's metrics.jsonl quotes MFU against: the one llmc's plan quotes its
+    predicted MFU against (``llmc.compiler.timing.mfu_peak``: the precision's dense peak, bf16's for fp8), so
+    `llmc report` compares like with like; 0 (no MFU) for a part the hardware table does not know."""
+    precision = compiled.spec.training.precision
+    try:
+        peak = float(mfu_peak(compiled.gpu, precision)) if compiled.gpu is not None else 0.0
+    except ValueError:  # a part without a peak for the precision
+        peak = 0.0
+    label = "bf16" if precision == "fp8" else precision
+    source = f"{compiled.gpu.name}: dense {label}, llmc's hardware table (the plan's MFU)" if peak else "unknown: no MFU"
+    return {"peak_flops": peak, "peak_flops_source": source}
+
+
 def _checkpoint_comm(compiled) -> dict[str, Any]:
     """Checkpointing, logging, collective timeouts and the process layout."""
     spec, hyper = compiled.spec, compiled.hyper
@@ -583,7 +605,9 @@ def _checkpoint_comm(compiled) -> dict[str, Any]:
         "preempted_exit": EXIT_PREEMPTED,
         **preemption_context(compiled),  # torchrun's shutdown time (the run scripts)
         "log_freq": int(tr.log_every),
-        "enable_tensorboard": not cpu,
+        # into the stage's run folder beside metrics.jsonl, as llmc's trainers write it (torch's SummaryWriter)
+        "enable_tensorboard": True,
+        **_mfu_peak(compiled),
         "seed": int(tr.seed),
         "comm_init_timeout": COMM_INIT_TIMEOUT_LARGE_S if world >= COMM_LARGE_WORLD else COMM_INIT_TIMEOUT_S,
         "comm_train_timeout": COMM_TRAIN_TIMEOUT_S if hyper.checkpoint_async else COMM_TRAIN_TIMEOUT_CKPT_S,

@@ -22,9 +22,15 @@ SM89+ GPU when the config is built); it exists for CPU config checks and fake-ba
 import glob
 import hashlib
 import json
+import math
 import os
+import re
+import resource
 import signal
+import sys
+import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import PurePath
@@ -37,7 +43,7 @@ from datasets import DatasetDict, IterableDataset, load_dataset, load_from_disk
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
-from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.components.metrics import BaseLogger, MetricsProcessor, _get_metrics_rank
 from torchtitan.components.optimizer import (
     LRSchedulersContainer,
     OptimizersContainer,
@@ -64,6 +70,7 @@ from torchtitan.models.deepseek_v3 import DeepSeekV3Model, build_mla_moe_layers,
 from torchtitan.models.deepseek_v3.state_dict_adapter import DeepSeekV3StateDictAdapter
 from torchtitan.models.utils import validate_converter_order
 from torchtitan.protocols.model_spec import ModelSpec
+from torchtitan.tools import filesystem
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
@@ -73,6 +80,10 @@ RUN_DIR = os.environ.get("LLMC_RUN_DIR", BUILD_DIR)
 ASSETS_DIR = os.environ.get("LLMC_ASSETS_DIR", os.path.join(RUN_DIR, "assets"))  # tokenizer.json
 DATA_DIR = os.environ.get("LLMC_DATA_DIR", os.path.join(RUN_DIR, "data"))  # builtin corpora, data.quality parts
 DUMP_FOLDER = os.environ.get("LLMC_DUMP_FOLDER", os.path.join(RUN_DIR, "outputs", 'torchtitan'))
+# the stage's run folder, as `llmc launch` lays it out (<run dir>/run/<stage>: stderr.log, hf/): llmc's metrics.jsonl
+# and the TensorBoard events go there
+STAGE = 'pretrain'
+STAGE_DIR = os.environ.get("LLMC_STAGE_DIR", os.path.join(RUN_DIR, "run", STAGE))
 
 # ---------------------------------------------------------------- data: every source read where it lies, streamed
 # Pre-training text sources: {"name", "format" (parquet | jsonl | text), "path", "under" ("build": relative to the
@@ -327,10 +338,26 @@ class LlmcTokenizer(HuggingFaceTokenizer):
         self.tokenizer.encode_special_tokens = True
 
 
+class LlmcValidator(Validator):
+    """torchtitan's Validator on llmc's schedule: every `freq` steps and at the run's last step
+    (llmc.runtime.validation.due), which is what the plan counts (ceil(steps / every_steps) validations).
+    torchtitan 0.3.0's own rule (components/validate.py `should_validate`: step 1 or every `freq`)
+    adds one at step 1 and skips a last step that is not a multiple of `freq`."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Validator.Config):
+        pass
+
+    last_step = None  # the run's last step (training.steps), set by PreemptibleTrainer
+
+    def should_validate(self, step):
+        return step % self.config.freq == 0 or step == self.last_step
+
+
 def _validator():
     if VALIDATION is None:
         return Validator.Config()
-    return Validator.Config(
+    return LlmcValidator.Config(
         enable=True, freq=VALIDATION["freq"], steps=VALIDATION["steps"],
         dataloader=LlmcValidationLoader.Config(steps=VALIDATION["steps"], micro_batch=VALIDATION["micro_batch"]),
     )
@@ -479,13 +506,204 @@ def model_spec(with_converters=True):
     )
 
 
+# ---------------------------------------------------------------- llmc's metrics.jsonl
+def _record_step(line):
+    """The "step" of one metrics.jsonl line; None for an event, a record without a step or a line that is not one."""
+    try:
+        rec = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    s = rec.get("step") if isinstance(rec, dict) else None
+    return s if isinstance(s, int) and not isinstance(s, bool) else None
+
+
+def _keep_records_through(path, step):
+    """llmc.runtime.metrics_io.truncate_after_step: rewrite metrics.jsonl atomically (a temporary file in the same
+    folder, fsync, os.replace, fsync of the folder) without the records of steps after `step` (step records and
+    step-tagged events alike: the steps are trained again) and without a torn last line (a writer killed mid-line);
+    events without a step stay. A missing file stays missing."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    if tail.strip():
+        try:
+            if isinstance(json.loads(tail), dict):
+                lines.append(tail)  # a whole last record that only misses its newline
+        except (ValueError, RecursionError):
+            pass
+    kept = b"".join(ln + b"\n" for ln in lines if ln.strip() and ((s := _record_step(ln)) is None or s <= step))
+    if kept == data:
+        return
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class _WithRecords(BaseLogger):
+    """torchtitan's loggers (TensorBoard, W&B), then llmc's metrics.jsonl: torchtitan's MetricsProcessor hands its
+    logger one dict per logged step (training or validation), which both read."""
+
+    def __init__(self, inner, processor):
+        self.inner, self.processor = inner, processor
+
+    def log(self, metrics, step):
+        self.inner.log(metrics, step)
+        self.processor.write_record(metrics, step)
+
+    def close(self):
+        self.inner.close()
+
+
+class LlmcMetricsProcessor(MetricsProcessor):
+    """torchtitan's MetricsProcessor that also writes llmc's metrics.jsonl: the records llmc's own trainers write
+    (llmc.runtime.metrics: step, loss, lr, grad_norm, tokens, tokens_per_s, flops_per_s, mfu, peak_mem_bytes,
+    peak_mem_device, step_s; validation: step, val_loss, val_ppl), so `llmc report` and `llmc calibrate` read a
+    torchtitan run as they read llmc's.
+
+    Every figure is torchtitan's own, from the dict its `log` / `log_validation` pass to their loggers: the loss (its
+    global average over the data-parallel ranks), the gradient norm, the learning rate of the step (read before
+    the scheduler steps), the tokens seen, and its throughput per device (tokens / s / non-data-parallel degree), of
+    which the job's tokens/s is that times the world size and the step time the tokens of a step divided by that
+    (the clock runs from the previous log or validation: a step after a checkpoint save includes the save).
+    MFU is torchtitan's achieved FLOP/s per device over the peak llmc's plan quotes MFU against (`peak_flops`, the
+    hardware table's; torchtitan's own percentage divides by its bf16 table, whatever the precision). Memory:
+    `peak_mem_bytes` is the allocator's allocated peak on a GPU (torch.cuda.max_memory_allocated since torchtitan's
+    last reset of the peaks, which is what llmc's plan predicts; `peak_reserved_bytes` is torchtitan's reserved
+    figure), the process's peak RSS on a CPU. Written by the rank torchtitan logs metrics on (rank 0; the first rank
+    of the last pipeline stage, the one that has the loss, under pipeline parallelism), from the step the run
+    starts at: earlier records of later steps (an interrupted run's) are dropped first, so every step is there
+    once (llmc.runtime.metrics_io.truncate_after_step). Steps are logged as llmc's trainers log them: step 1, every
+    `log_freq`, and the last step."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(MetricsProcessor.Config):
+        metrics_file: str = ""
+        """llmc's metrics.jsonl ("": none)"""
+
+        peak_flops: float = 0.0
+        """peak FLOP/s per device that MFU is quoted against (llmc's hardware table); 0: unknown, no MFU"""
+
+    path = None  # metrics.jsonl on the rank that writes it, once the run has started (start_records)
+    last_step = None  # the run's last step (training.steps), set by PreemptibleTrainer
+
+    def _build_metric_logger(self, **kwargs):
+        return _WithRecords(super()._build_metric_logger(**kwargs), self)
+
+    def should_log(self, step):
+        return step == 1 or step % self.config.log_freq == 0 or step == self.last_step
+
+    def start_records(self, *, step, world, tokens_per_step, pp_schedule):
+        """At the step the run starts from (after the checkpoint load, on every rank): the throughput clock starts
+        here (torchtitan's starts when the processor is built, so its first step would count the model's build,
+        initialisation and checkpoint load), and the metrics rank opens metrics.jsonl."""
+        self.time_last_log = time.perf_counter()
+        self.world, self.tokens_per_step, self.t0 = world, tokens_per_step, time.time()
+        if not self.config.metrics_file or dist.get_rank() != _get_metrics_rank(parallel_dims=self.parallel_dims,
+                                                                                 pp_schedule=pp_schedule):
+            return
+        self.path = self.config.metrics_file
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        _keep_records_through(self.path, step)
+        if step > 0:
+            self.event("resume", step=step, backend="torchtitan")
+        else:
+            self.event("start", backend="torchtitan")
+
+    def _append(self, rec):
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"elapsed_s": round(time.time() - self.t0, 3), **rec}) + "\n")
+
+    def event(self, name, **kw):
+        self._append({"event": name, **kw})
+
+    def write_record(self, m, step):
+        if self.path is None:
+            return
+        if "validation_metrics/loss" in m:
+            loss = float(m["validation_metrics/loss"])
+            self._append({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))})
+            return
+        tps = float(m["throughput(tps)"]) * self.world  # the whole job's tokens/s
+        flops = float(m["tflops"]) * 1e12  # per device
+        lr = next((float(v) for k, v in m.items() if k.startswith("lr/")), None)
+        device = self.device_memory_monitor.device
+        if device.type == "cuda":
+            mem = int(torch.cuda.max_memory_allocated(device))
+        else:
+            mem = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
+        reserved = float(m["memory/max_reserved(GiB)"]) * 2**30
+        rec = {"step": step, "loss": round(float(m["loss_metrics/global_avg_loss"]), 6), "lr": lr,
+               "grad_norm": round(float(m["grad_norm"]), 6), "tokens": int(m["n_tokens_seen"]),
+               "tokens_per_s": round(tps, 1), "flops_per_s": flops * self.world,
+               "mfu": flops / self.config.peak_flops if self.config.peak_flops else None,
+               "peak_mem_bytes": mem, "peak_mem_device": device.type,
+               **({"peak_reserved_bytes": int(reserved)} if device.type == "cuda" and reserved >= 0 else {}),
+               "step_s": round(self.tokens_per_step / tps, 4) if tps > 0 else None}
+        self._append(rec)
+
+
+# ---------------------------------------------------------------- checkpoint retention
+class LlmcCheckpointManager(CheckpointManager):
+    """torchtitan's CheckpointManager that keeps `keep_latest_k` checkpoints after its last-step save too.
+
+    torchtitan 0.3.0 purges old checkpoints after an interval save only: its last-step save
+    (components/checkpointer/dcp.py `_save` -> `_save_last_step`), which is also the save of a preempted step, returns
+    before `_purge_stale_checkpoints`, so a run ends with one checkpoint more than `keep_latest_k` (a 405B model's
+    full state is terabytes). That save is synchronous (any asynchronous save still running is waited for first), so
+    when it returns the checkpoint is complete (rank 0, which purges, returns from dcp.save after every rank's
+    writes and the checkpoint's metadata); then the older ones past `keep_latest_k` go, by torchtitan's own rule and
+    purge thread, never the one just written. The thread is joined when the manager closes, before the process
+    exits."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(CheckpointManager.Config):
+        pass
+
+    def _save(self, curr_step, last_step=False):
+        saved = super()._save(curr_step, last_step)
+        if saved and last_step:
+            self._purge_older_than(curr_step)
+        return saved
+
+    def _purge_older_than(self, step):
+        """torchtitan's `_purge_stale_checkpoints` (keep the newest `keep_latest_k` step-N folders), counting the
+        folder of `step` as one of them whatever the other folders' steps."""
+        if not self._should_purge():
+            return
+        others = sorted((int(m.group(1)), filesystem.join(self.folder, name)) for name in filesystem.listdir(self.folder)
+                        if (m := re.search(r"step-(\d+)", name)) and int(m.group(1)) != step)
+        for _, path in others[: max(0, len(others) - (self.keep_latest_k - 1))]:
+            self.purge_queue.put(path)
+
+
 # ---------------------------------------------------------------- preemption
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "saved, rerun me to resume" (llmc launch and the Slurm script)
 
 
 class PreemptibleTrainer(Trainer):
     """torchtitan's Trainer that saves the step it is at when the job is preempted (torchtitan 0.3.0
-    has no signal handler: a SIGTERM would lose every step since the last interval checkpoint).
+    has no signal handler: a SIGTERM would lose every step since the last interval checkpoint), and writes llmc's
+    metrics.jsonl (LlmcMetricsProcessor) from the step it starts at, with its start, resume, preemption and end.
 
     A SIGTERM or SIGUSR1 is only recorded (a handler may interrupt anything, a collective or a save included);
     at every step boundary the ranks agree on "did any rank get one?" (an all-reduce MAX of one element, as
@@ -505,6 +723,10 @@ class PreemptibleTrainer(Trainer):
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._record_signal)
         super().__init__(config=config)
+        # the run's last step: llmc logs and validates there too (LlmcMetricsProcessor, LlmcValidator)
+        self.metrics_processor.last_step = config.training.steps
+        if config.validator.enable:
+            self.validator.last_step = config.training.steps
 
     def _record_signal(self, signum, frame):
         self._stop_signal = signum
@@ -521,9 +743,25 @@ class PreemptibleTrainer(Trainer):
         more = super().should_continue_training()
         if self._first_step is None:
             self._first_step = self.step  # after the checkpoint load: the step this process starts from
+            self._start_records()
         if more and self._signalled_anywhere():
             self._preempted()
         return more
+
+    def _start_records(self):
+        if self.config.comm.mode in ("fake_backend", "local_tensor"):
+            return  # a fake-backend or local-tensor simulation writes no run records
+        tr, pd = self.config.training, self.parallel_dims
+        dp = pd.get_mesh("batch").size() if pd.dp_enabled else 1
+        self.metrics_processor.start_records(
+            step=self.step, world=dist.get_world_size(),
+            tokens_per_step=self.gradient_accumulation_steps * tr.local_batch_size * dp * tr.seq_len,
+            pp_schedule=self.config.parallelism.pipeline_parallel_schedule)
+
+    def train(self):
+        super().train()
+        status = "done" if self.step >= self.config.training.steps else "stopped"  # stopped: the data ran out
+        self.metrics_processor.event("end", status=status, step=self.step, steps=self.config.training.steps)
 
     def _preempted(self):
         ck = self.config.checkpoint
@@ -538,6 +776,7 @@ class PreemptibleTrainer(Trainer):
         self.checkpointer.maybe_wait_for_saving()
         logger.info(f"preempted (signal {self._stop_signal or 'on another rank'}): {what}; rerun the same "
                     f"command to resume")
+        self.metrics_processor.event("preempted", step=self.step)
         self.close()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -581,7 +820,13 @@ def _trainer_config(spec):
         ),
         dataloader=_dataloader(),
         validator=_validator(),
-        metrics=MetricsProcessor.Config(log_freq=10, enable_tensorboard=True),
+        metrics=LlmcMetricsProcessor.Config(
+            log_freq=10,
+            enable_tensorboard=True,
+            save_tb_folder=os.path.join(STAGE_DIR, "tensorboard"),  # absolute: not under the dump folder
+            metrics_file=os.path.join(STAGE_DIR, "metrics.jsonl"),
+            peak_flops=989400000000000.0,  # NVIDIA H800 SXM5 80GB: dense bf16, llmc's hardware table (the plan's MFU)
+        ),
         parallelism=ParallelismConfig(
             data_parallel_replicate_degree=1,
             data_parallel_shard_degree=32,
@@ -594,7 +839,7 @@ def _trainer_config(spec):
             context_parallel_degree=1,
             expert_parallel_degree=4,
         ),
-        checkpoint=CheckpointManager.Config(
+        checkpoint=LlmcCheckpointManager.Config(
             enable=True,
             folder='checkpoints',
             interval=50,
