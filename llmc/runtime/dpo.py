@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmc.runtime.chat import IGNORE_INDEX, encode_prompt_response
-from llmc.runtime.lora import disable_adapters, lora_modules
+from llmc.runtime.lora import disable_adapters, lora_modules, matmul_only_weights
 from llmc.runtime.sft import (
     DataShard,
     EpochOrder,
@@ -75,15 +75,30 @@ def usable_pairs(pairs: list[tuple[tuple, tuple]], max_len: int | None) -> tuple
     return kept, len(pairs) - len(kept)
 
 
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` for a frozen reference. When ``model``'s forwards run under bf16 autocast (marked
+    ``bf16_autocast`` by :func:`llmc.runtime.posttrain.bf16_forwards`) the weights only its matmuls read
+    (:func:`llmc.runtime.lora.matmul_only_weights`) are copied straight to bf16: autocast rounds them so before each
+    matmul, so the reference computes the same bits with 2 bytes per parameter instead of 4, and no fp32 copy of
+    them is made first (deepcopy takes the bf16 ones from its memo)."""
+    memo: dict = {}
+    if getattr(model, "bf16_autocast", False):
+        with torch.no_grad():
+            for mod, name in matmul_only_weights(model, frozen_only=False):
+                p = mod._parameters[name]
+                memo[id(p)] = nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+    return copy.deepcopy(model, memo)
+
+
 class Reference:
     """The frozen reference policy: the adapters-off base for LoRA models, else a frozen copy (``frozen``:
-    one built and sharded like the policy, as the sharded runs pass it; default a deep copy)."""
+    one built and sharded like the policy, as the sharded runs pass it; default :func:`frozen_copy`)."""
 
     def __init__(self, model: nn.Module, frozen: nn.Module | None = None):
         self.model = model
         self.shared = any(True for _ in lora_modules(model))
         if not self.shared:
-            self.copy = (frozen if frozen is not None else copy.deepcopy(model)).eval()
+            self.copy = (frozen if frozen is not None else frozen_copy(model)).eval()
             for p in self.copy.parameters():
                 p.requires_grad_(False)
 

@@ -9,6 +9,11 @@ QLoRA (Dettmers et al. 2023): the frozen base weights are stored in 4-bit Normal
 blockwise absmax scaling (block 64) onto the 16 NF4 levels (quantiles of N(0,1), exact zero),
 optionally with double quantisation of the absmax constants (8-bit, one fp32 scale per 256 blocks).
 On CPU we dequantise to float for the matmul (what bitsandbytes does on GPU, in a fused kernel).
+
+Frozen weights under bf16 autocast (:func:`matmul_only_weights`, :func:`cast_frozen_matmul_weights_`): a weight that
+only a matmul inside ``torch.autocast(dtype=bfloat16)`` reads is cast to bf16 by autocast before every use, so a bf16
+copy made once gives bit-identical results at half the memory: the frozen base as PEFT users hold it (loaded with
+``torch_dtype=torch.bfloat16``).
 """
 
 from __future__ import annotations
@@ -66,9 +71,24 @@ class NF4Tensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_nf4(self, dtype)
 
+    def to(self, device: torch.device | str) -> NF4Tensor:
+        """The same codes and constants on ``device`` (never another dtype: the codes are the weight)."""
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return NF4Tensor(mv(self.packed), mv(self.absmax), self.shape, self.numel, self.block,
+                         dq_codes=mv(self.dq_codes), dq_scale=mv(self.dq_scale), dq_offset=self.dq_offset)
+
+
+#: elements per slice of :func:`quantize_nf4`'s nearest-level search: its temporaries are (slice, 16) fp32 (two of
+#: them, 128 B per element), 128 MiB here instead of 128 B per element of the whole matrix (Llama-3-70B's
+#: 8192 x 28672 MLP weights: 30 GB)
+NF4_SLICE = 1 << 20
+
 
 def quantize_nf4(w: torch.Tensor, block: int = NF4_BLOCK, double_quant: bool = False) -> NF4Tensor:
-    """Blockwise absmax NF4 quantisation: each block is scaled into [-1, 1] and rounded to the nearest level."""
+    """Blockwise absmax NF4 quantisation: each block is scaled into [-1, 1] and rounded to the nearest level (the
+    nearest-level search in slices of :data:`NF4_SLICE` elements, each block's the same as at once)."""
     flat = w.detach().float().reshape(-1)
     numel = flat.numel()
     pad = (-numel) % block
@@ -76,8 +96,10 @@ def quantize_nf4(w: torch.Tensor, block: int = NF4_BLOCK, double_quant: bool = F
         flat = torch.cat([flat, flat.new_zeros(pad)])
     blocks = flat.view(-1, block)
     absmax = blocks.abs().amax(dim=1).clamp_min(1e-12)
-    normed = blocks / absmax[:, None]
-    codes = (normed[..., None] - NF4_LEVELS.to(normed.device)).abs().argmin(dim=-1).to(torch.uint8).reshape(-1)
+    levels = NF4_LEVELS.to(blocks.device)
+    rows = max(1, NF4_SLICE // block)
+    codes = torch.cat([((blocks[i:i + rows] / absmax[i:i + rows, None])[..., None] - levels).abs().argmin(dim=-1)
+                       .to(torch.uint8).reshape(-1) for i in range(0, blocks.shape[0], rows)])
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_zeros(1)])
     packed = (codes[0::2] << 4) | codes[1::2]
@@ -115,6 +137,15 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_nf4.dequantize(x.dtype), self.bias)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``module.to(device)`` / ``.cuda()`` / ``to_empty`` move the NF4 codes too (they are plain tensors, not
+        parameters or buffers): to the device ``fn`` gives a uint8 tensor, the only thing a move can change of them
+        (a dtype conversion such as ``.half()`` leaves integer tensors, and so the codes' constants, as they are)."""
+        out = super()._apply(fn, recurse)
+        q = self.weight_nf4
+        self.weight_nf4 = q.to(fn(q.packed[:0]).device)
+        return out
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -217,16 +248,21 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: f
                targets: Iterable[str] = LORA_TARGETS, quantize_base: str = "none") -> int:
     """Freeze the model, wrap every target linear with a LoRA adapter; returns the trainable param count.
 
-    ``quantize_base="nf4"`` first replaces each target's weight with an NF4 copy (QLoRA).
+    ``quantize_base="nf4"`` first replaces each target's weight with an NF4 copy (QLoRA), quantised on the device
+    the weight is on (:func:`llmc.runtime.posttrain.build_policy` keeps a loaded model on the CPU until then); each
+    full-precision weight is let go once its codes exist, so the model's memory never holds both copies of all.
     """
     for p in model.parameters():
         p.requires_grad_(False)
     sites = _targets(model, targets)
     if not sites and not any(isinstance(getattr(m, "experts", None), nn.Module) for m in model.modules()):
         raise ValueError(f"no LoRA targets {sorted(set(targets))} found in the model")
-    for parent, cname, child in sites:
+    sites.reverse()
+    while sites:  # popped, so the list holds no replaced linear (and its full-precision weight) to the end
+        parent, cname, child = sites.pop()
         base = NF4Linear(child) if quantize_base == "nf4" and isinstance(child, nn.Linear) else child
         setattr(parent, cname, LoRALinear(base, rank, alpha, dropout))
+        del child, base
     expert_targets = [t for t in ("w1", "w2", "w3") if t in set(targets)]
     if expert_targets:  # MoE: stacked experts (kept in full precision even under nf4)
         for mod in list(model.modules()):
@@ -235,6 +271,57 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: f
                     isinstance(getattr(ex, t, None), nn.Parameter) for t in ("w1", "w2", "w3")):
                 mod.experts = LoRAExperts(ex, rank, alpha, dropout, expert_targets)
     return lora_param_count(model)
+
+
+# ----------------------------------------------------------------------------- frozen weights in bf16
+
+
+def matmul_only_weights(model: nn.Module, frozen_only: bool = True) -> list[tuple[nn.Module, str]]:
+    """(module, parameter name) of the weights that only a matmul reads in ``llmc.runtime.model``'s forward, so that
+    under bf16 autocast (torch.amp's CUDA and CPU lists cast ``linear`` / ``matmul`` inputs to bf16, rounding to nearest
+    even) their bf16 copy gives bit-identical results (``frozen_only``: those that do not train).
+
+    * every plain ``nn.Linear``'s weight (``F.linear``): attention / MLA projections, dense MLP and shared experts, a
+      LoRA adapter's base, the MoE router's gate (``Router`` upcasts the gate's *output* to fp32, not its weight),
+      an untied output head;
+    * stacked MoE experts (``GroupedExperts`` w1 / w2 / w3, read by ``x @ w.t()``), except a matrix a
+      :class:`LoRAExperts` adapts: there W + (alpha / r) B A is summed outside the matmul, so fp32 W and its bf16
+      copy give different sums (those stay as they are).
+
+    Left out (their dtype shows in the results): embeddings (``F.embedding`` is not autocast, and a tied head reads
+    them too), norms, biases (gpt-oss's expert biases are added outside the matmul; an ``nn.Linear`` bias is small and
+    left with them), attention sinks, the MoE expert bias, NF4 codes, subclasses of ``nn.Linear`` (their own
+    forward), and any parameter shared by two modules."""
+    from llmc.runtime.model import GroupedExperts
+
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    adapted = {id(getattr(m.base, t)) for m in lora_modules(model) if isinstance(m, LoRAExperts) for t in m.lora_A}
+    out = []
+    for mod in model.modules():
+        names = ("weight",) if type(mod) is nn.Linear else ("w1", "w2", "w3") if isinstance(mod, GroupedExperts) else ()
+        for n in names:
+            p = mod._parameters.get(n)
+            if p is None or uses[id(p)] > 1 or id(p) in adapted or (frozen_only and p.requires_grad):
+                continue
+            out.append((mod, n))
+    return out
+
+
+@torch.no_grad()
+def cast_frozen_matmul_weights_(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Replace each frozen :func:`matmul_only_weights` parameter by its ``dtype`` copy (call only when every forward
+    of ``model`` runs under ``dtype`` autocast: ``llmc.runtime.posttrain.bf16_forwards``); returns the number of
+    elements cast. Each fp32 tensor is freed as its copy is made (unless referenced elsewhere)."""
+    n = 0
+    for mod, name in matmul_only_weights(model):
+        p = mod._parameters[name]
+        if p.dtype != dtype:
+            setattr(mod, name, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+            n += p.numel()
+        del p
+    return n
 
 
 def lora_modules(model: nn.Module) -> Iterator[LoRALinear | LoRAExperts]:
@@ -290,6 +377,8 @@ def merge_lora(model: nn.Module, base: dict[str, torch.Tensor] | None = None) ->
                 continue
             if not isinstance(child, LoRALinear):
                 continue
+            # a base held in bf16 (cast_frozen_matmul_weights_: what its forwards computed with) merges as its fp32
+            # value; the export is bf16 anyway (hf_io), the merged fp32 sum rounded once there
             w = _base_weight(f"{pname}.{cname}" if pname else cname, child, base).detach().float()
             lin = nn.Linear(child.in_features, child.out_features, bias=child.base.bias is not None)
             lin.weight.copy_(w + child.delta_weight().float())

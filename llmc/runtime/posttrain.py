@@ -186,16 +186,27 @@ def post_layout(job: Any, world: int) -> dict:
     return {"dp_replicate": 1, "dp_shard": world, "tp": 1}
 
 
+def autocasts(job: Any, device: torch.device, cpu_bf16: bool = False) -> bool:
+    """Whether the stage's forwards run under bf16 autocast (:func:`bf16_forwards`): precision bf16 or fp8 on CUDA,
+    on the CPU only with ``cpu_bf16`` (``llmc.runtime.train._autocast``)."""
+    import contextlib
+
+    from llmc.runtime.train import _autocast
+
+    return not isinstance(_autocast(job, device, cpu_bf16), contextlib.nullcontext)
+
+
 def bf16_forwards(module: torch.nn.Module, job: Any, device: torch.device, cpu_bf16: bool = False) -> torch.nn.Module:
     """``module`` whose forward runs under pre-training's bf16 autocast (``llmc.runtime.train._autocast``: precision
     bf16 or fp8 on CUDA, on the CPU only with ``cpu_bf16``), as the stage plan's time and memory assume; the backward
-    stays outside it, as PyTorch's AMP guide asks (https://pytorch.org/docs/stable/amp.html). Returns ``module``."""
-    import contextlib
+    stays outside it, as PyTorch's AMP guide asks (https://pytorch.org/docs/stable/amp.html). Returns ``module``,
+    marked ``bf16_autocast`` (a frozen copy of it, DPO's / GRPO's reference, keeps its matmul weights in bf16:
+    :func:`llmc.runtime.dpo.frozen_copy`)."""
     import types
 
     from llmc.runtime.train import _autocast
 
-    if isinstance(_autocast(job, device, cpu_bf16), contextlib.nullcontext):
+    if not autocasts(job, device, cpu_bf16):
         return module
 
     def autocast_forward(self, *args, **kwargs):
@@ -204,32 +215,59 @@ def bf16_forwards(module: torch.nn.Module, job: Any, device: torch.device, cpu_b
 
     # a method bound to the module: a deepcopy (DPO's frozen reference) binds it to the copy, not to this module
     module.forward = types.MethodType(autocast_forward, module)
+    module.bf16_autocast = True
     return module
 
 
-def build_policy(job: Any, info: Any, out: Path, lora: Any | None, say=lambda *a: None):
+def build_policy(job: Any, info: Any, out: Path, lora: Any | None, say=lambda *a: None, *, cpu_bf16: bool = False,
+                 frozen: bool = False):
     """(model, module to call, parameter count): the stage's model built as pre-training builds it
     (:func:`llmc.runtime.train._setup_model`: whole on every rank, or on meta and sharded for big models
     / ``meta_init``), with the weights of ``init_from`` (that stage's llmc checkpoint, else its hf/ export)
     or ``init_hf``, LoRA adapters added before sharding (sharded with their layers) and initialised
-    deterministically (:func:`llmc.runtime.lora.init_lora_`), only the adapters trainable."""
+    deterministically (:func:`llmc.runtime.lora.init_lora_`), only the adapters trainable. ``frozen``: nothing
+    trainable (DPO's / GRPO's sharded reference).
+
+    Frozen base in bf16: when the stage's forwards run under bf16 autocast (:func:`autocasts`; ``cpu_bf16`` as
+    :func:`run_stage`'s), the frozen weights that only matmuls read (a LoRA / QLoRA stage's base, the reference's
+    weights: :func:`llmc.runtime.lora.matmul_only_weights`) are cast to bf16 before sharding -- autocast rounds them
+    so before every matmul anyway, so the numbers are the same bits at 2 bytes per parameter instead of 4, as the
+    stage plan counts them; embeddings, norms, biases and adapted expert matrices stay fp32. A meta (sharded) build
+    casts them only when it then loads weights: a fresh init must draw the same numbers as the policy's. The caller
+    runs the model's forwards under :func:`bf16_forwards` (as :func:`run_stage` does).
+
+    Where a model built whole loads its weights (``init_from`` / ``init_hf``) and then quantises (QLoRA) or casts its
+    base, it is built, loaded, quantised and cast on the CPU and moved to the device after, so the device never holds
+    the fp32 model: host memory does, 4 bytes per parameter per process, plus one tensor's temporaries (and, from an
+    llmc ``init_from`` checkpoint, that checkpoint's tensors, which :func:`llmc.runtime.checkpoint.load_model_weights`
+    reads whole first, as before: 4 more for an fp32 one). A fresh init is built on the device as before (a QLoRA
+    stage's merge rebuilds that base there: :func:`_full_precision_base`)."""
     from llmc.runtime.hf_io import init_hf_source
-    from llmc.runtime.lora import init_lora_
+    from llmc.runtime.lora import cast_frozen_matmul_weights_, init_lora_
     from llmc.runtime.train import _setup_model
 
     pjob = job.replace(arch=stage_arch(job), **post_layout(job, info.world))
     init_ckpt = out.parent / job.init_from if job.init_from else None
     hf_src = None if init_ckpt is not None else init_hf_source(job)
+    loads = init_ckpt is not None or bool(hf_src)
+    bf16_base = (lora is not None or frozen) and autocasts(job, info.device, cpu_bf16)
+    nf4 = lora is not None and lora.quantize_base == "nf4"
 
     def adapt(model: torch.nn.Module) -> None:
-        if lora is None:
-            return
-        if lora.quantize_base == "nf4" and next(model.parameters()).is_meta:
-            raise PostTrainError(f"stage {job.stage!r}: QLoRA (quantize_base: nf4) quantises the whole weights on "
-                                 f"every rank; it cannot start from a meta-device (sharded) build (meta_init)")
-        apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.quantize_base)
+        on_meta = next(model.parameters()).is_meta
+        if lora is not None:
+            if nf4 and on_meta:
+                raise PostTrainError(f"stage {job.stage!r}: QLoRA (quantize_base: nf4) quantises the whole weights "
+                                     f"on every rank; it cannot start from a meta-device (sharded) build (meta_init)")
+            apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.quantize_base)
+        if frozen:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        if bf16_base and (loads or not on_meta):  # after quantising: NF4 codes come from the full-precision weights
+            cast_frozen_matmul_weights_(model)
 
-    model, wrapped, n_params = _setup_model(pjob, info, init_ckpt, hf_src, say, adapt=adapt)
+    model, wrapped, n_params = _setup_model(pjob, info, init_ckpt, hf_src, say, adapt=adapt,
+                                            build_device="cpu" if loads and (nf4 or bf16_base) else None)
     if lora is not None:
         init_lora_(model, job.seed)
     return model, wrapped, n_params
@@ -334,7 +372,7 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     say = print if main else (lambda *a, **k: None)
     fp_base = None  # QLoRA: the full-precision base the adapters are merged into (_full_precision_base)
     if model is None:
-        model, wrapped, n_params = build_policy(job, info, out, lora, say)
+        model, wrapped, n_params = build_policy(job, info, out, lora, say, cpu_bf16=cpu_bf16)
     else:  # a caller's model (one process)
         wrapped, n_params = model, sum(p.numel() for p in model.parameters())
         if lora is not None and lora.quantize_base == "nf4":  # its weights before quantisation, to merge into
@@ -351,8 +389,8 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     if (kind == "dpo" or kind == "grpo" and _grpo_kl(hyper, st) > 0) and lora is None and info.world > 1:
         from llmc.runtime.dpo import Reference
 
-        reference = Reference(wrapped, frozen=bf16_forwards(build_policy(job, info, out, None)[1], job, info.device,
-                                                            cpu_bf16))
+        frozen = build_policy(job, info, out, None, cpu_bf16=cpu_bf16, frozen=True)[1]  # bf16 matmul weights
+        reference = Reference(wrapped, frozen=bf16_forwards(frozen, job, info.device, cpu_bf16))
     bf16_forwards(wrapped, job, info.device, cpu_bf16)
 
     # the stage's global batch (lock stage entry ``global_batch_seqs``), whatever the rank count

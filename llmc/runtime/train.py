@@ -186,7 +186,7 @@ def _export_hf(job: TrainJob, ckpt: Path, out: Path, assets: Assets, say) -> str
 
 
 def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | None, hf_src: str | None, say,
-                 adapt=None):
+                 adapt=None, build_device: str | torch.device | None = None):
     """(model, parallelized model, parameter count), initialised from ``init_checkpoint`` (an llmc stage
     folder: its llmc checkpoint, else its ``hf/`` export, :func:`llmc.runtime.hf_io.load_init_from`) or
     ``hf_src`` (a Hugging Face checkpoint) if given.
@@ -196,20 +196,26 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
     then shard; every layout then starts from bit-identical weights (DDP == FSDP2 == TP == 1 process).
     ``adapt(model)`` (post-training: LoRA adapters) runs just before sharding, after the weights are loaded
     (whole-model build) or on the meta model (meta init: the weights are loaded into the sharded base then).
+    ``build_device`` (whole-model builds only; default the rank's device): where the model is built, loaded and
+    adapted before it moves to the rank's device (post-training's QLoRA / bf16 base: the CPU, so the device never
+    holds the full-precision weights; host memory does).
     """
     sharded = job.dp_shard > 1 or job.tp > 1
     with torch.device("meta"):
         model = Transformer(job.arch)
     n_params = model.num_params()
     meta = sharded and info.world > 1 and (job.meta_init if job.meta_init is not None else n_params > META_INIT_PARAMS)
+    where = torch.device(build_device) if build_device is not None and not meta else info.device
     if not meta:
-        model = build_model(job.arch, info.device, seed=job.seed)
+        model = build_model(job.arch, where, seed=job.seed)
         if init_checkpoint is not None:
             say(f"initialised weights from {load_init_from(model, init_checkpoint, job.arch)}")
         if hf_src:
             say(f"initialised weights from Hugging Face {loaded_from(load_hf_into(model, hf_src, job.arch))}")
     if adapt is not None:
         adapt(model)
+    if where != info.device:
+        model.to(info.device)  # parameters, buffers and (llmc.runtime.lora.NF4Linear) NF4 codes
     wrapped = parallelize(model, info, job.dp_replicate, job.dp_shard, job.tp, job.activation_checkpointing,
                           compile=wants_compile(job), ac_layers=job.ac_layers, reshard=job.reshards)
     if meta:
