@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 from llmc.compiler.hardware import get_gpu  # noqa: E402
 from llmc.compiler.params import params_total  # noqa: E402
 from llmc.compiler.stages import NF4_BITS_PER_PARAM, lora_trainable_params, plan_stages  # noqa: E402
-from llmc.runtime.lora import LoRAExperts, NF4Linear, apply_lora  # noqa: E402
+from llmc.runtime.lora import NF4Linear, apply_lora, cast_frozen_matmul_weights_  # noqa: E402
 from llmc.runtime.model import Transformer, build_model  # noqa: E402
 from llmc.spec.load import loads_spec  # noqa: E402
 from llmc.spec.model import MLA, Architecture, MoE  # noqa: E402
@@ -123,24 +123,24 @@ def test_shared_experts_are_one_wide_mlp():
 # ----------------------------------------------------------------------------- QLoRA weight bytes
 
 
-def _runtime_qlora_bytes(arch: Architecture, targets: list[str]) -> tuple[int, int]:
-    """(bytes, NF4 tensors) of the base after ``apply_lora(..., quantize_base="nf4")`` on a model held in bf16: every
-    parameter and persistent buffer but the adapters at its stored size, plus each NF4 weight's codes, absmax codes,
-    scales and offset (NF4Tensor.nbytes: they are plain tensors, not module parameters). The non-persistent buffers
-    (RoPE tables, routing counters) are working tables, not weights."""
+def _runtime_base_bytes(arch: Architecture, targets: list[str], quantize: str = "nf4") -> tuple[int, int]:
+    """(bytes, NF4 tensors) of the frozen base as llmc's trainer holds it on a GPU (``posttrain.build_policy`` under
+    bf16 autocast): the fp32 model it builds, ``apply_lora`` (quantising the targets to NF4 for QLoRA), then
+    ``cast_frozen_matmul_weights_``. Every parameter and persistent buffer but the adapters at its stored size, plus
+    each NF4 weight's codes, absmax codes, scales and offset (NF4Tensor.nbytes: plain tensors, not module
+    parameters). The non-persistent buffers (RoPE tables, routing counters) are working tables, not weights."""
     torch.manual_seed(0)
-    model = build_model(arch, seed=0).to(torch.bfloat16)
-    apply_lora(model, 4, 8.0, 0.0, targets, quantize_base="nf4")
+    model = build_model(arch, seed=0)
+    apply_lora(model, 4, 8.0, 0.0, targets, quantize_base=quantize)
+    cast_frozen_matmul_weights_(model)
     total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
     persistent = set(model.state_dict())
     total += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n in persistent)
     nf4 = [m.weight_nf4 for m in model.modules() if isinstance(m, NF4Linear)]
-    experts = [m for m in model.modules() if isinstance(m, LoRAExperts)]
-    assert all(m.base.w1.dtype == torch.bfloat16 for m in experts)  # the stacked experts are not quantised
     return total + sum(q.nbytes() for q in nf4), len(nf4)
 
 
-def _plan_weights(arch: Architecture, targets: list[str]) -> tuple[int, list[str]]:
+def _plan_weights(arch: Architecture, targets: list[str], quantize: str = "nf4") -> tuple[int, list[str]]:
     model = json.dumps(arch.model_dump(mode="json", exclude_none=True))
     text = f"""\
 name: q
@@ -154,7 +154,7 @@ data:
 stages:
   - name: sft
     kind: sft
-    lora: {{rank: 4, quantize_base: nf4, targets: {json.dumps(targets)}}}
+    lora: {{rank: 4, quantize_base: {quantize}, targets: {json.dumps(targets)}}}
     data: {{seq_len: 64, tokens: 1M}}
 """
     run, lines = loads_spec(text, file="q.yaml")
@@ -173,25 +173,42 @@ stages:
 ])
 def test_qlora_weight_bytes_equal_runtime(name, targets):
     arch = ARCHS[name]
-    stored, n_nf4 = _runtime_qlora_bytes(arch, targets)
+    stored, n_nf4 = _runtime_base_bytes(arch, targets)
     planned, notes = _plan_weights(arch, targets)
     assert n_nf4 > 0
     # the plan prices NF4 at its mean rate; each stored NF4 tensor rounds up by at most one block and one scale
     assert 0 <= stored - planned <= n_nf4 * NF4_ROUNDING_BYTES + 1, (stored, planned)
     note = next(n for n in notes if n.startswith("QLoRA"))
-    assert ("routed experts" in note) == (arch.moe is not None)
+    adapted = arch.moe is not None and any(t in targets for t in ("w1", "w2", "w3"))
+    assert ("the adapted experts' matrices" in note) == adapted
 
 
-def test_qlora_moe_keeps_experts_bf16_at_scale():
-    """Qwen3-30B-A3B under QLoRA: its 48 x 128 x 3 x 2048 x 768 routed-expert weights (config.json) stay bf16 in
-    llmc's trainer, 58 GB alone, so the base cannot be the ~16 GB an all-NF4 count gives."""
+@pytest.mark.parametrize("name,targets", [
+    ("tiny-moe", list(LORA_TARGETS)),
+    ("tiny-moe", ["wq", "wv", "w2"]),
+    ("mla-q-lora-moe", list(LORA_TARGETS)),
+    ("gpt-oss", ["wq", "wk", "wv", "wo"]),
+    ("dense-gqa-bias-tied", list(LORA_TARGETS)),
+])
+def test_lora_base_bytes_equal_runtime(name, targets):
+    """A LoRA stage's frozen base as llmc's trainer holds it on a GPU: the matmul-only weights in bf16, embeddings,
+    norms, biases and adapted expert matrices in fp32 -- byte for byte."""
+    arch = ARCHS[name]
+    stored, _ = _runtime_base_bytes(arch, targets, quantize="none")
+    planned, _ = _plan_weights(arch, targets, quantize="none")
+    assert planned == stored
+
+
+def test_qlora_moe_keeps_experts_unquantised_at_scale():
+    """Qwen3-30B-A3B under QLoRA: its 48 x 128 x 3 x 2048 x 768 routed-expert weights (config.json) are not quantised
+    by llmc's trainer and, adapted, stay fp32: 116 GB alone, so the base cannot be the ~16 GB an all-NF4 count gives."""
     arch = PRESETS["qwen3-30b-a3b"]
     experts = 48 * 128 * 3 * 2048 * 768
     planned, notes = _plan_weights(arch, list(LORA_TARGETS))
-    assert planned > experts * 2
+    assert planned > experts * 4
     rest = params_total(arch) - experts
-    assert math.isclose(planned, experts * 2 + rest * 2, rel_tol=0.05)  # the rest: mostly bf16 embeddings + NF4
-    assert any("routed experts" in n for n in notes)
+    assert math.isclose(planned, experts * 4 + rest * 2, rel_tol=0.05)  # the rest: embeddings + NF4, roughly
+    assert any("the adapted experts' matrices" in n for n in notes)
 
 
 def test_nf4_rate_matches_runtime_storage():

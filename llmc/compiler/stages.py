@@ -528,24 +528,20 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     when the states fit in 60 % of a GPU, else sharded over all GPUs."""
     lora, seq_len = st.lora, tr.seq_len
     qlora = lora is not None and lora.quantize_base == "nf4"
-    if qlora:
-        # llmc's QLoRA (llmc.runtime.lora.apply_lora) stores in NF4 exactly the adapted nn.Linear layers' weights;
-        # everything else stays bf16: the stacked routed experts (no nn.Linear: apply_lora leaves them unquantised),
-        # embeddings, output head, norms, router, biases and the linears no target names
-        shapes = linear_shapes(env.run.model)
-        nf4 = sum(di * do * n for name, di, do, n, stacked in shapes if name in lora.targets and not stacked)
-        # the NF4 codes (llmc.runtime.lora.NF4Linear.weight_nf4) are no parameters: FSDP2 shards none of them, every
-        # rank holds them whole
-        replicated = int(nf4 * NF4_BITS_PER_PARAM / 8)
-        weights = replicated + (env.n_total - nf4) * 2
-        experts = sum(di * do * n for _, di, do, n, stacked in shapes if stacked)
-        notes.append(f"QLoRA: the adapted linear layers' weights in NF4 ({NF4_BITS_PER_PARAM:.3f} bit/param with "
-                     f"double quantisation, block {NF4_BLOCK}), the rest bf16 (embeddings, norms"
-                     + (f"; the routed experts, {gib(experts * 2)}: llmc's trainer quantises nn.Linear layers "
-                        "only, not the stacked expert tensors" if experts else "") + ")")
+    arch = env.run.model
+    bf16_ok = autocasts(env)
+    if lora is not None:
+        weights, replicated, bf16 = frozen_base_bytes(arch, lora.targets, qlora, bf16_ok)
+        fp32 = env.n_total - bf16 - (nf4_params(arch, lora.targets) if qlora else 0)
+        notes.append((f"QLoRA: the adapted linear layers' weights in NF4 ({NF4_BITS_PER_PARAM:.3f} bit/param with "
+                      f"double quantisation, block {NF4_BLOCK}; {gib(replicated)}, whole on every GPU); " if qlora
+                      else "LoRA: ") + f"the frozen base's other weights {gib(2 * bf16)} in bf16 (those only matmuls "
+                     f"read, under bf16 autocast), {gib(4 * fp32)} in fp32 (embeddings, norms, biases"
+                     + (", the adapted experts' matrices" if adapted_expert_params(arch, lora.targets) else "")
+                     + ("" if bf16_ok else "; no bf16 autocast here: all of it") + ")")
     else:
         weights, replicated = env.n_total * (4 if env.precision == "fp32" else 2), 0
-    ref = 0 if (lora or not needs_ref) else env.n_total * 2
+    ref = 0 if (lora or not needs_ref) else reference_bytes(arch, env.n_total, bf16_ok)
     if needs_ref and lora:
         notes.append("reference = base with adapters disabled: no extra weight copy")
     optim = trainable * BYTES_PER_TRAINABLE_PARAM
@@ -600,6 +596,57 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
         activation_source=ACTIVATION_SOURCE, sampling_bytes=sampling, sampling_groups=groups, buffer_bytes=buffers,
         replicated_bytes=replicated,
     )
+
+
+def autocasts(env: _Env) -> bool:
+    """Whether llmc's trainer runs the stage's forwards under bf16 autocast (``llmc.runtime.posttrain.autocasts``: a
+    bf16 or fp8 run on a GPU), where it keeps the frozen weights only matmuls read in bf16."""
+    return env.precision in ("bf16", "fp8") and env.gpu is not None and env.gpu.key != "cpu"
+
+
+def matmul_weight_params(arch: Any) -> tuple[int, int]:
+    """(the parameters only a matmul reads, of them the routed experts' stacked matrices), as llmc's trainer lists
+    them (``llmc.runtime.lora.matmul_only_weights``): every nn.Linear weight (the adaptable linears, MLA's low-rank
+    projections, the router's gate, an untied output head) and the experts' w1 / w2 / w3; not embeddings (a tied head
+    reads them), norms, biases, sinks."""
+    shapes = linear_shapes(arch)
+    bd = params.param_breakdown(arch)
+    other = sum(bd.get(k, 0) for k in ("mla/wq_a", "mla/wq_b", "mla/wkv_a", "mla/wkv_b", "head/output"))
+    router = arch.d_model * arch.moe.num_experts * params.n_moe_layers(arch) if arch.moe is not None else 0
+    linear = sum(di * do * n for _, di, do, n, stacked in shapes if not stacked)
+    return linear + other + router, sum(di * do * n for _, di, do, n, stacked in shapes if stacked)
+
+
+def adapted_expert_params(arch: Any, targets) -> int:
+    """The routed experts' matrices a LoRA adapter is added to (``LoRAExperts`` sums W + (alpha / r) B A outside the
+    matmul: llmc's trainer keeps them as they are, fp32)."""
+    return sum(di * do * n for name, di, do, n, stacked in linear_shapes(arch) if stacked and name in targets)
+
+
+def nf4_params(arch: Any, targets) -> int:
+    """The weights QLoRA stores in NF4: the targeted nn.Linear layers (``apply_lora`` quantises no stacked experts)."""
+    return sum(di * do * n for name, di, do, n, stacked in linear_shapes(arch) if name in targets and not stacked)
+
+
+def frozen_base_bytes(arch: Any, targets, quantize: bool, bf16_ok: bool) -> tuple[int, int, int]:
+    """(bytes, of them the NF4 codes every rank holds whole, parameters kept in bf16) of a LoRA / QLoRA stage's frozen
+    base as llmc's trainer holds it (``llmc.runtime.posttrain.build_policy``): the parameters it loaded, fp32 (4 B),
+    but under bf16 autocast the weights only matmuls read in bf16 (2 B: bit-identical, autocast rounds them the same)
+    except adapted expert matrices; QLoRA's targeted linears in NF4 (:data:`NF4_BITS_PER_PARAM`; its codes are no
+    parameters, so FSDP2 shards none of them)."""
+    total = params.params_total(arch)
+    mm, experts = matmul_weight_params(arch)
+    nf4 = nf4_params(arch, targets) if quantize else 0
+    bf16 = (mm + experts - adapted_expert_params(arch, targets) - nf4) if bf16_ok else 0
+    replicated = int(nf4 * NF4_BITS_PER_PARAM / 8)
+    return replicated + 2 * bf16 + 4 * (total - nf4 - bf16), replicated, bf16
+
+
+def reference_bytes(arch: Any, total: int, bf16_ok: bool) -> int:
+    """A full stage's frozen DPO / GRPO reference copy (``llmc.runtime.dpo.frozen_copy``): fp32 as loaded, its matmul
+    weights (experts included) in bf16 under bf16 autocast."""
+    bf16 = sum(matmul_weight_params(arch)) if bf16_ok else 0
+    return 2 * bf16 + 4 * (total - bf16)
 
 
 def state_bytes_per_gpu(weights: int, ref: int, optim: int, replicated: int, shard: int) -> int:
@@ -1007,7 +1054,7 @@ def _states_remedies(env: _Env, st: StageBase, mem: StageMemoryPlan, per_step: i
         return "; ".join(["LoRA or QLoRA (lora:, lora.quantize_base: nf4: only the adapters train)", gpus, *short])
     base = state_bytes_per_gpu(mem.weights_bytes or 0, 0, 0, mem.replicated_bytes, shard)
     adapters = (mem.grads_optimizer_bytes or 0) // shard
-    what = (f"{base / 1e9:.1f} GB the frozen {'NF4' if qlora else 'bf16'} base, {adapters / 1e9:.1f} GB the adapters "
+    what = (f"{base / 1e9:.1f} GB the frozen {'NF4 ' if qlora else ''}base, {adapters / 1e9:.1f} GB the adapters "
             "with their gradients and AdamW states")
     # QLoRA stores the adapted linears (most of the base) in NF4: at most this much less per GPU
     tries = [] if qlora or base * (1 - NF4_BITS_PER_PARAM / 16) < over else [
