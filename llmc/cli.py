@@ -255,8 +255,29 @@ def build(
     for rel in res.kept:
         typer.echo(f"{out / rel}: warning[X012] kept: no longer written by this build, but edited since llmc "
                    "wrote it (or no longer a file); it is yours now", err=True)
+    for line in _stale_runs(out, files.get("plan.lock.json")):
+        _echo(_one_line(line), err=True)
     for name in sorted(files):
         typer.echo(f"  {name}")
+
+
+def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
+    """Warnings for the stages in ``out/run`` that finished under another lock than the one just built: the next
+    ``llmc launch`` refuses them (``llmc.runtime.job.finished_stage``)."""
+    if lock_text is None or not (out / "run").is_dir():
+        return []
+    from llmc.runtime.job import finished_stage
+
+    lock = json.loads(lock_text)
+    lines = []
+    for e in lock.get("stages") or []:
+        name = e.get("name") if isinstance(e, dict) else None
+        f = finished_stage(lock, str(name), out / "run" / str(name), export=True) if name else None
+        if f is not None and f.change is not None:
+            lines.append(f"{out / 'run' / str(name)}: warning[X013] stage {name!r} finished under another lock than "
+                         f"this build's ({f.change}): the next `llmc launch` refuses it (`llmc launch {out} "
+                         "--no-resume` sets it aside and trains it again)")
+    return lines
 
 
 @_command()
@@ -268,19 +289,31 @@ def launch(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and exit.")] = False,
     stage: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Launch even if plan.lock.json was edited by hand.")] = False,
-    no_resume: Annotated[bool, typer.Option("--no-resume", help="Start the stages over: their earlier runs are set "
-                                            "aside (run/<stage>.set-aside-N), never deleted.")] = False,
+    allow_edited: Annotated[bool, typer.Option(
+        "--allow-edited", help="Run a torchtitan job or DeepSpeed config edited since `llmc build` wrote it (warned).")
+    ] = False,
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Start the stages over: their earlier runs, finished "
+                                            "ones too, are set aside (run/<stage>.set-aside-N, with the tokenizer they "
+                                            "trained with), never deleted.")] = False,
     fallback_checkpoint: Annotated[bool, typer.Option(
         "--fallback-checkpoint", help="Resume from the newest checkpoint that verifies, walking back past a damaged "
         "newer one (llmc's trainer; without it a damaged newest checkpoint stops the stage).")] = False,
 ) -> None:
     """Run a built job: torchrun for native/torchtitan, the deepspeed launcher for DeepSpeed.
 
-    One launch per build at a time; stages run in order and finished ones are skipped, so after a failure, fix the cause and run the same command again.
+    One launch per build at a time; stages run in order and finished ones are skipped, so after a failure, fix the cause and run the same command again. A stage finished under another lock (a build directory rebuilt from another spec) is refused, never skipped or trained over: --no-resume sets it aside.
 
     A SIGTERM or SIGUSR1 (a preemption, a time limit) makes llmc's runtime save the step it is on; the launch then exits 75 and the same command resumes from that step."""
     from llmc.buildfs import BuildDirError, recover
-    from llmc.launch import LaunchError, check_lock_integrity, launch_commands, load_build, preemption_times
+    from llmc.launch import (
+        LaunchError,
+        check_lock_integrity,
+        edited_artifacts,
+        launch_commands,
+        load_build,
+        preemption_times,
+        start_stage,
+    )
 
     if not build_dir:  # (a Path would read '' as '.')
         _fail(["error[L001] no build directory given (an empty path; name the directory `llmc build -o` wrote)"])
@@ -303,6 +336,22 @@ def launch(
         _fail([f"{build_dir}: error[L001] {e}"])
     import shlex
 
+    # artifacts the commands run that were edited after `llmc build` wrote them (the lock: L001 above)
+    edited = edited_artifacts(build_dir, cmds)
+    if edited and not allow_edited:
+        _fail([f"{build_dir / rel}: error[L006] changed since `llmc build` wrote it ({why}, in .llmc-build.json): "
+               "launching would run what the compiler never produced (rebuild with `llmc build`, or pass "
+               "--allow-edited to run it as it is)" for rel, why in edited])
+    for rel, why in edited:
+        _echo(_one_line(f"{build_dir / rel}: warning[L007] changed since `llmc build` wrote it ({why}); "
+                        "running it as it is (--allow-edited)"), err=True)
+    # stages finished under another lock: refused (--no-resume sets them aside below, before anything runs)
+    stale = [c for c in cmds if c.stale]
+    if stale and not no_resume:
+        _fail([f"{build_dir}: error[L005] {c.stale}" for c in stale])
+    for c in cmds:
+        if c.legacy:
+            _echo(_one_line(f"{build_dir}: warning[L008] {c.legacy}"), err=True)
     for c in cmds:
         typer.echo("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in c.env.items()) + (" " if c.env else "")
                    + shlex.join(c.argv))
@@ -316,10 +365,11 @@ def launch(
     except RunLockBusy as e:
         _fail([f"{build_dir}: error[L003] {e}"])
     if no_resume:  # under the run lock: set every stage this launch runs aside, then plan the commands again
-        from llmc.fileio import set_aside
+        from llmc.runtime.job import set_stage_aside
 
         for name in dict.fromkeys(c.stage for c in cmds if c.stage and c.stage != "prepare" and "/" not in c.stage):
-            moved = set_aside(b / "run" / name)
+            # (before this launch's prepare: a run that kept no tokenizer of its own takes the one it trained with)
+            moved = set_stage_aside(b / "run" / name, b / "assets")
             if moved is not None:
                 _echo(f"{name}: the earlier run is set aside in {os.path.relpath(moved)}")
         try:
@@ -328,11 +378,15 @@ def launch(
         except LaunchError as e:
             lock.release()
             _fail([f"{build_dir}: error[L001] {e}"])
+        if any(c.stale for c in cmds):  # (a stage that starts from one this launch does not run: --stage)
+            lock.release()
+            _fail([f"{build_dir}: error[L005] {c.stale}" for c in cmds if c.stale])
     try:
         for c in cmds:
             if c.skip_reason:
                 typer.echo(f"{c.stage}: skipped: {c.skip_reason}")
                 continue
+            start_stage(c, b)
             log = b / "run" / (c.stage if c.stage != "prepare" else ".prepare") / "stderr.log"
             env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown), **os.environ, **c.env}
             rc, cause = _run_logged(c.argv, env=env, cwd=c.cwd, log=log, grace_s=wait)

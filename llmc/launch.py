@@ -35,6 +35,15 @@ launchers do (the runtime refuses any other WORLD_SIZE); 1 for a GPU build on a 
 ``check_lock_integrity(build_dir)`` compares ``plan.lock.json`` with the sha256 the build manifest
 (``llmc.buildfs``) recorded for it: a lock edited by hand is reported (``llmc launch`` refuses it unless
 ``--force``), because the launchers and the runtime would run numbers the compiler never produced.
+``edited_artifacts(build_dir, cmds)`` does the same for the other artifacts the commands run (a torchtitan job module,
+the DeepSpeed config a stage reads): ``llmc launch`` refuses an edited one unless ``--allow-edited``.
+
+A finished stage counts as done only when the current lock trained it: its marker (DONE.json; a torchtitan stage's
+``FINGERPRINT.json`` beside its export) records the fingerprint of what decided its result
+(``llmc.runtime.job.stage_fingerprint``). A stage finished under another lock (a build directory rebuilt from another
+spec), or one that starts from such a stage, is returned with ``stale`` set (what changed and the way out), neither
+skipped nor run: ``llmc launch`` refuses it unless ``--no-resume`` sets it aside. A marker without a fingerprint (an
+older llmc's) is trusted as before, with ``legacy`` set to a warning.
 """
 
 from __future__ import annotations
@@ -56,6 +65,14 @@ from llmc.runtime.capabilities import (
 )
 from llmc.runtime.evaluate import SUMMARY as EVAL_SUMMARY
 from llmc.runtime.evaluate import eval_stages
+from llmc.runtime.job import (
+    FINGERPRINT_FILE,
+    fingerprint_record,
+    finished_stage,
+    keep_tokenizer,
+    legacy_message,
+    stale_message,
+)
 
 BACKENDS = ("native", "torchtitan", "deepspeed")
 #: Most processes per node ``--nproc`` takes (the spec's own ceiling on hardware.gpus_per_node)
@@ -74,6 +91,16 @@ class Cmd:
     cwd: str | None = None
     stage: str = ""
     skip_reason: str | None = None
+    #: the stage finished under another lock (or starts from one that did): why it is refused
+    stale: str | None = None
+    #: the stage finished without a record of the lock that trained it (an older llmc): the warning
+    legacy: str | None = None
+    #: build artifacts the command runs besides the lock (relative paths), verified against the build manifest
+    artifacts: tuple[str, ...] = ()
+    #: a training command's stage folder: before it runs, the stage keeps a copy of the prepared tokenizer there
+    #: (``llmc.runtime.job.keep_tokenizer``) and a torchtitan stage its ``record`` (``FINGERPRINT.json``)
+    stage_dir: str | None = None
+    record: dict | None = None
 
 
 def has_gpu() -> bool:
@@ -204,6 +231,35 @@ def _lock_change_summary(data: bytes) -> str:
     return "its spec hash is unchanged, so a plan or number was edited"
 
 
+def edited_artifacts(build_dir: str | os.PathLike, cmds: list[Cmd]) -> list[tuple[str, str]]:
+    """``(artifact, what differs)`` for each artifact the commands that run (not skipped) use whose content differs
+    from the sha256 the build manifest recorded (empty without a manifest: nothing to compare with)."""
+    import hashlib
+
+    from llmc.buildfs import BuildDirError, read_manifest
+
+    b = Path(build_dir)
+    try:
+        m = read_manifest(b)
+    except BuildDirError:
+        return []  # (check_lock_integrity reports an unreadable manifest)
+    if m is None:
+        return []
+    out = []
+    for rel in dict.fromkeys(a for c in cmds if not c.skip_reason for a in c.artifacts):
+        try:
+            data = (b / rel).read_bytes() if rel in m.files and (b / rel).is_file() else None
+        except OSError as e:
+            out.append((rel, f"unreadable: {e.strerror or e}"))
+            continue
+        if data is None:
+            continue
+        got = hashlib.sha256(data).hexdigest()
+        if got != m.files[rel]:
+            out.append((rel, f"sha256 {got[:12]}, the build recorded {m.files[rel][:12]}"))
+    return out
+
+
 def _has_titan_job(b: Path) -> bool:
     """Does the build hold a torchtitan job module: pre-training's ``llmc_job.py`` or a continued-training stage's
     ``llmc_job_stage<i>.py`` (a pipeline that continues a trained model has only those)?"""
@@ -264,19 +320,26 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
 
     evaluated = set(eval_stages(lock))
     position = {st["name"]: i for i, st in enumerate(_stages(lock))}
+    # every stage's finished run, and whether the lock trained it (a stage that runs checks where it starts from too)
+    finished = {st["name"]: finished_stage(lock, st["name"], run / st["name"], export=True) for st in _stages(lock)}
+    inits = {st["name"]: st.get("init_from") for st in _stages(lock)}
     cmds: list[Cmd] = []
     for s in stages:
-        done = run / s["name"] / "DONE.json"
         # continued training with its own searched layout runs as its own torchtitan job (torchtitan builds)
         own = bool(s.get("layout")) and s["kind"] not in TITAN_STAGE_KINDS
         titan = backend == "torchtitan" and (s["kind"] in TITAN_STAGE_KINDS or own)
+        # its finished run: DONE.json; a torchtitan stage's, also its export (torchtitan writes no DONE.json)
+        fin = finished[s["name"]] if titan or (run / s["name"] / "DONE.json").is_file() else None
         if backend == "deepspeed" and s["kind"] in DS_STAGE_KINDS:
             env = {} if on_gpu else {"DS_ACCELERATOR": "cpu"}
             port = os.environ.get("LLMC_MASTER_PORT", str(DEFAULT_MASTER_PORT))
             c = Cmd(argv=[_tool("deepspeed"), "--num_gpus", str(nproc), "--master_port", port, "--module",
                           "llmc.runtime.ds_train", "--lock", lock_path, "--ds-config", str(ds_config),
                           "--stage", s["name"], "--out", str(run / s["name"])], env=env, cwd=str(b),
-                    stage=s["name"])
+                    stage=s["name"], stage_dir=str(run / s["name"]))
+            # (the runner reads deepspeed/ds_config.<stage>.json instead when the build wrote one)
+            own_cfg = ds_config.with_name(f"ds_config.{s['name']}.json")
+            c.artifacts = (str((own_cfg if own_cfg.is_file() else ds_config).relative_to(b)),)
         elif titan:
             from llmc.runtime.titan_launch import torchtitan_command  # torch-free module
 
@@ -292,13 +355,15 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
             argv, env = torchtitan_command(module, nproc, not on_gpu, run_dir=b, python=py)
             if own and s.get("init_from") and not s.get("init_hf"):
                 env["LLMC_INIT_HF"] = str(run / s["init_from"] / "hf")  # the stage before it ends with this export
-            c = Cmd(argv=argv, env=env, cwd=str(b), stage=s["name"])
+            # (its record of the lock that trains it, written as it starts: FINGERPRINT.json beside the export)
+            c = Cmd(argv=argv, env=env, cwd=str(b), stage=s["name"], artifacts=(str(module.relative_to(b)),),
+                    stage_dir=str(run / s["name"]), record=fingerprint_record(lock, s["name"]) or None)
             # torchtitan writes DCP checkpoints: the stage ends, as every stage does, with a Hugging Face
             # directory run/<stage>/hf (llmc.runtime.hf_io converts the newest checkpoint)
             hf = run / s["name"] / "hf" / "config.json"
             export = Cmd(argv=[py, "-m", "llmc.runtime.hf_io", str(b), "--stage", s["name"], "-o", str(hf.parent)],
                          cwd=str(b), stage=s["name"])
-            if hf.exists():
+            if hf.exists() and not (fin and fin.change):
                 export.skip_reason = f"stage {s['name']!r} already exported ({hf.parent})"
                 # the export runs only after torchtitan finished the stage (a failed or preempted run stops the
                 # launch before it): torchtitan writes no DONE.json, its exported model marks the stage done
@@ -306,8 +371,19 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
                                  "the stage again")
         else:
             c = native(s)
-        if done.exists():
+        if fin is not None and fin.change is None and (run / s["name"] / "DONE.json").is_file():
+            done = run / s["name"] / "DONE.json"
             c.skip_reason = f"stage {s['name']!r} already finished ({done}); delete it to run the stage again"
+        if fin is not None and fin.change is not None:
+            c.stale = stale_message(s["name"], fin, str(b))
+        elif fin is not None and fin.legacy:
+            c.legacy = legacy_message(s["name"], fin)
+        # it would start from a run finished under another lock (a finished one under this lock vouches for its own
+        # start: its fingerprint holds its init_from's; an unfinished one stops the stage that starts from it anyway)
+        up = inits.get(s["name"])
+        f = finished.get(up) if up else None
+        if not c.stale and not c.skip_reason and f is not None and f.change is not None:
+            c.stale = f"stage {s['name']!r} starts from {stale_message(up, f, str(b))}"
         if fallback_checkpoint and not c.skip_reason and RUNTIME_ENTRY not in c.argv:
             raise LaunchError(f"--fallback-checkpoint: stage {s['name']!r} runs on {backend}, whose checkpointer "
                               "picks its own checkpoint; move the damaged one aside instead (or launch that stage "
@@ -330,3 +406,20 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     if cmds and all(c.skip_reason for c in cmds):
         prepare.skip_reason = "every stage is finished"
     return [prepare, *cmds]
+
+
+def start_stage(c: Cmd, build_dir: str | os.PathLike) -> None:
+    """What a training command's stage folder gets before it runs: a copy of the prepared tokenizer (kept when it
+    exists: the stage's earlier run trained with it) and, for a torchtitan stage, its record of the lock that trains
+    it (``FINGERPRINT.json``, replacing an unfinished run's; a finished one is refused or skipped before this)."""
+    import json
+
+    if not c.stage_dir:
+        return
+    d = Path(c.stage_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    keep_tokenizer(Path(build_dir) / "assets", d)
+    if c.record:
+        tmp = d / f"{FINGERPRINT_FILE}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps({"stage": c.stage, **c.record}, indent=2) + "\n")
+        os.replace(tmp, d / FINGERPRINT_FILE)

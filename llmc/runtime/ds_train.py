@@ -350,7 +350,10 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
                          f"{', '.join(DS_STAGE_KINDS)}; run it with `llmc launch --backend native`")
     done = out / "DONE.json"
     if resume and done.exists():
+        from llmc.runtime.entry import check_finished
+
         res = job.finished_result(done)
+        check_finished(lock, job.stage, out, build_dir or out.parent.parent)  # (one finished under another lock: refused)
         _say(f"{job.stage}: already done ({done}); nothing to do")
         return res
 
@@ -517,9 +520,11 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
             sd = torch.load(final / "model.pt", map_location="cpu", weights_only=True, mmap=True)
             hf = export_stage(job, out, out / "hf", tokenizer_dir=tok_dir, model_sd=sd)
             result["hf"] = "hf" if hf.get("hf") else None
-        if status == "done":  # atomically: a reader never sees a half-written marker
+        if status == "done":  # atomically: a reader never sees a half-written marker; it records what trained it
+            from llmc.runtime.job import fingerprint_record
+
             tmp = out / f"DONE.json.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.write_text(json.dumps({**result, **fingerprint_record(job.lock, job.stage)}, indent=2) + "\n")
             os.replace(tmp, done)
         log.event("end", **{k: v for k, v in result.items() if k != "loss"}, final_loss=last_loss)
         _say(f"{status} at step {step}: loss {last_loss:.4f}, checkpoint {final}")

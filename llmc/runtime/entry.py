@@ -7,6 +7,7 @@
 ``--training.steps``; DONE.json is written at the end). ``--stop-after N`` / ``--max-seconds S`` instead
 stop a run of the planned length early, with a checkpoint and without DONE.json; rerun to continue.
     python -m llmc.runtime.entry prepare --lock plan.lock.json [--stage NAME] [--assets DIR]
+    python -m llmc.runtime.entry check --lock plan.lock.json --stage NAME [--out DIR] [--export]
 
 Runs one stage: pretrain / midtrain / long_context in :mod:`llmc.runtime.train`; sft / dpo / grpo via
 ``llmc.runtime.posttrain.run_stage(job, out_dir)``. Works as one process or under torchrun
@@ -14,6 +15,16 @@ Runs one stage: pretrain / midtrain / long_context in :mod:`llmc.runtime.train`;
 idempotently: ``<assets>/assets/tokenizer.json`` (+ tokenizer_config.json) and ``assets.json`` naming the
 sources where they lie (streamed by the trainers; only ``builtin`` corpora are written, to ``<assets>/data/``). Default ``--assets`` = the lock's folder;
 default ``--out`` = ``<assets>/run/<stage>``. User errors print one line and exit 1.
+
+A finished stage (its DONE.json) is done only when the lock trained it: DONE.json records the fingerprint of what
+decided the stage's result (:func:`llmc.runtime.job.stage_fingerprint`), and a stage finished under another lock (a
+build directory rebuilt from another spec) is refused (``error[R004]``, naming what changed), as is a stage that
+starts from such a one; ``--no-resume`` sets it aside. ``prepare`` writes the lock's fingerprint of every stage to
+``assets/stage-fingerprints.txt`` (the launch scripts compare it with the markers'); ``check`` says whether a stage's
+folder holds a run the lock finished (exit 0), none (1), or one finished under another lock (3, the R004 line;
+``--export``: a stage a torchtitan job trains, done once ``hf/`` exists). A stage's folder keeps a copy of the
+tokenizer it trains with (``run/<stage>/tokenizer/``), so a run set aside keeps its tokenizer when prepare writes
+another.
 
 Exit status: 0 when the stage is done or stopped as asked (``--stop-after`` / ``--max-seconds``); 75
 (:data:`llmc.runtime.preempt.EXIT_PREEMPTED`) when a SIGTERM / SIGUSR1 stopped it after saving a checkpoint
@@ -249,7 +260,23 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
         skip = tuple(s.name for s in _stage_sources(job) if s.kind in RECORD_SOURCE_KINDS)
         assets = split_assets(assets, ev.validation, resolve=job.resolve_path, skip=skip, log=log)
     _atomic_write(asset_dir / "assets.json", json.dumps(assets.to_json(), indent=1) + "\n")
+    write_fingerprints(job.lock, asset_dir)
     return assets
+
+
+def write_fingerprints(lock: dict | None, asset_dir: Path) -> None:
+    """``asset_dir/stage-fingerprints.txt``: ``<stage> <sha256>`` for every stage of ``lock``, the fingerprint a
+    finished stage's marker must record to count as this lock's (the launch scripts' ``stage_done`` compares them)."""
+    from llmc.runtime.job import FINGERPRINTS_TXT, stage_fingerprint
+
+    if not lock:
+        return
+    lines = []
+    for e in lock.get("stages") or []:
+        fp = stage_fingerprint(lock, e.get("name")) if isinstance(e, dict) and e.get("name") else None
+        if fp is not None:
+            lines.append(f"{e['name']} {fp['sha256']}\n")
+    _atomic_write(asset_dir / FINGERPRINTS_TXT, "".join(lines))
 
 
 def check_outputs(job: TrainJob, root: Path, out: Path | None) -> None:
@@ -342,19 +369,25 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
                 raise ValueError(f"{out}: --no-resume with several ranks: set the stage aside before they start "
                                  "(`llmc launch BUILD --no-resume` does)")
         else:
-            from llmc.fileio import set_aside
+            from llmc.runtime.job import set_stage_aside
 
-            moved = set_aside(out)
+            moved = set_stage_aside(out, assets_root / "assets")
             if moved is not None:
                 _say(f"{job.stage}: the earlier run is set aside in {moved}")
     if resume and done.exists():
         res = job.finished_result(done)
+        check_finished(lock, job.stage, out, lock_dir or assets_root)
         _say(f"{job.stage}: already done ({done}); nothing to do")
         return res
+    if job.init_from:  # a stage that starts from one finished under another lock would carry it on as this lock's
+        check_finished(lock, job.init_from, out.parent / job.init_from, lock_dir or assets_root, export=True,
+                       starts=job.stage)
     with _stage_lock(out):
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         assets = _prepare_collective(job, assets_root)
+        if rank == 0:
+            stage_tokenizer(out, Path(assets.tokenizer_dir), job.checkpoint_folder)
         info = init_distributed()
         if world > 1 and rank == 0:
             import torch.distributed as dist
@@ -392,10 +425,62 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
             shutdown(together=finished)  # a failing rank leaves at once (torchrun then stops the others)
 
 
+def check_finished(lock: dict, stage: str, stage_dir: Path, build: Path, *, export: bool = False,
+                   starts: str | None = None) -> bool:
+    """Whether ``stage_dir`` holds a finished run of ``stage`` (:func:`llmc.runtime.job.finished_stage`); raises
+    :class:`llmc.runtime.job.StaleStageError` when it finished under another lock (``starts``: the stage that
+    would start from it), and warns (R005) when its marker records no fingerprint (an older llmc wrote it)."""
+    from llmc.runtime.job import StaleStageError, finished_stage, legacy_message, stale_message
+
+    f = finished_stage(lock, stage, stage_dir, export=export)
+    if f is None:
+        return False
+    if f.change is not None:
+        msg = stale_message(stage, f, str(build))
+        raise StaleStageError(f"stage {starts!r} starts from {msg}" if starts else msg)
+    if f.legacy and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{stage_dir}: warning[R005] {legacy_message(stage, f)}", file=sys.stderr, flush=True)
+    return True
+
+
+def stage_tokenizer(out: Path, asset_dir: Path, checkpoint_folder: str) -> None:
+    """Keep in ``out/tokenizer`` the tokenizer the stage trains with (:func:`llmc.runtime.job.keep_tokenizer`). A copy
+    that differs from ``asset_dir``'s is the earlier run's: renewed when that run left no checkpoint, refused
+    (ValueError) when the stage would resume checkpoints trained with another tokenizer."""
+    import filecmp
+
+    from llmc.runtime.job import STAGE_TOKENIZER, keep_tokenizer
+
+    kept = out / STAGE_TOKENIZER
+    new = asset_dir / "tokenizer.json"
+    if kept.is_dir() and new.is_file() and not (
+            (kept / "tokenizer.json").is_file() and filecmp.cmp(kept / "tokenizer.json", new, shallow=False)):
+        ckpt = out / checkpoint_folder
+        if ckpt.is_dir() and any(ckpt.iterdir()):
+            raise ValueError(f"{out}: its checkpoints were trained with the tokenizer in {kept}, and prepare now "
+                             f"holds another ({new}): resuming would read the data with the wrong tokens; "
+                             "`llmc launch BUILD --no-resume` sets the earlier run aside (with its tokenizer)")
+        shutil.rmtree(kept)
+    keep_tokenizer(asset_dir, out)
+
+
+def _check_main(lock: dict, stage: str | None, out: Path | None, root: Path, export: bool, where: Path) -> int:
+    """``check``: 0 when the stage's folder holds a run this lock finished (or one an older llmc finished: warned),
+    1 when it holds none, 3 when the run finished under another lock (the R004 line)."""
+    from llmc.runtime.job import StaleStageError, stage_entry
+
+    name = str(stage_entry(lock, stage)["name"])
+    try:
+        return 0 if check_finished(lock, name, out or root / "run" / name, where.parent, export=export) else 1
+    except StaleStageError as e:
+        print(f"{where}: error[R004] {name}: {e}", file=sys.stderr)
+        return 3
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = "train"
-    if argv and argv[0] in ("prepare", "train"):
+    if argv and argv[0] in ("prepare", "train", "check"):
         cmd = argv.pop(0)
     ap = argparse.ArgumentParser(prog="python -m llmc.runtime.entry", description=__doc__.split("\n\n")[0])
     ap.add_argument("--lock", required=True, type=Path, help="plan.lock.json written by `llmc build`")
@@ -410,8 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fallback-checkpoint", action="store_true",
                     help="if the newest checkpoint is corrupt, resume from the newest complete one")
     ap.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU too (default fp32 on CPU)")
+    ap.add_argument("--export", action="store_true",
+                    help="check: the stage is a torchtitan job's, finished once its hf/ export exists")
     a = ap.parse_args(argv)
     from llmc.runtime.checkpoint import CheckpointError
+    from llmc.runtime.job import StaleStageError
     from llmc.runtime.train import TrainingError
 
     try:
@@ -422,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     lock_dir = a.lock.resolve().parent
     root = (a.assets or lock_dir).resolve()
     try:
+        if cmd == "check":
+            return _check_main(lock, a.stage, a.out, root, a.export, a.lock)
         if cmd == "prepare":
             check_outputs(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root, None)
             assets = prepare_assets(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root)
@@ -430,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
         res = run_stage(lock, a.stage, a.out, root, steps=a.steps, max_seconds=a.max_seconds, stop_after=a.stop_after,
                         resume=not a.no_resume, fallback=a.fallback_checkpoint, cpu_bf16=a.cpu_bf16,
                         lock_dir=lock_dir)
+    except StaleStageError as e:
+        print(f"{a.lock}: error[R004] {a.stage or 'pretrain'}: {e}", file=sys.stderr)
+        return 1
     except (CheckpointError, TrainingError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"{a.lock}: error[R002] {a.stage or 'pretrain'}: {e}", file=sys.stderr)
         return 1

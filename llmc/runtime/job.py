@@ -25,6 +25,7 @@ from llmc.spec.schema import (
     CONTINUED_KINDS,
     LM_KINDS,
     POSTTRAIN_KINDS,
+    RECORD_SOURCE_KINDS,
     LossSpike,
     RunSpec,
     Source,
@@ -444,3 +445,228 @@ def _spec_dir(spec: dict, spec_path: str | None, build_dir: str | Path | None) -
     if rel is not None:
         return str((Path(build_dir) if build_dir is not None else Path.cwd()).joinpath(rel).resolve())
     return str(Path(spec_path).resolve().parent) if spec_path else "."
+
+
+# ------------------------------------------------------------------ what trained a finished stage
+#
+# A finished stage's marker (its DONE.json; a torchtitan stage, which writes none, FINGERPRINT_FILE beside its
+# Hugging Face export) records a fingerprint of the lock's content that decided the stage's result. A launch compares
+# it with the current lock's, so a build directory rebuilt from another spec never passes off the earlier spec's
+# finished stages as its own (the way a checkpoint records its LR schedule and data slots, which a resume compares:
+# ``TrainJob.schedule_change``, ``llmc.runtime.stream``). It covers the model, the stage's data and tokenizer, the
+# stage's training numbers and settings, and what the stage started from (the fingerprint of its ``init_from`` stage,
+# or its ``init_hf``); not the layout (micro-batch, parallelism, hardware, checkpoint interval: a relaunch on other
+# GPUs trains the same stage), not later stages, serving or eval-only settings, so editing a later stage of a
+# pipeline leaves the finished earlier ones valid.
+
+#: the torchtitan stage's record, written when the stage starts (beside ``hf/``, which marks it finished)
+FINGERPRINT_FILE = "FINGERPRINT.json"
+#: the record's keys: the fingerprint itself (its parts, the numbers shown when they differ) and its sha256 on a line
+#: of its own, which the emitted launch scripts read with ``sed``
+FINGERPRINT_KEY, FINGERPRINT_SHA = "fingerprint", "fingerprint_sha256"
+#: prepare writes the lock's fingerprint of every stage here (``<stage> <sha256>`` lines) for the launch scripts
+FINGERPRINTS_TXT = "stage-fingerprints.txt"
+#: a copy of the tokenizer a stage trains with, in its folder: set aside or moved with the run, it stays with it
+STAGE_TOKENIZER = "tokenizer"
+
+# the lock stage entry's resolved numbers and settings that decide what a stage trains
+_SHOWN = ("steps", "seq_len", "global_batch_seqs", "lr", "min_lr", "warmup_steps", "schedule", "decay_fraction")
+_RESULT_KEYS = ("kind", "hyper", "lora", "long_context")
+# training settings of the spec that decide the result (optimizer lr: the entry's resolved lr)
+_TRAINING_KEYS = ("precision", "grad_clip", "z_loss", "seed", "loss_spike", "fp8_recipe")
+# the parts besides the numbers (named when they differ)
+_PART_NAMES = {"model": "the model", "data": "the data", "tokenizer": "the tokenizer",
+               "training": "the training settings", "init": "the run it starts from"}
+
+
+class StaleStageError(ValueError):
+    """A finished stage that was trained under another lock than the current one (one-line message)."""
+
+
+def _digest(value: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def stage_fingerprint(lock: dict, stage: str | None, _seen: tuple[str, ...] = ()) -> dict | None:
+    """The fingerprint of what decides ``stage``'s result under ``lock``: ``{"sha256", "parts": {part: sha256},
+    "numbers": {...}}``; None for a lock too malformed to say (a hand-edited one, launched with ``--force``)."""
+    try:
+        return _fingerprint(lock, stage, _seen)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _fingerprint(lock: dict, stage: str | None, seen: tuple[str, ...]) -> dict | None:
+    entry = stage_entry(lock, stage)
+    name = str(entry["name"])
+    if name in seen:  # (the compiler refuses init_from cycles; a hand-edited lock may hold one)
+        raise ValueError(f"init_from cycle through {name!r}")
+    resolved = lock["spec"]["resolved"]
+    specs = [s for s in resolved.get("stages") or [] if isinstance(s, dict)]
+    st = next((s for s in specs if s.get("name") == name), None)
+    top = resolved["data"]
+    data = (st or {}).get("data") or top
+
+    def source(s: dict) -> dict:  # (tokens: a planning hint only)
+        return {k: v for k, v in s.items() if k != "tokens"}
+
+    def quality(q: dict | None) -> dict | None:  # (workers, the expected removal: no effect on the cleaned output)
+        return {k: v for k, v in q.items() if k not in ("workers", "expected_removal_fraction")} if q else None
+
+    def text(s: dict) -> bool:  # (chat / preference / prompt records: no held-out split, no tokenizer training)
+        return s.get("kind") not in RECORD_SOURCE_KINDS
+
+    sources = data.get("sources") or []
+    val = (resolved.get("eval") or {}).get("validation") if any(map(text, sources)) else None
+    parts: dict[str, Any] = {
+        "model": {"model": resolved["model"], "context": entry.get("context"),
+                  "max_position_embeddings": entry.get("max_position_embeddings")},
+        # the held-out validation documents are not trained on
+        "data": {"sources": [source(s) for s in sources], "quality": quality(data.get("quality")),
+                 "validation": {k: val.get(k) for k in ("fraction", "seed", "files")} if val else None},
+    }
+    tok = data.get("tokenizer") or {}
+    tok = tok if (tok.get("path") or tok.get("train")) else top.get("tokenizer") or {}
+    trained_on = None
+    if tok.get("train"):  # prepare trains it on every text source of the run, whichever stage reads it
+        every = [*(top.get("sources") or []), *(s for sp in specs for s in ((sp.get("data") or {}).get("sources") or []))]
+        trained_on = sorted({(s["name"], s.get("path"), s.get("format"), s.get("text_field")) for s in every
+                             if text(s)}, key=str)
+        trained_on = {"sources": trained_on, "quality": quality(top.get("quality"))}
+    parts["tokenizer"] = {"tokenizer": tok, "trained_on": trained_on}
+    t = resolved.get("training") or {}
+    opt = {k: v for k, v in (t.get("optimizer") or {}).items() if k != "lr"}
+    numbers = {k: entry.get(k) for k in _SHOWN}  # (kept in the record as they are, to be named when they differ)
+    parts["numbers"] = numbers
+    parts["training"] = {**{k: entry.get(k) for k in _RESULT_KEYS}, "optimizer": opt,
+                         **{k: t.get(k) for k in _TRAINING_KEYS}}
+    upstream = entry.get("init_from")
+    init = _fingerprint(lock, str(upstream), (*seen, name)) if upstream else None
+    if upstream and init is None:
+        raise ValueError(f"no fingerprint for {upstream!r}")
+    parts["init"] = {"from": upstream, "fingerprint": init["sha256"] if init else None, "hf": entry.get("init_hf")}
+    hashed = {k: _digest(v) for k, v in parts.items()}
+    return {"sha256": _digest(hashed), "parts": hashed, "numbers": numbers}
+
+
+def fingerprint_record(lock: dict | None, stage: str | None) -> dict:
+    """What a stage's marker records of the lock it was trained under (empty without a lock)."""
+    fp = stage_fingerprint(lock, stage) if lock else None
+    return {FINGERPRINT_KEY: fp, FINGERPRINT_SHA: fp["sha256"]} if fp else {}
+
+
+def fingerprint_change(was: dict, now: dict) -> str | None:
+    """What differs between the fingerprint ``was`` (a marker's) and ``now`` (the lock's): the numbers by name and
+    value (``steps 30 -> 20``), the other parts by name; None when they are the same."""
+    if was.get("sha256") == now.get("sha256"):
+        return None
+    if not was.get("parts"):  # (a record of the sha256 alone: the launch scripts write one for a torchtitan stage)
+        return f"its fingerprint {str(was.get('sha256'))[:12]} is not this lock's {str(now.get('sha256'))[:12]}"
+
+    def show(v: Any) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    a, b = was.get("numbers") or {}, now.get("numbers") or {}
+    said = [f"{k} {show(a.get(k))} -> {show(b.get(k))}" for k in _SHOWN if k in a and a.get(k) != b.get(k)]
+    pa, pb = was.get("parts") or {}, now.get("parts") or {}
+    named = [_PART_NAMES[k] for k in _PART_NAMES if pa.get(k) != pb.get(k)]
+    if said and "the training settings" in named:
+        named[named.index("the training settings")] = "other training settings"
+    text = ", ".join(said)
+    if named:
+        text += ("; " if text else "") + (" and ".join([", ".join(named[:-1]), named[-1]]) if len(named) > 1
+                                          else named[0]) + " changed"
+    return text or "its fingerprint differs from the lock's"
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished stage's folder: ``marker`` (its DONE.json, or a torchtitan stage's FINGERPRINT_FILE, which may be
+    missing), ``change`` (what differs from the current lock; None when it was trained under it) and ``legacy``
+    (its marker records no fingerprint: written by an older llmc, trusted as before)."""
+
+    marker: Path
+    change: str | None
+    legacy: bool
+
+
+def finished_stage(lock: dict, stage: str, stage_dir: str | Path, *, export: bool = False) -> Finished | None:
+    """Whether the folder ``stage_dir`` holds a finished run of ``stage`` and whether ``lock`` trained it; None when
+    it holds none. Finished: a DONE.json, or with ``export`` (a stage a torchtitan job trains, which counts as done
+    once exported) ``hf/config.json``, whose record is ``FINGERPRINT_FILE`` beside it."""
+    import json
+
+    d = Path(stage_dir)
+    if (d / "DONE.json").is_file():
+        marker = d / "DONE.json"
+    elif export and (d / "hf" / "config.json").is_file():
+        marker = d / FINGERPRINT_FILE
+    else:
+        return None
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError, RecursionError):
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    was = record.get(FINGERPRINT_KEY)
+    if not isinstance(was, dict) and isinstance(record.get(FINGERPRINT_SHA), str):
+        was = {"sha256": record[FINGERPRINT_SHA]}
+    now = stage_fingerprint(lock, stage)
+    if not isinstance(was, dict) or now is None:
+        return Finished(marker, None, legacy=now is not None)
+    return Finished(marker, fingerprint_change(was, now), legacy=False)
+
+
+def stale_message(stage: str, f: Finished, build: str) -> str:
+    """The one line that refuses a stage finished under another lock: what changed and the ways out."""
+    return (f"stage {stage!r} finished under another lock than this build's ({f.marker}): {f.change}; "
+            f"it is not this build's result, so it is neither skipped nor trained over: `llmc launch {build} "
+            f"--no-resume` sets it aside (run/{stage}.set-aside-N) and trains it again, or build into a fresh "
+            "directory")
+
+
+def legacy_message(stage: str, f: Finished) -> str:
+    """The warning for a finished stage whose marker records no fingerprint (an older llmc wrote it)."""
+    return (f"stage {stage!r} finished without a record of the lock it was trained under ({f.marker}, written by an "
+            "older llmc): counted as finished, unchecked (`llmc launch BUILD --no-resume` sets it aside to train it "
+            "under this lock)")
+
+
+def set_stage_aside(stage_dir: str | Path, asset_dir: str | Path) -> Path | None:
+    """Set the stage folder aside (:func:`llmc.fileio.set_aside`, ``<stage>.set-aside-N``) with the tokenizer it trained
+    with: its own copy (``tokenizer/``), else its export's, else (a run of an older llmc, which kept none) the one
+    prepare holds in ``asset_dir`` now, before a new prepare replaces it. Returns the new folder (None when there was
+    nothing to set aside)."""
+    from llmc.fileio import set_aside
+
+    moved = set_aside(stage_dir)
+    if moved is not None and not (moved / STAGE_TOKENIZER).exists() and not (moved / "hf" / "tokenizer.json").is_file():
+        keep_tokenizer(asset_dir, moved)
+    return moved
+
+
+def keep_tokenizer(asset_dir: str | Path, stage_dir: str | Path) -> Path | None:
+    """Copy the tokenizer files in ``asset_dir`` (prepare's ``assets/``) into ``stage_dir/tokenizer`` unless that
+    copy exists: the run keeps the tokenizer it trained with when prepare later writes another (a rebuilt spec) or
+    the run is set aside. Returns the copy's folder (None when ``asset_dir`` holds no tokenizer)."""
+    import shutil
+
+    from llmc.runtime.tokenizer import TOKENIZER_FILES
+
+    src, dst = Path(asset_dir), Path(stage_dir) / STAGE_TOKENIZER
+    if dst.exists() or not (src / "tokenizer.json").is_file():
+        return dst if dst.exists() else None
+    tmp = dst.with_name(f".{STAGE_TOKENIZER}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / name)
+    try:
+        os.rename(tmp, dst)  # (another rank or node made it first: theirs stays)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst

@@ -447,8 +447,12 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
             result["adapter"] = "hf/adapter"
             _adapter_base(job, out, Path(hf["adapter"]))
 
+        # DONE.json records what trained the stage: a launch under another lock refuses it
+        from llmc.runtime.job import fingerprint_record
+
         tmp = out / f"DONE.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
+        tmp.write_text(json.dumps({**result, **fingerprint_record(job.lock, job.stage)}, indent=2, default=float)
+                       + "\n")
         os.replace(tmp, out / "DONE.json")
         shutil.rmtree(state.folder, ignore_errors=True)  # the stage is done: nothing left to resume
     return result

@@ -470,11 +470,15 @@ def open_run_logger(job: TrainJob, out: Path, main: bool, echo: bool, metrics: M
 
 
 def _finish(job: TrainJob, result: dict, final: Path, out: Path, assets: Assets, log: RunLogger, say) -> None:
-    """Rank 0 after the loop: export + DONE.json (atomic: a stage is done or it is not) when done."""
+    """Rank 0 after the loop: export + DONE.json (atomic: a stage is done or it is not) when done. DONE.json records the
+    fingerprint of the lock that trained the stage (``llmc.runtime.job.fingerprint_record``): a launch under another
+    lock refuses the stage instead of passing it off as its own."""
     if result["status"] == "done":
+        from llmc.runtime.job import fingerprint_record
+
         result["hf"] = _export_hf(job, final, out, assets, say)
         tmp = out / "DONE.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.write_text(json.dumps({**result, **fingerprint_record(job.lock, job.stage)}, indent=2) + "\n")
         os.replace(tmp, out / "DONE.json")
     log.event("end", **{k: v for k, v in result.items() if k != "loss"}, final_loss=result["loss"])
     say(f"{result['status']} at step {result['step']}: loss {result['loss']:.4f}, checkpoint {final}")
