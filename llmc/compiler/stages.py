@@ -533,12 +533,16 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     if lora is not None:
         weights, replicated, bf16 = frozen_base_bytes(arch, lora.targets, qlora, bf16_ok)
         fp32 = env.n_total - bf16 - (nf4_params(arch, lora.targets) if qlora else 0)
-        notes.append((f"QLoRA: the adapted linear layers' weights in NF4 ({NF4_BITS_PER_PARAM:.3f} bit/param with "
-                      f"double quantisation, block {NF4_BLOCK}; {gib(replicated)}, whole on every GPU); " if qlora
-                      else "LoRA: ") + f"the frozen base's other weights {gib(2 * bf16)} in bf16 (those only matmuls "
-                     f"read, under bf16 autocast), {gib(4 * fp32)} in fp32 (embeddings, norms, biases"
-                     + (", the adapted experts' matrices" if adapted_expert_params(arch, lora.targets) else "")
-                     + ("" if bf16_ok else "; no bf16 autocast here: all of it") + ")")
+        head = (f"QLoRA: the adapted linear layers' weights in NF4 ({NF4_BITS_PER_PARAM:.3f} bit/param with double "
+                f"quantisation, block {NF4_BLOCK}; {gib(replicated)}, whole on every GPU); " if qlora else "LoRA: ")
+        if bf16_ok:
+            notes.append(head + f"the frozen base's other weights {gib(2 * bf16)} in bf16 (those only matmuls read, "
+                         f"under bf16 autocast), {gib(4 * fp32)} in fp32 (embeddings, norms, biases"
+                         + (", the adapted experts' matrices" if adapted_expert_params(arch, lora.targets) else "")
+                         + ")")
+        else:
+            notes.append(head + f"the frozen base{' otherwise' if qlora else ''} in fp32, {gib(4 * fp32)} (no bf16 "
+                         "autocast here: llmc's trainer keeps the weights as it loads them)")
     else:
         weights, replicated = env.n_total * (4 if env.precision == "fp32" else 2), 0
     ref = 0 if (lora or not needs_ref) else reference_bytes(arch, env.n_total, bf16_ok)

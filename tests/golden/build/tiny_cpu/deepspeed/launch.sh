@@ -16,8 +16,47 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 LOCK="$BUILD_DIR/plan.lock.json"
 DS_CONFIG="$BUILD_DIR/deepspeed/ds_config.json"
 # Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
-# unfinished one). STAGE=<name> runs only that stage.
-stage_done() { [ -f "$RUN_DIR/$1/DONE.json" ]; }
+# unfinished one) when this lock trained it: DONE.json records the fingerprint of what decided the stage's result
+# (llmc.runtime.job.stage_fingerprint), prepare writes this lock's to assets/stage-fingerprints.txt, and a stage
+# finished under another lock (the build directory rebuilt from another spec) stops the script, neither skipped nor
+# trained over. STAGE=<name> runs only that stage.
+trained_by() { sed -n 's/^ *"fingerprint_sha256": *"\([0-9a-f]*\)".*/\1/p' "$1" 2>/dev/null || true; }
+lock_fingerprint() { awk -v s="$1" '$1 == s { print $2; exit }' "$BUILD_DIR/assets/stage-fingerprints.txt" 2>/dev/null || true; }
+# trained_here STAGE RECORD: the finished STAGE, whose RECORD names the lock that trained it, is this lock's (a record
+# without one, an older llmc's, is trusted with a warning); one finished under another lock ends the script
+trained_here() {
+  local was now rc=0
+  was="$(trained_by "$2")"
+  now="$(lock_fingerprint "$1")"
+  if [ -z "$was" ]; then
+    echo "$RUN_DIR/$1: warning[R005] stage $1 finished without a record of the lock it was trained under (an older llmc): counted as finished, unchecked" >&2
+    return 0
+  fi
+  if [ -z "$now" ] || [ "$was" = "$now" ]; then return 0; fi
+  # the runtime's check names what changed (exit 3 after its error line)
+  python -m llmc.runtime.entry check --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1" ${3:+--export} || rc=$?
+  case "$rc" in
+    0|1) return "$rc" ;;
+    3) ;;
+    *) echo "$RUN_DIR/$1: error[R004] stage $1 finished under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}): set it aside with \`llmc launch $BUILD_DIR --no-resume\` (or move $RUN_DIR/$1 away), or build into a fresh directory" >&2 ;;
+  esac
+  exit 2
+}
+# before a stage runs, its folder keeps a copy of the prepared tokenizer (the run keeps the tokenizer it trained with
+# when prepare later writes another, or when it is set aside); mkdir claims it (one node copies)
+keep_tokenizer() {
+  local d="$RUN_DIR/$1/tokenizer" f
+  [ -f "$BUILD_DIR/assets/tokenizer.json" ] && [ ! -e "$d" ] || return 0
+  mkdir -p "$RUN_DIR/$1" && mkdir "$d" 2>/dev/null || return 0
+  for f in tokenizer.json tokenizer_config.json special_tokens_map.json chat_template.jinja; do
+    if [ -f "$BUILD_DIR/assets/$f" ]; then cp "$BUILD_DIR/assets/$f" "$d/$f"; fi
+  done
+}
+stage_done() {
+  if [ -f "$RUN_DIR/$1/DONE.json" ]; then trained_here "$1" "$RUN_DIR/$1/DONE.json"; return; fi
+  keep_tokenizer "$1"
+  return 1
+}
 want_stage() { [ -z "${STAGE:-}" ] || [ "$STAGE" = "$1" ]; }
 # A stage's stderr is shown as it runs and appended to <run dir>/<stage>/stderr.log (the file `llmc launch` keeps).
 # A stage that does not finish ends the script with one line of llmc's: the stage, its exit status, the cause and
