@@ -449,17 +449,42 @@ def _run_logged(argv: list[str], env: dict, cwd, log: Path, grace_s: float) -> t
 
 
 def last_error_line(text: str) -> str:
-    """The line of a child's stderr that says what went wrong: llmc's own one-line error if there is one,
-    else the last Python exception line, else the last non-empty line."""
+    """The line of a child's stderr that says what went wrong, in this order: llmc's own one-line error; the
+    signal that ended a worker, when torchrun's failure report names one as the root cause ("Signal 9 (SIGKILL)
+    received by PID N": the worker printed nothing, the OOM killer or a user killed it); the last Python
+    exception line; the status of the report's root-cause worker; else the last line that says something (never a
+    separator such as the report's "=====" banner)."""
     import re
 
     # torchrun's wrappers (ChildFailedError, SignalException) repeat after the worker's own error: not the cause
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "torch.distributed.elastic" not in ln]
-    for pat in (r"error\[[A-Z]+\d*\]", r"^[\w.]*(Error|Exception|Interrupt)\b.*:", r"^[\w.]*(Error|Exception)\b"):
+    # torchrun's report (torch/distributed/elastic/multiprocessing/errors/__init__.py): "Root Cause (first observed
+    # failure):", then "rank : R (local_rank: L)", "exitcode : N (pid: P)" and "traceback : ..." of that worker
+    root: dict[str, str] = {}
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("Root Cause")]
+    for ln in lines[starts[-1] + 1:] if starts else []:
+        m = re.match(r"(rank|exitcode|traceback)\s*:\s*(.*)", ln)
+        if m and m.group(1) not in root:
+            root[m.group(1)] = m.group(2).strip()
+        elif not re.search(r"[A-Za-z0-9]", ln) and root:  # the closing banner
+            break
+    rank = re.match(r"-?\d+", root.get("rank", ""))
+    of_rank = f" (rank {rank.group()})" if rank else ""
+    patterns = (r"error\[[A-Z]+\d*\]", r"^[\w.]*(Error|Exception|Interrupt)\b.*:", r"^[\w.]*(Error|Exception)\b")
+    hits = [ln for ln in lines if re.search(patterns[0], ln)]
+    if hits:
+        return hits[-1][:400]
+    if re.match(r"Signal \d+ \(\w+\) received by PID", root.get("traceback", "")):
+        return (root["traceback"] + of_rank)[:400]
+    for pat in patterns[1:]:
         hits = [ln for ln in lines if re.search(pat, ln)]
         if hits:
             return hits[-1][:400]
-    return lines[-1][:400] if lines else "no error output (see the log)"
+    code = re.match(r"-?\d+", root.get("exitcode", ""))
+    if code:
+        return f"a worker{of_rank} exited with status {code.group()} (torchrun's report; it printed no error)"
+    said = [ln for ln in lines if re.search(r"[A-Za-z0-9]", ln)]  # not a separator line ("=====", "-----")
+    return said[-1][:400] if said else "no error output (see the log)"
 
 
 @_command()
@@ -527,8 +552,9 @@ def _calibration_out_problem(out: Path, inputs: list[str]) -> str | None:
 
 @_command()
 def calibrate(
-    inputs: Annotated[list[str], typer.Argument(help="Measured runs: metrics.jsonl / run folders, torchtitan "
-                                                     "logs, or benchmark tables (.yaml/.csv).")],
+    inputs: Annotated[list[str], typer.Argument(help="Measured runs: metrics.jsonl / run folders, build "
+                                                     "directories (the run of the stage their plan describes), "
+                                                     "torchtitan logs, or benchmark tables (.yaml/.csv).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Calibration JSON to write.")],
     lock: Annotated[Path | None, typer.Option("--lock", help="plan.lock.json the measured runs were built from.")]
     = None,

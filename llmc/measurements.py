@@ -5,7 +5,8 @@ No torch. Three input kinds (one :class:`Measurement` per run):
 * an llmc run folder (or its ``metrics.jsonl``) next to the ``plan.lock.json`` it was built from, from any
   backend: the lock gives the model, GPU, layout and backend; ``metrics.jsonl`` gives the throughput
   (``tokens_per_s`` is the whole job's: divided by the world size) and ``peak_mem_bytes``
-  (``torch.cuda.max_memory_allocated``);
+  (``torch.cuda.max_memory_allocated``). A build directory (or its ``run/``), as ``llmc report`` takes, stands for
+  the run of the stage its plan describes (:func:`run_metrics_file`);
 * a torchtitan log (``step: 10  loss: 7.1  memory: 58.31GiB(61.37%)  tps: 7,413  tflops: 429.32
   mfu: 43.41%``; torchtitan ``train.py`` prints the *reserved* peak and tokens/s per GPU) together with
   the ``plan.lock.json`` of the job (``llmc calibrate run.log --lock build/plan.lock.json``);
@@ -210,11 +211,42 @@ def _from_lock(lock: dict, lock_path: str, label: str, source: str) -> Measureme
                        offload_params=spec.parallelism.offload_params, lock=lock_path)
 
 
+def _planned_stage(lock: dict) -> str:
+    """The stage the lock's top-level plan and time describe, whose run a calibration can be fitted to: the first
+    pre-training stage in the lock's stage order (``llmc.runreport``'s main stage; "pretrain", the stage
+    ``llmc launch`` runs, for a lock that lists none)."""
+    stages = lock.get("stages") if isinstance(lock.get("stages"), list) else []
+    named = sorted((s for s in stages if isinstance(s, dict) and isinstance(s.get("name"), str)),
+                   key=lambda s: s.get("order", 0) if isinstance(s.get("order"), int) else 0)
+    return next((s["name"] for s in named if s.get("kind") == "pretrain"), "pretrain")
+
+
+def run_metrics_file(path: str | Path) -> Path:
+    """The ``metrics.jsonl`` an input names: the file itself; in a run folder, its ``metrics.jsonl``; in a build
+    directory (``plan.lock.json`` in it) or its ``run/``, ``run/<stage>/metrics.jsonl`` of the stage the build's plan
+    describes (:func:`_planned_stage`). Only that stage: ``read_llmc_run`` predicts a run from the lock's
+    top-level plan, and the other stages run other layouts, batches and kinds (their own ``stages[i]`` plans)."""
+    p = Path(path)
+    if not p.is_dir() or (p / "metrics.jsonl").exists():
+        return p / "metrics.jsonl" if p.is_dir() else p
+    build = p if (p / "plan.lock.json").is_file() else (
+        p.parent if p.name == "run" and (p.parent / "plan.lock.json").is_file() else None)
+    if build is None:
+        raise MeasurementError(str(p), 0, "K001", "input", "no metrics.jsonl in this folder",
+                               "pass a run folder (<build>/run/<stage>), its metrics.jsonl, or the build directory")
+    stage = _planned_stage(_lock(build / "plan.lock.json"))
+    f = build / "run" / stage / "metrics.jsonl"
+    if not f.exists():
+        raise MeasurementError(str(p), 0, "K001", "input", f"no run of stage {stage!r}, the one the build's plan "
+                               f"describes ({f} does not exist)", "run it with llmc launch first, or pass another "
+                               "run folder or metrics.jsonl")
+    return f
+
+
 def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Measurement:
     """An llmc run: ``metrics.jsonl`` (or the folder holding it) and the ``plan.lock.json`` it was built from
     (default: next to it, one folder up, or two: ``llmc launch`` writes ``<build>/run/<stage>/metrics.jsonl``)."""
-    p = Path(path)
-    metrics = p / "metrics.jsonl" if p.is_dir() else p
+    metrics = run_metrics_file(path)
     if lock_path is None:
         cands = [metrics.parent / "plan.lock.json", metrics.parent.parent / "plan.lock.json",
                  metrics.parent.parent.parent / "plan.lock.json"]
@@ -589,9 +621,10 @@ def fit_points(ms: list[Measurement]):
 
 
 def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file; of a run folder or build directory, that of the metrics.jsonl it stands for."""
     p = Path(path)
     if p.is_dir():
-        p = p / "metrics.jsonl"
+        p = run_metrics_file(p)
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
@@ -634,7 +667,7 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
         ms: list[Measurement] = []
         seen: dict[str, str] = {}
         for p in inputs:
-            f = Path(p) / "metrics.jsonl" if Path(p).is_dir() else Path(p)
+            f = run_metrics_file(p)
             digest = sha256_file(f) if f.is_file() else None  # (a FIFO or a missing file: read_any says so)
             if digest is not None and digest in seen:  # a run counted twice narrows the leave-one-out band
                 raise MeasurementError(p, 0, "K001", "inputs", f"the same measurements as {seen[digest]} (given twice)",
@@ -655,9 +688,9 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
         print(e.located(), file=sys.stderr)
         return 1
     Path(out).write_text(json.dumps(cal.to_json(), indent=2, sort_keys=True) + "\n")
-    warning = inexact_gpu_warning(ms)
-    if warning:
-        print(warning, file=sys.stderr)
+    for warning in (inexact_gpu_warning(ms), no_better_warning(cal)):
+        if warning:
+            print(warning, file=sys.stderr)
     print(f"calibration {cal.backend}/{cal.gpu} from {len(ms)} run(s): {cal.factors.describe()}")
     for what, band in (("tokens/s", cal.time_band), ("memory", cal.memory_band)):
         if band:
@@ -678,6 +711,36 @@ def inexact_gpu_warning(ms: list[Measurement]) -> str | None:
     return (f"warning: {len(off)} of {len(ms)} run(s) were measured on {', '.join(systems)}, not on llmc's "
             f"{off[0].gpu} (its closest entry): the factors fitted for {off[0].gpu} include the difference "
             f"(name the part's own llmc key as the table's gpu_part where llmc gpus lists it)")
+
+
+def no_better_warning(cal) -> str | None:
+    """One warning line when the fit predicts the measured runs no better than llmc does uncalibrated, for tokens/s
+    or memory: the calibrated error is the leave-one-out one (each run predicted by factors fitted on the others;
+    Hastie, Tibshirani, Friedman, "The Elements of Statistical Learning", 2nd ed., sec. 7.10), in-sample when there
+    is one run of that quantity; the uncalibrated error is the mean |error| of llmc's own predictions of the same
+    runs (nothing fitted, so already an out-of-sample figure). Factors that do not beat it make the plans no
+    better, or worse; the calibration is still written (the user decides), with this line naming the quantities
+    concerned. None when it is better for every quantity measured."""
+    worse, fitted_any = [], 0
+    for quantity, band, what in (("tokens_per_s (relative)", cal.time_band, "tokens/s"),
+                                 ("reserved_bytes", cal.memory_band, "memory")):
+        res = [r for r in cal.residuals if r.get("quantity") == quantity]
+        if not res:
+            continue
+        fitted_any += 1
+        uncal = statistics.fmean(abs(r["uncalibrated_err_pct"]) for r in res)
+        if band:
+            fitted, how = band["mean_abs_pct"], "leave-one-out"
+        else:
+            fitted, how = statistics.fmean(abs(r["calibrated_err_pct"]) for r in res), "in-sample"
+        if fitted >= uncal:
+            worse.append(f"{what} mean error {fitted:.1f}% calibrated ({how}, {len(res)} run(s)) vs {uncal:.1f}% "
+                         f"uncalibrated")
+    if not worse:
+        return None
+    return ("warning: the calibration predicts the measured runs no better than llmc does without it: "
+            + "; ".join(worse) + " (measure more runs, and longer ones, on the hardware you will plan for, and "
+            "calibrate again" + ("; until then plan without it)" if len(worse) == fitted_any else ")"))
 
 
 def load_calibration(path: str | Path, spec_file: str | None = None):
@@ -701,4 +764,4 @@ def load_calibration(path: str | Path, spec_file: str | None = None):
 __all__ = ["Measurement", "MeasurementError", "TitanStep", "parse_torchtitan_log", "read_llmc_run",
            "read_torchtitan_log", "read_table", "read_any", "predicted", "fit_points", "calibrate_measurements",
            "calibrate_main", "load_calibration", "steady", "table_row", "table_cell", "table_gpu",
-           "inexact_gpu_warning"]
+           "inexact_gpu_warning", "no_better_warning", "run_metrics_file"]

@@ -40,14 +40,15 @@ def test_long_context_rows_are_predicted_near_the_published_memory():
 
 def test_calibrate_fits_the_part_the_page_measured(tmp_path, capsys):
     """The page's hardware: 96 GB HBM2e per GPU, 500 W power limit. ``llmc calibrate`` on the table fits the llmc
-    entry of that part (not h100-sxm's 80 GB / 700 W), without a warning, and its memory fit explains the
-    published peaks within a few percent (leave-one-out)."""
+    entry of that part (not h100-sxm's 80 GB / 700 W), without the other-part warning, and its memory fit explains the
+    published peaks within a few percent (leave-one-out). (Its tokens/s fit is no better than uncalibrated on this
+    table, 5.9% vs 5.8% leave-one-out, which calibrate says in a warning of its own.)"""
     out = tmp_path / "cal.json"
     assert ms.calibrate_main([str(TT24)], str(out)) == 0
     cal = json.loads(out.read_text())
     part = get_gpu(cal["gpu"])
     assert part.hbm_bytes == 96 * GB and part.power_w == 500
-    assert "warning" not in capsys.readouterr().err
+    assert "measured on" not in capsys.readouterr().err
     assert cal["memory_band"]["mean_abs_pct"] < 5.0
 
 

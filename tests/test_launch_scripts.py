@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_build_fakes import ROOT, compile_example, make_compiled, make_run
+from test_launch_status import torchrun_sigkill  # noqa: F401, F811  (a fixture: a SIGKILLed worker's report)
 
 from llmc.buildfs import write_build
 from llmc.compiler.plan import ParallelPlan
@@ -248,6 +249,19 @@ def test_a_failed_stage_ends_the_script_with_one_line_naming_its_cause(tiny_buil
     assert str(run / "pretrain" / "stderr.log") in last
     assert "ChildFailedError" in r.stderr  # nothing hidden
     assert "ChildFailedError" in (run / "pretrain" / "stderr.log").read_text()
+
+
+@pytest.mark.parametrize("script,env", SCRIPTS[:2], ids=[s for s, _ in SCRIPTS[:2]])
+def test_a_killed_worker_is_named_by_its_signal_not_by_the_report_banner(tiny_build, torchrun_sigkill, tmp_path,  # noqa: F811
+                                                                         script, env):
+    """A worker killed by SIGKILL (the OOM killer, a user) prints nothing; torchrun's failure report ends with a
+    "=====" banner, which the script's last line must not offer as the cause: the report's root-cause signal line."""
+    text, pid = torchrun_sigkill
+    run = tmp_path / "run"
+    penv = {**_replaying_tools(tmp_path / "bin", text, 1), **env, "RUN_DIR": str(run)}
+    r = subprocess.run(["bash", str(tiny_build / script)], env=penv, capture_output=True, text=True, timeout=60)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and f"(exit 1): Signal 9 (SIGKILL) received by PID {pid}" in last, last
 
 
 def test_a_preempted_stage_ends_the_script_with_the_resume_line(tiny_build, tmp_path):

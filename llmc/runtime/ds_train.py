@@ -534,6 +534,19 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the stage; the exit status (0 done, :data:`llmc.runtime.preempt.EXIT_PREEMPTED` saved on a signal, 1 an
+    error) is also reported to the launcher (:func:`llmc.runtime.runlock.report_exit`). The DeepSpeed launcher
+    loses it after a signal: launch.py exits 1 once it has stopped the ranks, whatever they returned, and the
+    runner dies of the SIGTERM (143) on one node (deepspeed/launcher/launch.py, runner.py, 0.19.8), so a stage
+    whose ranks all saved their step would read as failed without the ranks' own word."""
+    from llmc.runtime.runlock import report_exit
+
+    code = _run(argv)
+    report_exit(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llmc.runtime.ds_train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--lock", required=True, type=Path, help="plan.lock.json written by `llmc build`")
     ap.add_argument("--ds-config", required=True, type=Path, help="deepspeed/ds_config.json")

@@ -12,9 +12,23 @@ API
 
 ``supervise(cmd, env=None, cwd=None, *, grace_s=10.0) -> int``
     Runs ``cmd`` in its own session/process group and returns its exit code (``128 + signal`` when a
-    signal ended it, the shell convention), or :data:`EXIT_PREEMPTED` when it passed the child a SIGTERM /
-    SIGUSR1 and the child then exited non-zero by itself: the child handled the stop (torchrun exits 1
-    once its workers saved their step and exited 75). Call it from the main thread.
+    signal ended it, the shell convention), or :data:`EXIT_PREEMPTED` when the stage was preempted. Call it
+    from the main thread. "Preempted" is decided, once the child and everything left in its group are gone:
+
+    * from what the ranks reported, when they did (:func:`report_exit`): every rank of the job reported
+      :data:`EXIT_PREEMPTED`. A launcher's own status says nothing about its ranks after a signal: the
+      DeepSpeed 0.19.8 launcher exits 1 once it has stopped its ranks, whatever they returned
+      (deepspeed/launcher/launch.py, ``sigkill_handler``), and its runner (deepspeed/launcher/runner.py) has no
+      SIGTERM handler on one node, so a SIGTERM to the group ends it with 143 while the ranks still save;
+    * else, when it passed the child a SIGTERM / SIGUSR1 and the child then exited non-zero by itself (not
+      128 + N): the child handled the stop (torchrun exits 1 once its workers saved their step and exited 75).
+
+``report_exit(code)`` / ``reported_status(dir)``
+    The ranks' side of that evidence. A launcher puts a fresh directory in the ranks' environment as
+    ``LLMC_EXIT_DIR`` (:data:`EXIT_DIR_ENV`; ``supervise`` does, and deepspeed/launch.sh, which reads the
+    reports in bash); a trainer rank calls ``report_exit(code)`` just before it exits, which writes
+    ``rank-<RANK>.json`` there: one line, ``{"rank": R, "world": W, "exit": N, "pid": P}`` (nothing when the
+    variable is unset). ``reported_status`` is the one status every rank 0..W-1 reported, else None.
 
     * SIGINT, SIGTERM and SIGHUP received by the caller are forwarded to the child's group, and SIGUSR1
       (a batch system's "time is almost up", e.g. ``sbatch --signal=USR1@120``) as SIGTERM, which torchrun
@@ -35,10 +49,12 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,6 +68,8 @@ EXIT_PREEMPTED = 75
 
 LOCK_NAME = ".lock"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# where a launcher asks its trainer ranks to report their exit status (report_exit)
+EXIT_DIR_ENV = "LLMC_EXIT_DIR"
 
 
 class RunLockBusy(Exception):
@@ -114,11 +132,58 @@ def _describe(raw: bytes) -> str:
         return "another process (holder not recorded yet)"
 
 
+# ---------------------------------------------------------------- the ranks' exit reports
+
+
+def report_exit(code: int) -> None:
+    """Record this trainer rank's exit status where its launcher asked (``$LLMC_EXIT_DIR/rank-<RANK>.json``:
+    rank, world size, status, pid), written whole (a temporary file renamed over it); nothing when the variable
+    is unset. ``RANK`` / ``WORLD_SIZE`` are what torchrun and the DeepSpeed launcher set (1 process: 0 / 1).
+    Never raises: the report is evidence for the launcher, and a rank's own status must not depend on it."""
+    d = os.environ.get(EXIT_DIR_ENV)
+    if not d:
+        return
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        path = Path(d) / f"rank-{rank}.json"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"rank": rank, "world": world, "exit": int(code), "pid": os.getpid()}) + "\n")
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        pass
+
+
+def reported_status(d: str | Path) -> int | None:
+    """The exit status every rank of the job reported in ``d`` (:func:`report_exit`): one report from each rank
+    0..world-1, all naming the same world size and the same status. None when there is no report, a rank's is
+    missing (it died before it could write one: a SIGKILL, a crash) or unreadable, or they disagree."""
+    reports = []
+    try:
+        names = sorted(Path(d).glob("rank-*.json"))
+    except OSError:
+        return None
+    for f in names:
+        try:
+            r = json.loads(f.read_text())
+            reports.append((int(r["rank"]), int(r["world"]), int(r["exit"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    worlds, codes = {w for _, w, _ in reports}, {c for _, _, c in reports}
+    if len(worlds) != 1 or len(codes) != 1 or sorted(r for r, _, _ in reports) != list(range(next(iter(worlds)))):
+        return None
+    return codes.pop()
+
+
+def _has_reports(d: str | Path) -> bool:
+    return bool(d) and any(Path(d).glob("rank-*.json"))
+
+
 # ---------------------------------------------------------------- supervision
 
 _GUARD = r"""
-import os, signal, sys, time
+import os, shutil, signal, sys, time
 parent, pgid, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+exit_dir = sys.argv[4] if len(sys.argv) > 4 else ""  # the ranks' reports: the caller's to remove, unless it died
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))  # the caller stops the guard when done
@@ -136,15 +201,14 @@ while os.getppid() == parent:
     time.sleep(0.1)
 try:
     os.killpg(pgid, signal.SIGTERM)
-except ProcessLookupError:
-    sys.exit(0)
-end = time.monotonic() + grace
-while time.monotonic() < end and alive():
-    time.sleep(0.05)
-try:
+    end = time.monotonic() + grace
+    while time.monotonic() < end and alive():
+        time.sleep(0.05)
     os.killpg(pgid, signal.SIGKILL)
 except ProcessLookupError:
     pass
+if exit_dir:
+    shutil.rmtree(exit_dir, ignore_errors=True)
 """
 
 
@@ -190,7 +254,8 @@ def _rc(code: int) -> int:
 
 def supervise(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None, *,
               grace_s: float = 10.0) -> int:
-    """Run ``cmd`` in its own process group; it and its group never outlive the caller."""
+    """Run ``cmd`` in its own process group; it and its group never outlive the caller. Its ranks may report
+    their exit status (:func:`report_exit`) to a directory of this call's, named in their environment."""
     me = os.getpid()
     received: list[int] = []
     group: list[int] = []  # the child's process group, once started
@@ -210,18 +275,23 @@ def supervise(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path
     main = threading.current_thread() is threading.main_thread()
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
     old = {s: signal.signal(s, forward) for s in sigs} if main else {}
+    exit_dir = ""
     try:
+        exit_dir = tempfile.mkdtemp(prefix="llmc-exit-")
+        env = {**(os.environ if env is None else env), EXIT_DIR_ENV: exit_dir}
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, close_fds=True,
                                 preexec_fn=_pdeathsig_preexec(signal.SIGTERM, me))
     except BaseException:
         for s, h in old.items():
             signal.signal(s, h)
+        if exit_dir:
+            shutil.rmtree(exit_dir, ignore_errors=True)
         raise
     pgid = proc.pid
     group.append(pgid)
     if received:  # a signal arrived while the child was starting: pass it on now
         forward(received[-1], None)
-    guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(me), str(pgid), str(grace_s)],
+    guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(me), str(pgid), str(grace_s), exit_dir],
                              start_new_session=True, close_fds=True, stdin=subprocess.DEVNULL)
     try:
         deadline = None
@@ -235,10 +305,10 @@ def supervise(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path
                 if deadline is not None and time.monotonic() > deadline:
                     _stop_group(pgid, 0.0, signal.SIGKILL)
         rc = _rc(code)
-        stop = {signal.SIGTERM, signal.SIGUSR1}
-        if set(received) & stop and rc not in (0, *(128 + int(sg) for sg in (*stop, signal.SIGKILL))):
-            return EXIT_PREEMPTED  # it handled the stop and left (not killed by it, 128 + N)
-        return rc
+        # what is left of its group first: a launcher can end before its ranks (the DeepSpeed runner, killed by the
+        # SIGTERM, while they still save), and their reports are only complete once they are gone
+        _stop_group(pgid, grace_s)
+        return _stage_status(rc, received, exit_dir)
     finally:
         try:
             _stop_group(pgid, grace_s)  # leftovers in the group (or the child, if we got here by an exception)
@@ -250,3 +320,18 @@ def supervise(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path
                 signal.signal(s, h)
             guard.terminate()
             guard.wait()
+            shutil.rmtree(exit_dir, ignore_errors=True)
+
+
+def _stage_status(rc: int, received: list[int], exit_dir: str) -> int:
+    """A supervised stage's status from its exit code ``rc``, the signals passed on to it and its ranks' reports
+    (see the module docstring): the ranks' word first, the launcher's exit code when no rank reported."""
+    if rc == 0:
+        return 0
+    if _has_reports(exit_dir):
+        return EXIT_PREEMPTED if reported_status(exit_dir) == EXIT_PREEMPTED else rc
+    stop = {signal.SIGTERM, signal.SIGUSR1}
+    if set(received) & stop and rc not in {128 + int(sg) for sg in (*stop, signal.SIGKILL)}:
+        return EXIT_PREEMPTED  # it handled the stop and left (not killed by it, 128 + N)
+    return rc
+

@@ -464,17 +464,36 @@ def _hf_docs(src: SourceRef, rank: int, world: int, start: int) -> Iterator[str]
 _READERS = {"parquet": _parquet_docs, "jsonl": _jsonl_docs, "text": _text_docs, "hf": _hf_docs}
 
 
+class SourceFieldError(KeyError):
+    """A record or table without the source's ``text_field`` (``llmc.sources`` raises it as a KeyError, which this
+    still is), printed as written: ``str()`` of a KeyError is the repr of its argument, so the one located line a
+    trainer prints (``error[R002] ...: {e}``) showed the message in quotes, its characters escaped."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+def _plain_field_errors(docs: Iterator[str]) -> Iterator[str]:
+    try:
+        yield from docs
+    except KeyError as e:
+        if isinstance(e, SourceFieldError) or not (len(e.args) == 1 and "text_field" in str(e.args[0])):
+            raise
+        raise SourceFieldError(e.args[0]) from e
+
+
 def documents(src: SourceRef, rank: int = 0, world: int = 1, start: int = 0, balanced: bool = True
               ) -> Iterator[str]:
     """This rank's documents of ``src`` in shard order, from position ``start`` (one epoch). ``balanced``: parquet
-    row groups dealt by :func:`deal_row_groups` (False: ``i % world``, how a state without ``dealing`` was read)."""
+    row groups dealt by :func:`deal_row_groups` (False: ``i % world``, how a state without ``dealing`` was read).
+    A missing text field or column is a :class:`SourceFieldError` naming the file (and line)."""
     if src.format not in _READERS:
         raise ValueError(f"data source {src.name!r}: format {src.format!r} is not streamable ({', '.join(FORMATS)})")
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in 0..{world - 1}")
     if src.format == "parquet" and not balanced:
-        return _parquet_docs(src, rank, world, start, balanced=False)
-    return _READERS[src.format](src, rank, world, start)
+        return _plain_field_errors(_parquet_docs(src, rank, world, start, balanced=False))
+    return _plain_field_errors(_READERS[src.format](src, rank, world, start))
 
 
 class _SourceStream:

@@ -74,18 +74,23 @@ PREEMPTED=75  # llmc's trainers' exit status when a signal stopped them after a 
 # stage must finish its step and save it within it: the plan's figure, 100 s, is 1.5 x the slowest
 # job's step + save (pre-training: a step of 0.347 s + a save of 0.0315 s), at least 100 s (`llmc plan`: "preemption")
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}"
-stage_cause() {  # stage_cause LOG START: the cause line of LOG after its first START bytes
+stage_cause() {  # stage_cause LOG START: the cause line of LOG after its first START bytes: llmc's own error line,
+  # else the signal torchrun's failure report names as the root cause ("Signal 9 (SIGKILL) received by PID N": the
+  # worker printed nothing), else the last exception line, else the last line that says something (not a banner)
   local text line pat
   text="$(tail -c +"$(($2 + 1))" "$1" 2>/dev/null | grep -v 'torch\.distributed\.elastic' || true)"
-  for pat in 'error\[[A-Z]+[0-9]*\]' '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception|Interrupt)\b.*:' \
-             '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception)\b' '[^[:space:]]'; do
+  line="$(printf '%s\n' "$text" | grep -E 'error\[[A-Z]+[0-9]*\]' | tail -n 1 || true)"
+  [ -n "$line" ] || line="$(printf '%s\n' "$text" | sed -nE 's/^[[:space:]]*traceback[[:space:]]*:[[:space:]]*(Signal [0-9]+ \([A-Z0-9]+\) received by PID [0-9]+).*/\1/p' | tail -n 1)"
+  for pat in '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception|Interrupt)\b.*:' \
+             '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception)\b' '[[:alnum:]]'; do
+    [ -z "$line" ] || break
     line="$(printf '%s\n' "$text" | grep -E "$pat" | tail -n 1 || true)"
-    if [ -n "$line" ]; then
-      line="${line#"${line%%[![:space:]]*}"}"
-      echo "${line:0:400}"
-      return
-    fi
   done
+  if [ -n "$line" ]; then
+    line="${line#"${line%%[![:space:]]*}"}"
+    echo "${line:0:400}"
+    return
+  fi
   echo "no error output"
 }
 stage_end() {  # stage_end STAGE STATUS LOG START [OWN]: the last line of a script whose stage did not finish;
@@ -157,8 +162,56 @@ if [ -n "${HOSTFILE:-}" ]; then
       --master_port "$MASTER_PORT")
   NATIVE=("${DS[@]}" --no_local_rank --module)
 fi
+# A SIGTERM to this script's process group (a preemption, `timeout`, a service manager's stop) reaches the stage in
+# flight, whose trainers save their current step and exit PREEMPTED. This shell outlives it: a non-interactive bash
+# runs a trap once the foreground command has exited (bash(1), SIGNALS), so it waits for the stage, ends with the
+# stage's status, and starts no stage after it.
+STOP=
+on_term() { STOP=TERM; }
+trap on_term TERM
+stop_here() {  # stop_here STAGE: after STAGE, end the script if a SIGTERM came while it ran
+  if [ -n "$STOP" ]; then
+    echo "stage $1 finished, then SIG$STOP stopped the script (exit ${PREEMPTED:-143}); run the same command again to go on with the next stage" >&2
+    exit "${PREEMPTED:-143}"
+  fi
+}
+# A DeepSpeed stage's status after a SIGTERM comes from its ranks: the DeepSpeed launcher's own says nothing about
+# them. Its runner has no SIGTERM handler on one node and dies of it (143) while the ranks still save, and launch.py,
+# once it has stopped them, exits 1 whatever they returned (deepspeed/launcher/runner.py, launch.py
+# sigkill_handler, 0.19.8). So the runner runs with SIGTERM ignored (launch.py installs its own handler, passes the
+# signal on to the ranks and waits for them; the runner waits for launch.py), and each rank writes its exit status
+# to LLMC_EXIT_DIR (llmc.runtime.runlock.report_exit: {"rank": R, "world": W, "exit": N, ...}); a stage whose
+# ranks 0..W-1 all reported PREEMPTED is preempted. With a HOSTFILE the other hosts' ranks report nothing here (the
+# directory is this node's), so the launcher's status stands.
+ranks_preempted() {  # ranks_preempted DIR: one report from each rank 0..W-1 in DIR, every one PREEMPTED
+  local f r w c n=0 world=
+  [ -n "${PREEMPTED:-}" ] || return 1
+  for f in "$1"/rank-*.json; do
+    [ -f "$f" ] || return 1
+    r="$(sed -nE 's/.*"rank": *([0-9]+)[,}].*/\1/p' "$f")"
+    w="$(sed -nE 's/.*"world": *([0-9]+)[,}].*/\1/p' "$f")"
+    c="$(sed -nE 's/.*"exit": *(-?[0-9]+)[,}].*/\1/p' "$f")"
+    [ -n "$r" ] && [ -n "$w" ] && [ "$c" = "$PREEMPTED" ] && [ "$f" = "$1/rank-$r.json" ] && [ "$r" -lt "$w" ] \
+      || return 1
+    [ -z "$world" ] || [ "$w" = "$world" ] || return 1
+    world=$w
+    n=$((n + 1))
+  done
+  [ -n "$world" ] && [ "$n" = "$world" ]
+}
+ds_stage() {  # ds_stage ARGS...: "${DS[@]}" ARGS (run_logged runs it in a subshell of its pipeline); its status
+  local dir rc=0
+  trap '' TERM
+  dir="$(mktemp -d "${TMPDIR:-/tmp}/llmc-exit.XXXXXX")" || dir=
+  LLMC_EXIT_DIR="$dir" "${DS[@]}" "$@" || rc=$?
+  if [ "$rc" != 0 ] && [ -n "$dir" ] && ranks_preempted "$dir"; then rc=$PREEMPTED; fi
+  [ -z "$dir" ] || rm -rf "$dir"
+  trap on_term TERM
+  return "$rc"
+}
 python -m llmc.runtime.entry prepare --lock "$LOCK"
 if want_stage pretrain && ! stage_done pretrain; then
-  run_logged pretrain "${DS[@]}" --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR"/pretrain
+  run_logged pretrain ds_stage --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR"/pretrain
+  stop_here pretrain
 fi
 if want_stage pretrain; then run_evals pretrain; fi

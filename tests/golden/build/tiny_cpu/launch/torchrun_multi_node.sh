@@ -132,18 +132,23 @@ PREEMPTED=75  # llmc's trainers' exit status when a signal stopped them after a 
 # stage must finish its step and save it within it: the plan's figure, 100 s, is 1.5 x the slowest
 # job's step + save (pre-training: a step of 0.347 s + a save of 0.0315 s), at least 100 s (`llmc plan`: "preemption")
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}"
-stage_cause() {  # stage_cause LOG START: the cause line of LOG after its first START bytes
+stage_cause() {  # stage_cause LOG START: the cause line of LOG after its first START bytes: llmc's own error line,
+  # else the signal torchrun's failure report names as the root cause ("Signal 9 (SIGKILL) received by PID N": the
+  # worker printed nothing), else the last exception line, else the last line that says something (not a banner)
   local text line pat
   text="$(tail -c +"$(($2 + 1))" "$1" 2>/dev/null | grep -v 'torch\.distributed\.elastic' || true)"
-  for pat in 'error\[[A-Z]+[0-9]*\]' '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception|Interrupt)\b.*:' \
-             '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception)\b' '[^[:space:]]'; do
+  line="$(printf '%s\n' "$text" | grep -E 'error\[[A-Z]+[0-9]*\]' | tail -n 1 || true)"
+  [ -n "$line" ] || line="$(printf '%s\n' "$text" | sed -nE 's/^[[:space:]]*traceback[[:space:]]*:[[:space:]]*(Signal [0-9]+ \([A-Z0-9]+\) received by PID [0-9]+).*/\1/p' | tail -n 1)"
+  for pat in '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception|Interrupt)\b.*:' \
+             '^[[:space:]]*[A-Za-z0-9_.]*(Error|Exception)\b' '[[:alnum:]]'; do
+    [ -z "$line" ] || break
     line="$(printf '%s\n' "$text" | grep -E "$pat" | tail -n 1 || true)"
-    if [ -n "$line" ]; then
-      line="${line#"${line%%[![:space:]]*}"}"
-      echo "${line:0:400}"
-      return
-    fi
   done
+  if [ -n "$line" ]; then
+    line="${line#"${line%%[![:space:]]*}"}"
+    echo "${line:0:400}"
+    return
+  fi
   echo "no error output"
 }
 stage_end() {  # stage_end STAGE STATUS LOG START [OWN]: the last line of a script whose stage did not finish;
