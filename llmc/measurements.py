@@ -256,6 +256,7 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
                                    "pass --lock PATH")
     lock = _lock(Path(lock_path))
     tps, mem = [], []
+    ran = None  # the backend the run's own start / resume events name (llmc launch --backend can differ from the lock)
     lines = _read_text(metrics, "K001", "metrics.jsonl").splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -272,6 +273,8 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
         if not isinstance(r, dict):
             raise MeasurementError(str(metrics), i, "K001", "metrics.jsonl",
                                    f"not a JSON object: {_shown(r)}", _RECORD_HINT)
+        if r.get("event") in ("start", "resume") and isinstance(r.get("backend"), str):
+            ran = r["backend"]
         for key, out in (("tokens_per_s", tps), ("peak_mem_bytes", mem)):
             if "step" in r and r.get(key):
                 out.append((_record_number(r, "step", str(metrics), i), _record_number(r, key, str(metrics), i),
@@ -280,6 +283,10 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
         raise MeasurementError(str(metrics), 0, "K001", "metrics.jsonl", "no step records with tokens_per_s",
                                "train for more than log_every steps")
     m = _from_lock(lock, str(lock_path), label=metrics.parent.name or str(metrics), source=str(metrics))
+    from llmc.compiler.backends import BACKENDS
+
+    if ran in BACKENDS and ran != m.backend:  # the lock's layout, run by another backend: fitted as that one's
+        m = replace(m, backend=ran)
     world = m.plan.world
     # device memory only: on a CPU the trainers log the process's peak RSS (interpreter, libraries, data
     # workers), which is not the per-GPU memory llmc's model predicts (records before peak_mem_device: the lock's

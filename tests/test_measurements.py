@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import re
 
@@ -80,6 +81,24 @@ def test_llmc_metrics_jsonl_is_per_job_throughput(build):
     m = ms.read_llmc_run(d)
     assert m.tokens_per_s_per_gpu == pytest.approx((8 * 5000.0 + 25) / 8)  # median of steps 11..39, / world
     assert m.allocated_bytes == 40 * 2**30 + 39 and m.reserved_bytes is None
+
+
+@pytest.mark.parametrize("ran", ["torchtitan", "deepspeed", "native"])
+def test_a_run_is_fitted_to_the_backend_that_ran_it(build, ran):
+    """`llmc launch --backend B` runs the lock's layout on B whatever backend the plan was computed for; every
+    trainer's metrics.jsonl opens with a start event naming its backend (torchtitan's job, llmc's native and
+    DeepSpeed trainers: llmc.runtime.train.open_run_logger), and calibrate predicts the run for that backend."""
+    d, c = build
+    recs = [{"event": "start", "backend": ran}] + [{"step": s, "loss": 3.0, "tokens_per_s": 40000.0}
+                                                   for s in range(1, 40)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    m = ms.read_llmc_run(d)
+    assert m.backend == ran and m.plan == c.plan
+    from llmc.runtime import ds_train, train
+
+    # the trainers name themselves so: the native logger by default, the DeepSpeed runner explicitly
+    assert 'backend: str = "native"' in inspect.getsource(train.open_run_logger)
+    assert 'backend="deepspeed"' in inspect.getsource(ds_train.train)
 
 
 def test_memory_of_a_cpu_run_is_not_a_device_measurement(build, tmp_path):

@@ -429,7 +429,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     from llmc.runtime.train import open_run_logger
 
     log = open_run_logger(job, out, main, True, MetricsLogger(out / "metrics.jsonl", enabled=main),
-                          resumed_step=step if can_resume else None)
+                          resumed_step=step if can_resume else None, backend="deepspeed")
     _say(f"{job.name}/{job.stage} (DeepSpeed ZeRO-{zero}, {config_name}): {n_params:,} params "
          f"({local_numel:,} held by rank 0), {job.steps} steps x {tokens_per_step:,} tokens "
          f"(mb {micro} x accum {accum} x dp {world}), seq {job.seq_len}, AC {ac}{job.loss_note}, "

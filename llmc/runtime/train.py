@@ -455,18 +455,22 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
 
 
 def open_run_logger(job: TrainJob, out: Path, main: bool, echo: bool, metrics: MetricsLogger,
-                    resumed_step: int | None = None) -> RunLogger:
+                    resumed_step: int | None = None, backend: str = "native") -> RunLogger:
     """metrics.jsonl (through ``metrics``) + TensorBoard under ``out/tensorboard`` (when the package is
     installed) + W&B offline (when installed and ``WANDB_MODE`` is not ``disabled``) + a progress/ETA line;
-    rank 0 only. After a resume, TensorBoard events past ``resumed_step`` are purged."""
+    rank 0 only. After a resume, TensorBoard events past ``resumed_step`` are purged. Its first record of this
+    start is a ``start`` event naming the ``backend`` that trains (as the torchtitan job's): ``llmc calibrate`` fits
+    a run to the backend that ran it, which ``llmc launch --backend`` may have chosen over the lock's."""
     import importlib.util
 
     tb = importlib.util.find_spec("tensorboard") is not None
     config = (job.lock or {}).get("spec", {}).get("resolved") if job.lock else None
-    return RunLogger(out, total_steps=job.steps, tokens_per_step=job.tokens_per_step,
-                     run_name=f"{job.name}-{job.stage}", config=config, tensorboard=tb, wandb="auto",
-                     metrics=metrics, enabled=main, echo=echo,
-                     purge_step=None if resumed_step is None else resumed_step + 1)
+    log = RunLogger(out, total_steps=job.steps, tokens_per_step=job.tokens_per_step,
+                    run_name=f"{job.name}-{job.stage}", config=config, tensorboard=tb, wandb="auto",
+                    metrics=metrics, enabled=main, echo=echo,
+                    purge_step=None if resumed_step is None else resumed_step + 1)
+    log.event("start", backend=backend, resumed_from=resumed_step)
+    return log
 
 
 def _finish(job: TrainJob, result: dict, final: Path, out: Path, assets: Assets, log: RunLogger, say) -> None:
