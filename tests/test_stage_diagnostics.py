@@ -367,3 +367,19 @@ def test_a_qlora_base_is_held_whole_on_every_gpu_its_states_shard_over():
     assert m.replicated_bytes == int(nf4 * NF4_BITS_PER_PARAM / 8)
     states = m.replicated_bytes + (m.weights_bytes - m.replicated_bytes + m.grads_optimizer_bytes) // 2
     assert m.per_gpu_bytes - (m.activation_bytes + m.buffer_bytes) == states
+
+
+@pytest.mark.parametrize("host_gib, severity", [(128, "error"), (300, "warning"), (2048, None), (None, "info")])
+def test_a_qlora_host_build_is_checked_against_the_nodes_host_memory(host_gib, severity):
+    """llmc's trainer builds a QLoRA stage's model in fp32 on the host, quantises it there and moves it to the GPU
+    (llmc.runtime.posttrain.build_policy): Llama 3 70B needs 4 B x 70,553,706,496 = 262.8 GiB of host memory on its
+    node. Above the node's (hardware.host_memory_gib) it is an error, above 80 % of it a warning, unknown an info."""
+    host = "" if host_gib is None else f", host_memory_gib: {host_gib}"
+    text = spec_text(QLORA, model="llama3-70b", gpu="a100-80g", count=1).replace(
+        "hardware: {gpu: a100-80g, count: 1}", "hardware: {gpu: a100-80g, count: 1" + host + "}")
+    g = diags(compile_text(text, fit_check=False), "G017")
+    if severity is None:
+        assert not g
+        return
+    assert [d.severity for d in g] == [severity] and g[0].path == "stages.0.lora"
+    assert f"{4 * LLAMA3_70B_PARAMS / 2**30:,.0f} GiB per node" in g[0].message

@@ -32,7 +32,7 @@ from typing import Any
 from llmc.compiler import checkpoint_cost, flops, memory, params, timing
 from llmc.compiler import defaults as defaults_mod
 from llmc.compiler.backends import deepspeed_zero_stage
-from llmc.compiler.checks import Sink, mixture_shares
+from llmc.compiler.checks import HOST_MEMORY_WARN, Sink, mixture_shares
 from llmc.compiler.hardware import GPU
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import (
@@ -52,7 +52,7 @@ from llmc.compiler.result import (
     StageTraining,
 )
 from llmc.compiler.search import USABLE_FRACTION, describe, divisors
-from llmc.compiler.units import gib
+from llmc.compiler.units import GiB, gib
 from llmc.diagnostics import Diagnostic
 from llmc.spec.chat import CHAT_TEMPLATES, OWN_TEMPLATE
 from llmc.spec.facts import ExternalFacts
@@ -653,6 +653,45 @@ def reference_bytes(arch: Any, total: int, bf16_ok: bool) -> int:
     return 2 * bf16 + 4 * (total - bf16)
 
 
+def host_build_bytes(env: _Env, st: StageBase) -> int:
+    """Host memory per node while llmc's trainer builds a LoRA / QLoRA stage's model on the host
+    (``llmc.runtime.posttrain.build_policy``: a whole build that quantises or casts its base, loads and adapts it
+    there, then moves it to the GPU, so the GPU never holds the fp32 model): the fp32 model, 4 B per parameter, for
+    each rank of the node. 0 when the trainer builds on the GPU or sharded on the meta device (several ranks and more
+    than :data:`META_INIT_PARAMS` parameters; QLoRA is refused there, G016)."""
+    lora = st.lora
+    if lora is None or env.gpu is None or env.gpu.key == "cpu":
+        return 0
+    if lora.quantize_base != "nf4" and not autocasts(env):
+        return 0
+    if env.world > 1 and env.n_total > META_INIT_PARAMS:
+        return 0
+    return min(env.gpu.gpus_per_node, env.world) * 4 * env.n_total
+
+
+def check_host_build(env: _Env, st: StageBase, p: str, sink: Sink) -> None:
+    """G017: a LoRA / QLoRA stage's host build (:func:`host_build_bytes`) against the node's host memory
+    (``hardware.host_memory_gib``, else the table's reference node): an error above it, a warning above
+    :data:`llmc.compiler.checks.HOST_MEMORY_WARN` of it, info when the node's is not known (as P016)."""
+    need = host_build_bytes(env, st)
+    if not need:
+        return
+    have = env.gpu.host_gib * GiB
+    ranks = min(env.gpu.gpus_per_node, env.world)
+    what = (f"{st.kind} stage {st.name!r}: llmc's trainer builds the model in fp32 on the host before it "
+            f"{'quantises' if st.lora.quantize_base == 'nf4' else 'casts'} the base and moves it to the GPU: "
+            f"{need / GiB:,.0f} GiB per node ({ranks} rank(s) x 4 B x {env.n_total / 1e9:.1f}B parameters)")
+    if not have:
+        sink.add("G017", "info", f"{p}.lora", f"{what}; the node's host memory is not known",
+                 "set hardware.host_memory_gib to have the plan check it")
+    elif need > HOST_MEMORY_WARN * have:
+        sink.add("G017", "error" if need > have else "warning", f"{p}.lora",
+                 what + (f", more than the node's {have / GiB:,.0f} GiB" if need > have else
+                         f", {need / have:.0%} of the node's {have / GiB:,.0f} GiB")
+                 + " (hardware.host_memory_gib or the hardware table's reference node)",
+                 "a node with more host memory, or fewer GPUs per node for the stage")
+
+
 def state_bytes_per_gpu(weights: int, ref: int, optim: int, replicated: int, shard: int) -> int:
     """A stage's weights, reference and gradients + optimizer states on one GPU: sharded over ``shard`` GPUs (FSDP2
     / ZeRO-3 over every GPU, or 1), but for the ``replicated`` bytes of the weights every rank holds whole."""
@@ -1140,6 +1179,7 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
                  "FSDP shards: every rank would hold them whole anyway); the stage would stop at its start",
                  "QLoRA runs such a model on one GPU (hardware.count: 1); on several, LoRA without quantize_base "
                  "(its base shards over the GPUs)")
+    check_host_build(env, st, p, sink)
     par = env.run.parallelism
     if par.offload_optimizer and st.kind in CHAT_KINDS:
         what = "offload_optimizer" + (" and offload_params" if par.offload_params else "")
