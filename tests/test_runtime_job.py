@@ -165,8 +165,8 @@ def test_midtrain_starts_from_pretrain_weights(tmp_path):
     pre = run_stage(lock, "pre", None, tmp_path)
     mid = run_stage(lock, "mid", None, tmp_path)
     assert pre["status"] == mid["status"] == "done"
-    first = [json.loads(x) for x in (tmp_path / "run" / "mid" / "metrics.jsonl").read_text().splitlines()][0]
-    fresh = [json.loads(x) for x in (tmp_path / "run" / "pre" / "metrics.jsonl").read_text().splitlines()][0]
+    first, fresh = ([r for r in map(json.loads, (tmp_path / "run" / s / "metrics.jsonl").read_text().splitlines())
+                     if "loss" in r and "event" not in r][0] for s in ("mid", "pre"))
     assert first["loss"] < fresh["loss"] - 0.3  # it starts where pre-training left off, not from scratch
 
 

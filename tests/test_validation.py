@@ -286,8 +286,9 @@ def test_torchtitan_job_logs_llmcs_validation_loss_of_its_checkpoint(tmp_path, m
     train_log = "\n".join(ln for ln in log.splitlines() if "validate step" not in ln)
     assert sorted(losses(train_log)) == list(range(1, 9))
     val = {int(s): float(x) for s, x in re.findall(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+)", log)}
-    assert sorted(val) == [1, 4, 8] and all(math.isfinite(x) for x in val.values()), log[-2000:]
-    assert val[8] < val[1]
+    # every every_steps and at the last step, as the lock counts them (not also at step 1, torchtitan's own rule)
+    assert sorted(val) == [4, 8] and all(math.isfinite(x) for x in val.values()), log[-2000:]
+    assert val[8] < val[4]
 
     ckpt = run_dir / "outputs" / "torchtitan" / "checkpoints"
     assert (ckpt / "step-8" / ".metadata").exists()
@@ -505,7 +506,7 @@ def test_torchtitan_two_ranks_log_llmcs_validation_loss_of_their_checkpoint(tmp_
     val = {}
     for s, x in re.findall(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+)", log):
         val.setdefault(int(s), set()).add(float(x))
-    assert sorted(val) == [1, 4, 8] and all(len(x) == 1 for x in val.values()), val  # both ranks log it
+    assert sorted(val) == [4, 8] and all(len(x) == 1 for x in val.values()), val  # both ranks log it
 
     ck, _ = _model_state(run_dir / "outputs" / "torchtitan" / "checkpoints")
     model = build_model(c.spec.model, "cpu", seed=1)

@@ -1262,6 +1262,8 @@ def _model_state(stage_dir: Path, *more: Path, dtype: torch.dtype | None = None
         sd = read_dcp_tensors(dcp[-1], lambda key: key.split(".", 1)[0] not in TITAN_AUX_STATES, dtype)
     finally:
         logging.disable(logging.NOTSET)
+    if sd and all(k.startswith("model.") for k in sd):  # a checkpoint of {"model": state dict} (flattened by DCP)
+        sd = {k[len("model."):]: v for k, v in sd.items()}
     out = {}
     for k, v in sd.items():
         if torch.is_tensor(v):
