@@ -17,8 +17,12 @@ Backends:
   (``torchtitan/llmc_job_stage<i>.py``, started from the Hugging Face export of its ``init_from`` stage, passed as
   ``LLMC_INIT_HF``); each is finished once its ``run/<stage>/hf`` export exists (torchtitan writes no DONE.json);
   the other stages run on the native runtime.
-* ``deepspeed``  ``deepspeed --num_gpus N --module llmc.runtime.ds_train --lock L --ds-config C ...``
-  with ``DS_ACCELERATOR=cpu`` when there is no GPU. Stage kinds the DeepSpeed runner does not train
+* ``deepspeed``  ``torchrun --standalone --nproc_per_node N -m llmc.runtime.ds_train --lock L --ds-config C ...``
+  with ``DS_ACCELERATOR=cpu`` when there is no GPU. torchrun, not the ``deepspeed`` runner, starts the ranks (the
+  runner's ``launch.py`` would set the same RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR): after a SIGTERM it lets them
+  save for ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` s, the plan's preemption figure, where ``launch.py`` kills them 30 s later
+  whatever they are doing (``terminate_process_tree``: ``psutil.wait_procs(children, timeout=30)``, then SIGKILL;
+  deepspeed/launcher/launch.py, 0.19.8). Stage kinds the DeepSpeed runner does not train
   (dpo, grpo) run on the native runtime.
 * eval           after each stage the lock lists under ``evaluation.tasks.stages``, whatever its backend:
   ``python -m llmc.runtime.evaluate --lock L --stage S --out R/S`` (lm-evaluation-harness on ``R/S/hf``),
@@ -77,7 +81,6 @@ from llmc.runtime.job import (
 BACKENDS = ("native", "torchtitan", "deepspeed")
 #: Most processes per node ``--nproc`` takes (the spec's own ceiling on hardware.gpus_per_node)
 MAX_NPROC = 1024
-DEFAULT_MASTER_PORT = 29500
 
 
 class LaunchError(Exception):
@@ -332,8 +335,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         fin = finished[s["name"]] if titan or (run / s["name"] / "DONE.json").is_file() else None
         if backend == "deepspeed" and s["kind"] in DS_STAGE_KINDS:
             env = {} if on_gpu else {"DS_ACCELERATOR": "cpu"}
-            port = os.environ.get("LLMC_MASTER_PORT", str(DEFAULT_MASTER_PORT))
-            c = Cmd(argv=[_tool("deepspeed"), "--num_gpus", str(nproc), "--master_port", port, "--module",
+            c = Cmd(argv=[_tool("torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m",
                           "llmc.runtime.ds_train", "--lock", lock_path, "--ds-config", str(ds_config),
                           "--stage", s["name"], "--out", str(run / s["name"])], env=env, cwd=str(b),
                     stage=s["name"], stage_dir=str(run / s["name"]))

@@ -436,7 +436,7 @@ def test_zero_stages_train_the_tiny_model_identically(tmp_path):
 
 @pytest.mark.slow
 def test_deepspeed_pipeline_via_launch_commands(tmp_path):
-    """`llmc launch --backend deepspeed` commands for real (the deepspeed launcher, 1 CPU process): a
+    """`llmc launch --backend deepspeed` commands for real (torchrun starting llmc's DeepSpeed runner, 1 CPU process): a
     pretrain stage, then a midtrain stage that starts from its weights; a second launch skips both."""
     from llmc.buildfs import write_build
     from llmc.launch import launch_commands
@@ -460,7 +460,7 @@ def test_deepspeed_pipeline_via_launch_commands(tmp_path):
     write_build(b, render_artifacts(c))
     env = {**ENV, "LLMC_MASTER_PORT": str(29400 + os.getpid() % 200)}
     cmds = launch_commands(b, backend="deepspeed", gpu=False)
-    assert [Path(x.argv[0]).name for x in cmds[1:]] == ["deepspeed", "deepspeed"]
+    assert [Path(x.argv[0]).name for x in cmds[1:]] == ["torchrun", "torchrun"]
     logs = {}
     for cmd in cmds:
         r = subprocess.run(cmd.argv, env={**env, **cmd.env}, cwd=cmd.cwd, capture_output=True, text=True,

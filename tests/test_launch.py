@@ -95,12 +95,14 @@ def test_post_training_stages_get_every_process(tmp_path):
 def test_deepspeed_dry_run(tmp_path):
     b = _build(tmp_path)
     cmds = launch_commands(b, backend="deepspeed", nproc=2, gpu=False)
-    ds = [c for c in cmds if Path(c.argv[0]).name == "deepspeed"]
+    ds = [c for c in cmds if "llmc.runtime.ds_train" in c.argv]
     assert [c.stage for c in ds] == ["base"]  # sft/dpo (masked / pairwise losses) run on the native runtime
     c = ds[0]
     assert c.env == {"DS_ACCELERATOR": "cpu"}
-    assert c.argv[1:3] == ["--num_gpus", "2"]
-    assert "--module" in c.argv and c.argv[c.argv.index("--module") + 1] == "llmc.runtime.ds_train"
+    # torchrun starts the ranks (TORCH_ELASTIC_SHUTDOWN_TIMEOUT lets them save after a SIGTERM; the DeepSpeed
+    # launcher's launch.py would kill them 30 s later)
+    assert Path(c.argv[0]).name == "torchrun" and c.argv[1:4] == ["--standalone", "--nproc_per_node", "2"]
+    assert c.argv[c.argv.index("-m") + 1] == "llmc.runtime.ds_train"
     assert c.argv[c.argv.index("--ds-config") + 1] == str(b.resolve() / "deepspeed" / "ds_config.json")
     for c in cmds[2:]:
         assert "llmc.runtime.entry" in c.argv and Path(c.argv[0]).name == "torchrun"
@@ -206,7 +208,7 @@ def test_cli_dry_run_prints_commands(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     lines = [ln for ln in r.output.splitlines() if ln.startswith("+ ")]
     assert len(lines) == 4
-    assert lines[1].startswith("+ DS_ACCELERATOR=cpu ") and "--module llmc.runtime.ds_train" in lines[1]
+    assert lines[1].startswith("+ DS_ACCELERATOR=cpu ") and "-m llmc.runtime.ds_train" in lines[1]
 
 
 def test_fallback_checkpoint_reaches_llmcs_trainer_and_is_refused_for_other_checkpointers(tmp_path, monkeypatch):
@@ -442,8 +444,8 @@ def test_cpu_build_defaults_to_the_plans_world_on_one_node(cpu2_build):
     for c in launch_commands(b, backend="native", gpu=False)[1:]:
         if "--nproc_per_node" in c.argv:
             assert c.argv[c.argv.index("--nproc_per_node") + 1] == "2", c.argv
-    ds = [c for c in launch_commands(b, backend="deepspeed", gpu=False) if "--num_gpus" in c.argv]
-    assert ds and all(c.argv[c.argv.index("--num_gpus") + 1] == "2" for c in ds)
+    ds = [c for c in launch_commands(b, backend="deepspeed", gpu=False) if "llmc.runtime.ds_train" in c.argv]
+    assert ds and all(c.argv[c.argv.index("--nproc_per_node") + 1] == "2" for c in ds)
     assert launch_commands(b, backend="native", nproc=1, gpu=False)[1].argv[3] == "1"  # --nproc still wins
     for name in ("native/launch.sh", "launch/torchrun_single_node.sh", "launch/torchrun_multi_node.sh",
                  "deepspeed/launch.sh"):

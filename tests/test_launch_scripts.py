@@ -410,6 +410,31 @@ def test_torchtitan_multi_node_scripts_prepare_once(tiny_build, tmp_path):
 
 # ----------------------------------------------------------------------------- 4. DeepSpeed hostfile: every stage on every host
 
+def test_deepspeed_stages_on_one_node_get_the_planned_shutdown_time(tmp_path):
+    """On one node deepspeed/launch.sh starts the DeepSpeed runner's ranks with torchrun, which lets them save for
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT s after a SIGTERM (the plan's preemption figure); the DeepSpeed launcher's
+    launch.py would SIGKILL them 30 s after it (terminate_process_tree, deepspeed 0.19.8)."""
+    import shlex
+
+    b = _fake_build(tmp_path, count=8)
+    d = tmp_path / "bin"
+    d.mkdir()
+    for name in ("deepspeed", "torchrun", "python"):
+        _exe(d / name, f'#!/bin/bash\necho "{name} ${{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-unset}} $(printf "%q " "$@")" '
+                       f'>> {d}/calls.log\n')
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
+    env.update(PATH=f"{d}:{os.environ['PATH']}", RUN_DIR=str(tmp_path / "run"))
+    r = subprocess.run(["bash", str(b / "deepspeed/launch.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = [shlex.split(ln) for ln in (d / "calls.log").read_text().splitlines()]
+    (base,) = [c for c in calls if "--stage" in c and c[c.index("--stage") + 1] == "base"]
+    assert base[0] == "torchrun" and base[2:6] == ["--standalone", "--nproc_per_node", "8", "-m"], base
+    assert base[6] == "llmc.runtime.ds_train"
+    lead = re.search(r'TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)', (b / "deepspeed/launch.sh").read_text()).group(1)
+    assert base[1] == lead and int(lead) > 30
+    assert not [c for c in calls if c[0] == "deepspeed"]
+
+
 def test_deepspeed_hostfile_runs_the_other_stages_on_the_same_hosts(tmp_path):
     """With a HOSTFILE the DeepSpeed stages run on its hosts; the stages the DeepSpeed runner does not train (sft,
     dpo) must too, not on this node alone: through the DeepSpeed launcher's own multi-node start, checked with

@@ -130,20 +130,20 @@ FAKE_RANK = textwrap.dedent("""\
     """)
 
 
-@pytest.mark.skipif(not (VENV_BIN / "deepspeed").exists(), reason="no deepspeed launcher next to the interpreter")
+@pytest.mark.skipif(not (VENV_BIN / "torchrun").exists(), reason="no torchrun next to the interpreter")
 def test_deepspeed_launch_sh_stopped_by_sigterm_ends_preempted(ds_build, tmp_path):
     """deepspeed/launch.sh under a SIGTERM to its process group (a preemption, `timeout`, a service stop), through
-    DeepSpeed's real launcher (runner.py + launch.py) with a rank that saves and exits 75: the script must outlive
-    the signal, wait for the rank and end with the preempted status and its resume line (it died of the SIGTERM,
-    143, with the rank still saving)."""
+    the real torchrun that starts the DeepSpeed runner's ranks on one node, with a rank that saves and exits 75: the
+    script must outlive the signal, wait for the rank and end with the preempted status and its resume line (it died
+    of the SIGTERM, 143, with the rank still saving)."""
     d = tmp_path / "bin"
     d.mkdir()
     (tmp_path / "llmc_fake_rank.py").write_text(FAKE_RANK)
-    ds_real = VENV_BIN / "deepspeed"
-    # the stage's own DeepSpeed command, with llmc's trainer swapped for the fake rank
-    (d / "deepspeed").write_text(f'#!/bin/bash\ncase " $* " in *" --module llmc.runtime.ds_train "*) ;; '
-                                 f'*) echo "unexpected: $*" >&2; exit 9 ;; esac\n'
-                                 f'exec {ds_real} --num_gpus 1 --master_port "$MASTER_PORT" --module llmc_fake_rank\n')
+    tr_real = VENV_BIN / "torchrun"
+    # the stage's own command, with llmc's DeepSpeed runner swapped for the fake rank
+    (d / "torchrun").write_text(f'#!/bin/bash\ncase " $* " in *" -m llmc.runtime.ds_train "*) ;; '
+                                f'*) echo "unexpected: $*" >&2; exit 9 ;; esac\n'
+                                f'exec {tr_real} --standalone --nproc_per_node 1 -m llmc_fake_rank\n')
     (d / "python").write_text(f'#!/bin/bash\nif [ "$2" = llmc.runtime.entry ]; then exit 0; fi\n'
                               f'exec {sys.executable} "$@"\n')  # prepare: nothing to do here
     for f in d.iterdir():

@@ -133,13 +133,16 @@ eval_done() { [ -f "$RUN_DIR/$1/eval/summary.json" ]; }
 run_evals() { eval_done "$1" || python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
 srun_evals() { eval_done "$1" || srun --ntasks=1 --nodes=1 python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
 
-DS=(deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT")
-# A stage the DeepSpeed runner does not train (NATIVE, then the module) runs llmc.runtime.entry on the same
-# processes: torchrun on this node, or with a HOSTFILE the DeepSpeed launcher itself, which starts the ranks on every
-# host and sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun does
-# (https://github.com/deepspeedai/DeepSpeed/blob/master/deepspeed/launcher/launch.py); --no_local_rank: the entry
-# point takes no --local_rank argument
-NATIVE=(torchrun --standalone --nproc_per_node "$NPROC" -m)
+# On this node torchrun starts the ranks of every stage (DS, then the module: llmc's DeepSpeed runner; NATIVE: a stage
+# the DeepSpeed runner does not train, llmc.runtime.entry): after a SIGTERM it lets them save for
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (the plan's figure, exported above), where the DeepSpeed launcher's launch.py kills them
+# 30 s later whatever they are doing (terminate_process_tree: psutil.wait_procs(children, timeout=30), then SIGKILL;
+# deepspeed/launcher/launch.py, 0.19.8). With a HOSTFILE the DeepSpeed launcher starts the ranks on every host and
+# sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun does
+# (https://github.com/deepspeedai/DeepSpeed/blob/master/deepspeed/launcher/launch.py), with that 30 s limit;
+# --no_local_rank: the entry point takes no --local_rank argument
+DS=(torchrun --standalone --nproc_per_node "$NPROC" -m)
+NATIVE=("${DS[@]}")
 if [ -n "${HOSTFILE:-}" ]; then
   # --master_addr: the first host of the hostfile (DeepSpeed would otherwise take the first address `hostname -I`
   # prints there, which may be one the other nodes cannot reach); MASTER_ADDR overrides it
@@ -158,9 +161,10 @@ if [ -n "${HOSTFILE:-}" ]; then
       *) printf '%s=%s\n' "$v" "${!v}" >> "$DS_ENV_FILE" ;;
     esac
   done
-  DS=(deepspeed --hostfile "$HOSTFILE" --num_nodes 1 --num_gpus "$NPROC" --master_addr "$MASTER_ADDR"
-      --master_port "$MASTER_PORT")
-  NATIVE=("${DS[@]}" --no_local_rank --module)
+  MULTI=(deepspeed --hostfile "$HOSTFILE" --num_nodes 1 --num_gpus "$NPROC" --master_addr "$MASTER_ADDR"
+         --master_port "$MASTER_PORT")
+  DS=("${MULTI[@]}" --module)
+  NATIVE=("${MULTI[@]}" --no_local_rank --module)
 fi
 # A SIGTERM to this script's process group (a preemption, `timeout`, a service manager's stop) reaches the stage in
 # flight, whose trainers save their current step and exit PREEMPTED. This shell outlives it: a non-interactive bash
@@ -175,11 +179,12 @@ stop_here() {  # stop_here STAGE: after STAGE, end the script if a SIGTERM came 
     exit "${PREEMPTED:-143}"
   fi
 }
-# A DeepSpeed stage's status after a SIGTERM comes from its ranks: the DeepSpeed launcher's own says nothing about
-# them. Its runner has no SIGTERM handler on one node and dies of it (143) while the ranks still save, and launch.py,
-# once it has stopped them, exits 1 whatever they returned (deepspeed/launcher/runner.py, launch.py
-# sigkill_handler, 0.19.8). So the runner runs with SIGTERM ignored (launch.py installs its own handler, passes the
-# signal on to the ranks and waits for them; the runner waits for launch.py), and each rank writes its exit status
+# A DeepSpeed stage's status after a SIGTERM comes from its ranks: its launcher's own says little about them
+# (torchrun exits 1 whatever they returned; the DeepSpeed launcher's runner has no SIGTERM handler on one node and
+# dies of it, 143, while the ranks still save, and launch.py, once it has stopped them, exits 1 whatever they
+# returned: deepspeed/launcher/runner.py, launch.py sigkill_handler, 0.19.8). So the launcher runs with SIGTERM
+# ignored (torchrun and launch.py install their own handlers, pass the signal on to the ranks and wait for them; the
+# runner waits for launch.py), and each rank writes its exit status
 # to LLMC_EXIT_DIR (llmc.runtime.runlock.report_exit: {"rank": R, "world": W, "exit": N, ...}); a stage whose
 # ranks 0..W-1 all reported PREEMPTED is preempted. With a HOSTFILE the other hosts' ranks report nothing here (the
 # directory is this node's), so the launcher's status stands.
@@ -211,7 +216,7 @@ ds_stage() {  # ds_stage ARGS...: "${DS[@]}" ARGS (run_logged runs it in a subsh
 }
 python -m llmc.runtime.entry prepare --lock "$LOCK"
 if want_stage pretrain && ! stage_done pretrain; then
-  run_logged pretrain ds_stage --module llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR"/pretrain
+  run_logged pretrain ds_stage llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR"/pretrain
   stop_here pretrain
 fi
 if want_stage pretrain; then run_evals pretrain; fi
