@@ -140,7 +140,7 @@ def test_qlora_hint_names_what_is_left_a_lower_rank_that_fits():
     # the largest rank whose adapters' states leave the stage within the GPU (the rest of the stage unchanged)
     assert m.per_gpu_bytes - ADAM_BYTES * (64 - rank) * LORA_PER_RANK <= cap \
         < m.per_gpu_bytes - ADAM_BYTES * (64 - rank - 1) * LORA_PER_RANK
-    assert "NF4 base" in d.hint
+    assert "of it NF4" in d.hint
     fitted = compile_text(spec_text(stage.replace("RANK", str(rank)), gpu="l40s", count=1))
     assert not diags(fitted, "G005") and fitted.stages[0].memory.fits
 

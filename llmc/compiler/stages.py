@@ -1097,18 +1097,23 @@ def _states_remedies(env: _Env, st: StageBase, mem: StageMemoryPlan, per_step: i
         return "; ".join(["LoRA or QLoRA (lora:, lora.quantize_base: nf4: only the adapters train)", gpus, *short])
     base = state_bytes_per_gpu(mem.weights_bytes or 0, 0, 0, mem.replicated_bytes, shard)
     adapters = (mem.grads_optimizer_bytes or 0) // shard
-    what = (f"{base / 1e9:.1f} GB the frozen {'NF4 ' if qlora else ''}base, {adapters / 1e9:.1f} GB the adapters "
-            "with their gradients and AdamW states")
+    what = (f"{base / 1e9:.1f} GB the frozen base" + (f" ({mem.replicated_bytes / 1e9:.1f} GB of it NF4)" if qlora
+                                                         else "")
+            + f", {adapters / 1e9:.1f} GB the adapters with their gradients and AdamW states")
     # QLoRA stores the adapted linears (most of the base) in NF4: at most this much less per GPU
     tries = [] if qlora or base * (1 - NF4_BITS_PER_PARAM / 16) < over else [
         "QLoRA (lora.quantize_base: nf4: the frozen base in ~4.1 bits a weight instead of 16)"]
     rank = lora.rank * (adapters - over) // adapters if adapters else 0
+    experts = adapted_expert_params(env.run.model, lora.targets)
+    if experts and autocasts(env):  # adapted expert matrices stay fp32 (frozen_base_bytes); unadapted ones bf16
+        tries.append(f"lora.targets without w1 / w2 / w3 (llmc's trainer keeps adapted routed experts in fp32: "
+                     f"{2 * experts / shard / 1e9:.1f} GB a GPU less in bf16, and their adapters' share)")
     if rank >= 1:
         tries.append(f"lora.rank about {rank} or lower (now {lora.rank}), or fewer lora.targets")
     tries += short
     tries.append("a GPU with more memory" if qlora else gpus)
-    if qlora:
-        tries.append(f"more GPUs split the adapters' states but not the NF4 base, which every rank holds whole "
+    if qlora and env.n_total <= META_INIT_PARAMS:  # (over it, QLoRA runs on one GPU only: G016)
+        tries.append(f"more GPUs split the rest of the states but not the NF4 codes, which every rank holds whole "
                      f"({mem.replicated_bytes / 1e9:.1f} GB)")
     return f"{what}; " + "; ".join(tries)
 
