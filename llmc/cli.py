@@ -365,6 +365,7 @@ def launch(
     except RunLockBusy as e:
         _fail([f"{build_dir}: error[L003] {e}"])
     if no_resume:  # under the run lock: set every stage this launch runs aside, then plan the commands again
+        from llmc.fileio import set_aside
         from llmc.runtime.job import set_stage_aside
 
         for name in dict.fromkeys(c.stage for c in cmds if c.stage and c.stage != "prepare" and "/" not in c.stage):
@@ -372,6 +373,11 @@ def launch(
             moved = set_stage_aside(b / "run" / name, b / "assets")
             if moved is not None:
                 _echo(f"{name}: the earlier run is set aside in {os.path.relpath(moved)}")
+        # a torchtitan stage's checkpoints, which its job would resume from, go aside with it
+        for dump in dict.fromkeys(c.dump_dir for c in cmds if c.dump_dir):
+            moved = set_aside(dump)
+            if moved is not None:
+                _echo(f"{os.path.relpath(dump)}: its torchtitan checkpoints are set aside in {os.path.relpath(moved)}")
         try:
             cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage,
                                    fallback_checkpoint=fallback_checkpoint)
@@ -386,7 +392,11 @@ def launch(
             if c.skip_reason:
                 typer.echo(f"{c.stage}: skipped: {c.skip_reason}")
                 continue
-            start_stage(c, b)
+            try:
+                start_stage(c, b)
+            except LaunchError as e:
+                lock.release()
+                _fail([f"{build_dir}: error[L005] {e}"])
             log = b / "run" / (c.stage if c.stage != "prepare" else ".prepare") / "stderr.log"
             env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown), **os.environ, **c.env}
             rc, cause = _run_logged(c.argv, env=env, cwd=c.cwd, log=log, grace_s=wait)

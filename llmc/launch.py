@@ -65,6 +65,7 @@ from llmc.runtime.capabilities import (
     DS_STAGE_KINDS,
     TITAN_PRETRAIN_MODULE,
     TITAN_STAGE_KINDS,
+    titan_dump_subdir,
     titan_stage_module,
 )
 from llmc.runtime.evaluate import SUMMARY as EVAL_SUMMARY
@@ -104,6 +105,8 @@ class Cmd:
     #: (``llmc.runtime.job.keep_tokenizer``) and a torchtitan stage its ``record`` (``FINGERPRINT.json``)
     stage_dir: str | None = None
     record: dict | None = None
+    #: a torchtitan stage's dump folder (its DCP checkpoints, which the job resumes from): set aside with the stage
+    dump_dir: str | None = None
 
 
 def has_gpu() -> bool:
@@ -359,7 +362,8 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
                 env["LLMC_INIT_HF"] = str(run / s["init_from"] / "hf")  # the stage before it ends with this export
             # (its record of the lock that trains it, written as it starts: FINGERPRINT.json beside the export)
             c = Cmd(argv=argv, env=env, cwd=str(b), stage=s["name"], artifacts=(str(module.relative_to(b)),),
-                    stage_dir=str(run / s["name"]), record=fingerprint_record(lock, s["name"]) or None)
+                    stage_dir=str(run / s["name"]), record=fingerprint_record(lock, s["name"]) or None,
+                    dump_dir=str(b / "outputs" / titan_dump_subdir(s["name"] if own else None)))
             # torchtitan writes DCP checkpoints: the stage ends, as every stage does, with a Hugging Face
             # directory run/<stage>/hf (llmc.runtime.hf_io converts the newest checkpoint)
             hf = run / s["name"] / "hf" / "config.json"
@@ -419,6 +423,16 @@ def start_stage(c: Cmd, build_dir: str | os.PathLike) -> None:
     if not c.stage_dir:
         return
     d = Path(c.stage_dir)
+    if c.record and c.dump_dir and (d / FINGERPRINT_FILE).is_file():
+        # an unfinished torchtitan run resumes from its checkpoints: one started under another lock is not this one's
+        try:
+            was = json.loads((d / FINGERPRINT_FILE).read_text()).get("fingerprint_sha256")
+        except (OSError, ValueError, AttributeError):
+            was = None
+        if was and was != c.record.get("fingerprint_sha256") and any(Path(c.dump_dir).glob("checkpoint*/step-*")):
+            raise LaunchError(f"stage {c.stage!r} was started under another lock than this build's ({d / FINGERPRINT_FILE}"
+                              f"), and torchtitan would resume its checkpoints ({c.dump_dir}): `llmc launch "
+                              f"{build_dir} --no-resume --stage {c.stage}` sets both aside and trains it again")
     d.mkdir(parents=True, exist_ok=True)
     keep_tokenizer(Path(build_dir) / "assets", d)
     if c.record:

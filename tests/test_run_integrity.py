@@ -349,3 +349,41 @@ def test_editing_a_later_stage_keeps_the_finished_earlier_ones(tmp_path, capsys)
     assert {k: v for k, v in got.items() if k != "_"} == {"pretrain": "stale", "sft": "stale", "dpo": "stale",
                                                          "grpo": "run"}
     assert "the run it starts from changed" in got["_"]["sft"]
+
+
+def test_an_unfinished_torchtitan_run_of_another_lock_is_refused_and_no_resume_sets_its_checkpoints_aside(
+        tmp_path, monkeypatch):
+    """A torchtitan stage started (not finished) under one lock resumes its DCP checkpoints from the dump folder,
+    which `--no-resume` used to leave in place: relaunched under another learning rate it is refused (L005), not
+    stamped with the new lock's fingerprint; `--no-resume --stage pretrain` sets the stage and its checkpoints aside and
+    trains it from the start."""
+    import llmc.cli as cli
+
+    b = tmp_path / "b"
+    example = (ROOT / "examples" / "tiny_cpu.yaml").read_text()
+    write_build(b, render_artifacts(compile_text(example, str(tmp_path / "tiny_cpu.yaml"))))
+    ran: list[list[str]] = []
+    def run(argv, env, cwd, log, grace_s):  # stand-ins: prepare does nothing, the torchtitan job is preempted
+        ran.append(argv)
+        return (75 if any("llmc_job" in a for a in argv) else 0), ""
+
+    monkeypatch.setattr(cli, "_run_logged", run)
+    r = CliRunner().invoke(app, ["launch", str(b), "--backend", "torchtitan"])  # preempted before it finished
+    first = json.loads((b / "run/pretrain/FINGERPRINT.json").read_text())["fingerprint_sha256"]
+    ckpt = b / "outputs" / "torchtitan" / "checkpoint" / "step-4"
+    ckpt.mkdir(parents=True)
+    (ckpt / ".metadata").write_text("dcp")
+
+    write_build(b, render_artifacts(compile_text(example.replace("lr: 3.0e-3", "lr: 1.0e-3"),
+                                                 str(tmp_path / "tiny_cpu.yaml"))))
+    ran.clear()
+    r = CliRunner().invoke(app, ["launch", str(b), "--backend", "torchtitan"])
+    err = _errors(r.output, "L005")
+    assert r.exit_code == 1 and len(err) == 1 and "--no-resume --stage pretrain" in err[0], r.output
+    assert not [a for a in ran if "llmc_job" in a]  # nothing resumed the other lock's checkpoints
+    assert json.loads((b / "run/pretrain/FINGERPRINT.json").read_text())["fingerprint_sha256"] == first
+
+    r = CliRunner().invoke(app, ["launch", str(b), "--backend", "torchtitan", "--no-resume", "--stage", "pretrain"])
+    assert (b / "outputs" / "torchtitan.set-aside-1" / "checkpoint" / "step-4" / ".metadata").is_file(), r.output
+    assert not (b / "outputs" / "torchtitan" / "checkpoint").exists()
+    assert json.loads((b / "run/pretrain/FINGERPRINT.json").read_text())["fingerprint_sha256"] != first

@@ -24,8 +24,8 @@ command's shell, PID 1 of the pod's PID namespace, which the kernel gives no sig
 established a signal handler"): a plain ``bash -c`` would let the SIGTERM vanish and the trainers die in the
 SIGKILL with every step since the last interval checkpoint. So the command starts the launcher in a process group
 of its own, passes a SIGTERM on to that group (torchrun forwards it to the trainers, which save the current step
-and exit; the launcher's shell ignores it and ends with their preempted status) and ends only once the whole group
-has, and the manifest's ``runtimePatches`` set the pods'
+and exit; the launcher's shell ignores it and ends with their preempted status) and ends only once that group has
+(torchrun among it, which waits for its trainers: they run in sessions of their own), and the manifest's ``runtimePatches`` set the pods'
 ``terminationGracePeriodSeconds`` to the plan's figure (the lock's ``preemption.signal_lead_seconds``: torchrun's
 shutdown time + the relay's, as Slurm's ``--signal`` lead).
 """
@@ -52,13 +52,16 @@ BUILD_DIR = "/workspace/build"
 COMMAND = """set -euo pipefail
 export NNODES="${PET_NNODES:-1}" NPROC="${PET_NPROC_PER_NODE:-%(gpn)d}"
 export MASTER_ADDR="${PET_MASTER_ADDR:-localhost}" MASTER_PORT="${PET_MASTER_PORT:-29500}"
-# PID 1: a SIGTERM reaches this shell only through its trap, which passes it on to the launcher's process group;
-# the launcher's own shell ignores it (torchrun and its trainers handle it) and ends with their status
+# PID 1: a SIGTERM reaches this shell only through its trap (set first: one before it would be lost), which passes it
+# on to the launcher's process group (torchrun, which forwards it to its trainers); the launcher's own shell ignores
+# it and ends with their status
+group= stop=
+trap 'stop=1; [ -z "$group" ] || kill -TERM -- "-$group" 2>/dev/null || true' TERM
 setsid bash -c 'trap "" TERM; exec bash "$0"' "$LLMC_BUILD_DIR/launch/torchrun_multi_node.sh" &
 group=$!
-trap 'trap "" TERM; kill -TERM -- "-$group" 2>/dev/null || true' TERM
+[ -z "$stop" ] || kill -TERM -- "-$group" 2>/dev/null || true
 wait "$group" || true  # returns early when the trap ran
-while kill -0 -- "-$group" 2>/dev/null; do sleep 1; done  # torchrun and its trainers may outlive the script
+while kill -0 -- "-$group" 2>/dev/null; do sleep 1; done  # torchrun may outlive the script (it waits for its trainers)
 wait "$group"  # the launcher's exit status
 """
 # The training runtime's replicated job (manifests/base/runtimes/torch_distributed.yaml in kubeflow/trainer) and

@@ -624,8 +624,8 @@ def stale_message(stage: str, f: Finished, build: str) -> str:
     """The one line that refuses a stage finished under another lock: what changed and the ways out."""
     return (f"stage {stage!r} finished under another lock than this build's ({f.marker}): {f.change}; "
             f"it is not this build's result, so it is neither skipped nor trained over: `llmc launch {build} "
-            f"--no-resume` sets it aside (run/{stage}.set-aside-N) and trains it again, or build into a fresh "
-            "directory")
+            f"--no-resume --stage {stage}` sets it aside (run/{stage}.set-aside-N) and trains it again (the stages "
+            "after it follow), or build into a fresh directory")
 
 
 def legacy_message(stage: str, f: Finished) -> str:

@@ -519,7 +519,8 @@ class StageBase(SpecModel):
     """Share of general data the stage is meant to mix in against forgetting (warned below 10%): a declaration,
     checked against the stage's own sources (G010), which the runners mix by their weights."""
     seq_len: Int | None = Field(default=None, gt=0)
-    """Training sequence length. None = data.seq_len (grpo: max_prompt_tokens + max_new_tokens)."""
+    """Training sequence length. None = data.seq_len. A GRPO stage's sequences are max_prompt_tokens +
+    max_new_tokens whatever this says (its trainer reads no seq_len; G015)."""
 
     @model_validator(mode="after")
     def _one_init(self) -> StageBase:

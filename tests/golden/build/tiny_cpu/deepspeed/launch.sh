@@ -32,13 +32,17 @@ trained_here() {
     echo "$RUN_DIR/$1: warning[R005] stage $1 finished without a record of the lock it was trained under (an older llmc): counted as finished, unchecked" >&2
     return 0
   fi
-  if [ -z "$now" ] || [ "$was" = "$now" ]; then return 0; fi
+  if [ -z "$now" ]; then
+    echo "$RUN_DIR/$1: warning[R005] stage $1: no fingerprints of this lock ($BUILD_DIR/assets/stage-fingerprints.txt, written by prepare): counted as finished, unchecked" >&2
+    return 0
+  fi
+  if [ "$was" = "$now" ]; then return 0; fi
   # the runtime's check names what changed (exit 3 after its error line)
   python -m llmc.runtime.entry check --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1" ${3:+--export} || rc=$?
   case "$rc" in
     0|1) return "$rc" ;;
     3) ;;
-    *) echo "$RUN_DIR/$1: error[R004] stage $1 finished under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}): set it aside with \`llmc launch $BUILD_DIR --no-resume\` (or move $RUN_DIR/$1 away), or build into a fresh directory" >&2 ;;
+    *) echo "$RUN_DIR/$1: error[R004] stage $1 finished under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}): set it aside with \`llmc launch $BUILD_DIR --no-resume --stage $1\` (or move $RUN_DIR/$1 away), or build into a fresh directory" >&2 ;;
   esac
   exit 2
 }

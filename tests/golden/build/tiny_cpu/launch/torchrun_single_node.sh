@@ -33,13 +33,17 @@ trained_here() {
     echo "$RUN_DIR/$1: warning[R005] stage $1 finished without a record of the lock it was trained under (an older llmc): counted as finished, unchecked" >&2
     return 0
   fi
-  if [ -z "$now" ] || [ "$was" = "$now" ]; then return 0; fi
+  if [ -z "$now" ]; then
+    echo "$RUN_DIR/$1: warning[R005] stage $1: no fingerprints of this lock ($BUILD_DIR/assets/stage-fingerprints.txt, written by prepare): counted as finished, unchecked" >&2
+    return 0
+  fi
+  if [ "$was" = "$now" ]; then return 0; fi
   # the runtime's check names what changed (exit 3 after its error line)
   python -m llmc.runtime.entry check --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1" ${3:+--export} || rc=$?
   case "$rc" in
     0|1) return "$rc" ;;
     3) ;;
-    *) echo "$RUN_DIR/$1: error[R004] stage $1 finished under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}): set it aside with \`llmc launch $BUILD_DIR --no-resume\` (or move $RUN_DIR/$1 away), or build into a fresh directory" >&2 ;;
+    *) echo "$RUN_DIR/$1: error[R004] stage $1 finished under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}): set it aside with \`llmc launch $BUILD_DIR --no-resume --stage $1\` (or move $RUN_DIR/$1 away), or build into a fresh directory" >&2 ;;
   esac
   exit 2
 }
@@ -61,10 +65,16 @@ stage_done() {
 # a stage a torchtitan job trains is done once its Hugging Face export exists (torchtitan writes no DONE.json); its
 # record of the lock that trained it is run/<stage>/FINGERPRINT.json, written here before it runs
 titan_done() {
-  local now f="$RUN_DIR/$1/FINGERPRINT.json"
+  local now was f="$RUN_DIR/$1/FINGERPRINT.json"
   if [ -f "$RUN_DIR/$1/hf/config.json" ]; then trained_here "$1" "$f" export; return; fi
   keep_tokenizer "$1"
   now="$(lock_fingerprint "$1")"
+  was="$(trained_by "$f")"
+  if [ -n "$now" ] && [ -n "$was" ] && [ "$was" != "$now" ]; then
+    # an unfinished run started under another lock: its job would resume that run's torchtitan checkpoints
+    echo "$RUN_DIR/$1: error[R004] stage $1 was started under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}) and torchtitan would resume its checkpoints: set both aside with \`llmc launch $BUILD_DIR --no-resume --stage $1\` (or move $RUN_DIR/$1 and its outputs/torchtitan* folder away)" >&2
+    exit 2
+  fi
   if [ -n "$now" ]; then
     mkdir -p "$RUN_DIR/$1"
     printf '{\n  "stage": "%s",\n  "fingerprint_sha256": "%s"\n}\n' "$1" "$now" > "$f.tmp.${HOSTNAME:-host}.$$"
