@@ -196,14 +196,21 @@ def test_edited_artifacts_are_refused(tmp_path, monkeypatch):
     assert r.exit_code == 0 and "L006" not in r.output and "L007" not in r.output, r.output
 
 
+def _tiny_build(tmp_path: Path, lr: str | None = None) -> Path:
+    """examples/tiny_cpu.yaml built into tmp_path/b (its torchtitan job included), with another lr when given."""
+    example = (ROOT / "examples" / "tiny_cpu.yaml").read_text()
+    if lr is not None:
+        example = example.replace("lr: 3.0e-3", f"lr: {lr}")
+    write_build(tmp_path / "b", render_artifacts(compile_text(example, str(tmp_path / "tiny_cpu.yaml"))))
+    return tmp_path / "b"
+
+
 def test_a_torchtitan_stage_records_its_lock_and_is_refused_under_another(tmp_path, monkeypatch):
     """torchtitan writes no DONE.json: `llmc launch` records the lock beside the stage's export as it starts it, skips
     the exported stage under that lock, and refuses it once the directory is rebuilt with another learning rate."""
     import llmc.cli as cli
 
-    b = tmp_path / "b"
-    example = (ROOT / "examples" / "tiny_cpu.yaml").read_text()
-    write_build(b, render_artifacts(compile_text(example, str(tmp_path / "tiny_cpu.yaml"))))
+    b = _tiny_build(tmp_path)
     ran: list[list[str]] = []
 
     def run(argv, env, cwd, log, grace_s):  # stand-ins: torchtitan trains nothing, the export writes its config
@@ -228,8 +235,7 @@ def test_a_torchtitan_stage_records_its_lock_and_is_refused_under_another(tmp_pa
     r = CliRunner().invoke(app, ["launch", str(b), "--backend", "torchtitan"])
     assert r.exit_code == 0 and "already finished and exported" in r.output and not trained(), r.output
 
-    write_build(b, render_artifacts(compile_text(example.replace("lr: 3.0e-3", "lr: 1.0e-3"),
-                                                 str(tmp_path / "tiny_cpu.yaml"))))
+    _tiny_build(tmp_path, lr="1.0e-3")  # the same directory rebuilt with another learning rate
     ran.clear()
     for dry in ([], ["--dry-run"]):
         r = CliRunner().invoke(app, ["launch", str(b), "--backend", "torchtitan", *dry])
@@ -359,9 +365,7 @@ def test_an_unfinished_torchtitan_run_of_another_lock_is_refused_and_no_resume_s
     trains it from the start."""
     import llmc.cli as cli
 
-    b = tmp_path / "b"
-    example = (ROOT / "examples" / "tiny_cpu.yaml").read_text()
-    write_build(b, render_artifacts(compile_text(example, str(tmp_path / "tiny_cpu.yaml"))))
+    b = _tiny_build(tmp_path)
     ran: list[list[str]] = []
     def run(argv, env, cwd, log, grace_s):  # stand-ins: prepare does nothing, the torchtitan job is preempted
         ran.append(argv)
@@ -374,8 +378,7 @@ def test_an_unfinished_torchtitan_run_of_another_lock_is_refused_and_no_resume_s
     ckpt.mkdir(parents=True)
     (ckpt / ".metadata").write_text("dcp")
 
-    write_build(b, render_artifacts(compile_text(example.replace("lr: 3.0e-3", "lr: 1.0e-3"),
-                                                 str(tmp_path / "tiny_cpu.yaml"))))
+    _tiny_build(tmp_path, lr="1.0e-3")  # the same directory rebuilt with another learning rate
     ran.clear()
     r = CliRunner().invoke(app, ["launch", str(b), "--backend", "torchtitan"])
     err = _errors(r.output, "L005")

@@ -531,7 +531,7 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
     arch = env.run.model
     bf16_ok = autocasts(env)
     if lora is not None:
-        weights, replicated, bf16 = frozen_base_bytes(arch, lora.targets, qlora, bf16_ok)
+        weights, replicated, bf16 = frozen_base_bytes(arch, env.n_total, lora.targets, qlora, bf16_ok)
         fp32 = env.n_total - bf16 - (nf4_params(arch, lora.targets) if qlora else 0)
         head = (f"QLoRA: the adapted linear layers' weights in NF4 ({NF4_BITS_PER_PARAM:.3f} bit/param with double "
                 f"quantisation, block {NF4_BLOCK}; {gib(replicated)}, whole on every GPU); " if qlora else "LoRA: ")
@@ -632,13 +632,12 @@ def nf4_params(arch: Any, targets) -> int:
     return sum(di * do * n for name, di, do, n, stacked in linear_shapes(arch) if name in targets and not stacked)
 
 
-def frozen_base_bytes(arch: Any, targets, quantize: bool, bf16_ok: bool) -> tuple[int, int, int]:
+def frozen_base_bytes(arch: Any, total: int, targets, quantize: bool, bf16_ok: bool) -> tuple[int, int, int]:
     """(bytes, of them the NF4 codes every rank holds whole, parameters kept in bf16) of a LoRA / QLoRA stage's frozen
     base as llmc's trainer holds it (``llmc.runtime.posttrain.build_policy``): the parameters it loaded, fp32 (4 B),
     but under bf16 autocast the weights only matmuls read in bf16 (2 B: bit-identical, autocast rounds them the same)
     except adapted expert matrices; QLoRA's targeted linears in NF4 (:data:`NF4_BITS_PER_PARAM`; its codes are no
-    parameters, so FSDP2 shards none of them)."""
-    total = params.params_total(arch)
+    parameters, so FSDP2 shards none of them). ``total``: the model's parameters (``params.params_total``)."""
     mm, experts = matmul_weight_params(arch)
     nf4 = nf4_params(arch, targets) if quantize else 0
     bf16 = (mm + experts - adapted_expert_params(arch, targets) - nf4) if bf16_ok else 0
