@@ -383,6 +383,36 @@ def test_mismatches_are_one_line_errors(tmp_path):
         load_hf_into(build_model(uncapped), g2, uncapped)
 
 
+def test_quantized_weights_are_refused_in_one_line_naming_the_method(tmp_path):
+    """An AutoAWQ checkpoint (config.json quantization_config quant_method awq) stores each linear of a block as packed
+    int32 ``qweight`` / ``qzeros`` and fp16 ``scales`` (AutoAWQ's WQLinear_GEMM: qweight [in, out / 8], scales
+    [in / group, out]) instead of a ``weight``: the loader says the weights are quantized, names the method and offers
+    the bf16 release, in one line, instead of listing missing tensors."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf(tmp_path, "llama", shard=None)
+    arch = arch_of(src)
+    tensors, packed = load_file(src / "model.safetensors"), {}
+    for name, t in tensors.items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            out, inp = t.shape
+            stem = name[: -len(".weight")]
+            packed[f"{stem}.qweight"] = torch.zeros(inp, out // 8, dtype=torch.int32)
+            packed[f"{stem}.qzeros"] = torch.zeros(inp // 16, out // 8, dtype=torch.int32)
+            packed[f"{stem}.scales"] = torch.ones(inp // 16, out, dtype=torch.float16)
+        else:
+            packed[name] = t
+    save_file(packed, src / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"bits": 4, "group_size": 16, "quant_method": "awq", "version": "gemm",
+                                  "zero_point": True}
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HFError) as e:
+        load_hf_into(build_model(arch), src, arch)
+    msg = str(e.value)
+    assert "\n" not in msg and "quantized weights (awq) are not read" in msg and "bf16" in msg
+
+
 def test_hub_id_resolves_through_the_local_cache(tmp_path, monkeypatch):
     src = make_hf(tmp_path, "llama", shard=None)
     cache = tmp_path / "hub"

@@ -1,7 +1,7 @@
 """Stage diagnostics that refuse, or warn about, what a post-training stage would not run as planned: G005 (the stage
 does not fit the GPU: an error, as pre-training's P004, unless --no-fit-check), G013 (offload asked of a chat stage,
 whose trainer does not offload), G014 (stage data its trainer does not read), G015 (a GRPO seq_len its trainer does not
-read) and G004 (a seq_len past the trained context, RoPE-scaled or not). The figures are checked against published
+read), G004 (a seq_len past the trained context, RoPE-scaled or not) and G018 (a quantized checkpoint to start from). The figures are checked against published
 parameter counts and shapes, and the data rules against llmc's runtime itself."""
 
 from __future__ import annotations
@@ -383,3 +383,48 @@ def test_a_qlora_host_build_is_checked_against_the_nodes_host_memory(host_gib, s
         return
     assert [d.severity for d in g] == [severity] and g[0].path == "stages.0.lora"
     assert f"{4 * LLAMA3_70B_PARAMS / 2**30:,.0f} GiB per node" in g[0].message
+
+
+# ----------------------------------------------------------------------------- G018: a quantized checkpoint
+
+# An AutoAWQ release's quantization_config (e.g. Qwen/Qwen2.5-7B-Instruct-AWQ's config.json) and a bitsandbytes 4-bit
+# one (transformers' BitsAndBytesConfig.to_dict(), as unsloth's *-bnb-4bit releases save it)
+AWQ = {"bits": 4, "group_size": 128, "modules_to_not_convert": None, "quant_method": "awq", "version": "gemm",
+       "zero_point": True}
+BNB = {"_load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "load_in_4bit": True, "quant_method": "bitsandbytes"}
+
+
+@pytest.mark.parametrize("quant, stages", [(AWQ, True), (BNB, False), (None, True)])
+def test_a_quantized_checkpoint_to_start_from_is_refused_where_the_spec_names_it(quant, stages, tmp_path):
+    """A checkpoint whose config.json has a quantization_config holds packed weights (AWQ's qweight / qzeros /
+    scales, bitsandbytes' absmax / quant_map) that no llmc trainer reads: ``llmc plan`` stops with one located line
+    at the init_hf that names it (a stage's, or training.init_hf without stages), the method named and the bf16
+    release offered; the same folder without quantization_config plans."""
+    ckpt = tmp_path / "qwen-awq"
+    ckpt.mkdir()
+    cfg = {"model_type": "qwen2", **({"quantization_config": quant} if quant else {})}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    spec = tmp_path / "s.yaml"
+    if stages:
+        spec.write_text(spec_text("""\
+            - name: sft
+              kind: sft
+              init_hf: qwen-awq
+              lora: {rank: 16}
+              data: {sources: [{name: chat, path: /d/chat.jsonl, kind: chat}], seq_len: 2048, tokens: 10M}
+            """, model="qwen2.5-7b", gpu="a100-80g", count=1))
+        where = "stages.0.init_hf"
+    else:
+        spec.write_text("name: t\nmodel: qwen2.5-7b\nhardware: {gpu: a100-80g, count: 8}\n"
+                        "data: {seq_len: 4096, tokens: 1B}\ntraining: {init_hf: qwen-awq}\n")
+        where = "training.init_hf"
+    r = runner.invoke(app, ["plan", str(spec)])
+    found = [ln for ln in r.output.splitlines() if "[G018]" in ln]
+    if quant is None:
+        assert r.exit_code == 0 and not found, r.output
+        return
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    line = line_of(spec.read_text(), "init_hf: qwen-awq")
+    assert len(found) == 1 and found[0].startswith(f"{spec}:{line}: error[G018] {where}: qwen-awq holds quantized "
+                                                   f"weights ({quant['quant_method']}")
+    assert "bf16" in r.output

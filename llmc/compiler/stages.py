@@ -1417,6 +1417,16 @@ def plan_stages(run: RunSpec, gpu: GPU | None = None, lines: dict | None = None,
         sink.add("G007", "error", "training.init_hf", "training.init_hf is read only by a run without `stages:`; "
                  "with stages each starts from its own init_hf or init_from, so this checkpoint would not be loaded",
                  "move it to the stage that starts from it: stages[i].init_hf")
+    quantized = facts.checkpoint_quantization if facts is not None else {}
+    starts = [(f"stages.{i}.init_hf", s.init_hf) for i, s in enumerate(run.stages)] if run.stages else [
+        ("training.init_hf", run.training.init_hf)]
+    for where, src in starts:
+        if src is not None and src in quantized:  # llmc.runtime.hf_io.load_hf_into refuses them, as torchtitan's
+            # state-dict adapters do: they map plain `weight` tensors only
+            sink.add("G018", "error", where, f"{src} holds quantized weights ({quantized[src]}, its config.json's "
+                     "quantization_config), which no llmc trainer reads: the run would stop when it loads them",
+                     "start from the model's bf16 / fp32 release; for QLoRA, lora.quantize_base: nf4 quantizes that "
+                     "base itself")
     arch = run.model
     env = _Env(run=run, hyper=hyper or defaults_mod.pretrain_hyper(run, gpu), plan=plan, searched_memory=searched_memory,
                facts=facts, capacity=gpu.hbm_bytes if gpu is not None else None,

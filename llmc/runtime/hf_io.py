@@ -121,7 +121,7 @@ from llmc.fileio import expand_user
 from llmc.rope import rope_attention_factor
 from llmc.spec.chat import CHAT_TEMPLATES
 from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
-from llmc.spec.hf import HF_ACTIVATIONS
+from llmc.spec.hf import HF_ACTIVATIONS, quantization_method
 from llmc.spec.schema import LORA_HF_NAMES
 
 HF_TARGETS = {ours: hf for hf, ours in LORA_HF_NAMES.items()}  # llmc's LoRA target -> its HF module name
@@ -618,9 +618,6 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
 def _deepseek_config_problems(cfg: dict) -> list[str]:
     """What in a DeepSeek-V3 / V2 config.json llmc's model does not compute the way transformers' class does."""
     bad = []
-    if cfg.get("quantization_config"):
-        bad.append(f"quantized weights ({cfg['quantization_config'].get('quant_method', '?')}) are not read; "
-                   f"give a bf16/fp32 checkpoint")
     if cfg.get("model_type") in ("deepseek_v3", "kimi_k2") and cfg.get("scoring_func", "sigmoid") != "sigmoid":
         bad.append(f"scoring_func {cfg['scoring_func']!r}: DeepseekV3ForCausalLM routes with sigmoid")
     return bad
@@ -669,12 +666,14 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
     if cfg.get("model_type") == "kimi_k25":  # (its names and int4 weights: not what this loader reads)
         raise HFError(f"{src}: a Kimi K2.5 image-text checkpoint (model_type kimi_k25): llmc imports its language "
                       "model's shape but reads weights from a text-only bf16 Kimi K2 / DeepSeek-V3 checkpoint only")
-    quant = cfg.get("quantization_config")
+    quant = quantization_method(cfg)  # (the plan refuses a local one: G018)
     if cfg.get("model_type") == "gpt_oss" and quant:
-        raise HFError(f"{src}: its experts are {quant.get('quant_method', 'quantized') if isinstance(quant, dict) else 'quantized'} "
-                      "(quantization_config), which llmc does not read: give a bf16 / fp32 checkpoint (transformers "
-                      "dequantizes one: from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True)), then "
-                      "save_pretrained)")
+        raise HFError(f"{src}: its experts are {quant} (quantization_config), which llmc does not read: give a bf16 / "
+                      "fp32 checkpoint (transformers dequantizes one: from_pretrained(..., "
+                      "quantization_config=Mxfp4Config(dequantize=True)), then save_pretrained)")
+    if quant:  # GPTQ / AWQ / bitsandbytes / FP8 tensors (qweight, scales, absmax, weight_scale_inv, ...)
+        raise HFError(f"{src}: quantized weights ({quant}) are not read (its config.json's quantization_config): give "
+                      "the model's bf16 / fp32 release (for QLoRA, lora.quantize_base: nf4 quantizes it itself)")
     if check_config:
         _check_config(cfg, arch, src)
     files = SafetensorsDir(src)

@@ -5,7 +5,8 @@ stage's) and records its special tokens (the ``added_tokens`` of a Hugging Face 
 https://huggingface.co/docs/tokenizers/api/tokenizer). The compiler takes the result as
 ``compile_spec(..., facts=...)``; without it the special tokens are inferred from the model name. It also
 reads the ``model_type`` of each local Hugging Face checkpoint an ``init_hf`` names (a folder with a config.json),
-which decides whether torchtitan's state-dict adapters can read it, and the task name of each local
+which decides whether torchtitan's state-dict adapters can read it, whether its weights are quantized (which no
+trainer reads), and the task name of each local
 lm-evaluation-harness task file ``eval.tasks`` names (``task:``, or ``group:`` over a ``task:`` list: what
 ``lm_eval --tasks`` takes; https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/new_task_guide.md).
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from llmc.fileio import expand_user, read_regular_file
+from llmc.spec.hf import quantization_method
 from llmc.spec.schema import RunSpec
 
 #: Largest referenced JSON file read (HF config.json files are a few KiB; tokenizer.json a few MiB).
@@ -48,6 +50,9 @@ class ExternalFacts:
 
     tokenizers: dict[str, TokenizerFacts] = field(default_factory=dict)
     checkpoint_types: dict[str, str] = field(default_factory=dict)
+    checkpoint_quantization: dict[str, str] = field(default_factory=dict)
+    """The ``quant_method`` of each local ``init_hf`` checkpoint whose weights are quantized
+    (:func:`llmc.spec.hf.quantization_method`); absent: plain weights, a Hub id, or unreadable."""
     eval_tasks: dict[str, EvalTaskFacts] = field(default_factory=dict)
     """Each local task file of ``eval.tasks`` (``*.yaml``), keyed as the spec writes it."""
 
@@ -166,27 +171,29 @@ def init_hf_paths(run: RunSpec) -> list[str]:
     return list(dict.fromkeys(p for p in paths if p))
 
 
-def read_model_type(path: str, spec_dir: str | Path) -> str | None:
-    """``model_type`` of ``path``/config.json (relative to ``spec_dir``), None when it is not a readable local one."""
+def read_checkpoint_config(path: str, spec_dir: str | Path) -> dict | None:
+    """``path``/config.json (relative to ``spec_dir``) as a dict, None when it is not a readable local one."""
     p = expand_user(path)
     if not p.is_absolute():
         p = Path(spec_dir) / p
     try:
-        mt = json.loads(read_regular_file(p / "config.json", MAX_CONFIG_BYTES).decode("utf-8")).get("model_type")
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError, RecursionError):
+        cfg = json.loads(read_regular_file(p / "config.json", MAX_CONFIG_BYTES).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError):
         return None
-    return mt if isinstance(mt, str) else None
+    return cfg if isinstance(cfg, dict) else None
 
 
 def gather_facts(run: RunSpec, spec_dir: str | Path) -> ExternalFacts:
     """Read every tokenizer the spec references (unreadable ones are recorded with ``specials=None``) and the model
     type of every local ``init_hf`` checkpoint."""
-    types = {p: mt for p in init_hf_paths(run) if (mt := read_model_type(p, spec_dir)) is not None}
+    configs = {p: cfg for p in init_hf_paths(run) if (cfg := read_checkpoint_config(p, spec_dir)) is not None}
+    types = {p: mt for p, cfg in configs.items() if isinstance(mt := cfg.get("model_type"), str)}
+    quantized = {p: q for p, cfg in configs.items() if (q := quantization_method(cfg)) is not None}
     local_tasks = [t for t in (run.eval.tasks if run.eval is not None else ()) if t.endswith((".yaml", ".yml"))]
     return ExternalFacts(tokenizers={p: read_tokenizer(p, spec_dir) for p in tokenizer_paths(run)},
-                         checkpoint_types=types, eval_tasks={t: read_eval_task(t, spec_dir) for t in local_tasks})
+                         checkpoint_types=types, checkpoint_quantization=quantized, eval_tasks={t: read_eval_task(t, spec_dir) for t in local_tasks})
 
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_TOKENIZER_BYTES", "TokenizerFacts", "ExternalFacts", "EvalTaskFacts",
-           "tokenizer_paths", "read_tokenizer", "has_chat_template", "init_hf_paths", "read_model_type",
+           "tokenizer_paths", "read_tokenizer", "has_chat_template", "init_hf_paths", "read_checkpoint_config",
            "read_eval_task", "task_file_name", "gather_facts"]

@@ -81,6 +81,8 @@ rope_scaling truncate          rope_scaling.truncate (yarn; absent: true, transf
                                default: YaRN x32 from 4096, truncate false, base 150000) in every layer. The
                                released configs' quantization_config (mxfp4 experts) does not change the
                                architecture (the loader refuses such weights)
+quantization_config            not read: a GPTQ / AWQ / bitsandbytes / FP8 release imports as the architecture it
+                               quantizes; its weights are not read (an init_hf naming it: G018)
 =============================  =====================================
 """
 
@@ -95,6 +97,7 @@ from llmc.spec.families import SUPPORTED_MODEL_TYPES, family_for_model_type
 from llmc.spec.model import MLA, Architecture, MoE, Multipliers, RopeScaling
 
 __all__ = ["HFConfigError", "HF_ACTIVATIONS", "HF_KEY_FOR_FIELD", "architecture_from_hf_config", "fold_rope_parameters",
+           "quantization_method",
            "language_model_config", "SUPPORTED_MODEL_TYPES"]
 
 
@@ -209,6 +212,19 @@ _WINDOW_TYPES = frozenset({"mistral", "mixtral", "phi3", "qwen2", "qwen3", "qwen
 
 #: image-text model_type -> the model_type of the language model its ``text_config`` holds (None: the text_config's own)
 IMAGE_TEXT_TYPES: dict[str, str | None] = {"gemma3": "gemma3_text", "kimi_k25": None}
+
+
+def quantization_method(cfg: dict[str, Any]) -> str | None:
+    """How a checkpoint's weights are stored when its config.json says they are quantized: the
+    ``quantization_config.quant_method`` transformers dispatches on (``gptq``, ``awq``, ``bitsandbytes``, ``fp8``,
+    ``mxfp4``, ``compressed-tensors``, ...; https://huggingface.co/docs/transformers/main/en/quantization/overview),
+    ``"quantized"`` where it names none; None for a checkpoint of plain floating-point weights. No llmc trainer reads
+    such weights (QLoRA quantizes a bf16 base itself); the architecture they quantize is the config's all the same."""
+    q = cfg.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    return method if isinstance(method, str) and method else "quantized"
 
 
 def language_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
