@@ -292,8 +292,9 @@ def test_step_time_counts_the_unfused_scores_of_attention_with_sinks():
 
 
 def test_plan_gpt_oss_20b_lora_on_one_h100_and_120b_full_sft_on_eight(tmp_path):
-    """`llmc plan` runs for gpt-oss-20b LoRA SFT of its attention on one H100 (fits: the frozen base, its matmul weights
-    in bf16, ~43 GB, and r=16 adapters; adapted experts would stay fp32 in llmc's trainer, 81 GB of base)
+    """`llmc plan` runs for gpt-oss-20b LoRA SFT of its attention, or of every linear, on one H100 (fits: the frozen
+    base, its matmul weights in bf16, ~43 GB, adapted experts too (llmc's trainer adds their adapters' products to
+    theirs, unmerged), and r=16 adapters)
     and gpt-oss-120b full SFT on eight (the bf16 weights, gradients and AdamW states alone, 16 B x 116.8B / 8 = 234 GB
     a GPU, do not fit: a G005 error saying so, a warning with --no-fit-check); both count FLOPs with the windowed
     layers' 128 keys."""
@@ -303,6 +304,7 @@ def test_plan_gpt_oss_20b_lora_on_one_h100_and_120b_full_sft_on_eight(tmp_path):
 
     for model, gpus, lora, fits in (("gpt-oss-20b", 1, "    lora: {rank: 16, alpha: 32, targets: [wq, wk, wv, wo]}\n",
                                      True),
+                                    ("gpt-oss-20b", 1, "    lora: {rank: 16, alpha: 32, targets: all-linear}\n", True),
                                     ("gpt-oss-120b", 8, "", False)):
         spec = tmp_path / f"{model}.yaml"
         spec.write_text(SFT.format(model=model, gpus=gpus, lora=lora))

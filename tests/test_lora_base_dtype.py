@@ -5,7 +5,8 @@ before each use, so holding it in bf16 from the start cannot change a single bit
 its frozen matmul weights cast (``llmc.runtime.lora.cast_frozen_matmul_weights_``) against the same model left in fp32,
 both under the CPU's bf16 autocast (``cpu_bf16``), with ``torch.equal`` on losses, gradients, log-probs and samples.
 The tensors the cast must leave alone are named from the model's layout (``llmc.runtime.model``): embeddings, norms,
-biases, sinks, and the expert matrices a LoRA adapter is summed into (shown here to change the results in bf16)."""
+biases, sinks. Adapted expert matrices are cast too: ``LoRAExperts`` adds its product to theirs (PEFT's unmerged
+forward), which is shown here to compute the merged model's numbers."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from llmc.runtime.lora import (  # noqa: E402
     NF4Linear,
     apply_lora,
     cast_frozen_matmul_weights_,
+    disable_adapters,
     lora_modules,
     merge_lora,
     quantize_nf4,
@@ -100,16 +102,16 @@ def _pair(arch: Architecture, targets: list[str] | None) -> tuple[torch.nn.Modul
     return m, c, n
 
 
-def _expected_cast(model: torch.nn.Module, adapted_experts: bool) -> set[str]:
+def _expected_cast(model: torch.nn.Module) -> set[str]:
     """By name, from the model's layout: the frozen linear weights (attention / MLA projections, MLPs, shared
-    experts, router gate, untied head, LoRA bases) and the stacked experts unless adapters are summed into them."""
+    experts, router gate, untied head, LoRA bases) and the stacked experts, adapted or not."""
     names = set()
     for n, p in model.named_parameters():
         if p.requires_grad:
             continue
         if re.search(r"\.(wq|wk|wv|wo|wq_a|wq_b|wkv_a|wkv_b|w1|w2|w3|gate)(\.base)?\.weight$|^lm_head\.weight$", n):
             names.add(n)
-        elif re.search(r"experts(\.base)?\.w[123]$", n) and not (adapted_experts and ".base." in n):
+        elif re.search(r"experts(\.base)?\.w[123]$", n):
             names.add(n)
     return names
 
@@ -124,7 +126,7 @@ def test_the_cast_weights_are_the_frozen_matmul_only_ones(arch, targets):
     fp32 = {n: p.dtype for n, p in m.named_parameters()}
     n = cast_frozen_matmul_weights_(m)
     bf16 = {k for k, p in m.named_parameters() if p.dtype == torch.bfloat16}
-    assert bf16 == _expected_cast(m, adapted_experts="w1" in targets) and bf16
+    assert bf16 == _expected_cast(m) and bf16
     assert n == sum(p.numel() for k, p in m.named_parameters() if k in bf16)
     assert fp32.keys() == {k for k, _ in m.named_parameters()}
     for k, p in m.named_parameters():
@@ -137,20 +139,31 @@ def test_the_cast_weights_are_the_frozen_matmul_only_ones(arch, targets):
     assert cast_frozen_matmul_weights_(m) == 0  # idempotent
 
 
-def test_summing_adapters_into_bf16_expert_matrices_would_change_the_results():
-    """Why a LoRAExperts matrix stays fp32: W + (alpha / r) B A is summed before the matmul, so fp32 W and its bf16
-    copy give different sums (the rounding happens after the sum in one case, before it in the other)."""
+@pytest.mark.parametrize("arch", ["moe", "gpt-oss"])
+def test_adapted_experts_compute_the_merged_models_numbers(arch):
+    """LoRAExperts' unmerged forward, x W^T + (alpha / r) (x A^T) B^T for each adapted matrix, is the merged model's
+    x (W + (alpha / r) B A)^T (Hu et al. 2021, arXiv:2106.09685 sec. 4.1): the adapted model's logits are, to fp32
+    rounding, those of the model merge_lora makes, which sums the adapters in by its own route (torch.bmm over the experts). A
+    bf16-held base merges in fp32: the merged matrix is the bf16 value plus the whole delta, not its bf16 rounding."""
     from llmc.runtime.lora import LoRAExperts
 
-    m, c, _ = _pair(ARCHS["moe"], ALL)
+    a = ARCHS[arch]
+    m = _model(a, ALL)
+    x = torch.randint(0, a.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        for mod in c.modules():
-            if isinstance(mod, LoRAExperts):
-                for t in mod.targets:
-                    setattr(mod.base, t, torch.nn.Parameter(getattr(mod.base, t).detach().bfloat16(),
-                                                            requires_grad=False))
-    x = torch.randint(0, ARCHS["moe"].vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-    assert not torch.equal(m(x), c(x))
+        adapted = m(x)
+        merged = merge_lora(copy.deepcopy(m))(x)
+    assert not any(isinstance(mod, LoRAExperts) for mod in merge_lora(copy.deepcopy(m)).modules())
+    torch.testing.assert_close(adapted, merged)
+    with disable_adapters(m), torch.no_grad():  # (the adapters' share is far above that rounding)
+        assert (m(x) - adapted).abs().max() > 100 * (merged - adapted).abs().max()
+    c = _model(a, ALL)
+    cast_frozen_matmul_weights_(c)
+    wrapped = next(mod for mod in c.modules() if isinstance(mod, LoRAExperts))
+    w, delta = wrapped.base.w1.detach().clone(), wrapped.delta("w1").detach()
+    assert w.dtype == torch.bfloat16 and delta.abs().max() > 0
+    merge_lora(c)
+    assert wrapped.base.w1.dtype == torch.float32 and torch.equal(wrapped.base.w1, w.float() + delta)
 
 
 # ----------------------------------------------------------------------------- the same bits
@@ -218,7 +231,7 @@ def test_a_full_reference_copy_keeps_its_matmul_weights_in_bf16_with_the_same_lo
     assert not ref.shared
     cast = {k for k, p in ref.copy.named_parameters() if p.dtype == torch.bfloat16}
     frozen_all = copy.deepcopy(m).requires_grad_(False)
-    assert cast == _expected_cast(frozen_all, adapted_experts=False) and cast
+    assert cast == _expected_cast(frozen_all) and cast
     assert all(p.dtype == torch.float32 for p in m.parameters())  # the policy itself untouched
     ids = torch.randint(3, a.vocab_size, (3, 14), generator=torch.Generator().manual_seed(4))
     labels = ids.clone()
@@ -279,7 +292,7 @@ def test_build_policy_casts_the_lora_base_only_under_autocast(tmp_path):
     st = job.stage_spec
     m, _, _ = build_policy(job, DistInfo(0, 1, 0, CPU), run / "s", st.lora, cpu_bf16=True)
     bf16 = {k for k, p in m.named_parameters() if p.dtype == torch.bfloat16}
-    assert bf16 == _expected_cast(m, adapted_experts=False) and bf16
+    assert bf16 == _expected_cast(m) and bf16
     for off in (dict(job=job, cpu_bf16=False), dict(job=_job(lora=LORA, arch=arch, precision="fp32"), cpu_bf16=True)):
         m2, _, _ = build_policy(off["job"], DistInfo(0, 1, 0, CPU), run / "s", st.lora, cpu_bf16=off["cpu_bf16"])
         assert all(p.dtype == torch.float32 for p in m2.parameters())
@@ -402,7 +415,7 @@ def test_lora_bf16_base_is_built_and_cast_on_the_host_then_moved(tmp_path, monke
     m, _, _ = build_policy(job, DistInfo(0, 1, 0, torch.device("meta")), run / "s", job.stage_spec.lora)
     assert seen == [("build", "cpu")]
     assert {p.device.type for p in m.parameters()} == {"meta"}
-    assert {k for k, p in m.named_parameters() if p.dtype == torch.bfloat16} == _expected_cast(m, False)
+    assert {k for k, p in m.named_parameters() if p.dtype == torch.bfloat16} == _expected_cast(m)
 
 
 def test_a_fresh_init_is_still_built_on_the_device(tmp_path, monkeypatch):

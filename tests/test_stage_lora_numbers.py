@@ -11,7 +11,6 @@ parameters in bf16 plus the NF4 codes, absmax codes and scales the runtime store
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
@@ -179,8 +178,7 @@ def test_qlora_weight_bytes_equal_runtime(name, targets):
     # the plan prices NF4 at its mean rate; each stored NF4 tensor rounds up by at most one block and one scale
     assert 0 <= stored - planned <= n_nf4 * NF4_ROUNDING_BYTES + 1, (stored, planned)
     note = next(n for n in notes if n.startswith("QLoRA"))
-    adapted = arch.moe is not None and any(t in targets for t in ("w1", "w2", "w3"))
-    assert ("the adapted experts' matrices" in note) == adapted
+    assert note.endswith("in fp32 (embeddings, norms, biases)")
 
 
 @pytest.mark.parametrize("name,targets", [
@@ -191,8 +189,8 @@ def test_qlora_weight_bytes_equal_runtime(name, targets):
     ("dense-gqa-bias-tied", list(LORA_TARGETS)),
 ])
 def test_lora_base_bytes_equal_runtime(name, targets):
-    """A LoRA stage's frozen base as llmc's trainer holds it on a GPU: the matmul-only weights in bf16, embeddings,
-    norms, biases and adapted expert matrices in fp32 -- byte for byte."""
+    """A LoRA stage's frozen base as llmc's trainer holds it on a GPU: the matmul-only weights in bf16 (adapted expert
+    matrices too), embeddings, norms and biases in fp32 -- byte for byte."""
     arch = ARCHS[name]
     stored, _ = _runtime_base_bytes(arch, targets, quantize="none")
     planned, _ = _plan_weights(arch, targets, quantize="none")
@@ -201,14 +199,13 @@ def test_lora_base_bytes_equal_runtime(name, targets):
 
 def test_qlora_moe_keeps_experts_unquantised_at_scale():
     """Qwen3-30B-A3B under QLoRA: its 48 x 128 x 3 x 2048 x 768 routed-expert weights (config.json) are not quantised
-    by llmc's trainer and, adapted, stay fp32: 116 GB alone, so the base cannot be the ~16 GB an all-NF4 count gives."""
+    by llmc's trainer and, adapted, are held in bf16: 58 GB alone, so the base cannot be the ~16 GB an all-NF4 count
+    gives. The rest (1.5B parameters: fp32 embeddings, NF4 attention, bf16 head and routers) adds 0.5 to 4 B each."""
     arch = PRESETS["qwen3-30b-a3b"]
     experts = 48 * 128 * 3 * 2048 * 768
     planned, notes = _plan_weights(arch, list(LORA_TARGETS))
-    assert planned > experts * 4
     rest = params_total(arch) - experts
-    assert math.isclose(planned, experts * 4 + rest * 2, rel_tol=0.05)  # the rest: embeddings + NF4, roughly
-    assert any("the adapted experts' matrices" in n for n in notes)
+    assert experts * 2 + rest * 0.5 < planned < experts * 2 + rest * 4
 
 
 def test_nf4_rate_matches_runtime_storage():

@@ -537,9 +537,7 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
                 f"quantisation, block {NF4_BLOCK}; {gib(replicated)}, whole on every GPU); " if qlora else "LoRA: ")
         if bf16_ok:
             notes.append(head + f"the frozen base's other weights {gib(2 * bf16)} in bf16 (those only matmuls read, "
-                         f"under bf16 autocast), {gib(4 * fp32)} in fp32 (embeddings, norms, biases"
-                         + (", the adapted experts' matrices" if adapted_expert_params(arch, lora.targets) else "")
-                         + ")")
+                         f"under bf16 autocast), {gib(4 * fp32)} in fp32 (embeddings, norms, biases)")
         else:
             notes.append(head + f"the frozen base{' otherwise' if qlora else ''} in fp32, {gib(4 * fp32)} (no bf16 "
                          "autocast here: llmc's trainer keeps the weights as it loads them)")
@@ -621,12 +619,6 @@ def matmul_weight_params(arch: Any) -> tuple[int, int]:
     return linear + other + router, sum(di * do * n for _, di, do, n, stacked in shapes if stacked)
 
 
-def adapted_expert_params(arch: Any, targets) -> int:
-    """The routed experts' matrices a LoRA adapter is added to (``LoRAExperts`` sums W + (alpha / r) B A outside the
-    matmul: llmc's trainer keeps them as they are, fp32)."""
-    return sum(di * do * n for name, di, do, n, stacked in linear_shapes(arch) if stacked and name in targets)
-
-
 def nf4_params(arch: Any, targets) -> int:
     """The weights QLoRA stores in NF4: the targeted nn.Linear layers (``apply_lora`` quantises no stacked experts)."""
     return sum(di * do * n for name, di, do, n, stacked in linear_shapes(arch) if name in targets and not stacked)
@@ -635,12 +627,12 @@ def nf4_params(arch: Any, targets) -> int:
 def frozen_base_bytes(arch: Any, total: int, targets, quantize: bool, bf16_ok: bool) -> tuple[int, int, int]:
     """(bytes, of them the NF4 codes every rank holds whole, parameters kept in bf16) of a LoRA / QLoRA stage's frozen
     base as llmc's trainer holds it (``llmc.runtime.posttrain.build_policy``): the parameters it loaded, fp32 (4 B),
-    but under bf16 autocast the weights only matmuls read in bf16 (2 B: bit-identical, autocast rounds them the same)
-    except adapted expert matrices; QLoRA's targeted linears in NF4 (:data:`NF4_BITS_PER_PARAM`; its codes are no
+    but under bf16 autocast the weights only matmuls read in bf16 (2 B: bit-identical, autocast rounds them the same),
+    adapted expert matrices too (``LoRAExperts`` adds its product to theirs, unmerged); QLoRA's targeted linears in NF4 (:data:`NF4_BITS_PER_PARAM`; its codes are no
     parameters, so FSDP2 shards none of them). ``total``: the model's parameters (``params.params_total``)."""
     mm, experts = matmul_weight_params(arch)
     nf4 = nf4_params(arch, targets) if quantize else 0
-    bf16 = (mm + experts - adapted_expert_params(arch, targets) - nf4) if bf16_ok else 0
+    bf16 = (mm + experts - nf4) if bf16_ok else 0
     replicated = int(nf4 * NF4_BITS_PER_PARAM / 8)
     return replicated + 2 * bf16 + 4 * (total - nf4 - bf16), replicated, bf16
 
@@ -1103,10 +1095,6 @@ def _states_remedies(env: _Env, st: StageBase, mem: StageMemoryPlan, per_step: i
     tries = [] if qlora or base * (1 - NF4_BITS_PER_PARAM / 16) < over else [
         "QLoRA (lora.quantize_base: nf4: the frozen base in ~4.1 bits a weight instead of 16)"]
     rank = lora.rank * (adapters - over) // adapters if adapters else 0
-    experts = adapted_expert_params(env.run.model, lora.targets)
-    if experts and autocasts(env):  # adapted expert matrices stay fp32 (frozen_base_bytes); unadapted ones bf16
-        tries.append(f"lora.targets without w1 / w2 / w3 (llmc's trainer keeps adapted routed experts in fp32: "
-                     f"{2 * experts / shard / 1e9:.1f} GB a GPU less in bf16, and their adapters' share)")
     if rank >= 1:
         tries.append(f"lora.rank about {rank} or lower (now {lora.rank}), or fewer lora.targets")
     tries += short

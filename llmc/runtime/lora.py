@@ -195,7 +195,10 @@ class LoRAExperts(nn.Module):
     """LoRA on stacked MoE experts (``GroupedExperts``: w1, w3 [E, hidden, D], w2 [E, D, hidden]).
 
     One adapter per expert and target matrix: A [E, r, d_in], B [E, d_out, r], so the count is
-    E * r * (d_in + d_out) per matrix, the same rule as dense layers (PEFT on per-expert linears).
+    E * r * (d_in + d_out) per matrix, the same rule as dense layers (PEFT on per-expert linears). The forward is
+    PEFT's unmerged one, as :class:`LoRALinear`'s: x W^T + (alpha / r) (dropout(x) A^T) B^T, so the frozen W is read by
+    a matmul only (held in bf16 under bf16 autocast: :func:`matmul_only_weights`) and no merged W + BA is made or kept
+    for the backward.
     """
 
     def __init__(self, experts: nn.Module, rank: int, alpha: float, dropout: float, targets: Iterable[str]):
@@ -215,16 +218,18 @@ class LoRAExperts(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
 
-    def _w(self, t: str, e: int) -> torch.Tensor:
-        w = getattr(self.base, t)[e]
-        if self.enabled and t in self.lora_A:
-            w = w + self.scaling * (self.lora_B[t][e] @ self.lora_A[t][e])
-        return w
-
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """(n, D) -> (n, D): the base experts' own expert (its activation, and gpt-oss's biases and clamp) with the
-        merged weights W + (alpha / r) B A."""
-        return self.base.expert(e, x, tuple(self._w(t, e) for t in ("w1", "w3", "w2")))
+        """(n, D) -> (n, D): the base experts' own expert (its activation, and gpt-oss's biases and clamp), each
+        adapted product x W^T plus (alpha / r) (dropout(x) A^T) B^T."""
+        if not self.enabled:
+            return self.base.expert(e, x)
+
+        def adapter(t: str, inp: torch.Tensor) -> torch.Tensor | None:
+            if t not in self.lora_A:
+                return None
+            return F.linear(F.linear(self.dropout(inp), self.lora_A[t][e]), self.lora_B[t][e]) * self.scaling
+
+        return self.base.expert(e, x, adapter)
 
     def delta(self, t: str) -> torch.Tensor:
         return self.scaling * torch.bmm(self.lora_B[t], self.lora_A[t])
@@ -264,7 +269,7 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: f
         setattr(parent, cname, LoRALinear(base, rank, alpha, dropout))
         del child, base
     expert_targets = [t for t in ("w1", "w2", "w3") if t in set(targets)]
-    if expert_targets:  # MoE: stacked experts (kept in full precision even under nf4)
+    if expert_targets:  # MoE: stacked experts (never quantised under nf4; bf16 under bf16 autocast)
         for mod in list(model.modules()):
             ex = getattr(mod, "experts", None)
             if ex is not None and not isinstance(ex, LoRAExperts) and all(
@@ -284,9 +289,8 @@ def matmul_only_weights(model: nn.Module, frozen_only: bool = True) -> list[tupl
     * every plain ``nn.Linear``'s weight (``F.linear``): attention / MLA projections, dense MLP and shared experts, a
       LoRA adapter's base, the MoE router's gate (``Router`` upcasts the gate's *output* to fp32, not its weight),
       an untied output head;
-    * stacked MoE experts (``GroupedExperts`` w1 / w2 / w3, read by ``x @ w.t()``), except a matrix a
-      :class:`LoRAExperts` adapts: there W + (alpha / r) B A is summed outside the matmul, so fp32 W and its bf16
-      copy give different sums (those stay as they are).
+    * stacked MoE experts (``GroupedExperts`` w1 / w2 / w3, read by ``x @ w.t()``), adapted ones too
+      (:class:`LoRAExperts` adds its product to the base's, unmerged).
 
     Left out (their dtype shows in the results): embeddings (``F.embedding`` is not autocast, and a tied head reads
     them too), norms, biases (gpt-oss's expert biases are added outside the matmul; an ``nn.Linear`` bias is small and
@@ -297,13 +301,12 @@ def matmul_only_weights(model: nn.Module, frozen_only: bool = True) -> list[tupl
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
-    adapted = {id(getattr(m.base, t)) for m in lora_modules(model) if isinstance(m, LoRAExperts) for t in m.lora_A}
     out = []
     for mod in model.modules():
         names = ("weight",) if type(mod) is nn.Linear else ("w1", "w2", "w3") if isinstance(mod, GroupedExperts) else ()
         for n in names:
             p = mod._parameters.get(n)
-            if p is None or uses[id(p)] > 1 or id(p) in adapted or (frozen_only and p.requires_grad):
+            if p is None or uses[id(p)] > 1 or (frozen_only and p.requires_grad):
                 continue
             out.append((mod, n))
     return out
@@ -371,8 +374,10 @@ def merge_lora(model: nn.Module, base: dict[str, torch.Tensor] | None = None) ->
     for pname, parent in list(model.named_modules()):
         for cname, child in list(parent.named_children()):
             if isinstance(child, LoRAExperts):
-                for t in child.targets:
-                    getattr(child.base, t).add_(child.delta(t).to(getattr(child.base, t).dtype))
+                for t in child.targets:  # summed in fp32 (a bf16-held base would round most of the delta away)
+                    w = getattr(child.base, t)
+                    setattr(child.base, t, nn.Parameter((w.detach().float() + child.delta(t).float()).to(
+                        child.lora_A[t].dtype)))
                 setattr(parent, cname, child.base)
                 continue
             if not isinstance(child, LoRALinear):

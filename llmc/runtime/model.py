@@ -488,13 +488,19 @@ class GroupedExperts(nn.Module):
         self.bias = bias
         self.clamp = clamp  # (alpha, limit) of gpt-oss's clamped SwiGLU, or None (SwiGLU)
 
-    def expert(self, e: int, x: torch.Tensor, w: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """(n, D) -> (n, D) through expert ``e``; ``w``: its (w1, w3, w2) matrices instead of the stored ones (a LoRA
-        wrapper's merged weights)."""
-        w1, w3, w2 = w if w is not None else (self.w1[e], self.w3[e], self.w2[e])
+    def expert(self, e: int, x: torch.Tensor,
+               adapter: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
+        """(n, D) -> (n, D) through expert ``e``; ``adapter(name, input)``: what a LoRA wrapper adds to the product
+        ``input @ w_name[e]^T`` (None: nothing), so that each stored matrix is read by a matmul only."""
+
+        def mm(name: str, inp: torch.Tensor) -> torch.Tensor:
+            y = inp @ getattr(self, name)[e].t()
+            extra = adapter(name, inp) if adapter is not None else None
+            return y if extra is None else y + extra
+
         if self.clamp is None and not self.bias:
-            return F.silu(x @ w1.t()) * (x @ w3.t()) @ w2.t()
-        gate, up = x @ w1.t(), x @ w3.t()
+            return mm("w2", F.silu(mm("w1", x)) * mm("w3", x))
+        gate, up = mm("w1", x), mm("w3", x)
         if self.bias:
             gate, up = gate + self.b1[e], up + self.b3[e]
         if self.clamp is None:
@@ -503,7 +509,7 @@ class GroupedExperts(nn.Module):
             alpha, limit = self.clamp
             gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
             h = (up + 1) * (gate * torch.sigmoid(gate * alpha))
-        out = h @ w2.t()
+        out = mm("w2", h)
         return out + self.b2[e] if self.bias else out
 
     def init_weights(self, std: float, out_std: float) -> None:

@@ -232,7 +232,7 @@ def build_policy(job: Any, info: Any, out: Path, lora: Any | None, say=lambda *a
     :func:`run_stage`'s), the frozen weights that only matmuls read (a LoRA / QLoRA stage's base, the reference's
     weights: :func:`llmc.runtime.lora.matmul_only_weights`) are cast to bf16 before sharding -- autocast rounds them
     so before every matmul anyway, so the numbers are the same bits at 2 bytes per parameter instead of 4, as the
-    stage plan counts them; embeddings, norms, biases and adapted expert matrices stay fp32. A meta (sharded) build
+    stage plan counts them; embeddings, norms and biases stay fp32. A meta (sharded) build
     casts them only when it then loads weights: a fresh init must draw the same numbers as the policy's. The caller
     runs the model's forwards under :func:`bf16_forwards` (as :func:`run_stage` does).
 
