@@ -154,8 +154,11 @@ class LoraPlan:
 
 @dataclass(frozen=True)
 class StageMemoryPlan:
-    """Per-GPU bytes of one stage. ``source`` says which model produced them: the searched
-    parallelism plan (pretrain) or the stage estimate (weights/reference/optimizer/activations)."""
+    """Memory of one stage: ``per_gpu_bytes`` (the peak a GPU holds), ``activation_bytes``, ``buffer_bytes`` and
+    ``sampling_bytes`` per GPU; ``weights_bytes``, ``reference_bytes`` and ``grads_optimizer_bytes`` the whole model's,
+    before sharding over ``shard_degree`` GPUs (``replicated_bytes`` of the weights every GPU holds whole). ``source``
+    says which model produced them: the searched parallelism plan (pretrain) or the stage estimate
+    (weights/reference/optimizer/activations)."""
 
     per_gpu_bytes: int
     capacity_bytes: int | None
