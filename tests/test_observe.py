@@ -106,6 +106,9 @@ def test_wandb_missing_is_skipped_cleanly(tmp_path, monkeypatch):
 
 
 def test_wandb_offline_run_written(tmp_path, monkeypatch):
+    """An offline W&B run gets every step's scalars, the validation a trainer logs after a step's training figures
+    included: W&B ignores data logged to a step it has moved past ("Tried to log to step N that is less than the
+    current step N+1"), so a step is committed only when a later one arrives (and at the end)."""
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -113,16 +116,19 @@ def test_wandb_offline_run_written(tmp_path, monkeypatch):
     log = RunLogger(tmp_path, total_steps=4, tensorboard=False, echo=False, run_name="unit", config={"a": 1})
     for r in recs:
         log.log(r)
+        if r["step"] == 2:  # as the trainers do: validation after the step's record, at the same step
+            log.log({"step": 2, "val_loss": 4.25})
     run = log.wandb_run
     assert run is not None and run.offline
-    assert run.summary["train/loss"] == pytest.approx(recs[-1]["loss"])
+    assert run.summary["train/val_loss"] == 4.25  # taken at step 2, not dropped
+    assert run.summary["train/loss"] == pytest.approx(recs[-2]["loss"])  # (step 4's: committed at the end)
     log.close()
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     deadline = time.monotonic() + 20  # the W&B service process flushes the offline file asynchronously
-    while b"train/loss" not in files[0].read_bytes() and time.monotonic() < deadline:
+    while b"train/val_loss" not in files[0].read_bytes() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert b"train/loss" in files[0].read_bytes()
+    assert b"train/loss" in files[0].read_bytes() and b"train/val_loss" in files[0].read_bytes()
 
 
 def test_wandb_disabled_by_env(tmp_path, monkeypatch):

@@ -176,7 +176,10 @@ class RunLogger:
             for k, v in scalars.items():
                 self.tb.add_scalar(TAG_PREFIX + k, v, global_step=step)
         if self.wandb_run is not None:
-            self.wandb_run.log({TAG_PREFIX + k: v for k, v in scalars.items()}, step=step, commit=True)
+            # commit=False: a step's records (its training figures, then its validation) accumulate until a later
+            # step's arrive (or finish); committing each record would move W&B past the step, and it ignores data
+            # logged to an earlier step ("Tried to log to step N that is less than the current step N+1")
+            self.wandb_run.log({TAG_PREFIX + k: v for k, v in scalars.items()}, step=step, commit=False)
         if self.echo:
             loss = f"  loss {rec['loss']:.4f}" if isinstance(rec.get("loss"), int | float) else ""
             print(self.progress().line() + loss, flush=True)
