@@ -276,7 +276,7 @@ def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
         if f is not None and f.change is not None:
             lines.append(f"{out / 'run' / str(name)}: warning[X013] stage {name!r} finished under another lock than "
                          f"this build's ({f.change}): the next `llmc launch` refuses it (`llmc launch {out} "
-                         "--no-resume` sets it aside and trains it again)")
+                         f"--no-resume --stage {name}` sets it aside and trains it again; the other stages' runs stay)")
     return lines
 
 

@@ -373,13 +373,14 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
                 export.skip_reason = f"stage {s['name']!r} already exported ({hf.parent})"
                 # the export runs only after torchtitan finished the stage (a failed or preempted run stops the
                 # launch before it): torchtitan writes no DONE.json, its exported model marks the stage done
-                c.skip_reason = (f"stage {s['name']!r} already finished and exported ({hf.parent}); delete it to run "
-                                 "the stage again")
+                c.skip_reason = (f"stage {s['name']!r} already finished and exported ({hf.parent}); "
+                                 f"`--no-resume --stage {s['name']}` sets it aside to run it again")
         else:
             c = native(s)
         if fin is not None and fin.change is None and (run / s["name"] / "DONE.json").is_file():
             done = run / s["name"] / "DONE.json"
-            c.skip_reason = f"stage {s['name']!r} already finished ({done}); delete it to run the stage again"
+            c.skip_reason = (f"stage {s['name']!r} already finished ({done}); `--no-resume --stage {s['name']}` sets it "
+                             "aside to run it again")
         if fin is not None and fin.change is not None:
             c.stale = stale_message(s["name"], fin, str(b))
         elif fin is not None and fin.legacy:

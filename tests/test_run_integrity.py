@@ -95,6 +95,7 @@ def test_a_rebuilt_directory_refuses_the_earlier_specs_finished_stage(trained, t
     assert r.returncode == 0, r.stderr
     warn = [ln for ln in r.stderr.splitlines() if "warning[X013]" in ln]
     assert len(warn) == 1 and f"steps {STEPS_1} -> {STEPS_2}" in warn[0] and "llmc launch" in warn[0], r.stderr
+    assert "--no-resume --stage pretrain`" in warn[0]  # (a bare --no-resume retrains every finished stage)
 
     for dry in ([], ["--dry-run"]):
         r = llmc("launch", str(c), *dry)
