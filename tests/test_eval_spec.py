@@ -127,6 +127,15 @@ def test_validation_file_inside_a_training_source_is_a_located_error():
     assert ok.evaluation.validation.fraction is None and ok.evaluation.validation.files == ["heldout/val.jsonl"]
 
 
+def test_a_validation_file_that_is_not_json_lines_is_a_located_error():
+    """Every trainer reads eval.validation.files as JSON lines with a text field (llmc.runtime.validation): a parquet
+    file passed the plan, then failed at the first validation with "not valid UTF-8" (its bytes read as text)."""
+    c = _compile(_tiny("eval:\n  validation:\n    files: [heldout/val.parquet, heldout/ok.jsonl]\n"))
+    (d,) = [x for x in c.diagnostics if x.code == "E011"]
+    assert d.severity == "error" and d.path == "eval.validation.files.0" and d.line == 12
+    assert "val.parquet" in d.message and "JSON lines" in d.message and d.hint
+
+
 def test_eval_task_without_decontamination_benchmark_warns():
     extra = "eval: {tasks: [hellaswag, evals/my_mc.yaml]}\n"
     c = _compile(_tiny(extra, data_extra="  quality: {decontaminate: {benchmarks: [bench/hellaswag.jsonl]}}\n"))
