@@ -428,3 +428,17 @@ def test_a_quantized_checkpoint_to_start_from_is_refused_where_the_spec_names_it
     assert len(found) == 1 and found[0].startswith(f"{spec}:{line}: error[G018] {where}: qwen-awq holds quantized "
                                                    f"weights ({quant['quant_method']}")
     assert "bf16" in r.output
+
+
+def test_a_chat_stage_says_it_decays_no_weights_whatever_the_pre_training_optimizer_says():
+    """SFT / DPO / GRPO train with AdamW without weight decay (TRL's default: transformers' TrainingArguments
+    weight_decay 0.0), not the spec's training.optimizer.weight_decay (0.1 by default): the lock's stage optimizer
+    says 0, as llmc's trainer builds it (llmc.runtime.sft reads it from there), and the plan's stage notes say so."""
+    text = spec_text(FULL_SFT, model="llama3.2-1b", count=8)
+    c = compile_text(text)
+    (st,) = c.stages
+    assert c.spec.training.optimizer.weight_decay == 0.1
+    assert st.hyper["optimizer"]["weight_decay"] == 0.0
+    assert [n for n in st.notes if n.startswith("AdamW without weight decay") and "weight_decay 0.1" in n]
+    none = compile_text(text.replace("stages:", "training: {optimizer: {weight_decay: 0.0}}\nstages:"))
+    assert not [n for n in none.stages[0].notes if n.startswith("AdamW without weight decay")]

@@ -1266,6 +1266,9 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
     tr = resolve_stage_training(env.run, st, env.hyper, env.plan, inherited["seq_len"], specials, own)
     if st.kind in CHAT_KINDS:
         notes.append(_template_note(tr.hyper["chat_template"], "chat_template" in tr.defaults, specials, own))
+        if env.run.training.optimizer.weight_decay != POSTTRAIN_WEIGHT_DECAY:
+            notes.append(f"AdamW without weight decay (TRL's default), not training.optimizer.weight_decay "
+                         f"{env.run.training.optimizer.weight_decay:g}, which pre-training and continued training use")
     arch = env.run.model
     trainable = lora_trainable_params(arch, st.lora.rank, st.lora.targets) if st.lora else env.n_total
     models = _models(st, tr.hyper.get("kl_coef"), env.precision, notes)
