@@ -43,7 +43,7 @@ def test_sft_lora_dpo_grpo_chain(tmp_path):
     dpo = Stage(name="dpo", kind="dpo", init_from="sft", data=BUILTIN, dpo_beta=0.1)
     r2 = run_stage(_job(dpo, 15, 1e-3), run / "dpo", tokenizer=TOK)  # (2e-3 overshoots: the loss rises again)
     assert abs(r2["loss_first"] - 0.693147) < 1e-4  # reference == init_from model at step 0
-    hist = [json.loads(x) for x in (run / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    hist = _steps(run / "dpo")
     assert len(hist) == 15
     assert sum(h["loss"] for h in hist[-5:]) / 5 < hist[0]["loss"]
     assert sum(h["margin"] for h in hist[-5:]) / 5 > 0
@@ -51,8 +51,13 @@ def test_sft_lora_dpo_grpo_chain(tmp_path):
                  prompts_per_step=2)
     r3 = run_stage(_job(grpo, 3, 1e-4), run / "grpo", tokenizer=TOK)
     assert r3["status"] == "done" and r3["group_size"] == 4 and 0 <= r3["reward_last"] <= 1
-    lines = (run / "grpo" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and "reward_mean" in json.loads(lines[0])
+    lines = _steps(run / "grpo")
+    assert len(lines) == 3 and "reward_mean" in lines[0]
+
+
+def _steps(d) -> list[dict]:
+    """The step records of a stage's metrics.jsonl (its events -- start, truncation, resume -- left out)."""
+    return [r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
 
 
 @pytest.mark.parametrize("kind", ["dpo", "grpo"])
@@ -62,7 +67,7 @@ def test_stage_lr_schedule_applies_to_dpo_and_grpo(tmp_path, kind):
     st = Stage(name=kind, kind=kind, data=BUILTIN, **extra)
     job = _job(st, 6, 1e-3, batch=2).replace(warmup_steps=2, schedule="linear", min_lr=1e-4)
     run_stage(job, tmp_path / kind, tokenizer=TOK)
-    lrs = [json.loads(x)["lr"] for x in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in _steps(tmp_path / kind)]
     assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 7.75e-4, 5.5e-4, 3.25e-4])  # warmup 2, then 1 -> 0.1 linearly
 
 

@@ -69,8 +69,9 @@ def _base(run: Path) -> None:
 
 
 def _records(d: Path) -> tuple[list[dict], list[dict]]:
+    """(step records, events other than the stage's start and truncation report, which every run logs)."""
     recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in recs if "event" not in r], [r for r in recs if "event" in r]
+    return [r for r in recs if "event" not in r], [r for r in recs if r.get("event") not in (None, "start", "truncation")]
 
 
 def _same_run(a: Path, b: Path, name: str) -> None:

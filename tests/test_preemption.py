@@ -236,7 +236,8 @@ def test_sft_sigterm_saves_current_step_and_resumes_exactly(tmp_path):
     assert json.loads(p.stdout.splitlines()[-1]) == {"status": "preempted", "step": 4}
     assert not (cut / "DONE.json").exists()
     assert [s for s, _ in list_checkpoints(cut / "checkpoints" / RESUME_FOLDER)] == [3, 4]
-    assert [(r["event"], r["step"]) for r in records(cut) if "event" in r] == [("preempted", 4)]
+    assert [(r["event"], r["step"]) for r in records(cut) if r.get("event") not in (None, "start", "truncation")] \
+        == [("preempted", 4)]
     p = go("cut", 0)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed from" in p.stdout and "at step 4" in p.stdout

@@ -6,6 +6,9 @@ assistant content and the turn's closing token (<|eot_id|> / <|im_end|> / <|end|
 *and to stop* (a model never trained on the end token does not learn to stop).
 ``mask="last_assistant"`` trains only the final assistant turn;
 ``mask="none"`` trains every token (warned by the compiler, T102).
+A message's content is a string or a list of text parts (joined); an assistant message with ``tool_calls``, another
+part type or an unknown role is refused with one line naming the message (:func:`_named_content`): the named
+templates have no layout for them, and ``chat_template: tokenizer`` renders what the tokenizer's own template does.
 
 ``chat_template: tokenizer`` lays conversations out with the tokenizer's own Jinja template (``chat_template.jinja``,
 else ``chat_template`` in tokenizer_config.json: the files transformers reads, in its order), rendered by
@@ -349,6 +352,57 @@ def _rendered_segments(messages: list[dict], tmpl: TokenizerTemplate, mask: str,
     return [s for s in segs if s[0]]
 
 
+NAMED_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _kind_of(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _named_content(m: Any, j: int, tmpl: ChatTemplate, where: str | None) -> str:
+    """Message ``j``'s text as llmc's named template ``tmpl`` lays it out; TemplateError (one line naming ``where``,
+    the message and its role, with a hint) for what the template cannot lay out without losing it:
+
+    * a role other than system / user / assistant / tool;
+    * ``tool_calls`` (OpenAI's assistant tool-call message, usually with ``content: null``): the named templates have
+      no tool-call layout, and writing the content alone would train an empty answer followed by the end token,
+      i.e. to stop right after the request. The model families' own templates each lay them out their own way
+      (Llama 3.1's as a JSON object ``{"name": ..., "parameters": ...}``, Qwen2.5's as ``<tool_call>`` ...
+      ``</tool_call>``), which ``chat_template: tokenizer`` renders with transformers, tool_calls passed through;
+    * content that is neither a string nor a list of text parts. A list of ``{"type": "text", "text": ...}`` parts
+      (OpenAI's content parts) is joined with no separator, as the published templates that accept lists do (Llama
+      3.1 / 3.2's and Qwen2-VL's write each text part in turn)."""
+    at = f"{where}: " if where else ""
+    if not isinstance(m, dict):
+        raise TemplateError(f"{at}message {j} is {_kind_of(m)}, not an object with role and content")
+    role = m.get("role")
+    if role not in NAMED_ROLES:
+        raise TemplateError(f"{at}message {j}: unknown role {role!r} (llmc's {tmpl.name} template lays out "
+                            f"{', '.join(NAMED_ROLES)}); hint: rename the role, or set data.tokenizer.chat_template: "
+                            "tokenizer to render the tokenizer's own template")
+    if m.get("tool_calls"):
+        raise TemplateError(f"{at}message {j} ({role}) has tool_calls, which llmc's {tmpl.name} template does not lay "
+                            "out (it would train an empty answer); hint: set data.tokenizer.chat_template: tokenizer "
+                            "to render them with the tokenizer's own template (one with a tool-call format, as Llama "
+                            "3.1's and Qwen2.5's), or drop such records")
+    c = m.get("content")
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        out = []
+        for k, part in enumerate(c):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                what = f"type {part.get('type')!r}" if isinstance(part, dict) else _kind_of(part)
+                raise TemplateError(f"{at}message {j} ({role}): content part {k} is {what}, which llmc's {tmpl.name} "
+                                    "template cannot lay out (text parts only: {\"type\": \"text\", \"text\": ...}); "
+                                    "hint: drop the part, or the record")
+            out.append(part["text"])
+        return "".join(out)
+    raise TemplateError(f"{at}message {j} ({role}) has {'no content' if c is None else _kind_of(c) + ' as content'}; "
+                        "hint: content is a string or a list of {\"type\": \"text\", \"text\": ...} parts")
+
+
 def encode_chat(messages: list[dict], tok: Any, template: str | TokenizerTemplate = "llama3", mask: str = "assistant",
                 add_generation_prompt: bool = False, where: str | None = None) -> tuple[list[int], list[int]]:
     """Tokenise a conversation; returns (ids, labels) of equal length, labels -100 off the trained tokens.
@@ -378,16 +432,15 @@ def encode_chat(messages: list[dict], tok: Any, template: str | TokenizerTemplat
             a.special(s)
     if tmpl.bos:
         put([(tmpl.bos, True)], mask == "none")
+    texts = [_named_content(m, j, tmpl, where) for j, m in enumerate(messages)]  # (TemplateError before encoding)
     prefix = ""
     if tmpl.system == "first_user" and messages and messages[0]["role"] == "system":  # (Gemma: no system turn)
-        prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
+        prefix, messages, texts = texts[0] + "\n\n", messages[1:], texts[1:]
     last_asst = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, m in enumerate(messages):
-        role, content = m["role"], m["content"].strip() if tmpl.trim else m["content"]
+        role, content = m["role"], texts[i].strip() if tmpl.trim else texts[i]
         if i == 0:
             content = prefix + content
-        if role not in ("system", "user", "assistant", "tool"):
-            raise ValueError(f"unknown role {role!r}")
         train = mask == "none" or (role == "assistant" and (mask == "assistant" or i == last_asst))
         put(_header(tmpl, role), mask == "none")
         put([(content, False), (tmpl.end, True)], train)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmc.runtime.chat import IGNORE_INDEX, encode_prompt_response
+from llmc.runtime.chat import IGNORE_INDEX, TemplateError, encode_prompt_response
 from llmc.runtime.lora import disable_adapters, lora_modules, matmul_only_weights
 from llmc.runtime.sft import (
     DataShard,
@@ -51,18 +51,28 @@ def dpo_loss(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l:
                   "accuracy": float((d["margin"] > 0).float().mean())}
 
 
-def encode_pairs(pairs: list[dict], tok, template: str = "llama3") -> list[tuple[tuple, tuple]]:
+def encode_pairs(pairs: list[dict], tok, template: str = "llama3", wheres: list[str] | None = None
+                 ) -> list[tuple[tuple, tuple]]:
     """[(chosen (ids, labels), rejected (ids, labels))] from {prompt, chosen, rejected} dicts; chosen / rejected are
-    the response texts (ValueError, one line, for anything else, e.g. TRL's conversational message lists)."""
+    the response texts (ValueError, one line, for anything else, e.g. TRL's conversational message lists).
+    ``wheres``: where each record came from (``file:line``), which an error names first."""
+    out = []
     for i, p in enumerate(pairs):
+        at = f"{wheres[i]}: " if wheres is not None else ""
         bad = [k for k in ("chosen", "rejected") if not isinstance(p[k], str)]
         if bad:
-            raise ValueError(f"preference record {i}: {bad[0]!r} is a {type(p[bad[0]]).__name__}, not a string: "
+            raise ValueError(f"{at}preference record {i}: {bad[0]!r} is a {type(p[bad[0]]).__name__}, not a string: "
                              "chosen and rejected must be the response texts (for the conversational format, give "
                              "the assistant message's content)")
-    return [(encode_prompt_response(p["prompt"], p["chosen"], tok, template, where=f"preference record {i} (chosen)"),
-             encode_prompt_response(p["prompt"], p["rejected"], tok, template,
-                                    where=f"preference record {i} (rejected)")) for i, p in enumerate(pairs)]
+        try:
+            out.append(tuple(encode_prompt_response(p["prompt"], p[k], tok, template,
+                                                    where=f"preference record {i} ({k})")
+                             for k in ("chosen", "rejected")))
+        except TemplateError as e:
+            if wheres is None:
+                raise
+            raise TemplateError(f"{at}{e}") from None
+    return out
 
 
 def usable_pairs(pairs: list[tuple[tuple, tuple]], max_len: int | None) -> tuple[list[tuple[tuple, tuple]], int]:
@@ -132,7 +142,8 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
               lr_factor: Callable[[int], float] | None = None, optimizer: dict | None = None) -> list[dict]:
     """DPO with AdamW (``optimizer``: the stage plan's settings, :func:`llmc.runtime.sft.adamw`), LR = lr * lr_factor(step) (the stage's schedule, ``TrainJob.lr_factor``, as
     :func:`llmc.runtime.sft.train_sft`; constant when None); returns per-step stats (loss, margin, rewards,
-    accuracy, lr), means over the global batch of pairs; ``shard``: this data-parallel rank's share of each step's
+    accuracy, lr), means over the global batch of pairs, and trained_tokens, the step's response tokens (chosen and
+    rejected) the log-probs sum over; ``shard``: this data-parallel rank's share of each step's
     pairs; ``state``: resume / stop / mid-stage checkpoints (:class:`llmc.runtime.sft.LoopState`); ``micro_batch``:
     pairs per forward and backward (the stage plan's), the share accumulated over ceil(share / micro_batch) of them,
     the same number on every rank (weight-0 pairs top shares up); None: the whole share at once. ``loss_chunk``:
@@ -164,7 +175,7 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
         mine, w = shard.split(batch, equal=micro_batch is not None)
         micro = max(1, micro_batch or len(mine))
         opt.zero_grad(set_to_none=True)
-        parts = torch.zeros(5)  # loss, chosen, rejected, margin, accuracy sums over this rank's pairs
+        parts = torch.zeros(6)  # loss, chosen, rejected, margin, accuracy sums over this rank's pairs; trained tokens
         for i in range(0, len(mine), micro):
             sub = mine[i:i + micro]
             ids, labels = pad_batch([b[0] for b in sub] + [b[1] for b in sub], pad_id, max_len)
@@ -180,14 +191,16 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
             loss_sum = -(F.logsigmoid(margin) * wt).sum()
             (loss_sum * (shard.size / len(batch))).backward()
             d = margin.detach()
+            toks = (labels[:, 1:] != IGNORE_INDEX).sum(-1).float()  # (what sequence_logprobs sums over)
             parts = parts + torch.stack([loss_sum.detach(), (chosen.detach() * wt).sum(),
                                          (rejected.detach() * wt).sum(), (d * wt).sum(),
-                                         ((d > 0).float() * wt).sum()]).float().cpu()
+                                         ((d > 0).float() * wt).sum(),
+                                         ((toks[:n] + toks[n:]) * wt).sum()]).float().cpu()
         clip_grads(params, grad_clip)
         opt.step()
-        sums = shard.sum(parts) / len(batch)
-        stats = dict(zip(("loss", "chosen_reward", "rejected_reward", "margin", "accuracy"), map(float, sums),
-                         strict=True), lr=lr_t)
+        total = shard.sum(parts)
+        stats = dict(zip(("loss", "chosen_reward", "rejected_reward", "margin", "accuracy"),
+                         map(float, total[:5] / len(batch)), strict=True), lr=lr_t, trained_tokens=int(total[5]))
         hist.append(stats)
         if log:
             log(step, stats)

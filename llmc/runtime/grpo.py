@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from llmc.runtime.chat import IGNORE_INDEX, TokAdapter, encode_prompt, end_token_id
+from llmc.runtime.chat import IGNORE_INDEX, TemplateError, TokAdapter, encode_prompt, end_token_id
 from llmc.runtime.dpo import Reference
 from llmc.runtime.sft import DataShard, EpochOrder, LoopState, adamw, clip_grads, dropout_off
 
@@ -154,6 +154,15 @@ def truncate_prompts(encoded: list[list[int]], limit: int | None) -> tuple[list[
     return [p[-limit:] for p in encoded], sum(len(p) > limit for p in encoded)
 
 
+def _encode_item(item: dict, i: int, tok, template) -> list[int]:
+    """The prompt of ``item`` encoded for generation; an encoding error names where it came from (``item["where"]``:
+    ``file:line``, else its position)."""
+    try:
+        return encode_prompt(item["prompt"], tok, template)
+    except TemplateError as e:
+        raise TemplateError(f"{item.get('where') or f'prompt {i}'}: {e}") from None
+
+
 def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: float,
                reward_fn: Callable[[str, dict], float], template: str = "llama3", group_size: int = 8,
                prompts_per_step: int = 4, max_new_tokens: int = 8, kl_coef: float = 0.04, clip_eps: float = 0.2,
@@ -164,7 +173,8 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                micro_batch: int | None = None, sampling_groups: int | None = None, loss_chunk: int = 0,
                lr_factor: Callable[[int], float] | None = None, max_prompt_tokens: int | None = None,
                optimizer: dict | None = None) -> list[dict]:
-    """GRPO on ``prompts`` ({prompt: messages, ...}); ``reward_fn(completion_text, item)``. Returns stats per step.
+    """GRPO on ``prompts`` ({prompt: messages, ...}); ``reward_fn(completion_text, item)``. Returns stats per step
+    (loss, kl, clip_frac, reward_mean, reward_std, lr, trained_tokens: the step's completion tokens in the loss).
 
     ``shard``: each step's prompts are split over the data-parallel ranks (each rank samples its groups with
     its own generator); the loss stays the token-level mean over the whole step's completions. ``state``:
@@ -203,7 +213,7 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     if limit is not None and limit < 1:
         raise ValueError(f"GRPO: max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
                          f"context of {ctx} tokens; lower max_new_tokens")
-    encoded, cut = truncate_prompts([encode_prompt(p["prompt"], tok, template) for p in prompts], limit)
+    encoded, cut = truncate_prompts([_encode_item(p, i, tok, template) for i, p in enumerate(prompts)], limit)
     if cut and shard.rank == 0:
         print(f"GRPO: {cut} of {len(encoded)} prompts longer than {limit} tokens keep their last {limit} "
               "(left truncation, as TRL's max_prompt_length)", flush=True)
@@ -260,7 +270,7 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                                                                    dtype=torch.float64)))
             mean = s1 / max(n, 1.0)
             var = (s2 - n * mean**2) / (n - 1) if n > 1 else 0.0  # sample variance, as torch.std
-            stats.update(reward_mean=mean, reward_std=max(var, 0.0) ** 0.5, lr=lr_t)
+            stats.update(reward_mean=mean, reward_std=max(var, 0.0) ** 0.5, lr=lr_t, trained_tokens=int(tot_tokens))
             hist.append(stats)
             if log:
                 log(step, stats)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmc.runtime.chat import IGNORE_INDEX, encode_chat
+from llmc.runtime.chat import IGNORE_INDEX, TemplateError, encode_chat
 from llmc.runtime.model import mean_token_loss
 
 
@@ -195,9 +195,19 @@ def sft_loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
     return model(ids, targets=targets, loss_chunk=loss_chunk).nll.sum(), int((targets != IGNORE_INDEX).sum())
 
 
-def encode_conversations(convs: list[list[dict]], tok, template: str = "llama3", mask: str = "assistant"
-                         ) -> list[tuple[list[int], list[int]]]:
-    return [encode_chat(c, tok, template, mask, where=f"conversation {i}") for i, c in enumerate(convs)]
+def encode_conversations(convs: list[list[dict]], tok, template: str = "llama3", mask: str = "assistant",
+                         wheres: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of each conversation (:func:`llmc.runtime.chat.encode_chat`); ``wheres``: where each came from
+    (``file:line``), which an encoding error names first."""
+    out = []
+    for i, c in enumerate(convs):
+        try:
+            out.append(encode_chat(c, tok, template, mask, where=f"conversation {i}"))
+        except TemplateError as e:
+            if wheres is None:
+                raise
+            raise TemplateError(f"{wheres[i]}: {e}") from None
+    return out
 
 
 @contextlib.contextmanager
@@ -230,7 +240,8 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
               device: torch.device | None = None, state: LoopState | None = None,
               micro_batch: int | None = None, loss_chunk: int = 0) -> list[float]:
     """AdamW over the trainable params, LR = lr * lr_factor(step) (the stage's schedule, ``TrainJob.lr_factor``;
-    constant when None); returns per-step losses (the mean over the global batch's trained tokens).
+    constant when None); returns per-step losses (the mean over the global batch's trained tokens). ``log(step,
+    {loss, lr, trained_tokens})``: trained_tokens is the step's count of tokens in the loss, over every rank.
 
     ``shard``: this data-parallel rank's share of each step's batch (every rank draws the same batch).
     ``state``: resume / stop / mid-stage checkpoints (:class:`LoopState`). ``micro_batch``: sequences per forward
@@ -263,7 +274,8 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
             chunks.append((ids, labels))
         # the global count of trained tokens first (sft_loss's: labels[:, 1:] != -100), so that every chunk's
         # gradient is scaled as in one pass over the whole batch
-        n_all = max(float(shard.sum(sum(int((lb[:, 1:] != IGNORE_INDEX).sum()) for _, lb in chunks))), 1.0)
+        n_trained = int(shard.sum(sum(int((lb[:, 1:] != IGNORE_INDEX).sum()) for _, lb in chunks)))
+        n_all = max(float(n_trained), 1.0)
         opt.zero_grad(set_to_none=True)
         loss_total = torch.zeros(())
         for ids, labels in chunks:
@@ -276,7 +288,7 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
         opt.step()
         losses.append(float(shard.sum(loss_total)) / n_all)
         if log:
-            log(step, {"loss": losses[-1], "lr": lr_t})
+            log(step, {"loss": losses[-1], "lr": lr_t, "trained_tokens": n_trained})
         if state.end_step(step, model, opt, rng):
             break
     return losses
