@@ -87,6 +87,7 @@ from llmc.compiler.backends import (
     torchtitan_reads_hf,
     torchtitan_seq_gaps,
 )
+from llmc.compiler.checkpoint_cost import PREEMPT_SAFETY
 from llmc.compiler.checks import mixture_shares
 from llmc.compiler.memory import SINGLE_STAGE_SCHEDULES, even_parts, pipeline_chunks
 from llmc.compiler.result import Hyper
@@ -128,9 +129,18 @@ LOAD_BALANCE_COEFF = 1e-3
 COMM_INIT_TIMEOUT_S = 300
 COMM_INIT_TIMEOUT_LARGE_S = 1800
 COMM_LARGE_WORLD = 1024
-COMM_TRAIN_TIMEOUT_S = 100
-# A synchronous checkpoint save of a large state blocks the ranks; give collectives headroom then.
+# The train timeout (NCCL's watchdog after the first step) must outlast the longest synchronous checkpoint save:
+# ranks that finish writing their share early wait in the save's closing collective for the slowest. Every job has
+# one, asynchronous or not: torchtitan 0.3.0 writes its last-step save with ``AsyncMode.DISABLED``
+# (components/checkpointer/dcp.py ``_save_last_step``, reached for ``last_step=True``), and the job's preemption save
+# is such a forced last-step save, after waiting for an asynchronous save in flight (``maybe_wait_for_saving``). So
+# the timeout is the larger of COMM_TRAIN_TIMEOUT_CKPT_S (llmc's fixed headroom for synchronous saves; torchtitan's
+# default is 100 s) and COMM_TRAIN_TIMEOUT_SAVE_MARGIN x the job's predicted preemption save (the plan's
+# ``CheckpointNumbers.preempt_seconds``: an in-flight save waited for + the current step written), rounded up to 10 s.
 COMM_TRAIN_TIMEOUT_CKPT_S = 600
+# the storage figure behind the predicted save is a per-node average that contention (other jobs, every node writing
+# at once) can halve: the margin of the launchers' shutdown time (checkpoint_cost.PREEMPT_SAFETY), not fitted
+COMM_TRAIN_TIMEOUT_SAVE_MARGIN = PREEMPT_SAFETY
 
 
 # Parameters AdamW does not decay, matched with re.search on torchtitan's FQNs (ParamGroupConfig, first match
@@ -589,8 +599,31 @@ def _mfu_peak(compiled) -> dict[str, Any]:
     return {"peak_flops": peak, "peak_flops_source": source}
 
 
-def _checkpoint_comm(compiled) -> dict[str, Any]:
-    """Checkpointing, logging, collective timeouts and the process layout."""
+def _sync_save_seconds(compiled, stage: int | None) -> float:
+    """The longest synchronous save the plan predicts for the job (pre-training, or the continued-training stage at
+    ``stage``): its preemption save (``preempt_seconds``: an asynchronous save in flight waited for, then the
+    current step written in full), which is at least its last-step save. A job whose figure is unknown (a plan
+    without predicted saves) takes the build's preemption save (``Compiled.preemption``), else 0."""
+    if stage is None:
+        ck = compiled.time.checkpoint if compiled.time is not None else None
+        own = ck.preempt_seconds if ck is not None else None
+    else:
+        t = compiled.stages[stage].time
+        own = t.checkpoint.preempt_seconds if t is not None and t.checkpoint is not None else None
+    if own is not None:
+        return float(own)
+    return float(compiled.preemption.save_seconds) if compiled.preemption is not None else 0.0
+
+
+def comm_train_timeout(save_seconds: float) -> int:
+    """torchtitan's ``comm.train_timeout_seconds`` for a job whose longest synchronous save takes ``save_seconds``
+    (the comment at COMM_TRAIN_TIMEOUT_CKPT_S)."""
+    return max(COMM_TRAIN_TIMEOUT_CKPT_S, 10 * math.ceil(COMM_TRAIN_TIMEOUT_SAVE_MARGIN * save_seconds / 10))
+
+
+def _checkpoint_comm(compiled, save_seconds: float = 0.0) -> dict[str, Any]:
+    """Checkpointing, logging, collective timeouts and the process layout; ``save_seconds``: the job's longest
+    synchronous save (:func:`_sync_save_seconds`), which the train timeout covers."""
     spec, hyper = compiled.spec, compiled.hyper
     tr, ck = spec.training, spec.training.checkpoint
     cpu = spec.hardware.gpu == "cpu"
@@ -610,7 +643,7 @@ def _checkpoint_comm(compiled) -> dict[str, Any]:
         **_mfu_peak(compiled),
         "seed": int(tr.seed),
         "comm_init_timeout": COMM_INIT_TIMEOUT_LARGE_S if world >= COMM_LARGE_WORLD else COMM_INIT_TIMEOUT_S,
-        "comm_train_timeout": COMM_TRAIN_TIMEOUT_S if hyper.checkpoint_async else COMM_TRAIN_TIMEOUT_CKPT_S,
+        "comm_train_timeout": comm_train_timeout(save_seconds),
         "world": world,
         "nproc_per_node": nproc,
         "nnodes": max(1, math.ceil(world / nproc)),
@@ -697,7 +730,7 @@ def torchtitan_values(compiled, stage: int | None = None) -> TitanValues:
         **model,
         **optim,
         **par,
-        **_checkpoint_comm(view),
+        **_checkpoint_comm(view, _sync_save_seconds(compiled, stage)),
         "seq_len": view.hyper.seq_len,
         "data_sources": _data_sources(view),
         "init_hf": init_hf,

@@ -849,7 +849,7 @@ def _trainer_config(spec):
         ),
         activation_checkpoint=SelectiveAC.Config(),
         compile=CompileConfig(enable=True, components=['model', 'loss']),
-        comm=CommConfig(init_timeout_seconds=1800, train_timeout_seconds=100),
+        comm=CommConfig(init_timeout_seconds=1800, train_timeout_seconds=600),
         debug=DebugConfig(seed=0),
     )
 

@@ -152,12 +152,25 @@ if [ -n "${HOSTFILE:-}" ]; then
   # prints there, which may be one the other nodes cannot reach); MASTER_ADDR overrides it
   MASTER_ADDR="${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ { print $1; exit }' "$HOSTFILE")}"
   # the remote ranks (started over pdsh/ssh) get only a few variables of this environment (NCCL*, PYTHON*, ...)
-  # plus the KEY=VALUE lines of DeepSpeed's environment file (.deepspeed_env,
-  # https://www.deepspeed.ai/getting-started/#multi-node-environment-variables; DS_ENV_FILE names another one:
-  # https://github.com/deepspeedai/DeepSpeed/blob/master/deepspeed/launcher/runner.py): write the ones llmc's runs read
+  # plus the KEY=VALUE lines of DeepSpeed's environment file (https://www.deepspeed.ai/getting-started/
+  # #multi-node-environment-variables). deepspeed/launcher/runner.py (0.19.8) reads the file named DS_ENV_FILE,
+  # else .deepspeed_env, in ~ and then in the current directory (os.path.join(path, name) for path in ["~", "."]:
+  # an absolute DS_ENV_FILE is that one file), a later line winning. llmc's runs read more variables than those
+  # (HF_*, WANDB_*, LLMC_*, ...), so DeepSpeed is pointed at a file of this script's: the lines of the file(s)
+  # DeepSpeed would have read (the site's FI_PROVIDER, LD_LIBRARY_PATH, NCCL settings), then llmc's. It holds
+  # tokens (HF_TOKEN, WANDB_API_KEY): created readable by its owner only (0600) and removed when this script exits.
   mkdir -p "$RUN_DIR"
-  export DS_ENV_FILE="$RUN_DIR/deepspeed_env"
-  : > "$DS_ENV_FILE"
+  DS_ENV_OUT="$(umask 077 && mktemp "$RUN_DIR/deepspeed_env.XXXXXX")"
+  trap 'rm -f -- "$DS_ENV_OUT"' EXIT
+  DS_ENV_NAME="${DS_ENV_FILE:-.deepspeed_env}"
+  case "$DS_ENV_NAME" in
+    /*) DS_ENV_USER=("$DS_ENV_NAME") ;;
+    *) DS_ENV_USER=(~/"$DS_ENV_NAME" "./$DS_ENV_NAME") ;;
+  esac
+  for f in "${DS_ENV_USER[@]}"; do
+    if [ -f "$f" ]; then awk 1 "$f" >> "$DS_ENV_OUT"; fi  # its lines as they are, each ending in a newline
+  done
+  export DS_ENV_FILE="$DS_ENV_OUT"
   for v in $(compgen -e); do
     case "$v" in HF_*|WANDB_*|LLMC_*|DS_ACCELERATOR|OMP_NUM_THREADS|TORCH_*|TRANSFORMERS_*|CUDA_VISIBLE_DEVICES) ;; *) continue ;; esac
     case "${!v}" in
