@@ -86,7 +86,9 @@ def _sky_python() -> str | None:
 
 SKY_LOAD = """
 import json, sys, yaml, sky
-task = sky.Task.from_yaml_config(yaml.safe_load(open(sys.argv[1])))
+# the two values the task requires from `sky launch --env` (llmc's package, the shared run folder)
+task = sky.Task.from_yaml_config(yaml.safe_load(open(sys.argv[1])), env_overrides=[
+    ("LLMC_PACKAGE", "git+https://example.invalid/llmc.git"), ("LLMC_RUN_DIR", "/shared/run")])
 res = list(task.resources)[0]
 print(json.dumps({"num_nodes": task.num_nodes, "accelerators": res.accelerators, "run": task.run}))
 """

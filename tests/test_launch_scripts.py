@@ -384,7 +384,9 @@ def test_torchtitan_multi_node_scripts_prepare_once(tiny_build, tmp_path):
     d = tmp_path / "bin"
     d.mkdir()
     log = d / "calls.log"
-    _exe(d / "python", f'#!/bin/bash\necho "prepare start" >> {log}\nsleep 1.5\necho "prepare end" >> {log}\n')
+    # (the nodes' check that LLMC_RUN_DIR is shared, `python -m torch.distributed.run ... shared-check`: passes)
+    _exe(d / "python", f'#!/bin/bash\ncase "$*" in *shared-check*) exit 0 ;; esac\n'
+         f'echo "prepare start" >> {log}\nsleep 1.5\necho "prepare end" >> {log}\n')
     _exe(d / "torchrun", f'#!/bin/bash\necho "torchrun $*" >> {log}\n')
     # srun of two nodes: the batch script's command once per node, at the same time
     _exe(d / "srun", '#!/bin/bash\nwhile [ $# -gt 0 ]; do case "$1" in --*) shift ;; *) break ;; esac; done\n'

@@ -13,8 +13,17 @@ and ``PET_MASTER_PORT`` (torchrun's ``PET_*`` environment options), which the co
 launcher's ``NNODES``, ``NPROC``, ``MASTER_ADDR``, ``MASTER_PORT``.
 
 The container image must hold llmc (with its runtime extras) and the build directory at
-``/workspace/build``; ``trainer.image`` names it ``llmc/<spec name>:<first 12 hex of the spec sha256>``,
-a tag to build and push (or edit) before ``kubectl apply -f kubeflow/trainjob.yaml``.
+``/workspace/build`` (read-only is fine: the run writes nothing there). ``trainer.image`` is a placeholder,
+``registry.invalid/llmc/<spec name>:<first 12 hex of the spec sha256>``: ``.invalid`` is a top-level domain reserved
+never to resolve (RFC 2606, section 2), so an image nobody built is never pulled from a namespace llmc does not own
+(a bare ``llmc/<name>`` is Docker Hub's ``llmc`` namespace); set it to the image you build and push.
+
+Everything the run writes (prepare's tokenizer and data, checkpoints, metrics, exports) goes under
+``LLMC_RUN_DIR=/workspace/run``, which every pod must see as one storage (the launcher checks it at start-up and
+stops with one line if not): the manifest's ``runtimePatches`` mount there, in the runtime's trainer container, the
+PersistentVolumeClaim ``<job name>-run``, which the user creates with access mode ``ReadWriteMany`` (a volume many
+nodes mount read-write: NFS, CephFS, a cloud file store;
+https://kubernetes.io/docs/concepts/storage/persistent-volumes/#access-modes).
 
 Stopping a pod (preemption, eviction, a node drain, ``kubectl delete``): the kubelet sends SIGTERM to the
 container's first process and SIGKILL ``terminationGracePeriodSeconds`` later (30 s by default;
@@ -48,6 +57,9 @@ from llmc.lockfile import LOCK_FILE
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
 RUNTIME = "torch-distributed"
 BUILD_DIR = "/workspace/build"
+RUN_DIR = "/workspace/run"  # LLMC_RUN_DIR: the claim's mount
+RUN_VOLUME = "llmc-run"  # the pod's name for that volume
+IMAGE_REGISTRY = "registry.invalid"  # RFC 2606: never resolves (the image is the user's to name)
 
 COMMAND = """set -euo pipefail
 export NNODES="${PET_NNODES:-1}" NPROC="${PET_NPROC_PER_NODE:-%(gpn)d}"
@@ -64,9 +76,11 @@ wait "$group" || true  # returns early when the trap ran
 while kill -0 -- "-$group" 2>/dev/null; do sleep 1; done  # torchrun may outlive the script (it waits for its trainers)
 wait "$group"  # the launcher's exit status
 """
-# The training runtime's replicated job (manifests/base/runtimes/torch_distributed.yaml in kubeflow/trainer) and
-# the owner of the patch below (spec.runtimePatches[].manager: any name; Kueue uses its own)
+# The training runtime's replicated job and its trainer container (manifests/base/runtimes/torch_distributed.yaml in
+# kubeflow/trainer: replicatedJobs[name=node], containers[name=node]) and the owner of the patch below
+# (spec.runtimePatches[].manager: any name; Kueue uses its own)
 RUNTIME_JOB = "node"
+RUNTIME_CONTAINER = "node"
 PATCH_MANAGER = "llmc"
 
 
@@ -79,12 +93,22 @@ def k8s_name(name: str, limit: int = 40) -> str:
     return s[:limit].rstrip("-")
 
 
+def run_claim(lock: dict) -> str:
+    """The name of the PersistentVolumeClaim mounted as ``LLMC_RUN_DIR``: the job's name + ``-run``."""
+    return k8s_name(cluster_shape(lock).name) + "-run"
+
+
 def trainjob(lock: dict) -> dict:
     """The TrainJob manifest as a dict."""
     shape = cluster_shape(lock)
     sha = (lock.get("_llmc") or {}).get("spec_sha256", "")
     gpu = shape.k8s_resource
     n = str(shape.gpus_per_node)
+    pod = {
+        "terminationGracePeriodSeconds": grace_seconds(lock),
+        "volumes": [{"name": RUN_VOLUME, "persistentVolumeClaim": {"claimName": run_claim(lock)}}],
+        "containers": [{"name": RUNTIME_CONTAINER, "volumeMounts": [{"name": RUN_VOLUME, "mountPath": RUN_DIR}]}],
+    }
     return {
         "apiVersion": API_VERSION,
         "kind": "TrainJob",
@@ -96,11 +120,12 @@ def trainjob(lock: dict) -> dict:
         "spec": {
             "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": RUNTIME},
             "trainer": {
-                "image": f"llmc/{k8s_name(shape.name, 63)}:{sha[:12] or 'latest'}",
+                "image": f"{IMAGE_REGISTRY}/llmc/{k8s_name(shape.name, 63)}:{sha[:12] or 'latest'}",
                 "command": ["bash", "-c"],
                 "args": [COMMAND % {"gpn": shape.gpus_per_node}],
                 "env": [
                     {"name": "LLMC_BUILD_DIR", "value": BUILD_DIR},
+                    {"name": "LLMC_RUN_DIR", "value": RUN_DIR},
                     {"name": "RUN_ID", "value": shape.name},
                 ],
                 "numNodes": shape.num_nodes,
@@ -111,7 +136,7 @@ def trainjob(lock: dict) -> dict:
                 "manager": PATCH_MANAGER,
                 "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
                     "name": RUNTIME_JOB,
-                    "template": {"spec": {"template": {"spec": {"terminationGracePeriodSeconds": grace_seconds(lock)}}}},
+                    "template": {"spec": {"template": {"spec": pod}}},
                 }]}}},
             }],
         },
@@ -134,9 +159,12 @@ def files(lock: dict) -> dict[str, str]:
     lines = header(lock) + [
         f"# Kubeflow Trainer TrainJob: {shape.num_nodes} node(s) x {shape.gpus_per_node} GPUs "
         f"({shape.world} in all), runtime {RUNTIME}.",
-        f"# The image must contain llmc and this build directory at {BUILD_DIR}; then",
+        f"# The image must contain llmc (with its runtime extras) and this build directory at {BUILD_DIR} (read-only",
+        "# is fine); set trainer.image to it (the placeholder's registry.invalid never resolves, RFC 2606).",
+        f"# Everything the run writes goes to LLMC_RUN_DIR={RUN_DIR}, one storage for every pod: create the",
+        f"# PersistentVolumeClaim {run_claim(lock)} with accessModes [ReadWriteMany] (NFS, CephFS, a cloud file",
+        "# store), mounted there by the runtimePatches; then",
         "#   kubectl apply -f kubeflow/trainjob.yaml",
-        "# RUN_DIR (checkpoints, metrics) should be a volume shared by the nodes for resume.",
         f"# A stopped pod gets {grace_seconds(lock)} s between SIGTERM and SIGKILL (terminationGracePeriodSeconds, "
         "the plan's preemption figure): its trainers save the current step and exit.",
     ]

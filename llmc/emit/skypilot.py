@@ -9,9 +9,17 @@ does not depend on compiler internals. The task runs the build's own multi-node 
 https://docs.skypilot.co/en/latest/running-jobs/distributed-jobs.html and
 https://docs.skypilot.co/en/latest/reference/yaml-spec.html
 
-Usage (from the build directory, which becomes the task's ``workdir`` and is synced to every node)::
+Usage (from the build directory, which becomes the task's ``workdir`` and is synced to every node's own disk: the
+run only reads it)::
 
-    sky launch -c <cluster> skypilot/task.yaml [--env LLMC_PACKAGE=<pip requirement for llmc>]
+    sky launch -c <cluster> skypilot/task.yaml --env LLMC_PACKAGE=<pip requirement for llmc> \
+        --env LLMC_RUN_DIR=<a folder on storage every node mounts>
+
+Both are required (``envs`` null: SkyPilot refuses the task until ``--env`` gives them). ``LLMC_PACKAGE`` has no
+default: the ``llmc`` project on PyPI is another one, so a bare requirement would install a stranger's package; give
+a git URL or a wheel, and setup checks that it installed llmc's runtime. ``LLMC_RUN_DIR`` is where the run writes
+everything (prepare's output, checkpoints, metrics, exports), and every node must see it as one storage (the launcher
+checks that at start-up): a network file system or a SkyPilot ``volumes`` entry of a ReadWriteMany volume.
 
 Shared helpers used by :mod:`llmc.emit.kubeflow` too: :class:`ClusterShape`, :func:`cluster_shape`
 (nodes x GPUs per node and the accelerator, from the lock), :func:`header` and :func:`dump_yaml`.
@@ -93,16 +101,33 @@ def dump_yaml(doc: dict) -> str:
 
 
 SETUP = """set -euo pipefail
+if [ -z "${LLMC_PACKAGE:-}" ]; then
+  echo "error: LLMC_PACKAGE is empty: give llmc's pip requirement with --env LLMC_PACKAGE=... (a git URL or a wheel; PyPI's llmc is another project)" >&2
+  exit 2
+fi
 python -m pip install --upgrade pip
 python -m pip install "$LLMC_PACKAGE"
+if ! python -c "import llmc.runtime" 2>/dev/null; then
+  echo "error: LLMC_PACKAGE=$LLMC_PACKAGE installed no llmc runtime (python -c 'import llmc.runtime' fails); give llmc's own git URL or wheel, with its runtime extras" >&2
+  exit 2
+fi
 """
 
 RUN = """set -euo pipefail
+if [ -z "${LLMC_RUN_DIR:-}" ]; then
+  echo "error: LLMC_RUN_DIR is empty: mount storage every node shares and give its path with --env LLMC_RUN_DIR=..." >&2
+  exit 2
+fi
 export NNODES="$SKYPILOT_NUM_NODES" NPROC="$SKYPILOT_NUM_GPUS_PER_NODE"
 export MASTER_ADDR="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
 export RUN_ID="${SKYPILOT_TASK_ID:-$RUN_ID}"
 bash launch/torchrun_multi_node.sh
 """
+
+
+def _version(lock: dict) -> str:
+    """The llmc version that wrote the lock (what ``LLMC_PACKAGE`` should install)."""
+    return str((lock.get("_llmc") or {}).get("llmc_version") or lock.get("llmc_version") or "")
 
 
 def task(lock: dict) -> dict:
@@ -111,15 +136,17 @@ def task(lock: dict) -> dict:
     accel = shape.accelerator
     if accel is None:
         raise ValueError(f"hardware {shape.hardware_key!r} has no SkyPilot accelerator name")
-    version = (lock.get("_llmc") or {}).get("llmc_version") or lock.get("llmc_version")
     return {
         "name": shape.name,
         "num_nodes": shape.num_nodes,
         "resources": {"accelerators": f"{accel}:{shape.gpus_per_node}"},
         "workdir": ".",
         "envs": {
-            # pip requirement that installs llmc and its runtime (override with --env LLMC_PACKAGE=...)
-            "LLMC_PACKAGE": f"llmc[runtime,torchtitan]=={version}" if version else "llmc[runtime,torchtitan]",
+            # required (null: `sky launch` refuses the task until --env gives it): llmc's pip requirement, with the
+            # runtime extras of this build's version (a git URL or a wheel: PyPI's "llmc" is another project)
+            "LLMC_PACKAGE": None,
+            # required: where the run writes, on storage every node mounts (the launcher checks it is shared)
+            "LLMC_RUN_DIR": None,
             "MASTER_PORT": "29500",
             "RUN_ID": shape.name,
         },
@@ -160,8 +187,13 @@ def files(lock: dict) -> dict[str, str]:
     shape = cluster_shape(lock)
     lines = header(lock) + [
         f"# SkyPilot task: {shape.num_nodes} node(s) x {shape.gpus_per_node} GPUs ({shape.world} in all).",
-        "# From the build directory: sky launch -c <cluster> skypilot/task.yaml",
-        "# Every node runs launch/torchrun_multi_node.sh; RUN_DIR (checkpoints, metrics) should be on storage",
-        "# shared by the nodes for resume: --env RUN_DIR=<mount>.",
+        "# From the build directory (synced to each node's disk, only read):",
+        "#   sky launch -c <cluster> skypilot/task.yaml --env LLMC_PACKAGE=<llmc, e.g. a git URL or wheel> \\",
+        "#     --env LLMC_RUN_DIR=<mount path>",
+        f"# LLMC_PACKAGE: llmc {_version(lock)} with its runtime,torchtitan extras; no default, as PyPI's `llmc` is",
+        "# another project. Every node runs launch/torchrun_multi_node.sh, which writes everything (prepare's output,",
+        "# checkpoints, metrics) under LLMC_RUN_DIR: mount storage every node shares there (a network file system,",
+        "# or a SkyPilot `volumes` entry of a ReadWriteMany volume; a bucket mount, MOUNT or MOUNT_CACHED, lacks the",
+        "# atomic mkdir the launcher's claims rely on); the nodes check at start that they see one storage.",
     ]
     return {"skypilot/task.yaml": "\n".join(lines) + "\n" + dump_yaml(task(lock))}

@@ -8,6 +8,7 @@
 stop a run of the planned length early, with a checkpoint and without DONE.json; rerun to continue.
     python -m llmc.runtime.entry prepare --lock plan.lock.json [--stage NAME] [--assets DIR]
     python -m llmc.runtime.entry check --lock plan.lock.json --stage NAME [--out DIR] [--export]
+    torchrun --nnodes N --nproc_per_node 1 ... -m llmc.runtime.entry shared-check --dir DIR
 
 Runs one stage: pretrain / midtrain / long_context in :mod:`llmc.runtime.train`; sft / dpo / grpo via
 ``llmc.runtime.posttrain.run_stage(job, out_dir)``. Works as one process or under torchrun
@@ -25,6 +26,11 @@ folder holds a run the lock finished (exit 0), none (1), or one finished under a
 ``--export``: a stage a torchtitan job trains, done once ``hf/`` exists). A stage's folder keeps a copy of the
 tokenizer it trains with (``run/<stage>/tokenizer/``), so a run set aside keeps its tokenizer when prepare writes
 another.
+
+``shared-check`` (one process per node, under torchrun: :func:`shared_check`) says whether ``DIR`` is one storage
+on every node: exit 0 when every node sees the file the first rank wrote there, else 1 with one line naming the
+nodes that do not. The multi-node launchers run it before prepare, since every node reads prepare's output and the
+stages' checkpoints from the same folder.
 
 Exit status: 0 when the stage is done or stopped as asked (``--stop-after`` / ``--max-seconds``); 75
 (:data:`llmc.runtime.preempt.EXIT_PREEMPTED`) when a SIGTERM / SIGUSR1 stopped it after saving a checkpoint
@@ -479,6 +485,8 @@ def _check_main(lock: dict, stage: str | None, out: Path | None, root: Path, exp
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "shared-check":
+        return shared_check_main(argv[1:])
     cmd = "train"
     if argv and argv[0] in ("prepare", "train", "check"):
         cmd = argv.pop(0)
@@ -527,6 +535,88 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{a.lock}: error[R002] {a.stage or 'pretrain'}: {e}", file=sys.stderr)
         return 1
     return exit_code(res.get("status", "done"))
+
+
+SHARED_CHECK_FILE = ".llmc-shared-check"  # + "." + the token: a name no node has looked up before
+
+
+def shared_check(directory: Path) -> str | None:
+    """Whether ``directory`` is one storage on every node of the torchrun job this process is a rank of (one rank
+    per node): None when it is, else the one-line error. Rank 0 writes a fresh random token to a file of its own
+    name in ``directory`` (a temporary file renamed into place, so a reader sees all of it or nothing), passes the
+    name on (``broadcast_object_list``, after the rename: it orders the write before every read), every rank reads
+    the file, and the ranks' host names and results are gathered (``all_gather_object``) so every rank reaches the
+    same verdict; rank 0 then removes the file. The name is new to every node: NFS clients cache a lookup that
+    found nothing, not one never made (nfs(5), "lookupcache"). gloo on CPU: it runs before the trainers, GPU or
+    none."""
+    import secrets
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    host = socket.gethostname()
+    what = f"LLMC_RUN_DIR={directory}"
+    dist.init_process_group("gloo", timeout=timedelta(seconds=float(os.environ.get("LLMC_SHARED_CHECK_S", "600"))))
+    try:
+        sent: list = [None, None]  # [file name, token], or [None, rank 0's error]
+        if rank == 0:
+            token = secrets.token_hex(16)
+            name = f"{SHARED_CHECK_FILE}.{token}"
+            tmp = directory / f"{name}.tmp"
+            try:
+                tmp.write_text(token)
+                os.replace(tmp, directory / name)
+                sent = [name, token]
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                sent = [None, f"error: {what}: cannot write {tmp} ({e.strerror or e}); give LLMC_RUN_DIR a folder "
+                              "every node can write"]
+        dist.broadcast_object_list(sent, src=0)
+        name, token = sent
+        if name is None:
+            return token
+        try:
+            seen = (directory / name).read_text() == token
+        except OSError:
+            seen = False
+        views: list = [None] * dist.get_world_size()
+        dist.all_gather_object(views, (host, seen))
+        dist.barrier()  # every rank has read it
+        if rank == 0:
+            (directory / name).unlink(missing_ok=True)
+        hosts = [h for h, _ in views]
+        label = [h if hosts.count(h) == 1 else f"{h} (node {i})" for i, h in enumerate(hosts)]
+        blind = [label[i] for i, (_, ok) in enumerate(views) if not ok]
+        if not blind:
+            return None
+        return (f"error: {what} is not shared by the nodes: {', '.join(blind)} "
+                f"{'does' if len(blind) == 1 else 'do'} not see the file {label[0]} wrote; put it on storage every "
+                "node mounts (NFS, Lustre, a ReadWriteMany volume)")
+    finally:
+        dist.destroy_process_group()
+
+
+def shared_check_main(argv: list[str]) -> int:
+    """``shared-check --dir DIR``: :func:`shared_check`, its verdict as the exit status (0 shared, 1 not) and one
+    line on stderr; never a traceback (a node lost during the check is that line too)."""
+    ap = argparse.ArgumentParser(prog="python -m llmc.runtime.entry shared-check",
+                                 description="Check that DIR is one storage on every node (run under torchrun, "
+                                             "one process per node).")
+    ap.add_argument("--dir", required=True, type=Path, help="the folder every node must share (LLMC_RUN_DIR)")
+    a = ap.parse_args(argv)
+    d = a.dir.absolute()  # a folder missing on a node is a node that does not see the file (every rank takes part)
+    try:
+        err = shared_check(d)
+    except Exception as e:  # noqa: BLE001 (a peer lost mid-check, a store gone: one line, never a traceback)
+        why = (str(e).strip().splitlines() or [""])[-1][:300]
+        err = (f"error: LLMC_RUN_DIR={d}: the check that every node shares it did not complete "
+               f"({type(e).__name__}: {why}); check that every node started and can reach MASTER_ADDR")
+    if err:
+        print(err, file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 def exit_code(status: str) -> int:

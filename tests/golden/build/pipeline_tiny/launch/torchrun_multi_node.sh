@@ -7,35 +7,61 @@
 #   NNODES=1 MASTER_ADDR=<first host> bash launch/torchrun_multi_node.sh
 # Rendezvous: c10d on MASTER_ADDR (the first node hosts its store) assigns the node ranks, so no NODE_RANK is
 # needed. Each stage has its own: id "$RUN_ID-<stage>", port MASTER_PORT (default 29500) + the stage's position,
-# so the first node must accept connections on each of these ports:
+# and the start-up check of LLMC_RUN_DIR (below) its own after them, so the first node must accept connections on
+# each of these ports:
 #   pretrain: MASTER_PORT + 0
 #   sft: MASTER_PORT + 1
 #   dpo: MASTER_PORT + 2
 #   grpo: MASTER_PORT + 3
+#   the check that LLMC_RUN_DIR is shared: MASTER_PORT + 4
+# A node waits RDZV_JOIN_TIMEOUT s (default 1800; torchrun's own is 600) in each rendezvous for the others to join
+# (torchrun's --rdzv-conf join_timeout, passed as PET_RDZV_CONF, which torchrun reads as that option, so that a
+# --rdzv-conf of a torchrun wrapper still wins): pods pulling a large image can start many minutes apart.
 # A node goes on to the next stage as soon as its own torchrun returns, maybe while the first node's torchrun (the
 # store of the finished stage) is still shutting down: on the same port and id it would join that rendezvous, which
 # torchrun closes when it ends (RendezvousClosedError: the stage fails on that node, the others wait for it). On its
 # own port it reaches only the next stage's store, a c10d client retrying its connection until that is up
 # (torch/distributed/elastic/rendezvous/c10d_rendezvous_backend.py; torch/distributed/launcher/api.py launch_agent).
 # BACKEND=native|torchtitan|deepspeed as in torchrun_single_node.sh (default native).
+# Storage: everything the run writes goes under LLMC_RUN_DIR (default: this build directory, which is then only
+# read): prepare's assets/ and data/, the stages' run/<stage> (RUN_DIR, default $LLMC_RUN_DIR/run: checkpoints,
+# metrics, logs, exports), torchtitan's outputs/ (its checkpoints), the claims. Every node reads and writes the
+# same files there, so with NNODES > 1 LLMC_RUN_DIR (and RUN_DIR) must be one storage every node mounts (NFS,
+# Lustre, a ReadWriteMany volume); each node may hold its own copy of the build. Before prepare, the nodes check
+# that it is (`python -m llmc.runtime.entry shared-check`, one process per node: gloo, no GPU) and stop with one
+# line if not. A node whose prepare fails records it (<run dir>/prepare.claim.failed) and the nodes that waited for
+# it stop with that line, which names its output (<run dir>/prepare[.<node>].log).
 # Logs: with NNODES > 1 each node appends its stage output to its own <run dir>/<stage>/stderr.<node>.log (several
 # hosts appending to one file of a shared filesystem can lose lines), <node> being the host's short name
 # (hostname -s); nodes that share a host name (containers) must each set their own LOG_NODE, e.g. LOG_NODE=n0 on
 # one and LOG_NODE=n1 on the other. With NNODES=1 it is <run dir>/<stage>/stderr.log, as the single-node scripts'.
-# Env: NNODES, MASTER_ADDR, MASTER_PORT, NPROC, RUN_DIR, RUN_ID, STAGE, BACKEND, CLAIM_STALE_S, LOG_NODE.
+# Env: NNODES, MASTER_ADDR, MASTER_PORT, NPROC, LLMC_RUN_DIR, RUN_DIR, RUN_ID, STAGE, BACKEND, CLAIM_STALE_S,
+# LOG_NODE, RDZV_JOIN_TIMEOUT.
 set -euo pipefail
 BUILD_DIR="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." >/dev/null && pwd)"
-RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
+LLMC_RUN_DIR="${LLMC_RUN_DIR:-$BUILD_DIR}"
+mkdir -p -- "$LLMC_RUN_DIR" && LLMC_RUN_DIR="$(CDPATH= cd -- "$LLMC_RUN_DIR" >/dev/null && pwd)" || {
+  echo "error: LLMC_RUN_DIR=$LLMC_RUN_DIR: cannot create or enter it; give a folder this node can write" >&2
+  exit 2
+}
+export LLMC_RUN_DIR
+RUN_DIR="${RUN_DIR:-$LLMC_RUN_DIR/run}"
 NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 case "$MASTER_PORT" in
   ''|*[!0-9]*) echo "error: MASTER_PORT=$MASTER_PORT is not a port number" >&2; exit 2 ;;
 esac
-if [ "$((MASTER_PORT + 4 - 1))" -gt 65535 ]; then  # (one port per stage: the header)
-  echo "error: MASTER_PORT=$MASTER_PORT leaves no port for the last of the 4 stages (at most 65535); use a lower one" >&2
+if [ "$((MASTER_PORT + 4))" -gt 65535 ]; then  # (one port per stage and the check's: the header)
+  echo "error: MASTER_PORT=$MASTER_PORT leaves no port for the last of the 4 stages' rendezvous and the LLMC_RUN_DIR check after them (MASTER_PORT + 4, at most 65535); use a lower one" >&2
   exit 2
 fi
+RDZV_JOIN_TIMEOUT="${RDZV_JOIN_TIMEOUT:-1800}"
+case "$RDZV_JOIN_TIMEOUT" in
+  ''|*[!0-9]*|0) echo "error: RDZV_JOIN_TIMEOUT=$RDZV_JOIN_TIMEOUT is not a number of seconds (> 0)" >&2; exit 2 ;;
+esac
+# (a join_timeout already in PET_RDZV_CONF comes later, and wins)
+export PET_RDZV_CONF="join_timeout=$RDZV_JOIN_TIMEOUT${PET_RDZV_CONF:+,$PET_RDZV_CONF}"
 NPROC="${NPROC:-1}"
 RUN_ID="${RUN_ID:-}"
 [ -n "$RUN_ID" ] || RUN_ID=pipeline-tiny
@@ -47,7 +73,7 @@ LOCK="$BUILD_DIR/plan.lock.json"
 # finished under another lock (the build directory rebuilt from another spec) stops the script, neither skipped nor
 # trained over. STAGE=<name> runs only that stage.
 trained_by() { sed -n 's/^ *"fingerprint_sha256": *"\([0-9a-f]*\)".*/\1/p' "$1" 2>/dev/null || true; }
-lock_fingerprint() { awk -v s="$1" '$1 == s { print $2; exit }' "$BUILD_DIR/assets/stage-fingerprints.txt" 2>/dev/null || true; }
+lock_fingerprint() { awk -v s="$1" '$1 == s { print $2; exit }' "$LLMC_RUN_DIR/assets/stage-fingerprints.txt" 2>/dev/null || true; }
 # trained_here STAGE RECORD: the finished STAGE, whose RECORD names the lock that trained it, is this lock's (a record
 # without one, an older llmc's, is trusted with a warning); one finished under another lock ends the script
 trained_here() {
@@ -59,7 +85,7 @@ trained_here() {
     return 0
   fi
   if [ -z "$now" ]; then
-    echo "$RUN_DIR/$1: warning[R005] stage $1: no fingerprints of this lock ($BUILD_DIR/assets/stage-fingerprints.txt, written by prepare): counted as finished, unchecked" >&2
+    echo "$RUN_DIR/$1: warning[R005] stage $1: no fingerprints of this lock ($LLMC_RUN_DIR/assets/stage-fingerprints.txt, written by prepare): counted as finished, unchecked" >&2
     return 0
   fi
   if [ "$was" = "$now" ]; then return 0; fi
@@ -76,10 +102,10 @@ trained_here() {
 # when prepare later writes another, or when it is set aside); mkdir claims it (one node copies)
 keep_tokenizer() {
   local d="$RUN_DIR/$1/tokenizer" f
-  [ -f "$BUILD_DIR/assets/tokenizer.json" ] && [ ! -e "$d" ] || return 0
+  [ -f "$LLMC_RUN_DIR/assets/tokenizer.json" ] && [ ! -e "$d" ] || return 0
   mkdir -p "$RUN_DIR/$1" && mkdir "$d" 2>/dev/null || return 0
   for f in tokenizer.json tokenizer_config.json special_tokens_map.json chat_template.jinja; do
-    if [ -f "$BUILD_DIR/assets/$f" ]; then cp "$BUILD_DIR/assets/$f" "$d/$f"; fi
+    if [ -f "$LLMC_RUN_DIR/assets/$f" ]; then cp "$LLMC_RUN_DIR/assets/$f" "$d/$f"; fi
   done
 }
 stage_done() {
@@ -206,6 +232,9 @@ run_logged() {
 # owner file unchanged for CLAIM_STALE_S s (default 300: a node's clock or a cached NFS mtime is never compared,
 # only watched for change) takes the claim over. One node wins the takeover of a given stale claim: it must
 # create <claim>.takeover.<mtime> first (mkdir again); it then rewrites the owner, which the others see change.
+# A holder whose work failed records it in <claim>.failed before releasing the claim (claim_fail: one line naming its
+# host, exit status and where its output is); a node that waited finds that record (claim_failed) and stops with it
+# instead of going on as if the work were done. Taking a claim clears an earlier attempt's record.
 CLAIM_BEAT_S="${CLAIM_BEAT_S:-10}"
 CLAIM_STALE_S="${CLAIM_STALE_S:-300}"
 CLAIM_POLL_S="${CLAIM_POLL_S:-5}"
@@ -223,13 +252,14 @@ claim_release() {
 # held it released it (check its result)
 claim_wait() {
   local c=$1 last= m idle=0
-  if mkdir "$c" 2>/dev/null; then claim_hold "$c"; return 0; fi
+  if mkdir "$c" 2>/dev/null; then rm -f "$c.failed"; claim_hold "$c"; return 0; fi
   echo "$c: held by $(cat "$c/owner" 2>/dev/null || echo 'another node'); waiting for it"
   while m="$(stat -c %Y "$c/owner" 2>/dev/null || stat -c %Y "$c" 2>/dev/null)"; do
     if [ "$m" != "$last" ]; then
       last=$m idle=0
     elif [ "$idle" -ge "$CLAIM_STALE_S" ] && mkdir "$c.takeover.$m" 2>/dev/null; then
       echo "$c: no sign of life from its holder for ${CLAIM_STALE_S} s (its node stopped); taking it over" >&2
+      rm -f "$c.failed"
       claim_hold "$c"
       return 0
     fi
@@ -238,16 +268,66 @@ claim_wait() {
   done
   return 1
 }
-# prepare: one node at a time (llmc.runtime.entry prepare writes assets/ and data/ in place); a node that waited
-# does not run it again (it skips unchanged inputs anyway), and the stages' rendezvous waits for every node
+# claim_fail CLAIM LINE: record (atomically: a temporary file renamed) that the work under CLAIM failed; call it
+# before claim_release CLAIM
+claim_fail() {
+  local t="$1.failed.tmp.${HOSTNAME:-host}.$$"
+  printf '%s\n' "$2" > "$t" && mv -f "$t" "$1.failed"
+}
+# claim_failed CLAIM: after claim_wait CLAIM returned 1, succeeds (printing the holder's line) when its work failed
+claim_failed() { [ -f "$1.failed" ] && cat "$1.failed"; }
+# shared_check: with NNODES > 1, every node runs `llmc.runtime.entry shared-check` under torchrun (one process per
+# node, its own rendezvous: the header) to see that LLMC_RUN_DIR is one storage; on failure its one line (the file
+# it names, <run dir>/shared-check[.<node>].log, keeps torchrun's output when the check itself could not finish).
+# torchrun as `python -m torch.distributed.run` (what the torchrun command runs): the python that runs prepare.
+shared_check() {
+  case "$NNODES" in 1|1:1) return 0 ;; esac
+  local out rc=0 line log
+  echo "checking that LLMC_RUN_DIR=$LLMC_RUN_DIR is one storage on the $NNODES nodes (waiting for them all)"
+  out="$(python -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node 1 --rdzv_backend c10d \
+    --rdzv_endpoint "$MASTER_ADDR:$((MASTER_PORT + 4))" --rdzv_id "$RUN_ID-llmc-shared-check" \
+    -m llmc.runtime.entry shared-check --dir "$LLMC_RUN_DIR" 2>&1)" || rc=$?
+  [ "$rc" != 0 ] || return 0
+  line="$(printf '%s\n' "$out" | grep -m1 '^error: LLMC_RUN_DIR=' || true)"
+  if [ -n "$line" ]; then
+    echo "$line" >&2
+  else
+    log="$RUN_DIR/shared-check.${STAGE_LOG#stderr.}"
+    mkdir -p "$RUN_DIR" && printf '%s\n' "$out" > "$log" || log="(not saved)"
+    echo "error: the check that LLMC_RUN_DIR=$LLMC_RUN_DIR is shared by the nodes did not finish (torchrun exit $rc); its output: $log" >&2
+  fi
+  exit 1
+}
+# prepare: one node at a time (llmc.runtime.entry prepare writes assets/ and data/ under LLMC_RUN_DIR); a node that
+# waited does not run it again (it skips unchanged inputs anyway) and stops when it failed on the node that ran it,
+# and the stages' rendezvous waits for every node
+PREPARE_LOG="$RUN_DIR/prepare.${STAGE_LOG#stderr.}"  # this node's prepare output: prepare.log, prepare.<node>.log
 prepare_once() {
+  local c="$RUN_DIR/prepare.claim" rc=0 line
+  shared_check
   mkdir -p "$RUN_DIR"
-  if claim_wait "$RUN_DIR/prepare.claim"; then
-    local rc=0
-    python -m llmc.runtime.entry prepare --lock "$LOCK" || rc=$?
-    claim_release "$RUN_DIR/prepare.claim"
+  if claim_wait "$c"; then
+    keep_lock
+    python -m llmc.runtime.entry prepare --lock "$LOCK" --assets "$LLMC_RUN_DIR" 2>&1 | tee -a "$PREPARE_LOG" || rc=$?
+    if [ "$rc" != 0 ]; then
+      claim_fail "$c" "error: prepare failed on $(hostname) (exit $rc); its output: $PREPARE_LOG"
+      echo "error: prepare failed (exit $rc); its output: $PREPARE_LOG" >&2
+    fi
+    claim_release "$c"
     return $rc
   fi
+  if line="$(claim_failed "$c")"; then
+    echo "$line (this node waited for it, and stops)" >&2
+    return 1
+  fi
+}
+# the Hugging Face export of a torchtitan stage (llmc.runtime.hf_io) reads the run's outputs beside the lock it is
+# given: with LLMC_RUN_DIR outside the build directory, the node that prepares keeps a copy of the lock there
+# (LLMC_RUN_DIR/plan.lock.json, the lock this run was prepared with)
+keep_lock() {
+  [ ! "$LLMC_RUN_DIR" -ef "$BUILD_DIR" ] || return 0
+  cp "$LOCK" "$LLMC_RUN_DIR/plan.lock.json.tmp.${HOSTNAME:-host}.$$"
+  mv -f "$LLMC_RUN_DIR/plan.lock.json.tmp.${HOSTNAME:-host}.$$" "$LLMC_RUN_DIR/plan.lock.json"
 }
 # a stage a torchtitan job trained: one node exports it (run/<stage>/hf), the others wait for the export (the
 # next stage starts from it); done is checked again under the claim (another node may have just finished)
@@ -256,7 +336,7 @@ export_once() {
   titan_done "$1" && return 0
   mkdir -p "$RUN_DIR/$1"
   if claim_wait "$c"; then
-    titan_done "$1" || python -m llmc.runtime.hf_io "$BUILD_DIR" --stage "$1" -o "$RUN_DIR/$1/hf" || rc=$?
+    titan_done "$1" || python -m llmc.runtime.hf_io "$LLMC_RUN_DIR" --stage "$1" -o "$RUN_DIR/$1/hf" || rc=$?
     claim_release "$c"
     return $rc
   fi
@@ -271,19 +351,19 @@ case "$BACKEND" in
     prepare_once
     if want_stage pretrain && ! stage_done pretrain; then
       rdzv 0 pretrain
-      run_logged pretrain "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage pretrain --out "$RUN_DIR"/pretrain
+      run_logged pretrain "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --assets "$LLMC_RUN_DIR" --stage pretrain --out "$RUN_DIR"/pretrain
     fi
     if want_stage sft && ! stage_done sft; then
       rdzv 1 sft
-      run_logged sft "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
+      run_logged sft "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --assets "$LLMC_RUN_DIR" --stage sft --out "$RUN_DIR"/sft
     fi
     if want_stage dpo && ! stage_done dpo; then
       rdzv 2 dpo
-      run_logged dpo "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
+      run_logged dpo "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --assets "$LLMC_RUN_DIR" --stage dpo --out "$RUN_DIR"/dpo
     fi
     if want_stage grpo && ! stage_done grpo; then
       rdzv 3 grpo
-      run_logged grpo "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
+      run_logged grpo "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --assets "$LLMC_RUN_DIR" --stage grpo --out "$RUN_DIR"/grpo
     fi
     ;;
   torchtitan)
@@ -293,7 +373,8 @@ case "$BACKEND" in
     # (run/<stage>/hf, what the next stage starts from; one node writes it, the others wait for it)
     if want_stage pretrain && ! titan_done pretrain; then
       rdzv 0 pretrain
-      LLMC_RUN_DIR="$BUILD_DIR" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled \
+      LLMC_RUN_DIR="$LLMC_RUN_DIR" LLMC_STAGE_DIR="$RUN_DIR"/pretrain \
+      HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled \
       PYTHONPATH="$BUILD_DIR/torchtitan${PYTHONPATH:+:$PYTHONPATH}" \
         run_logged pretrain "${TORCHRUN[@]}" "${RDZV[@]}" --local-ranks-filter 0 --role rank --tee 3 \
         -m torchtitan.train --module llmc_job --config job "$@"
@@ -301,15 +382,15 @@ case "$BACKEND" in
     fi
     if want_stage sft && ! stage_done sft; then
       rdzv 1 sft
-      run_logged sft "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
+      run_logged sft "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --assets "$LLMC_RUN_DIR" --stage sft --out "$RUN_DIR"/sft
     fi
     if want_stage dpo && ! stage_done dpo; then
       rdzv 2 dpo
-      run_logged dpo "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
+      run_logged dpo "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --assets "$LLMC_RUN_DIR" --stage dpo --out "$RUN_DIR"/dpo
     fi
     if want_stage grpo && ! stage_done grpo; then
       rdzv 3 grpo
-      run_logged grpo "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
+      run_logged grpo "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --assets "$LLMC_RUN_DIR" --stage grpo --out "$RUN_DIR"/grpo
     fi
     ;;
   deepspeed)
@@ -318,19 +399,19 @@ case "$BACKEND" in
     prepare_once
     if want_stage pretrain && ! stage_done pretrain; then
       rdzv 0 pretrain
-      run_logged pretrain "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.ds_train --lock "$LOCK" --ds-config "$BUILD_DIR/deepspeed/ds_config.json" --stage pretrain --out "$RUN_DIR"/pretrain
+      run_logged pretrain "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.ds_train --lock "$LOCK" --assets "$LLMC_RUN_DIR" --ds-config "$BUILD_DIR/deepspeed/ds_config.json" --stage pretrain --out "$RUN_DIR"/pretrain
     fi
     if want_stage sft && ! stage_done sft; then
       rdzv 1 sft
-      run_logged sft "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
+      run_logged sft "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --assets "$LLMC_RUN_DIR" --stage sft --out "$RUN_DIR"/sft
     fi
     if want_stage dpo && ! stage_done dpo; then
       rdzv 2 dpo
-      run_logged dpo "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
+      run_logged dpo "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --assets "$LLMC_RUN_DIR" --stage dpo --out "$RUN_DIR"/dpo
     fi
     if want_stage grpo && ! stage_done grpo; then
       rdzv 3 grpo
-      run_logged grpo "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
+      run_logged grpo "${TORCHRUN[@]}" "${RDZV[@]}" -m llmc.runtime.entry --lock "$LOCK" --assets "$LLMC_RUN_DIR" --stage grpo --out "$RUN_DIR"/grpo
     fi
     ;;
   *) echo "unknown BACKEND=$BACKEND" >&2; exit 2 ;;
