@@ -315,11 +315,45 @@ def test_streams_in_place_with_bounded_memory(kind, split, tmp_path, hf_cache):
     assert grown < 1 << 20, f"{grown} bytes written to disk while streaming"
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "text", "parquet", "hf_disk"])
+def test_a_source_with_fewer_documents_than_ranks_is_read_whole_by_every_rank(kind, tmp_path, hf_cache):
+    """3 documents dealt over 8 ranks (a global batch's sequence slots) left 5 ranks without documents and the run
+    stopped ("rank 5 of 8 has no documents"): such a rank now reads the whole source, from document rank mod 3 on,
+    round again, packed with EOS as ever -- the stream built here by hand from the documents -- and resumes exactly;
+    ranks 0-2 read their own document (document r), as before."""
+    src = make_source(kind, tmp_path, 1, 3)
+    docs = [tokenize(d) for d in documents(src)]
+    assert len(docs) == 3
+    seq, n_win = 4, 6
+    for rank in range(8):
+        stream = []
+        for k in range(n_win * seq + 1):  # enough documents (each at least one token + EOS)
+            stream += docs[rank if rank < 3 else (rank + k) % 3] + [EOS]
+        want = [stream[i * seq: i * seq + seq + 1] for i in range(n_win)]
+        m = StreamingMixture([src], tokenize, EOS, seq, rank=rank, world=8)
+        got = [m.next_window().tolist() for _ in range(n_win)]
+        assert got == want, rank
+    # resume mid-epoch: the continuation is the uninterrupted run's
+    a = StreamingMixture([src], tokenize, EOS, seq, rank=5, world=8)
+    for _ in range(2):
+        a.next_window()
+    state = json.loads(json.dumps(a.state_dict()))
+    b = StreamingMixture([src], tokenize, EOS, seq, rank=5, world=8)
+    b.load_state_dict(state)
+    assert [b.next_window().tolist() for _ in range(5)] == [a.next_window().tolist() for _ in range(5)]
+    # as many documents as ranks: sharded as before (rank r reads its own document only)
+    m = StreamingMixture([src], tokenize, EOS, seq, rank=2, world=3)
+    assert set(sum((m.next_window().tolist() for _ in range(4)), [])) <= set(docs[2]) | {EOS}
+
+
 def test_bad_inputs_are_clear(tmp_path):
     src = make_source("parquet", tmp_path, 1, 3)
-    with pytest.raises(ValueError, match="no documents"):
-        StreamingMixture([SourceRef("t", str(make_source("text", tmp_path, 2, 1).path), "text")],
-                         tokenize, EOS, 4, rank=1, world=2).next_window()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.jsonl").write_text("")
+    with pytest.raises(ValueError, match="has no documents: nothing to train on") as e:
+        StreamingMixture([SourceRef("t", str(empty), "jsonl")], tokenize, EOS, 4, rank=1, world=2).next_window()
+    assert str(empty) in str(e.value)
     with pytest.raises(ValueError, match="not streamable"):
         list(documents(SourceRef("x", src.path, "csv")))
     with pytest.raises(KeyError, match="no column"):

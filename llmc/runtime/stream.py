@@ -47,11 +47,13 @@ documents; skipping them hashes indices only (parquet row groups and jsonl lines
 Mixture: each window's source is drawn with probability ``weight_i / sum(weights)`` by a
 ``numpy.random.Generator`` (PCG64) seeded with ``(seed, rank)``, so every rank's sequence is
 deterministic and ranks differ. A source that reaches the end of this rank's shard starts over
-(``epoch`` += 1), carrying its partial window across the boundary, so no token is dropped.
+(``epoch`` += 1), carrying its partial window across the boundary, so no token is dropped. A rank whose shard of
+a source is empty (fewer documents ``n`` than ranks: a few books, a small curated file) reads the whole source,
+from document ``rank mod n`` on, so the ranks that share it start at different documents.
 
 State (``state_dict()``, plain JSON): ``{"version", "seed", "seq_len", "rank", "world", "samples",
-"rng": <PCG64 state>, "sources": [{"name", "epoch", "docs", "buffer"}]}`` where ``docs`` is the number
-of this rank's documents of the current epoch already tokenised and ``buffer`` the tokens not yet in a
+"rng": <PCG64 state>, "sources": [{"name", "epoch", "docs", "buffer"[, "pooled"]}]}`` where ``docs`` is the
+number of this rank's documents of the current epoch already tokenised and ``buffer`` the tokens not yet in a
 window. Resuming re-opens each source at document ``docs`` (cheap skips as above) and continues from the
 buffer, so the continuation is exactly what the uninterrupted run would have produced. The world size
 and seq_len must match the checkpoint (changing them would change the shards).
@@ -69,6 +71,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -497,7 +500,13 @@ def documents(src: SourceRef, rank: int = 0, world: int = 1, start: int = 0, bal
 
 
 class _SourceStream:
-    """One source's token stream for one rank: documents -> tokens + EOS -> windows, across epochs."""
+    """One source's token stream for one rank: documents -> tokens + EOS -> windows, across epochs.
+
+    A source with fewer documents than ranks (a few books as text files, a small curated JSONL, against a global
+    batch of many sequences) leaves some ranks' shards empty: such a rank reads the whole source instead ("pooled"),
+    from document ``rank mod n`` on and round again (``n``: the source's documents, counted then: fewer than the
+    ranks), so the ranks that share it start at different documents; a rank whose shard has documents reads it as
+    before (a stream that reads its shard costs no count)."""
 
     def __init__(self, src: SourceRef, tokenize: Callable[[str], list[int]], eos_id: int, seq_len: int,
                  rank: int, world: int):
@@ -507,9 +516,28 @@ class _SourceStream:
         self.buffer: list[int] = []
         self._it: Iterator[str] | None = None
         self.balanced = True  # parquet row groups by deal_row_groups (False: restored from a state without it)
+        self.pooled: int | None = None  # the whole source, from this document on (None: this rank's shard)
 
     def _open(self) -> None:
-        self._it = documents(self.src, self.rank, self.world, self.docs, self.balanced)
+        if self.pooled is None:
+            self._it = documents(self.src, self.rank, self.world, self.docs, self.balanced)
+            return
+        # the whole source rotated to start at document `pooled`, from position `docs` of that order
+        off, n = self.pooled, self._count
+        order = itertools.chain(documents(self.src, 0, 1, off), itertools.islice(documents(self.src, 0, 1), off))
+        self._it = itertools.islice(order, self.docs, n)
+
+    @functools.cached_property
+    def _count(self) -> int:
+        """The source's documents (read only by a rank whose shard is empty: fewer than the ranks)."""
+        return sum(1 for _ in documents(self.src, 0, 1))
+
+    def _pool(self) -> None:
+        """This rank's shard is empty: read the whole source from document rank mod n, or say it has none."""
+        n = self._count
+        if n == 0:
+            raise ValueError(f"data source {self.src.name!r} ({self.src.path}) has no documents: nothing to train on")
+        self.pooled, self._it = self.rank % n, None
 
     def next_window(self) -> list[int]:
         need = self.seq_len + 1
@@ -520,8 +548,10 @@ class _SourceStream:
             doc = next(self._it, None)
             if doc is None:
                 if fresh_epoch and self.docs == 0:
-                    raise ValueError(f"data source {self.src.name!r}: rank {self.rank} of {self.world} has no "
-                                     f"documents (fewer files/row groups/lines than ranks?)")
+                    if self.pooled is not None:  # (the source emptied since it was counted)
+                        raise ValueError(f"data source {self.src.name!r} ({self.src.path}) has no documents")
+                    self._pool()
+                    continue
                 self.epoch, self.docs, self._it = self.epoch + 1, 0, None
                 fresh_epoch = True
                 continue
@@ -533,12 +563,16 @@ class _SourceStream:
         return window
 
     def state(self) -> dict:
-        return {"name": self.src.name, "epoch": self.epoch, "docs": self.docs, "buffer": list(self.buffer),
-                "dealing": "balanced" if self.balanced else "strided"}
+        st = {"name": self.src.name, "epoch": self.epoch, "docs": self.docs, "buffer": list(self.buffer),
+              "dealing": "balanced" if self.balanced else "strided"}
+        if self.pooled is not None:
+            st["pooled"] = self.pooled
+        return st
 
     def restore(self, st: dict) -> None:
         self.epoch, self.docs, self.buffer = int(st["epoch"]), int(st["docs"]), [int(t) for t in st["buffer"]]
         self.balanced = st.get("dealing", "strided") == "balanced"  # the shard `docs` counts in
+        self.pooled = int(st["pooled"]) if st.get("pooled") is not None else None
         self._it = None  # re-opened lazily at `docs`
 
 
