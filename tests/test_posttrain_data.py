@@ -17,7 +17,9 @@ import pytest
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torch")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from test_chat_own_template import tokenizer_folder as _tokenizer_folder  # noqa: E402
+from test_chat_own_template import trained_text  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
 
 from llmc.runtime.chat import IGNORE_INDEX, TemplateError, encode_chat, load_tokenizer_template  # noqa: E402
 from llmc.spec.chat import CHAT_TEMPLATES  # noqa: E402
@@ -77,24 +79,9 @@ TOOL_CONV = [{"role": "user", "content": "add 2 3"}, CALL, {"role": "tool", "con
 
 
 def tokenizer_folder(d: Path, specials: list[str], eos: str, template: str | None = None) -> Tokenizer:
-    """A character-level byte-level BPE with the template's special tokens, saved as a Hugging Face folder."""
-    chars = [chr(c) for c in range(33, 127)] + ["\u0120", "\u010a"]  # ByteLevel's space and newline symbols
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    d.mkdir(parents=True)
-    tok.save(str(d / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": "<|endoftext|>",
-           **({"bos_token": specials[0]} if specials[0] == "<|begin_of_text|>" else {})}
-    if template is not None:
-        (d / "chat_template.jinja").write_text(template)
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return tok
-
-
-def trained_text(tok: Tokenizer, labels: list[int]) -> str:
-    return tok.decode([x for x in labels if x != IGNORE_INDEX], skip_special_tokens=False)
+    """test_chat_own_template's character-level tokenizer folder, with Llama 3's BOS when its specials start with it."""
+    return _tokenizer_folder(d, specials, eos, template,
+                             bos=specials[0] if specials[0] == "<|begin_of_text|>" else None)
 
 
 # ----------------------------------------------------------------------------- tool calls and list content
