@@ -75,6 +75,9 @@ class StageMetrics:
     steps: list[int]
     columns: dict[str, list[float | None]] = field(default_factory=dict)
     mem_device: str | None = None  # the records' peak_mem_device ("cuda", "cpu"); None: records before the field
+    # the validation records' val_format: the token format the loss is measured in ("llmc-packed": native / DeepSpeed,
+    # "torchtitan-documents": torchtitan's job); None: records before the field
+    val_format: str | None = None
 
     def host_memory(self, lock: dict) -> bool:
         """Whether peak_mem_bytes is the process's peak RSS of a CPU run, not device memory (so not what the plan
@@ -275,13 +278,21 @@ def summary_lines(run_dir: str | Path, lock: dict, skipped: list[str] | None = N
     (:func:`_read_summary`) goes to ``skipped`` when given (for stderr), else after those lines."""
     lines: list[str] = []
     left_out: list[str] = [] if skipped is None else skipped
+    formats: dict[str, str] = {}
     for name, path in find_stages(run_dir, lock):
         sm = read_metrics(path, name)
         steps, vals = sm.series("val_loss")
         if vals:
             _, ppl = sm.series("val_ppl")
             pp = f" (ppl {ppl[0]:.1f} -> {ppl[-1]:.1f})" if ppl else ""
-            lines.append(f"{name}: validation loss {vals[0]:.4f} -> {vals[-1]:.4f}{pp}, steps {steps[0]} -> {steps[-1]}")
+            fmt = f" [{sm.val_format}]" if sm.val_format else ""
+            lines.append(f"{name}: validation loss {vals[0]:.4f} -> {vals[-1]:.4f}{pp}, steps {steps[0]} -> {steps[-1]}"
+                         f"{fmt}")
+            if sm.val_format:
+                formats[name] = sm.val_format
+    if len(set(formats.values())) > 1:
+        lines.append(f"note: the stages' validation losses are measured in different formats ({format_note(formats)}): "
+                     "each compares within its format, not across them")
     evals = read_evals(run_dir, lock, left_out)
     for ev in evals:
         for task, metrics in ev.tasks.items():
@@ -314,7 +325,9 @@ def read_metrics(path: str | Path, name: str | None = None) -> StageMetrics:
         if any(v is not None for v in vals):
             cols[key] = vals
     devices = [d for s in steps if isinstance(d := by_step[s].get("peak_mem_device"), str)]
-    return StageMetrics(name or path.parent.name, path, steps, cols, devices[-1] if devices else None)
+    formats = [f for s in steps if isinstance(f := by_step[s].get("val_format"), str)]
+    return StageMetrics(name or path.parent.name, path, steps, cols, devices[-1] if devices else None,
+                        formats[-1] if formats else None)
 
 
 def find_stages(run_dir: str | Path, lock: dict) -> list[tuple[str, Path]]:
@@ -457,6 +470,14 @@ def _fmt(v: float | None) -> str:
     return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
 
 
+def format_note(formats: dict[str, str]) -> str:
+    """"stage a, b: llmc-packed; c: torchtitan-documents" from {stage: val_format}."""
+    by: dict[str, list[str]] = {}
+    for stage, f in formats.items():
+        by.setdefault(f, []).append(stage)
+    return "; ".join(f"{', '.join(stages)}: {f}" for f, stages in by.items())
+
+
 def _eval_html(stages: list[StageMetrics], evals: list[StageEval]) -> str:
     """Validation loss/perplexity (first, last) and eval task results as HTML tables ("" when none)."""
     out = []
@@ -467,10 +488,14 @@ def _eval_html(stages: list[StageMetrics], evals: list[StageEval]) -> str:
             _, ppl = sm.series("val_ppl")
             vrows.append(f"<tr><td>{html.escape(sm.name)}</td><td>{steps[0]} &rarr; {steps[-1]}</td>"
                          f"<td>{vals[0]:.4f} &rarr; {vals[-1]:.4f}</td>"
-                         f"<td>{(f'{ppl[0]:.2f} &rarr; {ppl[-1]:.2f}') if ppl else '&ndash;'}</td></tr>")
+                         f"<td>{(f'{ppl[0]:.2f} &rarr; {ppl[-1]:.2f}') if ppl else '&ndash;'}</td>"
+                         f"<td>{html.escape(sm.val_format or '')}</td></tr>")
     if vrows:
-        out.append("<h2>Validation</h2>\n<table><tr><th>stage</th><th>steps</th><th>loss</th><th>perplexity</th></tr>\n"
-                   + "\n".join(vrows) + "\n</table>")
+        formats = {sm.name: sm.val_format for sm in stages if sm.val_format and sm.series("val_loss")[1]}
+        note = (f"<p>The stages' validation losses are measured in different formats ({html.escape(format_note(formats))}"
+                "): each compares within its format, not across them.</p>\n" if len(set(formats.values())) > 1 else "")
+        out.append("<h2>Validation</h2>\n" + note + "<table><tr><th>stage</th><th>steps</th><th>loss</th>"
+                   "<th>perplexity</th><th>format</th></tr>\n" + "\n".join(vrows) + "\n</table>")
     erows = [f"<tr><td>{html.escape(ev.stage)}</td><td>{html.escape(task)}</td><td>{html.escape(k)}</td>"
              f"<td>{v:.4f}</td><td>{ev.samples.get(task, '')}</td></tr>"
              for ev in evals for task, m in ev.tasks.items() for k, v in sorted(m.items()) if _shown(k)]

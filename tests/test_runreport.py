@@ -188,6 +188,31 @@ def test_validation_loss_and_eval_results_in_the_report_and_summary(tmp_path, lo
     assert orange(tmp_path / "report" / "sft-loss.png") == 0
 
 
+def test_validation_losses_of_different_formats_are_labelled_not_compared(tmp_path, lock):
+    """native / DeepSpeed validate on llmc's EOS-joined windows ("llmc-packed"), torchtitan's job on its own BOS +
+    document windows ("torchtitan-documents"): a model scores differently in the two, so the summary and the HTML
+    name each stage's format and say the losses do not compare when the stages' formats differ."""
+    from llmc.runreport import summary_lines
+
+    write_run(tmp_path / "run", lock)
+    for stage, fmt, v in (("pretrain", "torchtitan-documents", 4.5), ("sft", "llmc-packed", 3.9)):
+        m = tmp_path / "run" / stage / "metrics.jsonl"
+        text = m.read_text()
+        m.write_text(text[: text.rindex("\n") + 1]  # (without a torn last line)
+                     + json.dumps({"step": 2, "val_loss": v, "val_tokens": 512, "val_format": fmt}) + "\n")
+    lines = summary_lines(tmp_path / "run", lock)
+    assert [ln for ln in lines if ln.startswith("pretrain: validation loss")][0].endswith("[torchtitan-documents]")
+    assert [ln for ln in lines if ln.startswith("sft: validation loss")][0].endswith("[llmc-packed]")
+    (note,) = [ln for ln in lines if ln.startswith("note:")]
+    assert "pretrain: torchtitan-documents" in note and "sft: llmc-packed" in note and "not across them" in note
+    page = make_report(tmp_path / "run", lock, tmp_path / "report")[-1].read_text()
+    assert "measured in different formats" in page and "<td>torchtitan-documents</td>" in page
+    # one format: labelled, no note
+    (tmp_path / "run" / "sft" / "metrics.jsonl").write_text(
+        (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().replace("llmc-packed", "torchtitan-documents"))
+    assert not [ln for ln in summary_lines(tmp_path / "run", lock) if ln.startswith("note:")]
+
+
 def test_checkpoint_evals_table_plot_and_summary(tmp_path, lock):
     """Checkpoint evals (``eval/step-N/summary.json`` as the eval step writes them) beside the final export's
     summary: one column per step then the final one (at the stage's last step from the lock), a plot, and a

@@ -568,13 +568,17 @@ def _import_job(module: Path):
 def test_job_streams_the_same_heldout_split_as_llmc(tmp_path, monkeypatch):
     """The job's datasets read each source in place (parquet folder, JSONL with blank lines, text files, a
     `datasets` save_to_disk folder) and hold out exactly the documents llmc's own streams hold out; the
-    training part, split by rank as torchtitan does (split_dataset_by_node), is the rest, once."""
+    training part, split by rank as torchtitan does (split_dataset_by_node), is the rest, once. Its validation
+    documents are every held-out document once, in the order of llmc's validation set (the sources interleaved
+    by weight, llmc.runtime.validation.validation_documents), not one source after the other."""
     datasets = pytest.importorskip("datasets")
     from datasets.distributed import split_dataset_by_node
     from test_torchtitan_render import TINY, compiled_for
 
     from llmc.runtime.data import SourceData
     from llmc.runtime.stream import documents
+    from llmc.runtime.tokenizer import TextTokenizer
+    from llmc.runtime.validation import validation_documents
 
     docs = [f"doc {i} " + "word " * (i % 7) for i in range(120)]
     src = tmp_path / "src"
@@ -589,16 +593,19 @@ def test_job_streams_the_same_heldout_split_as_llmc(tmp_path, monkeypatch):
         (src / "tx" / f"{i:03d}.txt").write_text(d)
     datasets.Dataset.from_dict({"content": docs}).save_to_disk(str(src / "hf"), num_shards=3)
     specs = [("pq", "parquet", "body"), ("js", "jsonl", "text"), ("tx", "text", "text"), ("hf", "parquet", "content")]
+    weights = (4, 3, 2, 1)
     data = {"seq_len": 64, "tokens": 1e6, "sources": [
-        {"name": n, "path": str(src / n), "format": f, "text_field": t} for n, f, t in specs]}
+        {"name": n, "path": str(src / n), "format": f, "text_field": t, "weight": w}
+        for (n, f, t), w in zip(specs, weights, strict=True)]}
     c = compiled_for(model=TINY, plan=None, gpu="cpu", data=data,
                      eval={"validation": {"fraction": 0.2, "seed": 11, "every_steps": 4, "max_batches": 1}})
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     job = _import_job(write_build(c, tmp_path / "b"))
     assert [s["path"] for s in job.DATA_SOURCES] == [str(src / n) for n, _, _ in specs]  # in place
-    all_val = []
+    all_val, val_srcs = [], []
     for i, (n, f, t) in enumerate(specs):
         fmt = "hf" if n == "hf" else f
+        val_srcs.append(SourceData(n, str(src / n), fmt, t, float(weights[i]), ("val", 0.2, 11)))
         ours = [list(documents(SourceData(n, str(src / n), fmt, t, 1.0, (part, 0.2, 11)))) for part in ("val", "train")]
         ds = job._source_dataset(job.DATA_SOURCES[i], "val")
         theirs = [r["text"] for r in ds]
@@ -608,7 +615,16 @@ def test_job_streams_the_same_heldout_split_as_llmc(tmp_path, monkeypatch):
         per_rank = [[r["text"] for r in split_dataset_by_node(train, rank=r, world_size=2)] for r in range(2)]
         assert sorted(per_rank[0] + per_rank[1]) == sorted(ours[1]), n
         assert not set(per_rank[0]) & set(per_rank[1])
-    assert [job._sample_text(r) for r in job._validation_dataset("validation")] == all_val  # source order
+    # the validation documents, interleaved with token counts of the tokenizer in the folder it is given
+    tok_dir = tmp_path / "tok" / "assets"
+    make_assets(tok_dir.parent, 600, n_docs=60, names=())
+    theirs = [job._sample_text(r) for r in job._validation_dataset(str(tok_dir))]
+    assert sorted(theirs) == sorted(all_val) and theirs != all_val  # each held-out document once, interleaved
+    tok = TextTokenizer(tok_dir)
+    want = [ids for _, ids in validation_documents(val_srcs, tok)]
+    assert [tok.encode(d) for d in theirs] == want
+    even = [dataclasses.replace(s, weight=1.0) for s in val_srcs]  # the weights set the order
+    assert [ids for _, ids in validation_documents(even, tok)] != want
     assert not list((tmp_path / "b").rglob("*.jsonl")) and not list((tmp_path / "hf_cache").rglob("*.arrow"))
 
 

@@ -1,9 +1,11 @@
 """Held-out split and validation loss: deterministic disjoint split, logged val_loss on the native trainer,
-DeepSpeed and torchtitan, the same loss for the same weights and tokens on all three, falling over a short
-run."""
+DeepSpeed and torchtitan, falling over a short run; the same loss for the same weights and tokens on native
+and DeepSpeed; on torchtitan, the loss of its model on the held-out documents in its own training format
+(packed by hand here, scored by llmc's own model)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -27,7 +29,6 @@ from llmc.runtime.validation import (  # noqa: E402
     is_heldout,
     split_assets,
     validation_sources,
-    validation_tokens,
 )
 from llmc.spec.schema import Validation  # noqa: E402
 
@@ -255,13 +256,58 @@ def test_deepspeed_trainer_logs_validation_loss(tmp_path, docs):
 # ------------------------------------------------------------------------------ torchtitan's validator
 
 
+def _llmc_loss_on_documents(model, x, pos, y, document_mask: bool) -> float:
+    """Mean cross-entropy of llmc's own model (llmc.runtime.model: its attention, RoPE tables and head, not
+    torchtitan's) on windows in torchtitan's format: inputs ``x``, per-document ``pos``, labels ``y``. llmc's
+    forward takes no positions, so the windows run as torchtitan runs them: with ``document_mask``
+    (FlexAttention's block-causal mask, which torchtitan builds from where the positions restart) each
+    document of a window (a run of positions 0, 1, ...) on its own from position 0, right-padded into batches
+    (causal attention: the padding after a document changes none of its logits); without (torchtitan's
+    mask-less SDPA, as the CPU shim runs it) the whole window causally, every block's rotary table taken at
+    the window's positions (llmc's apply_rope takes one table per row)."""
+    f = torch.nn.functional
+    T = x.shape[1]
+    with torch.no_grad():
+        if document_mask:
+            docs = sorted(((b, s, e) for b in range(len(x))
+                           for s, e in itertools.pairwise([*(pos[b] == 0).nonzero().flatten().tolist(), T])),
+                          key=lambda d: d[1] - d[2])  # longest first: each batch padded to its first
+            total = 0.0
+            for i in range(0, len(docs), len(x)):
+                part = docs[i:i + len(x)]
+                n = part[0][2] - part[0][1]
+                xs = torch.zeros(len(part), n, dtype=x.dtype)
+                ys = torch.full((len(part), n), -100, dtype=y.dtype)
+                for k, (b, s, e) in enumerate(part):
+                    assert torch.equal(pos[b, s:e], torch.arange(e - s))
+                    xs[k, :e - s], ys[k, :e - s] = x[b, s:e], y[b, s:e]
+                logits = model(xs).float()
+                total += f.cross_entropy(logits.flatten(0, 1), ys.flatten(), ignore_index=-100,
+                                         reduction="sum").item()
+        else:
+            rope = model.rope[pos]  # (B, T, rope_dim / 2, 2)
+            hooks = [blk.register_forward_pre_hook(lambda _m, a: (a[0], rope, *a[2:]))
+                     for blk in model.layers.values()]
+            try:
+                logits = model(x).float()
+            finally:
+                for h in hooks:
+                    h.remove()
+            total = f.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+    return total / y.numel()
+
+
 @pytest.mark.slow
-def test_torchtitan_job_logs_llmcs_validation_loss_of_its_checkpoint(tmp_path, monkeypatch):
+def test_torchtitan_job_logs_the_loss_of_its_checkpoint_on_its_format(tmp_path, monkeypatch):
     """The job's validator runs inside torchtitan's trainer (CPU shim) every 4 steps; the loss it logs at
-    step 8 is llmc's evaluate() loss of the step-8 DCP checkpoint on llmc's validation windows."""
+    step 8 is the loss of the step-8 DCP checkpoint, read into llmc's own model, on the held-out documents
+    packed by hand in torchtitan's training format (BOS + document + EOS, positions restarting per document,
+    no label across documents; attention causal over the window, the shim's mask-less SDPA). The same windows
+    at positions 0..seq_len-1, and llmc's EOS-joined windows, give other losses: the check can fail."""
     import re
 
     from test_torchtitan import losses, run_logged
+    from test_validation_format import _by_hand
 
     from llmc.runtime.hf_io import _model_state
     from llmc.runtime.model import build_model
@@ -269,6 +315,7 @@ def test_torchtitan_job_logs_llmcs_validation_loss_of_its_checkpoint(tmp_path, m
     from llmc.runtime.validation import build_validation_set
 
     c, cfg, assets = _titan_validation(tmp_path, monkeypatch)
+    seq_len, mb = c.hyper.seq_len, c.plan.micro_batch
     v = cfg.validator
     assert v.enable and v.freq == 4 and v.steps == 2
     # the validator reads the held-out documents of the source, training the rest, both from the source itself
@@ -276,7 +323,7 @@ def test_torchtitan_job_logs_llmcs_validation_loss_of_its_checkpoint(tmp_path, m
     assert cfg.dataloader.dataset == "llmc_train_0"
     run_dir = Path(assets.root)
     assert cfg.dataloader.dataset_path == str(run_dir / "data" / "python-docs.jsonl")
-    assert cfg.training.local_batch_size == c.plan.micro_batch  # a validation batch = one micro-batch per rank
+    assert cfg.training.local_batch_size == mb  # a validation batch = one micro-batch per rank
 
     module = tmp_path / "b" / "torchtitan" / "llmc_job.py"
     argv, env = torchtitan_command(module, 1, True, ["--training.steps", "8", "--metrics.log_freq", "1",
@@ -290,13 +337,29 @@ def test_torchtitan_job_logs_llmcs_validation_loss_of_its_checkpoint(tmp_path, m
     assert sorted(val) == [4, 8] and all(math.isfinite(x) for x in val.values()), log[-2000:]
     assert val[8] < val[4]
 
+    # metrics.jsonl holds the same figures unrounded, in this job's format
+    metrics = (run_dir / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    recs = [r for r in map(json.loads, metrics) if "val_loss" in r]
+    assert all(r["val_format"] == "torchtitan-documents" for r in recs), recs
+    full = {r["step"]: r["val_loss"] for r in recs}
+    assert sorted(full) == [4, 8] and all(abs(full[k] - val[k]) <= 5e-5 + 1e-9 for k in full), (full, val)
+
     ckpt = run_dir / "outputs" / "torchtitan" / "checkpoints"
     assert (ckpt / "step-8" / ".metadata").exists()
     model = build_model(c.spec.model, "cpu", seed=1)
     model.load_state_dict(_model_state(ckpt)[0], strict=True)
-    vset = build_validation_set(assets, assets.tokenizer(), c.hyper.seq_len, c.plan.micro_batch, 2)
-    ours = evaluate(model, vset, torch.device("cpu"))
-    assert ours["val_loss"] == pytest.approx(val[8], abs=1.5e-4), (ours, val)  # logged with 4 decimals
+    model.eval()
+    x, pos, y, _ = _by_hand(run_dir, "python-docs", 0.2, 5, seq_len, 2 * mb)
+    ours = _llmc_loss_on_documents(model, x, pos, y, document_mask=False)
+    assert ours == pytest.approx(full[8], abs=1e-5), (ours, full)
+    # controls: positions over the whole window (~1e-4 away after 8 steps); llmc's own validation windows
+    # (no BOS, labels across documents; ~7e-3)
+    window_pos = _llmc_loss_on_documents(model, x, torch.arange(seq_len).expand_as(x), y, document_mask=False)
+    vset = build_validation_set(assets, assets.tokenizer(), seq_len, mb, 2)
+    llmc_format = evaluate(model, vset, torch.device("cpu"))["val_loss"]
+    assert min(abs(window_pos - full[8]), abs(llmc_format - full[8])) > 5e-5, (window_pos, llmc_format, full)
+    print(f"torchtitan val_loss at step 8: {full[8]:.6f}, llmc's model on its format {ours:.6f}, at window "
+          f"positions {window_pos:.6f}, on llmc's windows {llmc_format:.6f}")
 
 
 def test_the_validation_set_is_the_specs_whatever_the_micro_batch(tmp_path, docs):
@@ -332,7 +395,7 @@ def test_fsdp_two_processes_measure_the_single_process_validation_loss(tmp_path,
         assert got[s]["val_loss"] == pytest.approx(ref[s]["val_loss"], abs=2e-4)
 
 
-# ------------------------------------------------------- torchtitan's validator measures llmc's validation loss
+# ---------------------------------------------------- torchtitan's validator measures its own training format
 
 
 def _titan_validation(tmp_path, monkeypatch, max_batches=2):
@@ -370,9 +433,13 @@ def _titan_windows(cfg, tok, seq_len, dp_rank=0, dp_size=1, batch=None):
 
 
 @pytest.mark.slow
-def test_torchtitan_validation_loader_gives_llmcs_windows(tmp_path, monkeypatch):
-    """The job's validation loader yields exactly llmc's validation windows (same documents, tokens, EOS
-    joining, window cuts, dealing to data-parallel ranks), inputs at positions 0..seq_len-1."""
+def test_torchtitan_validation_loader_deals_its_format_like_llmc(tmp_path, monkeypatch):
+    """The job's validation loader yields exactly the held-out documents packed by hand in torchtitan's
+    training format (inputs, per-document positions, labels), dealt to data-parallel ranks as llmc deals its
+    windows (batch b of rank r: windows (b * dp + r) * micro_batch ...), on 1 and 2 ranks; batches of llmc's
+    micro-batch whatever local batch size the validator passes. llmc's own windows of the same documents (EOS
+    joined, no BOS) differ from them: the comparison can fail."""
+    from test_validation_format import _by_hand
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
     from llmc.runtime.validation import build_validation_set
@@ -381,25 +448,25 @@ def test_torchtitan_validation_loader_gives_llmcs_windows(tmp_path, monkeypatch)
     seq_len, mb = c.hyper.seq_len, c.plan.micro_batch
     assert cfg.validator.enable and cfg.validator.steps == 2 and cfg.training.local_batch_size == mb
     tok = HuggingFaceTokenizer(tokenizer_path=assets.tokenizer_dir)
-    ltok = assets.tokenizer()
-    assert ltok.eos_id == tok.eos_id and tok.bos_id is not None  # torchtitan would add a BOS; llmc adds none
+    x, pos, y, bos = _by_hand(Path(assets.root), "python-docs", 0.2, 5, seq_len, 2 * mb * 2)
+    assert bos == tok.bos_id
     for dp in (1, 2):
         for r in range(dp):
-            vset = build_validation_set(assets, ltok, seq_len, mb, 2, dp_rank=r, dp_size=dp)
             got = _titan_windows(cfg, tok, seq_len, r, dp)
-            assert len(got) == vset.batches == 2
-            for b, (x, pos, y) in enumerate(got):
-                wx, wy = vset.batch(b)
-                assert torch.equal(x, wx) and torch.equal(y, wy), (dp, r, b)
-                assert torch.equal(pos, torch.arange(seq_len).expand(mb, seq_len))
-    # what torchtitan's own text loader would give (BOS per document, no cross-document labels) differs
-    windows = torch.cat([torch.cat([x, y[:, -1:]], 1) for x, _, y in got])
-    assert tok.bos_id not in windows.flatten().tolist()
+            assert len(got) == 2, (dp, r)
+            for b, batch in enumerate(got):
+                w = slice((b * dp + r) * mb, (b * dp + r + 1) * mb)
+                for name, have, want in zip(("input", "positions", "labels"), batch, (x[w], pos[w], y[w]),
+                                            strict=True):
+                    assert torch.equal(have, want), (dp, r, b, name)
     # batches of llmc's micro-batch whatever local batch size the validator passes (a command-line override)
     other = _titan_windows(cfg, tok, seq_len, batch=mb // 2)
-    ref = build_validation_set(assets, ltok, seq_len, mb, 2)
-    assert [tuple(x.shape) for x, _, _ in other] == [(mb, seq_len)] * 2
-    assert torch.equal(torch.cat([x for x, _, _ in other]), torch.cat([ref.batch(b)[0] for b in range(2)]))
+    assert [tuple(t.shape) for t, _, _ in other] == [(mb, seq_len)] * 2
+    assert torch.equal(torch.cat([t for t, _, _ in other]), x[:2 * mb])
+    # llmc's windows of the same documents (its native / DeepSpeed format) are not these
+    ref = build_validation_set(assets, assets.tokenizer(), seq_len, mb, 2)
+    wx, wy = ref.batch(0)
+    assert not torch.equal(wx, x[:mb]) and not torch.equal(wy, y[:mb]) and bos not in ref.windows
 
 
 class _Metrics:
@@ -414,24 +481,28 @@ class _Metrics:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["flex", "sdpa"])
-def test_torchtitan_validator_loss_equals_llmcs_for_the_same_weights(attention, tmp_path, monkeypatch):
-    """torchtitan's own Validator, built from the job's config (its loader, its loss), on llmc's model
-    loaded through the job's Hugging Face state-dict adapter, logs llmc's evaluate() loss; the windows
-    shifted by one token give a different loss, so the check can fail."""
+def test_torchtitan_validator_loss_equals_llmcs_model_on_its_format(attention, tmp_path, monkeypatch):
+    """torchtitan's own Validator, built from the job's config (its loader, its loss), on llmc's model loaded
+    through the job's Hugging Face state-dict adapter, logs the loss of llmc's own model (llmc.runtime.model)
+    on the held-out documents packed by hand in torchtitan's format: FlexAttention masks each document (llmc's
+    model runs each document of a window on its own), SDPA attends over the whole window (llmc's model at the
+    per-document positions). The windows shifted by one token, and the other attention, give other losses:
+    the check can fail."""
     import contextlib
 
     import torchtitan.tools.utils as tt_utils
     from safetensors.torch import load_file
+    from test_validation_format import _by_hand
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
     from llmc.runtime.hf_io import export_hf
     from llmc.runtime.model import build_model
     from llmc.runtime.titan_cpu_shim import swap_flex_for_sdpa
-    from llmc.runtime.validation import build_validation_set
 
     c, cfg, assets = _titan_validation(tmp_path, monkeypatch)
     arch, seq_len, mb = c.spec.model, c.hyper.seq_len, c.plan.micro_batch
-    if attention == "sdpa":
+    flex = attention == "flex"
+    if not flex:
         assert swap_flex_for_sdpa(cfg) > 0
     ref = build_model(arch, "cpu", seed=0).eval()
     hf = tmp_path / "hf"
@@ -457,28 +528,33 @@ def test_torchtitan_validator_loss_equals_llmcs_for_the_same_weights(attention, 
     ((step, titan_loss),) = metrics.logged
     assert step == 4 and metrics.ntokens_since_last_log == 2 * mb * seq_len
 
-    vset = build_validation_set(assets, assets.tokenizer(), seq_len, mb, 2)
-    ours = evaluate(ref, vset, torch.device("cpu"))
-    assert ours["val_tokens"] == 2 * mb * seq_len
-    assert titan_loss == pytest.approx(ours["val_loss"], rel=0, abs=1e-5), (titan_loss, ours)
-    stream = validation_tokens(validation_sources(assets), assets.tokenizer(), 2 * mb * seq_len + 2)
-    assert torch.equal(torch.from_numpy(ValidationSet.from_streams([stream], seq_len, mb, 2).windows),
-                       torch.from_numpy(vset.windows))
-    shifted = ValidationSet.from_streams([stream[1:]], seq_len, mb, 2)  # every window one token later
-    off = evaluate(ref, shifted, torch.device("cpu"))["val_loss"]
-    assert abs(off - titan_loss) > 1e-4, (off, titan_loss)  # 10x the tolerance (a random model: ~1e-3)
+    run_dir = Path(assets.root)
+    x, pos, y, _ = _by_hand(run_dir, "python-docs", 0.2, 5, seq_len, 2 * mb)
+    ours = _llmc_loss_on_documents(ref, x, pos, y, document_mask=flex)
+    assert titan_loss == pytest.approx(ours, rel=0, abs=1e-5), (titan_loss, ours)
+    # controls (a random model: each ~1e-2 away; asked: 10x the tolerance)
+    sx, spos, sy, _ = _by_hand(run_dir, "python-docs", 0.2, 5, seq_len, 2 * mb, shift=1)  # one token later
+    assert torch.equal(sx.flatten()[:-1], x.flatten()[1:]) and torch.equal(sy.flatten()[:-1], y.flatten()[1:])
+    controls = {"shifted": _llmc_loss_on_documents(ref, sx, spos, sy, document_mask=flex),
+                "other attention": _llmc_loss_on_documents(ref, x, pos, y, document_mask=not flex)}
+    for k, off in controls.items():
+        assert abs(off - titan_loss) > 1e-4, (k, off, titan_loss)
+    print(f"{attention}: torchtitan {titan_loss:.6f}, llmc's model {ours:.6f}, controls {controls}")
 
 
 @pytest.mark.slow
-def test_torchtitan_two_ranks_log_llmcs_validation_loss_of_their_checkpoint(tmp_path, monkeypatch):
-    """FSDP on 2 gloo ranks: each rank validates its share of llmc's windows (dealt like llmc's ranks) and
-    the loss torchtitan all-reduces and logs at step 8 is llmc's single-process evaluate() loss of the
-    step-8 checkpoint over the same windows (2 ranks x micro_batch per batch = one process's 2 x micro_batch)."""
+def test_torchtitan_two_ranks_log_the_loss_of_their_checkpoint_on_its_format(tmp_path, monkeypatch):
+    """FSDP on 2 gloo ranks: each rank validates its share of the held-out documents in torchtitan's format
+    (dealt like llmc's ranks) and the loss torchtitan all-reduces and logs at step 8 is the single-process
+    loss of the step-8 checkpoint, read into llmc's own model, on the same windows packed by hand (2 ranks x
+    micro_batch per batch = one process's 2 x micro_batch; attention over the window, as the CPU shim runs
+    it). The loss on rank 0's windows alone, and on llmc's EOS-joined windows, differ: the check can fail."""
     pytest.importorskip("torchtitan")
     import re
 
     from test_torchtitan import OFFLINE, losses, make_assets, run_logged, write_build, write_parquet_source
     from test_torchtitan_render import TINY, compiled_for
+    from test_validation_format import _pack_by_hand
 
     from llmc.compiler.plan import ParallelPlan
     from llmc.runtime.hf_io import _model_state
@@ -496,7 +572,8 @@ def test_torchtitan_two_ranks_log_llmcs_validation_loss_of_their_checkpoint(tmp_
                      eval={"validation": {"fraction": 0.2, "seed": 1, "every_steps": 4, "max_batches": 3}})
     module = write_build(c, tmp_path)
     run_dir = tmp_path / "run"
-    write_parquet_source(src, make_assets(run_dir, c.spec.model.vocab_size, names=()))
+    docs = make_assets(run_dir, c.spec.model.vocab_size, names=())
+    write_parquet_source(src, docs)
     argv, env = torchtitan_command(module, 2, True, ["--metrics.log_freq", "1", "--checkpoint.interval", "8"],
                                    run_dir=run_dir)
     rc, log, _ = run_logged(argv, env, run_dir)
@@ -507,15 +584,24 @@ def test_torchtitan_two_ranks_log_llmcs_validation_loss_of_their_checkpoint(tmp_
     for s, x in re.findall(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+)", log):
         val.setdefault(int(s), set()).add(float(x))
     assert sorted(val) == [4, 8] and all(len(x) == 1 for x in val.values()), val  # both ranks log it
+    (logged,) = val[8]
 
     ck, _ = _model_state(run_dir / "outputs" / "torchtitan" / "checkpoints")
     model = build_model(c.spec.model, "cpu", seed=1)
     model.load_state_dict(ck, strict=True)
+    model.eval()
+    held = [d for i, d in enumerate(docs) if is_heldout("web", i, 1, 0.2)]  # the parquet rows in order
+    x, pos, y, _ = _pack_by_hand(held, run_dir / "assets", 64, 3 * 2 * 4)
+    ours = _llmc_loss_on_documents(model, x, pos, y, document_mask=False)
+    assert ours == pytest.approx(logged, abs=1.5e-4), (ours, val)  # logged with 4 decimals
+    # controls: rank 0's windows only (batch b: windows 8b ... 8b + 3); llmc's windows of the same documents
+    mine = torch.cat([torch.arange(8 * b, 8 * b + 4) for b in range(3)])
+    rank0 = _llmc_loss_on_documents(model, x[mine], pos[mine], y[mine], document_mask=False)
     assets = split_assets(Assets(str(run_dir), str(run_dir / "assets"),
                                  (SourceData("web", str(src), "parquet", "body"),), str(run_dir / "cache")),
                           c.spec.eval.validation, log=lambda *_: None)
-    vset = build_validation_set(assets, assets.tokenizer(), 64, 2 * 4, 3)
-    ours = evaluate(model, vset, torch.device("cpu"))
-    assert ours["val_tokens"] == 3 * 2 * 4 * 64
-    (logged,) = val[8]
-    assert ours["val_loss"] == pytest.approx(logged, abs=1.5e-4), (ours, val)  # logged with 4 decimals
+    llmc_format = evaluate(model, build_validation_set(assets, assets.tokenizer(), 64, 2 * 4, 3),
+                           torch.device("cpu"))["val_loss"]
+    assert min(abs(rank0 - logged), abs(llmc_format - logged)) > 1e-3, (rank0, llmc_format, logged)
+    print(f"2 ranks: logged {logged:.4f}, llmc's model {ours:.5f}, rank 0's windows {rank0:.5f}, "
+          f"llmc's windows {llmc_format:.5f}")

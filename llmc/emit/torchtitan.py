@@ -239,9 +239,11 @@ def _validation(compiled) -> dict | None:
     ``every_steps`` steps, ``max_batches`` global batches (``max_batches x grad_accum`` batches of ``micro_batch``
     windows per rank: the same windows on every layout), over the held-out
     documents of every text source (``fraction``, ``seed``: llmc.runtime.validation's split) or the spec's
-    own validation files (``files``, read like the sources). The job's validation loader cuts them into
-    llmc.runtime.validation's windows (EOS-joined, ``seq_len + 1`` tokens, dealt to ranks in order), so
-    torchtitan's validation loss is llmc's for the same weights."""
+    own validation files (``files``, read like the sources). The job's validation loader takes the documents
+    llmc.runtime.validation's set takes, in its mixture order, and packs them as the job trains (torchtitan's
+    HuggingFaceTextDataset: BOS + document + EOS, positions per document), the same number of windows dealt to
+    ranks as llmc deals its own: torchtitan's validation loss is its model's on its own format (``val_format``
+    "torchtitan-documents"), comparable across torchtitan runs, not with llmc's ``llmc-packed`` loss."""
     spec = compiled.spec
     v = spec.eval.validation if spec.eval is not None else None
     if v is None:

@@ -14,19 +14,34 @@ sources with ``("val", ...)``, which read only them. ``data/split/validation.jso
 the validation set. Chat / preference / prompt sources are not split (no packed-text loss). The
 tokenizer is trained on all documents.
 
-Loss (:func:`evaluate`). The validation token streams (documents joined with EOS, tokenised like the
-training data: no BOS, EOS after each document) are concatenated in source order and cut into windows
-of ``seq_len + 1`` tokens in order; validation batch ``b`` of data-parallel rank ``r`` holds windows
-``(b * dp + r) * micro_batch ...`` (+ micro_batch), for ``eval.validation.max_batches x grad_accum`` batches
-(torchtitan's validator: ``steps`` batches of ``local_batch_size`` per rank): ``max_batches`` global batches, the
-same windows on every layout of the run. Reading stops once those windows are full; the
-tokens are cached in ``<cache>/validation-<key>.npy`` (a few MB at most). The loss is
-:func:`llmc.runtime.model.lm_loss` without z-loss or MoE auxiliary terms, averaged over every token of
-every rank; ``val_ppl = exp(val_loss)``.
+Mixture (:func:`interleave`). The validation set is a held-out sample of the training mixture: the
+held-out documents of every split source, interleaved document by document so that each source holds its
+weight's share of the validation tokens. Source ``s`` has ``parts[s] = round(10**6 * weight_s / sum of
+weights)`` (:func:`mixture_parts`, exact integers: every backend takes the same documents); the next
+document comes from the source with the fewest tokens taken per part (``taken[s] / parts[s]``, exact
+rationals, ties to the source listed first), and a document counts its text tokens + 1 (llmc's EOS;
+torchtitan's BOS: the same count in both formats). This is start-time fair queueing (Goyal, Vin & Cheng,
+"Start-time Fair Queueing", SIGCOMM 1996) with documents as packets: at every point each source is within
+one document of its share. A source whose held-out documents run out drops out and the others go on in
+their ratios. With ``eval.validation.files`` the files are read in order (the user's own set).
 
-The torchtitan job's validator reads these same windows (its ``LlmcValidationLoader``: same documents, same
-tokenizer without special tokens, EOS after each document, the same cuts and dealing, positions
-0..seq_len-1), so the validation loss torchtitan logs is :func:`evaluate`'s for the same weights.
+Loss (:func:`evaluate`), format ``"llmc-packed"`` (:data:`VAL_FORMAT`, in every validation record): the
+interleaved documents tokenised like native / DeepSpeed training data (no BOS, EOS after each document,
+targets across document boundaries) are cut into windows of ``seq_len + 1`` tokens in order; validation
+batch ``b`` of data-parallel rank ``r`` holds windows ``(b * dp + r) * micro_batch ...`` (+ micro_batch),
+for ``eval.validation.max_batches x grad_accum`` batches (torchtitan's validator: ``steps`` batches of
+``local_batch_size`` per rank): ``max_batches`` global batches, the same windows on every layout of the
+run. Reading stops once those windows are full; the tokens are cached in ``<cache>/validation-<key>.npy``
+(a few MB at most). The loss is :func:`llmc.runtime.model.lm_loss` without z-loss or MoE auxiliary terms,
+averaged over every token of every rank; ``val_ppl = exp(val_loss)``.
+
+The torchtitan job validates in the format it trains (``"torchtitan-documents"``): the same documents in
+the same order (the job computes the same split and interleaving), packed by torchtitan 0.3.0's own
+``HuggingFaceTextDataset`` (BOS + document + EOS, positions restarting at every document, which its
+models turn into document-masked attention; no target crosses a document), cut into the same number of
+``seq_len`` windows and dealt to ranks the same way. Its ``val_loss`` is that model's loss on held-out data
+in its own format: comparable between runs of one backend, not across backends (a model trained on one
+format scores worse on the other).
 """
 
 from __future__ import annotations
@@ -144,27 +159,81 @@ class ValidationSet:
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
-def validation_tokens(srcs: list[SourceData], tok, n_tokens: int, batch_docs: int = 16) -> np.ndarray:
-    """The first ``n_tokens`` (or fewer, when the sources run out) tokens of the validation sources'
-    documents in order, EOS after each, streamed in place: reading stops once there are enough (at most
-    ``batch_docs`` documents, tokenised together, past the last one needed)."""
+#: what llmc's validation windows hold (every validation record says it): documents joined with EOS, no BOS,
+#: packed across document boundaries, positions 0..seq_len-1 over the window (the torchtitan job's records say
+#: "torchtitan-documents")
+VAL_FORMAT = "llmc-packed"
+
+#: resolution of the mixture shares (:func:`mixture_parts`)
+MIX_PARTS = 10**6
+
+
+def mixture_parts(weights: list[float]) -> list[int]:
+    """Each source's share of the validation tokens in millionths, ``round(MIX_PARTS * w / sum(w))``: integers,
+    so the interleaving (:func:`interleave`) compares exact rationals and the torchtitan job, whose weights
+    are already normalised shares, takes the same documents."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("source weights must not all be zero")
+    return [round(MIX_PARTS * float(w) / total) for w in weights]
+
+
+def interleave(streams: list, parts: list[int] | None, size=len):
+    """``(source index, item)`` from the per-source iterators ``streams``, interleaved by start-time fair
+    queueing (module docstring): the next item comes from the source with the least ``taken / part`` (exact
+    rationals; ties to the lower index), ``taken`` summing ``size(item)``; a source that runs out, or has part
+    0, drops out. ``parts`` None: the streams one after the other (validation files)."""
+    from fractions import Fraction
+
+    taken = [0] * len(streams)
+    live = [i for i in range(len(streams)) if parts is None or parts[i] > 0]
+    while live:
+        i = live[0] if parts is None else min(live, key=lambda s: (Fraction(taken[s], parts[s]), s))
+        item = next(streams[i], None)
+        if item is None:
+            live.remove(i)
+            continue
+        taken[i] += size(item)
+        yield i, item
+
+
+def validation_parts(srcs: list[SourceData]) -> list[int] | None:
+    """The mixture parts of the validation sources: None for the spec's validation files (read in order)."""
+    if any(getattr(s, "holdout", None) is None for s in srcs):
+        return None
+    return mixture_parts([s.weight for s in srcs])
+
+
+def _tokenised(src: SourceData, tok, batch_docs: int):
+    """The documents of ``src`` as token ids (no special tokens), tokenised ``batch_docs`` at a time as read."""
     from llmc.runtime.stream import documents
 
+    batch: list[str] = []
+    for doc in documents(src):
+        batch.append(doc)
+        if len(batch) == batch_docs:
+            yield from tok.encode_batch(batch)
+            batch.clear()
+    if batch:
+        yield from tok.encode_batch(batch)
+
+
+def validation_documents(srcs: list[SourceData], tok, batch_docs: int = 16):
+    """``(source index, token ids)`` of the validation documents in the mixture's order (:func:`interleave`
+    with :func:`validation_parts`), each counted as its ids + 1; streamed, ``batch_docs`` documents of a source
+    tokenised together."""
+    streams = [_tokenised(s, tok, batch_docs) for s in srcs]
+    return interleave(streams, validation_parts(srcs), size=lambda ids: len(ids) + 1)
+
+
+def validation_tokens(srcs: list[SourceData], tok, n_tokens: int, batch_docs: int = 16) -> np.ndarray:
+    """The first ``n_tokens`` (or fewer, when the sources run out) tokens of the validation documents in the
+    mixture's order (:func:`validation_documents`), EOS after each, streamed in place: reading stops once there
+    are enough (at most ``batch_docs`` documents of a source, tokenised together, past the last one needed)."""
     ids: list[int] = []
-    for s in srcs:
-        batch: list[str] = []
-        for doc in documents(s):
-            batch.append(doc)
-            if len(batch) == batch_docs:
-                for t in tok.encode_batch(batch):
-                    ids.extend(t)
-                    ids.append(tok.eos_id)
-                batch.clear()
-                if len(ids) >= n_tokens:
-                    break
-        for t in tok.encode_batch(batch):
-            ids.extend(t)
-            ids.append(tok.eos_id)
+    for _, doc in validation_documents(srcs, tok, batch_docs):
+        ids.extend(doc)
+        ids.append(tok.eos_id)
         if len(ids) >= n_tokens:
             break
     return np.asarray(ids[:n_tokens], dtype=np.int64)
@@ -180,7 +249,7 @@ def build_validation_set(assets: Assets, tok, seq_len: int, micro_batch: int, ma
 
     srcs = validation_sources(assets, names)
     need = max_batches * micro_batch * dp_size * seq_len + 1
-    h = hashlib.sha256(f"{need}|{tok.eos_id}".encode())
+    h = hashlib.sha256(f"{need}|{tok.eos_id}|mix {validation_parts(srcs)}".encode())
     h.update((Path(tok.dir) / "tokenizer.json").read_bytes())
     for s in srcs:
         h.update(f"{s.name}|{source_files_key(s)}".encode())
@@ -235,12 +304,14 @@ def due(step: int, every: int, last_step: int) -> bool:
 
 
 __all__ = ["is_heldout", "split_assets", "validation_sources", "ValidationSet", "validation_tokens",
-           "build_validation_set", "evaluate", "due", "SPLIT_DIR"]
+           "validation_documents", "validation_parts", "mixture_parts", "interleave", "build_validation_set",
+           "evaluate", "due", "SPLIT_DIR", "VAL_FORMAT"]
 
 
 class Validator:
     """What a training loop calls: ``v.maybe(step, last_step, model, log)`` validates when due and logs a
-    ``{"step", "val_loss", "val_ppl", "val_tokens"}`` record to metrics.jsonl; ``v.last`` is the latest."""
+    ``{"step", "val_loss", "val_ppl", "val_tokens", "val_format"}`` record to metrics.jsonl (``val_format``:
+    :data:`VAL_FORMAT`, what the windows hold); ``v.last`` is the latest."""
 
     def __init__(self, vset: ValidationSet, every: int, device, autocast=None, loss_chunk: int = 0):
         self.vset, self.every, self.device, self.autocast = vset, every, device, autocast
@@ -270,7 +341,8 @@ class Validator:
     def maybe(self, step: int, last_step: int, model, log) -> dict | None:
         if not due(step, self.every, last_step):
             return None
-        self.last = {"step": step, **evaluate(model, self.vset, self.device, self.autocast, self.loss_chunk)}
+        self.last = {"step": step, **evaluate(model, self.vset, self.device, self.autocast, self.loss_chunk),
+                     "val_format": VAL_FORMAT}
         log.log(dict(self.last))
         return self.last
 

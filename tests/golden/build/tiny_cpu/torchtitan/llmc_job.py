@@ -51,6 +51,7 @@ from torchtitan.hf_datasets.text_datasets import (
     DATASETS,
     HFDataSource,
     HuggingFaceTextDataLoader,
+    HuggingFaceTextDataset,
     InterleavedHuggingFaceTextDataLoader,
 )
 from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
@@ -91,7 +92,8 @@ DATA_SOURCES = [{'name': 'python-docs', 'format': 'jsonl', 'path': 'python-docs.
 # held-out validation (llmc eval.validation): None, or {"freq", "steps", "micro_batch", "fraction", "seed",
 # "files"}. With a fraction, document i of a source (sorted files, rows in order) is validation iff
 # _heldout(name, i): training skips it and the validator reads only those (nothing is copied). "files": the
-# validation files instead. The validator sees llmc's validation windows (LlmcValidationLoader below).
+# validation files instead. The validator reads the documents llmc's validation set reads, in the same order
+# (_validation_dataset), packed as this job trains: torchtitan's HuggingFaceTextDataset (LlmcValidationLoader).
 VALIDATION = {'freq': 100, 'steps': 4, 'micro_batch': 32, 'fraction': 0.05, 'seed': 0, 'files': None}
 _SPLIT = VALIDATION is not None and not VALIDATION["files"]
 
@@ -135,17 +137,67 @@ def _parquet_rows(shards, field, name, part):
                 yield {"text": row[field]}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_KIND = {dict: "an object", list: "an array", int: "a number", float: "a number", bool: "a boolean",
+              str: "a string"}
+
+
+def _bad_data(message):
+    """Bad input stops the job with one located line, as llmc's trainers report it (error[R002]), no traceback."""
+    return SystemExit(f"llmc: error[R002] {STAGE}: {message}")
+
+
+def _clean_text(text):
+    """llmc.sources.clean_text: lone UTF-16 surrogates (valid JSON escapes, e.g. half an emoji) -> U+FFFD."""
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _jsonl_text(line, field, where):
+    """llmc.sources.jsonl_text: the document of one JSONL line, or a located error (file:line, what is wrong,
+    hint) in the words llmc's readers use."""
+    bad = _SURROGATE.search(line)
+    if bad:  # the file is read with surrogateescape: a surrogate here is a byte that is not UTF-8
+        raise _bad_data(f"{where}: not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at column "
+                        f"{bad.start() + 1}); hint: re-encode the file as UTF-8")
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _bad_data(f"{where}: invalid JSON: {e.msg} (column {e.colno}); "
+                        f"hint: each line must be one JSON object") from None
+    except RecursionError:
+        raise _bad_data(f"{where}: invalid JSON: nested too deeply; "
+                        f"hint: each line must be one JSON object") from None
+    if not isinstance(rec, dict):
+        example = "{" + json.dumps(field) + ': "..."}'
+        raise _bad_data(f"{where}: {_JSON_KIND.get(type(rec), 'null')}, not a JSON object; hint: each line must be "
+                        f"one JSON object such as {example}")
+    if field not in rec:
+        raise _bad_data(f"{where}: no field {field!r} (set text_field on the source)")
+    value = rec[field]
+    if value is None:
+        return ""  # an empty document keeps the document indices the held-out split hashes
+    if not isinstance(value, str):
+        raise _bad_data(f"{where}: field {field!r} is {_JSON_KIND.get(type(value), type(value).__name__)}, "
+                        f"not a string; hint: point text_field at a string field")
+    return _clean_text(value)
+
+
 def _json_rows(shards, field, name, part):
-    # read line by line (the datasets JSON builder fails on a blank line); document i = the i-th non-blank line
+    """llmc.runtime.stream's JSONL reader: document i = the i-th non-blank line over the sorted files, read in
+    text mode as llmc.sources.open_jsonl does (a UTF-8 BOM dropped, universal newlines, undecodable bytes kept to
+    be reported with their line); a bad line stops the job with one located line (_jsonl_text). Read line by
+    line: the datasets JSON builder fails on a blank line."""
     for files in shards:  # one shard: document indices run on over the files
         i = 0
         for path in files:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
+            with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+                for n, line in enumerate(f, start=1):
                     if not line.strip():
                         continue
                     if _keep(name, part, i):
-                        yield {"text": json.loads(line)[field]}
+                        yield {"text": _jsonl_text(line, field, f"{path}:{n}")}
                     i += 1
 
 
@@ -165,8 +217,8 @@ def _saved_rows(shards, field, name, part):
 def _text_files(shards, field, name, part):
     for path, index in shards:  # one document per file
         if _keep(name, part, index):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield {"text": f.read()}
+            with open(path, encoding="utf-8-sig", errors="replace") as f:  # llmc.sources.read_text_file
+                yield {"text": _clean_text(f.read())}
 
 
 def _source_dataset(src, part):
@@ -207,13 +259,68 @@ def _chain(groups, part):
             yield from _source_dataset(src, part)
 
 
-def _validation_dataset(path):
-    """The validation documents in source order (llmc's validation set reads the same ones)."""
+MIX_PARTS = 10**6  # llmc.runtime.validation.MIX_PARTS
+
+
+def _mixture_parts(weights):
+    """llmc.runtime.validation.mixture_parts: each source's share of the validation tokens in millionths."""
+    total = float(sum(weights))
+    return [round(MIX_PARTS * float(w) / total) for w in weights]
+
+
+def _interleave(streams, parts, size):
+    """llmc.runtime.validation.interleave: (source index, item), the next item from the source with the least
+    tokens taken per part (start-time fair queueing; exact rationals, ties to the lower index); a source that
+    runs out, or has part 0, drops out; parts None: one source after the other."""
+    from fractions import Fraction
+
+    taken = [0] * len(streams)
+    live = [i for i in range(len(streams)) if parts is None or parts[i] > 0]
+    while live:
+        i = live[0] if parts is None else min(live, key=lambda s: (Fraction(taken[s], parts[s]), s))
+        item = next(streams[i], None)
+        if item is None:
+            live.remove(i)
+            continue
+        taken[i] += size(item)
+        yield i, item
+
+
+def _counted(src, part, tokenizer, batch_docs=16):
+    """(text, its token ids without special tokens) of one source's documents, tokenised batch_docs at a time."""
+    batch = []
+    for row in _source_dataset(src, part):
+        batch.append(_sample_text(row))
+        if len(batch) == batch_docs:
+            yield from zip(batch, [e.ids for e in tokenizer.tokenizer.encode_batch(batch, add_special_tokens=False)])
+            batch = []
+    if batch:
+        yield from zip(batch, [e.ids for e in tokenizer.tokenizer.encode_batch(batch, add_special_tokens=False)])
+
+
+def _validation_rows(tokenizer_path):
+    """The validation documents in llmc's order (llmc.runtime.validation.validation_documents): the held-out
+    documents of every source interleaved so each holds its weight's share of the tokens, a document counting its
+    text tokens + 1 (llmc's EOS, this job's BOS); the validation files one after the other. The tokens are
+    counted as LlmcTokenizer reads a document (special-token strings are text); the tokenizer is torchtitan's class
+    (datasets fingerprints this generator's globals, and this module need not be importable by name)."""
+    tokenizer = HuggingFaceTokenizer(tokenizer_path=tokenizer_path)
+    tokenizer.tokenizer.encode_special_tokens = True  # as LlmcTokenizer
     if VALIDATION["files"]:
         srcs = [{"name": f"val{i}", "format": "text" if f.endswith((".txt", ".md")) else "jsonl", "path": f,
                  "under": "build", "text_field": "text"} for i, f in enumerate(VALIDATION["files"])]
-        return IterableDataset.from_generator(_chain, gen_kwargs={"groups": [srcs], "part": None})
-    return IterableDataset.from_generator(_chain, gen_kwargs={"groups": [DATA_SOURCES], "part": "val"})
+        streams, parts = [_counted(s, None, tokenizer) for s in srcs], None
+    else:
+        streams = [_counted(s, "val", tokenizer) for s in DATA_SOURCES]
+        parts = _mixture_parts([s["weight"] for s in DATA_SOURCES])
+    for _, (text, _ids) in _interleave(streams, parts, size=lambda doc: len(doc[1]) + 1):
+        yield {"text": text}
+
+
+def _validation_dataset(path):
+    """datasets.IterableDataset of {"text"}: the validation documents in llmc's order (_validation_rows), counted
+    with the tokenizer in folder `path` (the job's); streamed, nothing is copied."""
+    return IterableDataset.from_generator(_validation_rows, gen_kwargs={"tokenizer_path": path})
 
 
 def _no_source(path):
@@ -227,6 +334,8 @@ def _train_loader(i, path):
 for _i, _src in enumerate(DATA_SOURCES):
     DATASETS[f"llmc_train_{_i}"] = DatasetConfig(path=_src["name"], loader=partial(_train_loader, _i),
                                                  sample_processor=_sample_text)
+# the validation documents; the dataset path is the tokenizer folder their interleaving counts tokens with
+DATASETS["llmc_validation"] = DatasetConfig(path=ASSETS_DIR, loader=_validation_dataset, sample_processor=_sample_text)
 DATASETS["llmc_none"] = DatasetConfig(path="none", loader=_no_source, sample_processor=_sample_text)
 
 
@@ -242,65 +351,68 @@ def _dataloader():
     )
 
 
-_VAL_TOKENS = {}  # (tokens wanted, tokenizer path) -> the validation token stream, read once per process
+VAL_FORMAT = "torchtitan-documents"  # what the validation records say the windows hold (llmc's own: "llmc-packed")
+_VAL_WINDOWS = {}  # (tokenizer folder, seq_len, micro_batch, steps, dp rank, dp size) -> this rank's windows
 
 
 def _validation_tokens(tokenizer, n_tokens):
-    """llmc.runtime.validation.validation_tokens: the first n_tokens tokens of the validation documents in
-    source order, each encoded without special tokens and followed by EOS (no BOS); reading stops once there
-    are enough."""
-    key = (n_tokens, getattr(tokenizer, "tokenizer_path", None))
-    if key not in _VAL_TOKENS:
-        ids, batch = [], []
+    """The validation documents as llmc's own trainers read them (llmc.runtime.validation.validation_tokens: the
+    same documents in the same order, each encoded without special tokens and followed by EOS, no BOS): the
+    first n_tokens tokens. This job validates on _validation_windows; this is the llmc-format stream of the same
+    documents, for comparing the two."""
+    ids = []
+    for row in _validation_dataset(getattr(tokenizer, "tokenizer_path", ASSETS_DIR)):
+        ids.extend(tokenizer.tokenizer.encode(_sample_text(row), add_special_tokens=False).ids)
+        ids.append(tokenizer.eos_id)
+        if len(ids) >= n_tokens:
+            break
+    return torch.tensor(ids[:n_tokens], dtype=torch.long)
 
-        def flush():
-            for enc in tokenizer.tokenizer.encode_batch(batch, add_special_tokens=False):
-                ids.extend(enc.ids)
-                ids.append(tokenizer.eos_id)
-            batch.clear()
 
-        for row in _validation_dataset("validation"):
-            batch.append(_sample_text(row))
-            if len(batch) == 16:
-                flush()
-                if len(ids) >= n_tokens:
-                    break
-        flush()
-        _VAL_TOKENS[key] = torch.tensor(ids[:n_tokens], dtype=torch.long)
-    return _VAL_TOKENS[key]
+def _validation_windows(tokenizer, seq_len, micro_batch, steps, dp_rank, dp_world_size):
+    """This rank's validation windows, packed as this job trains: torchtitan's HuggingFaceTextDataset (the
+    training loader's dataset: BOS + document + EOS, inputs and labels shifted within each document so no label
+    crosses into the next one, per-document positions from which the model builds its document mask) over the
+    validation documents in llmc's order (one data-parallel view of them, then dealt as llmc deals its windows:
+    window w of batch b of rank r is (b * dp + r) * micro_batch + j), `steps` batches of micro_batch windows (fewer
+    when the held-out set is smaller). The windows start at the same token offsets as llmc's (a document is as
+    many inputs here, BOS + text, as tokens there, text + EOS). Built once per process."""
+    path = getattr(tokenizer, "tokenizer_path", ASSETS_DIR)
+    key = (path, seq_len, micro_batch, steps, dp_rank, dp_world_size)
+    if key not in _VAL_WINDOWS:
+        docs = HuggingFaceTextDataset("llmc_validation", path, tokenizer, seq_len=seq_len, dp_rank=0, dp_world_size=1,
+                                      infinite=False)
+        per_batch, mine, n = micro_batch * dp_world_size, [], 0
+        for w, sample in enumerate(docs):
+            if w >= steps * per_batch:
+                break
+            n += 1
+            if (w // micro_batch) % dp_world_size == dp_rank:
+                mine.append(sample)
+        batches = min(steps, n // per_batch)
+        if batches == 0:
+            raise _bad_data(f"the validation set has {n} windows of {seq_len} tokens: fewer than one batch of "
+                            f"{per_batch}; hint: raise eval.validation.fraction or give more data")
+        _VAL_WINDOWS[key] = mine[:batches * micro_batch]
+    return _VAL_WINDOWS[key]
 
 
 class _ValidationWindows(torch.utils.data.IterableDataset):
-    """llmc.runtime.validation.ValidationSet.from_streams: the token stream cut into windows of seq_len + 1
-    tokens in order (window w = tokens [w * seq_len, w * seq_len + seq_len]); batch b of data-parallel rank r
-    holds windows (b * dp + r) * micro_batch ... + micro_batch, for `steps` batches (fewer when the held-out
-    set is smaller). Inputs are window[:-1] at positions 0..seq_len-1 (one causal block: attention crosses the
-    EOS between documents, as in llmc's models), labels window[1:]."""
+    """The rank's validation windows (_validation_windows): ({"input", "positions"}, labels) as torchtitan's
+    training dataset yields them."""
 
-    def __init__(self, tokenizer, seq_len, micro_batch, steps, dp_rank, dp_world_size):
-        self.tokenizer, self.seq_len, self.micro_batch = tokenizer, seq_len, micro_batch
-        self.steps, self.dp_rank, self.dp_world_size = steps, dp_rank, dp_world_size
+    def __init__(self, windows):
+        self.windows = windows
 
     def __iter__(self):
-        seq_len, mb, dp = self.seq_len, self.micro_batch, self.dp_world_size
-        stream = _validation_tokens(self.tokenizer, self.steps * mb * dp * seq_len + 1)
-        batches = min(self.steps, max(0, (len(stream) - 1) // seq_len) // (mb * dp))
-        if batches == 0:
-            raise ValueError(f"validation set has {len(stream)} tokens: fewer than one batch of {mb * dp} x "
-                             f"{seq_len + 1} (raise eval.validation.fraction or give more data)")
-        positions = torch.arange(seq_len, dtype=torch.long)
-        for b in range(batches):
-            for j in range(mb):
-                w = (b * dp + self.dp_rank) * mb + j
-                window = stream[w * seq_len: w * seq_len + seq_len + 1]
-                yield {"input": window[:-1], "positions": positions}, window[1:]
+        yield from self.windows
 
 
 class LlmcValidationLoader(ParallelAwareDataloader):
-    """torchtitan's validator reads llmc's validation windows (_ValidationWindows) in batches of llmc's
-    micro-batch, whatever local batch size it passes: its `steps` batches are then exactly llmc's windows
-    (under pipeline parallelism it takes local_batch_size / micro_batch of them per step, so a last
-    incomplete step is left out)."""
+    """torchtitan's validator reads the job's validation windows (_validation_windows: llmc's documents, this
+    job's training format) in batches of llmc's micro-batch, whatever local batch size it passes: its `steps`
+    batches are then the same windows on every layout (under pipeline parallelism it takes local_batch_size /
+    micro_batch of them per step, so a last incomplete step is left out)."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(ParallelAwareDataloader.Config):
@@ -314,8 +426,9 @@ class LlmcValidationLoader(ParallelAwareDataloader):
         """unused: the windows are a fixed, finite set (Validator replaces this field)"""
 
     def __init__(self, config, *, dp_world_size, dp_rank, tokenizer, seq_len, local_batch_size, **kwargs):
-        windows = _ValidationWindows(tokenizer, seq_len, config.micro_batch, config.steps, dp_rank, dp_world_size)
-        super().__init__(windows, dp_rank=dp_rank, dp_world_size=dp_world_size, batch_size=config.micro_batch)
+        windows = _validation_windows(tokenizer, seq_len, config.micro_batch, config.steps, dp_rank, dp_world_size)
+        super().__init__(_ValidationWindows(windows), dp_rank=dp_rank, dp_world_size=dp_world_size,
+                         batch_size=config.micro_batch)
 
 
 class LlmcTokenizer(HuggingFaceTokenizer):
@@ -332,6 +445,7 @@ class LlmcTokenizer(HuggingFaceTokenizer):
     def __init__(self, config=None, *, tokenizer_path):
         super().__init__(config, tokenizer_path=tokenizer_path)
         self.tokenizer.encode_special_tokens = True
+        self.tokenizer_path = tokenizer_path  # the validation set counts tokens with the same files
 
 
 class LlmcValidator(Validator):
@@ -537,8 +651,8 @@ class _WithRecords(BaseLogger):
 class LlmcMetricsProcessor(MetricsProcessor):
     """torchtitan's MetricsProcessor that also writes llmc's metrics.jsonl: the records llmc's own trainers write
     (llmc.runtime.metrics: step, loss, lr, grad_norm, tokens, tokens_per_s, flops_per_s, mfu, peak_mem_bytes,
-    peak_mem_device, step_s; validation: step, val_loss, val_ppl), so `llmc report` and `llmc calibrate` read a
-    torchtitan run as they read llmc's.
+    peak_mem_device, step_s; validation: step, val_loss, val_ppl, and val_format: VAL_FORMAT, the windows' format),
+    so `llmc report` and `llmc calibrate` read a torchtitan run as they read llmc's.
 
     Every figure is torchtitan's own, from the dict its `log` / `log_validation` pass to their loggers: the loss (its
     global average over the data-parallel ranks), the gradient norm, the learning rate of the step (read before
@@ -603,7 +717,8 @@ class LlmcMetricsProcessor(MetricsProcessor):
             return
         if "validation_metrics/loss" in m:
             loss = float(m["validation_metrics/loss"])
-            self._append({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))})
+            self._append({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
+                          "val_format": VAL_FORMAT})
             return
         tps = float(m["throughput(tps)"]) * self.world  # the whole job's tokens/s
         flops = float(m["tflops"]) * 1e12  # per device
