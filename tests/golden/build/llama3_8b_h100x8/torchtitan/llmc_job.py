@@ -292,14 +292,18 @@ def _interleave(streams, parts, size):
 
 def _counted(src, part, tokenizer, batch_docs=16):
     """(text, its token ids without special tokens) of one source's documents, tokenised batch_docs at a time."""
+    def encoded(batch):
+        return zip(batch, [e.ids for e in tokenizer.tokenizer.encode_batch(batch, add_special_tokens=False)],
+                   strict=True)
+
     batch = []
     for row in _source_dataset(src, part):
         batch.append(_sample_text(row))
         if len(batch) == batch_docs:
-            yield from zip(batch, [e.ids for e in tokenizer.tokenizer.encode_batch(batch, add_special_tokens=False)])
+            yield from encoded(batch)
             batch = []
     if batch:
-        yield from zip(batch, [e.ids for e in tokenizer.tokenizer.encode_batch(batch, add_special_tokens=False)])
+        yield from encoded(batch)
 
 
 def _validation_rows(tokenizer_path):
