@@ -12,6 +12,9 @@ indices, which the held-out split hashes, agree everywhere); a number, list or o
 the file and line; lone UTF-16 surrogates (valid JSON, e.g. an emoji cut in half: ``"\\ud83d"``) become
 U+FFFD, so every document is valid Unicode (:func:`clean_text`). Bad input is one ``ValueError`` /
 ``KeyError`` naming the file and line, never a traceback from deep inside.
+
+:func:`mixture_parts`: each source's integer share of a validation set, computed here once for every reader of it
+(llmc's validation and, through the emitter, the torchtitan job), so every backend takes the same documents.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ SUFFIXES = {"text": (".txt", ".md", ".text"), "jsonl": (".jsonl", ".json"), "par
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _JSON_KIND = {dict: "an object", list: "an array", int: "a number", float: "a number", bool: "a boolean",
               str: "a string"}
+
+
+def json_kind(value: object) -> str:
+    """What a JSON value is, in words ("an object", "an array", "null", ...), for error lines about records."""
+    return "null" if value is None else _JSON_KIND.get(type(value), type(value).__name__)
 
 
 def clean_text(text: str) -> str:
@@ -203,6 +211,31 @@ def iter_documents(path: str | Path, fmt: str, text_field: str = "text",
                     if idx % num_shards == shard:
                         yield idx, f"{f.name}:{row}", doc_text(t, text_field, f"{f}: row {row}")
                     idx += 1
+
+
+#: the formats of ``eval.validation.files`` by suffix: a text file is one document, a JSON lines file one per line
+#: (its ``text`` field); the compiler refuses any other suffix (E011)
+VALIDATION_FILE_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+def validation_file_format(path: str | Path) -> str | None:
+    """How every backend reads validation file ``path`` (:data:`VALIDATION_FILE_FORMATS`), None for a suffix none
+    reads."""
+    return VALIDATION_FILE_FORMATS.get(Path(path).suffix)
+
+
+#: resolution of the mixture shares (:func:`mixture_parts`)
+MIX_PARTS = 10**6
+
+
+def mixture_parts(weights: list[float]) -> list[int]:
+    """Each source's share of the validation tokens in millionths, ``round(MIX_PARTS * w / sum(w))`` of the spec's
+    (relative) weights: integers, so the interleaving (``llmc.runtime.validation.interleave``) compares exact
+    rationals, and one computation for every backend (the torchtitan job gets these integers, not the weights)."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("source weights must not all be zero")
+    return [round(MIX_PARTS * float(w) / total) for w in weights]
 
 
 def read_documents(path: str | Path, fmt: str, text_field: str = "text") -> Iterator[str]:

@@ -179,7 +179,7 @@ esac
 """
 
 
-def _sbatch_run(tmp_path: Path, script: str, command: str | None, *, lock: bool = True):
+def _sbatch_run(tmp_path: Path, script: str, command: str | None, *, lock: bool = True, decoy: bool = False):
     """The build at <tmp>/repo/build/x; ``script`` (its path in the build) run as Slurm runs a batch script: a copy
     in a spool directory, from the submission directory <tmp>/repo (SLURM_SUBMIT_DIR), ``scontrol show job`` naming
     ``command`` (None: no Command= known). srun records its arguments (and LLMC_RUN_DIR) and succeeds."""
@@ -189,6 +189,8 @@ def _sbatch_run(tmp_path: Path, script: str, command: str | None, *, lock: bool 
     b.rename(build)
     if not lock:
         (build / "plan.lock.json").unlink()
+    if decoy:  # the submission directory is another build (its lock)
+        (repo / "plan.lock.json").write_text((build / "plan.lock.json").read_text())
     d, log = tmp_path / "bin", tmp_path / "calls.log"
     d.mkdir()
     _exe(d / "scontrol", FAKE_SCONTROL.format(log=str(log)))
@@ -217,6 +219,21 @@ def test_slurm_sbatch_submitted_from_another_directory_finds_its_build(tmp_path,
     locks = [c[c.index("--lock") + 1] for c in calls if "--lock" in c]
     assert locks and all(Path(x) == build / "plan.lock.json" for x in locks), calls
     assert not (repo / "run").exists() and (build / "run").is_dir()  # the run directory is the build's too
+
+
+@pytest.mark.parametrize("script", ["launch/slurm.sbatch", "torchtitan/slurm.sbatch"])
+def test_sbatch_runs_the_submitted_scripts_build_not_the_one_it_is_submitted_from(tmp_path, script):
+    """`sbatch ../x/launch/slurm.sbatch` from inside another build: the job's record names the script, whose build
+    runs (the working directory's lock came first before, running the other build's stages)."""
+    r, calls, build, repo = _sbatch_run(tmp_path, script, f"build/x/{script}", decoy=True)
+    assert r.returncode == 0, r.stderr
+    if script.startswith("launch"):
+        locks = [c[c.index("--lock") + 1] for c in calls if "--lock" in c]
+        assert locks and all(Path(x) == build / "plan.lock.json" for x in locks), calls
+    else:
+        (srun,) = [c for c in calls if c[0] == "srun"]
+        assert srun[1] == f"LLMC_RUN_DIR={build}", srun
+    assert not (repo / "run").exists()
 
 
 def test_torchtitan_sbatch_submitted_from_another_directory_finds_its_build(tmp_path):

@@ -127,13 +127,27 @@ def test_validation_file_inside_a_training_source_is_a_located_error():
     assert ok.evaluation.validation.fraction is None and ok.evaluation.validation.files == ["heldout/val.jsonl"]
 
 
-def test_a_validation_file_that_is_not_json_lines_is_a_located_error():
-    """Every trainer reads eval.validation.files as JSON lines with a text field (llmc.runtime.validation): a parquet
-    file passed the plan, then failed at the first validation with "not valid UTF-8" (its bytes read as text)."""
-    c = _compile(_tiny("eval:\n  validation:\n    files: [heldout/val.parquet, heldout/ok.jsonl]\n"))
+def test_a_validation_file_that_is_not_json_lines_is_a_located_error(tmp_path):
+    """Every trainer reads eval.validation.files as JSON lines with a text field, or .txt / .md files as one document
+    each (llmc.runtime.validation.validation_sources, and the torchtitan job given the same formats): a parquet file
+    passed the plan, then failed at the first validation with "not valid UTF-8" (its bytes read as text)."""
+    c = _compile(_tiny("eval:\n  validation:\n    files: [heldout/val.parquet, heldout/ok.jsonl, heldout/a.txt]\n"))
     (d,) = [x for x in c.diagnostics if x.code == "E011"]
     assert d.severity == "error" and d.path == "eval.validation.files.0" and d.line == 12
     assert "val.parquet" in d.message and "JSON lines" in d.message and d.hint
+    from llmc.runtime.data import Assets
+    from llmc.runtime.validation import split_assets, validation_sources
+
+    # the two it accepts are what the runtime reads: JSON lines and a text document
+    files = [f for f in c.spec.eval.validation.files if not f.endswith(".parquet")]
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text('{"text": "a"}\n')
+    spec_v = c.spec.eval.validation.model_copy(update={"files": files})
+    root = str(tmp_path)
+    assets = split_assets(Assets(root, root + "/assets", (), root + "/cache"), spec_v, resolve=lambda p: tmp_path / p,
+                          log=lambda *_: None)
+    assert [s.format for s in validation_sources(assets)] == ["jsonl", "text"]
 
 
 def test_eval_task_without_decontamination_benchmark_warns():

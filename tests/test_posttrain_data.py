@@ -234,6 +234,10 @@ BAD = {  # case: (stage kind, file text, the located line's text: {p} is the fil
                        "{p}:2: no 'answer' or 'expression' (1 of 2 prompts have no verifiable answer)"),
     "grpo_bad_answer": ("grpo", _lines({"prompt": "1+1=", "answer": "two"}),
                         "{p}:1: answer 'two' is not a number the verifier reads"),
+    # the verifier takes any answer that is there as the truth (llmc.runtime.reward.arithmetic_reward), an empty one
+    # too, whatever the expression: every completion would score 0
+    "grpo_empty_answer": ("grpo", _lines({"prompt": "1+1=", "answer": "", "expression": "1+1"}),
+                          "{p}:1: answer '' is not a number the verifier reads"),
 }
 
 

@@ -699,8 +699,9 @@ def test_job_tokenizer_reads_special_token_strings_in_documents_as_text(tmp_path
     windows = list(ds)  # consecutive windows: the first input token, then every window's labels
     stream = [int(windows[0][0]["input"][0])] + [t for _, y in windows for t in y.tolist()]
     assert len(stream) >= len(want) + 2 and stream[:len(want) + 2] == [bos, *want, eos]
-    val = job._validation_tokens(tok, len(want) + 1).tolist()
-    assert val == [*want, eos]
+    from test_validation_format import job_llmc_stream
+
+    assert job_llmc_stream(job, tok, len(want) + 1) == [*want, eos]
 
 
 STREAM_SPEC = """

@@ -25,7 +25,14 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from llmc.runtime.data import Assets, SourceData  # noqa: E402
-from llmc.runtime.validation import is_heldout, split_assets, validation_sources, validation_tokens  # noqa: E402
+from llmc.runtime.validation import (  # noqa: E402
+    is_heldout,
+    split_assets,
+    validation_parts,
+    validation_sources,
+    validation_tokens,
+)
+from llmc.sources import mixture_parts  # noqa: E402
 from llmc.spec.schema import Validation  # noqa: E402
 
 ALPHABETS = ("abcdef", "ghijkl", "mnopqr", "stuvwx")
@@ -85,6 +92,18 @@ def _by_source(stream: list[int], tok) -> list[int]:
     return counts
 
 
+def job_llmc_stream(job, tokenizer, n_tokens: int) -> list[int]:
+    """The torchtitan job's validation documents (its ``_validation_dataset``, in its order) written as llmc's
+    trainers read them -- each encoded without special tokens, then EOS, no BOS -- the first n_tokens: comparable
+    token for token with llmc.runtime.validation.validation_tokens."""
+    ids: list[int] = []
+    for row in job._validation_dataset(getattr(tokenizer, "tokenizer_path", job.ASSETS_DIR)):
+        ids += tokenizer.tokenizer.encode(job._sample_text(row), add_special_tokens=False).ids + [tokenizer.eos_id]
+        if len(ids) >= n_tokens:
+            break
+    return ids[:n_tokens]
+
+
 def test_validation_tokens_hold_each_sources_share_of_the_mixture(tmp_path, monkeypatch):
     """50/30/10/10: every source's tokens in the validation set are its weight's share within one document
     (the longest held-out document, EOS included); the old set was the first source's documents only. The
@@ -120,7 +139,17 @@ def test_validation_tokens_hold_each_sources_share_of_the_mixture(tmp_path, monk
     monkeypatch.setenv("LLMC_RUN_DIR", assets.root)
     job = _import_job(write_build(c, tmp_path / "b"))
     titan_tok = job.LlmcTokenizer(tokenizer_path=assets.tokenizer_dir)
-    assert job._validation_tokens(titan_tok, n).tolist() == stream
+    assert job_llmc_stream(job, titan_tok, n) == stream
+    # the integer shares the interleaving compares are the ones llmc computes, given to the job at build time (a
+    # job that recomputed them from its normalised float shares rounded a half-millionth the other way for weights
+    # such as 2.5 / 5 / 5 / 0.3, and from there took other documents)
+    assert [s["val_parts"] for s in job.DATA_SOURCES] == validation_parts(srcs)
+    odd = dict(data, sources=[dict(s, weight=w) for s, w in zip(data["sources"], (2.5, 5, 5, 0.3), strict=True)])
+    c2 = compiled_for(model=TINY, plan=None, gpu="cpu", data=odd,
+                      eval={"validation": {"fraction": 0.3, "seed": 2, "every_steps": 4, "max_batches": 1}})
+    job2 = _import_job(write_build(c2, tmp_path / "b2"))
+    assert [s["val_parts"] for s in job2.DATA_SOURCES] == mixture_parts([2.5, 5, 5, 0.3]) == [195312, 390625,
+                                                                                              390625, 23438]
 
 
 # ------------------------------------------------------------------------------------------ the job's reader

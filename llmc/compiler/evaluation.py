@@ -38,7 +38,7 @@ E008   warning   ``eval.every_checkpoints``: ``training.checkpoint.keep_latest``
 E009   warning   a local task file of ``eval.tasks`` is missing or names no ``task:`` / ``group:``
 E010   warning   ``eval.apply_chat_template: true`` for an evaluated stage whose export llmc writes no chat
                  template into (not sft / dpo / grpo): the eval step fails unless its tokenizer carries one
-E011   error     a validation file that is not JSON lines by its suffix (every trainer reads them as such)
+E011   error     a validation file that is neither JSON lines nor text by its suffix (.jsonl / .json / .txt / .md)
 =====  ========  ================================================================================
 
 Chat template (``eval.apply_chat_template``). A chat stage's export (sft / dpo / grpo) carries its Jinja chat
@@ -66,7 +66,7 @@ from dataclasses import asdict, dataclass, field
 
 from llmc.compiler import quality_math
 from llmc.compiler.checks import MAX_EPOCHS, mixture_shares
-from llmc.sources import SUFFIXES
+from llmc.sources import VALIDATION_FILE_FORMATS, validation_file_format
 from llmc.spec.schema import CHAT_KINDS
 
 #: Words per BPE token for English text: "1 token ~= 3/4 of a word"
@@ -275,10 +275,11 @@ def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: 
         train_paths = [(i, _norm(s.path, spec_dir)) for i, s in enumerate(data.sources) if s.path]
         for j, f in enumerate(v.files or []):
             fp = _norm(f, spec_dir)
-            if not f.lower().endswith(SUFFIXES["jsonl"]):  # llmc.runtime.validation reads them as JSON lines
+            if validation_file_format(f) is None:  # how every backend reads it, by its suffix
                 sink.add("E011", "error", f"eval.validation.files.{j}",
-                         f"validation file {f!r} is not JSON lines ({' / '.join(SUFFIXES['jsonl'])}): every trainer "
-                         "reads the validation files as JSON lines with a `text` field",
+                         f"validation file {f!r} is neither JSON lines nor text "
+                         f"({' / '.join(VALIDATION_FILE_FORMATS)}): every trainer reads a validation file as JSON lines "
+                         "with a `text` field, or as one text document",
                          "convert it (e.g. datasets.Dataset.from_parquet(...).to_json(...)), or drop files to hold "
                          "out a fraction of the training sources")
             for i, sp in train_paths:

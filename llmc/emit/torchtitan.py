@@ -104,6 +104,7 @@ from llmc.runtime.capabilities import (
     titan_stage_module,
 )
 from llmc.runtime.runlock import EXIT_PREEMPTED  # torch-free: the exit status of a preempted stage
+from llmc.sources import mixture_parts, validation_file_format
 from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
 from llmc.spec.model import RopeScaling
 from llmc.spec.schema import TEXT_SOURCE_KINDS
@@ -218,11 +219,14 @@ def _from_build(compiled, path: str | None) -> str | None:
 def _data_sources(compiled) -> list[dict[str, Any]]:
     """The pre-training text sources as the job streams them, in spec order: where they lie (``under``
     "build"), or for ``builtin`` corpora and ``data.quality``'s cleaned parts, what ``prepare`` writes under
-    the data dir (``under`` "data"); weights normalised (torchtitan's interleaved loader's token ratios)."""
+    the data dir (``under`` "data"); weights normalised (torchtitan's interleaved loader's token ratios) and
+    ``val_parts``, each source's integer share of the validation set (llmc.sources.mixture_parts of the spec's
+    weights: the numbers llmc's validation computes, so both take the same documents)."""
     spec = compiled.spec
     srcs = [s for s in spec.data.sources if s.kind in TEXT_SOURCE_KINDS]
     out = []
-    for s, share in zip(srcs, mixture_shares(srcs), strict=True):
+    parts = mixture_parts([s.weight for s in srcs]) if srcs else []
+    for s, share, part in zip(srcs, mixture_shares(srcs), parts, strict=True):
         if spec.data.quality is not None:  # llmc.runtime.quality_prepare: data/quality/<name>/part-*.jsonl
             fmt, path, under, field = "jsonl", f"quality/{s.name}", "data", "text"
         elif s.format == "builtin":  # llmc.runtime.corpus, written by prepare
@@ -230,7 +234,7 @@ def _data_sources(compiled) -> list[dict[str, Any]]:
         else:
             fmt, path, under, field = s.format, _from_build(compiled, s.path), "build", s.text_field
         out.append({"name": s.name, "format": fmt, "path": path, "under": under, "text_field": field,
-                    "weight": share})
+                    "weight": share, "val_parts": part})
     return out
 
 
@@ -251,7 +255,8 @@ def _validation(compiled) -> dict | None:
     files = [_from_build(compiled, f) for f in v.files] if v.files else None
     return {"freq": v.every_steps, "steps": v.max_batches * compiled.plan.grad_accum,
             "micro_batch": compiled.plan.micro_batch,
-            "fraction": None if files else v.fraction, "seed": v.seed, "files": files}
+            "fraction": None if files else v.fraction, "seed": v.seed, "files": files,
+            "file_formats": [validation_file_format(f) or "jsonl" for f in files] if files else None}
 
 
 def _pp_module_fqns(n_layers: int, n_stages: int) -> list[list[str]]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.sources import json_kind
 from llmc.spec.chat import CHAT_TEMPLATES, OWN_TEMPLATE, ChatTemplate
 
 IGNORE_INDEX = -100
@@ -355,9 +356,6 @@ def _rendered_segments(messages: list[dict], tmpl: TokenizerTemplate, mask: str,
 NAMED_ROLES = ("system", "user", "assistant", "tool")
 
 
-def _kind_of(v: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
 
 
 def _named_content(m: Any, j: int, tmpl: ChatTemplate, where: str | None) -> str:
@@ -375,7 +373,7 @@ def _named_content(m: Any, j: int, tmpl: ChatTemplate, where: str | None) -> str
       3.1 / 3.2's and Qwen2-VL's write each text part in turn)."""
     at = f"{where}: " if where else ""
     if not isinstance(m, dict):
-        raise TemplateError(f"{at}message {j} is {_kind_of(m)}, not an object with role and content")
+        raise TemplateError(f"{at}message {j} is {json_kind(m)}, not an object with role and content")
     role = m.get("role")
     if role not in NAMED_ROLES:
         raise TemplateError(f"{at}message {j}: unknown role {role!r} (llmc's {tmpl.name} template lays out "
@@ -393,13 +391,13 @@ def _named_content(m: Any, j: int, tmpl: ChatTemplate, where: str | None) -> str
         out = []
         for k, part in enumerate(c):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                what = f"type {part.get('type')!r}" if isinstance(part, dict) else _kind_of(part)
+                what = f"type {part.get('type')!r}" if isinstance(part, dict) else json_kind(part)
                 raise TemplateError(f"{at}message {j} ({role}): content part {k} is {what}, which llmc's {tmpl.name} "
                                     "template cannot lay out (text parts only: {\"type\": \"text\", \"text\": ...}); "
                                     "hint: drop the part, or the record")
             out.append(part["text"])
         return "".join(out)
-    raise TemplateError(f"{at}message {j} ({role}) has {'no content' if c is None else _kind_of(c) + ' as content'}; "
+    raise TemplateError(f"{at}message {j} ({role}) has {'no content' if c is None else json_kind(c) + ' as content'}; "
                         "hint: content is a string or a list of {\"type\": \"text\", \"text\": ...} parts")
 
 

@@ -558,7 +558,9 @@ def shared_check(directory: Path) -> str | None:
     rank = int(os.environ.get("RANK", "0"))
     host = socket.gethostname()
     what = f"LLMC_RUN_DIR={directory}"
-    dist.init_process_group("gloo", timeout=timedelta(seconds=float(os.environ.get("LLMC_SHARED_CHECK_S", "600"))))
+    # gloo connects the nodes over the address their host name resolves to (GLOO_SOCKET_IFNAME picks an interface);
+    # the nodes have all joined torchrun's rendezvous by now, so a short timeout bounds a connection that cannot be
+    dist.init_process_group("gloo", timeout=timedelta(seconds=float(os.environ.get("LLMC_SHARED_CHECK_S", "120"))))
     try:
         sent: list = [None, None]  # [file name, token], or [None, rank 0's error]
         if rank == 0:
@@ -582,8 +584,7 @@ def shared_check(directory: Path) -> str | None:
         except OSError:
             seen = False
         views: list = [None] * dist.get_world_size()
-        dist.all_gather_object(views, (host, seen))
-        dist.barrier()  # every rank has read it
+        dist.all_gather_object(views, (host, seen))  # (returns once every rank has read the file)
         if rank == 0:
             (directory / name).unlink(missing_ok=True)
         hosts = [h for h, _ in views]
@@ -612,7 +613,9 @@ def shared_check_main(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 (a peer lost mid-check, a store gone: one line, never a traceback)
         why = (str(e).strip().splitlines() or [""])[-1][:300]
         err = (f"error: LLMC_RUN_DIR={d}: the check that every node shares it did not complete "
-               f"({type(e).__name__}: {why}); check that every node started and can reach MASTER_ADDR")
+               f"({type(e).__name__}: {why}); check that every node started and can reach MASTER_ADDR, and that "
+               "each host name resolves to an address the other nodes reach (not 127.0.1.1, as /etc/hosts has it on "
+               "some distributions), else set GLOO_SOCKET_IFNAME to the nodes' network interface")
     if err:
         print(err, file=sys.stderr, flush=True)
         return 1

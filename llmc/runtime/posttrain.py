@@ -58,6 +58,7 @@ from llmc.runtime.chat import (
     template_name,
 )
 from llmc.runtime.lora import apply_lora, lora_param_count, merge_lora
+from llmc.sources import json_kind
 
 SYNTHETIC_EXAMPLES = 512
 KIND_FOR_STAGE = {"sft": "chat", "dpo": "preference", "grpo": "prompts"}
@@ -124,9 +125,6 @@ def _source_rows(path: Path, kind: str) -> Any:
                 yield f"{f}:{n}", rec
 
 
-def _kind_of(v: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
 
 
 def _field(r: dict, key: str, where: str, kind: str) -> Any:
@@ -141,11 +139,11 @@ def _messages(v: Any, where: str, key: str) -> list[dict]:
     """``v`` checked as a list of messages: objects with a string role and content (a string or a list of parts);
     only an assistant message with ``tool_calls`` may go without content. One located line otherwise."""
     if not isinstance(v, list) or not v:
-        raise PostTrainError(f"{where}: {key!r} is {'an empty list' if v == [] else _kind_of(v)}, not a list of "
+        raise PostTrainError(f"{where}: {key!r} is {'an empty list' if v == [] else json_kind(v)}, not a list of "
                              'messages; hint: [{"role": "user", "content": "..."}, ...]')
     for j, m in enumerate(v):
         if not isinstance(m, dict):
-            raise PostTrainError(f"{where}: message {j} is {_kind_of(m)}, not an object with role and content")
+            raise PostTrainError(f"{where}: message {j} is {json_kind(m)}, not an object with role and content")
         role, c = m.get("role"), m.get("content")
         if not isinstance(role, str):
             raise PostTrainError(f"{where}: message {j} has {'no role' if role is None else 'role ' + repr(role)}; "
@@ -154,7 +152,7 @@ def _messages(v: Any, where: str, key: str) -> list[dict]:
             raise PostTrainError(f"{where}: message {j} ({role}) has no content; hint: content is a string or a list "
                                  'of {"type": "text", "text": ...} parts (an assistant tool call carries tool_calls)')
         if c is not None and not isinstance(c, (str, list)):
-            raise PostTrainError(f"{where}: message {j} ({role}) has {_kind_of(c)} as content; hint: content is a "
+            raise PostTrainError(f"{where}: message {j} ({role}) has {json_kind(c)} as content; hint: content is a "
                                  'string or a list of {"type": "text", "text": ...} parts')
     return v
 
@@ -200,7 +198,7 @@ def load_stage_records(job: Any, kind: str, n_synthetic: int = SYNTHETIC_EXAMPLE
             raise PostTrainError(f"source {src.name!r}: {kind} data must be jsonl records (got {src.format})")
         for where, r in _source_rows(job.resolve_path(src.path), kind):
             if not isinstance(r, dict):
-                raise PostTrainError(f"{where}: {_kind_of(r)}, not a record; hint: a {kind} record is "
+                raise PostTrainError(f"{where}: {json_kind(r)}, not a record; hint: a {kind} record is "
                                      f"{RECORD_FORMS[kind]}")
             records.append(_record(r, where, kind, src.text_field))
             wheres.append(where)
@@ -739,7 +737,7 @@ def _check_verifiable(prompts: list[dict]) -> None:
 
     def ok(p: dict) -> bool:
         a, e = p.get("answer"), p.get("expression")
-        if a is not None and str(a).strip():
+        if a is not None:  # (the verifier's rule: an answer, even "", is the truth, whatever the expression says)
             try:
                 return bool(sympy.nsimplify(a, rational=True).is_number)  # ("two" is a symbol: no number)
             except Exception:  # noqa: BLE001 (sympify raises several kinds)

@@ -17,7 +17,8 @@ tokenizer is trained on all documents.
 Mixture (:func:`interleave`). The validation set is a held-out sample of the training mixture: the
 held-out documents of every split source, interleaved document by document so that each source holds its
 weight's share of the validation tokens. Source ``s`` has ``parts[s] = round(10**6 * weight_s / sum of
-weights)`` (:func:`mixture_parts`, exact integers: every backend takes the same documents); the next
+weights)`` (:func:`llmc.sources.mixture_parts`, exact integers, which the torchtitan job is given: every
+backend takes the same documents); the next
 document comes from the source with the fewest tokens taken per part (``taken[s] / parts[s]``, exact
 rationals, ties to the source listed first), and a document counts its text tokens + 1 (llmc's EOS;
 torchtitan's BOS: the same count in both formats). This is start-time fair queueing (Goyal, Vin & Cheng,
@@ -56,6 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from llmc.runtime.data import Assets, SourceData
+from llmc.sources import mixture_parts, validation_file_format
 
 SPLIT_DIR = "split"
 
@@ -116,8 +118,7 @@ def validation_sources(assets: Assets, names: list[str] | None = None) -> list[S
         raise FileNotFoundError(f"{state_file} missing: run prepare with eval.validation set")
     st = json.loads(state_file.read_text())
     if st.get("files"):
-        return [SourceData(f"val{i}", f, "text" if Path(f).suffix in (".txt", ".md") else "jsonl", "text")
-                for i, f in enumerate(st["files"])]
+        return [SourceData(f"val{i}", f, validation_file_format(f) or "jsonl", "text") for i, f in enumerate(st["files"])]
     out = []
     for s in assets.sources:
         if s.holdout is not None and (names is None or s.name in names):
@@ -164,18 +165,6 @@ class ValidationSet:
 #: "torchtitan-documents")
 VAL_FORMAT = "llmc-packed"
 
-#: resolution of the mixture shares (:func:`mixture_parts`)
-MIX_PARTS = 10**6
-
-
-def mixture_parts(weights: list[float]) -> list[int]:
-    """Each source's share of the validation tokens in millionths, ``round(MIX_PARTS * w / sum(w))``: integers,
-    so the interleaving (:func:`interleave`) compares exact rationals and the torchtitan job, whose weights
-    are already normalised shares, takes the same documents."""
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("source weights must not all be zero")
-    return [round(MIX_PARTS * float(w) / total) for w in weights]
 
 
 def interleave(streams: list, parts: list[int] | None, size=len):

@@ -657,7 +657,8 @@ class Validation(SpecModel):
     seed: Int = 0
     """Seed of the held-out split."""
     files: list[str] | None = None
-    """Validation files (jsonl with a ``text`` field, relative to the spec file) instead of a split."""
+    """Validation files instead of a split, relative to the spec file: JSON lines with a ``text`` field (``.jsonl`` /
+    ``.json``) or text files, one document each (``.txt`` / ``.md``)."""
     every_steps: Int = Field(default=500, gt=0)
     """Optimizer steps between validations (and once at the end)."""
     max_batches: Int = Field(default=20, gt=0)

@@ -276,16 +276,17 @@ claim_fail() {
 }
 # claim_failed CLAIM: after claim_wait CLAIM returned 1, succeeds (printing the holder's line) when its work failed
 claim_failed() { [ -f "$1.failed" ] && cat "$1.failed"; }
-# shared_check: with NNODES > 1, every node runs `llmc.runtime.entry shared-check` under torchrun (one process per
-# node, its own rendezvous: the header) to see that LLMC_RUN_DIR is one storage; on failure its one line (the file
-# it names, <run dir>/shared-check[.<node>].log, keeps torchrun's output when the check itself could not finish).
-# torchrun as `python -m torch.distributed.run` (what the torchrun command runs): the python that runs prepare.
+# shared_check PORT ID: with NNODES > 1, every node runs `llmc.runtime.entry shared-check` under torchrun (one process
+# per node, rendezvous ID-llmc-shared-check on MASTER_ADDR:PORT) to see that LLMC_RUN_DIR is one storage; on failure
+# its one line (the file it names, <run dir>/shared-check[.<node>].log, keeps torchrun's output when the check itself
+# could not finish). torchrun as `python -m torch.distributed.run` (what the torchrun command runs): the python that
+# runs prepare.
 shared_check() {
   case "$NNODES" in 1|1:1) return 0 ;; esac
   local out rc=0 line log
   echo "checking that LLMC_RUN_DIR=$LLMC_RUN_DIR is one storage on the $NNODES nodes (waiting for them all)"
   out="$(python -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node 1 --rdzv_backend c10d \
-    --rdzv_endpoint "$MASTER_ADDR:$((MASTER_PORT + 4))" --rdzv_id "$RUN_ID-llmc-shared-check" \
+    --rdzv_endpoint "$MASTER_ADDR:$1" --rdzv_id "$2-llmc-shared-check" \
     -m llmc.runtime.entry shared-check --dir "$LLMC_RUN_DIR" 2>&1)" || rc=$?
   [ "$rc" != 0 ] || return 0
   line="$(printf '%s\n' "$out" | grep -m1 '^error: LLMC_RUN_DIR=' || true)"
@@ -298,17 +299,17 @@ shared_check() {
   fi
   exit 1
 }
-# prepare: one node at a time (llmc.runtime.entry prepare writes assets/ and data/ under LLMC_RUN_DIR); a node that
-# waited does not run it again (it skips unchanged inputs anyway) and stops when it failed on the node that ran it,
-# and the stages' rendezvous waits for every node
+# prepare_claimed LOCK [HOOK]: one node at a time runs prepare (llmc.runtime.entry prepare writes assets/ and data/
+# under LLMC_RUN_DIR; HOOK first, on that node), its output also in PREPARE_LOG; a node that waited does not run it
+# again (it skips unchanged inputs anyway) and returns 1 when it failed on the node that ran it, whose claim records
+# it, naming that node's output
 PREPARE_LOG="$RUN_DIR/prepare.${STAGE_LOG#stderr.}"  # this node's prepare output: prepare.log, prepare.<node>.log
-prepare_once() {
+prepare_claimed() {
   local c="$RUN_DIR/prepare.claim" rc=0 line
-  shared_check
   mkdir -p "$RUN_DIR"
   if claim_wait "$c"; then
-    keep_lock
-    python -m llmc.runtime.entry prepare --lock "$LOCK" --assets "$LLMC_RUN_DIR" 2>&1 | tee -a "$PREPARE_LOG" || rc=$?
+    [ -z "${2:-}" ] || "$2"
+    python -m llmc.runtime.entry prepare --lock "$1" --assets "$LLMC_RUN_DIR" 2>&1 | tee -a "$PREPARE_LOG" || rc=$?
     if [ "$rc" != 0 ]; then
       claim_fail "$c" "error: prepare failed on $(hostname) (exit $rc); its output: $PREPARE_LOG"
       echo "error: prepare failed (exit $rc); its output: $PREPARE_LOG" >&2
@@ -320,6 +321,12 @@ prepare_once() {
     echo "$line (this node waited for it, and stops)" >&2
     return 1
   fi
+}
+# prepare: after the storage check, one node prepares, the others wait for it; the stages' rendezvous waits for every
+# node
+prepare_once() {
+  shared_check "$((MASTER_PORT + 4))" "$RUN_ID"
+  prepare_claimed "$LOCK" keep_lock
 }
 # the Hugging Face export of a torchtitan stage (llmc.runtime.hf_io) reads the run's outputs beside the lock it is
 # given: with LLMC_RUN_DIR outside the build directory, the node that prepares keeps a copy of the lock there

@@ -87,7 +87,7 @@ STAGE_DIR = os.environ.get("LLMC_STAGE_DIR", os.path.join(RUN_DIR, "run", STAGE)
 # build directory unless absolute; "data": under DATA_DIR, written by `llmc launch`'s prepare step: builtin
 # corpora and data.quality's cleaned parts), "text_field", "weight" (token-mixture ratio of the interleaved loader)}.
 # A folder holding a `datasets` save_to_disk dataset is read with load_from_disk(...) (memory-mapped, in place).
-DATA_SOURCES = [{'name': 'python-docs', 'format': 'jsonl', 'path': 'python-docs.jsonl', 'under': 'data', 'text_field': 'text', 'weight': 1.0}]
+DATA_SOURCES = [{'name': 'python-docs', 'format': 'jsonl', 'path': 'python-docs.jsonl', 'under': 'data', 'text_field': 'text', 'weight': 1.0, 'val_parts': 1000000}]
 
 # held-out validation (llmc eval.validation): None, or {"freq", "steps", "micro_batch", "fraction", "seed",
 # "files"}. With a fraction, document i of a source (sorted files, rows in order) is validation iff
@@ -259,13 +259,6 @@ def _chain(groups, part):
             yield from _source_dataset(src, part)
 
 
-MIX_PARTS = 10**6  # llmc.runtime.validation.MIX_PARTS
-
-
-def _mixture_parts(weights):
-    """llmc.runtime.validation.mixture_parts: each source's share of the validation tokens in millionths."""
-    total = float(sum(weights))
-    return [round(MIX_PARTS * float(w) / total) for w in weights]
 
 
 def _interleave(streams, parts, size):
@@ -311,12 +304,12 @@ def _validation_rows(tokenizer_path):
     tokenizer = HuggingFaceTokenizer(tokenizer_path=tokenizer_path)
     tokenizer.tokenizer.encode_special_tokens = True  # as LlmcTokenizer
     if VALIDATION["files"]:
-        srcs = [{"name": f"val{i}", "format": "text" if f.endswith((".txt", ".md")) else "jsonl", "path": f,
-                 "under": "build", "text_field": "text"} for i, f in enumerate(VALIDATION["files"])]
+        srcs = [{"name": f"val{i}", "format": fmt, "path": f, "under": "build", "text_field": "text"}
+                for i, (f, fmt) in enumerate(zip(VALIDATION["files"], VALIDATION["file_formats"], strict=True))]
         streams, parts = [_counted(s, None, tokenizer) for s in srcs], None
     else:
         streams = [_counted(s, "val", tokenizer) for s in DATA_SOURCES]
-        parts = _mixture_parts([s["weight"] for s in DATA_SOURCES])
+        parts = [s["val_parts"] for s in DATA_SOURCES]  # (llmc.sources.mixture_parts, computed at build time)
     for _, (text, _ids) in _interleave(streams, parts, size=lambda doc: len(doc[1]) + 1):
         yield {"text": text}
 
@@ -357,20 +350,6 @@ def _dataloader():
 
 VAL_FORMAT = "torchtitan-documents"  # what the validation records say the windows hold (llmc's own: "llmc-packed")
 _VAL_WINDOWS = {}  # (tokenizer folder, seq_len, micro_batch, steps, dp rank, dp size) -> this rank's windows
-
-
-def _validation_tokens(tokenizer, n_tokens):
-    """The validation documents as llmc's own trainers read them (llmc.runtime.validation.validation_tokens: the
-    same documents in the same order, each encoded without special tokens and followed by EOS, no BOS): the
-    first n_tokens tokens. This job validates on _validation_windows; this is the llmc-format stream of the same
-    documents, for comparing the two."""
-    ids = []
-    for row in _validation_dataset(getattr(tokenizer, "tokenizer_path", ASSETS_DIR)):
-        ids.extend(tokenizer.tokenizer.encode(_sample_text(row), add_special_tokens=False).ids)
-        ids.append(tokenizer.eos_id)
-        if len(ids) >= n_tokens:
-            break
-    return torch.tensor(ids[:n_tokens], dtype=torch.long)
 
 
 def _validation_windows(tokenizer, seq_len, micro_batch, steps, dp_rank, dp_world_size):

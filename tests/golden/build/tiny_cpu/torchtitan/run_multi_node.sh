@@ -192,46 +192,55 @@ claim_fail() {
 }
 # claim_failed CLAIM: after claim_wait CLAIM returned 1, succeeds (printing the holder's line) when its work failed
 claim_failed() { [ -f "$1.failed" ] && cat "$1.failed"; }
-case "$NNODES" in
-  1|1:1) ;;
-  *)  # LLMC_RUN_DIR must be one storage on every node: one process per node checks it (its verdict: one line), under
-    # torchrun as `python -m torch.distributed.run` (the python that runs llmc's prepare)
-    rc=0
-    echo "checking that LLMC_RUN_DIR=$LLMC_RUN_DIR is one storage on the $NNODES nodes (waiting for them all)"
-    out="$(python -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node=1 --rdzv_id="$RDZV_ID-llmc-shared-check" \
-      --rdzv_backend c10d --rdzv_endpoint="$MASTER_ADDR:$((MASTER_PORT + 1))" \
-      -m llmc.runtime.entry shared-check --dir "$LLMC_RUN_DIR" 2>&1)" || rc=$?
-    if [ "$rc" != 0 ]; then
-      line="$(printf '%s\n' "$out" | grep -m1 '^error: LLMC_RUN_DIR=' || true)"
-      if [ -n "$line" ]; then
-        echo "$line" >&2
-      else
-        log="$RUN_DIR/shared-check.${STAGE_LOG#stderr.}"  # torchrun's output, when the check could not finish
-        mkdir -p "$RUN_DIR" && printf '%s\n' "$out" > "$log" || log="(not saved)"
-        echo "error: the check that LLMC_RUN_DIR=$LLMC_RUN_DIR is shared by the nodes did not finish (torchrun exit $rc); its output: $log" >&2
-      fi
-      exit 1
-    fi
-    ;;
-esac
-if [ "${PREPARE:-1}" != 0 ]; then
+# shared_check PORT ID: with NNODES > 1, every node runs `llmc.runtime.entry shared-check` under torchrun (one process
+# per node, rendezvous ID-llmc-shared-check on MASTER_ADDR:PORT) to see that LLMC_RUN_DIR is one storage; on failure
+# its one line (the file it names, <run dir>/shared-check[.<node>].log, keeps torchrun's output when the check itself
+# could not finish). torchrun as `python -m torch.distributed.run` (what the torchrun command runs): the python that
+# runs prepare.
+shared_check() {
+  case "$NNODES" in 1|1:1) return 0 ;; esac
+  local out rc=0 line log
+  echo "checking that LLMC_RUN_DIR=$LLMC_RUN_DIR is one storage on the $NNODES nodes (waiting for them all)"
+  out="$(python -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node 1 --rdzv_backend c10d \
+    --rdzv_endpoint "$MASTER_ADDR:$1" --rdzv_id "$2-llmc-shared-check" \
+    -m llmc.runtime.entry shared-check --dir "$LLMC_RUN_DIR" 2>&1)" || rc=$?
+  [ "$rc" != 0 ] || return 0
+  line="$(printf '%s\n' "$out" | grep -m1 '^error: LLMC_RUN_DIR=' || true)"
+  if [ -n "$line" ]; then
+    echo "$line" >&2
+  else
+    log="$RUN_DIR/shared-check.${STAGE_LOG#stderr.}"
+    mkdir -p "$RUN_DIR" && printf '%s\n' "$out" > "$log" || log="(not saved)"
+    echo "error: the check that LLMC_RUN_DIR=$LLMC_RUN_DIR is shared by the nodes did not finish (torchrun exit $rc); its output: $log" >&2
+  fi
+  exit 1
+}
+# prepare_claimed LOCK [HOOK]: one node at a time runs prepare (llmc.runtime.entry prepare writes assets/ and data/
+# under LLMC_RUN_DIR; HOOK first, on that node), its output also in PREPARE_LOG; a node that waited does not run it
+# again (it skips unchanged inputs anyway) and returns 1 when it failed on the node that ran it, whose claim records
+# it, naming that node's output
+PREPARE_LOG="$RUN_DIR/prepare.${STAGE_LOG#stderr.}"  # this node's prepare output: prepare.log, prepare.<node>.log
+prepare_claimed() {
+  local c="$RUN_DIR/prepare.claim" rc=0 line
   mkdir -p "$RUN_DIR"
-  c="$RUN_DIR/prepare.claim"
-  PREPARE_LOG="$RUN_DIR/prepare.${STAGE_LOG#stderr.}"  # this node's prepare output
   if claim_wait "$c"; then
-    rc=0
-    python -m llmc.runtime.entry prepare --lock "$(dirname "$HERE")/plan.lock.json" --assets "$LLMC_RUN_DIR" 2>&1 \
-      | tee -a "$PREPARE_LOG" || rc=$?
+    [ -z "${2:-}" ] || "$2"
+    python -m llmc.runtime.entry prepare --lock "$1" --assets "$LLMC_RUN_DIR" 2>&1 | tee -a "$PREPARE_LOG" || rc=$?
     if [ "$rc" != 0 ]; then
       claim_fail "$c" "error: prepare failed on $(hostname) (exit $rc); its output: $PREPARE_LOG"
       echo "error: prepare failed (exit $rc); its output: $PREPARE_LOG" >&2
     fi
     claim_release "$c"
-    [ "$rc" = 0 ] || exit "$rc"
-  elif line="$(claim_failed "$c")"; then
-    echo "$line (this node waited for it, and stops)" >&2
-    exit 1
+    return $rc
   fi
+  if line="$(claim_failed "$c")"; then
+    echo "$line (this node waited for it, and stops)" >&2
+    return 1
+  fi
+}
+shared_check "$((MASTER_PORT + 1))" "$RDZV_ID"
+if [ "${PREPARE:-1}" != 0 ]; then
+  prepare_claimed "$(dirname "$HERE")/plan.lock.json" || exit $?
 fi
 run_logged pretrain torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
   --rdzv_id="$RDZV_ID" --rdzv_backend c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
