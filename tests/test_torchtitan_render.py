@@ -478,14 +478,15 @@ def test_source_paths_reach_the_job_as_python_literals():
     lits = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
             for t in n.targets if isinstance(t, ast.Name) and t.id in ("DATA_SOURCES", "VALIDATION")}
     assert lits["DATA_SOURCES"] == [
-        {"name": "web", "format": "parquet", "path": weird, "under": "build", "text_field": "bo'dy", "weight": 0.5},
+        {"name": "web", "format": "parquet", "path": weird, "under": "build", "text_field": "bo'dy", "weight": 0.5,
+         "val_parts": 500_000},  # (the validation set's shares in millionths: 2 / 4, 1 / 4, 1 / 4)
         {"name": "ref", "format": "jsonl", "path": "/abs/corpus/*.jsonl", "under": "build", "text_field": "text",
-         "weight": 0.25},
+         "weight": 0.25, "val_parts": 250_000},
         {"name": "python-docs", "format": "jsonl", "path": "python-docs.jsonl", "under": "data", "text_field": "text",
-         "weight": 0.25}]
+         "weight": 0.25, "val_parts": 250_000}]
     assert c.plan.grad_accum > 1  # max_batches global batches: grad_accum batches of micro_batch windows each
     assert lits["VALIDATION"] == {"freq": 5, "steps": 2 * c.plan.grad_accum, "micro_batch": c.plan.micro_batch,
-                                  "fraction": None, "seed": 0, "files": ["val's.jsonl"]}
+                                  "fraction": None, "seed": 0, "files": ["val's.jsonl"], "file_formats": ["jsonl"]}
 
 
 def test_home_relative_paths_are_expanded_where_the_job_runs(monkeypatch):
