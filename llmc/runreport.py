@@ -65,6 +65,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.runtime.metrics_io import is_score  # (torch-free, as this module)
+
 
 @dataclass(frozen=True)
 class StageMetrics:
@@ -245,7 +247,7 @@ def _by_step(steps: list[StageEval], final: StageEval | None, lock: dict
     fs = _final_step(lock, cols[0].stage) if cols else None
     labels = [str(e.step) if e.step is not None else (f"final ({fs})" if fs is not None else "final") for e in cols]
     xs = [e.step if e.step is not None else fs for e in cols]
-    keys = sorted({(t, k) for e in cols for t, m in e.tasks.items() for k in m if _shown(k)})
+    keys = sorted({(t, k) for e in cols for t, m in e.tasks.items() for k in m if is_score(k)})
     return labels, {key: [e.tasks.get(key[0], {}).get(key[1]) for e in cols] for key in keys}, xs
 
 
@@ -265,11 +267,6 @@ def read_evals(run_dir: str | Path, lock: dict, skipped: list[str] | None = None
         if ev is not None:
             out.append(ev)
     return out
-
-
-def _shown(metric: str) -> bool:
-    """A score (not lm_eval's standard errors or its ``sample_len`` document count)."""
-    return not metric.endswith("_stderr") and metric != "sample_len"
 
 
 def summary_lines(run_dir: str | Path, lock: dict, skipped: list[str] | None = None) -> list[str]:
@@ -296,7 +293,7 @@ def summary_lines(run_dir: str | Path, lock: dict, skipped: list[str] | None = N
     evals = read_evals(run_dir, lock, left_out)
     for ev in evals:
         for task, metrics in ev.tasks.items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if _shown(k))
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if is_score(k))
             if not shown:  # no score that is a number
                 continue
             n = ev.samples.get(task)
@@ -498,7 +495,7 @@ def _eval_html(stages: list[StageMetrics], evals: list[StageEval]) -> str:
                    "<th>perplexity</th><th>format</th></tr>\n" + "\n".join(vrows) + "\n</table>")
     erows = [f"<tr><td>{html.escape(ev.stage)}</td><td>{html.escape(task)}</td><td>{html.escape(k)}</td>"
              f"<td>{v:.4f}</td><td>{ev.samples.get(task, '')}</td></tr>"
-             for ev in evals for task, m in ev.tasks.items() for k, v in sorted(m.items()) if _shown(k)]
+             for ev in evals for task, m in ev.tasks.items() for k, v in sorted(m.items()) if is_score(k)]
     if erows:
         out.append("<h2>Benchmark evals (lm-evaluation-harness)</h2>\n<table><tr><th>stage</th><th>task</th>"
                    "<th>metric</th><th>value</th><th>documents</th></tr>\n" + "\n".join(erows) + "\n</table>")

@@ -345,3 +345,15 @@ def test_cli_report_on_a_malformed_summary_says_so_without_a_traceback(tmp_path)
                        text=True)
     assert r.returncode == 0 and "Traceback" not in r.stderr and "INTERNAL" not in r.stderr, r.stderr
     assert f"{pre.resolve() / 'eval' / 'summary.json'}: warning[L013] eval summary left out" in r.stdout + r.stderr
+
+
+def test_the_eval_steps_line_gives_each_score_with_its_standard_error_and_the_documents():
+    """lm-evaluation-harness reports a score, its ``<score>_stderr`` and ``sample_len`` (the documents evaluated): the
+    eval step's log line pairs each score with its standard error and counts the documents instead of printing
+    sample_len and the errors as scores of their own."""
+    from llmc.runtime.metrics_io import score_line
+
+    m = {"acc": 0.625, "acc_stderr": 0.1, "acc_norm": 0.5, "acc_norm_stderr": 0.125, "sample_len": 24.0,
+         "bits_per_byte": 1.5}
+    assert score_line(m, 24) == "acc 0.6250 ± 0.1000, acc_norm 0.5000 ± 0.1250, bits_per_byte 1.5000 (24 documents)"
+    assert score_line({"acc": 1.0}) == "acc 1.0000"

@@ -283,8 +283,10 @@ def _summarize(model_dir: Path, dest: Path, plan: dict, job, what: str, log, lab
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+    from llmc.runtime.metrics_io import score_line
+
     for task, metrics in res.metrics.items():
-        log(f"{job.stage}: eval {label}{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+        log(f"{job.stage}: eval {label}{task}: {score_line(metrics, res.samples.get(task))}")
     return summary
 
 

@@ -102,6 +102,23 @@ def truncate_after_step(path: str | Path, step: int) -> int:
     return dropped
 
 
+def is_score(metric: str) -> bool:
+    """Whether an lm-evaluation-harness result key is a score, not a standard error (``<metric>_stderr``) or its
+    ``sample_len`` (the documents evaluated)."""
+    return not metric.endswith("_stderr") and metric != "sample_len"
+
+
+def score_line(metrics: dict[str, float], documents: int | None = None) -> str:
+    """"acc 0.6250 ± 0.1000, acc_norm 0.5000 (24 documents)": each score with its standard error where lm_eval gives
+    one, then the documents evaluated."""
+    parts = []
+    for k, v in sorted(metrics.items()):
+        if is_score(k):
+            se = metrics.get(f"{k}_stderr")
+            parts.append(f"{k} {v:.4f}" + (f" ± {se:.4f}" if isinstance(se, int | float) else ""))
+    return ", ".join(parts) + (f" ({documents} documents)" if documents else "")
+
+
 def read_metrics(path: str | Path) -> MetricsLog:
     """Each training step once (step order) and the events in file order. Records of one step are merged,
     later keys winning: a step's training record and its validation record (``val_loss``) become one, and
