@@ -727,24 +727,14 @@ def _grpo_kl(hyper: dict, st: Any) -> float:
 
 def _check_verifiable(prompts: list[dict]) -> None:
     """Every GRPO prompt carries what the arithmetic verifier checks a completion against: an ``answer`` it reads as
-    a number (``sympy.nsimplify``, as :func:`llmc.runtime.reward.arithmetic_reward`) or an ``expression`` it
+    a number or an ``expression`` it
     evaluates. A prompt without one scores every completion 0, so its group's advantages are all 0 and it trains
     nothing while costing its samples: an error (with how many there are), not a silent skip, since it is most often
-    a record that names its answer under another field."""
-    import sympy
+    a record that names its answer under another field. The verifier's own reading decides
+    (:func:`llmc.runtime.reward.verifier_truth`)."""
+    from llmc.runtime.reward import verifier_truth
 
-    from llmc.runtime.reward import true_value
-
-    def ok(p: dict) -> bool:
-        a, e = p.get("answer"), p.get("expression")
-        if a is not None:  # (the verifier's rule: an answer, even "", is the truth, whatever the expression says)
-            try:
-                return bool(sympy.nsimplify(a, rational=True).is_number)  # ("two" is a symbol: no number)
-            except Exception:  # noqa: BLE001 (sympify raises several kinds)
-                return False
-        return isinstance(e, str) and true_value(e) is not None
-
-    bad = [p for p in prompts if not ok(p)]
+    bad = [p for p in prompts if verifier_truth(p.get("expression"), p.get("answer")) is None]
     if bad:
         p = bad[0]
         what = (f"answer {p['answer']!r} is not a number the verifier reads" if p.get("answer") is not None

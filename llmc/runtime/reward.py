@@ -64,11 +64,23 @@ def true_value(expression: str) -> sympy.Expr | None:
     return _parse(expression)
 
 
+def verifier_truth(expression: str | None = None, answer=None) -> sympy.Expr | None:
+    """The number a completion is checked against: ``answer`` when it is given (even ``""``), read as a number,
+    else the expression's value; None when there is none (every completion would score 0)."""
+    try:
+        if answer is not None:
+            truth = sympy.nsimplify(answer, rational=True)
+            return truth if truth.is_number else None  # ("two" reads as a symbol)
+        return _parse(expression if isinstance(expression, str) else "")
+    except Exception:  # noqa: BLE001 (sympify raises several kinds)
+        return None
+
+
 def arithmetic_reward(completion: str, expression: str | None = None, answer=None) -> float:
     """1.0 when the completion's final answer is a number literal equal to the expression's value (or ``answer``)
-    exactly, else 0."""
+    exactly, else 0 (:func:`verifier_truth`)."""
     try:
-        truth = sympy.nsimplify(answer, rational=True) if answer is not None else _parse(expression or "")
+        truth = verifier_truth(expression, answer)
         if truth is None:
             return 0.0
         got = extract_answer(completion)
