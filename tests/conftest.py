@@ -10,11 +10,17 @@ when it ended (the workers' timelines).
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 
 import pytest
 
 GOLDEN_ROOT = Path(__file__).parent / "golden"
+
+# llmc's cache (the builtin corpus, parsed once from the stdlib: llmc.runtime.corpus) in the repository's ignored
+# build/ folder, shared by both workers and every process they start, and never a user's ~/.cache; a test of the
+# cache itself points LLMC_CACHE_DIR at its own folder
+os.environ.setdefault("LLMC_CACHE_DIR", str(Path(__file__).resolve().parents[1] / "build" / "test-cache"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

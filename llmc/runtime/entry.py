@@ -192,14 +192,15 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
             continue  # post-training records: generated at stage time by llmc.runtime.synthetic
         if src.format == "builtin":
             target = data_dir / f"{src.name}.jsonl"
-            key = f"builtin:{src.name}:{sys.version}"
+            key = f"builtin:{src.name}:{corpus.fingerprint()}"
             if state.get(target.name) != key or not target.exists():
                 if src.name not in corpus.BUILTIN_CORPORA:
                     raise ValueError(f"data source {src.name!r}: unknown builtin corpus "
                                      f"(known: {', '.join(corpus.BUILTIN_CORPORA)})")
                 data_dir.mkdir(parents=True, exist_ok=True)
                 info = corpus.write_corpus(target, src.name)
-                log(f"prepare: wrote {info['docs']} documents ({info['chars']:,} chars) to {target}")
+                how = f" (a copy of {info['cached']})" if info["cached"] else ""
+                log(f"prepare: wrote {info['docs']} documents ({info['chars']:,} chars) to {target}{how}")
                 state[target.name] = key
             produced.append(SourceData(src.name, str(target), "jsonl", "text", src.weight))
             text_keys[src.name] = key
