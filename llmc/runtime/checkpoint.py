@@ -64,12 +64,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from llmc.runtime.errors import CheckpointError  # noqa: F401  (re-exported: defined without torch)
+
 FORMAT = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that must not be loaded (corrupt, partial, incompatible). ``str(e)`` is one line."""
 
 
 # ----------------------------------------------------------------------------- small helpers

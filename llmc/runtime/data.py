@@ -23,12 +23,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from llmc.runtime.tokenizer import TextTokenizer
 from llmc.sources import SourceRef, expand_paths, read_documents  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: prepare (no tensors) starts without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,8 @@ class StreamLoader:
         """This rank's (inputs, labels), each (micro_batch, seq_len) int64."""
         if self.per_rank % micro_batch:
             raise ValueError(f"micro_batch {micro_batch} does not divide this rank's {self.per_rank} sequences per step")
+        import torch
+
         rows = [self.mixtures[self.first + self.pos + j].next_window() for j in range(micro_batch)]
         self.pos = (self.pos + micro_batch) % self.per_rank
         arr = torch.stack(rows)

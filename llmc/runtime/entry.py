@@ -507,9 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export", action="store_true",
                     help="check: the stage is a torchtitan job's, finished once its hf/ export exists")
     a = ap.parse_args(argv)
-    from llmc.runtime.checkpoint import CheckpointError
+    from llmc.runtime.errors import CheckpointError, TrainingError  # (prepare and check import no torch)
     from llmc.runtime.job import StaleStageError
-    from llmc.runtime.train import TrainingError
 
     try:
         lock = read_lock(a.lock)

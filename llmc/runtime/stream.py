@@ -76,9 +76,9 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from llmc.sources import (
     SUFFIXES,
@@ -90,6 +90,9 @@ from llmc.sources import (
     jsonl_text,
     read_text_file,
 )
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: prepare (no tensors) starts without it
+    import torch
 
 FORMATS = ("parquet", "jsonl", "text", "hf")
 
@@ -598,6 +601,8 @@ class StreamingMixture:
         self.last_source: int | None = None
 
     def next_window(self) -> torch.Tensor:
+        import torch
+
         i = int(self.rng.choice(len(self.streams), p=self.probs))
         window = self.streams[i].next_window()
         self.samples += 1
@@ -610,6 +615,8 @@ class StreamingMixture:
 
     def next_batch(self, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (inputs, labels), each (micro_batch, seq_len) int64."""
+        import torch
+
         arr = torch.stack([self.next_window() for _ in range(micro_batch)])
         return arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
 

@@ -43,6 +43,7 @@ from llmc.runtime.checkpoint import (
 )
 from llmc.runtime.data import Assets, StreamLoader, build_stream_loader
 from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize, wants_compile
+from llmc.runtime.errors import TrainingError  # noqa: F401  (re-exported: defined without torch)
 from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into, load_init_from, loaded_from
 from llmc.runtime.job import TrainJob
 from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
@@ -53,11 +54,6 @@ from llmc.runtime.preempt import handlers as _preempt_handlers
 from llmc.runtime.preempt import stop_now as _stop_now
 from llmc.runtime.preempt import world as _world
 from llmc.spec.schema import META_INIT_PARAMS, ac_label
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (loss spikes beyond max_rewinds, bad layout, ...); one-line message."""
-
 
 # ----------------------------------------------------------------------------- schedule
 

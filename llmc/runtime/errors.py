@@ -1,0 +1,14 @@
+"""The runtime's one-line error types, in a module that imports nothing heavy: the commands that make no tensors
+(``python -m llmc.runtime.entry prepare`` / ``check``, run before every stage a launch starts) name them in their
+error handling without importing torch (seconds of CPU per process). :mod:`llmc.runtime.checkpoint` and
+:mod:`llmc.runtime.train` re-export them where they were defined before."""
+
+from __future__ import annotations
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be loaded (corrupt, partial, incompatible). ``str(e)`` is one line."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (loss spikes beyond max_rewinds, bad layout, ...); one-line message."""
