@@ -52,3 +52,17 @@ def test_prepare_and_check_run_in_a_process_without_torch(tmp_path):
     assets, tokenizer, _ = results[True]
     assert [s["name"] for s in assets["sources"]] == ["web", "python-docs"]
     assert json.loads(tokenizer)["model"]["type"] == "BPE"
+
+
+def test_a_trainer_that_does_not_compile_imports_no_dynamo():
+    """torch._dynamo (and with it torch._inductor: ~1.5 s of CPU in each trainer process) is imported only by a
+    run that compiles: the sliding-window mask's eager wrapper is made by Transformer.compile_blocks, not at import."""
+    code = ("import sys, llmc.runtime.train, llmc.runtime.ds_train, llmc.runtime.sft, llmc.runtime.hf_io;"
+            "before = 'torch._dynamo' in sys.modules;"
+            "from llmc.runtime.model import build_model; from llmc.spec.model import Architecture;"
+            "a = Architecture(name='t', n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=50,"
+            " max_seq_len=16, sliding_window=4); m = build_model(a, seed=0); m.compile_blocks(backend='eager');"
+            "print(before, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"]

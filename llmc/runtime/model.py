@@ -228,8 +228,10 @@ def _window_mask(T: int, S: int, window: int, device: torch.device, dtype: torch
     return torch.zeros(T, S, device=device, dtype=dtype).masked_fill_(~band, float("-inf"))
 
 
-# built eagerly and cached, also inside torch.compile'd blocks (a graph break, not a mask per layer)
-window_mask = torch.compiler.disable(_window_mask)
+# built eagerly and cached, also inside torch.compile'd blocks (a graph break, not a mask per layer):
+# Transformer.compile_blocks rebinds this to torch.compiler.disable(_window_mask) before it compiles, since wrapping
+# it here would import torch._dynamo (~1.5 s of CPU) in every process, also those that never compile
+window_mask = _window_mask
 
 
 def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
@@ -779,7 +781,10 @@ class Transformer(nn.Module):
 
     def compile_blocks(self, **kw) -> None:
         """``torch.compile`` each block in place (``nn.Module.compile``: parameter names unchanged), as
-        torchtitan's per-block compile; call after activation checkpointing, before FSDP."""
+        torchtitan's per-block compile; call after activation checkpointing, before FSDP. The sliding-window
+        mask is built eagerly inside the compiled blocks (:data:`window_mask`, rebound here)."""
+        global window_mask
+        window_mask = torch.compiler.disable(_window_mask)
         for blk in self.layers.values():
             blk.compile(**kw)
 
