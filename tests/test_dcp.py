@@ -1,8 +1,8 @@
 """Sharded checkpoints (torch.distributed.checkpoint) of the native trainer, 2 gloo processes with FSDP2:
 
 * every rank writes its own shards (no model.pt gathered on rank 0), listed in the manifest;
-* stop at step 4 + resume gives the losses of the uninterrupted run, with synchronous saves and with
-  ``dcp.async_save`` (``training.checkpoint.async_mode: true``);
+* stop at step 4 + resume (a new launch) gives the losses of the uninterrupted run, with synchronous saves
+  and with ``dcp.async_save`` (``training.checkpoint.async_mode: true``);
 * ``llmc export`` (hf_io.export_checkpoint) reads the sharded checkpoint: the Hugging Face model, run by
   ``transformers``, gives the logits of llmc's model loaded from torch's own DCP converter
   (``dcp_to_torch_save``);
@@ -11,9 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from test_build_fakes import lock_for  # noqa: E402
+from test_runtime_train import torchrun_cases  # noqa: E402  (the runtime tests' multi-rank launcher)
 
 from llmc.runtime import corpus  # noqa: E402
 
@@ -49,15 +47,6 @@ def make_lock(tmp: Path, docs: Path, *, steps=8, interval=4, plan=None, async_mo
     return tmp / "plan.lock.json"
 
 
-def torchrun(lock: Path, out: Path, extra=()) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=localhost:0", "-m", "llmc.runtime.entry", "--lock", str(lock), "--out", str(out), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
 def losses(out: Path) -> dict[int, float]:
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in recs if "loss" in r and "event" not in r}
@@ -65,9 +54,24 @@ def losses(out: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_fsdp_sharded_save_resume_and_hf_export(tmp_path, docs):
+    """The runs, 2 ranks each, in two torchrun launches (each launch's start-up paid once): the uninterrupted
+    run (the command line's path, llmc.runtime.entry's main) and the two runs stopped at step 4 (synchronous and
+    asynchronous saves), then, in a new launch (new processes), the two resumed from their step-4 checkpoints."""
     ref_lock = make_lock(tmp_path / "ref", docs)
     ref_out = tmp_path / "ref" / "run" / "pretrain"  # the layout `llmc export` expects
-    torchrun(ref_lock, ref_out)
+    cuts = {f"cut{int(a)}": make_lock(tmp_path / f"cut{int(a)}", docs, async_mode=a) for a in (False, True)}
+    for launch in ("stop", "resume"):
+        (tmp_path / launch).mkdir()
+    first = torchrun_cases(tmp_path / "stop", {**cuts, "ref": ref_lock}, 2, entry_last=True,
+                           extra={"ref": {"out": str(ref_out)}, **{c: {"stop_after": 4} for c in cuts}})
+    for async_mode in (False, True):
+        out = first[f"cut{int(async_mode)}"].check().out
+        assert not (out / "DONE.json").exists()
+        m4 = json.loads((out / "checkpoints" / "step-00000004" / "manifest.json").read_text())
+        assert m4["async"] is async_mode and m4["layout"] == "dcp"
+    resumed = torchrun_cases(tmp_path / "resume", cuts, 2, entry_last=True,
+                             extra={c: {"keep_out": True} for c in cuts})
+    first["ref"].check()
     ref = losses(ref_out)
     assert sorted(ref) == list(range(1, 9)) and ref[8] < ref[1] - 0.5
 
@@ -82,13 +86,8 @@ def test_fsdp_sharded_save_resume_and_hf_export(tmp_path, docs):
     assert 0.6 < sizes[0] / sizes[1] < 1.6, sizes
 
     for async_mode in (False, True):
-        lock = make_lock(tmp_path / f"cut{int(async_mode)}", docs, async_mode=async_mode)
-        out = lock.parent / "o"
-        torchrun(lock, out, extra=["--stop-after", "4"])
-        assert not (out / "DONE.json").exists()
-        m4 = json.loads((out / "checkpoints" / "step-00000004" / "manifest.json").read_text())
-        assert m4["async"] is async_mode and m4["layout"] == "dcp"
-        p = torchrun(lock, out)
+        p = resumed[f"cut{int(async_mode)}"].check()
+        out = p.out
         assert "resumed from" in p.stdout
         got = losses(out)
         assert sorted(got) == list(range(1, 9))

@@ -24,6 +24,8 @@ torch = pytest.importorskip("torch")
 
 from test_build_fakes import make_compiled, make_run  # noqa: E402
 from test_runtime_train import make_lock as runtime_lock  # noqa: E402
+from test_runtime_train import run as run_in_process  # noqa: E402
+from test_runtime_train import torchrun_cases  # noqa: E402  (the runtime tests' multi-rank launcher)
 
 from llmc.buildfs import write_build  # noqa: E402
 from llmc.emit import render_artifacts  # noqa: E402
@@ -83,9 +85,22 @@ def final_weights(out: Path) -> dict:
     return read_model_state(out / "checkpoints" / f"step-{STEPS:08d}")
 
 
-def check_preempted_then_resumed(ref: Path, cut: Path, cmd: list[str], rc: int, text: str,
+def one_thread(fn):
+    """``fn()`` on one intra-op thread, as the subprocesses here run (OMP_NUM_THREADS=1): a reference run made in
+    this process then executes the same kernels as they do."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_preempted_then_resumed(ref: Path, cut: Path, rerun, rc: int, text: str,
                                  want_rc: int | None = EXIT_PREEMPTED) -> int:
-    """The preempted run saved one step (not an interval one), the rerun resumed there and matches ``ref``."""
+    """The preempted run saved one step (not an interval one), the rerun (``rerun()``: its exit status, its
+    output and the end of its error output; it may make the reference run too) resumed there and matches
+    ``ref``."""
     if want_rc is not None:
         assert rc == want_rc, text[-3000:]
     assert not (cut / "DONE.json").exists(), "the stage finished before the signal; the test tests nothing"
@@ -96,9 +111,9 @@ def check_preempted_then_resumed(ref: Path, cut: Path, cmd: list[str], rc: int, 
     assert [e["step"] for e in ev] == [step]
     end = [r for r in records(cut) if r.get("event") == "end"]
     assert end[-1]["status"] == "preempted" and end[-1]["step"] == step
-    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert f"at step {step}" in p.stdout and "resumed from" in p.stdout
+    returncode, out, err = rerun()
+    assert returncode == 0, out[-2000:] + err
+    assert f"at step {step}" in out and "resumed from" in out
     assert json.loads((cut / "DONE.json").read_text())["status"] == "done"
     ra, rb = losses(ref), losses(cut)
     assert sorted(rb) == list(range(1, STEPS + 1))  # each step logged once
@@ -109,61 +124,84 @@ def check_preempted_then_resumed(ref: Path, cut: Path, cmd: list[str], rc: int, 
 
 
 @pytest.mark.slow
-def test_sigterm_saves_current_step_and_resumes_exactly(tmp_path, docs):
+def test_sigterm_saves_current_step_and_resumes_exactly(tmp_path, docs, capsys):
+    """The preempted run a ``python -m llmc.runtime.entry`` process (the signal is a process's); the reference
+    run and the rerun in this process (one thread), the rerun through the command line's main."""
+    from llmc.runtime.entry import main as entry_main
+
     lock = make_lock(tmp_path, docs)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    p = subprocess.run(entry_cmd(lock, ref), env=ENV, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert one_thread(lambda: run_in_process(lock, ref))["status"] == "done"
     rc, text = preempt_after(entry_cmd(lock, cut), cut)
-    check_preempted_then_resumed(ref, cut, entry_cmd(lock, cut), rc, text)
+
+    def rerun() -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = one_thread(lambda: entry_main(entry_cmd(lock, cut)[3:]))
+        out, err = capsys.readouterr()
+        return code, out, err[-2000:]
+
+    check_preempted_then_resumed(ref, cut, rerun, rc, text)
 
 
 @pytest.mark.slow
 def test_sigterm_to_torchrun_two_ranks(tmp_path, docs):
     """torchrun forwards the SIGTERM to both workers; they agree on the step (all-reduce) and save it
     together. torchrun itself then exits 1 (it re-raises the signal as an exception), which is why the
-    Slurm script decides to requeue on the signal it trapped, not only on the exit status."""
-    lock = make_lock(tmp_path, docs, plan={"dp_replicate": 2, "micro_batch": 4})
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    p = subprocess.run(entry_cmd(lock, ref, 2), env=ENV, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    Slurm script decides to requeue on the signal it trapped, not only on the exit status. The rerun and
+    the uninterrupted reference run (its own copy of the lock) are one 2-rank launch: the reference run, then
+    the rerun through llmc.runtime.entry's main."""
+    plan = {"dp_replicate": 2, "micro_batch": 4}
+    lock = make_lock(tmp_path / "cut-lock", docs, plan=plan)
+    ref_lock = make_lock(tmp_path / "ref-lock", docs, plan=plan)
+    cut = tmp_path / "cut"
     rc, text = preempt_after(entry_cmd(lock, cut, 2), cut)
     assert rc != 0 and "preempted: saved step" in text, text[-3000:]
     assert "SIGKILL" not in text, text[-3000:]  # both workers left within torchrun's grace period
-    check_preempted_then_resumed(ref, cut, entry_cmd(lock, cut, 2), rc, text, want_rc=None)
+
+    def rerun() -> tuple[int, str, str]:
+        (tmp_path / "launch").mkdir()
+        runs = torchrun_cases(tmp_path / "launch", {"ref": ref_lock, "rerun": lock}, 2, entry_last=True,
+                              extra={"rerun": {"out": str(cut), "keep_out": True}})
+        for r in runs.values():
+            r.check()
+        return 0, runs["rerun"].stdout, ""  # (a failed case failed the test in check)
+
+    check_preempted_then_resumed(ref_lock.parent / "o", cut, rerun, rc, text, want_rc=None)
 
 
-def _requested_worker(rank: int, store: str, signalled: int, q) -> None:
+REQUESTED_WORKER = textwrap.dedent("""
+    import json, os, signal, sys
+
     import torch.distributed as dist
 
     from llmc.runtime import preempt
 
+    rank, store, signalled = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         with preempt.handlers():
             before = preempt.requested()
             if rank == signalled:
                 os.kill(os.getpid(), signal.SIGTERM)
-            q.put((rank, before, preempt.requested(), preempt.received()))
+            print(json.dumps([rank, before, preempt.requested(), preempt.received()]), flush=True)
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
     finally:
         dist.destroy_process_group()
+""")
 
 
 @pytest.mark.slow
 def test_requested_is_true_on_every_rank_when_one_rank_is_signalled(tmp_path):
-    """The handler only records; requested() all-reduces, so the rank that got no signal stops too."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_requested_worker, args=(r, str(tmp_path / "store"), 1, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = sorted(q.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    """The handler only records; requested() all-reduces, so the rank that got no signal stops too. Two
+    processes of a small script (torch.distributed and llmc.runtime.preempt only), one process group."""
+    script = tmp_path / "worker.py"
+    script.write_text(REQUESTED_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"), "1"], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out + err[-2000:]
+    got = sorted(tuple(json.loads(out.strip().splitlines()[-1])) for out, _ in outs)
     assert got == [(0, False, True, None), (1, False, True, "SIGTERM")]
 
 
@@ -175,7 +213,6 @@ SFT_DRIVER = textwrap.dedent("""
 
     import torch
 
-    torch.set_num_threads(1)
     from llmc.runtime import sft
     from llmc.runtime.entry import exit_code
     from llmc.runtime.job import TrainJob
@@ -184,32 +221,41 @@ SFT_DRIVER = textwrap.dedent("""
     from llmc.spec.model import Architecture
     from llmc.spec.schema import make_stage
 
-    out, signal_at = Path(sys.argv[1]), int(sys.argv[2])
-    tok = ByteTokenizer()
-    arch = Architecture(name="t", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64,
-                        vocab_size=tok.vocab_size, max_seq_len=96)
-    data = {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
-    st = make_stage(name="sft", kind="sft", init_from="base", data=data)
-    job = TrainJob(arch=arch, sources=[], seq_len=96, steps=8, name="p", stage="sft", kind="sft", lr=2e-3,
-                   micro_batch=3, init_from="base", stage_spec=st, log_every=1000, checkpoint_interval=3,
-                   keep_latest=3)
-    if signal_at:  # a real SIGTERM to this process, delivered while step `signal_at` ends
-        end_step = sft.LoopState.end_step
 
-        def signalling(self, step, *a, **k):
-            if step + 1 == signal_at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return end_step(self, step, *a, **k)
+    def run_sft(out, signal_at):
+        tok = ByteTokenizer()
+        arch = Architecture(name="t", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64,
+                            vocab_size=tok.vocab_size, max_seq_len=96)
+        data = {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
+        st = make_stage(name="sft", kind="sft", init_from="base", data=data)
+        job = TrainJob(arch=arch, sources=[], seq_len=96, steps=8, name="p", stage="sft", kind="sft", lr=2e-3,
+                       micro_batch=3, init_from="base", stage_spec=st, log_every=1000, checkpoint_interval=3,
+                       keep_latest=3)
+        if signal_at:  # a real SIGTERM to this process, delivered while step `signal_at` ends
+            end_step = sft.LoopState.end_step
 
-        sft.LoopState.end_step = signalling
-    res = run_stage(job, out, tokenizer=tok)
-    print(json.dumps({"status": res["status"], "step": res["step"]}))
-    sys.exit(exit_code(res["status"]))
+            def signalling(self, step, *a, **k):
+                if step + 1 == signal_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return end_step(self, step, *a, **k)
+
+            sft.LoopState.end_step = signalling
+        return run_stage(job, out, tokenizer=tok)
+
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        res = run_sft(Path(sys.argv[1]), int(sys.argv[2]))
+        print(json.dumps({"status": res["status"], "step": res["step"]}))
+        sys.exit(exit_code(res["status"]))
 """)
 
 
 @pytest.mark.slow
-def test_sft_sigterm_saves_current_step_and_resumes_exactly(tmp_path):
+def test_sft_sigterm_saves_current_step_and_resumes_exactly(tmp_path, capsys):
+    """SFT (llmc.runtime.posttrain): a SIGTERM at step 4 saves step 4 and exits with the preempted status; the
+    rerun resumes there and logs and ends as the uninterrupted reference run (the preempted run a driver
+    process; the reference run and the rerun the driver's run_sft in this process, one thread)."""
     from llmc.runtime.checkpoint import save_checkpoint
     from llmc.runtime.model import build_model
     from llmc.runtime.posttrain import RESUME_FOLDER
@@ -228,8 +274,9 @@ def test_sft_sigterm_saves_current_step_and_resumes_exactly(tmp_path):
         return subprocess.run([sys.executable, str(driver), str(tmp_path / run / "sft"), str(signal_at)], env=ENV,
                               capture_output=True, text=True, timeout=300)
 
-    p = go("ref", 0)
-    assert p.returncode == 0, p.stderr[-2000:]
+    driver_code: dict = {"__name__": "sft_driver"}  # the reference run: the driver's run_sft, in this process
+    exec(compile(SFT_DRIVER, str(driver), "exec"), driver_code)
+    assert one_thread(lambda: driver_code["run_sft"](tmp_path / "ref" / "sft", 0))["status"] == "done"
     cut = tmp_path / "cut" / "sft"
     p = go("cut", 4)  # interval checkpoints at 3 and 6: step 4 is the signal's
     assert p.returncode == EXIT_PREEMPTED, p.stdout[-2000:] + p.stderr[-2000:]
@@ -238,9 +285,10 @@ def test_sft_sigterm_saves_current_step_and_resumes_exactly(tmp_path):
     assert [s for s, _ in list_checkpoints(cut / "checkpoints" / RESUME_FOLDER)] == [3, 4]
     assert [(r["event"], r["step"]) for r in records(cut) if r.get("event") not in (None, "start", "truncation")] \
         == [("preempted", 4)]
-    p = go("cut", 0)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "resumed from" in p.stdout and "at step 4" in p.stdout
+    capsys.readouterr()
+    assert one_thread(lambda: driver_code["run_sft"](cut, 0))["status"] == "done"
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 4" in out
     ref = tmp_path / "ref" / "sft"
     ra = [{k: v for k, v in r.items() if k != "step_s"} for r in records(ref) if "event" not in r]  # minus wall time
     rb = [{k: v for k, v in r.items() if k != "step_s"} for r in records(cut) if "event" not in r]

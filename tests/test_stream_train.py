@@ -43,25 +43,29 @@ from llmc.runtime.entry import _prepare_collective, _stage_assets
 from llmc.runtime.job import TrainJob
 from llmc.runtime.train import train
 
-lock_path, out = Path(sys.argv[1]), Path(sys.argv[2])
+# the lock, then one or more output folders: the runs of one launch, one after another in its process group
+lock_path, outs = Path(sys.argv[1]), [Path(a) for a in sys.argv[2:]]
 job = TrainJob.from_lock(json.loads(lock_path.read_text()))
 assets = _stage_assets(job, _prepare_collective(job, lock_path.parent))
 info = init_distributed()
 if info.rank == 0:
     dist.barrier()
-seen = open(out.parent / f"seen-{out.name}-rank{info.rank}.txt", "a", encoding="utf-8")
+seen = {}
 
 def logged(reader):
     def wrapped(src, rank, world, start):
         for doc in reader(src, rank, world, start):
-            seen.write(json.dumps(doc.split(":", 1)[0]) + "\\n")
-            seen.flush()
+            seen["file"].write(json.dumps(doc.split(":", 1)[0]) + "\\n")
+            seen["file"].flush()
             yield doc
     return wrapped
 
 for fmt in ("parquet", "hf"):
     stream._READERS[fmt] = logged(stream._READERS[fmt])
-train(job, out, assets, info=info)
+for out in outs:
+    seen["file"] = open(out.parent / f"seen-{out.name}-rank{info.rank}.txt", "a", encoding="utf-8")
+    train(job, out, assets, info=info)
+    seen["file"].close()
 shutdown()
 """
 
@@ -108,9 +112,9 @@ def make_lock(tmp: Path, parquet: Path, hfds: Path, steps: int) -> Path:
     return tmp / "plan.lock.json"
 
 
-def _cmd(lock: Path, out: Path) -> list[str]:
+def _cmd(lock: Path, *outs: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-            "--rdzv_endpoint=localhost:0", str(lock.parent / "runner.py"), str(lock), str(out)]
+            "--rdzv_endpoint=localhost:0", str(lock.parent / "runner.py"), str(lock), *map(str, outs)]
 
 
 def _env() -> dict:
@@ -129,11 +133,25 @@ def seen(tmp: Path, name: str, rank: int) -> list[str]:
 
 
 def test_two_ranks_stream_disjoint_documents_and_resume_exactly(tmp_path, sources):
+    """Two torchrun launches: the run killed with SIGKILL after its first checkpoint, then one launch (new
+    processes) that resumes it and, in the same process group, makes the uninterrupted run."""
     parquet, hfds = sources
     steps = 40
     lock = make_lock(tmp_path, parquet, hfds, steps)
-    p = subprocess.run(_cmd(lock, tmp_path / "ref"), capture_output=True, text=True, timeout=300, env=_env())
+
+    # SIGKILL after the first checkpoint, then resume: the same losses as the uninterrupted run
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_cmd(lock, cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((cut / "checkpoints").glob("step-*/manifest.json")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+    proc.wait()
+    assert not (cut / "DONE.json").exists(), "finished before the kill; test is not testing"
+    p = subprocess.run(_cmd(lock, cut, tmp_path / "ref"), capture_output=True, text=True, timeout=600, env=_env())
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed from" in p.stdout  # (the cut run's: the fresh run's folder holds no checkpoint)
     ref = losses(tmp_path / "ref")
     assert sorted(ref) == list(range(1, steps + 1)) and ref[steps] < ref[1] - 1.0  # it trains
 
@@ -147,19 +165,6 @@ def test_two_ranks_stream_disjoint_documents_and_resume_exactly(tmp_path, source
     assert (root / "assets" / "tokenizer.json").exists()
     assert not (root / "data").exists() and not (root / "cache").exists()
 
-    # SIGKILL after the first checkpoint, then resume: the same losses as the uninterrupted run
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen(_cmd(lock, cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list((cut / "checkpoints").glob("step-*/manifest.json")):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
-    proc.wait()
-    assert not (cut / "DONE.json").exists(), "finished before the kill; test is not testing"
-    p = subprocess.run(_cmd(lock, cut), capture_output=True, text=True, timeout=300, env=_env())
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "resumed from" in p.stdout
     got = losses(cut)
     assert sorted(got) == list(range(1, steps + 1))
     assert all(got[s] == pytest.approx(ref[s], abs=1e-6) for s in ref), (ref, got)
