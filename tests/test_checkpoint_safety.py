@@ -263,11 +263,16 @@ def _ds_build(tmp: Path, docs: Path, d_ff: int = 128) -> Path:
     return tmp
 
 
+def _ds_args(b: Path, out: Path, *extra: str) -> list[str]:
+    """llmc's DeepSpeed runner's arguments for build ``b``, its output in ``out``."""
+    return ["--lock", str(b / "plan.lock.json"), "--ds-config", str(b / "deepspeed" / "ds_config.json"), "--out",
+            str(out), "--assets", str(b), *extra]
+
+
 def _ds(b: Path, out: Path, *extra: str, script: Path | None = None) -> subprocess.CompletedProcess:
     target = [str(script)] if script else ["-m", "llmc.runtime.ds_train"]
     cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
-           "localhost:0", *target, "--lock", str(b / "plan.lock.json"), "--ds-config",
-           str(b / "deepspeed" / "ds_config.json"), "--out", str(out), "--assets", str(b), *extra]
+           "localhost:0", *target, *_ds_args(b, out, *extra)]
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
 
 
@@ -277,7 +282,12 @@ def test_deepspeed_killed_save_then_short_run_keeps_a_resumable_checkpoint(tmp_p
     (model states written, optimizer shards not): ``latest`` still names step 4. Run 2 stops at step 6 (``--steps
     6``): its step-6 checkpoint must survive pruning (by name order the partial step-8 folder outranked it, and both
     good checkpoints were deleted, ``latest`` naming a missing step-6). A lock of another d_ff is refused with one
-    line before DeepSpeed loads anything; run 3 resumes from step 6 and finishes."""
+    line before DeepSpeed loads anything; run 3 resumes from step 6 and finishes. Run 1 is a launch of its own (its
+    process dies); runs 2 and 3 and the refused one share one launch, each through ds_train's main on its own
+    command line, the checkpoint folder recorded after run 2 and after the refusal."""
+    pytest.importorskip("deepspeed")
+    from test_deepspeed import ds_main_cases, ds_main_result, ds_snapshot
+
     b = _ds_build(tmp_path / "b", docs)
     out = tmp_path / "o"
     ds = out / "ds_checkpoints"
@@ -285,22 +295,30 @@ def test_deepspeed_killed_save_then_short_run_keeps_a_resumable_checkpoint(tmp_p
     script.write_text(_DS_KILL)
     r = _ds(b, out, script=script)
     assert r.returncode != 0 and (ds / "latest").read_text().strip() == "step-00000004", r.stderr[-3000:]
-    r = _ds(b, out, "--steps", "6")
-    assert r.returncode == 0 and "at step 4" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
-    assert (ds / "latest").read_text().strip() == "step-00000006"
-    assert (ds / "step-00000006" / "mp_rank_00_model_states.pt").is_file()
-    assert not (ds / "step-00000004").exists()  # keep_latest 1: the older one goes, after step 6 is complete
 
     wide = _ds_build(tmp_path / "wide", docs, d_ff=96)
-    r = _ds(wide, out)
-    err = r.stderr.strip().splitlines()
-    assert r.returncode != 0 and any("error[R002]" in x for x in err), r.stderr[-3000:]
+    cases = tmp_path / "cases"
+    runs = ds_main_cases({"run2": (cases / "run2", _ds_args(b, out, "--steps", "6")),
+                          "after-run2": (cases / "after-run2", ds),
+                          "wide": (cases / "wide", _ds_args(wide, out)),
+                          "after-wide": (cases / "after-wide", ds),
+                          "run3": (cases / "run3", _ds_args(b, out))}, 1)
+    r = ds_main_result(runs["run2"], 1)
+    assert r["rc"] == [0] and "at step 4" in r["stdout"], r["stdout"][-2000:] + r["stderr"][-3000:]
+    snap = ds_snapshot(runs["after-run2"])
+    assert snap["latest"].strip() == "step-00000006"
+    assert snap.get("step-00000006/mp_rank_00_model_states.pt") == "file"
+    assert "step-00000004" not in snap  # keep_latest 1: the older one goes, after step 6 is complete
+
+    r = ds_main_result(runs["wide"], 1)
+    err = r["stderr"].strip().splitlines()
+    assert r["rc"] != [0] and any("error[R002]" in x for x in err), r["stderr"][-3000:]
     line = next(x for x in err if "error[R002]" in x)
     assert "tensor layers.0.feed_forward.w1.weight has shape [128, 64], this model's is [96, 64]" in line, line
-    assert (ds / "latest").read_text().strip() == "step-00000006"  # untouched
+    assert ds_snapshot(runs["after-wide"])["latest"].strip() == "step-00000006"  # untouched
 
-    r = _ds(b, out)
-    assert r.returncode == 0 and "at step 6" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    r = ds_main_result(runs["run3"], 1)
+    assert r["rc"] == [0] and "at step 6" in r["stdout"], r["stdout"][-2000:] + r["stderr"][-3000:]
     done = json.loads((out / "DONE.json").read_text())
     assert done["status"] == "done" and done["step"] == 12
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -345,11 +345,6 @@ def _ds_argv(b: Path, steps: int, assets: Path) -> list[str]:
             "--assets", str(assets), "--steps", str(steps)]
 
 
-def _run_ds(b: Path, steps: int, assets: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(_ds_argv(b, steps, assets), env=ENV, capture_output=True, text=True, timeout=900,
-                          cwd=str(ROOT))
-
-
 def _preempt_ds(b: Path, assets: Path) -> tuple[int, str]:
     """Run the 8 steps, SIGTERM torchrun once rank 0 says it starts training (the preemption handlers are up by
     then: ds_train installs them before it builds the engine); (torchrun's exit status, output)."""
@@ -372,46 +367,143 @@ def _losses(b: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
+# Several runs of llmc's DeepSpeed runner in one torchrun launch (each worker's start-up, seconds of CPU, paid
+# once): each case is llmc.runtime.ds_train's main on its own command line, as a launch of its own would run it,
+# recording each rank's return code; main ends the process group as it returns, so before the last case that
+# end is only its barrier (test_ds_zero_init's DS_CASES_RUN says why), and a case that fails (main returns 1
+# with its one error line, on every rank at the same point) leaves the group to the next. A ``snapshot`` case
+# records, between two runs, what a test reads of a folder then (rank 0: each path under it, "file" or "folder",
+# and the text of each ``latest``).
+DS_MAIN_CASES = r'''
+import json
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+
+import llmc.runtime.distributed as distributed
+from llmc.runtime.ds_train import main
+
+end_group = distributed.shutdown
+
+
+def keep_group(together: bool = True) -> None:
+    if together:
+        dist.barrier()
+
+
+def run_case(case):
+    spec = json.loads(Path(case["lock"]).read_text())  # the case: ds_train's arguments, or a folder to snapshot
+    if "snapshot" in spec:
+        root = Path(spec["snapshot"])
+        if os.environ["RANK"] == "0":
+            snap = {str(p.relative_to(root)): p.read_text() if p.name == "latest" else
+                    "folder" if p.is_dir() else "file" if p.is_file() else "other" for p in sorted(root.rglob("*"))}
+            (Path(case["dir"]) / "snapshot.json").write_text(json.dumps(snap))
+        return
+    distributed.shutdown = end_group if case["last"] else keep_group
+    rc = main(spec["argv"])
+    (Path(case["dir"]) / f"rc.{os.environ['RANK']}").write_text(str(rc))
+
+'''
+
+
+def ds_main_cases(cases: dict[str, tuple[Path, list[str] | Path]], nproc: int) -> dict:
+    """Run ``cases`` (name -> (its folder, ds_train's arguments or a folder to snapshot)) in that order in one
+    launch of ``nproc`` ranks (``DS_MAIN_CASES``); name -> its :class:`test_runtime_train.CaseRun` (read by
+    :func:`ds_main_result`, a snapshot by :func:`ds_snapshot`). A case's output folder is the one its arguments
+    name, never emptied first."""
+    from test_runtime_train import CASES_LOOP, torchrun_cases
+
+    launch = next(iter(cases.values()))[0].parent / "launch"
+    launch.mkdir(parents=True)
+    locks = {}
+    for name, (folder, what) in cases.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        locks[name] = folder / "case.json"  # what the case runs (the launch's "lock" of the case)
+        locks[name].write_text(json.dumps({"snapshot": str(what)} if isinstance(what, Path) else {"argv": what}))
+    return torchrun_cases(launch, locks, nproc, script=DS_MAIN_CASES + CASES_LOOP, timeout=300,
+                          env={"DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)})
+
+
+def ds_main_result(run, nproc: int) -> dict:
+    """A case of :func:`ds_main_cases` (a failed one fails the caller): each rank's main return code (``rc``),
+    the ranks' stdout and stderr (rank 0's first)."""
+    run.check()
+    ranks = range(nproc)
+    return {"rc": [int((run.dir / f"rc.{r}").read_text()) for r in ranks],
+            "stdout": "".join((run.dir / f"stdout.{r}").read_text() for r in ranks),
+            "stderr": "".join((run.dir / f"stderr.{r}").read_text() for r in ranks)}
+
+
+def ds_snapshot(run) -> dict:
+    """A snapshot case of :func:`ds_main_cases`: the folder's paths (relative) -> the text of a ``latest``
+    file, else "file" or "folder"."""
+    return json.loads((run.check().dir / "snapshot.json").read_text())
+
+
+def _ds_main_argv(b: Path, steps: int, assets: Path) -> list[str]:
+    """ds_train's own arguments of :func:`_ds_argv` (what torchrun passes it)."""
+    argv = _ds_argv(b, steps, assets)
+    return argv[argv.index("llmc.runtime.ds_train") + 1:]
+
+
 @pytest.mark.slow
 def test_zero_stages_train_the_tiny_model_identically(tmp_path):
+    """ZeRO-1/2/3 on 2 gloo ranks train the tiny model to the same falling losses (fp32), each ending done with
+    llmc-format full weights. ZeRO-1 is first preempted: SIGTERM to torchrun mid-run saves the step it is at and
+    ends the stage "preempted"; a lock whose LR changed since is refused with one line naming the change; the
+    unchanged lock then resumes and finishes. The preemption is its own torchrun launch (signals are its point);
+    the refused resume, the resume and the ZeRO-2 / ZeRO-3 runs share one launch, each through ds_train's main on
+    its own command line. DeepSpeed's CPU shared-memory op is built in neither launch (it would be when the
+    process group starts)."""
     assets = tmp_path / "assets_root"
     assets.mkdir()
+    builds = {zero: _tiny_build(tmp_path, zero) for zero in (1, 2, 3)}
+    # preempted (SIGTERM): the step it is at is saved, the stage ends "preempted", then resumes
+    b = builds[1]
+    rc, text = _preempt_ds(b, assets)
+    assert not (b / "run" / "pretrain" / "DONE.json").exists(), text[-3000:]
+    recs = [json.loads(ln) for ln in (b / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    ends = [x for x in recs if x.get("event") == "end"]
+    assert ends and ends[-1]["status"] == "preempted", text[-3000:]
+    cut = ends[-1]["step"]
+    assert 1 <= cut < 8
+    assert (b / "run" / "pretrain" / "ds_checkpoints" / "latest").read_text().strip() == f"step-{cut:08d}"
+    assert rc != 0  # torchrun, itself signalled, reports a failure; the workers exited 75 (preempted)
+    assert "shm_comm_op built successfully" not in text, text[-2000:]
+    # a lock whose LR schedule changed since that checkpoint does not resume it (DeepSpeed's saved scheduler
+    # and optimizer state would keep the old schedule): one line naming the change, nothing trained. The changed
+    # lock and config are copies beside the build, run on the build's output folder
+    changed = tmp_path / "z1-lr"
+    lock = json.loads((b / "plan.lock.json").read_text())
+    cfg = json.loads((b / "deepspeed" / "ds_config.json").read_text())
+    for entry in [lock.get("hyper") or {}, *lock["stages"]]:
+        if "lr" in entry:
+            entry["lr"] = 1e-3
+    cfg["optimizer"]["params"]["lr"] = 1e-3
+    (changed / "deepspeed").mkdir(parents=True)
+    (changed / "plan.lock.json").write_text(json.dumps(lock))
+    (changed / "deepspeed" / "ds_config.json").write_text(json.dumps(cfg))
+    lr_argv = _ds_main_argv(b, 8, assets)
+    lr_argv[lr_argv.index("--lock") + 1] = str(changed / "plan.lock.json")
+    lr_argv[lr_argv.index("--ds-config") + 1] = str(changed / "deepspeed" / "ds_config.json")
+    cases = {"lr-changed": (tmp_path / "cases" / "lr-changed", lr_argv)}
+    cases.update({f"zero{z}": (tmp_path / "cases" / f"zero{z}", _ds_main_argv(builds[z], 8, assets))
+                  for z in (1, 2, 3)})
+    res = {name: ds_main_result(run, 2) for name, run in ds_main_cases(cases, 2).items()}
+    r = res["lr-changed"]
+    assert all(c != 0 for c in r["rc"]) and "error[R002] pretrain: checkpoint step-" in r["stderr"], r["stderr"][-3000:]
+    assert "trained with lr 0.003, the lock says lr 0.001" in r["stderr"], r["stderr"][-3000:]
+    # gloo's collectives only: DeepSpeed's CPU shm op (an inference all-reduce) is neither built nor loaded
+    # (deepspeed/comm/torch.py build_shm_op prints this line when it is)
+    assert not any("shm_comm_op built successfully" in x["stdout"] + x["stderr"] for x in res.values())
     losses = {}
     for zero in (1, 2, 3):
-        b = _tiny_build(tmp_path, zero)
-        if zero == 1:  # preempted (SIGTERM): the step it is at is saved, the stage ends "preempted", then resumes
-            rc, text = _preempt_ds(b, assets)
-            assert not (b / "run" / "pretrain" / "DONE.json").exists(), text[-3000:]
-            recs = [json.loads(ln) for ln in (b / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-            ends = [x for x in recs if x.get("event") == "end"]
-            assert ends and ends[-1]["status"] == "preempted", text[-3000:]
-            cut = ends[-1]["step"]
-            assert 1 <= cut < 8
-            assert (b / "run" / "pretrain" / "ds_checkpoints" / "latest").read_text().strip() == f"step-{cut:08d}"
-            assert rc != 0  # torchrun, itself signalled, reports a failure; the workers exited 75 (preempted)
-            # a lock whose LR schedule changed since that checkpoint does not resume it (DeepSpeed's saved scheduler
-            # and optimizer state would keep the old schedule): one line naming the change, nothing trained
-            lock_path, cfg_path = b / "plan.lock.json", b / "deepspeed" / "ds_config.json"
-            good = lock_path.read_text(), cfg_path.read_text()
-            lock, cfg = json.loads(good[0]), json.loads(good[1])
-            for entry in [lock.get("hyper") or {}, *lock["stages"]]:
-                if "lr" in entry:
-                    entry["lr"] = 1e-3
-            cfg["optimizer"]["params"]["lr"] = 1e-3
-            lock_path.write_text(json.dumps(lock))
-            cfg_path.write_text(json.dumps(cfg))
-            r = _run_ds(b, 8, assets)
-            assert r.returncode != 0 and "error[R002] pretrain: checkpoint step-" in r.stderr, r.stderr[-3000:]
-            assert "trained with lr 0.003, the lock says lr 0.001" in r.stderr, r.stderr[-3000:]
-            lock_path.write_text(good[0])
-            cfg_path.write_text(good[1])
-        r = _run_ds(b, 8, assets)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert f"DeepSpeed ZeRO-{zero}" in r.stdout
-        # gloo's collectives only: DeepSpeed's CPU shared-memory op (an inference all-reduce) is neither built nor
-        # loaded (deepspeed/comm/torch.py build_shm_op prints this line when it is)
-        assert "shm_comm_op built successfully" not in r.stdout + r.stderr, r.stdout[-2000:]
-        assert ("loss in slices of 24 tokens" in r.stdout) == (zero == 3)
+        b, r = builds[zero], res[f"zero{zero}"]
+        assert r["rc"] == [0, 0], r["stdout"][-3000:] + r["stderr"][-3000:]
+        assert f"DeepSpeed ZeRO-{zero}" in r["stdout"]
+        assert ("loss in slices of 24 tokens" in r["stdout"]) == (zero == 3)
         done = json.loads((b / "run" / "pretrain" / "DONE.json").read_text())
         assert done["status"] == "done" and done["step"] == 8 and done["zero_stage"] == zero
         # what DeepSpeed ran: torch's AdamW (ds_config torch_adam), nothing offloaded (ZeRO-3's own flags)
@@ -425,7 +517,7 @@ def test_zero_stages_train_the_tiny_model_identically(tmp_path):
         assert sum(v.numel() for v in sd.values()) == done["params"]  # full tensors, also after ZeRO-3
         losses[zero] = _losses(b)
         if zero == 1:
-            assert "resumed from" in r.stdout
+            assert "resumed from" in r["stdout"]
     l1, l2, l3 = (losses[z] for z in (1, 2, 3))
     assert sorted(l1) == list(range(1, 9))
     assert l1[8] < l1[1] - 0.3, l1  # it learns

@@ -2,16 +2,13 @@
 or the world's), ZeRO-3 builds under zero.Init (a rank holds about 1/world of the weights, also at peak),
 the init equals an unsharded build, the plan's activation checkpointing is applied, the grad norm is a
 number, and a ZeRO-3 run started from a Hugging Face model has transformers' first-step loss and ends with
-an HF export. Multi-process runs are 2 gloo ranks on CPU (DS_ACCELERATOR=cpu); a parametrized test's cases
-train in one torchrun launch (test_runtime_train's ParametrizedRuns)."""
+an HF export. Multi-process runs are 2 gloo ranks on CPU (DS_ACCELERATOR=cpu); all the runs of this module's
+tests are cases of one torchrun launch (test_runtime_train's torchrun_cases)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
-from test_runtime_train import CASES_LOOP, CaseRun, ParametrizedRuns  # noqa: E402  (the multi-rank launcher)
+from test_runtime_train import CASES_LOOP, CaseRun, torchrun_cases  # noqa: E402  (the multi-rank launcher)
 
 from llmc.runtime.ds_train import check_config, stage_config_path  # noqa: E402
 
@@ -68,97 +65,33 @@ def test_config_runs_as_written_or_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- 2-rank runs
 
 
-BUILD = textwrap.dedent("""
-    import json, os, resource, sys
-    import torch, deepspeed
-    import torch.distributed as dist
-    from llmc.runtime.ds_train import build_zero3_model, _local_numel
-    from llmc.runtime.model import build_model
-    from llmc.spec.model import Architecture
-    from llmc.runtime.ds_train import init_deepspeed_distributed  # gloo, without DeepSpeed's CPU shm op
-    init_deepspeed_distributed()
-    rank = dist.get_rank()
-    arch = Architecture(**json.loads(sys.argv[1]))
-    cfg = json.loads(sys.argv[2])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    model = build_zero3_model(arch, cfg, seed=7, rank=rank)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    local = _local_numel(model)
-    full_data = sum(p.data.numel() for p in model.parameters())  # what is materialised outside the shards
-    check = {}
-    if len(sys.argv) > 3:  # gather and compare with the unsharded build (small models only)
-        ref = build_model(arch, seed=7).state_dict()
-        for n, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p]):
-                check[n] = bool(torch.equal(p.data, ref[n]))
-    res = {"rank": rank, "peak": peak, "local": local, "data": full_data,
-           "total": sum(p.ds_numel for p in model.parameters()), "equal": check}
-    with open(os.path.join(os.environ["LLMC_TEST_OUT"], f"result-{rank}.json"), "w") as f:
-        json.dump(res, f)
-    from llmc.runtime.distributed import shutdown
-    shutdown()  # both ranks leave together: a rank exiting first tears down gloo pairs the other still holds
-""")
-
-
-def _torchrun(tmp_path: Path, script: str, args: list[str], timeout: int = 300, env: dict | None = None
-              ) -> list[dict]:
-    f = tmp_path / "script.py"
-    f.write_text(script)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=localhost:0", str(f), *args]
-    res_dir = tmp_path / "results"
-    res_dir.mkdir()
-    p = subprocess.run(cmd, env={**ENV, "LLMC_TEST_OUT": str(res_dir), **(env or {})}, capture_output=True,
-                       text=True, timeout=timeout, cwd=str(ROOT))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return [json.loads(f.read_text()) for f in sorted(res_dir.glob("result-*.json"))]
-
-
-@pytest.mark.slow
-def test_zero3_build_is_partitioned_and_equals_the_unsharded_init(tmp_path):
-    res = _torchrun(tmp_path, BUILD, [json.dumps({**ARCH, "tied_embeddings": True}), json.dumps(ds_config()), "check"])
-    assert len(res) == 2
-    for r in res:
-        assert r["data"] == 0  # every parameter is a placeholder outside its shard
-        assert r["local"] <= r["total"] / 2 + 64 * 2  # half the elements, up to padding
-        assert all(r["equal"].values()) and len(r["equal"]) == 2 + 9 * 2 - 0  # same numbers as build_model
-
-
-@pytest.mark.slow
-def test_zero3_build_peak_memory_is_a_shard(tmp_path):
-    """~147M parameters (587 MB fp32): the peak resident growth of a rank while building and initialising stays
-    near half the model plus one gathered block, well below the full model. glibc is told to return freed
-    blocks above 128 KiB to the OS at once (mallopt M_MMAP_THRESHOLD), so the peak RSS is live memory."""
-    big = dict(name="big", n_layers=16, d_model=1024, n_heads=16, n_kv_heads=4, d_ff=2048, vocab_size=2048,
-               max_seq_len=64)
-    res = _torchrun(tmp_path, BUILD, [json.dumps(big), json.dumps(ds_config())], timeout=600,
-                    env={"MALLOC_MMAP_THRESHOLD_": "131072"})
-    assert len(res) == 2
-    full = res[0]["total"] * 4
-    for r in res:
-        assert r["local"] * 4 < 0.51 * full
-        # a rank that materialised the whole model would reach >= 1.0 x; measured 0.59-0.66 x (RSS noise)
-        assert r["peak"] < 0.8 * full, (r["peak"] / 2**20, full / 2**20)
-
-
 DS_CASES_RUN = r'''
-"""Train several cases in one torchrun launch (one process group), each through llmc.runtime.ds_train's
-main as a one-case launch would (its lock, the ds_config in the lock's deepspeed/ folder, its out), and
-record each rank's main return code and how many times TransformerBlock.forward ran in that case
-(``result.<rank>.json`` in the case's folder). main ends the process group as it returns, and a second
-group does not come up in the same process under torchrun (torch names it "0" again and its gloo ranks
-read the first group's addresses from the launcher's store: "Connection refused"), so before the last
-case that end is only its barrier: the ranks still leave each case together, and the group, DeepSpeed's
-groups and the imports carry over to the next case."""
+"""Run several cases in one torchrun launch (one process group). A case is llmc.runtime.ds_train's main as a
+one-case launch would run it (its lock, the ds_config in the lock's deepspeed/ folder, its out), recording
+each rank's main return code and how many times TransformerBlock.forward ran in that case (``result.<rank>.json``
+in the case's folder); or, when its lock file is ``build.json`` (the architecture, the ds_config and
+``check``), a ZeRO-3 build under zero.Init (``build_zero3_model``), recording each rank's peak resident growth
+while it builds, the elements it holds, what is materialised outside the shards and (``check``) whether each
+gathered parameter equals an unsharded build's (``result-<rank>.json``). The peak is the growth of the
+process's high-water mark (ru_maxrss) from the case's start: what a launch of its own measures only when the
+case is the launch's first. main ends the process group as it returns, and a second group does not come up in
+the same process under torchrun (torch names it "0" again and its gloo ranks read the first group's addresses
+from the launcher's store: "Connection refused"), so before the last case that end is only its barrier: the
+ranks still leave each case together, and the group, DeepSpeed's groups and the imports carry over to the
+next case."""
 import json
 import os
+import resource
 from pathlib import Path
 
+import deepspeed
+import torch
 import torch.distributed as dist
 
 import llmc.runtime.distributed as distributed
 import llmc.runtime.model as M
-from llmc.runtime.ds_train import main
+from llmc.runtime.ds_train import _local_numel, build_zero3_model, init_deepspeed_distributed, main
+from llmc.spec.model import Architecture
 
 calls = {"n": 0}
 orig = M.TransformerBlock.forward
@@ -178,7 +111,32 @@ def keep_group(together: bool = True) -> None:
         dist.barrier()
 
 
+def build_case(case):
+    init_deepspeed_distributed()  # gloo, without DeepSpeed's CPU shm op
+    rank = dist.get_rank()
+    args = json.loads(Path(case["lock"]).read_text())
+    arch = Architecture(**args["arch"])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model = build_zero3_model(arch, args["cfg"], seed=7, rank=rank)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    local = _local_numel(model)
+    full_data = sum(p.data.numel() for p in model.parameters())  # what is materialised outside the shards
+    check = {}
+    if args["check"]:  # gather and compare with the unsharded build (small models only)
+        ref = M.build_model(arch, seed=7).state_dict()
+        for n, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                check[n] = bool(torch.equal(p.data, ref[n]))
+    res = {"rank": rank, "peak": peak, "local": local, "data": full_data,
+           "total": sum(p.ds_numel for p in model.parameters()), "equal": check}
+    (Path(case["dir"]) / f"result-{rank}.json").write_text(json.dumps(res))
+    dist.barrier()  # the ranks leave the case together
+
+
 def run_case(case):
+    if Path(case["lock"]).name == "build.json":
+        build_case(case)
+        return
     calls["n"] = 0
     distributed.shutdown = end_group if case["last"] else keep_group
     lock = Path(case["lock"])
@@ -198,11 +156,99 @@ def _results(run: CaseRun) -> list[dict]:
     return [json.loads(f.read_text()) for f in sorted(run.dir.glob("result.*.json"))]
 
 
-def _ds_runs(request, tmp_path_factory, test: str, build) -> ParametrizedRuns:
-    """The 2-rank runs of ``test``'s cases, all in one torchrun launch of ``DS_CASES_RUN``."""
-    return ParametrizedRuns(request, test, tmp_path_factory.mktemp(test.removeprefix("test_")[:30]), build,
-                            lambda params: 2, script=DS_CASES_RUN, timeout=300,
-                            env={k: ENV[k] for k in ("DS_ACCELERATOR", "PYTHONWARNINGS", "PYTHONPATH")})
+def _build_results(run: CaseRun) -> list[dict]:
+    """Each rank's record of a ``build`` case of ``DS_CASES_RUN``, rank 0 first."""
+    return [json.loads(f.read_text()) for f in sorted(run.dir.glob("result-*.json"))]
+
+
+BIG = dict(name="big", n_layers=16, d_model=1024, n_heads=16, n_kv_heads=4, d_ff=2048, vocab_size=2048,
+           max_seq_len=64)
+HF_SIZE = dict(hidden_size=48, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2, vocab_size=512,
+               max_position_embeddings=64)
+
+
+def _case_names(test: str, params: dict) -> list[str]:
+    """The runs of ``DS_CASES_RUN`` that a test of this module inspects (``params``: its parameters and ``id``)."""
+    return {"test_zero3_build_peak_memory_is_a_shard": ["build-big"],
+            "test_zero3_build_is_partitioned_and_equals_the_unsharded_init": ["build-small"],
+            "test_activation_checkpointing_follows_the_plan": [f"ac-{params.get('id')}"],
+            "test_zero3_from_hugging_face_matches_transformers_and_exports": [f"hf-{params.get('kind')}"],
+            }.get(test, [])
+
+
+def _build_case(folder: Path, name: str, params: dict) -> Path:
+    """Write case ``name``'s lock (a build case: its JSON arguments) into ``folder``; return its path."""
+    if name.startswith("build-"):
+        arch = BIG if name == "build-big" else {**ARCH, "tied_embeddings": True}
+        f = folder / "build.json"
+        f.write_text(json.dumps({"arch": arch, "cfg": ds_config(), "check": name == "build-small"}))
+        return f
+    if name.startswith("ac-"):
+        return _lock(folder, steps=2, ac=params["ac"], zero=params["zero"])
+    from test_hf_init import arch_of, make_hf
+
+    kind = params["kind"]  # a run from its own random HF model (``hf-<kind>`` in its folder)
+    src = make_hf(folder, kind, seed=3, **HF_SIZE,
+                  **{"phi3": {"partial_rotary_factor": 0.5}, "mistral": {"sliding_window": 8}}.get(kind, {}))
+    arch = arch_of(src).model_dump(mode="json") if kind != "llama" else None
+    return _lock(folder, steps=2, ac="none", init_hf=str(src), arch=arch)
+
+
+@pytest.fixture(scope="module")
+def ds_runs(request, tmp_path_factory) -> dict[str, CaseRun]:
+    """Every 2-rank run that this session's tests of this module inspect (``-k`` or node ids narrow them), in one
+    torchrun launch of ``DS_CASES_RUN`` (each launch's start-up, seconds of CPU per process, paid once): the
+    large ZeRO-3 build first (its peak memory is measured from the process's start-up), then the small build,
+    the activation checkpointing runs and the Hugging Face runs (needing transformers). glibc is told to
+    return freed blocks above 128 KiB to the OS at once (mallopt M_MMAP_THRESHOLD), so the peak RSS is live
+    memory."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        transformers = None
+    order = ("build-big", "build-small", "ac-", "hf-")
+    wanted: dict[str, dict] = {}
+    for it in request.session.items:
+        if getattr(it, "module", None) is request.module:
+            params = {**it.callspec.params, "id": it.callspec.id} if hasattr(it, "callspec") else {}
+            for name in _case_names(getattr(it, "originalname", it.name), params):
+                if transformers is not None or not name.startswith("hf-"):
+                    wanted.setdefault(name, params)
+    root = tmp_path_factory.mktemp("ds_runs")
+    locks = {}
+    for name in sorted(wanted, key=lambda n: next(i for i, o in enumerate(order) if n.startswith(o))):
+        (root / name).mkdir()
+        locks[name] = _build_case(root / name, name, wanted[name])
+    if not locks:
+        return {}
+    (root / "launch").mkdir()
+    return torchrun_cases(root / "launch", locks, 2, script=DS_CASES_RUN, timeout=300,
+                          env={**{k: ENV[k] for k in ("DS_ACCELERATOR", "PYTHONWARNINGS", "PYTHONPATH")},
+                               "MALLOC_MMAP_THRESHOLD_": "131072"})
+
+
+@pytest.mark.slow
+def test_zero3_build_is_partitioned_and_equals_the_unsharded_init(ds_runs):
+    res = _build_results(ds_runs["build-small"].check())
+    assert len(res) == 2
+    for r in res:
+        assert r["data"] == 0  # every parameter is a placeholder outside its shard
+        assert r["local"] <= r["total"] / 2 + 64 * 2  # half the elements, up to padding
+        assert all(r["equal"].values()) and len(r["equal"]) == 2 + 9 * 2 - 0  # same numbers as build_model
+
+
+@pytest.mark.slow
+def test_zero3_build_peak_memory_is_a_shard(ds_runs):
+    """~147M parameters (587 MB fp32): the peak resident growth of a rank while building and initialising stays
+    near half the model plus one gathered block, well below the full model (the launch's first case, so the
+    peak is measured as in a launch of its own)."""
+    res = _build_results(ds_runs["build-big"].check())
+    assert len(res) == 2
+    full = res[0]["total"] * 4
+    for r in res:
+        assert r["local"] * 4 < 0.51 * full
+        # a rank that materialised the whole model would reach >= 1.0 x; measured 0.59-0.66 x (RSS noise)
+        assert r["peak"] < 0.8 * full, (r["peak"] / 2**20, full / 2**20)
 
 
 def _lock(tmp: Path, *, steps: int, ac: str, init_hf: str | None = None, arch: dict | None = None,
@@ -227,20 +273,13 @@ def _lock(tmp: Path, *, steps: int, ac: str, init_hf: str | None = None, arch: d
     return tmp / "plan.lock.json"
 
 
-@pytest.fixture(scope="module")
-def ac_runs(request, tmp_path_factory) -> ParametrizedRuns:
-    """The activation checkpointing cases' runs: one 2-rank torchrun launch for all of them."""
-    return _ds_runs(request, tmp_path_factory, "test_activation_checkpointing_follows_the_plan",
-                    lambda folder, ac, per_micro, zero: _lock(folder, steps=2, ac=ac, zero=zero))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("ac,per_micro,zero", [("none", 2, 0), ("partial", 3, 3)])
-def test_activation_checkpointing_follows_the_plan(request, ac_runs, ac, per_micro, zero):
+def test_activation_checkpointing_follows_the_plan(request, ds_runs, ac, per_micro, zero):
     """A block recomputed whole re-runs in backward: 2 layers -> 2 block forwards per micro-batch without AC, 3 with
     the first block recomputed (the lock's partial, ac_layers 1; full re-runs both: test_runtime_partial_ac).
     The logged grad norm is a finite number on ZeRO-0 (where DeepSpeed reports none) and ZeRO-3."""
-    p = ac_runs[request.node].check()
+    p = ds_runs[f"ac-{request.node.callspec.id}"].check()
     res = _results(p)
     assert len(res) == 2 and all(r["rc"] == 0 for r in res)
     assert {r["block_calls"] for r in res} == {2 * per_micro}  # 2 steps x 1 micro-batch
@@ -249,30 +288,9 @@ def test_activation_checkpointing_follows_the_plan(request, ac_runs, ac, per_mic
     assert len(norms) == 2 and all(isinstance(g, float) and 0 < g < 1e3 for g in norms), norms
 
 
-HF_SIZE = dict(hidden_size=48, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2, vocab_size=512,
-               max_position_embeddings=64)
-
-
-@pytest.fixture(scope="module")
-def hf_runs(request, tmp_path_factory) -> ParametrizedRuns:
-    """The Hugging Face cases' runs, each from its own random HF model (``hf-<kind>`` in its folder): one 2-rank
-    torchrun launch for all of them."""
-    pytest.importorskip("transformers")
-    from test_hf_init import arch_of, make_hf
-
-    def build(folder: Path, kind: str) -> Path:
-        src = make_hf(folder, kind, seed=3, **HF_SIZE,
-                      **{"phi3": {"partial_rotary_factor": 0.5}, "mistral": {"sliding_window": 8}}.get(kind, {}))
-        arch = arch_of(src).model_dump(mode="json") if kind != "llama" else None
-        return _lock(folder, steps=2, ac="none", init_hf=str(src), arch=arch)
-
-    return _ds_runs(request, tmp_path_factory, "test_zero3_from_hugging_face_matches_transformers_and_exports",
-                    build)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "phi3", "mistral", "olmo2", "gemma3_mm", "gpt_oss"])
-def test_zero3_from_hugging_face_matches_transformers_and_exports(request, hf_runs, kind):
+def test_zero3_from_hugging_face_matches_transformers_and_exports(ds_runs, kind):
     """ZeRO-3 partitions built under zero.Init: rank 0 reads each HF tensor (Phi-3: its rows of the fused qkv_proj /
     gate_up_proj, with partial RoPE) and DeepSpeed re-partitions it; the first loss is transformers' (Mistral: with
     an 8-token sliding window, shorter than the sequences; OLMo 2: its post-norm block and whole-projection q / k
@@ -286,7 +304,7 @@ def test_zero3_from_hugging_face_matches_transformers_and_exports(request, hf_ru
     from llmc.runtime.job import TrainJob
     from llmc.runtime.model import lm_loss
 
-    p = hf_runs[request.node].check()
+    p = ds_runs[f"hf-{kind}"].check()
     src, lock = p.dir / f"hf-{kind}", p.lock
     res = _results(p)
     assert len(res) == 2 and all(r["rc"] == 0 for r in res)

@@ -586,14 +586,11 @@ def test_emitted_launchers_run_the_eval_step_after_each_stage(pipe_build, tmp_pa
     shutil.rmtree(b / "run")
 
 
-@pytest.mark.slow
-def test_deepspeed_stage_is_evaluated_by_the_eval_step(tmp_path):
-    """DeepSpeed's trainer ends with run/<stage>/hf and does not evaluate; the launch's eval step does, on
-    the exported weights (checked against an independent log-likelihood computation)."""
-    pytest.importorskip("deepspeed")
-    pytest.importorskip("lm_eval")
-    import os
-    import subprocess
+def _ds_stage(folder, *, zero: int, precision: str, evaluated: bool) -> list[str]:
+    """A one-rank DeepSpeed pretrain of the micro model in ``folder`` (its lock, docs, ds.json): ``evaluated``,
+    512 tokens scored by the eval step on a local multiple-choice task; else 1024 tokens with checkpoints every
+    step (the newest 3 kept) and every checkpoint listed for evaluation. Returns llmc's DeepSpeed runner's
+    arguments (output in ``folder/run/pretrain``; not evaluated: without resuming)."""
     import sys
     from pathlib import Path
 
@@ -603,30 +600,87 @@ def test_deepspeed_stage_is_evaluated_by_the_eval_step(tmp_path):
 
     from llmc.runtime import corpus
 
-    root = Path(__file__).resolve().parents[1]
-    corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=100)
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    (tmp_path / "tasks" / "mc.yaml").write_text(TASK_YAML.format(data="mc.jsonl"))
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus.write_corpus(folder / "docs.jsonl", max_docs=100)
     spec = {"name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
                                        vocab_size=512, max_seq_len=64),
             "hardware": {"gpu": "cpu", "count": 1},
             "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}],
-                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 512},
-            "training": {"precision": "fp32", "global_batch_tokens": 256, "optimizer": {"lr": 3e-3}},
-            "eval": {"tasks": ["tasks/mc.yaml"], "batch_size": 4}}
-    lock = lock_for(spec, plan={"micro_batch": 8, "zero_stage": 1}, hyper={"warmup_steps": 1},
-                    spec_path=str(tmp_path / "spec.yaml"))
-    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
+                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 1024},
+            "training": {"precision": precision, "global_batch_tokens": 256, "optimizer": {"lr": 3e-3},
+                         "checkpoint": {"interval_steps": 1, "keep_latest": 3}},
+            "eval": {"tasks": ["hellaswag"], "every_checkpoints": 1}}
+    if evaluated:
+        (folder / "tasks").mkdir()
+        (folder / "tasks" / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+        (folder / "tasks" / "mc.yaml").write_text(TASK_YAML.format(data="mc.jsonl"))
+        spec["data"]["tokens"] = 512
+        spec["training"] = {"precision": precision, "global_batch_tokens": 256, "optimizer": {"lr": 3e-3}}
+        spec["eval"] = {"tasks": ["tasks/mc.yaml"], "batch_size": 4}
+    lock = lock_for(spec, plan={"micro_batch": 8, "zero_stage": zero}, hyper={"warmup_steps": 1},
+                    spec_path=str(folder / "spec.yaml"))
+    (folder / "plan.lock.json").write_text(json.dumps(lock))
+    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "train_batch_size": 8,
+           "zero_optimization": {"stage": zero}, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                     "weight_decay": 0.1, "torch_adam": True}},
+           "bf16": {"enabled": precision == "bf16"}}
+    (folder / "ds.json").write_text(json.dumps(cfg))
+    return ["--lock", str(folder / "plan.lock.json"), "--ds-config", str(folder / "ds.json"), "--out",
+            str(folder / "run" / "pretrain"), "--assets", str(folder), *([] if evaluated else ["--no-resume"])]
+
+
+@pytest.fixture(scope="module")
+def ds_stages(request, tmp_path_factory) -> dict:
+    """The DeepSpeed stages this session's tests of this module inspect (``-k`` or node ids narrow them), each
+    trained by llmc's DeepSpeed runner (``python -m llmc.runtime.ds_train``'s main on its own arguments), all in
+    one one-rank torchrun launch (its start-up, seconds of CPU per process, paid once): name -> (its folder, its
+    :func:`test_deepspeed.ds_main_cases` run)."""
+    pytest.importorskip("deepspeed")
+    from test_deepspeed import ds_main_cases
+
+    wanted = {}
+    for it in request.session.items:
+        if getattr(it, "module", None) is not request.module:
+            continue
+        name = getattr(it, "originalname", it.name)
+        if name == "test_deepspeed_stage_is_evaluated_by_the_eval_step":
+            wanted["evaluated"] = dict(zero=1, precision="fp32", evaluated=True)
+        elif name == "test_eval_step_scores_a_deepspeed_stages_intermediate_checkpoints":
+            p = it.callspec.params
+            wanted[f"ckpt-{p['zero']}-{p['precision']}"] = dict(zero=p["zero"], precision=p["precision"],
+                                                                evaluated=False)
+    root = tmp_path_factory.mktemp("ds_stages")
+    cases = {n: (root / n, _ds_stage(root / n, **kw)) for n, kw in wanted.items()}
+    runs = ds_main_cases(cases, 1) if cases else {}
+    return {n: (root / n, run) for n, run in runs.items()}
+
+
+def _ds_trained(ds_stages, name: str):
+    """Case ``name`` of ``ds_stages``: its folder, after checking that the runner returned 0."""
+    from test_deepspeed import ds_main_result
+
+    folder, run = ds_stages[name]
+    r = ds_main_result(run, 1)
+    assert r["rc"] == [0], r["stdout"][-3000:] + r["stderr"][-3000:]
+    return folder
+
+
+@pytest.mark.slow
+def test_deepspeed_stage_is_evaluated_by_the_eval_step(ds_stages, monkeypatch):
+    """DeepSpeed's trainer ends with run/<stage>/hf and does not evaluate; the launch's eval step does, on
+    the exported weights (checked against an independent log-likelihood computation). The eval step is
+    ``python -m llmc.runtime.evaluate``'s main, called here in this process."""
+    pytest.importorskip("lm_eval")
+    from llmc.runtime import evaluate
+
+    tmp_path = _ds_trained(ds_stages, "evaluated")
     out = tmp_path / "run" / "pretrain"
-    _run_ds_train(tmp_path, root, out, zero=1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(root)}
     assert (out / "DONE.json").is_file() and (out / "hf" / "config.json").is_file()
     assert not (out / "eval").exists()  # the DeepSpeed trainer does not evaluate: the eval step must
-    ev = [sys.executable, "-m", "llmc.runtime.evaluate", "--lock", str(tmp_path / "plan.lock.json"), "--stage",
-          "pretrain", "--out", str(out)]
-    r = subprocess.run(ev, env=env, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.main(["--lock", str(tmp_path / "plan.lock.json"), "--stage", "pretrain", "--out",
+                          str(out)]) == 0
     summary = json.loads((out / "eval" / "summary.json").read_text())
     acc = json.loads((out / "eval" / "eval_results.json").read_text())["results"]["tiny_local_mc"]["acc,none"]
     assert summary["tasks"]["tiny_local_mc"]["acc"] == acc and summary["samples"]["tiny_local_mc"] == 4
@@ -688,15 +742,13 @@ def test_eval_step_scores_a_torchtitan_stages_own_checkpoints(tmp_path, monkeypa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero,precision", [(0, "fp32"), (1, "fp32"), (3, "fp32"), (0, "bf16")])
-def test_eval_step_scores_a_deepspeed_stages_intermediate_checkpoints(tmp_path, monkeypatch, zero, precision):
+def test_eval_step_scores_a_deepspeed_stages_intermediate_checkpoints(ds_stages, monkeypatch, zero, precision):
     """A DeepSpeed stage keeps its intermediate checkpoints in DeepSpeed's format (``ds_checkpoints/step-
     XXXXXXXX``, pruned to keep_latest) and writes an llmc checkpoint only at the end: every_checkpoints scores
     the listed steps from DeepSpeed's checkpoints. The compiler's list is what ds_train keeps; each step's
     export holds that step's fp32 master weights, read here straight from the ZeRO-1/3 optimizer shard (ZeRO-0:
     the saved module); the state read at the last step equals the llmc checkpoint ds_train wrote from
     engine.module (ZeRO-3: DeepSpeed's consolidated state dict)."""
-    pytest.importorskip("deepspeed")
-    import sys
     from pathlib import Path
 
     import torch
@@ -706,28 +758,11 @@ def test_eval_step_scores_a_deepspeed_stages_intermediate_checkpoints(tmp_path, 
     from llmc.runtime.checkpoint import list_checkpoints, read_model_state
     from llmc.runtime.job import TrainJob
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_build_fakes import lock_for
-
-    from llmc.runtime import corpus
-
-    root = Path(__file__).resolve().parents[1]
-    corpus.write_corpus(tmp_path / "docs.jsonl", max_docs=100)
-    spec = {"name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
-                                       vocab_size=512, max_seq_len=64),
-            "hardware": {"gpu": "cpu", "count": 1},
-            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}],
-                     "tokenizer": {"train": True, "vocab_size": 512}, "seq_len": 32, "tokens": 1024},
-            "training": {"precision": precision, "global_batch_tokens": 256, "optimizer": {"lr": 3e-3},
-                         "checkpoint": {"interval_steps": 1, "keep_latest": 3}},
-            "eval": {"tasks": ["hellaswag"], "every_checkpoints": 1}}
-    lock = lock_for(spec, plan={"micro_batch": 8, "zero_stage": zero}, hyper={"warmup_steps": 1},
-                    spec_path=str(tmp_path / "spec.yaml"))
+    tmp_path = _ds_trained(ds_stages, f"ckpt-{zero}-{precision}")  # the stage, trained without resuming
+    lock = json.loads((tmp_path / "plan.lock.json").read_text())
     steps = lock["evaluation"]["tasks"]["checkpoint_steps"]["pretrain"]
     assert steps == [2, 3]  # 4 steps, saved at 1, 2, 3 and 4; the newest 3 kept; the last is the export
-    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
     out = tmp_path / "run" / "pretrain"
-    _run_ds_train(tmp_path, root, out, zero=zero, bf16=precision == "bf16", extra=["--no-resume"])
     ds_dir = out / "ds_checkpoints"
     assert sorted(p.name for p in ds_dir.glob("step-*")) == [f"step-{n:08d}" for n in (2, 3, 4)]
     llmc_ck = list_checkpoints(out / "checkpoints")
@@ -782,29 +817,6 @@ def test_eval_step_scores_a_deepspeed_stages_intermediate_checkpoints(tmp_path, 
         assert (out / "eval" / f"step-{n}" / "eval_results.json").is_file()
     assert not torch.equal(seen["step-2"], seen["step-3"])
     assert (out / "eval" / "summary.json").is_file() and not list((out / "eval").glob(".hf-step-*"))
-
-
-def _run_ds_train(tmp_path, root, out, *, zero: int, bf16: bool = False, extra: list[str] = ()) -> None:
-    """llmc's DeepSpeed runner, one rank on CPU, on ``tmp_path/plan.lock.json`` with a ZeRO ``zero`` config."""
-    import os
-    import subprocess
-    import sys
-
-    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "train_batch_size": 8,
-           "zero_optimization": {"stage": zero}, "gradient_clipping": 1.0,
-           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                     "weight_decay": 0.1, "torch_adam": True}},
-           "bf16": {"enabled": bf16}}
-    (tmp_path / "ds.json").write_text(json.dumps(cfg))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": str(root)}
-    port = str(29500 + os.getpid() % 200)
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-            "--rdzv_endpoint", f"localhost:{port}", "-m", "llmc.runtime.ds_train", "--lock",
-            str(tmp_path / "plan.lock.json"), "--ds-config", str(tmp_path / "ds.json"), "--out", str(out),
-            "--assets", str(tmp_path), *extra]
-    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, cwd=str(root))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def test_local_task_files_are_read_for_their_lm_eval_name_and_a_missing_one_is_flagged(tmp_path):
