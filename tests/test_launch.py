@@ -213,21 +213,24 @@ def test_cli_dry_run_prints_commands(tmp_path, monkeypatch):
     assert lines[1].startswith("+ DS_ACCELERATOR=cpu ") and "-m llmc.runtime.ds_train" in lines[1]
 
 
-def test_fallback_checkpoint_reaches_llmcs_trainer_and_is_refused_for_other_checkpointers(tmp_path, monkeypatch):
+def test_fallback_checkpoint_reaches_llmcs_trainer_and_is_refused_for_other_checkpointers(tmp_path, monkeypatch,
+                                                                                          capsys):
     """`llmc launch --fallback-checkpoint`: every native stage command asks the runtime to walk back past a damaged
     newest checkpoint (an option `python -m llmc.runtime.entry` has); a stage that would run on DeepSpeed, whose
     checkpointer picks its own (`latest`), is one L001 line instead of a flag it would ignore."""
-    import subprocess
-    import sys
-
     monkeypatch.setenv("LLMC_FORCE_CPU", "1")
     b = _build(tmp_path)
     r = CliRunner().invoke(app, ["launch", str(b), "--backend", "native", "--dry-run", "--fallback-checkpoint"])
     assert r.exit_code == 0, r.output
     stages = [ln for ln in r.output.splitlines() if ln.startswith("+ ") and " --stage " in ln]
     assert len(stages) == 3 and all(ln.endswith(" --fallback-checkpoint") for ln in stages), stages
-    helptext = subprocess.run([sys.executable, "-m", "llmc.runtime.entry", "--help"], capture_output=True, text=True,
-                              check=True).stdout
+    from llmc.runtime.entry import main  # `python -m llmc.runtime.entry --help`, in-process
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    helptext = capsys.readouterr().out
     assert "--fallback-checkpoint" in helptext
     plain = CliRunner().invoke(app, ["launch", str(b), "--backend", "native", "--dry-run"])
     assert "--fallback-checkpoint" not in plain.output
@@ -237,11 +240,15 @@ def test_fallback_checkpoint_reaches_llmcs_trainer_and_is_refused_for_other_chec
 
 
 @pytest.mark.slow
-def test_native_commands_run_for_real(tmp_path):
-    """The prepare + native stage commands launch_commands returns run llmc's runtime (3 steps, 1 CPU process)."""
+def test_native_commands_run_for_real(tmp_path, monkeypatch):
+    """The prepare + native stage commands launch_commands returns run llmc's runtime (3 steps, 1 CPU process).
+    torchrun's command runs as it is; a ``python -m llmc.runtime.<module> ARGS`` command (prepare, the eval step)
+    runs that module's main with ARGS in this process (what ``python -m`` runs, with the command's cwd and env)."""
+    import importlib
     import os
     import shutil
     import subprocess
+    import sys
 
     from test_build_fakes import ROOT, compile_example
 
@@ -256,6 +263,15 @@ def test_native_commands_run_for_real(tmp_path):
     for c in cmds:
         train = c.stage != "prepare" and "llmc.runtime.evaluate" not in c.argv  # the eval step takes no --steps
         argv = c.argv + (["--steps", "3"] if train else [])
+        if Path(argv[0]).resolve() == Path(sys.executable).resolve() and argv[1] == "-m" \
+                and argv[2].startswith("llmc.runtime."):
+            with monkeypatch.context() as mp:
+                mp.chdir(c.cwd)
+                for k, v in c.env.items():
+                    mp.setenv(k, v)
+                rc = importlib.import_module(argv[2]).main(argv[3:])
+            assert rc == 0, (c.stage, argv)
+            continue
         r = subprocess.run(argv, env={**env, **c.env}, cwd=c.cwd, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (c.stage, r.stdout[-2000:], r.stderr[-2000:])
     assert (out / "assets" / "tokenizer.json").exists()

@@ -29,7 +29,7 @@ from llmc.buildfs import write_build
 from llmc.emit import render_artifacts
 from llmc.runtime.runlock import EXIT_PREEMPTED
 
-STEPS = 12
+STEPS = 8
 SPEC = f"""\
 name: mn
 model: tiny

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_build_fakes import ROOT, compile_example, compile_text
-from test_safety_e2e import llmc, micro_spec
+from test_safety_e2e import cli, micro_spec
 from typer.testing import CliRunner
 
 from llmc.buildfs import write_build
@@ -63,8 +63,8 @@ def trained(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("integrity")
     micro_spec(d / "s", steps=STEPS_1, interval=4)
     b = d / "b"
-    assert llmc("build", str(d / "s/spec.yaml"), "-o", str(b)).returncode == 0
-    r = llmc("launch", str(b), timeout=600)
+    assert cli("build", str(d / "s/spec.yaml"), "-o", str(b)).returncode == 0
+    r = cli("launch", str(b))
     assert r.returncode == 0, r.stderr[-3000:]
     done = json.loads((b / "run/pretrain/DONE.json").read_text())
     assert done["steps"] == STEPS_1 == _steps(yaml.safe_load((d / "s/spec.yaml").read_text()))
@@ -81,7 +81,7 @@ def _errors(text: str, code: str) -> list[str]:
     return [ln for ln in text.splitlines() if f"error[{code}]" in ln]
 
 
-def test_a_rebuilt_directory_refuses_the_earlier_specs_finished_stage(trained, tmp_path):
+def test_a_rebuilt_directory_refuses_the_earlier_specs_finished_stage(trained, tmp_path, capsys):
     """Rebuilt from a spec with other steps, lr and data, the directory's finished stage is the old spec's: `llmc build`
     warns, and `llmc launch` (and --dry-run), the runtime and native/launch.sh refuse it naming what changed; nothing
     is skipped as done or trained over."""
@@ -91,14 +91,14 @@ def test_a_rebuilt_directory_refuses_the_earlier_specs_finished_stage(trained, t
     done = (c / "run/pretrain/DONE.json").read_bytes()
     metrics = (c / "run/pretrain/metrics.jsonl").read_bytes()
 
-    r = llmc("build", str(other), "-o", str(c))
+    r = cli("build", str(other), "-o", str(c))
     assert r.returncode == 0, r.stderr
     warn = [ln for ln in r.stderr.splitlines() if "warning[X013]" in ln]
     assert len(warn) == 1 and f"steps {STEPS_1} -> {STEPS_2}" in warn[0] and "llmc launch" in warn[0], r.stderr
     assert "--no-resume --stage pretrain`" in warn[0]  # (a bare --no-resume retrains every finished stage)
 
     for dry in ([], ["--dry-run"]):
-        r = llmc("launch", str(c), *dry)
+        r = cli("launch", str(c), *dry)
         assert r.returncode == 1, (dry, r.stdout, r.stderr)
         err = _errors(r.stderr, "L005")
         assert len(err) == 1 and err[0].startswith(f"{c}: error[L005] stage 'pretrain'"), r.stderr
@@ -106,15 +106,18 @@ def test_a_rebuilt_directory_refuses_the_earlier_specs_finished_stage(trained, t
         assert "the data" in err[0] and "--no-resume" in err[0] and "fresh" in err[0], err[0]
         assert "Traceback" not in r.stderr and "skipped" not in r.stdout
 
-    # the runtime itself (as the emitted scripts and a hand-run stage start it)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "llmc.runtime.entry", "--lock", str(c / "plan.lock.json")], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and len(_errors(r.stderr, "R004")) == 1, r.stderr[-2000:]
-    assert f"steps {STEPS_1} -> {STEPS_2}" in _errors(r.stderr, "R004")[0]
+    # the runtime itself (as the emitted scripts and a hand-run stage start it: `python -m llmc.runtime.entry`,
+    # its main here in-process)
+    from llmc.runtime.entry import main
+
+    capsys.readouterr()
+    rc, err = main(["--lock", str(c / "plan.lock.json")]), capsys.readouterr().err
+    assert rc == 1 and len(_errors(err, "R004")) == 1, err[-2000:]
+    assert f"steps {STEPS_1} -> {STEPS_2}" in _errors(err, "R004")[0]
 
     # the emitted script: prepare (now the new spec's tokenizer), then stage_done refuses the stage
-    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     r = subprocess.run(["bash", str(c / "native/launch.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and _errors(r.stderr, "R004"), (r.stdout[-2000:], r.stderr[-2000:])
     assert "skipped" not in r.stdout
@@ -127,34 +130,34 @@ def test_a_rebuilt_directory_refuses_the_earlier_specs_finished_stage(trained, t
 
 def test_a_rebuild_that_changes_only_the_learning_rate_is_refused(trained, tmp_path):
     c = _copy(trained, tmp_path)
-    assert llmc("build", str(_other_spec(trained["s"], lr=1e-3)), "-o", str(c)).returncode == 0
-    r = llmc("launch", str(c), "--dry-run")
+    assert cli("build", str(_other_spec(trained["s"], lr=1e-3)), "-o", str(c)).returncode == 0
+    r = cli("launch", str(c), "--dry-run")
     err = _errors(r.stderr, "L005")
     assert r.returncode == 1 and len(err) == 1, (r.stdout, r.stderr)
     # lr and the schedule's floor (min_lr_ratio 0.1 of it: llmc.spec.schema.Schedule) moved; nothing else
     assert "lr 0.003 -> 0.001, min_lr 0.0003 -> 0.0001;" in err[0] and "steps" not in err[0], err[0]
 
 
-def test_no_resume_sets_the_finished_stage_aside_with_its_tokenizer(trained, tmp_path):
+def test_no_resume_sets_the_finished_stage_aside_with_its_tokenizer(trained, tmp_path, capsys):
     """`llmc launch --no-resume` sets the finished stage aside, with the tokenizer it trained with even after prepare
     wrote the new spec's, trains the new spec's stage, and the next launch skips it."""
     c = _copy(trained, tmp_path)
-    assert llmc("build", str(_other_spec(trained["s"], steps=STEPS_2, extra_source=True)), "-o", str(c)).returncode == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "llmc.runtime.entry", "prepare", "--lock", str(c / "plan.lock.json")],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    from llmc.runtime.entry import main
+
+    assert cli("build", str(_other_spec(trained["s"], steps=STEPS_2, extra_source=True)), "-o", str(c)).returncode == 0
+    # the new spec's prepare (`python -m llmc.runtime.entry prepare`, here in-process)
+    assert main(["prepare", "--lock", str(c / "plan.lock.json")]) == 0, capsys.readouterr().err[-2000:]
     new_tok = (c / "assets/tokenizer.json").read_bytes()
     assert new_tok != trained["tokenizer"]  # (else the test cannot tell the tokenizers apart)
 
-    r = llmc("launch", str(c), "--no-resume", timeout=600)
+    r = cli("launch", str(c), "--no-resume")
     assert r.returncode == 0, r.stderr[-3000:]
     aside = c / "run/pretrain.set-aside-1"
     assert json.loads((aside / "DONE.json").read_text())["steps"] == STEPS_1
     assert (aside / "tokenizer/tokenizer.json").read_bytes() == trained["tokenizer"]
     assert json.loads((c / "run/pretrain/DONE.json").read_text())["steps"] == STEPS_2
     assert (c / "run/pretrain/tokenizer/tokenizer.json").read_bytes() == new_tok
-    r = llmc("launch", str(c))
+    r = cli("launch", str(c))  # (every stage finished: it starts nothing, prepare included)
     assert r.returncode == 0 and "pretrain: skipped" in r.stdout, (r.stdout, r.stderr)
 
 
@@ -250,7 +253,7 @@ def test_launch_scripts_refuse_a_torchtitan_stage_exported_under_another_lock(tr
     exported stage under it, and stops the script (R004) once the directory is rebuilt with another lr."""
     c = tmp_path / "c"
     spec = trained["s"] / "spec.yaml"
-    assert llmc("build", str(spec), "-o", str(c)).returncode == 0
+    assert cli("build", str(spec), "-o", str(c)).returncode == 0
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     log = tmp_path / "calls.log"
@@ -278,7 +281,7 @@ def test_launch_scripts_refuse_a_torchtitan_stage_exported_under_another_lock(tr
     r = script()
     assert r.returncode == 0 and log.read_text().count("torchtitan.train") == 1, r.stderr[-2000:]  # skipped
 
-    assert llmc("build", str(_other_spec(trained["s"], lr=1e-3)), "-o", str(c)).returncode == 0
+    assert cli("build", str(_other_spec(trained["s"], lr=1e-3)), "-o", str(c)).returncode == 0
     r = script()
     assert r.returncode == 2 and len(_errors(r.stderr, "R004")) == 1, (r.stdout[-2000:], r.stderr[-2000:])
     assert "--no-resume" in _errors(r.stderr, "R004")[0]

@@ -36,10 +36,40 @@ HOSTILE = 'evil\nimport os; os.system("touch pwned_py")\n$(touch pwned_sh)`touch
 MICRO = dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512, max_seq_len=64)
 
 
-def llmc(*args: str, cwd: Path | str = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LLMC_FORCE_CPU": "1"}
-    return subprocess.run([sys.executable, "-m", "llmc.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def cli(*args: str, cwd: Path | str = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``llmc ARGS`` run in this process as the console script runs it (``llmc.cli.main``, from ``cwd``): its exit
+    status and what it printed itself (the output of a stage it starts goes to the stage's log and this process's
+    stderr; the stage's processes get PYTHONPATH, one thread and LLMC_FORCE_CPU). For the tests that are not about
+    llmc's own process (the signals it gets, what a shell sees of it): those run ``python -m llmc.cli``. An
+    exception main() lets through (no one-line error) fails the test, as a traceback would. ``timeout``: after that
+    many seconds this process gets a SIGINT (a launch passes it to its stages and stops; anywhere else it is a
+    KeyboardInterrupt), so a hung stage fails the test instead of stalling the suite."""
+    import contextlib
+    import io
+    import threading
+
+    import pydantic.plugin._loader  # noqa: F401 -- (loaded: main() leaves this process's pydantic as it is)
+
+    from llmc.cli import main
+
+    out, err, rc = io.StringIO(), io.StringIO(), 0
+    watchdog = threading.Timer(timeout, os.kill, (os.getpid(), signal.SIGINT))
+    watchdog.daemon = True
+    watchdog.start()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.chdir(cwd)
+        mp.setattr(sys, "argv", ["llmc", *args])
+        for k, v in {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LLMC_FORCE_CPU": "1"}.items():
+            mp.setenv(k, v)
+        try:
+            main()
+        except SystemExit as e:
+            if isinstance(e.code, str):  # (printed by the interpreter on the way out)
+                print(e.code, file=sys.stderr)
+            rc = 1 if isinstance(e.code, str) else e.code or 0
+        finally:
+            watchdog.cancel()
+    return subprocess.CompletedProcess(["llmc", *args], rc, out.getvalue(), err.getvalue())
 
 
 def tree(d: Path) -> dict[str, bytes]:
@@ -71,22 +101,22 @@ def test_build_owns_only_its_files(tmp_path):
     spec.parent.mkdir()
     spec.write_text(TINY)
     b = tmp_path / "b"
-    r = llmc("build", str(spec), "-o", str(b))
+    r = cli("build", str(spec), "-o", str(b))
     assert r.returncode == 0, r.stderr
     assert (b / ".llmc-build.json").exists()
     assert "/.llmc-build.journal*" in (b / ".gitignore").read_text()  # buildfs.GITIGNORE
-    r = llmc("launch", str(b), "--dry-run")
+    r = cli("launch", str(b), "--dry-run")
     assert r.returncode == 0 and "llmc.runtime.entry" in r.stdout, r.stderr
     mine = {"run/pretrain/keep.txt": b"ckpt", "data/d.jsonl": b"{}\n", "assets/a.json": b"{}", "notes.md": b"mine"}
     for rel, data in mine.items():
         (b / rel).parent.mkdir(parents=True, exist_ok=True)
         (b / rel).write_bytes(data)
     (b / "README.md").write_text("edited")  # an owned artifact edited by hand: the rebuild refuses to overwrite it
-    r = llmc("build", str(spec), "-o", str(b), "--set", "training.optimizer.lr=0.002")
+    r = cli("build", str(spec), "-o", str(b), "--set", "training.optimizer.lr=0.002")
     assert r.returncode == 1 and r.stderr.startswith(f"{b / 'README.md'}: error[X010] changed since llmc wrote it")
     assert (b / "README.md").read_text() == "edited"
     (b / "README.md").unlink()  # moved away: the rebuild writes it again
-    r = llmc("build", str(spec), "-o", str(b), "--set", "training.optimizer.lr=0.002")
+    r = cli("build", str(spec), "-o", str(b), "--set", "training.optimizer.lr=0.002")
     assert r.returncode == 0, r.stderr
     for rel, data in mine.items():
         assert (b / rel).read_bytes() == data, rel
@@ -101,16 +131,16 @@ def test_build_refuses_foreign_dirs_and_files(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    r = llmc("build", str(spec), "-o", str(foreign))
+    r = cli("build", str(spec), "-o", str(foreign))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and "error[X010]" in lines[0] and "(" in lines[0], r.stderr
     assert lines[0].startswith(f"{foreign}: ") and "Traceback" not in r.stderr
     assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
     # -o . next to the spec: the directory holds the spec and is no llmc build
-    r = llmc("build", "tiny.yaml", "-o", ".", cwd=tmp_path)
+    r = cli("build", "tiny.yaml", "-o", ".", cwd=tmp_path)
     assert r.returncode == 1 and "error[X010]" in r.stderr and spec.read_text() == TINY
     # -o naming a file
-    r = llmc("build", str(spec), "-o", str(foreign / "thesis.tex"))
+    r = cli("build", str(spec), "-o", str(foreign / "thesis.tex"))
     assert r.returncode == 1 and "error[X011]" in r.stderr and (foreign / "thesis.tex").read_text() == "precious"
 
 
@@ -132,9 +162,9 @@ def test_hostile_spec_file_name_is_inert(tmp_path):
     (sp / HOSTILE).write_text(TINY)
     (sp / "benign.yaml").write_text(TINY)
     b, ok = tmp_path / "b", tmp_path / "ok"
-    r = llmc("build", HOSTILE, "-o", str(b), cwd=sp)
+    r = cli("build", HOSTILE, "-o", str(b), cwd=sp)
     assert r.returncode == 0, r.stderr
-    assert llmc("build", "benign.yaml", "-o", str(ok), cwd=sp).returncode == 0
+    assert cli("build", "benign.yaml", "-o", str(ok), cwd=sp).returncode == 0
     job, ref = (b / "torchtitan/llmc_job.py").read_text(), (ok / "torchtitan/llmc_job.py").read_text()
     assert HOSTILE.splitlines()[0] in job  # the name is recorded (escaped) ...
     assert ast.dump(ast.parse(job)) == ast.dump(ast.parse(ref))  # ... as a comment: no statement differs
@@ -156,7 +186,7 @@ def test_hostile_spec_file_name_is_inert(tmp_path):
         r = subprocess.run(["bash", str(s)], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, (s, r.stderr)
     assert "--lock" in (tmp_path / "calls.log").read_text()  # the scripts really ran (against the fakes)
-    assert llmc("launch", str(b), "--dry-run", cwd=cwd).returncode == 0
+    assert cli("launch", str(b), "--dry-run", cwd=cwd).returncode == 0
     # run by a relative path with CDPATH exported (where `cd` prints the directory it enters): each script still
     # finds its own build directory
     (tmp_path / "calls.log").unlink()
@@ -175,9 +205,9 @@ def test_build_is_identical_from_any_cwd(tmp_path):
     sp.mkdir()
     (sp / "tiny.yaml").write_text(TINY)
     out = tmp_path / "out"
-    assert llmc("build", "sp/tiny.yaml", "-o", str(out / "a"), cwd=tmp_path).returncode == 0
-    assert llmc("build", "tiny.yaml", "-o", str(out / "b"), cwd=sp).returncode == 0
-    assert llmc("build", str(sp / "tiny.yaml"), "-o", "../out/c", cwd=sp).returncode == 0
+    assert cli("build", "sp/tiny.yaml", "-o", str(out / "a"), cwd=tmp_path).returncode == 0
+    assert cli("build", "tiny.yaml", "-o", str(out / "b"), cwd=sp).returncode == 0
+    assert cli("build", str(sp / "tiny.yaml"), "-o", "../out/c", cwd=sp).returncode == 0
     a, b, c = tree(out / "a"), tree(out / "b"), tree(out / "c")
     assert a == b == c
     assert str(tmp_path) not in a["plan.lock.json"].decode()  # no absolute path of this machine
@@ -201,18 +231,18 @@ def test_escape_filters_cover_warnings_and_notes():
 # ------------------------------------------------------------------------------ relative data paths
 
 
-def test_relative_data_paths_resolve_against_the_spec(tmp_path):
+def test_relative_data_paths_resolve_against_the_spec(tmp_path, monkeypatch, capsys):
+    from llmc.runtime.entry import main
+
     micro_spec(tmp_path / "specs", steps=4)
-    r = llmc("build", "specs/spec.yaml", "-o", "out/b", cwd=tmp_path)
+    r = cli("build", "specs/spec.yaml", "-o", "out/b", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lock = json.loads((tmp_path / "out/b/plan.lock.json").read_text())
     assert lock["spec"]["dir_from_build"] == "../../specs"
     other = tmp_path / "other"
     other.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "llmc.runtime.entry", "prepare", "--lock", "../out/b/plan.lock.json"],
-                       cwd=other, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
+    monkeypatch.chdir(other)  # prepare (`python -m llmc.runtime.entry prepare`, here in-process) from another cwd
+    assert main(["prepare", "--lock", "../out/b/plan.lock.json"]) == 0, capsys.readouterr().err
     # the trainers stream the source in place: assets.json names the spec's file, found from another cwd
     assets = json.loads((tmp_path / "out/b/assets/assets.json").read_text())
     [src] = [s for s in assets["sources"] if s["name"] == "docs"]
@@ -224,7 +254,7 @@ def test_runtime_refuses_outputs_leaving_the_build(tmp_path):
     from llmc.runtime.job import TrainJob
 
     micro_spec(tmp_path / "s", steps=4)
-    assert llmc("build", str(tmp_path / "s/spec.yaml"), "-o", str(tmp_path / "b")).returncode == 0
+    assert cli("build", str(tmp_path / "s/spec.yaml"), "-o", str(tmp_path / "b")).returncode == 0
     lock = json.loads((tmp_path / "b/plan.lock.json").read_text())
     job = TrainJob.from_lock(lock, None, build_dir=tmp_path / "b")
     check_outputs(job, tmp_path / "b", None)  # the spec's own paths are fine
@@ -244,7 +274,7 @@ def _tiny_build(tmp_path: Path) -> Path:
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY)
     b = tmp_path / "b"
-    assert llmc("build", str(spec), "-o", str(b)).returncode == 0
+    assert cli("build", str(spec), "-o", str(b)).returncode == 0
     return b
 
 
@@ -253,11 +283,11 @@ def test_hand_edited_lock_is_refused(tmp_path):
     lock = json.loads((b / "plan.lock.json").read_text())
     lock["plan"]["micro_batch"] += 1
     (b / "plan.lock.json").write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
-    r = llmc("launch", str(b), "--dry-run")
+    r = cli("launch", str(b), "--dry-run")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "error[L001]" in r.stderr and "changed after" in r.stderr and "--force" in r.stderr
     assert "a plan or number was edited" in r.stderr
-    r = llmc("launch", str(b), "--dry-run", "--force")
+    r = cli("launch", str(b), "--dry-run", "--force")
     assert r.returncode == 0 and "warning[L004]" in r.stderr
 
 
@@ -266,7 +296,7 @@ def test_second_launch_names_the_holder(tmp_path):
 
     b = _tiny_build(tmp_path)
     with RunLock(b / "run"):
-        r = llmc("launch", str(b))
+        r = cli("launch", str(b))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and "error[L003]" in lines[0], r.stderr
     assert f"pid {os.getpid()}" in lines[0]
@@ -275,9 +305,9 @@ def test_second_launch_names_the_holder(tmp_path):
 def test_failed_stage_is_one_line_with_cause_and_log(tmp_path):
     spec = micro_spec(tmp_path / "s", steps=4)
     b = tmp_path / "b"
-    assert llmc("build", str(spec), "-o", str(b)).returncode == 0
+    assert cli("build", str(spec), "-o", str(b)).returncode == 0
     (tmp_path / "s/docs.jsonl").unlink()  # the data went away after the build
-    r = llmc("launch", str(b))
+    r = cli("launch", str(b))
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and "error[L002]" in last and "'prepare'" in last, r.stderr
     assert "docs.jsonl" in last  # the child's own error line, not a traceback frame
@@ -309,10 +339,10 @@ def test_last_error_line_prefers_the_workers_error():
 def test_plan_diff_against_malformed_lock(tmp_path):
     bad = tmp_path / "plan.lock.json"
     bad.write_text('{"llmc_version": "0", "spec": {"sha256": "x"}, "plan": "oops", "schema_version": 2}')
-    r = llmc("plan", "examples/tiny_cpu.yaml", "--diff", str(bad))
+    r = cli("plan", "examples/tiny_cpu.yaml", "--diff", str(bad))
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "error[X001]" in r.stderr, r.stderr
     (tmp_path / "x.json").write_text("[")
-    r = llmc("plan", "examples/tiny_cpu.yaml", "--diff", str(tmp_path / "x.json"))
+    r = cli("plan", "examples/tiny_cpu.yaml", "--diff", str(tmp_path / "x.json"))
     assert r.returncode == 1 and "error[X001]" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -320,18 +350,18 @@ def test_plan_diff_against_malformed_lock(tmp_path):
 
 
 def test_set_overrides(tmp_path):
-    r = llmc("plan", "examples/tiny_cpu.yaml", "--set", "training.optimizer.lr=0.001", "--set",
-             "data.seq_len=64", "-f", "json")
+    r = cli("plan", "examples/tiny_cpu.yaml", "--set", "training.optimizer.lr=0.001", "--set",
+            "data.seq_len=64", "-f", "json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["spec"]["resolved"]["training"]["optimizer"]["lr"] == 0.001
     assert d["spec"]["resolved"]["data"]["seq_len"] == 64 and d["hyper"]["seq_len"] == 64
-    plain = json.loads(llmc("plan", "examples/tiny_cpu.yaml", "-f", "json").stdout)
+    plain = json.loads(cli("plan", "examples/tiny_cpu.yaml", "-f", "json").stdout)
     assert plain["spec"]["sha256"] != d["spec"]["sha256"]  # the lock identifies the effective input
-    r = llmc("plan", "examples/tiny_cpu.yaml", "--set", "training.optimizer.lr=-1")
+    r = cli("plan", "examples/tiny_cpu.yaml", "--set", "training.optimizer.lr=-1")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and lines and all(ln.startswith("--set training.optimizer.lr: error[") for ln in lines)
-    r = llmc("plan", "examples/tiny_cpu.yaml", "--set", "no-equals-sign")
+    r = cli("plan", "examples/tiny_cpu.yaml", "--set", "no-equals-sign")
     assert r.returncode == 1 and "error[S001]" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -354,17 +384,17 @@ def test_report_and_calibrate_commands(tmp_path):
              "mfu": 0.01} for s in range(1, 6)]
     (m / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     for target in (b, b / "run"):
-        r = llmc("report", str(target), "-o", str(tmp_path / "rep"))
+        r = cli("report", str(target), "-o", str(tmp_path / "rep"))
         assert r.returncode == 0, r.stderr
         assert (tmp_path / "rep" / "report.html").exists() and (tmp_path / "rep" / "pretrain-loss.png").exists()
-    r = llmc("report", str(tmp_path))
+    r = cli("report", str(tmp_path))
     assert r.returncode == 1 and "error[L010]" in r.stderr
-    r = llmc("calibrate", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "cal.json"))
+    r = cli("calibrate", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "cal.json"))
     assert r.returncode == 1 and "error[" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "cal.json").exists()
-    r = llmc("plan", "examples/tiny_cpu.yaml", "--calibration", str(tmp_path / "missing.json"))
+    r = cli("plan", "examples/tiny_cpu.yaml", "--calibration", str(tmp_path / "missing.json"))
     assert r.returncode == 1 and "error[K007]" in r.stderr
-    assert llmc("plan", "examples/tiny_cpu.yaml", "--no-fit-check").returncode == 0
+    assert cli("plan", "examples/tiny_cpu.yaml", "--no-fit-check").returncode == 0
 
 
 # ------------------------------------------------------------------------------ emitters
@@ -430,14 +460,27 @@ def _losses(run: Path) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def killed_launch_ref(tmp_path_factory) -> tuple[Path, Path]:
-    """The spec of the killed-launch tests and its uninterrupted launch (built and trained once for the module:
-    every case compares its resumed run with the same reference)."""
+    """The spec of the killed-launch tests and its uninterrupted run (built and trained once for the module: every
+    case compares its resumed run with the same reference). The reference is only numbers to compare with: its
+    prepare and stage run in this process, as `llmc launch` runs them (``python -m llmc.runtime.entry``; one
+    process, one thread: a one-rank torchrun job computes the same losses)."""
+    import torch
+
+    from llmc.runtime.entry import main
+
     d = tmp_path_factory.mktemp("killed-launch")
     spec = micro_spec(d / "s", steps=24, interval=4)
     ref = d / "ref"
-    assert llmc("build", str(spec), "-o", str(ref)).returncode == 0
-    r = llmc("launch", str(ref), timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert cli("build", str(spec), "-o", str(ref)).returncode == 0
+    lock, threads = str(ref / "plan.lock.json"), torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMC_FORCE_CPU", "1")
+        torch.set_num_threads(1)  # (as OMP_NUM_THREADS=1 gives the launched trainers)
+        try:
+            assert main(["prepare", "--lock", lock]) == 0
+            assert main(["--lock", lock, "--stage", "pretrain", "--out", str(ref / "run/pretrain")]) == 0
+        finally:
+            torch.set_num_threads(threads)
     return spec, ref
 
 
@@ -446,7 +489,7 @@ def killed_launch_ref(tmp_path_factory) -> tuple[Path, Path]:
 def test_killed_launch_leaves_nothing_and_resumes_exactly(tmp_path, sig, killed_launch_ref):
     spec, ref = killed_launch_ref
     cut = tmp_path / "cut"
-    assert llmc("build", str(spec), "-o", str(cut)).returncode == 0
+    assert cli("build", str(spec), "-o", str(cut)).returncode == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LLMC_FORCE_CPU": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "llmc.cli", "launch", str(cut)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -478,25 +521,28 @@ def test_killed_launch_leaves_nothing_and_resumes_exactly(tmp_path, sig, killed_
     else:  # SIGHUP is passed on as it is: the trainer dies where it stands, past its last checkpoint
         assert "preempted" not in events
         assert ahead() > 0, "no step was logged after the last checkpoint; test is not testing the truncation"
-    r = llmc("launch", str(cut), timeout=300)
+    r = cli("launch", str(cut))
     assert r.returncode == 0, r.stderr[-2000:]
     got, want = _losses(cut / "run/pretrain"), _losses(ref / "run/pretrain")
     assert [s for s, _ in got] == list(range(1, 25))  # every step once: the records after the checkpoint went
     assert got == want
-    assert llmc("report", str(cut)).returncode == 0
+    assert cli("report", str(cut)).returncode == 0
 
 
-def test_one_trainer_per_stage_folder(tmp_path):
-    # the runtime holds the stage folder whichever launcher started it (emitted scripts included)
+def test_one_trainer_per_stage_folder(tmp_path, capsys):
+    # the runtime holds the stage folder whichever launcher started it (emitted scripts included); the runtime's
+    # main (`python -m llmc.runtime.entry`) in this process opens the lock file anew, so the held flock refuses it
+    # as it refuses another process
     from llmc.runtime.entry import main
     from llmc.runtime.runlock import RunLock
 
     micro_spec(tmp_path / "s", steps=4)
-    assert llmc("build", str(tmp_path / "s/spec.yaml"), "-o", str(tmp_path / "b")).returncode == 0
+    assert cli("build", str(tmp_path / "s/spec.yaml"), "-o", str(tmp_path / "b")).returncode == 0
+    capsys.readouterr()
     with RunLock(tmp_path / "b/run/pretrain"):
-        r = subprocess.run([sys.executable, "-m", "llmc.runtime.entry", "--lock", str(tmp_path / "b/plan.lock.json")],
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "error[R002]" in r.stderr and f"pid {os.getpid()}" in r.stderr, r.stderr
+        rc = main(["--lock", str(tmp_path / "b/plan.lock.json")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "error[R002]" in err and f"pid {os.getpid()}" in err, err
     assert main(["--lock", str(tmp_path / "b/plan.lock.json"), "--steps", "2"]) == 0  # free again: it runs
     assert (tmp_path / "b/run/pretrain/DONE.json").exists()
 
@@ -505,7 +551,7 @@ def test_multi_node_deepspeed_runs_under_every_nodes_torchrun(tmp_path):
     """The multi-node launcher and the Slurm script run on every node: BACKEND=deepspeed starts llmc's DeepSpeed
     trainer under that torchrun rendezvous (all nodes one world), not the single-node deepspeed launcher per node."""
     b = tmp_path / "b"
-    assert llmc("build", str(ROOT / "examples/tiny_cpu.yaml"), "-o", str(b)).returncode == 0
+    assert cli("build", str(ROOT / "examples/tiny_cpu.yaml"), "-o", str(b)).returncode == 0
     fake = _fake_tools(tmp_path / "bin")
     log = tmp_path / "calls.log"
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_LOG": str(log), "BACKEND": "deepspeed",
@@ -520,27 +566,29 @@ def test_multi_node_deepspeed_runs_under_every_nodes_torchrun(tmp_path):
         assert "deepspeed --num_gpus" not in calls, calls
 
 
-def test_a_changed_lr_is_not_resumed_silently_and_no_resume_sets_the_run_aside(tmp_path):
+def test_a_changed_lr_is_not_resumed_silently_and_no_resume_sets_the_run_aside(tmp_path, monkeypatch, capsys):
     """An interrupted stage rebuilt with another learning rate: resuming would keep the checkpoint's schedule (the
     scheduler's and optimizer's saved state win), so the launch refuses in one line and names --no-resume, which
     sets the earlier run aside (renamed, every file kept) and starts the stage over."""
     spec = micro_spec(tmp_path / "s", steps=8, interval=4)
     b = tmp_path / "b"
-    assert llmc("build", str(spec), "-o", str(b)).returncode == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    assert cli("build", str(spec), "-o", str(b)).returncode == 0
+    from llmc.runtime.entry import main
+
+    # the interrupted run: prepare and a stage stopped after 4 steps (`python -m llmc.runtime.entry`, in-process)
+    monkeypatch.chdir(b)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for argv in (["prepare", "--lock", str(b / "plan.lock.json")],
                  ["--lock", str(b / "plan.lock.json"), "--stage", "pretrain", "--out", str(b / "run/pretrain"),
                   "--stop-after", "4"]):
-        p = subprocess.run([sys.executable, "-m", "llmc.runtime.entry", *argv], cwd=b, env=env, capture_output=True,
-                           text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-2000:]
+        assert main(argv) == 0, capsys.readouterr().err[-2000:]
     ckpts = sorted(p.name for p in (b / "run/pretrain/checkpoints").iterdir())
     assert ckpts and not (b / "run/pretrain/DONE.json").exists()
-    assert llmc("build", str(spec), "-o", str(b), "--set", "training.optimizer.lr=0.0001").returncode == 0
-    r = llmc("launch", str(b))
+    assert cli("build", str(spec), "-o", str(b), "--set", "training.optimizer.lr=0.0001").returncode == 0
+    r = cli("launch", str(b))
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and "trained with lr 0.003" in last and "--no-resume" in last, r.stderr[-2000:]
-    r = llmc("launch", str(b), "--no-resume")
+    r = cli("launch", str(b), "--no-resume")
     assert r.returncode == 0, r.stderr[-2000:]
     aside = b / "run/pretrain.set-aside-1"
     assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ckpts  # kept, not pruned or deleted

@@ -32,6 +32,7 @@ from test_build_fakes import compile_text
 from test_cluster_manifests import _sky_python, closed
 from test_multinode_stages import _free_ports
 from test_multinode_stages import _node as stages_node
+from test_safety_e2e import cli
 
 from llmc.buildfs import write_build
 from llmc.emit import kubeflow, render_artifacts, skypilot
@@ -177,8 +178,8 @@ def test_a_failed_prepare_stops_the_node_that_waited_for_it(builds, tmp_path):
 @pytest.fixture(scope="module")
 def gpu_lock(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("gpu")
-    subprocess.run([sys.executable, "-m", "llmc.cli", "build", str(ROOT / "examples/llama3_70b_h100x64.yaml"), "-o",
-                    str(d)], check=True, cwd=ROOT, capture_output=True)
+    r = cli("build", str(ROOT / "examples/llama3_70b_h100x64.yaml"), "-o", str(d))
+    assert r.returncode == 0, r.stderr
     return json.loads((d / "plan.lock.json").read_text())
 
 
@@ -215,16 +216,18 @@ def test_trainjob_mounts_a_shared_claim_as_the_run_dir(gpu_lock):
     assert "trainer.image" in head and "ReadWriteMany" in head and f"{job.metadata.name}-run" in head
 
 
-# SkyPilot's own loader, with the --env values the user gives (none: the task as written)
+# SkyPilot's own loader, once for each set of --env values the user gives (none: the task as written)
 SKY_ENV_LOAD = """
 import json, sys, yaml, sky
-envs = json.loads(sys.argv[2])
-try:
-    task = sky.Task.from_yaml_config(yaml.safe_load(open(sys.argv[1])), env_overrides=list(envs.items()) or None)
-except ValueError as e:
-    print(json.dumps({"refused": str(e)}))
-else:
-    print(json.dumps({"envs": task.envs, "run": task.run}))
+out = []
+for envs in json.loads(sys.argv[2]):
+    try:
+        task = sky.Task.from_yaml_config(yaml.safe_load(open(sys.argv[1])), env_overrides=list(envs.items()) or None)
+    except ValueError as e:
+        out.append({"refused": str(e)})
+    else:
+        out.append({"envs": task.envs, "run": task.run})
+print(json.dumps(out))
 """
 
 
@@ -246,13 +249,14 @@ def test_skypilot_task_takes_no_package_index_default_and_needs_the_run_dir(gpu_
         pytest.skip("skypilot is not installed here (scripts/setup.sh puts it in .venv-sky)")
     (tmp_path / "task.yaml").write_text(text)
 
-    def load(envs: dict) -> dict:
+    def load(*envs: dict) -> list[dict]:
+        """The task loaded with each of ``envs`` (one process: SkyPilot is imported once)."""
         out = subprocess.run([py, "-c", SKY_ENV_LOAD, str(tmp_path / "task.yaml"), json.dumps(envs)],
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    assert "LLMC_PACKAGE" in load({}).get("refused", "")  # SkyPilot asks for it: --env
     given = {"LLMC_PACKAGE": "git+https://example.invalid/llmc.git", "LLMC_RUN_DIR": "/mnt/run"}
-    task = load(given)
+    bare, task = load({}, given)
+    assert "LLMC_PACKAGE" in bare.get("refused", "")  # SkyPilot asks for it: --env
     assert {k: task["envs"][k] for k in given} == given and "launch/torchrun_multi_node.sh" in task["run"]
