@@ -408,9 +408,14 @@ def tiny_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_titan")
     c = compiled_example("tiny_cpu")
     module = write_build(c, out)
-    # 3000 documents: the example holds out 5%, enough for one validation batch of 2 ranks x 32 x 128 tokens
-    make_assets(out / "run", c.spec.model.vocab_size, n_docs=3000, names=[s.name for s in c.spec.data.sources])
+    # 600 documents (~45k words): the runs below read at most 8 steps x 8 x 128 tokens (validation off)
+    make_assets(out / "run", c.spec.model.vocab_size, n_docs=600, names=[s.name for s in c.spec.data.sources])
     return module, out / "run", c
+
+
+# the runs of the tiny example on its trainer: 8 sequences per step instead of the example's 32 and no validation
+# (no check reads it): a quarter of the compute, the same code paths (checkpoints, preemption, resume, FSDP)
+SMALL_STEP = ["--training.global_batch_size", "8", "--validator.no-enable"]
 
 
 def _preempt_after(argv, env, cwd, step: int, send=None, timeout: float = 600) -> tuple[int, str]:
@@ -442,7 +447,8 @@ def test_tiny_trains_on_cpu_one_process_and_resumes_after_preemption(tiny_build,
     from llmc.runtime.titan_launch import torchtitan_command
 
     module, run, c = tiny_build
-    extra = ["--training.steps", "8", "--checkpoint.interval", "4", "--metrics.log_freq", "1"]
+    extra = ["--training.steps", "8", "--checkpoint.interval", "4", "--metrics.log_freq", "1",
+             "--training.local_batch_size", "8", *SMALL_STEP]
     argv, env = torchtitan_command(module, 1, True, extra, run_dir=run)
     rc, log, dt = run_logged(argv, env, run)
     assert rc == 0, log[-3000:]
@@ -458,7 +464,8 @@ def test_tiny_trains_on_cpu_one_process_and_resumes_after_preemption(tiny_build,
     run2.mkdir()
     for d in ("assets", "data"):
         (run2 / d).symlink_to(run / d, target_is_directory=True)
-    extra2 = ["--training.steps", "8", "--checkpoint.interval", "100", "--metrics.log_freq", "1"]
+    extra2 = ["--training.steps", "8", "--checkpoint.interval", "100", "--metrics.log_freq", "1",
+              "--training.local_batch_size", "8", *SMALL_STEP]
     argv, env = torchtitan_command(module, 1, True, extra2, run_dir=run2)
     rc, log1 = _preempt_after(argv, env, run2, step=2)
     m = re.search(r"preempted \(signal 15\): saved step (\d+); rerun", log1)
@@ -504,9 +511,8 @@ def test_tiny_trains_on_cpu_two_gloo_processes_fsdp_and_preempts_together(tiny_b
     run2.mkdir()
     (run2 / "assets").symlink_to(run / "assets", target_is_directory=True)
     (run2 / "data").symlink_to(run / "data", target_is_directory=True)
-    local = c.hyper.global_batch_seqs // 2
     extra = ["--training.steps", "8", "--metrics.log_freq", "1", "--checkpoint.interval", "100",
-             "--parallelism.data_parallel_shard_degree", "2", "--training.local_batch_size", str(local)]
+             "--parallelism.data_parallel_shard_degree", "2", "--training.local_batch_size", "4", *SMALL_STEP]
     argv, env = torchtitan_command(module, 2, True, extra, run_dir=run2)
     t = time.time()
     rc, log = _preempt_after(argv, env, run2, step=2,
@@ -727,7 +733,7 @@ eval:
 """
 
 
-def test_launch_prepare_and_torchtitan_stream_parquet_and_hf_dataset_in_place(tmp_path):
+def test_launch_prepare_and_torchtitan_stream_parquet_and_hf_dataset_in_place(tmp_path, monkeypatch):
     """`llmc build` + `llmc launch --backend torchtitan`'s prepare step + the job on CPU: a local parquet
     folder and a local `datasets` save_to_disk folder are streamed where they lie (training skips the
     held-out documents, the validator reads them); the build holds no copy of either."""
@@ -736,6 +742,7 @@ def test_launch_prepare_and_torchtitan_stream_parquet_and_hf_dataset_in_place(tm
 
     from llmc.cli import app
     from llmc.launch import launch_commands
+    from llmc.runtime.entry import main as entry_main
     from llmc.runtime.titan_launch import torchtitan_command
 
     rng = random.Random(1)
@@ -749,10 +756,11 @@ def test_launch_prepare_and_torchtitan_stream_parquet_and_hf_dataset_in_place(tm
     assert r.exit_code == 0, r.output
     cmds = launch_commands(b, backend="torchtitan", nproc=1, gpu=False)
     prep = cmds[0]
-    assert prep.stage == "prepare" and "--jsonl" not in prep.argv
-    p = subprocess.run(prep.argv, cwd=prep.cwd, env={**os.environ, **prep.env, "PYTHONPATH": str(ROOT)},
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert prep.stage == "prepare" and "--jsonl" not in prep.argv and not prep.env
+    # the prepare step's own entry point, in this process (`python -m llmc.runtime.entry prepare --lock ...`)
+    assert prep.argv[1:3] == ["-m", "llmc.runtime.entry"]
+    monkeypatch.chdir(prep.cwd)
+    assert entry_main(prep.argv[3:]) in (0, None)
     assets = json.loads((b / "assets" / "assets.json").read_text())
     assert [(s["path"], s["holdout"]) for s in assets["sources"]] == [
         (str(tmp_path / "corpus" / n), ["train", 0.1, 0]) for n in ("web", "wiki")]
@@ -913,12 +921,15 @@ stages:
   - {name: pre, kind: pretrain}
   - {name: mid, kind: midtrain, init_from: pre, steps: 3, lr: 1.0e-3}
 """)
+    from typer.testing import CliRunner
+
+    from llmc.cli import app
+
     env = dict(os.environ, **OFFLINE)
     llmc = [sys.executable, "-c", "from llmc.cli import main; main()"]
     out = tmp_path / "b"
-    r = subprocess.run([*llmc, "build", str(spec), "-o", str(out)], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = CliRunner().invoke(app, ["build", str(spec), "-o", str(out)])  # (the build runs no process)
+    assert r.exit_code == 0, r.output
     lock = json.loads((out / "plan.lock.json").read_text())
     assert lock["plan"]["pp"] == 2 and lock["backend"]["name"] == "torchtitan"
     mid_plan = lock["stages"][1]["layout"]
@@ -957,9 +968,8 @@ stages:
                      .replace("  - {name: pre, kind: pretrain}\n", "")
                      .replace("init_from: pre", f"init_hf: '{base}'").replace("parallelism: {pp: 2}\n", ""))
     out2 = tmp_path / "b2"
-    r = subprocess.run([*llmc, "build", str(spec2), "-o", str(out2)], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = CliRunner().invoke(app, ["build", str(spec2), "-o", str(out2)])
+    assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (out2 / "torchtitan").glob("*.py")) == ["llmc_job_stage0.py"]
     r = subprocess.run([*llmc, "launch", str(out2), "--nproc", "2"], capture_output=True, text=True, env=env,
                        timeout=900)
