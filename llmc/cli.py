@@ -462,12 +462,22 @@ def last_error_line(text: str) -> str:
     """The line of a child's stderr that says what went wrong, in this order: llmc's own one-line error; the
     signal that ended a worker, when torchrun's failure report names one as the root cause ("Signal 9 (SIGKILL)
     received by PID N": the worker printed nothing, the OOM killer or a user killed it); the last Python
-    exception line; the status of the report's root-cause worker; else the last line that says something (never a
-    separator such as the report's "=====" banner)."""
+    exception line; the signal that stopped torchrun itself before any worker reported an error (its
+    SignalException: a stop passed on while the workers were starting); the status of the report's root-cause
+    worker; else the last line that says something (never a separator such as the report's "=====" banner, nor a
+    traceback's source or caret line)."""
     import re
+    import signal as _signal
 
+    raw = text.splitlines()
+    stopped = [m for ln in raw if (m := re.search(r"SignalException: Process \d+ got signal: (\d+)", ln))]
+    # a traceback's quoted source line (indented 4, after its '  File "...", line N' line) and its caret marks say
+    # nothing themselves (the exception line that ends the traceback is not indented)
+    raw = [ln.strip() for i, ln in enumerate(raw)
+           if not (i and raw[i - 1].startswith('  File "') and ln.startswith("    "))
+           and not re.fullmatch(r"\s*[\^~]+\s*", ln)]
     # torchrun's wrappers (ChildFailedError, SignalException) repeat after the worker's own error: not the cause
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "torch.distributed.elastic" not in ln]
+    lines = [ln for ln in raw if ln and "torch.distributed.elastic" not in ln]
     # torchrun's report (torch/distributed/elastic/multiprocessing/errors/__init__.py): "Root Cause (first observed
     # failure):", then "rank : R (local_rank: L)", "exitcode : N (pid: P)" and "traceback : ..." of that worker
     root: dict[str, str] = {}
@@ -490,6 +500,10 @@ def last_error_line(text: str) -> str:
         hits = [ln for ln in lines if re.search(pat, ln)]
         if hits:
             return hits[-1][:400]
+    if stopped:
+        n = int(stopped[-1].group(1))
+        name = _signal.Signals(n).name if n in {s.value for s in _signal.Signals} else "an unknown signal"
+        return f"torchrun got signal {n} ({name}) and stopped its workers before any reported an error"
     code = re.match(r"-?\d+", root.get("exitcode", ""))
     if code:
         return f"a worker{of_rank} exited with status {code.group()} (torchrun's report; it printed no error)"

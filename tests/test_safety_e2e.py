@@ -336,6 +336,34 @@ def test_last_error_line_prefers_the_workers_error():
     assert last_error_line(worker).startswith("ValueError: Size mismatch")
 
 
+def test_a_torchrun_stopped_while_its_workers_start_is_named_by_its_signal():
+    """A stop passed on while torchrun's workers were still starting: torchrun ends with its own SignalException
+    traceback and no worker said anything. The cause is that signal, not the traceback's last quoted source line
+    (`raise SignalException(f"Process {os.getpid()} got signal: {sigval}", ...)`, what the launch's L002 line
+    showed); an exception line whose frame has no source (code run with -c) still ends the traceback."""
+    from llmc.cli import last_error_line
+
+    stopped = "\n".join([  # torch 2.11's torchrun, SIGTERM during the workers' start
+        "W1206 14:22:44.590000 1649 torch/distributed/elastic/agent/server/api.py:753] Received 15 death signal, "
+        "shutting down workers",
+        "Traceback (most recent call last):",
+        '  File "/venv/bin/torchrun", line 6, in <module>',
+        "    sys.exit(main())",
+        "             ^^^^^^",
+        '  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/agent/server/api.py", line 923, in '
+        "_invoke_run",
+        "    time.sleep(monitor_interval)",
+        '  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py", line 86, in '
+        "_terminate_process_handler",
+        '    raise SignalException(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)',
+        "torch.distributed.elastic.multiprocessing.api.SignalException: Process 1649 got signal: 15",
+    ])
+    assert last_error_line(stopped) == ("torchrun got signal 15 (SIGTERM) and stopped its workers before any "
+                                        "reported an error")
+    sourceless = 'Traceback (most recent call last):\n  File "<string>", line 7, in find_spec\nImportError\n'
+    assert last_error_line(sourceless) == "ImportError"
+
+
 def test_plan_diff_against_malformed_lock(tmp_path):
     bad = tmp_path / "plan.lock.json"
     bad.write_text('{"llmc_version": "0", "spec": {"sha256": "x"}, "plan": "oops", "schema_version": 2}')
