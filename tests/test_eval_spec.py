@@ -740,6 +740,48 @@ def test_eval_step_scores_a_torchtitan_stages_own_checkpoints(tmp_path, monkeypa
     assert evaluate.checkpoint_evals(lock, job, out, log=lambda m: None) == {} and not seen
 
 
+def test_eval_step_finds_a_torchtitan_stages_checkpoints_under_llmc_run_dir(tmp_path, monkeypatch):
+    """With LLMC_RUN_DIR set (the multi-node launchers export it; the torchtitan job writes its dump folder under
+    it), `python -m llmc.runtime.evaluate` scores the job's DCP checkpoints there, not under the build directory,
+    which then holds none (it looked only there and scored nothing, saying nothing was checkpointed)."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from test_build_fakes import lock_for
+
+    import llmc.runtime.evaluate as evaluate
+    from llmc.runtime.job import TrainJob
+    from llmc.runtime.model import build_model
+
+    build, runs = tmp_path / "build", tmp_path / "shared"
+    build.mkdir()
+    spec = {"name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
+                                       vocab_size=512, max_seq_len=64),
+            "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}], "seq_len": 32, "tokens": 1024},
+            "training": {"precision": "fp32", "global_batch_tokens": 256,
+                         "checkpoint": {"interval_steps": 1, "keep_latest": 3}},
+            "eval": {"tasks": ["hellaswag"], "every_checkpoints": 1}}
+    lock = lock_for(spec, plan={"micro_batch": 8}, spec_path=str(build / "spec.yaml"))
+    (build / "plan.lock.json").write_text(json.dumps(lock))
+    steps = lock["evaluation"]["tasks"]["checkpoint_steps"]["pretrain"]
+    job = TrainJob.from_lock(lock, None, build_dir=build)
+    for n in (2, 3, 4):
+        dcp.save({"model": build_model(job.arch, seed=n).state_dict()},
+                 checkpoint_id=str(runs / f"outputs/torchtitan/checkpoint/step-{n}"))
+    out = runs / "run" / "pretrain"
+    (out / "hf").mkdir(parents=True)
+    (out / "hf" / "config.json").write_text("{}")  # the stage's export (scored last, by the stand-in below)
+    scored = []
+    monkeypatch.setattr(evaluate, "_summarize", lambda *a, **extra: scored.append(extra.get("step")) or {})
+    argv = ["--lock", str(build / "plan.lock.json"), "--stage", "pretrain", "--out", str(out)]
+    monkeypatch.delenv("LLMC_RUN_DIR", raising=False)
+    assert evaluate.main(argv) == 0 and scored == [None]  # the build directory holds no checkpoints
+    scored.clear()
+    monkeypatch.setenv("LLMC_RUN_DIR", str(runs))
+    assert evaluate.main(argv) == 0 and scored == [*steps, None]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero,precision", [(0, "fp32"), (1, "fp32"), (3, "fp32"), (0, "bf16")])
 def test_eval_step_scores_a_deepspeed_stages_intermediate_checkpoints(ds_stages, monkeypatch, zero, precision):

@@ -334,7 +334,8 @@ def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | No
     """Score the stage's listed checkpoints (see the module docstring); returns step -> summary of those
     scored or already scored. ``out/hf`` (the stage's export) supplies the tokenizer files. A stage that
     torchtitan trained has no llmc checkpoints: its DCP checkpoints under ``build_dir/outputs/torchtitan``
-    are scored instead. A step with no llmc checkpoint but a DeepSpeed one (``out/ds_checkpoints``) is scored
+    are scored instead (``build_dir``: where the job wrote them, its ``LLMC_RUN_DIR``, by default the build
+    directory). A step with no llmc checkpoint but a DeepSpeed one (``out/ds_checkpoints``) is scored
     from that (:func:`ds_checkpoint_state`)."""
     import shutil
     import tempfile
@@ -423,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         job = TrainJob.from_lock(lock, a.stage, build_dir=a.lock.resolve().parent)
-        stage_eval(lock, job, a.out, log=lambda m: print(m, flush=True), build_dir=a.lock.resolve().parent)
+        # a torchtitan job writes its checkpoints under LLMC_RUN_DIR (the job's own rule, default: the build
+        # directory), which the multi-node launchers export to every command they run, this one included
+        runs = Path(os.environ.get("LLMC_RUN_DIR") or a.lock.resolve().parent)
+        stage_eval(lock, job, a.out, log=lambda m: print(m, flush=True), build_dir=runs)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"{a.lock}: error[R003] eval {a.stage}: {e}", file=sys.stderr)
         return 1
