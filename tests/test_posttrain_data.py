@@ -172,7 +172,7 @@ SKIND = {"sft": "chat", "dpo": "preference", "grpo": "prompts"}
 GRPO = "grpo_group_size: 2, prompts_per_step: 2, max_new_tokens: 3, reward: arithmetic,"
 
 
-def _lock(tmp_path: Path, kind: str, path: str, steps: int = 2, lr: str = "1.0e-3") -> Path:
+def _lock(tmp_path: Path, kind: str, path: str, steps: int = 2, lr: str = "1.0e-3", extra: str = "") -> Path:
     from llmc.compiler.compile import compile_spec
     from llmc.emit.lock import lock_dict
     from llmc.spec.facts import gather_facts
@@ -181,7 +181,7 @@ def _lock(tmp_path: Path, kind: str, path: str, steps: int = 2, lr: str = "1.0e-
     if not (tmp_path / "tok").exists():
         tokenizer_folder(tmp_path / "tok", LLAMA3, "<|eot_id|>")
     text = SPEC.format(kind=kind, skind=SKIND[kind], path=path, steps=steps, lr=lr,
-                       extra=GRPO if kind == "grpo" else "")
+                       extra=(GRPO if kind == "grpo" else "") + extra)
     (tmp_path / "spec.yaml").write_text(text)
     run, lines = loads_spec(text, file="spec.yaml")
     c = compile_spec(run, str(tmp_path / "spec.yaml"), lines, spec_bytes=text.encode(),
@@ -298,6 +298,31 @@ def _independent_trained(hf, conv: list[dict]) -> tuple[list[int], list[int]]:
             spans.append((k, pos + len("<|eot_id|>")))
     trained = [i for i, (a, _) in enumerate(enc["offset_mapping"]) if any(s <= a < e for s, e in spans)]
     return enc["input_ids"], trained
+
+
+def test_grpo_prompt_truncation_is_an_event_and_kept_in_done_json(tmp_path, capsys):
+    """GRPO prompts longer than max_prompt_tokens keep their last tokens (TRL's left truncation): how many were cut
+    and the tokens they lose, counted from transformers' render of the same template, are logged as a
+    ``truncation`` event and kept in DONE.json, as SFT's and DPO's are (it was only a printed line)."""
+    prompts = [{"prompt": "please work out " * k + f"{k}+1=", "answer": str(k + 1)} for k in range(6)]
+    (tmp_path / "p.jsonl").write_text(_lines(*prompts))
+    lock = _lock(tmp_path, "grpo", "p.jsonl", steps=1, extra=" max_prompt_tokens: 40,")
+    rc, out, err = _entry(lock, "grpo", capsys)
+    assert rc == 0, err
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok"))
+    lens = []
+    for p in prompts:
+        text = hf.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
+                                      add_generation_prompt=True, chat_template=CHAT_TEMPLATES["llama3"].jinja)
+        lens.append(len(hf(text, add_special_tokens=False)["input_ids"]))
+    cut, lost = sum(n > 40 for n in lens), sum(max(0, n - 40) for n in lens)
+    assert 0 < cut < 6, lens  # (the data exercise the report)
+    want = {"records": 6, "limit": 40, "truncated": cut, "prompt_tokens_cut": lost}
+    assert json.loads((tmp_path / "run" / "grpo" / "DONE.json").read_text())["truncation"] == want
+    recs = [json.loads(x) for x in (tmp_path / "run" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    (ev,) = [r for r in recs if r.get("event") == "truncation"]
+    assert {k: ev[k] for k in want} == want and ev["unit"].startswith("prompts")
+    assert out.count(f"GRPO: {cut} of 6 prompts longer than 40 tokens keep their last 40") == 1, out
 
 
 def test_sft_truncation_is_reported_and_metrics_keep_full_precision(tmp_path, capsys):

@@ -172,7 +172,7 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                device: torch.device | None = None, state: LoopState | None = None,
                micro_batch: int | None = None, sampling_groups: int | None = None, loss_chunk: int = 0,
                lr_factor: Callable[[int], float] | None = None, max_prompt_tokens: int | None = None,
-               optimizer: dict | None = None) -> list[dict]:
+               optimizer: dict | None = None, on_prompts: Callable[[dict], None] | None = None) -> list[dict]:
     """GRPO on ``prompts`` ({prompt: messages, ...}); ``reward_fn(completion_text, item)``. Returns stats per step
     (loss, kl, clip_frac, reward_mean, reward_std, lr, trained_tokens: the step's completion tokens in the loss).
 
@@ -187,7 +187,9 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     (the stage plan's, ``model.token_losses``; 0 = whole). ``lr_factor``: LR = lr * lr_factor(step), the stage's
     schedule (``TrainJob.lr_factor``, as :func:`llmc.runtime.sft.train_sft`; constant when None).
     ``max_prompt_tokens``: longer prompts keep their last tokens (TRL's left truncation), also cut to the model's
-    context less ``max_new_tokens``; how many were cut is printed once.
+    context less ``max_new_tokens``; how many were cut is printed once and given to ``on_prompts`` (called once,
+    before the first step, with ``records``, ``limit``, ``truncated`` and ``prompt_tokens_cut``: the tokens the
+    cut prompts lose from their start).
 
     Dropout is off (p = 0) in every policy pass of the stage, the "old" log-probs and the training passes alike (LoRA
     adapters default to dropout 0.05): the importance ratio pi/pi_old must be exactly 1 before any update
@@ -213,7 +215,11 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     if limit is not None and limit < 1:
         raise ValueError(f"GRPO: max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
                          f"context of {ctx} tokens; lower max_new_tokens")
-    encoded, cut = truncate_prompts([_encode_item(p, i, tok, template) for i, p in enumerate(prompts)], limit)
+    full = [_encode_item(p, i, tok, template) for i, p in enumerate(prompts)]
+    encoded, cut = truncate_prompts(full, limit)
+    if on_prompts is not None:
+        on_prompts({"records": len(full), "limit": limit, "truncated": cut,
+                    "prompt_tokens_cut": sum(max(0, len(p) - limit) for p in full) if limit is not None else 0})
     if cut and shard.rank == 0:
         print(f"GRPO: {cut} of {len(encoded)} prompts longer than {limit} tokens keep their last {limit} "
               "(left truncation, as TRL's max_prompt_length)", flush=True)

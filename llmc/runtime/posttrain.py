@@ -766,13 +766,20 @@ def _run_grpo(c: _Loop) -> dict:
     max_prompt = hyper.get("max_prompt_tokens") or (st.max_prompt_tokens if st is not None else None)
     prompts = load_stage_data(job, "prompts")  # (each record names where it came from: "where")
     _check_verifiable(prompts)
+    cut: dict = {}
+
+    def on_prompts(rep: dict) -> None:  # logged as SFT's and DPO's truncation is, kept for DONE.json
+        c.log.event("truncation", unit="prompts (left truncation: each keeps its last `limit` tokens)", **rep)
+        cut["truncation"] = rep
+
     hist = train_grpo(c.model, prompts, c.tok, steps=c.steps, lr=c.lr, reward_fn=reward_fn,
                       template=c.template, group_size=G, prompts_per_step=pps, max_new_tokens=max_new,
                       kl_coef=kl, clip_eps=clip, inner_steps=mu, pad_id=c.pad_id, seed=job.seed, log=c.log,
                       shard=c.shard, device=c.device, reference=c.reference, state=c.state, micro_batch=_micro(job),
                       sampling_groups=job.sampling_groups, loss_chunk=job.loss_chunk, lr_factor=job.lr_factor,
-                      max_prompt_tokens=int(max_prompt) if max_prompt else None, optimizer=hyper.get("optimizer"))
+                      max_prompt_tokens=int(max_prompt) if max_prompt else None, optimizer=hyper.get("optimizer"),
+                      on_prompts=on_prompts)
     k = max(1, len(hist) // 4)
     return {"reward_first": sum(h["reward_mean"] for h in hist[:k]) / k,
             "reward_last": sum(h["reward_mean"] for h in hist[-k:]) / k,
-            "kl_last": hist[-1]["kl"], "group_size": G, "kl_coef": kl, "iterations": mu}
+            "kl_last": hist[-1]["kl"], "group_size": G, "kl_coef": kl, "iterations": mu, **cut}
