@@ -7,6 +7,7 @@ Every reader of a user-named input goes through :func:`read_regular_file`: the s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -60,3 +61,12 @@ def set_aside(path: str | Path) -> Path | None:
 
 
 __all__ = ["read_regular_file", "expand_user", "set_aside"]
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes (hex), read in chunks (a checkpoint shard need not fit in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()

@@ -687,6 +687,16 @@ def test_deepspeed_stage_is_evaluated_by_the_eval_step(ds_stages, monkeypatch):
     assert acc == pytest.approx(joined_acc(out / "hf"))
 
 
+# a micro model checkpointed every step (torchtitan keeps the last 3), every checkpoint scored: steps 2 and 3 listed
+CHECKPOINT_EVAL_SPEC = {
+    "name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
+                               vocab_size=512, max_seq_len=64),
+    "hardware": {"gpu": "cpu", "count": 1},
+    "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}], "seq_len": 32, "tokens": 1024},
+    "training": {"precision": "fp32", "global_batch_tokens": 256, "checkpoint": {"interval_steps": 1, "keep_latest": 3}},
+    "eval": {"tasks": ["hellaswag"], "every_checkpoints": 1}}
+
+
 def test_eval_step_scores_a_torchtitan_stages_own_checkpoints(tmp_path, monkeypatch):
     """A stage torchtitan trained leaves no llmc checkpoints, only its DCP ``step-N`` folders under the build's
     ``outputs/torchtitan``: every_checkpoints scores those, each from its own weights (the step's tensors reach
@@ -705,14 +715,7 @@ def test_eval_step_scores_a_torchtitan_stages_own_checkpoints(tmp_path, monkeypa
     sys.path.insert(0, str(Path(__file__).parent))
     from test_build_fakes import lock_for
 
-    spec = {"name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
-                                       vocab_size=512, max_seq_len=64),
-            "hardware": {"gpu": "cpu", "count": 1},
-            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}], "seq_len": 32, "tokens": 1024},
-            "training": {"precision": "fp32", "global_batch_tokens": 256,
-                         "checkpoint": {"interval_steps": 1, "keep_latest": 3}},
-            "eval": {"tasks": ["hellaswag"], "every_checkpoints": 1}}
-    lock = lock_for(spec, plan={"micro_batch": 8}, spec_path=str(tmp_path / "spec.yaml"))
+    lock = lock_for(CHECKPOINT_EVAL_SPEC, plan={"micro_batch": 8}, spec_path=str(tmp_path / "spec.yaml"))
     steps = lock["evaluation"]["tasks"]["checkpoint_steps"]["pretrain"]
     assert steps == [2, 3]
     job = TrainJob.from_lock(lock, None, build_dir=tmp_path)
@@ -755,14 +758,7 @@ def test_eval_step_finds_a_torchtitan_stages_checkpoints_under_llmc_run_dir(tmp_
 
     build, runs = tmp_path / "build", tmp_path / "shared"
     build.mkdir()
-    spec = {"name": "e", "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
-                                       vocab_size=512, max_seq_len=64),
-            "hardware": {"gpu": "cpu", "count": 1},
-            "data": {"sources": [{"name": "docs", "path": "docs.jsonl"}], "seq_len": 32, "tokens": 1024},
-            "training": {"precision": "fp32", "global_batch_tokens": 256,
-                         "checkpoint": {"interval_steps": 1, "keep_latest": 3}},
-            "eval": {"tasks": ["hellaswag"], "every_checkpoints": 1}}
-    lock = lock_for(spec, plan={"micro_batch": 8}, spec_path=str(build / "spec.yaml"))
+    lock = lock_for(CHECKPOINT_EVAL_SPEC, plan={"micro_batch": 8}, spec_path=str(build / "spec.yaml"))
     (build / "plan.lock.json").write_text(json.dumps(lock))
     steps = lock["evaluation"]["tasks"]["checkpoint_steps"]["pretrain"]
     job = TrainJob.from_lock(lock, None, build_dir=build)

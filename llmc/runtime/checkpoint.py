@@ -50,7 +50,6 @@ from inside the load.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -64,7 +63,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from llmc.runtime.errors import CheckpointError  # noqa: F401  (re-exported: defined without torch)
+from llmc.fileio import sha256_file
+from llmc.runtime.errors import CheckpointError  # (defined without torch, for prepare / check)
 
 FORMAT = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -139,14 +139,6 @@ def _write_json(obj: Any, path: Path) -> None:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:

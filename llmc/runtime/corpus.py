@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from llmc import sources
+from llmc.fileio import sha256_file
 from llmc.sources import clean_text
 from llmc.spec.schema import BUILTIN_CORPORA
 
@@ -89,14 +90,6 @@ def fingerprint(root: Path | None = None) -> str:
     return h.hexdigest()[:32]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_records(path: Path, records, max_docs: int | None = None, max_chars: int | None = None) -> dict:
     """Write ``records`` as JSONL atomically (a temporary file, fsynced, then renamed); {"docs", "chars"}."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -126,12 +119,12 @@ def cached_corpus(name: str = "python-docs") -> Path | None:
     target = root / "corpora" / f"{name}-{fingerprint()}.jsonl"
     digest = target.with_name(target.name + ".sha256")
     try:
-        if target.is_file() and digest.is_file() and digest.read_text().strip() == _sha256(target):
+        if target.is_file() and digest.is_file() and digest.read_text().strip() == sha256_file(target):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         _write_records(target, iter_docstrings())
         tmp = digest.with_name(f"{digest.name}.tmp{os.getpid()}")
-        tmp.write_text(_sha256(target) + "\n")
+        tmp.write_text(sha256_file(target) + "\n")
         os.replace(tmp, digest)
     except OSError:
         return None
