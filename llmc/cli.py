@@ -604,7 +604,7 @@ def export(
     = None,
 ) -> None:
     """Write a Hugging Face model directory (safetensors, config, tokenizer) from a stage's checkpoint."""
-    from llmc.runtime.hf_io import main as export_main  # torch: only for this command
+    from llmc.runtime.export import main as export_main  # torch: only once the stage is found
 
     rc = export_main([f"--stage={stage}", *([f"--out={out}"] if out else []), "--", str(run_dir)])
     if rc:

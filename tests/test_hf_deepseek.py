@@ -338,7 +338,7 @@ def test_export_from_a_torchtitan_deepseek_dcp_checkpoint(tmp_path):
     import torch.distributed.checkpoint as dcp
     from test_build_fakes import lock_for
 
-    from llmc.runtime.hf_io import export_checkpoint
+    from llmc.runtime.export import export_checkpoint
 
     arch = Architecture(name="t", n_layers=2, d_model=24, n_heads=3, d_ff=40, vocab_size=77, max_seq_len=64,
                         norm_eps=1e-6,
@@ -480,7 +480,7 @@ def _export_titan_checkpoint(tmp_path, sd: dict, arch) -> Path:
     import torch.distributed.checkpoint as dcp
     from test_build_fakes import lock_for
 
-    from llmc.runtime.hf_io import export_checkpoint
+    from llmc.runtime.export import export_checkpoint
 
     dcp.save(dict(sd), checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / "step-8"))
     spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},

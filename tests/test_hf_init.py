@@ -584,7 +584,7 @@ def test_export_from_a_torchtitan_dcp_checkpoint(tmp_path):
     import torch.distributed.checkpoint as dcp
     from test_build_fakes import lock_for
 
-    from llmc.runtime.hf_io import export_checkpoint
+    from llmc.runtime.export import export_checkpoint
     from llmc.spec.model import Architecture
 
     arch = Architecture(name="t", n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=96, vocab_size=512,

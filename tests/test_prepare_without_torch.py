@@ -66,3 +66,25 @@ def test_a_trainer_that_does_not_compile_imports_no_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "True"]
+
+
+EXPORT_NO_TORCH = NO_TORCH.replace("from llmc.runtime.entry import main\nsys.exit(main(sys.argv[1:]))",
+                                   "from llmc.cli import main\nsys.argv[0] = 'llmc'\nmain()")
+
+
+def test_a_refused_export_imports_no_torch(tmp_path):
+    """``llmc export`` finds the lock, the stage and its output before it imports torch: a wrong folder, a stage the
+    lock does not know or one that has not run is one ``error[R010]`` line from a process that cannot import torch
+    (each such refusal cost ~4 s of CPU importing it first)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    build = tmp_path / "build"
+    _build(build, "corpus/*.jsonl", {"corpus/a.jsonl": 5}, quality=False)
+    cases = [(empty, "pretrain", "no plan.lock.json"), (build, "sft", "sft"),
+             (build, "pretrain", "has no output yet"), (build / "run", "pretrain", "has no output yet")]
+    for folder, stage, says in cases:
+        p = subprocess.run([sys.executable, "-c", EXPORT_NO_TORCH, "export", str(folder), "--stage", stage],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1, (folder, stage, p.stdout[-1000:], p.stderr[-3000:])
+        assert "error[R010]" in lines[0] and says in lines[0], (folder, stage, lines)

@@ -12,3 +12,7 @@ class CheckpointError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """Training cannot continue (loss spikes beyond max_rewinds, bad layout, ...); one-line message."""
+
+
+class HFError(ValueError):
+    """A Hugging Face checkpoint that cannot be loaded / written; ``str(e)`` is one line."""

@@ -17,7 +17,8 @@ Out: :func:`export_hf` writes config.json, generation_config.json, sharded safet
 (``huggingface_hub.split_torch_state_dict_into_shards``, plus the index when sharded) and the tokenizer
 files (with a Jinja ``chat_template`` for chat stages); :func:`export_peft_adapter` writes LoRA adapters
 in PEFT's format; :func:`export_checkpoint` does both from any finished stage; ``python -m
-llmc.runtime.hf_io RUN_DIR --stage S`` is its command line (:func:`main`).
+llmc.runtime.hf_io RUN_DIR --stage S`` is its command line (:func:`main`; both live in :mod:`llmc.runtime.export`, which
+checks the lock, the stage and its output before torch is imported).
 
 Name mapping (llmc/torchtitan <-> HF Llama / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE), as HF
 ``convert_llama_weights_to_hf.py``::
@@ -103,7 +104,6 @@ spec's ``norm_eps``: the logits are equal when norm_eps is 1e-6 (DeepSeek-V3's v
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -119,6 +119,8 @@ from torch import nn
 
 from llmc.fileio import expand_user
 from llmc.rope import rope_attention_factor
+from llmc.runtime.errors import HFError
+from llmc.runtime.export import main  # ``python -m llmc.runtime.hf_io``
 from llmc.spec.chat import CHAT_TEMPLATES
 from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
 from llmc.spec.hf import HF_ACTIVATIONS, quantization_method
@@ -126,10 +128,6 @@ from llmc.spec.schema import LORA_HF_NAMES
 
 HF_TARGETS = {ours: hf for hf, ours in LORA_HF_NAMES.items()}  # llmc's LoRA target -> its HF module name
 _IGNORED_HF = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
-
-class HFError(ValueError):
-    """A Hugging Face checkpoint that cannot be loaded / written; ``str(e)`` is one line."""
-
 
 # ----------------------------------------------------------------------------- names
 
@@ -1195,14 +1193,6 @@ def _stage_arch(job):
     return job.arch
 
 
-def _find_lock(run_dir: Path) -> tuple[Path, Path]:
-    """(lock path, stage-run root holding <stage>/) from a build dir or its run/ dir."""
-    for lock, root in ((run_dir / "plan.lock.json", run_dir / "run"), (run_dir.parent / "plan.lock.json", run_dir)):
-        if lock.exists():
-            return lock, root
-    raise HFError(f"{run_dir}: no plan.lock.json here or in the parent (give the build dir)")
-
-
 # torchtitan 0.3.0 FQNs that differ from llmc's: its Llama attention keeps q/k/v in a ``qkv_linear`` container;
 # its MoE (models/common/moe.py) stacks experts as ``routed_experts.inner_experts.w{1,3}_EFD / w2_EDF`` (the
 # same [E, F, D] / [E, D, F] layout as llmc's) and keeps the DeepSeek-V3 bias as the ``expert_bias_E`` buffer
@@ -1347,58 +1337,6 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
         except HFError as e:
             res["adapter_note"] = str(e)
     return res
-
-
-def export_checkpoint(run_dir: str | Path, stage: str, out: str | Path | None = None) -> dict[str, Any]:
-    """``llmc export RUN_DIR --stage S``: write ``<RUN_DIR>/run/<S>/hf`` (or ``out``) from stage S's final
-    checkpoint. RUN_DIR is the build dir (with plan.lock.json) or its ``run/`` folder."""
-    from llmc.lockfile import read_lock
-    from llmc.runtime.job import TrainJob
-
-    run_dir = Path(run_dir).resolve()
-    lock_path, root = _find_lock(run_dir)
-    lock = read_lock(lock_path)  # a regular file of bounded size, a current lock (never a FIFO or /dev/zero)
-    job = TrainJob.from_lock(lock, stage)
-    stage_dir = root / job.stage
-    from llmc.runtime.capabilities import titan_dump_subdir
-
-    # torchtitan's dump folder (its DCP checkpoints): the pre-training job's, or the stage's own job's
-    own = bool((job.stage_plan or {}).get("layout"))
-    titan = lock_path.parent / "outputs" / titan_dump_subdir(job.stage if own else None)
-    if not stage_dir.is_dir() and not titan.is_dir():
-        raise HFError(f"{stage_dir}: stage {stage!r} has no output yet (run `llmc launch` first)")
-    tok_dir = lock_path.parent / "assets"
-    res = export_stage(job, stage_dir, out, tokenizer_dir=tok_dir if (tok_dir / "tokenizer.json").exists() else None,
-                       search=(titan,) if job.kind in ("pretrain", "midtrain", "long_context") else ())
-    if res.get("hf") is None:
-        raise HFError(f"stage {stage!r}: {res['why']}")
-    return res
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llmc.runtime.hf_io",
-                                 description="Export a finished stage as a Hugging Face model directory.")
-    ap.add_argument("run_dir", type=Path, help="build dir (with plan.lock.json) or its run/ folder")
-    ap.add_argument("--stage", required=True, help="stage name (pretrain for the main pre-training)")
-    ap.add_argument("-o", "--out", type=Path, default=None, help="output dir (default RUN_DIR/run/<stage>/hf)")
-    a = ap.parse_args(argv)
-    from torch.distributed.checkpoint.api import (
-        CheckpointException,  # (a BaseException: a bad DCP checkpoint)
-    )
-
-    try:
-        res = export_checkpoint(a.run_dir, a.stage, a.out)
-    except (HFError, ValueError, OSError, KeyError) as e:
-        print(f"{a.run_dir}: error[R010] export {a.stage}: {e}", file=sys.stderr)
-        return 1
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 (what the stage's files hold is the user's: a
-        # malformed DONE.json or checkpoint is one error line, never a traceback)
-        why = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
-        print(f"{a.run_dir}: error[R010] export {a.stage}: unreadable run files ({type(e).__name__}: {why}) (check "
-              f"the stage's DONE.json and checkpoints, or rerun the stage)", file=sys.stderr)
-        return 1
-    print(f"wrote {res['hf']}" + (f" and {res['adapter']}" if res.get("adapter") else ""))
-    return 0
 
 
 if __name__ == "__main__":
