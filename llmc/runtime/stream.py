@@ -51,12 +51,21 @@ deterministic and ranks differ. A source that reaches the end of this rank's sha
 a source is empty (fewer documents ``n`` than ranks: a few books, a small curated file) reads the whole source,
 from document ``rank mod n`` on, so the ranks that share it start at different documents.
 
-State (``state_dict()``, plain JSON): ``{"version", "seed", "seq_len", "rank", "world", "samples",
-"rng": <PCG64 state>, "sources": [{"name", "epoch", "docs", "buffer"[, "pooled"]}]}`` where ``docs`` is the
-number of this rank's documents of the current epoch already tokenised and ``buffer`` the tokens not yet in a
-window. Resuming re-opens each source at document ``docs`` (cheap skips as above) and continues from the
-buffer, so the continuation is exactly what the uninterrupted run would have produced. The world size
-and seq_len must match the checkpoint (changing them would change the shards).
+State (``state_dict()``, plain JSON, ``version`` 2): ``{"version", "seed", "seq_len", "rank", "world",
+"samples", "rng": <PCG64 state>, "sources": [{"name", "epoch", "docs", "dealing"[, "held"][, "pooled"]}]}`` where
+``docs`` is the number of this rank's documents of the current epoch already tokenised. The tokens read but not yet
+in a window (the buffer) are not stored: a window takes ``seq_len + 1`` tokens and drops ``seq_len``, and a document
+is read only while the buffer holds fewer than ``seq_len + 1`` tokens, so what a window leaves is always a suffix (at
+least one token) of the last document read, the one at position ``docs - 1``. ``held = {"skip", "tokens", "crc32"}``
+names it: that document's tokens + EOS without the first ``skip``, ``tokens`` of them, with the CRC-32 of their
+little-endian int64 bytes (:func:`_token_crc`). Its size does not depend on the document's length (the token list
+it replaces was a whole book's tokens in every checkpoint of every rank). Resuming re-opens each source at document
+``docs - 1`` (cheap skips as above), tokenises that one document again and checks length and checksum (a mismatch:
+the source's files changed since the checkpoint, a ValueError naming it), then continues, so the continuation is
+exactly what the uninterrupted run would have produced; the document is re-read at the first window after
+``load_state_dict``, as the readers are re-opened. A version-1 state stored the buffer itself (``"buffer"``: its
+tokens) and resumes from it as before. The world size and seq_len must match the checkpoint (changing them would
+change the shards).
 
 With llmc's tokenizer the packing matches :mod:`llmc.runtime.data` (no BOS, EOS after each document)::
 
@@ -73,6 +82,7 @@ import functools
 import heapq
 import itertools
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -520,6 +530,9 @@ class _SourceStream:
         self._it: Iterator[str] | None = None
         self.balanced = True  # parquet row groups by deal_row_groups (False: restored from a state without it)
         self.pooled: int | None = None  # the whole source, from this document on (None: this rank's shard)
+        self._last: int | None = None  # tokens + EOS of document `docs - 1` (None: not known, nothing read yet)
+        self._held: dict | None = None  # a restored state's `held`, replayed at the next window
+        self._adopt = False  # a version-1 buffer restored: find its document at the next window
 
     def _open(self) -> None:
         if self.pooled is None:
@@ -542,7 +555,53 @@ class _SourceStream:
             raise ValueError(f"data source {self.src.name!r} ({self.src.path}) has no documents: nothing to train on")
         self.pooled, self._it = self.rank % n, None
 
+    def _reread_last(self) -> list[int] | None:
+        """Document ``docs - 1`` of the current epoch tokenised again, + EOS, read through a reader opened there
+        (the same construction as :meth:`_open`, pooled rotation included), which then stands at ``docs`` as the
+        uninterrupted run's did; None when the source no longer has that document."""
+        self.docs -= 1
+        try:
+            self._open()
+            doc = next(self._it, None)
+        finally:
+            self.docs += 1
+        if doc is None:
+            self._it = None
+            return None
+        return [*self.tokenize(doc), self.eos_id]
+
+    def _changed(self, what: str) -> ValueError:
+        return ValueError(
+            f"data source {self.src.name!r} ({self.src.path}): its files changed since the checkpoint ({what}), so "
+            "the run cannot continue where it stopped; restore the files as they were, or start the stage afresh "
+            "(`llmc launch BUILD --no-resume` sets the earlier run aside)")
+
+    def _replay(self) -> None:
+        """Rebuild the buffer a version-2 state names (``held``: the module docstring's State) and check it."""
+        skip, n, crc = (int(self._held[k]) for k in ("skip", "tokens", "crc32"))
+        where = f"document {self.docs - 1} of the share that slot {self.rank} of {self.world} reads, epoch {self.epoch}"
+        toks = self._reread_last()
+        if toks is None:
+            raise self._changed(f"{where}, is gone")
+        if len(toks) != skip + n or _token_crc(toks[skip:]) != crc:
+            raise self._changed(f"{where}, no longer gives the {n} tokens after its first {skip} that the checkpoint "
+                                "held")
+        self.buffer, self._last, self._held = toks[skip:], len(toks), None
+
+    def _adopt_buffer(self) -> None:
+        """A version-1 state's buffer (its tokens, used as they are): find it again as the suffix of document
+        ``docs - 1``, so this run's states name it (``held``) instead of storing it; if that document no longer
+        ends with it, the buffer goes on being stored as tokens until the next document is read."""
+        self._adopt = False
+        toks = self._reread_last()
+        if toks is not None and len(toks) >= len(self.buffer) and toks[len(toks) - len(self.buffer):] == self.buffer:
+            self._last = len(toks)
+
     def next_window(self) -> list[int]:
+        if self._held is not None:
+            self._replay()
+        elif self._adopt:
+            self._adopt_buffer()
         need = self.seq_len + 1
         fresh_epoch = self.docs == 0
         while len(self.buffer) < need:
@@ -558,25 +617,54 @@ class _SourceStream:
                 self.epoch, self.docs, self._it = self.epoch + 1, 0, None
                 fresh_epoch = True
                 continue
-            self.buffer.extend(self.tokenize(doc))
+            toks = self.tokenize(doc)
+            self.buffer.extend(toks)
             self.buffer.append(self.eos_id)  # EOS separates packed documents
             self.docs += 1
+            self._last = len(toks) + 1
         window = self.buffer[:need]
-        del self.buffer[:self.seq_len]  # stride seq_len: the last label is the next window's first input
+        # stride seq_len: the last label is the next window's first input. A document was read only while the buffer
+        # held <= seq_len tokens, so the tokens kept (>= 1) are a suffix of the last one: what `held` names
+        del self.buffer[:self.seq_len]
         return window
 
     def state(self) -> dict:
-        st = {"name": self.src.name, "epoch": self.epoch, "docs": self.docs, "buffer": list(self.buffer),
+        st = {"name": self.src.name, "epoch": self.epoch, "docs": self.docs,
               "dealing": "balanced" if self.balanced else "strided"}
+        if self._held is not None:  # restored, not replayed yet: the same buffer
+            st["held"] = dict(self._held)
+        elif self.buffer and self._last is not None and len(self.buffer) <= self._last and self.docs > 0:
+            st["held"] = {"skip": self._last - len(self.buffer), "tokens": len(self.buffer),
+                          "crc32": _token_crc(self.buffer)}
+        elif self.buffer:  # a version-1 buffer not found again in its document: kept as tokens
+            st["buffer"] = list(self.buffer)
         if self.pooled is not None:
             st["pooled"] = self.pooled
         return st
 
     def restore(self, st: dict) -> None:
-        self.epoch, self.docs, self.buffer = int(st["epoch"]), int(st["docs"]), [int(t) for t in st["buffer"]]
+        self.epoch, self.docs = int(st["epoch"]), int(st["docs"])
         self.balanced = st.get("dealing", "strided") == "balanced"  # the shard `docs` counts in
         self.pooled = int(st["pooled"]) if st.get("pooled") is not None else None
-        self._it = None  # re-opened lazily at `docs`
+        self._it = None  # re-opened lazily at `docs` (at `docs - 1` to replay a held document)
+        self._last, self._held, self._adopt = None, None, False
+        if "buffer" in st:  # version 1 (or a version-1 buffer carried on): the tokens themselves
+            self.buffer = [int(t) for t in st["buffer"]]
+            self._adopt = bool(self.buffer) and self.docs > 0
+        else:
+            self.buffer = []
+            held = st.get("held")
+            if held and int(held["tokens"]) > 0:
+                if self.docs < 1:
+                    raise ValueError(f"data source {self.src.name!r}: the checkpoint's data position is malformed "
+                                     "(tokens held but no document read)")
+                self._held = {k: int(held[k]) for k in ("skip", "tokens", "crc32")}
+
+
+def _token_crc(tokens: list[int]) -> int:
+    """CRC-32 (zlib) of the tokens as little-endian int64 bytes: the check that a replayed document gives the
+    tokens a checkpoint held."""
+    return zlib.crc32(np.asarray(tokens, dtype="<i8").tobytes())
 
 
 class StreamingMixture:
@@ -625,11 +713,15 @@ class StreamingMixture:
         return {s.src.name: s.epoch for s in self.streams}
 
     def state_dict(self) -> dict:
-        return {"version": 1, "seed": self.seed, "seq_len": self.seq_len, "rank": self.rank, "world": self.world,
+        return {"version": 2, "seed": self.seed, "seq_len": self.seq_len, "rank": self.rank, "world": self.world,
                 "samples": self.samples, "rng": self.rng.bit_generator.state,
                 "sources": [s.state() for s in self.streams]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (version 1: buffers as tokens; version 2: as ``held`` references)."""
+        if state.get("version", 1) not in (1, 2):
+            raise ValueError(f"the checkpoint's data position has version {state.get('version')!r}, newer than this "
+                             "llmc reads (1, 2); resume with the llmc version that wrote it")
         for key in ("seq_len", "world", "rank", "seed"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"{key} changed since the checkpoint ({state[key]} -> {getattr(self, key)}); "
