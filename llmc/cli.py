@@ -155,14 +155,23 @@ def _calibration(spec: Path, run, option: Path | None):
     (relative to the spec file); None when neither is given."""
     if option is None and not run.calibration:
         return None
+    import dataclasses
+
+    from llmc.fileio import sha256_file
     from llmc.measurements import MeasurementError, load_calibration
 
     try:
-        if option is not None:
-            return load_calibration(option)
-        return load_calibration(run.calibration, str(spec))
+        cal = load_calibration(option) if option is not None else load_calibration(run.calibration, str(spec))
     except MeasurementError as e:
         _fail([e.located()])
+    given = str(option) if option is not None else str(run.calibration)
+    where = Path(given) if option is not None or Path(given).is_absolute() else spec.parent / given
+    try:  # which file the plan and the lock were made with (the lock records the factors themselves); a lock is
+        # committed: an absolute path is kept as its file name only
+        return dataclasses.replace(cal, file={"path": Path(given).name if Path(given).is_absolute() else given,
+                                              "sha256": sha256_file(where)})
+    except OSError:  # (read a moment ago: replaced since; the factors are still the ones read)
+        return cal
 
 
 @_command()

@@ -326,3 +326,29 @@ def test_calibrate_refuses_the_same_measurements_twice_and_says_when_a_band_is_m
     got = _compile(calibration=one)
     assert got.calibration.calibrated and "nan" not in got.calibration.reason
     assert "no leave-one-out error band" in got.calibration.reason and got.calibration.ranking_band_pct == 6.0
+
+
+def test_the_plan_and_the_lock_record_which_calibration_file_they_were_made_with(tmp_path):
+    """The lock records the calibration's factors and provenance, and the file they were read from (as the spec
+    names it) with its sha256, so a committed build says which calibration made it; an absolute --calibration path
+    is kept as its file name (a lock names no machine paths)."""
+    import hashlib
+
+    from typer.testing import CliRunner
+
+    from llmc.cli import app
+
+    pts = [TimePoint(f"r{i}", 1.0 + i, 0.5 + 0.2 * i, 0.0, 2.0 + 1.1 * i) for i in range(5)]
+    f = tmp_path / "cals" / "h100.json"
+    f.parent.mkdir()
+    f.write_text(json.dumps(cal.calibrate("torchtitan", "h100-sxm", pts, []).to_json()))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC + "calibration: cals/h100.json\n")
+    r = CliRunner().invoke(app, ["build", str(spec), "-o", str(tmp_path / "b1")])
+    assert r.exit_code == 0, r.output
+    lock = json.loads((tmp_path / "b1" / "plan.lock.json").read_text())
+    want = {"path": "cals/h100.json", "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+    assert lock["calibration"]["calibrated"] and lock["calibration"]["file"] == want
+    r = CliRunner().invoke(app, ["plan", str(spec), "--calibration", str(f), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["calibration"]["file"] == {"path": "h100.json", "sha256": want["sha256"]}

@@ -118,6 +118,20 @@ def test_nvlink_domain_decides_which_traffic_stays_on_nvlink():
     assert gb200 < b200 / 3
 
 
+def test_a_power_cap_set_in_the_spec_lowers_the_clocks_from_the_parts_rated_power():
+    """hardware.gpu_overrides.power_w below the table entry's board power sustains (cap / rated)^(1/3) of the
+    datasheet peak (f ~ P^(1/3)), as the 500 W H100 entry does from 700 W; at or above it, the full peak."""
+    from llmc.compiler.hardware import clock_factor, with_overrides
+
+    capped = with_overrides("h100-sxm", {"power_w": 500})
+    assert clock_factor(capped) == pytest.approx((500 / 700) ** (1 / 3))
+    assert clock_factor(capped) == pytest.approx(clock_factor(GPUS["h100-hbm2e-96g"]))
+    assert clock_factor(with_overrides("h100-sxm", {"power_w": 350})) == pytest.approx(0.5 ** (1 / 3))
+    assert clock_factor(with_overrides("h100-sxm", {"power_w": 900})) == 1.0
+    # an entry that names its rated power keeps it: 600 W on the 500 W part quoted at 700 W
+    assert clock_factor(with_overrides("h100-hbm2e-96g", {"power_w": 600})) == pytest.approx((600 / 700) ** (1 / 3))
+
+
 def test_spec_overrides_and_custom_gpu():
     from llmc.compiler.hardware import with_overrides
 

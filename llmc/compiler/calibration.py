@@ -299,6 +299,9 @@ class Calibration:
     memory_band: dict | None  # leave-one-out reserved-memory error
     residuals: list[dict] = field(default_factory=list)  # per run: label, measured, uncalibrated, calibrated
     provenance: dict = field(default_factory=dict)  # inputs [{path, sha256}], llmc_version
+    # the file it was read from, as the spec or the command line names it, and its sha256 (None: not read from a
+    # file); recorded in the plan and the lock, not part of the file itself
+    file: dict | None = None
 
     def error_band_pct(self) -> float | None:
         """The expected tokens/s error (LOO mean |error|, %); None without time measurements."""

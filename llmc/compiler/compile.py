@@ -505,7 +505,8 @@ def _backend_and_calibration(run, gpu, calibration, sink, gaps=(), titan_work=Tr
         reason = f"calibration for {calibration.backend}/{calibration.gpu} not applied: this run is {name}/{gkey}"
     info = CalibrationStatus(calibrated=ok, reason=reason, error_band_pct=eb if ok else None,
                              ranking_band_pct=100 * band, backend=calibration.backend, gpu=calibration.gpu,
-                             factors=dataclasses.asdict(calibration.factors), provenance=dict(calibration.provenance))
+                             factors=dataclasses.asdict(calibration.factors), provenance=dict(calibration.provenance),
+                             file=dict(calibration.file) if calibration.file else None)
     return be_info, info, (calibration.factors if ok else None), band
 
 

@@ -413,6 +413,7 @@ class CalibrationStatus:
     gpu: str | None = None
     factors: dict[str, float] | None = None
     provenance: dict[str, Any] | None = None
+    file: dict[str, str] | None = None  # {path (as given), sha256} of the calibration file read
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,8 @@ class GpuOverrides(SpecModel):
     hbm_tbps: Float | None = Field(default=None, ge=MIN_HW, le=MAX_HBM_TBPS)
     """Memory bandwidth in TB/s."""
     power_w: Float | None = Field(default=None, ge=MIN_HW, le=MAX_POWER_W)
-    """Board power limit in W."""
+    """Board power limit in W. Below the part's rated board power (its table entry's), the sustained tensor clocks,
+    and with them the peaks, scale by (power_w / rated)^(1/3) (``llmc.compiler.hardware.clock_factor``)."""
     nvlink_gbps: Float | None = Field(default=None, ge=0, le=MAX_LINK_GBPS)
     """Scale-up bandwidth per GPU per direction in GB/s (0 = none)."""
     pcie_gbps: Float | None = Field(default=None, ge=0, le=MAX_LINK_GBPS)
