@@ -1,5 +1,5 @@
-"""Decontamination indexes every string leaf of a benchmark record: nested layouts (AI2's ARC jsonl, the
-Hugging Face ARC rows) are matched like flat ones."""
+"""Decontamination indexes every string leaf of a benchmark record, joined: nested layouts (AI2's ARC jsonl,
+the Hugging Face ARC rows) are matched like flat ones."""
 
 from __future__ import annotations
 
@@ -32,25 +32,47 @@ def _filler(rng: random.Random, n: int) -> str:
                     for _ in range(n))
 
 
+def _w(text: str) -> list[str]:
+    """The item's words split by hand (its only punctuation is ". " and "?")."""
+    return text.lower().replace(".", " ").replace("?", " ").split()
+
+
+def _grams(seqs: list[list[str]], n: int) -> set[tuple[str, ...]]:
+    return {tuple(w[i:i + n]) for w in seqs for i in range(len(w) - n + 1)}
+
+
 def test_arc_item_ngrams_are_indexed(tmp_path):
-    assert len(STEM.replace(".", " ").replace("?", " ").split()) == STEM_WORDS
+    """An item is indexed as its string leaves joined in record order (AI2: each option followed by its label;
+    HF: the options, then the labels), plus its stem followed by the gold option (``answerKey`` "C")."""
+    assert len(_w(STEM)) == STEM_WORDS
+    gold = _w(STEM + " " + OPTIONS[2])
+    labelled = [f"{t} {lab}" for t, lab in zip(OPTIONS, "ABCD", strict=True)]
+    joins = {"ai2.jsonl": _w(" ".join(["Mercury_7175875", STEM, *labelled, "C"])),
+             "hf.jsonl": _w(" ".join(["Mercury_7175875", STEM, *OPTIONS, "A B C D", "C"]))}
     for name, rec in (("ai2.jsonl", AI2), ("hf.jsonl", HF)):
         (tmp_path / name).write_text(json.dumps(rec) + "\n")
+        # 1 id + 23 stem + 19 option words + 4 labels + 1 key = 48 words joined
+        assert len(joins[name]) == 48
         idx = build_benchmark_index(DecontamConfig(benchmarks=(str(tmp_path / name),), ngram=13))
-        # the stem's 23 words give 23 - 13 + 1 = 11 13-grams; the options (4-5 words), the labels, the id and
-        # the answer key are shorter than 13 words and give none
-        assert (len(idx.grams), idx.items, idx.skipped_short) == (STEM_WORDS - 12, [f"{name}:1"], 0)
-        # with 4-grams the options count too: 4 options of 4 / 5 / 5 / 5 words -> 1 + 2 + 2 + 2
+        # the stem + gold option (28 words, 16 13-grams) shares with the join the stem's 11 13-grams and the
+        # one ending in "planetary" (option A starts "Planetary" too); its 4 reaching into option C are new
+        expect = _grams([joins[name], gold], 13)
+        assert len(expect) == (48 - 12) + (len(gold) - 12) - 12
+        assert (len(idx.grams), idx.items, idx.skipped_short) == (len(expect), [f"{name}:1"], 0)
+        assert idx.whole == {}
         idx4 = build_benchmark_index(DecontamConfig(benchmarks=(str(tmp_path / name),), ngram=4))
-        assert len(idx4.grams) == (STEM_WORDS - 3) + 7
-    # text_fields: a top-level key or a dotted path into the nested record
-    for fields, grams in ((("question.stem",), 11), (("question",), 11), (("answerKey", "id"), 0),
-                          (("question.choices.text",), 0)):
+        assert len(idx4.grams) == len(_grams([joins[name], gold], 4))
+    # text_fields: a top-level key or a dotted path into the nested record, joined in text_fields order; no
+    # gold text (the fields named are the item)
+    q_ai2 = _w(" ".join([STEM, *labelled]))
+    for fields, seq in ((("question.stem",), _w(STEM)), (("question",), q_ai2), (("answerKey", "id"), []),
+                        (("question.choices.text",), _w(" ".join(OPTIONS)))):
         idx = build_benchmark_index(DecontamConfig(benchmarks=(str(tmp_path / "ai2.jsonl"),), text_fields=fields))
-        assert len(idx.grams) == grams, fields
+        assert len(idx.grams) == len(_grams([seq], 13)), fields
+        assert idx.skipped_short == (fields == ("answerKey", "id")), fields  # 2 words, under min_words = 8
     idx = build_benchmark_index(DecontamConfig(benchmarks=(str(tmp_path / "hf.jsonl"),), ngram=4,
                                                text_fields=("choices.text",)))
-    assert len(idx.grams) == 7
+    assert len(idx.grams) == len(_grams([_w(" ".join(OPTIONS))], 4)) == 19 - 3
 
 
 def test_training_doc_quoting_an_arc_stem_is_removed(tmp_path):

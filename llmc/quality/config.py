@@ -54,27 +54,42 @@ class NearDupConfig:
 
 @dataclass(frozen=True)
 class DecontamConfig:
-    """Remove documents sharing any ``ngram``-word sequence with a benchmark item.
+    """Remove documents that contain a benchmark item: any ``ngram``-word sequence of it, or, for an item
+    shorter than ``ngram`` words but of ``min_words`` or more, its whole word sequence.
 
-    13-grams follow GPT-3's contamination analysis (Brown et al. 2020, arXiv:2005.14165,
-    Appendix C: a document is dirty when it shares any N-gram with an eval example; lm-evaluation-harness
-    uses N = 13 throughout, docs/decontamination.md). Words are lowercased ``\\w+`` runs, so whitespace
-    and punctuation do not matter. ``benchmarks`` are local files: ``.jsonl`` (each line one item) or
-    text (each non-empty line one item). An item's text is every string leaf of its record, at any
-    depth (objects and arrays are walked: AI2's ARC ``question.stem`` and ``question.choices[].text``, the
-    Hugging Face ARC ``choices.text`` list), or of the fields ``text_fields`` names (a top-level key or
-    a dotted path such as ``question.stem``). Each leaf is matched on its own, so ids, choice labels
-    and answer keys ("A", "Mercury_7175875") are shorter than ``ngram`` words and add nothing, while long
-    answer options are indexed too -- broader than lm-evaluation-harness, whose ARC task
-    decontaminates on the question only (``doc_to_decontamination_query: "Question: {{question}}..."``,
+    13-grams follow GPT-3's contamination analysis (Brown et al. 2020, arXiv:2005.14165, Appendix C: a
+    document is dirty when it shares any N-gram with an eval example; lm-evaluation-harness uses N = 13
+    throughout, docs/decontamination.md). Short items follow the same paper: section 4 also flags an example
+    "shorter than 13-grams" that a training document overlaps as a whole, and Appendix C sets N per dataset to
+    the 5th percentile example length with a minimum of 8 on non-synthetic tasks "due to spurious collisions
+    at lower values of N" (N = 8 for PIQA, OpenBookQA and WebQs in its Table C.1); examples under 8 words were
+    ignored. So ``min_words`` = 8: an item of 8 to 12 words is matched whole, a shorter one is never matched
+    and is counted in the report's ``skipped_short``.
+
+    Words are lowercased ``\\w+`` runs, so whitespace and punctuation do not matter. ``benchmarks`` are local
+    files: ``.jsonl`` (each line one item) or text (each non-empty line one item). An item's text is its
+    pieces joined in order, one space between them (:func:`llmc.quality.text.benchmark_items`): every string
+    leaf of its record, at any depth (objects and arrays are walked: AI2's ARC ``question.stem`` and
+    ``question.choices[].text``, the Hugging Face ARC ``choices.text`` list), or of the fields ``text_fields``
+    names, in that order (a top-level key or a dotted path such as ``question.stem``). Joined, an n-gram may
+    run from the question into the answer, as on a quiz or flash-card page that leaks a test item (the
+    question, then its answer); every n-gram of a single field is still one of the join. Words a page puts
+    between the two ("Answer:") break that run, so such a page is found through a question of ``ngram`` words
+    or more, not through a shorter one. Ids, choice labels and answer keys ("Mercury_7175875", "A") stay in
+    the join, where they only break the n-grams that cross them; a short record with an id leaf is therefore
+    matched whole only with its id, so name its text fields (``text_fields=("question", "answer")``). A
+    multiple-choice record that names its gold choice (``answerKey`` = a choice's ``label``, or an integer
+    ``answer`` into ``choices``; :func:`llmc.quality.text.gold_choice`) is also matched by its question joined
+    with the gold answer, the way a page that answers it reads. Broader than lm-evaluation-harness, whose ARC
+    task decontaminates on the question only (``doc_to_decontamination_query: "Question: {{question}}..."``,
     lm_eval/tasks/arc/arc_easy.yaml), and in the spirit of Llama 2's analysis (Touvron et al. 2023,
     arXiv:2307.09288, Appendix A.6), which matches n-grams of the evaluation sample, not of one field.
-    Items without an ``ngram``-word leaf are skipped and counted in the report.
     """
 
     benchmarks: tuple[str, ...] = ()
     ngram: int = 13
     text_fields: tuple[str, ...] | None = None
+    min_words: int = 8
 
 
 @dataclass(frozen=True)

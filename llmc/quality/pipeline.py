@@ -2,11 +2,13 @@
 
 1. **signatures** (``workers`` processes, one task per (source, shard)): for each document its
    exact key (:func:`llmc.quality.text.exact_key`), its MinHash (datasketch, word n-gram shingles)
-   and the first benchmark n-gram it contains, streamed: one document is held at a time, and a shard's
-   task keeps only these records (about 0.5 KB a document with 112 permutations). Written as
-   ``<shard>.json`` + ``<shard>.npy`` and then a ``.done`` marker, each by write-to-temp + ``os.replace``.
+   and the first benchmark match it contains (:func:`build_benchmark_index`: an n-gram of an item's
+   fields joined or of its question + gold answer, or a whole item of ``min_words`` to ``ngram - 1``
+   words), streamed: one document is held at a time, and a shard's task keeps only these records (about
+   0.5 KB a document with 112 permutations). Written as ``<shard>.json`` + ``<shard>.npy`` and then a
+   ``.done`` marker, each by write-to-temp + ``os.replace``.
 2. **decisions** (this process): documents are visited in source order, then index order. A
-   document is removed as ``contaminated`` if it holds a benchmark n-gram, else as ``exact_dup`` if
+   document is removed as ``contaminated`` if it holds a benchmark match, else as ``exact_dup`` if
    an earlier kept document has its exact key, else as ``near_dup`` if ``MinHashLSH`` returns an
    earlier kept document as candidate whose signature agreement (the unbiased Jaccard estimate) is at
    least ``threshold``; otherwise it is kept and indexed. The first occurrence wins. Banding only
@@ -28,7 +30,9 @@ Resumable: all work lives under ``<out>/.work/<key>/`` where key hashes the conf
 (paths, sizes, mtimes) and the benchmark files; re-running skips every shard whose marker exists,
 so an interrupted run redoes only unfinished shards and a changed input starts afresh.
 ``<out>/quality_report.json`` holds per source and per reason the documents/characters removed and
-up to ``max_examples`` examples (document id + the duplicate kept / the benchmark item matched).
+up to ``max_examples`` examples (document id + the duplicate kept / the benchmark item matched and the
+words matched, ``ngram``); its ``benchmarks`` entry counts the items, those matched whole (``short_items``)
+and those too short to match at all (``skipped_short``).
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ REASONS = ("contaminated", "exact_dup", "near_dup")
 SCHEME = "affine32"  # datasketch >= 2.0 default permutation scheme
 #: hashed into the work key: bump when the decisions or the output layout for the same inputs change (2:
 #: candidates checked against the threshold, empty shingle sets never near duplicates; 3: one output per
-#: source in source order, parts of PART_DOCS documents)
-VERSION = 3
+#: source in source order, parts of PART_DOCS documents; 4: benchmark n-grams of an item's joined text and of
+#: its question + gold answer, whole items shorter than the n-gram matched)
+VERSION = 4
 #: kept documents per output part (``part-<k>.jsonl``)
 PART_DOCS = 100_000
 
@@ -104,37 +109,78 @@ class QualityResult:
 
 @dataclass
 class BenchmarkIndex:
+    """What a document is matched against: every ``ngram``-word n-gram of the items' texts
+    (:func:`benchmark_items`), and, for a text of ``min_words`` to ``ngram - 1`` words, its whole word
+    sequence (``whole[k]``: the hashes of the k-word texts). ``heads`` holds each such text's first word and
+    ``prefix`` the hash of its first ``min_words`` words: a document hashes a ``min_words``-word window only
+    where a head word starts it, and its k-word windows only where that prefix matches, so the whole texts add
+    a set lookup per word and little hashing."""
+
     ngram: int
     grams: dict[int, int]  # n-gram hash -> item number
     items: list[str]  # item ids
-    skipped_short: int
+    skipped_short: int  # items without a text of min_words words or more: never matched
+    min_words: int = 0
+    whole: dict[int, dict[int, int]] = field(default_factory=dict)  # words -> hash of the whole text -> item
+    prefix: set[int] = field(default_factory=set)
+    heads: set[str] = field(default_factory=set)
+    short_items: int = 0  # items matched through a whole text (shorter than ngram)
 
 
 def build_benchmark_index(cfg: DecontamConfig) -> BenchmarkIndex:
+    """Index the n-grams of every text of every item, and the whole word sequence of each text shorter than
+    ``ngram`` but of ``min_words`` words or more (GPT-3's "overlap with the whole example when it is shorter
+    than 13-grams", arXiv:2005.14165 section 4); items with no text that long are counted in
+    ``skipped_short``."""
+    if cfg.ngram < 1 or cfg.min_words < 1:
+        raise ValueError(f"decontaminate.ngram and decontaminate.min_words must be >= 1, got {cfg.ngram} and "
+                         f"{cfg.min_words}; hint: the defaults are 13 and 8 (GPT-3, arXiv:2005.14165 App. C)")
     grams: dict[int, int] = {}
+    whole: dict[int, dict[int, int]] = {}
+    prefix: set[int] = set()
+    heads: set[str] = set()
     items: list[str] = []
-    skipped = 0
+    skipped = short = 0
     for path in cfg.benchmarks:
-        for item_id, pieces in benchmark_items(path, cfg.text_fields):
+        for item_id, texts in benchmark_items(path, cfg.text_fields):
             num = len(items)
             items.append(item_id)
-            added = False
-            for piece in pieces:
-                w = words(piece)
-                for i in range(len(w) - cfg.ngram + 1):
-                    grams.setdefault(ngram_hash(w[i:i + cfg.ngram]), num)
+            added = as_whole = False
+            for text in texts:
+                w = words(text)
+                if len(w) >= cfg.ngram:
+                    for i in range(len(w) - cfg.ngram + 1):
+                        grams.setdefault(ngram_hash(w[i:i + cfg.ngram]), num)
                     added = True
+                elif len(w) >= cfg.min_words:
+                    whole.setdefault(len(w), {}).setdefault(ngram_hash(w), num)
+                    prefix.add(ngram_hash(w[:cfg.min_words]))
+                    heads.add(w[0])
+                    added = as_whole = True
             skipped += not added
-    return BenchmarkIndex(cfg.ngram, grams, items, skipped)
+            short += as_whole
+    whole = dict(sorted(whole.items()))  # shortest first: the loop over lengths can stop at a document's end
+    return BenchmarkIndex(cfg.ngram, grams, items, skipped, cfg.min_words, whole, prefix, heads, short)
 
 
 def _first_benchmark_hit(text: str, bench: BenchmarkIndex) -> tuple[int, str] | None:
+    """(item number, the words matched) of the first benchmark n-gram or whole short item in ``text``, by
+    position (an n-gram first at a tie); None when there is none."""
     w = words(text)
     n = bench.ngram
-    for i in range(len(w) - n + 1):
-        item = bench.grams.get(ngram_hash(w[i:i + n]))
-        if item is not None:
-            return item, " ".join(w[i:i + n])
+    m = bench.min_words if bench.whole else 0
+    for i in range(len(w)):
+        if i + n <= len(w):
+            item = bench.grams.get(ngram_hash(w[i:i + n]))
+            if item is not None:
+                return item, " ".join(w[i:i + n])
+        if m and w[i] in bench.heads and i + m <= len(w) and ngram_hash(w[i:i + m]) in bench.prefix:
+            for k, table in bench.whole.items():
+                if i + k > len(w):
+                    break
+                item = table.get(ngram_hash(w[i:i + k]))
+                if item is not None:
+                    return item, " ".join(w[i:i + k])
     return None
 
 
@@ -332,7 +378,8 @@ def run_quality(sources: Sequence[QualitySource], config: QualityConfig, out_dir
     result = QualityResult(out / "quality_report.json", outputs, reports, count,
                            asdict(band) | {"s_half": band.s_half} if band is not None else None,
                            {"items": len(bench.items), "skipped_short": bench.skipped_short,
-                            "ngrams": len(bench.grams), "ngram": bench.ngram} if bench is not None else None)
+                            "ngrams": len(bench.grams), "ngram": bench.ngram, "min_words": bench.min_words,
+                            "short_items": bench.short_items} if bench is not None else None)
     report = {"config": _settings(config), "banding": result.banding, "benchmarks": result.benchmarks,
               "sources": {k: asdict(v) for k, v in reports.items()},
               "totals": _totals(reports)}

@@ -77,15 +77,60 @@ def select_field(rec: dict, field: str) -> list[object]:
     return values
 
 
-def benchmark_items(path: str | Path, text_fields: tuple[str, ...] | None) -> Iterator[tuple[str, list[str]]]:
-    """(item id "file:line", its text pieces) of one benchmark file (.jsonl records or text lines).
+def _label(value: object) -> str | None:
+    """A choice label or answer key as text ("C", "3"; JSON may hold either as a number), else None."""
+    return str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
 
-    A record's pieces are every string leaf (:func:`string_leaves`) of the fields ``text_fields`` names
-    (:func:`select_field`; None: the whole record), so nested layouts count: AI2's ARC jsonl
-    (``{"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}``), the Hugging Face ARC rows
-    (``"choices": {"text": [...], "label": [...]}``), lists of answers. Ids, labels and answer keys are
-    pieces too; each piece is matched on its own (no n-gram spans two pieces), so one shorter than the
-    n-gram contributes nothing and cannot cause a false match.
+
+def gold_choice(rec: dict) -> list[str] | None:
+    """[question, gold answer] of a multiple-choice record that says which choice is gold, else None.
+
+    Two conventions are read: an ``answerKey`` equal to one choice's ``label`` (ARC, OpenBookQA and
+    CommonsenseQA, both as AI2's jsonl ``{"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}``
+    and as the Hugging Face rows ``{"question" | "question_stem", "choices": {"text": [...], "label": [...]},
+    "answerKey"}``), and an integer ``answer`` indexing a ``choices`` list of strings (MMLU's rows,
+    ``cais/mmlu``). Layouts that name the gold choice otherwise (PIQA's ``label`` over ``sol1`` / ``sol2``,
+    HellaSwag's over ``endings``) are not read: those items are matched through their fields joined."""
+    question = rec.get("question", rec.get("question_stem"))
+    choices = rec.get("choices")
+    if isinstance(question, dict):
+        question, choices = question.get("stem"), question.get("choices", choices)
+    if not isinstance(question, str):
+        return None
+    answer, key = rec.get("answer"), _label(rec.get("answerKey"))
+    if isinstance(choices, list) and all(isinstance(c, str) for c in choices):
+        if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+            return [question, choices[answer]]
+        return None
+    if key is None:
+        return None
+    if isinstance(choices, list):
+        pairs = [(c.get("label"), c.get("text")) for c in choices if isinstance(c, dict)]
+    elif (isinstance(choices, dict) and isinstance(choices.get("label"), list)
+          and isinstance(choices.get("text"), list) and len(choices["label"]) == len(choices["text"])):
+        pairs = list(zip(choices["label"], choices["text"], strict=True))
+    else:
+        return None
+    gold = [text for label, text in pairs if _label(label) == key and isinstance(text, str)]
+    return [question, gold[0]] if len(gold) == 1 else None
+
+
+def benchmark_items(path: str | Path, text_fields: tuple[str, ...] | None) -> Iterator[tuple[str, list[str]]]:
+    """(item id "file:line", the texts it is matched by) of one benchmark file (.jsonl records or text lines).
+
+    The first text is the item joined: its pieces in order, one space between them. A record's pieces are
+    every string leaf (:func:`string_leaves`) of the fields ``text_fields`` names, in that order
+    (:func:`select_field`), or of the whole record in document order when ``text_fields`` is None, so nested
+    layouts count: AI2's ARC jsonl (``{"id", "question": {"stem", "choices": [{"text", "label"}]},
+    "answerKey"}``), the Hugging Face ARC rows (``"choices": {"text": [...], "label": [...]}``), lists of
+    answers. A test item leaks into a training document as its question followed by its answer (a quiz or
+    flash-card page), so an n-gram may span two pieces; the join keeps each piece's words contiguous, so every
+    n-gram of a single piece is an n-gram of the join too. Ids, labels and answer keys ("Mercury_7175875",
+    "A") stay in the join: they break the n-grams that cross them, and an n-gram holding one is still made of
+    the item's own words in the item's order. With ``text_fields`` None, a multiple-choice record that names
+    its gold choice (:func:`gold_choice`) has a second text, the question joined with the gold answer: how the
+    item reads in a document that answers it, which the join (all choices in order, labels among them) holds
+    for the first choice only. A text line is one piece.
     """
     p = Path(path)
     with open_jsonl(p) as fh:
@@ -94,7 +139,12 @@ def benchmark_items(path: str | Path, text_fields: tuple[str, ...] | None) -> It
                 continue
             if p.suffix in (".jsonl", ".json"):
                 rec = jsonl_record(line, f"{p}:{n}")
-                values = [rec] if text_fields is None else [v for k in text_fields for v in select_field(rec, k)]
-                yield f"{p.name}:{n}", [clean_text(s) for v in values for s in string_leaves(v)]
+                values = [rec] if text_fields is None else [v for k in text_fields
+                                                            for v in select_field(rec, k)]
+                texts = [" ".join(clean_text(s) for v in values for s in string_leaves(v))]
+                gold = gold_choice(rec) if text_fields is None else None
+                if gold is not None:
+                    texts.append(" ".join(clean_text(s) for s in gold))
+                yield f"{p.name}:{n}", texts
             else:
                 yield f"{p.name}:{n}", [clean_text(line)]

@@ -31,7 +31,8 @@ def quality_config(q, resolve=lambda p: Path(p)):
     if q.decontaminate is not None:
         d = q.decontaminate
         dc = DecontamConfig(benchmarks=tuple(str(resolve(b)) for b in d.benchmarks), ngram=d.ngram,
-                            text_fields=tuple(d.text_fields) if d.text_fields is not None else None)
+                            text_fields=tuple(d.text_fields) if d.text_fields is not None else None,
+                            min_words=d.min_words)
     return QualityConfig(exact=q.exact, near_dup=nd, decontaminate=dc, workers=q.workers)
 
 

@@ -163,8 +163,15 @@ class Decontaminate(SpecModel):
     """Benchmark files (``.jsonl`` items or text lines), relative to the spec file."""
     text_fields: list[str] | None = None
     """jsonl fields to match: a key or a dotted path into nested items (``question.stem``, ``choices.text``).
-    None = every string in the item, nested ones included (ARC-style items); each is matched on its own, so ids
-    and answer labels shorter than ``ngram`` words add nothing."""
+    None = every string in the item, nested ones included (ARC-style items). An item's strings are joined in
+    order, so an n-gram may run from its question into its answer; ids and labels in the join only break the
+    n-grams that cross them. With None, a multiple-choice item naming its gold choice (``answerKey``) is also
+    matched as its question followed by the gold answer."""
+    min_words: Int = Field(default=8, gt=0, le=MAX_NGRAM)
+    """An item (joined) shorter than ``ngram`` words but of at least this many is matched whole: a document
+    holding its entire word sequence is contaminated; shorter items are never matched (counted as
+    ``skipped_short`` in the report). 8 as GPT-3's minimum N on non-synthetic tasks, set against spurious
+    collisions (arXiv:2005.14165 App. C)."""
 
 
 class Quality(SpecModel):
