@@ -121,20 +121,28 @@ class Measurement:
     line: int = 0  # the table row's line in ``source`` (0: the whole file), where an error about it points
     notes: list[str] = field(default_factory=list)
     lock: str | None = None  # the plan.lock.json the run's prediction comes from (llmc metrics, a torchtitan log)
+    hardware: object = None  # llmc.compiler.hardware.GPU the run's plan was computed on (a lock's spec, with its
+    # hardware.gpu_overrides and node settings applied); None: the table entry ``gpu``
 
 
 # ----------------------------------------------------------------------------------------- parsers
 
 
 def parse_torchtitan_log(text: str) -> list[TitanStep]:
-    """Every metrics line of a torchtitan log (other lines are ignored; colour codes are stripped)."""
+    """Every training metrics line of a torchtitan log (other lines are ignored; colour codes are stripped).
+
+    torchtitan 0.3.0 (``components/metrics.py``, ``MetricsProcessor.log``) prints a training step as
+    ``step: N  loss: ...  grad_norm: ...  memory: ...  tps: ...``, and a validation pass (``log_validation``) as
+    ``validate step: N  loss: ...  memory: ...  tps: ...``: the evaluation's tokens/s (a forward only) and its memory
+    peak, which are not the training step's. A line whose ``step:`` follows a word (``validate step:``) is such a
+    line, not a training step."""
     out = []
     for raw in text.splitlines():
         line = _ANSI.sub("", raw)
         if "step:" not in line or "loss:" not in line:
             continue
         m = _TITAN.search(line)
-        if m is None:
+        if m is None or line[: m.start()].rstrip()[-1:].isalpha():  # "validate step:", not a training step
             continue
 
         def num(k: str, m=m) -> float | None:
@@ -203,12 +211,33 @@ def _from_lock(lock: dict, lock_path: str, label: str, source: str) -> Measureme
                                "pass the plan.lock.json written by llmc build, unedited")
     be = (lock.get("backend") or {}).get("name") or "native"
     comp = (lock.get("backend") or {}).get("compile")
-    hw = lock.get("hardware") or {}
-    return Measurement(label=label, source=source, backend=be, gpu=hw.get("key") or spec.hardware.gpu,
+    gpu = lock_gpu(spec, lock_path)
+    return Measurement(label=label, source=source, backend=be, gpu=gpu.key, hardware=gpu,
                        model=spec.model, seq_len=spec.data.seq_len, precision=spec.training.precision, plan=plan,
                        gpus_per_node=spec.hardware.gpus_per_node, compile=comp, fp8_recipe=spec.training.fp8_recipe,
                        offload_optimizer=spec.parallelism.offload_optimizer,
                        offload_params=spec.parallelism.offload_params, lock=lock_path)
+
+
+def lock_gpu(spec, lock_path: str):
+    """The GPU a lock's plan was computed on: its spec's table entry (or custom part) with ``hardware.gpu_overrides``
+    applied, then the node settings (``gpus_per_node``, ``inter_node_gbps``, ...), exactly as ``llmc plan`` builds it
+    (``compile.spec_gpu`` and ``compile.cluster_gpu``). Predicting the run on the plain table entry instead would
+    make the fitted factors absorb the overrides (a peak overridden 2x fits a compute_scale of ~2 on a run measured
+    at the plan's own prediction, which the plan then applies on top of the override). Its ``key`` is the name
+    ``llmc plan`` looks a calibration up by: the table's canonical key (never an alias), or a custom GPU's own name."""
+    from llmc.compiler.compile import cluster_gpu, spec_gpu
+
+    try:
+        gpu = spec_gpu(spec)
+    except (KeyError, TypeError, ValueError) as e:  # overrides llmc cannot apply (a hand-edited lock)
+        raise MeasurementError(lock_path, 0, "K005", "hardware", f"cannot apply the spec's hardware.gpu_overrides "
+                               f"({type(e).__name__}: {e})", "pass the plan.lock.json written by llmc build, "
+                               "unedited") from None
+    if gpu is None:
+        raise MeasurementError(lock_path, 0, "K005", "hardware.gpu", f"unknown llmc GPU key {spec.hardware.gpu!r} "
+                               "(no table entry, and no gpu_overrides that define it)", "llmc gpus lists them")
+    return cluster_gpu(spec, gpu)
 
 
 def _planned_stage(lock: dict) -> str:
@@ -339,6 +368,47 @@ def read_torchtitan_log(path: str | Path, lock_path: str | Path) -> Measurement:
 
 
 _TABLE_REQUIRED = ("model", "gpus", "seq_len", "dp_shard", "micro_batch", "global_batch")
+#: Every column :func:`table_row` reads (benchmarks/README.md, Schema), on a row or as a file-level key.
+TABLE_COLUMNS = frozenset((
+    "id", "model", "gpus", "seq_len", "dp_replicate", "dp_shard", "tp", "pp", "pp_schedule", "vp", "cp", "ep",
+    "micro_batch", "global_batch", "ac", "ac_layers", "zero_stage", "precision", "quantization", "compile",
+    "compile_loss", "async_tp", "offload_optimizer", "offload_params", "loss_chunks", "gpus_per_node", "backend",
+    "gpu_key", "gpu_key_exact", "gpu_part", "system", "kind", "tokens_per_s_per_gpu", "mem_gib", "mem_kind"))
+#: Informational columns: documented in benchmarks/README.md (the source, its table and sweep, figures the source
+#: derives from the measured ones) or common notes; read by nobody, so allowed. Any other column of one's own is
+#: allowed when its name starts with :data:`TABLE_EXTRA_PREFIX`.
+TABLE_INFO_COLUMNS = frozenset((
+    "source", "use", "table", "sweep", "derived", "local_batch", "tflops_per_gpu", "mfu", "date", "url", "notes",
+    "note", "comment",
+    # the Megatron-Bridge rows' printed columns (benchmarks/README.md): read by scripts/bench_fidelity.py, not by
+    # table_row (such a row lacks the layout columns dp_shard, micro_batch, global_batch, and is refused for that)
+    "release", "page_line", "model_label", "gbs", "mbs", "fsdp", "dp", "ga"))
+TABLE_EXTRA_PREFIX = "x_"
+# the spec's and other tools' names of a table column: named in the error when the column is unknown
+_COLUMN_SYNONYMS = {"activation_checkpointing": "ac", "pp_virtual_stages": "vp", "zero": "zero_stage",
+                    "schedule": "pp_schedule", "gpu": "gpu_key", "world_size": "gpus", "num_gpus": "gpus",
+                    "sequence_length": "seq_len", "tps": "tokens_per_s_per_gpu", "memory": "mem_gib",
+                    "mem": "mem_gib", "fp8_recipe": "quantization"}
+
+
+def check_columns(keys, source: str, line: int, where: str = "column") -> None:
+    """K004 for the first key of a table row (or file) that is neither a column :func:`table_row` reads nor an
+    informational one: a misspelled column would otherwise be read as absent (``activation_checkpointing`` for
+    ``ac``: every row without recomputation). The error names the closest known column."""
+    import difflib
+
+    known = sorted(TABLE_COLUMNS | TABLE_INFO_COLUMNS)
+    for k in keys:
+        name = str(k)
+        if name in TABLE_COLUMNS or name in TABLE_INFO_COLUMNS or name.startswith(TABLE_EXTRA_PREFIX):
+            continue
+        low = name.strip().lower()
+        close = (low if low in TABLE_COLUMNS or low in TABLE_INFO_COLUMNS else _COLUMN_SYNONYMS.get(low)
+                 or next(iter(difflib.get_close_matches(low, known, n=1, cutoff=0.6)), None))
+        hint = (f"did you mean {close!r}? " if close else "") + (
+            f"see benchmarks/README.md, Schema; a column of your own: name it {TABLE_EXTRA_PREFIX}{name.strip()}")
+        shown = _shown(name) if name.strip() else "(unnamed)"
+        raise MeasurementError(source, line, "K004", name.strip()[:60] or "(unnamed)", f"unknown {where} {shown}", hint)
 
 
 def table_cell(r: dict, file_keys: dict, k: str, default=None):
@@ -374,6 +444,7 @@ def table_row(r: dict, file_keys: dict, source: str, line: int) -> Measurement:
     def get(k, default=None):
         return table_cell(r, file_keys, k, default)
 
+    check_columns(r.keys(), source, line)
     for k in _TABLE_REQUIRED:
         if get(k) is None:
             raise MeasurementError(source, line, "K004", k, f"missing {k!r}", "see benchmarks/README.md, Schema")
@@ -387,6 +458,8 @@ def table_row(r: dict, file_keys: dict, source: str, line: int) -> Measurement:
     if not backend or not gpu:
         raise MeasurementError(source, line, "K004", "backend" if not backend else "gpu_key",
                                "every row needs a backend and an llmc gpu_key")
+    part = _table_part(gpu, source, line, "gpu_part" if get("gpu_part") is not None else "gpu_key")
+    gpu = part.key  # the canonical key (h100-sxm5 -> h100-sxm): the one `llmc plan` looks a calibration up by
     def bad(k: str, want: str):
         return MeasurementError(source, line, "K004", k, f"{k} must be {want}, got {_shown(get(k))}",
                                 "see benchmarks/README.md, Schema")
@@ -469,7 +542,12 @@ def table_row(r: dict, file_keys: dict, source: str, line: int) -> Measurement:
                             activation_checkpointing=ac, ac_layers=ac_layers, zero_stage=zero)
     except ValueError as e:
         raise MeasurementError(source, line, "K004", "layout", str(e), "see benchmarks/README.md, Schema") from None
+    gpn = None if get("gpus_per_node") is None else whole("gpus_per_node")
+    _check_layout(plan, PRESETS[name], whole("gpus"), replace(part, gpus_per_node=gpn) if gpn else part,
+                  bool(flag("offload_optimizer", False)), bool(flag("offload_params", False)), source, line)
     tps, mem = positive("tokens_per_s_per_gpu"), positive("mem_gib")
+    if mem is not None:
+        _check_memory(mem, part, source, line)
     kind = str(get("mem_kind", "reserved"))
     if flag("offload_params", False) and not (flag("offload_optimizer", False) and zero == 3):
         raise MeasurementError(source, line, "K004", "offload_params", "offload_params needs offload_optimizer and "
@@ -477,7 +555,7 @@ def table_row(r: dict, file_keys: dict, source: str, line: int) -> Measurement:
     return Measurement(
         label=str(get("id", f"{Path(source).name}:{line}")), source=source, backend=str(backend), gpu=str(gpu),
         model=PRESETS[name], seq_len=whole("seq_len"), precision=prec, plan=plan,
-        gpus_per_node=None if get("gpus_per_node") is None else whole("gpus_per_node"), compile=flag("compile"),
+        gpus_per_node=gpn, compile=flag("compile"),
         async_tp=bool(flag("async_tp", False)), fp8_recipe=recipe if prec == "fp8" else None,  # (a file-level
         # recipe names the fp8 rows' one: a bf16 row has none)
         offload_optimizer=bool(flag("offload_optimizer", False)),
@@ -488,6 +566,72 @@ def table_row(r: dict, file_keys: dict, source: str, line: int) -> Measurement:
         tokens_per_s_per_gpu=tps, line=line,
         reserved_bytes=mem * GiB if mem is not None and "alloc" not in kind else None,
         allocated_bytes=mem * GiB if mem is not None and "alloc" in kind else None)
+
+
+def _table_part(key: str, source: str, line: int, column: str):
+    """The llmc GPU a table row names (any key ``llmc gpus`` accepts, aliases included), or the K005 located on the
+    row: checked per row, before the runs are grouped by (backend, GPU), so a mistyped key is named where it is."""
+    import difflib
+
+    from llmc.compiler.hardware import _ALIASES, GPUS, get_gpu
+
+    part = get_gpu(str(key))
+    if part is None:
+        close = difflib.get_close_matches(str(key).strip().lower(), sorted({*GPUS, *_ALIASES}), n=1, cutoff=0.6)
+        raise MeasurementError(source, line, "K005", column, f"unknown llmc GPU key {_shown(key)}",
+                               f"did you mean {close[0]!r}?" if close else "llmc gpus lists them")
+    return part
+
+
+#: A measured peak above the GPU's memory by more than this is no measurement of that GPU: vendors quote HBM in GB
+#: (1e9 bytes) where some parts carry as many GiB (the H100's "80 GB" is 80 GiB of HBM3: 79.1 GiB visible to
+#: ``torch.cuda.mem_get_info``, 1.06x llmc's 80e9 bytes), so the slack is 1.25x.
+MEM_MAX_OVER_HBM = 1.25
+#: The smallest non-zero reserved peak PyTorch's CUDA caching allocator can report: one 2 MiB block of its small-object
+#: pool (``kSmallBuffer``, c10/cuda/CUDACachingAllocator.cpp). Anything less is not a GiB figure.
+MEM_MIN_GIB = 2 / 1024
+
+
+def _check_memory(mem_gib: float, part, source: str, line: int) -> None:
+    """K004 for a table's measured memory (``mem_gib``) that no run on ``part`` can have: above the GPU's memory
+    (x :data:`MEM_MAX_OVER_HBM`) or below :data:`MEM_MIN_GIB`. Bytes, MB or MiB written as GiB land there; GB
+    written as GiB (7 % apart) cannot be told from a real figure and are the table's to convert."""
+    hbm_gib = part.hbm_bytes / GiB
+    if MEM_MIN_GIB <= mem_gib <= MEM_MAX_OVER_HBM * hbm_gib:
+        return
+    units = next((f"; {mem_gib:g} / {div} = {mem_gib / div:.4g} GiB: was it {unit}?"
+                  for div, unit in ((GiB, "bytes"), (1024.0, "MiB"), (1000.0, "MB"), (2**20, "KiB"))
+                  if MEM_MIN_GIB <= mem_gib / div <= MEM_MAX_OVER_HBM * hbm_gib), "")
+    where = (f"above the {hbm_gib:.1f} GiB of {part.key}" if mem_gib > hbm_gib else "below any GPU run's peak")
+    raise MeasurementError(source, line, "K004", "mem_gib", f"mem_gib {mem_gib:g} is {where}",
+                           f"mem_gib is the peak per GPU in GiB (2^30 bytes){units}")
+
+
+def _check_layout(plan: ParallelPlan, arch, gpus: int, part, offload_optimizer: bool, offload_params: bool,
+                  source: str, line: int) -> None:
+    """The checks ``llmc plan`` runs on a pinned layout (``checks.check_pins``: P002 a TP group beyond the node or
+    NVLink domain, P003 heads not divisible by TP, P001 more stages than layers, P007 EP, P012 / P014 / P015), on a
+    table row's layout: a run llmc would refuse to plan is a mistyped row, and fitting it would bend the factors. The
+    first error is one K004 line on the row with the plan's own message."""
+    from types import SimpleNamespace
+
+    from llmc.compiler.checks import Sink, check_pins
+    from llmc.spec.schema import Parallelism
+
+    par = Parallelism.model_construct(
+        dp_replicate=plan.dp_replicate, dp_shard=plan.dp_shard, tp=plan.tp, pp=plan.pp, cp=plan.cp, ep=plan.ep,
+        pp_schedule=plan.pp_schedule, pp_virtual_stages=plan.pp_virtual_stages, micro_batch=plan.micro_batch,
+        activation_checkpointing=plan.activation_checkpointing,
+        ac_layers=plan.ac_layers if plan.activation_checkpointing == "partial" else None, zero_stage=plan.zero_stage,
+        offload_optimizer=offload_optimizer, offload_params=offload_params)
+    sink = Sink(None, source)
+    check_pins(SimpleNamespace(parallelism=par, model=arch, hardware=SimpleNamespace(count=gpus)), part, sink)
+    err = next((d for d in sink.items if d.severity == "error"), None)
+    if err is not None:
+        column = {"tp": "tp", "pp": "pp", "ep": "ep", "pp_virtual_stages": "vp", "ac_layers": "ac_layers",
+                  "offload_params": "offload_params"}.get(err.path.rpartition(".")[2], "layout")
+        raise MeasurementError(source, line, "K004", column, f"llmc plan refuses this layout ({err.code}): "
+                               f"{err.message}", err.hint)
 
 
 def _literals(model: str, name: str) -> tuple[str, ...]:
@@ -507,12 +651,14 @@ def _literals(model: str, name: str) -> tuple[str, ...]:
 
 
 def read_table(path: str | Path) -> list[Measurement]:
-    """Measured layouts from a YAML (benchmarks/ schema) or CSV file."""
+    """Measured layouts from a YAML (benchmarks/ schema) or CSV file; every column checked (:func:`check_columns`),
+    and a row repeated whole or an ``id`` given twice refused (:func:`_check_repeats`)."""
     p = Path(path)
-    text = _read_text(p, "K001", "table")
+    text = _table_text(p)
     if p.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(io.StringIO(text)))
-        return [table_row(r, {}, str(p), i + 2) for i, r in enumerate(rows)]
+        rows = _csv_rows(text, str(p))
+        _check_repeats(rows, {}, str(p))
+        return [table_row(r, {}, str(p), line) for r, line in rows]
     import yaml
 
     loader = yaml.SafeLoader(text)  # what yaml.safe_load does, keeping the node tree for the rows' lines
@@ -531,16 +677,115 @@ def read_table(path: str | Path) -> list[Measurement]:
     if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
         raise MeasurementError(str(p), 0, "K004", "rows", "expected a mapping with a 'rows' list")
     file_keys = {k: v for k, v in doc.items() if k != "rows"}
+    key_lines = _key_lines(node)
+    for k in file_keys:
+        check_columns([k], str(p), key_lines.get(str(k), 0), "file-level key")
     lines = _row_lines(node)
-    out = []
+    rows = []
     for i, r in enumerate(doc["rows"]):
         line = lines[i] if i < len(lines) else 0
         if not isinstance(r, dict):
             raise MeasurementError(str(p), line, "K004", "rows", f"a row must be a mapping of column: value, got "
                                    f"{_shown(r)}", "see benchmarks/README.md, Schema")
         if r.get("kind", file_keys.get("kind", "throughput")) == "throughput":
-            out.append(table_row(r, file_keys, str(p), line))
-    return out
+            rows.append((r, line))
+    _check_repeats(rows, file_keys, str(p))
+    return [table_row(r, file_keys, str(p), line) for r, line in rows]
+
+
+def _check_repeats(rows: list[tuple[dict, int]], file_keys: dict, source: str) -> None:
+    """K004 on the second of two rows that are the same row: every cell equal, or the same ``id``. A copy-pasted row
+    counts one run twice, which narrows the leave-one-out band as a file given twice would (``llmc calibrate``
+    refuses that too); two runs of one layout are legitimate repeats (noise samples of it) and differ in their
+    measured cells or carry their own ids."""
+    seen_rows: dict[str, int] = {}
+    seen_ids: dict[str, int] = {}
+    for r, line in rows:
+        whole = json.dumps({str(k): v for k, v in r.items()}, sort_keys=True, default=str)
+        if whole in seen_rows:
+            raise MeasurementError(source, line, "K004", "rows", f"the same row as line {seen_rows[whole]} (every "
+                                   "cell equal)", "delete the copy; two runs of one layout: give each its id")
+        seen_rows[whole] = line
+        rid = table_cell(r, file_keys, "id")
+        if rid is not None and not isinstance(rid, list | dict):
+            if str(rid) in seen_ids:
+                raise MeasurementError(source, line, "K004", "id", f"id {_shown(rid)} is also the id of line "
+                                       f"{seen_ids[str(rid)]}", "give each run its own id")
+            seen_ids[str(rid)] = line
+
+
+def _table_text(p: Path) -> str:
+    """A table file's text as a spreadsheet may export it: UTF-8, with or without a byte-order mark (Excel's "CSV
+    UTF-8" writes one), or UTF-16 with its byte-order mark (Excel's "Unicode text"); else the K001 that says how to
+    save it. (Undecodable bytes are not replaced: a replaced cell would be read as another value.)"""
+    try:
+        raw = read_regular_file(p, MAX_INPUT_BYTES)
+    except OSError as e:
+        raise MeasurementError(str(p), 0, "K001", "table", f"cannot read: {e.strerror or e}") from None
+    except ValueError as e:
+        raise MeasurementError(str(p), 0, "K001", "table", f"cannot read: {e}") from None
+    hint = "save the table as UTF-8 text (a spreadsheet's 'CSV UTF-8')"
+    utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff"))
+    if not utf16 and b"\x00" in raw:
+        raise MeasurementError(str(p), 0, "K001", "table", "not a text table (NUL bytes: UTF-16 without a "
+                               "byte-order mark, or a binary spreadsheet file)", hint)
+    try:
+        return raw.decode("utf-16" if utf16 else "utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = 0 if utf16 else raw[: e.start].count(b"\n") + 1
+        raise MeasurementError(str(p), line, "K001", "table", f"not {'UTF-16' if utf16 else 'UTF-8'} text "
+                               f"({e.reason} at byte {e.start})", hint) from None
+
+
+def _csv_rows(text: str, source: str) -> list[tuple[dict, int]]:
+    """(cells by column, line) of each non-empty row of a CSV table. The separator is the header's: a comma, or a
+    semicolon or tab where the header has more of those (spreadsheets in locales with a decimal comma export
+    ``;``); line ends may be LF, CRLF or CR alone. A row with more or fewer cells than the header is refused (its
+    cells would be read under other columns), as are empty, repeated or unknown column names."""
+    first = re.split(r"\r\n|\r|\n", text.lstrip("\r\n"), maxsplit=1)[0]
+    delim = max((",", ";", "\t"), key=first.count)  # (a header holds no separator inside a name; ties: comma)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
+    rows: list[tuple[dict, int]] = []
+    header: list[str] | None = None
+    try:
+        for cells in reader:
+            if not any(c.strip() for c in cells):  # a blank line, or a spreadsheet's empty row (",,,,")
+                continue
+            if header is None:
+                header = [c.strip() for c in cells]
+                _check_header(header, source, reader.line_num)
+                continue
+            if len(cells) != len(header):
+                raise MeasurementError(source, reader.line_num, "K004", "row", f"{len(cells)} cells, the header has "
+                                       f"{len(header)} columns", "one cell per column (quote a cell that holds a "
+                                       f"{'comma' if delim == ',' else repr(delim)})")
+            rows.append(({k: v for k, v in zip(header, cells, strict=True) if k or v.strip()}, reader.line_num))
+    except csv.Error as e:
+        raise MeasurementError(source, reader.line_num, "K001", "table", f"not a CSV table: {e}",
+                               "save it as CSV (comma, semicolon or tab separated)") from None
+    return rows
+
+
+def _check_header(header: list[str], source: str, line: int) -> None:
+    """A CSV header's column names: none repeated, every one known (:func:`check_columns`); a single name holding
+    spaces or another separator is a header llmc did not split."""
+    for i, name in enumerate(header):
+        if name and name in header[:i]:
+            raise MeasurementError(source, line, "K004", _shown(name), f"column {_shown(name)} appears twice",
+                                   "one column per name")
+    if len(header) == 1 and re.search(r"[\s|:]", header[0]):
+        raise MeasurementError(source, line, "K004", "header", f"one column named {_shown(header[0])}",
+                               "separate the columns with commas, semicolons or tabs")
+    check_columns([n for n in header if n], source, line)
+
+
+def _key_lines(root) -> dict[str, int]:
+    """The 1-based line of each top-level key of a YAML document (its node tree)."""
+    import yaml
+
+    if not isinstance(root, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in root.value if isinstance(k, yaml.ScalarNode)}
 
 
 def _row_lines(root) -> list[int]:
@@ -580,11 +825,12 @@ def predicted(m: Measurement, factors=None):
     from llmc.compiler import memory, timing
     from llmc.compiler.hardware import get_gpu
 
-    gpu = get_gpu(m.gpu)
+    gpu = m.hardware if m.hardware is not None else get_gpu(m.gpu)  # a lock's run: its spec's GPU, overrides
+    # and node settings applied (lock_gpu)
     if gpu is None:
         raise MeasurementError(m.source, m.line, "K005", "gpu", f"unknown llmc GPU key {m.gpu!r}",
                                "llmc gpus lists them")
-    if m.gpus_per_node:
+    if m.gpus_per_node and m.hardware is None:
         gpu = replace(gpu, gpus_per_node=int(m.gpus_per_node))
     # the time and memory models refuse a layout they cannot lay out (ValueError: more pipeline chunks than the
     # model has blocks, ...) and overflow on absurd sizes (a 300-digit seq_len); a table row is checked for its
@@ -649,6 +895,7 @@ def calibrate_measurements(ms: list[Measurement], inputs: list[str], digests: di
     tps, mps = fit_points(ms)
     if not tps and not mps:
         raise MeasurementError(inputs[0], 0, "K001", "measurements", "no throughput or memory figures to fit")
+    timed = [m for m in ms if m.tokens_per_s_per_gpu]  # the runs of ``tps``, in order (fit_points)
     labels = [m.label for m in ms]  # two runs' stage folders are both "pretrain": a run is named with its source
     locks = sorted({m.lock for m in ms if m.lock})
     prov = {"llmc_version": llmc.__version__,
@@ -660,10 +907,82 @@ def calibrate_measurements(ms: list[Measurement], inputs: list[str], digests: di
         cal = calibrate(keys[0][0], keys[0][1], tps, mps, provenance=prov)
         type(cal).from_json(cal.to_json())
     except ValueError as e:
+        _locate_impossible(timed, tps)
         raise MeasurementError(inputs[0], 0, "K008", "fit", f"the fit is not usable ({e})",
                                "the runs disagree with llmc's model by orders of magnitude: check their units "
                                "(tokens/s per GPU, GiB)") from None
+    _check_pinned(cal, bool(tps), bool(mps), inputs[0])
+    bad = calibration_problem(cal)
+    if bad is not None:
+        raise MeasurementError(inputs[0], 0, "K008", bad[0], f"the fit is not usable: {bad[1]}",
+                               "the runs disagree with llmc's model by far more than a calibration corrects: check "
+                               "their units (tokens/s per GPU, GiB)")
     return cal
+
+
+def _locate_impossible(timed: list[Measurement], points) -> None:
+    """When no compute scale fits: the K008 on the first run whose measured step is shorter than llmc's predicted
+    communication and optimizer time alone (no compute speed explains it; in the one-factor fit its residual
+    pulls the compute scale negative), naming how many runs are so. Returns when no single run is (the fit failed
+    for the runs together)."""
+    bad = [(m, p) for m, p in zip(timed, points, strict=True) if p.measured_s <= p.comm_s + p.fixed_s]
+    if not bad:
+        return
+    m, p = bad[0]
+    others = f" ({len(bad)} of the {len(points)} runs are)" if len(bad) > 1 else (
+        " (the other run is not)" if len(points) == 2 else
+        f" (the other {len(points) - 1} runs are not)" if len(points) > 2 else "")
+    raise MeasurementError(m.source, m.line, "K008", "tokens_per_s_per_gpu",
+                           f"{m.label}: {m.tokens_per_s_per_gpu:g} tokens/s per GPU is a step of {p.measured_s:.3g} s, "
+                           f"shorter than llmc's predicted communication and optimizer time alone "
+                           f"({p.comm_s + p.fixed_s:.3g} s), which no compute speed explains{others}",
+                           "check its tokens/s for a typing or units error (per GPU, not the whole job's)")
+
+
+def _check_pinned(cal, timed: bool, memory: bool, source: str) -> None:
+    """K008 naming a fitted factor pinned at its bound (``calibration.FACTOR_BOUNDS``): the least-squares optimum
+    lies beyond it, so the written factor does not fit the runs, the calibrated predictions keep the rest of the
+    error, and a miss that large is a units error (bytes as GiB, a whole job's tokens/s as per GPU) far more often
+    than llmc's model being off by 5x in compute or 2x in memory. An error, not a warning: a written calibration is
+    applied to every later plan without its residuals being read again."""
+    from llmc.compiler.calibration import FACTOR_BOUNDS
+
+    f = cal.factors
+    for name, value, fitted, what in (("compute_scale", f.compute_scale, timed, "tokens/s"),
+                                      ("mem_scale", f.mem_scale, memory, "memory")):
+        lo, hi = FACTOR_BOUNDS[name]
+        if fitted and (math.isclose(value, lo, rel_tol=1e-9) or math.isclose(value, hi, rel_tol=1e-9)):
+            raise MeasurementError(source, 0, "K008", name, f"the fit is not usable: {name} is pinned at its bound "
+                                   f"{value:g} (allowed {lo:g} to {hi:g}): the measured {what} is further from "
+                                   "llmc's prediction than a calibration corrects",
+                                   "check the runs' units: tokens/s per GPU (not the whole job's), memory in GiB")
+
+
+def calibration_problem(cal) -> tuple[str, str] | None:
+    """(field, why) for the first value of a calibration outside what ``llmc calibrate`` can fit: a factor beyond
+    ``calibration.FACTOR_BOUNDS``, a size exponent beyond ``SIZE_EXPONENT_GRID``, a memory overhead larger than the
+    GPU's memory either way, a negative error band; None when every value is in range. A hand-edited file with such
+    a value would reach the plan (compute_scale 125: an MFU of 2900 %)."""
+    from llmc.compiler.calibration import FACTOR_BOUNDS, SIZE_EXPONENT_GRID
+    from llmc.compiler.hardware import GPUS, get_gpu
+
+    f = cal.factors
+    ranges = dict(FACTOR_BOUNDS)
+    ranges["compute_size_exponent"] = (min(SIZE_EXPONENT_GRID), max(SIZE_EXPONENT_GRID))
+    part = get_gpu(cal.gpu.split(" ")[0])  # a custom GPU (not in the table): the largest memory llmc knows
+    hbm = part.hbm_bytes if part is not None else max(g.hbm_bytes for g in GPUS.values())
+    ranges["mem_overhead_bytes"] = (-float(hbm), float(hbm))
+    for name, (lo, hi) in ranges.items():
+        v = getattr(f, name)
+        if not lo <= v <= hi:
+            return f"factors.{name}", f"factors.{name} {v:g} is outside {lo:g} to {hi:g}, the range llmc calibrate fits"
+    for band in ("time_band", "memory_band"):
+        b = getattr(cal, band) or {}
+        for q in ("mean_abs_pct", "max_abs_pct", "rms_pct"):
+            v = b.get(q)
+            if isinstance(v, int | float) and not isinstance(v, bool) and not v >= 0:
+                return f"{band}.{q}", f"{band}.{q} {v:g} is negative: an error band is a mean of absolute errors"
+    return None
 
 
 def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, backend: str | None = None,
@@ -685,8 +1004,11 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
         held = sorted({f"{m.backend}/{m.gpu}" for m in ms})
         if backend:
             ms = [m for m in ms if m.backend == backend]
-        if gpu:
-            ms = [m for m in ms if m.gpu == gpu]
+        if gpu:  # any name llmc plan accepts for it: an alias selects its canonical key's runs
+            from llmc.compiler.hardware import get_gpu
+
+            want = get_gpu(gpu).key if get_gpu(gpu) is not None else gpu.strip().lower()
+            ms = [m for m in ms if m.gpu == want]
         if not ms:
             raise MeasurementError(inputs[0] if inputs else "-", 0, "K001", "inputs", "no measured runs selected",
                                    f"the inputs hold {', '.join(held)} runs" if held else "")
@@ -720,6 +1042,11 @@ def inexact_gpu_warning(ms: list[Measurement]) -> str | None:
             f"(name the part's own llmc key as the table's gpu_part where llmc gpus lists it)")
 
 
+#: A mean error (%) this small is no error: tokens/s and memory peaks are measured to a few tenths of a percent at best
+#: (step-to-step spread of a steady run), so two fits both below it predict the runs alike.
+NEGLIGIBLE_ERR_PCT = 0.1
+
+
 def no_better_warning(cal) -> str | None:
     """One warning line when the fit predicts the measured runs no better than llmc does uncalibrated, for tokens/s
     or memory: the calibrated error is the leave-one-out one (each run predicted by factors fitted on the others;
@@ -727,7 +1054,8 @@ def no_better_warning(cal) -> str | None:
     is one run of that quantity; the uncalibrated error is the mean |error| of llmc's own predictions of the same
     runs (nothing fitted, so already an out-of-sample figure). Factors that do not beat it make the plans no
     better, or worse; the calibration is still written (the user decides), with this line naming the quantities
-    concerned. None when it is better for every quantity measured."""
+    concerned. None when it is better for every quantity measured, or when both errors are below
+    :data:`NEGLIGIBLE_ERR_PCT` (llmc already predicts those runs: there is nothing for a fit to improve)."""
     worse, fitted_any = [], 0
     for quantity, band, what in (("tokens_per_s (relative)", cal.time_band, "tokens/s"),
                                  ("reserved_bytes", cal.memory_band, "memory")):
@@ -740,7 +1068,7 @@ def no_better_warning(cal) -> str | None:
             fitted, how = band["mean_abs_pct"], "leave-one-out"
         else:
             fitted, how = statistics.fmean(abs(r["calibrated_err_pct"]) for r in res), "in-sample"
-        if fitted >= uncal:
+        if fitted >= uncal and max(fitted, uncal) >= NEGLIGIBLE_ERR_PCT:
             worse.append(f"{what} mean error {fitted:.1f}% calibrated ({how}, {len(res)} run(s)) vs {uncal:.1f}% "
                          f"uncalibrated")
     if not worse:
@@ -759,16 +1087,39 @@ def load_calibration(path: str | Path, spec_file: str | None = None):
         p = Path(spec_file).parent / p
     text = _read_text(p, "K007", "calibration", "write it with llmc calibrate")
     try:
-        return Calibration.from_json(json.loads(text))
+        cal = Calibration.from_json(json.loads(text))
     except RecursionError:
         raise MeasurementError(str(p), 0, "K007", "calibration", "cannot read the calibration: JSON nested too deeply",
                                "write it with llmc calibrate") from None
     except (OSError, json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
         raise MeasurementError(str(p), 0, "K007", "calibration", f"cannot read the calibration: {e}",
                                "write it with llmc calibrate") from e
+    bad = calibration_problem(cal)
+    if bad is not None:
+        raise MeasurementError(str(p), 0, "K007", bad[0], bad[1], "write it with llmc calibrate, unedited")
+    warning = version_warning(cal, str(p))
+    if warning:
+        print(warning, file=sys.stderr)
+    return cal
+
+
+def version_warning(cal, path: str) -> str | None:
+    """One warning line when a calibration was fitted by another llmc version than this one; None otherwise. Not an
+    error: the factors scale named terms of the time and memory model (compute, communication, reserved bytes),
+    which keep their meaning across patch releases; a release that changes the model itself shifts what the
+    factors correct, so the line says to calibrate again with this version."""
+    import llmc
+
+    made = (cal.provenance or {}).get("llmc_version")
+    if not isinstance(made, str) or made == llmc.__version__:
+        return None
+    return (f"warning: {path} was fitted by llmc {made}, this is llmc {llmc.__version__}: its factors are applied "
+            "(they scale named terms of the model, which keep their meaning across patch releases); calibrate "
+            "again with this version if its time or memory model changed")
 
 
 __all__ = ["Measurement", "MeasurementError", "TitanStep", "parse_torchtitan_log", "read_llmc_run",
            "read_torchtitan_log", "read_table", "read_any", "predicted", "fit_points", "calibrate_measurements",
            "calibrate_main", "load_calibration", "steady", "table_row", "table_cell", "table_gpu",
-           "inexact_gpu_warning", "no_better_warning", "run_metrics_file"]
+           "inexact_gpu_warning", "no_better_warning", "run_metrics_file", "check_columns", "calibration_problem",
+           "version_warning", "lock_gpu"]
