@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -143,13 +142,13 @@ def throughput_from_metrics(recs: list[dict], warmup: int) -> tuple[float | None
     return None, None
 
 
-_TITAN = re.compile(r"step:\s*(\d+).*?memory:\s*(-?[\d.]+)GiB.*?tps:\s*([\d,]+)")
-
-
 def throughput_from_titan(log_text: str, warmup: int) -> tuple[float | None, int]:
-    """Median of torchtitan's per-interval tps after ``warmup`` steps (ANSI colours stripped); number of lines."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", log_text)
-    rows = [(int(m.group(1)), float(m.group(3).replace(",", ""))) for m in _TITAN.finditer(text)]
+    """Median of torchtitan's per-interval tps after ``warmup`` steps; number of training lines. The log is read
+    by ``llmc.measurements.parse_torchtitan_log`` (what ``llmc calibrate`` reads: colours stripped, validation lines
+    not training steps)."""
+    from llmc.measurements import parse_torchtitan_log
+
+    rows = [(s.step, s.tps) for s in parse_torchtitan_log(log_text) if s.tps is not None]
     tps = [t for s, t in rows if s > warmup] or [t for _, t in rows]
     return (statistics.median(tps) if tps else None), len(rows)
 

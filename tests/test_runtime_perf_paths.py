@@ -188,6 +188,9 @@ def test_gpu_check_reads_torchtitan_and_llmc_logs():
         f"{esc}[38;2;54;234;195mmemory: 21.50GiB(15.35%)  {esc}[34mtps: {t:,}  {esc}[36mtflops: 1.00  "
         f"{esc}[35mmfu: 0.10%{esc}[39m" for s, t in ((1, 500), (5, 30000), (10, 31000), (15, 32000)))
     assert gc.throughput_from_titan(lines, warmup=4) == (31000.0, 4)
+    # a validation pass's line (its forward-only tps) is not a training step
+    val = f"[titan] INFO - {esc}[33mvalidate step: 15  loss:  7.90000  memory: 20.00GiB(14.00%)  tps: 90,000"
+    assert gc.throughput_from_titan(lines + "\n" + val, warmup=4) == (31000.0, 4)
     recs = [{"step": 1, "elapsed_s": 1.0, "tokens": 100}, {"step": 10, "elapsed_s": 3.0, "tokens": 1000},
             {"step": 20, "elapsed_s": 5.0, "tokens": 2000}]
     assert gc.throughput_from_metrics(recs, warmup=5) == (500.0, 0.2)  # (2000-1000)/(5-3), 2 s / 10 steps
