@@ -26,7 +26,6 @@ allocator warm-up and the first data-loader fill make the early steps unrepresen
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -875,10 +874,10 @@ def fit_points(ms: list[Measurement]):
 
 def sha256_file(path: str | Path) -> str:
     """The sha256 of a file; of a run folder or build directory, that of the metrics.jsonl it stands for."""
+    from llmc import fileio
+
     p = Path(path)
-    if p.is_dir():
-        p = run_metrics_file(p)
-    return hashlib.sha256(p.read_bytes()).hexdigest()
+    return fileio.sha256_file(run_metrics_file(p) if p.is_dir() else p)
 
 
 def calibrate_measurements(ms: list[Measurement], inputs: list[str], digests: dict[str, str] | None = None):
@@ -1017,7 +1016,7 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
         print(e.located(), file=sys.stderr)
         return 1
     Path(out).write_text(json.dumps(cal.to_json(), indent=2, sort_keys=True) + "\n")
-    for warning in (inexact_gpu_warning(ms), no_better_warning(cal)):
+    for warning in (inexact_gpu_warning(ms), no_better_warning(cal), *outlier_warnings(cal)):
         if warning:
             print(warning, file=sys.stderr)
     print(f"calibration {cal.backend}/{cal.gpu} from {len(ms)} run(s): {cal.factors.describe()}")
@@ -1027,6 +1026,35 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
                   f"max {band['max_abs_pct']:.1f}%")
     print(f"wrote {out}")
     return 0
+
+
+#: A run is named as a likely outlier when the factors fitted on the other runs predict it worse than both of these:
+#: OUTLIER_RATIO times the median error of those other runs under the same factors
+#: (``calibration.loo_others_spread``: a deleted residual against a robust scale of the fit without the run), and
+#: OUTLIER_MIN_PCT (below it, a run is within what llmc's uncalibrated model is off by anyway:
+#: benchmarks/RESULTS.md).
+OUTLIER_RATIO = 3.0
+OUTLIER_MIN_PCT = 20.0
+OUTLIER_MIN_RUNS = 4
+
+
+def outlier_warnings(cal) -> list[str]:
+    """One warning line per measured run that the factors fitted on the other runs predict far worse than they
+    predict each other (a typo in one row, a run on other hardware or software, a throttled node): the fit still
+    stands, but that run bends it; check it, or leave it out."""
+    out = []
+    for quantity, what in (("tokens_per_s (relative)", "tokens/s"), ("reserved_bytes", "memory")):
+        runs = [(r["label"], r["loo_err_pct"], r.get("others_err_pct")) for r in cal.residuals
+                if r.get("quantity") == quantity and isinstance(r.get("loo_err_pct"), int | float)
+                and isinstance(r.get("others_err_pct"), int | float)]
+        if len(runs) < OUTLIER_MIN_RUNS:
+            continue
+        for label, e, median in runs:
+            if abs(e) > max(OUTLIER_MIN_PCT, OUTLIER_RATIO * median):
+                out.append(f"warning: run {label}: the factors fitted on the other runs predict its {what} "
+                           f"{e:+.1f}% off (the others: median {median:.1f}%); check its row (units, layout, "
+                           f"GPU) or measure it again")
+    return out
 
 
 def inexact_gpu_warning(ms: list[Measurement]) -> str | None:
@@ -1121,5 +1149,5 @@ def version_warning(cal, path: str) -> str | None:
 __all__ = ["Measurement", "MeasurementError", "TitanStep", "parse_torchtitan_log", "read_llmc_run",
            "read_torchtitan_log", "read_table", "read_any", "predicted", "fit_points", "calibrate_measurements",
            "calibrate_main", "load_calibration", "steady", "table_row", "table_cell", "table_gpu",
-           "inexact_gpu_warning", "no_better_warning", "run_metrics_file", "check_columns", "calibration_problem",
+           "inexact_gpu_warning", "no_better_warning", "outlier_warnings", "run_metrics_file", "check_columns", "calibration_problem",
            "version_warning", "lock_gpu"]

@@ -300,3 +300,27 @@ def test_a_ten_times_typo_is_located_on_its_row(tmp_path, capsys):
     p = _write(tmp_path / "runs.csv", rows)
     line = _refused(tmp_path, capsys, p)
     assert line.startswith(f"{p}:4: error[K008] tokens_per_s_per_gpu: c: "), line
+
+
+def test_a_run_the_others_do_not_explain_is_named_but_the_fit_stands(tmp_path, capsys):
+    """One row's tokens/s 1.6x what the others' factors give (a typo, a run on other software): nothing is
+    impossible, so the calibration is written, but the row is named in one warning with its leave-one-out error,
+    recomputed here from factors fitted without it; a clean table names no run."""
+    from llmc.compiler.calibration import fit_time, predict_step
+
+    rows = _rows(tmp_path)
+    assert ms.calibrate_main([str(_write(tmp_path / "clean.csv", rows))], str(tmp_path / "c0.json")) == 0
+    assert "warning: run" not in capsys.readouterr().err
+    rows[3]["tokens_per_s_per_gpu"] = str(float(rows[3]["tokens_per_s_per_gpu"]) * 1.6)
+    p = _write(tmp_path / "runs.csv", rows)
+    assert ms.calibrate_main([str(p)], str(tmp_path / "cal.json")) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning: run")]
+    assert len(warned) == 1 and f"run {rows[3]['id']}:" in warned[0] and "tokens/s" in warned[0], warned
+    tps, _ = ms.fit_points(ms.read_table(p))
+    held = tps[3]
+    cs, cm, g = fit_time(tps[:3] + tps[4:])
+    err = 100 * (held.measured_s / predict_step(held, Factors(compute_scale=cs, comm_scale=cm,
+                                                               compute_size_exponent=g)) - 1)
+    # the others are llmc's own predictions under one set of factors, so the fit without the row recovers them and
+    # the row's error is its typo alone: 1/1.6 - 1 in tokens/s
+    assert err == pytest.approx(100 * (1 / 1.6 - 1), abs=0.01) and f"{err:+.1f}% off" in warned[0], (err, warned)

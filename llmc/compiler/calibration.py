@@ -301,6 +301,32 @@ def loo_time_errors(points: list[TimePoint], groups: list[str] | None = None, **
     return out
 
 
+def loo_others_spread(points: list[TimePoint] | list[MemPoint]) -> list[float]:
+    """For each run, the median |% error| of the *other* runs under the factors fitted on them alone: the scale
+    its leave-one-out error is compared with (a deleted residual against the spread of the fit without the run,
+    as a studentized deleted residual is; Cook & Weisberg, "Residuals and Influence in Regression", 1982,
+    sec. 2.2). A run that bends the fit makes every other run's leave-one-out error large too; the fit without it
+    does not."""
+    import statistics
+
+    out = []
+    for i in range(len(points)):
+        rest = points[:i] + points[i + 1:]
+        if not rest:
+            out.append(math.nan)
+            continue
+        if isinstance(points[i], TimePoint):
+            cs, ms, g = fit_time(rest)
+            f = Factors(compute_scale=cs, comm_scale=ms, compute_size_exponent=g)
+            errs = [_pct(p.measured_s / predict_step(p, f), 1.0) for p in rest]
+        else:
+            s, o = fit_memory(rest)
+            f = Factors(mem_scale=s, mem_overhead_bytes=o)
+            errs = [_pct(predict_memory(p, f), p.measured_bytes) for p in rest]
+        out.append(statistics.median(abs(e) for e in errs))
+    return out
+
+
 def loo_memory_errors(points: list[MemPoint]) -> list[float]:
     out = []
     for i, p in enumerate(points):
@@ -381,20 +407,28 @@ def calibrate(backend: str, gpu: str, time_points: list[TimePoint], mem_points: 
     """Fit the factors on every run, with leave-one-out error bands and per-run residuals."""
     f = fit(time_points, mem_points)
     how = {"comm_prior": choose_comm_prior(time_points)} if time_points else {}
+    loo_t = loo_time_errors(time_points) if len(time_points) >= 2 else [None] * len(time_points)
+    loo_m = loo_memory_errors(mem_points) if len(mem_points) >= 2 else [None] * len(mem_points)
+    sp_t = loo_others_spread(time_points) if len(time_points) >= 2 else [None] * len(time_points)
+    sp_m = loo_others_spread(mem_points) if len(mem_points) >= 2 else [None] * len(mem_points)
+    # per run: in-sample errors; its error under the factors fitted on the other runs, and the others' median error
+    # under those factors (loo_others_spread)
     res = []
-    for p in time_points:
+    for p, e, s in zip(time_points, loo_t, sp_t, strict=True):
         res.append({"label": p.label, "quantity": "tokens_per_s (relative)",
                     "uncalibrated_err_pct": _pct(p.measured_s / predict_step(p, IDENTITY), 1.0),
-                    "calibrated_err_pct": _pct(p.measured_s / predict_step(p, f), 1.0)})
-    for p in mem_points:
+                    "calibrated_err_pct": _pct(p.measured_s / predict_step(p, f), 1.0), "loo_err_pct": e,
+                    "others_err_pct": s})
+    for p, e, s in zip(mem_points, loo_m, sp_m, strict=True):
         res.append({"label": p.label, "quantity": "reserved_bytes",
                     "uncalibrated_err_pct": _pct(p.predicted_bytes, p.measured_bytes),
-                    "calibrated_err_pct": _pct(predict_memory(p, f), p.measured_bytes)})
+                    "calibrated_err_pct": _pct(predict_memory(p, f), p.measured_bytes), "loo_err_pct": e,
+                    "others_err_pct": s})
     return Calibration(backend=backend, gpu=gpu, factors=f,
-                       time_band=_band(loo_time_errors(time_points)) if len(time_points) >= 2 else None,
-                       memory_band=_band(loo_memory_errors(mem_points)) if len(mem_points) >= 2 else None,
+                       time_band=_band(loo_t) if len(time_points) >= 2 else None,
+                       memory_band=_band(loo_m) if len(mem_points) >= 2 else None,
                        residuals=res, provenance=dict(provenance or {}), fit=how)
 
 
-__all__ = ["RANKING_BAND_UNCALIBRATED", "SIZE_REF_D_MODEL", "SIZE_PRIOR_WEIGHT", "COMM_PRIOR_WEIGHT", "COMM_PRIOR_RELEASE", "choose_comm_prior", "Factors", "IDENTITY", "TimePoint", "MemPoint", "Calibration", "split_breakdown", "fit", "fit_time",
+__all__ = ["RANKING_BAND_UNCALIBRATED", "SIZE_REF_D_MODEL", "SIZE_PRIOR_WEIGHT", "COMM_PRIOR_WEIGHT", "COMM_PRIOR_RELEASE", "choose_comm_prior", "loo_others_spread", "Factors", "IDENTITY", "TimePoint", "MemPoint", "Calibration", "split_breakdown", "fit", "fit_time",
            "fit_memory", "predict_step", "predict_memory", "loo_time_errors", "loo_memory_errors", "calibrate"]
