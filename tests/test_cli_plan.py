@@ -425,7 +425,8 @@ def test_overrides_get_every_error_at_once_each_naming_its_override():
     lines = r.output.splitlines()
     assert lines == [
         "--set training.bogus: error[S001] training.bogus: unknown key 'bogus' (valid keys: backend, checkpoint, "
-        "compile, fp8_recipe, global_batch_tokens, grad_clip, init_hf, log_every, loss_spike, optimizer, precision, "
+        "compile, fp8_recipe, global_batch_tokens, grad_clip, init_hf, log_every, loss_spike, nvfp4_bf16_tail, optimizer, "
+        "precision, "
         "schedule, seed, steps, z_loss)",
         "--set hardware.gpu: error[S007] hardware.gpu: unknown GPU type 'h1000' (did you mean 'h800'?)"], r.output
 

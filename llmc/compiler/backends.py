@@ -30,6 +30,7 @@ FSDP group) for weights, gradients and optimizer states:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from llmc import TARGET_VERSIONS
@@ -91,6 +92,13 @@ class Backend:
     # time model speeds up those FLOPs only (fp8_converted_parts). Default: every block linear, the routed
     # experts' grouped GEMMs included; the output head and the MoE router stay bf16
     fp8_parts: frozenset[str] = frozenset({"attention", "mlp", "experts"})
+    # the parts whose linears the runner converts to NVFP4 in an nvfp4 run (nvfp4_converted_parts), in the blocks
+    # before the bf16 tail (training.nvfp4_bf16_tail); empty: the runner does not train nvfp4 (the plan refuses it,
+    # T015). The output head and the MoE router stay bf16; the routed experts too (no NVFP4 grouped GEMM converter)
+    nvfp4_parts: frozenset[str] = frozenset()
+    # speed-up of the NVFP4 linears vs bf16, capped at the fp4/bf16 dense peak ratio (linear_speedup); inf = the
+    # cap: FP4 GEMMs as efficient against the FP4 peak as bf16 ones against the bf16 peak (no NVFP4 row to fit)
+    nvfp4_linear_speedup: float = math.inf
     can_compile: bool = True  # the runner applies training.compile (torch.compile of the blocks)
     # training options the runner applies ("z_loss": the log-sum-exp penalty, "loss_spike": rewind and skip)
     applies: frozenset[str] = frozenset({"z_loss", "loss_spike"})
@@ -172,6 +180,32 @@ _SCALE = 1.0 / MX_BLOCK  # E8M0 scale bytes per fp8 byte written
 # bytes-equivalent per cast element: (dim0 cast) + (dim1 cast); fp8 writes carry 1/32 B of scales each
 MX_CAST_FUSED = (1 + _SCALE) * _MX_W0 + (2 + 1 + _SCALE) * _MX_W1
 MX_CAST_UNFUSED = (2 + 1 + _SCALE) * _MX_W0 + (2 + 1 + _SCALE) * _MX_W1
+# NVFP4 (training.precision nvfp4; NVIDIA, "Pretraining Large Language Models with NVFP4", arXiv:2509.25149): E2M1
+# elements (0.5 B) with one E4M3 scale per 16 (NVFP4_BLOCK) and a per-tensor fp32 scale. torchao's nvfp4_training
+# kernels, which torchtitan's NVFP4Linear calls (torchao/prototype/moe_training/nvfp4_training/nvfp4_linear.py,
+# nvfp4_mm_triton), quantize each input and grad_output with two Triton kernels: triton_rht_amax (the tensor's
+# row- and column-wise amax after the random Hadamard transform: reads the bf16 tensor) and
+# triton_rht_quantize_row_col (reads it again, writes the row-wise and the column-wise NVFP4 copies with their
+# scales; the Hadamard transform is computed in registers, no HBM traffic of its own); the weight, once per
+# micro-batch in the forward (the column-wise copy is saved for the backward), with a global amax (a read) and
+# triton_weight_quantize_2d (16x16 2-D scaling: reads it, writes both copies). Per element, as torchao's roofline
+# counts the nvfp4 cast (torchao/testing/training/roofline_utils.py, get_inference_tensor_memory_traffic_ovhd_s,
+# case "nvfp4": kernel 1 reads bf16 for the amax, kernel 3 reads bf16 and writes fp4 + one scale byte per 16), with
+# the two copies the training kernels write: 2 + 2 + 2 x (0.5 + 1/16) = 5.125 B. The kernels are opaque to
+# torch.compile, so nothing fuses into the producing op (the same bytes fused or not).
+NVFP4 = "nvfp4"  # the key of precision nvfp4 in the per-recipe cast tables
+NVFP4_BLOCK = 16  # elements per E4M3 scale
+NVFP4_ELEM_BYTES = 0.5  # an E2M1 element
+NVFP4_CAST = 2 * 2.0 + 2 * (NVFP4_ELEM_BYTES + 1 / NVFP4_BLOCK)
+NVFP4_CAST_SRC = ("torchao nvfp4_training kernels (nvfp4_linear.py nvfp4_mm_triton: triton_rht_amax + "
+                  "triton_rht_quantize_row_col per input / grad_output, a global amax + triton_weight_quantize_2d per "
+                  "weight per micro-batch) counted as torchao's roofline counts an nvfp4 cast (roofline_utils.py "
+                  "get_inference_tensor_memory_traffic_ovhd_s 'nvfp4': bf16 read for the amax, bf16 read + fp4 write "
+                  "+ 1 scale byte per 16 for the quantization) with both the row- and column-wise copies written: "
+                  "2 + 2 + 2 x (0.5 + 1/16) = 5.125 B per element, fused or not (Triton kernels, opaque to compile)")
+# torchao's NVFP4 Triton GEMM path requires every local GEMM dimension (tokens M, in K, out N) to be a multiple of
+# this (nvfp4_mm_triton: "requires M, K, N all divisible by 128"; torchtitan nvfp4.py _NVFP4_BLOCK)
+NVFP4_GEMM_ALIGN = 128
 _TT = "https://github.com/pytorch/torchtitan"
 # Source of Backend.zero12 = "fsdp2" (llmc's torchtitan job and native trainer)
 _FSDP2_ZERO12 = ("llmc maps ZeRO-1/2 to FSDP2 reshard_after_forward=False (torchtitan job: fsdp_reshard_after_forward "
@@ -193,10 +227,11 @@ BACKENDS: dict[str, Backend] = {
     "torchtitan": Backend(
         name="torchtitan", runnable=True, states=_FSDP2_STATES,
         base_efficiency=0.68, fp8_linear_speedup=2.0, fp8_rowwise_speedup=1.51, fp8_default_recipe="rowwise",
-        fp8_cast_bytes={"tensorwise": 4.0, "rowwise": 6.0, "mxfp8": MX_CAST_FUSED}, attn_relative_efficiency=0.6,
-        compile_default=True, eager_elementwise=3.0,
-        fp8_cast_bytes_unfused={"tensorwise": 6.0, "rowwise": 8.0, "mxfp8": MX_CAST_UNFUSED},
-        fp8_weight_cast_bytes={"tensorwise": 8.0, "rowwise": 10.0, "mxfp8": MX_CAST_UNFUSED},
+        fp8_cast_bytes={"tensorwise": 4.0, "rowwise": 6.0, "mxfp8": MX_CAST_FUSED, NVFP4: NVFP4_CAST},
+        attn_relative_efficiency=0.6, compile_default=True, eager_elementwise=3.0,
+        fp8_cast_bytes_unfused={"tensorwise": 6.0, "rowwise": 8.0, "mxfp8": MX_CAST_UNFUSED, NVFP4: NVFP4_CAST},
+        fp8_weight_cast_bytes={"tensorwise": 8.0, "rowwise": 10.0, "mxfp8": MX_CAST_UNFUSED, NVFP4: NVFP4_CAST},
+        nvfp4_parts=frozenset({"attention", "mlp"}),
         fp8_tp_gather_recipes=frozenset({"tensorwise"}), fp8_shape_stretch=True, fp8_cast_blocks_async_tp=True,
         sac_regathers_tp=True, fp8_recipes=frozenset({"rowwise", "mxfp8"}), loss_chunks=TITAN_LOSS_CHUNKS,
         zero12="fsdp2", tied_pp=False,
@@ -232,7 +267,8 @@ BACKENDS: dict[str, Backend] = {
             "torchao's MX roofline (torchao/testing/training/roofline_utils.py, mxfp8_cublas: a dim0 and a dim1 cast "
             "kernel, 1 + 3 B fused, 3 + 3 B unfused, + 1/32 B of E8M0 scale per fp8 byte) at torchao's measured B200 "
             "cast rates (dim0 5.5, dim1 3.9 TB/s against the roofline's 0.92 x 8 TB/s; torchao/prototype/mx_formats/"
-            "README.md): MX_CAST_FUSED = 7.1, MX_CAST_UNFUSED = 9.8 bytes-equivalent per element (weights: unfused)",
+            "README.md): MX_CAST_FUSED = 7.1, MX_CAST_UNFUSED = 9.8 bytes-equivalent per element (weights: unfused); "
+            "nvfp4 (NVFP4_CAST, also unfused and per weight element): " + NVFP4_CAST_SRC,
             "fp8_cast_bytes_unfused": "the same roofline without fusion: + the 2 B bf16 read (tensorwise amax "
             "pass / rowwise first read): 6 B and 8 B. Used for the casts whose input is the output of a TP "
             "all-gather (a collective cannot be fused with the cast) and in eager mode",
@@ -260,6 +296,13 @@ BACKENDS: dict[str, Backend] = {
             "Float8ColwiseParallel / PrepareFloat8ModuleInput: the input is cast on the shard, then all-gathered in fp8)",
             "fp8_default_recipe": "llmc's torchtitan job: quantize.linear.float8 recipe_name = rowwise "
             "(render_torchtitan.py)",
+            "nvfp4_parts": "torchtitan 0.3.0 components/quantization/nvfp4.py: NVFP4LinearConverter swaps the "
+            "Linear.Config entries whose FQN contains one of its fqns for NVFP4Linear; llmc's job passes the attention, "
+            "feed_forward and shared_experts of the blocks before the bf16 tail (not lm_head, not router.gate; the "
+            "routed experts are GroupedExperts, which it does not touch), as torchtitan's own "
+            "llama3_8b_first_85_pct_layers_nvfp4 config does with nvfp4_bf16_tail_fqns",
+            "nvfp4_linear_speedup": "the cap (fp4 / bf16 dense peak): torchtitan's fp8 fit lands on its cap too "
+            "(fp8_linear_speedup); no NVFP4 torchtitan throughput row to fit",
             "fp8_recipes": "torchtitan 0.3.0 components/quantization: Float8LinearConverter.Config.recipe_name is "
             "Literal['rowwise', 'rowwise_with_gw_hp'] (no tensorwise); MXFP8LinearConverter runs mxfp8",
             "fp8_parts": "llmc's torchtitan job (torchtitan 0.3.0 components/quantization): "
@@ -351,7 +394,9 @@ BACKENDS: dict[str, Backend] = {
     "megatron": Backend(
         name="megatron", runnable=False, states=_DS_STATES,
         base_efficiency=0.70, fp8_linear_speedup=1.8, fp8_rowwise_speedup=1.8, fp8_default_recipe="tensorwise",
-        fp8_cast_bytes={"tensorwise": 1.0, "rowwise": 1.0, "mxfp8": 2 * (1 + _SCALE)},
+        fp8_cast_bytes={"tensorwise": 1.0, "rowwise": 1.0, "mxfp8": 2 * (1 + _SCALE),
+                        NVFP4: 2 * (NVFP4_ELEM_BYTES + 1 / NVFP4_BLOCK)},
+        nvfp4_parts=frozenset({"attention", "mlp"}),
         attn_relative_efficiency=1.0, compile_default=False, eager_elementwise=1.0,
         fsdp_overlap=0.9, tp_overlap=0.8, async_tp_overlap=0.8, ep_overlap=0.7, ep_node_dedup=True, cp_overlap=0.5,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.08,
@@ -367,7 +412,13 @@ BACKENDS: dict[str, Backend] = {
             "per-tensor fp8 (current scaling) writes one copy that serves the rowwise and columnwise usages; MXFP8 "
             "writes both, each with one E8M0 byte per 32 elements (TE docs low_precision_training/mxfp8 and "
             "fp8_current_scaling, Handling transposes; the fused single-kernel case of performance_considerations): "
-            "2 x (1 + 1/32) B",
+            "2 x (1 + 1/32) B; NVFP4 likewise writes both usages, each 0.5 B of E2M1 per element and one E4M3 "
+            "scale byte per 16 elements (TE docs low_precision_training/nvfp4: 1D 1x16 blocks for activations and "
+            "gradients, 16x16 2D blocks for weights, the random Hadamard transform applied inside the quantization "
+            "of the wgrad inputs): 2 x (0.5 + 1/16) B",
+            "nvfp4_parts": "Transformer Engine's autocast with the NVFP4BlockScaling recipe converts the TE attention "
+            "and MLP linears, as for fp8 (fp8_parts); the routed experts are left bf16 in llmc's profile (no MoE "
+            "NVFP4 row in benchmarks/); the output layer and router are outside TE",
             "eager_elementwise": "Transformer Engine fuses norm+linear, bias+activation, RoPE (TE docs)",
             "tp_overlap": "Megatron-Core tp_comm_overlap (userbuffers comm-GEMM overlap), "
             "https://docs.nvidia.com/megatron-core/developer-guide/latest/api-guide/tensor_parallel.html",
@@ -394,6 +445,7 @@ BACKENDS: dict[str, Backend] = {
     "generic": Backend(
         name="generic", runnable=False, states=_GENERIC_STATES,
         base_efficiency=0.65, fp8_linear_speedup=1.4, fp8_rowwise_speedup=1.4, fp8_default_recipe="tensorwise",
+        nvfp4_parts=frozenset({"attention", "mlp"}),
         fp8_cast_bytes={}, attn_relative_efficiency=1.0, compile_default=False, eager_elementwise=1.0,
         fsdp_overlap=0.85, tp_overlap=0.0, async_tp_overlap=0.0, ep_overlap=0.0, ep_node_dedup=False, cp_overlap=0.5,
         logits_fp32=True, compiles_loss=False, compile_act_saving=0.0, reserved_over_allocated=1.0,
@@ -686,6 +738,101 @@ def fp8_expert_align(backend: Backend, arch, precision: str, recipe: str | None)
     return FP8_GROUPED_GEMM_ALIGN.get(recipe, 16) if "experts" in fp8_converted_parts(backend, arch, recipe) else 0
 
 
+def nvfp4_converted_layers(n_layers: int, bf16_tail: float) -> int:
+    """Leading decoder blocks an nvfp4 run converts: all but the last ceil(n_layers x bf16_tail), exactly as
+    torchtitan 0.3.0's ``nvfp4_bf16_tail_fqns(num_layers, bf16_tail_fraction)`` counts them
+    (components/quantization/nvfp4.py), floating-point rounding of the product included."""
+    return n_layers - math.ceil(n_layers * bf16_tail)
+
+
+def lowp_recipe(backend: Backend, precision: str, fp8_recipe: str | None) -> str:
+    """The key of a low-precision run in the backend's per-recipe tables (cast bytes): the fp8 recipe
+    (:func:`fp8_recipe_on`) for fp8, :data:`NVFP4` for nvfp4, the backend's fp8 default otherwise (unused)."""
+    return NVFP4 if precision == NVFP4 else fp8_recipe_on(backend, fp8_recipe)
+
+
+def converted_parts(backend: Backend, arch, precision: str, fp8_recipe: str | None = None) -> frozenset[str]:
+    """The parts (``flops.LINEAR_PARTS``) whose linears a low-precision run converts, in its converted blocks: fp8
+    (:func:`fp8_converted_parts`, every block) or nvfp4 (:attr:`Backend.nvfp4_parts`, the blocks before the bf16
+    tail: :func:`nvfp4_converted_layers`); empty for bf16 / fp32 runs. ``mlp`` only where the model has a dense FFN
+    or shared experts."""
+    if precision == "fp8":
+        return fp8_converted_parts(backend, arch, fp8_recipe_on(backend, fp8_recipe))
+    if precision != NVFP4:
+        return frozenset()
+    return frozenset(backend.nvfp4_parts) - {"experts", "router", "head"}
+
+
+def lowp_dtype(precision: str) -> str:
+    """The hardware-table precision whose peak a low-precision run's converted linears run at."""
+    return "nvfp4" if precision == NVFP4 else "fp8"
+
+
+def linear_speedup(backend: Backend, precision: str, recipe: str, peak_ratio: float) -> float:
+    """Speed-up of a low-precision run's converted linears over bf16: fp8 the backend's per recipe
+    (:attr:`Backend.fp8_rowwise_speedup` for rowwise, else :attr:`Backend.fp8_linear_speedup`), nvfp4
+    :attr:`Backend.nvfp4_linear_speedup`; never above ``peak_ratio`` (the precision's dense peak / bf16's)."""
+    if precision == NVFP4:
+        s = backend.nvfp4_linear_speedup
+    else:
+        s = backend.fp8_rowwise_speedup if recipe == "rowwise" else backend.fp8_linear_speedup
+    return min(s, peak_ratio)
+
+
+def nvfp4_linear_dims(arch, parts) -> list[tuple[str, int, int, str]]:
+    """(name, in_features, out_features, TP style) of each linear of one block that an nvfp4 run converts
+    (``parts``), as torchtitan 0.3.0 builds and shards them: a GQA block's fused wqkv (d -> (h + 2 kv) x head_dim) and
+    wo, column- and row-parallel (models/common/decoder_sharding.py); an MLA block's wq or wq_a / wq_b, wkv_a,
+    wkv_b and wo (models/deepseek_v3: wq_a and wkv_a replicated over TP, the others colwise / rowwise); the FFN's
+    w1, w3 (colwise) and w2 (rowwise), d_ff the dense FFN's or, in an MoE block, num_shared_experts x the expert
+    width (the shared experts)."""
+    d = arch.d_model
+    out: list[tuple[str, int, int, str]] = []
+    if "attention" in parts:
+        if arch.mla is not None:
+            m, h = arch.mla, arch.n_heads
+            qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+            if m.q_lora_rank:
+                out += [("attention.wq_a", d, m.q_lora_rank, "replicate"),
+                        ("attention.wq_b", m.q_lora_rank, h * qk, "colwise")]
+            else:
+                out.append(("attention.wq", d, h * qk, "colwise"))
+            out += [("attention.wkv_a", d, m.kv_lora_rank + m.qk_rope_head_dim, "replicate"),
+                    ("attention.wkv_b", m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), "colwise"),
+                    ("attention.wo", h * m.v_head_dim, d, "rowwise")]
+        else:
+            q, kv = arch.n_heads * arch.hd, arch.kv_heads * arch.hd
+            out += [("attention.qkv_linear.wqkv", d, q + 2 * kv, "colwise"), ("attention.wo", q, d, "rowwise")]
+    if "mlp" in parts:
+        if arch.moe is None:
+            out += [("feed_forward.w1", d, arch.d_ff, "colwise"), ("feed_forward.w3", d, arch.d_ff, "colwise"),
+                    ("feed_forward.w2", arch.d_ff, d, "rowwise")]
+        else:
+            from llmc.compiler.params import expert_d_ff
+
+            if arch.moe.dense_layers:
+                out += [("feed_forward.w1", d, arch.d_ff, "colwise"), ("feed_forward.w3", d, arch.d_ff, "colwise"),
+                        ("feed_forward.w2", arch.d_ff, d, "rowwise")]
+            sf = arch.moe.num_shared_experts * expert_d_ff(arch)
+            if sf:
+                out += [("moe.shared_experts.w1", d, sf, "colwise"), ("moe.shared_experts.w3", d, sf, "colwise"),
+                        ("moe.shared_experts.w2", sf, d, "rowwise")]
+    return out
+
+
+def nvfp4_misaligned(arch, parts, tp: int) -> tuple[str, int, int, str, int] | None:
+    """The first converted linear (:func:`nvfp4_linear_dims`) whose local GEMM dimension on a TP rank is not a
+    multiple of :data:`NVFP4_GEMM_ALIGN`: (name, in, out, style, the offending local dim), else None. Column-parallel
+    linears split out_features over ``tp``, row-parallel ones in_features; replicated ones keep both."""
+    for name, k, n, style in nvfp4_linear_dims(arch, parts):
+        k_loc = k / tp if style == "rowwise" else k
+        n_loc = n / tp if style == "colwise" else n
+        for dim in (k_loc, n_loc):
+            if dim != int(dim) or int(dim) % NVFP4_GEMM_ALIGN:
+                return name, k, n, style, dim
+    return None
+
+
 def deepspeed_zero_stage(par, plan, *, searched: bool, backend: str | None) -> int:
     """The ZeRO stage of the run's ds_config, which llmc's DeepSpeed runner trains pre-training and every LM stage
     with (the emitter writes it, the stage checkpoint model sizes its saves by it): a pinned ``parallelism.zero_stage``
@@ -714,4 +861,5 @@ def activation_mode(ac: str, backend: Backend) -> str:
 
 __all__ = ["deepspeed_zero_stage", "Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "ModelGap", "get_backend", "resolve_backend",
            "torchtitan_model_gaps", "torchtitan_reads_hf", "compile_on",
-           "fp8_recipe_on", "fp8_converted_parts", "activation_mode", "describe"]
+           "fp8_recipe_on", "fp8_converted_parts", "activation_mode", "describe", "converted_parts", "linear_speedup",
+           "lowp_recipe", "lowp_dtype", "nvfp4_converted_layers", "nvfp4_linear_dims", "nvfp4_misaligned"]

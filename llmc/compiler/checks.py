@@ -35,6 +35,12 @@ T011   error     an fp8_recipe the plan's backend does not run
 T012   warning   training.fp8_recipe set while training.precision is not fp8 (no effect)
 T013   warning   the backend that runs the plan does not apply training.compile, z_loss or loss_spike (timed and run
                  without it)
+T014   error     nvfp4 on a GPU without FP4 tensor cores (before Blackwell)
+T015   error     nvfp4 on a backend whose runner does not train it (only torchtitan's job does)
+T016   error     nvfp4 with training.compile: false (torchtitan's NVFP4 path is run compiled)
+T017   error     nvfp4: a converted linear's local GEMM dimension (after TP sharding), or the tokens per micro-batch,
+                 not a multiple of 128
+T018   error     training.nvfp4_bf16_tail keeps every decoder block in bf16 (nothing to convert)
 B001   error     predicted days > budget.max_days
 B002   error     predicted cost > budget.max_usd
 B003   error     budget impossible even at 60 % MFU (with the budget that would be needed)
@@ -55,6 +61,7 @@ import math
 
 from llmc.compiler.units import GiB, gib
 from llmc.diagnostics import Diagnostic, line_for
+from llmc.spec.schema import NVFP4_BF16_TAIL
 
 MAX_PLAUSIBLE_MFU = 0.60  # above the best published large-run MFUs (PaLM 46 %, Chowdhery et al. 2022 Table 3)
 BIG_PRETRAIN_PARAMS = 1e9  # T006 applies from 1B parameters (active)
@@ -115,8 +122,22 @@ def check_gpu(run, gpus: dict, sink: Sink, gpu=None) -> None:
     if run.training.precision == "fp8" and not supports(g, "fp8"):
         sink.add("T005", "error", "training.precision", f"fp8 needs FP8 tensor cores; {g.name} has none",
                  "use bf16, or Hopper/Ada/Blackwell GPUs (h100-sxm, h200, b200)")
+    elif run.training.precision == "nvfp4" and not supports(g, "nvfp4"):
+        check_nvfp4_gpu(run, g, gpus, sink)
     else:
         check_mx(run, g, gpus, sink)
+
+
+def check_nvfp4_gpu(run, g, gpus: dict, sink: Sink) -> None:
+    """T014: ``precision: nvfp4`` on a part without FP4 tensor cores (no ``fp4_tflops`` in the hardware data:
+    everything before Blackwell, SM 10.x; torchtitan's NVFP4LinearConverter refuses below SM 100)."""
+    from llmc.compiler.hardware import supports
+
+    fp4 = sorted(k for k, x in gpus.items() if supports(x, "nvfp4"))
+    sink.add("T014", "error", "training.precision",
+             f"nvfp4 needs FP4 tensor cores (Blackwell, SM 10.x); {g.name} has none",
+             f"use bf16 or fp8, or {' / '.join(fp4)} (or hardware.gpu_overrides.fp4_tflops for a part the table "
+             "lacks)")
 
 
 def check_mx(run, g, gpus: dict, sink: Sink) -> None:
@@ -173,6 +194,74 @@ def check_fp8_recipe(run, backend, sink: Sink) -> None:
                  f"the {backend.name} backend does not run the {recipe} fp8 recipe "
                  f"(it runs {', '.join(sorted(backend.fp8_recipes))})",
                  f"use fp8_recipe {' or '.join(sorted(backend.fp8_recipes))}, or another training.backend")
+
+
+def check_nvfp4(run, backend, compiled: bool, sink: Sink) -> None:
+    """An nvfp4 run the backend that will run the plan cannot train (T015: only llmc's torchtitan job converts
+    linears to NVFP4; the native trainer and the DeepSpeed runner would not), or with torch.compile turned off (T016:
+    torchtitan's NVFP4 configs compile the model for the quantization kernels' speed, and llmc times it compiled), or
+    whose bf16 tail leaves no block to convert (T018: torchtitan's ``nvfp4_bf16_tail_fqns`` raises); T017 for a
+    pinned ``parallelism.tp`` that leaves a converted linear's local dimension unaligned (:func:`check_nvfp4_layout`).
+    """
+    from llmc.compiler.backends import BACKENDS, nvfp4_converted_layers
+
+    tr = run.training
+    if tr.precision != "nvfp4":
+        return
+    if not backend.nvfp4_parts:
+        runs = [n for n, be in BACKENDS.items() if be.runnable and be.nvfp4_parts]
+        sink.add("T015", "error", "training.backend",
+                 f"nvfp4 trains on {' / '.join(runs)} only (torchtitan's NVFP4LinearConverter, torchao's "
+                 f"nvfp4_training kernels); the {backend.name} backend, which would run this plan, does not",
+                 f"set training.backend: {runs[0]} (it needs GPUs and no optimizer offload), or use bf16 / fp8")
+        return
+    if backend.name == "torchtitan" and not compiled and backend.can_compile:
+        sink.add("T016", "error", "training.compile",
+                 "nvfp4 on torchtitan runs compiled (its NVFP4 configs enable torch.compile: the NVFP4LinearConverter "
+                 "needs model_compile_enabled for competitive speed); training.compile is false",
+                 "drop training.compile: false (torchtitan compiles by default), or use bf16 / fp8")
+    n = run.model.n_layers
+    if nvfp4_converted_layers(n, tr.nvfp4_bf16_tail) <= 0:
+        sink.add("T018", "error", "training.nvfp4_bf16_tail",
+                 f"nvfp4_bf16_tail {tr.nvfp4_bf16_tail:g} keeps all {n} decoder blocks in bf16 "
+                 f"(ceil({n} x {tr.nvfp4_bf16_tail:g}) = {n - nvfp4_converted_layers(n, tr.nvfp4_bf16_tail)}): "
+                 "nothing to convert to NVFP4", f"use a smaller nvfp4_bf16_tail (default {NVFP4_BF16_TAIL:g}), or precision bf16")
+        return
+    if run.parallelism.tp is not None:
+        check_nvfp4_layout(run, backend, run.parallelism.tp, None, sink, pinned=True)
+
+
+def check_nvfp4_layout(run, backend, tp: int, tokens: int | None, sink: Sink, *, pinned: bool) -> None:
+    """T017: torchao's NVFP4 GEMMs need every local dimension a multiple of 128 (backends.NVFP4_GEMM_ALIGN): each
+    converted linear's in / out features after tensor parallelism (column-parallel ones split out_features over tp,
+    row-parallel ones in_features; backends.nvfp4_linear_dims) and the GEMM's rows, the micro-batch's ``tokens`` on
+    a rank (None: not known yet). ``pinned``: ``tp`` is the spec's (else the plan's)."""
+    from llmc.compiler.backends import NVFP4_GEMM_ALIGN, converted_parts, nvfp4_linear_dims, nvfp4_misaligned
+
+    if run.training.precision != "nvfp4" or not backend.nvfp4_parts:
+        return
+    arch = run.model
+    parts = converted_parts(backend, arch, "nvfp4")
+    bad = nvfp4_misaligned(arch, parts, tp)
+    where = "parallelism.tp" if pinned else "training.precision"
+    by = "pinned" if pinned else "the plan's"
+    if bad is not None:
+        name, k, n, style, dim = bad
+        fits = [t for t in (1, 2, 4, 8) if nvfp4_misaligned(arch, parts, t) is None and arch.n_heads % t == 0]
+        split = {"colwise": f"out_features / tp = {n} / {tp}", "rowwise": f"in_features / tp = {k} / {tp}"}.get(
+            style, "not split")
+        sink.add("T017", "error", where,
+                 f"nvfp4: {name} ({k} -> {n}, {style}) has a local dimension of {dim:g} at {by} tp {tp} "
+                 f"({split}), not a multiple of {NVFP4_GEMM_ALIGN} (torchao's NVFP4 GEMM)",
+                 (f"pin parallelism.tp to {' or '.join(map(str, fits))}" if fits else
+                  "no tp aligns this model's linears: keep it in bf16 (precision bf16 or fp8)")
+                 + f"; the converted linears: {', '.join(x[0] for x in nvfp4_linear_dims(arch, parts))}")
+        return
+    if tokens is not None and tokens % NVFP4_GEMM_ALIGN:
+        sink.add("T017", "error", "data.seq_len",
+                 f"nvfp4: {tokens} tokens per micro-batch on a rank (micro_batch x seq_len / cp) is not a multiple of "
+                 f"{NVFP4_GEMM_ALIGN} (the rows of torchao's NVFP4 GEMM)",
+                 f"use a seq_len that is a multiple of {NVFP4_GEMM_ALIGN} x cp")
 
 
 def check_cluster(run, gpu, sink: Sink) -> bool:

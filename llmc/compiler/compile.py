@@ -38,7 +38,7 @@ from llmc.spec.facts import ExternalFacts
 from llmc.spec.families import family_of
 from llmc.spec.load import LoadedSpec
 from llmc.spec.model import Architecture, RopeScaling
-from llmc.spec.schema import CONTINUED_KINDS, Hardware, RunSpec, Training
+from llmc.spec.schema import CONTINUED_KINDS, NVFP4_BF16_TAIL, Hardware, RunSpec, Training
 
 
 def model_numbers(arch: Architecture) -> ModelNumbers:
@@ -152,6 +152,8 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     elif training.precision == "fp8" and not supports(table_gpu, "fp8"):
         sink.add("T005", "error", "training.precision", f"fp8 needs FP8 tensor cores; {table_gpu.name} has none",
                  "set hardware.gpu_overrides.fp8_tflops, or use bf16")
+    elif training.precision == "nvfp4" and not supports(table_gpu, "nvfp4"):
+        checks.check_nvfp4_gpu(run, table_gpu, GPUS, sink)
     else:
         checks.check_mx(run, table_gpu, GPUS, sink)
     gpu = cluster_gpu(run, table_gpu) if table_gpu is not None else None
@@ -193,11 +195,16 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
             if g is not None:
                 sink.add(g.code, "error", where, f"stage {st.name!r}: {g.message}", g.hint)
     model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe,
-                               run.parallelism.offload_optimizer, run.parallelism.offload_params)
+                               run.parallelism.offload_optimizer, run.parallelism.offload_params,
+                               training.nvfp4_bf16_tail)
     searched = _Searched()
     if pretrains and cluster_ok and supports(gpu, training.precision) and batch_ok:
         searched = _search(run, gpu, data.seq_len, training, seqs, sink, model_opts)
     time = cost = None
+    if searched.plan is not None:  # nvfp4: the plan's TP shards and rows (a pinned tp also before: check_nvfp4)
+        pl = searched.plan
+        checks.check_nvfp4_layout(run, backends.get_backend(be_info.name), pl.tp,
+                                  pl.micro_batch * data.seq_len // pl.cp, sink, pinned=run.parallelism.tp is not None)
     if searched.plan is not None:
         sm = _step_model(arch, data.seq_len, training.precision, gpu, model_opts)
         step = timing.step_time(sm, searched.plan)[0]
@@ -286,12 +293,13 @@ class _ModelOptions:
     fp8_recipe: str | None = None  # training.fp8_recipe (None = the backend's)
     offload_optimizer: bool = False  # parallelism.offload_optimizer (ZeRO-Offload: the update runs on the host)
     offload_params: bool = False  # parallelism.offload_params (ZeRO-Infinity: the parameters on the host too)
+    nvfp4_bf16_tail: float = NVFP4_BF16_TAIL  # training.nvfp4_bf16_tail (the final blocks an nvfp4 run keeps in bf16)
 
 
 def _step_model(arch: Architecture, seq_len: int, precision: str, gpu: GPU, o: _ModelOptions):
     return timing.step_model(arch, seq_len, precision, gpu, o.backend, compile=o.compile, factors=o.factors,
                              fp8_recipe=o.fp8_recipe, offload_optimizer=o.offload_optimizer,
-                             offload_params=o.offload_params)
+                             offload_params=o.offload_params, nvfp4_bf16_tail=o.nvfp4_bf16_tail)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -478,12 +486,17 @@ def _backend_and_calibration(run, gpu, calibration, sink, gaps=(), titan_work=Tr
         recipe = run.training.fp8_recipe
         fp8 = (f"{backends.fp8_recipe_on(be, recipe)} scaling" + ("" if recipe else f" ({name}'s default)")
                if be.fp8_linear_speedup > 1 else f"the {name} backend trains it in bf16 (timed as bf16)")
+    elif run.training.precision == "nvfp4" and be.nvfp4_parts:
+        n = run.model.n_layers
+        conv = backends.nvfp4_converted_layers(n, run.training.nvfp4_bf16_tail)
+        fp8 = f"NVFP4 blocks 0-{conv - 1} of {n}, the last {n - conv} and the output head bf16"
     be_info = BackendChoice(name=name, reason=f"backend {name}: {why}; torch.compile {'on' if comp else 'off'}",
                             compile=comp, fp8=fp8)
     if name == "torchtitan":  # pinned (auto keeps off a model with gaps): what its job cannot run, at plan time
         for g in gaps:
             sink.add(g.code, "error", g.path, g.message, g.hint)
     checks.check_fp8_recipe(run, be, sink)
+    checks.check_nvfp4(run, be, comp, sink)
     checks.check_offload_backend(run, be, sink)
     checks.check_backend_options(run, be, sink)
     gkey = gpu.key if gpu is not None else ""

@@ -2,7 +2,7 @@
 
 Everything here is data with a source. Conventions (read these before using a number):
 
-* ``bf16_tflops`` / ``fp8_tflops`` are **dense** tensor-core peaks. NVIDIA datasheets print the
+* ``bf16_tflops`` / ``fp8_tflops`` / ``fp4_tflops`` are **dense** tensor-core peaks. NVIDIA datasheets print the
   2:4-structured-sparsity figure first (H100 SXM "1,979 TFLOPS BF16"); the dense figure is half of it
   (989.4). Using the sparse figure halves every predicted training time.
 * ``fp32_tflops`` is the plain (non-tensor-core) FP32 peak: PyTorch does not use TF32 for matmuls by
@@ -64,6 +64,9 @@ class GPU:
     nvlink_domain: int | None = None  # GPUs sharing one NVLink fabric (None = gpus_per_node; GB200 NVL72: 72)
     pcie_gbps: float = 0.0  # GB/s per GPU per direction over PCIe; 0 = not given
     mx_block_scaling: bool = False  # tensor cores run OCP MX block-scaled formats (MXFP8: Blackwell, SM 10.x)
+    # dense FP4 (NVFP4: E2M1 with an E4M3 scale per 16 elements) tensor peak; None = no FP4 tensor cores (before
+    # Blackwell): what ``training.precision: nvfp4`` runs its converted linears at
+    fp4_tflops: float | None = None
     host_gib: float = 0.0  # host (CPU) memory of the reference node in GiB, for offload plans; 0 = not given
     vendor: str = "nvidia"  # "nvidia" | "amd": the Kubernetes device-plugin resource (nvidia.com/gpu, amd.com/gpu)
     # SkyPilot accelerator name for a multi-node build's skypilot/task.yaml; None = none known (the task is then
@@ -192,6 +195,10 @@ _ROWS: list[dict] = [
         # Blackwell tensor cores run MXFP8 (Transformer Engine docs, MXFP8: "Supported devices: SM 10.0, SM 10.3";
         # torchtitan 0.3.0 components/quantization/mx.py: MXFP8 "only supported on SM100 or later")
         mx_block_scaling=True,
+        # HGX B200 spec table (8 GPUs): FP4 tensor core 144 PF sparse -> 18 PF sparse per GPU, halved -> 9 PF
+        # dense (https://www.nvidia.com/en-us/data-center/hgx/); torchao's roofline table has the same 9.0e15
+        # (torchao/testing/training/roofline_utils.py, "NVIDIA B200" fp4_peak_tops)
+        fp4_tflops=9000.0,
     ),
     dict(
         key="h100-nvl",
@@ -276,6 +283,9 @@ _ROWS: list[dict] = [
         power_w=1200,
         source="https://www.nvidia.com/en-us/data-center/gb200-nvl72/",
         mx_block_scaling=True,  # Blackwell (as b200)
+        # GB200 NVL72 spec table: FP4 tensor core 1,440 PF sparse / 72 GPUs = 20 PF sparse per GPU, halved -> 10 PF
+        # dense (https://www.nvidia.com/en-us/data-center/gb200-nvl72/)
+        fp4_tflops=10000.0,
     ),
     dict(
         key="b300",
@@ -300,6 +310,11 @@ _ROWS: list[dict] = [
         source="https://www.nvidia.com/en-us/data-center/hgx/ (HGX B300); https://www.nvidia.com/en-us/data-center/dgx-b300/",
         notes="Blackwell Ultra: B200's dense FP8/BF16 rates, 288 GB, 2x the attention exponent rate",
         mx_block_scaling=True,  # Blackwell (SM 10.x), as b200
+        # HGX B300 spec table (8 GPUs): FP4 tensor core 144 PF sparse | 105 PF dense -> 13.125 PF dense per GPU, the
+        # dense figure as printed, not halved (https://www.nvidia.com/en-us/data-center/hgx/,
+        # https://www.nvidia.com/en-us/data-center/dgx-b300/). Blackwell Ultra chip pages quote 14-15 PF per GPU
+        # (torchao's roofline table: 14e15); the HGX system figure is the one for the 8-GPU board this entry is
+        fp4_tflops=13125.0,
     ),
     dict(
         key="gb300",
@@ -324,6 +339,9 @@ _ROWS: list[dict] = [
         source="https://www.nvidia.com/en-us/data-center/gb300-nvl72/",
         notes="Blackwell Ultra: GB200's dense FP8/BF16 rates, 279 GB, 2x the attention exponent rate",
         mx_block_scaling=True,  # Blackwell (SM 10.x), as b200
+        # GB300 NVL72 spec table: FP4 tensor core 1,440 PF sparse | 1,080 PF dense -> 1,080 / 72 = 15 PF dense per
+        # GPU, the dense figure as printed, not halved (https://www.nvidia.com/en-us/data-center/gb300-nvl72/)
+        fp4_tflops=15000.0,
     ),
     dict(
         key="mi325x",
@@ -497,26 +515,27 @@ _PRECISION = {
     "bf16": "bf16_tflops",
     "fp16": "bf16_tflops",  # same tensor-core rate as bf16 on every part listed
     "fp8": "fp8_tflops",
+    "nvfp4": "fp4_tflops",  # NVFP4 (training.precision nvfp4): Blackwell's FP4 tensor cores
     "fp32": "fp32_tflops",
     "tf32": "tf32_tflops",
 }
 
 
 def supports(gpu: GPU, precision: str) -> bool:
-    """True when the part has a peak for this precision (fp8 needs Hopper/Ada/Blackwell/CDNA3)."""
+    """True when the part has a peak for this precision (fp8 needs Hopper/Ada/Blackwell/CDNA3, nvfp4 Blackwell)."""
     attr = _PRECISION.get(precision)
     return attr is not None and getattr(gpu, attr) is not None
 
 
 def peak_flops(gpu: GPU, precision: str) -> float:
-    """Dense peak in FLOP/s for a training precision (``bf16``, ``fp16``, ``fp8``, ``fp32``, ``tf32``).
+    """Dense peak in FLOP/s for a training precision (``bf16``, ``fp16``, ``fp8``, ``nvfp4``, ``fp32``, ``tf32``).
 
     Raises ValueError for an unknown precision or one the part lacks (fp8 on A100); callers that
     want a diagnostic should check :func:`supports` first.
 
     Note for fp8: torchao float8 training only runs the Linear matmuls in fp8 (attention, norms and
     the optimizer stay bf16/fp32), so the fp8 peak is an upper bound; MFU is conventionally quoted
-    against the bf16 peak.
+    against the bf16 peak. The same holds for nvfp4 (FP4 tensor cores), which converts the block linears only.
     """
     attr = _PRECISION.get(precision)
     if attr is None:
@@ -554,6 +573,7 @@ _OVERRIDE_FIELDS = {
     "name": ("name", None),
     "bf16_tflops": ("bf16_tflops", 1.0),
     "fp8_tflops": ("fp8_tflops", 1.0),
+    "fp4_tflops": ("fp4_tflops", 1.0),
     "fp32_tflops": ("fp32_tflops", 1.0),
     "tf32_tflops": ("tf32_tflops", 1.0),
     "hbm_gib": ("hbm_bytes", float(GiB)),

@@ -9,7 +9,10 @@ Model states (Rajbhandari et al. 2020, "ZeRO", arXiv 1910.02054, sec. 3.1 and Fi
     of HSDP (``dp_replicate``) does not shard. The shard group is dp_shard x cp (torchtitan's FSDP mesh
     ``dp_shard_cp``: context-parallel ranks hold the same weights, so FSDP shards over them too).
     fp32 training: weights are the master copy -> 4 + 4 + (K - 4). fp8 (torchao float8): parameters stay
-    bf16/fp32 exactly as for bf16 (the fp8 casts are transient), so model states are the bf16 ones.
+    bf16/fp32 exactly as for bf16 (the fp8 casts are transient), so model states are the bf16 ones. nvfp4
+    (torchtitan's NVFP4Linear over torchao's nvfp4_training) likewise keeps the bf16 weight; what its GEMMs save for
+    the backward (torchao nvfp4_mm_triton: the input's column-wise NVFP4 codes and the weight's, 0.5 + 1/16 B per
+    element, instead of the bf16 input) is not modelled: activations are sized as bf16's.
     ``grad_bytes_per_param=4`` models fp32 gradient accumulation; 6 = bf16 grads + an fp32 copy (what
     DeepSpeed's estimator assumes for ZeRO-2: 18 = 2 + 4 + 12).
     Offloaded optimizer (ZeRO-Offload, Ren et al. 2021): the fp32 master/m/v and the fp32 grads live on
@@ -357,6 +360,12 @@ def _check_param_offload(zero_stage: int, offload_optimizer: bool) -> None:
         raise ValueError("offload_params needs ZeRO stage 3 with offload_optimizer (DeepSpeed ZeRO-Infinity on CPU)")
 
 
+# bytes per element of the low-precision copies of a sequence-parallel TP all-gather's output held while the layer
+# runs (memory._stage_values): five column-parallel linears' inputs (wq, wk, wv, w1, w3), 1 B each in fp8, two
+# NVFP4 copies of 0.5 B + one scale byte per 16 each in nvfp4
+_LOWP_GATHER_COPIES = {"fp8": 5.0, "nvfp4": 5 * 2 * (0.5 + 1 / 16)}
+
+
 def _precision_bytes(precision: str, optimizer_bytes_per_param: float, grad_bytes_per_param: float | None):
     if precision == "fp32":
         # fp32 weights are the master copy: 4 + 4 + (K - 4) (K=12 -> m, v) = 16 B/param
@@ -365,8 +374,9 @@ def _precision_bytes(precision: str, optimizer_bytes_per_param: float, grad_byte
             (4.0 if grad_bytes_per_param is None else grad_bytes_per_param),
             optimizer_bytes_per_param - 4,
         )
-    if precision in ("bf16", "fp16", "fp8"):
-        # fp8: torchao float8 keeps bf16 (sharded fp32) parameters; fp8 copies are transient
+    if precision in ("bf16", "fp16", "fp8", "nvfp4"):
+        # fp8: torchao float8 keeps bf16 (sharded fp32) parameters; fp8 copies are transient. nvfp4: torchtitan's
+        # NVFP4Linear keeps the bf16 weight too (components/quantization/nvfp4.py), quantized per forward
         return 2.0, (2.0 if grad_bytes_per_param is None else grad_bytes_per_param), optimizer_bytes_per_param
     raise ValueError(f"unknown precision {precision!r}")
 
@@ -683,8 +693,10 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
                 # sequence-parallel TP all-gathers the attention and FFN inputs to the whole micro-batch before
                 # the column-parallel linears (Korthikanti et al. 2022 sec. 4.2.2), so the layer being computed
                 # holds them and, in the backward, their gradients unsplit by tp; with fp8 also the fp8 copies
-                # of the gathered input for each column-parallel linear (wq, wk, wv, w1, w3: 1 B each)
-                acts += tokens_mb * arch.d_model * (4 * act_b + (5.0 if precision == "fp8" else 0.0))
+                # of the gathered input for each column-parallel linear (wq, wk, wv, w1, w3: 1 B each); with nvfp4
+                # its row- and column-wise NVFP4 copies (2 x (0.5 + 1/16) B each: torchao nvfp4_mm_triton quantizes
+                # the input both ways)
+                acts += tokens_mb * arch.d_model * (4 * act_b + _LOWP_GATHER_COPIES.get(precision, 0.0))
             buf = buf0 + window_mask_bytes(arch, seq_len, act_b)
             if has_head:
                 buf += loss_logits_bytes(arch.vocab_size, tokens_mb, plan, compiled=loss_compiled,

@@ -58,6 +58,7 @@ from llmc.spec.chat import CHAT_TEMPLATES, OWN_TEMPLATE
 from llmc.spec.facts import ExternalFacts
 from llmc.spec.families import FAMILIES, family_by_name
 from llmc.spec.schema import (
+    BF16_PRECISIONS,
     CHAT_KINDS,
     CONTINUED_KINDS,
     LM_KINDS,
@@ -602,8 +603,8 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
 
 def autocasts(env: _Env) -> bool:
     """Whether llmc's trainer runs the stage's forwards under bf16 autocast (``llmc.runtime.posttrain.autocasts``: a
-    bf16 or fp8 run on a GPU), where it keeps the frozen weights only matmuls read in bf16."""
-    return env.precision in ("bf16", "fp8") and env.gpu is not None and env.gpu.key != "cpu"
+    bf16, fp8 or nvfp4 run on a GPU), where it keeps the frozen weights only matmuls read in bf16."""
+    return env.precision in BF16_PRECISIONS and env.gpu is not None and env.gpu.key != "cpu"
 
 
 def matmul_weight_params(arch: Any) -> tuple[int, int]:
@@ -767,7 +768,7 @@ def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan
     par = env.run.parallelism
     lm = st.kind in LM_KINDS
     backend = stage_backend(env, st.kind)
-    precision = "bf16" if env.precision == "fp8" else env.precision
+    precision = "bf16" if env.precision in BF16_PRECISIONS else env.precision
     micro = _micro_seqs(st.kind, tr)
     seqs = tr.global_batch_seqs * (2 if st.kind == "dpo" else 1)
     dp = max(1, env.world // mem.cp)

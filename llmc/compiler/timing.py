@@ -34,7 +34,13 @@ The model, per optimizer step (m = grad_accum micro-batches, p = pp, v = virtual
   shapes, 1.045 for Llama 3 8B at TP 8, 1.016 for 70B); the casts of the converted linears are HBM
   traffic counted per element as in torchao's float8 roofline model (fused into the producing kernel or
   not, weights included);
-  MFU for fp8 runs is quoted against the bf16 peak (the usual convention).
+  MFU for fp8 runs is quoted against the bf16 peak (the usual convention). nvfp4 runs go through the same
+  terms with their own numbers (``backends.converted_parts`` etc.): the attention and FFN linears of the blocks
+  before the bf16 tail (``training.nvfp4_bf16_tail``; a per-block average: the tail's blocks are not placed on
+  their pipeline stage) at ``min(nvfp4_linear_speedup, fp4 / bf16 peak)`` x the bf16 rate, the shape penalty
+  stretched by that peak ratio, torchao's GEMM roofline with 0.5 B elements + one scale per 16, and the casts of
+  torchao's nvfp4_training kernels (backends.NVFP4_CAST); attention, the head, the router, the routed experts and
+  the tail's linears stay bf16. MFU again against the bf16 peak.
 * Communication (bandwidths from the hardware table, times ``COMM_EFFICIENCY``):
   - TP (Megatron, Narayanan et al. 2021 / Korthikanti et al. 2022): 2 all-reduces forward + 2
     backward per layer, each of b*s*h*2 bytes, ring factor 2(t-1)/t, inside the node (NVLink; PCIe
@@ -90,6 +96,7 @@ from dataclasses import dataclass, field
 from llmc.compiler.memory import eager_attention
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import TimeNumbers
+from llmc.spec.schema import NVFP4_BF16_TAIL
 
 # --- heuristics (each one named so tests and docs can cite it) ---------------------------------
 BASE_EFFICIENCY = 0.65  # achievable fraction of dense peak for large bf16 GEMMs + flash attention
@@ -191,7 +198,9 @@ class StepModel:
     fp8_weight_cast: float = 0.0  # fp8 weight-cast HBM bytes per block per micro-batch, before tp sharding
     fp8_expert_weight_cast: float = 0.0  # the same for the routed experts' weights, before tp x ep sharding
     tp_gather_bytes: float = ACT_BYTES  # bytes per element of the TP all-gathers (1: fp8 gathers)
-    fp8_linear_sec_per_flop: float = 0.0  # the fp8 linears' part of sec_per_flop (0 = not fp8)
+    # the low-precision (fp8 / nvfp4) linears' part of sec_per_flop (0 = none); the fp8_* fields below hold an
+    # nvfp4 run's numbers too (its peak, casts, shapes)
+    fp8_linear_sec_per_flop: float = 0.0
     fp8_shape_stretch: float = 1.0  # fp8 GEMMs: TOKENS_HALF / WIDTH_HALF scaled by this (see _efficiency)
     tp_gather_unfused: bool = False  # TP all-gathers feed an fp8 cast, not a GEMM (torchao rowwise float8)
     sac_regathers_tp: bool = False  # selective AC recomputes the forward TP all-gathers in the backward (backends.py)
@@ -199,7 +208,9 @@ class StepModel:
     fp8_linear_shapes: tuple[tuple[float, int, int, bool], ...] = ()
     fp8_peak: float = 0.0  # dense fp8 peak FLOP/s (0 = not fp8)
     fp8_peak_ratio: float = 1.0  # fp8 / bf16 dense peak
-    fp8_mx: bool = False  # MXFP8: the fp8 GEMMs also read one E8M0 scale per 32 input elements (roofline)
+    # bytes per input element the low-precision GEMMs read, their block scales included (roofline, as torchao
+    # counts them: fp8 1, MXFP8 1 + 1/32, NVFP4 0.5 x (1 + 1/16))
+    fp8_in_bytes: float = 1.0
     # fp8 routed experts: the alignment their grouped GEMMs need of each rank's expert width (0: experts not in
     # fp8; backends.fp8_expert_align), which the search checks for torchtitan layouts (torchtitan_layout_problem)
     fp8_expert_align: int = 0
@@ -212,7 +223,8 @@ class StepModel:
 
 def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile: bool | None = None,
                async_tp: bool = False, fp8_recipe: str | None = None, factors=None,
-               offload_optimizer: bool = False, offload_params: bool = False) -> StepModel:
+               offload_optimizer: bool = False, offload_params: bool = False,
+               nvfp4_bf16_tail: float = NVFP4_BF16_TAIL) -> StepModel:
     """Precompute the constants of the time model for one architecture on one cluster.
 
     ``gpu`` is a ``hardware.GPU`` (already carrying the spec's gpus_per_node / network overrides).
@@ -224,15 +236,23 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     exposed communication time; applied in :meth:`LayoutTimer.time` after the overlap model, so the
     reported step is exactly the linear model the calibration was fitted with); ``offload_optimizer`` =
     ZeRO-Offload (the optimizer step runs on the host: :data:`CPU_ADAM_PARAMS_PER_S`); ``offload_params`` = the
-    parameters on the host too (:data:`PARAM_FETCHES_PER_MICRO_BATCH`).
+    parameters on the host too (:data:`PARAM_FETCHES_PER_MICRO_BATCH`); ``nvfp4_bf16_tail`` = the share of final
+    blocks an nvfp4 run keeps in bf16 (``training.nvfp4_bf16_tail``).
     """
     from llmc.compiler.backends import (
         FP8_GROUPED_GEMM_ALIGN,
+        MX_BLOCK,
+        NVFP4,
+        NVFP4_BLOCK,
+        NVFP4_ELEM_BYTES,
         activation_mode,
         compile_on,
-        fp8_converted_parts,
-        fp8_recipe_on,
+        converted_parts,
         get_backend,
+        linear_speedup,
+        lowp_dtype,
+        lowp_recipe,
+        nvfp4_converted_layers,
     )
 
     be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
@@ -253,7 +273,7 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     # "selective" is the backend's kind (backends.activation_mode: per-op SAC or the attention core)
     rec = {m: float(flops.recompute_flops_per_token(arch, seq_len, activation_mode(m, be)))
            for m in ("none", "selective", "full")}
-    recipe = fp8_recipe_on(be, fp8_recipe)
+    recipe = lowp_recipe(be, precision, fp8_recipe)
 
     n_moe = 0
     expert = 0.0
@@ -276,16 +296,19 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     # fp8 (torchao float8, Transformer Engine) runs in fp8 only the linears the backend's job converts
     # (backends.fp8_converted_parts); the other linears (the output head, the MoE router, anything the job
     # leaves out) and attention stay bf16 (hardware.peak_flops note). Each part's share of the FLOPs:
-    # flops.linear_flops_by_part
-    fp8_parts = fp8_converted_parts(be, arch, recipe) if precision == "fp8" else frozenset()
-    fp8_share = flops.linear_share(arch, seq_len, fp8_parts) if fp8_parts else 0.0
+    # flops.linear_flops_by_part. nvfp4 converts its parts (backends.converted_parts) in the blocks before the bf16
+    # tail only: their share x the converted blocks' fraction (a per-block average)
+    lowp = precision in ("fp8", NVFP4)
+    fp8_parts = converted_parts(be, arch, precision, fp8_recipe) if lowp else frozenset()
+    conv = nvfp4_converted_layers(L, nvfp4_bf16_tail) / L if precision == NVFP4 else 1.0
+    lp_peak = peak_flops(gpu, lowp_dtype(precision)) if fp8_parts else peak
+    fp8_share = flops.linear_share(arch, seq_len, fp8_parts) * conv if fp8_parts else 0.0
     fp8_lin = 0.0
     speedup = 1.0
     if fp8_share:
-        # the converted linears run fp8_linear_speedup x faster than in bf16 (never above the fp8/bf16 peak
-        # ratio)
-        speedup = be.fp8_rowwise_speedup if recipe == "rowwise" else be.fp8_linear_speedup
-        speedup = min(speedup, peak_flops(gpu, "fp8") / peak)
+        # the converted linears run the backend's speed-up x faster than in bf16 (never above the low-precision /
+        # bf16 peak ratio: backends.linear_speedup)
+        speedup = linear_speedup(be, precision, recipe, lp_peak / peak)
         fp8_lin = fp8_share / (peak * speedup) / (be.base_efficiency * clock_factor(gpu))
     sec_per_flop = (fp8_share / (peak * speedup) + (1 - attn_share - fp8_share) / peak
                     + attn_share * attn_work / (peak * be.attn_relative_efficiency))
@@ -350,6 +373,9 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         weights = flops.matmul_params_by_part(arch, active=False)
         weight_cast = w_bytes * sum(weights[k] for k in ("attention", "mlp") if k in fp8_parts) / L
         expert_weight_cast = w_bytes * weights["experts"] / L if "experts" in fp8_parts else 0.0
+        # nvfp4: only the converted blocks cast (per-block average, as the FLOPs)
+        cast_full, cast_sharded, cast_tp1, cast_tp_sharded, weight_cast = (
+            x * conv for x in (cast_full, cast_sharded, cast_tp1, cast_tp_sharded, weight_cast))
     if eager_attention(arch):
         # soft-capped attention, or attention with sinks (llmc.runtime.model._eager_attention: no fused kernel takes
         # either), writes and reads every score of every layer (the whole
@@ -378,13 +404,14 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         fp8_cast_tp1=cast_tp1, fp8_cast_tp_sharded=cast_tp_sharded, fp8_weight_cast=weight_cast,
         fp8_expert_weight_cast=expert_weight_cast,
         tp_gather_bytes=tp_gather, fp8_linear_sec_per_flop=fp8_lin,
-        fp8_shape_stretch=peak_flops(gpu, "fp8") / peak if (precision == "fp8" and be.fp8_shape_stretch) else 1.0,
-        tp_gather_unfused=(precision == "fp8" and be.fp8_cast_blocks_async_tp and tp_gather == ACT_BYTES),
+        fp8_shape_stretch=lp_peak / peak if (fp8_parts and be.fp8_shape_stretch) else 1.0,
+        tp_gather_unfused=(bool(fp8_parts) and be.fp8_cast_blocks_async_tp and tp_gather == ACT_BYTES),
         sac_regathers_tp=be.sac_regathers_tp,
         fp8_linear_shapes=_dense_linear_shapes(arch, fp8_parts),
-        fp8_peak=peak_flops(gpu, "fp8") * clock_factor(gpu) if precision == "fp8" else 0.0,
-        fp8_peak_ratio=peak_flops(gpu, "fp8") / peak if precision == "fp8" else 1.0,
-        fp8_mx=precision == "fp8" and recipe == "mxfp8",
+        fp8_peak=lp_peak * clock_factor(gpu) if fp8_parts else 0.0,
+        fp8_peak_ratio=lp_peak / peak if fp8_parts else 1.0,
+        fp8_in_bytes=(NVFP4_ELEM_BYTES * (1 + 1 / NVFP4_BLOCK) if precision == NVFP4
+                      else 1 + 1 / MX_BLOCK if recipe == "mxfp8" else 1.0),
         fp8_expert_align=FP8_GROUPED_GEMM_ALIGN.get(recipe, 16) if "experts" in fp8_parts else 0,
         offload_optimizer=offload_optimizer,
         offload_params=offload_params,
@@ -425,11 +452,12 @@ def intra_node_gbps(gpu) -> tuple[float, str]:
 
 
 def mfu_peak(gpu, precision: str) -> float:
-    """The peak MFU is quoted against: the precision's dense peak, except bf16's for fp8 (convention:
-    torchao float8 runs only the linears in fp8, and fp8 MFU is usually quoted against bf16 peak)."""
+    """The peak MFU is quoted against: the precision's dense peak, except bf16's for fp8 and nvfp4 (convention:
+    torchao float8 runs only the linears in fp8, and fp8 MFU is usually quoted against bf16 peak; nvfp4 likewise
+    converts only block linears)."""
     from llmc.compiler.hardware import peak_flops
 
-    return peak_flops(gpu, "bf16" if precision == "fp8" else precision)
+    return peak_flops(gpu, "bf16" if precision in ("fp8", "nvfp4") else precision)
 
 
 def _stage_info(sm: StepModel, p: int, sched: str, v: int, ac: str,
@@ -488,13 +516,17 @@ def _efficiency(sm: StepModel, mb: int, cp: int, tp: int, stretch: float = 1.0) 
     return eff * MOE_EFFICIENCY if sm.is_moe else eff
 
 
-def _roofline_gemm_s(m: float, k: float, n: float, fp8: bool, peak: float, hbm_Bps: float, mx: bool = False) -> float:
+def _roofline_gemm_s(m: float, k: float, n: float, fp8: bool, peak: float, hbm_Bps: float, mx: bool = False,
+                     in_bytes: float | None = None) -> float:
     """torchao's float8 roofline of one GEMM (torchao/testing/float8/roofline_utils.py,
     get_individual_gemm_time_sympy): max(2 M K N / (peak x 0.78), HBM bytes / (bandwidth x 0.92)); the inputs
     are read in 1 B (fp8) or 2 B (bf16) per element, the output is written in bf16. ``peak``: the dtype's peak.
     ``mx``: MXFP8 also reads one 1-byte E8M0 scale per 32 input elements (torchao/testing/training/
-    roofline_utils.py: num_scale_reads = num_reads // block_size)."""
-    in_bytes = (1 + (1 / 32 if mx else 0.0)) if fp8 else ACT_BYTES
+    roofline_utils.py: num_scale_reads = num_reads // block_size). ``in_bytes``: a low-precision GEMM's bytes per
+    input element, scales included (StepModel.fp8_in_bytes; NVFP4: 0.5 x (1 + 1/16), the same roofline's
+    float4_e2m1fn_x2 case with block_size 16), in place of fp8's."""
+    if in_bytes is None or not fp8:
+        in_bytes = (1 + (1 / 32 if mx else 0.0)) if fp8 else ACT_BYTES
     compute = 2.0 * m * k * n / (peak * ROOFLINE_GEMM_FRACTION)
     memory = ((m * k + k * n) * in_bytes + m * n * ACT_BYTES) / (hbm_Bps * ROOFLINE_HBM_FRACTION)
     return max(compute, memory)
@@ -520,7 +552,7 @@ def fp8_roofline_penalty(sm: StepModel, mb: int, cp: int, tp: int) -> float:
         k_, n_ = (k, n / tp) if col else (k / tp, n)
         for dims in ((m, k_, n_), (m, n_, k_), (k_, m, n_)):
             t_bf16 += _roofline_gemm_s(*dims, False, bf16_peak, sm.hbm_Bps)
-            t_fp8 += _roofline_gemm_s(*dims, True, sm.fp8_peak, sm.hbm_Bps, sm.fp8_mx)
+            t_fp8 += _roofline_gemm_s(*dims, True, sm.fp8_peak, sm.hbm_Bps, in_bytes=sm.fp8_in_bytes)
     out = max(1.0, t_fp8 * sm.fp8_peak_ratio / t_bf16)
     sm.cache[key] = out
     return out

@@ -58,6 +58,7 @@ from llmc.emit.common import (
 )
 from llmc.runtime.capabilities import DS_STAGE_KINDS
 from llmc.runtime.runlock import EXIT_PREEMPTED  # torch-free
+from llmc.spec.schema import BF16_PRECISIONS
 
 # Top-level ds_config keys llmc may emit. DeepSpeed silently ignores unknown top-level keys (a typo
 # such as "gradient_clipin" is accepted), so the emitter checks its own output against this list.
@@ -250,7 +251,7 @@ def _config(compiled, nums: DsNumbers, micro: int, accum: int, dp: int, zero: in
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": float(spec.training.grad_clip or 0.0),
-        "bf16": {"enabled": spec.training.precision in ("bf16", "fp8")},
+        "bf16": {"enabled": spec.training.precision in BF16_PRECISIONS},
         "optimizer": _optimizer_section(compiled, nums.lr),
         "zero_optimization": _zero_section(compiled, zero),
         "steps_per_print": int(spec.training.log_every),

@@ -78,10 +78,12 @@ from typing import Any
 from llmc import TARGET_VERSIONS
 from llmc.compiler.backends import (
     compile_on,
+    converted_parts,
     fp8_converted_parts,
     fp8_expert_align,
     fp8_recipe_on,
     get_backend,
+    nvfp4_converted_layers,
     torchtitan_layout_problem,
     torchtitan_model_gaps,
     torchtitan_reads_hf,
@@ -529,6 +531,24 @@ MXFP8_FQNS = ["attention", "feed_forward", "shared_experts"]
 # group to 128: "required by the CuTeDSL quantization kernel on sm_100" (the same configs;
 # MXFP8GroupedExpertsConverter.Config.pad_multiple's doc), and MXFP8 runs only on SM 10.x
 MXFP8_EXPERTS_PAD_MULTIPLE = 128
+# torchtitan 0.3.0's NVFP4LinearConverter (components/quantization/nvfp4.py) swaps each Linear.Config whose FQN
+# contains one of ``fqns`` for NVFP4Linear (an empty list would convert every Linear, the output head included).
+# Its own llama3 configs keep the last blocks in bf16 with nvfp4_bf16_tail_fqns(n_layers, fraction) =
+# ["layers.0.", "layers.1.", ...] (the trailing dot: "layers.1." does not match "layers.10."), which converts every
+# Linear of those blocks; llmc's job emits exactly that list for a dense model, and for an MoE model one FQN per
+# converted part of each block (attention, feed_forward, moe.shared_experts: backends.converted_parts) so that the
+# router gate, also a Linear, stays bf16 as the plan timed it.
+NVFP4_PART_FQNS = {"attention": ("attention.",), "mlp": ("feed_forward.", "moe.shared_experts.")}
+
+
+def nvfp4_fqns(arch, bf16_tail: float) -> list[str]:
+    """The job's NVFP4LinearConverter fqns: the blocks before the bf16 tail (backends.nvfp4_converted_layers, the
+    count torchtitan's nvfp4_bf16_tail_fqns takes), whole for a dense model, by converted part for an MoE one."""
+    n = nvfp4_converted_layers(arch.n_layers, bf16_tail)
+    if arch.moe is None:
+        return [f"layers.{i}." for i in range(n)]
+    parts = sorted(converted_parts(get_backend("torchtitan"), arch, "nvfp4"))
+    return [f"layers.{i}.{sub}" for i in range(n) for part in parts for sub in NVFP4_PART_FQNS[part]]
 
 
 def _fp8_recipe(compiled, errs: list[Diagnostic]) -> str:
@@ -585,6 +605,8 @@ def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str])
         "float8_experts": fp8_experts and recipe != "mxfp8",
         "mxfp8_experts": fp8_experts and recipe == "mxfp8",
         "mxfp8_experts_pad": MXFP8_EXPERTS_PAD_MULTIPLE,
+        "nvfp4": precision == "nvfp4",
+        "nvfp4_fqns": nvfp4_fqns(arch, spec.training.nvfp4_bf16_tail) if precision == "nvfp4" else [],
         "compile_enable": spec.hardware.gpu != "cpu" and _titan_compile(compiled),
         "compile_components": ["model", "loss"],
         "training_dtype": "float32",
@@ -594,14 +616,15 @@ def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str])
 
 def _mfu_peak(compiled) -> dict[str, Any]:
     """The peak FLOP/s per device the job's metrics.jsonl quotes MFU against: the one llmc's plan quotes its
-    predicted MFU against (``llmc.compiler.timing.mfu_peak``: the precision's dense peak, bf16's for fp8), so
+    predicted MFU against (``llmc.compiler.timing.mfu_peak``: the precision's dense peak, bf16's for fp8 and
+    nvfp4), so
     `llmc report` compares like with like; 0 (no MFU) for a part the hardware table does not know."""
     precision = compiled.spec.training.precision
     try:
         peak = float(mfu_peak(compiled.gpu, precision)) if compiled.gpu is not None else 0.0
     except ValueError:  # a part without a peak for the precision
         peak = 0.0
-    label = "bf16" if precision == "fp8" else precision
+    label = "bf16" if precision in ("fp8", "nvfp4") else precision
     source = f"{compiled.gpu.name}: dense {label}, llmc's hardware table (the plan's MFU)" if peak else "unknown: no MFU"
     return {"peak_flops": peak, "peak_flops_source": source}
 

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from llmc.lockfile import read_lock
 from llmc.runtime.capabilities import DS_STAGE_KINDS
+from llmc.spec.schema import BF16_PRECISIONS
 
 
 def _say(msg: str) -> None:
@@ -88,7 +89,7 @@ def check_config(cfg: dict, job, world: int, where: str = "ds_config") -> dict:
     if "warmup_max_lr" in p and not math.isclose(float(p["warmup_max_lr"]), float(job.lr), rel_tol=1e-9):
         bad.append(f"scheduler warmup_max_lr {p['warmup_max_lr']} != {job.lr}")
     bf16 = bool((cfg.get("bf16") or {}).get("enabled"))
-    if bf16 != (job.precision in ("bf16", "fp8")):
+    if bf16 != (job.precision in BF16_PRECISIONS):
         bad.append(f"bf16 {'on' if bf16 else 'off'} but the stage trains in {job.precision}")
     if bad:
         raise ValueError(f"{where} is not stage {job.stage!r}'s config: {'; '.join(bad[:3])} "

@@ -397,7 +397,7 @@ def stage_entry(lock: dict, stage: str | None) -> dict:
 # Which lock["hardware"] field (dataclasses.asdict of llmc.compiler.hardware.GPU, TFLOP/s) MFU is
 # quoted against: the dense BF16 peak for bf16 and fp8 runs (fp8 only runs the linears in fp8), the
 # FP32 peak for fp32 runs; the same convention as the compiler's timing model (timing.mfu_peak).
-PEAK_FIELD = {"bf16": "bf16_tflops", "fp8": "bf16_tflops", "fp32": "fp32_tflops"}
+PEAK_FIELD = {"bf16": "bf16_tflops", "fp8": "bf16_tflops", "nvfp4": "bf16_tflops", "fp32": "fp32_tflops"}
 
 
 def peak_flops(hardware: dict | None, precision: str) -> float | None:

@@ -53,7 +53,7 @@ from llmc.runtime.observe import RunLogger
 from llmc.runtime.preempt import handlers as _preempt_handlers
 from llmc.runtime.preempt import stop_now as _stop_now
 from llmc.runtime.preempt import world as _world
-from llmc.spec.schema import META_INIT_PARAMS, ac_label
+from llmc.spec.schema import BF16_PRECISIONS, META_INIT_PARAMS, ac_label
 
 # ----------------------------------------------------------------------------- schedule
 
@@ -141,9 +141,9 @@ def _update_expert_bias(model: Transformer) -> None:
 
 
 def _autocast(job: TrainJob, device: torch.device, cpu_bf16: bool):
-    """bf16 autocast for precision bf16 (and fp8, which the native trainer runs as bf16) on CUDA; on CPU
+    """bf16 autocast for precision bf16 (and fp8 / nvfp4, which the native trainer runs as bf16) on CUDA; on CPU
     only when asked (``--cpu-bf16``), else fp32."""
-    if job.precision in ("bf16", "fp8") and (device.type == "cuda" or cpu_bf16):
+    if job.precision in BF16_PRECISIONS and (device.type == "cuda" or cpu_bf16):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

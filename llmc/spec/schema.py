@@ -223,6 +223,8 @@ class GpuOverrides(SpecModel):
     """Dense BF16 tensor peak in TFLOPS (not the 2:4 sparsity figure)."""
     fp8_tflops: Float | None = Field(default=None, ge=MIN_HW, le=MAX_TFLOPS)
     """Dense FP8 tensor peak in TFLOPS."""
+    fp4_tflops: Float | None = Field(default=None, ge=MIN_HW, le=MAX_TFLOPS)
+    """Dense FP4 (NVFP4) tensor peak in TFLOPS (Blackwell). Needed for ``training.precision: nvfp4``."""
     fp32_tflops: Float | None = Field(default=None, ge=MIN_HW, le=MAX_TFLOPS)
     """Plain FP32 peak in TFLOPS."""
     hbm_gib: Float | None = Field(default=None, ge=MIN_HW, le=MAX_HBM_GIB)
@@ -346,11 +348,20 @@ class LossSpike(SpecModel):
     """Give up (stop with an error) after this many rewinds."""
 
 
+#: Default share of the final decoder blocks an nvfp4 run keeps in bf16 (``Training.nvfp4_bf16_tail``: its sources).
+NVFP4_BF16_TAIL = 0.15
+#: Training precisions whose weights and unconverted matmuls are bf16: llmc's own trainers (native, DeepSpeed) run
+#: such a run's stages in bf16 (they convert no linears to fp8 / NVFP4; the torchtitan job does).
+BF16_PRECISIONS = ("bf16", "fp8", "nvfp4")
+
+
 class Training(SpecModel):
     """How the (pre-)training stage is run."""
 
-    precision: Literal["bf16", "fp8", "fp32"] = "bf16"
-    """Compute precision of matmuls. fp8 needs Hopper or newer."""
+    precision: Literal["bf16", "fp8", "nvfp4", "fp32"] = "bf16"
+    """Compute precision of matmuls. fp8 needs Hopper or newer; nvfp4 (4-bit E2M1 with an E4M3 scale per 16
+    elements, NVIDIA's NVFP4 training recipe) needs Blackwell FP4 tensor cores and the torchtitan backend, and
+    converts the decoder blocks' linears except the last ``nvfp4_bf16_tail`` of them (the output head stays bf16)."""
     global_batch_tokens: HumanFloat | None = Field(default=None, ge=1, le=MAX_BATCH_TOKENS)
     """Tokens per optimizer step. None = size-aware default (2M-16M tokens; small for tiny runs)."""
     optimizer: Optimizer = Field(default_factory=Optimizer)
@@ -382,6 +393,13 @@ class Training(SpecModel):
     """fp8 scaling recipe when ``precision`` is fp8: ``tensorwise`` (one scale per tensor), ``rowwise`` (one per
     row) or ``mxfp8`` (OCP MX: one power-of-two scale per 32 elements; Blackwell only). None = the backend's
     default (torchtitan: rowwise). Timed and sized per recipe; torchtitan 0.3.0 runs rowwise and mxfp8."""
+    nvfp4_bf16_tail: Float = Field(default=NVFP4_BF16_TAIL, ge=0, lt=1)
+    """With ``precision: nvfp4``: the fraction of the final decoder blocks kept in bf16; the last
+    ceil(n_layers x fraction) blocks stay bf16, as torchtitan's ``nvfp4_bf16_tail_fqns(n_layers, fraction)``
+    counts them. 0.15 = torchtitan 0.3.0's ``*_first_85_pct_layers_nvfp4`` configs and the ~15 % of linear layers,
+    mostly at the end of the network, that "Pretraining Large Language Models with NVFP4" (NVIDIA,
+    arXiv:2509.25149) keeps in BF16; 0 converts every block (the paper reports divergence without a
+    high-precision share)."""
 
 
 ACMode = Literal["none", "selective", "full", "partial"]
