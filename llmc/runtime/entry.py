@@ -170,6 +170,9 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
     split_assets`). Every backend (native, DeepSpeed, the torchtitan job) streams the sources from here.
     A source that is ``data/``, holds it, or lies inside a place prepare writes is refused before anything
     is written (:func:`check_source_location`), so prepare never reads its own output back as input.
+    Last, each text source's tokens (its training part) are counted or estimated and set against what the run
+    draws from it (``assets/data_stats.json``; a warning line where a source is read more than the plan's epoch
+    limit or its declared ``tokens`` is far off: :mod:`llmc.runtime.data_stats`).
     """
     from llmc.runtime import corpus
     from llmc.runtime.data import is_hf_saved_dataset
@@ -268,7 +271,23 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
         assets = split_assets(assets, ev.validation, resolve=job.resolve_path, skip=skip, log=log)
     _atomic_write(asset_dir / "assets.json", json.dumps(assets.to_json(), indent=1) + "\n")
     write_fingerprints(job.lock, asset_dir)
+    _measure_data(job, assets, {n: f"{k}|{quality_key}|{state.get('tokenizer')}" for n, k in text_keys.items()},
+                  state, log)
+    _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True) + "\n")
     return assets
+
+
+def _measure_data(job: TrainJob, assets: Assets, keys: dict[str, str], state: dict, log) -> None:
+    """``assets/data_stats.json``: the tokens each text source holds (its training part) and the epochs the run
+    reads it (:func:`llmc.runtime.data_stats.data_stats`, reused while ``keys``, prepare's keys of each source's
+    files, the quality pass and the tokenizer, are unchanged). A warning line at most, never a failed prepare."""
+    from llmc.runtime.data_stats import STATS_FILE, data_stats
+
+    try:
+        data_stats(job, assets, keys, state, log)
+    except Exception as e:  # noqa: BLE001 (a measurement only informs: it never stops a launch)
+        print(f"{Path(assets.tokenizer_dir) / STATS_FILE}: warning[R011] could not measure the data sources: "
+              f"{type(e).__name__}: {e} (hint: training reads them as before)", file=sys.stderr, flush=True)
 
 
 def write_fingerprints(lock: dict | None, asset_dir: Path) -> None:
