@@ -3,7 +3,7 @@
 * every rank writes its own shards (no model.pt gathered on rank 0), listed in the manifest;
 * stop at step 4 + resume (a new launch) gives the losses of the uninterrupted run, with synchronous saves
   and with ``dcp.async_save`` (``training.checkpoint.async_mode: true``);
-* ``llmc export`` (hf_io.export_checkpoint) reads the sharded checkpoint: the Hugging Face model, run by
+* ``llmc export`` (export.export_checkpoint) reads the sharded checkpoint: the Hugging Face model, run by
   ``transformers``, gives the logits of llmc's model loaded from torch's own DCP converter
   (``dcp_to_torch_save``);
 * single process: a flipped byte in a shard is refused, and keep_latest prunes sharded step folders."""
@@ -97,7 +97,7 @@ def test_fsdp_sharded_save_resume_and_hf_export(tmp_path, docs):
     transformers = pytest.importorskip("transformers")
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from llmc.runtime.hf_io import export_checkpoint
+    from llmc.runtime.export import export_checkpoint
     from llmc.runtime.job import TrainJob
     from llmc.runtime.model import Transformer
 

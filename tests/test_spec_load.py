@@ -140,7 +140,7 @@ def test_human_range_messages():
     assert diags["hardware.count"].message == "must be > 0 (got 0)"
     assert diags["data.seq_len"].message == "must be an integer (got 'long')"
     (d,) = _diags(SPECS / "bad_literal.yaml")
-    assert d.message == "must be one of 'bf16', 'fp8' or 'fp32' (got 'bf8')" and "'fp8'" in d.hint
+    assert d.message == "must be one of 'bf16', 'fp8', 'nvfp4' or 'fp32' (got 'bf8')" and "'fp8'" in d.hint
 
 
 def test_list_length_messages_say_which_bound(tmp_path):
