@@ -167,9 +167,10 @@ def _calibration(spec: Path, run, option: Path | None):
     given = str(option) if option is not None else str(run.calibration)
     where = Path(given) if option is not None or Path(given).is_absolute() else spec.parent / given
     try:  # which file the plan and the lock were made with (the lock records the factors themselves); a lock is
-        # committed: an absolute path is kept as its file name only
-        return dataclasses.replace(cal, file={"path": Path(given).name if Path(given).is_absolute() else given,
-                                              "sha256": sha256_file(where)})
+        # committed: the spec's relative path as it is, else (--calibration, relative to the working directory, or an
+        # absolute path) the file name only
+        named = given if option is None and not Path(given).is_absolute() else Path(given).name
+        return dataclasses.replace(cal, file={"path": named, "sha256": sha256_file(where)})
     except OSError:  # (read a moment ago: replaced since; the factors are still the ones read)
         return cal
 

@@ -349,15 +349,9 @@ def _budget(c) -> Table | None:
             ok = c.cost.usd <= b.max_usd
             t.add_row("max_usd", f"{usd(c.cost.usd)} of {usd(b.max_usd)} "
                       f"({'ok' if ok else 'EXCEEDED'}, {100 * c.cost.usd / b.max_usd:.0f}%)")
-    if c.time is not None and c.cost is not None:
-        from llmc.compiler.checks import MAX_PLAUSIBLE_MFU as m60
-
-        scale = c.time.mfu / m60  # the same FLOPs at the plausible-MFU ceiling (B003's yardstick)
-        # the training steps alone: the checkpoint stalls do not scale with MFU (B003 counts no saves either)
-        train = 1.0 - (c.time.checkpoint.total_seconds / (c.time.days * 86400) if c.time.checkpoint and c.time.days
-                       else 0.0)
-        t.add_row("floor", f"{c.time.days * train * scale:.1f} days, {usd(c.cost.usd * train * scale)} at "
-                  f"{100 * m60:.0f}% MFU")
+    if c.time is not None and c.budget_floor is not None:  # B003's yardstick (checks.budget_floor)
+        f = c.budget_floor
+        t.add_row("floor", f"{f.days:.1f} days, {usd(f.usd)} at {f.basis}")
     return t
 
 

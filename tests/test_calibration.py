@@ -330,7 +330,7 @@ def test_calibrate_refuses_the_same_measurements_twice_and_says_when_a_band_is_m
 
 def test_the_plan_and_the_lock_record_which_calibration_file_they_were_made_with(tmp_path):
     """The lock records the calibration's factors and provenance, and the file they were read from (as the spec
-    names it) with its sha256, so a committed build says which calibration made it; an absolute --calibration path
+    names it) with its sha256, so a committed build says which calibration made it; a --calibration path
     is kept as its file name (a lock names no machine paths)."""
     import hashlib
 

@@ -130,6 +130,10 @@ def test_a_power_cap_set_in_the_spec_lowers_the_clocks_from_the_parts_rated_powe
     assert clock_factor(with_overrides("h100-sxm", {"power_w": 900})) == 1.0
     # an entry that names its rated power keeps it: 600 W on the 500 W part quoted at 700 W
     assert clock_factor(with_overrides("h100-hbm2e-96g", {"power_w": 600})) == pytest.approx((600 / 700) ** (1 / 3))
+    # peaks given with the power are the part's at that power: not derated again
+    mine = with_overrides("my-h100", {"base": "h100-sxm", "bf16_tflops": 800, "power_w": 500})
+    assert clock_factor(mine) == 1.0 and mine.bf16_tflops == 800
+    assert clock_factor(with_overrides("h100-hbm2e-96g", {"bf16_tflops": 700})) == 1.0
 
 
 def test_spec_overrides_and_custom_gpu():

@@ -283,3 +283,42 @@ def test_llmc_trainers_run_an_nvfp4_runs_stages_in_bf16(tmp_path):
     files = DeepSpeedEmitter().files(c, {})
     ds = [v for k, v in files.items() if k.endswith("ds_config.json")]
     assert ds and json.loads(ds[0])["bf16"]["enabled"] is True
+
+
+def _budget_spec(model: str, days: float) -> str:
+    return (f"name: b\nmodel: {model}\nhardware: {{gpu: gb300, count: 256}}\ndata:\n  sources:\n"
+            f"    - {{name: web, path: /data/web/*.parquet, format: parquet, tokens: 30T}}\n  seq_len: 8192\n"
+            f"  tokens: 1T\ntraining: {{precision: nvfp4, backend: torchtitan, global_batch_tokens: 16777216}}\n"
+            f"budget: {{max_days: {days}}}\n")
+
+
+def test_the_budget_floor_of_an_nvfp4_run_is_at_the_fp4_peak():
+    """B003 refuses a budget no plan can meet; its floor is the training FLOPs at 60 % of the precision's own peak
+    (fp4's: 15 PFLOPS a GB300), computed here from 6 N D + attention: an nvfp4 plan that meets its budget at more
+    than 60 % of the bf16 peak was refused as impossible when the floor used bf16's."""
+    from llmc.compiler.checks import MAX_PLAUSIBLE_MFU
+
+    c, errs = _errors(_budget_spec("llama3-70b", 12))
+    assert not errs, [e.render() for e in errs]
+    assert c.time.days <= 12 and c.time.mfu > MAX_PLAUSIBLE_MFU  # (against bf16's peak)
+    flops = c.compute.training_flops
+    want = flops / (256 * VENDOR_FP4["gb300"] * MAX_PLAUSIBLE_MFU) / 86400
+    assert c.budget_floor.days == pytest.approx(want, rel=1e-9) and "nvfp4 peak" in c.budget_floor.basis
+    _, errs = _errors(_budget_spec("llama3-70b", round(0.9 * want, 3)))
+    assert [e.code for e in errs] == ["B003"] and f"{want:.1f} days" in errs[0].message, [e.render() for e in errs]
+
+
+def test_an_moe_whose_experts_stay_bf16_is_warned_that_fp8_converts_more():
+    """Mixtral's FFN is all routed experts, which torchtitan converts to fp8 (grouped GEMMs) but not to NVFP4: nvfp4
+    converts its attention linears only (T019, with both shares); Llama's dense FFN converts in both (no T019)."""
+    from llmc.compiler import flops as fl
+
+    c = compile_text(_budget_spec("mixtral-8x7b", 200))
+    warned = [d for d in c.diagnostics if d.code == "T019"]
+    arch = PRESETS["mixtral-8x7b"]
+    by = fl.linear_flops_by_part(arch)
+    total = fl.train_flops_per_token(arch, 8192)
+    nv = by["attention"] / total * (32 - math.ceil(32 * 0.15)) / 32
+    f8 = (by["attention"] + by["experts"]) / total
+    assert len(warned) == 1 and f"{100 * nv:.0f}%" in warned[0].message and f"{100 * f8:.0f}%" in warned[0].message
+    assert not [d for d in compile_text(_budget_spec("llama3-70b", 200)).diagnostics if d.code == "T019"]

@@ -309,6 +309,9 @@ def loo_others_spread(points: list[TimePoint] | list[MemPoint]) -> list[float]:
     does not."""
     import statistics
 
+    # the comm prior chosen once on every run (not again per run left out, as the leave-one-out band does: this is
+    # a scale for a warning, and the nested choice costs n times more fits)
+    w = choose_comm_prior(points) if points and isinstance(points[0], TimePoint) else COMM_PRIOR_WEIGHT
     out = []
     for i in range(len(points)):
         rest = points[:i] + points[i + 1:]
@@ -316,7 +319,7 @@ def loo_others_spread(points: list[TimePoint] | list[MemPoint]) -> list[float]:
             out.append(math.nan)
             continue
         if isinstance(points[i], TimePoint):
-            cs, ms, g = fit_time(rest)
+            cs, ms, g = fit_time(rest, comm_prior=w)
             f = Factors(compute_scale=cs, comm_scale=ms, compute_size_exponent=g)
             errs = [_pct(p.measured_s / predict_step(p, f), 1.0) for p in rest]
         else:

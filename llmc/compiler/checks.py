@@ -41,6 +41,7 @@ T016   error     nvfp4 with training.compile: false (torchtitan's NVFP4 path is 
 T017   error     nvfp4: a converted linear's local GEMM dimension (after TP sharding), or the tokens per micro-batch,
                  not a multiple of 128
 T018   error     training.nvfp4_bf16_tail keeps every decoder block in bf16 (nothing to convert)
+T019   warning   nvfp4 converts a smaller share of the training FLOPs than fp8 would (routed experts stay bf16)
 B001   error     predicted days > budget.max_days
 B002   error     predicted cost > budget.max_usd
 B003   error     budget impossible even at 60 % MFU (with the budget that would be needed)
@@ -227,8 +228,33 @@ def check_nvfp4(run, backend, compiled: bool, sink: Sink) -> None:
                  f"(ceil({n} x {tr.nvfp4_bf16_tail:g}) = {n - nvfp4_converted_layers(n, tr.nvfp4_bf16_tail)}): "
                  "nothing to convert to NVFP4", f"use a smaller nvfp4_bf16_tail (default {NVFP4_BF16_TAIL:g}), or precision bf16")
         return
+    _check_nvfp4_share(run, backend, sink)
     if run.parallelism.tp is not None:
         check_nvfp4_layout(run, backend, run.parallelism.tp, None, sink, pinned=True)
+
+
+def _check_nvfp4_share(run, backend, sink: Sink) -> None:
+    """T019: the training FLOPs an nvfp4 run converts (its parts in the blocks before the tail,
+    ``flops.linear_share``) against what fp8 converts on the same backend (every block; the routed experts too where
+    its grouped-GEMM converter runs them): an MoE whose experts hold most FLOPs converts less in NVFP4 and may train
+    slower than in fp8, despite the higher peak."""
+    from llmc.compiler.backends import (
+        converted_parts,
+        fp8_converted_parts,
+        fp8_recipe_on,
+        nvfp4_converted_layers,
+    )
+    from llmc.compiler.flops import linear_share
+
+    arch, n, seq = run.model, run.model.n_layers, run.data.seq_len
+    nv = linear_share(arch, seq, converted_parts(backend, arch, "nvfp4")) * nvfp4_converted_layers(
+        n, run.training.nvfp4_bf16_tail) / n
+    f8 = linear_share(arch, seq, fp8_converted_parts(backend, arch, fp8_recipe_on(backend, None)))
+    if nv < f8 and "experts" not in converted_parts(backend, arch, "nvfp4") and arch.moe is not None:
+        sink.add("T019", "warning", "training.precision",
+                 f"nvfp4 converts {100 * nv:.0f}% of the training FLOPs (no routed expert: {backend.name} has no "
+                 f"NVFP4 converter for their grouped GEMMs), fp8 {100 * f8:.0f}% (the experts included): the fp8 "
+                 "plan may be faster", "compare with --set training.precision=fp8")
 
 
 def check_nvfp4_layout(run, backend, tp: int, tokens: int | None, sink: Sink, *, pinned: bool) -> None:
@@ -643,41 +669,54 @@ def check_host_memory(run, memory, gpu, sink: Sink) -> None:
                  f"({need / GiB:,.0f} GiB)", "leave room for the OS, data loaders and pinned buffers: more nodes")
 
 
-def check_budget(run, training_flops: float, time, cost, peak: float, price: float, sink: Sink) -> None:
+def budget_floor(run, training_flops: float, peak: float, floor_peak: float, price: float):
+    """:class:`~llmc.compiler.result.BudgetFloor`: the training FLOPs at :data:`MAX_PLAUSIBLE_MFU` of
+    ``floor_peak``, the precision's own dense peak (fp8's, fp4's), which no step exceeds. ``peak``: what MFU is quoted
+    against (bf16's for fp8 / nvfp4 runs); measured against it, an fp8 or nvfp4 plan that meets its budget (its
+    predicted MFU above 60 % of the bf16 peak) was refused as impossible."""
+    from llmc.compiler.result import BudgetFloor
+    from llmc.compiler.timing import days_at_mfu
+
+    days = days_at_mfu(training_flops, run.hardware.count, floor_peak, MAX_PLAUSIBLE_MFU)
+    basis = (f"{100 * MAX_PLAUSIBLE_MFU:.0f}% MFU" if floor_peak == peak else
+             f"{100 * MAX_PLAUSIBLE_MFU:.0f}% of the {run.training.precision} peak on every FLOP")
+    return BudgetFloor(days=days, usd=days * 24 * run.hardware.count * price, basis=basis)
+
+
+def check_budget(run, training_flops: float, time, cost, floor, floor_peak: float, price: float,
+                 sink: Sink) -> None:
     """B001/B002 against the predicted plan (its days and cost include the checkpoint saves' stalls,
-    ``TimeNumbers.checkpoint``), B003 when even 60 % MFU could not meet the budget (the training FLOPs alone)."""
-    from llmc.compiler.timing import days_at_mfu, gpus_for_days
+    ``TimeNumbers.checkpoint``), B003 when even the ``floor`` (:func:`budget_floor`, at ``floor_peak``) could not
+    meet the budget (the training FLOPs alone)."""
+    from llmc.compiler.timing import gpus_for_days
 
     b = run.budget
     n = run.hardware.count
     ck = time.checkpoint if time is not None else None
     saves = f", incl. {ck.total_seconds / 3600:.1f} h of checkpoint saves" if ck is not None else ""
-    best_days = days_at_mfu(training_flops, n, peak, MAX_PLAUSIBLE_MFU)
-    best_usd = best_days * 24 * n * price
+    at, best_days, best_usd = floor.basis, floor.days, floor.usd
     if b.max_days is not None:
         if best_days > b.max_days:
-            need = gpus_for_days(training_flops, b.max_days, peak, MAX_PLAUSIBLE_MFU)
+            need = gpus_for_days(training_flops, b.max_days, floor_peak, MAX_PLAUSIBLE_MFU)
             sink.add("B003", "error", "budget.max_days",
                      f"{training_flops:.3g} FLOPs cannot finish in {b.max_days:g} days on {n} GPUs even at "
-                     f"{100 * MAX_PLAUSIBLE_MFU:.0f}% MFU ({best_days:.1f} days)",
+                     f"{at} ({best_days:.1f} days)",
                      f"needs max_days >= {best_days:.1f}, or >= {need} GPUs, or fewer tokens")
         elif time is not None and time.days > b.max_days:
             sink.add("B001", "error", "budget.max_days",
                      f"predicted {time.days:.1f} days > max_days {b.max_days:g} "
                      f"(at {100 * time.mfu:.1f}% MFU{saves})",
                      f"the planned layout needs ~{time.days / b.max_days:.2f}x the GPUs or time; "
-                     f"{best_days:.1f} days is the floor at {100 * MAX_PLAUSIBLE_MFU:.0f}% MFU")
+                     f"{best_days:.1f} days is the floor at {at}")
     if b.max_usd is not None:
         if best_usd > b.max_usd:
             sink.add("B003", "error", "budget.max_usd",
-                     f"{training_flops:.3g} FLOPs cost at least ${best_usd:,.0f} at ${price:g}/GPU-h even at "
-                     f"{100 * MAX_PLAUSIBLE_MFU:.0f}% MFU",
+                     f"{training_flops:.3g} FLOPs cost at least ${best_usd:,.0f} at ${price:g}/GPU-h even at {at}",
                      f"needs max_usd >= {best_usd:,.0f}, a cheaper GPU-hour, or fewer tokens")
         elif cost is not None and cost.usd > b.max_usd:
             sink.add("B002", "error", "budget.max_usd",
                      f"predicted ${cost.usd:,.0f} > max_usd ${b.max_usd:,.0f}{f' ({saves[2:]})' if saves else ''}",
-                     f"{cost.gpu_hours:,.0f} GPU-hours at ${price:g}; ${best_usd:,.0f} is the floor at "
-                     f"{100 * MAX_PLAUSIBLE_MFU:.0f}% MFU")
+                     f"{cost.gpu_hours:,.0f} GPU-hours at ${price:g}; ${best_usd:,.0f} is the floor at {at}")
 
 
 def check_pipeline_budget(run, pipeline, sink: Sink) -> None:

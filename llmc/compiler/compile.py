@@ -17,7 +17,7 @@ from functools import partial
 from llmc.compiler import backends, checks, defaults, flops, params, scaling, timing
 from llmc.compiler.checks import Sink
 from llmc.compiler.defaults import pretrain_batch_seqs, pretrain_hyper, pretrain_inputs
-from llmc.compiler.hardware import GPU, GPUS, get_gpu, supports, with_overrides
+from llmc.compiler.hardware import GPU, GPUS, get_gpu, peak_flops, supports, with_overrides
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import (
     BackendChoice,
@@ -214,8 +214,9 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         gh = timing.gpu_hours(time.days, run.hardware.count)
         cost = CostNumbers(gpu_hours=gh, usd=timing.usd(gh, gpu.usd_per_hour), usd_per_gpu_hour=gpu.usd_per_hour)
 
+    floor = None
     if pretrains:
-        _check_pretraining(run, gpu, hyper, compute, time, cost, sink, backends.get_backend(be_info.name))
+        floor = _check_pretraining(run, gpu, hyper, compute, time, cost, sink, backends.get_backend(be_info.name))
         checks.check_host_memory(run, searched.memory, gpu, sink)
     stages, stage_diags = _stages(run, gpu, lines, spec_path, hyper, searched, facts, be_info.name,
                                   _stage_search(run, gpu, model_opts) if cluster_ok else None, fit_check=fit_check)
@@ -238,6 +239,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         diagnostics=sort_diagnostics(_dedupe(diags)), stages=stages, serving=serving, search=dict(searched.info),
         backend=be_info, calibration=cal_info, unfit=searched.unfit, evaluation=evaluation, pipeline=pipeline,
         checkpoint_types=dict(facts.checkpoint_types) if facts is not None else {}, preemption=preemption,
+        budget_floor=floor,
     )
 
 
@@ -433,16 +435,22 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
 
 
 def _check_pretraining(run: RunSpec, gpu: GPU | None, hyper: Hyper, compute: ComputeNumbers, time, cost,
-                       sink: Sink, backend=None) -> None:
-    """Hyperparameter, data and budget diagnostics of the pre-training run (``backend``: the one that runs it)."""
+                       sink: Sink, backend=None):
+    """Hyperparameter, data and budget diagnostics of the pre-training run (``backend``: the one that runs it);
+    returns its :class:`BudgetFloor` (None without a GPU that runs the precision)."""
     n_act = params.params_active(run.model)
     is_cpu = gpu is not None and gpu.key == "cpu"
     checks.check_hyper(run, hyper, n_act, defaults.default_lr(n_act), run.hardware.count, is_cpu, sink, backend)
     checks.check_data(run, hyper, sink)
     if gpu is not None and supports(gpu, run.training.precision):
-        peak = timing.mfu_peak(gpu, run.training.precision)
-        checks.check_budget(run, compute.training_flops, time, cost, peak, gpu.usd_per_hour, sink)
+        top = peak_flops(gpu, run.training.precision)
+        floor = checks.budget_floor(run, compute.training_flops, timing.mfu_peak(gpu, run.training.precision), top,
+                                    gpu.usd_per_hour)
+        checks.check_budget(run, compute.training_flops, time, cost, floor, top, gpu.usd_per_hour, sink)
+    else:
+        floor = None
     checks.check_offload(run, time, sink)
+    return floor
 
 
 def _always_fits(mem) -> bool:
@@ -489,7 +497,8 @@ def _backend_and_calibration(run, gpu, calibration, sink, gaps=(), titan_work=Tr
     elif run.training.precision == "nvfp4" and be.nvfp4_parts:
         n = run.model.n_layers
         conv = backends.nvfp4_converted_layers(n, run.training.nvfp4_bf16_tail)
-        fp8 = f"NVFP4 blocks 0-{conv - 1} of {n}, the last {n - conv} and the output head bf16"
+        fp8 = (f"NVFP4 blocks 0-{conv - 1} of {n}, the last {n - conv} and the output head bf16; their GEMMs timed at "
+               f"the FP4 peak with bf16's efficiency, not fitted to a measured {name} NVFP4 run (llmc calibrate yours)")
     be_info = BackendChoice(name=name, reason=f"backend {name}: {why}; torch.compile {'on' if comp else 'off'}",
                             compile=comp, fp8=fp8)
     if name == "torchtitan":  # pinned (auto keeps off a model with gaps): what its job cannot run, at plan time

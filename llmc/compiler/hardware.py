@@ -618,7 +618,10 @@ def with_overrides(key: str, overrides: dict | None) -> GPU | None:
     for k, v in ov.items():
         field_, mult = _OVERRIDE_FIELDS[k]
         changes[field_] = int(v * mult) if field_ == "hbm_bytes" else (v if mult is None else float(v) * mult)
-    if "power_w" in changes and gpu.tdp_w is None and gpu.power_w:
+    if any(k.endswith("_tflops") for k in ov):
+        # peaks given in the spec are the part's as it runs (at its power_w, the spec's or the table's): not derated
+        changes["tdp_w"] = None
+    elif "power_w" in changes and gpu.tdp_w is None and gpu.power_w:
         # the table's peaks are quoted at the entry's own board power: a cap set in the spec lowers the clocks
         # from there (clock_factor), as the 500 W entry's do from the 700 W its peaks are quoted at
         changes["tdp_w"] = gpu.power_w

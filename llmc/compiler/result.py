@@ -108,6 +108,17 @@ class CostNumbers:
 
 
 @dataclass(frozen=True)
+class BudgetFloor:
+    """The least time and cost the run's training FLOPs can take (``checks.budget_floor``: the yardstick of B003 and
+    of the report's floor line): at ``checks.MAX_PLAUSIBLE_MFU`` of the precision's own dense peak, ``basis`` in
+    words; no checkpoint saves."""
+
+    days: float
+    usd: float
+    basis: str
+
+
+@dataclass(frozen=True)
 class Hyper:
     """Resolved training hyperparameters; ``defaults`` names the ones llmc chose."""
 
@@ -452,6 +463,7 @@ class Compiled:
     evaluation: EvaluationPlan | None = None  # eval.validation / eval.tasks / data.quality (evaluation.py)
     pipeline: PipelineTime | None = None  # every stage's time and cost together (specs with stages)
     preemption: PreemptionNumbers | None = None  # a preemption's save and the launchers' shutdown time
+    budget_floor: BudgetFloor | None = None  # the least time / cost of the training FLOPs (B003's yardstick)
     # config.json model_type of each local init_hf checkpoint, keyed by the spec's path (llmc.spec.facts): what the
     # torchtitan target's state-dict adapters can read
     checkpoint_types: dict[str, str] = field(default_factory=dict)
@@ -482,6 +494,7 @@ class Compiled:
             "cost": dc(self.cost),
             "pipeline": dc(self.pipeline),
             "preemption": dc(self.preemption),
+            "budget_floor": dc(self.budget_floor),
             "reasons": list(self.reasons),
             "alternatives": [_cand(c) for c in self.alternatives],
             "rejected": [_cand(c) for c in self.rejected],

@@ -233,7 +233,8 @@ class GpuOverrides(SpecModel):
     """Memory bandwidth in TB/s."""
     power_w: Float | None = Field(default=None, ge=MIN_HW, le=MAX_POWER_W)
     """Board power limit in W. Below the part's rated board power (its table entry's), the sustained tensor clocks,
-    and with them the peaks, scale by (power_w / rated)^(1/3) (``llmc.compiler.hardware.clock_factor``)."""
+    and with them the table's peaks, scale by (power_w / rated)^(1/3) (``llmc.compiler.hardware.clock_factor``).
+    Peaks given here (``*_tflops``) are taken as the part's at this power: not scaled."""
     nvlink_gbps: Float | None = Field(default=None, ge=0, le=MAX_LINK_GBPS)
     """Scale-up bandwidth per GPU per direction in GB/s (0 = none)."""
     pcie_gbps: Float | None = Field(default=None, ge=0, le=MAX_LINK_GBPS)
