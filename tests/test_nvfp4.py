@@ -322,3 +322,14 @@ def test_an_moe_whose_experts_stay_bf16_is_warned_that_fp8_converts_more():
     f8 = (by["attention"] + by["experts"]) / total
     assert len(warned) == 1 and f"{100 * nv:.0f}%" in warned[0].message and f"{100 * f8:.0f}%" in warned[0].message
     assert not [d for d in compile_text(_budget_spec("llama3-70b", 200)).diagnostics if d.code == "T019"]
+
+
+def test_the_search_keeps_to_tps_that_align_nvfp4s_gemms():
+    """Qwen2.5-72B's FFN width 29,568 = 128 x 231: no power-of-two tp above 1 leaves its column-parallel w1 / w3
+    128-aligned, so the search rejects tp > 1 for nvfp4 (naming the linear) instead of choosing tp 2 and refusing it
+    afterwards (T017). On 8 B200s tp 1 does not fit: P004, the closest layout tp 1."""
+    c, errs = _errors(_spec(gpu="b200", count=8, model="qwen2.5-72b", training="  backend: torchtitan\n"))
+    assert [e.code for e in errs] == ["P004"], [e.render() for e in errs]
+    assert 29568 % 128 == 0 and all((29568 // t) % 128 for t in (2, 4, 8))
+    c, errs = _errors(_spec(gpu="gb200", count=64, model="qwen2.5-72b", training="  backend: torchtitan\n"))
+    assert not errs and c.plan.tp == 1, [e.render() for e in errs]

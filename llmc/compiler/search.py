@@ -731,6 +731,8 @@ def _enumerate(S: _Search) -> list[_Family]:
     moe = arch.moe
     out: list[_Layout] = []
     titan, gpu = S.sm.backend == "torchtitan", S.gpu.key != "cpu"  # (the torchtitan job's own limits)
+    nvfp4_parts = (backends.converted_parts(backends.get_backend(S.sm.backend), arch, "nvfp4")
+                   if S.sm.precision == "nvfp4" else frozenset())
 
     dom = nvlink_group(S.gpu)  # (the node, or an NVL72 rack's 72 GPUs)
     where = f"{dom} GPUs per NVLink domain" if dom != gpn else f"{gpn} GPUs per node"
@@ -749,6 +751,12 @@ def _enumerate(S: _Search) -> list[_Family]:
         if heads % t or kv % t:
             what = f"n_heads {heads}" if heads % t else f"n_kv_heads {kv}"
             S.reject(probe, "heads", f"{what} not divisible by tp {t}", dims=("tp",))
+            continue
+        if nvfp4_parts and pins.tp is None and (bad := backends.nvfp4_misaligned(S.arch, nvfp4_parts, t)):
+            # torchao's NVFP4 GEMMs need 128-aligned local dims (a pinned tp is reported as T017 instead)
+            name, k, n, style, dim = bad
+            S.reject(probe, "tp", f"nvfp4: {name} ({k} -> {n}, {style}) has a local dim of {dim:g} at tp {t}, not "
+                     f"a multiple of {backends.NVFP4_GEMM_ALIGN}", dims=("tp",))
             continue
         rest = world // t
         for p in ([pins.pp] if pins.pp is not None else [p for p in divisors(rest) if p <= L]):
