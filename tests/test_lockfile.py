@@ -79,6 +79,11 @@ def test_spec_changes_lists_dotted_paths():
     new = {"training": {"optimizer": {"lr": 2e-3, "betas": [0.9, 0.95]}}, "stages": [{"name": "b"}, {"name": "c"}]}
     assert spec_changes(old, new) == [("stages[0].name", "a", "b"), ("stages[1].name", "<absent>", "c"),
                                       ("training.optimizer.lr", 1e-3, 2e-3)]
+    # a section a newer llmc adds with the default null (cluster: null) is no change against a lock without it; a
+    # value given to it is
+    assert spec_changes(old, {**old, "cluster": None}) == []
+    assert spec_changes({**old, "cluster": None}, old) == []
+    assert spec_changes(old, {**old, "cluster": {"env": {"A": "1"}}}) == [("cluster.env.A", "<absent>", "1")]
 
 
 def test_diff_says_what_and_why():

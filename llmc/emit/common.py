@@ -101,6 +101,14 @@ def nnodes(compiled) -> int:
     return max(1, -(-world(compiled) // gpus_per_node(compiled)))
 
 
+def site_env(spec) -> list[dict[str, str]]:
+    """The spec's ``cluster.env`` as ``[{"name", "value"}]`` sorted by name, the order of the lock (sorted JSON) and
+    so of the cluster manifests (the names are checked by ``llmc.spec.schema.env_name``): what every launcher
+    exports."""
+    cluster = getattr(spec, "cluster", None)
+    return [{"name": k, "value": v} for k, v in sorted(cluster.env.items() if cluster is not None else ())]
+
+
 def preemption_context(compiled) -> dict[str, Any]:
     """The launch scripts' shutdown figures after a SIGTERM, as the plan sized them (``Compiled.preemption``,
     ``llmc.compiler.checkpoint_cost.preemption_numbers``): torchrun's ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, the Slurm
@@ -112,6 +120,13 @@ def preemption_context(compiled) -> dict[str, Any]:
            else "no save predicted")
     return {"elastic_shutdown_s": p.shutdown_seconds, "signal_lead_s": p.signal_lead_seconds, "preempt_job": job,
             "preempt_safety": f"{PREEMPT_SAFETY:g}", "preempt_floor_s": PREEMPT_FLOOR_S}
+
+
+def launcher_context(compiled) -> dict[str, Any]:
+    """What every launcher's template takes from the plan beyond its own: the shutdown figures
+    (:func:`preemption_context`) and ``site_env``, the spec's ``cluster.env`` (:func:`site_env`), both rendered by
+    ``launch/_logged.sh.j2``, which every launcher includes (torchrun, Slurm, torchtitan's and DeepSpeed's)."""
+    return {**preemption_context(compiled), "site_env": site_env(compiled.spec)}
 
 
 def is_cpu(compiled) -> bool:

@@ -51,8 +51,8 @@ from llmc.emit.common import (
     header_lines,
     is_cpu,
     jinja_env,
+    launcher_context,
     nnodes,
-    preemption_context,
     stage_list,
     world,
 )
@@ -356,7 +356,7 @@ class DeepSpeedEmitter(Emitter):
                "nnodes": 1 if is_cpu(compiled) else nnodes(compiled), "rdzv_port": RDZV_PORT,
                "zero_stage": cfg["zero_optimization"]["stage"],
                "warnings": [d.render() for d in build_warnings(compiled)], "eval_stages": eval_stages(compiled),
-               "preempted_exit": EXIT_PREEMPTED, **preemption_context(compiled)}
+               "preempted_exit": EXIT_PREEMPTED, **launcher_context(compiled)}
         per_stage = {STAGE_CONFIG_PATH.format(stage=name): dump_json(c) for name, c in stage_configs(compiled)[0].items()}
         return {CONFIG_PATH: dump_json(cfg), **per_stage,
                 "deepspeed/launch.sh": jinja_env().get_template("deepspeed/launch.sh.j2").render(**ctx)}

@@ -37,20 +37,37 @@ and exit; the launcher's shell ignores it and ends with their preempted status) 
 (torchrun among it, which waits for its trainers: they run in sessions of their own), and the manifest's ``runtimePatches`` set the pods'
 ``terminationGracePeriodSeconds`` to the plan's figure (the lock's ``preemption.signal_lead_seconds``: torchrun's
 shutdown time + the relay's, as Slurm's ``--signal`` lead).
+
+The site (the spec's ``cluster.kubernetes`` and ``cluster.env``, read from the lock's resolved spec): ``image``
+replaces the placeholder; ``namespace`` is the TrainJob's; ``shm_gib`` mounts a memory-backed emptyDir of that
+``sizeLimit`` at ``/dev/shm`` (a container's own is 64 MiB: NCCL's shared-memory transport and DataLoader workers need
+more, NCCL "Troubleshooting", Docker/shared memory; https://kubernetes.io/docs/concepts/storage/volumes/#emptydir:
+the tmpfs counts against the container's memory); ``rdma_resources`` join the GPUs in ``resourcesPerNode`` (limits
+and requests alike, as Kubernetes requires of extended resources); ``node_selector``, ``tolerations``,
+``service_account``, and the pods' ``labels`` / ``annotations`` go in the same ``runtimePatches`` (what the
+v1alpha1 TrainJob of Kubeflow Trainer 2.3.0 may patch in a pod); ``priority_class`` and ``queue`` are Kueue's labels
+on the TrainJob (``kueue.x-k8s.io/priority-class``, ``kueue.x-k8s.io/queue-name``: the API patches no pod
+``priorityClassName``; https://kueue.sigs.k8s.io/docs/concepts/workload_priority_class/ and
+https://kueue.sigs.k8s.io/docs/tasks/run/trainjobs/); ``cluster.env`` joins the trainer's ``env``. Without
+``shm_gib`` the build warns (X114): an 8-GPU pod's NCCL would meet the container's 64 MiB.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 
+from llmc.diagnostics import Diagnostic
 from llmc.emit.base import Emitter
+from llmc.emit.common import diag
 from llmc.emit.skypilot import (
     cluster_shape,
     dump_yaml,
     header,
     multi_node_gpu,
+    site,
 )
 from llmc.lockfile import LOCK_FILE
 
@@ -82,6 +99,11 @@ wait "$group"  # the launcher's exit status
 RUNTIME_JOB = "node"
 RUNTIME_CONTAINER = "node"
 PATCH_MANAGER = "llmc"
+SHM_VOLUME = "llmc-shm"  # the pod's name for the memory-backed /dev/shm (cluster.kubernetes.shm_gib)
+SHM_DIR = "/dev/shm"
+# Kueue's labels on a job (https://kueue.sigs.k8s.io/docs/concepts/workload_priority_class/, .../tasks/run/trainjobs/)
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
 def k8s_name(name: str, limit: int = 40) -> str:
@@ -98,45 +120,86 @@ def run_claim(lock: dict) -> str:
     return k8s_name(cluster_shape(lock).name) + "-run"
 
 
+def kubernetes_site(lock: dict) -> dict:
+    """The spec's ``cluster.kubernetes`` as the lock holds it (``{}`` when the spec sets none)."""
+    return site(lock).get("kubernetes") or {}
+
+
+def quantity_gib(gib: float) -> str:
+    """A Kubernetes quantity for ``gib`` GiB: ``16Gi``, else whole MiB rounded up (``0.5`` -> ``512Mi``)."""
+    return f"{int(gib)}Gi" if float(gib).is_integer() else f"{math.ceil(gib * 1024)}Mi"
+
+
+def image(lock: dict) -> str:
+    """The trainer image: the spec's ``cluster.kubernetes.image``, else the placeholder under registry.invalid."""
+    shape = cluster_shape(lock)
+    sha = (lock.get("_llmc") or {}).get("spec_sha256", "")
+    return kubernetes_site(lock).get("image") or f"{IMAGE_REGISTRY}/llmc/{k8s_name(shape.name, 63)}:{sha[:12] or 'latest'}"
+
+
 def trainjob(lock: dict) -> dict:
     """The TrainJob manifest as a dict."""
     shape = cluster_shape(lock)
     sha = (lock.get("_llmc") or {}).get("spec_sha256", "")
+    k8s = kubernetes_site(lock)
     gpu = shape.k8s_resource
     n = str(shape.gpus_per_node)
-    pod = {
+    per_node = {gpu: n, **{name: str(count) for name, count in (k8s.get("rdma_resources") or {}).items()}}
+    container: dict = {"name": RUNTIME_CONTAINER, "volumeMounts": [{"name": RUN_VOLUME, "mountPath": RUN_DIR}]}
+    pod: dict = {
         "terminationGracePeriodSeconds": grace_seconds(lock),
         "volumes": [{"name": RUN_VOLUME, "persistentVolumeClaim": {"claimName": run_claim(lock)}}],
-        "containers": [{"name": RUNTIME_CONTAINER, "volumeMounts": [{"name": RUN_VOLUME, "mountPath": RUN_DIR}]}],
+        "containers": [container],
     }
+    if k8s.get("shm_gib"):
+        pod["volumes"].append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory",
+                                                                "sizeLimit": quantity_gib(k8s["shm_gib"])}})
+        container["volumeMounts"].append({"name": SHM_VOLUME, "mountPath": SHM_DIR})
+    if k8s.get("node_selector"):
+        pod["nodeSelector"] = dict(k8s["node_selector"])
+    if k8s.get("tolerations"):
+        pod["tolerations"] = [{k: v for k, v in t.items() if v is not None} for t in k8s["tolerations"]]
+    if k8s.get("service_account"):
+        pod["serviceAccountName"] = k8s["service_account"]
+    pod_template: dict = {"spec": pod}
+    pod_meta = {k: dict(k8s[k]) for k in ("labels", "annotations") if k8s.get(k)}
+    if pod_meta:
+        pod_template = {"metadata": pod_meta, "spec": pod}
+    labels = {"app.kubernetes.io/managed-by": "llmc"}
+    if k8s.get("priority_class"):
+        labels[KUEUE_PRIORITY_LABEL] = k8s["priority_class"]
+    if k8s.get("queue"):
+        labels[KUEUE_QUEUE_LABEL] = k8s["queue"]
+    metadata: dict = {"name": k8s_name(shape.name)}
+    if k8s.get("namespace"):
+        metadata["namespace"] = k8s["namespace"]
+    metadata.update({"labels": labels,
+                     "annotations": {"llmc/spec-name": shape.name, "llmc/spec-sha256": sha}})
     return {
         "apiVersion": API_VERSION,
         "kind": "TrainJob",
-        "metadata": {
-            "name": k8s_name(shape.name),
-            "labels": {"app.kubernetes.io/managed-by": "llmc"},
-            "annotations": {"llmc/spec-name": shape.name, "llmc/spec-sha256": sha},
-        },
+        "metadata": metadata,
         "spec": {
             "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": RUNTIME},
             "trainer": {
-                "image": f"{IMAGE_REGISTRY}/llmc/{k8s_name(shape.name, 63)}:{sha[:12] or 'latest'}",
+                "image": image(lock),
                 "command": ["bash", "-c"],
                 "args": [COMMAND % {"gpn": shape.gpus_per_node}],
                 "env": [
                     {"name": "LLMC_BUILD_DIR", "value": BUILD_DIR},
                     {"name": "LLMC_RUN_DIR", "value": RUN_DIR},
                     {"name": "RUN_ID", "value": shape.name},
+                    *({"name": k, "value": v} for k, v in (site(lock).get("env") or {}).items()),
                 ],
                 "numNodes": shape.num_nodes,
                 "numProcPerNode": shape.gpus_per_node,
-                "resourcesPerNode": {"limits": {gpu: n}, "requests": {gpu: n}},
+                "resourcesPerNode": {"limits": dict(per_node), "requests": dict(per_node)},
             },
             "runtimePatches": [{
                 "manager": PATCH_MANAGER,
                 "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
                     "name": RUNTIME_JOB,
-                    "template": {"spec": {"template": {"spec": pod}}},
+                    "template": {"spec": {"template": pod_template}},
                 }]}}},
             }],
         },
@@ -156,11 +219,20 @@ def grace_seconds(lock: dict) -> int:
 def files(lock: dict) -> dict[str, str]:
     """``{"kubeflow/trainjob.yaml": text}`` for a GPU build; ValueError for a CPU-only one."""
     shape = cluster_shape(lock)
+    k8s = kubernetes_site(lock)
+    set_image = ("# is fine): trainer.image is the spec's cluster.kubernetes.image." if k8s.get("image") else
+                 "# is fine); trainer.image must name it: set cluster.kubernetes.image in the spec (the placeholder's "
+                 "registry.invalid never resolves, RFC 2606).")
+    shm = (f"# /dev/shm: a {quantity_gib(k8s['shm_gib'])} memory-backed emptyDir (cluster.kubernetes.shm_gib; it "
+           "counts against the pod's memory)." if k8s.get("shm_gib") else
+           "# /dev/shm is the container's own (64 MiB unless the runtime mounts more), too small for NCCL's shared-"
+           "memory transport: set cluster.kubernetes.shm_gib.")
     lines = header(lock) + [
         f"# Kubeflow Trainer TrainJob: {shape.num_nodes} node(s) x {shape.gpus_per_node} GPUs "
         f"({shape.world} in all), runtime {RUNTIME}.",
         f"# The image must contain llmc (with its runtime extras) and this build directory at {BUILD_DIR} (read-only",
-        "# is fine); set trainer.image to it (the placeholder's registry.invalid never resolves, RFC 2606).",
+        set_image,
+        shm,
         f"# Everything the run writes goes to LLMC_RUN_DIR={RUN_DIR}, one storage for every pod: create the",
         f"# PersistentVolumeClaim {run_claim(lock)} with accessModes [ReadWriteMany] (NFS, CephFS, a cloud file",
         "# store), mounted there by the runtimePatches; then",
@@ -178,6 +250,17 @@ class KubeflowEmitter(Emitter):
 
     def applies(self, compiled) -> bool:
         return multi_node_gpu(compiled)
+
+    def diagnostics(self, compiled) -> list[Diagnostic]:
+        k8s = compiled.spec.cluster.kubernetes if compiled.spec.cluster is not None else None
+        if k8s is not None and k8s.shm_gib is not None:
+            return []
+        return [diag("X114", "warning", "cluster.kubernetes.shm_gib",
+                     "kubeflow/trainjob.yaml mounts no /dev/shm: its pods keep the container's 64 MiB, which NCCL's "
+                     "shared-memory transport outgrows (\"unhandled system error\", bus errors) unless the training "
+                     "runtime mounts a larger one",
+                     "set cluster.kubernetes.shm_gib (a memory-backed emptyDir at /dev/shm, e.g. 16; NCCL "
+                     "Troubleshooting, Docker/shared memory)")]
 
     def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
         return files(json.loads(earlier[LOCK_FILE]))

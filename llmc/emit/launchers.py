@@ -46,9 +46,9 @@ from llmc.emit.common import (
     is_cpu,
     jinja_env,
     launch_backend,
+    launcher_context,
     nnodes,
     planned_backend,
-    preemption_context,
     stage_list,
     world,
 )
@@ -104,7 +104,7 @@ def launch_context(compiled, files: Mapping[str, str]) -> dict[str, Any]:
         "default_backend": build_backend(compiled, files),
         "rdzv_port": RDZV_PORT,
         "preempted_exit": EXIT_PREEMPTED,
-        **preemption_context(compiled),  # torchrun's shutdown time, the Slurm signal's lead
+        **launcher_context(compiled),  # torchrun's shutdown time, the Slurm signal's lead
         "eval_stages": eval_stages(compiled),
         "native_refuses": native_refused_stages(compiled),
     }

@@ -69,12 +69,13 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def spec_changes(old_spec: dict, new_spec: dict) -> list[tuple[str, Any, Any]]:
-    """(dotted path, old, new) for every resolved-spec leaf that differs ("<absent>" when missing)."""
+    """(dotted path, old, new) for every resolved-spec leaf that differs ("<absent>" when missing; a field a newer
+    llmc adds with the default null is no change against a lock that lacks it)."""
     a, b = _flatten(old_spec or {}), _flatten(new_spec or {})
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
-        if va != vb:
+        if va != vb and not (va is None and vb == "<absent>" or va == "<absent>" and vb is None):
             out.append((k, va, vb))
     return out
 

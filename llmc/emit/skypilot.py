@@ -21,8 +21,14 @@ a git URL or a wheel, and setup checks that it installed llmc's runtime. ``LLMC_
 everything (prepare's output, checkpoints, metrics, exports), and every node must see it as one storage (the launcher
 checks that at start-up): a network file system or a SkyPilot ``volumes`` entry of a ReadWriteMany volume.
 
+The site (the spec's ``cluster.skypilot``, read from the lock's resolved spec) goes under ``resources``:
+``network_tier`` (``best``: the cloud's high-performance interconnect, InfiniBand / GPUDirect-TCPX / EFA, where
+SkyPilot supports one), ``use_spot``, ``image_id``, and ``cloud`` / ``region`` / ``zone`` as one
+``infra: cloud/region/zone`` (SkyPilot 0.14.1's form: its separate ``cloud`` / ``region`` / ``zone`` are deprecated;
+``*`` for a region without a cloud). The spec's ``cluster.env`` joins the task's ``envs``.
+
 Shared helpers used by :mod:`llmc.emit.kubeflow` too: :class:`ClusterShape`, :func:`cluster_shape`
-(nodes x GPUs per node and the accelerator, from the lock), :func:`header` and :func:`dump_yaml`.
+(nodes x GPUs per node and the accelerator, from the lock), :func:`site`, :func:`header` and :func:`dump_yaml`.
 """
 
 from __future__ import annotations
@@ -65,6 +71,20 @@ def cluster_shape(lock: dict) -> ClusterShape:
     c = lock["cluster"]  # written once, by llmc.emit.lock.lock_dict
     return ClusterShape(lock["spec"]["name"], key, int(c["world"]), int(c["gpus_per_node"]), int(c["nnodes"]),
                         K8S_GPU_RESOURCE[hw["vendor"]], hw["skypilot_name"])
+
+
+def site(lock: dict) -> dict:
+    """The spec's ``cluster`` section as the lock's resolved spec holds it (``{}`` when the spec has none)."""
+    return ((lock.get("spec") or {}).get("resolved") or {}).get("cluster") or {}
+
+
+def infra(sky: dict) -> str | None:
+    """SkyPilot's ``infra`` string from ``cluster.skypilot``'s cloud / region / zone: ``cloud[/region[/zone]]``,
+    ``*`` for a region without a cloud (sky/utils/infra_utils.py ``InfraInfo.from_str``); None for none."""
+    parts = [sky.get("cloud"), sky.get("region"), sky.get("zone")]
+    while parts and parts[-1] is None:
+        parts.pop()
+    return "/".join(p if p is not None else "*" for p in parts) or None
 
 
 def header(lock: dict) -> list[str]:
@@ -136,10 +156,17 @@ def task(lock: dict) -> dict:
     accel = shape.accelerator
     if accel is None:
         raise ValueError(f"hardware {shape.hardware_key!r} has no SkyPilot accelerator name")
+    sky = site(lock).get("skypilot") or {}
+    resources: dict = {"accelerators": f"{accel}:{shape.gpus_per_node}"}
+    if infra(sky) is not None:
+        resources["infra"] = infra(sky)
+    for key in ("network_tier", "use_spot", "image_id"):
+        if sky.get(key) is not None:
+            resources[key] = sky[key]
     return {
         "name": shape.name,
         "num_nodes": shape.num_nodes,
-        "resources": {"accelerators": f"{accel}:{shape.gpus_per_node}"},
+        "resources": resources,
         "workdir": ".",
         "envs": {
             # required (null: `sky launch` refuses the task until --env gives it): llmc's pip requirement, with the
@@ -149,6 +176,7 @@ def task(lock: dict) -> dict:
             "LLMC_RUN_DIR": None,
             "MASTER_PORT": "29500",
             "RUN_ID": shape.name,
+            **(site(lock).get("env") or {}),  # the site's (cluster.env), exported by the launcher too
         },
         "setup": SETUP,
         "run": RUN,

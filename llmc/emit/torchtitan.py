@@ -96,7 +96,7 @@ from llmc.compiler.result import Hyper
 from llmc.compiler.timing import mfu_peak
 from llmc.diagnostics import Diagnostic, SpecError
 from llmc.emit.base import Emitter
-from llmc.emit.common import RDZV_PORT, diag, gpus_per_node, jinja_env, preemption_context
+from llmc.emit.common import RDZV_PORT, diag, gpus_per_node, jinja_env, launcher_context
 from llmc.escape import visible
 from llmc.rope import rope_attention_factor
 from llmc.runtime.capabilities import (
@@ -666,7 +666,7 @@ def _checkpoint_comm(compiled, save_seconds: float = 0.0) -> dict[str, Any]:
         "ckpt_async_mode": "async" if hyper.checkpoint_async else "disabled",
         "ckpt_keep_latest_k": int(ck.keep_latest),
         "preempted_exit": EXIT_PREEMPTED,
-        **preemption_context(compiled),  # torchrun's shutdown time (the run scripts)
+        **launcher_context(compiled),  # torchrun's shutdown time (the run scripts)
         "log_freq": int(tr.log_every),
         # into the stage's run folder beside metrics.jsonl, as llmc's trainers write it (torch's SummaryWriter)
         "enable_tensorboard": True,

@@ -11,7 +11,16 @@ import re
 import typing
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from llmc.spec.model import Architecture, Float, Int, Label, SpecModel, refuse_bool
 from llmc.spec.numbers import HumanFloat
@@ -718,6 +727,296 @@ class Eval(SpecModel):
     text; true / false = every evaluated stage."""
 
 
+# ----------------------------------------------------------------------------- cluster site
+
+#: Names the build's launchers set themselves (``llmc/templates``: launch/, slurm/, torchtitan/, deepspeed/), the
+#: variables torchrun gives its workers (torch/distributed/run.py, "Environment variables"), the Kubeflow Trainer
+#: torch plugin's ``PET_*`` and Slurm's / SkyPilot's own: ``cluster.env`` may not set them (the scripts would
+#: overwrite or misread them).
+RESERVED_ENV: frozenset[str] = frozenset({
+    # the launch scripts'
+    "BACKEND", "BUILD_DIR", "CDPATH", "CLAIM_BEAT_PID", "CLAIM_BEAT_S", "CLAIM_POLL_S", "CLAIM_STALE_S", "DS",
+    "DS_ACCELERATOR", "DS_CONFIG", "DS_ENV_FILE", "DS_ENV_NAME", "DS_ENV_OUT", "DS_ENV_USER", "HEAD_NODE", "HERE",
+    "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HOSTFILE", "KEY", "LOCK", "LOG_NODE", "LOG_START", "MASTER_ADDR",
+    "MASTER_PORT", "MULTI", "NATIVE", "NGPU", "NNODES", "NPROC", "NPROC_PER_NODE", "PREEMPTED", "PREPARE",
+    "PREPARE_LOG", "PYTHONPATH", "RDZV", "RDZV_ID", "RDZV_JOIN_TIMEOUT", "RUN_DIR", "RUN_ID", "STAGE", "STAGE_LOG",
+    "STEP_PID", "STOP", "TORCHRUN", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "WANDB_MODE",
+    # torchrun's, to its workers; the device plugin's / Slurm's GPU list
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+    "ROLE_NAME", "ROLE_WORLD_SIZE", "CUDA_VISIBLE_DEVICES",
+})
+#: Prefixes of reserved names: llmc's own (``LLMC_*``), the Kubeflow Trainer torch plugin's (``PET_*``: torchrun's
+#: options), torchelastic's (``TORCHELASTIC_*``), Slurm's (``SLURM_*``) and SkyPilot's (``SKYPILOT_*``).
+RESERVED_ENV_PREFIXES: tuple[str, ...] = ("LLMC_", "PET_", "TORCHELASTIC_", "SLURM_", "SKYPILOT_")
+_ENV_NAME_RE = re.compile(r"[A-Z_][A-Z0-9_]*")
+# Kubernetes object names and label syntax (k8s.io/apimachinery/pkg/util/validation/validation.go;
+# https://kubernetes.io/docs/concepts/overview/working-with-objects/names/ and .../labels/#syntax-and-character-set)
+_DNS1123_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_QUALIFIED_NAME_RE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+# A container image reference (github.com/distribution/reference, regexp.go): [domain[:port]/]path[:tag][@digest]
+_IMAGE_RE = re.compile(
+    r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*"
+    r"(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")
+#: SkyPilot 0.14.1's clouds (sky/skylet/constants.py ``ALL_CLOUDS``), the first part of a task's ``infra``.
+SKYPILOT_CLOUDS: tuple[str, ...] = (
+    "aws", "azure", "gcp", "ibm", "lambda", "scp", "oci", "kubernetes", "runpod", "vast", "vsphere", "cudo",
+    "fluidstack", "paperspace", "primeintellect", "do", "nebius", "ssh", "slurm", "hyperbolic", "seeweb", "shadeform",
+    "yotta", "mithril", "verda")
+SkyPilotCloud = Literal[
+    "aws", "azure", "gcp", "ibm", "lambda", "scp", "oci", "kubernetes", "runpod", "vast", "vsphere", "cudo",
+    "fluidstack", "paperspace", "primeintellect", "do", "nebius", "ssh", "slurm", "hyperbolic", "seeweb", "shadeform",
+    "yotta", "mithril", "verda"]
+assert typing.get_args(SkyPilotCloud) == SKYPILOT_CLOUDS
+#: Most GiB of memory-backed /dev/shm a pod may ask for (past any node's host memory).
+MAX_SHM_GIB = MAX_HBM_GIB
+#: Most devices of one extended resource per node (a device plugin advertises a few to a few hundred).
+MAX_DEVICES_PER_NODE = 4096
+
+
+def _shown(value: str) -> str:
+    return repr(value[:80])
+
+
+def env_name(value: str) -> str:
+    """A ``cluster.env`` name: ``[A-Z_][A-Z0-9_]*`` (POSIX's portable environment names, upper-case as NCCL_* /
+    FI_* / UCX_* are; XBD 8.1), not one llmc's launchers or launchers' launchers set (:data:`RESERVED_ENV`)."""
+    if not _ENV_NAME_RE.fullmatch(value) or len(value) > 256:
+        raise ValueError(f"environment variable name {_shown(value)} must be upper-case letters, digits and '_', "
+                         "not starting with a digit (e.g. NCCL_IB_HCA)")
+    if value in RESERVED_ENV or value.startswith(RESERVED_ENV_PREFIXES):
+        raise ValueError(f"{value} is set by llmc's launchers (or by torchrun, Slurm, SkyPilot, Kubeflow Trainer) "
+                         "themselves; set it when launching, or choose another variable")
+    return value
+
+
+def env_value(value: str) -> str:
+    """An environment value: any text, newlines and tabs included, but no other control character (NUL cannot be
+    in an environment at all; the rest would garble the scripts' and manifests' comments and logs)."""
+    bad = next((c for c in value if not c.isprintable() and c not in "\n\t"), None)
+    if bad is not None:
+        raise ValueError(f"must be text without control characters other than newline and tab (found U+{ord(bad):04X})")
+    if len(value) > 32768:
+        raise ValueError("must be at most 32768 characters long")
+    return value
+
+
+def k8s_dns_label(value: str) -> str:
+    """An RFC 1123 label, as Kubernetes names a namespace: lower-case letters, digits, '-', at most 63."""
+    if len(value) > 63 or not _DNS1123_LABEL_RE.fullmatch(value):
+        raise ValueError(f"must be an RFC 1123 label: at most 63 lower-case letters, digits or '-', starting and "
+                         f"ending with a letter or digit (got {_shown(value)})")
+    return value
+
+
+def k8s_subdomain(value: str) -> str:
+    """A DNS-1123 subdomain, as Kubernetes names most objects (a service account): at most 253 characters."""
+    if len(value) > 253 or not _DNS1123_SUBDOMAIN_RE.fullmatch(value):
+        raise ValueError(f"must be a DNS-1123 subdomain: at most 253 lower-case letters, digits, '-' or '.', each "
+                         f"'.'-separated part starting and ending with a letter or digit (got {_shown(value)})")
+    return value
+
+
+def k8s_qualified_name(value: str, *, need_prefix: bool = False) -> str:
+    """A Kubernetes label key / extended resource name: ``[prefix/]name``, the prefix a DNS-1123 subdomain, the name
+    at most 63 letters, digits, '-', '_' or '.' starting and ending with a letter or digit."""
+    prefix, slash, name = value.partition("/") if "/" in value else ("", "", value)
+    ok = len(name) <= 63 and _QUALIFIED_NAME_RE.fullmatch(name) is not None
+    if slash:
+        ok = ok and len(prefix) <= 253 and _DNS1123_SUBDOMAIN_RE.fullmatch(prefix) is not None
+    elif need_prefix:
+        ok = False
+    if not ok:
+        form = "domain/name" if need_prefix else "[domain/]name"
+        raise ValueError(f"must be a Kubernetes qualified name, {form}: the domain a DNS-1123 subdomain, the name at "
+                         f"most 63 letters, digits, '-', '_' or '.' starting and ending with a letter or digit "
+                         f"(got {_shown(value)})")
+    return value
+
+
+def k8s_label_value(value: str) -> str:
+    """A Kubernetes label value (also a toleration's value): empty, or at most 63 letters, digits, '-', '_' or '.'
+    starting and ending with a letter or digit."""
+    if len(value) > 63 or value and not _QUALIFIED_NAME_RE.fullmatch(value):
+        raise ValueError(f"must be a Kubernetes label value: at most 63 letters, digits, '-', '_' or '.', starting "
+                         f"and ending with a letter or digit (got {_shown(value)})")
+    return value
+
+
+def k8s_extended_resource(value: str) -> str:
+    """An extended resource name (a device plugin's, e.g. ``rdma/rdma_shared_device_a``, ``nvidia.com/hostdev``):
+    a qualified name with a domain outside ``kubernetes.io`` (https://kubernetes.io/docs/concepts/configuration/
+    manage-resources-containers/#extended-resources)."""
+    k8s_qualified_name(value, need_prefix=True)
+    domain = value.rpartition("/")[0]
+    if domain == "kubernetes.io" or domain.endswith(".kubernetes.io") or domain.startswith("requests."):
+        raise ValueError(f"an extended resource's domain may not be kubernetes.io nor start with 'requests.' (got "
+                         f"{_shown(value)})")
+    return value
+
+
+def image_reference(value: str) -> str:
+    """A container image reference, ``[registry[:port]/]repository[:tag][@digest]`` (distribution/reference)."""
+    if len(value) > 1024 or not _IMAGE_RE.fullmatch(value):
+        raise ValueError(f"must be a container image reference, [registry[:port]/]repository[:tag][@digest], the "
+                         f"repository in lower case (got {_shown(value)})")
+    return value
+
+
+def site_word(value: str) -> str:
+    """A region, zone or image id: printable text without spaces."""
+    if not value or len(value) > 1024 or any(not c.isprintable() or c.isspace() for c in value):
+        raise ValueError(f"must be printable text without spaces (got {_shown(value)})")
+    return value
+
+
+EnvName = Annotated[str, AfterValidator(env_name)]
+EnvValue = Annotated[str, AfterValidator(env_value)]
+K8sQualifiedName = Annotated[str, AfterValidator(k8s_qualified_name)]
+K8sLabelValue = Annotated[str, AfterValidator(k8s_label_value)]
+K8sResourceName = Annotated[str, AfterValidator(k8s_extended_resource)]
+SiteWord = Annotated[str, AfterValidator(site_word)]
+
+
+class Toleration(SpecModel):
+    """A Kubernetes Toleration (core/v1), its fields spelled as Kubernetes spells them, so one is pasted as is
+    (https://kubernetes.io/docs/concepts/scheduling-eviction/taint-and-toleration/)."""
+
+    key: K8sQualifiedName | None = None
+    """The taint key it matches. None = every key (then ``operator`` must be Exists)."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """Equal: the taint's value must be ``value``; Exists: any value (Kubernetes' default is Equal)."""
+    value: K8sLabelValue | None = None
+    """The taint value (a label value); only with ``operator: Equal``."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """The taint effect it matches. None = every effect."""
+    tolerationSeconds: Int | None = Field(default=None, ge=0)  # Kubernetes' spelling
+    """How long the pod stays bound after a NoExecute taint appears; only with ``effect: NoExecute``. None = for
+    ever."""
+
+    @model_validator(mode="after")
+    def _as_kubernetes(self) -> Toleration:
+        # the API server's rules (ValidateTolerations, pkg/apis/core/validation/validation.go)
+        if self.key is None and self.operator != "Exists":
+            raise ValueError("a toleration without a key must have operator: Exists")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator: Exists takes no value")
+        if self.tolerationSeconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect: NoExecute")
+        return self
+
+
+class KubernetesSite(SpecModel):
+    """The Kubernetes site of ``kubeflow/trainjob.yaml`` (a Kubeflow Trainer v2 TrainJob)."""
+
+    image: str | None = None
+    """The trainer container image (llmc with its runtime extras and the build at /workspace/build). None = a
+    placeholder under registry.invalid, which never resolves."""
+    namespace: str | None = None
+    """The TrainJob's namespace (an RFC 1123 label). None = kubectl's current one."""
+    shm_gib: Float | None = Field(default=None, gt=0, le=MAX_SHM_GIB)
+    """GiB of memory-backed ``/dev/shm`` per pod (an emptyDir of medium Memory and that sizeLimit): a container's is
+    64 MiB, too small for NCCL's shared-memory transport and DataLoader workers (NCCL, "Troubleshooting",
+    Docker/shared memory). Counts against the pod's memory. None = the container's (warning X114)."""
+    rdma_resources: dict[K8sResourceName, Annotated[Int, Field(gt=0, le=MAX_DEVICES_PER_NODE)]] = Field(
+        default_factory=dict)
+    """Extended resources per node for the RDMA NICs, requested and limited alike, e.g.
+    ``{rdma/rdma_shared_device_a: 1}`` (k8s-rdma-shared-dev-plugin) or ``{nvidia.com/hostdev: 8}``."""
+    node_selector: dict[K8sQualifiedName, K8sLabelValue] = Field(default_factory=dict)
+    """Node labels every pod's node must carry (the pod's nodeSelector)."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints the pods tolerate (e.g. a GPU pool's ``nvidia.com/gpu: NoSchedule``)."""
+    priority_class: str | None = None
+    """Kueue WorkloadPriorityClass of the job (the TrainJob's ``kueue.x-k8s.io/priority-class`` label): the TrainJob
+    v1alpha1 API patches no pod priorityClassName (a pod's PriorityClass is the training runtime's)."""
+    queue: str | None = None
+    """Kueue LocalQueue the job is submitted to (the ``kueue.x-k8s.io/queue-name`` label). None = none."""
+    service_account: str | None = None
+    """The pods' service account (a DNS-1123 subdomain). None = the namespace's default."""
+    labels: dict[K8sQualifiedName, K8sLabelValue] = Field(default_factory=dict)
+    """Labels of the pods (monitoring, network policies)."""
+    annotations: dict[K8sQualifiedName, EnvValue] = Field(default_factory=dict)
+    """Annotations of the pods, e.g. Multus' ``k8s.v1.cni.cncf.io/networks`` for the RDMA network."""
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str | None) -> str | None:
+        return None if v is None else image_reference(v)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str | None) -> str | None:
+        return None if v is None else k8s_dns_label(v)
+
+    @field_validator("service_account")
+    @classmethod
+    def _service_account(cls, v: str | None) -> str | None:
+        return None if v is None else k8s_subdomain(v)
+
+    @field_validator("priority_class", "queue")
+    @classmethod
+    def _kueue_name(cls, v: str | None) -> str | None:
+        # an object name carried as a label value: both rules
+        return None if v is None else k8s_label_value(k8s_subdomain(v))
+
+    @field_validator("labels")
+    @classmethod
+    def _own_labels(cls, v: dict[str, str]) -> dict[str, str]:
+        own = sorted(k for k in v if k == "app.kubernetes.io/managed-by" or k.startswith("kueue.x-k8s.io/"))
+        if own:
+            raise ValueError(f"label {own[0]} is llmc's (managed-by) or Kueue's (use priority_class / queue)")
+        return v
+
+
+class SkyPilotSite(SpecModel):
+    """Where ``skypilot/task.yaml`` runs: the task's ``resources`` (SkyPilot 0.14.1,
+    https://docs.skypilot.co/en/latest/reference/yaml-spec.html)."""
+
+    network_tier: Literal["standard", "best"] | None = None
+    """``best``: the cloud's high-performance interconnect where SkyPilot supports one (InfiniBand, GPUDirect-TCPX,
+    EFA); SkyPilot's ``resources.network_tier`` (sky/utils/resources_utils.py ``NetworkTier``). None = standard."""
+    use_spot: bool | None = None
+    """Spot (preemptible) instances. None = SkyPilot's default (on-demand)."""
+    cloud: SkyPilotCloud | None = None
+    """The cloud (SkyPilot's names). With ``region`` and ``zone``, the task's ``infra`` (cloud/region/zone)."""
+    region: SiteWord | None = None
+    """Region (for ``kubernetes`` / ``ssh``: the context / node pool). None = any."""
+    zone: SiteWord | None = None
+    """Zone, within ``region``. None = any."""
+    image_id: SiteWord | None = None
+    """The machine image (an AMI, a GCP image, ``docker:<image>``). None = SkyPilot's."""
+
+    @field_validator("region", "zone")
+    @classmethod
+    def _infra_part(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # cloud/region/zone become SkyPilot's infra string, '/'-separated (sky/utils/infra_utils.py), whose
+        # kubernetes / ssh region (a context, a node pool) is the rest of the string and takes no zone
+        one_part = info.data.get("cloud") in ("kubernetes", "ssh")
+        if v is None:
+            return v
+        if v == "*" or "/" in v and not (info.field_name == "region" and one_part):
+            raise ValueError(f"may not be '*' nor hold '/' (SkyPilot's infra separator) (got {_shown(v)})")
+        if info.field_name == "zone" and (info.data.get("region") is None or one_part):
+            raise ValueError("a zone needs a region (and a cloud other than kubernetes / ssh)")
+        return v
+
+
+class Cluster(SpecModel):
+    """The site: what the cluster artifacts and launchers need to know about where they run."""
+
+    kubernetes: KubernetesSite | None = None
+    """``kubeflow/trainjob.yaml``'s image, namespace, /dev/shm, RDMA devices and scheduling."""
+    skypilot: SkyPilotSite | None = None
+    """``skypilot/task.yaml``'s network tier, spot, cloud / region / zone and image."""
+    env: dict[EnvName, EnvValue] = Field(default_factory=dict)
+    """Environment every launcher exports (a value already in the launch's environment wins) and the TrainJob and
+    SkyPilot task set: the site's NCCL_* / FI_* / UCX_* / TORCH_NCCL_* settings, e.g. ``NCCL_IB_HCA: mlx5``,
+    ``NCCL_SOCKET_IFNAME: eth0`` (https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html)."""
+
+
 class RunSpec(SpecModel):
     """A whole llmc run."""
 
@@ -743,6 +1042,9 @@ class RunSpec(SpecModel):
     """Validation loss and benchmark evals. None = none."""
     calibration: str | None = None
     """Path of a calibration JSON (``llmc calibrate``), relative to the spec file; its factors adjust time and memory."""
+    cluster: Cluster | None = None
+    """Site options of the cluster artifacts and launchers (image, /dev/shm, RDMA, scheduling, NCCL environment).
+    None = none."""
 
     @property
     def pretrains(self) -> bool:
@@ -756,5 +1058,6 @@ __all__ = [
     "Checkpoint", "LossSpike", "Training", "Parallelism", "StageKind", "STAGE_KINDS", "LM_KINDS", "CHAT_KINDS",
     "CONTINUED_KINDS", "POSTTRAIN_KINDS", "PREFERENCE_KINDS", "LoRA", "StageBase", "PretrainStage", "MidtrainStage", "LongContextStage", "SFTStage",
     "DPOStage", "GRPOStage", "STAGE_TYPES", "Stage", "make_stage", "Serving", "GpuOverrides", "RunSpec",
-    "NearDup", "Decontaminate", "Quality", "Validation", "Eval",
+    "NearDup", "Decontaminate", "Quality", "Validation", "Eval", "Cluster", "KubernetesSite", "SkyPilotSite",
+    "Toleration", "RESERVED_ENV", "RESERVED_ENV_PREFIXES", "SKYPILOT_CLOUDS",
 ]
