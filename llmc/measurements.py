@@ -736,11 +736,17 @@ def _table_text(p: Path) -> str:
                                f"({e.reason} at byte {e.start})", hint) from None
 
 
+_DECIMAL_COMMA = re.compile(r"^\s*([-+]?\d+),(\d+)\s*$")
+
+
 def _csv_rows(text: str, source: str) -> list[tuple[dict, int]]:
     """(cells by column, line) of each non-empty row of a CSV table. The separator is the header's: a comma, or a
     semicolon or tab where the header has more of those (spreadsheets in locales with a decimal comma export
     ``;``); line ends may be LF, CRLF or CR alone. A row with more or fewer cells than the header is refused (its
-    cells would be read under other columns), as are empty, repeated or unknown column names."""
+    cells would be read under other columns), as are empty, repeated or unknown column names. In a ``;`` or tab
+    separated table a number written with a decimal comma (``3210,5``: those locales' spreadsheets) is read as
+    ``3210.5``; a comma cannot be a thousands separator there without being ambiguous, so only one comma followed
+    by digits is read that way."""
     first = re.split(r"\r\n|\r|\n", text.lstrip("\r\n"), maxsplit=1)[0]
     delim = max((",", ";", "\t"), key=first.count)  # (a header holds no separator inside a name; ties: comma)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
@@ -758,6 +764,8 @@ def _csv_rows(text: str, source: str) -> list[tuple[dict, int]]:
                 raise MeasurementError(source, reader.line_num, "K004", "row", f"{len(cells)} cells, the header has "
                                        f"{len(header)} columns", "one cell per column (quote a cell that holds a "
                                        f"{'comma' if delim == ',' else repr(delim)})")
+            if delim != ",":
+                cells = [_DECIMAL_COMMA.sub(r"\1.\2", c) for c in cells]
             rows.append(({k: v for k, v in zip(header, cells, strict=True) if k or v.strip()}, reader.line_num))
     except csv.Error as e:
         raise MeasurementError(source, reader.line_num, "K001", "table", f"not a CSV table: {e}",

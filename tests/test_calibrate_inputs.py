@@ -238,12 +238,17 @@ def test_a_repeated_row_or_id_is_refused_but_a_repeat_measurement_is_not(tmp_pat
     assert len(ms.read_table(_write(tmp_path / "repeat.csv", [*rows, again]))) == len(rows) + 1
 
 
-@pytest.mark.parametrize("how", ["bom", "cr", "crlf", "utf16", "semicolon", "tab"])
+@pytest.mark.parametrize("how", ["bom", "cr", "crlf", "utf16", "semicolon", "tab", "decimal-comma"])
 def test_spreadsheet_exports_read_as_the_plain_csv(tmp_path, how):
     rows = _rows(tmp_path)
     plain = ms.read_table(_write(tmp_path / "plain.csv", rows))
     fmt = {"bom": {"encoding": "utf-8-sig"}, "cr": {"lineterminator": "\r"}, "crlf": {"lineterminator": "\r\n"},
-           "utf16": {"encoding": "utf-16"}, "semicolon": {"delimiter": ";"}, "tab": {"delimiter": "\t"}}[how]
+           "utf16": {"encoding": "utf-16"}, "semicolon": {"delimiter": ";"}, "tab": {"delimiter": "\t"},
+           "decimal-comma": {"delimiter": ";"}}[how]
+    if how == "decimal-comma":  # a German / French spreadsheet's export: ";" between cells, "," in numbers
+        rows = [{k: v.replace(".", ",") if k in ("tokens_per_s_per_gpu", "mem_gib") else v for k, v in r.items()}
+                for r in rows]
+        assert "," in rows[0]["tokens_per_s_per_gpu"]
     got = ms.read_table(_write(tmp_path / f"{how}.csv", rows, **fmt))
     strip = [(m.label, m.plan, m.gpu, m.tokens_per_s_per_gpu, m.reserved_bytes) for m in plain]
     assert [(m.label, m.plan, m.gpu, m.tokens_per_s_per_gpu, m.reserved_bytes) for m in got] == strip

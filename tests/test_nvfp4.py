@@ -333,3 +333,12 @@ def test_the_search_keeps_to_tps_that_align_nvfp4s_gemms():
     assert 29568 % 128 == 0 and all((29568 // t) % 128 for t in (2, 4, 8))
     c, errs = _errors(_spec(gpu="gb200", count=64, model="qwen2.5-72b", training="  backend: torchtitan\n"))
     assert not errs and c.plan.tp == 1, [e.render() for e in errs]
+
+
+def test_t015_says_why_the_plan_would_not_run_on_torchtitan():
+    """backend auto with a seq_len torchtitan's chunked loss cannot split (8100 = 8 x 1012.5) resolves to the native
+    trainer, which trains no NVFP4: T015 names that reason, not only "set training.backend: torchtitan" (which then
+    fails on the same seq_len)."""
+    _, errs = _errors(_spec(seq=8100))
+    t015 = [e for e in errs if e.code == "T015"]
+    assert len(t015) == 1 and "8100" in t015[0].message and "chunked loss" in t015[0].message, [e.render() for e in errs]

@@ -197,7 +197,7 @@ def check_fp8_recipe(run, backend, sink: Sink) -> None:
                  f"use fp8_recipe {' or '.join(sorted(backend.fp8_recipes))}, or another training.backend")
 
 
-def check_nvfp4(run, backend, compiled: bool, sink: Sink) -> None:
+def check_nvfp4(run, backend, compiled: bool, sink: Sink, why: str = "") -> None:
     """An nvfp4 run the backend that will run the plan cannot train (T015: only llmc's torchtitan job converts
     linears to NVFP4; the native trainer and the DeepSpeed runner would not), or with torch.compile turned off (T016:
     torchtitan's NVFP4 configs compile the model for the quantization kernels' speed, and llmc times it compiled), or
@@ -213,7 +213,8 @@ def check_nvfp4(run, backend, compiled: bool, sink: Sink) -> None:
         runs = [n for n, be in BACKENDS.items() if be.runnable and be.nvfp4_parts]
         sink.add("T015", "error", "training.backend",
                  f"nvfp4 trains on {' / '.join(runs)} only (torchtitan's NVFP4LinearConverter, torchao's "
-                 f"nvfp4_training kernels); the {backend.name} backend, which would run this plan, does not",
+                 f"nvfp4_training kernels); the {backend.name} backend, which would run this plan"
+                 + (f" ({why})" if why else "") + ", does not",
                  f"set training.backend: {runs[0]} (it needs GPUs and no optimizer offload), or use bf16 / fp8")
         return
     if backend.name == "torchtitan" and not compiled and backend.can_compile:

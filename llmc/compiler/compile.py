@@ -505,7 +505,7 @@ def _backend_and_calibration(run, gpu, calibration, sink, gaps=(), titan_work=Tr
         for g in gaps:
             sink.add(g.code, "error", g.path, g.message, g.hint)
     checks.check_fp8_recipe(run, be, sink)
-    checks.check_nvfp4(run, be, comp, sink)
+    checks.check_nvfp4(run, be, comp, sink, why)
     checks.check_offload_backend(run, be, sink)
     checks.check_backend_options(run, be, sink)
     gkey = gpu.key if gpu is not None else ""
