@@ -221,7 +221,7 @@ def test_escape_filters_cover_warnings_and_notes():
     evil = "x\n$(touch y)\"'`"
     sh = env.get_template("deepspeed/launch.sh.j2").render(
         header=[evil], stages=[], ds_native_stages=[{"name": evil, "kind": "sft"}], gpus_per_node=1, nnodes=1,
-        rdzv_port=1, zero_stage=3, warnings=[evil])
+        rdzv_port=1, zero_stage=3, warnings=[evil], site_env=[])  # (site env values: tests/test_cluster_site.py)
     assert all(ln.startswith("#") or "touch" not in ln for ln in sh.splitlines())
     assert subprocess.run(["bash", "-n"], input=sh, text=True).returncode == 0
     y = env.get_template("serving/engine.yaml.j2").render(header=[evil], notes=[evil], items=[("k", "1")])
