@@ -129,3 +129,20 @@ def test_torchtitans_chunked_loss_refuses_the_lengths_the_plan_refuses():
     run(2504)
     with pytest.raises(Exception, match="divisible by num_chunks"):
         run(2500)
+
+
+def test_a_stage_inheriting_a_longer_seq_len_is_checked_at_it(tmp_path):
+    """A midtrain stage after a 32,764-token long_context stage, with no seq_len of its own, trains at 32,764 (the
+    context it starts from): its torchtitan job cannot split that either, an error located on the stage (it was
+    checked at data.seq_len, 8,192, and passed)."""
+    from test_build_fakes import ROOT
+
+    text = (ROOT / "examples" / "pipeline_llama3_8b.yaml").read_text()
+    spec = tmp_path / "p.yaml"
+    spec.write_text(text.replace("    seq_len: 32768\n", "    seq_len: 32764\n").replace(
+        "training:\n  precision: bf16\n", "training:\n  backend: torchtitan\n  precision: bf16\n").replace(
+        "  - name: sft\n", "  - name: anneal\n    kind: midtrain\n    init_from: long_context\n    steps: 100\n\n"
+        "  - name: sft\n", 1))
+    r = CliRunner().invoke(app, ["plan", str(spec)])
+    assert r.exit_code == 1 and "error[X313] stages.2: stage 'anneal' (seq_len 32764, inherited)" in r.output, (
+        r.output[-2000:])

@@ -187,13 +187,6 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     # what a torchtitan build would run: pre-training and continued-training stages (post-training runs on llmc's)
     titan_work = pretrains or bool(continued)
     be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration, sink, gaps, titan_work)
-    if run.training.backend == "torchtitan" and gpu is not None:  # pinned: its continued-training stage jobs too
-        for i, st in continued:  # (a stage job sizes its RoPE cache to its own seq_len: no X305)
-            seq, where = ((st.seq_len, f"stages.{i}.seq_len") if st.seq_len else
-                          (st.data.seq_len, f"stages.{i}.data.seq_len") if st.data else (data.seq_len, "data.seq_len"))
-            g = backends.torchtitan_layout_problem(run.model, seq, 1, 1, 1, gpu.key != "cpu")
-            if g is not None:
-                sink.add(g.code, "error", where, f"stage {st.name!r}: {g.message}", g.hint)
     model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe,
                                run.parallelism.offload_optimizer, run.parallelism.offload_params,
                                training.nvfp4_bf16_tail)
@@ -220,6 +213,8 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         checks.check_host_memory(run, searched.memory, gpu, sink)
     stages, stage_diags = _stages(run, gpu, lines, spec_path, hyper, searched, facts, be_info.name,
                                   _stage_search(run, gpu, model_opts) if cluster_ok else None, fit_check=fit_check)
+    if run.training.backend == "torchtitan" and gpu is not None:  # pinned: its continued-training stage jobs too
+        _check_titan_stage_seq(run, continued, {sp.name: sp for sp in stages}, gpu, sink)
     from llmc.compiler.stages import pipeline_time
 
     pipeline = pipeline_time(stages, time.days if time else None, cost.usd if cost else None, run.hardware.count,
@@ -241,6 +236,23 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         checkpoint_types=dict(facts.checkpoint_types) if facts is not None else {}, preemption=preemption,
         budget_floor=floor,
     )
+
+
+def _check_titan_stage_seq(run: RunSpec, continued, plans: dict, gpu: GPU, sink: Sink) -> None:
+    """What a pinned torchtitan run's continued-training stage jobs cannot run about their sequence length
+    (``backends.torchtitan_layout_problem`` at tp = cp = pp = 1; a stage job sizes its RoPE cache to its own
+    seq_len: no X305), at the seq_len each stage trains at: its own, its data's, else the one it inherits from the
+    stage it starts from (a stage after a 32K long_context one trains at 32K, not at data.seq_len)."""
+    for i, st in continued:
+        sp = plans.get(st.name)
+        seq = sp.seq_len if sp is not None else (st.seq_len or (st.data.seq_len if st.data else None)
+                                                           or run.data.seq_len)
+        where = (f"stages.{i}.seq_len" if st.seq_len else f"stages.{i}.data.seq_len" if st.data and st.data.seq_len
+                 else f"stages.{i}")
+        g = backends.torchtitan_layout_problem(run.model, seq, 1, 1, 1, gpu.key != "cpu")
+        if g is not None:
+            inherited = "" if st.seq_len or (st.data and st.data.seq_len) else f" (seq_len {seq}, inherited)"
+            sink.add(g.code, "error", where, f"stage {st.name!r}{inherited}: {g.message}", g.hint)
 
 
 def _preemption(time, stages):
