@@ -206,6 +206,16 @@ def test_prepare_warns_about_repeated_epochs_and_a_wrong_declaration(tmp_path, c
     assert web["drawn"] == 8 * train_tokens and web["epochs"] == pytest.approx(8.0)
     assert web["declared"] == 10 * whole and web["exact"] is True
 
+    # a stage's own prepare (after the launch's prepare step said it) measures nothing and warns nothing
+    from llmc.runtime.entry import _prepare_collective
+    from llmc.runtime.job import TrainJob
+
+    before = (tmp_path / "assets" / "data_stats.json").read_bytes()
+    _prepare_collective(TrainJob.from_lock(json.loads(lock.read_text()), None, build_dir=tmp_path), tmp_path)
+    cap = capsys.readouterr()
+    assert "warning[R011]" not in cap.err and "prepare: data" not in cap.out
+    assert (tmp_path / "assets" / "data_stats.json").read_bytes() == before
+
     # a correct declaration and 2 epochs: no warning
     out, warns = _prepare(_lock(tmp_path, 2 * train_tokens, whole), capsys)
     assert warns == [] and "2.00 epochs" in out

@@ -314,7 +314,7 @@ def _data_loader(job, assets_root: Path, rank: int, world: int):
 
     main = rank == 0
     if main:
-        assets = prepare_assets(job, assets_root)
+        assets = prepare_assets(job, assets_root, measure=False)  # (the launch's prepare step measured the data)
     dist.barrier()
     if not main:
         assets = Assets.from_json(json.loads((assets_root / "assets" / "assets.json").read_text()))

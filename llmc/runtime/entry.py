@@ -155,7 +155,7 @@ def check_source_location(name: str, path: Path, root: Path, builtins: set[str] 
                          f"{hint}")
 
 
-def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
+def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool = True) -> Assets:
     """Build (or reuse) ``out_dir/assets`` (the tokenizer); returns :class:`Assets` naming every source where
     it lies, for the trainers to stream (:class:`llmc.runtime.data.StreamLoader`).
 
@@ -172,7 +172,8 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
     is written (:func:`check_source_location`), so prepare never reads its own output back as input.
     Last, each text source's tokens (its training part) are counted or estimated and set against what the run
     draws from it (``assets/data_stats.json``; a warning line where a source is read more than the plan's epoch
-    limit or its declared ``tokens`` is far off: :mod:`llmc.runtime.data_stats`).
+    limit or its declared ``tokens`` is far off: :mod:`llmc.runtime.data_stats`); ``measure=False`` skips that (a
+    stage's own prepare: the launch's prepare step, which runs first, measured and said it once).
     """
     from llmc.runtime import corpus
     from llmc.runtime.data import is_hf_saved_dataset
@@ -271,9 +272,10 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say) -> Assets:
         assets = split_assets(assets, ev.validation, resolve=job.resolve_path, skip=skip, log=log)
     _atomic_write(asset_dir / "assets.json", json.dumps(assets.to_json(), indent=1) + "\n")
     write_fingerprints(job.lock, asset_dir)
-    _measure_data(job, assets, {n: f"{k}|{quality_key}|{state.get('tokenizer')}" for n, k in text_keys.items()},
-                  state, log)
-    _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True) + "\n")
+    if measure:
+        _measure_data(job, assets, {n: f"{k}|{quality_key}|{state.get('tokenizer')}" for n, k in text_keys.items()},
+                      state, log)
+        _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True) + "\n")
     return assets
 
 
@@ -362,7 +364,7 @@ def _prepare_collective(job: TrainJob, root: Path) -> Assets:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or rank == 0:
-        return prepare_assets(job, root)
+        return prepare_assets(job, root, measure=False)  # (the launch's prepare step measured the data)
     import torch.distributed as dist
 
     from llmc.runtime.distributed import init_distributed
