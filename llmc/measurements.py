@@ -38,6 +38,7 @@ from pathlib import Path
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.units import GiB
 from llmc.fileio import read_regular_file
+from llmc.spec.schema import NVFP4_BF16_TAIL
 
 #: Largest measurement input llmc reads (a lock, metrics.jsonl, torchtitan log, table or calibration): the
 #: metrics or log of a month-long run are tens of MB; anything larger, or not a regular file (``/dev/zero``,
@@ -108,6 +109,7 @@ class Measurement:
     compile: bool | None = None
     async_tp: bool = False
     fp8_recipe: str | None = None
+    nvfp4_bf16_tail: float = NVFP4_BF16_TAIL  # an nvfp4 run's final blocks kept in bf16 (training.nvfp4_bf16_tail)
     offload_optimizer: bool = False  # ZeRO-Offload (AdamW on the host): changes both time and memory
     offload_params: bool = False  # ZeRO-Infinity to CPU (the parameters on the host too): time and memory
     loss_chunks: int | None = None  # slices of the backend's chunked loss (None: what llmc's job for it uses)
@@ -214,6 +216,7 @@ def _from_lock(lock: dict, lock_path: str, label: str, source: str) -> Measureme
     return Measurement(label=label, source=source, backend=be, gpu=gpu.key, hardware=gpu,
                        model=spec.model, seq_len=spec.data.seq_len, precision=spec.training.precision, plan=plan,
                        gpus_per_node=spec.hardware.gpus_per_node, compile=comp, fp8_recipe=spec.training.fp8_recipe,
+                       nvfp4_bf16_tail=spec.training.nvfp4_bf16_tail,
                        offload_optimizer=spec.parallelism.offload_optimizer,
                        offload_params=spec.parallelism.offload_params, lock=lock_path)
 
@@ -372,7 +375,8 @@ TABLE_COLUMNS = frozenset((
     "id", "model", "gpus", "seq_len", "dp_replicate", "dp_shard", "tp", "pp", "pp_schedule", "vp", "cp", "ep",
     "micro_batch", "global_batch", "ac", "ac_layers", "zero_stage", "precision", "quantization", "compile",
     "compile_loss", "async_tp", "offload_optimizer", "offload_params", "loss_chunks", "gpus_per_node", "backend",
-    "gpu_key", "gpu_key_exact", "gpu_part", "system", "kind", "tokens_per_s_per_gpu", "mem_gib", "mem_kind"))
+    "gpu_key", "gpu_key_exact", "gpu_part", "system", "kind", "tokens_per_s_per_gpu", "mem_gib", "mem_kind",
+    "nvfp4_bf16_tail"))
 #: Informational columns: documented in benchmarks/README.md (the source, its table and sweep, figures the source
 #: derives from the measured ones) or common notes; read by nobody, so allowed. Any other column of one's own is
 #: allowed when its name starts with :data:`TABLE_EXTRA_PREFIX`.
@@ -547,6 +551,13 @@ def table_row(r: dict, file_keys: dict, source: str, line: int) -> Measurement:
     tps, mem = positive("tokens_per_s_per_gpu"), positive("mem_gib")
     if mem is not None:
         _check_memory(mem, part, source, line)
+    tail = get("nvfp4_bf16_tail", NVFP4_BF16_TAIL)
+    try:
+        tail = float(tail)
+    except (TypeError, ValueError, OverflowError):
+        raise bad("nvfp4_bf16_tail", "a fraction in [0, 1)") from None
+    if isinstance(get("nvfp4_bf16_tail"), bool) or not 0 <= tail < 1:
+        raise bad("nvfp4_bf16_tail", "a fraction in [0, 1)")
     kind = str(get("mem_kind", "reserved"))
     if flag("offload_params", False) and not (flag("offload_optimizer", False) and zero == 3):
         raise MeasurementError(source, line, "K004", "offload_params", "offload_params needs offload_optimizer and "
@@ -555,6 +566,7 @@ def table_row(r: dict, file_keys: dict, source: str, line: int) -> Measurement:
         label=str(get("id", f"{Path(source).name}:{line}")), source=source, backend=str(backend), gpu=str(gpu),
         model=PRESETS[name], seq_len=whole("seq_len"), precision=prec, plan=plan,
         gpus_per_node=gpn, compile=flag("compile"),
+        nvfp4_bf16_tail=tail,
         async_tp=bool(flag("async_tp", False)), fp8_recipe=recipe if prec == "fp8" else None,  # (a file-level
         # recipe names the fp8 rows' one: a bf16 row has none)
         offload_optimizer=bool(flag("offload_optimizer", False)),
@@ -845,7 +857,8 @@ def predicted(m: Measurement, factors=None):
     try:
         sm = timing.step_model(m.model, m.seq_len, m.precision, gpu, m.backend, compile=m.compile,
                                async_tp=m.async_tp, fp8_recipe=m.fp8_recipe, factors=factors,
-                               offload_optimizer=m.offload_optimizer, offload_params=m.offload_params)
+                               offload_optimizer=m.offload_optimizer, offload_params=m.offload_params,
+                               nvfp4_bf16_tail=m.nvfp4_bf16_tail)
         t = timing.time_numbers(sm, m.plan, 1)
         mem = memory.memory_per_gpu(m.model, m.plan, m.seq_len, m.precision, gpu.hbm_bytes, backend=m.backend,
                                     compile=m.compile, factors=factors, offload_optimizer=m.offload_optimizer,

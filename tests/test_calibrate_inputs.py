@@ -329,3 +329,35 @@ def test_a_run_the_others_do_not_explain_is_named_but_the_fit_stands(tmp_path, c
     # the others are llmc's own predictions under one set of factors, so the fit without the row recovers them and
     # the row's error is its typo alone: 1/1.6 - 1 in tokens/s
     assert err == pytest.approx(100 * (1 / 1.6 - 1), abs=0.01) and f"{err:+.1f}% off" in warned[0], (err, warned)
+
+
+def test_an_nvfp4_run_is_predicted_with_its_own_bf16_tail(tmp_path):
+    """An nvfp4 run that keeps 30% of its blocks in bf16 (training.nvfp4_bf16_tail 0.3), measured exactly at its
+    lock's prediction: calibrate fits identity factors (it predicted the run with the default tail, 15%, and fitted
+    compute_scale 0.93); a table row says its tail in the `nvfp4_bf16_tail` column, checked as the spec checks it."""
+    text = ("name: n\nmodel: llama3-8b\nhardware: {gpu: gb200, count: 8}\ndata: {seq_len: 8192, tokens: 10B}\n"
+            "training: {backend: torchtitan, precision: nvfp4, nvfp4_bf16_tail: 0.3, global_batch_tokens: 1048576}\n"
+            "parallelism: {dp_shard: 8, tp: 1, pp: 1, micro_batch: 1, activation_checkpointing: none}\n")
+    run, lines = loads_spec(text, file="spec.yaml")
+    c = compile_spec(run, "spec.yaml", lines, spec_bytes=text.encode())
+    assert c.plan is not None, [d.message for d in c.diagnostics]
+    b = tmp_path / "build"
+    (b / "run" / "pretrain").mkdir(parents=True)
+    (b / "plan.lock.json").write_text(lock_text(c))
+    recs = [{"step": s, "loss": 3.0, "tokens_per_s": c.time.tokens_per_second} for s in range(1, 30)]
+    (b / "run" / "pretrain" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "cal.json"
+    assert ms.calibrate_main([str(b)], str(out)) == 0
+    cal = Calibration.from_json(json.loads(out.read_text()))
+    assert cal.factors.compute_scale == pytest.approx(1.0, abs=1e-6), cal.factors
+    row = {"id": "r", "model": "llama3-8b", "gpus": 8, "seq_len": 8192, "dp_shard": 8, "micro_batch": 1,
+           "global_batch": 128, "backend": "torchtitan", "gpu_key": "gb200", "precision": "nvfp4",
+           "tokens_per_s_per_gpu": 1000}
+    for tail, ok in (("0.3", True), ("1.5", False), ("none", False)):
+        p = _write(tmp_path / f"t{tail}.csv", [{**row, "nvfp4_bf16_tail": tail}])
+        if ok:
+            (m,) = ms.read_table(p)
+            assert m.nvfp4_bf16_tail == 0.3
+        else:
+            with pytest.raises(ms.MeasurementError, match="nvfp4_bf16_tail"):
+                ms.read_table(p)
