@@ -33,7 +33,11 @@ parallelism: {dp_replicate: 2, dp_shard: 8, tp: 1, pp: 1, micro_batch: 1, activa
 def _built(tmp_path, gpu: str, overrides: str = ""):
     """A build of the spec and a run of it measured exactly at the lock's own prediction: the whole job's tokens/s
     and the allocated peak the plan predicts, on the GPU."""
-    text = _SPEC % (gpu, f", gpu_overrides: {{{overrides}}}" if overrides else "")
+    return _built_text(tmp_path, _SPEC % (gpu, f", gpu_overrides: {{{overrides}}}" if overrides else ""))
+
+
+def _built_text(tmp_path, text: str):
+    """:func:`_built` for any spec text."""
     run, lines = loads_spec(text, file="spec.yaml")
     c = compile_spec(run, "spec.yaml", lines, spec_bytes=text.encode())
     assert c.plan is not None, [d.message for d in c.diagnostics]
@@ -338,14 +342,7 @@ def test_an_nvfp4_run_is_predicted_with_its_own_bf16_tail(tmp_path):
     text = ("name: n\nmodel: llama3-8b\nhardware: {gpu: gb200, count: 8}\ndata: {seq_len: 8192, tokens: 10B}\n"
             "training: {backend: torchtitan, precision: nvfp4, nvfp4_bf16_tail: 0.3, global_batch_tokens: 1048576}\n"
             "parallelism: {dp_shard: 8, tp: 1, pp: 1, micro_batch: 1, activation_checkpointing: none}\n")
-    run, lines = loads_spec(text, file="spec.yaml")
-    c = compile_spec(run, "spec.yaml", lines, spec_bytes=text.encode())
-    assert c.plan is not None, [d.message for d in c.diagnostics]
-    b = tmp_path / "build"
-    (b / "run" / "pretrain").mkdir(parents=True)
-    (b / "plan.lock.json").write_text(lock_text(c))
-    recs = [{"step": s, "loss": 3.0, "tokens_per_s": c.time.tokens_per_second} for s in range(1, 30)]
-    (b / "run" / "pretrain" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    b, *_ = _built_text(tmp_path, text)
     out = tmp_path / "cal.json"
     assert ms.calibrate_main([str(b)], str(out)) == 0
     cal = Calibration.from_json(json.loads(out.read_text()))

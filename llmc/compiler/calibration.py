@@ -262,10 +262,10 @@ def fit_memory(points: list[MemPoint]) -> tuple[float, float]:
     return (1.0 if s is None else min(max(s, lo), hi)), 0.0
 
 
-def fit(time_points: list[TimePoint], mem_points: list[MemPoint]) -> Factors:
+def fit(time_points: list[TimePoint], mem_points: list[MemPoint], comm_prior: float | None = None) -> Factors:
     """All four factors from the measured runs (see the module docstring); ValueError when the time model
-    cannot fit them (:func:`fit_time` ``strict``)."""
-    cs, ms, g = fit_time(time_points, strict=True)
+    cannot fit them (:func:`fit_time` ``strict``). ``comm_prior``: None = :func:`choose_comm_prior`'s."""
+    cs, ms, g = fit_time(time_points, comm_prior=comm_prior, strict=True)
     mscale, mo = fit_memory(mem_points)
     return Factors(compute_scale=cs, comm_scale=ms, mem_scale=mscale, mem_overhead_bytes=mo,
                    compute_size_exponent=g)
@@ -301,7 +301,7 @@ def loo_time_errors(points: list[TimePoint], groups: list[str] | None = None, **
     return out
 
 
-def loo_others_spread(points: list[TimePoint] | list[MemPoint]) -> list[float]:
+def loo_others_spread(points: list[TimePoint] | list[MemPoint], comm_prior: float | None = None) -> list[float]:
     """For each run, the median |% error| of the *other* runs under the factors fitted on them alone: the scale
     its leave-one-out error is compared with (a deleted residual against the spread of the fit without the run,
     as a studentized deleted residual is; Cook & Weisberg, "Residuals and Influence in Regression", 1982,
@@ -311,7 +311,8 @@ def loo_others_spread(points: list[TimePoint] | list[MemPoint]) -> list[float]:
 
     # the comm prior chosen once on every run (not again per run left out, as the leave-one-out band does: this is
     # a scale for a warning, and the nested choice costs n times more fits)
-    w = choose_comm_prior(points) if points and isinstance(points[0], TimePoint) else COMM_PRIOR_WEIGHT
+    w = (comm_prior if comm_prior is not None else choose_comm_prior(points)) if points and isinstance(
+        points[0], TimePoint) else COMM_PRIOR_WEIGHT
     out = []
     for i in range(len(points)):
         rest = points[:i] + points[i + 1:]
@@ -408,11 +409,12 @@ class Calibration:
 def calibrate(backend: str, gpu: str, time_points: list[TimePoint], mem_points: list[MemPoint],
               provenance: dict | None = None) -> Calibration:
     """Fit the factors on every run, with leave-one-out error bands and per-run residuals."""
-    f = fit(time_points, mem_points)
-    how = {"comm_prior": choose_comm_prior(time_points)} if time_points else {}
+    w = choose_comm_prior(time_points)  # (once: each choice is two leave-one-out passes)
+    f = fit(time_points, mem_points, comm_prior=w)
+    how = {"comm_prior": w} if time_points else {}
     loo_t = loo_time_errors(time_points) if len(time_points) >= 2 else [None] * len(time_points)
     loo_m = loo_memory_errors(mem_points) if len(mem_points) >= 2 else [None] * len(mem_points)
-    sp_t = loo_others_spread(time_points) if len(time_points) >= 2 else [None] * len(time_points)
+    sp_t = loo_others_spread(time_points, w) if len(time_points) >= 2 else [None] * len(time_points)
     sp_m = loo_others_spread(mem_points) if len(mem_points) >= 2 else [None] * len(mem_points)
     # per run: in-sample errors; its error under the factors fitted on the other runs, and the others' median error
     # under those factors (loo_others_spread)

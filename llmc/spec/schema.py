@@ -804,20 +804,24 @@ def env_value(value: str) -> str:
     return value
 
 
+def _matching(value: str, limit: int, pattern: re.Pattern, what: str, empty_ok: bool = False) -> str:
+    """``value`` when it is at most ``limit`` characters and matches ``pattern`` whole (or is empty and
+    ``empty_ok``), else ValueError "must be <what> (got ...)"."""
+    if len(value) > limit or not (empty_ok and not value) and not pattern.fullmatch(value):
+        raise ValueError(f"must be {what} (got {_shown(value)})")
+    return value
+
+
 def k8s_dns_label(value: str) -> str:
     """An RFC 1123 label, as Kubernetes names a namespace: lower-case letters, digits, '-', at most 63."""
-    if len(value) > 63 or not _DNS1123_LABEL_RE.fullmatch(value):
-        raise ValueError(f"must be an RFC 1123 label: at most 63 lower-case letters, digits or '-', starting and "
-                         f"ending with a letter or digit (got {_shown(value)})")
-    return value
+    return _matching(value, 63, _DNS1123_LABEL_RE, "an RFC 1123 label: at most 63 lower-case letters, digits or "
+                     "'-', starting and ending with a letter or digit")
 
 
 def k8s_subdomain(value: str) -> str:
     """A DNS-1123 subdomain, as Kubernetes names most objects (a service account): at most 253 characters."""
-    if len(value) > 253 or not _DNS1123_SUBDOMAIN_RE.fullmatch(value):
-        raise ValueError(f"must be a DNS-1123 subdomain: at most 253 lower-case letters, digits, '-' or '.', each "
-                         f"'.'-separated part starting and ending with a letter or digit (got {_shown(value)})")
-    return value
+    return _matching(value, 253, _DNS1123_SUBDOMAIN_RE, "a DNS-1123 subdomain: at most 253 lower-case letters, "
+                     "digits, '-' or '.', each '.'-separated part starting and ending with a letter or digit")
 
 
 def k8s_qualified_name(value: str, *, need_prefix: bool = False) -> str:
@@ -840,10 +844,8 @@ def k8s_qualified_name(value: str, *, need_prefix: bool = False) -> str:
 def k8s_label_value(value: str) -> str:
     """A Kubernetes label value (also a toleration's value): empty, or at most 63 letters, digits, '-', '_' or '.'
     starting and ending with a letter or digit."""
-    if len(value) > 63 or value and not _QUALIFIED_NAME_RE.fullmatch(value):
-        raise ValueError(f"must be a Kubernetes label value: at most 63 letters, digits, '-', '_' or '.', starting "
-                         f"and ending with a letter or digit (got {_shown(value)})")
-    return value
+    return _matching(value, 63, _QUALIFIED_NAME_RE, "a Kubernetes label value: at most 63 letters, digits, '-', "
+                     "'_' or '.', starting and ending with a letter or digit", empty_ok=True)
 
 
 def k8s_extended_resource(value: str) -> str:
@@ -860,10 +862,8 @@ def k8s_extended_resource(value: str) -> str:
 
 def image_reference(value: str) -> str:
     """A container image reference, ``[registry[:port]/]repository[:tag][@digest]`` (distribution/reference)."""
-    if len(value) > 1024 or not _IMAGE_RE.fullmatch(value):
-        raise ValueError(f"must be a container image reference, [registry[:port]/]repository[:tag][@digest], the "
-                         f"repository in lower case (got {_shown(value)})")
-    return value
+    return _matching(value, 1024, _IMAGE_RE, "a container image reference, [registry[:port]/]repository[:tag]"
+                     "[@digest], the repository in lower case")
 
 
 def site_word(value: str) -> str:
