@@ -4,6 +4,7 @@
     python scripts/bench_plan_speed.py                  # both tables
     python scripts/bench_plan_speed.py --cold --repeat 7
     python scripts/bench_plan_speed.py --search --worlds 8 4096 997920
+    python scripts/bench_plan_speed.py --calibrate --runs 16 64 256
 
 Cold start: a fresh `python -c "from llmc.cli import main; main()" plan <spec>` process per run, the
 best of --repeat runs, wall clock and CPU (user + system of the child); "bytecode" runs with a warm
@@ -14,6 +15,9 @@ Search: one fresh process per (model, world); the spec's hardware.count is overr
 the spec's batch cannot be split over that many GPUs, its global batch is raised to the smallest
 multiple of the batch the P005 hint names (``checks.min_batch_seqs``). Times are the first
 compile in that process (no warm caches): the whole ``compile_spec`` and ``search.search`` alone.
+Calibrate: ``llmc.compiler.calibration.calibrate`` (what `llmc calibrate` does after reading its inputs: the
+fit, the nested leave-one-out band and each run's outlier scale) on N synthetic runs of four hidden sizes and
+varied communication shares (a seeded sweep; the size term and both factors are fitted).
 Nothing is asserted; the machine's load shows in wall time, CPU time is the steadier figure.
 """
 
@@ -139,10 +143,32 @@ def search_times(worlds: list[int], models: list[str]) -> None:
                   f"{d['compile_cpu']:10.3f}s {d['evaluations']:9d}  {d['plan']}", flush=True)
 
 
+def calibrate_times(sizes: list[int]) -> None:
+    import random
+
+    from llmc.compiler.calibration import TimePoint, calibrate
+
+    print("calibrate: fit + leave-one-out band + outlier scales on N measured runs (seconds)")
+    print(f"{'runs':>6s} {'wall':>8s} {'cpu':>8s}  factors")
+    for n in sizes:
+        rng = random.Random(n)
+        pts = []
+        for i in range(n):
+            c, m, f = rng.uniform(1, 10), rng.uniform(0.1, 3), rng.uniform(0, 0.2)
+            d = rng.choice([2048, 4096, 8192, 16384])
+            t = (c / (1.2 * (d / 8192) ** 0.1) + 1.3 * m + f) * rng.uniform(0.95, 1.05)
+            pts.append(TimePoint(f"run{i}", c, m, f, t, d))
+        w0, c0 = time.perf_counter(), time.process_time()
+        cal = calibrate("torchtitan", "h100-sxm", pts, [])
+        print(f"{n:6d} {time.perf_counter() - w0:7.2f}s {time.process_time() - c0:7.2f}s  {cal.factors.describe()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cold", action="store_true", help="only the cold-start table")
     ap.add_argument("--search", action="store_true", help="only the search table")
+    ap.add_argument("--calibrate", action="store_true", help="only the calibration table")
+    ap.add_argument("--runs", type=int, nargs="*", default=[16, 32, 64, 128], help="calibration sizes")
     ap.add_argument("--repeat", type=int, default=5, help="cold-start runs per spec (the best is shown)")
     ap.add_argument("--worlds", type=int, nargs="*", default=WORLDS)
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
@@ -150,6 +176,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         print(json.dumps(_one(args.one[0], int(args.one[1]))))
+        return
+    if args.calibrate:
+        calibrate_times(args.runs)
         return
     both = not (args.cold or args.search)
     if args.cold or both:

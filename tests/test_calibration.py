@@ -381,3 +381,112 @@ def test_the_comm_prior_yields_to_runs_that_show_slower_communication():
              for p in pts]
     assert cal.choose_comm_prior(noisy) == cal.COMM_PRIOR_WEIGHT
     assert cal.calibrate("torchtitan", "h100-sxm", noisy, []).fit == {"comm_prior": cal.COMM_PRIOR_WEIGHT}
+
+
+def _ref_fit(pts, comm_prior, size_prior):
+    """An independent time fit (the module docstring's definition): numpy least squares on each subset's own
+    design matrix, the ridge prior as an extra row, residuals summed directly, the gamma grid searched in the same
+    order (ties to the smaller |gamma|); None when no positive compute scale fits."""
+    pts = [p for p in pts if p.measured_s > 0 and p.compute_s > 0]
+    if not pts:
+        return 1.0, 1.0, 0.0
+    sizes = [p.d_model for p in pts]
+    shares = [p.comm_s / (p.compute_s + p.comm_s) for p in pts]
+    sized = (size_prior is not None and len(pts) >= 4 and min(sizes) > 0 and len(set(sizes)) >= 3
+             and max(sizes) >= 1.2 * min(sizes))
+    grid = sorted(cal.SIZE_EXPONENT_GRID, key=abs) if sized else [0.0]
+    lo_c, hi_c = cal.FACTOR_BOUNDS["compute_scale"]
+    lo_m, hi_m = cal.FACTOR_BOUNDS["comm_scale"]
+    best = None
+    for g in grid:
+        x1 = np.array([p.compute_s * ((p.d_model / cal.SIZE_REF_D_MODEL) ** -g if g and p.d_model > 0 else 1.0)
+                       / p.measured_s for p in pts])
+        x2 = np.array([p.comm_s / p.measured_s for p in pts])
+        y = np.array([1 - p.fixed_s / p.measured_s for p in pts])
+        sol = None
+        if len(pts) >= 4 and max(shares) - min(shares) > 0.02:
+            w = math.sqrt(comm_prior)
+            a_mat = np.vstack([np.column_stack([x1, x2]), [[0.0, w]]])
+            (a, b), *_ = np.linalg.lstsq(a_mat, np.append(y, w), rcond=None)
+            if a > 0 and lo_c <= 1 / a <= hi_c and lo_m <= b <= hi_m:
+                sol = a, b, float(np.sum((a * x1 + b * x2 - y) ** 2) + comm_prior * (b - 1) ** 2)
+        if sol is None:
+            a = float(x1 @ (y - x2) / (x1 @ x1))
+            if a <= 0:
+                continue
+            a = 1 / min(max(1 / a, lo_c), hi_c)
+            sol = a, 1.0, float(np.sum((a * x1 + x2 - y) ** 2))
+        obj = sol[2] + (size_prior or 0.0) * g * g
+        if best is None or obj < best[0] - 1e-12:
+            best = (obj, sol[0], sol[1], g)
+    return None if best is None else (1 / best[1], best[2], best[3])
+
+
+def _ref_loo(pts, comm_prior, size_prior=cal.SIZE_PRIOR_WEIGHT, groups=None):
+    """Leave-one(-group)-out tokens/s errors by refitting from scratch, the comm prior chosen again on each fold's
+    runs when ``comm_prior`` is None (the nested choice)."""
+    keys = groups or [str(i) for i in range(len(pts))]
+    out = []
+    for i, p in enumerate(pts):
+        rest = [q for q, k in zip(pts, keys, strict=True) if k != keys[i]]
+        w = comm_prior
+        if w is None:
+            if len(rest) < cal.MIN_POINTS_PRIOR_CHOICE:
+                w = cal.COMM_PRIOR_WEIGHT
+            else:
+                free, held = (np.mean(np.abs(_ref_loo(rest, v, size_prior))) for v in (0.0, cal.COMM_PRIOR_WEIGHT))
+                w = 0.0 if free < cal.COMM_PRIOR_RELEASE * held else cal.COMM_PRIOR_WEIGHT
+        cs, ms, g = _ref_fit(rest, w, size_prior) or (1.0, 1.0, 0.0)
+        step = p.compute_s / (cs * ((p.d_model / cal.SIZE_REF_D_MODEL) ** g if g and p.d_model > 0 else 1.0))
+        out.append(100 * (p.measured_s / (step + p.comm_s * ms + p.fixed_s) - 1))
+    return out
+
+
+def _sweep(n, seed, comm_truth=1.3):
+    rng = random.Random(seed)
+    pts = []
+    for i in range(n):
+        c, m, f = rng.uniform(1, 10), rng.uniform(0.1, 3), rng.uniform(0, 0.2)
+        d = rng.choice([2048, 4096, 8192, 16384])
+        t = (c / (1.2 * (d / 8192) ** 0.1) + comm_truth * m + f) * rng.uniform(0.95, 1.05)
+        pts.append(TimePoint(f"r{i}", c, m, f, t, d))
+    return pts
+
+
+@pytest.mark.parametrize("n, seed, comm_truth", [(9, 0, 1.3), (12, 3, 1.3), (10, 5, 4.0), (6, 7, 1.0)])
+def test_fits_from_sufficient_statistics_equal_refitting_each_subset(n, seed, comm_truth):
+    """fit_time / loo_time_errors / loo_others_spread downdate one set of normal-equation sums per size exponent
+    instead of refitting every subset; on sweeps with a size term, a comm prior that stays and one that the runs
+    release (communication 4x llmc's), they give what refitting each subset with numpy's least squares gives."""
+    pts = _sweep(n, seed, comm_truth)
+    for w in (0.0, cal.COMM_PRIOR_WEIGHT):
+        assert cal.fit_time(pts, comm_prior=w) == pytest.approx(_ref_fit(pts, w, cal.SIZE_PRIOR_WEIGHT), rel=1e-9)
+        assert cal.fit_time(pts, comm_prior=w, size_prior=None) == pytest.approx(_ref_fit(pts, w, None), rel=1e-9)
+        assert cal.loo_time_errors(pts, comm_prior=w) == pytest.approx(_ref_loo(pts, w), rel=1e-7, abs=1e-9)
+    assert cal.loo_time_errors(pts) == pytest.approx(_ref_loo(pts, None), rel=1e-7, abs=1e-9)  # nested choice
+    keys = [str(i % 3) for i in range(n)]  # leave a whole group out
+    assert cal.loo_time_errors(pts, keys) == pytest.approx(_ref_loo(pts, None, groups=keys), rel=1e-7, abs=1e-9)
+    w = cal.choose_comm_prior(pts)
+    assert (w == 0.0) == (comm_truth == 4.0)
+    spread = []
+    for i in range(n):
+        cs, ms, g = _ref_fit(pts[:i] + pts[i + 1:], w, cal.SIZE_PRIOR_WEIGHT)
+        f = Factors(compute_scale=cs, comm_scale=ms, compute_size_exponent=g)
+        spread.append(float(np.median([abs(100 * (q.measured_s / cal.predict_step(q, f) - 1))
+                                       for q in pts[:i] + pts[i + 1:]])))
+    assert cal.loo_others_spread(pts) == pytest.approx(spread, rel=1e-7)
+
+
+def test_the_sums_fit_skips_unusable_runs_and_falls_back_as_the_refit_does():
+    """Runs without a measurement or a compute part are in no fit but are still scored; equal communication shares
+    fall back to the compute-only fit; a subset left with no runs is the identity."""
+    pts = _sweep(8, 11)
+    pts[2] = dataclasses.replace(pts[2], measured_s=0.0)
+    pts[5] = dataclasses.replace(pts[5], compute_s=0.0)
+    assert cal.fit_time(pts, comm_prior=0.3) == pytest.approx(_ref_fit(pts, 0.3, cal.SIZE_PRIOR_WEIGHT), rel=1e-9)
+    assert cal.loo_time_errors(pts, comm_prior=0.3) == pytest.approx(_ref_loo(pts, 0.3), rel=1e-7, abs=1e-9)
+    flat = [dataclasses.replace(p, comm_s=p.compute_s * 0.1) for p in _sweep(7, 2)]
+    assert cal.fit_time(flat, comm_prior=0.3)[1] == 1.0
+    assert cal.fit_time(flat, comm_prior=0.3) == pytest.approx(_ref_fit(flat, 0.3, cal.SIZE_PRIOR_WEIGHT), rel=1e-9)
+    assert cal.loo_time_errors(flat) == pytest.approx(_ref_loo(flat, None), rel=1e-7, abs=1e-9)
+    assert cal.loo_time_errors(pts[:2], ["a", "a"]) == [pytest.approx(math.nan, nan_ok=True)] * 2

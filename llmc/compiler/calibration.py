@@ -48,6 +48,7 @@ others), the standard estimate of out-of-sample error for a small sample (Hastie
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 MIN_POINTS_TWO_FACTORS = 4  # below this only one factor per quantity is fitted
@@ -162,51 +163,135 @@ def _in(name: str, v: float) -> bool:
     return lo <= v <= hi
 
 
-def _fit_linear(pts: list[TimePoint], gamma: float, comm_prior: float) -> tuple[float, float, float] | None:
-    """(a, b, penalised SSE) of the relative residuals (a C' + b M + F)/T - 1 with C' = C (d/d_ref)^-gamma and
-    the ridge pseudo-observation sqrt(comm_prior) (b - 1); None when the 2-factor fit is not identifiable."""
-    rows = [(p.compute_s * _size(p.d_model, gamma) / p.measured_s, p.comm_s / p.measured_s,
-             1.0 - p.fixed_s / p.measured_s) for p in pts]
-    shares = [p.comm_s / (p.compute_s + p.comm_s) for p in pts]
-    if len(pts) < MIN_POINTS_TWO_FACTORS or max(shares) - min(shares) <= 0.02:
-        return None
-    w = math.sqrt(comm_prior)
-    sol = _solve2(rows + ([(0.0, w, w)] if comm_prior > 0 else []))
-    if sol is None or sol[0] <= 0 or not (_in("compute_scale", 1.0 / sol[0]) and _in("comm_scale", sol[1])):
-        return None
-    a, b = sol
-    return a, b, sum((a * x1 + b * x2 - y) ** 2 for x1, x2, y in rows) + comm_prior * (b - 1.0) ** 2
-
-
-def _fit_one(pts: list[TimePoint], gamma: float) -> tuple[float, float]:
-    """(a, SSE) of the compute-only fit (comm_scale = 1)."""
-    rows = [(p.compute_s * _size(p.d_model, gamma) / p.measured_s, 1.0 - (p.comm_s + p.fixed_s) / p.measured_s)
-            for p in pts]
-    a = _solve1(rows)
-    if a is None or a <= 0:
-        return 0.0, math.inf
-    lo, hi = FACTOR_BOUNDS["compute_scale"]
-    a = 1.0 / min(max(1.0 / a, lo), hi)
-    return a, sum((a * x - y) ** 2 for x, y in rows)
-
-
 def _size(d_model: float, gamma: float) -> float:
     """Compute-time multiplier of the size term, (d / d_ref) ** -gamma (1 for gamma 0 or unknown d)."""
     return 1.0 if gamma == 0.0 or d_model <= 0 else (d_model / SIZE_REF_D_MODEL) ** -gamma
 
 
+def _usable(points: list[TimePoint]) -> list[TimePoint]:
+    return [p for p in points if p.measured_s > 0 and p.compute_s > 0]
+
+
+class _TimeFits:
+    """The time fit (module docstring) of any subset of ``points``, from sufficient statistics.
+
+    Per size exponent gamma, each run's relative-residual row (x1, x2, y) = (C' / T, M / T, 1 - F / T) enters the
+    normal equations only through its products x1^2, x1 x2, x2^2, x1 y, x2 y, y^2; a fit on the runs but a few is
+    the totals minus the left-out runs' products (downdating the normal equations; Bjorck 1996, sec. 3.2), and its
+    penalised SSE is the quadratic form of those sums. A leave-one-out pass with the nested choice of the comm prior
+    then costs O(n^2) instead of O(n^3) fits' worth of row arithmetic (100 runs: a second, not minutes)."""
+
+    def __init__(self, points: list[TimePoint], size_prior: float | None):
+        self.pts = _usable(points)
+        self.size_prior = size_prior
+        self.shares = [p.comm_s / (p.compute_s + p.comm_s) for p in self.pts]
+        self.by_share = sorted(range(len(self.pts)), key=self.shares.__getitem__)
+        self.size_count = Counter(p.d_model for p in self.pts)
+        grid = (0.0,) if size_prior is None else tuple(sorted(SIZE_EXPONENT_GRID, key=abs))  # ties: smaller |gamma|
+        self.rows: dict[float, list[tuple[float, ...]]] = {}
+        self.totals: dict[float, tuple[float, ...]] = {}
+        for g in grid:
+            rows = []
+            for p in self.pts:
+                x1 = p.compute_s * _size(p.d_model, g) / p.measured_s
+                x2, y = p.comm_s / p.measured_s, 1.0 - p.fixed_s / p.measured_s
+                rows.append((x1 * x1, x1 * x2, x2 * x2, x1 * y, x2 * y, y * y))
+            self.rows[g] = rows
+            self.totals[g] = tuple(map(math.fsum, zip(*rows, strict=True))) if rows else (0.0,) * 6
+
+    def _gammas(self, out: frozenset[int]) -> tuple[float, ...]:
+        if self.size_prior is None or len(self.pts) - len(out) < MIN_POINTS_TWO_FACTORS:
+            return (0.0,)
+        gone = Counter(self.pts[i].d_model for i in out)
+        sizes = [d for d, k in self.size_count.items() if k > gone[d]]  # the hidden sizes the fit keeps
+        if min(sizes) > 0 and len(sizes) >= MIN_DISTINCT_SIZES and max(sizes) >= MIN_SIZE_RATIO * min(sizes):
+            return tuple(self.rows)
+        return (0.0,)
+
+    def _two_factors(self, out: frozenset[int]) -> bool:
+        """Enough runs, and communication shares that differ (else comm_scale is not identifiable)."""
+        if len(self.pts) - len(out) < MIN_POINTS_TWO_FACTORS:
+            return False
+        lo = next(i for i in self.by_share if i not in out)
+        hi = next(i for i in reversed(self.by_share) if i not in out)
+        return self.shares[hi] - self.shares[lo] > 0.02
+
+    def fit(self, out: frozenset[int], comm_prior: float) -> tuple[float, float, float] | None:
+        """(compute_scale, comm_scale, gamma) fitted on every run but those indexed in ``out``; None when no positive
+        compute scale fits."""
+        if len(out) >= len(self.pts):
+            return 1.0, 1.0, 0.0
+        two = self._two_factors(out)
+        best: tuple[float, float, float, float] | None = None  # (objective, a, b, gamma)
+        for g in self._gammas(out):
+            s11, s12, s22, t1, t2, yy = self.totals[g]
+            for i in out:
+                r = self.rows[g][i]
+                s11, s12, s22, t1, t2, yy = s11 - r[0], s12 - r[1], s22 - r[2], t1 - r[3], t2 - r[4], yy - r[5]
+            sol = _fit_two(s11, s12, s22, t1, t2, yy, comm_prior) if two else None
+            if sol is not None:
+                a, b, sse = sol
+            else:
+                (a, sse), b = _fit_compute_only(s11, s12, s22, t1, t2, yy), 1.0
+            if a <= 0:
+                continue
+            obj = sse + (self.size_prior or 0.0) * g * g
+            if best is None or obj < best[0] - 1e-15:
+                best = (obj, a, b, g)
+        return None if best is None else (1.0 / best[1], best[2], best[3])
+
+    def loo_errors(self, out: frozenset[int], comm_prior: float) -> list[float]:
+        """% tokens/s error of each run not in ``out``, under the fit without it and ``out`` (fixed comm prior)."""
+        errs = []
+        for i, p in enumerate(self.pts):
+            if i in out:
+                continue
+            cs, ms, g = self.fit(out | {i}, comm_prior) or (1.0, 1.0, 0.0)
+            errs.append(_pct(p.measured_s / predict_step(p, Factors(compute_scale=cs, comm_scale=ms,
+                                                                     compute_size_exponent=g)), 1.0))
+        return errs
+
+    def choose_prior(self, out: frozenset[int] = frozenset()) -> float:
+        """:func:`choose_comm_prior` on every run but ``out``."""
+        if len(self.pts) - len(out) < MIN_POINTS_PRIOR_CHOICE:
+            return COMM_PRIOR_WEIGHT
+
+        def loo(w: float) -> float:
+            errs = [abs(e) for e in self.loo_errors(out, w)]
+            return sum(errs) / len(errs) if errs else math.inf
+
+        return 0.0 if loo(0.0) < COMM_PRIOR_RELEASE * loo(COMM_PRIOR_WEIGHT) else COMM_PRIOR_WEIGHT
+
+
+def _fit_two(s11: float, s12: float, s22: float, t1: float, t2: float, yy: float,
+             comm_prior: float) -> tuple[float, float, float] | None:
+    """(a, b, penalised SSE) of the relative residuals (a C' + b M + F)/T - 1 from their sums, with the ridge
+    pseudo-observation sqrt(comm_prior) (b - 1) (adds comm_prior to s22, t2 and yy); None when the 2-factor fit is
+    singular or outside the factors' bounds."""
+    s22, t2, yy = s22 + comm_prior, t2 + comm_prior, yy + comm_prior
+    det = s11 * s22 - s12 * s12
+    if abs(det) <= 1e-12 * max(s11 * s22, 1e-300):
+        return None
+    a, b = (t1 * s22 - t2 * s12) / det, (s11 * t2 - s12 * t1) / det
+    if a <= 0 or not (_in("compute_scale", 1.0 / a) and _in("comm_scale", b)):
+        return None
+    return a, b, max(0.0, a * a * s11 + 2 * a * b * s12 + b * b * s22 - 2 * a * t1 - 2 * b * t2 + yy)
+
+
+def _fit_compute_only(s11: float, s12: float, s22: float, t1: float, t2: float, yy: float) -> tuple[float, float]:
+    """(a, SSE) of the compute-only fit (comm_scale = 1): y - x2 ~ a x1, from the same sums."""
+    sxy = t1 - s12
+    if s11 <= 0 or sxy <= 0:
+        return 0.0, math.inf
+    lo, hi = FACTOR_BOUNDS["compute_scale"]
+    a = 1.0 / min(max(s11 / sxy, lo), hi)
+    return a, max(0.0, a * a * s11 - 2 * a * sxy + (yy - 2 * t2 + s22))
+
+
 def choose_comm_prior(points: list[TimePoint], size_prior: float | None = SIZE_PRIOR_WEIGHT) -> float:
     """The comm_scale ridge weight for ``points``: :data:`COMM_PRIOR_WEIGHT`, or 0 when the fit without it has a
     leave-one-out error below :data:`COMM_PRIOR_RELEASE` of the fit with it (module docstring)."""
-    pts = [p for p in points if p.measured_s > 0 and p.compute_s > 0]
-    if len(pts) < MIN_POINTS_PRIOR_CHOICE:
-        return COMM_PRIOR_WEIGHT
-
-    def loo(w: float) -> float:
-        errs = [abs(e) for e in loo_time_errors(pts, comm_prior=w, size_prior=size_prior) if not math.isnan(e)]
-        return sum(errs) / len(errs) if errs else math.inf
-
-    return 0.0 if loo(0.0) < COMM_PRIOR_RELEASE * loo(COMM_PRIOR_WEIGHT) else COMM_PRIOR_WEIGHT
+    return _TimeFits(points, size_prior).choose_prior()
 
 
 def fit_time(points: list[TimePoint], *, comm_prior: float | None = None,
@@ -217,34 +302,14 @@ def fit_time(points: list[TimePoint], *, comm_prior: float | None = None,
     positive compute scale fits (every measured step shorter than llmc's communication and optimizer time alone,
     e.g. a whole job's tokens/s given as per-GPU), ``strict`` raises ValueError; else the identity stands in
     (a leave-one-out fold)."""
-    pts = [p for p in points if p.measured_s > 0 and p.compute_s > 0]
-    if not pts:
-        return 1.0, 1.0, 0.0
-    if comm_prior is None:
-        comm_prior = choose_comm_prior(pts, size_prior)
-    sizes = [p.d_model for p in pts]
-    gammas: tuple[float, ...] = (0.0,)
-    if (size_prior is not None and len(pts) >= MIN_POINTS_TWO_FACTORS and min(sizes) > 0
-            and len(set(sizes)) >= MIN_DISTINCT_SIZES and max(sizes) >= MIN_SIZE_RATIO * min(sizes)):
-        gammas = tuple(sorted(SIZE_EXPONENT_GRID, key=abs))  # ties go to the smaller |gamma|
-    best: tuple[float, float, float, float] | None = None  # (objective, a, b, gamma)
-    for g in gammas:
-        two = _fit_linear(pts, g, comm_prior)
-        if two is not None:
-            a, b, sse = two
-        else:
-            (a, sse), b = _fit_one(pts, g), 1.0
-        if a <= 0:
-            continue
-        obj = sse + (size_prior or 0.0) * g * g
-        if best is None or obj < best[0] - 1e-15:
-            best = (obj, a, b, g)
-    if best is None:
+    fits = _TimeFits(points, size_prior)
+    got = fits.fit(frozenset(), fits.choose_prior() if comm_prior is None else comm_prior)
+    if got is None:
         if strict:
             raise ValueError("every measured step is shorter than llmc's predicted communication and optimizer time "
                              "alone, so no compute scale fits")
         return 1.0, 1.0, 0.0
-    return 1.0 / best[1], best[2], best[3]
+    return got
 
 
 def fit_memory(points: list[MemPoint]) -> tuple[float, float]:
@@ -284,18 +349,30 @@ def _pct(pred: float, meas: float) -> float:
     return 100.0 * (pred - meas) / meas
 
 
-def loo_time_errors(points: list[TimePoint], groups: list[str] | None = None, **priors) -> list[float]:
+def _usable_at(points: list[TimePoint]) -> list[int | None]:
+    """Each point's index among :func:`_usable`'s runs (None: not usable, in no fit)."""
+    at, k = [], 0
+    for p in points:
+        at.append(k if p.measured_s > 0 and p.compute_s > 0 else None)
+        k += at[-1] is not None
+    return at
+
+
+def loo_time_errors(points: list[TimePoint], groups: list[str] | None = None, *, comm_prior: float | None = None,
+                    size_prior: float | None = SIZE_PRIOR_WEIGHT) -> list[float]:
     """% error in throughput (measured/predicted step - 1, i.e. tokens/s) of each run with factors fitted
     on the other runs. ``groups`` (one key per point): leave out every run sharing the point's key instead
-    (e.g. a whole software release). ``priors``: :func:`fit_time`'s ``comm_prior`` / ``size_prior``."""
+    (e.g. a whole software release). ``comm_prior`` / ``size_prior``: :func:`fit_time`'s (comm_prior None: chosen
+    again on the runs each fold keeps, so the band is not fitted to the run it scores)."""
     keys = groups if groups is not None else [str(i) for i in range(len(points))]
+    fits, at = _TimeFits(points, size_prior), _usable_at(points)
     out = []
     for i, p in enumerate(points):
-        rest = [q for q, k in zip(points, keys, strict=True) if k != keys[i]]
-        if not rest:
+        if all(key == keys[i] for key in keys):
             out.append(math.nan)
             continue
-        cs, ms, g = fit_time(rest, **priors)
+        drop = frozenset(at[j] for j, key in enumerate(keys) if key == keys[i] and at[j] is not None)
+        cs, ms, g = fits.fit(drop, fits.choose_prior(drop) if comm_prior is None else comm_prior) or (1.0, 1.0, 0.0)
         step = predict_step(p, Factors(compute_scale=cs, comm_scale=ms, compute_size_exponent=g))
         out.append(_pct(p.measured_s / step, 1.0))  # tokens/s error = T_meas / T_pred - 1
     return out
@@ -311,16 +388,18 @@ def loo_others_spread(points: list[TimePoint] | list[MemPoint], comm_prior: floa
 
     # the comm prior chosen once on every run (not again per run left out, as the leave-one-out band does: this is
     # a scale for a warning, and the nested choice costs n times more fits)
-    w = (comm_prior if comm_prior is not None else choose_comm_prior(points)) if points and isinstance(
-        points[0], TimePoint) else COMM_PRIOR_WEIGHT
+    timed = bool(points) and isinstance(points[0], TimePoint)
+    fits = _TimeFits(points, SIZE_PRIOR_WEIGHT) if timed else None
+    at = _usable_at(points) if timed else []
+    w = (comm_prior if comm_prior is not None else fits.choose_prior()) if fits is not None else COMM_PRIOR_WEIGHT
     out = []
     for i in range(len(points)):
         rest = points[:i] + points[i + 1:]
         if not rest:
             out.append(math.nan)
             continue
-        if isinstance(points[i], TimePoint):
-            cs, ms, g = fit_time(rest, comm_prior=w)
+        if fits is not None:
+            cs, ms, g = fits.fit(frozenset() if at[i] is None else frozenset({at[i]}), w) or (1.0, 1.0, 0.0)
             f = Factors(compute_scale=cs, comm_scale=ms, compute_size_exponent=g)
             errs = [_pct(p.measured_s / predict_step(p, f), 1.0) for p in rest]
         else:
