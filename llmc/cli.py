@@ -155,24 +155,19 @@ def _calibration(spec: Path, run, option: Path | None):
     (relative to the spec file); None when neither is given."""
     if option is None and not run.calibration:
         return None
-    import dataclasses
-
-    from llmc.fileio import sha256_file
     from llmc.measurements import MeasurementError, load_calibration
 
+    # which file the plan and the lock were made with (the lock records the factors themselves); a lock is committed:
+    # the spec's relative path as it is, else (--calibration, relative to the working directory, or an absolute path)
+    # the file name only
+    given = str(option) if option is not None else str(run.calibration)
+    named = given if option is None and not Path(given).is_absolute() else Path(given).name
     try:
-        cal = load_calibration(option) if option is not None else load_calibration(run.calibration, str(spec))
+        if option is not None:
+            return load_calibration(option, record_as=named)
+        return load_calibration(run.calibration, str(spec), record_as=named)
     except MeasurementError as e:
         _fail([e.located()])
-    given = str(option) if option is not None else str(run.calibration)
-    where = Path(given) if option is not None or Path(given).is_absolute() else spec.parent / given
-    try:  # which file the plan and the lock were made with (the lock records the factors themselves); a lock is
-        # committed: the spec's relative path as it is, else (--calibration, relative to the working directory, or an
-        # absolute path) the file name only
-        named = given if option is None and not Path(given).is_absolute() else Path(given).name
-        return dataclasses.replace(cal, file={"path": named, "sha256": sha256_file(where)})
-    except OSError:  # (read a moment ago: replaced since; the factors are still the ones read)
-        return cal
 
 
 @_command()

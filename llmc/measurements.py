@@ -72,8 +72,13 @@ class MeasurementError(ValueError):
 def _read_text(path: Path, code: str, what: str, hint: str = "") -> str:
     """The text of the regular file ``path`` (at most :data:`MAX_INPUT_BYTES`; undecodable bytes replaced),
     or the MeasurementError that locates why it cannot be read."""
+    return _read_bytes(path, code, what, hint).decode("utf-8", "replace")
+
+
+def _read_bytes(path: Path, code: str, what: str, hint: str = "") -> bytes:
+    """:func:`_read_text`'s bytes."""
     try:
-        return read_regular_file(path, MAX_INPUT_BYTES).decode("utf-8", "replace")
+        return read_regular_file(path, MAX_INPUT_BYTES)
     except OSError as e:
         raise MeasurementError(str(path), 0, code, what, f"cannot read: {e.strerror or e}", hint) from None
     except ValueError as e:
@@ -1127,14 +1132,20 @@ def no_better_warning(cal) -> str | None:
             "calibrate again" + ("; until then plan without it)" if len(worse) == fitted_any else ")"))
 
 
-def load_calibration(path: str | Path, spec_file: str | None = None):
-    """Read a calibration JSON (``RunSpec.calibration``, relative to the spec file) into a Calibration."""
+def load_calibration(path: str | Path, spec_file: str | None = None, record_as: str | None = None):
+    """Read a calibration JSON (``RunSpec.calibration``, relative to the spec file) into a Calibration. ``record_as``:
+    the name its ``file`` records, with the SHA-256 of the bytes read (one read: a file replaced meanwhile cannot
+    pair one file's factors with another's hash)."""
+    import dataclasses
+    import hashlib
+
     from llmc.compiler.calibration import Calibration
 
     p = Path(path)
     if not p.is_absolute() and spec_file:
         p = Path(spec_file).parent / p
-    text = _read_text(p, "K007", "calibration", "write it with llmc calibrate")
+    raw = _read_bytes(p, "K007", "calibration", "write it with llmc calibrate")
+    text = raw.decode("utf-8", "replace")
     try:
         cal = Calibration.from_json(json.loads(text))
     except RecursionError:
@@ -1149,6 +1160,8 @@ def load_calibration(path: str | Path, spec_file: str | None = None):
     warning = version_warning(cal, str(p))
     if warning:
         print(warning, file=sys.stderr)
+    if record_as is not None:
+        cal = dataclasses.replace(cal, file={"path": record_as, "sha256": hashlib.sha256(raw).hexdigest()})
     return cal
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -490,3 +491,36 @@ def test_the_sums_fit_skips_unusable_runs_and_falls_back_as_the_refit_does():
     assert cal.fit_time(flat, comm_prior=0.3) == pytest.approx(_ref_fit(flat, 0.3, cal.SIZE_PRIOR_WEIGHT), rel=1e-9)
     assert cal.loo_time_errors(flat) == pytest.approx(_ref_loo(flat, None), rel=1e-7, abs=1e-9)
     assert cal.loo_time_errors(pts[:2], ["a", "a"]) == [pytest.approx(math.nan, nan_ok=True)] * 2
+
+
+def test_the_recorded_calibration_hash_is_of_the_bytes_whose_factors_were_applied(tmp_path, monkeypatch):
+    """The plan reads the calibration file once: a file replaced right after it was read (a re-fit writing it while a
+    build runs) cannot pair the first file's factors with the second file's sha256 in the lock."""
+    import hashlib
+
+    from typer.testing import CliRunner
+
+    from llmc import measurements
+    from llmc.cli import app
+
+    pts = [TimePoint(f"r{i}", 1.0 + i, 0.5 + 0.2 * i, 0.0, 2.0 + 1.1 * i) for i in range(5)]
+    f = tmp_path / "h100.json"
+    first = json.dumps(cal.calibrate("torchtitan", "h100-sxm", pts, []).to_json()).encode()
+    f.write_bytes(first)
+    second = json.dumps(cal.calibrate("torchtitan", "h100-sxm", pts[:4], []).to_json()).encode()
+    read = measurements.read_regular_file
+
+    def read_then_replace(path, *a, **k):
+        data = read(path, *a, **k)
+        if Path(path).name == "h100.json":
+            f.write_bytes(second)
+        return data
+
+    monkeypatch.setattr(measurements, "read_regular_file", read_then_replace)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    r = CliRunner().invoke(app, ["plan", str(spec), "--calibration", str(f), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)["calibration"]
+    assert got["file"]["sha256"] == hashlib.sha256(first).hexdigest() != hashlib.sha256(second).hexdigest()
+    assert got["factors"] == json.loads(first)["factors"]
