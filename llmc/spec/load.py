@@ -822,6 +822,8 @@ def _clean_loc(loc: tuple, raw: Any) -> tuple:
             cur = cur[part]
         elif isinstance(part, str) and _INTERNAL.match(part):
             continue
+        elif part == "[key]" and out:  # pydantic's marker of an error in a mapping's key: the path ends at the key
+            continue
         else:
             cur = None
         out.append(part)
@@ -906,7 +908,10 @@ def _from_pydantic(err: dict[str, Any], ctx: _Ctx, prefix: tuple = (), root: typ
                 hint = _bool_hint(loc, word, err["input"])
     if t == "string_type" and isinstance(err.get("input"), bool) and root is None:
         hint = _bool_hint(loc, _source_scalar(ctx.text, loc) or str(err["input"]).lower(), err["input"])
-    return ctx.diag("S002", path, _human_message(err), hint)
+    message = _human_message(err)
+    if err["loc"][-1:] == ("[key]",) and message.startswith("must "):  # the path ends at a key, not at its value
+        message = f"the key {message}"
+    return ctx.diag("S002", path, message, hint)
 
 
 def _bool_hint(loc: tuple, word: str, value: bool) -> str:
