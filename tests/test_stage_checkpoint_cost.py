@@ -197,3 +197,31 @@ stages:
     assert c.pipeline.days * 86400 == pytest.approx(total, rel=1e-9)
     assert c.pipeline.usd == pytest.approx(c.cost.usd + sum(st[n].time.usd for n in hand))
     assert math.isclose(st["sft"].time.usd, st["sft"].time.days * 24 * 8 * 2.5, rel_tol=1e-9)
+
+
+def test_each_stage_saves_every_30_minutes_of_its_own_step_by_default():
+    """Without training.checkpoint.interval_steps a stage saves about every 30 minutes of its own predicted step,
+    clamped to [50, 1000] steps and to its length (the documented default), whatever pre-training's interval is: the
+    Llama 3 8B pipeline has no pre-training step, and its midtrain (~63 s steps) saved every 1,000 steps (17.6 h of
+    training a preemption could lose). The interval the saves are timed at is the one the lock hands the trainer;
+    a pinned interval_steps is kept."""
+    from llmc.compiler.compile import compile_spec
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "pipeline_llama3_8b.yaml"
+    text = path.read_text()
+    run, lines = loads_spec(text, file=str(path))
+    c = compile_spec(run, str(path), lines)
+    assert c.plan is None and c.stages
+    for s in c.stages:
+        want = max(1, min(min(max(round(1800 / s.time.step_seconds), 50), 1000), s.steps))
+        assert s.checkpoint_interval == want, (s.name, s.checkpoint_interval, want)
+        periodic = s.time.checkpoint.periodic
+        if periodic is not None:
+            assert periodic.interval == want
+        hours_between = want * s.time.step_seconds / 3600
+        assert hours_between <= max(0.6, 50 * s.time.step_seconds / 3600 + 1e-9), (s.name, hours_between)
+    pinned = text.replace("training:\n", "training:\n  checkpoint: {interval_steps: 700}\n", 1)
+    assert pinned != text
+    run, lines = loads_spec(pinned, file=str(path))
+    c = compile_spec(run, str(path), lines)
+    assert all(s.checkpoint_interval == min(700, s.steps) for s in c.stages)

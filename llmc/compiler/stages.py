@@ -807,6 +807,16 @@ def stage_time(env: _Env, st: StageBase, tr: StageTraining, mem: StageMemoryPlan
     )
 
 
+def stage_checkpoint_interval(env: _Env, st: StageBase, tr: StageTraining, step_seconds: float) -> int:
+    """A stage's steps between saves: the spec's ``training.checkpoint.interval_steps``, else about 30 minutes of the
+    stage's own predicted step (:func:`llmc.compiler.defaults.default_checkpoint_interval`), not pre-training's
+    interval (a stage's step can be many times longer or shorter; without pre-training that interval is the clamp's
+    1,000 steps: 17 hours between saves of a 63 s step)."""
+    if st.kind == "pretrain" or env.run.training.checkpoint.interval_steps is not None or not tr.steps:
+        return tr.checkpoint_interval
+    return defaults_mod.default_checkpoint_interval(step_seconds, tr.steps)
+
+
 def stage_checkpoints(env: _Env, st: StageBase, tr: StageTraining, plan: ParallelPlan, sm: timing.StepModel,
                       backend: str, step_seconds: float) -> StageCheckpoints | None:
     """The checkpoint saves of a stage other than pre-training on its layout ``plan`` and the time they stall it
@@ -830,7 +840,8 @@ def stage_checkpoints(env: _Env, st: StageBase, tr: StageTraining, plan: Paralle
     return checkpoint_cost.stage_checkpoints(
         sm, plan, env.gpu, backend=backend, posttrain=posttrain, lora=lora, params_total=env.n_total,
         trainable_params=lora_trainable_params(env.run.model, st.lora.rank, st.lora.targets) if lora else env.n_total,
-        precision=env.precision, steps=tr.steps, interval=tr.checkpoint_interval, step_seconds=step_seconds,
+        precision=env.precision, steps=tr.steps, interval=stage_checkpoint_interval(env, st, tr, step_seconds),
+        step_seconds=step_seconds,
         async_save=not posttrain and checkpoint_cost.saves_async(backend, hyper_async), write_gbps=ck.write_gbps)
 
 
@@ -1286,6 +1297,8 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
         notes.append(f"runs as its own torchtitan job on its searched layout: {layout.why}")
     else:
         mem, rollout, stime = _recompute_choice(env, st, tr, trainable, needs_ref, notes)
+    if stime is not None:  # the interval its checkpoint saves were timed at (stage_checkpoints)
+        tr = replace(tr, checkpoint_interval=stage_checkpoint_interval(env, st, tr, stime.step_seconds))
     if stime is not None and stime.sampling_seconds > SAMPLING_WARN_SHARE * stime.step_seconds:
         sink.add("T108", "warning", f"{p}.max_new_tokens",
                  f"GRPO sampling is {stime.sampling_seconds / stime.step_seconds:.0%} of the predicted step of stage "
