@@ -195,7 +195,20 @@ def _plan(c) -> Table:
     par = c.spec.parallelism
     off = ("; optimizer and parameters offloaded to the host (ZeRO-Infinity)" if par.offload_params else
            "; optimizer offloaded to the host (ZeRO-Offload)" if par.offload_optimizer else "")
-    t.add_row("data parallel", (f"{zero} over {p.dp_shard * p.cp} ranks" if p.dp_shard * p.cp > 1 else zero) + off)
+    ranks = p.dp_shard * p.cp
+    dp_text = f"{zero} over {ranks} ranks" if ranks > 1 else zero
+    if p.zero_stage in (1, 2) and ranks > 1 and c.backend is not None:
+        from llmc.compiler.backends import get_backend
+
+        if get_backend(c.backend.name).zero12 == "fsdp2":  # how the backend's job runs ZeRO-1/2 (Backend.zero12)
+            # FSDP2 reshard_after_forward=False; under PP torch.distributed.pipelining holds the reshard (and the
+            # gradient sync) until the step's last micro-batch (backends._FSDP2_ZERO12)
+            held = ("through the step (the pipeline reshards after its last micro-batch)" if p.pp > 1 else
+                    "from each micro-batch's forward to its backward")
+            dp_text = (f"FSDP2 over {ranks} ranks with the parameters kept gathered (reshard_after_forward=False: "
+                       f"{c.backend.name}'s ZeRO-{p.zero_stage}): fp32 weights, grads and optimizer sharded, the bf16 "
+                       f"parameters all-gathered and held {held}")
+    t.add_row("data parallel", dp_text + off)
     if p.pp > 1:
         sched = p.pp_schedule + (f", {p.pp_virtual_stages} virtual stages per rank"
                                  if p.pp_schedule == "Interleaved1F1B" else "")
@@ -284,11 +297,22 @@ def _time(c) -> Table:
         t.add_row("checkpoints", _checkpoints(ck, tm.days * 86400))
     gh = f"{co.gpu_hours:,.0f}" if co.gpu_hours >= 10 else f"{co.gpu_hours:.2f}"
     t.add_row("cost", f"{gh} GPU-hours x ${co.usd_per_gpu_hour:g} = {usd(co.usd)}")
+    if tm.interruptions is not None and tm.interruptions.expected >= 0.5:
+        t.add_row("interruptions", _interruptions(tm.interruptions, tm.days, co.usd))
     br = {k: v for k, v in tm.breakdown.items() if v > 0}
     total = sum(br.values()) or 1.0
     top = sorted(br.items(), key=lambda kv: -kv[1])
     t.add_row("step breakdown", ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in top))
     return t
+
+
+def _interruptions(it, days: float, cost: float) -> str:
+    """The expected unexpected interruptions (``InterruptionNumbers``): not in the run's days and cost above."""
+    return (f"~{it.expected:,.1f} expected at {it.per_gpu_day:.2g} per GPU-day (Llama 3's pre-training, "
+            f"arXiv:2407.21783), each losing ~{duration(it.lost_seconds)} (a {duration(it.restart_seconds)} restart "
+            f"(an estimate) + reading the checkpoint {duration(it.load_seconds)} + half an interval redone "
+            f"{duration(it.rollback_seconds)}): {duration(it.days * 86400)} and ~{usd(cost * it.days / days)} "
+            f"(+{100 * it.extra_fraction:.1f}%); the run and cost above assume none")
 
 
 def _gb(x: float) -> str:

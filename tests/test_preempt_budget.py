@@ -38,12 +38,19 @@ def test_a_preemption_save_is_the_state_a_node_writes_over_its_storage_bandwidth
     assert p.signal_lead_seconds > p.shutdown_seconds
 
 
-def test_a_post_training_stage_without_periodic_saves_still_saves_on_a_signal():
+def test_a_post_training_stage_without_periodic_saves_still_saves_on_a_signal(tmp_path):
     """DPO / GRPO on llmc's loop save what a periodic save holds (the trainable parameters and their AdamW state)
-    when a signal stops them, also where their steps leave no periodic save (these two have none); on one node of
-    8 ranks the node writes the whole state and each rank hashes its eighth (llmc's trainer re-reads and hashes what
-    it wrote, at 1 GB/s)."""
-    c = compile_example(ROOT / "examples" / "pipeline_llama3_8b.yaml")
+    when a signal stops them, also where their steps leave no periodic save (an interval longer than every stage,
+    pinned here); on one node of 8 ranks the node writes the whole state and each rank hashes its eighth (llmc's
+    trainer re-reads and hashes what it wrote, at 1 GB/s)."""
+    from llmc.compiler.compile import compile_spec
+    from llmc.spec.load import loads_spec
+
+    text = (ROOT / "examples" / "pipeline_llama3_8b.yaml").read_text()  # (its paths are absolute)
+    pinned = text.replace("training:\n", "training:\n  checkpoint: {interval_steps: 100000}\n", 1)
+    assert pinned != text
+    run, lines = loads_spec(pinned, file="pipeline.yaml")
+    c = compile_spec(run, "pipeline.yaml", lines)
     for kind in ("dpo", "grpo"):
         ck = next(s for s in c.stages if s.kind == kind).time.checkpoint
         assert ck.periodic is None

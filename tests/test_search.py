@@ -210,7 +210,7 @@ def test_auto_backend_choice_and_reason():
 
     assert resolve_backend("auto", cpu=True)[0] == "native"
     assert resolve_backend("auto", offload=True)[0] == "deepspeed"
-    assert resolve_backend("auto", zero_stage=2)[0] == "deepspeed"
+    assert resolve_backend("auto", zero_stage=2)[0] == "torchtitan"
     name, why = resolve_backend("auto", pp=4, tp=8)
     assert name == "torchtitan" and "tp/pp" in why
     assert resolve_backend("native") == ("native", "training.backend pins native")

@@ -468,6 +468,20 @@ def get_backend(name: str | None) -> Backend:
     return BACKENDS["generic" if name is None else name]
 
 
+#: share of the GPU's memory a plan may fill under the backend-neutral ``generic`` profile: a margin for allocator
+#: fragmentation, which that profile's bytes (the tensors alone) do not count
+GENERIC_HEADROOM = 0.92
+
+
+def fit_headroom(name: str | None) -> float:
+    """Share of the GPU's capacity a plan's per-GPU peak may reach on backend ``name`` (the fit check,
+    ``memory.fits``): 1.0 on a backend profile, whose per-GPU bytes already are the allocator's reserved memory
+    (``reserved_over_allocated``, fitted on measured peaks) plus the CUDA context and NCCL buffers outside it, against
+    the decimal-GB capacity (itself 4-7 % below what the driver reports); :data:`GENERIC_HEADROOM` on ``generic``
+    (None). What the plan's messages call "usable" (``search.usable_bytes``)."""
+    return GENERIC_HEADROOM if get_backend(name).name == "generic" else 1.0
+
+
 @dataclass(frozen=True)
 class ModelGap:
     """A part of the model (or of the weights it starts from) that torchtitan cannot run: the diagnostic the
@@ -651,20 +665,21 @@ def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = N
                     offload: bool = False, cpu: bool = False, model_gaps: tuple[str, ...] = (),
                     titan_work: bool = True) -> tuple[str, str]:
     """(backend, reason). ``auto``: the native trainer on CPU; DeepSpeed when the spec asks for a
-    DeepSpeed-only feature (``offload``: optimizer or parameter offload; ZeRO-1/2); the native trainer when torchtitan
+    DeepSpeed-only feature (``offload``: optimizer or parameter offload); the native trainer when torchtitan
     cannot run the model (``model_gaps``: :func:`torchtitan_model_gaps` messages) or a pipeline has nothing a
     torchtitan job would run (``titan_work`` False: post-training stages only, which llmc's trainers run on every
     backend); otherwise torchtitan (it runs every
     dimension the search may choose: TP, PP, CP, EP, FSDP; llmc's native trainer does DDP/FSDP/TP only and
-    DeepSpeed's runner data parallelism only)."""
+    DeepSpeed's runner data parallelism only). A pinned ZeRO-1/2 (``zero_stage``) does not move the choice: the
+    search itself plans ZeRO-1 on torchtitan and the native trainer, which run it as FSDP2 keeping the gathered
+    parameters (``reshard_after_forward=False``, :attr:`Backend.zero12`), so pinning the stage a plan printed keeps
+    its backend, layout and numbers."""
     if requested != "auto":
         return requested, f"training.backend pins {requested}"
     if offload:  # also on CPU: llmc's DeepSpeed runner runs there on DeepSpeed's CPU accelerator
         return "deepspeed", "auto: optimizer offload is a DeepSpeed feature (ZeRO-Offload)"
     if cpu:
         return "native", "auto: llmc's native trainer (a CPU run; torchtitan and DeepSpeed need GPUs)"
-    if zero_stage in (1, 2):
-        return "deepspeed", f"auto: ZeRO-{zero_stage} is a DeepSpeed optimizer (torchtitan shards with FSDP2)"
     if model_gaps:
         return "native", (f"auto: llmc's native trainer (DDP / FSDP2 / TP), since torchtitan cannot run this model: "
                           f"{model_gaps[0]}")
@@ -672,6 +687,7 @@ def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = N
         return "native", ("auto: llmc's native trainer (every stage is post-training, which llmc's trainers run on any "
                           "backend)")
     dims = [n for n, v in (("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)) if v and v > 1]
+    dims += [f"ZeRO-{zero_stage} (as FSDP2 reshard_after_forward=False)"] if zero_stage in (1, 2) else []
     why = f"it runs the pinned {'/'.join(dims)}" if dims else "it runs every dimension the search may choose"
     return "torchtitan", f"auto: torchtitan ({why}: FSDP2, TP, PP, CP, EP; compiled, fp8 via torchao)"
 
@@ -859,7 +875,7 @@ def activation_mode(ac: str, backend: Backend) -> str:
     return "selective_core" if ac == "selective" and backend.selective_ac == "attention_core" else ac
 
 
-__all__ = ["deepspeed_zero_stage", "Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "ModelGap", "get_backend", "resolve_backend",
+__all__ = ["deepspeed_zero_stage", "fit_headroom", "GENERIC_HEADROOM", "Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "ModelGap", "get_backend", "resolve_backend",
            "torchtitan_model_gaps", "torchtitan_reads_hf", "compile_on",
            "fp8_recipe_on", "fp8_converted_parts", "activation_mode", "describe", "converted_parts", "linear_speedup",
            "lowp_recipe", "lowp_dtype", "nvfp4_converted_layers", "nvfp4_linear_dims", "nvfp4_misaligned"]

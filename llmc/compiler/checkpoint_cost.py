@@ -117,7 +117,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from llmc.compiler.result import CheckpointNumbers, PreemptionNumbers, StageCheckpoints
+from llmc.compiler.result import CheckpointNumbers, InterruptionNumbers, PreemptionNumbers, StageCheckpoints
 
 DCP_BYTES_PER_PARAM = 12  # fp32 parameters + AdamW exp_avg + exp_avg_sq (torchtitan, llmc's trainer)
 DS_OPTIMIZER_BYTES_PER_PARAM = 12  # a ZeRO partition: fp32 master + AdamW exp_avg + exp_avg_sq (DeepSpeed)
@@ -136,6 +136,16 @@ PREEMPT_FLOOR_S = 100
 #: what the Slurm script's signal relay (USR1 to the batch shell, then ``scancel --signal=TERM`` of the job's
 #: steps) and ``llmc launch``'s stop of a stage's process group keep beyond torchrun's shutdown time
 PREEMPT_RELAY_S = 20
+#: Unexpected job interruptions per GPU-day: Llama 3 405B's pre-training had 419 unexpected interruptions in a 54-day
+#: snapshot on 16,384 H100 GPUs (Llama Team, "The Llama 3 Herd of Models", arXiv:2407.21783, sec. 3.3.4 and table 5:
+#: 78% of them confirmed or suspected hardware), one every 3.1 hours at that scale. One published rate, taken as
+#: proportional to the GPU count (failures of independent parts); a fleet's own rate differs.
+INTERRUPTIONS_PER_GPU_DAY = 419 / (54 * 16384)
+#: What a restart costs besides reading the checkpoint back and redoing the steps since it: rescheduling the job,
+#: containers and processes starting, the collectives' initialisation, compilation (the parts of a resumable
+#: training's start-up time, https://www.hiascend.com/document/detail/en/mindcluster/730/clustersched/schedulingug/
+#: dl_resume_005.html). An estimate, not a measurement: 10 minutes.
+RESTART_SECONDS = 600.0
 
 
 def saves_async(backend: str, hyper_async: bool) -> bool:
@@ -325,6 +335,33 @@ def stage_checkpoints(sm, plan, gpu, *, backend: str, posttrain: bool, lora: boo
     parts = [c for c in (periodic, final) if c is not None]
     return StageCheckpoints(saves=sum(c.saves for c in parts), seconds=sum(c.total_seconds for c in parts),
                             periodic=periodic, final=final, preempt_seconds=preempt)
+
+
+def interruptions(days: float, n_gpus: int, checkpoint: CheckpointNumbers | None,
+                  step_seconds: float) -> InterruptionNumbers | None:
+    """The expected unexpected interruptions of a run of ``days`` (its steps and checkpoint stalls) on ``n_gpus``
+    and what they add: each costs a restart (:data:`RESTART_SECONDS`), reading the last checkpoint back (the most
+    loaded node's bytes at the storage's rate, ``checkpoint.write_gbps``, reads taken as fast as writes) and, on
+    average, half an interval of steps redone (the work since the last save; the expected loss of a failure uniform
+    in time). At :data:`INTERRUPTIONS_PER_GPU_DAY` x n_gpus interruptions a day, each losing L seconds, a share
+    r n L / 86400 of wall time is lost, so the run takes days / (1 - that share). None when there are no saves
+    to resume from (``checkpoint`` None) or the share reaches 1 (the run would not finish: reported as such)."""
+    if checkpoint is None or days <= 0 or n_gpus <= 0:
+        return None
+    load = checkpoint.node_bytes / (checkpoint.write_gbps * 1e9) if checkpoint.write_gbps > 0 else 0.0
+    rollback = checkpoint.interval * step_seconds / 2
+    lost = RESTART_SECONDS + load + rollback
+    per_day = INTERRUPTIONS_PER_GPU_DAY * n_gpus
+    share = per_day * lost / 86400.0
+    if share >= 1.0:
+        return None
+    with_them = days / (1.0 - share)
+    return InterruptionNumbers(
+        per_gpu_day=INTERRUPTIONS_PER_GPU_DAY, expected=per_day * with_them, restart_seconds=RESTART_SECONDS,
+        load_seconds=load, rollback_seconds=rollback, lost_seconds=lost, days=with_them,
+        extra_fraction=with_them / days - 1.0,
+        source="Llama 3 pre-training: 419 unexpected interruptions in 54 days on 16,384 H100 (arXiv:2407.21783, "
+               "sec. 3.3.4), per GPU; a 10-minute restart (an estimate) + reading the checkpoint + half an interval")
 
 
 def preemption_numbers(jobs: list[tuple[str, float, float]]) -> PreemptionNumbers:

@@ -21,6 +21,8 @@ P014   error     parallelism.pp_virtual_stages the pinned schedule cannot run, o
 P015   error     parallelism.offload_params without offload_optimizer, or with a ZeRO stage other than 3
 P016   error     offload needs more host memory per node than the node has (warning above 80%; info: unknown)
 P017   error     optimizer / parameter offload on a backend whose job does not offload (only DeepSpeed does)
+P018   error     a pinned parallel dimension (tp, pp or a pipeline schedule, cp, ep, dp_replicate with sharding) the
+                 backend that runs the plan does not run
 T001   warning   peak LR outside the pre-training range / far from the size-aware value
 T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
 T003   warning   no gradient clipping
@@ -46,6 +48,8 @@ B001   error     predicted days > budget.max_days
 B002   error     predicted cost > budget.max_usd
 B003   error     budget impossible even at 60 % MFU (with the budget that would be needed)
 B004   warning   the whole pipeline (every stage) predicted over budget.max_days / max_usd
+B005   warning   within budget.max_days / max_usd, but not with the unexpected interruptions expected at the published
+                 rate (restarts, checkpoint reads, work redone: ``checkpoint_cost.interruptions``)
 D001   error     data.tokens smaller than one optimizer step
 D002   warning   a source is repeated more than 4 epochs (info above 1 epoch)
 D003   info      effective mixture shares
@@ -160,6 +164,74 @@ def check_offload_backend(run, backend, sink: Sink) -> None:
         sink.add("P017", "error", f"parallelism.{what}",
                  f"the {backend.name} backend does not offload: its job keeps the optimizer and parameters on the GPU",
                  "use training.backend: deepspeed (or auto, which picks it for offload), or drop the offload")
+
+
+_DIM_WORDS = {"dp": "data parallelism", "fsdp": "FSDP", "hsdp": "HSDP (replicated shard groups)", "zero": "ZeRO",
+              "tp": "tensor parallelism", "pp": "pipeline parallelism", "cp": "context parallelism",
+              "ep": "expert parallelism", "offload": "CPU offload"}
+
+
+def _runs(backend) -> str:
+    """What ``backend``'s runner implements, in words (:attr:`~llmc.compiler.backends.Backend.supports`)."""
+    return ", ".join(_DIM_WORDS[d] for d in _DIM_WORDS if d in backend.supports)
+
+
+def unrun_pins(run, backend) -> list[tuple[str, str, str]]:
+    """(spec path, the pin as written, the dimension of ``Backend.supports`` it needs) for each parallelism pin the
+    ``backend``'s runner does not implement: tp / pp / cp / ep above 1 (a pipeline schedule other than 1F1B or
+    more than one chunk per rank needs pp), and dp_replicate above 1 where the data-parallel ranks would also shard
+    (HSDP; a backend without it, DeepSpeed, shards ZeRO over every data-parallel rank). The search plans such a pin
+    as written (``compile.backend_pins`` keeps it), so no job llmc builds would run that plan."""
+    par, sup = run.parallelism, backend.supports
+    out = []
+    for dim in ("tp", "pp", "cp", "ep"):
+        v = getattr(par, dim)
+        if v is not None and v > 1 and dim not in sup:
+            out.append((f"parallelism.{dim}", f"{dim} {v}", dim))
+    if "pp" not in sup and (par.pp is None or par.pp == 1):
+        if par.pp_schedule not in (None, "1F1B"):
+            out.append(("parallelism.pp_schedule", f"pp_schedule {par.pp_schedule}", "pp"))
+        elif par.pp_virtual_stages is not None and par.pp_virtual_stages > 1:
+            out.append(("parallelism.pp_virtual_stages", f"pp_virtual_stages {par.pp_virtual_stages}", "pp"))
+    rep = par.dp_replicate
+    if rep is not None and rep > 1 and "hsdp" not in sup:
+        # the shard group the search would give it: the pin, else what the other pins (or 1, where the backend runs
+        # no such dimension and the search pins it so) leave of the world
+        rest = 1
+        for dim in ("tp", "pp", "cp"):
+            rest *= getattr(par, dim) or 1
+        shard = par.dp_shard if par.dp_shard is not None else run.hardware.count // max(1, rep * rest)
+        if shard * (par.cp or 1) > 1:
+            out.append(("parallelism.dp_replicate", f"dp_replicate {rep} (with dp_shard {shard})", "hsdp"))
+    return out
+
+
+def check_backend_pins(run, backend, why: str, sink: Sink, gaps=()) -> None:
+    """P018: a pinned dimension the backend that runs the plan does not run (:func:`unrun_pins`). The search would
+    plan it as pinned, with that backend's numbers, and no job llmc builds runs it (the native trainer's launch
+    refuses a plan with PP / CP / EP; DeepSpeed's runner folds every GPU into data parallelism). ``why``: why the
+    backend was chosen (``backends.resolve_backend``'s reason); ``gaps``: what keeps torchtitan off the model
+    (``backends.torchtitan_model_gaps`` / ``torchtitan_seq_gaps``: :class:`~llmc.compiler.backends.ModelGap` or
+    their messages), named in the hint where torchtitan would run the pin."""
+    from llmc.compiler.backends import BACKENDS
+
+    for path, pin, dim in unrun_pins(run, backend):
+        others = [n for n, be in BACKENDS.items() if be.runnable and dim in be.supports]
+        drop = f"drop {path}"
+        if run.training.backend != "auto":
+            fix = f"set training.backend to {' or '.join(others)}, or {drop}" if others else drop[0].upper() + drop[1:]
+        elif "torchtitan" in others and gaps:
+            g = gaps[0]
+            msg, hint = (g.message, g.hint) if hasattr(g, "message") else (str(g), "")
+            fix = (f"{drop}, or let auto pick torchtitan, which runs {_DIM_WORDS[dim]}, by removing what rules it out "
+                   f"({hint or msg})")
+        elif "torchtitan" in others and (run.parallelism.offload_optimizer or run.parallelism.offload_params):
+            fix = f"{drop}, or drop the offload (auto then picks torchtitan, which runs {_DIM_WORDS[dim]})"
+        else:
+            fix = drop + (f" (only {' / '.join(others)} run {_DIM_WORDS[dim]})" if others else "")
+        sink.add("P018", "error", path,
+                 f"the pinned {pin} needs {_DIM_WORDS[dim]}, which the {backend.name} backend does not run (it runs "
+                 f"{_runs(backend)}): no job llmc builds would run this plan; backend {backend.name}: {why}", fix)
 
 
 def check_backend_options(run, backend, sink: Sink) -> None:
@@ -410,34 +482,16 @@ def check_pins(run, gpu, sink: Sink) -> None:
 def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
     """P004 (nothing fits), P005 (batch identity impossible), P006 (bubble), P013 (partial AC = full) from a search
     result."""
-    world = run.hardware.count
     if res.best is None:
         counts = res.rejected_counts
         if res.batch_blocked or ("batch" in counts and "memory" not in counts):
-            q = min_batch_seqs(run.model, world, gpu.gpus_per_node)
-            good = _round_up(max(global_batch_seqs, q), q)
-            par = run.parallelism
-            pins = [(k, getattr(par, k)) for k in ("micro_batch", "dp_replicate", "dp_shard", "tp", "pp", "cp")
-                    if getattr(par, k, None) is not None]
-            if pins and global_batch_seqs % q == 0:  # the batch splits; the pins are what blocks it
-                sink.add("P005", "error", f"parallelism.{pins[0][0]}",
-                         f"global batch of {global_batch_seqs} sequences cannot be split over {world} GPUs with the "
-                         f"pinned {', '.join(f'{k} {v}' for k, v in pins)} (micro_batch x grad_accum x dp must "
-                         "equal it, with at least pp micro-batches)",
-                         f"pin values whose micro_batch x dp divides {global_batch_seqs}, or unpin them")
-            else:
-                sink.add("P005", "error", "training.global_batch_tokens",
-                         f"global batch of {global_batch_seqs} sequences cannot be split over {world} GPUs "
-                         "(micro_batch x grad_accum x dp must equal it, with at least pp micro-batches)",
-                         f"use a multiple of {q} sequences, e.g. {good} ({good * run.data.seq_len:,} tokens), "
-                         "or fewer GPUs")
+            _check_batch_split(run, res, gpu, global_batch_seqs, sink)
         elif res.closest is not None:
             c = res.closest
-            from llmc.compiler.search import USABLE_FRACTION
+            from llmc.compiler.search import describe, usable_bytes
 
-            usable = gpu.hbm_bytes * USABLE_FRACTION
+            usable = usable_bytes(gpu.hbm_bytes, res.backend)  # what the fit check compares against
             need = c.per_gpu_bytes / usable
-            from llmc.compiler.search import describe
 
             hints = [f"more GPUs (about {need:.1f}x the memory is needed)" if need > 1.05 else "more GPUs"]
             # (not fp8: torchao float8 keeps bf16/fp32 states, so it does not shrink the model states)
@@ -452,7 +506,8 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
                 hints.append("fewer parallelism pins")
             hints.append("a GPU with more memory")
             sink.add("P004", "error", "hardware",
-                     f"no parallelism plan fits in {gib(gpu.hbm_bytes)} per GPU ({gib(usable)} usable): the closest, "
+                     f"no parallelism plan fits in {gib(gpu.hbm_bytes)} per GPU"
+                     + (f" ({gib(usable)} usable)" if usable < gpu.hbm_bytes else "") + ": the closest, "
                      f"{describe(c.plan)}, needs {gib(c.per_gpu_bytes)}",
                      "try " + ", ".join(hints))
         else:
@@ -482,6 +537,102 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
             sink.add("P013", "warning", "parallelism.ac_layers",
                      f"ac_layers {p.ac_layers} recomputes every {where}: the same as activation_checkpointing full",
                      f"use full, or fewer than {top} blocks (unset ac_layers: the fewest that fit)")
+
+
+def _widest(run, gpu, dims, pinned: bool = True) -> tuple[int, int]:
+    """(tp, cp) of the layout with the fewest data-parallel ranks on a runner that implements ``dims``
+    (``Backend.supports``), the spec's tp / cp pins kept (``pinned``): TP as wide as the node, the heads and the world
+    allow; CP as the search tries it (:func:`_cps`). A pipeline does not lower the least batch: each of its dp ranks
+    needs pp micro-batches."""
+    arch, world, gpn, par = run.model, run.hardware.count, gpu.gpus_per_node, run.parallelism
+    kv = arch.n_heads if arch.mla is not None else arch.kv_heads
+    t = (par.tp if pinned else None) or (max(t for t in range(1, gpn + 1) if gpn % t == 0 and world % t == 0 and arch.n_heads % t == 0
+                       and kv % t == 0) if "tp" in dims else 1)
+    return t, max(_cps(run, t, dims, pinned))
+
+
+def _cps(run, t: int, dims, pinned: bool = True) -> list[int]:
+    """The CP degrees the search tries at tp ``t`` on a runner implementing ``dims`` (the spec's cp pin kept:
+    ``pinned``)."""
+    from llmc.compiler.search import CP_MIN_SEQ
+
+    if pinned and run.parallelism.cp:
+        return [run.parallelism.cp]
+    seq, world = run.data.seq_len, run.hardware.count
+    return [c for c in (1, 2, 4, 8, 16, 32) if c == 1 or ("cp" in dims and seq >= CP_MIN_SEQ
+                                                          and seq % (2 * t * c) == 0 and world % (t * c) == 0)]
+
+
+def _titan_ruled_out(run, gpu):
+    """The first :class:`~llmc.compiler.backends.ModelGap` that keeps ``auto`` off torchtitan for this run's model and
+    pre-training sequence (None: none of these)."""
+    from llmc.compiler.backends import torchtitan_model_gaps, torchtitan_seq_gaps
+
+    gaps = torchtitan_model_gaps(run.model, seq_len=run.data.seq_len) + torchtitan_seq_gaps(
+        run.model, run.data.seq_len, gpu.key != "cpu")
+    return gaps[0] if gaps else None
+
+
+def _check_batch_split(run, res, gpu, G: int, sink: Sink) -> None:
+    """P005: no layout on the backend that runs the plan (``res.backend``) splits the global batch of ``G``
+    sequences. The least batch that backend can split is one sequence per data-parallel rank of its widest layout
+    (:func:`_widest`); where ``G`` is a multiple of it, the pins (or the pipeline's micro-batches) are what block the
+    split, and the message says so rather than proposing the batch the spec has; where a dimension the backend does
+    not run (TP, CP) would split it, the message names it and why that backend runs the plan."""
+    from llmc.compiler.backends import BACKENDS, get_backend
+
+    world = run.hardware.count
+    be = get_backend(res.backend)
+    t, c = _widest(run, gpu, be.supports)
+    q = world // (t * c)
+    tu, cu = _widest(run, gpu, be.supports, pinned=False)
+    par = run.parallelism
+    pins = [(k, getattr(par, k)) for k in ("micro_batch", "dp_replicate", "dp_shard", "tp", "pp", "cp")
+            if getattr(par, k, None) is not None]
+    fewer = "fewer GPUs"
+    if G % q == 0 or (pins and G % (world // (tu * cu)) == 0):
+        # the batch splits over the widest layout (of the pins, or without them): what blocks it is the pins, or the
+        # pipeline's micro-batches
+        if pins:
+            sink.add("P005", "error", f"parallelism.{pins[0][0]}",
+                     f"global batch of {G} sequences cannot be split over {world} GPUs with the "
+                     f"pinned {', '.join(f'{k} {v}' for k, v in pins)} (micro_batch x grad_accum x dp must "
+                     "equal it, with at least pp micro-batches)",
+                     f"pin values whose micro_batch x dp divides {G}, or unpin them")
+        else:
+            why = sorted({x.reason for x in res.rejected if x.reason})[:1]
+            sink.add("P005", "error", "training.global_batch_tokens",
+                     f"global batch of {G} sequences cannot be split over {world} GPUs by any layout the {be.name} "
+                     "backend runs (micro_batch x grad_accum x dp must equal it, with at least pp micro-batches)"
+                     + (f": {why[0]}" if why else ""), f"use a larger global batch, or {fewer}")
+        return
+    good = _round_up(max(G, q), q)  # (> G: G is not a multiple of q)
+    use = f"use a multiple of {q} sequences, e.g. {good} ({good * run.data.seq_len:,} tokens), or {fewer}"
+    # the widest layout of a runner with every dimension (torchtitan's), for what this backend lacks
+    full = BACKENDS["torchtitan"].supports
+    tf, _ = _widest(run, gpu, full)
+    cf = next((x for x in _cps(run, tf, full) if G % (world // (tf * x)) == 0), None)  # the least that splits it
+    lacks = [d for d, v, mine in (("tp", tf, t), ("cp", cf or 1, c)) if v > mine and d not in be.supports]
+    if lacks and cf is not None:
+        words = " or ".join(_DIM_WORDS[d] for d in lacks)
+        wide = " x ".join(f"{d} {v}" for d, v in (("tp", tf), ("cp", cf)) if v > 1)
+        if run.training.backend != "auto":
+            chosen = f"training.backend pins {be.name}"
+            other = "training.backend torchtitan"
+        else:
+            gap = _titan_ruled_out(run, gpu) if be.name != "torchtitan" else None
+            chosen = (f"auto picks it since torchtitan cannot run this model: {gap.message}" if gap is not None else
+                      "the plan's backend line says why it was chosen")
+            other = f"letting auto pick torchtitan ({gap.hint})" if gap is not None else "training.backend torchtitan"
+        sink.add("P005", "error", "training.global_batch_tokens",
+                 f"global batch of {G} sequences cannot be split over {world} GPUs on the {be.name} backend: it runs no "
+                 f"{words}, so each of its {q} data-parallel ranks needs a sequence of its own; {wide} "
+                 f"({world // (tf * cf)} ranks) would split it, but the {be.name} backend runs this plan ({chosen})",
+                 f"{use}, or a backend with {words}: {other}")
+        return
+    sink.add("P005", "error", "training.global_batch_tokens",
+             f"global batch of {G} sequences cannot be split over {world} GPUs "
+             "(micro_batch x grad_accum x dp must equal it, with at least pp micro-batches)", use)
 
 
 def min_batch_seqs(arch, world: int, gpus_per_node: int) -> int:
@@ -684,30 +835,89 @@ def budget_floor(run, training_flops: float, peak: float, floor_peak: float, pri
     return BudgetFloor(days=days, usd=days * 24 * run.hardware.count * price, basis=basis)
 
 
+def batch_splits(arch, batch_seqs: int, count: int, gpus_per_node: int) -> bool:
+    """Can some layout the search enumerates split ``batch_seqs`` sequences over ``count`` GPUs: a TP degree that
+    divides the node, the heads and the count, a pipeline depth up to n_layers, and dp = count / (tp x pp) with
+    batch_seqs a multiple of dp giving at least pp micro-batches (the batch identity, search._enumerate_dp)? CP is
+    left out (only long sequences try it; a count this accepts needs none)."""
+    from llmc.compiler.search import divisors
+
+    kv = arch.n_heads if arch.mla is not None else arch.kv_heads
+    for t in divisors(gpus_per_node):
+        if count % t or arch.n_heads % t or kv % t:
+            continue
+        for p in divisors(count // t):
+            dp = count // (t * p)
+            if p <= arch.n_layers and batch_seqs % dp == 0 and batch_seqs // dp >= p:
+                return True
+    return False
+
+
+def usable_gpu_count(run, at_least: float, gpus_per_node: int) -> int:
+    """The smallest GPU count >= ``at_least`` the plan accepts: a whole number of nodes once it spans several (P008)
+    and, where the spec fixes the global batch (training.global_batch_tokens; llmc's default batch follows the count),
+    one the batch can be split over (:func:`batch_splits`, else P005)."""
+    gbt, arch = run.training.global_batch_tokens, run.model
+    seqs = max(1, round(gbt / run.data.seq_len)) if gbt is not None else None
+    n = max(1, math.ceil(at_least))
+    while True:
+        if n > gpus_per_node and n % gpus_per_node:
+            n = _round_up(n, gpus_per_node)
+            continue
+        if seqs is None or batch_splits(arch, seqs, n, gpus_per_node):
+            return n
+        n += gpus_per_node if n >= gpus_per_node else 1
+
+
+def _gpus_per_node(run, gpu=None) -> int:
+    """The cluster's GPUs per node: ``gpu``'s (the table's part with the spec's overrides), else the spec's
+    ``hardware.gpus_per_node`` or the hardware table's for its GPU (1 when neither is known)."""
+    if gpu is not None:
+        return gpu.gpus_per_node
+    from llmc.compiler.compile import hardware_gpu
+
+    known = hardware_gpu(run.hardware)
+    return run.hardware.gpus_per_node or (known.gpus_per_node if known is not None else 1)
+
+
 def check_budget(run, training_flops: float, time, cost, floor, floor_peak: float, price: float,
-                 sink: Sink) -> None:
+                 sink: Sink, gpu=None) -> None:
     """B001/B002 against the predicted plan (its days and cost include the checkpoint saves' stalls,
     ``TimeNumbers.checkpoint``), B003 when even the ``floor`` (:func:`budget_floor`, at ``floor_peak``) could not
-    meet the budget (the training FLOPs alone)."""
+    meet the budget (the training FLOPs alone). A GPU count a hint names is one the plan accepts
+    (:func:`usable_gpu_count`, ``gpu``: the cluster's part, for its node size); the counts for llmc's own prediction
+    scale the planned days linearly with the GPUs, which a larger cluster's communication does not (plan it)."""
     from llmc.compiler.timing import gpus_for_days
 
     b = run.budget
     n = run.hardware.count
+    gpn = _gpus_per_node(run, gpu)
     ck = time.checkpoint if time is not None else None
     saves = f", incl. {ck.total_seconds / 3600:.1f} h of checkpoint saves" if ck is not None else ""
     at, best_days, best_usd = floor.basis, floor.days, floor.usd
     if b.max_days is not None:
+        # llmc's prediction at more GPUs, were its MFU to hold (the days fall as 1 / GPUs): a count the plan accepts
+        linear = usable_gpu_count(run, n * time.days / b.max_days, gpn) if time is not None else None
         if best_days > b.max_days:
             need = gpus_for_days(training_flops, b.max_days, floor_peak, MAX_PLAUSIBLE_MFU)
+            can = usable_gpu_count(run, need, gpn)
+            rounded = "" if can == need else (f" (the floor's {need:,} rounded up to "
+                                              f"{'whole nodes and ' if can > gpn else ''}a count the batch splits over)")
+            own = ""
+            if linear is not None:
+                own = (f"; llmc's own prediction ({100 * time.mfu:.1f}% MFU) needs {'more: ' if linear > can else ''}"
+                       f"~{linear:,} GPUs if it held at that count (plan it to check)")
             sink.add("B003", "error", "budget.max_days",
                      f"{training_flops:.3g} FLOPs cannot finish in {b.max_days:g} days on {n} GPUs even at "
                      f"{at} ({best_days:.1f} days)",
-                     f"needs max_days >= {best_days:.1f}, or >= {need} GPUs, or fewer tokens")
+                     f"needs max_days >= {best_days:.1f}, fewer tokens, or at least {can:,} GPUs even at {at}"
+                     f"{rounded}{own}")
         elif time is not None and time.days > b.max_days:
             sink.add("B001", "error", "budget.max_days",
                      f"predicted {time.days:.1f} days > max_days {b.max_days:g} "
                      f"(at {100 * time.mfu:.1f}% MFU{saves})",
-                     f"the planned layout needs ~{time.days / b.max_days:.2f}x the GPUs or time; "
+                     f"the planned layout needs ~{time.days / b.max_days:.2f}x the GPUs or time: ~{linear:,} GPUs "
+                     f"if its {100 * time.mfu:.1f}% MFU held there (plan that count to check); "
                      f"{best_days:.1f} days is the floor at {at}")
     if b.max_usd is not None:
         if best_usd > b.max_usd:
@@ -718,6 +928,29 @@ def check_budget(run, training_flops: float, time, cost, floor, floor_peak: floa
             sink.add("B002", "error", "budget.max_usd",
                      f"predicted ${cost.usd:,.0f} > max_usd ${b.max_usd:,.0f}{f' ({saves[2:]})' if saves else ''}",
                      f"{cost.gpu_hours:,.0f} GPU-hours at ${price:g}; ${best_usd:,.0f} is the floor at {at}")
+    _check_interruptions_budget(run, time, cost, sink)
+
+
+def _check_interruptions_budget(run, time, cost, sink: Sink) -> None:
+    """B005 (warning): the plan meets budget.max_days / max_usd, but not with the interruptions expected at the
+    published rate (``TimeNumbers.interruptions``, ``checkpoint_cost.interruptions``), which its days and cost leave
+    out."""
+    it = time.interruptions if time is not None else None
+    b = run.budget
+    if it is None or b is None:
+        return
+    what = (f"~{it.expected:,.0f} unexpected interruptions expected at {it.per_gpu_day:.2g} per GPU-day (Llama 3's "
+            f"pre-training rate), each losing ~{it.lost_seconds / 60:.0f} min")
+    hint = ("more frequent checkpoints redo less per interruption (training.checkpoint.interval_steps), a faster "
+            "restart than the 10-minute estimate, more GPUs, or a larger budget")
+    if b.max_days is not None and time.days <= b.max_days < it.days:
+        sink.add("B005", "warning", "budget.max_days",
+                 f"with the {what}, the run takes ~{it.days:.1f} days > max_days {b.max_days:g} (the plan's "
+                 f"{time.days:.1f} days assume none)", hint)
+    if b.max_usd is not None and cost is not None and cost.usd <= b.max_usd < cost.usd * it.days / time.days:
+        sink.add("B005", "warning", "budget.max_usd",
+                 f"with the {what}, the run costs ~${cost.usd * it.days / time.days:,.0f} > max_usd "
+                 f"${b.max_usd:,.0f} (the plan's ${cost.usd:,.0f} assumes none)", hint)
 
 
 def check_pipeline_budget(run, pipeline, sink: Sink) -> None:

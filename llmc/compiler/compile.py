@@ -5,6 +5,18 @@ defaults (batch) -> search (plan, memory, step time) -> defaults (the rest of th
 -> checks (diagnostics) -> stages / serving plans. Pure: no printing, no reads and no writes; the
 caller passes the spec file's bytes (for its sha256) and the facts about files the spec references
 (:func:`llmc.spec.facts.gather_facts`).
+
+Diagnostics of its own (the others are ``checks.py``'s, listed in the compiler README):
+
+* T005 (error): fp8 on a custom GPU without fp8 tensor cores.
+* P019 (warning): the explicit global batch does not split evenly over ``hardware.count`` (the count's odd factor
+  does not divide it, :func:`splits_evenly`), and the largest whole-node count below it that it does split over
+  (:func:`smaller_split_count`) finishes in no more days (within the ranking band) for less money; names that count's
+  plan, days, MFU and cost against the plan's, and the fixes (that count, or a batch that splits,
+  :func:`batch_splitting`).
+* T020 (warning): the plan at its fp8 / nvfp4 precision is not faster than the same plan timed at bf16 (the casts,
+  above all the weights' once per micro-batch, eat the faster GEMMs); names both steps, the GEMM gain, the casts'
+  seconds and the fastest low-precision layout the search found.
 """
 
 from __future__ import annotations
@@ -204,8 +216,16 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         hyper = pretrain_hyper(run, gpu, step)  # the checkpoint interval follows the step time
         time = timing.time_numbers(sm, searched.plan, hyper.steps,
                                    _checkpoints(run, sm, searched.plan, gpu, hyper, step, be_info.name))
+        if gpu.key != "cpu":  # (a CPU run is not a fleet of GPUs the interruption rate was measured on)
+            from llmc.compiler.checkpoint_cost import interruptions
+
+            time = dataclasses.replace(time, interruptions=interruptions(time.days, run.hardware.count,
+                                                                         time.checkpoint, time.step_seconds))
         gh = timing.gpu_hours(time.days, run.hardware.count)
         cost = CostNumbers(gpu_hours=gh, usd=timing.usd(gh, gpu.usd_per_hour), usd_per_gpu_hour=gpu.usd_per_hour)
+        _check_lowp_gain(run, gpu, data.seq_len, searched, sm, sink, model_opts)
+        if not pretrain_batch_seqs(run, gpu, data.seq_len, training)[1]:  # (llmc's own batch splits: defaults.py)
+            _check_smaller_cluster(run, gpu, data.seq_len, training, seqs, time, cost, sink, model_opts)
 
     floor = None
     if pretrains:
@@ -402,18 +422,9 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
     if len(errors(sink.items)) != before:
         return _Searched()
     from llmc.compiler import memory as memory_mod
-    from llmc.compiler import search
 
     arch = run.model
-    sm = _step_model(arch, seq_len, training.precision, gpu, o)
-    memory_fn = partial(_memory, memory_mod, arch, seq_len, training.precision, gpu.hbm_bytes,
-                        run.parallelism.offload_optimizer, o.backend, o.compile, o.factors,
-                        offload_params=run.parallelism.offload_params)
-    res = search.search(arch, sm, world=run.hardware.count, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
-                        precision=training.precision, pins=backend_pins(run.parallelism, o.backend, arch),
-                        memory_fn=memory_fn, peak_fn=partial(memory_fn, per_stage=False),
-                        fits_fn=None if o.fit_check else _always_fits, band=o.band,
-                        loss_slice=memory_mod.loss_slice_tokens(arch.vocab_size) if _slices_loss(o.backend) else 0)
+    res, sm, memory_fn = _run_search(run, gpu, seq_len, training, seqs, o, run.hardware.count)
     checks.check_search(run, res, gpu, seqs, sink)
     info = {"memory_evaluations": res.evaluated, "fitting": res.fitting,
             "rejected": dict(sorted(res.rejected_counts.items()))}
@@ -446,6 +457,139 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
                      rejected=tuple(res.rejected[:20]), info=info, unfit=unfit)
 
 
+def _run_search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int, o: _ModelOptions, world: int):
+    """(search.SearchResult, step model, memory function) of the pre-training search on ``world`` GPUs."""
+    from llmc.compiler import memory as memory_mod
+    from llmc.compiler import search
+
+    arch = run.model
+    sm = _step_model(arch, seq_len, training.precision, gpu, o)
+    memory_fn = partial(_memory, memory_mod, arch, seq_len, training.precision, gpu.hbm_bytes,
+                        run.parallelism.offload_optimizer, o.backend, o.compile, o.factors,
+                        offload_params=run.parallelism.offload_params)
+    res = search.search(arch, sm, world=world, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
+                        precision=training.precision, pins=backend_pins(run.parallelism, o.backend, arch),
+                        memory_fn=memory_fn, peak_fn=partial(memory_fn, per_stage=False),
+                        fits_fn=None if o.fit_check else _always_fits, band=o.band,
+                        loss_slice=memory_mod.loss_slice_tokens(arch.vocab_size) if _slices_loss(o.backend) else 0)
+    return res, sm, memory_fn
+
+
+def _odd_part(n: int) -> int:
+    """``n`` without its factors of two (1 for n <= 0)."""
+    return n >> ((n & -n).bit_length() - 1) if n > 0 else 1
+
+
+def splits_evenly(world: int, seqs: int) -> bool:
+    """Whether a global batch of ``seqs`` sequences splits over ``world`` GPUs with power-of-two model parallelism:
+    the odd part of ``world`` divides ``seqs`` (then world = dp x 2^k with dp dividing the batch; otherwise the
+    leftover odd factor has to go to a pipeline or context dimension, e.g. 12,288 = 3 x 4,096 GPUs with 2,048
+    sequences forces pp 3, 6, 12, ...)."""
+    return seqs % _odd_part(world) == 0
+
+
+def smaller_split_count(world: int, seqs: int, gpus_per_node: int) -> int | None:
+    """The largest whole-node GPU count below ``world`` over which the batch splits evenly (:func:`splits_evenly`:
+    d x 2^k for an odd divisor d of the batch; with a power-of-two batch, the largest power-of-two number of
+    nodes); None on one node or less, or when ``world`` itself splits evenly."""
+    if world <= gpus_per_node or splits_evenly(world, seqs):
+        return None
+    from llmc.compiler.search import divisors
+
+    counts = (d << k for d in divisors(_odd_part(seqs)) for k in range(world.bit_length()))
+    return max((m for m in counts if gpus_per_node <= m < world and m % gpus_per_node == 0), default=None)
+
+
+def batch_splitting(world: int, seqs: int) -> int:
+    """A global batch (sequences) of at least ``seqs`` that splits evenly over ``world`` GPUs (:func:`splits_evenly`)
+    over about as many data-parallel ranks as it has sequences: the smallest multiple of o x 2^a, o the count's odd
+    part and 2^a the largest power of two with o x 2^a <= ``seqs`` (at most the count's own power-of-two part), so
+    the batch grows by less than that unit. 2,048 sequences on 12,288 = 3 x 4,096 GPUs: 3,072 (2 x 1,536), which
+    splits over 3,072 ranks; the smallest multiple of 3 (2,049 = 3 x 683) would split over 3 only."""
+    o = _odd_part(world)
+    unit = o * min(world & -world, 1 << max(0, (seqs // o).bit_length() - 1))
+    return -(-seqs // unit) * unit
+
+
+def _check_smaller_cluster(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int, time, cost,
+                           sink: Sink, o: _ModelOptions) -> None:
+    """P019: the spec's batch does not split evenly over its GPUs (:func:`splits_evenly`) and a smaller part of the
+    cluster (:func:`smaller_split_count`) finishes in no more days, within the model's ranking band ``o.band``,
+    and for less: that count's pre-training plan, timed and priced exactly as ``llmc plan`` times it run on its
+    own. One extra search, run only for such a count; an explicit batch only (llmc's default splits)."""
+    world = run.hardware.count
+    m = smaller_split_count(world, seqs, gpu.gpus_per_node)
+    if m is None:
+        return
+    res, sm, _ = _run_search(run, gpu, seq_len, training, seqs, o, m)
+    if res.best is None:
+        return
+    plan = res.best.plan
+    small = run.model_copy(update={"hardware": run.hardware.model_copy(update={"count": m})})
+    step = timing.step_time(sm, plan)[0]
+    hyper = pretrain_hyper(small, gpu, step)
+    t = timing.time_numbers(sm, plan, hyper.steps, _checkpoints(small, sm, plan, gpu, hyper, step, o.backend))
+    usd = timing.usd(timing.gpu_hours(t.days, m), gpu.usd_per_hour)
+    max_days = run.budget.max_days if run.budget is not None else None
+    if t.days > time.days * (1 + o.band) or usd >= cost.usd or (
+            max_days is not None and t.days > max_days >= time.days):
+        return
+    from llmc.compiler.search import describe
+
+    odd = _odd_part(world)
+    alt = batch_splitting(world, seqs)
+    when = "sooner" if t.days <= time.days else f"as fast (within the model's {100 * o.band:.0f}% error band)"
+    sink.add("P019", "warning", "hardware.count",
+             f"{m:,} of the {world:,} GPUs ({m // gpu.gpus_per_node:,} nodes) would finish {when} and cheaper: "
+             f"{t.days:.1f} days at {100 * t.mfu:.1f}% MFU, ${usd:,.0f} ({describe(plan)}), against this plan's "
+             f"{time.days:.1f} days at {100 * time.mfu:.1f}% MFU, ${cost.usd:,.0f}: the global batch of {seqs:,} "
+             f"sequences does not split evenly over {world:,} = {odd} x {world // odd:,} GPUs, so the factor {odd} "
+             f"goes to a pipeline or context dimension",
+             f"set hardware.count: {m}, or a global batch that splits over all {world:,} GPUs, e.g. "
+             f"training.global_batch_tokens: {alt * seq_len} ({alt:,} sequences of {seq_len:,}; a larger batch "
+             f"changes the optimisation)")
+
+
+def _check_lowp_gain(run: RunSpec, gpu: GPU, seq_len: int, searched: _Searched, sm, sink: Sink,
+                     o: _ModelOptions) -> None:
+    """T020: the plan's step at its low precision (fp8, nvfp4) is not faster than the same plan at bf16 (the same
+    layout, micro-batch and recomputation, timed by the same model with ``precision: bf16``): the casts (the
+    weights' once per micro-batch, the activations' and gradients' per token; ``timing.cast_seconds``) eat the
+    faster GEMMs. Names both steps, what the GEMMs gain and the casts cost, and the fastest low-precision layout the
+    search found (it minimises the low-precision step already; within the ranking band it prefers the simpler)."""
+    precision = run.training.precision
+    if precision not in ("fp8", "nvfp4") or not sm.fp8_peak:  # (no converted linears: timed as bf16)
+        return
+    plan = searched.plan
+    low, _, br = timing.step_time(sm, plan)
+    sm16 = _step_model(run.model, seq_len, "bf16", gpu, o)
+    high, _, br16 = timing.step_time(sm16, plan)
+    if low < high:
+        return
+    from llmc.compiler.search import describe
+
+    weights, acts = timing.cast_seconds(sm, plan)
+    gemm = (br16["compute"] + br16["recompute"]) - (br["compute"] + br["recompute"])
+    other = (low - high) - (weights + acts - gemm)
+    fastest = min(searched.alternatives, key=lambda c: c.step_seconds, default=None)
+    if fastest is not None and fastest.step_seconds < high:
+        layout = (f"the fastest {precision} layout the search found, {describe(fastest.plan)} "
+                  f"({fastest.step_seconds:.2f} s per step), beats bf16 here; pin it under parallelism")
+    else:
+        layout = (f"no {precision} layout the search found is faster than {high:.2f} s (it minimises the "
+                  f"{precision} step already)")
+    tail = f" and {other:+.2f} s of other terms" if abs(other) >= 0.005 * high else ""
+    moe = ", or a larger parallelism.ep: fewer local experts to cast" if sm.fp8_expert_weight_cast else ""
+    sink.add("T020", "warning", "training.precision",
+             f"{precision} is not faster than bf16 on this plan: {low:.2f} s per step against {high:.2f} s for the "
+             f"same layout ({describe(plan)}) in bf16; the {precision} GEMMs save {gemm:.2f} s per step but the "
+             f"casts cost {weights + acts:.2f} s{tail}: the weights' {weights:.2f} s (each of the "
+             f"{plan.grad_accum} micro-batches casts the local weights again) and the activations' and gradients' "
+             f"{acts:.2f} s",
+             f"use precision: bf16; in {precision}, only more tokens per cast weight shrink the weight casts' share "
+             f"(a larger parallelism.micro_batch where memory allows{moe}); {layout}")
+
+
 def _check_pretraining(run: RunSpec, gpu: GPU | None, hyper: Hyper, compute: ComputeNumbers, time, cost,
                        sink: Sink, backend=None):
     """Hyperparameter, data and budget diagnostics of the pre-training run (``backend``: the one that runs it);
@@ -458,7 +602,7 @@ def _check_pretraining(run: RunSpec, gpu: GPU | None, hyper: Hyper, compute: Com
         top = peak_flops(gpu, run.training.precision)
         floor = checks.budget_floor(run, compute.training_flops, timing.mfu_peak(gpu, run.training.precision), top,
                                     gpu.usd_per_hour)
-        checks.check_budget(run, compute.training_flops, time, cost, floor, top, gpu.usd_per_hour, sink)
+        checks.check_budget(run, compute.training_flops, time, cost, floor, top, gpu.usd_per_hour, sink, gpu=gpu)
     else:
         floor = None
     checks.check_offload(run, time, sink)
@@ -520,6 +664,8 @@ def _backend_and_calibration(run, gpu, calibration, sink, gaps=(), titan_work=Tr
     checks.check_nvfp4(run, be, comp, sink, why)
     checks.check_offload_backend(run, be, sink)
     checks.check_backend_options(run, be, sink)
+    if run.pretrains:  # the pins describe the pre-training layout
+        checks.check_backend_pins(run, be, why, sink, gaps)
     gkey = gpu.key if gpu is not None else ""
     if calibration is None:
         band = cal_mod.RANKING_BAND_UNCALIBRATED

@@ -52,7 +52,8 @@ with a chunked loss (``Backend.loss_chunks``: torchtitan 0.3.0's ChunkedLossWrap
 states cut into chunks and their fp32 gradient (``loss_logits_bytes``). A sliding window shorter than the sequence:
 the additive band mask llmc's model hands SDPA, seq_len^2 elements in the activation dtype, one tensor shared by every
 layer and kept for the backward (``window_mask_bytes``).
-Not modelled: allocator fragmentation (``fits`` keeps 8% headroom), CP ring-attention K/V exchange buffers, MoE
+Not modelled: allocator fragmentation on the ``generic`` profile (``fits`` keeps 8% headroom there; a backend profile's
+reserved bytes are fitted on measured peaks, fragmentation included), CP ring-attention K/V exchange buffers, MoE
 load imbalance.
 """
 
@@ -62,7 +63,13 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from llmc.compiler.backends import activation_mode, compile_on, ds_reduce_bucket_elems, get_backend
+from llmc.compiler.backends import (
+    activation_mode,
+    compile_on,
+    ds_reduce_bucket_elems,
+    fit_headroom,
+    get_backend,
+)
 from llmc.compiler.params import expert_d_ff, is_moe_layer, layer_components
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import MemoryNumbers
@@ -1055,10 +1062,10 @@ def offload_host_bytes_per_node(n_params: int, plan: ParallelPlan, gpus_per_node
 
 
 def fits(mem: MemoryNumbers, headroom: float | None = None) -> bool:
-    """True when the peak stays under ``headroom`` x capacity. Default: 0.92 for the ``generic`` profile
-    (a fragmentation margin), 1.0 for a backend profile, whose per_gpu_bytes already is the allocator's
-    reserved memory plus the CUDA context and NCCL (the capacity is the decimal GB figure, itself
+    """True when the peak stays under ``headroom`` x capacity. Default: :func:`llmc.compiler.backends.fit_headroom`
+    (0.92 for the ``generic`` profile, a fragmentation margin; 1.0 for a backend profile, whose per_gpu_bytes already
+    is the allocator's reserved memory plus the CUDA context and NCCL; the capacity is the decimal GB figure, itself
     4-7 % below what the driver reports)."""
     if headroom is None:
-        headroom = 0.92 if mem.backend == "generic" else 1.0
+        headroom = fit_headroom(mem.backend)
     return mem.per_gpu_bytes <= headroom * mem.capacity_bytes

@@ -98,6 +98,23 @@ class TimeNumbers:
     tokens_per_second: float  # per training step
     breakdown: dict[str, float] = field(default_factory=dict)  # compute, dp_comm, tp_comm, pp_bubble, ...
     checkpoint: CheckpointNumbers | None = None  # None: no saves counted (one-step figures, layouts not planned)
+    interruptions: InterruptionNumbers | None = None  # expected unexpected interruptions (not in days)
+
+
+@dataclass(frozen=True)
+class InterruptionNumbers:
+    """What unexpected job interruptions are expected to add to the run (:func:`llmc.compiler.checkpoint_cost.
+    interruptions`): not in :class:`TimeNumbers`' days nor the cost, which assume none; said beside them."""
+
+    per_gpu_day: float  # unexpected interruptions per GPU-day (the rate assumed, ``source``)
+    expected: float  # over the run, its lost time included
+    restart_seconds: float  # per interruption: rescheduling, process start-up, collectives, compile (an estimate)
+    load_seconds: float  # per interruption: reading the last checkpoint back (its node bytes at the storage's rate)
+    rollback_seconds: float  # per interruption: the training since the last save, half an interval on average
+    lost_seconds: float  # per interruption: restart + load + rollback
+    days: float  # the run's days with the expected interruptions (TimeNumbers.days / (1 - the lost share))
+    extra_fraction: float  # days / TimeNumbers.days - 1
+    source: str
 
 
 @dataclass(frozen=True)
@@ -522,7 +539,7 @@ def _cand(c: Candidate) -> dict:
 
 __all__ = [
     "ModelNumbers", "ComputeNumbers", "MemoryNumbers", "CheckpointNumbers", "StageCheckpoints", "TimeNumbers",
-    "CostNumbers", "Hyper", "PreemptionNumbers",
+    "InterruptionNumbers", "CostNumbers", "Hyper", "PreemptionNumbers",
     "Candidate", "ModelInMemory", "LoraPlan", "StageMemoryPlan", "RolloutPlan", "LongContextPlan", "ContextPlan",
     "StagePlan", "ServingPlan", "BackendChoice", "CalibrationStatus", "UnfitLayout", "Compiled",
 ]

@@ -72,6 +72,7 @@ class SearchResult:
     evaluated: int = 0  # memory evaluations
     fitting: int = 0
     batch_blocked: bool = False  # every layout failed the batch identity
+    backend: str = "generic"  # the backend profile the search timed and sized (StepModel.backend)
 
 
 _PLAN_FIELDS = {f.name: f.default for f in fields(ParallelPlan)}
@@ -456,7 +457,7 @@ class _Search:
 
     def usable_txt(self) -> str:
         if self._usable is None:
-            self._usable = f"{gib(self.capacity * USABLE_FRACTION)} usable"
+            self._usable = f"{gib(usable_bytes(self.capacity, self.sm.backend))} usable"
         return self._usable
 
     # ------------------------------------------------------------------ one layout
@@ -653,7 +654,15 @@ class _Search:
 # reasons are the best among the layouts evaluated ("best found")
 REQUIRED_DIMS = ("tp", "pp", "cp", "ep", "zero_stage", "pp_schedule")
 TIE = 1.001  # step times within 0.1 % count as a tie (then less memory, then the simpler plan wins)
-USABLE_FRACTION = 0.92  # memory.fits headroom: allocator fragmentation margin
+# the generic profile's fit margin for allocator fragmentation (backends.GENERIC_HEADROOM), which the post-training
+# stages' recomputation options also keep (stages.py); a backend profile's plan may fill the GPU (usable_bytes)
+USABLE_FRACTION = backends.GENERIC_HEADROOM
+
+
+def usable_bytes(capacity: float, backend: str | None) -> float:
+    """The bytes per GPU a plan on ``backend`` may use: the fit check's headroom (``backends.fit_headroom``, what
+    ``memory.fits`` compares against) x ``capacity``; the figure every "usable" in the plan's messages quotes."""
+    return capacity * backends.fit_headroom(backend)
 
 
 def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_seqs: int, precision: str,
@@ -965,7 +974,7 @@ def _result(S: _Search) -> SearchResult:
     res = SearchResult(
         best=best, memory=mem, alternatives=alternatives, rejected=rejected,
         rejected_counts=dict(S.counts), closest=closest, reasons=[], evaluated=S.evaluated, fitting=len(fitting),
-        batch_blocked=S.layouts_total > 0 and S.layouts_batch_bad == S.layouts_total,
+        batch_blocked=S.layouts_total > 0 and S.layouts_batch_bad == S.layouts_total, backend=S.sm.backend,
     )
     res.reasons = explain(res, S.sm, S.best_by, S.nofit_by, S.struct_by, S.capacity, fitting, S.pins)
     if simpler_note:

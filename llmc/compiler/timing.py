@@ -743,12 +743,8 @@ class LayoutTimer:
             spf += sm.fp8_linear_sec_per_flop * (fp8_roofline_penalty(sm, mb, cp, t) / eff8 - 1.0 / eff)
         scale = tokens_gpu / t * spf
         # memory-bound ops, split over tp by sequence parallelism; full AC runs the forward part again
-        if t > 1:
-            cast = tokens_gpu * sm.fp8_cast_full + tokens_gpu / t * (sm.fp8_cast_sharded + sm.fp8_cast_tp_sharded)
-        else:
-            cast = tokens_gpu * (sm.fp8_cast_tp1 + sm.fp8_cast_sharded)
-        elem_bytes = (tokens_gpu / t * sm.elementwise_bytes + cast + sm.fp8_weight_cast / t
-                      + sm.fp8_expert_weight_cast / (t * ep))
+        cast, weight_cast = _cast_bytes(sm, tokens_gpu, t, ep)
+        elem_bytes = tokens_gpu / t * sm.elementwise_bytes + cast + weight_cast
         elem = (n_slow + n_whole / 3) * elem_bytes / sm.hbm_Bps
         compute = flops_tok * scale + elem
         recompute = rec_tok * scale
@@ -782,6 +778,30 @@ class LayoutTimer:
         if p > 1:  # activations out + gradients back per boundary, v times when interleaved
             pp_comm = 2 * self.chunks * tokens_gpu * sm.d_model * ACT_BYTES / t / self.pp_bw
         return compute, recompute, elem, tp_comm, ep_comm, cp_comm, pp_comm
+
+
+def _cast_bytes(sm: StepModel, tokens_gpu: float, t: int, ep: int) -> tuple[float, float]:
+    """HBM bytes per block per micro-batch of the low-precision (fp8 / nvfp4) casts on one GPU: (the activations'
+    and gradients', which scale with the micro-batch's tokens; the weights', the same for any micro-batch: each
+    micro-batch's forward casts the local weights again). 0 for bf16."""
+    if t > 1:
+        act = tokens_gpu * sm.fp8_cast_full + tokens_gpu / t * (sm.fp8_cast_sharded + sm.fp8_cast_tp_sharded)
+    else:
+        act = tokens_gpu * (sm.fp8_cast_tp1 + sm.fp8_cast_sharded)
+    return act, sm.fp8_weight_cast / t + sm.fp8_expert_weight_cast / (t * ep)
+
+
+def cast_seconds(sm: StepModel, plan: ParallelPlan) -> tuple[float, float]:
+    """(weight casts, activation and gradient casts): the seconds per optimizer step of the low-precision casts
+    on the slowest pipeline rank, part of the breakdown's ``elementwise`` term (:meth:`LayoutTimer._micro`, with
+    the calibration's compute scale). The weight casts are paid once per micro-batch whatever its size, so many
+    small micro-batches (a long ``grad_accum``) multiply them."""
+    n_slow, _, _, _, _, n_whole = _stage_info(sm, plan.pp, plan.pp_schedule, max(1, plan.pp_virtual_stages),
+                                              plan.activation_checkpointing, plan.ac_layers,
+                                              plan.loss_chunk_tokens > 0)
+    act, weight = _cast_bytes(sm, plan.micro_batch * sm.seq_len / plan.cp, plan.tp, plan.ep)
+    per_byte = plan.grad_accum * (n_slow + n_whole / 3) / sm.hbm_Bps / sm.compute_scale
+    return weight * per_byte, act * per_byte
 
 
 def layout_timer(sm: StepModel, plan: ParallelPlan) -> LayoutTimer:

@@ -454,7 +454,9 @@ class Parallelism(SpecModel):
     """With ``activation_checkpointing: partial``: blocks per pipeline model chunk (the whole model without
     pipelining) recomputed whole. None = the fewest that fit."""
     zero_stage: Annotated[Literal[0, 1, 2, 3] | None, BeforeValidator(refuse_bool)] = None
-    """DeepSpeed ZeRO stage for the DeepSpeed backend. None = derived from the plan."""
+    """ZeRO stage. DeepSpeed runs it as its ZeRO optimizer; torchtitan and the native trainer shard with FSDP2, 3 as
+    FSDP2 resharding after forward, 1 and 2 keeping the gathered parameters through the step
+    (``reshard_after_forward=False``). None = the search's choice."""
     offload_optimizer: bool = False
     """Offload optimizer states to CPU (DeepSpeed)."""
     offload_params: bool = False
