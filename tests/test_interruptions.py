@@ -1,0 +1,74 @@
+"""The unexpected interruptions a plan expects (``checkpoint_cost.interruptions``) and B005.
+
+The rate is Llama 3's published one (arXiv:2407.21783, sec. 3.3.4: 419 unexpected interruptions in a 54-day
+snapshot of 405B pre-training on 16,384 H100 GPUs); each interruption costs a restart, the checkpoint read back and,
+on average, half a checkpoint interval redone. The figures are recomputed here from the plan's own step, interval and
+checkpoint bytes, and the whole-run figures from the published counts."""
+
+from __future__ import annotations
+
+import json
+
+from test_build_fakes import ROOT, compile_example
+from typer.testing import CliRunner
+
+from llmc.cli import app
+
+LLAMA3_UNEXPECTED, LLAMA3_DAYS, LLAMA3_GPUS = 419, 54, 16384  # the paper's snapshot
+
+
+def _plan(spec: str) -> dict:
+    r = CliRunner().invoke(app, ["plan", spec, "--format", "json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_the_405b_plan_expects_llama3s_interruptions_and_what_they_cost():
+    """At the 405B example's 16,384 GPUs the rate is Llama 3's own: 419 / 54 = 7.76 a day. Each loses a 10-minute
+    restart, the checkpoint's node bytes read at the storage's rate and half an interval of steps; the run then takes
+    days / (1 - interruptions a day x loss / day)."""
+    c = compile_example(ROOT / "examples" / "llama3_405b_h100x16384.yaml")
+    t = c.time
+    it, ck = t.interruptions, t.checkpoint
+    per_day = LLAMA3_UNEXPECTED / LLAMA3_DAYS  # at the paper's GPU count, which is this plan's
+    assert c.spec.hardware.count == LLAMA3_GPUS
+    assert it.per_gpu_day * LLAMA3_GPUS == per_day
+    lost = 600 + ck.node_bytes / (ck.write_gbps * 1e9) + c.hyper.checkpoint_interval * t.step_seconds / 2
+    assert abs(it.lost_seconds - lost) < 1e-6
+    days = t.days / (1 - per_day * lost / 86400)
+    assert abs(it.days - days) < 1e-9 and abs(it.expected - per_day * days) < 1e-6
+    # ~25 minutes each (half of a ~30-minute interval + the restart), ~7.76 a day: 13.5% of the time lost
+    assert 20 * 60 < it.lost_seconds < 30 * 60 and 0.10 < 1 - t.days / it.days < 0.16
+    assert abs(it.extra_fraction - (it.days / t.days - 1)) < 1e-12
+
+
+def test_b005_when_only_the_interruptions_break_the_budget(tmp_path):
+    """The 405B example plans 80.3 days against its 90-day budget; with the expected interruptions it needs ~93:
+    a warning (not an error: the rate is one fleet's), none with a 100-day budget, and none on a CPU run."""
+    d = _plan(str(ROOT / "examples" / "llama3_405b_h100x16384.yaml"))
+    b5 = [x for x in d["diagnostics"] if x["code"] == "B005"]
+    it = d["time"]["interruptions"]
+    assert d["time"]["days"] <= 90 < it["days"]
+    assert len(b5) == 1 and b5[0]["severity"] == "warning" and b5[0]["path"] == "budget.max_days"
+    assert f"{it['days']:.1f} days" in b5[0]["message"]
+    text = (ROOT / "examples" / "llama3_405b_h100x16384.yaml").read_text().replace("max_days: 90", "max_days: 100")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(text)
+    assert not [x for x in _plan(str(spec))["diagnostics"] if x["code"] == "B005"]
+    cpu = _plan(str(ROOT / "examples" / "tiny_cpu.yaml"))
+    assert cpu["time"]["interruptions"] is None
+
+
+def test_a_shorter_interval_redoes_less_and_more_gpus_fail_more_often(tmp_path):
+    """Halving the checkpoint interval halves the work redone per interruption; the expected count grows with the
+    GPUs (the rate is per GPU) over the days the run takes."""
+    base = (ROOT / "examples" / "llama3_70b_h100x64.yaml").read_text()
+    rows = {}
+    for name, extra in (("a", "  checkpoint: {interval_steps: 400}\n"), ("b", "  checkpoint: {interval_steps: 200}\n")):
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(base.replace("training:\n", "training:\n" + extra, 1))
+        rows[name] = _plan(str(spec))["time"]
+    a, b = rows["a"]["interruptions"], rows["b"]["interruptions"]
+    assert abs(b["rollback_seconds"] - a["rollback_seconds"] / 2) < 1e-6
+    for r in (a, b):
+        assert abs(r["expected"] / (r["per_gpu_day"] * r["days"]) - 64) < 1e-9
