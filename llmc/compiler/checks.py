@@ -28,7 +28,7 @@ T002   warning   no warmup, very long warmup, no decay, or a barely decaying sch
 T003   warning   no gradient clipping
 T004   warning   fp32 training (2x memory, slow)
 T005   error     fp8 on a GPU without fp8 tensor cores
-T006   warning   global batch outside 2M-16M tokens for large pre-training
+T006   warning   global batch outside 2M-64M tokens for large pre-training
 T007   info      z-loss suggested for large runs
 T008   warning   MoE with a zero load-balancing loss
 T009   warning   Adam beta2 / weight decay far from LLM pre-training practice
@@ -703,10 +703,11 @@ def check_hyper(run, hyper, params_active: float, default_lr: float, world: int,
                  "use bf16 (no loss scaler needed)")
     if params_active >= BIG_PRETRAIN_PARAMS and not is_cpu:
         bt = hyper.global_batch_tokens
-        if not 2e6 <= bt <= 16.8e6:
+        if not 2e6 <= bt <= 64e6:
             sink.add("T006", "warning", "training.global_batch_tokens",
-                     f"global batch {bt / 1e6:.2f}M tokens is outside 2M-16M for large pre-training",
-                     "2M-16M tokens per step (Llama 2: 4M; Llama 3 405B: up to 16M)")
+                     f"global batch {bt / 1e6:.2f}M tokens is outside 2M-64M for large pre-training",
+                     "2M-64M tokens per step (Llama 2: 4M; Llama 3 405B: up to 16M; DeepSeek-V3: up to 63M, "
+                     "15,360 x 4K, arXiv:2412.19437 sec. 4.2)")
     if tr.z_loss == 0 and params_active >= Z_LOSS_PARAMS and not is_cpu:
         hint = "z_loss 1e-4..1e-5 keeps output logits from drifting (PaLM, arXiv:2204.02311 §5)"
         if backend is not None and "z_loss" not in backend.applies:  # (T013 would then say it is dropped)
