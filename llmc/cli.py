@@ -277,7 +277,7 @@ def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
     lines = []
     for e in lock.get("stages") or []:
         name = e.get("name") if isinstance(e, dict) else None
-        f = finished_stage(lock, str(name), out / "run" / str(name), export=True) if name else None
+        f = finished_stage(lock, str(name), out / "run" / str(name), export=True, build_dir=out) if name else None
         if f is not None and f.change is not None:
             lines.append(f"{out / 'run' / str(name)}: warning[X013] stage {name!r} finished under another lock than "
                          f"this build's ({f.change}): the next `llmc launch` refuses it (`llmc launch {out} "
@@ -426,8 +426,10 @@ def _run_logged(argv: list[str], env: dict, cwd, log: Path, grace_s: float) -> t
     ``EXIT_PREEMPTED`` (``supervise``); one that has not exited ``grace_s`` seconds after it is killed."""
     import threading
 
+    from llmc.launch import StderrRelay
     from llmc.runtime.runlock import supervise
 
+    relay = StderrRelay()  # the terminal gets llmc's lines, not tracebacks or torchrun's report (the log gets all)
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -443,7 +445,7 @@ def _run_logged(argv: list[str], env: dict, cwd, log: Path, grace_s: float) -> t
                 f.flush()
                 if show:
                     try:
-                        os.write(saved, chunk)
+                        os.write(saved, relay.feed(chunk))
                     except OSError:  # the terminal went away (SIGHUP): keep logging
                         show = False
 
@@ -451,12 +453,18 @@ def _run_logged(argv: list[str], env: dict, cwd, log: Path, grace_s: float) -> t
         t.start()
         os.dup2(w, 2)  # the child inherits the pipe as its stderr
         os.close(w)
+        rc = 1
         try:
             rc = supervise(argv, env=env, cwd=cwd, grace_s=grace_s)
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)  # drops our copy of the pipe's write end: the pump sees EOF
             t.join(timeout=10)
+            if not t.is_alive():
+                try:
+                    os.write(saved, relay.close(failed=rc != 0))
+                except OSError:
+                    pass
             os.close(saved)
             if not t.is_alive():
                 os.close(r)

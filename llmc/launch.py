@@ -46,13 +46,21 @@ A finished stage counts as done only when the current lock trained it: its marke
 ``FINGERPRINT.json`` beside its export) records the fingerprint of what decided its result
 (``llmc.runtime.job.stage_fingerprint``). A stage finished under another lock (a build directory rebuilt from another
 spec), or one that starts from such a stage, is returned with ``stale`` set (what changed and the way out), neither
-skipped nor run: ``llmc launch`` refuses it unless ``--no-resume`` sets it aside. A marker without a fingerprint (an
-older llmc's) is trusted as before, with ``legacy`` set to a warning.
+skipped nor run: ``llmc launch`` refuses it unless ``--no-resume`` sets it aside. So is a stage trained from an
+``init_hf`` checkpoint (its own or its ``init_from`` chain's) whose files changed since (``llmc.runtime.job.
+checkpoint_files``: the weights in that folder are not the ones it was trained from). A marker without a fingerprint
+(an older llmc's) is trusted as before, with ``legacy`` set to a warning.
+
+``StderrRelay`` is what a terminal shows of a stage's stderr while the whole of it goes to ``run/<stage>/stderr.log``:
+tracebacks, torchrun's failure report (its ``ChildFailedError`` traceback and "=====" banner) and its error log lines
+stay in the log; llmc's own located error lines are held back for the one line ``llmc launch`` prints when the stage
+fails (they are shown when it does not).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -327,7 +335,8 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     evaluated = set(eval_stages(lock))
     position = {st["name"]: i for i, st in enumerate(_stages(lock))}
     # every stage's finished run, and whether the lock trained it (a stage that runs checks where it starts from too)
-    finished = {st["name"]: finished_stage(lock, st["name"], run / st["name"], export=True) for st in _stages(lock)}
+    finished = {st["name"]: finished_stage(lock, st["name"], run / st["name"], export=True, build_dir=b)
+                for st in _stages(lock)}
     inits = {st["name"]: st.get("init_from") for st in _stages(lock)}
     cmds: list[Cmd] = []
     for s in stages:
@@ -362,7 +371,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
                 env["LLMC_INIT_HF"] = str(run / s["init_from"] / "hf")  # the stage before it ends with this export
             # (its record of the lock that trains it, written as it starts: FINGERPRINT.json beside the export)
             c = Cmd(argv=argv, env=env, cwd=str(b), stage=s["name"], artifacts=(str(module.relative_to(b)),),
-                    stage_dir=str(run / s["name"]), record=fingerprint_record(lock, s["name"]) or None,
+                    stage_dir=str(run / s["name"]), record=fingerprint_record(lock, s["name"], b) or None,
                     dump_dir=str(b / "outputs" / titan_dump_subdir(s["name"] if own else None)))
             # torchtitan writes DCP checkpoints: the stage ends, as every stage does, with a Hugging Face
             # directory run/<stage>/hf (llmc.runtime.hf_io converts the newest checkpoint)
@@ -440,3 +449,67 @@ def start_stage(c: Cmd, build_dir: str | os.PathLike) -> None:
         tmp = d / f"{FINGERPRINT_FILE}.tmp{os.getpid()}"
         tmp.write_text(json.dumps({"stage": c.stage, **c.record}, indent=2) + "\n")
         os.replace(tmp, d / FINGERPRINT_FILE)
+
+
+# torchrun's own log lines (glog-style "E1206 18:44:35.693000 21592 torch/distributed/elastic/...] failed ..."): the
+# error ones report the failure the stage's own line says, with the report below them
+_TORCHRUN_ERROR = re.compile(rb"^E\d{4} [\d:.]+ +\d+ \S*torch/distributed/")
+_LLMC_ERROR = re.compile(rb"\berror\[[A-Z]+\d*\]")
+
+
+class StderrRelay:
+    """The part of a stage's stderr a terminal shows (the log gets all of it). ``feed(chunk)`` returns what to show
+    of it now, ``close(failed)`` what is left; lines are judged whole (a partial line waits for its end).
+
+    Left out: every Python traceback ("Traceback (most recent call last):" through its exception line, chained ones
+    too), torchrun's failure report after its ``ChildFailedError`` (the "=====" banner through its closing one,
+    torch/distributed/elastic/multiprocessing/errors) and torchrun's error log lines. llmc's own located error lines
+    (``error[R002]`` ...) are held back: ``close(failed=True)`` shows each other one once (ranks repeat them) and
+    drops the last, since the launch's one line of the failure (L002) says it and names the log;
+    ``close(failed=False)`` shows them all."""
+
+    def __init__(self) -> None:
+        self._part = b""
+        self._state = "show"  # show | traceback | banner
+        self._bars = 0
+        self._held: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._part + chunk
+        lines = data.split(b"\n")
+        self._part = lines.pop()
+        return b"".join(self._line(ln + b"\n") for ln in lines)
+
+    def close(self, failed: bool) -> bytes:
+        tail = self._line(self._part) if self._part else b""
+        self._part = b""
+        if not failed:
+            return b"".join(self._held) + tail
+        last = self._held[-1].strip() if self._held else b""
+        return b"".join(dict.fromkeys(ln for ln in self._held if ln.strip() != last))
+
+    def _line(self, line: bytes) -> bytes:
+        text = line.rstrip(b"\r\n")
+        if self._state == "traceback":
+            if text.startswith((b" ", b"\t")) or not text.strip():
+                return b""
+            # the exception line that ends the traceback (torchrun's ChildFailedError: its report follows)
+            self._state, self._bars = ("banner", 0) if b"ChildFailedError" in text else ("show", 0)
+            return b""
+        if self._state == "banner":
+            if text.startswith(b"====="):
+                self._bars += 1
+                if self._bars == 2:
+                    self._state = "show"
+            return b""
+        if text.startswith(b"Traceback (most recent call last):"):
+            self._state = "traceback"
+            return b""
+        if text.startswith((b"During handling of the above exception", b"The above exception was the direct cause")):
+            return b""
+        if _TORCHRUN_ERROR.match(text):
+            return b""
+        if _LLMC_ERROR.search(text):
+            self._held.append(line)
+            return b""
+        return line

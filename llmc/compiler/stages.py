@@ -27,6 +27,7 @@ import graphlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from pathlib import PurePath
 from typing import Any
 
 from llmc.compiler import checkpoint_cost, flops, memory, params, timing
@@ -54,14 +55,17 @@ from llmc.compiler.result import (
 from llmc.compiler.search import USABLE_FRACTION, describe, divisors
 from llmc.compiler.units import GiB, gib
 from llmc.diagnostics import Diagnostic
+from llmc.rope import rope_attention_factor
 from llmc.spec.chat import CHAT_TEMPLATES, OWN_TEMPLATE
-from llmc.spec.facts import ExternalFacts
-from llmc.spec.families import FAMILIES, family_by_name
+from llmc.spec.facts import CheckpointFacts, ExternalFacts, hub_id
+from llmc.spec.families import FAMILIES, family_by_name, family_of
+from llmc.spec.hf import architecture_from_hf_config
 from llmc.spec.schema import (
     BF16_PRECISIONS,
     CHAT_KINDS,
     CONTINUED_KINDS,
     LM_KINDS,
+    LORA_HF_NAMES,
     META_INIT_PARAMS,
     NF4_BLOCK,
     NF4_DQ_BLOCK,
@@ -147,6 +151,143 @@ def linear_shapes(arch: Any) -> list[tuple[str, int, int, int, bool]]:
 def lora_trainable_params(arch: Any, rank: int, targets: list[str] | tuple[str, ...]) -> int:
     """LoRA trainable params: sum over adapted matrices of r*(d_in+d_out) (A is r x d_in, B is d_out x r)."""
     return sum(rank * (di + do) * n for name, di, do, n, _ in linear_shapes(arch) if name in targets)
+
+
+#: llmc's name -> the Hugging Face module name of the linears of DeepSeek-V2/V3's MLA attention (DeepseekV3Attention;
+#: llmc.runtime.hf_io's table); only wq (a full-rank query) and wo take a LoRA adapter in llmc's trainer
+MLA_HF_NAMES = {"wq": "q_proj", "wq_a": "q_a_proj", "wq_b": "q_b_proj", "wkv_a": "kv_a_proj_with_mqa",
+                "wkv_b": "kv_b_proj", "wo": "o_proj"}
+_HF_NAME = {ours: hf for hf, ours in LORA_HF_NAMES.items()}
+
+
+def model_linears(arch: Any) -> tuple[list[str], list[str]]:
+    """(the LoRA targets that name linears of the model, the linears of its attention no target name reaches), each
+    as ``llmc (HF)``: a GQA model's wq, wk, wv, wo, w1, w2, w3; an MLA model's wo (and wq with a full-rank query)
+    and the feed-forward's, with wq_a, wq_b, wkv_a, wkv_b left out (:func:`linear_shapes`)."""
+    mla = arch.mla is not None
+    names = list(dict.fromkeys(n for n, *_ in linear_shapes(arch)))
+    shown = [f"{n} ({(MLA_HF_NAMES if mla and n in ('wq', 'wo') else _HF_NAME)[n]})" for n in names]
+    left = [] if not mla else [f"{n} ({MLA_HF_NAMES[n]})" for n in
+                               (("wq_a", "wq_b") if arch.mla.q_lora_rank is not None else ()) + ("wkv_a", "wkv_b")]
+    return shown, left
+
+
+def peft_layout_gap(arch: Any, targets: list[str] | tuple[str, ...]) -> str | None:
+    """Why a LoRA stage's adapter has no PEFT layout that llmc's export writes for this model (the merged model is
+    exported all the same), as ``llmc.runtime.hf_io.peft_state_dict`` refuses it: Phi-3's fused q/k/v and gate/up
+    projections; adapters on stacked MoE experts; on an MLA model any adapter outside the attention (PEFT maps a
+    DeepSeek-V3's gate/up/down_proj targets onto its fused routed experts). None: the adapter is written."""
+    adapted = {(n, stacked) for n, _, _, c, stacked in linear_shapes(arch) if n in targets and c}
+    if not adapted:
+        return None
+    if family_of(arch).name == "phi3":
+        return "Phi-3's q/k/v and gate/up projections are fused (qkv_proj, gate_up_proj), which PEFT adapts whole"
+    if any(stacked for _, stacked in adapted):
+        return "adapters on stacked MoE experts have no PEFT names (transformers fuses the experts)"
+    if arch.mla is not None and any(n in ("w1", "w2", "w3") for n, _ in adapted):
+        return ("PEFT maps a DeepSeek-V3's gate/up/down_proj targets onto its fused routed experts, not the dense and "
+                "shared feed-forwards llmc adapts")
+    return None
+
+
+# ----------------------------------------------------------------------------- init_hf checkpoints
+
+
+def checkpoint_differences(arch: Any, theirs: Any) -> list[str]:
+    """What differs between the spec's model ``arch`` and the model a checkpoint's config.json describes (``theirs``,
+    :func:`llmc.spec.hf.architecture_from_hf_config`), field by field as ``llmc.runtime.hf_io`` compares them when it
+    loads the checkpoint (it refuses any difference: the weights would not be the spec's model)."""
+    bad = []
+    # MLA: K and V have n_heads heads whatever n_kv_heads says, and its head dims are the mla ones
+    fields_ = ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
+               "qkv_bias", "qk_norm", "rope_theta", "norm_eps", "qk_norm_scope", "norm_placement", "nope_layers",
+               "full_attention_layers", "norm_unit_offset", "activation", "embedding_scale", "query_pre_attn_scalar",
+               "attn_logit_softcap", "final_logit_softcap", "partial_rotary", "attn_out_bias", "attn_sinks",
+               "swiglu_alpha", "swiglu_limit", "sliding_window")
+    for f in fields_ if arch.mla is None else [f for f in fields_ if f not in ("n_kv_heads", "hd")]:
+        a, b = getattr(arch, f), getattr(theirs, f)
+        if a != b:
+            bad.append(f"{f} {a} (spec) != {b} (checkpoint)")
+    if arch.mla != theirs.mla:
+        bad.append(f"mla {arch.mla} (spec) != {theirs.mla} (checkpoint)")
+    if (arch.moe is None) != (theirs.moe is None) or (
+            arch.moe is not None and (arch.moe.num_experts, arch.moe.top_k) != (theirs.moe.num_experts,
+                                                                                theirs.moe.top_k)):
+        bad.append("mixture-of-experts settings differ")
+    elif arch.moe is not None:
+        for f in ("route_scale", "n_expert_groups", "n_limited_groups", "group_score", "num_shared_experts",
+                  "dense_layers", "score_func", "router_bias", "route_norm", "expert_proj_bias"):
+            a, b = getattr(arch.moe, f), getattr(theirs.moe, f)
+            if a != b:
+                bad.append(f"moe.{f} {a} (spec) != {b} (checkpoint)")
+        a, b = arch.moe.expert_d_ff or arch.d_ff, theirs.moe.expert_d_ff or theirs.d_ff  # None = d_ff
+        if a != b:
+            bad.append(f"moe.expert_d_ff {a} (spec) != {b} (checkpoint)")
+    rs_a, rs_b = arch.rope_scaling, theirs.rope_scaling
+    if (rs_a is None) != (rs_b is None) or (rs_a is not None and (
+            (rs_a.type, rs_a.factor, rs_a.mscale_all_dim, rs_a.truncate)
+            != (rs_b.type, rs_b.factor, rs_b.mscale_all_dim, rs_b.truncate)
+            or abs(rope_attention_factor(rs_a) - rope_attention_factor(rs_b)) > 1e-9)):
+        bad.append(f"rope_scaling {rs_a} (spec) != {rs_b} (checkpoint)")
+    return bad
+
+
+def check_start(run: RunSpec, where: str, src: str, ck: CheckpointFacts, sink: Sink) -> None:
+    """G021: an ``init_hf`` (``src`` at ``where``) that the launch would refuse when the stage loads it, from what
+    the plan read of it (:func:`llmc.spec.facts.read_checkpoint`); the launch checks it again (files change)."""
+    if ck.problem is not None:
+        if ck.near or "no folder" in ck.problem:
+            near = f"did you mean {' or '.join(str(PurePath(src).parent / n) for n in ck.near)}? " if ck.near else ""
+            how = ("huggingface_hub would read it as a Hub id (namespace/name), but its namespace is a folder here "
+                   "and the Hub id is not in this machine's Hugging Face cache" if hub_id(src) else
+                   "it cannot be a Hub id either (huggingface_hub's repo_id is namespace/name: letters, digits, -, "
+                   "_, .; no ./, ../, leading /, or second /)")
+            sink.add("G021", "error", where, f"init_hf {ck.problem} (relative paths are read from the spec's "
+                     f"folder); {how}", f"{near}give the folder with the checkpoint's config.json and *.safetensors, "
+                     "or a Hub id as namespace/name that is in the Hugging Face cache (`huggingface-cli download "
+                     "namespace/name`)")
+        else:
+            sink.add("G021", "error", where, f"init_hf {ck.problem}: the stage would stop when it loads it",
+                     "give a folder transformers' save_pretrained wrote (config.json and *.safetensors)")
+        return
+    if ck.missing:
+        sink.add("G021", "error", where, f"init_hf {src}: {len(ck.missing)} weight file(s) its "
+                 f"model.safetensors.index.json names are missing ({', '.join(ck.missing[:3])}"
+                 f"{', ...' if len(ck.missing) > 3 else ''}): a partial download or copy",
+                 "copy or download the missing shards (`huggingface-cli download` resumes a partial one)")
+    if ck.config is None:
+        return
+    try:
+        theirs = architecture_from_hf_config(ck.config)
+    except Exception:  # noqa: BLE001 (a config.json llmc cannot read: the model_type checks report it)
+        return
+    bad = checkpoint_differences(run.model, theirs)
+    if bad:
+        sink.add("G021", "error", where, f"init_hf {src} is not the spec's model: {'; '.join(bad[:4])}"
+                 f"{f' (and {len(bad) - 4} more)' if len(bad) > 4 else ''}: its weights would not load",
+                 f"describe the model by the checkpoint: `model: {{hf_config: {src}/config.json}}`, or start from "
+                 "a checkpoint of the spec's model")
+
+
+def check_tokenizer_sizes(run: RunSpec, facts: ExternalFacts | None, sink: Sink) -> None:
+    """G022: a tokenizer with more tokens than the model's vocab_size (its ids past the embedding would index
+    nothing: llmc's trainers refuse it when a stage starts, ``llmc.runtime.train.make_loader``)."""
+    if facts is None:
+        return
+    seen = set()
+    for i, st in enumerate(resolved_stages(run)):
+        tok = tokenizer_for(run, st)
+        own = st.data is not None and (st.data.tokenizer.path or st.data.tokenizer.train)
+        known = facts.tokenizers.get(tok.path) if tok.path else None
+        if known is None or known.size is None or tok.path in seen:
+            continue
+        seen.add(tok.path)
+        if known.size > run.model.vocab_size:
+            sink.add("G022", "error", f"stages.{i}.data.tokenizer.path" if own and run.stages else
+                     "data.tokenizer.path", f"tokenizer {tok.path} has {known.size:,} tokens but the model's vocab_size "
+                     f"is {run.model.vocab_size:,}: token ids past it have no embedding row",
+                     "use the model's own tokenizer, or a model (hf_config) whose vocab_size covers this tokenizer "
+                     "(its embedding resized: transformers' resize_token_embeddings, then save_pretrained)")
 
 
 # ----------------------------------------------------------------------------- graph
@@ -1253,6 +1394,27 @@ def _models(st: StageBase, kl_coef: float | None, precision: str, notes: list[st
     return out
 
 
+def lora_notes(arch: Any, st: StageBase, p: str, trainable: int, notes: list[str], sink: Sink) -> None:
+    """G023 for a LoRA stage whose targets name no linear of the model (its trainer would have nothing to train:
+    "optimizer got an empty parameter list"); notes for an MLA model's attention, whose low-rank projections no
+    target reaches (PEFT's ``all-linear`` would adapt them), and for an adapter the export writes no PEFT layout for
+    (:func:`peft_layout_gap`)."""
+    shown, left = model_linears(arch)
+    if trainable == 0:
+        sink.add("G023", "error", f"{p}.lora.targets", f"LoRA stage {st.name!r}: its targets "
+                 f"{', '.join(st.lora.targets)} name no linear of this model, so nothing would train",
+                 f"target the model's linears: {', '.join(shown)}"
+                 + (f" ({', '.join(left)} take no adapter in llmc's trainer)" if left else ""))
+        return
+    if left:
+        attn = [n for n in ("wq", "wo") if n in st.lora.targets and any(x.startswith(n + " ") for x in shown)]
+        notes.append(f"LoRA on MLA attention adapts {', '.join(attn) or 'none of it'} only: {', '.join(left)} take "
+                     "no adapter in llmc's trainer (PEFT's all-linear would adapt them too)")
+    gap = peft_layout_gap(arch, st.lora.targets)
+    if gap is not None:
+        notes.append(f"LoRA: no PEFT adapter is exported for this model ({gap}); the merged model is exported")
+
+
 def _lora_plan(st: StageBase) -> LoraPlan | None:
     lo = st.lora
     if lo is None:
@@ -1283,6 +1445,8 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
                          f"{env.run.training.optimizer.weight_decay:g}, which pre-training and continued training use")
     arch = env.run.model
     trainable = lora_trainable_params(arch, st.lora.rank, st.lora.targets) if st.lora else env.n_total
+    if st.lora is not None:
+        lora_notes(arch, st, p, trainable, notes, sink)
     models = _models(st, tr.hyper.get("kl_coef"), env.precision, notes)
     needs_ref = len(models) > 1
     layout = None
@@ -1425,13 +1589,17 @@ def plan_stages(run: RunSpec, gpu: GPU | None = None, lines: dict | None = None,
     quantized = facts.checkpoint_quantization if facts is not None else {}
     starts = [(f"stages.{i}.init_hf", s.init_hf) for i, s in enumerate(run.stages)] if run.stages else [
         ("training.init_hf", run.training.init_hf)]
+    checkpoints = facts.checkpoints if facts is not None else {}
     for where, src in starts:
+        if src is not None and src in checkpoints:
+            check_start(run, where, src, checkpoints[src], sink)
         if src is not None and src in quantized:  # llmc.runtime.hf_io.load_hf_into refuses them, as torchtitan's
             # state-dict adapters do: they map plain `weight` tensors only
             sink.add("G018", "error", where, f"{src} holds quantized weights ({quantized[src]}, its config.json's "
                      "quantization_config), which no llmc trainer reads: the run would stop when it loads them",
                      "start from the model's bf16 / fp32 release; for QLoRA, lora.quantize_base: nf4 quantizes that "
                      "base itself")
+    check_tokenizer_sizes(run, facts, sink)
     arch = run.model
     env = _Env(run=run, hyper=hyper or defaults_mod.pretrain_hyper(run, gpu), plan=plan, searched_memory=searched_memory,
                facts=facts, capacity=gpu.hbm_bytes if gpu is not None else None,
@@ -1449,7 +1617,8 @@ def plan_stages(run: RunSpec, gpu: GPU | None = None, lines: dict | None = None,
     return plans, sink.items
 
 
-__all__ = ["plan_stages", "plan_stage", "resolve_stage_training", "stage_order", "resolved_stages",
+__all__ = ["plan_stages", "plan_stage", "checkpoint_differences", "check_start", "check_tokenizer_sizes", "lora_notes",
+           "model_linears", "peft_layout_gap", "MLA_HF_NAMES", "resolve_stage_training", "stage_order", "resolved_stages",
            "lora_trainable_params", "linear_shapes", "tokenizer_for", "tokenizer_specials", "tokenizer_has_template",
            "StageTraining",
            "TEMPLATE_TOKENS", "NF4_BITS_PER_PARAM"]

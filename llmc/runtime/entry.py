@@ -460,7 +460,7 @@ def check_finished(lock: dict, stage: str, stage_dir: Path, build: Path, *, expo
     would start from it), and warns (R005) when its marker records no fingerprint (an older llmc wrote it)."""
     from llmc.runtime.job import StaleStageError, finished_stage, legacy_message, stale_message
 
-    f = finished_stage(lock, stage, stage_dir, export=export)
+    f = finished_stage(lock, stage, stage_dir, export=export, build_dir=build)
     if f is None:
         return False
     if f.change is not None:

@@ -552,10 +552,107 @@ def _fingerprint(lock: dict, stage: str | None, seen: tuple[str, ...]) -> dict |
     return {"sha256": _digest(hashed), "parts": hashed, "numbers": numbers}
 
 
-def fingerprint_record(lock: dict | None, stage: str | None) -> dict:
-    """What a stage's marker records of the lock it was trained under (empty without a lock)."""
+def fingerprint_record(lock: dict | None, stage: str | None, build_dir: str | Path | None = None) -> dict:
+    """What a stage's marker records of the lock it was trained under (empty without a lock), and of the files of
+    the ``init_hf`` checkpoint its run started from (:func:`start_checkpoint_files`; ``build_dir``: the lock's
+    folder, None: the current directory, where ``llmc launch`` runs every command)."""
     fp = stage_fingerprint(lock, stage) if lock else None
-    return {FINGERPRINT_KEY: fp, FINGERPRINT_SHA: fp["sha256"]} if fp else {}
+    if not fp:
+        return {}
+    start = start_checkpoint_files(lock, stage, build_dir)
+    return {FINGERPRINT_KEY: fp, FINGERPRINT_SHA: fp["sha256"], **({START_KEY: start} if start else {})}
+
+
+#: the record's key for the files of the ``init_hf`` checkpoint a stage's run started from
+START_KEY = "init_hf_files"
+
+
+def start_checkpoint(lock: dict, stage: str | None) -> str | None:
+    """The ``init_hf`` that ``stage``'s weights come from: its own, else that of the stage it starts from
+    (``init_from``, followed back); None when the chain starts from no Hugging Face checkpoint."""
+    seen: set[str] = set()
+    try:
+        entry = stage_entry(lock, stage)
+        while entry.get("init_hf") is None and entry.get("init_from") and entry["init_from"] not in seen:
+            seen.add(str(entry["init_from"]))
+            entry = stage_entry(lock, str(entry["init_from"]))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    src = entry.get("init_hf")
+    return src if isinstance(src, str) and src else None
+
+
+def checkpoint_files(folder: str | Path) -> dict | None:
+    """What identifies a Hugging Face checkpoint folder's contents, cheaply: the sha256 of its config.json and
+    model.safetensors.index.json (a few KiB) and each weight file's size and modification time (the weights are
+    tens to hundreds of GB: hashing them at every launch would take minutes; size and mtime are the "quick check"
+    rsync and make rely on, and a rewritten file gets a new mtime). In a Hugging Face cache snapshot the weight files
+    are links to blobs named by their content's sha256 (huggingface_hub's cache layout): that name is recorded instead.
+    None: no folder with a config.json here."""
+    import hashlib
+
+    d = Path(folder)
+    try:
+        if not (d / "config.json").is_file():
+            return None
+        out: dict[str, Any] = {name: hashlib.sha256((d / name).read_bytes()).hexdigest()
+                               for name in ("config.json", "model.safetensors.index.json") if (d / name).is_file()}
+        weights = {}
+        for f in sorted(d.glob("*.safetensors")):
+            blob = f.resolve() if f.is_symlink() else None
+            if blob is not None and blob.parent.name == "blobs":
+                weights[f.name] = blob.name  # a cache blob: its name is its content's sha256
+            else:
+                st = f.stat()
+                weights[f.name] = [st.st_size, st.st_mtime_ns]
+        out["weights"] = weights
+        return out
+    except OSError:
+        return None
+
+
+def start_checkpoint_files(lock: dict | None, stage: str | None, build_dir: str | Path | None = None) -> dict | None:
+    """``{"init_hf": <as the lock writes it>, "files": checkpoint_files(...)}`` of the checkpoint ``stage``'s weights
+    come from (:func:`start_checkpoint`), resolved as the loader resolves it (relative to the spec's folder, else a
+    Hub id in this machine's Hugging Face cache); None when there is none or it is not here."""
+    src = start_checkpoint(lock, stage) if lock else None
+    if src is None:
+        return None
+    from llmc.fileio import expand_user
+
+    try:
+        q = expand_user(src)
+        if not q.is_absolute():
+            q = Path(_spec_dir(lock["spec"], lock["spec"].get("path"), build_dir)) / q
+        if not q.is_dir():
+            from llmc.spec.facts import hub_id
+
+            q = None
+            if hub_id(src):
+                from huggingface_hub import try_to_load_from_cache
+
+                repo, _, rev = src.partition("@")
+                got = try_to_load_from_cache(repo, "config.json", revision=rev or None)
+                q = Path(got).parent if isinstance(got, str) else None
+    except Exception:  # noqa: BLE001 (a malformed lock, no huggingface_hub: nothing recorded, nothing compared)
+        return None
+    files = checkpoint_files(q) if q is not None else None
+    return {"init_hf": src, "files": files} if files else None
+
+
+def start_change(was: dict, now: dict) -> str | None:
+    """What changed in the files of the ``init_hf`` checkpoint between a marker's record (``was``) and now."""
+    if was.get("init_hf") != now.get("init_hf") or not isinstance(was.get("files"), dict):
+        return None  # (another init_hf is a lock change: the fingerprint says so)
+    a, b = was["files"], now["files"]
+    if a == b:
+        return None
+    changed = [k for k in ("config.json", "model.safetensors.index.json") if a.get(k) != b.get(k)]
+    wa, wb = a.get("weights") or {}, b.get("weights") or {}
+    changed += sorted(f for f in set(wa) | set(wb) if wa.get(f) != wb.get(f))
+    shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    return (f"the init_hf checkpoint {now['init_hf']} it was trained from changed since ({shown}: content, or a weight "
+            "file's size or modification time)")
 
 
 def fingerprint_change(was: dict, now: dict) -> str | None:
@@ -591,12 +688,18 @@ class Finished:
     marker: Path
     change: str | None
     legacy: bool
+    weights: bool = False
+    """``change`` is a change of the ``init_hf`` checkpoint's files, not of the lock."""
 
 
-def finished_stage(lock: dict, stage: str, stage_dir: str | Path, *, export: bool = False) -> Finished | None:
+def finished_stage(lock: dict, stage: str, stage_dir: str | Path, *, export: bool = False,
+                   build_dir: str | Path | None = None) -> Finished | None:
     """Whether the folder ``stage_dir`` holds a finished run of ``stage`` and whether ``lock`` trained it; None when
     it holds none. Finished: a DONE.json, or with ``export`` (a stage a torchtitan job trains, which counts as done
-    once exported) ``hf/config.json``, whose record is ``FINGERPRINT_FILE`` beside it."""
+    once exported) ``hf/config.json``, whose record is ``FINGERPRINT_FILE`` beside it. A run trained from an
+    ``init_hf`` checkpoint whose files changed since (its record's :data:`START_KEY`, compared with the files now;
+    ``build_dir`` anchors a relative path as in :func:`fingerprint_record`) was not trained from these weights: its
+    ``change`` says so, as for a lock change (a record without it, or a checkpoint not here now: not compared)."""
     import json
 
     d = Path(stage_dir)
@@ -617,12 +720,19 @@ def finished_stage(lock: dict, stage: str, stage_dir: str | Path, *, export: boo
     now = stage_fingerprint(lock, stage)
     if not isinstance(was, dict) or now is None:
         return Finished(marker, None, legacy=now is not None)
-    return Finished(marker, fingerprint_change(was, now), legacy=False)
+    change = fingerprint_change(was, now)
+    start = record.get(START_KEY)
+    if change is None and isinstance(start, dict):
+        files = start_checkpoint_files(lock, stage, build_dir)
+        change = start_change(start, files) if files else None
+        return Finished(marker, change, legacy=False, weights=change is not None)
+    return Finished(marker, change, legacy=False)
 
 
 def stale_message(stage: str, f: Finished, build: str) -> str:
     """The one line that refuses a stage finished under another lock: what changed and the ways out."""
-    return (f"stage {stage!r} finished under another lock than this build's ({f.marker}): {f.change}; "
+    what = "from other weights than its init_hf holds now" if f.weights else "under another lock than this build's"
+    return (f"stage {stage!r} finished {what} ({f.marker}): {f.change}; "
             f"it is not this build's result, so it is neither skipped nor trained over: `llmc launch {build} "
             f"--no-resume --stage {stage}` sets it aside (run/{stage}.set-aside-N) and trains it again (the stages "
             "after it follow), or build into a fresh directory")

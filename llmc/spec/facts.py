@@ -6,14 +6,19 @@ https://huggingface.co/docs/tokenizers/api/tokenizer). The compiler takes the re
 ``compile_spec(..., facts=...)``; without it the special tokens are inferred from the model name. It also
 reads the ``model_type`` of each local Hugging Face checkpoint an ``init_hf`` names (a folder with a config.json),
 which decides whether torchtitan's state-dict adapters can read it, whether its weights are quantized (which no
-trainer reads), and the task name of each local
+trainer reads), and what else a launch would find wrong with it (:class:`CheckpointFacts`: the config.json the
+spec's model must match, the weight files its safetensors index names that are missing; an ``init_hf`` that is no
+folder here told apart from a Hub id by huggingface_hub's own ``repo_id`` rule), each tokenizer's size, and the task
+name of each local
 lm-evaluation-harness task file ``eval.tasks`` names (``task:``, or ``group:`` over a ``task:`` list: what
 ``lm_eval --tasks`` takes; https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/new_task_guide.md).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +46,9 @@ class TokenizerFacts:
     chat_template: bool | None = None
     """Whether the tokenizer folder carries a chat template of its own (chat_template.jinja, or ``chat_template`` in
     tokenizer_config.json: what transformers reads); None where the folder was not read."""
+    size: int | None = None
+    """Its tokens with the added ones, as ``tokenizers.Tokenizer.get_vocab_size(with_added_tokens=True)`` counts them
+    (the figure llmc's trainers compare with the model's vocab_size); None where the file does not say."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,24 @@ class ExternalFacts:
     (:func:`llmc.spec.hf.quantization_method`); absent: plain weights, a Hub id, or unreadable."""
     eval_tasks: dict[str, EvalTaskFacts] = field(default_factory=dict)
     """Each local task file of ``eval.tasks`` (``*.yaml``), keyed as the spec writes it."""
+    checkpoints: dict[str, CheckpointFacts] = field(default_factory=dict)
+    """Each ``init_hf`` that is a local path (a folder here, or a path that cannot be a Hub id), keyed as the spec
+    writes it; a Hub id (huggingface_hub's ``namespace/name``) is absent: it resolves in the cluster's HF cache."""
+
+
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What a launch would find in an ``init_hf`` folder (``llmc.runtime.hf_io``), read at plan time.
+
+    ``problem``: why it cannot be loaded at all (no such folder where its parent folder is here, no config.json, no
+    weight files), with ``near``: the folders beside it with the closest names (a typo's likely fix); ``config``: its
+    config.json; ``missing``: the weight files its ``model.safetensors.index.json`` names that are not there (a
+    partial download or copy)."""
+
+    problem: str | None = None
+    config: dict | None = None
+    missing: tuple[str, ...] = ()
+    near: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,9 +146,24 @@ def read_tokenizer(path: str, spec_dir: str | Path) -> TokenizerFacts:
     try:
         js = json.loads(read_regular_file(f, MAX_TOKENIZER_BYTES).decode("utf-8"))
         return TokenizerFacts(frozenset(t["content"] for t in js.get("added_tokens", [])), str(f),
-                              chat_template=has_chat_template(f.parent))
+                              chat_template=has_chat_template(f.parent), size=tokenizer_size(js))
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         return TokenizerFacts(None, str(f), _tokenizer_problem(p, f, e))
+
+
+def tokenizer_size(js: dict) -> int | None:
+    """Tokens of a parsed tokenizer.json with its added tokens: the distinct strings of the model's vocabulary
+    (BPE / WordPiece / WordLevel: a token -> id map; Unigram: a list of [piece, score]) and ``added_tokens``, which is
+    what ``tokenizers``' ``get_vocab_size(with_added_tokens=True)`` returns (the union of both vocabularies, by token);
+    None for another layout."""
+    vocab = (js.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        tokens = set(vocab)
+    elif isinstance(vocab, list) and all(isinstance(v, list) and v for v in vocab):
+        tokens = {v[0] for v in vocab}
+    else:
+        return None
+    return len(tokens | {t["content"] for t in js.get("added_tokens") or []})
 
 
 #: tokenizer files other than tokenizer.json that a model folder may ship instead: what they are
@@ -183,6 +224,80 @@ def read_checkpoint_config(path: str, spec_dir: str | Path) -> dict | None:
     return cfg if isinstance(cfg, dict) else None
 
 
+#: huggingface_hub's ``repo_id`` rule (``huggingface_hub.utils._validators.REPO_ID_REGEX`` / ``validate_repo_id``):
+#: an optional ``namespace/`` and a name, each 1-96 of letters, digits, ``-``, ``_``, ``.``, starting and ending with a
+#: letter or digit; no ``--`` or ``..``, not ending in ``.git``. So ``./x``, ``../x``, ``/abs/x``, ``a/b/c`` are paths.
+_REPO_ID = re.compile(r"(\b[\w\-.]{1,96}\b/)?\b[\w\-.]{1,96}\b", re.ASCII)
+
+
+def hub_id(name: str) -> bool:
+    """Whether llmc's loader reads ``name`` (``namespace/name[@revision]``) as a Hugging Face Hub id when it is no
+    folder: huggingface_hub's ``repo_id`` rule (:data:`_REPO_ID`) with the namespace that llmc's loader requires
+    (``llmc.runtime.hf_io.resolve_hf_source``: exactly one ``/``)."""
+    repo = name.partition("@")[0]
+    return (repo.count("/") == 1 and _REPO_ID.fullmatch(repo) is not None and "--" not in repo and ".." not in repo
+            and not repo.endswith(".git"))
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the Hub id ``name`` (``namespace/name[@revision]``) has a config.json in this machine's Hugging Face
+    cache (``huggingface_hub.try_to_load_from_cache``: a look-up in the cache folder, never a download)."""
+    repo, _, rev = name.partition("@")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, "config.json", revision=rev or None), str)
+    except Exception:  # noqa: BLE001 (no huggingface_hub, an unreadable cache: not known to be there)
+        return False
+
+
+def read_checkpoint(path: str, spec_dir: str | Path) -> CheckpointFacts | None:
+    """What the ``init_hf`` ``path`` (relative to ``spec_dir``) holds here, as ``llmc.runtime.hf_io`` would load it;
+    None where nothing can be said: a Hub id (:func:`hub_id`) whose namespace is no folder here or that is in this
+    machine's Hugging Face cache, or a path whose parent folder is not here either (a spec planned away from its
+    files). A Hub-id-shaped name whose namespace is a folder here (and that is not in the cache), and a path that
+    cannot be a Hub id, are read as local paths (messages name ``path`` as the spec
+    writes it)."""
+    p = expand_user(path)
+    if not p.is_absolute():
+        p = Path(spec_dir) / p
+    try:
+        if not p.exists():
+            if not p.parent.is_dir() or (hub_id(path) and _in_hub_cache(path)):
+                return None
+            near = tuple(difflib.get_close_matches(p.name, sorted(d.name for d in p.parent.iterdir() if d.is_dir()),
+                                                   n=3))
+            return CheckpointFacts(problem=f"{path} is no folder here", near=near)
+        if not p.is_dir():
+            return CheckpointFacts(problem=f"{path} is a file, not a Hugging Face model folder")
+        if not (p / "config.json").is_file():
+            return CheckpointFacts(problem=f"{path} has no config.json (a Hugging Face model folder holds config.json "
+                                           "and *.safetensors)")
+        cfg = read_checkpoint_config(path, spec_dir)
+        if cfg is None:
+            return CheckpointFacts(problem=f"{path}/config.json is not a JSON object")
+        index = p / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(read_regular_file(index, MAX_TOKENIZER_BYTES).decode("utf-8"))["weight_map"]
+                files = sorted({str(f) for f in weight_map.values()})
+            except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+                return CheckpointFacts(problem=f"{path}/model.safetensors.index.json has no weight_map", config=cfg)
+            return CheckpointFacts(config=cfg, missing=tuple(f for f in files if not (p / f).is_file()))
+        if not any(p.glob("*.safetensors")):
+            return CheckpointFacts(problem=f"{path} holds no *.safetensors weights (PyTorch .bin files are not read: "
+                                           "transformers' save_pretrained(safe_serialization=True) writes them)",
+                                   config=cfg)
+        return CheckpointFacts(config=cfg)
+    except OSError as e:
+        return CheckpointFacts(problem=f"{path} cannot be read ({e.strerror or e})")
+
+
+def local_checkpoints(run: RunSpec, spec_dir: str | Path) -> dict[str, CheckpointFacts]:
+    """:func:`read_checkpoint` of every ``init_hf`` of the spec that says something."""
+    return {p: c for p in init_hf_paths(run) if (c := read_checkpoint(p, spec_dir)) is not None}
+
+
 def gather_facts(run: RunSpec, spec_dir: str | Path) -> ExternalFacts:
     """Read every tokenizer the spec references (unreadable ones are recorded with ``specials=None``) and the model
     type of every local ``init_hf`` checkpoint."""
@@ -191,9 +306,12 @@ def gather_facts(run: RunSpec, spec_dir: str | Path) -> ExternalFacts:
     quantized = {p: q for p, cfg in configs.items() if (q := quantization_method(cfg)) is not None}
     local_tasks = [t for t in (run.eval.tasks if run.eval is not None else ()) if t.endswith((".yaml", ".yml"))]
     return ExternalFacts(tokenizers={p: read_tokenizer(p, spec_dir) for p in tokenizer_paths(run)},
-                         checkpoint_types=types, checkpoint_quantization=quantized, eval_tasks={t: read_eval_task(t, spec_dir) for t in local_tasks})
+                         checkpoint_types=types, checkpoint_quantization=quantized,
+                         eval_tasks={t: read_eval_task(t, spec_dir) for t in local_tasks},
+                         checkpoints=local_checkpoints(run, spec_dir))
 
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_TOKENIZER_BYTES", "TokenizerFacts", "ExternalFacts", "EvalTaskFacts",
+           "CheckpointFacts", "hub_id", "read_checkpoint", "local_checkpoints", "tokenizer_size",
            "tokenizer_paths", "read_tokenizer", "has_chat_template", "init_hf_paths", "read_checkpoint_config",
            "read_eval_task", "task_file_name", "gather_facts"]
