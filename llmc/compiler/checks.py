@@ -854,20 +854,33 @@ def batch_splits(arch, batch_seqs: int, count: int, gpus_per_node: int) -> bool:
     return False
 
 
-def usable_gpu_count(run, at_least: float, gpus_per_node: int) -> int:
+#: counts :func:`usable_gpu_count` tries above the one asked for before it gives up (a bound on a hint's cost)
+USABLE_COUNT_TRIES = 4096
+
+
+def usable_gpu_count(run, at_least: float, gpus_per_node: int) -> int | None:
     """The smallest GPU count >= ``at_least`` the plan accepts: a whole number of nodes once it spans several (P008)
     and, where the spec fixes the global batch (training.global_batch_tokens; llmc's default batch follows the count),
-    one the batch can be split over (:func:`batch_splits`, else P005)."""
+    one the batch can be split over (:func:`batch_splits`, else P005). None when there is none within the spec's
+    limit of GPUs (``schema.MAX_GPUS``), none the batch splits over (at most tp x pp x dp = a node x n_layers x the
+    batch's sequences) or none among :data:`USABLE_COUNT_TRIES` counts from ``at_least``."""
+    from llmc.spec.schema import MAX_GPUS
+
     gbt, arch = run.training.global_batch_tokens, run.model
     seqs = max(1, round(gbt / run.data.seq_len)) if gbt is not None else None
+    limit = MAX_GPUS if seqs is None else min(MAX_GPUS, gpus_per_node * arch.n_layers * seqs)
+    if not math.isfinite(at_least) or at_least > limit:
+        return None
     n = max(1, math.ceil(at_least))
-    while True:
+    for _ in range(USABLE_COUNT_TRIES):
         if n > gpus_per_node and n % gpus_per_node:
             n = _round_up(n, gpus_per_node)
-            continue
+        if n > limit:
+            return None
         if seqs is None or batch_splits(arch, seqs, n, gpus_per_node):
             return n
         n += gpus_per_node if n >= gpus_per_node else 1
+    return None
 
 
 def _gpus_per_node(run, gpu=None) -> int:
@@ -902,24 +915,29 @@ def check_budget(run, training_flops: float, time, cost, floor, floor_peak: floa
         if best_days > b.max_days:
             need = gpus_for_days(training_flops, b.max_days, floor_peak, MAX_PLAUSIBLE_MFU)
             can = usable_gpu_count(run, need, gpn)
-            rounded = "" if can == need else (f" (the floor's {need:,} rounded up to "
-                                              f"{'whole nodes and ' if can > gpn else ''}a count the batch splits over)")
+            if can is None:
+                gpus = (f"more GPUs than any count the plan accepts ({need:,.3g} even at {at}: past the spec's limit "
+                        "or any count the batch splits over)")
+            else:
+                rounded = "" if can == need else (f" (the floor's {need:,} rounded up to {'whole nodes and ' if can > gpn else ''}"
+                                                  "a count the batch splits over)")
+                gpus = f"at least {can:,} GPUs even at {at}{rounded}"
             own = ""
-            if linear is not None:
+            if linear is not None and can is not None:
                 own = (f"; llmc's own prediction ({100 * time.mfu:.1f}% MFU) needs {'more: ' if linear > can else ''}"
                        f"~{linear:,} GPUs if it held at that count (plan it to check)")
             sink.add("B003", "error", "budget.max_days",
                      f"{training_flops:.3g} FLOPs cannot finish in {b.max_days:g} days on {n} GPUs even at "
                      f"{at} ({best_days:.1f} days)",
-                     f"needs max_days >= {best_days:.1f}, fewer tokens, or at least {can:,} GPUs even at {at}"
-                     f"{rounded}{own}")
+                     f"needs max_days >= {best_days:.1f}, fewer tokens, or {gpus}{own}")
         elif time is not None and time.days > b.max_days:
             sink.add("B001", "error", "budget.max_days",
                      f"predicted {time.days:.1f} days > max_days {b.max_days:g} "
                      f"(at {100 * time.mfu:.1f}% MFU{saves})",
-                     f"the planned layout needs ~{time.days / b.max_days:.2f}x the GPUs or time: ~{linear:,} GPUs "
-                     f"if its {100 * time.mfu:.1f}% MFU held there (plan that count to check); "
-                     f"{best_days:.1f} days is the floor at {at}")
+                     f"the planned layout needs ~{time.days / b.max_days:.2f}x the GPUs or time"
+                     + (f": ~{linear:,} GPUs if its {100 * time.mfu:.1f}% MFU held there (plan that count to check)"
+                        if linear is not None else "")
+                     + f"; {best_days:.1f} days is the floor at {at}")
     if b.max_usd is not None:
         if best_usd > b.max_usd:
             sink.add("B003", "error", "budget.max_usd",

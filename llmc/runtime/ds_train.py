@@ -338,7 +338,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
 
     from llmc.runtime import preempt
     from llmc.runtime.checkpoint import save_checkpoint
-    from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into, loaded_from
+    from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into, loaded_from, start_arch
     from llmc.runtime.job import TrainJob
     from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
     from llmc.runtime.model import Transformer, build_model, mean_token_loss, param_groups
@@ -396,10 +396,11 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         from llmc.runtime.hf_io import load_init_from  # its llmc checkpoint, else its hf/ export
 
         got = load_init_from(model, out.parent / job.init_from, job.arch, rank=rank, world=world,
-                             load_llmc=lambda m, p: load_weights_zero_aware(m, p, rank))
+                             load_llmc=lambda m, p: load_weights_zero_aware(m, p, rank),
+                             checkpoint_arch=start_arch(job))
         _say(f"initialised weights from {got}")
     elif not can_resume and hf_src:
-        info = load_hf_into(model, hf_src, job.arch, rank=rank, world=world)
+        info = load_hf_into(model, hf_src, job.arch, rank=rank, world=world, checkpoint_arch=start_arch(job))
         _say(f"initialised weights from Hugging Face {loaded_from(info)}")
 
     client_sched = None

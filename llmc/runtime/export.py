@@ -106,4 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, CheckpointException) as e:  # noqa: BLE001
         return _error(a.run_dir, a.stage, e)
     print(f"wrote {res['hf']}" + (f" and {res['adapter']}" if res.get("adapter") else ""))
+    if res.get("adapter_note"):  # a LoRA stage whose adapter has no PEFT layout: the merged model only
+        print(f"warning: stage {a.stage}: {res['adapter_note']}")
     return 0

@@ -13,7 +13,8 @@ the model built from the spec, and copies the tensors in one at a time through `
   ``deepspeed.zero.GatheredParameters([p], modifier_rank=0)``; rank 0 reads the file and DeepSpeed
   re-partitions its value to every rank on exit.
 
-Out: :func:`export_hf` writes config.json, generation_config.json, sharded safetensors
+Out: :func:`export_hf` writes config.json, generation_config.json (a model that started from a Hugging Face
+checkpoint keeps that checkpoint's, and its end-of-sequence ids), sharded safetensors
 (``huggingface_hub.split_torch_state_dict_into_shards``, plus the index when sharded) and the tokenizer
 files (with a Jinja ``chat_template`` for chat stages); :func:`export_peft_adapter` writes LoRA adapters
 in PEFT's format; :func:`export_checkpoint` does both from any finished stage; ``python -m
@@ -652,12 +653,14 @@ def _model_shape(p: torch.Tensor) -> tuple[int, ...]:
 
 
 def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, world: int = 1,
-                 check_config: bool = True) -> dict[str, Any]:
+                 check_config: bool = True, checkpoint_arch=None) -> dict[str, Any]:
     """Copy an HF checkpoint's weights into ``model`` (built from ``arch``); returns a summary dict.
 
     Every parameter of the model must be in the checkpoint with the same shape and every checkpoint tensor
     must be used (a tied checkpoint's ``lm_head.weight`` excepted); otherwise :class:`HFError` lists the
     first mismatches. ``rank``/``world`` identify the process (ZeRO-3: only rank 0 reads the files).
+    ``checkpoint_arch``: the model the checkpoint's config.json must describe, where it is not ``arch`` (a
+    long_context stage's model extends its checkpoint's RoPE: :func:`start_arch`).
     """
     src = resolve_hf_source(path)
     cfg = read_hf_config(src)
@@ -673,7 +676,7 @@ def load_hf_into(model: nn.Module, path: str | Path, arch, *, rank: int = 0, wor
         raise HFError(f"{src}: quantized weights ({quant}) are not read (its config.json's quantization_config): give "
                       "the model's bf16 / fp32 release (for QLoRA, lora.quantize_base: nf4 quantizes it itself)")
     if check_config:
-        _check_config(cfg, arch, src)
+        _check_config(cfg, checkpoint_arch if checkpoint_arch is not None else arch, src)
     files = SafetensorsDir(src)
     skipped = _language_model_only(cfg, files)
     mapping = hf_names(arch, rope_interleave=cfg.get("rope_interleave", True) is not False,
@@ -793,7 +796,11 @@ def init_hf_source(job) -> str | None:
     lock = getattr(job, "lock", None) or {}
     if not entry and lock:
         entry = next((e for e in lock.get("stages") or [] if e.get("name") == job.stage), {}) or {}
-    src = entry.get("init_hf")
+    return _init_hf_path(entry.get("init_hf"), job)
+
+
+def _init_hf_path(src: str | None, job) -> str | None:
+    """An ``init_hf`` as the job reads it: a relative path against the spec's folder, a Hub id as it is."""
     if not src:
         return None
     p = expand_user(src)
@@ -802,6 +809,49 @@ def init_hf_source(job) -> str | None:
         if q.exists():
             return str(q)
     return str(p) if p.exists() else str(src)
+
+
+def origin_checkpoint(job) -> str | None:
+    """The Hugging Face checkpoint the stage's model descends from: its ``init_hf``, or that of the first stage of
+    its ``init_from`` chain (lock entries); None for a model trained from scratch."""
+    entry, seen = getattr(job, "stage_plan", None) or _stage_entry(job, job.stage), set()
+    if not entry.get("init_hf") and not entry.get("init_from") and getattr(job, "init_from", None):
+        entry = {"init_from": job.init_from}  # (a job without a lock entry)
+    while entry and not entry.get("init_hf") and entry.get("init_from") and entry["init_from"] not in seen:
+        seen.add(entry["init_from"])
+        entry = _stage_entry(job, entry["init_from"])
+    return _init_hf_path((entry or {}).get("init_hf"), job)
+
+
+def _stage_entry(job, name: str | None) -> dict:
+    """Stage ``name``'s entry in the job's lock (``lock["stages"]``); {} without one."""
+    lock = getattr(job, "lock", None) or {}
+    return next((e for e in lock.get("stages") or [] if e.get("name") == name), {}) or {}
+
+
+def start_arch(job, arch=None):
+    """The model the checkpoint a stage starts from holds: ``arch`` (default the job's) with the RoPE of before the
+    stage. A long_context stage runs with its own RoPE extension (its lock entry's ``context``); the checkpoint it
+    extends has the RoPE its ``init_from`` stage handed on (that stage's ``context``), or, from ``init_hf``, the spec
+    model's, and is checked against that (:func:`load_hf_into`). Without a lock: ``arch``."""
+    from llmc.spec.model import RopeScaling
+    from llmc.spec.schema import RunSpec
+
+    arch = job.arch if arch is None else arch
+    lock = getattr(job, "lock", None) or {}
+    resolved = (lock.get("spec") or {}).get("resolved")
+    if not resolved:
+        return arch
+    ctx = _stage_entry(job, job.init_from).get("context") if job.init_from else None
+    if ctx:
+        scaling = ctx.get("rope_scaling")
+        theta, scaling = float(ctx["rope_theta"]), RopeScaling.model_validate(scaling) if scaling else None
+    else:
+        model = RunSpec.model_validate(resolved).model
+        theta, scaling = model.rope_theta, model.rope_scaling
+    if (theta, scaling) == (arch.rope_theta, arch.rope_scaling):
+        return arch
+    return arch.model_copy(update={"rope_theta": theta, "rope_scaling": scaling})
 
 
 def init_from_source(stage_dir: str | Path) -> tuple[str, Path]:
@@ -825,17 +875,17 @@ def init_from_source(stage_dir: str | Path) -> tuple[str, Path]:
 
 
 def load_init_from(model: nn.Module, stage_dir: str | Path, arch, *, rank: int = 0, world: int = 1,
-                   load_llmc: Callable[[nn.Module, Path], int] | None = None) -> str:
+                   load_llmc: Callable[[nn.Module, Path], int] | None = None, checkpoint_arch=None) -> str:
     """Load the weights :func:`init_from_source` finds into ``model`` (plain, FSDP2/TP-sharded or DeepSpeed
     ZeRO-3; collective when sharded); returns what was loaded, for the log. ``load_llmc(model, step_dir)``
     replaces :func:`llmc.runtime.checkpoint.load_model_weights` for the llmc checkpoint (DeepSpeed's ZeRO-aware
-    loader)."""
+    loader). ``checkpoint_arch``: what a Hugging Face export is checked against (:func:`load_hf_into`)."""
     kind, path = init_from_source(stage_dir)
     if kind == "llmc":
         if load_llmc is None:
             from llmc.runtime.checkpoint import load_model_weights as load_llmc
         return f"{path} (step {load_llmc(model, path)})"
-    got = load_hf_into(model, path, arch, rank=rank, world=world)
+    got = load_hf_into(model, path, arch, rank=rank, world=world, checkpoint_arch=checkpoint_arch)
     return f"Hugging Face export {got['source']} ({got['bytes_read']:,} bytes read by rank {rank})"
 
 
@@ -1046,12 +1096,15 @@ def _write_tokenizer(tokenizer_dir: str | Path | None, out: Path, chat_template:
 
 def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
               dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
-              chat_template: str | None = None, max_shard_size: int | str = "5GB") -> Path:
+              chat_template: str | None = None, max_shard_size: int | str = "5GB",
+              origin: str | Path | None = None) -> Path:
     """Write an HF model directory that transformers / vLLM / SGLang load (``from_pretrained(out_dir)``).
 
     Weights in ``dtype``, split into shards of at most ``max_shard_size`` (HF's naming and index file);
     ``chat_template`` (a name of :data:`llmc.spec.chat.CHAT_TEMPLATES` or a Jinja string) goes into
-    tokenizer_config.json.
+    tokenizer_config.json, and its turn-end token joins the end-of-sequence ids. ``origin``: the Hugging Face
+    checkpoint the model started from, whose token ids and generation defaults the export keeps
+    (:func:`_origin_tokens`); without one, ``bos_id`` / ``eos_id``.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -1079,11 +1132,18 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
         index = {"metadata": {**split.metadata, "total_size": sum(v.numel() * v.element_size() for v in sd.values())},
                  "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    if chat_template in CHAT_TEMPLATES and tokenizer_dir is not None:
-        eos_id = _with_chat_eos(eos_id, tokenizer_dir, chat_template)
-    cfg = hf_config(arch, dtype, bos_id, eos_id)
+    theirs, generation = _origin_tokens(origin)
+    bos_id = theirs.get("bos_token_id", bos_id)
+    eos_id = theirs.get("eos_token_id", eos_id)
+    end = _chat_end_id(tokenizer_dir, chat_template)
+    cfg = hf_config(arch, dtype, bos_id, _with_id(eos_id, end))
+    if theirs.get("pad_token_id") is not None:
+        cfg["pad_token_id"] = theirs["pad_token_id"]
+    generation = dict(generation or {"bos_token_id": bos_id, "eos_token_id": eos_id,
+                                     **{k: v for k, v in theirs.items() if k == "pad_token_id"}})
+    generation["eos_token_id"] = _with_id(generation.get("eos_token_id", eos_id), end)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos_id, "eos_token_id": eos_id}) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     _write_tokenizer(tokenizer_dir, out, chat_template)
     (out / EXPORT_MARKER).write_text(json.dumps({"written_by": "llmc", "arch": arch.name}) + "\n")
     old = final.with_name(f".{final.name}.llmc-old-{os.getpid()}")
@@ -1117,14 +1177,40 @@ def _foreign_files(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir())
 
 
-def _with_chat_eos(eos_id, tokenizer_dir, template: str):
-    """A chat model stops at its turn-end token too (<|eot_id|> / <|im_end|> / <|end|>)."""
+def _origin_tokens(origin: str | Path | None) -> tuple[dict, dict | None]:
+    """({bos,eos,pad}_token_id its config.json sets, its generation_config.json or None) of the checkpoint a model
+    started from. What transformers' ``generate`` and vLLM read to stop and sample (GenerationConfig; vLLM's
+    ``ModelConfig.get_diff_sampling_param``): an instruct model's several end ids (Llama 3.1 Instruct:
+    [128001, 128008, 128009]) and its sampling defaults, which the tokenizer alone does not say. ({}, None) for no
+    origin, or one no longer found."""
+    if origin is None:
+        return {}, None
+    try:
+        src = resolve_hf_source(origin)
+        cfg = json.loads((src / "config.json").read_text())
+        gen = json.loads((src / "generation_config.json").read_text()) if (src / "generation_config.json").is_file() \
+            else None
+    except (HFError, OSError, ValueError):
+        return {}, None
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: cfg[k] for k in keys if k in cfg and cfg[k] is not None}, gen if isinstance(gen, dict) else None
+
+
+def _chat_end_id(tokenizer_dir, template: str | None) -> int | None:
+    """The id of the turn-end token (<|eot_id|> / <|im_end|> / <|end|>) of one of llmc's chat templates: a model
+    trained on it stops there; None for another template, or a tokenizer without it."""
+    if template not in CHAT_TEMPLATES or tokenizer_dir is None:
+        return None
     try:
         from tokenizers import Tokenizer
 
-        end = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).token_to_id(CHAT_TEMPLATES[template].end)
+        return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).token_to_id(CHAT_TEMPLATES[template].end)
     except Exception:
-        return eos_id
+        return None
+
+
+def _with_id(eos_id, end: int | None):
+    """``eos_id`` (an id, a list of them or None) with ``end`` added: a list when there are several."""
     if end is None:
         return eos_id
     ids = list(eos_id) if isinstance(eos_id, list) else ([] if eos_id is None else [eos_id])
@@ -1293,8 +1379,10 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
                  search: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Export one stage's final weights to ``out`` (default ``<stage_dir>/hf``); returns what was written.
 
-    Chat stages (sft / dpo / grpo) get the chat template; LoRA stages also get ``<out>/adapter`` (PEFT)
-    when the adapter tensors are given or saved as ``lora_adapters.pt``."""
+    Chat stages (sft / dpo / grpo) get the chat template; LoRA stages also get ``<out>/adapter`` (PEFT, naming
+    :func:`adapter_base`) when the adapter tensors are given or saved as ``lora_adapters.pt``, else
+    ``res["adapter_note"]`` says why not (also in the export's ``.llmc-export.json``). The token ids and generation
+    defaults are those of the checkpoint the model descends from (:func:`origin_checkpoint`), where there is one."""
     stage_dir = Path(stage_dir)
     out = Path(out) if out is not None else stage_dir / "hf"
     arch = _stage_arch(job)
@@ -1324,7 +1412,8 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     if job.kind in ("sft", "dpo", "grpo"):
         hyper = (job.stage_plan or {}).get("hyper") or {}
         template = hyper.get("chat_template") or job.tokenizer.chat_template or "llama3"
-    export_hf(sd, arch, out, tokenizer_dir, dtype=dtype, bos_id=bos, eos_id=eos, chat_template=template)
+    export_hf(sd, arch, out, tokenizer_dir, dtype=dtype, bos_id=bos, eos_id=eos, chat_template=template,
+              origin=origin_checkpoint(job))
     res: dict[str, Any] = {"hf": str(out), "chat_template": template, "dtype": str(dtype).split(".")[-1]}
     lora = getattr(job.stage_spec, "lora", None) if job.stage_spec is not None else None
     if lora_sd is None and lora is not None and (stage_dir / "lora_adapters.pt").exists():
@@ -1332,11 +1421,28 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     if lora is not None and lora_sd:
         try:
             export_peft_adapter(lora_sd, arch, out / "adapter", rank=lora.rank, alpha=lora.alpha,
-                                dropout=lora.dropout, base_model=None)
+                                dropout=lora.dropout, base_model=adapter_base(job, stage_dir))
             res["adapter"] = str(out / "adapter")
-        except HFError as e:
-            res["adapter_note"] = str(e)
+        except HFError as e:  # the merged model is exported all the same; the export's record says why no adapter
+            res["adapter_note"] = f"no PEFT adapter written: {e}"
+            marker = json.loads((out / EXPORT_MARKER).read_text())
+            (out / EXPORT_MARKER).write_text(json.dumps({**marker, "adapter_note": res["adapter_note"]}) + "\n")
     return res
+
+
+def adapter_base(job, stage_dir: str | Path) -> str | None:
+    """What a LoRA stage's PEFT adapter names as its base (``base_model_name_or_path``, which
+    ``peft.AutoPeftModelForCausalLM`` loads): the model the stage started from, not the merged model beside it, which
+    already holds the adapter. Its ``init_hf`` as the spec gave it (a Hub id; a local folder as an absolute path, so
+    that a copied export still names it), or the ``init_from`` stage's ``hf/`` export; None when neither is there."""
+    if job.init_from:
+        start = Path(stage_dir).parent / job.init_from / "hf"
+        return str(start.resolve()) if start.is_dir() else None
+    src = init_hf_source(job)
+    if src is None:
+        return None
+    p = Path(src)
+    return str(p.resolve()) if p.is_dir() else src
 
 
 if __name__ == "__main__":

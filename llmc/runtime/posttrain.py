@@ -581,7 +581,9 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
         result["hf"] = "hf" if hf.get("hf") else None
         if hf.get("adapter"):
             result["adapter"] = "hf/adapter"
-            _adapter_base(job, out, Path(hf["adapter"]))
+        if hf.get("adapter_note"):  # (the merged model is in hf/; the LoRA adapter alone has no PEFT layout)
+            result["adapter_note"] = hf["adapter_note"]
+            say(f"warning: stage {job.stage}: {hf['adapter_note']}", flush=True)
 
         # DONE.json records what trained the stage: a launch under another lock refuses it
         from llmc.runtime.job import fingerprint_record
@@ -609,22 +611,6 @@ def _full_precision_base(job: Any, out: Path, info: Any) -> dict[str, torch.Tens
     elif hf_src:
         load_hf_into(base, hf_src, arch)
     return {k: v.detach().cpu() for k, v in base.state_dict().items()}
-
-
-def _adapter_base(job: Any, out: Path, adapter: Path) -> None:
-    """Name the adapter's base in its ``adapter_config.json`` (``base_model_name_or_path``): the model the stage
-    started from (``init_hf``, or the ``init_from`` stage's ``hf/`` export), not the merged model beside it, which
-    already holds the adapter."""
-    from llmc.runtime.hf_io import init_hf_source
-
-    start = out.parent / job.init_from / "hf" if job.init_from else None
-    base = (str(start.resolve()) if start.is_dir() else None) if start is not None else init_hf_source(job)
-    cfg_path = adapter / "adapter_config.json"
-    if base is None or not cfg_path.exists():
-        return
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = base
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 @dataclass

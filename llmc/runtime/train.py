@@ -44,7 +44,14 @@ from llmc.runtime.checkpoint import (
 from llmc.runtime.data import Assets, StreamLoader, build_stream_loader
 from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed, parallelize, wants_compile
 from llmc.runtime.errors import TrainingError  # noqa: F401  (re-exported: defined without torch)
-from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into, load_init_from, loaded_from
+from llmc.runtime.hf_io import (
+    export_stage,
+    init_hf_source,
+    load_hf_into,
+    load_init_from,
+    loaded_from,
+    start_arch,
+)
 from llmc.runtime.job import TrainJob
 from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
 from llmc.runtime.metrics_io import truncate_after_step
@@ -205,9 +212,11 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
     if not meta:
         model = build_model(job.arch, where, seed=job.seed)
         if init_checkpoint is not None:
-            say(f"initialised weights from {load_init_from(model, init_checkpoint, job.arch)}")
+            got = load_init_from(model, init_checkpoint, job.arch, checkpoint_arch=start_arch(job))
+            say(f"initialised weights from {got}")
         if hf_src:
-            say(f"initialised weights from Hugging Face {loaded_from(load_hf_into(model, hf_src, job.arch))}")
+            say(f"initialised weights from Hugging Face "
+                f"{loaded_from(load_hf_into(model, hf_src, job.arch, checkpoint_arch=start_arch(job)))}")
     if adapt is not None:
         adapt(model)
     if where != info.device:
@@ -219,10 +228,12 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
         torch.manual_seed(job.seed)
         model.init_weights(buffer_device=info.device)  # DTensor-aware random init of the local shards
         if init_checkpoint is not None:  # collective: each rank loads what its shards need
-            got = load_init_from(wrapped, init_checkpoint, job.arch, rank=info.rank, world=info.world)
+            got = load_init_from(wrapped, init_checkpoint, job.arch, rank=info.rank, world=info.world,
+                                 checkpoint_arch=start_arch(job))
             say(f"initialised weights from {got}")
         if hf_src:  # each rank reads only what its shards need, tensor by tensor
-            got = load_hf_into(model, hf_src, job.arch, rank=info.rank, world=info.world)
+            got = load_hf_into(model, hf_src, job.arch, rank=info.rank, world=info.world,
+                               checkpoint_arch=start_arch(job))
             say(f"initialised weights from Hugging Face {loaded_from(got)} ({got['bytes_read']:,} bytes read by rank "
                 f"0)")
     return model, wrapped, n_params
