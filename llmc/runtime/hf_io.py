@@ -119,7 +119,6 @@ import torch
 from torch import nn
 
 from llmc.fileio import expand_user
-from llmc.rope import rope_attention_factor
 from llmc.runtime.errors import HFError
 from llmc.runtime.export import main  # ``python -m llmc.runtime.hf_io``
 from llmc.spec.chat import CHAT_TEMPLATES
@@ -568,7 +567,7 @@ def read_hf_config(path: str | Path) -> dict:
 
 
 def _check_config(cfg: dict, arch, where: Path) -> None:
-    from llmc.spec.hf import architecture_from_hf_config
+    from llmc.spec.hf import architecture_from_hf_config, checkpoint_differences
 
     try:
         theirs = architecture_from_hf_config(cfg)
@@ -576,39 +575,7 @@ def _check_config(cfg: dict, arch, where: Path) -> None:
         raise HFError(f"{where}/config.json: {e}") from None
     if cfg.get("model_type") in ("deepseek_v3", "kimi_k2", "deepseek_v2") and (problems := _deepseek_config_problems(cfg)):
         raise HFError(f"{where}/config.json: cannot load this DeepSeek-V3 checkpoint: {'; '.join(problems)}")
-    bad = []
-    # MLA: K and V have n_heads heads whatever n_kv_heads says (DeepseekV3Config writes num_key_value_heads =
-    # heads), and the head dims are the mla ones (head_dim is not used)
-    fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
-              "qkv_bias", "qk_norm", "rope_theta", "norm_eps", "qk_norm_scope", "norm_placement", "nope_layers",
-              "full_attention_layers", "norm_unit_offset", "activation", "embedding_scale", "query_pre_attn_scalar",
-              "attn_logit_softcap", "final_logit_softcap", "partial_rotary", "attn_out_bias", "attn_sinks",
-              "swiglu_alpha", "swiglu_limit", "sliding_window")
-    for f in fields if arch.mla is None else [f for f in fields if f not in ("n_kv_heads", "hd")]:
-        a, b = getattr(arch, f), getattr(theirs, f)
-        if a != b:
-            bad.append(f"{f} {a} (spec) != {b} (checkpoint)")
-    if arch.mla != theirs.mla:
-        bad.append(f"mla {arch.mla} (spec) != {theirs.mla} (checkpoint)")
-    if (arch.moe is None) != (theirs.moe is None) or (
-            arch.moe is not None and (arch.moe.num_experts, arch.moe.top_k) != (theirs.moe.num_experts,
-                                                                                theirs.moe.top_k)):
-        bad.append("mixture-of-experts settings differ")
-    elif arch.moe is not None:
-        for f in ("route_scale", "n_expert_groups", "n_limited_groups", "group_score", "num_shared_experts",
-                  "dense_layers", "score_func", "router_bias", "route_norm", "expert_proj_bias"):
-            a, b = getattr(arch.moe, f), getattr(theirs.moe, f)
-            if a != b:
-                bad.append(f"moe.{f} {a} (spec) != {b} (checkpoint)")
-        a, b = arch.moe.expert_d_ff or arch.d_ff, theirs.moe.expert_d_ff or theirs.d_ff  # None = d_ff
-        if a != b:
-            bad.append(f"moe.expert_d_ff {a} (spec) != {b} (checkpoint)")
-    rs_a, rs_b = arch.rope_scaling, theirs.rope_scaling
-    if (rs_a is None) != (rs_b is None) or (rs_a is not None and (
-            (rs_a.type, rs_a.factor, rs_a.mscale_all_dim, rs_a.truncate)
-            != (rs_b.type, rs_b.factor, rs_b.mscale_all_dim, rs_b.truncate)
-            or abs(rope_attention_factor(rs_a) - rope_attention_factor(rs_b)) > 1e-9)):
-        bad.append(f"rope_scaling {rs_a} (spec) != {rs_b} (checkpoint)")
+    bad = checkpoint_differences(arch, theirs)
     if bad:
         raise HFError(f"{where}: the checkpoint is not the spec's model: {'; '.join(bad[:4])} "
                       f"(use `model: {{hf_config: {where}/config.json}}` in the spec)")

@@ -93,10 +93,51 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from llmc.rope import rope_attention_factor
 from llmc.spec.families import SUPPORTED_MODEL_TYPES, family_for_model_type
 from llmc.spec.model import MLA, Architecture, MoE, Multipliers, RopeScaling
 
-__all__ = ["HFConfigError", "HF_ACTIVATIONS", "HF_KEY_FOR_FIELD", "architecture_from_hf_config", "fold_rope_parameters",
+
+def checkpoint_differences(arch: Any, theirs: Any) -> list[str]:
+    """What differs between the spec's model ``arch`` and the model a checkpoint's config.json describes (``theirs``,
+    :func:`architecture_from_hf_config`), field by field: the plan refuses a stage's ``init_hf`` with any (G021) and
+    ``llmc.runtime.hf_io`` a checkpoint it loads (the weights would not be the spec's model)."""
+    bad = []
+    # MLA: K and V have n_heads heads whatever n_kv_heads says, and its head dims are the mla ones
+    fields_ = ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
+               "qkv_bias", "qk_norm", "rope_theta", "norm_eps", "qk_norm_scope", "norm_placement", "nope_layers",
+               "full_attention_layers", "norm_unit_offset", "activation", "embedding_scale", "query_pre_attn_scalar",
+               "attn_logit_softcap", "final_logit_softcap", "partial_rotary", "attn_out_bias", "attn_sinks",
+               "swiglu_alpha", "swiglu_limit", "sliding_window")
+    for f in fields_ if arch.mla is None else [f for f in fields_ if f not in ("n_kv_heads", "hd")]:
+        a, b = getattr(arch, f), getattr(theirs, f)
+        if a != b:
+            bad.append(f"{f} {a} (spec) != {b} (checkpoint)")
+    if arch.mla != theirs.mla:
+        bad.append(f"mla {arch.mla} (spec) != {theirs.mla} (checkpoint)")
+    if (arch.moe is None) != (theirs.moe is None) or (
+            arch.moe is not None and (arch.moe.num_experts, arch.moe.top_k) != (theirs.moe.num_experts,
+                                                                                theirs.moe.top_k)):
+        bad.append("mixture-of-experts settings differ")
+    elif arch.moe is not None:
+        for f in ("route_scale", "n_expert_groups", "n_limited_groups", "group_score", "num_shared_experts",
+                  "dense_layers", "score_func", "router_bias", "route_norm", "expert_proj_bias"):
+            a, b = getattr(arch.moe, f), getattr(theirs.moe, f)
+            if a != b:
+                bad.append(f"moe.{f} {a} (spec) != {b} (checkpoint)")
+        a, b = arch.moe.expert_d_ff or arch.d_ff, theirs.moe.expert_d_ff or theirs.d_ff  # None = d_ff
+        if a != b:
+            bad.append(f"moe.expert_d_ff {a} (spec) != {b} (checkpoint)")
+    rs_a, rs_b = arch.rope_scaling, theirs.rope_scaling
+    if (rs_a is None) != (rs_b is None) or (rs_a is not None and (
+            (rs_a.type, rs_a.factor, rs_a.mscale_all_dim, rs_a.truncate)
+            != (rs_b.type, rs_b.factor, rs_b.mscale_all_dim, rs_b.truncate)
+            or abs(rope_attention_factor(rs_a) - rope_attention_factor(rs_b)) > 1e-9)):
+        bad.append(f"rope_scaling {rs_a} (spec) != {rs_b} (checkpoint)")
+    return bad
+
+
+__all__ = ["checkpoint_differences", "HFConfigError", "HF_ACTIVATIONS", "HF_KEY_FOR_FIELD", "architecture_from_hf_config", "fold_rope_parameters",
            "quantization_method",
            "language_model_config", "SUPPORTED_MODEL_TYPES"]
 
