@@ -279,8 +279,9 @@ def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
         name = e.get("name") if isinstance(e, dict) else None
         f = finished_stage(lock, str(name), out / "run" / str(name), export=True, build_dir=out) if name else None
         if f is not None and f.change is not None:
-            lines.append(f"{out / 'run' / str(name)}: warning[X013] stage {name!r} finished under another lock than "
-                         f"this build's ({f.change}): the next `llmc launch` refuses it (`llmc launch {out} "
+            what = "from other weights than its init_hf holds now" if f.weights else "under another lock than this build's"
+            lines.append(f"{out / 'run' / str(name)}: warning[X013] stage {name!r} finished {what} "
+                         f"({f.change}): the next `llmc launch` refuses it (`llmc launch {out} "
                          f"--no-resume --stage {name}` sets it aside and trains it again; the other stages' runs stay)")
     return lines
 

@@ -457,6 +457,9 @@ _TORCHRUN_ERROR = re.compile(rb"^E\d{4} [\d:.]+ +\d+ \S*torch/distributed/")
 _LLMC_ERROR = re.compile(rb"\berror\[[A-Z]+\d*\]")
 
 
+_RANK_PREFIX = re.compile(rb"^\[rank\d+\]:\s?")
+
+
 class StderrRelay:
     """The part of a stage's stderr a terminal shows (the log gets all of it). ``feed(chunk)`` returns what to show
     of it now, ``close(failed)`` what is left; lines are judged whole (a partial line waits for its end).
@@ -489,7 +492,8 @@ class StderrRelay:
         return b"".join(dict.fromkeys(ln for ln in self._held if ln.strip() != last))
 
     def _line(self, line: bytes) -> bytes:
-        text = line.rstrip(b"\r\n")
+        # torch.distributed's excepthook prefixes each line of a rank's traceback with "[rankN]: "
+        text = _RANK_PREFIX.sub(b"", line.rstrip(b"\r\n"), count=1)
         if self._state == "traceback":
             if text.startswith((b" ", b"\t")) or not text.strip():
                 return b""

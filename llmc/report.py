@@ -297,7 +297,7 @@ def _time(c) -> Table:
         t.add_row("checkpoints", _checkpoints(ck, tm.days * 86400))
     gh = f"{co.gpu_hours:,.0f}" if co.gpu_hours >= 10 else f"{co.gpu_hours:.2f}"
     t.add_row("cost", f"{gh} GPU-hours x ${co.usd_per_gpu_hour:g} = {usd(co.usd)}")
-    if tm.interruptions is not None and tm.interruptions.expected >= 0.5:
+    if tm.interruptions is not None and (tm.interruptions.expected is None or tm.interruptions.expected >= 0.5):
         t.add_row("interruptions", _interruptions(tm.interruptions, tm.days, co.usd))
     br = {k: v for k, v in tm.breakdown.items() if v > 0}
     total = sum(br.values()) or 1.0
@@ -308,10 +308,17 @@ def _time(c) -> Table:
 
 def _interruptions(it, days: float, cost: float) -> str:
     """The expected unexpected interruptions (``InterruptionNumbers``): not in the run's days and cost above."""
+    each = (f"each losing ~{duration(it.lost_seconds)} (a {duration(it.restart_seconds)} restart (an estimate) + "
+            f"reading the checkpoint {duration(it.load_seconds)} + half an interval redone "
+            f"{duration(it.rollback_seconds)})")
+    if it.days is None:
+        fix = (f"save every {it.max_interval_steps:,} steps or fewer" if it.max_interval_steps else
+               "no checkpoint interval helps: a restart and the checkpoint read alone take longer")
+        return (f"one every ~{duration(it.between_seconds)} at {it.per_gpu_day:.2g} per GPU-day (Llama 3's "
+                f"pre-training, arXiv:2407.21783), {each}: more than the time between them, so the run would never "
+                f"finish; {fix}")
     return (f"~{it.expected:,.1f} expected at {it.per_gpu_day:.2g} per GPU-day (Llama 3's pre-training, "
-            f"arXiv:2407.21783), each losing ~{duration(it.lost_seconds)} (a {duration(it.restart_seconds)} restart "
-            f"(an estimate) + reading the checkpoint {duration(it.load_seconds)} + half an interval redone "
-            f"{duration(it.rollback_seconds)}): {duration(it.days * 86400)} and ~{usd(cost * it.days / days)} "
+            f"arXiv:2407.21783), {each}: {duration(it.days * 86400)} and ~{usd(cost * it.days / days)} "
             f"(+{100 * it.extra_fraction:.1f}%); the run and cost above assume none")
 
 

@@ -261,13 +261,17 @@ def test_finished_stage_from_a_rewritten_checkpoint_is_refused_not_skipped(tmp_p
         (b / "run" / name / "DONE.json").write_text(json.dumps(record))
     cmds = {c.stage: c for c in launch_commands(b) if c.stage != "prepare"}
     assert cmds["cpt"].skip_reason and cmds["sft"].skip_reason and not cmds["cpt"].stale
-    # the same path, new weights (same size: only the modification time tells)
+    # the same weights copied in again without their times (cp without -p, a restore): still finished
     w = d / "model.safetensors"
     data = bytearray(w.read_bytes())
-    data[-1] ^= 1
     w.write_bytes(bytes(data))
     st = w.stat()
     os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    cmds = {c.stage: c for c in launch_commands(b) if c.stage != "prepare"}
+    assert cmds["cpt"].skip_reason and cmds["sft"].skip_reason and not cmds["cpt"].stale
+    # the same path, new weights of the same size: refused
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
     cmds = {c.stage: c for c in launch_commands(b) if c.stage != "prepare"}
     for name in ("cpt", "sft"):
         assert cmds[name].stale and "model.safetensors" in cmds[name].stale, name
@@ -300,3 +304,21 @@ def test_torchrun_failure_shows_one_line_and_keeps_the_report_in_the_log(tmp_pat
     # a stage that succeeds shows its error-looking lines after all
     relay = StderrRelay()
     assert b"error[R002] x" in relay.feed(b"error[R002] x\nok\n") + relay.close(failed=False)
+
+
+def test_the_relay_hides_a_ranks_traceback_after_the_process_group_is_up(tmp_path):
+    """After ``init_process_group`` torch.distributed's excepthook prefixes every traceback line with "[rankN]: ";
+    the relay still keeps the whole traceback off the terminal (a CUDA OOM, an NCCL error), and the error line
+    reaches the log."""
+    import subprocess
+    import sys
+
+    code = ("import torch.distributed as dist\n"
+            f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+            "def deep():\n    raise RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
+            "deep()\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).stderr
+    assert b"[rank0]: Traceback (most recent call last):" in err, err[-2000:]
+    relay = StderrRelay()
+    shown = relay.feed(err) + relay.close(failed=True)
+    assert b"Traceback" not in shown and b'File "' not in shown and b"CUDA out of memory" not in shown, shown

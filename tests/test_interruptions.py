@@ -72,3 +72,29 @@ def test_a_shorter_interval_redoes_less_and_more_gpus_fail_more_often(tmp_path):
     assert abs(b["rollback_seconds"] - a["rollback_seconds"] / 2) < 1e-6
     for r in (a, b):
         assert abs(r["expected"] / (r["per_gpu_day"] * r["days"]) - 64) < 1e-9
+
+
+def test_an_interval_longer_than_the_time_between_interruptions_never_finishes(tmp_path):
+    """Each interruption redoes half an interval: once that, the restart and the read exceed the ~3.1 h between
+    interruptions on 16,384 GPUs, the run never finishes. The plan says so (B005 at the interval, budget or not) and
+    names the longest interval that finishes: at it the lost share is below 1, one step more it is not."""
+    text = (ROOT / "examples" / "llama3_405b_h100x16384.yaml").read_text()
+    spec = tmp_path / "s.yaml"
+    spec.write_text(text.replace("  checkpoint:\n", "  checkpoint:\n    interval_steps: 3000\n", 1))
+    d = _plan(str(spec))
+    it, t = d["time"]["interruptions"], d["time"]
+    assert it["days"] is None and it["expected"] is None
+    between = 86400 / (LLAMA3_UNEXPECTED / LLAMA3_DAYS)
+    assert abs(it["between_seconds"] - between) < 1e-6
+    assert it["lost_seconds"] > between
+
+    def lost(interval):
+        return it["restart_seconds"] + it["load_seconds"] + interval * t["step_seconds"] / 2
+
+    k = it["max_interval_steps"]
+    assert lost(k) < between <= lost(k + 1)
+    b5 = [x for x in d["diagnostics"] if x["code"] == "B005"]
+    assert len(b5) == 1 and b5[0]["path"] == "training.checkpoint.interval_steps"
+    assert "never finish" in b5[0]["message"] and f"{k:,} steps" in b5[0]["hint"]
+    r = CliRunner().invoke(app, ["plan", str(spec)])
+    assert "would never finish" in r.output and "Traceback" not in r.output

@@ -344,24 +344,30 @@ def interruptions(days: float, n_gpus: int, checkpoint: CheckpointNumbers | None
     loaded node's bytes at the storage's rate, ``checkpoint.write_gbps``, reads taken as fast as writes) and, on
     average, half an interval of steps redone (the work since the last save; the expected loss of a failure uniform
     in time). At :data:`INTERRUPTIONS_PER_GPU_DAY` x n_gpus interruptions a day, each losing L seconds, a share
-    r n L / 86400 of wall time is lost, so the run takes days / (1 - that share). None when there are no saves
-    to resume from (``checkpoint`` None) or the share reaches 1 (the run would not finish: reported as such)."""
-    if checkpoint is None or days <= 0 or n_gpus <= 0:
+    r n L / 86400 of wall time is lost, so the run takes days / (1 - that share); at a share of 1 or more (each
+    interruption loses more than the time between them) it never finishes: ``days`` None, and
+    ``max_interval_steps`` the longest interval that would (0: none would). None when there are no saves to resume
+    from (``checkpoint`` None)."""
+    if checkpoint is None or days <= 0 or n_gpus <= 0 or step_seconds <= 0:
         return None
     load = checkpoint.node_bytes / (checkpoint.write_gbps * 1e9) if checkpoint.write_gbps > 0 else 0.0
     rollback = checkpoint.interval * step_seconds / 2
     lost = RESTART_SECONDS + load + rollback
     per_day = INTERRUPTIONS_PER_GPU_DAY * n_gpus
-    share = per_day * lost / 86400.0
-    if share >= 1.0:
-        return None
-    with_them = days / (1.0 - share)
+    between = 86400.0 / per_day
+    share = lost / between
+    # the run finishes while interval x step / 2 < between - restart - load
+    limit = 2.0 * (between - RESTART_SECONDS - load) / step_seconds
+    max_interval = max(0, math.ceil(limit) - 1)
+    with_them = days / (1.0 - share) if share < 1.0 else None
     return InterruptionNumbers(
-        per_gpu_day=INTERRUPTIONS_PER_GPU_DAY, expected=per_day * with_them, restart_seconds=RESTART_SECONDS,
-        load_seconds=load, rollback_seconds=rollback, lost_seconds=lost, days=with_them,
-        extra_fraction=with_them / days - 1.0,
-        source="Llama 3 pre-training: 419 unexpected interruptions in 54 days on 16,384 H100 (arXiv:2407.21783, "
-               "sec. 3.3.4), per GPU; a 10-minute restart (an estimate) + reading the checkpoint + half an interval")
+        per_gpu_day=INTERRUPTIONS_PER_GPU_DAY, restart_seconds=RESTART_SECONDS, load_seconds=load,
+        rollback_seconds=rollback, lost_seconds=lost, between_seconds=between, max_interval_steps=max_interval,
+        days=with_them, expected=per_day * with_them if with_them is not None else None,
+        extra_fraction=with_them / days - 1.0 if with_them is not None else None,
+        source=f"Llama 3 pre-training: 419 unexpected interruptions in 54 days on 16,384 H100 (arXiv:2407.21783, "
+               f"sec. 3.3.4), per GPU; a {RESTART_SECONDS / 60:g}-minute restart (an estimate) + reading the checkpoint "
+               f"+ half an interval")
 
 
 def preemption_numbers(jobs: list[tuple[str, float, float]]) -> PreemptionNumbers:

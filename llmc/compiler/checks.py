@@ -49,7 +49,8 @@ B002   error     predicted cost > budget.max_usd
 B003   error     budget impossible even at 60 % MFU (with the budget that would be needed)
 B004   warning   the whole pipeline (every stage) predicted over budget.max_days / max_usd
 B005   warning   within budget.max_days / max_usd, but not with the unexpected interruptions expected at the published
-                 rate (restarts, checkpoint reads, work redone: ``checkpoint_cost.interruptions``)
+                 rate (restarts, checkpoint reads, work redone: ``checkpoint_cost.interruptions``); or, budget or not,
+                 each interruption losing more than the time between them (the run would never finish)
 D001   error     data.tokens smaller than one optimizer step
 D002   warning   a source is repeated more than 4 epochs (info above 1 epoch)
 D003   info      effective mixture shares
@@ -858,16 +859,16 @@ def batch_splits(arch, batch_seqs: int, count: int, gpus_per_node: int) -> bool:
 USABLE_COUNT_TRIES = 4096
 
 
-def usable_gpu_count(run, at_least: float, gpus_per_node: int) -> int | None:
+def usable_gpu_count(run, at_least: float, gpus_per_node: int, seqs: int | None = None) -> int | None:
     """The smallest GPU count >= ``at_least`` the plan accepts: a whole number of nodes once it spans several (P008)
-    and, where the spec fixes the global batch (training.global_batch_tokens; llmc's default batch follows the count),
-    one the batch can be split over (:func:`batch_splits`, else P005). None when there is none within the spec's
+    and, where the spec fixes the global batch (``seqs`` sequences, pre-training's: a ``pretrain`` stage's own batch
+    and seq_len where it sets them; None: llmc's default batch, which follows the count), one the batch can be split
+    over (:func:`batch_splits`, else P005). None when there is none within the spec's
     limit of GPUs (``schema.MAX_GPUS``), none the batch splits over (at most tp x pp x dp = a node x n_layers x the
     batch's sequences) or none among :data:`USABLE_COUNT_TRIES` counts from ``at_least``."""
     from llmc.spec.schema import MAX_GPUS
 
-    gbt, arch = run.training.global_batch_tokens, run.model
-    seqs = max(1, round(gbt / run.data.seq_len)) if gbt is not None else None
+    arch = run.model
     limit = MAX_GPUS if seqs is None else min(MAX_GPUS, gpus_per_node * arch.n_layers * seqs)
     if not math.isfinite(at_least) or at_least > limit:
         return None
@@ -895,7 +896,7 @@ def _gpus_per_node(run, gpu=None) -> int:
 
 
 def check_budget(run, training_flops: float, time, cost, floor, floor_peak: float, price: float,
-                 sink: Sink, gpu=None) -> None:
+                 sink: Sink, gpu=None, seqs: int | None = None) -> None:
     """B001/B002 against the predicted plan (its days and cost include the checkpoint saves' stalls,
     ``TimeNumbers.checkpoint``), B003 when even the ``floor`` (:func:`budget_floor`, at ``floor_peak``) could not
     meet the budget (the training FLOPs alone). A GPU count a hint names is one the plan accepts
@@ -911,10 +912,10 @@ def check_budget(run, training_flops: float, time, cost, floor, floor_peak: floa
     at, best_days, best_usd = floor.basis, floor.days, floor.usd
     if b.max_days is not None:
         # llmc's prediction at more GPUs, were its MFU to hold (the days fall as 1 / GPUs): a count the plan accepts
-        linear = usable_gpu_count(run, n * time.days / b.max_days, gpn) if time is not None else None
+        linear = usable_gpu_count(run, n * time.days / b.max_days, gpn, seqs) if time is not None else None
         if best_days > b.max_days:
             need = gpus_for_days(training_flops, b.max_days, floor_peak, MAX_PLAUSIBLE_MFU)
-            can = usable_gpu_count(run, need, gpn)
+            can = usable_gpu_count(run, need, gpn, seqs)
             if can is None:
                 gpus = (f"more GPUs than any count the plan accepts ({need:,.3g} even at {at}: past the spec's limit "
                         "or any count the batch splits over)")
@@ -954,14 +955,27 @@ def _check_interruptions_budget(run, time, cost, sink: Sink) -> None:
     """B005 (warning): the plan meets budget.max_days / max_usd, but not with the interruptions expected at the
     published rate (``TimeNumbers.interruptions``, ``checkpoint_cost.interruptions``), which its days and cost leave
     out."""
+    from llmc.compiler.checkpoint_cost import RESTART_SECONDS
+
     it = time.interruptions if time is not None else None
     b = run.budget
-    if it is None or b is None:
+    if it is None:
+        return
+    if it.days is None:  # the run would never finish, whatever the budget
+        fix = (f"save every {it.max_interval_steps:,} steps or fewer (training.checkpoint.interval_steps)"
+               if it.max_interval_steps else "fewer GPUs or a faster restart and checkpoint read: no interval helps")
+        sink.add("B005", "warning", "training.checkpoint.interval_steps",
+                 f"at {it.per_gpu_day:.2g} unexpected interruptions per GPU-day (Llama 3's pre-training rate) one comes "
+                 f"every ~{it.between_seconds / 60:.0f} min on {run.hardware.count:,} GPUs, and each loses "
+                 f"~{it.lost_seconds / 60:.0f} min (a {RESTART_SECONDS / 60:g}-minute restart, an estimate, the "
+                 f"checkpoint read and half an interval redone): the run would never finish", fix)
+        return
+    if b is None:
         return
     what = (f"~{it.expected:,.0f} unexpected interruptions expected at {it.per_gpu_day:.2g} per GPU-day (Llama 3's "
             f"pre-training rate), each losing ~{it.lost_seconds / 60:.0f} min")
-    hint = ("more frequent checkpoints redo less per interruption (training.checkpoint.interval_steps), a faster "
-            "restart than the 10-minute estimate, more GPUs, or a larger budget")
+    hint = (f"more frequent checkpoints redo less per interruption (training.checkpoint.interval_steps), a faster "
+            f"restart than the {RESTART_SECONDS / 60:g}-minute estimate, or a larger budget")
     if b.max_days is not None and time.days <= b.max_days < it.days:
         sink.add("B005", "warning", "budget.max_days",
                  f"with the {what}, the run takes ~{it.days:.1f} days > max_days {b.max_days:g} (the plan's "

@@ -534,16 +534,19 @@ def _check_smaller_cluster(run: RunSpec, gpu: GPU, seq_len: int, training: Train
     if t.days > time.days * (1 + o.band) or usd >= cost.usd or (
             max_days is not None and t.days > max_days >= time.days):
         return
+    import math
+
     from llmc.compiler.search import describe
 
     odd = _odd_part(world)
+    left = odd // math.gcd(odd, seqs)  # the part of the count's odd factor the data-parallel ranks cannot take
     alt = batch_splitting(world, seqs)
     when = "sooner" if t.days <= time.days else f"as fast (within the model's {100 * o.band:.0f}% error band)"
     sink.add("P019", "warning", "hardware.count",
              f"{m:,} of the {world:,} GPUs ({m // gpu.gpus_per_node:,} nodes) would finish {when} and cheaper: "
              f"{t.days:.1f} days at {100 * t.mfu:.1f}% MFU, ${usd:,.0f} ({describe(plan)}), against this plan's "
              f"{time.days:.1f} days at {100 * time.mfu:.1f}% MFU, ${cost.usd:,.0f}: the global batch of {seqs:,} "
-             f"sequences does not split evenly over {world:,} = {odd} x {world // odd:,} GPUs, so the factor {odd} "
+             f"sequences does not split evenly over {world:,} = {odd} x {world // odd:,} GPUs, so a factor {left} "
              f"goes to a pipeline or context dimension",
              f"set hardware.count: {m}, or a global batch that splits over all {world:,} GPUs, e.g. "
              f"training.global_batch_tokens: {alt * seq_len} ({alt:,} sequences of {seq_len:,}; a larger batch "
@@ -602,7 +605,9 @@ def _check_pretraining(run: RunSpec, gpu: GPU | None, hyper: Hyper, compute: Com
         top = peak_flops(gpu, run.training.precision)
         floor = checks.budget_floor(run, compute.training_flops, timing.mfu_peak(gpu, run.training.precision), top,
                                     gpu.usd_per_hour)
-        checks.check_budget(run, compute.training_flops, time, cost, floor, top, gpu.usd_per_hour, sink, gpu=gpu)
+        fixed = None if "global_batch_tokens" in hyper.defaults else hyper.global_batch_seqs  # (a default follows)
+        checks.check_budget(run, compute.training_flops, time, cost, floor, top, gpu.usd_per_hour, sink, gpu=gpu,
+                            seqs=fixed)
     else:
         floor = None
     checks.check_offload(run, time, sink)

@@ -107,13 +107,17 @@ class InterruptionNumbers:
     interruptions`): not in :class:`TimeNumbers`' days nor the cost, which assume none; said beside them."""
 
     per_gpu_day: float  # unexpected interruptions per GPU-day (the rate assumed, ``source``)
-    expected: float  # over the run, its lost time included
     restart_seconds: float  # per interruption: rescheduling, process start-up, collectives, compile (an estimate)
     load_seconds: float  # per interruption: reading the last checkpoint back (its node bytes at the storage's rate)
     rollback_seconds: float  # per interruption: the training since the last save, half an interval on average
     lost_seconds: float  # per interruption: restart + load + rollback
-    days: float  # the run's days with the expected interruptions (TimeNumbers.days / (1 - the lost share))
-    extra_fraction: float  # days / TimeNumbers.days - 1
+    between_seconds: float  # mean time between interruptions on the run's GPUs (1 / (per_gpu_day x GPUs))
+    # the longest checkpoint interval (steps) at which the run still finishes (each interruption losing less than the
+    # time between them); 0: none, a restart and the checkpoint read alone take longer
+    max_interval_steps: int
+    days: float | None  # the run's days with them (TimeNumbers.days / (1 - the lost share)); None: never finishes
+    expected: float | None  # interruptions over those days (None: never finishes)
+    extra_fraction: float | None  # days / TimeNumbers.days - 1
     source: str
 
 

@@ -582,13 +582,36 @@ def start_checkpoint(lock: dict, stage: str | None) -> str | None:
     return src if isinstance(src, str) and src else None
 
 
+#: a weight file's sample (:func:`weight_sample`): this many chunks of this many bytes, evenly spread over the file
+SAMPLE_CHUNKS, SAMPLE_BYTES = 16, 64 * 1024
+
+
+def weight_sample(path: Path, size: int) -> str:
+    """The sha256 of a weight file's size and :data:`SAMPLE_CHUNKS` chunks of :data:`SAMPLE_BYTES` at evenly spaced
+    offsets (first and last included; the whole file when it is smaller): 1 MiB read per file, whatever its size. A
+    file rewritten with other weights of the same shapes differs in every chunk; a copy (``cp`` without ``-p``, a
+    restore, node-local staging) does not, whatever its modification time."""
+    import hashlib
+
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= SAMPLE_CHUNKS * SAMPLE_BYTES:
+            h.update(f.read())
+        else:
+            step = (size - SAMPLE_BYTES) / (SAMPLE_CHUNKS - 1)
+            for i in range(SAMPLE_CHUNKS):
+                f.seek(round(i * step))
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
 def checkpoint_files(folder: str | Path) -> dict | None:
     """What identifies a Hugging Face checkpoint folder's contents, cheaply: the sha256 of its config.json and
-    model.safetensors.index.json (a few KiB) and each weight file's size and modification time (the weights are
-    tens to hundreds of GB: hashing them at every launch would take minutes; size and mtime are the "quick check"
-    rsync and make rely on, and a rewritten file gets a new mtime). In a Hugging Face cache snapshot the weight files
-    are links to blobs named by their content's sha256 (huggingface_hub's cache layout): that name is recorded instead.
-    None: no folder with a config.json here."""
+    model.safetensors.index.json (a few KiB) and of a sample of each weight file (:func:`weight_sample`: the weights
+    are tens to hundreds of GB, hashing them whole at every launch would take minutes; a modification time would
+    take a plain copy for a change). In a Hugging Face cache snapshot the weight files are links to blobs named by
+    their content's sha256 (huggingface_hub's cache layout): that name is recorded instead. None: no folder with a
+    config.json here."""
     import hashlib
 
     d = Path(folder)
@@ -603,8 +626,8 @@ def checkpoint_files(folder: str | Path) -> dict | None:
             if blob is not None and blob.parent.name == "blobs":
                 weights[f.name] = blob.name  # a cache blob: its name is its content's sha256
             else:
-                st = f.stat()
-                weights[f.name] = [st.st_size, st.st_mtime_ns]
+                size = f.stat().st_size
+                weights[f.name] = [size, weight_sample(f, size)]
         out["weights"] = weights
         return out
     except OSError:
@@ -651,8 +674,7 @@ def start_change(was: dict, now: dict) -> str | None:
     wa, wb = a.get("weights") or {}, b.get("weights") or {}
     changed += sorted(f for f in set(wa) | set(wb) if wa.get(f) != wb.get(f))
     shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-    return (f"the init_hf checkpoint {now['init_hf']} it was trained from changed since ({shown}: content, or a weight "
-            "file's size or modification time)")
+    return f"the init_hf checkpoint {now['init_hf']} it was trained from changed since ({shown})"
 
 
 def fingerprint_change(was: dict, now: dict) -> str | None:
