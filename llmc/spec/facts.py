@@ -98,6 +98,9 @@ class _TaskYaml(yaml.SafeLoader):
 _TaskYaml.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
+#: entries of a missing init_hf's parent folder read for "did you mean" (each costs a stat)
+NEAR_NAMES_LIMIT = 2000
+
 def task_file_name(path: str, text: str) -> tuple[str, bool]:
     """(the name lm_eval knows a task file by, whether it lists other tasks): ``task: x`` -> (x, False); a group
     file (``group: g`` with ``task: [a, b]``) -> (g, True). ValueError when it is neither."""
@@ -265,8 +268,11 @@ def read_checkpoint(path: str, spec_dir: str | Path) -> CheckpointFacts | None:
         if not p.exists():
             if not p.parent.is_dir() or (hub_id(path) and _in_hub_cache(path)):
                 return None
-            near = tuple(difflib.get_close_matches(p.name, sorted(d.name for d in p.parent.iterdir() if d.is_dir()),
-                                                   n=3))
+            import itertools
+
+            # a bounded look at the parent (a scratch folder on a network filesystem can hold millions of entries)
+            names = sorted(d.name for d in itertools.islice(p.parent.iterdir(), NEAR_NAMES_LIMIT) if d.is_dir())
+            near = tuple(difflib.get_close_matches(p.name, names, n=3))
             return CheckpointFacts(problem=f"{path} is no folder here", near=near)
         if not p.is_dir():
             return CheckpointFacts(problem=f"{path} is a file, not a Hugging Face model folder")
