@@ -561,6 +561,22 @@ def nvlink_group(gpu: GPU) -> int:
     return (getattr(gpu, "nvlink_domain", None) if gpu.nvlink_gbps > 0 else None) or gpu.gpus_per_node
 
 
+def nvlink_segment_nodes(gpu: GPU, tp: int, n_nodes: int) -> int | None:
+    """Nodes per Slurm segment (``sbatch --segment``, the topology/block plugin: each segment of the allocation lies in
+    one block, https://slurm.schedmd.com/topology.html) that keep every tensor-parallel group, and as much of the job
+    as fits, inside one NVLink domain, as the plan times them (:func:`nvlink_group`): the largest divisor of
+    ``n_nodes`` no larger than the domain's nodes and a multiple of the nodes one TP group spans. None where the
+    domain is the node, or the job one node (nothing to ask)."""
+    gpn = max(1, int(gpu.gpus_per_node))
+    dom = nvlink_group(gpu)
+    if dom <= gpn or n_nodes <= 1:
+        return None
+    per_domain, tp_nodes = dom // gpn, max(1, -(-tp // gpn))
+    best = max((d for d in range(1, min(per_domain, n_nodes) + 1) if n_nodes % d == 0 and d % tp_nodes == 0),
+               default=None)
+    return best if best is not None and best > 1 else None
+
+
 def clock_factor(gpu: GPU) -> float:
     """Fraction of the datasheet tensor throughput sustained at ``power_w`` (1.0 at or above ``tdp_w``)."""
     if not gpu.power_w or not gpu.tdp_w or gpu.power_w >= gpu.tdp_w:

@@ -107,7 +107,24 @@ def launch_context(compiled, files: Mapping[str, str]) -> dict[str, Any]:
         **launcher_context(compiled),  # torchrun's shutdown time, the Slurm signal's lead
         "eval_stages": eval_stages(compiled),
         "native_refuses": native_refused_stages(compiled),
+        **nvlink_context(compiled, n),
     }
+
+
+def nvlink_context(compiled, n_nodes: int) -> dict[str, Any]:
+    """``nvlink_segment`` (nodes per Slurm segment that keep the plan's TP groups in one NVLink domain,
+    ``hardware.nvlink_segment_nodes``; None: nothing to ask) and the domain's size, for the Slurm script's hint. The
+    TP is the widest of pre-training's plan and the stages' searched layouts (one script runs them all)."""
+    from llmc.compiler.hardware import nvlink_group, nvlink_segment_nodes
+
+    gpu = compiled.gpu
+    if gpu is None or is_cpu(compiled):
+        return {"nvlink_segment": None, "nvlink_domain": None, "nvlink_domain_nodes": None}
+    tps = [compiled.plan.tp] if compiled.plan is not None else []
+    tps += [sp.layout.tp for sp in compiled.stages if getattr(sp, "layout", None) is not None]
+    segment = nvlink_segment_nodes(gpu, max(tps, default=1), n_nodes)
+    dom = nvlink_group(gpu)
+    return {"nvlink_segment": segment, "nvlink_domain": dom, "nvlink_domain_nodes": dom // max(1, gpu.gpus_per_node)}
 
 
 def procs_per_node(compiled) -> int:
