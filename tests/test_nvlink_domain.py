@@ -46,7 +46,7 @@ def _sbatch(tmp_path, gpu, count, tp):
     out = tmp_path / f"b-{gpu}-{count}"
     r = CliRunner().invoke(app, ["build", str(p), "-o", str(out)])
     assert r.exit_code == 0, r.output
-    return (out / "launch" / "slurm.sbatch").read_text()
+    return (out / "launch" / "slurm.sbatch").read_text() + (out / "torchtitan" / "slurm.sbatch").read_text()
 
 
 def test_the_slurm_script_says_which_segments_keep_tp_groups_in_a_rack(tmp_path):
@@ -58,5 +58,6 @@ def test_the_slurm_script_says_which_segments_keep_tp_groups_in_a_rack(tmp_path)
         text = _sbatch(tmp_path, "gb200", count, 8)
         want = max(d for d in range(1, 19) if nodes % d == 0 and d % 2 == 0)
         assert f"#   sbatch --segment={want} launch/slurm.sbatch" in text, (count, text[:3000])
+        assert f"#   sbatch --segment={want} torchtitan/slurm.sbatch" in text, count
         assert "--segment" not in "\n".join(ln for ln in text.splitlines() if ln.startswith("#SBATCH"))
     assert "--segment" not in _sbatch(tmp_path, "h100-sxm", 256, 8)

@@ -101,6 +101,19 @@ def nnodes(compiled) -> int:
     return max(1, -(-world(compiled) // gpus_per_node(compiled)))
 
 
+def nvlink_hint(compiled, tp: int, n_nodes: int) -> dict:
+    """The Slurm scripts' segment hint: ``nvlink_segment``, the nodes per segment that keep a job's TP groups of ``tp``
+    in one NVLink domain (``hardware.nvlink_segment_nodes``; None: nothing to ask), and the domain's size."""
+    from llmc.compiler.hardware import nvlink_group, nvlink_segment_nodes
+
+    gpu = compiled.gpu
+    if gpu is None or is_cpu(compiled):
+        return {"nvlink_segment": None, "nvlink_domain": None, "nvlink_domain_nodes": None}
+    dom = nvlink_group(gpu)
+    return {"nvlink_segment": nvlink_segment_nodes(gpu, tp, n_nodes), "nvlink_domain": dom,
+            "nvlink_domain_nodes": dom // max(1, gpu.gpus_per_node)}
+
+
 def site_env(spec) -> list[dict[str, str]]:
     """The spec's ``cluster.env`` as ``[{"name", "value"}]`` sorted by name, the order of the lock (sorted JSON) and
     so of the cluster manifests (the names are checked by ``llmc.spec.schema.env_name``): what every launcher

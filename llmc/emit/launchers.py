@@ -48,6 +48,7 @@ from llmc.emit.common import (
     launch_backend,
     launcher_context,
     nnodes,
+    nvlink_hint,
     planned_backend,
     stage_list,
     world,
@@ -112,19 +113,11 @@ def launch_context(compiled, files: Mapping[str, str]) -> dict[str, Any]:
 
 
 def nvlink_context(compiled, n_nodes: int) -> dict[str, Any]:
-    """``nvlink_segment`` (nodes per Slurm segment that keep the plan's TP groups in one NVLink domain,
-    ``hardware.nvlink_segment_nodes``; None: nothing to ask) and the domain's size, for the Slurm script's hint. The
-    TP is the widest of pre-training's plan and the stages' searched layouts (one script runs them all)."""
-    from llmc.compiler.hardware import nvlink_group, nvlink_segment_nodes
-
-    gpu = compiled.gpu
-    if gpu is None or is_cpu(compiled):
-        return {"nvlink_segment": None, "nvlink_domain": None, "nvlink_domain_nodes": None}
+    """:func:`llmc.emit.common.nvlink_hint` for the script that runs every stage: the TP is the widest of
+    pre-training's plan and the stages' searched layouts."""
     tps = [compiled.plan.tp] if compiled.plan is not None else []
     tps += [sp.layout.tp for sp in compiled.stages if getattr(sp, "layout", None) is not None]
-    segment = nvlink_segment_nodes(gpu, max(tps, default=1), n_nodes)
-    dom = nvlink_group(gpu)
-    return {"nvlink_segment": segment, "nvlink_domain": dom, "nvlink_domain_nodes": dom // max(1, gpu.gpus_per_node)}
+    return nvlink_hint(compiled, max(tps, default=1), n_nodes)
 
 
 def procs_per_node(compiled) -> int:

@@ -96,7 +96,7 @@ from llmc.compiler.result import Hyper
 from llmc.compiler.timing import mfu_peak
 from llmc.diagnostics import Diagnostic, SpecError
 from llmc.emit.base import Emitter
-from llmc.emit.common import RDZV_PORT, diag, gpus_per_node, jinja_env, launcher_context
+from llmc.emit.common import RDZV_PORT, diag, gpus_per_node, jinja_env, launcher_context, nvlink_hint
 from llmc.escape import visible
 from llmc.rope import rope_attention_factor
 from llmc.runtime.capabilities import (
@@ -840,6 +840,7 @@ def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
                                                        "pretrain"),
         )
         sfx, module = ctx["script_suffix"], ctx["module_name"]
+        ctx.update(nvlink_hint(compiled, ctx["tp"], ctx["nnodes"]))
         files.update({
             f"{OUT_DIR}/{module}.py": tidy_imports(env.get_template("torchtitan/llmc_job.py.j2").render(**ctx)),
             f"{OUT_DIR}/run_single_node{sfx}.sh": env.get_template("torchtitan/run_single_node.sh.j2").render(**ctx),
