@@ -308,17 +308,18 @@ def _time(c) -> Table:
 
 def _interruptions(it, days: float, cost: float) -> str:
     """The expected unexpected interruptions (``InterruptionNumbers``): not in the run's days and cost above."""
-    each = (f"each losing ~{duration(it.lost_seconds)} (a {duration(it.restart_seconds)} restart (an estimate) + "
+    rate = "Llama 3's pre-training, arXiv:2407.21783" if it.published_rate else "hardware.interruptions_per_gpu_day"
+    each = (f"each losing ~{duration(it.lost_seconds)} (a {duration(it.restart_seconds)} restart"
+            f"{' (an estimate)' if it.estimated_restart else ''} + "
             f"reading the checkpoint {duration(it.load_seconds)} + half an interval redone "
             f"{duration(it.rollback_seconds)})")
     if it.days is None:
         fix = (f"save every {it.max_interval_steps:,} steps or fewer" if it.max_interval_steps else
                "no checkpoint interval helps: a restart and the checkpoint read alone take longer")
-        return (f"one every ~{duration(it.between_seconds)} at {it.per_gpu_day:.2g} per GPU-day (Llama 3's "
-                f"pre-training, arXiv:2407.21783), {each}: more than the time between them, so the run would never "
-                f"finish; {fix}")
-    return (f"~{it.expected:,.1f} expected at {it.per_gpu_day:.2g} per GPU-day (Llama 3's pre-training, "
-            f"arXiv:2407.21783), {each}: {duration(it.days * 86400)} and ~{usd(cost * it.days / days)} "
+        return (f"one every ~{duration(it.between_seconds)} at {it.per_gpu_day:.2g} per GPU-day ({rate}), {each}: more "
+                f"than the time between them, so the run would never finish; {fix}")
+    return (f"~{it.expected:,.1f} expected at {it.per_gpu_day:.2g} per GPU-day ({rate}), "
+            f"{each}: {duration(it.days * 86400)} and ~{usd(cost * it.days / days)} "
             f"(+{100 * it.extra_fraction:.1f}%); the run and cost above assume none")
 
 

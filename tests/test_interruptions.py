@@ -98,3 +98,26 @@ def test_an_interval_longer_than_the_time_between_interruptions_never_finishes(t
     assert "never finish" in b5[0]["message"] and f"{k:,} steps" in b5[0]["hint"]
     r = CliRunner().invoke(app, ["plan", str(spec)])
     assert "would never finish" in r.output and "Traceback" not in r.output
+
+
+def test_a_fleets_own_rate_and_restart_replace_the_published_ones(tmp_path):
+    """hardware.interruptions_per_gpu_day and training.checkpoint.restart_minutes are the fleet's figures: the plan
+    uses them (a tenth of Llama 3's rate: a tenth as many interruptions a day; a 2-minute restart: 480 s less lost
+    each) and says where they come from; a rate of 0 expects none."""
+    text = (ROOT / "examples" / "llama3_405b_h100x16384.yaml").read_text()
+    base = _plan(str(ROOT / "examples" / "llama3_405b_h100x16384.yaml"))["time"]["interruptions"]
+    spec = tmp_path / "s.yaml"
+    rate = LLAMA3_UNEXPECTED / (LLAMA3_DAYS * LLAMA3_GPUS) / 10
+    spec.write_text(text.replace("  usd_per_gpu_hour: 2.0\n", f"  usd_per_gpu_hour: 2.0\n  interruptions_per_gpu_day: "
+                                 f"{rate!r}\n", 1).replace("  checkpoint:\n", "  checkpoint:\n    restart_minutes: 2\n", 1))
+    d = _plan(str(spec))
+    it = d["time"]["interruptions"]
+    assert it["per_gpu_day"] == rate and it["restart_seconds"] == 120
+    assert abs(it["lost_seconds"] - (base["lost_seconds"] - 480)) < 1e-6
+    assert abs(it["between_seconds"] - 10 * base["between_seconds"]) < 1e-6
+    assert not it["published_rate"] and not it["estimated_restart"]
+    out = CliRunner().invoke(app, ["plan", str(spec)]).output
+    assert "hardware.interruptions_per_gpu_day" in out and "(an estimate)" not in out.split("interruptions", 1)[1]
+    spec.write_text(text.replace("  usd_per_gpu_hour: 2.0\n", "  usd_per_gpu_hour: 2.0\n  interruptions_per_gpu_day: 0\n"))
+    d = _plan(str(spec))
+    assert d["time"]["interruptions"] is None and not [x for x in d["diagnostics"] if x["code"] == "B005"]

@@ -337,8 +337,8 @@ def stage_checkpoints(sm, plan, gpu, *, backend: str, posttrain: bool, lora: boo
                             periodic=periodic, final=final, preempt_seconds=preempt)
 
 
-def interruptions(days: float, n_gpus: int, checkpoint: CheckpointNumbers | None,
-                  step_seconds: float) -> InterruptionNumbers | None:
+def interruptions(days: float, n_gpus: int, checkpoint: CheckpointNumbers | None, step_seconds: float, *,
+                  per_gpu_day: float | None = None, restart_seconds: float | None = None) -> InterruptionNumbers | None:
     """The expected unexpected interruptions of a run of ``days`` (its steps and checkpoint stalls) on ``n_gpus``
     and what they add: each costs a restart (:data:`RESTART_SECONDS`), reading the last checkpoint back (the most
     loaded node's bytes at the storage's rate, ``checkpoint.write_gbps``, reads taken as fast as writes) and, on
@@ -347,27 +347,35 @@ def interruptions(days: float, n_gpus: int, checkpoint: CheckpointNumbers | None
     r n L / 86400 of wall time is lost, so the run takes days / (1 - that share); at a share of 1 or more (each
     interruption loses more than the time between them) it never finishes: ``days`` None, and
     ``max_interval_steps`` the longest interval that would (0: none would). None when there are no saves to resume
-    from (``checkpoint`` None)."""
-    if checkpoint is None or days <= 0 or n_gpus <= 0 or step_seconds <= 0:
+    from (``checkpoint`` None) or none are expected (``per_gpu_day`` 0). ``per_gpu_day`` / ``restart_seconds``: the
+    spec's fleet figures (``hardware.interruptions_per_gpu_day``, ``training.checkpoint.restart_minutes``), else the
+    published rate and the estimate."""
+    rate = INTERRUPTIONS_PER_GPU_DAY if per_gpu_day is None else per_gpu_day
+    restart = RESTART_SECONDS if restart_seconds is None else restart_seconds
+    if checkpoint is None or days <= 0 or n_gpus <= 0 or step_seconds <= 0 or rate <= 0:
         return None
     load = checkpoint.node_bytes / (checkpoint.write_gbps * 1e9) if checkpoint.write_gbps > 0 else 0.0
     rollback = checkpoint.interval * step_seconds / 2
-    lost = RESTART_SECONDS + load + rollback
-    per_day = INTERRUPTIONS_PER_GPU_DAY * n_gpus
+    lost = restart + load + rollback
+    per_day = rate * n_gpus
     between = 86400.0 / per_day
     share = lost / between
     # the run finishes while interval x step / 2 < between - restart - load
-    limit = 2.0 * (between - RESTART_SECONDS - load) / step_seconds
+    limit = 2.0 * (between - restart - load) / step_seconds
     max_interval = max(0, math.ceil(limit) - 1)
     with_them = days / (1.0 - share) if share < 1.0 else None
     return InterruptionNumbers(
-        per_gpu_day=INTERRUPTIONS_PER_GPU_DAY, restart_seconds=RESTART_SECONDS, load_seconds=load,
+        per_gpu_day=rate, restart_seconds=restart, load_seconds=load, published_rate=per_gpu_day is None,
+        estimated_restart=restart_seconds is None,
         rollback_seconds=rollback, lost_seconds=lost, between_seconds=between, max_interval_steps=max_interval,
         days=with_them, expected=per_day * with_them if with_them is not None else None,
         extra_fraction=with_them / days - 1.0 if with_them is not None else None,
-        source=f"Llama 3 pre-training: 419 unexpected interruptions in 54 days on 16,384 H100 (arXiv:2407.21783, "
-               f"sec. 3.3.4), per GPU; a {RESTART_SECONDS / 60:g}-minute restart (an estimate) + reading the checkpoint "
-               f"+ half an interval")
+        source=(("hardware.interruptions_per_gpu_day" if per_gpu_day is not None else
+                 "Llama 3 pre-training: 419 unexpected interruptions in 54 days on 16,384 H100 (arXiv:2407.21783, "
+                 "sec. 3.3.4), per GPU")
+                + f"; a {restart / 60:g}-minute restart ("
+                + ("training.checkpoint.restart_minutes" if restart_seconds is not None else "an estimate")
+                + ") + reading the checkpoint + half an interval"))
 
 
 def preemption_numbers(jobs: list[tuple[str, float, float]]) -> PreemptionNumbers:

@@ -951,11 +951,15 @@ def check_budget(run, training_flops: float, time, cost, floor, floor_peak: floa
     _check_interruptions_budget(run, time, cost, sink)
 
 
+def _rate(it) -> str:
+    """Where an InterruptionNumbers' rate comes from, in a few words."""
+    return "Llama 3's pre-training rate" if it.published_rate else "hardware.interruptions_per_gpu_day"
+
+
 def _check_interruptions_budget(run, time, cost, sink: Sink) -> None:
     """B005 (warning): the plan meets budget.max_days / max_usd, but not with the interruptions expected at the
     published rate (``TimeNumbers.interruptions``, ``checkpoint_cost.interruptions``), which its days and cost leave
     out."""
-    from llmc.compiler.checkpoint_cost import RESTART_SECONDS
 
     it = time.interruptions if time is not None else None
     b = run.budget
@@ -965,17 +969,18 @@ def _check_interruptions_budget(run, time, cost, sink: Sink) -> None:
         fix = (f"save every {it.max_interval_steps:,} steps or fewer (training.checkpoint.interval_steps)"
                if it.max_interval_steps else "fewer GPUs or a faster restart and checkpoint read: no interval helps")
         sink.add("B005", "warning", "training.checkpoint.interval_steps",
-                 f"at {it.per_gpu_day:.2g} unexpected interruptions per GPU-day (Llama 3's pre-training rate) one comes "
+                 f"at {it.per_gpu_day:.2g} unexpected interruptions per GPU-day ({_rate(it)}) one comes "
                  f"every ~{it.between_seconds / 60:.0f} min on {run.hardware.count:,} GPUs, and each loses "
-                 f"~{it.lost_seconds / 60:.0f} min (a {RESTART_SECONDS / 60:g}-minute restart, an estimate, the "
+                 f"~{it.lost_seconds / 60:.0f} min (a {it.restart_seconds / 60:g}-minute restart, the "
                  f"checkpoint read and half an interval redone): the run would never finish", fix)
         return
     if b is None:
         return
-    what = (f"~{it.expected:,.0f} unexpected interruptions expected at {it.per_gpu_day:.2g} per GPU-day (Llama 3's "
-            f"pre-training rate), each losing ~{it.lost_seconds / 60:.0f} min")
+    what = (f"~{it.expected:,.0f} unexpected interruptions expected at {it.per_gpu_day:.2g} per GPU-day "
+            f"({_rate(it)}), each losing ~{it.lost_seconds / 60:.0f} min")
     hint = (f"more frequent checkpoints redo less per interruption (training.checkpoint.interval_steps), a faster "
-            f"restart than the {RESTART_SECONDS / 60:g}-minute estimate, or a larger budget")
+            f"restart than {it.restart_seconds / 60:g} minutes (training.checkpoint.restart_minutes), your fleet's "
+            f"rate (hardware.interruptions_per_gpu_day), or a larger budget")
     if b.max_days is not None and time.days <= b.max_days < it.days:
         sink.add("B005", "warning", "budget.max_days",
                  f"with the {what}, the run takes ~{it.days:.1f} days > max_days {b.max_days:g} (the plan's "

@@ -219,8 +219,11 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         if gpu.key != "cpu":  # (a CPU run is not a fleet of GPUs the interruption rate was measured on)
             from llmc.compiler.checkpoint_cost import interruptions
 
-            time = dataclasses.replace(time, interruptions=interruptions(time.days, run.hardware.count,
-                                                                         time.checkpoint, time.step_seconds))
+            restart = run.training.checkpoint.restart_minutes
+            time = dataclasses.replace(time, interruptions=interruptions(
+                time.days, run.hardware.count, time.checkpoint, time.step_seconds,
+                per_gpu_day=run.hardware.interruptions_per_gpu_day,
+                restart_seconds=None if restart is None else 60.0 * restart))
         gh = timing.gpu_hours(time.days, run.hardware.count)
         cost = CostNumbers(gpu_hours=gh, usd=timing.usd(gh, gpu.usd_per_hour), usd_per_gpu_hour=gpu.usd_per_hour)
         _check_lowp_gain(run, gpu, data.seq_len, searched, sm, sink, model_opts)

@@ -119,6 +119,8 @@ class InterruptionNumbers:
     expected: float | None  # interruptions over those days (None: never finishes)
     extra_fraction: float | None  # days / TimeNumbers.days - 1
     source: str
+    published_rate: bool = True  # per_gpu_day is Llama 3's (not the spec's hardware.interruptions_per_gpu_day)
+    estimated_restart: bool = True  # restart_seconds is llmc's estimate (not training.checkpoint.restart_minutes)
 
 
 @dataclass(frozen=True)

@@ -280,6 +280,10 @@ class Hardware(SpecModel):
     ``llmc/compiler/hardware.py``)."""
     gpu_overrides: GpuOverrides | None = None
     """Override table fields of ``gpu`` (peaks, HBM, power, NVLink) or define a custom GPU."""
+    interruptions_per_gpu_day: Float | None = Field(default=None, ge=0, le=1)
+    """Unexpected job interruptions per GPU-day on this fleet, for the interruptions the plan expects (its
+    ``interruptions`` line and B005). None = Llama 3's published rate (419 in 54 days on 16,384 H100, 4.7e-4);
+    0 = none expected."""
 
 
 class Budget(SpecModel):
@@ -332,6 +336,9 @@ class Checkpoint(SpecModel):
     """Sustained write bandwidth per node to the checkpoint storage, in GB/s, for the predicted save stalls in the
     run's time and cost. None = the hardware table's ``storage_write_gbps`` (a conservative 1 GB/s per node: its
     source in ``llmc/compiler/hardware.py``)."""
+    restart_minutes: Float | None = Field(default=None, ge=0, le=24 * 60)
+    """Minutes a restart after an interruption takes besides reading the checkpoint back (rescheduling, start-up,
+    collectives, compile), for the interruptions the plan expects. None = an estimate of 10 minutes."""
     keep_latest: Int = Field(default=3, gt=0)
     """How many checkpoints to keep."""
     folder: str = "checkpoints"
