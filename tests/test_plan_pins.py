@@ -250,3 +250,34 @@ def test_budget_hints_name_a_gpu_count_the_plan_accepts():
     assert m >= 2048 * c.time.days / 10 and m % 8 == 0
     codes = {e.split("error[")[1][:4] for e in _plan_errors(ex, f"hardware.count={m}", "budget.max_days=10")}
     assert not codes & {"P005", "P008"}, (m, codes)
+
+
+def test_budget_hints_split_the_pretraining_stages_own_batch(tmp_path):
+    """A `pretrain` stage with its own batch and seq_len (32 sequences of 2,048 tokens): every GPU count a hint names
+    is one that batch splits over. Here none can meet the budget: 32 sequences split over at most 256 H100s (tp 8 x
+    dp x pp with dp x pp <= 32 and at least pp micro-batches per rank; no CP below 32K tokens), fewer than the 377
+    the floor needs, and B003 says so instead of naming a count (it named 3,200 when it split the spec's training
+    batch at data.seq_len)."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text("""\
+name: stage-batch
+model: llama3-8b
+hardware: {gpu: h100-sxm, count: 64}
+data: {sources: [{name: w, path: /d/*.jsonl}], seq_len: 8192, tokens: 20B}
+training: {precision: bf16}
+budget: {max_days: 0.05}
+stages:
+  - {name: pre, kind: pretrain, seq_len: 2048, global_batch_tokens: 65536}
+""")
+    r = runner.invoke(app, ["plan", str(spec)])
+    assert "Traceback" not in r.output
+    hints = [ln for ln in r.output.splitlines() if "error[B00" in ln]
+    assert hints, r.output
+    assert any("more GPUs than any count the plan accepts" in ln for ln in hints), hints
+    counts = [int(x.replace(",", "")) for ln in hints for x in re.findall(r"(?:at least|~)([\d,]+) GPUs", ln)]
+    for n in counts:  # every count named splits 32 sequences: planning it gives no P005
+        body = spec.read_text().replace("count: 64", f"count: {n}")
+        other = tmp_path / f"n{n}.yaml"
+        other.write_text(body)
+        errs = [ln for ln in runner.invoke(app, ["plan", str(other)]).output.splitlines() if "error[P005]" in ln]
+        assert not errs, (n, errs)

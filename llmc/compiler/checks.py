@@ -545,23 +545,23 @@ def _widest(run, gpu, dims, pinned: bool = True) -> tuple[int, int]:
     (``Backend.supports``), the spec's tp / cp pins kept (``pinned``): TP as wide as the node, the heads and the world
     allow; CP as the search tries it (:func:`_cps`). A pipeline does not lower the least batch: each of its dp ranks
     needs pp micro-batches."""
-    arch, world, gpn, par = run.model, run.hardware.count, gpu.gpus_per_node, run.parallelism
-    kv = arch.n_heads if arch.mla is not None else arch.kv_heads
-    t = (par.tp if pinned else None) or (max(t for t in range(1, gpn + 1) if gpn % t == 0 and world % t == 0 and arch.n_heads % t == 0
-                       and kv % t == 0) if "tp" in dims else 1)
+    from llmc.compiler.search import divisors, tp_problem
+
+    arch, world, par = run.model, run.hardware.count, run.parallelism
+    t = (par.tp if pinned else None) or (max(t for t in divisors(world) if tp_problem(arch, world, t, gpu) is None)
+                                         if "tp" in dims else 1)
     return t, max(_cps(run, t, dims, pinned))
 
 
 def _cps(run, t: int, dims, pinned: bool = True) -> list[int]:
     """The CP degrees the search tries at tp ``t`` on a runner implementing ``dims`` (the spec's cp pin kept:
     ``pinned``)."""
-    from llmc.compiler.search import CP_MIN_SEQ
+    from llmc.compiler.search import cp_degrees
 
     if pinned and run.parallelism.cp:
         return [run.parallelism.cp]
-    seq, world = run.data.seq_len, run.hardware.count
-    return [c for c in (1, 2, 4, 8, 16, 32) if c == 1 or ("cp" in dims and seq >= CP_MIN_SEQ
-                                                          and seq % (2 * t * c) == 0 and world % (t * c) == 0)]
+    world = run.hardware.count
+    return [c for c in cp_degrees(run.data.seq_len, t) if c == 1 or ("cp" in dims and world % (t * c) == 0)]
 
 
 def _titan_ruled_out(run, gpu):
@@ -837,21 +837,27 @@ def budget_floor(run, training_flops: float, peak: float, floor_peak: float, pri
     return BudgetFloor(days=days, usd=days * 24 * run.hardware.count * price, basis=basis)
 
 
-def batch_splits(arch, batch_seqs: int, count: int, gpus_per_node: int) -> bool:
-    """Can some layout the search enumerates split ``batch_seqs`` sequences over ``count`` GPUs: a TP degree that
-    divides the node, the heads and the count, a pipeline depth up to n_layers, and dp = count / (tp x pp) with
-    batch_seqs a multiple of dp giving at least pp micro-batches (the batch identity, search._enumerate_dp)? CP is
-    left out (only long sequences try it; a count this accepts needs none)."""
-    from llmc.compiler.search import divisors
+def batch_splits(arch, batch_seqs: int, count: int, gpu, seq_len: int, pipeline: bool = True) -> bool:
+    """Can some layout the search enumerates split ``batch_seqs`` sequences over ``count`` GPUs of ``gpu``: a TP
+    degree the search allows (``search.tp_problem``: NVLink domain, heads), a pipeline depth up to n_layers (none
+    where ``pipeline`` is False: torchtitan with tied embeddings, X303), a CP degree it tries at ``seq_len``
+    (``search.cp_degrees``), and dp = count / (tp x pp x cp) with batch_seqs a multiple of dp giving at least pp
+    micro-batches (the batch identity, search._enumerate_dp)?"""
+    from llmc.compiler.search import cp_degrees, divisors, tp_problem
 
-    kv = arch.n_heads if arch.mla is not None else arch.kv_heads
-    for t in divisors(gpus_per_node):
-        if count % t or arch.n_heads % t or kv % t:
+    for t in divisors(count):
+        if tp_problem(arch, count, t, gpu) is not None:
             continue
-        for p in divisors(count // t):
-            dp = count // (t * p)
-            if p <= arch.n_layers and batch_seqs % dp == 0 and batch_seqs // dp >= p:
-                return True
+        rest = count // t
+        for p in (divisors(rest) if pipeline else [1]):
+            if p > arch.n_layers:
+                continue
+            for c in cp_degrees(seq_len, t):
+                if rest % (p * c):
+                    continue
+                dp = rest // (p * c)
+                if batch_seqs % dp == 0 and batch_seqs // dp >= p:
+                    return True
     return False
 
 
@@ -859,17 +865,21 @@ def batch_splits(arch, batch_seqs: int, count: int, gpus_per_node: int) -> bool:
 USABLE_COUNT_TRIES = 4096
 
 
-def usable_gpu_count(run, at_least: float, gpus_per_node: int, seqs: int | None = None) -> int | None:
+def usable_gpu_count(run, at_least: float, gpu, seqs: int | None = None, seq_len: int | None = None,
+                     pipeline: bool = True) -> int | None:
     """The smallest GPU count >= ``at_least`` the plan accepts: a whole number of nodes once it spans several (P008)
     and, where the spec fixes the global batch (``seqs`` sequences, pre-training's: a ``pretrain`` stage's own batch
     and seq_len where it sets them; None: llmc's default batch, which follows the count), one the batch can be split
-    over (:func:`batch_splits`, else P005). None when there is none within the spec's
-    limit of GPUs (``schema.MAX_GPUS``), none the batch splits over (at most tp x pp x dp = a node x n_layers x the
-    batch's sequences) or none among :data:`USABLE_COUNT_TRIES` counts from ``at_least``."""
+    over at ``seq_len`` (:func:`batch_splits`, ``pipeline`` as there; else P005). None when there is none within the
+    spec's limit of GPUs (``schema.MAX_GPUS``), none the batch splits over (at most tp x pp x cp x dp = an NVLink
+    domain x n_layers x 32 x the batch's sequences) or none among :data:`USABLE_COUNT_TRIES` counts from
+    ``at_least``."""
+    from llmc.compiler.hardware import nvlink_group
     from llmc.spec.schema import MAX_GPUS
 
-    arch = run.model
-    limit = MAX_GPUS if seqs is None else min(MAX_GPUS, gpus_per_node * arch.n_layers * seqs)
+    arch, gpus_per_node = run.model, gpu.gpus_per_node
+    seq_len = seq_len or run.data.seq_len
+    limit = MAX_GPUS if seqs is None else min(MAX_GPUS, nvlink_group(gpu) * arch.n_layers * 32 * seqs)
     if not math.isfinite(at_least) or at_least > limit:
         return None
     n = max(1, math.ceil(at_least))
@@ -878,7 +888,7 @@ def usable_gpu_count(run, at_least: float, gpus_per_node: int, seqs: int | None 
             n = _round_up(n, gpus_per_node)
         if n > limit:
             return None
-        if seqs is None or batch_splits(arch, seqs, n, gpus_per_node):
+        if seqs is None or batch_splits(arch, seqs, n, gpu, seq_len, pipeline):
             return n
         n += gpus_per_node if n >= gpus_per_node else 1
     return None
@@ -896,7 +906,8 @@ def _gpus_per_node(run, gpu=None) -> int:
 
 
 def check_budget(run, training_flops: float, time, cost, floor, floor_peak: float, price: float,
-                 sink: Sink, gpu=None, seqs: int | None = None) -> None:
+                 sink: Sink, gpu=None, seqs: int | None = None, seq_len: int | None = None,
+                 pipeline: bool = True) -> None:
     """B001/B002 against the predicted plan (its days and cost include the checkpoint saves' stalls,
     ``TimeNumbers.checkpoint``), B003 when even the ``floor`` (:func:`budget_floor`, at ``floor_peak``) could not
     meet the budget (the training FLOPs alone). A GPU count a hint names is one the plan accepts
@@ -906,16 +917,21 @@ def check_budget(run, training_flops: float, time, cost, floor, floor_peak: floa
 
     b = run.budget
     n = run.hardware.count
+    if gpu is None:
+        from llmc.compiler.compile import hardware_gpu
+
+        gpu = hardware_gpu(run.hardware)
     gpn = _gpus_per_node(run, gpu)
     ck = time.checkpoint if time is not None else None
     saves = f", incl. {ck.total_seconds / 3600:.1f} h of checkpoint saves" if ck is not None else ""
     at, best_days, best_usd = floor.basis, floor.days, floor.usd
     if b.max_days is not None:
         # llmc's prediction at more GPUs, were its MFU to hold (the days fall as 1 / GPUs): a count the plan accepts
-        linear = usable_gpu_count(run, n * time.days / b.max_days, gpn, seqs) if time is not None else None
+        linear = usable_gpu_count(run, n * time.days / b.max_days, gpu, seqs, seq_len, pipeline) if (
+            time is not None and gpu is not None) else None
         if best_days > b.max_days:
             need = gpus_for_days(training_flops, b.max_days, floor_peak, MAX_PLAUSIBLE_MFU)
-            can = usable_gpu_count(run, need, gpn, seqs)
+            can = usable_gpu_count(run, need, gpu, seqs, seq_len, pipeline) if gpu is not None else None
             if can is None:
                 gpus = (f"more GPUs than any count the plan accepts ({need:,.3g} even at {at}: past the spec's limit "
                         "or any count the batch splits over)")

@@ -609,8 +609,10 @@ def _check_pretraining(run: RunSpec, gpu: GPU | None, hyper: Hyper, compute: Com
         floor = checks.budget_floor(run, compute.training_flops, timing.mfu_peak(gpu, run.training.precision), top,
                                     gpu.usd_per_hour)
         fixed = None if "global_batch_tokens" in hyper.defaults else hyper.global_batch_seqs  # (a default follows)
+        # (torchtitan cannot pipeline a model with tied embeddings: X303, which the search keeps to)
+        pipeline = not (backend is not None and backend.name == "torchtitan" and run.model.tied_embeddings)
         checks.check_budget(run, compute.training_flops, time, cost, floor, top, gpu.usd_per_hour, sink, gpu=gpu,
-                            seqs=fixed)
+                            seqs=fixed, seq_len=hyper.seq_len, pipeline=pipeline)
     else:
         floor = None
     checks.check_offload(run, time, sink)

@@ -731,12 +731,38 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
     return _result(S)
 
 
+def tp_problem(arch, world: int, t: int, gpu) -> tuple[str, str] | None:
+    """(rejection kind, reason) when tensor-parallel degree ``t`` cannot run ``arch`` on ``world`` GPUs of ``gpu``,
+    None when it can: TP divides the world, stays on one NVLink fabric (the node, or an NVL72 rack:
+    ``hardware.nvlink_group``) and divides it, and divides the heads (MLA: n_heads). The search's rule, which the
+    checks' batch hints use too."""
+    gpn, dom = gpu.gpus_per_node, nvlink_group(gpu)
+    where = f"{dom} GPUs per NVLink domain" if dom != gpn else f"{gpn} GPUs per node"
+    kv = arch.n_heads if arch.mla is not None else arch.kv_heads
+    if world % t:
+        return "pins", f"tp {t} does not divide {world} GPUs"
+    if t > dom:
+        return "tp", f"tp {t} > {where} (TP must stay on NVLink)"
+    if dom % t:
+        return "tp", f"tp {t} does not divide {where} (a TP group would leave NVLink)"
+    if arch.n_heads % t or kv % t:
+        return "heads", f"{f'n_heads {arch.n_heads}' if arch.n_heads % t else f'n_kv_heads {kv}'} not divisible by tp {t}"
+    return None
+
+
+def cp_degrees(seq_len: int, t: int) -> list[int]:
+    """The context-parallel degrees the search tries at tensor-parallel degree ``t``: 1, and from
+    :data:`CP_MIN_SEQ` tokens on the powers of two up to 32 that split the sequence into 2 x tp x cp chunks (ring
+    attention's load-balanced halves)."""
+    if seq_len < CP_MIN_SEQ:
+        return [1]
+    return [c for c in (1, 2, 4, 8, 16, 32) if c == 1 or seq_len % (2 * t * c) == 0]
+
+
 def _enumerate(S: _Search) -> list[_Family]:
     """Every structurally valid layout; structural rejections are recorded on the way."""
     arch, world, pins, G = S.arch, S.world, S.pins, S.G
-    gpn = S.gpu.gpus_per_node
-    L, heads = arch.n_layers, arch.n_heads
-    kv = arch.n_heads if arch.mla is not None else arch.kv_heads
+    L = arch.n_layers
     moe = arch.moe
     out: list[_Layout] = []
     titan, gpu = S.sm.backend == "torchtitan", S.gpu.key != "cpu"  # (the torchtitan job's own limits)
@@ -744,22 +770,11 @@ def _enumerate(S: _Search) -> list[_Family]:
                    if S.sm.precision == "nvfp4" else frozenset())
 
     dom = nvlink_group(S.gpu)  # (the node, or an NVL72 rack's 72 GPUs)
-    where = f"{dom} GPUs per NVLink domain" if dom != gpn else f"{gpn} GPUs per node"
     tp_values = [pins.tp] if pins.tp is not None else [t for t in divisors(world) if t <= dom]
     for t in tp_values:
         probe = ParallelPlan(tp=t)
-        if world % t:
-            S.reject(probe, "pins", f"tp {t} does not divide {world} GPUs", dims=("tp",))
-            continue
-        if t > dom:
-            S.reject(probe, "tp", f"tp {t} > {where} (TP must stay on NVLink)", dims=("tp",))
-            continue
-        if dom % t:
-            S.reject(probe, "tp", f"tp {t} does not divide {where} (a TP group would leave NVLink)", dims=("tp",))
-            continue
-        if heads % t or kv % t:
-            what = f"n_heads {heads}" if heads % t else f"n_kv_heads {kv}"
-            S.reject(probe, "heads", f"{what} not divisible by tp {t}", dims=("tp",))
+        if (problem := tp_problem(arch, world, t, S.gpu)) is not None:
+            S.reject(probe, problem[0], problem[1], dims=("tp",))
             continue
         if nvfp4_parts and pins.tp is None and (bad := backends.nvfp4_misaligned(S.arch, nvfp4_parts, t)):
             # torchao's NVFP4 GEMMs need 128-aligned local dims (a pinned tp is reported as T017 instead)
@@ -780,12 +795,7 @@ def _enumerate(S: _Search) -> list[_Family]:
                 S.reject(probe, "pp", f"{backends.torchtitan_layout_problem(arch, S.seq_len, t, 1, p, gpu).message} "
                          "(X303)", dims=("pp",))
                 continue
-            if pins.cp is not None:
-                cps = [pins.cp]
-            elif S.seq_len >= CP_MIN_SEQ:
-                cps = [c for c in (1, 2, 4, 8, 16, 32) if c == 1 or S.seq_len % (2 * t * c) == 0]
-            else:
-                cps = [1]
+            cps = [pins.cp] if pins.cp is not None else cp_degrees(S.seq_len, t)
             for c in cps:
                 probe = ParallelPlan(tp=t, pp=p, cp=c)
                 if rest % (p * c):
