@@ -499,8 +499,10 @@ def resolve_hf_source(src: str | Path) -> Path:
         if not (p / "config.json").exists():
             raise HFError(f"{p}: no config.json (expected a Hugging Face model directory)")
         return p
+    from llmc.spec.facts import hub_id
+
     repo, _, rev = str(src).partition("@")
-    if p.exists() or repo.count("/") != 1:
+    if p.exists() or not hub_id(str(src)):  # (the plan's rule for a Hub id: G021)
         raise HFError(f"{src}: not a directory with config.json, nor a Hub id like org/name")
     try:
         from huggingface_hub import snapshot_download
@@ -781,13 +783,15 @@ def _init_hf_path(src: str | None, job) -> str | None:
 def origin_checkpoint(job) -> str | None:
     """The Hugging Face checkpoint the stage's model descends from: its ``init_hf``, or that of the first stage of
     its ``init_from`` chain (lock entries); None for a model trained from scratch."""
-    entry, seen = getattr(job, "stage_plan", None) or _stage_entry(job, job.stage), set()
-    if not entry.get("init_hf") and not entry.get("init_from") and getattr(job, "init_from", None):
-        entry = {"init_from": job.init_from}  # (a job without a lock entry)
-    while entry and not entry.get("init_hf") and entry.get("init_from") and entry["init_from"] not in seen:
-        seen.add(entry["init_from"])
-        entry = _stage_entry(job, entry["init_from"])
-    return _init_hf_path((entry or {}).get("init_hf"), job)
+    from llmc.runtime.job import start_checkpoint
+
+    entry = getattr(job, "stage_plan", None) or _stage_entry(job, job.stage)
+    src = entry.get("init_hf")
+    first = None if src else entry.get("init_from") or getattr(job, "init_from", None)  # (a job without an entry)
+    lock = getattr(job, "lock", None) or {}
+    if first and lock.get("stages"):
+        src = start_checkpoint(lock, first)  # that stage's init_hf, or its own init_from chain's
+    return _init_hf_path(src, job)
 
 
 def _stage_entry(job, name: str | None) -> dict:
