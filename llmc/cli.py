@@ -9,6 +9,7 @@ This is the only module that writes files. User errors never show a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -96,65 +97,142 @@ def _fail(lines: list[str]) -> None:
     raise SystemExit(1)  # what typer.Exit(1) becomes
 
 
-def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = True,
-             calibration: Path | None = None, json_errors: bool = False):
-    """Load (with --set overrides) + compile; print every error (one line each, all phases) and exit 1.
-    ``json_errors`` (``plan --format json``): the spec's errors also go to standard output as one JSON
-    document, ``{"ok": false, "spec": ..., "diagnostics": [...]}``, for a program reading the plan.
+#: Version of the ``llmc plan --format json`` report document (``schema_version``): bumped when a field is removed or
+#: changes meaning; a new field does not bump it. Every report and error document has ``ok`` (false exactly when the
+#: command exits 1), ``schema_version``, ``llmc_version``, ``spec`` (the same keys on failure, null where not known)
+#: and ``diagnostics`` (all of them, warnings and infos too); a plan with errors is the whole report with ``ok`` false.
+PLAN_SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+    """What loading and compiling a spec found (:func:`_planned`).
+
+    ``compiled``: a valid spec's compiled plan, calibrated as asked (its numbers are the report's), with every
+    diagnostic; None when the spec is invalid (a best-effort spec's numbers mean nothing) or its calibration could
+    not be read. ``diagnostics``: every diagnostic of every phase, located and sorted (errors first).
+    """
+
+    spec: Path
+    sets: list[str] | None  # the --set overrides as given
+    loaded: object | None  # llmc.spec.load.LoadedSpec; None when no spec was read (an unreadable --set)
+    compiled: object | None  # llmc.compiler.result.Compiled
+    diagnostics: list
+
+
+def _planned(spec: Path, sets: list[str] | None = None, *, fit_check: bool = True,
+             calibration: Path | None = None) -> _Planned:
+    """Load (with --set overrides) + compile, collecting every error of every phase (nothing printed).
 
     The spec is read once (``read_spec``: ``-`` is standard input) and its bytes are what the lock's
     sha256 records; the overrides are appended to them. A spec with schema errors is still compiled from
-    its best-effort version, so the plan errors that do not depend on the invalid values show too.
+    its best-effort version, so the plan errors that do not depend on the invalid values show too. A
+    calibration that cannot be read is an error (K007) beside the others, which are those of the plan
+    without it.
     """
-    import dataclasses
-
     from llmc.compiler.compile import compile_loaded
-    from llmc.diagnostics import errors, sort_diagnostics
+    from llmc.diagnostics import Diagnostic, sort_diagnostics
     from llmc.spec.facts import gather_facts
 
+    overrides = []
     if sets:
         from llmc.overrides import OverrideError, locate, parse_override, read_with_overrides
 
-        overrides = []
+        bad = []
         for text in sets:
             try:
                 overrides.append(parse_override(text))
-            except OverrideError as e:  # located like every other spec error
-                _fail([f"{e.where}: error[S001] {e.why}"])
+            except OverrideError as e:  # located like every other spec error: "--set 'TEXT': error[S001] ..."
+                bad.append(Diagnostic(code="S001", severity="error", path="", message=e.why, file=e.where))
+        if bad:  # the spec with some overrides left out is another spec: nothing more to check
+            return _Planned(spec, sets, None, None, bad)
         loaded = read_with_overrides(spec, overrides)
     else:
         from llmc.spec.load import read_spec
 
         loaded = read_spec(spec)
     base = loaded.run or loaded.partial
-    cal = _calibration(spec, base, calibration) if base is not None else None
+    cal, cal_error = _calibration(spec, loaded, base, calibration) if base is not None else (None, None)
     out = compile_loaded(loaded, facts=gather_facts(base, loaded.base_dir) if base is not None else None,
                          calibration=cal, fit_check=fit_check)
-    compiled, diags = out.compiled, out.diagnostics
+    compiled = out.compiled if loaded.run is not None and cal_error is None else None
+    diags = list(out.diagnostics)
     if sets:  # the compiler's diagnostics about an overridden value name the override, not the file's line
-        diags = sort_diagnostics([locate(d, overrides, loaded.lines) for d in diags])
-        if compiled is not None:
-            compiled = dataclasses.replace(compiled, diagnostics=sort_diagnostics(
-                [locate(d, overrides, loaded.lines) for d in compiled.diagnostics]))
-    errs = errors(diags)
+        diags = [locate(d, overrides, loaded.lines) for d in diags]
+        if cal_error is not None and calibration is None:  # the spec's calibration: key (or its --set)
+            cal_error = locate(cal_error, overrides, loaded.lines)
+    if cal_error is not None:
+        diags.append(cal_error)
+    diags = sort_diagnostics(diags)
+    if compiled is not None:  # the report's diagnostics: every one (the loader's too), as located here
+        compiled = dataclasses.replace(compiled, diagnostics=diags)
+    return _Planned(spec, sets, loaded, compiled, diags)
+
+
+def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = True,
+             calibration: Path | None = None):
+    """:func:`_planned`'s compiled plan; on any error, every error line on standard error and exit 1."""
+    from llmc.diagnostics import errors
+
+    p = _planned(spec, sets, fit_check=fit_check, calibration=calibration)
+    errs = errors(p.diagnostics)
     if errs:
-        _fail_diagnostics(spec, errs, json_errors)
-    return compiled
+        _fail([d.render() for d in errs])
+    return p.compiled
 
 
-def _fail_diagnostics(spec: Path, diags, as_json: bool) -> None:
-    """Exit 1 with the spec's error lines on standard error (and, ``as_json``, the JSON error document)."""
-    if as_json:
-        _echo(json.dumps({"ok": False, "spec": str(spec), "diagnostics": [d.to_json() for d in diags]},
-                         indent=2, sort_keys=True))
-    _fail([d.render() for d in diags])
+def _spec_json(p: _Planned | None, spec: Path) -> dict:
+    """The failure document's ``spec``: the success document's keys (``Compiled.to_json``), null where not known."""
+    import hashlib
+
+    loaded = p.loaded if p is not None else None
+    run = getattr(loaded, "run", None)
+    given = list(getattr(loaded, "overrides", None) or (p.sets if p is not None else None) or [])
+    return {"path": loaded.file if loaded is not None else str(spec),
+            "sha256": hashlib.sha256(loaded.spec_bytes).hexdigest() if loaded is not None and loaded.spec_bytes
+            else None,
+            "file_sha256": getattr(loaded, "spec_file_sha256", None),
+            "overrides": given,
+            "name": run.name if run is not None else None,
+            "resolved": run.model_dump(mode="json") if run is not None else None}
 
 
-def _calibration(spec: Path, run, option: Path | None):
-    """The Calibration named by --calibration (relative to the cwd) or the spec's ``calibration:``
-    (relative to the spec file); None when neither is given."""
+def _plan_document(compiled, ok: bool) -> dict:
+    """The plan report as JSON (``Compiled.to_json``) with ``ok`` and ``schema_version``."""
+    return {**compiled.to_json(), "ok": ok, "schema_version": PLAN_SCHEMA_VERSION}
+
+
+def _failure_document(p: _Planned | None, spec: Path, diags) -> dict:
+    """``llmc plan --format json`` when there is no plan to report: ``ok`` false and every diagnostic."""
+    import llmc
+
+    return {"ok": False, "schema_version": PLAN_SCHEMA_VERSION, "llmc_version": llmc.__version__,
+            "spec": _spec_json(p, spec), "diagnostics": [d.to_json() for d in diags]}
+
+
+def _json_text(doc: dict) -> str:
+    return json.dumps(doc, indent=2, sort_keys=True)
+
+
+def _exception_diagnostic(e: Exception):
+    """The error ``main`` prints for an exception that ends a command (``error[IO]``, ``error[INTERNAL]``), as a
+    Diagnostic for the JSON document (``main`` still prints its line)."""
+    from llmc.diagnostics import Diagnostic
+
+    if isinstance(e, OSError):
+        return Diagnostic(code="IO", severity="error", path="", message=str(e.strerror or e),
+                          hint="check the path and its permissions", file=getattr(e, "filename", None) or None)
+    return Diagnostic(code="INTERNAL", severity="error", path="", message=f"{type(e).__name__}: {e}",
+                      hint="this is a bug in llmc; rerun with LLMC_DEBUG=1 for the traceback and please report it")
+
+
+def _calibration(spec: Path, loaded, run, option: Path | None):
+    """(the Calibration named by --calibration (relative to the cwd) or the spec's ``calibration:`` (relative to the
+    spec file), None) -- (None, None) when neither is given, (None, the K007 Diagnostic) when it cannot be read:
+    located in the file given with --calibration, at the spec's ``calibration:`` line for the spec's own."""
     if option is None and not run.calibration:
-        return None
+        return None, None
+    from llmc.diagnostics import Diagnostic, line_for
     from llmc.measurements import MeasurementError, load_calibration
 
     # which file the plan and the lock were made with (the lock records the factors themselves); a lock is committed:
@@ -164,10 +242,16 @@ def _calibration(spec: Path, run, option: Path | None):
     named = given if option is None and not Path(given).is_absolute() else Path(given).name
     try:
         if option is not None:
-            return load_calibration(option, record_as=named)
-        return load_calibration(run.calibration, str(spec), record_as=named)
+            return load_calibration(option, record_as=named), None
+        return load_calibration(run.calibration, str(spec), record_as=named), None
     except MeasurementError as e:
-        _fail([e.located()])
+        if option is not None:  # "FILE[:LINE]: error[K007] PATH: MESSAGE (HINT)", as MeasurementError.located()
+            return None, Diagnostic(code=e.code, severity="error", path=e.path, message=e.message, hint=e.hint,
+                                    line=e.line or None, file=e.file)
+        where = f"{e.file}:{e.line}" if e.line else e.file
+        inner = f"{e.path}: " if e.path and e.path != "calibration" else ""
+        return None, Diagnostic(code=e.code, severity="error", path="calibration", message=f"{where}: {inner}{e.message}",
+                                hint=e.hint, line=line_for(loaded.lines, "calibration"), file=loaded.file)
 
 
 @_command()
@@ -182,27 +266,76 @@ def plan(
     """Validate the spec, do the math, search a parallelism plan and print the report."""
     if format not in ("text", "json"):
         _fail([f"llmc plan: error[CLI] --format must be 'text' or 'json' (got {format!r}) (see `llmc plan --help`)"])
-    compiled = _compile(spec, set_, fit_check=not no_fit_check, calibration=calibration,
-                        json_errors=format == "json")
+    if format == "text":
+        _plan(spec, diff, set_, not no_fit_check, calibration, None)
+        return
+    # --format json: exactly one JSON document on standard output, whatever ends the command (a program reads it)
+    state: dict = {"printed": False, "planned": None}
+    try:
+        _plan(spec, diff, set_, not no_fit_check, calibration, state)
+    except Exception as e:  # main prints its error[IO] / error[INTERNAL] line
+        if not state["printed"]:
+            state["printed"] = True
+            _echo(_json_text(_failure_document(state["planned"], spec, [_exception_diagnostic(e)])))
+        raise
+
+
+def _plan(spec: Path, diff: Path | None, sets: list[str] | None, fit_check: bool, calibration: Path | None,
+          state: dict | None) -> None:
+    """``llmc plan``; ``state`` (--format json): None for the text report, else ``printed`` (set once the document
+    is on standard output) and ``planned`` (what was compiled, for a document about a later failure)."""
+    from llmc.diagnostics import errors, sort_diagnostics
+
+    def out(text: str) -> None:
+        if state is not None:
+            state["printed"] = True
+        _echo(text)
+
+    def failed(p: _Planned, diags) -> None:  # no plan to report: the error lines, and the JSON document
+        if state is not None:
+            out(_json_text(_failure_document(p, spec, diags)))
+        _fail([d.render() for d in errors(diags)])
+
+    p = _planned(spec, sets, fit_check=fit_check, calibration=calibration)
+    if state is not None:
+        state["planned"] = p
+    compiled = p.compiled
+    errs = errors(p.diagnostics)
+    if errs and compiled is None:
+        failed(p, p.diagnostics)
+    if errs:  # a valid spec's plan with errors (over budget, nothing fits, ...): the whole report, then exit 1
+        if state is not None:
+            out(_json_text(_plan_document(compiled, ok=False)))
+        else:
+            from llmc import report
+
+            report.print_report(compiled)
+        _fail([d.render() for d in errs])
     if diff is not None:
+        from llmc.diagnostics import Diagnostic
         from llmc.emit.lock import diff_lock
         from llmc.lockfile import read_lock
+
+        def bad_lock(message: str, hint: str = "") -> None:
+            failed(p, sort_diagnostics([*p.diagnostics, Diagnostic(
+                code="X001", severity="error", path="", message=message, hint=hint, file=str(diff))]))
 
         try:
             old = read_lock(diff)
         except ValueError as e:
-            _fail([f"{diff}: error[X001] {e}"])
+            bad_lock(str(e))
         # the spec path as a build next to that lock would record it (relative to the lock's folder)
         here = _for_build(compiled, spec, diff.resolve().parent)
         try:
-            text = diff_lock(old, here, fmt=format)
+            text = diff_lock(old, here, fmt="json" if state is not None else "text")
         except (AttributeError, TypeError, KeyError, ValueError) as e:
-            _fail([f"{diff}: error[X001] malformed lockfile: {type(e).__name__}: {e} "
-                   "(rebuild it with `llmc build`)"])
-        _echo(text)
+            bad_lock(f"malformed lockfile: {type(e).__name__}: {e}", "rebuild it with `llmc build`")
+        if state is not None:  # every document of `llmc plan --format json` says whether it failed
+            text = json.dumps({**json.loads(text), "ok": True}, indent=2, sort_keys=True, default=str)
+        out(text)
         return
-    if format == "json":
-        _echo(json.dumps(compiled.to_json(), indent=2, sort_keys=True))
+    if state is not None:
+        out(_json_text(_plan_document(compiled, ok=True)))
     else:
         from llmc import report  # rich: imported only for the text report
 
@@ -318,6 +451,7 @@ def launch(
         launch_commands,
         load_build,
         preemption_times,
+        spec_change_warning,
         start_stage,
     )
 
@@ -337,7 +471,10 @@ def launch(
         # after a SIGTERM / SIGINT / SIGUSR1 llmc passes on, a stage's trainers save their current step
         # (llmc.runtime.preempt, the torchtitan job's PreemptibleTrainer): torchrun allows them the plan's shutdown
         # time (unless the environment sets its own) and llmc waits longer than that before it kills the stage
-        shutdown, wait = preemption_times(load_build(build_dir)[1], os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"))
+        built = load_build(build_dir)[1]
+        shutdown, wait = preemption_times(built, os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"))
+        # the spec at the lock's path changed since the build (L009): launched as built, with the command to rebuild
+        spec_changed = spec_change_warning(build_dir, built)
     except (LaunchError, BuildDirError) as e:
         _fail([f"{build_dir}: error[L001] {e}"])
     import shlex
@@ -358,6 +495,8 @@ def launch(
     for c in cmds:
         if c.legacy:
             _echo(_one_line(f"{build_dir}: warning[L008] {c.legacy}"), err=True)
+    if spec_changed:
+        _echo(_one_line(spec_changed), err=True)
     for c in cmds:
         typer.echo("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in c.env.items()) + (" " if c.env else "")
                    + shlex.join(c.argv))

@@ -51,6 +51,12 @@ skipped nor run: ``llmc launch`` refuses it unless ``--no-resume`` sets it aside
 checkpoint_files``: the weights in that folder are not the ones it was trained from). A marker without a fingerprint
 (an older llmc's) is trusted as before, with ``legacy`` set to a warning.
 
+``spec_change_warning(build_dir)`` is the one warning line (L009) ``llmc launch`` prints, ``--dry-run`` too, when the
+spec file the lock names (``spec.path``, relative to the build directory) still exists there and its bytes' sha256
+differs from the one the build recorded (``spec.file_sha256``): the build is launched as built, and the line gives the
+``llmc build`` command (the lock's ``--set`` overrides included) that applies the change. A missing spec file (a build
+copied alone to a node) and a lock of an older llmc, which records no file hash, say nothing.
+
 ``StderrRelay`` is what a terminal shows of a stage's stderr while the whole of it goes to ``run/<stage>/stderr.log``:
 tracebacks, torchrun's failure report (its ``ChildFailedError`` traceback and "=====" banner) and its error log lines
 stay in the log; llmc's own located error lines are held back for the one line ``llmc launch`` prints when the stage
@@ -272,6 +278,48 @@ def edited_artifacts(build_dir: str | os.PathLike, cmds: list[Cmd]) -> list[tupl
         if got != m.files[rel]:
             out.append((rel, f"sha256 {got[:12]}, the build recorded {m.files[rel][:12]}"))
     return out
+
+
+def spec_change_warning(build_dir: str | os.PathLike, lock: dict | None = None) -> str | None:
+    """``"<build_dir>: warning[L009] the spec <path> changed since this build (...)"``, one line, when the spec file
+    the lock names (``spec.path``, resolved from the build directory as ``llmc.runtime.job`` resolves
+    ``spec.dir_from_build``) is a file whose bytes' sha256 is not the ``spec.file_sha256`` the build recorded; else
+    None: no such file (a build copied alone to a node), a lock without ``file_sha256`` (an older llmc's, whose
+    ``spec.sha256`` may include ``--set`` overrides it did not record), or an unreadable file. ``lock``: the build's
+    lock as :func:`load_build` returns it (read when not given; a lock that cannot be read says nothing here)."""
+    from llmc.emit.common import build_command
+    from llmc.fileio import sha256_file
+
+    b = Path(build_dir)
+    if lock is None:
+        try:
+            b_resolved, lock = load_build(build_dir)
+        except LaunchError:
+            return None
+    else:
+        b_resolved = b.resolve()
+    spec = lock.get("spec") if isinstance(lock, dict) else None
+    if not isinstance(spec, dict):
+        return None
+    recorded, rel, overrides = spec.get("file_sha256"), spec.get("path"), spec.get("overrides")
+    if not isinstance(recorded, str) or not recorded or not isinstance(rel, str) or not rel:
+        return None
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        overrides = []
+    path = b_resolved / rel  # (in spec.dir_from_build, the folder the runtime resolves the spec's paths against)
+    try:
+        if not path.is_file():
+            return None
+        now = sha256_file(path)
+    except OSError:
+        return None
+    if now == recorded:
+        return None
+    shown = os.path.relpath(path.resolve())  # the spec as this shell names it
+    cmd = build_command(shown, str(build_dir), overrides)
+    line = (f"{build_dir}: warning[L009] the spec {shown} changed since this build (sha256 {now[:12]}, built from "
+            f"{recorded[:12]}): launching the build as built; rebuild (`{cmd}`) to apply it")
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)  # one inert line, whatever the paths hold
 
 
 def _has_titan_job(b: Path) -> bool:

@@ -17,17 +17,20 @@ API
     independent checks still run). Diagnostics keep the spec file's own line numbers (a path the file
     does not spell has none); a diagnostic about an overridden path names the override instead of a
     line: ``--set training.optimizer.lr: error[S...] ...`` (``locate``, which the caller applies to the
-    compiler's diagnostics too). ``load_with_overrides`` returns ``(RunSpec, lines, spec bytes)`` of it, or
+    compiler's diagnostics too). The result carries the overrides as given (``LoadedSpec.overrides``: their
+    command-line text, in order) and the sha256 of the file's own bytes (``LoadedSpec.spec_file_sha256``), which
+    the build records beside the hash of the spec plus overrides. ``load_with_overrides`` returns ``(RunSpec, lines, spec bytes)`` of it, or
     raises SpecError.
 ``override_bytes(overrides) -> bytes``
     The overrides as text, appended to the spec bytes for ``spec.sha256`` (the lock then identifies the
-    effective input, not only the file).
+    effective input, not only the file; it records the file's own sha256 and the overrides beside it).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,32 +142,36 @@ def file_lines(text: str) -> dict[str, int]:
 
 def read_with_overrides(path: str | Path, overrides: list[Override]):
     """The :class:`llmc.spec.load.LoadedSpec` of the spec file (``-``: standard input; read once) with the
-    overrides applied: the file's own lines, its bytes followed by :func:`override_bytes`, and every
-    diagnostic located (:func:`locate`); an invalid result keeps its best-effort spec, as ``read_spec``'s."""
+    overrides applied: the file's own lines, its bytes followed by :func:`override_bytes`, every diagnostic
+    located (:func:`locate`), the overrides' text and the sha256 of the file's own bytes; an invalid result
+    keeps its best-effort spec, as ``read_spec``'s."""
     from llmc.diagnostics import Diagnostic, errors
     from llmc.spec.load import LoadedSpec, _parse_yaml, read_spec_bytes, reads_spec, spec_base_dir
 
+    given = tuple(o.text for o in overrides)
     data = read_spec_bytes(path)
     if isinstance(data, LoadedSpec):
-        return data
+        return dataclasses.replace(data, overrides=given)
     base = spec_base_dir(path)
+    file_sha = hashlib.sha256(data).hexdigest()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         text = None
     raw, _, diags = _parse_yaml(text, str(path)) if text is not None else (None, {}, [])
     if not isinstance(raw, dict) or errors(diags):  # the loader's own located errors for a malformed file
-        return reads_spec(data, file=str(path), base_dir=base)
+        return dataclasses.replace(reads_spec(data, file=str(path), base_dir=base), overrides=given)
     try:
         changed = apply_overrides(raw, overrides)
     except ValueError as e:
         return LoadedSpec(file=str(path), spec_bytes=data, lines={}, run=None, diagnostics=[Diagnostic(
             code="S001", severity="error", path="", message=str(e), hint="check the key path against `llmc schema`",
-            file=str(path))])
+            file=str(path))], base_dir=base, spec_file_sha256=file_sha, overrides=given)
     lines = file_lines(text)
     loaded = reads_spec(yaml.safe_dump(changed, sort_keys=False), file=str(path), base_dir=base)
     return dataclasses.replace(loaded, spec_bytes=data + override_bytes(overrides), lines=lines,
-                               diagnostics=[locate(d, overrides, lines) for d in loaded.diagnostics])
+                               diagnostics=[locate(d, overrides, lines) for d in loaded.diagnostics],
+                               spec_file_sha256=file_sha, overrides=given)
 
 
 def load_with_overrides(path: str | Path, overrides: list[Override]):

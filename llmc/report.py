@@ -73,7 +73,10 @@ def _header(c) -> Text:
     gpu = f"{s.hardware.count} x {g.name}" if g is not None else f"{s.hardware.count} x {s.hardware.gpu} (unknown)"
     t = Text()
     t.append(f"llmc plan: {s.name}\n", style="bold")
-    t.append(f"spec {c.spec_path} (sha256 {c.spec_sha256[:12]}), {gpu}")
+    n = len(c.overrides)
+    sha = (f"sha256 {c.spec_sha256[:12]}" if not n else  # with --set: the file's own hash, and the overrides counted
+           f"file sha256 {(c.spec_file_sha256 or 'unknown')[:12]} + {n} --set override{'s' if n > 1 else ''}")
+    t.append(f"spec {c.spec_path} ({sha}), {gpu}")
     if g is not None and s.hardware.count > g.gpus_per_node:
         t.append(f", {g.gpus_per_node} per node")
     return t
@@ -176,8 +179,11 @@ def _hyper(c) -> Table:
     tr = c.spec.training
     o = tr.optimizer
     clip = f"grad clip {tr.grad_clip:g}" if tr.grad_clip is not None else "no grad clip"
-    t.add_row("optimizer", f"AdamW betas ({o.betas[0]:g}, {o.betas[1]:g}), eps {o.eps:g}, weight decay "
-              f"{o.weight_decay:g}, {clip}" + (f", z-loss {tr.z_loss:g}" if tr.z_loss else ""))
+    left_out = {"embeddings_and_1d": "not on token embeddings, norms, biases",  # training.optimizer.no_decay
+                "1d": "not on norms, biases; embeddings decayed", "none": "on every parameter"}[o.no_decay]
+    wd = f"{o.weight_decay:g} ({left_out}: no_decay {o.no_decay})" if o.weight_decay else "0"
+    t.add_row("optimizer", f"AdamW betas ({o.betas[0]:g}, {o.betas[1]:g}), eps {o.eps:g}, weight decay {wd}, {clip}"
+              + (f", z-loss {tr.z_loss:g}" if tr.z_loss else ""))
     t.add_row("precision", tr.precision + (f", {c.backend.fp8}" if c.backend is not None and c.backend.fp8 else ""))
     return t
 
@@ -208,6 +214,12 @@ def _plan(c) -> Table:
             dp_text = (f"FSDP2 over {ranks} ranks with the parameters kept gathered (reshard_after_forward=False: "
                        f"{c.backend.name}'s ZeRO-{p.zero_stage}): fp32 weights, grads and optimizer sharded, the bf16 "
                        f"parameters all-gathered and held {held}")
+    elif p.zero_stage == 3 and p.pp > 1 and ranks > 1 and c.backend is not None and c.backend.name == "torchtitan":
+        # torchtitan's "default" reshard policy does not reshard after forward under PP (distributed/fsdp.py
+        # get_fsdp_reshard_after_forward_policy; emit.torchtitan): the plan's memory and time hold it (= ZeRO-1's)
+        dp_text = (f"FSDP2 over {ranks} ranks, torchtitan's default reshard policy: under pipeline parallelism it "
+                   "keeps each stage's bf16 parameters gathered through the step (as ZeRO-1; fp32 weights, grads and "
+                   "optimizer sharded), so ZeRO-3 here holds and costs what ZeRO-1 does")
     t.add_row("data parallel", dp_text + off)
     if p.pp > 1:
         sched = p.pp_schedule + (f", {p.pp_virtual_stages} virtual stages per rank"

@@ -250,7 +250,8 @@ def test_launch_runs_a_local_task_on_the_stage_export_and_build_emits_it(tmp_pat
         "pretrain": "run/pretrain/eval/eval_results.json"}
     # lm_eval knows a task file by its task: name (the results below are keyed by it), not by the file's name
     assert "--tasks tiny_local_mc --batch_size 2" in emitted["lm_eval_commands"]["pretrain"]
-    assert f"--include_path {tmp_path / 'tasks'}" in emitted["lm_eval_commands"]["pretrain"]  # next to the spec
+    # the build's copy of the task file (tests/test_eval_self_contained.py), relative to the build directory
+    assert "--include_path eval/tasks/tiny_mc" in emitted["lm_eval_commands"]["pretrain"]
 
     out = tmp_path / "run" / "pretrain"
     res = run_stage(lock, None, out, tmp_path)

@@ -90,7 +90,8 @@ stages:
 
 def plan(p: Path) -> tuple[int, str]:
     r = runner.invoke(app, ["plan", str(p)])
-    return r.exit_code, r.output
+    # on an error, the error lines (standard output has the whole report, the errors in its diagnostics too)
+    return r.exit_code, r.stderr if r.exit_code else r.output
 
 
 def diag_lines(out: str, code: str) -> list[str]:

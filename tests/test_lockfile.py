@@ -123,7 +123,8 @@ def test_cli_plan_diff(tmp_path, monkeypatch):
     old = tmp_path / "plan.lock.json"
     old.write_text(lock_text(make_compiled()))
     new_c = make_compiled(make_run(training={"optimizer": {"lr": 5e-3}}))
-    monkeypatch.setattr(cli, "_compile", lambda spec, *a, **k: new_c)
+    monkeypatch.setattr(cli, "_planned", lambda spec, *a, **k: cli._Planned(spec, None, None, new_c,
+                                                                             list(new_c.diagnostics)))
     r = CliRunner().invoke(app, ["plan", "x.yaml", "--diff", str(old)])
     assert r.exit_code == 0, r.output
     assert "training.optimizer.lr: 0.001 -> 0.005" in r.output

@@ -48,6 +48,17 @@ class StateBytes:
 
 
 @dataclass(frozen=True)
+class EagerCast:
+    """The fp8 casts of one converted linear run eagerly (no torch.compile), in HBM bytes per element of the tensor
+    they cast, by its role, and the kernels one cast launches (``EAGER_FLOAT8`` derives torchao's)."""
+
+    input: float  # per element of the linear's input (its forward cast, its backward cast, their layouts)
+    grad_output: float  # per element of the gradient of its output
+    weight: float  # per weight element, per micro-batch
+    kernels: int  # kernels one cast runs (amax, scale, upcast, scale multiply, clamp, fp8 conversion...)
+
+
+@dataclass(frozen=True)
 class Backend:
     """What one training backend allocates and overlaps. ``sources`` maps each field to its source."""
 
@@ -83,6 +94,10 @@ class Backend:
     # of a collective, or eager mode), by recipe; missing = fp8_cast_bytes
     fp8_cast_bytes_unfused: dict[str, float] = field(default_factory=dict)
     fp8_weight_cast_bytes: dict[str, float] = field(default_factory=dict)  # per weight element per micro-batch
+    # the casts of an fp8 run without torch.compile, by recipe, where the runner's eager path differs from the
+    # compiled one (torchao float8: each step of a cast its own kernel, EAGER_FLOAT8); missing = the unfused bytes
+    # (recipes whose casts are the same kernels compiled or not: torchao's mxfp8 / nvfp4 / fp8 grouped-GEMM casts)
+    fp8_eager_casts: dict[str, EagerCast] = field(default_factory=dict)
     fp8_tp_gather_recipes: frozenset[str] = frozenset()  # recipes whose TP all-gathers run in fp8 (cast on the shard)
     fp8_shape_stretch: bool = False  # fp8 GEMMs need fp8-speedup x larger shapes for the same efficiency (timing)
     fp8_cast_blocks_async_tp: bool = False  # an fp8 cast between a TP all-gather and its GEMM stops async TP fusing them
@@ -203,6 +218,58 @@ NVFP4_CAST_SRC = ("torchao nvfp4_training kernels (nvfp4_linear.py nvfp4_mm_trit
                   "get_inference_tensor_memory_traffic_ovhd_s 'nvfp4': bf16 read for the amax, bf16 read + fp4 write "
                   "+ 1 scale byte per 16 for the quantization) with both the row- and column-wise copies written: "
                   "2 + 2 + 2 x (0.5 + 1/16) = 5.125 B per element, fused or not (Triton kernels, opaque to compile)")
+# torchao float8 without torch.compile (torchao 0.18, the Float8Linear torchtitan's Float8LinearConverter swaps in;
+# https://github.com/pytorch/ao/tree/main/torchao/float8). float8_linear.py matmul_with_hp_or_float8_args saves the
+# bf16 input and weight (ctx.save_for_backward(input_hp, weight_hp_t)) and casts with hp_tensor_to_float8_dynamic
+# (float8_scaling_utils.py) in the forward the input (axiswise dim -1 under rowwise) and the weight (dim 0), in the
+# backward the grad_output twice (dim -1 for grad_input, dim 0 for grad_weight), the weight again (dim -1) and the
+# input again (dim 0): six casts, none reused across passes (the tensorwise recipe too: its _for_grad_* cast configs
+# default to the forward ones, cast anew). Each cast, op by op in eager, HBM bytes per element (read + write):
+#   tensor_to_amax (float8_utils.py): torch.abs(x)  bf16 -> bf16   2 + 2
+#                                     max / amax    bf16 -> one per tensor / row   2
+#   amax_to_scale: to(float64), clamp, reciprocal + mul (finfo.max / amax), to(float32), and under rowwise
+#     (round_scales_to_power_of_2) log2, floor, exp2: one element per tensor / row, ~0 B per element
+#   _ToFloat8ConstrFunc.forward (float8_training_tensor.py, hp_tensor_and_scale_to_float8):
+#                                     tensor.to(torch.float32)   bf16 -> fp32   2 + 4
+#                                     * scale                    fp32 -> fp32   4 + 4
+#   to_fp8_saturated (float8_utils.py): x.clamp(-max, max)       fp32 -> fp32   4 + 4
+#                                     x.to(float8_dtype)         fp32 -> fp8    4 + 1
+#   = 33 B per element per cast, in 11 kernels (tensorwise) / 14 (rowwise), where torch.compile fuses the chain
+#   into the producer (torchao's roofline: 4 / 6 B per element for both casts of a tensor, fp8_cast_bytes).
+# float8_ops.py preprocess_addmm wants _scaled_mm's first operand row-major and its second column-major: the
+# forward's are (the weight cast of weight.t() keeps its strides); in the backward the weight's dim -1 cast,
+# transposed for grad_input, is copied (b_data.t().contiguous().t()), and so are the grad_output's dim 0 cast
+# (transposed, .contiguous()) and the input's dim 0 cast for grad_weight: 1 + 1 B per element each.
+# addmm_float8_unwrapped, rowwise only: the backward GEMMs (gemm_config_grad_input / grad_weight, use_fast_accum
+# False) run the tensorwise kernel and rescale the bf16 output in eager: a_inverse_scale * b_inverse_scale writes an
+# (M, N) fp32 tensor (4 B), output *= it reads 2 + 4 and writes 2: 12 B per element of grad_input (the input's size)
+# and of grad_weight (the weight's).
+# Per element: input 2 x 33 + 2 (+ 12 rowwise), grad_output 2 x 33 + 2, weight 2 x 33 + 2 (+ 12 rowwise) per
+# micro-batch (tests/test_fp8_eager.py traces the ops torchao dispatches for a Float8Linear on CPU and recounts
+# them). The routed experts' fp8 grouped GEMM (torchao prototype/moe_training/fp8_grouped_mm.py), mxfp8
+# (MXFP8Linear: Triton dim0, CUDA dim1 cast kernels) and nvfp4 (Triton) cast with their own kernels, compiled or not.
+F8_EAGER_AMAX = (2 + 2) + 2  # abs, amax
+F8_EAGER_SCALE_CAST = (2 + 4) + (4 + 4) + (4 + 4) + (4 + 1)  # upcast, scale, clamp, fp8 conversion
+F8_EAGER_CAST = F8_EAGER_AMAX + F8_EAGER_SCALE_CAST  # 33 B per element per cast
+F8_EAGER_COPY = 1 + 1  # an fp8 operand copied into the layout _scaled_mm wants
+F8_EAGER_RESCALE = 4 + (2 + 4 + 2)  # rowwise backward GEMM output rescaled in eager
+F8_EAGER_ROLE = 2 * F8_EAGER_CAST + F8_EAGER_COPY  # two casts + one copy, every role
+EAGER_FLOAT8 = {
+    "tensorwise": EagerCast(input=F8_EAGER_ROLE, grad_output=F8_EAGER_ROLE, weight=F8_EAGER_ROLE, kernels=11),
+    "rowwise": EagerCast(input=F8_EAGER_ROLE + F8_EAGER_RESCALE, grad_output=F8_EAGER_ROLE,
+                         weight=F8_EAGER_ROLE + F8_EAGER_RESCALE, kernels=14),
+}
+EAGER_FLOAT8_SRC = ("torchao 0.18 float8 in eager (float8_linear.py matmul_with_hp_or_float8_args, "
+                    "float8_scaling_utils.py hp_tensor_to_float8_dynamic, float8_utils.py tensor_to_amax / "
+                    "amax_to_scale / to_fp8_saturated, float8_training_tensor.py _ToFloat8ConstrFunc, float8_ops.py "
+                    "preprocess_addmm / addmm_float8_unwrapped): six casts per linear (input, weight, grad_output "
+                    "twice each: the eager backward casts anew), each op its own kernel: abs 2 + 2, amax 2, to(fp32) "
+                    "2 + 4, x scale 4 + 4, clamp 4 + 4, to(fp8) 4 + 1 = 33 B per element in 11 (tensorwise) / 14 "
+                    "(rowwise) kernels; the backward GEMMs' operands copied to _scaled_mm's layouts (1 + 1 B); "
+                    "rowwise: the backward GEMMs' outputs rescaled in eager (fp32 scale outer product 4 B + 2 + 4 + "
+                    "2 B). Input 68 (rowwise 80), grad_output 68, weight 68 (rowwise 80) B per element (per weight "
+                    "element per micro-batch); the routed experts' casts (fp8_grouped_mm Triton kernels) and mxfp8 "
+                    "(Triton / CUDA cast kernels) are the same eager: fp8_cast_bytes_unfused")
 # torchao's NVFP4 Triton GEMM path requires every local GEMM dimension (tokens M, in K, out N) to be a multiple of
 # this (nvfp4_mm_triton: "requires M, K, N all divisible by 128"; torchtitan nvfp4.py _NVFP4_BLOCK)
 NVFP4_GEMM_ALIGN = 128
@@ -231,6 +298,7 @@ BACKENDS: dict[str, Backend] = {
         attn_relative_efficiency=0.6, compile_default=True, eager_elementwise=3.0,
         fp8_cast_bytes_unfused={"tensorwise": 6.0, "rowwise": 8.0, "mxfp8": MX_CAST_UNFUSED, NVFP4: NVFP4_CAST},
         fp8_weight_cast_bytes={"tensorwise": 8.0, "rowwise": 10.0, "mxfp8": MX_CAST_UNFUSED, NVFP4: NVFP4_CAST},
+        fp8_eager_casts=EAGER_FLOAT8,
         nvfp4_parts=frozenset({"attention", "mlp"}),
         fp8_tp_gather_recipes=frozenset({"tensorwise"}), fp8_shape_stretch=True, fp8_cast_blocks_async_tp=True,
         sac_regathers_tp=True, fp8_recipes=frozenset({"rowwise", "mxfp8"}), loss_chunks=TITAN_LOSS_CHUNKS,
@@ -271,7 +339,9 @@ BACKENDS: dict[str, Backend] = {
             "nvfp4 (NVFP4_CAST, also unfused and per weight element): " + NVFP4_CAST_SRC,
             "fp8_cast_bytes_unfused": "the same roofline without fusion: + the 2 B bf16 read (tensorwise amax "
             "pass / rowwise first read): 6 B and 8 B. Used for the casts whose input is the output of a TP "
-            "all-gather (a collective cannot be fused with the cast) and in eager mode",
+            "all-gather (a collective cannot be fused with the cast), and in eager mode for the recipes and parts "
+            "without an fp8_eager_casts entry (mxfp8, the routed experts: their cast kernels are the same eager)",
+            "fp8_eager_casts": EAGER_FLOAT8_SRC,
             "fp8_weight_cast_bytes": "the same roofline, weight role (never fused): tensorwise 2 (amax) + 3 (fwd "
             "cast) + 3 (bwd cast) = 8 B; rowwise 3 + 4 (bf16 transpose) + 3 = 10 B per weight element per micro-batch",
             "fp8_shape_stretch": "llmc's GEMM shape penalty (timing._efficiency) comes from per-tile costs that do "
@@ -516,6 +586,20 @@ def torchtitan_rope_gaps(rs, fam, path: str = "model.rope_scaling") -> list[Mode
                             f"torchtitan {v} RoPE supports scaling 'none', 'llama' and 'yarn', not {rs.type!r}",
                             "use type: llama3 or yarn, or build with another backend"))
     return out
+
+
+def torchtitan_keep_latest_gap(keep_latest: int) -> ModelGap | None:
+    """X321: torchtitan 0.3.0's checkpoint config refuses ``keep_latest_k`` 1 ("We need to maintain at least 2
+    checkpoint replicas, as the last one may be in the process of being saved": torchtitan/components/checkpointer/
+    base.py, CheckpointManager.Config.__post_init__), so a job emitted with ``training.checkpoint.keep_latest: 1`` would
+    fail as torchtitan loads it. The plan reports it for a torchtitan plan (checks.check_backend_options), the emitter
+    for the job it then leaves out."""
+    if keep_latest != 1:
+        return None
+    return ModelGap("X321", "training.checkpoint.keep_latest",
+                    f"torchtitan {TARGET_VERSIONS['torchtitan']} keeps at least 2 checkpoints (its checkpoint config "
+                    "refuses keep_latest_k 1: the last may still be being written)",
+                    "keep_latest: 2 or more, or training.backend native or deepspeed (which keep 1)")
 
 
 def torchtitan_model_gaps(arch, init_hf: str | None = None, init_hf_path: str = "training.init_hf",

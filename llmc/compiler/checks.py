@@ -18,7 +18,8 @@ P011   info      optimizer offload: the host's share of each step (the CPU rate 
 P012   error     parallelism.ac_layers without activation_checkpointing: partial, or more than the model's layers
 P013   warning   ac_layers at least the largest pipeline chunk: every block recomputed, as full
 P014   error     parallelism.pp_virtual_stages the pinned schedule cannot run, or pp x chunks > n_layers + 2
-P015   error     parallelism.offload_params without offload_optimizer, or with a ZeRO stage other than 3
+P015   error     parallelism.offload_params without offload_optimizer, or with a ZeRO stage other than 3;
+                 offload_optimizer with zero_stage 0
 P016   error     offload needs more host memory per node than the node has (warning above 80%; info: unknown)
 P017   error     optimizer / parameter offload on a backend whose job does not offload (only DeepSpeed does)
 P018   error     a pinned parallel dimension (tp, pp or a pipeline schedule, cp, ep, dp_replicate with sharding) the
@@ -44,6 +45,8 @@ T017   error     nvfp4: a converted linear's local GEMM dimension (after TP shar
                  not a multiple of 128
 T018   error     training.nvfp4_bf16_tail keeps every decoder block in bf16 (nothing to convert)
 T019   warning   nvfp4 converts a smaller share of the training FLOPs than fp8 would (routed experts stay bf16)
+T021   warning   fp8 with training.compile false on a backend that compiles: torchao's eager float8 casts (each step
+                 its own kernel) cost far more than compiled ones; names the step with and without compile and in bf16
 B001   error     predicted days > budget.max_days
 B002   error     predicted cost > budget.max_usd
 B003   error     budget impossible even at 60 % MFU (with the budget that would be needed)
@@ -244,6 +247,11 @@ def check_backend_options(run, backend, sink: Sink) -> None:
         return be.can_compile if key == "compile" else key in be.applies
 
     tr = run.training
+    if backend.name == "torchtitan":  # X321: a checkpoint setting torchtitan's job would refuse as it loads
+        from llmc.compiler.backends import torchtitan_keep_latest_gap
+
+        if (g := torchtitan_keep_latest_gap(tr.checkpoint.keep_latest)) is not None:
+            sink.add(g.code, "error", g.path, g.message, g.hint)
     asked = [("compile", "torch.compile", tr.compile is True),
              ("z_loss", "z-loss", tr.z_loss > 0), ("loss_spike", "loss-spike rewind", tr.loss_spike.enabled)]
     for key, what, on in asked:
@@ -268,6 +276,44 @@ def check_fp8_recipe(run, backend, sink: Sink) -> None:
                  f"the {backend.name} backend does not run the {recipe} fp8 recipe "
                  f"(it runs {', '.join(sorted(backend.fp8_recipes))})",
                  f"use fp8_recipe {' or '.join(sorted(backend.fp8_recipes))}, or another training.backend")
+
+
+def check_fp8_eager(run, backend, plan, sm, step_model, sink: Sink) -> bool:
+    """T021: an fp8 run with ``training.compile: false`` on a backend that compiles, whose fp8 casts run eagerly as
+    separate kernels (``Backend.fp8_eager_casts``: torchao float8's abs, amax, scale, fp32 upcast, multiply, clamp and
+    fp8 conversion, each over the whole tensor, and every tensor cast anew in the backward; backends.EAGER_FLOAT8).
+    torchtitan's float8 MoE and MX converters warn alike ("Compile is required for high performance float8 MoE
+    training"), and pytorch/ao#685 measures eager float8 slower than 16-bit. Names the plan's step (``sm``, timed
+    eager), the same layout's with compile and in bf16 without it (``step_model(precision, compile)`` builds the
+    other step models), and the cast bytes per element eager and compiled. Returns True when it applies: the
+    caller then skips T020 (this message names the bf16 step too, so one message covers the situation)."""
+    from llmc.compiler import timing
+    from llmc.compiler.backends import compile_on, lowp_recipe
+    from llmc.compiler.search import describe
+
+    tr = run.training
+    if tr.precision != "fp8" or not backend.can_compile or compile_on(backend, tr.compile) or not sm.fp8_peak:
+        return False
+    recipe = lowp_recipe(backend, "fp8", tr.fp8_recipe)
+    eager = backend.fp8_eager_casts.get(recipe)
+    if eager is None:
+        return False
+    step = timing.step_time(sm, plan)[0]
+    compiled = timing.step_time(step_model("fp8", True), plan)[0]
+    bf16 = timing.step_time(step_model("bf16", False), plan)[0]
+    fused = backend.fp8_cast_bytes.get(recipe, 0.0)
+    weight = backend.fp8_weight_cast_bytes.get(recipe, 0.0)
+    act = (f"{eager.input:g} B per input or gradient element" if eager.input == eager.grad_output
+           else f"{eager.input:g} B per input element, {eager.grad_output:g} per gradient")
+    slower = "; not faster than bf16" if step >= bf16 else ""
+    sink.add("T021", "warning", "training.compile",
+             f"fp8 without torch.compile: torchao's {recipe} float8 casts run eagerly, {eager.kernels} separate "
+             f"kernels per cast, each over the whole tensor ({act}, {eager.weight:g} per weight element and "
+             f"micro-batch, against {fused:g} and {weight:g} B compiled): predicted {step:.2f} s per step against "
+             f"{compiled:.2f} s with compile on the same layout ({describe(plan)}), {bf16:.2f} s in bf16 without "
+             f"compile{slower}",
+             "set training.compile: true (torchtitan compiles by default), or train in bf16")
+    return True
 
 
 def check_nvfp4(run, backend, compiled: bool, sink: Sink, why: str = "") -> None:
@@ -443,6 +489,11 @@ def check_pins(run, gpu, sink: Sink) -> None:
         sink.add("P015", "error", "parallelism.offload_params",
                  f"offload_params with zero_stage {par.zero_stage}: only ZeRO-3 partitions the parameters",
                  "pin zero_stage 3 or leave it unset")
+    elif par.offload_optimizer and par.zero_stage == 0:  # DeepSpeed offloads the ZeRO optimizer's partitions only
+        sink.add("P015", "error", "parallelism.offload_optimizer",
+                 "offload_optimizer with zero_stage 0: DeepSpeed offloads the ZeRO optimizer's state, which stage 0 "
+                 "does not have (deepspeed/runtime/zero/offload_config.py: ZeRO stages 1-3)",
+                 "pin zero_stage 1, 2 or 3, or leave it unset")
     v = par.pp_virtual_stages
     if v is not None:
         need = {"1F1B": 1, "GPipe": 1, "ZBVZeroBubble": 2}.get(par.pp_schedule or "")

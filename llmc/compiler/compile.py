@@ -127,10 +127,14 @@ class _Searched:
 
 def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None = None,
                  spec_bytes: bytes | None = None, facts: ExternalFacts | None = None, *, calibration=None,
-                 fit_check: bool = True) -> Compiled:
+                 fit_check: bool = True, overrides: tuple[str, ...] | list[str] = (),
+                 spec_file_sha256: str | None = None) -> Compiled:
     """Compile a validated ``RunSpec`` into every derived number, the plan and the diagnostics.
 
-    ``spec_bytes``: the spec file's bytes, for ``spec.sha256`` (without them: the resolved spec's hash).
+    ``spec_bytes``: the spec file's bytes, for ``spec.sha256`` (without them: the resolved spec's hash); with
+    ``--set`` overrides, the bytes followed by them (:func:`llmc.overrides.override_bytes`). ``overrides``: their
+    command-line text, in order, and ``spec_file_sha256`` the sha256 of the file's own bytes, both recorded in
+    ``Compiled`` (without overrides the file's hash is that of ``spec_bytes``; unknown, None, otherwise).
     ``facts``: what the spec's referenced files say (:func:`llmc.spec.facts.gather_facts`); without
     them tokenizer special tokens are inferred from the model name. Deterministic for given inputs.
     Error diagnostics are returned (not raised): the CLI prints them and exits 1; a plan is still
@@ -226,7 +230,13 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
                 restart_seconds=None if restart is None else 60.0 * restart))
         gh = timing.gpu_hours(time.days, run.hardware.count)
         cost = CostNumbers(gpu_hours=gh, usd=timing.usd(gh, gpu.usd_per_hour), usd_per_gpu_hour=gpu.usd_per_hour)
-        _check_lowp_gain(run, gpu, data.seq_len, searched, sm, sink, model_opts)
+
+        def step_model(precision: str, compile_: bool):  # the plan's step model at another precision / compile
+            return _step_model(arch, data.seq_len, precision, gpu, dataclasses.replace(model_opts, compile=compile_))
+
+        # T021 (fp8 timed eager) names the bf16 step as T020 would: one message for the situation
+        if not checks.check_fp8_eager(run, backends.get_backend(be_info.name), searched.plan, sm, step_model, sink):
+            _check_lowp_gain(run, gpu, data.seq_len, searched, sm, sink, model_opts)
         if not pretrain_batch_seqs(run, gpu, data.seq_len, training)[1]:  # (llmc's own batch splits: defaults.py)
             _check_smaller_cluster(run, gpu, data.seq_len, training, seqs, time, cost, sink, model_opts)
 
@@ -249,8 +259,12 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
                              facts.eval_tasks if facts is not None else {})
     diags = sink.items + [_located(d, lines, spec_path) for d in stage_diags + serving_diags]
     preemption = _preemption(time, stages)
+    sha = spec_sha256(run, spec_bytes)
     return Compiled(
-        spec_path=spec_path, spec_sha256=spec_sha256(run, spec_bytes), spec=run, gpu=gpu, model=model,
+        spec_path=spec_path, spec_sha256=sha, spec=run, gpu=gpu, model=model,
+        spec_file_sha256=spec_file_sha256 if spec_file_sha256 is not None else (
+            sha if spec_bytes is not None and not overrides else None),
+        overrides=list(overrides),
         compute=compute, hyper=hyper, plan=searched.plan, memory=searched.memory, time=time, cost=cost,
         reasons=list(searched.reasons),
         alternatives=list(searched.alternatives), rejected=list(searched.rejected),
@@ -398,6 +412,8 @@ def compile_loaded(loaded: LoadedSpec, facts: ExternalFacts | None = None, **opt
     loader's errors, the compiler's diagnostics that do not depend on an invalid value.
     ``options``: :func:`compile_spec`'s keyword options (``calibration``, ``fit_check``).
     """
+    # what the build records of its input: the spec file's own hash and the --set overrides applied to it
+    options = {**options, "overrides": loaded.overrides, "spec_file_sha256": loaded.spec_file_sha256}
     if loaded.run is not None:
         c = compile_spec(loaded.run, loaded.file, loaded.lines, loaded.spec_bytes, facts, **options)
         return Outcome(c, sort_diagnostics(_dedupe(list(loaded.diagnostics) + c.diagnostics)))

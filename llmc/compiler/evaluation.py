@@ -51,6 +51,17 @@ https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/interface.md)
 (None) exactly the chat stages, so an instruction-tuned model is scored on the layout it was trained on and a
 pre-trained one on raw text; ``true`` / ``false`` set every evaluated stage.
 
+Task files in the build (``evaluation.tasks.task_files``). A build is committed and copied to each node on its own,
+so it carries its local eval task files: each local file of ``eval.tasks`` and every local file it reads
+(:func:`llmc.spec.facts.task_file_tree`: its relative data_files, include: files, !function modules; a group file's
+member task files) are copied under ``eval/tasks/<name>/`` (``<name>``: the file's name without .yaml / .yml, with
+``-2``, ``-3``... where two share it), laid out so each relative reference still resolves. The lock records, per
+task as the spec writes it, the copy the eval step reads (``path``, relative to the build directory) and the sha256
+of each copied file (``files``), so a changed eval set shows in the build's diff and the eval step refuses a copy
+edited since the build (:mod:`llmc.runtime.evaluate`). The bytes travel to the emitter in :attr:`TasksPlan.copies`, which
+the lock leaves out. ``task_files`` is absent when no local task file was read (a compile without the spec's facts);
+the eval step then reads them next to the spec, as before.
+
 Checkpoint evals (``eval.every_checkpoints: K``). The native trainer saves a checkpoint every
 ``checkpoint_interval`` steps before the last step and one at the last step, and keeps the newest
 ``keep_latest`` of them (:mod:`llmc.runtime.checkpoint`); post-training stages save only the last one.
@@ -68,6 +79,9 @@ from llmc.compiler import quality_math
 from llmc.compiler.checks import MAX_EPOCHS, mixture_shares
 from llmc.sources import VALIDATION_FILE_FORMATS, validation_file_format
 from llmc.spec.schema import CHAT_KINDS
+
+#: Where the build keeps its copies of the local eval task files (relative to the build directory).
+TASK_COPY_DIR = "eval/tasks"
 
 #: Words per BPE token for English text: "1 token ~= 3/4 of a word"
 #: (https://help.openai.com/en/articles/4936856-what-are-tokens-and-how-to-count-them).
@@ -132,6 +146,19 @@ class TasksPlan:
     # stage -> whether its evals (export and checkpoints) go through the export's chat template (lm_eval
     # apply_chat_template / fewshot_as_multiturn): eval.apply_chat_template, by default the chat stages
     apply_chat_template: dict[str, bool] = field(default_factory=dict)
+    # local task file as the spec writes it -> its copy in the build (None: no local task file was read)
+    task_files: dict[str, TaskCopy] | None = None
+    # every copied file: path relative to the build directory -> bytes (for the emitter; not in the lock)
+    copies: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class TaskCopy:
+    """A local task file's copy in the build: ``path`` is the copy the eval step reads, ``files`` every copied file
+    (the task file and what it reads) -> its sha256; paths relative to the build directory."""
+
+    path: str
+    files: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -143,8 +170,12 @@ class EvaluationPlan:
     def to_json(self) -> dict:
         """The lock's ``evaluation`` block (the checkpoint-eval keys only when ``eval.every_checkpoints`` is set)."""
         d = asdict(self)
-        if d["tasks"] is not None and self.tasks.every_checkpoints is None:
-            del d["tasks"]["every_checkpoints"], d["tasks"]["checkpoint_steps"]
+        if d["tasks"] is not None:
+            del d["tasks"]["copies"]  # bytes: the build's eval/tasks/ files; the lock keeps their sha256
+            if self.tasks.task_files is None:
+                del d["tasks"]["task_files"]
+            if self.tasks.every_checkpoints is None:
+                del d["tasks"]["every_checkpoints"], d["tasks"]["checkpoint_steps"]
         return d
 
 
@@ -254,6 +285,32 @@ def _task_key(task: str) -> str:
     return t.lower()
 
 
+def task_copies(tasks: list[str], task_files) -> tuple[dict[str, TaskCopy] | None, dict[str, bytes]]:
+    """Where the build copies each local task file of ``tasks`` and what it reads (see the module docstring), from
+    ``task_files`` (:class:`llmc.spec.facts.EvalTaskFacts` by spec path): ``({task: TaskCopy}, {build path:
+    bytes})``; ``(None, {})`` when none of them was read. A file with a problem (E009) gets no copy."""
+    local = list(dict.fromkeys(t for t in tasks if t.endswith((".yaml", ".yml"))))
+    if not any(t in (task_files or {}) for t in local):
+        return None, {}
+    plans: dict[str, TaskCopy] = {}
+    copies: dict[str, bytes] = {}
+    used: set[str] = set()
+    for t in local:
+        fact = task_files.get(t)
+        if fact is None or fact.problem is not None or not fact.files or fact.main is None:
+            continue
+        stem = posixpath.splitext(posixpath.basename(t))[0] or "task"
+        key, n = stem, 1
+        while key in used:
+            n += 1
+            key = f"{stem}-{n}"
+        used.add(key)
+        root = f"{TASK_COPY_DIR}/{key}"
+        plans[t] = TaskCopy(path=f"{root}/{fact.main}", files={f"{root}/{f.rel}": f.sha256 for f in fact.files})
+        copies.update({f"{root}/{f.rel}": f.data for f in fact.files})
+    return plans, copies
+
+
 def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: int | None,
                     micro_batch: int | None, dp: int | None, forward_flops_per_token: float, grad_accum: int = 1,
                     tokens_per_second: float | None, train_flops_per_token: float | None,
@@ -307,9 +364,10 @@ def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: 
             lm_names.append(fact.name if fact is not None and fact.name else
                             posixpath.splitext(posixpath.basename(t))[0] if local else t)
         chat = _chat_template_stages(ev.apply_chat_template, names, stages or [], sink)
+        copied, copies = task_copies(list(ev.tasks), task_files)
         tasks = TasksPlan(tasks=list(ev.tasks), names=lm_names, stages=names, backend=ev.backend, batch_size=ev.batch_size,
                           limit=ev.limit, every_checkpoints=ev.every_checkpoints, checkpoint_steps=ck,
-                          apply_chat_template=chat)
+                          apply_chat_template=chat, task_files=copied, copies=copies)
         if ev.backend == "vllm":
             sink.add("E007", "info", "eval.backend",
                      "llmc launch evaluates with lm-evaluation-harness's hf backend; eval/tasks.json gives the "
@@ -407,5 +465,5 @@ def _check_epochs(run, val: ValidationPlan | None, qual: QualityPlan | None, sin
                      f"arXiv:2305.16264); add data or train on fewer tokens")
 
 
-__all__ = ["CheckpointEvals", "checkpoint_eval_steps", "format_steps", "EvaluationPlan", "ValidationPlan", "QualityPlan", "NearDupPlan", "TasksPlan", "plan_evaluation",
+__all__ = ["CheckpointEvals", "checkpoint_eval_steps", "format_steps", "EvaluationPlan", "ValidationPlan", "QualityPlan", "NearDupPlan", "TasksPlan", "TaskCopy", "TASK_COPY_DIR", "task_copies", "plan_evaluation",
            "validation_plan", "quality_plan", "MAX_EPOCHS", "WORDS_PER_TOKEN"]

@@ -490,6 +490,12 @@ class Compiled:
     # config.json model_type of each local init_hf checkpoint, keyed by the spec's path (llmc.spec.facts): what the
     # torchtitan target's state-dict adapters can read
     checkpoint_types: dict[str, str] = field(default_factory=dict)
+    # the sha256 of the spec file's own bytes (``spec_sha256`` hashes them followed by the ``--set`` overrides, when
+    # there are any); None when the spec was given as a RunSpec without its file's bytes
+    spec_file_sha256: str | None = None
+    # the ``--set`` overrides applied to the spec file, their command-line text in order (``llmc build SPEC --set ...``
+    # with these reproduces the build)
+    overrides: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """JSON view; keys documented in README (model.*, compute.*, plan, memory.*, time.*, cost.*)."""
@@ -501,7 +507,9 @@ class Compiled:
             "llmc_version": __import__("llmc").__version__,
             "spec": {
                 "path": self.spec_path,
-                "sha256": self.spec_sha256,
+                "sha256": self.spec_sha256,  # of the spec file's bytes followed by the overrides (when any)
+                "file_sha256": self.spec_file_sha256,  # of the spec file's own bytes
+                "overrides": list(self.overrides),  # --set overrides as given, in order
                 "name": self.spec.name,
                 # the whole resolved spec: the runtime reads data/training/stages from here
                 "resolved": self.spec.model_dump(mode="json"),

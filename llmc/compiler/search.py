@@ -1037,6 +1037,9 @@ _DIM_LABEL = {
 
 
 _SIMPLER_DIMS = ("tp", "pp", "cp", "ep", "activation_checkpointing")
+#: the dimension whose values trade memory for step time: the reasons give each other value's memory per GPU beside its
+#: step time (ZeRO-1 for a step 0.5 % faster than ZeRO-3 may hold a third more), so the choice can be judged
+_MEMORY_TRADE_DIMS = ("zero_stage",)
 
 
 def _verdict(dim, chosen, values, best_by, nofit_by, step) -> str:
@@ -1098,7 +1101,10 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
             alt = best_by.get((dim, val))
             if alt is not None:
                 pct = 100 * (alt.step_seconds / step - 1)
-                texts.setdefault("tie" if abs(pct) < 0.05 else f"{'+' if pct > 0 else '-'}{abs(pct):.1f}%", []).append(val)
+                text = "tie" if abs(pct) < 0.05 else f"{'+' if pct > 0 else '-'}{abs(pct):.1f}%"
+                if dim in _MEMORY_TRADE_DIMS:  # what the other value would hold: the speed bought with memory
+                    text += f" at {gib(alt.per_gpu_bytes)}"
+                texts.setdefault(text, []).append(val)
             elif (dim, val) in nofit_by:
                 texts.setdefault(f"does not fit (>= {gib(nofit_by[(dim, val)])})", []).append(val)
             elif (dim, val) in struct_by:

@@ -338,13 +338,19 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
     # gather, Float8RowwiseParallel's output hook casts the gradient before the backward gather ("fwd noop bwd
     # cast", torchao/float8/float8_tensor_parallel.py). All those casts are split by tp, fusable, and every
     # TP all-gather moves 1 byte per element.
+    # Without torch.compile, torchao float8 runs each step of a cast as its own kernel and casts each tensor anew in
+    # the backward (backends.EAGER_FLOAT8: bytes per input, grad_output and weight element, by recipe): the dense
+    # linears' inputs and grad_outputs are counted apart then (their eager bytes differ under rowwise); the routed
+    # experts' and the recipes without an eager entry keep the unfused bytes (their cast kernels are the same eager).
     cast_full = cast_sharded = cast_tp1 = cast_tp_sharded = weight_cast = expert_weight_cast = 0.0
     tp_gather = float(ACT_BYTES)
     if fp8_parts:
         fused = be.fp8_cast_bytes.get(recipe, 0.0)
         unfused = be.fp8_cast_bytes_unfused.get(recipe, fused)
+        eager = None
         if not compiled_:  # eager: nothing is fused into the producing kernel
             fused = unfused
+            eager = be.fp8_eager_casts.get(recipe) if precision == "fp8" else None
         if arch.mla is not None:
             q_out = arch.n_heads * (arch.mla.qk_nope_head_dim + arch.mla.qk_rope_head_dim + arch.mla.v_head_dim)
             kv_out = 0.0
@@ -360,18 +366,26 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         if "experts" in fp8_parts:
             routed = arch.moe.top_k * n_moe / L
         full = attn_on * 4 * d + mlp_on * 3 * d  # wq, wk, wv inputs + wo grad_output; w1, w3 inputs + w2's
-        cast_sharded = fused * (attn_on * (arch.n_heads * arch.hd + q_out + kv_out) + 3 * mlp_ff
-                                + routed * 3 * (d + e_ff))
-        cast_tp1 = fused * full
-        if recipe in be.fp8_tp_gather_recipes:
-            # attention and MLP inputs (once each), wo and w2 grad_outputs
-            cast_tp_sharded = fused * 2 * d * (attn_on + mlp_on)
-            tp_gather = 1.0
-        else:
+        routed_bytes = fused * routed * 3 * (d + e_ff)
+        if eager is None:
+            cast_sharded = fused * (attn_on * (arch.n_heads * arch.hd + q_out + kv_out) + 3 * mlp_ff) + routed_bytes
+            cast_tp1 = fused * full
             cast_full = unfused * full
+            gather_cast = fused * 2 * d * (attn_on + mlp_on)  # attention and MLP inputs (once each), wo and w2 go
+        else:  # the same elements, inputs and grad_outputs apart
+            full_in, full_go = attn_on * 3 * d + mlp_on * 2 * d, (attn_on + mlp_on) * d
+            shard_in = attn_on * arch.n_heads * arch.hd + mlp_ff  # wo, w2 inputs
+            shard_go = attn_on * (q_out + kv_out) + 2 * mlp_ff  # wq, wk, wv, w1, w3 grad_outputs
+            cast_sharded = eager.input * shard_in + eager.grad_output * shard_go + routed_bytes
+            cast_tp1 = cast_full = eager.input * full_in + eager.grad_output * full_go
+            gather_cast = (eager.input + eager.grad_output) * d * (attn_on + mlp_on)
+        if recipe in be.fp8_tp_gather_recipes:
+            cast_full, cast_tp_sharded = 0.0, gather_cast
+            tp_gather = 1.0
         w_bytes = be.fp8_weight_cast_bytes.get(recipe, 0.0)
         weights = flops.matmul_params_by_part(arch, active=False)
-        weight_cast = w_bytes * sum(weights[k] for k in ("attention", "mlp") if k in fp8_parts) / L
+        weight_cast = ((w_bytes if eager is None else eager.weight)
+                       * sum(weights[k] for k in ("attention", "mlp") if k in fp8_parts) / L)
         expert_weight_cast = w_bytes * weights["experts"] / L if "experts" in fp8_parts else 0.0
         # nvfp4: only the converted blocks cast (per-block average, as the FLOPs)
         cast_full, cast_sharded, cast_tp1, cast_tp_sharded, weight_cast = (

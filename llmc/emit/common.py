@@ -1,7 +1,9 @@
 """What every emitter shares: the file header, JSON dumping, the Jinja2 environment, diagnostics.
 
 Every generated file opens with a header naming llmc's version, the target library versions and
-the spec sha256; JSON is written with sorted keys and a trailing newline (deterministic, diffable).
+the spec sha256; a build made with ``--set`` overrides names the spec file's own sha256, the overrides (their
+command-line text, in order) and labels the sha256 of the spec plus overrides as such (a build without overrides
+keeps the one ``spec sha256``, which is then the file's). JSON is written with sorted keys and a trailing newline (deterministic, diffable).
 Templates are rendered with ``StrictUndefined`` and do no arithmetic: every number is computed by
 the emitter (or the compiler) and handed over as a value.
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
 from functools import cache
 from typing import Any
 
@@ -36,18 +40,65 @@ def diag(code: str, severity: str, path: str, message: str, hint: str = "") -> D
     return Diagnostic(code=code, severity=severity, path=path, message=message, hint=hint)  # type: ignore[arg-type]
 
 
+#: What ``spec_sha256`` hashes in the header of a build made with ``--set`` overrides.
+SPEC_PLUS_OVERRIDES = "the spec file's bytes followed by the --set overrides (llmc.overrides.override_bytes)"
+
+
+def set_options(overrides) -> list[str]:
+    """``["--set", text, ...]``: the overrides as ``llmc build`` takes them, in order."""
+    return [word for text in overrides for word in ("--set", str(text))]
+
+
+# characters a word keeps as they are inside $'...' (the rest: \xHH of each UTF-8 byte)
+_PLAIN_CHAR = re.compile(r"[A-Za-z0-9_ .,/=:+@%-]")
+# characters that make a word printed as $'...' rather than shlex-quoted (with the unprintable ones): what would read
+# as an expansion or HTML outside the quotes (a build's README holds no such spec-controlled text:
+# tests/test_safety_e2e.py)
+_ODD = re.compile(r"[$`\\<>]")
+
+
+def sh_word(word: str) -> str:
+    """``word`` as one shell word: as it is when no shell reads anything in it, ``shlex.quote``-d when it holds only
+    printable characters that are no shell or Markdown syntax, else ANSI-C quoted (``$'...'``, every other
+    character as the ``\\xHH`` escapes of its UTF-8 bytes: bash, zsh, ksh and POSIX.1-2024 sh read it back
+    exactly), so it stays one line of inert text."""
+    if word.isprintable() and not _ODD.search(word):
+        return shlex.quote(word)
+    raw = word.encode("utf-8", "surrogateescape")
+    return "$'" + "".join(chr(b) if b < 128 and _PLAIN_CHAR.match(chr(b)) else f"\\x{b:02x}" for b in raw) + "'"
+
+
+def build_command(spec_path: str, out: str, overrides=()) -> str:
+    """The shell command that builds ``spec_path`` into ``out`` with the ``--set`` overrides given, each word quoted
+    by :func:`sh_word` (``shlex.quote`` for every ordinary path and value)."""
+    return " ".join(sh_word(w) for w in ["llmc", "build", str(spec_path), "-o", str(out), *set_options(overrides)])
+
+
 def header_fields(compiled) -> dict[str, Any]:
+    """The header of the JSON artifacts (the lock's ``_llmc``). With ``--set`` overrides it also holds
+    ``spec_file_sha256`` (the file's own bytes), ``overrides`` and ``spec_sha256_of`` (what ``spec_sha256`` hashes
+    then); without, it is as it always was (``spec_sha256`` is the file's)."""
     import llmc
 
-    return {"generated_by": f"llmc {llmc.__version__}", "llmc_version": llmc.__version__,
-            "target_versions": dict(sorted(llmc.TARGET_VERSIONS.items())), "spec_sha256": compiled.spec_sha256,
-            "note": GEN_NOTE}
+    h = {"generated_by": f"llmc {llmc.__version__}", "llmc_version": llmc.__version__,
+         "target_versions": dict(sorted(llmc.TARGET_VERSIONS.items())), "spec_sha256": compiled.spec_sha256,
+         "note": GEN_NOTE}
+    if compiled.overrides:
+        h.update(spec_file_sha256=compiled.spec_file_sha256, overrides=list(compiled.overrides),
+                 spec_sha256_of=SPEC_PLUS_OVERRIDES)
+    return h
 
 
 def header_lines(compiled) -> list[str]:
+    """The text header of every other artifact (each emitter writes it as comments of its language)."""
     h = header_fields(compiled)
     targets = ", ".join(f"{k} {v}" for k, v in h["target_versions"].items())
-    return [f"{h['generated_by']}: {GEN_NOTE}", f"targets: {targets}", f"spec sha256: {h['spec_sha256']}"]
+    out = [f"{h['generated_by']}: {GEN_NOTE}", f"targets: {targets}"]
+    if not compiled.overrides:
+        return [*out, f"spec sha256: {h['spec_sha256']}"]
+    return [*out, f"spec file sha256: {h['spec_file_sha256'] or 'unknown'}",
+            f"overrides: {shlex.join(h['overrides'])}",  # (their text: "--set" reads "-\x2dset" in Markdown's comments)
+            f"spec + overrides sha256: {h['spec_sha256']}"]
 
 
 def dump_json(obj: Any) -> str:

@@ -4,12 +4,14 @@ Policy (documented choice): llmc's DeepSpeed runner (``llmc.runtime.ds_train``) 
 ZeRO only. When the plan uses tp/pp/cp/ep > 1 the DeepSpeed artifacts are still emitted with every
 GPU as a data-parallel rank (ZeRO-3 unless a stage is pinned) and a warning X103 says so; if the
 global batch cannot be split over that many ranks, the DeepSpeed artifacts are left out with warning
-X104. A pinned ``zero_stage: 3`` with pipeline parallelism is an error (X102): DeepSpeed's pipeline
-engine does not support ZeRO-3.
+X104. A pinned pipeline (``parallelism.pp``) is folded too, with any pinned ZeRO stage: llmc never runs DeepSpeed's
+pipeline engine (whose ZeRO-3 limit was the retired error X102), so ``zero_stage: 3`` with ``pp: 2`` is a ZeRO-3
+data-parallel run over every GPU with warning X103. An artifact that cannot be emitted never stops the build of the
+planned backend: every error below is one the planned backend's own build has too (X108 / X110: offload, which only
+the DeepSpeed backend plans, P017; X101 / X105: an inconsistent plan or an llmc bug).
 
 Diagnostics:
     X101 error    DeepSpeed batch identity broken (micro x accum x dp != global batch)
-    X102 error    zero_stage 3 pinned together with pipeline parallelism
     X103 warning  plan uses tp/pp/cp/ep; the DeepSpeed runner folds every GPU into data parallelism
     X104 warning  global batch not divisible by the DeepSpeed data-parallel size: deepspeed/ omitted
     X105 error    ds_config top-level key outside the allow-list (an llmc bug, never a user error)
@@ -28,7 +30,11 @@ DeepSpeed-trained stage whose config differs from ``ds_config.json`` (numbers fr
 runtime on the same processes: ``torchrun --standalone`` on one node, and with a ``HOSTFILE`` the DeepSpeed
 launcher's own multi-node start (``deepspeed --hostfile H --no_local_rank --module llmc.runtime.entry``: it sets
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT on every host as torchrun does,
-deepspeed/launcher/launch.py), so no stage of a hostfile run is left on the launching node alone.
+deepspeed/launcher/launch.py), so no stage of a hostfile run is left on the launching node alone. Its storage is
+launch/torchrun_multi_node.sh's: everything the run writes goes under ``LLMC_RUN_DIR`` (default: the build directory;
+prepare's assets with ``--assets``), ``RUN_DIR`` defaults to ``$LLMC_RUN_DIR/run``, and with a HOSTFILE of more than
+one host the DeepSpeed launcher first starts ``llmc.runtime.entry shared-check`` on each host (one process per host,
+``launch/_shared_run.sh.j2``), so that ZeRO's per-rank checkpoint shards never spread over the hosts' local disks.
 """
 
 from __future__ import annotations
@@ -151,14 +157,9 @@ def _x104(gbs: int, n: int, hint: str) -> Diagnostic:
                 "deepspeed/ artifacts are not emitted", hint)
 
 
-def _pinning_checks(compiled, plan: ParallelPlan, stage: int) -> list[Diagnostic]:
+def _pinning_checks(compiled, stage: int) -> list[Diagnostic]:
     par = compiled.spec.parallelism
     out: list[Diagnostic] = []
-    if par.zero_stage == 3 and ((par.pp or 1) > 1 or plan.pp > 1):
-        out.append(diag("X102", "error", "parallelism.zero_stage",
-                        f"zero_stage 3 with pipeline parallelism (pp={max(par.pp or 1, plan.pp)}) is not supported: "
-                        "DeepSpeed's pipeline engine only works with ZeRO stage 0 or 1",
-                        "pin zero_stage 1, or pp: 1"))
     if par.offload_optimizer and stage == 0:
         out.append(diag("X108", "error", "parallelism.offload_optimizer",
                         "offload_optimizer needs ZeRO stage >= 1 (zero_stage is 0)",
@@ -232,6 +233,14 @@ def _zero_section(compiled, stage: int) -> dict[str, Any]:
     return zero
 
 
+# why ds_config's optimizer has "torch_adam": true, said in the file itself (its "_llmc" header, which DeepSpeed never
+# sees: llmc.runtime.ds_train drops it). torch_adam: "Use torch's implementation of adam instead of our fused adam
+# implementation" (https://www.deepspeed.ai/docs/config-json/#optimizer-parameters); FusedAdam is a JIT-built op
+# (deepspeed/ops/op_builder/fused_adam.py) unless DeepSpeed was installed with DS_BUILD_FUSED_ADAM=1
+TORCH_ADAM_NOTE = ("optimizer.params.torch_adam: torch.optim.AdamW, not DeepSpeed's FusedAdam, which DeepSpeed "
+                   "JIT-builds (ninja + the CUDA compiler) on every node the first time a run uses it")
+
+
 def _optimizer_section(compiled, lr: float) -> dict[str, Any]:
     opt = compiled.spec.training.optimizer
     params: dict[str, Any] = {"lr": lr, "betas": list(opt.betas), "eps": opt.eps,
@@ -245,14 +254,18 @@ def _optimizer_section(compiled, lr: float) -> dict[str, Any]:
 
 def _config(compiled, nums: DsNumbers, micro: int, accum: int, dp: int, zero: int) -> dict[str, Any]:
     spec = compiled.spec
+    optimizer = _optimizer_section(compiled, nums.lr)
+    head = header_fields(compiled)
+    if optimizer["params"].get("torch_adam"):
+        head["torch_adam"] = TORCH_ADAM_NOTE
     cfg: dict[str, Any] = {
-        DS_HEADER_KEY: header_fields(compiled),
+        DS_HEADER_KEY: head,
         "train_batch_size": micro * accum * dp,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": float(spec.training.grad_clip or 0.0),
         "bf16": {"enabled": spec.training.precision in BF16_PRECISIONS},
-        "optimizer": _optimizer_section(compiled, nums.lr),
+        "optimizer": optimizer,
         "zero_optimization": _zero_section(compiled, zero),
         "steps_per_print": int(spec.training.log_every),
         "wall_clock_breakdown": False,
@@ -273,7 +286,7 @@ def deepspeed_config(compiled) -> tuple[dict | None, list[Diagnostic]]:
         return None, [_x104(compiled.hyper.global_batch_seqs, world(compiled),
                             "use the native backend, or a global batch divisible by the GPU count")]
     stage = zero_stage_for(compiled)
-    diags = _pinning_checks(compiled, plan, stage)
+    diags = _pinning_checks(compiled, stage)
     batch = _batch(compiled, plan, stage, diags)
     if batch is None:
         return None, diags
@@ -349,13 +362,17 @@ class DeepSpeedEmitter(Emitter):
         from llmc.emit.evaluation import eval_stages
 
         stages = stage_list(compiled)
+        # the header's warnings: those about what this script runs (this emitter's: X103, X106, X109, X113); the
+        # other artifacts' (X111 SkyPilot, X114 Kubeflow, ...) are in README.md with every build warning
+        own = {d.code for d in self.diagnostics(compiled)}
         ctx = {"header": header_lines(compiled), "stages": stages,
                "ds_native_stages": [s for s in stages if not s["ds"]],
                # on CPU: the plan's world on one node (llmc.emit.launchers.procs_per_node)
                "gpus_per_node": world(compiled) if is_cpu(compiled) else gpus_per_node(compiled),
                "nnodes": 1 if is_cpu(compiled) else nnodes(compiled), "rdzv_port": RDZV_PORT,
                "zero_stage": cfg["zero_optimization"]["stage"],
-               "warnings": [d.render() for d in build_warnings(compiled)], "eval_stages": eval_stages(compiled),
+               "warnings": [d.render() for d in build_warnings(compiled) if d.code in own],
+               "eval_stages": eval_stages(compiled),
                "preempted_exit": EXIT_PREEMPTED, **launcher_context(compiled)}
         per_stage = {STAGE_CONFIG_PATH.format(stage=name): dump_json(c) for name, c in stage_configs(compiled)[0].items()}
         return {CONFIG_PATH: dump_json(cfg), **per_stage,

@@ -48,8 +48,11 @@ and requests alike, as Kubernetes requires of extended resources); ``node_select
 v1alpha1 TrainJob of Kubeflow Trainer 2.3.0 may patch in a pod); ``priority_class`` and ``queue`` are Kueue's labels
 on the TrainJob (``kueue.x-k8s.io/priority-class``, ``kueue.x-k8s.io/queue-name``: the API patches no pod
 ``priorityClassName``; https://kueue.sigs.k8s.io/docs/concepts/workload_priority_class/ and
-https://kueue.sigs.k8s.io/docs/tasks/run/trainjobs/); ``cluster.env`` joins the trainer's ``env``. Without
-``shm_gib`` the build warns (X114): an 8-GPU pod's NCCL would meet the container's 64 MiB.
+https://kueue.sigs.k8s.io/docs/tasks/run/trainjobs/); ``cluster.env`` joins the trainer's ``env``. A spec that
+targets Kubernetes (its ``cluster.kubernetes`` section) without ``shm_gib`` gets a build warning (X114): an 8-GPU pod's
+NCCL would meet the container's 64 MiB. Every multi-node GPU build writes the manifest, with defaults where the spec
+has no such section; it then says so in its own header (``/dev/shm`` is the container's), and the build does not warn:
+a spec that never asked for Kubernetes is not told about a pod setting.
 """
 
 from __future__ import annotations
@@ -252,8 +255,10 @@ class KubeflowEmitter(Emitter):
         return multi_node_gpu(compiled)
 
     def diagnostics(self, compiled) -> list[Diagnostic]:
+        """X114 for a spec that targets Kubernetes (``cluster.kubernetes``) without ``shm_gib``; none otherwise (the
+        manifest's header says /dev/shm is the container's default)."""
         k8s = compiled.spec.cluster.kubernetes if compiled.spec.cluster is not None else None
-        if k8s is not None and k8s.shm_gib is not None:
+        if k8s is None or k8s.shm_gib is not None:
             return []
         return [diag("X114", "warning", "cluster.kubernetes.shm_gib",
                      "kubeflow/trainjob.yaml mounts no /dev/shm: its pods keep the container's 64 MiB, which NCCL's "

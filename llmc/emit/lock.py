@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import shlex
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,10 +23,13 @@ from llmc.lockfile import LOCK_FILE, LOCK_HEADER_KEY, SCHEMA_VERSION
 
 
 def lock_dict(compiled) -> dict[str, Any]:
-    """The lock as a dict. Besides ``Compiled.to_json()``: ``spec.dir_from_build``, the spec's folder
-    relative to the build directory (``llmc build`` records ``spec.path`` relative to it), against which
-    the runtime resolves relative data and tokenizer paths wherever the build is launched from; and
-    ``cluster`` (``nnodes``, ``gpus_per_node``, ``world``), the one place launchers and cluster
+    """The lock as a dict: ``Compiled.to_json()``, whose ``spec`` records the input of the build: ``path``
+    (relative to the build directory), ``file_sha256`` (the spec file's own bytes), ``overrides`` (the ``--set``
+    overrides as given, in order; ``[]`` when none) and ``sha256`` (the file's bytes followed by the overrides: the
+    file's own hash when there are none). A lock of an older llmc has neither ``file_sha256`` nor ``overrides``:
+    its ``sha256`` may then include overrides nobody recorded (``llmc launch`` compares nothing with it). Besides:
+    ``spec.dir_from_build``, the spec's folder relative to the build directory, against which the runtime
+    resolves relative data and tokenizer paths wherever the build is launched from; and ``cluster`` (``nnodes``, ``gpus_per_node``, ``world``), the one place launchers and cluster
     manifests read the node layout from."""
     d = compiled.to_json()
     d["spec"]["dir_from_build"] = posixpath.dirname(str(compiled.spec_path).replace(os.sep, "/")) or "."
@@ -174,6 +178,8 @@ def diff_data(old: dict, new: dict) -> dict[str, Any]:
         "spec_sha256": {"old": _get(old, "spec.sha256"), "new": _get(new, "spec.sha256")},
         "llmc_version": {"old": old.get("llmc_version"), "new": new.get("llmc_version")},
         "changed": _get(old, "spec.sha256") != _get(new, "spec.sha256"),
+        # the --set overrides each was built with (None: a lock of an older llmc, which did not record them)
+        "overrides": {"old": _get(old, "spec.overrides"), "new": _get(new, "spec.overrides")},
         "why": [{"path": p, "old": a, "new": b} for p, a, b in spec_changes(old_spec, new_spec)],
         "metrics": metrics,
         "plan": plan,
@@ -186,6 +192,10 @@ def diff_data(old: dict, new: dict) -> dict[str, Any]:
 def _short(v: Any) -> str:
     s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
     return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _overrides_text(overrides: list) -> str:
+    return shlex.join(str(o) for o in overrides) if overrides else "(none)"
 
 
 def diff_lock(old: dict, compiled, fmt: str = "text") -> str:
@@ -203,6 +213,9 @@ def diff_lock(old: dict, compiled, fmt: str = "text") -> str:
                          "(its version, formulas or hardware table)")
     else:
         lines.append(f"spec sha256 {str(sh['old'])[:12]} -> {str(sh['new'])[:12]}")
+    ov = data["overrides"]
+    if isinstance(ov["old"], list) and isinstance(ov["new"], list) and ov["old"] != ov["new"]:
+        lines.append(f"--set overrides {_overrides_text(ov['old'])} -> {_overrides_text(ov['new'])}")
     paths = (_get(old, "spec.path"), _get(new, "spec.path"))
     if paths[0] != paths[1]:
         lines.append(f"spec file {paths[0]} -> {paths[1]}")

@@ -1,14 +1,18 @@
 """``README.md`` of a build: the headline numbers, how to run each backend, how to serve, warnings.
 
-Registered last: it lists every file the other emitters wrote.
+Registered last: it lists every file the other emitters wrote. It names the spec file's own sha256 and has a
+"Rebuild" section (:func:`rebuild_section`): the ``llmc build`` command, run from the build directory, that
+reproduces the build, ``--set`` overrides included, and with overrides the sha256 of the spec plus them.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from llmc.emit.base import Emitter
 from llmc.emit.common import (
+    build_command,
     gpus_per_node,
     header_lines,
     jinja_env,
@@ -47,6 +51,31 @@ def readme_numbers(compiled) -> list[tuple[str, str]]:
     return out
 
 
+def rebuild_section(compiled) -> str:
+    """The README's "Rebuild" section (Markdown): the command that reproduces the build from the build directory
+    (``compiled.spec_path`` is relative to it; ``-o .``), shlex-quoted, in a fenced code block whose fence is longer
+    than any run of backticks in it (CommonMark 0.31 section 4.5: the block then ends only at that fence)."""
+    cmd = build_command(compiled.spec_path, ".", compiled.overrides)
+    fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", cmd)), default=0))
+    out = ["## Rebuild", "",
+           "From this directory, this command reproduces the build"
+           + (" (its `--set` overrides included):" if compiled.overrides else ":"),
+           "", f"{fence}sh", cmd, fence, ""]
+    if compiled.overrides:
+        out += [f"The spec file's own sha256 is `{compiled.spec_file_sha256 or 'unknown'}`; with the "
+                f"{len(compiled.overrides)} override(s) applied (`spec.sha256` in `plan.lock.json`, the headers' "
+                f"\"spec + overrides sha256\") it is `{compiled.spec_sha256}`. Building the spec without them builds "
+                "another run.", ""]
+    return "\n".join(out) + "\n"
+
+
+def _with_section(text: str, section: str, before: str = "## Numbers\n") -> str:
+    """``text`` with ``section`` (which ends with a blank line) inserted before its first line ``before`` (at its
+    end without one)."""
+    at = text.find("\n" + before)
+    return text + "\n" + section if at < 0 else text[: at + 1] + section + text[at + 1:]
+
+
 class ReadmeEmitter(Emitter):
     name = "readme"
 
@@ -57,7 +86,8 @@ class ReadmeEmitter(Emitter):
             "header": header_lines(compiled),
             "name": compiled.spec.name,
             "spec_path": compiled.spec_path,
-            "spec_sha256": compiled.spec_sha256,
+            # the file's own hash (with --set overrides the build's spec_sha256 hashes them too: rebuild_section)
+            "spec_sha256": compiled.spec_file_sha256 or ("unknown" if compiled.overrides else compiled.spec_sha256),
             "gpu": compiled.spec.hardware.gpu,
             "world": world(compiled),
             "gpus_per_node": gpus_per_node(compiled),
@@ -72,4 +102,5 @@ class ReadmeEmitter(Emitter):
             "files": sorted([*earlier, "README.md"]),
             "numbers": readme_numbers(compiled),
         }
-        return {"README.md": jinja_env().get_template("launch/README.md.j2").render(**ctx)}
+        text = jinja_env().get_template("launch/README.md.j2").render(**ctx)
+        return {"README.md": _with_section(text, rebuild_section(compiled))}

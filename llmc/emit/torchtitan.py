@@ -70,6 +70,7 @@ import math
 import os
 import posixpath
 import sys
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -84,6 +85,7 @@ from llmc.compiler.backends import (
     fp8_recipe_on,
     get_backend,
     nvfp4_converted_layers,
+    torchtitan_keep_latest_gap,
     torchtitan_layout_problem,
     torchtitan_model_gaps,
     torchtitan_reads_hf,
@@ -146,11 +148,27 @@ COMM_TRAIN_TIMEOUT_CKPT_S = 600
 COMM_TRAIN_TIMEOUT_SAVE_MARGIN = PREEMPT_SAFETY
 
 
-# Parameters AdamW does not decay, matched with re.search on torchtitan's FQNs (ParamGroupConfig, first match
-# wins): RMSNorm gains (attention_norm, ffn_norm, norm, MLA q_norm / kv_norm), biases, the MoE expert bias and
-# the token embeddings. The same rule as llmc.runtime.model.NO_DECAY_PATTERN (tested equal), kept here as a
-# literal so the emitter does not import torch.
-NO_WD_PATTERN = r"(norm\.weight|\.bias|expert_bias|tok_embeddings\.weight)$"
+# Parameters AdamW does not decay under each rule of the spec's ``training.optimizer.no_decay``, matched with re.search
+# on torchtitan's FQNs (ParamGroupConfig, first match wins, before the ``.*`` group that decays the rest): RMSNorm gains
+# (attention_norm, ffn_norm, norm, MLA q_norm / kv_norm), biases, the MoE expert bias and, under the default rule, the
+# token embeddings; "none": no such group (torchtitan 0.3.0's ``default_adamw``, one ``.*`` group). The same rules as
+# llmc.runtime.model.NO_DECAY_PATTERNS / param_groups (tested equal, on torchtitan's own grouping), kept here as
+# literals so the emitter does not import torch.
+NO_WD_PATTERNS: dict[str, str | None] = {
+    "embeddings_and_1d": r"(norm\.weight|\.bias|expert_bias|tok_embeddings\.weight)$",
+    "1d": r"(norm\.weight|\.bias|expert_bias)$",
+    "none": None,
+}
+# the default rule's pattern (the name earlier llmc used)
+NO_WD_PATTERN = NO_WD_PATTERNS["embeddings_and_1d"]
+# what the job's comment says of each rule, with its source (the spec field's docstring, llmc/spec/schema.py)
+NO_WD_RULES = {
+    "embeddings_and_1d": ("no weight decay on norm gains, biases, the MoE expert bias and the token embeddings "
+                          "(llmc's default; OLMo 2, arXiv:2501.00656)"),
+    "1d": ("no weight decay on norm gains, biases and the MoE expert bias; the token embeddings decayed "
+           "(Megatron-LM's default no_weight_decay_cond, nanoGPT)"),
+    "none": "every parameter decayed, one group (torchtitan's default_adamw)",
+}
 
 # Families whose torchtitan 0.3.0 state-dict adapter converts every weight of the model llmc emits.
 HF_ADAPTERS = {"llama3": "Llama3StateDictAdapter", "deepseek_v3": "DeepSeekV3StateDictAdapter",
@@ -164,6 +182,17 @@ class TitanValues:
     ctx: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # deviations recorded in the header
 
+
+
+def _spec_hash_text(compiled) -> str:
+    """The spec's hash as the job's headers give it: the spec file's own sha256, and with ``--set`` overrides how many
+    the build added (their text is in plan.lock.json ``spec.overrides`` and the build README, not in a comment here)
+    and the hash of the file plus them (the lock's ``spec.sha256``)."""
+    if not compiled.overrides:
+        return compiled.spec_sha256
+    n = len(compiled.overrides)
+    return (f"{compiled.spec_file_sha256 or 'unknown'} (the file) + {n} --set override{'s' if n > 1 else ''} "
+            f"(plan.lock.json spec.overrides) = {compiled.spec_sha256}")
 
 def _family(arch) -> str:
     """The torchtitan model the job builds (``llmc.spec.families``: its ``torchtitan_module``); the MoE
@@ -408,8 +437,11 @@ def _optimizer_schedule(compiled, notes: list[str]) -> dict[str, Any]:
         "loss_chunks": get_backend("torchtitan").loss_chunks,
         "adamw": adamw,
         "adamw_no_wd": {**adamw, "weight_decay": 0.0},
-        # one pattern so every pipeline stage's part matches it (each has norms)
-        "no_wd_pattern": NO_WD_PATTERN,
+        # one pattern so every pipeline stage's part matches it (each has norms; a first chunk of only the embedding:
+        # ChunkOptimizers); None: no group without decay
+        "no_wd_pattern": NO_WD_PATTERNS[opt.no_decay],
+        "no_wd_comment": textwrap.wrap(f"training.optimizer.no_decay {opt.no_decay}: {NO_WD_RULES[opt.no_decay]}",
+                                       100, break_on_hyphens=False),
         "optimizer_impl": "foreach" if cpu else "fused",
         "warmup_steps": int(hyper.warmup_steps),
         "decay_ratio": decay_ratio,
@@ -651,6 +683,28 @@ def comm_train_timeout(save_seconds: float) -> int:
     return max(COMM_TRAIN_TIMEOUT_CKPT_S, 10 * math.ceil(COMM_TRAIN_TIMEOUT_SAVE_MARGIN * save_seconds / 10))
 
 
+def comm_train_timeout_comment(save_seconds: float) -> list[str]:
+    """The job's comment lines on ``comm.train_timeout_seconds`` (:func:`comm_train_timeout`): why not torchtitan's
+    100 s, and which term set it."""
+    scaled = 10 * math.ceil(COMM_TRAIN_TIMEOUT_SAVE_MARGIN * save_seconds / 10)
+    if scaled > COMM_TRAIN_TIMEOUT_CKPT_S:
+        why = (f"{COMM_TRAIN_TIMEOUT_SAVE_MARGIN:g} x the plan's predicted preemption save ({save_seconds:.0f} s), "
+               f"rounded up to 10 s, above llmc's floor of {COMM_TRAIN_TIMEOUT_CKPT_S} s")
+    elif save_seconds > 0:
+        why = (f"llmc's floor for synchronous checkpoint saves, {COMM_TRAIN_TIMEOUT_CKPT_S} s (a fixed headroom, not "
+               f"fitted), above {COMM_TRAIN_TIMEOUT_SAVE_MARGIN:g} x the plan's predicted preemption save "
+               f"({save_seconds:.0f} s)")
+    else:
+        why = (f"llmc's floor for synchronous checkpoint saves, {COMM_TRAIN_TIMEOUT_CKPT_S} s (a fixed headroom, not "
+               "fitted; this plan predicts no save time)")
+    return textwrap.wrap(
+        "train_timeout_seconds (NCCL's watchdog after the first step; torchtitan's default is 100 s) must outlast the "
+        "longest synchronous checkpoint save: ranks that finish writing wait in its closing collective for the "
+        f"slowest, and torchtitan writes its last-step and preemption saves synchronously. Here: {why} (llmc/emit/"
+        "torchtitan.py comm_train_timeout: COMM_TRAIN_TIMEOUT_CKPT_S, COMM_TRAIN_TIMEOUT_SAVE_MARGIN).", 108,
+        break_on_hyphens=False)
+
+
 def _checkpoint_comm(compiled, save_seconds: float = 0.0) -> dict[str, Any]:
     """Checkpointing, logging, collective timeouts and the process layout; ``save_seconds``: the job's longest
     synchronous save (:func:`_sync_save_seconds`), which the train timeout covers."""
@@ -674,6 +728,10 @@ def _checkpoint_comm(compiled, save_seconds: float = 0.0) -> dict[str, Any]:
         "seed": int(tr.seed),
         "comm_init_timeout": COMM_INIT_TIMEOUT_LARGE_S if world >= COMM_LARGE_WORLD else COMM_INIT_TIMEOUT_S,
         "comm_train_timeout": comm_train_timeout(save_seconds),
+        "comm_init_timeout_comment": (f"init_timeout_seconds: torchtitan's default {COMM_INIT_TIMEOUT_S} s, "
+                                      f"{COMM_INIT_TIMEOUT_LARGE_S} s from {COMM_LARGE_WORLD} ranks (llmc heuristic, "
+                                      "COMM_INIT_TIMEOUT_*)"),
+        "comm_train_timeout_comment": comm_train_timeout_comment(save_seconds),
         "world": world,
         "nproc_per_node": nproc,
         "nnodes": max(1, math.ceil(world / nproc)),
@@ -739,6 +797,8 @@ def torchtitan_values(compiled, stage: int | None = None) -> TitanValues:
     optim = _optimizer_schedule(view, notes)
     model = _model_args(view, family, errs, notes)
     par = _parallelism(view, errs)
+    if (g := torchtitan_keep_latest_gap(view.spec.training.checkpoint.keep_latest)) is not None:
+        errs.append(diag(g.code, "error", g.path, g.message, g.hint))
     init_hf, init_source = init_hf_location(view), src
     if st is not None:
         # the weights it starts from: its own init_hf, else its init_from stage's Hugging Face export (written when
@@ -813,7 +873,7 @@ def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
 
     try:
         jobs = [torchtitan_values(compiled, stage) for stage in titan_jobs(compiled)]
-    except SpecError as e:
+    except SpecError as e:  # (NOT_EMITTED.txt names the hash the lock's spec.sha256 holds)
         if strict:
             raise
         lines = [
@@ -831,7 +891,7 @@ def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
             torchtitan_version=TORCHTITAN_VERSION,
             torch_version=TORCH_VERSION,
             spec_path=compiled.spec_path,
-            spec_sha256=compiled.spec_sha256,
+            spec_sha256=_spec_hash_text(compiled),
             notes=vals.notes,
             config_fn=CONFIG_FN,
             launch=launch_lines(vals.ctx),

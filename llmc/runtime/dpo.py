@@ -161,7 +161,7 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
               f"seq_len {max_len}", flush=True)
     ref = reference or Reference(model)  # before a resume loads trained weights: the reference is the start
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = adamw(params, lr, optimizer)
+    opt = adamw(model, lr, optimizer)
     rng = random.Random(seed)  # (kept in the checkpoints' rank state; the draws come from ``order``)
     order = EpochOrder(len(pairs), seed)
     model.train()

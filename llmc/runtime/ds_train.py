@@ -30,8 +30,8 @@ created, so no rank ever holds the whole model) and initialises it one part at a
 (``GatheredParameters(part, modifier_rank=0)``, the same random numbers as an unsharded build); weights
 from ``init_from`` / ``init_hf`` are loaded per parameter the same way. Activation checkpointing follows
 the plan (``model.set_ac(mode, ac_layers)``; logged and recorded in DONE.json as e.g. ``partial(2)``);
-AdamW groups follow :func:`llmc.runtime.model.param_groups` (no decay on 1-D parameters and token
-embeddings), as the native trainer and the torchtitan job.
+AdamW groups follow :func:`llmc.runtime.model.param_groups` under the lock's ``training.optimizer.no_decay`` (by
+default no decay on 1-D parameters and token embeddings), as the native trainer and the torchtitan job.
 """
 
 from __future__ import annotations
@@ -408,7 +408,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         def client_sched(opt):
             return torch.optim.lr_scheduler.LambdaLR(opt, job.lr_factor)
     wd = float((cfg.get("optimizer") or {}).get("params", {}).get("weight_decay", job.weight_decay))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, wd),
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, wd, job.no_decay),
                                            config=cfg, lr_scheduler=client_sched)
     step, tokens = 0, 0
     if can_resume:

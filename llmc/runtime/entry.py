@@ -9,6 +9,7 @@ stop a run of the planned length early, with a checkpoint and without DONE.json;
     python -m llmc.runtime.entry prepare --lock plan.lock.json [--stage NAME] [--assets DIR]
     python -m llmc.runtime.entry check --lock plan.lock.json --stage NAME [--out DIR] [--export]
     torchrun --nnodes N --nproc_per_node 1 ... -m llmc.runtime.entry shared-check --dir DIR
+    deepspeed --hostfile H --num_gpus 1 --no_local_rank --module llmc.runtime.entry shared-check --dir DIR
 
 Runs one stage: pretrain / midtrain / long_context in :mod:`llmc.runtime.train`; sft / dpo / grpo via
 ``llmc.runtime.posttrain.run_stage(job, out_dir)``. Works as one process or under torchrun
@@ -27,7 +28,7 @@ folder holds a run the lock finished (exit 0), none (1), or one finished under a
 tokenizer it trains with (``run/<stage>/tokenizer/``), so a run set aside keeps its tokenizer when prepare writes
 another.
 
-``shared-check`` (one process per node, under torchrun: :func:`shared_check`) says whether ``DIR`` is one storage
+``shared-check`` (one process per node, under torchrun or the DeepSpeed launcher: :func:`shared_check`) says whether ``DIR`` is one storage
 on every node: exit 0 when every node sees the file the first rank wrote there, else 1 with one line naming the
 nodes that do not. The multi-node launchers run it before prepare, since every node reads prepare's output and the
 stages' checkpoints from the same folder.

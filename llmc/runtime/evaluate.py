@@ -35,6 +35,13 @@ A local task file's relative ``dataset_kwargs.data_files`` are read relative to 
 itself would read them relative to the working directory): :func:`resolve_tasks` writes a copy with
 absolute paths when a file needs it (YAML with lm_eval's ``!function`` tags is used as written).
 
+Task files from the build: a lock built with its spec's task files (``evaluation.tasks.task_files``, see
+:mod:`llmc.compiler.evaluation`) names, for each local task file of ``eval.tasks``, its copy in the build directory
+(``eval/tasks/...``, relative to the lock's folder) and the sha256 of every copied file; the eval step reads those
+copies, never the spec's folder, and refuses (error R003, on the copied file) one whose bytes no longer hash to what
+the build recorded, or a local task file the build holds no copy of (:func:`lock_tasks`). A lock that records no
+copies (built without reading them, or by an older llmc) reads its task files next to the spec, as before.
+
 After a stage (every backend; the only place a run is evaluated): ``python -m llmc.runtime.evaluate
 --lock plan.lock.json --stage S --out RUN/S`` evaluates ``RUN/S/hf`` on the lock's ``evaluation.tasks``
 when S is listed there (:func:`stage_eval`: ``RUN/S/eval/eval_results.json`` and
@@ -70,6 +77,7 @@ score.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -200,6 +208,58 @@ def resolve_tasks(tasks: tuple[str, ...], copy_dir: str | Path | None = None) ->
     return ResolvedTasks(names, include, builtin)
 
 
+class TaskCopyError(ValueError):
+    """A copied task file of the build that the eval step refuses; ``rel``: its path relative to the build."""
+
+    def __init__(self, rel: str, message: str):
+        super().__init__(message)
+        self.rel = rel
+
+
+def lock_tasks(plan: dict, job, build_dir: str | Path | None = None) -> tuple[str, ...]:
+    """The lock's ``evaluation.tasks`` ``plan`` as :func:`run_eval` takes its tasks: a built-in name as written; a
+    local task file the lock copied into the build: its copy under ``build_dir`` (the lock's folder; None: the
+    current directory, where ``llmc launch`` runs every command), after checking that every file copied for it still
+    has the sha256 the build recorded (:class:`TaskCopyError` otherwise); with no copies recorded (a lock built
+    without reading the task files), the file next to the spec (``job.resolve_path``)."""
+    from llmc.buildfs import UnsafePathError, check_inside
+
+    copies = plan.get("task_files")
+    root = Path(build_dir) if build_dir is not None else Path.cwd()
+    out: list[str] = []
+    for t in plan["tasks"]:
+        if not t.endswith((".yaml", ".yml")):
+            out.append(t)
+            continue
+        if not isinstance(copies, dict):
+            out.append(str(job.resolve_path(t)))
+            continue
+        entry = copies.get(t)
+        if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict) or entry.get("path") not in \
+                entry["files"]:
+            raise FileNotFoundError(f"eval task file {t} has no copy in the build (llmc build could not read it: "
+                                    "its warning E009 says why); fix it and rebuild with `llmc build`")
+        for rel, sha in sorted(entry["files"].items()):
+            try:
+                path = check_inside(root, rel)
+                got = hashlib.sha256(path.read_bytes()).hexdigest()
+            except UnsafePathError as e:
+                raise TaskCopyError(str(rel), f"eval task file copy outside the build ({e.message}); rebuild with "
+                                              "`llmc build`") from None
+            except FileNotFoundError:
+                raise TaskCopyError(rel, f"eval task file copy {rel} is missing from the build (copy the whole "
+                                         "build directory, or rebuild with `llmc build`)") from None
+            except OSError as e:
+                raise TaskCopyError(rel, f"eval task file copy {rel} cannot be read ({e.strerror or e})") from None
+            if got != sha:
+                raise TaskCopyError(rel, f"eval task file copy {rel} changed since `llmc build` (sha256 {got[:12]}, "
+                                         f"the lock records {str(sha)[:12]}); refusing to score on an eval set the "
+                                         "build did not record: rebuild with `llmc build` (the change then shows in "
+                                         "the build's diff), or restore the file")
+        out.append(str(check_inside(root, entry["path"])))
+    return tuple(out)
+
+
 def _metric_name(key: str) -> str:
     return key[: -len(",none")] if key.endswith(",none") else key
 
@@ -264,12 +324,14 @@ def checkpoint_steps(lock: dict, stage: str) -> list[int]:
     return [int(s) for s in (plan.get("checkpoint_steps") or {}).get(stage) or []]
 
 
-def _summarize(model_dir: Path, dest: Path, plan: dict, job, what: str, log, label: str = "", **extra) -> dict:
-    """lm_eval on ``model_dir`` with the lock's suite, through the chat template where the lock says so;
-    ``dest/eval_results.json`` and ``dest/summary.json`` (with ``apply_chat_template`` / ``fewshot_as_multiturn``)."""
+def _summarize(model_dir: Path, dest: Path, plan: dict, job, what: str, log, label: str = "",
+               lock_dir: Path | None = None, **extra) -> dict:
+    """lm_eval on ``model_dir`` with the lock's suite (:func:`lock_tasks`: local task files from the build in
+    ``lock_dir``), through the chat template where the lock says so; ``dest/eval_results.json`` and
+    ``dest/summary.json`` (with ``apply_chat_template`` / ``fewshot_as_multiturn``)."""
     import torch
 
-    tasks = tuple(str(job.resolve_path(t)) if t.endswith((".yaml", ".yml")) else t for t in plan["tasks"])
+    tasks = lock_tasks(plan, job, lock_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     chat = bool((plan.get("apply_chat_template") or {}).get(job.stage, False))
     log(f"{job.stage}: lm-evaluation-harness {', '.join(plan['tasks'])} on {what} ({device}"
@@ -330,7 +392,8 @@ def ds_checkpoint_state(ds_dir: str | Path, tag: str) -> dict:
     return {k: v.detach().cpu() for k, v in sd.items() if torch.is_tensor(v)}
 
 
-def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | None = None) -> dict[int, dict]:
+def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | None = None,
+                     lock_dir: Path | None = None) -> dict[int, dict]:
     """Score the stage's listed checkpoints (see the module docstring); returns step -> summary of those
     scored or already scored. ``out/hf`` (the stage's export) supplies the tokenizer files. A stage that
     torchtitan trained has no llmc checkpoints: its DCP checkpoints under ``build_dir/outputs/torchtitan``
@@ -343,6 +406,7 @@ def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | No
     from llmc.runtime.capabilities import TITAN_STAGE_KINDS
     from llmc.runtime.checkpoint import list_checkpoints
     from llmc.runtime.hf_io import export_stage, titan_checkpoints
+    # (``lock_dir``: the lock's folder, where the build's copies of the local task files are; None: the current one)
 
     plan = _tasks_plan(lock)
     steps = checkpoint_steps(lock, job.stage)
@@ -378,16 +442,18 @@ def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | No
         try:
             export_stage(job, src, tmp / "hf", tokenizer_dir=out / "hf", model_sd=model_sd)
             model_sd = None
-            done[n] = _summarize(tmp / "hf", dest, plan, job, f"checkpoint step {n}", log, f"step {n} ", step=n,
-                                 checkpoint=os.path.relpath(src, out))
+            done[n] = _summarize(tmp / "hf", dest, plan, job, f"checkpoint step {n}", log, f"step {n} ",
+                                 lock_dir=lock_dir, step=n, checkpoint=os.path.relpath(src, out))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return done
 
 
-def stage_eval(lock: dict, job, out: Path, log=print, build_dir: Path | None = None) -> dict | None:
+def stage_eval(lock: dict, job, out: Path, log=print, build_dir: Path | None = None,
+               lock_dir: Path | None = None) -> dict | None:
     """The eval step of stage ``job.stage``: its listed checkpoints, then its HF export ``out/hf``
-    (``out/eval/summary.json``, returned). None when the stage is not listed; the saved summary when done."""
+    (``out/eval/summary.json``, returned). None when the stage is not listed; the saved summary when done. The
+    build's task file copies (in ``lock_dir``, the lock's folder; None: the current directory) are checked first."""
     plan = _tasks_plan(lock)
     if plan is None or job.stage not in (plan.get("stages") or []):
         return None
@@ -395,8 +461,9 @@ def stage_eval(lock: dict, job, out: Path, log=print, build_dir: Path | None = N
         return json.loads((out / SUMMARY).read_text())
     if not (out / "hf" / "config.json").is_file():
         raise FileNotFoundError(f"stage {job.stage!r}: no Hugging Face export at {out / 'hf'} to evaluate")
-    checkpoint_evals(lock, job, out, log, build_dir=build_dir)
-    return _summarize(out / "hf", out / "eval", plan, job, str(out / "hf"), log)
+    lock_tasks(plan, job, lock_dir)  # a changed or missing copy stops the step before any checkpoint is scored
+    checkpoint_evals(lock, job, out, log, build_dir=build_dir, lock_dir=lock_dir)
+    return _summarize(out / "hf", out / "eval", plan, job, str(out / "hf"), log, lock_dir=lock_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,7 +494,11 @@ def main(argv: list[str] | None = None) -> int:
         # a torchtitan job writes its checkpoints under LLMC_RUN_DIR (the job's own rule, default: the build
         # directory), which the multi-node launchers export to every command they run, this one included
         runs = Path(os.environ.get("LLMC_RUN_DIR") or a.lock.resolve().parent)
-        stage_eval(lock, job, a.out, log=lambda m: print(m, flush=True), build_dir=runs)
+        stage_eval(lock, job, a.out, log=lambda m: print(m, flush=True), build_dir=runs,
+                   lock_dir=a.lock.resolve().parent)
+    except TaskCopyError as e:  # located on the copied file, as its folder was given
+        print(f"{a.lock.parent / e.rel}: error[R003] eval {a.stage}: {e}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"{a.lock}: error[R003] eval {a.stage}: {e}", file=sys.stderr)
         return 1

@@ -204,7 +204,7 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     stop = tuple(sorted({end_token_id(tok, template), *([int(eos)] if eos is not None else [])}))
     ref = None if kl_coef <= 0 else reference if reference is not None else Reference(model)  # KL 0: no ref passes
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = adamw(params, lr, optimizer, betas=(0.9, 0.99))  # optimizer: the stage plan's (sft.adamw)
+    opt = adamw(model, lr, optimizer, betas=(0.9, 0.99))  # optimizer: the stage plan's (sft.adamw)
     rng = random.Random(seed)  # (kept in the checkpoints' rank state; the prompts come from ``order``)
     order = EpochOrder(len(prompts), seed)
     gen = torch.Generator().manual_seed(seed + 1_000_003 * shard.rank)

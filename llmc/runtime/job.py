@@ -27,6 +27,7 @@ from llmc.spec.schema import (
     POSTTRAIN_KINDS,
     RECORD_SOURCE_KINDS,
     LossSpike,
+    Optimizer,
     RunSpec,
     Source,
     Stage,
@@ -58,6 +59,8 @@ class TrainJob:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
+    # which parameters weight_decay leaves out (spec training.optimizer.no_decay; llmc.runtime.model.param_groups)
+    no_decay: str = "embeddings_and_1d"
     grad_clip: float | None = 1.0
     z_loss: float = 0.0
     precision: str = "fp32"  # bf16 | fp8 | fp32 ; bf16 autocast on CUDA only unless cpu_bf16
@@ -196,13 +199,16 @@ class TrainJob:
         (a longer constant or wsd run in its stable phase)."""
         return {"lr": self.lr, "min_lr": self.min_lr, "warmup_steps": self.warmup_steps, "schedule": self.schedule,
                 "decay_fraction": self.decay_fraction, "weight_decay": self.weight_decay, "betas": list(self.betas),
-                "eps": self.eps, "steps": self.steps}
+                "eps": self.eps, "steps": self.steps, "no_decay": self.no_decay}
 
     def schedule_change(self, saved: dict | None, checkpoint: str, step: int) -> str | None:
         """Why the checkpoint named ``checkpoint`` (optimizer step ``step``), trained with the ``saved``
         :attr:`lr_schedule`, cannot be resumed under this job's; None when it can (nothing recorded, or the same
-        schedule and optimizer; keys an older llmc did not record are not compared)."""
+        schedule and optimizer; keys an older llmc did not record are not compared, but ``no_decay``, of which it had
+        only the default rule)."""
         saved = saved if isinstance(saved, dict) else {}
+        if saved and "no_decay" not in saved:  # an llmc before the key had only today's default rule
+            saved = {**saved, "no_decay": Optimizer.model_fields["no_decay"].default}
         now = self.lr_schedule
         changed = [k for k, v in saved.items() if k in now and k != "steps" and v != now[k]]
         redo = "`llmc launch --no-resume` starts the stage over (the earlier run set aside), or rebuild with the old values"
@@ -249,7 +255,8 @@ class TrainJob:
             lr=float(num["lr"]), min_lr=float(num["min_lr"]), warmup_steps=int(num["warmup_steps"]),
             schedule=str(num["schedule"]), decay_fraction=float(num["decay_fraction"]),
             betas=tuple(t.optimizer.betas), eps=t.optimizer.eps, weight_decay=t.optimizer.weight_decay,
-            grad_clip=t.grad_clip, z_loss=t.z_loss, precision=t.precision, seed=t.seed, log_every=t.log_every,
+            no_decay=t.optimizer.no_decay, grad_clip=t.grad_clip, z_loss=t.z_loss, precision=t.precision, seed=t.seed,
+            log_every=t.log_every,
             micro_batch=int(num["micro_batch"]), grad_accum=int(num["grad_accum"]),
             dp_replicate=int(plan.get("dp_replicate", 1)), dp_shard=int(plan.get("dp_shard", 1)),
             tp=int(plan.get("tp", 1)), pp=int(plan.get("pp", 1)), cp=int(plan.get("cp", 1)), ep=int(plan.get("ep", 1)),
@@ -538,7 +545,9 @@ def _fingerprint(lock: dict, stage: str | None, seen: tuple[str, ...]) -> dict |
         trained_on = {"sources": trained_on, "quality": quality(top.get("quality"))}
     parts["tokenizer"] = {"tokenizer": tok, "trained_on": trained_on}
     t = resolved.get("training") or {}
-    opt = {k: v for k, v in (t.get("optimizer") or {}).items() if k != "lr"}
+    # (no_decay at its default left out: the fingerprint of a lock written before llmc had the key, which trained so)
+    opt = {k: v for k, v in (t.get("optimizer") or {}).items()
+           if k != "lr" and not (k == "no_decay" and v == Optimizer.model_fields["no_decay"].default)}
     numbers = {k: entry.get(k) for k in _SHOWN}  # (kept in the record as they are, to be named when they differ)
     parts["numbers"] = numbers
     parts["training"] = {**{k: entry.get(k) for k in _RESULT_KEYS}, "optimizer": opt,

@@ -959,29 +959,49 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> 
     return mean_token_loss(token_losses(lambda x: x, logits, labels, lse=z_loss > 0), labels, z_loss)
 
 
-# Weight decay (one rule for the native trainer, DeepSpeed and the torchtitan job): decay the matrices
-# (projections, experts, an untied output head); none on 1-D parameters (norm gains, biases, the MoE expert
-# bias; Megatron-LM's default ``no_weight_decay_cond``: bias or 1-D) and none on the token embeddings (OLMo 2,
-# arXiv 2501.00656: no weight decay on embeddings, for stability; a tied head shares that matrix). gpt-oss's stacked
-# expert biases (``experts.b1`` / ``b3`` / ``b2``, (E, n): biases though 2-D) and attention sinks (1-D) are not decayed
-# either (no torchtitan job builds gpt-oss's block: X320, so the pattern need not name them).
-# torchtitan 0.3.0's ``default_adamw`` decays every parameter in one catch-all group, so the job lists
-# NO_DECAY_PATTERN first (``ParamGroupConfig(pattern=..., weight_decay=0)``, first match wins); the pattern
-# names exactly the parameters :func:`param_groups` leaves undecayed (checked in tests).
-NO_DECAY_PATTERN = r"(norm\.weight|\.bias|expert_bias|tok_embeddings\.weight)$"
+# Weight decay (one rule for the native trainer, DeepSpeed, the post-training stages and the torchtitan job), chosen by
+# the spec's ``training.optimizer.no_decay`` (the lock's; its docstring in llmc/spec/schema.py names each rule's
+# source): the matrices (projections, experts, an untied output head) are always decayed;
+# - "embeddings_and_1d" (the default): none on 1-D parameters (norm gains, biases, the MoE expert bias; Megatron-LM's
+#   default ``no_weight_decay_cond``: bias or 1-D) and none on the token embeddings (OLMo 2, arXiv:2501.00656: no
+#   weight decay on embeddings, one of its training-stability changes; a tied head shares that matrix);
+# - "1d": none on the 1-D parameters only (Megatron-LM's default, nanoGPT's ``configure_optimizers``); the token
+#   embeddings are decayed;
+# - "none": every parameter decayed, in one group (torchtitan 0.3.0's ``default_adamw``: one ``.*`` group).
+# gpt-oss's stacked expert biases (``experts.b1`` / ``b3`` / ``b2``, (E, n): biases though 2-D) and attention sinks
+# (1-D) count as 1-D (no torchtitan job builds gpt-oss's block: X320, so the patterns need not name them).
+# torchtitan 0.3.0 matches ``ParamGroupConfig`` patterns first match wins, so the job lists the rule's pattern
+# (``ParamGroupConfig(pattern=..., weight_decay=0)``) before its catch-all ``.*`` group; each pattern names exactly the
+# parameters :func:`param_groups` leaves undecayed under its rule (checked in tests against torchtitan's grouping).
+NO_DECAY_RULES = ("embeddings_and_1d", "1d", "none")
+DEFAULT_NO_DECAY = "embeddings_and_1d"
+NO_DECAY_PATTERNS: dict[str, str | None] = {
+    "embeddings_and_1d": r"(norm\.weight|\.bias|expert_bias|tok_embeddings\.weight)$",
+    "1d": r"(norm\.weight|\.bias|expert_bias)$",
+    "none": None,  # no group without decay
+}
+# the default rule's pattern (the name earlier llmc used)
+NO_DECAY_PATTERN = NO_DECAY_PATTERNS[DEFAULT_NO_DECAY]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: [{matrices, weight_decay}, {1-D parameters and token embeddings, 0}]; frozen
-    parameters left out. Names are matched on the module as built (wrappers such as FSDP2 keep them)."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, no_decay: str = DEFAULT_NO_DECAY) -> list[dict]:
+    """AdamW parameter groups under the rule ``no_decay`` (:data:`NO_DECAY_RULES`, the comment above):
+    [{decayed, weight_decay}, {not decayed, 0}], empty groups left out ("none": one group of every parameter);
+    frozen parameters left out. Names are matched on the module as built (wrappers such as FSDP2 keep them).
+    ValueError for an unknown rule."""
+    if no_decay not in NO_DECAY_PATTERNS:
+        raise ValueError(f"unknown weight-decay rule {no_decay!r} (training.optimizer.no_decay: one of "
+                         f"{', '.join(NO_DECAY_RULES)})")
+    decay, undecayed = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             shape = getattr(p, "ds_shape", p.shape)  # DeepSpeed ZeRO-3 keeps the full shape in ds_shape
             embedding = name.endswith("tok_embeddings.weight")
             expert_bias = re.search(r"experts\.b[123]$", name) is not None  # gpt-oss's stacked expert biases
-            (decay if len(shape) >= 2 and not embedding and not expert_bias else no_decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            one_d = len(shape) < 2 or expert_bias
+            skip = no_decay != "none" and (one_d or (no_decay == "embeddings_and_1d" and embedding))
+            (undecayed if skip else decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": undecayed, "weight_decay": 0.0})
             if g["params"]]
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from llmc.runtime.chat import IGNORE_INDEX, TemplateError, encode_chat
-from llmc.runtime.model import mean_token_loss
+from llmc.runtime.model import DEFAULT_NO_DECAY, mean_token_loss, param_groups
 
 
 @dataclass(frozen=True)
@@ -224,13 +224,19 @@ def dropout_off(model: nn.Module):
             m.p = p
 
 
-def adamw(params: list, lr: float, optimizer: dict | None, betas: tuple[float, float] = (0.9, 0.95)
+def adamw(model: nn.Module, lr: float, optimizer: dict | None, betas: tuple[float, float] = (0.9, 0.95)
           ) -> torch.optim.AdamW:
-    """A post-training stage's AdamW: ``optimizer`` is the stage plan's (the lock's stage ``hyper["optimizer"]``:
-    betas, eps, weight_decay); a lock without it keeps what llmc used before (``betas``, eps 1e-8, no decay)."""
+    """A post-training stage's AdamW over ``model``'s trainable parameters: ``optimizer`` is the stage plan's (the
+    lock's stage ``hyper["optimizer"]``: betas, eps, weight_decay, no_decay); a lock without it keeps what llmc used
+    before (``betas``, eps 1e-8, no decay). With weight decay, the parameters the rule ``no_decay`` leaves out
+    (:func:`llmc.runtime.model.param_groups`, pre-training's rule; a plan without the key: the default rule) are not
+    decayed; without (weight_decay 0, post-training's default) every one is in one group, as before the rule."""
     o = optimizer or {}
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(o.get("betas", betas)), eps=float(o.get("eps", 1e-8)),
-                             weight_decay=float(o.get("weight_decay", 0.0)))
+    wd = float(o.get("weight_decay", 0.0))
+    groups = (param_groups(model, wd, str(o.get("no_decay", DEFAULT_NO_DECAY))) if wd
+              else [p for p in model.parameters() if p.requires_grad])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.get("betas", betas)), eps=float(o.get("eps", 1e-8)),
+                             weight_decay=wd)
 
 
 def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, steps: int, lr: float,
@@ -252,7 +258,7 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
     shard = shard or DataShard()
     state = state or LoopState()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = adamw(params, lr, optimizer)
+    opt = adamw(model, lr, optimizer)
     rng = random.Random(seed)  # (kept in the checkpoints' rank state; the draws come from ``order``)
     order = EpochOrder(len(examples), seed)
     model.train()

@@ -66,13 +66,15 @@ from llmc.spec.schema import BF16_PRECISIONS, META_INIT_PARAMS, ac_label
 
 
 def build_optimizer(model: torch.nn.Module, job: TrainJob, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only, not on norms, biases, the expert bias or the token embeddings
-    (:func:`llmc.runtime.model.param_groups`, the rule DeepSpeed and the torchtitan job use too).
+    """AdamW; weight decay on the parameters the lock's rule decays (``job.no_decay``, spec
+    ``training.optimizer.no_decay``; by default not on norms, biases, the expert bias or the token embeddings:
+    :func:`llmc.runtime.model.param_groups`, the rule DeepSpeed, the post-training stages and the torchtitan job use
+    too).
 
     CUDA: the fused kernel; CPU: the foreach (multi-tensor) implementation. Both need all parameters to be
     of one kind (all plain or all DTensor); a mix (TP without FSDP) falls back to the for-loop.
     """
-    groups = param_groups(model, job.weight_decay)
+    groups = param_groups(model, job.weight_decay, job.no_decay)
     from torch.distributed.tensor import DTensor
 
     kinds = {isinstance(p, DTensor) for g in groups for p in g["params"]}

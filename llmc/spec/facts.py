@@ -11,13 +11,19 @@ spec's model must match, the weight files its safetensors index names that are m
 folder here told apart from a Hub id by huggingface_hub's own ``repo_id`` rule), each tokenizer's size, and the task
 name of each local
 lm-evaluation-harness task file ``eval.tasks`` names (``task:``, or ``group:`` over a ``task:`` list: what
-``lm_eval --tasks`` takes; https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/new_task_guide.md).
+``lm_eval --tasks`` takes; https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/new_task_guide.md),
+with the bytes and sha256 of every local file that task reads (:func:`task_file_tree`), which ``llmc build`` copies
+into the build (``eval/tasks/``) so that a build runs its evals with no file from outside it.
 """
 
 from __future__ import annotations
 
 import difflib
+import glob
+import hashlib
 import json
+import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +38,12 @@ from llmc.spec.schema import RunSpec
 MAX_CONFIG_BYTES = 4 * 2**20
 MAX_TOKENIZER_BYTES = 64 * 2**20
 MAX_TASK_BYTES = 4 * 2**20
+#: Largest file an eval task reads (its data_files) that is read for its copy in the build (the build warns, X014,
+#: when the copies pass 16 MiB in all: it is meant to be committed)
+MAX_TASK_DATA_BYTES = 2**30
+#: At most this many files copied for one task file, and YAML files looked through for a group's members
+MAX_TASK_FILES = 1000
+MAX_GROUP_SCAN = 5000
 
 
 @dataclass(frozen=True)
@@ -84,11 +96,25 @@ class CheckpointFacts:
 
 
 @dataclass(frozen=True)
+class EvalTaskFile:
+    """A file an eval task reads, as the build copies it: ``rel`` is its place in the task's copy folder (a POSIX
+    path laid out so that every relative reference of the task files still resolves there), ``data`` its bytes."""
+
+    rel: str
+    data: bytes = field(repr=False)
+    sha256: str
+
+
+@dataclass(frozen=True)
 class EvalTaskFacts:
-    """A local lm-evaluation-harness task file: the name ``lm_eval --tasks`` knows it by, or why it cannot be read."""
+    """A local lm-evaluation-harness task file: the name ``lm_eval --tasks`` knows it by, or why it cannot be read;
+    ``files``: the task file and every local file it reads (:func:`task_file_tree`), for the build to copy, with
+    ``main`` the task file's own ``rel`` among them (empty / None where ``problem`` says why not)."""
 
     name: str | None
     problem: str | None = None
+    main: str | None = None
+    files: tuple[EvalTaskFile, ...] = ()
 
 
 class _TaskYaml(yaml.SafeLoader):
@@ -96,6 +122,18 @@ class _TaskYaml(yaml.SafeLoader):
 
 
 _TaskYaml.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+class _Function(str):
+    """The ``module.function`` of lm_eval's ``!function`` tag."""
+
+
+class _RefYaml(yaml.SafeLoader):
+    """:class:`_TaskYaml` that keeps each ``!function module.fn`` (lm_eval imports ``module.py`` next to the YAML)."""
+
+
+_RefYaml.add_multi_constructor("!", lambda loader, suffix, node: _Function(node.value) if (
+    suffix == "function" and isinstance(node, yaml.ScalarNode)) else None)
 
 
 #: entries of a missing init_hf's parent folder read for "did you mean" (each costs a stat)
@@ -117,21 +155,209 @@ def task_file_name(path: str, text: str) -> tuple[str, bool]:
 
 
 def read_eval_task(path: str, spec_dir: str | Path) -> EvalTaskFacts:
-    """The task name of the local task file ``path`` (relative to ``spec_dir``), or why it cannot be read (naming the
-    file as the spec does: the reason lands in the lock, which must not depend on the directory llmc ran from)."""
+    """The task name of the local task file ``path`` (relative to ``spec_dir``) and the files the build copies for it
+    (:func:`task_file_tree`), or why it cannot be read (naming the file as the spec does: the reason lands in the
+    lock, which must not depend on the directory llmc ran from)."""
     p = expand_user(path)
     if not p.is_absolute():
         p = Path(spec_dir) / p
     try:
-        text = read_regular_file(p, MAX_TASK_BYTES).decode("utf-8")
+        data = read_regular_file(p, MAX_TASK_BYTES)
+        text = data.decode("utf-8")
     except FileNotFoundError:
         return EvalTaskFacts(None, f"{path} does not exist (next to the spec)")
     except (OSError, UnicodeDecodeError, ValueError) as e:
         return EvalTaskFacts(None, f"{path}: cannot be read ({type(e).__name__})")
     try:
-        return EvalTaskFacts(task_file_name(path, text)[0])
+        name = task_file_name(path, text)[0]
     except (ValueError, RecursionError) as e:
         return EvalTaskFacts(None, str(e))
+    try:
+        main, files = task_file_tree(p, data, path)
+    except (ValueError, RecursionError) as e:
+        return EvalTaskFacts(name, str(e))
+    return EvalTaskFacts(name, main=main, files=files)
+
+
+def _file_refs(doc) -> tuple[list[str], list[str], list[str]]:
+    """(relative ``dataset_kwargs.data_files``, relative ``include:`` files, ``!function`` modules' files) of a task
+    file ``doc``, each relative to the file's folder: what llmc's eval step (``llmc.runtime.evaluate``: data_files
+    that hold no ``://`` and are not absolute, read next to the task file) and lm_eval's YAML loader
+    (lm_eval/tasks/_yaml_loader.py: ``include`` relative to the file; ``!function m.f`` imports ``m.py`` beside it)
+    read."""
+    if not isinstance(doc, dict):
+        return [], [], []
+    data: list[str] = []
+
+    def walk_files(v):
+        if isinstance(v, str) and "://" not in v and not Path(v).is_absolute():
+            data.append(v)
+        elif isinstance(v, list):
+            for x in v:
+                walk_files(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk_files(x)
+
+    kwargs = doc.get("dataset_kwargs")
+    walk_files(kwargs.get("data_files") if isinstance(kwargs, dict) else None)
+    inc = doc.get("include")
+    includes = [i for i in (inc if isinstance(inc, list) else [inc]) if isinstance(i, str) and not Path(i).is_absolute()]
+    funcs: list[str] = []
+
+    def walk_funcs(v):
+        if isinstance(v, _Function) and "." in v:
+            funcs.append(v.rpartition(".")[0].replace(".", "/") + ".py")
+        elif isinstance(v, list):
+            for x in v:
+                walk_funcs(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk_funcs(x)
+
+    walk_funcs(doc)
+    return data, includes, funcs
+
+
+def _member_names(tasks) -> set[str]:
+    """The task / group / tag names a group file's ``task:`` list refers to (strings, ``{task: name, ...}`` /
+    ``{group: name, ...}`` entries, and those of an inline group's own list)."""
+    out: set[str] = set()
+    for item in tasks if isinstance(tasks, list) else []:
+        if isinstance(item, str):
+            out.add(item)
+        elif isinstance(item, dict):
+            out |= {item[k] for k in ("task", "group") if isinstance(item.get(k), str)}
+            out |= _member_names(item.get("task"))
+    return out
+
+
+def _names_of(doc) -> set[str]:
+    """The names lm_eval's task index registers a task file under: its ``task:``, ``group:`` and ``tag:`` names."""
+    if not isinstance(doc, dict):
+        return set()
+    tags = doc.get("tag")
+    return ({doc[k] for k in ("task", "group") if isinstance(doc.get(k), str)}
+            | {t for t in (tags if isinstance(tags, list) else [tags]) if isinstance(t, str)})
+
+
+def _group_scan(base: Path) -> list[str]:
+    """The ``*.yaml`` files under ``base`` (POSIX, relative to it, sorted), as lm_eval's task index walks an
+    ``include_path`` folder (lm_eval/tasks/_index.py ``_iter_yaml_files``: ``**/*.yaml`` without ``__pycache__``
+    and ``.ipynb_checkpoints``); ValueError past :data:`MAX_GROUP_SCAN`."""
+    out: list[str] = []
+    for root, dirs, files in os.walk(base):
+        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", ".ipynb_checkpoints"))
+        rel = Path(root).relative_to(base).as_posix()
+        out += [posixpath.normpath(posixpath.join(rel, f)) for f in sorted(files) if f.endswith(".yaml")]
+        if len(out) > MAX_GROUP_SCAN:
+            raise ValueError(f"{base}: more than {MAX_GROUP_SCAN} YAML files to look through for the group's "
+                             "member tasks; keep the group file in a folder of its own tasks")
+    return sorted(out)
+
+
+def task_file_tree(p: Path, data: bytes, shown: str) -> tuple[str, tuple[EvalTaskFile, ...]]:
+    """The files the build copies for the task file ``p`` (bytes ``data``; ``shown``: its path as the spec writes
+    it, for messages): ``p``; the local files it reads, relative to its folder as llmc's eval step and lm_eval read
+    them (:func:`_file_refs`: relative ``dataset_kwargs.data_files``, glob patterns expanded, ``include:`` files and
+    ``!function`` modules, those of the files they include too); and for a group file (``group:`` + a ``task:``
+    list), each ``*.yaml`` under its folder that registers a name the group lists (lm_eval finds the members by name
+    in the ``include_path`` folder llmc's eval step gives it: the task file's), with what those read. Absolute paths
+    and URLs are read where they are, not copied.
+
+    Returns ``(main, files)``: each file's ``rel`` is its path relative to ``p``'s folder, prefixed with as many of
+    that folder's own trailing names as the references climb out of it with ``..`` (``tasks/t.yaml`` reading
+    ``../data/x.jsonl`` -> ``tasks/t.yaml``, ``data/x.jsonl``), so the copies keep every relative reference; ``main``
+    is ``p``'s. ValueError (naming ``shown``) for a referenced file that is missing or unreadable."""
+    base = Path(os.path.abspath(p)).parent
+    found: dict[str, bytes] = {}  # path relative to base (normalised, maybe starting with ..) -> bytes
+    queue: list[tuple[str, bytes]] = [(p.name, data)]
+    wanted: set[str] = set()
+    group = False
+
+    def read(rel: str, limit: int, what: str) -> bytes:
+        try:
+            return read_regular_file(base / rel, limit)
+        except FileNotFoundError:
+            raise ValueError(f"{shown}: {what} {rel!r} (relative to the task file's folder) does not exist") from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{shown}: {what} {rel!r} cannot be read ({type(e).__name__})") from None
+
+    def add(rel: str, limit: int, what: str) -> bytes:
+        if rel not in found:
+            if len(found) >= MAX_TASK_FILES:
+                raise ValueError(f"{shown}: reads more than {MAX_TASK_FILES} files")
+            found[rel] = read(rel, limit, what)
+        return found[rel]
+
+    def scan(rel: str, raw: bytes) -> None:
+        nonlocal group
+        try:
+            doc = yaml.load(raw.decode("utf-8"), Loader=_RefYaml)  # noqa: S506 (SafeLoader; tags kept as names)
+        except (UnicodeDecodeError, yaml.YAMLError):
+            raise ValueError(f"{shown}: {rel!r} is not a YAML task file") from None
+        here = posixpath.dirname(rel)
+        data_files, includes, funcs = _file_refs(doc)
+        for ref in data_files:
+            target = posixpath.normpath(posixpath.join(here, ref))
+            if glob.has_magic(ref):  # datasets expands data_files patterns (datasets.data_files)
+                hits = sorted(glob.glob(str(base / target), recursive=True))
+                files = [posixpath.normpath(Path(os.path.relpath(h, base)).as_posix()) for h in hits
+                         if os.path.isfile(h)]
+                if not files:
+                    raise ValueError(f"{shown}: data file pattern {target!r} (relative to the task file's folder) "
+                                     "matches no file")
+                for f in files:
+                    add(f, MAX_TASK_DATA_BYTES, "data file")
+            else:
+                add(target, MAX_TASK_DATA_BYTES, "data file")
+        for inc in includes:
+            target = posixpath.normpath(posixpath.join(here, inc))
+            if target not in found:
+                queue.append((target, add(target, MAX_TASK_BYTES, "included file")))
+        for mod in funcs:  # lm_eval imports it when it is there, else an installed module of that name
+            target = posixpath.normpath(posixpath.join(here, mod))
+            if (base / target).is_file():
+                add(target, MAX_TASK_BYTES, "!function module")
+        if isinstance(doc, dict) and isinstance(doc.get("group"), str) and isinstance(doc.get("task"), list):
+            wanted.update(_member_names(doc["task"]))
+            group = True
+
+    found[p.name] = data
+    while queue:
+        scan(*queue.pop(0))
+        if group and not queue:  # the group's members, by name, in the task file's folder (as lm_eval indexes it)
+            group = False
+            for rel in _group_scan(base):
+                if rel in found:
+                    continue
+                try:
+                    raw = read_regular_file(base / rel, MAX_TASK_BYTES)
+                    names = _names_of(yaml.load(raw.decode("utf-8"), Loader=_TaskYaml))  # noqa: S506
+                except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError):
+                    continue  # lm_eval's index skips what it cannot read, too
+                if names & wanted:
+                    found[rel] = raw
+                    queue.append((rel, raw))
+    up = max((_ups(r) for r in found), default=0)
+    parts = base.parts[1:]
+    if up > len(parts):
+        raise ValueError(f"{shown}: a file it reads lies above the filesystem root")
+    prefix = "/".join(parts[len(parts) - up:]) if up else ""
+    place = {r: posixpath.normpath(posixpath.join(prefix, r)) if prefix else r for r in found}
+    files = tuple(EvalTaskFile(place[r], found[r], hashlib.sha256(found[r]).hexdigest())
+                  for r in sorted(found, key=lambda r: place[r]))
+    return place[p.name], files
+
+
+def _ups(rel: str) -> int:
+    """How many leading ``..`` a normalised relative POSIX path has."""
+    n = 0
+    for part in rel.split("/"):
+        if part != "..":
+            break
+        n += 1
+    return n
 
 
 def tokenizer_paths(run: RunSpec) -> list[str]:
@@ -305,8 +531,9 @@ def local_checkpoints(run: RunSpec, spec_dir: str | Path) -> dict[str, Checkpoin
 
 
 def gather_facts(run: RunSpec, spec_dir: str | Path) -> ExternalFacts:
-    """Read every tokenizer the spec references (unreadable ones are recorded with ``specials=None``) and the model
-    type of every local ``init_hf`` checkpoint."""
+    """Read every tokenizer the spec references (unreadable ones are recorded with ``specials=None``), the model
+    type of every local ``init_hf`` checkpoint, and each local eval task file with the files it reads
+    (:func:`read_eval_task`: what the build copies into ``eval/tasks/``)."""
     configs = {p: cfg for p in init_hf_paths(run) if (cfg := read_checkpoint_config(p, spec_dir)) is not None}
     types = {p: mt for p, cfg in configs.items() if isinstance(mt := cfg.get("model_type"), str)}
     quantized = {p: q for p, cfg in configs.items() if (q := quantization_method(cfg)) is not None}
@@ -318,6 +545,6 @@ def gather_facts(run: RunSpec, spec_dir: str | Path) -> ExternalFacts:
 
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_TOKENIZER_BYTES", "TokenizerFacts", "ExternalFacts", "EvalTaskFacts",
-           "CheckpointFacts", "hub_id", "read_checkpoint", "local_checkpoints", "tokenizer_size",
+           "CheckpointFacts", "EvalTaskFile", "task_file_tree", "MAX_TASK_DATA_BYTES", "hub_id", "read_checkpoint", "local_checkpoints", "tokenizer_size",
            "tokenizer_paths", "read_tokenizer", "has_chat_template", "init_hf_paths", "read_checkpoint_config",
            "read_eval_task", "task_file_name", "gather_facts"]

@@ -52,6 +52,7 @@ import ast
 import dataclasses
 import difflib
 import functools
+import hashlib
 import inspect
 import json
 import re
@@ -111,6 +112,9 @@ class LoadedSpec:
     it emptied), for compiling the checks that do not depend on the invalid values; None when no such
     spec exists (e.g. a required section is missing). ``invalid_paths`` are the dotted paths that
     were invalid (or dropped); diagnostics under them, computed from ``partial``, are meaningless.
+    ``spec_file_sha256`` is the sha256 of the spec file's own bytes (None when none were read) and ``overrides``
+    the ``--set`` overrides applied to it, their command-line text in order (:func:`llmc.overrides.
+    read_with_overrides`); ``spec_bytes`` then end with the overrides, so their hash differs from the file's.
     Without a ``partial``, ``hardware`` and ``stages`` are those sections as validated on their own (None
     when invalid; ``stages`` only when every stage is valid), so the checks that read one section alone
     (an unknown GPU, an unknown ``init_from``) still run.
@@ -126,6 +130,8 @@ class LoadedSpec:
     base_dir: str = "."
     hardware: Hardware | None = None
     stages: tuple[StageBase, ...] | None = None
+    spec_file_sha256: str | None = None
+    overrides: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -183,7 +189,7 @@ def reads_spec(source: str | bytes, file: str = "<spec>", base_dir: str | Path =
              ) -> LoadedSpec:
         return LoadedSpec(file=file, spec_bytes=data, lines=lines or {}, diagnostics=diags, run=run,
                           partial=partial if run is None else run, invalid_paths=invalid, base_dir=str(base_dir),
-                          **(sections or {}))
+                          spec_file_sha256=hashlib.sha256(data).hexdigest(), **(sections or {}))
 
     if len(data) > MAX_SPEC_BYTES:
         return done([_diag("S000", "", f"spec is larger than {MAX_SPEC_BYTES // 2**20} MiB", file=file,

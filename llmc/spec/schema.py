@@ -309,6 +309,17 @@ class Optimizer(SpecModel):
     weight_decay: Float = Field(default=0.1, ge=0)
     """Decoupled weight decay (PyTorch AdamW: theta -= lr * wd * theta), of pre-training and continued training;
     SFT / DPO / GRPO decay no weights (TRL's default; the stage plan's ``hyper.optimizer``)."""
+    no_decay: Literal["embeddings_and_1d", "1d", "none"] = "embeddings_and_1d"
+    """Which parameters ``weight_decay`` leaves out (AdamW decays every other one), on every backend and stage:
+
+    - ``embeddings_and_1d``: the 1-D parameters (norm gains, biases, the MoE expert bias; gpt-oss's stacked expert
+      biases and attention sinks too) and the token embeddings (a tied output head is that matrix): OLMo 2
+      (arXiv:2501.00656, among its training-stability changes: no weight decay on embeddings).
+    - ``1d``: only the 1-D parameters (and biases); the token embeddings are decayed like every matrix: Megatron-LM's
+      default ``no_weight_decay_cond`` (megatron/core/optimizer/__init__.py: bias or 1-D) and nanoGPT
+      (model.py ``configure_optimizers``: every tensor of 2 or more dims decayed).
+    - ``none``: every parameter decayed, in one group: torchtitan 0.3.0's ``default_adamw``
+      (torchtitan/components/optimizer/optimizer.py, one ``.*`` group at weight_decay 0.1)."""
 
 
 class Schedule(SpecModel):
@@ -929,7 +940,7 @@ class KubernetesSite(SpecModel):
     shm_gib: Float | None = Field(default=None, gt=0, le=MAX_SHM_GIB)
     """GiB of memory-backed ``/dev/shm`` per pod (an emptyDir of medium Memory and that sizeLimit): a container's is
     64 MiB, too small for NCCL's shared-memory transport and DataLoader workers (NCCL, "Troubleshooting",
-    Docker/shared memory). Counts against the pod's memory. None = the container's (warning X114)."""
+    Docker/shared memory). Counts against the pod's memory. None = the container's (warning X114 when the spec has this section)."""
     rdma_resources: dict[K8sResourceName, Annotated[Int, Field(gt=0, le=MAX_DEVICES_PER_NODE)]] = Field(
         default_factory=dict)
     """Extended resources per node for the RDMA NICs, requested and limited alike, e.g.

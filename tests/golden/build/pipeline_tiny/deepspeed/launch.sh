@@ -6,14 +6,29 @@
 # DeepSpeed 0.19.8 (data parallel + ZeRO-0), config in deepspeed/ds_config.json; a stage whose
 # batch / lr / steps differ runs deepspeed/ds_config.<stage>.json (llmc.runtime.ds_train picks it for --stage).
 #   bash deepspeed/launch.sh                       # one node, NPROC=1 processes
-#   HOSTFILE=hostfile bash deepspeed/launch.sh     # 1 node(s): MPI-style hostfile ("host slots=N")
-# On a machine without a GPU set DS_ACCELERATOR=cpu (gloo). Env: NPROC, HOSTFILE, MASTER_ADDR, MASTER_PORT, RUN_DIR, STAGE.
+#   HOSTFILE=hostfile LLMC_RUN_DIR=<shared dir> bash deepspeed/launch.sh   # 1 node(s), from the first host
+# HOSTFILE: MPI-style ("host slots=N"), one line per host. On a machine without a GPU set DS_ACCELERATOR=cpu (gloo).
+# Env: NPROC, HOSTFILE, MASTER_ADDR, MASTER_PORT, LLMC_RUN_DIR, RUN_DIR, STAGE.
+# Storage: everything the run writes goes under LLMC_RUN_DIR (default: this build directory; another folder leaves the
+# build directory only read): prepare's assets/ and data/ (prepare runs on this node), the stages' run/<stage>
+# (RUN_DIR, default $LLMC_RUN_DIR/run: checkpoints, which ZeRO writes from every rank, metrics, logs,
+# exports). With a HOSTFILE of more than one host every host's ranks read and write the same files there, so
+# LLMC_RUN_DIR (and RUN_DIR) must be one storage every host mounts at the same path (NFS, Lustre; the build may be each
+# host's own copy); before prepare, the DeepSpeed launcher runs `python -m llmc.runtime.entry shared-check` on each
+# host (one process per host: gloo, no GPU), and a folder the hosts do not share stops this script with one line.
 # The DeepSpeed runner trains pretrain / midtrain / long_context stages (packed next-token loss); stages
 # sft (sft), dpo (dpo), grpo (grpo) run on llmc's native runtime, on the same processes: torchrun on this node, or with a
 # HOSTFILE the DeepSpeed launcher's multi-node start on every host of it.
 set -euo pipefail
 BUILD_DIR="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." >/dev/null && pwd)"
-RUN_DIR="${RUN_DIR:-$BUILD_DIR/run}"
+LLMC_RUN_DIR="${LLMC_RUN_DIR:-$BUILD_DIR}"
+mkdir -p -- "$LLMC_RUN_DIR" && LLMC_RUN_DIR="$(CDPATH= cd -- "$LLMC_RUN_DIR" >/dev/null && pwd)" || {
+  echo "error: LLMC_RUN_DIR=$LLMC_RUN_DIR: cannot create or enter it; give a folder this node can write" >&2
+  exit 2
+}
+export LLMC_RUN_DIR
+RUN_DIR="${RUN_DIR:-$LLMC_RUN_DIR/run}"
+NNODES=1  # the hosts the stages run on (with a HOSTFILE: below)
 NPROC="${NPROC:-1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 LOCK="$BUILD_DIR/plan.lock.json"
@@ -24,7 +39,7 @@ DS_CONFIG="$BUILD_DIR/deepspeed/ds_config.json"
 # finished under another lock (the build directory rebuilt from another spec) stops the script, neither skipped nor
 # trained over. STAGE=<name> runs only that stage.
 trained_by() { sed -n 's/^ *"fingerprint_sha256": *"\([0-9a-f]*\)".*/\1/p' "$1" 2>/dev/null || true; }
-lock_fingerprint() { awk -v s="$1" '$1 == s { print $2; exit }' "$BUILD_DIR/assets/stage-fingerprints.txt" 2>/dev/null || true; }
+lock_fingerprint() { awk -v s="$1" '$1 == s { print $2; exit }' "$LLMC_RUN_DIR/assets/stage-fingerprints.txt" 2>/dev/null || true; }
 # trained_here STAGE RECORD: the finished STAGE, whose RECORD names the lock that trained it, is this lock's (a record
 # without one, an older llmc's, is trusted with a warning); one finished under another lock ends the script
 trained_here() {
@@ -36,7 +51,7 @@ trained_here() {
     return 0
   fi
   if [ -z "$now" ]; then
-    echo "$RUN_DIR/$1: warning[R005] stage $1: no fingerprints of this lock ($BUILD_DIR/assets/stage-fingerprints.txt, written by prepare): counted as finished, unchecked" >&2
+    echo "$RUN_DIR/$1: warning[R005] stage $1: no fingerprints of this lock ($LLMC_RUN_DIR/assets/stage-fingerprints.txt, written by prepare): counted as finished, unchecked" >&2
     return 0
   fi
   if [ "$was" = "$now" ]; then return 0; fi
@@ -53,10 +68,10 @@ trained_here() {
 # when prepare later writes another, or when it is set aside); mkdir claims it (one node copies)
 keep_tokenizer() {
   local d="$RUN_DIR/$1/tokenizer" f
-  [ -f "$BUILD_DIR/assets/tokenizer.json" ] && [ ! -e "$d" ] || return 0
+  [ -f "$LLMC_RUN_DIR/assets/tokenizer.json" ] && [ ! -e "$d" ] || return 0
   mkdir -p "$RUN_DIR/$1" && mkdir "$d" 2>/dev/null || return 0
   for f in tokenizer.json tokenizer_config.json special_tokens_map.json chat_template.jinja; do
-    if [ -f "$BUILD_DIR/assets/$f" ]; then cp "$BUILD_DIR/assets/$f" "$d/$f"; fi
+    if [ -f "$LLMC_RUN_DIR/assets/$f" ]; then cp "$LLMC_RUN_DIR/assets/$f" "$d/$f"; fi
   done
 }
 stage_done() {
@@ -154,9 +169,10 @@ if [ -n "${HOSTFILE:-}" ]; then
   # #multi-node-environment-variables). deepspeed/launcher/runner.py (0.19.8) reads the file named DS_ENV_FILE,
   # else .deepspeed_env, in ~ and then in the current directory (os.path.join(path, name) for path in ["~", "."]:
   # an absolute DS_ENV_FILE is that one file), a later line winning. llmc's runs read more variables than those
-  # (HF_*, WANDB_*, LLMC_*, ...), so DeepSpeed is pointed at a file of this script's: the lines of the file(s)
-  # DeepSpeed would have read (the site's FI_PROVIDER, LD_LIBRARY_PATH, NCCL settings), then llmc's. It holds
-  # tokens (HF_TOKEN, WANDB_API_KEY): created readable by its owner only (0600) and removed when this script exits.
+  # (HF_*, WANDB_*, LLMC_*, GLOO_*: gloo's interface in the storage check and CPU runs, ...), so DeepSpeed is pointed
+  # at a file of this script's: the lines of the file(s) DeepSpeed would have read (the site's FI_PROVIDER,
+  # LD_LIBRARY_PATH, NCCL settings), then llmc's. It holds tokens (HF_TOKEN, WANDB_API_KEY): created readable by its
+  # owner only (0600) and removed when this script exits.
   mkdir -p "$RUN_DIR"
   DS_ENV_OUT="$(umask 077 && mktemp "$RUN_DIR/deepspeed_env.XXXXXX")"
   trap 'rm -f -- "$DS_ENV_OUT"' EXIT
@@ -170,7 +186,7 @@ if [ -n "${HOSTFILE:-}" ]; then
   done
   export DS_ENV_FILE="$DS_ENV_OUT"
   for v in $(compgen -e); do
-    case "$v" in HF_*|WANDB_*|LLMC_*|DS_ACCELERATOR|OMP_NUM_THREADS|TORCH_*|TRANSFORMERS_*|CUDA_VISIBLE_DEVICES) ;; *) continue ;; esac
+    case "$v" in HF_*|WANDB_*|LLMC_*|GLOO_*|DS_ACCELERATOR|OMP_NUM_THREADS|TORCH_*|TRANSFORMERS_*|CUDA_VISIBLE_DEVICES) ;; *) continue ;; esac
     case "${!v}" in
       *[!A-Za-z0-9_@%+=:,./-]*) echo "deepspeed/launch.sh: $v is not passed to the other nodes (a character DeepSpeed would not quote safely)" >&2 ;;
       *) printf '%s=%s\n' "$v" "${!v}" >> "$DS_ENV_FILE" ;;
@@ -180,7 +196,33 @@ if [ -n "${HOSTFILE:-}" ]; then
          --master_port "$MASTER_PORT")
   DS=("${MULTI[@]}" --module)
   NATIVE=("${MULTI[@]}" --no_local_rank --module)
+  # the hosts the stages run on (--num_nodes 1): the HOSTFILE's, 1 at most
+  NNODES="$(awk 'NF && $1 !~ /^#/ { n++ } END { print n + 0 }' "$HOSTFILE")"
+  [ "$NNODES" -le 1 ] || NNODES=1
 fi
+# shared_check PORT: with NNODES > 1, the DeepSpeed launcher starts `llmc.runtime.entry shared-check` on the first
+# NNODES hosts of HOSTFILE, one process each (--num_gpus 1: gloo, no GPU; RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT
+# set by deepspeed/launcher/launch.py as for the stages; --no_local_rank: the check takes no --local_rank), to see
+# that LLMC_RUN_DIR is one storage; on failure its one line (pdsh puts "<host>: " before each line a host prints:
+# taken off), else the file it names, <run dir>/shared-check.log, keeps the launcher's output.
+shared_check() {
+  case "$NNODES" in 1|1:1) return 0 ;; esac
+  local out rc=0 line log
+  echo "checking that LLMC_RUN_DIR=$LLMC_RUN_DIR is one storage on the $NNODES nodes (waiting for them all)"
+  out="$(deepspeed --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus 1 --master_addr "$MASTER_ADDR" \
+    --master_port "$1" --no_local_rank --module llmc.runtime.entry shared-check --dir "$LLMC_RUN_DIR" 2>&1)" || rc=$?
+  [ "$rc" != 0 ] || return 0
+  line="$(printf '%s\n' "$out" | grep -m1 -E '^([^ :]+: )?error: LLMC_RUN_DIR=' || true)"
+  [ -z "$line" ] || line="error: LLMC_RUN_DIR=${line#*error: LLMC_RUN_DIR=}"
+  if [ -n "$line" ]; then
+    echo "$line" >&2
+  else
+    log="$RUN_DIR/shared-check.log"
+    mkdir -p "$RUN_DIR" && printf '%s\n' "$out" > "$log" || log="(not saved)"
+    echo "error: the check that LLMC_RUN_DIR=$LLMC_RUN_DIR is shared by the nodes did not finish (deepspeed exit $rc); its output: $log" >&2
+  fi
+  exit 1
+}
 # A SIGTERM to this script's process group (a preemption, `timeout`, a service manager's stop) reaches the stage in
 # flight, whose trainers save their current step and exit PREEMPTED. This shell outlives it: a non-interactive bash
 # runs a trap once the foreground command has exited (bash(1), SIGNALS), so it waits for the stage, ends with the
@@ -229,20 +271,23 @@ ds_stage() {  # ds_stage ARGS...: "${DS[@]}" ARGS (run_logged runs it in a subsh
   trap on_term TERM
   return "$rc"
 }
-python -m llmc.runtime.entry prepare --lock "$LOCK"
+# before prepare writes there: with a HOSTFILE of more than one host, do they all see LLMC_RUN_DIR? (MASTER_PORT: no
+# stage runs yet)
+shared_check "$MASTER_PORT"
+python -m llmc.runtime.entry prepare --lock "$LOCK" --assets "$LLMC_RUN_DIR"
 if want_stage pretrain && ! stage_done pretrain; then
-  run_logged pretrain ds_stage llmc.runtime.ds_train --lock "$LOCK" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR"/pretrain
+  run_logged pretrain ds_stage llmc.runtime.ds_train --lock "$LOCK" --assets "$LLMC_RUN_DIR" --ds-config "$DS_CONFIG" --stage pretrain --out "$RUN_DIR"/pretrain
   stop_here pretrain
 fi
 if want_stage sft && ! stage_done sft; then
-  run_logged sft "${NATIVE[@]}" llmc.runtime.entry --lock "$LOCK" --stage sft --out "$RUN_DIR"/sft
+  run_logged sft "${NATIVE[@]}" llmc.runtime.entry --lock "$LOCK" --assets "$LLMC_RUN_DIR" --stage sft --out "$RUN_DIR"/sft
   stop_here sft
 fi
 if want_stage dpo && ! stage_done dpo; then
-  run_logged dpo "${NATIVE[@]}" llmc.runtime.entry --lock "$LOCK" --stage dpo --out "$RUN_DIR"/dpo
+  run_logged dpo "${NATIVE[@]}" llmc.runtime.entry --lock "$LOCK" --assets "$LLMC_RUN_DIR" --stage dpo --out "$RUN_DIR"/dpo
   stop_here dpo
 fi
 if want_stage grpo && ! stage_done grpo; then
-  run_logged grpo "${NATIVE[@]}" llmc.runtime.entry --lock "$LOCK" --stage grpo --out "$RUN_DIR"/grpo
+  run_logged grpo "${NATIVE[@]}" llmc.runtime.entry --lock "$LOCK" --assets "$LLMC_RUN_DIR" --stage grpo --out "$RUN_DIR"/grpo
   stop_here grpo
 fi

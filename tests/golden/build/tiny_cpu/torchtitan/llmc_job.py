@@ -854,7 +854,9 @@ def _trainer_config(spec):
         loss=CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(spec)),
         optimizer=OptimizersContainer.Config(
             param_groups=[
-                # first match wins: no weight decay on norm gains, biases, the expert bias and token embeddings
+                # training.optimizer.no_decay embeddings_and_1d: no weight decay on norm gains, biases, the MoE expert
+                # bias and the token embeddings (llmc's default; OLMo 2, arXiv:2501.00656)
+                # (first match wins: the pattern's parameters are not decayed, the .* group decays the rest)
                 ParamGroupConfig(pattern='(norm\\.weight|\\.bias|expert_bias|tok_embeddings\\.weight)$', optimizer_name="AdamW", optimizer_kwargs=adamw_no_wd),
                 ParamGroupConfig(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs=adamw),
             ],
@@ -900,7 +902,10 @@ def _trainer_config(spec):
         ),
         checkpoint=LlmcCheckpointManager.Config(
             enable=True,
-            folder='checkpoints',
+            # folder and keep_latest_k: the spec's training.checkpoint.folder / keep_latest, one setting for llmc's
+            # trainers and this job (llmc's defaults "checkpoints" and 3; torchtitan's own are "checkpoint" and 10).
+            # llmc's eval of checkpoints (eval.every_checkpoints) counts on the newest keep_latest being kept.
+            folder='checkpoints',  # under DUMP_FOLDER
             interval=100,
             async_mode='disabled',
             keep_latest_k=3,
@@ -908,6 +913,13 @@ def _trainer_config(spec):
         ),
         activation_checkpoint=None,
         compile=CompileConfig(enable=False, components=['model', 'loss']),
+        # init_timeout_seconds: torchtitan's default 300 s, 1800 s from 1024 ranks (llmc heuristic, COMM_INIT_TIMEOUT_*)
+        # train_timeout_seconds (NCCL's watchdog after the first step; torchtitan's default is 100 s) must outlast the
+        # longest synchronous checkpoint save: ranks that finish writing wait in its closing collective for the
+        # slowest, and torchtitan writes its last-step and preemption saves synchronously. Here: llmc's floor for
+        # synchronous checkpoint saves, 600 s (a fixed headroom, not fitted), above 1.5 x the plan's predicted
+        # preemption save (0 s) (llmc/emit/torchtitan.py comm_train_timeout: COMM_TRAIN_TIMEOUT_CKPT_S,
+        # COMM_TRAIN_TIMEOUT_SAVE_MARGIN).
         comm=CommConfig(init_timeout_seconds=300, train_timeout_seconds=600),
         debug=DebugConfig(seed=0),
     )
