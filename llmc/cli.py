@@ -331,7 +331,8 @@ def _plan(spec: Path, diff: Path | None, sets: list[str] | None, fit_check: bool
         except (AttributeError, TypeError, KeyError, ValueError) as e:
             bad_lock(f"malformed lockfile: {type(e).__name__}: {e}", "rebuild it with `llmc build`")
         if state is not None:  # every document of `llmc plan --format json` says whether it failed
-            text = json.dumps({**json.loads(text), "ok": True}, indent=2, sort_keys=True, default=str)
+            text = json.dumps({**json.loads(text), "ok": True, "schema_version": PLAN_SCHEMA_VERSION}, indent=2,
+                              sort_keys=True, default=str)
         out(text)
         return
     if state is not None:

@@ -208,3 +208,34 @@ def test_rebuild_command_words_read_back_exactly(word):
     got = subprocess.run(["bash", "-c", "printf '%s\\0' " + cmd], capture_output=True, check=True).stdout
     assert got.split(b"\0")[:-1] == [w.encode() for w in ["llmc", "build", word, "-o", "out dir", "--set",
                                                           f"name={word}"]]
+
+
+def test_a_spec_read_from_standard_input_gets_a_rebuild_command_that_reads_it_there(proj, monkeypatch):
+    """`llmc build - -o DIR` records the spec's path as the folder it was read in + "-": the README's command reads
+    the spec on standard input again (a file named "-" does not exist), and its hash is the one recorded."""
+    monkeypatch.chdir(proj / "specs")
+    text = (proj / "specs" / "tiny_cpu.yaml").read_text()
+    r = CliRunner().invoke(app, ["build", "-", "-o", "../build/stdin", "--set", SETS[0]], input=text)
+    assert r.exit_code == 0, r.output
+    readme = (proj / "build" / "stdin" / "README.md").read_text()
+    assert f"llmc build - -o . --set {SETS[0]} < SPEC" in readme
+    assert hashlib.sha256(text.encode()).hexdigest() in readme
+
+
+def test_the_cluster_manifests_name_the_hashes_as_every_other_header(tmp_path, monkeypatch):
+    """The SkyPilot task and the Kubeflow TrainJob (written from the lock) label the hashes of a build with overrides
+    as the other headers do: the file's own, then the spec plus overrides'; an override holding a newline stays in its
+    comment (both still parse as YAML)."""
+    import yaml
+
+    spec = ROOT / "examples" / "llama3_70b_h100x64.yaml"
+    out = tmp_path / "b"
+    r = CliRunner().invoke(app, ["build", str(spec), "-o", str(out), "--set", "training.checkpoint.folder=ck\n#x: y"])
+    assert r.exit_code == 0, r.output
+    lock = json.loads((out / "plan.lock.json").read_text())
+    for rel in ("skypilot/task.yaml", "kubeflow/trainjob.yaml"):
+        text = (out / rel).read_text()
+        head = text.splitlines()[:5]
+        assert f"# spec file sha256: {_sha(spec)}" in head and f"# spec + overrides sha256: {lock['spec']['sha256']}" in head
+        assert not any(ln.startswith("# spec sha256") for ln in head) and "\n#x: y" not in text
+        yaml.safe_load(text)

@@ -353,6 +353,14 @@ def test_the_plan_and_the_lock_record_which_calibration_file_they_were_made_with
     r = CliRunner().invoke(app, ["plan", str(spec), "--calibration", str(f), "--format", "json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["calibration"]["file"] == {"path": "h100.json", "sha256": want["sha256"]}
+    # the build README's rebuild command names what the spec does not: a calibration given on the command line
+    assert "--calibration" not in (tmp_path / "b1" / "README.md").read_text().split("## Rebuild")[1].split("##")[0]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(SPEC)
+    r = CliRunner().invoke(app, ["build", str(plain), "-o", str(tmp_path / "b2"), "--calibration", str(f)])
+    assert r.exit_code == 0, r.output
+    rebuild = (tmp_path / "b2" / "README.md").read_text().split("## Rebuild")[1].split("\n## ")[0]
+    assert " --calibration h100.json\n" in rebuild and want["sha256"] in rebuild
 
 
 def test_the_comm_prior_yields_to_runs_that_show_slower_communication():

@@ -223,6 +223,63 @@ def test_large_copies_warn_x014_and_are_still_copied(tmp_path):
     assert (tmp_path / "b2" / "eval" / "tasks" / "pydoc_mc" / "pydoc_mc.jsonl").read_bytes() == data.read_bytes()
 
 
+def _group_project(root: Path) -> Path:
+    """A group task file (grp.yaml: group mygrp over mc_x) whose member reads a relative data file, beside the spec,
+    and a virtual environment holding a task file of the same name (a venv next to a spec is common)."""
+    g = root / "g"
+    g.mkdir()
+    shutil.copy(ROOT / "examples/tasks/pydoc_mc.jsonl", g)
+    (g / "mc_x.yaml").write_text((ROOT / "examples/tasks/pydoc_mc.yaml").read_text().replace(
+        "task: pydoc_mc", "task: mc_x"))
+    (g / "grp.yaml").write_text("group: mygrp\ntask:\n  - mc_x\naggregate_metric_list:\n  - metric: acc\n")
+    (g / ".venv" / "tasks").mkdir(parents=True)
+    (g / ".venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (g / ".venv" / "tasks" / "mc_x.yaml").write_text("task: mc_x\n")
+    spec = g / "spec.yaml"
+    spec.write_text((ROOT / "examples/tiny_cpu.yaml").read_text().replace(
+        "tasks: [tasks/pydoc_mc.yaml]", "tasks: [grp.yaml]"))
+    assert "grp.yaml" in spec.read_text()
+    return spec
+
+
+def test_a_group_rebuilt_beside_its_build_copies_the_same_files(tmp_path):
+    """A build beside the group file (its earlier copies) and a virtual environment there are not members: building
+    twice into the folder gives the same copies, not a copy of the last build nested in the next."""
+    spec = _group_project(tmp_path)
+    out = spec.parent / "build"
+    _build(spec, out)
+    first = _tree(out / "eval")
+    _build(spec, out)
+    assert _tree(out / "eval") == first
+    assert sorted(first) == ["tasks.json", "tasks/grp/grp.yaml", "tasks/grp/mc_x.yaml", "tasks/grp/pydoc_mc.jsonl"]
+
+
+def test_a_groups_members_read_their_data_from_the_copies(tmp_path):
+    """lm_eval loads the copied group through the eval step's resolution from any working directory: its member's
+    relative data_files (read from the working directory by lm_eval itself) are made absolute in the eval step's copy,
+    and the member's 24 documents load."""
+    from lm_eval.tasks import TaskManager
+
+    from llmc.runtime.evaluate import resolve_tasks
+
+    spec = _group_project(tmp_path)
+    out = tmp_path / "b"
+    _build(spec, out)
+    r = resolve_tasks((str(out / "eval/tasks/grp/grp.yaml"),), tmp_path / "work")
+    assert r.names == ["mygrp"] and r.builtin
+    loaded = TaskManager(include_path=r.include).load(r.names)
+    tasks = [t for t in _leaves(loaded) if hasattr(t, "test_docs")]
+    assert len(tasks) == 1 and tasks[0].config.task == "mc_x" and len(list(tasks[0].test_docs())) == 24
+
+
+def _leaves(d):
+    for v in (d.values() if isinstance(d, dict) else [d]):
+        if isinstance(v, dict):
+            yield from _leaves(v)
+        else:
+            yield v
+
+
 @pytest.mark.slow
 def test_a_copy_of_the_build_alone_launches_and_scores_every_document(tmp_path):
     """The reviewer's run: build in one folder, copy only the build elsewhere, ``llmc launch`` it (10 steps of

@@ -215,3 +215,16 @@ def test_cli_report_and_launch_on_an_edited_lock_are_one_line(tmp_path):
         err = [ln for ln in r.stderr.splitlines() if "warning[L004]" not in ln]  # --force: the edit is reported
         assert r.returncode == 1 and len(err) == 1 and err[0].startswith(want), r.stderr
         assert "Traceback" not in r.stderr and "INTERNAL" not in r.stderr
+
+
+def test_a_field_added_with_its_default_is_no_change_against_an_older_lock():
+    """A lock written before training.optimizer.no_decay existed (the field absent, the same rule applied) shows no
+    change against the default rule; another rule, and a changed existing field, still show."""
+    from llmc.emit.lock import spec_changes
+
+    new = {"training": {"optimizer": {"lr": 0.003, "no_decay": "embeddings_and_1d"}}}
+    old = {"training": {"optimizer": {"lr": 0.003}}}
+    assert spec_changes(old, new) == []
+    other = {"training": {"optimizer": {"lr": 0.003, "no_decay": "none"}}}
+    assert spec_changes(old, other) == [("training.optimizer.no_decay", "<absent>", "none")]
+    assert spec_changes({"training": {"optimizer": {"lr": 0.001}}}, new) == [("training.optimizer.lr", 0.001, 0.003)]

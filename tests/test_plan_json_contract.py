@@ -242,4 +242,5 @@ def test_the_typer_path_follows_the_same_contract():
     # a --diff that succeeds says so too
     r = CliRunner().invoke(app, ["plan", "--format=json", "--diff", "tests/golden/build/tiny_cpu/plan.lock.json",
                                  str(TINY)])
-    assert r.exit_code == 0 and json.loads(r.stdout)["ok"] is True
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and doc["ok"] is True and doc["schema_version"] == 1  # (every document has both)

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import shlex
+from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
@@ -91,14 +92,19 @@ def header_fields(compiled) -> dict[str, Any]:
 
 def header_lines(compiled) -> list[str]:
     """The text header of every other artifact (each emitter writes it as comments of its language)."""
-    h = header_fields(compiled)
-    targets = ", ".join(f"{k} {v}" for k, v in h["target_versions"].items())
-    out = [f"{h['generated_by']}: {GEN_NOTE}", f"targets: {targets}"]
-    if not compiled.overrides:
-        return [*out, f"spec sha256: {h['spec_sha256']}"]
-    return [*out, f"spec file sha256: {h['spec_file_sha256'] or 'unknown'}",
+    return header_text(header_fields(compiled))
+
+
+def header_text(h: Mapping[str, Any]) -> list[str]:
+    """:func:`header_lines` from the header's fields (a lock's ``_llmc``: the SkyPilot / Kubeflow manifests, which
+    are written from the lock, name the same hashes)."""
+    targets = ", ".join(f"{k} {v}" for k, v in sorted((h.get("target_versions") or {}).items()))
+    out = [f"{h.get('generated_by', 'llmc')}: {GEN_NOTE}", f"targets: {targets}"]
+    if not h.get("overrides"):
+        return [*out, f"spec sha256: {h.get('spec_sha256', '')}"]
+    return [*out, f"spec file sha256: {h.get('spec_file_sha256') or 'unknown'}",
             f"overrides: {shlex.join(h['overrides'])}",  # (their text: "--set" reads "-\x2dset" in Markdown's comments)
-            f"spec + overrides sha256: {h['spec_sha256']}"]
+            f"spec + overrides sha256: {h.get('spec_sha256', '')}"]
 
 
 def dump_json(obj: Any) -> str:

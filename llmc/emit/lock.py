@@ -74,14 +74,39 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def spec_changes(old_spec: dict, new_spec: dict) -> list[tuple[str, Any, Any]]:
     """(dotted path, old, new) for every resolved-spec leaf that differs ("<absent>" when missing; a field a newer
-    llmc adds with the default null is no change against a lock that lacks it)."""
+    llmc adds is no change against a lock that lacks it when the new value is the field's default: null, or e.g.
+    ``training.optimizer.no_decay``'s rule, which the older llmc applied without naming it)."""
     a, b = _flatten(old_spec or {}), _flatten(new_spec or {})
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
-        if va != vb and not (va is None and vb == "<absent>" or va == "<absent>" and vb is None):
-            out.append((k, va, vb))
+        if va == vb or va is None and vb == "<absent>" or va == "<absent>" and vb is None:
+            continue
+        if "<absent>" in (va, vb) and _is_default(k, vb if va == "<absent>" else va):
+            continue
+        out.append((k, va, vb))
     return out
+
+
+def _is_default(path: str, value: Any) -> bool:
+    """Whether ``value`` is the RunSpec field's default at the dotted ``path`` (plain field names only: a path
+    through a list element is never taken for a default)."""
+    from pydantic import BaseModel
+
+    from llmc.spec.schema import RunSpec
+
+    model: Any = RunSpec
+    *heads, leaf = path.split(".")
+    for name in heads:
+        field = model.model_fields.get(name) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        model = field.annotation
+    field = model.model_fields.get(leaf) if isinstance(model, type) and issubclass(model, BaseModel) else None
+    if field is None or field.default_factory is not None:
+        return False
+    default = field.default
+    return value == (default.model_dump(mode="json") if isinstance(default, BaseModel) else default)
 
 
 def _get(d: dict | None, path: str) -> Any:

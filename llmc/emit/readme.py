@@ -7,6 +7,7 @@ reproduces the build, ``--set`` overrides included, and with overrides the sha25
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Mapping
 
@@ -17,6 +18,7 @@ from llmc.emit.common import (
     header_lines,
     jinja_env,
     nnodes,
+    sh_word,
     stage_list,
     world,
 )
@@ -55,12 +57,23 @@ def rebuild_section(compiled) -> str:
     """The README's "Rebuild" section (Markdown): the command that reproduces the build from the build directory
     (``compiled.spec_path`` is relative to it; ``-o .``), shlex-quoted, in a fenced code block whose fence is longer
     than any run of backticks in it (CommonMark 0.31 section 4.5: the block then ends only at that fence)."""
-    cmd = build_command(compiled.spec_path, ".", compiled.overrides)
+    stdin = posixpath.basename(str(compiled.spec_path)) == "-"  # `llmc build -`: the spec came on standard input
+    cmd = build_command("-" if stdin else compiled.spec_path, ".", compiled.overrides) + (" < SPEC" if stdin else "")
+    cal = compiled.calibration.file if compiled.calibration is not None else None
+    if cal and not compiled.spec.calibration:  # given as --calibration FILE (the lock records its name and sha256)
+        cmd += " --calibration " + sh_word(cal["path"])
     fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", cmd)), default=0))
     out = ["## Rebuild", "",
            "From this directory, this command reproduces the build"
-           + (" (its `--set` overrides included):" if compiled.overrides else ":"),
+           + (" (its `--set` overrides included)" if compiled.overrides else "")
+           + (", given the same spec on standard input (it was read from there: its sha256 is below):" if stdin
+              else ":"),
            "", f"{fence}sh", cmd, fence, ""]
+    if stdin and not compiled.overrides:
+        out += [f"The spec's sha256 is `{compiled.spec_sha256}`.", ""]
+    if cal and not compiled.spec.calibration:
+        out += [f"`--calibration` names the calibration file the build read (sha256 `{cal['sha256']}`, "
+                "`calibration.file` in `plan.lock.json`) by its file name: give its path.", ""]
     if compiled.overrides:
         out += [f"The spec file's own sha256 is `{compiled.spec_file_sha256 or 'unknown'}`; with the "
                 f"{len(compiled.overrides)} override(s) applied (`spec.sha256` in `plan.lock.json`, the headers' "

@@ -42,7 +42,8 @@ import yaml
 
 from llmc.diagnostics import Diagnostic
 from llmc.emit.base import Emitter
-from llmc.emit.common import diag, is_cpu, nnodes
+from llmc.emit.common import diag, header_text, is_cpu, nnodes
+from llmc.escape import comment
 from llmc.lockfile import LOCK_FILE
 
 # Kubernetes extended resource per GPU vendor (NVIDIA / AMD device plugins); the vendor and the SkyPilot
@@ -88,11 +89,9 @@ def infra(sky: dict) -> str | None:
 
 
 def header(lock: dict) -> list[str]:
-    """The generated-file comment lines every build artifact starts with."""
-    meta = lock.get("_llmc") or {}
-    targets = ", ".join(f"{k} {v}" for k, v in sorted((meta.get("target_versions") or {}).items()))
-    return [f"# {meta.get('generated_by', 'llmc')}: {meta.get('note', 'generated file, do not edit')}",
-            f"# targets: {targets}", f"# spec sha256: {meta.get('spec_sha256', '')}"]
+    """The generated-file comment lines every build artifact starts with (``common.header_text`` of the lock's
+    header, as YAML comments that cannot end early: ``escape.comment``)."""
+    return [comment(line, "yaml") for line in header_text(lock.get("_llmc") or {})]
 
 
 class _Dumper(yaml.SafeDumper):

@@ -873,12 +873,12 @@ def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
 
     try:
         jobs = [torchtitan_values(compiled, stage) for stage in titan_jobs(compiled)]
-    except SpecError as e:  # (NOT_EMITTED.txt names the hash the lock's spec.sha256 holds)
+    except SpecError as e:
         if strict:
             raise
         lines = [
             f"# llmc {llmc.__version__}: no torchtitan {TORCHTITAN_VERSION} job for this spec "
-            f"(sha256 {compiled.spec_sha256})",
+            f"(sha256 {_spec_hash_text(compiled)})",
             *[visible(d.render()) for d in e.diagnostics],
         ]
         return {f"{OUT_DIR}/NOT_EMITTED.txt": "\n".join(lines) + "\n"}

@@ -80,6 +80,7 @@ import argparse
 import hashlib
 import json
 import os
+import posixpath
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,7 @@ from typing import Any
 
 import yaml
 
-from llmc.spec.facts import has_chat_template, task_file_name
+from llmc.spec.facts import group_scan, has_chat_template, task_file_name
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,28 @@ def _absolute_data_files(p: Path, text: str, dest: Path | None) -> Path:
     return out
 
 
+def _group_copy(p: Path, shown: str, dest: Path) -> Path:
+    """A group task file's folder as lm_eval indexes it for the group's members (``llmc.spec.facts.group_scan``: its
+    ``*.yaml`` files, those of its subfolders, and the ``.py`` modules beside them for ``!function``), copied to
+    ``dest`` with every relative ``dataset_kwargs.data_files`` made absolute (:func:`_absolute_data_files`: lm_eval
+    reads a member's data files from the working directory, not beside it). Returns the group file's copy, whose
+    folder becomes the include path."""
+    import shutil
+
+    base = p.parent
+    rels = group_scan(base, shown)
+    for rel in rels + ([] if p.name in rels else [p.name]):  # (a .yml group file is not among the indexed .yaml)
+        src, out = base / rel, dest / rel
+        if _absolute_data_files(src, src.read_text(encoding="utf-8"), out.parent) == src:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, out)
+    for d in sorted({posixpath.dirname(r) for r in rels}):
+        for py in sorted((base / d).glob("*.py")):
+            (dest / d).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(py, dest / d / py.name)
+    return dest / p.name
+
+
 def resolve_tasks(tasks: tuple[str, ...], copy_dir: str | Path | None = None) -> ResolvedTasks:
     """Task names and include paths: YAML files become their ``task:`` (or ``group:``) name plus their
     directory. With ``copy_dir``, a YAML whose ``data_files`` are relative is copied there with them made
@@ -198,7 +221,10 @@ def resolve_tasks(tasks: tuple[str, ...], copy_dir: str | Path | None = None) ->
             name, lists_tasks = task_file_name(t, text)
             names.append(name)
             builtin |= lists_tasks
-            p = _absolute_data_files(p, text, Path(copy_dir) / str(i) if copy_dir is not None else None)
+            if lists_tasks and copy_dir is not None:  # a group: its members' data_files too (_group_copy)
+                p = _group_copy(p, t, Path(copy_dir) / str(i))
+            else:
+                p = _absolute_data_files(p, text, Path(copy_dir) / str(i) if copy_dir is not None else None)
             d = str(p.resolve().parent)
             if d not in include:
                 include.append(d)

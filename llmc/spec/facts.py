@@ -187,36 +187,25 @@ def _file_refs(doc) -> tuple[list[str], list[str], list[str]]:
     read."""
     if not isinstance(doc, dict):
         return [], [], []
-    data: list[str] = []
-
-    def walk_files(v):
-        if isinstance(v, str) and "://" not in v and not Path(v).is_absolute():
-            data.append(v)
-        elif isinstance(v, list):
-            for x in v:
-                walk_files(x)
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk_files(x)
-
     kwargs = doc.get("dataset_kwargs")
-    walk_files(kwargs.get("data_files") if isinstance(kwargs, dict) else None)
+    data = [v for v in _strings(kwargs.get("data_files") if isinstance(kwargs, dict) else None)
+            if "://" not in v and not Path(v).is_absolute()]
     inc = doc.get("include")
     includes = [i for i in (inc if isinstance(inc, list) else [inc]) if isinstance(i, str) and not Path(i).is_absolute()]
-    funcs: list[str] = []
-
-    def walk_funcs(v):
-        if isinstance(v, _Function) and "." in v:
-            funcs.append(v.rpartition(".")[0].replace(".", "/") + ".py")
-        elif isinstance(v, list):
-            for x in v:
-                walk_funcs(x)
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk_funcs(x)
-
-    walk_funcs(doc)
+    funcs = [v.rpartition(".")[0].replace(".", "/") + ".py" for v in _strings(doc) if isinstance(v, _Function) and "." in v]
     return data, includes, funcs
+
+
+def _strings(v):
+    """Every string in a YAML value (lists and mappings' values walked in order)."""
+    if isinstance(v, str):
+        yield v
+    elif isinstance(v, list):
+        for x in v:
+            yield from _strings(x)
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _strings(x)
 
 
 def _member_names(tasks) -> set[str]:
@@ -241,18 +230,21 @@ def _names_of(doc) -> set[str]:
             | {t for t in (tags if isinstance(tags, list) else [tags]) if isinstance(t, str)})
 
 
-def _group_scan(base: Path) -> list[str]:
+def group_scan(base: Path, shown: str) -> list[str]:
     """The ``*.yaml`` files under ``base`` (POSIX, relative to it, sorted), as lm_eval's task index walks an
     ``include_path`` folder (lm_eval/tasks/_index.py ``_iter_yaml_files``: ``**/*.yaml`` without ``__pycache__``
-    and ``.ipynb_checkpoints``); ValueError past :data:`MAX_GROUP_SCAN`."""
+    and ``.ipynb_checkpoints``), leaving out hidden folders, virtual environments (``pyvenv.cfg``) and llmc builds
+    (``.llmc-build.json``: a build beside the spec holds the copies of an earlier build, which would nest again);
+    ValueError (naming ``shown``, the group file as the spec writes it) past :data:`MAX_GROUP_SCAN`."""
     out: list[str] = []
     for root, dirs, files in os.walk(base):
-        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", ".ipynb_checkpoints"))
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith(".")
+                         and not (Path(root, d, "pyvenv.cfg").exists() or Path(root, d, ".llmc-build.json").exists()))
         rel = Path(root).relative_to(base).as_posix()
         out += [posixpath.normpath(posixpath.join(rel, f)) for f in sorted(files) if f.endswith(".yaml")]
         if len(out) > MAX_GROUP_SCAN:
-            raise ValueError(f"{base}: more than {MAX_GROUP_SCAN} YAML files to look through for the group's "
-                             "member tasks; keep the group file in a folder of its own tasks")
+            raise ValueError(f"{shown}: more than {MAX_GROUP_SCAN} YAML files beside it to look through for the "
+                             "group's member tasks; keep the group file in a folder of its own tasks")
     return sorted(out)
 
 
@@ -328,7 +320,7 @@ def task_file_tree(p: Path, data: bytes, shown: str) -> tuple[str, tuple[EvalTas
         scan(*queue.pop(0))
         if group and not queue:  # the group's members, by name, in the task file's folder (as lm_eval indexes it)
             group = False
-            for rel in _group_scan(base):
+            for rel in group_scan(base, shown):
                 if rel in found:
                     continue
                 try:

@@ -310,7 +310,8 @@ class Optimizer(SpecModel):
     """Decoupled weight decay (PyTorch AdamW: theta -= lr * wd * theta), of pre-training and continued training;
     SFT / DPO / GRPO decay no weights (TRL's default; the stage plan's ``hyper.optimizer``)."""
     no_decay: Literal["embeddings_and_1d", "1d", "none"] = "embeddings_and_1d"
-    """Which parameters ``weight_decay`` leaves out (AdamW decays every other one), on every backend and stage:
+    """Which parameters ``weight_decay`` leaves out (AdamW decays every other one), on every backend, for
+    pre-training and the continued-training stages (SFT / DPO / GRPO decay no weights at all):
 
     - ``embeddings_and_1d``: the 1-D parameters (norm gains, biases, the MoE expert bias; gpt-oss's stacked expert
       biases and attention sinks too) and the token embeddings (a tied output head is that matrix): OLMo 2
