@@ -160,11 +160,14 @@ def read_with_overrides(path: str | Path, overrides: list[Override]):
         text = None
     raw, _, diags = _parse_yaml(text, str(path)) if text is not None else (None, {}, [])
     if not isinstance(raw, dict) or errors(diags):  # the loader's own located errors for a malformed file
-        return dataclasses.replace(reads_spec(data, file=str(path), base_dir=base), overrides=given)
+        # (its spec_bytes, spec.sha256's input, take the overrides as every other path's do)
+        return dataclasses.replace(reads_spec(data, file=str(path), base_dir=base), overrides=given,
+                                   spec_bytes=data + override_bytes(overrides))
     try:
         changed = apply_overrides(raw, overrides)
     except ValueError as e:
-        return LoadedSpec(file=str(path), spec_bytes=data, lines={}, run=None, diagnostics=[Diagnostic(
+        return LoadedSpec(file=str(path), spec_bytes=data + override_bytes(overrides), lines={}, run=None,
+                          diagnostics=[Diagnostic(
             code="S001", severity="error", path="", message=str(e), hint="check the key path against `llmc schema`",
             file=str(path))], base_dir=base, spec_file_sha256=file_sha, overrides=given)
     lines = file_lines(text)

@@ -244,3 +244,22 @@ def test_the_typer_path_follows_the_same_contract():
                                  str(TINY)])
     doc = json.loads(r.stdout)
     assert r.exit_code == 0 and doc["ok"] is True and doc["schema_version"] == 1  # (every document has both)
+
+
+def test_the_failure_documents_spec_hash_covers_the_overrides_however_the_spec_fails(tmp_path):
+    """spec.sha256 hashes the file followed by the overrides (spec.file_sha256 the file alone) for a spec that is not
+    even YAML as for one that fails validation: the same input, the same meaning."""
+    import hashlib
+
+    from llmc.overrides import override_bytes, parse_override
+
+    sets = ["training.optimizer.lr=1"]
+    for name, text in (("broken.yaml", "name: x\nmodel: [tiny\n"), ("invalid.yaml", "name: x\nmodel: 3\n")):
+        f = tmp_path / name
+        f.write_text(text)
+        r = _cli("plan", str(f), "--format", "json", "--set", sets[0])
+        doc = json.loads(r.stdout)["spec"]
+        assert r.returncode == 1 and doc["overrides"] == sets, doc
+        assert doc["file_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+        want = hashlib.sha256(text.encode() + override_bytes([parse_override(s) for s in sets])).hexdigest()
+        assert doc["sha256"] == want, name
