@@ -599,7 +599,8 @@ def _widest(run, gpu, dims, pinned: bool = True) -> tuple[int, int]:
     from llmc.compiler.search import divisors, tp_problem
 
     arch, world, par = run.model, run.hardware.count, run.parallelism
-    t = (par.tp if pinned else None) or (max(t for t in divisors(world) if tp_problem(arch, world, t, gpu) is None)
+    cp = par.cp if pinned and par.cp and world % par.cp == 0 else 1  # a pinned CP leaves world / cp for TP
+    t = (par.tp if pinned else None) or (max(t for t in divisors(world // cp) if tp_problem(arch, world, t, gpu) is None)
                                          if "tp" in dims else 1)
     return t, max(_cps(run, t, dims, pinned))
 
@@ -636,13 +637,13 @@ def _check_batch_split(run, res, gpu, G: int, sink: Sink) -> None:
     world = run.hardware.count
     be = get_backend(res.backend)
     t, c = _widest(run, gpu, be.supports)
-    q = world // (t * c)
+    q = max(1, world // (t * c))  # (pins whose product passes the world are P001's)
     tu, cu = _widest(run, gpu, be.supports, pinned=False)
     par = run.parallelism
     pins = [(k, getattr(par, k)) for k in ("micro_batch", "dp_replicate", "dp_shard", "tp", "pp", "cp")
             if getattr(par, k, None) is not None]
     fewer = "fewer GPUs"
-    if G % q == 0 or (pins and G % (world // (tu * cu)) == 0):
+    if G % q == 0 or (pins and G % max(1, world // (tu * cu)) == 0):
         # the batch splits over the widest layout (of the pins, or without them): what blocks it is the pins, or the
         # pipeline's micro-batches
         if pins:
