@@ -183,13 +183,13 @@ def _compile(spec: Path, sets: list[str] | None = None, *, fit_check: bool = Tru
 
 def _spec_json(p: _Planned | None, spec: Path) -> dict:
     """The failure document's ``spec``: the success document's keys (``Compiled.to_json``), null where not known."""
-    import hashlib
+    from llmc.compiler.compile import spec_sha256  # (the lock's spec.sha256: one definition)
 
     loaded = p.loaded if p is not None else None
     run = getattr(loaded, "run", None)
     given = list(getattr(loaded, "overrides", None) or (p.sets if p is not None else None) or [])
     return {"path": loaded.file if loaded is not None else str(spec),
-            "sha256": hashlib.sha256(loaded.spec_bytes).hexdigest() if loaded is not None and loaded.spec_bytes
+            "sha256": spec_sha256(None, loaded.spec_bytes) if loaded is not None and loaded.spec_bytes
             else None,
             "file_sha256": getattr(loaded, "spec_file_sha256", None),
             "overrides": given,
