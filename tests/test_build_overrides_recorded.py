@@ -239,3 +239,26 @@ def test_the_cluster_manifests_name_the_hashes_as_every_other_header(tmp_path, m
         assert f"# spec file sha256: {_sha(spec)}" in head and f"# spec + overrides sha256: {lock['spec']['sha256']}" in head
         assert not any(ln.startswith("# spec sha256") for ln in head) and "\n#x: y" not in text
         yaml.safe_load(text)
+
+
+def test_a_build_made_with_no_fit_check_rebuilds_with_it(proj, monkeypatch):
+    """A build whose plan does not fit the GPU (0.001 GiB of memory) exists only with --no-fit-check: its lock says
+    so (``fit_check: false``) and its README's rebuild command carries the option, so that running the command
+    reproduces the build; without the option the same command stops at P004."""
+    monkeypatch.chdir(proj.parent)
+    tight = "hardware.gpu_overrides.hbm_gib=0.001"
+    args = ["build", "proj/specs/tiny_cpu.yaml", "-o", "proj/build/tiny", "--set", tight]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1 and "P004" in r.output, r.output
+    r = CliRunner().invoke(app, [*args, "--no-fit-check"])
+    assert r.exit_code == 0, r.output
+    b = proj / "build" / "tiny"
+    assert json.loads((b / "plan.lock.json").read_text())["fit_check"] is False
+    argv = _readme_command((b / "README.md").read_text())
+    assert argv == ["llmc", "build", "../../specs/tiny_cpu.yaml", "-o", ".", "--set", tight, "--no-fit-check"]
+    before = {p: (b / p).read_bytes() for p in ("plan.lock.json", "README.md")}
+    monkeypatch.chdir(b)
+    r = CliRunner().invoke(app, argv[1:])
+    assert r.exit_code == 0, r.output
+    assert {p: (b / p).read_bytes() for p in before} == before
+    assert json.loads(_build(proj, [], monkeypatch).joinpath("plan.lock.json").read_text())["fit_check"] is True

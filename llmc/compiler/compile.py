@@ -264,7 +264,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         spec_path=spec_path, spec_sha256=sha, spec=run, gpu=gpu, model=model,
         spec_file_sha256=spec_file_sha256 if spec_file_sha256 is not None else (
             sha if spec_bytes is not None and not overrides else None),
-        overrides=list(overrides),
+        overrides=list(overrides), fit_check=fit_check,
         compute=compute, hyper=hyper, plan=searched.plan, memory=searched.memory, time=time, cost=cost,
         reasons=list(searched.reasons),
         alternatives=list(searched.alternatives), rejected=list(searched.rejected),

@@ -496,6 +496,9 @@ class Compiled:
     # the ``--set`` overrides applied to the spec file, their command-line text in order (``llmc build SPEC --set ...``
     # with these reproduces the build)
     overrides: list[str] = field(default_factory=list)
+    # False when compiled with ``--no-fit-check`` (every layout searched as if it fitted): rebuilding the build needs
+    # the option again
+    fit_check: bool = True
 
     def to_json(self) -> dict:
         """JSON view; keys documented in README (model.*, compute.*, plan, memory.*, time.*, cost.*)."""
@@ -514,6 +517,7 @@ class Compiled:
                 # the whole resolved spec: the runtime reads data/training/stages from here
                 "resolved": self.spec.model_dump(mode="json"),
             },
+            "fit_check": self.fit_check,  # false: compiled with --no-fit-check
             "model": {"architecture": self.spec.model.model_dump(mode="json"), **dc(self.model)},
             "hardware": dc(self.gpu) if self.gpu is not None else None,
             # a pipeline without pre-training trains no top-level data: no compute of its own (its stages have theirs)

@@ -62,6 +62,8 @@ def rebuild_section(compiled) -> str:
     cal = compiled.calibration.file if compiled.calibration is not None else None
     if cal and not compiled.spec.calibration:  # given as --calibration FILE (the lock records its name and sha256)
         cmd += " --calibration " + sh_word(cal["path"])
+    if not compiled.fit_check:  # the plan may not fit: without the option the rebuild stops at P004 / G005
+        cmd += " --no-fit-check"
     fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", cmd)), default=0))
     out = ["## Rebuild", "",
            "From this directory, this command reproduces the build"
