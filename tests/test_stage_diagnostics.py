@@ -444,3 +444,20 @@ def test_a_chat_stage_says_it_decays_no_weights_whatever_the_pre_training_optimi
     assert [n for n in st.notes if n.startswith("AdamW without weight decay") and "weight_decay 0.1" in n]
     none = compile_text(text.replace("stages:", "training: {optimizer: {weight_decay: 0.0}}\nstages:"))
     assert not [n for n in none.stages[0].notes if n.startswith("AdamW without weight decay")]
+
+
+def test_pretraining_without_a_plan_gets_its_plan_error_and_no_stage_g005():
+    """A batch no layout splits (4,000,000 tokens is 488.28 sequences of 8192: P005) leaves pre-training without a
+    plan. Its stage was then sized as one data-parallel micro-step of the whole 488-sequence batch and reported as a
+    G005 warning of ~1.76 TB per GPU for an 8B model, on a spec with no stages: the plan's error is the one finding."""
+    spec, _ = loads_spec(textwrap.dedent("""\
+        name: b8
+        model: llama3-8b
+        hardware: {gpu: h100-sxm, count: 64}
+        data: {sources: [{name: web, tokens: 2T}], tokens: 160B, seq_len: 8192}
+        training: {global_batch_tokens: 4M}
+        """))
+    assert 4_000_000 % 8192 != 0
+    c = compile_spec(spec, "b8.yaml")
+    codes = {d.code for d in c.diagnostics if d.severity in ("error", "warning")}
+    assert "P005" in codes and "G005" not in codes, codes

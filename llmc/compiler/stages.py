@@ -1294,7 +1294,9 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
                  "stage is planned without it",
                  "to make it fit: LoRA or QLoRA (lora:), more GPUs (the stage shards its states over them), or a "
                  "shorter seq_len")
-    if mem.fits is False:
+    # pre-training without a plan (its P error says why: P004 nothing fits, P005 a batch no layout splits, ...) has
+    # only the data-parallel stand-in memory of _recompute_choice, one micro-step of the whole batch: no finding
+    if mem.fits is False and not (st.kind == "pretrain" and env.plan is None):
         laid_out = mem.weights_bytes is None  # a searched parallelism plan's memory (pre-training's, a stage's
         # torchtitan layout): its per-GPU breakdown, the model states already split by its TP / PP / FSDP
         if laid_out:
