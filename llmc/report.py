@@ -152,16 +152,40 @@ def _layer_list(layers: tuple[int, ...]) -> str:
 
 
 def _compute(c) -> Table:
+    from llmc.compiler.scaling import FIT_MIN_PARAMS, TOKENS_PER_PARAM, data_limit_note, per_param_text
+
     x = c.compute
+    h = c.hyper
     t = _kv_table("Compute")
+    trained = ("" if h is None or "steps" in h.defaults else
+               f" ({h.steps:,} pinned steps x the {h.global_batch_tokens:,}-token batch, not data.tokens)")
     t.add_row("training FLOPs", f"{x.training_flops:.3e} = {x.flops_per_token:.3e} FLOPs/token x {human(x.tokens)} "
-              "tokens")
+              f"tokens{trained}")
     t.add_row("convention", x.convention)
-    ratio = x.tokens_per_param / 20.0
-    t.add_row("tokens/param", f"{x.tokens_per_param:.1f} ({ratio:.2g}x the compute-optimal 20; "
-              f"Chinchilla tokens {human(x.chinchilla_tokens)})")
-    t.add_row("compute-optimal", f"N {human(x.optimal_params)} params on D {human(x.optimal_tokens)} tokens "
-              "for the same compute C = 6ND (Hoffmann et al. 2022, 20 tokens/param)")
+    ratio = x.tokens_per_param / TOKENS_PER_PARAM
+    moe = c.spec.model.moe is not None
+    t.add_row("tokens/param", f"{per_param_text(x.tokens_per_param)} per active parameter ({ratio:.2g}x the "
+              f"compute-optimal {TOKENS_PER_PARAM:.0f}; Chinchilla tokens {human(x.chinchilla_tokens)})"
+              + ("; 20/param is a dense-model rule, applied to the MoE's active parameters as a heuristic (no MoE "
+                 "scaling law)" if moe else ""))
+    a3 = (f"; Approach 3's published constants would give {per_param_text(x.approach3_tokens_per_param)}/param"
+          if x.approach3_tokens_per_param is not None else "")
+    opt = (f"N {human(x.optimal_params)} active params on D {human(x.optimal_tokens)} tokens for the same compute "
+           f"C = 6ND ({TOKENS_PER_PARAM:.0f} tokens/param: Hoffmann et al. 2022 Approaches 1-2, Table 3{a3})")
+    note = data_limit_note(x.optimal_tokens, x.unique_tokens)
+    t.add_row("compute-optimal", opt + (f"; {note}" if note else ""))
+    if x.predicted_loss is not None and x.optimal_loss is not None:
+        t.add_row("predicted loss", f"{x.predicted_loss:.3f} nats/token at this N, D; {x.optimal_loss:.3f} at the "
+                  "compute-optimal N, D (Besiroglu et al. 2024 refit of Hoffmann et al. 2022's L(N, D), on its data: "
+                  "MassiveText and its tokenizer; for comparing N/D trade-offs, not a prediction for this data"
+                  + ("; a dense fit at the active N: an MoE reaches lower loss" if moe else "")
+                  + (f"; the fit counts every token as new, and this run repeats its {human(x.unique_tokens)} unique "
+                     f"tokens {x.tokens / x.unique_tokens:.1f} times" if x.unique_tokens and x.tokens > x.unique_tokens
+                     else "") + ")")
+    elif x.loss_fit is not None:  # from scratch, but smaller than any model the fits saw
+        t.add_row("predicted loss", f"none: {human(c.model.params_active)} active params is below the "
+                  f"{human(FIT_MIN_PARAMS)} of the smallest model the Besiroglu et al. 2024 / Hoffmann et al. 2022 fits "
+                  "were made from")
     return t
 
 
@@ -299,7 +323,8 @@ def _unfit(c) -> Table:
 def _time(c) -> Table:
     tm, co, s = c.time, c.cost, c.spec
     t = _kv_table("Time and cost")
-    t.add_row("step", f"{duration(tm.step_seconds)} per step, MFU {100 * tm.mfu:.1f}%, "
+    of = f" of the {tm.mfu_peak_dtype} dense peak" if tm.mfu_peak_dtype else ""
+    t.add_row("step", f"{duration(tm.step_seconds)} per step, MFU {100 * tm.mfu:.1f}%{of}, "
               f"{human(tm.tokens_per_second)} tokens/s")
     n = s.hardware.count
     ck = tm.checkpoint
@@ -308,7 +333,9 @@ def _time(c) -> Table:
     if ck is not None:
         t.add_row("checkpoints", _checkpoints(ck, tm.days * 86400))
     gh = f"{co.gpu_hours:,.0f}" if co.gpu_hours >= 10 else f"{co.gpu_hours:.2f}"
-    t.add_row("cost", f"{gh} GPU-hours x ${co.usd_per_gpu_hour:g} = {usd(co.usd)}")
+    price = (" (default: the hardware table's rough on-demand reference; set hardware.usd_per_gpu_hour)"
+             if co.price_is_default else "")
+    t.add_row("cost", f"{gh} GPU-hours x ${co.usd_per_gpu_hour:g}/GPU-hour{price} = {usd(co.usd)}")
     if tm.interruptions is not None and (tm.interruptions.expected is None or tm.interruptions.expected >= 0.5):
         t.add_row("interruptions", _interruptions(tm.interruptions, tm.days, co.usd))
     br = {k: v for k, v in tm.breakdown.items() if v > 0}

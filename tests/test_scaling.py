@@ -71,8 +71,10 @@ def test_approach3_optimum_is_not_20x_but_epoch_refit_is():
 
 
 def test_diagnostics():
-    under = scaling_diagnostics(7e9, 100e9)
+    under = scaling_diagnostics(7e9, 60e9)  # 8.6 tok/param: under half the optimum
     assert [d.code for d in under] == ["C001"] and under[0].severity == "warning"
+    near = scaling_diagnostics(7e9, 100e9)  # 14.3 tok/param: inside the flat IsoFLOP minimum, an info
+    assert [(d.code, d.severity) for d in near] == [("C001", "info")]
     assert "under-trained" in under[0].message and under[0].path == "data.tokens"
     assert scaling_diagnostics(7e9, 1e12) == []  # 143 tok/param: over 20, under 200
     over = scaling_diagnostics(params_active(LLAMA3_8B), 15e12, path="stages[0].data.tokens")

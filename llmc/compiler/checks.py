@@ -55,10 +55,11 @@ B005   warning   within budget.max_days / max_usd, but not with the unexpected i
                  rate (restarts, checkpoint reads, work redone: ``checkpoint_cost.interruptions``); or, budget or not,
                  each interruption losing more than the time between them (the run would never finish)
 D001   error     data.tokens smaller than one optimizer step
-D002   warning   a source is repeated more than 4 epochs (info above 1 epoch)
+D002   warning   a source is repeated more than 4 epochs (info above 1 epoch), of the tokens the run trains (training.steps
+                 x the global batch when the steps are pinned, else data.tokens)
 D003   info      effective mixture shares
-D005   warning   training.steps x global batch and data.tokens disagree by more than 1% (the training FLOPs and the
-                 scaling check count data.tokens; the trainer, time and cost run training.steps)
+D005   warning   training.steps x global batch and data.tokens disagree by more than 1% (the trainer runs the steps, and
+                 the plan counts their tokens: training FLOPs, time and cost, the scaling numbers and checks, the epochs)
 D006   warning   a tokenizer path that exists but holds no readable tokenizer.json (e.g. only tiktoken.model)
 =====  ========  ==========================================================================
 """
@@ -780,18 +781,22 @@ def check_hyper(run, hyper, params_active: float, default_lr: float, world: int,
 
 
 def check_data(run, hyper, sink: Sink) -> None:
-    """D001 (less data than one step), D002 (repeated epochs), D003 (mixture shares)."""
+    """D001 (less data than one step), D005 (pinned steps disagreeing with data.tokens), D002 (repeated epochs, of
+    the tokens the run trains: :func:`llmc.compiler.scaling.trained_tokens`), D003 (mixture shares)."""
+    from llmc.compiler.scaling import trained_tokens
+
     d = run.data
     if d.tokens < hyper.global_batch_tokens:
         sink.add("D001", "error", "data.tokens",
                  f"{d.tokens:,.0f} tokens is less than one optimizer step ({hyper.global_batch_tokens:,} tokens)",
                  "raise data.tokens or lower training.global_batch_tokens")
-    trained = hyper.steps * hyper.global_batch_tokens
+    trained = trained_tokens(hyper, d.tokens)
     if run.training.steps is not None and abs(trained - d.tokens) > 0.01 * d.tokens:
         sink.add("D005", "warning", "training.steps",
                  f"{hyper.steps:,} steps x {hyper.global_batch_tokens:,} tokens = {trained:,.0f} tokens, but data.tokens "
-                 f"is {d.tokens:,.0f}: the trainer runs the steps (time and cost count them) while the training FLOPs "
-                 "and the scaling check count data.tokens", "drop training.steps (llmc derives it from data.tokens), or set data.tokens to match")
+                 f"is {d.tokens:,.0f}: the trainer runs the steps, and the plan counts their tokens (the training "
+                 "FLOPs, time and cost, the scaling numbers and checks, the epochs); data.tokens is not what is trained",
+                 "drop training.steps (llmc derives it from data.tokens), or set data.tokens to match")
     srcs = d.sources
     if not srcs:
         return
@@ -799,7 +804,7 @@ def check_data(run, hyper, sink: Sink) -> None:
     for i, (s, share) in enumerate(zip(srcs, shares, strict=True)):
         if s.tokens is None:
             continue
-        need = d.tokens * share
+        need = trained * share
         epochs = need / s.tokens
         if epochs > MAX_EPOCHS:
             sink.add("D002", "warning", f"data.sources.{i}.tokens",

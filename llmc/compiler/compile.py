@@ -62,18 +62,28 @@ def model_numbers(arch: Architecture) -> ModelNumbers:
     )
 
 
-def compute_numbers(arch: Architecture, seq_len: int, tokens: float) -> ComputeNumbers:
-    """Training FLOPs (flops.py convention) and the scaling-law reference points (scaling.py)."""
+def compute_numbers(arch: Architecture, seq_len: int, tokens: float, unique: float | None = None,
+                    from_scratch: bool = False) -> ComputeNumbers:
+    """Training FLOPs (flops.py convention) and the scaling-law reference points (scaling.py). ``tokens``: the
+    tokens the run trains (:func:`scaling.trained_tokens`); ``unique``: the unique tokens the sources declare
+    (:func:`scaling.unique_tokens`); ``from_scratch``: the run trains from scratch (the predicted losses are only
+    for those)."""
     fpt = flops.train_flops_per_token(arch, seq_len)
     total = fpt * tokens
     n_act = params.params_active(arch)
     # Chinchilla with 20 tokens/param (Hoffmann et al. 2022, arXiv:2203.15556 Table 3): C = 6 N (20 N)
     # => N = sqrt(C / 120), D = 20 N, with C in Chinchilla's own 6ND convention (no attention term).
     n_opt, d_opt = scaling.compute_optimal(6.0 * n_act * float(tokens))
+    run_loss = opt_loss = None
+    if from_scratch and n_act >= scaling.FIT_MIN_PARAMS:  # (below the fits' smallest model: no figure at all)
+        run_loss, opt_loss = scaling.predicted_losses(n_act, tokens)
     return ComputeNumbers(
         convention=flops.convention(arch), flops_per_token=fpt, training_flops=total, tokens=float(tokens),
         tokens_per_param=scaling.tokens_per_param(n_act, tokens), chinchilla_tokens=scaling.chinchilla_tokens(n_act),
-        optimal_params=n_opt, optimal_tokens=d_opt,
+        optimal_params=n_opt, optimal_tokens=d_opt, unique_tokens=unique,
+        optimal_epochs=d_opt / unique if unique else None, data_limited=scaling.data_limited(d_opt, unique),
+        approach3_tokens_per_param=scaling.approach3_tokens_per_param(n_act, tokens),
+        loss_fit=scaling.EPOCH.source if from_scratch else None, predicted_loss=run_loss, optimal_loss=opt_loss,
     )
 
 
@@ -149,7 +159,6 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     arch = run.model
     data, training = pretrain_inputs(run)
     model = model_numbers(arch)
-    compute = compute_numbers(arch, data.seq_len, data.tokens)
     # A pipeline of post-training stages only (no ``pretrain`` stage) starts from a trained base: the
     # top-level data/training sections then describe no run of their own, so there is nothing to search.
     pretrains = run.pretrains
@@ -159,8 +168,6 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
 
     pre = next((s for s in resolved_stages(run) if s.kind == "pretrain"), None)
     from_scratch = pre is not None and pre.init_hf is None and pre.init_from is None
-    for d in scaling.scaling_diagnostics(model.params_active, data.tokens, "data.tokens") if from_scratch else []:
-        sink.items.append(dataclasses.replace(d, line=d.line or line_for(lines, d.path), file=spec_path))
 
     table_gpu = spec_gpu(run)
     if get_gpu(run.hardware.gpu) is not None or table_gpu is None:
@@ -177,6 +184,16 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     batch_ok = checks.check_batch_tokens(run, sink) if pretrains else True
     seqs, _ = pretrain_batch_seqs(run, gpu, data.seq_len, training)
     hyper = pretrain_hyper(run, gpu)  # steps etc.; the checkpoint interval is refined by the step time below
+    # the tokens the run trains (pinned steps x the batch, else data.tokens): the one D of the training FLOPs, the
+    # scaling numbers and checks, and D002's epochs. The batch (so these tokens, with pinned steps) depends on the GPU
+    # only through the default batch's rounding to the nodes (defaults.pretrain_batch_seqs), hence computed here
+    tokens = scaling.trained_tokens(hyper, data.tokens)
+    unique = scaling.unique_tokens(data.sources)
+    compute = compute_numbers(arch, data.seq_len, tokens, unique, from_scratch)
+    st = next((i for i, x in enumerate(run.stages) if x.kind == "pretrain" and x.steps is not None), None)
+    path = "data.tokens" if "steps" in hyper.defaults else "training.steps" if st is None else f"stages.{st}.steps"
+    for d in scaling.scaling_diagnostics(model.params_active, tokens, path, unique) if from_scratch else []:
+        sink.items.append(dataclasses.replace(d, line=d.line or line_for(lines, d.path), file=spec_path))
 
     checks.check_tokenizers(run, facts.tokenizers if facts is not None else {}, sink)
     init_hf = pre.init_hf if pre is not None else None
@@ -228,8 +245,10 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
                 time.days, run.hardware.count, time.checkpoint, time.step_seconds,
                 per_gpu_day=run.hardware.interruptions_per_gpu_day,
                 restart_seconds=None if restart is None else 60.0 * restart))
+        time = dataclasses.replace(time, mfu_peak_dtype=timing.mfu_peak_dtype(training.precision))
         gh = timing.gpu_hours(time.days, run.hardware.count)
-        cost = CostNumbers(gpu_hours=gh, usd=timing.usd(gh, gpu.usd_per_hour), usd_per_gpu_hour=gpu.usd_per_hour)
+        cost = CostNumbers(gpu_hours=gh, usd=timing.usd(gh, gpu.usd_per_hour), usd_per_gpu_hour=gpu.usd_per_hour,
+                           price_is_default=run.hardware.usd_per_gpu_hour is None)
 
         def step_model(precision: str, compile_: bool):  # the plan's step model at another precision / compile
             return _step_model(arch, data.seq_len, precision, gpu, dataclasses.replace(model_opts, compile=compile_))
@@ -328,7 +347,7 @@ def _evaluation(run, sink, spec_path, stages, hyper, plan, compute, time, task_f
         grad_accum=plan.grad_accum if plan else 1, forward_flops_per_token=flops.forward_flops_per_token(run.model, run.data.seq_len),
         tokens_per_second=time.tokens_per_second if time else None,
         train_flops_per_token=compute.flops_per_token, step_seconds=time.step_seconds if time else None,
-        stages=stages, task_files=task_files)
+        stages=stages, task_files=task_files, trained_tokens=compute.tokens)
 
 
 @dataclasses.dataclass(frozen=True)

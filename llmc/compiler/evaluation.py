@@ -77,6 +77,7 @@ from dataclasses import asdict, dataclass, field
 
 from llmc.compiler import quality_math
 from llmc.compiler.checks import MAX_EPOCHS, mixture_shares
+from llmc.compiler.scaling import unique_tokens
 from llmc.sources import VALIDATION_FILE_FORMATS, validation_file_format
 from llmc.spec.schema import CHAT_KINDS
 
@@ -242,9 +243,7 @@ def quality_plan(q, sources) -> QualityPlan:
         nd = NearDupPlan(threshold=n.threshold, num_perm=n.num_perm, ngram=n.ngram, bands=b.bands, rows=b.rows,
                          chosen_by_llmc=n.bands is None, false_positive=b.false_positive,
                          false_negative=b.false_negative, s_half=b.s_half, seed=n.seed)
-    declared = None
-    if sources and all(s.tokens is not None for s in sources):
-        declared = float(sum(s.tokens for s in sources))
+    declared = unique_tokens(sources)
     shingles = core = wall = None
     if declared is not None and nd is not None:
         shingles = declared * WORDS_PER_TOKEN
@@ -314,12 +313,15 @@ def task_copies(tasks: list[str], task_files) -> tuple[dict[str, TaskCopy] | Non
 def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: int | None,
                     micro_batch: int | None, dp: int | None, forward_flops_per_token: float, grad_accum: int = 1,
                     tokens_per_second: float | None, train_flops_per_token: float | None,
-                    step_seconds: float | None, stages=None, task_files=None) -> EvaluationPlan | None:
+                    step_seconds: float | None, stages=None, task_files=None,
+                    trained_tokens: float | None = None) -> EvaluationPlan | None:
     """The :class:`EvaluationPlan` of ``run`` (None when it has neither ``eval`` nor ``data.quality``).
 
     ``stages``: the compiled stages (``name``, ``kind``, ``steps``, ``checkpoint_interval``), for
     ``eval.every_checkpoints``. ``task_files``: what each local task file of ``eval.tasks`` says
-    (:class:`llmc.spec.facts.EvalTaskFacts` by spec path; absent: not read, its file name stands in)."""
+    (:class:`llmc.spec.facts.EvalTaskFacts` by spec path; absent: not read, its file name stands in).
+    ``trained_tokens``: the tokens the run trains (:func:`llmc.compiler.scaling.trained_tokens`; None: data.tokens),
+    which E001's epochs count."""
     ev, q, data = run.eval, run.data.quality, run.data
     if ev is None and q is None:
         return None
@@ -392,7 +394,7 @@ def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: 
         except ValueError as e:
             sink.add("E005", "error", "data.quality.near_dup", str(e),
                      "b x r <= num_perm; or omit both for llmc's choice")
-    _check_epochs(run, val, qual, sink)
+    _check_epochs(run, val, qual, sink, trained_tokens)
     return EvaluationPlan(validation=val, tasks=tasks, quality=qual)
 
 
@@ -438,9 +440,11 @@ def format_steps(s: list[int], n: int = 6) -> str:
     return ", ".join(str(x) for x in s[: n - 1]) + f", ... ({len(s) - n} more), {s[-1]}"
 
 
-def _check_epochs(run, val: ValidationPlan | None, qual: QualityPlan | None, sink) -> None:
+def _check_epochs(run, val: ValidationPlan | None, qual: QualityPlan | None, sink,
+                  trained_tokens: float | None = None) -> None:
     """E001: epochs per source over the tokens left for training after the split and the expected removal,
-    only where the declared tokens alone stay within MAX_EPOCHS (the D002 check covers those)."""
+    only where the declared tokens alone stay within MAX_EPOCHS (the D002 check covers those); the epochs of the
+    tokens the run trains (``trained_tokens``, as D002's; None: data.tokens)."""
     data = run.data
     keep = 1.0
     why = []
@@ -455,7 +459,7 @@ def _check_epochs(run, val: ValidationPlan | None, qual: QualityPlan | None, sin
     for i, (s, share) in enumerate(zip(data.sources, mixture_shares(data.sources), strict=True)):
         if s.tokens is None:
             continue
-        need = data.tokens * share
+        need = (data.tokens if trained_tokens is None else trained_tokens) * share
         raw, after = need / s.tokens, need / (s.tokens * keep)
         if raw <= MAX_EPOCHS < after:
             sink.add("E001", "warning", f"data.sources.{i}.tokens",

@@ -34,11 +34,27 @@ class ComputeNumbers:
     convention: str  # e.g. "6ND (dense matmuls) + 6*L*s*d_attn attention (causal, PaLM appendix B halved)"
     flops_per_token: float  # training FLOPs per token (fwd+bwd), no recompute
     training_flops: float  # flops_per_token * tokens
+    # the tokens the run trains (scaling.trained_tokens): training.steps x the global batch when the steps are pinned,
+    # data.tokens otherwise
     tokens: float
-    tokens_per_param: float  # tokens / params_active
-    chinchilla_tokens: float  # 20 * params_active
-    optimal_params: float  # compute-optimal N for training_flops (20 tok/param rule)
+    tokens_per_param: float  # tokens / params_active: per ACTIVE parameter (an MoE's total is larger)
+    chinchilla_tokens: float  # 20 * params_active (Hoffmann et al. 2022 Approaches 1-2; a dense-model rule for MoE)
+    optimal_params: float  # compute-optimal N (active) for C = 6 * params_active * tokens (20 tok/param rule)
     optimal_tokens: float  # compute-optimal D
+    # the unique tokens the data declares (the sum of data.sources[].tokens when every source declares them), the
+    # compute-optimal D in epochs of them, and whether that is past MAX_EPOCHS (Muennighoff et al. 2023: the advice
+    # turns to more epochs, not more parameters); None / False when a source's count is unknown
+    unique_tokens: float | None = None
+    optimal_epochs: float | None = None
+    data_limited: bool = False
+    # Hoffmann et al. 2022's Approach-3 constants minimised at this compute (LossFit.optimum): tokens per parameter
+    approach3_tokens_per_param: float | None = None
+    # predicted final loss (nats/token) under ``loss_fit`` (the Besiroglu et al. 2024 refit of L(N, D)) of the run
+    # (N active params, D trained tokens) and at the compute-optimal N, D above; on the fit's data (MassiveText, its
+    # tokenizer): for comparing N/D trade-offs, not an absolute prediction. Runs from scratch only (else None)
+    loss_fit: str | None = None
+    predicted_loss: float | None = None
+    optimal_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,13 +108,14 @@ class CheckpointNumbers:
 @dataclass(frozen=True)
 class TimeNumbers:
     step_seconds: float  # one optimizer step (training only: no checkpoint stall)
-    mfu: float  # per training step
+    mfu: float  # per training step, against the dense peak of ``mfu_peak_dtype`` (timing.mfu_peak)
     days: float  # steps x step_seconds + the checkpoint stalls (``checkpoint.total_seconds``)
     steps: int
     tokens_per_second: float  # per training step
     breakdown: dict[str, float] = field(default_factory=dict)  # compute, dp_comm, tp_comm, pp_bubble, ...
     checkpoint: CheckpointNumbers | None = None  # None: no saves counted (one-step figures, layouts not planned)
     interruptions: InterruptionNumbers | None = None  # expected unexpected interruptions (not in days)
+    mfu_peak_dtype: str = ""  # the dtype whose dense peak the MFU divides by (bf16 for fp8 / nvfp4 runs); "" = unknown
 
 
 @dataclass(frozen=True)
@@ -128,6 +145,8 @@ class CostNumbers:
     gpu_hours: float
     usd: float
     usd_per_gpu_hour: float
+    # True when the spec sets no hardware.usd_per_gpu_hour: the price is the hardware table's rough on-demand reference
+    price_is_default: bool = False
 
 
 @dataclass(frozen=True)

@@ -465,13 +465,18 @@ def intra_node_gbps(gpu) -> tuple[float, str]:
     return gpu.net_gbps / 8, "network"
 
 
+def mfu_peak_dtype(precision: str) -> str:
+    """The dtype whose dense peak MFU is quoted against: the precision's own, except bf16's for fp8 and nvfp4
+    (convention: torchao float8 runs only the linears in fp8, and fp8 MFU is usually quoted against bf16 peak; nvfp4
+    likewise converts only block linears)."""
+    return "bf16" if precision in ("fp8", "nvfp4") else precision
+
+
 def mfu_peak(gpu, precision: str) -> float:
-    """The peak MFU is quoted against: the precision's dense peak, except bf16's for fp8 and nvfp4 (convention:
-    torchao float8 runs only the linears in fp8, and fp8 MFU is usually quoted against bf16 peak; nvfp4 likewise
-    converts only block linears)."""
+    """The peak MFU is quoted against (:func:`mfu_peak_dtype`'s dense peak)."""
     from llmc.compiler.hardware import peak_flops
 
-    return peak_flops(gpu, "bf16" if precision in ("fp8", "nvfp4") else precision)
+    return peak_flops(gpu, mfu_peak_dtype(precision))
 
 
 def _stage_info(sm: StepModel, p: int, sched: str, v: int, ac: str,
