@@ -403,7 +403,7 @@ def _stage_checkpoints(ck, run_seconds: float) -> str:
 
 def _budget(c) -> Table | None:
     b = c.spec.budget
-    if b.max_days is None and b.max_usd is None:
+    if b.max_days is None and b.max_usd is None and b.max_gpu_hours is None:
         return None
     t = _kv_table("Budget")
     if b.max_days is not None:
@@ -420,9 +420,16 @@ def _budget(c) -> Table | None:
             ok = c.cost.usd <= b.max_usd
             t.add_row("max_usd", f"{usd(c.cost.usd)} of {usd(b.max_usd)} "
                       f"({'ok' if ok else 'EXCEEDED'}, {100 * c.cost.usd / b.max_usd:.0f}%)")
+    if b.max_gpu_hours is not None:
+        if c.cost is None:
+            t.add_row("max_gpu_hours", f"{b.max_gpu_hours:,.0f} (no plan)")
+        else:
+            ok = c.cost.gpu_hours <= b.max_gpu_hours
+            t.add_row("max_gpu_hours", f"{c.cost.gpu_hours:,.0f} of {b.max_gpu_hours:,.0f} GPU-hours "
+                      f"({'ok' if ok else 'EXCEEDED'}, {100 * c.cost.gpu_hours / b.max_gpu_hours:.0f}%)")
     if c.time is not None and c.budget_floor is not None:  # B003's yardstick (checks.budget_floor)
         f = c.budget_floor
-        t.add_row("floor", f"{f.days:.1f} days, {usd(f.usd)} at {f.basis}")
+        t.add_row("floor", f"{f.days:.1f} days, {f.gpu_hours:,.0f} GPU-hours, {usd(f.usd)} at {f.basis}")
     return t
 
 

@@ -48,9 +48,9 @@ T019   warning   nvfp4 converts a smaller share of the training FLOPs than fp8 w
 T021   warning   fp8 with training.compile false on a backend that compiles: torchao's eager float8 casts (each step
                  its own kernel) cost far more than compiled ones; names the step with and without compile and in bf16
 B001   error     predicted days > budget.max_days
-B002   error     predicted cost > budget.max_usd
+B002   error     predicted cost > budget.max_usd, or GPU-hours > budget.max_gpu_hours
 B003   error     budget impossible even at 60 % MFU (with the budget that would be needed)
-B004   warning   the whole pipeline (every stage) predicted over budget.max_days / max_usd
+B004   warning   the whole pipeline (every stage) predicted over budget.max_days / max_usd / max_gpu_hours
 B005   warning   within budget.max_days / max_usd, but not with the unexpected interruptions expected at the published
                  rate (restarts, checkpoint reads, work redone: ``checkpoint_cost.interruptions``); or, budget or not,
                  each interruption losing more than the time between them (the run would never finish)
@@ -886,12 +886,13 @@ def budget_floor(run, training_flops: float, peak: float, floor_peak: float, pri
     against (bf16's for fp8 / nvfp4 runs); measured against it, an fp8 or nvfp4 plan that meets its budget (its
     predicted MFU above 60 % of the bf16 peak) was refused as impossible."""
     from llmc.compiler.result import BudgetFloor
-    from llmc.compiler.timing import days_at_mfu
+    from llmc.compiler.timing import days_at_mfu, gpu_hours
 
     days = days_at_mfu(training_flops, run.hardware.count, floor_peak, MAX_PLAUSIBLE_MFU)
     basis = (f"{100 * MAX_PLAUSIBLE_MFU:.0f}% MFU" if floor_peak == peak else
              f"{100 * MAX_PLAUSIBLE_MFU:.0f}% of the {run.training.precision} peak on every FLOP")
-    return BudgetFloor(days=days, usd=days * 24 * run.hardware.count * price, basis=basis)
+    gh = gpu_hours(days, run.hardware.count)
+    return BudgetFloor(days=days, usd=gh * price, basis=basis, gpu_hours=gh)
 
 
 def batch_splits(arch, batch_seqs: int, count: int, gpu, seq_len: int, pipeline: bool = True) -> bool:
@@ -1003,7 +1004,8 @@ def check_budget(run, training_flops: float, time, cost, floor, floor_peak: floa
             sink.add("B003", "error", "budget.max_days",
                      f"{training_flops:.3g} FLOPs cannot finish in {b.max_days:g} days on {n} GPUs even at "
                      f"{at} ({best_days:.1f} days)",
-                     f"needs max_days >= {best_days:.1f}, fewer tokens, or {gpus}{own}")
+                     f"needs max_days >= {best_days:.1f}, {_fewer_tokens(run, b.max_days / best_days)}, or "
+                     f"{gpus}{own}")
         elif time is not None and time.days > b.max_days:
             sink.add("B001", "error", "budget.max_days",
                      f"predicted {time.days:.1f} days > max_days {b.max_days:g} "
@@ -1011,17 +1013,40 @@ def check_budget(run, training_flops: float, time, cost, floor, floor_peak: floa
                      f"the planned layout needs ~{time.days / b.max_days:.2f}x the GPUs or time"
                      + (f": ~{linear:,} GPUs if its {100 * time.mfu:.1f}% MFU held there (plan that count to check)"
                         if linear is not None else "")
+                     + f"; or {_fewer_tokens(run, b.max_days / time.days, planned=True)}"
                      + f"; {best_days:.1f} days is the floor at {at}")
     if b.max_usd is not None:
         if best_usd > b.max_usd:
             sink.add("B003", "error", "budget.max_usd",
                      f"{training_flops:.3g} FLOPs cost at least ${best_usd:,.0f} at ${price:g}/GPU-h even at {at}",
-                     f"needs max_usd >= {best_usd:,.0f}, a cheaper GPU-hour, or fewer tokens")
+                     f"needs max_usd >= {best_usd:,.0f}, a cheaper GPU-hour, or {_fewer_tokens(run, b.max_usd / best_usd)}")
         elif cost is not None and cost.usd > b.max_usd:
             sink.add("B002", "error", "budget.max_usd",
                      f"predicted ${cost.usd:,.0f} > max_usd ${b.max_usd:,.0f}{f' ({saves[2:]})' if saves else ''}",
-                     f"{cost.gpu_hours:,.0f} GPU-hours at ${price:g}; ${best_usd:,.0f} is the floor at {at}")
+                     f"{cost.gpu_hours:,.0f} GPU-hours at ${price:g}, or "
+                     f"{_fewer_tokens(run, b.max_usd / cost.usd, planned=True)}; ${best_usd:,.0f} is the floor at {at}")
+    if b.max_gpu_hours is not None:
+        if floor.gpu_hours > b.max_gpu_hours:
+            sink.add("B003", "error", "budget.max_gpu_hours",
+                     f"{training_flops:.3g} FLOPs take at least {floor.gpu_hours:,.0f} GPU-hours even at {at}",
+                     f"needs max_gpu_hours >= {floor.gpu_hours:,.0f}, a faster GPU, or "
+                     f"{_fewer_tokens(run, b.max_gpu_hours / floor.gpu_hours)}")
+        elif cost is not None and cost.gpu_hours > b.max_gpu_hours:
+            sink.add("B002", "error", "budget.max_gpu_hours",
+                     f"predicted {cost.gpu_hours:,.0f} GPU-hours > max_gpu_hours {b.max_gpu_hours:,.0f}"
+                     f"{f' ({saves[2:]})' if saves else ''}",
+                     f"{_fewer_tokens(run, b.max_gpu_hours / cost.gpu_hours, planned=True)}; "
+                     f"{floor.gpu_hours:,.0f} GPU-hours is the floor at {at}")
     _check_interruptions_budget(run, time, cost, sink)
+
+
+def _fewer_tokens(run, share: float, planned: bool = False) -> str:
+    """B001-B003's "fewer tokens" remedy with its figure: the tokens that fit the limit, ``share`` of the run's (the
+    plan's days and cost scale with the steps; ``planned``: at the planned layout's speed, else at the floor's)."""
+    at = f"{100 * share:.2g}% of {{}}" + (", at this plan's speed)" if planned else ", at the floor)")
+    if run.training.steps is not None:  # the trainer runs the pinned steps (data.tokens does not set them)
+        return f"~{int(run.training.steps * share):,} steps ({at.format('training.steps')}"
+    return f"~{run.data.tokens * share:.3g} tokens ({at.format('data.tokens')}"
 
 
 def _rate(it) -> str:
@@ -1062,6 +1087,11 @@ def _check_interruptions_budget(run, time, cost, sink: Sink) -> None:
         sink.add("B005", "warning", "budget.max_usd",
                  f"with the {what}, the run costs ~${cost.usd * it.days / time.days:,.0f} > max_usd "
                  f"${b.max_usd:,.0f} (the plan's ${cost.usd:,.0f} assumes none)", hint)
+    if (b.max_gpu_hours is not None and cost is not None
+            and cost.gpu_hours <= b.max_gpu_hours < cost.gpu_hours * it.days / time.days):
+        sink.add("B005", "warning", "budget.max_gpu_hours",
+                 f"with the {what}, the run takes ~{cost.gpu_hours * it.days / time.days:,.0f} GPU-hours > "
+                 f"max_gpu_hours {b.max_gpu_hours:,.0f} (the plan's {cost.gpu_hours:,.0f} assume none)", hint)
 
 
 def check_pipeline_budget(run, pipeline, sink: Sink) -> None:
@@ -1072,10 +1102,12 @@ def check_pipeline_budget(run, pipeline, sink: Sink) -> None:
     stages = ", ".join(pipeline.counted)
     for field_, limit, value, what, remedy in (
             ("max_days", b.max_days, pipeline.days, f"take {pipeline.days:.1f} days", "more GPUs"),
-            ("max_usd", b.max_usd, pipeline.usd, f"cost ${pipeline.usd or 0:,.0f}", "a cheaper GPU-hour")):
+            ("max_usd", b.max_usd, pipeline.usd, f"cost ${pipeline.usd or 0:,.0f}", "a cheaper GPU-hour"),
+            ("max_gpu_hours", b.max_gpu_hours, pipeline.gpu_hours, f"take {pipeline.gpu_hours:,.0f} GPU-hours",
+             "a faster layout")):
         if limit is None or value is None or value <= limit:
             continue
-        bound = f"{limit:g}" if field_ == "max_days" else f"${limit:,.0f}"
+        bound = {"max_days": f"{limit:g}", "max_usd": f"${limit:,.0f}"}.get(field_, f"{limit:,.0f}")
         sink.add("B004", "warning", f"budget.{field_}",
                  f"the pipeline is predicted to {what} > {field_} {bound} (stages {stages})",
                  f"stages other than pre-training ({rest}) are uncalibrated estimates; fewer steps or {remedy}")

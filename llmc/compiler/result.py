@@ -158,6 +158,7 @@ class BudgetFloor:
     days: float
     usd: float
     basis: str
+    gpu_hours: float = 0.0  # days x 24 x the GPUs
 
 
 @dataclass(frozen=True)

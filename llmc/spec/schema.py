@@ -293,6 +293,9 @@ class Budget(SpecModel):
     """Wall-clock limit in days."""
     max_usd: HumanFloat | None = Field(default=None, gt=0)
     """Compute spend limit in US dollars."""
+    max_gpu_hours: HumanFloat | None = Field(default=None, gt=0)
+    """Compute limit in GPU-hours (an allocation grant: GPUs x wall-clock hours, checkpoint saves included), judged
+    like ``max_usd`` but independent of the price per GPU-hour."""
 
 
 class Optimizer(SpecModel):
