@@ -768,9 +768,16 @@ def check_hyper(run, hyper, params_active: float, default_lr: float, world: int,
             hint += f"; the {backend.name} backend this plan runs on has none: training.backend native or deepspeed"
         sink.add("T007", "info", "training.z_loss", "no z-loss on a large run", hint)
     moe = run.model.moe
-    if moe is not None and moe.aux_loss_coef == 0:
+    # expert_bias balances aux-loss-free (DeepSeek-V3, arXiv:2412.19437 sec. 2.1.2: a routing bias moved after each
+    # step): llmc's native runner (train.py _update_expert_bias) and torchtitan's job do; DeepSpeed's never moves it
+    bias_balanced = moe is not None and moe.expert_bias and getattr(backend, "name", None) != "deepspeed"
+    if moe is not None and moe.aux_loss_coef == 0 and not bias_balanced:
         sink.add("T008", "warning", "model.moe.aux_loss_coef", "MoE without a load-balancing loss",
-                 "experts can collapse; use ~0.01 (Switch Transformer) or aux-free bias balancing")
+                 "experts can collapse; use ~0.01 (Switch Transformer), or model.moe.expert_bias: true (aux-loss-free "
+                 "bias balancing, DeepSeek-V3) on the native or torchtitan backend"
+                 if not moe.expert_bias else
+                 "the DeepSpeed runner does not move model.moe.expert_bias (no aux-loss-free balancing there): "
+                 "set aux_loss_coef ~0.01 (Switch Transformer), or train on the native or torchtitan backend")
     b1, b2 = tr.optimizer.betas
     if not is_cpu and params_active >= LR_CHECK_MIN_PARAMS and b2 > 0.99:
         sink.add("T009", "warning", "training.optimizer.betas", f"Adam beta2 {b2} for LLM pre-training",

@@ -26,7 +26,7 @@ import hashlib
 import json
 from functools import partial
 
-from llmc.compiler import backends, checks, defaults, flops, params, scaling, timing
+from llmc.compiler import backends, checks, defaults, flops, hf_export, params, scaling, timing
 from llmc.compiler.checks import Sink
 from llmc.compiler.defaults import pretrain_batch_seqs, pretrain_hyper, pretrain_inputs
 from llmc.compiler.hardware import GPU, GPUS, get_gpu, peak_flops, supports, with_overrides
@@ -220,6 +220,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     # what a torchtitan build would run: pre-training and continued-training stages (post-training runs on llmc's)
     titan_work = pretrains or bool(continued)
     be_info, cal_info, factors, band = _backend_and_calibration(run, gpu, calibration, sink, gaps, titan_work)
+    hf_export.check_hf_export(run, sink, be_info.name)  # X130 (no export, and who reads it) / T030 (a dropped bias)
     model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe,
                                run.parallelism.offload_optimizer, run.parallelism.offload_params,
                                training.nvfp4_bf16_tail)

@@ -462,12 +462,23 @@ def _moe(arch, notes: list[str], errs: list[Diagnostic]) -> dict[str, Any]:
                     "route_norm": False, "router_bias": False, "load_balance_coeff": LOAD_BALANCE_COEFF,
                     "route_scale": 1.0, "n_expert_groups": None, "n_limited_groups": None}
         return {}
+    from llmc.compiler.hf_export import titan_balances_with_bias, titan_drops_routing_bias
+
     moe_hidden = moe.expert_d_ff or arch.d_ff
-    if moe.aux_loss_coef > 0:
+    if moe.aux_loss_coef > 0 and moe.expert_bias:
+        notes.append(
+            f"model.moe.aux_loss_coef={moe.aux_loss_coef}: torchtitan {TORCHTITAN_VERSION} has no auxiliary "
+            f"balancing loss; the model's own routing bias (model.moe.expert_bias, "
+            f"load_balance_coeff={LOAD_BALANCE_COEFF}) balances the experts alone"
+        )
+    elif moe.aux_loss_coef > 0:
+        # the bias moves by load_balance_coeff per step whatever the loss's coefficient was (0.02 and 0.001 alike)
         notes.append(
             f"model.moe.aux_loss_coef={moe.aux_loss_coef}: torchtitan {TORCHTITAN_VERSION} has no auxiliary "
             f"balancing loss; experts are balanced aux-loss-free instead (routing-bias buffer, "
-            f"load_balance_coeff={LOAD_BALANCE_COEFF})"
+            f"load_balance_coeff={LOAD_BALANCE_COEFF}; the coefficient's value is not used)"
+            + (f"; the Hugging Face export ({family_of(arch).hf_class}) has no place for that bias and routes "
+               "without it (plan warning T030)" if titan_drops_routing_bias(arch) else "")
         )
     return {
         "num_experts": moe.num_experts,
@@ -482,8 +493,9 @@ def _moe(arch, notes: list[str], errs: list[Diagnostic]) -> dict[str, Any]:
         "router_bias": bool(moe.router_bias),
         # torchtitan 0.3.0 MoE has no auxiliary balancing loss, only aux-loss-free balancing
         # (per-expert routing bias buffer updated before each optimizer step, arXiv:2408.15664).
-        # expert_bias -> that mechanism; aux_loss_coef > 0 -> the same mechanism as substitute.
-        "load_balance_coeff": LOAD_BALANCE_COEFF if (moe.expert_bias or moe.aux_loss_coef > 0) else None,
+        # expert_bias -> that mechanism; aux_loss_coef > 0 -> the same mechanism as substitute
+        # (llmc.compiler.hf_export.titan_balances_with_bias, which the plan's T030 reads too).
+        "load_balance_coeff": LOAD_BALANCE_COEFF if titan_balances_with_bias(moe) else None,
         # TokenChoiceTopKRouter.Config route_scale / num_expert_groups / num_limited_groups
         # (torchtitan/models/common/moe.py); DeepSeek-V3: routed_scaling_factor 2.5, n_group 8, topk_group 4
         "route_scale": float(moe.route_scale),

@@ -71,9 +71,9 @@ def convert(t: ExportTarget, out: str | Path | None) -> dict[str, Any]:
 
     pre = t.job.kind in ("pretrain", "midtrain", "long_context")
     res = export_stage(t.job, t.stage_dir, out, tokenizer_dir=t.tokenizer_dir, search=(t.titan,) if pre else ())
-    if res.get("hf") is None:
+    if res.get("hf") is None and res.get("line") is None:
         raise HFError(f"stage {t.job.stage!r}: {res['why']}")
-    return res
+    return res  # (an architecture without an export: its "line", the plan's X130 warning, says so)
 
 
 def _error(run_dir: Path, stage: str, e: BaseException) -> int:
@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         res = convert(target, a.out)
     except (Exception, CheckpointException) as e:  # noqa: BLE001
         return _error(a.run_dir, a.stage, e)
+    if res.get("hf") is None:  # the plan said so (X130): the finished run keeps its checkpoints, and is not failed
+        print(f"{a.run_dir}: warning[X130] stage {a.stage}: {res['line']}", file=sys.stderr)
+        return 0
     print(f"wrote {res['hf']}" + (f" and {res['adapter']}" if res.get("adapter") else ""))
     if res.get("adapter_note"):  # a LoRA stage whose adapter has no PEFT layout: the merged model only
         print(f"warning: stage {a.stage}: {res['adapter_note']}")

@@ -118,6 +118,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmc.compiler.hf_export import hf_export_supported, no_export_line
 from llmc.fileio import expand_user
 from llmc.runtime.errors import HFError
 from llmc.runtime.export import main  # ``python -m llmc.runtime.hf_io``
@@ -192,68 +193,6 @@ def _gpt_oss_experts_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]
     return (shape[0], shape[2], shape[1]) if len(shape) == 3 else tuple(shape)
 
 
-def _gpt_oss_supported(arch) -> str | None:
-    """None when a gpt-oss block maps onto ``GptOssForCausalLM`` (every layer's experts intermediate_size wide), else
-    the reason."""
-    m = arch.moe
-    if m.expert_d_ff not in (None, arch.d_ff):
-        return ("GptOssForCausalLM's experts are intermediate_size wide and it has no dense MLP (moe.expert_d_ff "
-                "must be unset)")
-    return None
-
-
-def _deepseek_supported(arch) -> str | None:
-    """None when an MLA architecture maps onto ``DeepseekV3ForCausalLM`` (sigmoid-routed experts, groups scored by
-    their two best, or dense) or ``DeepseekV2ForCausalLM`` (softmax-routed: unnormalised, unbiased, ungrouped or
-    groups scored by their best expert: ``topk_method: group_limited_greedy``), else the reason."""
-    if arch.qkv_bias:
-        return "MLA with q/k/v biases has no DeepseekV3ForCausalLM equivalent (attention_bias adds o_proj bias too)"
-    m = arch.moe
-    if m is None:
-        return None
-    if m.score_func == "softmax":  # DeepseekV2TopkRouter (transformers modeling_deepseek_v2.py)
-        if m.route_norm or m.expert_bias or m.router_bias:
-            return ("DeepseekV2ForCausalLM routes softmax top-k unnormalised, without biases (route_norm: false; no "
-                    "expert_bias, router_bias)")
-        if m.n_expert_groups and m.group_score != "max":
-            return ("DeepseekV2ForCausalLM's group_limited_greedy scores a group by its best expert (group_score: "
-                    "max), not by its two best")
-        if not m.num_shared_experts:
-            return "DeepseekV2ForCausalLM always has shared experts (num_shared_experts >= 1)"
-        return None
-    if m.score_func != "sigmoid":
-        return "DeepseekV3ForCausalLM routes with sigmoid scores only (score_func: sigmoid)"
-    if m.router_bias:
-        return "DeepseekV3ForCausalLM's router has no bias (router_bias: false)"
-    if m.n_expert_groups and m.group_score != "top2_sum":
-        return "DeepseekV3ForCausalLM scores a group by the sum of its 2 best experts (group_score: top2_sum)"
-    if not m.num_shared_experts:
-        return "DeepseekV3ForCausalLM always has shared experts (num_shared_experts >= 1)"
-    if m.num_experts < 2 * (m.n_expert_groups or 1):
-        return "DeepseekV3ForCausalLM scores each expert group by its 2 best experts (>= 2 experts per group)"
-    return None
-
-
-def _glm4_moe_supported(arch) -> str | None:
-    """None when a GQA model with sigmoid-routed experts maps onto ``Glm4MoeForCausalLM`` (transformers
-    modeling_glm4_moe.py: a pre-norm SwiGLU block with per-head q/k norms or none, the first layers dense, shared
-    experts, groups scored by their two best experts, one RoPE in every layer), else the reason."""
-    m = arch.moe
-    if m.router_bias:
-        return "Glm4MoeForCausalLM's router has no bias (router_bias: false)"
-    if m.n_expert_groups and m.group_score != "top2_sum":
-        return "Glm4MoeForCausalLM scores a group by the sum of its 2 best experts (group_score: top2_sum)"
-    if m.num_experts < 2 * (m.n_expert_groups or 1):
-        return "Glm4MoeForCausalLM scores each expert group by its 2 best experts (>= 2 experts per group)"
-    if not m.num_shared_experts:
-        return "Glm4MoeForCausalLM always has shared experts (num_shared_experts >= 1)"
-    if (arch.norm_placement != "pre" or arch.sliding_window is not None or arch.nope_layers
-            or arch.multipliers is not None or arch.activation != "silu"):
-        return ("Glm4MoeForCausalLM is a pre-norm SwiGLU block with RoPE in every layer and no window or "
-                "multipliers")
-    return None
-
-
 def _rope_tail(w: torch.Tensor, blocks: int, r: int, fn: Callable[[torch.Tensor, int], torch.Tensor]
                ) -> torch.Tensor:
     """Apply ``fn`` (:func:`_hf_permute` / :func:`_hf_unpermute`) to the last ``r`` rows of each of ``blocks``
@@ -262,40 +201,6 @@ def _rope_tail(w: torch.Tensor, blocks: int, r: int, fn: Callable[[torch.Tensor,
     b = w.reshape(blocks, -1, *rest)
     tail = fn(b[:, -r:].reshape(blocks * r, *rest), blocks).reshape(blocks, r, *rest)
     return torch.cat([b[:, :-r], tail], dim=1).reshape(w.shape)
-
-
-def hf_export_supported(arch) -> str | None:
-    """None when the architecture maps onto an HF class here (:func:`hf_config` lists them), else the reason."""
-    if arch.mla is not None:
-        return _deepseek_supported(arch)
-    if family_of(arch).name == "glm4_moe":
-        return _glm4_moe_supported(arch)
-    if family_of(arch).name == "gpt_oss":
-        return _gpt_oss_supported(arch)
-    if arch.partial_rotary and (arch.qkv_bias or arch.qk_norm or arch.moe):
-        return "partial RoPE is exported as Phi3ForCausalLM, which has no q/k/v biases, q/k norms or experts"
-    if arch.qkv_bias and arch.qk_norm and arch.moe is None:
-        return ("q/k/v biases with q/k norms have no Hugging Face class: Qwen3ForCausalLM's attention_bias biases "
-                "o_proj too")
-    m = arch.moe
-    if m is None:
-        return None
-    # MixtralForCausalLM, with per-head q/k norms Qwen3MoeForCausalLM, with q/k norms over the projections
-    # OlmoeForCausalLM: all route softmax top-k (Mixtral renormalised, the others either way)
-    fam = family_of(arch).name
-    cls = {"qwen3_moe": "Qwen3-MoE", "olmoe": "OLMoE"}.get(fam, "Mixtral")
-    if m.num_shared_experts or m.score_func != "softmax" or m.router_bias or m.expert_bias:
-        return f"only {cls}-style MoE (softmax top-k, no shared experts, no router or expert bias) is exported"
-    if m.route_scale != 1.0 or m.n_expert_groups:
-        return f"DeepSeek-V3 routing (route_scale / expert groups) has no {cls} equivalent"
-    if fam != "qwen3_moe" and (m.dense_layers or (m.expert_d_ff or arch.d_ff) != arch.d_ff):
-        return (f"{cls} has no dense layers and its experts are d_ff wide (Qwen3-MoE, the class with per-head q/k "
-                "norms, has both)")
-    if fam == "mixtral" and not m.route_norm:
-        return "Mixtral always renormalises the top-k weights (route_norm: true; Qwen3-MoE, with q/k norms, has both)"
-    if arch.qkv_bias:
-        return "MoE with q/k/v biases has no Hugging Face model class here"
-    return None
 
 
 def hf_names(arch, rope_interleave: bool = True, fused: bool = False) -> dict[str, HFParam]:
@@ -1319,6 +1224,27 @@ def _model_state(stage_dir: Path, *more: Path, dtype: torch.dtype | None = None
     return out, "torchtitan"
 
 
+_ROUTING_BIAS = re.compile(r"layers\.(\d+)\.moe\.expert_bias")
+
+
+def dropped_bias_note(sd: dict[str, torch.Tensor], keep: set[str], arch) -> str | None:
+    """The one line saying that a non-zero routing bias in the stage's state dict (torchtitan's aux-loss-free
+    balancing buffer ``layers.N.moe.expert_bias_E``, read as ``layers.N.moe.expert_bias``) is left out of the export,
+    whose class (Mixtral, Qwen3-MoE, DeepSeek-V2: no ``e_score_correction_bias``) picks its top-k experts without it,
+    with the bias's size; None when there is none or it is kept (``keep``: the names the export writes) or all
+    zeros (a bias that never moved routes as none)."""
+    dropped = {int(m.group(1)): t for k, t in sd.items() if (m := _ROUTING_BIAS.fullmatch(k)) and k not in keep}
+    moved = {i: t.detach().float() for i, t in dropped.items() if torch.count_nonzero(t)}
+    if not moved or arch.moe is None:
+        return None
+    peak = max(float(t.abs().max()) for t in moved.values())
+    spread = max(float(t.max() - t.min()) for t in moved.values())
+    return (f"the routing bias torchtitan balanced the experts with (moe.expert_bias_E: largest |bias| {peak:.3g}, "
+            f"largest spread across experts {spread:.3g}, in {len(moved)} of {len(dropped)} MoE layers) has no place "
+            f"in {family_of(arch).hf_class} and is left out: the export picks its top-{arch.moe.top_k} experts "
+            "without it, not as the model trained (plan warning T030)")
+
+
 def titan_state_to_llmc(sd: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
     """A torchtitan job's model state (names already llmc's, ``_TITAN_RENAMES``) in llmc's layout: for the families whose
     job uses torchtitan's cos/sin RoPE (``Family.torchtitan_rope``: Qwen3, Qwen3-MoE) the q/k rows and q/k norm weights
@@ -1358,8 +1284,8 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     out = Path(out) if out is not None else stage_dir / "hf"
     arch = _stage_arch(job)
     why = hf_export_supported(arch)
-    if why:
-        return {"hf": None, "why": why}
+    if why:  # the plan said so (X130): a warning where nothing reads the export, else an error
+        return {"hf": None, "why": why, "line": no_export_line(why)}
     # the weights as trained: an fp32 run's export keeps fp32 (bf16 would round every weight it trained, unsaid);
     # bf16 / fp8 runs keep fp32 master weights too, but serve and publish in bf16, as the serving configs load them
     dtype = torch.float32 if getattr(job, "precision", "bf16") == "fp32" else torch.bfloat16
@@ -1372,6 +1298,9 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     if missing:
         raise HFError(f"{stage_dir}: checkpoint lacks {len(missing)} of the model's tensors: {', '.join(missing[:3])}")
     keep = set(params) | {ours for ours, _ in hf_zero_extras(arch).values()}
+    bias_note = dropped_bias_note(sd, keep, arch)
+    if bias_note:  # one line where it is done, and in the export's record
+        print(f"warning[T030]: stage {getattr(job, 'stage', None) or 'pretrain'}: {bias_note}", file=sys.stderr)
     sd = {k: v for k, v in sd.items() if k in keep}
     template = None
     bos, eos = 0, 1
@@ -1386,6 +1315,10 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     export_hf(sd, arch, out, tokenizer_dir, dtype=dtype, bos_id=bos, eos_id=eos, chat_template=template,
               origin=origin_checkpoint(job))
     res: dict[str, Any] = {"hf": str(out), "chat_template": template, "dtype": str(dtype).split(".")[-1]}
+    if bias_note:
+        res["bias_note"] = bias_note
+        marker = json.loads((out / EXPORT_MARKER).read_text())
+        (out / EXPORT_MARKER).write_text(json.dumps({**marker, "bias_note": bias_note}) + "\n")
     lora = getattr(job.stage_spec, "lora", None) if job.stage_spec is not None else None
     if lora_sd is None and lora is not None and (stage_dir / "lora_adapters.pt").exists():
         lora_sd = torch.load(stage_dir / "lora_adapters.pt", map_location="cpu", weights_only=True)

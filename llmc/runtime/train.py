@@ -185,7 +185,7 @@ def _export_hf(job: TrainJob, ckpt: Path, out: Path, assets: Assets, say) -> str
     sd = read_model_state(ckpt)
     res = export_stage(job, out, out / "hf", tokenizer_dir=assets.tokenizer_dir, model_sd=sd)
     if res.get("hf") is None:
-        say(f"note: no Hugging Face export ({res['why']})")
+        say(f"warning[X130]: {res.get('line') or res['why']}")
         return None
     return "hf"
 

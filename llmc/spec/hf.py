@@ -513,6 +513,8 @@ def _deepseek_v3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, v2
                     num_shared_experts=lambda: _int(cfg, "n_shared_experts", 0, minimum=0),
                     expert_d_ff=lambda: _int(cfg, "moe_intermediate_size"),
                     dense_layers=lambda: _int(cfg, "first_k_dense_replace", 0, minimum=0),
+                    # DeepSeek's released config.json: aux_loss_alpha 0.001 with seq_aux true (the preset's value);
+                    # absent (transformers' DeepseekV3Config / V2Config have no such field and save none): no loss
                     aux_loss_coef=lambda: _float(cfg, "aux_loss_alpha", 0.0),
                     route_scale=lambda: _float(cfg, "routed_scaling_factor", 1.0),
                     n_group=lambda: _int(cfg, "n_group", 1),

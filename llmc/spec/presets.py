@@ -261,8 +261,9 @@ PRESETS: dict[str, Architecture] = {
     # MLA (q_lora_rank 1536, kv_lora_rank 512, qk_rope 64, qk_nope 128, v 128; head_dim here is the
     # q/k head dim 128 + 64 = 192), 3 dense layers (intermediate_size 18432) then 58 MoE layers with
     # 256 routed + 1 shared expert of moe_intermediate_size 2048, top-8, sigmoid scores.
-    # aux_loss_coef mirrors config.json's aux_loss_alpha 0.001 (the paper balances mainly with the
-    # aux-loss-free bias and a sequence-wise loss of alpha 1e-4, arXiv:2412.19437 sec. 4.2).
+    # aux_loss_coef mirrors config.json's aux_loss_alpha 0.001 (seq_aux true), as its import reads it; the paper
+    # balances mainly with the aux-loss-free bias (expert_bias: no T008 at 0) plus a sequence-wise loss of alpha
+    # 1e-4 (arXiv:2412.19437 sec. 2.1.2, 4.2); llmc's auxiliary loss is over the batch, not per sequence.
     # expert_bias: the 256-entry e_score_correction_bias per MoE layer (counted in the 671,026,419,200).
     # Routing: routed_scaling_factor 2.5, n_group 8, topk_group 4 (config.json; node-limited routing, sec. 2.1.2).
     # YaRN rope_scaling: factor 40 from 4096, mscale = mscale_all_dim = 1.0 (the softmax scale times

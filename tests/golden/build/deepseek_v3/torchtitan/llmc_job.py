@@ -10,7 +10,7 @@
 #    through llmc.runtime.titan_cpu_shim on CPU + gloo; the GPU scripts never use it)
 #
 # Not expressible in torchtitan 0.3.0 (reported, not silently dropped):
-#   - model.moe.aux_loss_coef=0.001: torchtitan 0.3.0 has no auxiliary balancing loss; experts are balanced aux-loss-free instead (routing-bias buffer, load_balance_coeff=0.001)
+#   - model.moe.aux_loss_coef=0.001: torchtitan 0.3.0 has no auxiliary balancing loss; the model's own routing bias (model.moe.expert_bias, load_balance_coeff=0.001) balances the experts alone
 """llmc job module for torchtitan 0.3.0: `--module llmc_job --config job`.
 
 `job()` returns the complete trainer config of run 'deepseek-v3-h800x2048': torchtitan's `Trainer.Config`, for

@@ -11,7 +11,7 @@
 #
 # Not expressible in torchtitan 0.3.0 (reported, not silently dropped):
 #   - training.z_loss=0.0001 is not applied: torchtitan 0.3.0 has no z-loss
-#   - model.moe.aux_loss_coef=0.02: torchtitan 0.3.0 has no auxiliary balancing loss; experts are balanced aux-loss-free instead (routing-bias buffer, load_balance_coeff=0.001)
+#   - model.moe.aux_loss_coef=0.02: torchtitan 0.3.0 has no auxiliary balancing loss; experts are balanced aux-loss-free instead (routing-bias buffer, load_balance_coeff=0.001; the coefficient's value is not used); the Hugging Face export (MixtralForCausalLM) has no place for that bias and routes without it (plan warning T030)
 """llmc job module for torchtitan 0.3.0: `--module llmc_job --config job`.
 
 `job()` returns the complete trainer config of run 'mixtral-8x7b-h100x256': torchtitan's `Trainer.Config`, for
