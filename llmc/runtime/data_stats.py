@@ -27,6 +27,13 @@ as :func:`llmc.compiler.checks.mixture_shares` and the streams'): epochs = drawn
 One line per source says what was measured and the epochs; a ``warning[R011]`` line (standard error, never a
 failure) says when a source is read more than :data:`llmc.compiler.checks.MAX_EPOCHS` times, or when its declared
 ``tokens`` is off by more than :data:`DECLARED_FACTOR` beyond ``ERROR_SIGMAS`` standard errors of the measurement.
+The same pass records the documents' lengths in tokens (:class:`LengthHistogram`: bounded bins, exact counts
+when the source is counted, the sample's documents when estimated). A stage that trains at a ``seq_len`` above the
+context its model was trained at before it (a long_context stage, or continued training past the stage it starts
+from: :func:`previous_context`) gets a ``warning[R012]`` line when fewer than :data:`LONG_DOC_MIN_SHARE` of its
+tokens lie in documents longer than half its seq_len (:func:`context_checks`): on torchtitan positions restart at
+every document, so a position past the longest document is never trained; llmc's trainer and DeepSpeed pack
+unrelated documents into each sequence without a mask. Its figures are the file's ``stages``.
 Figures go to ``assets/data_stats.json``; a source whose inputs (its files' key, the quality pass, the tokenizer,
 the split, this module's settings) are unchanged is not measured again. No torch is imported.
 """
@@ -58,6 +65,80 @@ DECLARED_FACTOR = 1.5
 ERROR_SIGMAS = 2.0
 STATS_FILE = "data_stats.json"
 _BATCH = 256  # documents per encode_batch call
+#: bins per octave of the document-length histogram (above :data:`EXACT_LENGTHS` tokens): lengths ``n`` in
+#: ``(lo, hi]`` with ``lo = 2^k (1 + j / LENGTH_BINS_PER_OCTAVE)``, so "longer than" a power of two or of
+#: ``2^k (1 + j / 16)`` (1,024; 1,536; 65,536; ...) is counted exactly, any other length to within one bin
+#: (``2^k / 16`` wide for lengths from ``2^k``: at most 6.25% of the length); at most 16 bins per octave, whatever
+#: the corpus' size
+LENGTH_BINS_PER_OCTAVE = 16
+EXACT_LENGTHS = 2 * LENGTH_BINS_PER_OCTAVE  # lengths up to this many tokens have a bin of their own
+#: a stage that trains past the context its model was trained at (a long_context stage, or continued training at a
+#: longer seq_len) is warned about (R012) when fewer than this share of its tokens lie in documents longer than half
+#: its seq_len. A floor set low, a factor 3-6 under what published context extensions train on: Fu et al. 2024
+#: ("Data Engineering for Scaling Language Models to 128K Context", arXiv:2402.10171, Fig. 2) start from a mixture
+#: (SlimPajama) of which ~30% is longer than the base model's 4K context and upsample long documents per source
+#: further (cutting documents at 4K breaks the long-range dependencies the stage is for); ProLong (Gao et al. 2024,
+#: "How to Train Long-Context Language Models (Effectively)", arXiv:2410.02660) trains on ~60% long data (books,
+#: code repositories) and ~40% short. A heuristic floor, not a measured optimum: below it most of the stage's
+#: long sequences are short documents side by side.
+LONG_DOC_MIN_SHARE = 0.10
+
+
+class LengthHistogram:
+    """The lengths of a source's documents in tokens (each document's tokens + its EOS, the span it takes in a
+    packed sequence; on torchtitan BOS + text, as many positions), in bounded memory: documents and tokens per
+    length bin (one bin per length up to :data:`EXACT_LENGTHS`, then :data:`LENGTH_BINS_PER_OCTAVE` per
+    octave), and the longest length seen. Weights: an estimate adds a sampled document with the share of it its
+    window holds (:func:`_jsonl_window`), as the token estimate counts it."""
+
+    def __init__(self) -> None:
+        self.bins: dict[int, list[float]] = {}  # lo -> [hi, documents, tokens]: lengths n with lo < n <= hi
+        self.longest = 0
+
+    @staticmethod
+    def bin_of(n: int) -> tuple[int, int]:
+        """(lo, hi): the bin holding length ``n`` (lo < n <= hi)."""
+        if n <= EXACT_LENGTHS:
+            return n - 1, n
+        m = n - 1
+        k = m.bit_length() - 1
+        step = (1 << k) // LENGTH_BINS_PER_OCTAVE
+        lo = (1 << k) + (m - (1 << k)) // step * step
+        return lo, lo + step
+
+    def add(self, n: int, weight: float = 1) -> None:
+        if n <= 0 or weight <= 0:
+            return
+        lo, hi = self.bin_of(n)
+        b = self.bins.setdefault(lo, [hi, 0, 0])
+        b[1] += weight
+        b[2] += weight * n
+        self.longest = max(self.longest, n)
+
+    def share_above(self, length: float) -> float:
+        """The share of the tokens in documents longer than ``length`` tokens; a bin that ``length`` cuts counts
+        for the share of its lengths above it (0 without documents)."""
+        total = above = 0.0
+        for lo, (hi, _, t) in self.bins.items():
+            total += t
+            if lo >= length:
+                above += t
+            elif hi > length:
+                above += t * (hi - length) / (hi - lo)
+        return above / total if total > 0 else 0.0
+
+    def to_json(self, sampled: bool = False) -> dict:
+        return {"longest": self.longest, "sampled": sampled, "bins_per_octave": LENGTH_BINS_PER_OCTAVE,
+                "bins": [[lo, hi, d, t] for lo, (hi, d, t) in sorted(self.bins.items())]}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> LengthHistogram | None:
+        if not isinstance(data, dict) or not isinstance(data.get("bins"), list):
+            return None
+        h = cls()
+        h.bins = {int(lo): [int(hi), d, t] for lo, hi, d, t in data["bins"]}
+        h.longest = int(data.get("longest") or 0)
+        return h
 
 
 @dataclass
@@ -65,7 +146,9 @@ class Measurement:
     """What one source holds: ``documents`` / ``tokens`` of its training part (what the run reads; tokens with one
     EOS per document), ``source_documents`` / ``source_tokens`` of the whole source (held-out part included),
     ``exact`` or estimated with relative standard error ``rel_error`` (None: fewer than two windows), the files'
-    ``bytes`` and count, and the sample's size (``samples`` windows, ``sample_bytes`` read; 0 when exact)."""
+    ``bytes`` and count, the sample's size (``samples`` windows, ``sample_bytes`` read; 0 when exact), and the
+    distribution of the documents' lengths in tokens (``lengths``: :class:`LengthHistogram`, of the training part
+    when exact, of the sample when estimated)."""
 
     documents: float
     tokens: float
@@ -77,6 +160,7 @@ class Measurement:
     files: int
     samples: int = 0
     sample_bytes: int = 0
+    lengths: dict | None = None  # the documents' lengths in tokens: LengthHistogram.to_json()
 
 
 def _format_of(src) -> str:
@@ -124,6 +208,7 @@ def _count_exact(src, tok, nbytes: int, nfiles: int) -> Measurement:
         keep = lambda i: is_heldout(src.name, i, seed, fraction) == (part == "val")  # noqa: E731
     docs = tokens = kept_docs = kept_tokens = 0
     buf: list[str] = []
+    lengths = LengthHistogram()  # of the training part
 
     def flush() -> None:
         nonlocal docs, tokens, kept_docs, kept_tokens
@@ -132,6 +217,7 @@ def _count_exact(src, tok, nbytes: int, nfiles: int) -> Measurement:
             tokens += n
             if keep is None or keep(docs + j):
                 kept_docs, kept_tokens = kept_docs + 1, kept_tokens + n
+                lengths.add(n)
         docs += len(buf)
         buf.clear()
 
@@ -141,7 +227,8 @@ def _count_exact(src, tok, nbytes: int, nfiles: int) -> Measurement:
             flush()
     if buf:
         flush()
-    return Measurement(kept_docs, kept_tokens, docs, tokens, True, 0.0, nbytes, nfiles)
+    return Measurement(kept_docs, kept_tokens, docs, tokens, True, 0.0, nbytes, nfiles,
+                       lengths=lengths.to_json())
 
 
 def sample_points(k: int) -> list[float]:
@@ -185,9 +272,11 @@ def _line_start(fh, pos: int) -> int:
     return 0
 
 
-def _jsonl_window(f: Path, fh, lo: int, hi: int, field: str, tok) -> tuple[float, float, int]:
+def _jsonl_window(f: Path, fh, lo: int, hi: int, field: str, tok,
+                  lengths: LengthHistogram | None = None) -> tuple[float, float, int]:
     """(tokens, documents, bytes read) of the bytes ``[lo, hi)`` of a JSONL file: each line overlapping them
-    counts for the share of its bytes inside (its tokens + 1 EOS; a blank line counts nothing)."""
+    counts for the share of its bytes inside (its tokens + 1 EOS; a blank line counts nothing), and is added to
+    ``lengths`` (its whole length, with that share as its weight)."""
     pos = _line_start(fh, lo)
     fh.seek(pos)
     texts, weights, read = [], [], 0
@@ -204,18 +293,23 @@ def _jsonl_window(f: Path, fh, lo: int, hi: int, field: str, tok) -> tuple[float
         pos += len(raw)
         read += len(raw)
     counts = [len(ids) + 1 for ids in tok.encode_batch(texts)] if texts else []
+    if lengths is not None:
+        for w, c in zip(weights, counts, strict=True):
+            lengths.add(c, w)
     return sum(w * c for w, c in zip(weights, counts, strict=True)), sum(weights), read
 
 
 def _estimate_bytes(src, tok, fmt: str, files: list[Path], nbytes: int) -> Measurement:
     """Tokens per file byte on windows at evenly spaced offsets of the source's bytes (files in order), times
     the bytes. ``text``: a window's text is tokenised as it stands (characters cut at its edges dropped), and
-    each file's EOS counts for the share of the file inside; the documents are the files."""
+    each file's EOS counts for the share of the file inside; the documents are the files. Lengths: JSONL, the
+    sampled lines (:func:`_jsonl_window`); text, every file's bytes times the tokens per byte, + 1 EOS."""
     sizes = [f.stat().st_size for f in files]
     starts = [0]
     for s in sizes:
         starts.append(starts[-1] + s)
     t, b, d, at, read = [], [], [], [], 0
+    lengths = LengthHistogram()
     for u in sample_points(SAMPLE_CHUNKS):
         if len(t) >= MIN_SAMPLE_CHUNKS and read >= SAMPLE_MAX_BYTES:
             break
@@ -228,7 +322,7 @@ def _estimate_bytes(src, tok, fmt: str, files: list[Path], nbytes: int) -> Measu
         hi = min(size, lo + CHUNK_BYTES)
         with open(files[i], "rb") as fh:
             if fmt == "jsonl":
-                tk, dk, rk = _jsonl_window(files[i], fh, lo, hi, src.text_field, tok)
+                tk, dk, rk = _jsonl_window(files[i], fh, lo, hi, src.text_field, tok, lengths)
             else:
                 fh.seek(lo)
                 raw = fh.read(hi - lo)
@@ -246,7 +340,11 @@ def _estimate_bytes(src, tok, fmt: str, files: list[Path], nbytes: int) -> Measu
     keep = _kept_fraction(src)
     docs = float(len(files)) if fmt == "text" else sum(d) / sum(b) * nbytes
     tokens = r * nbytes
-    return Measurement(docs * keep, tokens * keep, docs, tokens, False, rel, nbytes, len(files), len(t), read)
+    if fmt == "text":  # (a file is a document: its length, from its bytes at the measured tokens per byte)
+        for size in sizes:
+            lengths.add(round(r * size) + 1 if size else 0)
+    return Measurement(docs * keep, tokens * keep, docs, tokens, False, rel, nbytes, len(files), len(t), read,
+                       lengths=lengths.to_json(sampled=True))
 
 
 def _estimate_rows(src, tok, fmt: str, files: list[Path], nbytes: int) -> Measurement:
@@ -288,20 +386,25 @@ def _estimate_rows(src, tok, fmt: str, files: list[Path], nbytes: int) -> Measur
             return col[first:first + count].column(0).to_pylist()
 
     t, b, at, read = [], [], [], 0
+    lengths = LengthHistogram()  # of the sampled rows
     for u in sample_points(SAMPLE_CHUNKS):
         if len(t) >= MIN_SAMPLE_CHUNKS and read >= SAMPLE_MAX_BYTES or n == 0:
             break
         first = min(max(0, int(u * n) - CHUNK_ROWS // 2), max(0, n - CHUNK_ROWS))
         texts = [doc_text(v, src.text_field, f"{src.path}: row {first + j + 1}")
                  for j, v in enumerate(rows(first, min(CHUNK_ROWS, n - first)))]
-        t.append(sum(len(ids) + 1 for ids in tok.encode_batch(texts)) if texts else 0)
+        counts = [len(ids) + 1 for ids in tok.encode_batch(texts)] if texts else []
+        for c in counts:
+            lengths.add(c)
+        t.append(sum(counts))
         b.append(len(texts))
         at.append(u)
         read += sum(len(x.encode("utf-8", "surrogatepass")) for x in texts)
     r, rel = ratio_estimate(t, b, at)
     rel = rel if math.isfinite(rel) else None
     keep = _kept_fraction(src)
-    return Measurement(n * keep, r * n * keep, float(n), r * n, False, rel, nbytes, len(files), len(t), read)
+    return Measurement(n * keep, r * n * keep, float(n), r * n, False, rel, nbytes, len(files), len(t), read,
+                       lengths=lengths.to_json(sampled=True))
 
 
 # ----------------------------------------------------------------------------- the run's draw, and the report
@@ -368,6 +471,10 @@ def judge(name: str, m: dict, declared: float | None, drawn: float | None) -> tu
     parts = [f"prepare: data {name}: {what}, {_bytes(m['bytes'])} in {m['files']} file(s)"]
     if m["source_tokens"] != m["tokens"]:
         parts.append(f"the training part of {_num(m['source_tokens'])} (the rest is for validation)")
+    lengths = m.get("lengths") or {}
+    if lengths.get("longest"):
+        parts.append(f"the longest {'sampled ' if lengths.get('sampled') else ''}document {lengths['longest']:,} "
+                     f"tokens")
     warns = []
     if declared is not None:
         parts.append(f"declared {_num(declared)}")
@@ -393,17 +500,129 @@ def judge(name: str, m: dict, declared: float | None, drawn: float | None) -> tu
     return "; ".join(parts), warns
 
 
+def previous_context(entry: dict, by_name: dict[str, dict]) -> int | None:
+    """The context the model was trained at before a continued LM stage of the lock: a long_context stage's
+    ``long_context.old_seq_len`` (the context it extends, YaRN's ``original_max_position``); another stage's, the
+    ``seq_len`` of the stage it starts from (``init_from``), else the context it inherits (``context.max_context``,
+    a Hugging Face start's). None for pre-training (no context before it)."""
+    from llmc.spec.schema import CONTINUED_KINDS
+
+    if entry.get("kind") not in CONTINUED_KINDS:
+        return None
+    old = (entry.get("long_context") or {}).get("old_seq_len")
+    if old:
+        return int(old)
+    up = by_name.get(entry.get("init_from") or "")
+    if up is not None and up.get("seq_len"):
+        return int(up["seq_len"])
+    ctx = (entry.get("context") or {}).get("max_context")
+    return int(ctx) if ctx else None
+
+
+def stage_backend(lock: dict, entry: dict) -> str:
+    """The backend that runs the stage under the plan's backend (``lock["backend"]["name"]``, what ``llmc launch``
+    runs by default; ``--backend`` can pick another): a torchtitan job for the kinds it trains and a stage with its
+    own searched ``layout`` (:func:`llmc.launch.launch_commands`), DeepSpeed for its kinds, else llmc's trainer."""
+    from llmc.runtime.capabilities import DS_STAGE_KINDS, TITAN_STAGE_KINDS
+
+    planned = (lock.get("backend") or {}).get("name") if isinstance(lock.get("backend"), dict) else None
+    if planned == "torchtitan" and (entry.get("kind") in TITAN_STAGE_KINDS or entry.get("layout")):
+        return "torchtitan"
+    if planned == "deepspeed" and entry.get("kind") in DS_STAGE_KINDS:
+        return "deepspeed"
+    return "native"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2g}%" if x < 0.1 else f"{100 * x:.0f}%"
+
+
+def context_checks(job, rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """(figures, warnings) for every stage of the lock that trains at a ``seq_len`` above the context its model was
+    trained at before it (:func:`previous_context`): from the measured lengths of the stage's sources
+    (``rows``: :func:`data_stats`'s, with ``lengths``), each weighted by its share of the stage's mixture
+    (:func:`llmc.compiler.checks.mixture_shares`): the longest document, the shares of the stage's tokens in
+    documents longer than the previous context and than half the seq_len, and the documents a packed sequence holds
+    on average (``seq_len x`` documents per token). A warning where the share above half the seq_len is under
+    :data:`LONG_DOC_MIN_SHARE`, saying what that means on the stage's backend (:func:`stage_backend`)."""
+    from llmc.compiler.checks import mixture_shares
+
+    spec, lock = job.spec, job.lock or {}
+    if spec is None:
+        return [], []
+    entries = [e for e in lock.get("stages") or [] if isinstance(e, dict)]
+    by_name = {e.get("name"): e for e in entries}
+    stages = {st.name: st for st in spec.stages}
+    measured = {r["name"]: r for r in rows}
+    out, warns = [], []
+    for e in entries:
+        prev, seq_len = previous_context(e, by_name), e.get("seq_len")
+        if not prev or not seq_len or int(seq_len) <= prev:
+            continue
+        seq_len = int(seq_len)
+        st = stages.get(e.get("name"))
+        sources = (st.data if st is not None and st.data is not None else spec.data).sources
+        parts = []  # (share, histogram, documents per token) of the measured sources
+        for s, share in zip(sources, mixture_shares(sources), strict=True) if sources else ():
+            r = measured.get(s.name)
+            h = LengthHistogram.from_json(r.get("lengths")) if r is not None else None
+            if h is not None and h.bins and r["tokens"] > 0 and share > 0:
+                parts.append((share, h, r["documents"] / r["tokens"], bool(r["lengths"].get("sampled"))))
+        if not parts:
+            continue
+        norm = sum(p[0] for p in parts)
+        half = seq_len / 2
+        fig = {"name": e["name"], "kind": e.get("kind"), "seq_len": seq_len, "previous_context": prev,
+               "backend": stage_backend(lock, e), "sources": [s.name for s in sources if s.name in measured],
+               "sampled": any(p[3] for p in parts), "longest": max(p[1].longest for p in parts),
+               "share_above_previous": sum(p[0] * p[1].share_above(prev) for p in parts) / norm,
+               "share_above_half_seq_len": sum(p[0] * p[1].share_above(half) for p in parts) / norm,
+               "documents_per_sequence": seq_len * sum(p[0] * p[2] for p in parts) / norm,
+               "min_share": LONG_DOC_MIN_SHARE, "warning": None}
+        if fig["share_above_half_seq_len"] < LONG_DOC_MIN_SHARE:
+            fig["warning"] = _short_documents(fig)
+            warns.append(fig["warning"])
+        out.append(fig)
+    return out, warns
+
+
+def _short_documents(f: dict) -> str:
+    """The R012 line of a stage's figures (:func:`context_checks`)."""
+    seq_len, prev, half, longest = f["seq_len"], f["previous_context"], f["seq_len"] // 2, f["longest"]
+    est = "~" if f["sampled"] else ""
+    longest_s = f"{'the longest sampled' if f['sampled'] else 'the longest'} holds {longest:,} tokens"
+    if f["backend"] == "torchtitan":
+        means = ("on torchtitan positions restart at every document (block-causal attention), so "
+                 + (f"no position above {longest:,} is ever trained, though its export declares {seq_len:,}"
+                    if longest < seq_len else f"positions above {half:,} are trained on {est}"
+                    f"{_pct(f['share_above_half_seq_len'])} of its tokens"))
+    else:
+        means = (f"on {f['backend']} each {seq_len:,}-token sequence is packed from ~{f['documents_per_sequence']:,.0f} "
+                 f"unrelated documents, attention unmasked across them, so its long positions attend mostly to "
+                 f"other documents")
+    return (f"stage {f['name']!r} trains at seq_len {seq_len:,}, past the {prev:,}-token context before it, but its "
+            f"documents are much shorter: {longest_s}, {est}{_pct(f['share_above_previous'])} of its tokens lie in "
+            f"documents longer than {prev:,} and {est}{_pct(f['share_above_half_seq_len'])} in documents longer "
+            f"than {half:,} (half the seq_len; under {_pct(f['min_share'])}); {means} (hint: add genuinely long "
+            f"documents (books, code repositories, long papers) and upsample them per source, keeping the domain "
+            f"mix (Fu et al. 2024, arXiv:2402.10171), until at least {_pct(f['min_share'])} of the stage's tokens "
+            f"lie in documents longer than {half:,})")
+
+
 def measurement_key(name: str, inputs: str, src) -> str:
     """What a source's measurement depends on: ``inputs`` (prepare's keys of its files, the quality pass and the
     tokenizer), where and how it is read, its held-out split, and this module's settings."""
-    settings = (EXACT_MAX_BYTES, SAMPLE_CHUNKS, CHUNK_BYTES, CHUNK_ROWS, SAMPLE_MAX_BYTES, MIN_SAMPLE_CHUNKS, 1)
+    settings = (EXACT_MAX_BYTES, SAMPLE_CHUNKS, CHUNK_BYTES, CHUNK_ROWS, SAMPLE_MAX_BYTES, MIN_SAMPLE_CHUNKS,
+                LENGTH_BINS_PER_OCTAVE, 2)  # (2: the measurement holds the documents' lengths)
     text = f"{name}|{inputs}|{src.path}|{src.format}|{src.text_field}|{getattr(src, 'holdout', None)}|{settings}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def data_stats(job, assets, keys: dict[str, str], state: dict, log=print, warn=None) -> dict:
+def data_stats(job, assets, keys: dict[str, str], state: dict, log=print, warn=None, context_warn=None) -> dict:
     """Measure (or reuse) every source of ``assets`` named in ``keys`` (name -> key of its inputs, see
-    :func:`measurement_key`), compare with the run (:func:`drawn_tokens`, the spec's declared ``tokens``), write
+    :func:`measurement_key`), compare with the run (:func:`drawn_tokens`, the spec's declared ``tokens``; R011
+    lines through ``warn``) and every stage that trains past its model's context with its documents' lengths
+    (:func:`context_checks`, the ``stages`` of the file; R012 lines through ``context_warn``), write
     ``assets/data_stats.json`` and return it. ``state`` (prepare's ``assets/prepare.json``) records each source's
     key under ``data_stats:<name>``. Never raises for a source it cannot read: a warning line instead (the
     trainers report the source's error where they read it)."""
@@ -412,10 +631,12 @@ def data_stats(job, assets, keys: dict[str, str], state: dict, log=print, warn=N
     asset_dir = Path(assets.tokenizer_dir)
     out_file = asset_dir / STATS_FILE
     warn = warn or (lambda msg: print(f"{out_file}: warning[R011] {msg}", file=sys.stderr, flush=True))
+    context_warn = context_warn or (lambda msg: print(f"{out_file}: warning[R012] {msg}", file=sys.stderr, flush=True))
     try:
-        prev = {s["name"]: s for s in json.loads(out_file.read_text())["sources"]}
+        old_report = json.loads(out_file.read_text())
+        prev = {s["name"]: s for s in old_report["sources"]}
     except (OSError, ValueError, KeyError, TypeError):
-        prev = {}
+        old_report, prev = {}, {}
     declared: dict[str, float] = {}
     spec_sources = list(job.sources) + (list(job.spec.data.sources) if job.spec is not None else [])
     for st in job.spec.stages if job.spec is not None else []:
@@ -454,7 +675,15 @@ def data_stats(job, assets, keys: dict[str, str], state: dict, log=print, warn=N
         for w in warns:
             warn(w)
         rows.append(row)
-    report = {"version": 1, "sources": rows}
+    try:
+        stage_figures, context_warns = context_checks(job, rows)
+    except Exception as e:  # noqa: BLE001 (a check only informs: the sources' figures are still written)
+        stage_figures, context_warns = [], [f"could not set the documents' lengths against the stages: "
+                                            f"{type(e).__name__}: {e} (hint: training reads the sources as before)"]
+    for w in context_warns:
+        context_warn(w)
+    report = {"version": 1, "sources": rows, "stages": stage_figures}
+    changed = changed or stage_figures != (old_report.get("stages") if isinstance(old_report, dict) else None)
     if changed or len(rows) != len(prev) or not out_file.exists():
         tmp = out_file.with_name(out_file.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=1) + "\n")
@@ -464,6 +693,8 @@ def data_stats(job, assets, keys: dict[str, str], state: dict, log=print, warn=N
     return report
 
 
-__all__ = ["CHUNK_BYTES", "CHUNK_ROWS", "DECLARED_FACTOR", "ERROR_SIGMAS", "EXACT_MAX_BYTES",
-           "MIN_SAMPLE_CHUNKS", "Measurement", "SAMPLE_CHUNKS", "SAMPLE_MAX_BYTES", "STATS_FILE", "data_stats",
-           "drawn_tokens", "judge", "measure_source", "measurement_key", "ratio_estimate", "sample_points"]
+__all__ = ["CHUNK_BYTES", "CHUNK_ROWS", "DECLARED_FACTOR", "ERROR_SIGMAS", "EXACT_LENGTHS", "EXACT_MAX_BYTES",
+           "LENGTH_BINS_PER_OCTAVE", "LONG_DOC_MIN_SHARE", "LengthHistogram", "MIN_SAMPLE_CHUNKS", "Measurement",
+           "SAMPLE_CHUNKS", "SAMPLE_MAX_BYTES", "STATS_FILE", "context_checks", "data_stats", "drawn_tokens", "judge",
+           "measure_source", "measurement_key", "previous_context", "ratio_estimate", "sample_points",
+           "stage_backend"]

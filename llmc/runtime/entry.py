@@ -173,7 +173,8 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
     is written (:func:`check_source_location`), so prepare never reads its own output back as input.
     Last, each text source's tokens (its training part) are counted or estimated and set against what the run
     draws from it (``assets/data_stats.json``; a warning line where a source is read more than the plan's epoch
-    limit or its declared ``tokens`` is far off: :mod:`llmc.runtime.data_stats`); ``measure=False`` skips that (a
+    limit or its declared ``tokens`` is far off, R011, or where a stage that trains past its model's context reads
+    documents much shorter than its seq_len, R012: :mod:`llmc.runtime.data_stats`); ``measure=False`` skips that (a
     stage's own prepare: the launch's prepare step, which runs first, measured and said it once).
     """
     from llmc.runtime import corpus
@@ -283,7 +284,8 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
 def _measure_data(job: TrainJob, assets: Assets, keys: dict[str, str], state: dict, log) -> None:
     """``assets/data_stats.json``: the tokens each text source holds (its training part) and the epochs the run
     reads it (:func:`llmc.runtime.data_stats.data_stats`, reused while ``keys``, prepare's keys of each source's
-    files, the quality pass and the tokenizer, are unchanged). A warning line at most, never a failed prepare."""
+    files, the quality pass and the tokenizer, are unchanged), with the documents' lengths set against every stage
+    that trains past its model's context (R012). Warning lines at most, never a failed prepare."""
     from llmc.runtime.data_stats import STATS_FILE, data_stats
 
     try:
