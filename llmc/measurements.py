@@ -118,6 +118,9 @@ class Measurement:
     offload_optimizer: bool = False  # ZeRO-Offload (AdamW on the host): changes both time and memory
     offload_params: bool = False  # ZeRO-Infinity to CPU (the parameters on the host too): time and memory
     loss_chunks: int | None = None  # slices of the backend's chunked loss (None: what llmc's job for it uses)
+    # how the run's context parallelism exchanged K/V (llmc.compiler.memory.CP_ATTENTIONS; None: the backend's way,
+    # llmc's job's): "ring" for torchtitan's 2024 SDPA CP, which keeps no whole-sequence K/V for the backward
+    cp_attention: str | None = None
     compile_loss: bool | None = None  # torch.compile also covered the loss (None: what llmc's job for it does)
     gpu_exact: bool = True  # ``gpu`` is the part the run was measured on (False: only llmc's closest entry)
     system: str | None = None  # the hardware as the source names it (a table's ``system``)
@@ -379,7 +382,8 @@ _TABLE_REQUIRED = ("model", "gpus", "seq_len", "dp_shard", "micro_batch", "globa
 TABLE_COLUMNS = frozenset((
     "id", "model", "gpus", "seq_len", "dp_replicate", "dp_shard", "tp", "pp", "pp_schedule", "vp", "cp", "ep",
     "micro_batch", "global_batch", "ac", "ac_layers", "zero_stage", "precision", "quantization", "compile",
-    "compile_loss", "async_tp", "offload_optimizer", "offload_params", "loss_chunks", "gpus_per_node", "backend",
+    "compile_loss", "async_tp", "offload_optimizer", "offload_params", "loss_chunks", "cp_attention", "gpus_per_node",
+    "backend",
     "gpu_key", "gpu_key_exact", "gpu_part", "system", "kind", "tokens_per_s_per_gpu", "mem_gib", "mem_kind",
     "nvfp4_bf16_tail"))
 #: Informational columns: documented in benchmarks/README.md (the source, its table and sweep, figures the source
@@ -442,6 +446,16 @@ def table_gpu(r: dict, file_keys: dict) -> tuple[str | None, bool]:
     key = table_cell(r, file_keys, "gpu_key")
     exact = str(table_cell(r, file_keys, "gpu_key_exact", True)).strip().lower()
     return (None if key is None else str(key)), exact not in ("false", "no", "off", "0")
+
+
+def _cp_attention(v, source: str, line: int) -> str:
+    """A table's ``cp_attention`` cell: one of :data:`llmc.compiler.memory.CP_ATTENTIONS`."""
+    from llmc.compiler.memory import CP_ATTENTIONS
+
+    if v not in CP_ATTENTIONS:
+        raise MeasurementError(source, line, "K004", "cp_attention", f"cp_attention must be one of "
+                               f"{', '.join(CP_ATTENTIONS)}, got {_shown(v)}", "see benchmarks/README.md, Schema")
+    return str(v)
 
 
 def table_row(r: dict, file_keys: dict, source: str, line: int) -> Measurement:
@@ -577,6 +591,7 @@ def table_row(r: dict, file_keys: dict, source: str, line: int) -> Measurement:
         offload_optimizer=bool(flag("offload_optimizer", False)),
         offload_params=bool(flag("offload_params", False)),
         loss_chunks=None if get("loss_chunks") is None else whole("loss_chunks"),
+        cp_attention=None if get("cp_attention") is None else _cp_attention(get("cp_attention"), source, line),
         compile_loss=flag("compile_loss"), gpu_exact=gpu_exact,
         system=None if get("system") is None else str(get("system")),
         tokens_per_s_per_gpu=tps, line=line,
@@ -868,7 +883,7 @@ def predicted(m: Measurement, factors=None):
         mem = memory.memory_per_gpu(m.model, m.plan, m.seq_len, m.precision, gpu.hbm_bytes, backend=m.backend,
                                     compile=m.compile, factors=factors, offload_optimizer=m.offload_optimizer,
                                     offload_params=m.offload_params, loss_chunks=m.loss_chunks,
-                                    compile_loss=m.compile_loss)
+                                    compile_loss=m.compile_loss, cp_attention=m.cp_attention)
     except (ValueError, ArithmeticError) as e:
         hint = ("check the row's parallel degrees and sizes against the model; see benchmarks/README.md, Schema"
                 if m.line else "pass the plan.lock.json written by llmc build, unedited")

@@ -41,3 +41,75 @@ def mla_softmax_factor(scaling: RopeScaling | None) -> float:
     if scaling is None or not scaling.mscale_all_dim:
         return 1.0
     return yarn_mscale(scaling.factor, scaling.mscale_all_dim) ** 2
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: bool = False) -> list[float]:
+    """The rotary inverse frequencies theta^(-2i/dim), i < dim/2, after ``scaling``: the same rules, in plain floats,
+    as :func:`llmc.runtime.model.rope_inv_freq` (its torch twin, what llmc's trainers rotate with) and torchtitan
+    0.3.0's RoPE (torchtitan/models/common/rope.py: ``ComplexRoPE._precompute_cache`` 'llama', ``_yarn_inv_freq``),
+    so the compiler can compare two scalings' frequencies without torch. llama3: Meta's band rule (meta-llama/
+    llama-models ``apply_scaling``); yarn: YaRN's ramp over [beta_fast, beta_slow] (Peng et al. 2023, arXiv:2309.00071
+    sec. 3.2; transformers ``_compute_yarn_parameters``); linear: / factor (Chen et al. 2023, arXiv:2306.15595);
+    longrope: / one factor per frequency (``long``: the long ones)."""
+    inv = [1.0 / theta ** (i / dim) for i in range(0, dim, 2)][: dim // 2]
+    if scaling is None:
+        return inv
+    f = scaling.factor
+    if scaling.type == "linear":
+        return [x / f for x in inv]
+    if scaling.type == "llama3":
+        old = scaling.original_max_position
+        lo, hi = scaling.low_freq_factor, scaling.high_freq_factor
+        out = []
+        for x in inv:
+            wavelen = 2 * math.pi / x
+            if wavelen < old / hi:
+                out.append(x)
+            elif wavelen > old / lo:
+                out.append(x / f)
+            else:
+                smooth = (old / wavelen - lo) / (hi - lo)
+                out.append((1 - smooth) * x / f + smooth * x)
+        return out
+    if scaling.type == "yarn":
+        def corr_dim(n_rot: float) -> float:  # the dim whose wavelength turns n_rot times over the original context
+            return dim * math.log(scaling.original_max_position / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = corr_dim(scaling.beta_fast), corr_dim(scaling.beta_slow)
+        if scaling.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        out = []
+        for i, x in enumerate(inv):
+            ramp = min(1.0, max(0.0, (i - low) / (high - low)))  # 1 = interpolate (/ factor), 0 = keep
+            out.append(x / f * ramp + x * (1 - ramp))
+        return out
+    ext = scaling.long_factor if long else scaling.short_factor  # longrope
+    return [x / e for x, e in zip(inv, ext, strict=False)]
+
+
+#: Meta's llama3 rule reaches twice ``factor`` x ``original_max_position``: Llama 3.1 pairs factor 8 from 8,192 tokens
+#: with 131,072 positions (16 x 8,192; Meta-Llama-3.1-8B config.json ``rope_scaling`` / ``max_position_embeddings``),
+#: Llama 3.2 factor 32 from 8,192 with 131,072 (within 2 x 32 x 8,192)
+LLAMA3_REACH_PER_FACTOR = 2
+
+
+def rope_reach(scaling: RopeScaling | None) -> int | None:
+    """The sequence length a RoPE scaling extends its model to: ``factor`` x ``original_max_position`` for yarn, linear
+    and longrope (what their factor means: YaRN's s = L' / L, arXiv:2309.00071 sec. 2.3; transformers' rope_scaling
+    docs: "a factor of x will enable the model to handle sequences of length x * original maximum pre-trained
+    length"), :data:`LLAMA3_REACH_PER_FACTOR` times that for llama3 (Meta's published pairing). None without a
+    scaling (the model's context is what it was trained at)."""
+    if scaling is None:
+        return None
+    per = LLAMA3_REACH_PER_FACTOR if scaling.type == "llama3" else 1
+    return int(per * scaling.factor * scaling.original_max_position)
+
+
+def rope_factor_for(kind: str, seq_len: int, original: int) -> int:
+    """The smallest whole ``factor`` with which a ``kind`` scaling from ``original`` tokens reaches ``seq_len``
+    (:func:`rope_reach`'s inverse, rounded up)."""
+    per = LLAMA3_REACH_PER_FACTOR if kind == "llama3" else 1
+    return max(1, math.ceil(seq_len / (per * original)))

@@ -107,7 +107,8 @@ def load_rows(data_dir: Path = DATA_DIR) -> list[Row]:
                 system=r.get("system", doc.get("system", "")),
                 gpu_key=r["gpu_key"] if "gpu_key" in r else doc.get("gpu_key"),
                 gpu_key_exact=bool(r.get("gpu_key_exact", doc.get("gpu_key_exact", True))),
-                fields={**{k: v for k, v in doc.items() if k in ("gpus_per_node", "loss_chunks")}, **r},
+                fields={**{k: v for k, v in doc.items() if k in ("gpus_per_node", "loss_chunks", "cp_attention")},
+                        **r},
                 gpu=table_gpu(r, file_keys)[0],
             )
             if row.kind == "throughput" and row.backend in TABLE_SCHEMA_BACKENDS:
@@ -156,6 +157,7 @@ class PlanRequest:
     gpu_note: str | None = None
     compile_loss: bool | None = None
     loss_chunks: int | None = None  # None: the backend's (llmc.compiler.backends.Backend.loss_chunks)
+    cp_attention: str | None = None  # None: the backend's (llmc.compiler.memory.cp_kv_gathered)
 
 
 @dataclass
@@ -200,6 +202,7 @@ def request_for(row: Row) -> PlanRequest:
         ac, ac_layers = pl.activation_checkpointing, pl.ac_layers
         compile_, async_tp, recipe = m.compile, m.async_tp, m.fp8_recipe
         compile_loss, loss_chunks = m.compile_loss, m.loss_chunks
+        cp_attention = m.cp_attention
         gpu_key, prec = m.gpu, m.precision
     elif row.backend == "megatron":
         tp, pp, cp = f["tp"], f["pp"], f["cp"]
@@ -215,7 +218,7 @@ def request_for(row: Row) -> PlanRequest:
         compile_, async_tp = False, True  # TE kernels; TP comm overlap
         # the row's recipe (the data file maps the page's FP8 / FP8-CS to tensorwise, FP8-MX / MXFP8 to mxfp8)
         recipe = f.get("quantization") or "tensorwise"
-        compile_loss, loss_chunks = False, None
+        compile_loss, loss_chunks, cp_attention = False, None, None
         if "w/ MTP" in str(f.get("model_label", "")):
             raise Skip("multi-token prediction (MTP) module: not in llmc's deepseek-v3 preset")
     else:
@@ -226,7 +229,7 @@ def request_for(row: Row) -> PlanRequest:
         tp=tp, pp=pp, cp=cp, ep=ep, pp_schedule=sched, virtual_stages=vp, micro_batch=mb,
         activation_checkpointing=ac, zero_stage=zero, backend=BACKEND_PROFILE[row.backend], compile=compile_,
         async_tp=async_tp, fp8_recipe=recipe, gpu_note=gpu_note, compile_loss=compile_loss, loss_chunks=loss_chunks,
-        ac_layers=ac_layers,
+        ac_layers=ac_layers, cp_attention=cp_attention,
     )
 
 
@@ -310,7 +313,7 @@ def llmc_predict(req: PlanRequest) -> Prediction:
     def memory_of(p):
         return memory_mod.memory_per_gpu(run.model, p, req.seq_len, req.precision, gpu.hbm_bytes, backend=be,
                                          compile=req.compile, compile_loss=req.compile_loss,
-                                         loss_chunks=req.loss_chunks)
+                                         loss_chunks=req.loss_chunks, cp_attention=req.cp_attention)
 
     dp = req.dp_replicate * req.dp_shard
     plan = ParallelPlan(

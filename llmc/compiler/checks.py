@@ -176,6 +176,12 @@ _DIM_WORDS = {"dp": "data parallelism", "fsdp": "FSDP", "hsdp": "HSDP (replicate
               "ep": "expert parallelism", "offload": "CPU offload"}
 
 
+#: What a backend's library ships for a dimension that llmc's runner for it does not use (P018 names it, so the
+#: message is about llmc's runner, not the library)
+_UNUSED = {("deepspeed", "cp"): "; DeepSpeed ships Ulysses sequence parallelism (deepspeed/runtime/sequence_parallel/"
+                                "ulysses_sp.py), which llmc's DeepSpeed runner, llmc.runtime.ds_train, does not use"}
+
+
 def _runs(backend) -> str:
     """What ``backend``'s runner implements, in words (:attr:`~llmc.compiler.backends.Backend.supports`)."""
     return ", ".join(_DIM_WORDS[d] for d in _DIM_WORDS if d in backend.supports)
@@ -235,8 +241,10 @@ def check_backend_pins(run, backend, why: str, sink: Sink, gaps=()) -> None:
         else:
             fix = drop + (f" (only {' / '.join(others)} run {_DIM_WORDS[dim]})" if others else "")
         sink.add("P018", "error", path,
-                 f"the pinned {pin} needs {_DIM_WORDS[dim]}, which the {backend.name} backend does not run (it runs "
-                 f"{_runs(backend)}): no job llmc builds would run this plan; backend {backend.name}: {why}", fix)
+                 f"the pinned {pin} needs {_DIM_WORDS[dim]}, which the {backend.name} backend does not run (llmc's "
+                 f"{backend.name} runner runs {_runs(backend)}{_UNUSED.get((backend.name, dim), '')}): no job llmc "
+                 "builds would run this plan; "
+                 f"backend {backend.name}: {why}", fix)
 
 
 def check_backend_options(run, backend, sink: Sink) -> None:
@@ -547,6 +555,8 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
             need = c.per_gpu_bytes / usable
 
             hints = [f"more GPUs (about {need:.1f}x the memory is needed)" if need > 1.05 else "more GPUs"]
+            if (cp_hint := _cp_unavailable_hint(run, gpu, res.backend)) is not None:
+                hints = [cp_hint]  # without CP more GPUs never split one sequence
             # (not fp8: torchao float8 keeps bf16/fp32 states, so it does not shrink the model states)
             if not run.parallelism.offload_optimizer:
                 hints.append("CPU optimizer offload (parallelism.offload_optimizer)")
@@ -563,6 +573,8 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
                      + (f" ({gib(usable)} usable)" if usable < gpu.hbm_bytes else "") + ": the closest, "
                      f"{describe(c.plan)}, needs {gib(c.per_gpu_bytes)}",
                      "try " + ", ".join(hints))
+        elif (cp_seq := _cp_seq_problem(run, gpu)) is not None:
+            sink.add("P004", "error", "data.seq_len", "no valid parallelism plan: " + cp_seq[0], cp_seq[1])
         else:
             reasons = sorted({c.reason for c in res.rejected})[:3]
             # every layout rejected for a sequence torchtitan cannot split (the search's "seq" category:
@@ -590,6 +602,81 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
             sink.add("P013", "warning", "parallelism.ac_layers",
                      f"ac_layers {p.ac_layers} recomputes every {where}: the same as activation_checkpointing full",
                      f"use full, or fewer than {top} blocks (unset ac_layers: the fewest that fit)")
+
+
+def _cp_seq_problem(run, gpu) -> tuple[str, str] | None:
+    """(message, hint) when a pinned cp > 1 cannot split seq_len with any tensor-parallel degree the search may
+    take: context parallelism's load balancer cuts each sequence into 2 x cp chunks (torch's ``_HeadTailLoadBalancer``
+    asserts seq_len % (2 x cp) == 0, torch/distributed/tensor/experimental/_context_parallel/_load_balancer.py; what
+    torchtitan 0.3.0's ``prepare_context_parallel_input`` builds for its default balancer) and sequence parallelism
+    splits each over the tp ranks: the search's rule seq_len % (2 x tp x cp) (``search.cp_degrees``). Else None."""
+    from llmc.compiler.search import divisors, tp_problem
+
+    par, seq, world = run.parallelism, run.data.seq_len, run.hardware.count
+    cp = par.cp
+    if not cp or cp == 1 or world % cp:
+        return None
+    tps = [par.tp] if par.tp else [t for t in divisors(world // cp) if tp_problem(run.model, world, t, gpu) is None]
+    if not tps or any(seq % (2 * t * cp) == 0 for t in tps):
+        return None
+    q = 2 * min(tps) * cp
+    lo, hi = seq // q * q, -(-seq // q) * q
+    ok = [c for c in (2, 4, 8, 16, 32) if seq % (2 * min(tps) * c) == 0 and world % c == 0]
+    return (f"seq_len {seq:,} is not divisible by 2 x tp x cp = {q}"
+            + (f" (tp {min(tps)})" if min(tps) > 1 else " at any tp") + ": context parallelism's load balancer cuts "
+            f"each sequence into 2 x cp = {2 * cp} chunks (torch's _HeadTailLoadBalancer, which torchtitan's "
+            "prepare_context_parallel_input uses) and sequence parallelism splits each over the tp ranks",
+            f"use a seq_len that is a multiple of {q} (e.g. {lo:,} or {hi:,})"
+            + (f", or cp {' / '.join(map(str, ok))}, which divide {seq:,}" if ok else ""))
+
+
+def _cp_unavailable_hint(run, gpu, backend: str) -> str | None:
+    """P004's first hint when nothing fits on ``backend``, a backend without context parallelism, while a layout with
+    CP on torchtitan would fit this cluster (llmc.compiler.memory.memory_per_gpu on torchtitan's profile: full AC, one
+    sequence per micro-step, ZeRO-3, torchtitan's chunked loss; the first such of the fewest CP ranks): more GPUs
+    shard only the model states, since without CP every GPU holds whole sequences. Says why CP is unavailable (the
+    pinned backend, or what keeps ``auto`` off torchtitan, e.g. a seq_len past the model's max_seq_len) and the way
+    to it. None where the backend runs CP, CP is pinned, the sequence is short or no CP layout would fit either."""
+    from llmc.compiler import memory
+    from llmc.compiler.backends import get_backend, torchtitan_layout_problem
+    from llmc.compiler.plan import ParallelPlan
+    from llmc.compiler.search import CP_MIN_SEQ, cp_degrees, describe, divisors, tp_problem, usable_bytes
+
+    be, seq, world, arch = get_backend(backend), run.data.seq_len, run.hardware.count, run.model
+    if "cp" in be.supports or seq < CP_MIN_SEQ or run.parallelism.cp or (run.parallelism.pp or 1) > 1:
+        return None
+    titan, usable = get_backend("torchtitan"), usable_bytes(gpu.hbm_bytes, "torchtitan")
+    found = None
+    tps = [t for t in divisors(world) if tp_problem(arch, world, t, gpu) is None]
+    for c in sorted({c for t in tps for c in cp_degrees(seq, t) if c > 1}):
+        for t in tps:
+            if world % (t * c) or c not in cp_degrees(seq, t) or torchtitan_layout_problem(
+                    arch, seq, t, c, 1, gpu.key != "cpu") is not None:
+                continue
+            plan = ParallelPlan(tp=t, cp=c, dp_shard=world // (t * c), activation_checkpointing="full")
+            mem = memory.memory_per_gpu(arch, plan, seq, run.training.precision, gpu.hbm_bytes, backend=titan,
+                                        offload_optimizer=run.parallelism.offload_optimizer,
+                                        offload_params=run.parallelism.offload_params)
+            if mem.per_gpu_bytes <= usable:
+                found = (plan, mem)
+                break
+        if found:
+            break
+    if found is None:
+        return None
+    plan, mem = found
+    if run.training.backend != "auto":
+        why, fix = f"training.backend pins {backend}", "training.backend: torchtitan"
+    else:
+        gap = _titan_ruled_out(run, gpu)
+        if gap is None:
+            return None
+        why = f"auto picks {backend} since torchtitan cannot run this model: {gap.message}"
+        fix = (f"raise model.max_seq_len to {seq:,} with a rope_scaling that reaches it (T109), and auto picks "
+               "torchtitan" if gap.code == "X305" else gap.hint)
+    return (f"context parallelism, which the {backend} backend does not run ({why}): {describe(plan)} on torchtitan "
+            f"would need about {gib(mem.per_gpu_bytes)} per GPU ({fix}); more GPUs would not help here, since without "
+            f"CP each GPU holds whole {seq:,}-token sequences")
 
 
 def _widest(run, gpu, dims, pinned: bool = True) -> tuple[int, int]:

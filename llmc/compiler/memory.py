@@ -52,9 +52,12 @@ with a chunked loss (``Backend.loss_chunks``: torchtitan 0.3.0's ChunkedLossWrap
 states cut into chunks and their fp32 gradient (``loss_logits_bytes``). A sliding window shorter than the sequence:
 the additive band mask llmc's model hands SDPA, seq_len^2 elements in the activation dtype, one tensor shared by every
 layer and kept for the backward (``window_mask_bytes``).
+Context parallelism on torchtitan (FlexAttention: each layer's K and V all-gathered to the whole sequence,
+``cp_gathered_kv_bytes``): the gathered K/V of every block whose activations are kept, and the layer being
+back-propagated's gathered K/V gradients (and re-gathered K/V when recomputed).
 Not modelled: allocator fragmentation on the ``generic`` profile (``fits`` keeps 8% headroom there; a backend profile's
-reserved bytes are fitted on measured peaks, fragmentation included), CP ring-attention K/V exchange buffers, MoE
-load imbalance.
+reserved bytes are fitted on measured peaks, fragmentation included), ring-attention K/V exchange buffers (CP on the
+reference profiles, ``cp_attention="ring"``), MoE load imbalance.
 """
 
 from __future__ import annotations
@@ -627,6 +630,7 @@ def stage_memory(
     compile_loss: bool | None = None,
     offload_params: bool = False,
     loss_chunks: int | None = None,
+    cp_attention: str | None = None,
 ) -> list[StageMemory]:
     """Memory of one GPU in each pipeline stage (see the module docstring for every term).
 
@@ -638,7 +642,8 @@ def stage_memory(
     be = get_backend(backend) if backend is None or isinstance(backend, str) else backend
     return [StageMemory(w, gr, op, acts, buf) for _, _, w, gr, op, acts, buf in _stage_values(
         arch, plan, seq_len, precision, optimizer_bytes_per_param, _offload_level(offload_optimizer, offload_params),
-        grad_bytes_per_param, flash_attention, be, compile, compile_loss, loss_chunks, runs=False)]
+        grad_bytes_per_param, flash_attention, be, compile, compile_loss, loss_chunks, runs=False,
+        cp_attention=cp_attention)]
 
 
 def _offload_level(offload_optimizer: bool, offload_params: bool) -> int:
@@ -647,7 +652,8 @@ def _offload_level(offload_optimizer: bool, offload_params: bool) -> int:
 
 
 def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, offload, grad_bytes_per_param,
-                  flash_attention, be, compile, compile_loss, loss_chunks, *, runs: bool) -> list[tuple]:
+                  flash_attention, be, compile, compile_loss, loss_chunks, *, runs: bool,
+                  cp_attention: str | None = None) -> list[tuple]:
     """(first stage, number of stages, weights, grads, optimizer, activations, buffers) for every stage
     (``runs=False``), or once per run of consecutive stages with the same parameters and blocks
     (``runs=True``), valued at the run's first stage: its in-flight micro-batch count is the run's
@@ -704,6 +710,10 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
                 # its row- and column-wise NVFP4 copies (2 x (0.5 + 1/16) B each: torchao nvfp4_mm_triton quantizes
                 # the input both ways)
                 acts += tokens_mb * arch.d_model * (4 * act_b + _LOWP_GATHER_COPIES.get(precision, 0.0))
+            if plan.cp > 1 and cp_kv_gathered(be, cp_attention):
+                kept_layers = (len(layers) if split is None else len(split[si][1])) if ac in ("none", "partial") else 0
+                acts += cp_gathered_kv_bytes(arch, plan, seq_len, act_b, kept_layers, in_flight_microbatches(plan, si),
+                                             recomputed=ac != "none")
             buf = buf0 + window_mask_bytes(arch, seq_len, act_b)
             if has_head:
                 buf += loss_logits_bytes(arch.vocab_size, tokens_mb, plan, compiled=loss_compiled,
@@ -712,6 +722,54 @@ def _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param, off
                                          softcapped=arch.final_logit_softcap is not None)
             out.append((si, count if runs else 1, w, gr, op, acts, buf))
     return out
+
+
+#: Backends whose context parallelism all-gathers each layer's K and V (:func:`cp_gathered_kv_bytes`): torchtitan 0.3.0,
+#: whose jobs llmc emits with FlexAttention (llmc.emit.torchtitan: ``attn_backend`` 'flex'), wraps it with
+#: ``flex_cp_allgather`` (torchtitan/distributed/context_parallel/api.py ``apply_cp_to_forward``). Other runners: no
+#: CP (llmc's native and DeepSpeed trainers) or a ring exchange of K/V chunks (the reference profiles), not modelled.
+CP_KV_ALLGATHER_BACKENDS = frozenset({"torchtitan"})
+#: ``cp_attention`` values: "allgather" (FlexAttention CP: whole-sequence K/V per layer), "ring" (ring attention:
+#: the K/V chunks in flight are not modelled; e.g. torchtitan's SDPA CP of its 2024 releases)
+CP_ATTENTIONS = ("allgather", "ring")
+
+
+def cp_kv_gathered(be, cp_attention: str | None = None) -> bool:
+    """Does CP on ``be`` gather each layer's whole-sequence K and V (``cp_attention`` None: the backend's way,
+    :data:`CP_KV_ALLGATHER_BACKENDS`)?"""
+    if cp_attention is None:
+        return be.name in CP_KV_ALLGATHER_BACKENDS
+    if cp_attention not in CP_ATTENTIONS:
+        raise ValueError(f"unknown cp_attention {cp_attention!r}: one of {', '.join(CP_ATTENTIONS)}")
+    return cp_attention == "allgather"
+
+
+def cp_kv_elems_per_token(arch) -> float:
+    """K and V elements per token of one attention layer as the attention kernel reads them: GQA's n_kv_heads x
+    head_dim each; MLA's per-head keys (nope + rope dims) and values."""
+    if arch.mla is not None:
+        m = arch.mla
+        return arch.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+    return 2.0 * arch.kv_heads * arch.hd
+
+
+def cp_gathered_kv_bytes(arch, plan: ParallelPlan, seq_len: int, act_bytes: float, kept_layers: int,
+                         in_flight: float, *, recomputed: bool) -> float:
+    """What FlexAttention's context parallelism adds per GPU (torchtitan 0.3.0 ``apply_cp_to_forward``: each rank's
+    K and V all-gathered to the whole sequence before ``flex_attention``, torch's ``cplib::flex_cp_allgather``,
+    torch/distributed/tensor/experimental/_context_parallel/_cp_custom_ops.py). Its autograd saves no tensor
+    (``_flex_cp_setup_context`` keeps the group and dim only) and its backward reduce-scatters the gradients of the
+    gathered K and V (``flex_cp_allgather_backward``), whole-sequence tensors the attention's backward produces.
+    flex_attention saves its inputs, the gathered K and V, for its backward: a block whose activations are kept
+    (``kept_layers``: no AC, partial AC's other blocks) keeps them, seq_len instead of seq_len / cp tokens of K/V,
+    for each micro-batch in flight; torchtitan's selective AC saves flex_attention's output, not its inputs
+    (torchtitan/distributed/activation_checkpoint.py ``_get_default_save_ops``), so the K/V are re-gathered in the
+    backward as under full AC. Plus the layer being back-propagated: the gradients of its gathered K/V and, when
+    ``recomputed``, its re-gathered K/V. K/V heads split over tp; one micro-batch of ``plan.micro_batch``
+    sequences."""
+    whole = plan.micro_batch * seq_len * cp_kv_elems_per_token(arch) / plan.tp * act_bytes  # one layer's K + V
+    saved = kept_layers * in_flight * whole * (1.0 - 1.0 / plan.cp)  # (the local 1/cp is among the saved tensors)
+    return saved + whole * (2.0 if recomputed else 1.0)
 
 
 def window_mask_bytes(arch, seq_len: int, act_bytes: float) -> float:
@@ -998,6 +1056,7 @@ def memory_per_gpu(
     per_stage: bool = True,
     offload_params: bool = False,
     loss_chunks: int | None = None,
+    cp_attention: str | None = None,
 ) -> MemoryNumbers:
     """Peak bytes per GPU over the pipeline stages, with the breakdown of the peak stage.
 
@@ -1023,7 +1082,7 @@ def memory_per_gpu(
     runs = not per_stage and scale > 0 and be.compile_act_saving <= 1.0
     values = _stage_values(arch, plan, seq_len, precision, optimizer_bytes_per_param,
                            _offload_level(offload_optimizer, offload_params), grad_bytes_per_param, flash_attention, be,
-                           compile, compile_loss, loss_chunks, runs=runs)
+                           compile, compile_loss, loss_chunks, runs=runs, cp_attention=cp_attention)
     ceil = math.ceil
 
     def reserved(allocated: float) -> float:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import PurePath
 from typing import Any
 
+from llmc import TARGET_VERSIONS
 from llmc.compiler import checkpoint_cost, flops, memory, params, timing
 from llmc.compiler import defaults as defaults_mod
 from llmc.compiler.backends import deepspeed_zero_stage
@@ -55,10 +56,13 @@ from llmc.compiler.result import (
 from llmc.compiler.search import USABLE_FRACTION, describe, divisors
 from llmc.compiler.units import GiB, gib
 from llmc.diagnostics import Diagnostic
+from llmc.rope import rope_factor_for, rope_inv_freq, rope_reach
 from llmc.spec.chat import CHAT_TEMPLATES, OWN_TEMPLATE
 from llmc.spec.facts import CheckpointFacts, ExternalFacts, hub_id
 from llmc.spec.families import FAMILIES, family_by_name, family_of
 from llmc.spec.hf import architecture_from_hf_config, checkpoint_differences
+from llmc.spec.model import RopeScaling
+from llmc.spec.presets import PRESETS
 from llmc.spec.schema import (
     BF16_PRECISIONS,
     CHAT_KINDS,
@@ -87,6 +91,9 @@ LLMC_TOKENIZER_SPECIALS = (
 NF4_BITS_PER_PARAM = 4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * NF4_DQ_BLOCK)
 BYTES_PER_TRAINABLE_PARAM = 16  # bf16 weight + bf16 grad + fp32 master + Adam m, v (ZeRO paper §3.1: 2+2+12)
 DEFAULT_MAX_NEW_TOKENS = 256
+# T107: a rotary frequency counts as changed by a stage's rope_scaling when it moves by more than this share of the
+# base model's (llmc heuristic: bf16 RoPE tables round at ~0.4%)
+ROPE_CHANGE_TOL = 0.01
 DEFAULT_PROMPT_TOKENS = 512
 DEFAULT_DPO_BETA = 0.1  # Rafailov et al. 2023 §6 / TRL DPOConfig default
 DEFAULT_GRPO_GROUP = 8
@@ -1040,10 +1047,114 @@ def stage_rope_scaling(st: StageBase, inherited: dict) -> dict | None:
     return {**scaling, "original_max_position": int(inherited["max_context"])}
 
 
+def _rope_model(scaling: dict | None) -> RopeScaling | None:
+    """A context's ``rope_scaling`` dict as the spec's RopeScaling (None: none, or one the spec checks refuse)."""
+    if not scaling:
+        return None
+    try:
+        return RopeScaling.model_validate(scaling)
+    except ValueError:  # (pydantic's ValidationError; compile reports the stage's rope_scaling itself)
+        return None
+
+
+def _rope_words(rs: RopeScaling) -> str:
+    return f"{rs.type} x{rs.factor:g} from {rs.original_max_position:,} tokens"
+
+
+def _rope_dim(arch) -> int:
+    """The dims RoPE rotates per head: MLA's rope head dim, a partial rotary_dim, else the head."""
+    return arch.mla.qk_rope_head_dim if arch.mla is not None else arch.partial_rotary or arch.hd
+
+
+def _model_rope_reach(arch) -> int | None:
+    """How far the model's own RoPE reaches (:func:`llmc.rope.rope_reach`), and at least the positions its preset
+    was released with where the spec keeps the preset's RoPE (a preset's max_seq_len is its config.json's
+    max_position_embeddings, e.g. Llama 3.1's 131,072); None without a scaling."""
+    reach = rope_reach(arch.rope_scaling)
+    preset = PRESETS.get(arch.name)
+    if reach is not None and preset is not None and (preset.rope_scaling, preset.rope_theta) == (
+            arch.rope_scaling, arch.rope_theta):
+        reach = max(reach, preset.max_seq_len)
+    return reach
+
+
+def check_rope_change(env: _Env, st: StageBase, p: str, seq_len: int, inherited: dict, sink: Sink) -> None:
+    """T107: a long_context stage's ``rope_scaling`` that replaces a different scaling its base already has. The
+    stage's rule is applied to the unscaled theta frequencies (llmc's trainers: llmc.runtime.model.rope_inv_freq;
+    the stage's torchtitan job: its RoPE config), not on top of the base's, so where it interpolates less than the
+    base did, frequencies the model was trained with rise: the positions it learned map to other angles. Compared
+    with llmc's own RoPE code (:func:`llmc.rope.rope_inv_freq`); warned when any frequency rises by more than 1%."""
+    old, new = _rope_model(inherited.get("rope_scaling")), _rope_model(stage_rope_scaling(st, inherited))
+    if old is None or new is None or old == new:
+        return
+    dim = _rope_dim(env.run.model)
+    theta_old = inherited["rope_theta"]
+    f_old = rope_inv_freq(dim, theta_old, old)
+    f_new = rope_inv_freq(dim, st.rope_theta or theta_old, new)
+    ratio = [n / o for n, o in zip(f_new, f_old, strict=True)]
+    changed = sum(abs(r - 1) > ROPE_CHANGE_TOL for r in ratio)
+    higher = [r for r in ratio if r > 1 + ROPE_CHANGE_TOL]
+    if not higher:
+        return
+    orig = old.original_max_position
+    fy = rope_factor_for("yarn", seq_len, orig)
+    keep = ""
+    if old.type in ("llama3", "linear"):
+        keep = (f", or keep its rule with a larger factor: {{type: {old.type}, factor: "
+                f"{rope_factor_for(old.type, seq_len, orig)}, original_max_position: {orig}}}")
+    sink.add("T107", "warning", f"{p}.rope_scaling",
+             f"long_context stage {st.name!r}: rope_scaling {_rope_words(new)} replaces its base model's "
+             f"{_rope_words(old)} rather than adding to it (the rule is applied to the unscaled theta frequencies): "
+             f"{changed} of {len(ratio)} rotary frequencies change by more than 1%"
+             + (", " if changed == len(higher) else f", {len(higher)} of them ") + f"rising "
+             f"{min(higher):.1f}-{max(higher):.1f}x above the base's (the lowest frequency {ratio[-1]:.1f}x): less "
+             "interpolation than the model was trained with (llmc.rope.rope_inv_freq)",
+             f"extend from the model's original context with the whole factor: {{type: yarn, factor: {fy}, "
+             f"original_max_position: {orig}}} ({seq_len:,} / {orig:,}){keep}"
+             + (f" (torchtitan {TARGET_VERSIONS['torchtitan']}'s RoPE runs both: scaling 'llama' and 'yarn')"
+                if keep and old.type == "llama3" else ""))
+
+
+def check_rope_reach(env: _Env, st: StageBase, p: str, seq_len: int, inherited: dict, sink: Sink) -> None:
+    """T109: a stage that trains past what its RoPE scaling reaches (:func:`llmc.rope.rope_reach`): a long_context
+    stage's own ``rope_scaling``, or pre-training's, the model's (at least its preset's released positions). From
+    weights (init_hf / init_from) a warning: the positions past the reach are extrapolated angles; from scratch an
+    info: the model learns every position it trains at, so only weights trained with that scaling are at stake."""
+    arch = env.run.model
+    if st.kind == "long_context" and st.rope_scaling is not None:
+        rs, where = _rope_model(stage_rope_scaling(st, inherited)), f"{p}.rope_scaling"
+        reach = rope_reach(rs)
+        who, from_weights = f"long_context stage {st.name!r}", True
+    elif st.kind == "pretrain" and arch.rope_scaling is not None:
+        rs, reach = arch.rope_scaling, _model_rope_reach(arch)
+        where = (f"{p}.data.seq_len" if st.data is not None else "data.seq_len") if env.run.stages else "data.seq_len"
+        from_weights = bool(st.init_hf or st.init_from or env.run.training.init_hf)
+        who = "pre-training" if not env.run.stages else f"stage {st.name!r}"
+    else:
+        return
+    if rs is None or reach is None or seq_len <= reach:
+        return
+    orig = rs.original_max_position
+    per = f"2 x {rs.factor:g} x {orig:,}, Meta's Llama 3.1 pairing" if rs.type == "llama3" else (
+        f"{rs.factor:g} x {orig:,}")
+    alt = [f"{{type: {t}, factor: {rope_factor_for(t, seq_len, orig)}, original_max_position: {orig}}}"
+           for t in dict.fromkeys((rs.type, "yarn")) if t in ("llama3", "yarn", "linear")]
+    sink.add("T109", "warning" if from_weights else "info", where,
+             f"{who} trains at seq_len {seq_len:,}, past what its RoPE scaling ({_rope_words(rs)}) reaches: "
+             f"{reach:,} tokens ({per}" + (f"; the model's released {reach:,} positions" if reach > rope_reach(rs)
+                                          else "") + ")"
+             + ("" if from_weights else ": from scratch the model learns every position it trains at, so this "
+                "matters for weights trained with that scaling (an init_hf)"),
+             f"scale from the original {orig:,} tokens to {seq_len:,}: rope_scaling " + " or ".join(alt)
+             + ("" if st.kind == "long_context" else " (model.rope_scaling, or a long_context stage)"))
+
+
 def _context_out(env: _Env, st: StageBase, p: str, seq_len: int, inherited: dict, sink: Sink) -> dict:
-    """The context the stage hands on (RoPE changes of a long_context stage), with T107 / G004."""
+    """The context the stage hands on (RoPE changes of a long_context stage), with T107 / T109 / G004."""
     out = dict(inherited, seq_len=seq_len)
+    check_rope_reach(env, st, p, seq_len, inherited, sink)
     if st.kind == "long_context":
+        check_rope_change(env, st, p, seq_len, inherited, sink)
         if st.rope_theta is None and st.rope_scaling is None:
             sink.add("T107", "warning", f"{p}.kind",
                      f"long_context stage {st.name!r} extends to {seq_len} tokens without changing RoPE",

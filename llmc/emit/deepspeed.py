@@ -192,15 +192,45 @@ def _batch(compiled, plan: ParallelPlan, stage: int, diags: list[Diagnostic]) ->
             return None
         return micro, accum, dp
     dp = world(compiled)
+    split = _split(gbs, dp, plan.micro_batch) if gbs % dp == 0 else None
+    over = _fallback_memory(compiled, plan, stage, dp, *split) if split is not None else None
     diags.append(diag("X103", "warning", "parallelism",
                       f"the plan uses tp={plan.tp} pp={plan.pp} cp={plan.cp} ep={plan.ep}; llmc's DeepSpeed "
                       f"runner is data-parallel/ZeRO only, so deepspeed/ runs all {dp} GPUs as ZeRO-{stage} "
-                      "data-parallel ranks (memory and speed differ from the plan)",
+                      "data-parallel ranks (memory and speed differ from the plan)" + (over or ""),
                       "use the torchtitan backend for this layout"))
-    if gbs % dp != 0:
+    if split is None:
         diags.append(_x104(gbs, dp, "use the torchtitan or native backend, or a global batch divisible by the GPU count"))
         return None
-    return (*_split(gbs, dp, plan.micro_batch), dp)
+    return (*split, dp)
+
+
+def _fallback_memory(compiled, plan: ParallelPlan, stage: int, dp: int, micro: int, accum: int) -> str | None:
+    """X103's words when the data-parallel run deepspeed/ falls back to does not fit the GPU: its memory from the
+    compiler's memory model (llmc.compiler.memory.memory_per_gpu, the DeepSpeed profile) for what the runner runs
+    (llmc.runtime.ds_train: ZeRO-``stage`` over all ``dp`` GPUs, ``micro`` sequences per micro-step, the plan's AC
+    and loss slices, whole sequences: no TP / CP); None when it fits or there is no GPU to fit."""
+    from llmc.compiler import memory
+    from llmc.compiler.backends import compile_on, get_backend
+    from llmc.compiler.units import gib
+
+    if compiled.gpu is None:
+        return None
+    spec, be = compiled.spec, get_backend("deepspeed")
+    folded = ParallelPlan(dp_shard=dp, micro_batch=micro, grad_accum=accum, zero_stage=stage,
+                          activation_checkpointing=plan.activation_checkpointing, ac_layers=plan.ac_layers,
+                          loss_chunk_tokens=plan.loss_chunk_tokens)
+    mem = memory.memory_per_gpu(spec.model, folded, int(compiled.hyper.seq_len), spec.training.precision,
+                                compiled.gpu.hbm_bytes, backend=be, compile=compile_on(be, spec.training.compile),
+                                offload_optimizer=spec.parallelism.offload_optimizer,
+                                offload_params=spec.parallelism.offload_params)
+    if memory.fits(mem):
+        return None
+    return (f"; that run does not fit: it needs {gib(mem.per_gpu_bytes)} per GPU, "
+            f"{mem.per_gpu_bytes / mem.capacity_bytes:.1f}x the {gib(mem.capacity_bytes)} GPU (llmc's memory model: "
+            f"{micro} whole {int(compiled.hyper.seq_len):,}-token sequence(s) per micro-step, AC "
+            f"{plan.ac_label}), so only the torchtitan job is runnable (`llmc plan --set training.backend=deepspeed` "
+            "searches DeepSpeed's own layouts)")
 
 
 def _stage_batch(st, nums: DsNumbers, dp: int) -> tuple[int, int] | None:

@@ -331,6 +331,27 @@ def _arch_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]
         errs.append(diag(problem.code, "error", problem.path, problem.message, problem.hint))
 
 
+#: FlexAttention's BlockMask block (torchtitan 0.3.0 ``FlexAttention.Config.block_size`` = torch's
+#: ``_DEFAULT_SPARSE_BLOCK_SIZE``, 128 tokens): the unit torch's PTRR load balancer deals out to the CP ranks
+FLEX_BLOCK_TOKENS = 128
+
+
+def cp_load_balancer(seq_len: int, cp: int) -> str | None:
+    """torchtitan's ``context_parallel_load_balancer`` for the job, whose attention is FlexAttention with block-causal
+    document masks (``attn_backend`` 'flex'; torchtitan/config/configs.py: "headtail" is the SDPA balancer, "ptrr"
+    the FlexAttention one). "ptrr" (torch's ``_PTRRLoadBalancer``) sorts the mask's 128-token query blocks by the key
+    blocks each attends to and deals them round-robin to the CP ranks, so a rank's attention work follows the
+    documents actually packed; "headtail" assumes one causal sequence (rank i takes chunks i and 2cp-1-i), which
+    packed documents unbalance. torchtitan 0.3.0's ``prepare_context_parallel_input`` builds PTRR from the job's one
+    BlockMask (shape (B, 1, S, S): per-sequence indices, ``_context_parallel_buffers`` gathers them per batch row).
+    PTRR needs whole blocks dealt evenly: seq_len a multiple of 128 x cp (``ptrr_scheduling``: the block count
+    divisible by cp); other lengths keep "headtail" (2 x cp chunks; the mask is rewritten for either balancer,
+    ``_create_cp_block_mask``). None without CP: the job leaves the unused setting at torchtitan's default."""
+    if cp <= 1:
+        return None
+    return "ptrr" if seq_len % (FLEX_BLOCK_TOKENS * cp) == 0 else "headtail"
+
+
 def _parallelism(compiled, errs: list[Diagnostic]) -> dict[str, Any]:
     """Batch split, pipeline stages and parallel degrees."""
     arch, plan, hyper = compiled.spec.model, compiled.plan, compiled.hyper
@@ -396,6 +417,7 @@ def _parallelism(compiled, errs: list[Diagnostic]) -> dict[str, Any]:
         # a first chunk of only the embedding: the job's ChunkOptimizers skips the parameter groups it has none of
         "pp_embedding_only_chunk": embedding_only,
         "cp": plan.cp,
+        "cp_load_balancer": cp_load_balancer(hyper.seq_len, plan.cp),
         "ep": plan.ep,
         "ac": plan.activation_checkpointing,
         # "partial": the job's PartialFullAC wraps the first ac_layers blocks of every model chunk (0 otherwise)
