@@ -459,3 +459,26 @@ def test_a_table_batch_that_is_no_whole_number_of_steps_is_refused(tmp_path, cap
     assert ms.calibrate_main([str(t)], str(tmp_path / "c.json")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{t}:2: error[K004] global_batch" in err[0] and "20" in err[0], err
+
+
+def test_the_2024_cp_rows_are_ring_attention_and_their_memory_does_not_grow_with_the_sequence():
+    """torchtitan's Dec 2024 CP rows (table 2: Llama 3 8B, 32K tokens per rank at cp 2 / 4 / 8) ran torch's SDPA
+    context parallel, which keeps only the rank's K/V chunk: the file says ``cp_attention: ring`` and llmc predicts
+    one memory for the three, as measured (84.2 / 84.0 / 84.5 GiB); read as llmc's own FlexAttention all-gather the
+    prediction would grow with the whole sequence's K/V per kept block. A bad value is one located K004."""
+    import dataclasses
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "torchtitan_llama3_h100_202412.yaml"
+    rows = {m.label: m for m in ms.read_table(path)}
+    cp = [rows[k] for k in ("tt24-t2-cp2-64k", "tt24-t2-cp4-128k", "tt24-t2-cp8-256k")]
+    assert all(m.cp_attention == "ring" and m.plan.cp > 1 for m in cp)
+    ring = [ms.predicted(m)[1].reserved_bytes for m in cp]
+    gathered = [ms.predicted(dataclasses.replace(m, cp_attention=None))[1].reserved_bytes for m in cp]
+    assert max(ring) - min(ring) < 0.01 * ring[0]
+    assert gathered[0] > ring[0] and gathered[2] - ring[2] > gathered[0] - ring[0] > 0
+    with pytest.raises(ms.MeasurementError) as e:
+        ms.table_row({"id": "x", "model": "llama3-8b", "gpus": 8, "seq_len": 8192, "dp_shard": 8, "micro_batch": 1,
+                      "global_batch": 8, "cp_attention": "tree"}, {"backend": "torchtitan", "gpu_key": "h100-sxm"},
+                     "t.yaml", 3)
+    assert "cp_attention" in str(e.value)
