@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from llmc.compiler.plan import EP_SPANS_TP, expert_shards
 from llmc.compiler.units import gib
 from llmc.diagnostics import sort_diagnostics
 
@@ -218,7 +219,12 @@ def _plan(c) -> Table:
     deg = (f"dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x cp {p.cp} x tp {p.tp} x pp {p.pp}"
            f" = {p.world} GPU{'s' if p.world > 1 else ''}")
     if p.ep > 1:
-        deg += f"; ep {p.ep} (carved out of dp_shard x cp)"
+        be = c.backend.name if c.backend is not None else None
+        if be in EP_SPANS_TP:
+            efsdp = expert_shards(p.dp_shard, p.cp, p.tp, p.ep, be)[1]
+            deg += f"; experts on ep {p.ep} x efsdp {efsdp} = dp_shard x cp x tp (torchtitan's expert mesh)"
+        else:
+            deg += f"; ep {p.ep} (carved out of dp_shard x cp)"
     t.add_row("degrees", deg)
     zero = {0: "DDP (no sharding)", 1: "ZeRO-1 (optimizer sharded)", 2: "ZeRO-2 (optimizer + grads sharded)",
             3: "ZeRO-3 / FSDP (weights, grads, optimizer sharded)"}[p.zero_stage]

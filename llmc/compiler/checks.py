@@ -13,7 +13,7 @@ P003   error     n_heads / n_kv_heads not divisible by the pinned TP
 P004   error     no plan fits in GPU memory (closest candidate + what would help)
 P005   error     global batch cannot be split: not a multiple of seq_len, or of any dp degree
 P006   warning   pipeline bubble: fewer than 4 x pp micro-batches (v x m < 4 p for interleaved)
-P007   error     pinned EP on a dense model / EP not dividing the experts
+P007   error     pinned EP on a dense model / EP not dividing the experts or the GPU count
 P011   info      optimizer offload: the host's share of each step (the CPU rate it assumes, host-dependent)
 P012   error     parallelism.ac_layers without activation_checkpointing: partial, or more than the model's layers
 P013   warning   ac_layers at least the largest pipeline chunk: every block recomputed, as full
@@ -538,6 +538,11 @@ def check_pins(run, gpu, sink: Sink) -> None:
             sink.add("P007", "error", "parallelism.ep",
                      f"ep {par.ep} does not divide num_experts {arch.moe.num_experts}",
                      "ep must divide the number of routed experts")
+        elif world % par.ep:
+            # an EP group is ep of the dp_shard x cp x tp ranks (torchtitan 0.3.0's expert mesh: efsdp x ep =
+            # dp_shard x cp x tp, parallel_dims.py; plan.ep_domain), which divide the world
+            sink.add("P007", "error", "parallelism.ep", f"ep {par.ep} does not divide the {world} GPUs (hardware.count)",
+                     "ep must divide dp_shard x cp x tp (torchtitan's expert mesh), a divisor of the GPU count")
 
 
 def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:

@@ -22,8 +22,11 @@ Tensor / expert / pipeline sharding of the states
     Attention and MLP matmul weights (and Qwen q/k/v biases) / tp (Megatron column/row parallel);
     token embedding and output head / tp (torchtitan shards both along the vocabulary: vocab-parallel
     embedding + loss_parallel); norms, the MoE router and MLA's small down-projections (wq_a, wkv_a) are
-    replicated over tp. Routed experts / ep (torchtitan ETP=1: not tp-sharded); under ZeRO the remaining
-    expert shard group is (dp_shard x cp) / ep because EP is carved out of those ranks. Pipeline: each
+    replicated over tp. Routed experts (``plan.expert_shards``): on torchtitan 0.3.0 the expert mesh (efsdp, ep)
+    covers the dp_shard x cp x tp ranks (parallel_dims.py: efsdp = dp_shard x cp x tp / ep), so with EP they are
+    / ep (not tp-sharded: no expert tensor parallelism) and FSDP shards them over efsdp; without EP they are / tp
+    (moe_sharding.py expert_param_placement_dense) and sharded over dp_shard x cp: dp_shard x cp x tp ways in every
+    layout (ZeRO-3). llmc's other profiles: / ep, the remaining shard group (dp_shard x cp) / ep. Pipeline: each
     stage holds its blocks; the embedding lives on the first stage, the final norm and output head on the
     last (a tied embedding is held by both when pp > 1).
 
@@ -74,7 +77,7 @@ from llmc.compiler.backends import (
     get_backend,
 )
 from llmc.compiler.params import expert_d_ff, is_moe_layer, layer_components
-from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.plan import EP_SPANS_TP, ParallelPlan, expert_shards
 from llmc.compiler.result import MemoryNumbers
 from llmc.compiler.units import GiB, MiB
 from llmc.spec.families import family_of
@@ -391,15 +394,15 @@ def _precision_bytes(precision: str, optimizer_bytes_per_param: float, grad_byte
     raise ValueError(f"unknown precision {precision!r}")
 
 
-def _shard_groups(plan: ParallelPlan) -> dict[str, tuple[int, int]]:
-    """(model-parallel divisor, ZeRO shard group) per parameter group."""
+def _shard_groups(plan: ParallelPlan, backend: str | None = None) -> dict[str, tuple[int, int]]:
+    """(model-parallel divisor, ZeRO shard group) per parameter group; the routed experts' on ``backend``'s expert
+    mesh (:func:`llmc.compiler.plan.expert_shards`)."""
     z = plan.dp_shard * plan.cp
-    ep = max(1, plan.ep)
     return {
         "tp": (plan.tp, z),
         "vocab": (plan.tp, z),
         "replicated": (1, z),
-        "expert": (ep, max(1, z // ep)),
+        "expert": expert_shards(plan.dp_shard, plan.cp, plan.tp, plan.ep, backend),
     }
 
 
@@ -910,9 +913,14 @@ def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload, grad
         return hit[1]
     cwb = 4.0 if precision == "fp32" else 2.0  # bytes of an all-gathered (unsharded) parameter in compute
     zs = plan.zero_stage
-    per_group = {name: _group_bytes(mp, z, zs, precision, optimizer_bytes_per_param, offload,
-                                    grad_bytes_per_param, be)
-                 for name, (mp, z) in _shard_groups(plan).items()}
+    groups = _shard_groups(plan, be.name)
+    # torchtitan applies fully_shard whatever the stage (models/*/parallelize.py apply_fsdp_to_decoder; llmc emits
+    # reshard_after_forward "never" below ZeRO-3): with no dense shard group (stage 0) its routed experts are still
+    # sharded over efsdp > 1, as FSDP2 keeping the gathered parameters (the ZeRO-1/2 states)
+    zs_e = 1 if zs == 0 and be.name in EP_SPANS_TP and groups["expert"][1] > 1 else zs
+    per_group = {name: _group_bytes(mp, z, zs_e if name == "expert" else zs, precision, optimizer_bytes_per_param,
+                                    offload, grad_bytes_per_param, be)
+                 for name, (mp, z) in groups.items()}
     out = []
     outside = non_allocator_bytes(plan, be)
     for _, _, g, has_emb, layers, has_head, _, _ in structure:
@@ -940,14 +948,14 @@ def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload, grad
             # FSDP unit = one block (or the embedding / head): 2 units all-gathered in the compute dtype
             # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter (pp = 1: one
             # stage, so the run's blocks are the stage's)
-            block, unit = _fsdp_units(arch, layers, plan, has_emb or has_head)
+            block, unit = _fsdp_units(arch, layers, plan, has_emb or has_head, be.name)
             # the largest unit gathered (wb) with its fp32 gradient (4) + the next block prefetched (wb)
             buf += unit * (cwb + 4) + block * cwb
         elif zs in (1, 2) and z_dense > 1 and be.zero12 == "fsdp2":
             # FSDP2 keeping the gathered parameters (counted in the weights): the reduce-scatter input of one unit,
             # its unsharded gradient in fp32 (reduce_dtype); under PP gradient sync waits for the last micro-batch
             # (as above), so the stage's whole unsharded gradient accumulates in fp32
-            buf += unsharded_local * 4 if plan.pp > 1 else _fsdp_units(arch, layers, plan, has_emb or has_head)[1] * 4
+            buf += unsharded_local * 4 if plan.pp > 1 else _fsdp_units(arch, layers, plan, has_emb or has_head, be.name)[1] * 4
         elif zs in (1, 2) and plan.dp > 1 and be.zero12 == "deepspeed":
             # DeepSpeed's two reduce buckets (overlap_comm) in the gradient-accumulation dtype: llmc's ds_config sets
             # none, so the training dtype
@@ -962,12 +970,15 @@ def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload, grad
     return out_t
 
 
-def _fsdp_units(arch, layers, plan: ParallelPlan, has_emb_or_head: bool) -> tuple[float, float]:
-    """(the stage's largest block, its largest FSDP unit: that block or the embedding / head) in local parameters."""
-    bkey = (id(arch), layers, plan.tp, max(1, plan.ep))
+def _fsdp_units(arch, layers, plan: ParallelPlan, has_emb_or_head: bool,
+                backend: str | None = None) -> tuple[float, float]:
+    """(the stage's largest block, its largest FSDP unit: that block or the embedding / head) in local parameters
+    (the routed experts split as on ``backend``'s expert mesh)."""
+    ediv = expert_shards(plan.dp_shard, plan.cp, plan.tp, plan.ep, backend)[0]  # the routed experts' divisor
+    bkey = (id(arch), layers, plan.tp, ediv)
     bhit = _BLOCKS.get(bkey)
     if bhit is None or bhit[0] is not arch:
-        bhit = (arch, _max_block_local(arch, layers, plan.tp, max(1, plan.ep)))
+        bhit = (arch, _max_block_local(arch, layers, plan.tp, ediv))
         _bounded(_BLOCKS)[bkey] = bhit
     block = bhit[1]
     unit = max(block, arch.vocab_size * arch.d_model / plan.tp) if has_emb_or_head else block
@@ -1029,9 +1040,10 @@ def non_allocator_bytes(plan: ParallelPlan, backend) -> float:
 
 
 @lru_cache(maxsize=4096)
-def _max_block_local(arch: Architecture, layers: tuple[int, ...], tp: int, ep: int) -> float:
-    """Largest block of the stage after the tp / ep split (one FSDP unit)."""
-    div = {"tp": tp, "vocab": tp, "replicated": 1, "expert": ep}
+def _max_block_local(arch: Architecture, layers: tuple[int, ...], tp: int, ediv: int) -> float:
+    """Largest block of the stage after the tp / expert split (one FSDP unit; ``ediv``: the routed experts'
+    model-parallel divisor, :func:`llmc.compiler.plan.expert_shards`)."""
+    div = {"tp": tp, "vocab": tp, "replicated": 1, "expert": ediv}
     return max(
         (sum(n / div[_group(label)] for label, n in layer_components(arch, i).items()) for i in layers),
         default=0.0,

@@ -14,8 +14,8 @@ PPSchedule = Literal["1F1B", "Interleaved1F1B", "GPipe", "ZBVZeroBubble"]
 class ParallelPlan:
     """One candidate layout. world = dp_replicate * dp_shard * cp * tp * pp.
 
-    EP borrows from dp_shard * cp (torchtitan's convention: the expert mesh is carved out of the
-    data-parallel ranks), so it is not a factor of the world size.
+    EP is not a factor of the world size: it borrows ranks from the others. On torchtitan the routed experts live
+    on their own (efsdp, ep) mesh over the dp_shard x cp x tp ranks (:func:`ep_domain`, :func:`expert_shards`).
     """
 
     dp_replicate: int = 1
@@ -59,3 +59,49 @@ class ParallelPlan:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+# ----------------------------------------------------------------------------- the routed experts' mesh
+
+#: backends whose expert mesh spans the TP ranks. torchtitan 0.3.0 builds the routed experts' mesh
+#: ("pp", "dp_replicate", "efsdp", "ep") over the same ranks as the dense ("pp", "dp_replicate", "dp_shard", "cp",
+#: "tp"), so efsdp x ep = dp_shard x cp x tp ("EP borrows ranks from FSDP and TP"): torchtitan/distributed/
+#: parallel_dims.py build_mesh (efsdp = dp_shard * cp * tp // ep) and config/configs.py expert_parallel_degree,
+#: https://github.com/pytorch/torchtitan/blob/v0.3.0/torchtitan/distributed/parallel_dims.py. Its routed experts are
+#: not TP-sharded with EP ("EP always shards on dim 0", models/common/moe_sharding.py
+#: expert_param_placement_sparse: no expert tensor parallelism in 0.3.0) and TP-sharded without it (EP disabled,
+#: TP > 1: expert_param_placement_dense, Shard(1) / Shard(2) on the TP axis); either way FSDP shards what is left.
+#: The other profiles keep llmc's earlier convention (EP carved out of dp_shard x cp, the experts whole on each TP
+#: rank). Megatron-Core folds its expert mesh differently: ETP x EP x EDP over the same ranks, with its own expert
+#: tensor-parallel size ("--expert-tensor-parallel-size ... Default is same to --tensor-model-parallel-size",
+#: "MoE Parallel Folding" in https://github.com/NVIDIA/Megatron-LM/blob/main/megatron/core/transformer/moe/README.md),
+#: which llmc's megatron profile does not model (it keeps the convention above).
+EP_SPANS_TP = frozenset({"torchtitan"})
+
+
+def ep_domain(dp_shard: int, cp: int, tp: int, backend: str | None) -> int:
+    """The ranks an EP group is carved out of, which ``ep`` must divide: dp_shard x cp x tp on a backend in
+    :data:`EP_SPANS_TP` (torchtitan: efsdp x ep = dp_shard x cp x tp), dp_shard x cp on the others."""
+    return dp_shard * cp * (tp if backend in EP_SPANS_TP else 1)
+
+
+def expert_shards(dp_shard: int, cp: int, tp: int, ep: int, backend: str | None) -> tuple[int, int]:
+    """(model-parallel divisor, data-parallel shard group) of the routed experts' parameters: each rank holds
+    1 / divisor of them before FSDP / ZeRO, which shards that over the group.
+
+    torchtitan (:data:`EP_SPANS_TP`): with EP, (ep, efsdp = dp_shard x cp x tp / ep); without, (tp, dp_shard x cp);
+    the experts are sharded dp_shard x cp x tp ways in every layout. The other profiles: (ep, dp_shard x cp / ep)."""
+    ep = max(1, ep)
+    if backend in EP_SPANS_TP:
+        if ep > 1:
+            return ep, max(1, dp_shard * cp * tp // ep)
+        return tp, dp_shard * cp
+    return ep, max(1, dp_shard * cp // ep)
+
+
+def ep_rank_span(tp: int, cp: int, ep: int, backend: str | None) -> int:
+    """Consecutive ranks one EP group's members lie within (which nodes its all-to-all crosses). torchtitan: ep is
+    the innermost axis of its (pp, dp_replicate, efsdp, ep) mesh, so a group is ``ep`` consecutive ranks (the TP
+    ranks, innermost of the dense mesh, inside it when ep >= tp); the other profiles: ep x cp x tp (EP strided over
+    the cp x tp ranks of dp_shard)."""
+    return ep if backend in EP_SPANS_TP else ep * cp * tp

@@ -1,7 +1,8 @@
 """Parallelism search: enumerate layouts, drop what cannot work, keep what fits, rank by step time.
 
-Enumeration (torchtitan's mesh: world = dp_replicate x dp_shard x cp x tp x pp, EP carved out of
-dp_shard x cp):
+Enumeration (torchtitan's mesh: world = dp_replicate x dp_shard x cp x tp x pp; EP borrows ranks from the others:
+on torchtitan from dp_shard x cp x tp, its expert mesh efsdp x ep spanning them, on llmc's other profiles from
+dp_shard x cp, ``plan.ep_domain``):
 
 * tp: divisors of the NVLink domain (the node; a GB200 / GB300 NVL72 rack's 72 GPUs,
   ``hardware.nvlink_group``) that divide n_heads and n_kv_heads (MLA: n_heads); TP never leaves NVLink (TP needs
@@ -11,7 +12,9 @@ dp_shard x cp):
   (Megatron requires grad_accum % pp == 0 for interleaving); GPipe and ZBVZeroBubble when pinned.
 * cp: powers of two dividing seq_len / (2 tp), only from 32k tokens (ring attention pays off for
   long sequences).
-* ep (MoE only): divisors of num_experts that divide dp_shard x cp.
+* ep (MoE only): divisors of num_experts that divide dp_shard x cp x tp on torchtitan (0.3.0's only constraints:
+  its expert mesh needs efsdp = dp_shard x cp x tp / ep whole, parallel_dims.py build_mesh, and its all-to-all
+  splits the experts evenly over the EP ranks, token_dispatcher.py), dp_shard x cp on the other profiles.
 * dp_shard x dp_replicate = the rest (HSDP: shard inside a node or a few nodes, replicate across);
   ZeRO-1 (shard optimizer state, reduce once per step) or ZeRO-3/FSDP over dp_shard.
 * micro_batch: powers of two up to 16K tokens per GPU; grad_accum from the batch identity
@@ -25,7 +28,7 @@ cannot beat the best plan already found for any value it stands for (tp, pp, cp,
 schedule, and its (tp, pp, cp, ep) layout), so the chosen plan, the alternatives and the
 per-dimension comparisons of those dimensions are exactly what an exhaustive search gives
 (tests/test_search.py checks that against brute force). Memory is monotone: it never rises with a
-larger shard group or EP degree, never falls with a larger micro-batch or weaker recomputation, so
+larger shard group (at a fixed EP degree), never falls with a larger micro-batch or weaker recomputation, so
 one "least-memory corner" evaluation can rule out whole groups of layouts, and the micro-batch scan
 stops at the first misfit (an assumption about memory.py that holds up to its small fixed buffers).
 Memory results are cached on the fields memory depends on, and the fit checks evaluate only the
@@ -48,7 +51,7 @@ from dataclasses import dataclass, field, fields
 from llmc.compiler import backends
 from llmc.compiler.hardware import nvlink_group
 from llmc.compiler.memory import max_chunk_layers
-from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.plan import EP_SPANS_TP, ParallelPlan, ep_domain
 from llmc.compiler.result import Candidate, MemoryNumbers
 from llmc.compiler.timing import LayoutTimer, StepModel, step_time
 from llmc.compiler.units import gib
@@ -373,10 +376,10 @@ class _Search:
     def corner_fits(self, lay: _Layout) -> bool:
         """Does this layout's least-memory candidate (smallest micro-batch, strongest AC) fit?
 
-        Memory never rises with a larger shard group (dp_shard) or a larger EP degree at fixed
-        (tp, pp, cp, schedule, ZeRO stage), so a corner that fails at (ds, ep) kills every layout
-        with ds' <= ds and ep' <= ep without evaluating it, and one that fits proves the same for
-        every ds' >= ds, ep' >= ep.
+        Memory never rises with a larger shard group (dp_shard) at fixed (tp, pp, cp, schedule, ZeRO stage, ep),
+        so a corner that fails at ds kills every layout with ds' <= ds without evaluating it, and one that fits
+        proves the same for every ds' >= ds. (Not across EP degrees: on torchtitan the routed experts are / tp
+        without EP and / ep with it, so an ep below tp holds more of them than ep 1.)
         """
         if lay.ds * lay.c > 1:
             first = self.fit_from_ds(lay, lay.mbs[0], self.corner_ac)
@@ -385,7 +388,7 @@ class _Search:
                     return True
                 self.counts["memory"] = self.counts.get("memory", 0) + 1
                 return False
-        gk = (lay.t, lay.p, lay.c, lay.sched, lay.v, lay.z)
+        gk = (lay.t, lay.p, lay.c, lay.sched, lay.v, lay.z, lay.e)
         fails, fits = self.corners.setdefault(gk, ([], []))
         if any(ds >= lay.ds and e >= lay.e for ds, e in fails):
             self.counts["memory"] = self.counts.get("memory", 0) + 1
@@ -884,15 +887,17 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Family]:
         elif pins.ep is not None:
             eps = [pins.ep]
         else:
-            eps = [e for e in divisors(moe.num_experts) if (ds * c) % e == 0]
+            eps = [e for e in divisors(moe.num_experts) if ep_domain(ds, c, t, S.sm.backend) % e == 0]
         for e in eps:
             if e > 1 and moe is None:
                 S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "ep",
                          "ep > 1 needs a mixture-of-experts model", dims=("ep",))
                 continue
-            if moe is not None and (moe.num_experts % e or (ds * c) % e):
+            if moe is not None and (moe.num_experts % e or ep_domain(ds, c, t, S.sm.backend) % e):
+                span = ("dp_shard x cp x tp" if S.sm.backend in EP_SPANS_TP else "dp_shard x cp")
                 S.reject(ParallelPlan(dp_replicate=dr, dp_shard=ds, tp=t, pp=p, cp=c, ep=e), "ep",
-                         f"ep {e} must divide num_experts {moe.num_experts} and dp_shard x cp {ds * c}", dims=("ep",))
+                         f"ep {e} must divide num_experts {moe.num_experts} and {span} "
+                         f"{ep_domain(ds, c, t, S.sm.backend)}", dims=("ep",))
                 continue
             # fp8 experts split over TP without EP: their grouped GEMM's per-rank width (backends.torchtitan_layout_problem)
             problem = (backends.torchtitan_layout_problem(S.arch, S.seq_len, t, c, p, S.gpu.key != "cpu", ep=e,

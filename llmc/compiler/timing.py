@@ -60,7 +60,10 @@ The model, per optimizer step (m = grad_accum micro-batches, p = pp, v = virtual
   - PP: b*s*h*2 bytes (split over TP with sequence parallelism) each way per micro-batch per
     stage boundary, v times for interleaved schedules.
   - EP: 2 all-to-alls (dispatch, combine) per MoE layer per direction, tokens*top_k*h*2 bytes,
-    (e-1)/e of it leaves the GPU.
+    (e-1)/e of it leaves the GPU; the tokens are the rank's sequence shard (/ tp: torchtitan's routed experts take
+    each TP rank's own tokens). torchtitan's EP group is ep consecutive ranks (its expert mesh (efsdp, ep) over
+    dp_shard x cp x tp, ep innermost: plan.ep_rank_span), so it stays in NVLink while ep fits a node, TP or not.
+    The routed experts' FSDP traffic: their rank's share (plan.expert_shards) over efsdp.
   - CP (ring attention): each layer passes the local K,V shard around the ring, (cp-1) hops
     forward and K,V plus their gradients backward (3x the forward bytes).
 * Overlap: FSDP/ZeRO-3 traffic hides behind the same micro-batch's compute with efficiency
@@ -94,7 +97,7 @@ import math
 from dataclasses import dataclass, field
 
 from llmc.compiler.memory import eager_attention
-from llmc.compiler.plan import ParallelPlan
+from llmc.compiler.plan import EP_SPANS_TP, ParallelPlan, ep_rank_span, expert_shards
 from llmc.compiler.result import TimeNumbers
 from llmc.spec.schema import NVFP4_BF16_TAIL
 
@@ -593,7 +596,7 @@ class LayoutTimer:
     # the layout's own terms (first line) and those only its dp_shard x dp_replicate split changes (second line);
     # ``micro`` caches the per-micro-batch terms, which the split does not change (shared by with_split)
     _FAMILY = ("sm", "t", "p", "cp", "ep", "zero", "sched", "v", "chunks", "world", "bubble_slots", "pp_bw", "ep_bw",
-               "cp_bw", "a2a_per_token", "dense_local", "expert_local", "max_blocks", "micro")
+               "cp_bw", "a2a_per_token", "dense_local", "expert_local", "ediv", "max_blocks", "micro")
     __slots__ = _FAMILY + ("ds", "dr", "one_pass", "fsdp_passes", "fsdp_latency", "per_step_comm", "optimizer",
                            "param_fetch", "owned")
 
@@ -616,7 +619,10 @@ class LayoutTimer:
         else:  # 1F1B, GPipe
             self.bubble_slots = float(p - 1)
         self.pp_bw = sm.nvlink_Bps if self.world <= gpn else sm.net_Bps
-        self.ep_bw = sm.nvlink_Bps if ep * cp * t <= gpn else sm.net_Bps
+        # the consecutive ranks an EP group lies within (plan.ep_rank_span): torchtitan's is the ep ranks themselves
+        # (ep, innermost of its expert mesh, takes the TP ranks in), the other profiles' ep x cp x tp
+        span = ep_rank_span(t, cp, ep, sm.backend)
+        self.ep_bw = sm.nvlink_Bps if span <= gpn else sm.net_Bps
         # seconds per (token x d_model x byte) of one all-to-all: each token goes to top_k experts spread over
         # the ep ranks. Within an NVLink domain: top_k (ep-1)/ep copies over NVLink. Across nodes, plain
         # all-to-all sends top_k (ep-g)/ep copies over the network (g = EP ranks per node) and the rest over
@@ -625,10 +631,10 @@ class LayoutTimer:
         # DeepSeek-V3 report arXiv 2412.19437 sec. 3.2.2) the network copies are the expected number of
         # remote nodes hit, (n-1)(1 - (1 - 1/n)^top_k) for n nodes.
         k = sm.top_k
-        if ep * cp * t <= gpn or ep <= 1:
+        if span <= gpn or ep <= 1:
             self.a2a_per_token = k * (ep - 1) / max(ep, 1) / sm.nvlink_Bps if ep > 1 else 0.0
         else:
-            g = max(1, min(ep, gpn // max(1, cp * t)))  # EP ranks sharing a node
+            g = max(1, min(ep, gpn // max(1, span // ep)))  # EP ranks sharing a node
             n = max(1, ep // g)
             net_copies = (n - 1) * (1 - (1 - 1 / n) ** k) if sm.ep_node_dedup else k * (ep - g) / ep
             self.a2a_per_token = net_copies / sm.net_Bps + k * (g - 1) / ep / sm.nvlink_Bps
@@ -638,7 +644,8 @@ class LayoutTimer:
         _, _, _, p_stage, max_blocks, _ = _stage_info(sm, p, pp_schedule, self.chunks, "none")
         n_experts_stage = max_blocks * sm.expert_params_per_layer * (sm.n_moe_layers / sm.n_layers)
         self.dense_local = (p_stage - n_experts_stage) / t
-        self.expert_local = n_experts_stage / (t * ep)  # experts are split over ep first
+        self.ediv = _expert_divisor(sm.backend, t, cp, ep)
+        self.expert_local = n_experts_stage / self.ediv  # the routed experts before FSDP / ZeRO
         self.max_blocks = max_blocks
         self._split(dp_shard, dp_replicate)
 
@@ -659,9 +666,10 @@ class LayoutTimer:
         self.ds, self.dr = dp_shard, dp_replicate
         gpn, max_blocks = sm.gpus_per_node, self.max_blocks
         dense_local, expert_local = self.dense_local, self.expert_local
-        # torchtitan shards over dp_shard x cp jointly; experts over the (dp_shard x cp)/ep remainder
+        # torchtitan shards over dp_shard x cp jointly; the routed experts over the rest of their mesh
+        # (plan.expert_shards: efsdp = dp_shard x cp x tp / ep on torchtitan, (dp_shard x cp) / ep elsewhere)
         n_sh = dp_shard * cp
-        n_esh = max(n_sh // ep, 1)
+        n_esh = expert_shards(dp_shard, cp, t, ep, sm.backend)[1]
         shard_net = n_sh * t > gpn
         shard_bw = sm.net_Bps if shard_net else sm.nvlink_Bps
         vol = ACT_BYTES * (dense_local * (n_sh - 1) / n_sh + expert_local * (n_esh - 1) / n_esh)
@@ -697,7 +705,10 @@ class LayoutTimer:
             shard_bytes = ACT_BYTES * (dense_local / n_sh + expert_local / n_esh)
             bw = sm.nvlink_Bps if n_sh * t * dp_replicate <= gpn else sm.net_Bps
             self.per_step_comm += 2 * (dp_replicate - 1) / dp_replicate * shard_bytes / bw
-        owned = (dense_local / n_sh + expert_local / n_esh) if zero_stage >= 1 else dense_local + expert_local
+        # (torchtitan shards its routed experts over efsdp whatever the stage: memory._static_runs)
+        e_sharded = zero_stage >= 1 or sm.backend in EP_SPANS_TP
+        owned = (dense_local / n_sh if zero_stage >= 1 else dense_local) + (expert_local / n_esh if e_sharded
+                                                                            else expert_local)
         self.owned = owned  # parameters whose optimizer state this GPU holds (heaviest stage; checkpoint_cost.py)
         # ZeRO-Infinity: the owned 16-bit partition crosses the host link before each gather of a micro-batch
         self.param_fetch = (PARAM_FETCHES_PER_MICRO_BATCH * ACT_BYTES * owned / sm.host_Bps
@@ -762,7 +773,7 @@ class LayoutTimer:
             spf += sm.fp8_linear_sec_per_flop * (fp8_roofline_penalty(sm, mb, cp, t) / eff8 - 1.0 / eff)
         scale = tokens_gpu / t * spf
         # memory-bound ops, split over tp by sequence parallelism; full AC runs the forward part again
-        cast, weight_cast = _cast_bytes(sm, tokens_gpu, t, ep)
+        cast, weight_cast = _cast_bytes(sm, tokens_gpu, t, self.ediv)
         elem_bytes = tokens_gpu / t * sm.elementwise_bytes + cast + weight_cast
         elem = (n_slow + n_whole / 3) * elem_bytes / sm.hbm_Bps
         compute = flops_tok * scale + elem
@@ -785,6 +796,9 @@ class LayoutTimer:
             per_elem = ag + rs - sm.tp_overlap * (rs + (0.0 if sm.tp_gather_unfused else ag))
             tp_comm = tokens_gpu * sm.d_model * per_elem * (t - 1) / t / sm.nvlink_Bps
         ep_comm = 0.0
+        # each rank dispatches tokens_gpu / t tokens: torchtitan hands the routed experts each TP rank's own sequence
+        # shard with EP (models/common/moe_sharding.py _routed_experts_sharding_configs: experts_input_layout =
+        # dense_sequence_parallel_placement(), so the TP ranks hold different tokens; the EP group may include them)
         if ep > 1 and sm.n_moe_layers:  # 4 all-to-alls per MoE block (+2 with full recompute)
             ep_comm = (4 * n_slow + 2 * n_whole) * sm.n_moe_layers / sm.n_layers * self.a2a_per_token \
                 * tokens_gpu / t * sm.d_model * ACT_BYTES
@@ -799,15 +813,25 @@ class LayoutTimer:
         return compute, recompute, elem, tp_comm, ep_comm, cp_comm, pp_comm
 
 
-def _cast_bytes(sm: StepModel, tokens_gpu: float, t: int, ep: int) -> tuple[float, float]:
+def _expert_divisor(backend: str, t: int, cp: int, ep: int) -> int:
+    """Routed-expert parameters per rank before FSDP / ZeRO = theirs / this: torchtitan's (plan.expert_shards: ep
+    with EP, else tp); the other profiles split them over tp as well as ep (Megatron-Core's expert tensor parallelism
+    defaults to TP: plan.EP_SPANS_TP)."""
+    if backend in EP_SPANS_TP:
+        return expert_shards(1, cp, t, ep, backend)[0]
+    return t * max(1, ep)
+
+
+def _cast_bytes(sm: StepModel, tokens_gpu: float, t: int, ediv: int) -> tuple[float, float]:
     """HBM bytes per block per micro-batch of the low-precision (fp8 / nvfp4) casts on one GPU: (the activations'
     and gradients', which scale with the micro-batch's tokens; the weights', the same for any micro-batch: each
-    micro-batch's forward casts the local weights again). 0 for bf16."""
+    micro-batch's forward casts the local weights again; ``ediv``: the routed experts' divisor, _expert_divisor).
+    0 for bf16."""
     if t > 1:
         act = tokens_gpu * sm.fp8_cast_full + tokens_gpu / t * (sm.fp8_cast_sharded + sm.fp8_cast_tp_sharded)
     else:
         act = tokens_gpu * (sm.fp8_cast_tp1 + sm.fp8_cast_sharded)
-    return act, sm.fp8_weight_cast / t + sm.fp8_expert_weight_cast / (t * ep)
+    return act, sm.fp8_weight_cast / t + sm.fp8_expert_weight_cast / ediv
 
 
 def cast_seconds(sm: StepModel, plan: ParallelPlan) -> tuple[float, float]:
@@ -818,7 +842,8 @@ def cast_seconds(sm: StepModel, plan: ParallelPlan) -> tuple[float, float]:
     n_slow, _, _, _, _, n_whole = _stage_info(sm, plan.pp, plan.pp_schedule, max(1, plan.pp_virtual_stages),
                                               plan.activation_checkpointing, plan.ac_layers,
                                               plan.loss_chunk_tokens > 0)
-    act, weight = _cast_bytes(sm, plan.micro_batch * sm.seq_len / plan.cp, plan.tp, plan.ep)
+    act, weight = _cast_bytes(sm, plan.micro_batch * sm.seq_len / plan.cp, plan.tp,
+                              _expert_divisor(sm.backend, plan.tp, plan.cp, plan.ep))
     per_byte = plan.grad_accum * (n_slow + n_whole / 3) / sm.hbm_Bps / sm.compute_scale
     return weight * per_byte, act * per_byte
 
