@@ -44,8 +44,8 @@ def mla_softmax_factor(scaling: RopeScaling | None) -> float:
 
 
 def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: bool = False) -> list[float]:
-    """The rotary inverse frequencies theta^(-2i/dim), i < dim/2, after ``scaling``: the same rules, in plain floats,
-    as :func:`llmc.runtime.model.rope_inv_freq` (its torch twin, what llmc's trainers rotate with) and torchtitan
+    """The rotary inverse frequencies theta^(-2i/dim), i < dim/2, after ``scaling``: the one definition, in plain floats,
+    that :func:`llmc.runtime.model.rope_inv_freq` (what llmc's trainers rotate with) turns into a tensor, matching torchtitan
     0.3.0's RoPE (torchtitan/models/common/rope.py: ``ComplexRoPE._precompute_cache`` 'llama', ``_yarn_inv_freq``),
     so the compiler can compare two scalings' frequencies without torch. llama3: Meta's band rule (meta-llama/
     llama-models ``apply_scaling``); yarn: YaRN's ramp over [beta_fast, beta_slow] (Peng et al. 2023, arXiv:2309.00071

@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llmc.rope import mla_softmax_factor, rope_attention_factor
+from llmc.rope import rope_inv_freq as rope_inv_freq_values
 from llmc.runtime.chat import IGNORE_INDEX
 from llmc.runtime.job import check_ac
 from llmc.spec.model import Architecture, RopeScaling
@@ -82,55 +83,12 @@ def norm_for(arch: Architecture, dim: int) -> RMSNorm:
 
 def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: bool = False
                   ) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies theta^(-2i/dim), i < dim/2, after optional scaling; returns (inv_freq, mscale).
-
-    llama3: Llama-3.1 band rule (meta-llama/llama-models ``apply_scaling``): wavelengths shorter than
-    original/high_freq_factor keep their frequency, longer than original/low_freq_factor are divided by
-    ``factor``, and the band between is interpolated smoothly.
-    yarn: YaRN (Peng et al. 2023), as HF ``_compute_yarn_parameters``: per-dim ramp between interpolation
-    and extrapolation over the correction range [beta_fast, beta_slow] (widened to whole dims unless ``truncate`` is
-    false: gpt-oss); cos/sin scaled by attention_factor, default
-    mscale = 0.1 ln(factor) + 1, or with DeepSeek's mscale / mscale_all_dim their ratio (llmc.rope).
-    linear: position interpolation (Chen et al. 2023): inv_freq / factor.
-    longrope: LongRoPE (Ding et al. 2024, arXiv:2402.13753; transformers ``_compute_longrope_parameters``): inv_freq
-    divided by one factor per frequency, ``short_factor`` (``long``: ``long_factor``, for sequences longer than
-    original_max_position); cos/sin scaled by attention_factor, default sqrt(1 + ln(factor) / ln(original)).
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (dim/2,)
-    mscale = 1.0
-    if scaling is None:
-        pass
-    elif scaling.type == "linear":
-        inv_freq = inv_freq / scaling.factor
-    elif scaling.type == "llama3":
-        old = scaling.original_max_position
-        low_wavelen = old / scaling.low_freq_factor
-        high_wavelen = old / scaling.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
-        mid = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen < high_wavelen, inv_freq,
-                               torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, mid))
-    elif scaling.type == "yarn":
-        def corr_dim(n_rot: float) -> float:  # dim index whose wavelength makes n_rot turns over `old`
-            return dim * math.log(scaling.original_max_position / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
-
-        low, high = corr_dim(scaling.beta_fast), corr_dim(scaling.beta_slow)
-        if scaling.truncate:
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-        extrapolate = 1 - ramp  # 1 = keep the original frequency (high-frequency dims)
-        inv_freq = inv_freq / scaling.factor * (1 - extrapolate) + inv_freq * extrapolate
-        mscale = rope_attention_factor(scaling)
-    elif scaling.type == "longrope":
-        ext = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float64)
-        inv_freq = inv_freq / ext
-        mscale = rope_attention_factor(scaling)
-    else:  # pragma: no cover - pydantic forbids other values
-        raise ValueError(f"unknown rope scaling {scaling.type!r}")
+    """Inverse frequencies theta^(-2i/dim), i < dim/2, after optional scaling (:func:`llmc.rope.rope_inv_freq`, the
+    one definition of the llama3 / yarn / linear / longrope rules, which the compiler's RoPE checks compare too), as
+    a float32 tensor; returns (inv_freq, mscale): cos/sin are scaled by the attention factor of yarn and longrope
+    (:func:`llmc.rope.rope_attention_factor`)."""
+    inv_freq = torch.tensor(rope_inv_freq_values(dim, theta, scaling, long), dtype=torch.float64)
+    mscale = rope_attention_factor(scaling) if scaling is not None and scaling.type in ("yarn", "longrope") else 1.0
     return inv_freq.float(), mscale
 
 
