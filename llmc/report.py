@@ -412,27 +412,18 @@ def _budget(c) -> Table | None:
     if b.max_days is None and b.max_usd is None and b.max_gpu_hours is None:
         return None
     t = _kv_table("Budget")
-    if b.max_days is not None:
-        if c.time is None:
-            t.add_row("max_days", f"{b.max_days:g} (no plan)")
+    rows = (("max_days", b.max_days, c.time.days if c.time else None, lambda x: f"{x:g}", lambda x: f"{x:.1f}", " days"),
+            ("max_usd", b.max_usd, c.cost.usd if c.cost else None, usd, usd, ""),
+            ("max_gpu_hours", b.max_gpu_hours, c.cost.gpu_hours if c.cost else None, lambda x: f"{x:,.0f}",
+             lambda x: f"{x:,.0f}", " GPU-hours"))
+    for key, limit, value, shown_limit, shown_value, unit in rows:
+        if limit is None:
+            continue
+        if value is None:
+            t.add_row(key, f"{shown_limit(limit)} (no plan)")
         else:
-            ok = c.time.days <= b.max_days
-            t.add_row("max_days", f"{c.time.days:.1f} of {b.max_days:g} days "
-                      f"({'ok' if ok else 'EXCEEDED'}, {100 * c.time.days / b.max_days:.0f}%)")
-    if b.max_usd is not None:
-        if c.cost is None:
-            t.add_row("max_usd", f"{usd(b.max_usd)} (no plan)")
-        else:
-            ok = c.cost.usd <= b.max_usd
-            t.add_row("max_usd", f"{usd(c.cost.usd)} of {usd(b.max_usd)} "
-                      f"({'ok' if ok else 'EXCEEDED'}, {100 * c.cost.usd / b.max_usd:.0f}%)")
-    if b.max_gpu_hours is not None:
-        if c.cost is None:
-            t.add_row("max_gpu_hours", f"{b.max_gpu_hours:,.0f} (no plan)")
-        else:
-            ok = c.cost.gpu_hours <= b.max_gpu_hours
-            t.add_row("max_gpu_hours", f"{c.cost.gpu_hours:,.0f} of {b.max_gpu_hours:,.0f} GPU-hours "
-                      f"({'ok' if ok else 'EXCEEDED'}, {100 * c.cost.gpu_hours / b.max_gpu_hours:.0f}%)")
+            t.add_row(key, f"{shown_value(value)} of {shown_limit(limit)}{unit} "
+                      f"({'ok' if value <= limit else 'EXCEEDED'}, {100 * value / limit:.0f}%)")
     if c.time is not None and c.budget_floor is not None:  # B003's yardstick (checks.budget_floor)
         f = c.budget_floor
         t.add_row("floor", f"{f.days:.1f} days, {f.gpu_hours:,.0f} GPU-hours, {usd(f.usd)} at {f.basis}")
