@@ -316,7 +316,11 @@ def spec_change_warning(build_dir: str | os.PathLike, lock: dict | None = None) 
     if now == recorded:
         return None
     shown = os.path.relpath(path.resolve())  # the spec as this shell names it
-    cmd = build_command(shown, str(build_dir), overrides)
+    cal = lock.get("calibration") if isinstance(lock.get("calibration"), dict) else {}
+    given = (cal.get("file") or {}).get("path") if isinstance(cal.get("file"), dict) and not (
+        (spec.get("resolved") or {}).get("calibration") if isinstance(spec.get("resolved"), dict) else None) else None
+    cmd = build_command(shown, str(build_dir), overrides, calibration=given if isinstance(given, str) else None,
+                        fit_check=lock.get("fit_check") is not False)
     line = (f"{build_dir}: warning[L009] the spec {shown} changed since this build (sha256 {now[:12]}, built from "
             f"{recorded[:12]}): launching the build as built; rebuild (`{cmd}`) to apply it")
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)  # one inert line, whatever the paths hold

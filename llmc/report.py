@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llmc.compiler.plan import EP_SPANS_TP, expert_shards
-from llmc.compiler.units import gib
+from llmc.compiler.units import gib, hours
 from llmc.diagnostics import sort_diagnostics
 
 WIDTH = 120
@@ -173,7 +173,7 @@ def _compute(c) -> Table:
           if x.approach3_tokens_per_param is not None else "")
     opt = (f"N {human(x.optimal_params)} active params on D {human(x.optimal_tokens)} tokens for the same compute "
            f"C = 6ND ({TOKENS_PER_PARAM:.0f} tokens/param: Hoffmann et al. 2022 Approaches 1-2, Table 3{a3})")
-    note = data_limit_note(x.optimal_tokens, x.unique_tokens)
+    note = data_limit_note(x.optimal_tokens, x.unique_tokens, larger_model=x.optimal_params > c.model.params_active)
     t.add_row("compute-optimal", opt + (f"; {note}" if note else ""))
     if x.predicted_loss is not None and x.optimal_loss is not None:
         t.add_row("predicted loss", f"{x.predicted_loss:.3f} nats/token at this N, D; {x.optimal_loss:.3f} at the "
@@ -338,7 +338,7 @@ def _time(c) -> Table:
     t.add_row("run", f"{tm.steps:,} steps{saves} = {duration(tm.days * 86400)} on {n} GPU{'s' if n > 1 else ''}")
     if ck is not None:
         t.add_row("checkpoints", _checkpoints(ck, tm.days * 86400))
-    gh = f"{co.gpu_hours:,.0f}" if co.gpu_hours >= 10 else f"{co.gpu_hours:.2f}"
+    gh = hours(co.gpu_hours)
     price = (" (default: the hardware table's rough on-demand reference; set hardware.usd_per_gpu_hour)"
              if co.price_is_default else "")
     t.add_row("cost", f"{gh} GPU-hours x ${co.usd_per_gpu_hour:g}/GPU-hour{price} = {usd(co.usd)}")
@@ -414,8 +414,7 @@ def _budget(c) -> Table | None:
     t = _kv_table("Budget")
     rows = (("max_days", b.max_days, c.time.days if c.time else None, lambda x: f"{x:g}", lambda x: f"{x:.1f}", " days"),
             ("max_usd", b.max_usd, c.cost.usd if c.cost else None, usd, usd, ""),
-            ("max_gpu_hours", b.max_gpu_hours, c.cost.gpu_hours if c.cost else None, lambda x: f"{x:,.0f}",
-             lambda x: f"{x:,.0f}", " GPU-hours"))
+            ("max_gpu_hours", b.max_gpu_hours, c.cost.gpu_hours if c.cost else None, hours, hours, " GPU-hours"))
     for key, limit, value, shown_limit, shown_value, unit in rows:
         if limit is None:
             continue
@@ -426,7 +425,7 @@ def _budget(c) -> Table | None:
                       f"({'ok' if value <= limit else 'EXCEEDED'}, {100 * value / limit:.0f}%)")
     if c.time is not None and c.budget_floor is not None:  # B003's yardstick (checks.budget_floor)
         f = c.budget_floor
-        t.add_row("floor", f"{f.days:.1f} days, {f.gpu_hours:,.0f} GPU-hours, {usd(f.usd)} at {f.basis}")
+        t.add_row("floor", f"{f.days:.1f} days, {hours(f.gpu_hours)} GPU-hours, {usd(f.usd)} at {f.basis}")
     return t
 
 

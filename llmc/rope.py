@@ -96,16 +96,17 @@ def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None, long: boo
 LLAMA3_REACH_PER_FACTOR = 2
 
 
-def rope_reach(scaling: RopeScaling | None) -> int | None:
+def rope_reach(scaling: RopeScaling | None) -> float | None:
     """The sequence length a RoPE scaling extends its model to: ``factor`` x ``original_max_position`` for yarn, linear
     and longrope (what their factor means: YaRN's s = L' / L, arXiv:2309.00071 sec. 2.3; transformers' rope_scaling
     docs: "a factor of x will enable the model to handle sequences of length x * original maximum pre-trained
     length"), :data:`LLAMA3_REACH_PER_FACTOR` times that for llama3 (Meta's published pairing). None without a
-    scaling (the model's context is what it was trained at)."""
+    scaling (the model's context is what it was trained at). A float: an absurd factor reaches infinity, not an
+    error."""
     if scaling is None:
         return None
     per = LLAMA3_REACH_PER_FACTOR if scaling.type == "llama3" else 1
-    return int(per * scaling.factor * scaling.original_max_position)
+    return per * float(scaling.factor) * float(scaling.original_max_position)
 
 
 def rope_factor_for(kind: str, seq_len: int, original: int) -> int:

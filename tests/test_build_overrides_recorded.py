@@ -262,3 +262,20 @@ def test_a_build_made_with_no_fit_check_rebuilds_with_it(proj, monkeypatch):
     assert r.exit_code == 0, r.output
     assert {p: (b / p).read_bytes() for p in before} == before
     assert json.loads(_build(proj, [], monkeypatch).joinpath("plan.lock.json").read_text())["fit_check"] is True
+
+
+def test_l009_rebuild_command_carries_no_fit_check(proj, monkeypatch):
+    """L009's rebuild command is the README's: a build made with --no-fit-check says so there too (without it the
+    command stops at P004)."""
+    from llmc.launch import spec_change_warning
+
+    monkeypatch.chdir(proj.parent)
+    tight = "hardware.gpu_overrides.hbm_gib=0.001"
+    r = CliRunner().invoke(app, ["build", "proj/specs/tiny_cpu.yaml", "-o", "proj/build/tiny", "--set", tight,
+                                 "--no-fit-check"])
+    assert r.exit_code == 0, r.output
+    spec = proj / "specs" / "tiny_cpu.yaml"
+    spec.write_text(spec.read_text().replace("lr: 3.0e-3", "lr: 0.1"))
+    cmd = re.search(r"rebuild \(`([^`]*)`\)", spec_change_warning("proj/build/tiny")).group(1)
+    assert shlex.split(cmd) == ["llmc", "build", "proj/specs/tiny_cpu.yaml", "-o", "proj/build/tiny", "--set", tight,
+                                "--no-fit-check"]

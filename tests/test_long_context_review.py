@@ -193,17 +193,28 @@ def test_p004_names_cp_when_only_cp_would_fit(gpus):
 
 
 def test_p004_cp_seq_divisibility_is_the_cause():
-    from torch.distributed.tensor.experimental._context_parallel._load_balancer import _HeadTailLoadBalancer
+    from torch.distributed.tensor.experimental._context_parallel._attention import _create_cp_block_mask
+    from torchtitan.models.common.attention import get_causal_mask_mod
 
     spec = PRE.format(model="{preset: llama3.1-8b, max_seq_len: 1048576}", gpus=64, seq=131000, gbt=4192000,
                       extra="", par="parallelism: {cp: 8}")
     (d,) = _diags(_compile(spec), "P004")
-    assert d.path == "data.seq_len" and "2 x tp x cp = 16" in d.message and "does not divide" not in d.message
-    # torch's head-tail balancer (torchtitan's default) refuses 131,000 tokens over 8 ranks, takes 131,008
-    with pytest.raises(AssertionError):
-        _HeadTailLoadBalancer(131000, 8, "cpu")._generate_indices()
-    _HeadTailLoadBalancer(131008, 8, "cpu")._generate_indices()
-    assert "131,008" in d.hint and "cp 2 / 4" in d.hint and 131000 % 8 == 0 and 131000 % 16
+    assert d.path == "data.seq_len" and "lcm(128, tp) = 1024" in d.message and "does not divide" not in d.message
+
+    class _Mesh:
+        def __init__(self, n):
+            self.n = n
+
+        def size(self):
+            return self.n
+
+    # torch shards the job's flex mask over 8 CP ranks in 128-token blocks: 131,000 is refused, 131,072 is not cut
+    # short by that rule (it goes on to build the mask)
+    with pytest.raises(NotImplementedError, match="not divisible"):
+        _create_cp_block_mask(get_causal_mask_mod(), 1, 1, 131000, 131000, _Mesh(8))
+    assert 131072 % (8 * 128) == 0 and 131000 % (8 * 128)
+    # the hint's nearby lengths and CP degrees: multiples of cp x 128 (tp 1)
+    assert "130,048" in d.hint and "131,072" in d.hint and "cp" not in d.hint.split("131,072")[1]
 
 
 # ---------------------------------------------------------------------------------------------- CP memory (5)
@@ -281,7 +292,24 @@ def test_cp_load_balancer_ptrr_with_document_masks():
         assert cp_load_balancer(seq, cp) == "ptrr"
     with pytest.raises(NotImplementedError):  # 8 blocks over 16 ranks
         _PTRRLoadBalancer(mask, 16)._generate_indices()
-    assert cp_load_balancer(seq, 16) == "headtail" and cp_load_balancer(131000, 4) == "headtail"
+    # torch shards a CP flex mask in whole blocks whatever the balancer (a "headtail" fallback crashed at the first
+    # step): the plan refuses such a length (X306) and the job always says "ptrr"
+    from torch.distributed.tensor.experimental._context_parallel._attention import _create_cp_block_mask
+
+    from llmc.compiler.backends import torchtitan_layout_problem
+    from llmc.spec.presets import PRESETS
+
+    class _Mesh:  # (the one thing _create_cp_block_mask asks of the mesh before refusing)
+        def size(self):
+            return 2
+
+    with pytest.raises(NotImplementedError, match="not divisible"):
+        _create_cp_block_mask(get_causal_mask_mod(), 1, 1, 40000, 40000, _Mesh())
+    arch = PRESETS["llama3.1-8b"]
+    assert torchtitan_layout_problem(arch, 40000, 1, 2, 1, True).code == "X306"
+    assert torchtitan_layout_problem(arch, 40192, 1, 2, 1, True) is None  # 157 blocks of 128 x 2 ranks
+    assert torchtitan_layout_problem(arch, 131072, 2, 8, 1, True) is None
+    assert cp_load_balancer(seq, 16) == "ptrr" and cp_load_balancer(seq, 1) is None
 
 
 def test_emitted_cp_job_sets_ptrr(tmp_path):

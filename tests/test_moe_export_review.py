@@ -34,9 +34,9 @@ def _spec(model, backend="torchtitan", **more) -> dict:
 
 
 def _checked(spec: dict, backend: str | None = None) -> list:
-    """X130 / T030 of ``spec`` (llmc.compiler.hf_export.check_hf_export), with the backend the real compiler picks."""
+    """X130 / T030 of ``spec`` (llmc.hf_export.check_hf_export), with the backend the real compiler picks."""
     from llmc.compiler.compile import compile_spec
-    from llmc.compiler.hf_export import check_hf_export
+    from llmc.hf_export import check_hf_export
 
     run = RunSpec.model_validate(spec)
     sink = Sink({}, "s.yaml")
@@ -52,7 +52,7 @@ def test_plan_warns_when_torchtitan_balances_with_a_bias_mixtral_cannot_hold():
     config has no field for it: T030, naming the fixes; none for the native backend (it adds the auxiliary loss,
     llmc.runtime.model.MoE.forward), for aux_loss_coef 0 (no bias: an exact export), or for DeepSeek-V3's block (its
     export writes the bias as e_score_correction_bias)."""
-    from llmc.compiler.hf_export import titan_balances_with_bias
+    from llmc.hf_export import titan_balances_with_bias
 
     got = [d for d in _checked(_spec(TINY_MIX)) if d.code == "T030"]
     assert len(got) == 1 and got[0].severity == "warning" and got[0].path == "model.moe.aux_loss_coef"
@@ -72,7 +72,7 @@ def test_plan_warns_when_torchtitan_balances_with_a_bias_mixtral_cannot_hold():
 
 def test_the_torchtitan_job_notes_the_bias_the_export_cannot_hold():
     """The job's header says the coefficient's value is not used and that the export routes without the bias; the job
-    sets load_balance_coeff exactly when llmc.compiler.hf_export.titan_balances_with_bias says so."""
+    sets load_balance_coeff exactly when llmc.hf_export.titan_balances_with_bias says so."""
     from llmc.emit.torchtitan import LOAD_BALANCE_COEFF, _moe
 
     arch = RunSpec.model_validate(_spec(TINY_MIX)).model
@@ -161,10 +161,11 @@ def test_a_bias_that_never_moved_is_no_news():
 # ----------------------------------------------------------------------------- X130: no Hugging Face export
 
 
-def test_the_export_rule_lives_in_the_compiler():
-    """One rule: the runtime's export obeys llmc.compiler.hf_export.hf_export_supported (pure, no torch)."""
+def test_the_export_rule_is_one_pure_module():
+    """One rule: the runtime's export obeys llmc.hf_export.hf_export_supported (pure, no torch), which the plan's
+    X130 reads too."""
     pytest.importorskip("torch")
-    from llmc.compiler import hf_export
+    from llmc import hf_export
     from llmc.runtime import hf_io
 
     assert hf_io.hf_export_supported is hf_export.hf_export_supported

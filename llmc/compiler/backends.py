@@ -711,9 +711,9 @@ def torchtitan_layout_problem(arch, seq_len: int, tp: int, cp: int, pp: int, gpu
                               expert_align: int = 0) -> ModelGap | None:
     """Why torchtitan 0.3.0's job cannot run ``arch`` on a layout of ``tp`` x ``cp`` x ``pp`` (the first reason),
     else None: tied embeddings with pipeline parallelism (X303; ``Decoder.Config.update_from_config``); sequence
-    parallelism shards the sequence over the TP ranks and context parallelism's load-balanced ring cuts it into
-    2 x cp chunks, so seq_len must be a multiple of tp x 2cp (X306; torchtitan distributed/tensor_parallel.py,
-    context_parallel.py); on GPUs the job's chunked loss cuts each rank's seq_len / cp tokens into
+    parallelism shards the sequence over the TP ranks and the job's FlexAttention context parallelism shards its mask
+    in whole 128-token blocks per CP rank, so seq_len must be a multiple of :func:`titan_seq_multiple` (X306;
+    torchtitan distributed/tensor_parallel.py, distributed/context_parallel/api.py ``cp_shard``); on GPUs the job's chunked loss cuts each rank's seq_len / cp tokens into
     :attr:`Backend.loss_chunks` equal slices and refuses a length they do not divide (X313; components/loss.py
     ``_chunk_local``; the CPU job computes the loss whole); the routed experts' fp8 grouped GEMMs (``expert_align``:
     :func:`fp8_expert_align`, 0 = none) need each rank's expert width aligned, and without EP torchtitan shards
@@ -731,10 +731,13 @@ def torchtitan_layout_problem(arch, seq_len: int, tp: int, cp: int, pp: int, gpu
     if arch.tied_embeddings and pp > 1:
         return ModelGap("X303", "model.tied_embeddings", "torchtitan does not support weight tying with pipeline "
                         "parallelism (Decoder.Config.update_from_config)", "untie the embeddings or pin parallelism.pp: 1")
-    sp = (tp if tp > 1 else 1) * (2 * cp if cp > 1 else 1)
+    sp = titan_seq_multiple(tp, cp)
     if seq_len % sp:
-        return ModelGap("X306", "data.seq_len", f"torchtitan needs seq_len divisible by tp * 2 * cp = {sp} "
-                        f"(sequence/context parallel), got {seq_len}", f"use a seq_len that is a multiple of {sp}")
+        why = (f"cp x lcm({FLEX_BLOCK_TOKENS}, tp) = {sp}: its FlexAttention context parallel shards the attention mask "
+               f"in {FLEX_BLOCK_TOKENS}-token blocks evenly over the cp ranks, and sequence parallelism splits each "
+               "rank's share over the tp ranks" if cp > 1 else f"tp = {sp} (sequence parallel)")
+        return ModelGap("X306", "data.seq_len", f"torchtitan needs seq_len divisible by {why}, got {seq_len}",
+                        f"use a seq_len that is a multiple of {sp}")
     chunks = get_backend("torchtitan").loss_chunks
     if gpu and (seq_len // cp) % chunks:
         local = seq_len // cp
@@ -742,6 +745,24 @@ def torchtitan_layout_problem(arch, seq_len: int, tp: int, cp: int, pp: int, gpu
                         f"(seq_len / cp) into {chunks} equal chunks; {local} is not a multiple of {chunks}",
                         f"use a seq_len that is a multiple of {chunks * cp}")
     return None
+
+
+#: FlexAttention's BlockMask block (torchtitan 0.3.0 ``FlexAttention.Config.block_size`` = torch's
+#: ``_DEFAULT_SPARSE_BLOCK_SIZE``, 128 tokens): torch shards the mask of a context-parallel flex attention in whole blocks
+#: (torch/distributed/tensor/experimental/_context_parallel/_attention.py ``_create_cp_block_mask``: "Q_LEN is not
+#: divisible by CP mesh world size * BLOCK_SIZE"), whichever load balancer torchtitan's ``cp_shard`` uses, and the
+#: PTRR balancer deals those blocks out to the ranks
+FLEX_BLOCK_TOKENS = 128
+
+
+def titan_seq_multiple(tp: int, cp: int) -> int:
+    """What the torchtitan job's seq_len must be a multiple of at ``tp`` x ``cp``: with CP (the job's FlexAttention
+    context parallel) whole :data:`FLEX_BLOCK_TOKENS` blocks per CP rank, each rank's seq_len / cp split over the tp
+    ranks (sequence parallel: torchtitan distributed/tensor_parallel.py): cp x lcm(128, tp); without CP, tp."""
+    t = tp if tp > 1 else 1
+    if cp <= 1:
+        return t
+    return cp * math.lcm(FLEX_BLOCK_TOKENS, t)
 
 
 def resolve_backend(requested: str, *, tp: int | None = None, pp: int | None = None, cp: int | None = None,

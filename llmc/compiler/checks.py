@@ -69,7 +69,7 @@ from __future__ import annotations
 import difflib
 import math
 
-from llmc.compiler.units import GiB, gib
+from llmc.compiler.units import GiB, gib, hours
 from llmc.diagnostics import Diagnostic, line_for
 from llmc.spec.schema import NVFP4_BF16_TAIL
 
@@ -375,7 +375,7 @@ def _check_nvfp4_share(run, backend, sink: Sink) -> None:
     )
     from llmc.compiler.flops import linear_share
 
-    arch, n, seq = run.model, run.model.n_layers, run.data.seq_len
+    arch, n, seq = run.model, run.model.n_layers, _pre(run)[0].seq_len
     nv = linear_share(arch, seq, converted_parts(backend, arch, "nvfp4")) * nvfp4_converted_layers(
         n, run.training.nvfp4_bf16_tail) / n
     f8 = linear_share(arch, seq, fp8_converted_parts(backend, arch, fp8_recipe_on(backend, None)))
@@ -567,8 +567,8 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
                 hints.append("CPU optimizer offload (parallelism.offload_optimizer)")
             elif not run.parallelism.offload_params:
                 hints.append("CPU parameter offload (parallelism.offload_params)")
-            if run.data.seq_len > 2048:
-                hints.append(f"a shorter seq_len than {run.data.seq_len}")
+            if _pre(run)[0].seq_len > 2048:
+                hints.append(f"a shorter seq_len than {_pre(run)[0].seq_len}")
             if any(v is not None for v in run.parallelism.model_dump(exclude={"offload_optimizer",
                                                                                "offload_params"}).values()):
                 hints.append("fewer parallelism pins")
@@ -611,26 +611,27 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
 
 def _cp_seq_problem(run, gpu) -> tuple[str, str] | None:
     """(message, hint) when a pinned cp > 1 cannot split seq_len with any tensor-parallel degree the search may
-    take: context parallelism's load balancer cuts each sequence into 2 x cp chunks (torch's ``_HeadTailLoadBalancer``
-    asserts seq_len % (2 x cp) == 0, torch/distributed/tensor/experimental/_context_parallel/_load_balancer.py; what
-    torchtitan 0.3.0's ``prepare_context_parallel_input`` builds for its default balancer) and sequence parallelism
-    splits each over the tp ranks: the search's rule seq_len % (2 x tp x cp) (``search.cp_degrees``). Else None."""
+    take: the torchtitan job's FlexAttention context parallel shards its attention mask in whole 128-token blocks per
+    CP rank and sequence parallelism splits each rank's share over the tp ranks
+    (:func:`llmc.compiler.backends.titan_seq_multiple`, X306's rule; only torchtitan runs CP). Else None."""
+    from llmc.compiler.backends import FLEX_BLOCK_TOKENS, titan_seq_multiple
     from llmc.compiler.search import divisors, tp_problem
 
-    par, seq, world = run.parallelism, run.data.seq_len, run.hardware.count
+    par, seq, world = run.parallelism, _pre(run)[0].seq_len, run.hardware.count
     cp = par.cp
     if not cp or cp == 1 or world % cp:
         return None
     tps = [par.tp] if par.tp else [t for t in divisors(world // cp) if tp_problem(run.model, world, t, gpu) is None]
-    if not tps or any(seq % (2 * t * cp) == 0 for t in tps):
+    if not tps or any(seq % titan_seq_multiple(t, cp) == 0 for t in tps):
         return None
-    q = 2 * min(tps) * cp
+    t = min(tps)
+    q = titan_seq_multiple(t, cp)
     lo, hi = seq // q * q, -(-seq // q) * q
-    ok = [c for c in (2, 4, 8, 16, 32) if seq % (2 * min(tps) * c) == 0 and world % c == 0]
-    return (f"seq_len {seq:,} is not divisible by 2 x tp x cp = {q}"
-            + (f" (tp {min(tps)})" if min(tps) > 1 else " at any tp") + ": context parallelism's load balancer cuts "
-            f"each sequence into 2 x cp = {2 * cp} chunks (torch's _HeadTailLoadBalancer, which torchtitan's "
-            "prepare_context_parallel_input uses) and sequence parallelism splits each over the tp ranks",
+    ok = [c for c in (2, 4, 8, 16, 32) if seq % titan_seq_multiple(t, c) == 0 and world % c == 0]
+    return (f"seq_len {seq:,} is not divisible by cp x lcm({FLEX_BLOCK_TOKENS}, tp) = {q}"
+            + (f" (tp {t})" if t > 1 else " at any tp") + f": the torchtitan job's FlexAttention context parallel "
+            f"shards the attention mask in whole {FLEX_BLOCK_TOKENS}-token blocks per CP rank (torch's "
+            "_create_cp_block_mask) and sequence parallelism splits each rank's share over the tp ranks",
             f"use a seq_len that is a multiple of {q} (e.g. {lo:,} or {hi:,})"
             + (f", or cp {' / '.join(map(str, ok))}, which divide {seq:,}" if ok else ""))
 
@@ -647,7 +648,7 @@ def _cp_unavailable_hint(run, gpu, backend: str) -> str | None:
     from llmc.compiler.plan import ParallelPlan
     from llmc.compiler.search import CP_MIN_SEQ, cp_degrees, describe, divisors, tp_problem, usable_bytes
 
-    be, seq, world, arch = get_backend(backend), run.data.seq_len, run.hardware.count, run.model
+    be, seq, world, arch = get_backend(backend), _pre(run)[0].seq_len, run.hardware.count, run.model
     if "cp" in be.supports or seq < CP_MIN_SEQ or run.parallelism.cp or (run.parallelism.pp or 1) > 1:
         return None
     titan, usable = get_backend("torchtitan"), usable_bytes(gpu.hbm_bytes, "torchtitan")
@@ -706,7 +707,7 @@ def _cps(run, t: int, dims, pinned: bool = True) -> list[int]:
     if pinned and run.parallelism.cp:
         return [run.parallelism.cp]
     world = run.hardware.count
-    return [c for c in cp_degrees(run.data.seq_len, t) if c == 1 or ("cp" in dims and world % (t * c) == 0)]
+    return [c for c in cp_degrees(_pre(run)[0].seq_len, t) if c == 1 or ("cp" in dims and world % (t * c) == 0)]
 
 
 def _titan_ruled_out(run, gpu):
@@ -714,8 +715,8 @@ def _titan_ruled_out(run, gpu):
     pre-training sequence (None: none of these)."""
     from llmc.compiler.backends import torchtitan_model_gaps, torchtitan_seq_gaps
 
-    gaps = torchtitan_model_gaps(run.model, seq_len=run.data.seq_len) + torchtitan_seq_gaps(
-        run.model, run.data.seq_len, gpu.key != "cpu")
+    gaps = torchtitan_model_gaps(run.model, seq_len=_pre(run)[0].seq_len) + torchtitan_seq_gaps(
+        run.model, _pre(run)[0].seq_len, gpu.key != "cpu")
     return gaps[0] if gaps else None
 
 
@@ -753,7 +754,7 @@ def _check_batch_split(run, res, gpu, G: int, sink: Sink) -> None:
                      + (f": {why[0]}" if why else ""), f"use a larger global batch, or {fewer}")
         return
     good = _round_up(max(G, q), q)  # (> G: G is not a multiple of q)
-    use = f"use a multiple of {q} sequences, e.g. {good} ({good * run.data.seq_len:,} tokens), or {fewer}"
+    use = f"use a multiple of {q} sequences, e.g. {good} ({good * _pre(run)[0].seq_len:,} tokens), or {fewer}"
     # the widest layout of a runner with every dimension (torchtitan's), for what this backend lacks
     full = BACKENDS["torchtitan"].supports
     tf, _ = _widest(run, gpu, full)
@@ -799,8 +800,8 @@ def _round_up(x: int, m: int) -> int:
 
 def check_batch_tokens(run, sink: Sink) -> bool:
     """P005 when an explicit global_batch_tokens is not a whole number of sequences; False then."""
-    gbt = run.training.global_batch_tokens
-    s = run.data.seq_len
+    data, training = _pre(run)
+    gbt, s = training.global_batch_tokens, data.seq_len
     if gbt is not None and (gbt % s or gbt < s):
         seqs = max(1, round(gbt / s))
         pow2 = 2 ** max(0, round(math.log2(max(gbt / s, 1))))
@@ -879,23 +880,33 @@ def check_hyper(run, hyper, params_active: float, default_lr: float, world: int,
 # ------------------------------------------------------------------------------------------- data
 
 
+def _pre(run):
+    """The pre-training run's (data, training): a ``pretrain`` stage's own seq_len / data / batch / steps where it sets
+    them (:func:`llmc.compiler.defaults.pretrain_inputs`, what the search and ``hyper`` use)."""
+    from llmc.compiler.defaults import pretrain_inputs
+
+    return pretrain_inputs(run)
+
+
 def check_data(run, hyper, sink: Sink) -> None:
     """D001 (less data than one step), D005 (pinned steps disagreeing with data.tokens), D002 (repeated epochs, of
     the tokens the run trains: :func:`llmc.compiler.scaling.trained_tokens`), D003 (mixture shares)."""
+    from llmc.compiler.defaults import pretrain_inputs, pretrain_paths
     from llmc.compiler.scaling import trained_tokens
 
-    d = run.data
+    d = pretrain_inputs(run)[0]  # (a pretrain stage's own data where it sets it)
+    where, steps_at = pretrain_paths(run)
     if d.tokens < hyper.global_batch_tokens:
-        sink.add("D001", "error", "data.tokens",
+        sink.add("D001", "error", f"{where}.tokens",
                  f"{d.tokens:,.0f} tokens is less than one optimizer step ({hyper.global_batch_tokens:,} tokens)",
                  "raise data.tokens or lower training.global_batch_tokens")
     trained = trained_tokens(hyper, d.tokens)
-    if run.training.steps is not None and abs(trained - d.tokens) > 0.01 * d.tokens:
-        sink.add("D005", "warning", "training.steps",
-                 f"{hyper.steps:,} steps x {hyper.global_batch_tokens:,} tokens = {trained:,.0f} tokens, but data.tokens "
+    if "steps" not in hyper.defaults and abs(trained - d.tokens) > 0.01 * d.tokens:
+        sink.add("D005", "warning", steps_at,
+                 f"{hyper.steps:,} steps x {hyper.global_batch_tokens:,} tokens = {trained:,.0f} tokens, but {where}.tokens "
                  f"is {d.tokens:,.0f}: the trainer runs the steps, and the plan counts their tokens (the training "
-                 "FLOPs, time and cost, the scaling numbers and checks, the epochs); data.tokens is not what is trained",
-                 "drop training.steps (llmc derives it from data.tokens), or set data.tokens to match")
+                 f"FLOPs, time and cost, the scaling numbers and checks, the epochs); {where}.tokens is not what is "
+                 "trained", f"drop {steps_at} (llmc derives the steps from {where}.tokens), or set {where}.tokens to match")
     srcs = d.sources
     if not srcs:
         return
@@ -906,16 +917,16 @@ def check_data(run, hyper, sink: Sink) -> None:
         need = trained * share
         epochs = need / s.tokens
         if epochs > MAX_EPOCHS:
-            sink.add("D002", "warning", f"data.sources.{i}.tokens",
+            sink.add("D002", "warning", f"{where}.sources.{i}.tokens",
                      f"source {s.name!r} would be repeated {epochs:.1f} epochs ({need:.3g} of {s.tokens:.3g} tokens)",
                      f"beyond ~{MAX_EPOCHS:.0f} epochs repeated data loses value (Muennighoff et al. 2023); "
                      "lower its weight or add data")
         elif epochs > 1.0:
-            sink.add("D002", "info", f"data.sources.{i}.tokens",
+            sink.add("D002", "info", f"{where}.sources.{i}.tokens",
                      f"source {s.name!r} is seen {epochs:.1f} epochs ({need:.3g} of {s.tokens:.3g} tokens)")
     if len(srcs) > 1:
         mix = ", ".join(f"{s.name} {100 * share:.1f}%" for s, share in zip(srcs, shares, strict=True))
-        sink.add("D003", "info", "data.sources", f"mixture: {mix}")
+        sink.add("D003", "info", f"{where}.sources", f"mixture: {mix}")
 
 
 def check_tokenizers(run, tokenizers: dict, sink: Sink) -> None:
@@ -1035,7 +1046,7 @@ def usable_gpu_count(run, at_least: float, gpu, seqs: int | None = None, seq_len
     from llmc.spec.schema import MAX_GPUS
 
     arch, gpus_per_node = run.model, gpu.gpus_per_node
-    seq_len = seq_len or run.data.seq_len
+    seq_len = seq_len or _pre(run)[0].seq_len
     limit = MAX_GPUS if seqs is None else min(MAX_GPUS, nvlink_group(gpu) * arch.n_layers * 32 * seqs)
     if not math.isfinite(at_least) or at_least > limit:
         return None
@@ -1122,30 +1133,34 @@ def check_budget(run, training_flops: float, time, cost, floor, floor_peak: floa
         elif cost is not None and cost.usd > b.max_usd:
             sink.add("B002", "error", "budget.max_usd",
                      f"predicted ${cost.usd:,.0f} > max_usd ${b.max_usd:,.0f}{f' ({saves[2:]})' if saves else ''}",
-                     f"{cost.gpu_hours:,.0f} GPU-hours at ${price:g}, or "
+                     f"{hours(cost.gpu_hours)} GPU-hours at ${price:g}, or "
                      f"{_fewer_tokens(run, b.max_usd / cost.usd, planned=True)}; ${best_usd:,.0f} is the floor at {at}")
     if b.max_gpu_hours is not None:
         if floor.gpu_hours > b.max_gpu_hours:
             sink.add("B003", "error", "budget.max_gpu_hours",
-                     f"{training_flops:.3g} FLOPs take at least {floor.gpu_hours:,.0f} GPU-hours even at {at}",
-                     f"needs max_gpu_hours >= {floor.gpu_hours:,.0f}, a faster GPU, or "
+                     f"{training_flops:.3g} FLOPs take at least {hours(floor.gpu_hours)} GPU-hours even at {at}",
+                     f"needs max_gpu_hours >= {hours(floor.gpu_hours)}, a faster GPU, or "
                      f"{_fewer_tokens(run, b.max_gpu_hours / floor.gpu_hours)}")
         elif cost is not None and cost.gpu_hours > b.max_gpu_hours:
             sink.add("B002", "error", "budget.max_gpu_hours",
-                     f"predicted {cost.gpu_hours:,.0f} GPU-hours > max_gpu_hours {b.max_gpu_hours:,.0f}"
+                     f"predicted {hours(cost.gpu_hours)} GPU-hours > max_gpu_hours {hours(b.max_gpu_hours)}"
                      f"{f' ({saves[2:]})' if saves else ''}",
                      f"{_fewer_tokens(run, b.max_gpu_hours / cost.gpu_hours, planned=True)}; "
-                     f"{floor.gpu_hours:,.0f} GPU-hours is the floor at {at}")
+                     f"{hours(floor.gpu_hours)} GPU-hours is the floor at {at}")
     _check_interruptions_budget(run, time, cost, sink)
 
 
 def _fewer_tokens(run, share: float, planned: bool = False) -> str:
     """B001-B003's "fewer tokens" remedy with its figure: the tokens that fit the limit, ``share`` of the run's (the
     plan's days and cost scale with the steps; ``planned``: at the planned layout's speed, else at the floor's)."""
+    from llmc.compiler.defaults import pretrain_paths
+
     at = f"{100 * share:.2g}% of {{}}" + (", at this plan's speed)" if planned else ", at the floor)")
-    if run.training.steps is not None:  # the trainer runs the pinned steps (data.tokens does not set them)
-        return f"~{int(run.training.steps * share):,} steps ({at.format('training.steps')}"
-    return f"~{run.data.tokens * share:.3g} tokens ({at.format('data.tokens')}"
+    data, training = _pre(run)  # (a pretrain stage's own steps / data where it sets them)
+    data_at, steps_at = pretrain_paths(run)
+    if training.steps is not None:  # the trainer runs the pinned steps (data.tokens does not set them)
+        return f"~{int(training.steps * share):,} steps ({at.format(steps_at)}"
+    return f"~{data.tokens * share:.3g} tokens ({at.format(data_at + '.tokens')}"
 
 
 def _rate(it) -> str:
@@ -1190,7 +1205,7 @@ def _check_interruptions_budget(run, time, cost, sink: Sink) -> None:
             and cost.gpu_hours <= b.max_gpu_hours < cost.gpu_hours * it.days / time.days):
         sink.add("B005", "warning", "budget.max_gpu_hours",
                  f"with the {what}, the run takes ~{cost.gpu_hours * it.days / time.days:,.0f} GPU-hours > "
-                 f"max_gpu_hours {b.max_gpu_hours:,.0f} (the plan's {cost.gpu_hours:,.0f} assume none)", hint)
+                 f"max_gpu_hours {hours(b.max_gpu_hours)} (the plan's {hours(cost.gpu_hours)} assume none)", hint)
 
 
 def check_pipeline_budget(run, pipeline, sink: Sink) -> None:
@@ -1202,7 +1217,7 @@ def check_pipeline_budget(run, pipeline, sink: Sink) -> None:
     for field_, limit, value, what, remedy in (
             ("max_days", b.max_days, pipeline.days, f"take {pipeline.days:.1f} days", "more GPUs"),
             ("max_usd", b.max_usd, pipeline.usd, f"cost ${pipeline.usd or 0:,.0f}", "a cheaper GPU-hour"),
-            ("max_gpu_hours", b.max_gpu_hours, pipeline.gpu_hours, f"take {pipeline.gpu_hours:,.0f} GPU-hours",
+            ("max_gpu_hours", b.max_gpu_hours, pipeline.gpu_hours, f"take {hours(pipeline.gpu_hours)} GPU-hours",
              "a faster layout")):
         if limit is None or value is None or value <= limit:
             continue

@@ -26,9 +26,10 @@ import hashlib
 import json
 from functools import partial
 
-from llmc.compiler import backends, checks, defaults, flops, hf_export, params, scaling, timing
+from llmc import hf_export
+from llmc.compiler import backends, checks, defaults, flops, params, scaling, timing
 from llmc.compiler.checks import Sink
-from llmc.compiler.defaults import pretrain_batch_seqs, pretrain_hyper, pretrain_inputs
+from llmc.compiler.defaults import pretrain_batch_seqs, pretrain_hyper, pretrain_inputs, pretrain_paths
 from llmc.compiler.hardware import GPU, GPUS, get_gpu, peak_flops, supports, with_overrides
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import (
@@ -190,8 +191,8 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     tokens = scaling.trained_tokens(hyper, data.tokens)
     unique = scaling.unique_tokens(data.sources)
     compute = compute_numbers(arch, data.seq_len, tokens, unique, from_scratch)
-    st = next((i for i, x in enumerate(run.stages) if x.kind == "pretrain" and x.steps is not None), None)
-    path = "data.tokens" if "steps" in hyper.defaults else "training.steps" if st is None else f"stages.{st}.steps"
+    data_at, steps_at = pretrain_paths(run)
+    path = f"{data_at}.tokens" if "steps" in hyper.defaults else steps_at
     for d in scaling.scaling_diagnostics(model.params_active, tokens, path, unique) if from_scratch else []:
         sink.items.append(dataclasses.replace(d, line=d.line or line_for(lines, d.path), file=spec_path))
 
@@ -249,7 +250,8 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         time = dataclasses.replace(time, mfu_peak_dtype=timing.mfu_peak_dtype(training.precision))
         gh = timing.gpu_hours(time.days, run.hardware.count)
         cost = CostNumbers(gpu_hours=gh, usd=timing.usd(gh, gpu.usd_per_hour), usd_per_gpu_hour=gpu.usd_per_hour,
-                           price_is_default=run.hardware.usd_per_gpu_hour is None)
+                           # (a free part, the CPU pseudo-device's $0, is no reference price)
+                           price_is_default=run.hardware.usd_per_gpu_hour is None and gpu.usd_per_hour > 0)
 
         def step_model(precision: str, compile_: bool):  # the plan's step model at another precision / compile
             return _step_model(arch, data.seq_len, precision, gpu, dataclasses.replace(model_opts, compile=compile_))

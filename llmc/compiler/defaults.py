@@ -227,6 +227,18 @@ def pretrain_inputs(run: RunSpec) -> tuple[Data, Training]:
     return data, training.model_copy(update=upd) if upd else training
 
 
+def pretrain_paths(run: RunSpec) -> tuple[str, str]:
+    """Where the spec sets what :func:`pretrain_inputs` returns, for diagnostics: (the data's path, the steps'),
+    ``("data", "training.steps")`` or a ``pretrain`` stage's ``stages.N.data`` / ``stages.N.steps`` where it sets
+    its own."""
+    i = next((i for i, s in enumerate(run.stages) if s.kind == "pretrain"), None)
+    if i is None:
+        return "data", "training.steps"
+    st = run.stages[i]
+    return (f"stages.{i}.data" if st.data is not None else "data",
+            f"stages.{i}.steps" if st.steps is not None else "training.steps")
+
+
 def pretrain_batch_seqs(run: RunSpec, gpu: GPU | None, seq_len: int, training: Training) -> tuple[int, bool]:
     """(global batch in sequences, whether llmc chose it): explicit, or the size-aware default rounded up
     so every data-parallel rank of the widest layout gets a sequence."""

@@ -444,8 +444,11 @@ def _check_epochs(run, val: ValidationPlan | None, qual: QualityPlan | None, sin
                   trained_tokens: float | None = None) -> None:
     """E001: epochs per source over the tokens left for training after the split and the expected removal,
     only where the declared tokens alone stay within MAX_EPOCHS (the D002 check covers those); the epochs of the
-    tokens the run trains (``trained_tokens``, as D002's; None: data.tokens)."""
-    data = run.data
+    tokens the run trains (``trained_tokens``, as D002's; None: data.tokens), over the pre-training run's sources
+    (a ``pretrain`` stage's own where it sets them: ``defaults.pretrain_inputs``)."""
+    from llmc.compiler.defaults import pretrain_inputs, pretrain_paths
+
+    data, where = pretrain_inputs(run)[0], pretrain_paths(run)[0]
     keep = 1.0
     why = []
     if val is not None and val.fraction is not None:
@@ -462,7 +465,7 @@ def _check_epochs(run, val: ValidationPlan | None, qual: QualityPlan | None, sin
         need = (data.tokens if trained_tokens is None else trained_tokens) * share
         raw, after = need / s.tokens, need / (s.tokens * keep)
         if raw <= MAX_EPOCHS < after:
-            sink.add("E001", "warning", f"data.sources.{i}.tokens",
+            sink.add("E001", "warning", f"{where}.sources.{i}.tokens",
                      f"source {s.name!r} would be repeated {after:.1f} epochs over the {s.tokens * keep:.3g} tokens "
                      f"left ({'; '.join(why)})",
                      f"beyond ~{MAX_EPOCHS:.0f} epochs repeated data loses value (Muennighoff et al. 2023, "

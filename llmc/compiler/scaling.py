@@ -151,12 +151,17 @@ def data_limited(optimal_tokens: float, unique: float | None) -> bool:
     return unique is not None and unique > 0 and optimal_tokens > MAX_EPOCHS * unique
 
 
-def data_limit_note(optimal_tokens: float, unique: float | None) -> str | None:
-    """What the compute-optimal advice must say when the data limits it (Muennighoff et al. 2023); None when not."""
+def data_limit_note(optimal_tokens: float, unique: float | None, larger_model: bool = True) -> str | None:
+    """What the compute-optimal advice must say when the data limits it (Muennighoff et al. 2023); None when not.
+    ``larger_model``: the compute-optimal N is above the run's (the advice would grow the model), else below (it
+    would train a smaller model longer)."""
     if not data_limited(optimal_tokens, unique):
         return None
-    return (f"that D is {optimal_tokens / unique:.1f} epochs of the {_fmt(unique)} unique tokens the sources "
-            f"declare; under a data limit extra compute is better spent on more epochs (up to ~{MAX_EPOCHS:.0f} are "
+    head = f"that D is {optimal_tokens / unique:.1f} epochs of the {_fmt(unique)} unique tokens the sources declare"
+    if not larger_model:  # the optimum trains longer: past ~4 epochs the repeats lose value
+        return (f"{head}, past the ~{MAX_EPOCHS:.0f} epochs within which repeated data is almost as good as new "
+                "(Muennighoff et al. 2023, arXiv 2305.16264): add unique data before training longer")
+    return (f"{head}; under a data limit extra compute is better spent on more epochs (up to ~{MAX_EPOCHS:.0f} are "
             "almost as good as new data) than on more parameters (Muennighoff et al. 2023, arXiv 2305.16264): "
             "add unique data before growing the model")
 
@@ -200,7 +205,7 @@ def scaling_diagnostics(params_active: float, tokens: float, path: str = "data.t
     r = tokens_per_param(params_active, tokens)
     opt = chinchilla_tokens(params_active)
     n_opt, d_opt = compute_optimal(6.0 * params_active * tokens)
-    limit = data_limit_note(d_opt, unique)
+    limit = data_limit_note(d_opt, unique, larger_model=n_opt > params_active)
     out: list[Diagnostic] = []
     if r < TOKENS_PER_PARAM:
         optimum = (f"~{_fmt(n_opt)} params on {_fmt(d_opt)} tokens (Hoffmann et al. 2022)")

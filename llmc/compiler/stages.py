@@ -1066,7 +1066,7 @@ def _rope_dim(arch) -> int:
     return arch.mla.qk_rope_head_dim if arch.mla is not None else arch.partial_rotary or arch.hd
 
 
-def _model_rope_reach(arch) -> int | None:
+def _model_rope_reach(arch) -> float | None:
     """How far the model's own RoPE reaches (:func:`llmc.rope.rope_reach`), and at least the positions its preset
     was released with where the spec keeps the preset's RoPE (a preset's max_seq_len is its config.json's
     max_position_embeddings, e.g. Llama 3.1's 131,072); None without a scaling."""
@@ -1127,7 +1127,8 @@ def check_rope_reach(env: _Env, st: StageBase, p: str, seq_len: int, inherited: 
         who, from_weights = f"long_context stage {st.name!r}", True
     elif st.kind == "pretrain" and arch.rope_scaling is not None:
         rs, reach = arch.rope_scaling, _model_rope_reach(arch)
-        where = (f"{p}.data.seq_len" if st.data is not None else "data.seq_len") if env.run.stages else "data.seq_len"
+        where = ("data.seq_len" if not env.run.stages else f"{p}.seq_len" if st.seq_len is not None
+                 else f"{p}.data.seq_len" if st.data is not None else "data.seq_len")
         from_weights = bool(st.init_hf or st.init_from or env.run.training.init_hf)
         who = "pre-training" if not env.run.stages else f"stage {st.name!r}"
     else:
@@ -1141,7 +1142,7 @@ def check_rope_reach(env: _Env, st: StageBase, p: str, seq_len: int, inherited: 
            for t in dict.fromkeys((rs.type, "yarn")) if t in ("llama3", "yarn", "linear")]
     sink.add("T109", "warning" if from_weights else "info", where,
              f"{who} trains at seq_len {seq_len:,}, past what its RoPE scaling ({_rope_words(rs)}) reaches: "
-             f"{reach:,} tokens ({per}" + (f"; the model's released {reach:,} positions" if reach > rope_reach(rs)
+             f"{reach:,.0f} tokens ({per}" + (f"; the model's released {reach:,.0f} positions" if reach > rope_reach(rs)
                                           else "") + ")"
              + ("" if from_weights else ": from scratch the model learns every position it trains at, so this "
                 "matters for weights trained with that scaling (an init_hf)"),

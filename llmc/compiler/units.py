@@ -1,4 +1,4 @@
-"""Binary byte units and how llmc prints a byte count (one definition for every module)."""
+"""Binary byte units, and how llmc prints a byte count and GPU-hours (one definition for every module)."""
 
 from __future__ import annotations
 
@@ -11,3 +11,9 @@ def gib(b: float) -> str:
     if abs(b) < GiB:
         return f"{b / MiB:.1f} MiB"
     return f"{b / GiB:.1f} GiB"
+
+
+def hours(h: float) -> str:
+    """GPU-hours as llmc prints them: whole hours from 10 on, three significant digits below (a CPU run's 0.0134
+    does not read 0)."""
+    return f"{h:,.0f}" if abs(h) >= 10 else f"{h:.3g}"

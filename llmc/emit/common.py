@@ -69,10 +69,18 @@ def sh_word(word: str) -> str:
     return "$'" + "".join(chr(b) if b < 128 and _PLAIN_CHAR.match(chr(b)) else f"\\x{b:02x}" for b in raw) + "'"
 
 
-def build_command(spec_path: str, out: str, overrides=()) -> str:
-    """The shell command that builds ``spec_path`` into ``out`` with the ``--set`` overrides given, each word quoted
-    by :func:`sh_word` (``shlex.quote`` for every ordinary path and value)."""
-    return " ".join(sh_word(w) for w in ["llmc", "build", str(spec_path), "-o", str(out), *set_options(overrides)])
+def build_command(spec_path: str, out: str, overrides=(), *, calibration: str | None = None,
+                  fit_check: bool = True) -> str:
+    """The shell command that builds ``spec_path`` into ``out`` with the ``--set`` overrides given, a
+    ``--calibration`` file given on the command line and ``--no-fit-check`` when the build was made without the fit
+    check (the lock's ``fit_check``), each word quoted by :func:`sh_word` (``shlex.quote`` for every ordinary path and
+    value): the one rebuild command of the build README and of ``llmc launch``'s L009."""
+    words = ["llmc", "build", str(spec_path), "-o", str(out), *set_options(overrides)]
+    if calibration:
+        words += ["--calibration", calibration]
+    if not fit_check:
+        words.append("--no-fit-check")
+    return " ".join(sh_word(w) for w in words)
 
 
 def header_fields(compiled) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from llmc.emit.common import (
     header_lines,
     jinja_env,
     nnodes,
-    sh_word,
     stage_list,
     world,
 )
@@ -58,12 +57,11 @@ def rebuild_section(compiled) -> str:
     (``compiled.spec_path`` is relative to it; ``-o .``), shlex-quoted, in a fenced code block whose fence is longer
     than any run of backticks in it (CommonMark 0.31 section 4.5: the block then ends only at that fence)."""
     stdin = posixpath.basename(str(compiled.spec_path)) == "-"  # `llmc build -`: the spec came on standard input
-    cmd = build_command("-" if stdin else compiled.spec_path, ".", compiled.overrides) + (" < SPEC" if stdin else "")
     cal = compiled.calibration.file if compiled.calibration is not None else None
-    if cal and not compiled.spec.calibration:  # given as --calibration FILE (the lock records its name and sha256)
-        cmd += " --calibration " + sh_word(cal["path"])
-    if not compiled.fit_check:  # the plan may not fit: without the option the rebuild stops at P004 / G005
-        cmd += " --no-fit-check"
+    given = cal["path"] if cal and not compiled.spec.calibration else None  # --calibration FILE (its name, sha256)
+    # (without the fit check the plan may not fit: the rebuild needs the option again, or it stops at P004 / G005)
+    cmd = build_command("-" if stdin else compiled.spec_path, ".", compiled.overrides, calibration=given,
+                        fit_check=compiled.fit_check) + (" < SPEC" if stdin else "")
     fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", cmd)), default=0))
     out = ["## Rebuild", "",
            "From this directory, this command reproduces the build"

@@ -331,11 +331,6 @@ def _arch_checks(compiled, family: str, errs: list[Diagnostic], notes: list[str]
         errs.append(diag(problem.code, "error", problem.path, problem.message, problem.hint))
 
 
-#: FlexAttention's BlockMask block (torchtitan 0.3.0 ``FlexAttention.Config.block_size`` = torch's
-#: ``_DEFAULT_SPARSE_BLOCK_SIZE``, 128 tokens): the unit torch's PTRR load balancer deals out to the CP ranks
-FLEX_BLOCK_TOKENS = 128
-
-
 def cp_load_balancer(seq_len: int, cp: int) -> str | None:
     """torchtitan's ``context_parallel_load_balancer`` for the job, whose attention is FlexAttention with block-causal
     document masks (``attn_backend`` 'flex'; torchtitan/config/configs.py: "headtail" is the SDPA balancer, "ptrr"
@@ -344,12 +339,11 @@ def cp_load_balancer(seq_len: int, cp: int) -> str | None:
     documents actually packed; "headtail" assumes one causal sequence (rank i takes chunks i and 2cp-1-i), which
     packed documents unbalance. torchtitan 0.3.0's ``prepare_context_parallel_input`` builds PTRR from the job's one
     BlockMask (shape (B, 1, S, S): per-sequence indices, ``_context_parallel_buffers`` gathers them per batch row).
-    PTRR needs whole blocks dealt evenly: seq_len a multiple of 128 x cp (``ptrr_scheduling``: the block count
-    divisible by cp); other lengths keep "headtail" (2 x cp chunks; the mask is rewritten for either balancer,
-    ``_create_cp_block_mask``). None without CP: the job leaves the unused setting at torchtitan's default."""
-    if cp <= 1:
-        return None
-    return "ptrr" if seq_len % (FLEX_BLOCK_TOKENS * cp) == 0 else "headtail"
+    PTRR needs whole blocks dealt evenly: seq_len a multiple of 128 x cp, which torch's sharding of the mask needs
+    under either balancer (``_create_cp_block_mask``), so the plan refuses other lengths (X306,
+    :func:`llmc.compiler.backends.titan_seq_multiple`). None without CP: the job leaves the unused setting at
+    torchtitan's default."""
+    return "ptrr" if cp > 1 else None
 
 
 def _parallelism(compiled, errs: list[Diagnostic]) -> dict[str, Any]:
@@ -484,7 +478,7 @@ def _moe(arch, notes: list[str], errs: list[Diagnostic]) -> dict[str, Any]:
                     "route_norm": False, "router_bias": False, "load_balance_coeff": LOAD_BALANCE_COEFF,
                     "route_scale": 1.0, "n_expert_groups": None, "n_limited_groups": None}
         return {}
-    from llmc.compiler.hf_export import titan_balances_with_bias, titan_drops_routing_bias
+    from llmc.hf_export import titan_balances_with_bias, titan_drops_routing_bias
 
     moe_hidden = moe.expert_d_ff or arch.d_ff
     if moe.aux_loss_coef > 0 and moe.expert_bias:
@@ -516,7 +510,7 @@ def _moe(arch, notes: list[str], errs: list[Diagnostic]) -> dict[str, Any]:
         # torchtitan 0.3.0 MoE has no auxiliary balancing loss, only aux-loss-free balancing
         # (per-expert routing bias buffer updated before each optimizer step, arXiv:2408.15664).
         # expert_bias -> that mechanism; aux_loss_coef > 0 -> the same mechanism as substitute
-        # (llmc.compiler.hf_export.titan_balances_with_bias, which the plan's T030 reads too).
+        # (llmc.hf_export.titan_balances_with_bias, which the plan's T030 reads too).
         "load_balance_coeff": LOAD_BALANCE_COEFF if titan_balances_with_bias(moe) else None,
         # TokenChoiceTopKRouter.Config route_scale / num_expert_groups / num_limited_groups
         # (torchtitan/models/common/moe.py); DeepSeek-V3: routed_scaling_factor 2.5, n_group 8, topk_group 4

@@ -118,8 +118,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmc.compiler.hf_export import hf_export_supported, no_export_line
 from llmc.fileio import expand_user
+from llmc.hf_export import hf_export_supported, no_export_line
 from llmc.runtime.errors import HFError
 from llmc.runtime.export import main  # ``python -m llmc.runtime.hf_io``
 from llmc.spec.chat import CHAT_TEMPLATES
