@@ -163,10 +163,13 @@ def test_a_sequence_the_chunked_loss_cannot_split_is_a_located_error():
     """X313: torchtitan's ChunkedLossWrapper cuts each rank's sequence (seq_len / cp) into 8 equal chunks and refuses
     a length they do not divide; the CPU job computes the loss whole."""
     assert torchtitan_diagnostics(compiled_for(seq=64)) == []
+    d = torchtitan_diagnostics(compiled_for(seq=68))  # 68 tokens in 8 chunks
+    assert [x.code for x in d] == ["X313"] and d[0].path == "data.seq_len" and "multiple of 8" in d[0].hint
     cp2 = ParallelPlan(dp_shard=4, cp=2, micro_batch=2, grad_accum=2)
-    assert torchtitan_diagnostics(compiled_for(plan=cp2, seq=64)) == []  # 32 tokens per rank
-    d = torchtitan_diagnostics(compiled_for(plan=cp2, seq=72))  # 36 per rank
-    assert [x.code for x in d] == ["X313"] and d[0].path == "data.seq_len" and "multiple of 16" in d[0].hint
+    assert torchtitan_diagnostics(compiled_for(plan=cp2, seq=256)) == []  # 128 tokens per rank, 16 per chunk
+    # with CP each rank's share is whole 128-token blocks of the flex mask (X306), which 8 chunks always divide
+    d = torchtitan_diagnostics(compiled_for(plan=cp2, seq=72))
+    assert [x.code for x in d] == ["X306"] and "multiple of 256" in d[0].hint
     assert torchtitan_diagnostics(compiled_for(seq=60, gpu="cpu", plan=ParallelPlan(dp_shard=2))) == []
 
 
