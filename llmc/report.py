@@ -543,7 +543,8 @@ def _serving(c) -> Table | None:
     for col in ("engine", "gpu", "tp x pp", "max_model_len", "concurrency", "fits"):
         t.add_column(col)
     for s in c.serving:
-        t.add_row(s.engine, s.gpu, f"{s.tensor_parallel_size} x {s.pipeline_parallel_size}",
+        t.add_row(s.engine, s.gpu, f"{s.tensor_parallel_size} x {s.pipeline_parallel_size}"
+                  + (" (experts: ep)" if s.expert_parallel else ""),
                   str(s.max_model_len), str(s.concurrency), "yes" if s.fits else "NO")
     return t
 

@@ -352,3 +352,17 @@ def test_one_node_of_pipeline_stages_is_served_without_ray():
     assert "tensor-parallel-size: 4\n" in cfg and "pipeline-parallel-size: 2\n" in cfg
     assert "distributed-executor-backend" not in cfg and "ray start" not in cfg
     assert "# 2 pipeline stages on 1 node; the per-GPU figures below are the most loaded stage's" in cfg
+
+
+def test_expert_parallel_is_vllms_and_only_for_experts():
+    """``expert_parallel`` reaches vLLM's --enable-expert-parallel for an MoE model (its parser test reads it back);
+    a dense model has no experts to split and SGLang's expert parallelism is not emitted: V010 for both."""
+    plans, diags = _compiled_serving("", "[{engine: vllm, expert_parallel: true}]", model="mixtral-8x7b")
+    assert plans[0].expert_parallel is True and "V010" not in diags
+    plans, diags = _compiled_serving("", "[{engine: vllm, expert_parallel: true}]")
+    assert diags["V010"].severity == "error" and "dense" in diags["V010"].message
+    assert plans[0].expert_parallel is False
+    _, diags = _compiled_serving("", "[{engine: sglang, expert_parallel: true}]", model="mixtral-8x7b")
+    assert "sglang" in diags["V010"].message
+    plans, diags = _compiled_serving("", "[{engine: vllm}]", model="mixtral-8x7b")
+    assert plans[0].expert_parallel is False and "V010" not in diags

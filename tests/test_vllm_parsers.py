@@ -67,7 +67,7 @@ for path in sys.argv[1:]:
     ea = AsyncEngineArgs.from_cli_args(args)
     keys = ("model", "served_model_name", "dtype", "tensor_parallel_size", "pipeline_parallel_size",
             "max_model_len", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "kv_cache_dtype", "quantization",
-            "enable_prefix_caching", "distributed_executor_backend")
+            "enable_prefix_caching", "distributed_executor_backend", "enable_expert_parallel")
     out[path] = {**{k: getattr(ea, k) for k in keys}, "host": args.host, "port": args.port}
 print(json.dumps(out, default=str))
 """
@@ -176,6 +176,7 @@ VARIANTS = {
         {"engine": "vllm", "concurrency": 4, "max_model_len": 4096},
     ],
     "llama3_405b_h100x16384": [{"engine": "vllm", "concurrency": 16}],
+    "mixtral_8x7b": [{"engine": "vllm", "concurrency": 8, "expert_parallel": True}],  # MoE layers expert parallel
 }
 
 
@@ -232,6 +233,8 @@ def test_every_vllm_yaml_passes_vllm_serve_parser(served, vllm):
         assert args["quantization"] == plan["quantization"]
         assert args["enable_prefix_caching"] is plan["prefix_caching"]
         assert args["distributed_executor_backend"] == ("ray" if plan["nodes"] > 1 else None)
+        assert args["enable_expert_parallel"] is plan["expert_parallel"]
+    assert any(p["expert_parallel"] for _, p in served)
 
 
 # ----------------------------------------------------------------------------- Hugging Face exports

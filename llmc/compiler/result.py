@@ -442,6 +442,7 @@ class ServingPlan:
     capacity_gib: float
     fits: bool
     max_num_batched_tokens: int  # the prefill chunk the configs pin (vLLM's; SGLang's chunked_prefill_size)
+    expert_parallel: bool = False  # MoE layers expert parallel over the replica's GPUs (vLLM --enable-expert-parallel)
 
 
 @dataclass(frozen=True)

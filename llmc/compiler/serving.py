@@ -335,6 +335,12 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
         out.add("V009", "error", "quantization", f"quantization {t.quantization} serves a pre-quantized checkpoint "
                 f"(the engines read its quantize config), but the served export is llmc's 16-bit one",
                 "use quantization: fp8 (quantized on load), or quantize the export yourself and serve that")
+    if t.expert_parallel and (arch.moe is None or t.engine != "vllm"):
+        out.add("V010", "error", "expert_parallel",
+                "expert_parallel on a dense model: it has no experts to split" if arch.moe is None else
+                "expert_parallel with engine sglang: llmc emits vLLM's expert parallelism (--enable-expert-parallel) "
+                "only, not SGLang's", "drop expert_parallel" if arch.moe is None else
+                "serve with engine: vllm, or drop expert_parallel (the experts are then tensor parallel)")
     if t.stage is not None and t.stage not in stage_names:
         out.add("V004", "error", "stage", f"stage {t.stage!r} does not exist",
                 f"one of: {', '.join(stage_names) or '(no stages)'}")
@@ -379,4 +385,5 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
         weights_gib_per_gpu=_r(best["weights_gpu"] / GiB), reserve_gib_per_gpu=_r(best["reserve"] / GiB),
         kv_gib_per_seq=_r(best["kv_per_seq_gpu"] / GiB, 4), kv_gib_needed=_r(best["kv_need"] / GiB),
         kv_budget_gib=_r(best["kv_budget"] / GiB), capacity_gib=_r(capacity / GiB), fits=chosen is not None,
+        expert_parallel=bool(t.expert_parallel and arch.moe is not None and t.engine == "vllm"),
     )

@@ -36,6 +36,8 @@ def _vllm(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[st
         items.append(("quantization", p.quantization))
     # vLLM's --enable-prefix-caching is a BooleanOptionalAction; a YAML `true` becomes the flag
     items.append(("enable-prefix-caching" if p.prefix_caching else "no-enable-prefix-caching", "true"))
+    if p.expert_parallel:  # (a store_true flag: a YAML `true` sets it)
+        items.append(("enable-expert-parallel", "true"))
     if nodes > 1:  # pipeline stages on several nodes: vLLM runs them on a Ray cluster
         items.append(("distributed-executor-backend", "ray"))
     items += [("host", yaml_scalar("0.0.0.0")), ("port", str(VLLM_PORT))]
@@ -84,7 +86,7 @@ def _notes(p: Any, model_dir: str, cmd: str) -> list[str]:
         "loaded stage's, which bounds the sequences the replica holds"]
     return [
         f"target serving[{g('index')}]: {g('gpus')} x {g('gpu')} (tp {g('tensor_parallel_size')}, "
-        f"pp {pp}), stage {g('stage')!r}",
+        f"pp {pp}{', MoE layers expert parallel' if g('expert_parallel') else ''}), stage {g('stage')!r}",
         *stages,
         f"weights {g('weights_gib')} GiB total, {g('weights_gib_per_gpu')} GiB per GPU; "
         f"workspace reserve {g('reserve_gib_per_gpu')} GiB per GPU",

@@ -702,6 +702,11 @@ class Serving(SpecModel):
     """Fraction of GPU memory the engine may use."""
     prefix_caching: bool = True
     """Automatic prefix caching."""
+    expert_parallel: bool = False
+    """MoE models: split the experts over the replica's GPUs instead of each expert over the tensor-parallel ranks
+    (vLLM ``--enable-expert-parallel``: "use expert parallelism instead of tensor parallelism for MoE layers",
+    vllm/config/parallel.py; the bytes per GPU are the same). vLLM only: refused (V010) for SGLang, whose expert
+    parallelism llmc does not emit, and for a dense model."""
     stage: Name | None = None
     """Serve this stage's checkpoint. None = the last stage."""
 
