@@ -340,7 +340,8 @@ def _time(c) -> Table:
         t.add_row("checkpoints", _checkpoints(ck, tm.days * 86400))
     gh = hours(co.gpu_hours)
     price = (" (default: the hardware table's rough on-demand reference; set hardware.usd_per_gpu_hour)"
-             if co.price_is_default else "")
+             if co.price_is_default else " (no price for this GPU: set hardware.usd_per_gpu_hour)"
+             if co.usd_per_gpu_hour <= 0 and c.gpu is not None and c.gpu.key != "cpu" else "")
     t.add_row("cost", f"{gh} GPU-hours x ${co.usd_per_gpu_hour:g}/GPU-hour{price} = {usd(co.usd)}")
     if tm.interruptions is not None and (tm.interruptions.expected is None or tm.interruptions.expected >= 0.5):
         t.add_row("interruptions", _interruptions(tm.interruptions, tm.days, co.usd))

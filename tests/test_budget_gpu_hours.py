@@ -71,3 +71,18 @@ def test_pinned_steps_get_a_step_count_that_fits():
     d = _diag(_compile(f"max_gpu_hours: {gh * 0.8:.0f}", steps="  steps: 100000\n"), "B002", "budget.max_gpu_hours")
     steps = int(re.search(r"~([0-9,]+) steps \(", d.hint).group(1).replace(",", ""))
     assert 79_000 < steps <= 80_000 and "training.steps" in d.hint
+
+
+def test_a_gpu_without_a_price_cannot_pass_a_dollar_budget():
+    """A custom GPU without a base part has no price: the plan costs $0 and max_usd passed at "0%"; B006 says it
+    cannot be judged, and the cost line says there is no price. A GPU-hour budget is judged as ever."""
+    text = SPEC.format(budget="max_usd: 1000, max_gpu_hours: 1e9", tokens="2T", steps="").replace(
+        "{gpu: h100-sxm, count: 64}", "{gpu: mygpu, count: 64, gpu_overrides: {bf16_tflops: 500, hbm_gib: 640, "
+        "hbm_tbps: 2, nvlink_gbps: 200}}")
+    run, lines = loads_spec(text, file="bud.yaml")
+    c = compile_spec(run, "bud.yaml", lines)
+    assert c.cost.usd == 0 and c.cost.gpu_hours > 0
+    d = _diag(c, "B006", "budget.max_usd")
+    assert d.severity == "error" and "usd_per_gpu_hour" in d.hint
+    assert "no price for this GPU" in render_text(c)
+    assert not [x for x in c.diagnostics if x.path == "budget.max_gpu_hours"]

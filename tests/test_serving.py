@@ -366,3 +366,12 @@ def test_expert_parallel_is_vllms_and_only_for_experts():
     assert "sglang" in diags["V010"].message
     plans, diags = _compiled_serving("", "[{engine: vllm}]", model="mixtral-8x7b")
     assert plans[0].expert_parallel is False and "V010" not in diags
+
+
+def test_naming_the_training_gpu_keeps_its_overrides():
+    """``serving.gpu`` None is "the training GPU": naming that same GPU means the same, overrides included (a 200 GiB
+    H100 served on 2 GPUs at the table's 80 GB once named)."""
+    over = "h100-sxm, gpu_overrides: {hbm_gib: 200}"
+    plans, _ = _compiled_serving("", "[{engine: vllm}, {engine: vllm, gpu: h100-sxm}]", gpu=over)
+    assert plans[0].capacity_gib == plans[1].capacity_gib == 200.0
+    assert plans[0].gpus == plans[1].gpus

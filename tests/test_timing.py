@@ -269,10 +269,30 @@ def test_h100_pcie_without_bridge_falls_back_to_pcie():
     unbridged = dataclasses.replace(bridged, nvlink_gbps=0.0)
     assert timing.intra_node_gbps(bridged) == (300.0, "nvlink")
     assert timing.intra_node_gbps(unbridged) == (64.0, "pcie")  # PCIe Gen5 x16, 128 GB/s bidirectional
-    plan = ParallelPlan(tp=4, dp_shard=2, micro_batch=1, grad_accum=1, zero_stage=3)
-    a = timing.step_time(_sm(LLAMA_8B, 4096, gpu=bridged), plan)[2]["tp_comm"]
-    b = timing.step_time(_sm(LLAMA_8B, 4096, gpu=unbridged), plan)[2]["tp_comm"]
+    # the bridge joins pairs of cards (the datasheet's 2-way NVLink bridge): tp 2 rides it, a larger TP group
+    # crosses PCIe whether or not the pairs are bridged
+    pair = ParallelPlan(tp=2, dp_shard=4, micro_batch=1, grad_accum=1, zero_stage=3)
+    a = timing.step_time(_sm(LLAMA_8B, 4096, gpu=bridged), pair)[2]["tp_comm"]
+    b = timing.step_time(_sm(LLAMA_8B, 4096, gpu=unbridged), pair)[2]["tp_comm"]
     assert b / a == pytest.approx(300.0 / 64.0, rel=1e-9)
+    four = ParallelPlan(tp=4, dp_shard=2, micro_batch=1, grad_accum=1, zero_stage=3)
+    a = timing.step_time(_sm(LLAMA_8B, 4096, gpu=bridged), four)[2]["tp_comm"]
+    b = timing.step_time(_sm(LLAMA_8B, 4096, gpu=unbridged), four)[2]["tp_comm"]
+    assert a == pytest.approx(b, rel=1e-9)
+
+
+def test_mi300x_mesh_gives_a_group_its_links_only():
+    """MI300X: 7 Infinity Fabric links of 64 GB/s per direction each (AMD's datasheet: 128 GB/s bidirectional per
+    link, a fully connected mesh of 8): a TP group of g GPUs drives g - 1 links. The per-element TP traffic scales as
+    (t - 1) / t over the group's bandwidth, so against an 8-way switch of the same 448 GB/s, tp 2 is 7x slower, tp 4
+    7/3x, tp 8 the same."""
+    mesh = get_gpu("mi300x")
+    switch = dataclasses.replace(mesh, nvlink_topology="switch")
+    for t, ratio in ((2, 7.0), (4, 7.0 / 3.0), (8, 1.0)):
+        plan = ParallelPlan(tp=t, dp_shard=8 // t, micro_batch=1, grad_accum=1, zero_stage=3)
+        a = timing.step_time(_sm(LLAMA_8B, 4096, gpu=mesh), plan)[2]["tp_comm"]
+        b = timing.step_time(_sm(LLAMA_8B, 4096, gpu=switch), plan)[2]["tp_comm"]
+        assert a / b == pytest.approx(ratio, rel=1e-9), t
 
 
 def test_tensorwise_fp8_tp_gathers_in_fp8_and_rowwise_in_bf16():

@@ -54,6 +54,7 @@ B004   warning   the whole pipeline (every stage) predicted over budget.max_days
 B005   warning   within budget.max_days / max_usd, but not with the unexpected interruptions expected at the published
                  rate (restarts, checkpoint reads, work redone: ``checkpoint_cost.interruptions``); or, budget or not,
                  each interruption losing more than the time between them (the run would never finish)
+B006   error     budget.max_usd on a GPU without a price per GPU-hour (a custom GPU without a base part)
 D001   error     data.tokens smaller than one optimizer step
 D002   warning   a source is repeated more than 4 epochs (info above 1 epoch), of the tokens the run trains (training.steps
                  x the global batch when the steps are pinned, else data.tokens)
@@ -1125,7 +1126,12 @@ def check_budget(run, training_flops: float, time, cost, floor, floor_peak: floa
                         if linear is not None else "")
                      + f"; or {_fewer_tokens(run, b.max_days / time.days, planned=True)}"
                      + f"; {best_days:.1f} days is the floor at {at}")
-    if b.max_usd is not None:
+    if b.max_usd is not None and price <= 0 and (gpu is None or gpu.key != "cpu"):
+        # a GPU without a price (a custom one defines none): every dollar figure is $0, and max_usd would pass
+        sink.add("B006", "error", "budget.max_usd", f"max_usd ${b.max_usd:,.0f} cannot be judged: the GPU has no "
+                 "price per GPU-hour (a custom GPU without a base part defines none), so the plan costs $0",
+                 "set hardware.usd_per_gpu_hour, or budget in GPU-hours (budget.max_gpu_hours)")
+    elif b.max_usd is not None:
         if best_usd > b.max_usd:
             sink.add("B003", "error", "budget.max_usd",
                      f"{training_flops:.3g} FLOPs cost at least ${best_usd:,.0f} at ${price:g}/GPU-h even at {at}",

@@ -62,6 +62,11 @@ class GPU:
     power_w: float | None = None  # board power limit the part runs at, in W
     tdp_w: float | None = None  # rated board power of the part the peaks are quoted at (None = power_w)
     nvlink_domain: int | None = None  # GPUs sharing one NVLink fabric (None = gpus_per_node; GB200 NVL72: 72)
+    # how the node's GPU fabric joins its GPUs (:func:`llmc.compiler.timing.intra_group_gbps`): "switch" (NVSwitch:
+    # every GPU at nvlink_gbps to any other), "pairs" (an NVLink bridge joins pairs of cards, PCIe between pairs:
+    # H100 PCIe / NVL), "mesh" (a fully connected mesh of gpus_per_node - 1 links, nvlink_gbps shared among them:
+    # MI300X / MI325X Infinity Fabric, 64 GB/s per direction to each peer)
+    nvlink_topology: str = "switch"
     pcie_gbps: float = 0.0  # GB/s per GPU per direction over PCIe; 0 = not given
     mx_block_scaling: bool = False  # tensor cores run OCP MX block-scaled formats (MXFP8: Blackwell, SM 10.x)
     # dense FP4 (NVFP4: E2M1 with an E4M3 scale per 16 elements) tensor peak; None = no FP4 tensor cores (before
@@ -128,6 +133,7 @@ _ROWS: list[dict] = [
         usd_per_hour=2.0,
         source="https://www.nvidia.com/en-us/data-center/h100/",
         notes="NVLink bridge connects pairs of cards only; an 8-GPU PCIe server is PCIe-switched otherwise",
+        nvlink_topology="pairs",
     ),
     dict(
         key="h800",
@@ -214,12 +220,14 @@ _ROWS: list[dict] = [
         hbm_bytes=94 * GB,
         hbm_gbps=3900,
         nvlink_gbps=300,
+        pcie_gbps=64,  # datasheet: PCIe Gen5 128 GB/s (bidirectional)
         net_gbps=400,
         gpus_per_node=8,
         usd_per_hour=2.5,
         power_w=400,
         source="https://www.nvidia.com/en-us/data-center/h100/",
         notes="NVLink bridge connects pairs of cards; PCIe Gen5 otherwise",
+        nvlink_topology="pairs",
     ),
     dict(
         key="h100-hbm2e-96g",
@@ -361,6 +369,7 @@ _ROWS: list[dict] = [
         usd_per_hour=3.0,
         power_w=1000,
         source="https://www.amd.com/en/products/accelerators/instinct/mi300/mi325x.html",
+        nvlink_topology="mesh",  # (as MI300X: 7 Infinity Fabric links, 64 GB/s per direction to each peer)
     ),
     dict(
         key="a100-40g",
@@ -421,6 +430,7 @@ _ROWS: list[dict] = [
         usd_per_hour=2.5,
         source="https://www.amd.com/content/dam/amd/en/documents/instinct-tech-docs/data-sheets/amd-instinct-mi300x-data-sheet.pdf",
         notes="Infinity Fabric mesh: all-reduce over 8 GPUs uses all 7 links; one peer gets 64 GB/s",
+        nvlink_topology="mesh",
     ),
     dict(
         key="l40s",

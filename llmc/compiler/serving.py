@@ -322,7 +322,8 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
     arch = run.model
     stage_names = [s.name for s in run.stages]
     gpu_key = t.gpu or run.hardware.gpu
-    gpu = gpu_lookup(t.gpu) if t.gpu else train_gpu
+    # the training GPU named again is the training GPU, its hardware.gpu_overrides (and a custom part) included
+    gpu = gpu_lookup(t.gpu) if t.gpu and t.gpu != run.hardware.gpu else train_gpu
     if gpu is None:  # a target without its own GPU serves on the training GPU, whose S007 is the error
         if t.gpu:
             out.add("V003", "error", "gpu", f"unknown GPU type {gpu_key!r}", "see `llmc gpus` for the hardware table")

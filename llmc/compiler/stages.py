@@ -848,7 +848,9 @@ def _sampling_seconds(env: _Env, tr: StageTraining, mem: StageMemoryPlan, rollou
         from llmc.compiler.hardware import nvlink_group
 
         within = env.world <= nvlink_group(gpu)
-        bw = (timing.intra_node_gbps(gpu)[0] if within else gpu.net_gbps / 8.0) * 1e9
+        bw = (timing.group_bandwidth(getattr(gpu, "nvlink_topology", "switch") if gpu.nvlink_gbps > 0 else "switch",
+                                     timing.intra_node_gbps(gpu)[0], float(getattr(gpu, "pcie_gbps", 0.0) or 0.0),
+                                     gpu.gpus_per_node, dp) if within else gpu.net_gbps / 8.0) * 1e9
         gather = weights * (dp - 1) / dp / bw if bw > 0 else 0.0
     full, rest = divmod(groups, per)  # full batches, then the groups of a last, shorter one
 

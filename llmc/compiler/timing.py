@@ -221,7 +221,34 @@ class StepModel:
     offload_params: bool = False  # ZeRO-Infinity to CPU: parameter partitions fetched per pass (PARAM_FETCHES_...)
     host_Bps: float = 0.0  # bytes/s per GPU per direction to the host (PCIe), for the offload traffic
     gpus_per_host: int = 1  # GPUs sharing one host's CPUs (the table's gpus_per_node; not the NVLink domain)
+    nvlink_topology: str = "switch"  # the node's GPU fabric (hardware.GPU.nvlink_topology)
+    pcie_Bps: float = 0.0  # bytes/s per GPU per direction between bridged pairs ("pairs" topology)
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # per-pp stage info
+
+    def group_Bps(self, g: int) -> float:
+        """Bytes/s per GPU per direction a collective among ``g`` GPUs of one node gets (:func:`group_bandwidth`)."""
+        return group_bandwidth(self.nvlink_topology, self.nvlink_Bps, self.pcie_Bps, self.gpus_per_host, g)
+
+    def p2p_Bps(self) -> float:
+        """Bytes/s of one point-to-point transfer between two GPUs of a node that need not share a bridge."""
+        return group_bandwidth(self.nvlink_topology, self.nvlink_Bps, self.pcie_Bps, self.gpus_per_host, 2,
+                               pair=False)
+
+
+def group_bandwidth(topology: str, fabric_Bps: float, pcie_Bps: float, gpus_per_node: int, g: int,
+                    pair: bool = True) -> float:
+    """Per-GPU, per-direction bandwidth of a collective among ``g`` GPUs of one node, by the fabric's topology
+    (``hardware.GPU.nvlink_topology``): "switch" (NVSwitch: ``fabric_Bps`` whatever the group); "pairs" (an NVLink
+    bridge joins two cards, H100 PCIe / NVL: "NVLink bridge connects pairs of cards", the datasheet's 2-way bridge;
+    a larger group, or two cards not known to share a bridge (``pair`` False), crosses PCIe); "mesh" (a fully
+    connected mesh, MI300X / MI325X: ``gpus_per_node`` - 1 Infinity Fabric links share ``fabric_Bps``, 64 GB/s per
+    direction each, and a group of g GPUs drives g - 1 of them: AMD's MI300X datasheet, 7 links of 128 GB/s
+    bidirectional)."""
+    if topology == "pairs":
+        return fabric_Bps if (g <= 2 and pair) else (pcie_Bps or fabric_Bps)
+    if topology == "mesh" and gpus_per_node > 1:
+        return fabric_Bps * min(1.0, max(1, g - 1) / (gpus_per_node - 1))
+    return fabric_Bps
 
 
 def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile: bool | None = None,
@@ -414,6 +441,8 @@ def step_model(arch, seq_len: int, precision: str, gpu, backend=None, *, compile
         layer_params=blocks / L, expert_params_per_layer=expert, embed_params=embed, head_params=head_p,
         is_moe=arch.moe is not None, peak=peak, sec_per_flop=sec_per_flop, precision=precision,
         gpus_per_node=domain, nvlink_Bps=intra_node_gbps(gpu)[0] * 1e9 * COMM_EFFICIENCY,
+        nvlink_topology=getattr(gpu, "nvlink_topology", "switch") if gpu.nvlink_gbps > 0 else "switch",
+        pcie_Bps=float(getattr(gpu, "pcie_gbps", 0.0) or 0.0) * 1e9 * COMM_EFFICIENCY,
         net_Bps=gpu.net_gbps / 8 * 1e9 * COMM_EFFICIENCY, hbm_Bps=gpu.hbm_gbps * 1e9,
         backend=be.name, zero12=be.zero12, compiled=compiled_, tp_overlap=tp_overlap, fsdp_overlap=be.fsdp_overlap,
         ep_overlap=be.ep_overlap, ep_node_dedup=be.ep_node_dedup, cp_overlap=be.cp_overlap, compute_scale=compute_scale, comm_scale=comm_scale,
@@ -618,11 +647,11 @@ class LayoutTimer:
             self.bubble_slots = (p - 1) * ZB_BUBBLE_FRACTION
         else:  # 1F1B, GPipe
             self.bubble_slots = float(p - 1)
-        self.pp_bw = sm.nvlink_Bps if self.world <= gpn else sm.net_Bps
+        self.pp_bw = sm.p2p_Bps() if self.world <= gpn else sm.net_Bps
         # the consecutive ranks an EP group lies within (plan.ep_rank_span): torchtitan's is the ep ranks themselves
         # (ep, innermost of its expert mesh, takes the TP ranks in), the other profiles' ep x cp x tp
         span = ep_rank_span(t, cp, ep, sm.backend)
-        self.ep_bw = sm.nvlink_Bps if span <= gpn else sm.net_Bps
+        self.ep_bw = sm.group_Bps(span) if span <= gpn else sm.net_Bps
         # seconds per (token x d_model x byte) of one all-to-all: each token goes to top_k experts spread over
         # the ep ranks. Within an NVLink domain: top_k (ep-1)/ep copies over NVLink. Across nodes, plain
         # all-to-all sends top_k (ep-g)/ep copies over the network (g = EP ranks per node) and the rest over
@@ -632,13 +661,13 @@ class LayoutTimer:
         # remote nodes hit, (n-1)(1 - (1 - 1/n)^top_k) for n nodes.
         k = sm.top_k
         if span <= gpn or ep <= 1:
-            self.a2a_per_token = k * (ep - 1) / max(ep, 1) / sm.nvlink_Bps if ep > 1 else 0.0
+            self.a2a_per_token = k * (ep - 1) / max(ep, 1) / sm.group_Bps(span) if ep > 1 else 0.0
         else:
             g = max(1, min(ep, gpn // max(1, span // ep)))  # EP ranks sharing a node
             n = max(1, ep // g)
             net_copies = (n - 1) * (1 - (1 - 1 / n) ** k) if sm.ep_node_dedup else k * (ep - g) / ep
-            self.a2a_per_token = net_copies / sm.net_Bps + k * (g - 1) / ep / sm.nvlink_Bps
-        self.cp_bw = sm.nvlink_Bps if cp * t <= gpn else sm.net_Bps
+            self.a2a_per_token = net_copies / sm.net_Bps + k * (g - 1) / ep / sm.group_Bps(g)
+        self.cp_bw = sm.group_Bps(cp) if cp * t <= gpn else sm.net_Bps
 
         # parameters this GPU holds before data-parallel sharding (heaviest stage)
         _, _, _, p_stage, max_blocks, _ = _stage_info(sm, p, pp_schedule, self.chunks, "none")
@@ -671,7 +700,7 @@ class LayoutTimer:
         n_sh = dp_shard * cp
         n_esh = expert_shards(dp_shard, cp, t, ep, sm.backend)[1]
         shard_net = n_sh * t > gpn
-        shard_bw = sm.net_Bps if shard_net else sm.nvlink_Bps
+        shard_bw = sm.net_Bps if shard_net else sm.group_Bps(n_sh)
         vol = ACT_BYTES * (dense_local * (n_sh - 1) / n_sh + expert_local * (n_esh - 1) / n_esh)
         self.one_pass = vol / shard_bw if n_sh > 1 else 0.0
         self.fsdp_passes = 0
@@ -703,7 +732,7 @@ class LayoutTimer:
             self.per_step_comm += 2 * self.one_pass  # ZeRO-1/2: reduce-scatter grads + all-gather params, once
         if dp_replicate > 1:
             shard_bytes = ACT_BYTES * (dense_local / n_sh + expert_local / n_esh)
-            bw = sm.nvlink_Bps if n_sh * t * dp_replicate <= gpn else sm.net_Bps
+            bw = sm.group_Bps(dp_replicate) if n_sh * t * dp_replicate <= gpn else sm.net_Bps
             self.per_step_comm += 2 * (dp_replicate - 1) / dp_replicate * shard_bytes / bw
         # (torchtitan shards its routed experts over efsdp whatever the stage: memory._static_runs)
         e_sharded = zero_stage >= 1 or sm.backend in EP_SPANS_TP
@@ -794,7 +823,7 @@ class LayoutTimer:
             n_ag = n_coll + (2 * n_slow if ac == "selective" and sm.sac_regathers_tp else 0)
             ag, rs = n_ag * sm.tp_gather_bytes, n_coll * ACT_BYTES
             per_elem = ag + rs - sm.tp_overlap * (rs + (0.0 if sm.tp_gather_unfused else ag))
-            tp_comm = tokens_gpu * sm.d_model * per_elem * (t - 1) / t / sm.nvlink_Bps
+            tp_comm = tokens_gpu * sm.d_model * per_elem * (t - 1) / t / sm.group_Bps(t)
         ep_comm = 0.0
         # each rank dispatches tokens_gpu / t tokens: torchtitan hands the routed experts each TP rank's own sequence
         # shard with EP (models/common/moe_sharding.py _routed_experts_sharding_configs: experts_input_layout =
