@@ -221,3 +221,23 @@ def test_documents_helper_sees_the_same_document_the_state_names(tmp_path):
         toks = chars(doc) + [EOS]
         assert st["held"]["skip"] + st["held"]["tokens"] == len(toks)
         assert a.streams[0].buffer == toks[st["held"]["skip"]:]
+
+
+def test_changed_mixture_weights_are_refused_on_resume(tmp_path):
+    """The steps before a checkpoint drew the mixture of its weights: resuming under other weights trained a mixture
+    no record named (a reviewer's 0.5 / 0.3 / 0.2 -> 0.2 / 0.3 / 0.5 resumed with only a spec-hash note). The state
+    keeps the weights and a changed one is refused by name, as a changed source is; the same weights resume."""
+    book = text_source(tmp_path, "book", ["".join(f"w{i} " for i in range(300))])
+    notes = jsonl_source(tmp_path, "notes", [f"note {i}" for i in range(9)])
+    before = mixture([book, SourceRef("notes", notes.path, "jsonl", weight=0.5)], 8)
+    windows(before, 5)
+    state = json.loads(json.dumps(before.state_dict()))
+    assert state["weights"] == [1.0, 0.5]
+    after = mixture([book, SourceRef("notes", notes.path, "jsonl", weight=0.2)], 8)
+    with pytest.raises(ValueError, match=r"mixture weights changed since the checkpoint \(notes 0.5 -> 0.2\)"):
+        after.load_state_dict(state)
+    same = mixture([book, SourceRef("notes", notes.path, "jsonl", weight=0.5)], 8)
+    same.load_state_dict(state)
+    assert windows(same, 3) == windows(before, 3)
+    legacy = {k: v for k, v in state.items() if k != "weights"}  # a checkpoint written before llmc kept them
+    mixture([book, SourceRef("notes", notes.path, "jsonl", weight=0.2)], 8).load_state_dict(legacy)

@@ -715,7 +715,9 @@ class StreamingMixture:
     def state_dict(self) -> dict:
         return {"version": 2, "seed": self.seed, "seq_len": self.seq_len, "rank": self.rank, "world": self.world,
                 "samples": self.samples, "rng": self.rng.bit_generator.state,
-                "sources": [s.state() for s in self.streams]}
+                "sources": [s.state() for s in self.streams],
+                # the mixture the draws so far followed (a checkpoint without it: written before llmc kept it)
+                "weights": [float(s.weight) for s in self.sources]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (version 1: buffers as tokens; version 2: as ``held`` references)."""
@@ -729,6 +731,15 @@ class StreamingMixture:
         names = [s["name"] for s in state["sources"]]
         if names != [s.name for s in self.sources]:
             raise ValueError(f"data sources changed since the checkpoint: {names}")
+        old = state.get("weights")
+        if old is not None and [float(w) for w in old] != [float(s.weight) for s in self.sources]:
+            # the steps so far drew the old mixture: continuing would train a mixture no record names
+            changed = ", ".join(f"{s.name} {float(w):g} -> {float(s.weight):g}" for s, w in zip(self.sources, old,
+                                                                                               strict=True)
+                                if float(w) != float(s.weight))
+            raise ValueError(f"mixture weights changed since the checkpoint ({changed}): the steps so far drew the "
+                             "old mixture; start the stage over (llmc launch --no-resume), or keep the old weights "
+                             "and train the new mixture as a stage of its own (init_from)")
         for stream, st in zip(self.streams, state["sources"], strict=True):
             stream.restore(st)
         self.rng.bit_generator.state = state["rng"]
