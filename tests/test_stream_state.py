@@ -159,8 +159,10 @@ def test_a_held_document_changed_since_the_checkpoint_is_refused_by_name(change,
         texts = texts[:held]
     (Path(src.path) / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     b = mixture([src], 8)
-    b.load_state_dict(state)
     with pytest.raises(ValueError, match="'corpus'.*files changed since the checkpoint") as e:
+        # a file of another size is refused as the state is loaded (its files' sizes: the checkpoint keeps them);
+        # an edit that keeps the size, when the held document is read again
+        b.load_state_dict(state)
         b.next_window()
     assert "\n" not in str(e.value) and "--no-resume" in str(e.value)
 
@@ -241,3 +243,25 @@ def test_changed_mixture_weights_are_refused_on_resume(tmp_path):
     assert windows(same, 3) == windows(before, 3)
     legacy = {k: v for k, v in state.items() if k != "weights"}  # a checkpoint written before llmc kept them
     mixture([book, SourceRef("notes", notes.path, "jsonl", weight=0.2)], 8).load_state_dict(legacy)
+
+
+def test_a_source_whose_files_grew_is_refused_on_resume(tmp_path):
+    """A reviewer appended 300 documents to a source mid-run and resumed with exit 0 (its held-out split and
+    validation loss changed with it): the checkpoint keeps each source's files (count, bytes, a digest of names and
+    sizes) and a change is refused by name; a file copied elsewhere with the same name and size is the same."""
+    texts = [f"document {i} " * 3 for i in range(20)]
+    src = jsonl_source(tmp_path, "corpus", texts)
+    a = mixture([src], 8)
+    windows(a, 4)
+    state = json.loads(json.dumps(a.state_dict()))
+    f = Path(src.path) / "a.jsonl"
+    assert state["sources"][0]["files"]["n"] == 1 and state["sources"][0]["files"]["bytes"] == f.stat().st_size
+    with f.open("a") as out:
+        out.write(json.dumps({"text": "a new document " * 4}) + "\n")
+    with pytest.raises(ValueError, match=r"'corpus': its files changed since the checkpoint \(1 files, [0-9,]+ bytes "
+                                         r"-> 1 files"):
+        mixture([src], 8).load_state_dict(state)
+    moved = jsonl_source(tmp_path / "copy", "corpus", texts)  # the same file elsewhere (a fresh clone's path)
+    b = mixture([moved], 8)
+    b.load_state_dict(state)
+    assert windows(b, 2) == windows(a, 2)

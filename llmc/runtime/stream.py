@@ -95,6 +95,7 @@ from llmc.sources import (
     SourceRef,
     check_text_column,
     doc_text,
+    expand_paths,
     files_of,
     hf_saved,
     jsonl_text,
@@ -640,9 +641,20 @@ class _SourceStream:
             st["buffer"] = list(self.buffer)
         if self.pooled is not None:
             st["pooled"] = self.pooled
+        if files := dict(_files_when_first_read(str(self.src.path), self.src.format)):
+            st["files"] = files
         return st
 
     def restore(self, st: dict) -> None:
+        old = st.get("files")
+        if isinstance(old, dict) and old.get("digest"):
+            now = source_files(self.src)
+            if now and now.get("digest") != old["digest"]:
+                raise ValueError(
+                    f"data source {self.src.name!r}: its files changed since the checkpoint ({old.get('n')} files, "
+                    f"{old.get('bytes'):,} bytes -> {now['n']} files, {now['bytes']:,} bytes): the steps so far read "
+                    "the old files, and the held-out split and the data position follow them; restore the files, or "
+                    "start the stage over (llmc launch --no-resume)")
         self.epoch, self.docs = int(st["epoch"]), int(st["docs"])
         self.balanced = st.get("dealing", "strided") == "balanced"  # the shard `docs` counts in
         self.pooled = int(st["pooled"]) if st.get("pooled") is not None else None
@@ -659,6 +671,37 @@ class _SourceStream:
                     raise ValueError(f"data source {self.src.name!r}: the checkpoint's data position is malformed "
                                      "(tokens held but no document read)")
                 self._held = {k: int(held[k]) for k in ("skip", "tokens", "crc32")}
+
+
+@functools.lru_cache(maxsize=1024)
+def _files_when_first_read(path: str, fmt: str) -> tuple:
+    """:func:`source_files` once per process (a checkpoint's state lists every source of every slot: a directory of
+    thousands of shards is listed once, when the run first saves), as sorted items."""
+    return tuple(sorted(source_files(SourceRef("", path, fmt)).items()))
+
+
+def source_files(src: SourceRef) -> dict:
+    """What a source's files are, for a checkpoint to hold (:meth:`SourceStream.state`): their count, total bytes
+    and a digest of their names (relative to the source's path) and sizes, so a resume finds a file added, removed,
+    grown or shrunk since (the data a run trained on then differs from what it would go on with). {} where the
+    files cannot be listed (the stream's own reading then says why)."""
+    import hashlib
+
+    try:
+        files = expand_paths(src.path, src.format)
+        base = Path(src.path)
+        root = base if base.is_dir() else base.parent
+        sized = []
+        for f in files:
+            try:
+                rel = f.relative_to(root).as_posix()
+            except ValueError:
+                rel = f.as_posix()
+            sized.append((rel, f.stat().st_size))
+    except (OSError, ValueError):
+        return {}
+    digest = hashlib.sha256("\n".join(f"{r}\t{s}" for r, s in sized).encode()).hexdigest()[:16]
+    return {"n": len(sized), "bytes": sum(s for _, s in sized), "digest": digest}
 
 
 def _token_crc(tokens: list[int]) -> int:
