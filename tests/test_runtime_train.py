@@ -157,6 +157,8 @@ def test_loss_falls_and_outputs_written(tmp_path, docs):
                if "event" not in r)
     start = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
     assert (start["event"], start["backend"], start["resumed_from"]) == ("start", "native", None)  # names its trainer
+    lock_doc = json.loads(Path(lock).read_text()) if isinstance(lock, (str, Path)) else lock
+    assert start["spec_sha256"] == lock_doc["spec"]["sha256"]  # and the spec its steps train under
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "peak_mem_bytes"} <= rec.keys()
     # run again: DONE -> nothing to do
     assert run(lock, tmp_path / "out")["step"] == 40

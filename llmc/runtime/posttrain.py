@@ -536,7 +536,8 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     try:
         # as pre-training's first record of a start (llmc.runtime.train.open_run_logger): who trains, what stage
         loop.log.event("start", backend="native", kind=kind, steps=steps, world=info.world,
-                       resumed_from=state.step if state.resume_from is not None else None)
+                       resumed_from=state.step if state.resume_from is not None else None,
+                       spec_sha256=getattr(job, "spec_sha256", None))
         if state.resume_from is not None:
             say(f"resumed from {state.resume_from} at step {state.step}")
             loop.log.event("resume", step=state.step, checkpoint=str(state.resume_from))

@@ -478,7 +478,8 @@ def open_run_logger(job: TrainJob, out: Path, main: bool, echo: bool, metrics: M
                     run_name=f"{job.name}-{job.stage}", config=config, tensorboard=tb, wandb="auto",
                     metrics=metrics, enabled=main, echo=echo,
                     purge_step=None if resumed_step is None else resumed_step + 1)
-    log.event("start", backend=backend, resumed_from=resumed_step)
+    # the spec the steps from here train under (a resume under another spec's lock then shows in the log itself)
+    log.event("start", backend=backend, resumed_from=resumed_step, spec_sha256=job.spec_sha256)
     return log
 
 
