@@ -209,17 +209,15 @@ def check_hf_export(run: RunSpec, sink, backend: str | None = None) -> None:
                      "nothing in the spec reads the export; the checkpoints are kept (for a servable model, use an "
                      "architecture llmc.runtime.hf_io.hf_config writes)")
         return
-    if arch.moe is None or not _titan_stages(run, backend) or not titan_drops_routing_bias(arch):
+    # (an exportable model whose class holds no routing bias has no expert_bias either: hf_export_supported refuses
+    # one, so the bias here stands in for the auxiliary loss)
+    if not _titan_stages(run, backend) or not titan_drops_routing_bias(arch):
         return
     m = arch.moe
     cls = family_of(arch).hf_class
-    if m.expert_bias:
-        path, why_bias = "model.moe.expert_bias", "for model.moe.expert_bias"
-    else:
-        path, why_bias = "model.moe.aux_loss_coef", (f"in place of the auxiliary loss it lacks (aux_loss_coef "
-                                                     f"{m.aux_loss_coef:g}: its value is not used)")
-    sink.add("T030", "warning", path,
-             f"torchtitan balances the experts with a routing bias {why_bias}, which {cls} cannot hold: the Hugging "
+    sink.add("T030", "warning", "model.moe.aux_loss_coef",
+             f"torchtitan balances the experts with a routing bias in place of the auxiliary loss it lacks "
+             f"(aux_loss_coef {m.aux_loss_coef:g}: its value is not used), which {cls} cannot hold: the Hugging "
              f"Face export picks its top-{m.top_k} experts without it, differently from training",
              "training.backend: native or deepspeed train with the auxiliary loss, which leaves nothing for the export "
              "to lose; or model.moe.aux_loss_coef: 0 trains without balancing (an exact export; experts may "
