@@ -1126,33 +1126,32 @@ def check_budget(run, training_flops: float, time, cost, floor, floor_peak: floa
                         if linear is not None else "")
                      + f"; or {_fewer_tokens(run, b.max_days / time.days, planned=True)}"
                      + f"; {best_days:.1f} days is the floor at {at}")
-    if b.max_usd is not None and price <= 0 and (gpu is None or gpu.key != "cpu"):
+    b006 = b.max_usd is not None and price <= 0 and (gpu is None or gpu.key != "cpu")
+    if b006:
         # a GPU without a price (a custom one defines none): every dollar figure is $0, and max_usd would pass
         sink.add("B006", "error", "budget.max_usd", f"max_usd ${b.max_usd:,.0f} cannot be judged: the GPU has no "
                  "price per GPU-hour (a custom GPU without a base part defines none), so the plan costs $0",
                  "set hardware.usd_per_gpu_hour, or budget in GPU-hours (budget.max_gpu_hours)")
-    elif b.max_usd is not None:
-        if best_usd > b.max_usd:
-            sink.add("B003", "error", "budget.max_usd",
-                     f"{training_flops:.3g} FLOPs cost at least ${best_usd:,.0f} at ${price:g}/GPU-h even at {at}",
-                     f"needs max_usd >= {best_usd:,.0f}, a cheaper GPU-hour, or {_fewer_tokens(run, b.max_usd / best_usd)}")
-        elif cost is not None and cost.usd > b.max_usd:
-            sink.add("B002", "error", "budget.max_usd",
-                     f"predicted ${cost.usd:,.0f} > max_usd ${b.max_usd:,.0f}{f' ({saves[2:]})' if saves else ''}",
-                     f"{hours(cost.gpu_hours)} GPU-hours at ${price:g}, or "
-                     f"{_fewer_tokens(run, b.max_usd / cost.usd, planned=True)}; ${best_usd:,.0f} is the floor at {at}")
-    if b.max_gpu_hours is not None:
-        if floor.gpu_hours > b.max_gpu_hours:
-            sink.add("B003", "error", "budget.max_gpu_hours",
-                     f"{training_flops:.3g} FLOPs take at least {hours(floor.gpu_hours)} GPU-hours even at {at}",
-                     f"needs max_gpu_hours >= {hours(floor.gpu_hours)}, a faster GPU, or "
-                     f"{_fewer_tokens(run, b.max_gpu_hours / floor.gpu_hours)}")
-        elif cost is not None and cost.gpu_hours > b.max_gpu_hours:
-            sink.add("B002", "error", "budget.max_gpu_hours",
-                     f"predicted {hours(cost.gpu_hours)} GPU-hours > max_gpu_hours {hours(b.max_gpu_hours)}"
-                     f"{f' ({saves[2:]})' if saves else ''}",
-                     f"{_fewer_tokens(run, b.max_gpu_hours / cost.gpu_hours, planned=True)}; "
-                     f"{hours(floor.gpu_hours)} GPU-hours is the floor at {at}")
+    # per limit: its figure as shown, as the setting's value, the floor's rate, the cheaper remedy, B002's detail
+    usd = (lambda v: f"${v:,.0f}", lambda v: f"{v:,.0f}", f" at ${price:g}/GPU-h", "a cheaper GPU-hour",
+           f"{hours(cost.gpu_hours)} GPU-hours at ${price:g}, or " if cost is not None else "")
+    gpu_h = (lambda v: f"{hours(v)} GPU-hours", hours, "", "a faster GPU", "")
+    spends = ([("max_usd", b.max_usd, best_usd, cost.usd if cost is not None else None, usd)]
+              if b.max_usd is not None and not b006 else [])
+    spends += [("max_gpu_hours", b.max_gpu_hours, floor.gpu_hours,
+                cost.gpu_hours if cost is not None else None, gpu_h)] if b.max_gpu_hours is not None else []
+    for field, limit, least, predicted, (show, value, rate, cheaper, detail) in spends:
+        # B003: the floor (the training FLOPs alone at the floor's MFU) is over the limit; else B002: the plan is
+        if least > limit:
+            sink.add("B003", "error", f"budget.{field}",
+                     f"{training_flops:.3g} FLOPs cost at least {show(least)}{rate} even at {at}",
+                     f"needs {field} >= {value(least)}, {cheaper}, or "
+                     f"{_fewer_tokens(run, limit / least)}")
+        elif predicted is not None and predicted > limit:
+            sink.add("B002", "error", f"budget.{field}",
+                     f"predicted {show(predicted)} > {field} {show(limit)}{f' ({saves[2:]})' if saves else ''}",
+                     f"{detail}{_fewer_tokens(run, limit / predicted, planned=True)}; {show(least)} is the floor "
+                     f"at {at}")
     _check_interruptions_budget(run, time, cost, sink)
 
 
