@@ -221,7 +221,7 @@ def test_every_vllm_yaml_passes_vllm_serve_parser(served, vllm):
         args = got[str(f)]
         assert "refused" not in args, f
         assert args["model"] == f"run/{plan['stage']}/hf"
-        assert args["dtype"] == "bfloat16" and args["port"] == 8000 and args["host"] == "0.0.0.0"
+        assert args["dtype"] == "bfloat16" and args["port"] == 8000 and args["host"] is None
         assert args["tensor_parallel_size"] == plan["tensor_parallel_size"]
         assert args["pipeline_parallel_size"] == plan["pipeline_parallel_size"]
         assert args["tensor_parallel_size"] * args["pipeline_parallel_size"] == plan["gpus"]
@@ -230,7 +230,7 @@ def test_every_vllm_yaml_passes_vllm_serve_parser(served, vllm):
         assert args["max_num_batched_tokens"] == plan["max_num_batched_tokens"] >= plan["max_num_seqs"]
         assert args["gpu_memory_utilization"] == pytest.approx(plan["gpu_memory_utilization"])
         assert args["kv_cache_dtype"] == plan["kv_cache_dtype"]
-        assert args["quantization"] == plan["quantization"]
+        assert args["quantization"] == {"fp8": "fp8_per_tensor"}.get(plan["quantization"], plan["quantization"])
         assert args["enable_prefix_caching"] is plan["prefix_caching"]
         assert args["distributed_executor_backend"] == ("ray" if plan["nodes"] > 1 else None)
         assert args["enable_expert_parallel"] is plan["expert_parallel"]

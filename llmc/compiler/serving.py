@@ -40,6 +40,12 @@ gpus_per_node, tp dividing it, so that no tensor parallel group straddles two no
 cluster, one node's worth with its own processes). So pipeline stages inside one node come before a
 second node: tp 4 x pp 2 on one 8-GPU node halves the KV cache per GPU of a model with 4 KV heads, which tp 8
 only replicates (vLLM ``ModelConfig.get_num_kv_heads``: max(1, n_kv_heads // tp)).
+
+Context: V005 refuses a max_model_len past the served export's config.json max_position_embeddings (the engines
+refuse it too); V011 warns about one past the longest context the served model was trained at
+(:func:`trained_context`: its stages' seq_len, and the released context of a Hugging Face checkpoint it starts
+from), which the export may state more of (a preset's max_position_embeddings, RoPE scaling): Llama 3 reached 128K
+only through a separate long-context continued pre-training after pre-training at 8K (arXiv:2407.21783, sec. 3.4.2).
 """
 
 from __future__ import annotations
@@ -76,20 +82,55 @@ def served_stage(run: RunSpec, target: Serving, stages: list | None) -> object |
     return by_name.get(name) if name else None
 
 
+def _lineage(run: RunSpec, target: Serving, stages: list | None) -> list:
+    """The compiled stages the served model comes from: the served stage, then its ``init_from`` ancestry, ending
+    at the stage that starts from a Hugging Face checkpoint (``init_hf``) or from random weights. A run without
+    ``stages:`` serves its implicit ``pretrain`` stage. Empty without compiled stages."""
+    by_name = {s.name: s for s in stages or []}
+    st = served_stage(run, target, stages)
+    if st is None and not run.stages and target.stage is None:
+        st = by_name.get("pretrain")
+    out: list = []
+    while st is not None and st.name not in {s.name for s in out}:
+        out.append(st)
+        st = by_name.get(st.init_from) if st.init_from else None
+    return out
+
+
 def serving_max_model_len(run: RunSpec, target: Serving, stages: list | None = None) -> int:
     """max_model_len: explicit, else the longest context a long_context stage trained the served model at (its
     ``init_from`` ancestry, the served stage included), else data.seq_len."""
     if target.max_model_len:
         return int(target.max_model_len)
     seq = int(run.data.seq_len)
-    by_name = {s.name: s for s in stages or []}
-    st, seen = served_stage(run, target, stages), set()
-    while st is not None and st.name not in seen:
-        seen.add(st.name)
+    for st in _lineage(run, target, stages):
         if st.kind == "long_context":
             seq = max(seq, int(st.seq_len))
-        st = by_name.get(st.init_from) if st.init_from else None
     return seq
+
+
+def trained_context(run: RunSpec, target: Serving, stages: list | None) -> tuple[int, str] | None:
+    """(the longest context the served model was trained at, where that figure comes from), or None without
+    compiled stages. The longest ``seq_len`` of the served stage and its ``init_from`` ancestry (:func:`_lineage`:
+    pre-training at data.seq_len, a long_context stage's, a GRPO stage's prompt + completion), and where that
+    ancestry starts from a Hugging Face checkpoint (``init_hf``), the context that model was released at: its
+    config.json's max_position_embeddings, which the spec's ``model.max_seq_len`` states (a preset's is its
+    release's: Llama 3.1's 131,072, reached by its own long-context training). A model pre-trained from scratch
+    has trained at no more than its stages' seq_len, whatever max_seq_len its preset states: Llama 3's 128K context
+    came from a separate long-context continued pre-training after pre-training at 8K (Llama 3 paper, sec. 3.4.2,
+    arXiv:2407.21783)."""
+    chain = _lineage(run, target, stages)
+    if not chain:
+        return None
+    best, src = 0, ""
+    for st in chain:
+        if int(st.seq_len) > best:
+            best, src = int(st.seq_len), f"the seq_len of stage {st.name!r}"
+    root = chain[-1]
+    if root.init_hf and int(run.model.max_seq_len) > best:
+        best, src = int(run.model.max_seq_len), (f"the context of {root.init_hf}, which stage {root.name!r} starts "
+                                                 "from (model.max_seq_len)")
+    return best, src
 
 
 def export_context(run: RunSpec, target: Serving, stages: list | None) -> int:
@@ -279,13 +320,40 @@ def candidate_layouts(arch: Architecture, gpn: int) -> list[tuple[int, int]]:
     return sorted(out, key=lambda lay: (lay[0] * lay[1], lay[1]))
 
 
-def _fit_diagnostic(best: dict, t: Serving, max_len: int, util: float, capacity: int, out: _Target) -> None:
+def weights_min_gpus(weight_bytes: float, budget: float) -> int:
+    """GPUs whose usable memory (capacity x gpu_memory_utilization each) holds ``weight_bytes``: a floor, the
+    weights alone (no workspace, no KV cache)."""
+    return max(1, math.ceil(weight_bytes / budget))
+
+
+def _weights_hint(best: dict, t: Serving, arch: Architecture) -> str:
+    """V002's hint: fp8 weights (quantized on load: 1 byte per block parameter, the embedding and LM head kept in
+    16 bit) where they fit the layout reported, else the GPUs that the weights alone need (:func:`weights_min_gpus`)."""
+    tp, pp, budget, reserve = best["tp"], best["pp"], best["budget"], best["reserve"]
+    fp8_gpu = max(stage_weight_bytes(arch, pp, _BYTES_PER_PARAM["fp8"])) / tp
+    if t.quantization == "none" and fp8_gpu + reserve < budget:
+        return f"quantize the weights on load (quantization: fp8: {gib(fp8_gpu)} per GPU), or use more GPUs"
+    total = stage_weight_bytes(arch, 1, _BYTES_PER_PARAM[t.quantization])[0]
+    words = "in 16 bit" if t.quantization == "none" else f"with quantization: {t.quantization}"
+    fp8 = ""
+    if t.quantization == "none":
+        fp8_total = stage_weight_bytes(arch, 1, _BYTES_PER_PARAM["fp8"])[0]
+        fp8 = (f"; fp8 weights ({gib(fp8_gpu)} per GPU here) do not fit either and need at least "
+               f"{weights_min_gpus(fp8_total, budget)}")
+    then = "set gpus to at least that, or serve on a larger GPU" if t.gpus else "serve on a larger GPU"
+    return (f"the weights alone need at least {weights_min_gpus(total, budget)} GPUs: {gib(total)} {words} over "
+            f"{gib(budget)} usable per GPU (gpu_memory_utilization x capacity){fp8}; more with the workspace and KV "
+            f"cache: {then}")
+
+
+def _fit_diagnostic(best: dict, t: Serving, max_len: int, util: float, capacity: int, out: _Target,
+                    arch: Architecture) -> None:
     """V002 (the weights alone do not fit) or V001 (the KV cache cannot hold max_model_len x concurrency)."""
     if best["kv_budget"] <= 0:
         out.add("V002", "error", "",
                 f"weights do not fit: {gib(best['weights_gpu'])} weights + {gib(best['reserve'])} workspace per GPU "
                 f"exceed {gib(best['budget'])} ({util:g} x {gib(capacity)}) at tp={best['tp']} pp={best['pp']}",
-                "quantize the weights on load (quantization: fp8), or use more GPUs")
+                _weights_hint(best, t, arch))
     else:
         out.add("V001", "error", "concurrency",
                 f"KV cache cannot hold max_model_len x concurrency ({max_len} x {t.concurrency}): needs "
@@ -294,13 +362,30 @@ def _fit_diagnostic(best: dict, t: Serving, max_len: int, util: float, capacity:
                 "use kv_cache_dtype: fp8, fewer concurrent sequences, a shorter max_model_len, or more GPUs")
 
 
+def _check_trained_context(run: RunSpec, t: Serving, stages: list | None, max_len: int, out: _Target) -> None:
+    """V011: max_model_len beyond the longest context the served model was trained at (:func:`trained_context`).
+    The export may state a longer context (a preset's max_position_embeddings, RoPE scaling), so the engines start,
+    but the positions past the trained length were never trained at: Llama 3 reached 128K only through a
+    long-context continued pre-training after its 8K pre-training (arXiv:2407.21783, sec. 3.4.2)."""
+    trained = trained_context(run, t, stages)
+    if trained is None or max_len <= trained[0]:
+        return
+    n, src = trained
+    out.add("V011", "warning", "max_model_len",
+            f"max_model_len {max_len} is past the longest context the served model was trained at: trained at "
+            f"{n} ({src}), served at {max_len}; its positions past {n} were never trained",
+            f"add a long_context stage (with rope_scaling) that trains at {max_len} before the served stage, or "
+            f"serve max_model_len <= {n}")
+
+
 def plan_serving(run: RunSpec, gpu_lookup: Callable[[str], GPU | None] | None = None, lines: dict | None = None,
                  train_gpu: GPU | None = None, stages: list | None = None) -> tuple[list[ServingPlan], list[Diagnostic]]:
     """One :class:`ServingPlan` per ``run.serving`` target, plus V-diagnostics (V001 KV does not fit, ...).
 
     ``train_gpu``: the training GPU with the spec's hardware overrides (``compile.cluster_gpu``), used
     for targets that name no GPU of their own; others come from ``gpu_lookup`` (the hardware table). ``stages``:
-    the compiled stages (the served export's context and its ancestry's trained length).
+    the compiled stages (the served export's context and its ancestry's trained length; without them, as when a
+    caller plans serving alone, V011 is not checked: what each stage trained at is the compiled stages' seq_len).
     """
     if gpu_lookup is None:
         from llmc.compiler.hardware import get_gpu as gpu_lookup  # type: ignore[no-redef]
@@ -357,6 +442,8 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
                 f"max_model_len {max_len} exceeds the served export's context {context} (its config.json "
                 "max_position_embeddings): vLLM and SGLang refuse to start beyond it",
                 "serve at most that, or extend the context first (a long_context stage, rope_scaling)")
+    else:
+        _check_trained_context(run, t, stages, max_len, out)
     w = arch.sliding_window
     if t.engine == "sglang" and w and max_len > w and family_of(arch).hf_class in ("MistralForCausalLM",
                                                                                     "Phi3ForCausalLM"):
@@ -374,7 +461,7 @@ def _plan_target(run: RunSpec, i: int, t: Serving, gpu_lookup, train_gpu: GPU | 
         return None
     best = chosen or tried[-1]
     if chosen is None:
-        _fit_diagnostic(best, t, max_len, util, capacity, out)
+        _fit_diagnostic(best, t, max_len, util, capacity, out, arch)
     return ServingPlan(
         index=i, engine=t.engine, gpu=gpu_key, stage=t.stage or (stage_names[-1] if stage_names else "pretrain"),
         tensor_parallel_size=best["tp"], pipeline_parallel_size=best["pp"], gpus=best["tp"] * best["pp"],

@@ -1178,11 +1178,12 @@ def _context_out(env: _Env, st: StageBase, p: str, seq_len: int, inherited: dict
                  + f": the positions past {ctx:,} are extrapolated, never trained at",
                  "add a long_context stage (rope_theta / yarn) before it, or train within the context")
     tok = tokenizer_for(env.run, st)
-    if tok.vocab_size is not None and tok.vocab_size != inherited["vocab_size"]:
+    if tok.vocab_size is not None and tok.vocab_size > inherited["vocab_size"]:
+        # (a smaller tokenizer is a padded embedding, as Qwen2.5's 151,665 tokens in 152,064 rows: rows left unused)
         sink.add("G004", "error", f"{p}.data.tokenizer.vocab_size",
-                 f"stage {st.name!r} uses vocab_size {tok.vocab_size} but its base model has "
-                 f"{inherited['vocab_size']}", "a stage cannot change the vocabulary; resize embeddings in a "
-                 "separate step (new rows = mean of related embeddings)")
+                 f"stage {st.name!r} uses vocab_size {tok.vocab_size}, larger than its base model's "
+                 f"{inherited['vocab_size']} (tokens without an embedding row)", "a stage cannot grow the "
+                 "vocabulary; resize embeddings in a separate step (new rows = mean of related embeddings)")
     if st.data is not None and tok.path and inherited.get("tokenizer") and tok.path != inherited["tokenizer"]:
         sink.add("G004", "error", f"{p}.data.tokenizer.path",
                  f"stage {st.name!r} uses tokenizer {tok.path!r}, its base model was trained with "

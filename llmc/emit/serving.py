@@ -1,8 +1,10 @@
 """Serving targets: ``serving/vllm.yaml`` (vLLM 0.33.0; its own parser reads it in tests) and
 ``serving/sglang.yaml`` (SGLang 0.5).
 
-Reads only ``compiled.serving`` (the compiler sizes each target: tp/pp, KV budget, fit). One config
-file per target; a second target on the same engine gets ``serving/<engine>-2.yaml`` and so on.
+Reads ``compiled.serving`` (the compiler sizes each target: tp/pp, KV budget, fit) and, from the spec's target,
+the names it passes through (``host``, ``served_model_name``). One config file per target; a second target on the
+same engine gets ``serving/<engine>-2.yaml`` and so on. Without ``host`` neither config names one: each engine binds
+its own default (vLLM every interface, SGLang 127.0.0.1).
 
 Diagnostics:
     V001 error    a serving target does not fit (normally reported by the compiler already)
@@ -20,9 +22,17 @@ from llmc.escape import yaml_scalar
 
 VLLM_PORT = 8000
 SGLANG_PORT = 30000
+#: ``quantization`` names for llmc's 16-bit export quantized on load, per engine. vLLM 0.33.0 refuses ``fp8`` for
+#: weights that are not fp8 already: ``Fp8Config(is_checkpoint_fp8_serialized=False)`` raises "The `fp8`
+#: quantization method no longer supports online quantization. Please use `--quantization fp8_per_tensor`"
+#: (vllm/model_executor/layers/quantization/fp8.py), and ``fp8_per_tensor`` is its online shorthand for fp8 weights
+#: with one scale per tensor (vllm/config/quantization.py ``_ONLINE_SHORTHANDS``; in ``QUANTIZATION_METHODS``).
+#: SGLang quantizes 16-bit weights on load with ``--quantization fp8`` (docs/backend/quantization.md, "Online
+#: Quantization").
+ONLINE_QUANTIZATION = {"vllm": {"fp8": "fp8_per_tensor"}, "sglang": {"fp8": "fp8"}}
 
 
-def _vllm(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[str, str]], str]:
+def _vllm(p: Any, model_dir: str, served: str, name: str, host: str | None) -> tuple[list[tuple[str, str]], str]:
     nodes = p.nodes
     items = [("model", yaml_scalar(model_dir)), ("served-model-name", yaml_scalar(served)), ("dtype", "bfloat16"),
              ("tensor-parallel-size", str(p.tensor_parallel_size)),
@@ -33,21 +43,21 @@ def _vllm(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[st
              ("gpu-memory-utilization", repr(float(p.gpu_memory_utilization))),
              ("kv-cache-dtype", p.kv_cache_dtype)]
     if p.quantization:
-        items.append(("quantization", p.quantization))
+        items.append(("quantization", ONLINE_QUANTIZATION["vllm"].get(p.quantization, p.quantization)))
     # vLLM's --enable-prefix-caching is a BooleanOptionalAction; a YAML `true` becomes the flag
     items.append(("enable-prefix-caching" if p.prefix_caching else "no-enable-prefix-caching", "true"))
     if p.expert_parallel:  # (a store_true flag: a YAML `true` sets it)
         items.append(("enable-expert-parallel", "true"))
     if nodes > 1:  # pipeline stages on several nodes: vLLM runs them on a Ray cluster
         items.append(("distributed-executor-backend", "ray"))
-    items += [("host", yaml_scalar("0.0.0.0")), ("port", str(VLLM_PORT))]
+    items += _bind(host, VLLM_PORT)
     cmd = f"vllm serve --config {name}"
     if nodes > 1:
         cmd = f"`ray start` on all {nodes} nodes, then on the head node: {cmd}"
     return items, cmd
 
 
-def _sglang(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[str, str]], str]:
+def _sglang(p: Any, model_dir: str, served: str, name: str, host: str | None) -> tuple[list[tuple[str, str]], str]:
     nodes = p.nodes
     # SGLang's mem_fraction_static covers weights + KV pool only (activations live outside it),
     # so it is vLLM's utilisation minus llmc's workspace/activation reserve.
@@ -63,12 +73,12 @@ def _sglang(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[
              ("mem-fraction-static", repr(mem_frac)),
              ("kv-cache-dtype", kv)]
     if p.quantization:
-        items.append(("quantization", p.quantization))
+        items.append(("quantization", ONLINE_QUANTIZATION["sglang"].get(p.quantization, p.quantization)))
     if not p.prefix_caching:
         items.append(("disable-radix-cache", "true"))
     if nodes > 1:
         items.append(("nnodes", str(nodes)))
-    items += [("host", yaml_scalar("0.0.0.0")), ("port", str(SGLANG_PORT))]
+    items += _bind(host, SGLANG_PORT)
     cmd = f"python -m sglang.launch_server --config {name}"
     if nodes > 1:
         cmd += f" --node-rank <0..{nodes - 1}> --dist-init-addr <first node>:50000 (on each of the {nodes} nodes)"
@@ -78,7 +88,20 @@ def _sglang(p: Any, model_dir: str, served: str, name: str) -> tuple[list[tuple[
 ENGINES = {"vllm": _vllm, "sglang": _sglang}
 
 
-def _notes(p: Any, model_dir: str, cmd: str) -> list[str]:
+def _bind(host: str | None, port: int) -> list[tuple[str, str]]:
+    """The server's address: the spec's ``host`` where it names one, else none (the engine's own default: vLLM
+    every interface, SGLang 127.0.0.1), and the port."""
+    return ([("host", yaml_scalar(host))] if host else []) + [("port", str(port))]
+
+
+#: Where each engine's server listens without a ``--host``: vLLM 0.33.0's default None binds ("", port), every
+#: interface (vllm/entrypoints/common/cli_args.py; vllm/entrypoints/launchers/launcher.py ``sock_addr``); SGLang's
+#: ``ServerArgs.host`` defaults to "127.0.0.1" (python/sglang/srt/server_args.py).
+DEFAULT_BIND = {"vllm": "every interface", "sglang": "127.0.0.1"}
+PORTS = {"vllm": VLLM_PORT, "sglang": SGLANG_PORT}
+
+
+def _notes(p: Any, model_dir: str, cmd: str, host: str | None) -> list[str]:
     g = lambda k: getattr(p, k)  # noqa: E731
     pp, nodes = g("pipeline_parallel_size"), g("nodes")
     stages = [] if pp <= 1 else [
@@ -94,6 +117,8 @@ def _notes(p: Any, model_dir: str, cmd: str) -> list[str]:
         f"{g('max_model_len')} tokens; needs {g('kv_gib_needed')} GiB for {g('concurrency')} sequences, "
         f"budget {g('kv_budget_gib')} GiB per GPU ({g('max_seqs_that_fit')} sequences fit)",
         f"model: export the {g('stage')!r} checkpoint to Hugging Face format in {model_dir} first",
+        f"listens on {host or DEFAULT_BIND[g('engine')] + ' (the engine default; serving[].host sets one)'}, port "
+        f"{PORTS[g('engine')]}, and does not authenticate requests",
         f"run from the build directory: {cmd}",
     ]
 
@@ -118,9 +143,13 @@ class ServingEmitter(Emitter):
             counts[eng] = counts.get(eng, 0) + 1
             name = f"serving/{eng}.yaml" if counts[eng] == 1 else f"serving/{eng}-{counts[eng]}.yaml"
             model_dir = f"run/{p.stage}/hf"
-            items, cmd = ENGINES[eng](p, model_dir, f"{compiled.spec.name}-{p.stage}", name)
+            # the spec's target (a plan made without one, as tests build: the defaults)
+            target = compiled.spec.serving[p.index] if p.index < len(compiled.spec.serving) else None
+            host = target.host if target is not None else None
+            served = (target.served_model_name if target is not None else None) or f"{compiled.spec.name}-{p.stage}"
+            items, cmd = ENGINES[eng](p, model_dir, served, name, host)
             files[name] = jinja_env().get_template("serving/engine.yaml.j2").render(
-                header=header, notes=_notes(p, model_dir, cmd), items=items)
+                header=header, notes=_notes(p, model_dir, cmd, host), items=items)
         return files
 
 

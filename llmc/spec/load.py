@@ -20,7 +20,7 @@ M001    n_heads not divisible by n_kv_heads
 M002    d_model not divisible by n_heads while head_dim is unset
 M003    moe.top_k greater than moe.num_experts
 M004    moe.dense_layers greater than n_layers
-M005    tokenizer vocab_size differs from the model's vocab_size
+M005    tokenizer vocab_size larger than the model's vocab_size (smaller is fine: an embedding padded past it)
 M006    qk_norm with MLA (q/k norms are modelled on GQA models: Qwen3, Qwen3-MoE)
 M008    longrope factors: not one per rotary frequency (rotary dims / 2), or on an MLA model
 M009    rotary_dim odd, larger than head_dim, or on an MLA model
@@ -1265,11 +1265,15 @@ def _structural(arch: Architecture | None, data: Data | None, stages: list[Stage
     datas += [(f"stages.{i}.data", s.data) for i, s in enumerate(stages) if s is not None and s.data is not None]
     if arch is not None:
         for prefix, d in datas:
-            if d is not None and d.tokenizer.vocab_size is not None and d.tokenizer.vocab_size != arch.vocab_size:
+            # a tokenizer smaller than the embedding is fine: its ids all have a row, the rest are never looked up
+            # (Qwen2.5-7B: 151,665 tokens, 152,064 rows; Gemma 3: 262,144 and 262,208: both pad the embedding);
+            # llmc's model sizes the embedding and the export's vocab_size by the model's vocab_size
+            if d is not None and d.tokenizer.vocab_size is not None and d.tokenizer.vocab_size > arch.vocab_size:
                 out.append(ctx.diag("M005", f"{prefix}.tokenizer.vocab_size",
-                                    f"tokenizer vocab_size ({d.tokenizer.vocab_size}) differs from the model's "
-                                    f"vocab_size ({arch.vocab_size})",
-                                    "they must match: the embedding has one row per token"))
+                                    f"tokenizer vocab_size ({d.tokenizer.vocab_size}) is larger than the model's "
+                                    f"vocab_size ({arch.vocab_size}): token ids past it have no embedding row",
+                                    "use at most the model's vocab_size, or a model whose vocab_size covers the "
+                                    "tokenizer"))
     for prefix, d in datas:
         seen: dict[str, int] = {}
         for j, src in enumerate(d.sources if d is not None else []):

@@ -135,7 +135,7 @@ class Tokenizer(SpecModel):
     train: bool = False
     """Train a byte-level BPE with the ``tokenizers`` library on the data sources (offline)."""
     vocab_size: Int | None = Field(default=None, gt=0)
-    """Vocabulary size; must equal the model's vocab_size. None = the model's."""
+    """Vocabulary size; at most the model's vocab_size (a padded embedding has unused rows). None = the model's."""
     chat_template: Name | None = None
     """Chat template name (``llama3``, ``chatml``, ``phi3``, ``phi4``, ``gemma``: llmc.spec.chat) for SFT/DPO/GRPO
     stages, or ``tokenizer``: the tokenizer folder's own Jinja template (chat_template.jinja or tokenizer_config.json),
@@ -679,6 +679,33 @@ def make_stage(**fields: typing.Any) -> StageBase:
 # ----------------------------------------------------------------------------- serving
 
 
+#: A served model name: simple names (:data:`NAME_PATTERN`) joined by ``/``, as Hugging Face ids are.
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
+_SERVED_NAME_RE = re.compile(SERVED_NAME_PATTERN)
+ServedName = Annotated[str, Field(json_schema_extra={"pattern": SERVED_NAME_PATTERN, "maxLength": MAX_NAME_LEN})]
+#: One label of a host name (RFC 1123 sec. 2.1, RFC 952): letters, digits and inner hyphens, at most 63 characters.
+_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def serving_host(value: str) -> str:
+    """A serving target's ``host``: an IPv4 / IPv6 literal (``ipaddress.ip_address``) or a host name of dot-separated
+    RFC 1123 labels, at most 253 characters (RFC 1035 sec. 2.3.4)."""
+    import ipaddress  # noqa: PLC0415
+
+    try:  # (an IPv6 zone, "fe80::1%eth0", must be an interface name too: ipaddress takes any text after the %)
+        zone = value.partition("%")[2]
+        if not zone or _HOST_LABEL_RE.fullmatch(zone.replace(".", "-").replace("_", "-")):
+            return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    labels = value.split(".")
+    # an all-digit last label is an IP address written wrong (010.0.0.1, 1.2.3), not a name (RFC 3696 sec. 2)
+    if len(value) <= 253 and all(_HOST_LABEL_RE.fullmatch(x) for x in labels) and not labels[-1].isdigit():
+        return value
+    raise ValueError(f"must be an IP address (127.0.0.1, 0.0.0.0, ::) or a host name of letters, digits, '-' and "
+                     f"'.' (got {value[:80]!r})")
+
+
 class Serving(SpecModel):
     """A serving target (vLLM or SGLang)."""
 
@@ -693,7 +720,8 @@ class Serving(SpecModel):
     concurrency: Int = Field(default=64, gt=0)
     """Concurrent sequences at max_model_len that must fit in the KV cache."""
     quantization: Literal["none", "fp8", "awq", "gptq"] = "none"
-    """Weight quantization: none (the export's 16-bit weights) or fp8 (quantized by the engine on load). awq and
+    """Weight quantization: none (the export's 16-bit weights) or fp8 (quantized by the engine on load: vLLM 0.33's
+    ``--quantization fp8_per_tensor``, SGLang's ``fp8``; vLLM's ``fp8`` reads fp8 checkpoints only). awq and
     gptq are refused (V009): they serve a pre-quantized checkpoint (the engines read its quantization config), and
     the export llmc serves is its own 16-bit one."""
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
@@ -709,6 +737,27 @@ class Serving(SpecModel):
     parallelism llmc does not emit, and for a dense model."""
     stage: Name | None = None
     """Serve this stage's checkpoint. None = the last stage."""
+    host: str | None = None
+    """Address the engine's HTTP server binds: an IP address (``127.0.0.1``, ``0.0.0.0`` for every IPv4 interface,
+    ``::``) or a host name. None = the engine's own default (vLLM: every interface; SGLang: 127.0.0.1). Neither
+    engine authenticates requests unless told to (vLLM ``--api-key``): bind every interface only behind a firewall
+    or an authenticating proxy."""
+    served_model_name: ServedName | None = None
+    """Model name the OpenAI-compatible API serves (the requests' ``model`` field): letters, digits, ``.``, ``_``,
+    ``-``, in ``/``-separated parts (``org/model``). None = ``<spec name>-<stage>``."""
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        return None if value is None else serving_host(value)
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _served_name(cls, value: str | None) -> str | None:
+        if value is None or (len(value) <= MAX_NAME_LEN and _SERVED_NAME_RE.fullmatch(value)):
+            return value
+        raise ValueError(f"must be simple names (letters, digits, '.', '_', '-', not starting with a symbol), "
+                         f"optionally joined by '/' (org/model), at most {MAX_NAME_LEN} characters (got {value[:80]!r})")
 
 
 # ----------------------------------------------------------------------------- evaluation
