@@ -801,16 +801,19 @@ def gpus(
     def num(x) -> str:
         return "-" if not x else f"{x:,.0f}" if x >= 10 else f"{x:g}"
 
-    head = ("key", "bf16 TF", "fp8 TF", "HBM GiB", "HBM TB/s", "NVLink GB/s", "net Gb/s", "per node", "host GiB",
-            "$/GPU-h", "name")
-    rows = [(k, num(g.bf16_tflops), num(g.fp8_tflops), f"{g.hbm_gib:.0f}", f"{g.hbm_gbps / 1000:.2f}",
+    head = ("key", "bf16 TF", "fp8 TF", "HBM GB", "usable GiB", "HBM TB/s", "NVLink GB/s", "net Gb/s", "per node",
+            "host GiB", "$/GPU-h", "name")
+    rows = [(k, num(g.bf16_tflops), num(g.fp8_tflops), num(g.hbm_marketed_gb),
+             f"{g.hbm_gib:.2f}" + ("" if g.hbm_source else "*"), f"{g.hbm_gbps / 1000:.2f}",
              num(g.nvlink_gbps), num(g.net_gbps), str(g.gpus_per_node), num(g.host_gib), f"{g.usd_per_hour:.2f}",
              g.name) for k, g in sorted(GPUS.items())]
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
     for r in (head, *rows):
         typer.echo("  ".join(c.ljust(w) if i in (0, len(head) - 1) else c.rjust(w)
                              for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
-    typer.echo("\ndense peaks (no 2:4 sparsity); per GPU; each part's datasheet: llmc gpus --format json (source)")
+    typer.echo("\ndense peaks (no 2:4 sparsity); per GPU; HBM GB: the datasheet's; usable GiB: what the device reports "
+               "(torch total_memory), what plans fit against (* = none published: the datasheet's decimal GB); "
+               "sources: llmc gpus --format json (source, hbm_source)")
 
 
 _PLAN_OPTIONS = {"--format": "format", "-f": "format", "--diff": "diff", "--set": "set_",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmc.compiler.hardware import GB, GPUS, get_gpu, peak_flops, supports
+from llmc.compiler.hardware import GPUS, get_gpu, peak_flops, supports
 
 REQUIRED = ["h100-sxm", "h100-pcie", "h800", "h200", "b200", "a100-40g", "a100-80g", "mi300x", "l40s", "rtx4090",
             "cpu"]  # fmt: skip
@@ -25,16 +25,16 @@ def test_datasheet_values():
     # NVIDIA H100 SXM datasheet: "1,979 TFLOPS BF16" is with 2:4 sparsity -> dense 989.4
     assert h100.bf16_tflops == pytest.approx(1979 / 2, rel=1e-3)
     assert h100.fp8_tflops == pytest.approx(3958 / 2, rel=1e-3)
-    assert h100.hbm_bytes == 80 * GB and h100.hbm_gbps == 3350
+    assert h100.hbm_marketed_gb == 80 and h100.hbm_gbps == 3350  # hbm_bytes: the device's (test_device_capacity)
     assert h100.nvlink_gbps == 900 / 2  # 900 GB/s bidirectional -> per direction
-    assert GPUS["h200"].hbm_bytes == 141 * GB and GPUS["h200"].hbm_gbps == 4800
+    assert GPUS["h200"].hbm_marketed_gb == 141 and GPUS["h200"].hbm_gbps == 4800
     assert GPUS["b200"].bf16_tflops == pytest.approx(2250) and GPUS["b200"].fp8_tflops == pytest.approx(4500)
     assert GPUS["a100-80g"].bf16_tflops == 312 and GPUS["a100-40g"].bf16_tflops == 312
     mi = GPUS["mi300x"]
-    assert mi.bf16_tflops == pytest.approx(1307.4) and mi.hbm_bytes == 192 * GB and mi.hbm_gbps == 5300
+    assert mi.bf16_tflops == pytest.approx(1307.4) and mi.hbm_marketed_gb == 192 and mi.hbm_gbps == 5300
     # H800: same compute as H100 SXM, NVLink cut to 400 GB/s bidirectional
     assert GPUS["h800"].bf16_tflops == h100.bf16_tflops and GPUS["h800"].nvlink_gbps == 200
-    assert GPUS["l40s"].nvlink_gbps == 0 and GPUS["rtx4090"].hbm_bytes == 24 * GB
+    assert GPUS["l40s"].nvlink_gbps == 0 and GPUS["rtx4090"].hbm_marketed_gb == 24
 
 
 def test_no_sparse_figures():
@@ -218,8 +218,11 @@ def test_llmc_gpus_prints_the_tables_figures_and_json_every_field():
         assert float(cols[1].replace(",", "")) == pytest.approx(g.bf16_tflops, abs=0.5), key
         assert cols[2] == "-" if g.fp8_tflops is None else float(cols[2].replace(",", "")) == pytest.approx(
             g.fp8_tflops, abs=0.5)
-        assert float(cols[3]) == pytest.approx(g.hbm_gib, abs=0.5) and int(cols[7]) == g.gpus_per_node, key
-        assert float(cols[9]) == pytest.approx(g.usd_per_hour, abs=0.005), key
+        assert cols[3] == ("-" if not g.hbm_marketed_gb else f"{g.hbm_marketed_gb:g}"), key  # the datasheet's GB
+        # the device-reported GiB the plans fit against; '*' where the table has no public device figure
+        assert float(cols[4].rstrip("*")) == pytest.approx(g.hbm_gib, abs=0.005), key
+        assert cols[4].endswith("*") == (not g.hbm_source) and int(cols[8]) == g.gpus_per_node, key
+        assert float(cols[10]) == pytest.approx(g.usd_per_hour, abs=0.005), key
     j = json.loads(CliRunner().invoke(app, ["gpus", "--format", "json"]).stdout)
     assert j == {k: json.loads(json.dumps(dataclasses.asdict(g))) for k, g in GPUS.items()}
     assert all(v["source"].startswith("http") or v["key"] == "cpu" for v in j.values())

@@ -256,32 +256,33 @@ def _qwen3_moe_layer_params() -> int:
 
 
 def test_pipeline_stages_inside_one_node_before_a_second_node():
-    """Qwen3-30B-A3B (4 KV heads) at 40,960 tokens x 64 on H100 SXM (80 GB): tp 8 replicates the KV heads (vLLM's
+    """Qwen3-30B-A3B (4 KV heads) at 40,960 tokens x 72 on H100 SXM (79.1 GiB): tp 8 replicates the KV heads (vLLM's
     ModelConfig.get_num_kv_heads: max(1, 4 // tp) = 1 per rank at tp 4 and at tp 8), so 8 GPUs fit only as tp 4 x pp 2
     (24 layers per rank): 8 GPUs on one node, not tp 8 x pp 2 on two nodes (16 GPUs, a Ray cluster)."""
     from llmc.compiler.hardware import get_gpu
     from llmc.spec.presets import PRESETS
 
     arch = PRESETS["qwen3-30b-a3b"]
-    run = run_with(arch.model_dump(), [{"max_model_len": 40960, "concurrency": 64}])
+    run = run_with(arch.model_dump(), [{"max_model_len": 40960, "concurrency": 72}])
     plans, diags = plan_serving(run, get_gpu)
     p = plans[0]
     assert not [d for d in diags if d.severity == "error"]
     assert (p.tensor_parallel_size, p.pipeline_parallel_size, p.gpus, p.nodes, p.fits) == (4, 2, 8, 1, True)
 
-    # by hand: 80e9 B x 0.9; the per-token KV of one rank is K and V x its layers x 1 KV head x 128 x 2 bytes
-    budget, layer = 0.9 * 80e9, _qwen3_moe_layer_params()
+    # by hand: 0.9 x the device-reported total; the per-token KV of one rank is K and V x its layers x 1 KV head x
+    # 128 x 2 bytes
+    budget, layer = 0.9 * get_gpu("h100-sxm").hbm_bytes, _qwen3_moe_layer_params()
     emb = 151936 * 2048
     assert 48 * layer + 2 * emb + 2048 == pytest.approx(30.5e9, rel=0.002)  # the model card's 30.5B
     reserve = lambda tp: GiB + 8192 * 2 * (4 * 2048 + 3 * 6144 / tp)  # noqa: E731 - the module's workspace estimate
-    need_tp8 = 64 * 40960 * (2 * 48 * 1 * 128 * 2)  # tp 8 x pp 1: all 48 layers, 1 KV head per rank
+    need_tp8 = 72 * 40960 * (2 * 48 * 1 * 128 * 2)  # tp 8 x pp 1: all 48 layers, 1 KV head per rank
     assert need_tp8 > budget - (48 * layer + 2 * emb + 2048) * 2 / 8 - reserve(8)  # 8 GPUs without stages: no fit
     kv_seq = 40960 * (2 * 24 * 1 * 128 * 2)  # 12,288 B/token/GPU
-    assert p.kv_gib_per_seq == round(kv_seq / GiB, 4) and p.kv_gib_needed == round(64 * kv_seq / GiB, 3)
+    assert p.kv_gib_per_seq == round(kv_seq / GiB, 4) and p.kv_gib_needed == round(72 * kv_seq / GiB, 3)
     # the last stage holds the LM head and the final norm besides its 24 layers (the first: the embedding)
     weights = (24 * layer + emb + 2048) * 2 / 4
     assert p.weights_gib_per_gpu == round(weights / GiB, 3)
-    assert p.max_seqs_that_fit == int((budget - weights - reserve(4)) // kv_seq) == 125
+    assert p.max_seqs_that_fit == int((budget - weights - reserve(4)) // kv_seq) == 134
 
 
 def test_pipeline_stages_hold_the_layers_vllm_gives_them():
@@ -332,8 +333,8 @@ def test_the_kv_cache_is_sized_by_the_most_loaded_stage():
     moe = 257 * 3 * d * 2048 + 256 * d + 256
     weights = 21 * (mla + moe + 2 * d) * 2 / 8
     assert p.weights_gib_per_gpu == round(weights / GiB, 3)
-    budget = 0.9 * 141e9 - weights - (GiB + 8192 * 2 * (4 * d + 3 * 18432 / 8))
-    assert p.max_seqs_that_fit == int(budget // kv_seq) == 81
+    budget = 0.9 * get_gpu("h200").hbm_bytes - weights - (GiB + 8192 * 2 * (4 * d + 3 * 18432 / 8))
+    assert p.max_seqs_that_fit == int(budget // kv_seq) == 92
 
 
 def test_one_node_of_pipeline_stages_is_served_without_ray():
@@ -345,7 +346,7 @@ def test_one_node_of_pipeline_stages_is_served_without_ray():
 
     text = ("name: t\nmodel: qwen3-30b-a3b\nhardware: {gpu: h100-sxm, count: 8}\n"
             "data: {sources: [{name: web, path: web.jsonl}], seq_len: 4096, tokens: 10B}\n"
-            "serving: [{engine: vllm, max_model_len: 40960, concurrency: 64}]\n")
+            "serving: [{engine: vllm, max_model_len: 40960, concurrency: 72}]\n")
     run, lines = loads_spec(text, file="s.yaml")
     c = compile_spec(run, "s.yaml", lines, spec_bytes=text.encode())
     cfg = ServingEmitter().files(c, {})["serving/vllm.yaml"]

@@ -8,9 +8,18 @@ Everything here is data with a source. Conventions (read these before using a nu
 * ``fp32_tflops`` is the plain (non-tensor-core) FP32 peak: PyTorch does not use TF32 for matmuls by
   default (``torch.backends.cuda.matmul.allow_tf32 = False`` since 1.12), so "fp32" training runs at this
   rate. ``tf32_tflops`` (dense) is given where it exists.
-* ``hbm_bytes`` is the marketed capacity in decimal GB x 1e9. The driver usually reports a little more
-  (H100 80 GB: 81,559 MiB = 85.5e9 B), and the CUDA context / NCCL take 0.5-2 GB of it, so the decimal
-  figure is a deliberately conservative usable capacity.
+* ``hbm_bytes`` is the device memory **as the device reports it**: the total a process sees,
+  ``torch.cuda.get_device_properties(0).total_memory`` (= ``torch.cuda.mem_get_info()[1]``, CUDA's
+  ``cudaDeviceProp.totalGlobalMem``; the "GPU 0 has a total capacity of X GiB" of PyTorch's out-of-memory message),
+  e.g. 79.11 GiB on an H100 SXM5 "80GB". That is what the caching allocator can reach and what vLLM sizes its KV
+  cache from (``gpu_memory_utilization`` x total). Each row's ``hbm_source`` cites a public report of it; where the
+  reports differ (driver versions reserve a little more or less) the row keeps the **lowest**. nvidia-smi's
+  "MiB total" is larger (H100: 81,559 MiB = 79.65 GiB: the driver keeps ~0.5 GiB of it); a row that only has an
+  nvidia-smi / rocm-smi figure says so. The plan charges what runs outside the allocator (CUDA context, NCCL
+  buffers: :mod:`llmc.compiler.backends`) against this total, so it is not reduced here (a decimal-GB capacity
+  would count that margin twice: 80e9 B = 74.5 GiB on an H100). A row with no public device figure keeps the
+  marketed decimal figure (``hbm_source`` empty, the notes say so): conservative, 5-7 % below the device's.
+  ``hbm_marketed_gb`` is the datasheet figure ("80 GB"), for display only.
 * ``hbm_gbps`` is memory bandwidth in GB/s (1e9 B/s).
 * ``nvlink_gbps`` is scale-up bandwidth **per GPU per direction** in GB/s. Datasheets quote the
   bidirectional total (H100 "900 GB/s" = 18 links x 50 GB/s bidirectional), so the value here is half.
@@ -50,7 +59,7 @@ class GPU:
     bf16_tflops: float  # dense (not the 2:4 sparsity figure)
     fp8_tflops: float | None  # dense; None = no FP8 tensor cores
     fp32_tflops: float  # non-tensor-core FP32
-    hbm_bytes: int
+    hbm_bytes: int  # device-reported total (torch total_memory); see the module docstring
     hbm_gbps: float  # GB/s
     nvlink_gbps: float  # GB/s per GPU per direction; 0 = none
     net_gbps: float  # Gbit/s per GPU (scale-out NIC)
@@ -80,6 +89,10 @@ class GPU:
     # in https://github.com/skypilot-org/skypilot; H100-NVL and RTX4090 are RunPod catalog names.
     skypilot_name: str | None = None
     storage_write_gbps: float = STORAGE_WRITE_GBPS  # GB/s per node to the checkpoint storage (conservative default)
+    hbm_marketed_gb: float = 0.0  # the datasheet's capacity in decimal GB ("80 GB"), for display; 0 = not given
+    # public report(s) of the device-reported total ``hbm_bytes`` is (URL and what it shows); "" = none found, and
+    # ``hbm_bytes`` is then the marketed decimal figure
+    hbm_source: str = ""
 
     @property
     def hbm_gib(self) -> float:
@@ -102,7 +115,13 @@ _ROWS: list[dict] = [
         fp8_tflops=1978.9,
         fp32_tflops=66.9,
         tf32_tflops=494.7,
-        hbm_bytes=80 * GB,
+        hbm_bytes=int(79.11 * GiB),
+        hbm_marketed_gb=80,
+        hbm_source=(
+            "https://github.com/vllm-project/vllm/issues/27508 (NVIDIA H100 80GB HBM3, driver 535.247.01: "
+            "PyTorch 'GPU 0 has a total capacity of 79.11 GiB'; nvidia-smi '0MiB / 81559MiB'); other drivers "
+            "report up to 79.21 GiB: the lowest kept"
+        ),
         hbm_gbps=3350,
         nvlink_gbps=450,
         net_gbps=400,
@@ -125,6 +144,7 @@ _ROWS: list[dict] = [
         fp32_tflops=51.2,
         tf32_tflops=378.0,
         hbm_bytes=80 * GB,
+        hbm_marketed_gb=80,
         hbm_gbps=2000,
         nvlink_gbps=300,
         pcie_gbps=64,  # datasheet: PCIe Gen5 128 GB/s (bidirectional)
@@ -132,7 +152,8 @@ _ROWS: list[dict] = [
         gpus_per_node=8,
         usd_per_hour=2.0,
         source="https://www.nvidia.com/en-us/data-center/h100/",
-        notes="NVLink bridge connects pairs of cards only; an 8-GPU PCIe server is PCIe-switched otherwise",
+        notes=("NVLink bridge connects pairs of cards only; an 8-GPU PCIe server is PCIe-switched otherwise; "
+               "capacity: the marketed decimal GB (no public device-reported total found)"),
         nvlink_topology="pairs",
     ),
     dict(
@@ -148,6 +169,8 @@ _ROWS: list[dict] = [
         fp32_tflops=66.9,
         tf32_tflops=494.7,
         hbm_bytes=80 * GB,
+        notes="capacity: the marketed decimal GB (no public device-reported total found)",
+        hbm_marketed_gb=80,
         hbm_gbps=3350,
         nvlink_gbps=200,
         net_gbps=400,
@@ -166,7 +189,13 @@ _ROWS: list[dict] = [
         fp8_tflops=1978.9,
         fp32_tflops=66.9,
         tf32_tflops=494.7,
-        hbm_bytes=141 * GB,
+        hbm_bytes=int(139.80 * GiB),
+        hbm_marketed_gb=141,
+        hbm_source=(
+            "https://github.com/sungwon-chae/arxiv_confi/blob/HEAD/etu_logging.md (8 x NVIDIA H200: PyTorch "
+            "'GPU 0 has a total capacity of 139.81 GiB'); 139.80 GiB in other public 8 x H200 training logs: "
+            "the lower kept"
+        ),
         hbm_gbps=4800,
         nvlink_gbps=450,
         net_gbps=400,
@@ -190,7 +219,14 @@ _ROWS: list[dict] = [
         fp8_tflops=4500.0,
         fp32_tflops=75.0,
         tf32_tflops=1100.0,
-        hbm_bytes=180 * GB,
+        hbm_bytes=int(178.35 * GiB),
+        hbm_marketed_gb=180,
+        hbm_source=(
+            "https://github.com/pytorch/ao/pull/4002 (NVIDIA B200, cudaDeviceProp totalGlobalMem: 'Total "
+            "Global Memory: 178.35 GB', in GiB); https://github.com/unslothai/unsloth/issues/3411 (NVIDIA "
+            "B200, torch: 'Total VRAM: 178.35 GB' = total_memory / 2^30); nvidia-smi '183359MiB': "
+            "https://github.com/NVIDIA/TensorRT-LLM/issues/10278"
+        ),
         hbm_gbps=7700,
         nvlink_gbps=900,
         net_gbps=400,
@@ -217,7 +253,12 @@ _ROWS: list[dict] = [
         fp8_tflops=1670.5,
         fp32_tflops=60.0,
         tf32_tflops=417.5,
-        hbm_bytes=94 * GB,
+        hbm_bytes=int(93.00 * GiB),
+        hbm_marketed_gb=94,
+        hbm_source=(
+            "https://github.com/ali-vilab/VACE/issues/56 (H100 NVL 94GB: PyTorch 'GPU 0 has a total capacity "
+            "of 93.00 GiB')"
+        ),
         hbm_gbps=3900,
         nvlink_gbps=300,
         pcie_gbps=64,  # datasheet: PCIe Gen5 128 GB/s (bidirectional)
@@ -241,6 +282,8 @@ _ROWS: list[dict] = [
         fp32_tflops=66.9,
         tf32_tflops=494.7,
         hbm_bytes=96 * GB,
+        notes="capacity: the marketed decimal GB (no public device-reported total found)",
+        hbm_marketed_gb=96,
         hbm_gbps=2400,
         nvlink_gbps=450,
         net_gbps=400,
@@ -259,7 +302,12 @@ _ROWS: list[dict] = [
         fp8_tflops=296.0,
         fp32_tflops=44.0,
         tf32_tflops=74.0,
-        hbm_bytes=96 * GB,
+        hbm_bytes=int(95.00 * GiB),
+        hbm_marketed_gb=96,
+        hbm_source=(
+            "https://github.com/modelscope/DiffSynth-Studio/issues/1238 (H20 96G: PyTorch 'has a total "
+            "capacity of 95.00 GiB'); nvidia-smi '97871MiB': https://github.com/NVIDIA/nvtrust/issues/128"
+        ),
         hbm_gbps=4000,
         nvlink_gbps=450,
         net_gbps=400,
@@ -282,6 +330,8 @@ _ROWS: list[dict] = [
         fp32_tflops=80.0,
         tf32_tflops=1250.0,
         hbm_bytes=186 * GB,
+        notes="capacity: the marketed decimal GB (no public device-reported total found)",
+        hbm_marketed_gb=186,
         hbm_gbps=8000,
         nvlink_gbps=900,
         net_gbps=400,
@@ -309,6 +359,7 @@ _ROWS: list[dict] = [
         fp32_tflops=75.0,
         tf32_tflops=1125.0,
         hbm_bytes=288 * GB,
+        hbm_marketed_gb=288,
         hbm_gbps=8000,
         nvlink_gbps=900,
         net_gbps=800,
@@ -316,7 +367,8 @@ _ROWS: list[dict] = [
         usd_per_hour=6.0,
         power_w=1100,
         source="https://www.nvidia.com/en-us/data-center/hgx/ (HGX B300); https://www.nvidia.com/en-us/data-center/dgx-b300/",
-        notes="Blackwell Ultra: B200's dense FP8/BF16 rates, 288 GB, 2x the attention exponent rate",
+        notes=("Blackwell Ultra: B200's dense FP8/BF16 rates, 288 GB, 2x the attention exponent rate; "
+               "capacity: the marketed decimal GB (no public device-reported total found)"),
         mx_block_scaling=True,  # Blackwell (SM 10.x), as b200
         # HGX B300 spec table (8 GPUs): FP4 tensor core 144 PF sparse | 105 PF dense -> 13.125 PF dense per GPU, the
         # dense figure as printed, not halved (https://www.nvidia.com/en-us/data-center/hgx/,
@@ -337,6 +389,7 @@ _ROWS: list[dict] = [
         fp32_tflops=83.0,
         tf32_tflops=1250.0,
         hbm_bytes=279 * GB,
+        hbm_marketed_gb=279,
         hbm_gbps=8000,
         nvlink_gbps=900,
         net_gbps=800,
@@ -345,7 +398,8 @@ _ROWS: list[dict] = [
         usd_per_hour=7.0,
         power_w=1400,
         source="https://www.nvidia.com/en-us/data-center/gb300-nvl72/",
-        notes="Blackwell Ultra: GB200's dense FP8/BF16 rates, 279 GB, 2x the attention exponent rate",
+        notes=("Blackwell Ultra: GB200's dense FP8/BF16 rates, 279 GB, 2x the attention exponent rate; "
+               "capacity: the marketed decimal GB (no public device-reported total found)"),
         mx_block_scaling=True,  # Blackwell (SM 10.x), as b200
         # GB300 NVL72 spec table: FP4 tensor core 1,440 PF sparse | 1,080 PF dense -> 1,080 / 72 = 15 PF dense per
         # GPU, the dense figure as printed, not halved (https://www.nvidia.com/en-us/data-center/gb300-nvl72/)
@@ -362,6 +416,8 @@ _ROWS: list[dict] = [
         fp32_tflops=163.4,
         tf32_tflops=653.7,
         hbm_bytes=256 * GB,
+        notes="capacity: the marketed decimal GB (no public device-reported total found)",
+        hbm_marketed_gb=256,
         hbm_gbps=6000,
         nvlink_gbps=448,
         net_gbps=400,
@@ -382,7 +438,15 @@ _ROWS: list[dict] = [
         fp8_tflops=None,
         fp32_tflops=19.5,
         tf32_tflops=156.0,
-        hbm_bytes=40 * GB,
+        hbm_bytes=42_298_834_944,
+        hbm_marketed_gb=40,
+        hbm_source=(
+            "https://github.com/bottlerocket-os/bottlerocket/pull/3873 (CUDA deviceQuery, NVIDIA "
+            "A100-SXM4-40GB: 'Total amount of global memory: 40339 MBytes (42298834944 bytes)' = 39.39 GiB, "
+            "cudaDeviceProp totalGlobalMem, what torch reports); 39.50 GiB in "
+            "https://github.com/TianheWu/CoSeR/issues/10: the lower kept; nvidia-smi '40960MiB': "
+            "https://github.com/modal-labs/modal-client/pull/2797"
+        ),
         hbm_gbps=1555,
         nvlink_gbps=300,
         net_gbps=200,
@@ -400,7 +464,13 @@ _ROWS: list[dict] = [
         fp8_tflops=None,
         fp32_tflops=19.5,
         tf32_tflops=156.0,
-        hbm_bytes=80 * GB,
+        hbm_bytes=int(79.25 * GiB),
+        hbm_marketed_gb=80,
+        hbm_source=(
+            "https://github.com/HiDream-ai/VAREdit/issues/6 and "
+            "https://github.com/levihsu/OOTDiffusion/issues/235 (A100 80GB: PyTorch 'total capacity of 79.25 "
+            "GiB'); nvidia-smi '81920MiB': https://github.com/modal-labs/modal-client/pull/2797"
+        ),
         hbm_gbps=2039,
         nvlink_gbps=300,
         net_gbps=200,
@@ -422,7 +492,13 @@ _ROWS: list[dict] = [
         fp8_tflops=2614.9,
         fp32_tflops=163.4,
         tf32_tflops=653.7,
-        hbm_bytes=192 * GB,
+        hbm_bytes=206_141_652_992,
+        hbm_marketed_gb=192,
+        hbm_source=(
+            "https://github.com/ROCm/legacy-rocm-build/issues/4750 (8 x AMD Instinct MI300X, rocm-smi: 'VRAM "
+            "Total Memory (B): 206141652992' = 191.98 GiB; a rocm-smi figure, no PyTorch one found). AMD's "
+            "'192 GB' is 192 GiB of HBM3"
+        ),
         hbm_gbps=5300,
         nvlink_gbps=448,
         net_gbps=400,
@@ -443,7 +519,14 @@ _ROWS: list[dict] = [
         fp8_tflops=733.0,
         fp32_tflops=91.6,
         tf32_tflops=183.0,
-        hbm_bytes=48 * GB,
+        hbm_bytes=int(44.42 * GiB),
+        hbm_marketed_gb=48,
+        hbm_source=(
+            "https://github.com/stepfun-ai/Step-Video-T2V/issues/8 (8 x L40S: PyTorch 'has a total capacity "
+            "of 44.42 GiB'); 44.53 GiB in https://github.com/Wan-Video/Wan2.1/issues/205: the lower kept; "
+            "nvidia-smi '46068MiB' (45.0 GiB of the datasheet's '48GB GDDR6 with ECC'): "
+            "https://github.com/modal-labs/modal-client/pull/2797"
+        ),
         hbm_gbps=864,
         nvlink_gbps=0,
         pcie_gbps=32,  # datasheet: PCIe Gen4 x16, 64 GB/s bidirectional
@@ -464,7 +547,13 @@ _ROWS: list[dict] = [
         fp8_tflops=330.3,
         fp32_tflops=82.6,
         tf32_tflops=82.6,
-        hbm_bytes=24 * GB,
+        hbm_bytes=int(23.52 * GiB),
+        hbm_marketed_gb=24,
+        hbm_source=(
+            "https://github.com/Soul-AILab/SoulX-FlashTalk/issues/5 (RTX 4090 24G: PyTorch 'GPU 0 has a total "
+            "capacity of 23.52 GiB'); 23.64 GiB in https://github.com/3DTopia/Phidias-Diffusion/issues/8: the "
+            "lower kept; nvidia-smi '24564MiB': https://github.com/RLinf/RLinf/issues/255"
+        ),
         hbm_gbps=1008,
         nvlink_gbps=0,
         pcie_gbps=32,  # Ada whitepaper: PCIe Gen4 x16 (64 GB/s bidirectional)
@@ -486,6 +575,7 @@ _ROWS: list[dict] = [
         fp32_tflops=0.5,
         tf32_tflops=None,
         hbm_bytes=16 * GiB,
+        hbm_source="llmc convention (no device): 16 GiB of host RAM assumed usable by the job",
         hbm_gbps=20,
         nvlink_gbps=0,
         net_gbps=10,
@@ -644,6 +734,8 @@ def with_overrides(key: str, overrides: dict | None) -> GPU | None:
     for k, v in ov.items():
         field_, mult = _OVERRIDE_FIELDS[k]
         changes[field_] = int(v * mult) if field_ == "hbm_bytes" else (v if mult is None else float(v) * mult)
+    if "hbm_gib" in ov:  # the spec's device-reported GiB replaces the table's (and its source)
+        changes["hbm_source"] = "spec: hardware.gpu_overrides.hbm_gib"
     if any(k.endswith("_tflops") for k in ov):
         # peaks given in the spec are the part's as it runs (at its power_w, the spec's or the table's): not derated
         changes["tdp_w"] = None

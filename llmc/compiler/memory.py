@@ -1134,9 +1134,9 @@ def offload_host_bytes_per_node(n_params: int, plan: ParallelPlan, gpus_per_node
 
 def fits(mem: MemoryNumbers, headroom: float | None = None) -> bool:
     """True when the peak stays under ``headroom`` x capacity. Default: :func:`llmc.compiler.backends.fit_headroom`
-    (0.92 for the ``generic`` profile, a fragmentation margin; 1.0 for a backend profile, whose per_gpu_bytes already
-    is the allocator's reserved memory plus the CUDA context and NCCL; the capacity is the decimal GB figure, itself
-    4-7 % below what the driver reports)."""
+    (0.92 for the ``generic`` profile, a fragmentation margin; 0.95 for a backend profile, whose per_gpu_bytes already
+    is the allocator's reserved memory plus the CUDA context and NCCL: the margin is the memory model's measured error;
+    the capacity is the total the device reports, torch's ``total_memory``: ``hardware.GPU.hbm_bytes``)."""
     if headroom is None:
         headroom = fit_headroom(mem.backend)
     return mem.per_gpu_bytes <= headroom * mem.capacity_bytes

@@ -1087,7 +1087,8 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
     out.append(f"fastest of {res.fitting} fitting candidates evaluated ({res.evaluated} memory evaluations, the "
                f"rest pruned by a step-time bound): "
                f"{describe(b)}, {step:.3g} s/step at {100 * best.mfu:.1f}% MFU, "
-               f"{gib(best.per_gpu_bytes)} of {gib(capacity)} per GPU")
+               f"{gib(best.per_gpu_bytes)} of {gib(usable_bytes(capacity, sm.backend))} usable per GPU "
+               f"({100 * backends.fit_headroom(sm.backend):.0f}% of {gib(capacity)})")
     top = sorted(((k, v) for k, v in br.items() if v > 0), key=lambda kv: -kv[1])[:4]
     out.append("step time: " + ", ".join(f"{k} {100 * v / step:.0f}%" for k, v in top))
     pinned = [f"{k}={v}" for k, v in pins_set(pins).items()]

@@ -592,7 +592,7 @@ def _searched_stage_memory(env: _Env) -> StageMemoryPlan:
     assert mem is not None and plan is not None
     return StageMemoryPlan(
         per_gpu_bytes=mem.per_gpu_bytes, capacity_bytes=mem.capacity_bytes,
-        fits=mem.per_gpu_bytes <= mem.capacity_bytes, shard_degree=plan.dp_shard, cp=plan.cp,
+        fits=memory.fits(mem), shard_degree=plan.dp_shard, cp=plan.cp,
         activation_checkpointing=plan.activation_checkpointing, source="the searched parallelism plan",
         breakdown=dict(mem.breakdown),
     )
@@ -1573,7 +1573,7 @@ def _layout_memory(layout: StageLayout) -> StageMemoryPlan:
     mem, plan = layout.memory, layout.plan
     return StageMemoryPlan(
         per_gpu_bytes=mem.per_gpu_bytes, capacity_bytes=mem.capacity_bytes,
-        fits=mem.per_gpu_bytes <= mem.capacity_bytes, shard_degree=plan.dp_shard, cp=plan.cp,
+        fits=memory.fits(mem), shard_degree=plan.dp_shard, cp=plan.cp,
         activation_checkpointing=plan.activation_checkpointing, source=_LAYOUT_SOURCE,
         breakdown=dict(mem.breakdown),
     )

@@ -237,7 +237,8 @@ class GpuOverrides(SpecModel):
     fp32_tflops: Float | None = Field(default=None, ge=MIN_HW, le=MAX_TFLOPS)
     """Plain FP32 peak in TFLOPS."""
     hbm_gib: Float | None = Field(default=None, ge=MIN_HW, le=MAX_HBM_GIB)
-    """Device memory in GiB."""
+    """Device memory in GiB as the device reports it (``torch.cuda.get_device_properties(0).total_memory / 2**30``,
+    e.g. 79.1 for an H100 "80GB"), not the marketed decimal GB."""
     hbm_tbps: Float | None = Field(default=None, ge=MIN_HW, le=MAX_HBM_TBPS)
     """Memory bandwidth in TB/s."""
     power_w: Float | None = Field(default=None, ge=MIN_HW, le=MAX_POWER_W)
