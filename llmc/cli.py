@@ -376,6 +376,7 @@ def build(
         files = render_artifacts(here)
     except SpecError as e:
         _fail([d.render() for d in e.diagnostics])
+    held = _hold_run_locks(out)  # a launch (or trainer) running this build: refused; none starts while it is written
     try:
         res = write_build(out, files, protect=[spec])
     except BuildDirError as e:
@@ -386,6 +387,9 @@ def build(
             rel, msg = msg[len(root) + 1:].split(": ", 1)
             where = out / rel
         _fail([f"{where}: error[X010] {msg}" + (f" ({e.hint})" if e.hint else "")])
+    finally:
+        for lk in held:
+            lk.release()
     for d in build_warnings(compiled):
         typer.echo(d.render(), err=True)
     typer.echo(f"wrote {len(res.written)} of {len(files)} files to {out}"
@@ -398,6 +402,40 @@ def build(
         _echo(_one_line(line), err=True)
     for name in sorted(files):
         typer.echo(f"  {name}")
+
+
+def _hold_run_locks(out: Path) -> list:
+    """The run locks of ``out``'s run directory (``run/.lock``, ``llmc launch``'s, and ``run/<stage>/.lock``, a trainer's
+    rank 0's: ``llmc.runtime.runlock.RunLock``) that exist, held, so that no launch starts on a half-written build;
+    a lock a live process holds (a launch or a trainer running this build) stops the build with one line naming it
+    (error X015): rewriting the lock and artifacts under a running launch makes its next stage fail."""
+    from llmc.runtime.runlock import LOCK_NAME, RunLock, RunLockBusy, held_by
+
+    run = out / "run"
+    try:
+        dirs = [run, *sorted(p for p in run.iterdir() if p.is_dir() and not p.is_symlink())] if run.is_dir() else []
+    except OSError:
+        dirs = [run]
+    held: list = []
+    for d in dirs:
+        f = d / LOCK_NAME
+        if not f.is_file() or f.is_symlink():
+            continue
+        try:
+            held.append(RunLock(d).acquire())
+            continue
+        except RunLockBusy:
+            who = held_by(d) or "another process (holder not recorded yet)"
+        except OSError:  # (cannot take it, e.g. a read-only run directory: only a live holder stops the build)
+            who = held_by(d)
+            if who is None:
+                continue
+        for lk in held:
+            lk.release()
+        what = "an `llmc launch` of this build" if d == run else f"a trainer of stage {d.name!r}"
+        _fail([f"{f}: error[X015] {what} is running ({who}): rebuilding would change the build under it (wait for "
+               f"it to finish, stop it, or build into another directory with -o)"])
+    return held
 
 
 def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
@@ -425,7 +463,7 @@ def launch(
     build_dir: Annotated[str, typer.Argument(help="A directory written by `llmc build`.")],
     backend: Annotated[str | None, typer.Option(
         help="native, torchtitan or deepspeed (default: the backend the plan was computed for)")] = None,
-    nproc: Annotated[int | None, typer.Option(help="Processes per node (default: from the plan; a CPU build: its world size).")] = None,
+    nproc: Annotated[int | None, typer.Option(help="Processes per node (default: from the plan; a CPU build: its world size). Only the plan's count, unless every stage run is a native post-training one.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and exit.")] = False,
     stage: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Launch even if plan.lock.json was edited by hand.")] = False,
@@ -451,7 +489,9 @@ def launch(
         edited_artifacts,
         launch_commands,
         load_build,
+        nproc_problem,
         preemption_times,
+        resume_checkpoint,
         spec_change_warning,
         start_stage,
     )
@@ -469,6 +509,10 @@ def launch(
             typer.echo(f"{build_dir}: warning[L004] {problem}; launching anyway (--force)", err=True)
         cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage,
                                fallback_checkpoint=fallback_checkpoint)
+        # a process count the plan's layout cannot run on: refused now, not by the trainer after prepare
+        wrong_nproc = nproc_problem(build_dir, cmds, nproc)
+        if wrong_nproc:
+            raise LaunchError(wrong_nproc)
         # after a SIGTERM / SIGINT / SIGUSR1 llmc passes on, a stage's trainers save their current step
         # (llmc.runtime.preempt, the torchtitan job's PreemptibleTrainer): torchrun allows them the plan's shutdown
         # time (unless the environment sets its own) and llmc waits longer than that before it kills the stage
@@ -510,18 +554,30 @@ def launch(
         lock = RunLock(b / "run").acquire()
     except RunLockBusy as e:
         _fail([f"{build_dir}: error[L003] {e}"])
+    except OSError as e:
+        _fail([_write_failure(e, build_dir, None, "the run lock (its holder's record)", cmds)])
     if no_resume:  # under the run lock: set every stage this launch runs aside, then plan the commands again
         from llmc.fileio import set_aside
         from llmc.runtime.job import set_stage_aside
 
         for name in dict.fromkeys(c.stage for c in cmds if c.stage and c.stage != "prepare" and "/" not in c.stage):
             # (before this launch's prepare: a run that kept no tokenizer of its own takes the one it trained with)
-            moved = set_stage_aside(b / "run" / name, b / "assets")
+            try:
+                moved = set_stage_aside(b / "run" / name, b / "assets")
+            except OSError as e:
+                lock.release()
+                _fail([_write_failure(e, build_dir, name, "its earlier run, setting it aside (--no-resume)", cmds,
+                                      b / "run" / name)])
             if moved is not None:
                 _echo(f"{name}: the earlier run is set aside in {os.path.relpath(moved)}")
         # a torchtitan stage's checkpoints, which its job would resume from, go aside with it
         for dump in dict.fromkeys(c.dump_dir for c in cmds if c.dump_dir):
-            moved = set_aside(dump)
+            try:
+                moved = set_aside(dump)
+            except OSError as e:
+                lock.release()
+                _fail([_write_failure(e, build_dir, None, "the torchtitan checkpoints, setting them aside "
+                                      "(--no-resume)", cmds, dump)])
             if moved is not None:
                 _echo(f"{os.path.relpath(dump)}: its torchtitan checkpoints are set aside in {os.path.relpath(moved)}")
         try:
@@ -543,73 +599,186 @@ def launch(
             except LaunchError as e:
                 lock.release()
                 _fail([f"{build_dir}: error[L005] {e}"])
+            except OSError as e:
+                lock.release()
+                _fail([_write_failure(e, build_dir, c.stage, "the stage's folder (its copy of the tokenizer, its "
+                                      "record)", cmds, c.stage_dir)])
             log = b / "run" / (c.stage if c.stage != "prepare" else ".prepare") / "stderr.log"
             env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown), **os.environ, **c.env}
-            rc, cause = _run_logged(c.argv, env=env, cwd=c.cwd, log=log, grace_s=wait)
-            if rc == EXIT_PREEMPTED:  # a SIGTERM / SIGUSR1 stopped it after a checkpoint of its current step
-                _echo(f"{build_dir}: stage {c.stage!r} preempted: stopped by a signal (a preemption, the time "
-                      f"limit or a cancel) after saving its current step; rerun "
-                      f"`llmc launch {shlex.quote(str(build_dir))}` to resume from it", err=True)
+            try:
+                ran = _run_logged(c.argv, env=env, cwd=c.cwd, log=log, grace_s=wait)
+            except OSError as e:  # its log could not even be opened (a full disk, a read-only run folder)
+                lock.release()
+                _fail([_write_failure(e, build_dir, c.stage, "the stage's log", cmds, log)])
+            rc, cause = ran[0], ran[1]
+            how, log_error = getattr(ran, "exit", None), getattr(ran, "log_error", None)
+            quoted = shlex.quote(str(build_dir))
+            rel = os.path.relpath(log)
+            if log_error is not None:
+                rel += f", incomplete: writing it failed ({log_error.strerror or log_error})"
+            if rc == EXIT_PREEMPTED:  # every rank reported it saved a checkpoint of its current step, then stopped
+                saved = resume_checkpoint(c.checkpoints)
+                _echo(_one_line(f"{build_dir}: stage {c.stage!r} preempted: stopped by a signal (a preemption, the "
+                                f"time limit or a cancel) after saving its current step"
+                                + (f" ({os.path.relpath(saved)})" if saved else "")
+                                + f"; rerun `llmc launch {quoted}` to resume from it"), err=True)
                 raise SystemExit(EXIT_PREEMPTED)
+            if rc != 0 and how is not None and how.signals and c.checkpoints:
+                # a stop was passed on, but not every rank reported saving its step (a hung or killed rank): not
+                # preempted, whatever the launcher's own status; what a rerun resumes from is the newest checkpoint
+                saved = resume_checkpoint(c.checkpoints)
+                told = (f"{len(how.reported)} of {how.world} ranks reported"
+                        + (f" ({', '.join(f'rank {r}: exit {x}' for r, x in sorted(how.reported.items()))})"
+                           if how.reported else "")) if how.reported else "no rank reported"
+                resume = (f"rerun `llmc launch {quoted}` to resume from {os.path.relpath(saved)}, the newest "
+                          "complete checkpoint (later steps are lost)" if saved else
+                          f"no complete checkpoint in {os.path.relpath(c.checkpoints)}: rerun `llmc launch {quoted}` "
+                          "to start the stage over")
+                _fail([f"{build_dir}: error[L002] stage {c.stage!r} stopped by a signal ({how.signals[0]} passed on) "
+                       f"without every rank reporting that it saved its current step ({told}; exit {rc}: {cause}): "
+                       f"not counted as preempted; {resume} (full log: {rel})"])
             if rc != 0:
-                rel = os.path.relpath(log)
+                hint = _space_hint(b, cmds) if _no_space(cause) else ""
                 _fail([f"{build_dir}: error[L002] stage {c.stage!r} failed (exit {rc}): {cause} "
-                       f"(fix it and rerun `llmc launch {shlex.quote(str(build_dir))}`: finished stages are "
-                       f"skipped; full log: {rel})"])
+                       + (f"({hint}) " if hint else "")
+                       + f"(fix it and rerun `llmc launch {quoted}`: finished stages are skipped; full log: {rel})"])
+            if log_error is not None:  # it finished, but what it printed could not all be kept
+                lock.release()
+                _fail([_write_failure(log_error, build_dir, c.stage, "the stage's log (the stage itself "
+                                      "finished)", cmds, log)])
     finally:
         lock.release()
 
 
-def _run_logged(argv: list[str], env: dict, cwd, log: Path, grace_s: float) -> tuple[int, str]:
+def _no_space(text: str) -> bool:
+    """Does an error line say a file system is full (ENOSPC) or over its quota (EDQUOT)?"""
+    return any(w in text for w in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), f"[Errno {errno.ENOSPC}]",
+                                   f"[Errno {errno.EDQUOT}]"))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _space_hint(b: Path, cmds) -> str:
+    """What a full disk can get back: the unfinished checkpoint folders (``*.tmp``, interrupted saves, never loaded)
+    of the stages' checkpoint folders, with their sizes; listed for the user to delete, never deleted here."""
+    from llmc.launch import unfinished_checkpoints
+
+    tmps = unfinished_checkpoints(b / "run", [getattr(c, "checkpoints", None) for c in cmds])
+    if not tmps:
+        return "free space on that file system"
+    shown = ", ".join(f"{os.path.relpath(p)} ({_size(n)})" for p, n in tmps[:6])
+    more = f" and {len(tmps) - 6} more" if len(tmps) > 6 else ""
+    return (f"free space on that file system: unfinished checkpoint folders (interrupted saves, never loaded) hold "
+            f"{_size(sum(n for _, n in tmps))} there and may be deleted: {shown}{more}")
+
+
+def _write_failure(e: OSError, build_dir: Path, stage: str | None, what: str, cmds, path=None) -> str:
+    """The one line for a file ``llmc launch`` itself could not write (its lock, a stage's log or folder): the file,
+    the stage, the error and, on a full disk, the space a user may get back (:func:`_space_hint`)."""
+    where = getattr(e, "filename", None) or path or build_dir
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    hint = _space_hint(Path(build_dir).resolve(), cmds) if full else "check the path and its permissions"
+    of = f"stage {stage!r}: " if stage else ""
+    return (f"{where}: error[L014] {of}`llmc launch` cannot write {what}: {e.strerror or e} ({hint}; then rerun "
+            f"`llmc launch {build_dir}`)")
+
+
+class _StageRun(tuple):
+    """What :func:`_run_logged` returns: ``(status, cause)`` (indexable as a pair), with ``exit`` (the
+    ``llmc.runtime.runlock.StageExit``: the signals passed on, the ranks' reports) and ``log_error`` (the OSError
+    that stopped writing the log, else None) as attributes."""
+
+    def __new__(cls, status: int, cause: str, exit=None, log_error: OSError | None = None):
+        t = super().__new__(cls, (status, cause))
+        t.exit, t.log_error = exit, log_error
+        return t
+
+
+#: How much of a stage attempt's stderr ``_run_logged`` keeps in memory for its cause line, whatever reaches the log
+#: (the tail: llmc's error line, the exception and torchrun's report come last)
+_TAIL_BYTES = 4 << 20
+
+
+def _run_logged(argv: list[str], env: dict, cwd, log: Path, grace_s: float) -> _StageRun:
     """Run one stage command under ``supervise`` (its process group never outlives llmc, even on SIGHUP
     or SIGKILL) with its stderr shown live and appended to ``log``; returns (exit code, the last error
-    line of this attempt's stderr). A stage that handled a SIGTERM / SIGUSR1 llmc passed on comes back as
-    ``EXIT_PREEMPTED`` (``supervise``); one that has not exited ``grace_s`` seconds after it is killed."""
+    line of this attempt's stderr), with how it ended (:class:`_StageRun`). A stage whose ranks all reported
+    saving their step on a SIGTERM / SIGUSR1 llmc passed on comes back as ``EXIT_PREEMPTED``
+    (``supervise_stage``); one that has not exited ``grace_s`` seconds after it is killed. A log that cannot be
+    written (a full disk) stops being written, not read: the stage runs on (a pipe nobody reads would block it), its
+    cause line comes from the tail kept in memory, and the error comes back as ``log_error``."""
     import threading
 
     from llmc.launch import StderrRelay
-    from llmc.runtime.runlock import supervise
+    from llmc.runtime.runlock import supervise_stage
 
     relay = StderrRelay()  # the terminal gets llmc's lines, not tracebacks or torchrun's report (the log gets all)
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    r, w = os.pipe()
-    saved = os.dup(2)
-    with open(log, "ab") as f:
-        start = f.tell()
+    tail = bytearray()
+    failed: list[OSError] = []
+    f = open(log, "ab", buffering=0)  # unbuffered: a write that fails fails here, not at close
+    try:
+        r, w = os.pipe()
+        saved = os.dup(2)
+    except BaseException:
+        f.close()
+        raise
 
-        def pump() -> None:
-            show = True
-            while chunk := os.read(r, 65536):
-                f.write(chunk)
-                f.flush()
-                if show:
-                    try:
-                        os.write(saved, relay.feed(chunk))
-                    except OSError:  # the terminal went away (SIGHUP): keep logging
-                        show = False
-
-        t = threading.Thread(target=pump, daemon=True)
-        t.start()
-        os.dup2(w, 2)  # the child inherits the pipe as its stderr
-        os.close(w)
-        rc = 1
-        try:
-            rc = supervise(argv, env=env, cwd=cwd, grace_s=grace_s)
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)  # drops our copy of the pipe's write end: the pump sees EOF
-            t.join(timeout=10)
-            if not t.is_alive():
+    def pump() -> None:
+        show = True
+        while chunk := os.read(r, 65536):
+            tail.extend(chunk)
+            if len(tail) > _TAIL_BYTES:
+                del tail[:len(tail) - _TAIL_BYTES]
+            if not failed:
                 try:
-                    os.write(saved, relay.close(failed=rc != 0))
-                except OSError:
-                    pass
-            os.close(saved)
-            if not t.is_alive():
-                os.close(r)
-    return rc, last_error_line(log.read_bytes()[start:].decode("utf-8", "replace"))
+                    view = memoryview(chunk)
+                    while view:  # (a raw write may take part of it)
+                        n = f.write(view)
+                        if not n:
+                            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                        view = view[n:]
+                except OSError as e:  # ENOSPC carries no file name: the launch names the log
+                    failed.append(e)
+            if show:
+                try:
+                    os.write(saved, relay.feed(chunk))
+                except OSError:  # the terminal went away (SIGHUP): keep logging
+                    show = False
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    os.dup2(w, 2)  # the child inherits the pipe as its stderr
+    os.close(w)
+    how = None
+    try:
+        how = supervise_stage(argv, env=env, cwd=cwd, grace_s=grace_s)
+    finally:
+        rc = how.status if how is not None else 1
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # drops our copy of the pipe's write end: the pump sees EOF
+        t.join(timeout=10)
+        if not t.is_alive():
+            try:
+                os.write(saved, relay.close(failed=rc != 0))
+            except OSError:
+                pass
+        os.close(saved)
+        if not t.is_alive():
+            os.close(r)
+            try:
+                f.close()
+            except OSError as e:
+                failed.append(e)
+    return _StageRun(rc, last_error_line(bytes(tail).decode("utf-8", "replace")), how, failed[0] if failed else None)
 
 
 def last_error_line(text: str) -> str:

@@ -92,6 +92,7 @@ from llmc.runtime.job import (
     legacy_message,
     stale_message,
 )
+from llmc.spec.schema import POSTTRAIN_KINDS
 
 BACKENDS = ("native", "torchtitan", "deepspeed")
 #: Most processes per node ``--nproc`` takes (the spec's own ceiling on hardware.gpus_per_node)
@@ -121,6 +122,9 @@ class Cmd:
     record: dict | None = None
     #: a torchtitan stage's dump folder (its DCP checkpoints, which the job resumes from): set aside with the stage
     dump_dir: str | None = None
+    #: where the stage's checkpoints are (the folder a rerun resumes from): its trainer's checkpoint folder, a DeepSpeed
+    #: stage's ``ds_checkpoints``, a torchtitan stage's dump folder; None for a command that saves none
+    checkpoints: str | None = None
 
 
 def has_gpu() -> bool:
@@ -159,6 +163,114 @@ def _cpu_world(lock: dict) -> int:
     """A CPU build's world size (``hardware.count`` processes, all on this node), else 0."""
     hw = lock["spec"]["resolved"]["hardware"]
     return max(1, int(hw["count"])) if str(hw.get("gpu", "")).lower() == "cpu" else 0
+
+
+def _plan_world(lock: dict) -> int:
+    """The processes the plan's layout runs on (dp_replicate x dp_shard x tp x pp x cp; ep lies within them), the
+    WORLD_SIZE llmc's pre-training trainers, the DeepSpeed runner and the torchtitan job require; 0 without a plan (a
+    pipeline without pre-training: its stages shard over every rank started)."""
+    plan = lock.get("plan")
+    if not isinstance(plan, dict):
+        return 0
+    n = 1
+    for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp"):
+        n *= int(plan.get(k, 1) or 1)
+    return n
+
+
+def nproc_problem(build_dir: str | os.PathLike, cmds: list[Cmd], asked: int | None) -> str | None:
+    """Why ``llmc launch --nproc asked`` cannot run ``cmds`` (:func:`launch_commands`' for that count), else None: a
+    stage it runs trains the plan's layout (pre-training and continued training on every backend, post-training on
+    DeepSpeed or torchtitan), whose trainer refuses any WORLD_SIZE but the plan's (R002, after prepare); only llmc's
+    post-training stages (split over every rank started: ``llmc.runtime.posttrain.post_layout``) and a lock without a
+    plan (its stages shard over every rank) run on any count. ``llmc launch`` refuses it before anything runs."""
+    if asked is None:
+        return None
+    try:
+        _, lock = load_build(build_dir)
+    except LaunchError:
+        return None
+    world = _plan_world(lock)
+    if not world or asked == world:
+        return None
+    kinds = {st["name"]: st["kind"] for st in _stages(lock)}
+    fixed = [c for c in cmds if c.checkpoints and not c.skip_reason
+             and not (RUNTIME_ENTRY in c.argv and kinds.get(c.stage) in POSTTRAIN_KINDS)]
+    return nproc_message(asked, world, fixed[0].stage, lock) if fixed else None
+
+
+def nproc_message(asked: int, world: int, stage: str, lock: dict) -> str:
+    """The one line refusing ``--nproc asked`` for a stage that runs the plan's layout on ``world`` processes."""
+    plan = lock.get("plan") or {}
+    dims = " x ".join(f"{k}={int(plan.get(k, 1) or 1)}" for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp"))
+    cpu = _cpu_world(lock) > 0
+    rebuild = f"--set hardware.count={asked}" if cpu else f"--set hardware.count={asked} (GPUs)"
+    return (f"--nproc {asked}: stage {stage!r} runs the plan's layout on exactly {world} process(es) ({dims}), and "
+            f"its trainer refuses any other WORLD_SIZE; --nproc can only be {world} for this build (only "
+            f"post-training stages on the native backend run on any count); for {asked} processes rebuild with "
+            f"`llmc build SPEC {rebuild}`")
+
+
+def _checkpoint_folder(lock: dict) -> str:
+    """The native trainers' checkpoint folder in a stage's run folder (``training.checkpoint.folder``)."""
+    try:
+        folder = lock["spec"]["resolved"]["training"]["checkpoint"]["folder"]
+    except (KeyError, TypeError):
+        folder = None
+    return folder if isinstance(folder, str) and folder else "checkpoints"
+
+
+#: a checkpoint step folder's name (llmc's ``step-00000005``, torchtitan's ``step-5``)
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def resume_checkpoint(folder: str | os.PathLike | None) -> Path | None:
+    """The newest complete checkpoint in a stage's checkpoint folder (:attr:`Cmd.checkpoints`), the one a rerun resumes
+    from, without reading it (torch-free): llmc's ``step-N`` with its ``manifest.json`` (written last;
+    ``llmc.runtime.checkpoint``), DeepSpeed's tag named by ``latest``, torchtitan's DCP ``checkpoint/step-N`` with
+    its ``.metadata`` (written last by torch.distributed.checkpoint's ``finish``). None when there is none."""
+    if not folder:
+        return None
+    d = Path(folder)
+    try:
+        latest = d / "latest"
+        if latest.is_file():  # DeepSpeed (deepspeed/runtime/engine.py save_checkpoint writes the tag last)
+            tag = latest.read_text().strip()
+            return d / tag if tag and (d / tag).is_dir() else None
+        found = [(int(m.group(1)), p) for base in (d, *sorted(d.glob("checkpoint*")))
+                 for p in (base.iterdir() if base.is_dir() else ())
+                 if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))
+                 and ((p / "manifest.json").is_file() or (p / ".metadata").is_file())]
+    except OSError:
+        return None
+    return max(found)[1] if found else None
+
+
+def unfinished_checkpoints(run: str | os.PathLike, folders: list[str | None] = ()) -> list[tuple[Path, int]]:
+    """``(folder, bytes)`` of every unfinished checkpoint folder (``*.tmp``: a save that did not complete, never
+    loaded) in the stages' checkpoint folders under ``run`` and in ``folders``: the space a full disk can get back.
+    Only listed, never deleted."""
+    bases = {Path(f) for f in folders if f}
+    try:
+        bases |= {p for p in Path(run).glob("*/*") if p.is_dir() and not p.name.endswith(".tmp")}
+    except OSError:
+        pass
+    out = []
+    for base in sorted(bases):
+        try:
+            tmps = sorted(p for p in base.glob("*.tmp") if p.is_dir() and not p.is_symlink())
+        except OSError:
+            continue
+        for t in tmps:
+            size = 0
+            for root, _, files in os.walk(t):
+                for f in files:
+                    try:
+                        size += os.lstat(os.path.join(root, f)).st_size
+                    except OSError:
+                        pass
+            out.append((t, size))
+    return out
 
 
 def load_build(build_dir: str | os.PathLike) -> tuple[Path, dict]:
@@ -359,6 +471,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     if not 1 <= nproc <= MAX_NPROC:
         raise LaunchError(f"--nproc must be 1 to {MAX_NPROC} processes per node (got {nproc})")
     run = Path(run_dir).resolve() if run_dir is not None else b / "run"
+    folder = _checkpoint_folder(lock)
     lock_path = str(b / "plan.lock.json")
     stages = _stages(lock)
     if stage is not None:
@@ -382,7 +495,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         argv = [_tool("torchrun"), "--standalone", "--nproc_per_node", str(nproc)]
         return Cmd(argv=[*argv, "-m", RUNTIME_ENTRY, "--lock", lock_path, "--stage", s["name"],
                          "--out", str(run / s["name"]), *(["--fallback-checkpoint"] if fallback_checkpoint else [])],
-                   cwd=str(b), stage=s["name"])
+                   cwd=str(b), stage=s["name"], checkpoints=str(run / s["name"] / folder))
 
     evaluated = set(eval_stages(lock))
     position = {st["name"]: i for i, st in enumerate(_stages(lock))}
@@ -402,7 +515,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
             c = Cmd(argv=[_tool("torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m",
                           "llmc.runtime.ds_train", "--lock", lock_path, "--ds-config", str(ds_config),
                           "--stage", s["name"], "--out", str(run / s["name"])], env=env, cwd=str(b),
-                    stage=s["name"], stage_dir=str(run / s["name"]))
+                    stage=s["name"], stage_dir=str(run / s["name"]), checkpoints=str(run / s["name"] / "ds_checkpoints"))
             # (the runner reads deepspeed/ds_config.<stage>.json instead when the build wrote one)
             own_cfg = ds_config.with_name(f"ds_config.{s['name']}.json")
             c.artifacts = (str((own_cfg if own_cfg.is_file() else ds_config).relative_to(b)),)
@@ -425,6 +538,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
             c = Cmd(argv=argv, env=env, cwd=str(b), stage=s["name"], artifacts=(str(module.relative_to(b)),),
                     stage_dir=str(run / s["name"]), record=fingerprint_record(lock, s["name"], b) or None,
                     dump_dir=str(b / "outputs" / titan_dump_subdir(s["name"] if own else None)))
+            c.checkpoints = c.dump_dir
             # torchtitan writes DCP checkpoints: the stage ends, as every stage does, with a Hugging Face
             # directory run/<stage>/hf (llmc.runtime.hf_io converts the newest checkpoint)
             hf = run / s["name"] / "hf" / "config.json"

@@ -382,6 +382,23 @@ class StageTraining:
 
 
 @dataclass(frozen=True)
+class StageExamples:
+    """What one step of a chat stage (sft / dpo / grpo) reads, in the records users count
+    (:func:`llmc.compiler.stages.stage_examples`). llmc's chat trainers do not pack: each record is its own row(s),
+    right-padded to the batch's longest and cut at ``row_tokens`` (``llmc.runtime.sft.pad_batch``), so the stage's
+    ``tokens`` (steps x global_batch_tokens) counts every row as full: an upper bound on the tokens trained. The
+    launch measures the records and says what the steps really read (``llmc.runtime.stage_tokens``, R013)."""
+
+    unit: str  # "conversations" (sft), "pairs" (dpo: a chosen and a rejected response), "prompts" (grpo)
+    per_step: int  # records per optimizer step: global_batch_tokens / seq_len (sft, dpo), prompts_per_step (grpo)
+    rows_per_record: int  # rows each record runs as: 1 (sft), 2 (dpo: chosen, rejected), group_size (grpo)
+    rows_per_step: int  # per_step x rows_per_record
+    row_tokens: int  # tokens a row holds at most: seq_len (grpo: max_prompt_tokens + max_new_tokens)
+    total: int | None  # steps x per_step: the records the stage's steps read (None: steps not known)
+    max_row_tokens: float | None  # steps x rows_per_step x row_tokens: what the rows hold when every one is full
+
+
+@dataclass(frozen=True)
 class StagePlan(StageTraining):
     """One stage's resolved plan: its training numbers (:class:`StageTraining`) and the rest. For the ``pretrain``
     stage the training numbers equal ``Compiled.hyper`` and the batch split equals ``Compiled.plan``; other stages
@@ -410,6 +427,8 @@ class StagePlan(StageTraining):
     # the context the stage's Hugging Face export states (config.json max_position_embeddings): the model's, the
     # stage's seq_len or the context its RoPE was extended to, whichever is largest; what serving may ask for
     max_position_embeddings: int = 0
+    # a chat stage (sft / dpo / grpo): what its step reads, in conversations / pairs / prompts; None for the others
+    examples: StageExamples | None = None
 
 
 @dataclass(frozen=True)
@@ -580,5 +599,5 @@ __all__ = [
     "ModelNumbers", "ComputeNumbers", "MemoryNumbers", "CheckpointNumbers", "StageCheckpoints", "TimeNumbers",
     "InterruptionNumbers", "CostNumbers", "Hyper", "PreemptionNumbers",
     "Candidate", "ModelInMemory", "LoraPlan", "StageMemoryPlan", "RolloutPlan", "LongContextPlan", "ContextPlan",
-    "StagePlan", "ServingPlan", "BackendChoice", "CalibrationStatus", "UnfitLayout", "Compiled",
+    "StageExamples", "StagePlan", "ServingPlan", "BackendChoice", "CalibrationStatus", "UnfitLayout", "Compiled",
 ]

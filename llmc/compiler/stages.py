@@ -47,6 +47,7 @@ from llmc.compiler.result import (
     PipelineTime,
     RolloutPlan,
     StageCheckpoints,
+    StageExamples,
     StageLayout,
     StageMemoryPlan,
     StagePlan,
@@ -1507,6 +1508,54 @@ def _template_note(name: str, chosen: bool, specials: set[str] | None, own: bool
     return f"chat template: {what} ({why})"
 
 
+#: what a chat stage's record is called, and the rows it runs as (llmc.runtime.sft / dpo / grpo: one padded row per
+#: conversation; a pair's chosen and rejected responses, each after its prompt; a prompt's group of completions)
+EXAMPLE_UNITS = {"sft": "conversations", "dpo": "pairs", "grpo": "prompts"}
+
+
+def stage_examples(kind: str, tr: StageTraining) -> StageExamples | None:
+    """What a step of a chat stage reads (:class:`StageExamples`), as its trainer draws it: SFT and DPO take the
+    plan's ``global_batch_seqs`` = global_batch_tokens / seq_len records per step (``llmc.runtime.posttrain.run_stage``
+    passes it as the loops' batch_size), one row each for SFT, two for DPO (chosen and rejected,
+    ``llmc.runtime.dpo.train_dpo``); GRPO takes ``prompts_per_step`` prompts, each sampled ``group_size`` times
+    (``llmc.runtime.grpo.train_grpo``). None for the other kinds (their documents are packed into full rows)."""
+    unit = EXAMPLE_UNITS.get(kind)
+    if unit is None or not tr.global_batch_seqs:
+        return None
+    if kind == "grpo":
+        per_step, rows = int(tr.hyper["prompts_per_step"]), int(tr.hyper["group_size"])
+    else:
+        per_step, rows = int(tr.global_batch_seqs), 2 if kind == "dpo" else 1
+    return StageExamples(unit=unit, per_step=per_step, rows_per_record=rows, rows_per_step=per_step * rows,
+                         row_tokens=tr.seq_len, total=tr.steps * per_step if tr.steps else None,
+                         max_row_tokens=float(tr.steps * per_step * rows * tr.seq_len) if tr.steps else None)
+
+
+def examples_note(kind: str, tr: StageTraining, ex: StageExamples) -> str:
+    """The stage note saying what a chat stage's step reads and what its ``tokens`` means (:func:`stage_examples`)."""
+    if kind == "grpo":
+        h = tr.hyper
+        step = (f"a step: {ex.per_step:,} prompts x {ex.rows_per_record} completions = {ex.rows_per_step:,} rows of up "
+                f"to {ex.row_tokens:,} tokens (max_prompt_tokens {h['max_prompt_tokens']:,} + max_new_tokens "
+                f"{h['max_new_tokens']:,})")
+        read = ("steps x global_batch_tokens: an upper bound on the tokens trained (prompts are shorter and completions "
+                "stop at their end token; the launch says the epochs of the prompts, R013)")
+    elif kind == "dpo":
+        step = (f"a step: {ex.per_step:,} pairs (global_batch_tokens {tr.global_batch_tokens:,} / seq_len "
+                f"{tr.seq_len:,}; each 2 rows, chosen and rejected, padded, not packed)")
+        read = ("pairs x seq_len, a pair counted as one full row: per row, an upper bound on the tokens trained "
+                "(shorter pairs train fewer; the launch measures them, R013)")
+    else:
+        step = (f"a step: {ex.per_step:,} conversations (global_batch_tokens {tr.global_batch_tokens:,} / seq_len "
+                f"{tr.seq_len:,}; one per row, padded, not packed)")
+        read = ("rows x seq_len: an upper bound on the tokens trained (shorter conversations train fewer; the launch "
+                "measures them, R013)")
+    if ex.total is None:
+        return step
+    return (f"{step}; {tr.steps:,} steps read {ex.total:,} {ex.unit}; tokens "
+            f"{tr.tokens or tr.steps * tr.global_batch_tokens:,.0f} is read as {read}")
+
+
 def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, sink: Sink) -> tuple[StagePlan, dict]:
     """One stage's plan and the context it hands on to stages that ``init_from`` it."""
     p = f"stages.{i}"
@@ -1520,6 +1569,9 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
         if env.run.training.optimizer.weight_decay != POSTTRAIN_WEIGHT_DECAY:
             notes.append(f"AdamW without weight decay (TRL's default), not training.optimizer.weight_decay "
                          f"{env.run.training.optimizer.weight_decay:g}, which pre-training and continued training use")
+    examples = stage_examples(st.kind, tr)
+    if examples is not None:
+        notes.append(examples_note(st.kind, tr, examples))
     arch = env.run.model
     trainable = lora_trainable_params(arch, st.lora.rank, st.lora.targets) if st.lora else env.n_total
     if st.lora is not None:
@@ -1561,6 +1613,7 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
                             rope_scaling=out_ctx["rope_scaling"]),
         notes=notes, time=stime, layout=layout.plan if layout is not None else None,
         max_position_embeddings=max(env.run.model.max_seq_len, tr.seq_len, out_ctx["max_context"]),
+        examples=examples,
     )
     return plan, out_ctx
 

@@ -30,6 +30,7 @@ from llmc.runtime.sft import (
     next_token_targets,
     pad_batch,
 )
+from llmc.runtime.stage_tokens import announce, row_figures, stage_token_use
 
 
 def sequence_logprobs(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, loss_chunk: int = 0) -> torch.Tensor:
@@ -149,7 +150,9 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
     the same number on every rank (weight-0 pairs top shares up); None: the whole share at once. ``loss_chunk``:
     tokens per slice of the log-probs (the stage plan's, ``model.token_losses``; 0 = whole). Pairs with a side left
     without a response token once cut to ``max_len`` (a prompt that fills it: margin 0, loss log 2, no gradient) are
-    dropped, their count printed once; ValueError when none is left."""
+    dropped, their count printed once; ValueError when none is left. At the start rank 0 says what the steps read of the
+    pairs left (:func:`llmc.runtime.stage_tokens.stage_token_use`: a pair is 2 rows; R013 when they train under half
+    of steps x batch_size x max_len per row, the plan's tokens, or past 4 epochs)."""
     shard = shard or DataShard()
     state = state or LoopState()
     pairs, dropped = usable_pairs(pairs, max_len)
@@ -159,6 +162,13 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
     if dropped and shard.rank == 0:
         print(f"DPO: {dropped} of {dropped + len(pairs)} preference pairs dropped: a response has no token within "
               f"seq_len {max_len}", flush=True)
+    if shard.rank == 0:  # what the steps read of the pairs, said once (R013: llmc.runtime.stage_tokens)
+        toks, trained = row_figures([side for p in pairs for side in p], max_len)
+        announce(stage_token_use(getattr(log, "stage", None) or "dpo", "pairs", available=len(pairs), steps=steps,
+                                 per_step=batch_size, seq_len=max_len,
+                                 rows=list(zip(toks[::2], toks[1::2], strict=True)),
+                                 trained=[a + b for a, b in zip(trained[::2], trained[1::2], strict=True)],
+                                 rows_per_record=2))
     ref = reference or Reference(model)  # before a resume loads trained weights: the reference is the start
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(model, lr, optimizer)

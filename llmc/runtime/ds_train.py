@@ -32,6 +32,19 @@ from ``init_from`` / ``init_hf`` are loaded per parameter the same way. Activati
 the plan (``model.set_ac(mode, ac_layers)``; logged and recorded in DONE.json as e.g. ``partial(2)``);
 AdamW groups follow :func:`llmc.runtime.model.param_groups` under the lock's ``training.optimizer.no_decay`` (by
 default no decay on 1-D parameters and token embeddings), as the native trainer and the torchtitan job.
+
+A non-finite step stops the run, as in the native trainer (:func:`llmc.runtime.train.nonfinite_line`: one
+``error[R014]`` line, status "failed", exit 1, nothing of the step saved). DeepSpeed 0.19.8 has its own answer to a
+non-finite gradient norm, which is not a stop: with bf16 (``BF16_Optimizer.step``, deepspeed/runtime/
+bf16_optimizer.py; ZeRO-1/2's ``DeepSpeedZeroOptimizer.step``, deepspeed/runtime/zero/stage_1_and_2.py, under
+``bf16.check_grad_overflow``, default true, deepspeed/runtime/precision_config.py) and fp32 under ZeRO-1/2 it skips
+the step and reports the norm as inf (``DeepSpeedEngine._take_model_step`` counts ``skipped_steps`` and does not step
+the LR scheduler); fp16 does the same and halves its dynamic loss scale (an overflow is routine there); fp32 without
+ZeRO applies it (``clip_fp32_gradients``: torch's clip_grad_norm_, NaN coefficients). A run whose loss stays NaN
+would skip every step to the end and finish "done". So here, every step: the loss (all ranks, before the boundary's
+``engine.step``: the step is not taken), the gradient norm (ZeRO-0: before the step; else DeepSpeed's, after it,
+where a non-finite one means DeepSpeed skipped the step, bar fp32 ZeRO-0 and bf16 with ``check_grad_overflow`` off;
+not a stop under fp16's dynamic loss scaling) and, before every save, the weights.
 """
 
 from __future__ import annotations
@@ -342,6 +355,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     from llmc.runtime.job import TrainJob
     from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
     from llmc.runtime.model import Transformer, build_model, mean_token_loss, param_groups
+    from llmc.runtime.train import nonfinite_line, step_stats, weights_finite
     from llmc.spec.schema import ac_label
 
     job = TrainJob.from_lock(lock, stage, build_dir=build_dir)
@@ -453,6 +467,31 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
 
     stop_at = min(job.steps, max_steps) if max_steps else job.steps
     last_loss, t_start = float("nan"), time.time()
+    # fp16 (a hand-written config: llmc writes bf16 or fp32) with a dynamic loss scale (loss_scale 0, DeepSpeed's
+    # default): an overflowing gradient is DeepSpeed's to handle (step skipped, scale halved), not a stop
+    fp16 = cfg.get("fp16") or {}
+    fp16_scaling = bool(fp16.get("enabled")) and float(fp16.get("loss_scale", 0) or 0) == 0
+
+    def held(module) -> list:
+        """The weights this rank holds: its ZeRO-3 partitions (``ds_tensor``), else the parameters."""
+        return [getattr(p, "ds_tensor", p) for p in module.parameters()]
+
+    def failed(what: str, loss: float | None, norm: float | None, taken: bool = False) -> dict:
+        """Stop at a non-finite step (every rank together): nothing of it saved; the R014 line and the end event."""
+        last = ds_dir / f"step-{saved_at:08d}" if saved_at is not None and (ds_dir / f"step-{saved_at:08d}").is_dir() \
+            else None
+        line = nonfinite_line(str(out), job.stage, step, what, loss, norm, str(last) if last else None, taken)
+        result = {"status": "failed", "stage": job.stage, "kind": job.kind, "backend": "deepspeed",
+                  "zero_stage": zero, "step": step, "steps": job.steps, "tokens": tokens,
+                  "reason": line.split(": error[R014] ", 1)[1].split(": ", 1)[1],
+                  "checkpoint": os.path.relpath(last, out) if last else None,
+                  "wall_s": round(time.time() - t_start, 2), "params": n_params, "world": world}
+        if main:
+            print(line, file=sys.stderr, flush=True)
+            log.event("end", **result, final_loss=loss)
+        log.close()
+        dist.barrier()
+        return {**result, "loss": loss}
     from llmc.runtime.data import Assets
     from llmc.runtime.validation import Validator
 
@@ -465,7 +504,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         loss_sum = torch.zeros((), device=device)
         lr = engine.get_lr()[0]
         log_now = (step + 1) % job.log_every == 0 or step == 0 or step + 1 == stop_at
-        own_norm = None
+        own_norm, bad = None, None
         for i in range(accum):
             x, y = loader.next_batch(micro)
             x, y = x.to(device), y.to(device)
@@ -474,32 +513,47 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
             loss = mean_token_loss(losses, y, job.z_loss)
             loss = loss + (aux.float() if torch.is_tensor(aux) else aux)
             engine.backward(loss)
-            if log_now and zero == 0 and i == accum - 1:  # ZeRO-0 may not report a norm: take it before step
-                own_norm = _grad_norm(engine.module)
-            engine.step()
             loss_sum += loss.detach().float()
+            if i == accum - 1:  # before the boundary's optimizer step: the loss (and ZeRO-0's norm) finite everywhere?
+                if zero == 0:  # ZeRO-0 may not report a norm (and would step on a NaN one): take it before the step
+                    own_norm = _grad_norm(engine.module)
+                last_loss, pre_norm, finite = step_stats(
+                    loss_sum / accum, own_norm if own_norm is not None else torch.zeros((), device=device))
+                pre_norm = pre_norm if own_norm is not None else None
+                if not finite:
+                    bad = ("non-finite loss" if not math.isfinite(last_loss) else "non-finite gradient norm"
+                           if pre_norm is not None and not math.isfinite(pre_norm)
+                           else "non-finite gradient norm on another rank")
+                    break
+            engine.step()
         step += 1
         tokens += tokens_per_step
         dt = time.time() - t0
-        if log_now:  # host syncs only on logged steps
-            mean = loss_sum / accum
-            dist.all_reduce(mean)
-            last_loss = float(mean) / world
-            # valid after the optimizer step at the accumulation boundary; ZeRO-0 may return None, then the
-            # norm taken before the step (DeepSpeed scales by 1/accum in backward, so it is the same norm)
-            gnorm = engine.get_global_grad_norm()
-            if gnorm is None:
-                gnorm = own_norm
-            log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=None if gnorm is None else float(gnorm),
-                                tokens=tokens, tokens_per_step=tokens_per_step, dt=dt, flops_per_token=fpt,
+        # valid after the optimizer step at the accumulation boundary; ZeRO-0 may return None, then the norm taken
+        # before the step (DeepSpeed scales by 1/accum in backward, so it is the same norm)
+        gnorm = pre_norm if bad else engine.get_global_grad_norm()
+        if gnorm is None:
+            gnorm = pre_norm
+        gnorm = None if gnorm is None else float(gnorm)
+        if bad is None and gnorm is not None and not math.isfinite(gnorm) and not fp16_scaling:
+            bad = "non-finite gradient norm"  # DeepSpeed's, the same on every rank (its norm is all-reduced)
+        if log_now or bad:
+            log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=gnorm, tokens=tokens,
+                                tokens_per_step=tokens_per_step, dt=dt, flops_per_token=fpt,
                                 peak_flops=job.peak_flops, world=world, device=device))
+        if bad:
+            return failed(bad, last_loss, gnorm, taken=engine.was_step_applied() and finite)
         if validator is not None:
             validator.maybe(step, stop_at, engine, log)
         if step % job.checkpoint_interval == 0 and step < stop_at:
+            if not weights_finite(held(engine.module), device):
+                return failed("non-finite weights after the update", None, None, taken=True)
             save_ds()
         if step < stop_at and preempt.requested(device):  # SIGTERM / SIGUSR1 on any rank: save this step, stop
             preempted = True
             break
+    if saved_at != step and not weights_finite(held(engine.module), device):
+        return failed("non-finite weights after the update", None, None, taken=True)
     save_ds()
 
     # full weights as an llmc checkpoint, so any following stage can init_from this one. ZeRO-3: gathered one

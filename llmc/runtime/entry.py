@@ -657,4 +657,10 @@ def exit_code(status: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llmc.runtime.runlock import report_exit
+
+    _code = main()
+    # the launcher's evidence (llmc.runtime.runlock.supervise_stage): a stage is preempted, exit 75, only when every
+    # rank reports it saved its step; torchrun's own status after a SIGTERM is 1 either way
+    report_exit(_code)
+    sys.exit(_code)

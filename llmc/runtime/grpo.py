@@ -26,6 +26,7 @@ from torch import nn
 from llmc.runtime.chat import IGNORE_INDEX, TemplateError, TokAdapter, encode_prompt, end_token_id
 from llmc.runtime.dpo import Reference
 from llmc.runtime.sft import DataShard, EpochOrder, LoopState, adamw, clip_grads, dropout_off
+from llmc.runtime.stage_tokens import announce, stage_token_use
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -189,7 +190,8 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     ``max_prompt_tokens``: longer prompts keep their last tokens (TRL's left truncation), also cut to the model's
     context less ``max_new_tokens``; how many were cut is printed once and given to ``on_prompts`` (called once,
     before the first step, with ``records``, ``limit``, ``truncated`` and ``prompt_tokens_cut``: the tokens the
-    cut prompts lose from their start).
+    cut prompts lose from their start). Rank 0 then says how many of the prompts the steps read
+    (:func:`llmc.runtime.stage_tokens.stage_token_use`; a ``warning[R013]`` line past 4 epochs).
 
     Dropout is off (p = 0) in every policy pass of the stage, the "old" log-probs and the training passes alike (LoRA
     adapters default to dropout 0.05): the importance ratio pi/pi_old must be exactly 1 before any update
@@ -223,6 +225,9 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
     if cut and shard.rank == 0:
         print(f"GRPO: {cut} of {len(encoded)} prompts longer than {limit} tokens keep their last {limit} "
               "(left truncation, as TRL's max_prompt_length)", flush=True)
+    if shard.rank == 0:  # the prompts the steps read, said once (R013 past 4 epochs: llmc.runtime.stage_tokens)
+        announce(stage_token_use(getattr(log, "stage", None) or "grpo", "prompts", available=len(prompts),
+                                 steps=steps, per_step=prompts_per_step, seq_len=None, rows_per_record=group_size))
     with dropout_off(model):  # see the docstring: pi/pi_old is exactly 1 before an update
         todo = state.begin(model, opt, steps, rng, gen)
         hist: list[dict] = state.history

@@ -3,7 +3,8 @@
 Each record: step, loss, lr, grad_norm, tokens, tokens_per_s, flops_per_s, mfu (None when the device
 peak is unknown, e.g. CPU), peak_mem_bytes (``torch.cuda.max_memory_allocated`` on CUDA, process
 max RSS on CPU), peak_mem_device (``cuda`` / ``cpu``: which of the two it is; ``llmc calibrate`` fits memory
-only on the first), step_s, elapsed_s. MFU = flops_per_token * tokens_per_s / peak_flops, where
+only on the first), step_s, elapsed_s. Strict JSON (RFC 8259 has no NaN / Infinity): a non-finite number (the loss
+of a step that diverged) is written as ``null`` (:func:`json_line`), so ``jq`` and ``JSON.parse`` read every line. MFU = flops_per_token * tokens_per_s / peak_flops, where
 flops_per_token is the compiler's number when the lock has it, else 6N (Kaplan et al. 2020) plus the
 causal attention term 6*L*T*d_attn (PaLM appendix B, halved for causality).
 """
@@ -11,6 +12,7 @@ causal attention term 6*L*T*d_attn (PaLM appendix B, halved for causality).
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -57,6 +59,24 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss_kb * (1 if sys.platform == "darwin" else 1024))
 
 
+def strict(value):
+    """``value`` with every non-finite float (NaN, +-Infinity) replaced by None, in nested dicts / lists / tuples too:
+    what ``json.dumps(..., allow_nan=False)`` accepts (RFC 8259 has no NaN; Python's json writes the bare token
+    ``NaN``, which JSON.parse and jq refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict(v) for v in value]
+    return value
+
+
+def json_line(rec: dict) -> str:
+    """One metrics.jsonl line: ``rec`` as strict JSON (non-finite numbers as null, :func:`strict`), no newline."""
+    return json.dumps(strict(rec), allow_nan=False)
+
+
 def _drop_partial_line(path: Path) -> None:
     """Truncate a trailing line without a newline (SIGKILL during a write), keeping every full record."""
     if not path.exists() or path.stat().st_size == 0:
@@ -85,14 +105,14 @@ class MetricsLogger:
         rec = {"elapsed_s": round(time.time() - self.t0, 3), **rec}
         if self.path:
             with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        if self.echo and "loss" in rec and "event" not in rec:
+                f.write(json_line(rec) + "\n")
+        if self.echo and isinstance(rec.get("loss"), float | int) and "event" not in rec:
             mfu = f" mfu {rec['mfu'] * 100:.1f}%" if rec.get("mfu") is not None else ""
             print(f"step {rec['step']:>6}  loss {rec['loss']:.4f}  lr {rec['lr']:.3e}  "
                   f"gnorm {rec.get('grad_norm', float('nan')):.3f}  tok/s {rec.get('tokens_per_s', 0):,.0f}"
                   f"{mfu}  mem {rec.get('peak_mem_bytes', 0) / 2**20:,.0f} MiB", flush=True)
         elif self.echo:
-            print(json.dumps(rec), flush=True)
+            print(json_line(rec), flush=True)
 
     def event(self, event_name: str, /, **kw) -> None:
         """Log an event record. ``"resume"`` with ``step=N`` first drops the records the interrupted run

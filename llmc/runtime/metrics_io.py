@@ -15,6 +15,10 @@ already written. Two ways to keep each step once:
     the last one written winning, in step order. ``events``: the records with an ``"event"`` key, in
     file order. A half-written last line (a writer killed mid-line) is ignored; any other bad line
     raises ``ValueError`` naming its line number.
+
+The trainers write strict JSON (:func:`llmc.runtime.metrics.json_line`): a figure that was not finite (the loss of a
+step that diverged) is ``null``, so a reader takes None where a number was; files written before that may hold the
+bare ``NaN`` / ``Infinity`` tokens, which Python's json still reads (as float NaN / inf).
 """
 
 from __future__ import annotations

@@ -15,13 +15,17 @@ API
     signal ended it, the shell convention), or :data:`EXIT_PREEMPTED` when the stage was preempted. Call it
     from the main thread. "Preempted" is decided, once the child and everything left in its group are gone:
 
-    * from what the ranks reported, when they did (:func:`report_exit`): every rank of the job reported
-      :data:`EXIT_PREEMPTED`. A launcher's own status says nothing about its ranks after a signal: the
-      DeepSpeed 0.19.8 launcher exits 1 once it has stopped its ranks, whatever they returned
-      (deepspeed/launcher/launch.py, ``sigkill_handler``), and its runner (deepspeed/launcher/runner.py) has no
-      SIGTERM handler on one node, so a SIGTERM to the group ends it with 143 while the ranks still save;
-    * else, when it passed the child a SIGTERM / SIGUSR1 and the child then exited non-zero by itself (not
-      128 + N): the child handled the stop (torchrun exits 1 once its workers saved their step and exited 75).
+    only from what the ranks reported (:func:`report_exit`): every rank of the job reported
+    :data:`EXIT_PREEMPTED`. A launcher's own status says nothing about its ranks after a signal: torchrun exits 1
+    on its own SignalException whether its workers saved their step and exited 75 or hung and were SIGKILLed
+    ("Unable to shutdown process ... via 15, forcefully exiting via 9", torch/distributed/elastic/multiprocessing/
+    api.py ``_close``); the DeepSpeed 0.19.8 launcher exits 1 once it has stopped its ranks, whatever they returned
+    (deepspeed/launcher/launch.py, ``sigkill_handler``), and its runner (deepspeed/launcher/runner.py) has no
+    SIGTERM handler on one node, so a SIGTERM to the group ends it with 143 while the ranks still save. So a stage
+    whose ranks did not all report is never called preempted (a requeue reads 75 as "the state is safe at the
+    current step"): its launcher's status stands. llmc's trainers report (``llmc.runtime.entry``,
+    ``llmc.runtime.ds_train``, the torchtitan job). :func:`supervise_stage` also returns the signals passed on and
+    the reports, for the caller's message.
 
 ``report_exit(code)`` / ``reported_status(dir)``
     The ranks' side of that evidence. A launcher puts a fresh directory in the ranks' environment as
@@ -46,7 +50,10 @@ API
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -99,9 +106,18 @@ class RunLock:
         except BaseException:
             os.close(fd)
             raise
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        data = (json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv}) + "\n").encode()
+        try:
+            # the record first, then the length: a failed write (a full disk) leaves no half record; a file cut to
+            # nothing reads as "holder not recorded yet", and only while a holder has the lock
+            if os.pwrite(fd, data, 0) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.ftruncate(fd, len(data))
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # (drops the lock)
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from None
         self._fd = fd
         return self
 
@@ -122,6 +138,28 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def held_by(run_dir: str | Path) -> str | None:
+    """Who holds ``run_dir``'s lock (``"pid P on host H"``) when a live process does, else None (no lock file, or
+    nobody holds it: the kernel drops a dead holder's lock). Probes with a shared, non-blocking ``flock`` on a file
+    description of its own (a holder's exclusive lock conflicts with it, even in this process: flock locks belong
+    to the open file description, flock(2)); creates nothing."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None  # no lock file (or not one llmc could have written): no run holds it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _describe(os.pread(fd, 4096, 0))
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _describe(raw: bytes) -> str:
@@ -172,10 +210,6 @@ def reported_status(d: str | Path) -> int | None:
     if len(worlds) != 1 or len(codes) != 1 or sorted(r for r, _, _ in reports) != list(range(next(iter(worlds)))):
         return None
     return codes.pop()
-
-
-def _has_reports(d: str | Path) -> bool:
-    return bool(d) and any(Path(d).glob("rank-*.json"))
 
 
 # ---------------------------------------------------------------- supervision
@@ -252,10 +286,30 @@ def _rc(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
+@dataclasses.dataclass(frozen=True)
+class StageExit:
+    """How a supervised stage ended (:func:`supervise_stage`): ``status``, what ``supervise`` returns (the exit code,
+    or :data:`EXIT_PREEMPTED` when every rank reported it); ``rc``, the child's own exit code; ``signals``, the
+    signals passed on to it (names, in order); ``reported``, ``{rank: exit status}`` of the ranks that reported;
+    ``world``, the world size they named (0: no report)."""
+
+    status: int
+    rc: int
+    signals: tuple[str, ...] = ()
+    reported: dict = dataclasses.field(default_factory=dict)
+    world: int = 0
+
+
 def supervise(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None, *,
               grace_s: float = 10.0) -> int:
     """Run ``cmd`` in its own process group; it and its group never outlive the caller. Its ranks may report
     their exit status (:func:`report_exit`) to a directory of this call's, named in their environment."""
+    return supervise_stage(cmd, env, cwd, grace_s=grace_s).status
+
+
+def supervise_stage(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None, *,
+                    grace_s: float = 10.0) -> StageExit:
+    """:func:`supervise`, with what the caller needs to say how the stage ended (:class:`StageExit`)."""
     me = os.getpid()
     received: list[int] = []
     group: list[int] = []  # the child's process group, once started
@@ -308,7 +362,9 @@ def supervise(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path
         # what is left of its group first: a launcher can end before its ranks (the DeepSpeed runner, killed by the
         # SIGTERM, while they still save), and their reports are only complete once they are gone
         _stop_group(pgid, grace_s)
-        return _stage_status(rc, received, exit_dir)
+        reported, world = _reports(exit_dir)
+        return StageExit(_stage_status(rc, received, exit_dir), rc, tuple(_signame(x) for x in received), reported,
+                         world)
     finally:
         try:
             _stop_group(pgid, grace_s)  # leftovers in the group (or the child, if we got here by an exception)
@@ -324,14 +380,34 @@ def supervise(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path
 
 
 def _stage_status(rc: int, received: list[int], exit_dir: str) -> int:
-    """A supervised stage's status from its exit code ``rc``, the signals passed on to it and its ranks' reports
-    (see the module docstring): the ranks' word first, the launcher's exit code when no rank reported."""
+    """A supervised stage's status from its exit code ``rc`` and its ranks' reports (see the module docstring):
+    :data:`EXIT_PREEMPTED` only when every rank reported it, else ``rc``. ``received`` (the signals passed on) is
+    not evidence: after a SIGTERM torchrun exits 1 whether its workers saved their step or were killed unsaved."""
     if rc == 0:
         return 0
-    if _has_reports(exit_dir):
-        return EXIT_PREEMPTED if reported_status(exit_dir) == EXIT_PREEMPTED else rc
-    stop = {signal.SIGTERM, signal.SIGUSR1}
-    if set(received) & stop and rc not in {128 + int(sg) for sg in (*stop, signal.SIGKILL)}:
-        return EXIT_PREEMPTED  # it handled the stop and left (not killed by it, 128 + N)
-    return rc
+    return EXIT_PREEMPTED if reported_status(exit_dir) == EXIT_PREEMPTED else rc
 
+
+def _reports(d: str) -> tuple[dict[int, int], int]:
+    """``({rank: status}, world)`` of the readable reports in ``d`` (world: the largest named; 0 without one)."""
+    out: dict[int, int] = {}
+    world = 0
+    try:
+        names = sorted(Path(d).glob("rank-*.json")) if d else []
+    except OSError:
+        return {}, 0
+    for f in names:
+        try:
+            r = json.loads(f.read_text())
+            out[int(r["rank"])] = int(r["exit"])
+            world = max(world, int(r["world"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out, world
+
+
+def _signame(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return f"signal {n}"

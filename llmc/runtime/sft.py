@@ -14,6 +14,7 @@ from torch import nn
 
 from llmc.runtime.chat import IGNORE_INDEX, TemplateError, encode_chat
 from llmc.runtime.model import DEFAULT_NO_DECAY, mean_token_loss, param_groups
+from llmc.runtime.stage_tokens import announce, row_figures, stage_token_use
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,11 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
               micro_batch: int | None = None, loss_chunk: int = 0) -> list[float]:
     """AdamW over the trainable params, LR = lr * lr_factor(step) (the stage's schedule, ``TrainJob.lr_factor``;
     constant when None); returns per-step losses (the mean over the global batch's trained tokens). ``log(step,
-    {loss, lr, trained_tokens})``: trained_tokens is the step's count of tokens in the loss, over every rank.
+    {loss, lr, trained_tokens})``: trained_tokens is the step's count of tokens in the loss, over every rank. At the
+    start rank 0 says what the ``steps`` x ``batch_size`` conversations read of ``examples`` and the tokens their rows
+    hold against steps x batch_size x max_len, the plan's tokens (a ``warning[R013]`` line when they train under half
+    of it, or past 4 epochs: :func:`llmc.runtime.stage_tokens.stage_token_use`; the stage named by ``log.stage``
+    where it has one).
 
     ``shard``: this data-parallel rank's share of each step's batch (every rank draws the same batch).
     ``state``: resume / stop / mid-stage checkpoints (:class:`LoopState`). ``micro_batch``: sequences per forward
@@ -261,6 +266,11 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
     opt = adamw(model, lr, optimizer)
     rng = random.Random(seed)  # (kept in the checkpoints' rank state; the draws come from ``order``)
     order = EpochOrder(len(examples), seed)
+    if shard.rank == 0:  # what the steps read of the data, said once (R013: llmc.runtime.stage_tokens)
+        toks, trained = row_figures(examples, max_len)
+        announce(stage_token_use(getattr(log, "stage", None) or "sft", "conversations", available=len(examples),
+                                 steps=steps, per_step=batch_size, seq_len=max_len, rows=[[n] for n in toks],
+                                 trained=trained))
     model.train()
     todo = state.begin(model, opt, steps, rng)
     losses: list[float] = state.history

@@ -7,8 +7,11 @@
        another model's tensor shapes) -> loop:
          grad_accum x (forward [bf16 autocast on CUDA] -> mean token loss (in the plan's slices) + MoE aux
                        -> backward)
-         -> clip -> step -> log -> loss-spike check (rewind + skip) -> checkpoint
+         -> clip -> finite check (every step: loss and grad norm, all ranks agreeing) -> step -> log
+         -> loss-spike check (rewind + skip) -> checkpoint (its weights checked finite first)
     -> final checkpoint + DONE.json
+    (a non-finite loss or grad norm without loss_spike, or non-finite weights before a save: the step is not taken
+     or saved, one error[R014] line, status "failed", exit 1: :func:`nonfinite_line`)
     (SIGTERM / SIGUSR1 on any rank: checkpoint of the current step, status "preempted": llmc.runtime.preempt)
 
 Outputs in ``out_dir``: ``metrics.jsonl``, ``checkpoints/step-N/``, ``hf/`` (Hugging Face export of the
@@ -25,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -94,6 +98,58 @@ def _mean_across(x: torch.Tensor) -> float:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= _world()
     return float(x)
+
+
+def step_stats(loss: torch.Tensor, norm: torch.Tensor) -> tuple[float, float, bool]:
+    """(the step's loss averaged over the ranks, this rank's grad norm, whether the loss and the norm are finite on
+    every rank): one all-reduce of three numbers and one host sync, so that every rank reaches the same verdict.
+
+    The loss is each rank's own (its micro-batches'): their sum is non-finite when any rank's is (NaN + x = NaN,
+    inf + finite = inf). The norm is global already (:func:`clip_grad_norm` all-reduces the DTensor shards'; DDP
+    all-reduces the gradients), but a count of the ranks whose norm is non-finite is summed too: a rank-local NaN
+    stops every rank at this step instead of leaving the others in the next collective."""
+    norm = norm.detach().float().reshape(()).to(loss.device)
+    local = torch.stack([loss.detach().float().reshape(()), norm, (~torch.isfinite(norm)).float()])
+    total = local.clone()
+    if _world() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    mean_loss, own_norm, bad_norms = torch.stack([total[0] / _world(), local[1], total[2]]).tolist()
+    return mean_loss, own_norm, math.isfinite(mean_loss) and bad_norms == 0
+
+
+@torch.no_grad()
+def weights_finite(params: list[torch.Tensor], device: torch.device | None = None) -> bool:
+    """Collective: whether every rank's parameters (its local shards of DTensors) are all finite; one pass over
+    the weights (``torch._foreach_norm``: the norm of a tensor with a NaN or an infinity is not finite) and one
+    all-reduce (on ``device``: the collectives' device, default the first weight's; offloaded weights sit on the
+    CPU). Run before a checkpoint is written, so that none holds a non-finite weight: a finite loss and grad
+    norm at a step do not rule out an update that overflows (e.g. AdamW's decoupled decay, w *= 1 - lr x wd, with
+    lr x wd > 2 grows |w| every step)."""
+    from torch.distributed.tensor import DTensor
+
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    local = [t for t in local if t.numel()]
+    device = device or (local[0].device if local else torch.device("cpu"))
+    bad = torch.zeros((), device=device)
+    for dev in {t.device for t in local}:  # (foreach kernels take the tensors of one device)
+        same = [t for t in local if t.device == dev]
+        bad += (~torch.isfinite(torch.stack(torch._foreach_norm(same, 2.0)).float())).sum().float().to(device)
+    if _world() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.SUM)
+    return float(bad) == 0
+
+
+def nonfinite_line(where: str, stage: str, step: int, what: str, loss: float | None, norm: float | None,
+                   last_checkpoint: str | None, taken: bool = False) -> str:
+    """The one error[R014] line of a run stopped at a non-finite step (every trainer's: native, DeepSpeed).
+    ``taken``: the optimizer step was applied (the weights it made are what is not finite), and is not saved."""
+    figures = ", ".join(f"{k} {v:.6g}" for k, v in (("loss", loss), ("grad norm", norm)) if v is not None)
+    kept = (f"the newest checkpoint, {last_checkpoint}, holds finite weights" if last_checkpoint
+            else "no checkpoint was saved before it")
+    done = "was not saved" if taken else "was not taken, nothing of it saved"
+    return (f"{where}: error[R014] {stage}: {what} at step {step}{f' ({figures})' if figures else ''}; the run stops "
+            f"(the step {done}); {kept}; lower training.optimizer.lr, enable training.loss_spike to rewind past such "
+            f"a step, or check the data the run reads at step {step}")
 
 
 @torch.no_grad()
@@ -275,7 +331,13 @@ def train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int 
           max_seconds: float | None = None, resume: bool = True, fallback_checkpoint: bool = False,
           init_checkpoint: str | Path | None = None, cpu_bf16: bool = False, info: DistInfo | None = None,
           echo: bool = True) -> dict:
-    """Train one stage. Returns {"status": "done"|"stopped"|"preempted", "step", "loss", "checkpoint"}.
+    """Train one stage. Returns {"status": "done"|"stopped"|"preempted"|"failed", "step", "loss", "checkpoint"}.
+
+    "failed": a step's loss or gradient norm was not finite on some rank (without ``training.loss_spike``; with it
+    the run rewinds, and gives up with a TrainingError after ``max_rewinds``), or the weights were not before a
+    checkpoint: the step is not taken, nothing of it is saved, rank 0 prints one ``error[R014]`` line
+    (:func:`nonfinite_line`), metrics.jsonl ends with an ``end`` event of status "failed" and its ``reason``, and
+    ``checkpoint`` names the newest checkpoint saved (finite weights), or is None.
 
     max_steps: stop (with a checkpoint, no DONE.json) after this many optimizer steps in total;
     the LR schedule still spans ``job.steps``. max_seconds: same, on wall time.
@@ -344,6 +406,8 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
     async_ckpt = job.checkpoint_async  # the plan's choice, as the torchtitan job makes it (lock hyper.checkpoint_async)
 
     def checkpoint_now() -> Path:
+        if not weights_finite(params):  # collective: every rank takes the same branch
+            raise _NonFinite("non-finite weights after the update")
         state = {"tokens": tokens, "data": loader.full_state(), "scheduler": sched.state_dict(),
                  "loss_window": list(window), "rewinds": rewinds, "stage": job.stage, "kind": job.kind,
                  "spec_sha256": job.spec_sha256, "seq_len": job.seq_len, "lr_schedule": job.lr_schedule,
@@ -372,7 +436,7 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
         f"AC {ac_label(job.activation_checkpointing, job.ac_layers)}{job.loss_note}, device {info.device}, "
         f"world {info.world}")
     stop_at = min(job.steps, max_steps) if max_steps else job.steps
-    last_ckpt_step = step if resume_from is not None else -1
+    last_ckpt_step = step if resume_from is not None else 0 if spike.enabled else -1  # (spike: the step-0 one)
     last_loss = float("nan")
     status = "done"
     is_ddp = hasattr(wrapped, "no_sync")
@@ -382,28 +446,59 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
     validator = Validator.for_job(job, assets, job.micro_batch, *dp_coords(info, job.dp_replicate, job.dp_shard,
                                   job.tp), info.device, _autocast(job, info.device, cpu_bf16))
 
+    def failed(what: str, loss: float | None, norm: float | None, taken: bool = False) -> dict:
+        """Stop at a non-finite step (every rank, together): nothing of it saved; the R014 line, the end event."""
+        wait_for_checkpoint()  # an asynchronous save of an earlier (finite) step completes first
+        last = ckpt_dir / f"step-{last_ckpt_step:08d}" if last_ckpt_step >= 0 else None
+        if last is not None and not last.is_dir():
+            last = None
+        line = nonfinite_line(str(out), job.stage, step, what, loss, norm, str(last) if last else None, taken)
+        reason = line.split(": error[R014] ", 1)[1].split(": ", 1)[1]
+        result = {"status": "failed", "stage": job.stage, "kind": job.kind, "step": step, "steps": job.steps,
+                  "loss": last_loss, "tokens": tokens, "reason": reason,
+                  "checkpoint": os.path.relpath(last, out) if last else None,
+                  "wall_s": round(time.time() - t_start, 2), "params": n_params, "rewinds": rewinds}
+        if main:
+            print(line, file=sys.stderr, flush=True)
+            log.event("end", **{k: v for k, v in result.items() if k != "loss"}, final_loss=result["loss"])
+        log.close()
+        return result
+
     while step < stop_at:
         t0 = time.time()
         loss_sum = _forward_backward(job, wrapped, loader, info, cpu_bf16, is_ddp)
-        gnorm = clip_grad_norm(params, job.grad_clip)  # 0-d tensor: no host sync here
+        gnorm = clip_grad_norm(params, job.grad_clip)  # 0-d tensor
         lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
+        # every step, before the optimizer step: the loss (all-reduced) and the grad norm, finite on every rank?
+        # (one small all-reduce and one host sync per step: the price of never stepping on a NaN)
+        last_loss, norm, finite = step_stats(loss_sum / job.grad_accum, gnorm)
+        if finite:
+            opt.step()
+            sched.step()
         opt.zero_grad(set_to_none=True)
         _update_expert_bias(model)
         step += 1
         tokens += job.tokens_per_step
-        # one host sync per log interval (loss all-reduce + .item()), every step only when watching for spikes
         log_now = step % job.log_every == 0 or step == 1 or step == stop_at
-        if spike.enabled or log_now:
-            last_loss = _mean_across(loss_sum / job.grad_accum)
         dt = time.time() - t0
 
-        # loss spike: non-finite, or above mean + threshold * std of the window
+        if not finite and not spike.enabled:  # a hard stop: the step was not taken and is not saved
+            log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=norm, tokens=tokens,
+                                tokens_per_step=job.tokens_per_step, dt=dt, flops_per_token=fpt,
+                                peak_flops=job.peak_flops, world=info.world, device=info.device))
+            what = ("non-finite loss" if not math.isfinite(last_loss) else "non-finite gradient norm"
+                    if not math.isfinite(norm) else "non-finite gradient norm on another rank")
+            return failed(what, last_loss, norm)
+
+        # loss spike: non-finite (loss or grad norm), or above mean + threshold * std of the window
         if spike.enabled:
-            if is_spike(list(window), last_loss, spike):
+            if not finite or is_spike(list(window), last_loss, spike):
                 rewinds += 1
                 if rewinds > spike.max_rewinds:
+                    if main:
+                        log.event("end", status="failed", step=step, steps=job.steps, final_loss=last_loss,
+                                  reason=f"loss spike at step {step} (loss {last_loss:.4f}, grad norm {norm:.4g}); "
+                                         f"gave up after {spike.max_rewinds} rewinds")
                     raise TrainingError(f"loss spike at step {step} (loss {last_loss:.4f}); gave up after "
                                         f"{spike.max_rewinds} rewinds")
                 data_after = loader.state_dict()
@@ -430,14 +525,15 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
         if validator is not None:
             validator.maybe(step, stop_at, wrapped, log)
         if step % job.checkpoint_interval == 0 and step < job.steps:
-            checkpoint_now()
+            try:
+                checkpoint_now()
+            except _NonFinite as e:
+                return failed(e.what, None, None, taken=True)
             last_ckpt_step = step
         # every rank: one all-reduce (time limit and signal together)
         late, preempted = _stop_now(None if max_seconds is None else time.time() - t_start > max_seconds,
                                     step < stop_at, info.device)
         if late or preempted:
-            if not (spike.enabled or log_now):
-                last_loss = _mean_across(loss_sum / job.grad_accum)
             status = "preempted" if preempted else "stopped"
             break
 
@@ -445,7 +541,10 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
         status = "stopped"
     final = None
     if last_ckpt_step != step:
-        final = checkpoint_now()
+        try:
+            final = checkpoint_now()
+        except _NonFinite as e:
+            return failed(e.what, None, None, taken=True)
     else:
         final = ckpt_dir / f"step-{step:08d}"
     wait_for_checkpoint()  # an asynchronous save completes before the stage reports
@@ -461,6 +560,15 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
         _finish(job, result, final, out, assets, log, say)
     log.close()
     return result
+
+
+class _NonFinite(TrainingError):
+    """Raised by checkpoint_now where a step would save non-finite weights; turned into status "failed" by the loop
+    (every rank raises it together: the check is collective)."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
 
 
 def open_run_logger(job: TrainJob, out: Path, main: bool, echo: bool, metrics: MetricsLogger,

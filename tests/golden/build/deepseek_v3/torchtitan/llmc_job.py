@@ -14,7 +14,8 @@
 """llmc job module for torchtitan 0.3.0: `--module llmc_job --config job`.
 
 `job()` returns the complete trainer config of run 'deepseek-v3-h800x2048': torchtitan's `Trainer.Config`, for
-`PreemptibleTrainer` (torchtitan's `Trainer` plus a checkpoint of the current step on SIGTERM / SIGUSR1).
+`PreemptibleTrainer` (torchtitan's `Trainer` plus a checkpoint of the current step on SIGTERM / SIGUSR1, and a
+stop, error[R014], at a step whose loss or gradients are not finite, before its optimizer step and its checkpoint).
 `job_without_converters()` is the same job without model converters (float8 needs torchao and an
 SM89+ GPU when the config is built); it exists for CPU config checks and fake-backend dry runs.
 """
@@ -40,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from datasets import DatasetDict, IterableDataset, load_dataset, load_from_disk
+from torch.distributed.tensor import DTensor
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
@@ -604,6 +606,18 @@ def model_spec(with_converters=True):
 
 
 # ---------------------------------------------------------------- llmc's metrics.jsonl
+def _strict(value):
+    """llmc.runtime.metrics.strict: `value` with every non-finite float as None (RFC 8259 JSON has no NaN; Python's
+    json writes a bare NaN, which JSON.parse and jq refuse), in nested dicts and lists too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _record_step(line):
     """The "step" of one metrics.jsonl line; None for an event, a record without a step or a line that is not one."""
     try:
@@ -728,7 +742,7 @@ class LlmcMetricsProcessor(MetricsProcessor):
         if self.path is None:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"elapsed_s": round(time.time() - self.t0, 3), **rec}) + "\n")
+            f.write(json.dumps(_strict({"elapsed_s": round(time.time() - self.t0, 3), **rec}), allow_nan=False) + "\n")
 
     def event(self, name, **kw):
         self._append({"event": name, **kw})
@@ -794,14 +808,65 @@ class LlmcCheckpointManager(CheckpointManager):
             self.purge_queue.put(path)
 
 
+# ---------------------------------------------------------------- non-finite steps
+class _NonFiniteStep(Exception):
+    """A step whose loss or gradients are not finite on some rank; raised on every rank together (the verdict is
+    all-reduced), before torchtitan clips the gradients and steps the optimizer."""
+
+    def __init__(self, what, loss):
+        super().__init__(what)
+        self.what, self.loss = what, loss
+
+
+def _nonfinite_count(tensors, device):
+    """How many of `tensors` (their local shards) hold a NaN or an infinity, as a 0-d float tensor on `device` (the
+    collectives' device): torch._foreach_norm per (device, dtype) group, the norm of a tensor with a NaN or an
+    infinity being non-finite."""
+    bad = torch.zeros((), device=device)
+    local = [t for t in (x.to_local() if isinstance(x, DTensor) else x for x in tensors) if t.numel()]
+    for key in {(t.device, t.dtype) for t in local}:
+        same = [t for t in local if (t.device, t.dtype) == key]
+        bad += (~torch.isfinite(torch.stack(torch._foreach_norm(same, 2.0)).float())).sum().float().to(device)
+    return bad
+
+
 # ---------------------------------------------------------------- preemption
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "saved, rerun me to resume" (llmc launch and the Slurm script)
+
+
+def _report_exit(code):
+    """llmc.runtime.runlock.report_exit, inlined (the job imports nothing of llmc): $LLMC_EXIT_DIR/rank-<RANK>.json,
+    written whole, which `llmc launch` reads to tell a preemption whose every rank saved (exit 75) from one whose
+    ranks were killed; nothing when the variable is unset."""
+    d = os.environ.get("LLMC_EXIT_DIR")
+    if not d:
+        return
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        tmp = os.path.join(d, f".rank-{rank}.json.{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"rank": rank, "world": world, "exit": int(code), "pid": os.getpid()}) + "\n")
+        os.replace(tmp, os.path.join(d, f"rank-{rank}.json"))
+    except (OSError, ValueError):
+        pass
 
 
 class PreemptibleTrainer(Trainer):
     """torchtitan's Trainer that saves the step it is at when the job is preempted (torchtitan 0.3.0
     has no signal handler: a SIGTERM would lose every step since the last interval checkpoint), and writes llmc's
     metrics.jsonl (LlmcMetricsProcessor) from the step it starts at, with its start, resume, preemption and end.
+
+    A step whose loss or gradients are not finite on any rank stops the job, as llmc's own trainers stop (error[R014]):
+    torchtitan 0.3.0 checks only the loss, only on the steps it logs, and after the optimizer step
+    (trainer.py `Trainer.train_step`: "Loss is not finite"), so a NaN between two logged steps is stepped on and saved
+    by the next interval checkpoint. Here `forward_backward_step` (a method of torchtitan's `Trainer`, which
+    `train_step` calls once per gradient-accumulation step) adds up the step's loss, and after the last one, when
+    every micro-batch's gradients are in (and before `train_step` clips them and steps the optimizer) the ranks
+    agree in one all-reduce on "is the loss finite and are the gradients, everywhere?". If not, the optimizer step is
+    not taken, nothing of the step is saved (the checkpoint save comes after `train_step` in `Trainer.train`), rank 0
+    prints one error[R014] line naming the newest checkpoint, metrics.jsonl ends with an `end` event of status
+    "failed", and every rank exits 1. Before a step that torchtitan will save (interval or last step), the updated
+    weights are checked finite the same way (an update can overflow where the loss and gradients were finite).
 
     A SIGTERM or SIGUSR1 is only recorded (a handler may interrupt anything, a collective or a save included);
     at every step boundary the ranks agree on "did any rank get one?" (an all-reduce MAX of one element, as
@@ -817,6 +882,9 @@ class PreemptibleTrainer(Trainer):
     def __init__(self, config):
         self._stop_signal = None
         self._first_step = None
+        self._step_loss, self._fwd_bwd_calls = None, 0
+        # a fake-backend or local-tensor simulation has no real collectives (nor run records): no checks
+        self._finite_checks = config.comm.mode not in ("fake_backend", "local_tensor")
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._record_signal)
@@ -846,6 +914,69 @@ class PreemptibleTrainer(Trainer):
             self._preempted()
         return more
 
+    def forward_backward_step(self, **kwargs):
+        loss = super().forward_backward_step(**kwargs)
+        if self._finite_checks:
+            part = loss.detach().float().sum()  # (a pipeline stage without the loss returns -1: finite)
+            self._step_loss = part if self._step_loss is None else self._step_loss + part
+            self._fwd_bwd_calls += 1
+            if self._fwd_bwd_calls == self.gradient_accumulation_steps:
+                self._check_step()
+        return loss
+
+    def _check_step(self):
+        """Every rank, once the step's gradients are in: raise _NonFiniteStep (on every rank) when the loss or a
+        gradient is not finite on any."""
+        grads = [p.grad for m in self.model_parts for p in m.parameters() if p.grad is not None]
+        flags = torch.stack([self._step_loss.to(self.device), _nonfinite_count(grads, self.device)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags)  # a sum: NaN + x = NaN, inf + finite = inf; the counts add up
+        loss, bad_grads = flags.tolist()
+        if not math.isfinite(loss):
+            raise _NonFiniteStep("non-finite loss", loss)
+        if bad_grads:
+            raise _NonFiniteStep("non-finite gradients", None)
+
+    def train_step(self, data_iterator):
+        self._step_loss, self._fwd_bwd_calls = None, 0
+        try:
+            super().train_step(data_iterator)
+        except _NonFiniteStep as e:
+            self._stop_nonfinite(e.what, e.loss, taken=False)
+        ck = self.config.checkpoint
+        if self._finite_checks and ck.enable and (self.step % ck.interval == 0 or self.step == self.config.training.steps):
+            self._check_weights()
+
+    def _check_weights(self):
+        """Every rank, before a save: stop (_stop_nonfinite) when a weight is not finite on any rank."""
+        bad = _nonfinite_count([p for m in self.model_parts for p in m.parameters()], self.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad)
+        if bad.item():
+            self._stop_nonfinite("non-finite weights after the update", None, taken=True)
+
+    def _stop_nonfinite(self, what, loss, *, taken):
+        """The job's end at a non-finite step (every rank): nothing of the step saved; the R014 line (rank 0), the
+        `end` event, exit 1."""
+        self.checkpointer.maybe_wait_for_saving()  # an asynchronous save of an earlier (finite) step completes
+        folder = getattr(self.checkpointer, "folder", None)
+        names = filesystem.listdir(folder) if folder and filesystem.isdir(folder) else []
+        saved = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"step-(\d+)", n)) and int(m.group(1)) < self.step)
+        kept = (f"the newest checkpoint, {filesystem.join(folder, f'step-{saved[-1]}')}, holds finite weights" if saved
+                else "no checkpoint was saved before it")
+        done = "was not saved" if taken else "was not taken, nothing of it saved"
+        reason = (f"{what} at step {self.step}{'' if loss is None else f' (loss {loss:.6g})'}; the run stops (the "
+                  f"step {done}); {kept}; lower training.optimizer.lr (training.loss_spike's rewinds are llmc's native "
+                  f"trainer's), or check the data the run reads at step {self.step}")
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"llmc: error[R014] {STAGE}: {reason}", file=sys.stderr, flush=True)
+        self.metrics_processor.event("end", status="failed", step=self.step, steps=self.config.training.steps,
+                                     reason=reason)
+        self.close()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        raise SystemExit(1)
+
     def _start_records(self):
         if self.config.comm.mode in ("fake_backend", "local_tensor"):
             return  # a fake-backend or local-tensor simulation writes no run records
@@ -863,6 +994,8 @@ class PreemptibleTrainer(Trainer):
 
     def _preempted(self):
         ck = self.config.checkpoint
+        if ck.enable and self._finite_checks and self.step != self._first_step and self.step % ck.interval:
+            self._check_weights()  # the forced save below holds no non-finite weight (a stop instead)
         if self.step == self._first_step:
             what = f"no step finished since step {self.step}, nothing to save"
         elif ck.enable and self.step % ck.interval == 0:
@@ -871,6 +1004,8 @@ class PreemptibleTrainer(Trainer):
             what = f"saved step {self.step}"
         else:
             what = f"step {self.step} NOT saved (checkpointing is off)"
+        # 75 says "the state is safe, rerun to resume": not when this step's progress is lost (exit 1)
+        code = 1 if what.endswith("(checkpointing is off)") else PREEMPTED_EXIT
         self.checkpointer.maybe_wait_for_saving()
         logger.info(f"preempted (signal {self._stop_signal or 'on another rank'}): {what}; rerun the same "
                     f"command to resume")
@@ -878,7 +1013,8 @@ class PreemptibleTrainer(Trainer):
         self.close()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        raise SystemExit(PREEMPTED_EXIT)
+        _report_exit(code)
+        raise SystemExit(code)
 
 
 def _trainer_config(spec):
