@@ -206,7 +206,7 @@ def train_dpo(model: nn.Module, pairs: list[tuple[tuple, tuple]], *, steps: int,
                                          (rejected.detach() * wt).sum(), (d * wt).sum(),
                                          ((d > 0).float() * wt).sum(),
                                          ((toks[:n] + toks[n:]) * wt).sum()]).float().cpu()
-        clip_grads(params, grad_clip)
+        clip_grads(params, grad_clip, parts[0], state, step)
         opt.step()
         total = shard.sum(parts)
         stats = dict(zip(("loss", "chosen_reward", "rejected_reward", "margin", "accuracy"),

@@ -531,7 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export", action="store_true",
                     help="check: the stage is a torchtitan job's, finished once its hf/ export exists")
     a = ap.parse_args(argv)
-    from llmc.runtime.errors import CheckpointError, TrainingError  # (prepare and check import no torch)
+    from llmc.runtime.errors import (  # (prepare, check: no torch)
+        CheckpointError,
+        NonFiniteStep,
+        TrainingError,
+    )
     from llmc.runtime.job import StaleStageError
 
     try:
@@ -554,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
                         lock_dir=lock_dir)
     except StaleStageError as e:
         print(f"{a.lock}: error[R004] {a.stage or 'pretrain'}: {e}", file=sys.stderr)
+        return 1
+    except NonFiniteStep as e:  # every rank stops together (a collective verdict); rank 0 says why
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{a.lock}: error[R014] {a.stage or 'pretrain'}: {e}", file=sys.stderr)
         return 1
     except (CheckpointError, TrainingError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"{a.lock}: error[R002] {a.stage or 'pretrain'}: {e}", file=sys.stderr)

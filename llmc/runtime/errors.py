@@ -14,5 +14,10 @@ class TrainingError(RuntimeError):
     """Training cannot continue (loss spikes beyond max_rewinds, bad layout, ...); one-line message."""
 
 
+class NonFiniteStep(TrainingError):
+    """A step whose loss or gradient norm is not finite on some rank, or weights that are not before a save:
+    training stops there (error[R014]). ``str(e)`` is the line after ``error[R014] <stage>:``."""
+
+
 class HFError(ValueError):
     """A Hugging Face checkpoint that cannot be loaded / written; ``str(e)`` is one line."""

@@ -273,7 +273,7 @@ def train_grpo(model: nn.Module, prompts: list[dict], tok, *, steps: int, lr: fl
                     w = float(cmask.sum()) / max(tot_tokens, 1.0)  # token-level mean over the whole step's batch
                     (loss * (w * shard.size)).backward()
                     agg += torch.tensor([st["loss"], st["kl"], st["clip_frac"]]) * w
-                clip_grads(params, grad_clip)
+                clip_grads(params, grad_clip, agg[0], state, step)
                 opt.step()
                 stats = dict(zip(("loss", "kl", "clip_frac"), map(float, shard.sum(agg)), strict=True))
             rw = torch.cat(rewards_all) if rewards_all else torch.zeros(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from llmc.runtime.chat import IGNORE_INDEX, TemplateError, encode_chat
+from llmc.runtime.errors import NonFiniteStep
 from llmc.runtime.model import DEFAULT_NO_DECAY, mean_token_loss, param_groups
 from llmc.runtime.stage_tokens import announce, row_figures, stage_token_use
 
@@ -138,6 +140,13 @@ class LoopState:
         last = late or self.step == self.stop_after
         if self.folder is not None and self.step < self.steps and (self.step % max(self.interval, 1) == 0 or last):
             from llmc.runtime.checkpoint import save_checkpoint
+            from llmc.runtime.train import weights_finite
+
+            # (collective) no checkpoint holds a non-finite weight: an update can overflow where the loss and the
+            # gradient norm were finite
+            if not weights_finite([p for p in model.parameters() if p.requires_grad]):
+                raise NonFiniteStep(f"non-finite weights after the update of step {self.step}; the stage stops (the "
+                                    f"step was not saved); {_newest_saved(self)}; lower the stage's lr")
 
             mine = {"batch_rng": rng.getstate(), "generator": None if gen is None else gen.get_state()}
             save_checkpoint(self.folder, self.step, model, opt, {**self.meta, "history": self.history},
@@ -154,11 +163,36 @@ class LoopState:
         return None if self.folder is None else self.folder / f"step-{self.step:08d}"
 
 
-def clip_grads(params: list, max_norm: float | None) -> None:
-    if max_norm:
-        from llmc.runtime.train import clip_grad_norm  # plain tensors and FSDP/TP DTensor shards alike
+def clip_grads(params: list, max_norm: float | None, loss: torch.Tensor | None = None,
+               state: LoopState | None = None, step: int = 0) -> None:
+    """Clip the gradients to ``max_norm`` (when set) and, before the caller's ``opt.step()``, stop a step whose
+    ``loss`` (this rank's, any scale) or gradient norm is not finite on any rank: :class:`llmc.runtime.errors.
+    NonFiniteStep` (error[R014]) on every rank together (:func:`llmc.runtime.train.step_stats`, one all-reduce),
+    so the step is not taken and nothing of it is saved, as in llmc's pre-training trainer."""
+    from llmc.runtime.train import (  # plain tensors and FSDP/TP DTensor shards alike
+        clip_grad_norm,
+        step_stats,
+    )
 
-        clip_grad_norm(params, max_norm)
+    norm = clip_grad_norm(params, max_norm or None)
+    if loss is None:
+        return
+    mean, own_norm, ok = step_stats(loss.detach().float().to(norm.device), norm)
+    if not ok:
+        what = "non-finite loss" if not math.isfinite(mean) else "non-finite gradient norm"
+        loss_s = f"loss {mean:.6g}, " if not math.isfinite(mean) else ""
+        raise NonFiniteStep(f"{what} at step {step + 1} ({loss_s}grad norm {own_norm:.6g}); the stage stops (the step "
+                            f"was not taken, nothing of it saved); {_newest_saved(state)}; lower the stage's lr, or "
+                            f"check the data it reads at step {step + 1}")
+
+
+def _newest_saved(state: LoopState | None) -> str:
+    """The R014 line's words for the newest mid-stage checkpoint of ``state`` (whose weights are finite)."""
+    folder = None if state is None else state.folder
+    steps = sorted(int(p.name[5:]) for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()) if (
+        folder is not None and folder.is_dir()) else []
+    return (f"the newest checkpoint, {folder / f'step-{steps[-1]:08d}'}, holds finite weights" if steps
+            else "no mid-stage checkpoint was saved before it")
 
 
 def pad_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, max_len: int | None = None
@@ -300,7 +334,7 @@ def train_sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], *, 
             loss_sum, _ = sft_loss_sum(model, ids, labels, loss_chunk)
             (loss_sum * (shard.size / n_all)).backward()
             loss_total = loss_total + loss_sum.detach().float().cpu()
-        clip_grads(params, grad_clip)
+        clip_grads(params, grad_clip, loss_total, state, step)
         opt.step()
         losses.append(float(shard.sum(loss_total)) / n_all)
         if log:
