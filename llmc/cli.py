@@ -390,7 +390,9 @@ def build(
     finally:
         for lk in held:
             lk.release()
-    for d in build_warnings(compiled):
+    # the plan's warnings too (a setting the chosen backend does not run, T013; a budget, B005; ...): a build is
+    # often made without reading `llmc plan`, and these say what will not run as the spec reads
+    for d in [d for d in compiled.diagnostics if d.severity == "warning"] + build_warnings(compiled):
         typer.echo(d.render(), err=True)
     typer.echo(f"wrote {len(res.written)} of {len(files)} files to {out}"
                + (f" ({len(res.unchanged)} unchanged)" if res.unchanged else "")
