@@ -727,7 +727,7 @@ def test_init_from_a_stage_that_left_only_hf(tmp_path):
     pre = TrainJob(arch=arch, sources=[], seq_len=16, steps=1, name="p", stage="mid", kind="midtrain",
                    init_from="titan")
     native, _, _ = _setup_model(pre, info, run / "titan", None, lambda *a: None)
-    st = make_stage(name="sft", kind="sft", init_from="titan", data={"sources": [{"name": "python-docs", "format": "builtin"}],
+    st = make_stage(name="sft", kind="sft", init_from="titan", data={"sources": [{"name": "synthetic-chat", "format": "builtin", "kind": "chat"}],
                                                                       "seq_len": 16, "tokens": 1e4})
     post = TrainJob(arch=arch, sources=[], seq_len=16, steps=1, name="p", stage="sft", kind="sft", init_from="titan",
                     stage_spec=st)

@@ -37,7 +37,7 @@ from llmc.runtime.lora import (  # noqa: E402
     quantize_nf4,
 )
 from llmc.runtime.model import build_model, mean_token_loss  # noqa: E402
-from llmc.runtime.posttrain import bf16_forwards, build_policy, run_stage  # noqa: E402
+from llmc.runtime.posttrain import KIND_FOR_STAGE, bf16_forwards, build_policy, run_stage  # noqa: E402
 from llmc.runtime.synthetic import ByteTokenizer  # noqa: E402
 from llmc.spec.hf import architecture_from_hf_config  # noqa: E402
 from llmc.spec.model import Architecture  # noqa: E402
@@ -274,7 +274,7 @@ def _job(kind: str = "sft", lora: dict | None = None, precision: str = "bf16", s
          arch: Architecture | None = None) -> TrainJob:
     arch = arch or BYTE_ARCH
     fields = {"kind": kind, **({"lora": lora} if lora else {}), **({"dpo_beta": 0.1} if kind == "dpo" else {})}
-    st = make_stage(name="s", init_from="base", data={"sources": [{"name": "python-docs", "format": "builtin"}],
+    st = make_stage(name="s", init_from="base", data={"sources": [{"name": "synthetic", "format": "builtin", "kind": KIND_FOR_STAGE[kind]}],
                                                       "seq_len": 160, "tokens": 1e4}, **fields)
     return TrainJob(arch=arch, sources=[], seq_len=160, steps=steps, name="p", stage="s", kind=kind, lr=3e-3,
                     micro_batch=2, init_from="base", stage_spec=st, log_every=1000, precision=precision)

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 from llmc.runtime.checkpoint import read_model_state, resolve_checkpoint, save_checkpoint  # noqa: E402
 from llmc.runtime.job import TrainJob  # noqa: E402
 from llmc.runtime.model import build_model  # noqa: E402
-from llmc.runtime.posttrain import run_stage  # noqa: E402
+from llmc.runtime.posttrain import KIND_FOR_STAGE, run_stage  # noqa: E402
 from llmc.runtime.synthetic import ByteTokenizer  # noqa: E402
 from llmc.spec.model import Architecture  # noqa: E402
 from llmc.spec.schema import make_stage as Stage  # noqa: E402
@@ -27,7 +27,11 @@ from llmc.spec.schema import make_stage as Stage  # noqa: E402
 TOK = ByteTokenizer()
 ARCH = dict(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=TOK.vocab_size,
             max_seq_len=128)
-BUILTIN = {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
+def builtin(kind: str, seq_len: int = 96, tokens: float = 1e5) -> dict:
+    """Stage data: llmc's synthetic records of a ``kind`` stage (``format: builtin`` with the stage's record kind,
+    llmc.runtime.synthetic; a builtin pre-training corpus is refused by the stage's trainer, G014)."""
+    return {"sources": [{"name": "synthetic", "format": "builtin", "kind": KIND_FOR_STAGE[kind]}],
+            "seq_len": seq_len, "tokens": tokens}
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["wq", "wv", "w2"]}  # dropout 0: no random masks
 
 # name: (stage fields, steps, lr, global batch, meta_init)
@@ -60,7 +64,7 @@ finally:
 
 def job_of(name: str) -> TrainJob:
     fields, steps, lr, batch, meta = STAGES[name]
-    st = Stage(name=name, init_from="base", data=BUILTIN, **fields)
+    st = Stage(name=name, init_from="base", data=builtin(fields["kind"]), **fields)
     return TrainJob(arch=Architecture(**ARCH), sources=[], seq_len=96, steps=steps, name="p", stage=name,
                     kind=st.kind, lr=lr, micro_batch=batch, init_from="base", stage_spec=st, log_every=1000,
                     meta_init=meta)

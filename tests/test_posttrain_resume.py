@@ -28,7 +28,7 @@ from llmc.runtime.checkpoint import (  # noqa: E402
 )
 from llmc.runtime.job import TrainJob  # noqa: E402
 from llmc.runtime.model import build_model  # noqa: E402
-from llmc.runtime.posttrain import RESUME_FOLDER, run_stage  # noqa: E402
+from llmc.runtime.posttrain import KIND_FOR_STAGE, RESUME_FOLDER, run_stage  # noqa: E402
 from llmc.runtime.synthetic import ByteTokenizer  # noqa: E402
 from llmc.spec.model import Architecture  # noqa: E402
 from llmc.spec.schema import make_stage as Stage  # noqa: E402
@@ -37,7 +37,11 @@ torch.set_num_threads(1)
 TOK = ByteTokenizer()
 ARCH = dict(name="t", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, vocab_size=TOK.vocab_size,
             max_seq_len=96)
-DATA = {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
+def builtin(kind: str, seq_len: int = 96, tokens: float = 1e5) -> dict:
+    """Stage data: llmc's synthetic records of a ``kind`` stage (``format: builtin`` with the stage's record kind,
+    llmc.runtime.synthetic; a builtin pre-training corpus is refused by the stage's trainer, G014)."""
+    return {"sources": [{"name": "synthetic", "format": "builtin", "kind": KIND_FOR_STAGE[kind]}],
+            "seq_len": seq_len, "tokens": tokens}
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.1, "targets": ["wq", "wv", "w2"]}  # dropout: the torch RNG matters
 
 # name: (stage fields, lr, global batch)
@@ -58,7 +62,7 @@ KEYS = {"sft": ("loss", "lr"), "sft_lora": ("loss", "lr"), "sft_qlora": ("loss",
 def job_of(name: str, steps: int = STEPS, interval: int = 2, keep_latest: int = 3, stage: str | None = None
            ) -> TrainJob:
     fields, lr, batch = STAGES[name]
-    st = Stage(name=stage or name, init_from="base", data=DATA, **fields)
+    st = Stage(name=stage or name, init_from="base", data=builtin(fields["kind"]), **fields)
     return TrainJob(arch=Architecture(**ARCH), sources=[], seq_len=96, steps=steps, name="p", stage=stage or name,
                     kind=st.kind, lr=lr, micro_batch=batch, init_from="base", stage_spec=st, log_every=1000,
                     checkpoint_interval=interval, keep_latest=keep_latest)

@@ -226,7 +226,7 @@ SFT_DRIVER = textwrap.dedent("""
         tok = ByteTokenizer()
         arch = Architecture(name="t", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64,
                             vocab_size=tok.vocab_size, max_seq_len=96)
-        data = {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
+        data = {"sources": [{"name": "synthetic-chat", "format": "builtin", "kind": "chat"}], "seq_len": 96, "tokens": 1e5}
         st = make_stage(name="sft", kind="sft", init_from="base", data=data)
         job = TrainJob(arch=arch, sources=[], seq_len=96, steps=8, name="p", stage="sft", kind="sft", lr=2e-3,
                        micro_batch=3, init_from="base", stage_spec=st, log_every=1000, checkpoint_interval=3,

@@ -38,6 +38,8 @@ TOK = ByteTokenizer()
 ARCH = dict(name="t", n_layers=2, d_model=128, n_heads=4, n_kv_heads=2, d_ff=256, vocab_size=TOK.vocab_size,
             max_seq_len=96)
 DATA = {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 96, "tokens": 1e5}
+#: the SFT stage's data: llmc's synthetic chat records (format: builtin, kind: chat)
+CHAT = {"sources": [{"name": "synthetic-chat", "format": "builtin", "kind": "chat"}], "seq_len": 96, "tokens": 1e5}
 LORA = {"rank": 32, "alpha": 64, "targets": ["wq", "wv", "w2"]}
 STEPS, INTERVAL = 5, 2  # periodic saves at steps 2 and 4 (before the last), then the final save at 5
 WRITE_GBPS = 0.5
@@ -47,7 +49,7 @@ P_8B = 8_030_261_248  # Meta-Llama-3-8B parameters
 
 def _job(lora: dict | None) -> TrainJob:
     fields = {"kind": "sft", **({"lora": lora} if lora else {})}
-    st = Stage(name="sft", init_from="base", data=DATA, **fields)
+    st = Stage(name="sft", init_from="base", data=CHAT, **fields)
     return TrainJob(arch=Architecture(**ARCH), sources=[], seq_len=96, steps=STEPS, name="p", stage="sft",
                     kind="sft", lr=2e-3, micro_batch=2, init_from="base", stage_spec=st, log_every=1000,
                     checkpoint_interval=INTERVAL, keep_latest=5)
@@ -77,7 +79,7 @@ def _stage_plan(lora: dict | None):
     """The compiler's plan of the same stage on one H100 (one rank: rank 0 writes and hashes whole files, as the
     one-process run above does)."""
     stage = {"name": "sft", "kind": "sft", "steps": STEPS, "seq_len": 96, "global_batch_tokens": 2 * 96,
-             "init_hf": "/nope/base", "data": DATA, **({"lora": lora} if lora else {})}
+             "init_hf": "/nope/base", "data": CHAT, **({"lora": lora} if lora else {})}
     text = (f"name: t\nmodel: {json.dumps(ARCH)}\nhardware: {{gpu: h100-sxm, count: 1}}\n"
             f"data: {json.dumps(DATA)}\n"
             f"training: {{checkpoint: {{interval_steps: {INTERVAL}, write_gbps: {WRITE_GBPS}}}}}\n"

@@ -1260,18 +1260,45 @@ STAGE_RECORDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: the builtin record data llmc generates for each record kind (``format: builtin`` with that ``kind``, whatever the
+#: source's name: llmc.runtime.synthetic, read by llmc.runtime.posttrain.load_stage_records): (the name the examples
+#: give it, what it holds)
+BUILTIN_RECORDS: dict[str, tuple[str, str]] = {
+    "chat": ("synthetic-chat", "short instruction conversations: arithmetic, copy, upper-casing"),
+    "preference": ("synthetic-preferences", "arithmetic preference pairs: the right sum chosen, a wrong one rejected"),
+    "prompts": ("arithmetic", "'a+b=' prompts with their answers, for the arithmetic verifier"),
+}
+
+
+def _reads(s, want: str) -> bool:
+    """Whether llmc's post-training trainer reads source ``s`` as the stage's ``want`` records: a source of that kind,
+    or a ``general`` one from a file (a ``general`` builtin is llmc's pre-training text corpus: refused)."""
+    return s.kind == want or (s.kind == "general" and s.format != "builtin")
+
+
 def check_stage_data(st: StageBase, p: str, tr: StageTraining, sink: Sink) -> None:
     """G014: a chat stage's sources against what llmc's trainer reads for its kind (llmc.runtime.posttrain.
     load_stage_data): a source of another record or text kind is skipped (an error when no source is left: the stage
-    stops with "no ... data" after the stages before it ran), a file source must be jsonl records. G015: a GRPO
+    stops with "no ... data" after the stages before it ran), a builtin pre-training corpus (``python-docs``: text,
+    no records) is refused, a file source must be jsonl records. G015: a GRPO
     stage's seq_len, which its trainer never reads (llmc.runtime.grpo.train_grpo samples a prompt of up to
     max_prompt_tokens and a completion of up to max_new_tokens: the length the plan sizes)."""
     srcs = st.data.sources if st.data is not None else []
     if st.kind in STAGE_RECORDS and srcs:
         want, form = STAGE_RECORDS[st.kind]
-        read = [s for s in srcs if s.kind in (want, "general")]
+        read = [s for s in srcs if _reads(s, want)]
+        example, holds = BUILTIN_RECORDS[want]
         for j, s in enumerate(srcs):
-            if s.kind not in (want, "general"):
+            if s.kind == "general" and s.format == "builtin":
+                # (the runtime refuses it too: llmc.runtime.posttrain.load_stage_records)
+                sink.add("G014", "error", f"{p}.data.sources.{j}.format",
+                         f"{st.kind} stage {st.name!r} trains on {want} records, but source {s.name!r} is llmc's "
+                         f"builtin pre-training text corpus (format: builtin, kind: general), which holds no {want} "
+                         "records: llmc's trainer would stop at it",
+                         f"llmc's builtin {want} data is format: builtin with kind: {want} (any name, e.g. "
+                         f"{{name: {example}, format: builtin, kind: {want}}}: {holds}); or your own jsonl records "
+                         f"{form}")
+            elif s.kind not in (want, "general"):
                 sink.add("G014", "warning" if read else "error", f"{p}.data.sources.{j}.kind",
                          f"{st.kind} stage {st.name!r} trains on {want} records, but source {s.name!r} is kind: "
                          f"{s.kind}, which llmc's trainer skips for it" + (
@@ -1388,9 +1415,8 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
             sink.add("G011", "error", f"{p}.reward", f"GRPO stage {st.name!r} has reward: none, but GRPO scores its "
                      "completions with a verifier", "use reward: arithmetic, the exact answer check with sympy: "
                      "llmc's one verifier, and the default when reward is left out")
-    if st.lora is not None and not (LORA_RANK_RANGE[0] <= st.lora.rank <= LORA_RANK_RANGE[1]):
-        sink.add("T106", "warning", f"{p}.lora.rank", f"LoRA rank {st.lora.rank} outside the usual 4-64",
-                 "r=16 is a common default")
+    if st.lora is not None:
+        check_lora_rank(env.run.model, st, p, sink)
     check_stage_data(st, p, tr, sink)
     if st.lora is not None and st.lora.quantize_base == "nf4" and env.world > 1 and env.n_total > META_INIT_PARAMS:
         sink.add("G016", "error", f"{p}.lora.quantize_base",
@@ -1493,6 +1519,57 @@ def lora_notes(arch: Any, st: StageBase, p: str, trainable: int, notes: list[str
         notes.append(f"LoRA: no PEFT adapter is exported for this model ({gap}); the merged model is exported")
 
 
+def full_rank_matrix(arch: Any, rank: int, targets) -> tuple[str, int, int] | None:
+    """(target, d_in, d_out) of the adapted matrix with the smallest min(d_in, d_out) when ``rank`` reaches it: a
+    rank-r product B A (B d_out x r, A r x d_in) can express any update of a d_in x d_out matrix once r >=
+    min(d_in, d_out), so the adapter is no low-rank update there (Hu et al. 2021, arXiv:2106.09685 sec. 4.1: r is
+    chosen << min(d_in, d_out)), and it costs r (d_in + d_out) >= d_in d_out / 2 parameters, as much as training the
+    matrix itself. None: the rank is below min(d_in, d_out) of every adapted matrix."""
+    shapes = [(n, di, do) for n, di, do, c, _ in linear_shapes(arch) if n in targets and c]
+    if not shapes:
+        return None
+    name, di, do = min(shapes, key=lambda x: min(x[1], x[2]))
+    return (name, di, do) if rank >= min(di, do) else None
+
+
+def check_lora_rank(arch: Any, st: StageBase, p: str, sink: Sink) -> None:
+    """T106: a LoRA rank at or above min(d_in, d_out) of an adapted matrix (:func:`full_rank_matrix`) is an error
+    that names the matrix and its shape; a rank outside :data:`LORA_RANK_RANGE` otherwise a warning."""
+    r = st.lora.rank
+    full = full_rank_matrix(arch, r, st.lora.targets)
+    if full is not None:
+        name, di, do = full
+        hf = (MLA_HF_NAMES if arch.mla is not None and name in ("wq", "wo") else _HF_NAME)[name]
+        k = min(di, do)
+        sink.add("T106", "error", f"{p}.lora.rank",
+                 f"LoRA rank {r:,} is not low-rank for {name} ({hf}: {di:,} -> {do:,}, a {do:,} x {di:,} weight): "
+                 f"at rank {k:,} = min(d_in, d_out) its adapter B A can already express any update of the matrix, "
+                 f"and it adds r x (d_in + d_out) = {r * (di + do):,} trainable parameters per matrix against its "
+                 f"{di * do:,}",
+                 f"r=16 is a common default; a rank below {k:,} (the smallest adapted matrix's min(d_in, d_out)), or "
+                 "full fine-tuning (drop lora), which is cheaper than adapters of this rank")
+    elif not (LORA_RANK_RANGE[0] <= r <= LORA_RANK_RANGE[1]):
+        sink.add("T106", "warning", f"{p}.lora.rank", f"LoRA rank {r} outside the usual 4-64",
+                 "r=16 is a common default")
+
+
+def refuse_lm_lora(st: StageBase, p: str, sink: Sink) -> None:
+    """G024: ``lora:`` on a stage trained with the next-token loss on packed text (pretrain, midtrain, long_context).
+    None of llmc's trainers of those kinds applies LoRA: the native trainer (llmc.runtime.train builds the model
+    without adapters), the DeepSpeed runner (llmc.runtime.ds_train) and the torchtitan job (its converters are the
+    low-precision ones only) train every weight, and write no adapter; LoRA runs in llmc's post-training trainer
+    (sft / dpo / grpo: llmc.runtime.posttrain.build_policy)."""
+    what = "pre-training" if st.kind == "pretrain" else "continued-pretraining"
+    hint = ("drop lora: pre-training trains every weight (LoRA adapts a trained model in an sft, dpo or grpo stage)"
+            if st.kind == "pretrain" else
+            "drop lora for a full continued pre-training (planned with every weight trainable and the full "
+            "fine-tune's learning rate), or run the adaptation as an sft stage (LoRA on chat records)")
+    sink.add("G024", "error", f"{p}.lora",
+             f"{st.kind} stage {st.name!r} has lora:, but LoRA is not run by llmc's {what} trainers (native, "
+             "DeepSpeed or torchtitan): they would train every weight of the model, and write no adapter (this "
+             "plan counts that full training)", hint)
+
+
 def _lora_plan(st: StageBase) -> LoraPlan | None:
     lo = st.lora
     if lo is None:
@@ -1560,6 +1637,9 @@ def plan_stage(env: _Env, st: StageBase, i: int, order: int, inherited: dict, si
     """One stage's plan and the context it hands on to stages that ``init_from`` it."""
     p = f"stages.{i}"
     notes: list[str] = []
+    if st.lora is not None and st.kind in LM_KINDS:
+        refuse_lm_lora(st, p, sink)
+        st = st.model_copy(update={"lora": None})  # planned as what its trainer runs: every weight trained
     tok = tokenizer_for(env.run, st)
     specials = tokenizer_specials(env.run, tok, env.facts)[0] if st.kind in CHAT_KINDS else None
     own = st.kind in CHAT_KINDS and bool(tokenizer_has_template(tok, env.facts))

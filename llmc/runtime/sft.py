@@ -146,7 +146,7 @@ class LoopState:
             # gradient norm were finite
             if not weights_finite([p for p in model.parameters() if p.requires_grad]):
                 raise NonFiniteStep(f"non-finite weights after the update of step {self.step}; the stage stops (the "
-                                    f"step was not saved); {_newest_saved(self)}; lower the stage's lr")
+                                    f"step was not saved); {newest_saved(self)}; lower the stage's lr")
 
             mine = {"batch_rng": rng.getstate(), "generator": None if gen is None else gen.get_state()}
             save_checkpoint(self.folder, self.step, model, opt, {**self.meta, "history": self.history},
@@ -182,11 +182,11 @@ def clip_grads(params: list, max_norm: float | None, loss: torch.Tensor | None =
         what = "non-finite loss" if not math.isfinite(mean) else "non-finite gradient norm"
         loss_s = f"loss {mean:.6g}, " if not math.isfinite(mean) else ""
         raise NonFiniteStep(f"{what} at step {step + 1} ({loss_s}grad norm {own_norm:.6g}); the stage stops (the step "
-                            f"was not taken, nothing of it saved); {_newest_saved(state)}; lower the stage's lr, or "
+                            f"was not taken, nothing of it saved); {newest_saved(state)}; lower the stage's lr, or "
                             f"check the data it reads at step {step + 1}")
 
 
-def _newest_saved(state: LoopState | None) -> str:
+def newest_saved(state: LoopState | None) -> str:
     """The R014 line's words for the newest mid-stage checkpoint of ``state`` (whose weights are finite)."""
     folder = None if state is None else state.folder
     steps = sorted(int(p.name[5:]) for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()) if (

@@ -356,6 +356,10 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
            info: DistInfo | None, echo: bool) -> dict:
     info = info or init_distributed()
     _check_layout(job, info)
+    if getattr(job.stage_spec, "lora", None) is not None:  # a lock from before the plan refused it (G024)
+        raise TrainingError(f"{job.kind} stage {job.stage!r} has lora:, which this trainer does not apply (it would "
+                            "train every weight and write no adapter); hint: drop lora (a full training of every "
+                            "weight), or run the adaptation as an sft stage, and build again")
     out = Path(out_dir)
     ckpt_dir = out / job.checkpoint_folder
     main = info.is_main

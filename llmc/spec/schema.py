@@ -523,6 +523,19 @@ NF4_DQ_BLOCK = 256
 META_INIT_PARAMS = 2e9
 
 
+def _lora_target(v: typing.Any) -> typing.Any:
+    """One ``lora.targets`` entry: a Hugging Face / PEFT name read as llmc's; an unknown name refused with every name
+    accepted (llmc's, the Hugging Face ones, ``all-linear``)."""
+    if not isinstance(v, str):
+        return v  # (the Literal says what it must be)
+    v = LORA_HF_NAMES.get(v, v)
+    if v not in LORA_TARGETS:
+        ours, hf = (", ".join(repr(x) for x in names) for names in (LORA_TARGETS[:-1], tuple(LORA_HF_NAMES)[:-1]))
+        raise ValueError(f"must be one of {ours} or {LORA_TARGETS[-1]!r}, or their Hugging Face names {hf} or "
+                         f"{tuple(LORA_HF_NAMES)[-1]!r}; or {LORA_ALL_LINEAR!r} for all of them (got {v!r})")
+    return v
+
+
 class LoRA(SpecModel):
     """LoRA / QLoRA adapters."""
 
@@ -532,7 +545,8 @@ class LoRA(SpecModel):
     """Scaling alpha; the update is (alpha / r) * B @ A."""
     dropout: Float = Field(default=0.05, ge=0, lt=1)
     """Dropout on the adapter input."""
-    targets: list[LoRATarget] = Field(default_factory=lambda: list(LORA_TARGETS))
+    targets: list[Annotated[LoRATarget, BeforeValidator(_lora_target)]] = Field(
+        default_factory=lambda: list(LORA_TARGETS))
     """Adapted linear layers (torchtitan names; Hugging Face / PEFT names such as ``q_proj`` and ``all-linear`` are
     read as theirs)."""
     quantize_base: Literal["none", "nf4"] = "none"
@@ -541,8 +555,8 @@ class LoRA(SpecModel):
     @field_validator("targets", mode="before")
     @classmethod
     def _peft_names(cls, v):
-        if v == LORA_ALL_LINEAR or v == [LORA_ALL_LINEAR]:
-            return list(LORA_TARGETS)
+        if v == LORA_ALL_LINEAR or (isinstance(v, list) and LORA_ALL_LINEAR in v):
+            return list(LORA_TARGETS)  # (with other names too: every linear all the same)
         if not isinstance(v, list):
             return v
         out = []
