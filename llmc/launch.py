@@ -183,29 +183,40 @@ def nproc_problem(build_dir: str | os.PathLike, cmds: list[Cmd], asked: int | No
     stage it runs trains the plan's layout (pre-training and continued training on every backend, post-training on
     DeepSpeed or torchtitan), whose trainer refuses any WORLD_SIZE but the plan's (R002, after prepare); only llmc's
     post-training stages (split over every rank started: ``llmc.runtime.posttrain.post_layout``) and a lock without a
-    plan (its stages shard over every rank) run on any count. ``llmc launch`` refuses it before anything runs."""
-    if asked is None:
-        return None
+    plan (its stages shard over every rank) run on any count. ``llmc launch`` refuses it before anything runs.
+    ``asked`` None: the count the launch picked (one node's GPUs), checked the same way: ``llmc launch`` starts one
+    node (``torchrun --standalone``), so a plan over several nodes runs from the build's multi-node launchers."""
     try:
         _, lock = load_build(build_dir)
     except LaunchError:
         return None
+    started = asked if asked is not None else next(
+        (int(c.argv[c.argv.index("--nproc_per_node") + 1]) for c in cmds if "--nproc_per_node" in c.argv), None)
     world = _plan_world(lock)
-    if not world or asked == world:
+    if not world or started is None or started == world:
         return None
+    if asked is None and not (started == _gpus_per_node(lock) and world > started and _cpu_world(lock) == 0):
+        return None  # (the picked count is refused only on a GPU node under a multi-node plan: a machine without a
+        # GPU runs the CPU fallback, one process, as --dry-run shows)
     kinds = {st["name"]: st["kind"] for st in _stages(lock)}
     fixed = [c for c in cmds if c.checkpoints and not c.skip_reason
              and not (RUNTIME_ENTRY in c.argv and kinds.get(c.stage) in POSTTRAIN_KINDS)]
-    return nproc_message(asked, world, fixed[0].stage, lock) if fixed else None
+    return nproc_message(started, world, fixed[0].stage, lock, asked is not None) if fixed else None
 
 
-def nproc_message(asked: int, world: int, stage: str, lock: dict) -> str:
-    """The one line refusing ``--nproc asked`` for a stage that runs the plan's layout on ``world`` processes."""
+def nproc_message(asked: int, world: int, stage: str, lock: dict, given: bool = True) -> str:
+    """The one line refusing ``--nproc asked`` (``given``; else the count the launch picked for this node) for a stage
+    that runs the plan's layout on ``world`` processes."""
     plan = lock.get("plan") or {}
     dims = " x ".join(f"{k}={int(plan.get(k, 1) or 1)}" for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp"))
     cpu = _cpu_world(lock) > 0
+    what = f"--nproc {asked}" if given else f"{asked} process(es), this node's GPUs"
+    if not cpu and world > _gpus_per_node(lock):
+        return (f"{what}: stage {stage!r} runs the plan's layout on {world} processes ({dims}) over "
+                f"{-(-world // _gpus_per_node(lock))} nodes, and `llmc launch` starts one node (torchrun "
+                "--standalone): run launch/torchrun_multi_node.sh on every node, or submit launch/slurm.sbatch")
     rebuild = f"--set hardware.count={asked}" if cpu else f"--set hardware.count={asked} (GPUs)"
-    return (f"--nproc {asked}: stage {stage!r} runs the plan's layout on exactly {world} process(es) ({dims}), and "
+    return (f"{what}: stage {stage!r} runs the plan's layout on exactly {world} process(es) ({dims}), and "
             f"its trainer refuses any other WORLD_SIZE; --nproc can only be {world} for this build (only "
             f"post-training stages on the native backend run on any count); for {asked} processes rebuild with "
             f"`llmc build SPEC {rebuild}`")

@@ -111,7 +111,7 @@ def test_full_checkpoint_and_init_from_of_another_shape_are_one_line(tmp_path):
 def test_posttrain_lora_resume_with_another_rank_is_one_line(tmp_path):
     """A LoRA sft stage stopped at step 3 (rank 4 adapters), resumed with rank 8: lora_A is [4, 32] in the
     checkpoint (rank x d_model), [8, 32] in the model; torch's load_state_dict raised a multi-line size mismatch."""
-    from test_posttrain_resume import ARCH, DATA, LORA, TOK, _base
+    from test_posttrain_resume import ARCH, LORA, TOK, _base, builtin
 
     from llmc.runtime.job import TrainJob
     from llmc.runtime.posttrain import run_stage
@@ -119,7 +119,7 @@ def test_posttrain_lora_resume_with_another_rank_is_one_line(tmp_path):
     from llmc.spec.schema import make_stage
 
     def job(rank: int) -> TrainJob:
-        st = make_stage(name="sft", kind="sft", init_from="base", data=DATA, lora={**LORA, "rank": rank})
+        st = make_stage(name="sft", kind="sft", init_from="base", data=builtin("sft"), lora={**LORA, "rank": rank})
         return TrainJob(arch=Architecture(**ARCH), sources=[], seq_len=96, steps=4, name="p", stage="sft", kind="sft",
                         lr=3e-3, micro_batch=3, init_from="base", stage_spec=st, log_every=1000,
                         checkpoint_interval=2, keep_latest=3)

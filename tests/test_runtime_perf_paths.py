@@ -136,8 +136,10 @@ def test_wants_compile_reads_the_lock():
     assert wants_compile(job.replace(lock={"training": {"compile": True}})) is True
 
 
-def test_loss_syncs_once_per_log_interval(tmp_path, monkeypatch):
-    """The native loop reads the loss back (all-reduce + float) only on logged steps: log_every 5 over 10
+def test_loss_syncs_once_per_step_and_logs_per_interval(tmp_path, monkeypatch):
+    """The native loop reads the loss and grad norm back once per step, in one all-reduce of three numbers
+    (``train.step_stats``): the verdict "finite on every rank?" must be known before the optimizer step (as
+    Megatron-LM's optimizer reads its found-inf flag every step); it logs only on logged steps: log_every 5 over 10
     steps -> steps 1, 5, 10."""
     from test_build_fakes import lock_for
 
@@ -152,12 +154,12 @@ def test_loss_syncs_once_per_log_interval(tmp_path, monkeypatch):
                          "checkpoint": {"interval_steps": 100}}}
     lock = lock_for(spec, plan={"micro_batch": 4}, spec_path=str(tmp_path / "s.yaml"))
     calls = []
-    real = train._mean_across
-    monkeypatch.setattr(train, "_mean_across", lambda x: calls.append(1) or real(x))
+    real = train.step_stats
+    monkeypatch.setattr(train, "step_stats", lambda *a: calls.append(1) or real(*a))
     run_stage(lock, None, tmp_path / "o", tmp_path)
     steps = [json.loads(x)["step"] for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in x and "event" not in x]
-    assert steps == [1, 5, 10] and len(calls) == 3
+    assert steps == [1, 5, 10] and len(calls) == 10
 
 
 def test_runtime_does_not_import_the_compiler():

@@ -236,6 +236,9 @@ class StageMemoryPlan:
     # tokens per slice of the loss (llmc's trainers run the head + cross-entropy slice by slice, recomputed in
     # the backward) when the whole micro-step's logits would not fit; 0 = whole
     loss_chunk_tokens: int = 0
+    # what ``fits`` compares per_gpu_bytes with: the capacity less the fit margin of the model that produced the figure
+    # (a backend profile's 95%, the stage estimate's 92%: ``llmc.compiler.search.usable_bytes``); None: no GPU
+    usable_bytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -658,7 +658,8 @@ class _Search:
 REQUIRED_DIMS = ("tp", "pp", "cp", "ep", "zero_stage", "pp_schedule")
 TIE = 1.001  # step times within 0.1 % count as a tie (then less memory, then the simpler plan wins)
 # the generic profile's fit margin for allocator fragmentation (backends.GENERIC_HEADROOM), which the post-training
-# stages' recomputation options also keep (stages.py); a backend profile's plan may fill the GPU (usable_bytes)
+# stages' estimate and its recomputation options also keep (stages.py); a backend profile's plan may fill 95% of the
+# GPU (backends.PROFILE_HEADROOM: the memory model's measured error; usable_bytes)
 USABLE_FRACTION = backends.GENERIC_HEADROOM
 
 

@@ -54,7 +54,7 @@ from llmc.compiler.result import (
     StageTimePlan,
     StageTraining,
 )
-from llmc.compiler.search import USABLE_FRACTION, describe, divisors
+from llmc.compiler.search import USABLE_FRACTION, describe, divisors, usable_bytes
 from llmc.compiler.units import GiB, gib
 from llmc.diagnostics import Diagnostic
 from llmc.rope import rope_factor_for, rope_inv_freq, rope_reach
@@ -593,7 +593,8 @@ def _searched_stage_memory(env: _Env) -> StageMemoryPlan:
     assert mem is not None and plan is not None
     return StageMemoryPlan(
         per_gpu_bytes=mem.per_gpu_bytes, capacity_bytes=mem.capacity_bytes,
-        fits=memory.fits(mem), shard_degree=plan.dp_shard, cp=plan.cp,
+        fits=memory.fits(mem), usable_bytes=int(usable_bytes(mem.capacity_bytes, mem.backend)),
+        shard_degree=plan.dp_shard, cp=plan.cp,
         activation_checkpointing=plan.activation_checkpointing, source="the searched parallelism plan",
         breakdown=dict(mem.breakdown),
     )
@@ -701,7 +702,11 @@ def stage_memory(env: _Env, st: StageBase, tr: StageTraining, trainable: int, ne
                      f"{gib(sampling)} of KV cache and prefill tensors) while the training micro-step's "
                      f"{gib(act + logits)} of activations and logits are freed; the {phase} phase is the peak")
     return StageMemoryPlan(
-        per_gpu_bytes=per_gpu, capacity_bytes=env.capacity, fits=(per_gpu <= cap) if env.capacity else None,
+        # the stage estimate counts tensors and buffers, not the allocator's reserve: the generic profile's margin,
+        # the one its recomputation choice keeps (stage_recompute)
+        per_gpu_bytes=per_gpu, capacity_bytes=env.capacity,
+        fits=(per_gpu <= usable_bytes(env.capacity, None)) if env.capacity else None,
+        usable_bytes=int(usable_bytes(env.capacity, None)) if env.capacity else None,
         shard_degree=shard, cp=cp, activation_checkpointing=ac, source="stage estimate",
         loss_chunk_tokens=layout.loss_chunk_tokens,
         weights_bytes=weights, reference_bytes=ref, grads_optimizer_bytes=optim, activation_bytes=act,
@@ -1185,6 +1190,20 @@ def _context_out(env: _Env, st: StageBase, p: str, seq_len: int, inherited: dict
                  f"stage {st.name!r} uses vocab_size {tok.vocab_size}, larger than its base model's "
                  f"{inherited['vocab_size']} (tokens without an embedding row)", "a stage cannot grow the "
                  "vocabulary; resize embeddings in a separate step (new rows = mean of related embeddings)")
+    own = st.data.tokenizer if st.data is not None else None
+    if own is not None and st.init_from and own.train:
+        # a tokenizer trained afresh for a stage that continues another stage's model: its ids are not the ones the
+        # model learned, whatever their count (prepare trains a new BPE for the stage: llmc.runtime.job)
+        sink.add("G004", "error", f"{p}.data.tokenizer.train",
+                 f"stage {st.name!r} trains a tokenizer of its own, but continues stage {st.init_from!r}'s model, "
+                 "which was trained with another: the new tokenizer's ids are not the ones the model learned",
+                 "drop the stage's tokenizer (it then uses the run's), or start from scratch")
+    elif (own is not None and st.init_from and own.vocab_size is not None and not own.path
+          and own.vocab_size != (env.run.data.tokenizer.vocab_size or inherited["vocab_size"])):
+        base = env.run.data.tokenizer.vocab_size or inherited["vocab_size"]
+        sink.add("G004", "error", f"{p}.data.tokenizer.vocab_size",
+                 f"stage {st.name!r} declares vocab_size {own.vocab_size}, but the tokenizer its base model was "
+                 f"trained with has {base}", "drop the stage's vocab_size (it then uses the run's tokenizer)")
     if st.data is not None and tok.path and inherited.get("tokenizer") and tok.path != inherited["tokenizer"]:
         sink.add("G004", "error", f"{p}.data.tokenizer.path",
                  f"stage {st.name!r} uses tokenizer {tok.path!r}, its base model was trained with "
@@ -1332,7 +1351,7 @@ def _states_remedies(env: _Env, st: StageBase, mem: StageMemoryPlan, per_step: i
     shorter seq_len where one micro-step alone is as large as the excess. More GPUs split what FSDP shards (a bf16
     base, adapters, optimizer states) but not a QLoRA base: llmc's trainer keeps its NF4 codes outside the module's
     parameters (llmc.runtime.lora.NF4Linear), whole on every rank."""
-    over = mem.per_gpu_bytes - (env.capacity or DEFAULT_CAPACITY)
+    over = mem.per_gpu_bytes - (mem.usable_bytes or env.capacity or DEFAULT_CAPACITY)  # (what fits compares with)
     shard = max(mem.shard_degree, 1)
     lora = st.lora
     qlora = lora is not None and lora.quantize_base == "nf4"
@@ -1465,10 +1484,11 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
         # pre-training's P004; pre-training's own stage stays a warning (P004 reports it), and so does every stage
         # with the fit check off (planned anyway, with its predicted memory)
         refuse = env.fit_check and st.kind != "pretrain"
+        usable = mem.usable_bytes or env.capacity or 0
         sink.add("G005", "error" if refuse else "warning", p,
-                 f"stage {st.name!r} needs {mem.per_gpu_bytes / 1e9:.1f} GB per GPU, more than "
-                 f"{(env.capacity or 0) / 1e9:.0f} GB" + ("" if refuse or st.kind == "pretrain" else
-                                                          " (fit check off: planned with this memory)"), hint)
+                 f"stage {st.name!r} needs {gib(mem.per_gpu_bytes)} per GPU, more than the {gib(usable)} usable "
+                 f"({100 * usable / (env.capacity or usable or 1):.0f}% of {gib(env.capacity or 0)})"
+                 + ("" if refuse or st.kind == "pretrain" else " (fit check off: planned with this memory)"), hint)
     if st.kind != "pretrain" and st.init_from is None and st.init_hf is None:
         # llmc's trainers and the stage's torchtitan job then start from a fresh init (llmc.runtime.posttrain)
         sink.add("G008", "warning", p, f"{st.kind} stage {st.name!r} starts from randomly initialised weights: it has "
@@ -1706,7 +1726,8 @@ def _layout_memory(layout: StageLayout) -> StageMemoryPlan:
     mem, plan = layout.memory, layout.plan
     return StageMemoryPlan(
         per_gpu_bytes=mem.per_gpu_bytes, capacity_bytes=mem.capacity_bytes,
-        fits=memory.fits(mem), shard_degree=plan.dp_shard, cp=plan.cp,
+        fits=memory.fits(mem), usable_bytes=int(usable_bytes(mem.capacity_bytes, mem.backend)),
+        shard_degree=plan.dp_shard, cp=plan.cp,
         activation_checkpointing=plan.activation_checkpointing, source=_LAYOUT_SOURCE,
         breakdown=dict(mem.breakdown),
     )

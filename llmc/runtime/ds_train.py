@@ -515,7 +515,9 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
             engine.backward(loss)
             loss_sum += loss.detach().float()
             if i == accum - 1:  # before the boundary's optimizer step: the loss (and ZeRO-0's norm) finite everywhere?
-                if zero == 0:  # ZeRO-0 may not report a norm (and would step on a NaN one): take it before the step
+                if zero == 0 and not fp16_scaling:  # ZeRO-0 may not report a norm (and would step on a NaN one):
+                    # take it before the step; under fp16's dynamic loss scaling an overflowed (scaled) gradient is
+                    # routine, and DeepSpeed skips that step and lowers the scale itself: the loss alone is checked
                     own_norm = _grad_norm(engine.module)
                 last_loss, pre_norm, finite = step_stats(
                     loss_sum / accum, own_norm if own_norm is not None else torch.zeros((), device=device))

@@ -92,14 +92,6 @@ def build_optimizer(model: torch.nn.Module, job: TrainJob, device: torch.device)
 # ----------------------------------------------------------------------------- distributed helpers
 
 
-def _mean_across(x: torch.Tensor) -> float:
-    if _world() > 1:
-        x = x.detach().clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x /= _world()
-    return float(x)
-
-
 def step_stats(loss: torch.Tensor, norm: torch.Tensor) -> tuple[float, float, bool]:
     """(the step's loss averaged over the ranks, this rank's grad norm, whether the loss and the norm are finite on
     every rank): one all-reduce of three numbers and one host sync, so that every rank reaches the same verdict.

@@ -975,6 +975,7 @@ class PreemptibleTrainer(Trainer):
         self.close()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        _report_exit(1)  # (every rank: the launcher then knows no rank saved a preemption checkpoint)
         raise SystemExit(1)
 
     def _start_records(self):
