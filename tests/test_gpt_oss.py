@@ -314,7 +314,7 @@ def test_plan_gpt_oss_20b_lora_on_one_h100_and_120b_full_sft_on_eight(tmp_path):
         assert bool(warned) != fits
         if not fits:
             states = 16 * params_total(PRESETS[model]) / gpus
-            assert f"{states / 1e9:.1f} GB of it is weights" in warned[0].hint
+            assert f"{states / 2**30:.1f} GiB of it is weights" in warned[0].hint
         r = CliRunner().invoke(app, ["plan", str(spec)])
         assert r.exit_code == (0 if fits else 1), r.output
         r = CliRunner().invoke(app, ["plan", str(spec), "--no-fit-check"])

@@ -94,8 +94,8 @@ parallelism: PINS
 def _g005(pins: str):
     c = _compile(G005.replace("PINS", pins), fit_check=False)
     (d,) = [d for d in c.diagnostics if d.code == "G005"]
-    total = float(re.search(r"needs ([0-9.]+) GB per GPU", d.message).group(1))
-    part = float(re.match(r"([0-9.]+) GB of it is", d.hint).group(1))
+    total = float(re.search(r"needs ([0-9.]+) GiB per GPU", d.message).group(1)) * 2**30 / 1e9
+    part = float(re.match(r"([0-9.]+) GiB of it is", d.hint).group(1)) * 2**30 / 1e9
     return d, total, part
 
 

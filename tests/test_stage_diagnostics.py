@@ -91,7 +91,7 @@ def test_full_sft_70b_on_16_h100_is_refused_with_its_memory():
                                                                                                    abs=0.05)
     # against what the fit check compares with: the stage estimate keeps the generic 8% margin of the device's total
     assert f"more than the {m.usable_bytes / 2**30:.1f} GiB usable (92% of" in d.message
-    assert d.hint.startswith(f"{states / 1e9:.1f} GB of it is weights, gradients and optimizer states")
+    assert d.hint.startswith(f"{states / 2**30:.1f} GiB of it is weights, gradients and optimizer states")
     assert "LoRA" in d.hint
 
     off = compile_text(text, fit_check=False)

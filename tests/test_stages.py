@@ -235,7 +235,7 @@ def test_full_finetune_70b_does_not_fit_8x80g():
     assert m.shard_degree == 8 and m.fits is False  # 16 B/param + reference ~ 1.27 TB / 8 GPUs
     g005 = by_code(diags, "G005")
     states = (m.weights_bytes + m.reference_bytes + m.grads_optimizer_bytes) // 8
-    assert g005.severity == "error" and f"{states / 1e9:.1f} GB of it is weights" in g005.hint and "LoRA" in g005.hint
+    assert g005.severity == "error" and f"{states / 2**30:.1f} GiB of it is weights" in g005.hint and "LoRA" in g005.hint
 
 
 def test_continued_training_batch_must_split_over_every_gpu():
@@ -263,7 +263,7 @@ def test_long_sequences_that_do_not_fit_say_more_gpus_will_not_help():
     states = (m.weights_bytes + m.reference_bytes + m.grads_optimizer_bytes) // m.shard_degree
     g005 = by_code(diags, "G005")
     assert m.fits is False and m.per_gpu_bytes - states > states
-    assert f"{(m.per_gpu_bytes - states) / 1e9:.1f} GB of it is one micro-step at seq_len 262144" in g005.hint
+    assert f"{(m.per_gpu_bytes - states) / 2**30:.1f} GiB of it is one micro-step at seq_len 262144" in g005.hint
     assert "more GPUs do not split" in g005.hint and "LoRA" not in g005.hint
 
 

@@ -1357,15 +1357,15 @@ def _states_remedies(env: _Env, st: StageBase, mem: StageMemoryPlan, per_step: i
     qlora = lora is not None and lora.quantize_base == "nf4"
     gpus = (f"more GPUs (the states are split over every GPU, {shard} now)" if shard > 1
             else "more GPUs to shard the states over")
-    short = [f"a shorter seq_len ({per_step / 1e9:.1f} GB is one micro-step at seq_len {seq_len})"] \
+    short = [f"a shorter seq_len ({gib(per_step)} is one micro-step at seq_len {seq_len})"] \
         if per_step >= over else []
     if lora is None:
         return "; ".join(["LoRA or QLoRA (lora:, lora.quantize_base: nf4: only the adapters train)", gpus, *short])
     base = state_bytes_per_gpu(mem.weights_bytes or 0, 0, 0, mem.replicated_bytes, shard)
     adapters = (mem.grads_optimizer_bytes or 0) // shard
-    what = (f"{base / 1e9:.1f} GB the frozen base" + (f" ({mem.replicated_bytes / 1e9:.1f} GB of it NF4)" if qlora
+    what = (f"{gib(base)} the frozen base" + (f" ({gib(mem.replicated_bytes)} of it NF4)" if qlora
                                                          else "")
-            + f", {adapters / 1e9:.1f} GB the adapters with their gradients and AdamW states")
+            + f", {gib(adapters)} the adapters with their gradients and AdamW states")
     # QLoRA stores the adapted linears (most of the base) in NF4: at most this much less per GPU
     tries = [] if qlora or base * (1 - NF4_BITS_PER_PARAM / 16) < over else [
         "QLoRA (lora.quantize_base: nf4: the frozen base in ~4.1 bits a weight instead of 16)"]
@@ -1376,7 +1376,7 @@ def _states_remedies(env: _Env, st: StageBase, mem: StageMemoryPlan, per_step: i
     tries.append("a GPU with more memory" if qlora else gpus)
     if qlora and env.n_total <= META_INIT_PARAMS:  # (over it, QLoRA runs on one GPU only: G016)
         tries.append(f"more GPUs split the rest of the states but not the NF4 codes, which every rank holds whole "
-                     f"({mem.replicated_bytes / 1e9:.1f} GB)")
+                     f"({gib(mem.replicated_bytes)})")
     return f"{what}; " + "; ".join(tries)
 
 
@@ -1466,19 +1466,19 @@ def check_stage(env: _Env, st: StageBase, p: str, tr: StageTraining, mem: StageM
             states = state_bytes_per_gpu(mem.weights_bytes or 0, mem.reference_bytes or 0,
                                          mem.grads_optimizer_bytes or 0, mem.replicated_bytes, mem.shard_degree)
         per_step = mem.per_gpu_bytes - states  # activations, logits, buffers (and GRPO's sampling KV cache)
-        step_text = (f"{per_step / 1e9:.1f} GB of it is one micro-step at seq_len {tr.seq_len} (activations with "
+        step_text = (f"{gib(per_step)} of it is one micro-step at seq_len {tr.seq_len} (activations with "
                      f"{mem.activation_checkpointing} recomputation, logits, buffers)")
         if laid_out and per_step > states:
             hint = (f"{step_text}: recompute more (activation_checkpointing selective or full), a smaller "
                     "micro_batch, or tp / cp to split the sequence")
         elif laid_out:
-            hint = (f"{states / 1e9:.1f} GB of it is weights, gradients and optimizer states: shard them (dp_shard, "
+            hint = (f"{gib(states)} of it is weights, gradients and optimizer states: shard them (dp_shard, "
                     "tp, pp) or more GPUs")
         elif per_step > states:
             hint = (f"{step_text}, which more GPUs do not split: stages other than pre-training run data parallel, "
                     "without TP, PP or CP; a shorter seq_len")
         else:
-            hint = (f"{states / 1e9:.1f} GB of it is weights, gradients and optimizer states: "
+            hint = (f"{gib(states)} of it is weights, gradients and optimizer states: "
                     + _states_remedies(env, st, mem, per_step, tr.seq_len))
         # a stage that does not fit would stop at its first step, after the stages before it ran: an error, as
         # pre-training's P004; pre-training's own stage stays a warning (P004 reports it), and so does every stage
