@@ -66,7 +66,7 @@ def test_a_save_of_non_finite_weights_is_refused(tmp_path):
             with torch.no_grad():
                 next(m.parameters()).view(-1)[0] = float("inf")
 
-    with pytest.raises(NonFiniteStep, match="non-finite weights after the update of step 2"):
+    with pytest.raises(NonFiniteStep, match="non-finite weights after the update at step 2"):
         train_sft(m, ex, steps=6, lr=1e-3, batch_size=4, pad_id=TOK.pad_id, state=state, log=log)
     assert _saved_steps(tmp_path / "ck") == [1]
 

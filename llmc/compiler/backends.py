@@ -545,7 +545,8 @@ GENERIC_HEADROOM = 0.92
 #: peak plus the CUDA context and NCCL: the margin is the memory model's own measured error, not the allocator's.
 #: llmc's fidelity benchmark (benchmarks/RESULTS.md, torchtitan's published H100 peaks, reserved memory) puts the
 #: uncalibrated prediction at 3.4% mean |error|, 1.7% low on average (max 12%): a predicted peak up to 95% of the
-#: device's total leaves that mean error plus the bias (5.1%) before an out-of-memory. Not fitted to any row.
+#: device's total leaves more than that mean error before an out-of-memory (not the worst row's: a plan near the
+#: margin should be calibrated, ``llmc calibrate``). Not fitted to any row.
 PROFILE_HEADROOM = 0.95
 
 

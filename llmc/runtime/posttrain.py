@@ -555,13 +555,12 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
             loop.log.event("resume", step=state.step, checkpoint=str(state.resume_from))
         with handlers():  # SIGTERM / SIGUSR1: the loop saves the current step and stops (LoopState.end_step)
             summary = {"sft": _run_sft, "dpo": _run_dpo, "grpo": _run_grpo}[kind](loop)
-        from llmc.runtime.sft import newest_saved
+        from llmc.runtime.sft import nonfinite_stop
         from llmc.runtime.train import weights_finite
 
         if not state.stopped and not weights_finite([p for p in wrapped.parameters() if p.requires_grad]):
             # (collective) the last step's update is saved below as the stage's output: never non-finite weights
-            raise NonFiniteStep(f"non-finite weights after the update of step {steps}; the stage stops (its output "
-                                f"was not saved); {newest_saved(state)}; lower the stage's lr")
+            raise nonfinite_stop(state, steps, "non-finite weights after the update", taken=True)
         if state.stopped and state.preempted:
             loop.log.event("preempted", step=state.step, checkpoint=os.path.relpath(state.last_saved, out))
     except NonFiniteStep as e:  # (error[R014], entry says it) the run's log ends with why

@@ -145,8 +145,7 @@ class LoopState:
             # (collective) no checkpoint holds a non-finite weight: an update can overflow where the loss and the
             # gradient norm were finite
             if not weights_finite([p for p in model.parameters() if p.requires_grad]):
-                raise NonFiniteStep(f"non-finite weights after the update of step {self.step}; the stage stops (the "
-                                    f"step was not saved); {newest_saved(self)}; lower the stage's lr")
+                raise nonfinite_stop(self, self.step, "non-finite weights after the update", taken=True)
 
             mine = {"batch_rng": rng.getstate(), "generator": None if gen is None else gen.get_state()}
             save_checkpoint(self.folder, self.step, model, opt, {**self.meta, "history": self.history},
@@ -180,19 +179,21 @@ def clip_grads(params: list, max_norm: float | None, loss: torch.Tensor | None =
     mean, own_norm, ok = step_stats(loss.detach().float().to(norm.device), norm)
     if not ok:
         what = "non-finite loss" if not math.isfinite(mean) else "non-finite gradient norm"
-        loss_s = f"loss {mean:.6g}, " if not math.isfinite(mean) else ""
-        raise NonFiniteStep(f"{what} at step {step + 1} ({loss_s}grad norm {own_norm:.6g}); the stage stops (the step "
-                            f"was not taken, nothing of it saved); {newest_saved(state)}; lower the stage's lr, or "
-                            f"check the data it reads at step {step + 1}")
+        # (the loss is this rank's sum at any scale: named only when it is the non-finite figure)
+        raise nonfinite_stop(state, step + 1, what, loss=None if math.isfinite(mean) else mean, norm=own_norm)
 
 
-def newest_saved(state: LoopState | None) -> str:
-    """The R014 line's words for the newest mid-stage checkpoint of ``state`` (whose weights are finite)."""
-    folder = None if state is None else state.folder
-    steps = sorted(int(p.name[5:]) for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()) if (
-        folder is not None and folder.is_dir()) else []
-    return (f"the newest checkpoint, {folder / f'step-{steps[-1]:08d}'}, holds finite weights" if steps
-            else "no mid-stage checkpoint was saved before it")
+def nonfinite_stop(state: LoopState | None, step: int, what: str, *, loss: float | None = None,
+                   norm: float | None = None, taken: bool = False) -> NonFiniteStep:
+    """The error[R014] a post-training stage stops with (:func:`llmc.runtime.train.nonfinite_reason`), naming the
+    newest mid-stage checkpoint of ``state`` (:func:`llmc.runtime.checkpoint.list_checkpoints`), whose weights are
+    finite."""
+    from llmc.runtime.checkpoint import list_checkpoints
+    from llmc.runtime.train import nonfinite_reason
+
+    saved = list_checkpoints(state.folder) if state is not None and state.folder is not None else []
+    return NonFiniteStep(nonfinite_reason(step, what, loss, norm, str(saved[-1][1]) if saved else None, taken,
+                                          hint="lower the stage's lr"))
 
 
 def pad_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, max_len: int | None = None

@@ -131,17 +131,25 @@ def weights_finite(params: list[torch.Tensor], device: torch.device | None = Non
     return float(bad) == 0
 
 
-def nonfinite_line(where: str, stage: str, step: int, what: str, loss: float | None, norm: float | None,
-                   last_checkpoint: str | None, taken: bool = False) -> str:
-    """The one error[R014] line of a run stopped at a non-finite step (every trainer's: native, DeepSpeed).
+PRETRAIN_NONFINITE_HINT = "lower training.optimizer.lr, enable training.loss_spike to rewind past such a step"
+
+
+def nonfinite_reason(step: int, what: str, loss: float | None, norm: float | None, last_checkpoint: str | None,
+                     taken: bool = False, hint: str = PRETRAIN_NONFINITE_HINT) -> str:
+    """What an error[R014] line says after ``<stage>:`` (every trainer's: native, DeepSpeed, sft / dpo / grpo).
     ``taken``: the optimizer step was applied (the weights it made are what is not finite), and is not saved."""
     figures = ", ".join(f"{k} {v:.6g}" for k, v in (("loss", loss), ("grad norm", norm)) if v is not None)
     kept = (f"the newest checkpoint, {last_checkpoint}, holds finite weights" if last_checkpoint
             else "no checkpoint was saved before it")
     done = "was not saved" if taken else "was not taken, nothing of it saved"
-    return (f"{where}: error[R014] {stage}: {what} at step {step}{f' ({figures})' if figures else ''}; the run stops "
-            f"(the step {done}); {kept}; lower training.optimizer.lr, enable training.loss_spike to rewind past such "
-            f"a step, or check the data the run reads at step {step}")
+    return (f"{what} at step {step}{f' ({figures})' if figures else ''}; the run stops (the step {done}); {kept}; "
+            f"{hint}, or check the data the run reads at step {step}")
+
+
+def nonfinite_line(where: str, stage: str, step: int, what: str, loss: float | None, norm: float | None,
+                   last_checkpoint: str | None, taken: bool = False) -> str:
+    """The one error[R014] line of a pre-training run stopped at a non-finite step (:func:`nonfinite_reason`)."""
+    return f"{where}: error[R014] {stage}: " + nonfinite_reason(step, what, loss, norm, last_checkpoint, taken)
 
 
 @torch.no_grad()
