@@ -7,7 +7,9 @@ API
     is read as one YAML scalar or flow collection (``yaml.safe_load``: ``true``, ``8``, ``[1, 2]``,
     ``"quoted text"``; ``3e-4`` is a float, as in YAML 1.2 section 10.2.1.4, though PyYAML's YAML 1.1
     resolver reads it as a string); ``OverrideError`` (a ValueError: where, why) for a malformed override.
-    A path part that is a non-negative integer indexes a list (``stages.0.steps=10``).
+    A path part that is a non-negative integer indexes a list (``stages.0.steps=10``). A value whose YAML reading
+    is not what its text says is an ``OverrideError`` too (quote it): one holding a comment that YAML drops
+    (``path=/x/tok #2`` would set ``/x/tok``), or a number only YAML 1.1 reads so (``010`` octal, ``1:30`` base 60).
 ``apply_overrides(mapping, overrides) -> dict``
     A deep copy of ``mapping`` with every override applied in order; missing mappings on the way are
     created. ``ValueError`` when a path runs through a scalar or past the end of a list.
@@ -28,10 +30,13 @@ API
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import hashlib
+import json
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,9 +82,68 @@ def parse_override(text: str) -> Override:
         raise OverrideError(f"--set {key}", "the value is nested too deeply to read") from None
     except ValueError:  # an integer beyond Python's 4300-digit conversion limit
         raise OverrideError(f"--set {key}", f"value of {len(raw)} characters is not a number a spec takes") from None
+    try:
+        surprise = _surprise(raw)
+    except RecursionError:
+        raise OverrideError(f"--set {key}", "the value is nested too deeply to read") from None
+    if surprise is not None:
+        why, fix = surprise
+        quoted = shlex.quote(f"{key}={json.dumps(raw.strip())}")  # a JSON string is a YAML double-quoted scalar
+        raise OverrideError(f"--set {key}", f"value {raw!r} {why} (quote the value to keep the text as typed, "
+                                            f"--set {quoted}, or {fix})")
     if isinstance(value, str) and _FLOAT.match(raw.strip()):
         value = float(raw)  # YAML 1.2 reads 3e-4 as a number; PyYAML (YAML 1.1) needs a dot
     return Override(path=key, value=value, text=text)
+
+
+def _surprise(raw: str) -> tuple[str, str] | None:
+    """Why the YAML reading of a ``--set`` value that parses is not what its text says, and the other fix than
+    quoting it; None when it is:
+
+    - a comment: `` #`` (a ``#`` after a space or at the start) outside every token of the value starts a comment,
+      which YAML drops (YAML 1.2 section 6.6, https://yaml.org/spec/1.2.2/#66-comments): ``path=/x/tok #2`` would set
+      ``/x/tok``. Found as the text no token of PyYAML's scanner covers.
+    - a YAML 1.1-only number: PyYAML's int / float resolvers (yaml/resolver.py, YAML 1.1 https://yaml.org/type/int.html,
+      https://yaml.org/type/float.html) read ``010`` as octal 8 and ``1:30`` as base-60 90, where YAML 1.2's core schema
+      (https://yaml.org/spec/1.2.2/#1032-tag-resolution) reads 10 and the text ``1:30``: a reader of the command
+      cannot tell which was meant.
+    (A YAML 1.1 boolean such as ``yes`` where a string belongs is refused by the spec's own validation: S002.)"""
+    spans = sorted((t.start_mark.index, t.end_mark.index) for t in yaml.scan(raw)
+                   if t.end_mark.index > t.start_mark.index)  # the text each token of the value covers
+    starts = [a for a, _ in spans]
+
+    def covered(i: int) -> bool:
+        k = bisect.bisect_right(starts, i) - 1
+        return k >= 0 and i < spans[k][1]
+
+    at = next((i for i, c in enumerate(raw) if c == "#" and not covered(i)), None)
+    if at is not None:
+        dropped = raw[at:].split("\n")[0]
+        return (f"holds the YAML comment {dropped!r}, which the value would silently lose (it reads as "
+                f"{yaml.safe_load(raw)!r})", "leave the comment out")
+    for node in _scalars(yaml.compose(raw, Loader=yaml.SafeLoader)):
+        text, tag = node.value, node.tag.rsplit(":", 1)[-1]
+        if node.style is not None or tag not in ("int", "float"):
+            continue
+        if ":" in text:
+            return (f"is a base-60 number to YAML 1.1 ({text!r} -> {yaml.safe_load(text)!r}) but the text {text!r} "
+                    "to YAML 1.2", "write the number itself")
+        digits = text.replace("_", "").lstrip("+-")
+        if tag == "int" and len(digits) > 1 and digits[0] == "0" and digits.isdigit() and int(digits, 8) != int(digits):
+            return (f"is octal to YAML 1.1 ({text!r} -> {yaml.safe_load(text)!r}) but {int(digits)} to YAML 1.2",
+                    "write the number without its leading zero")
+    return None
+
+
+def _scalars(node) -> list:
+    """Every scalar node of a composed value (a flow collection's items, nested)."""
+    if isinstance(node, yaml.ScalarNode):
+        return [node]
+    if isinstance(node, yaml.SequenceNode):
+        return [s for item in node.value for s in _scalars(item)]
+    if isinstance(node, yaml.MappingNode):
+        return [s for k, v in node.value for s in _scalars(k) + _scalars(v)]
+    return []
 
 
 def apply_overrides(mapping: dict, overrides: list[Override]) -> dict:

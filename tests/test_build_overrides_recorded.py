@@ -230,7 +230,8 @@ def test_the_cluster_manifests_name_the_hashes_as_every_other_header(tmp_path, m
 
     spec = ROOT / "examples" / "llama3_70b_h100x64.yaml"
     out = tmp_path / "b"
-    r = CliRunner().invoke(app, ["build", str(spec), "-o", str(out), "--set", "training.checkpoint.folder=ck\n#x: y"])
+    # (a quoted value: unquoted, the "#x: y" line would be a YAML comment the value loses, which --set refuses)
+    r = CliRunner().invoke(app, ["build", str(spec), "-o", str(out), "--set", "cluster.env.NCCL_DEBUG='ck\n#x: y'"])
     assert r.exit_code == 0, r.output
     lock = json.loads((out / "plan.lock.json").read_text())
     for rel in ("skypilot/task.yaml", "kubeflow/trainjob.yaml"):

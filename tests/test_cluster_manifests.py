@@ -320,7 +320,11 @@ def test_kubeflow_pod_passes_sigterm_to_the_trainers_and_waits_for_their_save(tm
     (launch / "torchrun_multi_node.sh").write_text(
         f'set -euo pipefail\n"{sys.executable}" "{tmp_path}/torchrun.py" "{tmp_path}"\n')
     env = {**os.environ, "LLMC_BUILD_DIR": str(tmp_path / "build")}
-    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "bash", "-c", doc["spec"]["trainer"]["args"][0]],
+    from test_input_hygiene import kubelet_expand, pod_env
+
+    trainer = doc["spec"]["trainer"]
+    script = kubelet_expand(trainer["args"][0], pod_env(trainer))  # what the kubelet hands bash ($$ -> $)
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "bash", "-c", script],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         pid1 = _pod_pid1(proc)

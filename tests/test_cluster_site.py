@@ -94,8 +94,10 @@ def test_trainjob_holds_the_site_and_fits_the_crd(build):
     for side in ("limits", "requests"):
         assert trainer["resourcesPerNode"][side] == {"nvidia.com/gpu": "8", "nvidia.com/hostdev": "8",
                                                      "rdma/rdma_shared_device_a": "1"}
-    env = {e["name"]: e["value"] for e in trainer["env"]}
-    assert {k: env[k] for k in ENV} == ENV  # the hostile value round-trips through YAML
+    from test_input_hygiene import pod_env
+
+    env = pod_env(trainer)  # the container's values, after the kubelet's $(VAR) expansion
+    assert {k: env[k] for k in ENV} == ENV  # the hostile value round-trips through YAML and the kubelet
     assert env["LLMC_RUN_DIR"] == "/workspace/run"
     assert doc["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high-priority"
     assert doc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-queue"

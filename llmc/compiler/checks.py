@@ -47,6 +47,10 @@ T018   error     training.nvfp4_bf16_tail keeps every decoder block in bf16 (not
 T019   warning   nvfp4 converts a smaller share of the training FLOPs than fp8 would (routed experts stay bf16)
 T021   warning   fp8 with training.compile false on a backend that compiles: torchao's eager float8 casts (each step
                  its own kernel) cost far more than compiled ones; names the step with and without compile and in bf16
+T040   warning   a peak LR (training.optimizer.lr, stages[].lr) below 1e-7 or above 0.1, at any model size (where T001 /
+                 T101 do not already warn about it)
+T041   warning   weight decay above 1
+T042   warning   Adam eps above 1e-4, z_loss above 1e-3, grad_clip below 1e-3 or a MoE aux_loss_coef above 9
 B001   error     predicted days > budget.max_days
 B002   error     predicted cost > budget.max_usd, or GPU-hours > budget.max_gpu_hours
 B003   error     budget impossible even at 60 % MFU (with the budget that would be needed)
@@ -797,6 +801,84 @@ def _round_up(x: int, m: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------- hyper
+
+# Plausibility bounds (T040-T042): values no published LLM recipe comes near, at any model size (T001 / T009 / T101
+# judge against practice, and only from 100M parameters): each lies 5x (the lowest LR) to 300x (the grad clip) past
+# the most extreme published value.
+#: Peak AdamW LR, any stage: the largest published for LLM pre-training is MiniCPM's 0.01 (muP-scaled; Hu et al. 2024,
+#: arXiv:2404.06395 sec. 4); standard parametrisation stays below: GPT-3 6e-4 at 125M to 0.6e-4 at 175B
+#: (arXiv:2005.14165 Table 2.1), Llama 2 3e-4 / 1.5e-4 (arXiv:2307.09288 Table 1). The smallest published, a DPO
+#: fine-tune's: Zephyr 5e-7 (arXiv:2310.16944 sec. 4.1); below 1e-7 the weights barely move.
+PLAUSIBLE_LR = (1e-7, 0.1)
+#: Decoupled weight decay: published 0.1 (GPT-3 arXiv:2005.14165 App. B, Llama 2 sec. 2.2, DeepSeek-V3). AdamW scales
+#: every decayed weight by (1 - lr x wd) each step (Loshchilov & Hutter, arXiv:1711.05101 Algorithm 2; PyTorch AdamW).
+PLAUSIBLE_WEIGHT_DECAY = 1.0
+#: Adam eps: 1e-8 (GPT-3 App. B) to 1e-5 (Llama 2 sec. 2.2). Adam's step is lr x m / (sqrt(v) + eps) (Kingma & Ba,
+#: arXiv:1412.6980 Algorithm 1): an eps above the gradients' RMS shrinks it toward lr x m / eps.
+PLAUSIBLE_EPS = 1e-4
+#: Output z-loss coefficient: PaLM's 1e-4 (arXiv:2204.02311 sec. 5); OLMo 2 and Chameleon 1e-5.
+PLAUSIBLE_Z_LOSS = 1e-3
+#: Global grad-norm clip: 1.0 (GPT-3 App. B, Llama 2 sec. 2.2); OPT-175B lowered it to 0.3 mid-run
+#: (arXiv:2205.01068 sec. 2.5). A clip far below makes the clipped gradients' elements approach Adam's eps.
+PLAUSIBLE_GRAD_CLIP = 1e-3
+#: MoE load-balancing coefficient: Switch 0.01 (arXiv:2101.03961 sec. 2.2), Mixtral 0.02 (config.json
+#: router_aux_loss_coef), DeepSeek-V2's largest 0.05 (device-level, arXiv:2405.04434 sec. 2.2.3), gpt-oss 0.9
+#: (config.json router_aux_loss_coef, which llmc.spec.hf reads as model.moe.aux_loss_coef).
+PLAUSIBLE_MOE_AUX = 9.0
+#: The stage kinds whose LR T101 already warns about far below PLAUSIBLE_LR[1] (full fine-tunes; DPO with LoRA too)
+_T101_KINDS = ("sft", "grpo", "midtrain")
+
+
+def check_plausible_hyper(run, params_active: float, sink: Sink) -> None:
+    """T040 (a peak LR outside :data:`PLAUSIBLE_LR`), T041 (weight decay above 1), T042 (Adam eps, z-loss, grad clip
+    or MoE balance coefficient far past every published recipe): warnings, at every model size; where T001 or T101
+    already warns about the same LR, only they do."""
+    tr, opt = run.training, run.training.optimizer
+    lo, hi = PLAUSIBLE_LR
+    keep = "only a warning, for a value you mean"
+    lrs = [] if opt.lr is None or (run.pretrains and params_active >= LR_CHECK_MIN_PARAMS) else [
+        ("training.optimizer.lr", opt.lr, True)]  # (from 100M parameters T001 warns, about a narrower range)
+    lrs += [(f"stages.{i}.lr", st.lr, not (st.kind == "dpo" or st.kind in _T101_KINDS and st.lora is None))
+            for i, st in enumerate(run.stages) if st.lr is not None]
+    for path, lr, high in lrs:
+        if lr < lo or (high and lr > hi):
+            sink.add("T040", "warning", path,
+                     f"peak LR {lr:.3g} is outside {lo:g}..{hi:g}, far past every published LLM recipe (Zephyr "
+                     f"DPO's 5e-7 .. MiniCPM's 0.01): {'the weights barely move' if lr < lo else 'training diverges'}",
+                     f"AdamW pre-training uses 6e-5..6e-4 (GPT-3 Table 2.1; Llama 2: 3e-4 / 1.5e-4), fine-tunes "
+                     f"5e-7..2e-5 (Zephyr DPO, Llama 2 SFT); {keep}")
+    wd = opt.weight_decay
+    if wd > PLAUSIBLE_WEIGHT_DECAY:
+        lr = opt.lr if opt.lr is not None else 3e-4  # (the spec's peak, else an illustrative 3e-4: Llama 2 7B's)
+        shrink = lr * wd  # AdamW's decay of each decayed weight per step, before the gradient's update
+        if shrink >= 1:
+            effect = f"zeroes or flips the sign of every decayed weight each step (lr x wd = {shrink:.3g})"
+        else:  # the share an untrained weight loses over 1,000 steps: 1 - (1 - shrink)^1000
+            effect = (f"shrinks an untrained weight by {-math.expm1(1000 * math.log1p(-shrink)):.0%} every 1,000 "
+                      f"steps (0.1: {-math.expm1(1000 * math.log1p(-lr * 0.1)):.0%})")
+        sink.add("T041", "warning", "training.optimizer.weight_decay",
+                 f"weight decay {wd:.3g} is above {PLAUSIBLE_WEIGHT_DECAY:g}: AdamW multiplies each decayed weight by "
+                 f"(1 - lr x weight_decay) every step, which at lr {lr:.3g} {effect}",
+                 f"LLMs use 0.1 (GPT-3, Llama 2); {keep}")
+    other = [("training.optimizer.eps", opt.eps, opt.eps > PLAUSIBLE_EPS, f"Adam eps {opt.eps:.3g}",
+              "1e-8 .. 1e-5 (GPT-3, Llama 2): above the gradients' RMS eps turns the step into lr x m / eps, "
+              "far below the LR"),
+             ("training.z_loss", tr.z_loss, tr.z_loss > PLAUSIBLE_Z_LOSS, f"z-loss coefficient {tr.z_loss:.3g}",
+              "1e-4 (PaLM) .. 1e-5: a larger one trains the logits' normaliser instead of the language model"),
+             ("training.grad_clip", tr.grad_clip, tr.grad_clip is not None and tr.grad_clip < PLAUSIBLE_GRAD_CLIP,
+              f"gradient clip {tr.grad_clip or 0:.3g}",
+              "1.0 (GPT-3, Llama 2): a far smaller clip shrinks every gradient element toward Adam's eps, and the "
+              "steps toward nothing")]
+    moe = run.model.moe
+    if moe is not None:
+        other.append(("model.moe.aux_loss_coef", moe.aux_loss_coef, moe.aux_loss_coef > PLAUSIBLE_MOE_AUX,
+                      f"MoE load-balancing coefficient {moe.aux_loss_coef:.3g}",
+                      "0.01 (Switch) .. 0.9 (gpt-oss's config): a larger one trains the router's balance instead of "
+                      "the language model"))
+    for path, _, bad, what, why in other:
+        if bad:
+            sink.add("T042", "warning", path, f"{what} is far outside every published LLM recipe",
+                     f"published: {why}; {keep}")
 
 
 def check_batch_tokens(run, sink: Sink) -> bool:

@@ -170,6 +170,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     pre = next((s for s in resolved_stages(run) if s.kind == "pretrain"), None)
     from_scratch = pre is not None and pre.init_hf is None and pre.init_from is None
 
+    checks.check_plausible_hyper(run, model.params_active, sink)  # T040-T042 (any size, any stage)
     table_gpu = spec_gpu(run)
     if get_gpu(run.hardware.gpu) is not None or table_gpu is None:
         checks.check_gpu(run, GPUS, sink, table_gpu)

@@ -48,7 +48,8 @@ and requests alike, as Kubernetes requires of extended resources); ``node_select
 v1alpha1 TrainJob of Kubeflow Trainer 2.3.0 may patch in a pod); ``priority_class`` and ``queue`` are Kueue's labels
 on the TrainJob (``kueue.x-k8s.io/priority-class``, ``kueue.x-k8s.io/queue-name``: the API patches no pod
 ``priorityClassName``; https://kueue.sigs.k8s.io/docs/concepts/workload_priority_class/ and
-https://kueue.sigs.k8s.io/docs/tasks/run/trainjobs/); ``cluster.env`` joins the trainer's ``env``. A spec that
+https://kueue.sigs.k8s.io/docs/tasks/run/trainjobs/); ``cluster.env`` joins the trainer's ``env``, every ``$``
+doubled as in ``command`` and ``args`` (:func:`k8s_literal`: the kubelet expands ``$(VAR)`` there). A spec that
 targets Kubernetes (its ``cluster.kubernetes`` section) without ``shm_gib`` gets a build warning (X114): an 8-GPU pod's
 NCCL would meet the container's 64 MiB. Every multi-node GPU build writes the manifest, with defaults where the spec
 has no such section; it then says so in its own header (``/dev/shm`` is the container's), and the build does not warn:
@@ -107,6 +108,17 @@ SHM_DIR = "/dev/shm"
 # Kueue's labels on a job (https://kueue.sigs.k8s.io/docs/concepts/workload_priority_class/, .../tasks/run/trainjobs/)
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+
+def k8s_literal(text: str) -> str:
+    """``text`` as a container's ``command`` / ``args`` / ``env[].value`` must spell it for the container to get it
+    as written: every ``$`` doubled. The kubelet expands ``$(VAR_NAME)`` in those fields from the container's earlier
+    environment and reduces ``$$`` to ``$`` ("Double $$ are reduced to a single $, which allows for escaping the
+    $(VAR_NAME) syntax", https://kubernetes.io/docs/reference/kubernetes-api/workload-resources/pod-v1/#environment-variables
+    and ``command`` / ``args`` there; the grammar: kubernetes/kubernetes third_party/forked/golang/expansion/expand.go,
+    where ``$$`` is read first, left to right), so ``$(LLMC_RUN_DIR)`` in ``cluster.env`` stays the literal text
+    the shell launchers export, and the launcher script keeps its own ``$`` for bash."""
+    return text.replace("$", "$$")
 
 
 def k8s_name(name: str, limit: int = 40) -> str:
@@ -186,14 +198,15 @@ def trainjob(lock: dict) -> dict:
             "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": RUNTIME},
             "trainer": {
                 "image": image(lock),
-                "command": ["bash", "-c"],
-                "args": [COMMAND % {"gpn": shape.gpus_per_node}],
-                "env": [
-                    {"name": "LLMC_BUILD_DIR", "value": BUILD_DIR},
-                    {"name": "LLMC_RUN_DIR", "value": RUN_DIR},
-                    {"name": "RUN_ID", "value": shape.name},
-                    *({"name": k, "value": v} for k, v in (site(lock).get("env") or {}).items()),
-                ],
+                # (the kubelet expands $(VAR) and halves $$ in command, args and env values: k8s_literal)
+                "command": [k8s_literal(a) for a in ("bash", "-c")],
+                "args": [k8s_literal(COMMAND % {"gpn": shape.gpus_per_node})],
+                "env": [{"name": k, "value": k8s_literal(v)} for k, v in (
+                    ("LLMC_BUILD_DIR", BUILD_DIR),
+                    ("LLMC_RUN_DIR", RUN_DIR),
+                    ("RUN_ID", shape.name),
+                    *(site(lock).get("env") or {}).items(),
+                )],
                 "numNodes": shape.num_nodes,
                 "numProcPerNode": shape.gpus_per_node,
                 "resourcesPerNode": {"limits": dict(per_node), "requests": dict(per_node)},
@@ -242,6 +255,8 @@ def files(lock: dict) -> dict[str, str]:
         "#   kubectl apply -f kubeflow/trainjob.yaml",
         f"# A stopped pod gets {grace_seconds(lock)} s between SIGTERM and SIGKILL (terminationGracePeriodSeconds, "
         "the plan's preemption figure): its trainers save the current step and exit.",
+        "# Every $ in command, args and env values is written $$: Kubernetes expands $(VAR) there and reads $$ as",
+        "# one $, so the container gets the script and the spec's cluster.env values exactly as written.",
     ]
     return {"kubeflow/trainjob.yaml": "\n".join(lines) + "\n" + dump_yaml(trainjob(lock))}
 

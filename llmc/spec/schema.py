@@ -795,14 +795,36 @@ class Validation(SpecModel):
     the validation set is the same on every layout."""
 
 
+#: An lm-evaluation-harness task, group or tag name as ``lm_eval --tasks`` takes it: the names its registry holds
+#: (lm_eval 0.4.13 ``TaskManager().all_tasks``, 14,683 names) use letters, digits and ``_ - . ( )``; ``--tasks`` splits
+#: at ``,`` and matches each entry against the registry with ``fnmatch`` (lm_eval/config/evaluate_config.py
+#: ``process_tasks``, lm_eval/utils.py ``pattern_match``), so the glob characters ``* ? [ ] !`` are part of a name
+#: too. Never a leading ``-``: the build passes the names as one ``--tasks`` argument, where argparse would take it for
+#: an option.
+EVAL_TASK_NAME = re.compile(r"[A-Za-z0-9_.()*?\[][A-Za-z0-9_.()*?\[\]!-]*")
+
+
+def eval_task_name(value: str) -> str:
+    """An ``eval.tasks`` entry: a local task file (``.yaml`` / ``.yml``, read and checked by ``llmc.spec.facts``) or
+    a name lm-evaluation-harness could know (:data:`EVAL_TASK_NAME`); anything else would plan and build, and only
+    ``lm_eval`` would refuse it, after the stages it evaluates have trained."""
+    if value.endswith((".yaml", ".yml")) or EVAL_TASK_NAME.fullmatch(value):
+        return value
+    bad = next((c for c in value if not EVAL_TASK_NAME.fullmatch("a" + c)), value[:1])
+    raise ValueError(f"{value[:80]!r} is not an lm-evaluation-harness task name (it holds {bad!r}): names are "
+                     "letters, digits, _ - . ( ) and the globs * ? [ ] !, not starting with '-' (`lm-eval ls tasks` "
+                     "lists them); a local task file ends in .yaml")
+
+
 class Eval(SpecModel):
     """Evaluation: held-out loss during training and benchmark tasks after stages."""
 
     validation: Validation | None = None
     """Held-out validation loss. None = none."""
-    tasks: list[Annotated[Label, Field(min_length=1)]] = Field(default_factory=list)
-    """lm-evaluation-harness task names or local task / group YAML files (relative to the spec file). When every
-    entry is a local file that lists no other task, lm-evaluation-harness indexes only those files' folders."""
+    tasks: list[Annotated[Label, Field(min_length=1), AfterValidator(eval_task_name)]] = Field(default_factory=list)
+    """lm-evaluation-harness task names (letters, digits, ``_ - . ( )`` and the glob characters ``* ? [ ] !``) or
+    local task / group YAML files (relative to the spec file). When every entry is a local file that lists no other
+    task, lm-evaluation-harness indexes only those files' folders."""
     task_stages: list[str] | None = None
     """Stages whose final HF export is evaluated on ``tasks``. None = the last stage."""
     backend: Literal["hf", "vllm"] = "hf"
