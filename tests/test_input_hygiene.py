@@ -348,3 +348,16 @@ def test_every_name_of_the_installed_harness_passes():
              for m in pat.finditer(f.read_text(errors="replace"))}
     assert len(names) > 1000 and "hellaswag" in names
     Eval(tasks=sorted(names) + ["mmlu_*", "arc_[ce]*", "evals/my task.yaml", "tasks/x.yml"])
+
+
+@pytest.mark.parametrize("doc", ['task: "a,b; touch x"\n', 'group: "g h"\ntask: [hellaswag]\n'])
+def test_a_local_task_files_own_name_is_held_to_the_same_character_set(tmp_path, doc):
+    """lm_eval is run with the name a local task file declares (its ``task:``, or a group file's ``group:``), not
+    with the file's path: that name is checked as ``eval.tasks`` names are."""
+    from llmc.spec.facts import read_eval_task
+
+    (tmp_path / "t.yaml").write_text(doc)
+    f = read_eval_task("t.yaml", tmp_path)
+    assert f.problem is not None and "not an lm-evaluation-harness task name" in f.problem, f
+    (tmp_path / "ok.yaml").write_text("task: my_task-1.0\n")
+    assert read_eval_task("ok.yaml", tmp_path).problem is None

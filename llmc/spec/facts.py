@@ -32,7 +32,7 @@ import yaml
 
 from llmc.fileio import expand_user, read_regular_file
 from llmc.spec.hf import quantization_method
-from llmc.spec.schema import RunSpec
+from llmc.spec.schema import EVAL_TASK_NAME, RunSpec
 
 #: Largest referenced JSON file read (HF config.json files are a few KiB; tokenizer.json a few MiB).
 MAX_CONFIG_BYTES = 4 * 2**20
@@ -147,10 +147,13 @@ def task_file_name(path: str, text: str) -> tuple[str, bool]:
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
     task = doc.get("task") if isinstance(doc, dict) else None
-    if isinstance(task, str):
-        return task, False
-    if isinstance(task, list) and isinstance(doc.get("group"), str):
-        return doc["group"], True
+    name, group = (task, False) if isinstance(task, str) else (
+        (doc["group"], True) if isinstance(task, list) and isinstance(doc.get("group"), str) else (None, False))
+    if name is not None:
+        if not EVAL_TASK_NAME.fullmatch(name):  # the name lm_eval is run with, as eval.tasks names are checked
+            raise ValueError(f"{path}: its {'group' if group else 'task'} name {name[:80]!r} is not an "
+                             "lm-evaluation-harness task name (letters, digits, _ - . ( ) and the globs * ? [ ] !)")
+        return name, group
     raise ValueError(f"{path}: no top-level 'task:' name (or 'group:' name with a 'task:' list)")
 
 
