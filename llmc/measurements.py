@@ -35,6 +35,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from llmc.compiler.calibration import NEGLIGIBLE_ERR_PCT
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.units import GiB
 from llmc.fileio import read_regular_file
@@ -951,6 +952,7 @@ def calibrate_measurements(ms: list[Measurement], inputs: list[str], digests: di
         raise MeasurementError(inputs[0], 0, "K008", "fit", f"the fit is not usable ({e})",
                                "the runs disagree with llmc's model by orders of magnitude: check their units "
                                "(tokens/s per GPU, GiB)") from None
+    _check_gross_miss(cal, timed, [m for m in ms if m.reserved_bytes or m.allocated_bytes])
     _check_pinned(cal, bool(tps), bool(mps), inputs[0])
     bad = calibration_problem(cal)
     if bad is not None:
@@ -977,6 +979,43 @@ def _locate_impossible(timed: list[Measurement], points) -> None:
                            f"shorter than llmc's predicted communication and optimizer time alone "
                            f"({p.comm_s + p.fixed_s:.3g} s), which no compute speed explains{others}",
                            "check its tokens/s for a typing or units error (per GPU, not the whole job's)")
+
+
+def _check_gross_miss(cal, timed: list[Measurement], memed: list[Measurement]) -> None:
+    """K008 located on the run that the factors fitted on the other runs predict more than
+    ``calibration.GROSS_MISS_RATIO`` times off while they predict the others within it (``calibration.gross_misses``):
+    a row given per node or for the whole job, or in other units, which fitted bends every factor (one row per node
+    in six: every prediction ~5.8x too fast). ``timed`` / ``memed``: the runs of the time / memory residuals, in
+    order (:func:`fit_points`)."""
+    from llmc.compiler import calibration as c
+
+    found = c.gross_misses(cal.residuals)
+    if not found:
+        return
+    g = found[0]
+    time = g["quantity"] != "reserved_bytes"
+    m = (timed if time else memed)[g["index"]]
+    r = g["ratio"]
+    more = f"{r:.1f}x" if r >= 1 else f"1/{1 / r:.1f} of"
+    if time:
+        gpn = m.gpus_per_node or getattr(m.hardware, "gpus_per_node", None) or 8
+        world = m.plan.world
+        guess = ("per node rather than per GPU?" if r > 1 and abs(r / gpn - 1) < 0.25 else
+                 "the whole job's rather than per GPU?" if r > 1 and world > 1 and abs(r / world - 1) < 0.25 else
+                 "a units or typing error?" if r > 1 else
+                 "a throttled or failing run, another layout than the row's, or a typing error?")
+        what, field_ = f"its tokens/s ({m.tokens_per_s_per_gpu:g} per GPU) is {more} what", "tokens_per_s_per_gpu"
+    else:
+        guess = "another unit (GB, MB), another quantity (allocated vs reserved), or another layout than the row's?"
+        what, field_ = "its memory is " + more + " what", "mem_gib"
+    worst = c.UNCALIBRATED_TOKENS_MAX_ERR_PCT if time else c.UNCALIBRATED_MEMORY_MAX_ERR_PCT
+    others = (f" ({len(found)} runs are: the one furthest from llmc's uncalibrated prediction is named)"
+              if len(found) > 1 else "")
+    raise MeasurementError(m.source, m.line, "K008", field_,
+                           f"{m.label}: {what} the other runs predict for its layout, beyond the {c.GROSS_MISS_RATIO:g}x "
+                           f"no model error explains (llmc's worst miss on published runs is {worst:g}%): "
+                           f"{guess}{others}",
+                           "fix the row, or drop it and calibrate on the others")
 
 
 def _check_pinned(cal, timed: bool, memory: bool, source: str) -> None:
@@ -1057,14 +1096,20 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
         print(e.located(), file=sys.stderr)
         return 1
     Path(out).write_text(json.dumps(cal.to_json(), indent=2, sort_keys=True) + "\n")
-    for warning in (inexact_gpu_warning(ms), no_better_warning(cal), *outlier_warnings(cal)):
+    for warning in (inexact_gpu_warning(ms), no_better_warning(cal), zero_stage_warning(ms),
+                    *outlier_warnings(cal)):
         if warning:
             print(warning, file=sys.stderr)
     print(f"calibration {cal.backend}/{cal.gpu} from {len(ms)} run(s): {cal.factors.describe()}")
-    for what, band in (("tokens/s", cal.time_band), ("memory", cal.memory_band)):
-        if band:
+    for (q, (applied, why)), what in zip(cal.applied().items(), ("tokens/s", "memory"), strict=True):
+        band = cal.band(q)
+        if not applied:
+            print(f"{what}: not applied by llmc plan ({why})")
+        elif band:
+            floor = (f" (leave-one-out {cal.time_band['mean_abs_pct']:.1f}%, raised to the {band['floor_pct']}% "
+                     "measurement noise floor of benchmarks/RESULTS.md)" if "floor_pct" in band else "")
             print(f"expected {what} error (leave-one-out): mean {band['mean_abs_pct']:.1f}%, "
-                  f"max {band['max_abs_pct']:.1f}%")
+                  f"max {band['max_abs_pct']:.1f}%{floor}")
     print(f"wrote {out}")
     return 0
 
@@ -1098,6 +1143,59 @@ def outlier_warnings(cal) -> list[str]:
     return out
 
 
+#: zero_stage_warning: a run's memory off by more than this (%) at its zero_stage ...
+ZERO_MISMATCH_MIN_PCT = 10.0
+#: ... and within this (%) at another stage (and 3x closer) reads as a zero_stage the row does not say.
+ZERO_MATCH_PCT = 3.0
+
+
+def zero_stage_warning(ms: list[Measurement]) -> str | None:
+    """One warning line when some runs' measured memory is far from llmc's prediction at their ``zero_stage`` and
+    close to it at another stage: a table row without the column is ZeRO-3 (benchmarks/README.md: torchtitan's
+    FSDP resharding after forward), while ``llmc plan`` may choose zero_stage 1 (reshard_after_forward=False) for the
+    same layout, so transcribing a plan without that column puts every memory residual off by 20-35 %. None when no
+    run is so."""
+    hits = []
+    for m in ms:
+        meas = m.reserved_bytes or m.allocated_bytes
+        if not meas:
+            continue
+        try:
+            _, mem = predicted(m)
+        except MeasurementError:
+            continue
+        kind = "reserved_bytes" if m.reserved_bytes else "allocated_bytes"
+        err = 100.0 * (getattr(mem, kind) - meas) / meas
+        if abs(err) <= ZERO_MISMATCH_MIN_PCT:
+            continue
+        best = None
+        for z in (0, 1, 2, 3):
+            if z == m.plan.zero_stage:
+                continue
+            try:
+                alt = replace(m, plan=replace(m.plan, zero_stage=z))
+                got = getattr(predicted(alt)[1], kind)
+            except (MeasurementError, ValueError):
+                continue
+            e = 100.0 * (got - meas) / meas
+            if abs(e) <= ZERO_MATCH_PCT and abs(e) * 3 <= abs(err) and (best is None or abs(e) < abs(best[1])):
+                best = (z, e)
+        if best is not None:
+            hits.append((m, err, best))
+    if not hits:
+        return None
+    labels = ", ".join(m.label for m, _, _ in hits[:6]) + (", ..." if len(hits) > 6 else "")
+    stages = sorted({z for _, _, (z, _) in hits})
+    given = sorted({m.plan.zero_stage for m, _, _ in hits})
+    lo, hi = min(e for _, e, _ in hits), max(e for _, e, _ in hits)
+    off = f"{lo:+.0f}%" if round(lo) == round(hi) else f"{lo:+.0f}% to {hi:+.0f}%"
+    return (f"warning: {len(hits)} run(s) ({labels}) match llmc's memory at zero_stage "
+            f"{'/'.join(map(str, stages))} (within {ZERO_MATCH_PCT:g}%), not at their zero_stage "
+            f"{'/'.join(map(str, given))} ({off}): a table row without a zero_stage column is "
+            "zero_stage 3 (FSDP resharding after forward), while llmc plan may choose 1 for the same layout; give the "
+            "column as the runs ran (benchmarks/README.md, Schema)")
+
+
 def inexact_gpu_warning(ms: list[Measurement]) -> str | None:
     """One warning line when some runs were measured on another part than the llmc GPU they are fitted for (a
     table's ``gpu_key_exact: false`` with no ``gpu_part``): the factors then absorb the difference between the two
@@ -1111,20 +1209,16 @@ def inexact_gpu_warning(ms: list[Measurement]) -> str | None:
             f"(name the part's own llmc key as the table's gpu_part where llmc gpus lists it)")
 
 
-#: A mean error (%) this small is no error: tokens/s and memory peaks are measured to a few tenths of a percent at best
-#: (step-to-step spread of a steady run), so two fits both below it predict the runs alike.
-NEGLIGIBLE_ERR_PCT = 0.1
-
-
 def no_better_warning(cal) -> str | None:
     """One warning line when the fit predicts the measured runs no better than llmc does uncalibrated, for tokens/s
     or memory: the calibrated error is the leave-one-out one (each run predicted by factors fitted on the others;
     Hastie, Tibshirani, Friedman, "The Elements of Statistical Learning", 2nd ed., sec. 7.10), in-sample when there
     is one run of that quantity; the uncalibrated error is the mean |error| of llmc's own predictions of the same
     runs (nothing fitted, so already an out-of-sample figure). Factors that do not beat it make the plans no
-    better, or worse; the calibration is still written (the user decides), with this line naming the quantities
-    concerned. None when it is better for every quantity measured, or when both errors are below
-    :data:`NEGLIGIBLE_ERR_PCT` (llmc already predicts those runs: there is nothing for a fit to improve)."""
+    better, or worse: ``llmc plan`` does not apply them (``Calibration.applied``, the same comparison), and this
+    line says so for each quantity concerned; the calibration is still written, recording them and why. None when it
+    is better for every quantity measured, or when both errors are below :data:`NEGLIGIBLE_ERR_PCT` (llmc already
+    predicts those runs: there is nothing for a fit to improve)."""
     worse, fitted_any = [], 0
     for quantity, band, what in (("tokens_per_s (relative)", cal.time_band, "tokens/s"),
                                  ("reserved_bytes", cal.memory_band, "memory")):
@@ -1142,9 +1236,10 @@ def no_better_warning(cal) -> str | None:
                          f"uncalibrated")
     if not worse:
         return None
+    which = " and ".join(w.split(" mean error")[0] for w in worse)
     return ("warning: the calibration predicts the measured runs no better than llmc does without it: "
-            + "; ".join(worse) + " (measure more runs, and longer ones, on the hardware you will plan for, and "
-            "calibrate again" + ("; until then plan without it)" if len(worse) == fitted_any else ")"))
+            + "; ".join(worse) + f"; not applied: llmc plan keeps {which} uncalibrated with this file (measure more "
+            "runs, and longer ones, on the hardware you will plan for, and calibrate again)")
 
 
 def load_calibration(path: str | Path, spec_file: str | None = None, record_as: str | None = None):
@@ -1198,5 +1293,5 @@ def version_warning(cal, path: str) -> str | None:
 __all__ = ["Measurement", "MeasurementError", "TitanStep", "parse_torchtitan_log", "read_llmc_run",
            "read_torchtitan_log", "read_table", "read_any", "predicted", "fit_points", "calibrate_measurements",
            "calibrate_main", "load_calibration", "steady", "table_row", "table_cell", "table_gpu",
-           "inexact_gpu_warning", "no_better_warning", "outlier_warnings", "run_metrics_file", "check_columns", "calibration_problem",
+           "inexact_gpu_warning", "no_better_warning", "zero_stage_warning", "outlier_warnings", "run_metrics_file", "check_columns", "calibration_problem",
            "version_warning", "lock_gpu"]

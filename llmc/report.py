@@ -302,6 +302,10 @@ def _memory(c) -> Table:
     if m.reserved_bytes:
         t.add_row("allocator", f"{gib(m.allocated_bytes)} allocated, {gib(m.reserved_bytes)} reserved, "
                   f"+{gib(m.outside_allocator_bytes)} outside the allocator (CUDA context, NCCL); {m.backend} backend")
+    band = ((c.calibration.bands or {}).get("memory") if c.calibration else None)
+    if band:  # the expected error of the figure above: the calibration's leave-one-out, else llmc's measured error
+        t.add_row("error", f"expected +-{band['mean_abs_pct']:.1f}% mean, {band['max_abs_pct']:.1f}% max "
+                  f"({band['basis']})")
     if len(m.per_stage_bytes) > 1:
         t.add_row("stages", f"{len(m.per_stage_bytes)} stages, {gib(min(m.per_stage_bytes))} .. "
                   f"{gib(max(m.per_stage_bytes))}")

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 MIN_POINTS_TWO_FACTORS = 4  # below this only one factor per quantity is fitted
 # Uncalibrated, two layouts whose predicted step times differ by less than this are treated as equal and the
@@ -57,6 +57,31 @@ MIN_POINTS_TWO_FACTORS = 4  # below this only one factor per quantity is fitted
 # one knob varied), which is what a layout comparison is exposed to -- benchmarks/RESULTS.md, "within-sweep
 # error spread". A calibration replaces it with its own leave-one-out band.
 RANKING_BAND_UNCALIBRATED = 0.06  # 6.0 % in benchmarks/RESULTS.md (2026-12), rounded
+# llmc's own error, uncalibrated, against published training runs: benchmarks/RESULTS.md, "Summary" (the fidelity
+# benchmark, scripts/bench_fidelity.py). tokens/s/GPU: its "check rows" line (62 torchtitan and Megatron runs on
+# H100 .. GB300 that no factor was fitted on; the 18 fit rows would flatter it); memory: its "all rows" line (20
+# torchtitan runs, 18 of them the rows the memory factors were fitted on: in-sample, the only published peaks there
+# are). An uncalibrated plan quotes them as its expected error (basis: published runs); tests/test_calibration_trust.py
+# reads them back from RESULTS.md so they cannot go stale.
+UNCALIBRATED_TOKENS_MEAN_ERR_PCT = 11.8
+UNCALIBRATED_TOKENS_MAX_ERR_PCT = 27.0
+UNCALIBRATED_MEMORY_MEAN_ERR_PCT = 3.4
+UNCALIBRATED_MEMORY_MAX_ERR_PCT = 12.0
+# No tokens/s band is narrower than a measurement is reproducible: benchmarks/RESULTS.md, "Noise floor" -- the same
+# layout measured in different releases / sources, where the best any layout-deterministic predictor (one number per
+# layout, as llmc calibrated or not) can do is each twin group's mean: 1.7 % mean |error| on the twin rows (strict
+# recipe match). That, not the twin-LOO 3.6 % (one measurement predicting another, so the noise of both), is the error
+# of a fixed prediction against one new measurement. A leave-one-out band below it (a layout measured twice predicts
+# itself: 0.0 %) is raised to it.
+TIME_BAND_FLOOR_PCT = 1.7
+# A run that the factors fitted on the other runs predict more than this many times too fast or too slow (tokens/s
+# or memory) stops the calibration (K008, located on the run): llmc's worst miss against published runs, uncalibrated,
+# is 27 % (UNCALIBRATED_TOKENS_MAX_ERR_PCT), so 2.5x is a units or transcription error (a node's tokens/s given per
+# GPU: 8x, or 4x on 4-GPU nodes), not a model error; fitted, such a row bends every factor (the relative step-time
+# residual is bounded below by -100 % and unbounded above, so a too-fast row dominates the least squares). Up to 2x
+# (a run at half speed: throttled, misconfigured) stays a warning (measurements.outlier_warnings, no_better_warning)
+# and the plan then leaves factors that do not help unapplied (Calibration.applied).
+GROSS_MISS_RATIO = 2.5
 # size term: hidden size the exponent is referred to (Llama-3 70B), the exponents tried, the ridge weights.
 # The weights were chosen from {0.03, 0.1, 0.3} on benchmarks/RESULTS.md's leave-one-out error (its ablation table).
 SIZE_REF_D_MODEL = 8192.0
@@ -74,6 +99,9 @@ MIN_POINTS_PRIOR_CHOICE = 5
 MIN_DISTINCT_SIZES = 3
 MIN_SIZE_RATIO = 1.2
 FACTOR_BOUNDS = {"compute_scale": (0.2, 5.0), "comm_scale": (0.05, 20.0), "mem_scale": (0.5, 2.0)}
+#: A mean error (%) this small is no error: tokens/s and memory peaks are measured to a few tenths of a percent at best
+#: (step-to-step spread of a steady run), so two fits both below it predict the runs alike.
+NEGLIGIBLE_ERR_PCT = 0.1
 COMM_KEYS = ("tp_comm", "ep_comm", "cp_comm", "pp_p2p", "fsdp_comm", "dp_comm")
 COMPUTE_KEYS = ("compute", "elementwise", "recompute")
 FIXED_KEYS = ("optimizer",)
@@ -96,10 +124,17 @@ class Factors:
         return self.compute_scale * (d_model / SIZE_REF_D_MODEL) ** self.compute_size_exponent
 
     def describe(self) -> str:
+        return f"{self.describe_time()} {self.describe_memory()}"
+
+    def describe_time(self) -> str:
+        """The tokens/s factors, as ``describe`` names them."""
         size = (f" compute_size_exponent={self.compute_size_exponent:+.2f} (d_model ref {SIZE_REF_D_MODEL:.0f})"
                 if self.compute_size_exponent else "")
-        return (f"compute_scale={self.compute_scale:.3f} comm_scale={self.comm_scale:.3f}{size} "
-                f"mem_scale={self.mem_scale:.3f} mem_overhead={self.mem_overhead_bytes / 2**30:+.2f} GiB")
+        return f"compute_scale={self.compute_scale:.3f} comm_scale={self.comm_scale:.3f}{size}"
+
+    def describe_memory(self) -> str:
+        """The memory factors, as ``describe`` names them."""
+        return f"mem_scale={self.mem_scale:.3f} mem_overhead={self.mem_overhead_bytes / 2**30:+.2f} GiB"
 
 
 IDENTITY = Factors()
@@ -426,6 +461,40 @@ def _band(errs: list[float]) -> dict | None:
             "rms_pct": math.sqrt(sum(e * e for e in errs) / len(errs))}
 
 
+def _ratio(err_pct: float) -> float:
+    """measured / predicted of a residual's % error (tokens/s: measured step / predicted step - 1; memory: predicted /
+    measured - 1): both are 1 / (1 + e) of the quantity."""
+    return math.inf if err_pct <= -100.0 else 1.0 / (1.0 + err_pct / 100.0)
+
+
+def gross_misses(residuals: list[dict]) -> list[dict]:
+    """The runs that the factors fitted on the other runs predict more than :data:`GROSS_MISS_RATIO` times off
+    (either way) while those factors predict the other runs within it (median): a units or transcription error in
+    that run, not a model error (a run that bends the fit makes every other run's leave-one-out error large too, and
+    is the one whose removal leaves the others consistent; Cook & Weisberg 1982, sec. 2.2, as
+    :func:`loo_others_spread`). Each: {label, quantity, index (the run's place among that quantity's residuals),
+    ratio (measured / predicted by the others)}; when several are (with two runs either can be the one), the one
+    furthest from llmc's uncalibrated prediction (within 27 % on published runs) first."""
+    out = []
+    for quantity in ("tokens_per_s (relative)", "reserved_bytes"):
+        rows = [r for r in residuals if r.get("quantity") == quantity]
+        for k, r in enumerate(rows):
+            e, others = r.get("loo_err_pct"), r.get("others_err_pct")
+            if not isinstance(e, int | float) or not isinstance(others, int | float) or math.isnan(e):
+                continue
+            ratio = _ratio(e)
+            miss = max(ratio, 1.0 / ratio) if ratio > 0 else math.inf
+            # the others' median |error| below 100 (1 - 1 / R) % is within R either way
+            if miss > GROSS_MISS_RATIO and others < 100.0 * (1.0 - 1.0 / GROSS_MISS_RATIO):
+                u = _ratio(r.get("uncalibrated_err_pct", 0.0))
+                out.append({"label": r["label"], "quantity": quantity, "index": k, "ratio": ratio,
+                            "_key": (abs(math.log(u)) if 0 < u < math.inf else math.inf, abs(math.log(miss)))})
+    out.sort(key=lambda d: d["_key"], reverse=True)
+    for d in out:
+        del d["_key"]
+    return out
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A fitted calibration: what compile applies, what it was fitted on and how good it is."""
@@ -443,13 +512,76 @@ class Calibration:
     fit: dict = field(default_factory=dict)  # how the factors were fitted: {"comm_prior": the ridge weight used}
 
     def error_band_pct(self) -> float | None:
-        """The expected tokens/s error (LOO mean |error|, %); None without time measurements."""
-        return None if self.time_band is None else self.time_band["mean_abs_pct"]
+        """The expected tokens/s error (LOO mean |error|, %, never below :data:`TIME_BAND_FLOOR_PCT`); None without
+        time measurements."""
+        return None if self.time_band is None else max(self.time_band["mean_abs_pct"], TIME_BAND_FLOOR_PCT)
+
+    def band(self, quantity: str) -> dict | None:
+        """The leave-one-out band of ``quantity`` ("tokens_per_s" or "memory") as a plan quotes it: {n, mean_abs_pct,
+        max_abs_pct, basis}, tokens/s raised to :data:`TIME_BAND_FLOOR_PCT` (``floor_pct`` then says so); None
+        without one (fewer than 2 runs of it)."""
+        b = self.time_band if quantity == "tokens_per_s" else self.memory_band
+        if not b:
+            return None
+        mean, top = float(b["mean_abs_pct"]), float(b["max_abs_pct"])
+        out = {"n": b.get("n"), "mean_abs_pct": mean, "max_abs_pct": top,
+               "basis": f"leave-one-out over this calibration's {b.get('n', '?')} measured runs"}
+        if quantity == "tokens_per_s" and mean < TIME_BAND_FLOOR_PCT:
+            out.update(mean_abs_pct=TIME_BAND_FLOOR_PCT, max_abs_pct=max(top, TIME_BAND_FLOOR_PCT),
+                       floor_pct=TIME_BAND_FLOOR_PCT,
+                       basis=out["basis"] + f" ({mean:.1f}% raised to the {TIME_BAND_FLOOR_PCT}% measurement noise "
+                       "floor, benchmarks/RESULTS.md)")
+        return out
+
+    def applied(self) -> dict[str, tuple[bool, str]]:
+        """Per quantity ("tokens_per_s", "memory"): (whether a plan applies its factors, why). Not applied: nothing of
+        it measured, or factors whose leave-one-out error is not below llmc's own uncalibrated error on the same runs
+        (they would make the plans worse; underestimated memory is an OOM). A file with no residuals (made by hand or
+        by an older tool) is judged by its factors and bands alone."""
+        out = {}
+        f = self.factors
+        for q, quantity, band, moved in (
+                ("tokens_per_s", "tokens_per_s (relative)", self.time_band,
+                 (f.compute_scale, f.comm_scale, f.compute_size_exponent) != (1.0, 1.0, 0.0)),
+                ("memory", "reserved_bytes", self.memory_band, (f.mem_scale, f.mem_overhead_bytes) != (1.0, 0.0))):
+            what = "tokens/s" if q == "tokens_per_s" else "memory"
+            res = [r for r in self.residuals if isinstance(r, dict) and r.get("quantity") == quantity
+                   and isinstance(r.get("uncalibrated_err_pct"), int | float)]
+            if not res and (self.residuals or not (band or moved)):
+                out[q] = (False, f"no {what} measured")
+                continue
+            if not res:
+                out[q] = (True, "as the file gives them (it records no per-run residuals to check them on)")
+                continue
+            if not band:
+                out[q] = (True, f"fitted on {len(res)} run(s); no leave-one-out check (fewer than 2 runs)")
+                continue
+            loo = float(band["mean_abs_pct"])
+            uncal = math.fsum(abs(r["uncalibrated_err_pct"]) for r in res) / len(res)
+            if loo >= uncal and max(loo, uncal) >= NEGLIGIBLE_ERR_PCT:
+                out[q] = (False, f"its leave-one-out error {loo:.1f}% is not below llmc's uncalibrated {uncal:.1f}% "
+                                 f"on the same {len(res)} runs")
+            else:
+                out[q] = (True, f"leave-one-out {loo:.1f}% vs {uncal:.1f}% uncalibrated on {len(res)} runs")
+        return out
+
+    def applied_factors(self) -> Factors:
+        """The factors a plan applies: :attr:`factors` with those of a quantity :meth:`applied` rejects at identity."""
+        ok = self.applied()
+        f = self.factors
+        if not ok["tokens_per_s"][0]:
+            f = replace(f, compute_scale=1.0, comm_scale=1.0, compute_size_exponent=0.0)
+        if not ok["memory"][0]:
+            f = replace(f, mem_scale=1.0, mem_overhead_bytes=0.0)
+        return f
 
     def to_json(self) -> dict:
         return {"kind": "llmc-calibration", "backend": self.backend, "gpu": self.gpu,
                 "factors": asdict(self.factors), "time_band": self.time_band, "memory_band": self.memory_band,
-                "residuals": list(self.residuals), "provenance": dict(self.provenance), "fit": dict(self.fit)}
+                "residuals": list(self.residuals), "provenance": dict(self.provenance), "fit": dict(self.fit),
+                # the record of which factors a plan applies, and why (read back, it is decided again from the
+                # residuals and bands: :meth:`applied`)
+                "applied": {q: {"applied": a, "why": w} for q, (a, w) in self.applied().items()}}
 
     @staticmethod
     def from_json(d: dict) -> Calibration:
@@ -485,6 +617,86 @@ class Calibration:
                            fit=dict(d.get("fit", {})))
 
 
+PUBLISHED_BASIS = ("llmc uncalibrated vs published torchtitan / Megatron training runs on H100 .. GB300, "
+                   "benchmarks/RESULTS.md (tokens/s: runs not fitted on; memory: in-sample)")
+
+
+def published_bands() -> dict[str, dict]:
+    """llmc's uncalibrated error against published runs, per quantity, as a plan quotes it."""
+    return {"tokens_per_s": {"mean_abs_pct": UNCALIBRATED_TOKENS_MEAN_ERR_PCT,
+                             "max_abs_pct": UNCALIBRATED_TOKENS_MAX_ERR_PCT, "basis": PUBLISHED_BASIS},
+            "memory": {"mean_abs_pct": UNCALIBRATED_MEMORY_MEAN_ERR_PCT,
+                       "max_abs_pct": UNCALIBRATED_MEMORY_MAX_ERR_PCT, "basis": PUBLISHED_BASIS}}
+
+
+def _uncalibrated_band(cal: Calibration, quantity: str) -> dict | None:
+    """llmc's uncalibrated error on the calibration's own runs of ``quantity`` (the error of a plan that does not
+    apply its factors); None when it records none."""
+    res = [abs(r["uncalibrated_err_pct"]) for r in cal.residuals if isinstance(r, dict) and r.get("quantity") == (
+        "tokens_per_s (relative)" if quantity == "tokens_per_s" else "reserved_bytes")
+        and isinstance(r.get("uncalibrated_err_pct"), int | float)]
+    if not res:
+        return None
+    return {"n": len(res), "mean_abs_pct": math.fsum(res) / len(res), "max_abs_pct": max(res),
+            "basis": f"llmc uncalibrated against this calibration's {len(res)} measured runs"}
+
+
+def plan_calibration(cal: Calibration | None, backend: str, gpu_key: str) -> tuple[dict, Factors | None, float]:
+    """What a plan does with a calibration: (the fields of its ``result.CalibrationStatus``, the factors it applies
+    (None: none), the ranking band as a fraction). Per quantity (tokens/s, memory) the factors are applied only when
+    :meth:`Calibration.applied` accepts them, and every plan quotes an expected error per quantity with its basis:
+    the calibration's leave-one-out band where its factors are applied, else llmc's uncalibrated error on the
+    calibration's runs, else on published runs (:func:`published_bands`)."""
+    published = published_bands()
+    uncal_text = (f"llmc's tokens/s is {UNCALIBRATED_TOKENS_MEAN_ERR_PCT:.1f}% off on average "
+                  f"({UNCALIBRATED_TOKENS_MAX_ERR_PCT:.0f}% at most) on published torchtitan / Megatron runs it was "
+                  f"not fitted on, its memory {UNCALIBRATED_MEMORY_MEAN_ERR_PCT:.1f}% "
+                  f"({UNCALIBRATED_MEMORY_MAX_ERR_PCT:.0f}%, in-sample) (benchmarks/RESULTS.md)")
+    equal = f"layouts within {100 * RANKING_BAND_UNCALIBRATED:.0f}% of the fastest count as equal"
+    if cal is None or not (cal.backend == backend and cal.gpu.split(" ")[0] == gpu_key):
+        head = ("uncalibrated" if cal is None else
+                f"calibration for {cal.backend}/{cal.gpu} not applied: this run is {backend}/{gpu_key}; uncalibrated")
+        tail = "; llmc calibrate fits factors from measured runs" if cal is None else ""
+        fields = {"calibrated": False, "reason": f"{head}: {uncal_text}{tail}; {equal}",
+                  "error_band_pct": published["tokens_per_s"]["mean_abs_pct"],
+                  "ranking_band_pct": 100 * RANKING_BAND_UNCALIBRATED, "bands": published}
+        return fields, None, RANKING_BAND_UNCALIBRATED
+    ok = cal.applied()
+    bands, parts = {}, []
+    band = RANKING_BAND_UNCALIBRATED
+    for q, what, described in (("tokens_per_s", "tokens/s", cal.factors.describe_time()),
+                               ("memory", "memory", cal.factors.describe_memory())):
+        applied, why = ok[q]
+        if applied:
+            b = cal.band(q)
+            if b is None:
+                bands[q] = dict(published[q], basis=PUBLISHED_BASIS + "; the calibration has no leave-one-out band")
+                extra = (f": no leave-one-out error band (fewer than 2 {'timed' if q == 'tokens_per_s' else 'memory'}"
+                         f" runs)" + (f": {equal}, as uncalibrated" if q == "tokens_per_s" else ""))
+            else:
+                bands[q] = b
+                how = (f"leave-one-out {(cal.time_band or {}).get('mean_abs_pct', 0.0):.1f}%, raised to the "
+                       f"{b['floor_pct']}% noise floor" if "floor_pct" in b else "leave-one-out")
+                extra = f": expected error +-{b['mean_abs_pct']:.1f}% ({how})"
+                if q == "tokens_per_s":
+                    band = b["mean_abs_pct"] / 100.0
+            parts.append(f"{what} calibrated ({described}){extra}")
+        else:
+            bands[q] = _uncalibrated_band(cal, q) or published[q]
+            shown = "" if why.startswith("no ") else f" ({described} in the file, not applied)"
+            parts.append(f"{what} not calibrated: {why}{shown}")
+    any_applied = ok["tokens_per_s"][0] or ok["memory"][0]
+    head = (f"calibrated for {backend}/{gpu_key}" if any_applied
+            else f"calibration for {cal.backend}/{cal.gpu} not applied")
+    fields = {"calibrated": any_applied, "reason": f"{head}: " + "; ".join(parts),
+              "error_band_pct": bands["tokens_per_s"]["mean_abs_pct"],
+              "ranking_band_pct": 100 * RANKING_BAND_UNCALIBRATED if band == RANKING_BAND_UNCALIBRATED
+              else bands["tokens_per_s"]["mean_abs_pct"],
+              "bands": bands, "applied": {q: {"applied": a, "why": w} for q, (a, w) in ok.items()},
+              "applied_factors": asdict(cal.applied_factors())}
+    return fields, (cal.applied_factors() if any_applied else None), band
+
+
 def calibrate(backend: str, gpu: str, time_points: list[TimePoint], mem_points: list[MemPoint],
               provenance: dict | None = None) -> Calibration:
     """Fit the factors on every run, with leave-one-out error bands and per-run residuals."""
@@ -514,5 +726,7 @@ def calibrate(backend: str, gpu: str, time_points: list[TimePoint], mem_points: 
                        residuals=res, provenance=dict(provenance or {}), fit=how)
 
 
-__all__ = ["RANKING_BAND_UNCALIBRATED", "SIZE_REF_D_MODEL", "SIZE_PRIOR_WEIGHT", "COMM_PRIOR_WEIGHT", "COMM_PRIOR_RELEASE", "choose_comm_prior", "loo_others_spread", "Factors", "IDENTITY", "TimePoint", "MemPoint", "Calibration", "split_breakdown", "fit", "fit_time",
+__all__ = ["RANKING_BAND_UNCALIBRATED", "UNCALIBRATED_TOKENS_MEAN_ERR_PCT", "UNCALIBRATED_TOKENS_MAX_ERR_PCT",
+           "UNCALIBRATED_MEMORY_MEAN_ERR_PCT", "UNCALIBRATED_MEMORY_MAX_ERR_PCT", "TIME_BAND_FLOOR_PCT",
+           "GROSS_MISS_RATIO", "NEGLIGIBLE_ERR_PCT", "gross_misses", "plan_calibration", "published_bands", "SIZE_REF_D_MODEL", "SIZE_PRIOR_WEIGHT", "COMM_PRIOR_WEIGHT", "COMM_PRIOR_RELEASE", "choose_comm_prior", "loo_others_spread", "Factors", "IDENTITY", "TimePoint", "MemPoint", "Calibration", "split_breakdown", "fit", "fit_time",
            "fit_memory", "predict_step", "predict_memory", "loo_time_errors", "loo_memory_errors", "calibrate"]

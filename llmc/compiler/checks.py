@@ -24,6 +24,7 @@ P016   error     offload needs more host memory per node than the node has (warn
 P017   error     optimizer / parameter offload on a backend whose job does not offload (only DeepSpeed does)
 P018   error     a pinned parallel dimension (tp, pp or a pipeline schedule, cp, ep, dp_replicate with sharding) the
                  backend that runs the plan does not run
+P020   error     predicted model FLOP/s above the dense peak of the precision the plan trains in (an MFU above 100%)
 T001   warning   peak LR outside the pre-training range / far from the size-aware value
 T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
 T003   warning   no gradient clipping
@@ -1312,3 +1313,40 @@ def check_pipeline_budget(run, pipeline, sink: Sink) -> None:
         sink.add("B004", "warning", f"budget.{field_}",
                  f"the pipeline is predicted to {what} > {field_} {bound} (stages {stages})",
                  f"stages other than pre-training ({rest}) are uncalibrated estimates; fewer steps or {remedy}")
+
+
+def check_mfu(run, gpu, time, calibration, sink: Sink) -> None:
+    """P020 (error): the plan's predicted model FLOP/s exceed the dense peak of the fastest tensor cores its precision
+    runs on (hardware.peak_flops: bf16's for bf16, fp8's for fp8, FP4's for nvfp4) -- a step faster than the GPU can
+    compute, which no layout achieves. MFU is quoted against bf16's peak for fp8 and nvfp4 (timing.mfu_peak_dtype),
+    where above 100 % is possible (NVFP4 Llama 3.1 405B on GB300, Megatron-Bridge 26.06: 1,440 tokens/s/GPU x ~2.6
+    TFLOP per token is ~150 % of bf16's 2.5 PFLOP/s), so the bound is that precision's own peak; for bf16 it is an MFU of
+    100 %. ``calibration``: the plan's ``result.CalibrationStatus`` (its applied compute factors are the usual cause:
+    a calibration fitted on runs whose tokens/s were per node or per job)."""
+    from llmc.compiler.hardware import peak_flops
+    from llmc.compiler.timing import mfu_peak, mfu_peak_dtype
+
+    precision = run.training.precision
+    try:
+        achieved, top = time.mfu * mfu_peak(gpu, precision), peak_flops(gpu, precision)
+    except ValueError:  # a precision the part lacks: T005 / T010 / T014 say so
+        return
+    if not top > 0 or achieved <= top:
+        return
+    of = mfu_peak_dtype(precision)
+    what = (f"the predicted MFU is {100 * time.mfu:.1f}% of the {of} dense peak" if of == precision else
+            f"the predicted model FLOP/s are {100 * achieved / top:.1f}% of the {precision} dense peak (MFU "
+            f"{100 * time.mfu:.1f}% of {of}'s)")
+    applied = (calibration.applied or {}).get("tokens_per_s", {}).get("applied") if calibration is not None else None
+    if calibration is not None and calibration.calibrated and applied is not False:
+        f = calibration.applied_factors or calibration.factors or {}
+        name = (calibration.file or {}).get("path") or "the calibration"
+        hint = (f"the calibration {name} (compute_scale={f.get('compute_scale', 1.0):.3f} "
+                f"comm_scale={f.get('comm_scale', 1.0):.3f}) makes the step faster than the GPU can compute: its "
+                "runs' tokens/s are likely per node or per job rather than per GPU; calibrate again on corrected runs, "
+                "or plan without it")
+        path = "calibration"
+    else:
+        hint = "no calibration is applied, so this is an llmc bug: please report it with this spec"
+        path = "hardware.gpu"
+    sink.add("P020", "error", path, f"{what}: a step faster than the GPU's tensor cores can compute", hint)

@@ -249,6 +249,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
                 per_gpu_day=run.hardware.interruptions_per_gpu_day,
                 restart_seconds=None if restart is None else 60.0 * restart))
         time = dataclasses.replace(time, mfu_peak_dtype=timing.mfu_peak_dtype(training.precision))
+        checks.check_mfu(run, gpu, time, cal_info, sink)  # P020: a step faster than the GPU's peak
         gh = timing.gpu_hours(time.days, run.hardware.count)
         cost = CostNumbers(gpu_hours=gh, usd=timing.usd(gh, gpu.usd_per_hour), usd_per_gpu_hour=gpu.usd_per_hour,
                            # (a free part, the CPU pseudo-device's $0, is no reference price)
@@ -716,27 +717,13 @@ def _backend_and_calibration(run, gpu, calibration, sink, gaps=(), titan_work=Tr
     if run.pretrains:  # the pins describe the pre-training layout
         checks.check_backend_pins(run, be, why, sink, gaps)
     gkey = gpu.key if gpu is not None else ""
-    if calibration is None:
-        band = cal_mod.RANKING_BAND_UNCALIBRATED
-        return be_info, CalibrationStatus(
-            calibrated=False, error_band_pct=None, ranking_band_pct=100 * band,
-            reason=f"uncalibrated (llmc calibrate fits factors from measured runs); layouts within "
-                   f"{100 * band:.0f}% of the fastest count as equal"), None, band
-    ok = calibration.backend == name and calibration.gpu.split(" ")[0] == gkey
-    eb = calibration.error_band_pct()
-    band = (eb / 100.0) if (ok and eb is not None) else cal_mod.RANKING_BAND_UNCALIBRATED
-    if ok:
-        err = (f"expected tokens/s error +-{eb:.1f}% (leave-one-out)" if eb is not None else
-               f"no leave-one-out error band (fewer than 2 timed runs): layouts within "
-               f"{100 * band:.0f}% of the fastest count as equal, as uncalibrated")
-        reason = f"calibrated for {name}/{gkey}: {calibration.factors.describe()}; {err}"
-    else:
-        reason = f"calibration for {calibration.backend}/{calibration.gpu} not applied: this run is {name}/{gkey}"
-    info = CalibrationStatus(calibrated=ok, reason=reason, error_band_pct=eb if ok else None,
-                             ranking_band_pct=100 * band, backend=calibration.backend, gpu=calibration.gpu,
-                             factors=dataclasses.asdict(calibration.factors), provenance=dict(calibration.provenance),
-                             file=dict(calibration.file) if calibration.file else None)
-    return be_info, info, (calibration.factors if ok else None), band
+    # what the plan applies of it (per quantity: only factors that beat llmc uncalibrated) and the bands it quotes
+    fields, factors, band = cal_mod.plan_calibration(calibration, name, gkey)
+    if calibration is not None:
+        fields.update(backend=calibration.backend, gpu=calibration.gpu, factors=dataclasses.asdict(calibration.factors),
+                      provenance=dict(calibration.provenance),
+                      file=dict(calibration.file) if calibration.file else None)
+    return be_info, CalibrationStatus(**fields), factors, band
 
 
 def _slices_loss(backend: str) -> bool:

@@ -479,8 +479,9 @@ class BackendChoice:
 
 @dataclass(frozen=True)
 class CalibrationStatus:
-    """Whether a calibration applies to this run, its expected error, and the ranking band within which
-    layouts count as equal (the calibration's leave-one-out error, else the uncalibrated spread)."""
+    """Whether a calibration applies to this run (``calibrated``: any of its factors), its expected error
+    (``error_band_pct``: tokens/s mean, the basis in ``bands``), and the ranking band within which layouts count as
+    equal (the calibration's leave-one-out error, else the uncalibrated spread)."""
 
     calibrated: bool
     reason: str
@@ -491,6 +492,13 @@ class CalibrationStatus:
     factors: dict[str, float] | None = None
     provenance: dict[str, Any] | None = None
     file: dict[str, str] | None = None  # {path (as given), sha256} of the calibration file read
+    # the expected error per quantity ("tokens_per_s", "memory"): {mean_abs_pct, max_abs_pct, basis[, n, floor_pct]}
+    # -- the calibration's leave-one-out band where its factors are applied, else llmc's uncalibrated error (on the
+    # calibration's runs, or on published runs: calibration.plan_calibration)
+    bands: dict[str, dict[str, Any]] | None = None
+    # per quantity: {applied, why} -- a calibration's factors that do not beat llmc uncalibrated are not applied
+    applied: dict[str, dict[str, Any]] | None = None
+    applied_factors: dict[str, float] | None = None  # the factors the plan used (identity where not applied)
 
 
 @dataclass(frozen=True)
