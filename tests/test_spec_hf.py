@@ -450,8 +450,8 @@ def test_phi3_long_context_rope_is_longrope_and_partial_rotary_refused():
       "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64,
       "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling"),
     ({"model_type": "qwen3", "num_attention_heads": 4, "num_hidden_layers": 2, "hidden_size": 64,
-      "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64, "use_sliding_window": True},
-     "use_sliding_window"),
+      "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64, "use_sliding_window": True,
+      "max_window_layers": 1}, "use_sliding_window"),  # (layer 1 windowed, layer 0 not: a mix)
 ])
 def test_hf_errors(cfg, msg):
     with pytest.raises(HFConfigError, match=msg):

@@ -162,7 +162,7 @@ def test_missing_file():
 
 def test_hf_unsupported_model_type_message():
     (d,) = _diags(SPECS / "bad_hf_model_type.yaml")
-    assert "gpt2" in d.message and "llama" in d.message
+    assert "gpt2" in d.message and "llama" in d.hint  # (the supported types: in the hint)
 
 
 # ----------------------------------------------------------------------------- model forms

@@ -61,7 +61,14 @@ from llmc.rope import rope_factor_for, rope_inv_freq, rope_reach
 from llmc.spec.chat import CHAT_TEMPLATES, OWN_TEMPLATE
 from llmc.spec.facts import CheckpointFacts, ExternalFacts, hub_id
 from llmc.spec.families import FAMILIES, family_by_name, family_of
-from llmc.spec.hf import architecture_from_hf_config, checkpoint_differences
+from llmc.spec.hf import (
+    CAUSAL_LM_CLASS,
+    architecture_from_hf_config,
+    architectures_problem,
+    checkpoint_differences,
+    mtp_layers,
+    mtp_prefixes,
+)
 from llmc.spec.model import RopeScaling
 from llmc.spec.presets import PRESETS
 from llmc.spec.schema import (
@@ -225,16 +232,40 @@ def check_start(run: RunSpec, where: str, src: str, ck: CheckpointFacts, sink: S
                  "copy or download the missing shards (`huggingface-cli download` resumes a partial one)")
     if ck.config is None:
         return
+    wrong_class = architectures_problem(ck.config)
+    if wrong_class is not None:  # (llmc.runtime.hf_io refuses it when the stage loads it)
+        sink.add("G021", "error", where, f"init_hf {src}: {wrong_class}", wrong_class.hint)
+        return
     try:
         theirs = architecture_from_hf_config(ck.config)
     except Exception:  # noqa: BLE001 (a config.json llmc cannot read: the model_type checks report it)
         return
     bad = checkpoint_differences(run.model, theirs)
     if bad:
-        sink.add("G021", "error", where, f"init_hf {src} is not the spec's model: {'; '.join(bad[:4])}"
-                 f"{f' (and {len(bad) - 4} more)' if len(bad) > 4 else ''}: its weights would not load",
+        shapes = checkpoint_differences(run.model, theirs, shapes_only=True)
+        listed = f"{'; '.join(bad[:4])}{f' (and {len(bad) - 4} more)' if len(bad) > 4 else ''}"
+        why = ("its weights would not load into the spec's model" if shapes else
+               "its weights have the spec's model's shapes, but that model computes another function with them: "
+               "started from it, the stage would train a different model from the checkpoint's, so the launch "
+               "refuses it")
+        sink.add("G021", "error", where, f"init_hf {src} is not the spec's model: {listed}: {why}",
                  f"describe the model by the checkpoint: `model: {{hf_config: {src}/config.json}}`, or start from "
                  "a checkpoint of the spec's model")
+    n_mtp = mtp_layers(ck.config)
+    if n_mtp:
+        mtp = ck.mtp_tensors or ()
+        size = sum(math.prod(shape) for _, shape in mtp)
+        held = (f"holds the weights of its {n_mtp} multi-token-prediction (MTP) layer{'s' if n_mtp > 1 else ''} "
+                f"({len(mtp)} tensors, {size:,} parameters: {mtp_prefixes(ck.config)[0]}*)" if mtp else
+                f"says it has {n_mtp} multi-token-prediction (MTP) layer{'s' if n_mtp > 1 else ''} "
+                "(num_nextn_predict_layers)")
+        cls = CAUSAL_LM_CLASS.get(ck.config.get("model_type"), "transformers' class")
+        sink.add("G025", "warning", where, f"init_hf {src} {held}, which no stage loads: the stage trains and "
+                 f"exports the main model only, as transformers' {cls} loads it, so the export has no MTP module "
+                 "(num_nextn_predict_layers 0)",
+                 "its decoding is unchanged; speculative decoding with the MTP head, vLLM's deepseek_mtp or SGLang's "
+                 "NEXTN, needs MTP weights that match the trained model: serve the export without it, or with a "
+                 "separate draft model")
 
 
 def check_tokenizer_sizes(run: RunSpec, facts: ExternalFacts | None, sink: Sink) -> None:

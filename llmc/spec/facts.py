@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import glob
 import hashlib
+import itertools
 import json
 import os
 import posixpath
@@ -31,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from llmc.fileio import expand_user, read_regular_file
-from llmc.spec.hf import quantization_method
+from llmc.spec.hf import mtp_prefixes, quantization_method
 from llmc.spec.schema import EVAL_TASK_NAME, RunSpec
 
 #: Largest referenced JSON file read (HF config.json files are a few KiB; tokenizer.json a few MiB).
@@ -93,6 +94,9 @@ class CheckpointFacts:
     config: dict | None = None
     missing: tuple[str, ...] = ()
     near: tuple[str, ...] = ()
+    #: the multi-token-prediction tensors it stores (``llmc.spec.hf.mtp_prefixes``; DeepSeek-V3's
+    #: ``model.layers.61.*``), name and shape, from the safetensors headers; None where they could not be read
+    mtp_tensors: tuple[tuple[str, tuple[int, ...]], ...] | None = ()
 
 
 @dataclass(frozen=True)
@@ -489,8 +493,6 @@ def read_checkpoint(path: str, spec_dir: str | Path) -> CheckpointFacts | None:
         if not p.exists():
             if not p.parent.is_dir() or (hub_id(path) and _in_hub_cache(path)):
                 return None
-            import itertools
-
             # a bounded look at the parent (a scratch folder on a network filesystem can hold millions of entries)
             names = sorted(d.name for d in itertools.islice(p.parent.iterdir(), NEAR_NAMES_LIMIT) if d.is_dir())
             near = tuple(difflib.get_close_matches(p.name, names, n=3))
@@ -510,14 +512,47 @@ def read_checkpoint(path: str, spec_dir: str | Path) -> CheckpointFacts | None:
                 files = sorted({str(f) for f in weight_map.values()})
             except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
                 return CheckpointFacts(problem=f"{path}/model.safetensors.index.json has no weight_map", config=cfg)
-            return CheckpointFacts(config=cfg, missing=tuple(f for f in files if not (p / f).is_file()))
+            missing = tuple(f for f in files if not (p / f).is_file())
+            mtp = mtp_prefixes(cfg)
+            holding = sorted({str(f) for n, f in weight_map.items() if str(n).startswith(mtp)}) if mtp else []
+            return CheckpointFacts(config=cfg, missing=missing,
+                                   mtp_tensors=_tensor_shapes(p, [f for f in holding if f not in missing], mtp))
         if not any(p.glob("*.safetensors")):
             return CheckpointFacts(problem=f"{path} holds no *.safetensors weights (PyTorch .bin files are not read: "
                                            "transformers' save_pretrained(safe_serialization=True) writes them)",
                                    config=cfg)
-        return CheckpointFacts(config=cfg)
+        mtp = mtp_prefixes(cfg)
+        files = sorted(f.name for f in itertools.islice(p.glob("*.safetensors"), MAX_WEIGHT_FILES)) if mtp else []
+        return CheckpointFacts(config=cfg, mtp_tensors=_tensor_shapes(p, files, mtp))
     except OSError as e:
         return CheckpointFacts(problem=f"{path} cannot be read ({e.strerror or e})")
+
+
+#: At most this many weight files' headers read for the MTP tensors of a checkpoint without an index (the releases
+#: with MTP layers are sharded, with an index naming the files that hold them)
+MAX_WEIGHT_FILES = 256
+#: Largest safetensors header read (DeepSeek-V3's shards: some 100 KiB each)
+MAX_SAFETENSORS_HEADER = 100 * 2**20
+
+
+def _tensor_shapes(folder: Path, files: list[str], prefixes: tuple[str, ...]
+                   ) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
+    """Name and shape of every tensor named ``prefixes``... in the safetensors ``files`` of ``folder``, from their
+    headers alone (the format: an 8-byte little-endian header length, then a JSON object of name -> {dtype, shape,
+    data_offsets}; https://huggingface.co/docs/safetensors/index#format). None where a header cannot be read."""
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for name in files:
+        try:
+            with open(folder / name, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                if size > MAX_SAFETENSORS_HEADER:
+                    return None
+                header = json.loads(fh.read(size).decode("utf-8"))
+            out += [(k, tuple(int(d) for d in v["shape"])) for k, v in header.items()
+                    if k.startswith(prefixes) and isinstance(v, dict)]
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            return None
+    return tuple(sorted(out))
 
 
 def local_checkpoints(run: RunSpec, spec_dir: str | Path) -> dict[str, CheckpointFacts]:

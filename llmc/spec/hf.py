@@ -18,8 +18,10 @@ vocab_size                     vocab_size
 tie_word_embeddings            tied_embeddings
 attention_bias                 qkv_bias (qwen2: always True)
 (model_type qwen3, qwen3_moe)  qk_norm (Qwen3 always normalises q and k heads)
-use_sliding_window: true       sliding_window with max_window_layers 0, else refused (Qwen2 / Qwen3 window the
-                               layers from max_window_layers on; llmc models one window for every layer)
+use_sliding_window: true       sliding_window with max_window_layers 0; none with max_window_layers (absent: 28)
+                               at least num_hidden_layers (Qwen2Config / Qwen3Config then window no layer); else
+                               refused (Qwen2 / Qwen3 window the layers from max_window_layers on; llmc models one
+                               window for every layer); a given layer_types decides instead
 sliding_window                 sliding_window where use_sliding_window is not false (Mistral, Phi-3): every layer;
                                0, or at least max_position_embeddings (never binds): none
 layer_types                    all "sliding_attention": sliding_window; all "full_attention": none; mixed: refused
@@ -34,7 +36,9 @@ layer_types                    all "sliding_attention": sliding_window; all "ful
 rope_theta / rope_scaling      rope_theta / rope_scaling: llama3, yarn, linear, longrope (short_factor, long_factor,
                                original_max_position_embeddings (phi3: top level), factor (absent: max_position /
                                original, as transformers), attention_factor); phi3 reads su / yarn as longrope, as
-                               transformers' Phi3Config does
+                               transformers' Phi3Config does; a key transformers requires for the type missing
+                               (llama3: factor, low_freq_factor, high_freq_factor; linear / yarn: factor; longrope:
+                               short_factor, long_factor): refused, as transformers refuses it
 partial_rotary_factor (phi3)   rotary_dim = int(head_dim x factor) when below 1 (Phi-4-mini 0.75: 96 of 128)
 (model_type olmo2)             qk_norm over the projections, norm_placement post (OLMo 2's block); attention_bias
                                true refused
@@ -83,7 +87,15 @@ rope_scaling truncate          rope_scaling.truncate (yarn; absent: true, transf
                                architecture (the loader refuses such weights)
 quantization_config            not read: a GPTQ / AWQ / bitsandbytes / FP8 release imports as the architecture it
                                quantizes; its weights are not read (an init_hf naming it: G018)
+architectures                  absent or the causal LM of its model_type (:data:`CAUSAL_LM_CLASS`), else refused
+                               (a sequence-classification head, another model's class)
 =============================  =====================================
+
+What the trained model leaves out of an imported config is said, not dropped silently (:func:`hf_config_notices`;
+the loader's S008 / S009): the MTP layers ``num_nextn_predict_layers`` counts (warning: neither trained nor exported,
+as transformers builds none), a training regulariser transformers applies in ``train()`` (``attention_dropout``,
+Mixtral's ``router_jitter_noise``, Phi-3's ``resid_pdrop``: warning, llmc trains without it), and a key llmc reads for
+other model_types that this one's class ignores as well (info: ``attn_logit_softcapping`` on Llama, ...).
 """
 
 from __future__ import annotations
@@ -97,12 +109,41 @@ from llmc.rope import rope_attention_factor
 from llmc.spec.families import SUPPORTED_MODEL_TYPES, family_for_model_type
 from llmc.spec.model import MLA, Architecture, MoE, Multipliers, RopeScaling
 
+#: the fields of :func:`checkpoint_differences` that change which tensors a checkpoint holds, or their shapes: a
+#: difference elsewhere (RoPE, norm epsilon, window, soft-capping, activation, routing rule, ...) leaves the weights
+#: loadable into the spec's model, which would then compute another function with them
+SHAPE_FIELDS = frozenset({
+    "n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings", "qkv_bias",
+    "qk_norm", "qk_norm_scope", "norm_placement", "attn_out_bias", "attn_sinks", "mla", "moe", "moe.num_shared_experts",
+    "moe.dense_layers", "moe.router_bias", "moe.expert_proj_bias", "moe.expert_d_ff"})
+#: RopeScaling's fields per type (its docstrings: "llama3 rule only", ...), what a difference line prints
+_ROPE_FIELDS = {
+    "linear": ("factor",), "llama3": ("factor", "original_max_position", "low_freq_factor", "high_freq_factor"),
+    "yarn": ("factor", "original_max_position", "beta_fast", "beta_slow", "truncate", "attention_factor", "mscale",
+             "mscale_all_dim"),
+    "longrope": ("factor", "original_max_position", "attention_factor", "short_factor", "long_factor")}
 
-def checkpoint_differences(arch: Any, theirs: Any) -> list[str]:
+
+def rope_text(rs: Any) -> str:
+    """A :class:`RopeScaling` as a difference line prints it: its type and that type's fields only (unset optional
+    ones left out; longrope's factor lists by their length)."""
+    if rs is None:
+        return "none"
+    parts = []
+    for f in _ROPE_FIELDS.get(rs.type, ()):
+        v = getattr(rs, f)
+        if v is None:
+            continue
+        parts.append(f"{f}=<{len(v)} factors>" if isinstance(v, tuple) else f"{f}={v}")
+    return f"{rs.type}({', '.join(parts)})"
+
+
+def checkpoint_differences(arch: Any, theirs: Any, *, shapes_only: bool = False) -> list[str]:
     """What differs between the spec's model ``arch`` and the model a checkpoint's config.json describes (``theirs``,
     :func:`architecture_from_hf_config`), field by field: the plan refuses a stage's ``init_hf`` with any (G021) and
-    ``llmc.runtime.hf_io`` a checkpoint it loads (the weights would not be the spec's model)."""
-    bad = []
+    ``llmc.runtime.hf_io`` a checkpoint it loads (its weights would not be the spec's model). ``shapes_only``: only
+    the differences in :data:`SHAPE_FIELDS` (the weights would not even fit the spec's model)."""
+    bad: list[tuple[str, str]] = []
     # MLA: K and V have n_heads heads whatever n_kv_heads says, and its head dims are the mla ones
     fields_ = ("n_layers", "d_model", "n_heads", "n_kv_heads", "hd", "d_ff", "vocab_size", "tied_embeddings",
                "qkv_bias", "qk_norm", "rope_theta", "norm_eps", "qk_norm_scope", "norm_placement", "nope_layers",
@@ -112,32 +153,33 @@ def checkpoint_differences(arch: Any, theirs: Any) -> list[str]:
     for f in fields_ if arch.mla is None else [f for f in fields_ if f not in ("n_kv_heads", "hd")]:
         a, b = getattr(arch, f), getattr(theirs, f)
         if a != b:
-            bad.append(f"{f} {a} (spec) != {b} (checkpoint)")
+            bad.append((f, f"{f} {a} (spec) != {b} (checkpoint)"))
     if arch.mla != theirs.mla:
-        bad.append(f"mla {arch.mla} (spec) != {theirs.mla} (checkpoint)")
+        bad.append(("mla", f"mla {arch.mla} (spec) != {theirs.mla} (checkpoint)"))
     if (arch.moe is None) != (theirs.moe is None) or (
             arch.moe is not None and (arch.moe.num_experts, arch.moe.top_k) != (theirs.moe.num_experts,
                                                                                 theirs.moe.top_k)):
-        bad.append("mixture-of-experts settings differ")
+        bad.append(("moe", "mixture-of-experts settings differ"))
     elif arch.moe is not None:
         for f in ("route_scale", "n_expert_groups", "n_limited_groups", "group_score", "num_shared_experts",
                   "dense_layers", "score_func", "router_bias", "route_norm", "expert_proj_bias"):
             a, b = getattr(arch.moe, f), getattr(theirs.moe, f)
             if a != b:
-                bad.append(f"moe.{f} {a} (spec) != {b} (checkpoint)")
+                bad.append((f"moe.{f}", f"moe.{f} {a} (spec) != {b} (checkpoint)"))
         a, b = arch.moe.expert_d_ff or arch.d_ff, theirs.moe.expert_d_ff or theirs.d_ff  # None = d_ff
         if a != b:
-            bad.append(f"moe.expert_d_ff {a} (spec) != {b} (checkpoint)")
+            bad.append(("moe.expert_d_ff", f"moe.expert_d_ff {a} (spec) != {b} (checkpoint)"))
     rs_a, rs_b = arch.rope_scaling, theirs.rope_scaling
     if (rs_a is None) != (rs_b is None) or (rs_a is not None and (
             (rs_a.type, rs_a.factor, rs_a.mscale_all_dim, rs_a.truncate)
             != (rs_b.type, rs_b.factor, rs_b.mscale_all_dim, rs_b.truncate)
             or abs(rope_attention_factor(rs_a) - rope_attention_factor(rs_b)) > 1e-9)):
-        bad.append(f"rope_scaling {rs_a} (spec) != {rs_b} (checkpoint)")
-    return bad
+        bad.append(("rope_scaling", f"rope_scaling {rope_text(rs_a)} (spec) != {rope_text(rs_b)} (checkpoint)"))
+    return [text for f, text in bad if not shapes_only or f in SHAPE_FIELDS]
 
 
-__all__ = ["checkpoint_differences", "HFConfigError", "HF_ACTIVATIONS", "HF_KEY_FOR_FIELD", "architecture_from_hf_config", "fold_rope_parameters",
+__all__ = ["checkpoint_differences", "SHAPE_FIELDS", "rope_text", "HFConfigError", "HFProblem", "hint_for", "hf_config_notices",
+           "architectures_problem", "CAUSAL_LM_CLASS", "MTP_TYPES", "mtp_layers", "mtp_prefixes", "HF_ACTIVATIONS", "HF_KEY_FOR_FIELD", "architecture_from_hf_config", "fold_rope_parameters",
            "quantization_method",
            "language_model_config", "SUPPORTED_MODEL_TYPES"]
 
@@ -152,12 +194,53 @@ HF_KEY_FOR_FIELD: dict[str, str] = {
 }
 
 
+class HFProblem(str):
+    """One line of what is wrong with (or worth knowing about) a config.json: the message, with the ``hint`` that
+    says what to do (:func:`hint_for` where the raising code gives none) and the ``key`` it names where a caller
+    completes the hint (``model_type``: the loader's did-you-mean)."""
+
+    hint: str
+    key: str | None
+
+    def __new__(cls, message: str, hint: str = "", key: str | None = None) -> HFProblem:
+        obj = super().__new__(cls, message)
+        obj.hint = hint or getattr(message, "hint", "")
+        obj.key = key or getattr(message, "key", None)
+        return obj
+
+
+def hint_for(message: str) -> str:
+    """The hint of an import error ``message``: its own (:class:`HFProblem`), else what fixes that kind of line."""
+    if getattr(message, "hint", ""):
+        return message.hint  # type: ignore[attr-defined]
+    if " has no " in message or message.startswith("config.json has no"):
+        return ("add the key to config.json as the model's release writes it: transformers' config class for this "
+                "model_type reads it")
+    if " must " in message:
+        return "fix the value in config.json: the type and range transformers' config class gives the key"
+    return ("llmc imports a config only where it trains the model transformers builds from it: use a config without "
+            "this, or describe the model in the spec instead: `model: {preset: NAME, ...}` with overrides, "
+            "`llmc presets` lists them")
+
+
 class HFConfigError(ValueError):
-    """The config.json cannot be imported; ``messages`` say why (and what is supported), one per problem."""
+    """The config.json cannot be imported; ``messages`` say why (and what is supported), one per problem, each an
+    :class:`HFProblem` with its hint (``hints``)."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__(*(p if isinstance(p, HFProblem) else HFProblem(p) for p in problems))
 
     @property
     def messages(self) -> list[str]:
         return [str(a) for a in self.args]
+
+    @property
+    def problems(self) -> list[HFProblem]:
+        return list(self.args)
+
+    @property
+    def hints(self) -> list[str]:
+        return [hint_for(a) for a in self.args]
 
     def __str__(self) -> str:
         return "; ".join(self.messages)
@@ -378,6 +461,25 @@ def _original_context(rs: dict[str, Any], cfg: dict[str, Any]) -> int:
     return _int(cfg, "max_position_embeddings")
 
 
+#: the rope_scaling keys transformers requires per rope_type (transformers 5.x ``modeling_rope_utils.py``,
+#: ``RotaryEmbeddingConfigMixin._validate_<type>_rope_parameters`` ``required_keys``; ``_check_received_keys`` raises
+#: ``KeyError: Missing required keys``), less those its ``standardize_rope_params`` fills in before validating:
+#: ``rope_type`` (from the legacy ``type``), ``rope_theta`` (the top-level one) and ``original_max_position_embeddings``
+#: (llama3 / yarn / longrope: the top-level one, else max_position_embeddings, as :func:`_original_context`). A null
+#: value counts as absent (transformers' checks compare it, and fail). The optional keys keep transformers' defaults:
+#: yarn's beta_fast 32 / beta_slow 1 / truncate true (``_compute_yarn_parameters``), longrope's factor
+#: max_position_embeddings / original (``_compute_longrope_parameters``).
+_ROPE_REQUIRED: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",), "yarn": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    "longrope": ("short_factor", "long_factor")}
+#: what a release writes, for the hint of a missing key
+_ROPE_EXAMPLE = {
+    "linear": "e.g. factor 4.0", "yarn": "Qwen2.5's: factor 4.0, original_max_position_embeddings 32768",
+    "llama3": "Llama 3.1's: factor 8.0, low_freq_factor 1.0, high_freq_factor 4.0, original_max_position_embeddings "
+              "8192",
+    "longrope": "Phi-3.5-mini's: short_factor and long_factor, one number per rotary frequency"}
+
+
 def _rope_scaling(rs: Any, cfg: dict[str, Any] | None = None) -> RopeScaling | None:
     """HF ``rope_scaling`` dict -> :class:`RopeScaling` (``rope_type`` or legacy ``type`` key). A ``phi3`` config's
     su / yarn are LongRoPE (transformers' ``Phi3Config.convert_rope_params_to_dict`` renames them)."""
@@ -391,23 +493,30 @@ def _rope_scaling(rs: Any, cfg: dict[str, Any] | None = None) -> RopeScaling | N
         return None
     if cfg.get("model_type") == "phi3" and kind in ("su", "yarn"):
         kind = "longrope"
-    if kind == "longrope":
-        return _longrope(rs, cfg)
-    if kind not in ("llama3", "yarn", "linear"):
-        raise HFConfigError(f"unsupported rope_scaling type {kind!r} (supported: llama3, yarn, linear, longrope)")
-    if cfg.get("model_type") == "phi3":
+    if kind not in _ROPE_REQUIRED:
+        raise HFConfigError(HFProblem(
+            f"unsupported rope_scaling type {kind!r} (supported: llama3, yarn, linear, longrope)",
+            "llmc's RoPE scalings are transformers' llama3, yarn, linear and longrope rules; a config of another "
+            "(dynamic NTK, mrope, ...) trains a model llmc does not compute"))
+    if kind != "longrope" and cfg.get("model_type") == "phi3":
         raise HFConfigError(f"config.json 'rope_scaling' type {kind!r} is not supported for phi3 (transformers' "
                             "Phi3Config takes longrope only)")
-    if rs.get("factor") is None:
-        raise HFConfigError(f"config.json 'rope_scaling' ({kind}) has no 'factor'")
+    lacking = [k for k in _ROPE_REQUIRED[kind] if rs.get(k) is None]
+    if lacking:
+        raise HFConfigError(HFProblem(
+            f"config.json 'rope_scaling' ({kind}) lacks {', '.join(map(repr, lacking))}: transformers refuses such a "
+            f"config (KeyError: Missing required keys in rope_parameters for 'rope_type'='{kind}')",
+            f"give {' and '.join(lacking)} in rope_scaling as the model's release does; {_ROPE_EXAMPLE[kind]}"))
+    if kind == "longrope":
+        return _longrope(rs, cfg)
     kw: dict[str, Any] = {"type": kind, "factor": _float(rs, "factor")}
     if kind in ("llama3", "yarn"):
         kw["original_max_position"] = _original_context(rs, cfg)
     if kind == "yarn" and rs.get("truncate") is not None:  # (transformers: absent or null = true)
         kw["truncate"] = _bool(rs, "truncate", True)
-    if kind == "llama3":
-        kw["low_freq_factor"] = _float(rs, "low_freq_factor", 1.0)
-        kw["high_freq_factor"] = _float(rs, "high_freq_factor", 4.0)
+    if kind == "llama3":  # (required: _ROPE_REQUIRED)
+        kw["low_freq_factor"] = _float(rs, "low_freq_factor")
+        kw["high_freq_factor"] = _float(rs, "high_freq_factor")
     if kind == "yarn":
         kw["beta_fast"] = _float(rs, "beta_fast", 32.0)
         kw["beta_slow"] = _float(rs, "beta_slow", 1.0)
@@ -426,7 +535,7 @@ def _each(errs: list[str], **getters: Callable[[], Any]) -> dict[str, Any]:
         try:
             out[field] = get()
         except HFConfigError as e:
-            errs.append(str(e))
+            errs.extend(e.problems)
     return out
 
 
@@ -445,7 +554,7 @@ def _phi3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], default: flo
     try:
         prf = _float(where, "partial_rotary_factor")
     except HFConfigError as e:
-        errs.append(str(e))
+        errs.extend(e.problems)
         return
     if not 0 < prf <= 1:
         errs.append(f"config.json 'partial_rotary_factor' must be in (0, 1] (got {_short(prf)})")
@@ -666,7 +775,7 @@ def _smollm3(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str]) -> None:
         try:
             every = _int(cfg, "no_rope_layer_interval", 4)
         except HFConfigError as e:
-            errs.append(str(e))
+            errs.extend(e.problems)
             return
         flags = [int((i + 1) % every != 0) for i in range(n)]
     if flags is None:
@@ -763,7 +872,7 @@ def _layer_kinds(cfg: dict[str, Any], kw: dict[str, Any], errs: list[str], *, ev
             try:
                 theta = _float(local, "rope_theta")
             except HFConfigError as e:
-                errs.append(str(e))
+                errs.extend(e.problems)
                 return
     if not full:  # every layer windowed: each rotates as transformers' windowed layers do (unscaled, their base)
         kw.pop("rope_scaling", None)
@@ -839,6 +948,158 @@ _FAMILY_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], N
 _TYPE_HOOKS: dict[str, Callable[[dict[str, Any], dict[str, Any], list[str]], None]] = {"phi3": _phi3}
 
 
+#: model_type -> the causal-LM class transformers builds for it: ``AutoModelForCausalLM``'s
+#: ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` (transformers models/auto/modeling_auto.py; gemma3: the image-text
+#: ``Gemma3ForConditionalGeneration`` the 4B-27B releases name); Kimi K2 / K2.5 (no transformers model_type) as their
+#: released config.json names them (their auto_map: DeepSeek-V3's modeling code / KimiK25ForConditionalGeneration).
+#: Checked against the installed transformers in tests/test_hf_import_notices.py.
+CAUSAL_LM_CLASS: dict[str, str] = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM",
+    "granite": "GraniteForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+    "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM", "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "gemma3": "Gemma3ForConditionalGeneration", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM", "gpt_oss": "GptOssForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM", "kimi_k2": "DeepseekV3ForCausalLM",
+    "kimi_k25": "KimiK25ForConditionalGeneration"}
+
+
+def architectures_problem(cfg: dict[str, Any]) -> HFProblem | None:
+    """Why a config.json's ``architectures`` is not the causal LM of its ``model_type`` (:data:`CAUSAL_LM_CLASS`):
+    a checkpoint saved from another head (``LlamaForSequenceClassification``: ``score.weight`` where the LM head
+    would be) or another model's class (``MambaForCausalLM`` under model_type llama) is not the model llmc trains
+    and exports. None where it is (or where the key is absent or null, as in a hand-written config)."""
+    mt, classes = cfg.get("model_type"), cfg.get("architectures")
+    want = CAUSAL_LM_CLASS.get(mt) if isinstance(mt, str) else None
+    if classes is None or want is None:
+        return None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        return HFProblem(f"config.json 'architectures' must be a list of class names (got {_short(classes)})",
+                         f"model_type {mt!r} is transformers' {want}: architectures [{want!r}]", key="architectures")
+    other = [c for c in classes if c != want]
+    if not other:
+        return None
+    head = next((c for c in other if c.startswith(want.removesuffix("ForCausalLM").removesuffix(
+        "ForConditionalGeneration"))), None)
+    why = (f"{head} is another head on the model (its weights are not a language model's: llmc's loader would find "
+           "no lm_head.weight)" if head else f"{other[0]} is not the model that model_type {mt!r} names")
+    return HFProblem(f"config.json 'architectures' {_short(classes)} is not {want}, the causal language model of "
+                     f"model_type {mt!r}: {why}",
+                     f"start from the model's causal-LM release, architectures [{want!r}]: llmc trains and exports "
+                     f"{want} only", key="architectures")
+
+
+#: model_types whose releases store multi-token-prediction (MTP) layers after the last layer, counted by
+#: ``num_nextn_predict_layers`` (DeepSeek-V3 / Kimi K2: 1, model.layers.61; GLM-4.5: 1): transformers'
+#: DeepseekV3ForCausalLM / Glm4MoeForCausalLM build none (``_keys_to_ignore_on_load_unexpected`` skips
+#: ``model.layers.61.*``), nor does llmc (``llmc.runtime.hf_io`` leaves them out; the export writes 0)
+MTP_TYPES = frozenset({"deepseek_v3", "kimi_k2", "glm4_moe"})
+
+
+def mtp_layers(cfg: dict[str, Any]) -> int:
+    """How many MTP layers a config.json says its checkpoint stores (0 where its model_type has none, or the key is
+    absent, null or not a positive integer)."""
+    if cfg.get("model_type") in IMAGE_TEXT_TYPES and isinstance(cfg.get("text_config"), dict):
+        cfg = cfg["text_config"]
+    n = cfg.get("num_nextn_predict_layers")
+    return n if cfg.get("model_type") in MTP_TYPES and isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+
+
+def mtp_prefixes(cfg: dict[str, Any]) -> tuple[str, ...]:
+    """The tensor-name prefixes of those MTP layers (``model.layers.<num_hidden_layers + j>.``)."""
+    if cfg.get("model_type") in IMAGE_TEXT_TYPES and isinstance(cfg.get("text_config"), dict):
+        cfg = cfg["text_config"]
+    n = cfg.get("num_hidden_layers")
+    if not isinstance(n, int) or isinstance(n, bool):
+        return ()
+    return tuple(f"model.layers.{n + j}." for j in range(mtp_layers(cfg)))
+
+
+#: Training-time regularisers transformers' class applies in ``train()`` mode (its modeling_<type>.py reads the key):
+#: key -> (the model_types whose class reads it, what it does). llmc's trainers have neither dropout nor router
+#: jitter. The same keys set on a class that does not read them are :data:`_IGNORED_KEYS`' business.
+_REGULARISERS: dict[str, tuple[frozenset[str] | None, str]] = {
+    # every supported class: ``nn.functional.dropout(attn_weights, p=self.attention_dropout if self.training ...)``
+    "attention_dropout": (None, "drops attention probabilities at this rate"),
+    # MixtralSparseMoeBlock: ``if self.training and self.jitter_noise > 0: hidden_states *= uniform(1 - j, 1 + j)``
+    "router_jitter_noise": (frozenset({"mixtral"}), "multiplies the router's input by noise uniform in "
+                                                    "[1 - j, 1 + j]"),
+    # Phi3DecoderLayer: resid_attn_dropout / resid_mlp_dropout = nn.Dropout(config.resid_pdrop)
+    "resid_pdrop": (frozenset({"phi3"}), "drops the attention and MLP outputs at this rate"),
+}
+#: config.json keys llmc reads for some model_types whose class, for the others, never reads them (transformers'
+#: modeling_<type>.py has no ``config.<key>``): key -> (the model_types whose class reads it, where it is read, the
+#: value that means "off"). llmc ignores them there too, so the model it trains is the one transformers builds.
+_IGNORED_KEYS: dict[str, tuple[frozenset[str], str, Any]] = {
+    "attn_logit_softcapping": (frozenset({"gemma2", "gemma3_text"}), "Gemma's attention soft-capping", None),
+    "final_logit_softcapping": (frozenset({"gemma2", "gemma3_text"}), "Gemma's final-logit soft-capping", None),
+    "query_pre_attn_scalar": (frozenset({"gemma2", "gemma3_text"}), "Gemma's softmax scale", None),
+    "attention_bias": (_O_PROJ_BIAS_TYPES | {"granite", "smollm3", "olmo2", "olmo3", "olmoe", "gemma2", "gemma3_text",
+                                             "glm4_moe", "gpt_oss"}, "attention biases", False),
+    "mlp_bias": (_MLP_BIAS_TYPES | {"granite", "smollm3"}, "MLP biases", False),
+    "use_qk_norm": (frozenset({"glm4_moe"}), "GLM-4.5's q / k norms", False),
+    # Qwen's read it under use_sliding_window; the others read it in every layer or per layer kind
+    "sliding_window": (_WINDOW_TYPES | _MIXED_LAYER_TYPES | {"smollm3"}, "an attention window", None),
+    "embd_pdrop": (frozenset(), "an embedding dropout", 0),
+    "hidden_dropout": (frozenset(), "a hidden-state dropout", 0),
+    "resid_pdrop": (frozenset({"phi3"}), "Phi-3's residual dropout", 0),
+    "router_jitter_noise": (frozenset({"mixtral"}), "Mixtral's router jitter", 0),
+}
+
+
+def hf_config_notices(cfg: dict[str, Any]) -> list[tuple[str, HFProblem]]:
+    """What an imported config.json holds that the model llmc trains leaves out, as (severity, line with hint):
+    ``warning``: what transformers' own class would have (the MTP layers it stores, the regularisers
+    :data:`_REGULARISERS` it applies in training); ``info``: a key that class ignores as well
+    (:data:`_IGNORED_KEYS`). Only for a config :func:`architecture_from_hf_config` imports."""
+    top = cfg
+    if cfg.get("model_type") in IMAGE_TEXT_TYPES and isinstance(cfg.get("text_config"), dict):
+        cfg = language_model_config(cfg)
+    mt = cfg.get("model_type")
+    cls = CAUSAL_LM_CLASS.get(top.get("model_type"), "its class")
+    out: list[tuple[str, HFProblem]] = []
+    n_mtp = mtp_layers(cfg)
+    if n_mtp:
+        n = cfg.get("num_hidden_layers")
+        first = f"model.layers.{n}" if n_mtp == 1 else f"model.layers.{n} to {n + n_mtp - 1}"
+        out.append(("warning", HFProblem(
+            f"config.json 'num_nextn_predict_layers' {n_mtp}: the model's multi-token-prediction (MTP) module "
+            f"({n_mtp} more decoder layer{'s' if n_mtp > 1 else ''} with eh_proj, enorm, hnorm and shared_head, "
+            f"{first} in the checkpoint) is neither trained nor exported: llmc's model is the {n} main layers, as "
+            f"transformers' {cls} (which builds no MTP layer either), and the export's config.json says "
+            "num_nextn_predict_layers 0",
+            "the trained model decodes as usual; speculative decoding with its own MTP head, vLLM's "
+            "--speculative-config method deepseek_mtp or SGLang's NEXTN, has no MTP weights to use: serve it without, "
+            "or with a separate draft model", key="num_nextn_predict_layers")))
+    for key, (readers, what) in _REGULARISERS.items():
+        value = cfg.get(key)
+        if (readers is None or mt in readers) and _nonzero(value):
+            out.append(("warning", HFProblem(
+                f"config.json {key!r} {_short(value)}: transformers' {cls} {what} in training (train() mode); llmc "
+                "trains without it (its plan's step time, memory and loss are for that), and the exported model has "
+                f"none ({key} 0 or absent in its config.json)",
+                f"set {key} to 0 in config.json to plan what will run; llmc's trainers have no dropout or router "
+                "jitter: train with transformers for it", key=key)))
+    for key, (readers, what, off) in _IGNORED_KEYS.items():
+        value = cfg.get(key)
+        if mt in readers or value is None or value == off or (off == 0 and not _nonzero(value)):
+            continue
+        if key == "sliding_window" and (value == 0 or cfg.get("use_sliding_window") is False):
+            continue  # (0 / use_sliding_window false: no window, said by the config itself)
+        where = (f"only the classes of model_type {', '.join(sorted(readers))} read it: {what}" if readers else
+                 f"no class llmc imports reads it: {what}")
+        out.append(("info", HFProblem(
+            f"config.json {key!r} {_short(value)} is ignored: transformers' {cls} ignores it as well ({where}), so "
+            "the model llmc trains is the one transformers builds from this config",
+            f"drop {key} from config.json to silence this", key=key)))
+    return out
+
+
+def _nonzero(value: Any) -> bool:
+    """A number other than 0 (a null, a bool or text: not a regulariser's rate)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value != 0
+
+
 def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Architecture:
     """Translate an HF ``config.json`` (already parsed) into an :class:`Architecture`.
 
@@ -846,6 +1107,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     values of the wrong type (``messages`` lists every one), and pydantic's ``ValidationError`` if the
     values are out of the Architecture's ranges.
     """
+    original = cfg
     cfg = fold_rope_parameters(cfg)
     mt = cfg.get("model_type")
     family = family_for_model_type(mt) if isinstance(mt, str) else None
@@ -860,8 +1122,18 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     cfg = {**(_GEMMA3_TEXT_DEFAULTS if mt == "gemma3_text" else _GEMMA2_DEFAULTS if gemma else
               _CLASS_DEFAULTS.get(_CONFIG_CLASS_TYPE.get(mt, mt), {}) if isinstance(mt, str) else {}), **cfg}
     if family is None:
-        raise HFConfigError(f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        supported = f"llmc imports model_type {', '.join(SUPPORTED_MODEL_TYPES)}"
+        if mt is None:
+            raise HFConfigError(HFProblem(
+                "config.json has no 'model_type' (the key transformers' AutoConfig picks the model class by)",
+                f"add it as the model's release writes it; {supported}", key="model_type"))
+        if not isinstance(mt, str):
+            raise HFConfigError(HFProblem(f"config.json 'model_type' must be a string (got {_short(mt)})",
+                                          supported, key="model_type"))
+        raise HFConfigError(HFProblem(f"unsupported model_type {mt!r}", supported, key="model_type"))
     errs: list[str] = []
+    if (bad_class := architectures_problem(original)) is not None:
+        errs.append(bad_class)
     act_key = "hidden_activation" if "hidden_activation" in cfg else "hidden_act"
     act = cfg.get(act_key, "silu")
     activation = HF_ACTIVATIONS.get(act) if isinstance(act, str) else None
@@ -875,10 +1147,23 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
                              ("mlp_bias", _MLP_BIAS_TYPES, "MLP biases")):
         if mt in types and cfg.get(key) is True:
             errs.append(f"config.json {key!r} true is not supported for {mt} ({what}; llmc's block has none)")
-    if mt in _MAX_WINDOW_LAYERS_TYPES and cfg.get("use_sliding_window") is True and cfg.get("max_window_layers") != 0:
-        errs.append(f"config.json 'use_sliding_window' true with 'max_window_layers' "
-                    f"{_short(cfg.get('max_window_layers'))} is not supported ({mt} windows only the layers from "
-                    "max_window_layers on; llmc models one attention window for every layer: max_window_layers 0)")
+    # Qwen2Config / Qwen3Config.__post_init__ (transformers configuration_qwen2.py / _qwen3.py): without layer_types,
+    # layer i is "sliding_attention" when use_sliding_window and i >= max_window_layers (absent: 28), else
+    # "full_attention"; so max_window_layers 0 windows every layer, and max_window_layers >= num_hidden_layers none
+    # (full attention, as the release configs with use_sliding_window false); a given layer_types wins (read below)
+    qwen_unwindowed = False
+    if mt in _MAX_WINDOW_LAYERS_TYPES and cfg.get("use_sliding_window") is True and cfg.get("layer_types") is None:
+        first = cfg.get("max_window_layers", 28)
+        n = cfg.get("num_hidden_layers")
+        if isinstance(first, int) and not isinstance(first, bool) and isinstance(n, int) and first >= n:
+            qwen_unwindowed = True
+        elif first != 0:
+            errs.append(HFProblem(
+                f"config.json 'use_sliding_window' true with 'max_window_layers' {_short(first)} is not supported "
+                f"({mt} windows only the layers from max_window_layers on; llmc models one attention window for "
+                "every layer or none)",
+                "max_window_layers 0 windows every layer, one of at least num_hidden_layers none; or "
+                "use_sliding_window false"))
     kinds = cfg.get("layer_types")  # transformers >= 4.5x writes it: one "full_attention" / "sliding_attention" per layer
     kind_set = set(map(str, kinds)) if isinstance(kinds, list) else None
     if kinds is not None and (kind_set is None or not kind_set <= _LAYER_KINDS):
@@ -890,7 +1175,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     # Mistral's / Mixtral's / Phi-3's window, in every layer; Qwen's where use_sliding_window is true (default false);
     # OLMo 3's and Gemma's in their sliding_attention layers (:func:`_layer_kinds`)
     windowed = cfg.get("sliding_window") is not None and mt in _WINDOW_TYPES | _MIXED_LAYER_TYPES and (
-        cfg.get("use_sliding_window") is True or mt not in ("qwen2", "qwen3", "qwen3_moe"))
+        cfg.get("use_sliding_window") is True or mt not in ("qwen2", "qwen3", "qwen3_moe")) and not qwen_unwindowed
     if kind_set:
         windowed = windowed and "sliding_attention" in kind_set
     heads = _each(errs, n_heads=lambda: _int(cfg, "num_attention_heads"))

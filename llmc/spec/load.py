@@ -14,8 +14,12 @@ S001    unknown key (with did-you-mean)
 S002    wrong type or value out of range; YAML syntax error
 S003    missing required field
 S004    unknown model preset (with did-you-mean)
-S005    bad ``hf_config``: missing/invalid file, unsupported model_type, missing keys
+S005    bad ``hf_config``: missing/invalid file, unsupported model_type (with did-you-mean), missing keys,
+        ``architectures`` not the causal LM of its model_type, a rope_scaling without the keys transformers requires
 S006    duplicate key in a YAML mapping (the later value would silently win)
+S008    (warning) ``hf_config`` holds what the trained model leaves out although transformers' class has it: MTP
+        layers (num_nextn_predict_layers), training regularisers (attention_dropout, router_jitter_noise, ...)
+S009    (info) ``hf_config`` key that llmc ignores because transformers' class for its model_type ignores it too
 M001    n_heads not divisible by n_kv_heads
 M002    d_model not divisible by n_heads while head_dim is unset
 M003    moe.top_k greater than moe.num_experts
@@ -69,7 +73,13 @@ from pydantic import BaseModel, ValidationError
 from llmc.diagnostics import Diagnostic, SpecError, line_for
 from llmc.fileio import read_regular_file
 from llmc.spec.facts import MAX_CONFIG_BYTES
-from llmc.spec.hf import HF_KEY_FOR_FIELD, HFConfigError, architecture_from_hf_config
+from llmc.spec.hf import (
+    HF_KEY_FOR_FIELD,
+    SUPPORTED_MODEL_TYPES,
+    HFConfigError,
+    architecture_from_hf_config,
+    hf_config_notices,
+)
 from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.presets import PRESETS
 from llmc.spec.schema import (
@@ -662,7 +672,8 @@ def _resolve_model(value: Any, base_dir: Path, ctx: _Ctx) -> dict[str, Any] | No
 def _load_hf(hf: Any, base_dir: Path, ctx: _Ctx) -> dict[str, Any] | None:
     path = "model.hf_config"
     if not isinstance(hf, str):
-        ctx.diags.append(ctx.diag("S005", path, f"must be a path to a config.json (got {_got(hf)})"))
+        ctx.diags.append(ctx.diag("S005", path, f"must be a path to a config.json (got {_got(hf)})",
+                                  "e.g. `model: {hf_config: Llama-3.1-8B/config.json}`, relative to the spec file"))
         return None
     f = Path(hf) if Path(hf).is_absolute() else base_dir / hf
     if f.is_dir():
@@ -673,28 +684,46 @@ def _load_hf(hf: Any, base_dir: Path, ctx: _Ctx) -> dict[str, Any] | None:
         ctx.diags.append(ctx.diag("S005", path, f"HF config not found: {f}", "paths are relative to the spec file"))
         return None
     except RecursionError:
-        ctx.diags.append(ctx.diag("S005", path, f"cannot read HF config {f}: JSON nested too deeply"))
+        ctx.diags.append(ctx.diag("S005", path, f"cannot read HF config {f}: JSON nested too deeply",
+                                  "a Hugging Face config.json is a flat JSON object of a few levels"))
         return None
     except (OSError, UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         ctx.diags.append(ctx.diag("S005", path, f"cannot read HF config {f}: {_one_line(str(e))}",
                                   "a Hugging Face config.json (a regular file of at most 4 MiB)"))
         return None
     if not isinstance(cfg, dict):
-        ctx.diags.append(ctx.diag("S005", path, f"HF config {f} is not a JSON object"))
+        ctx.diags.append(ctx.diag("S005", path, f"HF config {f} is not a JSON object",
+                                  "a Hugging Face config.json is one JSON object: {\"model_type\": ..., ...}"))
         return None
     name = f.parent.name if f.stem == "config" else f.stem
     try:
         arch = architecture_from_hf_config(cfg, name=name or "custom")
     except HFConfigError as e:
-        ctx.diags.extend(ctx.diag("S005", path, _one_line(m)) for m in e.messages)
+        for m, hint in zip(e.problems, e.hints, strict=True):
+            if m.key == "model_type" and isinstance(cfg.get("model_type"), str):
+                dym = _did_you_mean(cfg["model_type"], SUPPORTED_MODEL_TYPES)
+                hint = f"{dym} {hint}" if dym else hint
+            ctx.diags.append(ctx.diag("S005", path, _one_line(m), hint))
         return None
     except ValidationError as e:
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
             key = HF_KEY_FOR_FIELD.get(str(err["loc"][0])) if err["loc"] else None
             where = f"{loc} (config.json {key!r})" if key else loc  # ("": a check of the whole model)
-            ctx.diags.append(ctx.diag("S005", path, f"{f.name}: {where + ' ' if where else ''}{_human_message(err)}"))
+            ctx.diags.append(ctx.diag("S005", path, f"{f.name}: {where + ' ' if where else ''}{_human_message(err)}",
+                                      f"fix {key!r} in config.json" if key else
+                                      "config.json describes a model llmc cannot build; fix the keys named above"))
         return None
+    # what the model llmc trains leaves out of the config: S008 (warning: transformers' class would have it),
+    # S009 (info: that class ignores it as well)
+    line = line_for(ctx.lines, path)
+    for severity, m in hf_config_notices(cfg):
+        if severity == "warning":
+            ctx.diags.append(Diagnostic(code="S008", severity="warning", path=path, message=_one_line(m), hint=m.hint,
+                                        line=line, file=ctx.file))
+        else:
+            ctx.diags.append(Diagnostic(code="S009", severity="info", path=path, message=_one_line(m), hint=m.hint,
+                                        line=line, file=ctx.file))
     return arch.model_dump(exclude_unset=True)
 
 
