@@ -39,6 +39,13 @@ launchers do (the runtime refuses any other WORLD_SIZE); 1 for a GPU build on a 
 ``check_lock_integrity(build_dir)`` compares ``plan.lock.json`` with the sha256 the build manifest
 (``llmc.buildfs``) recorded for it: a lock edited by hand is reported (``llmc launch`` refuses it unless
 ``--force``), because the launchers and the runtime would run numbers the compiler never produced.
+The runtime repeats the check at its start on every backend (``llmc.runtime.entry.check_lock_unedited``: the emitted
+launchers run it without ``llmc launch``); the commands for an edited lock (which ``llmc launch`` reaches only with
+``--force``) carry ``LLMC_ACCEPT_LOCK_SHA256`` = its sha256, which lets the runtime run that lock and no later edit.
+``launch_commands`` refuses (LaunchError) a symbolic link anywhere the run writes inside the build directory
+(``assets/``, ``cache/``, ``outputs/``, ``run/``, ``data/`` and the entries prepare writes there:
+:func:`linked_write_path`), before anything runs, ``--dry-run`` included: llmc never writes through links inside a
+build directory, as ``llmc build`` refuses for its own files (X010).
 ``edited_artifacts(build_dir, cmds)`` does the same for the other artifacts the commands run (a torchtitan job module,
 the DeepSpeed config a stage reads): ``llmc launch`` refuses an edited one unless ``--allow-edited``.
 
@@ -332,46 +339,12 @@ def preemption_times(lock: dict, env_shutdown: str | None = None) -> tuple[int, 
 
 def check_lock_integrity(build_dir: str | os.PathLike) -> str | None:
     """None when ``plan.lock.json`` is the one ``llmc build`` wrote (or the build has no manifest to
-    compare with), else a one-line description of the difference."""
-    import hashlib
+    compare with), else a one-line description of the difference (``llmc.runtime.entry.lock_integrity``, the check the
+    runtime repeats at its start)."""
+    from llmc.runtime.entry import lock_integrity
 
-    from llmc.buildfs import BuildDirError, read_manifest
-    from llmc.lockfile import LOCK_FILE
-
-    b = Path(build_dir)
-    try:
-        m = read_manifest(b) if b.is_dir() else None
-    except BuildDirError as e:
-        return str(e)
-    p = b / LOCK_FILE
-    if m is None or LOCK_FILE not in m.files or not p.is_file():
-        return None
-    data = p.read_bytes()
-    got = hashlib.sha256(data).hexdigest()
-    if got == m.files[LOCK_FILE]:
-        return None
-    return (f"{LOCK_FILE} was changed after `llmc build` wrote it (sha256 {got[:12]}, the build recorded "
-            f"{m.files[LOCK_FILE][:12]}; {_lock_change_summary(data)})")
-
-
-def _lock_change_summary(data: bytes) -> str:
-    """What can be said about an edited lock without the original: whether it still parses and whether
-    its header hash still matches its spec hash."""
-    import json
-
-    try:
-        d = json.loads(data)
-    except ValueError as e:
-        return f"it is no longer valid JSON: {e}"
-    except RecursionError:
-        return "it is no longer valid JSON: nested too deeply"
-    if not isinstance(d, dict):
-        return "it is no longer a JSON object"
-    head = (d.get("_llmc") or {}).get("spec_sha256") if isinstance(d.get("_llmc"), dict) else None
-    spec = (d.get("spec") or {}).get("sha256") if isinstance(d.get("spec"), dict) else None
-    if head != spec:
-        return "its spec.sha256 no longer matches its header"
-    return "its spec hash is unchanged, so a plan or number was edited"
+    found = lock_integrity(build_dir)
+    return found[0] if found else None
 
 
 def edited_artifacts(build_dir: str | os.PathLike, cmds: list[Cmd]) -> list[tuple[str, str]]:
@@ -449,6 +422,85 @@ def spec_change_warning(build_dir: str | os.PathLike, lock: dict | None = None) 
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)  # one inert line, whatever the paths hold
 
 
+#: ``llmc launch``'s own words for a link on its write path, with the ways out
+LINK_HINT = ("replace the link with a directory; to keep the run's files elsewhere, run the emitted launcher with "
+             "LLMC_RUN_DIR (prepare's --assets) set to that place")
+
+
+def _prepare_writes_data(lock: dict) -> bool:
+    """Does prepare write into the build's ``data/``: a ``builtin`` corpus (``data/<name>.jsonl``), a ``quality``
+    section's cleaned copies (``data/quality*``) or ``eval.validation``'s record (``data/split``)
+    (:func:`llmc.runtime.entry.prepare_assets`)? Else ``data/`` holds only the user's sources, which prepare reads."""
+    spec = (lock.get("spec") or {}).get("resolved") if isinstance(lock.get("spec"), dict) else None
+    if not isinstance(spec, dict):
+        return True
+    if _builtin_sources(lock) or any(isinstance(d, dict) and d.get("quality") for d in _lock_datas(spec)):
+        return True
+    return bool((spec.get("eval") or {}).get("validation")) if isinstance(spec.get("eval"), dict) else False
+
+
+def _lock_datas(spec: dict) -> list:
+    """The ``data`` sections of a resolved spec: the run's and each stage's."""
+    return [spec.get("data")] + [st.get("data") for st in spec.get("stages") or [] if isinstance(st, dict)]
+
+
+def _builtin_sources(lock: dict) -> set[str]:
+    """The names of the lock's ``builtin`` sources (prepare writes each to ``data/<name>.jsonl``)."""
+    spec = (lock.get("spec") or {}).get("resolved") if isinstance(lock.get("spec"), dict) else None
+    if not isinstance(spec, dict):
+        return set()
+    return {str(x.get("name")) for d in _lock_datas(spec) if isinstance(d, dict) for x in d.get("sources") or []
+            if isinstance(x, dict) and x.get("format") == "builtin"}
+
+
+def linked_write_path(b: Path, lock: dict, run: Path | None = None) -> Path | None:
+    """The first symbolic link on a path ``llmc launch``'s run writes inside the build directory ``b``, else None:
+    ``assets/``, ``cache/``, ``outputs/`` (torchtitan's checkpoints) and ``run/`` (``run``: the run folder, checked when
+    it is ``b/run``), each itself or anything in it, and ``data/`` itself with the entries prepare writes there
+    (:func:`llmc.runtime.entry._prepare_output`; when it writes any, :func:`_prepare_writes_data`). Found with
+    ``lstat`` (links never followed, nothing read through them); a user's source folder in ``data/`` may be a link."""
+    from llmc.runtime.entry import _prepare_output
+
+    def walk(top: Path) -> Path | None:
+        if top.is_symlink():
+            return top
+        if not top.is_dir():
+            return None
+        for root, dirs, files in os.walk(top, followlinks=False):
+            for name in sorted(dirs + files):
+                if os.path.islink(os.path.join(root, name)):
+                    return Path(root) / name
+        return None
+
+    tops = [b / "assets", b / "cache", b / "outputs"] + ([b / "run"] if run is None or run == b / "run" else [])
+    for top in tops:
+        found = walk(top)
+        if found is not None:
+            return found
+    data = b / "data"
+    if data.is_symlink():
+        return data if _prepare_writes_data(lock) else None
+    if data.is_dir():
+        builtins = _builtin_sources(lock)
+        for entry in sorted(data.iterdir()):
+            if _prepare_output(entry, b, builtins) is not None:
+                found = walk(entry)
+                if found is not None:
+                    return found
+    return None
+
+
+def link_message(found: Path) -> str:
+    """The L001 text for :func:`linked_write_path`'s link."""
+    try:
+        target = os.readlink(found)
+    except OSError:
+        target = "?"
+    line = (f"{found} is a symbolic link (to {target}) on a path `llmc launch` writes: llmc never writes through "
+            f"links inside a build directory ({LINK_HINT})")
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
+
+
 def _has_titan_job(b: Path) -> bool:
     """Does the build hold a torchtitan job module: pre-training's ``llmc_job.py`` or a continued-training stage's
     ``llmc_job_stage<i>.py`` (a pipeline that continues a trained model has only those)?"""
@@ -482,6 +534,11 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     if not 1 <= nproc <= MAX_NPROC:
         raise LaunchError(f"--nproc must be 1 to {MAX_NPROC} processes per node (got {nproc})")
     run = Path(run_dir).resolve() if run_dir is not None else b / "run"
+    # a link inside the build directory where the run writes (assets/ -> a user's model folder): refused before
+    # anything runs, as `llmc build` refuses its own (X010); prepare itself refuses its own folders as links too
+    linked = linked_write_path(b, lock, run)
+    if linked is not None:
+        raise LaunchError(link_message(linked))
     folder = _checkpoint_folder(lock)
     lock_path = str(b / "plan.lock.json")
     stages = _stages(lock)
@@ -598,6 +655,14 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
                   stage="prepare")
     if cmds and all(c.skip_reason for c in cmds):
         prepare.skip_reason = "every stage is finished"
+    # a lock edited after `llmc build` wrote it: the runtime refuses it at its start (error[L001]) unless told it may
+    # run that lock, by its sha256; `llmc launch` gets here with one only when --force allowed it (check_lock_integrity)
+    from llmc.runtime.entry import ACCEPT_LOCK_ENV, lock_integrity
+
+    edited = lock_integrity(b)
+    if edited is not None and edited[1]:
+        for c in (prepare, *cmds):
+            c.env = {**c.env, ACCEPT_LOCK_ENV: edited[1]}
     return [prepare, *cmds]
 
 

@@ -253,6 +253,11 @@ def test_launch_names_the_log_it_cannot_write_the_stage_and_the_unfinished_check
     (tmp / "model.pt").write_bytes(b"\0" * 3 * 1024 * 1024)
     log = b / "run" / "pretrain" / "stderr.log"
     log.symlink_to("/dev/full")  # every write: ENOSPC
+    # (a link where the run writes is refused before anything runs, error[L001]: here it only stands in for a full
+    # disk, so that refusal is set aside)
+    import llmc.launch as launch_mod
+
+    monkeypatch.setattr(launch_mod, "linked_write_path", lambda *a, **k: None)
     _fake_stages(monkeypatch, "echo training >&2; exit 0")
     r = CliRunner().invoke(app, ["launch", str(b), "--backend", "native"])
     assert r.exit_code == 1, r.output

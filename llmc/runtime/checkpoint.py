@@ -142,18 +142,86 @@ def _write_json(obj: Any, path: Path) -> None:
 
 
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This rank's RNG states, in values ``torch.load(weights_only=True)`` reads: Python's ``random.getstate()`` (a
+    tuple of ints), NumPy's legacy global generator as :func:`_numpy_state` (MT19937: plain ints and an int64 tensor
+    of its 624-word key, not the pickled ``ndarray`` of ``np.random.get_state()``), torch's CPU and CUDA states
+    (uint8 tensors)."""
+    st = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
+def _numpy_state() -> dict:
+    """``np.random.get_state(legacy=False)`` (``{"bit_generator": "MT19937", "state": {"key": uint32[624], "pos"},
+    "has_gauss", "gauss"}``: https://numpy.org/doc/stable/reference/random/generated/numpy.random.get_state.html)
+    with the key as an int64 tensor, so that no NumPy object is pickled."""
+    st = np.random.get_state(legacy=False)
+    return {"bit_generator": str(st["bit_generator"]), "key": torch.from_numpy(st["state"]["key"].astype(np.int64)),
+            "pos": int(st["state"]["pos"]), "has_gauss": int(st["has_gauss"]), "gauss": float(st["gauss"])}
+
+
 def set_rng_state(st: dict) -> None:
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    npst = st["numpy"]
+    if isinstance(npst, dict):  # this format (_numpy_state)
+        npst = {"bit_generator": npst["bit_generator"],
+                "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
+                "has_gauss": npst["has_gauss"], "gauss": npst["gauss"]}
+    np.random.set_state(npst)  # (an earlier llmc's: the tuple np.random.get_state() returns)
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _legacy_rank_globals() -> list:
+    """The only globals a ``rank-R.pt`` of an earlier llmc pickles beyond what ``weights_only=True`` allows: the
+    ``ndarray`` (uint32) of ``np.random.get_state()``'s tuple, rebuilt by ``numpy._core.multiarray._reconstruct``
+    (``numpy.core.multiarray`` when NumPy 1.x wrote it). Allowed for that one file, with torch's
+    ``torch.serialization.safe_globals`` (https://pytorch.org/docs/stable/notes/serialization.html#weights-only),
+    never ``weights_only=False``."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # (NumPy 1.x)
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+#: what a refused file's line ends with
+UNSAFE_HINT = ("hint: llmc writes only tensors and plain values; delete the checkpoint if you did not write it, or "
+               "move its folder aside to start over")
+
+
+def safe_load(path: str | Path, *, legacy: list | tuple = (), mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU: tensors and plain values only, never code
+    (https://pytorch.org/docs/stable/notes/serialization.html#weights-only). ``legacy``: globals also allowed when
+    the plain load refuses (an earlier llmc's format), through ``torch.serialization.safe_globals``. A file that
+    still needs others is refused: :class:`CheckpointError`, one line naming the file, the globals it asks for and
+    :data:`UNSAFE_HINT`; nothing in it ran."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        if legacy:
+            try:
+                with torch.serialization.safe_globals(list(legacy)):
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except pickle.UnpicklingError:
+                pass
+    raise CheckpointError(unsafe_message(path)) from None
+
+
+def unsafe_message(path: str | Path) -> str:
+    """The one line for a file ``torch.load(weights_only=True)`` refuses (the globals it names, as torch lists them)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 (not even a torch zip file: said as such)
+        names = []
+    what = (f"it pickles {', '.join(sorted(names)[:4])}{' ...' if len(names) > 4 else ''}" if names
+            else "it is not a file torch.load(weights_only=True) reads")
+    return f"checkpoint {path}: refusing to load it: {what}, which could run code when read ({UNSAFE_HINT})"
 
 
 def _rank_payload(rank_state: dict | None) -> dict:
@@ -178,7 +246,7 @@ def read_model_state(path: str | Path, dtype: torch.dtype | None = None) -> dict
     floating-point tensors come back in it (an export's bf16: half the host memory of the fp32 they were saved in)."""
     path = Path(path)
     if (path / "model.pt").exists():
-        sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        sd = safe_load(path / "model.pt")
         return sd if dtype is None else {k: _as_dtype(v, dtype) for k, v in sd.items()}
     if not (path / "dcp" / ".metadata").exists():
         raise CheckpointError(f"checkpoint {path}: neither model.pt nor dcp/.metadata")
@@ -205,6 +273,7 @@ def read_dcp_tensors(dcp_dir: str | Path, want, dtype: torch.dtype | None = None
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    check_dcp_metadata(dcp_dir)
     reader = FileSystemReader(str(dcp_dir))
     md = reader.read_metadata().state_dict_metadata
     sd: dict[str, torch.Tensor] = {}
@@ -219,6 +288,79 @@ def read_dcp_tensors(dcp_dir: str | Path, want, dtype: torch.dtype | None = None
             warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
             dcp.load(sd, storage_reader=reader, no_dist=True)
     return sd
+
+
+def deepspeed_globals() -> list:
+    """The DeepSpeed classes its checkpoints pickle beyond tensors and plain values (DeepSpeed 0.19.8, every ZeRO stage:
+    the loss scaler, the ZeRO stage enum and the optimizer's fragment addresses, as
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` lists them): data holders that run nothing when rebuilt.
+    Allowed, with these alone, to read a DeepSpeed checkpoint with ``weights_only=True`` (:func:`check_deepspeed_files`)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_deepspeed_files(tag_dir: str | Path) -> None:
+    """Raise :class:`CheckpointError` (one line, :func:`unsafe_message`) unless every ``*.pt`` of a DeepSpeed checkpoint
+    (a tag folder) reads with ``torch.load(weights_only=True)``, :func:`deepspeed_globals` allowed (memory-mapped: the
+    tensors' bytes are not read). DeepSpeed's own loaders read them with ``weights_only=False``
+    (``TorchCheckpointEngine.load``, deepspeed/runtime/checkpoint_engine/torch_checkpoint_engine.py, and
+    deepspeed/utils/zero_to_fp32.py, 0.19.8: no option turns it off, and ``safe_globals`` applies only to
+    ``weights_only=True``), so llmc reads the same files first: a file that pickles anything else is refused before
+    DeepSpeed opens it."""
+    allowed = deepspeed_globals()
+    for f in sorted(Path(tag_dir).rglob("*.pt")):
+        safe_load(f, legacy=allowed, mmap=True)
+
+
+#: what a ``torch.distributed.checkpoint`` ``.metadata`` file may name: DCP's own metadata classes (dataclasses and an
+#: enum of torch.distributed.checkpoint.metadata / .filesystem), torch's Size, dtypes, layouts (by name) and a path.
+#: DCP reads the file with a plain ``pickle.load`` (``FileSystemReader.read_metadata``, torch/distributed/checkpoint/
+#: filesystem.py), so llmc reads it first with only these allowed (Python's "Restricting Globals":
+#: https://docs.python.org/3/library/pickle.html#restricting-globals)
+_DCP_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint._extension": {"StreamTransformExtension", "ZStandard"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "pathlib._local": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},  # (Python 3.13)
+    "collections": {"OrderedDict"},
+}
+
+
+def check_dcp_metadata(dcp_dir: str | Path) -> None:
+    """Raise :class:`CheckpointError` (one line) unless ``dcp_dir/.metadata`` unpickles with only
+    :data:`_DCP_METADATA_GLOBALS` (and torch dtypes / memory formats) named: read before any DCP call reads it with
+    ``pickle.load``; nothing in a refused file runs."""
+    import pickle
+
+    f = Path(dcp_dir) / ".metadata"
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if name in _DCP_METADATA_GLOBALS.get(module, ()) or (
+                    module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format,
+                                                                                  torch.layout))):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"{module}.{name}")
+
+    try:
+        with open(f, "rb") as fh:
+            _Restricted(fh).load()
+    except FileNotFoundError:
+        return  # (DCP's own error names it)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"checkpoint {f}: refusing to load it: it pickles {e}, which is not DCP metadata and "
+                              f"could run code when read ({UNSAFE_HINT})") from None
+    except (EOFError, AttributeError, ImportError, TypeError, ValueError, IndexError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {f}: unreadable DCP metadata ({type(e).__name__}); refusing to load it "
+                              f"({UNSAFE_HINT})") from None
 
 
 INIT_HINT = "written for another model: start this stage from a checkpoint of its model (or rerun that stage with it)"
@@ -236,10 +378,11 @@ def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+        check_dcp_metadata(path / "dcp")
         md = FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
         return {k[len("model."):]: tuple(v.size) for k, v in md.items()
                 if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
-    sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    sd = safe_load(path / "model.pt", mmap=True)
     return {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}
 
 
@@ -521,7 +664,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         rank_file = path / f"rank-{_rank()}.pt"
         if not rank_file.exists():  # world size changed: reuse rank 0's generator state
             rank_file = path / "rank-0.pt"
-        rank_data = torch.load(rank_file, map_location="cpu", weights_only=False)
+        rank_data = safe_load(rank_file, legacy=_legacy_rank_globals())
         set_rng_state(rank_data)
     state = json.loads((path / "train.json").read_text())
     if "extra" in rank_data:
@@ -535,6 +678,7 @@ def _load_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    check_dcp_metadata(path / "dcp")
     target = _unwrap(model) if _world() == 1 else model
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
@@ -555,7 +699,7 @@ def _load_full(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
                trainable_only: bool = False) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    model_sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    model_sd = safe_load(path / "model.pt")
     if trainable_only:
         frozen = _frozen_names(model)
         lacking = [n for n, _ in _unwrap(model).named_parameters() if n not in frozen and n not in model_sd]
@@ -568,7 +712,7 @@ def _load_full(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     if optimizer is not None:
         if not (path / "optimizer.pt").exists():
             raise CheckpointError(f"checkpoint {path}: no optimizer.pt (model-only checkpoint); cannot resume training")
-        optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        optim_sd = safe_load(path / "optimizer.pt")
         target = _unwrap(model) if _world() == 1 else model
         set_optimizer_state_dict(target, optimizer, optim_sd, options=_sd_options(full_state_dict=True))
 
@@ -595,6 +739,7 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, strict: bool = 
     if manifest.get("layout") == "dcp" and _world() > 1:  # each rank reads the shards its layout needs
         import torch.distributed.checkpoint as dcp
 
+        check_dcp_metadata(path / "dcp")
         mine = {k: v for k, v in get_model_state_dict(model).items() if "lora_" not in k}
         state = {"model": {_plain_name(k): v for k, v in mine.items()}}
         dcp.load(state, checkpoint_id=str(path / "dcp"))

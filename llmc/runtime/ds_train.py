@@ -300,10 +300,18 @@ def check_ds_checkpoint(path: Path, model, job) -> None:
     ``zero_pp_rank_0_mp_rank_00_model_states.pt``)."""
     import torch
 
-    from llmc.runtime.checkpoint import CheckpointError, check_shapes
+    from llmc.runtime.checkpoint import (
+        CheckpointError,
+        check_deepspeed_files,
+        check_shapes,
+        deepspeed_globals,
+        safe_load,
+    )
 
+    # DeepSpeed's load_checkpoint reads these files with weights_only=False: every one must read without it first
+    check_deepspeed_files(path)
     f = sorted(path.glob("*model_states.pt"))[0]
-    ck = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+    ck = safe_load(f, legacy=deepspeed_globals(), mmap=True)
     why = job.foreign_checkpoint(ck, path)
     if why is not None:
         raise CheckpointError(why)
@@ -618,6 +626,13 @@ def _run(argv: list[str] | None) -> int:
     if a.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(a.local_rank))
     cfg_path = stage_config_path(a.ds_config, a.stage)
+    from llmc.runtime.entry import check_lock_unedited, one_line_error
+
+    edited = check_lock_unedited(a.lock)  # a lock edited after `llmc build` wrote it: error[L001], as llmc launch says
+    if edited:
+        if os.environ.get("RANK", "0") == "0":
+            print(edited, file=sys.stderr)
+        return 1
     try:
         lock = read_lock(a.lock)
         ds_config = json.loads(cfg_path.read_text())
@@ -638,7 +653,7 @@ def _run(argv: list[str] | None) -> int:
                         config_name=str(cfg_path), build_dir=a.lock.resolve().parent)
         finished = True
     except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
-        print(f"{a.lock}: error[R002] {stage_name}: {e}", file=sys.stderr)
+        print(f"{a.lock}: error[R002] {stage_name}: {one_line_error(e)}", file=sys.stderr)
         return 1
     finally:
         shutdown(together=finished)  # a failing rank leaves at once (the launcher then stops the others)

@@ -62,12 +62,148 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
+#: the environment variable that lets the runtime run a lock edited after ``llmc build`` wrote it: its value must be the
+#: edited lock's sha256 (``llmc launch --force`` sets it; a value left in a shell does not cover a later edit)
+ACCEPT_LOCK_ENV = "LLMC_ACCEPT_LOCK_SHA256"
+
+
+def lock_integrity(build_dir: str | os.PathLike) -> tuple[str, str] | None:
+    """``(what differs, the lock's sha256)`` when ``build_dir/plan.lock.json`` is not the one ``llmc build`` wrote
+    (its sha256 differs from the one the build manifest ``.llmc-build.json`` records, :mod:`llmc.buildfs`), or the
+    manifest cannot be read; None when it is, or when there is no manifest or no recorded lock to compare with (a lock
+    written by hand, an older build). Reads only the build's own two files. ``llmc launch`` refuses the first case
+    (``error[L001]``, :func:`llmc.launch.check_lock_integrity`), and so does the runtime at its start
+    (:func:`check_lock_unedited`), on every backend: the emitted launchers run it without ``llmc launch``."""
+    from llmc.buildfs import BuildDirError, read_manifest
+    from llmc.lockfile import LOCK_FILE
+
+    b = Path(build_dir)
+    p = b / LOCK_FILE
+    try:
+        m = read_manifest(b) if b.is_dir() else None
+    except BuildDirError as e:
+        return str(e), ""
+    if m is None or LOCK_FILE not in m.files or not p.is_file():
+        return None
+    data = p.read_bytes()
+    got = hashlib.sha256(data).hexdigest()
+    if got == m.files[LOCK_FILE]:
+        return None
+    return (f"{LOCK_FILE} was changed after `llmc build` wrote it (sha256 {got[:12]}, the build recorded "
+            f"{m.files[LOCK_FILE][:12]}; {lock_change_summary(data)})"), got
+
+
+def lock_change_summary(data: bytes) -> str:
+    """What can be said about an edited lock without the original: whether it still parses and whether
+    its header hash still matches its spec hash."""
+    try:
+        d = json.loads(data)
+    except ValueError as e:
+        return f"it is no longer valid JSON: {e}"
+    except RecursionError:
+        return "it is no longer valid JSON: nested too deeply"
+    if not isinstance(d, dict):
+        return "it is no longer a JSON object"
+    head = (d.get("_llmc") or {}).get("spec_sha256") if isinstance(d.get("_llmc"), dict) else None
+    spec = (d.get("spec") or {}).get("sha256") if isinstance(d.get("spec"), dict) else None
+    if head != spec:
+        return "its spec.sha256 no longer matches its header"
+    return "its spec hash is unchanged, so a plan or number was edited"
+
+
+def check_lock_unedited(lock_path: str | os.PathLike) -> str | None:
+    """The runtime's start (``llmc.runtime.entry`` prepare / train, ``llmc.runtime.ds_train``, ``llmc.runtime.evaluate``):
+    None when the lock may run, else the one ``error[L001]`` line, ``llmc launch``'s words with the runtime's way past
+    it (:data:`ACCEPT_LOCK_ENV` set to the edited lock's sha256, which ``llmc launch --force`` does)."""
+    lock_path = Path(lock_path)
+    found = lock_integrity(lock_path.resolve().parent)
+    if found is None:
+        return None
+    problem, got = found
+    if not got or os.environ.get(ACCEPT_LOCK_ENV) == got:
+        return None  # (an unreadable manifest: `llmc launch` says so, L001; the runtime has nothing to compare with)
+    line = (f"{lock_path}: error[L001] {problem} (rebuild with `llmc build`, or set {ACCEPT_LOCK_ENV}={got} to run it "
+            "as it is)")
+    return " ".join(line.split())
+
+
+def one_line_error(e: BaseException) -> str:
+    """``e`` as one line: a pydantic validation error of the lock's spec (a lock edited by hand) as its first field, its
+    message and the value, located in the lock (``spec.resolved.<field>``); any other error's text with its line
+    breaks folded."""
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        errs = e.errors()
+        if errs:
+            first = errs[0]
+            loc = ".".join(str(p) for p in first.get("loc", ()))
+            msg = str(first.get("msg", "")).removeprefix("Value error, ")
+            more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+            got = f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict | list) else ""
+            return " ".join(f"lock spec.resolved.{loc}: {msg}{got}{more}; hint: rebuild the build directory with "
+                            "`llmc build` (llmc runs the lock it wrote)".split())
+    text = str(e)
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
 def _drop_tokenizer_files(asset_dir: Path, keep) -> None:
     """Remove from prepare's own ``assets/`` the tokenizer files (:data:`TOKENIZER_FILES`) the tokenizer it now holds
-    does not have: a chat template copied with an earlier tokenizer would otherwise ride along into every export."""
+    does not have: a chat template copied with an earlier tokenizer would otherwise ride along into every export.
+    Only in ``asset_dir`` itself, never through a link (:func:`_refuse_links` checked it is none)."""
+    _refuse_links(asset_dir)
     for name in TOKENIZER_FILES:
-        if name not in keep and (asset_dir / name).is_file():
-            (asset_dir / name).unlink()
+        f = asset_dir / name
+        if name not in keep and (f.is_symlink() or f.is_file()):
+            f.unlink()  # (a link itself, never what it names)
+
+
+#: how prepare's refusal of a link ends
+PREPARE_LINK_HINT = ("hint: replace the link with a directory, or give prepare the real location (--assets; the "
+                     "launchers' LLMC_RUN_DIR)")
+
+
+def _refuse_links(*paths: Path, entries: bool = True) -> None:
+    """ValueError (one line) when one of ``paths`` (a folder prepare writes: ``assets/``, ``data/``, ``cache/``), or an
+    entry of one, is a symbolic link: prepare never deletes, copies or writes through a link (``llmc launch`` refuses
+    the same before it runs anything, error[L001]; the emitted launchers run prepare without it). ``entries``: check
+    each folder's entries too (not in ``data/``, which holds the user's sources as well)."""
+    for p in paths:
+        found = p if p.is_symlink() else None
+        if found is None and entries and p.is_dir():
+            found = next((e for e in sorted(p.iterdir()) if e.is_symlink()), None)
+        if found is not None:
+            raise ValueError(f"{found} is a symbolic link: prepare never writes through links in the folders it "
+                             f"writes ({PREPARE_LINK_HINT})")
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """``path`` := ``data``, atomically (a new temporary file, then renamed over ``path``): a link at ``path`` is
+    replaced, never written through, and the temporary file is created new (``O_EXCL | O_NOFOLLOW``)."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _read_tokenizer_file(path: Path) -> bytes:
+    """A tokenizer file prepare copies (``data.tokenizer.path``): read only when it is a regular file of at most
+    ``llmc.spec.facts.MAX_TOKENIZER_BYTES``, the cap ``llmc plan`` reads it with (``llmc.fileio.read_regular_file``:
+    never a device, FIFO or socket, e.g. a link to /dev/zero); else ValueError, one line naming it."""
+    from llmc.fileio import read_regular_file
+    from llmc.spec.facts import MAX_TOKENIZER_BYTES
+
+    try:
+        return read_regular_file(path, MAX_TOKENIZER_BYTES)
+    except ValueError as e:
+        raise ValueError(f"data.tokenizer.path: {e}; prepare stops here (hint: point it at a folder holding a "
+                         f"regular tokenizer.json of at most {MAX_TOKENIZER_BYTES // 2**20} MiB)") from None
+    except IsADirectoryError:
+        raise ValueError(f"data.tokenizer.path: {path} is a directory, not a tokenizer file; prepare stops here "
+                         "(hint: point it at a tokenizer.json, or a folder holding one)") from None
 
 
 def _stage_sources(job: TrainJob) -> list:
@@ -188,6 +324,9 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
     for src in _stage_sources(job):  # never read prepare's own output as input
         if src.format != "builtin" and src.path is not None:
             check_source_location(src.name, job.resolve_path(src.path), root, builtins)
+    # never through a link: the folders prepare writes, their entries, and the builtin corpora's files
+    _refuse_links(asset_dir, cache_dir)
+    _refuse_links(data_dir, *(data_dir / f"{b}.jsonl" for b in sorted(builtins)), entries=False)
     asset_dir.mkdir(parents=True, exist_ok=True)
     state_file = asset_dir / "prepare.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
@@ -233,12 +372,13 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
         (src_dir / "tokenizer.json").stat()  # (FileNotFoundError, as before: the folder holds no tokenizer)
         present = [n for n in TOKENIZER_FILES if (src_dir / n).exists()]
         digest = hashlib.sha256()
+        files = {name: _read_tokenizer_file(src_dir / name) for name in present}  # (regular, capped: read once)
         for name in present:  # (a changed config or template is copied again too)
-            digest.update(name.encode() + b"\0" + (src_dir / name).read_bytes())
+            digest.update(name.encode() + b"\0" + files[name])
         key = "copy:" + digest.hexdigest()
         if state.get("tokenizer") != key or not tok_json.exists():
-            for name in present:
-                shutil.copyfile(src_dir / name, asset_dir / name)
+            for name in present:  # the bytes read above (never a second open of the user's file)
+                _write_bytes(asset_dir / name, files[name])
             _drop_tokenizer_files(asset_dir, keep=present)
             state["tokenizer"] = key
             log(f"prepare: copied tokenizer from {src_dir}")
@@ -350,9 +490,7 @@ class _stage_lock:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _write_bytes(path, text.encode())
 
 
 def _stage_assets(job: TrainJob, assets: Assets) -> Assets:
@@ -538,10 +676,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     from llmc.runtime.job import StaleStageError
 
+    if cmd != "check":  # a lock edited after `llmc build` wrote it runs nowhere unasked (check only reads markers)
+        edited = check_lock_unedited(a.lock)
+        if edited:
+            print(edited, file=sys.stderr)
+            return 1
     try:
         lock = read_lock(a.lock)
     except ValueError as e:
-        print(f"{a.lock}: error[R001] lock: {e}", file=sys.stderr)
+        print(f"{a.lock}: error[R001] lock: {one_line_error(e)}", file=sys.stderr)
         return 1
     lock_dir = a.lock.resolve().parent
     root = (a.assets or lock_dir).resolve()
@@ -564,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{a.lock}: error[R014] {a.stage or 'pretrain'}: {e}", file=sys.stderr)
         return 1
     except (CheckpointError, TrainingError, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"{a.lock}: error[R002] {a.stage or 'pretrain'}: {e}", file=sys.stderr)
+        print(f"{a.lock}: error[R002] {a.stage or 'pretrain'}: {one_line_error(e)}", file=sys.stderr)
         return 1
     return exit_code(res.get("status", "done"))
 

@@ -400,6 +400,9 @@ def ds_checkpoint_state(ds_dir: str | Path, tag: str) -> dict:
     d = Path(ds_dir) / tag
     if not d.is_dir():
         raise FileNotFoundError(f"no DeepSpeed checkpoint {d}")
+    from llmc.runtime.checkpoint import check_deepspeed_files, deepspeed_globals, safe_load
+
+    check_deepspeed_files(d)  # (DeepSpeed's converter reads them with weights_only=False)
     sd = None
     if any(d.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -414,7 +417,7 @@ def ds_checkpoint_state(ds_dir: str | Path, tag: str) -> dict:
         files = sorted(d.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"{d}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
-        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        sd = safe_load(files[0], legacy=deepspeed_globals())["module"]
     return {k: v.detach().cpu() for k, v in sd.items() if torch.is_tensor(v)}
 
 
@@ -501,11 +504,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="the stage's output directory (holds hf/)")
     a = ap.parse_args(argv)
     from llmc.lockfile import read_lock
+    from llmc.runtime.entry import check_lock_unedited, one_line_error
 
+    edited = check_lock_unedited(a.lock)  # a lock edited after `llmc build` wrote it: error[L001], as llmc launch says
+    if edited:
+        print(edited, file=sys.stderr)
+        return 1
     try:
         lock = read_lock(a.lock)
     except ValueError as e:
-        print(f"{a.lock}: error[R001] lock: {e}", file=sys.stderr)
+        print(f"{a.lock}: error[R001] lock: {one_line_error(e)}", file=sys.stderr)
         return 1
     if a.stage not in eval_stages(lock):
         print(f"{a.stage}: no eval.tasks for this stage")
@@ -526,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{a.lock.parent / e.rel}: error[R003] eval {a.stage}: {e}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        print(f"{a.lock}: error[R003] eval {a.stage}: {e}", file=sys.stderr)
+        print(f"{a.lock}: error[R003] eval {a.stage}: {one_line_error(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -431,6 +431,8 @@ def _tokenizer_problem(p: Path, f: Path, err: Exception) -> str | None:
         return f"{p} cannot be read ({e.strerror or e})"
     if isinstance(err, OSError):
         return f"{f} cannot be read ({err.strerror or err})"
+    if type(err) is ValueError and str(err).startswith(str(f)):  # read_regular_file's own: a device, too large
+        return str(err)
     return f"{f} is not a Hugging Face tokenizer.json ({type(err).__name__})"
 
 

@@ -1062,8 +1062,29 @@ def _trainer_config(spec):
     )
 
 
+def _check_build_lock():
+    """llmc.runtime.entry.check_lock_unedited, inlined (the job imports nothing of llmc): the build's plan.lock.json
+    must be the one `llmc build` wrote (its sha256 in .llmc-build.json), else error[L001] and exit 1, as `llmc launch`
+    and llmc's runtime refuse it; LLMC_ACCEPT_LOCK_SHA256 set to the edited lock's sha256 runs it as it is."""
+    lock = os.path.join(BUILD_DIR, "plan.lock.json")
+    try:
+        with open(os.path.join(BUILD_DIR, ".llmc-build.json")) as f:
+            want = json.load(f)["files"]["plan.lock.json"]
+        with open(lock, "rb") as f:
+            got = hashlib.sha256(f.read()).hexdigest()
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no manifest or no recorded lock to compare with (a build copied without them)
+    if got != want and os.environ.get("LLMC_ACCEPT_LOCK_SHA256") != got:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{lock}: error[L001] plan.lock.json was changed after `llmc build` wrote it (sha256 {got[:12]}, "
+                  f"the build recorded {str(want)[:12]}) (rebuild with `llmc build`, or set "
+                  f"LLMC_ACCEPT_LOCK_SHA256={got} to run it as it is)", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+
 def job():
     """The job: `--module llmc_job --config job`."""
+    _check_build_lock()
     return _trainer_config(model_spec())
 
 

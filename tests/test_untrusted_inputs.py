@@ -1,0 +1,384 @@
+"""Untrusted files on the run path (a security reviewer's findings): a checkpoint never unpickles code (llmc's own files
+read with ``torch.load(weights_only=True)``, an earlier llmc's RNG format through ``safe_globals``, DCP metadata and
+DeepSpeed files vetted before the libraries' own ``pickle.load`` / ``weights_only=False`` read them); ``llmc launch`` and
+prepare never write through a link in the build directory; prepare reads a tokenizer file only when it is a regular
+file within the plan's cap; and every runtime entry refuses a lock edited after ``llmc build`` wrote it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import random
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_build_fakes import ROOT, compile_example, compile_text
+from typer.testing import CliRunner
+
+from llmc.buildfs import write_build
+from llmc.cli import app
+from llmc.emit import render_artifacts
+from llmc.runtime import checkpoint as ck
+from llmc.runtime.errors import CheckpointError
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
+       "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+class _Payload:
+    """What an attacker plants: unpickling it runs ``os.system('touch MARKER')``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _tiny_checkpoint(folder: Path, sharded: bool) -> tuple[Path, torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 4)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    return ck.save_checkpoint(folder, 2, m, opt, {"tokens": 8}, sharded=sharded), m, opt
+
+
+def _rehash(step_dir: Path, rel: str) -> None:
+    """Update the manifest's bytes / sha256 of ``rel`` (the attacker can write the manifest too)."""
+    mf = step_dir / "manifest.json"
+    man = json.loads(mf.read_text())
+    data = (step_dir / rel).read_bytes()
+    man["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    mf.write_text(json.dumps(man))
+
+
+def _plant_torch(f: Path, marker: Path) -> None:
+    obj = torch.load(f, weights_only=False)  # (the attacker's side: it reads its own file as it likes)
+    obj = {**obj, "pwn": _Payload(marker)} if isinstance(obj, dict) else {"data": obj, "pwn": _Payload(marker)}
+    torch.save(obj, f)
+
+
+# ----------------------------------------------------------------------------- 1. checkpoints never unpickle code
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_llmc_checkpoint_files_read_with_weights_only(tmp_path, sharded):
+    """Every file llmc writes in a checkpoint reads with torch's own restricted loader (no NumPy pickle), and the
+    RNG states still come back exactly."""
+    np.random.seed(5)
+    random.seed(5)
+    step, m, opt = _tiny_checkpoint(tmp_path / "ck", sharded)
+    want_np, want_py, want_t = np.random.rand(4), random.random(), torch.rand(4)
+    for f in sorted(step.rglob("*.pt")):
+        torch.load(f, map_location="cpu", weights_only=True)  # raises UnpicklingError on a pickled ndarray
+    np.random.seed(9)
+    random.seed(9)
+    torch.manual_seed(9)
+    ck.load_checkpoint(step, m, opt)
+    assert np.array_equal(np.random.rand(4), want_np)
+    assert random.random() == want_py
+    assert torch.equal(torch.rand(4), want_t)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_planted_payload_in_rank_file_is_refused_unrun(tmp_path, sharded):
+    step, m, opt = _tiny_checkpoint(tmp_path / "ck", sharded)
+    marker = tmp_path / "PWNED"
+    _plant_torch(step / "rank-0.pt", marker)
+    _rehash(step, "rank-0.pt")
+    with pytest.raises(CheckpointError) as e:
+        ck.load_checkpoint(step, m, opt)
+    assert not marker.exists()
+    msg = str(e.value)
+    assert "\n" not in msg and "rank-0.pt" in msg and "posix.system" in msg and "hint:" in msg
+
+
+def test_planted_payload_in_optimizer_file_is_refused_unrun(tmp_path):
+    step, m, opt = _tiny_checkpoint(tmp_path / "ck", sharded=False)
+    marker = tmp_path / "PWNED"
+    _plant_torch(step / "optimizer.pt", marker)
+    _rehash(step, "optimizer.pt")
+    with pytest.raises(CheckpointError, match="optimizer.pt: refusing to load it"):
+        ck.load_checkpoint(step, m, opt)
+    assert not marker.exists()
+
+
+def test_planted_payload_in_dcp_metadata_is_refused_unrun(tmp_path):
+    """torch.distributed.checkpoint reads ``.metadata`` with a plain pickle.load: llmc vets it first."""
+    step, m, opt = _tiny_checkpoint(tmp_path / "ck", sharded=True)
+    marker = tmp_path / "PWNED"
+    meta = step / "dcp" / ".metadata"
+    md = pickle.loads(meta.read_bytes())
+    md.planner_data = {"x": _Payload(marker)}
+    meta.write_bytes(pickle.dumps(md))
+    _rehash(step, "dcp/.metadata")
+    for load in (lambda: ck.load_checkpoint(step, m, opt), lambda: ck.read_model_state(step),
+                 lambda: ck.checkpoint_shapes(step)):
+        with pytest.raises(CheckpointError, match=r"\.metadata: refusing to load it: it pickles posix\.system"):
+            load()
+    assert not marker.exists()
+
+
+def test_checkpoint_of_the_previous_format_still_resumes(tmp_path, monkeypatch):
+    """The previous llmc pickled ``np.random.get_state()`` (a tuple holding a uint32 ndarray) in rank-R.pt: such a
+    checkpoint resumes (NumPy's reconstruct globals allowed for it alone), with its RNG states."""
+    def old_rng_state() -> dict:  # the previous llmc's llmc.runtime.checkpoint.rng_state
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+    monkeypatch.setattr(ck, "rng_state", old_rng_state)
+    np.random.seed(3)
+    step, m, opt = _tiny_checkpoint(tmp_path / "ck", sharded=False)
+    want = np.random.rand(4)
+    monkeypatch.undo()
+    with pytest.raises(pickle.UnpicklingError):  # the old format indeed needs more than weights_only allows
+        torch.load(step / "rank-0.pt", weights_only=True)
+    np.random.seed(11)
+    assert ck.load_checkpoint(step, m, opt)["tokens"] == 8
+    assert np.array_equal(np.random.rand(4), want)
+
+
+def _ds_tag(tmp_path: Path, marker: Path | None) -> Path:
+    """A DeepSpeed-shaped tag folder (``mp_rank_00_model_states.pt``), with a planted payload when ``marker``."""
+    tag = tmp_path / "ds_checkpoints" / "step-00000002"
+    tag.mkdir(parents=True)
+    state = {"module": {"weight": torch.zeros(4, 3), "bias": torch.zeros(4)}, "ds_version": "0.19.8",
+             "step": 2, "tokens": 8}
+    if marker is not None:
+        state["pwn"] = _Payload(marker)
+    torch.save(state, tag / "mp_rank_00_model_states.pt")
+    (tag.parent / "latest").write_text(tag.name)
+    return tag
+
+
+def test_deepspeed_checkpoint_with_payload_is_refused_before_deepspeed_reads_it(tmp_path):
+    """DeepSpeed's own loaders use weights_only=False: llmc reads its files with weights_only=True first."""
+    from llmc.runtime.evaluate import ds_checkpoint_state
+
+    marker = tmp_path / "PWNED"
+    tag = _ds_tag(tmp_path, marker)
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt: refusing to load it"):
+        ck.check_deepspeed_files(tag)
+    with pytest.raises(CheckpointError, match="refusing to load it"):
+        ds_checkpoint_state(tag.parent, tag.name)
+    assert not marker.exists()
+    clean = _ds_tag(tmp_path / "clean", None)
+    ck.check_deepspeed_files(clean)
+    assert set(ds_checkpoint_state(clean.parent, clean.name)) == {"weight", "bias"}
+
+
+def test_deepspeed_own_checkpoint_passes_the_vetting(tmp_path):
+    """A real DeepSpeed 0.19.8 ZeRO-2 checkpoint (its loss scaler, ZeRO stage enum and fragment addresses) reads with
+    weights_only=True and :func:`deepspeed_globals` alone."""
+    script = f"""
+import os, torch
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29617")
+import deepspeed
+from llmc.runtime.ds_train import init_deepspeed_distributed  # gloo, without DeepSpeed's CPU shm op (minutes to build)
+init_deepspeed_distributed()
+m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+cfg = {{"train_micro_batch_size_per_gpu": 2, "optimizer": {{"type": "AdamW", "params": {{"lr": 1e-3, "torch_adam": True}}}},
+       "zero_optimization": {{"stage": 2}}}}
+eng, _, _, _ = deepspeed.initialize(model=m, model_parameters=m.parameters(), config=cfg)
+eng.backward(eng(torch.randn(2, 4)).sum()); eng.step()
+eng.save_checkpoint({str(tmp_path / "ds")!r}, tag="step-00000001")
+"""
+    r = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    tag = tmp_path / "ds" / "step-00000001"
+    assert any(torch.serialization.get_unsafe_globals_in_checkpoint(str(f)) for f in tag.glob("*.pt"))
+    ck.check_deepspeed_files(tag)
+
+
+# ----------------------------------------------------------------------------- 2. no writes through links
+
+
+def _tiny_build(tmp_path: Path) -> Path:
+    out = tmp_path / "b"
+    write_build(out, render_artifacts(compile_example(ROOT / "examples" / "tiny_cpu.yaml")))
+    return out
+
+
+def _user_model(tmp_path: Path) -> dict[str, str]:
+    d = tmp_path / "usermodel"
+    d.mkdir()
+    files = {"tokenizer.json": '{"mine": 1}', "tokenizer_config.json": "{}", "special_tokens_map.json": "{}",
+             "chat_template.jinja": "{{ x }}"}
+    for k, v in files.items():
+        (d / k).write_text(v)
+    return files
+
+
+def _snapshot(d: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("where", ["assets", "run/pretrain/checkpoints", "cache", "data/python-docs.jsonl"])
+def test_launch_refuses_a_link_where_the_run_writes(tmp_path, where):
+    b = _tiny_build(tmp_path)
+    files = _user_model(tmp_path)
+    link = b / where
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(tmp_path / "usermodel")
+    r = CliRunner().invoke(app, ["launch", str(b), "--dry-run"])
+    assert r.exit_code == 1
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error[L001]" in lines[0] and str(link) in lines[0], r.output
+    assert "never writes through links" in lines[0] and "LLMC_RUN_DIR" in lines[0]
+    assert _snapshot(tmp_path / "usermodel") == files
+
+
+def test_launch_allows_a_linked_source_folder_in_data(tmp_path):
+    """``data/web`` (a user's source folder) is read, never written: a link there is the user's business."""
+    b = _tiny_build(tmp_path)
+    _user_model(tmp_path)
+    (b / "data").mkdir(exist_ok=True)
+    (b / "data" / "web").symlink_to(tmp_path / "usermodel")
+    r = CliRunner().invoke(app, ["launch", str(b), "--dry-run"])
+    assert r.exit_code == 0, r.output
+
+
+def test_prepare_never_writes_through_a_linked_assets_folder(tmp_path):
+    """The emitted launchers run prepare without `llmc launch`: it refuses the link itself, touching nothing."""
+    b = _tiny_build(tmp_path)
+    files = _user_model(tmp_path)
+    (b / "assets").symlink_to(tmp_path / "usermodel")
+    r = subprocess.run([sys.executable, "-m", "llmc.runtime.entry", "prepare", "--lock", str(b / "plan.lock.json")],
+                       env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1
+    assert "is a symbolic link: prepare never writes through links" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert _snapshot(tmp_path / "usermodel") == files
+
+
+# ----------------------------------------------------------------------------- 3. tokenizer files: regular, capped
+
+
+def _tokenizer_build(tmp_path: Path, tok_dir: Path) -> Path:
+    text = (ROOT / "examples" / "tiny_cpu.yaml").read_text()
+    import yaml
+
+    spec = yaml.safe_load(text)
+    spec["data"]["tokenizer"] = {"path": str(tok_dir)}
+    out = tmp_path / "b"
+    write_build(out, render_artifacts(compile_text(yaml.safe_dump(spec))))
+    return out
+
+
+def _prepare_limited(b: Path) -> subprocess.CompletedProcess:
+    def limit():  # (a prepare that reads /dev/zero whole must fail here, not take the host's memory)
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+    return subprocess.run([sys.executable, "-m", "llmc.runtime.entry", "prepare", "--lock", str(b / "plan.lock.json")],
+                          env=ENV, capture_output=True, text=True, timeout=300, preexec_fn=limit, cwd=b.parent)
+
+
+def test_prepare_refuses_a_tokenizer_that_is_a_device(tmp_path):
+    tok = tmp_path / "tokf"
+    tok.mkdir()
+    (tok / "tokenizer.json").symlink_to("/dev/zero")
+    r = _prepare_limited(_tokenizer_build(tmp_path, tok))
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+    assert "tokenizer.json is not a regular file" in r.stderr and "prepare stops here" in r.stderr
+
+
+def test_prepare_refuses_a_tokenizer_file_over_the_cap(tmp_path):
+    from llmc.spec.facts import MAX_TOKENIZER_BYTES
+
+    tok = tmp_path / "tokbig"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    with open(tok / "tokenizer_config.json", "wb") as f:  # sparse: no disk used
+        f.truncate(MAX_TOKENIZER_BYTES + 1)
+    b = _tokenizer_build(tmp_path, tok)
+    r = _prepare_limited(b)
+    assert r.returncode == 1
+    assert f"{MAX_TOKENIZER_BYTES + 1:,} bytes, more than" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (b / "assets" / "tokenizer_config.json").exists()
+
+
+# ----------------------------------------------------------------------------- 4. an edited lock runs nowhere
+
+
+def _edit_lock(b: Path, old: str, new: str) -> str:
+    p = b / "plan.lock.json"
+    text = p.read_text()
+    assert old in text
+    p.write_text(text.replace(old, new))
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _lr_edit(b: Path) -> str:
+    lock = json.loads((b / "plan.lock.json").read_text())
+    lr = lock["hyper"]["lr"]
+    return _edit_lock(b, f'"lr": {json.dumps(lr)}', '"lr": 0.0421')
+
+
+@pytest.mark.parametrize("module", ["llmc.runtime.entry prepare", "llmc.runtime.entry", "llmc.runtime.ds_train",
+                                    "llmc.runtime.evaluate"])
+def test_runtime_refuses_an_edited_lock(tmp_path, module):
+    b = _tiny_build(tmp_path)
+    sha = _lr_edit(b)
+    mod, *sub = module.split()
+    argv = [sys.executable, "-m", mod, *sub, "--lock", str(b / "plan.lock.json")]
+    if mod == "llmc.runtime.ds_train":
+        argv += ["--ds-config", str(b / "deepspeed" / "ds_config.json")]
+    if mod == "llmc.runtime.evaluate":
+        argv += ["--stage", "pretrain", "--out", str(b / "run" / "pretrain")]
+    r = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1
+    err = [ln for ln in r.stderr.splitlines() if "error[" in ln]
+    assert len(err) == 1, r.stderr[-3000:]
+    assert "error[L001] plan.lock.json was changed after `llmc build` wrote it" in err[0]
+    assert "rebuild with `llmc build`" in err[0] and f"LLMC_ACCEPT_LOCK_SHA256={sha}" in err[0]
+    assert not (b / "assets" / "tokenizer.json").exists()
+
+
+def test_accepting_an_edited_lock_takes_its_own_sha256(tmp_path, monkeypatch):
+    from llmc.launch import launch_commands
+    from llmc.runtime.entry import ACCEPT_LOCK_ENV, check_lock_unedited
+
+    b = _tiny_build(tmp_path)
+    assert check_lock_unedited(b / "plan.lock.json") is None
+    sha = _lr_edit(b)
+    monkeypatch.setenv(ACCEPT_LOCK_ENV, "0" * 64)
+    assert "error[L001]" in check_lock_unedited(b / "plan.lock.json")
+    monkeypatch.setenv(ACCEPT_LOCK_ENV, sha)
+    assert check_lock_unedited(b / "plan.lock.json") is None
+    # `llmc launch --force` reaches launch_commands with the edited lock: every command carries its sha256
+    assert all(c.env.get(ACCEPT_LOCK_ENV) == sha for c in launch_commands(b, gpu=False))
+
+
+def test_torchtitan_job_refuses_an_edited_lock(tmp_path, capsys):
+    import importlib.util
+
+    out = tmp_path / "b"
+    write_build(out, render_artifacts(compile_example(ROOT / "examples" / "llama3_8b_h100x8.yaml")))
+    sha = _lr_edit(out)
+    spec = importlib.util.spec_from_file_location("llmc_job_edited", out / "torchtitan" / "llmc_job.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as e:
+        mod.job()
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "error[L001] plan.lock.json was changed after `llmc build` wrote it" in err and sha in err
+
+
+def test_a_lock_spec_error_is_one_located_line(tmp_path):
+    b = _tiny_build(tmp_path)
+    sha = _edit_lock(b, '"folder": "checkpoints"', '"folder": "../../../X"')
+    env = {**ENV, "LLMC_ACCEPT_LOCK_SHA256": sha}
+    r = subprocess.run([sys.executable, "-m", "llmc.runtime.entry", "prepare", "--lock", str(b / "plan.lock.json")],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "spec.resolved.training.checkpoint.folder" in r.stderr and "'../../../X'" in r.stderr
