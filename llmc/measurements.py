@@ -1106,7 +1106,8 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
         if not applied:
             print(f"{what}: not applied by llmc plan ({why})")
         elif band:
-            floor = (f" (leave-one-out {cal.time_band['mean_abs_pct']:.1f}%, raised to the {band['floor_pct']}% "
+            raw = (cal.time_band if q == "tokens_per_s" else cal.memory_band) or {}
+            floor = (f" (leave-one-out {raw.get('mean_abs_pct', 0.0):.1f}%, raised to the {band['floor_pct']}% "
                      "measurement noise floor of benchmarks/RESULTS.md)" if "floor_pct" in band else "")
             print(f"expected {what} error (leave-one-out): mean {band['mean_abs_pct']:.1f}%, "
                   f"max {band['max_abs_pct']:.1f}%{floor}")

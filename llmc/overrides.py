@@ -88,6 +88,9 @@ def parse_override(text: str) -> Override:
         raise OverrideError(f"--set {key}", "the value is nested too deeply to read") from None
     if surprise is not None:
         why, fix = surprise
+        if isinstance(value, list | dict) and not why.startswith("holds the YAML comment"):
+            # a number inside a list / mapping: quoting the whole value would make it one string
+            raise OverrideError(f"--set {key}", f"value {raw!r} {why} ({fix}, or quote that item inside the value)")
         quoted = shlex.quote(f"{key}={json.dumps(raw.strip())}")  # a JSON string is a YAML double-quoted scalar
         raise OverrideError(f"--set {key}", f"value {raw!r} {why} (quote the value to keep the text as typed, "
                                             f"--set {quoted}, or {fix})")
@@ -130,7 +133,8 @@ def _surprise(raw: str) -> tuple[str, str] | None:
                     "to YAML 1.2", "write the number itself")
         digits = text.replace("_", "").lstrip("+-")
         if tag == "int" and len(digits) > 1 and digits[0] == "0" and digits.isdigit() and int(digits, 8) != int(digits):
-            return (f"is octal to YAML 1.1 ({text!r} -> {yaml.safe_load(text)!r}) but {int(digits)} to YAML 1.2",
+            sign = "-" if text.lstrip().startswith("-") else ""
+            return (f"is octal to YAML 1.1 ({text!r} -> {yaml.safe_load(text)!r}) but {sign}{int(digits)} to YAML 1.2",
                     "write the number without its leading zero")
     return None
 

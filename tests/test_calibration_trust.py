@@ -127,10 +127,14 @@ def test_gross_misses_names_the_run_the_others_agree_against():
     got = cal.gross_misses(cal.calibrate("torchtitan", "h100-sxm", pts, []).residuals)
     assert [g["label"] for g in got] == ["r3"] and got[0]["index"] == 3
     assert got[0]["ratio"] == pytest.approx(8.0, rel=1e-6)
-    # two runs 8x apart: either could be wrong; the one further from llmc's own (uncalibrated) prediction is named
+    # two runs 8x apart: either could be the wrong one (each predicts the other), so none is named a gross miss;
+    # the fit's leave-one-out error then exceeds llmc's uncalibrated one and the plan does not apply it
     two = [TimePoint("a", 1.0, 0.0, 0.0, 1.0 / 0.9, 4096.0), TimePoint("b", 1.0, 0.0, 0.0, 1.0 / 7.0, 4096.0)]
-    got = cal.gross_misses(cal.calibrate("torchtitan", "h100-sxm", two, []).residuals)
-    assert got[0]["label"] == "b"
+    c2 = cal.calibrate("torchtitan", "h100-sxm", two, [])
+    assert cal.gross_misses(c2.residuals) == [] and c2.applied()["tokens_per_s"][0] is False
+    # with a third run agreeing with the first, the 7x one is named
+    three = [*two, TimePoint("c", 1.3, 0.0, 0.0, 1.3 / 0.9, 4096.0)]
+    assert [g["label"] for g in cal.gross_misses(cal.calibrate("torchtitan", "h100-sxm", three, []).residuals)] == ["b"]
 
 
 # ------------------------------------------------------------------------------------------ 1c. P020
@@ -308,3 +312,40 @@ def test_rows_without_zero_stage_that_match_another_stage_are_warned(tmp_path, c
     (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "zero_stage" in ln]
     assert "5 run(s) (r1, r3, r4, r6, r5)" in line and "match llmc's memory at zero_stage 1" in line, line
     assert "a table row without a zero_stage column is zero_stage 3" in line
+
+
+# ------------------------------------------------------------------------------------------ last look
+
+
+def test_published_figures_are_quoted_only_where_they_were_measured():
+    """The uncalibrated figures come from torchtitan / Megatron runs on the GPUs of benchmarks/data/: the set llmc
+    quotes them for is exactly those GPUs (the GB200 systems' rows carry gpu_key b200 and are planned as gb200), and a
+    plan on another backend or GPU quotes no measured error (JSON null) instead of borrowing them."""
+    import yaml
+
+    keys = set()
+    for f in (RESULTS.parent / "data").glob("*.yaml"):
+        doc = yaml.safe_load(f.read_text())
+        keys |= {doc["gpu_key"]} if isinstance(doc, dict) and doc.get("gpu_key") else set()
+        keys |= {r["gpu_key"] for r in (doc.get("rows") or []) if isinstance(r, dict) and r.get("gpu_key")}
+    keys.discard("llmc")
+    assert keys and keys | {"gb200"} == set(cal.PUBLISHED_GPUS), keys
+    native = _compile(SPEC.replace("backend: torchtitan", "backend: native"))
+    assert native.calibration.error_band_pct is None and native.calibration.bands == {"tokens_per_s": None,
+                                                                                       "memory": None}
+    assert "not measured" in native.calibration.reason
+
+
+def test_every_quoted_band_is_floored_even_when_the_factors_are_not_applied():
+    """Six runs within 0.5 % of llmc: the fit (leave-one-out 0.5 %) does not beat llmc uncalibrated (0.4 %), so the
+    plan quotes llmc's own error on those runs -- raised to the noise floor like every band, memory included."""
+    pts = [TimePoint(f"r{i}", c, 0.0, 0.0, c * (1 + e), 4096.0)
+           for i, (c, e) in enumerate(zip((1.0, 1.3, 0.7, 2.0, 1.1, 1.6), (0.004, -0.005, 0.003, -0.004, 0.005, -0.003),
+                                          strict=True))]
+    mem = [MemPoint(f"m{i}", b * 2**30, b * 2**30) for i, b in enumerate((40.0, 52.0, 61.0))]
+    c = cal.calibrate("torchtitan", "h100-sxm", pts, mem)
+    fields, _, _ = cal.plan_calibration(c, "torchtitan", "h100-sxm")
+    assert c.applied()["tokens_per_s"][0] is False
+    for q in ("tokens_per_s", "memory"):
+        assert fields["bands"][q]["mean_abs_pct"] >= cal.BAND_FLOOR_PCT, (q, fields["bands"][q])
+    assert fields["error_band_pct"] >= cal.TIME_BAND_FLOOR_PCT

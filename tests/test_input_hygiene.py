@@ -220,7 +220,9 @@ def test_numbers_only_yaml_1_1_reads_so_are_refused(value, yaml11, yaml12):
     assert yaml.safe_load(value) == yaml11  # PyYAML (YAML 1.1); YAML 1.2's core schema reads yaml12
     with pytest.raises(OverrideError) as e:
         parse_override(f"training.seed={value}")
-    assert "YAML 1.1" in e.value.why and "quote the value" in e.value.why
+    assert "YAML 1.1" in e.value.why
+    # a scalar: quote the value; an item of a list: quote that item (the whole value quoted would be a string)
+    assert ("quote that item" if isinstance(yaml11, list) else "quote the value") in e.value.why
 
 
 def test_a_yaml_boolean_for_a_string_is_refused_by_the_spec(tmp_path):
@@ -361,3 +363,15 @@ def test_a_local_task_files_own_name_is_held_to_the_same_character_set(tmp_path,
     assert f.problem is not None and "not an lm-evaluation-harness task name" in f.problem, f
     (tmp_path / "ok.yaml").write_text("task: my_task-1.0\n")
     assert read_eval_task("ok.yaml", tmp_path).problem is None
+
+
+def test_octal_refusal_keeps_the_sign_and_a_list_is_not_told_to_become_a_string():
+    from llmc.overrides import OverrideError, parse_override
+
+    with pytest.raises(OverrideError) as e:
+        parse_override("training.seed=-010")
+    assert f"but {-int('10')} to YAML 1.2" in str(e.value) and yaml.safe_load("-010") == -8
+    with pytest.raises(OverrideError) as e:
+        parse_override("data.sources.0.files=[010, 2]")
+    msg = str(e.value)
+    assert "quote that item" in msg and '"[010, 2]"' not in msg  # quoting the whole value would make it a string

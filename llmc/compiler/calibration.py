@@ -72,16 +72,28 @@ UNCALIBRATED_MEMORY_MAX_ERR_PCT = 12.0
 # layout, as llmc calibrated or not) can do is each twin group's mean: 1.7 % mean |error| on the twin rows (strict
 # recipe match). That, not the twin-LOO 3.6 % (one measurement predicting another, so the noise of both), is the error
 # of a fixed prediction against one new measurement. A leave-one-out band below it (a layout measured twice predicts
-# itself: 0.0 %) is raised to it.
+# itself: 0.0 %) is raised to it. Memory: no source publishes one layout's peak measured twice, so the same floor stands
+# in for it (named, not measured): a band of 0.0 % quoted for an out-of-memory-relevant figure claims more than any
+# measurement supports. Every band a plan quotes goes through :func:`floored`.
 TIME_BAND_FLOOR_PCT = 1.7
+BAND_FLOOR_PCT = TIME_BAND_FLOOR_PCT
+# The published runs the uncalibrated figures above were measured on: torchtitan (the backend llmc emits whose
+# profile they check; the megatron profile only scores Megatron-Bridge's runs) on the GPUs of benchmarks/data/ (the
+# b200 rows of GB200 systems are planned as gb200). A plan outside them quotes no measured error (its error is not
+# known: llmc calibrate measures it); tests/test_calibration_trust.py checks the set against benchmarks/data/.
+PUBLISHED_BACKENDS = frozenset({"torchtitan"})
+PUBLISHED_GPUS = frozenset({"h100-sxm", "h200", "b200", "gb200", "b300", "gb300"})
 # A run that the factors fitted on the other runs predict more than this many times too fast or too slow (tokens/s
 # or memory) stops the calibration (K008, located on the run): llmc's worst miss against published runs, uncalibrated,
 # is 27 % (UNCALIBRATED_TOKENS_MAX_ERR_PCT), so 2.5x is a units or transcription error (a node's tokens/s given per
 # GPU: 8x, or 4x on 4-GPU nodes), not a model error; fitted, such a row bends every factor (the relative step-time
-# residual is bounded below by -100 % and unbounded above, so a too-fast row dominates the least squares). Up to 2x
+# residual is bounded below by -100 % and unbounded above, so a too-fast row dominates the least squares). Up to 2.5x
 # (a run at half speed: throttled, misconfigured) stays a warning (measurements.outlier_warnings, no_better_warning)
 # and the plan then leaves factors that do not help unapplied (Calibration.applied).
 GROSS_MISS_RATIO = 2.5
+# ... and only among at least this many runs of the quantity: with two, each predicts the other and either can be
+# the wrong one (the others' error is 0 by construction); the fit is then left unapplied where it does not help
+MIN_RUNS_GROSS_MISS = 3
 # size term: hidden size the exponent is referred to (Llama-3 70B), the exponents tried, the ridge weights.
 # The weights were chosen from {0.03, 0.1, 0.3} on benchmarks/RESULTS.md's leave-one-out error (its ablation table).
 SIZE_REF_D_MODEL = 8192.0
@@ -478,6 +490,8 @@ def gross_misses(residuals: list[dict]) -> list[dict]:
     out = []
     for quantity in ("tokens_per_s (relative)", "reserved_bytes"):
         rows = [r for r in residuals if r.get("quantity") == quantity]
+        if len(rows) < MIN_RUNS_GROSS_MISS:
+            continue
         for k, r in enumerate(rows):
             e, others = r.get("loo_err_pct"), r.get("others_err_pct")
             if not isinstance(e, int | float) or not isinstance(others, int | float) or math.isnan(e):
@@ -514,7 +528,8 @@ class Calibration:
     def error_band_pct(self) -> float | None:
         """The expected tokens/s error (LOO mean |error|, %, never below :data:`TIME_BAND_FLOOR_PCT`); None without
         time measurements."""
-        return None if self.time_band is None else max(self.time_band["mean_abs_pct"], TIME_BAND_FLOOR_PCT)
+        b = self.band("tokens_per_s")
+        return None if b is None else b["mean_abs_pct"]
 
     def band(self, quantity: str) -> dict | None:
         """The leave-one-out band of ``quantity`` ("tokens_per_s" or "memory") as a plan quotes it: {n, mean_abs_pct,
@@ -523,15 +538,8 @@ class Calibration:
         b = self.time_band if quantity == "tokens_per_s" else self.memory_band
         if not b:
             return None
-        mean, top = float(b["mean_abs_pct"]), float(b["max_abs_pct"])
-        out = {"n": b.get("n"), "mean_abs_pct": mean, "max_abs_pct": top,
-               "basis": f"leave-one-out over this calibration's {b.get('n', '?')} measured runs"}
-        if quantity == "tokens_per_s" and mean < TIME_BAND_FLOOR_PCT:
-            out.update(mean_abs_pct=TIME_BAND_FLOOR_PCT, max_abs_pct=max(top, TIME_BAND_FLOOR_PCT),
-                       floor_pct=TIME_BAND_FLOOR_PCT,
-                       basis=out["basis"] + f" ({mean:.1f}% raised to the {TIME_BAND_FLOOR_PCT}% measurement noise "
-                       "floor, benchmarks/RESULTS.md)")
-        return out
+        return floored({"n": b.get("n"), "mean_abs_pct": float(b["mean_abs_pct"]), "max_abs_pct": float(b["max_abs_pct"]),
+                        "basis": f"leave-one-out over this calibration's {b.get('n', '?')} measured runs"})
 
     def applied(self) -> dict[str, tuple[bool, str]]:
         """Per quantity ("tokens_per_s", "memory"): (whether a plan applies its factors, why). Not applied: nothing of
@@ -617,12 +625,27 @@ class Calibration:
                            fit=dict(d.get("fit", {})))
 
 
+def floored(band: dict) -> dict:
+    """``band`` ({mean_abs_pct, max_abs_pct, basis, ...}) as a plan quotes it: never below :data:`BAND_FLOOR_PCT`
+    (``floor_pct`` and the basis then say so)."""
+    mean, top = float(band["mean_abs_pct"]), float(band["max_abs_pct"])
+    if mean >= BAND_FLOOR_PCT:
+        return dict(band)
+    return dict(band, mean_abs_pct=BAND_FLOOR_PCT, max_abs_pct=max(top, BAND_FLOOR_PCT), floor_pct=BAND_FLOOR_PCT,
+                basis=f"{band['basis']} ({mean:.1f}% raised to the {BAND_FLOOR_PCT}% measurement noise floor, "
+                "benchmarks/RESULTS.md)")
+
+
 PUBLISHED_BASIS = ("llmc uncalibrated vs published torchtitan / Megatron training runs on H100 .. GB300, "
                    "benchmarks/RESULTS.md (tokens/s: runs not fitted on; memory: in-sample)")
 
 
-def published_bands() -> dict[str, dict]:
-    """llmc's uncalibrated error against published runs, per quantity, as a plan quotes it."""
+def published_bands(backend: str | None = None, gpu_key: str | None = None) -> dict[str, dict] | None:
+    """llmc's uncalibrated error against published runs, per quantity, as a plan quotes it; None for a backend or
+    GPU outside the runs it was measured on (:data:`PUBLISHED_BACKENDS`, :data:`PUBLISHED_GPUS`; both None: the
+    figures themselves)."""
+    if backend is not None and (backend not in PUBLISHED_BACKENDS or gpu_key not in PUBLISHED_GPUS):
+        return None
     return {"tokens_per_s": {"mean_abs_pct": UNCALIBRATED_TOKENS_MEAN_ERR_PCT,
                              "max_abs_pct": UNCALIBRATED_TOKENS_MAX_ERR_PCT, "basis": PUBLISHED_BASIS},
             "memory": {"mean_abs_pct": UNCALIBRATED_MEMORY_MEAN_ERR_PCT,
@@ -637,8 +660,8 @@ def _uncalibrated_band(cal: Calibration, quantity: str) -> dict | None:
         and isinstance(r.get("uncalibrated_err_pct"), int | float)]
     if not res:
         return None
-    return {"n": len(res), "mean_abs_pct": math.fsum(res) / len(res), "max_abs_pct": max(res),
-            "basis": f"llmc uncalibrated against this calibration's {len(res)} measured runs"}
+    return floored({"n": len(res), "mean_abs_pct": math.fsum(res) / len(res), "max_abs_pct": max(res),
+                    "basis": f"llmc uncalibrated against this calibration's {len(res)} measured runs"})
 
 
 def plan_calibration(cal: Calibration | None, backend: str, gpu_key: str) -> tuple[dict, Factors | None, float]:
@@ -647,19 +670,22 @@ def plan_calibration(cal: Calibration | None, backend: str, gpu_key: str) -> tup
     :meth:`Calibration.applied` accepts them, and every plan quotes an expected error per quantity with its basis:
     the calibration's leave-one-out band where its factors are applied, else llmc's uncalibrated error on the
     calibration's runs, else on published runs (:func:`published_bands`)."""
-    published = published_bands()
+    published = published_bands(backend, gpu_key)
+    none = {"tokens_per_s": None, "memory": None}
     uncal_text = (f"llmc's tokens/s is {UNCALIBRATED_TOKENS_MEAN_ERR_PCT:.1f}% off on average "
                   f"({UNCALIBRATED_TOKENS_MAX_ERR_PCT:.0f}% at most) on published torchtitan / Megatron runs it was "
                   f"not fitted on, its memory {UNCALIBRATED_MEMORY_MEAN_ERR_PCT:.1f}% "
-                  f"({UNCALIBRATED_MEMORY_MAX_ERR_PCT:.0f}%, in-sample) (benchmarks/RESULTS.md)")
+                  f"({UNCALIBRATED_MEMORY_MAX_ERR_PCT:.0f}%, in-sample) (benchmarks/RESULTS.md)" if published else
+                  f"llmc's error for {backend} on {gpu_key} is not measured (its published checks are torchtitan / "
+                  "Megatron runs on H100 .. GB300: benchmarks/RESULTS.md)")
     equal = f"layouts within {100 * RANKING_BAND_UNCALIBRATED:.0f}% of the fastest count as equal"
     if cal is None or not (cal.backend == backend and cal.gpu.split(" ")[0] == gpu_key):
         head = ("uncalibrated" if cal is None else
                 f"calibration for {cal.backend}/{cal.gpu} not applied: this run is {backend}/{gpu_key}; uncalibrated")
         tail = "; llmc calibrate fits factors from measured runs" if cal is None else ""
         fields = {"calibrated": False, "reason": f"{head}: {uncal_text}{tail}; {equal}",
-                  "error_band_pct": published["tokens_per_s"]["mean_abs_pct"],
-                  "ranking_band_pct": 100 * RANKING_BAND_UNCALIBRATED, "bands": published}
+                  "error_band_pct": published["tokens_per_s"]["mean_abs_pct"] if published else None,
+                  "ranking_band_pct": 100 * RANKING_BAND_UNCALIBRATED, "bands": published or none}
         return fields, None, RANKING_BAND_UNCALIBRATED
     ok = cal.applied()
     bands, parts = {}, []
@@ -670,26 +696,28 @@ def plan_calibration(cal: Calibration | None, backend: str, gpu_key: str) -> tup
         if applied:
             b = cal.band(q)
             if b is None:
-                bands[q] = dict(published[q], basis=PUBLISHED_BASIS + "; the calibration has no leave-one-out band")
+                bands[q] = (dict(published[q], basis=PUBLISHED_BASIS + "; the calibration has no leave-one-out band")
+                            if published else None)
                 extra = (f": no leave-one-out error band (fewer than 2 {'timed' if q == 'tokens_per_s' else 'memory'}"
                          f" runs)" + (f": {equal}, as uncalibrated" if q == "tokens_per_s" else ""))
             else:
                 bands[q] = b
-                how = (f"leave-one-out {(cal.time_band or {}).get('mean_abs_pct', 0.0):.1f}%, raised to the "
+                raw = (cal.time_band if q == "tokens_per_s" else cal.memory_band) or {}
+                how = (f"leave-one-out {raw.get('mean_abs_pct', 0.0):.1f}%, raised to the "
                        f"{b['floor_pct']}% noise floor" if "floor_pct" in b else "leave-one-out")
                 extra = f": expected error +-{b['mean_abs_pct']:.1f}% ({how})"
                 if q == "tokens_per_s":
                     band = b["mean_abs_pct"] / 100.0
             parts.append(f"{what} calibrated ({described}){extra}")
         else:
-            bands[q] = _uncalibrated_band(cal, q) or published[q]
+            bands[q] = _uncalibrated_band(cal, q) or (published or none)[q]
             shown = "" if why.startswith("no ") else f" ({described} in the file, not applied)"
             parts.append(f"{what} not calibrated: {why}{shown}")
     any_applied = ok["tokens_per_s"][0] or ok["memory"][0]
     head = (f"calibrated for {backend}/{gpu_key}" if any_applied
             else f"calibration for {cal.backend}/{cal.gpu} not applied")
     fields = {"calibrated": any_applied, "reason": f"{head}: " + "; ".join(parts),
-              "error_band_pct": bands["tokens_per_s"]["mean_abs_pct"],
+              "error_band_pct": (bands["tokens_per_s"] or {}).get("mean_abs_pct"),
               "ranking_band_pct": 100 * RANKING_BAND_UNCALIBRATED if band == RANKING_BAND_UNCALIBRATED
               else bands["tokens_per_s"]["mean_abs_pct"],
               "bands": bands, "applied": {q: {"applied": a, "why": w} for q, (a, w) in ok.items()},
@@ -727,6 +755,6 @@ def calibrate(backend: str, gpu: str, time_points: list[TimePoint], mem_points: 
 
 
 __all__ = ["RANKING_BAND_UNCALIBRATED", "UNCALIBRATED_TOKENS_MEAN_ERR_PCT", "UNCALIBRATED_TOKENS_MAX_ERR_PCT",
-           "UNCALIBRATED_MEMORY_MEAN_ERR_PCT", "UNCALIBRATED_MEMORY_MAX_ERR_PCT", "TIME_BAND_FLOOR_PCT",
+           "UNCALIBRATED_MEMORY_MEAN_ERR_PCT", "UNCALIBRATED_MEMORY_MAX_ERR_PCT", "TIME_BAND_FLOOR_PCT", "BAND_FLOOR_PCT", "PUBLISHED_BACKENDS", "PUBLISHED_GPUS", "MIN_RUNS_GROSS_MISS", "floored",
            "GROSS_MISS_RATIO", "NEGLIGIBLE_ERR_PCT", "gross_misses", "plan_calibration", "published_bands", "SIZE_REF_D_MODEL", "SIZE_PRIOR_WEIGHT", "COMM_PRIOR_WEIGHT", "COMM_PRIOR_RELEASE", "choose_comm_prior", "loo_others_spread", "Factors", "IDENTITY", "TimePoint", "MemPoint", "Calibration", "split_breakdown", "fit", "fit_time",
            "fit_memory", "predict_step", "predict_memory", "loo_time_errors", "loo_memory_errors", "calibrate"]
