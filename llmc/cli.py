@@ -479,7 +479,9 @@ def launch(
         "--fallback-checkpoint", help="Resume from the newest checkpoint that verifies, walking back past a damaged "
         "newer one (llmc's trainer; without it a damaged newest checkpoint stops the stage).")] = False,
 ) -> None:
-    """Run a built job: torchrun for native/torchtitan, the deepspeed launcher for DeepSpeed.
+    """Run a built job on this node: prepare, then each stage under torchrun (native, torchtitan and DeepSpeed alike).
+
+    For a run over several nodes, use the build's scripts: launch/, torchtitan/, or deepspeed/launch.sh with a HOSTFILE (the DeepSpeed launcher).
 
     One launch per build at a time; stages run in order and finished ones are skipped, so after a failure, fix the cause and run the same command again. A stage finished under another lock (a build directory rebuilt from another spec) is refused, never skipped or trained over: --no-resume sets it aside.
 

@@ -141,7 +141,9 @@ class SourceRef:
 
 
 def files_of(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """A file, a directory (its files with these suffixes, recursively) or a glob -> sorted file list."""
+    """A file, a directory (its files with these suffixes, recursively) or a glob -> sorted file list. A folder
+    with none of them is a FileNotFoundError that says what the folder holds and what reads it
+    (:func:`folder_mismatch`)."""
     p = Path(path)
     if p.is_file():
         return [p]
@@ -150,8 +152,61 @@ def files_of(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     else:
         files = [Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file()]
     if not files:
-        raise FileNotFoundError(f"data source {path}: no {'/'.join(suffixes)} files found")
+        wanted = "/".join(suffixes)
+        fmt = next((k for k, v in SUFFIXES.items() if v == tuple(suffixes)), None)
+        found = folder_mismatch(p, fmt) if p.is_dir() else None
+        more = f" (the folder holds {found[0]}); hint: {found[1]}" if found else ""
+        raise FileNotFoundError(f"data source {path}: no {wanted} files found{more}")
     return sorted(files)
+
+
+#: at most this many files of a source's folder are looked at to say what it holds (a scratch folder can hold millions)
+MAX_FOLDER_SCAN = 10_000
+
+
+def folder_mismatch(folder: str | Path, fmt: str | None, whole: bool = False,
+                    shown: str | None = None) -> tuple[str, str] | None:
+    """For a source folder that holds no file a ``fmt`` source reads (``fmt``: a key of :data:`SUFFIXES`; None: a
+    source read by the suffixes of several formats): (what it holds, in words; a hint naming the ``format:`` that
+    reads those files, or for files no format reads in a folder, the glob that reads them as ``text``, one
+    document per file: :func:`files_of` reads every file a glob matches, whatever its suffix). None when the
+    folder holds no file, holds one ``fmt`` reads after all, or cannot be listed. Looks at the first
+    :data:`MAX_FOLDER_SCAN` files; ``whole``: None too when the folder holds more (the plan, which has not
+    listed the folder, cannot tell that none of the others is ``fmt``'s). ``shown``: the folder as the hint's glob
+    names it (default: ``folder``)."""
+    import itertools
+
+    root = Path(folder)
+    counts: dict[str, int] = {}
+    nested = False
+    wanted = SUFFIXES.get(fmt, ()) if fmt is not None else SUFFIXES["parquet"] + SUFFIXES["jsonl"]
+    try:
+        for f in itertools.islice((f for f in root.rglob("*") if f.is_file()), MAX_FOLDER_SCAN + 1):
+            if f.suffix in wanted:
+                return None
+            counts[f.suffix] = counts.get(f.suffix, 0) + 1
+            nested = nested or f.parent != root
+    except OSError:
+        return None
+    if not counts or (whole and sum(counts.values()) > MAX_FOLDER_SCAN):
+        return None
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    holds = ", ".join(f"{n} {suffix or 'extension-less'} file{'s' if n > 1 else ''}" for suffix, n in ranked[:3])
+    holds += ", ..." if len(ranked) > 3 else ""
+    holds += f" among the first {MAX_FOLDER_SCAN:,} looked at" if sum(counts.values()) > MAX_FOLDER_SCAN else ""
+    readers = [k for k, sufs in SUFFIXES.items() if k != fmt and any(s in counts for s in sufs)]
+    if readers:
+        read = {k: "/".join(s for s in SUFFIXES[k] if s in counts) for k in readers}
+        if len(readers) == 1:
+            return holds, f"set format: {readers[0]} on the source, which reads {read[readers[0]]} files"
+        return holds, ("one format per source: set " + " or ".join(f"format: {k} for its {v} files"
+                                                                   for k, v in read.items())
+                       + f", with a glob such as '{str(shown or root).rstrip('/')}/*.parquet' to pick that kind")
+    top = next((s for s, _ in ranked if s), "")
+    pattern = f"{str(shown or root).rstrip('/')}/{'**/' if nested else ''}*{top}"
+    lead = (f"format: text reads a folder's {'/'.join(SUFFIXES['text'])} files only; " if fmt == "text" else "")
+    return holds, (f"{lead}a glob reads files of any extension: path: '{pattern}' with format: text reads each "
+                   "as one document")
 
 
 def expand_paths(path: str | Path, fmt: str) -> list[Path]:

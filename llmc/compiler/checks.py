@@ -67,6 +67,8 @@ D003   info      effective mixture shares
 D005   warning   training.steps x global batch and data.tokens disagree by more than 1% (the trainer runs the steps, and
                  the plan counts their tokens: training FLOPs, time and cost, the scaling numbers and checks, the epochs)
 D006   warning   a tokenizer path that exists but holds no readable tokenizer.json (e.g. only tiktoken.model)
+D007   error     a data source folder that holds files but none its format reads (e.g. .parquet files with the default
+                 format jsonl): names what it holds and the ``format:`` (or text glob) that reads them
 =====  ========  ==========================================================================
 """
 
@@ -77,7 +79,7 @@ import math
 
 from llmc.compiler.units import GiB, gib, hours
 from llmc.diagnostics import Diagnostic, line_for
-from llmc.spec.schema import NVFP4_BF16_TAIL
+from llmc.spec.schema import NVFP4_BF16_TAIL, RECORD_SOURCE_KINDS
 
 MAX_PLAUSIBLE_MFU = 0.60  # above the best published large-run MFUs (PaLM 46 %, Chowdhery et al. 2022 Table 3)
 BIG_PRETRAIN_PARAMS = 1e9  # T006 applies from 1B parameters (active)
@@ -915,10 +917,22 @@ def check_hyper(run, hyper, params_active: float, default_lr: float, world: int,
     if steps > 100 and hyper.warmup_steps == 0:
         sink.add("T002", "warning", "training.schedule.warmup_steps", "no LR warmup",
                  f"warm up over 1-2% of steps (~{max(1, round(0.01 * steps))}); no warmup risks early divergence")
-    elif steps > 1 and hyper.warmup_steps > 0.1 * steps:
+    elif steps > 1 and hyper.warmup_steps > 0.1 * steps and "warmup_steps" not in hyper.defaults:
         sink.add("T002", "warning", "training.schedule.warmup_steps",
                  f"warmup {hyper.warmup_steps} is {100 * hyper.warmup_steps / steps:.0f}% of {steps} steps",
                  "1-2% is usual; a long warmup wastes the peak-LR phase")
+    elif steps > 1 and hyper.warmup_steps > 0.1 * steps:
+        # llmc chose the warmup (defaults.default_warmup: 1% of the steps, at least 1): the run is so short that one
+        # step is over 10% of it. Located where its length is set (the key the user acts on), not on a key the spec
+        # does not write
+        from llmc.compiler.defaults import WARMUP_FRACTION, pretrain_paths
+
+        data_at, steps_at = pretrain_paths(run)
+        at = f"{data_at}.tokens" if "steps" in hyper.defaults else steps_at
+        sink.add("T002", "warning", at,
+                 f"warmup {hyper.warmup_steps} (derived: llmc's default, {WARMUP_FRACTION:.0%} of the steps and at "
+                 f"least 1) is {100 * hyper.warmup_steps / steps:.0f}% of the run's {steps} steps",
+                 f"1-2% is usual; raise {at} for a longer run, or set training.schedule.warmup_steps: 0 for none")
     if sched.kind == "constant" and steps > 100:
         sink.add("T002", "warning", "training.schedule.kind", "constant LR: no decay",
                  "decay to ~10% of peak (cosine or wsd); without decay the loss does not settle")
@@ -935,8 +949,11 @@ def check_hyper(run, hyper, params_active: float, default_lr: float, world: int,
     if params_active >= BIG_PRETRAIN_PARAMS and not is_cpu:
         bt = hyper.global_batch_tokens
         if not 2e6 <= bt <= 64e6:
+            # (a batch llmc chose says so: the spec does not write the key it is located on, its training section)
+            derived = (" (derived: llmc's size-aware default, rounded to the layouts; set training.global_batch_tokens "
+                       "to choose it)" if "global_batch_tokens" in hyper.defaults else "")
             sink.add("T006", "warning", "training.global_batch_tokens",
-                     f"global batch {bt / 1e6:.2f}M tokens is outside 2M-64M for large pre-training",
+                     f"global batch {bt / 1e6:.2f}M tokens is outside 2M-64M for large pre-training{derived}",
                      "2M-64M tokens per step (Llama 2: 4M; Llama 3 405B: up to 16M; DeepSeek-V3: up to 63M, "
                      "15,360 x 4K, arXiv:2412.19437 sec. 4.2)")
     if tr.z_loss == 0 and params_active >= Z_LOSS_PARAMS and not is_cpu:
@@ -1026,6 +1043,25 @@ def check_tokenizers(run, tokenizers: dict, sink: Sink) -> None:
             sink.add("D006", "warning", where,
                      f"{known.problem}: prepare stops here (llmc's trainers and the torchtitan job read a Hugging Face "
                      "tokenizer.json)", "point it at a tokenizer.json, or a folder holding one")
+
+
+def check_source_folders(run, folders: dict, sink: Sink) -> None:
+    """D007: a data source whose path is a folder holding files, but none its ``format`` reads there (``folders``:
+    :attr:`llmc.spec.facts.ExternalFacts.source_folders`, keyed by (path, format)); prepare would stop on it
+    (``llmc.sources.files_of``, the same words). Located on the source's ``format`` where the spec sets it, else on
+    its ``path`` (the format was jsonl by default)."""
+    groups = [("data", run.data.sources)] + [(f"stages.{i}.data", st.data.sources) for i, st in enumerate(run.stages)
+                                             if st.data is not None]
+    for where, sources in groups:
+        for j, src in enumerate(sources):
+            found = folders.get((src.path, src.format)) if src.path else None
+            if found is None or src.kind in RECORD_SOURCE_KINDS:  # (records are read as JSONL whatever the format)
+                continue
+            given = "format" in src.model_fields_set
+            how = f"format: {src.format}" + ("" if given else " (the default when format is not set)")
+            sink.add("D007", "error", f"{where}.sources.{j}.{'format' if given else 'path'}",
+                     f"data source {src.name!r}: {src.path} holds no {found.wanted} file, which {how} reads, but "
+                     f"{found.holds}: prepare would stop here", found.hint)
 
 
 # ------------------------------------------------------------------------------------------- budget

@@ -198,6 +198,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         sink.items.append(dataclasses.replace(d, line=d.line or line_for(lines, d.path), file=spec_path))
 
     checks.check_tokenizers(run, facts.tokenizers if facts is not None else {}, sink)
+    checks.check_source_folders(run, facts.source_folders if facts is not None else {}, sink)
     init_hf = pre.init_hf if pre is not None else None
     types = facts.checkpoint_types if facts is not None else {}
     # a torchtitan run trains its continued-training stages as torchtitan jobs too: their sequences and the

@@ -4,7 +4,7 @@ Policy (documented choice): llmc's DeepSpeed runner (``llmc.runtime.ds_train``) 
 ZeRO only. When the plan uses tp/pp/cp/ep > 1 the DeepSpeed artifacts are still emitted with every
 GPU as a data-parallel rank (ZeRO-3 unless a stage is pinned) and a warning X103 says so; if the
 global batch cannot be split over that many ranks, the DeepSpeed artifacts are left out with warning
-X104. A pinned pipeline (``parallelism.pp``) is folded too, with any pinned ZeRO stage: llmc never runs DeepSpeed's
+X104 alone (which then says why the run would be data-parallel; X103 describes only artifacts that are written). A pinned pipeline (``parallelism.pp``) is folded too, with any pinned ZeRO stage: llmc never runs DeepSpeed's
 pipeline engine (whose ZeRO-3 limit was the retired error X102), so ``zero_stage: 3`` with ``pp: 2`` is a ZeRO-3
 data-parallel run over every GPU with warning X103. An artifact that cannot be emitted never stops the build of the
 planned backend: every error below is one the planned backend's own build has too (X108 / X110: offload, which only
@@ -12,8 +12,9 @@ the DeepSpeed backend plans, P017; X101 / X105: an inconsistent plan or an llmc 
 
 Diagnostics:
     X101 error    DeepSpeed batch identity broken (micro x accum x dp != global batch)
-    X103 warning  plan uses tp/pp/cp/ep; the DeepSpeed runner folds every GPU into data parallelism
-    X104 warning  global batch not divisible by the DeepSpeed data-parallel size: deepspeed/ omitted
+    X103 warning  plan uses tp/pp/cp/ep; the DeepSpeed runner folds every GPU into data parallelism (deepspeed/ written)
+    X104 warning  global batch not divisible by the DeepSpeed data-parallel size: deepspeed/ omitted (with the fold's
+                  reason where the plan uses tp/pp/cp/ep; no X103 then)
     X105 error    ds_config top-level key outside the allow-list (an llmc bug, never a user error)
     X106 warning  fp8 training: the DeepSpeed runner trains in bf16
     X108 error    offload_optimizer with ZeRO stage 0
@@ -151,9 +152,12 @@ def zero_stage_for(compiled) -> int:
                                 backend=getattr(compiled.backend, "name", None))
 
 
-def _x104(gbs: int, n: int, hint: str) -> Diagnostic:
+def _x104(gbs: int, n: int, hint: str, why: str = "") -> Diagnostic:
+    """X104; ``why``: what makes the DeepSpeed run data-parallel over every GPU (a plan with tp / pp / cp / ep, which
+    X103 says when the artifacts are emitted: it is not, when they are not, so as not to describe a run there is
+    none of)."""
     return diag("X104", "warning", "training.global_batch_tokens",
-                f"global batch of {gbs} sequences cannot be split over {n} data-parallel ranks; "
+                f"{why}global batch of {gbs} sequences cannot be split over {n} data-parallel ranks; "
                 "deepspeed/ artifacts are not emitted", hint)
 
 
@@ -192,16 +196,18 @@ def _batch(compiled, plan: ParallelPlan, stage: int, diags: list[Diagnostic]) ->
             return None
         return micro, accum, dp
     dp = world(compiled)
-    split = _split(gbs, dp, plan.micro_batch) if gbs % dp == 0 else None
-    over = _fallback_memory(compiled, plan, stage, dp, *split) if split is not None else None
+    layout = (f"the plan uses tp={plan.tp} pp={plan.pp} cp={plan.cp} ep={plan.ep}; llmc's DeepSpeed runner is "
+              "data-parallel/ZeRO only")
+    if gbs % dp:  # no DeepSpeed run at all: X104 alone says why (X103 would describe artifacts that are not written)
+        diags.append(_x104(gbs, dp, "use the torchtitan or native backend, or a global batch divisible by the GPU "
+                           "count", why=f"{layout}, and the "))
+        return None
+    split = _split(gbs, dp, plan.micro_batch)
+    over = _fallback_memory(compiled, plan, stage, dp, *split)
     diags.append(diag("X103", "warning", "parallelism",
-                      f"the plan uses tp={plan.tp} pp={plan.pp} cp={plan.cp} ep={plan.ep}; llmc's DeepSpeed "
-                      f"runner is data-parallel/ZeRO only, so deepspeed/ runs all {dp} GPUs as ZeRO-{stage} "
+                      f"{layout}, so deepspeed/ runs all {dp} GPUs as ZeRO-{stage} "
                       "data-parallel ranks (memory and speed differ from the plan)" + (over or ""),
                       "use the torchtitan backend for this layout"))
-    if split is None:
-        diags.append(_x104(gbs, dp, "use the torchtitan or native backend, or a global batch divisible by the GPU count"))
-        return None
     return (*split, dp)
 
 

@@ -624,8 +624,11 @@ def data_stats(job, assets, keys: dict[str, str], state: dict, log=print, warn=N
     lines through ``warn``) and every stage that trains past its model's context with its documents' lengths
     (:func:`context_checks`, the ``stages`` of the file; R012 lines through ``context_warn``), write
     ``assets/data_stats.json`` and return it. ``state`` (prepare's ``assets/prepare.json``) records each source's
-    key under ``data_stats:<name>``. Never raises for a source it cannot read: a warning line instead (the
-    trainers report the source's error where they read it)."""
+    key under ``data_stats:<name>``. Never raises for a source it cannot read (a warning line instead: the
+    trainers report the source's error where they read it), except for a record or table that lacks the source's
+    ``text_field`` (:class:`llmc.runtime.stream.SourceFieldError`): the trainers would stop on that same line, so
+    prepare stops with it (``error[R002]``) rather than start them."""
+    from llmc.runtime.stream import SourceFieldError
     from llmc.runtime.tokenizer import TextTokenizer
 
     asset_dir = Path(assets.tokenizer_dir)
@@ -658,6 +661,8 @@ def data_stats(job, assets, keys: dict[str, str], state: dict, log=print, warn=N
             try:
                 tok = tok or TextTokenizer(asset_dir)
                 m = asdict(measure_source(src, tok))
+            except SourceFieldError:  # a record / table without the source's text_field: the trainers stop on the
+                raise  # same error (stream.py raises it too), so prepare stops now, with their one line
             except Exception as e:  # noqa: BLE001 (a measurement never fails the launch)
                 warn(f"data source {src.name!r}: could not measure it: {type(e).__name__}: {e} (hint: the trainers "
                      f"read it the same way and will stop on the same error)")

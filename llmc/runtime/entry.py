@@ -350,9 +350,10 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
             produced.append(SourceData(src.name, str(target), "jsonl", "text", src.weight))
             text_keys[src.name] = key
             continue
-        if src.path is None:
-            raise ValueError(f"data source {src.name!r} has no path (planning-only source); the native trainer "
-                             f"needs local data")
+        if src.path is None:  # (whichever backend trains it: every trainer streams the files prepare names)
+            raise ValueError(f"data source {src.name!r} has no path (planning-only source): training needs local "
+                             "data; hint: give it a path (a file, folder or glob of jsonl / parquet / text files) "
+                             "with its format")
         path = job.resolve_path(src.path)
         if src.kind in RECORD_SOURCE_KINDS:  # structured records: read by the post-training code
             produced.append(SourceData(src.name, str(path), src.format, src.text_field, src.weight))
@@ -425,11 +426,15 @@ def _measure_data(job: TrainJob, assets: Assets, keys: dict[str, str], state: di
     """``assets/data_stats.json``: the tokens each text source holds (its training part) and the epochs the run
     reads it (:func:`llmc.runtime.data_stats.data_stats`, reused while ``keys``, prepare's keys of each source's
     files, the quality pass and the tokenizer, are unchanged), with the documents' lengths set against every stage
-    that trains past its model's context (R012). Warning lines at most, never a failed prepare."""
+    that trains past its model's context (R012). Warning lines at most, never a failed prepare, but for a source
+    whose records lack its ``text_field``: the error every trainer would stop on, raised here."""
     from llmc.runtime.data_stats import STATS_FILE, data_stats
+    from llmc.runtime.stream import SourceFieldError
 
     try:
         data_stats(job, assets, keys, state, log)
+    except SourceFieldError:  # a source without its text_field: the trainers' own error, now (R002 in main)
+        raise
     except Exception as e:  # noqa: BLE001 (a measurement only informs: it never stops a launch)
         print(f"{Path(assets.tokenizer_dir) / STATS_FILE}: warning[R011] could not measure the data sources: "
               f"{type(e).__name__}: {e} (hint: training reads them as before)", file=sys.stderr, flush=True)
@@ -694,7 +699,9 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "prepare":
             check_outputs(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root, None)
             assets = prepare_assets(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root)
-            print(json.dumps(assets.to_json(), indent=1))
+            # what it prepared is assets/assets.json (the trainers read it there; nothing reads prepare's stdout)
+            _say(f"prepare: {len(assets.sources)} data source(s) and the tokenizer ready "
+                 f"({Path(assets.tokenizer_dir) / 'assets.json'})")
             return 0
         res = run_stage(lock, a.stage, a.out, root, steps=a.steps, max_seconds=a.max_seconds, stop_after=a.stop_after,
                         resume=not a.no_resume, fallback=a.fallback_checkpoint, cpu_bf16=a.cpu_bf16,

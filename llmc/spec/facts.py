@@ -13,7 +13,9 @@ name of each local
 lm-evaluation-harness task file ``eval.tasks`` names (``task:``, or ``group:`` over a ``task:`` list: what
 ``lm_eval --tasks`` takes; https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/new_task_guide.md),
 with the bytes and sha256 of every local file that task reads (:func:`task_file_tree`), which ``llmc build`` copies
-into the build (``eval/tasks/``) so that a build runs its evals with no file from outside it.
+into the build (``eval/tasks/``) so that a build runs its evals with no file from outside it. Each local data source
+whose path is a folder that holds files but none its ``format`` reads is recorded too (:func:`read_source_folder`:
+what it holds and the ``format:`` that reads it), for the plan's D007.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from pathlib import Path
 import yaml
 
 from llmc.fileio import expand_user, read_regular_file
+from llmc.sources import SUFFIXES, folder_mismatch, is_hf_saved
 from llmc.spec.hf import mtp_prefixes, quantization_method
-from llmc.spec.schema import EVAL_TASK_NAME, RunSpec
+from llmc.spec.schema import EVAL_TASK_NAME, RECORD_SOURCE_KINDS, RunSpec
 
 #: Largest referenced JSON file read (HF config.json files are a few KiB; tokenizer.json a few MiB).
 MAX_CONFIG_BYTES = 4 * 2**20
@@ -79,6 +82,20 @@ class ExternalFacts:
     checkpoints: dict[str, CheckpointFacts] = field(default_factory=dict)
     """Each ``init_hf`` that is a local path (a folder here, or a path that cannot be a Hub id), keyed as the spec
     writes it; a Hub id (huggingface_hub's ``namespace/name``) is absent: it resolves in the cluster's HF cache."""
+    source_folders: dict[tuple[str, str], SourceFolderFacts] = field(default_factory=dict)
+    """Each data source folder that holds files but none its format reads, keyed by (path as the spec writes it,
+    format); absent: a folder that holds such files, a glob, a file, a ``save_to_disk`` dataset, a path not here."""
+
+
+@dataclass(frozen=True)
+class SourceFolderFacts:
+    """A data source folder that holds no file of the source's format (:func:`llmc.sources.folder_mismatch`):
+    ``wanted`` the suffixes that format reads in a folder, ``holds`` what the folder holds instead (in words),
+    ``hint`` the ``format:`` (or the glob) that reads those files. prepare stops on it with the same words."""
+
+    wanted: str
+    holds: str
+    hint: str
 
 
 @dataclass(frozen=True)
@@ -562,10 +579,40 @@ def local_checkpoints(run: RunSpec, spec_dir: str | Path) -> dict[str, Checkpoin
     return {p: c for p in init_hf_paths(run) if (c := read_checkpoint(p, spec_dir)) is not None}
 
 
+def text_sources(run: RunSpec) -> list:
+    """Every data source the spec names (``data.sources``, then each stage's) that the trainers read as text files
+    with its ``format`` (a path, no ``builtin``, not a post-training records source, which is read as JSONL or a
+    ``save_to_disk`` folder whatever its format)."""
+    groups = [run.data.sources] + [st.data.sources for st in run.stages if st.data is not None]
+    return [s for g in groups for s in g
+            if s.path and s.format in SUFFIXES and s.kind not in RECORD_SOURCE_KINDS]
+
+
+def read_source_folder(path: str, fmt: str, spec_dir: str | Path) -> SourceFolderFacts | None:
+    """What the data source folder ``path`` (relative to ``spec_dir``, as prepare resolves it) holds when it holds
+    files but none that format ``fmt`` reads in a folder (``llmc.sources.files_of``: its suffixes, recursively, the
+    error prepare stops on); None for anything else: a folder with such files, an empty one (it may be filled before
+    the launch), a ``datasets`` ``save_to_disk`` folder (prepare reads it as one, whatever the format), a file, a
+    glob, a path that is not here (a spec may be planned away from its files)."""
+    if glob.has_magic(path):
+        return None
+    p = expand_user(path)
+    if not p.is_absolute():
+        p = Path(spec_dir) / p
+    try:
+        if not p.is_dir() or is_hf_saved(p):
+            return None
+    except OSError:
+        return None
+    found = folder_mismatch(p, fmt, whole=True, shown=path)  # (a bounded look: a folder past it is not judged)
+    return SourceFolderFacts("/".join(SUFFIXES[fmt]), *found) if found else None
+
+
 def gather_facts(run: RunSpec, spec_dir: str | Path) -> ExternalFacts:
     """Read every tokenizer the spec references (unreadable ones are recorded with ``specials=None``), the model
     type of every local ``init_hf`` checkpoint, and each local eval task file with the files it reads
-    (:func:`read_eval_task`: what the build copies into ``eval/tasks/``)."""
+    (:func:`read_eval_task`: what the build copies into ``eval/tasks/``), and each data source folder that holds
+    none of its format's files (:func:`read_source_folder`)."""
     configs = {p: cfg for p in init_hf_paths(run) if (cfg := read_checkpoint_config(p, spec_dir)) is not None}
     types = {p: mt for p, cfg in configs.items() if isinstance(mt := cfg.get("model_type"), str)}
     quantized = {p: q for p, cfg in configs.items() if (q := quantization_method(cfg)) is not None}
@@ -573,10 +620,12 @@ def gather_facts(run: RunSpec, spec_dir: str | Path) -> ExternalFacts:
     return ExternalFacts(tokenizers={p: read_tokenizer(p, spec_dir) for p in tokenizer_paths(run)},
                          checkpoint_types=types, checkpoint_quantization=quantized,
                          eval_tasks={t: read_eval_task(t, spec_dir) for t in local_tasks},
-                         checkpoints=local_checkpoints(run, spec_dir))
+                         checkpoints=local_checkpoints(run, spec_dir),
+                         source_folders={k: f for k in dict.fromkeys((s.path, s.format) for s in text_sources(run))
+                                         if (f := read_source_folder(*k, spec_dir)) is not None})
 
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_TOKENIZER_BYTES", "TokenizerFacts", "ExternalFacts", "EvalTaskFacts",
-           "CheckpointFacts", "EvalTaskFile", "task_file_tree", "MAX_TASK_DATA_BYTES", "hub_id", "read_checkpoint", "local_checkpoints", "tokenizer_size",
+           "CheckpointFacts", "EvalTaskFile", "SourceFolderFacts", "read_source_folder", "text_sources", "task_file_tree", "MAX_TASK_DATA_BYTES", "hub_id", "read_checkpoint", "local_checkpoints", "tokenizer_size",
            "tokenizer_paths", "read_tokenizer", "has_chat_template", "init_hf_paths", "read_checkpoint_config",
            "read_eval_task", "task_file_name", "gather_facts"]
