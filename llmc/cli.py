@@ -546,6 +546,8 @@ def launch(
             _echo(_one_line(f"{build_dir}: warning[L008] {c.legacy}"), err=True)
     if spec_changed:
         _echo(_one_line(spec_changed), err=True)
+    for note in (n for c in cmds for n in c.notes):  # a link on the run's write path it allows (a scratch disk)
+        _echo(note, err=True)
     for c in cmds:
         typer.echo("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in c.env.items()) + (" " if c.env else "")
                    + shlex.join(c.argv))

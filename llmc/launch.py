@@ -42,10 +42,19 @@ launchers do (the runtime refuses any other WORLD_SIZE); 1 for a GPU build on a 
 The runtime repeats the check at its start on every backend (``llmc.runtime.entry.check_lock_unedited``: the emitted
 launchers run it without ``llmc launch``); the commands for an edited lock (which ``llmc launch`` reaches only with
 ``--force``) carry ``LLMC_ACCEPT_LOCK_SHA256`` = its sha256, which lets the runtime run that lock and no later edit.
-``launch_commands`` refuses (LaunchError) a symbolic link anywhere the run writes inside the build directory
-(``assets/``, ``cache/``, ``outputs/``, ``run/``, ``data/`` and the entries prepare writes there:
-:func:`linked_write_path`), before anything runs, ``--dry-run`` included: llmc never writes through links inside a
-build directory, as ``llmc build`` refuses for its own files (X010).
+Symbolic links on the run's write path (:func:`linked_write_path`), checked before anything runs, ``--dry-run``
+included, and only in the folders a command that runs writes. Where llmc overwrites or deletes files by name -- prepare
+in ``assets/`` (the tokenizer files, which it also drops) and, when it writes there, in ``data/`` (a builtin corpus's
+``<name>.jsonl``, ``split/``, ``quality*/``) -- a link is refused (LaunchError; prepare refuses the same itself, with
+the same function, :func:`llmc.runtime.entry.prepare_link`): through a link to a user's folder it would overwrite and
+delete the user's files. ``data/`` may be a link (a dataset mount) when prepare writes nothing there, and a source
+folder inside ``data/`` always. In ``run/`` (every stage's folder), ``outputs/`` (a torchtitan stage's checkpoints)
+and ``cache/`` (the validation tokens) llmc writes only names of its own (stage folders, ``step-N`` checkpoints,
+hash-named files) and deletes only what it wrote (older ``step-N`` folders, its earlier export; ``shutil.rmtree``
+never follows a link): a link there, the folder itself or anything in it, that names a directory outside the build
+directory is the user's choice of disk (a scratch disk for checkpoints) and is allowed, with a ``note:`` line naming
+it (``Cmd.notes`` of the prepare step); one that names a file, nothing, or a place inside the build directory is
+refused.
 ``edited_artifacts(build_dir, cmds)`` does the same for the other artifacts the commands run (a torchtitan job module,
 the DeepSpeed config a stage reads): ``llmc launch`` refuses an edited one unless ``--allow-edited``.
 
@@ -132,6 +141,9 @@ class Cmd:
     #: where the stage's checkpoints are (the folder a rerun resumes from): its trainer's checkpoint folder, a DeepSpeed
     #: stage's ``ds_checkpoints``, a torchtitan stage's dump folder; None for a command that saves none
     checkpoints: str | None = None
+    #: ``note:`` lines ``llmc launch`` prints before it runs (the prepare step's: a link it allows on the run's write
+    #: path, :func:`linked_write_notes`)
+    notes: tuple[str, ...] = ()
 
 
 def has_gpu() -> bool:
@@ -422,82 +434,116 @@ def spec_change_warning(build_dir: str | os.PathLike, lock: dict | None = None) 
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)  # one inert line, whatever the paths hold
 
 
-#: ``llmc launch``'s own words for a link on its write path, with the ways out
-LINK_HINT = ("replace the link with a directory; to keep the run's files elsewhere, run the emitted launcher with "
-             "LLMC_RUN_DIR (prepare's --assets) set to that place")
+#: what a refused link in ``assets/`` / ``data/`` (prepare's folders) ends with
+PREPARE_LINK_HINT = "hint: replace the link with a real directory (prepare copies what it needs into it)"
+#: what a refused link in ``run/`` / ``outputs/`` / ``cache/`` ends with
+RUN_LINK_HINT = ("hint: a link there must name a directory outside the build directory (a scratch disk: create the "
+                 "directory, then link it); else replace the link with a real directory")
 
 
-def _prepare_writes_data(lock: dict) -> bool:
-    """Does prepare write into the build's ``data/``: a ``builtin`` corpus (``data/<name>.jsonl``), a ``quality``
-    section's cleaned copies (``data/quality*``) or ``eval.validation``'s record (``data/split``)
-    (:func:`llmc.runtime.entry.prepare_assets`)? Else ``data/`` holds only the user's sources, which prepare reads."""
+def _validates(lock: dict) -> bool:
+    """Does the lock hold out validation documents (``eval.validation``): its training stages then write the
+    validation tokens to ``cache/`` (:func:`llmc.runtime.validation.build_validation_set`)?"""
     spec = (lock.get("spec") or {}).get("resolved") if isinstance(lock.get("spec"), dict) else None
     if not isinstance(spec, dict):
-        return True
-    if _builtin_sources(lock) or any(isinstance(d, dict) and d.get("quality") for d in _lock_datas(spec)):
         return True
     return bool((spec.get("eval") or {}).get("validation")) if isinstance(spec.get("eval"), dict) else False
 
 
-def _lock_datas(spec: dict) -> list:
-    """The ``data`` sections of a resolved spec: the run's and each stage's."""
-    return [spec.get("data")] + [st.get("data") for st in spec.get("stages") or [] if isinstance(st, dict)]
+def _run_folders(b: Path, lock: dict, run: Path | None, cmds: list[Cmd] | None) -> list[tuple[Path, str]]:
+    """The folders of ``b`` the commands that run (``cmds`` not skipped; None: every one) write with their own file
+    names only, each with what goes there: ``outputs/`` (a torchtitan stage's checkpoints), ``run/`` (the stages'
+    folders, when the run folder is ``b/run``) and ``cache/`` (the validation tokens, when the lock validates)."""
+    runs = None if cmds is None else [c for c in cmds if not c.skip_reason]
+    out: list[tuple[Path, str]] = []
+    if runs is None or any(c.dump_dir for c in runs):
+        out.append((b / "outputs", "torchtitan checkpoints"))
+    if (runs is None or runs) and (run is None or run == b / "run"):
+        out.append((b / "run", "stage folders and checkpoints"))
+    if (runs is None or any(c.checkpoints for c in runs)) and _validates(lock):
+        out.append((b / "cache", "validation tokens"))
+    return out
 
 
-def _builtin_sources(lock: dict) -> set[str]:
-    """The names of the lock's ``builtin`` sources (prepare writes each to ``data/<name>.jsonl``)."""
-    spec = (lock.get("spec") or {}).get("resolved") if isinstance(lock.get("spec"), dict) else None
-    if not isinstance(spec, dict):
-        return set()
-    return {str(x.get("name")) for d in _lock_datas(spec) if isinstance(d, dict) for x in d.get("sources") or []
-            if isinstance(x, dict) and x.get("format") == "builtin"}
+def _links_under(top: Path) -> list[Path]:
+    """``top`` when it is a symbolic link, else every link under it (``lstat``: links never followed)."""
+    if top.is_symlink():
+        return [top]
+    if not top.is_dir():
+        return []
+    return sorted(Path(where) / n for where, dirs, files in os.walk(top, followlinks=False) for n in dirs + files
+                  if os.path.islink(os.path.join(where, n)))
 
 
-def linked_write_path(b: Path, lock: dict, run: Path | None = None) -> Path | None:
-    """The first symbolic link on a path ``llmc launch``'s run writes inside the build directory ``b``, else None:
-    ``assets/``, ``cache/``, ``outputs/`` (torchtitan's checkpoints) and ``run/`` (``run``: the run folder, checked when
-    it is ``b/run``), each itself or anything in it, and ``data/`` itself with the entries prepare writes there
-    (:func:`llmc.runtime.entry._prepare_output`; when it writes any, :func:`_prepare_writes_data`). Found with
-    ``lstat`` (links never followed, nothing read through them); a user's source folder in ``data/`` may be a link."""
-    from llmc.runtime.entry import _prepare_output
+def _outside_dir(link: Path, b: Path) -> Path | None:
+    """The directory ``link`` finally names when it is one outside the build directory ``b``, else None."""
+    target = Path(os.path.realpath(link))
+    inside = target == b.resolve() or target.is_relative_to(b.resolve())
+    return target if target.is_dir() and not inside else None
 
-    def walk(top: Path) -> Path | None:
-        if top.is_symlink():
-            return top
-        if not top.is_dir():
-            return None
-        for root, dirs, files in os.walk(top, followlinks=False):
-            for name in sorted(dirs + files):
-                if os.path.islink(os.path.join(root, name)):
-                    return Path(root) / name
-        return None
 
-    tops = [b / "assets", b / "cache", b / "outputs"] + ([b / "run"] if run is None or run == b / "run" else [])
-    for top in tops:
-        found = walk(top)
+def linked_write_path(b: Path, lock: dict, run: Path | None = None, cmds: list[Cmd] | None = None) -> Path | None:
+    """The first symbolic link ``llmc launch`` refuses on a path its run writes inside the build directory ``b``, else
+    None. Only the folders a command that runs (``cmds`` not skipped; None: every one) writes are looked at:
+
+    * where prepare writes (prepare, and each training stage's own prepare): ``assets/`` and, when prepare writes
+      ``data/``, ``data/`` and the entries it writes there (:func:`llmc.runtime.entry.prepare_link`, the function
+      prepare itself refuses with): prepare overwrites and deletes files there by name (tokenizer files, a builtin
+      corpus), so a link -- to a user's model folder, say -- is always refused;
+    * ``outputs/``, ``run/``, ``cache/`` (:func:`_run_folders`), where llmc writes only its own names (stage folders,
+      ``step-N`` checkpoints, hash-named caches) and deletes only what it wrote (older ``step-N`` folders, its own
+      earlier export; ``shutil.rmtree`` never follows a link): a link there (the folder or anything in it) is allowed
+      when it names a directory outside the build directory (:func:`linked_write_notes` says so), refused when it names
+      anything else (a file, nothing, a place inside the build directory).
+
+    Links are found with ``lstat``, nothing read through them; a user's source folder in ``data/`` may be a link."""
+    from llmc.runtime.entry import prepare_link
+
+    runs = None if cmds is None else [c for c in cmds if not c.skip_reason]
+    if runs is None or runs:
+        found = prepare_link(b, lock)
         if found is not None:
             return found
-    data = b / "data"
-    if data.is_symlink():
-        return data if _prepare_writes_data(lock) else None
-    if data.is_dir():
-        builtins = _builtin_sources(lock)
-        for entry in sorted(data.iterdir()):
-            if _prepare_output(entry, b, builtins) is not None:
-                found = walk(entry)
-                if found is not None:
-                    return found
+    for top, _what in _run_folders(b, lock, run, cmds):
+        for link in _links_under(top):
+            if _outside_dir(link, b) is None:
+                return link
     return None
 
 
-def link_message(found: Path) -> str:
-    """The L001 text for :func:`linked_write_path`'s link."""
+def linked_write_notes(b: Path, lock: dict, run: Path | None = None, cmds: list[Cmd] | None = None) -> list[str]:
+    """One ``note:`` line for each link :func:`linked_write_path` allows on the run's write path (one that names a
+    directory outside the build directory, where the run then writes)."""
+    notes = []
+    for top, what in _run_folders(b, lock, run, cmds):
+        for link in _links_under(top):
+            target = _outside_dir(link, b)
+            if target is not None:
+                line = (f"{link}: note: a link to {target}, outside the build directory: the run writes its {what} "
+                        "there")
+                notes.append("".join(c if c.isprintable() else ascii(c)[1:-1] for c in line))
+    return notes
+
+
+def link_message(found: Path, b: Path | None = None) -> str:
+    """The L001 text for :func:`linked_write_path`'s link (``b``: the build directory)."""
     try:
         target = os.readlink(found)
     except OSError:
         target = "?"
-    line = (f"{found} is a symbolic link (to {target}) on a path `llmc launch` writes: llmc never writes through "
-            f"links inside a build directory ({LINK_HINT})")
+    from llmc.runtime.entry import DATA_LINK_HINT
+
+    data = b is not None and (found == b / "data" or found.is_relative_to(b / "data"))
+    if b is None or data or found == b / "assets" or found.is_relative_to(b / "assets"):
+        line = (f"{found} is a symbolic link (to {target}) where prepare writes: llmc never writes through links "
+                f"there, since prepare overwrites and deletes its files by name "
+                f"({DATA_LINK_HINT if data else PREPARE_LINK_HINT})")
+    else:
+        real = Path(os.path.realpath(found))
+        what = ("a place inside the build directory" if real.is_dir() else "not a directory" if real.exists()
+                else "missing")
+        line = (f"{found} is a symbolic link (to {target}: {what}) on a path the run writes: llmc writes through a "
+                f"link there only into a directory outside the build directory ({RUN_LINK_HINT})")
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
 
 
@@ -534,11 +580,6 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     if not 1 <= nproc <= MAX_NPROC:
         raise LaunchError(f"--nproc must be 1 to {MAX_NPROC} processes per node (got {nproc})")
     run = Path(run_dir).resolve() if run_dir is not None else b / "run"
-    # a link inside the build directory where the run writes (assets/ -> a user's model folder): refused before
-    # anything runs, as `llmc build` refuses its own (X010); prepare itself refuses its own folders as links too
-    linked = linked_write_path(b, lock, run)
-    if linked is not None:
-        raise LaunchError(link_message(linked))
     folder = _checkpoint_folder(lock)
     lock_path = str(b / "plan.lock.json")
     stages = _stages(lock)
@@ -663,6 +704,13 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     if edited is not None and edited[1]:
         for c in (prepare, *cmds):
             c.env = {**c.env, ACCEPT_LOCK_ENV: edited[1]}
+    # a link inside the build directory where the run writes (assets/ -> a user's model folder): refused before
+    # anything runs, as `llmc build` refuses its own (X010); prepare itself refuses its own folders as links too.
+    # A link in run/, outputs/, cache/ to a directory outside the build (a scratch disk): allowed, with a note
+    linked = linked_write_path(b, lock, run, [prepare, *cmds])
+    if linked is not None:
+        raise LaunchError(link_message(linked, b))
+    prepare.notes = tuple(linked_write_notes(b, lock, run, [prepare, *cmds]))
     return [prepare, *cmds]
 
 

@@ -221,7 +221,7 @@ def _snapshot(d: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(d.iterdir())}
 
 
-@pytest.mark.parametrize("where", ["assets", "run/pretrain/checkpoints", "cache", "data/python-docs.jsonl"])
+@pytest.mark.parametrize("where", ["assets", "assets/tokenizer.json", "data/python-docs.jsonl"])
 def test_launch_refuses_a_link_where_the_run_writes(tmp_path, where):
     b = _tiny_build(tmp_path)
     files = _user_model(tmp_path)
@@ -232,7 +232,7 @@ def test_launch_refuses_a_link_where_the_run_writes(tmp_path, where):
     assert r.exit_code == 1
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "error[L001]" in lines[0] and str(link) in lines[0], r.output
-    assert "never writes through links" in lines[0] and "LLMC_RUN_DIR" in lines[0]
+    assert "never writes through links" in lines[0] and "overwrites and deletes its files by name" in lines[0]
     assert _snapshot(tmp_path / "usermodel") == files
 
 
@@ -382,3 +382,179 @@ def test_a_lock_spec_error_is_one_located_line(tmp_path):
     assert r.returncode == 1
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "spec.resolved.training.checkpoint.folder" in r.stderr and "'../../../X'" in r.stderr
+
+
+# ----------------------------------------------------------------------------- 5. DCP entries that are not tensors
+
+
+def _sharded_with_planted_param_group(tmp_path: Path, marker: Path) -> tuple[Path, torch.nn.Module,
+                                                                             torch.optim.Optimizer]:
+    """A real sharded checkpoint whose optimizer entry ``param_groups[0]["lr"]`` is re-saved as a payload (the
+    attacker rewrites the DCP shards and the manifest's sizes / hashes)."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    step, m, opt = _tiny_checkpoint(tmp_path / "ck", sharded=True)
+    msd, osd = get_state_dict(m, opt)
+    osd["param_groups"][0]["lr"] = _Payload(marker)
+    shutil.rmtree(step / "dcp")
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(step / "dcp"))
+    man = json.loads((step / "manifest.json").read_text())
+    man["files"] = {k: v for k, v in man["files"].items() if not k.startswith("dcp/")}
+    (step / "manifest.json").write_text(json.dumps(man))
+    for f in sorted((step / "dcp").iterdir()):
+        _rehash(step, f"dcp/{f.name}")
+    return step, m, opt
+
+
+def test_planted_payload_in_a_dcp_param_group_is_refused_unrun(tmp_path):
+    """torch's ``DefaultLoadPlanner.load_bytes`` reads every non-tensor DCP entry with ``weights_only=False``: llmc's
+    planner reads them with ``weights_only=True``, so the payload in ``optim.param_groups.0.lr`` never runs."""
+    marker = tmp_path / "PWNED"
+    step, _, _ = _sharded_with_planted_param_group(tmp_path, marker)
+    ck.check_dcp_metadata(step / "dcp")  # (the metadata itself is clean: the payload is in a shard)
+    m2 = torch.nn.Linear(3, 4)
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-3)
+    with pytest.raises(CheckpointError) as e:
+        ck.load_checkpoint(step, m2, opt2)
+    assert not marker.exists()
+    msg = str(e.value)
+    assert "\n" not in msg and "optim.param_groups.0.lr" in msg and "posix.system" in msg and "hint:" in msg
+    ck.read_model_state(step)  # the model's tensors alone (an export) still read: the entry is never loaded
+    assert not marker.exists()
+
+
+def test_a_genuine_sharded_checkpoint_resumes_its_param_groups(tmp_path):
+    """Every non-tensor entry an AdamW DCP checkpoint holds (lr, betas, eps, weight_decay, flags, parameter names)
+    reads with ``weights_only=True``: resuming restores them, and the moments, exactly."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 4)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-4, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.05, amsgrad=True)
+    m(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    step = ck.save_checkpoint(tmp_path / "ck", 1, m, opt, {"tokens": 8}, sharded=True)
+    md = FileSystemReader(str(step / "dcp")).read_metadata().state_dict_metadata
+    assert any(k.startswith("optim.param_groups.0.") and isinstance(v, BytesStorageMetadata) for k, v in md.items())
+    m2 = torch.nn.Linear(3, 4)
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1.0, betas=(0.1, 0.2), eps=0.5, weight_decay=0.0, amsgrad=True)
+    assert ck.load_checkpoint(step, m2, opt2)["tokens"] == 8
+    want = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    assert {k: opt2.param_groups[0][k] for k in want} == want
+    for p, q in zip(m.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], opt2.state[q][key])
+
+
+# ----------------------------------------------------------------------------- 6. links: refused only where llmc
+# overwrites or deletes files by name (assets/, data/ when prepare writes there), allowed to a directory outside the
+# build in run/, outputs/, cache/
+
+
+def _launch(b: Path, *extra: str):
+    return CliRunner().invoke(app, ["launch", str(b), "--dry-run", *extra])
+
+
+def _own_source_build(tmp_path: Path) -> Path:
+    """A spec with one local jsonl source, no builtin corpus, no quality section, no validation: prepare writes
+    nothing in data/."""
+    corp = tmp_path / "corp"
+    corp.mkdir()
+    (corp / "docs.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(200)))
+    text = (f"name: own-src\nmodel: tiny\nhardware: {{gpu: cpu, count: 1}}\n"
+            f"data:\n  sources:\n    - {{name: docs, path: {corp / 'docs.jsonl'}, format: jsonl}}\n"
+            f"  tokenizer: {{train: true, vocab_size: 512}}\n  seq_len: 64\n  tokens: 20K\n"
+            f"training:\n  precision: fp32\n  global_batch_tokens: 1024\n")
+    out = tmp_path / "b3"
+    write_build(out, render_artifacts(compile_text(text)))
+    return out
+
+
+def _prepare(b: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmc.runtime.entry", "prepare", "--lock", str(b / "plan.lock.json")],
+                          env=ENV, capture_output=True, text=True, timeout=300, cwd=b.parent)
+
+
+def test_a_linked_data_folder_is_fine_when_prepare_writes_nothing_there(tmp_path):
+    """``data -> a dataset mount``: launch and prepare (the emitted launchers run it alone) both accept it, and prepare
+    writes nothing through it."""
+    b = _own_source_build(tmp_path)
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    (mount / "theirs.txt").write_text("x")
+    (b / "data").symlink_to(mount)
+    r = _launch(b)
+    assert r.exit_code == 0, r.output
+    p = _prepare(b)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(x.name for x in mount.iterdir()) == ["theirs.txt"]
+    assert (b / "assets" / "tokenizer.json").is_file()
+
+
+def test_a_linked_data_folder_is_refused_where_prepare_writes_a_corpus(tmp_path):
+    """tiny_cpu writes its builtin corpus to data/python-docs.jsonl (and holds out validation in data/split): a data/
+    link is refused by launch and by prepare alike, with the way out, and nothing is written through it."""
+    b = _tiny_build(tmp_path)
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    (b / "data").symlink_to(mount)
+    r = _launch(b)
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "error[L001]" in lines[0] and f"{b / 'data'} is a" in lines[0]
+    assert "data/<name> -> your mount" in lines[0], r.output
+    p = _prepare(b)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+    assert "is a symbolic link: prepare never writes through links" in p.stderr and "data/<name>" in p.stderr
+    assert list(mount.iterdir()) == []
+
+
+def test_a_scratch_disk_link_for_the_runs_checkpoints_is_allowed_with_a_note(tmp_path):
+    """run/, outputs/ (a torchtitan stage's), cache/ (the validation tokens): llmc writes only its own names there, so
+    a link to a directory outside the build directory is the user's choice of disk, named in a note line."""
+    b = _tiny_build(tmp_path)
+    scratch = tmp_path / "scratch"
+    for sub in ("ck", "outputs", "cache"):
+        (scratch / sub).mkdir(parents=True)
+    (b / "run" / "pretrain").mkdir(parents=True)
+    (b / "run" / "pretrain" / "checkpoints").symlink_to(scratch / "ck")
+    (b / "outputs").symlink_to(scratch / "outputs")
+    (b / "cache").symlink_to(scratch / "cache")
+    r = _launch(b, "--backend", "native")
+    assert r.exit_code == 0, r.output
+    notes = [ln for ln in r.output.splitlines() if ": note: " in ln]
+    # (native: no torchtitan stage runs, so outputs/ is not looked at)
+    assert len(notes) == 2 and all("outside the build directory" in n for n in notes), r.output
+    assert any(str(scratch / "ck") in n and "checkpoints" in n for n in notes)
+    assert any(str(scratch / "cache") in n and "validation tokens" in n for n in notes)
+    if any((b / "torchtitan").glob("llmc_job*.py")):
+        r = _launch(b, "--backend", "torchtitan")
+        assert r.exit_code == 0, r.output
+        assert any(str(scratch / "outputs") in ln and "torchtitan checkpoints" in ln for ln in r.output.splitlines())
+
+
+def test_an_outputs_link_in_a_native_build_is_not_looked_at(tmp_path):
+    """Only a torchtitan stage writes outputs/: a native run leaves it alone, whatever it is."""
+    b = _tiny_build(tmp_path)
+    (b / "outputs").symlink_to(b / "native")  # (into the build: refused where a torchtitan stage runs)
+    r = _launch(b, "--backend", "native")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("what", ["into-build", "file", "dangling"])
+def test_a_run_link_to_anything_but_an_outside_directory_is_refused(tmp_path, what):
+    b = _tiny_build(tmp_path)
+    (tmp_path / "f.txt").write_text("mine")
+    target = {"into-build": b / "native", "file": tmp_path / "f.txt", "dangling": tmp_path / "nothing"}[what]
+    link = b / "run" / "pretrain" / ("checkpoints" if what != "file" else "metrics.jsonl")
+    link.parent.mkdir(parents=True)
+    link.symlink_to(target)
+    r = _launch(b, "--backend", "native")
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "error[L001]" in lines[0] and str(link) in lines[0], r.output
+    assert "only into a directory outside the build directory" in lines[0] and "hint:" in lines[0]
+    assert (tmp_path / "f.txt").read_text() == "mine"

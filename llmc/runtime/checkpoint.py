@@ -45,6 +45,11 @@ Before loading, the checkpoint's tensor names and shapes are compared with the m
 the DCP metadata or a memory-mapped ``model.pt``, nothing loaded), so a checkpoint of another model is refused
 with one line naming the first mismatching tensor and both shapes, not with torch's size-mismatch traceback
 from inside the load.
+
+Untrusted files: every file is read with ``torch.load(weights_only=True)`` (:func:`safe_load`); a DCP ``.metadata``
+with only DCP's own classes allowed (:func:`check_dcp_metadata`: DCP reads it with ``pickle.load``), and every DCP load
+(:func:`dcp_load`) with :func:`weights_only_load_planner`, which reads the non-tensor entries (an optimizer's
+``param_groups`` values) with ``weights_only=True`` where torch's ``DefaultLoadPlanner`` says ``weights_only=False``.
 """
 
 from __future__ import annotations
@@ -269,7 +274,6 @@ def read_dcp_tensors(dcp_dir: str | Path, want, dtype: torch.dtype | None = None
     state (two fp32 moments per parameter) is never loaded to export its model, nor written to a temporary file as
     ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` does (https://pytorch.org/docs/stable/
     distributed.checkpoint.html)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -286,7 +290,7 @@ def read_dcp_tensors(dcp_dir: str | Path, want, dtype: torch.dtype | None = None
 
         with warnings.catch_warnings():  # (its "assuming the intent is to load in a single process": it is)
             warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-            dcp.load(sd, storage_reader=reader, no_dist=True)
+            dcp_load(sd, dcp_dir, storage_reader=reader, no_dist=True)
     return sd
 
 
@@ -361,6 +365,57 @@ def check_dcp_metadata(dcp_dir: str | Path) -> None:
     except (EOFError, AttributeError, ImportError, TypeError, ValueError, IndexError, KeyError) as e:
         raise CheckpointError(f"checkpoint {f}: unreadable DCP metadata ({type(e).__name__}); refusing to load it "
                               f"({UNSAFE_HINT})") from None
+
+
+def weights_only_load_planner(dcp_dir: str | Path):
+    """A ``DefaultLoadPlanner`` (torch.distributed.checkpoint.default_planner) whose ``load_bytes`` reads each
+    non-tensor entry of a DCP checkpoint (an optimizer's ``param_groups`` values: lr, betas, eps, the parameter
+    names ...) with ``torch.load(value, weights_only=True)`` -- tensors and plain values only, never code
+    (https://pytorch.org/docs/stable/notes/serialization.html#weights-only) -- where torch's reads them with
+    ``weights_only=False`` (``DefaultLoadPlanner.load_bytes``, torch 2.14). Everything else (the state-dict
+    flattening, ``set_element`` into the caller's nested dict) is torch's own. An entry that needs any other global
+    raises :class:`CheckpointError` (one line naming ``dcp_dir`` and the entry); :func:`dcp_load` turns DCP's
+    per-rank ``CheckpointException`` back into it. Every ``dcp.load`` of llmc passes one as ``planner=``."""
+    import pickle
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element  # (what torch's load_bytes uses)
+
+    class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                found = re.search(r"GLOBAL ([\w.]+)", str(e))  # (torch's "Unsupported global: GLOBAL posix.system")
+                what = found[1] if found else "an object torch.load(weights_only=True) does not read"
+                raise CheckpointError(f"checkpoint {dcp_dir}: refusing to load its entry {fqn}: it pickles {what}, "
+                                      f"which could run code when read ({UNSAFE_HINT})") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return _WeightsOnlyLoadPlanner()
+
+
+def dcp_load(state: dict, dcp_dir: str | Path, **kw) -> None:
+    """``torch.distributed.checkpoint.load(state, ...)`` of ``dcp_dir`` with :func:`weights_only_load_planner`
+    (``kw``: ``storage_reader`` / ``no_dist``, else ``checkpoint_id=dcp_dir``), after :func:`check_dcp_metadata`. A
+    refused entry is the planner's one-line :class:`CheckpointError`, not DCP's per-rank traceback."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    check_dcp_metadata(dcp_dir)
+    if "storage_reader" not in kw:
+        kw["checkpoint_id"] = str(dcp_dir)
+    try:
+        dcp.load(state, planner=weights_only_load_planner(dcp_dir), **kw)
+    except CheckpointException as e:
+        for exc, _trace in e.failures.values():
+            if isinstance(exc, CheckpointError):
+                raise CheckpointError(str(exc)) from None
+        raise
 
 
 INIT_HINT = "written for another model: start this stage from a checkpoint of its model (or rerun that stage with it)"
@@ -675,22 +730,20 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
 
 def _load_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
               trainable_only: bool = False) -> None:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    check_dcp_metadata(path / "dcp")
     target = _unwrap(model) if _world() == 1 else model
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
         state = {"model": get_model_state_dict(target)}
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        dcp_load(state, path / "dcp")
         set_model_state_dict(target, state["model"])
         return
     msd, osd = get_state_dict(target, optimizer, options=_sd_options(ignore_frozen_params=trainable_only))
     state = {"model": msd, "optim": osd}
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path / "dcp"))  # in place, each rank reading the shards it needs
+        dcp_load(state, path / "dcp")  # in place, each rank reading the shards it needs
     set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_sd_options(strict=not trainable_only))
 
@@ -737,12 +790,9 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, strict: bool = 
     want = {_plain_name(k) if lora else k: v for k, v in model_shapes(model).items() if "lora_" not in k}
     check_shapes(path, want, extra_ok=not strict or lora, hint=INIT_HINT)
     if manifest.get("layout") == "dcp" and _world() > 1:  # each rank reads the shards its layout needs
-        import torch.distributed.checkpoint as dcp
-
-        check_dcp_metadata(path / "dcp")
         mine = {k: v for k, v in get_model_state_dict(model).items() if "lora_" not in k}
         state = {"model": {_plain_name(k): v for k, v in mine.items()}}
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        dcp_load(state, path / "dcp")
         loaded = {k: state["model"][_plain_name(k)] for k in mine}
         set_model_state_dict(model, loaded, options=_sd_options(strict=strict and not lora))
         return int(manifest["step"])

@@ -164,17 +164,97 @@ PREPARE_LINK_HINT = ("hint: replace the link with a directory, or give prepare t
 
 
 def _refuse_links(*paths: Path, entries: bool = True) -> None:
-    """ValueError (one line) when one of ``paths`` (a folder prepare writes: ``assets/``, ``data/``, ``cache/``), or an
-    entry of one, is a symbolic link: prepare never deletes, copies or writes through a link (``llmc launch`` refuses
-    the same before it runs anything, error[L001]; the emitted launchers run prepare without it). ``entries``: check
-    each folder's entries too (not in ``data/``, which holds the user's sources as well)."""
+    """ValueError (one line) when one of ``paths`` (a folder prepare writes), or an entry of one (``entries``), is a
+    symbolic link: prepare never deletes, copies or writes through a link."""
     for p in paths:
         found = p if p.is_symlink() else None
         if found is None and entries and p.is_dir():
             found = next((e for e in sorted(p.iterdir()) if e.is_symlink()), None)
         if found is not None:
-            raise ValueError(f"{found} is a symbolic link: prepare never writes through links in the folders it "
-                             f"writes ({PREPARE_LINK_HINT})")
+            raise ValueError(_prepare_link_message(found))
+
+
+#: how a refusal of a link in ``data/`` ends (prepare's and ``llmc launch``'s)
+DATA_LINK_HINT = ("hint: make data/ a real directory and link your sources inside it (data/<name> -> your mount); "
+                  "data/ itself may be a link only when prepare writes nothing there (no builtin corpus, data.quality "
+                  "or eval.validation)")
+
+
+def _prepare_link_message(found: Path, root: Path | None = None) -> str:
+    data = root is not None and (found == root / "data" or found.is_relative_to(root / "data"))
+    return (f"{found} is a symbolic link: prepare never writes through links in the folders it writes "
+            f"({DATA_LINK_HINT if data else PREPARE_LINK_HINT})")
+
+
+def _lock_datas(spec: dict) -> list:
+    """The ``data`` sections of a lock's resolved spec: the run's and each stage's."""
+    return [spec.get("data")] + [st.get("data") for st in spec.get("stages") or [] if isinstance(st, dict)]
+
+
+def _resolved_spec(lock: dict) -> dict | None:
+    spec = (lock.get("spec") or {}).get("resolved") if isinstance(lock, dict) and isinstance(lock.get("spec"),
+                                                                                               dict) else None
+    return spec if isinstance(spec, dict) else None
+
+
+def lock_builtin_sources(lock: dict) -> set[str]:
+    """The names of the lock's ``builtin`` sources, every stage's (prepare writes each to ``data/<name>.jsonl``)."""
+    spec = _resolved_spec(lock)
+    if spec is None:
+        return set()
+    return {str(x.get("name")) for d in _lock_datas(spec) if isinstance(d, dict) for x in d.get("sources") or []
+            if isinstance(x, dict) and x.get("format") == "builtin"}
+
+
+def prepare_writes_data(lock: dict) -> bool:
+    """Does prepare (of any stage of ``lock``) write into ``data/``: a ``builtin`` corpus (``data/<name>.jsonl``), a
+    ``quality`` section's cleaned copies (``data/quality*``) or ``eval.validation``'s record (``data/split``)
+    (:func:`prepare_assets`)? Else ``data/`` holds only the user's sources, which prepare reads: it may be a link (a
+    dataset mount). A lock without a resolved spec: yes (assume the most)."""
+    spec = _resolved_spec(lock)
+    if spec is None:
+        return True
+    if lock_builtin_sources(lock) or any(isinstance(d, dict) and d.get("quality") for d in _lock_datas(spec)):
+        return True
+    return bool((spec.get("eval") or {}).get("validation")) if isinstance(spec.get("eval"), dict) else False
+
+
+def first_link(top: Path) -> Path | None:
+    """``top`` when it is a symbolic link, else the first link anywhere under it (``lstat``: links never followed),
+    else None."""
+    if top.is_symlink():
+        return top
+    if not top.is_dir():
+        return None
+    for where, dirs, files in os.walk(top, followlinks=False):
+        for name in sorted(dirs + files):
+            if os.path.islink(os.path.join(where, name)):
+                return Path(where) / name
+    return None
+
+
+def prepare_link(root: Path, lock: dict) -> Path | None:
+    """The first symbolic link on a path prepare writes under ``root`` (the build directory, or ``--assets``), else
+    None: ``assets/`` itself or anything in it (prepare overwrites and deletes tokenizer files there by name); and,
+    only when prepare writes ``data/`` (:func:`prepare_writes_data`), ``data/`` itself and each entry it writes there
+    (:func:`_prepare_output`: ``<builtin>.jsonl``, ``split``, ``quality*``) with anything in it. Not ``cache/``
+    (prepare writes nothing there) nor a user's source in ``data/``. ``llmc launch`` checks the same with this
+    function before it runs anything (:func:`llmc.launch.linked_write_path`); the emitted launchers run prepare
+    without it, and :func:`prepare_assets` refuses what it finds."""
+    found = first_link(root / "assets")
+    if found is not None or not prepare_writes_data(lock):
+        return found
+    data = root / "data"
+    if data.is_symlink():
+        return data
+    if data.is_dir():
+        builtins = lock_builtin_sources(lock)
+        for entry in sorted(data.iterdir()):
+            if _prepare_output(entry, root, builtins) is not None:
+                found = first_link(entry)
+                if found is not None:
+                    return found
+    return None
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -324,9 +404,10 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
     for src in _stage_sources(job):  # never read prepare's own output as input
         if src.format != "builtin" and src.path is not None:
             check_source_location(src.name, job.resolve_path(src.path), root, builtins)
-    # never through a link: the folders prepare writes, their entries, and the builtin corpora's files
-    _refuse_links(asset_dir, cache_dir)
-    _refuse_links(data_dir, *(data_dir / f"{b}.jsonl" for b in sorted(builtins)), entries=False)
+    # never through a link: assets/ and, when prepare writes there, data/ and the entries it writes (prepare_link)
+    linked = prepare_link(root, job.lock or {})
+    if linked is not None:
+        raise ValueError(_prepare_link_message(linked, root))
     asset_dir.mkdir(parents=True, exist_ok=True)
     state_file = asset_dir / "prepare.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
