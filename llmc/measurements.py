@@ -35,7 +35,6 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llmc.compiler.calibration import NEGLIGIBLE_ERR_PCT
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.units import GiB
 from llmc.fileio import read_regular_file
@@ -1218,23 +1217,16 @@ def no_better_warning(cal) -> str | None:
     runs (nothing fitted, so already an out-of-sample figure). Factors that do not beat it make the plans no
     better, or worse: ``llmc plan`` does not apply them (``Calibration.applied``, the same comparison), and this
     line says so for each quantity concerned; the calibration is still written, recording them and why. None when it
-    is better for every quantity measured, or when both errors are below :data:`NEGLIGIBLE_ERR_PCT` (llmc already
+    is better for every quantity measured, or when both errors are below ``calibration.NEGLIGIBLE_ERR_PCT`` (llmc already
     predicts those runs: there is nothing for a fit to improve)."""
-    worse, fitted_any = [], 0
-    for quantity, band, what in (("tokens_per_s (relative)", cal.time_band, "tokens/s"),
-                                 ("reserved_bytes", cal.memory_band, "memory")):
-        res = [r for r in cal.residuals if r.get("quantity") == quantity]
-        if not res:
+    worse = []  # the decision is Calibration.applied's, so this line and the plan never disagree
+    for (q, (applied, _)), band, what in zip(cal.applied().items(), (cal.time_band, cal.memory_band),
+                                             ("tokens/s", "memory"), strict=True):
+        res = cal.uncalibrated_errors(q)
+        if applied or not res or not band:
             continue
-        fitted_any += 1
-        uncal = statistics.fmean(abs(r["uncalibrated_err_pct"]) for r in res)
-        if band:
-            fitted, how = band["mean_abs_pct"], "leave-one-out"
-        else:
-            fitted, how = statistics.fmean(abs(r["calibrated_err_pct"]) for r in res), "in-sample"
-        if fitted >= uncal and max(fitted, uncal) >= NEGLIGIBLE_ERR_PCT:
-            worse.append(f"{what} mean error {fitted:.1f}% calibrated ({how}, {len(res)} run(s)) vs {uncal:.1f}% "
-                         f"uncalibrated")
+        worse.append(f"{what} mean error {band['mean_abs_pct']:.1f}% calibrated (leave-one-out, {len(res)} run(s)) "
+                     f"vs {statistics.fmean(res):.1f}% uncalibrated")
     if not worse:
         return None
     which = " and ".join(w.split(" mean error")[0] for w in worse)

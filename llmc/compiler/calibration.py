@@ -541,6 +541,14 @@ class Calibration:
         return floored({"n": b.get("n"), "mean_abs_pct": float(b["mean_abs_pct"]), "max_abs_pct": float(b["max_abs_pct"]),
                         "basis": f"leave-one-out over this calibration's {b.get('n', '?')} measured runs"})
 
+    def uncalibrated_errors(self, quantity: str) -> list[float]:
+        """llmc's own |error| (%, nothing fitted) on each of this calibration's runs of ``quantity`` ("tokens_per_s" or
+        "memory"), from its residuals: what :meth:`applied` compares the fit with and a plan that does not apply it
+        quotes."""
+        key = "tokens_per_s (relative)" if quantity == "tokens_per_s" else "reserved_bytes"
+        return [abs(float(r["uncalibrated_err_pct"])) for r in self.residuals if isinstance(r, dict)
+                and r.get("quantity") == key and isinstance(r.get("uncalibrated_err_pct"), int | float)]
+
     def applied(self) -> dict[str, tuple[bool, str]]:
         """Per quantity ("tokens_per_s", "memory"): (whether a plan applies its factors, why). Not applied: nothing of
         it measured, or factors whose leave-one-out error is not below llmc's own uncalibrated error on the same runs
@@ -548,13 +556,11 @@ class Calibration:
         by an older tool) is judged by its factors and bands alone."""
         out = {}
         f = self.factors
-        for q, quantity, band, moved in (
-                ("tokens_per_s", "tokens_per_s (relative)", self.time_band,
-                 (f.compute_scale, f.comm_scale, f.compute_size_exponent) != (1.0, 1.0, 0.0)),
-                ("memory", "reserved_bytes", self.memory_band, (f.mem_scale, f.mem_overhead_bytes) != (1.0, 0.0))):
+        for q, band, moved in (
+                ("tokens_per_s", self.time_band, (f.compute_scale, f.comm_scale, f.compute_size_exponent) != (1.0, 1.0, 0.0)),
+                ("memory", self.memory_band, (f.mem_scale, f.mem_overhead_bytes) != (1.0, 0.0))):
             what = "tokens/s" if q == "tokens_per_s" else "memory"
-            res = [r for r in self.residuals if isinstance(r, dict) and r.get("quantity") == quantity
-                   and isinstance(r.get("uncalibrated_err_pct"), int | float)]
+            res = self.uncalibrated_errors(q)
             if not res and (self.residuals or not (band or moved)):
                 out[q] = (False, f"no {what} measured")
                 continue
@@ -565,7 +571,7 @@ class Calibration:
                 out[q] = (True, f"fitted on {len(res)} run(s); no leave-one-out check (fewer than 2 runs)")
                 continue
             loo = float(band["mean_abs_pct"])
-            uncal = math.fsum(abs(r["uncalibrated_err_pct"]) for r in res) / len(res)
+            uncal = math.fsum(res) / len(res)
             if loo >= uncal and max(loo, uncal) >= NEGLIGIBLE_ERR_PCT:
                 out[q] = (False, f"its leave-one-out error {loo:.1f}% is not below llmc's uncalibrated {uncal:.1f}% "
                                  f"on the same {len(res)} runs")
@@ -655,9 +661,7 @@ def published_bands(backend: str | None = None, gpu_key: str | None = None) -> d
 def _uncalibrated_band(cal: Calibration, quantity: str) -> dict | None:
     """llmc's uncalibrated error on the calibration's own runs of ``quantity`` (the error of a plan that does not
     apply its factors); None when it records none."""
-    res = [abs(r["uncalibrated_err_pct"]) for r in cal.residuals if isinstance(r, dict) and r.get("quantity") == (
-        "tokens_per_s (relative)" if quantity == "tokens_per_s" else "reserved_bytes")
-        and isinstance(r.get("uncalibrated_err_pct"), int | float)]
+    res = cal.uncalibrated_errors(quantity)
     if not res:
         return None
     return floored({"n": len(res), "mean_abs_pct": math.fsum(res) / len(res), "max_abs_pct": max(res),
