@@ -70,3 +70,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    """``path`` := ``data``, atomically (a new temporary file, then renamed over ``path``): a link at ``path`` is
+    replaced, never written through, and the temporary file is created new (``O_EXCL | O_NOFOLLOW``); ``fsync``
+    flushes it to the disk before the rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)

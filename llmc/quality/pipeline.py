@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from llmc.fileio import write_atomic
 from llmc.quality.config import DecontamConfig, NearDupConfig, QualityConfig, QualitySource
 from llmc.quality.text import benchmark_items, exact_key, ngram_hash, shingles, words
 from llmc.sources import expand_paths, iter_documents
@@ -195,12 +196,7 @@ def _init_worker(bench: BenchmarkIndex | None) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data, fsync=True)  # (never through a link at path: prepare's rule for data/)
 
 
 def _signature_task(args: tuple[QualitySource, int, int, QualityConfig, str]) -> None:

@@ -48,6 +48,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from llmc.fileio import write_atomic
 from llmc.lockfile import read_lock
 from llmc.runtime.data import Assets, SourceData
 from llmc.runtime.job import NATIVE_KINDS, POSTTRAIN_KINDS, TrainJob
@@ -257,18 +258,6 @@ def prepare_link(root: Path, lock: dict) -> Path | None:
     return None
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """``path`` := ``data``, atomically (a new temporary file, then renamed over ``path``): a link at ``path`` is
-    replaced, never written through, and the temporary file is created new (``O_EXCL | O_NOFOLLOW``)."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _read_tokenizer_file(path: Path) -> bytes:
     """A tokenizer file prepare copies (``data.tokenizer.path``): read only when it is a regular file of at most
     ``llmc.spec.facts.MAX_TOKENIZER_BYTES``, the cap ``llmc plan`` reads it with (``llmc.fileio.read_regular_file``:
@@ -460,7 +449,7 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
         key = "copy:" + digest.hexdigest()
         if state.get("tokenizer") != key or not tok_json.exists():
             for name in present:  # the bytes read above (never a second open of the user's file)
-                _write_bytes(asset_dir / name, files[name])
+                write_atomic(asset_dir / name, files[name])
             _drop_tokenizer_files(asset_dir, keep=present)
             state["tokenizer"] = key
             log(f"prepare: copied tokenizer from {src_dir}")
@@ -576,7 +565,7 @@ class _stage_lock:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    _write_bytes(path, text.encode())
+    write_atomic(path, text.encode())
 
 
 def _stage_assets(job: TrainJob, assets: Assets) -> Assets:
