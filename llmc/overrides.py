@@ -124,18 +124,12 @@ def _surprise(raw: str) -> tuple[str, str] | None:
         dropped = raw[at:].split("\n")[0]
         return (f"holds the YAML comment {dropped!r}, which the value would silently lose (it reads as "
                 f"{yaml.safe_load(raw)!r})", "leave the comment out")
+    from llmc.spec.load import yaml11_number_surprise
+
     for node in _scalars(yaml.compose(raw, Loader=yaml.SafeLoader)):
-        text, tag = node.value, node.tag.rsplit(":", 1)[-1]
-        if node.style is not None or tag not in ("int", "float"):
-            continue
-        if ":" in text:
-            return (f"is a base-60 number to YAML 1.1 ({text!r} -> {yaml.safe_load(text)!r}) but the text {text!r} "
-                    "to YAML 1.2", "write the number itself")
-        digits = text.replace("_", "").lstrip("+-")
-        if tag == "int" and len(digits) > 1 and digits[0] == "0" and digits.isdigit() and int(digits, 8) != int(digits):
-            sign = "-" if text.lstrip().startswith("-") else ""
-            return (f"is octal to YAML 1.1 ({text!r} -> {yaml.safe_load(text)!r}) but {sign}{int(digits)} to YAML 1.2",
-                    "write the number without its leading zero")
+        surprise = yaml11_number_surprise(node)
+        if surprise is not None:
+            return surprise
     return None
 
 

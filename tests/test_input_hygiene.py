@@ -375,3 +375,21 @@ def test_octal_refusal_keeps_the_sign_and_a_list_is_not_told_to_become_a_string(
         parse_override("data.sources.0.files=[010, 2]")
     msg = str(e.value)
     assert "quote that item" in msg and '"[010, 2]"' not in msg  # quoting the whole value would make it a string
+
+
+@pytest.mark.parametrize(("text", "yaml12"), [("010", 10), ("-0_17", -17), ("1:30", "1:30"), ("2:05.5", "2:05.5")])
+def test_a_spec_file_number_yaml_1_1_and_1_2_read_differently_is_refused_on_its_line(tmp_path, text, yaml12):
+    """PyYAML reads the spec as YAML 1.1 (``010`` -> 8, ``1:30`` -> 90); YAML 1.2's core schema, which every other
+    reader and a person use, reads a decimal ``[-+]?[0-9]+`` (https://yaml.org/spec/1.2.2/#1032-tag-resolution) and
+    leaves ``1:30`` text. A spec file holding one is S010 on its line, as a ``--set`` value is refused."""
+    loaded = yaml.safe_load(f"v: {text}")["v"]
+    assert loaded != yaml12  # the two readings differ (the premise)
+    spec = (ROOT / "examples" / "tiny_cpu.yaml").read_text().replace("training:\n", f"training:\n  seed: {text}\n", 1)
+    (tmp_path / "s.yaml").write_text(spec)
+    line = spec.splitlines().index(f"  seed: {text}") + 1
+    r = CliRunner().invoke(app, ["plan", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 1, r.output
+    assert f"s.yaml:{line}: error[S010] training.seed: {text!r}" in r.output and "Traceback" not in r.output
+    quoted = spec.replace(f"  seed: {text}\n", "  seed: 10\n")  # the number as YAML 1.2 reads it: no S010
+    (tmp_path / "ok.yaml").write_text(quoted)
+    assert "S010" not in CliRunner().invoke(app, ["plan", str(tmp_path / "ok.yaml")]).output

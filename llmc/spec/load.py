@@ -20,6 +20,7 @@ S006    duplicate key in a YAML mapping (the later value would silently win)
 S008    (warning) ``hf_config`` holds what the trained model leaves out although transformers' class has it: MTP
         layers (num_nextn_predict_layers), training regularisers (attention_dropout, router_jitter_noise, ...)
 S009    (info) ``hf_config`` key that llmc ignores because transformers' class for its model_type ignores it too
+S010    a plain number YAML 1.1 and YAML 1.2 read differently: octal ``010`` (8 / 10), base-60 ``1:30`` (90 / text)
 M001    n_heads not divisible by n_kv_heads
 M002    d_model not divisible by n_heads while head_dim is unset
 M003    moe.top_k greater than moe.num_experts
@@ -591,6 +592,7 @@ def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], diags: list[Diagn
                                 _walk(mv, mpath, lines, diags, file, merged=True)
                 continue
             path = f"{prefix}.{_seg(key)}" if prefix else _seg(key)
+            _number_check(v, path, diags, file, merged)
             if key in seen and not merged:
                 diags.append(_diag("S006", path, f"duplicate key {key!r}", file=file, line=k.start_mark.line + 1,
                                    hint="the later value would silently replace the earlier one"))
@@ -601,7 +603,41 @@ def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], diags: list[Diagn
         for i, item in enumerate(node.value):
             path = f"{prefix}.{i}" if prefix else str(i)
             lines[path] = item.start_mark.line + 1
+            _number_check(item, path, diags, file, merged)
             _walk(item, path, lines, diags, file, merged)
+
+
+def _number_check(node: yaml.Node, path: str, diags: list[Diagnostic], file: str, merged: bool) -> None:
+    """S010 for a plain number that YAML 1.1 (PyYAML, which reads the spec) and YAML 1.2 read differently
+    (:func:`yaml11_number_surprise`); a merged-in value is reported at its anchor, once."""
+    surprise = yaml11_number_surprise(node) if not merged else None
+    if surprise is not None:
+        message, hint = surprise
+        diags.append(_diag("S010", path, f"{node.value!r} {message}", file=file, line=node.start_mark.line + 1,
+                           hint=f"{hint}, or quote it if it is text"))
+
+
+def yaml11_number_surprise(node: yaml.Node) -> tuple[str, str] | None:
+    """Why a plain YAML scalar is not the number its text reads as in YAML 1.2, and the fix; None when it is.
+
+    PyYAML implements YAML 1.1's int / float resolvers (yaml/resolver.py; https://yaml.org/type/int.html,
+    https://yaml.org/type/float.html): ``010`` is octal 8 and ``1:30`` is base-60 90, where YAML 1.2's core schema
+    (https://yaml.org/spec/1.2.2/#1032-tag-resolution), every other YAML reader a reviewer or tool may use, and a
+    person reading the file read 10 and the text ``1:30``. Shared by the spec file (S010) and ``--set`` values."""
+    if not isinstance(node, yaml.ScalarNode) or node.style is not None:
+        return None
+    text, tag = node.value, node.tag.rsplit(":", 1)[-1]
+    if tag not in ("int", "float"):
+        return None
+    if ":" in text:
+        return (f"is a base-60 number to YAML 1.1 ({text!r} -> {yaml.safe_load(text)!r}) but the text {text!r} "
+                "to YAML 1.2", "write the number itself")
+    digits = text.replace("_", "").lstrip("+-")
+    if tag == "int" and len(digits) > 1 and digits[0] == "0" and digits.isdigit() and int(digits, 8) != int(digits):
+        sign = "-" if text.lstrip().startswith("-") else ""
+        return (f"is octal to YAML 1.1 ({text!r} -> {yaml.safe_load(text)!r}) but {sign}{int(digits)} to YAML 1.2",
+                "write the number without its leading zero")
+    return None
 
 
 # --- model resolution
