@@ -190,6 +190,29 @@ def _compute(c) -> Table:
     return t
 
 
+def _lr_text(c) -> str:
+    """The schedule as every backend trains it (torchtitan's: ``llmc.lr_schedule``): the decay approaches
+    min_lr and reaches it one step after the last, so the last step's LR is said as a number; wsd names its cooldown
+    shape; a constant schedule has no min."""
+    from llmc.lr_schedule import WSD_COOLDOWN, WSD_COOLDOWN_SOURCE, lr_shape
+
+    h, d = c.hyper, c.hyper.defaults
+    frac = c.spec.training.schedule.decay_fraction
+    shape = lr_shape(lr=h.lr, min_lr=h.min_lr, steps=h.steps, warmup_steps=h.warmup_steps, schedule=h.schedule,
+                     decay_fraction=frac)
+    kind = h.schedule
+    if kind == "wsd":
+        kind = (f"wsd ({WSD_COOLDOWN} cooldown over the last {100 * frac:g}%, {shape.decay_steps:,} steps: "
+                f"{WSD_COOLDOWN_SOURCE})")
+    text = f"peak {h.lr:.3g}{_dflt('lr', d)}, "
+    if h.schedule == "constant":
+        text += "constant (no decay)"
+    else:
+        text += (f"{kind} toward min {h.min_lr:.3g}{_dflt('min_lr', d)} (reached one step past the last, as in "
+                 f"torchtitan's schedule; last step {shape.last_lr:.4g})")
+    return text + f"; warmup {h.warmup_steps:,} steps{_dflt('warmup_steps', d)}"
+
+
 def _hyper(c) -> Table:
     h = c.hyper
     d = h.defaults
@@ -197,8 +220,7 @@ def _hyper(c) -> Table:
     t.add_row("batch", f"{h.global_batch_tokens:,} tokens = {h.global_batch_seqs} x {h.seq_len}"
               + _dflt("global_batch_tokens", d))
     t.add_row("steps", f"{h.steps:,}{_dflt('steps', d)}")
-    t.add_row("learning rate", f"peak {h.lr:.3g}{_dflt('lr', d)}, min {h.min_lr:.3g}{_dflt('min_lr', d)}, "
-              f"{h.schedule}, warmup {h.warmup_steps:,} steps{_dflt('warmup_steps', d)}")
+    t.add_row("learning rate", _lr_text(c))
     t.add_row("checkpoints", f"every {h.checkpoint_interval:,} steps{_dflt('checkpoint_interval', d)}, "
               f"{'async' if h.checkpoint_async else 'sync'}{_dflt('checkpoint_async', d)}")
     tr = c.spec.training

@@ -914,24 +914,32 @@ def check_hyper(run, hyper, params_active: float, default_lr: float, world: int,
                      "3e-4 at ~1B down to 1e-4 at ~70B (Llama 2 Table 1); larger models need smaller LR")
     steps = hyper.steps
     sched = tr.schedule
-    if steps > 100 and hyper.warmup_steps == 0:
-        sink.add("T002", "warning", "training.schedule.warmup_steps", "no LR warmup",
-                 f"warm up over 1-2% of steps (~{max(1, round(0.01 * steps))}); no warmup risks early divergence")
+    if steps > 100 and hyper.warmup_steps <= 1:
+        # step k (1-based) of an N-step warmup runs at k/N of peak (torchtitan's linear_warmup_stable_decay, which every
+        # backend trains: llmc.lr_schedule), so 1 step runs step 1 at peak, as 0 does
+        from llmc.compiler.defaults import default_warmup
+
+        why = (" (step k of an N-step warmup runs at k/N of peak, so a 1-step warmup runs step 1 at peak)"
+               if hyper.warmup_steps == 1 else "")
+        sink.add("T002", "warning", "training.schedule.warmup_steps",
+                 f"no LR warmup: warmup_steps {hyper.warmup_steps}{why}",
+                 f"warm up over 1-2% of steps (~{default_warmup(steps)}); no warmup risks early divergence")
     elif steps > 1 and hyper.warmup_steps > 0.1 * steps and "warmup_steps" not in hyper.defaults:
         sink.add("T002", "warning", "training.schedule.warmup_steps",
                  f"warmup {hyper.warmup_steps} is {100 * hyper.warmup_steps / steps:.0f}% of {steps} steps",
                  "1-2% is usual; a long warmup wastes the peak-LR phase")
     elif steps > 1 and hyper.warmup_steps > 0.1 * steps:
-        # llmc chose the warmup (defaults.default_warmup: 1% of the steps, at least 1): the run is so short that one
-        # step is over 10% of it. Located where its length is set (the key the user acts on), not on a key the spec
-        # does not write
-        from llmc.compiler.defaults import WARMUP_FRACTION, pretrain_paths
+        # llmc chose the warmup (defaults.default_warmup: 1% of the steps, at least 1, 2 from 20 steps on): the run is
+        # so short that one step is over 10% of it. Located where its length is set (the key the user acts on), not on
+        # a key the spec does not write
+        from llmc.compiler.defaults import MIN_WARMUP, WARMUP_FRACTION, WARMUP_MAX_DIVISOR, pretrain_paths
 
         data_at, steps_at = pretrain_paths(run)
         at = f"{data_at}.tokens" if "steps" in hyper.defaults else steps_at
         sink.add("T002", "warning", at,
                  f"warmup {hyper.warmup_steps} (derived: llmc's default, {WARMUP_FRACTION:.0%} of the steps and at "
-                 f"least 1) is {100 * hyper.warmup_steps / steps:.0f}% of the run's {steps} steps",
+                 f"least 1; 2 from {MIN_WARMUP * WARMUP_MAX_DIVISOR} steps) is {100 * hyper.warmup_steps / steps:.0f}% "
+                 f"of the run's {steps} steps",
                  f"1-2% is usual; raise {at} for a longer run, or set training.schedule.warmup_steps: 0 for none")
     if sched.kind == "constant" and steps > 100:
         sink.add("T002", "warning", "training.schedule.kind", "constant LR: no decay",

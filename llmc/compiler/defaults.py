@@ -23,12 +23,17 @@ LR_ANCHORS = ((1e9, 3e-4), (70e9, 1e-4))
 LR_CLAMP = (6e-5, 6e-4)  # GPT-3's range over 125M..175B (Brown et al. 2020, Table 2.1)
 WARMUP_FRACTION = 0.01  # 1 % of steps
 WARMUP_CAP = 2000  # Llama 2 warmed up for 2000 steps; a cap keeps multi-million-step runs sane
+# Step k (1-based) of an N-step warmup runs at k/N of peak (torchtitan's linear_warmup_stable_decay,
+# llmc.lr_schedule), so a 1-step warmup is none: the default warms up at least 2 steps where 2 is at most
+# 1/WARMUP_MAX_DIVISOR of the run (T002 calls a longer warmup long), so runs under 20 steps keep 1
+MIN_WARMUP = 2
+WARMUP_MAX_DIVISOR = 10  # a warmup over 1/10 of the steps is long (T002)
 CHECKPOINT_SECONDS = 1800.0  # ~30 min of wall time between checkpoints
 CHECKPOINT_CLAMP = (50, 1000)
 ASYNC_CHECKPOINT_BYTES = 100e9  # async above 100 GB of state
 CHECKPOINT_BYTES_PER_PARAM = DCP_BYTES_PER_PARAM  # fp32 weights + AdamW m and v (what torchtitan's DCP saves)
 CPU_BATCH_SEQS = 8  # tiny CPU runs: a handful of sequences per step
-STAGE_WARMUP_DIVISOR = 10  # continued / post-training stages: warmup at most 1/10 of the stage
+STAGE_WARMUP_DIVISOR = WARMUP_MAX_DIVISOR  # continued / post-training stages: warmup at most 1/10 of the stage
 
 # Peak LR anchors (params, lr) for the other stage kinds, log-log interpolated and flat outside.
 STAGE_LR_POINTS: dict[str, list[tuple[float, float]]] = {
@@ -116,11 +121,19 @@ def default_steps(data_tokens: float, batch_tokens: int) -> int:
     return max(1, math.ceil(data_tokens / batch_tokens))
 
 
-def default_warmup(steps: int) -> int:
-    """1 % of steps, at least 1 when there is more than one step, at most 2000."""
+def min_warmup(steps: int) -> int:
+    """The fewest warmup steps llmc derives for a ``steps``-step run (or stage): 2 (the least that warms up: a
+    1-step warmup runs step 1 at peak) where 2 is at most a tenth of the steps, else 1 (0 for a single step)."""
     if steps <= 1:
         return 0
-    return max(1, min(WARMUP_CAP, round(WARMUP_FRACTION * steps)))
+    return MIN_WARMUP if MIN_WARMUP * WARMUP_MAX_DIVISOR <= steps else 1
+
+
+def default_warmup(steps: int) -> int:
+    """1 % of steps, at most 2000, at least :func:`min_warmup` (2 from 20 steps on, 1 below, 0 for one step)."""
+    if steps <= 1:
+        return 0
+    return max(min_warmup(steps), min(WARMUP_CAP, round(WARMUP_FRACTION * steps)))
 
 
 def default_checkpoint_interval(step_seconds: float | None, steps: int) -> int:
@@ -193,11 +206,16 @@ class StageSchedule:
 
 def stage_schedule(kind: str, lr: float, steps: int | None, hyper: Hyper, schedule) -> StageSchedule:
     """The LR schedule of a stage: the run's schedule kind, min-LR ratio and decay fraction (``schedule``,
-    a ``spec.schema.Schedule``); pretrain keeps the run's warmup, other kinds at most 10 % of their steps."""
+    a ``spec.schema.Schedule``); pretrain keeps the run's warmup, other kinds at most 10 % of their steps. A warmup
+    llmc derived is at least 2 steps where 2 is within that tenth (:data:`MIN_WARMUP`): the run's, derived from the
+    run's steps, would give a long stage after a run of under 20 steps a 1-step warmup, which is none; a pinned
+    one is kept."""
     if kind == "pretrain":
         warmup = hyper.warmup_steps
     else:
         warmup = min(hyper.warmup_steps, (steps or 0) // STAGE_WARMUP_DIVISOR)
+        if "warmup_steps" in hyper.defaults and warmup < MIN_WARMUP <= (steps or 0) // STAGE_WARMUP_DIVISOR:
+            warmup = MIN_WARMUP
     return StageSchedule(schedule=schedule.kind, warmup_steps=warmup, min_lr=lr * schedule.min_lr_ratio,
                          decay_fraction=schedule.decay_fraction)
 

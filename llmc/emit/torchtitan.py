@@ -430,7 +430,8 @@ def _optimizer_schedule(compiled, notes: list[str]) -> dict[str, Any]:
         decay_ratio, decay_type = None, "cosine"
     elif kind == "wsd":
         # WSD cooldown shape: 1-sqrt (Hägele et al. 2024, "Scaling Laws and Compute-Optimal
-        # Training Beyond Fixed Training Durations", sec. 3: 1-sqrt beats linear cooldown).
+        # Training Beyond Fixed Training Durations", arXiv:2405.18392, sec. 3: 1-sqrt beats linear cooldown;
+        # llmc.lr_schedule.WSD_COOLDOWN, which the native runtime applies and the plan names).
         decay_ratio, decay_type = float(tr.schedule.decay_fraction), "sqrt"
     else:  # linear; constant: min_lr_factor 1 keeps the factor at 1 after warmup
         decay_ratio, decay_type = None, "linear"

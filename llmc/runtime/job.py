@@ -8,7 +8,8 @@ layout, ``llmc.spec.schema.CONTINUED_KINDS``), the model and data from
 ``lock["spec"]["resolved"]`` and the device peak from ``lock["hardware"]``. Nothing is recomputed.
 Tests construct ``TrainJob(...)`` directly or read a compiled lock. Users: ``llmc.runtime.train``
 (native trainer), ``posttrain`` (sft/dpo/grpo: ``job.stage_plan`` is the stage's lock entry,
-``job.stage_spec`` the Stage) and ``ds_train``. ``lr_factor`` is the one LR schedule of every loop.
+``job.stage_spec`` the Stage) and ``ds_train``. ``lr_factor`` is the one LR schedule of every loop
+(``llmc.lr_schedule``'s: torchtitan's formula, which the plan quotes).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llmc.lr_schedule import lr_factor  # the one LR schedule (torchtitan's), shared with the plan
 from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.schema import (
     AC_MODES,
@@ -413,36 +415,6 @@ def peak_flops(hardware: dict | None, precision: str) -> float | None:
         return None
     tf = hardware.get(PEAK_FIELD[precision])
     return float(tf) * 1e12 if tf else None
-
-
-def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str, min_ratio: float,
-              decay_fraction: float = 0.2) -> float:
-    """LR / peak LR for optimizer step ``step`` (0-based); the one schedule of every runtime loop.
-
-    Linear warmup over ``warmup_steps`` (step s uses (s+1)/warmup), then
-    cosine: min + (1-min) * (1 + cos(pi p)) / 2;  linear: min + (1-min)(1-p);
-    wsd: 1 until the last ``decay_fraction`` of steps (Hu et al. 2024, "MiniCPM", arXiv:2404.06395, sec. 4), then
-    1-sqrt to min: min + (1-min)(1 - sqrt(q)), q = progress through the cooldown (Hägele et al. 2024, arXiv:2405.18392,
-    sec. 3: 1-sqrt beats a linear cooldown; torchtitan's ``decay_type: sqrt``, which the torchtitan job uses, so every
-    backend trains one schedule); constant: 1. p = progress through the post-warmup steps in [0, 1].
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    span = max(1, steps - warmup_steps)
-    p = min(1.0, (step - warmup_steps) / span)
-    if schedule == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-    if schedule == "linear":
-        return min_ratio + (1 - min_ratio) * (1 - p)
-    if schedule == "wsd":
-        decay_steps = max(1, round(decay_fraction * steps))
-        start = steps - decay_steps
-        if step < start:
-            return 1.0
-        return min_ratio + (1 - min_ratio) * (1 - math.sqrt(min(1.0, (step - start) / decay_steps)))
-    raise ValueError(f"unknown schedule {schedule!r}")
 
 
 def _spec_dir(spec: dict, spec_path: str | None, build_dir: str | Path | None) -> str:

@@ -331,14 +331,22 @@ class Schedule(SpecModel):
     """Learning-rate schedule."""
 
     kind: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
-    """Warmup then cosine decay, warmup-stable-decay, linear decay, or constant."""
+    """After the warmup: ``cosine`` decay; ``wsd`` (warmup-stable-decay: the peak LR until the last
+    ``decay_fraction`` of the steps, then a 1-sqrt cooldown, LR factor min + (1 - min)(1 - sqrt(progress)): Hägele et
+    al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations", arXiv:2405.18392, sec. 3;
+    torchtitan's ``decay_type: sqrt``); ``linear`` decay; or ``constant`` (no decay). Every backend trains
+    torchtitan's ``linear_warmup_stable_decay``, step for step."""
     warmup_steps: Int | None = Field(default=None, ge=0)
-    """Linear warmup steps. None = 1% of steps, rounded, at least 1 and at most 2000 (0 for a single step); a
-    stage other than pre-training warms up at most a tenth of its own steps."""
+    """Linear warmup steps: step k (1-based) of an N-step warmup runs at k/N of peak, so 1 is no warmup (step 1 at
+    peak). None = 1% of steps, rounded, at most 2000 and at least 2 where 2 is at most 10% of the steps (else 1; 0
+    for a single step); a stage other than pre-training warms up at most a tenth of its own steps."""
     min_lr_ratio: Float = Field(default=0.1, ge=0, le=1)
-    """Final LR as a fraction of peak (~10%)."""
+    """The LR the decay approaches, as a fraction of peak (~10%). The decay reaches it one step after the last
+    (torchtitan's schedule, which llmc's runtime matches), so the last step runs a little above it (the plan says at
+    what LR); unused by ``constant``."""
     decay_fraction: Float = Field(default=0.2, gt=0, le=1)
-    """wsd only: fraction of steps spent decaying at the end."""
+    """wsd only: fraction of steps spent in the 1-sqrt cooldown at the end (rounded to whole steps, at most the
+    steps after the warmup)."""
 
 
 class Checkpoint(SpecModel):

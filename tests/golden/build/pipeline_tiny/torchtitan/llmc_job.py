@@ -1000,7 +1000,7 @@ def _trainer_config(spec):
             implementation='foreach',
         ),
         lr_scheduler=LRSchedulersContainer.Config(
-            warmup_steps=1,
+            warmup_steps=2,
             decay_ratio=None,
             decay_type='cosine',
             min_lr_factor=0.1,
