@@ -445,7 +445,7 @@ def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
     ``llmc launch`` refuses them (``llmc.runtime.job.finished_stage``)."""
     if lock_text is None or not (out / "run").is_dir():
         return []
-    from llmc.runtime.job import finished_stage
+    from llmc.runtime.job import finished_stage, rerun_command
 
     lock = json.loads(lock_text)
     lines = []
@@ -455,9 +455,27 @@ def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
         if f is not None and f.change is not None:
             what = "from other weights than its init_hf holds now" if f.weights else "under another lock than this build's"
             lines.append(f"{out / 'run' / str(name)}: warning[X013] stage {name!r} finished {what} "
-                         f"({f.change}): the next `llmc launch` refuses it (`llmc launch {out} "
-                         f"--no-resume --stage {name}` sets it aside and trains it again; the other stages' runs stay)")
+                         f"({f.change}): the next `llmc launch` refuses it (`{rerun_command(out, str(name))}` sets "
+                         "it and the stages after it aside and trains them again; the stages before it stay)")
     return lines
+
+
+def _launch_command(build_dir: Path, *, no_resume: bool = False, stage: str | None = None,
+                    from_stage: str | None = None, backend: str | None = None, nproc: int | None = None,
+                    force: bool = False, allow_edited: bool = False, fallback_checkpoint: bool = False) -> str:
+    """The ``llmc launch`` command line with these options, quoted for a shell: what a message tells the user to run
+    again (the same stages, backend and process count; ``--no-resume`` only where nothing of this launch ran yet,
+    since a rerun with it would set aside what this one trained)."""
+    import shlex
+
+    argv = ["llmc", "launch", str(build_dir)]
+    for flag, value in (("--stage", stage), ("--from", from_stage), ("--backend", backend),
+                        ("--nproc", None if nproc is None else str(nproc))):
+        if value is not None:
+            argv += [flag, value]
+    argv += [flag for flag, on in (("--no-resume", no_resume), ("--force", force), ("--allow-edited", allow_edited),
+                                   ("--fallback-checkpoint", fallback_checkpoint)) if on]
+    return shlex.join(argv)
 
 
 @_command()
@@ -468,6 +486,9 @@ def launch(
     nproc: Annotated[int | None, typer.Option(help="Processes per node (default: from the plan; a CPU build: its world size). Only the plan's count, unless every stage run is a native post-training one.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and exit.")] = False,
     stage: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
+    from_stage: Annotated[str | None, typer.Option(
+        "--from", help="Run this stage and every stage after it in the run order (with --no-resume: each of them "
+        "set aside first and trained again).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Launch even if plan.lock.json was edited by hand.")] = False,
     allow_edited: Annotated[bool, typer.Option(
         "--allow-edited", help="Run a torchtitan job or DeepSpeed config edited since `llmc build` wrote it (warned).")
@@ -483,7 +504,7 @@ def launch(
 
     For a run over several nodes, use the build's scripts: launch/, torchtitan/, or deepspeed/launch.sh with a HOSTFILE (the DeepSpeed launcher).
 
-    One launch per build at a time; stages run in order and finished ones are skipped, so after a failure, fix the cause and run the same command again. A stage finished under another lock (a build directory rebuilt from another spec) is refused, never skipped or trained over: --no-resume sets it aside.
+    One launch per build at a time; stages run in order and finished ones are skipped, so after a failure, fix the cause and run the same command again. A stage finished under another lock (a build directory rebuilt from another spec) is refused, never skipped or trained over: --no-resume --from STAGE sets it and the stages after it aside and trains them again.
 
     A SIGTERM or SIGUSR1 (a preemption, a time limit) makes llmc's runtime save the step it is on; the launch then exits 75 and the same command resumes from that step."""
     from llmc.buildfs import BuildDirError, recover
@@ -503,6 +524,12 @@ def launch(
     if not build_dir:  # (a Path would read '' as '.')
         _fail(["error[L001] no build directory given (an empty path; name the directory `llmc build -o` wrote)"])
     build_dir = Path(build_dir)
+    # what a failure tells the user to run: this command again (nothing of it ran yet), or it without --no-resume
+    # (to resume what it trained: its stages set aside once, the rerun skips the finished ones)
+    same = {"stage": stage, "from_stage": from_stage, "backend": backend, "nproc": nproc, "force": force,
+            "allow_edited": allow_edited, "fallback_checkpoint": fallback_checkpoint}
+    again, resume_cmd = (_launch_command(build_dir, no_resume=no_resume, **same),
+                         _launch_command(build_dir, **same))
     try:
         if build_dir.is_dir():
             recover(build_dir)
@@ -512,7 +539,7 @@ def launch(
         if problem:
             typer.echo(f"{build_dir}: warning[L004] {problem}; launching anyway (--force)", err=True)
         cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage,
-                               fallback_checkpoint=fallback_checkpoint)
+                               fallback_checkpoint=fallback_checkpoint, from_stage=from_stage)
         # a process count the plan's layout cannot run on: refused now, not by the trainer after prepare
         wrong_nproc = nproc_problem(build_dir, cmds, nproc)
         if wrong_nproc:
@@ -561,7 +588,7 @@ def launch(
     except RunLockBusy as e:
         _fail([f"{build_dir}: error[L003] {e}"])
     except OSError as e:
-        _fail([_write_failure(e, build_dir, None, "the run lock (its holder's record)", cmds)])
+        _fail([_write_failure(e, build_dir, None, "the run lock (its holder's record)", cmds, rerun=again)])
     if no_resume:  # under the run lock: set every stage this launch runs aside, then plan the commands again
         from llmc.fileio import set_aside
         from llmc.runtime.job import set_stage_aside
@@ -573,7 +600,7 @@ def launch(
             except OSError as e:
                 lock.release()
                 _fail([_write_failure(e, build_dir, name, "its earlier run, setting it aside (--no-resume)", cmds,
-                                      b / "run" / name)])
+                                      b / "run" / name, rerun=again)])
             if moved is not None:
                 _echo(f"{name}: the earlier run is set aside in {os.path.relpath(moved)}")
         # a torchtitan stage's checkpoints, which its job would resume from, go aside with it
@@ -583,12 +610,12 @@ def launch(
             except OSError as e:
                 lock.release()
                 _fail([_write_failure(e, build_dir, None, "the torchtitan checkpoints, setting them aside "
-                                      "(--no-resume)", cmds, dump)])
+                                      "(--no-resume)", cmds, dump, rerun=again)])
             if moved is not None:
                 _echo(f"{os.path.relpath(dump)}: its torchtitan checkpoints are set aside in {os.path.relpath(moved)}")
         try:
             cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage,
-                                   fallback_checkpoint=fallback_checkpoint)
+                                   fallback_checkpoint=fallback_checkpoint, from_stage=from_stage)
         except LaunchError as e:
             lock.release()
             _fail([f"{build_dir}: error[L001] {e}"])
@@ -608,17 +635,17 @@ def launch(
             except OSError as e:
                 lock.release()
                 _fail([_write_failure(e, build_dir, c.stage, "the stage's folder (its copy of the tokenizer, its "
-                                      "record)", cmds, c.stage_dir)])
+                                      "record)", cmds, c.stage_dir, rerun=resume_cmd)])
             log = b / "run" / (c.stage if c.stage != "prepare" else ".prepare") / "stderr.log"
             env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown), **os.environ, **c.env}
             try:
                 ran = _run_logged(c.argv, env=env, cwd=c.cwd, log=log, grace_s=wait)
             except OSError as e:  # its log could not even be opened (a full disk, a read-only run folder)
                 lock.release()
-                _fail([_write_failure(e, build_dir, c.stage, "the stage's log", cmds, log)])
+                _fail([_write_failure(e, build_dir, c.stage, "the stage's log", cmds, log, rerun=resume_cmd)])
             rc, cause = ran[0], ran[1]
             how, log_error = getattr(ran, "exit", None), getattr(ran, "log_error", None)
-            quoted = shlex.quote(str(build_dir))
+            quoted = resume_cmd  # (the stages this launch runs, resumed: finished ones skipped)
             rel = os.path.relpath(log)
             if log_error is not None:
                 rel += f", incomplete: writing it failed ({log_error.strerror or log_error})"
@@ -627,7 +654,7 @@ def launch(
                 _echo(_one_line(f"{build_dir}: stage {c.stage!r} preempted: stopped by a signal (a preemption, the "
                                 f"time limit or a cancel) after saving its current step"
                                 + (f" ({os.path.relpath(saved)})" if saved else "")
-                                + f"; rerun `llmc launch {quoted}` to resume from it"), err=True)
+                                + f"; rerun `{quoted}` to resume from it"), err=True)
                 raise SystemExit(EXIT_PREEMPTED)
             if rc != 0 and how is not None and how.signals and c.checkpoints:
                 # a stop was passed on, but not every rank reported saving its step (a hung or killed rank): not
@@ -636,9 +663,9 @@ def launch(
                 told = (f"{len(how.reported)} of {how.world} ranks reported"
                         + (f" ({', '.join(f'rank {r}: exit {x}' for r, x in sorted(how.reported.items()))})"
                            if how.reported else "")) if how.reported else "no rank reported"
-                resume = (f"rerun `llmc launch {quoted}` to resume from {os.path.relpath(saved)}, the newest "
+                resume = (f"rerun `{quoted}` to resume from {os.path.relpath(saved)}, the newest "
                           "complete checkpoint (later steps are lost)" if saved else
-                          f"no complete checkpoint in {os.path.relpath(c.checkpoints)}: rerun `llmc launch {quoted}` "
+                          f"no complete checkpoint in {os.path.relpath(c.checkpoints)}: rerun `{quoted}` "
                           "to start the stage over")
                 _fail([f"{build_dir}: error[L002] stage {c.stage!r} stopped by a signal ({how.signals[0]} passed on) "
                        f"without every rank reporting that it saved its current step ({told}; exit {rc}: {cause}): "
@@ -647,11 +674,11 @@ def launch(
                 hint = _space_hint(b, cmds) if _no_space(cause) else ""
                 _fail([f"{build_dir}: error[L002] stage {c.stage!r} failed (exit {rc}): {cause} "
                        + (f"({hint}) " if hint else "")
-                       + f"(fix it and rerun `llmc launch {quoted}`: finished stages are skipped; full log: {rel})"])
+                       + f"(fix it and rerun `{quoted}`: finished stages are skipped; full log: {rel})"])
             if log_error is not None:  # it finished, but what it printed could not all be kept
                 lock.release()
                 _fail([_write_failure(log_error, build_dir, c.stage, "the stage's log (the stage itself "
-                                      "finished)", cmds, log)])
+                                      "finished)", cmds, log, rerun=resume_cmd)])
     finally:
         lock.release()
 
@@ -684,7 +711,8 @@ def _space_hint(b: Path, cmds) -> str:
             f"{_size(sum(n for _, n in tmps))} there and may be deleted: {shown}{more}")
 
 
-def _write_failure(e: OSError, build_dir: Path, stage: str | None, what: str, cmds, path=None) -> str:
+def _write_failure(e: OSError, build_dir: Path, stage: str | None, what: str, cmds, path=None,
+                   rerun: str | None = None) -> str:
     """The one line for a file ``llmc launch`` itself could not write (its lock, a stage's log or folder): the file,
     the stage, the error and, on a full disk, the space a user may get back (:func:`_space_hint`)."""
     where = getattr(e, "filename", None) or path or build_dir
@@ -692,7 +720,7 @@ def _write_failure(e: OSError, build_dir: Path, stage: str | None, what: str, cm
     hint = _space_hint(Path(build_dir).resolve(), cmds) if full else "check the path and its permissions"
     of = f"stage {stage!r}: " if stage else ""
     return (f"{where}: error[L014] {of}`llmc launch` cannot write {what}: {e.strerror or e} ({hint}; then rerun "
-            f"`llmc launch {build_dir}`)")
+            f"`{rerun or _launch_command(build_dir)}`)")
 
 
 class _StageRun(tuple):
@@ -931,11 +959,17 @@ def export(
     stage: Annotated[str, typer.Option("--stage", help="The stage to export (pretrain for the main run).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (default run/<stage>/hf).")]
     = None,
+    allow_stale: Annotated[bool, typer.Option(
+        "--allow-stale", help="Export a stage `llmc launch` refuses as stale (finished under another lock than "
+        "this build's, or started from such a stage): warned, and recorded as stale in .llmc-export.json.")] = False,
 ) -> None:
-    """Write a Hugging Face model directory (safetensors, config, tokenizer) from a stage's checkpoint."""
+    """Write a Hugging Face model directory (safetensors, config, tokenizer) from a stage's checkpoint.
+
+    A stage `llmc launch` would refuse as stale (finished under another lock) is refused here too, unless --allow-stale. The export's .llmc-export.json records its provenance: the lock's sha256, the fingerprint of the run exported, the checkpoint step and llmc's version."""
     from llmc.runtime.export import main as export_main  # torch: only once the stage is found
 
-    rc = export_main([f"--stage={stage}", *([f"--out={out}"] if out else []), "--", str(run_dir)])
+    rc = export_main([f"--stage={stage}", *([f"--out={out}"] if out else []),
+                      *(["--allow-stale"] if allow_stale else []), "--", str(run_dir)])
     if rc:
         raise typer.Exit(rc)
 

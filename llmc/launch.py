@@ -62,7 +62,10 @@ A finished stage counts as done only when the current lock trained it: its marke
 ``FINGERPRINT.json`` beside its export) records the fingerprint of what decided its result
 (``llmc.runtime.job.stage_fingerprint``). A stage finished under another lock (a build directory rebuilt from another
 spec), or one that starts from such a stage, is returned with ``stale`` set (what changed and the way out), neither
-skipped nor run: ``llmc launch`` refuses it unless ``--no-resume`` sets it aside. So is a stage trained from an
+skipped nor run: ``llmc launch`` refuses it unless ``--no-resume`` sets it aside (the message names ``llmc launch BUILD
+--no-resume --from STAGE``: ``from_stage`` runs that stage and every stage after it in the run order, and with
+``--no-resume`` each of them is set aside first; ``llmc.runtime.job.stage_staleness`` is the check, which ``llmc
+export`` applies too). So is a stage trained from an
 ``init_hf`` checkpoint (its own or its ``init_from`` chain's) whose files changed since (``llmc.runtime.job.
 checkpoint_files``: the weights in that folder are not the ones it was trained from). A marker without a fingerprint
 (an older llmc's) is trusted as before, with ``legacy`` set to a warning.
@@ -103,10 +106,10 @@ from llmc.runtime.evaluate import eval_stages
 from llmc.runtime.job import (
     FINGERPRINT_FILE,
     fingerprint_record,
-    finished_stage,
     keep_tokenizer,
     legacy_message,
-    stale_message,
+    rerun_command,
+    stage_staleness,
 )
 from llmc.spec.schema import POSTTRAIN_KINDS
 
@@ -555,8 +558,12 @@ def _has_titan_job(b: Path) -> bool:
 
 def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, nproc: int | None = None,
                     stage: str | None = None, run_dir: str | os.PathLike | None = None,
-                    gpu: bool | None = None, fallback_checkpoint: bool = False) -> list[Cmd]:
+                    gpu: bool | None = None, fallback_checkpoint: bool = False,
+                    from_stage: str | None = None) -> list[Cmd]:
     """Prepare step + one command per stage (skipped ones carry ``skip_reason``); raises LaunchError.
+
+    ``stage``: that stage only; ``from_stage``: that stage and every stage after it in the run order (the lock's
+    stage order), not both.
 
     ``backend`` None: the build's default (``llmc.emit.common.default_backend``). ``fallback_checkpoint``: llmc's
     trainer resumes from the newest checkpoint that verifies, walking back past a damaged newer one
@@ -583,11 +590,17 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     folder = _checkpoint_folder(lock)
     lock_path = str(b / "plan.lock.json")
     stages = _stages(lock)
+    if stage is not None and from_stage is not None:
+        raise LaunchError(f"--stage {stage} and --from {from_stage} together: --stage runs one stage, --from that "
+                          "stage and every stage after it; give one of them")
+    names = [s["name"] for s in stages]
+    for picked in (stage, from_stage):
+        if picked is not None and picked not in names:
+            raise LaunchError(f"no stage named {picked!r} (stages: {', '.join(names)})")
     if stage is not None:
-        names = [s["name"] for s in stages]
-        if stage not in names:
-            raise LaunchError(f"no stage named {stage!r} (stages: {', '.join(names)})")
         stages = [s for s in stages if s["name"] == stage]
+    if from_stage is not None:
+        stages = stages[names.index(from_stage):]
 
     py = sys.executable
 
@@ -608,17 +621,14 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
 
     evaluated = set(eval_stages(lock))
     position = {st["name"]: i for i, st in enumerate(_stages(lock))}
-    # every stage's finished run, and whether the lock trained it (a stage that runs checks where it starts from too)
-    finished = {st["name"]: finished_stage(lock, st["name"], run / st["name"], export=True, build_dir=b)
-                for st in _stages(lock)}
-    inits = {st["name"]: st.get("init_from") for st in _stages(lock)}
     cmds: list[Cmd] = []
     for s in stages:
         # continued training with its own searched layout runs as its own torchtitan job (torchtitan builds)
         own = bool(s.get("layout")) and s["kind"] not in TITAN_STAGE_KINDS
         titan = backend == "torchtitan" and (s["kind"] in TITAN_STAGE_KINDS or own)
-        # its finished run: DONE.json; a torchtitan stage's, also its export (torchtitan writes no DONE.json)
-        fin = finished[s["name"]] if titan or (run / s["name"] / "DONE.json").is_file() else None
+        # its finished run: DONE.json; a torchtitan stage's, also its export (torchtitan writes no DONE.json); and
+        # whether this lock trained it, or (unfinished) what it starts from: the check `llmc export` applies too
+        fin, stale = stage_staleness(lock, s["name"], run, b, export=titan)
         if backend == "deepspeed" and s["kind"] in DS_STAGE_KINDS:
             env = {} if on_gpu else {"DS_ACCELERATOR": "cpu"}
             c = Cmd(argv=[_tool("torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m",
@@ -658,23 +668,17 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
                 # the export runs only after torchtitan finished the stage (a failed or preempted run stops the
                 # launch before it): torchtitan writes no DONE.json, its exported model marks the stage done
                 c.skip_reason = (f"stage {s['name']!r} already finished and exported ({hf.parent}); "
-                                 f"`--no-resume --stage {s['name']}` sets it aside to run it again")
+                                 f"`{rerun_command(b, s['name'])}` sets it and the stages after it aside "
+                                 "to run them again")
         else:
             c = native(s)
         if fin is not None and fin.change is None and (run / s["name"] / "DONE.json").is_file():
             done = run / s["name"] / "DONE.json"
-            c.skip_reason = (f"stage {s['name']!r} already finished ({done}); `--no-resume --stage {s['name']}` sets it "
-                             "aside to run it again")
-        if fin is not None and fin.change is not None:
-            c.stale = stale_message(s["name"], fin, str(b))
-        elif fin is not None and fin.legacy:
+            c.skip_reason = (f"stage {s['name']!r} already finished ({done}); `{rerun_command(b, s['name'])}` "
+                             "sets it and the stages after it aside to run them again")
+        c.stale = stale
+        if stale is None and fin is not None and fin.legacy:
             c.legacy = legacy_message(s["name"], fin)
-        # it would start from a run finished under another lock (a finished one under this lock vouches for its own
-        # start: its fingerprint holds its init_from's; an unfinished one stops the stage that starts from it anyway)
-        up = inits.get(s["name"])
-        f = finished.get(up) if up else None
-        if not c.stale and not c.skip_reason and f is not None and f.change is not None:
-            c.stale = f"stage {s['name']!r} starts from {stale_message(up, f, str(b))}"
         if fallback_checkpoint and not c.skip_reason and RUNTIME_ENTRY not in c.argv:
             raise LaunchError(f"--fallback-checkpoint: stage {s['name']!r} runs on {backend}, whose checkpointer "
                               "picks its own checkpoint; move the damaged one aside instead (or launch that stage "
@@ -731,8 +735,9 @@ def start_stage(c: Cmd, build_dir: str | os.PathLike) -> None:
             was = None
         if was and was != c.record.get("fingerprint_sha256") and any(Path(c.dump_dir).glob("checkpoint*/step-*")):
             raise LaunchError(f"stage {c.stage!r} was started under another lock than this build's ({d / FINGERPRINT_FILE}"
-                              f"), and torchtitan would resume its checkpoints ({c.dump_dir}): `llmc launch "
-                              f"{build_dir} --no-resume --stage {c.stage}` sets both aside and trains it again")
+                              f"), and torchtitan would resume its checkpoints ({c.dump_dir}): "
+                              f"`{rerun_command(build_dir, c.stage)}` sets both aside, with the stages after it, and "
+                              "trains them again")
     d.mkdir(parents=True, exist_ok=True)
     keep_tokenizer(Path(build_dir) / "assets", d)
     if c.record:

@@ -276,7 +276,7 @@ def test_finished_stage_from_a_rewritten_checkpoint_is_refused_not_skipped(tmp_p
     cmds = {c.stage: c for c in launch_commands(b) if c.stage != "prepare"}
     for name in ("cpt", "sft"):
         assert cmds[name].stale and "model.safetensors" in cmds[name].stale, name
-        assert f"--no-resume --stage {name}" in cmds[name].stale and "other weights" in cmds[name].stale
+        assert f"--no-resume --from {name}" in cmds[name].stale and "other weights" in cmds[name].stale
     # a changed config.json is named too
     (d / "config.json").write_text((d / "config.json").read_text() + "\n")
     assert "config.json" in {c.stage: c for c in launch_commands(b)}["cpt"].stale

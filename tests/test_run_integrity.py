@@ -95,7 +95,7 @@ def test_a_rebuilt_directory_refuses_the_earlier_specs_finished_stage(trained, t
     assert r.returncode == 0, r.stderr
     warn = [ln for ln in r.stderr.splitlines() if "warning[X013]" in ln]
     assert len(warn) == 1 and f"steps {STEPS_1} -> {STEPS_2}" in warn[0] and "llmc launch" in warn[0], r.stderr
-    assert "--no-resume --stage pretrain`" in warn[0]  # (a bare --no-resume retrains every finished stage)
+    assert "--no-resume --from pretrain`" in warn[0]  # (a bare --no-resume retrains every finished stage)
 
     for dry in ([], ["--dry-run"]):
         r = cli("launch", str(c), *dry)
@@ -386,7 +386,7 @@ def test_an_unfinished_torchtitan_run_of_another_lock_is_refused_and_no_resume_s
     ran.clear()
     r = CliRunner().invoke(app, ["launch", str(b), "--backend", "torchtitan"])
     err = _errors(r.output, "L005")
-    assert r.exit_code == 1 and len(err) == 1 and "--no-resume --stage pretrain" in err[0], r.output
+    assert r.exit_code == 1 and len(err) == 1 and "--no-resume --from pretrain" in err[0], r.output
     assert not [a for a in ran if "llmc_job" in a]  # nothing resumed the other lock's checkpoints
     assert json.loads((b / "run/pretrain/FINGERPRINT.json").read_text())["fingerprint_sha256"] == first
 

@@ -359,7 +359,14 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
 
     from llmc.runtime import preempt
     from llmc.runtime.checkpoint import save_checkpoint
-    from llmc.runtime.hf_io import export_stage, init_hf_source, load_hf_into, loaded_from, start_arch
+    from llmc.runtime.hf_io import (
+        export_stage,
+        init_hf_source,
+        load_hf_into,
+        loaded_from,
+        start_arch,
+        trained_record,
+    )
     from llmc.runtime.job import TrainJob
     from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
     from llmc.runtime.model import Transformer, build_model, mean_token_loss, param_groups
@@ -584,7 +591,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         if status == "done":  # servable model in <out>/hf, then the done marker
             tok_dir = Path(assets.tokenizer_dir)
             sd = torch.load(final / "model.pt", map_location="cpu", weights_only=True, mmap=True)
-            hf = export_stage(job, out, out / "hf", tokenizer_dir=tok_dir, model_sd=sd)
+            hf = export_stage(job, out, out / "hf", tokenizer_dir=tok_dir, model_sd=sd, record=trained_record(job, step))
             result["hf"] = "hf" if hf.get("hf") else None
         if status == "done":  # atomically: a reader never sees a half-written marker; it records what trained it
             from llmc.runtime.job import fingerprint_record

@@ -2,8 +2,13 @@
 
 The command's checks that need no tensors (a lock beside RUN_DIR or in its parent, a stage the lock knows, that
 stage's output folder or torchtitan checkpoint folder) run here, before :mod:`llmc.runtime.hf_io` and torch are
-imported (seconds of CPU): a mistyped path or stage name is refused at once, as one ``error[R010]`` line. The
-conversion itself is :func:`llmc.runtime.hf_io.export_stage`.
+imported (seconds of CPU): a mistyped path or stage name is refused at once, as one ``error[R010]`` line. So is a
+stage ``llmc launch`` would refuse as stale (:func:`llmc.runtime.job.stage_staleness`, launch's own check: its
+DONE.json records another lock's fingerprint, or, unfinished, it starts from a stage that does), unless
+``--allow-stale`` (one ``warning[R015]`` line, and the export records it). The conversion itself is
+:func:`llmc.runtime.hf_io.export_stage`; the export's ``.llmc-export.json`` records its provenance
+(:func:`provenance`): the lock's sha256, the fingerprint the stage's run was trained under (its DONE.json's), the
+checkpoint step exported and llmc's version.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ class ExportTarget:
     stage_dir: Path
     titan: Path
     tokenizer_dir: Path | None
+    #: why the stage's run is not this lock's result (the L005 text), None when it is
+    stale: str | None = None
+    #: the export's provenance (:func:`provenance`)
+    record: dict | None = None
 
 
 def find_lock(run_dir: Path) -> tuple[Path, Path]:
@@ -42,7 +51,7 @@ def export_target(run_dir: str | Path, stage: str) -> ExportTarget:
     :class:`HFError` (or the lock's / job's ValueError) otherwise. Imports no torch."""
     from llmc.lockfile import read_lock
     from llmc.runtime.capabilities import titan_dump_subdir
-    from llmc.runtime.job import TrainJob
+    from llmc.runtime.job import FINGERPRINT_FILE, TrainJob, stage_staleness
 
     run_dir = Path(run_dir).resolve()
     lock_path, root = find_lock(run_dir)
@@ -55,22 +64,62 @@ def export_target(run_dir: str | Path, stage: str) -> ExportTarget:
     if not stage_dir.is_dir() and not titan.is_dir():
         raise HFError(f"{stage_dir}: stage {stage!r} has no output yet (run `llmc launch` first)")
     tok_dir = lock_path.parent / "assets"
+    fin, stale = stage_staleness(lock, job.stage, root, lock_path.parent,
+                                 export=(stage_dir / FINGERPRINT_FILE).is_file())
     return ExportTarget(job=job, lock_path=lock_path, stage_dir=stage_dir, titan=titan,
-                        tokenizer_dir=tok_dir if (tok_dir / "tokenizer.json").exists() else None)
+                        tokenizer_dir=tok_dir if (tok_dir / "tokenizer.json").exists() else None, stale=stale,
+                        record=provenance(lock_path, lock, job.stage, fin, stale))
 
 
-def export_checkpoint(run_dir: str | Path, stage: str, out: str | Path | None = None) -> dict[str, Any]:
+def provenance(lock_path: Path, lock: dict, stage: str, fin: Any, stale: str | None) -> dict:
+    """What ``.llmc-export.json`` records of where an export's weights come from: the sha256 of the lock
+    (``lock_sha256``, the file's bytes, as ``sha256sum plan.lock.json`` prints it), the stage, the fingerprint its
+    run was trained under (``fingerprint_sha256``: its marker's, DONE.json; None for a run that has not finished or
+    an older llmc's, which records none) and the lock's fingerprint of the stage (``lock_fingerprint_sha256``: the
+    same for a run this lock trained), whether it finished, and ``stale``: whether that run is not this lock's
+    result (exported with ``--allow-stale``; ``stale_reason`` says why). The step exported and llmc's version are added where the weights
+    are read (:func:`llmc.runtime.hf_io.export_stage`)."""
+    import json
+
+    from llmc.fileio import sha256_file
+    from llmc.runtime.job import FINGERPRINT_SHA, fingerprint_record
+
+    trained = None
+    if fin is not None:
+        try:
+            marker = json.loads(fin.marker.read_text())
+        except (OSError, ValueError, RecursionError):
+            marker = None
+        trained = marker.get(FINGERPRINT_SHA) if isinstance(marker, dict) else None
+    now = fingerprint_record(lock, stage).get(FINGERPRINT_SHA)
+    return {"lock_sha256": sha256_file(lock_path), "stage": stage,
+            "fingerprint_sha256": trained if isinstance(trained, str) else None, "lock_fingerprint_sha256": now,
+            "finished": fin is not None, "stale": bool(stale), **({"stale_reason": stale} if stale else {})}
+
+
+def export_checkpoint(run_dir: str | Path, stage: str, out: str | Path | None = None, *,
+                      allow_stale: bool = False) -> dict[str, Any]:
     """``llmc export RUN_DIR --stage S``: write ``<RUN_DIR>/run/<S>/hf`` (or ``out``) from stage S's final
-    checkpoint. RUN_DIR is the build dir (with plan.lock.json) or its ``run/`` folder."""
+    checkpoint. RUN_DIR is the build dir (with plan.lock.json) or its ``run/`` folder. A stale stage is an
+    :class:`HFError` unless ``allow_stale``."""
     t = export_target(run_dir, stage)
+    if t.stale and not allow_stale:
+        raise HFError(stale_refusal(t.stale))
     return convert(t, out)
+
+
+def stale_refusal(why: str) -> str:
+    """The R010 text refusing a stale stage's export: launch's L005 text and the ways out."""
+    return (f"{why} (hint: after that `llmc launch`, export again; or pass --allow-stale to export these weights "
+            "anyway, recorded as stale in .llmc-export.json)")
 
 
 def convert(t: ExportTarget, out: str | Path | None) -> dict[str, Any]:
     from llmc.runtime.hf_io import export_stage  # torch
 
     pre = t.job.kind in ("pretrain", "midtrain", "long_context")
-    res = export_stage(t.job, t.stage_dir, out, tokenizer_dir=t.tokenizer_dir, search=(t.titan,) if pre else ())
+    res = export_stage(t.job, t.stage_dir, out, tokenizer_dir=t.tokenizer_dir, search=(t.titan,) if pre else (),
+                       record=t.record)
     if res.get("hf") is None and res.get("line") is None:
         raise HFError(f"stage {t.job.stage!r}: {res['why']}")
     return res  # (an architecture without an export: its "line", the plan's X130 warning, says so)
@@ -92,11 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", type=Path, help="build dir (with plan.lock.json) or its run/ folder")
     ap.add_argument("--stage", required=True, help="stage name (pretrain for the main pre-training)")
     ap.add_argument("-o", "--out", type=Path, default=None, help="output dir (default RUN_DIR/run/<stage>/hf)")
+    ap.add_argument("--allow-stale", action="store_true",
+                    help="export a stage `llmc launch` refuses as stale (finished under another lock), recorded so")
     a = ap.parse_args(argv)
     try:
         target = export_target(a.run_dir, a.stage)
     except Exception as e:  # noqa: BLE001 (a lock or stage the user named: one line, never a traceback)
         return _error(a.run_dir, a.stage, e)
+    if target.stale and not a.allow_stale:
+        return _error(a.run_dir, a.stage, HFError(stale_refusal(target.stale)))
+    if target.stale:
+        print(f"{a.run_dir}: warning[R015] export {a.stage}: {target.stale}; exporting these weights anyway "
+              "(--allow-stale; .llmc-export.json records them as stale)", file=sys.stderr)
     from torch.distributed.checkpoint.api import (
         CheckpointException,  # (a BaseException: a bad DCP checkpoint)
     )

@@ -973,18 +973,18 @@ def _write_tokenizer(tokenizer_dir: str | Path | None, out: Path, chat_template:
 def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
               dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0, eos_id: int | list | None = 1,
               chat_template: str | None = None, max_shard_size: int | str = "5GB",
-              origin: str | Path | None = None) -> Path:
+              origin: str | Path | None = None, record: dict | None = None) -> Path:
     """Write an HF model directory that transformers / vLLM / SGLang load (``from_pretrained(out_dir)``).
 
     Weights in ``dtype``, split into shards of at most ``max_shard_size`` (HF's naming and index file);
     ``chat_template`` (a name of :data:`llmc.spec.chat.CHAT_TEMPLATES` or a Jinja string) goes into
     tokenizer_config.json, and its turn-end token joins the end-of-sequence ids. ``origin``: the Hugging Face
     checkpoint the model started from, whose token ids and generation defaults the export keeps
-    (:func:`_origin_tokens`); without one, ``bos_id`` / ``eos_id``.
+    (:func:`_origin_tokens`); without one, ``bos_id`` / ``eos_id``. ``record``: what the export's
+    ``.llmc-export.json`` records besides ``written_by``, ``arch`` and ``llmc_version`` (its provenance:
+    :func:`export_stage`). Written into a temporary folder beside ``out_dir`` and swapped in whole; a failure (a full
+    disk) removes that folder and leaves ``out_dir`` as it was.
     """
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
     why = hf_export_supported(arch)
     if why:
         raise ValueError(f"cannot export {arch.name} to Hugging Face format: {why}")
@@ -1000,6 +1000,29 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    try:
+        _write_export(model_sd, arch, out, tokenizer_dir, dtype, bos_id, eos_id, chat_template, max_shard_size, origin,
+                      record)
+    except BaseException:  # (a full disk, an interrupt): llmc's own temporary folder never outlives the export
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.llmc-old-{os.getpid()}")
+    if final.exists():
+        os.rename(final, old)
+    os.rename(out, final)
+    if old.exists():
+        shutil.rmtree(old)  # the previous llmc export of this folder (checked above: nothing else in it)
+    return final
+
+
+def _write_export(model_sd: dict[str, torch.Tensor], arch, out: Path, tokenizer_dir, dtype: torch.dtype, bos_id,
+                  eos_id, chat_template: str | None, max_shard_size: int | str, origin, record: dict | None) -> None:
+    """:func:`export_hf`'s files, written into the (temporary) folder ``out``."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from llmc import __version__
+
     sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_hf_state_dict(model_sd, arch).items()}
     split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard_size)
     for fname, names in split.filename_to_tensors.items():
@@ -1021,14 +1044,8 @@ def export_hf(model_sd: dict[str, torch.Tensor], arch, out_dir: str | Path, toke
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     _write_tokenizer(tokenizer_dir, out, chat_template)
-    (out / EXPORT_MARKER).write_text(json.dumps({"written_by": "llmc", "arch": arch.name}) + "\n")
-    old = final.with_name(f".{final.name}.llmc-old-{os.getpid()}")
-    if final.exists():
-        os.rename(final, old)
-    os.rename(out, final)
-    if old.exists():
-        shutil.rmtree(old)  # the previous llmc export of this folder (checked above: nothing else in it)
-    return final
+    marker = {"written_by": "llmc", "arch": arch.name, "llmc_version": __version__, **(record or {})}
+    (out / EXPORT_MARKER).write_text(json.dumps(marker) + "\n")
 
 
 #: What an llmc export writes: the marker file, and the names a Hugging Face directory of it holds; ``adapter/`` is the
@@ -1173,7 +1190,13 @@ TITAN_AUX_STATES = frozenset({"optimizer", "lr_scheduler", "dataloader", "train_
 
 def _model_state(stage_dir: Path, *more: Path, dtype: torch.dtype | None = None
                  ) -> tuple[dict[str, torch.Tensor], str]:
-    """(full llmc state dict, "llmc" | "torchtitan") of a stage: its llmc checkpoint (native, DeepSpeed,
+    """(full llmc state dict, "llmc" | "torchtitan") of a stage (:func:`_model_state_at`, without the step)."""
+    return _model_state_at(stage_dir, *more, dtype=dtype)[:2]
+
+
+def _model_state_at(stage_dir: Path, *more: Path, dtype: torch.dtype | None = None
+                    ) -> tuple[dict[str, torch.Tensor], str, int | None]:
+    """(full llmc state dict, "llmc" | "torchtitan", the checkpoint's step) of a stage: its llmc checkpoint (native, DeepSpeed,
     post-training) or, failing that, the newest torchtitan DCP checkpoint (``step-N/.metadata``) under
     ``stage_dir`` or ``more`` (its model entries only, torchtitan FQNs mapped to llmc's). ``dtype``: floating-point
     tensors are read into it (``checkpoint.read_dcp_tensors``)."""
@@ -1193,10 +1216,10 @@ def _model_state(stage_dir: Path, *more: Path, dtype: torch.dtype | None = None
             pass
     if ck is not None:  # an llmc checkpoint is exported only as its manifest's sha256s say it was written
         try:
-            verify_checkpoint(ck)
+            manifest = verify_checkpoint(ck)
         except CheckpointError as e:
             raise HFError(str(e)) from None
-        return read_model_state(ck, dtype), "llmc"  # model.pt or the sharded (DCP) checkpoint
+        return read_model_state(ck, dtype), "llmc", int(manifest["step"])  # model.pt or the sharded (DCP) checkpoint
     if (stage_dir / ".metadata").is_file():  # one torchtitan DCP checkpoint, named exactly
         dcp = [stage_dir]
     else:
@@ -1221,7 +1244,8 @@ def _model_state(stage_dir: Path, *more: Path, dtype: torch.dtype | None = None
             for a, b in _TITAN_RENAMES:
                 k = k.replace(a, b)
             out[k] = v
-    return out, "torchtitan"
+    step = dcp[-1].name.split("-")[-1]
+    return out, "torchtitan", int(step) if step.isdigit() else None
 
 
 _ROUTING_BIAS = re.compile(r"layers\.(\d+)\.moe\.expert_bias")
@@ -1273,13 +1297,15 @@ def titan_checkpoints(build_dir: str | Path, stage: str | None = None) -> dict[i
 
 def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, tokenizer_dir=None,
                  model_sd: dict | None = None, lora_sd: dict | None = None,
-                 search: tuple[Path, ...] = ()) -> dict[str, Any]:
+                 search: tuple[Path, ...] = (), record: dict | None = None) -> dict[str, Any]:
     """Export one stage's final weights to ``out`` (default ``<stage_dir>/hf``); returns what was written.
 
     Chat stages (sft / dpo / grpo) get the chat template; LoRA stages also get ``<out>/adapter`` (PEFT, naming
     :func:`adapter_base`) when the adapter tensors are given or saved as ``lora_adapters.pt``, else
     ``res["adapter_note"]`` says why not (also in the export's ``.llmc-export.json``). The token ids and generation
-    defaults are those of the checkpoint the model descends from (:func:`origin_checkpoint`), where there is one."""
+    defaults are those of the checkpoint the model descends from (:func:`origin_checkpoint`), where there is one.
+    ``record``: the export's provenance, kept in its ``.llmc-export.json`` (the lock's sha256, the fingerprint of the
+    run exported, ``step``: given with ``model_sd``, else the step of the checkpoint read)."""
     stage_dir = Path(stage_dir)
     out = Path(out) if out is not None else stage_dir / "hf"
     arch = _stage_arch(job)
@@ -1290,7 +1316,9 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     # bf16 / fp8 runs keep fp32 master weights too, but serve and publish in bf16, as the serving configs load them
     dtype = torch.float32 if getattr(job, "precision", "bf16") == "fp32" else torch.bfloat16
     # a checkpoint is read straight into that dtype: half the host memory of its fp32 weights
-    sd, source = (model_sd, "llmc") if model_sd is not None else _model_state(stage_dir, *search, dtype=dtype)
+    sd, source, step = (model_sd, "llmc", None) if model_sd is not None else _model_state_at(stage_dir, *search,
+                                                                                           dtype=dtype)
+    record = {**({"step": step} if step is not None else {}), **(record or {})}
     if source == "torchtitan":
         sd = titan_state_to_llmc(sd, arch)
     params = hf_names(arch)
@@ -1313,7 +1341,7 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
         hyper = (job.stage_plan or {}).get("hyper") or {}
         template = hyper.get("chat_template") or job.tokenizer.chat_template or "llama3"
     export_hf(sd, arch, out, tokenizer_dir, dtype=dtype, bos_id=bos, eos_id=eos, chat_template=template,
-              origin=origin_checkpoint(job))
+              origin=origin_checkpoint(job), record=record)
     res: dict[str, Any] = {"hf": str(out), "chat_template": template, "dtype": str(dtype).split(".")[-1]}
     if bias_note:
         res["bias_note"] = bias_note
@@ -1332,6 +1360,17 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
             marker = json.loads((out / EXPORT_MARKER).read_text())
             (out / EXPORT_MARKER).write_text(json.dumps({**marker, "adapter_note": res["adapter_note"]}) + "\n")
     return res
+
+
+def trained_record(job, step: int) -> dict[str, Any]:
+    """The provenance a trainer's own export of a stage it just finished records (:func:`export_stage` ``record``): the
+    stage, the fingerprint of the lock that trained it (what its DONE.json records: ``llmc.runtime.job.
+    fingerprint_record``), ``finished`` and the step exported. (``llmc export`` adds the lock file's sha256:
+    ``llmc.runtime.export.provenance``.)"""
+    from llmc.runtime.job import FINGERPRINT_SHA, fingerprint_record
+
+    fp = fingerprint_record(job.lock, job.stage).get(FINGERPRINT_SHA) if getattr(job, "lock", None) else None
+    return {"stage": job.stage, "fingerprint_sha256": fp, "finished": True, "step": int(step)}
 
 
 def adapter_base(job, stage_dir: str | Path) -> str | None:

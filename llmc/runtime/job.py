@@ -732,13 +732,46 @@ def finished_stage(lock: dict, stage: str, stage_dir: str | Path, *, export: boo
     return Finished(marker, change, legacy=False)
 
 
+def rerun_command(build: str | Path, stage: str) -> str:
+    """The command that sets ``stage`` and every stage after it in the run order aside (``run/<stage>.set-aside-N``,
+    never deleted) and trains them again: ``llmc launch BUILD --no-resume --from STAGE``, quoted for a shell."""
+    import shlex
+
+    return f"llmc launch {shlex.quote(str(build))} --no-resume --from {shlex.quote(str(stage))}"
+
+
 def stale_message(stage: str, f: Finished, build: str) -> str:
     """The one line that refuses a stage finished under another lock: what changed and the ways out."""
     what = "from other weights than its init_hf holds now" if f.weights else "under another lock than this build's"
     return (f"stage {stage!r} finished {what} ({f.marker}): {f.change}; "
-            f"it is not this build's result, so it is neither skipped nor trained over: `llmc launch {build} "
-            f"--no-resume --stage {stage}` sets it aside (run/{stage}.set-aside-N) and trains it again (the stages "
-            "after it follow), or build into a fresh directory")
+            f"it is not this build's result, so it is neither skipped nor trained over: `{rerun_command(build, stage)}`"
+            f" sets it and the stages after it aside (run/<stage>.set-aside-N) and trains them again, or build into "
+            "a fresh directory")
+
+
+def stage_staleness(lock: dict, stage: str, run: str | Path, build_dir: str | Path, *,
+                    export: bool = False) -> tuple[Finished | None, str | None]:
+    """``(finished, why)`` for ``stage``'s folder ``run/<stage>``: its finished run (:func:`finished_stage`; a DONE.json,
+    or with ``export`` a torchtitan stage's ``hf/`` export and its record; None: not finished) and why that run, or
+    what it would start from, is not this lock's result (None: nothing is stale): the run finished under another
+    lock (:func:`stale_message`), or, the stage not finished, the stage it starts from (``init_from``) did. The one
+    check ``llmc launch`` (``llmc.launch.launch_commands``) and ``llmc export`` (``llmc.runtime.export``) apply.
+    (A finished stage vouches for its own start: its fingerprint holds its ``init_from``'s.)"""
+    run = Path(run)
+    d = run / stage
+    fin = finished_stage(lock, stage, d, export=True, build_dir=build_dir) if export or (d / "DONE.json").is_file() \
+        else None
+    if fin is not None and fin.change is not None:
+        return fin, stale_message(stage, fin, str(build_dir))
+    try:
+        up = stage_entry(lock, stage).get("init_from")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        up = None
+    if fin is None and up:
+        f = finished_stage(lock, str(up), run / str(up), export=True, build_dir=build_dir)
+        if f is not None and f.change is not None:
+            return fin, f"stage {stage!r} starts from {stale_message(str(up), f, str(build_dir))}"
+    return fin, None
 
 
 def legacy_message(stage: str, f: Finished) -> str:

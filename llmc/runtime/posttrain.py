@@ -35,6 +35,11 @@
   result, which stays the one final checkpoint of merged plain weights. A rerun resumes from the newest
   verified one of the same stage and kind (one of another stage is refused); the folder is removed once
   DONE.json is written.
+* Finish: the final checkpoint ``checkpoints/step-N`` (its ``train.json`` records the stage's result and the
+  fingerprint of the lock that trained it), then ``hf/`` and ``DONE.json``. A run that stopped between the two (a full
+  disk while exporting) is finished by the rerun from that checkpoint, once it verifies and records this stage, this
+  lock's fingerprint and its result (:func:`finished_checkpoint`): only the export and DONE.json are written again,
+  nothing is retrained.
 """
 
 from __future__ import annotations
@@ -479,7 +484,6 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     on any rank (:mod:`llmc.runtime.preempt`): the same at the end of the current step, status "preempted"."""
     from llmc.runtime.checkpoint import read_model_state, save_checkpoint
     from llmc.runtime.distributed import DistInfo, dp_coords, init_distributed
-    from llmc.runtime.hf_io import export_stage
     from llmc.runtime.lora import full_lora_state_dict, merged_state_dict
     from llmc.runtime.preempt import handlers
     from llmc.runtime.sft import DataShard
@@ -515,6 +519,15 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
 
     lora = st.lora if st is not None else None
     say = print if main else (lambda *a, **k: None)
+    done = finished_checkpoint(job, out, lora) if resume else None
+    if done is not None:  # trained to its last step, then stopped before DONE.json (the export failed): finish it
+        final, result = done
+        result["world"] = info.world
+        say(f"{job.stage}: the final checkpoint {final} is complete; writing what the last run left unwritten (its "
+            "export and DONE.json), nothing retrained")
+        if main:
+            _finish(job, out, final, result, getattr(tok, "dir", None), None, out / "checkpoints" / RESUME_FOLDER, say)
+        return result
     fp_base = None  # QLoRA: the full-precision base the adapters are merged into (_full_precision_base)
     if model is None:
         model, wrapped, n_params = build_policy(job, info, out, lora, say, cpu_bf16=cpu_bf16)
@@ -576,7 +589,6 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
                 "wall_s": round(time.time() - t0, 2)}
 
     lora_sd = None
-    meta = {"stage": job.stage, "kind": kind, "steps": steps, "layout": layout}
     if lora is not None:
         lora_sd = full_lora_state_dict(wrapped)  # collective when sharded
         if main:
@@ -584,6 +596,14 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
         summary.update(lora_params=trainable, merged=True, quantize_base=lora.quantize_base)
         if lora.quantize_base == "nf4" and fp_base is None:
             fp_base = _full_precision_base(job, out, info)
+    result = {"status": "done", "stage": job.stage, "kind": kind, "step": steps, "steps": steps,
+              "checkpoint": os.path.relpath(out / "checkpoints" / f"step-{steps:08d}", out), "init_from": job.init_from,
+              "params": n_params, "trainable_params": trainable, "lr": lr, "batch_seqs": batch,
+              "chat_template": template_name(template), "world": info.world, **summary}
+    # the final checkpoint records the result and the lock that trained it: a rerun after a failed export finishes
+    # the stage from it (finished_checkpoint) instead of training it again
+    meta = {"stage": job.stage, "kind": kind, "steps": steps, "layout": layout, "final": True,
+            FINAL_RESULT: json.loads(json.dumps(result, default=float)), FINAL_FINGERPRINT: _fingerprint_sha(job)}
     if info.world > 1:  # every rank writes its shards (DCP); adapters folded into the sharded weights
         final = save_checkpoint(out / "checkpoints", steps, wrapped, None, meta, sharded=True,
                                 model_sd=merged_state_dict(wrapped, fp_base) if lora is not None else None)
@@ -591,31 +611,73 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
         if lora is not None:
             merge_lora(model, fp_base)
         final = save_checkpoint(out / "checkpoints", steps, model, None, meta)
-    result = {"status": "done", "stage": job.stage, "kind": kind, "step": steps, "steps": steps,
-              "checkpoint": os.path.relpath(final, out), "init_from": job.init_from, "params": n_params,
-              "trainable_params": trainable, "lr": lr, "batch_seqs": batch, "chat_template": template_name(template),
-              "world": info.world, "wall_s": round(time.time() - t0, 2), **summary}
+    result.update(checkpoint=os.path.relpath(final, out), wall_s=round(time.time() - t0, 2))
     if main:  # servable model (+ PEFT adapter): <out>/hf, from the checkpoint as train.py's export reads it
-        tok_dir = getattr(tok, "dir", None)
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()} if info.world == 1 \
             else read_model_state(final)
-        hf = export_stage(job, out, out / "hf", tokenizer_dir=tok_dir, model_sd=sd, lora_sd=lora_sd)
-        result["hf"] = "hf" if hf.get("hf") else None
-        if hf.get("adapter"):
-            result["adapter"] = "hf/adapter"
-        if hf.get("adapter_note"):  # (the merged model is in hf/; the LoRA adapter alone has no PEFT layout)
-            result["adapter_note"] = hf["adapter_note"]
-            say(f"warning: stage {job.stage}: {hf['adapter_note']}", flush=True)
-
-        # DONE.json records what trained the stage: a launch under another lock refuses it
-        from llmc.runtime.job import fingerprint_record
-
-        tmp = out / f"DONE.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps({**result, **fingerprint_record(job.lock, job.stage)}, indent=2, default=float)
-                       + "\n")
-        os.replace(tmp, out / "DONE.json")
-        shutil.rmtree(state.folder, ignore_errors=True)  # the stage is done: nothing left to resume
+        _finish(job, out, final, result, getattr(tok, "dir", None), (sd, lora_sd), state.folder, say)
     return result
+
+
+#: the final checkpoint's ``train.json`` keys: the stage's result (DONE.json's, without the export) and the
+#: fingerprint sha256 of the lock that trained it (``llmc.runtime.job.fingerprint_record``)
+FINAL_RESULT, FINAL_FINGERPRINT = "result", "fingerprint_sha256"
+
+
+def _fingerprint_sha(job: Any) -> str | None:
+    from llmc.runtime.job import FINGERPRINT_SHA, fingerprint_record
+
+    return fingerprint_record(job.lock, job.stage).get(FINGERPRINT_SHA) if job.lock else None
+
+
+def finished_checkpoint(job: Any, out: Path, lora: Any | None) -> tuple[Path, dict] | None:
+    """``(checkpoint, result)`` when ``out/checkpoints/step-<steps>`` is this stage's final checkpoint, complete (its
+    manifest's sha256s verify) and written under this lock (its ``train.json``: this stage and kind, ``final``, the
+    lock's fingerprint, the result; a LoRA stage's ``lora_adapters.pt`` beside it): the run trained every step and
+    stopped before its DONE.json. None otherwise (the stage then trains as before)."""
+    from llmc.runtime.checkpoint import CheckpointError, verify_checkpoint
+
+    ck = out / "checkpoints" / f"step-{int(job.steps):08d}"
+    if not (ck / "manifest.json").is_file() or (out / "DONE.json").exists():
+        return None
+    try:
+        verify_checkpoint(ck)
+        saved = json.loads((ck / "train.json").read_text())
+    except (CheckpointError, OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or not saved.get("final") or saved.get("mid_stage"):
+        return None
+    result = saved.get(FINAL_RESULT)
+    if ((saved.get("stage"), saved.get("kind"), saved.get("steps")) != (job.stage, job.kind, int(job.steps))
+            or saved.get(FINAL_FINGERPRINT) != _fingerprint_sha(job) or not isinstance(result, dict)
+            or (lora is not None and not (out / "lora_adapters.pt").is_file())):
+        return None
+    return ck, {**result, "checkpoint": os.path.relpath(ck, out), "finished_from": os.path.relpath(ck, out)}
+
+
+def _finish(job: Any, out: Path, final: Path, result: dict, tok_dir: Any, weights: tuple | None, resume_folder: Path,
+            say) -> None:
+    """Rank 0, the stage trained: ``hf/`` (+ PEFT adapter) from its final checkpoint (``weights``: the model's state
+    dict and LoRA adapters in memory; None: read from ``final`` and ``lora_adapters.pt``), then DONE.json, which
+    records what trained the stage (a launch under another lock refuses it); the mid-stage checkpoints go."""
+    from llmc.runtime.checkpoint import read_model_state
+    from llmc.runtime.hf_io import export_stage, trained_record
+    from llmc.runtime.job import fingerprint_record
+
+    sd, lora_sd = weights if weights is not None else (read_model_state(final), None)
+    record = fingerprint_record(job.lock, job.stage)
+    hf = export_stage(job, out, out / "hf", tokenizer_dir=tok_dir, model_sd=sd, lora_sd=lora_sd,
+                      record=trained_record(job, int(result["step"])))
+    result["hf"] = "hf" if hf.get("hf") else None
+    if hf.get("adapter"):
+        result["adapter"] = "hf/adapter"
+    if hf.get("adapter_note"):  # (the merged model is in hf/; the LoRA adapter alone has no PEFT layout)
+        result["adapter_note"] = hf["adapter_note"]
+        say(f"warning: stage {job.stage}: {hf['adapter_note']}", flush=True)
+    tmp = out / f"DONE.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps({**result, **record}, indent=2, default=float) + "\n")
+    os.replace(tmp, out / "DONE.json")
+    shutil.rmtree(resume_folder, ignore_errors=True)  # the stage is done: nothing left to resume
 
 
 def _full_precision_base(job: Any, out: Path, info: Any) -> dict[str, torch.Tensor]:

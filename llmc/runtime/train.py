@@ -55,6 +55,7 @@ from llmc.runtime.hf_io import (
     load_init_from,
     loaded_from,
     start_arch,
+    trained_record,
 )
 from llmc.runtime.job import TrainJob
 from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
@@ -236,10 +237,12 @@ def make_loader(job: TrainJob, assets: Assets, info: DistInfo) -> StreamLoader:
                                dp_rank, dp_size)
 
 
-def _export_hf(job: TrainJob, ckpt: Path, out: Path, assets: Assets, say) -> str | None:
-    """Write ``out/hf`` (Hugging Face format, bf16) from the final checkpoint for the serving configs."""
+def _export_hf(job: TrainJob, ckpt: Path, out: Path, assets: Assets, say, step: int) -> str | None:
+    """Write ``out/hf`` (Hugging Face format, bf16) from the final checkpoint (of step ``step``) for the serving
+    configs."""
     sd = read_model_state(ckpt)
-    res = export_stage(job, out, out / "hf", tokenizer_dir=assets.tokenizer_dir, model_sd=sd)
+    res = export_stage(job, out, out / "hf", tokenizer_dir=assets.tokenizer_dir, model_sd=sd,
+                       record=trained_record(job, step))
     if res.get("hf") is None:
         say(f"warning[X130]: {res.get('line') or res['why']}")
         return None
@@ -602,7 +605,7 @@ def _finish(job: TrainJob, result: dict, final: Path, out: Path, assets: Assets,
     if result["status"] == "done":
         from llmc.runtime.job import fingerprint_record
 
-        result["hf"] = _export_hf(job, final, out, assets, say)
+        result["hf"] = _export_hf(job, final, out, assets, say, int(result["step"]))
         tmp = out / "DONE.json.tmp"
         tmp.write_text(json.dumps({**result, **fingerprint_record(job.lock, job.stage)}, indent=2) + "\n")
         os.replace(tmp, out / "DONE.json")

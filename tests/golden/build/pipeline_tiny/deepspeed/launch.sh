@@ -60,7 +60,7 @@ trained_here() {
   case "$rc" in
     0|1) return "$rc" ;;
     3) ;;
-    *) echo "$RUN_DIR/$1: error[R004] stage $1 finished under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}): set it aside with \`llmc launch $BUILD_DIR --no-resume --stage $1\` (or move $RUN_DIR/$1 away), or build into a fresh directory" >&2 ;;
+    *) echo "$RUN_DIR/$1: error[R004] stage $1 finished under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}): set it and the stages after it aside and train them again with \`llmc launch $BUILD_DIR --no-resume --from $1\` (or move $RUN_DIR/$1 away), or build into a fresh directory" >&2 ;;
   esac
   exit 2
 }

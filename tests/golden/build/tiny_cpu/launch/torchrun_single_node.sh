@@ -43,7 +43,7 @@ trained_here() {
   case "$rc" in
     0|1) return "$rc" ;;
     3) ;;
-    *) echo "$RUN_DIR/$1: error[R004] stage $1 finished under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}): set it aside with \`llmc launch $BUILD_DIR --no-resume --stage $1\` (or move $RUN_DIR/$1 away), or build into a fresh directory" >&2 ;;
+    *) echo "$RUN_DIR/$1: error[R004] stage $1 finished under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}): set it and the stages after it aside and train them again with \`llmc launch $BUILD_DIR --no-resume --from $1\` (or move $RUN_DIR/$1 away), or build into a fresh directory" >&2 ;;
   esac
   exit 2
 }
@@ -72,7 +72,7 @@ titan_done() {
   was="$(trained_by "$f")"
   if [ -n "$now" ] && [ -n "$was" ] && [ "$was" != "$now" ]; then
     # an unfinished run started under another lock: its job would resume that run's torchtitan checkpoints
-    echo "$RUN_DIR/$1: error[R004] stage $1 was started under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}) and torchtitan would resume its checkpoints: set both aside with \`llmc launch $BUILD_DIR --no-resume --stage $1\` (or move $RUN_DIR/$1 and its outputs/torchtitan* folder away)" >&2
+    echo "$RUN_DIR/$1: error[R004] stage $1 was started under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}) and torchtitan would resume its checkpoints: set both aside, with the stages after it, and train them again with \`llmc launch $BUILD_DIR --no-resume --from $1\` (or move $RUN_DIR/$1 and its outputs/torchtitan* folder away)" >&2
     exit 2
   fi
   if [ -n "$now" ]; then
