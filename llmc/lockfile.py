@@ -47,7 +47,8 @@ def check_lock(d: Any) -> dict:
 _SHAPE = {
     "spec": "object", "spec.resolved": "object", "plan": "object", "backend": "object", "backend.name": "string",
     "hardware": "object", "hardware.key": "string", "hardware.gpus_per_node": "integer", "cluster": "object",
-    "time": "object", "memory": "object", "hyper": "object", "model": "object", LOCK_HEADER_KEY: "object",
+    "time": "object", "memory": "object", "hyper": "object", "model": "object", "model.init": "object",
+    LOCK_HEADER_KEY: "object",
     "stages": "list", "stages[]": "object", "stages[].name": "string", "stages[].kind": "string",
     "stages[].order": "integer", "stages[].steps": "integer", "stages[].memory": "object",
     "preemption": "object", "preemption.shutdown_seconds": "integer", "preemption.signal_lead_seconds": "integer",

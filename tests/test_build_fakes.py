@@ -28,6 +28,7 @@ from llmc.compiler.result import (
 )
 from llmc.spec.model import Architecture
 from llmc.spec.schema import RunSpec
+from llmc.weight_init import init_scheme
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -75,7 +76,7 @@ def make_compiled(run: RunSpec | None = None, plan: ParallelPlan | None = None, 
     return Compiled(
         spec_path="fake.yaml", spec_sha256=sha, spec=run, gpu=gpu,
         model=ModelNumbers(params_total=200_000, params_active=200_000, params_embedding=65_536,
-                           breakdown={"embed/tok": 32_768}, kv_bytes_per_token=1024),
+                           breakdown={"embed/tok": 32_768}, kv_bytes_per_token=1024, init=init_scheme(run.model)),
         compute=ComputeNumbers(convention="6ND", flops_per_token=1.2e6, training_flops=1.2e12, tokens=run.data.tokens,
                                tokens_per_param=5.0, chinchilla_tokens=4e6, optimal_params=1e5, optimal_tokens=2e6),
         hyper=Hyper(lr=lr, min_lr=lr * 0.1, warmup_steps=warmup, steps=steps,

@@ -577,8 +577,12 @@ def test_torchtitan_job_of_a_deepseek_v2_model_is_transformers_deepseek_v2(tmp_p
     ours = build_model(arch, seed=1).eval()
     load_hf_into(ours, hf, arch)
     with torch.no_grad():
-        torch.testing.assert_close(hf_model(hf)(input_ids=x).logits, want, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(ours(x), want, atol=1e-4, rtol=1e-4)
+        theirs = hf_model(hf)(input_ids=x).logits
+        # torchtitan 0.3.0's grouped experts multiply in bf16 (models/common/moe.py GroupedExperts: x.bfloat16() @
+        # w.bfloat16()), transformers and llmc in fp32: the job's logits are theirs to bf16's precision (hidden while
+        # the job's embeddings were N(0, 1), which dwarfed the experts' outputs), the two fp32 models' to fp32's
+        torch.testing.assert_close(theirs, want, atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(ours(x), theirs, atol=1e-4, rtol=1e-4)
         routers = [m for m in titan.modules() if hasattr(m, "route_norm")]
         assert routers and not any(r.route_norm for r in routers)
         for r in routers:  # the same job renormalising the top-k weights (DeepSeek-V3's, Mixtral's): other logits

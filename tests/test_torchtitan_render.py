@@ -24,6 +24,7 @@ from llmc.emit.torchtitan import (
 )
 from llmc.runtime.titan_launch import dry_run_command, torchtitan_command
 from llmc.spec.schema import RunSpec
+from llmc.weight_init import init_scheme
 
 TINY = dict(name="tiny", n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=192, vocab_size=512,
             rope_theta=500000.0, max_seq_len=256)
@@ -43,7 +44,7 @@ def compiled_for(model=None, plan=None, gpu="h100-sxm", precision="bf16", schedu
                   global_batch_seqs=plan.global_batch_seqs, seq_len=seq, schedule=run.training.schedule.kind,
                   checkpoint_interval=50, checkpoint_async=False)
     sha = hashlib.sha256(run.model_dump_json().encode()).hexdigest()
-    return Compiled("t.yaml", sha, run, get_gpu(gpu), ModelNumbers(0, 0, 0, {}, 0),
+    return Compiled("t.yaml", sha, run, get_gpu(gpu), ModelNumbers(0, 0, 0, {}, 0, init_scheme(run.model)),
                     ComputeNumbers("", 0, 0, 0, 0, 0, 0, 0), hyper, plan, None, None, None, [], [], [], [])
 
 

@@ -52,14 +52,15 @@ from llmc.spec.families import family_of
 from llmc.spec.load import LoadedSpec
 from llmc.spec.model import Architecture, RopeScaling
 from llmc.spec.schema import CONTINUED_KINDS, NVFP4_BF16_TAIL, Hardware, RunSpec, Training
+from llmc.weight_init import init_scheme
 
 
 def model_numbers(arch: Architecture) -> ModelNumbers:
-    """Parameter counts (params.py) in the report's shape."""
+    """Parameter counts (params.py) in the report's shape, and the initialisation (llmc.weight_init)."""
     return ModelNumbers(
         params_total=params.params_total(arch), params_active=params.params_active(arch),
         params_embedding=params.params_embedding(arch), breakdown=params.param_breakdown(arch),
-        kv_bytes_per_token=params.kv_bytes_per_token(arch),
+        kv_bytes_per_token=params.kv_bytes_per_token(arch), init=init_scheme(arch),
     )
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmc.compiler.plan import ParallelPlan
 from llmc.diagnostics import Diagnostic
+from llmc.weight_init import InitScheme
 
 if TYPE_CHECKING:
     from llmc.compiler.evaluation import EvaluationPlan
@@ -27,6 +28,9 @@ class ModelNumbers:
     params_embedding: int  # token embedding + (untied) output head
     breakdown: dict[str, int]  # labelled components, e.g. "embed/tok", "layers/attn/wq" (summed over layers)
     kv_bytes_per_token: int  # bf16 KV cache bytes per token, all layers
+    # the weights' initialisation from scratch, on every backend (llmc.weight_init; the lock's model.init, read by
+    # llmc's runtime and written into the torchtitan job)
+    init: InitScheme
 
 
 @dataclass(frozen=True)

@@ -112,17 +112,13 @@ from llmc.sources import mixture_parts, validation_file_format
 from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
 from llmc.spec.model import RopeScaling
 from llmc.spec.schema import TEXT_SOURCE_KINDS
+from llmc.weight_init import DEPTH_SCALINGS
 
 TORCHTITAN_VERSION = TARGET_VERSIONS["torchtitan"]
 TORCH_VERSION = TARGET_VERSIONS["torch"]
 MODULE_NAME = TITAN_PRETRAIN_MODULE
 CONFIG_FN = "job"
 OUT_DIR = "torchtitan"
-
-# torchtitan's own inits for llama3 / deepseek_v3 (models/llama3/__init__.py): trunc_normal std 0.02
-# for linears, depth-scaled std 0.02/sqrt(2(l+1)) for residual outputs, N(0, 1) embeddings and a
-# dim**-0.5 truncated normal for the output head.
-BASE_INIT_STD = 0.02
 
 # torchtitan default for aux-loss-free MoE load balancing (bias update speed gamma, DeepSeek-V3
 # paper sec. 2.1.2 uses 0.001; torchtitan MoE.Config.load_balance_coeff default 1e-3).
@@ -537,6 +533,20 @@ def _mla(arch, notes: list[str]) -> dict[str, Any]:
     }
 
 
+def _init(compiled) -> dict[str, Any]:
+    """The job's initialisation: the lock's ``model.init`` (``Compiled.model.init``, llmc.weight_init), which llmc's
+    runtime draws too. Its depth rule is the one torchtitan's ``depth_scaled_std`` computes (std / sqrt(2 (layer_id +
+    1))), which the job calls; a tied head is the embeddings (torchtitan initialises the shared matrix through
+    lm_head, so the head takes the embeddings' numbers)."""
+    init = compiled.model.init
+    if init.depth_scaling not in DEPTH_SCALINGS:  # (the compiler writes only these)
+        raise ValueError(f"model.init.depth_scaling {init.depth_scaling!r}: torchtitan's depth_scaled_std computes "
+                         f"{', '.join(DEPTH_SCALINGS)} only")
+    return {"std": init.std, "truncation": init.truncation, "embedding_std": init.embedding_std,
+            "embedding_truncation": init.embedding_truncation, "output_std": init.head_std,
+            "output_truncation": init.head_truncation}
+
+
 def _sd_adapter(arch, family: str) -> str | None:
     """The torchtitan state-dict adapter class the job names, or None where it cannot read every weight
     (:func:`llmc.compiler.backends.torchtitan_reads_hf`)."""
@@ -650,9 +660,7 @@ def _model_args(compiled, family: str, errs: list[Diagnostic], notes: list[str])
         "qkv_bias": bool(arch.qkv_bias),
         "qk_norm": bool(arch.qk_norm),
         "sd_adapter": _sd_adapter(arch, family),
-        "base_init_std": BASE_INIT_STD,
-        "output_init_std": float(arch.d_model ** -0.5),
-        "output_init_bound": float(3 * arch.d_model ** -0.5),
+        "init": _init(compiled),
         "rope": _rope(arch),
         "rope_cls": "CosSinRoPE" if family_of(arch).torchtitan_rope == "cossin" else "ComplexRoPE",
         "moe": _moe(arch, notes, errs),

@@ -4,9 +4,10 @@ imports nothing heavy).
 API for the other backends (post-training, DeepSpeed, torchtitan):
 
 * ``model``: ``Transformer(arch)`` (torchtitan parameter names; builds on ``torch.device("meta")`` for any
-  preset), ``build_model(arch, device="cpu", seed=0)``, ``model(tokens, return_aux=True) -> (logits, aux)``,
+  preset), ``build_model(arch, device="cpu", seed=0, init=None)``, ``model(tokens, return_aux=True) -> (logits, aux)``,
   ``lm_loss(logits, labels, z_loss=0.0)`` (ignore_index -100), ``model.set_ac("none"|"selective"|"full")``,
-  ``model.set_ac("partial", K)`` (the first K blocks recomputed whole), ``model.init_weights(std=0.02)``,
+  ``model.set_ac("partial", K)`` (the first K blocks recomputed whole),
+  ``model.init_weights(init)`` (``init``: the lock's ``model.init``, ``TrainJob.init``; None: the default scheme),
   ``model.generate(tokens, n, temperature)``, ``model.num_params()``.
 * ``job``: ``TrainJob.from_lock(lock, stage=None)`` reads the stage's ``lock["stages"]`` entry; fields
   arch, sources, tokenizer, seq_len, steps, lr, min_lr, warmup_steps, schedule, micro_batch, grad_accum,

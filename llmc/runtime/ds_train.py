@@ -160,10 +160,11 @@ def _placement(engine, zero: int) -> dict:
     return out
 
 
-def build_zero3_model(arch, cfg: dict, seed: int, rank: int, std: float = 0.02):
+def build_zero3_model(arch, cfg: dict, seed: int, rank: int, init=None):
     """The model built under ``deepspeed.zero.Init`` (parameters partitioned as each module is created) and
     initialised part by part (embeddings, each block, norm, head) on rank 0 inside ``GatheredParameters``,
-    in :meth:`Transformer.init_weights`' order: the same weights as ``build_model(arch, seed=seed)``."""
+    in :meth:`Transformer.init_weights`' order under ``init`` (the job's ``TrainJob.init``; None: the
+    architecture's scheme): the same weights as ``build_model(arch, seed=seed, init=init)``."""
     import deepspeed
     import torch
 
@@ -174,10 +175,10 @@ def build_zero3_model(arch, cfg: dict, seed: int, rank: int, std: float = 0.02):
     _register_external_params(model)
     torch.manual_seed(seed)
     with torch.no_grad():
-        for part, init in model.init_parts(std):
+        for part, run in model.init_parts(init):
             with deepspeed.zero.GatheredParameters(list(part.parameters()), modifier_rank=0):
                 if rank == 0:
-                    init()
+                    run()
     return model
 
 
@@ -409,9 +410,9 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     del shape_model
     torch.manual_seed(job.seed)
     if zero == 3:
-        model = build_zero3_model(job.arch, cfg, job.seed, rank)
+        model = build_zero3_model(job.arch, cfg, job.seed, rank, init=job.init)
     else:
-        model = build_model(job.arch, device, seed=job.seed)
+        model = build_model(job.arch, device, seed=job.seed, init=job.init)
     model.set_ac(job.activation_checkpointing, job.ac_layers)
     ac = ac_label(job.activation_checkpointing, job.ac_layers)
     local_numel = _local_numel(model)

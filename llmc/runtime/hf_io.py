@@ -126,6 +126,7 @@ from llmc.spec.chat import CHAT_TEMPLATES
 from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
 from llmc.spec.hf import HF_ACTIVATIONS, quantization_method
 from llmc.spec.schema import LORA_HF_NAMES
+from llmc.weight_init import init_scheme
 
 HF_TARGETS = {ours: hf for hf, ours in LORA_HF_NAMES.items()}  # llmc's LoRA target -> its HF module name
 _IGNORED_HF = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
@@ -788,8 +789,9 @@ def hf_config(arch, dtype: torch.dtype = torch.bfloat16, bos_id: int | None = 0,
            "num_key_value_heads": arch.kv_heads, "head_dim": arch.hd, "vocab_size": arch.vocab_size,
            "rms_norm_eps": arch.norm_eps, "rope_theta": arch.rope_theta, "max_position_embeddings": arch.max_seq_len,
            "tie_word_embeddings": arch.tied_embeddings, "torch_dtype": str(dtype).split(".")[-1],
-           "bos_token_id": bos_id, "eos_token_id": eos_id, "attention_dropout": 0.0, "initializer_range": 0.02,
-           "use_cache": True}
+           "bos_token_id": bos_id, "eos_token_id": eos_id, "attention_dropout": 0.0,
+           # the std of llmc's initialisation (llmc.weight_init), what transformers draws new weights from
+           "initializer_range": init_scheme(arch).std, "use_cache": True}
     if mtype in ("llama", "granite"):
         cfg.update(attention_bias=False, mlp_bias=False)
     if mtype == "mistral":  # MistralConfig (transformers configuration_mistral.py): the window in every layer
@@ -926,7 +928,7 @@ def _deepseek_config(arch, cls: str, mtype: str, dtype, bos_id, eos_id) -> dict[
            "rms_norm_eps": arch.norm_eps, "rope_theta": arch.rope_theta, "max_position_embeddings": arch.max_seq_len,
            "tie_word_embeddings": arch.tied_embeddings, "hidden_act": "silu", "torch_dtype": str(dtype).split(".")[-1],
            "bos_token_id": bos_id, "eos_token_id": eos_id, "attention_bias": False, "attention_dropout": 0.0,
-           "initializer_range": 0.02, "use_cache": True, "num_nextn_predict_layers": 0}
+           "initializer_range": init_scheme(arch).std, "use_cache": True, "num_nextn_predict_layers": 0}
     if a is None:
         cfg.update(first_k_dense_replace=arch.n_layers, n_routed_experts=0, n_shared_experts=0,
                    moe_intermediate_size=arch.d_ff, num_experts_per_tok=None, n_group=1, topk_group=1,

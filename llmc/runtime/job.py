@@ -5,7 +5,8 @@ wrote every resolved number once (seq_len, steps, lr, min_lr, warmup_steps, sche
 decay_fraction, micro_batch, grad_accum, global_batch_seqs, checkpoint_interval, hyper, lora,
 long_context), the parallel layout from ``lock["plan"]`` (pre-training; continued training runs its own stage
 layout, ``llmc.spec.schema.CONTINUED_KINDS``), the model and data from
-``lock["spec"]["resolved"]`` and the device peak from ``lock["hardware"]``. Nothing is recomputed.
+``lock["spec"]["resolved"]``, the weights' initialisation from ``lock["model"]["init"]`` and the device peak from
+``lock["hardware"]``. Nothing is recomputed.
 Tests construct ``TrainJob(...)`` directly or read a compiled lock. Users: ``llmc.runtime.train``
 (native trainer), ``posttrain`` (sft/dpo/grpo: ``job.stage_plan`` is the stage's lock entry,
 ``job.stage_spec`` the Stage) and ``ds_train``. ``lr_factor`` is the one LR schedule of every loop
@@ -35,6 +36,7 @@ from llmc.spec.schema import (
     Stage,
 )
 from llmc.spec.schema import Tokenizer as TokenizerSpec
+from llmc.weight_init import InitScheme, init_scheme
 
 # Stage kinds the native trainer runs (packed next-token loss); the post-training loops run POSTTRAIN_KINDS.
 NATIVE_KINDS = LM_KINDS
@@ -85,6 +87,9 @@ class TrainJob:
     loss_chunk: int = 0  # tokens per slice of the loss (model.token_losses); 0 = the whole micro-batch at once
     sampling_groups: int | None = None  # GRPO: groups sampled in one batch (grpo.sample_groups); None = all at once
     meta_init: bool | None = None  # build on meta, shard, then init (FSDP/TP only); None = auto (> 2B params)
+    # the initialisation of weights trained from scratch (the lock's model.init); None: llmc.weight_init's scheme of
+    # arch (a job built by hand)
+    init: InitScheme | None = None
     # checkpoints and robustness
     checkpoint_interval: int = 100
     checkpoint_async: bool = False  # the plan's choice (lock hyper.checkpoint_async: spec async_mode, None = by size)
@@ -270,6 +275,7 @@ class TrainJob:
             spec_dir=_spec_dir(lock["spec"], spec_path, build_dir),
             flops_per_token=(lock.get("compute") or {}).get("flops_per_token"),
             peak_flops=peak_flops(lock.get("hardware"), t.precision), spec=spec, lock=lock,
+            init=lock_init(lock, spec.model),
         )
         gbs = int(num["global_batch_seqs"])
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -377,6 +383,15 @@ class _Numbers:
         if v is None:
             raise ValueError(f"lock: stage {self.entry.get('name')!r} has no {key!r} (rebuild with `llmc build`)")
         return v
+
+
+def lock_init(lock: dict, arch: Architecture) -> InitScheme:
+    """The initialisation the lock records (``model.init``, written by the compiler: llmc.weight_init) for its model
+    ``arch``; ValueError with a one-line reason naming the field when it is malformed. A lock written before llmc
+    recorded it (no ``model.init``) takes ``arch``'s scheme (:func:`llmc.weight_init.init_scheme`): the numbers llmc's
+    runtime drew then, as an older lock without ``training.optimizer.no_decay`` takes the rule it trained with."""
+    init = (lock.get("model") or {}).get("init")
+    return init_scheme(arch) if init is None else InitScheme.from_json(init)
 
 
 def stage_entry(lock: dict, stage: str | None) -> dict:

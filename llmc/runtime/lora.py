@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmc.spec.schema import LORA_TARGETS, NF4_BLOCK, NF4_DQ_BLOCK
+from llmc.weight_init import TRUNCATION_SIGMAS
 
 # The 16 NF4 code values (QLoRA paper, Appendix E; bitsandbytes `NF4` table).
 NF4_LEVELS = torch.tensor([
@@ -234,8 +235,8 @@ class LoRAExperts(nn.Module):
     def delta(self, t: str) -> torch.Tensor:
         return self.scaling * torch.bmm(self.lora_B[t], self.lora_A[t])
 
-    def init_weights(self, std: float, out_std: float) -> None:  # the base experts (the model's initialiser)
-        self.base.init_weights(std, out_std)
+    def init_weights(self, std: float, out_std: float, cut: float = TRUNCATION_SIGMAS) -> None:
+        self.base.init_weights(std, out_std, cut)  # the base experts (the model's initialiser)
 
 
 def _targets(model: nn.Module, targets: Iterable[str]) -> list[tuple[nn.Module, str, nn.Module]]:

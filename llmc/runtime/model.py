@@ -24,7 +24,7 @@ E experts, N = B*T tokens, k = top_k.
 Usage::
 
     model = Transformer(arch)                 # or: with torch.device("meta"): Transformer(arch)
-    model.init_weights()                      # (after .to_empty(device=...) when built on meta)
+    model.init_weights(job.init)              # (after .to_empty(device=...) when built on meta; None: the default)
     logits, aux = model(tokens, return_aux=True)
     loss = lm_loss(logits, labels, z_loss=1e-4) + aux
 """
@@ -32,7 +32,6 @@ Usage::
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections.abc import Callable
 from typing import NamedTuple
@@ -47,6 +46,18 @@ from llmc.rope import rope_inv_freq as rope_inv_freq_values
 from llmc.runtime.chat import IGNORE_INDEX
 from llmc.runtime.job import check_ac
 from llmc.spec.model import Architecture, RopeScaling
+from llmc.weight_init import TRUNCATION_SIGMAS, InitScheme, init_scheme
+
+
+def _normal_(w: torch.Tensor, std: float, cut: float | None) -> None:
+    """``w`` ~ N(0, std^2) in place, truncated at +-``cut`` x std (None: not truncated), the draws of
+    ``nn.init.trunc_normal_`` / ``nn.init.normal_`` (the one initialiser of :meth:`Transformer.init_weights`; the
+    scheme's numbers: :mod:`llmc.weight_init`)."""
+    if cut is None:
+        nn.init.normal_(w, std=std)
+    else:
+        nn.init.trunc_normal_(w, std=std, a=-cut * std, b=cut * std)
+
 
 # ----------------------------------------------------------------------------- norms and RoPE
 
@@ -319,12 +330,12 @@ class Attention(nn.Module):
                       softcap=self.softcap, sinks=_local(self.sinks))  # (B, H, T, hd); k, v keep K heads
         return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
 
-    def init_weights(self, std: float, out_std: float) -> None:
+    def init_weights(self, std: float, out_std: float, cut: float = TRUNCATION_SIGMAS) -> None:
         for lin in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
+            _normal_(lin.weight, std, cut)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
-        nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+        _normal_(self.wo.weight, out_std, cut)
         if self.wo.bias is not None:
             nn.init.zeros_(self.wo.bias)
         if self.sinks is not None:  # 0: each head's sink starts as one more key scoring 0
@@ -391,14 +402,14 @@ class MLAttention(nn.Module):
         out = _attend(q, k, v, cache, layer, scale=self.scale)  # (B, H, T, v)
         return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*v)
 
-    def init_weights(self, std: float, out_std: float) -> None:
+    def init_weights(self, std: float, out_std: float, cut: float = TRUNCATION_SIGMAS) -> None:
         for name in ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b"):
             if hasattr(self, name):
-                nn.init.trunc_normal_(getattr(self, name).weight, std=std, a=-3 * std, b=3 * std)
+                _normal_(getattr(self, name).weight, std, cut)
         for name in ("q_norm", "kv_norm"):
             if hasattr(self, name):
                 getattr(self, name).reset_parameters()
-        nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+        _normal_(self.wo.weight, out_std, cut)
 
 
 # ----------------------------------------------------------------------------- feed-forward and MoE
@@ -419,10 +430,10 @@ class FeedForward(nn.Module):
         g = self.w1(x)
         return self.w2((F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)) * self.w3(x))
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.trunc_normal_(self.w1.weight, std=std, a=-3 * std, b=3 * std)
+    def init_weights(self, std: float, out_std: float, cut: float = TRUNCATION_SIGMAS) -> None:
+        _normal_(self.w1.weight, std, cut)
         for lin in (self.w2, self.w3):  # torchtitan scales w2 and w3 by depth
-            nn.init.trunc_normal_(lin.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+            _normal_(lin.weight, out_std, cut)
 
 
 class GroupedExperts(nn.Module):
@@ -472,10 +483,10 @@ class GroupedExperts(nn.Module):
         out = mm("w2", h)
         return out + self.b2[e] if self.bias else out
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.trunc_normal_(self.w1, std=std, a=-3 * std, b=3 * std)
-        nn.init.trunc_normal_(self.w2, std=out_std, a=-3 * out_std, b=3 * out_std)
-        nn.init.trunc_normal_(self.w3, std=out_std, a=-3 * out_std, b=3 * out_std)
+    def init_weights(self, std: float, out_std: float, cut: float = TRUNCATION_SIGMAS) -> None:
+        _normal_(self.w1, std, cut)
+        _normal_(self.w2, out_std, cut)
+        _normal_(self.w3, out_std, cut)
         if self.bias:
             for b in (self.b1, self.b2, self.b3):
                 nn.init.zeros_(b)
@@ -601,16 +612,16 @@ class MoE(nn.Module):
         self.expert_bias.add_(delta)
         load.zero_()
 
-    def init_weights(self, std: float, out_std: float) -> None:
+    def init_weights(self, std: float, out_std: float, cut: float = TRUNCATION_SIGMAS) -> None:
         if self.expert_bias is not None:
             nn.init.zeros_(self.expert_bias)
             self.tokens_per_expert = torch.zeros(self.num_experts, device=self.router.gate.weight.device)
-        nn.init.trunc_normal_(self.router.gate.weight, std=std, a=-3 * std, b=3 * std)
+        _normal_(self.router.gate.weight, std, cut)
         if self.router.gate.bias is not None:
             nn.init.zeros_(self.router.gate.bias)
-        self.experts.init_weights(std, out_std)
+        self.experts.init_weights(std, out_std, cut)
         if self.shared_experts is not None:
-            self.shared_experts.init_weights(std, out_std)
+            self.shared_experts.init_weights(std, out_std, cut)
 
 
 # ----------------------------------------------------------------------------- blocks and model
@@ -662,14 +673,14 @@ class TransformerBlock(nn.Module):
             y, aux = self.feed_forward(self.ffn_norm(h)), h.new_zeros((), dtype=torch.float32)
         return h + (y if self.residual == 1.0 else y * self.residual), aux
 
-    def init_weights(self, std: float, out_std: float) -> None:
+    def init_weights(self, std: float, out_std: float, cut: float = TRUNCATION_SIGMAS) -> None:
         self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
         if self.sandwich:
             self.post_attention_norm.reset_parameters()
             self.post_ffn_norm.reset_parameters()
-        self.attention.init_weights(std, out_std)
-        (self.moe if self.is_moe else self.feed_forward).init_weights(std, out_std)
+        self.attention.init_weights(std, out_std, cut)
+        (self.moe if self.is_moe else self.feed_forward).init_weights(std, out_std, cut)
 
 
 class Transformer(nn.Module):
@@ -814,11 +825,13 @@ class Transformer(nn.Module):
         return idx, mask[:, None]
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02, buffer_device: torch.device | None = None) -> None:
-        """Initialise in place (also after ``to_empty`` from meta). torchtitan's depth init: wq/wk/wv/w1
-        and the router N(0, std); wo/w2/w3 N(0, std/sqrt(2(layer+1))); norms 1; biases 0; embeddings
-        N(0, std) (std, not 1, so tied heads start with small logits); untied output N(0, D^-0.5)
-        as torchtitan. All truncated at 3 sigma."""
+    def init_weights(self, init: InitScheme | None = None, buffer_device: torch.device | None = None) -> None:
+        """Initialise in place (also after ``to_empty`` from meta) under ``init`` (the lock's ``model.init``,
+        :class:`llmc.weight_init.InitScheme`; None: :func:`llmc.weight_init.init_scheme` of the model's
+        architecture): torchtitan's depth init, wq/wk/wv/w1 and the router N(0, std); wo/w2/w3
+        N(0, std/sqrt(2(layer+1))); norms 1; biases 0; embeddings N(0, embedding_std) (0.02, not torchtitan's 1, so
+        tied heads start with small logits); an untied output N(0, output_std = D^-0.5) as torchtitan; every
+        truncated normal cut at init.truncation sigmas, the embeddings not truncated."""
         dev = buffer_device or self.tok_embeddings.weight.device
         if dev.type != "meta":
             with torch.device(dev):
@@ -827,20 +840,21 @@ class Transformer(nn.Module):
                     self.rope_long = self._rope_tables(True)
                 if self.has_local_rope:
                     self.rope_local = self._local_rope_table()
-        for _, init in self.init_parts(std):
-            init()
+        for _, part in self.init_parts(init):
+            part()
 
-    def init_parts(self, std: float = 0.02) -> list[tuple[nn.Module, Callable[[], None]]]:
+    def init_parts(self, init: InitScheme | None = None) -> list[tuple[nn.Module, Callable[[], None]]]:
         """(module, initialiser) in the order :meth:`init_weights` runs them, so a sharded build (DeepSpeed
         ZeRO-3: gather one part, initialise it on one rank, re-partition) draws the same random numbers."""
+        s = init or init_scheme(self.arch)
         parts: list[tuple[nn.Module, Callable[[], None]]] = [
-            (self.tok_embeddings, lambda: nn.init.normal_(self.tok_embeddings.weight, std=std))]
+            (self.tok_embeddings, functools.partial(_normal_, self.tok_embeddings.weight, s.embedding_std,
+                                                    s.embedding_truncation))]
         for i, blk in enumerate(self.layers.values()):
-            parts.append((blk, functools.partial(blk.init_weights, std, std / math.sqrt(2 * (i + 1)))))
+            parts.append((blk, functools.partial(blk.init_weights, s.std, s.out_std(i), s.truncation)))
         parts.append((self.norm, self.norm.reset_parameters))
         if not self.arch.tied_embeddings:
-            s = self.arch.d_model**-0.5
-            parts.append((self.lm_head, lambda: nn.init.trunc_normal_(self.lm_head.weight, std=s, a=-3 * s, b=3 * s)))
+            parts.append((self.lm_head, functools.partial(_normal_, self.lm_head.weight, s.head_std, s.head_truncation)))
         return parts
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
@@ -964,13 +978,14 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: str = DEFAULT_
 
 
 def build_model(arch: Architecture, device: str | torch.device = "cpu", seed: int | None = 0,
-                std: float = 0.02) -> Transformer:
-    """Build and initialise on ``device`` (``meta`` = shapes only, nothing allocated, no init)."""
+                init: InitScheme | None = None) -> Transformer:
+    """Build and initialise on ``device`` under ``init`` (a job's ``TrainJob.init``; None: the architecture's
+    scheme, :func:`llmc.weight_init.init_scheme`) (``meta`` = shapes only, nothing allocated, no init)."""
     device = torch.device(device)
     with torch.device(device):
         model = Transformer(arch)
     if device.type != "meta":
         if seed is not None:
             torch.manual_seed(seed)
-        model.init_weights(std)
+        model.init_weights(init)
     return model

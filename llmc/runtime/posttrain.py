@@ -689,7 +689,7 @@ def _full_precision_base(job: Any, out: Path, info: Any) -> dict[str, torch.Tens
 
     arch = stage_arch(job)
     hf_src = None if job.init_from else init_hf_source(job)
-    base = build_model(arch, "cpu" if job.init_from or hf_src else info.device, seed=job.seed)
+    base = build_model(arch, "cpu" if job.init_from or hf_src else info.device, seed=job.seed, init=job.init)
     if job.init_from:
         load_init_from(base, out.parent / job.init_from, arch)
     elif hf_src:

@@ -271,7 +271,7 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
     meta = sharded and info.world > 1 and (job.meta_init if job.meta_init is not None else n_params > META_INIT_PARAMS)
     where = torch.device(build_device) if build_device is not None and not meta else info.device
     if not meta:
-        model = build_model(job.arch, where, seed=job.seed)
+        model = build_model(job.arch, where, seed=job.seed, init=job.init)
         if init_checkpoint is not None:
             got = load_init_from(model, init_checkpoint, job.arch, checkpoint_arch=start_arch(job))
             say(f"initialised weights from {got}")
@@ -287,7 +287,7 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
     if meta:
         model.to_empty(device=info.device)
         torch.manual_seed(job.seed)
-        model.init_weights(buffer_device=info.device)  # DTensor-aware random init of the local shards
+        model.init_weights(job.init, buffer_device=info.device)  # DTensor-aware random init of the local shards
         if init_checkpoint is not None:  # collective: each rank loads what its shards need
             got = load_init_from(wrapped, init_checkpoint, job.arch, rank=info.rank, world=info.world,
                                  checkpoint_arch=start_arch(job))

@@ -479,25 +479,44 @@ SHARED_HIDDEN_DIM = 2048
 N_DENSE_LAYERS = 3
 LOAD_BALANCE_COEFF = 0.001
 
-_LINEAR_INIT = {"weight": partial(nn.init.trunc_normal_, std=0.02), "bias": nn.init.zeros_}
+# The weights' initialisation from scratch: the lock's model.init (llmc.weight_init), the distributions llmc's own
+# runtime draws (native, DeepSpeed: llmc.runtime.model.Transformer.init_weights). Projections reading the residual
+# stream (wq/wk/wv, MLA's wq/wq_a/wq_b/wkv_a/wkv_b, w1, the experts' w1, the router's gate) N(0, INIT_STD^2); those
+# writing it (wo, w2, w3, the experts' w2 / w3) N(0, depth_scaled_std(INIT_STD, layer_id)^2), torchtitan's depth
+# init; each cut at +-INIT_TRUNCATION x its own std (torchtitan's own _LINEAR_INIT keeps torch's absolute bounds
+# a=-2, b=2, which cut nothing at std 0.02). Token embeddings N(0, EMBEDDING_STD^2) (torchtitan's own: N(0, 1)).
+# Norm gains 1, biases 0.
+INIT_STD = 0.02
+INIT_TRUNCATION = 3.0
+EMBEDDING_STD = 0.02
+EMBEDDING_TRUNCATION = None
+# the untied output head: d_model^-0.5, torchtitan's final_out_std
+OUTPUT_STD = 0.011811389781538352
+OUTPUT_TRUNCATION = 3.0
+
+
+def _normal(std, cut):
+    """N(0, std^2) in place, truncated at +-cut x std (None: not truncated): llmc.runtime.model._normal_."""
+    if cut is None:
+        return partial(nn.init.normal_, std=std)
+    return partial(nn.init.trunc_normal_, std=std, a=-cut * std, b=cut * std)
+
+
+_LINEAR_INIT = {"weight": _normal(INIT_STD, INIT_TRUNCATION), "bias": nn.init.zeros_}
 _NORM_INIT = {"weight": nn.init.ones_}
-_EMBEDDING_INIT = {"weight": partial(nn.init.normal_, std=1.0)}
-_OUTPUT_INIT = {
-    "weight": partial(nn.init.trunc_normal_, std=0.011811389781538352, a=-0.03543416934461505, b=0.03543416934461505),
-    "bias": nn.init.zeros_,
-}
+_EMBEDDING_INIT = {"weight": _normal(EMBEDDING_STD, EMBEDDING_TRUNCATION)}
+_OUTPUT_INIT = {"weight": _normal(OUTPUT_STD, OUTPUT_TRUNCATION), "bias": nn.init.zeros_}
 
 
 def _depth_init(layer_id):
-    return {"weight": partial(nn.init.trunc_normal_, std=depth_scaled_std(0.02, layer_id)),
-            "bias": nn.init.zeros_}
+    return {"weight": _normal(depth_scaled_std(INIT_STD, layer_id), INIT_TRUNCATION), "bias": nn.init.zeros_}
 
 
 def _experts_init(layer_id):
     return {
-        "w1_EFD": partial(nn.init.trunc_normal_, std=0.02),
-        "w2_EDF": partial(nn.init.trunc_normal_, std=depth_scaled_std(0.02, layer_id)),
-        "w3_EFD": partial(nn.init.trunc_normal_, std=depth_scaled_std(0.02, layer_id)),
+        "w1_EFD": _normal(INIT_STD, INIT_TRUNCATION),
+        "w2_EDF": _normal(depth_scaled_std(INIT_STD, layer_id), INIT_TRUNCATION),
+        "w3_EFD": _normal(depth_scaled_std(INIT_STD, layer_id), INIT_TRUNCATION),
     }
 
 
@@ -551,6 +570,8 @@ def _layers():
     )
     for layer in layers:
         if layer.moe is not None:
+            # the router's gate N(0, INIT_STD^2) as every other backend's (build_mla_moe_layers depth-scales it)
+            layer.moe.router.gate.param_init = _LINEAR_INIT
             layer.moe.load_balance_coeff = LOAD_BALANCE_COEFF
             if not NUM_SHARED_EXPERTS:
                 layer.moe.shared_experts = None

@@ -468,18 +468,37 @@ VOCAB_SIZE = 2048
 NORM_EPS = 1e-05
 ATTN_BACKEND = 'flex'
 
-_LINEAR_INIT = {"weight": partial(nn.init.trunc_normal_, std=0.02), "bias": nn.init.zeros_}
+# The weights' initialisation from scratch: the lock's model.init (llmc.weight_init), the distributions llmc's own
+# runtime draws (native, DeepSpeed: llmc.runtime.model.Transformer.init_weights). Projections reading the residual
+# stream (wq/wk/wv, MLA's wq/wq_a/wq_b/wkv_a/wkv_b, w1, the experts' w1, the router's gate) N(0, INIT_STD^2); those
+# writing it (wo, w2, w3, the experts' w2 / w3) N(0, depth_scaled_std(INIT_STD, layer_id)^2), torchtitan's depth
+# init; each cut at +-INIT_TRUNCATION x its own std (torchtitan's own _LINEAR_INIT keeps torch's absolute bounds
+# a=-2, b=2, which cut nothing at std 0.02). Token embeddings N(0, EMBEDDING_STD^2) (torchtitan's own: N(0, 1)).
+# Norm gains 1, biases 0.
+INIT_STD = 0.02
+INIT_TRUNCATION = 3.0
+EMBEDDING_STD = 0.02
+EMBEDDING_TRUNCATION = None
+# the untied output head: d_model^-0.5, torchtitan's final_out_std
+OUTPUT_STD = 0.08838834764831845
+OUTPUT_TRUNCATION = 3.0
+
+
+def _normal(std, cut):
+    """N(0, std^2) in place, truncated at +-cut x std (None: not truncated): llmc.runtime.model._normal_."""
+    if cut is None:
+        return partial(nn.init.normal_, std=std)
+    return partial(nn.init.trunc_normal_, std=std, a=-cut * std, b=cut * std)
+
+
+_LINEAR_INIT = {"weight": _normal(INIT_STD, INIT_TRUNCATION), "bias": nn.init.zeros_}
 _NORM_INIT = {"weight": nn.init.ones_}
-_EMBEDDING_INIT = {"weight": partial(nn.init.normal_, std=1.0)}
-_OUTPUT_INIT = {
-    "weight": partial(nn.init.trunc_normal_, std=0.08838834764831845, a=-0.26516504294495535, b=0.26516504294495535),
-    "bias": nn.init.zeros_,
-}
+_EMBEDDING_INIT = {"weight": _normal(EMBEDDING_STD, EMBEDDING_TRUNCATION)}
+_OUTPUT_INIT = {"weight": _normal(OUTPUT_STD, OUTPUT_TRUNCATION), "bias": nn.init.zeros_}
 
 
 def _depth_init(layer_id):
-    return {"weight": partial(nn.init.trunc_normal_, std=depth_scaled_std(0.02, layer_id)),
-            "bias": nn.init.zeros_}
+    return {"weight": _normal(depth_scaled_std(INIT_STD, layer_id), INIT_TRUNCATION), "bias": nn.init.zeros_}
 
 
 def _gqa(layer_id):
