@@ -519,6 +519,7 @@ def launch(
         resume_checkpoint,
         spec_change_warning,
         start_stage,
+        unfit_warning,
     )
 
     if not build_dir:  # (a Path would read '' as '.')
@@ -573,6 +574,10 @@ def launch(
             _echo(_one_line(f"{build_dir}: warning[L008] {c.legacy}"), err=True)
     if spec_changed:
         _echo(_one_line(spec_changed), err=True)
+    # pre-training on a backend whose run the compiler found not to fit the GPU (L015): said, not refused
+    unfit = unfit_warning(build_dir, cmds, backend)
+    if unfit:
+        _echo(_one_line(unfit), err=True)
     for note in (n for c in cmds for n in c.notes):  # a link on the run's write path it allows (a scratch disk)
         _echo(note, err=True)
     for c in cmds:

@@ -76,6 +76,11 @@ differs from the one the build recorded (``spec.file_sha256``): the build is lau
 ``llmc build`` command (the lock's ``--set`` overrides included) that applies the change. A missing spec file (a build
 copied alone to a node) and a lock of an older llmc, which records no file hash, say nothing.
 
+``unfit_warning(build_dir, cmds, backend)`` is the one warning line (L015) ``llmc launch`` prints, ``--dry-run`` too,
+when the launch runs pre-training on a backend whose run the compiler found not to fit the GPU (the lock's
+``backend_runs``, :func:`llmc.compiler.compile.backend_runs`: a build planned for one backend writes the others'
+launchers too); the launch goes on.
+
 ``StderrRelay`` is what a terminal shows of a stage's stderr while the whole of it goes to ``run/<stage>/stderr.log``:
 tracebacks, torchrun's failure report (its ``ChildFailedError`` traceback and "=====" banner) and its error log lines
 stay in the log; llmc's own located error lines are held back for the one line ``llmc launch`` prints when the stage
@@ -556,6 +561,42 @@ def _has_titan_job(b: Path) -> bool:
     return any((b / "torchtitan").glob(f"{TITAN_PRETRAIN_MODULE}*.py"))
 
 
+def _launched_backend(b: Path, lock: dict, backend: str | None) -> str:
+    """``backend``, or when None the build's default (``llmc.emit.common.launch_backend``)."""
+    if backend is not None:
+        return backend
+    plan = ParallelPlan(**lock["plan"]) if lock.get("plan") else None
+    planned = (lock.get("backend") or {}).get("name") if isinstance(lock.get("backend"), dict) else None
+    return launch_backend(planned, plan, _has_titan_job(b), (b / "deepspeed" / "ds_config.json").exists())
+
+
+def unfit_warning(build_dir: str | os.PathLike, cmds: list[Cmd], backend: str | None = None) -> str | None:
+    """``"<build_dir>: warning[L015] the <backend> run of this build's pre-training does not fit the GPU: ..."``, one
+    line, when the launch runs pre-training (its command not skipped) on a backend whose run the compiler found not to
+    fit (the lock's ``backend_runs``: :func:`llmc.compiler.compile.backend_runs`, read, never recomputed); the launch
+    goes on (the user may know better). None otherwise, and for a lock of an older llmc (no ``backend_runs``)."""
+    from llmc.emit.common import unfit_run_hint, unfit_run_words
+
+    try:
+        b, lock = load_build(build_dir)
+        name = _launched_backend(b, lock, backend)
+        pre = {str(s["name"]) for s in _stages(lock) if s.get("kind") == "pretrain"}
+        first = {}
+        for c in cmds:
+            first.setdefault(c.stage, c)
+        if not any(n in first and not first[n].skip_reason for n in pre):
+            return None
+        run = (lock.get("backend_runs") or {}).get(name)
+        if not isinstance(run, dict) or run.get("fits") is not False:
+            return None
+        words = unfit_run_words(name, str(run["layout"]), int(run["per_gpu_bytes"]), int(run["capacity_bytes"]),
+                                int(run["usable_bytes"]), bool(run.get("planned")))
+    except (LaunchError, KeyError, TypeError, ValueError, AttributeError):
+        return None  # (a lock too malformed to say: launch_commands refused it already)
+    return (f"{build_dir}: warning[L015] {words}; launching it anyway "
+            f"({unfit_run_hint(name, bool(run.get('planned')))})")
+
+
 def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, nproc: int | None = None,
                     stage: str | None = None, run_dir: str | os.PathLike | None = None,
                     gpu: bool | None = None, fallback_checkpoint: bool = False,
@@ -574,10 +615,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         raise LaunchError(f"unknown backend {backend!r} (one of: {', '.join(BACKENDS)})")
     b, lock = load_build(build_dir)
     try:  # (read_lock checked the lock's shape; a field it leaves optional may still be missing)
-        if backend is None:
-            plan = ParallelPlan(**lock["plan"]) if lock.get("plan") else None
-            planned = (lock.get("backend") or {}).get("name") if isinstance(lock.get("backend"), dict) else None
-            backend = launch_backend(planned, plan, _has_titan_job(b), (b / "deepspeed" / "ds_config.json").exists())
+        backend = _launched_backend(b, lock, backend)
         on_gpu = has_gpu() if gpu is None else gpu
         if nproc is None:
             nproc = _cpu_world(lock) or (_gpus_per_node(lock) if on_gpu else 1)

@@ -149,13 +149,18 @@ class Backend:
 _SLICED_LOSS = ("llmc/runtime/model.py token_losses(chunk=loss_chunk_tokens): the head and cross-entropy of each slice "
                 "under torch.utils.checkpoint, recomputed in the backward (the job's plan.loss_chunk_tokens)")
 
+# llmc's torchtitan job maps ZeRO-1/2 to FSDP2 with reshard_after_forward = "never" (render_torchtitan.py):
+# the fp32 shards stay sharded and the all-gathered bf16 parameters are kept from forward to backward
+# (fully_shard docs: reshard_after_forward=False keeps the unsharded parameters after forward). FSDP2 has no ZeRO-1:
+# a sharded module's gradients are always reduce-scattered to the shards (torchtitan docs/fsdp.md: 1D mesh +
+# reshard_after_forward=False is FSDP1's SHARD_GRAD_OP, ZeRO-2; https://pytorch.org/docs/stable/fsdp.html
+# ShardingStrategy.SHARD_GRAD_OP: "Gradients and optimizer states are sharded during computation"), so a ZeRO-1 pin
+# runs, and is sized, as ZeRO-2 (checks.check_zero_pin says so: P021)
+_FSDP2_ZERO2 = StateBytes(weights=(2, 4), grads=(0, 4), optimizer=(0, 8))
 _FSDP2_STATES = {
     0: StateBytes(weights=(4, 0), grads=(4, 0), optimizer=(8, 0)),
-    # llmc's torchtitan job maps ZeRO-1/2 to FSDP2 with reshard_after_forward = "never" (render_torchtitan.py):
-    # the fp32 shards stay sharded and the all-gathered bf16 parameters are kept from forward to backward
-    # (fully_shard docs: reshard_after_forward=False keeps the unsharded parameters after forward)
-    1: StateBytes(weights=(2, 4), grads=(0, 4), optimizer=(0, 8)),
-    2: StateBytes(weights=(2, 4), grads=(0, 4), optimizer=(0, 8)),
+    1: _FSDP2_ZERO2,  # what runs: ZeRO-2
+    2: _FSDP2_ZERO2,
     3: StateBytes(weights=(0, 4), grads=(0, 4), optimizer=(0, 8)),
 }
 _DS_STATES = {
@@ -983,6 +988,41 @@ def deepspeed_zero_stage(par, plan, *, searched: bool, backend: str | None) -> i
     return 2 if par.offload_optimizer else 0
 
 
+def deepspeed_split(gbs: int, dp: int, micro_cap: int) -> tuple[int, int]:
+    """(micro, accum) with micro x accum x dp = gbs: the largest micro-batch <= micro_cap dividing gbs / dp (dp must
+    divide gbs)."""
+    per_rank = gbs // dp
+    micro = max(m for m in range(1, min(max(1, micro_cap), per_rank) + 1) if per_rank % m == 0)
+    return micro, per_rank // micro
+
+
+def deepspeed_folds(plan) -> bool:
+    """Does llmc's DeepSpeed runner (data parallel + ZeRO only, llmc.runtime.ds_train) fold ``plan`` into data
+    parallelism over every GPU (a plan with tp / pp / cp / ep)?"""
+    return plan.tp > 1 or plan.pp > 1 or plan.cp > 1 or plan.ep > 1
+
+
+def deepspeed_run_plan(plan, world: int, gbs: int, stage: int):
+    """The layout llmc's DeepSpeed runner trains pre-training's ``plan`` with (what deepspeed/ds_config.json says):
+    the plan's batch split over its data-parallel ranks, or, when it folds tp / pp / cp / ep (:func:`deepspeed_folds`),
+    all ``world`` GPUs as data-parallel ranks with the largest micro-batch up to the plan's that divides the batch per
+    rank (:func:`deepspeed_split`); ZeRO-``stage`` over every rank (no replicate dimension), the plan's AC and loss
+    slices, whole sequences. None when the global batch ``gbs`` does not split over the folded ranks (no DeepSpeed run:
+    X104)."""
+    from llmc.compiler.plan import ParallelPlan
+
+    if deepspeed_folds(plan):
+        if gbs % world:
+            return None
+        dp = world
+        micro, accum = deepspeed_split(gbs, dp, plan.micro_batch)
+    else:
+        dp, micro, accum = plan.dp, plan.micro_batch, plan.grad_accum
+    return ParallelPlan(dp_shard=dp, micro_batch=micro, grad_accum=accum, zero_stage=stage,
+                        activation_checkpointing=plan.activation_checkpointing, ac_layers=plan.ac_layers,
+                        loss_chunk_tokens=plan.loss_chunk_tokens)
+
+
 def activation_mode(ac: str, backend: Backend) -> str:
     """The recompute model of activation-checkpointing mode ``ac`` on ``backend``: ``selective`` is the backend's
     own kind (:attr:`Backend.selective_ac`), ``selective_core`` where only the attention core is recomputed
@@ -990,7 +1030,7 @@ def activation_mode(ac: str, backend: Backend) -> str:
     return "selective_core" if ac == "selective" and backend.selective_ac == "attention_core" else ac
 
 
-__all__ = ["deepspeed_zero_stage", "fit_headroom", "GENERIC_HEADROOM", "Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "ModelGap", "get_backend", "resolve_backend",
+__all__ = ["deepspeed_zero_stage", "deepspeed_split", "deepspeed_folds", "deepspeed_run_plan", "fit_headroom", "GENERIC_HEADROOM", "Backend", "StateBytes", "BACKENDS", "RUNNABLE", "FITTED", "ModelGap", "get_backend", "resolve_backend",
            "torchtitan_model_gaps", "torchtitan_reads_hf", "compile_on",
            "fp8_recipe_on", "fp8_converted_parts", "activation_mode", "describe", "converted_parts", "linear_speedup",
            "lowp_recipe", "lowp_dtype", "nvfp4_converted_layers", "nvfp4_linear_dims", "nvfp4_misaligned"]

@@ -25,6 +25,7 @@ P017   error     optimizer / parameter offload on a backend whose job does not o
 P018   error     a pinned parallel dimension (tp, pp or a pipeline schedule, cp, ep, dp_replicate with sharding) the
                  backend that runs the plan does not run
 P020   error     predicted model FLOP/s above the dense peak of the precision the plan trains in (an MFU above 100%)
+P021   info      zero_stage 1 on an FSDP2 backend (torchtitan, native): it runs as ZeRO-2 (FSDP2 has no ZeRO-1)
 T001   warning   peak LR outside the pre-training range / far from the size-aware value
 T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
 T003   warning   no gradient clipping
@@ -253,6 +254,25 @@ def check_backend_pins(run, backend, why: str, sink: Sink, gaps=()) -> None:
                  f"{backend.name} runner runs {_runs(backend)}{_UNUSED.get((backend.name, dim), '')}): no job llmc "
                  "builds would run this plan; "
                  f"backend {backend.name}: {why}", fix)
+
+
+def check_zero_pin(run, backend, sink: Sink) -> None:
+    """P021 (info): ``parallelism.zero_stage: 1`` on a backend that shards with FSDP2 (``Backend.zero12 == "fsdp2"``:
+    torchtitan's job, llmc's native trainer), which cannot express ZeRO-1: when it shards at all, fully_shard
+    reduce-scatters every gradient to its shard (torchtitan docs/fsdp.md, https://github.com/pytorch/torchtitan/blob/
+    main/docs/fsdp.md: 1D mesh + reshard_after_forward=False = FSDP1 SHARD_GRAD_OP = ZeRO-2; PyTorch's
+    ShardingStrategy.SHARD_GRAD_OP, https://pytorch.org/docs/stable/fsdp.html: "Gradients and optimizer states are
+    sharded during computation"). The job runs, and the plan is sized and timed as, ZeRO-2 (the FSDP2 profile's
+    stage-1 states are its stage-2 ones, ``backends._FSDP2_STATES``); llmc's DeepSpeed runner runs the pin as
+    ZeRO-1."""
+    if run.parallelism.zero_stage != 1 or backend.zero12 != "fsdp2":
+        return
+    sink.add("P021", "info", "parallelism.zero_stage",
+             f"zero_stage 1 on {backend.name} runs as ZeRO-2: FSDP2 shards the gradients with the optimizer states "
+             "(fully_shard reduce-scatters every gradient; its reshard_after_forward=False, what llmc runs for ZeRO-1/2, "
+             "is FSDP1's SHARD_GRAD_OP, ZeRO-2), so the plan is sized and timed as ZeRO-2 and zero_stage 2 builds the "
+             f"same {backend.name} job",
+             "pin zero_stage 2 to say what runs (ZeRO-1 itself: training.backend deepspeed)")
 
 
 def check_backend_options(run, backend, sink: Sink) -> None:

@@ -34,6 +34,7 @@ from llmc.compiler.hardware import GPU, GPUS, get_gpu, peak_flops, supports, wit
 from llmc.compiler.plan import ParallelPlan
 from llmc.compiler.result import (
     BackendChoice,
+    BackendRun,
     CalibrationStatus,
     Compiled,
     ComputeNumbers,
@@ -285,6 +286,8 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
                              facts.eval_tasks if facts is not None else {})
     diags = sink.items + [_located(d, lines, spec_path) for d in stage_diags + serving_diags]
     preemption = _preemption(time, stages)
+    runs = backend_runs(run, gpu, hyper, searched.plan, searched.memory, be_info.name, calibration,
+                        titan_gaps=bool(gaps))
     sha = spec_sha256(run, spec_bytes)
     return Compiled(
         spec_path=spec_path, spec_sha256=sha, spec=run, gpu=gpu, model=model,
@@ -297,8 +300,60 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
         diagnostics=sort_diagnostics(_dedupe(diags)), stages=stages, serving=serving, search=dict(searched.info),
         backend=be_info, calibration=cal_info, unfit=searched.unfit, evaluation=evaluation, pipeline=pipeline,
         checkpoint_types=dict(facts.checkpoint_types) if facts is not None else {}, preemption=preemption,
-        budget_floor=floor,
+        budget_floor=floor, backend_runs=runs,
     )
+
+
+def backend_runs(run: RunSpec, gpu: GPU | None, hyper: Hyper, plan: ParallelPlan | None,
+                 memory: MemoryNumbers | None, planned: str, calibration=None, *,
+                 titan_gaps: bool = False) -> dict[str, BackendRun]:
+    """The pre-training run of every backend a build launches (``llmc launch --backend``, ``native/launch.sh``,
+    ``deepspeed/launch.sh``, the torchtitan scripts), each sized once here by llmc's memory model on that backend's
+    profile (:func:`llmc.compiler.memory.memory_per_gpu`; the calibration's factors where it was fitted for that
+    backend, as ``llmc plan --set training.backend=<it>`` applies them): the plan's backend (``planned``) is the plan's
+    own memory; the others train the plan's layout (the native trainer; torchtitan without llmc's loss slices, which
+    its job does not run) or, for llmc's DeepSpeed runner, :func:`backends.deepspeed_run_plan` with the run's ZeRO
+    stage (:func:`backends.deepspeed_zero_stage`). A backend whose runner does not train the plan is left out: the
+    native trainer with pp / cp / ep (it refuses them, R002), torchtitan on a model it cannot run (``titan_gaps``:
+    X3xx) or a pipeline with tied embeddings (X303), DeepSpeed when the batch does not split over every GPU (X104).
+    Empty without a plan or a GPU."""
+    if plan is None or gpu is None:
+        return {}
+    from llmc.compiler import calibration as cal_mod
+    from llmc.compiler import memory as memory_mod
+    from llmc.compiler.search import describe, usable_bytes
+
+    par, seq_len, precision = run.parallelism, int(hyper.seq_len), run.training.precision
+    out: dict[str, BackendRun] = {}
+    for name in ("native", "torchtitan", "deepspeed"):
+        be = backends.get_backend(name)
+        note = ""
+        if name == "deepspeed":
+            stage = backends.deepspeed_zero_stage(par, plan, searched=True, backend=planned)
+            layout = backends.deepspeed_run_plan(plan, run.hardware.count, int(hyper.global_batch_seqs), stage)
+            if layout is None:
+                continue
+            if backends.deepspeed_folds(plan):
+                note = (f" (the plan's tp={plan.tp} pp={plan.pp} cp={plan.cp} ep={plan.ep} folded into ZeRO-{stage} "
+                        f"data parallelism over all {layout.dp_shard} GPUs, whole sequences)")
+        elif any(getattr(plan, d) > 1 and d not in be.supports for d in ("tp", "pp", "cp", "ep")):
+            continue
+        elif name == "torchtitan" and (titan_gaps or (plan.pp > 1 and run.model.tied_embeddings and not be.tied_pp)):
+            continue
+        else:
+            layout = plan if be.slices_loss else dataclasses.replace(plan, loss_chunk_tokens=0)
+        if name == planned and memory is not None and layout == plan:
+            mem = memory
+        else:
+            factors = cal_mod.plan_calibration(calibration, name, gpu.key)[1] if calibration is not None else None
+            mem = memory_mod.memory_per_gpu(run.model, layout, seq_len, precision, gpu.hbm_bytes, backend=be,
+                                            compile=backends.compile_on(be, run.training.compile), factors=factors,
+                                            offload_optimizer=par.offload_optimizer, offload_params=par.offload_params)
+        out[name] = BackendRun(backend=name, plan=layout, layout=describe(layout) + note,
+                               per_gpu_bytes=int(mem.per_gpu_bytes), capacity_bytes=int(mem.capacity_bytes),
+                               usable_bytes=int(usable_bytes(mem.capacity_bytes, mem.backend)),
+                               fits=memory_mod.fits(mem), planned=name == planned)
+    return out
 
 
 def _check_titan_stage_seq(run: RunSpec, continued, plans: dict, gpu: GPU, sink: Sink) -> None:
@@ -718,6 +773,7 @@ def _backend_and_calibration(run, gpu, calibration, sink, gaps=(), titan_work=Tr
     checks.check_backend_options(run, be, sink)
     if run.pretrains:  # the pins describe the pre-training layout
         checks.check_backend_pins(run, be, why, sink, gaps)
+        checks.check_zero_pin(run, be, sink)  # P021: ZeRO-1 on FSDP2 runs as ZeRO-2
     gkey = gpu.key if gpu is not None else ""
     # what the plan applies of it (per quantity: only factors that beat llmc uncalibrated) and the bands it quotes
     fields, factors, band = cal_mod.plan_calibration(calibration, name, gkey)

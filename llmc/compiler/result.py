@@ -516,6 +516,23 @@ class UnfitLayout:
 
 
 @dataclass(frozen=True)
+class BackendRun:
+    """How the pre-training run of one backend a build launches would use the GPU (:func:`llmc.compiler.compile.
+    backend_runs`): the layout that backend's runner trains (the plan itself; llmc's DeepSpeed runner: every GPU a ZeRO
+    data-parallel rank) and llmc's memory model for it, on that backend's profile. The launchers' headers and
+    ``llmc launch --backend`` report it; nothing recomputes it."""
+
+    backend: str  # native | torchtitan | deepspeed
+    plan: ParallelPlan  # the layout the backend's runner trains
+    layout: str  # that layout in words (llmc.compiler.search.describe), with how it differs from the plan
+    per_gpu_bytes: int  # llmc's memory model, the backend's profile (MemoryNumbers.per_gpu_bytes)
+    capacity_bytes: int
+    usable_bytes: int  # what fits compares per_gpu_bytes with: capacity x the profile's headroom (backends.fit_headroom)
+    fits: bool  # llmc.compiler.memory.fits: per_gpu_bytes <= usable_bytes
+    planned: bool  # the backend the plan was computed for (its figure is Compiled.memory's)
+
+
+@dataclass(frozen=True)
 class Compiled:
     spec_path: str
     spec_sha256: str
@@ -554,6 +571,10 @@ class Compiled:
     # False when compiled with ``--no-fit-check`` (every layout searched as if it fitted): rebuilding the build needs
     # the option again
     fit_check: bool = True
+    # the pre-training run of every backend the build can launch, keyed by backend (``BackendRun``): empty without a
+    # plan or a GPU; a backend whose runner cannot train the plan (the native trainer and pp / cp / ep, DeepSpeed and a
+    # batch that does not split over every GPU, torchtitan and a model it cannot run) has no entry
+    backend_runs: dict[str, BackendRun] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """JSON view; keys documented in README (model.*, compute.*, plan, memory.*, time.*, cost.*)."""
@@ -592,6 +613,11 @@ class Compiled:
             "serving": [asdict(s) for s in self.serving],
             "search": dict(self.search),
             "backend": dc(self.backend),
+            # what `llmc launch --backend X` reads to warn about a run that does not fit (no recomputation there)
+            "backend_runs": {k: {"layout": r.layout, "per_gpu_bytes": r.per_gpu_bytes,
+                                 "capacity_bytes": r.capacity_bytes, "usable_bytes": r.usable_bytes, "fits": r.fits,
+                                 "planned": r.planned}
+                             for k, r in sorted(self.backend_runs.items())},
             "calibration": dc(self.calibration),
             "unfit": dc(self.unfit),
             "evaluation": self.evaluation.to_json() if self.evaluation is not None else None,
@@ -614,5 +640,5 @@ __all__ = [
     "ModelNumbers", "ComputeNumbers", "MemoryNumbers", "CheckpointNumbers", "StageCheckpoints", "TimeNumbers",
     "InterruptionNumbers", "CostNumbers", "Hyper", "PreemptionNumbers",
     "Candidate", "ModelInMemory", "LoraPlan", "StageMemoryPlan", "RolloutPlan", "LongContextPlan", "ContextPlan",
-    "StageExamples", "StagePlan", "ServingPlan", "BackendChoice", "CalibrationStatus", "UnfitLayout", "Compiled",
+    "StageExamples", "StagePlan", "ServingPlan", "BackendChoice", "BackendRun", "CalibrationStatus", "UnfitLayout", "Compiled",
 ]

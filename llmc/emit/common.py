@@ -41,6 +41,38 @@ def diag(code: str, severity: str, path: str, message: str, hint: str = "") -> D
     return Diagnostic(code=code, severity=severity, path=path, message=message, hint=hint)  # type: ignore[arg-type]
 
 
+def unfit_run_words(backend: str, layout: str, per_gpu_bytes: int, capacity_bytes: int, usable_bytes: int,
+                    planned: bool) -> str:
+    """What X115 (the build) and L015 (``llmc launch``) say of a backend's pre-training run that does not fit the GPU,
+    from the compiler's figure (``Compiled.backend_runs``, the lock's ``backend_runs``): nothing recomputed here."""
+    from llmc.compiler.units import gib
+
+    whose = "the plan's own backend, compiled with --no-fit-check" if planned else "not the backend the plan was made for"
+    return (f"the {backend} run of this build's pre-training does not fit the GPU: llmc's memory model (the {backend} "
+            f"profile) puts it at {gib(per_gpu_bytes)} per GPU, over the {gib(usable_bytes)} usable of the "
+            f"{gib(capacity_bytes)} GPU ({layout}; {whose})")
+
+
+def unfit_run_hint(backend: str, planned: bool) -> str:
+    if planned:
+        return "rebuild without --no-fit-check: the search then keeps to layouts that fit"
+    return (f"`llmc launch` without --backend runs the backend the plan was made for; `llmc plan SPEC --set "
+            f"training.backend={backend}` plans a layout for this one")
+
+
+def unfit_run_diagnostic(compiled, backend: str) -> Diagnostic | None:
+    """X115 (warning) when ``backend``'s pre-training run of this build does not fit the GPU
+    (``Compiled.backend_runs``, sized once by the compiler: llmc.compiler.compile.backend_runs); None when it fits or
+    was not sized (no plan, no GPU, or a runner that does not train the plan)."""
+    run = (getattr(compiled, "backend_runs", None) or {}).get(backend)
+    if run is None or run.fits:
+        return None
+    return diag("X115", "warning", "parallelism",
+                unfit_run_words(backend, run.layout, run.per_gpu_bytes, run.capacity_bytes, run.usable_bytes,
+                                run.planned),
+                unfit_run_hint(backend, run.planned))
+
+
 #: What ``spec_sha256`` hashes in the header of a build made with ``--set`` overrides.
 SPEC_PLUS_OVERRIDES = "the spec file's bytes followed by the --set overrides (llmc.overrides.override_bytes)"
 

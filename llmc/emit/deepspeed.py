@@ -6,7 +6,9 @@ GPU as a data-parallel rank (ZeRO-3 unless a stage is pinned) and a warning X103
 global batch cannot be split over that many ranks, the DeepSpeed artifacts are left out with warning
 X104 alone (which then says why the run would be data-parallel; X103 describes only artifacts that are written). A pinned pipeline (``parallelism.pp``) is folded too, with any pinned ZeRO stage: llmc never runs DeepSpeed's
 pipeline engine (whose ZeRO-3 limit was the retired error X102), so ``zero_stage: 3`` with ``pp: 2`` is a ZeRO-3
-data-parallel run over every GPU with warning X103. An artifact that cannot be emitted never stops the build of the
+data-parallel run over every GPU with warning X103. The folded run's layout and its memory are the compiler's
+(``llmc.compiler.backends.deepspeed_run_plan``, sized once in ``Compiled.backend_runs``): X103 quotes that figure when
+it does not fit, as ``llmc launch --backend deepspeed`` does (L015). An artifact that cannot be emitted never stops the build of the
 planned backend: every error below is one the planned backend's own build has too (X108 / X110: offload, which only
 the DeepSpeed backend plans, P017; X101 / X105: an inconsistent plan or an llmc bug).
 
@@ -20,6 +22,8 @@ Diagnostics:
     X108 error    offload_optimizer with ZeRO stage 0
     X109 warning  a stage's global batch cannot be split over the DeepSpeed data-parallel ranks
     X110 error    offload_params with a ZeRO stage other than 3
+    X115 warning  the run deepspeed/ starts (the plan's own layout, not folded) does not fit the GPU: the compiler's
+                  figure (Compiled.backend_runs["deepspeed"]); a folded run's figure is in X103
 
 Per-stage configs: ``llmc.runtime.ds_train`` runs ``deepspeed/ds_config.<stage>.json`` for ``--stage S``
 when it exists, else ``ds_config.json``, and refuses a config whose batch / lr / steps / precision are not
@@ -45,7 +49,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llmc.compiler.backends import deepspeed_zero_stage, ds_reduce_bucket_elems
+from llmc.compiler.backends import (
+    deepspeed_folds,
+    deepspeed_run_plan,
+    deepspeed_split,
+    deepspeed_zero_stage,
+    ds_reduce_bucket_elems,
+)
 from llmc.compiler.plan import ParallelPlan
 from llmc.diagnostics import Diagnostic
 from llmc.emit.base import Emitter
@@ -61,6 +71,7 @@ from llmc.emit.common import (
     launcher_context,
     nnodes,
     stage_list,
+    unfit_run_diagnostic,
     world,
 )
 from llmc.runtime.capabilities import DS_STAGE_KINDS
@@ -176,17 +187,13 @@ def _pinning_checks(compiled, stage: int) -> list[Diagnostic]:
     return out
 
 
-def _split(gbs: int, dp: int, micro_cap: int) -> tuple[int, int]:
-    """(micro, accum) with micro x accum x dp = gbs: the largest micro-batch <= micro_cap dividing gbs / dp."""
-    per_rank = gbs // dp
-    micro = max(m for m in range(1, min(max(1, micro_cap), per_rank) + 1) if per_rank % m == 0)
-    return micro, per_rank // micro
+_split = deepspeed_split  # (micro, accum) of a batch over dp ranks: the compiler's, which sizes the run too
 
 
 def _batch(compiled, plan: ParallelPlan, stage: int, diags: list[Diagnostic]) -> tuple[int, int, int] | None:
     """(micro, accum, dp) of the DeepSpeed run, or None (diagnostic appended) when there is none."""
     gbs = int(compiled.hyper.global_batch_seqs)
-    if not (plan.tp > 1 or plan.pp > 1 or plan.cp > 1 or plan.ep > 1):
+    if not deepspeed_folds(plan):
         micro, accum, dp = plan.micro_batch, plan.grad_accum, plan.dp
         if micro * accum * dp != gbs:
             diags.append(diag("X101", "error", "training.global_batch_tokens",
@@ -202,8 +209,9 @@ def _batch(compiled, plan: ParallelPlan, stage: int, diags: list[Diagnostic]) ->
         diags.append(_x104(gbs, dp, "use the torchtitan or native backend, or a global batch divisible by the GPU "
                            "count", why=f"{layout}, and the "))
         return None
-    split = _split(gbs, dp, plan.micro_batch)
-    over = _fallback_memory(compiled, plan, stage, dp, *split)
+    folded = deepspeed_run_plan(plan, dp, gbs, stage)  # (the compiler's: the run it sized, Compiled.backend_runs)
+    split = (folded.micro_batch, folded.grad_accum)
+    over = _fallback_memory(compiled, plan)
     diags.append(diag("X103", "warning", "parallelism",
                       f"{layout}, so deepspeed/ runs all {dp} GPUs as ZeRO-{stage} "
                       "data-parallel ranks (memory and speed differ from the plan)" + (over or ""),
@@ -211,30 +219,20 @@ def _batch(compiled, plan: ParallelPlan, stage: int, diags: list[Diagnostic]) ->
     return (*split, dp)
 
 
-def _fallback_memory(compiled, plan: ParallelPlan, stage: int, dp: int, micro: int, accum: int) -> str | None:
-    """X103's words when the data-parallel run deepspeed/ falls back to does not fit the GPU: its memory from the
-    compiler's memory model (llmc.compiler.memory.memory_per_gpu, the DeepSpeed profile) for what the runner runs
-    (llmc.runtime.ds_train: ZeRO-``stage`` over all ``dp`` GPUs, ``micro`` sequences per micro-step, the plan's AC
-    and loss slices, whole sequences: no TP / CP); None when it fits or there is no GPU to fit."""
-    from llmc.compiler import memory
-    from llmc.compiler.backends import compile_on, get_backend
+def _fallback_memory(compiled, plan: ParallelPlan) -> str | None:
+    """X103's words when the data-parallel run deepspeed/ falls back to does not fit the GPU: its memory as the
+    compiler sized it (``Compiled.backend_runs["deepspeed"]``, :func:`llmc.compiler.compile.backend_runs`: llmc's
+    memory model, the DeepSpeed profile, for what llmc.runtime.ds_train runs: ZeRO over every GPU, the compiler's
+    micro-batch, the plan's AC and loss slices, whole sequences: no TP / CP); None when it fits or there is no GPU to
+    fit."""
     from llmc.compiler.units import gib
 
-    if compiled.gpu is None:
+    run = compiled.backend_runs.get("deepspeed")
+    if run is None or run.fits:
         return None
-    spec, be = compiled.spec, get_backend("deepspeed")
-    folded = ParallelPlan(dp_shard=dp, micro_batch=micro, grad_accum=accum, zero_stage=stage,
-                          activation_checkpointing=plan.activation_checkpointing, ac_layers=plan.ac_layers,
-                          loss_chunk_tokens=plan.loss_chunk_tokens)
-    mem = memory.memory_per_gpu(spec.model, folded, int(compiled.hyper.seq_len), spec.training.precision,
-                                compiled.gpu.hbm_bytes, backend=be, compile=compile_on(be, spec.training.compile),
-                                offload_optimizer=spec.parallelism.offload_optimizer,
-                                offload_params=spec.parallelism.offload_params)
-    if memory.fits(mem):
-        return None
-    return (f"; that run does not fit: it needs {gib(mem.per_gpu_bytes)} per GPU, "
-            f"{mem.per_gpu_bytes / mem.capacity_bytes:.1f}x the {gib(mem.capacity_bytes)} GPU (llmc's memory model: "
-            f"{micro} whole {int(compiled.hyper.seq_len):,}-token sequence(s) per micro-step, AC "
+    return (f"; that run does not fit: it needs {gib(run.per_gpu_bytes)} per GPU, "
+            f"{run.per_gpu_bytes / run.capacity_bytes:.1f}x the {gib(run.capacity_bytes)} GPU (llmc's memory model: "
+            f"{run.plan.micro_batch} whole {int(compiled.hyper.seq_len):,}-token sequence(s) per micro-step, AC "
             f"{plan.ac_label}), so only the torchtitan job is runnable (`llmc plan --set training.backend=deepspeed` "
             "searches DeepSpeed's own layouts)")
 
@@ -388,7 +386,12 @@ class DeepSpeedEmitter(Emitter):
                      "deepspeed/launch.sh and native/launch.sh stop with that error at the first of them, and the "
                      "stages after it do not run", "launch with the torchtitan backend (the default of this "
                      "build's launchers)")] if own else []
-        return deepspeed_config(compiled)[1] + stage_configs(compiled)[1] + jobs
+        cfg, diags = deepspeed_config(compiled)
+        # X115: the run deepspeed/ starts does not fit the GPU (the compiler's figure, Compiled.backend_runs); a folded
+        # plan's X103 says it already
+        unfit = unfit_run_diagnostic(compiled, "deepspeed")
+        fit = [unfit] if unfit is not None and cfg is not None and not deepspeed_folds(compiled.plan) else []
+        return diags + stage_configs(compiled)[1] + jobs + fit
 
     def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
         cfg, _ = deepspeed_config(compiled)
@@ -398,16 +401,17 @@ class DeepSpeedEmitter(Emitter):
         from llmc.emit.evaluation import eval_stages
 
         stages = stage_list(compiled)
-        # the header's warnings: those about what this script runs (this emitter's: X103, X106, X109, X113); the
-        # other artifacts' (X111 SkyPilot, X114 Kubeflow, ...) are in README.md with every build warning
-        own = {d.code for d in self.diagnostics(compiled)}
+        # the header's warnings: those about what this script runs (this emitter's: X103, X106, X109, X113, X115); the
+        # other artifacts' (X111 SkyPilot, X114 Kubeflow, the native run's X115, ...) are in README.md with every build
+        # warning
+        own = {(d.code, d.message) for d in self.diagnostics(compiled)}
         ctx = {"header": header_lines(compiled), "stages": stages,
                "ds_native_stages": [s for s in stages if not s["ds"]],
                # on CPU: the plan's world on one node (llmc.emit.launchers.procs_per_node)
                "gpus_per_node": world(compiled) if is_cpu(compiled) else gpus_per_node(compiled),
                "nnodes": 1 if is_cpu(compiled) else nnodes(compiled), "rdzv_port": RDZV_PORT,
                "zero_stage": cfg["zero_optimization"]["stage"],
-               "warnings": [d.render() for d in build_warnings(compiled) if d.code in own],
+               "warnings": [d.render() for d in build_warnings(compiled) if (d.code, d.message) in own],
                "eval_stages": eval_stages(compiled),
                "preempted_exit": EXIT_PREEMPTED, **launcher_context(compiled)}
         per_stage = {STAGE_CONFIG_PATH.format(stage=name): dump_json(c) for name, c in stage_configs(compiled)[0].items()}

@@ -25,6 +25,11 @@ shows on the nodes the signal did not reach (the trainers agree on a stop at a s
 ``llmc.runtime.preempt``). The cause and that report are read from the node's own output of this attempt, not from
 its log, which keeps the earlier attempts' too.
 
+``native/launch.sh``'s header carries warning X115 when the native run of this build's pre-training does not fit the
+GPU (``Compiled.backend_runs["native"]``: the compiler's memory model, the native profile, on the plan's layout; a
+build planned for torchtitan or DeepSpeed writes this launcher too). The build prints it and lists it in README.md;
+``llmc launch --backend native`` says the same (L015) before it starts.
+
 Slurm (``slurm/slurm.sbatch.j2``): the time-limit warning (``--signal=B:USR1@N``, and a preemption under
 ``PreemptParameters=send_user_signal``) saves the running step and requeues the job; a SIGTERM to the batch shell
 is a cancel (``scancel``, job state CANCELLED) or a preemption Slurm itself requeues or cancels (slurm.conf
@@ -34,6 +39,7 @@ is a cancel (``scancel``, job state CANCELLED) or a preemption Slurm itself requ
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from llmc import escape
@@ -51,6 +57,7 @@ from llmc.emit.common import (
     nvlink_hint,
     planned_backend,
     stage_list,
+    unfit_run_diagnostic,
     world,
 )
 from llmc.emit.deepspeed import CONFIG_PATH
@@ -108,8 +115,20 @@ def launch_context(compiled, files: Mapping[str, str]) -> dict[str, Any]:
         **launcher_context(compiled),  # torchrun's shutdown time, the Slurm signal's lead
         "eval_stages": eval_stages(compiled),
         "native_refuses": native_refused_stages(compiled),
+        # native/launch.sh's header: X115 when the native run of this build does not fit the GPU (the compiler's figure)
+        "native_warnings": [d.render() for d in native_fit_diagnostics(compiled, located=True)],
         **nvlink_context(compiled, n),
     }
+
+
+def native_fit_diagnostics(compiled, located: bool = False) -> list:
+    """X115 when the native run of this build's pre-training (what ``native/launch.sh`` and ``llmc launch --backend
+    native`` start) does not fit the GPU: ``Compiled.backend_runs["native"]``, which the compiler sized (the native
+    profile on the plan's layout); ``located``: with the spec file, as ``llmc.emit.build_diagnostics`` locates it."""
+    d = unfit_run_diagnostic(compiled, "native")
+    if d is None:
+        return []
+    return [replace(d, file=d.file or compiled.spec_path) if located else d]
 
 
 def nvlink_context(compiled, n_nodes: int) -> dict[str, Any]:
@@ -150,6 +169,9 @@ def build_backend(compiled, files: Mapping[str, str]) -> str:
 
 class LaunchersEmitter(Emitter):
     name = "launchers"
+
+    def diagnostics(self, compiled) -> list:
+        return native_fit_diagnostics(compiled)
 
     def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
         ctx = launch_context(compiled, earlier)
