@@ -103,6 +103,7 @@ from llmc.runtime.capabilities import (
     DS_STAGE_KINDS,
     TITAN_PRETRAIN_MODULE,
     TITAN_STAGE_KINDS,
+    ds_checkpoint_dir,
     titan_dump_subdir,
     titan_stage_module,
 )
@@ -147,7 +148,8 @@ class Cmd:
     #: a torchtitan stage's dump folder (its DCP checkpoints, which the job resumes from): set aside with the stage
     dump_dir: str | None = None
     #: where the stage's checkpoints are (the folder a rerun resumes from): its trainer's checkpoint folder, a DeepSpeed
-    #: stage's ``ds_checkpoints``, a torchtitan stage's dump folder; None for a command that saves none
+    #: stage's ``<checkpoint folder>/deepspeed`` (:func:`llmc.runtime.capabilities.ds_checkpoint_dir`), a torchtitan
+    #: stage's dump folder; None for a command that saves none
     checkpoints: str | None = None
     #: ``note:`` lines ``llmc launch`` prints before it runs (the prepare step's: a link it allows on the run's write
     #: path, :func:`linked_write_notes`)
@@ -672,7 +674,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
             c = Cmd(argv=[_tool("torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m",
                           "llmc.runtime.ds_train", "--lock", lock_path, "--ds-config", str(ds_config),
                           "--stage", s["name"], "--out", str(run / s["name"])], env=env, cwd=str(b),
-                    stage=s["name"], stage_dir=str(run / s["name"]), checkpoints=str(run / s["name"] / "ds_checkpoints"))
+                    stage=s["name"], stage_dir=str(run / s["name"]), checkpoints=str(ds_checkpoint_dir(run / s["name"], folder)))
             # (the runner reads deepspeed/ds_config.<stage>.json instead when the build wrote one)
             own_cfg = ds_config.with_name(f"ds_config.{s['name']}.json")
             c.artifacts = (str((own_cfg if own_cfg.is_file() else ds_config).relative_to(b)),)

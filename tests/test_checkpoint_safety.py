@@ -290,7 +290,7 @@ def test_deepspeed_killed_save_then_short_run_keeps_a_resumable_checkpoint(tmp_p
 
     b = _ds_build(tmp_path / "b", docs)
     out = tmp_path / "o"
-    ds = out / "ds_checkpoints"
+    ds = out / "checkpoints" / "deepspeed"
     script = tmp_path / "kill.py"
     script.write_text(_DS_KILL)
     r = _ds(b, out, script=script)

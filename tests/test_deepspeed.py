@@ -469,7 +469,7 @@ def test_zero_stages_train_the_tiny_model_identically(tmp_path):
     assert ends and ends[-1]["status"] == "preempted", text[-3000:]
     cut = ends[-1]["step"]
     assert 1 <= cut < 8
-    assert (b / "run" / "pretrain" / "ds_checkpoints" / "latest").read_text().strip() == f"step-{cut:08d}"
+    assert (b / "run" / "pretrain" / "checkpoints" / "deepspeed" / "latest").read_text().strip() == f"step-{cut:08d}"
     assert rc != 0  # torchrun, itself signalled, reports a failure; the workers exited 75 (preempted)
     assert "shm_comm_op built successfully" not in text, text[-2000:]
     # a lock whose LR schedule changed since that checkpoint does not resume it (DeepSpeed's saved scheduler
@@ -566,8 +566,9 @@ def test_deepspeed_pipeline_via_launch_commands(tmp_path):
     assert all(x.skip_reason for x in launch_commands(b, backend="deepspeed", gpu=False))
 
 
-# One process, llmc's model under the ZeRO section llmc emits (overlap_comm, contiguous_gradients, reduce_bucket_size);
-# records the reduce buckets DeepSpeed allocates for the backward (DeepSpeedZeroOptimizer.setup_buckets).
+# One process, llmc's model under the ZeRO section and gradient dtypes llmc emits (overlap_comm, contiguous_gradients,
+# reduce_bucket_size; communication_data_type, data_types); records the reduce buckets DeepSpeed allocates for the
+# backward (DeepSpeedZeroOptimizer.setup_buckets; none under BF16_Optimizer) and the optimizer that runs.
 _IPG = """
 import json, os, sys
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -586,15 +587,16 @@ DeepSpeedZeroOptimizer.setup_buckets = rec
 arch = Architecture(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512, max_seq_len=64)
 zero_sections = json.loads(sys.argv[1])
 out = {}
-for stage, zero in zero_sections.items():
+for stage, keys in zero_sections.items():
     model = build_model(arch, seed=0)
     cfg = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
            "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-           "zero_optimization": zero}
+           **keys}
     eng, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
     x = torch.randint(0, 512, (2, 32))
     eng.backward(eng(x).float().mean())
-    out[stage] = seen[-1]
+    out[stage] = {"buckets": seen[-1] if seen else None, "optimizer": type(eng.optimizer).__name__,
+                  "params": sum(p.numel() for p in model.parameters())}
     seen.clear()
 print(json.dumps(out))
 """
@@ -602,29 +604,37 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_zero12_reduce_buckets_are_what_the_memory_model_counts():
-    """ZeRO-1/2 under llmc's ds_config: DeepSpeed allocates two reduce buckets (overlap_comm) of the emitted
-    reduce_bucket_size in bf16, d_model^2 elements each (backends.ds_reduce_bucket_elems); the memory model's
-    buffers for a DeepSpeed ZeRO-1/2 layout hold exactly those on top of what a layout without a reduction holds."""
-    from llmc.compiler.backends import ds_reduce_bucket_elems
+    """ZeRO-1/2 under llmc's bf16 ds_config (fp32 reduction and accumulation): at ZeRO-2 DeepSpeed allocates two
+    reduce buckets (overlap_comm) of the emitted reduce_bucket_size in bf16, d_model^2 elements each
+    (backends.ds_reduce_bucket_elems), each cast to fp32 for its reduction; ZeRO-1 runs BF16_Optimizer, which has no
+    buckets (the engine all-reduces its fp32 gradient in flattened 5e8-element buckets). The memory model's buffers for
+    a DeepSpeed ZeRO-1/2 layout hold exactly those on top of what a layout without a reduction holds."""
+    from llmc.compiler.backends import DS_ALLREDUCE_ELEMS, ds_reduce_bucket_elems
     from llmc.compiler.memory import stage_memory
-    from llmc.emit.deepspeed import _zero_section
+    from llmc.emit.deepspeed import _zero_section, grad_dtype_keys
     from llmc.spec.model import Architecture
 
     arch = Architecture(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512,
                         max_seq_len=64)
     compiled = make_compiled(make_run(model=arch.model_dump(exclude_none=True)))
-    sections = {z: _zero_section(compiled, z) for z in (1, 2)}
-    assert all(s["reduce_bucket_size"] == ds_reduce_bucket_elems(64) == 4096 for s in sections.values())
+    sections = {z: {"zero_optimization": _zero_section(compiled, z), **grad_dtype_keys(True, z)} for z in (1, 2)}
+    assert all(s["zero_optimization"]["reduce_bucket_size"] == ds_reduce_bucket_elems(64) == 4096
+               for s in sections.values())
     port = str(29400 + os.getpid() % 300)
     r = subprocess.run([PY, "-c", _IPG, json.dumps(sections), port], capture_output=True, text=True, timeout=600,
                        env={**ENV, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["2"]["buckets"] == [[4096, 2], [4096, 2]], got  # bf16 staging buckets
+    assert got["1"]["optimizer"] == "BF16_Optimizer" and got["1"]["buckets"] is None, got
+    n_params = got["1"]["params"]
+    # what each adds for a reduction: ZeRO-2 its buckets and their fp32 copies (tensor.to(communication_data_type));
+    # ZeRO-1 the flattened fp32 gradient the engine all-reduces
+    adds = {"2": sum(n * b for n, b in got["2"]["buckets"]) + 2 * 4096 * 4,
+            "1": 4 * min(DS_ALLREDUCE_ELEMS, n_params)}
     for z in ("1", "2"):
-        assert got[z] == [[4096, 2], [4096, 2]], got
-        ds = sum(n * b for n, b in got[z])
         one = ParallelPlan(dp_shard=1, dp_replicate=1, zero_stage=int(z))  # no data parallelism: no reduction
         two = ParallelPlan(dp_shard=2, dp_replicate=1, zero_stage=int(z))
         b1, b2 = (stage_memory(arch, p, 64, backend="deepspeed")[0].buffers for p in (one, two))
         nccl = 64 * 2**20  # the data-parallel communicator's NCCL buffers (outside the allocator)
-        assert b2 - b1 - nccl == ds
+        assert b2 - b1 - nccl == pytest.approx(adds[z]), z

@@ -782,7 +782,7 @@ def test_eval_step_finds_a_torchtitan_stages_checkpoints_under_llmc_run_dir(tmp_
 @pytest.mark.slow
 @pytest.mark.parametrize("zero,precision", [(0, "fp32"), (1, "fp32"), (3, "fp32"), (0, "bf16")])
 def test_eval_step_scores_a_deepspeed_stages_intermediate_checkpoints(ds_stages, monkeypatch, zero, precision):
-    """A DeepSpeed stage keeps its intermediate checkpoints in DeepSpeed's format (``ds_checkpoints/step-
+    """A DeepSpeed stage keeps its intermediate checkpoints in DeepSpeed's format (``checkpoints/deepspeed/step-
     XXXXXXXX``, pruned to keep_latest) and writes an llmc checkpoint only at the end: every_checkpoints scores
     the listed steps from DeepSpeed's checkpoints. The compiler's list is what ds_train keeps; each step's
     export holds that step's fp32 master weights, read here straight from the ZeRO-1/3 optimizer shard (ZeRO-0:
@@ -802,7 +802,7 @@ def test_eval_step_scores_a_deepspeed_stages_intermediate_checkpoints(ds_stages,
     steps = lock["evaluation"]["tasks"]["checkpoint_steps"]["pretrain"]
     assert steps == [2, 3]  # 4 steps, saved at 1, 2, 3 and 4; the newest 3 kept; the last is the export
     out = tmp_path / "run" / "pretrain"
-    ds_dir = out / "ds_checkpoints"
+    ds_dir = out / "checkpoints" / "deepspeed"
     assert sorted(p.name for p in ds_dir.glob("step-*")) == [f"step-{n:08d}" for n in (2, 3, 4)]
     llmc_ck = list_checkpoints(out / "checkpoints")
     assert [n for n, _ in llmc_ck] == [4]  # the only llmc checkpoint
@@ -852,7 +852,7 @@ def test_eval_step_scores_a_deepspeed_stages_intermediate_checkpoints(ds_stages,
         assert torch.equal(seen[f"step-{n}"], emb.to(seen[f"step-{n}"].dtype)), n
         assert not torch.equal(seen[f"step-{n}"], final["tok_embeddings.weight"].to(seen[f"step-{n}"].dtype))
         s = json.loads((out / "eval" / f"step-{n}" / "summary.json").read_text())
-        assert s["step"] == n and s["checkpoint"] == f"ds_checkpoints/step-{n:08d}"
+        assert s["step"] == n and s["checkpoint"] == f"checkpoints/deepspeed/step-{n:08d}"
         assert (out / "eval" / f"step-{n}" / "eval_results.json").is_file()
     assert not torch.equal(seen["step-2"], seen["step-3"])
     assert (out / "eval" / "summary.json").is_file() and not list((out / "eval").glob(".hf-step-*"))

@@ -92,7 +92,7 @@ def test_llmc_launch_of_a_deepspeed_stage_stopped_by_sigterm_is_preempted_and_re
     saved = end[-1]["step"]
     assert 3 <= saved < STEPS
     # what the trainer saved: DeepSpeed's resumable checkpoint of that step
-    assert (ds_build / "run" / "pretrain" / "ds_checkpoints" / "latest").read_text().strip() == f"step-{saved:08d}"
+    assert (ds_build / "run" / "pretrain" / "checkpoints" / "deepspeed" / "latest").read_text().strip() == f"step-{saved:08d}"
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     assert "stage 'pretrain' preempted" in err and "error[L002]" not in err, err[-3000:]
     assert not (ds_build / "run" / "pretrain" / "DONE.json").exists()

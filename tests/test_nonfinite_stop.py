@@ -237,9 +237,9 @@ def test_deepspeed_nan_on_one_rank_stops_both_ranks(tmp_path):
     assert len(r014) == 1 and "non-finite gradient norm at step 5 " in r014[0], log[-3000:]
     recs = _strict((out / "metrics.jsonl").read_text())
     assert recs[-1]["event"] == "end" and recs[-1]["status"] == "failed" and recs[-1]["step"] == 5
-    assert recs[-1]["checkpoint"] == "ds_checkpoints/step-00000004"
-    assert _steps(out / "ds_checkpoints") == [2, 4]
-    assert (out / "ds_checkpoints" / "latest").read_text().strip() == "step-00000004"
+    assert recs[-1]["checkpoint"] == "checkpoints/deepspeed/step-00000004"
+    assert _steps(out / "checkpoints" / "deepspeed") == [2, 4]
+    assert (out / "checkpoints" / "deepspeed" / "latest").read_text().strip() == "step-00000004"
     assert not (out / "DONE.json").exists() and _steps(out / "checkpoints") == []
 
 

@@ -17,13 +17,20 @@ FSDP group) for weights, gradients and optimizer states:
   torchtitan ``config/job_config.py``: ``mixed_precision_param = "bfloat16"``,
   ``mixed_precision_reduce = "float32"``). DDP (``dp_shard == 1``): fp32 parameters, gradients and
   states replicated, 16 B (torchtitan runs the forward under ``torch.autocast`` when FSDP is off).
-* DeepSpeed (bf16 with ZeRO): bf16 parameters and gradients, fp32 gradient partition, fp32 master
-  weights, momentum and variance. DeepSpeed's own estimators
+* DeepSpeed (bf16 with ZeRO), as llmc's ds_config runs it: bf16 parameters, fp32 master weights, momentum and
+  variance, and gradients reduced and accumulated in fp32 (``communication_data_type`` and, ZeRO >= 1,
+  ``data_types.grad_accum_dtype``: :func:`ds_fp32_grad_accum`, llmc/emit/deepspeed.py). DeepSpeed's own estimators
   (``deepspeed/runtime/zero/stage_1_and_2.py::estimate_zero2_model_states_mem_needs``: "2 = params_16bit,
   18 = 2_grads_16bit + 4_grads_32bit + 4_params_32bit + 8_optimizer_states_32bit";
-  ``stage3.py::estimate_zero3_model_states_mem_needs``: 18 B/param / N + 4 B x the largest layer):
-  ZeRO-1 2 + 2 replicated + 16/N, ZeRO-2 2 + 18/N, ZeRO-3 18/N (+ the gathered largest layer in
-  fp32-equivalent bytes, counted as a buffer).
+  ``stage3.py::estimate_zero3_model_states_mem_needs``: 18 B/param / N + 4 B x the largest layer) assume its default,
+  bf16 accumulation. With fp32 accumulation (DeepSpeed 0.19.8): ZeRO-0 cannot (it refuses an fp32 grad_accum_dtype
+  without ZeRO): bf16 gradients in ``.grad`` + the fp32 copies its optimizer makes, 2 + 2 + 4 + 12; ZeRO-1 runs
+  ``BF16_Optimizer`` (engine._do_optimizer_sanity_check), whose gradient is a replicated fp32 buffer of the whole
+  model beside the bf16 ``.grad`` (bf16_optimizer.py ``fp32_groups_gradients_flat``), 2 + 2 + 4 replicated + 12/N;
+  ZeRO-2 accumulates into an fp32 partition (stage_1_and_2.py ``_build_compact_grad_partition_buffer``, the step
+  reads it as it is) and keeps bf16 gradients only in its reduce buckets (buffers), 2 + 16/N; ZeRO-3 its fp32
+  ``grad_partitions_flat_buffer`` (stage3.py), 18/N (+ the gathered largest layer in fp32-equivalent bytes, counted
+  as a buffer). The ``megatron`` reference profile keeps the estimators' layout (``_ZERO_ESTIMATOR_STATES``).
 * ``generic``: the ZeRO paper's 2 + 2 + 12 = 16 B (Rajbhandari et al. 2020, sec. 3.1), kept for callers
   that give no backend.
 """
@@ -163,10 +170,23 @@ _FSDP2_STATES = {
     2: _FSDP2_ZERO2,
     3: StateBytes(weights=(0, 4), grads=(0, 4), optimizer=(0, 8)),
 }
-_DS_STATES = {
+# DeepSpeed's estimators' layout (bf16 gradient accumulation, DeepSpeed's default): the megatron reference profile
+_ZERO_ESTIMATOR_STATES = {
     0: StateBytes(weights=(2, 0), grads=(2 + 4, 0), optimizer=(12, 0)),
     1: StateBytes(weights=(2, 0), grads=(2, 4), optimizer=(0, 12)),
     2: StateBytes(weights=(2, 0), grads=(0, 6), optimizer=(0, 12)),
+    3: StateBytes(weights=(0, 2), grads=(0, 4), optimizer=(0, 12)),
+}
+# llmc's ds_config (fp32 gradient reduction and accumulation, see the module docstring; DeepSpeed 0.19.8)
+_DS_STATES = {
+    0: StateBytes(weights=(2, 0), grads=(2 + 4, 0), optimizer=(12, 0)),  # no fp32 accumulation without ZeRO
+    # BF16_Optimizer: bf16 .grad + fp32_groups_gradients_flat (zeros_like(bf16_groups_flat, dtype=grad_acc_dtype)),
+    # both the whole model on every rank; fp32 master partition + moments sharded (bf16_optimizer.py)
+    1: StateBytes(weights=(2, 0), grads=(2 + 4, 0), optimizer=(0, 12)),
+    # the fp32 gradient partition (stage_1_and_2.py averaged_gradients = _build_compact_grad_partition_buffer,
+    # gradient_accumulation_dtype); the bf16 gradients live in the reduce buckets (memory._static_runs)
+    2: StateBytes(weights=(2, 0), grads=(0, 4), optimizer=(0, 12)),
+    # grad_partitions_flat_buffer in gradient_accumulation_dtype (stage3.py)
     3: StateBytes(weights=(0, 2), grads=(0, 4), optimizer=(0, 12)),
 }
 _GENERIC_STATES = {
@@ -448,7 +468,12 @@ BACKENDS: dict[str, Backend] = {
         slices_loss=True,
         sources={
             "states": "deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs; "
-            "stage3.py estimate_zero3_model_states_mem_needs (DeepSpeed 0.19.8)",
+            "stage3.py estimate_zero3_model_states_mem_needs (DeepSpeed 0.19.8), with the gradients llmc's ds_config "
+            "reduces and accumulates in fp32 (communication_data_type, data_types.grad_accum_dtype): ZeRO-1 "
+            "BF16_Optimizer's replicated fp32 gradient (bf16_optimizer.py fp32_groups_gradients_flat), ZeRO-2's fp32 "
+            "gradient partition (stage_1_and_2.py _build_compact_grad_partition_buffer), ZeRO-3's fp32 "
+            "grad_partitions_flat_buffer (stage3.py); ZeRO-0 accumulates in bf16 (DeepSpeed refuses fp32 without ZeRO: "
+            "engine._do_optimizer_sanity_check)",
             "fsdp_overlap": "ds_config overlap_comm=true (llmc's DeepSpeed config)",
             "can_compile": "llmc/runtime/ds_train.py wraps the model in deepspeed.initialize without torch.compile",
             "applies": "llmc/runtime/ds_train.py: z-loss in its loss (mean_token_loss); no loss-spike rewind",
@@ -457,9 +482,12 @@ BACKENDS: dict[str, Backend] = {
             "reduces every backward when gradients are partitioned (ZeRO-2), else at the accumulation boundary; "
             "setup_buckets: with "
             "contiguous_gradients one reduce bucket of reduce_bucket_size elements, a second with overlap_comm, in "
-            "the gradient-accumulation dtype (_gradient_reduction_buffer_dtype; engine.get_data_types: the model's "
-            "dtype unless data_types.grad_accum_dtype is set, which llmc's ds_config does not); llmc's ds_config sets "
-            "reduce_bucket_size = d_model^2 (ds_reduce_bucket_elems)",
+            "_gradient_reduction_buffer_dtype (ZeRO-2: the model's dtype, since it keeps no grad_accum attribute; "
+            "ZeRO-1 under optimizer offload: grad_accum_dtype), each cast to communication_data_type for its reduction "
+            "(gradient_reduction_w_predivide: tensor.to(communication_data_type)); bf16 ZeRO-1 without offload runs "
+            "BF16_Optimizer instead, whose fp32 gradient the engine all-reduces in buckets of "
+            "MEMORY_OPT_ALLREDUCE_SIZE = 5e8 elements, flattened into a copy (engine.py allreduce_no_retain, "
+            "allreduce_bucket); llmc's ds_config sets reduce_bucket_size = d_model^2 (ds_reduce_bucket_elems)",
             "fp8_linear_speedup": "llmc's DeepSpeed runner trains fp8 specs in bf16 (render.py X106)",
             "fp8_parts": "none: llmc's DeepSpeed runner trains fp8 specs in bf16 (render.py X106)",
             "selective_ac": "llmc's DeepSpeed runner builds llmc's model and applies its set_ac (llmc/runtime/ds_train.py; model.py Transformer.set_ac('selective')): torch.utils.checkpoint around each attention core (RoPE + SDPA), Korthikanti et al. 2022 (arXiv 2205.05198) sec. 4.1 selective activation recomputation",
@@ -467,7 +495,7 @@ BACKENDS: dict[str, Backend] = {
     # Reference profile: Megatron-Core / Megatron-Bridge. llmc does not build Megatron jobs; the profile
     # exists so that published Megatron measurements can be compared with the same model.
     "megatron": Backend(
-        name="megatron", runnable=False, states=_DS_STATES,
+        name="megatron", runnable=False, states=_ZERO_ESTIMATOR_STATES,
         base_efficiency=0.70, fp8_linear_speedup=1.8, fp8_rowwise_speedup=1.8, fp8_default_recipe="tensorwise",
         fp8_cast_bytes={"tensorwise": 1.0, "rowwise": 1.0, "mxfp8": 2 * (1 + _SCALE),
                         NVFP4: 2 * (NVFP4_ELEM_BYTES + 1 / NVFP4_BLOCK)},
@@ -530,6 +558,41 @@ BACKENDS: dict[str, Backend] = {
 }
 
 RUNNABLE = tuple(k for k, b in BACKENDS.items() if b.runnable)
+
+
+def ds_fp32_grad_accum(zero_stage: int) -> bool:
+    """Whether llmc's ds_config has DeepSpeed 0.19.8 accumulate a bf16 run's gradients in fp32
+    (``data_types.grad_accum_dtype``) at ZeRO stage ``zero_stage``: every stage but 0, where DeepSpeed refuses it
+    (engine._do_optimizer_sanity_check: NotImplementedError "unsupported mix of model_dtype=torch.bfloat16 and
+    grad_accum_dtype=torch.float32"). Every stage reduces in fp32 (``communication_data_type``)."""
+    return zero_stage >= 1
+
+
+# DeepSpeed's engine all-reduces a gradient it does not bucket itself (ZeRO-0, BF16_Optimizer) in flattened buckets of
+# this many elements (deepspeed/runtime/engine.py MEMORY_OPT_ALLREDUCE_SIZE, allreduce_gradients' bucket_size)
+DS_ALLREDUCE_ELEMS = 500_000_000
+
+
+def ds_reduce_buffer_bytes(d_model: int, zero_stage: int, bf16: bool, offload_optimizer: bool,
+                           local_params: float) -> float:
+    """Bytes of DeepSpeed 0.19.8's ZeRO-1/2 gradient-reduction buffers under llmc's ds_config, data parallel:
+
+    * ZeRO-2, and ZeRO-1 in fp32 or under optimizer offload (DeepSpeedZeroOptimizer): two reduce buckets of
+      ``ds_reduce_bucket_elems`` (contiguous_gradients + overlap_comm, setup_buckets) in
+      ``_gradient_reduction_buffer_dtype`` -- the model's dtype at ZeRO-2 (2 B bf16), the fp32 grad_accum_dtype at
+      ZeRO-1 -- and, for bf16, the fp32 copy each makes for its reduction (``tensor.to(communication_data_type)``,
+      stage_1_and_2.py gradient_reduction_w_predivide): 2 x d^2 x (2 + 4) at ZeRO-2, 2 x d^2 x 4 at ZeRO-1;
+    * bf16 ZeRO-1 without offload (BF16_Optimizer, :func:`ds_fp32_grad_accum`): no buckets of its own; the engine
+      all-reduces its fp32 gradient in buckets of DS_ALLREDUCE_ELEMS elements, flattened into a copy
+      (engine.py allreduce_no_retain / allreduce_bucket): 4 B x min(5e8, the rank's parameters), an upper bound."""
+    bucket = ds_reduce_bucket_elems(d_model)
+    if not bf16:
+        return 2 * bucket * 4.0
+    if zero_stage == 1 and ds_fp32_grad_accum(1) and not offload_optimizer:
+        return 4.0 * min(DS_ALLREDUCE_ELEMS, local_params)
+    if zero_stage == 2:  # bf16 buckets, each cast to fp32 for its reduction
+        return 2 * bucket * (2.0 + 4.0)
+    return 2 * bucket * 4.0  # ZeRO-1 under offload: fp32 (grad_accum_dtype) buckets, reduced as they are
 
 
 def ds_reduce_bucket_elems(d_model: int) -> int:

@@ -46,8 +46,8 @@ unit's fp32 gradient before reduce-scatter, torchtitan reduce_dtype=fp32); with 
 torchtitan keeps the whole stage unsharded (no reshard after forward, gradients accumulated unsharded in
 fp32 until the last micro-batch), i.e. FSDP+PP costs (2 + 4) B per stage-local parameter; ZeRO-1/2
 (``Backend.zero12``): FSDP2 keeping the gathered parameters, one unit's fp32 gradient before its
-reduce-scatter; DeepSpeed, its two reduce buckets of d_model^2 elements (llmc's ds_config); the reference profiles,
-reduce and all-gather buckets of DeepSpeed's default 5e8 elements; DDP buckets (25 MiB); the fp32
+reduce-scatter; DeepSpeed, its reduce buffers under llmc's ds_config (``backends.ds_reduce_buffer_bytes``); the
+reference profiles, reduce and all-gather buckets of DeepSpeed's default 5e8 elements; DDP buckets (25 MiB); the fp32
 logits/loss peak on the last stage (12 B per token per vocab entry, see LOGITS_BYTES_PER_ELEM); 1 GiB
 workspace (CUDA context, cuBLAS workspace, NCCL). A loss computed in slices (``plan.loss_chunk_tokens``: llmc's
 trainers, the head and cross-entropy of each slice recomputed in the backward) holds one slice's logits; a backend
@@ -72,7 +72,7 @@ from functools import lru_cache
 from llmc.compiler.backends import (
     activation_mode,
     compile_on,
-    ds_reduce_bucket_elems,
+    ds_reduce_buffer_bytes,
     fit_headroom,
     get_backend,
 )
@@ -957,9 +957,9 @@ def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload, grad
             # (as above), so the stage's whole unsharded gradient accumulates in fp32
             buf += unsharded_local * 4 if plan.pp > 1 else _fsdp_units(arch, layers, plan, has_emb or has_head, be.name)[1] * 4
         elif zs in (1, 2) and plan.dp > 1 and be.zero12 == "deepspeed":
-            # DeepSpeed's two reduce buckets (overlap_comm) in the gradient-accumulation dtype: llmc's ds_config sets
-            # none, so the training dtype
-            buf += 2 * ds_reduce_bucket_elems(arch.d_model) * cwb
+            # DeepSpeed's reduce buckets under llmc's ds_config (fp32 reduction and accumulation): the bf16 ZeRO-2
+            # buckets and their fp32 copies for the reduction, or BF16_Optimizer's flattened fp32 all-reduce (ZeRO-1)
+            buf += ds_reduce_buffer_bytes(arch.d_model, zs, precision != "fp32", offload >= 1, unsharded_local)
         elif zs in (1, 2) and plan.dp > 1:
             buf += 2 * min(DS_BUCKET_ELEMS, unsharded_local) * cwb  # reduce + all-gather buckets
         elif plan.dp > 1:

@@ -24,6 +24,9 @@ Diagnostics:
     X110 error    offload_params with a ZeRO stage other than 3
     X115 warning  the run deepspeed/ starts (the plan's own layout, not folded) does not fit the GPU: the compiler's
                   figure (Compiled.backend_runs["deepspeed"]); a folded run's figure is in X103
+    X116 warning  bf16 under ZeRO-0 on a GPU build with gradient accumulation or data parallelism: DeepSpeed sums
+                  the micro-batch gradients in bf16 and keeps the fp32 all-reduce's result in bf16 (it refuses an
+                  fp32 grad_accum_dtype without ZeRO; see GRAD_DTYPE_NOTE)
 
 Per-stage configs: ``llmc.runtime.ds_train`` runs ``deepspeed/ds_config.<stage>.json`` for ``--stage S``
 when it exists, else ``ds_config.json``, and refuses a config whose batch / lr / steps / precision are not
@@ -54,6 +57,7 @@ from llmc.compiler.backends import (
     deepspeed_run_plan,
     deepspeed_split,
     deepspeed_zero_stage,
+    ds_fp32_grad_accum,
     ds_reduce_bucket_elems,
 )
 from llmc.compiler.plan import ParallelPlan
@@ -95,6 +99,8 @@ DS_TOP_LEVEL_KEYS = frozenset({
     "scheduler",
     "zero_optimization",
     "zero_allow_untested_optimizer",
+    "communication_data_type",
+    "data_types",
 })
 _ALLOWED = DS_TOP_LEVEL_KEYS | {DS_HEADER_KEY}
 
@@ -275,6 +281,40 @@ TORCH_ADAM_NOTE = ("optimizer.params.torch_adam: torch.optim.AdamW, not DeepSpee
                    "JIT-builds (ninja + the CUDA compiler) on every node the first time a run uses it")
 
 
+# Gradient dtypes (DeepSpeed 0.19.8, https://github.com/deepspeedai/DeepSpeed/tree/v0.19.8/deepspeed/runtime). Without
+# these keys a bf16 run reduces and accumulates gradients in bf16: engine.communication_data_type falls back to the
+# model dtype when the config sets none (engine.py), and engine.get_data_types() makes grad_accum_dtype the model dtype
+# unless data_types.grad_accum_dtype is set. llmc's other backends reduce in fp32 (FSDP2 reduce_dtype=float32,
+# torchtitan mixed_precision_reduce="float32"), so for bf16 the config sets
+#   communication_data_type "fp32": every stage casts what it reduces to fp32 first (engine.allreduce_bucket for ZeRO-0
+#     and the engine's fallback all-reduce, stage_1_and_2.py gradient_reduction_w_predivide / allreduce_bucket for
+#     ZeRO-1/2, stage3.py's reduce buckets, allocated in that dtype);
+#   data_types.grad_accum_dtype "fp32" (ZeRO >= 1): ZeRO-1 then runs BF16_Optimizer (engine._do_optimizer_sanity_check:
+#     bf16 + fp32 accumulation + stage 1 without offload), which sums each micro-batch's bf16 gradient into an fp32
+#     buffer of the whole model (bf16_optimizer.py fp32_groups_gradients_flat) and all-reduces that; ZeRO-1 with
+#     optimizer offload and ZeRO-2 accumulate into fp32 gradient partitions (stage_1_and_2.py
+#     gradient_accumulation_dtype: grad_accum / averaged_gradients), ZeRO-3 into its fp32 grad_partitions_flat_buffer
+#     (stage3.py).
+# ZeRO-0 cannot: with bf16 and grad_accum_dtype fp32 and no ZeRO, engine._do_optimizer_sanity_check raises
+# NotImplementedError("unsupported mix of model_dtype=torch.bfloat16 and grad_accum_dtype=torch.float32"); its
+# optimizer (FP16_UnfusedOptimizer, bf16) sums the micro-batches into the bf16 parameters' .grad and the fp32 all-reduce
+# copies its result back into them. The build says so (X116) where that differs from one bf16 micro-batch gradient.
+GRAD_DTYPE = "fp32"
+GRAD_DTYPE_NOTE = ("ZeRO-0 keeps gradients in the bf16 parameters' .grad: DeepSpeed 0.19.8 refuses "
+                   "data_types.grad_accum_dtype fp32 without ZeRO (engine._do_optimizer_sanity_check)")
+
+
+def grad_dtype_keys(bf16: bool, zero: int) -> dict[str, Any]:
+    """The ds_config keys that make DeepSpeed reduce (every stage) and accumulate (ZeRO >= 1) bf16 runs' gradients in
+    fp32 (see above); none for fp32 runs, whose gradients are fp32 already."""
+    if not bf16:
+        return {}
+    keys: dict[str, Any] = {"communication_data_type": GRAD_DTYPE}
+    if ds_fp32_grad_accum(zero):
+        keys["data_types"] = {"grad_accum_dtype": GRAD_DTYPE}
+    return keys
+
+
 def _optimizer_section(compiled, lr: float) -> dict[str, Any]:
     opt = compiled.spec.training.optimizer
     params: dict[str, Any] = {"lr": lr, "betas": list(opt.betas), "eps": opt.eps,
@@ -292,13 +332,17 @@ def _config(compiled, nums: DsNumbers, micro: int, accum: int, dp: int, zero: in
     head = header_fields(compiled)
     if optimizer["params"].get("torch_adam"):
         head["torch_adam"] = TORCH_ADAM_NOTE
+    bf16 = spec.training.precision in BF16_PRECISIONS
+    if bf16 and zero == 0:
+        head["grad_dtype"] = GRAD_DTYPE_NOTE
     cfg: dict[str, Any] = {
         DS_HEADER_KEY: head,
         "train_batch_size": micro * accum * dp,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": float(spec.training.grad_clip or 0.0),
-        "bf16": {"enabled": spec.training.precision in BF16_PRECISIONS},
+        "bf16": {"enabled": bf16},
+        **grad_dtype_keys(bf16, zero),
         "optimizer": optimizer,
         "zero_optimization": _zero_section(compiled, zero),
         "steps_per_print": int(spec.training.log_every),
@@ -328,6 +372,16 @@ def deepspeed_config(compiled) -> tuple[dict | None, list[Diagnostic]]:
     if spec.training.precision == "fp8":
         diags.append(diag("X106", "warning", "training.precision",
                           "the DeepSpeed runner trains in bf16 (fp8 matmuls are torchtitan-only)"))
+    if (spec.training.precision in BF16_PRECISIONS and stage == 0 and (accum > 1 or dp > 1)
+            and not is_cpu(compiled)):  # (on the CPU the runner trains in fp32: llmc.runtime.ds_train)
+        what = " and ".join(w for w in (f"sums the {accum} micro-batch gradients of a step in bf16" if accum > 1
+                                         else "", "keeps the fp32 all-reduce's result in bf16" if dp > 1 else "") if w)
+        diags.append(diag("X116", "warning", "parallelism.zero_stage",
+                          f"ZeRO-0 with bf16: DeepSpeed {what}, where the "
+                          "native and torchtitan backends reduce and accumulate gradients in fp32 (DeepSpeed 0.19.8 "
+                          "refuses an fp32 grad_accum_dtype without ZeRO)",
+                          "pin parallelism.zero_stage: 1 (DeepSpeed's BF16_Optimizer then accumulates and all-reduces "
+                          "an fp32 gradient), or use the native backend"))
     cfg = _config(compiled, _main_numbers(compiled, plan), micro, accum, dp, stage)
     unknown = sorted(set(cfg) - _ALLOWED)
     if unknown:  # an llmc bug, not a user error; still reported as a diagnostic

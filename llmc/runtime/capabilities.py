@@ -8,6 +8,9 @@ chat post-training stages (SFT, DPO, GRPO) run on the native runtime.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from llmc.spec.schema import LM_KINDS
 
 #: Parallel degrees the native trainer refuses (a plan using any of them runs on torchtitan).
@@ -33,3 +36,16 @@ def titan_stage_module(index: int) -> str:
     """The torchtitan job module (``torchtitan/<name>.py``) of the stage at position ``index`` of the lock's stages
     (continued-training stages with their own ``layout``; the pre-training job is ``llmc_job``)."""
     return f"llmc_job_stage{index}"
+
+
+#: The folder llmc's DeepSpeed runner keeps its resumable checkpoints in (``engine.save_checkpoint`` tags
+#: ``step-N``, ZeRO shards included, and DeepSpeed's ``latest``), inside the stage's checkpoint folder
+#: (``training.checkpoint.folder``, where its final llmc checkpoint goes too): a folder of its own, since the two
+#: formats share the ``step-N`` names, and so each is pruned to ``keep_latest`` apart.
+DS_CHECKPOINT_SUBDIR = "deepspeed"
+
+
+def ds_checkpoint_dir(stage_dir: str | os.PathLike, checkpoint_folder: str) -> Path:
+    """Where the DeepSpeed runner's resumable checkpoints of the stage whose run folder is ``stage_dir`` are:
+    ``<stage_dir>/<training.checkpoint.folder>/deepspeed``."""
+    return Path(stage_dir) / checkpoint_folder / DS_CHECKPOINT_SUBDIR

@@ -9,17 +9,25 @@ Builds the same model (``llmc.runtime.model.build_model``) and the same packed d
 the native trainer, hands the model to ``deepspeed.initialize(model, config=ds_config)`` and trains
 with ``engine.backward`` / ``engine.step`` (DeepSpeed scales the loss by 1/gradient_accumulation_steps
 and applies ``gradient_clipping``). Metrics go to ``<out>/metrics.jsonl`` in the native trainer's
-format, with TensorBoard / W&B / progress through ``llmc.runtime.observe.RunLogger``. Resumable DeepSpeed checkpoints (``engine.save_checkpoint`` / ``load_checkpoint``, ZeRO
-shards included) go to ``<out>/ds_checkpoints``, each written under a temporary tag and published by a rename and an
-atomic ``latest`` (:func:`save_ds_checkpoint`: a save killed midway never becomes the one resumed, and pruning
-never deletes the new one or a good older one); before DeepSpeed loads one, the stage that wrote it and its tensor
-shapes are checked against this stage's model (:func:`check_ds_checkpoint`, one line); at the end the full weights are also written as an
-llmc checkpoint (``<out>/checkpoints/step-N``) and ``DONE.json`` names it, so a following stage
-(native or DeepSpeed) can ``init_from`` this one.
+format, with TensorBoard / W&B / progress through ``llmc.runtime.observe.RunLogger``. Resumable DeepSpeed checkpoints
+(``engine.save_checkpoint`` / ``load_checkpoint``, ZeRO shards included) go to the spec's checkpoint folder, in a
+folder of their own: ``<out>/<training.checkpoint.folder>/deepspeed`` (:func:`llmc.runtime.capabilities.
+ds_checkpoint_dir`), each written under a temporary tag and published by a rename and an atomic ``latest``
+(:func:`save_ds_checkpoint`: a save killed midway never becomes the one resumed, and pruning to
+``training.checkpoint.keep_latest`` never deletes the new one or a good older one); a rerun resumes from the
+``latest`` there. Before DeepSpeed loads one, the stage that wrote it and its tensor shapes are checked against this
+stage's model (:func:`check_ds_checkpoint`, one line); at the end the full weights are also written as an llmc
+checkpoint (``<out>/<training.checkpoint.folder>/step-N``, kept to ``keep_latest`` there as well) and ``DONE.json``
+names it, so a following stage (native or DeepSpeed) can ``init_from`` this one.
+
+Precision: the config's ``bf16`` trains bf16 on a GPU. On the CPU the runner trains in fp32 (``bf16.enabled`` turned
+off in what DeepSpeed gets), as llmc's native trainer does there (its bf16 autocast is CUDA-only unless
+``--cpu-bf16``), so that CPU runs of one spec train the same numbers on either backend; ``--cpu-bf16`` keeps bf16 on
+the CPU too. The start line names the precision that runs (:func:`llmc.runtime.train.precision_note`).
 
 The committed config is what runs: for ``--stage S`` the runner reads ``ds_config.S.json`` next to
 ``--ds-config`` when the build wrote one (stages whose lr / steps / batch differ), else the given file,
-and changes nothing in it. It refuses, with one line, a config whose batch identity
+and changes nothing in it but ``bf16.enabled`` on the CPU (above). It refuses, with one line, a config whose batch identity
 (train_batch_size = micro x accum x processes) does not hold for the processes it runs on, or whose
 lr / steps / global batch / precision are not the stage's (:func:`check_config`). The build writes no
 ``scheduler`` block: the LR follows llmc's own schedule (``TrainJob.lr_factor``, every backend's) as a client
@@ -60,7 +68,7 @@ import time
 from pathlib import Path
 
 from llmc.lockfile import read_lock
-from llmc.runtime.capabilities import DS_STAGE_KINDS
+from llmc.runtime.capabilities import DS_STAGE_KINDS, ds_checkpoint_dir
 from llmc.spec.schema import BF16_PRECISIONS
 
 
@@ -108,6 +116,16 @@ def check_config(cfg: dict, job, world: int, where: str = "ds_config") -> dict:
         raise ValueError(f"{where} is not stage {job.stage!r}'s config: {'; '.join(bad[:3])} "
                          f"(the build writes deepspeed/ds_config.{job.stage}.json when a stage differs; rebuild)")
     return cfg
+
+
+def runtime_config(cfg: dict, cpu: bool, cpu_bf16: bool = False) -> dict:
+    """What DeepSpeed gets on this device: ``cfg`` itself, or on the CPU (without ``--cpu-bf16``) a copy with
+    ``bf16.enabled`` off, so that the CPU trains in fp32 as the native trainer does there (llmc.runtime.train
+    ``_autocast``). The other keys stay: fp32 reduction and accumulation (``communication_data_type``,
+    ``data_types.grad_accum_dtype``) are what an fp32 model does anyway (engine.get_data_types)."""
+    if not cpu or cpu_bf16 or not (cfg.get("bf16") or {}).get("enabled"):
+        return cfg
+    return {**cfg, "bf16": {**cfg["bf16"], "enabled": False}}
 
 
 def init_deepspeed_distributed() -> bool:
@@ -352,7 +370,7 @@ def _data_loader(job, assets_root: Path, rank: int, world: int):
 
 def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root: Path, *,
           max_steps: int | None = None, resume: bool = True, config_name: str = "ds_config",
-          build_dir: Path | None = None) -> dict:
+          build_dir: Path | None = None, cpu_bf16: bool = False) -> dict:
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -371,7 +389,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     from llmc.runtime.job import TrainJob
     from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
     from llmc.runtime.model import Transformer, build_model, mean_token_loss, param_groups
-    from llmc.runtime.train import nonfinite_line, step_stats, weights_finite
+    from llmc.runtime.train import nonfinite_line, precision_note, step_stats, weights_finite
     from llmc.spec.schema import ac_label
 
     job = TrainJob.from_lock(lock, stage, build_dir=build_dir)
@@ -398,7 +416,9 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
 
     loader, assets = _data_loader(job, assets_root, rank, world)
 
-    cfg = check_config(ds_config, job, world, config_name)
+    cfg = runtime_config(check_config(ds_config, job, world, config_name), cpu, cpu_bf16)
+    precision = precision_note(job.precision, "bf16" if (cfg.get("bf16") or {}).get("enabled") else
+                               "fp16" if (cfg.get("fp16") or {}).get("enabled") else "fp32", cpu)
     micro, accum = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
     tokens_per_step = cfg["train_batch_size"] * job.seq_len
     zero = cfg.get("zero_optimization", {}).get("stage", 0)
@@ -416,7 +436,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     model.set_ac(job.activation_checkpointing, job.ac_layers)
     ac = ac_label(job.activation_checkpointing, job.ac_layers)
     local_numel = _local_numel(model)
-    ds_dir, ckpt_dir = out / "ds_checkpoints", out / job.checkpoint_folder
+    ds_dir, ckpt_dir = ds_checkpoint_dir(out, job.checkpoint_folder), out / job.checkpoint_folder
     resume_from = ds_resume_point(ds_dir) if resume else None
     can_resume = resume_from is not None
     if can_resume:  # before DeepSpeed reads it: a checkpoint of another stage or model is one line
@@ -465,7 +485,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     _say(f"{job.name}/{job.stage} (DeepSpeed ZeRO-{zero}, {config_name}): {n_params:,} params "
          f"({local_numel:,} held by rank 0), {job.steps} steps x {tokens_per_step:,} tokens "
          f"(mb {micro} x accum {accum} x dp {world}), seq {job.seq_len}, AC {ac}{job.loss_note}, "
-         f"device {device}")
+         f"device {device}, {precision}")
     if can_resume:
         log.event("resume", step=step)
 
@@ -629,6 +649,8 @@ def _run(argv: list[str] | None) -> int:
     ap.add_argument("--assets", type=Path, default=None, help="where assets/, data/, cache/ are (default: lock's dir)")
     ap.add_argument("--steps", type=int, default=None, help="stop after N optimizer steps (schedule unchanged)")
     ap.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    ap.add_argument("--cpu-bf16", action="store_true", help="bf16 on CPU too (default fp32 on CPU, as the native "
+                    "trainer)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     a = ap.parse_args(argv)
     if a.local_rank is not None:
@@ -658,7 +680,7 @@ def _run(argv: list[str] | None) -> int:
     try:
         with preempt.handlers():  # SIGTERM / SIGUSR1: the loop saves the step it is at and stops (status preempted)
             res = train(lock, ds_config, a.stage, out, root, max_steps=a.steps, resume=not a.no_resume,
-                        config_name=str(cfg_path), build_dir=a.lock.resolve().parent)
+                        config_name=str(cfg_path), build_dir=a.lock.resolve().parent, cpu_bf16=a.cpu_bf16)
         finished = True
     except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
         print(f"{a.lock}: error[R002] {stage_name}: {one_line_error(e)}", file=sys.stderr)

@@ -58,7 +58,8 @@ export`` uses; tokenizer files from ``RUN/S/hf``), scored on the same suite into
 (``eval_results.json``, ``summary.json`` with ``step``) and deleted (also when a killed step left it
 behind). A step whose ``summary.json`` exists is skipped; a listed checkpoint that is missing (pruned,
 for example) is reported and skipped. A DeepSpeed stage writes an llmc checkpoint only at its end and keeps
-its intermediate ones in DeepSpeed's format (``RUN/S/ds_checkpoints/step-XXXXXXXX``): a listed step found
+its intermediate ones in DeepSpeed's format (``RUN/S/<checkpoint folder>/deepspeed/step-XXXXXXXX``,
+:func:`llmc.runtime.capabilities.ds_checkpoint_dir`): a listed step found
 only there is rebuilt on the CPU with DeepSpeed's offline converter (:func:`ds_checkpoint_state`: the fp32
 master weights of ZeRO 1/2/3, ``deepspeed.utils.zero_to_fp32``; ZeRO-0 the saved module state) and scored
 the same way.
@@ -378,7 +379,6 @@ def _summarize(model_dir: Path, dest: Path, plan: dict, job, what: str, log, lab
     return summary
 
 
-DS_CHECKPOINTS = "ds_checkpoints"  # llmc.runtime.ds_train's folder for engine.save_checkpoint, under RUN/S
 DS_TAG = "step-{step:08d}"  # its tag of step N
 
 
@@ -427,12 +427,12 @@ def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | No
     scored or already scored. ``out/hf`` (the stage's export) supplies the tokenizer files. A stage that
     torchtitan trained has no llmc checkpoints: its DCP checkpoints under ``build_dir/outputs/torchtitan``
     are scored instead (``build_dir``: where the job wrote them, its ``LLMC_RUN_DIR``, by default the build
-    directory). A step with no llmc checkpoint but a DeepSpeed one (``out/ds_checkpoints``) is scored
+    directory). A step with no llmc checkpoint but a DeepSpeed one (``out/<checkpoint folder>/deepspeed``) is scored
     from that (:func:`ds_checkpoint_state`)."""
     import shutil
     import tempfile
 
-    from llmc.runtime.capabilities import TITAN_STAGE_KINDS
+    from llmc.runtime.capabilities import TITAN_STAGE_KINDS, ds_checkpoint_dir
     from llmc.runtime.checkpoint import list_checkpoints
     from llmc.runtime.hf_io import export_stage, titan_checkpoints
     # (``lock_dir``: the lock's folder, where the build's copies of the local task files are; None: the current one)
@@ -454,7 +454,7 @@ def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | No
             log(f"{job.stage}: checkpoint step {n} already evaluated ({dest / 'summary.json'})")
             done[n] = json.loads((dest / "summary.json").read_text())
             continue
-        ds = out / DS_CHECKPOINTS / DS_TAG.format(step=n)
+        ds = ds_checkpoint_dir(out, job.checkpoint_folder) / DS_TAG.format(step=n)
         if n not in present and not ds.is_dir():
             log(f"{job.stage}: no checkpoint at step {n} under {out / job.checkpoint_folder} or {ds.parent} "
                 "(pruned?); not scored")

@@ -206,10 +206,28 @@ def _update_expert_bias(model: Transformer) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _autocast(job: TrainJob, device: torch.device, cpu_bf16: bool):
+def trains_bf16(job: TrainJob, device: torch.device, cpu_bf16: bool) -> bool:
     """bf16 autocast for precision bf16 (and fp8 / nvfp4, which the native trainer runs as bf16) on CUDA; on CPU
     only when asked (``--cpu-bf16``), else fp32."""
-    if job.precision in BF16_PRECISIONS and (device.type == "cuda" or cpu_bf16):
+    return job.precision in BF16_PRECISIONS and (device.type == "cuda" or cpu_bf16)
+
+
+def precision_note(spec_precision: str, runs: str, cpu: bool) -> str:
+    """The start line's words for the precision that trains (``runs``), and the spec's where it differs. On the CPU
+    both llmc runners train a bf16 spec in fp32 unless ``--cpu-bf16`` (the native trainer's autocast is CUDA-only,
+    :func:`trains_bf16`; the DeepSpeed runner turns the config's bf16 off, llmc.runtime.ds_train.runtime_config), so
+    that CPU runs of one spec are comparable across backends."""
+    if runs == spec_precision:
+        return f"precision {runs}"
+    if cpu and runs == "fp32":
+        return (f"precision fp32 (the spec's {spec_precision} trains in fp32 on the CPU, on the native and DeepSpeed "
+                "runners alike; --cpu-bf16 for bf16)")
+    return f"precision {runs} (the spec's {spec_precision} trains as {runs} on this runner)"
+
+
+def _autocast(job: TrainJob, device: torch.device, cpu_bf16: bool):
+    """bf16 autocast where :func:`trains_bf16`, else none (fp32)."""
+    if trains_bf16(job, device, cpu_bf16):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -437,11 +455,13 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
     elif spike.enabled:
         checkpoint_now()  # step-0 checkpoint so a spike before the first interval can rewind
 
+    runs = precision_note(job.precision, "bf16" if trains_bf16(job, info.device, cpu_bf16) else "fp32",
+                          info.device.type == "cpu")
     say(f"{job.name}/{job.stage}: {n_params:,} params, {job.steps} steps x {job.tokens_per_step:,} tokens "
         f"(mb {job.micro_batch} x accum {job.grad_accum} x dp {job.dp}, tp {job.tp}, seq {job.seq_len}"
         f"{job.shard_note}), "
         f"AC {ac_label(job.activation_checkpointing, job.ac_layers)}{job.loss_note}, device {info.device}, "
-        f"world {info.world}")
+        f"world {info.world}, {runs}")
     stop_at = min(job.steps, max_steps) if max_steps else job.steps
     last_ckpt_step = step if resume_from is not None else 0 if spike.enabled else -1  # (spike: the step-0 one)
     last_loss = float("nan")
