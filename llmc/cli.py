@@ -445,7 +445,7 @@ def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
     ``llmc launch`` refuses them (``llmc.runtime.job.finished_stage``)."""
     if lock_text is None or not (out / "run").is_dir():
         return []
-    from llmc.runtime.job import finished_stage, rerun_command
+    from llmc.runtime.job import FINISHED_HOW, finished_stage, rerun_command
 
     lock = json.loads(lock_text)
     lines = []
@@ -453,7 +453,7 @@ def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
         name = e.get("name") if isinstance(e, dict) else None
         f = finished_stage(lock, str(name), out / "run" / str(name), export=True, build_dir=out) if name else None
         if f is not None and f.change is not None:
-            what = "from other weights than its init_hf holds now" if f.weights else "under another lock than this build's"
+            what = FINISHED_HOW[f.cause]
             lines.append(f"{out / 'run' / str(name)}: warning[X013] stage {name!r} finished {what} "
                          f"({f.change}): the next `llmc launch` refuses it (`{rerun_command(out, str(name))}` sets "
                          "it and the stages after it aside and trains them again; the stages before it stay)")

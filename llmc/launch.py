@@ -67,7 +67,10 @@ skipped nor run: ``llmc launch`` refuses it unless ``--no-resume`` sets it aside
 ``--no-resume`` each of them is set aside first; ``llmc.runtime.job.stage_staleness`` is the check, which ``llmc
 export`` applies too). So is a stage trained from an
 ``init_hf`` checkpoint (its own or its ``init_from`` chain's) whose files changed since (``llmc.runtime.job.
-checkpoint_files``: the weights in that folder are not the ones it was trained from). A marker without a fingerprint
+checkpoint_files``: the weights in that folder are not the ones it was trained from), one whose data sources' files
+changed since (its own, its ``init_from`` chain's or the tokenizer's training text: ``llmc.runtime.job.data_files``,
+which names the source and how), and one whose tokenizer is not the one prepare holds in ``assets/`` now. A stage that
+starts, through finished stages, from a stale one is stale too, finished or not. A marker without a fingerprint
 (an older llmc's) is trusted as before, with ``legacy`` set to a warning.
 
 ``spec_change_warning(build_dir)`` is the one warning line (L009) ``llmc launch`` prints, ``--dry-run`` too, when the
@@ -111,11 +114,14 @@ from llmc.runtime.evaluate import SUMMARY as EVAL_SUMMARY
 from llmc.runtime.evaluate import eval_stages
 from llmc.runtime.job import (
     FINGERPRINT_FILE,
+    STAGE_TOKENIZER,
+    TOKENIZER_KEY,
     fingerprint_record,
     keep_tokenizer,
     legacy_message,
     rerun_command,
     stage_staleness,
+    tokenizer_files,
 )
 from llmc.spec.schema import POSTTRAIN_KINDS
 
@@ -661,6 +667,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
 
     evaluated = set(eval_stages(lock))
     position = {st["name"]: i for i, st in enumerate(_stages(lock))}
+    memo: dict = {}  # (the digests of a source several finished stages recorded: read once per launch)
     cmds: list[Cmd] = []
     for s in stages:
         # continued training with its own searched layout runs as its own torchtitan job (torchtitan builds)
@@ -668,7 +675,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         titan = backend == "torchtitan" and (s["kind"] in TITAN_STAGE_KINDS or own)
         # its finished run: DONE.json; a torchtitan stage's, also its export (torchtitan writes no DONE.json); and
         # whether this lock trained it, or (unfinished) what it starts from: the check `llmc export` applies too
-        fin, stale = stage_staleness(lock, s["name"], run, b, export=titan)
+        fin, stale = stage_staleness(lock, s["name"], run, b, export=titan, memo=memo)
         if backend == "deepspeed" and s["kind"] in DS_STAGE_KINDS:
             env = {} if on_gpu else {"DS_ACCELERATOR": "cpu"}
             c = Cmd(argv=[_tool("torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m",
@@ -695,7 +702,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
                 env["LLMC_INIT_HF"] = str(run / s["init_from"] / "hf")  # the stage before it ends with this export
             # (its record of the lock that trains it, written as it starts: FINGERPRINT.json beside the export)
             c = Cmd(argv=argv, env=env, cwd=str(b), stage=s["name"], artifacts=(str(module.relative_to(b)),),
-                    stage_dir=str(run / s["name"]), record=fingerprint_record(lock, s["name"], b) or None,
+                    stage_dir=str(run / s["name"]), record=fingerprint_record(lock, s["name"], b, memo=memo) or None,
                     dump_dir=str(b / "outputs" / titan_dump_subdir(s["name"] if own else None)))
             c.checkpoints = c.dump_dir
             # torchtitan writes DCP checkpoints: the stage ends, as every stage does, with a Hugging Face
@@ -703,7 +710,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
             hf = run / s["name"] / "hf" / "config.json"
             export = Cmd(argv=[py, "-m", "llmc.runtime.hf_io", str(b), "--stage", s["name"], "-o", str(hf.parent)],
                          cwd=str(b), stage=s["name"])
-            if hf.exists() and not (fin and fin.change):
+            if hf.exists() and stale is None:
                 export.skip_reason = f"stage {s['name']!r} already exported ({hf.parent})"
                 # the export runs only after torchtitan finished the stage (a failed or preempted run stops the
                 # launch before it): torchtitan writes no DONE.json, its exported model marks the stage done
@@ -712,7 +719,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
                                  "to run them again")
         else:
             c = native(s)
-        if fin is not None and fin.change is None and (run / s["name"] / "DONE.json").is_file():
+        if stale is None and fin is not None and fin.change is None and (run / s["name"] / "DONE.json").is_file():
             done = run / s["name"] / "DONE.json"
             c.skip_reason = (f"stage {s['name']!r} already finished ({done}); `{rerun_command(b, s['name'])}` "
                              "sets it and the stages after it aside to run them again")
@@ -781,8 +788,10 @@ def start_stage(c: Cmd, build_dir: str | os.PathLike) -> None:
     d.mkdir(parents=True, exist_ok=True)
     keep_tokenizer(Path(build_dir) / "assets", d)
     if c.record:
+        tok = tokenizer_files(d / STAGE_TOKENIZER)  # (the tokenizer it trains with, as llmc's trainers record theirs)
+        record = {**c.record, **({TOKENIZER_KEY: tok} if tok else {})}
         tmp = d / f"{FINGERPRINT_FILE}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps({"stage": c.stage, **c.record}, indent=2) + "\n")
+        tmp.write_text(json.dumps({"stage": c.stage, **record}, indent=2) + "\n")
         os.replace(tmp, d / FINGERPRINT_FILE)
 
 

@@ -131,6 +131,22 @@ def cached_corpus(name: str = "python-docs") -> Path | None:
     return target
 
 
+def corpus_sha256(name: str = "python-docs") -> str | None:
+    """The SHA-256 of the whole corpus as prepare writes it (``data/<name>.jsonl``, a copy of the cached one, byte for
+    byte): the one recorded beside the cached corpus (:func:`cached_corpus`, which writes it first if it is not
+    there), so what a finished stage read is known without reading it again. None for a corpus llmc does not know or
+    a cache that cannot be written."""
+    if name not in BUILTIN_CORPORA:
+        return None
+    target = cached_corpus(name)
+    if target is None:
+        return None
+    try:
+        return target.with_name(target.name + ".sha256").read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _read_records(path: Path) -> Iterator[dict]:
     with open(path, encoding="utf-8") as f:
         for line in f:

@@ -21,6 +21,7 @@ from torch import nn
 
 from llmc.runtime.chat import IGNORE_INDEX, TemplateError, encode_prompt_response
 from llmc.runtime.lora import disable_adapters, lora_modules, matmul_only_weights
+from llmc.runtime.records import response_problem
 from llmc.runtime.sft import (
     DataShard,
     EpochOrder,
@@ -60,11 +61,9 @@ def encode_pairs(pairs: list[dict], tok, template: str = "llama3", wheres: list[
     out = []
     for i, p in enumerate(pairs):
         at = f"{wheres[i]}: " if wheres is not None else ""
-        bad = [k for k in ("chosen", "rejected") if not isinstance(p[k], str)]
-        if bad:
-            raise ValueError(f"{at}preference record {i}: {bad[0]!r} is a {type(p[bad[0]]).__name__}, not a string: "
-                             "chosen and rejected must be the response texts (for the conversational format, give "
-                             "the assistant message's content)")
+        why = response_problem(p)  # (the stage's reader checked its records with it already: llmc.runtime.records)
+        if why:
+            raise ValueError(f"{at}preference record {i}: {why}")
         try:
             out.append(tuple(encode_prompt_response(p["prompt"], p[k], tok, template,
                                                     where=f"preference record {i} ({k})")

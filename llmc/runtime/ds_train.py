@@ -618,7 +618,8 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
             from llmc.runtime.job import fingerprint_record
 
             tmp = out / f"DONE.json.tmp{os.getpid()}"
-            tmp.write_text(json.dumps({**result, **fingerprint_record(job.lock, job.stage)}, indent=2) + "\n")
+            record = fingerprint_record(job.lock, job.stage, stage_dir=out, spec_dir=job.spec_dir)
+            tmp.write_text(json.dumps({**result, **record}, indent=2) + "\n")
             os.replace(tmp, done)
         log.event("end", **{k: v for k, v in result.items() if k != "loss"}, final_loss=last_loss)
         _say(f"{status} at step {step}: loss {last_loss:.4f}, checkpoint {final}")

@@ -26,7 +26,12 @@ starts from such a one; ``--no-resume`` sets it aside. ``prepare`` writes the lo
 folder holds a run the lock finished (exit 0), none (1), or one finished under another lock (3, the R004 line;
 ``--export``: a stage a torchtitan job trains, done once ``hf/`` exists). A stage's folder keeps a copy of the
 tokenizer it trains with (``run/<stage>/tokenizer/``), so a run set aside keeps its tokenizer when prepare writes
-another.
+another. DONE.json also records what the stage's data sources' files held and its tokenizer copy's files
+(:func:`llmc.runtime.job.fingerprint_record`): a stage whose data changed since, or whose tokenizer is not prepare's
+now, is refused as one finished under another lock is. When prepare trains (or copies) a new tokenizer while finished
+stages trained with the old one, it says so (R016: which stages, and ``--no-resume``); and it checks every stage's
+data sources before any stage trains (files of the declared format there; the first records of a post-training
+source read as its stage reads them, :mod:`llmc.runtime.records`): a bad one is one R002 line naming the stage.
 
 ``shared-check`` (one process per node, under torchrun or the DeepSpeed launcher: :func:`shared_check`) says whether ``DIR`` is one storage
 on every node: exit 0 when every node sees the file the first rank wrote there, else 1 with one line naming the
@@ -291,6 +296,46 @@ def _stage_sources(job: TrainJob) -> list:
     return out
 
 
+def _source_stages(job: TrainJob) -> dict[str, list[str]]:
+    """The stages that read each source, by source name (a stage without data of its own reads the run's)."""
+    out: dict[str, list[str]] = {}
+    spec = job.spec
+    stages = list(spec.stages) if spec is not None else []
+    for st in stages or [None]:
+        name = st.name if st is not None else job.stage
+        data = st.data if st is not None and st.data is not None else None
+        srcs = data.sources if data is not None else (spec.data.sources if spec is not None else job.sources)
+        for src in srcs:
+            out.setdefault(src.name, [])
+            if name not in out[src.name]:
+                out[src.name].append(name)
+    return out
+
+
+class SourceCheckError(ValueError):
+    """A stage's data source that prepare found missing or malformed before any stage trains (one line); ``stage``:
+    the (first) stage that reads it, which the R002 line names."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+def _checked(job: TrainJob, stages: dict[str, list[str]], src, path: Path, check, *args):
+    """``check(*args)``, a check of the source ``src`` (at ``path``); its error is one line naming the stage(s) that
+    read the source (:class:`SourceCheckError`)."""
+    try:
+        return check(*args)
+    except (OSError, ValueError, KeyError) as e:
+        readers = stages.get(src.name) or [job.stage]
+        msg = one_line_error(e)
+        for lead in (f"data source {path}: ", f"{path}: "):  # (the readers' own lines name the path already)
+            msg = msg.removeprefix(lead)
+        also = f"; stages {', '.join(map(repr, readers))} read it" if len(readers) > 1 else ""
+        raise SourceCheckError(readers[0], f"data source {src.name!r} ({path}{also}): {msg} (checked by prepare, "
+                               "before any stage trains)") from None
+
+
 def _source_key(path: Path, fmt: str, text_field: str) -> str:
     """Changes when a source's files change (path, size, mtime of each), without reading them."""
     from llmc.runtime.data import expand_paths
@@ -376,6 +421,10 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
     split_assets`). Every backend (native, DeepSpeed, the torchtitan job) streams the sources from here.
     A source that is ``data/``, holds it, or lies inside a place prepare writes is refused before anything
     is written (:func:`check_source_location`), so prepare never reads its own output back as input.
+    Every stage's sources are checked before any stage trains: a text source's files of its format are there, a
+    post-training source's first records read as its stage reads them (:func:`llmc.runtime.records.check_source`);
+    a failure is one line naming the stage and the source (:class:`SourceCheckError`, R002). A tokenizer trained or
+    copied over one that finished stages trained with is said (:func:`tokenizer_renewed`, R016).
     Last, each text source's tokens (its training part) are counted or estimated and set against what the run
     draws from it (``assets/data_stats.json``; a warning line where a source is read more than the plan's epoch
     limit or its declared ``tokens`` is far off, R011, or where a stage that trains past its model's context reads
@@ -402,6 +451,7 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     produced: list[SourceData] = []
     text_keys: dict[str, str] = {}  # text source name -> key of its content
+    readers = _source_stages(job)
     for src in _stage_sources(job):
         if src.format == "builtin" and src.kind in RECORD_SOURCE_KINDS:
             continue  # post-training records: generated at stage time by llmc.runtime.synthetic
@@ -426,17 +476,27 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
                              "with its format")
         path = job.resolve_path(src.path)
         if src.kind in RECORD_SOURCE_KINDS:  # structured records: read by the post-training code
+            # checked now, for every stage, with the stage's own reader (files there, the first records as it reads
+            # them): a missing file or a malformed record stops prepare, not the launch after earlier stages trained
+            from llmc.runtime.records import check_source
+
+            _checked(job, readers, src, path, check_source, src.name, path, src.format, src.kind, src.text_field)
             produced.append(SourceData(src.name, str(path), src.format, src.text_field, src.weight))
             continue
         fmt = "hf" if is_hf_saved_dataset(path) else src.format
-        key = text_keys[src.name] = _source_key(path, fmt, src.text_field)  # also checks that files exist
+        # its files exist (their records: _measure_data, with the trainers' own error)
+        key = text_keys[src.name] = _checked(job, readers, src, path, _source_key, path, fmt, src.text_field)
         produced.append(SourceData(src.name, str(path), fmt, src.text_field, src.weight))
 
     from llmc.runtime.quality_prepare import apply_quality  # data.quality: dedup + decontamination
 
     produced, quality_key = apply_quality(job, produced, root, log)
+    from llmc.runtime.job import tokenizer_files
+
     tk = job.tokenizer
     tok_json = asset_dir / "tokenizer.json"
+    before = tokenizer_files(asset_dir)  # (what the stages finished so far trained with)
+    renewed = None  # why prepare wrote another tokenizer over the one it held
     if tk.path:
         src_dir = job.resolve_path(tk.path)
         src_dir = src_dir if src_dir.is_dir() else src_dir.parent
@@ -452,13 +512,21 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
                 write_atomic(asset_dir / name, files[name])
             _drop_tokenizer_files(asset_dir, keep=present)
             state["tokenizer"] = key
+            renewed = f"the tokenizer files in {src_dir} (data.tokenizer.path) changed"
             log(f"prepare: copied tokenizer from {src_dir}")
     else:
         vocab = tk.vocab_size or job.arch.vocab_size
         text_srcs = [s for s in produced if s.name in text_keys]
         key = (f"bpe:{vocab}:{MAX_TOKENIZER_TRAIN_CHARS}:{quality_key}:"
                + ",".join(f"{s.name}={text_keys[s.name]}" for s in text_srcs))
-        if state.get("tokenizer") != key or not tok_json.exists():
+        was_keys, now_keys = state.get("tokenizer_sources") or {}, {s.name: text_keys[s.name] for s in text_srcs}
+        changed = sorted(n for n in {*was_keys, *now_keys} if was_keys.get(n) != now_keys.get(n))
+        renewed = (f"its training text changed: data source {', '.join(map(repr, changed))}" if was_keys and changed
+                   else "its training text or settings changed")
+        state["tokenizer_sources"] = now_keys
+        if state.get("tokenizer") == key and tok_json.exists():
+            renewed = None
+        else:
             if not text_srcs:
                 raise ValueError("tokenizer.train needs at least one text data source")
 
@@ -476,6 +544,8 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
             state["tokenizer"] = key
             log(f"prepare: trained byte-level BPE (vocab {vocab}) -> {tok_json}")
     _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True) + "\n")
+    if renewed and before is not None:
+        tokenizer_renewed(job.lock, root, before, renewed)
     assets = Assets(str(root), str(asset_dir), tuple(produced), str(cache_dir))
     ev = job.spec.eval if job.spec is not None else None
     if ev is not None and ev.validation is not None:  # hold out the validation documents (validation.py)
@@ -490,6 +560,36 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
                       state, log)
         _atomic_write(state_file, json.dumps(state, indent=1, sort_keys=True) + "\n")
     return assets
+
+
+def tokenizer_renewed(lock: dict | None, root: Path, before: dict, why: str) -> list[str]:
+    """After prepare wrote another tokenizer over ``before`` (:func:`llmc.runtime.job.tokenizer_files` of the one it
+    held): the stages of ``lock`` finished in ``root/run`` with another than the new one (their copy,
+    ``run/<stage>/tokenizer``; a run that kept none trained with ``before``). Their weights were trained on the old
+    token ids, which the new tokenizer gives to other strings: a launch refuses them (their record's tokenizer, or
+    their data, differs: ``llmc.runtime.job.finished_stage``), never starts a stage from them. One warning line (R016)
+    names them, why prepare retrained it and the way to train them again. Returns their names."""
+    from llmc.runtime.job import STAGE_TOKENIZER, tokenizer_files
+
+    asset_dir = root / "assets"
+    now = tokenizer_files(asset_dir)
+    if now is None or now == before:  # (trained again on the same text: the same tokenizer, byte for byte)
+        return []
+    stale = []
+    for e in (lock or {}).get("stages") or []:
+        name = e.get("name") if isinstance(e, dict) else None
+        d = root / "run" / str(name)
+        if not name or not ((d / "DONE.json").is_file() or (d / "hf" / "config.json").is_file()):
+            continue
+        if (tokenizer_files(d / STAGE_TOKENIZER) or before) != now:
+            stale.append(str(name))
+    if stale:
+        print(f"{asset_dir / 'tokenizer.json'}: warning[R016] prepare trained a new tokenizer ({why}), and stage(s) "
+              f"{', '.join(map(repr, stale))} finished with the previous one (kept in run/<stage>/{STAGE_TOKENIZER}): "
+              "their weights were trained on its token ids, so a launch refuses them (L005 / R004) instead of "
+              f"skipping them or starting a stage from them; hint: `llmc launch {root} --no-resume` sets them aside "
+              "(each with its tokenizer) and trains them again with this one", file=sys.stderr, flush=True)
+    return stale
 
 
 def _measure_data(job: TrainJob, assets: Assets, keys: dict[str, str], state: dict, log) -> None:
@@ -620,12 +720,12 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
                 _say(f"{job.stage}: the earlier run is set aside in {moved}")
     if resume and done.exists():
         res = job.finished_result(done)
-        check_finished(lock, job.stage, out, lock_dir or assets_root)
+        check_finished(lock, job.stage, out, lock_dir or assets_root, asset_dir=assets_root / "assets")
         _say(f"{job.stage}: already done ({done}); nothing to do")
         return res
     if job.init_from:  # a stage that starts from one finished under another lock would carry it on as this lock's
         check_finished(lock, job.init_from, out.parent / job.init_from, lock_dir or assets_root, export=True,
-                       starts=job.stage)
+                       starts=job.stage, asset_dir=assets_root / "assets")
     with _stage_lock(out):
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -670,13 +770,14 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
 
 
 def check_finished(lock: dict, stage: str, stage_dir: Path, build: Path, *, export: bool = False,
-                   starts: str | None = None) -> bool:
+                   starts: str | None = None, asset_dir: Path | None = None) -> bool:
     """Whether ``stage_dir`` holds a finished run of ``stage`` (:func:`llmc.runtime.job.finished_stage`); raises
-    :class:`llmc.runtime.job.StaleStageError` when it finished under another lock (``starts``: the stage that
-    would start from it), and warns (R005) when its marker records no fingerprint (an older llmc wrote it)."""
+    :class:`llmc.runtime.job.StaleStageError` when it finished under another lock, or from other data or another
+    tokenizer than prepare's in ``asset_dir`` (default ``build/assets``) now (``starts``: the stage that would start
+    from it), and warns (R005) when its marker records no fingerprint (an older llmc wrote it)."""
     from llmc.runtime.job import StaleStageError, finished_stage, legacy_message, stale_message
 
-    f = finished_stage(lock, stage, stage_dir, export=export, build_dir=build)
+    f = finished_stage(lock, stage, stage_dir, export=export, build_dir=build, asset_dir=asset_dir)
     if f is None:
         return False
     if f.change is not None:
@@ -715,7 +816,8 @@ def _check_main(lock: dict, stage: str | None, out: Path | None, root: Path, exp
 
     name = str(stage_entry(lock, stage)["name"])
     try:
-        return 0 if check_finished(lock, name, out or root / "run" / name, where.parent, export=export) else 1
+        return 0 if check_finished(lock, name, out or root / "run" / name, where.parent, export=export,
+                                   asset_dir=root / "assets") else 1
     except StaleStageError as e:
         print(f"{where}: error[R004] {name}: {e}", file=sys.stderr)
         return 3
@@ -784,7 +886,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{a.lock}: error[R014] {a.stage or 'pretrain'}: {e}", file=sys.stderr)
         return 1
     except (CheckpointError, TrainingError, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"{a.lock}: error[R002] {a.stage or 'pretrain'}: {one_line_error(e)}", file=sys.stderr)
+        label = e.stage if isinstance(e, SourceCheckError) else a.stage or "pretrain"  # (prepare: the source's stage)
+        print(f"{a.lock}: error[R002] {label}: {one_line_error(e)}", file=sys.stderr)
         return 1
     return exit_code(res.get("status", "done"))
 

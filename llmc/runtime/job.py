@@ -493,16 +493,41 @@ def stage_fingerprint(lock: dict, stage: str | None, _seen: tuple[str, ...] = ()
         return None
 
 
+def _is_text(s: dict) -> bool:
+    """A text source (chat / preference / prompt records: no held-out split, no tokenizer training)."""
+    return s.get("kind") not in RECORD_SOURCE_KINDS
+
+
+def _stage_data(resolved: dict, name: str) -> dict:
+    """The resolved spec's data section that stage ``name`` reads: its own, else the run's."""
+    specs = [s for s in resolved.get("stages") or [] if isinstance(s, dict)]
+    st = next((s for s in specs if s.get("name") == name), None)
+    return (st or {}).get("data") or resolved["data"]
+
+
+def _stage_tokenizer_spec(resolved: dict, data: dict) -> dict:
+    """The tokenizer settings a stage reading ``data`` trains with: its data's, else the run's."""
+    tok = data.get("tokenizer") or {}
+    return tok if (tok.get("path") or tok.get("train")) else resolved["data"].get("tokenizer") or {}
+
+
+def _tokenizer_text(resolved: dict) -> list[dict]:
+    """The text sources prepare trains a ``tokenizer.train`` tokenizer on: every text source of the run, whichever
+    stage reads it (``llmc.runtime.entry.prepare_assets``)."""
+    specs = [s for s in resolved.get("stages") or [] if isinstance(s, dict)]
+    every = [*(resolved["data"].get("sources") or []),
+             *(s for sp in specs for s in ((sp.get("data") or {}).get("sources") or []))]
+    return [s for s in every if isinstance(s, dict) and _is_text(s)]
+
+
 def _fingerprint(lock: dict, stage: str | None, seen: tuple[str, ...]) -> dict | None:
     entry = stage_entry(lock, stage)
     name = str(entry["name"])
     if name in seen:  # (the compiler refuses init_from cycles; a hand-edited lock may hold one)
         raise ValueError(f"init_from cycle through {name!r}")
     resolved = lock["spec"]["resolved"]
-    specs = [s for s in resolved.get("stages") or [] if isinstance(s, dict)]
-    st = next((s for s in specs if s.get("name") == name), None)
     top = resolved["data"]
-    data = (st or {}).get("data") or top
+    data = _stage_data(resolved, name)
 
     def source(s: dict) -> dict:  # (tokens: a planning hint only)
         return {k: v for k, v in s.items() if k != "tokens"}
@@ -510,11 +535,8 @@ def _fingerprint(lock: dict, stage: str | None, seen: tuple[str, ...]) -> dict |
     def quality(q: dict | None) -> dict | None:  # (workers, the expected removal: no effect on the cleaned output)
         return {k: v for k, v in q.items() if k not in ("workers", "expected_removal_fraction")} if q else None
 
-    def text(s: dict) -> bool:  # (chat / preference / prompt records: no held-out split, no tokenizer training)
-        return s.get("kind") not in RECORD_SOURCE_KINDS
-
     sources = data.get("sources") or []
-    val = (resolved.get("eval") or {}).get("validation") if any(map(text, sources)) else None
+    val = (resolved.get("eval") or {}).get("validation") if any(map(_is_text, sources)) else None
     parts: dict[str, Any] = {
         "model": {"model": resolved["model"], "context": entry.get("context"),
                   "max_position_embeddings": entry.get("max_position_embeddings")},
@@ -522,13 +544,11 @@ def _fingerprint(lock: dict, stage: str | None, seen: tuple[str, ...]) -> dict |
         "data": {"sources": [source(s) for s in sources], "quality": quality(data.get("quality")),
                  "validation": {k: val.get(k) for k in ("fraction", "seed", "files")} if val else None},
     }
-    tok = data.get("tokenizer") or {}
-    tok = tok if (tok.get("path") or tok.get("train")) else top.get("tokenizer") or {}
+    tok = _stage_tokenizer_spec(resolved, data)
     trained_on = None
     if tok.get("train"):  # prepare trains it on every text source of the run, whichever stage reads it
-        every = [*(top.get("sources") or []), *(s for sp in specs for s in ((sp.get("data") or {}).get("sources") or []))]
-        trained_on = sorted({(s["name"], s.get("path"), s.get("format"), s.get("text_field")) for s in every
-                             if text(s)}, key=str)
+        trained_on = sorted({(s["name"], s.get("path"), s.get("format"), s.get("text_field"))
+                             for s in _tokenizer_text(resolved)}, key=str)
         trained_on = {"sources": trained_on, "quality": quality(top.get("quality"))}
     parts["tokenizer"] = {"tokenizer": tok, "trained_on": trained_on}
     t = resolved.get("training") or {}
@@ -548,19 +568,40 @@ def _fingerprint(lock: dict, stage: str | None, seen: tuple[str, ...]) -> dict |
     return {"sha256": _digest(hashed), "parts": hashed, "numbers": numbers}
 
 
-def fingerprint_record(lock: dict | None, stage: str | None, build_dir: str | Path | None = None) -> dict:
-    """What a stage's marker records of the lock it was trained under (empty without a lock), and of the files of
+def fingerprint_record(lock: dict | None, stage: str | None, build_dir: str | Path | None = None, *,
+                       stage_dir: str | Path | None = None, spec_dir: str | Path | None = None,
+                       memo: dict | None = None) -> dict:
+    """What a stage's marker records of the lock it was trained under (empty without a lock), of the files of
     the ``init_hf`` checkpoint its run started from (:func:`start_checkpoint_files`; ``build_dir``: the lock's
-    folder, None: the current directory, where ``llmc launch`` runs every command)."""
+    folder, None: the current directory, where ``llmc launch`` runs every command), of the data it read
+    (:data:`DATA_KEY`, :func:`data_files`; ``spec_dir``: the spec's folder, which relative source paths resolve
+    against, by default found from ``build_dir``) and of the tokenizer it trained with (:data:`TOKENIZER_KEY`: the
+    files of its copy in ``stage_dir``/tokenizer, :func:`tokenizer_files`; none without ``stage_dir`` or a copy).
+    ``memo``: one launch's digests (:func:`source_files_digest`)."""
     fp = stage_fingerprint(lock, stage) if lock else None
     if not fp:
         return {}
     start = start_checkpoint_files(lock, stage, build_dir)
-    return {FINGERPRINT_KEY: fp, FINGERPRINT_SHA: fp["sha256"], **({START_KEY: start} if start else {})}
+    data = data_files(lock, stage, _record_spec_dir(lock, build_dir, spec_dir), memo)
+    tok = tokenizer_files(Path(stage_dir) / STAGE_TOKENIZER) if stage_dir is not None else None
+    return {FINGERPRINT_KEY: fp, FINGERPRINT_SHA: fp["sha256"], **({START_KEY: start} if start else {}),
+            **({DATA_KEY: data} if data is not None else {}), **({TOKENIZER_KEY: tok} if tok else {})}
+
+
+def _record_spec_dir(lock: dict, build_dir: str | Path | None, spec_dir: str | Path | None) -> str | None:
+    if spec_dir is not None:
+        return str(spec_dir)
+    try:
+        return _spec_dir(lock["spec"], lock["spec"].get("path"), build_dir)
+    except (KeyError, TypeError, AttributeError, OSError):
+        return None
 
 
 #: the record's key for the files of the ``init_hf`` checkpoint a stage's run started from
 START_KEY = "init_hf_files"
+#: the record's key for what the stage's data sources held (:func:`data_files`), and for its tokenizer's files
+#: (:func:`tokenizer_files`); a record written before llmc had them is not compared on them (as :data:`START_KEY`)
+DATA_KEY, TOKENIZER_KEY = "data_files", "tokenizer_files"
 
 
 def start_checkpoint(lock: dict, stage: str | None) -> str | None:
@@ -673,6 +714,212 @@ def start_change(was: dict, now: dict) -> str | None:
     return f"the init_hf checkpoint {now['init_hf']} it was trained from changed since ({shown})"
 
 
+# ------------------------------------------------------------------ what the data and tokenizer held
+#
+# The lock names a stage's sources (name, path, format); what the files there hold is not in it, so a finished stage
+# also records a digest of its sources' files (DATA_KEY) and of the tokenizer it trained with (TOKENIZER_KEY), and a
+# launch compares them with the files now. Pre-training corpora can be terabytes, read again at every launch they
+# would cost minutes: a source of at most CONTENT_DIGEST_MAX_BYTES is identified by its content (sha256 of each file's
+# bytes, so a copy or a `touch` that changes only modification times is no change, and a rewrite at the same size and
+# time is one), a larger one by its files' names, sizes and modification times (ns), what make and rsync's default
+# "quick check" compare (rsync(1): "files that have changed in size or in last-modified time"; GNU make manual
+# 4.3, "Types of Prerequisites": a target is remade when a prerequisite is newer), which costs one stat per file.
+
+#: a source whose files hold at most this many bytes in all is identified by their content's sha256 (post-training
+#: jsonl, a small corpus: a few hundred MiB hash in about a second); a larger one by name, size and mtime_ns per file
+CONTENT_DIGEST_MAX_BYTES = 256 * 2**20
+
+
+def source_files_digest(path: Path, fmt: str, memo: dict | None = None) -> dict | None:
+    """What a source's files hold: ``{"files", "bytes", "listing", "content"}``: their count and total size, the sha256
+    of each file's name (relative to the source's folder), size and mtime_ns, and, when they hold at most
+    :data:`CONTENT_DIGEST_MAX_BYTES`, the sha256 of their names and bytes (None above it: not read). The files are
+    those the stage reads (:func:`llmc.sources.expand_paths`; every file of a ``save_to_disk`` folder). None when
+    there are none to read now (not compared: prepare says what is missing). ``memo`` (one launch's): content
+    digests by listing, so a source several finished stages record is read once."""
+    import glob as globmod
+    import hashlib
+
+    from llmc.fileio import sha256_file
+    from llmc.sources import expand_paths, is_hf_saved
+
+    try:
+        hf = is_hf_saved(path)
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if hf else expand_paths(path, fmt)
+        stats = [(f, f.stat()) for f in files]
+    except (OSError, ValueError):
+        return None
+    if not stats:
+        return None
+    base = path if path.is_dir() else path.parent if path.is_file() else Path(
+        next((str(q) for q in [path, *path.parents] if not globmod.has_magic(str(q))), "/"))
+
+    def rel(f: Path) -> str:
+        try:
+            return f.relative_to(base).as_posix()
+        except ValueError:
+            return str(f)
+
+    listing = hashlib.sha256()
+    for f, st in stats:
+        listing.update(f"{rel(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    total = sum(st.st_size for _, st in stats)
+    out: dict[str, Any] = {"files": len(stats), "bytes": total, "listing": listing.hexdigest(), "content": None}
+    if total <= CONTENT_DIGEST_MAX_BYTES:
+        key = (str(path), out["listing"])
+        if memo is not None and key in memo:
+            out["content"] = memo[key]
+        else:
+            h = hashlib.sha256()
+            try:
+                for f, _ in stats:
+                    h.update(f"{rel(f)}\0{sha256_file(f)}\n".encode())
+            except OSError:
+                return None
+            out["content"] = h.hexdigest()
+            if memo is not None:
+                memo[key] = out["content"]
+    return out
+
+
+def stage_data_sources(lock: dict, stage: str | None) -> dict[str, tuple[dict, str]]:
+    """The sources whose files decided ``stage``'s result, by name: (the resolved spec's source, why: "" for the
+    stage's own, else the stage of its ``init_from`` chain that read it, or the tokenizer's training text when
+    prepare trains the tokenizer). A stage that starts from another carries what that one read: a change there
+    makes both stale."""
+    resolved = lock["spec"]["resolved"]
+    out: dict[str, tuple[dict, str]] = {}
+    entry, seen = stage_entry(lock, stage), set()
+    own = str(entry["name"])
+    while str(entry["name"]) not in seen:
+        name = str(entry["name"])
+        seen.add(name)
+        for s in _stage_data(resolved, name).get("sources") or []:
+            if isinstance(s, dict) and s.get("name"):
+                out.setdefault(str(s["name"]), (s, "" if name == own else f"read by stage {name!r}, which it starts "
+                                                                            "from"))
+        if not entry.get("init_from"):
+            break
+        entry = stage_entry(lock, str(entry["init_from"]))
+    if _stage_tokenizer_spec(resolved, _stage_data(resolved, own)).get("train"):
+        for s in _tokenizer_text(resolved):
+            out.setdefault(str(s["name"]), (s, "the text its tokenizer was trained on"))
+    return out
+
+
+def data_files(lock: dict | None, stage: str | None, spec_dir: str | None, memo: dict | None = None) -> dict | None:
+    """``{source name: digest}`` of the sources :func:`stage_data_sources` names, as they are now: a file source's
+    :func:`source_files_digest`; a builtin corpus's ``{"builtin": name, "content": sha256}``, the sha256 llmc's corpus
+    cache records beside the corpus prepare copies (:func:`llmc.runtime.corpus.corpus_sha256`: not read again).
+    Generated records (a builtin record source) and sources with nothing to read now are left out. None for a lock
+    too malformed to say."""
+    if not lock:
+        return None
+    try:
+        sources = stage_data_sources(lock, stage)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    from llmc.fileio import expand_user
+
+    out: dict[str, dict] = {}
+    for name, (s, _) in sorted(sources.items()):
+        fmt = str(s.get("format") or "jsonl")
+        if fmt == "builtin":
+            if s.get("kind") in RECORD_SOURCE_KINDS:
+                continue  # (records generated from the lock's numbers: llmc.runtime.synthetic)
+            from llmc.runtime.corpus import corpus_sha256
+
+            key = ("builtin", name)
+            if memo is not None and key in memo:
+                sha = memo[key]
+            else:
+                sha = corpus_sha256(name)
+                if memo is not None:
+                    memo[key] = sha
+            if sha:
+                out[name] = {"builtin": name, "content": sha}
+            continue
+        if not s.get("path") or spec_dir is None:
+            continue
+        p = expand_user(str(s["path"]))
+        p = p if p.is_absolute() else Path(spec_dir) / p
+        got = source_files_digest(p, fmt, memo)
+        if got is not None:
+            out[name] = {"path": str(p), **got}
+    return out
+
+
+def data_change(was: dict, now: dict, why: dict[str, tuple[dict, str]]) -> str | None:
+    """What changed in the files of the sources a marker recorded (``was``: its :data:`DATA_KEY`) and now
+    (:func:`data_files`): the first source that changed, and how (file count, size, content, modification time);
+    None when none did. A source recorded but not readable now, or not in the lock now (a lock change: the
+    fingerprint names it), is not compared."""
+    said = []
+    for name in sorted(was):
+        a, b = was[name], now.get(name)
+        if not isinstance(a, dict) or not isinstance(b, dict) or a == b:
+            continue
+        if "builtin" in a or "builtin" in b:
+            if a.get("content") == b.get("content"):
+                continue
+            how = "the builtin corpus prepare writes holds other documents (another Python's standard library)"
+        else:
+            how = _files_change(a, b)
+            if how is None:
+                continue
+        role = why.get(name, ({}, ""))[1]
+        where = "; ".join(x for x in (b.get("path"), role) if x)
+        said.append(f"data source {name!r}{f' ({where})' if where else ''} changed since it finished: {how}")
+    if not said:
+        return None
+    return said[0] + (f" (and {len(said) - 1} more source(s))" if len(said) > 1 else "")
+
+
+def _files_change(a: dict, b: dict) -> str | None:
+    parts = []
+    if a.get("files") != b.get("files"):
+        parts.append(f"{a.get('files')} -> {b.get('files')} files")
+    if a.get("bytes") != b.get("bytes"):
+        parts.append(f"size {a.get('bytes'):,} -> {b.get('bytes'):,} bytes")
+    ca, cb = a.get("content"), b.get("content")
+    if ca is not None and cb is not None:  # (both read: the content decides, not the modification times)
+        if ca != cb and not parts:
+            parts.append(f"its content (sha256 {ca[:12]} -> {cb[:12]}), at the same size")
+        elif ca != cb:
+            parts.append(f"content sha256 {ca[:12]} -> {cb[:12]}")
+        return "; ".join(parts) or None
+    if not parts and a.get("listing") != b.get("listing"):
+        parts.append(f"modification time (or file names) of its files, at the same size (a source over "
+                     f"{CONTENT_DIGEST_MAX_BYTES // 2**20} MiB is compared by its files' names, sizes and modification "
+                     "times, not read)")
+    return "; ".join(parts) or None
+
+
+def tokenizer_files(folder: str | Path) -> dict | None:
+    """``{file: sha256}`` of the tokenizer files (``llmc.runtime.tokenizer.TOKENIZER_FILES``) in ``folder``: prepare's
+    ``assets/``, or a stage's copy of the tokenizer it trains with; None without a tokenizer.json there."""
+    from llmc.fileio import sha256_file
+    from llmc.runtime.tokenizer import TOKENIZER_FILES
+
+    d = Path(folder)
+    try:
+        if not (d / "tokenizer.json").is_file():
+            return None
+        return {name: sha256_file(d / name) for name in TOKENIZER_FILES if (d / name).is_file()}
+    except OSError:
+        return None
+
+
+def tokenizer_change(was: dict, now: dict, asset_dir: Path) -> str | None:
+    """What differs between the tokenizer a stage trained with (``was``: its record's :data:`TOKENIZER_KEY`) and
+    prepare's now in ``asset_dir`` (``now``); None when they are the same files."""
+    if was == now:
+        return None
+    changed = sorted(n for n in set(was) | set(now) if was.get(n) != now.get(n))
+    return (f"the tokenizer prepare holds now ({asset_dir}: {', '.join(changed)} differ) is not the one it trained "
+            "with (prepare trained or copied another: its training text or data.tokenizer.path changed)")
+
+
 def fingerprint_change(was: dict, now: dict) -> str | None:
     """What differs between the fingerprint ``was`` (a marker's) and ``now`` (the lock's): the numbers by name and
     value (``steps 30 -> 20``), the other parts by name; None when they are the same."""
@@ -708,16 +955,32 @@ class Finished:
     legacy: bool
     weights: bool = False
     """``change`` is a change of the ``init_hf`` checkpoint's files, not of the lock."""
+    cause: str = "lock"
+    """What ``change`` is a change of: ``lock``, ``weights`` (the init_hf checkpoint's files), ``data`` (its data
+    sources' files, :data:`DATA_KEY`) or ``tokenizer`` (prepare's tokenizer, :data:`TOKENIZER_KEY`)."""
+
+
+#: how a stale stage finished, by :attr:`Finished.cause`, for the lines that refuse it
+FINISHED_HOW = {"lock": "under another lock than this build's",
+                "weights": "from other weights than its init_hf holds now",
+                "data": "from other data than its sources hold now",
+                "tokenizer": "with another tokenizer than prepare holds now"}
 
 
 def finished_stage(lock: dict, stage: str, stage_dir: str | Path, *, export: bool = False,
-                   build_dir: str | Path | None = None) -> Finished | None:
+                   build_dir: str | Path | None = None, asset_dir: str | Path | None = None,
+                   memo: dict | None = None) -> Finished | None:
     """Whether the folder ``stage_dir`` holds a finished run of ``stage`` and whether ``lock`` trained it; None when
     it holds none. Finished: a DONE.json, or with ``export`` (a stage a torchtitan job trains, which counts as done
     once exported) ``hf/config.json``, whose record is ``FINGERPRINT_FILE`` beside it. A run trained from an
     ``init_hf`` checkpoint whose files changed since (its record's :data:`START_KEY`, compared with the files now;
     ``build_dir`` anchors a relative path as in :func:`fingerprint_record`) was not trained from these weights: its
-    ``change`` says so, as for a lock change (a record without it, or a checkpoint not here now: not compared)."""
+    ``change`` says so, as for a lock change (a record without it, or a checkpoint not here now: not compared). So is
+    a run whose data sources' files changed since (its record's :data:`DATA_KEY`, compared with :func:`data_files`
+    now: its own sources, its ``init_from`` chain's and the tokenizer's training text), or whose tokenizer is not the
+    one prepare holds now in ``asset_dir`` (default ``build_dir/assets``; its record's :data:`TOKENIZER_KEY`); a
+    record without them, an older llmc's, is not compared on them. ``memo``: one launch's digests, shared by its
+    calls."""
     import json
 
     d = Path(stage_dir)
@@ -739,12 +1002,30 @@ def finished_stage(lock: dict, stage: str, stage_dir: str | Path, *, export: boo
     if not isinstance(was, dict) or now is None:
         return Finished(marker, None, legacy=now is not None)
     change = fingerprint_change(was, now)
+    if change is not None:
+        return Finished(marker, change, legacy=False)
     start = record.get(START_KEY)
-    if change is None and isinstance(start, dict):
+    if isinstance(start, dict):
         files = start_checkpoint_files(lock, stage, build_dir)
         change = start_change(start, files) if files else None
-        return Finished(marker, change, legacy=False, weights=change is not None)
-    return Finished(marker, change, legacy=False)
+        if change is not None:
+            return Finished(marker, change, legacy=False, weights=True, cause="weights")
+    if isinstance(record.get(DATA_KEY), dict):
+        try:
+            why = stage_data_sources(lock, stage)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            why = None
+        now_files = data_files(lock, stage, _record_spec_dir(lock, build_dir, None), memo) if why is not None else None
+        change = data_change(record[DATA_KEY], now_files, why) if now_files is not None else None
+        if change is not None:
+            return Finished(marker, change, legacy=False, cause="data")
+    if isinstance(record.get(TOKENIZER_KEY), dict):
+        assets = Path(asset_dir) if asset_dir is not None else Path(build_dir if build_dir is not None else ".") / "assets"
+        held = tokenizer_files(assets)
+        change = tokenizer_change(record[TOKENIZER_KEY], held, assets) if held else None
+        if change is not None:
+            return Finished(marker, change, legacy=False, cause="tokenizer")
+    return Finished(marker, None, legacy=False)
 
 
 def rerun_command(build: str | Path, stage: str) -> str:
@@ -757,7 +1038,7 @@ def rerun_command(build: str | Path, stage: str) -> str:
 
 def stale_message(stage: str, f: Finished, build: str) -> str:
     """The one line that refuses a stage finished under another lock: what changed and the ways out."""
-    what = "from other weights than its init_hf holds now" if f.weights else "under another lock than this build's"
+    what = FINISHED_HOW.get(f.cause, FINISHED_HOW["lock"])
     return (f"stage {stage!r} finished {what} ({f.marker}): {f.change}; "
             f"it is not this build's result, so it is neither skipped nor trained over: `{rerun_command(build, stage)}`"
             f" sets it and the stages after it aside (run/<stage>.set-aside-N) and trains them again, or build into "
@@ -765,27 +1046,39 @@ def stale_message(stage: str, f: Finished, build: str) -> str:
 
 
 def stage_staleness(lock: dict, stage: str, run: str | Path, build_dir: str | Path, *,
-                    export: bool = False) -> tuple[Finished | None, str | None]:
+                    export: bool = False, memo: dict | None = None) -> tuple[Finished | None, str | None]:
     """``(finished, why)`` for ``stage``'s folder ``run/<stage>``: its finished run (:func:`finished_stage`; a DONE.json,
     or with ``export`` a torchtitan stage's ``hf/`` export and its record; None: not finished) and why that run, or
     what it would start from, is not this lock's result (None: nothing is stale): the run finished under another
-    lock (:func:`stale_message`), or, the stage not finished, the stage it starts from (``init_from``) did. The one
-    check ``llmc launch`` (``llmc.launch.launch_commands``) and ``llmc export`` (``llmc.runtime.export``) apply.
-    (A finished stage vouches for its own start: its fingerprint holds its ``init_from``'s.)"""
+    lock, from other data, weights or tokenizer (:func:`stale_message`), or a stage of its ``init_from`` chain,
+    followed through finished stages, did: a finished stage downstream of a stale one is stale too, whatever its own
+    record says (one of an older llmc records no data), and an unfinished one would carry the stale run on as this
+    build's. The one check ``llmc launch`` (``llmc.launch.launch_commands``) and ``llmc export``
+    (``llmc.runtime.export``) apply; ``memo``: one launch's data digests (:func:`finished_stage`)."""
     run = Path(run)
     d = run / stage
-    fin = finished_stage(lock, stage, d, export=True, build_dir=build_dir) if export or (d / "DONE.json").is_file() \
-        else None
+    fin = (finished_stage(lock, stage, d, export=True, build_dir=build_dir, memo=memo)
+           if export or (d / "DONE.json").is_file() else None)
     if fin is not None and fin.change is not None:
         return fin, stale_message(stage, fin, str(build_dir))
-    try:
-        up = stage_entry(lock, stage).get("init_from")
-    except (KeyError, TypeError, ValueError, AttributeError):
-        up = None
-    if fin is None and up:
-        f = finished_stage(lock, str(up), run / str(up), export=True, build_dir=build_dir)
-        if f is not None and f.change is not None:
-            return fin, f"stage {stage!r} starts from {stale_message(str(up), f, str(build_dir))}"
+
+    def init_from(name: str) -> str | None:
+        try:
+            up = stage_entry(lock, name).get("init_from")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        return str(up) if up else None
+
+    seen: set[str] = set()
+    up = init_from(stage)
+    while up and up not in seen:  # (the compiler refuses init_from cycles; a hand-edited lock may hold one)
+        seen.add(up)
+        f = finished_stage(lock, up, run / up, export=True, build_dir=build_dir, memo=memo)
+        if f is None:
+            break  # an unfinished stage stops the stages that start from it anyway
+        if f.change is not None:
+            return fin, f"stage {stage!r} starts from {stale_message(up, f, str(build_dir))}"
+        up = init_from(up)
     return fin, None
 
 

@@ -67,14 +67,18 @@ from llmc.runtime.chat import (
 from llmc.runtime.errors import NonFiniteStep
 from llmc.runtime.lora import apply_lora, lora_param_count, merge_lora
 from llmc.runtime.metrics import json_line
-from llmc.sources import json_kind
+
+# the records' one reader and checker (torch-free: prepare checks each source's first records with it)
+from llmc.runtime.records import (  # noqa: F401  (re-exported: the stage loops' names)
+    KIND_FOR_STAGE,
+    RECORD_FORMS,
+    PostTrainError,
+    check_format,
+    check_record,
+    source_rows,
+)
 
 SYNTHETIC_EXAMPLES = 512
-KIND_FOR_STAGE = {"sft": "chat", "dpo": "preference", "grpo": "prompts"}
-
-
-class PostTrainError(ValueError):
-    pass
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -95,92 +99,6 @@ def _find_tokenizer(job: Any, out: Path, assets: Any | None):
             return TextTokenizer(f.parent if f.name == "tokenizer.json" else f)
     raise PostTrainError(f"stage {job.stage!r}: no tokenizer.json found (looked in "
                          f"{', '.join(str(c) for c in cands)}); run `python -m llmc.runtime.entry prepare` first")
-
-
-RECORD_FORMS = {"chat": '{"messages": [{"role": ..., "content": ...}, ...]}',
-                "preference": '{"prompt": ..., "chosen": "...", "rejected": "..."}',
-                "prompts": '{"prompt": ..., "answer": "42"} (or "expression": "6*7")'}
-
-
-def _source_rows(path: Path, kind: str) -> Any:
-    """(where, record) of each record of a source: a ``datasets`` ``save_to_disk`` folder is read with
-    ``datasets.load_from_disk`` (where = "<folder> row i", i as ``ds[i]`` counts), anything else as jsonl files
-    (where = "file:line"; :func:`llmc.sources.jsonl_record`, so a malformed line, a byte that is not UTF-8 or a line
-    that is not an object is one located line, as pre-training's readers say it)."""
-    from llmc.sources import expand_paths, hf_saved, is_hf_saved, jsonl_record, open_jsonl
-
-    if is_hf_saved(path):
-        try:
-            ds = hf_saved(path)
-        except ImportError:
-            raise PostTrainError(f"{path}: a `datasets` save_to_disk folder, read with the datasets package, which is "
-                                 "not installed; hint: pip install datasets, or write the records as jsonl") from None
-        except Exception as e:  # noqa: BLE001 (datasets / pyarrow raise many kinds on a damaged folder)
-            raise PostTrainError(f"{path}: datasets cannot load this save_to_disk folder ({type(e).__name__}: {e}); "
-                                 "hint: save it again with Dataset.save_to_disk, or write the records as jsonl") from None
-        for i, row in enumerate(ds):
-            yield f"{path} row {i}", row
-        return
-    field = {"chat": "messages", "preference": "prompt", "prompts": "prompt"}[kind]
-    for f in expand_paths(path, "jsonl"):
-        with open_jsonl(f) as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = jsonl_record(line, f"{f}:{n}", field)
-                except ValueError as e:
-                    raise PostTrainError(str(e)) from None
-                yield f"{f}:{n}", rec
-
-
-
-
-def _field(r: dict, key: str, where: str, kind: str) -> Any:
-    """``r[key]``, or one located line naming what the record lacks (a ``datasets`` row holds null there)."""
-    v = r.get(key)
-    if v is None:
-        raise PostTrainError(f"{where}: no {key!r} field; hint: a {kind} record is {RECORD_FORMS[kind]}")
-    return v
-
-
-def _messages(v: Any, where: str, key: str) -> list[dict]:
-    """``v`` checked as a list of messages: objects with a string role and content (a string or a list of parts);
-    only an assistant message with ``tool_calls`` may go without content. One located line otherwise."""
-    if not isinstance(v, list) or not v:
-        raise PostTrainError(f"{where}: {key!r} is {'an empty list' if v == [] else json_kind(v)}, not a list of "
-                             'messages; hint: [{"role": "user", "content": "..."}, ...]')
-    for j, m in enumerate(v):
-        if not isinstance(m, dict):
-            raise PostTrainError(f"{where}: message {j} is {json_kind(m)}, not an object with role and content")
-        role, c = m.get("role"), m.get("content")
-        if not isinstance(role, str):
-            raise PostTrainError(f"{where}: message {j} has {'no role' if role is None else 'role ' + repr(role)}; "
-                                 "hint: role is system, user, assistant or tool")
-        if c is None and not (role == "assistant" and m.get("tool_calls")):
-            raise PostTrainError(f"{where}: message {j} ({role}) has no content; hint: content is a string or a list "
-                                 'of {"type": "text", "text": ...} parts (an assistant tool call carries tool_calls)')
-        if c is not None and not isinstance(c, (str, list)):
-            raise PostTrainError(f"{where}: message {j} ({role}) has {json_kind(c)} as content; hint: content is a "
-                                 'string or a list of {"type": "text", "text": ...} parts')
-    return v
-
-
-def _as_messages(p: Any, where: str = "prompt", key: str = "prompt") -> list[dict]:
-    return [{"role": "user", "content": p}] if isinstance(p, str) else list(_messages(p, where, key))
-
-
-def _record(r: dict, where: str, kind: str, text_field: str) -> Any:
-    """One source record as the stage trains on it (chat: the messages; preference: {prompt messages, chosen,
-    rejected}; prompts: {prompt messages, expression, answer, where}), checked: PostTrainError naming ``where``."""
-    if kind == "chat":
-        key = "messages" if r.get("messages") is not None or r.get(text_field) is None else text_field
-        return _messages(_field(r, key, where, kind), where, key)
-    if kind == "preference":
-        return {"prompt": _as_messages(_field(r, "prompt", where, kind), where), "chosen": _field(r, "chosen", where, kind),
-                "rejected": _field(r, "rejected", where, kind)}
-    return {"prompt": _as_messages(_field(r, "prompt", where, kind), where), "expression": r.get("expression"),
-            "answer": r.get("answer"), "where": where}
 
 
 def load_stage_records(job: Any, kind: str, n_synthetic: int = SYNTHETIC_EXAMPLES) -> tuple[list, list[str]]:
@@ -211,13 +129,9 @@ def load_stage_records(job: Any, kind: str, n_synthetic: int = SYNTHETIC_EXAMPLE
             records += made
             wheres += [f"synthetic {kind} {i}" for i in range(len(made))]
             continue
-        if src.format != "jsonl":
-            raise PostTrainError(f"source {src.name!r}: {kind} data must be jsonl records (got {src.format})")
-        for where, r in _source_rows(job.resolve_path(src.path), kind):
-            if not isinstance(r, dict):
-                raise PostTrainError(f"{where}: {json_kind(r)}, not a record; hint: a {kind} record is "
-                                     f"{RECORD_FORMS[kind]}")
-            records.append(_record(r, where, kind, src.text_field))
+        check_format(src.name, src.format, kind)
+        for where, r in source_rows(job.resolve_path(src.path), kind):
+            records.append(check_record(r, where, kind, src.text_field, len(records)))
             wheres.append(where)
     if not records:
         paths = [str(job.resolve_path(s.path)) for s in sources if s is not None and s.path is not None]
@@ -665,7 +579,6 @@ def _finish(job: Any, out: Path, final: Path, result: dict, tok_dir: Any, weight
     from llmc.runtime.job import fingerprint_record
 
     sd, lora_sd = weights if weights is not None else (read_model_state(final), None)
-    record = fingerprint_record(job.lock, job.stage)
     hf = export_stage(job, out, out / "hf", tokenizer_dir=tok_dir, model_sd=sd, lora_sd=lora_sd,
                       record=trained_record(job, int(result["step"])))
     result["hf"] = "hf" if hf.get("hf") else None
@@ -674,6 +587,8 @@ def _finish(job: Any, out: Path, final: Path, result: dict, tok_dir: Any, weight
     if hf.get("adapter_note"):  # (the merged model is in hf/; the LoRA adapter alone has no PEFT layout)
         result["adapter_note"] = hf["adapter_note"]
         say(f"warning: stage {job.stage}: {hf['adapter_note']}", flush=True)
+    # what trained the stage: the lock's fingerprint, its data sources' files and its tokenizer copy's
+    record = fingerprint_record(job.lock, job.stage, stage_dir=out, spec_dir=job.spec_dir)
     tmp = out / f"DONE.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps({**result, **record}, indent=2, default=float) + "\n")
     os.replace(tmp, out / "DONE.json")

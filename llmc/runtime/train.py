@@ -627,7 +627,8 @@ def _finish(job: TrainJob, result: dict, final: Path, out: Path, assets: Assets,
 
         result["hf"] = _export_hf(job, final, out, assets, say, int(result["step"]))
         tmp = out / "DONE.json.tmp"
-        tmp.write_text(json.dumps({**result, **fingerprint_record(job.lock, job.stage)}, indent=2) + "\n")
+        record = fingerprint_record(job.lock, job.stage, stage_dir=out, spec_dir=job.spec_dir)
+        tmp.write_text(json.dumps({**result, **record}, indent=2) + "\n")
         os.replace(tmp, out / "DONE.json")
     log.event("end", **{k: v for k, v in result.items() if k != "loss"}, final_loss=result["loss"])
     say(f"{result['status']} at step {result['step']}: loss {result['loss']:.4f}, checkpoint {final}")
