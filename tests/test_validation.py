@@ -314,7 +314,7 @@ def test_torchtitan_job_logs_the_loss_of_its_checkpoint_on_its_format(tmp_path, 
     from llmc.runtime.titan_launch import torchtitan_command
     from llmc.runtime.validation import build_validation_set
 
-    c, cfg, assets = _titan_validation(tmp_path, monkeypatch)
+    c, cfg, assets = _titan_validation(tmp_path, monkeypatch, lr=0.03)
     seq_len, mb = c.hyper.seq_len, c.plan.micro_batch
     v = cfg.validator
     assert v.enable and v.freq == 4 and v.steps == 2
@@ -398,9 +398,11 @@ def test_fsdp_two_processes_measure_the_single_process_validation_loss(tmp_path,
 # ---------------------------------------------------- torchtitan's validator measures its own training format
 
 
-def _titan_validation(tmp_path, monkeypatch, max_batches=2):
+def _titan_validation(tmp_path, monkeypatch, max_batches=2, lr=None):
     """The tiny example with validation, built; its run dir holding a tokenizer and one JSONL source; the
-    job's config as torchtitan parses it; llmc's assets for the same run dir, split like prepare does."""
+    job's config as torchtitan parses it; llmc's assets for the same run dir, split like prepare does. ``lr``: a
+    peak LR reached at step 1 (so that 8 steps from llmc's N(0, 0.02) initialisation learn a model whose loss
+    depends on the positions and the packing the check tells apart)."""
     pytest.importorskip("torchtitan")
     from test_torchtitan import OFFLINE, load_job, make_assets, write_build
 
@@ -408,6 +410,9 @@ def _titan_validation(tmp_path, monkeypatch, max_batches=2):
     from llmc.spec.load import loads_spec
 
     text = (ROOT / "examples" / "tiny_cpu.yaml").read_text()
+    if lr is not None:
+        text = text.replace("  optimizer:\n    lr: 3.0e-3\n", f"  optimizer:\n    lr: {lr}\n  schedule:\n    warmup_steps: 1\n")
+        assert f"lr: {lr}" in text
     text = text.split("\neval:")[0] + (f"\neval:\n  validation: {{every_steps: 4, max_batches: {max_batches}, "
                                        "fraction: 0.2, seed: 5}\n")
     run, lines = loads_spec(text, file=str(tmp_path / "tiny.yaml"))
@@ -568,7 +573,7 @@ def test_torchtitan_two_ranks_log_the_loss_of_their_checkpoint_on_its_format(tmp
     data = {"seq_len": 64, "tokens": 1e6,
             "sources": [{"name": "web", "path": str(src), "format": "parquet", "text_field": "body"}]}
     c = compiled_for(model=TINY, plan=ParallelPlan(dp_shard=2, micro_batch=4), gpu="cpu", precision="fp32", seq=64,
-                     steps=8, lr=3e-3, warmup=1, data=data,
+                     steps=8, lr=1e-2, warmup=1, data=data,
                      eval={"validation": {"fraction": 0.2, "seed": 1, "every_steps": 4, "max_batches": 3}})
     module = write_build(c, tmp_path)
     run_dir = tmp_path / "run"
