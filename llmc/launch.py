@@ -8,7 +8,8 @@ the first unfinished stage. Pure: builds argv/env only (the CLI runs them); neve
 
 Backends:
 
-* prepare        ``python -m llmc.runtime.entry prepare --lock L`` (tokenizer + data under the build dir)
+* prepare        ``python -m llmc.runtime.entry prepare --lock L`` (tokenizer + data under the build dir; with
+  ``--stage`` / ``--from`` also ``--stages S1,S2``: the data sources of the stages it runs are checked, not later ones)
 * ``native``     ``torchrun --standalone --nproc_per_node N -m llmc.runtime.entry --lock L --stage S --out R/S``
 * ``torchtitan`` ``llmc.runtime.titan_launch.torchtitan_command``: ``torchrun ... -m torchtitan.train
   --module llmc_job --config job`` on GPUs; on a machine without a GPU the CPU shim
@@ -68,9 +69,10 @@ skipped nor run: ``llmc launch`` refuses it unless ``--no-resume`` sets it aside
 export`` applies too). So is a stage trained from an
 ``init_hf`` checkpoint (its own or its ``init_from`` chain's) whose files changed since (``llmc.runtime.job.
 checkpoint_files``: the weights in that folder are not the ones it was trained from), one whose data sources' files
-changed since (its own, its ``init_from`` chain's or the tokenizer's training text: ``llmc.runtime.job.data_files``,
-which names the source and how), and one whose tokenizer is not the one prepare holds in ``assets/`` now. A stage that
-starts, through finished stages, from a stale one is stale too, finished or not. A marker without a fingerprint
+changed since (its own or its ``init_from`` chain's: ``llmc.runtime.job.data_files``, which names the source and
+how; the text a trained tokenizer is trained on counts through the tokenizer), and one whose tokenizer is not the one
+prepare holds in ``assets/`` now. A stage that starts, through finished stages, from a stale one is stale too,
+finished or not. A marker without a fingerprint
 (an older llmc's) is trusted as before, with ``legacy`` set to a warning.
 
 ``spec_change_warning(build_dir)`` is the one warning line (L009) ``llmc launch`` prints, ``--dry-run`` too, when the
@@ -106,7 +108,7 @@ from llmc.runtime.capabilities import (
     DS_STAGE_KINDS,
     TITAN_PRETRAIN_MODULE,
     TITAN_STAGE_KINDS,
-    ds_checkpoint_dir,
+    ds_resume_dir,
     titan_dump_subdir,
     titan_stage_module,
 )
@@ -117,9 +119,10 @@ from llmc.runtime.job import (
     STAGE_TOKENIZER,
     TOKENIZER_KEY,
     fingerprint_record,
-    keep_tokenizer,
     legacy_message,
+    renew_stage_tokenizer,
     rerun_command,
+    resume_checkpoint,  # (llmc.cli reads it from here)
     stage_staleness,
     tokenizer_files,
 )
@@ -148,13 +151,14 @@ class Cmd:
     #: build artifacts the command runs besides the lock (relative paths), verified against the build manifest
     artifacts: tuple[str, ...] = ()
     #: a training command's stage folder: before it runs, the stage keeps a copy of the prepared tokenizer there
-    #: (``llmc.runtime.job.keep_tokenizer``) and a torchtitan stage its ``record`` (``FINGERPRINT.json``)
+    #: (``llmc.runtime.job.renew_stage_tokenizer``) and a torchtitan stage its ``record`` (``FINGERPRINT.json``)
     stage_dir: str | None = None
     record: dict | None = None
     #: a torchtitan stage's dump folder (its DCP checkpoints, which the job resumes from): set aside with the stage
     dump_dir: str | None = None
     #: where the stage's checkpoints are (the folder a rerun resumes from): its trainer's checkpoint folder, a DeepSpeed
-    #: stage's ``<checkpoint folder>/deepspeed`` (:func:`llmc.runtime.capabilities.ds_checkpoint_dir`), a torchtitan
+    #: stage's ``<checkpoint folder>/deepspeed`` (:func:`llmc.runtime.capabilities.ds_checkpoint_dir`; an earlier
+    #: llmc's ``run/<stage>/ds_checkpoints`` while the new one holds none and it does: ``ds_resume_dir``), a torchtitan
     #: stage's dump folder; None for a command that saves none
     checkpoints: str | None = None
     #: ``note:`` lines ``llmc launch`` prints before it runs (the prepare step's: a link it allows on the run's write
@@ -264,32 +268,6 @@ def _checkpoint_folder(lock: dict) -> str:
     except (KeyError, TypeError):
         folder = None
     return folder if isinstance(folder, str) and folder else "checkpoints"
-
-
-#: a checkpoint step folder's name (llmc's ``step-00000005``, torchtitan's ``step-5``)
-_STEP_DIR = re.compile(r"step-(\d+)")
-
-
-def resume_checkpoint(folder: str | os.PathLike | None) -> Path | None:
-    """The newest complete checkpoint in a stage's checkpoint folder (:attr:`Cmd.checkpoints`), the one a rerun resumes
-    from, without reading it (torch-free): llmc's ``step-N`` with its ``manifest.json`` (written last;
-    ``llmc.runtime.checkpoint``), DeepSpeed's tag named by ``latest``, torchtitan's DCP ``checkpoint/step-N`` with
-    its ``.metadata`` (written last by torch.distributed.checkpoint's ``finish``). None when there is none."""
-    if not folder:
-        return None
-    d = Path(folder)
-    try:
-        latest = d / "latest"
-        if latest.is_file():  # DeepSpeed (deepspeed/runtime/engine.py save_checkpoint writes the tag last)
-            tag = latest.read_text().strip()
-            return d / tag if tag and (d / tag).is_dir() else None
-        found = [(int(m.group(1)), p) for base in (d, *sorted(d.glob("checkpoint*")))
-                 for p in (base.iterdir() if base.is_dir() else ())
-                 if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))
-                 and ((p / "manifest.json").is_file() or (p / ".metadata").is_file())]
-    except OSError:
-        return None
-    return max(found)[1] if found else None
 
 
 def unfinished_checkpoints(run: str | os.PathLike, folders: list[str | None] = ()) -> list[tuple[Path, int]]:
@@ -681,7 +659,9 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
             c = Cmd(argv=[_tool("torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m",
                           "llmc.runtime.ds_train", "--lock", lock_path, "--ds-config", str(ds_config),
                           "--stage", s["name"], "--out", str(run / s["name"])], env=env, cwd=str(b),
-                    stage=s["name"], stage_dir=str(run / s["name"]), checkpoints=str(ds_checkpoint_dir(run / s["name"], folder)))
+                    stage=s["name"], stage_dir=str(run / s["name"]),
+                    # (the folder it resumes from: an earlier llmc's ds_checkpoints when the new one holds none)
+                    checkpoints=str(ds_resume_dir(run / s["name"], folder)))
             # (the runner reads deepspeed/ds_config.<stage>.json instead when the build wrote one)
             own_cfg = ds_config.with_name(f"ds_config.{s['name']}.json")
             c.artifacts = (str((own_cfg if own_cfg.is_file() else ds_config).relative_to(b)),)
@@ -743,7 +723,10 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
 
     # shared assets (the tokenizer; builtin corpora) under the build directory, idempotent
     # every backend (llmc's trainers, the torchtitan job) streams the sources in place
-    prepare = Cmd(argv=[py, "-m", RUNTIME_ENTRY, "prepare", "--lock", lock_path], cwd=str(b),
+    # (--stage / --from: it checks the data sources of the stages this launch runs; each stage checks its own when it
+    # starts, so a later stage's data need not exist yet)
+    only = ["--stages", ",".join(s["name"] for s in stages)] if stage is not None or from_stage is not None else []
+    prepare = Cmd(argv=[py, "-m", RUNTIME_ENTRY, "prepare", "--lock", lock_path, *only], cwd=str(b),
                   stage="prepare")
     if cmds and all(c.skip_reason for c in cmds):
         prepare.skip_reason = "every stage is finished"
@@ -766,8 +749,9 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
 
 
 def start_stage(c: Cmd, build_dir: str | os.PathLike) -> None:
-    """What a training command's stage folder gets before it runs: a copy of the prepared tokenizer (kept when it
-    exists: the stage's earlier run trained with it) and, for a torchtitan stage, its record of the lock that trains
+    """What a training command's stage folder gets before it runs: a copy of the prepared tokenizer
+    (:func:`llmc.runtime.job.renew_stage_tokenizer`: an earlier attempt's copy is renewed, or refused when the stage
+    would resume checkpoints trained with another) and, for a torchtitan stage, its record of the lock that trains
     it (``FINGERPRINT.json``, replacing an unfinished run's; a finished one is refused or skipped before this)."""
     import json
 
@@ -786,7 +770,12 @@ def start_stage(c: Cmd, build_dir: str | os.PathLike) -> None:
                               f"`{rerun_command(build_dir, c.stage)}` sets both aside, with the stages after it, and "
                               "trains them again")
     d.mkdir(parents=True, exist_ok=True)
-    keep_tokenizer(Path(build_dir) / "assets", d)
+    # the tokenizer it trains with: prepare's now (an earlier attempt's copy renewed), or refused when it would resume
+    # checkpoints trained with another (the rule llmc's trainers apply themselves)
+    try:
+        renew_stage_tokenizer(Path(build_dir) / "assets", d, resume_checkpoint(c.checkpoints))
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
     if c.record:
         tok = tokenizer_files(d / STAGE_TOKENIZER)  # (the tokenizer it trains with, as llmc's trainers record theirs)
         record = {**c.record, **({TOKENIZER_KEY: tok} if tok else {})}

@@ -1,8 +1,8 @@
 """A finished stage counts as done only while the data and the tokenizer it trained with are still what the build
 reads; prepare checks every stage's data before any stage trains.
 
-* A stage's DONE.json records a digest of its data sources' files (its own, its ``init_from`` chain's and the
-  tokenizer's training text: ``llmc.runtime.job.data_files``) and the files of its tokenizer copy. A source rewritten
+* A stage's DONE.json records a digest of its data sources' files (its own and its ``init_from`` chain's:
+  ``llmc.runtime.job.data_files``) and the files of its tokenizer copy. A source rewritten
   under the same path, at the same size, makes the stage and every stage that starts from it stale: ``llmc launch``
   refuses them (L005) naming the source and how it changed; a copy or ``touch`` (same bytes) changes nothing.
 * A pre-training corpus that changed after pretrain finished: the launch of the next stage is refused before prepare

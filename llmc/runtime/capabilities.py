@@ -49,3 +49,18 @@ def ds_checkpoint_dir(stage_dir: str | os.PathLike, checkpoint_folder: str) -> P
     """Where the DeepSpeed runner's resumable checkpoints of the stage whose run folder is ``stage_dir`` are:
     ``<stage_dir>/<training.checkpoint.folder>/deepspeed``."""
     return Path(stage_dir) / checkpoint_folder / DS_CHECKPOINT_SUBDIR
+
+
+#: Where llmc's DeepSpeed runner kept its resumable checkpoints before they moved under the checkpoint folder:
+#: ``<stage_dir>/ds_checkpoints`` (what an interrupted run of an older llmc left there).
+DS_LEGACY_CHECKPOINT_SUBDIR = "ds_checkpoints"
+
+
+def ds_resume_dir(stage_dir: str | os.PathLike, checkpoint_folder: str) -> Path:
+    """The folder a DeepSpeed rerun of the stage resumes from: :func:`ds_checkpoint_dir`, unless that holds no
+    checkpoint (no ``latest``) and the one an earlier llmc kept them in (``<stage_dir>/ds_checkpoints``) does: an
+    interrupted run of that llmc resumes from there (its new checkpoints go to :func:`ds_checkpoint_dir`), so an
+    upgrade never starts a run over."""
+    new = ds_checkpoint_dir(stage_dir, checkpoint_folder)
+    old = Path(stage_dir) / DS_LEGACY_CHECKPOINT_SUBDIR
+    return old if not (new / "latest").is_file() and (old / "latest").is_file() else new

@@ -15,8 +15,11 @@ folder of their own: ``<out>/<training.checkpoint.folder>/deepspeed`` (:func:`ll
 ds_checkpoint_dir`), each written under a temporary tag and published by a rename and an atomic ``latest``
 (:func:`save_ds_checkpoint`: a save killed midway never becomes the one resumed, and pruning to
 ``training.checkpoint.keep_latest`` never deletes the new one or a good older one); a rerun resumes from the
-``latest`` there. Before DeepSpeed loads one, the stage that wrote it and its tensor shapes are checked against this
-stage's model (:func:`check_ds_checkpoint`, one line); at the end the full weights are also written as an llmc
+``latest`` there, or, while that folder holds none, from the one an older llmc kept them in, ``<out>/ds_checkpoints``
+(:func:`llmc.runtime.capabilities.ds_resume_dir`, said in one line; its new checkpoints go to the new folder). The
+stage's copy of its tokenizer (``<out>/tokenizer``, what DONE.json records) is renewed or refused by the rule of every
+runner (:func:`llmc.runtime.job.renew_stage_tokenizer`). Before DeepSpeed loads one, the stage that wrote it and its
+tensor shapes are checked against this stage's model (:func:`check_ds_checkpoint`, one line); at the end the full weights are also written as an llmc
 checkpoint (``<out>/<training.checkpoint.folder>/step-N``, kept to ``keep_latest`` there as well) and ``DONE.json``
 names it, so a following stage (native or DeepSpeed) can ``init_from`` this one.
 
@@ -68,7 +71,7 @@ import time
 from pathlib import Path
 
 from llmc.lockfile import read_lock
-from llmc.runtime.capabilities import DS_STAGE_KINDS, ds_checkpoint_dir
+from llmc.runtime.capabilities import DS_STAGE_KINDS, ds_checkpoint_dir, ds_resume_dir
 from llmc.spec.schema import BF16_PRECISIONS
 
 
@@ -344,9 +347,12 @@ def check_ds_checkpoint(path: Path, model, job) -> None:
     check_shapes(f, want, have=have)
 
 
-def _data_loader(job, assets_root: Path, rank: int, world: int):
-    """(the stage's streamed loader, its assets): rank 0 prepares the assets (the tokenizer; idempotent), the
-    other ranks read what it wrote; every rank then streams its share of the sources in place."""
+def _data_loader(job, assets_root: Path, rank: int, world: int, out: Path | None = None,
+                 resumes: Path | None = None):
+    """(the stage's streamed loader, its assets): rank 0 prepares the assets (the tokenizer; idempotent; the data
+    sources of this stage checked) and keeps the tokenizer the stage trains with in ``out/tokenizer``
+    (:func:`llmc.runtime.job.renew_stage_tokenizer`, ``resumes``: the checkpoint it resumes, None: it starts over),
+    the other ranks read what it wrote; every rank then streams its share of the sources in place."""
     import torch.distributed as dist
 
     from llmc.runtime.data import Assets, build_stream_loader
@@ -354,7 +360,12 @@ def _data_loader(job, assets_root: Path, rank: int, world: int):
 
     main = rank == 0
     if main:
-        assets = prepare_assets(job, assets_root, measure=False)  # (the launch's prepare step measured the data)
+        # (the launch's prepare step measured the data and checked the stages it runs; this stage checks its own)
+        assets = prepare_assets(job, assets_root, measure=False, stages=(job.stage,))
+        if out is not None:
+            from llmc.runtime.job import renew_stage_tokenizer
+
+            renew_stage_tokenizer(assets.tokenizer_dir, out, resumes)
     dist.barrier()
     if not main:
         assets = Assets.from_json(json.loads((assets_root / "assets" / "assets.json").read_text()))
@@ -402,7 +413,8 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         from llmc.runtime.entry import check_finished
 
         res = job.finished_result(done)
-        check_finished(lock, job.stage, out, build_dir or out.parent.parent)  # (one finished under another lock: refused)
+        if int(os.environ.get("RANK", "0")) == 0:  # (rank 0 decides: the digests are read once, not on every rank)
+            check_finished(lock, job.stage, out, build_dir or out.parent.parent)  # (another lock's: refused)
         _say(f"{job.stage}: already done ({done}); nothing to do")
         return res
 
@@ -414,7 +426,12 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     if not cpu:
         accel.set_device(device.index)
 
-    loader, assets = _data_loader(job, assets_root, rank, world)
+    # where its DeepSpeed checkpoints go, and the folder a rerun resumes from: the same, but for an interrupted run of
+    # an older llmc, which kept them in <out>/ds_checkpoints (resumed from there once; new ones go to ds_dir)
+    ds_dir, ckpt_dir = ds_checkpoint_dir(out, job.checkpoint_folder), out / job.checkpoint_folder
+    load_dir = ds_resume_dir(out, job.checkpoint_folder) if resume else ds_dir
+    resume_from = ds_resume_point(load_dir) if resume else None
+    loader, assets = _data_loader(job, assets_root, rank, world, out, resume_from)
 
     cfg = runtime_config(check_config(ds_config, job, world, config_name), cpu, cpu_bf16)
     precision = precision_note(job.precision, "bf16" if (cfg.get("bf16") or {}).get("enabled") else
@@ -436,9 +453,10 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     model.set_ac(job.activation_checkpointing, job.ac_layers)
     ac = ac_label(job.activation_checkpointing, job.ac_layers)
     local_numel = _local_numel(model)
-    ds_dir, ckpt_dir = ds_checkpoint_dir(out, job.checkpoint_folder), out / job.checkpoint_folder
-    resume_from = ds_resume_point(ds_dir) if resume else None
     can_resume = resume_from is not None
+    if can_resume and load_dir != ds_dir:
+        _say(f"{job.stage}: resuming from {resume_from}, in the folder an earlier llmc kept DeepSpeed checkpoints in "
+             f"({load_dir}); new checkpoints go to {ds_dir}")
     if can_resume:  # before DeepSpeed reads it: a checkpoint of another stage or model is one line
         check_ds_checkpoint(resume_from, model, job)
     hf_src = init_hf_source(job)
@@ -462,9 +480,9 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
                                            config=cfg, lr_scheduler=client_sched)
     step, tokens = 0, 0
     if can_resume:
-        path, client = engine.load_checkpoint(str(ds_dir))
+        path, client = engine.load_checkpoint(str(load_dir))
         if path is None:
-            raise ValueError(f"cannot load the DeepSpeed checkpoint in {ds_dir}")
+            raise ValueError(f"cannot load the DeepSpeed checkpoint in {load_dir}")
         why = job.schedule_change(client.get("lr_schedule"), Path(path).parent.name, int(client["step"]))
         if why is not None:
             raise ValueError(why)
@@ -489,7 +507,8 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     if can_resume:
         log.event("resume", step=step)
 
-    saved_at = step if can_resume else None  # the step the newest complete checkpoint holds
+    # the step the newest complete checkpoint in ds_dir holds (one resumed from an older llmc's folder: none there yet)
+    saved_at = step if can_resume and load_dir == ds_dir else None
 
     def save_ds() -> None:
         nonlocal saved_at
@@ -515,7 +534,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     def failed(what: str, loss: float | None, norm: float | None, taken: bool = False) -> dict:
         """Stop at a non-finite step (every rank together): nothing of it saved; the R014 line and the end event."""
         last = ds_dir / f"step-{saved_at:08d}" if saved_at is not None and (ds_dir / f"step-{saved_at:08d}").is_dir() \
-            else None
+            else resume_from if saved_at is None else None
         line = nonfinite_line(str(out), job.stage, step, what, loss, norm, str(last) if last else None, taken)
         result = {"status": "failed", "stage": job.stage, "kind": job.kind, "backend": "deepspeed",
                   "zero_stage": zero, "step": step, "steps": job.steps, "tokens": tokens,

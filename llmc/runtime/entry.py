@@ -6,7 +6,7 @@
 ``--steps N`` makes the stage N optimizer steps long (LR schedule and warmup fitted to N, like torchtitan's
 ``--training.steps``; DONE.json is written at the end). ``--stop-after N`` / ``--max-seconds S`` instead
 stop a run of the planned length early, with a checkpoint and without DONE.json; rerun to continue.
-    python -m llmc.runtime.entry prepare --lock plan.lock.json [--stage NAME] [--assets DIR]
+    python -m llmc.runtime.entry prepare --lock plan.lock.json [--stage NAME] [--assets DIR] [--stages A,B]
     python -m llmc.runtime.entry check --lock plan.lock.json --stage NAME [--out DIR] [--export]
     torchrun --nnodes N --nproc_per_node 1 ... -m llmc.runtime.entry shared-check --dir DIR
     deepspeed --hostfile H --num_gpus 1 --no_local_rank --module llmc.runtime.entry shared-check --dir DIR
@@ -32,6 +32,9 @@ now, is refused as one finished under another lock is. When prepare trains (or c
 stages trained with the old one, it says so (R016: which stages, and ``--no-resume``); and it checks every stage's
 data sources before any stage trains (files of the declared format there; the first records of a post-training
 source read as its stage reads them, :mod:`llmc.runtime.records`): a bad one is one R002 line naming the stage.
+``prepare --stages A,B`` (``llmc launch --stage`` / ``--from``) checks those stages' sources only (a later stage's
+data need not exist yet; every text source still when prepare trains the tokenizer on it), and each stage checks its
+own when it starts.
 
 ``shared-check`` (one process per node, under torchrun or the DeepSpeed launcher: :func:`shared_check`) says whether ``DIR`` is one storage
 on every node: exit 0 when every node sees the file the first rank wrote there, else 1 with one line naming the
@@ -49,7 +52,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -296,6 +298,28 @@ def _stage_sources(job: TrainJob) -> list:
     return out
 
 
+def _launch_order(job: TrainJob) -> list[str]:
+    """The run's source names in the order the launch's prepare lists them (``prepare --lock``: the job of the lock's
+    default stage, :func:`llmc.runtime.job.stage_entry`; :func:`_stage_sources` puts the job's own first), whichever
+    stage's trainer prepares: the tokenizer is trained on the text sources in this order (the first
+    :data:`MAX_TOKENIZER_TRAIN_CHARS`) and keyed by it, so a later stage's own prepare finds the launch's tokenizer
+    current instead of training another on its own corpus first."""
+    spec = job.spec
+    if spec is None:
+        return [s.name for s in _stage_sources(job)]
+    from llmc.runtime.job import stage_entry
+
+    try:
+        default = str(stage_entry(job.lock, None)["name"]) if job.lock else None
+    except (KeyError, TypeError, ValueError):
+        default = None
+    first = next((st for st in spec.stages if st.name == default), None)
+    lead = list(first.data.sources) if first is not None and first.data is not None else list(spec.data.sources)
+    every = [*lead, *spec.data.sources, *(s for st in spec.stages if st.data is not None for s in st.data.sources),
+             *job.sources]
+    return list(dict.fromkeys(s.name for s in every))
+
+
 def _source_stages(job: TrainJob) -> dict[str, list[str]]:
     """The stages that read each source, by source name (a stage without data of its own reads the run's)."""
     out: dict[str, list[str]] = {}
@@ -309,6 +333,29 @@ def _source_stages(job: TrainJob) -> dict[str, list[str]]:
             out.setdefault(src.name, [])
             if name not in out[src.name]:
                 out[src.name].append(name)
+    return out
+
+
+def _deferred_sources(job: TrainJob, stages) -> set[str]:
+    """The data sources a prepare that serves only ``stages`` (stage names; None: every stage, nothing left out)
+    leaves unchecked: those none of ``stages`` reads, of whose files nothing prepare writes depends: a record source
+    (chat / preference / prompt: read by its own stage alone), or a text source when the tokenizer is copied (a trained
+    one is trained on every text source of the run, whichever stage reads it) and no ``quality`` section cleans it
+    (cleaned together with the other sources of its section). ``llmc launch --stage`` / ``--from`` runs its prepare
+    so: a later stage's data need not exist yet; a stage's own prepare (its trainer's start) checks that stage's."""
+    if stages is None:
+        return set()
+    wanted = set(stages)
+    spec = job.spec
+    datas = [spec.data, *(st.data for st in spec.stages if st.data is not None)] if spec is not None else []
+    cleaned = {s.name for d in datas if d.quality is not None for s in d.sources}
+    trains = not job.tokenizer.path
+    readers, out = _source_stages(job), set()
+    for src in _stage_sources(job):
+        if wanted & set(readers.get(src.name) or [job.stage]) or src.format == "builtin":
+            continue
+        if src.kind in RECORD_SOURCE_KINDS or not (trains or src.name in cleaned):
+            out.add(src.name)
     return out
 
 
@@ -406,7 +453,8 @@ def check_source_location(name: str, path: Path, root: Path, builtins: set[str] 
                          f"{hint}")
 
 
-def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool = True) -> Assets:
+def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool = True,
+                   stages: tuple[str, ...] | list[str] | None = None) -> Assets:
     """Build (or reuse) ``out_dir/assets`` (the tokenizer); returns :class:`Assets` naming every source where
     it lies, for the trainers to stream (:class:`llmc.runtime.data.StreamLoader`).
 
@@ -423,7 +471,11 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
     is written (:func:`check_source_location`), so prepare never reads its own output back as input.
     Every stage's sources are checked before any stage trains: a text source's files of its format are there, a
     post-training source's first records read as its stage reads them (:func:`llmc.runtime.records.check_source`);
-    a failure is one line naming the stage and the source (:class:`SourceCheckError`, R002). A tokenizer trained or
+    a failure is one line naming the stage and the source (:class:`SourceCheckError`, R002). ``stages`` (names; None:
+    every stage, as the emitted scripts' prepare): only those stages' sources are checked, and the sources nothing
+    prepare writes depends on are left for their own stage (:func:`_deferred_sources`: named in ``assets.json``
+    where they lie, unchecked, unmeasured): ``llmc launch --stage`` / ``--from`` passes the stages it runs, a
+    stage's own prepare (its trainer's start) its own. A tokenizer trained or
     copied over one that finished stages trained with is said (:func:`tokenizer_renewed`, R016).
     Last, each text source's tokens (its training part) are counted or estimated and set against what the run
     draws from it (``assets/data_stats.json``; a warning line where a source is read more than the plan's epoch
@@ -452,9 +504,16 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
     produced: list[SourceData] = []
     text_keys: dict[str, str] = {}  # text source name -> key of its content
     readers = _source_stages(job)
+    deferred = _deferred_sources(job, stages)
     for src in _stage_sources(job):
         if src.format == "builtin" and src.kind in RECORD_SOURCE_KINDS:
             continue  # post-training records: generated at stage time by llmc.runtime.synthetic
+        if src.name in deferred:  # (a stage this prepare does not serve: its own start checks it)
+            if src.path is not None:
+                path = job.resolve_path(src.path)
+                fmt = "hf" if src.kind not in RECORD_SOURCE_KINDS and is_hf_saved_dataset(path) else src.format
+                produced.append(SourceData(src.name, str(path), fmt, src.text_field, src.weight))
+            continue
         if src.format == "builtin":
             target = data_dir / f"{src.name}.jsonl"
             key = f"builtin:{src.name}:{corpus.fingerprint()}"
@@ -516,7 +575,9 @@ def prepare_assets(job: TrainJob, out_dir: str | Path, log=_say, measure: bool =
             log(f"prepare: copied tokenizer from {src_dir}")
     else:
         vocab = tk.vocab_size or job.arch.vocab_size
-        text_srcs = [s for s in produced if s.name in text_keys]
+        order = _launch_order(job)  # (not this job's own order: the launch's prepare trained it so)
+        text_srcs = sorted((s for s in produced if s.name in text_keys),
+                           key=lambda s: order.index(s.name) if s.name in order else len(order))
         key = (f"bpe:{vocab}:{MAX_TOKENIZER_TRAIN_CHARS}:{quality_key}:"
                + ",".join(f"{s.name}={text_keys[s.name]}" for s in text_srcs))
         was_keys, now_keys = state.get("tokenizer_sources") or {}, {s.name: text_keys[s.name] for s in text_srcs}
@@ -680,7 +741,8 @@ def _prepare_collective(job: TrainJob, root: Path) -> Assets:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or rank == 0:
-        return prepare_assets(job, root, measure=False)  # (the launch's prepare step measured the data)
+        # (the launch's prepare step measured the data and checked the stages it runs; the stage checks its own)
+        return prepare_assets(job, root, measure=False, stages=(job.stage,))
     import torch.distributed as dist
 
     from llmc.runtime.distributed import init_distributed
@@ -718,12 +780,17 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
             moved = set_stage_aside(out, assets_root / "assets")
             if moved is not None:
                 _say(f"{job.stage}: the earlier run is set aside in {moved}")
+    # rank 0 decides whether the stage, or the one it starts from, is this lock's (their data digests read once per
+    # process group, not on every rank); the other ranks follow it: they wait for it in _prepare_collective, which a
+    # refusal never reaches (it exits 1, and torchrun stops them)
+    decides = int(os.environ.get("RANK", "0")) == 0
     if resume and done.exists():
         res = job.finished_result(done)
-        check_finished(lock, job.stage, out, lock_dir or assets_root, asset_dir=assets_root / "assets")
+        if decides:
+            check_finished(lock, job.stage, out, lock_dir or assets_root, asset_dir=assets_root / "assets")
         _say(f"{job.stage}: already done ({done}); nothing to do")
         return res
-    if job.init_from:  # a stage that starts from one finished under another lock would carry it on as this lock's
+    if job.init_from and decides:  # a stage that starts from one finished under another lock would carry it on
         check_finished(lock, job.init_from, out.parent / job.init_from, lock_dir or assets_root, export=True,
                        starts=job.stage, asset_dir=assets_root / "assets")
     with _stage_lock(out):
@@ -789,24 +856,12 @@ def check_finished(lock: dict, stage: str, stage_dir: Path, build: Path, *, expo
 
 
 def stage_tokenizer(out: Path, asset_dir: Path, checkpoint_folder: str) -> None:
-    """Keep in ``out/tokenizer`` the tokenizer the stage trains with (:func:`llmc.runtime.job.keep_tokenizer`). A copy
-    that differs from ``asset_dir``'s is the earlier run's: renewed when that run left no checkpoint, refused
-    (ValueError) when the stage would resume checkpoints trained with another tokenizer."""
-    import filecmp
+    """Keep in ``out/tokenizer`` the tokenizer the stage trains with: the rule of every runner
+    (:func:`llmc.runtime.job.renew_stage_tokenizer`), with the checkpoint the native trainers would resume from
+    (:func:`llmc.runtime.job.resume_checkpoint` of ``out/<checkpoint_folder>``)."""
+    from llmc.runtime.job import renew_stage_tokenizer, resume_checkpoint
 
-    from llmc.runtime.job import STAGE_TOKENIZER, keep_tokenizer
-
-    kept = out / STAGE_TOKENIZER
-    new = asset_dir / "tokenizer.json"
-    if kept.is_dir() and new.is_file() and not (
-            (kept / "tokenizer.json").is_file() and filecmp.cmp(kept / "tokenizer.json", new, shallow=False)):
-        ckpt = out / checkpoint_folder
-        if ckpt.is_dir() and any(ckpt.iterdir()):
-            raise ValueError(f"{out}: its checkpoints were trained with the tokenizer in {kept}, and prepare now "
-                             f"holds another ({new}): resuming would read the data with the wrong tokens; "
-                             "`llmc launch BUILD --no-resume` sets the earlier run aside (with its tokenizer)")
-        shutil.rmtree(kept)
-    keep_tokenizer(asset_dir, out)
+    renew_stage_tokenizer(asset_dir, out, resume_checkpoint(out / checkpoint_folder))
 
 
 def _check_main(lock: dict, stage: str | None, out: Path | None, root: Path, export: bool, where: Path) -> int:
@@ -843,6 +898,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fallback-checkpoint", action="store_true",
                     help="if the newest checkpoint is corrupt, resume from the newest complete one")
     ap.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU too (default fp32 on CPU)")
+    ap.add_argument("--stages", default=None, metavar="NAME[,NAME...]",
+                    help="prepare: check the data sources of these stages only (default: every stage's)")
     ap.add_argument("--export", action="store_true",
                     help="check: the stage is a torchtitan job's, finished once its hf/ export exists")
     a = ap.parse_args(argv)
@@ -870,7 +927,12 @@ def main(argv: list[str] | None = None) -> int:
             return _check_main(lock, a.stage, a.out, root, a.export, a.lock)
         if cmd == "prepare":
             check_outputs(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root, None)
-            assets = prepare_assets(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root)
+            serves = None
+            if a.stages is not None:  # (the stages a launch runs: only their data sources are checked)
+                from llmc.runtime.job import stage_entry
+
+                serves = tuple(str(stage_entry(lock, n)["name"]) for n in a.stages.split(",") if n)
+            assets = prepare_assets(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root, stages=serves)
             # what it prepared is assets/assets.json (the trainers read it there; nothing reads prepare's stdout)
             _say(f"prepare: {len(assets.sources)} data source(s) and the tokenizer ready "
                  f"({Path(assets.tokenizer_dir) / 'assets.json'})")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -719,21 +720,26 @@ def start_change(was: dict, now: dict) -> str | None:
 # The lock names a stage's sources (name, path, format); what the files there hold is not in it, so a finished stage
 # also records a digest of its sources' files (DATA_KEY) and of the tokenizer it trained with (TOKENIZER_KEY), and a
 # launch compares them with the files now. Pre-training corpora can be terabytes, read again at every launch they
-# would cost minutes: a source of at most CONTENT_DIGEST_MAX_BYTES is identified by its content (sha256 of each file's
+# would cost minutes: a record reads at most CONTENT_DIGEST_MAX_BYTES of its sources' files in all, so a source that
+# fits in what is left of that budget (sources taken by name) is identified by its content (sha256 of each file's
 # bytes, so a copy or a `touch` that changes only modification times is no change, and a rewrite at the same size and
-# time is one), a larger one by its files' names, sizes and modification times (ns), what make and rsync's default
+# time is one), any other by its files' names, sizes and modification times (ns), what make and rsync's default
 # "quick check" compare (rsync(1): "files that have changed in size or in last-modified time"; GNU make manual
 # 4.3, "Types of Prerequisites": a target is remade when a prerequisite is newer), which costs one stat per file.
+# The budget is per record, not per source: a mixture of forty sources just under it would otherwise be read whole
+# (forty times the budget) at every launch, build and export, and in every stage's process.
 
-#: a source whose files hold at most this many bytes in all is identified by their content's sha256 (post-training
-#: jsonl, a small corpus: a few hundred MiB hash in about a second); a larger one by name, size and mtime_ns per file
+#: the bytes of a stage's sources a record reads in all (:func:`data_files`): sources taken in name order, each that
+#: fits in what is left is identified by its content's sha256 (post-training jsonl, a small corpus: a few hundred MiB
+#: hash in about a second), the others by name, size and mtime_ns per file
 CONTENT_DIGEST_MAX_BYTES = 256 * 2**20
 
 
-def source_files_digest(path: Path, fmt: str, memo: dict | None = None) -> dict | None:
+def source_files_digest(path: Path, fmt: str, memo: dict | None = None, budget: int | None = None) -> dict | None:
     """What a source's files hold: ``{"files", "bytes", "listing", "content"}``: their count and total size, the sha256
-    of each file's name (relative to the source's folder), size and mtime_ns, and, when they hold at most
-    :data:`CONTENT_DIGEST_MAX_BYTES`, the sha256 of their names and bytes (None above it: not read). The files are
+    of each file's name (relative to the source's folder), size and mtime_ns, and, when they hold at most ``budget``
+    bytes (default :data:`CONTENT_DIGEST_MAX_BYTES`; :func:`data_files` gives what is left of a record's), the sha256
+    of their names and bytes (None above it: not read). The files are
     those the stage reads (:func:`llmc.sources.expand_paths`; every file of a ``save_to_disk`` folder). None when
     there are none to read now (not compared: prepare says what is missing). ``memo`` (one launch's): content
     digests by listing, so a source several finished stages record is read once."""
@@ -765,7 +771,7 @@ def source_files_digest(path: Path, fmt: str, memo: dict | None = None) -> dict 
         listing.update(f"{rel(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     total = sum(st.st_size for _, st in stats)
     out: dict[str, Any] = {"files": len(stats), "bytes": total, "listing": listing.hexdigest(), "content": None}
-    if total <= CONTENT_DIGEST_MAX_BYTES:
+    if total <= (CONTENT_DIGEST_MAX_BYTES if budget is None else budget):
         key = (str(path), out["listing"])
         if memo is not None and key in memo:
             out["content"] = memo[key]
@@ -784,9 +790,12 @@ def source_files_digest(path: Path, fmt: str, memo: dict | None = None) -> dict 
 
 def stage_data_sources(lock: dict, stage: str | None) -> dict[str, tuple[dict, str]]:
     """The sources whose files decided ``stage``'s result, by name: (the resolved spec's source, why: "" for the
-    stage's own, else the stage of its ``init_from`` chain that read it, or the tokenizer's training text when
-    prepare trains the tokenizer). A stage that starts from another carries what that one read: a change there
-    makes both stale."""
+    stage's own, else the stage of its ``init_from`` chain that read it). A stage that starts from another carries
+    what that one read: a change there makes both stale. Not the text a ``tokenizer.train`` tokenizer is trained on
+    (every text source of the run, later stages' too, of which prepare reads only the first
+    ``llmc.runtime.entry.MAX_TOKENIZER_TRAIN_CHARS``): what that text decides is the tokenizer, which the record
+    holds whole (:data:`TOKENIZER_KEY`), so an edit of a later stage's corpus that leaves the tokenizer as it was
+    leaves the finished stages valid."""
     resolved = lock["spec"]["resolved"]
     out: dict[str, tuple[dict, str]] = {}
     entry, seen = stage_entry(lock, stage), set()
@@ -801,15 +810,14 @@ def stage_data_sources(lock: dict, stage: str | None) -> dict[str, tuple[dict, s
         if not entry.get("init_from"):
             break
         entry = stage_entry(lock, str(entry["init_from"]))
-    if _stage_tokenizer_spec(resolved, _stage_data(resolved, own)).get("train"):
-        for s in _tokenizer_text(resolved):
-            out.setdefault(str(s["name"]), (s, "the text its tokenizer was trained on"))
     return out
 
 
 def data_files(lock: dict | None, stage: str | None, spec_dir: str | None, memo: dict | None = None) -> dict | None:
     """``{source name: digest}`` of the sources :func:`stage_data_sources` names, as they are now: a file source's
-    :func:`source_files_digest`; a builtin corpus's ``{"builtin": name, "content": sha256}``, the sha256 llmc's corpus
+    :func:`source_files_digest`, its content read only while the record's budget lasts (:data:`CONTENT_DIGEST_MAX_BYTES`
+    of the sources' bytes in all, spent in name order: whatever their number, one record reads no more); a builtin
+    corpus's ``{"builtin": name, "content": sha256}``, the sha256 llmc's corpus
     cache records beside the corpus prepare copies (:func:`llmc.runtime.corpus.corpus_sha256`: not read again).
     Generated records (a builtin record source) and sources with nothing to read now are left out. None for a lock
     too malformed to say."""
@@ -822,6 +830,7 @@ def data_files(lock: dict | None, stage: str | None, spec_dir: str | None, memo:
     from llmc.fileio import expand_user
 
     out: dict[str, dict] = {}
+    left = CONTENT_DIGEST_MAX_BYTES  # (what the record may still read: a source that does not fit is stat'ed only)
     for name, (s, _) in sorted(sources.items()):
         fmt = str(s.get("format") or "jsonl")
         if fmt == "builtin":
@@ -843,9 +852,11 @@ def data_files(lock: dict | None, stage: str | None, spec_dir: str | None, memo:
             continue
         p = expand_user(str(s["path"]))
         p = p if p.is_absolute() else Path(spec_dir) / p
-        got = source_files_digest(p, fmt, memo)
+        got = source_files_digest(p, fmt, memo, left)
         if got is not None:
             out[name] = {"path": str(p), **got}
+            if got["content"] is not None:
+                left -= got["bytes"]
     return out
 
 
@@ -889,9 +900,9 @@ def _files_change(a: dict, b: dict) -> str | None:
             parts.append(f"content sha256 {ca[:12]} -> {cb[:12]}")
         return "; ".join(parts) or None
     if not parts and a.get("listing") != b.get("listing"):
-        parts.append(f"modification time (or file names) of its files, at the same size (a source over "
-                     f"{CONTENT_DIGEST_MAX_BYTES // 2**20} MiB is compared by its files' names, sizes and modification "
-                     "times, not read)")
+        parts.append(f"modification time (or file names) of its files, at the same size (past the "
+                     f"{CONTENT_DIGEST_MAX_BYTES // 2**20} MiB a stage's record reads of its sources in all, a source "
+                     "is compared by its files' names, sizes and modification times, not read)")
     return "; ".join(parts) or None
 
 
@@ -977,7 +988,7 @@ def finished_stage(lock: dict, stage: str, stage_dir: str | Path, *, export: boo
     ``build_dir`` anchors a relative path as in :func:`fingerprint_record`) was not trained from these weights: its
     ``change`` says so, as for a lock change (a record without it, or a checkpoint not here now: not compared). So is
     a run whose data sources' files changed since (its record's :data:`DATA_KEY`, compared with :func:`data_files`
-    now: its own sources, its ``init_from`` chain's and the tokenizer's training text), or whose tokenizer is not the
+    now: its own sources and its ``init_from`` chain's), or whose tokenizer is not the
     one prepare holds now in ``asset_dir`` (default ``build_dir/assets``; its record's :data:`TOKENIZER_KEY`); a
     record without them, an older llmc's, is not compared on them. ``memo``: one launch's digests, shared by its
     calls."""
@@ -1124,3 +1135,55 @@ def keep_tokenizer(asset_dir: str | Path, stage_dir: str | Path) -> Path | None:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def renew_stage_tokenizer(asset_dir: str | Path, stage_dir: str | Path, resumes: str | Path | None) -> Path | None:
+    """The one rule of every runner (llmc's native and DeepSpeed trainers, and ``llmc launch`` before the torchtitan
+    job) for the stage's copy of its tokenizer, ``stage_dir/tokenizer``, before the stage trains: it holds the
+    tokenizer prepare holds now in ``asset_dir``, the one the trainer reads, so that what the finished stage records
+    (:data:`TOKENIZER_KEY`: the copy's files) is what it trained with. A copy that differs is an earlier attempt's:
+    replaced when the run starts over (``resumes`` None: no checkpoint it would resume; or only the files beside
+    ``tokenizer.json`` differ, the token ids the checkpoint was trained on are the same), refused (ValueError, one
+    line) when the checkpoint ``resumes`` was trained on other token ids. Returns the copy's folder (None when
+    ``asset_dir`` holds no tokenizer); a new copy is made as :func:`keep_tokenizer` makes it."""
+    import filecmp
+    import shutil
+
+    out, src = Path(stage_dir), Path(asset_dir)
+    kept = out / STAGE_TOKENIZER
+    now = tokenizer_files(src)
+    if now is not None and kept.is_dir() and not kept.is_symlink() and tokenizer_files(kept) != now:
+        new = src / "tokenizer.json"
+        same_ids = (kept / "tokenizer.json").is_file() and filecmp.cmp(kept / "tokenizer.json", new, shallow=False)
+        if resumes is not None and not same_ids:
+            raise ValueError(f"{out}: its checkpoint {resumes} was trained with the tokenizer in {kept}, and prepare "
+                             f"now holds another ({new}): resuming would read the data with the wrong tokens; "
+                             "`llmc launch BUILD --no-resume` sets the earlier run aside (with its tokenizer)")
+        shutil.rmtree(kept)
+    return keep_tokenizer(src, out)
+
+
+#: a checkpoint step folder's name (llmc's ``step-00000005``, torchtitan's ``step-5``)
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def resume_checkpoint(folder: str | os.PathLike | None) -> Path | None:
+    """The newest complete checkpoint in a stage's checkpoint folder (``llmc.launch.Cmd.checkpoints``), the one a rerun
+    resumes from, without reading it (torch-free): llmc's ``step-N`` with its ``manifest.json`` (written last;
+    ``llmc.runtime.checkpoint``), DeepSpeed's tag named by ``latest``, torchtitan's DCP ``checkpoint/step-N`` with
+    its ``.metadata`` (written last by torch.distributed.checkpoint's ``finish``). None when there is none."""
+    if not folder:
+        return None
+    d = Path(folder)
+    try:
+        latest = d / "latest"
+        if latest.is_file():  # DeepSpeed (deepspeed/runtime/engine.py save_checkpoint writes the tag last)
+            tag = latest.read_text().strip()
+            return d / tag if tag and (d / tag).is_dir() else None
+        found = [(int(m.group(1)), p) for base in (d, *sorted(d.glob("checkpoint*")))
+                 for p in (base.iterdir() if base.is_dir() else ())
+                 if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))
+                 and ((p / "manifest.json").is_file() or (p / ".metadata").is_file())]
+    except OSError:
+        return None
+    return max(found)[1] if found else None
