@@ -445,18 +445,28 @@ def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
     ``llmc launch`` refuses them (``llmc.runtime.job.finished_stage``)."""
     if lock_text is None or not (out / "run").is_dir():
         return []
-    from llmc.runtime.job import FINISHED_HOW, finished_stage, rerun_command
+    from llmc.launch import LaunchError, _launched_backend
+    from llmc.runtime.job import FINISHED_HOW, LaunchOptions, finished_stage, rerun_command
 
     lock = json.loads(lock_text)
+    try:
+        default = _launched_backend(out, lock, None)
+    except (LaunchError, KeyError, TypeError, ValueError, AttributeError):
+        default = None
     lines = []
     for e in lock.get("stages") or []:
         name = e.get("name") if isinstance(e, dict) else None
         f = finished_stage(lock, str(name), out / "run" / str(name), export=True, build_dir=out) if name else None
         if f is not None and f.change is not None:
             what = FINISHED_HOW[f.cause]
+            # the rerun trains it on the backend that trained it (its marker's), when that is not the build's default
+            by = f.backend if f.backend is not None and f.backend != default else None
+            rerun = rerun_command(out, str(name), LaunchOptions(backend=by))
+            pins = (f"; or, if the spec is unchanged, pin {' and '.join(f'`{p}`' for p in f.pins)} in it and "
+                    "rebuild: the finished run stays valid") if f.pins else ""
             lines.append(f"{out / 'run' / str(name)}: warning[X013] stage {name!r} finished {what} "
-                         f"({f.change}): the next `llmc launch` refuses it (`{rerun_command(out, str(name))}` sets "
-                         "it and the stages after it aside and trains them again; the stages before it stay)")
+                         f"({f.change}): the next `llmc launch` refuses it (`{rerun}` sets it and the stages after it "
+                         f"aside and trains them again; the stages before it stay){pins}")
     return lines
 
 
@@ -465,17 +475,14 @@ def _launch_command(build_dir: Path, *, no_resume: bool = False, stage: str | No
                     force: bool = False, allow_edited: bool = False, fallback_checkpoint: bool = False) -> str:
     """The ``llmc launch`` command line with these options, quoted for a shell: what a message tells the user to run
     again (the same stages, backend and process count; ``--no-resume`` only where nothing of this launch ran yet,
-    since a rerun with it would set aside what this one trained)."""
-    import shlex
+    since a rerun with it would set aside what this one trained). Built by ``llmc.runtime.job.launch_command``, as
+    every command a launch prints is."""
+    from llmc.runtime.job import LaunchOptions, launch_command
 
-    argv = ["llmc", "launch", str(build_dir)]
-    for flag, value in (("--stage", stage), ("--from", from_stage), ("--backend", backend),
-                        ("--nproc", None if nproc is None else str(nproc))):
-        if value is not None:
-            argv += [flag, value]
-    argv += [flag for flag, on in (("--no-resume", no_resume), ("--force", force), ("--allow-edited", allow_edited),
-                                   ("--fallback-checkpoint", fallback_checkpoint)) if on]
-    return shlex.join(argv)
+    return launch_command(build_dir, LaunchOptions(backend=backend, nproc=nproc, force=force,
+                                                   allow_edited=allow_edited),
+                          no_resume=no_resume, stage=stage, from_stage=from_stage,
+                          fallback_checkpoint=fallback_checkpoint)
 
 
 @_command()
@@ -531,6 +538,10 @@ def launch(
             "allow_edited": allow_edited, "fallback_checkpoint": fallback_checkpoint}
     again, resume_cmd = (_launch_command(build_dir, no_resume=no_resume, **same),
                          _launch_command(build_dir, **same))
+    from llmc.runtime.job import LaunchOptions
+
+    # what the commands its skip and refusal lines print carry of this launch (llmc.runtime.job.launch_command)
+    options = LaunchOptions(backend=backend, nproc=nproc, force=force, allow_edited=allow_edited)
     try:
         if build_dir.is_dir():
             recover(build_dir)
@@ -540,7 +551,7 @@ def launch(
         if problem:
             typer.echo(f"{build_dir}: warning[L004] {problem}; launching anyway (--force)", err=True)
         cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage,
-                               fallback_checkpoint=fallback_checkpoint, from_stage=from_stage)
+                               fallback_checkpoint=fallback_checkpoint, from_stage=from_stage, options=options)
         # a process count the plan's layout cannot run on: refused now, not by the trainer after prepare
         wrong_nproc = nproc_problem(build_dir, cmds, nproc)
         if wrong_nproc:
@@ -620,7 +631,7 @@ def launch(
                 _echo(f"{os.path.relpath(dump)}: its torchtitan checkpoints are set aside in {os.path.relpath(moved)}")
         try:
             cmds = launch_commands(build_dir, backend=backend, nproc=nproc, stage=stage,
-                                   fallback_checkpoint=fallback_checkpoint, from_stage=from_stage)
+                                   fallback_checkpoint=fallback_checkpoint, from_stage=from_stage, options=options)
         except LaunchError as e:
             lock.release()
             _fail([f"{build_dir}: error[L001] {e}"])
@@ -633,7 +644,7 @@ def launch(
                 typer.echo(f"{c.stage}: skipped: {c.skip_reason}")
                 continue
             try:
-                start_stage(c, b)
+                start_stage(c, b, options)
             except LaunchError as e:
                 lock.release()
                 _fail([f"{build_dir}: error[L005] {e}"])

@@ -118,6 +118,7 @@ from llmc.runtime.job import (
     FINGERPRINT_FILE,
     STAGE_TOKENIZER,
     TOKENIZER_KEY,
+    LaunchOptions,
     fingerprint_record,
     legacy_message,
     renew_stage_tokenizer,
@@ -586,7 +587,7 @@ def unfit_warning(build_dir: str | os.PathLike, cmds: list[Cmd], backend: str | 
 def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, nproc: int | None = None,
                     stage: str | None = None, run_dir: str | os.PathLike | None = None,
                     gpu: bool | None = None, fallback_checkpoint: bool = False,
-                    from_stage: str | None = None) -> list[Cmd]:
+                    from_stage: str | None = None, options: LaunchOptions | None = None) -> list[Cmd]:
     """Prepare step + one command per stage (skipped ones carry ``skip_reason``); raises LaunchError.
 
     ``stage``: that stage only; ``from_stage``: that stage and every stage after it in the run order (the lock's
@@ -596,7 +597,9 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     trainer resumes from the newest checkpoint that verifies, walking back past a damaged newer one
     (``python -m llmc.runtime.entry --fallback-checkpoint``; without it a damaged newest checkpoint stops the
     stage); a stage the launch would run on DeepSpeed or torchtitan, whose checkpointers pick their own, is a
-    LaunchError."""
+    LaunchError. ``options``: what the commands the skip and refusal lines print carry of this launch
+    (:class:`llmc.runtime.job.LaunchOptions`; default: ``backend`` and ``nproc`` as given)."""
+    opts = options or LaunchOptions(backend=backend, nproc=nproc)
     if backend is not None and backend not in BACKENDS:
         raise LaunchError(f"unknown backend {backend!r} (one of: {', '.join(BACKENDS)})")
     b, lock = load_build(build_dir)
@@ -653,7 +656,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         titan = backend == "torchtitan" and (s["kind"] in TITAN_STAGE_KINDS or own)
         # its finished run: DONE.json; a torchtitan stage's, also its export (torchtitan writes no DONE.json); and
         # whether this lock trained it, or (unfinished) what it starts from: the check `llmc export` applies too
-        fin, stale = stage_staleness(lock, s["name"], run, b, export=titan, memo=memo)
+        fin, stale = stage_staleness(lock, s["name"], run, b, export=titan, memo=memo, options=opts)
         if backend == "deepspeed" and s["kind"] in DS_STAGE_KINDS:
             env = {} if on_gpu else {"DS_ACCELERATOR": "cpu"}
             c = Cmd(argv=[_tool("torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m",
@@ -695,13 +698,13 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
                 # the export runs only after torchtitan finished the stage (a failed or preempted run stops the
                 # launch before it): torchtitan writes no DONE.json, its exported model marks the stage done
                 c.skip_reason = (f"stage {s['name']!r} already finished and exported ({hf.parent}); "
-                                 f"`{rerun_command(b, s['name'])}` sets it and the stages after it aside "
+                                 f"`{rerun_command(b, s['name'], opts)}` sets it and the stages after it aside "
                                  "to run them again")
         else:
             c = native(s)
         if stale is None and fin is not None and fin.change is None and (run / s["name"] / "DONE.json").is_file():
             done = run / s["name"] / "DONE.json"
-            c.skip_reason = (f"stage {s['name']!r} already finished ({done}); `{rerun_command(b, s['name'])}` "
+            c.skip_reason = (f"stage {s['name']!r} already finished ({done}); `{rerun_command(b, s['name'], opts)}` "
                              "sets it and the stages after it aside to run them again")
         c.stale = stale
         if stale is None and fin is not None and fin.legacy:
@@ -748,11 +751,12 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     return [prepare, *cmds]
 
 
-def start_stage(c: Cmd, build_dir: str | os.PathLike) -> None:
+def start_stage(c: Cmd, build_dir: str | os.PathLike, options: LaunchOptions | None = None) -> None:
     """What a training command's stage folder gets before it runs: a copy of the prepared tokenizer
     (:func:`llmc.runtime.job.renew_stage_tokenizer`: an earlier attempt's copy is renewed, or refused when the stage
     would resume checkpoints trained with another) and, for a torchtitan stage, its record of the lock that trains
-    it (``FINGERPRINT.json``, replacing an unfinished run's; a finished one is refused or skipped before this)."""
+    it (``FINGERPRINT.json``, replacing an unfinished run's; a finished one is refused or skipped before this).
+    ``options``: the launch's, which the command its refusal prints carries."""
     import json
 
     if not c.stage_dir:
@@ -767,7 +771,7 @@ def start_stage(c: Cmd, build_dir: str | os.PathLike) -> None:
         if was and was != c.record.get("fingerprint_sha256") and any(Path(c.dump_dir).glob("checkpoint*/step-*")):
             raise LaunchError(f"stage {c.stage!r} was started under another lock than this build's ({d / FINGERPRINT_FILE}"
                               f"), and torchtitan would resume its checkpoints ({c.dump_dir}): "
-                              f"`{rerun_command(build_dir, c.stage)}` sets both aside, with the stages after it, and "
+                              f"`{rerun_command(build_dir, c.stage, options)}` sets both aside, with the stages after it, and "
                               "trains them again")
     d.mkdir(parents=True, exist_ok=True)
     # the tokenizer it trains with: prepare's now (an earlier attempt's copy renewed), or refused when it would resume

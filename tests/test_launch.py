@@ -145,8 +145,10 @@ def test_torchtitan_dry_run_uses_cpu_shim_only_without_gpu(tmp_path):
     again = [c for c in launch_commands(b, backend="torchtitan", nproc=2, gpu=False) if c.stage == "base"]
     assert len(again) == 2 and all(c.skip_reason for c in again)  # training and export
     assert "already finished and exported" in again[0].skip_reason
-    # the way to run it again sets it aside (llmc never deletes a run): the flags `llmc launch` takes
-    assert "--no-resume --from base` sets it and the stages after it aside" in again[0].skip_reason and "delete" not in again[0].skip_reason
+    # the way to run it again sets it aside (llmc never deletes a run): the flags `llmc launch` takes, with this
+    # launch's own backend and process count (run as printed, it trains on torchtitan again)
+    assert ("--no-resume --from base --backend torchtitan --nproc 2` sets it and the stages after it aside"
+            in again[0].skip_reason and "delete" not in again[0].skip_reason)
 
 
 def test_stage_skipping_resumes_at_first_unfinished(tmp_path):

@@ -645,11 +645,25 @@ def tokenizer_renewed(lock: dict | None, root: Path, before: dict, why: str) -> 
         if (tokenizer_files(d / STAGE_TOKENIZER) or before) != now:
             stale.append(str(name))
     if stale:
+        # root is the build directory (its lock and manifest beside assets/) under `llmc launch` and the scripts'
+        # default; a launch script's LLMC_RUN_DIR elsewhere holds no build, and `llmc launch` trains only in the
+        # build's own run/: the way out there is to set the stages aside in it and run the script again
+        import shlex
+
+        from llmc.runtime.job import set_aside_shell
+
+        if (root / "plan.lock.json").is_file() and (root / ".llmc-build.json").is_file():
+            way = (f"`{shlex.join(['llmc', 'launch', str(root), '--no-resume'])}` sets them aside (each with its "
+                   "tokenizer) and trains them again with this one")
+        else:
+            move = set_aside_shell(root / "run", stale)
+            way = ((f"`{move}` sets them aside" if move else f"set {root / 'run'}/<stage> aside for each of them")
+                   + " (each with its tokenizer), then the launch script run again (same LLMC_RUN_DIR) trains them "
+                   f"again with this one (`llmc launch` trains in the build's own run/, not in {root / 'run'})")
         print(f"{asset_dir / 'tokenizer.json'}: warning[R016] prepare trained a new tokenizer ({why}), and stage(s) "
               f"{', '.join(map(repr, stale))} finished with the previous one (kept in run/<stage>/{STAGE_TOKENIZER}): "
               "their weights were trained on its token ids, so a launch refuses them (L005 / R004) instead of "
-              f"skipping them or starting a stage from them; hint: `llmc launch {root} --no-resume` sets them aside "
-              "(each with its tokenizer) and trains them again with this one", file=sys.stderr, flush=True)
+              f"skipping them or starting a stage from them; hint: {way}", file=sys.stderr, flush=True)
     return stale
 
 
@@ -837,7 +851,7 @@ def run_stage(lock: dict, stage: str | None, out: Path | None, assets_root: Path
 
 
 def check_finished(lock: dict, stage: str, stage_dir: Path, build: Path, *, export: bool = False,
-                   starts: str | None = None, asset_dir: Path | None = None) -> bool:
+                   starts: str | None = None, asset_dir: Path | None = None, options=None) -> bool:
     """Whether ``stage_dir`` holds a finished run of ``stage`` (:func:`llmc.runtime.job.finished_stage`); raises
     :class:`llmc.runtime.job.StaleStageError` when it finished under another lock, or from other data or another
     tokenizer than prepare's in ``asset_dir`` (default ``build/assets``) now (``starts``: the stage that would start
@@ -848,7 +862,7 @@ def check_finished(lock: dict, stage: str, stage_dir: Path, build: Path, *, expo
     if f is None:
         return False
     if f.change is not None:
-        msg = stale_message(stage, f, str(build))
+        msg = stale_message(stage, f, str(build), options, lock, asset_dir.parent if asset_dir is not None else None)
         raise StaleStageError(f"stage {starts!r} starts from {msg}" if starts else msg)
     if f.legacy and int(os.environ.get("RANK", "0")) == 0:
         print(f"{stage_dir}: warning[R005] {legacy_message(stage, f)}", file=sys.stderr, flush=True)
@@ -864,18 +878,42 @@ def stage_tokenizer(out: Path, asset_dir: Path, checkpoint_folder: str) -> None:
     renew_stage_tokenizer(asset_dir, out, resume_checkpoint(out / checkpoint_folder))
 
 
-def _check_main(lock: dict, stage: str | None, out: Path | None, root: Path, export: bool, where: Path) -> int:
+def _check_main(lock: dict, stage: str | None, out: Path | None, root: Path, export: bool, where: Path,
+                backend: str | None = None) -> int:
     """``check``: 0 when the stage's folder holds a run this lock finished (or one an older llmc finished: warned),
-    1 when it holds none, 3 when the run finished under another lock (the R004 line)."""
-    from llmc.runtime.job import StaleStageError, stage_entry
+    1 when it holds none, 3 when ``llmc launch`` would refuse it (the R004 line): the check it applies
+    (:func:`llmc.runtime.job.stage_staleness`: the lock, the data, the tokenizer in ``root/assets`` and the
+    ``init_hf`` weights it finished with, and the stages it starts from), so that the launch scripts, which run it,
+    skip no stage ``llmc launch`` refuses. ``backend``: the script's, which the command its R004 line prints carries;
+    a run directory other than the build's ``run/`` gets the script's way out instead (:func:`llmc.runtime.job.rerun_way`)."""
+    from llmc.runtime.job import LaunchOptions, legacy_message, stage_entry, stage_staleness
 
     name = str(stage_entry(lock, stage)["name"])
-    try:
-        return 0 if check_finished(lock, name, out or root / "run" / name, where.parent, export=export,
-                                   asset_dir=root / "assets") else 1
-    except StaleStageError as e:
-        print(f"{where}: error[R004] {name}: {e}", file=sys.stderr)
+    d = out or root / "run" / name
+    build = where.resolve().parent
+    run = d.parent
+    # (llmc launch trains in the build's own run/ with the build's own assets/: a script's other run or assets
+    # directory gets the script's way out)
+    other = run.resolve() != (build / "run").resolve() or root.resolve() != build or d.name != name
+    options = LaunchOptions(backend=backend, run_dir=str(run.resolve()) if other else None)
+    if d.name != name:  # (a stage folder of another name: its own record only, no init_from chain to follow)
+        from llmc.runtime.job import StaleStageError
+
+        try:
+            return 0 if check_finished(lock, name, d, build, export=export, asset_dir=root / "assets",
+                                       options=options) else 1
+        except StaleStageError as e:
+            print(f"{where}: error[R004] {name}: {e}", file=sys.stderr)
+            return 3
+    fin, stale = stage_staleness(lock, name, run, build, export=export, options=options, asset_dir=root / "assets")
+    if stale is not None:
+        print(f"{where}: error[R004] {name}: {stale}", file=sys.stderr)
         return 3
+    if fin is None:
+        return 1
+    if fin.legacy and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{d}: warning[R005] {legacy_message(name, fin)}", file=sys.stderr, flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -902,6 +940,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="prepare: check the data sources of these stages only (default: every stage's)")
     ap.add_argument("--export", action="store_true",
                     help="check: the stage is a torchtitan job's, finished once its hf/ export exists")
+    ap.add_argument("--backend", default=None,
+                    help="check: the launch script's backend, which the command its refusal prints carries")
     a = ap.parse_args(argv)
     from llmc.runtime.errors import (  # (prepare, check: no torch)
         CheckpointError,
@@ -924,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     root = (a.assets or lock_dir).resolve()
     try:
         if cmd == "check":
-            return _check_main(lock, a.stage, a.out, root, a.export, a.lock)
+            return _check_main(lock, a.stage, a.out, root, a.export, a.lock, a.backend)
         if cmd == "prepare":
             check_outputs(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root, None)
             serves = None

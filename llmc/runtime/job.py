@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -931,9 +932,11 @@ def tokenizer_change(was: dict, now: dict, asset_dir: Path) -> str | None:
             "with (prepare trained or copied another: its training text or data.tokenizer.path changed)")
 
 
-def fingerprint_change(was: dict, now: dict) -> str | None:
+def fingerprint_change(was: dict, now: dict, chosen: Collection[str] = (), pins: Collection[str] = ()) -> str | None:
     """What differs between the fingerprint ``was`` (a marker's) and ``now`` (the lock's): the numbers by name and
-    value (``steps 30 -> 20``), the other parts by name; None when they are the same."""
+    value (``steps 30 -> 20``), the other parts by name; None when they are the same. ``chosen``: the numbers llmc
+    chose for the stage (:func:`chosen_numbers`); ``pins`` (:func:`default_pins`): when given, llmc's defaults are
+    all that differs, and each of them is said to be llmc's default that changed."""
     if was.get("sha256") == now.get("sha256"):
         return None
     if not was.get("parts"):  # (a record of the sha256 alone: the launch scripts write one for a torchtitan stage)
@@ -942,17 +945,86 @@ def fingerprint_change(was: dict, now: dict) -> str | None:
     def show(v: Any) -> str:
         return f"{v:g}" if isinstance(v, float) else str(v)
 
+    def said(k: str) -> str:  # (a default that differs beside a spec change may follow from it: not said)
+        text = f"{k} {show(a.get(k))} -> {show(b.get(k))}"
+        return text + " (llmc's default changed: the spec does not set it)" if pins and _DEFAULT_NAME.get(k, k) in chosen \
+            else text
+
     a, b = was.get("numbers") or {}, now.get("numbers") or {}
-    said = [f"{k} {show(a.get(k))} -> {show(b.get(k))}" for k in _SHOWN if k in a and a.get(k) != b.get(k)]
+    numbers = [said(k) for k in _SHOWN if k in a and a.get(k) != b.get(k)]
     pa, pb = was.get("parts") or {}, now.get("parts") or {}
     named = [_PART_NAMES[k] for k in _PART_NAMES if pa.get(k) != pb.get(k)]
-    if said and "the training settings" in named:
+    if numbers and "the training settings" in named:
         named[named.index("the training settings")] = "other training settings"
-    text = ", ".join(said)
+    text = ", ".join(numbers)
     if named:
         text += ("; " if text else "") + (" and ".join([", ".join(named[:-1]), named[-1]]) if len(named) > 1
                                           else named[0]) + " changed"
     return text or "its fingerprint differs from the lock's"
+
+
+#: a number of the fingerprint by the name the lock's ``defaults`` give it (``llmc.compiler.defaults.resolve_hyper``)
+_DEFAULT_NAME = {"global_batch_seqs": "global_batch_tokens"}
+
+
+def chosen_numbers(lock: dict, stage: str | None) -> set[str]:
+    """The numbers of ``stage`` that llmc chose, the spec leaving them unset: its lock entry's ``defaults``, and the
+    run's schedule defaults (``hyper.defaults``: ``warmup_steps``, ``min_lr``), which every stage's schedule derives
+    from (``llmc.compiler.defaults.stage_schedule``). Empty for a lock too malformed to say."""
+    try:
+        own = set(stage_entry(lock, stage).get("defaults") or [])
+        run = set((lock.get("hyper") or {}).get("defaults") or [])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return set()
+    return own | (run & {"warmup_steps", "min_lr"})
+
+
+def default_pins(was: dict, now: dict, lock: dict, stage: str | None) -> tuple[str, ...]:
+    """When all that differs between the fingerprint ``was`` (a marker's) and ``now`` (the lock's) is numbers llmc
+    chose (:func:`chosen_numbers`: a rebuild of an unchanged spec by an llmc whose defaults changed), the spec
+    settings, ``path: value``, that pin them to the values the finished run trained with, so that a rebuild keeps
+    it valid; () otherwise (something the spec sets changed, or a number no one setting pins)."""
+    a, b = was.get("numbers") or {}, now.get("numbers") or {}
+    pa, pb = was.get("parts") or {}, now.get("parts") or {}
+    if not pa or any(pa.get(k) != pb.get(k) for k in set(pa) | set(pb) if k != "numbers"):
+        return ()
+    differ = [k for k in _SHOWN if a.get(k) != b.get(k)]
+    chosen = chosen_numbers(lock, stage)
+    if not differ or any(_DEFAULT_NAME.get(k, k) not in chosen for k in differ):
+        return ()
+    try:
+        entry = stage_entry(lock, stage)
+        specs = [st for st in lock["spec"]["resolved"].get("stages") or [] if isinstance(st, dict)]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ()
+    # the pre-training run's numbers are the top level's (llmc.compiler.defaults.pretrain_inputs); another stage's
+    # its own entry under stages: (llmc.spec.schema.StageBase)
+    pre = entry.get("kind") == "pretrain"
+    i = next((i for i, st in enumerate(specs) if st.get("name") == entry.get("name")), None)
+    if not pre and i is None:
+        return ()
+    where = {"steps": "training.steps" if pre else f"stages.{i}.steps",
+             "lr": "training.optimizer.lr" if pre else f"stages.{i}.lr",
+             "global_batch_seqs": "training.global_batch_tokens" if pre else f"stages.{i}.global_batch_tokens"}
+
+    def num(v: Any) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    pins = []
+    for k in differ:
+        if k in where:
+            v = a[k] * a["seq_len"] if k == "global_batch_seqs" and isinstance(a.get("seq_len"), int) else a[k]
+            pins.append(f"{where[k]}: {num(v)}")
+        elif k == "warmup_steps" and pre:  # (another stage's warmup derives from the run's: no one setting pins it)
+            pins.append(f"training.schedule.warmup_steps: {num(a[k])}")
+        elif k == "min_lr" and isinstance(a.get("lr"), (int, float)) and a["lr"] and isinstance(a[k], (int, float)):
+            ratio = a[k] / a["lr"]
+            if "lr" in differ and b.get("lr") and math.isclose(ratio, (b.get("min_lr") or 0) / b["lr"]):
+                continue  # (the lr's pin gives the min_lr back: the ratio is the same)
+            pins.append(f"training.schedule.min_lr_ratio: {num(ratio)}")
+        else:
+            return ()
+    return tuple(pins)
 
 
 @dataclass(frozen=True)
@@ -969,6 +1041,11 @@ class Finished:
     cause: str = "lock"
     """What ``change`` is a change of: ``lock``, ``weights`` (the init_hf checkpoint's files), ``data`` (its data
     sources' files, :data:`DATA_KEY`) or ``tokenizer`` (prepare's tokenizer, :data:`TOKENIZER_KEY`)."""
+    pins: tuple[str, ...] = ()
+    """A lock change that is only llmc's defaults: the spec settings that keep the run valid (:func:`default_pins`)."""
+    backend: str | None = None
+    """The backend that trained it, where its marker says: ``deepspeed`` (its DONE.json's ``backend``),
+    ``torchtitan`` (a :data:`FINGERPRINT_FILE` record); None: llmc's native trainer, or not said."""
 
 
 #: how a stale stage finished, by :attr:`Finished.cause`, for the lines that refuse it
@@ -1012,15 +1089,18 @@ def finished_stage(lock: dict, stage: str, stage_dir: str | Path, *, export: boo
     now = stage_fingerprint(lock, stage)
     if not isinstance(was, dict) or now is None:
         return Finished(marker, None, legacy=now is not None)
-    change = fingerprint_change(was, now)
+    pins = default_pins(was, now, lock, stage)
+    change = fingerprint_change(was, now, chosen_numbers(lock, stage), pins)
+    by = record.get("backend") if isinstance(record.get("backend"), str) else \
+        "torchtitan" if marker.name == FINGERPRINT_FILE else None
     if change is not None:
-        return Finished(marker, change, legacy=False)
+        return Finished(marker, change, legacy=False, pins=pins, backend=by)
     start = record.get(START_KEY)
     if isinstance(start, dict):
         files = start_checkpoint_files(lock, stage, build_dir)
         change = start_change(start, files) if files else None
         if change is not None:
-            return Finished(marker, change, legacy=False, weights=True, cause="weights")
+            return Finished(marker, change, legacy=False, weights=True, cause="weights", backend=by)
     if isinstance(record.get(DATA_KEY), dict):
         try:
             why = stage_data_sources(lock, stage)
@@ -1029,49 +1109,143 @@ def finished_stage(lock: dict, stage: str, stage_dir: str | Path, *, export: boo
         now_files = data_files(lock, stage, _record_spec_dir(lock, build_dir, None), memo) if why is not None else None
         change = data_change(record[DATA_KEY], now_files, why) if now_files is not None else None
         if change is not None:
-            return Finished(marker, change, legacy=False, cause="data")
+            return Finished(marker, change, legacy=False, cause="data", backend=by)
     if isinstance(record.get(TOKENIZER_KEY), dict):
         assets = Path(asset_dir) if asset_dir is not None else Path(build_dir if build_dir is not None else ".") / "assets"
         held = tokenizer_files(assets)
         change = tokenizer_change(record[TOKENIZER_KEY], held, assets) if held else None
         if change is not None:
-            return Finished(marker, change, legacy=False, cause="tokenizer")
-    return Finished(marker, None, legacy=False)
+            return Finished(marker, change, legacy=False, cause="tokenizer", backend=by)
+    return Finished(marker, None, legacy=False, backend=by)
 
 
-def rerun_command(build: str | Path, stage: str) -> str:
-    """The command that sets ``stage`` and every stage after it in the run order aside (``run/<stage>.set-aside-N``,
-    never deleted) and trains them again: ``llmc launch BUILD --no-resume --from STAGE``, quoted for a shell."""
+@dataclass(frozen=True)
+class LaunchOptions:
+    """What a command that a launch prints (to rerun a stage, to start stages over) carries of that launch, so that it
+    runs as the launch ran: ``llmc launch``'s ``--backend``, ``--nproc``, ``--force`` and ``--allow-edited`` as given
+    (None / False: not given, the build's default), and ``run_dir``: a launch script's run directory when it is not
+    the build's ``run/`` (LLMC_RUN_DIR / RUN_DIR elsewhere), where ``llmc launch`` cannot train (it always writes the
+    build's own ``run/`` and ``assets/``): the way out is then the script's, not ``llmc launch``'s."""
+
+    backend: str | None = None
+    nproc: int | None = None
+    force: bool = False
+    allow_edited: bool = False
+    run_dir: str | None = None
+
+
+def launch_command(build: str | Path, options: LaunchOptions | None = None, *, no_resume: bool = False,
+                   stage: str | None = None, from_stage: str | None = None,
+                   fallback_checkpoint: bool = False) -> str:
+    """The ``llmc launch`` command line with these options, quoted for a shell: the one way every message builds the
+    command it tells the user to run (a rerun after a failure, a stale stage's retraining), carrying the launch's own
+    ``options`` (:class:`LaunchOptions`), so it runs on the same backend and process count."""
     import shlex
 
-    return f"llmc launch {shlex.quote(str(build))} --no-resume --from {shlex.quote(str(stage))}"
+    o = options or LaunchOptions()
+    argv = ["llmc", "launch", str(build), *(["--no-resume"] if no_resume else [])]
+    for flag, value in (("--stage", stage), ("--from", from_stage), ("--backend", o.backend),
+                        ("--nproc", None if o.nproc is None else str(o.nproc))):
+        if value is not None:
+            argv += [flag, value]
+    argv += [flag for flag, on in (("--force", o.force),
+                                   ("--allow-edited", o.allow_edited),
+                                   ("--fallback-checkpoint", fallback_checkpoint)) if on]
+    return shlex.join(argv)
 
 
-def stale_message(stage: str, f: Finished, build: str) -> str:
-    """The one line that refuses a stage finished under another lock: what changed and the ways out."""
+def rerun_command(build: str | Path, stage: str, options: LaunchOptions | None = None) -> str:
+    """The command that sets ``stage`` and every stage after it in the run order aside (``run/<stage>.set-aside-N``,
+    never deleted) and trains them again: ``llmc launch BUILD --no-resume --from STAGE`` with the launch's own
+    ``options`` (:func:`launch_command`)."""
+    return launch_command(build, options, no_resume=True, from_stage=str(stage))
+
+
+def set_aside_shell(run: str | Path, names: list[str], assets_root: str | Path | None = None) -> str | None:
+    """A shell command that sets the folders ``run/<name>`` that hold something aside as
+    :func:`llmc.fileio.set_aside` would (renamed to ``<folder>.set-aside-N``, the first free N; never deleted), with
+    the torchtitan checkpoints of those stages under ``assets_root/outputs`` (``torchtitan`` of pre-training,
+    ``torchtitan-<stage>`` of a stage's own job: :func:`llmc.runtime.capabilities.titan_dump_subdir`), which a
+    torchtitan job would otherwise resume from; None when there is nothing to move."""
+    import shlex
+
+    from llmc.runtime.capabilities import titan_dump_subdir
+
+    folders = [Path(run) / n for n in names]
+    if assets_root is not None:
+        dumps = [Path(assets_root) / "outputs" / titan_dump_subdir(None),
+                 *(Path(assets_root) / "outputs" / titan_dump_subdir(n) for n in names)]
+        folders += [d for d in dumps if d not in folders]
+    moves = []
+    for p in folders:
+        try:
+            if not p.is_dir() or p.is_symlink() or not any(p.iterdir()):
+                continue
+        except OSError:
+            continue
+        n = 1
+        while (target := p.with_name(f"{p.name}.set-aside-{n}")).exists() or target.is_symlink():
+            n += 1
+        moves.append(f"mv -- {shlex.quote(str(p))} {shlex.quote(str(target))}")
+    return " && ".join(moves) or None
+
+
+def _stages_from(lock: dict | None, stage: str) -> list[str]:
+    """``stage`` and every stage after it in the lock's run order (what ``--from STAGE`` runs)."""
+    names = [str(e["name"]) for e in (lock or {}).get("stages") or [] if isinstance(e, dict) and e.get("name")]
+    return names[names.index(stage):] if stage in names else [stage]
+
+
+def rerun_way(build: str | Path, stage: str, options: LaunchOptions | None = None, lock: dict | None = None,
+              assets_root: str | Path | None = None) -> str:
+    """How the refusal of stale ``stage`` says to train it and the stages after it again, as a command that does so
+    when run as printed: ``llmc launch`` with the launch's options (:func:`rerun_command`); for a launch script whose
+    run directory is not the build's (``options.run_dir``), where ``llmc launch`` would train fresh in the build's own
+    ``run/``, the command that sets them aside there (:func:`set_aside_shell`) and the script run again."""
+    o = options or LaunchOptions()
+    if o.run_dir is None:
+        return (f"`{rerun_command(build, stage, o)}` sets it and the stages after it aside (run/<stage>.set-aside-N) "
+                "and trains them again")
+    move = set_aside_shell(o.run_dir, _stages_from(lock, stage), assets_root)
+    aside = f"`{move}` sets it and the stages after it aside" if move else \
+        f"set {Path(o.run_dir) / stage} and the stages after it aside"
+    here = f"{o.run_dir}" + (f" with {Path(assets_root) / 'assets'}" if assets_root is not None else "")
+    return (f"{aside}, then run the same launch script again (same LLMC_RUN_DIR / RUN_DIR), which trains them again "
+            f"(`llmc launch` trains only in the build's own run/ with its own assets/, not in {here})")
+
+
+def stale_message(stage: str, f: Finished, build: str, options: LaunchOptions | None = None,
+                  lock: dict | None = None, assets_root: str | Path | None = None) -> str:
+    """The one line that refuses a stage finished under another lock: what changed and the ways out (``options``:
+    the launch's, which the command it prints carries: :func:`rerun_way`)."""
     what = FINISHED_HOW.get(f.cause, FINISHED_HOW["lock"])
+    pins = (f"; or, if the spec is unchanged, pin {' and '.join(f'`{p}`' for p in f.pins)} in the spec and rebuild: "
+            "the finished run stays valid") if f.pins else ""
     return (f"stage {stage!r} finished {what} ({f.marker}): {f.change}; "
-            f"it is not this build's result, so it is neither skipped nor trained over: `{rerun_command(build, stage)}`"
-            f" sets it and the stages after it aside (run/<stage>.set-aside-N) and trains them again, or build into "
-            "a fresh directory")
+            f"it is not this build's result, so it is neither skipped nor trained over: "
+            f"{rerun_way(build, stage, options, lock, assets_root)}, or build into a fresh directory{pins}")
 
 
 def stage_staleness(lock: dict, stage: str, run: str | Path, build_dir: str | Path, *,
-                    export: bool = False, memo: dict | None = None) -> tuple[Finished | None, str | None]:
+                    export: bool = False, memo: dict | None = None, options: LaunchOptions | None = None,
+                    asset_dir: str | Path | None = None) -> tuple[Finished | None, str | None]:
     """``(finished, why)`` for ``stage``'s folder ``run/<stage>``: its finished run (:func:`finished_stage`; a DONE.json,
     or with ``export`` a torchtitan stage's ``hf/`` export and its record; None: not finished) and why that run, or
     what it would start from, is not this lock's result (None: nothing is stale): the run finished under another
     lock, from other data, weights or tokenizer (:func:`stale_message`), or a stage of its ``init_from`` chain,
     followed through finished stages, did: a finished stage downstream of a stale one is stale too, whatever its own
     record says (one of an older llmc records no data), and an unfinished one would carry the stale run on as this
-    build's. The one check ``llmc launch`` (``llmc.launch.launch_commands``) and ``llmc export``
-    (``llmc.runtime.export``) apply; ``memo``: one launch's data digests (:func:`finished_stage`)."""
+    build's. The one check ``llmc launch`` (``llmc.launch.launch_commands``), ``llmc export``
+    (``llmc.runtime.export``) and the launch scripts (``python -m llmc.runtime.entry check``) apply; ``memo``: one
+    launch's data digests (:func:`finished_stage`); ``options``: the launch's, which the command the refusal prints
+    carries (:func:`rerun_way`); ``asset_dir``: where prepare wrote the tokenizer (default ``build_dir/assets``)."""
     run = Path(run)
     d = run / stage
-    fin = (finished_stage(lock, stage, d, export=True, build_dir=build_dir, memo=memo)
+    root = Path(asset_dir).parent if asset_dir is not None else None
+    fin = (finished_stage(lock, stage, d, export=True, build_dir=build_dir, asset_dir=asset_dir, memo=memo)
            if export or (d / "DONE.json").is_file() else None)
     if fin is not None and fin.change is not None:
-        return fin, stale_message(stage, fin, str(build_dir))
+        return fin, stale_message(stage, fin, str(build_dir), options, lock, root)
 
     def init_from(name: str) -> str | None:
         try:
@@ -1084,11 +1258,11 @@ def stage_staleness(lock: dict, stage: str, run: str | Path, build_dir: str | Pa
     up = init_from(stage)
     while up and up not in seen:  # (the compiler refuses init_from cycles; a hand-edited lock may hold one)
         seen.add(up)
-        f = finished_stage(lock, up, run / up, export=True, build_dir=build_dir, memo=memo)
+        f = finished_stage(lock, up, run / up, export=True, build_dir=build_dir, asset_dir=asset_dir, memo=memo)
         if f is None:
             break  # an unfinished stage stops the stages that start from it anyway
         if f.change is not None:
-            return fin, f"stage {stage!r} starts from {stale_message(up, f, str(build_dir))}"
+            return fin, f"stage {stage!r} starts from {stale_message(up, f, str(build_dir), options, lock, root)}"
         up = init_from(up)
     return fin, None
 

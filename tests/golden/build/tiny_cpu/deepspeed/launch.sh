@@ -31,14 +31,27 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 LOCK="$BUILD_DIR/plan.lock.json"
 DS_CONFIG="$BUILD_DIR/deepspeed/ds_config.json"
 # Stages run in order; a stage with <run dir>/<stage>/DONE.json is skipped (resume at the first
-# unfinished one) when this lock trained it: DONE.json records the fingerprint of what decided the stage's result
-# (llmc.runtime.job.stage_fingerprint), prepare writes this lock's to assets/stage-fingerprints.txt, and a stage
-# finished under another lock (the build directory rebuilt from another spec) stops the script, neither skipped nor
-# trained over. STAGE=<name> runs only that stage.
+# unfinished one) when it is this build's result: DONE.json records the fingerprint of what decided the stage's result
+# (llmc.runtime.job.stage_fingerprint) and what its data files and tokenizer held, prepare writes this lock's
+# fingerprints to assets/stage-fingerprints.txt, and the runtime's check (`python -m llmc.runtime.entry check`, the
+# one `llmc launch` applies) compares them; a stage finished under another lock (the build directory rebuilt from
+# another spec), from other data or with another tokenizer stops the script, neither skipped nor trained over.
+# STAGE=<name> runs only that stage.
 trained_by() { sed -n 's/^ *"fingerprint_sha256": *"\([0-9a-f]*\)".*/\1/p' "$1" 2>/dev/null || true; }
 lock_fingerprint() { awk -v s="$1" '$1 == s { print $2; exit }' "$LLMC_RUN_DIR/assets/stage-fingerprints.txt" 2>/dev/null || true; }
-# trained_here STAGE RECORD: the finished STAGE, whose RECORD names the lock that trained it, is this lock's (a record
-# without one, an older llmc's, is trusted with a warning); one finished under another lock ends the script
+# rerun_hint STAGE: how to train STAGE and the stages after it again, as a command that does so when run as printed:
+# `llmc launch` when this script writes the build's own run/ and assets/ (the only ones it trains in), else this
+# script run again after moving them aside
+rerun_hint() {
+  if [ "$RUN_DIR" -ef "$BUILD_DIR/run" ] && [ "$LLMC_RUN_DIR" -ef "$BUILD_DIR" ]; then
+    echo "\`llmc launch $(printf '%q' "$BUILD_DIR") --backend deepspeed --no-resume --from $1\` sets it and the stages after it aside and trains them again"
+  else
+    echo "move $RUN_DIR/$1 and the folders of the stages after it aside (mv each to <folder>.set-aside-N) and run this script again with the same LLMC_RUN_DIR / RUN_DIR (\`llmc launch\` trains in the build's own run/, not in $RUN_DIR)"
+  fi
+}
+# trained_here STAGE RECORD [export]: the finished STAGE, whose RECORD names the lock that trained it, is this
+# build's result: the runtime's check says so (a record without a fingerprint, an older llmc's, is trusted with a
+# warning); one that is not ends the script
 trained_here() {
   local was now rc=0
   was="$(trained_by "$2")"
@@ -51,13 +64,17 @@ trained_here() {
     echo "$RUN_DIR/$1: warning[R005] stage $1: no fingerprints of this lock ($LLMC_RUN_DIR/assets/stage-fingerprints.txt, written by prepare): counted as finished, unchecked" >&2
     return 0
   fi
-  if [ "$was" = "$now" ]; then return 0; fi
-  # the runtime's check names what changed (exit 3 after its error line)
-  python -m llmc.runtime.entry check --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1" ${3:+--export} || rc=$?
+  # the runtime's check, also when the fingerprints match (the data, the tokenizer or the init_hf weights may have
+  # changed since): it names what changed (exit 3 after its error line)
+  python -m llmc.runtime.entry check --lock "$LOCK" --assets "$LLMC_RUN_DIR" --backend "deepspeed" --stage "$1" --out "$RUN_DIR/$1" ${3:+--export} || rc=$?
   case "$rc" in
     0|1) return "$rc" ;;
     3) ;;
-    *) echo "$RUN_DIR/$1: error[R004] stage $1 finished under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}): set it and the stages after it aside and train them again with \`llmc launch $BUILD_DIR --no-resume --from $1\` (or move $RUN_DIR/$1 away), or build into a fresh directory" >&2 ;;
+    *) if [ "$was" = "$now" ]; then
+         echo "$RUN_DIR/$1: error[R004] stage $1: the check of its finished run failed (exit $rc, its output above): neither skipped nor trained over" >&2
+       else
+         echo "$RUN_DIR/$1: error[R004] stage $1 finished under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}): $(rerun_hint "$1"), or build into a fresh directory" >&2
+       fi ;;
   esac
   exit 2
 }
