@@ -112,6 +112,14 @@ def test_export_refuses_a_stale_stage_and_records_its_provenance(pipeline, tmp_p
     assert "stage 'grpo' finished under another lock" in err[0] and "lr 0.001 -> 0.0001" in err[0], err[0]
     assert "--no-resume --from grpo" in err[0] and "--allow-stale" in err[0] and "Traceback" not in r.stderr
     assert marker.read_bytes() == before
+    # a stage DeepSpeed trained (its DONE.json says so): the rerun the refusal prints trains it on DeepSpeed again
+    done_path = c / "run/grpo/DONE.json"
+    was = done_path.read_text()
+    done_path.write_text(json.dumps({**json.loads(was), "backend": "deepspeed"}))
+    r = cli("export", str(c), "--stage", "grpo")
+    err = _lines(r.stderr, "error[")
+    assert r.returncode == 1 and len(err) == 1 and "--from grpo" in err[0] and "--backend deepspeed" in err[0], err
+    done_path.write_text(was)
 
     # --allow-stale: exported with a warning, recorded as stale
     r = cli("export", str(c), "--stage", "grpo", "--allow-stale")

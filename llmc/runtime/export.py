@@ -51,7 +51,7 @@ def export_target(run_dir: str | Path, stage: str) -> ExportTarget:
     :class:`HFError` (or the lock's / job's ValueError) otherwise. Imports no torch."""
     from llmc.lockfile import read_lock
     from llmc.runtime.capabilities import titan_dump_subdir
-    from llmc.runtime.job import FINGERPRINT_FILE, TrainJob, stage_staleness
+    from llmc.runtime.job import FINGERPRINT_FILE, LaunchOptions, TrainJob, stage_staleness
 
     run_dir = Path(run_dir).resolve()
     lock_path, root = find_lock(run_dir)
@@ -64,8 +64,12 @@ def export_target(run_dir: str | Path, stage: str) -> ExportTarget:
     if not stage_dir.is_dir() and not titan.is_dir():
         raise HFError(f"{stage_dir}: stage {stage!r} has no output yet (run `llmc launch` first)")
     tok_dir = lock_path.parent / "assets"
-    fin, stale = stage_staleness(lock, job.stage, root, lock_path.parent,
-                                 export=(stage_dir / FINGERPRINT_FILE).is_file())
+    memo: dict = {}  # (the data digests, read once)
+    export = (stage_dir / FINGERPRINT_FILE).is_file()
+    fin, stale = stage_staleness(lock, job.stage, root, lock_path.parent, export=export, memo=memo)
+    if stale and fin is not None and fin.backend:  # the rerun it prints trains on the backend that trained the stage
+        fin, stale = stage_staleness(lock, job.stage, root, lock_path.parent, export=export, memo=memo,
+                                     options=LaunchOptions(backend=fin.backend))
     return ExportTarget(job=job, lock_path=lock_path, stage_dir=stage_dir, titan=titan,
                         tokenizer_dir=tok_dir if (tok_dir / "tokenizer.json").exists() else None, stale=stale,
                         record=provenance(lock_path, lock, job.stage, fin, stale))
