@@ -47,20 +47,29 @@ def expand_user(path: str | Path) -> Path:
         return Path(path)
 
 
-def set_aside(path: str | Path) -> Path | None:
-    """Rename a non-empty directory ``path`` to ``<path>.set-aside-N`` (the first free N) so that a run can start over
-    without deleting anything; returns the new path (None when there was nothing to set aside)."""
+def set_aside_target(path: str | Path) -> Path | None:
+    """Where :func:`set_aside` would move ``path``: ``<path>.set-aside-N``, the first free N; None when there is
+    nothing to set aside (not a directory, a link, or empty). The one rule, for the rename and for the shell command a
+    message prints (``llmc.runtime.job.set_aside_shell``)."""
     p = Path(path)
     if not p.is_dir() or p.is_symlink() or not any(p.iterdir()):
         return None
     n = 1
     while (target := p.with_name(f"{p.name}.set-aside-{n}")).exists() or target.is_symlink():
         n += 1
-    os.rename(p, target)
     return target
 
 
-__all__ = ["read_regular_file", "expand_user", "set_aside"]
+def set_aside(path: str | Path) -> Path | None:
+    """Rename a non-empty directory ``path`` to ``<path>.set-aside-N`` (the first free N) so that a run can start over
+    without deleting anything; returns the new path (None when there was nothing to set aside)."""
+    target = set_aside_target(path)
+    if target is not None:
+        os.rename(path, target)
+    return target
+
+
+__all__ = ["read_regular_file", "expand_user", "set_aside", "set_aside_target"]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -1169,6 +1169,7 @@ def set_aside_shell(run: str | Path, names: list[str], assets_root: str | Path |
     torchtitan job would otherwise resume from; None when there is nothing to move."""
     import shlex
 
+    from llmc.fileio import set_aside_target
     from llmc.runtime.capabilities import titan_dump_subdir
 
     folders = [Path(run) / n for n in names]
@@ -1179,13 +1180,11 @@ def set_aside_shell(run: str | Path, names: list[str], assets_root: str | Path |
     moves = []
     for p in folders:
         try:
-            if not p.is_dir() or p.is_symlink() or not any(p.iterdir()):
-                continue
+            target = set_aside_target(p)
         except OSError:
             continue
-        n = 1
-        while (target := p.with_name(f"{p.name}.set-aside-{n}")).exists() or target.is_symlink():
-            n += 1
+        if target is None:
+            continue
         moves.append(f"mv -- {shlex.quote(str(p))} {shlex.quote(str(target))}")
     return " && ".join(moves) or None
 
