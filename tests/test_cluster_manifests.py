@@ -81,7 +81,7 @@ def _sky_python() -> str | None:
         return sys.executable
     except ImportError:
         p = ROOT / ".venv-sky/bin/python"
-        return str(p) if p.exists() else None
+        return str(p) if (ROOT / ".venv-sky/.installed").exists() else None  # scripts/setup.sh marks it complete
 
 
 SKY_LOAD = """

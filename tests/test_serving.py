@@ -295,7 +295,8 @@ def test_pipeline_stages_hold_the_layers_vllm_gives_them():
         assert pp_layer_split(n, pp) == want and sum(want) == n
 
 
-@pytest.mark.skipif(not VLLM_PY.exists(), reason="vLLM is not installed here (scripts/setup.sh puts it in .venv-vllm)")
+@pytest.mark.skipif(not (ROOT / ".venv-vllm/.installed").exists(),
+                    reason="vLLM is not installed here (scripts/setup.sh puts it in .venv-vllm)")
 def test_pp_layer_split_equals_vllms_get_pp_indices(tmp_path):
     from llmc.compiler.serving import pp_layer_split
 

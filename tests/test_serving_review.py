@@ -202,7 +202,8 @@ print(json.dumps(out, default=str))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not VLLM_PY.exists(), reason="vLLM is not installed here (scripts/setup.sh puts it in .venv-vllm)")
+@pytest.mark.skipif(not (ROOT / ".venv-vllm/.installed").exists(),
+                    reason="vLLM is not installed here (scripts/setup.sh puts it in .venv-vllm)")
 def test_vllm_033_takes_the_emitted_online_fp8_host_and_name(tmp_path):
     """vLLM 0.33.0 itself: `fp8` on 16-bit weights is refused (Fp8Config names fp8_per_tensor instead), the name llmc
     emits is one of its quantization methods, and its `vllm serve` parser reads the emitted config's quantization,

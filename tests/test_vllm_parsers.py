@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = ROOT / ".venv-vllm/bin/python"
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not VLLM_PY.exists(), reason="vLLM is not installed here (scripts/setup.sh puts it in "
-                                                               ".venv-vllm)")]
+              pytest.mark.skipif(not (ROOT / ".venv-vllm/.installed").exists(),  # scripts/setup.sh marks it complete
+                                 reason="vLLM is not installed here (scripts/setup.sh puts it in .venv-vllm)")]
 
 # `vllm serve --config FILE`: the parser the CLI builds, its validation, then the engine arguments it starts from.
 SERVE_PARSE = """
