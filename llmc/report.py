@@ -194,22 +194,20 @@ def _lr_text(c) -> str:
     """The schedule as every backend trains it (torchtitan's: ``llmc.lr_schedule``): the decay approaches
     min_lr and reaches it one step after the last, so the last step's LR is said as a number; wsd names its cooldown
     shape; a constant schedule has no min."""
-    from llmc.lr_schedule import WSD_COOLDOWN, WSD_COOLDOWN_SOURCE, lr_shape
+    from llmc.lr_schedule import WSD_COOLDOWN, WSD_COOLDOWN_SOURCE
 
     h, d = c.hyper, c.hyper.defaults
     frac = c.spec.training.schedule.decay_fraction
-    shape = lr_shape(lr=h.lr, min_lr=h.min_lr, steps=h.steps, warmup_steps=h.warmup_steps, schedule=h.schedule,
-                     decay_fraction=frac)
     kind = h.schedule
     if kind == "wsd":
-        kind = (f"wsd ({WSD_COOLDOWN} cooldown over the last {100 * frac:g}%, {shape.decay_steps:,} steps: "
+        kind = (f"wsd ({WSD_COOLDOWN} cooldown over the last {100 * frac:g}%, {h.decay_steps:,} steps: "
                 f"{WSD_COOLDOWN_SOURCE})")
     text = f"peak {h.lr:.3g}{_dflt('lr', d)}, "
     if h.schedule == "constant":
         text += "constant (no decay)"
     else:
         text += (f"{kind} toward min {h.min_lr:.3g}{_dflt('min_lr', d)} (reached one step past the last, as in "
-                 f"torchtitan's schedule; last step {shape.last_lr:.4g})")
+                 f"torchtitan's schedule; last step {h.last_lr:.4g})")
     return text + f"; warmup {h.warmup_steps:,} steps{_dflt('warmup_steps', d)}"
 
 

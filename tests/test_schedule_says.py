@@ -108,6 +108,30 @@ def test_the_plan_gives_the_last_steps_lr_as_torchtitan_runs_it(kind, steps, war
     assert "one step past the last" in row and "min 0.0003" in row
 
 
+@pytest.mark.parametrize("kind", ["cosine", "wsd", "linear"])
+def test_plan_json_gives_every_stages_last_lr_and_decay_steps(kind):
+    """`llmc plan --format json` (and so the lock) carries the numbers the text prints: ``hyper.last_lr`` /
+    ``decay_steps`` and each stage's, equal to torchtitan's schedule (the re-implementation above) at the stage's own
+    steps, warmup and LR (a post-training stage warms up at most a tenth of its steps)."""
+    import json
+
+    r = runner.invoke(app, ["plan", PIPE, "--format", "json", "--set", f"training.schedule.kind={kind}",
+                            "--set", "training.schedule.decay_fraction=0.3"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    rows = [doc["hyper"], *doc["stages"]]
+    assert len(doc["stages"]) == 4
+    for s in rows:
+        titan = _titan(kind, 0.3, s["min_lr"] / s["lr"])
+        want = s["lr"] * titan_factor(s["steps"] - 1, total=s["steps"], warmup=s["warmup_steps"], **titan)
+        assert s["last_lr"] == pytest.approx(want, rel=1e-9), s
+        assert s["min_lr"] < s["last_lr"] < s["lr"]
+        warm = min(s["warmup_steps"], s["steps"])
+        assert s["decay_steps"] == (min(round(s["steps"] * 0.3), s["steps"] - warm) if kind == "wsd"
+                                    else s["steps"] - warm)
+    assert doc["stages"][0]["last_lr"] == doc["hyper"]["last_lr"]  # pretraining is the run
+
+
 @pytest.mark.parametrize(("kind", "steps", "warmup", "frac"),
                          [("wsd", 12, 3, 0.9), ("cosine", 10, 30, 0.2), ("wsd", 40, 30, 0.5)])
 def test_every_runtime_loop_runs_torchtitans_schedule_in_its_corners(kind, steps, warmup, frac):

@@ -15,6 +15,7 @@ from llmc.compiler.checkpoint_cost import DCP_BYTES_PER_PARAM
 from llmc.compiler.checks import min_batch_seqs
 from llmc.compiler.hardware import GPU
 from llmc.compiler.result import Hyper
+from llmc.lr_schedule import lr_shape
 from llmc.spec.schema import PREFERENCE_KINDS, Data, RunSpec, Training
 
 # Pre-training peak LR: 3e-4 at ~1B, 1e-4 at ~70B, log-log interpolated (Llama 2 7B used 3e-4 and 70B
@@ -186,10 +187,13 @@ def resolve_hyper(training, seq_len: int, data_tokens: float, global_batch_seqs:
     else:
         is_async = default_async_checkpoint(params_total)
         chosen.append("checkpoint_async")
+    shape = lr_shape(lr=lr, min_lr=lr * sched.min_lr_ratio, steps=steps, warmup_steps=warmup, schedule=sched.kind,
+                     decay_fraction=sched.decay_fraction)
     return Hyper(
         lr=lr, min_lr=lr * sched.min_lr_ratio, warmup_steps=warmup, steps=steps,
         global_batch_tokens=batch_tokens, global_batch_seqs=global_batch_seqs, seq_len=seq_len,
         schedule=sched.kind, checkpoint_interval=interval, checkpoint_async=is_async, defaults=chosen,
+        decay_steps=shape.decay_steps, last_lr=shape.last_lr,
     )
 
 
@@ -202,6 +206,8 @@ class StageSchedule:
     warmup_steps: int
     min_lr: float
     decay_fraction: float
+    decay_steps: int | None  # (llmc.lr_schedule.lr_shape; None: the stage has no steps)
+    last_lr: float | None
 
 
 def stage_schedule(kind: str, lr: float, steps: int | None, hyper: Hyper, schedule) -> StageSchedule:
@@ -216,8 +222,11 @@ def stage_schedule(kind: str, lr: float, steps: int | None, hyper: Hyper, schedu
         warmup = min(hyper.warmup_steps, (steps or 0) // STAGE_WARMUP_DIVISOR)
         if "warmup_steps" in hyper.defaults and warmup < MIN_WARMUP <= (steps or 0) // STAGE_WARMUP_DIVISOR:
             warmup = MIN_WARMUP
+    shape = lr_shape(lr=lr, min_lr=lr * schedule.min_lr_ratio, steps=steps, warmup_steps=warmup,
+                     schedule=schedule.kind, decay_fraction=schedule.decay_fraction) if steps else None
     return StageSchedule(schedule=schedule.kind, warmup_steps=warmup, min_lr=lr * schedule.min_lr_ratio,
-                         decay_fraction=schedule.decay_fraction)
+                         decay_fraction=schedule.decay_fraction, decay_steps=shape and shape.decay_steps,
+                         last_lr=shape and shape.last_lr)
 
 
 # ----------------------------------------------------------------------------- the pre-training run

@@ -180,6 +180,10 @@ class Hyper:
     checkpoint_interval: int
     checkpoint_async: bool
     defaults: list[str] = field(default_factory=list)
+    # the schedule over the run, as every backend applies it (llmc.lr_schedule.lr_shape): the steps of its decay (wsd:
+    # the cooldown; 0 constant) and the last optimizer step's LR (above min_lr, which is reached one step past the last)
+    decay_steps: int = 0
+    last_lr: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -381,6 +385,9 @@ class StageTraining:
     warmup_steps: int
     schedule: str
     decay_fraction: float
+    # the steps of its decay and the last step's LR (llmc.lr_schedule.lr_shape); None where the stage has no steps
+    decay_steps: int | None
+    last_lr: float | None
     micro_batch: int | None
     grad_accum: int | None
     checkpoint_interval: int | None

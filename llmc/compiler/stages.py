@@ -464,8 +464,8 @@ def resolve_stage_training(run: RunSpec, st: StageBase, hyper: Hyper, plan: Para
     return StageTraining(
         seq_len=seq_len, global_batch_tokens=gbt, global_batch_seqs=seqs, steps=steps, tokens=tokens, lr=lr,
         min_lr=sched.min_lr, warmup_steps=sched.warmup_steps, schedule=sched.schedule,
-        decay_fraction=sched.decay_fraction, micro_batch=micro, grad_accum=accum,
-        checkpoint_interval=min(hyper.checkpoint_interval, steps) if steps else hyper.checkpoint_interval,
+        decay_fraction=sched.decay_fraction, decay_steps=sched.decay_steps, last_lr=sched.last_lr,
+        micro_batch=micro, grad_accum=accum, checkpoint_interval=min(hyper.checkpoint_interval, steps) if steps else hyper.checkpoint_interval,
         hyper=kh, defaults=sorted(set(chosen)),
     )
 
@@ -481,7 +481,8 @@ def _pretrain_training(run: RunSpec, hyper: Hyper, plan: ParallelPlan | None, kh
         seq_len=hyper.seq_len, global_batch_tokens=hyper.global_batch_tokens,
         global_batch_seqs=hyper.global_batch_seqs, steps=hyper.steps, tokens=tokens, lr=hyper.lr,
         min_lr=hyper.min_lr, warmup_steps=hyper.warmup_steps, schedule=hyper.schedule,
-        decay_fraction=sched.decay_fraction, micro_batch=micro, grad_accum=accum,
+        decay_fraction=sched.decay_fraction, decay_steps=hyper.decay_steps, last_lr=hyper.last_lr,
+        micro_batch=micro, grad_accum=accum,
         checkpoint_interval=hyper.checkpoint_interval, hyper=kh, defaults=sorted(hyper.defaults),
     )
 

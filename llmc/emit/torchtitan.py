@@ -808,7 +808,8 @@ def _stage_view(compiled, sp):
     hyper = Hyper(lr=sp.lr, min_lr=sp.min_lr, warmup_steps=sp.warmup_steps, steps=sp.steps,
                   global_batch_tokens=sp.global_batch_tokens, global_batch_seqs=sp.global_batch_seqs,
                   seq_len=sp.seq_len, schedule=sp.schedule, checkpoint_interval=sp.checkpoint_interval,
-                  checkpoint_async=compiled.hyper.checkpoint_async)
+                  checkpoint_async=compiled.hyper.checkpoint_async, decay_steps=sp.decay_steps or 0,
+                  last_lr=sp.last_lr or 0.0)
     return replace(compiled, spec=view_spec, plan=sp.layout, hyper=hyper, stages=[]), st
 
 
