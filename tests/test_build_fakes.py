@@ -65,10 +65,14 @@ def make_compiled(run: RunSpec | None = None, plan: ParallelPlan | None = None, 
     sha = hashlib.sha256(run.model_dump_json().encode()).hexdigest()
     lr = run.training.optimizer.lr or 3e-4
     seq = run.data.seq_len
+    from llmc.lr_schedule import lr_shape
+
+    shape = lr_shape(lr=lr, min_lr=lr * 0.1, steps=steps, warmup_steps=warmup, schedule=schedule,
+                     decay_fraction=run.training.schedule.decay_fraction)
     # every stage entry carries its resolved numbers, as the compiler writes them (here: pre-training's)
     resolved = {"seq_len": seq, "steps": steps, "lr": lr, "min_lr": lr * 0.1, "warmup_steps": warmup,
                 "schedule": schedule, "decay_fraction": run.training.schedule.decay_fraction,
-                "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+                "decay_steps": shape.decay_steps, "last_lr": shape.last_lr, "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
                 "global_batch_seqs": global_batch_seqs, "global_batch_tokens": global_batch_seqs * seq,
                 "checkpoint_interval": 50, "hyper": {}, "lora": None, "long_context": None}
     stages = [fake_stage(**{**resolved, **s}, order=i)
@@ -81,7 +85,8 @@ def make_compiled(run: RunSpec | None = None, plan: ParallelPlan | None = None, 
                                tokens_per_param=5.0, chinchilla_tokens=4e6, optimal_params=1e5, optimal_tokens=2e6),
         hyper=Hyper(lr=lr, min_lr=lr * 0.1, warmup_steps=warmup, steps=steps,
                     global_batch_tokens=global_batch_seqs * seq, global_batch_seqs=global_batch_seqs, seq_len=seq,
-                    schedule=schedule, checkpoint_interval=50, checkpoint_async=False),
+                    schedule=schedule, checkpoint_interval=50, checkpoint_async=False,
+                    decay_steps=shape.decay_steps, last_lr=shape.last_lr),
         plan=plan,
         memory=MemoryNumbers(per_gpu_bytes=mem_bytes, capacity_bytes=80 * 10**9, breakdown={"weights": mem_bytes}),
         time=TimeNumbers(step_seconds=step_s, mfu=mfu, days=steps * step_s / 86400, steps=steps,
