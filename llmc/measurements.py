@@ -202,7 +202,11 @@ def _lock(path: Path) -> dict:
     return d
 
 
-def _from_lock(lock: dict, lock_path: str, label: str, source: str) -> Measurement:
+def _from_lock(lock: dict, lock_path: str, label: str, source: str, backend: str | None = None) -> Measurement:
+    """The run a lock plans, as a Measurement to predict (no measured figures yet). ``backend``: the backend that
+    trained it when not the lock's (``llmc launch --backend``; the run's ``start`` event names it): then the layout
+    that backend's runner trains (:func:`llmc.compiler.compile.backend_layout`, the rule the lock's ``backend_runs``
+    are sized by) and its torch.compile setting (the spec's ``training.compile`` on that backend)."""
     from llmc.spec.schema import RunSpec
 
     # a hand-edited lock can hold a spec llmc no longer validates or a plan it cannot lay out: one K002 line
@@ -220,6 +224,18 @@ def _from_lock(lock: dict, lock_path: str, label: str, source: str) -> Measureme
                                "pass the plan.lock.json written by llmc build, unedited")
     be = (lock.get("backend") or {}).get("name") or "native"
     comp = (lock.get("backend") or {}).get("compile")
+    if backend is not None and backend != be:
+        from llmc.compiler import backends
+        from llmc.compiler.compile import backend_layout
+
+        gbs = (lock.get("hyper") or {}).get("global_batch_seqs")
+        got = backend_layout(spec, plan, backend, be, gbs if isinstance(gbs, int) else plan.global_batch_seqs)
+        if got is not None:  # (a runner llmc would not have run it with: the plan's layout, as it ran)
+            plan = got[0]
+        # torch.compile as that backend's job runs it: the spec's choice or the backend's default, never on a CPU
+        # (the emitted torchtitan job compiles only on GPUs: llmc.emit.torchtitan, compile_enable)
+        be, comp = backend, (backends.compile_on(backends.get_backend(backend), spec.training.compile)
+                             and spec.hardware.gpu != "cpu")
     gpu = lock_gpu(spec, lock_path)
     return Measurement(label=label, source=source, backend=be, gpu=gpu.key, hardware=gpu,
                        model=spec.model, seq_len=spec.data.seq_len, precision=spec.training.precision, plan=plan,
@@ -321,11 +337,12 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
     if not tps:
         raise MeasurementError(str(metrics), 0, "K001", "metrics.jsonl", "no step records with tokens_per_s",
                                "train for more than log_every steps")
-    m = _from_lock(lock, str(lock_path), label=metrics.parent.name or str(metrics), source=str(metrics))
     from llmc.compiler.backends import BACKENDS
 
-    if ran in BACKENDS and ran != m.backend:  # the lock's layout, run by another backend: fitted as that one's
-        m = replace(m, backend=ran)
+    # the run is predicted for the backend that trained it (its start event's), on that backend's layout: the
+    # prediction ``llmc report`` shows too (llmc.runreport.predictions)
+    m = _from_lock(lock, str(lock_path), label=metrics.parent.name or str(metrics), source=str(metrics),
+                   backend=ran if ran in BACKENDS else None)
     world = m.plan.world
     # device memory only: on a CPU the trainers log the process's peak RSS (interpreter, libraries, data
     # workers), which is not the per-GPU memory llmc's model predicts (records before peak_mem_device: the lock's
@@ -891,6 +908,13 @@ def predicted(m: Measurement, factors=None):
                else f"llmc cannot model this run: a size is out of range ({type(e).__name__}: {e})")
         raise MeasurementError(m.source, m.line, "K004", "layout", why, hint) from None
     return t, mem
+
+
+def run_prediction(lock: dict, backend: str | None = None, factors=None):
+    """:func:`predicted` for the pre-training run a lock plans, trained by ``backend`` (None: the lock's): what
+    ``llmc calibrate`` fits such a run against (:func:`read_llmc_run`) and ``llmc report`` shows for it
+    (llmc.runreport.predictions). A lock llmc cannot read raises MeasurementError."""
+    return predicted(_from_lock(lock, "plan.lock.json", label="run", source="plan.lock.json", backend=backend), factors)
 
 
 def fit_points(ms: list[Measurement]):

@@ -10,7 +10,8 @@ Inputs:
 * ``run_dir``: a run directory holding one sub-directory per stage with a ``metrics.jsonl`` (the layout
   the launchers write: ``<build>/run/<stage>/metrics.jsonl``), or a single stage's directory with
   ``metrics.jsonl`` directly in it. Records are those of :class:`llmc.runtime.metrics.MetricsLogger`
-  (``step, loss, lr, grad_norm, tokens, tokens_per_s, flops_per_s, mfu, peak_mem_bytes, step_s``) or of the
+  (``step, loss, lr, grad_norm, tokens, tokens_per_s, flops_per_s, mfu, peak_mem_bytes, step_s``; step_s the mean
+  training time per step since the previous record) or of the
   post-training loops (``stage, step, loss, ...``); event records (``"event"`` key) and a truncated last
   line are skipped.
 * ``lock``: predictions are read from it, never recomputed: ``time.step_seconds``,
@@ -20,7 +21,9 @@ Inputs:
   the must-fit ``per_gpu_bytes`` adds the allocator's reserve and the CUDA context), other stages'
   ``stages[i].memory.per_gpu_bytes`` (the only figure their plans give: the row says "must-fit"). A CPU run's
   ``peak_mem_bytes`` is the process's peak RSS (``peak_mem_device: "cpu"``; records without that field: the lock's
-  hardware is the CPU): shown as such, not compared with the per-GPU prediction.
+  hardware is the CPU): shown as such, not compared with the per-GPU prediction. A pre-training run on a backend
+  other than the plan's (its ``start`` event's ``backend``: ``llmc launch --backend``) is predicted for that backend
+  by :func:`llmc.measurements.run_prediction`, as ``llmc calibrate`` predicts it, and its rows name the backend.
 
 Outputs in ``out_dir`` (created): per stage ``<stage>-loss.png``, ``<stage>-throughput.png``,
 ``<stage>-memory.png``, ``<stage>-mfu.png`` (a plot is skipped when no record has that metric), with the
@@ -65,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.measurements import WARMUP_STEPS
 from llmc.runtime.metrics_io import is_score  # (torch-free, as this module)
 
 
@@ -80,6 +84,7 @@ class StageMetrics:
     # the validation records' val_format: the token format the loss is measured in ("llmc-packed": native / DeepSpeed,
     # "torchtitan-documents": torchtitan's job); None: records before the field
     val_format: str | None = None
+    backend: str | None = None  # the backend that trained it (its last start / resume event's); None: not logged
 
     def host_memory(self, lock: dict) -> bool:
         """Whether peak_mem_bytes is the process's peak RSS of a CPU run, not device memory (so not what the plan
@@ -106,6 +111,8 @@ class Prediction:
     mfu: float | None = None
     per_gpu_bytes: float | None = None
     allocated_bytes: float | None = None  # the allocator's allocated peak (pre-training); None: not planned
+    # the backend predicted when it is not the plan's (the run's own: llmc launch --backend); None: the plan's
+    backend: str | None = None
 
     @property
     def memory_bytes(self) -> float | None:
@@ -313,7 +320,8 @@ def read_metrics(path: str | Path, name: str | None = None) -> StageMetrics:
     from llmc.runtime.metrics_io import read_metrics as read_log  # no torch import
 
     path = Path(path)
-    by_step: dict[int, dict[str, Any]] = {r["step"]: r for r in read_log(path).steps
+    log = read_log(path)
+    by_step: dict[int, dict[str, Any]] = {r["step"]: r for r in log.steps
                                           if isinstance(r.get("step"), int) and _number(r["step"]) is not None}
     steps = sorted(by_step)
     cols: dict[str, list[float | None]] = {}
@@ -323,8 +331,9 @@ def read_metrics(path: str | Path, name: str | None = None) -> StageMetrics:
             cols[key] = vals
     devices = [d for s in steps if isinstance(d := by_step[s].get("peak_mem_device"), str)]
     formats = [f for s in steps if isinstance(f := by_step[s].get("val_format"), str)]
+    ran = [b for e in log.events if e.get("event") in ("start", "resume") and isinstance(b := e.get("backend"), str)]
     return StageMetrics(name or path.parent.name, path, steps, cols, devices[-1] if devices else None,
-                        formats[-1] if formats else None)
+                        formats[-1] if formats else None, ran[-1] if ran else None)
 
 
 def find_stages(run_dir: str | Path, lock: dict) -> list[tuple[str, Path]]:
@@ -346,11 +355,32 @@ def _main_stage(lock: dict) -> str | None:
     return None
 
 
-def predictions(lock: dict, stage: str) -> Prediction:
-    """The lock's numbers for ``stage`` (None where the lock has none, or no usable number: :func:`_number`)."""
+def planned_backend(lock: dict) -> str:
+    """The backend the lock's plan was computed for (its ``backend.name``; "native" for a lock without one)."""
+    name = _get(lock, "backend", "name")
+    return name if isinstance(name, str) else "native"
+
+
+def predictions(lock: dict, stage: str, backend: str | None = None) -> Prediction:
+    """The lock's numbers for ``stage`` (None where the lock has none, or no usable number: :func:`_number`).
+
+    ``backend``: the backend that trained the stage (its metrics' start event). A pre-training run on a backend
+    other than the plan's is predicted for that backend, as ``llmc calibrate`` predicts it: llmc's model on that
+    backend's layout (:func:`llmc.measurements.predicted` of :func:`llmc.measurements.run_prediction`, the one
+    place both compute it; uncalibrated), with ``Prediction.backend`` naming it. The plan's own backend: the lock's
+    figures, which are that same model's (calibrated where the build was)."""
+    main = _main_stage(lock)
+    if backend is not None and backend != planned_backend(lock) and (stage == main or main is None):
+        from llmc.measurements import MeasurementError, run_prediction
+
+        try:
+            t, mem = run_prediction(lock, backend)
+        except MeasurementError:
+            return Prediction(backend=backend)  # a lock llmc cannot predict from: no figures, not the plan's
+        return Prediction(t.step_seconds, t.tokens_per_second, t.mfu, float(mem.per_gpu_bytes),
+                          float(mem.allocated_bytes), backend=backend)
     st = next((s for s in _lock_stages(lock) if s["name"] == stage), None)
     mem = _number(_get(st, "memory", "per_gpu_bytes"))
-    main = _main_stage(lock)
     if mem is None and (st is None or stage == main):
         mem = _number(_get(lock, "memory", "per_gpu_bytes"))
     if stage == main or (main is None and st is None):
@@ -364,7 +394,7 @@ def predictions(lock: dict, stage: str) -> Prediction:
 def table(stages: list[StageMetrics], lock: dict) -> list[Row]:
     rows = []
     for sm in stages:
-        p = predictions(lock, sm.name)
+        p = predictions(lock, sm.name, sm.backend)
         med = {k: (statistics.median(sm.steady(k)) if sm.steady(k) else None) for k in ("step_s", "tokens_per_s", "mfu")}
         mem = max(sm.series("peak_mem_bytes")[1], default=None)
         if mem is not None and sm.host_memory(lock):  # a CPU run's RSS: shown, not compared with the per-GPU prediction
@@ -374,9 +404,13 @@ def table(stages: list[StageMetrics], lock: dict) -> list[Row]:
             mem_row = Row(sm.name, "peak memory per GPU" + (", allocated" if p.allocated_bytes else ", must-fit"),
                           "GiB", p.memory_bytes / 2**30 if p.memory_bytes else None,
                           mem / 2**30 if mem is not None else None)
-        rows += [Row(sm.name, "step time", "s", p.step_seconds, med["step_s"]),
-                 Row(sm.name, "throughput", "tokens/s", p.tokens_per_s, med["tokens_per_s"]),
-                 Row(sm.name, "MFU", "%", p.mfu * 100 if p.mfu is not None else None,
+        if p.backend:  # predicted for the backend that ran, not the plan's: the rows say which
+            mem_row = Row(mem_row.stage, f"{mem_row.quantity} [{p.backend}]", mem_row.unit, mem_row.predicted,
+                          mem_row.measured)
+        on = f" [{p.backend}]" if p.backend else ""
+        rows += [Row(sm.name, "step time" + on, "s", p.step_seconds, med["step_s"]),
+                 Row(sm.name, "throughput" + on, "tokens/s", p.tokens_per_s, med["tokens_per_s"]),
+                 Row(sm.name, "MFU" + on, "%", p.mfu * 100 if p.mfu is not None else None,
                      med["mfu"] * 100 if med["mfu"] is not None else None),
                  mem_row]
     return rows
@@ -502,7 +536,18 @@ def _eval_html(stages: list[StageMetrics], evals: list[StageEval]) -> str:
     return "\n".join(out)
 
 
-def _html(title: str, rows: list[Row], images: list[Path], extra: str = "") -> str:
+def backend_note(stages: list[StageMetrics], lock: dict) -> str:
+    """The sentence naming the backend each prediction is for ("" when every stage ran on the plan's)."""
+    planned = planned_backend(lock)
+    other = [(sm.name, p.backend) for sm in stages if (p := predictions(lock, sm.name, sm.backend)).backend]
+    if not other:
+        return ""
+    runs = ", ".join(f"{name} ran on {be}" for name, be in other)
+    return (f"The plan was computed for {planned}; {runs}: its predictions are llmc's (uncalibrated) model of that "
+            f"backend's run, the figures llmc calibrate compares it with, not the plan's.")
+
+
+def _html(title: str, rows: list[Row], images: list[Path], extra: str = "", note: str = "") -> str:
     trs = "\n".join(
         f"<tr><td>{html.escape(r.stage)}</td><td>{html.escape(r.quantity)}</td><td>{html.escape(r.unit)}</td>"
         f"<td>{_fmt(r.predicted)}</td><td>{_fmt(r.measured)}</td>"
@@ -517,8 +562,9 @@ def _html(title: str, rows: list[Row], images: list[Path], extra: str = "") -> s
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:nth-child(-n+3),th:nth-child(-n+3){{text-align:left}}
 figure{{display:inline-block;margin:8px}}img{{max-width:100%}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<p>Predicted: from plan.lock.json. Measured: median of the steps after the first logged one
-(peak memory: maximum). Ratio: measured / predicted.</p>
+<p>Predicted: from plan.lock.json{(" " + html.escape(note)) if note else "."} Measured: median of the records of the
+steps after step {WARMUP_STEPS} (all of them in a shorter run; the rule llmc calibrate takes; peak memory: maximum);
+step time is each record's mean training time per step since the previous record. Ratio: measured / predicted.</p>
 <table><tr><th>stage</th><th>quantity</th><th>unit</th><th>predicted</th><th>measured</th><th>ratio</th></tr>
 {trs}
 </table>
@@ -539,7 +585,7 @@ def make_report(run_dir: str | Path, lock: dict, out_dir: str | Path) -> list[Pa
     stages = [read_metrics(p, name) for name, p in found]
     pngs: list[Path] = []
     for sm in stages:
-        p = predictions(lock, sm.name)
+        p = predictions(lock, sm.name, sm.backend)
         for suffix, key, title, ylabel, scale, attr in PLOTS:
             path = out / f"{sm.name}-{suffix}.png"
             if key == "peak_mem_bytes" and sm.host_memory(lock):
@@ -557,5 +603,6 @@ def make_report(run_dir: str | Path, lock: dict, out_dir: str | Path) -> list[Pa
     name = name if isinstance(name, str) and name else Path(run_dir).name
     page = out / "report.html"
     extra = _eval_html(stages, evals) + "\n" + _checkpoint_html(ck, evals, lock)
-    page.write_text(_html(f"llmc run report: {name}", table(stages, lock), pngs, extra), encoding="utf-8")
+    page.write_text(_html(f"llmc run report: {name}", table(stages, lock), pngs, extra, backend_note(stages, lock)),
+                    encoding="utf-8")
     return [*pngs, page]

@@ -145,14 +145,14 @@ def test_native_loss_spike_still_rewinds_a_nonfinite_step(tmp_path, docs, monkey
     import llmc.runtime.train as tr
     from llmc.runtime.entry import run_stage
 
-    calls, real = {"n": 0}, tr.mean_token_loss
+    calls, real = {"n": 0}, tr.loss_terms
 
     def once_nan(losses, targets, z=0.0):
         calls["n"] += 1
-        out = real(losses, targets, z)
-        return out * float("nan") if calls["n"] == 5 else out
+        ce, zt = real(losses, targets, z)
+        return (ce * float("nan") if calls["n"] == 5 else ce), zt
 
-    monkeypatch.setattr(tr, "mean_token_loss", once_nan)
+    monkeypatch.setattr(tr, "loss_terms", once_nan)
     spike = {"enabled": True, "threshold": 3.0, "window": 10, "skip_batches": 1, "max_rewinds": 2}
     lock = make_lock(tmp_path / "b", docs, steps=8, interval=2, loss_spike=spike)
     res = run_stage(json.loads(lock.read_text()), None, tmp_path / "o", lock.parent)

@@ -120,15 +120,15 @@ def test_wandb_offline_run_written(tmp_path, monkeypatch):
             log.log({"step": 2, "val_loss": 4.25})
     run = log.wandb_run
     assert run is not None and run.offline
-    assert run.summary["train/val_loss"] == 4.25  # taken at step 2, not dropped
+    assert run.summary["val/loss"] == 4.25  # taken at step 2, not dropped
     assert run.summary["train/loss"] == pytest.approx(recs[-2]["loss"])  # (step 4's: committed at the end)
     log.close()
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     deadline = time.monotonic() + 20  # the W&B service process flushes the offline file asynchronously
-    while b"train/val_loss" not in files[0].read_bytes() and time.monotonic() < deadline:
+    while b"val/loss" not in files[0].read_bytes() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert b"train/loss" in files[0].read_bytes() and b"train/val_loss" in files[0].read_bytes()
+    assert b"train/loss" in files[0].read_bytes() and b"val/loss" in files[0].read_bytes()
 
 
 def test_wandb_disabled_by_env(tmp_path, monkeypatch):

@@ -218,14 +218,14 @@ def test_loss_spike_rewinds_and_skips(tmp_path, docs, monkeypatch):
     import llmc.runtime.train as tr
 
     calls = {"n": 0}
-    real = tr.mean_token_loss
+    real = tr.loss_terms  # (cross-entropy, z-loss term): the cross-entropy is the loss the spike check reads
 
     def spiky(losses, targets, z=0.0):
         calls["n"] += 1
-        out = real(losses, targets, z)
-        return out * 50 if calls["n"] == 14 else out  # one poisoned micro-batch at step 14
+        ce, zt = real(losses, targets, z)
+        return (ce * 50 if calls["n"] == 14 else ce), zt  # one poisoned micro-batch at step 14
 
-    monkeypatch.setattr(tr, "mean_token_loss", spiky)
+    monkeypatch.setattr(tr, "loss_terms", spiky)
     spike = {"enabled": True, "threshold": 3.0, "window": 10, "skip_batches": 1, "max_rewinds": 2}
     lock = make_lock(tmp_path, docs, steps=18, interval=6, loss_spike=spike)
     res = run(lock, tmp_path / "o")
@@ -237,7 +237,7 @@ def test_loss_spike_rewinds_and_skips(tmp_path, docs, monkeypatch):
     steps = [r["step"] for r in ev if "loss" in r and "event" not in r]
     assert steps == sorted(set(steps)) and steps[-1] == 18, steps
     # giving up after max_rewinds: a non-finite loss always counts as a spike
-    monkeypatch.setattr(tr, "mean_token_loss", lambda lo, la, z=0.0: real(lo, la, z) * float("nan"))
+    monkeypatch.setattr(tr, "loss_terms", lambda lo, la, z=0.0: (real(lo, la, z)[0] * float("nan"), real(lo, la, z)[1]))
     spike0 = dict(spike, max_rewinds=0)
     lock = make_lock(tmp_path / "b", docs, steps=4, interval=2, loss_spike=spike0)
     with pytest.raises(TrainingError, match="gave up after 0 rewinds"):

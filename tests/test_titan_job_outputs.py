@@ -161,6 +161,22 @@ def test_validations_are_the_locks(titan_run):
     for r in val:
         assert r["val_loss"] == pytest.approx(logged[r["step"]], abs=6e-5)
         assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert r["val_tokens"] == v["tokens_per_eval"]  # the tokens the plan counts per pass, as llmc's trainers log
+
+
+@pytest.mark.slow
+def test_tensorboard_has_llmcs_tags(titan_run):
+    """llmc's scalars under the native trainer's tags, in torchtitan's event files under the stage's tensorboard/."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    b = titan_run[0]
+    tags = set()
+    for d in {p.parent for p in (b / "run" / "pretrain" / "tensorboard").rglob("events.out.tfevents.*")}:
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/tokens_per_s", "train/step_s", "val/loss", "val/tokens"} <= tags, sorted(tags)
+    assert "loss_metrics/global_avg_loss" in tags  # torchtitan's own, beside them
 
 
 @pytest.mark.slow

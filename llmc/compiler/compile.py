@@ -327,21 +327,10 @@ def backend_runs(run: RunSpec, gpu: GPU | None, hyper: Hyper, plan: ParallelPlan
     out: dict[str, BackendRun] = {}
     for name in ("native", "torchtitan", "deepspeed"):
         be = backends.get_backend(name)
-        note = ""
-        if name == "deepspeed":
-            stage = backends.deepspeed_zero_stage(par, plan, searched=True, backend=planned)
-            layout = backends.deepspeed_run_plan(plan, run.hardware.count, int(hyper.global_batch_seqs), stage)
-            if layout is None:
-                continue
-            if backends.deepspeed_folds(plan):
-                note = (f" (the plan's tp={plan.tp} pp={plan.pp} cp={plan.cp} ep={plan.ep} folded into ZeRO-{stage} "
-                        f"data parallelism over all {layout.dp_shard} GPUs, whole sequences)")
-        elif any(getattr(plan, d) > 1 and d not in be.supports for d in ("tp", "pp", "cp", "ep")):
+        got = backend_layout(run, plan, name, planned, int(hyper.global_batch_seqs), titan_gaps=titan_gaps)
+        if got is None:
             continue
-        elif name == "torchtitan" and (titan_gaps or (plan.pp > 1 and run.model.tied_embeddings and not be.tied_pp)):
-            continue
-        else:
-            layout = plan if be.slices_loss else dataclasses.replace(plan, loss_chunk_tokens=0)
+        layout, note = got
         if name == planned and memory is not None and layout == plan:
             mem = memory
         else:
@@ -354,6 +343,31 @@ def backend_runs(run: RunSpec, gpu: GPU | None, hyper: Hyper, plan: ParallelPlan
                                usable_bytes=int(usable_bytes(mem.capacity_bytes, mem.backend)),
                                fits=memory_mod.fits(mem), planned=name == planned)
     return out
+
+
+def backend_layout(run: RunSpec, plan: ParallelPlan, name: str, planned: str, global_batch_seqs: int, *,
+                   titan_gaps: bool = False) -> tuple[ParallelPlan, str] | None:
+    """(the layout backend ``name``'s runner trains the plan's pre-training with, how it differs from the plan in
+    words, "" when it does not), or None when that runner does not train it (:func:`backend_runs` says which). The
+    one rule :func:`backend_runs` sizes each backend's run by and ``llmc calibrate`` / ``llmc report`` predict a run
+    of a backend other than the planned one on (llmc.measurements)."""
+    be = backends.get_backend(name)
+    if name == "deepspeed":
+        par = run.parallelism
+        stage = backends.deepspeed_zero_stage(par, plan, searched=True, backend=planned)
+        layout = backends.deepspeed_run_plan(plan, run.hardware.count, global_batch_seqs, stage)
+        if layout is None:
+            return None
+        note = ""
+        if backends.deepspeed_folds(plan):
+            note = (f" (the plan's tp={plan.tp} pp={plan.pp} cp={plan.cp} ep={plan.ep} folded into ZeRO-{stage} "
+                    f"data parallelism over all {layout.dp_shard} GPUs, whole sequences)")
+        return layout, note
+    if any(getattr(plan, d) > 1 and d not in be.supports for d in ("tp", "pp", "cp", "ep")):
+        return None
+    if name == "torchtitan" and (titan_gaps or (plan.pp > 1 and run.model.tied_embeddings and not be.tied_pp)):
+        return None
+    return (plan if be.slices_loss else dataclasses.replace(plan, loss_chunk_tokens=0)), ""
 
 
 def _check_titan_stage_seq(run: RunSpec, continued, plans: dict, gpu: GPU, sink: Sink) -> None:

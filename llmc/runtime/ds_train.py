@@ -398,9 +398,16 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         trained_record,
     )
     from llmc.runtime.job import TrainJob
-    from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
-    from llmc.runtime.model import Transformer, build_model, mean_token_loss, param_groups
-    from llmc.runtime.train import nonfinite_line, precision_note, step_stats, weights_finite
+    from llmc.runtime.metrics import IntervalTimer, MetricsLogger, step_record
+    from llmc.runtime.model import Transformer, build_model, loss_terms, param_groups
+    from llmc.runtime.train import (
+        has_aux_loss,
+        nonfinite_line,
+        precision_note,
+        step_stats,
+        step_terms,
+        weights_finite,
+    )
     from llmc.spec.schema import ac_label
 
     job = TrainJob.from_lock(lock, stage, build_dir=build_dir)
@@ -443,7 +450,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     with torch.device("meta"):  # counts and FLOPs without allocating anything
         shape_model = Transformer(job.arch)
     n_params = shape_model.num_params()
-    fpt = job.flops_per_token or flops_per_token(job.arch, active_params(shape_model), job.seq_len)
+    fpt = job.flops_per_token  # the compiler's (the lock's); None: no FLOP/s, no MFU
     del shape_model
     torch.manual_seed(job.seed)
     if zero == 3:
@@ -554,9 +561,11 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     validator = Validator.for_job(job, assets, micro, rank, world, device)
     engine.train()
     preempted = False
+    timer = IntervalTimer()  # step_s: the training time of the steps since the last logged record
+    aux_on, terms = has_aux_loss(job.arch), {}
     while step < stop_at:
-        t0 = time.time()
-        loss_sum = torch.zeros((), device=device)
+        timer.start()
+        loss_sum = torch.zeros(3, device=device)  # cross-entropy, MoE aux, z-loss term (their sum is optimized)
         lr = engine.get_lr()[0]
         log_now = (step + 1) % job.log_every == 0 or step == 0 or step + 1 == stop_at
         own_norm, bad = None, None
@@ -565,17 +574,19 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
             x, y = x.to(device), y.to(device)
             # the loss in the plan's slices (0: whole), inside the forward (ZeRO-3 gathers the head there)
             losses, aux = engine(x, return_aux=True, targets=y, loss_chunk=job.loss_chunk, lse=job.z_loss > 0)
-            loss = mean_token_loss(losses, y, job.z_loss)
-            loss = loss + (aux.float() if torch.is_tensor(aux) else aux)
+            ce, z = loss_terms(losses, y, job.z_loss)
+            aux = aux.float() if torch.is_tensor(aux) else torch.tensor(float(aux), device=device)
+            loss = ce + z + aux
             engine.backward(loss)
-            loss_sum += loss.detach().float()
+            loss_sum += torch.stack([ce.detach().float(), aux.detach().float(), z.detach().float()])
             if i == accum - 1:  # before the boundary's optimizer step: the loss (and ZeRO-0's norm) finite everywhere?
                 if zero == 0 and not fp16_scaling:  # ZeRO-0 may not report a norm (and would step on a NaN one):
                     # take it before the step; under fp16's dynamic loss scaling an overflowed (scaled) gradient is
                     # routine, and DeepSpeed skips that step and lowers the scale itself: the loss alone is checked
                     own_norm = _grad_norm(engine.module)
-                last_loss, pre_norm, finite = step_stats(
+                parts, pre_norm, finite = step_stats(
                     loss_sum / accum, own_norm if own_norm is not None else torch.zeros((), device=device))
+                last_loss, terms = parts[0], step_terms(parts, job.z_loss, aux_on)
                 pre_norm = pre_norm if own_norm is not None else None
                 if not finite:
                     bad = ("non-finite loss" if not math.isfinite(last_loss) else "non-finite gradient norm"
@@ -585,7 +596,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
             engine.step()
         step += 1
         tokens += tokens_per_step
-        dt = time.time() - t0
+        timer.stop()  # (validation and checkpoint saves below are not training time)
         # valid after the optimizer step at the accumulation boundary; ZeRO-0 may return None, then the norm taken
         # before the step (DeepSpeed scales by 1/accum in backward, so it is the same norm)
         gnorm = pre_norm if bad else engine.get_global_grad_norm()
@@ -596,8 +607,8 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
             bad = "non-finite gradient norm"  # DeepSpeed's, the same on every rank (its norm is all-reduced)
         if log_now or bad:
             log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=gnorm, tokens=tokens,
-                                tokens_per_step=tokens_per_step, dt=dt, flops_per_token=fpt,
-                                peak_flops=job.peak_flops, world=world, device=device))
+                                tokens_per_step=tokens_per_step, dt=timer.take(), flops_per_token=fpt,
+                                peak_flops=job.peak_flops, world=world, device=device, terms=terms))
         if bad:
             return failed(bad, last_loss, gnorm, taken=engine.was_step_applied() and finite)
         if validator is not None:

@@ -104,7 +104,7 @@ class TrainJob:
     stage_plan: dict | None = None  # the compiler's lock["stages"] entry (hyper, lora, ...)
     # provenance / extras
     spec_dir: str = "."  # relative source paths resolve against this (the spec file's folder)
-    flops_per_token: float | None = None  # compiler's training FLOPs/token (fwd+bwd); None = 6N
+    flops_per_token: float | None = None  # compiler's training FLOPs/token (fwd+bwd); None: no FLOP/s, no MFU logged
     peak_flops: float | None = None  # accelerator peak FLOP/s for MFU; None = unknown (CPU)
     spec: RunSpec | None = None
     lock: dict | None = None

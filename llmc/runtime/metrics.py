@@ -1,14 +1,20 @@
 """Training metrics: console lines + ``metrics.jsonl`` (one JSON object per logged step), MFU, peak memory.
 
-Each record: step, loss, lr, grad_norm, tokens, tokens_per_s, flops_per_s, mfu (None when the device
-peak is unknown, e.g. CPU), peak_mem_bytes (``torch.cuda.max_memory_allocated`` on CUDA, process
-max RSS on CPU), peak_mem_device (``cuda`` / ``cpu``: which of the two it is; ``llmc calibrate`` fits memory
-only on the first), step_s, elapsed_s. Strict JSON (RFC 8259 has no NaN / Infinity): a non-finite number (the loss
-of a step that diverged) is written as ``null`` (:func:`json_line`), so ``jq`` and ``JSON.parse`` read every line. MFU = flops_per_token * tokens_per_s / peak_flops, where
-flops_per_token is the compiler's number when the lock has it, else 6N (Kaplan et al. 2020) plus the
-causal attention term 6*L*T*d_attn (PaLM appendix B, halved for causality).
+Each record: step, loss, lr, grad_norm, tokens, tokens_per_s, flops_per_s, mfu, peak_mem_bytes
+(``torch.cuda.max_memory_allocated`` on CUDA, process max RSS on CPU), peak_mem_device (``cuda`` / ``cpu``: which of
+the two it is; ``llmc calibrate`` fits memory only on the first), step_s, elapsed_s; on a run whose objective has
+them, aux_loss (the MoE load-balancing term, summed over the layers) and z_loss (the z-loss term). ``loss`` is the
+mean next-token cross-entropy (the quantity ``val_loss`` and torchtitan's job log), not the objective the optimizer
+follows (that is loss + aux_loss + z_loss). ``step_s`` is the mean training time of the steps since the previous
+logged record (:class:`IntervalTimer`: each step's forward, backward and optimizer step, data loading included;
+validation and checkpoint saves excluded), ``tokens_per_s`` the tokens of one step over it. ``elapsed_s``: seconds
+since the run's ``start`` event (0 there). Strict JSON (RFC 8259 has no NaN / Infinity): a non-finite number (the
+loss of a step that diverged) is written as ``null`` (:func:`json_line`), so ``jq`` and ``JSON.parse`` read every
+line. MFU = flops_per_token * tokens_per_s / (peak_flops * world), against the lock's peak (the hardware table's;
+on a CPU the table's stand-in peak, so CPU runs log one too), with flops_per_token the compiler's number from the
+lock (``compute.flops_per_token``); a lock without it (or without a peak) logs flops_per_s and mfu as None: the
+runtime has no second FLOPs formula.
 """
-
 from __future__ import annotations
 
 import json
@@ -21,24 +27,54 @@ from pathlib import Path
 import torch
 
 
-def flops_per_token(arch, n_params_active: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N + 6*L*T*(H*hd) (fwd+bwd, causal attention; PaLM App. B / 2)."""
-    if arch.mla is not None:
-        d_attn = arch.n_heads * (arch.mla.qk_nope_head_dim + arch.mla.qk_rope_head_dim)
-    else:
-        d_attn = arch.n_heads * arch.hd
-    return 6.0 * n_params_active + 6.0 * arch.n_layers * seq_len * d_attn
-
-
 def step_record(*, step: int, loss: float, lr: float, grad_norm: float | None, tokens: int, tokens_per_step: int,
-                dt: float, flops_per_token: float, peak_flops: float | None, world: int, device) -> dict:
-    """One metrics.jsonl record (the fields listed in this module's docstring, less elapsed_s)."""
+                dt: float, flops_per_token: float | None, peak_flops: float | None, world: int, device,
+                terms: dict[str, float] | None = None) -> dict:
+    """One metrics.jsonl record (the fields listed in this module's docstring, less elapsed_s). ``loss``: the
+    cross-entropy; ``terms``: the objective's other terms (``aux_loss``, ``z_loss``), logged under their own keys;
+    ``dt``: the mean step time of the interval (:meth:`IntervalTimer.take`); ``flops_per_token``: the lock's (None:
+    no FLOP/s, no MFU)."""
     tps = tokens_per_step / dt if dt > 0 else 0.0
-    flops = flops_per_token * tps
+    flops = flops_per_token * tps if flops_per_token else None
     norm = {} if grad_norm is None else {"grad_norm": round(grad_norm, 6)}  # None: the backend had none
-    return {"step": step, "loss": round(loss, 6), "lr": lr, **norm, "tokens": tokens, "tokens_per_s": round(tps, 1), "flops_per_s": flops,
-            "mfu": (flops / (peak_flops * world)) if peak_flops else None,
+    extra = {k: round(v, 6) for k, v in (terms or {}).items()}
+    return {"step": step, "loss": round(loss, 6), **extra, "lr": lr, **norm, "tokens": tokens,
+            "tokens_per_s": round(tps, 1), "flops_per_s": flops,
+            "mfu": (flops / (peak_flops * world)) if (peak_flops and flops is not None) else None,
             "peak_mem_bytes": peak_memory_bytes(device), "peak_mem_device": device.type, "step_s": round(dt, 4)}
+
+
+class IntervalTimer:
+    """The training time of the steps since the previous logged record: :meth:`start` and :meth:`stop` around each
+    step (its data loading, forward, backward and optimizer step; a trainer calls neither around validation and
+    checkpoint saves), :meth:`take` their mean at a logged step, which starts the next interval. The one definition of
+    ``step_s`` (and so of ``tokens_per_s``) on llmc's trainers: the time the plan's step time predicts, averaged over
+    every step of the interval rather than read off the one step that is logged."""
+
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self) -> None:
+        self.seconds, self.steps, self._t0 = 0.0, 0, None
+
+    def start(self) -> None:
+        self._t0 = self.clock()
+
+    def stop(self) -> None:
+        """The step begun at :meth:`start` is done: its seconds join the interval."""
+        if self._t0 is not None:
+            self.seconds += self.clock() - self._t0
+            self.steps += 1
+            self._t0 = None
+
+    def take(self) -> float:
+        """Mean seconds per step since the last take (0.0 when no step was timed); resets."""
+        mean = self.seconds / self.steps if self.steps else 0.0
+        self.seconds, self.steps = 0.0, 0
+        return mean
+
+    def reset(self) -> None:
+        """Drop the steps timed since the last take (a loss-spike rewind discards them)."""
+        self.seconds, self.steps = 0.0, 0
 
 
 def active_params(model: torch.nn.Module) -> int:
@@ -89,7 +125,8 @@ def _drop_partial_line(path: Path) -> None:
 
 
 class MetricsLogger:
-    """Rank-0 logger; other ranks construct it with ``enabled=False``."""
+    """Rank-0 logger; other ranks construct it with ``enabled=False``. ``elapsed_s`` counts from the ``start`` event
+    (which every trainer logs once it is about to train: its clock restarts there), before it from construction."""
 
     def __init__(self, path: str | Path | None, enabled: bool = True, echo: bool = True):
         self.enabled, self.echo = enabled, echo
@@ -102,6 +139,8 @@ class MetricsLogger:
     def log(self, rec: dict) -> None:
         if not self.enabled:
             return
+        if rec.get("event") == "start":  # one origin on every trainer: the run's start event is elapsed_s 0
+            self.t0 = time.time()
         rec = {"elapsed_s": round(time.time() - self.t0, 3), **rec}
         if self.path:
             with open(self.path, "a") as f:

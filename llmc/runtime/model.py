@@ -915,14 +915,20 @@ def token_losses(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, 
     return TokenLosses(out[0].view(targets.shape), out[1].view(targets.shape) if lse else None)
 
 
-def mean_token_loss(losses: TokenLosses, targets: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
-    """Mean next-token cross-entropy over targets != -100; z_loss adds coef * mean(logsumexp(logits)^2) over the same
-    tokens (PaLM, Chowdhery et al. 2022; ``losses`` must then carry ``lse``)."""
+def loss_terms(losses: TokenLosses, targets: torch.Tensor, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean next-token cross-entropy over targets != -100, the z-loss term coef * mean(logsumexp(logits)^2) over the
+    same tokens: PaLM, Chowdhery et al. 2022; ``losses`` must then carry ``lse``; a 0 tensor when ``z_loss`` is 0).
+    The trainers optimize their sum (plus the MoE aux loss) and log the cross-entropy as ``loss``, the z term apart."""
     mask = targets != IGNORE_INDEX
     ce = losses.nll.sum() / mask.sum()
-    if z_loss > 0:
-        ce = ce + z_loss * (losses.lse[mask] ** 2).mean()
-    return ce
+    z = z_loss * (losses.lse[mask] ** 2).mean() if z_loss > 0 else ce.new_zeros(())
+    return ce, z
+
+
+def mean_token_loss(losses: TokenLosses, targets: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy plus the z-loss term (:func:`loss_terms`)."""
+    ce, z = loss_terms(losses, targets, z_loss)
+    return ce + z if z_loss > 0 else ce
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:

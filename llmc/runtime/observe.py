@@ -12,8 +12,9 @@ call a no-op)::
 
 ``log(rec)`` takes the same record as ``MetricsLogger.log`` (so a trainer can call both, or hand its
 ``MetricsLogger`` in as ``metrics=`` and let this write ``metrics.jsonl`` through it). Every numeric field
-except ``step`` becomes a scalar ``train/<field>`` at global step ``rec["step"]`` (None, booleans and
-strings are skipped), in:
+except ``step`` becomes a scalar at global step ``rec["step"]`` (None, booleans and strings are skipped), tagged
+by :func:`scalar_tag`: a validation record's ``val_<x>`` as ``val/<x>`` (``val/loss``, ``val/ppl``, ``val/tokens``),
+every other field ``<f>`` as ``train/<f>`` (``train/loss``, ``train/tokens_per_s``, ...), in:
 
 * TensorBoard: ``<out_dir>/tensorboard/events.out.tfevents.*`` via ``torch.utils.tensorboard.
   SummaryWriter`` (needs the ``tensorboard`` package; https://pytorch.org/docs/stable/tensorboard.html).
@@ -41,6 +42,13 @@ from pathlib import Path
 from typing import Any
 
 TAG_PREFIX = "train/"
+VAL_PREFIX = "val/"
+
+
+def scalar_tag(key: str) -> str:
+    """The TensorBoard / W&B tag of a metrics record's field: ``val_<x>`` -> ``val/<x>``, else ``train/<key>`` (the
+    torchtitan job's records writer tags llmc's scalars the same way)."""
+    return VAL_PREFIX + key[len("val_"):] if key.startswith("val_") else TAG_PREFIX + key
 
 
 def format_duration(seconds: float | None) -> str:
@@ -174,12 +182,12 @@ class RunLogger:
         scalars = scalars_of(rec)
         if self.tb is not None:
             for k, v in scalars.items():
-                self.tb.add_scalar(TAG_PREFIX + k, v, global_step=step)
+                self.tb.add_scalar(scalar_tag(k), v, global_step=step)
         if self.wandb_run is not None:
             # commit=False: a step's records (its training figures, then its validation) accumulate until a later
             # step's arrive (or finish); committing each record would move W&B past the step, and it ignores data
             # logged to an earlier step ("Tried to log to step N that is less than the current step N+1")
-            self.wandb_run.log({TAG_PREFIX + k: v for k, v in scalars.items()}, step=step, commit=False)
+            self.wandb_run.log({scalar_tag(k): v for k, v in scalars.items()}, step=step, commit=False)
         if self.echo:
             loss = f"  loss {rec['loss']:.4f}" if isinstance(rec.get("loss"), int | float) else ""
             print(self.progress().line() + loss, flush=True)

@@ -5,8 +5,8 @@
     data (packed, DP-sharded) -> model (seeded init | init_from) -> parallelize -> AdamW + LR schedule
     -> resume from the newest verified checkpoint (refused, one line, when another stage wrote it or it holds
        another model's tensor shapes) -> loop:
-         grad_accum x (forward [bf16 autocast on CUDA] -> mean token loss (in the plan's slices) + MoE aux
-                       -> backward)
+         grad_accum x (forward [bf16 autocast on CUDA] -> mean token loss (in the plan's slices) + z-loss + MoE aux
+                       -> backward)   [logged: the cross-entropy as loss, the other two as z_loss / aux_loss]
          -> clip -> finite check (every step: loss and grad norm, all ranks agreeing) -> step -> log
          -> loss-spike check (rewind + skip) -> checkpoint (its weights checked finite first)
     -> final checkpoint + DONE.json
@@ -58,9 +58,9 @@ from llmc.runtime.hf_io import (
     trained_record,
 )
 from llmc.runtime.job import TrainJob
-from llmc.runtime.metrics import MetricsLogger, active_params, flops_per_token, step_record
+from llmc.runtime.metrics import IntervalTimer, MetricsLogger, step_record
 from llmc.runtime.metrics_io import truncate_after_step
-from llmc.runtime.model import Transformer, build_model, mean_token_loss, param_groups
+from llmc.runtime.model import Transformer, build_model, loss_terms, param_groups
 from llmc.runtime.observe import RunLogger
 from llmc.runtime.preempt import handlers as _preempt_handlers
 from llmc.runtime.preempt import stop_now as _stop_now
@@ -93,21 +93,39 @@ def build_optimizer(model: torch.nn.Module, job: TrainJob, device: torch.device)
 # ----------------------------------------------------------------------------- distributed helpers
 
 
-def step_stats(loss: torch.Tensor, norm: torch.Tensor) -> tuple[float, float, bool]:
+def step_stats(loss: torch.Tensor, norm: torch.Tensor) -> tuple:
     """(the step's loss averaged over the ranks, this rank's grad norm, whether the loss and the norm are finite on
     every rank): one all-reduce of three numbers and one host sync, so that every rank reaches the same verdict.
+    ``loss`` may be 1-d, the loss's terms (:func:`step_terms`: cross-entropy, MoE aux, z-loss): then each is
+    averaged, the first element is their list, and every term must be finite.
 
     The loss is each rank's own (its micro-batches'): their sum is non-finite when any rank's is (NaN + x = NaN,
     inf + finite = inf). The norm is global already (:func:`clip_grad_norm` all-reduces the DTensor shards'; DDP
     all-reduces the gradients), but a count of the ranks whose norm is non-finite is summed too: a rank-local NaN
     stops every rank at this step instead of leaving the others in the next collective."""
-    norm = norm.detach().float().reshape(()).to(loss.device)
-    local = torch.stack([loss.detach().float().reshape(()), norm, (~torch.isfinite(norm)).float()])
+    parts = loss.detach().float().reshape(-1)
+    n = parts.numel()
+    norm = norm.detach().float().reshape(1).to(parts.device)
+    local = torch.cat([parts, norm, (~torch.isfinite(norm)).float()])
     total = local.clone()
     if _world() > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    mean_loss, own_norm, bad_norms = torch.stack([total[0] / _world(), local[1], total[2]]).tolist()
-    return mean_loss, own_norm, math.isfinite(mean_loss) and bad_norms == 0
+    out = torch.cat([total[:n] / _world(), local[n:n + 1], total[n + 1:]]).tolist()
+    means, own_norm, bad_norms = out[:n], out[n], out[n + 1]
+    finite = all(math.isfinite(v) for v in means) and bad_norms == 0
+    return (means if loss.dim() else means[0]), own_norm, finite
+
+
+def step_terms(parts: list[float], z_loss: float, moe_aux: bool) -> dict[str, float]:
+    """The objective's terms besides the cross-entropy, as logged (``parts``: step_stats' means of the cross-entropy,
+    the MoE aux loss, the z-loss term): ``aux_loss`` on a model with a load-balancing loss, ``z_loss`` when the
+    spec's z-loss is on."""
+    return {**({"aux_loss": parts[1]} if moe_aux else {}), **({"z_loss": parts[2]} if z_loss > 0 else {})}
+
+
+def has_aux_loss(arch) -> bool:
+    """Whether the model's objective has the MoE load-balancing term (:class:`llmc.runtime.model.MoE`: aux_coef > 0)."""
+    return arch.moe is not None and arch.moe.aux_loss_coef > 0
 
 
 @torch.no_grad()
@@ -320,8 +338,9 @@ def _setup_model(job: TrainJob, info: DistInfo, init_checkpoint: str | Path | No
 
 def _forward_backward(job: TrainJob, wrapped, loader: StreamLoader, info: DistInfo, cpu_bf16: bool,
                       is_ddp: bool) -> torch.Tensor:
-    """One optimizer step's micro-batches (gradients accumulated); returns the summed loss."""
-    loss_sum = torch.zeros((), device=info.device)
+    """One optimizer step's micro-batches (gradients accumulated); returns the terms of the objective, each summed
+    over the micro-batches: (cross-entropy, MoE aux loss, z-loss term). The backward is of their sum."""
+    loss_sum = torch.zeros(3, device=info.device)
     for micro in range(job.grad_accum):
         x, y = loader.next_batch(job.micro_batch)
         x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
@@ -330,9 +349,10 @@ def _forward_backward(job: TrainJob, wrapped, loader: StreamLoader, info: DistIn
         with ctx:
             with _autocast(job, info.device, cpu_bf16):
                 losses, aux = wrapped(x, return_aux=True, targets=y, loss_chunk=job.loss_chunk, lse=job.z_loss > 0)
-                loss = mean_token_loss(losses, y, job.z_loss) + aux
+                ce, z = loss_terms(losses, y, job.z_loss)
+                loss = ce + z + aux
             (loss / job.grad_accum).backward()
-        loss_sum += loss.detach()
+        loss_sum += torch.stack([ce.detach().float(), aux.detach().float(), z.detach().float()])
     return loss_sum
 
 
@@ -401,7 +421,7 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
     init_from = init_checkpoint if resume_from is None else None
     hf_src = init_hf_source(job) if (init_checkpoint is None and resume_from is None) else None
     model, wrapped, n_params = _setup_model(job, info, init_from, hf_src, say)
-    fpt = job.flops_per_token or flops_per_token(job.arch, active_params(model), job.seq_len)
+    fpt = job.flops_per_token  # the compiler's (the lock's); None: no FLOP/s, no MFU
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, job, info.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, job.lr_factor)
@@ -409,6 +429,8 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
     spike = job.loss_spike
     window: deque[float] = deque(maxlen=spike.window)
     step, tokens, rewinds = 0, 0, 0
+    timer = IntervalTimer()  # step_s: the training time of the steps since the last logged record
+    aux_on = has_aux_loss(job.arch)
 
     def restore(path: Path) -> dict:
         nonlocal step, tokens, window
@@ -492,13 +514,14 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
         return result
 
     while step < stop_at:
-        t0 = time.time()
+        timer.start()
         loss_sum = _forward_backward(job, wrapped, loader, info, cpu_bf16, is_ddp)
         gnorm = clip_grad_norm(params, job.grad_clip)  # 0-d tensor
         lr = opt.param_groups[0]["lr"]
         # every step, before the optimizer step: the loss (all-reduced) and the grad norm, finite on every rank?
         # (one small all-reduce and one host sync per step: the price of never stepping on a NaN)
-        last_loss, norm, finite = step_stats(loss_sum / job.grad_accum, gnorm)
+        parts, norm, finite = step_stats(loss_sum / job.grad_accum, gnorm)
+        last_loss, terms = parts[0], step_terms(parts, job.z_loss, aux_on)
         if finite:
             opt.step()
             sched.step()
@@ -507,12 +530,12 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
         step += 1
         tokens += job.tokens_per_step
         log_now = step % job.log_every == 0 or step == 1 or step == stop_at
-        dt = time.time() - t0
+        timer.stop()  # (validation and checkpoint saves below are not training time)
 
         if not finite and not spike.enabled:  # a hard stop: the step was not taken and is not saved
             log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=norm, tokens=tokens,
-                                tokens_per_step=job.tokens_per_step, dt=dt, flops_per_token=fpt,
-                                peak_flops=job.peak_flops, world=info.world, device=info.device))
+                                tokens_per_step=job.tokens_per_step, dt=timer.take(), flops_per_token=fpt,
+                                peak_flops=job.peak_flops, world=info.world, device=info.device, terms=terms))
             what = ("non-finite loss" if not math.isfinite(last_loss) else "non-finite gradient norm"
                     if not math.isfinite(norm) else "non-finite gradient norm on another rank")
             return failed(what, last_loss, norm)
@@ -542,13 +565,14 @@ def _train(job: TrainJob, out_dir: str | Path, assets: Assets, *, max_steps: int
                 say(f"loss spike at step {spike_step} (loss {last_loss:.4f}): rewound to step {step}, "
                     f"skipping {spike.skip_batches} batch(es) past the spike (rewind {rewinds}/{spike.max_rewinds})")
                 log.event("loss_spike", step=spike_step, loss=last_loss, rewound_to=step, rewinds=rewinds)
+                timer.reset()  # the discarded steps' time is no step's of the log
                 continue
             window.append(last_loss)
 
         if log_now:
             log.log(step_record(step=step, loss=last_loss, lr=lr, grad_norm=float(gnorm), tokens=tokens,
-                                tokens_per_step=job.tokens_per_step, dt=dt, flops_per_token=fpt,
-                                peak_flops=job.peak_flops, world=info.world, device=info.device))
+                                tokens_per_step=job.tokens_per_step, dt=timer.take(), flops_per_token=fpt,
+                                peak_flops=job.peak_flops, world=info.world, device=info.device, terms=terms))
         if validator is not None:
             validator.maybe(step, stop_at, wrapped, log)
         if step % job.checkpoint_interval == 0 and step < job.steps:

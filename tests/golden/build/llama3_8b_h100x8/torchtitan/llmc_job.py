@@ -452,6 +452,12 @@ class LlmcValidator(Validator):
     def should_validate(self, step):
         return step % self.config.freq == 0 or step == self.last_step
 
+    def validate(self, model_parts, step):
+        # torchtitan adds each validation batch's labels.numel() to ntokens_since_last_log: what it holds now is
+        # training tokens, the rest (at log_validation) the pass's (LlmcMetricsProcessor.log_validation: val_tokens)
+        self.metrics_processor.val_tokens_from = self.metrics_processor.ntokens_since_last_log
+        return super().validate(model_parts, step)
+
 
 def _validator():
     if VALIDATION is None:
@@ -653,16 +659,27 @@ def _keep_records_through(path, step):
         os.close(dfd)
 
 
+def _scalar_tag(key):
+    """llmc.runtime.observe.scalar_tag, inlined (the job imports nothing of llmc): a record's `val_<x>` as
+    `val/<x>`, any other field as `train/<field>`."""
+    return "val/" + key[len("val_"):] if key.startswith("val_") else "train/" + key
+
+
 class _WithRecords(BaseLogger):
     """torchtitan's loggers (TensorBoard, W&B), then llmc's metrics.jsonl: torchtitan's MetricsProcessor hands its
-    logger one dict per logged step (training or validation), which both read."""
+    logger one dict per logged step (training or validation), which both read. The llmc record's numbers go to
+    torchtitan's loggers too, under the tags llmc's own trainers write (`train/loss`, `train/tokens_per_s`,
+    `train/mfu`, ..., `val/loss`, `val/tokens`: llmc.runtime.observe.scalar_tag), beside torchtitan's own tags."""
 
     def __init__(self, inner, processor):
         self.inner, self.processor = inner, processor
 
     def log(self, metrics, step):
         self.inner.log(metrics, step)
-        self.processor.write_record(metrics, step)
+        rec = self.processor.write_record(metrics, step)
+        if rec:
+            self.inner.log({_scalar_tag(k): float(v) for k, v in rec.items() if k != "step" and not isinstance(v, bool)
+                            and isinstance(v, int | float)}, step)
 
     def close(self):
         self.inner.close()
@@ -671,14 +688,17 @@ class _WithRecords(BaseLogger):
 class LlmcMetricsProcessor(MetricsProcessor):
     """torchtitan's MetricsProcessor that also writes llmc's metrics.jsonl: the records llmc's own trainers write
     (llmc.runtime.metrics: step, loss, lr, grad_norm, tokens, tokens_per_s, flops_per_s, mfu, peak_mem_bytes,
-    peak_mem_device, step_s; validation: step, val_loss, val_ppl, and val_format: VAL_FORMAT, the windows' format),
+    peak_mem_device, step_s; validation: step, val_loss, val_ppl, val_tokens (the tokens the pass evaluated, over
+    the data-parallel ranks), and val_format: VAL_FORMAT, the windows' format),
     so `llmc report` and `llmc calibrate` read a torchtitan run as they read llmc's.
 
     Every figure is torchtitan's own, from the dict its `log` / `log_validation` pass to their loggers: the loss (its
     global average over the data-parallel ranks), the gradient norm, the learning rate of the step (read before
     the scheduler steps), the tokens seen, and its throughput per device (tokens / s / non-data-parallel degree), of
-    which the job's tokens/s is that times the world size and the step time the tokens of a step divided by that
-    (the clock runs from the previous log or validation: a step after a checkpoint save includes the save).
+    which the job's tokens/s is that times the world size and the step time the tokens of a step divided by that:
+    the mean training time of the steps since the previous logged record, as llmc's trainers log it (torchtitan's
+    clock runs from the previous log or validation; the time of a checkpoint save and of the weights' finite check
+    before it is taken off it, :meth:`exclude`, so neither counts as training time).
     MFU is torchtitan's achieved FLOP/s per device over the peak llmc's plan quotes MFU against (`peak_flops`, the
     hardware table's; torchtitan's own percentage divides by its bf16 table, whatever the precision). Memory:
     `peak_mem_bytes` is the allocator's allocated peak on a GPU (torch.cuda.max_memory_allocated since torchtitan's
@@ -699,6 +719,20 @@ class LlmcMetricsProcessor(MetricsProcessor):
 
     path = None  # metrics.jsonl on the rank that writes it, once the run has started (start_records)
     last_step = None  # the run's last step (training.steps), set by PreemptibleTrainer
+    val_tokens_from = None  # ntokens_since_last_log when the validation pass began (LlmcValidator.validate)
+
+    def exclude(self, seconds):
+        """Take `seconds` (a checkpoint save's) off the throughput clock: not training time."""
+        self.time_last_log += seconds
+
+    def log_validation(self, loss, step, extra_metrics=None):
+        # every rank (the validator calls it on each): the pass's tokens, summed over the data-parallel ranks
+        local = self.ntokens_since_last_log - (self.val_tokens_from or 0)
+        n = torch.tensor(float(local), device=self.device_memory_monitor.device)
+        if self.parallel_dims.dp_enabled and dist.is_initialized():
+            dist.all_reduce(n, group=self.parallel_dims.get_mesh("batch").get_group())
+        self.val_tokens_from = None
+        super().log_validation(loss, step, {**(extra_metrics or {}), "validation_metrics/tokens": int(n.item())})
 
     def _build_metric_logger(self, **kwargs):
         return _WithRecords(super()._build_metric_logger(**kwargs), self)
@@ -733,13 +767,17 @@ class LlmcMetricsProcessor(MetricsProcessor):
         self._append({"event": name, **kw})
 
     def write_record(self, m, step):
+        """The llmc record of torchtitan's dict `m`, appended to metrics.jsonl and returned (None: this rank writes
+        none)."""
         if self.path is None:
-            return
+            return None
         if "validation_metrics/loss" in m:
             loss = float(m["validation_metrics/loss"])
-            self._append({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
-                          "val_format": VAL_FORMAT})
-            return
+            rec = {"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
+                   **({"val_tokens": int(m["validation_metrics/tokens"])} if "validation_metrics/tokens" in m else {}),
+                   "val_format": VAL_FORMAT}
+            self._append(rec)
+            return rec
         tps = float(m["throughput(tps)"]) * self.world  # the whole job's tokens/s
         flops = float(m["tflops"]) * 1e12  # per device
         lr = next((float(v) for k, v in m.items() if k.startswith("lr/")), None)
@@ -757,6 +795,7 @@ class LlmcMetricsProcessor(MetricsProcessor):
                **({"peak_reserved_bytes": int(reserved)} if device.type == "cuda" and reserved >= 0 else {}),
                "step_s": round(self.tokens_per_step / tps, 4) if tps > 0 else None}
         self._append(rec)
+        return rec
 
 
 # ---------------------------------------------------------------- checkpoint retention
@@ -775,6 +814,16 @@ class LlmcCheckpointManager(CheckpointManager):
     @dataclass(kw_only=True, slots=True)
     class Config(CheckpointManager.Config):
         pass
+
+    on_save_time = None  # called with a save's seconds (PreemptibleTrainer: LlmcMetricsProcessor.exclude)
+
+    def save(self, curr_step, last_step=False):
+        t = time.perf_counter()
+        try:
+            return super().save(curr_step, last_step)
+        finally:
+            if self.on_save_time is not None:
+                self.on_save_time(time.perf_counter() - t)
 
     def _save(self, curr_step, last_step=False):
         saved = super()._save(curr_step, last_step)
@@ -876,6 +925,8 @@ class PreemptibleTrainer(Trainer):
         super().__init__(config=config)
         # the run's last step: llmc logs and validates there too (LlmcMetricsProcessor, LlmcValidator)
         self.metrics_processor.last_step = config.training.steps
+        if isinstance(self.checkpointer, LlmcCheckpointManager):  # a save is not training time (step_s)
+            self.checkpointer.on_save_time = self.metrics_processor.exclude
         if config.validator.enable:
             self.validator.last_step = config.training.steps
 
@@ -930,7 +981,9 @@ class PreemptibleTrainer(Trainer):
             self._stop_nonfinite(e.what, e.loss, taken=False)
         ck = self.config.checkpoint
         if self._finite_checks and ck.enable and (self.step % ck.interval == 0 or self.step == self.config.training.steps):
+            t = time.perf_counter()
             self._check_weights()
+            self.metrics_processor.exclude(time.perf_counter() - t)  # part of the save, not training time
 
     def _check_weights(self):
         """Every rank, before a save: stop (_stop_nonfinite) when a weight is not finite on any rank."""
