@@ -345,12 +345,20 @@ def _plan(spec: Path, diff: Path | None, sets: list[str] | None, fit_check: bool
 
 def _for_build(compiled, spec: Path, build_dir: Path):
     """The compiled run as its build records it: the spec path relative to the build directory, so no
-    artifact depends on the directory ``llmc build`` ran from."""
+    artifact depends on the directory ``llmc build`` ran from. A spec read from standard input (``-``) is recorded
+    as :data:`~llmc.spec.load.STDIN_SPEC`, its relative paths resolving against the current directory (as
+    ``llmc.spec.load.spec_base_dir`` read them), recorded relative to the build directory (``Compiled.spec_dir``)."""
     import dataclasses
 
-    rel = Path(os.path.relpath(spec.resolve(), build_dir.resolve())).as_posix()
+    from llmc.spec.load import STDIN_SPEC
+
+    if str(spec) == "-":
+        where = Path(os.path.relpath(Path.cwd().resolve(), build_dir.resolve())).as_posix()
+        rel, folder = STDIN_SPEC, where
+    else:
+        rel, folder = Path(os.path.relpath(spec.resolve(), build_dir.resolve())).as_posix(), None
     diags = [dataclasses.replace(d, file=rel) if d.file == compiled.spec_path else d for d in compiled.diagnostics]
-    return dataclasses.replace(compiled, spec_path=rel, diagnostics=diags)
+    return dataclasses.replace(compiled, spec_path=rel, spec_dir=folder, diagnostics=diags)
 
 
 @_command()
@@ -524,6 +532,7 @@ def launch(
         nproc_problem,
         preemption_times,
         resume_checkpoint,
+        software_warning,
         spec_change_warning,
         start_stage,
         unfit_warning,
@@ -589,6 +598,10 @@ def launch(
     unfit = unfit_warning(build_dir, cmds, backend)
     if unfit:
         _echo(_one_line(unfit), err=True)
+    # torch (or the launched backend's library) another release than the build targets (L017): said, not refused
+    versions = software_warning(build_dir, cmds, backend)
+    if versions:
+        _echo(_one_line(versions), err=True)
     for note in (n for c in cmds for n in c.notes):  # a link on the run's write path it allows (a scratch disk)
         _echo(note, err=True)
     for c in cmds:

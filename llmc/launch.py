@@ -95,6 +95,7 @@ fails (they are shown when it does not).
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import shlex
 import shutil
@@ -127,6 +128,7 @@ from llmc.runtime.job import (
     stage_staleness,
     tokenizer_files,
 )
+from llmc.spec.load import STDIN_SPEC
 from llmc.spec.schema import POSTTRAIN_KINDS
 
 BACKENDS = ("native", "torchtitan", "deepspeed")
@@ -388,7 +390,9 @@ def spec_change_warning(build_dir: str | os.PathLike, lock: dict | None = None) 
     the lock names (``spec.path``, resolved from the build directory as ``llmc.runtime.job`` resolves
     ``spec.dir_from_build``) is a file whose bytes' sha256 is not the ``spec.file_sha256`` the build recorded; else
     None: no such file (a build copied alone to a node), a lock without ``file_sha256`` (an older llmc's, whose
-    ``spec.sha256`` may include ``--set`` overrides it did not record), or an unreadable file. ``lock``: the build's
+    ``spec.sha256`` may include ``--set`` overrides it did not record), a spec read from standard input (``spec.path``
+    :data:`~llmc.spec.load.STDIN_SPEC`, or an older llmc's ``<dir>/-``: no file to compare, whatever file is named
+    ``-`` there now), or an unreadable file. ``lock``: the build's
     lock as :func:`load_build` returns it (read when not given; a lock that cannot be read says nothing here)."""
     from llmc.emit.common import build_command
     from llmc.fileio import sha256_file
@@ -406,6 +410,8 @@ def spec_change_warning(build_dir: str | os.PathLike, lock: dict | None = None) 
         return None
     recorded, rel, overrides = spec.get("file_sha256"), spec.get("path"), spec.get("overrides")
     if not isinstance(recorded, str) or not recorded or not isinstance(rel, str) or not rel:
+        return None
+    if rel == STDIN_SPEC or posixpath.basename(rel) == "-":  # read from standard input (an older llmc's: ``../-``)
         return None
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         overrides = []
@@ -427,6 +433,37 @@ def spec_change_warning(build_dir: str | os.PathLike, lock: dict | None = None) 
     line = (f"{build_dir}: warning[L009] the spec {shown} changed since this build (sha256 {now[:12]}, built from "
             f"{recorded[:12]}): launching the build as built; rebuild (`{cmd}`) to apply it")
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)  # one inert line, whatever the paths hold
+
+
+def software_warning(build_dir: str | os.PathLike, cmds: list[Cmd], backend: str | None = None) -> str | None:
+    """``"<build_dir>: warning[L017] built for torch 2.14.1, this environment has 2.13.0: ..."``, one line, when the
+    installed torch (its metadata, a local label such as ``+cu130`` left out; torch is not imported), or the launched
+    backend's own library (``deepspeed`` / ``torchtitan``, :func:`_launched_backend`), is another release than the
+    lock's ``_llmc.target_versions`` names (``llmc.runtime.software.target_mismatch``); the launch goes on. None
+    otherwise: the same releases, a library not installed or not targeted, a launch that runs nothing, or a lock too
+    malformed to say (``launch_commands`` refused it already)."""
+    from llmc.lockfile import LOCK_HEADER_KEY
+    from llmc.runtime.software import target_mismatch
+
+    if not any(not c.skip_reason for c in cmds):
+        return None
+    try:
+        b, lock = load_build(build_dir)
+        name = _launched_backend(b, lock, backend)
+        header = lock.get(LOCK_HEADER_KEY)
+        diff = target_mismatch(header.get("target_versions") if isinstance(header, dict) else None, name)
+    except (LaunchError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if not diff:
+        return None
+    built = " and ".join(f"{d} {want}" for d, want, _ in diff)
+    have = diff[0][2] if len(diff) == 1 else " and ".join(f"{d} {v}" for d, _, v in diff)
+    pins = " ".join(f"{d}=={want}" for d, want, _ in diff)
+    line = (f"{build_dir}: warning[L017] built for {built}, this environment has {have}: its kernels and numerics "
+            f"(losses need not match a run under the build's versions, bit for bit or at all), its defaults and the "
+            f"checkpoints it writes may differ; launching anyway (to reproduce the build's run, install {pins}; "
+            f"each stage's start event in metrics.jsonl and its DONE.json record the versions that ran)")
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
 
 
 #: what a refused link in ``assets/`` / ``data/`` (prepare's folders) ends with

@@ -211,8 +211,8 @@ def test_rebuild_command_words_read_back_exactly(word):
 
 
 def test_a_spec_read_from_standard_input_gets_a_rebuild_command_that_reads_it_there(proj, monkeypatch):
-    """`llmc build - -o DIR` records the spec's path as the folder it was read in + "-": the README's command reads
-    the spec on standard input again (a file named "-" does not exist), and its hash is the one recorded."""
+    """`llmc build - -o DIR`: the README's command reads the spec on standard input again (a file named "-" does not
+    exist), and its hash is the one recorded."""
     monkeypatch.chdir(proj / "specs")
     text = (proj / "specs" / "tiny_cpu.yaml").read_text()
     r = CliRunner().invoke(app, ["build", "-", "-o", "../build/stdin", "--set", SETS[0]], input=text)
@@ -220,6 +220,35 @@ def test_a_spec_read_from_standard_input_gets_a_rebuild_command_that_reads_it_th
     readme = (proj / "build" / "stdin" / "README.md").read_text()
     assert f"llmc build - -o . --set {SETS[0]} < SPEC" in readme
     assert hashlib.sha256(text.encode()).hexdigest() in readme
+
+
+def test_a_spec_read_from_standard_input_is_recorded_as_such(proj, monkeypatch):
+    """A stdin spec is recorded as "<stdin>" (not "<folder>/-"), its relative paths resolving against the directory it
+    was built in (dir_from_build); the README and headers say "standard input"; a file named "-" there (or an older
+    llmc's "<folder>/-" lock) gives no L009, which compared an unrelated file."""
+    from llmc.launch import spec_change_warning
+    from llmc.runtime.job import TrainJob
+
+    monkeypatch.chdir(proj / "specs")
+    text = (proj / "specs" / "tiny_cpu.yaml").read_text()
+    r = CliRunner().invoke(app, ["build", "-", "-o", "../build/stdin"], input=text)
+    assert r.exit_code == 0, r.output
+    b = proj / "build" / "stdin"
+    lock = json.loads((b / "plan.lock.json").read_text())
+    assert lock["spec"]["path"] == "<stdin>" and lock["spec"]["dir_from_build"] == "../../specs"
+    assert "# Spec: standard input  sha256: " in (b / "torchtitan" / "llmc_job.py").read_text()
+    assert "Built from standard input (sha256 " in (b / "README.md").read_text()
+    # the relative paths of the spec resolve against the folder it was built in, from wherever the build is launched
+    monkeypatch.chdir(b)
+    assert Path(TrainJob.from_lock(lock, build_dir=str(b)).spec_dir) == (proj / "specs").resolve()
+    (proj / "specs" / "-").write_text("x: 1\n")
+    (b / "-").write_text("x: 1\n")
+    assert spec_change_warning(".") is None
+    r = CliRunner().invoke(app, ["launch", ".", "--backend", "native", "--dry-run"])
+    assert r.exit_code == 0 and "L009" not in r.output, r.output
+    lock["spec"]["path"] = "../../specs/-"  # what an older llmc recorded
+    (b / "plan.lock.json").write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
+    assert spec_change_warning(".") is None
 
 
 def test_the_cluster_manifests_name_the_hashes_as_every_other_header(tmp_path, monkeypatch):

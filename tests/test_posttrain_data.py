@@ -369,6 +369,9 @@ def test_sft_truncation_is_reported_and_metrics_keep_full_precision(tmp_path, ca
     assert recs[0]["event"] == "start" and recs[0]["backend"] == "native" and recs[0]["stage"] == "sft" \
         and recs[0]["kind"] == "sft"
     assert recs[0]["spec_sha256"] == json.loads(Path(lock).read_text())["spec"]["sha256"]  # the spec trained under
+    from llmc.runtime.software import runtime_versions
+
+    assert recs[0]["software"] == done["software"] == runtime_versions()  # and the software that ran it
     (ev,) = [r for r in recs if r.get("event") == "truncation"]
     assert ev["truncated"] == cut and ev["trained_tokens_cut"] == lost
     steps = [r for r in recs if "event" not in r]

@@ -8,6 +8,8 @@ whose attribute names are their JSON keys.
 
 from __future__ import annotations
 
+import os
+import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -582,6 +584,16 @@ class Compiled:
     # plan or a GPU; a backend whose runner cannot train the plan (the native trainer and pp / cp / ep, DeepSpeed and a
     # batch that does not split over every GPU, torchtitan and a model it cannot run) has no entry
     backend_runs: dict[str, BackendRun] = field(default_factory=dict)
+    # the folder the spec's relative paths resolve against, relative as ``spec_path`` is, where ``spec_path`` names
+    # no file (``llmc.spec.load.STDIN_SPEC``: the current directory ``llmc build -`` ran in); None: ``spec_path``'s
+    spec_dir: str | None = None
+
+    def spec_folder(self) -> str:
+        """The folder the spec's relative paths resolve against (``spec_dir``, else ``spec_path``'s folder), as a
+        POSIX path relative as ``spec_path`` is (the build directory's, in a build): the lock's ``dir_from_build``."""
+        if self.spec_dir is not None:
+            return self.spec_dir
+        return posixpath.dirname(str(self.spec_path).replace(os.sep, "/")) or "."
 
     def to_json(self) -> dict:
         """JSON view; keys documented in README (model.*, compute.*, plan, memory.*, time.*, cost.*)."""

@@ -115,6 +115,14 @@ def build_command(spec_path: str, out: str, overrides=(), *, calibration: str | 
     return " ".join(sh_word(w) for w in words)
 
 
+def spec_named(compiled) -> str:
+    """The spec a build was built from, as its README and headers name it: its path (relative to the build
+    directory), or "standard input" for ``llmc build -`` (``llmc.spec.load.STDIN_SPEC``)."""
+    from llmc.spec.load import STDIN_SPEC
+
+    return "standard input" if compiled.spec_path == STDIN_SPEC else compiled.spec_path
+
+
 def header_fields(compiled) -> dict[str, Any]:
     """The header of the JSON artifacts (the lock's ``_llmc``). With ``--set`` overrides it also holds
     ``spec_file_sha256`` (the file's own bytes), ``overrides`` and ``spec_sha256_of`` (what ``spec_sha256`` hashes

@@ -74,7 +74,7 @@ class EvalTasksEmitter(Emitter):
     def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
         t = compiled.evaluation.tasks
         names = t.names  # a local file's task: or group: name (llmc.spec.facts), as lm_eval --tasks takes it
-        spec_dir = posixpath.dirname(compiled.spec_path) or "."
+        spec_dir = compiled.spec_folder()
         copied = t.task_files
         # the commands run from the build directory (pretrained=run/<stage>/hf): the copies' folders, relative to
         # it; without copies (no facts read) the spec's folders, relative to it as spec_dir is

@@ -11,8 +11,6 @@ resolved-spec fields that changed, as dotted paths old -> new).
 from __future__ import annotations
 
 import json
-import os
-import posixpath
 import shlex
 from collections.abc import Mapping
 from typing import Any
@@ -29,10 +27,11 @@ def lock_dict(compiled) -> dict[str, Any]:
     file's own hash when there are none). A lock of an older llmc has neither ``file_sha256`` nor ``overrides``:
     its ``sha256`` may then include overrides nobody recorded (``llmc launch`` compares nothing with it). Besides:
     ``spec.dir_from_build``, the spec's folder relative to the build directory, against which the runtime
-    resolves relative data and tokenizer paths wherever the build is launched from; and ``cluster`` (``nnodes``, ``gpus_per_node``, ``world``), the one place launchers and cluster
+    resolves relative data and tokenizer paths wherever the build is launched from (a spec read from standard input:
+    ``path`` is ``"<stdin>"``, ``llmc.spec.load.STDIN_SPEC``, and its folder the directory ``llmc build -`` ran in); and ``cluster`` (``nnodes``, ``gpus_per_node``, ``world``), the one place launchers and cluster
     manifests read the node layout from."""
     d = compiled.to_json()
-    d["spec"]["dir_from_build"] = posixpath.dirname(str(compiled.spec_path).replace(os.sep, "/")) or "."
+    d["spec"]["dir_from_build"] = compiled.spec_folder()
     d["cluster"] = {"nnodes": nnodes(compiled), "gpus_per_node": gpus_per_node(compiled),
                     "world": world(compiled)}
     d[LOCK_HEADER_KEY] = header_fields(compiled)

@@ -7,7 +7,6 @@ reproduces the build, ``--set`` overrides included, and with overrides the sha25
 
 from __future__ import annotations
 
-import posixpath
 import re
 from collections.abc import Mapping
 
@@ -18,12 +17,14 @@ from llmc.emit.common import (
     header_lines,
     jinja_env,
     nnodes,
+    spec_named,
     stage_list,
     world,
 )
 from llmc.emit.deepspeed import CONFIG_PATH, zero_stage_for
 from llmc.emit.launchers import build_backend, titan_module
 from llmc.emit.serving import served_files
+from llmc.spec.load import STDIN_SPEC
 
 
 def readme_numbers(compiled) -> list[tuple[str, str]]:
@@ -56,7 +57,7 @@ def rebuild_section(compiled) -> str:
     """The README's "Rebuild" section (Markdown): the command that reproduces the build from the build directory
     (``compiled.spec_path`` is relative to it; ``-o .``), shlex-quoted, in a fenced code block whose fence is longer
     than any run of backticks in it (CommonMark 0.31 section 4.5: the block then ends only at that fence)."""
-    stdin = posixpath.basename(str(compiled.spec_path)) == "-"  # `llmc build -`: the spec came on standard input
+    stdin = compiled.spec_path == STDIN_SPEC  # `llmc build -`: the spec came on standard input
     cal = compiled.calibration.file if compiled.calibration is not None else None
     given = cal["path"] if cal and not compiled.spec.calibration else None  # --calibration FILE (its name, sha256)
     # (without the fit check the plan may not fit: the rebuild needs the option again, or it stops at P004 / G005)
@@ -98,7 +99,7 @@ class ReadmeEmitter(Emitter):
         ctx = {
             "header": header_lines(compiled),
             "name": compiled.spec.name,
-            "spec_path": compiled.spec_path,
+            "spec_path": spec_named(compiled),
             # the file's own hash (with --set overrides the build's spec_sha256 hashes them too: rebuild_section)
             "spec_sha256": compiled.spec_file_sha256 or ("unknown" if compiled.overrides else compiled.spec_sha256),
             "gpu": compiled.spec.hardware.gpu,

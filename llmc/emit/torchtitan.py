@@ -73,7 +73,6 @@ import sys
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from llmc import TARGET_VERSIONS
@@ -98,7 +97,15 @@ from llmc.compiler.result import Hyper
 from llmc.compiler.timing import mfu_peak
 from llmc.diagnostics import Diagnostic, SpecError
 from llmc.emit.base import Emitter
-from llmc.emit.common import RDZV_PORT, diag, gpus_per_node, jinja_env, launcher_context, nvlink_hint
+from llmc.emit.common import (
+    RDZV_PORT,
+    diag,
+    gpus_per_node,
+    jinja_env,
+    launcher_context,
+    nvlink_hint,
+    spec_named,
+)
 from llmc.escape import visible
 from llmc.rope import rope_attention_factor
 from llmc.runtime.capabilities import (
@@ -108,6 +115,7 @@ from llmc.runtime.capabilities import (
     titan_stage_module,
 )
 from llmc.runtime.runlock import EXIT_PREEMPTED  # torch-free: the exit status of a preempted stage
+from llmc.runtime.software import RECORDED
 from llmc.sources import mixture_parts, validation_file_format
 from llmc.spec.families import FUSED_HF_MODEL_TYPES, family_of
 from llmc.spec.model import RopeScaling
@@ -240,7 +248,7 @@ def _from_build(compiled, path: str | None) -> str | None:
         return None
     if path.startswith("~") or os.path.isabs(path):
         return path
-    return posixpath.normpath(posixpath.join(posixpath.dirname(Path(compiled.spec_path).as_posix()), path))
+    return posixpath.normpath(posixpath.join(compiled.spec_folder(), path))
 
 
 def _data_sources(compiled) -> list[dict[str, Any]]:
@@ -757,6 +765,7 @@ def _checkpoint_comm(compiled, save_seconds: float = 0.0) -> dict[str, Any]:
         "ckpt_async_mode": "async" if hyper.checkpoint_async else "disabled",
         "ckpt_keep_latest_k": int(ck.keep_latest),
         "preempted_exit": EXIT_PREEMPTED,
+        "software_dists": RECORDED,  # what the start event records (llmc.runtime.software.runtime_versions, inlined)
         **launcher_context(compiled),  # torchrun's shutdown time (the run scripts)
         "log_freq": int(tr.log_every),
         # into the stage's run folder beside metrics.jsonl, as llmc's trainers write it (torch's SummaryWriter)
@@ -928,7 +937,7 @@ def render_torchtitan(compiled, strict: bool = False) -> dict[str, str]:
             llmc_version=llmc.__version__,
             torchtitan_version=TORCHTITAN_VERSION,
             torch_version=TORCH_VERSION,
-            spec_path=compiled.spec_path,
+            spec_path=spec_named(compiled),
             spec_sha256=_spec_hash_text(compiled),
             notes=vals.notes,
             config_fn=CONFIG_FN,

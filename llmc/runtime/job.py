@@ -579,6 +579,9 @@ def fingerprint_record(lock: dict | None, stage: str | None, build_dir: str | Pa
     (:data:`DATA_KEY`, :func:`data_files`; ``spec_dir``: the spec's folder, which relative source paths resolve
     against, by default found from ``build_dir``) and of the tokenizer it trained with (:data:`TOKENIZER_KEY`: the
     files of its copy in ``stage_dir``/tokenizer, :func:`tokenizer_files`; none without ``stage_dir`` or a copy).
+    With ``stage_dir`` (the record a trainer writes into its finished stage's DONE.json) it also records the software
+    that ran it (``llmc.runtime.software.SOFTWARE_KEY``: Python, torch, tokenizers, ... and llmc versions), which no
+    staleness check compares: another version does not make a finished stage stale.
     ``memo``: one launch's digests (:func:`source_files_digest`)."""
     fp = stage_fingerprint(lock, stage) if lock else None
     if not fp:
@@ -586,8 +589,14 @@ def fingerprint_record(lock: dict | None, stage: str | None, build_dir: str | Pa
     start = start_checkpoint_files(lock, stage, build_dir)
     data = data_files(lock, stage, _record_spec_dir(lock, build_dir, spec_dir), memo)
     tok = tokenizer_files(Path(stage_dir) / STAGE_TOKENIZER) if stage_dir is not None else None
+    if stage_dir is not None:
+        from llmc.runtime.software import SOFTWARE_KEY, runtime_versions
+
+        ran = {SOFTWARE_KEY: runtime_versions()}
+    else:
+        ran = {}
     return {FINGERPRINT_KEY: fp, FINGERPRINT_SHA: fp["sha256"], **({START_KEY: start} if start else {}),
-            **({DATA_KEY: data} if data is not None else {}), **({TOKENIZER_KEY: tok} if tok else {})}
+            **({DATA_KEY: data} if data is not None else {}), **({TOKENIZER_KEY: tok} if tok else {}), **ran}
 
 
 def _record_spec_dir(lock: dict, build_dir: str | Path | None, spec_dir: str | Path | None) -> str | None:

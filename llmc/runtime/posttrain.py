@@ -79,6 +79,11 @@ from llmc.runtime.records import (  # noqa: F401  (re-exported: the stage loops'
 )
 
 SYNTHETIC_EXAMPLES = 512
+#: the seed of llmc's builtin post-training records (``llmc.runtime.synthetic``: a source with ``format: builtin`` of a
+#: record kind): fixed, as ``eval.validation.seed`` is for the held-out split, so that runs of other
+#: ``training.seed`` values (a seed sweep) train on the same records; 0, the default ``training.seed``, whose records
+#: they were before
+SYNTHETIC_SEED = 0
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -107,7 +112,6 @@ def load_stage_records(job: Any, kind: str, n_synthetic: int = SYNTHETIC_EXAMPLE
     located line (PostTrainError) naming the file and line, what is wrong and what a record holds."""
     st = job.stage_spec
     sources = list(st.data.sources) if st is not None and st.data is not None else []
-    seed = job.seed
     records: list = []
     wheres: list[str] = []
     for src in sources or [None]:
@@ -125,7 +129,7 @@ def load_stage_records(job: Any, kind: str, n_synthetic: int = SYNTHETIC_EXAMPLE
         if src is None or src.format == "builtin":  # no stage data, or llmc's builtin records of the stage's kind
             gen = {"chat": synthetic.chat_examples, "preference": synthetic.preference_pairs,
                    "prompts": synthetic.arithmetic_prompts}[kind]
-            made = gen(n_synthetic, seed=seed)
+            made = gen(n_synthetic, seed=SYNTHETIC_SEED)  # (not training.seed: the data stay the same)
             records += made
             wheres += [f"synthetic {kind} {i}" for i in range(len(made))]
             continue
@@ -473,10 +477,13 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
                  log=_Log(out / "metrics.jsonl", job.stage, job.log_every, enabled=main), shard=shard,
                  device=info.device, reference=reference, state=state)
     try:
-        # as pre-training's first record of a start (llmc.runtime.train.open_run_logger): who trains, what stage
+        # as pre-training's first record of a start (llmc.runtime.train.open_run_logger): who trains, what stage, with
+        # what software
+        from llmc.runtime.software import runtime_versions
+
         loop.log.event("start", backend="native", kind=kind, steps=steps, world=info.world,
                        resumed_from=state.step if state.resume_from is not None else None,
-                       spec_sha256=getattr(job, "spec_sha256", None))
+                       spec_sha256=getattr(job, "spec_sha256", None), software=runtime_versions())
         if state.resume_from is not None:
             say(f"resumed from {state.resume_from} at step {state.step}")
             loop.log.event("resume", step=state.step, checkpoint=str(state.resume_from))

@@ -637,8 +637,12 @@ def open_run_logger(job: TrainJob, out: Path, main: bool, echo: bool, metrics: M
                     run_name=f"{job.name}-{job.stage}", config=config, tensorboard=tb, wandb="auto",
                     metrics=metrics, enabled=main, echo=echo,
                     purge_step=None if resumed_step is None else resumed_step + 1)
-    # the spec the steps from here train under (a resume under another spec's lock then shows in the log itself)
-    log.event("start", backend=backend, resumed_from=resumed_step, spec_sha256=job.spec_sha256)
+    # the spec the steps from here train under (a resume under another spec's lock then shows in the log itself), and
+    # the software that runs them (llmc.runtime.software)
+    from llmc.runtime.software import runtime_versions
+
+    log.event("start", backend=backend, resumed_from=resumed_step, spec_sha256=job.spec_sha256,
+              software=runtime_versions())
     return log
 
 

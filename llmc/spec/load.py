@@ -100,6 +100,10 @@ __all__ = ["LoadedSpec", "read_spec", "reads_spec", "load_spec", "loads_spec", "
 
 #: Largest spec file read (a spec is a few KiB; the largest example is under 8 KiB).
 MAX_SPEC_BYTES = 2**20
+#: A spec read from standard input (``llmc build -``) as a build records it (the lock's ``spec.path``, the build
+#: README's and headers' "standard input"): no file, so ``llmc launch`` compares none (L009). Its relative paths
+#: resolve against the current directory, which the lock records as ``spec.dir_from_build``.
+STDIN_SPEC = "<stdin>"
 #: Deepest nesting of YAML collections, counted after alias expansion (a spec needs about 6).
 MAX_YAML_DEPTH = 64
 #: Most YAML values (scalars and collections), counting every alias expansion: bounds "billion laughs"

@@ -421,7 +421,10 @@ class Training(SpecModel):
     """Start pre-training (a run without ``stages``) from a Hugging Face checkpoint: a local directory or a
     Hub id in the local HF cache, as ``stages[].init_hf`` (continued pre-training of an existing model)."""
     seed: Int = 0
-    """Random seed."""
+    """Random seed of the model's initialisation, the mixture's draw of each window's source, LoRA's initialisation,
+    GRPO's sampling and SFT / DPO's order of records per epoch. Not the data order of a single source: pre-training
+    streams documents in file order, unshuffled (shuffle the corpus beforehand); not the held-out split
+    (``eval.validation.seed``) nor llmc's builtin post-training records (a fixed seed)."""
     steps: Int | None = Field(default=None, gt=0)
     """Optimizer steps. None = data.tokens / global_batch_tokens."""
     log_every: Int = Field(default=10, gt=0)

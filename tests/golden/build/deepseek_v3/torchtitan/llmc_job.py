@@ -789,9 +789,9 @@ class LlmcMetricsProcessor(MetricsProcessor):
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         _keep_records_through(self.path, step)
         if step > 0:
-            self.event("resume", step=step, backend="torchtitan")
+            self.event("resume", step=step, backend="torchtitan", software=_software())
         else:
-            self.event("start", backend="torchtitan")
+            self.event("start", backend="torchtitan", software=_software())
 
     def _append(self, rec):
         if self.path is None:
@@ -902,6 +902,29 @@ def _nonfinite_count(tensors, device):
 
 # ---------------------------------------------------------------- preemption
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "saved, rerun me to resume" (llmc launch and the Slurm script)
+
+
+def _software():
+    """llmc.runtime.software.runtime_versions, inlined (the job imports nothing of llmc): the Python version and the
+    installed versions of the libraries the run records (one not installed left out), llmc's when it is installed."""
+    import importlib.metadata
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in ('torch', 'tokenizers', 'transformers', 'datasets', 'deepspeed', 'torchtitan', 'lm_eval'):  # (not `dist`: torch.distributed here)
+        v = getattr(sys.modules[name], "__version__", None) if name in sys.modules else None
+        if not v:
+            try:
+                v = importlib.metadata.version(name)
+            except (importlib.metadata.PackageNotFoundError, ValueError, OSError):
+                v = None
+        if v:
+            out[name] = str(v)
+    try:
+        out["llmc"] = importlib.metadata.version("llmc")
+    except (importlib.metadata.PackageNotFoundError, ValueError, OSError):
+        pass
+    return out
 
 
 def _report_exit(code):
