@@ -609,6 +609,14 @@ def launch(
                    + shlex.join(c.argv))
     if dry_run:
         return
+    # eval.tasks' registered names against lm-evaluation-harness's task index, once, before any training (L016)
+    from llmc.launch import check_eval_tasks
+
+    unknown, uncached = check_eval_tasks(build_dir, cmds)
+    for line in uncached:
+        _echo(_one_line(line), err=True)
+    if unknown:
+        _fail(unknown)
     from llmc.runtime.runlock import EXIT_PREEMPTED, RunLock, RunLockBusy
 
     b = build_dir.resolve()
@@ -701,7 +709,8 @@ def launch(
                        f"not counted as preempted; {resume} (full log: {rel})"])
             if rc != 0:
                 hint = _space_hint(b, cmds) if _no_space(cause) else ""
-                _fail([f"{build_dir}: error[L002] stage {c.stage!r} failed (exit {rc}): {cause} "
+                failed = f"stage {c.stage!r} trained; its eval failed" if c.evaluates else f"stage {c.stage!r} failed"
+                _fail([f"{build_dir}: error[L002] {failed} (exit {rc}): {cause} "
                        + (f"({hint}) " if hint else "")
                        + f"(fix it and rerun `{quoted}`: finished stages are skipped; full log: {rel})"])
             if log_error is not None:  # it finished, but what it printed could not all be kept

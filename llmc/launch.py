@@ -114,7 +114,7 @@ from llmc.runtime.capabilities import (
     titan_stage_module,
 )
 from llmc.runtime.evaluate import SUMMARY as EVAL_SUMMARY
-from llmc.runtime.evaluate import eval_stages
+from llmc.runtime.evaluate import eval_change, eval_stages
 from llmc.runtime.job import (
     FINGERPRINT_FILE,
     STAGE_TOKENIZER,
@@ -167,6 +167,8 @@ class Cmd:
     #: ``note:`` lines ``llmc launch`` prints before it runs (the prepare step's: a link it allows on the run's write
     #: path, :func:`linked_write_notes`)
     notes: tuple[str, ...] = ()
+    #: a stage's eval step (``llmc.runtime.evaluate``): its failure comes after the stage trained
+    evaluates: bool = False
 
 
 def has_gpu() -> bool:
@@ -755,9 +757,10 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
             cmds.append(export)
         if s["name"] in evaluated:
             ev = Cmd(argv=[py, "-m", "llmc.runtime.evaluate", "--lock", lock_path, "--stage", s["name"],
-                           "--out", str(run / s["name"])], cwd=str(b), stage=s["name"])
+                           "--out", str(run / s["name"])], cwd=str(b), stage=s["name"], evaluates=True)
             summary = run / s["name"] / EVAL_SUMMARY
-            if summary.exists():
+            # scored again when what decides its scores changed since (the eval step sets the old ones aside)
+            if summary.exists() and eval_change(summary, lock, s["name"]) is None:
                 ev.skip_reason = f"stage {s['name']!r} already evaluated ({summary})"
             cmds.append(ev)
 
@@ -786,6 +789,53 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         raise LaunchError(link_message(linked, b))
     prepare.notes = tuple(linked_write_notes(b, lock, run, [prepare, *cmds]))
     return [prepare, *cmds]
+
+
+def check_eval_tasks(build_dir: str | os.PathLike, cmds: list[Cmd], timeout: float = 900) -> tuple[list[str], list[str]]:
+    """The launch's check of ``eval.tasks`` before any training, when an eval step of the launch will run and the
+    lock names registered lm-evaluation-harness tasks: ``(errors, warnings)``, one line each. An unknown task name
+    (not in lm_eval's own task index, :func:`llmc.runtime.evaluate.check_tasks`, run once in the runtime's
+    environment: lm_eval is not imported here) is L016, an error, with the closest known names (difflib); a task
+    whose dataset is not in the local Hugging Face cache while the eval step runs offline is L016, a warning (the
+    eval would fail with R017 after training). The check itself failing (lm_eval missing, a timeout) is said as a
+    warning, and the launch goes on: the eval step reports its own errors."""
+    import json
+    import subprocess
+
+    evals = [c for c in cmds if c.evaluates and not c.skip_reason]
+    if not evals:
+        return [], []
+    b = Path(build_dir)
+    lock = json.loads((b / "plan.lock.json").read_text())
+    plan = (lock.get("evaluation") or {}).get("tasks") or {}
+    if not [t for t in plan.get("tasks") or [] if not str(t).endswith((".yaml", ".yml"))]:
+        return [], []
+    c = evals[0]
+    argv = [*c.argv[: c.argv.index("--stage")], "--check-tasks"]  # (the eval step's interpreter and lock)
+    where = f"{b / 'plan.lock.json'}"
+    found, why = None, ""
+    try:
+        r = subprocess.run(argv, cwd=c.cwd or str(b), env={**os.environ, **c.env}, capture_output=True, text=True,
+                           timeout=timeout)
+        if r.returncode == 0 and r.stdout.strip():
+            found = json.loads(r.stdout.strip().splitlines()[-1])
+        else:
+            why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+    except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+        why = f"{type(e).__name__}: {e}"
+    if not isinstance(found, dict):
+        return [], [f"{where}: warning[L016] the eval task names could not be checked before training ({why}); "
+                    "launching anyway (the eval step after training reports a task it cannot load)"]
+    errors = [f"{where}: error[L016] eval.tasks: {name!r} is not a task lm-evaluation-harness knows (not in its task "
+              "index), so the eval step after training would fail; "
+              + (f"did you mean {' or '.join(repr(n) for n in close)}?" if close else
+                 "`lm_eval ls tasks` lists the registered names")
+              + " Fix eval.tasks and rebuild with `llmc build`" for name, close in found.get("unknown") or []]
+    warnings = [f"{where}: warning[L016] eval.tasks: the dataset of {name!r} ({dataset}) is not in the local Hugging "
+                "Face cache and the eval step runs offline, so it would fail after training (R017); on a machine "
+                "with network, download it with `datasets` (datasets.load_dataset) into the cache and copy the cache "
+                "(HF_HOME) here, or score a local task file" for name, dataset in found.get("uncached") or []]
+    return errors, warnings
 
 
 def start_stage(c: Cmd, build_dir: str | os.PathLike, options: LaunchOptions | None = None) -> None:

@@ -41,7 +41,7 @@ written by :mod:`llmc.runtime.evaluate`) are a table of task, metric and value. 
 gives the same numbers as text (``llmc report`` prints them)::
 
     pretrain: validation loss 7.62 -> 4.31 (ppl 2043.5 -> 74.4), steps 100 -> 500
-    pretrain: eval pydoc_mc: acc 0.7917, acc_norm 0.7500 (24 documents)
+    pretrain: eval pydoc_mc: acc 0.7917 ± 0.0847, acc_norm 0.7500 ± 0.0903 (24 documents, 0-shot)
     pretrain: eval pydoc_mc acc by step: 200 0.5417, 400 0.6250, final (500) 0.7917
 
 A summary that cannot be read or is not of that shape (``tasks`` or ``samples`` not an object) is left out of the
@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from llmc.measurements import WARMUP_STEPS
-from llmc.runtime.metrics_io import is_score  # (torch-free, as this module)
+from llmc.runtime.metrics_io import is_score, score_line  # (torch-free, as this module)
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,8 @@ class StageEval:
     tasks: dict[str, dict[str, float]]  # task -> metric -> value
     samples: dict[str, int]
     step: int | None = None  # the checkpoint's step (None: the stage's final export)
+    n_shot: dict[str, int] = field(default_factory=dict)  # task -> few-shot examples per prompt (lm_eval's n-shot)
+    chat: bool = False  # whether the prompts went through the model's chat template
 
 
 def _read_summary(path: Path, stage: str, step: int | None = None,
@@ -210,7 +212,9 @@ def _read_summary(path: Path, stage: str, step: int | None = None,
              for t, m in (d.get("tasks") or {}).items() if isinstance(m, dict)}
     samples = {t: n for t, n in (d.get("samples") or {}).items()
                if isinstance(n, int) and not isinstance(n, bool) and _number(n) is not None}
-    return StageEval(stage, tasks, samples, step)
+    n_shot = {t: n for t, n in (d.get("n_shot") or {}).items()
+              if isinstance(n, int) and not isinstance(n, bool)} if isinstance(d.get("n_shot"), dict) else {}
+    return StageEval(stage, tasks, samples, step, n_shot, d.get("apply_chat_template") is True)
 
 
 def _stage_dirs(run_dir: Path, lock: dict, marker: str) -> list[tuple[str, Path]]:
@@ -300,11 +304,10 @@ def summary_lines(run_dir: str | Path, lock: dict, skipped: list[str] | None = N
     evals = read_evals(run_dir, lock, left_out)
     for ev in evals:
         for task, metrics in ev.tasks.items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if is_score(k))
-            if not shown:  # no score that is a number
+            if not any(is_score(k) for k in metrics):  # no score that is a number
                 continue
-            n = ev.samples.get(task)
-            lines.append(f"{ev.stage}: eval {task}: {shown}" + (f" ({n} documents)" if n else ""))
+            lines.append(f"{ev.stage}: eval {task}: "
+                         f"{score_line(metrics, ev.samples.get(task), ev.n_shot.get(task), ev.chat)}")
     finals = {ev.stage: ev for ev in evals}
     for stage, steps in read_checkpoint_evals(run_dir, lock, left_out).items():
         labels, rows, _ = _by_step(steps, finals.get(stage), lock)

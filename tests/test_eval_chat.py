@@ -81,9 +81,10 @@ def test_emitted_lm_eval_commands_apply_the_template_where_the_eval_step_does():
 # ------------------------------------------------------------------------------ the eval step, with lm_eval
 
 
-def _chat_model(path: Path, template: str | None) -> None:
+def _chat_model(path: Path, template: str | None, newlines: bool = False) -> None:
     """The tiny Llama of test_evaluate, its tokenizer knowing Llama 3's turn markers as single special tokens, and
-    ``template`` in tokenizer_config.json as an llmc export writes it."""
+    ``template`` in tokenizer_config.json as an llmc export writes it. ``newlines``: runs of newlines (the "\n\n"
+    after the assistant header) are tokens of their own, as in a BPE tokenizer, instead of dropped."""
     import tokenizers
     import torch
     import transformers
@@ -92,10 +93,13 @@ def _chat_model(path: Path, template: str | None) -> None:
     words = sorted({w for q in QUESTIONS for w in (q["question"] + " " + " ".join(q["choices"])).lower().split()}
                    | {"question", "answer", ":", "user", "assistant"})
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3} | {m: 4 + i for i, m in enumerate(MARKERS)}
-    vocab |= {w: len(vocab) + i for i, w in enumerate(words)}
+    vocab |= {w: len(vocab) + i for i, w in enumerate(words + (["\n", "\n\n"] if newlines else []))}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = tokenizers.normalizers.Lowercase()
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    pre = tokenizers.pre_tokenizers
+    tok.pre_tokenizer = (pre.Sequence([pre.Split(tokenizers.Regex(r"[ \t]+"), behavior="removed"),
+                                       pre.Split(tokenizers.Regex(r"\n+|\w+|[^\w\s]+"), behavior="isolated")])
+                         if newlines else pre.Whitespace())
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                                 eos_token="</s>", pad_token="<pad>",
                                                 additional_special_tokens=list(MARKERS))
@@ -224,6 +228,58 @@ def test_chat_stage_checkpoints_are_scored_through_the_template_too(tmp_path, lo
     assert json.loads((out / "eval" / "step-5" / "summary.json").read_text())["apply_chat_template"] is True
     ctx = logged[0]["tiny_local_mc"][0]["arguments"][0][0]
     assert ctx.startswith("<s><|start_header_id|>user<|end_header_id|>") and ctx.endswith("assistant<|end_header_id|>\n\n")
+
+
+@pytest.mark.slow
+def test_through_the_template_the_answer_alone_is_scored(tmp_path, logged, capsys):
+    """The prompt ends with the assistant header and its "\n\n" (a token of its own here): each choice's score is
+    log p(answer tokens | prompt tokens, the "\n\n" included), recomputed with transformers, not lm_eval 0.4's
+    default split, which moves the "\n\n" into every answer; acc and acc_norm (by each answer's length) follow."""
+    import torch
+    import transformers
+    from test_evaluate import QUESTIONS, TASK_YAML
+
+    from llmc.runtime import evaluate
+    from llmc.spec.chat import CHAT_TEMPLATES
+
+    lock = _setup(tmp_path, template=True, stages=("chat",))
+    (tmp_path / "tasks" / "mc.yaml").write_text(TASK_YAML.format(data="mc.jsonl").replace(
+        "metadata:", "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\nmetadata:"))
+    hf = tmp_path / "run" / "chat" / "hf"
+    _chat_model(hf, CHAT_TEMPLATES["llama3"].jinja, newlines=True)
+    assert evaluate.main(["--lock", str(lock), "--stage", "chat", "--out", str(tmp_path / "run" / "chat")]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    nl = tok.convert_tokens_to_ids("\n\n")
+
+    def loglik(ctx_ids: list[int], ans_ids: list[int]) -> float:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ctx_ids + ans_ids])).logits[0].float(), -1)
+        return sum(logp[len(ctx_ids) + i - 1, t].item() for i, t in enumerate(ans_ids))
+
+    acc = acc_norm = 0
+    for sample in logged[0]["tiny_local_mc"]:
+        q = QUESTIONS[sample["doc_id"]]
+        ctx = sample["arguments"][0][0]
+        ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"]
+        assert ctx_ids[-1] == nl  # the header's whitespace is a token, ending the prompt
+        lls = []
+        for (c, cont), resp, choice in zip(sample["arguments"], sample["resps"], q["choices"], strict=True):
+            ans_ids = tok(choice, add_special_tokens=False)["input_ids"]
+            assert c == ctx and cont == choice and nl not in ans_ids
+            want = loglik(ctx_ids, ans_ids)
+            assert resp[0][0] == pytest.approx(want, abs=1e-4)
+            # lm_eval's own split would score "\n\n" + the answer after the prompt without it
+            assert abs(loglik(ctx_ids[:-1], [nl, *ans_ids]) - want) > 1e-3
+            lls.append(want)
+        acc += max(range(3), key=lambda i: lls[i]) == q["answer"]
+        acc_norm += max(range(3), key=lambda i: lls[i] / len(q["choices"][i])) == q["answer"]
+    summary = json.loads((tmp_path / "run" / "chat" / evaluate.SUMMARY).read_text())
+    got = summary["tasks"]["tiny_local_mc"]
+    assert got["acc"] == pytest.approx(acc / 4) and got["acc_norm"] == pytest.approx(acc_norm / 4)
+    # the score line says how the documents were prompted: 0-shot (the task sets no few-shot), through the template
+    assert summary["n_shot"] == {"tiny_local_mc": 0}
+    assert "(4 documents, 0-shot, chat template)" in capsys.readouterr().out
 
 
 def test_template_asked_for_an_export_without_one_is_a_located_error(tmp_path, capsys):

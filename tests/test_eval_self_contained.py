@@ -205,6 +205,12 @@ def test_a_missing_data_file_is_e009_and_gets_no_copy(tmp_path):
     assert len(e009) == 1 and "pydoc_mc.jsonl" in e009[0].message and "does not exist" in e009[0].message
     assert c.evaluation.tasks.names == ["pydoc_mc"] and c.evaluation.tasks.task_files == {}
     assert not c.evaluation.tasks.copies
+    # an error: `llmc build` refuses it, located on the task's line, rather than training a run whose eval step fails
+    assert e009[0].severity == "error"
+    out = tmp_path / "proj" / "build" / "tiny"
+    r = CliRunner().invoke(app, ["build", str(specs / "tiny_cpu.yaml"), "-o", str(out), *SETS])
+    assert r.exit_code == 1 and "error[E009]" in r.output and "eval.tasks.0" in r.output, r.output
+    assert not (out / "plan.lock.json").exists()
 
 
 def test_large_copies_warn_x014_and_are_still_copied(tmp_path):
@@ -299,3 +305,73 @@ def test_a_copy_of_the_build_alone_launches_and_scores_every_document(tmp_path):
     summary = json.loads((node / "run" / "pretrain" / "eval" / "summary.json").read_text())
     n = len((node / "eval" / "tasks" / "pydoc_mc" / "pydoc_mc.jsonl").read_text().splitlines())
     assert n == 24 and summary["samples"]["pydoc_mc"] == n and 0 <= summary["tasks"]["pydoc_mc"]["acc"] <= 1
+
+    # the eval set changes (the task file cut to its first 6 items) and the build is rebuilt from the same spec:
+    # the finished stage is not trained again, its eval is scored again on 6 documents, the 24-document results
+    # set aside (not deleted), said in one line; unchanged, a relaunch skips it
+    specs = _proj(tmp_path / "proj")
+    data = specs / "tasks" / "pydoc_mc.jsonl"
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:6]))
+    _build(specs / "tiny_cpu.yaml", node)
+    launch = [sys.executable, "-m", "llmc.cli", "launch", str(node)]
+    r = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "pretrain: skipped: stage 'pretrain' already finished" in r.stdout
+    assert "pretrain: evaluated again: the task files' bytes changed since it was scored" in r.stdout
+    run = node / "run" / "pretrain"
+    assert json.loads((run / "eval" / "summary.json").read_text())["samples"]["pydoc_mc"] == 6
+    assert json.loads((run / "eval.set-aside-1" / "summary.json").read_text())["samples"]["pydoc_mc"] == 24
+    r = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "pretrain: skipped: stage 'pretrain' already evaluated" in r.stdout
+    # an eval that fails after the stage trained says so (not "stage failed"): a copy edited since the build
+    copy = node / "eval" / "tasks" / "pydoc_mc" / "pydoc_mc.jsonl"
+    copy.write_text(copy.read_text() + copy.read_text().splitlines(keepends=True)[0])
+    shutil.rmtree(run / "eval")
+    r = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 1 and "error[L002] stage 'pretrain' trained; its eval failed (exit 1)" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_launch_refuses_an_unknown_registered_task_before_training(tmp_path):
+    """eval.tasks names a task lm-evaluation-harness does not know: `llmc plan` stays quiet (it reads no lm_eval),
+    `llmc launch` checks the name against lm_eval's own task index before prepare and refuses it in one line with
+    the closest known names (difflib over that index), training nothing."""
+    import difflib
+    import subprocess
+
+    from lm_eval.tasks import TaskManager
+
+    specs = _proj(tmp_path / "proj")
+    out = tmp_path / "b"
+    _build(specs / "tiny_cpu.yaml", out, "--set", "training.steps=3", "--set", "eval.tasks=[hellaswagg]")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "LLMC_FORCE_CPU": "1"}
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", "launch", str(out)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in r.stderr.splitlines() if "error[" in ln]
+    assert r.returncode == 1 and len(lines) == 1 and "error[L016]" in lines[0] and "'hellaswagg'" in lines[0], r.stderr
+    close = difflib.get_close_matches("hellaswagg", TaskManager().all_tasks, n=3, cutoff=0.6)
+    assert close[0] == "hellaswag" and f"did you mean {' or '.join(repr(n) for n in close)}?" in lines[0]
+    assert not (out / "run" / "pretrain").exists()  # nothing trained
+
+
+def test_a_dataset_not_in_the_cache_is_one_located_line(tmp_path, capsys):
+    """The eval step runs offline: a task whose hub dataset is not in the local cache ends in one R017 line with
+    the hint (pre-cache it with `datasets`, or a local task file), not datasets' ConnectionError traceback."""
+    pytest.importorskip("lm_eval")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_evaluate import TASK_YAML, _eval_lock, make_model
+
+    from llmc.runtime import evaluate
+
+    _, path = _eval_lock(tmp_path)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(
+        TASK_YAML.format(data="x.jsonl").replace("dataset_path: json", "dataset_path: llmc-tests/never-cached"))
+    make_model(tmp_path / "run" / "pretrain" / "hf")
+    capsys.readouterr()
+    assert evaluate.main(["--lock", str(path), "--stage", "pretrain", "--out", str(tmp_path / "run" / "pretrain")]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error[" in ln or "Traceback" in ln]
+    assert len(err) == 1 and err[0].startswith(f"{path}: error[R017] eval pretrain:"), err
+    assert "llmc-tests/never-cached" in err[0] and "datasets.load_dataset('llmc-tests/never-cached')" in err[0]
+    assert "local task file" in err[0]

@@ -506,11 +506,22 @@ def test_launch_evaluates_after_each_listed_stage_on_every_backend(pipe_build, b
         assert "llmc.runtime.hf_io" in base[1].argv and _is_eval(base[2])
     if backend == "deepspeed":
         assert "llmc.runtime.ds_train" in base[0].argv and _is_eval(base[1])
-    # an evaluated stage is not evaluated again
+    # a stage evaluated under the lock's eval settings (its summary's record) is not evaluated again
+    from llmc.runtime.evaluate import EVAL_FINGERPRINT, eval_fingerprint
+
+    lock = json.loads((b / "plan.lock.json").read_text())
     (b / "run" / "base" / "eval").mkdir(parents=True)
-    (b / "run" / "base" / "eval" / "summary.json").write_text("{}")
+    (b / "run" / "base" / "eval" / "summary.json").write_text(json.dumps({EVAL_FINGERPRINT: eval_fingerprint(lock,
+                                                                                                             "base")}))
     again = [c for c in launch_commands(b, backend=backend, nproc=1, gpu=False) if _is_eval(c)]
     assert again[0].skip_reason and "already evaluated" in again[0].skip_reason and again[1].skip_reason is None
+    # one scored under other settings (or by an older llmc, which records none) runs again (its step sets it aside)
+    lock["evaluation"]["tasks"]["limit"] = 3
+    (b / "run" / "base" / "eval" / "summary.json").write_text(json.dumps({EVAL_FINGERPRINT: eval_fingerprint(lock,
+                                                                                                             "base")}))
+    assert [c.skip_reason for c in launch_commands(b, backend=backend, nproc=1, gpu=False) if _is_eval(c)] == [None] * 2
+    (b / "run" / "base" / "eval" / "summary.json").write_text("{}")
+    assert [c.skip_reason for c in launch_commands(b, backend=backend, nproc=1, gpu=False) if _is_eval(c)] == [None] * 2
     shutil.rmtree(b / "run")
 
 
@@ -878,6 +889,6 @@ def test_local_task_files_are_read_for_their_lm_eval_name_and_a_missing_one_is_f
     runtime = resolve_tasks(("hellaswag", str(tmp_path / "evals/file_name.yaml"), str(tmp_path / "evals/suite.yml")))
     assert runtime.names == c.evaluation.tasks.names[:3]
     e009 = {d.path: d for d in c.diagnostics if d.code == "E009"}
-    assert set(e009) == {"eval.tasks.3", "eval.tasks.4"} and all(d.severity == "warning" for d in e009.values())
+    assert set(e009) == {"eval.tasks.3", "eval.tasks.4"} and all(d.severity == "error" for d in e009.values())
     assert "does not exist" in e009["eval.tasks.3"].message and "no top-level 'task:'" in e009["eval.tasks.4"].message
     assert e009["eval.tasks.3"].line == 10

@@ -187,17 +187,57 @@ def test_eval_step_does_nothing_for_unlisted_or_evaluated_stages(tmp_path, capsy
     # not listed: nothing to do (no hf/ needed)
     assert main(["--lock", str(path), "--stage", "base", "--out", str(tmp_path / "run" / "base")]) == 0
     assert "no eval.tasks" in capsys.readouterr().out
-    # listed and already evaluated (the native runtime evaluates at the end of its stage): not run again
+    # listed and already evaluated under the lock's eval settings (its summary's record): not run again
+    from llmc.runtime.evaluate import EVAL_FINGERPRINT, eval_fingerprint
+
     summary = tmp_path / "run" / "more" / SUMMARY
     summary.parent.mkdir(parents=True)
-    summary.write_text("{}")
+    summary.write_text(json.dumps({EVAL_FINGERPRINT: eval_fingerprint(lock, "more")}))
     assert main(["--lock", str(path), "--stage", "more", "--out", str(tmp_path / "run" / "more")]) == 0
     assert "already evaluated" in capsys.readouterr().out
-    # listed, not evaluated, no export: one located error line, exit 1
-    summary.unlink()
+    # a summary an older llmc wrote (no record of what scored it): scored again, the old results set aside (not
+    # deleted), said in one line; here there is no export to score, so one located error line, exit 1
+    summary.write_text("{}")
     assert main(["--lock", str(path), "--stage", "more", "--out", str(tmp_path / "run" / "more")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    out, err = capsys.readouterr()
+    assert "more: evaluated again:" in out and "older llmc" in out and "eval.set-aside-1" in out
+    assert (tmp_path / "run" / "more" / "eval.set-aside-1" / "summary.json").read_text() == "{}"
+    err = err.strip().splitlines()
     assert len(err) == 1 and "error[R003] eval more:" in err[0] and "no Hugging Face export" in err[0]
+
+
+def test_the_eval_fingerprint_changes_with_what_decides_the_scores(tmp_path):
+    """Each lock entry that decides a stage's scores (and the stage's weights) changes the record; a change names
+    what changed; eval settings that score nothing differently (the backend) do not."""
+    import copy
+
+    from llmc.runtime.evaluate import EVAL_FINGERPRINT, eval_change, eval_fingerprint
+
+    lock, _ = _eval_lock(tmp_path)
+    lock["evaluation"]["tasks"]["task_files"] = {"tasks/tiny_mc.yaml": {
+        "path": "eval/tasks/tiny_mc/tiny_mc.yaml", "files": {"eval/tasks/tiny_mc/tiny_mc.yaml": "a" * 64,
+                                                             "eval/tasks/tiny_mc/tiny_mc.jsonl": "b" * 64}}}
+    base = eval_fingerprint(lock, "pretrain")
+    assert eval_fingerprint(lock, "other") is None
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({EVAL_FINGERPRINT: base}))
+    assert eval_change(summary, lock, "pretrain") is None
+
+    def changed(edit) -> str | None:
+        other = copy.deepcopy(lock)
+        edit(other)
+        return eval_change(summary, other, "pretrain")
+
+    ev = "evaluation", "tasks"
+    assert "eval.limit changed" in changed(lambda lk: lk[ev[0]][ev[1]].update(limit=6))
+    assert "eval.batch_size changed" in changed(lambda lk: lk[ev[0]][ev[1]].update(batch_size=4))
+    assert "the tasks and the task files' bytes changed" in changed(lambda lk: lk[ev[0]][ev[1]].update(tasks=["hellaswag"], names=["hellaswag"]))
+    assert "task files' bytes changed" in changed(
+        lambda lk: lk[ev[0]][ev[1]]["task_files"]["tasks/tiny_mc.yaml"]["files"].update(
+            {"eval/tasks/tiny_mc/tiny_mc.jsonl": "c" * 64}))
+    assert "chat template" in changed(lambda lk: lk[ev[0]][ev[1]].update(apply_chat_template={"pretrain": True}))
+    assert "weights" in changed(lambda lk: lk["spec"]["resolved"]["training"].update(seed=7))
+    assert changed(lambda lk: lk[ev[0]][ev[1]].update(backend="vllm")) is None
 
 
 @pytest.mark.slow
@@ -230,3 +270,11 @@ def test_eval_step_on_a_stage_export_from_any_backend(tmp_path):
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "already evaluated" in r.stdout
     assert (stage / RESULTS).stat().st_mtime_ns == before
+    # the eval settings changed (eval.limit 2): scored again on 2 documents, the 4-document results set aside
+    lock["evaluation"]["tasks"]["limit"] = 2
+    path.write_text(json.dumps(lock))
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "pretrain: evaluated again: eval.limit changed" in r.stdout and "eval.set-aside-1" in r.stdout
+    assert json.loads((stage / SUMMARY).read_text())["samples"]["tiny_local_mc"] == 2
+    assert json.loads((stage / "eval.set-aside-1" / "summary.json").read_text())["samples"]["tiny_local_mc"] == 4

@@ -473,3 +473,25 @@ def test_deepspeed_hostfile_runs_the_other_stages_on_the_same_hosts(tmp_path):
         else:
             assert args.user_script == "llmc.runtime.entry" and args.no_local_rank, argv
             assert args.user_args[args.user_args.index("--stage") + 1] == name
+
+
+# ----------------------------------------------------------------------------- 6. the eval step decides a re-score
+
+@pytest.mark.parametrize("script,env", [("native/launch.sh", {}),
+                                        ("launch/torchrun_single_node.sh", {"BACKEND": "native"}),
+                                        ("launch/torchrun_multi_node.sh", {"BACKEND": "native", "MASTER_ADDR": "h0"})])
+def test_the_scripts_leave_an_existing_eval_summary_to_the_eval_step(tmp_path, script, env):
+    """A finished stage with an eval/summary.json: the script still runs the eval step, which skips it when the
+    summary records this lock's eval settings and weights and scores it again when they changed
+    (llmc.runtime.evaluate.eval_change); a script that skipped on the file alone kept an old eval set's score."""
+    b = tmp_path / "b"
+    write_build(b, render_artifacts(compile_example(ROOT / "examples" / "tiny_cpu.yaml")))
+    done = b / "run" / "pretrain"
+    (done / "eval").mkdir(parents=True)
+    (done / "DONE.json").write_text('{"status": "done", "stage": "pretrain"}')
+    (done / "eval" / "summary.json").write_text('{"tasks": {}, "samples": {}}')
+    tools = _replaying_tools(tmp_path / "bin", "", 0)
+    r = subprocess.run(["bash", str(b / script)], env={**tools, **env}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    calls = (tmp_path / "bin" / "calls.log").read_text()
+    assert "-m llmc.runtime.evaluate --lock" in calls and "--stage pretrain" in calls, calls

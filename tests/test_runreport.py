@@ -169,8 +169,15 @@ def test_validation_loss_and_eval_results_in_the_report_and_summary(tmp_path, lo
     lines = summary_lines(tmp_path / "run", lock)
     assert lines[0] == (f"pretrain: validation loss {val[10]:.4f} -> {val[40]:.4f} "
                         f"(ppl {math.exp(val[10]):.1f} -> {math.exp(val[40]):.1f}), steps 10 -> 40")
-    assert lines[1] == "pretrain: eval pydoc_mc: acc 0.6250, acc_norm 0.5000 (24 documents)"
+    assert lines[1] == "pretrain: eval pydoc_mc: acc 0.6250 ± 0.1000, acc_norm 0.5000 (24 documents)"
     assert len(lines) == 2  # sft has neither
+    # a summary that records how the prompts were made (lm_eval's n-shot, the chat template) says so, as the eval
+    # step's own line does
+    (pre / "eval" / "summary.json").write_text(json.dumps({
+        "tasks": {"pydoc_mc": {"acc": 0.625, "acc_norm": 0.5}}, "samples": {"pydoc_mc": 24},
+        "n_shot": {"pydoc_mc": 0}, "apply_chat_template": True}))
+    assert summary_lines(tmp_path / "run", lock)[1] == \
+        "pretrain: eval pydoc_mc: acc 0.6250, acc_norm 0.5000 (24 documents, 0-shot, chat template)"
     assert read_evals(tmp_path / "run" / "pretrain", lock)[0].tasks["pydoc_mc"]["acc"] == 0.625
 
     paths = make_report(tmp_path / "run", lock, tmp_path / "report")
@@ -357,3 +364,6 @@ def test_the_eval_steps_line_gives_each_score_with_its_standard_error_and_the_do
          "bits_per_byte": 1.5}
     assert score_line(m, 24) == "acc 0.6250 ± 0.1000, acc_norm 0.5000 ± 0.1250, bits_per_byte 1.5000 (24 documents)"
     assert score_line({"acc": 1.0}) == "acc 1.0000"
+    # how the documents were prompted, where the eval step knows it (its summary.json's n_shot, apply_chat_template)
+    assert score_line({"acc": 0.875}, 24, 0, True) == "acc 0.8750 (24 documents, 0-shot, chat template)"
+    assert score_line({"acc": 0.875}, 24, 5) == "acc 0.8750 (24 documents, 5-shot)"

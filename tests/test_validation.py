@@ -167,6 +167,25 @@ def test_validation_set_deals_windows_to_ranks_like_one_process():
     assert (one.windows[:, 0] == np.arange(12) * 10).all()  # in order, stride seq_len
 
 
+@pytest.mark.parametrize("micro,dp,accum", [(32, 1, 1), (16, 2, 1), (8, 2, 2), (4, 2, 4), (4, 1, 8)])
+def test_a_small_held_out_set_is_cut_to_whole_global_batches_on_every_layout(micro, dp, accum):
+    """100 held-out windows, max_batches 4 global batches of 32 sequences: 3 whole global batches (96 windows, the
+    first 96 in order) on every layout of those 32 (micro x dp x grad_accum), not 100 where the micro-batch is small."""
+    import numpy as np
+
+    seq = 10
+    stream = np.arange(100 * seq + 1)
+    ranks = [ValidationSet.from_streams([stream], seq_len=seq, micro_batch=micro, max_batches=4 * accum, dp_rank=r,
+                                        dp_size=dp, grad_accum=accum) for r in range(dp)]
+    starts = sorted(int(w[0]) for v in ranks for w in v.windows)
+    assert starts == [i * seq for i in range(3 * 32)]
+    assert all(v.total_windows == 96 and v.batches == 3 * accum for v in ranks)
+    # a set with fewer windows than one global batch is refused, not cut to a few micro-batches
+    with pytest.raises(ValueError, match="fewer than one global batch of 32"):
+        ValidationSet.from_streams([stream[: 31 * seq + 1]], seq_len=seq, micro_batch=micro, max_batches=4 * accum,
+                                   dp_size=dp, grad_accum=accum)
+
+
 def test_evaluate_equals_a_direct_cross_entropy():
     from llmc.runtime.model import build_model
     from llmc.spec.model import Architecture

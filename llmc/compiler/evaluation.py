@@ -35,7 +35,8 @@ E006   info      ``eval.tasks`` without decontamination of the training data
 E007   info      ``eval.backend: vllm``: ``llmc launch`` runs the hf backend (the vllm command is emitted)
 E008   warning   ``eval.every_checkpoints``: ``training.checkpoint.keep_latest`` prunes chosen checkpoints
                  before the eval step runs (the plan lists the steps that will be scored)
-E009   warning   a local task file of ``eval.tasks`` is missing or names no ``task:`` / ``group:``
+E009   error     a local task file of ``eval.tasks`` (or a file it reads) is missing or names no ``task:`` /
+                 ``group:``: refused at plan time rather than after training
 E010   warning   ``eval.apply_chat_template: true`` for an evaluated stage whose export llmc writes no chat
                  template into (not sft / dpo / grpo): the eval step fails unless its tokenizer carries one
 E011   error     a validation file that is neither JSON lines nor text by its suffix (.jsonl / .json / .txt / .md)
@@ -360,8 +361,9 @@ def plan_evaluation(run, sink, *, spec_dir: str, stage_names: list[str], steps: 
         for j, t in enumerate(ev.tasks):
             fact = (task_files or {}).get(t)
             if fact is not None and fact.problem is not None:
-                sink.add("E009", "warning", f"eval.tasks.{j}", f"eval task file: {fact.problem}; the eval step after "
-                         "training would fail", "fix the path (relative to the spec's folder) or the file")
+                sink.add("E009", "error", f"eval.tasks.{j}", f"eval task file: {fact.problem}; the eval step after "
+                         "training would fail", "fix the path (relative to the spec's folder) or the file, or drop it "
+                         "from eval.tasks")
             local = t.endswith((".yaml", ".yml"))
             lm_names.append(fact.name if fact is not None and fact.name else
                             posixpath.splitext(posixpath.basename(t))[0] if local else t)

@@ -289,7 +289,7 @@ def _validation(compiled) -> dict | None:
         return None
     files = [_from_build(compiled, f) for f in v.files] if v.files else None
     return {"freq": v.every_steps, "steps": v.max_batches * compiled.plan.grad_accum,
-            "micro_batch": compiled.plan.micro_batch,
+            "micro_batch": compiled.plan.micro_batch, "grad_accum": compiled.plan.grad_accum,
             "fraction": None if files else v.fraction, "seed": v.seed, "files": files,
             "file_formats": [validation_file_format(f) or "jsonl" for f in files] if files else None}
 

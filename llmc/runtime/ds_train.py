@@ -558,7 +558,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
     from llmc.runtime.validation import Validator
 
     assets = Assets.from_json(json.loads((assets_root / "assets" / "assets.json").read_text()))
-    validator = Validator.for_job(job, assets, micro, rank, world, device)
+    validator = Validator.for_job(job, assets, micro, rank, world, device, grad_accum=accum)
     engine.train()
     preempted = False
     timer = IntervalTimer()  # step_s: the training time of the steps since the last logged record

@@ -45,8 +45,11 @@ copies (built without reading them, or by an older llmc) reads its task files ne
 After a stage (every backend; the only place a run is evaluated): ``python -m llmc.runtime.evaluate
 --lock plan.lock.json --stage S --out RUN/S`` evaluates ``RUN/S/hf`` on the lock's ``evaluation.tasks``
 when S is listed there (:func:`stage_eval`: ``RUN/S/eval/eval_results.json`` and
-``RUN/S/eval/summary.json``); it does nothing when ``summary.json`` already exists or the stage is not
-listed. :func:`eval_stages` and :data:`SUMMARY` are what launchers need to know (no torch, no lm_eval
+``RUN/S/eval/summary.json``); it does nothing when the stage is not listed, or when ``summary.json`` exists and
+records the lock's :func:`eval_fingerprint` (what decides the scores: the tasks, the task files' sha256, limit,
+batch size, few-shot, chat template, the stage's weights). A summary scored under other settings, or by an older
+llmc (no record), is scored again: ``RUN/S/eval`` is set aside (``eval.set-aside-N``, never deleted) with one line
+saying why. A registered task's dataset that is not in the local cache (the step runs offline) is error R017. :func:`eval_stages` and :data:`SUMMARY` are what launchers need to know (no torch, no lm_eval
 import).
 
 Checkpoints (``eval.every_checkpoints``): before the final export, the step scores the checkpoints the
@@ -67,7 +70,8 @@ the same way.
 Chat template: a stage whose lock entry ``evaluation.tasks.apply_chat_template[S]`` is true (by default the chat
 stages, sft / dpo / grpo, whose export carries their Jinja template) is scored through it, the export's and each
 checkpoint's alike: lm_eval's ``apply_chat_template=True`` renders each prompt as a user turn followed by the
-template's assistant header, the answer being scored as the assistant's text, and ``fewshot_as_multiturn=True`` makes
+template's assistant header, the answer alone being scored as the assistant's text (the header's trailing
+whitespace stays in the prompt, :func:`answer_only_lm`), and ``fewshot_as_multiturn=True`` makes
 few-shot examples earlier turns (lm_eval's own default with the template, lm_eval/config/evaluate_config.py;
 https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/interface.md). Other stages are scored on raw
 prompts, as before. ``summary.json`` records both flags; a stage that asks for the template when its export has none
@@ -127,6 +131,8 @@ class EvalSummary:
     lm_eval_version: str
     apply_chat_template: bool = False
     fewshot_as_multiturn: bool = False
+    n_shot: dict[str, int] = field(default_factory=dict)
+    """task -> few-shot examples in each prompt (lm_eval's ``n-shot``)."""
 
 
 @dataclass(frozen=True)
@@ -265,7 +271,7 @@ def lock_tasks(plan: dict, job, build_dir: str | Path | None = None) -> tuple[st
         if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict) or entry.get("path") not in \
                 entry["files"]:
             raise FileNotFoundError(f"eval task file {t} has no copy in the build (llmc build could not read it: "
-                                    "its warning E009 says why); fix it and rebuild with `llmc build`")
+                                    "its E009 says why); fix it and rebuild with `llmc build`")
         for rel, sha in sorted(entry["files"].items()):
             try:
                 path = check_inside(root, rel)
@@ -287,16 +293,39 @@ def lock_tasks(plan: dict, job, build_dir: str | Path | None = None) -> tuple[st
     return tuple(out)
 
 
+def answer_only_lm():
+    """lm_eval's ``hf`` model (``HFLM``) scoring a continuation alone after a prompt that ends in whitespace: the
+    class :func:`run_eval` scores chat-template prompts with. lm_eval 0.4's ``TemplateLM._encode_pair`` moves a
+    context's trailing whitespace into the continuation (for raw prompts: "Answer:" + " Paris", so a word keeps its
+    leading-space token); through a chat template, whose prompt ends with the assistant header and its own
+    whitespace (Llama 3's ``<|end_header_id|>\n\n``) and whose answers lm_eval appends with no delimiter
+    (``ConfigurableTask.construct_requests``), that moves the header's ``\n\n`` token into every answer: its
+    log-probability then counts in ``acc_norm`` (divided by each answer's length) as if the model had written it.
+    This class keeps the whitespace in the context, so the answer's tokens alone are scored, as the model generates
+    them after the header; a context with no trailing whitespace, or whose tokens the whole string does not start
+    with, is split as lm_eval splits it. (lm_eval's own model classes override ``_encode_pair`` the same way, e.g.
+    ``lm_eval.models.megatron_lm``.)"""
+    from lm_eval.models.huggingface import HFLM
+
+    class AnswerOnlyHFLM(HFLM):
+        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+            if self.backend != "causal" or context == context.rstrip():
+                return super()._encode_pair(context, continuation)
+            whole, ctx = self.tok_encode(context + continuation), self.tok_encode(context)
+            if whole[: len(ctx)] != ctx or len(whole) == len(ctx):
+                return super()._encode_pair(context, continuation)
+            return ctx, whole[len(ctx):]
+
+    return AnswerOnlyHFLM
+
+
 def _metric_name(key: str) -> str:
     return key[: -len(",none")] if key.endswith(",none") else key
 
 
 def run_eval(config: EvalConfig, out_dir: str | Path) -> EvalSummary:
     """Evaluate ``config.model_dir`` on ``config.tasks``; write ``<out_dir>/eval_results.json``."""
-    if config.offline:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    _offline(config.offline)
     import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
@@ -313,8 +342,12 @@ def run_eval(config: EvalConfig, out_dir: str | Path) -> EvalSummary:
     tasks = resolve_tasks(config.tasks, out / "tasks")
     tm = TaskManager(include_path=tasks.include or None, include_defaults=tasks.builtin)
     model_args = {"pretrained": str(config.model_dir), "dtype": config.dtype, **config.model_args}
+    model: Any = "hf"
+    if chat:  # the answer alone is scored after the template's assistant header (answer_only_lm)
+        model = answer_only_lm().create_from_arg_obj(
+            model_args, {"batch_size": config.batch_size, "max_batch_size": None, "device": config.device})
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=model_args, tasks=tasks.names, num_fewshot=config.num_fewshot,
+        model=model, model_args=model_args, tasks=tasks.names, num_fewshot=config.num_fewshot,
         batch_size=config.batch_size, device=config.device, limit=config.limit, task_manager=tm,
         log_samples=False, apply_chat_template=chat, fewshot_as_multiturn=multiturn, random_seed=config.seed,
         numpy_random_seed=config.seed, torch_random_seed=config.seed, fewshot_random_seed=config.seed)
@@ -336,13 +369,72 @@ def run_eval(config: EvalConfig, out_dir: str | Path) -> EvalSummary:
     samples: dict[str, int] = {}
     for task, n in results.get("n-samples", {}).items():
         samples[task] = int(n.get("effective", n.get("original", 0)) if isinstance(n, dict) else n)
-    return EvalSummary(path, metrics, samples, getattr(lm_eval, "__version__", "unknown"), chat, multiturn)
+    shots = {t: int(n) for t, n in (results.get("n-shot") or {}).items() if isinstance(n, int) and t in metrics}
+    return EvalSummary(path, metrics, samples, getattr(lm_eval, "__version__", "unknown"), chat, multiturn, shots)
 
 
 def _tasks_plan(lock: dict) -> dict | None:
     ev = lock.get("evaluation") if isinstance(lock.get("evaluation"), dict) else None
     plan = (ev or {}).get("tasks")
     return plan if isinstance(plan, dict) and plan.get("tasks") else None
+
+
+#: summary.json's record of what decided its scores (:func:`eval_fingerprint`)
+EVAL_FINGERPRINT = "eval_fingerprint"
+# what each part of the record is called when it differs
+_EVAL_PARTS = {"tasks": "the tasks", "task_files": "the task files' bytes", "limit": "eval.limit",
+               "batch_size": "eval.batch_size", "num_fewshot": "the few-shot count",
+               "chat": "the chat template setting", "checkpoint_steps": "the checkpoints scored",
+               "weights": "the stage's weights (its fingerprint in the lock)"}
+
+
+def eval_fingerprint(lock: dict, stage: str) -> dict | None:
+    """What decides the scores of ``stage``'s eval under ``lock``: ``{"sha256", "parts"}``, the parts being the lock's
+    evaluation entries for the stage (the tasks and their lm_eval names, the sha256 of every file the build copied for
+    a local task file, ``limit``, ``batch_size``, the few-shot count, the chat-template flags, the checkpoint steps it
+    scores) and which weights it scores (the stage's fingerprint in the lock, :func:`llmc.runtime.job.
+    stage_fingerprint`, which eval settings are not part of). None when the lock evaluates no such stage. Recorded in
+    ``summary.json``; a summary whose record differs is scored again (:func:`eval_change`)."""
+    from llmc.runtime.job import stage_fingerprint
+
+    plan = _tasks_plan(lock)
+    if plan is None or stage not in (plan.get("stages") or []):
+        return None
+    copies = plan.get("task_files")
+    chat = bool((plan.get("apply_chat_template") or {}).get(stage, False))
+    parts = {
+        "tasks": [list(plan["tasks"]), list(plan.get("names") or [])],
+        "task_files": ({t: (copies.get(t) or {}).get("files") for t in plan["tasks"] if t.endswith((".yaml", ".yml"))}
+                       if isinstance(copies, dict) else None),
+        "limit": plan.get("limit"), "batch_size": plan.get("batch_size"),
+        "num_fewshot": EvalConfig.num_fewshot,  # (each task's own: the eval step sets none)
+        "chat": {"apply_chat_template": chat, "fewshot_as_multiturn": chat},
+        "checkpoint_steps": checkpoint_steps(lock, stage),
+        "weights": (stage_fingerprint(lock, stage) or {}).get("sha256"),
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return {"sha256": digest, "parts": parts}
+
+
+def eval_change(summary_path: Path, lock: dict, stage: str) -> str | None:
+    """Why ``stage``'s saved eval (``summary_path``, its ``summary.json``) is not the lock's: None when its record
+    (:data:`EVAL_FINGERPRINT`) matches :func:`eval_fingerprint`; else what differs, or that the summary records none
+    (written by an older llmc: scored again, since nothing says which settings scored it) or cannot be read."""
+    now = eval_fingerprint(lock, stage)
+    if now is None:
+        return None
+    try:
+        was = json.loads(Path(summary_path).read_text()).get(EVAL_FINGERPRINT)
+    except (OSError, ValueError, AttributeError):
+        return f"its {summary_path} cannot be read"
+    if not isinstance(was, dict) or not isinstance(was.get("parts"), dict):
+        return f"its {summary_path} records no eval fingerprint (written by an older llmc), so which settings it " \
+               "was scored with is unknown"
+    if was.get("sha256") == now["sha256"]:
+        return None
+    differ = [label for k, label in _EVAL_PARTS.items() if was["parts"].get(k) != now["parts"].get(k)]
+    said = " and ".join([", ".join(differ[:-1]), differ[-1]] if len(differ) > 1 else differ) or "its eval settings"
+    return f"{said} changed since it was scored ({summary_path})"
 
 
 def checkpoint_steps(lock: dict, stage: str) -> list[int]:
@@ -352,7 +444,7 @@ def checkpoint_steps(lock: dict, stage: str) -> list[int]:
 
 
 def _summarize(model_dir: Path, dest: Path, plan: dict, job, what: str, log, label: str = "",
-               lock_dir: Path | None = None, **extra) -> dict:
+               lock_dir: Path | None = None, fingerprint: dict | None = None, **extra) -> dict:
     """lm_eval on ``model_dir`` with the lock's suite (:func:`lock_tasks`: local task files from the build in
     ``lock_dir``), through the chat template where the lock says so; ``dest/eval_results.json`` and
     ``dest/summary.json`` (with ``apply_chat_template`` / ``fewshot_as_multiturn``)."""
@@ -367,7 +459,8 @@ def _summarize(model_dir: Path, dest: Path, plan: dict, job, what: str, log, lab
                               limit=plan.get("limit"), device=device, apply_chat_template=chat), dest)
     summary = {**extra, "tasks": res.metrics, "samples": res.samples, "results": str(res.results_path),
                "lm_eval_version": res.lm_eval_version, "apply_chat_template": res.apply_chat_template,
-               "fewshot_as_multiturn": res.fewshot_as_multiturn}
+               "fewshot_as_multiturn": res.fewshot_as_multiturn, "n_shot": res.n_shot,
+               **({EVAL_FINGERPRINT: fingerprint} if fingerprint is not None else {})}
     path = dest / "summary.json"
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -375,7 +468,8 @@ def _summarize(model_dir: Path, dest: Path, plan: dict, job, what: str, log, lab
     from llmc.runtime.metrics_io import score_line
 
     for task, metrics in res.metrics.items():
-        log(f"{job.stage}: eval {label}{task}: {score_line(metrics, res.samples.get(task))}")
+        log(f"{job.stage}: eval {label}{task}: "
+            f"{score_line(metrics, res.samples.get(task), res.n_shot.get(task), res.apply_chat_template)}")
     return summary
 
 
@@ -451,9 +545,12 @@ def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | No
     for n in steps:
         dest = out / STEP_DIR.format(step=n)
         if (dest / "summary.json").is_file():
-            log(f"{job.stage}: checkpoint step {n} already evaluated ({dest / 'summary.json'})")
-            done[n] = json.loads((dest / "summary.json").read_text())
-            continue
+            why = eval_change(dest / "summary.json", lock, job.stage)
+            if why is None:
+                log(f"{job.stage}: checkpoint step {n} already evaluated ({dest / 'summary.json'})")
+                done[n] = json.loads((dest / "summary.json").read_text())
+                continue
+            rescore(dest, f"{job.stage} checkpoint step {n}", why, log, folder=dest)
         ds = ds_checkpoint_dir(out, job.checkpoint_folder) / DS_TAG.format(step=n)
         if n not in present and not ds.is_dir():
             log(f"{job.stage}: no checkpoint at step {n} under {out / job.checkpoint_folder} or {ds.parent} "
@@ -472,7 +569,8 @@ def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | No
             export_stage(job, src, tmp / "hf", tokenizer_dir=out / "hf", model_sd=model_sd)
             model_sd = None
             done[n] = _summarize(tmp / "hf", dest, plan, job, f"checkpoint step {n}", log, f"step {n} ",
-                                 lock_dir=lock_dir, step=n, checkpoint=os.path.relpath(src, out))
+                                 lock_dir=lock_dir, fingerprint=eval_fingerprint(lock, job.stage), step=n,
+                                 checkpoint=os.path.relpath(src, out))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return done
@@ -487,12 +585,104 @@ def stage_eval(lock: dict, job, out: Path, log=print, build_dir: Path | None = N
     if plan is None or job.stage not in (plan.get("stages") or []):
         return None
     if (out / SUMMARY).is_file():
-        return json.loads((out / SUMMARY).read_text())
+        why = eval_change(out / SUMMARY, lock, job.stage)
+        if why is None:
+            return json.loads((out / SUMMARY).read_text())
+        rescore(out, job.stage, why, log)
     if not (out / "hf" / "config.json").is_file():
         raise FileNotFoundError(f"stage {job.stage!r}: no Hugging Face export at {out / 'hf'} to evaluate")
     lock_tasks(plan, job, lock_dir)  # a changed or missing copy stops the step before any checkpoint is scored
     checkpoint_evals(lock, job, out, log, build_dir=build_dir, lock_dir=lock_dir)
-    return _summarize(out / "hf", out / "eval", plan, job, str(out / "hf"), log, lock_dir=lock_dir)
+    return _summarize(out / "hf", out / "eval", plan, job, str(out / "hf"), log, lock_dir=lock_dir,
+                      fingerprint=eval_fingerprint(lock, job.stage))
+
+
+def rescore(out: Path, stage: str, why: str, log=print, folder: Path | None = None) -> Path | None:
+    """Set the stage's earlier eval results (``folder``, by default ``out/eval``: the export's and the checkpoints'
+    scores) aside (:func:`llmc.fileio.set_aside`, never deleted) so the eval step scores it again, saying so in one
+    line."""
+    from llmc.fileio import set_aside
+
+    moved = set_aside(out / "eval" if folder is None else folder)
+    log(f"{stage}: evaluated again: {why}; the earlier results are set aside in {moved}")
+    return moved
+
+
+def _offline(config_offline: bool = True) -> bool:
+    """Set lm_eval's and datasets' offline switches as :func:`run_eval` does (unless the environment sets its own);
+    whether datasets then runs offline."""
+    if config_offline:
+        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ.setdefault(k, "1")
+    return os.environ.get("HF_DATASETS_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_tasks(lock: dict, lock_dir: Path | None = None) -> dict:
+    """The lock's registered task names against lm_eval's own task index (``lm_eval.tasks.TaskManager``, with the
+    folders of the build's task file copies included, as the eval step indexes them), before any training:
+    ``{"unknown": [[name, [closest known names]]], "uncached": [[name, dataset]]}``. ``uncached``: a known task whose
+    dataset (its config's ``dataset_path`` / ``dataset_name``) ``datasets`` cannot load from the local Hugging Face
+    cache while the eval step runs offline (``datasets.load_dataset_builder``); tasks whose config names no dataset
+    (groups, tags) are not checked. Runs in the runtime's environment (``python -m llmc.runtime.evaluate
+    --check-tasks``), which ``llmc launch`` starts once before prepare."""
+    import difflib
+    import fnmatch
+
+    plan = _tasks_plan(lock)
+    names = [t for t in (plan or {}).get("tasks") or [] if not t.endswith((".yaml", ".yml"))]
+    out: dict = {"unknown": [], "uncached": []}
+    if not names:
+        return out
+    offline = _offline()
+    from lm_eval.tasks import TaskManager
+
+    root = Path(lock_dir) if lock_dir is not None else Path.cwd()
+    copies = plan.get("task_files") if isinstance(plan.get("task_files"), dict) else {}
+    include = sorted({str((root / e["path"]).parent) for e in copies.values()
+                      if isinstance(e, dict) and isinstance(e.get("path"), str) and (root / e["path"]).is_file()})
+    tm = TaskManager(include_path=include or None)
+    local = {n for t, n in zip(plan["tasks"], plan.get("names") or [], strict=False) if t.endswith((".yaml", ".yml"))}
+    known = set(tm.all_tasks) | local  # (a local file's task / group name)
+    for t in names:
+        if t in known or (any(c in t for c in "*?[") and fnmatch.filter(known, t)):
+            continue
+        out["unknown"].append([t, difflib.get_close_matches(t, sorted(known), n=3, cutoff=0.6)])
+    if not offline or out["unknown"]:
+        return out
+    import datasets
+
+    for t in names:
+        entry = tm.task_index.get(t)
+        cfg = getattr(entry, "cfg", None) or {}
+        path = cfg.get("dataset_path")
+        if not isinstance(path, str) or not path or path in ("json", "csv", "parquet", "text", "arrow"):
+            continue
+        try:
+            datasets.load_dataset_builder(path, cfg.get("dataset_name"), **(cfg.get("dataset_kwargs") or {}))
+        except ConnectionError:  # (datasets' offline mode: "Couldn't reach ... on the Hub")
+            out["uncached"].append([t, path + (f" ({cfg['dataset_name']})" if cfg.get("dataset_name") else "")])
+        except Exception:  # noqa: BLE001 - anything else is the eval step's to report, not a cache question
+            continue
+    return out
+
+
+#: what an eval step that could not reach a task's dataset offline says to do (error R017)
+OFFLINE_HINT = ("the eval step runs offline (HF_DATASETS_OFFLINE=1: lm-evaluation-harness's registered tasks read "
+                "their datasets from the local Hugging Face cache only); hint: on a machine with network, download "
+                "the dataset into the cache with `datasets` (python -c \"import datasets; "
+                "datasets.load_dataset('{dataset}')\", with the task's dataset_name as second argument where it has "
+                "one) and copy the cache folder (HF_HOME, by default ~/.cache/huggingface) here, or score a local task "
+                "file instead")
+
+
+def offline_message(e: BaseException) -> str:
+    """R017's text for ``e``, datasets' ConnectionError of a dataset not in the cache under offline mode."""
+    import re
+
+    from llmc.runtime.entry import one_line_error
+
+    m = re.search(r"reach '([^']+)'", str(e))
+    return f"{one_line_error(e)}: {OFFLINE_HINT.format(dataset=m.group(1) if m else '<dataset_path>')}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,9 +690,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llmc.runtime.evaluate",
                                  description="Run the lock's eval.tasks on a finished stage's Hugging Face export.")
     ap.add_argument("--lock", required=True, type=Path, help="plan.lock.json written by `llmc build`")
-    ap.add_argument("--stage", required=True, help="stage name")
-    ap.add_argument("--out", required=True, type=Path, help="the stage's output directory (holds hf/)")
+    ap.add_argument("--stage", help="stage name")
+    ap.add_argument("--out", type=Path, help="the stage's output directory (holds hf/)")
+    ap.add_argument("--check-tasks", action="store_true",
+                    help="only check the lock's registered task names and their datasets' cache (JSON on stdout)")
     a = ap.parse_args(argv)
+    if not a.check_tasks and (a.stage is None or a.out is None):
+        ap.error("--stage and --out are required")
     from llmc.lockfile import read_lock
     from llmc.runtime.entry import check_lock_unedited, one_line_error
 
@@ -515,10 +709,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"{a.lock}: error[R001] lock: {one_line_error(e)}", file=sys.stderr)
         return 1
+    if a.check_tasks:
+        print(json.dumps(check_tasks(lock, a.lock.resolve().parent)))
+        return 0
     if a.stage not in eval_stages(lock):
         print(f"{a.stage}: no eval.tasks for this stage")
         return 0
-    if (a.out / SUMMARY).is_file():
+    if (a.out / SUMMARY).is_file() and eval_change(a.out / SUMMARY, lock, a.stage) is None:
         print(f"{a.stage}: already evaluated ({a.out / SUMMARY})")
         return 0
     from llmc.runtime.job import TrainJob
@@ -530,6 +727,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = Path(os.environ.get("LLMC_RUN_DIR") or a.lock.resolve().parent)
         stage_eval(lock, job, a.out, log=lambda m: print(m, flush=True), build_dir=runs,
                    lock_dir=a.lock.resolve().parent)
+    except ConnectionError as e:  # a registered task's dataset, not in the cache, under offline mode
+        print(f"{a.lock}: error[R017] eval {a.stage}: {offline_message(e)}", file=sys.stderr)
+        return 1
     except TaskCopyError as e:  # located on the copied file, as its folder was given
         print(f"{a.lock.parent / e.rel}: error[R003] eval {a.stage}: {e}", file=sys.stderr)
         return 1

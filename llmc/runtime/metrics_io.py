@@ -112,15 +112,20 @@ def is_score(metric: str) -> bool:
     return not metric.endswith("_stderr") and metric != "sample_len"
 
 
-def score_line(metrics: dict[str, float], documents: int | None = None) -> str:
-    """"acc 0.6250 ± 0.1000, acc_norm 0.5000 (24 documents)": each score with its standard error where lm_eval gives
-    one, then the documents evaluated."""
+def score_line(metrics: dict[str, float], documents: int | None = None, n_shot: int | None = None,
+               chat: bool = False) -> str:
+    """"acc 0.6250 ± 0.1000, acc_norm 0.5000 (24 documents, 0-shot, chat template)": each score with its standard
+    error where lm_eval gives one, then the documents evaluated, the few-shot examples each prompt held (lm_eval's
+    ``n-shot``) and whether the prompts went through the model's chat template, where known."""
     parts = []
     for k, v in sorted(metrics.items()):
         if is_score(k):
             se = metrics.get(f"{k}_stderr")
             parts.append(f"{k} {v:.4f}" + (f" ± {se:.4f}" if isinstance(se, int | float) else ""))
-    return ", ".join(parts) + (f" ({documents} documents)" if documents else "")
+    how = [f"{documents} documents" if documents else "", f"{n_shot}-shot" if n_shot is not None else "",
+           "chat template" if chat else ""]
+    how = [h for h in how if h]
+    return ", ".join(parts) + (f" ({', '.join(how)})" if how else "")
 
 
 def read_metrics(path: str | Path) -> MetricsLog:

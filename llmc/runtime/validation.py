@@ -138,14 +138,19 @@ class ValidationSet:
 
     @classmethod
     def from_streams(cls, streams: list[np.ndarray], seq_len: int, micro_batch: int, max_batches: int,
-                     dp_rank: int = 0, dp_size: int = 1) -> ValidationSet:
+                     dp_rank: int = 0, dp_size: int = 1, grad_accum: int = 1) -> ValidationSet:
+        """At most ``max_batches`` batches of ``micro_batch`` windows per rank, in whole global batches
+        (``grad_accum`` batches on each of the ``dp_size`` ranks, ``micro_batch x grad_accum x dp_size`` windows):
+        a held-out set smaller than ``max_batches`` of them is cut to whole global batches, so every layout of the
+        same global batch reads the same windows."""
         stream = np.concatenate([np.asarray(s, dtype=np.int64) for s in streams]) if streams else np.zeros(0)
         n_win = max(0, (len(stream) - 1) // seq_len)
         per_batch = micro_batch * dp_size
-        batches = min(max_batches, n_win // per_batch)
+        accum = max(int(grad_accum), 1)
+        batches = min(max_batches, n_win // (per_batch * accum) * accum)
         if batches == 0:
-            raise ValueError(f"validation set has {len(stream)} tokens: fewer than one batch of {per_batch} x "
-                             f"{seq_len + 1} (raise eval.validation.fraction or give more data)")
+            raise ValueError(f"validation set has {len(stream)} tokens: fewer than one global batch of "
+                             f"{per_batch * accum} x {seq_len + 1} (raise eval.validation.fraction or give more data)")
         rows = []
         for b in range(batches):
             for j in range(micro_batch):
@@ -229,9 +234,11 @@ def validation_tokens(srcs: list[SourceData], tok, n_tokens: int, batch_docs: in
 
 
 def build_validation_set(assets: Assets, tok, seq_len: int, micro_batch: int, max_batches: int,
-                         dp_rank: int = 0, dp_size: int = 1, names: list[str] | None = None) -> ValidationSet:
+                         dp_rank: int = 0, dp_size: int = 1, names: list[str] | None = None,
+                         grad_accum: int = 1) -> ValidationSet:
     """Tokenise the validation documents (streamed, only as many as ``max_batches`` batches need; cached,
-    rank 0 first, the others wait) and take this rank's windows."""
+    rank 0 first, the others wait) and take this rank's windows, in whole global batches
+    (:meth:`ValidationSet.from_streams`)."""
     import torch.distributed as dist
 
     from llmc.runtime.data import source_files_key
@@ -251,7 +258,8 @@ def build_validation_set(assets: Assets, tok, seq_len: int, micro_batch: int, ma
         os.replace(tmp, cache)
     if group:
         dist.barrier()
-    return ValidationSet.from_streams([np.load(cache)], seq_len, micro_batch, max_batches, dp_rank, dp_size)
+    return ValidationSet.from_streams([np.load(cache)], seq_len, micro_batch, max_batches, dp_rank, dp_size,
+                                      grad_accum)
 
 
 def evaluate(model, vset: ValidationSet, device, autocast=None, loss_chunk: int = 0) -> dict:
@@ -309,8 +317,9 @@ class Validator:
 
     @classmethod
     def for_job(cls, job, assets: Assets, micro_batch: int, dp_rank: int, dp_size: int, device,
-                autocast=None) -> Validator | None:
-        """None unless the run's spec sets ``eval.validation`` and the stage trains on packed text."""
+                autocast=None, grad_accum: int | None = None) -> Validator | None:
+        """None unless the run's spec sets ``eval.validation`` and the stage trains on packed text. ``grad_accum``:
+        the micro-batches per step the trainer runs (None: the job's)."""
         from llmc.spec.schema import LM_KINDS
 
         ev = job.spec.eval if job.spec is not None else None
@@ -319,9 +328,9 @@ class Validator:
         v = ev.validation
         # max_batches global batches: the same windows whatever the layout (micro_batch x grad_accum x dp sequences
         # each), so val_loss compares across plans and hardware
-        accum = max(int(job.grad_accum), 1)
+        accum = max(int(job.grad_accum if grad_accum is None else grad_accum), 1)
         vset = build_validation_set(assets, assets.tokenizer(), job.seq_len, micro_batch, v.max_batches * accum,
-                                    dp_rank, dp_size, names=[s.name for s in job.sources])
+                                    dp_rank, dp_size, names=[s.name for s in job.sources], grad_accum=accum)
         if vset.batches < v.max_batches * accum and int(os.environ.get("RANK", "0")) == 0:
             print(f"note: validation uses {vset.batches / accum:g} of eval.validation.max_batches={v.max_batches} "
                   f"global batches (the held-out set is smaller; raise eval.validation.fraction)", flush=True)

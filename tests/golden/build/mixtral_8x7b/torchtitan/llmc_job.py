@@ -103,8 +103,8 @@ STAGE_DIR = os.environ.get("LLMC_STAGE_DIR", os.path.join(RUN_DIR, "run", STAGE)
 # A folder holding a `datasets` save_to_disk dataset is read with load_from_disk(...) (memory-mapped, in place).
 DATA_SOURCES = [{'name': 'web', 'format': 'parquet', 'path': '/data/web/*.parquet', 'under': 'build', 'text_field': 'text', 'weight': 1.0, 'val_parts': 1000000}]
 
-# held-out validation (llmc eval.validation): None, or {"freq", "steps", "micro_batch", "fraction", "seed",
-# "files"}. With a fraction, document i of a source (sorted files, rows in order) is validation iff
+# held-out validation (llmc eval.validation): None, or {"freq", "steps", "micro_batch", "grad_accum", "fraction",
+# "seed", "files"}. With a fraction, document i of a source (sorted files, rows in order) is validation iff
 # _heldout(name, i): training skips it and the validator reads only those (nothing is copied). "files": the
 # validation files instead. The validator reads the documents llmc's validation set reads, in the same order
 # (_validation_dataset), packed as this job trains: torchtitan's HuggingFaceTextDataset (LlmcValidationLoader).
@@ -373,7 +373,8 @@ def _validation_windows(tokenizer, seq_len, micro_batch, steps, dp_rank, dp_worl
     validation documents in llmc's order (one data-parallel view of them, then dealt as llmc deals its windows:
     window w of batch b of rank r is (b * dp + r) * micro_batch + j), `steps` batches of micro_batch windows (fewer
     when the held-out set is smaller). The windows start at the same token offsets as llmc's (a document is as
-    many inputs here, BOS + text, as tokens there, text + EOS). Built once per process."""
+    many inputs here, BOS + text, as tokens there, text + EOS), cut to whole global batches as llmc cuts its own
+    (llmc.runtime.validation.ValidationSet.from_streams). Built once per process."""
     path = getattr(tokenizer, "tokenizer_path", ASSETS_DIR)
     key = (path, seq_len, micro_batch, steps, dp_rank, dp_world_size)
     if key not in _VAL_WINDOWS:
@@ -386,10 +387,12 @@ def _validation_windows(tokenizer, seq_len, micro_batch, steps, dp_rank, dp_worl
             n += 1
             if (w // micro_batch) % dp_world_size == dp_rank:
                 mine.append(sample)
-        batches = min(steps, n // per_batch)
+        # whole global batches (grad_accum batches of per_batch windows): the same windows on every layout
+        accum = VALIDATION["grad_accum"]
+        batches = min(steps, n // (per_batch * accum) * accum)
         if batches == 0:
-            raise _bad_data(f"the validation set has {n} windows of {seq_len} tokens: fewer than one batch of "
-                            f"{per_batch}; hint: raise eval.validation.fraction or give more data")
+            raise _bad_data(f"the validation set has {n} windows of {seq_len} tokens: fewer than one global batch "
+                            f"of {per_batch * accum}; hint: raise eval.validation.fraction or give more data")
         _VAL_WINDOWS[key] = mine[:batches * micro_batch]
     return _VAL_WINDOWS[key]
 

@@ -238,11 +238,12 @@ run_logged() {
   if [ "$own" = /dev/fd/9 ]; then exec 9>&-; elif [ -n "$own" ]; then rm -f "$own"; fi
   return "$rc"
 }
-# eval.tasks (lm-evaluation-harness) on run/<stage>/hf after the stages listed in the lock, once:
-# skipped when <run dir>/<stage>/eval/summary.json exists.
+# eval.tasks (lm-evaluation-harness) on run/<stage>/hf after the stages listed in the lock: the eval step itself
+# skips a stage whose eval/summary.json records this lock's eval settings and weights, and scores it again (the old
+# results set aside) when they changed.
 eval_done() { [ -f "$RUN_DIR/$1/eval/summary.json" ]; }
-run_evals() { eval_done "$1" || python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
-srun_evals() { eval_done "$1" || srun --ntasks=1 --nodes=1 python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
+run_evals() { python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
+srun_evals() { srun --ntasks=1 --nodes=1 python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
 # Work done by one node for all (prepare, a torchtitan stage's export, an eval): every node runs this script on
 # the same shared run dir, so the first node to create a claim directory (mkdir is atomic, NFS included) does
 # the work and the others wait for it. A claim is left behind when its node dies or is killed (node loss, time
@@ -359,7 +360,6 @@ keep_lock() {
 # does not start without them, and a relaunch never skips an eval a stopped node left unfinished)
 run_evals_once() {
   local c="$RUN_DIR/$1/eval.claim" rc=0
-  eval_done "$1" && return 0
   mkdir -p "$RUN_DIR/$1"
   if claim_wait "$c"; then
     run_evals "$1" || rc=$?

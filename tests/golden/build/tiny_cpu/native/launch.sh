@@ -171,11 +171,12 @@ run_logged() {
   if [ "$own" = /dev/fd/9 ]; then exec 9>&-; elif [ -n "$own" ]; then rm -f "$own"; fi
   return "$rc"
 }
-# eval.tasks (lm-evaluation-harness) on run/<stage>/hf after the stages listed in the lock, once:
-# skipped when <run dir>/<stage>/eval/summary.json exists.
+# eval.tasks (lm-evaluation-harness) on run/<stage>/hf after the stages listed in the lock: the eval step itself
+# skips a stage whose eval/summary.json records this lock's eval settings and weights, and scores it again (the old
+# results set aside) when they changed.
 eval_done() { [ -f "$RUN_DIR/$1/eval/summary.json" ]; }
-run_evals() { eval_done "$1" || python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
-srun_evals() { eval_done "$1" || srun --ntasks=1 --nodes=1 python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
+run_evals() { python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
+srun_evals() { srun --ntasks=1 --nodes=1 python -m llmc.runtime.evaluate --lock "$LOCK" --stage "$1" --out "$RUN_DIR/$1"; }
 skipped() { echo "stage $1: done ($RUN_DIR/$1/DONE.json), skipped"; }
 
 python -m llmc.runtime.entry prepare --lock "$LOCK"
