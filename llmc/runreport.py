@@ -380,8 +380,12 @@ def predictions(lock: dict, stage: str, backend: str | None = None) -> Predictio
             t, mem = run_prediction(lock, backend)
         except MeasurementError:
             return Prediction(backend=backend)  # a lock llmc cannot predict from: no figures, not the plan's
-        return Prediction(t.step_seconds, t.tokens_per_second, t.mfu, float(mem.per_gpu_bytes),
-                          float(mem.allocated_bytes), backend=backend)
+        # the per-GPU peak: the compiler's figure for that backend's run where the lock has it (backend_runs: what
+        # `llmc plan` and L015 say of it, calibrated where the build was), else the model's
+        fig = _number(_get(lock, "backend_runs", backend, "per_gpu_bytes"))
+        return Prediction(t.step_seconds, t.tokens_per_second, t.mfu,
+                          fig if fig is not None else float(mem.per_gpu_bytes), float(mem.allocated_bytes),
+                          backend=backend)
     st = next((s for s in _lock_stages(lock) if s["name"] == stage), None)
     mem = _number(_get(st, "memory", "per_gpu_bytes"))
     if mem is None and (st is None or stage == main):

@@ -218,8 +218,20 @@ def test_a_spec_read_from_standard_input_gets_a_rebuild_command_that_reads_it_th
     r = CliRunner().invoke(app, ["build", "-", "-o", "../build/stdin", "--set", SETS[0]], input=text)
     assert r.exit_code == 0, r.output
     readme = (proj / "build" / "stdin" / "README.md").read_text()
-    assert f"llmc build - -o . --set {SETS[0]} < SPEC" in readme
+    # its relative paths resolve against the folder the build ran in: the command builds from there, into here
+    cmd = f'b="$PWD" && cd ../../specs && llmc build - -o "$b" --set {SETS[0]} < SPEC'
+    assert cmd in readme
     assert hashlib.sha256(text.encode()).hexdigest() in readme
+    # run as printed from the build directory (SPEC: the spec's path from that folder), it rebuilds the same files
+    import subprocess
+    import sys
+
+    py = f"{shlex.quote(sys.executable)} -m llmc.cli"
+    r = subprocess.run(["bash", "-c", cmd.replace("llmc build", f"{py} build").replace("SPEC", "tiny_cpu.yaml")],
+                       cwd=proj / "build" / "stdin", capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"wrote 0 of (\d+) files .*\(\1 unchanged\)", r.stdout + r.stderr), r.stdout + r.stderr
 
 
 def test_a_spec_read_from_standard_input_is_recorded_as_such(proj, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -241,6 +242,7 @@ def test_inputs_that_are_not_plain_files_are_one_located_line(case, special, tmp
         with open(f, "wb") as fh:
             fh.truncate(300 * 2**20)
     (tmp_path / "s.yaml").write_text((ROOT / "examples/tiny_cpu.yaml").read_text() + f"calibration: {f}\n")
+    shutil.copytree(ROOT / "examples/tasks", tmp_path / "tasks")  # (its eval task file: a missing one is E009)
     argv = {"diff": ["plan", "examples/tiny_cpu.yaml", "--diff", str(f)],
             "calibration": ["plan", "examples/tiny_cpu.yaml", "--calibration", str(f)],
             "spec_calibration": ["plan", str(tmp_path / "s.yaml")],

@@ -375,3 +375,35 @@ def test_a_dataset_not_in_the_cache_is_one_located_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"{path}: error[R017] eval pretrain:"), err
     assert "llmc-tests/never-cached" in err[0] and "datasets.load_dataset('llmc-tests/never-cached')" in err[0]
     assert "local task file" in err[0]
+
+
+@pytest.mark.slow
+def test_the_cache_check_follows_groups_and_tags_to_their_tasks_datasets(tmp_path):
+    """`--check-tasks` (what `llmc launch` runs before training) with an empty Hugging Face cache, offline: a group
+    (mmlu: its 57 subjects, Hendrycks et al. 2021, arXiv:2009.03300, one `cais/mmlu` config each) and a tag (ai2_arc:
+    ARC-Easy and ARC-Challenge) are checked through the tasks they run, as a plain task (hellaswag) is; a group or tag
+    is not passed over for naming no dataset itself."""
+    import json as _json
+    import subprocess
+
+    pytest.importorskip("lm_eval")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_evaluate import _eval_lock
+
+    lock, path = _eval_lock(tmp_path)
+    lock["evaluation"]["tasks"].update(tasks=["mmlu", "ai2_arc", "hellaswag"], names=["mmlu", "ai2_arc", "hellaswag"])
+    path.write_text(_json.dumps(lock))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT)}
+    env.pop("HF_DATASETS_CACHE", None)
+    r = subprocess.run([sys.executable, "-m", "llmc.runtime.evaluate", "--lock", str(path), "--check-tasks"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    found = _json.loads(r.stdout.strip().splitlines()[-1])
+    assert found["unknown"] == []
+    by: dict[str, list[str]] = {}
+    for name, dataset in found["uncached"]:
+        by.setdefault(name, []).append(dataset)
+    assert len(by["mmlu"]) == 57 and all(d.startswith("cais/mmlu (") for d in by["mmlu"])
+    assert sorted(by["ai2_arc"]) == ["allenai/ai2_arc (ARC-Challenge)", "allenai/ai2_arc (ARC-Easy)"]
+    assert by["hellaswag"] == ["Rowan/hellaswag"]

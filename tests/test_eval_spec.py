@@ -586,15 +586,16 @@ def test_emitted_launchers_run_the_eval_step_after_each_stage(pipe_build, tmp_pa
         return _calls(sh)
 
     assert run() == order
-    # the stage finished and was evaluated: neither runs again; the next stage still does
+    # the stage finished and was evaluated: its training does not run again, and its eval is the eval step's to
+    # skip (it compares the summary's record with the lock: llmc.runtime.evaluate.eval_change); the next stage runs
     for f in ("DONE.json", "eval/summary.json", "hf/config.json"):
         (b / "run" / "base" / f).parent.mkdir(parents=True, exist_ok=True)
         (b / "run" / "base" / f).write_text("{}")
-    assert run() == [c for c in order if not c.endswith(" base")]
+    assert run() == [c for c in order if not c.endswith(" base") or c == "evaluate base"]
     if "multi_node" in script:  # a claim left by a stopped node: taken over once stale, and the eval runs
         (b / "run" / "chat" / "eval.claim").mkdir(parents=True)
         penv.update(CLAIM_STALE_S="1", CLAIM_POLL_S="1")
-        assert run() == ["prepare", "entry chat", "evaluate chat"]
+        assert run() == ["prepare", "evaluate base", "entry chat", "evaluate chat"]
     shutil.rmtree(b / "run")
 
 
@@ -753,6 +754,14 @@ def test_eval_step_scores_a_torchtitan_stages_own_checkpoints(tmp_path, monkeypa
     # without the build directory there is nothing to score (no llmc checkpoints): nothing is made up
     seen.clear()
     assert evaluate.checkpoint_evals(lock, job, out, log=lambda m: None) == {} and not seen
+    # a step's saved scores that are not this lock's (an older llmc's summary: no record) whose checkpoint is gone
+    # (pruned) stay where they are, said in one line: nothing is set aside that cannot be scored again
+    (out / "eval" / "step-2").mkdir(parents=True)
+    (out / "eval" / "step-2" / "summary.json").write_text('{"tasks": {"mc": {"acc": 0.5}}, "samples": {"mc": 4}}')
+    said: list[str] = []
+    assert evaluate.checkpoint_evals(lock, job, out, log=said.append) == {} and not seen
+    assert (out / "eval" / "step-2" / "summary.json").is_file() and not list(out.glob("eval/step-2.set-aside-*"))
+    assert any("step 2's scores are not this lock's" in s and "kept as they are" in s for s in said), said
 
 
 def test_eval_step_finds_a_torchtitan_stages_checkpoints_under_llmc_run_dir(tmp_path, monkeypatch):

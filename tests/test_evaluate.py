@@ -195,13 +195,14 @@ def test_eval_step_does_nothing_for_unlisted_or_evaluated_stages(tmp_path, capsy
     summary.write_text(json.dumps({EVAL_FINGERPRINT: eval_fingerprint(lock, "more")}))
     assert main(["--lock", str(path), "--stage", "more", "--out", str(tmp_path / "run" / "more")]) == 0
     assert "already evaluated" in capsys.readouterr().out
-    # a summary an older llmc wrote (no record of what scored it): scored again, the old results set aside (not
-    # deleted), said in one line; here there is no export to score, so one located error line, exit 1
+    # a summary an older llmc wrote (no record of what scored it) is scored again; here there is no export to score:
+    # one located error line, exit 1, and the saved scores stay where they are (nothing is moved that cannot be
+    # scored again)
     summary.write_text("{}")
     assert main(["--lock", str(path), "--stage", "more", "--out", str(tmp_path / "run" / "more")]) == 1
     out, err = capsys.readouterr()
-    assert "more: evaluated again:" in out and "older llmc" in out and "eval.set-aside-1" in out
-    assert (tmp_path / "run" / "more" / "eval.set-aside-1" / "summary.json").read_text() == "{}"
+    assert "evaluated again" not in out and summary.read_text() == "{}"
+    assert not (tmp_path / "run" / "more" / "eval.set-aside-1").exists()
     err = err.strip().splitlines()
     assert len(err) == 1 and "error[R003] eval more:" in err[0] and "no Hugging Face export" in err[0]
 
@@ -230,7 +231,9 @@ def test_the_eval_fingerprint_changes_with_what_decides_the_scores(tmp_path):
 
     ev = "evaluation", "tasks"
     assert "eval.limit changed" in changed(lambda lk: lk[ev[0]][ev[1]].update(limit=6))
-    assert "eval.batch_size changed" in changed(lambda lk: lk[ev[0]][ev[1]].update(batch_size=4))
+    assert changed(lambda lk: lk[ev[0]][ev[1]].update(batch_size=4)) is None  # scores no document differently
+    # one more checkpoint listed: the export's scores (and every other step's) stand
+    assert changed(lambda lk: lk[ev[0]][ev[1]].update(checkpoint_steps={"pretrain": [2, 4]})) is None
     assert "the tasks and the task files' bytes changed" in changed(lambda lk: lk[ev[0]][ev[1]].update(tasks=["hellaswag"], names=["hellaswag"]))
     assert "task files' bytes changed" in changed(
         lambda lk: lk[ev[0]][ev[1]]["task_files"]["tasks/tiny_mc.yaml"]["files"].update(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def test_the_spec_key_calibration_that_cannot_be_read_is_a_json_error_at_its_lin
     body = TINY.read_text()
     spec = tmp_path / "cal.yaml"
     spec.write_text(body + "calibration: nope.json\n")
+    shutil.copytree(TINY.parent / "tasks", tmp_path / "tasks")  # (its eval task file: a missing one is E009)
     line = len(body.splitlines()) + 1  # the appended key's line
     r = _cli("plan", "-f", "json", "cal.yaml", cwd=tmp_path)
     assert r.returncode == 1

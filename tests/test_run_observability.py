@@ -183,6 +183,12 @@ def test_report_predicts_the_backend_that_ran_as_calibrate_does(tmp_path):
     # the memory the compiler sized for torchtitan's run (lock backend_runs), not the native plan's
     assert p.per_gpu_bytes == lock["backend_runs"]["torchtitan"]["per_gpu_bytes"]
     assert p.per_gpu_bytes != lock["memory"]["per_gpu_bytes"]
+    # read from the lock, never computed again: a build calibrated for torchtitan sizes its run there (L015, plan)
+    import copy
+
+    cal = copy.deepcopy(lock)
+    cal["backend_runs"]["torchtitan"]["per_gpu_bytes"] = 12_345_678_901
+    assert runreport.predictions(cal, "pretrain", "torchtitan").per_gpu_bytes == 12_345_678_901
     rows = runreport.table([sm], lock)
     assert [r.quantity for r in rows][:3] == ["step time [torchtitan]", "throughput [torchtitan]", "MFU [torchtitan]"]
     # the planned backend's run: the lock's own figures, unlabelled
@@ -191,3 +197,21 @@ def test_report_predicts_the_backend_that_ran_as_calibrate_does(tmp_path):
     page = runreport.make_report(tmp_path / "run", lock, tmp_path / "rep")[-1].read_text()
     assert "pretrain ran on torchtitan" in page
     assert f"after step {measurements.WARMUP_STEPS}" in page and "after the first logged one" not in page
+
+
+def test_post_training_records_count_elapsed_s_from_their_start_event(tmp_path):
+    """The SFT / DPO / GRPO loops' log (posttrain._Log) has `elapsed_s` as the pre-training trainers do: 0 at the
+    start event, however long the set-up before it took, then the seconds since it."""
+    import time
+
+    from llmc.runtime.posttrain import _Log
+
+    log = _Log(tmp_path / "metrics.jsonl", "sft", every=1)
+    time.sleep(0.2)  # the set-up (model, data) before the loop starts
+    log.event("start", backend="native")
+    time.sleep(0.05)
+    log(0, {"loss": 1.0})
+    log.close()
+    start, step = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert start["event"] == "start" and start["elapsed_s"] == 0
+    assert 0.04 <= step["elapsed_s"] < 0.2 and step["step"] == 1

@@ -32,6 +32,16 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (ROOT / "examples" / "tiny_cpu.yaml").read_text()
+
+
+def write_tiny(path: Path) -> Path:
+    """examples/tiny_cpu.yaml written to ``path`` with its eval task files beside it (tasks/, as in examples/): a
+    missing task file is an error (E009)."""
+    import shutil
+
+    path.write_text(TINY)
+    shutil.copytree(ROOT / "examples" / "tasks", path.parent / "tasks", dirs_exist_ok=True)
+    return path
 HOSTILE = 'evil\nimport os; os.system("touch pwned_py")\n$(touch pwned_sh)`touch pwned_bt`\'";<!-- -->.yaml'
 MICRO = dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512, max_seq_len=64)
 
@@ -99,7 +109,7 @@ def micro_spec(d: Path, *, steps: int = 60, interval: int = 4, name: str = "spec
 def test_build_owns_only_its_files(tmp_path):
     spec = tmp_path / "sp" / "tiny.yaml"
     spec.parent.mkdir()
-    spec.write_text(TINY)
+    write_tiny(spec)
     b = tmp_path / "b"
     r = cli("build", str(spec), "-o", str(b))
     assert r.returncode == 0, r.stderr
@@ -127,7 +137,7 @@ def test_build_owns_only_its_files(tmp_path):
 
 def test_build_refuses_foreign_dirs_and_files(tmp_path):
     spec = tmp_path / "tiny.yaml"
-    spec.write_text(TINY)
+    write_tiny(spec)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
@@ -159,8 +169,8 @@ def _fake_tools(d: Path) -> Path:
 def test_hostile_spec_file_name_is_inert(tmp_path):
     sp = tmp_path / "sp"
     sp.mkdir()
-    (sp / HOSTILE).write_text(TINY)
-    (sp / "benign.yaml").write_text(TINY)
+    write_tiny(sp / HOSTILE)
+    write_tiny(sp / "benign.yaml")
     b, ok = tmp_path / "b", tmp_path / "ok"
     r = cli("build", HOSTILE, "-o", str(b), cwd=sp)
     assert r.returncode == 0, r.stderr
@@ -203,7 +213,7 @@ def test_hostile_spec_file_name_is_inert(tmp_path):
 def test_build_is_identical_from_any_cwd(tmp_path):
     sp = tmp_path / "sp"
     sp.mkdir()
-    (sp / "tiny.yaml").write_text(TINY)
+    write_tiny(sp / "tiny.yaml")
     out = tmp_path / "out"
     assert cli("build", "sp/tiny.yaml", "-o", str(out / "a"), cwd=tmp_path).returncode == 0
     assert cli("build", "tiny.yaml", "-o", str(out / "b"), cwd=sp).returncode == 0
@@ -272,7 +282,7 @@ def test_runtime_refuses_outputs_leaving_the_build(tmp_path):
 
 def _tiny_build(tmp_path: Path) -> Path:
     spec = tmp_path / "tiny.yaml"
-    spec.write_text(TINY)
+    write_tiny(spec)
     b = tmp_path / "b"
     assert cli("build", str(spec), "-o", str(b)).returncode == 0
     return b

@@ -490,7 +490,8 @@ def test_source_paths_reach_the_job_as_python_literals():
          "weight": 0.25, "val_parts": 250_000}]
     assert c.plan.grad_accum > 1  # max_batches global batches: grad_accum batches of micro_batch windows each
     assert lits["VALIDATION"] == {"freq": 5, "steps": 2 * c.plan.grad_accum, "micro_batch": c.plan.micro_batch,
-                                  "fraction": None, "seed": 0, "files": ["val's.jsonl"], "file_formats": ["jsonl"]}
+                                  "fraction": None, "seed": 0, "files": ["val's.jsonl"], "file_formats": ["jsonl"],
+                                  "grad_accum": c.plan.grad_accum}  # (whole global batches: the same windows as llmc's)
 
 
 def test_home_relative_paths_are_expanded_where_the_job_runs(monkeypatch):

@@ -180,10 +180,17 @@ def test_a_small_held_out_set_is_cut_to_whole_global_batches_on_every_layout(mic
     starts = sorted(int(w[0]) for v in ranks for w in v.windows)
     assert starts == [i * seq for i in range(3 * 32)]
     assert all(v.total_windows == 96 and v.batches == 3 * accum for v in ranks)
-    # a set with fewer windows than one global batch is refused, not cut to a few micro-batches
-    with pytest.raises(ValueError, match="fewer than one global batch of 32"):
-        ValidationSet.from_streams([stream[: 31 * seq + 1]], seq_len=seq, micro_batch=micro, max_batches=4 * accum,
-                                   dp_size=dp, grad_accum=accum)
+    # a set with fewer windows than one global batch (31) is read in whole micro x dp batches, as many as it holds
+    # (a small eval.validation.files on a large batch still validates); under one of those it is refused
+    if micro * dp <= 31:  # (the layouts that accumulate)
+        small = [ValidationSet.from_streams([stream[: 31 * seq + 1]], seq_len=seq, micro_batch=micro,
+                                            max_batches=4 * accum, dp_rank=r, dp_size=dp, grad_accum=accum)
+                 for r in range(dp)]
+        assert all(v.total_windows == 31 // (micro * dp) * micro * dp for v in small)
+        assert sorted(int(w[0]) for v in small for w in v.windows) == [i * seq for i in range(small[0].total_windows)]
+    with pytest.raises(ValueError, match=f"fewer than one batch of {micro * dp}"):
+        ValidationSet.from_streams([stream[: (micro * dp - 1) * seq + 1]], seq_len=seq, micro_batch=micro,
+                                   max_batches=4 * accum, dp_size=dp, grad_accum=accum)
 
 
 def test_evaluate_equals_a_direct_cross_entropy():

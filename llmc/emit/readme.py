@@ -17,6 +17,7 @@ from llmc.emit.common import (
     header_lines,
     jinja_env,
     nnodes,
+    sh_word,
     spec_named,
     stage_list,
     world,
@@ -63,12 +64,15 @@ def rebuild_section(compiled) -> str:
     # (without the fit check the plan may not fit: the rebuild needs the option again, or it stops at P004 / G005)
     cmd = build_command("-" if stdin else compiled.spec_path, ".", compiled.overrides, calibration=given,
                         fit_check=compiled.fit_check) + (" < SPEC" if stdin else "")
+    here = compiled.spec_folder()
+    if stdin and here != ".":  # its relative paths resolve against the folder `llmc build -` ran in: build from there
+        cmd = f'b="$PWD" && cd {sh_word(here)} && ' + cmd.replace(" -o . ", ' -o "$b" ', 1)
     fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", cmd)), default=0))
     out = ["## Rebuild", "",
            "From this directory, this command reproduces the build"
            + (" (its `--set` overrides included)" if compiled.overrides else "")
-           + (", given the same spec on standard input (it was read from there: its sha256 is below):" if stdin
-              else ":"),
+           + (", given the same spec on standard input (it was read from there: its sha256 is below; SPEC is its "
+              "path, from the folder the build ran in, where its relative paths resolve):" if stdin else ":"),
            "", f"{fence}sh", cmd, fence, ""]
     if stdin and not compiled.overrides:
         out += [f"The spec's sha256 is `{compiled.spec_sha256}`.", ""]

@@ -383,16 +383,15 @@ def _tasks_plan(lock: dict) -> dict | None:
 EVAL_FINGERPRINT = "eval_fingerprint"
 # what each part of the record is called when it differs
 _EVAL_PARTS = {"tasks": "the tasks", "task_files": "the task files' bytes", "limit": "eval.limit",
-               "batch_size": "eval.batch_size", "num_fewshot": "the few-shot count",
-               "chat": "the chat template setting", "checkpoint_steps": "the checkpoints scored",
+               "num_fewshot": "the few-shot count", "chat": "the chat template setting",
                "weights": "the stage's weights (its fingerprint in the lock)"}
 
 
 def eval_fingerprint(lock: dict, stage: str) -> dict | None:
     """What decides the scores of ``stage``'s eval under ``lock``: ``{"sha256", "parts"}``, the parts being the lock's
     evaluation entries for the stage (the tasks and their lm_eval names, the sha256 of every file the build copied for
-    a local task file, ``limit``, ``batch_size``, the few-shot count, the chat-template flags, the checkpoint steps it
-    scores) and which weights it scores (the stage's fingerprint in the lock, :func:`llmc.runtime.job.
+    a local task file, ``limit``, the few-shot count, the chat-template flags; not ``batch_size``, which scores no
+    document differently, nor the checkpoint steps listed, each of which records its own) and which weights it scores (the stage's fingerprint in the lock, :func:`llmc.runtime.job.
     stage_fingerprint`, which eval settings are not part of). None when the lock evaluates no such stage. Recorded in
     ``summary.json``; a summary whose record differs is scored again (:func:`eval_change`)."""
     from llmc.runtime.job import stage_fingerprint
@@ -406,10 +405,10 @@ def eval_fingerprint(lock: dict, stage: str) -> dict | None:
         "tasks": [list(plan["tasks"]), list(plan.get("names") or [])],
         "task_files": ({t: (copies.get(t) or {}).get("files") for t in plan["tasks"] if t.endswith((".yaml", ".yml"))}
                        if isinstance(copies, dict) else None),
-        "limit": plan.get("limit"), "batch_size": plan.get("batch_size"),
+        "limit": plan.get("limit"),  # (not eval.batch_size: the documents' scores do not depend on it)
         "num_fewshot": EvalConfig.num_fewshot,  # (each task's own: the eval step sets none)
         "chat": {"apply_chat_template": chat, "fewshot_as_multiturn": chat},
-        "checkpoint_steps": checkpoint_steps(lock, stage),
+        # (not the checkpoint steps listed: each step's summary, and the export's, records its own scoring)
         "weights": (stage_fingerprint(lock, stage) or {}).get("sha256"),
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -550,12 +549,17 @@ def checkpoint_evals(lock: dict, job, out: Path, log=print, build_dir: Path | No
                 log(f"{job.stage}: checkpoint step {n} already evaluated ({dest / 'summary.json'})")
                 done[n] = json.loads((dest / "summary.json").read_text())
                 continue
-            rescore(dest, f"{job.stage} checkpoint step {n}", why, log, folder=dest)
         ds = ds_checkpoint_dir(out, job.checkpoint_folder) / DS_TAG.format(step=n)
         if n not in present and not ds.is_dir():
+            if (dest / "summary.json").is_file():  # stale, but nothing to score again: kept, and said
+                log(f"{job.stage}: checkpoint step {n}'s scores are not this lock's ({why}), but its checkpoint is "
+                    f"gone (pruned?): kept as they are ({dest / 'summary.json'})")
+                continue
             log(f"{job.stage}: no checkpoint at step {n} under {out / job.checkpoint_folder} or {ds.parent} "
                 "(pruned?); not scored")
             continue
+        if (dest / "summary.json").is_file():
+            rescore(dest, f"{job.stage} checkpoint step {n}", why, log, folder=dest)
         src, model_sd = present.get(n, ds), None
         if n not in present:
             try:
@@ -584,13 +588,13 @@ def stage_eval(lock: dict, job, out: Path, log=print, build_dir: Path | None = N
     plan = _tasks_plan(lock)
     if plan is None or job.stage not in (plan.get("stages") or []):
         return None
-    if (out / SUMMARY).is_file():
-        why = eval_change(out / SUMMARY, lock, job.stage)
-        if why is None:
-            return json.loads((out / SUMMARY).read_text())
-        rescore(out, job.stage, why, log)
-    if not (out / "hf" / "config.json").is_file():
+    why = eval_change(out / SUMMARY, lock, job.stage) if (out / SUMMARY).is_file() else None
+    if (out / SUMMARY).is_file() and why is None:
+        return json.loads((out / SUMMARY).read_text())
+    if not (out / "hf" / "config.json").is_file():  # (before anything is moved: the saved scores stay)
         raise FileNotFoundError(f"stage {job.stage!r}: no Hugging Face export at {out / 'hf'} to evaluate")
+    if why is not None:
+        rescore(out, job.stage, why, log)
     lock_tasks(plan, job, lock_dir)  # a changed or missing copy stops the step before any checkpoint is scored
     checkpoint_evals(lock, job, out, log, build_dir=build_dir, lock_dir=lock_dir)
     return _summarize(out / "hf", out / "eval", plan, job, str(out / "hf"), log, lock_dir=lock_dir,
@@ -598,13 +602,23 @@ def stage_eval(lock: dict, job, out: Path, log=print, build_dir: Path | None = N
 
 
 def rescore(out: Path, stage: str, why: str, log=print, folder: Path | None = None) -> Path | None:
-    """Set the stage's earlier eval results (``folder``, by default ``out/eval``: the export's and the checkpoints'
-    scores) aside (:func:`llmc.fileio.set_aside`, never deleted) so the eval step scores it again, saying so in one
-    line."""
-    from llmc.fileio import set_aside
+    """Set earlier eval results aside (never deleted) so the eval step scores them again, saying so in one line:
+    ``folder`` (a checkpoint's ``eval/step-N``) is renamed (:func:`llmc.fileio.set_aside`); by default the export's
+    scores (``eval/summary.json`` and ``eval/eval_results.json``) move into ``eval.set-aside-N`` beside ``eval``, and
+    the checkpoints' scores stay (each records its own scoring: :func:`checkpoint_evals`)."""
+    from llmc.fileio import set_aside, set_aside_target
 
-    moved = set_aside(out / "eval" if folder is None else folder)
-    log(f"{stage}: evaluated again: {why}; the earlier results are set aside in {moved}")
+    if folder is not None:
+        moved = set_aside(folder)
+    else:
+        moved = set_aside_target(out / "eval")
+        if moved is not None:
+            moved.mkdir()
+            for rel in (SUMMARY, RESULTS):
+                if (out / rel).is_file():
+                    os.replace(out / rel, moved / Path(rel).name)
+    where = f"set aside in {moved}" if moved is not None else "nothing to set aside"
+    log(f"{stage}: evaluated again: {why}; the earlier results: {where}")
     return moved
 
 
@@ -622,8 +636,8 @@ def check_tasks(lock: dict, lock_dir: Path | None = None) -> dict:
     folders of the build's task file copies included, as the eval step indexes them), before any training:
     ``{"unknown": [[name, [closest known names]]], "uncached": [[name, dataset]]}``. ``uncached``: a known task whose
     dataset (its config's ``dataset_path`` / ``dataset_name``) ``datasets`` cannot load from the local Hugging Face
-    cache while the eval step runs offline (``datasets.load_dataset_builder``); tasks whose config names no dataset
-    (groups, tags) are not checked. Runs in the runtime's environment (``python -m llmc.runtime.evaluate
+    cache while the eval step runs offline (``datasets.load_dataset_builder``): a group or tag is checked through the
+    tasks it runs (:func:`_task_configs`), each (dataset, config) once. Runs in the runtime's environment (``python -m llmc.runtime.evaluate
     --check-tasks``), which ``llmc launch`` starts once before prepare."""
     import difflib
     import fnmatch
@@ -651,24 +665,55 @@ def check_tasks(lock: dict, lock_dir: Path | None = None) -> dict:
         return out
     import datasets
 
+    tried: set = set()
     for t in names:
-        entry = tm.task_index.get(t)
-        cfg = getattr(entry, "cfg", None) or {}
-        path = cfg.get("dataset_path")
-        if not isinstance(path, str) or not path or path in ("json", "csv", "parquet", "text", "arrow"):
-            continue
-        try:
-            datasets.load_dataset_builder(path, cfg.get("dataset_name"), **(cfg.get("dataset_kwargs") or {}))
-        except ConnectionError:  # (datasets' offline mode: "Couldn't reach ... on the Hub")
-            out["uncached"].append([t, path + (f" ({cfg['dataset_name']})" if cfg.get("dataset_name") else "")])
-        except Exception:  # noqa: BLE001 - anything else is the eval step's to report, not a cache question
-            continue
+        for cfg in _task_configs(tm, t):
+            path = cfg.get("dataset_path")
+            if not isinstance(path, str) or not path or path in ("json", "csv", "parquet", "text", "arrow"):
+                continue
+            key = (path, cfg.get("dataset_name"))
+            if key in tried:
+                continue
+            tried.add(key)
+            try:
+                datasets.load_dataset_builder(path, cfg.get("dataset_name"), **(cfg.get("dataset_kwargs") or {}))
+            except ConnectionError:  # (datasets' offline mode: "Couldn't reach ... on the Hub")
+                out["uncached"].append([t, path + (f" ({cfg['dataset_name']})" if cfg.get("dataset_name") else "")])
+            except Exception:  # noqa: BLE001 - anything else is the eval step's to report, not a cache question
+                continue
+    return out
+
+
+def _task_configs(tm, name: str, seen: set | None = None) -> list[dict]:
+    """The configs of the tasks ``name`` runs in lm_eval's index (``tm.task_index``): a task's own; a group's
+    ``task`` list, followed (a name, or an inline task config); a tag's tasks (those that carry it)."""
+    seen = set() if seen is None else seen
+    if name in seen:
+        return []
+    seen.add(name)
+    entry = tm.task_index.get(name)
+    if entry is None:
+        return []
+    kind = str(getattr(getattr(entry, "kind", None), "name", "")).upper()
+    cfg = getattr(entry, "cfg", None) or {}
+    if kind == "TASK":
+        return [cfg]
+    if kind == "GROUP":
+        members = cfg.get("task") or []
+        members = members if isinstance(members, list) else [members]
+    else:  # a tag
+        members = sorted(n for n, e in tm.task_index.items() if name in (getattr(e, "tags", None) or ()))
+    out: list[dict] = []
+    for m in members:
+        if isinstance(m, dict):
+            out += [m] if m.get("dataset_path") else _task_configs(tm, str(m.get("task", "")), seen)
+        else:
+            out += _task_configs(tm, str(m), seen)
     return out
 
 
 #: what an eval step that could not reach a task's dataset offline says to do (error R017)
-OFFLINE_HINT = ("the eval step runs offline (HF_DATASETS_OFFLINE=1: lm-evaluation-harness's registered tasks read "
-                "their datasets from the local Hugging Face cache only); hint: on a machine with network, download "
+OFFLINE_HINT = ("{why}; hint: on a machine with network, download "
                 "the dataset into the cache with `datasets` (python -c \"import datasets; "
                 "datasets.load_dataset('{dataset}')\", with the task's dataset_name as second argument where it has "
                 "one) and copy the cache folder (HF_HOME, by default ~/.cache/huggingface) here, or score a local task "
@@ -682,7 +727,10 @@ def offline_message(e: BaseException) -> str:
     from llmc.runtime.entry import one_line_error
 
     m = re.search(r"reach '([^']+)'", str(e))
-    return f"{one_line_error(e)}: {OFFLINE_HINT.format(dataset=m.group(1) if m else '<dataset_path>')}"
+    why = ("the eval step runs offline (HF_DATASETS_OFFLINE=1: lm-evaluation-harness's registered tasks read their "
+           "datasets from the local Hugging Face cache only)" if _offline(False) else
+           "the dataset could not be downloaded (HF_DATASETS_OFFLINE is off here: the network or the Hub failed)")
+    return f"{one_line_error(e)}: {OFFLINE_HINT.format(why=why, dataset=m.group(1) if m else '<dataset_path>')}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -733,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     except TaskCopyError as e:  # located on the copied file, as its folder was given
         print(f"{a.lock.parent / e.rel}: error[R003] eval {a.stage}: {e}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # (FileNotFoundError, a set-aside refused: OSErrors)
         print(f"{a.lock}: error[R003] eval {a.stage}: {one_line_error(e)}", file=sys.stderr)
         return 1
     return 0

@@ -195,6 +195,7 @@ class _Log:
         self.f = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115 - closed in close()
         self.stage, self.every = stage, max(1, every)
         self._last = time.monotonic()
+        self._t0 = self._last  # elapsed_s counts from the start event, as on every trainer (restarted there)
 
     def __call__(self, step: int, stats: dict) -> None:
         if self.f is None:  # ranks > 0: the values are already averaged over the ranks
@@ -202,7 +203,8 @@ class _Log:
         now = time.monotonic()  # step_s: wall seconds since the previous record (the first: since the loop's setup)
         # the values as computed (json writes a float's shortest repr): a rounding would log a 1e-6 learning rate, or a
         # reward or KL near 1e-4, as 1e-06 / 0.0
-        rec = {"stage": self.stage, "step": step + 1, **stats, "step_s": round(now - self._last, 4)}
+        rec = {"stage": self.stage, "step": step + 1, **stats, "step_s": round(now - self._last, 4),
+               "elapsed_s": round(now - self._t0, 3)}
         self._last = now
         self.f.write(json_line(rec) + "\n")  # (strict JSON: a non-finite value is null)
         self.f.flush()
@@ -212,7 +214,11 @@ class _Log:
 
     def event(self, name: str, **fields: Any) -> None:
         if self.f is not None:
-            self.f.write(json_line({"event": name, "stage": self.stage, **fields}) + "\n")
+            now = time.monotonic()
+            if name == "start":
+                self._t0 = now
+            self.f.write(json_line({"event": name, "stage": self.stage, **fields,
+                                    "elapsed_s": round(now - self._t0, 3)}) + "\n")
             self.f.flush()
 
     def close(self) -> None:

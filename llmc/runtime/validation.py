@@ -142,15 +142,17 @@ class ValidationSet:
         """At most ``max_batches`` batches of ``micro_batch`` windows per rank, in whole global batches
         (``grad_accum`` batches on each of the ``dp_size`` ranks, ``micro_batch x grad_accum x dp_size`` windows):
         a held-out set smaller than ``max_batches`` of them is cut to whole global batches, so every layout of the
-        same global batch reads the same windows."""
+        same global batch reads the same windows. One holding less than a global batch (a small
+        ``eval.validation.files`` on a large batch) is read in whole ``micro_batch x dp_size`` batches, as many as it
+        holds (those windows then depend on the layout); less than one of those is an error."""
         stream = np.concatenate([np.asarray(s, dtype=np.int64) for s in streams]) if streams else np.zeros(0)
         n_win = max(0, (len(stream) - 1) // seq_len)
         per_batch = micro_batch * dp_size
         accum = max(int(grad_accum), 1)
-        batches = min(max_batches, n_win // (per_batch * accum) * accum)
+        batches = min(max_batches, n_win // (per_batch * accum) * accum) or min(max_batches, n_win // per_batch)
         if batches == 0:
-            raise ValueError(f"validation set has {len(stream)} tokens: fewer than one global batch of "
-                             f"{per_batch * accum} x {seq_len + 1} (raise eval.validation.fraction or give more data)")
+            raise ValueError(f"validation set has {len(stream)} tokens: fewer than one batch of "
+                             f"{per_batch} x {seq_len + 1} (raise eval.validation.fraction or give more data)")
         rows = []
         for b in range(batches):
             for j in range(micro_batch):

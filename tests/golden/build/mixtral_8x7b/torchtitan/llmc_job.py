@@ -387,12 +387,13 @@ def _validation_windows(tokenizer, seq_len, micro_batch, steps, dp_rank, dp_worl
             n += 1
             if (w // micro_batch) % dp_world_size == dp_rank:
                 mine.append(sample)
-        # whole global batches (grad_accum batches of per_batch windows): the same windows on every layout
+        # whole global batches (grad_accum batches of per_batch windows): the same windows on every layout; a set
+        # smaller than one global batch in whole per_batch batches
         accum = VALIDATION["grad_accum"]
-        batches = min(steps, n // (per_batch * accum) * accum)
+        batches = min(steps, n // (per_batch * accum) * accum) or min(steps, n // per_batch)
         if batches == 0:
-            raise _bad_data(f"the validation set has {n} windows of {seq_len} tokens: fewer than one global batch "
-                            f"of {per_batch * accum}; hint: raise eval.validation.fraction or give more data")
+            raise _bad_data(f"the validation set has {n} windows of {seq_len} tokens: fewer than one batch "
+                            f"of {per_batch}; hint: raise eval.validation.fraction or give more data")
         _VAL_WINDOWS[key] = mine[:batches * micro_batch]
     return _VAL_WINDOWS[key]
 
