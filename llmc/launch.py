@@ -805,8 +805,7 @@ def check_eval_tasks(build_dir: str | os.PathLike, cmds: list[Cmd], timeout: flo
     evals = [c for c in cmds if c.evaluates and not c.skip_reason]
     if not evals:
         return [], []
-    b = Path(build_dir)
-    lock = json.loads((b / "plan.lock.json").read_text())
+    b, lock = load_build(build_dir)  # (the lock as every launch helper reads it: a bounded regular file)
     plan = (lock.get("evaluation") or {}).get("tasks") or {}
     if not [t for t in plan.get("tasks") or [] if not str(t).endswith((".yaml", ".yml"))]:
         return [], []
