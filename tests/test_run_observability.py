@@ -211,7 +211,39 @@ def test_post_training_records_count_elapsed_s_from_their_start_event(tmp_path):
     log.event("start", backend="native")
     time.sleep(0.05)
     log(0, {"loss": 1.0})
-    log.close()
     start, step = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert start["event"] == "start" and start["elapsed_s"] == 0
     assert 0.04 <= step["elapsed_s"] < 0.2 and step["step"] == 1
+
+
+def test_post_training_step_s_leaves_out_checkpoint_saves_and_appends_after_a_torn_line(tmp_path, monkeypatch):
+    """The post-training log writes through the pre-training trainers' MetricsLogger: a record half-written by a killed
+    run is dropped before the rerun appends (it used to run into the new record, a line no reader parses), and a
+    step's `step_s` starts where the loop's state marks the previous step done, after its checkpoint save, as the
+    pre-training trainers leave their saves out of `step_s`."""
+    import random
+    import time
+
+    from llmc.runtime import checkpoint
+    from llmc.runtime.metrics_io import read_metrics
+    from llmc.runtime.posttrain import _Log
+    from llmc.runtime.sft import LoopState
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"stage": "sft", "step": 1, "loss": 2.0}\n{"stage": "sft", "step": 2, "lo')  # killed mid-write
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *a, **k: time.sleep(0.3))  # a slow save
+    state = LoopState(folder=tmp_path / "ckpt", interval=1)
+    log = _Log(path, "sft", every=1, state=state)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rng = random.Random(0)
+    log.event("start", backend="native")
+    for step in state.begin(model, opt, 3, rng):
+        time.sleep(0.02)  # the step's training
+        log(step, {"loss": 1.0})
+        state.end_step(step, model, opt, rng)  # saves after steps 1 and 2 (not after the last)
+    got = read_metrics(path)  # every line parses
+    assert [r["step"] for r in got.steps] == [1, 2, 3] and [e["event"] for e in got.events] == ["start"]
+    new = [r for r in got.steps if r.get("step_s") is not None]
+    assert len(new) == 3 and all(0.015 <= r["step_s"] < 0.2 for r in new), new
+    assert new[-1]["elapsed_s"] >= 0.6  # two saves of 0.3 s went by, counted in elapsed_s only

@@ -66,7 +66,7 @@ from llmc.runtime.chat import (
 )
 from llmc.runtime.errors import NonFiniteStep
 from llmc.runtime.lora import apply_lora, lora_param_count, merge_lora
-from llmc.runtime.metrics import json_line
+from llmc.runtime.metrics import MetricsLogger
 
 # the records' one reader and checker (torch-free: prepare checks each source's first records with it)
 from llmc.runtime.records import (  # noqa: F401  (re-exported: the stage loops' names)
@@ -184,46 +184,42 @@ def _report_truncation(c: Any, seqs: list[tuple[list[int], list[int]]], unit: st
                "token")
     else:
         msg = f"stage {c.job.stage}: {n} {unit}, {total} trained tokens, none longer than seq_len {c.seq_len}"
-    if c.log.f is not None:
+    if c.log.main:  # (rank 0)
         print(msg, flush=True)
     c.log.event("truncation", unit=unit, **rep)
     return {"truncation": rep}
 
 
 class _Log:
-    def __init__(self, path: Path, stage: str, every: int, enabled: bool = True):
-        self.f = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115 - closed in close()
-        self.stage, self.every = stage, max(1, every)
-        self._last = time.monotonic()
-        self._t0 = self._last  # elapsed_s counts from the start event, as on every trainer (restarted there)
+    """A post-training loop's metrics.jsonl, written by rank 0 through :class:`llmc.runtime.metrics.MetricsLogger`
+    (the one ``elapsed_s`` rule of every trainer, strict JSON, a torn last line of a killed run dropped before
+    anything is appended); each record names its stage. A step's ``step_s`` is its training time (the rollouts of a
+    GRPO step included): from the end of the previous step's bookkeeping, which ``state``
+    (:class:`llmc.runtime.sft.LoopState`) marks after a checkpoint save (the first step: after the resume load), to
+    the step's record, so checkpoint saves and the resume are not a step's time, as on the pre-training trainers
+    (:class:`llmc.runtime.metrics.IntervalTimer`). Without ``state``: the seconds since the previous record."""
+
+    def __init__(self, path: Path, stage: str, every: int, enabled: bool = True, state: Any | None = None):
+        self.out = MetricsLogger(path, enabled=enabled, echo=False)
+        self.main = enabled  # rank 0: the one that writes and prints
+        self.stage, self.every, self.state = stage, max(1, every), state
+        self._last = time.perf_counter()
 
     def __call__(self, step: int, stats: dict) -> None:
-        if self.f is None:  # ranks > 0: the values are already averaged over the ranks
+        if not self.main:  # ranks > 0: the values are already averaged over the ranks
             return
-        now = time.monotonic()  # step_s: wall seconds since the previous record (the first: since the loop's setup)
+        now = time.perf_counter()
+        began = self._last if self.state is None else self.state.step_began
+        self._last = now
         # the values as computed (json writes a float's shortest repr): a rounding would log a 1e-6 learning rate, or a
         # reward or KL near 1e-4, as 1e-06 / 0.0
-        rec = {"stage": self.stage, "step": step + 1, **stats, "step_s": round(now - self._last, 4),
-               "elapsed_s": round(now - self._t0, 3)}
-        self._last = now
-        self.f.write(json_line(rec) + "\n")  # (strict JSON: a non-finite value is null)
-        self.f.flush()
+        self.out.log({"stage": self.stage, "step": step + 1, **stats, "step_s": round(now - began, 4)})
         if step == 0 or (step + 1) % self.every == 0:
             msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
             print(f"{self.stage} step {step + 1}: {msg}", flush=True)
 
     def event(self, name: str, **fields: Any) -> None:
-        if self.f is not None:
-            now = time.monotonic()
-            if name == "start":
-                self._t0 = now
-            self.f.write(json_line({"event": name, "stage": self.stage, **fields,
-                                    "elapsed_s": round(now - self._t0, 3)}) + "\n")
-            self.f.flush()
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
+        self.out.log({"event": name, "stage": self.stage, **fields})
 
 
 def stage_arch(job: Any):
@@ -480,7 +476,7 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     steps, lr = int(job.steps), float(job.lr)
     loop = _Loop(job=job, model=wrapped, tok=tok, template=template, hyper=hyper, st=st, steps=steps, lr=lr,
                  batch=batch, seq_len=int(job.seq_len), pad_id=pad_id,
-                 log=_Log(out / "metrics.jsonl", job.stage, job.log_every, enabled=main), shard=shard,
+                 log=_Log(out / "metrics.jsonl", job.stage, job.log_every, enabled=main, state=state), shard=shard,
                  device=info.device, reference=reference, state=state)
     try:
         # as pre-training's first record of a start (llmc.runtime.train.open_run_logger): who trains, what stage, with
@@ -506,8 +502,6 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     except NonFiniteStep as e:  # (error[R014], entry says it) the run's log ends with why
         loop.log.event("end", status="failed", step=state.step, steps=steps, reason=str(e))
         raise
-    finally:
-        loop.log.close()
     if state.stopped:
         how = "preempted" if state.preempted else "stopped"
         say(f"{job.stage}: {how} at step {state.step} of {steps}; rerun to continue from {state.last_saved}")
@@ -659,7 +653,7 @@ def _untrained_turns(c: _Loop) -> dict:
     t = c.template
     if not isinstance(t, TokenizerTemplate) or not t.untrained_turns:
         return {}
-    if c.log.f is not None:
+    if c.log.main:  # (rank 0)
         none = f"; {t.empty} of them left with no trained token" if t.empty else ""
         print(f"warning: stage {c.job.stage}: {t.untrained_turns} assistant turn(s) of {t.conversations} encoded "
               f"conversation(s) are not trained (first: {', '.join(t.examples)}{none}): the tokenizer's chat "

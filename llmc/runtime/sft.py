@@ -109,6 +109,9 @@ class LoopState:
     step: int = 0
     steps: int = 0
     t0: float = field(default_factory=time.time)
+    # (time.perf_counter) where the next step's training time starts: after begin()'s resume load and after each
+    # end_step()'s checkpoint save (posttrain._Log's step_s counts from here)
+    step_began: float = field(default_factory=time.perf_counter)
 
     def begin(self, model: nn.Module, opt: torch.optim.Optimizer, steps: int, rng: random.Random,
               gen: torch.Generator | None = None) -> range:
@@ -124,6 +127,7 @@ class LoopState:
                 gen.set_state(rs["generator"])
             self.step, self.history = int(st["step"]), list(st["history"])
         stop = min(steps, self.stop_after) if self.stop_after else steps
+        self.step_began = time.perf_counter()
         return range(self.step, max(stop, self.step))
 
     def end_step(self, step: int, model: nn.Module, opt: torch.optim.Optimizer, rng: random.Random,
@@ -150,6 +154,7 @@ class LoopState:
             mine = {"batch_rng": rng.getstate(), "generator": None if gen is None else gen.get_state()}
             save_checkpoint(self.folder, self.step, model, opt, {**self.meta, "history": self.history},
                             keep_latest=self.keep_latest, sharded=self.sharded, rank_state=mine, trainable_only=True)
+        self.step_began = time.perf_counter()
         return late
 
     @property
