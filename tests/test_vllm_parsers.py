@@ -102,6 +102,33 @@ print(json.dumps(out, default=str))
 """
 
 
+# vLLM's own view of fp8 on 16-bit weights (online quantization) and of the emitted quantization, name and host
+FP8_CHECK = """
+import json, os, sys
+from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.entrypoints.cli.serve import ServeSubcommand
+from vllm.engine.arg_utils import AsyncEngineArgs
+out = {"methods": QUANTIZATION_METHODS}
+try:
+    Fp8Config(is_checkpoint_fp8_serialized=False)
+    out["online_fp8"] = "accepted"
+except ValueError as e:
+    out["online_fp8"] = str(e)
+for path in sys.argv[1:]:
+    os.chdir(os.path.dirname(os.path.dirname(path)))
+    parser = FlexibleArgumentParser(description="vLLM CLI")
+    cmd = ServeSubcommand()
+    cmd.subparser_init(parser.add_subparsers(required=False, dest="subparser"))
+    args = parser.parse_args(["serve", "--config", path])
+    cmd.validate(args)
+    ea = AsyncEngineArgs.from_cli_args(args)
+    out[path] = {"quantization": ea.quantization, "served_model_name": ea.served_model_name, "host": args.host}
+print(json.dumps(out, default=str))
+"""
+
+
 # The checks share one vLLM process (starting vLLM costs tens of seconds of CPU on a small machine): each script
 # runs in it as it would alone (its own sys.argv and globals; what it prints last is its result), and a script
 # that raises fails only the test that reads its result. vLLM's model registry inspects each architecture's class
@@ -141,13 +168,14 @@ def run_vllm(jobs: dict[str, tuple[str, list]], cache: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def vllm(served, model_exports, load_exports, tmp_path_factory) -> dict:
+def vllm(served, model_exports, load_exports, fp8_served, tmp_path_factory) -> dict:
     """What each check's script printed (or the traceback it raised), from one vLLM process."""
     cache = tmp_path_factory.mktemp("vllm-cache")
     port = _free_port()
     return run_vllm({"serve": (SERVE_PARSE, [f for f, _ in served] + [misspelled(served, tmp_path_factory)]),
                      "model": (MODEL_PARSE, list(model_exports[1].values())),
-                     "load": (LOAD, [port, *load_exports[1].values()])}, cache)
+                     "load": (LOAD, [port, *load_exports[1].values()]),
+                     "fp8": (FP8_CHECK, fp8_served)}, cache)
 
 
 def result(vllm: dict, name: str) -> dict:
@@ -441,3 +469,29 @@ def test_dense_hf_exports_load_into_vllm_models(load_exports, vllm):
         assert m["abs_sum"] == pytest.approx(want[name][1], rel=1e-9)
         if a.nope_layers:  # the attention modules vLLM built: RoPE in layer 0, none in layer 1
             assert m["use_rope"] == [1, 0]
+
+
+# ----------------------------------------------------------------------------- fp8, host, served name
+
+
+@pytest.fixture(scope="module")
+def fp8_served(tmp_path_factory) -> list[str]:
+    """An online-fp8 target and one with a host and a served name, emitted for llama3-8b."""
+    from test_serving_review import _build
+
+    d = tmp_path_factory.mktemp("fp8")
+    _build("serving:\n  - {engine: vllm, quantization: fp8, concurrency: 8}\n"
+           "  - {engine: vllm, concurrency: 8, host: 10.1.2.3, served_model_name: org/m-1}\n", d)
+    (d / "run/pretrain/hf").mkdir(parents=True)  # where the export goes: vLLM takes a local path only if it exists
+    return [str(d / "serving/vllm.yaml"), str(d / "serving/vllm-2.yaml")]
+
+
+def test_vllm_033_takes_the_emitted_online_fp8_host_and_name(fp8_served, vllm):
+    """vLLM 0.33.0 itself: `fp8` on 16-bit weights is refused (Fp8Config names fp8_per_tensor instead), the name llmc
+    emits is one of its quantization methods, and its `vllm serve` parser reads the emitted config's quantization,
+    served name and host (None without one: vLLM binds every interface)."""
+    got = result(vllm, "fp8")
+    assert "fp8_per_tensor" in got["online_fp8"] and "no longer supports online" in got["online_fp8"]
+    assert "fp8_per_tensor" in got["methods"]
+    assert got[fp8_served[0]] == {"quantization": "fp8_per_tensor", "served_model_name": ["rv-pretrain"], "host": None}
+    assert got[fp8_served[1]] == {"quantization": None, "served_model_name": ["org/m-1"], "host": "10.1.2.3"}
