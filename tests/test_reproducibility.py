@@ -68,6 +68,14 @@ def test_the_torchtitan_jobs_inlined_copy_records_the_same(built):
     exec(compile(ast.Module([fn], []), "llmc_job.py", "exec"), ns)
     want = {**runtime_versions(), "llmc": importlib.metadata.version("llmc")}
     assert ns["_software"]() == want
+    # the job's llmc version (the installed package's metadata, from pyproject.toml) is the trainers' llmc.__version__:
+    # the two sources cannot drift apart without this failing
+    import tomllib
+
+    import llmc
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert declared == llmc.__version__ == want["llmc"], (declared, llmc.__version__, want["llmc"])
     assert 'self.event("start", backend="torchtitan", software=_software())' in src
     assert 'self.event("resume", step=step, backend="torchtitan", software=_software())' in src
 

@@ -247,3 +247,31 @@ def test_post_training_step_s_leaves_out_checkpoint_saves_and_appends_after_a_to
     new = [r for r in got.steps if r.get("step_s") is not None]
     assert len(new) == 3 and all(0.015 <= r["step_s"] < 0.2 for r in new), new
     assert new[-1]["elapsed_s"] >= 0.6  # two saves of 0.3 s went by, counted in elapsed_s only
+
+
+def test_the_torchtitan_job_takes_a_checkpoint_save_off_its_throughput_clock(tmp_path, monkeypatch):
+    """The job's checkpoint manager hands each save's seconds to its metrics processor, which moves torchtitan's
+    throughput clock (``time_last_log``, the start of ``time_delta`` in MetricsProcessor.log) past them: a slow save
+    is not training time in the next record's tokens/s and ``step_s``; the trainer wires the two together."""
+    import importlib
+    import time
+
+    pytest.importorskip("torchtitan")
+    from test_torchtitan import compiled_example, write_build
+    from torchtitan.components.checkpoint import CheckpointManager
+
+    module = write_build(compiled_example("tiny_cpu"), tmp_path)
+    monkeypatch.syspath_prepend(str(module.parent))
+    sys.modules.pop(module.stem, None)
+    job = importlib.import_module(module.stem)
+    monkeypatch.setattr(CheckpointManager, "save", lambda self, step, last_step=False: time.sleep(0.3))
+    mp = object.__new__(job.LlmcMetricsProcessor)  # (its clock only: torchtitan's __init__ builds loggers)
+    mp.time_last_log = time.perf_counter()
+    ck = object.__new__(job.LlmcCheckpointManager)
+    ck.on_save_time = mp.exclude
+    time.sleep(0.05)  # a step's training
+    ck.save(4)
+    trained = time.perf_counter() - mp.time_last_log  # torchtitan's time_delta at the next log
+    assert 0.04 <= trained < 0.25, trained
+    assert "self.checkpointer.on_save_time = self.metrics_processor.exclude" in module.read_text()
+    sys.modules.pop(module.stem, None)
