@@ -102,17 +102,20 @@ def sh_word(word: str) -> str:
 
 
 def build_command(spec_path: str, out: str, overrides=(), *, calibration: str | None = None,
-                  fit_check: bool = True) -> str:
+                  fit_check: bool = True, out_expr: str | None = None) -> str:
     """The shell command that builds ``spec_path`` into ``out`` with the ``--set`` overrides given, a
     ``--calibration`` file given on the command line and ``--no-fit-check`` when the build was made without the fit
     check (the lock's ``fit_check``), each word quoted by :func:`sh_word` (``shlex.quote`` for every ordinary path and
-    value): the one rebuild command of the build README and of ``llmc launch``'s L009."""
-    words = ["llmc", "build", str(spec_path), "-o", str(out), *set_options(overrides)]
+    value): the one rebuild command of the build README and of ``llmc launch``'s L009. ``out_expr``: the output folder
+    as a shell expression of llmc's own (the README's ``"$b"``), written as it is in place of ``out``."""
+    words = [sh_word(w) for w in ("llmc", "build", str(spec_path), "-o", str(out), *set_options(overrides))]
+    if out_expr is not None:
+        words[4] = out_expr
     if calibration:
-        words += ["--calibration", calibration]
+        words += [sh_word("--calibration"), sh_word(calibration)]
     if not fit_check:
-        words.append("--no-fit-check")
-    return " ".join(sh_word(w) for w in words)
+        words.append(sh_word("--no-fit-check"))
+    return " ".join(words)
 
 
 def spec_named(compiled) -> str:

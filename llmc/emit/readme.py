@@ -62,11 +62,12 @@ def rebuild_section(compiled) -> str:
     cal = compiled.calibration.file if compiled.calibration is not None else None
     given = cal["path"] if cal and not compiled.spec.calibration else None  # --calibration FILE (its name, sha256)
     # (without the fit check the plan may not fit: the rebuild needs the option again, or it stops at P004 / G005)
-    cmd = build_command("-" if stdin else compiled.spec_path, ".", compiled.overrides, calibration=given,
-                        fit_check=compiled.fit_check) + (" < SPEC" if stdin else "")
     here = compiled.spec_folder()
-    if stdin and here != ".":  # its relative paths resolve against the folder `llmc build -` ran in: build from there
-        cmd = f'b="$PWD" && cd {sh_word(here)} && ' + cmd.replace(" -o . ", ' -o "$b" ', 1)
+    moved = stdin and here != "."  # its relative paths resolve against the folder `llmc build -` ran in: build there
+    cmd = build_command("-" if stdin else compiled.spec_path, ".", compiled.overrides, calibration=given,
+                        fit_check=compiled.fit_check, out_expr='"$b"' if moved else None) + (" < SPEC" if stdin else "")
+    if moved:
+        cmd = f'b="$PWD" && cd {sh_word(here)} && ' + cmd
     fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", cmd)), default=0))
     out = ["## Rebuild", "",
            "From this directory, this command reproduces the build"
