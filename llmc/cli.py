@@ -478,19 +478,6 @@ def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
     return lines
 
 
-def _launch_command(build_dir: Path, *, no_resume: bool = False, stage: str | None = None,
-                    from_stage: str | None = None, backend: str | None = None, nproc: int | None = None,
-                    force: bool = False, allow_edited: bool = False, fallback_checkpoint: bool = False) -> str:
-    """The ``llmc launch`` command line with these options, quoted for a shell: what a message tells the user to run
-    again (the same stages, backend and process count; ``--no-resume`` only where nothing of this launch ran yet,
-    since a rerun with it would set aside what this one trained). Built by ``llmc.runtime.job.launch_command``, as
-    every command a launch prints is."""
-    from llmc.runtime.job import LaunchOptions, launch_command
-
-    return launch_command(build_dir, LaunchOptions(backend=backend, nproc=nproc, force=force,
-                                                   allow_edited=allow_edited),
-                          no_resume=no_resume, stage=stage, from_stage=from_stage,
-                          fallback_checkpoint=fallback_checkpoint)
 
 
 @_command()
@@ -541,16 +528,15 @@ def launch(
     if not build_dir:  # (a Path would read '' as '.')
         _fail(["error[L001] no build directory given (an empty path; name the directory `llmc build -o` wrote)"])
     build_dir = Path(build_dir)
-    # what a failure tells the user to run: this command again (nothing of it ran yet), or it without --no-resume
-    # (to resume what it trained: its stages set aside once, the rerun skips the finished ones)
-    same = {"stage": stage, "from_stage": from_stage, "backend": backend, "nproc": nproc, "force": force,
-            "allow_edited": allow_edited, "fallback_checkpoint": fallback_checkpoint}
-    again, resume_cmd = (_launch_command(build_dir, no_resume=no_resume, **same),
-                         _launch_command(build_dir, **same))
-    from llmc.runtime.job import LaunchOptions
+    from llmc.runtime.job import LaunchOptions, launch_command
 
-    # what the commands its skip and refusal lines print carry of this launch (llmc.runtime.job.launch_command)
+    # what every command this launch prints carries of it (llmc.runtime.job.launch_command): its skip and refusal
+    # lines, and what a failure tells the user to run: this command again (nothing of it ran yet), or it without
+    # --no-resume (to resume what it trained: its stages set aside once, the rerun skips the finished ones)
     options = LaunchOptions(backend=backend, nproc=nproc, force=force, allow_edited=allow_edited)
+    same = {"stage": stage, "from_stage": from_stage, "fallback_checkpoint": fallback_checkpoint}
+    again, resume_cmd = (launch_command(build_dir, options, no_resume=no_resume, **same),
+                         launch_command(build_dir, options, **same))
     try:
         if build_dir.is_dir():
             recover(build_dir)
@@ -753,12 +739,14 @@ def _write_failure(e: OSError, build_dir: Path, stage: str | None, what: str, cm
                    rerun: str | None = None) -> str:
     """The one line for a file ``llmc launch`` itself could not write (its lock, a stage's log or folder): the file,
     the stage, the error and, on a full disk, the space a user may get back (:func:`_space_hint`)."""
+    from llmc.runtime.job import launch_command
+
     where = getattr(e, "filename", None) or path or build_dir
     full = e.errno in (errno.ENOSPC, errno.EDQUOT)
     hint = _space_hint(Path(build_dir).resolve(), cmds) if full else "check the path and its permissions"
     of = f"stage {stage!r}: " if stage else ""
     return (f"{where}: error[L014] {of}`llmc launch` cannot write {what}: {e.strerror or e} ({hint}; then rerun "
-            f"`{rerun or _launch_command(build_dir)}`)")
+            f"`{rerun or launch_command(build_dir)}`)")
 
 
 class _StageRun(tuple):
