@@ -291,3 +291,30 @@ def test_an_unknown_target_lists_every_name_llmc_accepts_and_each_of_them_loads(
         run, _ = loads_spec(spec_text(lora_stage(16, [n])), file="s.yaml")
         want = LORA_TARGETS if n == "all-linear" else [LORA_HF_NAMES.get(n, n)]
         assert list(run.stages[0].lora.targets) == list(want)
+
+
+# ----------------------------------------------------------------------------- G026: a chat stage without data
+
+
+@pytest.mark.parametrize("kind", list(RECORD))
+def test_a_chat_stage_without_data_is_said_to_train_on_the_builtin_synthetic_records(kind):
+    """A chat stage with no data of its own plans with a G026 warning on the stage: llmc's trainer would train it on
+    its builtin synthetic records (which the runtime does: checked), not on the user's; the hint names the builtin
+    source that trains on them on purpose, which, named, plans without G026, as a stage with its own records does."""
+    text = spec_text("""\
+        - name: s
+          kind: {kind}
+          init_hf: /models/base
+        """.replace("{kind}", kind))
+    c = compile_text(text)
+    (d,) = diags(c, "G026")
+    assert d.severity == "warning" and d.path == "stages.0" and d.line == line_of(text, "name: s")
+    assert "synthetic" in d.message and f"kind: {RECORD[kind]}" in d.hint
+    st = make_stage(name="s", kind=kind, data=None)
+    job = SimpleNamespace(stage_spec=st, seed=0, stage="s", resolve_path=lambda p: p)
+    from llmc.runtime.posttrain import load_stage_records
+
+    assert all(w.startswith("synthetic ") for w in load_stage_records(job, RECORD[kind])[1])
+    builtin = d.hint.split("name them: ")[1]
+    for sources in (f"[{builtin}]", f"[{{name: mine, path: /d/r.jsonl, kind: {RECORD[kind]}}}]"):
+        assert not diags(compile_text(spec_text(chat_stage(kind, sources))), "G026"), sources

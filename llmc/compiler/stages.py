@@ -1333,8 +1333,18 @@ def check_stage_data(st: StageBase, p: str, tr: StageTraining, sink: Sink) -> No
     stops with "no ... data" after the stages before it ran), a builtin pre-training corpus (``python-docs``: text,
     no records) is refused, a file source must be jsonl records. G015: a GRPO
     stage's seq_len, which its trainer never reads (llmc.runtime.grpo.train_grpo samples a prompt of up to
-    max_prompt_tokens and a completion of up to max_new_tokens: the length the plan sizes)."""
+    max_prompt_tokens and a completion of up to max_new_tokens: the length the plan sizes). G026: a chat stage
+    without data, which llmc's trainer trains on its builtin synthetic records (``load_stage_records``)."""
     srcs = st.data.sources if st.data is not None else []
+    if st.kind in STAGE_RECORDS and not srcs:
+        want, form = STAGE_RECORDS[st.kind]
+        example, holds = BUILTIN_RECORDS[want]
+        sink.add("G026", "warning", p,
+                 f"{st.kind} stage {st.name!r} has no data of its own (it reads its own data.sources, never the top-level "
+                 "data's): "
+                 f"llmc's trainer would train it on its builtin synthetic {want} records ({holds}), not on yours",
+                 f"give the stage data: {{sources: [...]}} of kind: {want} (jsonl records {form}); to train on the "
+                 f"builtin records on purpose, name them: {{name: {example}, format: builtin, kind: {want}}}")
     if st.kind in STAGE_RECORDS and srcs:
         want, form = STAGE_RECORDS[st.kind]
         read = [s for s in srcs if _reads(s, want)]
