@@ -197,16 +197,29 @@ def _stages(lock: dict) -> list[dict]:
     return out or [{"name": "pretrain", "kind": "pretrain"}]
 
 
+def _lock_field(lock: dict, path: str):
+    """The lock's field at the dotted ``path``; a LaunchError naming it where it (or a level above it) is missing or
+    null. (``read_lock`` checked the type of each field these helpers read: a hand-edited lock launched with
+    --force gets here.)"""
+    d = lock
+    for key in path.split("."):
+        if not isinstance(d, dict) or d.get(key) is None:
+            raise LaunchError(f"plan.lock.json: malformed lockfile: {path} is missing (rebuild it with `llmc build`)")
+        d = d[key]
+    return d
+
+
 def _gpus_per_node(lock: dict) -> int:
     """The compiled hardware's GPUs per node (spec override applied), at most the GPU count."""
-    count = int(lock["spec"]["resolved"]["hardware"]["count"])
-    return max(1, min(int(lock["hardware"]["gpus_per_node"]), count))
+    count = int(_lock_field(lock, "spec.resolved.hardware.count"))
+    return max(1, min(int(_lock_field(lock, "hardware.gpus_per_node")), count))
 
 
 def _cpu_world(lock: dict) -> int:
     """A CPU build's world size (``hardware.count`` processes, all on this node), else 0."""
-    hw = lock["spec"]["resolved"]["hardware"]
-    return max(1, int(hw["count"])) if str(hw.get("gpu", "")).lower() == "cpu" else 0
+    if str(_lock_field(lock, "spec.resolved.hardware.gpu")).lower() != "cpu":
+        return 0
+    return max(1, int(_lock_field(lock, "spec.resolved.hardware.count")))
 
 
 def _plan_world(lock: dict) -> int:
@@ -647,7 +660,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
         on_gpu = has_gpu() if gpu is None else gpu
         if nproc is None:
             nproc = _cpu_world(lock) or (_gpus_per_node(lock) if on_gpu else 1)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise LaunchError(f"plan.lock.json: malformed lockfile ({type(e).__name__}: {e}) (rebuild it with "
                           "`llmc build`)") from None
     if not 1 <= nproc <= MAX_NPROC:

@@ -69,6 +69,37 @@ class MeasurementError(ValueError):
         return f"{loc}: error[{self.code}] {self.path}: {self.message}" + (f" ({self.hint})" if self.hint else "")
 
 
+#: Most errors :class:`MeasurementErrors` lists (a table of thousands of bad rows: the first ones, then a count).
+MAX_ERRORS = 50
+
+
+class MeasurementErrors(MeasurementError):
+    """Several inputs or table rows that cannot be read, reported at once (as ``llmc plan`` reports every spec
+    error): the first one's fields, and :meth:`located` one line per error (at most :data:`MAX_ERRORS`, then a
+    line counting the rest)."""
+
+    def __init__(self, errors: list[MeasurementError]):
+        flat = [x for e in errors for x in (e.errors if isinstance(e, MeasurementErrors) else [e])]
+        first = flat[0]
+        super().__init__(first.file, first.line, first.code, first.path, first.message, first.hint)
+        self.errors = flat
+
+    def located(self) -> str:
+        lines = [e.located() for e in self.errors[:MAX_ERRORS]]
+        if len(self.errors) > MAX_ERRORS:
+            lines.append(f"{self.errors[MAX_ERRORS].file}: error[{self.code}] rows: {len(self.errors) - MAX_ERRORS} "
+                         "more errors not shown (fix the ones above and run again)")
+        return "\n".join(lines)
+
+
+def raise_all(errors: list[MeasurementError]) -> None:
+    """Raise the one error of ``errors``, or all of them (:class:`MeasurementErrors`); nothing when it is empty."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise MeasurementErrors(errors)
+
+
 def _read_text(path: Path, code: str, what: str, hint: str = "") -> str:
     """The text of the regular file ``path`` (at most :data:`MAX_INPUT_BYTES`; undecodable bytes replaced),
     or the MeasurementError that locates why it cannot be read."""
@@ -313,6 +344,8 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
     tps, mem = [], []
     ran = None  # the backend the run's own start / resume events name (llmc launch --backend can differ from the lock)
     lines = _read_text(metrics, "K001", "metrics.jsonl").splitlines()
+    from llmc.compiler.backends import BACKENDS
+
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -328,7 +361,11 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
         if not isinstance(r, dict):
             raise MeasurementError(str(metrics), i, "K001", "metrics.jsonl",
                                    f"not a JSON object: {_shown(r)}", _RECORD_HINT)
-        if r.get("event") in ("start", "resume") and isinstance(r.get("backend"), str):
+        if r.get("event") in ("start", "resume") and r.get("backend") is not None:
+            if not (isinstance(r["backend"], str) and r["backend"] in BACKENDS):  # (llmc report refuses it too)
+                raise MeasurementError(str(metrics), i, "K001", "backend", f"{r['event']} event: backend "
+                                       f"{_shown(r['backend'], 40)} is not a backend llmc knows (one of "
+                                       f"{', '.join(BACKENDS)})", _RECORD_HINT)
             ran = r["backend"]
         for key, out in (("tokens_per_s", tps), ("peak_mem_bytes", mem)):
             if "step" in r and r.get(key):
@@ -337,12 +374,9 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
     if not tps:
         raise MeasurementError(str(metrics), 0, "K001", "metrics.jsonl", "no step records with tokens_per_s",
                                "train for more than log_every steps")
-    from llmc.compiler.backends import BACKENDS
-
     # the run is predicted for the backend that trained it (its start event's), on that backend's layout: the
     # prediction ``llmc report`` shows too (llmc.runreport.predictions)
-    m = _from_lock(lock, str(lock_path), label=metrics.parent.name or str(metrics), source=str(metrics),
-                   backend=ran if ran in BACKENDS else None)
+    m = _from_lock(lock, str(lock_path), label=metrics.parent.name or str(metrics), source=str(metrics), backend=ran)
     world = m.plan.world
     # device memory only: on a CPU the trainers log the process's peak RSS (interpreter, libraries, data
     # workers), which is not the per-GPU memory llmc's model predicts (records before peak_mem_device: the lock's
@@ -700,13 +734,14 @@ def _literals(model: str, name: str) -> tuple[str, ...]:
 
 def read_table(path: str | Path) -> list[Measurement]:
     """Measured layouts from a YAML (benchmarks/ schema) or CSV file; every column checked (:func:`check_columns`),
-    and a row repeated whole or an ``id`` given twice refused (:func:`_check_repeats`)."""
+    and a row repeated whole or an ``id`` given twice refused (:func:`_repeats`): every bad row at once, one
+    located line each (:class:`MeasurementErrors`)."""
     p = Path(path)
     text = _table_text(p)
+    errors: list[MeasurementError] = []  # every bad row, reported at once (:class:`MeasurementErrors`)
     if p.suffix.lower() == ".csv":
-        rows = _csv_rows(text, str(p))
-        _check_repeats(rows, {}, str(p))
-        return [table_row(r, {}, str(p), line) for r, line in rows]
+        rows = _csv_rows(text, str(p), errors)
+        return _table_rows(rows, {}, str(p), errors)
     import yaml
 
     loader = yaml.SafeLoader(text)  # what yaml.safe_load does, keeping the node tree for the rows' lines
@@ -733,33 +768,52 @@ def read_table(path: str | Path) -> list[Measurement]:
     for i, r in enumerate(doc["rows"]):
         line = lines[i] if i < len(lines) else 0
         if not isinstance(r, dict):
-            raise MeasurementError(str(p), line, "K004", "rows", f"a row must be a mapping of column: value, got "
-                                   f"{_shown(r)}", "see benchmarks/README.md, Schema")
-        if r.get("kind", file_keys.get("kind", "throughput")) == "throughput":
+            errors.append(MeasurementError(str(p), line, "K004", "rows", f"a row must be a mapping of column: value, "
+                                           f"got {_shown(r)}", "see benchmarks/README.md, Schema"))
+        elif r.get("kind", file_keys.get("kind", "throughput")) == "throughput":
             rows.append((r, line))
-    _check_repeats(rows, file_keys, str(p))
-    return [table_row(r, file_keys, str(p), line) for r, line in rows]
+    return _table_rows(rows, file_keys, str(p), errors)
 
 
-def _check_repeats(rows: list[tuple[dict, int]], file_keys: dict, source: str) -> None:
+def _table_rows(rows: list[tuple[dict, int]], file_keys: dict, source: str,
+                errors: list[MeasurementError]) -> list[Measurement]:
+    """The measurements of a table's rows; every row that cannot be read (and ``errors``, those found before)
+    raised at once, in line order (:func:`raise_all`)."""
+    errors = errors + _repeats(rows, file_keys, source)
+    out = []
+    for r, line in rows:
+        try:
+            out.append(table_row(r, file_keys, source, line))
+        except MeasurementError as e:
+            errors.append(e)
+    raise_all(sorted(errors, key=lambda e: e.line))
+    return out
+
+
+def _repeats(rows: list[tuple[dict, int]], file_keys: dict, source: str) -> list[MeasurementError]:
     """K004 on the second of two rows that are the same row: every cell equal, or the same ``id``. A copy-pasted row
     counts one run twice, which narrows the leave-one-out band as a file given twice would (``llmc calibrate``
     refuses that too); two runs of one layout are legitimate repeats (noise samples of it) and differ in their
     measured cells or carry their own ids."""
     seen_rows: dict[str, int] = {}
     seen_ids: dict[str, int] = {}
+    errors = []
     for r, line in rows:
         whole = json.dumps({str(k): v for k, v in r.items()}, sort_keys=True, default=str)
         if whole in seen_rows:
-            raise MeasurementError(source, line, "K004", "rows", f"the same row as line {seen_rows[whole]} (every "
-                                   "cell equal)", "delete the copy; two runs of one layout: give each its id")
+            errors.append(MeasurementError(source, line, "K004", "rows", f"the same row as line {seen_rows[whole]} "
+                                           "(every cell equal)", "delete the copy; two runs of one layout: give each "
+                                           "its id"))
+            continue
         seen_rows[whole] = line
         rid = table_cell(r, file_keys, "id")
         if rid is not None and not isinstance(rid, list | dict):
             if str(rid) in seen_ids:
-                raise MeasurementError(source, line, "K004", "id", f"id {_shown(rid)} is also the id of line "
-                                       f"{seen_ids[str(rid)]}", "give each run its own id")
+                errors.append(MeasurementError(source, line, "K004", "id", f"id {_shown(rid)} is also the id of line "
+                                               f"{seen_ids[str(rid)]}", "give each run its own id"))
+                continue
             seen_ids[str(rid)] = line
+    return errors
 
 
 def _table_text(p: Path) -> str:
@@ -788,7 +842,7 @@ def _table_text(p: Path) -> str:
 _DECIMAL_COMMA = re.compile(r"^\s*([-+]?\d+),(\d+)\s*$")
 
 
-def _csv_rows(text: str, source: str) -> list[tuple[dict, int]]:
+def _csv_rows(text: str, source: str, errors: list[MeasurementError] | None = None) -> list[tuple[dict, int]]:
     """(cells by column, line) of each non-empty row of a CSV table. The separator is the header's: a comma, or a
     semicolon or tab where the header has more of those (spreadsheets in locales with a decimal comma export
     ``;``); line ends may be LF, CRLF or CR alone. A row with more or fewer cells than the header is refused (its
@@ -810,9 +864,13 @@ def _csv_rows(text: str, source: str) -> list[tuple[dict, int]]:
                 _check_header(header, source, reader.line_num)
                 continue
             if len(cells) != len(header):
-                raise MeasurementError(source, reader.line_num, "K004", "row", f"{len(cells)} cells, the header has "
+                bad = MeasurementError(source, reader.line_num, "K004", "row", f"{len(cells)} cells, the header has "
                                        f"{len(header)} columns", "one cell per column (quote a cell that holds a "
                                        f"{'comma' if delim == ',' else repr(delim)})")
+                if errors is None:
+                    raise bad
+                errors.append(bad)  # (the row is left out: the caller reports it with the others)
+                continue
             if delim != ",":
                 cells = [_DECIMAL_COMMA.sub(r"\1.\2", c) for c in cells]
             rows.append(({k: v for k, v in zip(header, cells, strict=True) if k or v.strip()}, reader.line_num))
@@ -922,8 +980,13 @@ def fit_points(ms: list[Measurement]):
     from llmc.compiler.calibration import MemPoint, TimePoint, split_breakdown
 
     tps, mps = [], []
+    errors = []  # every run llmc cannot model, reported at once
     for m in ms:
-        t, mem = predicted(m)
+        try:
+            t, mem = predicted(m)
+        except MeasurementError as e:
+            errors.append(e)
+            continue
         if m.tokens_per_s_per_gpu:
             c, comm, f = split_breakdown(t.breakdown)
             pred_tps = t.tokens_per_second / m.plan.world
@@ -934,6 +997,7 @@ def fit_points(ms: list[Measurement]):
         elif m.allocated_bytes:  # only the allocated peak measured (llmc's metrics): compare like with like;
             # reserved = allocated x the backend's ratio, so the fitted scale carries over
             mps.append(MemPoint(m.label, float(mem.allocated_bytes), m.allocated_bytes))
+    raise_all(errors)
     return tps, mps
 
 
@@ -1094,15 +1158,20 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
     try:
         ms: list[Measurement] = []
         seen: dict[str, str] = {}
+        errors: list[MeasurementError] = []  # every input (and table row) that cannot be read, reported at once
         for p in inputs:
-            f = run_metrics_file(p)
-            digest = sha256_file(f) if f.is_file() else None  # (a FIFO or a missing file: read_any says so)
-            if digest is not None and digest in seen:  # a run counted twice narrows the leave-one-out band
-                raise MeasurementError(p, 0, "K001", "inputs", f"the same measurements as {seen[digest]} (given twice)",
-                                       "name each measured run once")
-            if digest is not None:
-                seen[digest] = p  # (read once: the provenance reuses it)
-            ms.extend(read_any(p, lock))
+            try:
+                f = run_metrics_file(p)
+                digest = sha256_file(f) if f.is_file() else None  # (a FIFO or a missing file: read_any says so)
+                if digest is not None and digest in seen:  # a run counted twice narrows the leave-one-out band
+                    raise MeasurementError(p, 0, "K001", "inputs", f"the same measurements as {seen[digest]} (given "
+                                           "twice)", "name each measured run once")
+                if digest is not None:
+                    seen[digest] = p  # (read once: the provenance reuses it)
+                ms.extend(read_any(p, lock))
+            except MeasurementError as e:
+                errors.append(e)
+        raise_all(errors)
         held = sorted({f"{m.backend}/{m.gpu}" for m in ms})
         if backend:
             ms = [m for m in ms if m.backend == backend]
@@ -1307,7 +1376,7 @@ def version_warning(cal, path: str) -> str | None:
             "again with this version if its time or memory model changed")
 
 
-__all__ = ["Measurement", "MeasurementError", "TitanStep", "parse_torchtitan_log", "read_llmc_run",
+__all__ = ["Measurement", "MeasurementError", "MeasurementErrors", "raise_all", "TitanStep", "parse_torchtitan_log", "read_llmc_run",
            "read_torchtitan_log", "read_table", "read_any", "predicted", "fit_points", "calibrate_measurements",
            "calibrate_main", "load_calibration", "steady", "table_row", "table_cell", "table_gpu",
            "inexact_gpu_warning", "no_better_warning", "zero_stage_warning", "outlier_warnings", "run_metrics_file", "check_columns", "calibration_problem",

@@ -600,35 +600,69 @@ class Calibration:
     @staticmethod
     def from_json(d: dict) -> Calibration:
         """The calibration of a ``to_json`` dict; ValueError naming the first field that is not what
-        ``llmc calibrate`` writes (a hand-edited or damaged file must not reach the time model)."""
+        ``llmc calibrate`` writes (a hand-edited or damaged file must not reach the time model): every number it
+        reads (factors, bands, the residuals' errors) a finite number within a float's range."""
         if not isinstance(d, dict) or d.get("kind") != "llmc-calibration":
             raise ValueError("not an llmc calibration (missing kind: llmc-calibration)")
         for k in ("backend", "gpu"):
             if not isinstance(d.get(k), str) or not d[k]:
-                raise ValueError(f"{k} must be a name, got {d.get(k)!r}")
+                raise ValueError(f"{k} must be a name, got {_shown(d.get(k))}")
         f = d.get("factors")
         names = set(Factors.__dataclass_fields__)
         if not isinstance(f, dict) or not set(f) <= names:
             raise ValueError(f"factors must be a mapping of {', '.join(sorted(names))}")
         for k, v in f.items():
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise ValueError(f"factors.{k} must be a finite number, got {v!r}")
+            if not _finite(v):
+                raise ValueError(f"factors.{k} must be a finite number, got {_shown(v)}")
             if k in ("compute_scale", "comm_scale", "mem_scale") and v <= 0:
-                raise ValueError(f"factors.{k} must be > 0, got {v!r}")
+                raise ValueError(f"factors.{k} must be > 0, got {_shown(v)}")
         for k in ("time_band", "memory_band"):
             b = d.get(k)
-            if b is not None and not (isinstance(b, dict) and all(
-                    not isinstance(b.get(q), bool) and isinstance(b.get(q), int | float) and math.isfinite(b[q])
-                    for q in ("mean_abs_pct", "max_abs_pct"))):
+            if b is None:
+                continue
+            if not isinstance(b, dict) or "mean_abs_pct" not in b or "max_abs_pct" not in b:
                 raise ValueError(f"{k} must be null or hold numbers mean_abs_pct and max_abs_pct")
+            for q in ("mean_abs_pct", "max_abs_pct", "rms_pct", "n"):  # (the last two: optional)
+                if b.get(q) is not None or q in ("mean_abs_pct", "max_abs_pct"):
+                    if not _finite(b[q]):
+                        raise ValueError(f"{k}.{q} must be a finite number, got {_shown(b[q])}")
         if not isinstance(d.get("residuals", []), list) or not isinstance(d.get("provenance", {}), dict):
             raise ValueError("residuals must be a list and provenance a mapping")
+        for i, r in enumerate(d.get("residuals", [])):
+            # (the leave-one-out figures are NaN for a single run: llmc calibrate writes them so; the errors a plan
+            # reads, uncalibrated_err_pct, are finite; no number beyond a float's range is anything it wrote)
+            for q, v in (r.items() if isinstance(r, dict) else ()):
+                if (isinstance(v, int) and not isinstance(v, bool) and not _finite(v)
+                        or q == "uncalibrated_err_pct" and v is not None and not _finite(v)):
+                    raise ValueError(f"residuals[{i}].{q} must be a finite number, got {_shown(v)}")
         if not isinstance(d.get("fit", {}), dict):
             raise ValueError("fit must be a mapping")
         return Calibration(backend=d["backend"], gpu=d["gpu"], factors=Factors(**{k: float(v) for k, v in f.items()}),
                            time_band=d.get("time_band"), memory_band=d.get("memory_band"),
                            residuals=list(d.get("residuals", [])), provenance=dict(d.get("provenance", {})),
                            fit=dict(d.get("fit", {})))
+
+
+def _finite(v) -> bool:
+    """Whether a parsed JSON value is a number (not a bool) that is finite as a float (an integer of hundreds of
+    digits is not: ``float()`` of it overflows)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _shown(v, limit: int = 40) -> str:
+    """``repr(v)`` for an error line, cut to ``limit`` characters; an integer too long for that by its digits (a
+    hand-edited number can hold hundreds)."""
+    text = repr(v)
+    if len(text) <= limit:
+        return text
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"an integer of {len(text.lstrip('-'))} digits"
+    return text[: limit - 3] + "..."
 
 
 def floored(band: dict) -> dict:

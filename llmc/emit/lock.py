@@ -11,6 +11,7 @@ resolved-spec fields that changed, as dotted paths old -> new).
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from collections.abc import Mapping
 from typing import Any
@@ -139,15 +140,31 @@ _PLAN_KEYS = ("dp_replicate", "dp_shard", "tp", "pp", "pp_schedule", "cp", "ep",
               "activation_checkpointing", "ac_layers", "zero_stage")
 
 
+def _number(v: Any) -> float | None:
+    """``v`` as a float when it is a JSON number (not a bool) that is finite as one; else None (an earlier lock is
+    the user's file: ``read_lock`` refuses an integer beyond a float's range, but NaN, an infinity or a string where a
+    figure belongs is shown as it is, not computed with)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
 def _fmt(v: Any, kind: str) -> str:
     if v is None:
         return "-"
+    f = _number(v)
+    if f is None and kind != "num":  # not a finite number where one belongs: as written
+        return _short(v)
     if kind == "int":
-        return f"{int(v):,}"
+        return f"{int(v):,}" if isinstance(v, int) else f"{int(f):,}"
     if kind == "gib":
-        return f"{v / 2**30:.2f} GiB"
+        return f"{f / 2**30:.2f} GiB"
     if kind == "pct":
-        return f"{v:.1%}"
+        return f"{f:.1%}"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
@@ -155,8 +172,9 @@ def _fmt(v: Any, kind: str) -> str:
 
 def _diag_keys(diags: list[dict] | None) -> dict[str, dict]:
     out = {}
-    for d in diags or []:
-        out[f"{d.get('severity')}[{d.get('code')}] {d.get('path')}: {d.get('message')}"] = d
+    for d in diags if isinstance(diags, list) else []:
+        if isinstance(d, dict):  # (an earlier lock is the user's file: anything else is no diagnostic)
+            out[f"{d.get('severity')}[{d.get('code')}] {d.get('path')}: {d.get('message')}"] = d
     return out
 
 
@@ -167,8 +185,9 @@ def diff_data(old: dict, new: dict) -> dict[str, Any]:
         a, b = _get(old, path), _get(new, path)
         if a != b:
             entry = {"metric": label, "path": path, "old": a, "new": b}
-            if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool) and a:
-                entry["ratio"] = b / a
+            fa, fb = _number(a), _number(b)
+            if fa and fb is not None:
+                entry["ratio"] = fb / fa
             metrics.append(entry)
     plan = []
     po, pn = old.get("plan") or {}, new.get("plan") or {}
@@ -177,7 +196,8 @@ def diff_data(old: dict, new: dict) -> dict[str, Any]:
             plan.append({"field": k, "old": po.get(k), "new": pn.get(k)})
     do, dn = _diag_keys(old.get("diagnostics")), _diag_keys(new.get("diagnostics"))
     serving = []
-    so, sn = old.get("serving") or [], new.get("serving") or []
+    so, sn = ([x if isinstance(x, dict) else {} for x in d.get("serving")] if isinstance(d.get("serving"), list)
+              else [] for d in (old, new))
     for i in range(max(len(so), len(sn))):
         a = so[i] if i < len(so) else {}
         b = sn[i] if i < len(sn) else {}

@@ -129,13 +129,24 @@ def convert(t: ExportTarget, out: str | Path | None) -> dict[str, Any]:
     return res  # (an architecture without an export: its "line", the plan's X130 warning, says so)
 
 
+def _line(text: str) -> str:
+    """A message on one line: its unprintable characters (a newline, a terminal escape) escaped, as ``llmc``'s own
+    error lines have them (a name it quotes with ``repr`` is escaped already, and stays as it is)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def _error(run_dir: Path, stage: str, e: BaseException) -> int:
+    """One ``error[R010]`` line on stderr: the path and the stage name as given (``llmc.escape.visible``) and the
+    message (:func:`_line`), so a newline in any of them cannot split the error in two; returns 1."""
+    from llmc.escape import visible
+
     if isinstance(e, (HFError, ValueError, OSError, KeyError)):
-        print(f"{run_dir}: error[R010] export {stage}: {e}", file=sys.stderr)
+        print(f"{visible(str(run_dir))}: error[R010] export {visible(stage)}: {_line(str(e))}", file=sys.stderr)
     else:  # what the stage's files hold is the user's: a malformed DONE.json or checkpoint is one error line
         why = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
-        print(f"{run_dir}: error[R010] export {stage}: unreadable run files ({type(e).__name__}: {why}) (check "
-              f"the stage's DONE.json and checkpoints, or rerun the stage)", file=sys.stderr)
+        print(f"{visible(str(run_dir))}: error[R010] export {visible(stage)}: unreadable run files "
+              f"({type(e).__name__}: {_line(why)}) (check the stage's DONE.json and checkpoints, or rerun the stage)",
+              file=sys.stderr)
     return 1
 
 
@@ -148,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-stale", action="store_true",
                     help="export a stage `llmc launch` refuses as stale (finished under another lock), recorded so")
     a = ap.parse_args(argv)
+    from llmc.escape import visible
+
     try:
         target = export_target(a.run_dir, a.stage)
     except Exception as e:  # noqa: BLE001 (a lock or stage the user named: one line, never a traceback)
@@ -155,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     if target.stale and not a.allow_stale:
         return _error(a.run_dir, a.stage, HFError(stale_refusal(target.stale)))
     if target.stale:
-        print(f"{a.run_dir}: warning[R015] export {a.stage}: {target.stale}; exporting these weights anyway "
-              "(--allow-stale; .llmc-export.json records them as stale)", file=sys.stderr)
+        print(f"{visible(str(a.run_dir))}: warning[R015] export {visible(a.stage)}: {_line(target.stale)}; exporting "
+              "these weights anyway (--allow-stale; .llmc-export.json records them as stale)", file=sys.stderr)
     from torch.distributed.checkpoint.api import (
         CheckpointException,  # (a BaseException: a bad DCP checkpoint)
     )
@@ -166,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, CheckpointException) as e:  # noqa: BLE001
         return _error(a.run_dir, a.stage, e)
     if res.get("hf") is None:  # the plan said so (X130): the finished run keeps its checkpoints, and is not failed
-        print(f"{a.run_dir}: warning[X130] stage {a.stage}: {res['line']}", file=sys.stderr)
+        print(f"{visible(str(a.run_dir))}: warning[X130] stage {visible(a.stage)}: {_line(res['line'])}",
+              file=sys.stderr)
         return 0
     print(f"wrote {res['hf']}" + (f" and {res['adapter']}" if res.get("adapter") else ""))
     if res.get("adapter_note"):  # a LoRA stage whose adapter has no PEFT layout: the merged model only
-        print(f"warning: stage {a.stage}: {res['adapter_note']}")
+        print(f"warning: stage {visible(a.stage)}: {res['adapter_note']}")
     return 0
