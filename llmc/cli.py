@@ -454,7 +454,7 @@ def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
     if lock_text is None or not (out / "run").is_dir():
         return []
     from llmc.launch import LaunchError, _launched_backend
-    from llmc.runtime.job import FINISHED_HOW, LaunchOptions, finished_stage, rerun_command
+    from llmc.runtime.job import FINISHED_HOW, finished_stage, rerun_command, trained_options
 
     lock = json.loads(lock_text)
     try:
@@ -467,9 +467,7 @@ def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
         f = finished_stage(lock, str(name), out / "run" / str(name), export=True, build_dir=out) if name else None
         if f is not None and f.change is not None:
             what = FINISHED_HOW[f.cause]
-            # the rerun trains it on the backend that trained it (its marker's), when that is not the build's default
-            by = f.backend if f.backend is not None and f.backend != default else None
-            rerun = rerun_command(out, str(name), LaunchOptions(backend=by))
+            rerun = rerun_command(out, str(name), trained_options(f, default))  # (where it trained)
             pins = (f"; or, if the spec is unchanged, pin {' and '.join(f'`{p}`' for p in f.pins)} in it and "
                     "rebuild: the finished run stays valid") if f.pins else ""
             lines.append(f"{out / 'run' / str(name)}: warning[X013] stage {name!r} finished {what} "

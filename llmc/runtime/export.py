@@ -51,7 +51,7 @@ def export_target(run_dir: str | Path, stage: str) -> ExportTarget:
     :class:`HFError` (or the lock's / job's ValueError) otherwise. Imports no torch."""
     from llmc.lockfile import read_lock
     from llmc.runtime.capabilities import titan_dump_subdir
-    from llmc.runtime.job import FINGERPRINT_FILE, LaunchOptions, TrainJob, stage_staleness
+    from llmc.runtime.job import FINGERPRINT_FILE, TrainJob, stage_staleness, trained_options
 
     run_dir = Path(run_dir).resolve()
     lock_path, root = find_lock(run_dir)
@@ -68,8 +68,14 @@ def export_target(run_dir: str | Path, stage: str) -> ExportTarget:
     export = (stage_dir / FINGERPRINT_FILE).is_file()
     fin, stale = stage_staleness(lock, job.stage, root, lock_path.parent, export=export, memo=memo)
     if stale and fin is not None and fin.backend:  # the rerun it prints trains on the backend that trained the stage
+        from llmc.launch import LaunchError, _launched_backend
+
+        try:
+            default = _launched_backend(lock_path.parent, lock, None)
+        except (LaunchError, KeyError, TypeError, ValueError, AttributeError):
+            default = None
         fin, stale = stage_staleness(lock, job.stage, root, lock_path.parent, export=export, memo=memo,
-                                     options=LaunchOptions(backend=fin.backend))
+                                     options=trained_options(fin, default))
     return ExportTarget(job=job, lock_path=lock_path, stage_dir=stage_dir, titan=titan,
                         tokenizer_dir=tok_dir if (tok_dir / "tokenizer.json").exists() else None, stale=stale,
                         record=provenance(lock_path, lock, job.stage, fin, stale))

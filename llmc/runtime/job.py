@@ -1143,6 +1143,15 @@ class LaunchOptions:
     run_dir: str | None = None
 
 
+def trained_options(fin: Finished | None, default_backend: str | None) -> LaunchOptions:
+    """The options of the rerun command printed where no launch is running (``llmc build``'s X013, ``llmc export``'s
+    refusal of a stale stage): the backend that trained the stage (its marker's), when it is not the build's default
+    launch backend (``default_backend``; None: unknown), so that the rerun trains it where it was trained. A running
+    launch's own refusals carry that launch's options instead (:func:`stage_staleness`'s ``options``)."""
+    by = fin.backend if fin is not None else None
+    return LaunchOptions(backend=by if by is not None and by != default_backend else None)
+
+
 def launch_command(build: str | Path, options: LaunchOptions | None = None, *, no_resume: bool = False,
                    stage: str | None = None, from_stage: str | None = None,
                    fallback_checkpoint: bool = False) -> str:
