@@ -9,17 +9,21 @@ API
     resolver reads it as a string); ``OverrideError`` (a ValueError: where, why) for a malformed override.
     A path part that is a non-negative integer indexes a list (``stages.0.steps=10``). A value whose YAML reading
     is not what its text says is an ``OverrideError`` too (quote it): one holding a comment that YAML drops
-    (``path=/x/tok #2`` would set ``/x/tok``), or a number only YAML 1.1 reads so (``010`` octal, ``1:30`` base 60).
+    (``path=/x/tok #2`` would set ``/x/tok``), or a number only YAML 1.1 reads so (``010`` octal, ``1:30`` base 60);
+    so is one past the spec loader's YAML limits, the key path's levels counted (``llmc.spec.load.MAX_YAML_DEPTH``,
+    ``MAX_YAML_NODES``, an alias inside its own anchor): its error names the override, not a line.
 ``apply_overrides(mapping, overrides) -> dict``
     A deep copy of ``mapping`` with every override applied in order; missing mappings on the way are
-    created. ``ValueError`` when a path runs through a scalar or past the end of a list.
+    created (a missing list is not: ``stages.0.name`` on a spec without ``stages`` is refused).
+    ``OverrideError`` (a ValueError) when a path runs through a scalar, past the end of a list or into a missing one.
 ``read_with_overrides(path, overrides) -> LoadedSpec``
     Reads the spec file, applies the overrides to its YAML mapping and loads the result as
     ``llmc.spec.load.reads_spec`` does (an invalid result keeps its best-effort spec, so the compiler's
     independent checks still run). Diagnostics keep the spec file's own line numbers (a path the file
     does not spell has none); a diagnostic about an overridden path names the override instead of a
     line: ``--set training.optimizer.lr: error[S...] ...`` (``locate``, which the caller applies to the
-    compiler's diagnostics too). The result carries the overrides as given (``LoadedSpec.overrides``: their
+    compiler's diagnostics too); one of no path about the text the overrides make (a YAML limit they pass only
+    together) names every override. The result carries the overrides as given (``LoadedSpec.overrides``: their
     command-line text, in order) and the sha256 of the file's own bytes (``LoadedSpec.spec_file_sha256``), which
     the build records beside the hash of the spec plus overrides. ``load_with_overrides`` returns ``(RunSpec, lines, spec bytes)`` of it, or
     raises SpecError.
@@ -48,11 +52,12 @@ _PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.([A-Za-z_][A-Za-z0-9_-]*|[0-9]+)
 
 
 class OverrideError(ValueError):
-    """A ``--set`` that cannot be read: ``where`` is the option as given (``--set 'a: b'``), ``why`` the reason."""
+    """A ``--set`` that cannot be read or applied: ``where`` is the option as given (``--set 'a: b'``), ``why`` the
+    reason, ``hint`` what to do where the reason does not say it."""
 
-    def __init__(self, where: str, why: str):
+    def __init__(self, where: str, why: str, hint: str = ""):
         super().__init__(f"{where}: {why}")
-        self.where, self.why = where, why
+        self.where, self.why, self.hint = where, why, hint
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ def parse_override(text: str) -> Override:
         raise OverrideError(f"--set {key}", "the value is nested too deeply to read") from None
     except ValueError:  # an integer beyond Python's 4300-digit conversion limit
         raise OverrideError(f"--set {key}", f"value of {len(raw)} characters is not a number a spec takes") from None
+    _bound(key, raw)
     try:
         surprise = _surprise(raw)
     except RecursionError:
@@ -97,6 +103,36 @@ def parse_override(text: str) -> Override:
     if isinstance(value, str) and _FLOAT.match(raw.strip()):
         value = float(raw)  # YAML 1.2 reads 3e-4 as a number; PyYAML (YAML 1.1) needs a dot
     return Override(path=key, value=value, text=text)
+
+
+def _bound(key: str, raw: str) -> None:
+    """Refuse an override whose result no spec file could hold, by the spec loader's own limits (``llmc.spec.load``:
+    :data:`~llmc.spec.load.MAX_YAML_DEPTH` levels counting the key path's, :data:`~llmc.spec.load.MAX_YAML_NODES`
+    values counting alias expansions, no alias inside its own anchor): checked here, on the override, so the error
+    names it (the spec is re-read from the text the overrides make, whose lines are not the file's) and before
+    anything walks the value (an alias bomb's expansion is exponential; a key path of thousands of parts would
+    overflow the YAML writer's recursion)."""
+    from llmc.spec.load import MAX_YAML_DEPTH, _check_depth, _measure, _YAMLLimit
+
+    parts = key.count(".") + 1
+    if parts >= MAX_YAML_DEPTH:  # (the value sits one level below its key)
+        raise OverrideError(f"--set {_short_key(key)}", f"the key path is {parts} levels deep, deeper than a spec "
+                            f"nests (at most {MAX_YAML_DEPTH} levels, the value's included; a spec's keys are a few "
+                            "levels deep: check the path against `llmc schema`)")
+    try:
+        _check_depth(raw)  # (the value's own text: its values and depth before composing)
+        node = yaml.compose(raw, Loader=yaml.SafeLoader) if raw.strip() else None
+        if node is not None:
+            _measure(node, parts + 1, set(), {})  # (the spec's top mapping is level 1, each key path part one more)
+    except _YAMLLimit as e:
+        below = f", counting the key path's {parts} level{'s' if parts > 1 else ''}" if "nesting" in e.message else ""
+        raise OverrideError(f"--set {key}", f"the value is too complex for a spec: {e.message}{below} ({e.hint})"
+                            ) from None
+
+
+def _short_key(key: str, limit: int = 100) -> str:
+    """``key`` cut to ``limit`` characters for an error line (a key path of thousands of parts)."""
+    return key if len(key) <= limit else f"{key[: limit - 3]}..."
 
 
 def _surprise(raw: str) -> tuple[str, str] | None:
@@ -154,16 +190,21 @@ def apply_overrides(mapping: dict, overrides: list[Override]) -> dict:
             where = ".".join(str(p) for p in parts[: i + 1])
             if isinstance(cur, list):
                 if not isinstance(part, int) or part >= len(cur):
-                    raise ValueError(f"--set {o.path}: {where} is not an index of the list "
-                                     f"(it has {len(cur)} items)")
+                    raise OverrideError(f"--set {o.path}", f"{where} is not an index of the list "
+                                        f"(it has {len(cur)} items)")
             elif isinstance(cur, dict):
                 part = str(part)
             else:
-                raise ValueError(f"--set {o.path}: {'.'.join(str(p) for p in parts[:i])} is not a mapping")
+                raise OverrideError(f"--set {o.path}", f"{'.'.join(str(p) for p in parts[:i])} is not a mapping")
             if last:
                 cur[part] = copy.deepcopy(o.value)
             else:
                 if isinstance(cur, dict) and (part not in cur or cur[part] is None):
+                    if isinstance(parts[i + 1], int):  # an index into a list the spec does not have: no list to make
+                        raise OverrideError(
+                            f"--set {o.path}", f"{where} is not in the spec, so it has no item {parts[i + 1]}",
+                            hint=f"write the list {where} in the spec file, or give it whole: --set "
+                                 f"{shlex.quote(f'{where}=[...]')}")
                     cur[part] = {}
                 cur = cur[part]
     return out
@@ -230,12 +271,18 @@ def read_with_overrides(path: str | Path, overrides: list[Override]):
     except ValueError as e:
         return LoadedSpec(file=str(path), spec_bytes=data + override_bytes(overrides), lines={}, run=None,
                           diagnostics=[Diagnostic(
-            code="S001", severity="error", path="", message=str(e), hint="check the key path against `llmc schema`",
-            file=str(path))], base_dir=base, spec_file_sha256=file_sha, overrides=given)
+            code="S001", severity="error", path="", message=str(e),
+            hint=getattr(e, "hint", "") or "check the key path against `llmc schema`", file=str(path))],
+                          base_dir=base, spec_file_sha256=file_sha, overrides=given)
     lines = file_lines(text)
     loaded = reads_spec(yaml.safe_dump(changed, sort_keys=False), file=str(path), base_dir=base)
+    # a diagnostic of no path about the text the overrides made (the file alone read cleanly: a YAML limit the
+    # overrides together pass) has that text's line, not the file's: it names the overrides instead
+    together = "--set " + ", --set ".join(_short_key(o.path) for o in overrides)
     return dataclasses.replace(loaded, spec_bytes=data + override_bytes(overrides), lines=lines,
-                               diagnostics=[locate(d, overrides, lines) for d in loaded.diagnostics],
+                               diagnostics=[locate(d, overrides, lines) if d.path or not overrides else
+                                            dataclasses.replace(d, file=together, line=None)
+                                            for d in loaded.diagnostics],
                                spec_file_sha256=file_sha, overrides=given)
 
 

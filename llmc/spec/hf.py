@@ -8,7 +8,7 @@ beyond copying numbers), with one hook per family for its extra parts (MoE, MLA)
 =============================  =====================================
 HF key                         Architecture field
 =============================  =====================================
-num_hidden_layers              n_layers
+num_hidden_layers              n_layers (at most 1024, checked before a per-layer list is derived from it)
 hidden_size                    d_model
 intermediate_size              d_ff
 num_attention_heads            n_heads
@@ -107,7 +107,7 @@ from typing import Any
 
 from llmc.rope import rope_attention_factor
 from llmc.spec.families import SUPPORTED_MODEL_TYPES, family_for_model_type
-from llmc.spec.model import MLA, Architecture, MoE, Multipliers, RopeScaling
+from llmc.spec.model import MAX_LAYERS, MLA, Architecture, MoE, Multipliers, RopeScaling
 
 #: the fields of :func:`checkpoint_differences` that change which tensors a checkpoint holds, or their shapes: a
 #: difference elsewhere (RoPE, norm epsilon, window, soft-capping, activation, routing rule, ...) leaves the weights
@@ -401,6 +401,20 @@ def _int(cfg: dict[str, Any], key: str, default: int | None = None, *, minimum: 
     if value < minimum:
         raise HFConfigError(f"config.json {key!r} must be >= {minimum} (got {value!r})")
     return int(value)
+
+
+def _layer_count(cfg: dict[str, Any], key: str) -> int:
+    """A count of layers (``num_hidden_layers``) as :func:`_int` reads it, at most
+    :data:`~llmc.spec.model.MAX_LAYERS`: checked before anything builds a list per layer from it (``layer_types`` /
+    ``no_rope_layers`` absent: one kind per layer), so a config saying 1e11 layers is refused at once, not after
+    building 1e11 items for the Architecture's own bound to refuse."""
+    n = _int(cfg, key)
+    if n > MAX_LAYERS:
+        raise HFConfigError(HFProblem(
+            f"config.json {key!r} must be <= {MAX_LAYERS} (got {n})",
+            f"fix {key} in config.json: llmc plans models of at most {MAX_LAYERS} layers (the deepest trained "
+            "Transformer has 1,000)", key=key))
+    return n
 
 
 def _float(cfg: dict[str, Any], key: str, default: float | None = None) -> float:
@@ -1006,13 +1020,15 @@ def mtp_layers(cfg: dict[str, Any]) -> int:
 
 
 def mtp_prefixes(cfg: dict[str, Any]) -> tuple[str, ...]:
-    """The tensor-name prefixes of those MTP layers (``model.layers.<num_hidden_layers + j>.``)."""
+    """The tensor-name prefixes of those MTP layers (``model.layers.<num_hidden_layers + j>.``), of the first
+    :data:`~llmc.spec.model.MAX_LAYERS` at most (an init_hf checkpoint's config.json is read unvalidated: one saying
+    1e9 MTP layers must not build 1e9 prefixes; a release has 1)."""
     if cfg.get("model_type") in IMAGE_TEXT_TYPES and isinstance(cfg.get("text_config"), dict):
         cfg = cfg["text_config"]
     n = cfg.get("num_hidden_layers")
     if not isinstance(n, int) or isinstance(n, bool):
         return ()
-    return tuple(f"model.layers.{n + j}." for j in range(mtp_layers(cfg)))
+    return tuple(f"model.layers.{n + j}." for j in range(min(mtp_layers(cfg), MAX_LAYERS)))
 
 
 #: Training-time regularisers transformers' class applies in ``train()`` mode (its modeling_<type>.py reads the key):
@@ -1182,7 +1198,7 @@ def architecture_from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Ar
     n_heads = heads.get("n_heads", 1)
     kw: dict[str, Any] = {"name": name, **heads, **_each(
         errs,
-        n_layers=lambda: _int(cfg, "num_hidden_layers"),
+        n_layers=lambda: _layer_count(cfg, "num_hidden_layers"),  # bounded before a hook builds a list per layer
         d_model=lambda: _int(cfg, "hidden_size"),
         # null (or absent where the config class has no default of its own: _CLASS_DEFAULTS) = MHA
         n_kv_heads=lambda: _int(cfg, "num_key_value_heads", n_heads),

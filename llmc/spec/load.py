@@ -9,7 +9,7 @@ Problems are never raised one at a time: the loader collects every one and raise
 :class:`~llmc.diagnostics.SpecError`. Codes (stable; tests and docs cite them):
 
 ======  ====================================================================================
-S000    spec file not found / unreadable
+S000    spec file not found / unreadable / not a regular file (a FIFO or device named as the spec)
 S001    unknown key (with did-you-mean)
 S002    wrong type or value out of range; YAML syntax error
 S003    missing required field
@@ -182,17 +182,57 @@ def read_spec_bytes(path: str | Path) -> bytes | LoadedSpec:
         if file == "-":
             data = sys.stdin.buffer.read(MAX_SPEC_BYTES + 1)
         else:
-            with open(path, "rb") as fh:
-                data = fh.read(MAX_SPEC_BYTES + 1)
+            data = _read_spec_file(path)
     except FileNotFoundError:
         return fail(f"spec file not found: {file}", "check the path")
     except IsADirectoryError:
         return fail(f"spec path is a directory: {file}", "pass the YAML file")
+    except _NotRegular as e:
+        return fail(f"spec is not a regular file ({e}): {file}",
+                    "pass the YAML file itself; to pipe a spec in, give `-` (standard input) or `<(command)`")
     except OSError as e:
         return fail(f"cannot read spec: {_one_line(e.strerror or str(e))}", "check the path and its permissions")
     if len(data) > MAX_SPEC_BYTES:
         return fail(f"spec is larger than {MAX_SPEC_BYTES // 2**20} MiB", "a run spec is a few KiB of YAML")
     return data
+
+
+class _NotRegular(OSError):
+    """The spec path names something that is neither a file nor a pipe or terminal given on purpose: what it is."""
+
+
+def _read_spec_file(path: str | Path) -> bytes:
+    """The bytes of the spec at ``path`` (at most :data:`MAX_SPEC_BYTES` + 1), never blocking on a FIFO that has no
+    writer. A regular file is read. A FIFO, device or socket named by the path itself (``mkfifo f.yaml; llmc plan
+    f.yaml``, ``/dev/zero``) is refused (:class:`_NotRegular`), but a terminal (``/dev/tty``: read to end of input,
+    as ``-``). Through a link (``/dev/stdin``, ``/dev/fd/63`` of a process substitution ``<(cat spec.yaml)``, a
+    symlink) a pipe is read as standard input is: opened with ``O_NONBLOCK`` (the open of a FIFO with no writer would
+    block; https://man7.org/linux/man-pages/man7/fifo.7.html), the flag then cleared, so a writer's pipe is read to
+    its end while one without a writer reads as empty at once (``read`` returns end of file: pipe(7)); a device there
+    is read only when it is a terminal or the null device."""
+    import fcntl
+    import os
+    import stat
+
+    def kind(mode: int) -> str:
+        return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+
+    named = os.lstat(path).st_mode  # (not opened: opening a FIFO would wake a writer waiting on it)
+    if stat.S_ISFIFO(named) or stat.S_ISSOCK(named) or stat.S_ISBLK(named):
+        raise _NotRegular(kind(named))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(21, "is a directory", str(path))
+        if not stat.S_ISREG(st.st_mode) and not os.isatty(fd) and (
+                stat.S_ISCHR(named) or not (stat.S_ISFIFO(st.st_mode) or os.path.samestat(st, os.stat(os.devnull)))):
+            raise _NotRegular(kind(st.st_mode))  # /dev/zero, or a link to a device
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            return fh.read(MAX_SPEC_BYTES + 1)
+    finally:
+        os.close(fd)
 
 
 def reads_spec(source: str | bytes, file: str = "<spec>", base_dir: str | Path = ".") -> LoadedSpec:
