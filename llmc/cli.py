@@ -345,14 +345,15 @@ def _plan(spec: Path, diff: Path | None, sets: list[str] | None, fit_check: bool
 
 def _for_build(compiled, spec: Path, build_dir: Path):
     """The compiled run as its build records it: the spec path relative to the build directory, so no
-    artifact depends on the directory ``llmc build`` ran from. A spec read from standard input (``-``) is recorded
+    artifact depends on the directory ``llmc build`` ran from. A spec read as standard input (``-``, ``/dev/stdin``,
+    ``<(command)``: ``llmc.spec.load.reads_stdin``) is recorded
     as :data:`~llmc.spec.load.STDIN_SPEC`, its relative paths resolving against the current directory (as
     ``llmc.spec.load.spec_base_dir`` read them), recorded relative to the build directory (``Compiled.spec_dir``)."""
     import dataclasses
 
-    from llmc.spec.load import STDIN_SPEC
+    from llmc.spec.load import STDIN_SPEC, reads_stdin
 
-    if str(spec) == "-":
+    if reads_stdin(spec):
         where = Path(os.path.relpath(Path.cwd().resolve(), build_dir.resolve())).as_posix()
         rel, folder = STDIN_SPEC, where
     else:

@@ -116,9 +116,9 @@ def _bound(key: str, raw: str) -> None:
 
     parts = key.count(".") + 1
     if parts >= MAX_YAML_DEPTH:  # (the value sits one level below its key)
-        raise OverrideError(f"--set {_short_key(key)}", f"the key path is {parts} levels deep, deeper than a spec "
-                            f"nests (at most {MAX_YAML_DEPTH} levels, the value's included; a spec's keys are a few "
-                            "levels deep: check the path against `llmc schema`)")
+        raise OverrideError(f"--set {_short_key(key)}", f"the key path is {parts} levels deep, which with its value "
+                            f"makes {parts + 1}, more than the {MAX_YAML_DEPTH} a spec may nest (a spec's keys are a "
+                            "few levels deep: check the path against `llmc schema`)")
     try:
         _check_depth(raw)  # (the value's own text: its values and depth before composing)
         node = yaml.compose(raw, Loader=yaml.SafeLoader) if raw.strip() else None

@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -161,7 +162,7 @@ def _read(path: str | Path):
 
 def test_a_pipe_given_on_purpose_still_reads(tmp_path):
     """What a shell passes for ``<(cat spec.yaml)`` (/dev/fd/N of a pipe) and ``/dev/stdin`` read to the writer's
-    end; a link to a FIFO with no writer reads as empty at once (end of file), never blocking."""
+    end; a link to a FIFO with no writer gives at once one S000 line saying the pipe gave nothing, never blocking."""
     data = TINY.read_bytes()
     r, w = os.pipe()
     writer = threading.Thread(target=lambda: (os.write(w, data), os.close(w)), daemon=True)
@@ -172,17 +173,27 @@ def test_a_pipe_given_on_purpose_still_reads(tmp_path):
         os.close(r)
     os.mkfifo(tmp_path / "f.yaml")
     (tmp_path / "link.yaml").symlink_to("f.yaml")
-    assert _read(tmp_path / "link.yaml") == b""
+    empty = _read(tmp_path / "link.yaml")
+    assert not isinstance(empty, bytes) and "a pipe that gave nothing" in empty.diagnostics[0].message
     loaded = _read(tmp_path / "f.yaml")  # (named directly: refused, not read)
     assert not isinstance(loaded, bytes) and "not a regular file" in loaded.diagnostics[0].message
     assert "not a regular file" in _read("/dev/zero").diagnostics[0].message
 
 
 def test_a_spec_piped_through_the_command_line_still_plans(tmp_path):
-    (tmp_path / "s.yaml").write_text(SPEC.replace("{hf_config: config.json}", "llama3-8b"))
-    for shell in ("plan <(cat s.yaml)", "plan /dev/stdin < s.yaml", "plan - < s.yaml"):
+    """``<(cat s.yaml)`` and ``/dev/stdin`` are read as ``-`` is: the spec's relative paths (here an HF config.json
+    beside it) resolve against the current directory, not /dev/fd or /dev, and a build records the spec as
+    ``<stdin>``, not a /proc path its README would offer to rebuild from."""
+    import json
+
+    shutil.copy(HF / "llama3-8b.json", tmp_path / "config.json")
+    (tmp_path / "s.yaml").write_text(SPEC)
+    for shell in ("plan <(cat s.yaml)", "plan /dev/stdin < s.yaml", "plan - < s.yaml", "plan /dev/stdin < <(cat s.yaml)"):
         r = llmc(cwd=tmp_path, shell=shell)
         assert r.returncode == 0 and "llmc plan: hfz" in r.stdout, (shell, r.stdout + r.stderr)
+    r = llmc(cwd=tmp_path, shell="build /dev/stdin -o b < <(cat s.yaml)")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((tmp_path / "b" / "plan.lock.json").read_text())["spec"]["path"] == "<stdin>"
 
 
 def test_a_terminal_still_reads(tmp_path):
@@ -212,7 +223,7 @@ def test_a_set_key_path_deeper_than_a_spec_nests_names_the_override(tmp_path):
         key = ".".join(["k"] * parts)
         line = one_error(llmc("plan", str(TINY), "--set", f"{key}=1", cwd=tmp_path))
         assert line.startswith("--set k.k.") and "error[S001]" in line and f"{parts} levels deep" in line, line
-        assert f"at most {MAX_YAML_DEPTH} levels" in line, line
+        assert f"makes {parts + 1}, more than the {MAX_YAML_DEPTH} a spec may nest" in line, line
     # 63 parts and a scalar: as deep as the loader reads (its top mapping level 1): the schema's own error
     line = one_error(llmc("plan", str(TINY), "--set", ".".join(["k"] * 63) + "=1", cwd=tmp_path))
     assert line.startswith("--set k.k.") and "unknown key 'k'" in line, line

@@ -315,6 +315,16 @@ def test_a_chat_stage_without_data_is_said_to_train_on_the_builtin_synthetic_rec
     from llmc.runtime.posttrain import load_stage_records
 
     assert all(w.startswith("synthetic ") for w in load_stage_records(job, RECORD[kind])[1])
-    builtin = d.hint.split("name them: ")[1]
+    # the hint as written (its N given): the stage's data, with the builtin source it names or with records of yours
+    data = d.hint.split("`")[1].replace("seq_len: N", "seq_len: 2048").replace("tokens: N", "tokens: 10M")
+    builtin = d.hint.split("name them as its source: ")[1]
     for sources in (f"[{builtin}]", f"[{{name: mine, path: /d/r.jsonl, kind: {RECORD[kind]}}}]"):
-        assert not diags(compile_text(spec_text(chat_stage(kind, sources))), "G026"), sources
+        stage = f"""\
+        - name: s
+          kind: {kind}
+          init_hf: /models/base
+          {data.replace("[...]", sources)}
+        """
+        c = compile_text(spec_text(stage))
+        assert not diags(c, "G026") and not [x for x in c.diagnostics if x.severity == "error"], (stage, [
+            x.render() for x in c.diagnostics if x.severity == "error"])

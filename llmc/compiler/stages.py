@@ -1343,8 +1343,9 @@ def check_stage_data(st: StageBase, p: str, tr: StageTraining, sink: Sink) -> No
                  f"{st.kind} stage {st.name!r} has no data of its own (it reads its own data.sources, never the top-level "
                  "data's): "
                  f"llmc's trainer would train it on its builtin synthetic {want} records ({holds}), not on yours",
-                 f"give the stage data: {{sources: [...]}} of kind: {want} (jsonl records {form}); to train on the "
-                 f"builtin records on purpose, name them: {{name: {example}, format: builtin, kind: {want}}}")
+                 f"give the stage `data: {{sources: [...], seq_len: N, tokens: N}}`, its sources of kind: {want} "
+                 f"(jsonl records {form}); to train on the builtin records on purpose, name them as its source: "
+                 f"{{name: {example}, format: builtin, kind: {want}}}")
     if st.kind in STAGE_RECORDS and srcs:
         want, form = STAGE_RECORDS[st.kind]
         read = [s for s in srcs if _reads(s, want)]

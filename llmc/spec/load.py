@@ -60,6 +60,7 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 import re
 import sys
 import textwrap
@@ -163,9 +164,26 @@ def read_spec(path: str | Path) -> LoadedSpec:
     return reads_spec(data, file=file, base_dir=spec_base_dir(path))
 
 
+def reads_stdin(path: str | Path) -> bool:
+    """Whether the spec at ``path`` is read as standard input is, having no folder of its own: ``-``, a path naming a
+    process's own file descriptors (``/dev/stdin``, ``/dev/fd/63`` of ``<(command)``, ``/proc/self/fd/0``), or a link
+    to a pipe, socket or terminal. Its relative paths then resolve against the current directory and a build records
+    it as :data:`STDIN_SPEC`, as for ``-``."""
+    import stat
+
+    p = str(path)
+    if p == "-" or re.fullmatch(r"/dev/(stdin|fd/\d+)|/proc/(self|\d+)/fd/\d+", p):
+        return True
+    try:
+        mode = os.stat(p).st_mode
+        return os.path.islink(p) and (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode))
+    except OSError:
+        return False
+
+
 def spec_base_dir(path: str | Path) -> str:
-    """The folder a spec's relative paths resolve against (the current one for standard input)."""
-    return "." if str(path) == "-" else str(Path(path).parent)
+    """The folder a spec's relative paths resolve against (the current one for standard input: :func:`reads_stdin`)."""
+    return "." if reads_stdin(path) else str(Path(path).parent)
 
 
 def read_spec_bytes(path: str | Path) -> bytes | LoadedSpec:
@@ -187,6 +205,10 @@ def read_spec_bytes(path: str | Path) -> bytes | LoadedSpec:
         return fail(f"spec file not found: {file}", "check the path")
     except IsADirectoryError:
         return fail(f"spec path is a directory: {file}", "pass the YAML file")
+    except _EmptyPipe:
+        return fail(f"spec is a pipe that gave nothing: {file} (nothing was writing to it when llmc read it, or the "
+                    "writer wrote nothing)", "start the writer first (`llmc plan <(cat spec.yaml)` does), or pass the "
+                    "YAML file")
     except _NotRegular as e:
         return fail(f"spec is not a regular file ({e}): {file}",
                     "pass the YAML file itself; to pipe a spec in, give `-` (standard input) or `<(command)`")
@@ -201,6 +223,10 @@ class _NotRegular(OSError):
     """The spec path names something that is neither a file nor a pipe or terminal given on purpose: what it is."""
 
 
+class _EmptyPipe(OSError):
+    """The spec path led to a pipe that gave nothing: no writer when llmc opened it, or one that wrote nothing."""
+
+
 def _read_spec_file(path: str | Path) -> bytes:
     """The bytes of the spec at ``path`` (at most :data:`MAX_SPEC_BYTES` + 1), never blocking on a FIFO that has no
     writer. A regular file is read. A FIFO, device or socket named by the path itself (``mkfifo f.yaml; llmc plan
@@ -211,7 +237,6 @@ def _read_spec_file(path: str | Path) -> bytes:
     its end while one without a writer reads as empty at once (``read`` returns end of file: pipe(7)); a device there
     is read only when it is a terminal or the null device."""
     import fcntl
-    import os
     import stat
 
     def kind(mode: int) -> str:
@@ -230,7 +255,10 @@ def _read_spec_file(path: str | Path) -> bytes:
             raise _NotRegular(kind(st.st_mode))  # /dev/zero, or a link to a device
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         with os.fdopen(os.dup(fd), "rb") as fh:
-            return fh.read(MAX_SPEC_BYTES + 1)
+            data = fh.read(MAX_SPEC_BYTES + 1)
+        if not data and stat.S_ISFIFO(st.st_mode):
+            raise _EmptyPipe("a pipe")  # (no writer when it was opened, or one that wrote nothing)
+        return data
     finally:
         os.close(fd)
 
