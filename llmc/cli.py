@@ -454,21 +454,16 @@ def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
     ``llmc launch`` refuses them (``llmc.runtime.job.finished_stage``)."""
     if lock_text is None or not (out / "run").is_dir():
         return []
-    from llmc.launch import LaunchError, _launched_backend
     from llmc.runtime.job import FINISHED_HOW, finished_stage, rerun_command, trained_options
 
     lock = json.loads(lock_text)
-    try:
-        default = _launched_backend(out, lock, None)
-    except (LaunchError, KeyError, TypeError, ValueError, AttributeError):
-        default = None
     lines = []
     for e in lock.get("stages") or []:
         name = e.get("name") if isinstance(e, dict) else None
         f = finished_stage(lock, str(name), out / "run" / str(name), export=True, build_dir=out) if name else None
         if f is not None and f.change is not None:
             what = FINISHED_HOW[f.cause]
-            rerun = rerun_command(out, str(name), trained_options(f, default))  # (where it trained)
+            rerun = rerun_command(out, str(name), trained_options(f, out, lock))  # (where it trained)
             pins = (f"; or, if the spec is unchanged, pin {' and '.join(f'`{p}`' for p in f.pins)} in it and "
                     "rebuild: the finished run stays valid") if f.pins else ""
             lines.append(f"{out / 'run' / str(name)}: warning[X013] stage {name!r} finished {what} "

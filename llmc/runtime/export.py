@@ -68,14 +68,8 @@ def export_target(run_dir: str | Path, stage: str) -> ExportTarget:
     export = (stage_dir / FINGERPRINT_FILE).is_file()
     fin, stale = stage_staleness(lock, job.stage, root, lock_path.parent, export=export, memo=memo)
     if stale and fin is not None and fin.backend:  # the rerun it prints trains on the backend that trained the stage
-        from llmc.launch import LaunchError, _launched_backend
-
-        try:
-            default = _launched_backend(lock_path.parent, lock, None)
-        except (LaunchError, KeyError, TypeError, ValueError, AttributeError):
-            default = None
         fin, stale = stage_staleness(lock, job.stage, root, lock_path.parent, export=export, memo=memo,
-                                     options=trained_options(fin, default))
+                                     options=trained_options(fin, lock_path.parent, lock))
     return ExportTarget(job=job, lock_path=lock_path, stage_dir=stage_dir, titan=titan,
                         tokenizer_dir=tok_dir if (tok_dir / "tokenizer.json").exists() else None, stale=stale,
                         record=provenance(lock_path, lock, job.stage, fin, stale))

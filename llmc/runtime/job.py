@@ -1143,13 +1143,22 @@ class LaunchOptions:
     run_dir: str | None = None
 
 
-def trained_options(fin: Finished | None, default_backend: str | None) -> LaunchOptions:
+def trained_options(fin: Finished | None, build: str | Path, lock: dict) -> LaunchOptions:
     """The options of the rerun command printed where no launch is running (``llmc build``'s X013, ``llmc export``'s
-    refusal of a stale stage): the backend that trained the stage (its marker's), when it is not the build's default
-    launch backend (``default_backend``; None: unknown), so that the rerun trains it where it was trained. A running
-    launch's own refusals carry that launch's options instead (:func:`stage_staleness`'s ``options``)."""
+    refusal of a stale stage): the backend that trained the stage (its marker's), when it is not the backend ``llmc
+    launch`` runs ``build`` on by default (``llmc.launch._launched_backend``; a lock it cannot read: unknown, and the
+    marker's is kept), so that the rerun trains it where it was trained. A running launch's own refusals carry that
+    launch's options instead (:func:`stage_staleness`'s ``options``)."""
     by = fin.backend if fin is not None else None
-    return LaunchOptions(backend=by if by is not None and by != default_backend else None)
+    if by is None:
+        return LaunchOptions()
+    from llmc.launch import LaunchError, _launched_backend
+
+    try:
+        default = _launched_backend(Path(build), lock, None)
+    except (LaunchError, KeyError, TypeError, ValueError, AttributeError):
+        default = None
+    return LaunchOptions(backend=by if by != default else None)
 
 
 def launch_command(build: str | Path, options: LaunchOptions | None = None, *, no_resume: bool = False,
