@@ -342,31 +342,16 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
                                    "pass --lock PATH")
     lock = _lock(Path(lock_path))
     tps, mem = [], []
-    ran = None  # the backend the run's own start / resume events name (llmc launch --backend can differ from the lock)
-    lines = _read_text(metrics, "K001", "metrics.jsonl").splitlines()
     from llmc.compiler.backends import BACKENDS
+    from llmc.runtime import metrics_io  # (torch-free: the one reader of metrics.jsonl, llmc report's too)
 
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MeasurementError(str(metrics), i, "K001", "metrics.jsonl", f"not a JSON record: {e.msg}") from e
-        except RecursionError:
-            raise MeasurementError(str(metrics), i, "K001", "metrics.jsonl", "not a JSON record: nested too deeply") \
-                from None
-        except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-            raise MeasurementError(str(metrics), i, "K001", "metrics.jsonl", f"not a JSON record: {e}") from None
-        if not isinstance(r, dict):
-            raise MeasurementError(str(metrics), i, "K001", "metrics.jsonl",
-                                   f"not a JSON object: {_shown(r)}", _RECORD_HINT)
-        if r.get("event") in ("start", "resume") and r.get("backend") is not None:
-            if not (isinstance(r["backend"], str) and r["backend"] in BACKENDS):  # (llmc report refuses it too)
-                raise MeasurementError(str(metrics), i, "K001", "backend", f"{r['event']} event: backend "
-                                       f"{_shown(r['backend'], 40)} is not a backend llmc knows (one of "
-                                       f"{', '.join(BACKENDS)})", _RECORD_HINT)
-            ran = r["backend"]
+    try:  # (a torn last line, from a writer killed mid-line, is dropped as llmc report drops it)
+        recs, _ = metrics_io.parse_records(_read_bytes(metrics, "K001", "metrics.jsonl"), metrics)
+        ran = metrics_io.ran_backend(((i, r) for i, _, r in recs), metrics, BACKENDS)
+    except metrics_io.MetricsError as e:
+        key = "backend" if isinstance(e, metrics_io.UnknownBackend) else "metrics.jsonl"
+        raise MeasurementError(str(metrics), e.line, "K001", key, e.problem, _RECORD_HINT) from None
+    for i, _, r in recs:
         for key, out in (("tokens_per_s", tps), ("peak_mem_bytes", mem)):
             if "step" in r and r.get(key):
                 out.append((_record_number(r, "step", str(metrics), i), _record_number(r, key, str(metrics), i),

@@ -68,7 +68,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from llmc.measurements import WARMUP_STEPS
 from llmc.runtime.metrics_io import is_score, score_line  # (torch-free, as this module)
@@ -336,31 +336,12 @@ def read_metrics(path: str | Path, name: str | None = None) -> StageMetrics:
             cols[key] = vals
     devices = [d for s in steps if isinstance(d := by_step[s].get("peak_mem_device"), str)]
     formats = [f for s in steps if isinstance(f := by_step[s].get("val_format"), str)]
-    ran = [b for e in log.events if e.get("event") in ("start", "resume") and (b := e.get("backend")) is not None]
     from llmc.compiler.backends import BACKENDS
+    from llmc.runtime.metrics_io import ran_backend
 
-    if not all(isinstance(b, str) and b in BACKENDS for b in ran):
-        _unknown_backend(path)  # (raises: the run cannot be predicted for a backend llmc does not know)
+    ran = ran_backend(log.numbered_events(), path, BACKENDS)  # (a MetricsError, llmc report's L012 line, for a backend llmc does not know)
     return StageMetrics(name or path.parent.name, path, steps, cols, devices[-1] if devices else None,
-                        formats[-1] if formats else None, ran[-1] if ran else None)
-
-
-def _unknown_backend(path: Path) -> NoReturn:
-    """The MetricsError (``llmc report``'s L012 line) naming the first start or resume event of ``path`` whose
-    ``backend`` is not a backend llmc knows (:data:`llmc.compiler.backends.BACKENDS`): the run is predicted for
-    the backend that trained it, and an edited or foreign name has no prediction (``llmc calibrate`` refuses it
-    too, :func:`llmc.measurements.read_llmc_run`)."""
-    from llmc.compiler.backends import BACKENDS
-    from llmc.runtime.metrics_io import MetricsError, _records
-
-    for line, _, rec in _records(path)[0]:
-        b = rec.get("backend")
-        if rec.get("event") in ("start", "resume") and b is not None and not (isinstance(b, str) and b in BACKENDS):
-            shown = repr(b) if len(repr(b)) <= 40 else repr(b)[:37] + "..."  # (repr: on one line)
-            raise MetricsError(path, line, f"{rec['event']} event: backend {shown} is not a backend llmc knows "
-                                           f"(one of {', '.join(BACKENDS)})")
-    raise MetricsError(path, 0, f"a start or resume event's backend is not a backend llmc knows (one of "
-                                f"{', '.join(BACKENDS)})")  # (not reached: read_metrics found one)
+                        formats[-1] if formats else None, ran)
 
 
 def find_stages(run_dir: str | Path, lock: dict) -> list[tuple[str, Path]]:

@@ -231,6 +231,27 @@ def test_an_unknown_backend_in_the_start_event_is_one_located_line(copy_build, b
     assert "\n" not in e.value.located() and all(name in e.value.located() for name in BACKENDS)
 
 
+def test_report_and_calibrate_read_a_metrics_file_the_same_way(copy_build):
+    """`llmc report` and `llmc calibrate` read metrics.jsonl through one parser (llmc.runtime.metrics_io): a torn
+    last line (a writer killed mid-line) is dropped by both (calibrate refused it as "not a JSON record"), and a
+    line nested past Python's recursion limit is one located line in both (report raised RecursionError:
+    error[INTERNAL])."""
+    from llmc.runreport import read_metrics
+
+    m = _metrics(copy_build, "native")
+    good = m.read_text()
+    m.write_text(good + '{"step": 30, "loss": 3.0, "tokens_')
+    assert read_metrics(m, "pretrain").steps == list(range(1, 30))
+    assert read_llmc_run(m).tokens_per_s_per_gpu > 0
+    m.write_text(good + "[" * 100_000 + "]" * 100_000 + "\n")
+    code, lines = run("report", str(copy_build))
+    (err,) = errors(lines)
+    assert code == 1 and ":31: error[L012]" in err and "nested too deeply" in err, lines
+    with pytest.raises(MeasurementError) as e:
+        read_llmc_run(m)
+    assert (e.value.line, e.value.code, e.value.path) == (31, "K001", "metrics.jsonl"), e.value.located()
+
+
 def test_a_known_backend_in_the_start_event_is_read(copy_build):
     from llmc.runreport import read_metrics
 

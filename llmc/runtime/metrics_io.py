@@ -13,8 +13,17 @@ already written. Two ways to keep each step once:
 ``read_metrics(path) -> MetricsLog``
     ``steps``: the training records (those with a ``"step"`` and no ``"event"`` key), one per step,
     the last one written winning, in step order. ``events``: the records with an ``"event"`` key, in
-    file order. A half-written last line (a writer killed mid-line) is ignored; any other bad line
-    raises ``ValueError`` naming its line number.
+    file order, with their line numbers. A half-written last line (a writer killed mid-line) is ignored;
+    any other bad line raises :class:`MetricsError` (a ``ValueError``) naming its line number.
+
+``records(path)`` / ``parse_records(data, path)``
+    Each complete line as (line number, raw text, record), and whether a torn last line was dropped: the one
+    parser of the file, read by the two above and by ``llmc calibrate`` (:func:`llmc.measurements.read_llmc_run`).
+
+``ran_backend(records, path, known) -> str | None``
+    The backend the run's last ``start`` / ``resume`` event names (``llmc launch --backend`` can differ from the
+    build's); an :class:`UnknownBackend` error at the first such event naming one outside ``known`` (``llmc report`` and
+    ``llmc calibrate`` both predict a run for the backend that trained it, so an edited or foreign name has none).
 
 The trainers write strict JSON (:func:`llmc.runtime.metrics.json_line`): a figure that was not finite (the loss of a
 step that diverged) is ``null``, so a reader takes None where a number was; files written before that may hold the
@@ -26,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,15 +48,28 @@ class MetricsError(ValueError):
         self.path, self.line, self.problem = path, line, problem
 
 
+class UnknownBackend(MetricsError):
+    """A start or resume event naming a backend llmc does not know (:func:`ran_backend`)."""
+
+
 @dataclass
 class MetricsLog:
+    path: Path
     steps: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
+    event_lines: list[int] = field(default_factory=list)  # the file line of each of ``events``
+
+    def numbered_events(self) -> Iterable[tuple[int, dict]]:
+        return zip(self.event_lines, self.events, strict=True)
 
 
-def _records(path: Path) -> tuple[list[tuple[int, str, dict]], bool]:
-    """(line number, raw line, record) for each complete line, and whether a partial tail was dropped."""
-    data = Path(path).read_bytes()
+def records(path: str | Path) -> tuple[list[tuple[int, str, dict]], bool]:
+    """(line number, raw line, record) for each complete line of ``path``, and whether a partial tail was dropped."""
+    return parse_records(Path(path).read_bytes(), Path(path))
+
+
+def parse_records(data: bytes, path: Path) -> tuple[list[tuple[int, str, dict]], bool]:
+    """:func:`records` of the bytes ``data`` read from ``path`` (named in a :class:`MetricsError`)."""
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline
     out = []
@@ -55,18 +78,20 @@ def _records(path: Path) -> tuple[list[tuple[int, str, dict]], bool]:
             continue
         try:
             rec = json.loads(raw)
-        except ValueError as e:
+        except ValueError as e:  # (an integer of more digits than Python converts is one too)
             raise MetricsError(path, i, f"not a JSON record ({e})") from None
+        except RecursionError:
+            raise MetricsError(path, i, "not a JSON record (nested too deeply)") from None
         if not isinstance(rec, dict):
             raise MetricsError(path, i, "not a JSON object")
-        out.append((i, raw.decode(), rec))
+        out.append((i, raw.decode("utf-8", "replace"), rec))
     if tail.strip():
         try:  # a last line missing only its newline is still a whole record
             rec = json.loads(tail)
             if isinstance(rec, dict):
-                out.append((len(lines) + 1, tail.decode(), rec))
+                out.append((len(lines) + 1, tail.decode("utf-8", "replace"), rec))
                 return out, False
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
         return out, True
     return out, False
@@ -82,7 +107,7 @@ def truncate_after_step(path: str | Path, step: int) -> int:
     path = Path(path)
     if not path.exists():
         return 0
-    recs, partial = _records(path)
+    recs, partial = records(path)
     keep = [raw for _, raw, rec in recs if _step(rec) is None or _step(rec) <= step]
     dropped = len(recs) - len(keep)
     if dropped == 0 and not partial:
@@ -132,12 +157,32 @@ def read_metrics(path: str | Path) -> MetricsLog:
     """Each training step once (step order) and the events in file order. Records of one step are merged,
     later keys winning: a step's training record and its validation record (``val_loss``) become one, and
     a step written again after a resume replaces the earlier values."""
-    recs, _ = _records(Path(path))
+    recs, _ = records(path)
     steps: dict[int, dict] = {}
-    events: list[dict] = []
-    for _, _, rec in recs:
+    log = MetricsLog(Path(path))
+    for line, _, rec in recs:
         if "event" in rec:
-            events.append(rec)
+            log.events.append(rec)
+            log.event_lines.append(line)
         elif _step(rec) is not None:
             steps[_step(rec)] = {**steps.get(_step(rec), {}), **rec}
-    return MetricsLog(steps=[steps[k] for k in sorted(steps)], events=events)
+    log.steps = [steps[k] for k in sorted(steps)]
+    return log
+
+
+def ran_backend(numbered: Iterable[tuple[int, dict]], path: Path, known: Collection[str]) -> str | None:
+    """The backend named by the last ``start`` / ``resume`` event of the (line number, record) pairs read from
+    ``path`` (None: no event names one); an :class:`UnknownBackend` error at the first such event whose backend is
+    not one of ``known`` (the backends llmc knows, :data:`llmc.compiler.backends.BACKENDS`: a run is predicted for
+    the backend that trained it)."""
+    ran = None
+    for line, ev in numbered:
+        b = ev.get("backend")
+        if ev.get("event") not in ("start", "resume") or b is None:
+            continue
+        if not (isinstance(b, str) and b in known):
+            shown = repr(b) if len(repr(b)) <= 40 else repr(b)[:37] + "..."  # (repr: on one line)
+            raise UnknownBackend(path, line, f"{ev['event']} event: backend {shown} is not a backend llmc knows "
+                                               f"(one of {', '.join(known)})")
+        ran = b
+    return ran
