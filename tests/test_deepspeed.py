@@ -568,22 +568,43 @@ def test_deepspeed_pipeline_via_launch_commands(tmp_path):
 
 # One process, llmc's model under the ZeRO section and gradient dtypes llmc emits (overlap_comm, contiguous_gradients,
 # reduce_bucket_size; communication_data_type, data_types); records the reduce buckets DeepSpeed allocates for the
-# backward (DeepSpeedZeroOptimizer.setup_buckets; none under BF16_Optimizer) and the optimizer that runs.
+# backward (DeepSpeedZeroOptimizer.setup_buckets; none under BF16_Optimizer; ZeRO-3's ipg bucket), the optimizer that
+# runs, the largest gradient ZeRO-2 reduces outside its buckets (extra_large_param_to_reduce: elements, bytes per
+# element), the largest tensor a reduction casts (elements, bytes before and after: allreduce_bucket at ZeRO-2,
+# __avg_scatter_grads at ZeRO-3).
 _IPG = """
 import json, os, sys
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 import torch, deepspeed
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Z3
 from llmc.runtime.model import build_model
 from llmc.spec.model import Architecture
 from llmc.runtime.ds_train import init_deepspeed_distributed  # gloo, without DeepSpeed's CPU shm op
 init_deepspeed_distributed()
-seen = []
+seen, cast, xl = [], [], []
 orig = DeepSpeedZeroOptimizer.setup_buckets
 def rec(self):
     orig(self)
     seen.append([(b.numel(), b.element_size()) for bk in self.ipg_buckets.values() for b in bk.buffer])
 DeepSpeedZeroOptimizer.setup_buckets = rec
+red = DeepSpeedZeroOptimizer.allreduce_bucket
+def red_rec(self, bucket, dtype, *a, **k):
+    out = red(self, bucket, dtype, *a, **k)
+    cast.append((sum(t.numel() for t in bucket), bucket[0].element_size(), out.element_size()))
+    return out
+DeepSpeedZeroOptimizer.allreduce_bucket = red_rec
+ipg = DeepSpeedZeroOptimizer.reduce_ipg_grads
+def ipg_rec(self, *a, **k):
+    xl.extend((p.numel(), self.get_gradient_for_reduction(p).element_size())
+              for p in self.extra_large_param_to_reduce.values())
+    return ipg(self, *a, **k)
+DeepSpeedZeroOptimizer.reduce_ipg_grads = ipg_rec
+avg = Z3._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads
+def avg_rec(self, params, dtype):
+    cast.extend((p.grad.numel(), p.grad.element_size(), torch.empty((), dtype=dtype).element_size()) for p in params)
+    return avg(self, params, dtype)
+Z3._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads = avg_rec
 arch = Architecture(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512, max_seq_len=64)
 zero_sections = json.loads(sys.argv[1])
 out = {}
@@ -595,31 +616,39 @@ for stage, keys in zero_sections.items():
     eng, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
     x = torch.randint(0, 512, (2, 32))
     eng.backward(eng(x).float().mean())
+    if stage == "3":
+        seen.append([(bk.buffer.numel(), bk.buffer.element_size()) for bk in eng.optimizer.ipg_buckets.values()])
     out[stage] = {"buckets": seen[-1] if seen else None, "optimizer": type(eng.optimizer).__name__,
-                  "params": sum(p.numel() for p in model.parameters())}
-    seen.clear()
+                  "params": sum(p.numel() for p in model.parameters()), "cast": max(cast, default=None),
+                  "extra_large": max(xl, default=None)}
+    seen.clear(), cast.clear(), xl.clear()
 print(json.dumps(out))
 """
 
 
 @pytest.mark.slow
-def test_zero12_reduce_buckets_are_what_the_memory_model_counts():
-    """ZeRO-1/2 under llmc's bf16 ds_config (fp32 reduction and accumulation): at ZeRO-2 DeepSpeed allocates two
+def test_zero_reduce_buckets_are_what_the_memory_model_counts():
+    """ZeRO-1/2/3 under llmc's bf16 ds_config (fp32 reduction and accumulation): at ZeRO-2 DeepSpeed allocates two
     reduce buckets (overlap_comm) of the emitted reduce_bucket_size in bf16, d_model^2 elements each
-    (backends.ds_reduce_bucket_elems), each cast to fp32 for its reduction; ZeRO-1 runs BF16_Optimizer, which has no
-    buckets (the engine all-reduces its fp32 gradient in flattened 5e8-element buckets). The memory model's buffers for
-    a DeepSpeed ZeRO-1/2 layout hold exactly those on top of what a layout without a reduction holds."""
+    (backends.ds_reduce_bucket_elems), each cast to fp32 for its reduction, and reduces a gradient larger than a
+    bucket on its own (the output head's, params.largest_tensor), in bf16 then its fp32 copy; ZeRO-1 runs
+    BF16_Optimizer, which has no buckets (the engine all-reduces its fp32 gradient in flattened 5e8-element buckets);
+    ZeRO-3 allocates one fp32 bucket and casts each whole gradient to fp32 to reduce-scatter it. The memory model's
+    buffers for a DeepSpeed layout hold exactly those (ZeRO-3: with the largest tensor gathered and the emitted
+    prefetch bucket) on top of what a layout without a reduction holds."""
     from llmc.compiler.backends import DS_ALLREDUCE_ELEMS, ds_reduce_bucket_elems
     from llmc.compiler.memory import stage_memory
+    from llmc.compiler.params import largest_tensor
     from llmc.emit.deepspeed import _zero_section, grad_dtype_keys
     from llmc.spec.model import Architecture
 
     arch = Architecture(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512,
                         max_seq_len=64)
     compiled = make_compiled(make_run(model=arch.model_dump(exclude_none=True)))
-    sections = {z: {"zero_optimization": _zero_section(compiled, z), **grad_dtype_keys(True, z)} for z in (1, 2)}
+    sections = {z: {"zero_optimization": _zero_section(compiled, z), **grad_dtype_keys(True, z)} for z in (1, 2, 3)}
     assert all(s["zero_optimization"]["reduce_bucket_size"] == ds_reduce_bucket_elems(64) == 4096
                for s in sections.values())
+    prefetch = sections[3]["zero_optimization"]["stage3_prefetch_bucket_size"]
     port = str(29400 + os.getpid() % 300)
     r = subprocess.run([PY, "-c", _IPG, json.dumps(sections), port], capture_output=True, text=True, timeout=600,
                        env={**ENV, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
@@ -627,12 +656,21 @@ def test_zero12_reduce_buckets_are_what_the_memory_model_counts():
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["2"]["buckets"] == [[4096, 2], [4096, 2]], got  # bf16 staging buckets
     assert got["1"]["optimizer"] == "BF16_Optimizer" and got["1"]["buckets"] is None, got
+    assert got["3"]["buckets"] == [[4096, 4]], got  # one fp32 (communication_data_type) bucket
     n_params = got["1"]["params"]
-    # what each adds for a reduction: ZeRO-2 its buckets and their fp32 copies (tensor.to(communication_data_type));
-    # ZeRO-1 the flattened fp32 gradient the engine all-reduces
-    adds = {"2": sum(n * b for n, b in got["2"]["buckets"]) + 2 * 4096 * 4,
-            "1": 4 * min(DS_ALLREDUCE_ELEMS, n_params)}
-    for z in ("1", "2"):
+    # the largest gradient a reduction handles whole: the 512 x 64 embedding / output head, its bf16 gradient cast to
+    # fp32 (ZeRO-2 outside the buckets, ZeRO-3 as every gradient)
+    big = largest_tensor(arch, range(arch.n_layers), True, True)
+    assert big == 512 * 64 and got["2"]["extra_large"] == [big, 2], got
+    assert got["2"]["cast"] == got["3"]["cast"] == [big, 2, 4], got
+    # what each adds for a reduction: ZeRO-2 its bf16 buckets and the larger of their fp32 copies
+    # (tensor.to(communication_data_type)) and the largest gradient with its copy; ZeRO-1 the flattened fp32 gradient
+    # the engine all-reduces; ZeRO-3 its bucket, the emitted prefetch and the largest tensor gathered (bf16), its
+    # gradient and that gradient's copy
+    adds = {"2": sum(n * b for n, b in got["2"]["buckets"]) + max(2 * 4096 * 4, big * 2 + big * 4),
+            "1": 4 * min(DS_ALLREDUCE_ELEMS, n_params),
+            "3": 4096 * 4 + prefetch * 2 + big * 2 + big * 2 + big * 4}
+    for z in ("1", "2", "3"):
         one = ParallelPlan(dp_shard=1, dp_replicate=1, zero_stage=int(z))  # no data parallelism: no reduction
         two = ParallelPlan(dp_shard=2, dp_replicate=1, zero_stage=int(z))
         b1, b2 = (stage_memory(arch, p, 64, backend="deepspeed")[0].buffers for p in (one, two))

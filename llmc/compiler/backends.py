@@ -574,31 +574,62 @@ DS_ALLREDUCE_ELEMS = 500_000_000
 
 
 def ds_reduce_buffer_bytes(d_model: int, zero_stage: int, bf16: bool, offload_optimizer: bool,
-                           local_params: float) -> float:
-    """Bytes of DeepSpeed 0.19.8's ZeRO-1/2 gradient-reduction buffers under llmc's ds_config, data parallel:
+                           local_params: float, largest: float, dp: int) -> float:
+    """Bytes of DeepSpeed 0.19.8's ZeRO-1/2 gradient-reduction buffers under llmc's ds_config, data parallel over
+    ``dp`` ranks (``largest``: the elements of the largest parameter tensor,
+    :func:`llmc.compiler.params.largest_tensor`):
 
     * ZeRO-2, and ZeRO-1 in fp32 or under optimizer offload (DeepSpeedZeroOptimizer): two reduce buckets of
       ``ds_reduce_bucket_elems`` (contiguous_gradients + overlap_comm, setup_buckets) in
       ``_gradient_reduction_buffer_dtype`` -- the model's dtype at ZeRO-2 (2 B bf16), the fp32 grad_accum_dtype at
       ZeRO-1 -- and, for bf16, the fp32 copy each makes for its reduction (``tensor.to(communication_data_type)``,
       stage_1_and_2.py gradient_reduction_w_predivide): 2 x d^2 x (2 + 4) at ZeRO-2, 2 x d^2 x 4 at ZeRO-1;
+    * at ZeRO-2 a gradient larger than the bucket bypasses it (stage_1_and_2.py
+      reduce_independent_p_g_buckets_and_remove_grads: ``extra_large_param_to_reduce``): it stays in its own tensor
+      in the model's dtype until the next gradient's hook reduces it, a slice per gradient partition (at most the
+      rank's share of the parameters, local / dp) at a time, each through its fp32 copy in bf16 (reduce_ipg_grads
+      -> average_tensor -> allreduce_no_retain -> allreduce_bucket: ``tensor.to(communication_data_type)``). The
+      output head's is made first in the backward, with the activations at their peak: the largest such gradient
+      and its largest slice's copy, largest x 2 + min(largest, local / dp) x 4 in bf16 (largest x 4 in fp32), in
+      place of the buckets' copies when larger;
     * bf16 ZeRO-1 without offload (BF16_Optimizer, :func:`ds_fp32_grad_accum`): no buckets of its own; the engine
       all-reduces its fp32 gradient in buckets of DS_ALLREDUCE_ELEMS elements, flattened into a copy
       (engine.py allreduce_no_retain / allreduce_bucket): 4 B x min(5e8, the rank's parameters), an upper bound."""
     bucket = ds_reduce_bucket_elems(d_model)
+    big = largest if zero_stage == 2 and largest > bucket else 0.0  # (a gradient reduced outside the buckets)
     if not bf16:
-        return 2 * bucket * 4.0
+        return 2 * bucket * 4.0 + big * 4.0
     if zero_stage == 1 and ds_fp32_grad_accum(1) and not offload_optimizer:
         return 4.0 * min(DS_ALLREDUCE_ELEMS, local_params)
-    if zero_stage == 2:  # bf16 buckets, each cast to fp32 for its reduction
-        return 2 * bucket * (2.0 + 4.0)
+    if zero_stage == 2:  # bf16 buckets; a bucket's or the largest gradient's fp32 copy for its reduction
+        return 2 * bucket * 2.0 + max(2 * bucket * 4.0, big * 2.0 + min(big, local_params / max(1, dp)) * 4.0)
     return 2 * bucket * 4.0  # ZeRO-1 under offload: fp32 (grad_accum_dtype) buckets, reduced as they are
+
+
+def ds_zero3_buffer_bytes(d_model: int, largest: float, compute_bytes: float) -> float:
+    """Bytes of DeepSpeed 0.19.8's ZeRO-3 gather and reduction buffers under llmc's ds_config (fp32
+    communication_data_type; ``largest``: the elements of the largest parameter tensor,
+    :func:`llmc.compiler.params.largest_tensor`; ``compute_bytes``: 2 in bf16, 4 in fp32): the reduce bucket,
+    allocated once in the communication dtype (stage3.py: ``torch.empty(reduce_bucket_size, dtype)`` for each
+    ipg bucket), 4 x d^2; the prefetch, ``stage3_prefetch_bucket_size`` = 0.9 d^2 elements gathered ahead
+    (partitioned_param_coordinator); and, in the backward of the largest tensor (the output head first): it
+    gathered, its whole gradient in the compute dtype, and the fp32 copy each gradient is reduce-scattered through
+    (``__avg_scatter_grads``: ``g.to(communication_data_type)``; none in fp32)."""
+    cast = 4.0 if compute_bytes != 4.0 else 0.0
+    return (4.0 * ds_reduce_bucket_elems(d_model) + ds_prefetch_bucket_elems(d_model) * compute_bytes
+            + largest * (2 * compute_bytes + cast))
 
 
 def ds_reduce_bucket_elems(d_model: int) -> int:
     """DeepSpeed ``reduce_bucket_size`` in llmc's ds_config: d_model^2 elements, the value the Hugging Face Trainer's
     DeepSpeed integration fills in for "auto" (transformers/integrations/deepspeed.py)."""
     return d_model * d_model
+
+
+def ds_prefetch_bucket_elems(d_model: int) -> int:
+    """DeepSpeed ``stage3_prefetch_bucket_size`` in llmc's ds_config: 0.9 d_model^2 elements, the Hugging Face
+    Trainer's "auto" value (transformers/integrations/deepspeed.py)."""
+    return (9 * d_model * d_model) // 10
 
 
 def get_backend(name: str | None) -> Backend:

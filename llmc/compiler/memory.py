@@ -46,7 +46,8 @@ unit's fp32 gradient before reduce-scatter, torchtitan reduce_dtype=fp32); with 
 torchtitan keeps the whole stage unsharded (no reshard after forward, gradients accumulated unsharded in
 fp32 until the last micro-batch), i.e. FSDP+PP costs (2 + 4) B per stage-local parameter; ZeRO-1/2
 (``Backend.zero12``): FSDP2 keeping the gathered parameters, one unit's fp32 gradient before its
-reduce-scatter; DeepSpeed, its reduce buffers under llmc's ds_config (``backends.ds_reduce_buffer_bytes``); the
+reduce-scatter; DeepSpeed, its reduce buffers under llmc's ds_config (``backends.ds_reduce_buffer_bytes``; ZeRO-3
+``backends.ds_zero3_buffer_bytes``: DeepSpeed gathers and reduces tensor by tensor, so its largest tensor counts); the
 reference profiles, reduce and all-gather buckets of DeepSpeed's default 5e8 elements; DDP buckets (25 MiB); the fp32
 logits/loss peak on the last stage (12 B per token per vocab entry, see LOGITS_BYTES_PER_ELEM); 1 GiB
 workspace (CUDA context, cuBLAS workspace, NCCL). A loss computed in slices (``plan.loss_chunk_tokens``: llmc's
@@ -73,10 +74,11 @@ from llmc.compiler.backends import (
     activation_mode,
     compile_on,
     ds_reduce_buffer_bytes,
+    ds_zero3_buffer_bytes,
     fit_headroom,
     get_backend,
 )
-from llmc.compiler.params import expert_d_ff, is_moe_layer, layer_components
+from llmc.compiler.params import expert_d_ff, is_moe_layer, largest_tensor, layer_components
 from llmc.compiler.plan import EP_SPANS_TP, ParallelPlan, expert_shards
 from llmc.compiler.result import MemoryNumbers
 from llmc.compiler.units import GiB, MiB
@@ -944,6 +946,9 @@ def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload, grad
             # the stage's whole unsharded bf16 parameters stay gathered and its unsharded gradients
             # accumulate in reduce_dtype fp32 -> (wb + 4) bytes x the stage's local parameters.
             buf += unsharded_local * (cwb + 4)
+        elif zs >= 3 and z_dense > 1 and be.zero12 == "deepspeed":
+            # DeepSpeed gathers and reduces tensor by tensor, in buckets of llmc's ds_config's sizes
+            buf += ds_zero3_buffer_bytes(arch.d_model, largest_tensor(arch, layers, has_emb, has_head), cwb)
         elif zs >= 3 and z_dense > 1:
             # FSDP unit = one block (or the embedding / head): 2 units all-gathered in the compute dtype
             # (current + prefetch) + 1 unit's unsharded fp32 gradient before reduce-scatter (pp = 1: one
@@ -959,7 +964,8 @@ def _static_runs(arch, plan, precision, optimizer_bytes_per_param, offload, grad
         elif zs in (1, 2) and plan.dp > 1 and be.zero12 == "deepspeed":
             # DeepSpeed's reduce buckets under llmc's ds_config (fp32 reduction and accumulation): the bf16 ZeRO-2
             # buckets and their fp32 copies for the reduction, or BF16_Optimizer's flattened fp32 all-reduce (ZeRO-1)
-            buf += ds_reduce_buffer_bytes(arch.d_model, zs, precision != "fp32", offload >= 1, unsharded_local)
+            buf += ds_reduce_buffer_bytes(arch.d_model, zs, precision != "fp32", offload >= 1, unsharded_local,
+                                          largest_tensor(arch, layers, has_emb, has_head), plan.dp)
         elif zs in (1, 2) and plan.dp > 1:
             buf += 2 * min(DS_BUCKET_ELEMS, unsharded_local) * cwb  # reduce + all-gather buckets
         elif plan.dp > 1:

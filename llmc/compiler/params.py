@@ -135,6 +135,29 @@ def layer_components(arch: Architecture, i: int) -> dict[str, int]:
     return out
 
 
+def largest_tensor(arch: Architecture, layers, has_emb: bool, has_head: bool) -> int:
+    """Elements of the largest single parameter tensor a model chunk holds (blocks ``layers``, with the embedding /
+    output head or not), as llmc's model holds its tensors (llmc/runtime/model.py, torchtitan's layout): the
+    embedding or head V x d; attention's wq, wk, wv, wo (GQA) or each MLA projection; a dense SwiGLU projection
+    d x d_ff; a routed-expert projection stacked over the experts, E x f x d (``moe.experts.w1``); the shared
+    experts' projection, S x f x d; the router d x E. DeepSpeed reduces a gradient larger than its reduce bucket
+    on its own, whole (:func:`llmc.compiler.backends.ds_reduce_buffer_bytes`)."""
+    d = arch.d_model
+    sizes = [arch.vocab_size * d] if has_emb or has_head else []
+    if layers:
+        if arch.mla is not None:
+            sizes += [n for k, n in _mla_components(arch).items() if not k.endswith("_norm")]
+        else:
+            sizes += [arch.n_heads * arch.hd * d, arch.kv_heads * arch.hd * d]
+    for moe_block in {is_moe_layer(arch, i) for i in layers}:  # (dense blocks, MoE blocks, or both)
+        if not moe_block:
+            sizes.append(d * arch.d_ff)
+        else:
+            f, moe = expert_d_ff(arch), arch.moe
+            sizes += [moe.num_experts * f * d, moe.num_shared_experts * f * d, moe.num_experts * d]
+    return max(sizes, default=0)
+
+
 def layer_params(arch: Architecture, i: int) -> int:
     """Parameters of block i (used for pipeline stage balancing)."""
     return sum(layer_components(arch, i).values())

@@ -58,6 +58,7 @@ from llmc.compiler.backends import (
     deepspeed_split,
     deepspeed_zero_stage,
     ds_fp32_grad_accum,
+    ds_prefetch_bucket_elems,
     ds_reduce_bucket_elems,
 )
 from llmc.compiler.plan import ParallelPlan
@@ -262,7 +263,7 @@ def _zero_section(compiled, stage: int) -> dict[str, Any]:
     if stage in (1, 2):
         zero.update(allgather_partitions=True, allgather_bucket_size=ALLGATHER_BUCKET, reduce_scatter=True)
     if stage == 3:
-        zero.update(stage3_prefetch_bucket_size=(9 * d * d) // 10, stage3_param_persistence_threshold=10 * d,
+        zero.update(stage3_prefetch_bucket_size=ds_prefetch_bucket_elems(d), stage3_param_persistence_threshold=10 * d,
                     stage3_max_live_parameters=STAGE3_MAX_LIVE, stage3_max_reuse_distance=STAGE3_MAX_LIVE,
                     stage3_gather_16bit_weights_on_model_save=True)
     if compiled.spec.parallelism.offload_optimizer:
