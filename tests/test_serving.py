@@ -356,6 +356,36 @@ def test_one_node_of_pipeline_stages_is_served_without_ray():
     assert "# 2 pipeline stages on 1 node; the per-GPU figures below are the most loaded stage's" in cfg
 
 
+def test_the_build_readme_runs_a_multi_node_replica_as_its_config_says():
+    """Llama 3.1 405B in bf16 (~756 GiB of weights) is served as tp 8 x pp 2 over two 8-GPU nodes: vLLM on a Ray
+    cluster, SGLang started on each node with its rank. The build's README.md said `vllm serve --config ...` and
+    `python -m sglang.launch_server --config ...` alone, which on one node waits for nodes never started; its Serve
+    lines are the configs' own "run from the build directory" commands."""
+    from llmc.compiler.compile import compile_spec
+    from llmc.emit import render_artifacts
+    from llmc.spec.load import loads_spec
+
+    text = ("name: t\nmodel: llama3.1-405b\nhardware: {gpu: h100-sxm, count: 16}\n"
+            "data: {sources: [{name: web, path: web.jsonl}], seq_len: 4096, tokens: 10B}\n"
+            "serving: [{engine: vllm, concurrency: 8}, {engine: sglang, concurrency: 8}]\n")
+    run, lines = loads_spec(text, file="s.yaml")
+    files = render_artifacts(compile_spec(run, "s.yaml", lines, spec_bytes=text.encode()))
+    readme = files["README.md"]
+    for name, want in (("serving/vllm.yaml", "`ray start` on all 2 nodes, then on the head node: "
+                                             "`vllm serve --config serving/vllm.yaml`"),
+                       ("serving/sglang.yaml", "`python -m sglang.launch_server --config serving/sglang.yaml "
+                                               "--node-rank <0..1> --dist-init-addr <first node>:50000` (on each of "
+                                               "the 2 nodes)")):
+        cfg = files[name]
+        assert "tensor-parallel-size: 8\n" in cfg or "tp-size: 8\n" in cfg
+        assert "pipeline-parallel-size: 2\n" in cfg or "pp-size: 2\n" in cfg
+        assert f"- `{name}`: {want}\n" in readme, readme
+        # the config's header says the same, without the markdown around the command
+        header = want.replace("`vllm", "vllm").replace(".yaml`", ".yaml").replace("`python", "python")
+        header = header.replace(":50000`", ":50000")
+        assert f"# run from the build directory: {header}\n" in cfg, cfg[:2000]
+
+
 def test_expert_parallel_is_vllms_and_only_for_experts():
     """``expert_parallel`` reaches vLLM's --enable-expert-parallel for an MoE model (its parser test reads it back);
     a dense model has no experts to split and SGLang's expert parallelism is not emitted: V010 for both."""

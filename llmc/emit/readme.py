@@ -117,7 +117,7 @@ class ReadmeEmitter(Emitter):
             "has_ds": CONFIG_PATH in earlier,
             "zero_stage": zero_stage_for(compiled) if CONFIG_PATH in earlier else 0,
             "warnings": [d.render() for d in build_warnings(compiled)],
-            "serving": served_files(earlier),
+            "serving": served_files(compiled, earlier),
             "files": sorted([*earlier, "README.md"]),
             "numbers": readme_numbers(compiled),
         }

@@ -13,6 +13,7 @@ Diagnostics:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from llmc.diagnostics import Diagnostic
@@ -32,7 +33,24 @@ SGLANG_PORT = 30000
 ONLINE_QUANTIZATION = {"vllm": {"fp8": "fp8_per_tensor"}, "sglang": {"fp8": "fp8"}}
 
 
-def _vllm(p: Any, model_dir: str, served: str, name: str, host: str | None) -> tuple[list[tuple[str, str]], str]:
+@dataclass(frozen=True)
+class ServeCommand:
+    """How a serving config runs, from the build directory: the command, with what comes before it (a Ray cluster
+    started on every node) and after it (on which nodes), one text for the config's header and the build's README."""
+
+    command: str
+    before: str = ""
+    after: str = ""
+
+    def text(self) -> str:
+        return " ".join(x for x in (self.before, self.command, self.after) if x)
+
+    def markdown(self) -> str:
+        return " ".join(x for x in (self.before, f"`{self.command}`", self.after) if x)
+
+
+def _vllm(p: Any, model_dir: str, served: str, name: str, host: str | None) -> tuple[list[tuple[str, str]],
+                                                                                   ServeCommand]:
     nodes = p.nodes
     items = [("model", yaml_scalar(model_dir)), ("served-model-name", yaml_scalar(served)), ("dtype", "bfloat16"),
              ("tensor-parallel-size", str(p.tensor_parallel_size)),
@@ -51,13 +69,12 @@ def _vllm(p: Any, model_dir: str, served: str, name: str, host: str | None) -> t
     if nodes > 1:  # pipeline stages on several nodes: vLLM runs them on a Ray cluster
         items.append(("distributed-executor-backend", "ray"))
     items += _bind(host, VLLM_PORT)
-    cmd = f"vllm serve --config {name}"
-    if nodes > 1:
-        cmd = f"`ray start` on all {nodes} nodes, then on the head node: {cmd}"
-    return items, cmd
+    before = f"`ray start` on all {nodes} nodes, then on the head node:" if nodes > 1 else ""
+    return items, ServeCommand(f"vllm serve --config {name}", before=before)
 
 
-def _sglang(p: Any, model_dir: str, served: str, name: str, host: str | None) -> tuple[list[tuple[str, str]], str]:
+def _sglang(p: Any, model_dir: str, served: str, name: str, host: str | None) -> tuple[list[tuple[str, str]],
+                                                                                     ServeCommand]:
     nodes = p.nodes
     # SGLang's mem_fraction_static covers weights + KV pool only (activations live outside it),
     # so it is vLLM's utilisation minus llmc's workspace/activation reserve.
@@ -81,8 +98,9 @@ def _sglang(p: Any, model_dir: str, served: str, name: str, host: str | None) ->
     items += _bind(host, SGLANG_PORT)
     cmd = f"python -m sglang.launch_server --config {name}"
     if nodes > 1:
-        cmd += f" --node-rank <0..{nodes - 1}> --dist-init-addr <first node>:50000 (on each of the {nodes} nodes)"
-    return items, cmd
+        return items, ServeCommand(f"{cmd} --node-rank <0..{nodes - 1}> --dist-init-addr <first node>:50000",
+                                   after=f"(on each of the {nodes} nodes)")
+    return items, ServeCommand(cmd)
 
 
 ENGINES = {"vllm": _vllm, "sglang": _sglang}
@@ -101,7 +119,7 @@ DEFAULT_BIND = {"vllm": "every interface", "sglang": "127.0.0.1"}
 PORTS = {"vllm": VLLM_PORT, "sglang": SGLANG_PORT}
 
 
-def _notes(p: Any, model_dir: str, cmd: str, host: str | None) -> list[str]:
+def _notes(p: Any, model_dir: str, cmd: ServeCommand, host: str | None) -> list[str]:
     g = lambda k: getattr(p, k)  # noqa: E731
     pp, nodes = g("pipeline_parallel_size"), g("nodes")
     stages = [] if pp <= 1 else [
@@ -119,7 +137,7 @@ def _notes(p: Any, model_dir: str, cmd: str, host: str | None) -> list[str]:
         f"model: export the {g('stage')!r} checkpoint to Hugging Face format in {model_dir} first",
         f"listens on {host or DEFAULT_BIND[g('engine')] + ' (the engine default; serving[].host sets one)'}, port "
         f"{PORTS[g('engine')]}, and does not authenticate requests",
-        f"run from the build directory: {cmd}",
+        f"run from the build directory: {cmd.text()}",
     ]
 
 
@@ -135,25 +153,39 @@ class ServingEmitter(Emitter):
                 for p in compiled.serving if not p.fits]
 
     def files(self, compiled, earlier: Mapping[str, str]) -> dict[str, str]:
-        files: dict[str, str] = {}
-        counts: dict[str, int] = {}
         header = header_lines(compiled)
-        for p in compiled.serving:
-            eng = p.engine
-            counts[eng] = counts.get(eng, 0) + 1
-            name = f"serving/{eng}.yaml" if counts[eng] == 1 else f"serving/{eng}-{counts[eng]}.yaml"
-            model_dir = f"run/{p.stage}/hf"
-            # the spec's target (a plan made without one, as tests build: the defaults)
-            target = compiled.spec.serving[p.index] if p.index < len(compiled.spec.serving) else None
-            host = target.host if target is not None else None
-            served = (target.served_model_name if target is not None else None) or f"{compiled.spec.name}-{p.stage}"
-            items, cmd = ENGINES[eng](p, model_dir, served, name, host)
-            files[name] = jinja_env().get_template("serving/engine.yaml.j2").render(
-                header=header, notes=_notes(p, model_dir, cmd, host), items=items)
-        return files
+        return {t.file: jinja_env().get_template("serving/engine.yaml.j2").render(header=header, notes=t.notes,
+                                                                                   items=t.items)
+                for t in _targets(compiled)}
 
 
-def served_files(files: Mapping[str, str]) -> list[dict[str, str]]:
-    """The serving configs among the build files, with their engine (for README.md)."""
-    return [{"file": k, "engine": k.split("/")[1].split(".")[0].split("-")[0]}
-            for k in sorted(files) if k.startswith("serving/")]
+@dataclass(frozen=True)
+class _Target:
+    file: str
+    items: list[tuple[str, str]]
+    command: ServeCommand
+    notes: list[str]
+
+
+def _targets(compiled) -> list[_Target]:
+    """Each serving target's config file, its keys, the command that runs it and the config's header notes."""
+    out = []
+    counts: dict[str, int] = {}
+    for p in compiled.serving:
+        eng = p.engine
+        counts[eng] = counts.get(eng, 0) + 1
+        name = f"serving/{eng}.yaml" if counts[eng] == 1 else f"serving/{eng}-{counts[eng]}.yaml"
+        model_dir = f"run/{p.stage}/hf"
+        # the spec's target (a plan made without one, as tests build: the defaults)
+        target = compiled.spec.serving[p.index] if p.index < len(compiled.spec.serving) else None
+        host = target.host if target is not None else None
+        served = (target.served_model_name if target is not None else None) or f"{compiled.spec.name}-{p.stage}"
+        items, cmd = ENGINES[eng](p, model_dir, served, name, host)
+        out.append(_Target(name, items, cmd, _notes(p, model_dir, cmd, host)))
+    return out
+
+
+def served_files(compiled, files: Mapping[str, str]) -> list[dict[str, str]]:
+    """The serving configs among the build ``files``, each with the command that runs it as its header says
+    (markdown: the command in backticks), for README.md."""
+    return [{"file": t.file, "command": t.command.markdown()} for t in _targets(compiled) if t.file in files]
