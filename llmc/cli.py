@@ -143,7 +143,7 @@ def _planned(spec: Path, sets: list[str] | None = None, *, fit_check: bool = Tru
             try:
                 overrides.append(parse_override(text))
             except OverrideError as e:  # located like every other spec error: "--set 'TEXT': error[S001] ..."
-                bad.append(Diagnostic(code="S001", severity="error", path="", message=e.why, file=e.where))
+                bad.append(Diagnostic(code=e.code, severity="error", path="", message=e.why, file=e.where))
         if bad:  # the spec with some overrides left out is another spec: nothing more to check
             return _Planned(spec, sets, None, None, bad)
         loaded = read_with_overrides(spec, overrides)

@@ -53,11 +53,12 @@ _PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.([A-Za-z_][A-Za-z0-9_-]*|[0-9]+)
 
 class OverrideError(ValueError):
     """A ``--set`` that cannot be read or applied: ``where`` is the option as given (``--set 'a: b'``), ``why`` the
-    reason, ``hint`` what to do where the reason does not say it."""
+    reason, ``hint`` what to do where the reason does not say it, ``code`` the diagnostic code (S001; S010 for a
+    number YAML 1.1 and 1.2 read differently, as in a spec file)."""
 
-    def __init__(self, where: str, why: str, hint: str = ""):
+    def __init__(self, where: str, why: str, hint: str = "", code: str = "S001"):
         super().__init__(f"{where}: {why}")
-        self.where, self.why, self.hint = where, why, hint
+        self.where, self.why, self.hint, self.code = where, why, hint, code
 
 
 @dataclass(frozen=True)
@@ -93,13 +94,14 @@ def parse_override(text: str) -> Override:
     except RecursionError:
         raise OverrideError(f"--set {key}", "the value is nested too deeply to read") from None
     if surprise is not None:
-        why, fix = surprise
-        if isinstance(value, list | dict) and not why.startswith("holds the YAML comment"):
+        why, fix, code = surprise
+        if isinstance(value, list | dict) and code == "S010":
             # a number inside a list / mapping: quoting the whole value would make it one string
-            raise OverrideError(f"--set {key}", f"value {raw!r} {why} ({fix}, or quote that item inside the value)")
+            raise OverrideError(f"--set {key}", f"value {raw!r} {why} ({fix}, or quote that item inside the value)",
+                                code=code)
         quoted = shlex.quote(f"{key}={json.dumps(raw.strip())}")  # a JSON string is a YAML double-quoted scalar
         raise OverrideError(f"--set {key}", f"value {raw!r} {why} (quote the value to keep the text as typed, "
-                                            f"--set {quoted}, or {fix})")
+                                            f"--set {quoted}, or {fix})", code=code)
     if isinstance(value, str) and _FLOAT.match(raw.strip()):
         value = float(raw)  # YAML 1.2 reads 3e-4 as a number; PyYAML (YAML 1.1) needs a dot
     return Override(path=key, value=value, text=text)
@@ -135,9 +137,9 @@ def _short_key(key: str, limit: int = 100) -> str:
     return key if len(key) <= limit else f"{key[: limit - 3]}..."
 
 
-def _surprise(raw: str) -> tuple[str, str] | None:
-    """Why the YAML reading of a ``--set`` value that parses is not what its text says, and the other fix than
-    quoting it; None when it is:
+def _surprise(raw: str) -> tuple[str, str, str] | None:
+    """Why the YAML reading of a ``--set`` value that parses is not what its text says, the other fix than
+    quoting it and the diagnostic code (S001; S010, the spec file's code, for a number); None when it is:
 
     - a comment: `` #`` (a ``#`` after a space or at the start) outside every token of the value starts a comment,
       which YAML drops (YAML 1.2 section 6.6, https://yaml.org/spec/1.2.2/#66-comments): ``path=/x/tok #2`` would set
@@ -159,13 +161,13 @@ def _surprise(raw: str) -> tuple[str, str] | None:
     if at is not None:
         dropped = raw[at:].split("\n")[0]
         return (f"holds the YAML comment {dropped!r}, which the value would silently lose (it reads as "
-                f"{yaml.safe_load(raw)!r})", "leave the comment out")
+                f"{yaml.safe_load(raw)!r})", "leave the comment out", "S001")
     from llmc.spec.load import yaml11_number_surprise
 
     for node in _scalars(yaml.compose(raw, Loader=yaml.SafeLoader)):
         surprise = yaml11_number_surprise(node)
         if surprise is not None:
-            return surprise
+            return (*surprise, "S010")
     return None
 
 

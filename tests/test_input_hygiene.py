@@ -390,6 +390,11 @@ def test_a_spec_file_number_yaml_1_1_and_1_2_read_differently_is_refused_on_its_
     r = CliRunner().invoke(app, ["plan", str(tmp_path / "s.yaml")])
     assert r.exit_code == 1, r.output
     assert f"s.yaml:{line}: error[S010] training.seed: {text!r}" in r.output and "Traceback" not in r.output
+    # the same value given as --set is the same code (it was S001: a tool keyed on S010 missed it)
+    r = CliRunner().invoke(app, ["plan", str(ROOT / "examples" / "tiny_cpu.yaml"), "--set", f"training.seed={text}"])
+    assert r.exit_code == 1 and "--set training.seed: error[S010] value" in r.output, r.output
+    r = CliRunner().invoke(app, ["plan", str(ROOT / "examples" / "tiny_cpu.yaml"), "--set", "training.seed=10 #x"])
+    assert r.exit_code == 1 and "--set training.seed: error[S001] value" in r.output, r.output  # a comment: S001
     quoted = spec.replace(f"  seed: {text}\n", "  seed: 10\n")  # the number as YAML 1.2 reads it: no S010
     (tmp_path / "ok.yaml").write_text(quoted)
     assert "S010" not in CliRunner().invoke(app, ["plan", str(tmp_path / "ok.yaml")]).output
