@@ -977,18 +977,23 @@ def calibrate(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A build directory (with plan.lock.json) or its run/ folder.")],
     stage: Annotated[str, typer.Option("--stage", help="The stage to export (pretrain for the main run).")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (default run/<stage>/hf).")]
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Output directory (default run/<stage>/hf; with --step, run/<stage>/hf-step-N).")]
     = None,
     allow_stale: Annotated[bool, typer.Option(
         "--allow-stale", help="Export a stage `llmc launch` refuses as stale (finished under another lock than "
         "this build's, or started from such a stage): warned, and recorded as stale in .llmc-export.json.")] = False,
+    step: Annotated[int | None, typer.Option(
+        "--step", min=0, help="Export the stage's kept checkpoint of step N (llmc's, DeepSpeed's or torchtitan's), "
+        "not its final one, into run/<stage>/hf-step-N; also a stage still training or stopped early.")] = None,
 ) -> None:
     """Write a Hugging Face model directory (safetensors, config, tokenizer) from a stage's checkpoint.
 
-    A stage `llmc launch` would refuse as stale (finished under another lock) is refused here too, unless --allow-stale. The export's .llmc-export.json records its provenance: the lock's sha256, the fingerprint of the run exported, the checkpoint step and llmc's version."""
+    The stage's final checkpoint, or with --step N its kept checkpoint of step N (a step it no longer keeps is refused, naming the steps kept). A stage `llmc launch` would refuse as stale (finished under another lock) is refused here too, unless --allow-stale. The export's .llmc-export.json records its provenance: the lock's sha256, the fingerprint of the run exported, the checkpoint step and llmc's version."""
     from llmc.runtime.export import main as export_main  # torch: only once the stage is found
 
     rc = export_main([f"--stage={stage}", *([f"--out={out}"] if out else []),
+                      *([f"--step={step}"] if step is not None else []),
                       *(["--allow-stale"] if allow_stale else []), "--", str(run_dir)])
     if rc:
         raise typer.Exit(rc)

@@ -25,7 +25,7 @@ API for the other backends (post-training, DeepSpeed, torchtitan):
   manifest with sha256), ``load_checkpoint``, ``latest_checkpoint(folder, fallback=False)``,
   ``load_model_weights(model, step_dir | stage_dir)``, ``CheckpointError``.
 * ``hf_io``: ``load_hf_into(model, dir | hub_id, arch)``, ``export_hf(state_dict, arch, out_dir)``,
-  ``export_peft_adapter``, ``export_stage``; ``export``: ``export_checkpoint(run_dir, stage)`` (``python -m
+  ``export_peft_adapter``, ``export_stage``; ``export``: ``export_checkpoint(run_dir, stage, step=None)`` (``python -m
   llmc.runtime.hf_io``; finds the lock, the stage and its output before importing torch).
 * ``train``: ``train(job, out_dir, assets, ...)`` (native loop),
   ``build_optimizer``, ``clip_grad_norm`` (plain + DTensor grads), ``TrainingError``.

@@ -9,17 +9,36 @@ DONE.json records another lock's fingerprint, or, unfinished, it starts from a s
 :func:`llmc.runtime.hf_io.export_stage`; the export's ``.llmc-export.json`` records its provenance
 (:func:`provenance`): the lock's sha256, the fingerprint the stage's run was trained under (its DONE.json's), the
 checkpoint step exported and llmc's version.
+
+``--step N`` exports the checkpoint of step N instead of the stage's final one, into ``run/<stage>/hf-step-N`` (never
+the stage's ``hf``): an llmc checkpoint, a DeepSpeed run's resumable one or a torchtitan DCP one
+(:func:`kept_checkpoints`, found from folder names here, before torch; read by :func:`llmc.runtime.hf_io.
+export_stage`). A step with none is one ``error[R010]`` line naming the steps that are kept. A stage that has not
+finished (killed, or still training) exports its kept steps all the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from llmc.runtime.errors import HFError
+
+
+@dataclass(frozen=True)
+class StepCheckpoint:
+    """One kept checkpoint of a stage: step ``step`` in ``format`` at ``path``. Formats: ``"llmc"`` (a ``step-N``
+    folder with its manifest.json, :mod:`llmc.runtime.checkpoint`), ``"deepspeed"`` (a tag folder
+    ``engine.save_checkpoint`` wrote: :func:`llmc.runtime.ds_train.save_ds_checkpoint`), ``"torchtitan"`` (a DCP
+    ``step-N`` folder with its ``.metadata``)."""
+
+    step: int
+    format: str
+    path: Path
 
 
 @dataclass(frozen=True)
@@ -36,6 +55,16 @@ class ExportTarget:
     stale: str | None = None
     #: the export's provenance (:func:`provenance`)
     record: dict | None = None
+    #: the checkpoint ``--step`` names (None: the stage's final checkpoint)
+    checkpoint: StepCheckpoint | None = None
+
+    @property
+    def search(self) -> tuple[Path, ...]:
+        """Where torchtitan's DCP checkpoints of the stage may be besides its folder: the dump folder, for the
+        stages a torchtitan job trains (the next-token ones)."""
+        from llmc.spec.schema import LM_KINDS
+
+        return (self.titan,) if self.job.kind in LM_KINDS else ()
 
 
 def find_lock(run_dir: Path) -> tuple[Path, Path]:
@@ -46,9 +75,10 @@ def find_lock(run_dir: Path) -> tuple[Path, Path]:
     raise HFError(f"{run_dir}: no plan.lock.json here or in the parent (give the build dir)")
 
 
-def export_target(run_dir: str | Path, stage: str) -> ExportTarget:
-    """Stage ``stage`` of the build at ``run_dir`` (the build dir or its ``run/`` folder), checked to have output;
-    :class:`HFError` (or the lock's / job's ValueError) otherwise. Imports no torch."""
+def export_target(run_dir: str | Path, stage: str, step: int | None = None) -> ExportTarget:
+    """Stage ``stage`` of the build at ``run_dir`` (the build dir or its ``run/`` folder), checked to have output
+    (``step``: a kept checkpoint of that step, :func:`kept_checkpoints`); :class:`HFError` (or the lock's / job's
+    ValueError) otherwise. Imports no torch."""
     from llmc.lockfile import read_lock
     from llmc.runtime.capabilities import titan_dump_subdir
     from llmc.runtime.job import FINGERPRINT_FILE, TrainJob, stage_staleness, trained_options
@@ -70,9 +100,76 @@ def export_target(run_dir: str | Path, stage: str) -> ExportTarget:
     if stale and fin is not None and fin.backend:  # the rerun it prints trains on the backend that trained the stage
         fin, stale = stage_staleness(lock, job.stage, root, lock_path.parent, export=export, memo=memo,
                                      options=trained_options(fin, lock_path.parent, lock))
-    return ExportTarget(job=job, lock_path=lock_path, stage_dir=stage_dir, titan=titan,
-                        tokenizer_dir=tok_dir if (tok_dir / "tokenizer.json").exists() else None, stale=stale,
-                        record=provenance(lock_path, lock, job.stage, fin, stale))
+    t = ExportTarget(job=job, lock_path=lock_path, stage_dir=stage_dir, titan=titan,
+                     tokenizer_dir=tok_dir if (tok_dir / "tokenizer.json").exists() else None, stale=stale,
+                     record=provenance(lock_path, lock, job.stage, fin, stale))
+    if step is None:
+        return t
+    kept = kept_checkpoints(job, stage_dir, t.search)
+    if step not in kept:
+        raise HFError(missing_step(job, step, kept))
+    return replace(t, checkpoint=kept[step])
+
+
+#: the most kept steps a missing step's error line lists (the oldest few and the newest ones, with the count)
+SHOWN_STEPS = 10
+
+
+def kept_checkpoints(job: Any, stage_dir: Path, search: tuple[Path, ...] = ()) -> dict[int, StepCheckpoint]:
+    """step -> the checkpoint of that step ``llmc export --step`` reads, from folder names alone (no torch, no file
+    read): the stage's llmc checkpoints (``<stage_dir>/<training.checkpoint.folder>/step-N`` with its manifest.json;
+    a post-training stage's ``checkpoints/step-N``, where :mod:`llmc.runtime.posttrain` writes its final weights),
+    then a DeepSpeed run's resumable ones (tags ``step-N`` holding model states in
+    :func:`llmc.runtime.capabilities.ds_checkpoint_dir`, then in the folder an older llmc kept them in), then
+    torchtitan's DCP checkpoints (``step-N/.metadata`` under ``stage_dir`` or ``search``); a step kept in more than
+    one format is read from the first. Steps match by number: ``step-10`` and ``step-00000010`` are step 10."""
+    from llmc.runtime.capabilities import DS_LEGACY_CHECKPOINT_SUBDIR, ds_checkpoint_dir
+    from llmc.runtime.job import STEP_DIR
+    from llmc.spec.schema import LM_KINDS
+
+    def steps(folder: Path, holds: Callable[[Path], bool], *, deep: bool = False) -> Iterator[tuple[int, Path]]:
+        try:
+            for p in sorted(folder.glob("**/step-*") if deep else folder.iterdir()):
+                if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir() and holds(p):
+                    yield int(m.group(1)), p
+        except OSError:  # (a folder that is not there, or not readable: nothing kept in it)
+            return
+
+    folder = stage_dir / (job.checkpoint_folder if job.kind in LM_KINDS else "checkpoints")
+    found: dict[int, StepCheckpoint] = {}
+    for fmt, where, holds, deep in (
+            ("llmc", (folder,), lambda p: (p / "manifest.json").is_file(), False),
+            ("deepspeed", (ds_checkpoint_dir(stage_dir, job.checkpoint_folder), stage_dir / DS_LEGACY_CHECKPOINT_SUBDIR),
+             lambda p: any(p.glob("*model_states.pt")), False),
+            ("torchtitan", (stage_dir, *search), lambda p: (p / ".metadata").is_file(), True)):
+        for d in where:
+            for n, p in steps(d, holds, deep=deep):
+                found.setdefault(n, StepCheckpoint(n, fmt, p))
+    return found
+
+
+def missing_step(job: Any, step: int, kept: dict[int, StepCheckpoint]) -> str:
+    """The R010 text of a ``--step`` with no kept checkpoint: the stage, the step, the steps kept (at most
+    :data:`SHOWN_STEPS`) and why older ones may be gone."""
+    from llmc.spec.schema import LM_KINDS
+
+    have = sorted(kept)
+    if len(have) > SHOWN_STEPS:
+        head = SHOWN_STEPS // 3
+        shown = f"{', '.join(map(str, have[:head]))}, ..., {', '.join(map(str, have[head - SHOWN_STEPS:]))}; " \
+                f"{len(have)} in all"
+    else:
+        shown = ", ".join(map(str, have)) or "none"
+    if job.kind not in LM_KINDS:
+        why = ("a post-training stage keeps its final weights only: its mid-stage checkpoints "
+               "(checkpoints/resume) hold only what it trains")
+    else:
+        why = f"one is written every {job.checkpoint_interval} steps (training.checkpoint.interval_steps)"
+        if job.keep_latest:
+            why += f" and training.checkpoint.keep_latest ({job.keep_latest}) prunes older ones"
+    if step > int(job.steps):
+        why = f"the stage trains {job.steps} steps; {why}"
+    return f"stage {job.stage!r} has no checkpoint of step {step} (kept: {shown}; {why})"
 
 
 def provenance(lock_path: Path, lock: dict, stage: str, fin: Any, stale: str | None) -> dict:
@@ -102,11 +199,11 @@ def provenance(lock_path: Path, lock: dict, stage: str, fin: Any, stale: str | N
 
 
 def export_checkpoint(run_dir: str | Path, stage: str, out: str | Path | None = None, *,
-                      allow_stale: bool = False) -> dict[str, Any]:
+                      allow_stale: bool = False, step: int | None = None) -> dict[str, Any]:
     """``llmc export RUN_DIR --stage S``: write ``<RUN_DIR>/run/<S>/hf`` (or ``out``) from stage S's final
-    checkpoint. RUN_DIR is the build dir (with plan.lock.json) or its ``run/`` folder. A stale stage is an
-    :class:`HFError` unless ``allow_stale``."""
-    t = export_target(run_dir, stage)
+    checkpoint (``step``: its checkpoint of that step, into ``run/<S>/hf-step-N``). RUN_DIR is the build dir (with
+    plan.lock.json) or its ``run/`` folder. A stale stage is an :class:`HFError` unless ``allow_stale``."""
+    t = export_target(run_dir, stage, step)
     if t.stale and not allow_stale:
         raise HFError(stale_refusal(t.stale))
     return convert(t, out)
@@ -121,9 +218,8 @@ def stale_refusal(why: str) -> str:
 def convert(t: ExportTarget, out: str | Path | None) -> dict[str, Any]:
     from llmc.runtime.hf_io import export_stage  # torch
 
-    pre = t.job.kind in ("pretrain", "midtrain", "long_context")
-    res = export_stage(t.job, t.stage_dir, out, tokenizer_dir=t.tokenizer_dir, search=(t.titan,) if pre else (),
-                       record=t.record)
+    res = export_stage(t.job, t.stage_dir, out, tokenizer_dir=t.tokenizer_dir, search=t.search, record=t.record,
+                       checkpoint=t.checkpoint)
     if res.get("hf") is None and res.get("line") is None:
         raise HFError(f"stage {t.job.stage!r}: {res['why']}")
     return res  # (an architecture without an export: its "line", the plan's X130 warning, says so)
@@ -152,17 +248,26 @@ def _error(run_dir: Path, stage: str, e: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llmc.runtime.hf_io",
-                                 description="Export a finished stage as a Hugging Face model directory.")
+                                 description="Export a finished stage (or a kept checkpoint of a stage: --step) as a "
+                                 "Hugging Face model directory.")
     ap.add_argument("run_dir", type=Path, help="build dir (with plan.lock.json) or its run/ folder")
     ap.add_argument("--stage", required=True, help="stage name (pretrain for the main pre-training)")
-    ap.add_argument("-o", "--out", type=Path, default=None, help="output dir (default RUN_DIR/run/<stage>/hf)")
+    ap.add_argument("-o", "--out", type=Path, default=None,
+                    help="output dir (default RUN_DIR/run/<stage>/hf, with --step RUN_DIR/run/<stage>/hf-step-N)")
+    ap.add_argument("--step", default=None, help="export the stage's kept checkpoint of this step, not its final one")
     ap.add_argument("--allow-stale", action="store_true",
                     help="export a stage `llmc launch` refuses as stale (finished under another lock), recorded so")
     a = ap.parse_args(argv)
     from llmc.escape import visible
 
+    step = None
+    if a.step is not None:
+        step = int(a.step) if a.step.isascii() and a.step.isdigit() else None
+        if step is None:
+            return _error(a.run_dir, a.stage, HFError(f"--step must be a step number (a whole number >= 0), got "
+                                                      f"{a.step!r}"))
     try:
-        target = export_target(a.run_dir, a.stage)
+        target = export_target(a.run_dir, a.stage, step)
     except Exception as e:  # noqa: BLE001 (a lock or stage the user named: one line, never a traceback)
         return _error(a.run_dir, a.stage, e)
     if target.stale and not a.allow_stale:

@@ -1196,20 +1196,22 @@ def _model_state(stage_dir: Path, *more: Path, dtype: torch.dtype | None = None
     return _model_state_at(stage_dir, *more, dtype=dtype)[:2]
 
 
-def _model_state_at(stage_dir: Path, *more: Path, dtype: torch.dtype | None = None
+def _model_state_at(stage_dir: Path, *more: Path, dtype: torch.dtype | None = None, at=None
                     ) -> tuple[dict[str, torch.Tensor], str, int | None]:
     """(full llmc state dict, "llmc" | "torchtitan", the checkpoint's step) of a stage: its llmc checkpoint (native, DeepSpeed,
     post-training) or, failing that, the newest torchtitan DCP checkpoint (``step-N/.metadata``) under
     ``stage_dir`` or ``more`` (its model entries only, torchtitan FQNs mapped to llmc's). ``dtype``: floating-point
-    tensors are read into it (``checkpoint.read_dcp_tensors``)."""
+    tensors are read into it (``checkpoint.read_dcp_tensors``). ``at``: the one checkpoint to read instead
+    (:class:`llmc.runtime.export.StepCheckpoint`, ``llmc export --step``: :func:`_step_state`)."""
     from llmc.runtime.checkpoint import (
         CheckpointError,
-        read_dcp_tensors,
         read_model_state,
         resolve_checkpoint,
         verify_checkpoint,
     )
 
+    if at is not None:
+        return _step_state(at, dtype)
     ck = None
     if stage_dir.is_dir():
         try:
@@ -1229,13 +1231,22 @@ def _model_state_at(stage_dir: Path, *more: Path, dtype: torch.dtype | None = No
                       if (p / ".metadata").exists()), key=lambda p: int(p.name.split("-")[-1]))
     if not dcp:
         raise HFError(f"{stage_dir}: no llmc checkpoint and no torchtitan DCP checkpoint")
+    step = dcp[-1].name.split("-")[-1]
+    return _titan_state(dcp[-1], dtype), "torchtitan", int(step) if step.isdigit() else None
+
+
+def _titan_state(dcp_dir: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The model entries of torchtitan DCP checkpoint ``dcp_dir`` (:data:`TITAN_AUX_STATES` left unread), under
+    llmc's names (:data:`_TITAN_RENAMES`)."""
     import logging
+
+    from llmc.runtime.checkpoint import read_dcp_tensors
 
     # DCP's loader logs each failed metadata read with its traceback on the root logger; the CheckpointException
     # it raises says the same, in the one error line the export prints
     logging.disable(logging.ERROR)
     try:
-        sd = read_dcp_tensors(dcp[-1], lambda key: key.split(".", 1)[0] not in TITAN_AUX_STATES, dtype)
+        sd = read_dcp_tensors(dcp_dir, lambda key: key.split(".", 1)[0] not in TITAN_AUX_STATES, dtype)
     finally:
         logging.disable(logging.NOTSET)
     if sd and all(k.startswith("model.") for k in sd):  # a checkpoint of {"model": state dict} (flattened by DCP)
@@ -1246,8 +1257,41 @@ def _model_state_at(stage_dir: Path, *more: Path, dtype: torch.dtype | None = No
             for a, b in _TITAN_RENAMES:
                 k = k.replace(a, b)
             out[k] = v
-    step = dcp[-1].name.split("-")[-1]
-    return out, "torchtitan", int(step) if step.isdigit() else None
+    return out
+
+
+def _step_state(at, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], str, int]:
+    """(full state dict, "llmc" | "torchtitan", step) of one kept checkpoint ``at`` (``llmc export --step``:
+    :class:`llmc.runtime.export.StepCheckpoint`). An llmc checkpoint is verified against its manifest, whose step
+    must be the folder's; a DeepSpeed tag is read as the eval step reads one
+    (:func:`llmc.runtime.evaluate.ds_checkpoint_state`: DeepSpeed's own ``zero_to_fp32`` converter for ZeRO 1-3, the
+    saved module state for ZeRO-0), its weights in ``dtype``; a torchtitan DCP checkpoint as :func:`_titan_state`."""
+    from llmc.runtime.checkpoint import CheckpointError, _as_dtype, read_model_state, verify_checkpoint
+
+    if at.format == "llmc":
+        try:
+            manifest = verify_checkpoint(at.path)
+        except CheckpointError as e:
+            raise HFError(str(e)) from None
+        if int(manifest["step"]) != at.step:
+            raise HFError(f"checkpoint {at.path}: its manifest.json says step {manifest['step']}, not {at.step} "
+                          f"(a renamed folder?); refusing to export it as step {at.step}")
+        return read_model_state(at.path, dtype), "llmc", at.step
+    if at.format == "deepspeed":
+        import contextlib
+        import io
+
+        from llmc.runtime.evaluate import ds_checkpoint_state
+
+        # DeepSpeed's chatter (its accelerator line as it is imported, the converter's progress bar): the export
+        # prints its own one line; an error is still raised, and said as one line
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                sd = ds_checkpoint_state(at.path.parent, at.path.name)
+        except CheckpointError as e:
+            raise HFError(str(e)) from None
+        return {k: _as_dtype(v, dtype) for k, v in sd.items()}, "llmc", at.step
+    return _titan_state(at.path, dtype), "torchtitan", at.step
 
 
 _ROUTING_BIAS = re.compile(r"layers\.(\d+)\.moe\.expert_bias")
@@ -1299,8 +1343,10 @@ def titan_checkpoints(build_dir: str | Path, stage: str | None = None) -> dict[i
 
 def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, tokenizer_dir=None,
                  model_sd: dict | None = None, lora_sd: dict | None = None,
-                 search: tuple[Path, ...] = (), record: dict | None = None) -> dict[str, Any]:
+                 search: tuple[Path, ...] = (), record: dict | None = None, checkpoint=None) -> dict[str, Any]:
     """Export one stage's final weights to ``out`` (default ``<stage_dir>/hf``); returns what was written.
+    ``checkpoint``: one kept checkpoint of the stage to export instead (``llmc export --step N``:
+    :class:`llmc.runtime.export.StepCheckpoint`), by default to ``<stage_dir>/hf-step-N``.
 
     Chat stages (sft / dpo / grpo) get the chat template; LoRA stages also get ``<out>/adapter`` (PEFT, naming
     :func:`adapter_base`) when the adapter tensors are given or saved as ``lora_adapters.pt``, else
@@ -1309,7 +1355,7 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     ``record``: the export's provenance, kept in its ``.llmc-export.json`` (the lock's sha256, the fingerprint of the
     run exported, ``step``: given with ``model_sd``, else the step of the checkpoint read)."""
     stage_dir = Path(stage_dir)
-    out = Path(out) if out is not None else stage_dir / "hf"
+    out = Path(out) if out is not None else stage_dir / ("hf" if checkpoint is None else f"hf-step-{checkpoint.step}")
     arch = _stage_arch(job)
     why = hf_export_supported(arch)
     if why:  # the plan said so (X130): a warning where nothing reads the export, else an error
@@ -1319,7 +1365,7 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
     dtype = torch.float32 if getattr(job, "precision", "bf16") == "fp32" else torch.bfloat16
     # a checkpoint is read straight into that dtype: half the host memory of its fp32 weights
     sd, source, step = (model_sd, "llmc", None) if model_sd is not None else _model_state_at(stage_dir, *search,
-                                                                                           dtype=dtype)
+                                                                                           dtype=dtype, at=checkpoint)
     record = {**({"step": step} if step is not None else {}), **(record or {})}
     if source == "torchtitan":
         sd = titan_state_to_llmc(sd, arch)
@@ -1350,7 +1396,9 @@ def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, t
         marker = json.loads((out / EXPORT_MARKER).read_text())
         (out / EXPORT_MARKER).write_text(json.dumps({**marker, "bias_note": bias_note}) + "\n")
     lora = getattr(job.stage_spec, "lora", None) if job.stage_spec is not None else None
-    if lora_sd is None and lora is not None and (stage_dir / "lora_adapters.pt").exists():
+    # (the adapters the stage saved at its end: those of its final checkpoint, not of an earlier step's)
+    final = checkpoint is None or checkpoint.step == int(job.steps)
+    if lora_sd is None and lora is not None and final and (stage_dir / "lora_adapters.pt").exists():
         lora_sd = torch.load(stage_dir / "lora_adapters.pt", map_location="cpu", weights_only=True)
     if lora is not None and lora_sd:
         try:

@@ -1363,8 +1363,9 @@ def renew_stage_tokenizer(asset_dir: str | Path, stage_dir: str | Path, resumes:
     return keep_tokenizer(src, out)
 
 
-#: a checkpoint step folder's name (llmc's ``step-00000005``, torchtitan's ``step-5``)
-_STEP_DIR = re.compile(r"step-(\d+)")
+#: a checkpoint step folder's name (llmc's ``step-00000005``, torchtitan's ``step-5``, DeepSpeed's tag ``step-00000005``),
+#: matched whole (``fullmatch``: ``step-5.tmp`` is no checkpoint)
+STEP_DIR = re.compile(r"step-(\d+)")
 
 
 def resume_checkpoint(folder: str | os.PathLike | None) -> Path | None:
@@ -1382,7 +1383,7 @@ def resume_checkpoint(folder: str | os.PathLike | None) -> Path | None:
             return d / tag if tag and (d / tag).is_dir() else None
         found = [(int(m.group(1)), p) for base in (d, *sorted(d.glob("checkpoint*")))
                  for p in (base.iterdir() if base.is_dir() else ())
-                 if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))
+                 if p.is_dir() and (m := STEP_DIR.fullmatch(p.name))
                  and ((p / "manifest.json").is_file() or (p / ".metadata").is_file())]
     except OSError:
         return None
