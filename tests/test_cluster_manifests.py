@@ -6,6 +6,7 @@ and by SkyPilot's own ``sky.Task.from_yaml_config``, run in the separate ``.venv
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -84,11 +85,22 @@ def _sky_python() -> str | None:
         return str(p) if (ROOT / ".venv-sky/.installed").exists() else None  # scripts/setup.sh marks it complete
 
 
+# What `sky launch` checks of a task before it runs it (sky.Task.validate, called by its entrypoint), less the
+# resources' part, which fetches SkyPilot's catalog from the network: the name (``_VALID_NAME_REGEX``), the run
+# script, the workdir (run from the build directory, as `sky launch` is) and the file mounts
+SKY_VALIDATE = """
+task.validate_name()
+task.validate_run()
+task.expand_and_validate_workdir()
+task.expand_and_validate_file_mounts()
+"""
+
 SKY_LOAD = """
 import json, sys, yaml, sky
 # the two values the task requires from `sky launch --env` (llmc's package, the shared run folder)
 task = sky.Task.from_yaml_config(yaml.safe_load(open(sys.argv[1])), env_overrides=[
     ("LLMC_PACKAGE", "git+https://example.invalid/llmc.git"), ("LLMC_RUN_DIR", "/shared/run")])
+""" + SKY_VALIDATE + """
 res = list(task.resources)[0]
 print(json.dumps({"num_nodes": task.num_nodes, "accelerators": res.accelerators, "run": task.run}))
 """
@@ -101,7 +113,8 @@ def test_skypilot_task_loads_in_skypilot(ex, builds):
         pytest.skip("skypilot is not installed here (scripts/setup.sh puts it in .venv-sky)")
     lock = json.loads((builds[ex] / "plan.lock.json").read_text())
     task_yaml = builds[ex] / "skypilot/task.yaml"
-    out = subprocess.run([py, "-c", SKY_LOAD, str(task_yaml)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([py, "-c", SKY_LOAD, str(task_yaml)], capture_output=True, text=True, timeout=300,
+                         cwd=builds[ex])
     assert out.returncode == 0, out.stderr[-2000:]
     task = json.loads(out.stdout.strip().splitlines()[-1])
     nodes, gpn = expected_shape(ex, builds[ex])
@@ -343,3 +356,73 @@ def test_kubeflow_pod_passes_sigterm_to_the_trainers_and_waits_for_their_save(tm
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# Spec names llmc takes (letters, digits, '.', '_', '-', not starting with a symbol) that SkyPilot's task name rule
+# (sky/task.py _VALID_NAME_REGEX: no separator at either end, at most two in a row) does not, and ones it does
+SKY_NAMES_TO_CHECK = ["qwen-run-", "qwen___run", "a.-_b", "x--y---z__", "r.", "ok.name", "7B_Model", "a__b--c"]
+
+SKY_NAMES_LOAD = """
+import json, sys, yaml, sky
+out = {}
+for path in sys.argv[1:]:
+    task = sky.Task.from_yaml_config(yaml.safe_load(open(path)), env_overrides=[
+        ("LLMC_PACKAGE", "git+https://example.invalid/llmc.git"), ("LLMC_RUN_DIR", "/shared/run")])
+    try:
+""" + "".join(f"        {line}\n" for line in SKY_VALIDATE.strip().splitlines()) + """
+        out[path] = task.name
+    except ValueError as e:
+        out[path] = "refused: " + str(e)
+print(json.dumps(out))
+"""
+
+
+def test_skypilot_task_name_is_one_skypilot_takes(tmp_path):
+    """`sky launch` validates the task's name (``Task.validate_name``): a spec name ending in '-' or holding three
+    separators in a row would stop it. Every task llmc writes loads and validates in SkyPilot itself, its name the
+    spec name's alphanumeric runs in order (recognisable), the same name each build (deterministic)."""
+    py = _sky_python()
+    if py is None:
+        pytest.skip("skypilot is not installed here (scripts/setup.sh puts it in .venv-sky)")
+    paths = {}
+    for i, name in enumerate(SKY_NAMES_TO_CHECK):
+        files, _ = _artifacts(name, "h100-sxm")
+        assert _artifacts(name, "h100-sxm")[0]["skypilot/task.yaml"] == files["skypilot/task.yaml"]
+        (tmp_path / f"{i}.yaml").write_text(files["skypilot/task.yaml"])
+        paths[str(tmp_path / f"{i}.yaml")] = name
+    out = subprocess.run([py, "-c", SKY_NAMES_LOAD, *paths], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    for path, spec_name in paths.items():
+        assert not got[path].startswith("refused"), (spec_name, got[path])
+        assert re.findall(r"[A-Za-z0-9]+", got[path]) == re.findall(r"[A-Za-z0-9]+", spec_name), (spec_name, got[path])
+    # a name SkyPilot takes is kept as it is
+    assert {got[p] for p, n in paths.items() if n in ("ok.name", "7B_Model", "a__b--c")} == {"ok.name", "7B_Model",
+                                                                                           "a__b--c"}
+
+
+def _run_task(doc: dict, tmp_path: Path, **given: str) -> str:
+    """``RUN_ID`` as the task's ``run`` exports it to the launcher, run by bash as SkyPilot runs it on a node: the
+    task's ``envs`` with the ``--env`` values ``given`` over them, and SkyPilot's own variables (its task id among
+    them; sky/skylet/constants.py TASK_ID_ENV_VAR), the launcher a stub that prints what it gets."""
+    (tmp_path / "launch").mkdir(exist_ok=True)
+    (tmp_path / "launch/torchrun_multi_node.sh").write_text('printf "%s" "$RUN_ID"\n')
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "SKYPILOT_NUM_NODES": "2",
+           "SKYPILOT_NUM_GPUS_PER_NODE": "8", "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2",
+           "SKYPILOT_TASK_ID": "sky-2025-01-01-00-00-00-000000_mycluster_1",
+           **{k: str(v) for k, v in doc["envs"].items() if v is not None},
+           "LLMC_PACKAGE": "x", "LLMC_RUN_DIR": str(tmp_path / "run"), **given}
+    r = subprocess.run(["bash", "-c", doc["run"]], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_skypilot_run_id_is_the_users_else_the_task_id(tmp_path):
+    """The launcher documents RUN_ID (its rendezvous id) as a setting: `sky launch --env RUN_ID=...` must reach it;
+    without one, each launch's own SkyPilot task id (always set) is used, not a fixed name from the task's envs."""
+    files, _ = _artifacts("runid", "h100-sxm")
+    doc = yaml.safe_load(files["skypilot/task.yaml"])
+    assert _run_task(doc, tmp_path) == "sky-2025-01-01-00-00-00-000000_mycluster_1"
+    assert _run_task(doc, tmp_path, RUN_ID="my-run-7") == "my-run-7"
+    assert "RUN_ID" not in doc["envs"]

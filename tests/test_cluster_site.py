@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cluster_manifests import TRAINJOB_CRD, _sky_python, closed
+from test_cluster_manifests import SKY_VALIDATE, TRAINJOB_CRD, _sky_python, closed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +72,7 @@ def build(tmp_path_factory) -> Path:
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "X114" not in r.stdout + r.stderr  # shm_gib is set
+    assert "X117" not in r.stdout + r.stderr  # two nodes: both manifests are written, the sections are used
     return d / "build"
 
 
@@ -140,6 +141,7 @@ SKY_SITE = """
 import json, sys, yaml, sky
 task = sky.Task.from_yaml_config(yaml.safe_load(open(sys.argv[1])), env_overrides=[
     ("LLMC_PACKAGE", "git+https://example.invalid/llmc.git"), ("LLMC_RUN_DIR", "/shared/run")])
+""" + SKY_VALIDATE + """
 res = list(task.resources)[0]
 print(json.dumps({"network_tier": res.network_tier.value if res.network_tier else None, "use_spot": res.use_spot,
                   "cloud": str(res.cloud), "region": res.region, "zone": res.zone, "image_id": res.image_id,
@@ -152,7 +154,7 @@ def test_skypilot_task_site_loads_in_skypilot(build):
     if py is None:
         pytest.skip("skypilot is not installed here (scripts/setup.sh puts it in .venv-sky)")
     out = subprocess.run([py, "-c", SKY_SITE, str(build / "skypilot/task.yaml")], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, cwd=build)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["network_tier"] == "best" and got["use_spot"] is True
@@ -258,3 +260,174 @@ def test_bad_site_values_one_located_line(tmp_path, body, line, path, words):
     errs = [ln for ln in out.splitlines() if "error[" in ln]
     assert len(errs) == 1, errs
     assert errs[0].startswith(f"{spec}:{line}: error[S002] {path}") and words in errs[0], errs[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# limits the API server, the Kubeflow Trainer CRD and the kubelet's image parser hold a TrainJob to, kept in the spec
+
+
+def _refused(body: str) -> list[str]:
+    """The error lines the loader gives ``BASE + body`` (a spec with a two-node GPU cluster), none if it takes it."""
+    from llmc.diagnostics import SpecError
+    from llmc.spec.load import loads_spec
+
+    try:
+        loads_spec(BASE + body, file="spec.yaml")
+    except SpecError as e:
+        return [d.render() for d in e.diagnostics if d.severity == "error"]
+    return []
+
+
+def _site_trainjob(cluster: str) -> dict:
+    """The TrainJob of ``BASE`` + ``cluster`` (the lines under ``cluster:``), rendered."""
+    from llmc.compiler.compile import compile_spec
+    from llmc.emit import render_artifacts
+    from llmc.spec.load import loads_spec
+
+    text = BASE + cluster
+    run, lines = loads_spec(text, file="spec.yaml")
+    c = compile_spec(run, "spec.yaml", lines, spec_bytes=text.encode())
+    return yaml.safe_load(render_artifacts(c)["kubeflow/trainjob.yaml"])
+
+
+def _crd() -> dict:
+    return json.loads(TRAINJOB_CRD.read_text())["openAPIV3Schema"]
+
+
+def test_rdma_resources_may_not_replace_the_gpus():
+    """``resourcesPerNode`` holds the GPU's resource with the plan's GPUs per node (numProcPerNode the same): an
+    ``rdma_resources`` key equal to it would replace that count. The GPU resource is read from the manifests of an
+    NVIDIA and an AMD build; each is refused with one located line, and an RDMA device is still taken."""
+    from test_cluster_manifests import _artifacts
+
+    for gpu in ("h100-sxm", "mi300x"):
+        files, _ = _artifacts("multi", gpu)
+        (resource,) = yaml.safe_load(files["kubeflow/trainjob.yaml"])["spec"]["trainer"]["resourcesPerNode"]["limits"]
+        errs = _refused(f"  kubernetes:\n    rdma_resources: {{{resource}: 1}}\n")
+        assert len(errs) == 1, errs
+        assert errs[0].startswith(f"spec.yaml:7: error[S002] cluster.kubernetes.rdma_resources.{resource}: "), errs
+        assert "GPU" in errs[0] and "RDMA" in errs[0], errs
+    assert _refused("  kubernetes:\n    rdma_resources: {rdma/hca: 2, nvidia.com/hostdev: 8}\n") == []
+
+
+def test_env_and_image_stop_at_the_crds_limits():
+    """The API server refuses a TrainJob past its CRD's ``spec.trainer.env`` maxItems or ``spec.trainer.image``
+    maxLength (read here from the published CRD): a spec at the limits gives a TrainJob the CRD takes, one past
+    them is refused by the loader with one located line."""
+    jsonschema = pytest.importorskip("jsonschema")
+    trainer = _crd()["properties"]["spec"]["properties"]["trainer"]["properties"]
+    max_env, max_image = trainer["env"]["maxItems"], trainer["image"]["maxLength"]
+    from test_cluster_manifests import _artifacts
+
+    own = len(yaml.safe_load(_artifacts("plain", "h100-sxm")[0]["kubeflow/trainjob.yaml"])["spec"]["trainer"]["env"])
+    site_env = max_env - own  # what cluster.env may hold
+    # the longest reference the parser takes: a 255-character name, a tag and a sha512 digest (128 hex digits)
+    name = "ghcr.io/" + "a" * (255 - len("ghcr.io/"))
+    tag_len = max_image - len(name) - 1 - len("@sha512:") - 128
+    assert 1 <= tag_len <= 128
+    image = f"{name}:{'t' * tag_len}@sha512:{'0' * 128}"
+    assert len(image) == max_image
+
+    def env(n: int) -> str:
+        return "  env: {" + ", ".join(f"NCCL_X{i}: v" for i in range(n)) + "}\n"
+
+    doc = _site_trainjob(env(site_env) + f"  kubernetes:\n    image: {image}\n    shm_gib: 1\n")
+    assert len(doc["spec"]["trainer"]["env"]) == max_env and doc["spec"]["trainer"]["image"] == image
+    jsonschema.validate(doc, closed(_crd()))
+    errs = _refused(env(site_env + 1))
+    assert len(errs) == 1 and errs[0].startswith("spec.yaml:6: error[S002] cluster.env: ") \
+        and f"at most {site_env}" in errs[0], errs
+    longer = image.replace("@", "t@")
+    errs = _refused(f"  kubernetes:\n    image: {longer}\n")
+    assert len(errs) == 1 and errs[0].startswith("spec.yaml:7: error[S002] cluster.kubernetes.image: ") \
+        and str(max_image) in errs[0], errs
+
+
+def test_tolerations_stop_at_the_crds_limit():
+    pod = _crd()["properties"]["spec"]["properties"]["runtimePatches"]["items"]["properties"]["trainingRuntimeSpec"]
+    for key in ("template", "spec", "replicatedJobs", "items", "template", "spec", "template", "spec"):
+        pod = pod["items"] if key == "items" else pod["properties"][key]
+    most = pod["properties"]["tolerations"]["maxItems"]
+
+    def tolerations(n: int) -> str:
+        return "  kubernetes:\n    tolerations:\n" + "".join(f"      - {{key: t{i}, operator: Exists}}\n"
+                                                            for i in range(n))
+    assert _refused(tolerations(most)) == []
+    errs = _refused(tolerations(most + 1))
+    assert len(errs) == 1 and "cluster.kubernetes.tolerations" in errs[0] and str(most) in errs[0], errs
+
+
+def test_pod_annotations_stop_at_the_api_servers_total():
+    """k8s.io/apimachinery ValidateAnnotations: the keys' and values' lengths in bytes (Go's len of a string) may sum
+    to at most TotalAnnotationSizeLimitB = 256 * 1024."""
+    limit = 256 * 1024
+    big = "\U0001F600" * 32768  # 4 bytes each in UTF-8: 131072 bytes in 32768 characters
+
+    def annotations(values: dict[str, str]) -> str:
+        return "  kubernetes:\n    annotations: " + json.dumps(values, ensure_ascii=False) + "\n"
+
+    fits = {"a": big, "bb": big[:-1] + "x"}  # 1 + 131072 + 2 + 131069 bytes
+    assert sum(len(k.encode()) + len(v.encode()) for k, v in fits.items()) == limit
+    assert _refused(annotations(fits)) == []
+    over = {"a": big, "bbb": fits["bb"]}
+    errs = _refused(annotations(over))
+    assert len(errs) == 1 and errs[0].startswith("spec.yaml:7: error[S002] cluster.kubernetes.annotations: ") \
+        and str(limit) in errs[0], errs
+
+
+# distribution/reference's grammar (ASCII classes; name at most NameTotalLengthMax = 255) and go-digest's digests
+# (sha256 / sha384 / sha512 in lower-case hex of 64 / 96 / 128 digits; other algorithms unsupported), which the
+# kubelet's runtime parses an image with
+GOOD_IMAGES = ["ghcr.io/a/b:v1", "localhost:5000/a/b_c__d---e", "a/b@sha256:" + "0f" * 32,
+               "ghcr.io/a/b:" + "w" * 128 + "@sha384:" + "a" * 96, "a@sha512:" + "9" * 128,
+               "r.io/" + "a" * 250]
+BAD_IMAGES = ["ghcr.io/a/b:v\u00e91", "ghcr.io/a/b:\u0661\u0662", "ghcr.io/\u00e9/b", "ghcr.io/a/b@sha256:" + "a" * 32,
+              "ghcr.io/a/b@sha256:" + "a" * 63, "ghcr.io/a/b@sha256:" + "A" * 64, "ghcr.io/a/b@md5:" + "a" * 32,
+              "ghcr.io/a/b@sha512:" + "a" * 64, "r.io/" + "a" * 251, "ghcr.io/a/b:" + "w" * 129]
+
+
+@pytest.mark.parametrize("image", GOOD_IMAGES)
+def test_image_references_the_kubelet_takes(image):
+    from llmc.spec.schema import image_reference
+
+    assert image_reference(image) == image
+
+
+@pytest.mark.parametrize("image", BAD_IMAGES, ids=range(len(BAD_IMAGES)))
+def test_image_references_the_kubelet_refuses(image):
+    errs = _refused(f"  kubernetes:\n    image: {json.dumps(image)}\n")
+    assert len(errs) == 1 and errs[0].startswith("spec.yaml:7: error[S002] cluster.kubernetes.image: "), errs
+
+
+UNUSED_SITE = "  kubernetes: {shm_gib: 16}\n  skypilot: {use_spot: true}\n"
+
+
+def _build_warnings(spec: str) -> list:
+    from llmc.compiler.compile import compile_spec
+    from llmc.emit import build_warnings, render_artifacts
+    from llmc.spec.load import loads_spec
+
+    run, lines = loads_spec(spec, file="spec.yaml")
+    c = compile_spec(run, "spec.yaml", lines, spec_bytes=spec.encode())
+    files = render_artifacts(c)
+    assert "kubeflow/trainjob.yaml" not in files and "skypilot/task.yaml" not in files
+    return [d for d in build_warnings(c) if d.code == "X117"]
+
+
+def test_cluster_sections_of_a_build_without_manifests_warn():
+    """A build on one node, or on the CPU, writes no TrainJob and no SkyPilot task: a spec's cluster.kubernetes /
+    cluster.skypilot section there would be ignored without a word. Each gets warning X117 naming it and why."""
+    one_node = BASE.replace("count: 16, gpus_per_node: 8", "count: 8, gpus_per_node: 8") + UNUSED_SITE
+    warned = _build_warnings(one_node)
+    assert [(d.path, d.severity) for d in warned] == [("cluster.kubernetes", "warning"),
+                                                       ("cluster.skypilot", "warning")], warned
+    assert all("one node" in d.message and "llmc launch" in d.hint for d in warned)
+    assert "kubeflow/trainjob.yaml" in warned[0].message and "skypilot/task.yaml" in warned[1].message
+    cpu = ("name: bad\nmodel: tiny\nhardware: {gpu: cpu, count: 1}\n"
+           "data: {seq_len: 64, tokens: 20480, sources: [{name: python-docs, format: builtin}], "
+           "tokenizer: {train: true, vocab_size: 512}}\ntraining: {global_batch_tokens: 2048}\ncluster:\n"
+           "  kubernetes: {shm_gib: 16}\n")
+    (warned,) = _build_warnings(cpu)
+    assert warned.path == "cluster.kubernetes" and "CPU" in warned.message
+    # a single-node spec without those sections (cluster.env only: every launcher uses it) does not warn
+    assert _build_warnings(one_node.replace(UNUSED_SITE, "  env: {NCCL_DEBUG: INFO}\n")) == []

@@ -8,8 +8,10 @@ it lists every file).
 ``render_artifacts(compiled)`` runs every applicable emitter and returns ``{relative path: text}``;
 pure (the CLI writes the tree atomically) and deterministic (no timestamps, sorted JSON).
 
-Build-wide diagnostic:
+Build-wide diagnostics:
     X100 error    no plan and no stages: nothing to build
+    X117 warning  a ``cluster.kubernetes`` / ``cluster.skypilot`` section on a build that writes no cluster manifest
+                  (one node, or the CPU): ``llmc.emit.skypilot.unused_site``
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from llmc.emit.launchers import LaunchersEmitter
 from llmc.emit.lock import LockEmitter
 from llmc.emit.readme import ReadmeEmitter
 from llmc.emit.serving import ServingEmitter
-from llmc.emit.skypilot import SkyPilotEmitter
+from llmc.emit.skypilot import SkyPilotEmitter, unused_site
 from llmc.emit.torchtitan import TorchtitanEmitter
 
 EMITTERS: list[Emitter] = [LockEmitter(), TorchtitanEmitter(), DeepSpeedEmitter(), ServingEmitter(),
@@ -41,6 +43,7 @@ def build_diagnostics(compiled) -> list[Diagnostic]:
     else:
         # (a pipeline of stages from a base model has no pre-training plan; its stages carry their own)
         diags = [d for e in EMITTERS if e.applies(compiled) for d in e.diagnostics(compiled)]
+        diags += unused_site(compiled)  # X117: a cluster section no manifest uses
     return [d if d.file else replace(d, file=compiled.spec_path) for d in diags]
 
 

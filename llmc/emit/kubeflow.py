@@ -43,7 +43,7 @@ replaces the placeholder; ``namespace`` is the TrainJob's; ``shm_gib`` mounts a 
 ``sizeLimit`` at ``/dev/shm`` (a container's own is 64 MiB: NCCL's shared-memory transport and DataLoader workers need
 more, NCCL "Troubleshooting", Docker/shared memory; https://kubernetes.io/docs/concepts/storage/volumes/#emptydir:
 the tmpfs counts against the container's memory); ``rdma_resources`` join the GPUs in ``resourcesPerNode`` (limits
-and requests alike, as Kubernetes requires of extended resources); ``node_selector``, ``tolerations``,
+and requests alike, as Kubernetes requires of extended resources; the spec refuses the GPU's own resource there); ``node_selector``, ``tolerations``,
 ``service_account``, and the pods' ``labels`` / ``annotations`` go in the same ``runtimePatches`` (what the
 v1alpha1 TrainJob of Kubeflow Trainer 2.3.0 may patch in a pod); ``priority_class`` and ``queue`` are Kueue's labels
 on the TrainJob (``kueue.x-k8s.io/priority-class``, ``kueue.x-k8s.io/queue-name``: the API patches no pod
@@ -74,6 +74,7 @@ from llmc.emit.skypilot import (
     site,
 )
 from llmc.lockfile import LOCK_FILE
+from llmc.spec.schema import TRAINJOB_OWN_ENV
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
 RUNTIME = "torch-distributed"
@@ -201,10 +202,9 @@ def trainjob(lock: dict) -> dict:
                 # (the kubelet expands $(VAR) and halves $$ in command, args and env values: k8s_literal)
                 "command": [k8s_literal(a) for a in ("bash", "-c")],
                 "args": [k8s_literal(COMMAND % {"gpn": shape.gpus_per_node})],
+                # llmc's own entries (the spec caps cluster.env at the CRD's maxItems less these), then the site's
                 "env": [{"name": k, "value": k8s_literal(v)} for k, v in (
-                    ("LLMC_BUILD_DIR", BUILD_DIR),
-                    ("LLMC_RUN_DIR", RUN_DIR),
-                    ("RUN_ID", shape.name),
+                    *zip(TRAINJOB_OWN_ENV, (BUILD_DIR, RUN_DIR, shape.name), strict=True),
                     *(site(lock).get("env") or {}).items(),
                 )],
                 "numNodes": shape.num_nodes,

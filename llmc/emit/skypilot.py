@@ -27,6 +27,11 @@ SkyPilot supports one), ``use_spot``, ``image_id``, and ``cloud`` / ``region`` /
 ``infra: cloud/region/zone`` (SkyPilot 0.14.1's form: its separate ``cloud`` / ``region`` / ``zone`` are deprecated;
 ``*`` for a region without a cloud). The spec's ``cluster.env`` joins the task's ``envs``.
 
+The task's ``name`` is the spec name as SkyPilot's rule takes it (:func:`sky_name`). ``RUN_ID`` (the launcher's
+rendezvous id) is not in ``envs``: ``run`` sets it to SkyPilot's ``SKYPILOT_TASK_ID`` of the launch unless
+``--env RUN_ID=...`` gives one. A ``cluster.kubernetes`` / ``cluster.skypilot`` section on a build that writes no
+cluster manifest (one node, or the CPU) gets warning X117 (:func:`unused_site`).
+
 Shared helpers used by :mod:`llmc.emit.kubeflow` too: :class:`ClusterShape`, :func:`cluster_shape`
 (nodes x GPUs per node and the accelerator, from the lock), :func:`site`, :func:`header` and :func:`dump_yaml`.
 """
@@ -42,13 +47,14 @@ import yaml
 
 from llmc.diagnostics import Diagnostic
 from llmc.emit.base import Emitter
-from llmc.emit.common import diag, header_text, is_cpu, nnodes
+from llmc.emit.common import diag, gpus_per_node, header_text, is_cpu, nnodes
 from llmc.escape import comment
 from llmc.lockfile import LOCK_FILE
+from llmc.spec.schema import K8S_GPU_RESOURCE
 
-# Kubernetes extended resource per GPU vendor (NVIDIA / AMD device plugins); the vendor and the SkyPilot
-# accelerator name are hardware data (llmc.compiler.hardware.GPU.vendor / .skypilot_name, in the lock).
-K8S_GPU_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
+# K8S_GPU_RESOURCE: the Kubernetes extended resource per GPU vendor (NVIDIA / AMD device plugins), the spec's table
+# (it refuses them as cluster.kubernetes.rdma_resources); the vendor and the SkyPilot accelerator name are hardware
+# data (llmc.compiler.hardware.GPU.vendor / .skypilot_name, in the lock).
 
 
 @dataclass(frozen=True)
@@ -139,9 +145,24 @@ if [ -z "${LLMC_RUN_DIR:-}" ]; then
 fi
 export NNODES="$SKYPILOT_NUM_NODES" NPROC="$SKYPILOT_NUM_GPUS_PER_NODE"
 export MASTER_ADDR="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
-export RUN_ID="${SKYPILOT_TASK_ID:-$RUN_ID}"
+# the rendezvous id: `--env RUN_ID=...` if given, else SkyPilot's id of this launch (always set)
+export RUN_ID="${RUN_ID:-${SKYPILOT_TASK_ID:-}}"
 bash launch/torchrun_multi_node.sh
 """
+
+
+# SkyPilot 0.14.1's task name rule (sky/task.py ``_VALID_NAME_REGEX``, checked by ``Task.validate_name`` when
+# `sky launch` validates the task): alphanumeric runs joined by one or two of '.', '_', '-'
+_SKY_SEPARATORS = re.compile(r"[._-]{3,}")
+
+
+def sky_name(name: str) -> str:
+    """The SkyPilot task name of a spec name (``[A-Za-z0-9][A-Za-z0-9._-]*``, :data:`llmc.spec.schema.NAME_PATTERN`):
+    each run of three or more separators cut to its first two and the separators at either end dropped
+    (``qwen___run`` -> ``qwen__run``, ``qwen-run-`` -> ``qwen-run``); any other character (none in a spec name) as
+    ``-``. A name SkyPilot takes is kept as it is."""
+    s = _SKY_SEPARATORS.sub(lambda m: m[0][:2], re.sub(r"[^A-Za-z0-9._-]", "-", name)).strip("._-")
+    return s or "llmc"
 
 
 def _version(lock: dict) -> str:
@@ -163,7 +184,7 @@ def task(lock: dict) -> dict:
         if sky.get(key) is not None:
             resources[key] = sky[key]
     return {
-        "name": shape.name,
+        "name": sky_name(shape.name),
         "num_nodes": shape.num_nodes,
         "resources": resources,
         "workdir": ".",
@@ -174,7 +195,7 @@ def task(lock: dict) -> dict:
             # required: where the run writes, on storage every node mounts (the launcher checks it is shared)
             "LLMC_RUN_DIR": None,
             "MASTER_PORT": "29500",
-            "RUN_ID": shape.name,
+            # (no RUN_ID: a value here would hide SkyPilot's task id from `run`, which uses it unless --env gives one)
             **(site(lock).get("env") or {}),  # the site's (cluster.env), exported by the launcher too
         },
         "setup": SETUP,
@@ -209,6 +230,28 @@ def multi_node_gpu(compiled) -> bool:
     return not is_cpu(compiled) and nnodes(compiled) > 1
 
 
+# The manifest each cluster section configures
+SITE_FILES = {"kubernetes": "kubeflow/trainjob.yaml", "skypilot": "skypilot/task.yaml"}
+
+
+def unused_site(compiled) -> list[Diagnostic]:
+    """X117 for each ``cluster.kubernetes`` / ``cluster.skypilot`` section of a build that writes no cluster manifest
+    (:func:`multi_node_gpu`: a CPU build, or one node's GPUs), whose settings would otherwise go unused unsaid."""
+    cluster = compiled.spec.cluster
+    if cluster is None or multi_node_gpu(compiled):
+        return []
+    if is_cpu(compiled):
+        why, hint = "the build targets the CPU", "cluster manifests schedule GPUs: set hardware.gpu to a GPU"
+    else:
+        why = f"the build runs on one node ({gpus_per_node(compiled)} GPUs)"
+        hint = ("run `llmc launch` or launch/torchrun_single_node.sh on the node, or set hardware.count above "
+                "hardware.gpus_per_node for a multi-node job")
+    return [diag("X117", "warning", f"cluster.{section}",
+                 f"this section is set, but {why}: no {rel} is written (cluster manifests are for multi-node GPU "
+                 "builds), so its settings are unused", f"{hint}, or remove the section")
+            for section, rel in SITE_FILES.items() if getattr(cluster, section) is not None]
+
+
 def files(lock: dict) -> dict[str, str]:
     """``{"skypilot/task.yaml": text}`` for a GPU build; ValueError for a CPU-only one."""
     shape = cluster_shape(lock)
@@ -222,5 +265,7 @@ def files(lock: dict) -> dict[str, str]:
         "# checkpoints, metrics) under LLMC_RUN_DIR: mount storage every node shares there (a network file system,",
         "# or a SkyPilot `volumes` entry of a ReadWriteMany volume; a bucket mount, MOUNT or MOUNT_CACHED, lacks the",
         "# atomic mkdir the launcher's claims rely on); the nodes check at start that they see one storage.",
+        "# RUN_ID (the rendezvous id) is SkyPilot's task id of the launch (SKYPILOT_TASK_ID) unless --env RUN_ID=...",
+        "# gives one.",
     ]
     return {"skypilot/task.yaml": "\n".join(lines) + "\n" + dump_yaml(task(lock))}

@@ -880,13 +880,36 @@ _ENV_NAME_RE = re.compile(r"[A-Z_][A-Z0-9_]*")
 _DNS1123_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS1123_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _QUALIFIED_NAME_RE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
-# A container image reference (github.com/distribution/reference, regexp.go): [domain[:port]/]path[:tag][@digest]
+# A container image reference as the kubelet's runtime parses it (github.com/distribution/reference, regexp.go and
+# reference.go ``Parse``): [domain[:port]/]path[:tag][@digest], ASCII only (the grammar's classes are ASCII: Python's
+# ``\w`` is not, hence re.ASCII), the name (domain and path) at most ``NameTotalLengthMax`` = 255 characters, and the
+# digest one ``digest.Parse`` takes (github.com/opencontainers/go-digest algorithm.go: sha256 / sha384 / sha512, in
+# lower-case hex of exactly 64 / 96 / 128 digits; any other algorithm is ErrDigestUnsupported)
 _IMAGE_RE = re.compile(
-    r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*"
-    r"(?::[0-9]+)?/)?"
-    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-    r"(?::[\w][\w.-]{0,127})?"
-    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")
+    r"(?P<name>(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+    r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::\w[\w.-]{0,127})?"
+    r"(?:@(?:sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}))?", re.ASCII)
+#: Most characters of an image reference's name, registry and repository path (distribution/reference
+#: ``NameTotalLengthMax``).
+MAX_IMAGE_NAME_LEN = 255
+#: Most characters of the TrainJob's image (Kubeflow Trainer 2.3.0 CRD: ``spec.trainer.image`` maxLength 500).
+MAX_IMAGE_LEN = 500
+#: Most entries of the TrainJob's ``spec.trainer.env`` (Kubeflow Trainer 2.3.0 CRD: maxItems 128).
+MAX_TRAINJOB_ENV = 128
+#: The variables ``kubeflow/trainjob.yaml`` sets itself in ``spec.trainer.env``, before the site's.
+TRAINJOB_OWN_ENV: tuple[str, ...] = ("LLMC_BUILD_DIR", "LLMC_RUN_DIR", "RUN_ID")
+#: The most ``cluster.env`` may hold: the TrainJob's env less llmc's own entries.
+MAX_SITE_ENV = MAX_TRAINJOB_ENV - len(TRAINJOB_OWN_ENV)
+#: Most bytes of a pod's annotations, keys and values together (k8s.io/apimachinery, pkg/api/validation/objectmeta.go
+#: ``TotalAnnotationSizeLimitB`` = 256 * 1024, summed over ``len(key) + len(value)``: UTF-8 bytes).
+MAX_ANNOTATIONS_BYTES = 256 * 1024
+#: Most tolerations of a pod the TrainJob may patch in (Kubeflow Trainer 2.3.0 CRD: maxItems 128).
+MAX_TOLERATIONS = 128
+#: The Kubernetes extended resource of each GPU vendor's device plugin (NVIDIA's, AMD's): what
+#: ``kubeflow/trainjob.yaml`` asks for per node (``GpuOverrides.vendor``; the vendor is hardware data, in the lock).
+K8S_GPU_RESOURCE: dict[str, str] = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
 #: SkyPilot 0.14.1's clouds (sky/skylet/constants.py ``ALL_CLOUDS``), the first part of a task's ``infra``.
 SKYPILOT_CLOUDS: tuple[str, ...] = (
     "aws", "azure", "gcp", "ibm", "lambda", "scp", "oci", "kubernetes", "runpod", "vast", "vsphere", "cudo",
@@ -986,10 +1009,28 @@ def k8s_extended_resource(value: str) -> str:
     return value
 
 
+def rdma_resource(value: str) -> str:
+    """An extended resource of ``cluster.kubernetes.rdma_resources``: not a GPU's own (:data:`K8S_GPU_RESOURCE`),
+    which the TrainJob already asks for, the plan's GPUs per node (``numProcPerNode`` is that figure too)."""
+    k8s_extended_resource(value)
+    if value in K8S_GPU_RESOURCE.values():
+        raise ValueError(f"{value} is a GPU's own resource, which kubeflow/trainjob.yaml asks for itself (the plan's "
+                         "GPUs per node, hardware.gpus_per_node): list only the RDMA devices here, e.g. "
+                         "rdma/rdma_shared_device_a or nvidia.com/hostdev")
+    return value
+
+
 def image_reference(value: str) -> str:
-    """A container image reference, ``[registry[:port]/]repository[:tag][@digest]`` (distribution/reference)."""
-    return _matching(value, 1024, _IMAGE_RE, "a container image reference, [registry[:port]/]repository[:tag]"
-                     "[@digest], the repository in lower case")
+    """A container image reference, ``[registry[:port]/]repository[:tag][@digest]`` (distribution/reference), at most
+    :data:`MAX_IMAGE_LEN` characters (the TrainJob's) and its name at most :data:`MAX_IMAGE_NAME_LEN`."""
+    _matching(value, MAX_IMAGE_LEN, _IMAGE_RE, f"a container image reference of at most {MAX_IMAGE_LEN} characters "
+              "(the TrainJob's), [registry[:port]/]repository[:tag][@sha256:<64 lower-case hex digits>], ASCII, the "
+              "repository in lower case")
+    name = _IMAGE_RE.fullmatch(value)["name"]
+    if len(name) > MAX_IMAGE_NAME_LEN:
+        raise ValueError(f"must be a container image reference whose registry and repository are at most "
+                         f"{MAX_IMAGE_NAME_LEN} characters (got {len(name)}: {_shown(value)})")
+    return value
 
 
 def site_word(value: str) -> str:
@@ -1004,6 +1045,7 @@ EnvValue = Annotated[str, AfterValidator(env_value)]
 K8sQualifiedName = Annotated[str, AfterValidator(k8s_qualified_name)]
 K8sLabelValue = Annotated[str, AfterValidator(k8s_label_value)]
 K8sResourceName = Annotated[str, AfterValidator(k8s_extended_resource)]
+RdmaResourceName = Annotated[str, AfterValidator(rdma_resource)]
 SiteWord = Annotated[str, AfterValidator(site_word)]
 
 
@@ -1047,13 +1089,14 @@ class KubernetesSite(SpecModel):
     """GiB of memory-backed ``/dev/shm`` per pod (an emptyDir of medium Memory and that sizeLimit): a container's is
     64 MiB, too small for NCCL's shared-memory transport and DataLoader workers (NCCL, "Troubleshooting",
     Docker/shared memory). Counts against the pod's memory. None = the container's (warning X114 when the spec has this section)."""
-    rdma_resources: dict[K8sResourceName, Annotated[Int, Field(gt=0, le=MAX_DEVICES_PER_NODE)]] = Field(
+    rdma_resources: dict[RdmaResourceName, Annotated[Int, Field(gt=0, le=MAX_DEVICES_PER_NODE)]] = Field(
         default_factory=dict)
     """Extended resources per node for the RDMA NICs, requested and limited alike, e.g.
-    ``{rdma/rdma_shared_device_a: 1}`` (k8s-rdma-shared-dev-plugin) or ``{nvidia.com/hostdev: 8}``."""
+    ``{rdma/rdma_shared_device_a: 1}`` (k8s-rdma-shared-dev-plugin) or ``{nvidia.com/hostdev: 8}``; not the GPU's own
+    (``nvidia.com/gpu``, ``amd.com/gpu``: the TrainJob asks for the plan's GPUs per node itself)."""
     node_selector: dict[K8sQualifiedName, K8sLabelValue] = Field(default_factory=dict)
     """Node labels every pod's node must carry (the pod's nodeSelector)."""
-    tolerations: list[Toleration] = Field(default_factory=list)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=MAX_TOLERATIONS)
     """Taints the pods tolerate (e.g. a GPU pool's ``nvidia.com/gpu: NoSchedule``)."""
     priority_class: str | None = None
     """Kueue WorkloadPriorityClass of the job (the TrainJob's ``kueue.x-k8s.io/priority-class`` label): the TrainJob
@@ -1065,7 +1108,8 @@ class KubernetesSite(SpecModel):
     labels: dict[K8sQualifiedName, K8sLabelValue] = Field(default_factory=dict)
     """Labels of the pods (monitoring, network policies)."""
     annotations: dict[K8sQualifiedName, EnvValue] = Field(default_factory=dict)
-    """Annotations of the pods, e.g. Multus' ``k8s.v1.cni.cncf.io/networks`` for the RDMA network."""
+    """Annotations of the pods, e.g. Multus' ``k8s.v1.cni.cncf.io/networks`` for the RDMA network; at most 256 KiB,
+    keys and values together (the API server's limit)."""
 
     @field_validator("image")
     @classmethod
@@ -1087,6 +1131,15 @@ class KubernetesSite(SpecModel):
     def _kueue_name(cls, v: str | None) -> str | None:
         # an object name carried as a label value: both rules
         return None if v is None else k8s_label_value(k8s_subdomain(v))
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations_size(cls, v: dict[str, str]) -> dict[str, str]:
+        size = sum(len(k.encode()) + len(x.encode()) for k, x in v.items())
+        if size > MAX_ANNOTATIONS_BYTES:
+            raise ValueError(f"must be at most {MAX_ANNOTATIONS_BYTES} bytes in all, keys and values (the API server's "
+                             f"limit, 256 KiB; got {size}): keep large data in a ConfigMap")
+        return v
 
     @field_validator("labels")
     @classmethod
@@ -1140,7 +1193,17 @@ class Cluster(SpecModel):
     env: dict[EnvName, EnvValue] = Field(default_factory=dict)
     """Environment every launcher exports (a value already in the launch's environment wins) and the TrainJob and
     SkyPilot task set: the site's NCCL_* / FI_* / UCX_* / TORCH_NCCL_* settings, e.g. ``NCCL_IB_HCA: mlx5``,
-    ``NCCL_SOCKET_IFNAME: eth0`` (https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html)."""
+    ``NCCL_SOCKET_IFNAME: eth0`` (https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html). At most 125
+    entries (the TrainJob's ``env`` holds 128, 3 of them llmc's)."""
+
+    @field_validator("env")
+    @classmethod
+    def _env_count(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_SITE_ENV:
+            raise ValueError(f"must have at most {MAX_SITE_ENV} entries (got {len(v)}): the TrainJob's env holds "
+                             f"{MAX_TRAINJOB_ENV} (Kubeflow Trainer's CRD), {len(TRAINJOB_OWN_ENV)} of them llmc's; "
+                             "set the rest in the image")
+        return v
 
 
 class RunSpec(SpecModel):
@@ -1185,5 +1248,5 @@ __all__ = [
     "CONTINUED_KINDS", "POSTTRAIN_KINDS", "PREFERENCE_KINDS", "LoRA", "StageBase", "PretrainStage", "MidtrainStage", "LongContextStage", "SFTStage",
     "DPOStage", "GRPOStage", "STAGE_TYPES", "Stage", "make_stage", "Serving", "GpuOverrides", "RunSpec",
     "NearDup", "Decontaminate", "Quality", "Validation", "Eval", "Cluster", "KubernetesSite", "SkyPilotSite",
-    "Toleration", "RESERVED_ENV", "RESERVED_ENV_PREFIXES", "SKYPILOT_CLOUDS",
+    "Toleration", "RESERVED_ENV", "RESERVED_ENV_PREFIXES", "SKYPILOT_CLOUDS", "K8S_GPU_RESOURCE",
 ]
