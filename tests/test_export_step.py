@@ -156,24 +156,12 @@ def test_export_step_of_a_deepspeed_run(tmp_path):
 
 def test_export_step_of_torchtitan_dcp_checkpoints(tmp_path):
     """torchtitan's DCP checkpoints (its Llama FQNs put q/k/v under attention.qkv_linear): the step asked for."""
-    import torch.distributed.checkpoint as dcp
-    from test_build_fakes import lock_for
+    from test_hf_init import titan_build
 
     from llmc.runtime.errors import HFError
     from llmc.runtime.export import export_checkpoint
 
-    arch = Architecture(name="t", n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=96, vocab_size=512,
-                        max_seq_len=64, norm_eps=1e-5)
-    model = build_model(arch, seed=11).eval()
-    titan = {k.replace(".attention.w", ".attention.qkv_linear.w") if any(f".attention.{w}." in k for w in
-             ("wq", "wk", "wv")) else k: v.clone() for k, v in model.state_dict().items()}
-    titan["train_state"] = torch.tensor([3])
-    for name, scale in (("step-2", 0.5), ("step-3", 1.0)):
-        dcp.save({k: v * scale for k, v in titan.items()},
-                 checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / name))
-    spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
-            "data": {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 32, "tokens": 1024}}
-    (tmp_path / "plan.lock.json").write_text(json.dumps(lock_for(spec)))
+    model = titan_build(tmp_path, {2: 0.5, 3: 1.0})
     with pytest.raises(HFError, match=r"no checkpoint of step 1 \(kept: 2, 3;"):
         export_checkpoint(tmp_path, "pretrain", step=1)
     res = export_checkpoint(tmp_path, "pretrain", step=2)

@@ -578,13 +578,12 @@ def test_sft_lora_stage_from_hf_exports_merged_and_peft(tmp_path, docs):
     assert not torch.allclose(adapted, hf_model(src)(input_ids=tokens).logits, atol=1e-4)
 
 
-def test_export_from_a_torchtitan_dcp_checkpoint(tmp_path):
-    """A torchtitan run leaves DCP checkpoints under outputs/torchtitan/checkpoint/step-N (its Llama FQNs put
-    q/k/v under attention.qkv_linear); export_checkpoint turns the newest into an HF directory."""
+def titan_build(build: Path, scales: dict[int, float]):
+    """A build folder whose torchtitan run left DCP checkpoints under outputs/torchtitan/checkpoint/step-N (its
+    Llama FQNs put q/k/v under attention.qkv_linear), step N holding a model's weights x ``scales[N]``; the model."""
     import torch.distributed.checkpoint as dcp
     from test_build_fakes import lock_for
 
-    from llmc.runtime.export import export_checkpoint
     from llmc.spec.model import Architecture
 
     arch = Architecture(name="t", n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=96, vocab_size=512,
@@ -593,12 +592,21 @@ def test_export_from_a_torchtitan_dcp_checkpoint(tmp_path):
     titan = {k.replace(".attention.w", ".attention.qkv_linear.w") if any(f".attention.{w}." in k for w in
              ("wq", "wk", "wv")) else k: v.clone() for k, v in model.state_dict().items()}
     titan["train_state"] = torch.tensor([3])
-    for step, scale in ((2, 0.0), (3, 1.0)):  # the newest step wins
+    for step, scale in scales.items():
         dcp.save({k: v * scale for k, v in titan.items()},
-                 checkpoint_id=str(tmp_path / "outputs" / "torchtitan" / "checkpoint" / f"step-{step}"))
+                 checkpoint_id=str(build / "outputs" / "torchtitan" / "checkpoint" / f"step-{step}"))
     spec = {"name": "t", "model": arch.model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
             "data": {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 32, "tokens": 1024}}
-    (tmp_path / "plan.lock.json").write_text(json.dumps(lock_for(spec)))
+    (build / "plan.lock.json").write_text(json.dumps(lock_for(spec)))
+    return model
+
+
+def test_export_from_a_torchtitan_dcp_checkpoint(tmp_path):
+    """A torchtitan run leaves DCP checkpoints under outputs/torchtitan/checkpoint/step-N; export_checkpoint turns
+    the newest into an HF directory."""
+    from llmc.runtime.export import export_checkpoint
+
+    model = titan_build(tmp_path, {2: 0.0, 3: 1.0})  # the newest step wins
     res = export_checkpoint(tmp_path, "pretrain")
     hf = Path(res["hf"])
     assert hf == tmp_path / "run" / "pretrain" / "hf"
