@@ -312,27 +312,30 @@ def test_estimators_agree_with_llmc_model_states(example):
 # ------------------------------------------------------------------------------------- real training
 
 
-def _tiny_build(tmp_path: Path, zero: int) -> Path:
+def _tiny_build(tmp_path: Path, zero: int, count: int = 2, name: str | None = None) -> Path:
+    """The tiny model's build for ``count`` CPU processes under ZeRO ``zero`` (global batch 8 sequences: micro 2 x
+    accum 4 / count), in ``tmp_path / name`` (default ``z<zero>``)."""
     run = make_run(
         name="tinyds",
         model={"name": "tiny", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
                "vocab_size": 512, "max_seq_len": 64},
         data={"seq_len": 32, "tokens": 1e5, "sources": [{"name": "python-docs", "format": "builtin"}],
               "tokenizer": {"train": True, "vocab_size": 512}},
-        hardware={"gpu": "cpu", "count": 2},
+        hardware={"gpu": "cpu", "count": count},
         training={"precision": "fp32", "optimizer": {"lr": 3e-3}, "log_every": 1, "schedule": {"warmup_steps": 1}},
         parallelism={"zero_stage": zero},
     )
     # ZeRO-3 computes the loss in slices of 24 tokens (64 per micro-batch: 2 slices and a shorter one), the head
     # gathered and run again per slice, in the forward and in the backward's recomputation
-    plan = ParallelPlan(dp_shard=2, micro_batch=2, grad_accum=2, loss_chunk_tokens=24 if zero == 3 else 0)
+    plan = ParallelPlan(dp_shard=count, micro_batch=2, grad_accum=4 // count,
+                        loss_chunk_tokens=24 if zero == 3 else 0)
     c = make_compiled(run, plan=plan, global_batch_seqs=8, steps=8, warmup=1)
-    b = tmp_path / f"z{zero}"
+    b = tmp_path / (name or f"z{zero}")
     b.mkdir()
     files = render_artifacts(c)
-    for name in ("plan.lock.json", "deepspeed/ds_config.json"):
-        (b / name).parent.mkdir(parents=True, exist_ok=True)
-        (b / name).write_text(files[name])
+    for f in ("plan.lock.json", "deepspeed/ds_config.json"):
+        (b / f).parent.mkdir(parents=True, exist_ok=True)
+        (b / f).write_text(files[f])
     assert lock_text(c) == files["plan.lock.json"]
     return b
 
@@ -524,6 +527,94 @@ def test_zero_stages_train_the_tiny_model_identically(tmp_path):
     for s in range(1, 9):  # ZeRO stages are numerically the same optimizer (fp32)
         assert l2[s] == pytest.approx(l1[s], abs=2e-3), (s, l1, l2)
         assert l3[s] == pytest.approx(l1[s], abs=2e-3), (s, l1, l3)
+
+
+def _ds_out_argv(b: Path, steps: int, assets: Path, out: Path) -> list[str]:
+    """ds_train's arguments for build ``b``, training into ``out`` (a folder another build's run may have left)."""
+    argv = _ds_main_argv(b, steps, assets)
+    argv[argv.index("--out") + 1] = str(out)
+    return argv
+
+
+@pytest.mark.parametrize(("saved", "now", "changed"), [
+    ((0, 1, False, True), (0, 2, False), None),  # ZeRO-0's whole optimizer state: any count (run in the test below)
+    ((0, 1, True, False), (0, 2, True), "processes 1 -> 2"),  # ZeRO-0, its state per rank (BF16_Optimizer's)
+    ((1, 2, False), (2, 2, False), None),  # fp32 ZeRO-1 <-> ZeRO-2: one optimizer, the same files (run below)
+    ((1, 2, True), (2, 2, True), "ZeRO stage 1 -> 2"),  # bf16: ZeRO-1 runs BF16_Optimizer, ZeRO-2 another
+    ((2, 2, False), (2, 2, True), None),  # (a precision change is not a layout change)
+    ((2, 2, False), (3, 2, False), "ZeRO stage 2 -> 3"),
+    ((3, 2, False), (3, 1, False), "processes 2 -> 1"),
+    ((0, 1, False, True), (3, 2, False), "ZeRO stage 0 -> 3, processes 1 -> 2"),
+    ((3, 2, False), (0, 1, False), "ZeRO stage 3 -> 0, processes 2 -> 1"),
+])
+def test_ds_layout_changes_deepspeed_cannot_resume(saved, now, changed):
+    from llmc.runtime.ds_train import DsLayout, ds_layout_change
+
+    assert ds_layout_change(DsLayout(*saved), DsLayout(*now)) == changed
+
+
+@pytest.mark.slow
+def test_layout_change_resumes_or_is_refused_naming_it(tmp_path):
+    """A DeepSpeed checkpoint and a run of another layout (ZeRO stage, processes): DeepSpeed resumes the optimizer
+    state only in the layout that wrote it (its partitions are per rank), bar ZeRO-0's whole state on another count.
+    ZeRO-0 on 1 process, stopped at step 2: a ZeRO-3 build for 2 processes of the same model is refused in one line
+    naming the change and the ways out that keep the progress (not as "written for another model": the ZeRO-3
+    model's parameters are empty placeholders, its whole shapes are compared); ZeRO-0 on 2 processes resumes it
+    (its steps 3-4 train the losses of an uninterrupted 1-process run), and so does ZeRO-2 a ZeRO-1 checkpoint of the
+    same 2 processes. A ZeRO-3 checkpoint of 2 processes is refused for ZeRO-0 on 1, naming ZeRO stage 3 -> 0 and
+    processes 2 -> 1 (checked directly, before any engine)."""
+    import torch
+
+    from llmc.runtime.checkpoint import CheckpointError
+    from llmc.runtime.ds_train import DsLayout, check_ds_checkpoint
+    from llmc.runtime.job import TrainJob
+    from llmc.runtime.model import build_model
+
+    assets = tmp_path / "assets_root"
+    assets.mkdir()
+    one = _tiny_build(tmp_path, 0, count=1, name="z0w1")
+    two = {z: _tiny_build(tmp_path, z, count=2, name=f"z{z}w2") for z in (0, 3, 1, 2)}
+    x, y, full, w = (tmp_path / "runs" / n for n in ("x", "y", "full", "w"))
+    first = ds_main_cases({"x-z0w1": (tmp_path / "a" / "x", _ds_out_argv(one, 2, assets, x)),
+                           "full-z0w1": (tmp_path / "a" / "full", _ds_out_argv(one, 4, assets, full))}, 1)
+    for name, run in first.items():
+        r = ds_main_result(run, 1)
+        assert r["rc"] == [0], (name, r["stdout"][-3000:], r["stderr"][-3000:])
+    second = ds_main_cases({
+        "x-z3w2": (tmp_path / "b" / "x3", _ds_out_argv(two[3], 4, assets, x)),
+        "x-z0w2": (tmp_path / "b" / "x0", _ds_out_argv(two[0], 4, assets, x)),
+        "y-z3w2": (tmp_path / "b" / "y", _ds_out_argv(two[3], 2, assets, y)),
+        "w-z1w2": (tmp_path / "b" / "w1", _ds_out_argv(two[1], 2, assets, w)),
+        "w-z2w2": (tmp_path / "b" / "w2", _ds_out_argv(two[2], 4, assets, w)),
+    }, 2)
+    res = {name: ds_main_result(run, 2) for name, run in second.items()}
+    r = res["x-z3w2"]
+    assert r["rc"] == [1, 1], r["stdout"][-3000:] + r["stderr"][-3000:]
+    line = r["stderr"].splitlines()[0]
+    assert "written for another model" not in line, line
+    assert "error[R002] pretrain: checkpoint step-00000002: ZeRO stage 0 -> 3, processes 1 -> 2 since it was " \
+           "written" in line, line
+    assert "rebuild with hardware.count: 1 and parallelism.zero_stage: 0 (or zero_stage 0 alone: ZeRO-0's whole " \
+           "optimizer state resumes on any count) to resume it" in line, line
+    assert f"`llmc export {two[3]} --stage pretrain --step 2`, then `init_hf`" in line and "--no-resume" in line, line
+    for name in ("x-z0w2", "y-z3w2", "w-z1w2", "w-z2w2"):
+        assert res[name]["rc"] == [0, 0], (name, res[name]["stdout"][-3000:], res[name]["stderr"][-3000:])
+    assert all("resumed from" in res[n]["stdout"] for n in ("x-z0w2", "w-z2w2"))
+    losses = {k: {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                  if "loss" in r} for k, d in (("x", x), ("w", w), ("full", full))}
+    for s in (3, 4):  # the resumed steps train what the uninterrupted run trained (fp32: to rounding)
+        assert losses["x"][s] == pytest.approx(losses["full"][s], abs=1e-4), (s, losses)
+        assert losses["w"][s] == pytest.approx(losses["full"][s], abs=2e-3), (s, losses)
+    # ZeRO-3 on 2 processes -> ZeRO-0 on 1: refused before DeepSpeed reads it
+    job = TrainJob.from_lock(json.loads((one / "plan.lock.json").read_text()), build_dir=one)
+    model = build_model(job.arch, torch.device("cpu"), seed=job.seed)
+    with pytest.raises(CheckpointError) as e:
+        check_ds_checkpoint(y / "checkpoints" / "deepspeed" / "step-00000002", model, job, DsLayout(0, 1, False), one)
+    msg = str(e.value)
+    assert msg.startswith("checkpoint step-00000002: ZeRO stage 3 -> 0, processes 2 -> 1 since it was written"), msg
+    assert "rebuild with hardware.count: 2 and parallelism.zero_stage: 3 to resume it" in msg, msg
+    assert "written for another model" not in msg, msg
+    check_ds_checkpoint(y / "checkpoints" / "deepspeed" / "step-00000002", model, job)  # (the model is the same)
 
 
 @pytest.mark.slow

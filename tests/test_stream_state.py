@@ -265,3 +265,36 @@ def test_a_source_whose_files_grew_is_refused_on_resume(tmp_path):
     b = mixture([moved], 8)
     b.load_state_dict(state)
     assert windows(b, 2) == windows(a, 2)
+
+
+def test_a_changed_batch_or_seq_len_is_refused_naming_the_settings(tmp_path):
+    """The data position of a global batch (a stream per sequence slot) continues only in a loader of the same slots,
+    seq_len and seed; another is refused naming the spec settings that changed, old -> new (a seq_len change at the
+    same global_batch_tokens is a seq_len change, not a slot change), and the ways out."""
+    from llmc.runtime.data import StreamLoader
+
+    src = text_source(tmp_path, "corpus", [f"document {i} " * 30 for i in range(8)])
+
+    def loader(seq_len: int, slots: int, seed: int = 0) -> StreamLoader:
+        return StreamLoader([src], chars, EOS, seq_len, slots, seed)
+
+    a = loader(16, 4)  # 4 sequences of 16 tokens: 64 tokens per step
+    a.next_batch(4)
+    state = json.loads(json.dumps(a.state_dict()))
+    b = loader(16, 4)
+    b.load_state_dict(state)  # the same settings: it continues
+    assert [t.tolist() for t in b.next_batch(4)] == [t.tolist() for t in a.next_batch(4)]
+    redo = ("the data position would not match: `llmc launch --no-resume` starts the stage over (the earlier run set "
+            "aside), or rebuild with the old values")
+    cases = {  # (seq_len, slots, seed) -> what the refusal names
+        (8, 8, 0): "seq_len 16 -> 8 (so the global batch, global_batch_tokens / seq_len, 4 -> 8 sequences, each a "
+                   "data stream of its own)",
+        (16, 8, 0): "global_batch_tokens 64 -> 128 (so the global batch, global_batch_tokens / seq_len, 4 -> 8 "
+                    "sequences, each a data stream of its own)",
+        (8, 4, 0): "seq_len 16 -> 8, global_batch_tokens 64 -> 32",
+        (32, 4, 1): "seq_len 16 -> 32, global_batch_tokens 64 -> 128, training.seed 0 -> 1",
+    }
+    for (seq_len, slots, seed), named in cases.items():
+        with pytest.raises(ValueError) as e:
+            loader(seq_len, slots, seed).load_state_dict(state)
+        assert str(e.value) == f"settings changed since the checkpoint: {named}; {redo}"

@@ -233,16 +233,41 @@ class StreamLoader:
         if state.get("kind") != "stream":
             raise ValueError("the checkpoint's data position is from the pre-tokenised loader; resume with "
                              "the llmc version that wrote it or restart the stage")
-        for key in ("slots", "seq_len", "seed"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"{key} changed since the checkpoint ({state[key]} -> {getattr(self, key)}); "
-                                 "the data position would not match")
+        why = position_change(state, self.slots, self.seq_len, self.seed)
+        if why is not None:
+            raise ValueError(why)
         missing = [s for s in self.mixtures if str(s) not in state["streams"]]
         if missing:
             raise ValueError(f"checkpoint has no data position for sequence slot(s) {missing}")
         for s, m in self.mixtures.items():
             m.load_state_dict(state["streams"][str(s)])
         self.pos = int(state["pos"])
+
+
+#: the ways out of a resume refused for a changed setting (as :meth:`llmc.runtime.job.TrainJob.schedule_change` says)
+REDO_HINT = "`llmc launch --no-resume` starts the stage over (the earlier run set aside), or rebuild with the old values"
+
+
+def position_change(state: dict, slots: int, seq_len: int, seed: int) -> str | None:
+    """Why the data position ``state`` (a :meth:`StreamLoader.state_dict`, which records its ``slots``, ``seq_len``
+    and ``seed``) cannot continue in a loader of ``slots`` sequences of ``seq_len`` tokens drawn with ``seed``; None
+    when it can. Said in the spec's settings, old -> new: ``seq_len``, the global batch in tokens
+    (``global_batch_tokens`` = slots x seq_len, the tokens of one step) and ``training.seed``; the slots themselves
+    (the global batch in sequences, ``global_batch_tokens / seq_len``: one data stream each, so a saved position is
+    one per slot) follow from the first two, and are named with them when they changed, with the ways out
+    (:data:`REDO_HINT`)."""
+    s0, l0, seed0 = state.get("slots"), state.get("seq_len"), state.get("seed")
+    known = isinstance(s0, int) and isinstance(l0, int)
+    changed = [f"seq_len {l0} -> {seq_len}" if l0 != seq_len else "",
+               f"global_batch_tokens {s0 * l0} -> {slots * seq_len}" if known and s0 * l0 != slots * seq_len else
+               f"global batch {s0} -> {slots} sequences" if not known and s0 != slots else "",
+               f"training.seed {seed0} -> {seed}" if seed0 != seed else ""]
+    if not any(changed):
+        return None
+    streams = (f" (so the global batch, global_batch_tokens / seq_len, {s0} -> {slots} sequences, each a data "
+               f"stream of its own)" if known and s0 != slots else "")
+    return (f"settings changed since the checkpoint: {', '.join(x for x in changed if x)}{streams}; the data position would "
+            f"not match: {REDO_HINT}")
 
 
 def build_stream_loader(sources: list[SourceData], tok: TextTokenizer, seq_len: int, slots: int, seed: int = 0,

@@ -18,8 +18,10 @@ ds_checkpoint_dir`), each written under a temporary tag and published by a renam
 ``latest`` there, or, while that folder holds none, from the one an older llmc kept them in, ``<out>/ds_checkpoints``
 (:func:`llmc.runtime.capabilities.ds_resume_dir`, said in one line; its new checkpoints go to the new folder). The
 stage's copy of its tokenizer (``<out>/tokenizer``, what DONE.json records) is renewed or refused by the rule of every
-runner (:func:`llmc.runtime.job.renew_stage_tokenizer`). Before DeepSpeed loads one, the stage that wrote it and its
-tensor shapes are checked against this stage's model (:func:`check_ds_checkpoint`, one line); at the end the full weights are also written as an llmc
+runner (:func:`llmc.runtime.job.renew_stage_tokenizer`). Before DeepSpeed loads one, the stage that wrote it, its
+whole tensor shapes and its layout (ZeRO stage, processes: DeepSpeed resumes the optimizer state only in the layout
+that wrote it, :func:`ds_layout_change`) are checked against this stage's model and engine (:func:`check_ds_checkpoint`,
+one line naming what changed and the ways out); at the end the full weights are also written as an llmc
 checkpoint (``<out>/<training.checkpoint.folder>/step-N``, kept to ``keep_latest`` there as well) and ``DONE.json``
 names it, so a following stage (native or DeepSpeed) can ``init_from`` this one.
 
@@ -69,6 +71,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from llmc.lockfile import read_lock
 from llmc.runtime.capabilities import DS_STAGE_KINDS, ds_checkpoint_dir, ds_resume_dir
@@ -312,14 +315,71 @@ def ds_resume_point(ds_dir: Path) -> Path | None:
     return path
 
 
-def check_ds_checkpoint(path: Path, model, job) -> None:
+class DsLayout(NamedTuple):
+    """The layout a DeepSpeed engine runs (or a checkpoint was written in) as far as resuming it goes."""
+
+    zero: int  # ZeRO stage
+    world: int  # data-parallel processes
+    low_precision: bool  # bf16 or fp16 enabled (their optimizer wrappers differ from fp32's)
+    whole: bool = False  # (a checkpoint) its optimizer state whole in the model-states file, not per rank
+
+
+def _low_precision(cfg: dict) -> bool:
+    return bool((cfg.get("bf16") or {}).get("enabled") or (cfg.get("fp16") or {}).get("enabled"))
+
+
+def ds_checkpoint_layout(ck: dict, path: Path) -> DsLayout | None:
+    """The layout of the DeepSpeed checkpoint at ``path`` (a tag folder) whose model-states file holds ``ck``;
+    None when it does not say. DeepSpeed records there the config it ran (``ds_config``: the ZeRO stage is its
+    ``zero_optimization.stage``, 0 without one) and ``dp_world_size`` (``DeepSpeedEngine._common_checkpoint_state``,
+    deepspeed/runtime/engine.py 0.19.8); the optimizer state is whole when it is in that file (``optimizer``: an
+    optimizer without ZeRO's partitions or BF16_Optimizer's) and no ``*optim_states.pt`` (one partition per
+    data-parallel rank) is beside it."""
+    cfg, world = ck.get("ds_config"), ck.get("dp_world_size")
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0) if isinstance(cfg, dict) else None
+    if not isinstance(stage, int) or not isinstance(world, int) or isinstance(world, bool):
+        return None
+    return DsLayout(int(stage), world, _low_precision(cfg),
+                    ck.get("optimizer") is not None and not any(path.glob("*optim_states.pt")))
+
+
+def ds_layout_change(saved: DsLayout, now: DsLayout) -> str | None:
+    """What changed between the layout of a DeepSpeed checkpoint (``saved``) and this run's (``now``) that DeepSpeed
+    0.19.8 cannot resume across, e.g. "ZeRO stage 0 -> 3, processes 1 -> 2"; None when it resumes it.
+    ``engine.load_checkpoint`` restores each rank's own partition of the optimizer state from that rank's files
+    (``_load_zero_checkpoint`` refuses another data-parallel world size; ZeRO-3 partitions the weights too), so what
+    resumes is the same layout; ZeRO-1 and ZeRO-2 on the same processes in fp32 (one optimizer,
+    ``DeepSpeedZeroOptimizer``, the same per-rank files; in bf16 ZeRO-1 runs ``BF16_Optimizer`` instead:
+    ``DeepSpeedEngine._do_optimizer_sanity_check``); and ZeRO-0 on both sides when the checkpoint's optimizer state
+    is whole, on any number of processes. Another layout needs DeepSpeed's universal checkpoint
+    (``deepspeed/checkpoint/ds_to_universal.py``, config ``checkpoint.load_universal``), which converts only
+    ZeRO-1/2/3 optimizer partitions (not ZeRO-0's state) and loads only into a ZeRO-1/2/3 or bf16 optimizer: llmc
+    does not convert."""
+    if saved.zero == now.zero and saved.world == now.world:
+        return None
+    if saved.world == now.world and {saved.zero, now.zero} <= {1, 2} and not (saved.low_precision or
+                                                                                now.low_precision):
+        return None
+    if saved.zero == now.zero == 0 and saved.whole:
+        return None
+    changed = [f"ZeRO stage {saved.zero} -> {now.zero}" if saved.zero != now.zero else "",
+               f"processes {saved.world} -> {now.world}" if saved.world != now.world else ""]
+    return ", ".join(x for x in changed if x)
+
+
+def check_ds_checkpoint(path: Path, model, job, now: DsLayout | None = None, build_dir: Path | None = None) -> None:
     """Before DeepSpeed loads the checkpoint at ``path`` (a tag folder): the stage that wrote it (the client state
-    DeepSpeed keeps in the model-states file) must be this one, and its tensors must have this model's names and
-    shapes; else CheckpointError, one line (DeepSpeed's own load fails deep inside with torch's size mismatch).
+    DeepSpeed keeps in the model-states file) must be this one, its tensors must have this model's names and
+    whole shapes, and its layout must be one DeepSpeed resumes in this run's (``now``; :func:`ds_layout_change`);
+    else CheckpointError, one line (DeepSpeed's own load fails deep inside with torch's size mismatch, or with its
+    ZeRORuntimeException on another world size).
     The shapes are the ``param_shapes`` DeepSpeed records with a ZeRO optimizer (names from
     ``module.named_parameters()``, ZeRO-3's whole ``ds_shape``), else the ``module`` state dict it saves
     (``DeepSpeedEngine._save_checkpoint``, deepspeed/runtime/engine.py: ``mp_rank_00_model_states.pt``; ZeRO-3
-    ``zero_pp_rank_0_mp_rank_00_model_states.pt``)."""
+    ``zero_pp_rank_0_mp_rank_00_model_states.pt``), each compared with this model's whole shapes: a ZeRO-3 model's
+    parameters are empty placeholders (``ds_shape`` is the shape). A layout change is refused naming what changed
+    and the ways out that keep the progress: the old layout (``hardware.count`` / ``parallelism.zero_stage``), or
+    the step's weights exported (``llmc export --step``) for a new run's ``init_hf``."""
     import torch
 
     from llmc.runtime.checkpoint import (
@@ -337,14 +397,31 @@ def check_ds_checkpoint(path: Path, model, job) -> None:
     why = job.foreign_checkpoint(ck, path)
     if why is not None:
         raise CheckpointError(why)
+    full = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters(remove_duplicate=False)}
     groups = ck.get("param_shapes")
     if groups:
         have = {k: tuple(v) for g in (groups if isinstance(groups, list) else [groups]) for k, v in g.items()}
         want = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
     else:
         have = {k: tuple(v.shape) for k, v in (ck.get("module") or {}).items() if torch.is_tensor(v)}
-        want = {k: tuple(v.shape) for k, v in model.state_dict().items() if torch.is_tensor(v)}
+        want = {k: full.get(k, tuple(v.shape)) for k, v in model.state_dict().items() if torch.is_tensor(v)}
     check_shapes(f, want, have=have)
+    saved = ds_checkpoint_layout(ck, path) if now is not None else None
+    changed = ds_layout_change(saved, now) if saved is not None else None
+    if changed is None:
+        return
+    step = ck.get("step")
+    step = step if isinstance(step, int) and not isinstance(step, bool) else "N"
+    old = [f"hardware.count: {saved.world}" if saved.world != now.world else "",
+           f"parallelism.zero_stage: {saved.zero}" if saved.zero != now.zero else ""]
+    # (ZeRO-0's whole optimizer state resumes on any count: this run's processes with ZeRO-0 pinned)
+    zero0 = (" (or zero_stage 0 alone: ZeRO-0's whole optimizer state resumes on any count)"
+             if saved.zero == 0 and saved.whole and now.zero != 0 and saved.world != now.world else "")
+    raise CheckpointError(
+        f"checkpoint {path.name}: {changed} since it was written, and a DeepSpeed checkpoint resumes only in its own "
+        f"layout: rebuild with {' and '.join(x for x in old if x)}{zero0} to resume it, or start a new run from its "
+        f"weights (`llmc export {build_dir or 'BUILD'} --stage {job.stage} --step {step}`, then `init_hf`: a fresh "
+        f"optimizer, LR schedule and data position), or `llmc launch --no-resume` to start over")
 
 
 def _data_loader(job, assets_root: Path, rank: int, world: int, out: Path | None = None,
@@ -465,7 +542,7 @@ def train(lock: dict, ds_config: dict, stage: str | None, out: Path, assets_root
         _say(f"{job.stage}: resuming from {resume_from}, in the folder an earlier llmc kept DeepSpeed checkpoints in "
              f"({load_dir}); new checkpoints go to {ds_dir}")
     if can_resume:  # before DeepSpeed reads it: a checkpoint of another stage or model is one line
-        check_ds_checkpoint(resume_from, model, job)
+        check_ds_checkpoint(resume_from, model, job, DsLayout(zero, world, _low_precision(cfg)), build_dir)
     hf_src = init_hf_source(job)
     if not can_resume and job.init_from:
         from llmc.runtime.hf_io import load_init_from  # its llmc checkpoint, else its hf/ export
