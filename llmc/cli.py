@@ -409,7 +409,7 @@ def build(
     for rel in res.kept:
         typer.echo(f"{out / rel}: warning[X012] kept: no longer written by this build, but edited since llmc "
                    "wrote it (or no longer a file); it is yours now", err=True)
-    for line in _stale_runs(out, files.get("plan.lock.json")):
+    for line in _stale_runs(out, files.get("plan.lock.json")) + _unresumable_runs(out):
         _echo(_one_line(line), err=True)
     for name in sorted(files):
         typer.echo(f"  {name}")
@@ -472,6 +472,37 @@ def _stale_runs(out: Path, lock_text: str | bytes | None) -> list[str]:
     return lines
 
 
+def _unresumable_runs(out: Path) -> list[str]:
+    """Warnings (X017) for the unfinished runs in the build directory ``out`` (just written) that the next ``llmc
+    launch`` refuses to resume: X013's sibling for stages not finished. Each backend whose checkpoints are there
+    (llmc's in ``run/<stage>/``, torchtitan's in ``outputs/``) is asked as its launch would be
+    (``llmc.launch.resumptions``), so the line is the launch's refusal."""
+    from llmc.launch import LaunchError, _launched_backend, launch_commands, load_build, resumptions
+    from llmc.runtime.job import LaunchOptions
+
+    if not any((out / "run").glob("*/*/step-*")) and not any((out / "outputs").glob("torchtitan*/*/step-*")):
+        return []  # (no checkpoint anywhere: nothing to resume; the common case reads nothing more)
+    lines, seen = [], set()
+    try:
+        b, lock = load_build(out)
+        default = _launched_backend(b, lock, None)
+    except (LaunchError, KeyError, TypeError, ValueError, AttributeError):
+        return []
+    for backend in ("native", "torchtitan"):  # (a DeepSpeed checkpoint's state is checked as DeepSpeed loads it)
+        opts = LaunchOptions(backend=backend if backend != default else None)  # (what its commands carry)
+        try:
+            found = resumptions(out, launch_commands(out, backend=backend, options=opts), opts)
+        except (LaunchError, OSError):
+            continue  # (a backend this build has no artifacts for, or one the launch refuses for its own reasons)
+        for r in found:
+            if r.refusal and (r.stage, r.checkpoint) not in seen:
+                seen.add((r.stage, r.checkpoint))
+                how = f" --backend {backend}" if backend != default else ""
+                lines.append(f"{r.checkpoint}: warning[X017] stage {r.stage!r} has an unfinished run that this build "
+                             f"cannot resume, and the next `llmc launch{how}` refuses it: {r.refusal}")
+    return lines
+
+
 
 
 @_command()
@@ -513,6 +544,7 @@ def launch(
         nproc_problem,
         preemption_times,
         resume_checkpoint,
+        resumptions,
         software_warning,
         spec_change_warning,
         start_stage,
@@ -569,6 +601,19 @@ def launch(
     stale = [c for c in cmds if c.stale]
     if stale and not no_resume:
         _fail([f"{build_dir}: error[L005] {c.stale}" for c in stale])
+    # each stage's unfinished run: resumed from its newest checkpoint (said), or refused now, before prepare, with
+    # what its launch or trainer would stop on after it (L005: a torchtitan run started under another lock; L018: a
+    # checkpoint this build cannot continue); --no-resume sets those runs aside instead
+    resumed = []
+    if not no_resume:
+        try:
+            resumed = resumptions(build_dir, cmds, options)
+        except LaunchError as e:
+            _fail([f"{build_dir}: error[L001] {e}"])
+    refused = [r for r in resumed if r.refusal]
+    if refused:
+        _fail([_one_line(f"{build_dir}: error[L005] {r.refusal}" if r.lock_change else
+                         f"{build_dir}: error[L018] {r.refusal}") for r in refused])
     for c in cmds:
         if c.legacy:
             _echo(_one_line(f"{build_dir}: warning[L008] {c.legacy}"), err=True)
@@ -584,6 +629,8 @@ def launch(
         _echo(_one_line(versions), err=True)
     for note in (n for c in cmds for n in c.notes):  # a link on the run's write path it allows (a scratch disk)
         _echo(note, err=True)
+    for r in resumed:
+        _echo(_one_line(f"{build_dir}: note: {r.note()}"), err=True)
     for c in cmds:
         typer.echo("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in c.env.items()) + (" " if c.env else "")
                    + shlex.join(c.argv))
@@ -846,7 +893,9 @@ def last_error_line(text: str) -> str:
     import re
     import signal as _signal
 
-    raw = text.splitlines()
+    # torch.distributed's excepthook prefixes each line a rank prints of its traceback with "[rankN]: " (as
+    # llmc.launch.StderrRelay reads them): the line itself is what follows it
+    raw = [re.sub(r"^\[rank\d+\]: ?", "", ln, count=1) for ln in text.splitlines()]
     stopped = [m for ln in raw if (m := re.search(r"SignalException: Process \d+ got signal: (\d+)", ln))]
     # a traceback's quoted source line (indented 4, after its '  File "...", line N' line) and its caret marks say
     # nothing themselves (the exception line that ends the traceback is not indented)

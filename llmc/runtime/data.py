@@ -244,18 +244,16 @@ class StreamLoader:
         self.pos = int(state["pos"])
 
 
-#: the ways out of a resume refused for a changed setting (as :meth:`llmc.runtime.job.TrainJob.schedule_change` says)
-REDO_HINT = "`llmc launch --no-resume` starts the stage over (the earlier run set aside), or rebuild with the old values"
-
-
-def position_change(state: dict, slots: int, seq_len: int, seed: int) -> str | None:
+def position_change(state: dict, slots: int, seq_len: int, seed: int, redo: str | None = None) -> str | None:
     """Why the data position ``state`` (a :meth:`StreamLoader.state_dict`, which records its ``slots``, ``seq_len``
     and ``seed``) cannot continue in a loader of ``slots`` sequences of ``seq_len`` tokens drawn with ``seed``; None
     when it can. Said in the spec's settings, old -> new: ``seq_len``, the global batch in tokens
     (``global_batch_tokens`` = slots x seq_len, the tokens of one step) and ``training.seed``; the slots themselves
     (the global batch in sequences, ``global_batch_tokens / seq_len``: one data stream each, so a saved position is
-    one per slot) follow from the first two, and are named with them when they changed, with the ways out
-    (:data:`REDO_HINT`)."""
+    one per slot) follow from the first two, and are named with them when they changed, with the ways out (``redo``,
+    default :data:`llmc.runtime.job.REDO_HINT`; ``llmc launch`` checks a checkpoint with this before anything runs)."""
+    from llmc.runtime.job import REDO_HINT
+
     s0, l0, seed0 = state.get("slots"), state.get("seq_len"), state.get("seed")
     known = isinstance(s0, int) and isinstance(l0, int)
     changed = [f"seq_len {l0} -> {seq_len}" if l0 != seq_len else "",
@@ -267,7 +265,7 @@ def position_change(state: dict, slots: int, seq_len: int, seed: int) -> str | N
     streams = (f" (so the global batch, global_batch_tokens / seq_len, {s0} -> {slots} sequences, each a data "
                f"stream of its own)" if known and s0 != slots else "")
     return (f"settings changed since the checkpoint: {', '.join(x for x in changed if x)}{streams}; the data position would "
-            f"not match: {REDO_HINT}")
+            f"not match: {redo or REDO_HINT}")
 
 
 def build_stream_loader(sources: list[SourceData], tok: TextTokenizer, seq_len: int, slots: int, seed: int = 0,

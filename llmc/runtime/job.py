@@ -44,6 +44,11 @@ from llmc.weight_init import InitScheme, init_scheme
 NATIVE_KINDS = LM_KINDS
 
 
+#: the ways out of a resume refused for a changed setting (:meth:`TrainJob.schedule_change`,
+#: :func:`llmc.runtime.data.position_change`)
+REDO_HINT = "`llmc launch --no-resume` starts the stage over (the earlier run set aside), or rebuild with the old values"
+
+
 @dataclass
 class TrainJob:
     """One stage's resolved training job. Field defaults suit a tiny CPU run."""
@@ -210,17 +215,18 @@ class TrainJob:
                 "decay_fraction": self.decay_fraction, "weight_decay": self.weight_decay, "betas": list(self.betas),
                 "eps": self.eps, "steps": self.steps, "no_decay": self.no_decay}
 
-    def schedule_change(self, saved: dict | None, checkpoint: str, step: int) -> str | None:
+    def schedule_change(self, saved: dict | None, checkpoint: str, step: int, redo: str | None = None) -> str | None:
         """Why the checkpoint named ``checkpoint`` (optimizer step ``step``), trained with the ``saved``
         :attr:`lr_schedule`, cannot be resumed under this job's; None when it can (nothing recorded, or the same
         schedule and optimizer; keys an older llmc did not record are not compared, but ``no_decay``, of which it had
-        only the default rule)."""
+        only the default rule). ``redo``: the ways out it ends with (``llmc launch``'s own, with its build directory
+        and options; default: the trainer's)."""
         saved = saved if isinstance(saved, dict) else {}
         if saved and "no_decay" not in saved:  # an llmc before the key had only today's default rule
             saved = {**saved, "no_decay": Optimizer.model_fields["no_decay"].default}
         now = self.lr_schedule
         changed = [k for k, v in saved.items() if k in now and k != "steps" and v != now[k]]
-        redo = "`llmc launch --no-resume` starts the stage over (the earlier run set aside), or rebuild with the old values"
+        redo = redo or REDO_HINT
         if changed:
             def show(d: dict) -> str:
                 return ", ".join(f"{k} {d[k]:g}" if isinstance(d[k], float) else f"{k} {d[k]}" for k in changed)
@@ -228,11 +234,22 @@ class TrainJob:
             return f"checkpoint {checkpoint} was trained with {show(saved)}, the lock says {show(now)}: {redo}"
         old_steps = saved.get("steps")
         if isinstance(old_steps, int) and not isinstance(old_steps, bool) and old_steps > 0 and old_steps != self.steps:
-            was, now_f = replace(self, steps=old_steps).lr_factor(step), self.lr_factor(step)
-            if abs(was - now_f) > 1e-9 * max(1.0, abs(was)):
+            jump = self.steps_change(old_steps, step)
+            if jump is not None:
                 return (f"checkpoint {checkpoint} (step {step}) was trained for {old_steps} steps, the lock says "
-                        f"{self.steps}: the {self.schedule} schedule's LR at step {step} would jump from {was:.4g} to "
-                        f"{now_f:.4g} x peak; {redo}")
+                        f"{self.steps}: {jump}; {redo}")
+        return None
+
+    def steps_change(self, old_steps: int, step: int) -> str | None:
+        """Why a run planned for ``old_steps`` steps cannot go on from optimizer step ``step`` under this job's
+        ``steps`` (the rest of its schedule the same): ``"the cosine schedule's LR at step 22 would jump from 0.5128
+        to 0.7608 x peak"``; None when the LR at ``step`` stays (a constant schedule, WSD before its decay, ...). Every
+        resuming trainer restores the step and recomputes the LR from this job's schedule (llmc's and torchtitan's
+        LambdaLR alike: torchtitan 0.3.0's ``LRSchedulersContainer.load_state_dict`` restores only ``last_epoch``)."""
+        was, now_f = replace(self, steps=old_steps).lr_factor(step), self.lr_factor(step)
+        if abs(was - now_f) > 1e-9 * max(1.0, abs(was)):
+            return (f"the {self.schedule} schedule's LR at step {step} would jump from {was:.4g} to {now_f:.4g} "
+                    "x peak")
         return None
 
     def lr_factor(self, step: int) -> float:
@@ -972,6 +989,20 @@ def fingerprint_change(was: dict, now: dict, chosen: Collection[str] = (), pins:
     return text or "its fingerprint differs from the lock's"
 
 
+def steps_only_change(was: dict, now: dict) -> int | None:
+    """The ``steps`` of the fingerprint ``was`` (an unfinished run's record) when that is all that differs from ``now``
+    (the lock's): the same stage run longer or shorter, which a resume may carry on where the LR at its step stays
+    (:meth:`TrainJob.steps_change`); None when anything else differs, or a record of the sha256 alone."""
+    pa, pb = was.get("parts") or {}, now.get("parts") or {}
+    if not pa or any(pa.get(k) != pb.get(k) for k in set(pa) | set(pb) if k != "numbers"):
+        return None
+    a, b = was.get("numbers") or {}, now.get("numbers") or {}
+    if [k for k in _SHOWN if a.get(k) != b.get(k)] != ["steps"] or set(a) != set(b):
+        return None
+    old = a.get("steps")
+    return old if isinstance(old, int) and not isinstance(old, bool) and old > 0 else None
+
+
 #: a number of the fingerprint by the name the lock's ``defaults`` give it (``llmc.compiler.defaults.resolve_hyper``)
 _DEFAULT_NAME = {"global_batch_seqs": "global_batch_tokens"}
 
@@ -1388,3 +1419,71 @@ def resume_checkpoint(folder: str | os.PathLike | None) -> Path | None:
     except OSError:
         return None
     return max(found)[1] if found else None
+
+
+def checkpoint_step(path: str | os.PathLike | None) -> int | None:
+    """The optimizer step a checkpoint folder's name says (``step-N``: :data:`STEP_DIR`); None for another name."""
+    m = STEP_DIR.fullmatch(Path(path).name) if path is not None else None
+    return int(m.group(1)) if m else None
+
+
+#: the most bytes of a DCP checkpoint's ``.metadata`` :func:`dcp_state_keys` reads (a 405B model's lists each chunk
+#: of every tensor: megabytes, not gigabytes)
+DCP_METADATA_MAX_BYTES = 256 * 2**20
+
+
+def dcp_state_keys(checkpoint: str | os.PathLike) -> set[str] | None:
+    """The state-dict keys (``model.layers.0.attention.wq.weight``, ``dataloader.dp_rank_0``, ...) a
+    torch.distributed.checkpoint (DCP) checkpoint folder holds, read from its ``.metadata`` without torch and
+    without running anything it names: the file is a pickle of DCP's ``Metadata`` (torch/distributed/checkpoint/
+    filesystem.py ``FileSystemWriter.finish``: ``pickle.dump``), whose ``state_dict_metadata`` maps each key to its
+    storage; every class the pickle names is replaced by an inert stand-in (nothing imported, no code called), so
+    only its plain values (the keys) are read. None when there is no such file or it is not DCP's."""
+    import io
+    import pickle
+
+    class _Inert:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.args = args
+
+        def __setstate__(self, state: Any) -> None:
+            self.state = state
+
+    names: dict[tuple[str, str], type] = {}
+
+    class _Reader(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> type:  # never imports: a stand-in per name
+            return names.setdefault((module, name), type(name, (_Inert,), {}))
+
+        def persistent_load(self, pid: Any) -> None:
+            return None
+
+    path = Path(checkpoint) / ".metadata"
+    try:
+        if not path.is_file() or path.stat().st_size > DCP_METADATA_MAX_BYTES:
+            return None
+        meta = _Reader(io.BytesIO(path.read_bytes())).load()
+    except Exception:  # (any malformed pickle: not a checkpoint this reads)
+        return None
+    state = getattr(meta, "state", None)
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (a slotted class's state)
+        state = {**(state[0] or {}), **state[1]}
+    keys = state.get("state_dict_metadata") if isinstance(state, dict) else None
+    return {k for k in keys if isinstance(k, str)} if isinstance(keys, dict) else None
+
+
+#: the key of each data-parallel rank's data loader position in a torchtitan checkpoint (torchtitan 0.3.0
+#: components/dataloader.py ``ParallelAwareDataloader.state_dict``: ``{"dp_rank_<r>": ..., "world_size": ...}`` under
+#: the checkpoint's ``dataloader``)
+TITAN_LOADER_KEY = re.compile(r"dataloader\.dp_rank_(\d+)")
+
+
+def titan_data_world(checkpoint: str | os.PathLike) -> int | None:
+    """How many data-parallel ranks saved the data loader positions of the torchtitan checkpoint folder
+    ``checkpoint`` (its ``dataloader.dp_rank_<r>`` keys, :func:`dcp_state_keys`); None when it says none (not
+    DCP, no data loader state). torchtitan 0.3.0 resumes it only on that many: a rank with no key of its own fails
+    the load ("Missing key in checkpoint state_dict: dataloader.dp_rank_1"), and one whose ``world_size`` differs
+    fails ``ParallelAwareDataloader.load_state_dict``'s assertion ("dataloader resharding is not supported yet")."""
+    keys = dcp_state_keys(checkpoint)
+    ranks = {int(m.group(1)) for k in keys or () if (m := TITAN_LOADER_KEY.fullmatch(k))}
+    return len(ranks) or None
