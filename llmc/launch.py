@@ -527,13 +527,20 @@ def _run_folders(b: Path, lock: dict, run: Path | None, cmds: list[Cmd] | None) 
 
 
 def _links_under(top: Path) -> list[Path]:
-    """``top`` when it is a symbolic link, else every link under it (``lstat``: links never followed)."""
+    """``top`` when it is a symbolic link, else every link under it (``lstat``: links never followed), but inside a
+    W&B folder (:data:`llmc.runtime.observe.WANDB_DIRS`, which W&B fills with links of its own that llmc never writes
+    through; the folder itself, if a link, is one)."""
+    from llmc.runtime.observe import WANDB_DIRS
+
     if top.is_symlink():
         return [top]
     if not top.is_dir():
         return []
-    return sorted(Path(where) / n for where, dirs, files in os.walk(top, followlinks=False) for n in dirs + files
-                  if os.path.islink(os.path.join(where, n)))
+    out = []
+    for where, dirs, files in os.walk(top, followlinks=False):
+        out += [Path(where) / n for n in dirs + files if os.path.islink(os.path.join(where, n))]
+        dirs[:] = [d for d in dirs if d not in WANDB_DIRS]
+    return sorted(out)
 
 
 def _outside_dir(link: Path, b: Path) -> Path | None:

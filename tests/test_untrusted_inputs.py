@@ -236,6 +236,32 @@ def test_launch_refuses_a_link_where_the_run_writes(tmp_path, where):
     assert _snapshot(tmp_path / "usermodel") == files
 
 
+def test_w_and_bs_own_links_in_a_stage_folder_do_not_stop_a_relaunch(tmp_path, monkeypatch):
+    """W&B (on by default where installed, offline) fills ``run/<stage>/wandb`` with links of its own
+    (``latest-run``, ``debug.log``, ``debug-internal.log``): the relaunch of a preempted run was refused (L001, "a
+    symbolic link ... on a path the run writes") although llmc never writes there. A link llmc would write through is
+    still refused."""
+    wandb = pytest.importorskip("wandb")
+    from llmc.runtime.observe import RunLogger
+
+    b = _tiny_build(tmp_path)
+    stage = b / "run" / "pretrain"
+    stage.mkdir(parents=True)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = RunLogger(stage, total_steps=2, run_name="t", tensorboard=False, wandb=True, echo=False)
+    assert log.wandb_run is not None, log.wandb_skipped
+    log.log({"step": 1, "loss": 3.0})
+    log.close()
+    links = [p for p in (stage / "wandb").rglob("*") if p.is_symlink()]
+    assert links, f"W&B {wandb.__version__} made no links: the test is not testing"
+    r = CliRunner().invoke(app, ["launch", str(b), "--dry-run"])
+    assert r.exit_code == 0 and "L001" not in r.output, r.output
+    (stage / "metrics.jsonl").symlink_to(stage / "wandb" / "latest-run")  # a link llmc writes through
+    r = CliRunner().invoke(app, ["launch", str(b), "--dry-run"])
+    assert r.exit_code == 1 and "error[L001]" in r.output and "metrics.jsonl" in r.output, r.output
+
+
 def test_launch_allows_a_linked_source_folder_in_data(tmp_path):
     """``data/web`` (a user's source folder) is read, never written: a link there is the user's business."""
     b = _tiny_build(tmp_path)

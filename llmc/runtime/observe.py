@@ -62,6 +62,14 @@ def format_duration(seconds: float | None) -> str:
     return f"{d}d {h:02d}:{m:02d}:{s:02d}" if d else f"{h}:{m:02d}:{s:02d}"
 
 
+#: The folders W&B writes its run files in, under the ``dir`` given to ``wandb.init`` (the stage's output folder):
+#: W&B's own, with its own symbolic links (``latest-run`` to the newest ``offline-run-*`` / ``run-*`` folder,
+#: ``debug.log`` / ``debug-internal.log`` to that run's logs), which llmc never writes through
+#: (wandb/sdk/wandb_settings.py ``wandb_dir``: ``<dir>/wandb``, or ``<dir>/.wandb`` where that exists;
+#: wandb/sdk/wandb_init.py ``_safe_symlink``).
+WANDB_DIRS = ("wandb", ".wandb")
+
+
 @dataclass(frozen=True)
 class Progress:
     step: int
