@@ -498,8 +498,9 @@ def _unresumable_runs(out: Path) -> list[str]:
             if r.refusal and (r.stage, r.checkpoint) not in seen:
                 seen.add((r.stage, r.checkpoint))
                 how = f" --backend {backend}" if backend != default else ""
-                lines.append(f"{r.checkpoint}: warning[X017] stage {r.stage!r} has an unfinished run that this build "
-                             f"cannot resume, and the next `llmc launch{how}` refuses it: {r.refusal}")
+                # (the refusal names the stage and its unfinished run)
+                lines.append(f"{r.checkpoint}: warning[X017] the next `llmc launch{how}` refuses to resume this: "
+                             f"{r.refusal}")
     return lines
 
 

@@ -527,9 +527,10 @@ def _run_folders(b: Path, lock: dict, run: Path | None, cmds: list[Cmd] | None) 
 
 
 def _links_under(top: Path) -> list[Path]:
-    """``top`` when it is a symbolic link, else every link under it (``lstat``: links never followed), but inside a
-    W&B folder (:data:`llmc.runtime.observe.WANDB_DIRS`, which W&B fills with links of its own that llmc never writes
-    through; the folder itself, if a link, is one)."""
+    """``top`` when it is a symbolic link, else every link under it (``lstat``: links never followed), but inside the
+    W&B folder of a stage folder (``top/<stage>/wandb``: :data:`llmc.runtime.observe.WANDB_DIRS`, which W&B fills with
+    links of its own that llmc never writes through; the folder itself, if a link, is one; a stage named ``wandb``,
+    ``top/wandb``, is looked through as any other)."""
     from llmc.runtime.observe import WANDB_DIRS
 
     if top.is_symlink():
@@ -539,7 +540,8 @@ def _links_under(top: Path) -> list[Path]:
     out = []
     for where, dirs, files in os.walk(top, followlinks=False):
         out += [Path(where) / n for n in dirs + files if os.path.islink(os.path.join(where, n))]
-        dirs[:] = [d for d in dirs if d not in WANDB_DIRS]
+        if Path(where).parent == top:  # (a stage folder: its W&B folder is W&B's)
+            dirs[:] = [d for d in dirs if d not in WANDB_DIRS]
     return sorted(out)
 
 

@@ -175,6 +175,35 @@ def test_export_step_of_torchtitan_dcp_checkpoints(tmp_path):
     torch.testing.assert_close(_logits(hf, tokens), _logits(model, tokens), atol=1e-4, rtol=1e-4)
 
 
+def test_a_continued_stage_on_llmcs_trainer_never_exports_pretrainings_torchtitan_steps(tmp_path):
+    """A midtrain stage without a layout of its own runs on llmc's trainer (its checkpoints in its own folder); the
+    torchtitan dump folder beside it is pre-training's: `--step 20` of the midtrain stage exported pre-training's
+    step 20 under the midtrain stage's name, and the steps it listed as kept were pre-training's."""
+    from test_build_fakes import lock_for
+
+    from llmc.runtime.errors import HFError
+    from llmc.runtime.export import export_target
+    from llmc.spec.presets import PRESETS
+
+    spec = {"name": "t", "model": PRESETS["tiny"].model_dump(mode="json"), "hardware": {"gpu": "cpu", "count": 1},
+            "data": {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 32, "tokens": 4096},
+            "training": {"global_batch_tokens": 256},
+            "stages": [{"name": "pretrain", "kind": "pretrain"},
+                       {"name": "mid", "kind": "midtrain", "init_from": "pretrain", "steps": 4,
+                        "data": {"sources": [{"name": "python-docs", "format": "builtin"}], "seq_len": 32,
+                                 "tokens": 1024}}]}
+    lock = lock_for(spec)
+    assert not next(s for s in lock["stages"] if s["name"] == "mid").get("layout")  # (llmc's trainer runs it)
+    (tmp_path / "plan.lock.json").write_text(json.dumps(lock))
+    pre = tmp_path / "outputs" / "torchtitan" / "checkpoint" / "step-20"
+    pre.mkdir(parents=True)
+    (pre / ".metadata").write_bytes(b"")
+    (tmp_path / "run" / "mid").mkdir(parents=True)
+    assert export_target(tmp_path, "pretrain", 20).checkpoint.path == pre  # (pre-training's own: found)
+    with pytest.raises(HFError, match=r"stage 'mid' has no checkpoint of step 20 \(kept: none;"):
+        export_target(tmp_path, "mid", 20)
+
+
 def test_kept_checkpoints_from_folder_names(tmp_path):
     from llmc.runtime.export import kept_checkpoints, missing_step
 

@@ -121,6 +121,11 @@ def test_dcp_keys_are_read_without_torch_as_torch_reads_them_and_run_nothing(tmp
 
     (evil / ".metadata").write_bytes(pickle.dumps(Boom()))
     assert dcp_state_keys(evil) is None and not (tmp_path / "ran").exists()
+    # malformed: an object whose state is a pair that is not (dict or None, dict) was a TypeError, which `llmc build`
+    # and `llmc launch --dry-run` printed as error[INTERNAL]
+    for data in (b"\x80\x02cx\nY\n)\x81K\x05}\x86b.", b"\x80\x02cx\nY\n)\x81}K\x05\x86b."):
+        (evil / ".metadata").write_bytes(data)
+        assert dcp_state_keys(evil) is None
 
 
 def test_torchtitan_dp_change_is_refused_before_anything_runs_with_the_ways_out(tmp_path):

@@ -260,6 +260,13 @@ def test_w_and_bs_own_links_in_a_stage_folder_do_not_stop_a_relaunch(tmp_path, m
     (stage / "metrics.jsonl").symlink_to(stage / "wandb" / "latest-run")  # a link llmc writes through
     r = CliRunner().invoke(app, ["launch", str(b), "--dry-run"])
     assert r.exit_code == 1 and "error[L001]" in r.output and "metrics.jsonl" in r.output, r.output
+    # a stage folder named wandb (run/wandb) is not W&B's: the links in it are checked
+    from llmc.launch import linked_write_path
+
+    (stage / "metrics.jsonl").unlink()
+    (b / "run" / "wandb").mkdir()
+    (b / "run" / "wandb" / "metrics.jsonl").symlink_to(tmp_path / "user.txt")
+    assert linked_write_path(b, json.loads((b / "plan.lock.json").read_text())) == b / "run" / "wandb" / "metrics.jsonl"
 
 
 def test_launch_allows_a_linked_source_folder_in_data(tmp_path):

@@ -60,11 +60,14 @@ class ExportTarget:
 
     @property
     def search(self) -> tuple[Path, ...]:
-        """Where torchtitan's DCP checkpoints of the stage may be besides its folder: the dump folder, for the
-        stages a torchtitan job trains (the next-token ones)."""
-        from llmc.spec.schema import LM_KINDS
+        """Where torchtitan's DCP checkpoints of the stage may be besides its folder: the dump folder, for a stage a
+        torchtitan job trains (pre-training, or continued training with its own searched layout: the rule of
+        ``llmc.launch.launch_commands``); none for a continued stage llmc's trainer runs, whose dump folder would be
+        pre-training's."""
+        from llmc.runtime.capabilities import TITAN_STAGE_KINDS
 
-        return (self.titan,) if self.job.kind in LM_KINDS else ()
+        own = bool((self.job.stage_plan or {}).get("layout"))
+        return (self.titan,) if self.job.kind in TITAN_STAGE_KINDS or own else ()
 
 
 def find_lock(run_dir: Path) -> tuple[Path, Path]:

@@ -1466,8 +1466,10 @@ def dcp_state_keys(checkpoint: str | os.PathLike) -> set[str] | None:
     except Exception:  # (any malformed pickle: not a checkpoint this reads)
         return None
     state = getattr(meta, "state", None)
-    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (a slotted class's state)
-        state = {**(state[0] or {}), **state[1]}
+    if isinstance(state, tuple) and len(state) == 2:  # (a slotted class's state: (its __dict__ or None, its slots))
+        parts = [p for p in state if p is not None]
+        state = {k: v for p in parts if isinstance(p, dict) for k, v in p.items()} if all(
+            isinstance(p, dict) for p in parts) else None
     keys = state.get("state_dict_metadata") if isinstance(state, dict) else None
     return {k for k in keys if isinstance(k, str)} if isinstance(keys, dict) else None
 
