@@ -200,3 +200,41 @@ def test_resumed_event_file_sorts_after_the_killed_runs(tmp_path, monkeypatch):
     log.close()
     names = sorted(f.name for f in tb_dir.glob("events.out.tfevents.*"))
     assert len(names) == 2 and names[0] == old.name
+
+
+def test_a_wandb_that_cannot_start_never_stops_the_run(tmp_path, monkeypatch, capsys):
+    """W&B online without an API key raised UsageError out of the trainer's logger (and with the network down blocked
+    ~100 s, then CommError): the stage died before step 1. The real W&B, online without a key: one R018 line and the run
+    logs offline; a W&B that cannot start at all: one R018 line and the run goes on without it."""
+    wandb = pytest.importorskip("wandb")
+    from llmc.runtime.observe import RunLogger
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # (no ~/.netrc, no W&B settings of this machine's user)
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(wandb.errors.UsageError):  # (the premise: W&B itself refuses)
+        wandb.init(project="p", dir=str(tmp_path), mode="online")
+    log = RunLogger(tmp_path / "a", total_steps=2, tensorboard=False, wandb=True, wandb_mode="online", echo=False)
+    err = capsys.readouterr().err
+    assert log.wandb_run is not None and log.wandb_run.settings.mode == "offline", err
+    (line,) = [ln for ln in err.splitlines() if "R018" in ln]
+    assert "did not start in online mode" in line and "logging offline instead" in line, line
+    log.log({"step": 1, "loss": 3.0})
+    log.close()
+
+    class Broken:  # a W&B whose init always fails (a bad setting, a broken install)
+        Settings = wandb.Settings
+
+        @staticmethod
+        def init(**kw):
+            raise RuntimeError("bad setting\nmore")
+
+    monkeypatch.setitem(__import__("sys").modules, "wandb", Broken)
+    log = RunLogger(tmp_path / "b", total_steps=2, tensorboard=False, wandb=True, echo=False)
+    err = capsys.readouterr().err
+    assert log.wandb_run is None
+    (line,) = [ln for ln in err.splitlines() if "R018" in ln]
+    assert "RuntimeError: bad setting" in line and "training goes on without it" in line, line
+    log.log({"step": 1, "loss": 3.0})
+    log.close()

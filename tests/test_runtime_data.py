@@ -116,7 +116,8 @@ def test_stream_loader_global_batch_does_not_depend_on_the_layout(tmp_path):
     resumed = StreamLoader(srcs, _words, 0, 6, slots=8)  # the other layout, from the 2-rank state
     resumed.load_state_dict(full)
     assert torch.equal(resumed.next_batch(8)[0], one.next_batch(8)[0])
-    with pytest.raises(ValueError, match="slots changed"):
+    with pytest.raises(ValueError, match=r"global_batch_tokens 48 -> 24 \(so the global batch, global_batch_tokens / "
+                                         r"seq_len, 8 -> 4 sequences"):  # (a slot is one sequence of 6 tokens)
         StreamLoader(srcs, _words, 0, 6, slots=4).load_state_dict(full)
 
 

@@ -219,7 +219,7 @@ def check_start(run: RunSpec, where: str, src: str, ck: CheckpointFacts, sink: S
                    "_, .; no ./, ../, leading /, or second /)")
             sink.add("G021", "error", where, f"init_hf {ck.problem} (relative paths are read from the spec's "
                      f"folder); {how}", f"{near}give the folder with the checkpoint's config.json and *.safetensors, "
-                     "or a Hub id as namespace/name that is in the Hugging Face cache (`huggingface-cli download "
+                     "or a Hub id as namespace/name that is in the Hugging Face cache (`hf download "
                      "namespace/name`)")
         else:
             sink.add("G021", "error", where, f"init_hf {ck.problem}: the stage would stop when it loads it",
@@ -229,7 +229,7 @@ def check_start(run: RunSpec, where: str, src: str, ck: CheckpointFacts, sink: S
         sink.add("G021", "error", where, f"init_hf {src}: {len(ck.missing)} weight file(s) its "
                  f"model.safetensors.index.json names are missing ({', '.join(ck.missing[:3])}"
                  f"{', ...' if len(ck.missing) > 3 else ''}): a partial download or copy",
-                 "copy or download the missing shards (`huggingface-cli download` resumes a partial one)")
+                 "copy or download the missing shards (`hf download` resumes a partial one)")
     if ck.config is None:
         return
     wrong_class = architectures_problem(ck.config)

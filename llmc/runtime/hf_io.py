@@ -416,7 +416,7 @@ def resolve_hf_source(src: str | Path) -> Path:
         return Path(snapshot_download(repo, revision=rev or None, local_files_only=True))
     except Exception as e:  # LocalEntryNotFoundError and friends: one line, with the fix
         raise HFError(f"{src}: not in the local Hugging Face cache ({type(e).__name__}); download it first "
-                      f"with `huggingface-cli download {repo}` or give a local directory") from None
+                      f"with `hf download {repo}` or give a local directory") from None
 
 
 class SafetensorsDir:

@@ -62,6 +62,36 @@ def format_duration(seconds: float | None) -> str:
     return f"{d}d {h:02d}:{m:02d}:{s:02d}" if d else f"{h}:{m:02d}:{s:02d}"
 
 
+def start_wandb(lib: Any, mode: str, **kwargs: Any) -> Any:
+    """``wandb.init(mode=mode, **kwargs)``, quiet (``wandb.Settings(quiet=True)``: W&B's banner, its hints and the
+    run's summary table off the console; its files as they were), or None: a W&B that cannot start (online without an
+    API key, an unreachable server after W&B's own ``init_timeout``, a bad setting) is one ``warning[R018]`` line on
+    stderr and training goes on, logged offline where the failure was online, else without W&B: a logging backend
+    never stops a run."""
+    import sys
+
+    def first_line(e: BaseException) -> str:
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+    try:
+        return lib.init(mode=mode, settings=lib.Settings(quiet=True), **kwargs)
+    except Exception as e:  # noqa: BLE001 (W&B's own errors: UsageError, CommError, ...)
+        why = first_line(e)
+    if mode != "offline":
+        try:
+            run = lib.init(mode="offline", settings=lib.Settings(quiet=True), **kwargs)
+        except Exception as e:  # noqa: BLE001
+            why += f"; offline too: {first_line(e)}"
+        else:
+            print(f"warning[R018] W&B did not start in {mode} mode ({why}): logging offline instead, under "
+                  f"{kwargs.get('dir')}/wandb (`wandb sync` uploads it later)", file=sys.stderr, flush=True)
+            return run
+    print(f"warning[R018] W&B did not start ({why}): training goes on without it (metrics.jsonl and TensorBoard "
+          "still log; WANDB_MODE=disabled turns W&B off without this line)", file=sys.stderr, flush=True)
+    return None
+
+
 #: The folders W&B writes its run files in, under the ``dir`` given to ``wandb.init`` (the stage's output folder):
 #: W&B's own, with its own symbolic links (``latest-run`` to the newest ``offline-run-*`` / ``run-*`` folder,
 #: ``debug.log`` / ``debug-internal.log`` to that run's logs), which llmc never writes through
@@ -156,8 +186,8 @@ class RunLogger:
                     raise
                 self.wandb_skipped = "wandb is not installed"
             else:
-                self.wandb_run = wandb_lib.init(project=project, name=run_name, dir=str(self.out_dir),
-                                                config=dict(config or {}), mode=mode)
+                self.wandb_run = start_wandb(wandb_lib, mode, project=project, name=run_name, dir=str(self.out_dir),
+                                             config=dict(config or {}))
 
     # -- progress ---------------------------------------------------------------------------------
     def _tick(self, step: int, rec: Mapping[str, Any]) -> None:
