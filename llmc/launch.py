@@ -909,17 +909,10 @@ def _stage_job(lock: dict, stage: str, b: Path, world: int):
     say: the trainer reports it)."""
     from llmc.runtime.job import TrainJob
 
-    was = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(world)
     try:
-        return TrainJob.from_lock(lock, stage, b)
+        return TrainJob.from_lock(lock, stage, b, world=world)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-    finally:
-        if was is None:
-            os.environ.pop("WORLD_SIZE", None)
-        else:
-            os.environ["WORLD_SIZE"] = was
 
 
 def _export_way(b: Path, stage: str, step: int | None) -> str:

@@ -72,7 +72,6 @@ from llmc.fileio import sha256_file
 from llmc.runtime.errors import CheckpointError  # (defined without torch, for prepare / check)
 
 FORMAT = 1
-_STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -499,7 +498,9 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    out = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    from llmc.runtime.job import STEP_DIR  # (the one step-folder name, matched whole)
+
+    out = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := STEP_DIR.fullmatch(p.name))]
     return sorted(out)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -127,16 +126,8 @@ def kept_checkpoints(job: Any, stage_dir: Path, search: tuple[Path, ...] = ()) -
     torchtitan's DCP checkpoints (``step-N/.metadata`` under ``stage_dir`` or ``search``); a step kept in more than
     one format is read from the first. Steps match by number: ``step-10`` and ``step-00000010`` are step 10."""
     from llmc.runtime.capabilities import DS_LEGACY_CHECKPOINT_SUBDIR, ds_checkpoint_dir
-    from llmc.runtime.job import STEP_DIR
+    from llmc.runtime.job import is_dcp, step_folders
     from llmc.spec.schema import LM_KINDS
-
-    def steps(folder: Path, holds: Callable[[Path], bool], *, deep: bool = False) -> Iterator[tuple[int, Path]]:
-        try:
-            for p in sorted(folder.glob("**/step-*") if deep else folder.iterdir()):
-                if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir() and holds(p):
-                    yield int(m.group(1)), p
-        except OSError:  # (a folder that is not there, or not readable: nothing kept in it)
-            return
 
     folder = stage_dir / (job.checkpoint_folder if job.kind in LM_KINDS else "checkpoints")
     found: dict[int, StepCheckpoint] = {}
@@ -144,9 +135,9 @@ def kept_checkpoints(job: Any, stage_dir: Path, search: tuple[Path, ...] = ()) -
             ("llmc", (folder,), lambda p: (p / "manifest.json").is_file(), False),
             ("deepspeed", (ds_checkpoint_dir(stage_dir, job.checkpoint_folder), stage_dir / DS_LEGACY_CHECKPOINT_SUBDIR),
              lambda p: any(p.glob("*model_states.pt")), False),
-            ("torchtitan", (stage_dir, *search), lambda p: (p / ".metadata").is_file(), True)):
+            ("torchtitan", (stage_dir, *search), is_dcp, True)):
         for d in where:
-            for n, p in steps(d, holds, deep=deep):
+            for n, p in step_folders(d, holds, deep=deep).items():
                 found.setdefault(n, StepCheckpoint(n, fmt, p))
     return found
 

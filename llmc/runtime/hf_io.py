@@ -1224,15 +1224,18 @@ def _model_state_at(stage_dir: Path, *more: Path, dtype: torch.dtype | None = No
         except CheckpointError as e:
             raise HFError(str(e)) from None
         return read_model_state(ck, dtype), "llmc", int(manifest["step"])  # model.pt or the sharded (DCP) checkpoint
-    if (stage_dir / ".metadata").is_file():  # one torchtitan DCP checkpoint, named exactly
-        dcp = [stage_dir]
-    else:
-        dcp = sorted((p for d in (stage_dir, *more) if d.is_dir() for p in d.glob("**/step-*")
-                      if (p / ".metadata").exists()), key=lambda p: int(p.name.split("-")[-1]))
+    from llmc.runtime.job import checkpoint_step, is_dcp, step_folders
+
+    if is_dcp(stage_dir):  # one torchtitan DCP checkpoint, named exactly
+        return _titan_state(stage_dir, dtype), "torchtitan", checkpoint_step(stage_dir)
+    dcp: dict[int, Path] = {}
+    for d in (stage_dir, *more):  # (a step in two of them: the later folder's)
+        dcp.update(step_folders(d, is_dcp, deep=True))
     if not dcp:
         raise HFError(f"{stage_dir}: no llmc checkpoint and no torchtitan DCP checkpoint")
-    step = dcp[-1].name.split("-")[-1]
-    return _titan_state(dcp[-1], dtype), "torchtitan", int(step) if step.isdigit() else None
+    step = max(dcp)
+    return _titan_state(dcp[step], dtype), "torchtitan", step
+
 
 
 def _titan_state(dcp_dir: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -1333,12 +1336,9 @@ def titan_checkpoints(build_dir: str | Path, stage: str | None = None) -> dict[i
     """step -> torchtitan DCP checkpoint (``step-N/.metadata``) under the build's torchtitan dump folder: the
     pre-training job's, or continued-training stage ``stage``'s own job's."""
     from llmc.runtime.capabilities import titan_dump_subdir
+    from llmc.runtime.job import is_dcp, step_folders
 
-    titan = Path(build_dir) / "outputs" / titan_dump_subdir(stage)
-    if not titan.is_dir():
-        return {}
-    return {int(p.name.split("-")[-1]): p for p in titan.glob("**/step-*")
-            if (p / ".metadata").is_file() and p.name.split("-")[-1].isdigit()}
+    return step_folders(Path(build_dir) / "outputs" / titan_dump_subdir(stage), is_dcp, deep=True)
 
 
 def export_stage(job, stage_dir: str | Path, out: str | Path | None = None, *, tokenizer_dir=None,

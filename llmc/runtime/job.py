@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -259,11 +259,14 @@ class TrainJob:
 
     # ------------------------------------------------------------------ from the lockfile
     @classmethod
-    def from_lock(cls, lock: dict, stage: str | None = None, build_dir: str | Path | None = None) -> TrainJob:
+    def from_lock(cls, lock: dict, stage: str | None = None, build_dir: str | Path | None = None,
+                  world: int | None = None) -> TrainJob:
         """The job of ``stage`` (None: the pre-training stage, else the first stage), read from its
         ``lock["stages"]`` entry; raises ValueError naming a missing key or stage. ``build_dir`` (the
         lock's folder) anchors relative data/tokenizer paths: they resolve against
-        ``build_dir / lock["spec"]["dir_from_build"]``, the spec's folder, wherever the job runs from."""
+        ``build_dir / lock["spec"]["dir_from_build"]``, the spec's folder, wherever the job runs from. ``world``: the
+        processes it runs on (a continued-training stage's data parallelism follows them; None: ``WORLD_SIZE``, the
+        trainer's own)."""
         spec = RunSpec.model_validate(lock["spec"]["resolved"])
         entry = stage_entry(lock, stage)
         t = spec.training
@@ -297,7 +300,7 @@ class TrainJob:
             init=lock_init(lock, spec.model),
         )
         gbs = int(num["global_batch_seqs"])
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else int(world)
         layout = entry.get("layout") if job.kind in CONTINUED_KINDS else None
         continued = job.kind in CONTINUED_KINDS and bool(entry.get("memory")) and not layout
         if layout:
@@ -1412,13 +1415,33 @@ def resume_checkpoint(folder: str | os.PathLike | None) -> Path | None:
         if latest.is_file():  # DeepSpeed (deepspeed/runtime/engine.py save_checkpoint writes the tag last)
             tag = latest.read_text().strip()
             return d / tag if tag and (d / tag).is_dir() else None
-        found = [(int(m.group(1)), p) for base in (d, *sorted(d.glob("checkpoint*")))
-                 for p in (base.iterdir() if base.is_dir() else ())
-                 if p.is_dir() and (m := STEP_DIR.fullmatch(p.name))
-                 and ((p / "manifest.json").is_file() or (p / ".metadata").is_file())]
+        found = [(n, p) for base in (d, *sorted(d.glob("checkpoint*")))
+                 for n, p in step_folders(base, lambda p: (p / "manifest.json").is_file() or is_dcp(p)).items()]
     except OSError:
         return None
     return max(found)[1] if found else None
+
+
+def step_folders(folder: str | os.PathLike, holds: Callable[[Path], bool], *, deep: bool = False) -> dict[int, Path]:
+    """step -> the ``step-N`` folder (:data:`STEP_DIR`, matched whole: ``step-5.tmp`` is none) directly in ``folder``
+    (``deep``: at any depth, as torchtitan's ``checkpoint/step-N``) for which ``holds(folder)`` says it is complete
+    (a manifest.json, DCP's ``.metadata``, DeepSpeed's model states); read from names and ``holds`` alone, no torch. A
+    folder that is not there or not readable holds none. Of two folders of one step (``step-10``, ``step-00000010``)
+    the first in name order is kept."""
+    found: dict[int, Path] = {}
+    try:
+        for p in sorted(Path(folder).glob("**/step-*") if deep else Path(folder).iterdir()):
+            if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir() and holds(p):
+                found.setdefault(int(m.group(1)), p)
+    except OSError:
+        return {}
+    return found
+
+
+def is_dcp(folder: Path) -> bool:
+    """Whether ``folder`` is a torch.distributed.checkpoint (DCP) checkpoint, as torchtitan writes: its ``.metadata``
+    is there (written last, by ``FileSystemWriter.finish``)."""
+    return (folder / ".metadata").is_file()
 
 
 def checkpoint_step(path: str | os.PathLike | None) -> int | None:
