@@ -131,6 +131,7 @@ from llmc.runtime.job import (
     TOKENIZER_KEY,
     LaunchOptions,
     checkpoint_step,
+    export_command,
     fingerprint_change,
     fingerprint_record,
     legacy_message,
@@ -918,8 +919,7 @@ def _stage_job(lock: dict, stage: str, b: Path, world: int):
 def _export_way(b: Path, stage: str, step: int | None) -> str:
     """The way out that keeps an unresumable run's progress as a model: its checkpoint exported, a new run started
     from it."""
-    at = f" --step {step}" if step is not None else ""
-    return (f"`llmc export {shlex.quote(str(b))} --stage {shlex.quote(stage)}{at}` writes that checkpoint as a model "
+    return (f"`{export_command(b, stage, step)}` writes that checkpoint as a model "
             "to start a new build from (training.init_hf / stages[].init_hf: its weights, with a fresh optimizer and "
             "LR schedule)")
 

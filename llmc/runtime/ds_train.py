@@ -417,15 +417,13 @@ def check_ds_checkpoint(path: Path, model, job, now: DsLayout | None = None, bui
     # (ZeRO-0's whole optimizer state resumes on any count: this run's processes with ZeRO-0 pinned)
     zero0 = (" (or zero_stage 0 alone: ZeRO-0's whole optimizer state resumes on any count)"
              if saved.zero == 0 and saved.whole and now.zero != 0 and saved.world != now.world else "")
-    import shlex
-
-    from llmc.runtime.job import rerun_command
+    from llmc.runtime.job import export_command, rerun_command
 
     build = build_dir if build_dir is not None else Path("BUILD_DIR")  # (a trainer run without a lock's folder)
     raise CheckpointError(
         f"checkpoint {path.name}: {changed} since it was written, and a DeepSpeed checkpoint resumes only in its own "
         f"layout: rebuild with {' and '.join(x for x in old if x)}{zero0} to resume it, or start a new run from its "
-        f"weights (`llmc export {shlex.quote(str(build))} --stage {shlex.quote(job.stage)} --step {step}`, then "
+        f"weights (`{export_command(build, job.stage, step)}`, then "
         f"`init_hf`: a fresh optimizer, LR schedule and data position), or `{rerun_command(build, job.stage)}` to "
         "start the stage over (the earlier run set aside)")
 

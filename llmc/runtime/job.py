@@ -1215,6 +1215,15 @@ def launch_command(build: str | Path, options: LaunchOptions | None = None, *, n
     return shlex.join(argv)
 
 
+def export_command(build: str | Path, stage: str, step: int | str | None = None) -> str:
+    """The ``llmc export BUILD --stage S [--step N]`` command line, quoted for a shell: the way every message tells
+    the user to keep a run's progress as a model (its checkpoint of step N) to start a new run from."""
+    import shlex
+
+    return shlex.join(["llmc", "export", str(build), "--stage", str(stage),
+                       *(["--step", str(step)] if step is not None else [])])
+
+
 def rerun_command(build: str | Path, stage: str, options: LaunchOptions | None = None) -> str:
     """The command that sets ``stage`` and every stage after it in the run order aside (``run/<stage>.set-aside-N``,
     never deleted) and trains them again: ``llmc launch BUILD --no-resume --from STAGE`` with the launch's own
