@@ -476,8 +476,9 @@ def _unresumable_runs(out: Path) -> list[str]:
     """Warnings (X017) for the unfinished runs in the build directory ``out`` (just written) that the next ``llmc
     launch`` refuses to resume: X013's sibling for stages not finished. Each backend whose checkpoints are there
     (llmc's in ``run/<stage>/``, torchtitan's in ``outputs/``) is asked as its launch would be
-    (``llmc.launch.resumptions``), so the line is the launch's refusal."""
-    from llmc.launch import LaunchError, _launched_backend, launch_commands, load_build, resumptions
+    (``llmc.resume.resumptions``), so the line is the launch's refusal."""
+    from llmc.launch import LaunchError, _launched_backend, launch_commands, load_build
+    from llmc.resume import resumptions
     from llmc.runtime.job import LaunchOptions
 
     if not any((out / "run").glob("*/*/step-*")) and not any((out / "outputs").glob("torchtitan*/*/step-*")):
@@ -545,12 +546,12 @@ def launch(
         nproc_problem,
         preemption_times,
         resume_checkpoint,
-        resumptions,
         software_warning,
         spec_change_warning,
         start_stage,
         unfit_warning,
     )
+    from llmc.resume import resumptions
 
     if not build_dir:  # (a Path would read '' as '.')
         _fail(["error[L001] no build directory given (an empty path; name the directory `llmc build -o` wrote)"])

@@ -129,7 +129,8 @@ def test_dcp_keys_are_read_without_torch_as_torch_reads_them_and_run_nothing(tmp
 
 
 def test_torchtitan_dp_change_is_refused_before_anything_runs_with_the_ways_out(tmp_path):
-    from llmc.launch import launch_commands, resumptions
+    from llmc.launch import launch_commands
+    from llmc.resume import resumptions
 
     b = tmp_path / "b"
     _build(tmp_path, b)
@@ -157,7 +158,8 @@ def test_torchtitan_dp_change_is_refused_before_anything_runs_with_the_ways_out(
 # --------------------------------------------------------- 2-4. torchtitan: another lock, and a longer schedule
 
 def test_torchtitan_run_started_under_other_steps_names_the_change_and_resumes_only_where_the_lr_stays(tmp_path):
-    from llmc.launch import LaunchError, launch_commands, resumptions, start_stage
+    from llmc.launch import LaunchError, launch_commands, start_stage
+    from llmc.resume import resumptions
     from llmc.runtime.job import FINGERPRINT_FILE
 
     cosine = dict(warmup_steps=2, decay_ratio=None, decay_type="cosine", min_lr_factor=0.1)
