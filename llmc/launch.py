@@ -114,14 +114,12 @@ from llmc.runtime.capabilities import (
     TITAN_STAGE_KINDS,
     ds_resume_dir,
     titan_dump_subdir,
+    titan_own_job,
     titan_stage_module,
 )
 from llmc.runtime.evaluate import SUMMARY as EVAL_SUMMARY
 from llmc.runtime.evaluate import eval_change, eval_stages
 from llmc.runtime.job import (
-    FINGERPRINT_FILE,
-    STAGE_TOKENIZER,
-    TOKENIZER_KEY,
     LaunchOptions,
     fingerprint_record,
     legacy_message,
@@ -129,7 +127,7 @@ from llmc.runtime.job import (
     rerun_command,
     resume_checkpoint,  # (llmc.cli reads it from here)
     stage_staleness,
-    tokenizer_files,
+    write_titan_record,
 )
 from llmc.spec.load import STDIN_SPEC
 from llmc.spec.schema import POSTTRAIN_KINDS
@@ -716,7 +714,7 @@ def launch_commands(build_dir: str | os.PathLike, backend: str | None = None, np
     cmds: list[Cmd] = []
     for s in stages:
         # continued training with its own searched layout runs as its own torchtitan job (torchtitan builds)
-        own = bool(s.get("layout")) and s["kind"] not in TITAN_STAGE_KINDS
+        own = titan_own_job(s["kind"], s.get("layout"))
         titan = backend == "torchtitan" and (s["kind"] in TITAN_STAGE_KINDS or own)
         # its finished run: DONE.json; a torchtitan stage's, also its export (torchtitan writes no DONE.json); and
         # whether this lock trained it, or (unfinished) what it starts from: the check `llmc export` applies too
@@ -868,8 +866,6 @@ def start_stage(c: Cmd, build_dir: str | os.PathLike, options: LaunchOptions | N
     would resume checkpoints trained with another) and, for a torchtitan stage, its record of the lock that trains
     it (``FINGERPRINT.json``, replacing an unfinished run's; a finished one is refused or skipped before this).
     ``options``: the launch's, which the command its refusal prints carries."""
-    import json
-
     if not c.stage_dir:
         return
     d = Path(c.stage_dir)
@@ -887,11 +883,7 @@ def start_stage(c: Cmd, build_dir: str | os.PathLike, options: LaunchOptions | N
     except ValueError as e:
         raise LaunchError(str(e)) from None
     if c.record:
-        tok = tokenizer_files(d / STAGE_TOKENIZER)  # (the tokenizer it trains with, as llmc's trainers record theirs)
-        record = {**c.record, **({TOKENIZER_KEY: tok} if tok else {})}
-        tmp = d / f"{FINGERPRINT_FILE}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps({"stage": c.stage, **record}, indent=2) + "\n")
-        os.replace(tmp, d / FINGERPRINT_FILE)
+        write_titan_record(d, c.stage, c.record)
 
 
 # torchrun's own log lines (glog-style "E1206 18:44:35.693000 21592 torch/distributed/elastic/...] failed ..."): the

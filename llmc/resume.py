@@ -21,19 +21,15 @@ from pathlib import Path
 
 from llmc.emit.common import RUNTIME_ENTRY
 from llmc.launch import Cmd, LaunchError, _stages, load_build
-from llmc.runtime.capabilities import TITAN_STAGE_KINDS
 from llmc.runtime.job import (
-    FINGERPRINT_FILE,
-    FINGERPRINT_KEY,
-    FINGERPRINT_SHA,
     LaunchOptions,
     checkpoint_step,
-    export_command,
-    fingerprint_change,
+    export_way,
     rerun_command,
     resume_checkpoint,
-    steps_only_change,
-    titan_data_world,
+    titan_lock_change,
+    titan_lock_message,
+    titan_world_change,
 )
 from llmc.spec.schema import LM_KINDS
 
@@ -50,100 +46,24 @@ def _stage_job(lock: dict, stage: str, b: Path, world: int):
         return None
 
 
-def _export_way(b: Path, stage: str, step: int | None) -> str:
-    """The way out that keeps an unresumable run's progress as a model: its checkpoint exported, a new run started
-    from it."""
-    return (f"`{export_command(b, stage, step)}` writes that checkpoint as a model "
-            "to start a new build from (training.init_hf / stages[].init_hf: its weights, with a fresh optimizer and "
-            "LR schedule)")
-
-
 def titan_run_change(c: Cmd, build_dir: str | os.PathLike, options: LaunchOptions | None = None,
                      lock: dict | None = None) -> str | None:
     """Why the unfinished torchtitan run of ``c`` (its stage folder's ``FINGERPRINT.json``, written when it started, and
-    checkpoints in its dump folder) is not this build's to resume, in one line naming what changed
-    (:func:`llmc.runtime.job.fingerprint_change`: ``steps 40 -> 60``) and the ways out; None when it is, or there is
-    no such run. A run whose fingerprint differs only in ``steps`` resumes where the LR at its checkpoint's step stays
-    (:meth:`llmc.runtime.job.TrainJob.steps_change`, the rule llmc's own trainers apply: torchtitan, like them,
-    restores the step and recomputes the LR from the new schedule); one whose LR would jump is refused, saying so.
-    ``lock``: the build's (read when not given). The one check of ``start_stage`` and :func:`resumptions`."""
-    import json
-
+    checkpoints in its dump folder) is not this build's to resume, in one line naming what changed (``steps 40 -> 60``
+    and the LR jump) and the ways out (:func:`llmc.runtime.job.titan_lock_change`, the judgement the emitted launch
+    scripts apply too); None when it is, or there is no such run. ``lock``: the build's (read when not given). The one
+    check of ``start_stage`` and :func:`resumptions`."""
     if not (c.record and c.dump_dir and c.stage_dir):
         return None
-    f = Path(c.stage_dir) / FINGERPRINT_FILE
-    try:
-        rec = json.loads(f.read_text()) if f.is_file() else None
-    except (OSError, ValueError, RecursionError):
-        rec = None
-    was_sha = rec.get(FINGERPRINT_SHA) if isinstance(rec, dict) else None
-    if not isinstance(was_sha, str) or not was_sha or was_sha == c.record.get(FINGERPRINT_SHA):
+    if lock is None:
+        try:
+            lock = load_build(build_dir)[1]
+        except LaunchError:
+            lock = None
+    change = titan_lock_change(lock, c.stage, build_dir, c.stage_dir, c.dump_dir, c.record)
+    if change is None:
         return None
-    if not any(Path(c.dump_dir).glob("checkpoint*/step-*")):
-        return None  # (nothing to resume: the job starts the stage over, and the record is replaced)
-    was = rec.get(FINGERPRINT_KEY) if isinstance(rec.get(FINGERPRINT_KEY), dict) else {"sha256": was_sha}
-    now = c.record.get(FINGERPRINT_KEY) if isinstance(c.record.get(FINGERPRINT_KEY), dict) else \
-        {"sha256": c.record.get(FINGERPRINT_SHA)}
-    what = fingerprint_change(was, now) or "its fingerprint differs from the lock's"
-    old_steps = steps_only_change(was, now)
-    saved = resume_checkpoint(c.dump_dir)
-    step = checkpoint_step(saved)
-    if old_steps is not None and step is not None:
-        if lock is None:
-            try:
-                lock = load_build(build_dir)[1]
-            except LaunchError:
-                lock = None
-        job = _stage_job(lock, c.stage, Path(build_dir), 1) if lock is not None else None
-        jump = job.steps_change(old_steps, step) if job is not None else "its schedule could not be read"
-        if jump is None:
-            return None  # a longer (or shorter) run whose LR at the resumed step is the same: it resumes
-        what += (f"; {jump}, and a run resumes under another steps only where the LR at its step stays, on every "
-                 "backend: a constant schedule, WSD before its decay")
-    return (f"stage {c.stage!r} was started under another lock than this build's ({what}; {f}), and torchtitan would "
-            f"resume its checkpoints ({c.dump_dir}): `{rerun_command(build_dir, c.stage, options)}` sets both aside, "
-            "with the stages after it, and trains them again; or rebuild with the values it was started with and "
-            "finish it"
-            + (f"; or {_export_way(Path(build_dir), c.stage, step)}" if step is not None else ""))
-
-
-def _titan_dp(lock: dict, stage: dict) -> tuple[int, str] | None:
-    """The data-parallel size (dp_replicate x dp_shard: torchtitan's "batch" mesh, over which its data loader is
-    split) of the torchtitan job that trains ``stage`` (one of :func:`_stages`), with its degrees in words: a stage's
-    own searched layout, else the plan's; None without one."""
-    own = stage.get("layout") if stage.get("kind") not in TITAN_STAGE_KINDS else None
-    lay = own if isinstance(own, dict) else lock.get("plan")
-    if not isinstance(lay, dict):
-        return None
-    try:
-        rep, shard = int(lay.get("dp_replicate", 1) or 1), int(lay.get("dp_shard", 1) or 1)
-    except (TypeError, ValueError):
-        return None
-    return rep * shard, f"dp_replicate {rep} x dp_shard {shard}"
-
-
-def titan_world_change(b: Path, lock: dict, stage: dict, checkpoint: Path, options: LaunchOptions | None = None
-                       ) -> str | None:
-    """Why this build's torchtitan job cannot resume ``checkpoint`` (a torchtitan DCP step folder of ``stage``): it was
-    saved by another number of data-parallel ranks than this build's layout runs (:func:`llmc.runtime.job.
-    titan_data_world`, from its metadata), which torchtitan 0.3.0 cannot load (its data loader's position is one state
-    per dp rank, without resharding); one line with the change and the ways out, else None."""
-    from llmc import TARGET_VERSIONS
-
-    saved = titan_data_world(checkpoint)
-    want = _titan_dp(lock, stage)
-    if saved is None or want is None or saved == want[0]:
-        return None
-    step = checkpoint_step(checkpoint)
-    name = stage["name"]
-    return (f"stage {name!r}: its unfinished torchtitan run's checkpoint {checkpoint} (step {step}) was saved by "
-            f"{saved} data-parallel rank(s), and this build runs dp {want[0]} ({want[1]}): dp {saved} -> {want[0]}; "
-            f"torchtitan {TARGET_VERSIONS.get('torchtitan', '')} resumes a checkpoint only on the data-parallel size "
-            "that saved it (its data loader keeps one position per dp rank and does not reshard them: the load would "
-            "fail with \"Missing key in checkpoint state_dict: dataloader.dp_rank_N\"); to keep the progress, rebuild "
-            f"for the hardware it was saved on (a layout of dp {saved}, e.g. the earlier hardware.count) and finish the "
-            f"stage there, or {_export_way(b, name, step)}; "
-            f"`{rerun_command(b, name, options)}` sets the run aside and trains the stage over")
+    return titan_lock_message(c.stage, change, c.dump_dir, build_dir, options)
 
 
 def native_resume_problem(lock: dict, stage: str, checkpoint: Path, world: int, b: Path,
@@ -171,7 +91,7 @@ def native_resume_problem(lock: dict, stage: str, checkpoint: Path, world: int, 
     at = saved.get("step")
     step = at if isinstance(at, int) and not isinstance(at, bool) else 0
     ways = (f"`{rerun_command(b, stage, options)}` sets the run aside and trains the stage over; or rebuild with the "
-            f"old values and finish the run; or {_export_way(b, stage, step)}")
+            f"old values and finish the run; or {export_way(b, stage, step)}")
     why = job.schedule_change(saved.get("lr_schedule"), checkpoint.name, step, redo=ways)
     if why is not None:
         return why

@@ -545,6 +545,8 @@ def _calls(d) -> list[str]:
     out = []
     for ln in (log.read_text().splitlines() if log.exists() else []):
         m = re.search(r"llmc\.runtime\.(\w+).*?--stage (\w+)", ln)
+        if " titan-start " in ln:  # (the check as a torchtitan stage starts, not a step of the run)
+            continue
         if "entry prepare" in ln:
             out.append("prepare")
         elif m:

@@ -521,6 +521,8 @@ def _node_calls(d: Path) -> list[str]:
 
     out = []
     for ln in (d / "calls.log").read_text().splitlines():
+        if " titan-start " in ln:  # (the check as a torchtitan stage starts, not a step of the run)
+            continue
         m = re.search(r"llmc\.runtime\.(\w+).*?--stage (\w+)", ln)
         out.append("prepare" if " prepare " in ln else f"{m.group(1)} {m.group(2)}" if m else
                    "titan base" if "torchtitan.train" in ln else ln)

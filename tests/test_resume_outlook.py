@@ -250,3 +250,77 @@ def test_native_checkpoint_the_trainer_would_refuse_is_refused_before_prepare(tm
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and "error[L018]" in lines[0] and said in lines[0], r.stderr
     assert f"llmc launch {b} --no-resume --from pretrain" in lines[0] and "--stage pretrain --step 22" in lines[0]
+
+
+# ------------------------------------------- 3. the emitted torchtitan launch script rules as `llmc launch` does
+
+def test_the_torchtitan_launch_script_resumes_a_longer_wsd_run_and_refuses_a_longer_cosine_one(tmp_path):
+    """launch/torchrun_single_node.sh with BACKEND=torchtitan used to refuse any unfinished run started under another
+    lock (R004, the fingerprints only): a WSD run made longer before its decay, which `llmc launch` resumes, could not
+    be resumed from the script. It now asks the runtime the launch's question (`python -m llmc.runtime.entry
+    titan-start`): WSD 40 -> 60 at step 20 resumes (torchtitan's own scheduler: the LR at step 20 is the peak under
+    both), cosine 40 -> 60 is refused naming the change and the LR jump, with the script's ways out."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_build_fakes import ROOT
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    log = tmp_path / "calls.log"
+    # torchrun: the torchtitan job "preempted" after saving its step-20 checkpoint (a complete DCP folder's marker)
+    (bin_ / "torchrun").write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        echo "torchrun $*" >> "{log}"
+        mkdir -p "$BUILD_DIR/outputs/torchtitan/checkpoint/step-20" && echo dcp > "$BUILD_DIR/outputs/torchtitan/checkpoint/step-20/.metadata"
+        exit 75
+        """))
+    (bin_ / "python").write_text(f'#!/bin/bash\nexec {sys.executable} "$@"\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT), "BACKEND": "torchtitan",
+           "OMP_NUM_THREADS": "1"}
+
+    def script(b: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(b / "launch/torchrun_single_node.sh")], env={**env, "BUILD_DIR": str(b)},
+                              capture_output=True, text=True, timeout=300)
+
+    def trains() -> int:
+        return log.read_text().count("llmc_job") if log.exists() else 0
+
+    wsd = dict(warmup_steps=2, decay_ratio=0.2, decay_type="sqrt", min_lr_factor=0.1)
+    cosine = dict(warmup_steps=2, decay_ratio=None, decay_type="cosine", min_lr_factor=0.1)
+    assert _titan_lr(40, 20, **wsd) == _titan_lr(60, 20, **wsd)
+    for kind, sched, resumes in (("wsd", wsd, True), ("cosine", cosine, False)):
+        b = tmp_path / kind
+        _build(tmp_path, b, f"training.schedule.kind={kind}")
+        before = trains()
+        r = script(b)
+        assert trains() == before + 1 and r.returncode != 0, r.stderr[-2000:]  # started, "preempted" at step 20
+        assert json.loads((b / "run/pretrain/FINGERPRINT.json").read_text())["fingerprint"]["numbers"]["steps"] == 40
+        _build(tmp_path, b, f"training.schedule.kind={kind}", "training.steps=60")
+        r = script(b)
+        if resumes:
+            assert trains() == before + 2, r.stderr[-2000:]
+            rec = json.loads((b / "run/pretrain/FINGERPRINT.json").read_text())
+            assert rec["fingerprint"]["numbers"]["steps"] == 60 and "R004" not in r.stderr
+        else:
+            was, now = f"{_titan_lr(40, 20, **sched):.4g}", f"{_titan_lr(60, 20, **sched):.4g}"
+            (line,) = [ln for ln in r.stderr.splitlines() if "error[R004]" in ln]
+            assert r.returncode == 2 and trains() == before + 1, r.stderr[-2000:]
+            for said in ("steps 40 -> 60", f"would jump from {was} to {now} x peak", "--no-resume --from pretrain",
+                         "--backend torchtitan", "--stage pretrain --step 20"):
+                assert said in line, (said, line)
+    # a checkpoint of one data-parallel rank, the build rebuilt for two: torchtitan 0.3.0 would fail to load it
+    # (its data loader's dp_rank_1 state is missing); the script refuses it first, as `llmc launch` does (L018)
+    b = tmp_path / "wsd"
+    ck = _titan_checkpoint(b, 21, dp=1)
+    _build(tmp_path, b, "training.schedule.kind=wsd", "training.steps=60", "hardware.count=2")
+    before = trains()
+    r = script(b)
+    (line,) = [ln for ln in r.stderr.splitlines() if "error[R004]" in ln]
+    assert r.returncode == 2 and trains() == before, r.stderr[-2000:]
+    for said in ("dp 1 -> 2", str(ck), "--stage pretrain --step 21", "--no-resume --from pretrain"):
+        assert said in line, (said, line)

@@ -32,6 +32,14 @@ def titan_dump_subdir(stage: str | None = None) -> str:
     return "torchtitan" if stage is None else f"torchtitan-{stage}"
 
 
+def titan_own_job(kind: str, layout: object) -> bool:
+    """Whether a stage of ``kind`` with the lock's ``layout`` entry runs as a torchtitan job of its own (continued
+    training with its own searched layout: ``torchtitan/llmc_job_stageN.py``, dump folder ``torchtitan-<stage>``)
+    when the build trains on torchtitan, rather than as pre-training's job (``TITAN_STAGE_KINDS``) or on llmc's
+    trainer."""
+    return bool(layout) and kind not in TITAN_STAGE_KINDS
+
+
 def titan_stage_module(index: int) -> str:
     """The torchtitan job module (``torchtitan/<name>.py``) of the stage at position ``index`` of the lock's stages
     (continued-training stages with their own ``layout``; the pre-training job is ``llmc_job``)."""

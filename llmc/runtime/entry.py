@@ -8,6 +8,7 @@
 stop a run of the planned length early, with a checkpoint and without DONE.json; rerun to continue.
     python -m llmc.runtime.entry prepare --lock plan.lock.json [--stage NAME] [--assets DIR] [--stages A,B]
     python -m llmc.runtime.entry check --lock plan.lock.json --stage NAME [--out DIR] [--export]
+    python -m llmc.runtime.entry titan-start --lock plan.lock.json --stage NAME [--out DIR] [--assets DIR]
     torchrun --nnodes N --nproc_per_node 1 ... -m llmc.runtime.entry shared-check --dir DIR
     deepspeed --hostfile H --num_gpus 1 --no_local_rank --module llmc.runtime.entry shared-check --dir DIR
 
@@ -26,7 +27,10 @@ starts from such a one; ``--no-resume`` sets it aside. ``prepare`` writes the lo
 folder holds a run the lock finished (exit 0), none (1), or one finished under another lock (3, the R004 line;
 ``--export``: a stage a torchtitan job trains, done once ``hf/`` exists). A stage's folder keeps a copy of the
 tokenizer it trains with (``run/<stage>/tokenizer/``), so a run set aside keeps its tokenizer when prepare writes
-another. DONE.json also records what the stage's data sources' files held and its tokenizer copy's files
+another. ``titan-start`` is what a launch script does as a torchtitan stage starts (torchtitan writes no DONE.json):
+its unfinished run started under another lock is refused (3, the R004 line) unless only its steps changed and the LR
+at its checkpoint's step stays, as ``llmc launch`` rules; else ``run/<stage>/FINGERPRINT.json`` records this lock (0).
+DONE.json also records what the stage's data sources' files held and its tokenizer copy's files
 (:func:`llmc.runtime.job.fingerprint_record`): a stage whose data changed since, or whose tokenizer is not prepare's
 now, is refused as one finished under another lock is. When prepare trains (or copies) a new tokenizer while finished
 stages trained with the old one, it says so (R016: which stages, and ``--no-resume``); and it checks every stage's
@@ -916,12 +920,55 @@ def _check_main(lock: dict, stage: str | None, out: Path | None, root: Path, exp
     return 0
 
 
+def _titan_start_main(lock: dict, stage: str | None, out: Path | None, root: Path, where: Path,
+                      backend: str | None = None) -> int:
+    """``titan-start``: what a launch script does as a torchtitan stage starts, the check ``llmc launch`` applies
+    (:func:`llmc.runtime.job.titan_lock_change`): its unfinished run started under another lock, whose checkpoints
+    the job would resume, is refused (the R004 line, exit 3) unless only its ``steps`` changed and the LR at its
+    checkpoint's step stays (a WSD run made longer before its decay: it resumes), and so is a checkpoint saved by
+    another data-parallel size (:func:`llmc.runtime.job.titan_world_change`); else the stage folder's
+    ``FINGERPRINT.json`` records this lock (exit 0). ``backend``: the script's, which the command its R004 line
+    prints carries; a run directory other than the build's ``run/`` gets the script's way out."""
+    from llmc.runtime.capabilities import titan_dump_subdir, titan_own_job
+    from llmc.runtime.job import (
+        LaunchOptions,
+        fingerprint_record,
+        resume_checkpoint,
+        stage_entry,
+        titan_lock_change,
+        titan_lock_message,
+        titan_world_change,
+        write_titan_record,
+    )
+
+    entry = stage_entry(lock, stage)
+    name = str(entry["name"])
+    d = out or root / "run" / name
+    build = where.resolve().parent
+    other = d.parent.resolve() != (build / "run").resolve() or root.resolve() != build
+    options = LaunchOptions(backend=backend, run_dir=str(d.parent.resolve()) if other else None)
+    dump = root / "outputs" / titan_dump_subdir(name if titan_own_job(entry.get("kind"), entry.get("layout")) else None)
+    now = fingerprint_record(lock, name, build)
+    change = titan_lock_change(lock, name, build, d, dump, now)
+    if change is not None:
+        print(f"{d}: error[R004] {titan_lock_message(name, change, dump, build, options, lock, root)}", file=sys.stderr)
+        return 3
+    saved = resume_checkpoint(dump)
+    why = titan_world_change(build, lock, entry, saved, options, root) if saved is not None else None
+    if why is not None:
+        print(f"{d}: error[R004] {why}", file=sys.stderr)
+        return 3
+    if now:
+        write_titan_record(d, name, now)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "shared-check":
         return shared_check_main(argv[1:])
     cmd = "train"
-    if argv and argv[0] in ("prepare", "train", "check"):
+    if argv and argv[0] in ("prepare", "train", "check", "titan-start"):
         cmd = argv.pop(0)
     ap = argparse.ArgumentParser(prog="python -m llmc.runtime.entry", description=__doc__.split("\n\n")[0])
     ap.add_argument("--lock", required=True, type=Path, help="plan.lock.json written by `llmc build`")
@@ -950,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from llmc.runtime.job import StaleStageError
 
-    if cmd != "check":  # a lock edited after `llmc build` wrote it runs nowhere unasked (check only reads markers)
+    if cmd not in ("check", "titan-start"):  # a lock edited after `llmc build` wrote it runs nowhere unasked (check only reads markers)
         edited = check_lock_unedited(a.lock)
         if edited:
             print(edited, file=sys.stderr)
@@ -965,6 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd == "check":
             return _check_main(lock, a.stage, a.out, root, a.export, a.lock, a.backend)
+        if cmd == "titan-start":
+            return _titan_start_main(lock, a.stage, a.out, root, a.lock, a.backend)
         if cmd == "prepare":
             check_outputs(TrainJob.from_lock(lock, a.stage, build_dir=lock_dir), root, None)
             serves = None

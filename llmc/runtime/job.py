@@ -1006,6 +1006,129 @@ def steps_only_change(was: dict, now: dict) -> int | None:
     return old if isinstance(old, int) and not isinstance(old, bool) and old > 0 else None
 
 
+@dataclass(frozen=True)
+class TitanLockChange:
+    """An unfinished torchtitan run of a stage, started under another lock, whose checkpoints this build's job would
+    resume although it cannot: ``what`` changed (:func:`fingerprint_change`, with the LR jump of a steps change),
+    the run's ``record`` (its ``FINGERPRINT.json``), its newest complete ``checkpoint`` and that checkpoint's ``step``."""
+
+    what: str
+    record: Path
+    checkpoint: Path | None
+    step: int | None
+
+
+def titan_lock_change(lock: dict | None, stage: str, build_dir: str | Path, stage_dir: str | Path,
+                      dump_dir: str | Path, now: dict) -> TitanLockChange | None:
+    """Whether the unfinished torchtitan run in ``stage_dir`` (its ``FINGERPRINT.json``, written as it started) with
+    checkpoints in ``dump_dir`` is not this lock's to resume (``now``: this lock's :func:`fingerprint_record` of the
+    stage). None when it is, or there is no such run. A run whose fingerprint differs only in ``steps`` resumes where
+    the LR at its checkpoint's step stays (:meth:`TrainJob.steps_change`, the rule llmc's own trainers apply:
+    torchtitan, like them, restores the step and recomputes the LR from the new schedule); one whose LR would jump is
+    not. The one judgement of ``llmc launch`` (:func:`llmc.resume.titan_run_change`) and of the emitted launch
+    scripts (``python -m llmc.runtime.entry titan-start``)."""
+    import json
+
+    f = Path(stage_dir) / FINGERPRINT_FILE
+    try:
+        rec = json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        rec = None
+    was_sha = rec.get(FINGERPRINT_SHA) if isinstance(rec, dict) else None
+    if not isinstance(was_sha, str) or not was_sha or was_sha == now.get(FINGERPRINT_SHA):
+        return None
+    if not any(Path(dump_dir).glob("checkpoint*/step-*")):
+        return None  # (nothing to resume: the job starts the stage over, and the record is replaced)
+    was = rec.get(FINGERPRINT_KEY) if isinstance(rec.get(FINGERPRINT_KEY), dict) else {"sha256": was_sha}
+    cur = now.get(FINGERPRINT_KEY) if isinstance(now.get(FINGERPRINT_KEY), dict) else \
+        {"sha256": now.get(FINGERPRINT_SHA)}
+    what = fingerprint_change(was, cur) or "its fingerprint differs from the lock's"
+    old_steps = steps_only_change(was, cur)
+    saved = resume_checkpoint(dump_dir)
+    step = checkpoint_step(saved)
+    if old_steps is not None and step is not None:
+        try:
+            job = TrainJob.from_lock(lock, stage, Path(build_dir), world=1) if lock is not None else None
+        except (KeyError, TypeError, ValueError, AttributeError):
+            job = None
+        jump = job.steps_change(old_steps, step) if job is not None else "its schedule could not be read"
+        if jump is None:
+            return None  # a longer (or shorter) run whose LR at the resumed step is the same: it resumes
+        what += (f"; {jump}, and a run resumes under another steps only where the LR at its step stays, on every "
+                 "backend: a constant schedule, WSD before its decay")
+    return TitanLockChange(what, f, saved, step)
+
+
+def titan_lock_message(stage: str, change: TitanLockChange, dump_dir: str | Path, build: str | Path,
+                       options: LaunchOptions | None = None, lock: dict | None = None,
+                       assets_root: str | Path | None = None) -> str:
+    """The one line that refuses ``change`` (:func:`titan_lock_change`): what changed and the ways out that keep the
+    progress (the old values rebuilt; the checkpoint exported, :func:`export_command`) or start over
+    (:func:`rerun_way`, with ``options``: the launch's, or a launch script's run directory)."""
+    way = rerun_way(build, stage, options, lock, assets_root)
+    keep = f"; or {export_way(build, stage, change.step)}" if change.step is not None else ""
+    return (f"stage {stage!r} was started under another lock than this build's ({change.what}; {change.record}), "
+            f"and torchtitan would resume its checkpoints ({dump_dir}): {way} (its torchtitan checkpoints with it); "
+            f"or rebuild with the values it was started with and finish it{keep}")
+
+
+def _titan_dp(lock: dict, stage: dict) -> tuple[int, str] | None:
+    """The data-parallel size (dp_replicate x dp_shard: torchtitan's "batch" mesh, over which its data loader is
+    split) of the torchtitan job that trains ``stage`` (its lock entry), with its degrees in words: a stage's
+    own searched layout, else the plan's; None without one."""
+    from llmc.runtime.capabilities import titan_own_job
+
+    own = stage.get("layout")
+    lay = own if titan_own_job(stage.get("kind"), own) and isinstance(own, dict) else lock.get("plan")
+    if not isinstance(lay, dict):
+        return None
+    try:
+        rep, shard = int(lay.get("dp_replicate", 1) or 1), int(lay.get("dp_shard", 1) or 1)
+    except (TypeError, ValueError):
+        return None
+    return rep * shard, f"dp_replicate {rep} x dp_shard {shard}"
+
+
+def titan_world_change(b: Path, lock: dict, stage: dict, checkpoint: Path, options: LaunchOptions | None = None,
+                       assets_root: str | Path | None = None) -> str | None:
+    """Why this build's torchtitan job cannot resume ``checkpoint`` (a torchtitan DCP step folder of ``stage``): it was
+    saved by another number of data-parallel ranks than this build's layout runs (:func:`llmc.runtime.job.
+    titan_data_world`, from its metadata), which torchtitan 0.3.0 cannot load (its data loader's position is one state
+    per dp rank, without resharding); one line with the change and the ways out (``options``: the launch's, or a
+    launch script's run directory with its ``assets_root``: :func:`rerun_way`), else None. ``llmc launch``
+    (:func:`llmc.resume.resumptions`) and the launch scripts (``python -m llmc.runtime.entry titan-start``) ask it."""
+    from llmc import TARGET_VERSIONS
+
+    saved = titan_data_world(checkpoint)
+    want = _titan_dp(lock, stage)
+    if saved is None or want is None or saved == want[0]:
+        return None
+    step = checkpoint_step(checkpoint)
+    name = stage["name"]
+    return (f"stage {name!r}: its unfinished torchtitan run's checkpoint {checkpoint} (step {step}) was saved by "
+            f"{saved} data-parallel rank(s), and this build runs dp {want[0]} ({want[1]}): dp {saved} -> {want[0]}; "
+            f"torchtitan {TARGET_VERSIONS.get('torchtitan', '')} resumes a checkpoint only on the data-parallel size "
+            "that saved it (its data loader keeps one position per dp rank and does not reshard them: the load would "
+            "fail with \"Missing key in checkpoint state_dict: dataloader.dp_rank_N\"); to keep the progress, rebuild "
+            f"for the hardware it was saved on (a layout of dp {saved}, e.g. the earlier hardware.count) and finish the "
+            f"stage there, or {export_way(b, name, step)}; or {rerun_way(b, name, options, lock, assets_root)}")
+
+
+def write_titan_record(stage_dir: str | Path, stage: str, record: dict) -> None:
+    """A torchtitan stage's ``FINGERPRINT.json`` as it starts (torchtitan writes no DONE.json): ``record`` (the
+    :func:`fingerprint_record` of the lock that trains it) with the files of the tokenizer it trains with (its copy
+    in ``stage_dir/tokenizer``, as llmc's trainers record theirs), written atomically; ``llmc launch`` and the
+    launch scripts (``python -m llmc.runtime.entry titan-start``) both write it here."""
+    import json
+
+    d = Path(stage_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer_files(d / STAGE_TOKENIZER)
+    tmp = d / f"{FINGERPRINT_FILE}.tmp.{os.uname().nodename}.{os.getpid()}"
+    tmp.write_text(json.dumps({"stage": stage, **record, **({TOKENIZER_KEY: tok} if tok else {})}, indent=2) + "\n")
+    os.replace(tmp, d / FINGERPRINT_FILE)
+
+
 #: a number of the fingerprint by the name the lock's ``defaults`` give it (``llmc.compiler.defaults.resolve_hyper``)
 _DEFAULT_NAME = {"global_batch_seqs": "global_batch_tokens"}
 
@@ -1222,6 +1345,13 @@ def export_command(build: str | Path, stage: str, step: int | str | None = None)
 
     return shlex.join(["llmc", "export", str(build), "--stage", str(stage),
                        *(["--step", str(step)] if step is not None else [])])
+
+
+def export_way(build: str | Path, stage: str, step: int | None) -> str:
+    """The way out that keeps an unresumable run's progress as a model: its checkpoint exported
+    (:func:`export_command`), a new run started from it."""
+    return (f"`{export_command(build, stage, step)}` writes that checkpoint as a model to start a new build from "
+            "(training.init_hf / stages[].init_hf: its weights, with a fresh optimizer and LR schedule)")
 
 
 def rerun_command(build: str | Path, stage: str, options: LaunchOptions | None = None) -> str:

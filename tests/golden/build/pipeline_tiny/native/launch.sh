@@ -76,23 +76,14 @@ stage_done() {
   return 1
 }
 # a stage a torchtitan job trains is done once its Hugging Face export exists (torchtitan writes no DONE.json); its
-# record of the lock that trained it is run/<stage>/FINGERPRINT.json, written here before it runs
+# record of the lock that trains it is run/<stage>/FINGERPRINT.json, written by the runtime before it runs, which
+# first refuses (R004) an unfinished run started under another lock whose checkpoints the job would resume, unless
+# only its steps changed and the LR at its checkpoint's step stays: the check `llmc launch` applies
 titan_done() {
-  local now was f="$RUN_DIR/$1/FINGERPRINT.json"
+  local f="$RUN_DIR/$1/FINGERPRINT.json"
   if [ -f "$RUN_DIR/$1/hf/config.json" ]; then trained_here "$1" "$f" export; return; fi
   keep_tokenizer "$1"
-  now="$(lock_fingerprint "$1")"
-  was="$(trained_by "$f")"
-  if [ -n "$now" ] && [ -n "$was" ] && [ "$was" != "$now" ]; then
-    # an unfinished run started under another lock: its job would resume that run's torchtitan checkpoints
-    echo "$RUN_DIR/$1: error[R004] stage $1 was started under another lock (fingerprint ${was:0:12}, this lock's ${now:0:12}) and torchtitan would resume its checkpoints ($BUILD_DIR/outputs/torchtitan*): $(rerun_hint "$1") (its torchtitan checkpoints with it)" >&2
-    exit 2
-  fi
-  if [ -n "$now" ]; then
-    mkdir -p "$RUN_DIR/$1"
-    printf '{\n  "stage": "%s",\n  "fingerprint_sha256": "%s"\n}\n' "$1" "$now" > "$f.tmp.${HOSTNAME:-host}.$$"
-    mv -f "$f.tmp.${HOSTNAME:-host}.$$" "$f"
-  fi
+  python -m llmc.runtime.entry titan-start --lock "$LOCK" --assets "$BUILD_DIR" --backend "native" --stage "$1" --out "$RUN_DIR/$1" || exit 2
   return 1
 }
 # PYTHONPATH is split on ':': torchtitan cannot import the job from a build path that holds one
