@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import json
 import math
+import sys
 import time
 
 import pytest
@@ -238,3 +239,123 @@ def test_a_wandb_that_cannot_start_never_stops_the_run(tmp_path, monkeypatch, ca
     assert "RuntimeError: bad setting" in line and "training goes on without it" in line, line
     log.log({"step": 1, "loss": 3.0})
     log.close()
+
+
+# ----------------------------------------------------------------------------- post-training's logging
+
+
+class _FakeWandb:
+    """A W&B module that records what a stage hands it: ``init``'s arguments, each run's logged scalars by step, and
+    whether the run was finished."""
+
+    runs: list = []
+
+    class Settings:
+        def __init__(self, **kw):
+            pass
+
+    class Run:
+        def __init__(self, kw):
+            self.kw, self.data, self.finished = kw, {}, False
+
+        def log(self, scalars, step, commit=None):
+            self.data.setdefault(step, {}).update(scalars)
+
+        def finish(self):
+            self.finished = True
+
+    @classmethod
+    def init(cls, **kw):
+        cls.runs.append(cls.Run(kw))
+        return cls.runs[-1]
+
+
+def _stage_records(out) -> tuple[list[dict], list[dict]]:
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "event" not in r], [r for r in recs if "event" in r]
+
+
+def _tb_equals_metrics(out, keys) -> None:
+    """Each step's TensorBoard scalar, read back by TensorBoard's reader, is metrics.jsonl's value at that step."""
+    steps, _ = _stage_records(out)
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == {f"train/{k}" for k in keys}  # the stage's name (a string) is no scalar
+    for k in keys:
+        got = _scalars(out / "tensorboard", f"train/{k}")  # each step once
+        assert sorted(got) == [r["step"] for r in steps], k
+        for r in steps:
+            assert got[r["step"]] == pytest.approx(r[k], rel=1e-6, abs=1e-30), (k, r)  # stored as float32
+
+
+def test_post_training_logs_to_tensorboard_and_wandb_each_step_once_after_resume(tmp_path, monkeypatch, capsys):
+    """An SFT stage logs as pre-training does: TensorBoard's reader sees metrics.jsonl's values at the same steps, a W&B
+    run named <name>-<stage> gets them too and is finished; stopped after step 3 and resumed from its step-2
+    checkpoint, the rerun logs step 3 again and both metrics.jsonl and TensorBoard hold each step once."""
+    import shutil
+
+    from test_posttrain_resume import TOK, _base, job_of
+
+    from llmc.runtime.posttrain import RESUME_FOLDER, run_stage
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setitem(sys.modules, "wandb", _FakeWandb)
+    monkeypatch.setattr(_FakeWandb, "runs", [])
+    _base(tmp_path)
+    out = tmp_path / "sft"
+    assert run_stage(job_of("sft"), out, tokenizer=TOK, stop_after=3)["status"] == "stopped"
+    shutil.rmtree(out / "checkpoints" / RESUME_FOLDER / "step-00000003")  # killed before step 3's save
+    assert run_stage(job_of("sft"), out, tokenizer=TOK)["status"] == "done"
+    steps, events = _stage_records(out)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    _tb_equals_metrics(out, ("loss", "lr", "trained_tokens", "step_s"))
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one file per start
+    starts = [e for e in events if e["event"] == "start"]
+    assert [e["resumed_from"] for e in starts] == [None, 2]
+    assert all(e["stage"] == "sft" and e["backend"] == "native" and "software" in e and "spec_sha256" in e
+               for e in starts)
+    runs = _FakeWandb.runs
+    assert len(runs) == 2 and all(r.finished for r in runs)
+    assert all(r.kw["name"] == "p-sft" and r.kw["dir"] == str(out) and r.kw["mode"] == "offline" for r in runs)
+    assert sorted(runs[0].data) == [1, 2, 3] and sorted(runs[1].data) == [3, 4]
+    last = {r["step"]: r for r in steps}
+    assert all(runs[1].data[s]["train/loss"] == last[s]["loss"] for s in (3, 4))
+    # one console line per logged step (the stage's, with the ETA): no second progress line
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "step" in ln and ("ETA" in ln or "[" in ln)]
+    assert len(lines) == 1 and lines[0].startswith("sft step 1: loss ") and "ETA" in lines[0], lines
+
+
+def test_dpo_stage_tensorboard_equals_its_metrics(tmp_path, monkeypatch):
+    from test_posttrain_resume import TOK, _base, job_of
+
+    from llmc.runtime.posttrain import run_stage
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    _base(tmp_path)
+    out = tmp_path / "dpo"
+    assert run_stage(job_of("dpo", steps=3), out, tokenizer=TOK)["status"] == "done"
+    _tb_equals_metrics(out, ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "lr",
+                             "trained_tokens", "step_s"))
+    assert not (out / "wandb").exists()
+
+
+def test_a_failed_post_training_stage_closes_its_loggers(tmp_path, monkeypatch):
+    """A stage whose loop fails still flushes its TensorBoard events and finishes its W&B run."""
+    from test_posttrain_resume import TOK, _base, job_of
+
+    from llmc.runtime import posttrain
+
+    def boom(loop):
+        loop.log(0, {"loss": 2.5, "lr": 1e-3})
+        raise RuntimeError("boom")
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setitem(sys.modules, "wandb", _FakeWandb)
+    monkeypatch.setattr(_FakeWandb, "runs", [])
+    monkeypatch.setattr(posttrain, "_run_sft", boom)
+    _base(tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        posttrain.run_stage(job_of("sft"), tmp_path / "sft", tokenizer=TOK)
+    assert _scalars(tmp_path / "sft" / "tensorboard", "train/loss") == {1: 2.5}  # flushed
+    (run,) = _FakeWandb.runs
+    assert run.finished and run.data[1]["train/loss"] == 2.5

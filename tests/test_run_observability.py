@@ -199,6 +199,15 @@ def test_report_predicts_the_backend_that_ran_as_calibrate_does(tmp_path):
     assert f"after step {measurements.WARMUP_STEPS}" in page and "after the first logged one" not in page
 
 
+def _stage_run_log(path: Path):
+    """A post-training loop's RunLogger writing ``path`` only (no TensorBoard, no W&B, no console line)."""
+    from llmc.runtime.metrics import MetricsLogger
+    from llmc.runtime.observe import RunLogger
+
+    return RunLogger(path.parent, total_steps=3, tensorboard=False, wandb=False, echo=False,
+                     metrics=MetricsLogger(path, echo=False))
+
+
 def test_post_training_records_count_elapsed_s_from_their_start_event(tmp_path):
     """The SFT / DPO / GRPO loops' log (posttrain._Log) has `elapsed_s` as the pre-training trainers do: 0 at the
     start event, however long the set-up before it took, then the seconds since it."""
@@ -206,7 +215,7 @@ def test_post_training_records_count_elapsed_s_from_their_start_event(tmp_path):
 
     from llmc.runtime.posttrain import _Log
 
-    log = _Log(tmp_path / "metrics.jsonl", "sft", every=1)
+    log = _Log(_stage_run_log(tmp_path / "metrics.jsonl"), "sft", every=1)
     time.sleep(0.2)  # the set-up (model, data) before the loop starts
     log.event("start", backend="native")
     time.sleep(0.05)
@@ -233,7 +242,7 @@ def test_post_training_step_s_leaves_out_checkpoint_saves_and_appends_after_a_to
     path.write_text('{"stage": "sft", "step": 1, "loss": 2.0}\n{"stage": "sft", "step": 2, "lo')  # killed mid-write
     monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *a, **k: time.sleep(0.3))  # a slow save
     state = LoopState(folder=tmp_path / "ckpt", interval=1)
-    log = _Log(path, "sft", every=1, state=state)
+    log = _Log(_stage_run_log(path), "sft", every=1, state=state)
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rng = random.Random(0)

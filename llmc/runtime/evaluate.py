@@ -326,6 +326,9 @@ def _metric_name(key: str) -> str:
 def run_eval(config: EvalConfig, out_dir: str | Path) -> EvalSummary:
     """Evaluate ``config.model_dir`` on ``config.tasks``; write ``<out_dir>/eval_results.json``."""
     _offline(config.offline)
+    from llmc.runtime.quiet import quiet_git_describe, quiet_torchao_enum_notice
+
+    quiet_torchao_enum_notice()  # (before lm_eval's model load imports transformers' torchao quantizer)
     import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
@@ -346,11 +349,12 @@ def run_eval(config: EvalConfig, out_dir: str | Path) -> EvalSummary:
     if chat:  # the answer alone is scored after the template's assistant header (answer_only_lm)
         model = answer_only_lm().create_from_arg_obj(
             model_args, {"batch_size": config.batch_size, "max_batch_size": None, "device": config.device})
-    results = lm_eval.simple_evaluate(
-        model=model, model_args=model_args, tasks=tasks.names, num_fewshot=config.num_fewshot,
-        batch_size=config.batch_size, device=config.device, limit=config.limit, task_manager=tm,
-        log_samples=False, apply_chat_template=chat, fewshot_as_multiturn=multiturn, random_seed=config.seed,
-        numpy_random_seed=config.seed, torch_random_seed=config.seed, fewshot_random_seed=config.seed)
+    with quiet_git_describe():  # (its git hash without git's "fatal: not a git repository" line: llmc.runtime.quiet)
+        results = lm_eval.simple_evaluate(
+            model=model, model_args=model_args, tasks=tasks.names, num_fewshot=config.num_fewshot,
+            batch_size=config.batch_size, device=config.device, limit=config.limit, task_manager=tm,
+            log_samples=False, apply_chat_template=chat, fewshot_as_multiturn=multiturn, random_seed=config.seed,
+            numpy_random_seed=config.seed, torch_random_seed=config.seed, fewshot_random_seed=config.seed)
     if results is None:  # non-zero ranks under a distributed launch
         raise RuntimeError("lm_eval returned no results on this rank")
     out.mkdir(parents=True, exist_ok=True)

@@ -253,6 +253,34 @@ class RunLogger:
         self.close()
 
 
+def open_stage_log(out_dir: str | Path, *, run_name: str, total_steps: int, metrics: Any, main: bool, echo: bool,
+                   start: Mapping[str, Any], resumed_step: int | None = None, spec_sha256: str | None = None,
+                   lock: Mapping[str, Any] | None = None, tokens_per_step: int | None = None) -> RunLogger:
+    """A stage's :class:`RunLogger`, the one every llmc trainer opens (pre-training and continued training on the
+    native and DeepSpeed trainers: ``llmc.runtime.train.open_run_logger``; the sft / dpo / grpo stages:
+    ``llmc.runtime.posttrain.run_stage``): metrics.jsonl through ``metrics`` (a
+    :class:`llmc.runtime.metrics.MetricsLogger`) + TensorBoard under ``<out_dir>/tensorboard`` (when the package is
+    installed) + W&B (when installed and ``WANDB_MODE`` is not ``disabled``; offline by default) as run
+    ``run_name``, with the lock's resolved spec as the run's config; rank 0 only (``main``). After a resume from
+    ``resumed_step``, TensorBoard drops the events at later steps, as the trainer cuts metrics.jsonl back to that step
+    (``llmc.runtime.metrics_io.truncate_after_step``): each step once in both. Its first record of this start is a
+    ``start`` event: ``start``'s fields (the ``backend`` that trains, ...), then ``resumed_from``, the spec the steps
+    from here train under (``spec_sha256``: a resume under another spec's lock then shows in the log itself) and the
+    software that runs them (``llmc.runtime.software.runtime_versions``)."""
+    import importlib.util
+
+    config = (lock or {}).get("spec", {}).get("resolved") if lock else None
+    log = RunLogger(out_dir, total_steps=total_steps, tokens_per_step=tokens_per_step, run_name=run_name,
+                    config=config, tensorboard=importlib.util.find_spec("tensorboard") is not None, wandb="auto",
+                    metrics=metrics, enabled=main, echo=echo,
+                    purge_step=None if resumed_step is None else resumed_step + 1)
+    if log.enabled:
+        from llmc.runtime.software import runtime_versions
+
+        log.event("start", **start, resumed_from=resumed_step, spec_sha256=spec_sha256, software=runtime_versions())
+    return log
+
+
 def _pretty(config: Mapping[str, Any]) -> str:
     import json
 

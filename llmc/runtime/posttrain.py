@@ -24,7 +24,9 @@
   that loses, is said once at the stage start, logged as a ``truncation`` event and kept in DONE.json
   (:func:`truncation`).
 * Writes ``metrics.jsonl`` (a ``start`` event, then a record per step with the values as computed and the step's
-  ``trained_tokens``), ``checkpoints/step-N/`` (model only), ``hf/``, ``DONE.json`` (rank 0 the files).
+  ``trained_tokens``) and, as pre-training does (:func:`llmc.runtime.observe.open_stage_log`), TensorBoard events
+  under ``tensorboard/`` and W&B's run ``<name>-<stage>`` under ``wandb/`` (offline by default),
+  ``checkpoints/step-N/`` (model only), ``hf/``, ``DONE.json`` (rank 0 the files).
 * Resume: every ``job.checkpoint_interval`` steps (and where ``stop_after`` / ``max_seconds`` / a SIGTERM or
   SIGUSR1 -- :mod:`llmc.runtime.preempt`, status "preempted" -- stop the run early, without DONE.json) the loop writes a mid-stage checkpoint to ``checkpoints/resume/step-N/``
   (:class:`llmc.runtime.sft.LoopState`: trainable weights -- a LoRA run's adapters, unmerged --, optimizer,
@@ -67,6 +69,7 @@ from llmc.runtime.chat import (
 from llmc.runtime.errors import NonFiniteStep
 from llmc.runtime.lora import apply_lora, lora_param_count, merge_lora
 from llmc.runtime.metrics import MetricsLogger
+from llmc.runtime.observe import format_duration, open_stage_log
 
 # the records' one reader and checker (torch-free: prepare checks each source's first records with it)
 from llmc.runtime.records import (  # noqa: F401  (re-exported: the stage loops' names)
@@ -191,17 +194,21 @@ def _report_truncation(c: Any, seqs: list[tuple[list[int], list[int]]], unit: st
 
 
 class _Log:
-    """A post-training loop's metrics.jsonl, written by rank 0 through :class:`llmc.runtime.metrics.MetricsLogger`
-    (the one ``elapsed_s`` rule of every trainer, strict JSON, a torn last line of a killed run dropped before
-    anything is appended); each record names its stage. A step's ``step_s`` is its training time (the rollouts of a
-    GRPO step included): from the end of the previous step's bookkeeping, which ``state``
-    (:class:`llmc.runtime.sft.LoopState`) marks after a checkpoint save (the first step: after the resume load), to
-    the step's record, so checkpoint saves and the resume are not a step's time, as on the pre-training trainers
-    (:class:`llmc.runtime.metrics.IntervalTimer`). Without ``state``: the seconds since the previous record."""
+    """A post-training loop's log, written by rank 0 through the stage's :class:`llmc.runtime.observe.RunLogger`
+    (:func:`llmc.runtime.observe.open_stage_log`, as pre-training's): metrics.jsonl through
+    :class:`llmc.runtime.metrics.MetricsLogger` (the one ``elapsed_s`` rule of every trainer, strict JSON, a torn last
+    line of a killed run dropped before anything is appended), TensorBoard and W&B (the numeric fields, tagged
+    ``train/<field>``: :func:`llmc.runtime.observe.scalar_tag`); each record names its stage. A step's ``step_s`` is
+    its training time (the rollouts of a GRPO step included): from the end of the previous step's bookkeeping, which
+    ``state`` (:class:`llmc.runtime.sft.LoopState`) marks after a checkpoint save (the first step: after the resume
+    load), to the step's record, so checkpoint saves and the resume are not a step's time, as on the pre-training
+    trainers (:class:`llmc.runtime.metrics.IntervalTimer`). Without ``state``: the seconds since the previous record.
+    The console gets one line per ``every`` steps (and the first): the step's values and the run's ETA (the
+    RunLogger's, whose own progress line is off)."""
 
-    def __init__(self, path: Path, stage: str, every: int, enabled: bool = True, state: Any | None = None):
-        self.out = MetricsLogger(path, enabled=enabled, echo=False)
-        self.main = enabled  # rank 0: the one that writes and prints
+    def __init__(self, run: Any, stage: str, every: int, state: Any | None = None):
+        self.run = run  # an llmc.runtime.observe.RunLogger (echo off: this prints the step's line)
+        self.main = run.enabled  # rank 0: the one that writes and prints
         self.stage, self.every, self.state = stage, max(1, every), state
         self._last = time.perf_counter()
 
@@ -213,13 +220,16 @@ class _Log:
         self._last = now
         # the values as computed (json writes a float's shortest repr): a rounding would log a 1e-6 learning rate, or a
         # reward or KL near 1e-4, as 1e-06 / 0.0
-        self.out.log({"stage": self.stage, "step": step + 1, **stats, "step_s": round(now - began, 4)})
+        self.run.log({"stage": self.stage, "step": step + 1, **stats, "step_s": round(now - began, 4)})
         if step == 0 or (step + 1) % self.every == 0:
             msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
-            print(f"{self.stage} step {step + 1}: {msg}", flush=True)
+            print(f"{self.stage} step {step + 1}: {msg}  ETA {format_duration(self.run.progress().eta_s)}", flush=True)
 
     def event(self, name: str, **fields: Any) -> None:
-        self.out.log({"event": name, "stage": self.stage, **fields})
+        self.run.event(name, stage=self.stage, **fields)
+
+    def close(self) -> None:
+        self.run.close()
 
 
 def stage_arch(job: Any):
@@ -474,18 +484,20 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     # the stage's global batch (lock stage entry ``global_batch_seqs``), whatever the rank count
     batch = max(1, int(plan.get("global_batch_seqs") or job.global_batch_seqs))
     steps, lr = int(job.steps), float(job.lr)
+    # the stage's metrics.jsonl, TensorBoard and W&B, opened by pre-training's opener (open_stage_log); its first
+    # record of a start: who trains, what stage, with what software. A resume has cut metrics.jsonl back to its step
+    # (_loop_state); TensorBoard drops its events past that step the same way (purge_step).
+    run_log = open_stage_log(out, run_name=f"{job.name}-{job.stage}", total_steps=steps, lock=getattr(job, "lock", None),
+                             metrics=MetricsLogger(out / "metrics.jsonl", enabled=main, echo=False), main=main,
+                             echo=False, resumed_step=state.step if state.resume_from is not None else None,
+                             spec_sha256=getattr(job, "spec_sha256", None),
+                             start={"stage": job.stage, "backend": "native", "kind": kind, "steps": steps,
+                                    "world": info.world})
     loop = _Loop(job=job, model=wrapped, tok=tok, template=template, hyper=hyper, st=st, steps=steps, lr=lr,
                  batch=batch, seq_len=int(job.seq_len), pad_id=pad_id,
-                 log=_Log(out / "metrics.jsonl", job.stage, job.log_every, enabled=main, state=state), shard=shard,
+                 log=_Log(run_log, job.stage, job.log_every, state=state), shard=shard,
                  device=info.device, reference=reference, state=state)
     try:
-        # as pre-training's first record of a start (llmc.runtime.train.open_run_logger): who trains, what stage, with
-        # what software
-        from llmc.runtime.software import runtime_versions
-
-        loop.log.event("start", backend="native", kind=kind, steps=steps, world=info.world,
-                       resumed_from=state.step if state.resume_from is not None else None,
-                       spec_sha256=getattr(job, "spec_sha256", None), software=runtime_versions())
         if state.resume_from is not None:
             say(f"resumed from {state.resume_from} at step {state.step}")
             loop.log.event("resume", step=state.step, checkpoint=str(state.resume_from))
@@ -502,6 +514,8 @@ def run_stage(job: Any, out_dir: str | Path, assets: Any | None = None, tokenize
     except NonFiniteStep as e:  # (error[R014], entry says it) the run's log ends with why
         loop.log.event("end", status="failed", step=state.step, steps=steps, reason=str(e))
         raise
+    finally:  # TensorBoard's events flushed, the W&B run finished: at the loop's end, stopped or failed
+        loop.log.close()
     if state.stopped:
         how = "preempted" if state.preempted else "stopped"
         say(f"{job.stage}: {how} at step {state.step} of {steps}; rerun to continue from {state.last_saved}")

@@ -3,8 +3,8 @@ from the installed distributions' metadata (``importlib.metadata``), so ``llmc l
 torch.
 
 :func:`runtime_versions` is what every trainer records in its ``start`` event (``metrics.jsonl``; the native and
-DeepSpeed trainers through ``llmc.runtime.train.open_run_logger``, post-training in ``llmc.runtime.posttrain``, the
-torchtitan job an inlined copy) and what a finished stage's ``DONE.json`` records under :data:`SOFTWARE_KEY`
+DeepSpeed trainers and the post-training stages through ``llmc.runtime.observe.open_stage_log``, the torchtitan job an
+inlined copy) and what a finished stage's ``DONE.json`` records under :data:`SOFTWARE_KEY`
 (``llmc.runtime.job.fingerprint_record``): not part of the stage's fingerprint, so another version does not make a
 finished stage stale. Python's version matters to the data too: the builtin ``python-docs`` corpus is the installed
 standard library's docstrings (``llmc.runtime.corpus``).

@@ -27,6 +27,8 @@ patches torch (never torchtitan's files) before torchtitan is imported:
 6. a barrier before ``destroy_process_group``: torchtitan's ``main`` destroys the group only after
    training succeeded, and a gloo rank that tears its pairs down while a peer is still in a collective
    can abort that peer at exit ("terminate called without an active exception"); the ranks leave together.
+7. torch's deprecation notice about torchao's enums, logged when torchtitan imports torchao, is dropped
+   (:func:`llmc.runtime.quiet.quiet_torchao_enum_notice`; every other warning shows).
 """
 
 from __future__ import annotations
@@ -164,6 +166,9 @@ def install() -> None:
 
 def main() -> None:
     install()
+    from llmc.runtime.quiet import quiet_torchao_enum_notice
+
+    quiet_torchao_enum_notice()  # (torchtitan imports torchao: torch's notice about torchao's enums)
     from torchtitan.train import main as titan_main
 
     titan_main()

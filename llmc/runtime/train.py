@@ -61,7 +61,7 @@ from llmc.runtime.job import TrainJob
 from llmc.runtime.metrics import IntervalTimer, MetricsLogger, step_record
 from llmc.runtime.metrics_io import truncate_after_step
 from llmc.runtime.model import Transformer, build_model, loss_terms, param_groups
-from llmc.runtime.observe import RunLogger
+from llmc.runtime.observe import RunLogger, open_stage_log
 from llmc.runtime.preempt import handlers as _preempt_handlers
 from llmc.runtime.preempt import stop_now as _stop_now
 from llmc.runtime.preempt import world as _world
@@ -624,26 +624,14 @@ class _NonFinite(TrainingError):
 
 def open_run_logger(job: TrainJob, out: Path, main: bool, echo: bool, metrics: MetricsLogger,
                     resumed_step: int | None = None, backend: str = "native") -> RunLogger:
-    """metrics.jsonl (through ``metrics``) + TensorBoard under ``out/tensorboard`` (when the package is
-    installed) + W&B offline (when installed and ``WANDB_MODE`` is not ``disabled``) + a progress/ETA line;
-    rank 0 only. After a resume, TensorBoard events past ``resumed_step`` are purged. Its first record of this
-    start is a ``start`` event naming the ``backend`` that trains (as the torchtitan job's): ``llmc calibrate`` fits
-    a run to the backend that ran it, which ``llmc launch --backend`` may have chosen over the lock's."""
-    import importlib.util
-
-    tb = importlib.util.find_spec("tensorboard") is not None
-    config = (job.lock or {}).get("spec", {}).get("resolved") if job.lock else None
-    log = RunLogger(out, total_steps=job.steps, tokens_per_step=job.tokens_per_step,
-                    run_name=f"{job.name}-{job.stage}", config=config, tensorboard=tb, wandb="auto",
-                    metrics=metrics, enabled=main, echo=echo,
-                    purge_step=None if resumed_step is None else resumed_step + 1)
-    # the spec the steps from here train under (a resume under another spec's lock then shows in the log itself), and
-    # the software that runs them (llmc.runtime.software)
-    from llmc.runtime.software import runtime_versions
-
-    log.event("start", backend=backend, resumed_from=resumed_step, spec_sha256=job.spec_sha256,
-              software=runtime_versions())
-    return log
+    """The stage's :class:`llmc.runtime.observe.RunLogger` (:func:`llmc.runtime.observe.open_stage_log`: metrics.jsonl,
+    TensorBoard, W&B, the progress/ETA line; rank 0 only; TensorBoard events past ``resumed_step`` purged). Its first
+    record of this start is a ``start`` event naming the ``backend`` that trains (as the torchtitan job's):
+    ``llmc calibrate`` fits a run to the backend that ran it, which ``llmc launch --backend`` may have chosen over the
+    lock's."""
+    return open_stage_log(out, run_name=f"{job.name}-{job.stage}", total_steps=job.steps,
+                          tokens_per_step=job.tokens_per_step, lock=job.lock, metrics=metrics, main=main, echo=echo,
+                          resumed_step=resumed_step, spec_sha256=job.spec_sha256, start={"backend": backend})
 
 
 def _finish(job: TrainJob, result: dict, final: Path, out: Path, assets: Assets, log: RunLogger, say) -> None:
