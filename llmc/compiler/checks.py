@@ -75,6 +75,7 @@ D007   error     a data source folder that holds files but none its format reads
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 
@@ -585,27 +586,12 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
             from llmc.compiler.search import describe, usable_bytes
 
             usable = usable_bytes(gpu.hbm_bytes, res.backend)  # what the fit check compares against
-            need = c.per_gpu_bytes / usable
-
-            hints = [f"more GPUs (about {need:.1f}x the memory is needed)" if need > 1.05 else "more GPUs"]
-            if (cp_hint := _cp_unavailable_hint(run, gpu, res.backend)) is not None:
-                hints = [cp_hint]  # without CP more GPUs never split one sequence
-            # (not fp8: torchao float8 keeps bf16/fp32 states, so it does not shrink the model states)
-            if not run.parallelism.offload_optimizer:
-                hints.append("CPU optimizer offload (parallelism.offload_optimizer)")
-            elif not run.parallelism.offload_params:
-                hints.append("CPU parameter offload (parallelism.offload_params)")
-            if _pre(run)[0].seq_len > 2048:
-                hints.append(f"a shorter seq_len than {_pre(run)[0].seq_len}")
-            if any(v is not None for v in run.parallelism.model_dump(exclude={"offload_optimizer",
-                                                                               "offload_params"}).values()):
-                hints.append("fewer parallelism pins")
-            hints.append("a GPU with more memory")
+            hints = _p004_hints(run, res, gpu, global_batch_seqs, usable)
             sink.add("P004", "error", "hardware",
                      f"no parallelism plan fits in {gib(gpu.hbm_bytes)} per GPU"
                      + (f" ({gib(usable)} usable)" if usable < gpu.hbm_bytes else "") + ": the closest, "
                      f"{describe(c.plan)}, needs {gib(c.per_gpu_bytes)}",
-                     "try " + ", ".join(hints))
+                     hints)
         elif (cp_seq := _cp_seq_problem(run, gpu)) is not None:
             sink.add("P004", "error", "data.seq_len", "no valid parallelism plan: " + cp_seq[0], cp_seq[1])
         else:
@@ -635,6 +621,300 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
             sink.add("P013", "warning", "parallelism.ac_layers",
                      f"ac_layers {p.ac_layers} recomputes every {where}: the same as activation_checkpointing full",
                      f"use full, or fewer than {top} blocks (unset ac_layers: the fewest that fit)")
+
+
+#: P004 offers a hint other than more GPUs (which must fit) only where it saves at least this share of what the
+#: closest layout needs beyond the usable memory; each hint names the memory it would leave
+P004_HINT_SHARE = 0.25
+
+
+def _p004_hints(run, res, gpu, seqs: int, usable: float) -> str:
+    """P004's hint: what would bring the closest layout (``res.closest``) under ``usable``, each change evaluated on
+    the memory model (:func:`llmc.compiler.memory.memory_per_gpu`, with the run's settings as the search's memory
+    function binds them) and offered only where it helps: more GPUs where a larger shard group fits (how many),
+    another value of each pinned degree (the nearest that fits, else the one that saves the most), CPU offload where
+    the backend that offloads runs the pinned layout (P018's rule, :func:`unrun_pins`), a shorter seq_len, a GPU of
+    the table with the memory; all but more GPUs when they save at least :data:`P004_HINT_SHARE` of the excess. A
+    calibration's memory factors (which this check does not see) are carried over as the closest's ratio to the
+    uncalibrated model on the same backend."""
+    from llmc.compiler import memory
+
+    data, training = _pre(run)
+    c = res.closest
+
+    def raw(plan, backend, seq_len, offload) -> float:
+        try:
+            return memory.memory_per_gpu(run.model, plan, seq_len, training.precision, gpu.hbm_bytes,
+                                         offload_optimizer=offload[0], offload_params=offload[1], backend=backend,
+                                         compile=run.training.compile, per_stage=False).per_gpu_bytes
+        except ValueError:  # a combination the memory model refuses (offload_params without ZeRO-3)
+            return math.inf
+
+    par = run.parallelism
+    own = (par.offload_optimizer, par.offload_params)
+    base = raw(c.plan, res.backend, data.seq_len, own)
+    scale = c.per_gpu_bytes / base if 0 < base < math.inf else 1.0  # 1 uncalibrated
+
+    def need(plan, backend=res.backend, seq_len=data.seq_len, offload=own) -> float:
+        return raw(plan, backend, seq_len, offload) * (scale if backend == res.backend else 1.0)
+
+    helps = c.per_gpu_bytes - P004_HINT_SHARE * (c.per_gpu_bytes - usable)  # a hint must get below this
+    hints = []
+    if (cp_hint := _cp_unavailable_hint(run, gpu, res.backend)) is not None:
+        hints.append(cp_hint)  # without CP more GPUs never split one sequence
+    elif (more := _more_gpus_hint(run, gpu, c.plan, seqs, need, usable)) is not None:
+        hints.append(more)
+    hints += _pin_hints(run, gpu, c.plan, seqs, need, usable, helps, res.backend)
+    if (off := _offload_hint(run, c.plan, seqs, need, helps)) is not None:
+        hints.append(off)
+    seq = data.seq_len
+    if seq > 2048 and seq % 2 == 0:
+        from llmc.compiler.defaults import pretrain_batch_seqs
+
+        half = _relayout(run, c.plan, run.hardware.count, pretrain_batch_seqs(run, gpu, seq // 2, training)[0],
+                         res.backend)
+        n = _least(run, half, lambda q: need(q, seq_len=seq // 2)) if half is not None else (math.inf, None)
+        if n[0] <= helps:
+            hints.append(f"a shorter seq_len than {seq} ({seq // 2:,}: about {gib(n[0])} per GPU)")
+    from llmc.compiler.hardware import GPUS, nvlink_group, supports
+    from llmc.compiler.search import usable_bytes
+
+    bigger = sorted((g for g in GPUS.values() if g.key != "cpu" and g.hbm_bytes > gpu.hbm_bytes
+                     and usable_bytes(g.hbm_bytes, res.backend) >= c.per_gpu_bytes
+                     and supports(g, training.precision) and nvlink_group(g) >= c.plan.tp),
+                    key=lambda g: (g.hbm_bytes, g.key))
+    if bigger:
+        hints.append(f"a GPU with more memory ({bigger[0].key}: {gib(bigger[0].hbm_bytes)})")
+    if not hints:
+        return ("no single change llmc evaluates (more GPUs, another value of a pinned degree, CPU offload, a shorter "
+                "seq_len, a GPU of its table) gets it under the usable memory: a smaller model, or several at once")
+    return "try " + "; ".join(hints)
+
+
+def _batch_split(p, dp: int, seqs: int) -> int | None:
+    """Micro-steps of ``p``'s micro-batch when ``seqs`` sequences per step split over ``dp`` data-parallel ranks, as
+    the search splits a batch (search._enumerate_dp: whole micro-batches per rank, at least pp of them under a
+    pipeline and a multiple of pp interleaved); None where they do not split."""
+    per_dp, r = divmod(seqs, dp)
+    if r or per_dp < p.micro_batch or per_dp % p.micro_batch:
+        return None
+    m = per_dp // p.micro_batch
+    if p.pp > 1 and (m < p.pp or (p.pp_schedule == "Interleaved1F1B" and m % p.pp)):
+        return None
+    return m
+
+
+def _zeros(par, shard: int, offload: bool) -> list[int]:
+    """The ZeRO stages the search tries for a shard group of ``shard`` (dp_shard x cp) ranks (search._enumerate_dp)."""
+    if par.zero_stage is not None:
+        return [] if par.zero_stage == 0 and shard > 1 else [par.zero_stage]
+    if shard == 1:
+        return [2] if offload else [0]
+    return [1, 3]
+
+
+def _least(run, plan, need, offload: bool | None = None) -> tuple[float, object]:
+    """(least need, its plan) of ``plan`` over the ZeRO stages the search would try for its shard group (:func:`_zeros`;
+    ``offload``: whether the optimizer is offloaded, default the spec's); (inf, None) where none applies."""
+    par = run.parallelism
+    zs = _zeros(par, plan.dp_shard * plan.cp, par.offload_optimizer if offload is None else offload)
+    return min(((need(dataclasses.replace(plan, zero_stage=z)), dataclasses.replace(plan, zero_stage=z))
+                for z in zs), default=(math.inf, None), key=lambda t: t[0])
+
+
+def _relayout(run, p, world: int, seqs: int, backend: str, **changes):
+    """``p`` with ``changes`` on ``world`` GPUs and a batch of ``seqs`` sequences: the data-parallel ranks
+    rebalanced around the pins (all sharding where neither dp_shard nor dp_replicate is pinned: the least memory),
+    a pipeline schedule the pins allow, the micro-steps of the batch; None where the batch does not split, the pins
+    leave no data-parallel split, or EP does not divide its domain."""
+    from llmc.compiler.plan import ep_domain
+    from llmc.compiler.search import _schedules
+
+    par = run.parallelism
+    q = dataclasses.replace(p, **changes)
+    rest = q.tp * q.pp * q.cp
+    if world % rest:
+        return None
+    dp = world // rest
+    if "dp_shard" not in changes:
+        ds, dr = par.dp_shard, par.dp_replicate
+        if ds is None and dr is None:
+            ds, dr = dp, 1
+        elif ds is None:
+            ds = dp // dr
+        elif dr is None:
+            dr = dp // ds
+        q = dataclasses.replace(q, dp_shard=ds, dp_replicate=dr)
+    if q.dp_shard * q.dp_replicate != dp or min(q.dp_shard, q.dp_replicate) < 1:
+        return None
+    if "pp_schedule" not in changes:
+        scheds = _schedules(q.pp, run.model.n_layers, par)
+        if not scheds:
+            return None
+        if (q.pp_schedule, q.pp_virtual_stages) not in scheds:
+            q = dataclasses.replace(q, pp_schedule=scheds[0][0], pp_virtual_stages=scheds[0][1])
+    if q.ep > 1 and ep_domain(q.dp_shard, q.cp, q.tp, backend) % q.ep:
+        return None
+    m = _batch_split(q, dp, seqs)
+    return None if m is None else dataclasses.replace(q, grad_accum=m)
+
+
+def _more_gpus_hint(run, gpu, p, seqs: int, need, usable: float) -> str | None:
+    """"more GPUs" where a larger shard group fits: the closest layout ``p`` (and, where pp is not pinned, ``p``
+    without its pipeline, whose stages torchtitan keeps unsharded) with its data-parallel ranks doubled until the
+    memory model (``need``) fits it (the memory of a larger shard group never rises, so the first fit is the fewest
+    GPUs), up to the schema's largest count; with the global batch it takes where the spec's does not split over
+    them. None where the shard group is pinned or no count fits (what more data parallelism does not shrink: an
+    unsharded pipeline stage, activations, buffers)."""
+    from llmc.compiler.defaults import pretrain_batch_seqs
+    from llmc.compiler.search import describe
+    from llmc.spec.schema import MAX_GPUS
+
+    par, world, gpn = run.parallelism, run.hardware.count, gpu.gpus_per_node
+    data, training = _pre(run)
+    seq = data.seq_len
+    if par.dp_shard is not None:
+        return None  # more GPUs would replicate the pinned shard group, which shards nothing more
+    dr = par.dp_replicate or 1
+    bases = [p]
+    if par.pp is None and p.pp > 1 and par.pp_schedule in (None, "1F1B") and par.pp_virtual_stages in (None, 1):
+        bases.append(dataclasses.replace(p, pp=1, pp_schedule="1F1B", pp_virtual_stages=1))
+    k = 2
+    while world * k <= MAX_GPUS:
+        w = world * k
+        k *= 2
+        if w > gpn and w % gpn:
+            continue  # P008: whole nodes
+        # the batch at that count: the spec's, or llmc's default for it (which grows with the data-parallel ranks)
+        at_w = seqs if training.global_batch_tokens is not None else pretrain_batch_seqs(
+            run.model_copy(update={"hardware": run.hardware.model_copy(update={"count": w})}), gpu, seq, training)[0]
+        for b in bases:
+            ds, r = divmod(w, dr * b.tp * b.pp * b.cp)
+            if r:
+                continue
+            q = dataclasses.replace(b, dp_shard=ds, dp_replicate=dr)
+            m = _batch_split(q, ds * dr, at_w)
+            least = None
+            if m is None:  # the fewest sequences that split: pp micro-batches per rank under a pipeline
+                least = q.micro_batch * ds * dr * max(1, q.pp)
+                least = max(least, -(-at_w // least) * least)
+                m = least // (q.micro_batch * ds * dr)
+            n, q = _least(run, dataclasses.replace(q, grad_accum=m), need)
+            if n <= usable:
+                return (f"more GPUs: hardware.count {w:,} would need about {gib(n)} per GPU as {describe(q)}"
+                        + (f", with a global batch of at least {least:,} sequences (training.global_batch_tokens "
+                           f"{least * seq:,})" if least is not None else ""))
+    return None
+
+
+_DEGREES = ("tp", "pp", "cp", "ep", "dp_shard", "micro_batch")
+
+
+def _pin_hints(run, gpu, p, seqs: int, need, usable: float, helps: float, backend: str) -> list[str]:
+    """For each pinned part of the layout, the value that would fit the closest layout ``p`` (the nearest to the
+    pin), else the one that saves the most where it saves at least :data:`P004_HINT_SHARE` of the excess; the
+    other pins and the closest's searched values kept, the data-parallel ranks rebalanced (:func:`_relayout`)."""
+    from llmc.compiler.backends import get_backend
+    from llmc.compiler.hardware import nvlink_group
+    from llmc.compiler.search import AC_RANKS, _schedules, cp_degrees, divisors, tp_problem
+
+    par, arch, world = run.parallelism, run.model, run.hardware.count
+    sup, be = get_backend(backend).supports, get_backend(backend)
+    L, seq = arch.n_layers, _pre(run)[0].seq_len
+    options: dict[str, list[dict]] = {}
+    if par.tp is not None:
+        options["tp"] = [{"tp": t} for t in divisors(nvlink_group(gpu)) if (t == 1 or "tp" in sup)
+                         and tp_problem(arch, world, t, gpu) is None]
+    if par.pp is not None:
+        options["pp"] = [{"pp": x} for x in divisors(world) if x <= L and (x == 1 or (
+            "pp" in sup and (be.tied_pp or not arch.tied_embeddings)))]
+    if par.cp is not None:
+        options["cp"] = [{"cp": x} for x in cp_degrees(seq, p.tp) if x == 1 or "cp" in sup]
+    if par.ep is not None and arch.moe is not None:
+        options["ep"] = [{"ep": e} for e in divisors(arch.moe.num_experts) if e == 1 or "ep" in sup]
+    if (par.dp_shard is not None or par.dp_replicate is not None) and p.dp_replicate > 1:
+        options["dp_shard"] = [{"dp_shard": p.dp_shard * p.dp_replicate, "dp_replicate": 1}]
+    if par.zero_stage is not None:
+        options["zero_stage"] = [{"zero_stage": z} for z in (1, 2, 3)]
+    if par.micro_batch is not None:
+        options["micro_batch"] = [{"micro_batch": 1 << i} for i in range(p.micro_batch.bit_length())
+                                  if 1 << i < p.micro_batch]
+    if par.activation_checkpointing is not None:
+        options["activation_checkpointing"] = [{"activation_checkpointing": a, "ac_layers": 0}
+                                               for a in AC_RANKS[AC_RANKS.index(p.activation_checkpointing) + 1:]
+                                               if a != "partial"]
+    if (par.pp_schedule is not None or par.pp_virtual_stages is not None) and p.pp > 1:
+        free = par.model_copy(update={"pp_schedule": None, "pp_virtual_stages": None})
+        options["pp_schedule"] = [{"pp_schedule": s, "pp_virtual_stages": v}
+                                  for s, v in _schedules(p.pp, L, free)]
+    out = []
+    for key, changes in options.items():
+        tried = []
+        for ch in changes:
+            if all(getattr(p, f) == v for f, v in ch.items()):
+                continue
+            q = _relayout(run, p, world, seqs, backend, **ch)
+            if q is None:
+                continue
+            n = need(q) if key == "zero_stage" else _least(run, q, need)[0]
+            tried.append((n, ch))
+        fit = [t for t in tried if t[0] <= usable]
+        if fit:  # the nearest to the pin (a degree's factor; a mode or stage: the first, the least change)
+            n, ch = min(fit, key=lambda t, k=key, v=getattr(p, key): abs(math.log2(t[1][k] / v)) if k in _DEGREES
+                        else 0)
+        elif tried and min(tried, key=lambda t: t[0])[0] <= helps:
+            n, ch = min(tried, key=lambda t: t[0])
+        else:
+            continue
+        shown = [f for f in ch if f != "ac_layers" and not (f == "pp_virtual_stages" and ch[f] == getattr(p, f) == 1)]
+        drop = " (and remove ac_layers)" if "ac_layers" in ch and par.ac_layers is not None else ""
+        out.append(f"parallelism.{', '.join(f'{f} {ch[f]}' for f in shown)}{drop} instead of the pinned "
+                   f"{', '.join(f'{f} {getattr(p, f)}' for f in shown)} (about {gib(n)} per GPU"
+                   + (", which fits; or unpin it and let the search choose)" if n <= usable else ")"))
+    return out
+
+
+def _offload_hint(run, p, seqs: int, need, helps: float) -> str | None:
+    """CPU optimizer offload (or, with it on, parameter offload) where it saves at least :data:`P004_HINT_SHARE` of
+    the excess on the backend that offloads, whose runner must run the pinned layout (P018's rule:
+    :func:`unrun_pins`; the closest's searched dimensions it does not run folded into data parallelism)."""
+    from llmc.compiler.backends import BACKENDS, get_backend, resolve_backend
+
+    par = run.parallelism
+    if par.offload_params:
+        return None
+    what = "offload_params" if par.offload_optimizer else "offload_optimizer"
+    if (par.zero_stage == 0) or (what == "offload_params" and par.zero_stage not in (None, 3)):
+        return None  # P015: DeepSpeed offloads ZeRO partitions (parameters: ZeRO-3's)
+    asked = run.training.backend
+    name = asked if asked != "auto" else resolve_backend("auto", offload=True)[0]
+    switch = ""
+    if "offload" not in get_backend(name).supports:  # P017 on the pinned backend: name one that offloads
+        name = next((n for n, b in BACKENDS.items() if b.runnable and "offload" in b.supports), None)
+        if name is None:
+            return None
+        switch = f" with training.backend {name}"
+    be = get_backend(name)
+    if unrun_pins(run, be):
+        return None  # P018: the backend that offloads cannot run the pinned layout
+    fold = {d: 1 for d in ("tp", "pp", "cp", "ep") if d not in be.supports}
+    q = _relayout(run, dataclasses.replace(p, dp_replicate=1 if "hsdp" not in be.supports else p.dp_replicate),
+                  run.hardware.count, seqs, name, **fold,
+                  **({"loss_chunk_tokens": 0} if not be.slices_loss else {}))
+    if q is None:
+        return None
+    offload = (True, what == "offload_params")
+    if offload[1]:
+        n, q = need(dataclasses.replace(q, zero_stage=3), backend=name, offload=offload), dataclasses.replace(
+            q, zero_stage=3)
+    else:
+        n, q = _least(run, q, lambda x: need(x, backend=name, offload=offload), offload=True)
+    if n > helps:
+        return None
+    from llmc.compiler.search import describe
+
+    label = "CPU parameter offload" if offload[1] else "CPU optimizer offload"
+    return f"{label} (parallelism.{what}{switch}: about {gib(n)} per GPU as {describe(q)} on {name})"
 
 
 def _cp_seq_problem(run, gpu) -> tuple[str, str] | None:
