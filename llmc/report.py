@@ -533,8 +533,12 @@ def _stage_notes(c) -> Text | None:
     if not rows or (len(c.stages) <= 1 and not c.spec.stages):
         return None
     width = max(len(name) for name, _ in rows)
-    out = Text("Stage notes\n", style="bold")
-    out.append("\n".join(f" {name:<{width}}   {note}" for name, note in rows))
+    import textwrap
+
+    out = Text("Stage notes\n\n", style="bold")  # (laid out as the tables are: title, blank line, rows, blank line)
+    pad = " " * (width + 4)  # (a note's lines wrapped under its first, as the tables' cells wrap)
+    out.append("\n".join(textwrap.fill(note, WIDTH - 1, initial_indent=f" {name:<{width}}   ", subsequent_indent=pad,
+                                        break_on_hyphens=False) for name, note in rows) + "\n")
     return out
 
 
@@ -555,9 +559,9 @@ def _preemption(c) -> Text | None:
             f"script asks for its signal {p.signal_lead_seconds} s before the time limit (--signal=B:USR1@"
             f"{p.signal_lead_seconds}). A platform that kills on its own clock must give at least "
             f"{p.signal_lead_seconds} s (Kubernetes: the pods' terminationGracePeriodSeconds, 30 s by default).")
-    out = Text("Preemption\n", style="bold")
+    out = Text("Preemption\n\n", style="bold")
     out.append("\n".join(textwrap.wrap(text, WIDTH - 1, initial_indent=" ", subsequent_indent=" ",
-                                        break_on_hyphens=False)))
+                                        break_on_hyphens=False)) + "\n")
     return out
 
 
