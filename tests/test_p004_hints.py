@@ -119,3 +119,15 @@ def test_fsdp_short_of_memory_names_the_gpu_count_that_fits(tmp_path):
     assert half.plan is None and "P004" in _codes(half)
     hints = _check_each_hint_helps(spec, (), c)  # the count among them: it plans
     assert hints[0].startswith("more GPUs")
+
+
+def test_a_pinned_shard_group_still_gets_more_gpus_where_the_search_grows_other_degrees():
+    """With dp_shard pinned, more GPUs keep the shard group but the search grows tp / pp / cp on them: Mixtral 8x7B on
+    8 H100s pinned to ep 2, dp_shard 2 does not fit, and on 16 it does (tp 8). The hint said only "a GPU with more
+    memory"; it names more GPUs again, as not evaluated here."""
+    sets = ("parallelism.ep=2", "parallelism.dp_shard=2")
+    c = _compile("examples/mixtral_8x7b.yaml", "hardware.count=8", *sets)
+    hints = _split(_p004(c).hint)
+    (more,) = [h for h in hints if h.startswith("more GPUs")]
+    assert "hardware.count 16" in more and "not evaluated" in more, hints
+    assert "P004" not in _codes(_compile("examples/mixtral_8x7b.yaml", "hardware.count=16", *sets))

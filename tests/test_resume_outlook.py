@@ -324,3 +324,45 @@ def test_the_torchtitan_launch_script_resumes_a_longer_wsd_run_and_refuses_a_lon
     assert r.returncode == 2 and trains() == before, r.stderr[-2000:]
     for said in ("dp 1 -> 2", str(ck), "--stage pretrain --step 21", "--no-resume --from pretrain"):
         assert said in line, (said, line)
+
+
+@pytest.mark.parametrize("record", ['{"fingerprint_sha256": "abc", "fingerprint": {"parts": "x", "numbers": 3}}',
+                                    'garbage{', '[1, 2]', '{"fingerprint_sha256": ""}'])
+def test_a_damaged_torchtitan_record_refuses_the_resume_in_one_line_on_both_paths(tmp_path, record):
+    """A FINGERPRINT.json whose fingerprint is not a mapping was error[INTERNAL] in `llmc launch` (and a traceback in
+    the launch scripts' titan-start); one that cannot be parsed read as "no record", so the run resumed under this
+    lock, whatever started it, and its record was overwritten. Both are one line refusing the resume now, the record
+    kept; the way out under another RUN_DIR is the script's, naming the build's own assets/ nowhere."""
+    import os
+    import subprocess
+    import sys
+
+    from test_build_fakes import ROOT
+
+    from llmc.launch import launch_commands
+    from llmc.resume import resumptions
+
+    b = tmp_path / "b"
+    _build(tmp_path, b)
+    _titan_started(b)
+    _titan_checkpoint(b, 20, dp=1)
+    f = b / "run" / "pretrain" / "FINGERPRINT.json"
+    f.write_text(record)
+    (found,) = resumptions(b, launch_commands(b, backend="torchtitan"))
+    assert found.refusal is not None and found.lock_change, found
+    r = cli("launch", str(b), "--backend", "torchtitan", "--dry-run")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "error[L005]" in lines[0] and "INTERNAL" not in r.stderr, r.stderr
+    # the launch scripts' check, with their run directory elsewhere (RUN_DIR): the script's own way out
+    run = tmp_path / "elsewhere"
+    (run / "pretrain").mkdir(parents=True)
+    (run / "pretrain" / "FINGERPRINT.json").write_text(record)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "llmc.runtime.entry", "titan-start", "--lock", str(b / "plan.lock.json"),
+                        "--assets", str(b), "--backend", "torchtitan", "--stage", "pretrain", "--out",
+                        str(run / "pretrain")], env=env, capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 3 and len(lines) == 1 and "error[R004]" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and "mv -- " in lines[0] and f"{b / 'assets'}" not in lines[0], lines[0]
+    assert "checkpoints with it)" not in lines[0] and "with their torchtitan checkpoints" in lines[0], lines[0]
+    assert (run / "pretrain" / "FINGERPRINT.json").read_text() == record == f.read_text()  # kept as it was

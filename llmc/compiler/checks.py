@@ -774,7 +774,11 @@ def _more_gpus_hint(run, gpu, p, seqs: int, need, usable: float) -> str | None:
     data, training = _pre(run)
     seq = data.seq_len
     if par.dp_shard is not None:
-        return None  # more GPUs would replicate the pinned shard group, which shards nothing more
+        # more GPUs keep the pinned shard group: they shrink the memory only through tp / pp / cp grown on them,
+        # which this hint does not evaluate (the search does, at the count it is given)
+        free = [d for d in ("tp", "pp", "cp") if getattr(par, d) is None]
+        return (f"more GPUs (hardware.count {2 * world:,}, ...: with dp_shard pinned at {par.dp_shard}, the search "
+                f"can use them only for {' / '.join(free)}, not evaluated here)") if free else None
     dr = par.dp_replicate or 1
     bases = [p]
     if par.pp is None and p.pp > 1 and par.pp_schedule in (None, "1F1B") and par.pp_virtual_stages in (None, 1):

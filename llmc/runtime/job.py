@@ -961,6 +961,13 @@ def tokenizer_change(was: dict, now: dict, asset_dir: Path) -> str | None:
             "with (prepare trained or copied another: its training text or data.tokenizer.path changed)")
 
 
+def _fp_part(fp: dict, key: str) -> dict:
+    """A fingerprint's ``parts`` / ``numbers`` (a record read from a file: {} where it is not a mapping, so a damaged
+    record reads as one of the sha256 alone)."""
+    v = fp.get(key)
+    return v if isinstance(v, dict) else {}
+
+
 def fingerprint_change(was: dict, now: dict, chosen: Collection[str] = (), pins: Collection[str] = ()) -> str | None:
     """What differs between the fingerprint ``was`` (a marker's) and ``now`` (the lock's): the numbers by name and
     value (``steps 30 -> 20``), the other parts by name; None when they are the same. ``chosen``: the numbers llmc
@@ -968,7 +975,7 @@ def fingerprint_change(was: dict, now: dict, chosen: Collection[str] = (), pins:
     all that differs, and each of them is said to be llmc's default that changed."""
     if was.get("sha256") == now.get("sha256"):
         return None
-    if not was.get("parts"):  # (a record of the sha256 alone: the launch scripts write one for a torchtitan stage)
+    if not _fp_part(was, "parts"):  # (a record of the sha256 alone: an older llmc's launch scripts wrote one)
         return f"its fingerprint {str(was.get('sha256'))[:12]} is not this lock's {str(now.get('sha256'))[:12]}"
 
     def show(v: Any) -> str:
@@ -979,9 +986,9 @@ def fingerprint_change(was: dict, now: dict, chosen: Collection[str] = (), pins:
         return text + " (llmc's default changed: the spec does not set it)" if pins and _DEFAULT_NAME.get(k, k) in chosen \
             else text
 
-    a, b = was.get("numbers") or {}, now.get("numbers") or {}
+    a, b = _fp_part(was, "numbers"), _fp_part(now, "numbers")
     numbers = [said(k) for k in _SHOWN if k in a and a.get(k) != b.get(k)]
-    pa, pb = was.get("parts") or {}, now.get("parts") or {}
+    pa, pb = _fp_part(was, "parts"), _fp_part(now, "parts")
     named = [_PART_NAMES[k] for k in _PART_NAMES if pa.get(k) != pb.get(k)]
     if numbers and "the training settings" in named:
         named[named.index("the training settings")] = "other training settings"
@@ -996,10 +1003,10 @@ def steps_only_change(was: dict, now: dict) -> int | None:
     """The ``steps`` of the fingerprint ``was`` (an unfinished run's record) when that is all that differs from ``now``
     (the lock's): the same stage run longer or shorter, which a resume may carry on where the LR at its step stays
     (:meth:`TrainJob.steps_change`); None when anything else differs, or a record of the sha256 alone."""
-    pa, pb = was.get("parts") or {}, now.get("parts") or {}
+    pa, pb = _fp_part(was, "parts"), _fp_part(now, "parts")
     if not pa or any(pa.get(k) != pb.get(k) for k in set(pa) | set(pb) if k != "numbers"):
         return None
-    a, b = was.get("numbers") or {}, now.get("numbers") or {}
+    a, b = _fp_part(was, "numbers"), _fp_part(now, "numbers")
     if [k for k in _SHOWN if a.get(k) != b.get(k)] != ["steps"] or set(a) != set(b):
         return None
     old = a.get("steps")
@@ -1016,6 +1023,8 @@ class TitanLockChange:
     record: Path
     checkpoint: Path | None
     step: int | None
+    #: False: the record cannot be read (``what`` says why), so which lock started the run is unknown
+    readable: bool = True
 
 
 def titan_lock_change(lock: dict | None, stage: str, build_dir: str | Path, stage_dir: str | Path,
@@ -1030,21 +1039,28 @@ def titan_lock_change(lock: dict | None, stage: str, build_dir: str | Path, stag
     import json
 
     f = Path(stage_dir) / FINGERPRINT_FILE
+    if not f.is_file():
+        return None  # (no record: a run of an llmc before records, or none started)
     try:
-        rec = json.loads(f.read_text()) if f.is_file() else None
-    except (OSError, ValueError, RecursionError):
-        rec = None
+        rec = json.loads(f.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        rec, bad = None, type(e).__name__
+    else:
+        bad = "no fingerprint_sha256 in it"
     was_sha = rec.get(FINGERPRINT_SHA) if isinstance(rec, dict) else None
-    if not isinstance(was_sha, str) or not was_sha or was_sha == now.get(FINGERPRINT_SHA):
+    if was_sha is not None and was_sha == now.get(FINGERPRINT_SHA):
         return None
     if not any(Path(dump_dir).glob("checkpoint*/step-*")):
         return None  # (nothing to resume: the job starts the stage over, and the record is replaced)
+    saved = resume_checkpoint(dump_dir)
+    if not isinstance(was_sha, str) or not was_sha:  # a damaged record: which lock started the run is unknown
+        return TitanLockChange(f"the record of the lock its unfinished run was started under cannot be read ({bad})",
+                               f, saved, checkpoint_step(saved), readable=False)
     was = rec.get(FINGERPRINT_KEY) if isinstance(rec.get(FINGERPRINT_KEY), dict) else {"sha256": was_sha}
     cur = now.get(FINGERPRINT_KEY) if isinstance(now.get(FINGERPRINT_KEY), dict) else \
         {"sha256": now.get(FINGERPRINT_SHA)}
     what = fingerprint_change(was, cur) or "its fingerprint differs from the lock's"
     old_steps = steps_only_change(was, cur)
-    saved = resume_checkpoint(dump_dir)
     step = checkpoint_step(saved)
     if old_steps is not None and step is not None:
         try:
@@ -1065,10 +1081,13 @@ def titan_lock_message(stage: str, change: TitanLockChange, dump_dir: str | Path
     """The one line that refuses ``change`` (:func:`titan_lock_change`): what changed and the ways out that keep the
     progress (the old values rebuilt; the checkpoint exported, :func:`export_command`) or start over
     (:func:`rerun_way`, with ``options``: the launch's, or a launch script's run directory)."""
-    way = rerun_way(build, stage, options, lock, assets_root)
+    way = rerun_way(build, stage, options, lock, assets_root, aside_too=", with their torchtitan checkpoints")
     keep = f"; or {export_way(build, stage, change.step)}" if change.step is not None else ""
+    if not change.readable:
+        return (f"stage {stage!r}: {change.what} ({change.record}), and its unfinished run's torchtitan checkpoints "
+                f"({dump_dir}) may be another lock's, which this build would resume: {way}{keep}")
     return (f"stage {stage!r} was started under another lock than this build's ({change.what}; {change.record}), "
-            f"and torchtitan would resume its checkpoints ({dump_dir}): {way} (its torchtitan checkpoints with it); "
+            f"and torchtitan would resume its checkpoints ({dump_dir}): {way}; "
             f"or rebuild with the values it was started with and finish it{keep}")
 
 
@@ -1396,19 +1415,21 @@ def _stages_from(lock: dict | None, stage: str) -> list[str]:
 
 
 def rerun_way(build: str | Path, stage: str, options: LaunchOptions | None = None, lock: dict | None = None,
-              assets_root: str | Path | None = None) -> str:
+              assets_root: str | Path | None = None, aside_too: str = "") -> str:
     """How the refusal of stale ``stage`` says to train it and the stages after it again, as a command that does so
     when run as printed: ``llmc launch`` with the launch's options (:func:`rerun_command`); for a launch script whose
     run directory is not the build's (``options.run_dir``), where ``llmc launch`` would train fresh in the build's own
-    ``run/``, the command that sets them aside there (:func:`set_aside_shell`) and the script run again."""
+    ``run/``, the command that sets them aside there (:func:`set_aside_shell`) and the script run again.
+    ``aside_too``: what else goes aside with them, said after "aside" (", with their torchtitan checkpoints")."""
     o = options or LaunchOptions()
     if o.run_dir is None:
-        return (f"`{rerun_command(build, stage, o)}` sets it and the stages after it aside (run/<stage>.set-aside-N) "
-                "and trains them again")
+        return (f"`{rerun_command(build, stage, o)}` sets it and the stages after it aside{aside_too} "
+                "(run/<stage>.set-aside-N) and trains them again")
     move = set_aside_shell(o.run_dir, _stages_from(lock, stage), assets_root)
-    aside = f"`{move}` sets it and the stages after it aside" if move else \
-        f"set {Path(o.run_dir) / stage} and the stages after it aside"
-    here = f"{o.run_dir}" + (f" with {Path(assets_root) / 'assets'}" if assets_root is not None else "")
+    aside = f"`{move}` sets it and the stages after it aside{aside_too}" if move else \
+        f"set {Path(o.run_dir) / stage} and the stages after it aside{aside_too}"
+    other_assets = assets_root is not None and Path(assets_root).resolve() != Path(build).resolve()
+    here = f"{o.run_dir}" + (f" with {Path(assets_root) / 'assets'}" if other_assets else "")
     return (f"{aside}, then run the same launch script again (same LLMC_RUN_DIR / RUN_DIR), which trains them again "
             f"(`llmc launch` trains only in the build's own run/ with its own assets/, not in {here})")
 
