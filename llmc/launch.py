@@ -524,11 +524,20 @@ def _links_under(top: Path) -> list[Path]:
         return [top]
     if not top.is_dir():
         return []
-    out = []
-    for where, dirs, files in os.walk(top, followlinks=False):
-        out += [Path(where) / n for n in dirs + files if os.path.islink(os.path.join(where, n))]
-        if Path(where).parent == top:  # (a stage folder: its W&B folder is W&B's)
-            dirs[:] = [d for d in dirs if d not in WANDB_DIRS]
+    # (os.scandir's entries know from the directory listing itself whether they are links or folders, on the file
+    # systems that say so (d_type): no lstat per file, which a run/ of many checkpoints' shards would cost per launch)
+    out, stack = [], [(top, 0)]
+    while stack:
+        where, depth = stack.pop()
+        try:
+            entries = list(os.scandir(where))
+        except OSError:
+            continue
+        for e in entries:
+            if e.is_symlink():
+                out.append(Path(e.path))
+            elif e.is_dir(follow_symlinks=False) and not (depth == 1 and e.name in WANDB_DIRS):
+                stack.append((Path(e.path), depth + 1))  # (depth 1: a stage folder's entries; its W&B folder is W&B's)
     return sorted(out)
 
 
