@@ -114,7 +114,7 @@ def test_p019_llama3_405b_on_12288_gpus_names_8192():
     big, own, tokens = _p019_case(
         lambda: _compile_file(L405, "hardware.count=12288", "budget.max_days=1000"),
         lambda: _compile_file(L405, "hardware.count=8192", "budget.max_days=1000"), 8192)
-    # the slow plan gives the count's factor 3 to the pipeline (pp 6 with 8 micro-batches here)
+    # the slow plan gives the count's factor 3 to the pipeline (pp 12 with 16 micro-batches here)
     assert big.plan.pp % 3 == 0 or big.plan.cp % 3 == 0
     # the named batch (3,072 sequences) lets all 12,288 GPUs beat the 8,192-GPU plan, and the warning goes
     assert tokens == 3072 * 8192
@@ -123,8 +123,10 @@ def test_p019_llama3_405b_on_12288_gpus_names_8192():
     assert not _diags(fixed, "P019") and fixed.time.days < own.time.days
 
 
-def test_p019_llama31_70b_on_12288_gpus_names_8192():
-    _p019_case(lambda: _compile_text(L70B.format(count=12288)), lambda: _compile_text(L70B.format(count=8192)), 8192)
+def test_p019_llama31_70b_on_10240_gpus_names_8192():
+    # (on 12,288 GPUs no longer: the 8,192-GPU plan it named held 75.0 of 75.2 GiB usable, a simpler layout the search
+    # now declines within its error band, and the plan it takes instead, 27.5 days, is 7% slower than 12,288's)
+    _p019_case(lambda: _compile_text(L70B.format(count=10240)), lambda: _compile_text(L70B.format(count=8192)), 8192)
 
 
 def test_p019_not_on_power_of_two_clusters_or_batches_that_split():

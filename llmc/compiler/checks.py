@@ -605,13 +605,16 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
                      "relax the parallelism pins")
         return
     p = res.best.plan
-    v = p.pp_virtual_stages if p.pp_schedule == "Interleaved1F1B" else 1
-    if p.pp > 1 and v * p.grad_accum < 4 * p.pp and p.pp_schedule != "ZBVZeroBubble":
+    from llmc.compiler.search import BUBBLE_MICROS_PER_STAGE, bubble_warning
+
+    if bubble_warning(p):
+        v = p.pp_virtual_stages if p.pp_schedule == "Interleaved1F1B" else 1
         bubble = (p.pp - 1) / (v * p.grad_accum + p.pp - 1)
         sink.add("P006", "warning", "parallelism.pp",
                  f"{p.grad_accum} micro-batches for {p.pp} pipeline stages ({p.pp_schedule}): "
                  f"bubble ~{100 * bubble:.0f}% of pipeline time (Narayanan et al. 2021: (p-1)/(v*m+p-1))",
-                 f"m >= 4 x pp = {4 * p.pp} keeps it under ~20%: raise the global batch or lower pp")
+                 f"m >= {BUBBLE_MICROS_PER_STAGE} x pp = {BUBBLE_MICROS_PER_STAGE * p.pp} keeps it under ~20%: "
+                 "raise the global batch or lower pp")
     if p.activation_checkpointing == "partial":
         from llmc.compiler.memory import max_chunk_layers
 
@@ -662,7 +665,7 @@ def _p004_hints(run, res, gpu, seqs: int, usable: float) -> str:
     hints = []
     if (cp_hint := _cp_unavailable_hint(run, gpu, res.backend)) is not None:
         hints.append(cp_hint)  # without CP more GPUs never split one sequence
-    elif (more := _more_gpus_hint(run, gpu, c.plan, seqs, need, usable)) is not None:
+    elif (more := _more_gpus_hint(run, gpu, c.plan, seqs, need, usable, res.backend)) is not None:
         hints.append(more)
     hints += _pin_hints(run, gpu, c.plan, seqs, need, usable, helps, res.backend)
     if (off := _offload_hint(run, c.plan, seqs, need, helps)) is not None:
@@ -673,7 +676,8 @@ def _p004_hints(run, res, gpu, seqs: int, usable: float) -> str:
 
         half = _relayout(run, c.plan, run.hardware.count, pretrain_batch_seqs(run, gpu, seq // 2, training)[0],
                          res.backend)
-        n = _least(run, half, lambda q: need(q, seq_len=seq // 2)) if half is not None else (math.inf, None)
+        n = _least(run, half, lambda q: need(q, seq_len=seq // 2), res.backend) if half is not None else \
+            (math.inf, None)
         if n[0] <= helps:
             hints.append(f"a shorter seq_len than {seq} ({seq // 2:,}: about {gib(n[0])} per GPU)")
     from llmc.compiler.hardware import GPUS, nvlink_group, supports
@@ -693,31 +697,23 @@ def _p004_hints(run, res, gpu, seqs: int, usable: float) -> str:
 
 def _batch_split(p, dp: int, seqs: int) -> int | None:
     """Micro-steps of ``p``'s micro-batch when ``seqs`` sequences per step split over ``dp`` data-parallel ranks, as
-    the search splits a batch (search._enumerate_dp: whole micro-batches per rank, at least pp of them under a
-    pipeline and a multiple of pp interleaved); None where they do not split."""
+    the search splits a batch (:func:`llmc.compiler.search.micro_steps`); None where they do not split."""
+    from llmc.compiler.search import micro_steps
+
     per_dp, r = divmod(seqs, dp)
-    if r or per_dp < p.micro_batch or per_dp % p.micro_batch:
-        return None
-    m = per_dp // p.micro_batch
-    if p.pp > 1 and (m < p.pp or (p.pp_schedule == "Interleaved1F1B" and m % p.pp)):
-        return None
-    return m
+    return None if r else micro_steps(per_dp, p.micro_batch, p.pp, p.pp_schedule)
 
 
-def _zeros(par, shard: int, offload: bool) -> list[int]:
-    """The ZeRO stages the search tries for a shard group of ``shard`` (dp_shard x cp) ranks (search._enumerate_dp)."""
-    if par.zero_stage is not None:
-        return [] if par.zero_stage == 0 and shard > 1 else [par.zero_stage]
-    if shard == 1:
-        return [2] if offload else [0]
-    return [1, 3]
+def _least(run, plan, need, backend: str, offload: bool | None = None) -> tuple[float, object]:
+    """(least need, its plan) of ``plan`` over the ZeRO stages the search would try for its shard group on
+    ``backend`` (:func:`llmc.compiler.search.zero_stages`, less ZeRO-0 with a shard group, which it rejects);
+    ``offload``: whether the optimizer is offloaded, default the spec's; (inf, None) where none applies."""
+    from llmc.compiler.search import zero_stages
 
-
-def _least(run, plan, need, offload: bool | None = None) -> tuple[float, object]:
-    """(least need, its plan) of ``plan`` over the ZeRO stages the search would try for its shard group (:func:`_zeros`;
-    ``offload``: whether the optimizer is offloaded, default the spec's); (inf, None) where none applies."""
     par = run.parallelism
-    zs = _zeros(par, plan.dp_shard * plan.cp, par.offload_optimizer if offload is None else offload)
+    shard = plan.dp_shard * plan.cp
+    zs = [z for z in zero_stages(par.zero_stage, shard, bool(par.offload_optimizer if offload is None else offload),
+                                 backend) if not (z == 0 and shard > 1)]
     return min(((need(dataclasses.replace(plan, zero_stage=z)), dataclasses.replace(plan, zero_stage=z))
                 for z in zs), default=(math.inf, None), key=lambda t: t[0])
 
@@ -759,7 +755,7 @@ def _relayout(run, p, world: int, seqs: int, backend: str, **changes):
     return None if m is None else dataclasses.replace(q, grad_accum=m)
 
 
-def _more_gpus_hint(run, gpu, p, seqs: int, need, usable: float) -> str | None:
+def _more_gpus_hint(run, gpu, p, seqs: int, need, usable: float, backend: str) -> str | None:
     """"more GPUs" where a larger shard group fits: the closest layout ``p`` (and, where pp is not pinned, ``p``
     without its pipeline, whose stages torchtitan keeps unsharded) with its data-parallel ranks doubled until the
     memory model (``need``) fits it (the memory of a larger shard group never rises, so the first fit is the fewest
@@ -803,7 +799,7 @@ def _more_gpus_hint(run, gpu, p, seqs: int, need, usable: float) -> str | None:
                 least = q.micro_batch * ds * dr * max(1, q.pp)
                 least = max(least, -(-at_w // least) * least)
                 m = least // (q.micro_batch * ds * dr)
-            n, q = _least(run, dataclasses.replace(q, grad_accum=m), need)
+            n, q = _least(run, dataclasses.replace(q, grad_accum=m), need, backend)
             if n <= usable:
                 return (f"more GPUs: hardware.count {w:,} would need about {gib(n)} per GPU as {describe(q)}"
                         + (f", with a global batch of at least {least:,} sequences (training.global_batch_tokens "
@@ -860,7 +856,7 @@ def _pin_hints(run, gpu, p, seqs: int, need, usable: float, helps: float, backen
             q = _relayout(run, p, world, seqs, backend, **ch)
             if q is None:
                 continue
-            n = need(q) if key == "zero_stage" else _least(run, q, need)[0]
+            n = need(q) if key == "zero_stage" else _least(run, q, need, backend)[0]
             tried.append((n, ch))
         fit = [t for t in tried if t[0] <= usable]
         if fit:  # the nearest to the pin (a degree's factor; a mode or stage: the first, the least change)
@@ -912,7 +908,7 @@ def _offload_hint(run, p, seqs: int, need, helps: float) -> str | None:
         n, q = need(dataclasses.replace(q, zero_stage=3), backend=name, offload=offload), dataclasses.replace(
             q, zero_stage=3)
     else:
-        n, q = _least(run, q, lambda x: need(x, backend=name, offload=offload), offload=True)
+        n, q = _least(run, q, lambda x: need(x, backend=name, offload=offload), name, offload=True)
     if n > helps:
         return None
     from llmc.compiler.search import describe

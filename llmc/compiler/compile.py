@@ -28,6 +28,7 @@ from functools import partial
 
 from llmc import hf_export
 from llmc.compiler import backends, checks, defaults, flops, params, scaling, timing
+from llmc.compiler.calibration import UNCALIBRATED_MEMORY_MAX_ERR_PCT
 from llmc.compiler.checks import Sink
 from llmc.compiler.defaults import pretrain_batch_seqs, pretrain_hyper, pretrain_inputs, pretrain_paths
 from llmc.compiler.hardware import GPU, GPUS, get_gpu, peak_flops, supports, with_overrides
@@ -36,6 +37,7 @@ from llmc.compiler.result import (
     BackendChoice,
     BackendRun,
     CalibrationStatus,
+    Candidate,
     Compiled,
     ComputeNumbers,
     CostNumbers,
@@ -136,6 +138,7 @@ class _Searched:
     rejected: tuple = ()
     info: dict = dataclasses.field(default_factory=dict)
     unfit: UnfitLayout | None = None  # the closest layout when none fits (P004)
+    fastest: Candidate | None = None  # the fastest fitting candidate (plan's, unless the simpler-layout rule chose)
 
 
 def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None = None,
@@ -228,7 +231,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     hf_export.check_hf_export(run, sink, be_info.name)  # X130 (no export, and who reads it) / T030 (a dropped bias)
     model_opts = _ModelOptions(be_info.name, be_info.compile, factors, band, fit_check, training.fp8_recipe,
                                run.parallelism.offload_optimizer, run.parallelism.offload_params,
-                               training.nvfp4_bf16_tail)
+                               training.nvfp4_bf16_tail, mem_band=_memory_band(cal_info))
     searched = _Searched()
     if pretrains and cluster_ok and supports(gpu, training.precision) and batch_ok:
         searched = _search(run, gpu, data.seq_len, training, seqs, sink, model_opts)
@@ -440,6 +443,17 @@ class _ModelOptions:
     offload_optimizer: bool = False  # parallelism.offload_optimizer (ZeRO-Offload: the update runs on the host)
     offload_params: bool = False  # parallelism.offload_params (ZeRO-Infinity: the parameters on the host too)
     nvfp4_bf16_tail: float = NVFP4_BF16_TAIL  # training.nvfp4_bf16_tail (the final blocks an nvfp4 run keeps in bf16)
+    # the memory model's relative error the simpler-layout rule keeps below the usable limit (_memory_band)
+    mem_band: float = UNCALIBRATED_MEMORY_MAX_ERR_PCT / 100.0
+
+
+def _memory_band(cal_info) -> float:
+    """The memory model's error as a fraction, for the search's simpler-layout rule: the largest |error| of the memory
+    band the plan quotes (``CalibrationStatus.bands["memory"]``: a calibration's leave-one-out band where its memory
+    factors apply, else llmc's uncalibrated error), else the published one (benchmarks/RESULTS.md)."""
+    band = (cal_info.bands or {}).get("memory") if cal_info is not None else None
+    pct = band.get("max_abs_pct") if isinstance(band, dict) else None
+    return float(pct if pct is not None else UNCALIBRATED_MEMORY_MAX_ERR_PCT) / 100.0
 
 
 def _step_model(arch: Architecture, seq_len: int, precision: str, gpu: GPU, o: _ModelOptions):
@@ -568,7 +582,7 @@ def _search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int,
             params.params_total(arch), best.plan, gpu.gpus_per_node, run.parallelism.offload_params))
     return _Searched(plan=best.plan if best else None, memory=memory,
                      reasons=tuple(reasons), alternatives=tuple(res.alternatives),
-                     rejected=tuple(res.rejected[:20]), info=info, unfit=unfit)
+                     rejected=tuple(res.rejected[:20]), info=info, unfit=unfit, fastest=res.fastest)
 
 
 def _run_search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: int, o: _ModelOptions, world: int):
@@ -584,8 +598,8 @@ def _run_search(run: RunSpec, gpu: GPU, seq_len: int, training: Training, seqs: 
     res = search.search(arch, sm, world=world, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
                         precision=training.precision, pins=backend_pins(run.parallelism, o.backend, arch),
                         memory_fn=memory_fn, peak_fn=partial(memory_fn, per_stage=False),
-                        fits_fn=None if o.fit_check else _always_fits, band=o.band,
-                        loss_slice=memory_mod.loss_slice_tokens(arch.vocab_size) if _slices_loss(o.backend) else 0)
+                        fits_fn=None if o.fit_check else _always_fits, band=o.band, mem_band=o.mem_band,
+                        fit_check=o.fit_check, loss_slice=memory_mod.loss_slice_tokens(arch.vocab_size) if _slices_loss(o.backend) else 0)
     return res, sm, memory_fn
 
 
@@ -672,8 +686,9 @@ def _check_lowp_gain(run: RunSpec, gpu: GPU, seq_len: int, searched: _Searched, 
     """T020: the plan's step at its low precision (fp8, nvfp4) is not faster than the same plan at bf16 (the same
     layout, micro-batch and recomputation, timed by the same model with ``precision: bf16``): the casts (the
     weights' once per micro-batch, the activations' and gradients' per token; ``timing.cast_seconds``) eat the
-    faster GEMMs. Names both steps, what the GEMMs gain and the casts cost, and the fastest low-precision layout the
-    search found (it minimises the low-precision step already; within the ranking band it prefers the simpler)."""
+    faster GEMMs. Names both steps, what the GEMMs gain and the casts cost (what the other terms add or save), and the
+    fastest low-precision layout the search found (it minimises the low-precision step already; within the ranking
+    band it prefers the simpler: a faster layout it declined so is named as inside the band, not to be pinned)."""
     precision = run.training.precision
     if precision not in ("fp8", "nvfp4") or not sm.fp8_peak:  # (no converted linears: timed as bf16)
         return
@@ -688,21 +703,30 @@ def _check_lowp_gain(run: RunSpec, gpu: GPU, seq_len: int, searched: _Searched, 
     weights, acts = timing.cast_seconds(sm, plan)
     gemm = (br16["compute"] + br16["recompute"]) - (br["compute"] + br["recompute"])
     other = (low - high) - (weights + acts - gemm)
-    fastest = min(searched.alternatives, key=lambda c: c.step_seconds, default=None)
+    others = list(searched.alternatives)
+    if searched.fastest is not None and searched.fastest.plan != plan:  # (the simpler-layout rule's: maybe this layout)
+        others.append(searched.fastest)
+    fastest = min(others, key=lambda c: c.step_seconds, default=None)
     if fastest is not None and fastest.step_seconds < high:
         layout = (f"the fastest {precision} layout the search found, {describe(fastest.plan)} "
-                  f"({fastest.step_seconds:.2f} s per step), beats bf16 here; pin it under parallelism")
+                  f"({fastest.step_seconds:.2f} s per step), beats bf16 here")
+        if fastest.step_seconds * (1 + o.band) >= low:  # the simpler-layout rule chose this plan over it
+            layout += (f", but it is within the model's {100 * o.band:.0f}% error band of this plan, which the search "
+                       "chose over it (the simpler-layout rule: see the plan's why): a gain not beyond the model's error")
+        else:
+            layout += "; pin it under parallelism"
     else:
         layout = (f"no {precision} layout the search found is faster than {high:.2f} s (it minimises the "
                   f"{precision} step already)")
-    tail = f" and {other:+.2f} s of other terms" if abs(other) >= 0.005 * high else ""
+    tail = ("" if abs(other) < 0.005 * high else f"; the other terms add {other:.2f} s" if other > 0 else
+            f"; the other terms save {-other:.2f} s")
     moe = ", or a larger parallelism.ep: fewer local experts to cast" if sm.fp8_expert_weight_cast else ""
     sink.add("T020", "warning", "training.precision",
              f"{precision} is not faster than bf16 on this plan: {low:.2f} s per step against {high:.2f} s for the "
              f"same layout ({describe(plan)}) in bf16; the {precision} GEMMs save {gemm:.2f} s per step but the "
-             f"casts cost {weights + acts:.2f} s{tail}: the weights' {weights:.2f} s (each of the "
+             f"casts cost {weights + acts:.2f} s: the weights' {weights:.2f} s (each of the "
              f"{plan.grad_accum} micro-batches casts the local weights again) and the activations' and gradients' "
-             f"{acts:.2f} s",
+             f"{acts:.2f} s{tail}",
              f"use precision: bf16; in {precision}, only more tokens per cast weight shrink the weight casts' share "
              f"(a larger parallelism.micro_batch where memory allows{moe}); {layout}")
 
@@ -860,7 +884,7 @@ def _stage_search(run: RunSpec, gpu: GPU | None, o: _ModelOptions):
                             o.compile, o.factors)
         res = search.search(arch, sm, world=run.hardware.count, gpu=gpu, seq_len=seq_len, global_batch_seqs=seqs,
                             precision=precision, pins=pins, memory_fn=memory_fn,
-                            peak_fn=partial(memory_fn, per_stage=False), band=o.band)
+                            peak_fn=partial(memory_fn, per_stage=False), band=o.band, mem_band=o.mem_band)
         if res.best is None:
             return None
         return StageLayout(plan=res.best.plan, memory=res.memory, step_seconds=res.best.step_seconds,

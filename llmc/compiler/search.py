@@ -16,7 +16,9 @@ dp_shard x cp, ``plan.ep_domain``):
   its expert mesh needs efsdp = dp_shard x cp x tp / ep whole, parallel_dims.py build_mesh, and its all-to-all
   splits the experts evenly over the EP ranks, token_dispatcher.py), dp_shard x cp on the other profiles.
 * dp_shard x dp_replicate = the rest (HSDP: shard inside a node or a few nodes, replicate across);
-  ZeRO-1 (shard optimizer state, reduce once per step) or ZeRO-3/FSDP over dp_shard.
+  ZeRO-1 (shard optimizer state, reduce once per step) or ZeRO-3/FSDP over dp_shard; on a backend that shards with
+  FSDP2 (``Backend.zero12 == "fsdp2"``: torchtitan, native), which runs ZeRO-1 as ZeRO-2, ZeRO-2 or ZeRO-3, so the
+  plan names the stage that runs.
 * micro_batch: powers of two up to 16K tokens per GPU; grad_accum from the batch identity
   global_batch_seqs = micro_batch x grad_accum x dp (integral or rejected; >= pp when pp > 1).
 * activation checkpointing: none, selective, full.
@@ -38,17 +40,24 @@ dp_shard x dp_replicate splits per layout), and batch rejections are kept once p
 reason (all are counted).
 
 Ranking: step time (0.1 % bins), then memory per GPU, then simplicity (fewer parallel dimensions, no
-interleaving). Rejected layouts keep a one-line reason, and ``reasons`` explains the choice
-against the best plan for every other value of each dimension.
+interleaving). Within the model's error band of the fastest a simpler layout (:func:`_simplicity`: less
+recomputation, then fewer pipeline stages, then no CP, then smaller TP and EP) is chosen when it is safe on its own
+(:meth:`_Search.declined`: its memory the memory model's error below the usable limit, no pipeline-bubble warning);
+where none of a class the search evaluated passes, a search focused on that class finds its fastest one that does
+(:meth:`_Search.focus`: the pruning skips candidates that cannot beat what is known, such as a smaller micro-batch
+with less memory). Rejected layouts keep a one-line reason, and ``reasons`` explains the choice against the best plan
+for every other value of each dimension; every verdict there is read off the candidates' own numbers.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from dataclasses import dataclass, field, fields
 
 from llmc.compiler import backends
+from llmc.compiler.calibration import UNCALIBRATED_MEMORY_MAX_ERR_PCT
 from llmc.compiler.hardware import nvlink_group
 from llmc.compiler.memory import max_chunk_layers
 from llmc.compiler.plan import EP_SPANS_TP, ParallelPlan, ep_domain
@@ -56,9 +65,16 @@ from llmc.compiler.result import Candidate, MemoryNumbers
 from llmc.compiler.timing import LayoutTimer, StepModel, step_time
 from llmc.compiler.units import gib
 
+_BOUNDED = "memory bounded by a weaker AC mode"  # a Candidate's reason: its per_gpu_bytes is an upper bound
 AC_ORDER = ("none", "selective", "full")  # the scan: each keeps less than the one before and costs more
 AC_RANKS = ("none", "selective", "partial", "full")  # order of plans and of "simpler" (less recomputation first)
 CP_MIN_SEQ = 32_768
+# P006's threshold: a pipeline of p stages fed fewer than 4 p micro-batches (v x m < 4 p interleaved) idles more than
+# ~20% of its time, (p - 1) / (v m + p - 1) (Narayanan et al. 2021, arXiv:2104.04473 sec. 2.2); bubble_warning
+BUBBLE_MICROS_PER_STAGE = 4
+# the memory error the simpler-layout rule keeps below the usable limit when the caller names none: llmc's largest
+# |error| on published peak memory, uncalibrated (benchmarks/RESULTS.md "peak reserved memory rows", all rows: 12.0%)
+MEMORY_ERROR_BAND = UNCALIBRATED_MEMORY_MAX_ERR_PCT / 100.0
 INTERLEAVE_V = (2, 4, 8)
 MAX_MICRO_TOKENS = 16_384  # micro-batches beyond this many tokens per GPU gain no GEMM efficiency
 
@@ -76,6 +92,7 @@ class SearchResult:
     fitting: int = 0
     batch_blocked: bool = False  # every layout failed the batch identity
     backend: str = "generic"  # the backend profile the search timed and sized (StepModel.backend)
+    fastest: Candidate | None = None  # the fastest fitting candidate (best, unless the simpler-layout rule chose)
 
 
 _PLAN_FIELDS = {f.name: f.default for f in fields(ParallelPlan)}
@@ -102,6 +119,38 @@ def divisors(n: int) -> list[int]:
                 large.append(n // i)
         i += 1
     return small + large[::-1]
+
+
+def zero_stages(pinned: int | None, shard: int, offload_optimizer: bool, backend: str) -> tuple[int, ...]:
+    """The ZeRO stages the search tries for a shard group of ``shard`` (dp_shard x cp) ranks: the pinned one; without
+    a shard group DDP (0), or with optimizer offload ZeRO-2 (ZeRO-Offload on one GPU, Ren et al. 2021 sec. 6); else
+    the backend's sharded stages (FSDP2 runs ZeRO-1 as ZeRO-2: 2 and 3 there; 1 and 3 on DeepSpeed). P004's hints
+    (``checks``) ask the same."""
+    if pinned is not None:
+        return (pinned,)
+    if shard == 1:
+        return (2,) if offload_optimizer else (0,)
+    return (2, 3) if backends.get_backend(backend).zero12 == "fsdp2" else (1, 3)
+
+
+def micro_steps(per_dp: int, micro_batch: int, pp: int, schedule: str) -> int | None:
+    """The micro-steps (grad_accum) of ``per_dp`` sequences per data-parallel rank in micro-batches of ``micro_batch``
+    under a ``pp``-stage pipeline: whole micro-batches, at least pp of them under a pipeline, a multiple of pp for the
+    interleaved schedule (Megatron's); None where they do not split. P004's hints (``checks``) ask the same."""
+    if micro_batch < 1 or per_dp % micro_batch:
+        return None
+    m = per_dp // micro_batch
+    if pp > 1 and (m < pp or (schedule == "Interleaved1F1B" and m % pp)):
+        return None
+    return m
+
+
+def bubble_warning(p: ParallelPlan) -> bool:
+    """P006's condition: a pipeline fed fewer than :data:`BUBBLE_MICROS_PER_STAGE` micro-batches per stage (v x m <
+    4 p for the interleaved schedule; the zero-bubble schedule excepted)."""
+    v = p.pp_virtual_stages if p.pp_schedule == "Interleaved1F1B" else 1
+    return (p.pp > 1 and p.pp_schedule != "ZBVZeroBubble"
+            and v * p.grad_accum < BUBBLE_MICROS_PER_STAGE * p.pp)
 
 
 def _complexity(p: ParallelPlan) -> int:
@@ -267,6 +316,11 @@ class _Search:
         self.corners: dict[tuple, tuple[list, list]] = {}  # (tp, pp, cp, sched, v, zero) -> (failing, fitting)
         self.evaluated = 0
         self.band = 0.0  # relative error band for the simpler-layout preference (see search())
+        self.mem_band = MEMORY_ERROR_BAND  # the memory model's relative error, kept below the usable limit (declined)
+        self.fit_check = True  # False: fits_fn passes every candidate (the reasons do not call them fitting)
+        self.no_bubble = False  # only micro-batch counts that draw no bubble warning (a focused search: focus)
+        # CP would be a candidate but is not searched below CP_MIN_SEQ tokens (the reasons say so: cp_unsearched)
+        self.cp_off = cp_unsearched(pins, seq_len, world)
         self.pruned = 0
         self.layouts_total = 0
         self.layouts_batch_bad = 0
@@ -288,8 +342,53 @@ class _Search:
             self.struct_by.setdefault((d, getattr(plan, d)), dim_reason or reason)
 
     def batch_reason(self) -> str:
-        return (f"the batch of {self.G} sequences cannot be split (micro_batch x grad_accum x dp, "
-                ">= pp micro-batches)")
+        return (f"the batch of {self.G} sequences cannot be split{' at cp 1' if self.cp_off else ''} (micro_batch x "
+                "grad_accum x dp, >= pp micro-batches)")
+
+    def exact_bytes(self, c: Candidate) -> int:
+        """``c``'s memory per GPU: its own, or, for a candidate whose memory a weaker AC mode bounded, evaluated."""
+        if c.reason == _BOUNDED:
+            return self.memory(c.plan).per_gpu_bytes
+        return c.per_gpu_bytes
+
+    def declined(self, c: Candidate) -> list[str]:
+        """Why the simpler-layout rule does not take ``c`` over a faster candidate (empty: it may): its memory per GPU
+        must stay at least the memory model's error (``mem_band``) below the usable limit (so that the model's error
+        does not reach the out-of-memory the faster one may be further from; not checked without a fit check), and it
+        must draw no pipeline-bubble warning (P006, :func:`bubble_warning`). Both are the candidate's own: pinning a
+        dimension of the plan chosen keeps it chosen."""
+        out = []
+        p = c.plan
+        if self.fit_check and c.per_gpu_bytes * (1 + self.mem_band) > self.usable():  # (at least its memory)
+            mem = self.exact_bytes(c)
+            if mem * (1 + self.mem_band) > self.usable():
+                out.append(f"its {gib(mem)} is within the memory model's {100 * self.mem_band:.0f}% error of the "
+                           f"{self.usable_txt()}")
+        if bubble_warning(p):
+            v = p.pp_virtual_stages if p.pp_schedule == "Interleaved1F1B" else 1
+            out.append(f"its pipeline bubble draws P006 ({p.grad_accum} micro-batches"
+                       f"{f' x v{v}' if v > 1 else ''} for {p.pp} stages)")
+        return out
+
+    def focus(self, c: Candidate) -> Candidate | None:
+        """The fastest candidate of ``c``'s recomputation mode and degrees (tp, pp, cp, ep) that :meth:`declined`
+        does not decline, exactly: a search pinned to them whose fit check is the memory model's error below the
+        usable limit and whose micro-batch counts draw no bubble warning (its best is what an exhaustive search
+        gives, where this search skipped candidates of that class that could not beat what it knew). None when the
+        memory model refuses the pins."""
+        p = c.plan
+        pins = self.pins.model_copy(update={"tp": p.tp, "pp": p.pp, "cp": p.cp, "ep": p.ep,
+                                            "activation_checkpointing": p.activation_checkpointing})
+        fits, usable, band = self.fits_fn, self.usable(), self.mem_band
+        tight = ((lambda m: fits(m) and m.per_gpu_bytes * (1 + band) <= usable) if self.fit_check else fits)
+        F = _Search(self.arch, self.sm, self.world, self.gpu, self.seq_len, self.G, pins, self.memory_fn, tight, 0,
+                    self.peak_fn, self.loss_slice)
+        F.fit_check, F.mem_band, F.no_bubble = self.fit_check, band, True
+        F.mem_cache = self.mem_cache  # (the same memory function: its results are shared)
+        before = len(self.mem_cache)
+        _run(F)
+        self.evaluated += len(self.mem_cache) - before
+        return min(F.fitting, key=_rank_key, default=None)
 
     def memory(self, plan: ParallelPlan) -> MemoryNumbers:
         # memory depends on dp_replicate only through "is there data parallelism" (buffers), and on
@@ -463,6 +562,9 @@ class _Search:
             self._usable = f"{gib(usable_bytes(self.capacity, self.sm.backend))} usable"
         return self._usable
 
+    def usable(self) -> float:
+        return usable_bytes(self.capacity, self.sm.backend)
+
     # ------------------------------------------------------------------ one layout
     def evaluate(self, lay: _Layout) -> None:
         """Try micro-batches x AC; memory is monotone in both, so scans stop at the first misfit. Then, per
@@ -482,7 +584,7 @@ class _Search:
                     # time it for the per-dimension comparison, memory bounded by the weaker mode's
                     plan = lay.plan(mb, ac)
                     step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac)
-                    cand = Candidate(plan, step, mfu, fit_mem[mb], True, "memory bounded by a weaker AC mode")
+                    cand = Candidate(plan, step, mfu, fit_mem[mb], True, _BOUNDED)
                     if step >= fit_step[mb]:
                         # ranks after the weaker mode's candidate (step bin >=, same memory, more complex or
                         # later in plan order), which holds every other key it shares: only its AC mode's
@@ -671,7 +773,7 @@ def usable_bytes(capacity: float, backend: str | None) -> float:
 
 def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_seqs: int, precision: str,
            pins, memory_fn, fits_fn=None, top_k: int = 5, band: float = 0.0, peak_fn=None,
-           loss_slice: int = 0) -> SearchResult:
+           loss_slice: int = 0, mem_band: float = MEMORY_ERROR_BAND, fit_check: bool = True) -> SearchResult:
     """Find the fastest plan that fits.
 
     Args:
@@ -686,8 +788,12 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
             ``memory_fn``'s.
         fits_fn: ``MemoryNumbers -> bool`` (default: ``memory.fits``).
         band: the model's relative error band; among fitting plans predicted within it of the fastest,
-            the simplest (fewest pipeline stages, then no CP, then the smallest TP) is chosen, and
-            ``reasons`` says so (0 = always the fastest).
+            the simplest (:func:`_simplicity`: the least recomputation, then the fewest pipeline stages, then no CP,
+            then the smallest TP and EP) that :meth:`_Search.declined` does not decline is chosen, and ``reasons``
+            says which rule decided (0 = always the fastest).
+        mem_band: the memory model's relative error (default :data:`MEMORY_ERROR_BAND`): a simpler plan must leave it
+            below the usable limit.
+        fit_check: False when ``fits_fn`` passes every candidate (the reasons then do not call them fitting).
         loss_slice: tokens per slice of the loss the backend's runner can compute (``memory.loss_slice_tokens``; 0:
             it cannot): a candidate whose whole logits do not fit is tried with the loss in slices
             (``_Search.fitting_plan``).
@@ -700,7 +806,13 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
     if fits_fn is None:
         from llmc.compiler.memory import fits as fits_fn
     S = _Search(arch, sm, world, gpu, seq_len, global_batch_seqs, pins, memory_fn, fits_fn, top_k, peak_fn, loss_slice)
-    S.band = band
+    S.band, S.mem_band, S.fit_check = band, mem_band, fit_check
+    _run(S)
+    return _result(S)
+
+
+def _run(S: _Search) -> None:
+    """The best-first visit of every layout (see :func:`search`); the candidates land in ``S``."""
     ac0 = _AC_RANK[S.acs[0] if S.acs else "partial"]  # lay.order(...), inlined
     # best first: layouts in order of (lower bound, plan order); a family of layouts (all dp_shard x dp_replicate
     # splits of one tp, pp, cp, ep, ZeRO, schedule) enters with a bound below all of its members' (its time
@@ -732,7 +844,6 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
             S.evaluate(lay)
     if S.pruned:
         S.counts["pruned"] = S.pruned
-    return _result(S)
 
 
 def tp_problem(arch, world: int, t: int, gpu) -> tuple[str, str] | None:
@@ -847,13 +958,11 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Family]:
     for sched, v in scheds:
         mbs = []
         for mb in mbs_all:
-            if per_dp % mb:
-                continue
-            m = per_dp // mb
-            if p > 1 and m < p:
-                continue
-            if sched == "Interleaved1F1B" and m % p:
-                continue  # Megatron's interleaved schedule needs grad_accum % pp == 0
+            m = micro_steps(per_dp, mb, p, sched)
+            if m is None:
+                continue  # (not whole micro-batches; under pp fewer than pp, or interleaved not a multiple of pp)
+            if S.no_bubble and p > 1 and sched != "ZBVZeroBubble" and v * m < BUBBLE_MICROS_PER_STAGE * p:
+                continue  # (bubble_warning: a focused search for the simpler-layout rule, _Search.focus)
             mbs.append(mb)
         why = None
         if not mbs:  # every (dp_shard, ep, ZeRO) of this schedule is rejected with the same reason
@@ -876,13 +985,7 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Family]:
             S.reject(ParallelPlan(tp=t, pp=p, cp=c, dp_shard=max(ds, 1), dp_replicate=max(dr, 1)), "pins",
                      f"dp_shard x dp_replicate must be {dp} (= world / (tp {t} x pp {p} x cp {c}))")
             continue
-        if pins.zero_stage is not None:
-            zeros = [pins.zero_stage]
-        elif ds * c == 1:
-            # no shard group: DDP, or with optimizer offload ZeRO-2 (ZeRO-Offload on one GPU, Ren et al. 2021 sec. 6)
-            zeros = [2] if pins.offload_optimizer else [0]
-        else:
-            zeros = [1, 3]
+        zeros = zero_stages(pins.zero_stage, ds * c, bool(pins.offload_optimizer), S.sm.backend)
         if moe is None:
             eps = [1] if pins.ep in (None, 1) else [pins.ep]
         elif pins.ep is not None:
@@ -950,19 +1053,106 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Family]:
     return list(families.values())
 
 
+_SIMPLER_RULE = "less recomputation, then fewer pipeline stages, then no context parallelism, then smaller TP and EP"
+
+
+def _choose(S: _Search, fitting: list[Candidate]) -> tuple[Candidate, str | None]:
+    """(the chosen candidate, the reason line of the simpler-layout rule or None) from the ranked fitting candidates.
+
+    Of the candidates predicted within the error band ``S.band`` of the fastest and no more complex than it
+    (:func:`_simplicity`), the simplest (then the first in rank) that :meth:`_Search.declined` does not decline: a
+    simpler one, or, where the fastest itself is declined, an as simple one; the fastest when there is none. Class by
+    class (recomputation mode and degrees, simplest first), where none of the class's evaluated candidates passes,
+    :meth:`_Search.focus` finds its fastest one that does (and refines the one taken). What is declined depends on
+    the candidate alone, so pinning a dimension of the chosen plan keeps it chosen. The line says which rule decided:
+    the one taken and what it passed, or the simplest one declined and why (and a layout of smaller degrees in the
+    band that recomputes more, so is not simpler)."""
+    fastest = fitting[0]
+    if S.band <= 0:
+        return fastest, None
+    limit = fastest.step_seconds * (1.0 + S.band)
+    s0 = _simplicity(fastest.plan)
+    pool = sorted((c for c in fitting if c.step_seconds <= limit and _simplicity(c.plan) <= s0),
+                  key=lambda c: (_simplicity(c.plan), _rank_key(c)))
+    band = f"inside the model's +-{100 * S.band:.0f}% error band"
+
+    def slower(c: Candidate) -> str:
+        return f"{100 * (c.step_seconds / fastest.step_seconds - 1):.1f}% slower"
+
+    first_declined = chosen = outside = None  # outside: the first declined one's class's best that passes, too slow
+    for _, members in itertools.groupby(pool, key=lambda c: _simplicity(c.plan)):
+        members = list(members)
+        for c in members:
+            why = S.declined(c)
+            if not why:
+                chosen = c
+                break
+            if first_declined is None:
+                first_declined = (c, why)
+        if chosen is fastest:
+            break
+        # the fastest candidate of this class that passes, exactly: this search skips candidates that cannot beat
+        # what it knows, and a slower one of the class (a smaller micro-batch, a finer shard) may pass where the ones
+        # it evaluated do not
+        exact = S.focus(members[0])
+        if exact is not None and exact.step_seconds <= limit and (chosen is None or _rank_key(exact) < _rank_key(chosen)):
+            chosen = exact
+        elif exact is not None and exact.step_seconds > limit and outside is None and first_declined is not None \
+                and _simplicity(first_declined[0].plan) == _simplicity(exact.plan):
+            outside = exact
+        if chosen is not None:
+            break
+    ref = fastest if chosen is None else chosen
+    # the first layout of smaller degrees in the band that the order above does not count as simpler, for recomputing
+    # more than the plan (the reviewer's question: why not the one with fewer pipeline stages?)
+    rank = _AC_RANK[ref.plan.activation_checkpointing]
+    heavier = min((c for c in fitting if c.step_seconds <= limit and _degrees(c.plan) < _degrees(ref.plan)
+                   and _AC_RANK[c.plan.activation_checkpointing] > rank),
+                  key=lambda c: (_degrees(c.plan), _rank_key(c)), default=None)
+    heavy_note = None
+    if heavier is not None:
+        heavy_note = (f"{describe(heavier.plan)} ({slower(heavier)}, {band}), of smaller degrees, is not simpler: it "
+                      f"recomputes more ({heavier.plan.ac_label} against {ref.plan.ac_label})"
+                      + "".join(f"; {w}" for w in S.declined(heavier)))
+    if chosen is fastest or chosen is None:
+        notes = []
+        if first_declined is not None and _simplicity(first_declined[0].plan) < s0:
+            d, dwhy = first_declined
+            notes.append(f"kept the fastest over the simpler {describe(d.plan)} ({_SIMPLER_RULE}): {slower(d)} "
+                         f"predicted, {band}, but " + "; ".join(dwhy)
+                         + (f" (the fastest layout of its degrees and recomputation that passes, "
+                            f"{describe(outside.plan)}, is {slower(outside)}: outside the band)" if outside else ""))
+        if heavy_note:
+            notes.append(("" if notes else "kept the fastest: ") + heavy_note)
+        return fastest, "; ".join(notes) or None
+    checks = [f"{gib(S.exact_bytes(chosen))}, at least the memory model's {100 * S.mem_band:.0f}% error below the "
+              f"{S.usable_txt()}"] if S.fit_check else []
+    if chosen.plan.pp > 1:
+        checks.append("no pipeline-bubble warning (P006)")
+    passed = ", with " + " and ".join(checks) if checks else ""
+    if _simplicity(chosen.plan) < s0:
+        note = (f"chose the simpler {describe(chosen.plan)} over the fastest {describe(fastest.plan)}: "
+                f"{slower(chosen)} predicted, {band} ({_SIMPLER_RULE}){passed}")
+    else:  # as simple as the fastest, which was declined (the first of its class in the pool)
+        note = (f"chose {describe(chosen.plan)} over the fastest {describe(fastest.plan)}, as simple (the same degrees "
+                f"and recomputation): {slower(chosen)} predicted, {band}{passed}; the fastest was declined: "
+                + "; ".join(S.declined(fastest)))
+    if first_declined is not None and first_declined[0] is not fastest:
+        d, dwhy = first_declined
+        note += (f"; {describe(d.plan)} ({slower(d)}), "
+                 f"{'simpler still' if _simplicity(d.plan) < _simplicity(chosen.plan) else 'as simple'}, was "
+                 "declined: " + "; ".join(dwhy))
+    if heavy_note:
+        note += "; " + heavy_note
+    return chosen, note
+
+
 def _result(S: _Search) -> SearchResult:
     fitting = sorted(S.fitting, key=_rank_key)
-    best = fitting[0] if fitting else None
+    best = fastest = fitting[0] if fitting else None
     simpler_note = None
-    if best is not None and S.band > 0:
-        near = [c for c in fitting if c.step_seconds <= best.step_seconds * (1.0 + S.band)]
-        simple = min(near, key=lambda c: (_simplicity(c.plan), _rank_key(c)))
-        if _simplicity(simple.plan) < _simplicity(best.plan):
-            pct = 100 * (simple.step_seconds / best.step_seconds - 1)
-            simpler_note = (f"chose the simpler {describe(simple.plan)} over the fastest {describe(best.plan)}: "
-                            f"{pct:.1f}% slower predicted, inside the model's +-{100 * S.band:.0f}% error band "
-                            "(fewer pipeline stages, no context parallelism, smaller TP where not needed)")
-            best = simple
+    if best is not None:
+        best, simpler_note = _choose(S, fitting)
     alternatives: list[Candidate] = []
     if best is not None:
         others = sorted((c for k, c in S.layout_best.items() if k != _layout(best.plan)), key=_rank_key)
@@ -991,17 +1181,25 @@ def _result(S: _Search) -> SearchResult:
         best=best, memory=mem, alternatives=alternatives, rejected=rejected,
         rejected_counts=dict(S.counts), closest=closest, reasons=[], evaluated=S.evaluated, fitting=len(fitting),
         batch_blocked=S.layouts_total > 0 and S.layouts_batch_bad == S.layouts_total, backend=S.sm.backend,
+        fastest=fastest,
     )
-    res.reasons = explain(res, S.sm, S.best_by, S.nofit_by, S.struct_by, S.capacity, fitting, S.pins)
+    res.reasons = explain(res, S.sm, S.best_by, S.nofit_by, S.struct_by, S.capacity, fitting, S.pins,
+                          exact=S.exact_bytes, fit_check=S.fit_check, cp_off=S.cp_off)
     if simpler_note:
         res.reasons.insert(1, simpler_note)
     return res
 
 
 def _simplicity(p: ParallelPlan) -> tuple:
-    """Lower = simpler: fewer pipeline stages, then no CP, then smaller TP and EP. Layouts of the same degrees are
-    equally simple: between them the faster wins (the ZeRO stage, schedule or recomputation are not simplifications
-    worth a slower step)."""
+    """Lower = simpler: less recomputation (none, selective, partial, full: :data:`AC_RANKS`; a recomputation mode is
+    never taken for simpler than a faster, lighter one), then fewer pipeline stages, then no CP, then smaller TP and
+    EP. Layouts of the same mode and degrees are equally simple: between them the faster wins (the ZeRO stage,
+    schedule, micro-batch or partial count are not simplifications worth a slower step)."""
+    return (_AC_RANK[p.activation_checkpointing], p.pp, p.cp, p.tp, p.ep)
+
+
+def _degrees(p: ParallelPlan) -> tuple:
+    """The parallel degrees in :func:`_simplicity`'s order (fewer pipeline stages, then no CP, smaller TP and EP)."""
     return (p.pp, p.cp, p.tp, p.ep)
 
 
@@ -1048,23 +1246,51 @@ _SIMPLER_DIMS = ("tp", "pp", "cp", "ep", "activation_checkpointing")
 _MEMORY_TRADE_DIMS = ("zero_stage",)
 
 
-def _verdict(dim, chosen, values, best_by, nofit_by, step) -> str:
-    """Why this value and not a simpler one (lower degree, weaker recomputation), in a few words."""
-    if dim not in _SIMPLER_DIMS:
+def _verdict(dim, chosen, values, best_by, nofit_by, best: Candidate, pick: str, exact,
+             cp_off: bool = False) -> str:
+    """Why this value and not another, in a few words, each read off the candidates' own numbers (``best``: the
+    chosen candidate; ``best_by``: the best fitting candidate per (dimension, value); ``pick``: why the simpler-layout
+    rule chose ``best`` over a faster one ("": it did not); ``exact``: a candidate's memory; ``cp_off``: CP is not
+    searched, so a value other rejections rule out may run with it). Only for the dimensions with a "simpler" value
+    (:data:`_SIMPLER_DIMS`): a faster value is named as faster (the choice then was the simpler layout's), a tie as a
+    tie (with less memory only where the chosen holds less), "the only workable choice" only when no other value
+    fits."""
+    if dim not in _SIMPLER_DIMS or not values:
         return ""
+    step = best.step_seconds
+    b0 = _step_bin(step)
     rank = _AC_RANK.__getitem__ if dim == "activation_checkpointing" else (lambda v: v)
+    alts = [(v, best_by[(dim, v)]) for v in values if (dim, v) in best_by]
+    faster = [(v, c) for v, c in alts if _step_bin(c.step_seconds) < b0]
+    if faster:
+        v, c = min(faster, key=lambda vc: (vc[1].step_seconds, rank(vc[0])))
+        return f" ({v} is {100 * (1 - c.step_seconds / step):.1f}% faster{': ' + pick if pick else ''})"
     simpler = [v for v in values if rank(v) < rank(chosen)]
+    fit_simpler = [(v, c) for v, c in alts if rank(v) < rank(chosen)]
+    if fit_simpler:
+        v, c = min(fit_simpler, key=lambda vc: (vc[1].step_seconds, rank(vc[0])))
+        if _step_bin(c.step_seconds) > b0:
+            return f" (faster than {v} by {100 * (c.step_seconds / step - 1):.1f}%)"
+        return f" (tie with {v}{', less memory' if exact(best) < exact(c) else ''})"
     if not simpler:
-        return " (the simplest choice)" if values else ""
-    fitting = [best_by[(dim, v)] for v in simpler if (dim, v) in best_by]
-    if not fitting:
-        v = max(simpler, key=rank)
-        if (dim, v) in nofit_by:
-            return f" (needed: {v} does not fit, >= {gib(nofit_by[(dim, v)])})"
-        return " (the only workable choice)"
-    best = min(fitting, key=lambda c: c.step_seconds)
-    pct = 100 * (best.step_seconds / step - 1)
-    return f" (faster than {getattr(best.plan, dim)} by {pct:.1f}%)" if pct >= 0.05 else " (tie, less memory)"
+        return " (the simplest choice)"
+    unfit = [v for v in simpler if (dim, v) in nofit_by]
+    if unfit:
+        v = max(unfit, key=rank)
+        return f" (needed: {v} does not fit{' at cp 1' if cp_off else ''}, >= {gib(nofit_by[(dim, v)])})"
+    if alts:  # the simpler values cannot run; every other value that fits is slower
+        v, c = min(alts, key=lambda vc: (vc[1].step_seconds, rank(vc[0])))
+        return f" (faster than {v} by {100 * (c.step_seconds / step - 1):.1f}%)"
+    return " (the only workable choice without context parallelism)" if cp_off else " (the only workable choice)"
+
+
+def cp_unsearched(pins, seq_len: int, world: int) -> bool:
+    """Would context parallelism be a candidate here but for :data:`CP_MIN_SEQ`? (cp not pinned, so the backend
+    runs it, a sequence shorter than CP_MIN_SEQ that ring attention's 2 x cp chunks split at cp 2, an even GPU
+    count.) The reasons then say that CP was not searched, and no verdict claims an impossibility that CP might
+    lift."""
+    return (getattr(pins, "cp", None) is None and seq_len < CP_MIN_SEQ and seq_len % 4 == 0 and world % 2 == 0
+            and world > 1)
 
 
 def pins_set(pins) -> dict:
@@ -1076,19 +1302,30 @@ def pins_set(pins) -> dict:
 
 
 def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capacity: int,
-            fitting: list[Candidate], pins=None) -> list[str]:
-    """The choice in words: what was picked, and what every other value of each dimension costs."""
+            fitting: list[Candidate], pins=None, *, exact=None, fit_check: bool = True,
+            cp_off: bool = False) -> list[str]:
+    """The choice in words: what was picked, and what every other value of each dimension costs. ``exact``: a
+    candidate's memory (default: its ``per_gpu_bytes``); ``fit_check``: whether the candidates were checked to fit;
+    ``cp_off``: CP would be a candidate but is not searched below :data:`CP_MIN_SEQ` (:func:`cp_unsearched`)."""
     best = res.best
     if best is None:
         return []
+    exact = exact or (lambda c: c.per_gpu_bytes)
+    simpler_pick = res.fastest is not None and res.fastest is not best
     b = best.plan
     out: list[str] = []
     _, _, br = step_time(sm, b)
     step = best.step_seconds
-    out.append(f"fastest of {res.fitting} fitting candidates evaluated ({res.evaluated} memory evaluations, the "
+    simpler = simpler_pick and _simplicity(b) < _simplicity(res.fastest.plan)
+    pick = ("" if not simpler_pick else "chosen as the simpler layout within the error band" if simpler else
+            "chosen within the error band as safe on its own")
+    head = ("fastest" if not simpler_pick else "chosen as the simpler layout within the error band (over the fastest)"
+            if simpler else "chosen within the error band over the fastest (as simple, and safe on its own)")
+    out.append(f"{head} of {res.fitting} {'fitting ' if fit_check else ''}candidates evaluated"
+               f"{'' if fit_check else ' without a fit check'} ({res.evaluated} memory evaluations, the "
                f"rest pruned by a step-time bound): "
                f"{describe(b)}, {step:.3g} s/step at {100 * best.mfu:.1f}% MFU, "
-               f"{gib(best.per_gpu_bytes)} of {gib(usable_bytes(capacity, sm.backend))} usable per GPU "
+               f"{gib(exact(best))} of {gib(usable_bytes(capacity, sm.backend))} usable per GPU "
                f"({100 * backends.fit_headroom(sm.backend):.0f}% of {gib(capacity)})")
     top = sorted(((k, v) for k, v in br.items() if v > 0), key=lambda kv: -kv[1])[:4]
     out.append("step time: " + ", ".join(f"{k} {100 * v / step:.0f}%" for k, v in top))
@@ -1101,6 +1338,10 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
         shown = b.ac_label if dim == "activation_checkpointing" else chosen
         values = sorted({k[1] for k in list(best_by) + list(nofit_by) + list(struct_by) if k[0] == dim} - {chosen},
                         key=_value_order)
+        if dim == "cp" and cp_off:  # (no other value: none was tried)
+            out.append(f"CP 1: context parallelism is not searched below {CP_MIN_SEQ:,} tokens (Llama 3 used it "
+                       "for long context only, arXiv:2407.21783 Table 4; llmc's CP cost at shorter sequences is not "
+                       "validated): pin parallelism.cp to compare")
         if not values:
             continue
         texts: dict[str, list] = {}  # same verdict for several values -> one entry ("1, 2, 4: ...")
@@ -1110,7 +1351,7 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
                 pct = 100 * (alt.step_seconds / step - 1)
                 text = "tie" if abs(pct) < 0.05 else f"{'+' if pct > 0 else '-'}{abs(pct):.1f}%"
                 if dim in _MEMORY_TRADE_DIMS:  # what the other value would hold: the speed bought with memory
-                    text += f" at {gib(alt.per_gpu_bytes)}"
+                    text += f" at {gib(exact(alt))}"
                 texts.setdefault(text, []).append(val)
             elif (dim, val) in nofit_by:
                 texts.setdefault(f"does not fit (>= {gib(nofit_by[(dim, val)])})", []).append(val)
@@ -1119,7 +1360,7 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
         bits = [f"{', '.join(str(v) for v in vals)}: {text}" for text, vals in texts.items()]
         if bits:
             found = "" if dim in REQUIRED_DIMS else " (best found)"
-            verdict = _verdict(dim, chosen, values, best_by, nofit_by, step)
+            verdict = _verdict(dim, chosen, values, best_by, nofit_by, best, pick, exact, cp_off)
             out.append(f"{_DIM_LABEL[dim]} {shown}{verdict}; others{found}: " + "; ".join(bits[:6])
                        + (f"; ... {len(bits) - 6} more" if len(bits) > 6 else ""))
     if b.pp > 1:

@@ -56,7 +56,6 @@ from torchtitan.components.optimizer import (
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.components.validate import Validator
 from torchtitan.config import CommConfig, CompileConfig, DebugConfig, ParallelismConfig, TrainingConfig
-from torchtitan.distributed.activation_checkpoint import SelectiveAC
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.hf_datasets import DatasetConfig
 from torchtitan.hf_datasets.text_datasets import (
@@ -1169,7 +1168,7 @@ def _trainer_config(spec):
             min_lr_factor=0.1,
         ),
         training=TrainingConfig(
-            local_batch_size=4,
+            local_batch_size=1,
             global_batch_size=1024,
             seq_len=4096,
             max_norm=1.0,
@@ -1191,14 +1190,14 @@ def _trainer_config(spec):
         parallelism=ParallelismConfig(
             data_parallel_replicate_degree=4,
             data_parallel_shard_degree=64,
-            fsdp_reshard_after_forward='default',
+            fsdp_reshard_after_forward='never',
             tensor_parallel_degree=1,
             pipeline_parallel_degree=1,
             pipeline_parallel_schedule='1F1B',
             pipeline_parallel_microbatch_size=1,
             module_fqns_per_model_part=None,
             context_parallel_degree=1,
-            expert_parallel_degree=4,
+            expert_parallel_degree=8,
         ),
         checkpoint=LlmcCheckpointManager.Config(
             enable=True,
@@ -1206,12 +1205,12 @@ def _trainer_config(spec):
             # trainers and this job (llmc's defaults "checkpoints" and 3; torchtitan's own are "checkpoint" and 10).
             # llmc's eval of checkpoints (eval.every_checkpoints) counts on the newest keep_latest being kept.
             folder='checkpoints',  # under DUMP_FOLDER
-            interval=462,
+            interval=466,
             async_mode='async',
             keep_latest_k=3,
             last_save_model_only=False,  # keep optimizer + dataloader state so the last checkpoint resumes
         ),
-        activation_checkpoint=SelectiveAC.Config(),
+        activation_checkpoint=None,
         compile=CompileConfig(enable=True, components=['model', 'loss']),
         # init_timeout_seconds: torchtitan's default 300 s, 1800 s from 1024 ranks (llmc heuristic, COMM_INIT_TIMEOUT_*)
         # train_timeout_seconds (NCCL's watchdog after the first step; torchtitan's default is 100 s) must outlast the
