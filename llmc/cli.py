@@ -540,6 +540,7 @@ def launch(
     from llmc.launch import (
         LaunchError,
         check_lock_integrity,
+        disk_warning,
         edited_artifacts,
         launch_commands,
         load_build,
@@ -629,6 +630,10 @@ def launch(
     versions = software_warning(build_dir, cmds, backend)
     if versions:
         _echo(_one_line(versions), err=True)
+    # less free space where run/ is than the stages it runs keep at their peak, the lock's figures (L019): said
+    short = disk_warning(build_dir, cmds, built, resume=not no_resume)
+    if short:
+        _echo(_one_line(short), err=True)
     for note in (n for c in cmds for n in c.notes):  # a link on the run's write path it allows (a scratch disk)
         _echo(note, err=True)
     for r in resumed:

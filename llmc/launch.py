@@ -97,6 +97,7 @@ fails (they are shown when it does not).
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 import re
@@ -479,6 +480,100 @@ def software_warning(build_dir: str | os.PathLike, cmds: list[Cmd], backend: str
             f"(losses need not match a run under the build's versions, bit for bit or at all), its defaults and the "
             f"checkpoints it writes may differ; launching anyway (to reproduce the build's run, install {pins}; "
             f"each stage's start event in metrics.jsonl and its DONE.json record the versions that ran)")
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
+
+
+def _lock_bytes(ck) -> tuple[float, float] | None:
+    """(disk_bytes, kept_bytes) of a lock's checkpoint figures (``time.checkpoint`` of pre-training, a stage's
+    ``stages[].time.checkpoint``: ``llmc.compiler.checkpoint_cost.on_disk``), else None: absent (a lock of an older
+    llmc, a stage whose steps the plan did not know) or not a number (a hand-edited lock)."""
+    if not isinstance(ck, dict):
+        return None
+    out = []
+    for key in ("disk_bytes", "kept_bytes"):
+        v = ck.get(key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            return None
+        out.append(float(v))
+    return (out[0], out[1]) if out[0] > 0 else None
+
+
+def _bytes_under(paths: list[Path]) -> int:
+    """The bytes of the files under ``paths`` (links not followed; what cannot be read counts 0)."""
+    total = 0
+    for top in paths:
+        for root, _, files in os.walk(top):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(root, f)).st_size
+                except OSError:
+                    pass
+    return total
+
+
+def disk_need(build_dir: str | os.PathLike, cmds: list[Cmd], lock: dict | None = None,
+              resume: bool = True) -> tuple[int, list[str]]:
+    """(bytes, stages): what the stages ``cmds`` run (those not skipped, in run order) still need on the checkpoint
+    storage, from the lock's figures (``time.checkpoint`` / ``stages[].time.checkpoint``: ``disk_bytes`` at a stage's
+    peak, ``kept_bytes`` once it finished; ``llmc.compiler.checkpoint_cost``, "On disk"), nothing recomputed: the
+    largest, over those stages, of what the ones before it keep + its peak, each less what its folders hold already
+    (``run/<stage>``, a torchtitan stage's dump folder: a resumed run's checkpoints; not with ``resume`` False,
+    ``--no-resume``, whose stages start over while their earlier runs, set aside, stay on the disk). Stages without a
+    figure count nothing; (0, []) when none has one."""
+    b, lock = load_build(build_dir) if lock is None else (Path(build_dir).resolve(), lock)
+    kinds = {s["name"]: s["kind"] for s in _stages(lock)}
+    by_name = {s.get("name"): s for s in lock.get("stages") or [] if isinstance(s, dict)}
+    folders: dict[str, list[Path]] = {}
+    for c in cmds:  # (a torchtitan stage's training and export commands; eval steps write no checkpoints)
+        if c.stage in kinds and not c.evaluates and not c.skip_reason:
+            folders.setdefault(c.stage, [b / "run" / c.stage])
+            if c.dump_dir:
+                folders[c.stage].append(Path(c.dump_dir))
+    peak = held = 0.0
+    counted = []
+    for name, paths in folders.items():
+        if kinds[name] == "pretrain":
+            ck = (lock.get("time") or {}).get("checkpoint") if isinstance(lock.get("time"), dict) else None
+        else:
+            t = (by_name.get(name) or {}).get("time")
+            ck = t.get("checkpoint") if isinstance(t, dict) else None
+        fig = _lock_bytes(ck)
+        if fig is None:
+            continue
+        there = _bytes_under([p for p in paths if p.is_dir()]) if resume else 0
+        peak = max(peak, held + fig[0] - there)
+        held += fig[1] - there
+        counted.append(name)
+    return max(0, math.ceil(peak)), counted
+
+
+def disk_warning(build_dir: str | os.PathLike, cmds: list[Cmd], lock: dict | None = None,
+                 resume: bool = True) -> str | None:
+    """``"<build_dir>: warning[L019] the stages this launch runs need up to ... on the disk holding run/, which has
+    ... free; ..."``, one line, when the free space of the filesystem holding the build's ``run/`` (the folder a link
+    names; the build directory while there is none; ``shutil.disk_usage``) is below what the stages it runs still
+    need (:func:`disk_need`, ``resume`` False for ``--no-resume``); the launch goes on. None otherwise, or where the
+    lock has no figure."""
+    try:
+        b, lock = load_build(build_dir) if lock is None else (Path(build_dir).resolve(), lock)
+        need, names = disk_need(b, cmds, lock, resume)
+        if need <= 0:
+            return None
+        where = b / "run" if (b / "run").exists() else b
+        free = shutil.disk_usage(where).free
+    except (LaunchError, OSError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if free >= need:
+        return None
+    from llmc.compiler.units import gb
+
+    shown = Path(build_dir) / "run" if where != b else Path(build_dir)
+    line = (f"{build_dir}: warning[L019] the stage{'s' if len(names) > 1 else ''} this launch runs "
+            f"({', '.join(names)}) need{'' if len(names) > 1 else 's'} up to {gb(need)} more on the disk holding "
+            f"{shown} (checkpoints and Hugging Face exports at the peak: the plan's figures, less what the stages hold "
+            f"already), which has {gb(free)} free; launching anyway (a save or export that finds the disk full stops "
+            "the stage: use a bigger volume, a smaller training.checkpoint.keep_latest (rebuild), or run/ linked to a "
+            "directory on a scratch disk, which llmc launch allows)")
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
 
 

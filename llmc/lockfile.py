@@ -50,10 +50,12 @@ def check_lock(d: Any) -> dict:
 _SHAPE = {
     "spec": "object", "spec.resolved": "object", "plan": "object", "backend": "object", "backend.name": "string",
     "hardware": "object", "hardware.key": "string", "hardware.gpus_per_node": "integer", "cluster": "object",
-    "time": "object", "memory": "object", "hyper": "object", "model": "object", "model.init": "object",
+    "time": "object", "time.checkpoint": "object", "memory": "object", "hyper": "object", "model": "object",
+    "model.init": "object",
     LOCK_HEADER_KEY: "object",
     "stages": "list", "stages[]": "object", "stages[].name": "string", "stages[].kind": "string",
     "stages[].order": "integer", "stages[].steps": "integer", "stages[].memory": "object",
+    "stages[].time": "object", "stages[].time.checkpoint": "object",
     "preemption": "object", "preemption.shutdown_seconds": "integer", "preemption.signal_lead_seconds": "integer",
     "spec.resolved.name": "string", "spec.resolved.hardware": "object",
     "spec.resolved.hardware.gpu": "string", "spec.resolved.hardware.count": "integer",

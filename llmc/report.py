@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llmc.compiler.plan import EP_SPANS_TP, expert_shards
-from llmc.compiler.units import gib, hours
+from llmc.compiler.units import gb, gib, hours
 from llmc.diagnostics import sort_diagnostics
 
 WIDTH = 120
@@ -393,42 +393,52 @@ def _interruptions(it, days: float, cost: float) -> str:
             f"(+{100 * it.extra_fraction:.1f}%); the run and cost above assume none")
 
 
-def _gb(x: float) -> str:
-    """Bytes in decimal units: '96.4 GB', '4.87 TB', '15.7 MB'."""
-    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if x >= div:
-            return f"{x / div:.3g} {unit}"
-    return f"{x / 1e3:.3g} kB"
+def _on_disk(disk: float, kept: float, parts: list[tuple[str, float]], more: str) -> str:
+    """What a run keeps on the checkpoint storage (``checkpoint_cost.on_disk``): at its peak and once finished, what
+    it keeps (``parts``: (what, bytes), those of 0 bytes left out), and ``more``: what it holds while it runs."""
+    kept_parts = " + ".join(f"{what} {gb(b)}" for what, b in parts if b)
+    return f"on disk: {gb(disk)} at the peak, {gb(kept)} kept at the end ({kept_parts}; {more})"
 
 
-def _checkpoints(ck, run_seconds: float) -> str:
-    """The checkpoint saves' stall (``CheckpointNumbers``) and the assumptions it rests on."""
+def _checkpoints(ck, run_seconds: float, disk: bool = True) -> str:
+    """The checkpoint saves' stall (``CheckpointNumbers``) and the assumptions it rests on; ``disk``: and what the run
+    keeps on disk (``disk_bytes``, where known)."""
     share = 100 * ck.total_seconds / run_seconds if run_seconds > 0 else 0.0
     pct = f"{share:.1f}%" if share >= 0.1 or share == 0 else f"{share:.2g}%"
     if ck.mode == "async":
-        each = (f"{ck.saves - 1:,} x {duration(ck.stall_seconds)} async (staging {_gb(ck.gpu_bytes)} per GPU over PCIe "
+        each = (f"{ck.saves - 1:,} x {duration(ck.stall_seconds)} async (staging {gb(ck.gpu_bytes)} per GPU over PCIe "
                 f"at {ck.staging_gbps:.3g} GB/s) + the last written in full ({duration(ck.write_seconds)})"
                 if ck.saves > 1 else f"1 x {duration(ck.write_seconds)} (the last, written in full)")
     else:
         each = f"{ck.saves:,} save{'s' if ck.saves > 1 else ''} x {duration(ck.stall_seconds)} sync"
     hashed = (f", each save then hashed by llmc's trainer ({duration(ck.hash_seconds)}: sha256 of a rank's files)"
               if ck.hash_seconds else "")
-    final = (f" + rank 0's closing model.pt of the weights ({_gb(ck.final_bytes)}, "
+    final = (f" + rank 0's closing model.pt of the weights ({gb(ck.final_bytes)}, "
              f"{duration(ck.final_seconds)} written and hashed)" if ck.final_seconds else "")
-    return (f"{each}{final} = {duration(ck.total_seconds)}, {pct} of the run; {_gb(ck.state_bytes)} per checkpoint "
-            f"({ck.writer}), {_gb(ck.node_bytes)} per node at {ck.write_gbps:g} GB/s ({ck.write_source}){hashed}, "
-            f"every {ck.interval:,} steps")
+    on_disk = ("; " + _on_disk(ck.disk_bytes, ck.kept_bytes,
+                               [(f"keep_latest {ck.keep_latest} checkpoints of", ck.state_bytes),
+                                ("model.pt", ck.final_bytes), ("the Hugging Face export", ck.export_bytes)],
+                               "a save being written is one checkpoint more") if disk and ck.disk_bytes else "")
+    return (f"{each}{final} = {duration(ck.total_seconds)}, {pct} of the run; {gb(ck.state_bytes)} per checkpoint "
+            f"({ck.writer}), {gb(ck.node_bytes)} per node at {ck.write_gbps:g} GB/s ({ck.write_source}){hashed}, "
+            f"every {ck.interval:,} steps{on_disk}")
 
 
 def _stage_checkpoints(ck, run_seconds: float) -> str:
     """A stage's checkpoint saves (``StageCheckpoints``): its periodic saves as pre-training's, then its final save
     when that holds another state."""
-    parts = [_checkpoints(ck.periodic, run_seconds)] if ck.periodic is not None else []
-    f = ck.final
+    p, f = ck.periodic, ck.final
+    parts = [_checkpoints(p, run_seconds, disk=f is None)] if p is not None else []
     if f is not None:
-        parts.append(f"{'then ' if parts else ''}the final save {duration(f.total_seconds)}: {_gb(f.state_bytes)} "
+        parts.append(f"{'then ' if parts else ''}the final save {duration(f.total_seconds)}: {gb(f.state_bytes)} "
                      f"({f.writer}) at {f.write_gbps:g} GB/s"
                      + (f", hashed in {duration(f.hash_seconds)}" if f.hash_seconds else ""))
+        if ck.disk_bytes:  # post-training: its resume saves (while it runs), its final save and its export
+            parts.append(_on_disk(ck.disk_bytes, ck.kept_bytes,
+                                  [("the final save", f.state_bytes), ("the Hugging Face export", ck.export_bytes)],
+                                  f"while it runs, keep_latest {ck.keep_latest} resume checkpoints of "
+                                  f"{gb(p.state_bytes)} + one being written, removed at the end" if p is not None
+                                  else "no other save"))
     return f"checkpoints: {ck.saves:,} save{'s' if ck.saves > 1 else ''} = {duration(ck.seconds)}; " + "; ".join(parts)
 
 
@@ -525,11 +535,17 @@ def _stages(c) -> Table | None:
 
 
 def _stage_notes(c) -> Text | None:
-    """Why each stage's plan looks as it does (``stages[].notes``: layout, models held, loss slices, sampling), and
-    what its checkpoint saves stall it (``stages[].time.checkpoint``)."""
+    """Why each stage's plan looks as it does (``stages[].notes``: layout, models held, loss slices, sampling), what
+    its checkpoint saves stall it and keep on disk (``stages[].time.checkpoint``), and the pipeline's disk figure."""
     rows = [(s.name, n) for s in c.stages
             for n in [*s.notes, *([_stage_checkpoints(s.time.checkpoint, s.time.days * 86400)]
                                   if s.time is not None and s.time.checkpoint is not None and s.time.days else [])]]
+    pipe = c.pipeline
+    if pipe is not None and pipe.disk_bytes:  # (PipelineTime.disk_bytes, checkpoint_cost.pipeline_disk)
+        rows.append(("pipeline", f"on disk: {gb(pipe.disk_bytes)} at the peak, the stages run one after another, each "
+                                 "finished one keeping its checkpoints and Hugging Face export"
+                                 + (f"; without {', '.join(pipe.disk_unknown)} (steps not known)"
+                                    if pipe.disk_unknown else "")))
     if not rows or (len(c.stages) <= 1 and not c.spec.stages):
         return None
     width = max(len(name) for name, _ in rows)

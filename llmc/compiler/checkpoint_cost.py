@@ -98,8 +98,46 @@ stay those of a training step. The model, per save:
   longest job's step + save, at least :data:`PREEMPT_FLOOR_S`; the Slurm script asks for its signal
   (``--signal=B:USR1@N``) and ``llmc launch`` waits before it kills a stage :data:`PREEMPT_RELAY_S` longer.
 
-Not counted: the DeepSpeed runner's gathering of ZeRO-3 partitions for its ``model.pt``, post-training's ``lora_adapters.pt`` (the adapters once more, by rank 0) and every stage's
-``hf/`` export, storage contention between nodes beyond the per-node figure, the filesystem's metadata / fsync
+* **On disk** (:func:`with_disk`; :attr:`CheckpointNumbers.disk_bytes` / ``kept_bytes``, a stage's
+  :attr:`StageCheckpoints.disk_bytes` / ``kept_bytes``, the pipeline's :attr:`PipelineTime.disk_bytes`): what a
+  stage keeps on the checkpoint storage, in tensor bytes, all nodes together (one copy: ``state_bytes``). In the
+  order the trainers write it:
+
+  - every periodic save is written in full before the oldest is deleted, so ``keep_latest + 1`` checkpoints of
+    ``state_bytes`` are on disk at each save: llmc's trainers (``runtime/checkpoint.py``: ``_publish`` renames the
+    complete ``step-N.tmp`` into place, then ``prune_older`` keeps ``keep_latest`` of the steps up to it; an
+    asynchronous save in flight is completed and pruned by the next save's ``wait_for_checkpoint`` before that one
+    starts), llmc's DeepSpeed runner (``ds_train.save_ds_checkpoint``: rename, ``latest``, then ``prune_older``) and
+    torchtitan 0.3.0 (``CheckpointManager.save``, components/checkpointer/dcp.py: ``dcp_save``, then
+    ``_purge_stale_checkpoints``, which keeps the newest ``keep_latest_k`` ``step-N`` folders, the new one
+    included; the previous asynchronous save is waited for first, ``maybe_wait_for_saving``; llmc's job purges after
+    its last-step save too). The last save is pruned the same way: ``keep_latest`` stay.
+  - then the closing save, once (``final``): llmc's DeepSpeed runner's ``model.pt`` (:attr:`CheckpointNumbers.
+    final_bytes`, an llmc checkpoint beside its engine checkpoints); a post-training stage's final save of the
+    weights, written while its ``keep_latest`` periodic saves (resume checkpoints, ``checkpoints/resume``) are
+    still there: they are removed once its DONE.json is written (``llmc.runtime.posttrain._finish``).
+  - then the stage's Hugging Face export ``run/<stage>/hf`` (``export``, :func:`export_bytes`;
+    ``llmc.runtime.hf_io.export_stage``: every parameter in bf16, 2 B, an fp32 run's in fp32, 4 B; none for a model
+    without one, X130).
+
+  So a stage's peak is ``disk = keep_latest x state + max(state, final + export)`` and a finished stage keeps
+  ``kept = keep_latest x state + final + export`` (post-training: ``final + export``). The eval step's temporary
+  export of a checkpoint it scores (one at a time, deleted once scored; pre-training and continued training, whose
+  export is at most a third of a checkpoint) fits in the room of the one extra checkpoint. A pipeline's stages run one
+  after another and a finished one keeps its own (``init_from`` reads them): its peak is the largest, over its stages,
+  of the stages before it kept + that stage's peak (:func:`pipeline_disk`); ``llmc launch`` compares the same sum over
+  the stages it runs, less what they hold already, with the free space (L019). Not counted: what the files hold
+  besides their tensors (DCP writes each tensor as its own ``torch.save`` record, ~1.5 kB apiece; its ``.metadata``,
+  the manifest, ``train.json``, each rank's RNG states, the export's config and tokenizer files: ~0.2 MB for a
+  2-layer model, 1.2% of its 1.4M-parameter checkpoint, measured by tests/test_checkpoint_disk.py, and a share that
+  shrinks as the tensors grow), logs, metrics and TensorBoard events, ``llmc export --step N``'s ``hf-step-N``, a
+  LoRA stage's adapters saved again (``lora_adapters.pt``, ``hf/adapter``). torchtitan's checkpoints go to the
+  build's ``outputs/`` folder, its export to ``run/<stage>/hf``: the same storage unless one of them is linked
+  elsewhere.
+
+Not counted in the save stalls: the DeepSpeed runner's gathering of ZeRO-3 partitions for its ``model.pt``,
+post-training's ``lora_adapters.pt`` (the adapters once more, by rank 0) and every stage's ``hf/`` export, storage
+contention between nodes beyond the per-node figure, the filesystem's metadata / fsync
 latency, and DCP's default async stager copying into pageable (not pinned) host memory, which may stage slower
 than the PCIe figure used.
 
@@ -146,6 +184,48 @@ INTERRUPTIONS_PER_GPU_DAY = 419 / (54 * 16384)
 #: training's start-up time, https://www.hiascend.com/document/detail/en/mindcluster/730/clustersched/schedulingug/
 #: dl_resume_005.html). An estimate, not a measurement: 10 minutes.
 RESTART_SECONDS = 600.0
+
+
+def export_bytes(params_total: float, precision: str, exportable: bool = True) -> float:
+    """Bytes of a stage's Hugging Face export (``run/<stage>/hf``, ``llmc.runtime.hf_io.export_stage``): every
+    parameter in bf16 (2 B; fp32 runs keep fp32, 4 B; fp8 and nvfp4 runs export bf16); 0 for a model without an export
+    (``exportable`` False: ``llmc.hf_export.hf_export_supported``)."""
+    return float(params_total) * (4 if precision == "fp32" else 2) if exportable else 0.0
+
+
+def on_disk(keep_latest: int, state: float, final: float, export: float, resumes: bool = False) -> tuple[float, float]:
+    """(peak, kept): what a stage with ``keep_latest`` periodic checkpoints of ``state`` bytes, a closing save of
+    ``final`` bytes and an export of ``export`` bytes keeps on disk at its peak and once finished (the module
+    docstring, "On disk"): ``keep x state + max(state, final + export)``, and ``keep x state + final + export``, or
+    ``final + export`` where the periodic saves are ``resumes`` (post-training's, removed at the end)."""
+    keep = max(int(keep_latest), 1)
+    return float(keep * state + max(state, final + export)), float((0.0 if resumes else keep * state) + final + export)
+
+
+def with_disk(ck: CheckpointNumbers, keep_latest: int, export: float) -> CheckpointNumbers:
+    """``ck`` (the saves of pre-training or continued training) with what its run keeps on disk (:func:`on_disk`):
+    ``keep_latest`` checkpoints of ``state_bytes``, the closing save ``final_bytes`` (llmc's DeepSpeed runner's
+    model.pt) and ``export`` (:func:`export_bytes`)."""
+    disk, kept = on_disk(keep_latest, ck.state_bytes, ck.final_bytes, export)
+    return replace(ck, keep_latest=max(int(keep_latest), 1), export_bytes=float(export), disk_bytes=disk,
+                   kept_bytes=kept)
+
+
+def pipeline_disk(pretrain: CheckpointNumbers | None, stages) -> tuple[float, list[str]]:
+    """(bytes, stages without a figure): the peak on disk of a pipeline's stages (``StagePlan``, in run order), run one
+    after another, each finished one keeping its own: the largest, over the stages, of what those before it keep
+    (``kept_bytes``) + its peak (``disk_bytes``); pre-training's from ``pretrain``, every other stage's from its
+    ``time.checkpoint`` (the module docstring, "On disk")."""
+    peak = held = 0.0
+    unknown = []
+    for s in stages:
+        ck = pretrain if s.kind == "pretrain" else (s.time.checkpoint if s.time is not None else None)
+        if ck is None or not ck.disk_bytes:
+            unknown.append(s.name)
+            continue
+        peak = max(peak, held + ck.disk_bytes)
+        held += ck.kept_bytes
+    return peak, unknown
 
 
 def saves_async(backend: str, hyper_async: bool) -> bool:
@@ -231,11 +311,14 @@ def _numbers(sm, gpu, *, saves: int, interval: int, async_save: bool, writer: st
 
 def checkpoint_numbers(sm, plan, gpu, *, backend: str, params_total: float, precision: str, steps: int,
                        interval: int, step_seconds: float, async_save: bool,
-                       write_gbps: float | None = None) -> CheckpointNumbers:
+                       write_gbps: float | None = None, keep_latest: int | None = None,
+                       exportable: bool = True) -> CheckpointNumbers:
     """:class:`CheckpointNumbers` of ``plan`` (a ``ParallelPlan``) on ``gpu`` (the cluster's ``hardware.GPU``) with
     the time model ``sm`` (``timing.StepModel``): ``steps`` steps, a save every ``interval``, each training step
     ``step_seconds``; ``async_save`` from :func:`saves_async`; ``write_gbps``: the spec's
-    ``training.checkpoint.write_gbps`` (None: the table's ``storage_write_gbps``)."""
+    ``training.checkpoint.write_gbps`` (None: the table's ``storage_write_gbps``). ``keep_latest``: the spec's
+    ``training.checkpoint.keep_latest``, for the figure on disk (:func:`with_disk`, with the export of the model,
+    ``exportable``: it has one); None: not counted."""
     ranks_per_node = _ranks_per_node(gpu, plan)
     if backend == "deepspeed":
         w = ds_module_bytes(precision)
@@ -265,17 +348,19 @@ def checkpoint_numbers(sm, plan, gpu, *, backend: str, params_total: float, prec
         # llmc's trainer hashes each rank's files before the checkpoint counts (checkpoint._finalize)
         hash_bytes=node / ranks_per_node if backend == "native" else 0.0, step_seconds=step_seconds,
         write_gbps=write_gbps)
+    export = export_bytes(params_total, precision, exportable)
     if backend != "deepspeed":
-        return out
+        return out if keep_latest is None else with_disk(out, keep_latest, export)
     # llmc's DeepSpeed runner ends with save_checkpoint of the module's weights as model.pt (llmc.runtime.ds_train):
     # rank 0 writes the whole file and hashes it
     w = ds_module_bytes(precision)
     final = llmc_save_numbers(sm, plan, gpu, sharded=False, params_total=params_total, saved_params=params_total,
                               bytes_per_param=w, saves=1, interval=interval, write_gbps=write_gbps,
                               what=f"model.pt of the {'fp32' if w == 4 else 'bf16'} weights: {w} B/param")
-    return replace(out, final_bytes=final.state_bytes, final_seconds=final.total_seconds,
-                   total_seconds=out.total_seconds + final.total_seconds,
-                   preempt_seconds=out.preempt_seconds + final.total_seconds)
+    out = replace(out, final_bytes=final.state_bytes, final_seconds=final.total_seconds,
+                  total_seconds=out.total_seconds + final.total_seconds,
+                  preempt_seconds=out.preempt_seconds + final.total_seconds)
+    return out if keep_latest is None else with_disk(out, keep_latest, export)
 
 
 def llmc_save_numbers(sm, plan, gpu, *, sharded: bool, params_total: float, saved_params: float,
@@ -300,13 +385,16 @@ def llmc_save_numbers(sm, plan, gpu, *, sharded: bool, params_total: float, save
 
 def stage_checkpoints(sm, plan, gpu, *, backend: str, posttrain: bool, lora: bool, params_total: float,
                       trainable_params: float, precision: str, steps: int, interval: int, step_seconds: float,
-                      async_save: bool, write_gbps: float | None = None) -> StageCheckpoints:
+                      async_save: bool, write_gbps: float | None = None, keep_latest: int | None = None,
+                      exportable: bool = True) -> StageCheckpoints:
     """:class:`StageCheckpoints` of a stage other than pre-training on ``plan`` (its layout), by the trainer that
     runs it (the module docstring, "Stages"): ``posttrain`` (sft / dpo / grpo on llmc's post-training loop, which
     always saves synchronously): ``save_count - 1`` periodic saves of the trainable parameters (``lora``: the
     adapters, ``trainable_params`` of them) with their AdamW state, then the final save of the fp32 weights alone;
     else (continued training) the saves of ``backend`` as pre-training's (:func:`checkpoint_numbers`, with llmc's
-    DeepSpeed runner's closing ``model.pt``). ``async_save``: the stage trainer's (from :func:`saves_async`)."""
+    DeepSpeed runner's closing ``model.pt``). ``async_save``: the stage trainer's (from :func:`saves_async`).
+    ``keep_latest`` / ``exportable``: for the stage's figure on disk (the module docstring, "On disk"): its periodic
+    saves' ``keep_latest + 1``, its final save, its export (:func:`export_bytes`); None: not counted."""
     sharded = plan.world > 1
     final = None
     if posttrain:
@@ -328,13 +416,23 @@ def stage_checkpoints(sm, plan, gpu, *, backend: str, posttrain: bool, lora: boo
     else:
         periodic = checkpoint_numbers(sm, plan, gpu, backend=backend, params_total=params_total, precision=precision,
                                       steps=steps, interval=interval, step_seconds=step_seconds,
-                                      async_save=async_save, write_gbps=write_gbps)
+                                      async_save=async_save, write_gbps=write_gbps, keep_latest=keep_latest,
+                                      exportable=exportable)
         preempt = periodic.preempt_seconds
     if final is not None:  # the last step takes no signal: it ends with the final save, which may be the larger one
         preempt = max(preempt, final.total_seconds)  # (a LoRA stage's merged weights vs its adapters' state)
+    disk = kept = export = 0.0
+    if keep_latest is not None and final is not None:  # post-training: its resume saves, the final save, the export
+        export = export_bytes(params_total, precision, exportable)
+        disk, kept = on_disk(keep_latest, periodic.state_bytes if periodic is not None else 0.0, final.state_bytes,
+                             export, resumes=True)
+    elif keep_latest is not None:  # continued training: pre-training's figures (checkpoint_numbers)
+        disk, kept, export = periodic.disk_bytes, periodic.kept_bytes, periodic.export_bytes
     parts = [c for c in (periodic, final) if c is not None]
     return StageCheckpoints(saves=sum(c.saves for c in parts), seconds=sum(c.total_seconds for c in parts),
-                            periodic=periodic, final=final, preempt_seconds=preempt)
+                            periodic=periodic, final=final, preempt_seconds=preempt, disk_bytes=disk,
+                            kept_bytes=kept, export_bytes=export,
+                            keep_latest=max(int(keep_latest), 1) if keep_latest is not None else 0)
 
 
 def interruptions(days: float, n_gpus: int, checkpoint: CheckpointNumbers | None, step_seconds: float, *,
@@ -392,5 +490,6 @@ def preemption_numbers(jobs: list[tuple[str, float, float]]) -> PreemptionNumber
 
 
 __all__ = ["checkpoint_numbers", "llmc_save_numbers", "stage_checkpoints", "saves_async", "save_count",
+           "export_bytes", "on_disk", "with_disk", "pipeline_disk",
            "preemption_numbers", "PREEMPT_SAFETY", "PREEMPT_FLOOR_S", "PREEMPT_RELAY_S",
            "DCP_BYTES_PER_PARAM", "DS_OPTIMIZER_BYTES_PER_PARAM", "WEIGHTS_BYTES_PER_PARAM"]

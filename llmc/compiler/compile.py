@@ -281,7 +281,7 @@ def compile_spec(run: RunSpec, spec_path: str, yaml_lines: dict[str, int] | None
     from llmc.compiler.stages import pipeline_time
 
     pipeline = pipeline_time(stages, time.days if time else None, cost.usd if cost else None, run.hardware.count,
-                             bool(run.stages))
+                             bool(run.stages), time.checkpoint if time else None)
     if pipeline is not None:
         checks.check_pipeline_budget(run, pipeline, sink)
     serving, serving_diags = _serving(run, gpu, lines, stages)
@@ -403,15 +403,17 @@ def _preemption(time, stages):
 
 
 def _checkpoints(run: RunSpec, sm, plan: ParallelPlan, gpu: GPU, hyper: Hyper, step_seconds: float, backend: str):
-    """The pre-training run's checkpoint saves and their stalls (checkpoint_cost.py) on the backend that runs it."""
+    """The pre-training run's checkpoint saves and their stalls (checkpoint_cost.py) on the backend that runs it, with
+    what it keeps on disk (``keep_latest`` of them and the Hugging Face export, where the model has one)."""
     from llmc.compiler import checkpoint_cost
+    from llmc.hf_export import hf_export_supported
 
     ck = run.training.checkpoint
     return checkpoint_cost.checkpoint_numbers(
         sm, plan, gpu, backend=backend, params_total=params.params_total(run.model),
         precision=run.training.precision, steps=hyper.steps, interval=hyper.checkpoint_interval,
         step_seconds=step_seconds, async_save=checkpoint_cost.saves_async(backend, hyper.checkpoint_async),
-        write_gbps=ck.write_gbps)
+        write_gbps=ck.write_gbps, keep_latest=ck.keep_latest, exportable=hf_export_supported(run.model) is None)
 
 
 def _evaluation(run, sink, spec_path, stages, hyper, plan, compute, time, task_files):

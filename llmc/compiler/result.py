@@ -109,6 +109,13 @@ class CheckpointNumbers:
     # for (at worst its whole write and hashing), then the current step written and hashed in full, synchronously
     # (+ final_seconds: llmc's DeepSpeed runner writes its model.pt on a preemption too)
     preempt_seconds: float = 0.0
+    # what the run keeps on the checkpoint storage (checkpoint_cost, "On disk"): at its peak (disk_bytes: keep_latest
+    # checkpoints of state_bytes + the larger of one more and final_bytes + the Hugging Face export, export_bytes) and
+    # once finished (kept_bytes: keep_latest checkpoints + final_bytes + the export); 0 where keep_latest is not known
+    keep_latest: int = 0
+    export_bytes: float = 0.0
+    disk_bytes: float = 0.0
+    kept_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -263,6 +270,13 @@ class StageCheckpoints:
     # save (None: the last save is the last of ``periodic``)
     final: CheckpointNumbers | None = None
     preempt_seconds: float = 0.0  # a preemption's save of the current step (CheckpointNumbers.preempt_seconds)
+    # what the stage keeps on the checkpoint storage (checkpoint_cost, "On disk"): at its peak (disk_bytes) and once
+    # finished (kept_bytes), of its periodic saves (keep_latest of them), its final save, its Hugging Face export
+    # (export_bytes); 0: not known
+    disk_bytes: float = 0.0
+    kept_bytes: float = 0.0
+    export_bytes: float = 0.0
+    keep_latest: int = 0
 
 
 @dataclass(frozen=True)
@@ -313,6 +327,10 @@ class PipelineTime:
     counted: list[str]  # stages whose time is in the sum
     unknown: list[str]  # stages without a time (no plan, or steps not known)
     estimated: list[str] = field(default_factory=list)  # counted stages other than pre-training (stage estimates)
+    # the stages' peak on the checkpoint storage, each finished one keeping its own (checkpoint_cost.pipeline_disk),
+    # and the stages without a figure (steps not known)
+    disk_bytes: float = 0.0
+    disk_unknown: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

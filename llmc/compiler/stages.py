@@ -57,6 +57,7 @@ from llmc.compiler.result import (
 from llmc.compiler.search import USABLE_FRACTION, describe, divisors, usable_bytes
 from llmc.compiler.units import GiB, gib
 from llmc.diagnostics import Diagnostic
+from llmc.hf_export import hf_export_supported
 from llmc.rope import rope_factor_for, rope_inv_freq, rope_reach
 from llmc.spec.chat import CHAT_TEMPLATES, OWN_TEMPLATE
 from llmc.spec.facts import CheckpointFacts, ExternalFacts, hub_id
@@ -990,13 +991,17 @@ def stage_checkpoints(env: _Env, st: StageBase, tr: StageTraining, plan: Paralle
         trainable_params=lora_trainable_params(env.run.model, st.lora.rank, st.lora.targets) if lora else env.n_total,
         precision=env.precision, steps=tr.steps, interval=stage_checkpoint_interval(env, st, tr, step_seconds),
         step_seconds=step_seconds,
-        async_save=not posttrain and checkpoint_cost.saves_async(backend, hyper_async), write_gbps=ck.write_gbps)
+        async_save=not posttrain and checkpoint_cost.saves_async(backend, hyper_async), write_gbps=ck.write_gbps,
+        keep_latest=ck.keep_latest, exportable=hf_export_supported(env.run.model) is None)
 
 
 def pipeline_time(stages: list[StagePlan], pretrain_days: float | None, pretrain_usd: float | None,
-                  world: int, spec_has_stages: bool) -> PipelineTime | None:
-    """Pre-training plus every other stage, one after another on the run's ``world`` GPUs; None for a spec without
-    stages (its time is the pre-training time)."""
+                  world: int, spec_has_stages: bool, pretrain_checkpoint=None) -> PipelineTime | None:
+    """Pre-training plus every other stage, one after another on the run's ``world`` GPUs, and their checkpoints' peak
+    on disk (:func:`llmc.compiler.checkpoint_cost.pipeline_disk`; ``pretrain_checkpoint``: pre-training's
+    ``CheckpointNumbers``); None for a spec without stages (its time is the pre-training time)."""
+    from llmc.compiler.checkpoint_cost import pipeline_disk
+
     if not spec_has_stages:
         return None
     days, usd, priced = 0.0, 0.0, True
@@ -1016,8 +1021,10 @@ def pipeline_time(stages: list[StagePlan], pretrain_days: float | None, pretrain
         days += d
         priced = priced and u is not None
         usd += u or 0.0
+    disk, disk_unknown = pipeline_disk(pretrain_checkpoint, stages)
     return PipelineTime(days=days, gpu_hours=timing.gpu_hours(days, world), usd=usd if priced else None,
-                        counted=counted, unknown=unknown, estimated=estimated)
+                        counted=counted, unknown=unknown, estimated=estimated, disk_bytes=disk,
+                        disk_unknown=disk_unknown)
 
 
 # ----------------------------------------------------------------------------- rollout / long context

@@ -13,6 +13,14 @@ def gib(b: float) -> str:
     return f"{b / GiB:.1f} GiB"
 
 
+def gb(x: float) -> str:
+    """Bytes in decimal units, as storage is sold: '96.4 GB', '4.87 TB', '15.7 MB'."""
+    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if x >= div:
+            return f"{x / div:.3g} {unit}"
+    return f"{x / 1e3:.3g} kB"
+
+
 def hours(h: float) -> str:
     """GPU-hours as llmc prints them: whole hours from 10 on, three significant digits below (a CPU run's 0.0134
     does not read 0)."""
