@@ -1592,7 +1592,11 @@ def _fewer_tokens(run, share: float, planned: bool = False) -> str:
     data_at, steps_at = pretrain_paths(run)
     if training.steps is not None:  # the trainer runs the pinned steps (data.tokens does not set them)
         return f"~{int(training.steps * share):,} steps ({at.format(steps_at)}"
-    return f"~{data.tokens * share:.3g} tokens ({at.format(data_at + '.tokens')}"
+    fit = data.tokens * share
+    if fit > 0:  # (3 significant digits, rounded down: a figure rounded up would not fit the limit it is quoted for)
+        unit = 10.0 ** (math.floor(math.log10(fit)) - 2)
+        fit = math.floor(fit / unit) * unit
+    return f"~{fit:.3g} tokens ({at.format(data_at + '.tokens')}"
 
 
 def _rate(it) -> str:
