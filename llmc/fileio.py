@@ -47,6 +47,17 @@ def expand_user(path: str | Path) -> Path:
         return Path(path)
 
 
+#: What :func:`set_aside` puts between a folder's name and its number N (``pretrain.set-aside-2``).
+SET_ASIDE = ".set-aside-"
+
+
+def is_set_aside(name: str) -> bool:
+    """Whether ``name`` is one :func:`set_aside` gives a folder (``<name>.set-aside-N``, N a whole number): what
+    ``llmc launch --no-resume`` leaves in ``run/`` is a past run of a stage, not a stage of its own."""
+    base, sep, n = name.rpartition(SET_ASIDE)
+    return bool(sep and base and n.isascii() and n.isdigit())
+
+
 def set_aside_target(path: str | Path) -> Path | None:
     """Where :func:`set_aside` would move ``path``: ``<path>.set-aside-N``, the first free N; None when there is
     nothing to set aside (not a directory, a link, or empty). The one rule, for the rename and for the shell command a
@@ -55,7 +66,7 @@ def set_aside_target(path: str | Path) -> Path | None:
     if not p.is_dir() or p.is_symlink() or not any(p.iterdir()):
         return None
     n = 1
-    while (target := p.with_name(f"{p.name}.set-aside-{n}")).exists() or target.is_symlink():
+    while (target := p.with_name(f"{p.name}{SET_ASIDE}{n}")).exists() or target.is_symlink():
         n += 1
     return target
 
@@ -69,7 +80,7 @@ def set_aside(path: str | Path) -> Path | None:
     return target
 
 
-__all__ = ["read_regular_file", "expand_user", "set_aside", "set_aside_target"]
+__all__ = ["read_regular_file", "expand_user", "set_aside", "set_aside_target", "is_set_aside", "SET_ASIDE"]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

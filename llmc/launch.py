@@ -621,6 +621,10 @@ def _links_under(top: Path) -> list[Path]:
         return []
     # (os.scandir's entries know from the directory listing itself whether they are links or folders, on the file
     # systems that say so (d_type): no lstat per file, which a run/ of many checkpoints' shards would cost per launch)
+    # A past run a launch set aside (``<stage>.set-aside-N``, :func:`llmc.fileio.is_set_aside`) is never written again:
+    # not looked through (it may hold every checkpoint of that run); a link in its place is still one
+    from llmc.fileio import is_set_aside
+
     out, stack = [], [(top, 0)]
     while stack:
         where, depth = stack.pop()
@@ -631,7 +635,8 @@ def _links_under(top: Path) -> list[Path]:
         for e in entries:
             if e.is_symlink():
                 out.append(Path(e.path))
-            elif e.is_dir(follow_symlinks=False) and not (depth == 1 and e.name in WANDB_DIRS):
+            elif e.is_dir(follow_symlinks=False) and not (depth == 1 and e.name in WANDB_DIRS) \
+                    and not (depth == 0 and is_set_aside(e.name)):
                 stack.append((Path(e.path), depth + 1))  # (depth 1: a stage folder's entries; its W&B folder is W&B's)
     return sorted(out)
 

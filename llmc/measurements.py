@@ -5,7 +5,9 @@ No torch. Three input kinds (one :class:`Measurement` per run):
 * an llmc run folder (or its ``metrics.jsonl``) next to the ``plan.lock.json`` it was built from, from any
   backend: the lock gives the model, GPU, layout and backend; ``metrics.jsonl`` gives the throughput
   (``tokens_per_s`` is the whole job's: divided by the world size) and ``peak_mem_bytes``
-  (``torch.cuda.max_memory_allocated``). A build directory (or its ``run/``), as ``llmc report`` takes, stands for
+  (``torch.cuda.max_memory_allocated``), of the records since a relaunch under the lock where the run trained
+  steps under another spec before it (:func:`llmc.runtime.metrics_io.since_relaunch`, as ``llmc report``). A build
+  directory (or its ``run/``), as ``llmc report`` takes, stands for
   the run of the stage its plan describes (:func:`run_metrics_file`);
 * a torchtitan log (``step: 10  loss: 7.1  memory: 58.31GiB(61.37%)  tps: 7,413  tflops: 429.32
   mfu: 43.41%``; torchtitan ``train.py`` prints the *reserved* peak and tokens/s per GPU) together with
@@ -341,24 +343,49 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
             raise MeasurementError(str(metrics), 0, "K003", "plan.lock.json", "no plan.lock.json next to the run",
                                    "pass --lock PATH")
     lock = _lock(Path(lock_path))
-    tps, mem = [], []
     from llmc.compiler.backends import BACKENDS
     from llmc.runtime import metrics_io  # (torch-free: the one reader of metrics.jsonl, llmc report's too)
 
+    # (line, key, step, figure, peak_mem_device) of each step record's tokens_per_s and peak_mem_bytes, checked once
+    # the whole file parses (a damaged line is named before a figure of the wrong type); streamed, no record kept
+    figures: list[tuple] = []
+    events: list[tuple[int, dict]] = []
     try:  # (a torn last line, from a writer killed mid-line, is dropped as llmc report drops it)
-        recs, _ = metrics_io.parse_records(_read_bytes(metrics, "K001", "metrics.jsonl"), metrics)
-        ran = metrics_io.ran_backend(((i, r) for i, _, r in recs), metrics, BACKENDS)
+        for i, r in metrics_io.iter_records(metrics, _read_bytes(metrics, "K001", "metrics.jsonl")):
+            if "event" in r:
+                events.append((i, r))
+            for key in ("tokens_per_s", "peak_mem_bytes"):
+                if "step" in r and r.get(key):
+                    figures.append((i, key, r["step"], r[key], r.get("peak_mem_device")))
+        ran = metrics_io.ran_backend(events, metrics, BACKENDS)
     except metrics_io.MetricsError as e:
         key = "backend" if isinstance(e, metrics_io.UnknownBackend) else "metrics.jsonl"
         raise MeasurementError(str(metrics), e.line, "K001", key, e.problem, _RECORD_HINT) from None
-    for i, _, r in recs:
-        for key, out in (("tokens_per_s", tps), ("peak_mem_bytes", mem)):
-            if "step" in r and r.get(key):
-                out.append((_record_number(r, "step", str(metrics), i), _record_number(r, key, str(metrics), i),
-                            r.get("peak_mem_device")))
+    tps, mem = [], []  # (line, step, figure, peak_mem_device)
+    for i, key, s, v, dev in figures:
+        (tps if key == "tokens_per_s" else mem).append(
+            (i, _record_number(s, "step", str(metrics), i), _record_number(v, key, str(metrics), i), dev))
+    del figures
     if not tps:
         raise MeasurementError(str(metrics), 0, "K001", "metrics.jsonl", "no step records with tokens_per_s",
                                "train for more than log_every steps")
+    # a run relaunched under this lock after steps under another spec (a rebuild with other hardware): only the
+    # records since the relaunch were trained as the lock plans them (llmc report compares the same ones)
+    relaunch = metrics_io.since_relaunch(events, (lock.get("spec") or {}).get("sha256"))
+    notes = []
+    if relaunch is not None:
+        if relaunch.line is None:
+            raise MeasurementError(str(metrics), relaunch.other_line, "K001", "metrics.jsonl",
+                                   relaunch.note(None, max(s for _, s, _, _ in tps)),
+                                   "relaunch the run with this build, or pass --lock with the plan.lock.json it "
+                                   "ran under")
+        tps = [t for t in tps if relaunch.measured(t[0])]
+        mem = [t for t in mem if relaunch.measured(t[0])]
+        notes.append(relaunch.note(max((s for _, s, _, _ in tps), default=None)))
+        if not tps:
+            raise MeasurementError(str(metrics), relaunch.line, "K001", "metrics.jsonl", "no step records with "
+                                   f"tokens_per_s since the relaunch under this lock ({notes[0]})",
+                                   "train for more than log_every steps after it")
     # the run is predicted for the backend that trained it (its start event's), on that backend's layout: the
     # prediction ``llmc report`` shows too (llmc.runreport.predictions)
     m = _from_lock(lock, str(lock_path), label=metrics.parent.name or str(metrics), source=str(metrics), backend=ran)
@@ -366,9 +393,9 @@ def read_llmc_run(path: str | Path, lock_path: str | Path | None = None) -> Meas
     # device memory only: on a CPU the trainers log the process's peak RSS (interpreter, libraries, data
     # workers), which is not the per-GPU memory llmc's model predicts (records before peak_mem_device: the lock's
     # hardware says where the run was)
-    device_mem = [v for _, v, dev in mem if dev == "cuda" or (dev is None and m.gpu != "cpu")]
-    return replace(m, tokens_per_s_per_gpu=steady([(s, v) for s, v, _ in tps]) / world,
-                   allocated_bytes=max(device_mem) if device_mem else None)
+    device_mem = [v for _, _, v, dev in mem if dev == "cuda" or (dev is None and m.gpu != "cpu")]
+    return replace(m, tokens_per_s_per_gpu=steady([(s, v) for _, s, v, _ in tps]) / world,
+                   allocated_bytes=max(device_mem) if device_mem else None, notes=notes)
 
 
 _RECORD_HINT = "llmc's trainers write one JSON object of numbers per line: restore or delete that line"
@@ -380,11 +407,10 @@ def _shown(v, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _record_number(r: dict, key: str, file: str, line: int) -> float:
-    """A metrics.jsonl record's ``step`` (a whole number >= 0) or measured figure (a positive finite number), as
-    llmc's trainers write them; else the MeasurementError naming the line (a string, a bool or a number too
+def _record_number(v, key: str, file: str, line: int) -> float:
+    """A metrics.jsonl record's ``step`` (a whole number >= 0) or measured figure (a positive finite number) ``v``,
+    as llmc's trainers write them; else the MeasurementError naming the line (a string, a bool or a number too
     large for a float is an edited or foreign record, not a measurement)."""
-    v = r[key]
     f = None
     if isinstance(v, int | float) and not isinstance(v, bool):
         try:
@@ -1173,6 +1199,9 @@ def calibrate_main(inputs: list[str], out: str, *, lock: str | None = None, back
         print(e.located(), file=sys.stderr)
         return 1
     Path(out).write_text(json.dumps(cal.to_json(), indent=2, sort_keys=True) + "\n")
+    for m in ms:  # what was measured of a run, where not all of its records (a relaunch under another spec's lock)
+        for note in m.notes:
+            print(f"{m.source}: note: {note}")
     for warning in (inexact_gpu_warning(ms), no_better_warning(cal), zero_stage_warning(ms),
                     *outlier_warnings(cal)):
         if warning:

@@ -9,7 +9,9 @@ Inputs:
 
 * ``run_dir``: a run directory holding one sub-directory per stage with a ``metrics.jsonl`` (the layout
   the launchers write: ``<build>/run/<stage>/metrics.jsonl``), or a single stage's directory with
-  ``metrics.jsonl`` directly in it. Records are those of :class:`llmc.runtime.metrics.MetricsLogger`
+  ``metrics.jsonl`` directly in it. The lock's stages are reported in its stage order, then other stage folders by
+  name (a stage the lock no longer has); a run set aside (``<stage>.set-aside-N``, :func:`llmc.fileio.is_set_aside`:
+  what ``llmc launch --no-resume`` leaves) is not a stage. Records are those of :class:`llmc.runtime.metrics.MetricsLogger`
   (``step, loss, lr, grad_norm, tokens, tokens_per_s, flops_per_s, mfu, peak_mem_bytes, step_s``; step_s the mean
   training time per step since the previous record) or of the
   post-training loops (``stage, step, loss, ...``); event records (``"event"`` key) and a truncated last
@@ -31,7 +33,10 @@ Outputs in ``out_dir`` (created): per stage ``<stage>-loss.png``, ``<stage>-thro
 ``<stage>-memory.png``, ``<stage>-mfu.png`` (a plot is skipped when no record has that metric), with the
 prediction drawn as a dashed horizontal line beside the measurement, and ``report.html``: a
 self-contained page (PNGs embedded as base64 data URIs) with a table of predicted vs measured values per
-stage. "Measured" is the median over the steady-state records (those after
+stage. "Measured" is, of a run relaunched under the lock after steps under another spec (a rebuild with other
+hardware), the records since that relaunch (:func:`llmc.runtime.metrics_io.since_relaunch`, ``llmc calibrate``'s
+rule; one line says so: :meth:`StageMetrics.note`), of any other run all of them: the median over the steady-state
+records (those after
 :data:`llmc.measurements.WARMUP_STEPS` steps, which carry start-up costs such as allocator warm-up and
 compilation; all of them in a shorter run), as ``llmc calibrate`` takes it, for step time, tokens/s and MFU,
 and the maximum for peak memory; the ratio column is measured / predicted.
@@ -70,8 +75,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.fileio import is_set_aside
 from llmc.measurements import WARMUP_STEPS
-from llmc.runtime.metrics_io import is_score, score_line  # (torch-free, as this module)
+from llmc.runtime.metrics_io import Relaunch, is_score, score_line  # (torch-free, as this module)
 
 
 @dataclass(frozen=True)
@@ -87,23 +93,40 @@ class StageMetrics:
     # "torchtitan-documents": torchtitan's job); None: records before the field
     val_format: str | None = None
     backend: str | None = None  # the backend that trained it (its last start / resume event's); None: not logged
+    # a run relaunched under the lock after steps under another spec (llmc.runtime.metrics_io.since_relaunch): the
+    # steps measured against the lock are those of ``current`` (True where the step's record is the relaunch's);
+    # None: all of them
+    relaunch: Relaunch | None = None
+    current: tuple[bool, ...] | None = None
 
     def host_memory(self, lock: dict) -> bool:
         """Whether peak_mem_bytes is the process's peak RSS of a CPU run, not device memory (so not what the plan
         predicts): the records say so, or, for records without peak_mem_device, the lock's hardware is the CPU."""
         return self.mem_device == "cpu" or (self.mem_device is None and _get(lock, "hardware", "key") == "cpu")
 
-    def series(self, key: str) -> tuple[list[int], list[float]]:
+    def series(self, key: str, measured: bool = False) -> tuple[list[int], list[float]]:
+        """(steps, values) of ``key`` where logged; ``measured``: only the steps compared with the lock's prediction
+        (after a relaunch under it, :attr:`relaunch`)."""
         col = self.columns.get(key, [])
-        pts = [(s, v) for s, v in zip(self.steps, col, strict=False) if v is not None]
+        keep = self.current if measured and self.current is not None else None
+        pts = [(s, v) for j, (s, v) in enumerate(zip(self.steps, col, strict=False))
+               if v is not None and (keep is None or keep[j])]
         return [s for s, _ in pts], [v for _, v in pts]
 
     def steady(self, key: str) -> list[float]:
-        """Values after the warm-up steps (:data:`llmc.measurements.WARMUP_STEPS`, as ``llmc calibrate``); all of
-        them if that leaves none."""
+        """Measured values (:meth:`series` ``measured``) after the warm-up steps
+        (:data:`llmc.measurements.WARMUP_STEPS`, as ``llmc calibrate``); all of them if that leaves none."""
         from llmc.measurements import steady_values
 
-        return steady_values(list(zip(*self.series(key), strict=True)))
+        return steady_values(list(zip(*self.series(key, measured=True), strict=True)))
+
+    def note(self) -> str | None:
+        """What was measured of a relaunched run (:meth:`llmc.runtime.metrics_io.Relaunch.note`, ``llmc
+        calibrate``'s line too); None: every step."""
+        if self.relaunch is None:
+            return None
+        kept = [s for s, c in zip(self.steps, self.current or (), strict=False) if c]
+        return self.relaunch.note(kept[-1] if kept else None, self.steps[-1] if self.steps else None)
 
 
 @dataclass(frozen=True)
@@ -147,6 +170,8 @@ LIMIT = 1e150
 
 def _number(v: Any) -> float | None:
     """``v`` as a float when it is a JSON number (not a bool), finite and within ±:data:`LIMIT`; else None."""
+    if type(v) is float:  # (most figures: one comparison, False for NaN and the infinities)
+        return v if -LIMIT <= v <= LIMIT else None
     if isinstance(v, bool) or not isinstance(v, int | float):
         return None
     try:
@@ -219,15 +244,22 @@ def _read_summary(path: Path, stage: str, step: int | None = None,
     return StageEval(stage, tasks, samples, step, n_shot, d.get("apply_chat_template") is True)
 
 
+def _stage_order(found: list[str], lock: dict) -> list[str]:
+    """The stage folders of ``found`` (names under ``run/``) to report, in order: the lock's stages in its stage order,
+    then the others by name (a stage the lock no longer has), leaving out a past run set aside
+    (``<stage>.set-aside-N``, what ``llmc launch --no-resume`` leaves: :func:`llmc.fileio.is_set_aside`)."""
+    order = [s["name"] for s in _lock_stages(lock)]
+    return [n for n in order if n in found] + sorted(n for n in found if n not in order and not is_set_aside(n))
+
+
 def _stage_dirs(run_dir: Path, lock: dict, marker: str) -> list[tuple[str, Path]]:
     """(stage, dir) holding ``marker`` (a glob under the stage dir): ``run_dir`` itself, else its children
-    in the lock's stage order, then the others by name."""
+    in :func:`_stage_order`."""
     if any(run_dir.glob(marker)):
         return [(run_dir.name, run_dir)]
-    order = [s["name"] for s in _lock_stages(lock)]
-    found = {p.name: p for p in sorted(run_dir.iterdir()) if p.is_dir() and any(p.glob(marker))} \
-        if run_dir.is_dir() else {}
-    return [(n, found[n]) for n in [n for n in order if n in found] + sorted(n for n in found if n not in order)]
+    found = {p.name: p for p in run_dir.iterdir() if p.is_dir()} if run_dir.is_dir() else {}
+    names = _stage_order(list(found), lock)
+    return [(n, found[n]) for n in names if any(found[n].glob(marker))]
 
 
 def read_checkpoint_evals(run_dir: str | Path, lock: dict,
@@ -265,17 +297,16 @@ def _by_step(steps: list[StageEval], final: StageEval | None, lock: dict
 
 
 def read_evals(run_dir: str | Path, lock: dict, skipped: list[str] | None = None) -> list[StageEval]:
-    """Every stage's eval summary under ``run_dir`` (lock stage order), leaving out unreadable or malformed
+    """Every stage's eval summary under ``run_dir`` (:func:`_stage_order`), leaving out unreadable or malformed
     files, with a line for each in ``skipped`` (:func:`_read_summary`)."""
 
     run_dir = Path(run_dir)
-    order = [s["name"] for s in _lock_stages(lock)]
     if (run_dir / "eval" / "summary.json").is_file():
         found = {run_dir.name: run_dir / "eval" / "summary.json"}
     else:
-        found = {p.parent.parent.name: p for p in sorted(run_dir.glob("*/eval/summary.json"))}
+        found = {p.parent.parent.name: p for p in run_dir.glob("*/eval/summary.json")}
     out = []
-    for name in [n for n in order if n in found] + sorted(n for n in found if n not in order):
+    for name in _stage_order(list(found), lock):
         ev = _read_summary(found[name], name, skipped=skipped)
         if ev is not None:
             out.append(ev)
@@ -290,7 +321,9 @@ def summary_lines(run_dir: str | Path, lock: dict, skipped: list[str] | None = N
     left_out: list[str] = [] if skipped is None else skipped
     formats: dict[str, str] = {}
     for name, path in find_stages(run_dir, lock):
-        sm = read_metrics(path, name)
+        sm = read_metrics(path, name, _get(lock, "spec", "sha256"))
+        if note := sm.note():  # (a relaunch under this lock after steps under another spec)
+            lines.append(f"{name}: {note}")
         steps, vals = sm.series("val_loss")
         if vals:
             _, ppl = sm.series("val_ppl")
@@ -319,40 +352,46 @@ def summary_lines(run_dir: str | Path, lock: dict, skipped: list[str] | None = N
     return lines if skipped is not None else lines + left_out
 
 
-def read_metrics(path: str | Path, name: str | None = None) -> StageMetrics:
+def read_metrics(path: str | Path, name: str | None = None, spec_sha256: str | None = None) -> StageMetrics:
     """Step records of one ``metrics.jsonl`` through :func:`llmc.runtime.metrics_io.read_metrics` (each step
-    once, its training and validation records merged; events and a torn last line skipped)."""
+    once, its training and validation records merged; events and a torn last line skipped; only the fields the
+    report reads kept). ``spec_sha256``: the lock's ``spec.sha256``, whose relaunch after steps under another spec
+    (:func:`llmc.runtime.metrics_io.since_relaunch`, ``llmc calibrate``'s rule) marks the steps measured."""
     from llmc.runtime.metrics_io import read_metrics as read_log  # no torch import
 
     path = Path(path)
-    log = read_log(path)
-    by_step: dict[int, dict[str, Any]] = {r["step"]: r for r in log.steps
-                                          if isinstance(r.get("step"), int) and _number(r["step"]) is not None}
-    steps = sorted(by_step)
+    log = read_log(path, keys=(*NUMERIC, "peak_mem_device", "val_format"))
+    relaunch = log.relaunch(spec_sha256)
+    # (log.steps: one merged record per step, in step order; a step past LIMIT is left out like a missing one)
+    ok = [(r, line) for r, line in zip(log.steps, log.step_lines, strict=True) if _number(r["step"]) is not None]
+    recs, lines = [r for r, _ in ok], [line for _, line in ok]
+    del ok
+    steps = [r["step"] for r in recs]
     cols: dict[str, list[float | None]] = {}
     for key in NUMERIC:
-        vals = [_number(by_step[s].get(key)) for s in steps]
+        vals = [_number(r.get(key)) for r in recs]
         if any(v is not None for v in vals):
             cols[key] = vals
-    devices = [d for s in steps if isinstance(d := by_step[s].get("peak_mem_device"), str)]
-    formats = [f for s in steps if isinstance(f := by_step[s].get("val_format"), str)]
+    current = tuple(relaunch.measured(line) for line in lines) if relaunch is not None else None
+    devices = [d for j, r in enumerate(recs) if (current is None or current[j])
+               and isinstance(d := r.get("peak_mem_device"), str)]
+    formats = [f for r in recs if isinstance(f := r.get("val_format"), str)]
     from llmc.compiler.backends import BACKENDS
     from llmc.runtime.metrics_io import ran_backend
 
     ran = ran_backend(log.numbered_events(), path, BACKENDS)  # (a MetricsError, llmc report's L012 line, for a backend llmc does not know)
     return StageMetrics(name or path.parent.name, path, steps, cols, devices[-1] if devices else None,
-                        formats[-1] if formats else None, ran)
+                        formats[-1] if formats else None, ran, relaunch, current)
 
 
 def find_stages(run_dir: str | Path, lock: dict) -> list[tuple[str, Path]]:
-    """(stage name, metrics.jsonl) in the lock's stage order, then any other stage dirs by name."""
+    """(stage name, metrics.jsonl) in :func:`_stage_order` (the lock's stages, then other stage dirs by name; no
+    set-aside run)."""
     run_dir = Path(run_dir)
     if (run_dir / "metrics.jsonl").is_file():
         return [(run_dir.name, run_dir / "metrics.jsonl")]
-    order = [s["name"] for s in _lock_stages(lock)]
-    found = {p.parent.name: p for p in sorted(run_dir.glob("*/metrics.jsonl"))}
-    names = [n for n in order if n in found] + sorted(n for n in found if n not in order)
-    return [(n, found[n]) for n in names]
+    found = {p.parent.name: p for p in run_dir.glob("*/metrics.jsonl")}
+    return [(n, found[n]) for n in _stage_order(list(found), lock)]
 
 
 def _main_stage(lock: dict) -> str | None:
@@ -407,8 +446,8 @@ def table(stages: list[StageMetrics], lock: dict) -> list[Row]:
     rows = []
     for sm in stages:
         p = predictions(lock, sm.name, sm.backend)
-        med = {k: (statistics.median(sm.steady(k)) if sm.steady(k) else None) for k in ("step_s", "tokens_per_s", "mfu")}
-        mem = max(sm.series("peak_mem_bytes")[1], default=None)
+        med = {k: (statistics.median(v) if (v := sm.steady(k)) else None) for k in ("step_s", "tokens_per_s", "mfu")}
+        mem = max(sm.series("peak_mem_bytes", measured=True)[1], default=None)
         if mem is not None and sm.host_memory(lock):  # a CPU run's RSS: shown, not compared with the per-GPU prediction
             mem_row = Row(sm.name, "peak process RSS (CPU run, not GPU memory)", "GiB", None,
                           mem / 2**30 if mem is not None else None)
@@ -456,6 +495,9 @@ def _plot(sm: StageMetrics, key: str, title: str, ylabel: str, scale: float, pre
             vals = vals + vv
     if pred is not None:
         ax.axhline(pred * scale, color="C3", ls="--", lw=1.4, label=f"predicted ({_num(pred * scale)})")
+    if key != "loss" and sm.relaunch is not None and sm.relaunch.line is not None and sm.relaunch.step:
+        # measured: the steps after it (a resume under this lock of a run begun under another spec)
+        ax.axvline(sm.relaunch.step, color="C2", ls=":", lw=1.4, label="relaunch under this lock")
     if key == "loss" and min(vals) > 0 and max(vals) / min(vals) > 20:
         ax.set_yscale("log")
     ax.set_title(f"{sm.name}: {title}")
@@ -559,7 +601,7 @@ def backend_note(stages: list[StageMetrics], lock: dict) -> str:
             f"backend's run, the figures llmc calibrate compares it with, not the plan's.")
 
 
-def _html(title: str, rows: list[Row], images: list[Path], extra: str = "", note: str = "") -> str:
+def _html(title: str, rows: list[Row], images: list[Path], extra: str = "", note: str = "", measured: str = "") -> str:
     trs = "\n".join(
         f"<tr><td>{html.escape(r.stage)}</td><td>{html.escape(r.quantity)}</td><td>{html.escape(r.unit)}</td>"
         f"<td>{_fmt(r.predicted)}</td><td>{_fmt(r.measured)}</td>"
@@ -577,7 +619,7 @@ figure{{display:inline-block;margin:8px}}img{{max-width:100%}}</style></head>
 <p>Predicted: from plan.lock.json{(" " + html.escape(note)) if note else "."} Measured: median of the records of the
 steps after step {WARMUP_STEPS} (all of them in a shorter run; the rule llmc calibrate takes; peak memory: maximum);
 step time is each record's mean training time per step since the previous record. Ratio: measured / predicted.</p>
-<table><tr><th>stage</th><th>quantity</th><th>unit</th><th>predicted</th><th>measured</th><th>ratio</th></tr>
+{measured}<table><tr><th>stage</th><th>quantity</th><th>unit</th><th>predicted</th><th>measured</th><th>ratio</th></tr>
 {trs}
 </table>
 {extra}
@@ -594,7 +636,7 @@ def make_report(run_dir: str | Path, lock: dict, out_dir: str | Path) -> list[Pa
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (run a stage first)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stages = [read_metrics(p, name) for name, p in found]
+    stages = [read_metrics(p, name, _get(lock, "spec", "sha256")) for name, p in found]
     pngs: list[Path] = []
     for sm in stages:
         p = predictions(lock, sm.name, sm.backend)
@@ -615,6 +657,7 @@ def make_report(run_dir: str | Path, lock: dict, out_dir: str | Path) -> list[Pa
     name = name if isinstance(name, str) and name else Path(run_dir).name
     page = out / "report.html"
     extra = _eval_html(stages, evals) + "\n" + _checkpoint_html(ck, evals, lock)
-    page.write_text(_html(f"llmc run report: {name}", table(stages, lock), pngs, extra, backend_note(stages, lock)),
-                    encoding="utf-8")
+    notes = "".join(f"<p>{html.escape(sm.name)}: {html.escape(n)}.</p>\n" for sm in stages if (n := sm.note()))
+    page.write_text(_html(f"llmc run report: {name}", table(stages, lock), pngs, extra, backend_note(stages, lock),
+                          notes), encoding="utf-8")
     return [*pngs, page]

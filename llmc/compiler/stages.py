@@ -302,6 +302,8 @@ def resolved_stages(run: RunSpec) -> list[StageBase]:
 def stage_order(stages: list[StageBase], sink: Sink) -> tuple[dict[str, int], list[str]]:
     """(name -> YAML index, execution order): G001 duplicate names, G003 unknown / G002 self or cyclic
     ``init_from``. Topological order with ties broken by YAML position; YAML order when cyclic."""
+    from llmc.fileio import is_set_aside
+
     idx: dict[str, int] = {}
     for i, st in enumerate(stages):
         if st.name in idx:
@@ -309,6 +311,11 @@ def stage_order(stages: list[StageBase], sink: Sink) -> tuple[dict[str, int], li
                      f"first defined as stages.{idx[st.name]}")
         else:
             idx[st.name] = i
+        if is_set_aside(st.name):  # (llmc.fileio.set_aside's names: run/<stage>.set-aside-N)
+            sink.add("G019", "error", f"stages.{i}.name",
+                     f"stage name {st.name!r} is the name `llmc launch --no-resume` gives a past run it sets aside "
+                     "(<stage>.set-aside-N in run/), which the launch and `llmc report` pass over",
+                     "rename the stage (any name not ending in .set-aside-<number>)")
     parent: dict[str, str] = {}
     for i, st in enumerate(stages):
         if st.init_from is None or idx.get(st.name) != i:
