@@ -305,15 +305,7 @@ def unfinished_checkpoints(run: str | os.PathLike, folders: list[str | None] = (
             tmps = sorted(p for p in base.glob("*.tmp") if p.is_dir() and not p.is_symlink())
         except OSError:
             continue
-        for t in tmps:
-            size = 0
-            for root, _, files in os.walk(t):
-                for f in files:
-                    try:
-                        size += os.lstat(os.path.join(root, f)).st_size
-                    except OSError:
-                        pass
-            out.append((t, size))
+        out += [(t, _bytes_under([t])) for t in tmps]
     return out
 
 
@@ -556,11 +548,15 @@ def disk_warning(build_dir: str | os.PathLike, cmds: list[Cmd], lock: dict | Non
     lock has no figure."""
     try:
         b, lock = load_build(build_dir) if lock is None else (Path(build_dir).resolve(), lock)
-        need, names = disk_need(b, cmds, lock, resume)
+        # (the need without what the stages hold, an upper bound, first: the common case of room enough reads no
+        # folder; a run of many checkpoints is walked only when the disk may be short)
+        need, names = disk_need(b, cmds, lock, resume=False)
         if need <= 0:
             return None
         where = b / "run" if (b / "run").exists() else b
         free = shutil.disk_usage(where).free
+        if free < need and resume:
+            need, names = disk_need(b, cmds, lock, resume)
     except (LaunchError, OSError, KeyError, TypeError, ValueError, AttributeError):
         return None
     if free >= need:
