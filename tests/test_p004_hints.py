@@ -46,6 +46,10 @@ def _split(hint: str) -> list[str]:
     return out + [cur.strip()]
 
 
+# what a hint that does not fit on its own adds inside its closing parenthesis (checks._hint_list)
+OVER = r"(?:, still over the [\d.]+ GiB usable: combine it with another change)?"
+
+
 def _sets(h: str) -> tuple[list[str], bool]:
     """(the --set overrides that apply hint ``h``, whether it says the result fits)."""
     if m := re.fullmatch(r"more GPUs: hardware\.count ([\d,]+) would need about [\d.]+ GiB per GPU as [^,]+"
@@ -54,12 +58,12 @@ def _sets(h: str) -> tuple[list[str], bool]:
         return ([f"hardware.count={m[1].replace(',', '')}"]
                 + ([f"training.global_batch_tokens={m[2].replace(',', '')}"] if m[2] else [])), True
     if m := re.fullmatch(r"parallelism\.(.+?) instead of the pinned .+ \(about [\d.]+ GiB per GPU(, which fits; or "
-                         r"unpin it and let the search choose)?\)", h):
+                         r"unpin it and let the search choose)?" + OVER + r"\)", h):
         return [f"parallelism.{k}={v}" for k, v in (kv.split(" ") for kv in m[1].split(", "))], bool(m[2])
     if m := re.match(r"CPU (?:optimizer|parameter) offload \(parallelism\.(offload_\w+)(?: with training\.backend "
-                     r"(\w+))?: about [\d.]+ GiB per GPU as .+ on \w+\)$", h):
+                     r"(\w+))?: about [\d.]+ GiB per GPU as .+ on \w+" + OVER + r"\)$", h):
         return [f"parallelism.{m[1]}=true"] + ([f"training.backend={m[2]}"] if m[2] else []), False
-    if m := re.fullmatch(r"a shorter seq_len than \d+ \(([\d,]+): about [\d.]+ GiB per GPU\)", h):
+    if m := re.fullmatch(r"a shorter seq_len than \d+ \(([\d,]+): about [\d.]+ GiB per GPU" + OVER + r"\)", h):
         return [f"data.seq_len={m[1].replace(',', '')}"], False
     if m := re.fullmatch(r"a GPU with more memory \(([\w.-]+): [\d.]+ GiB\)", h):
         return [f"hardware.gpu={m[1]}"], True

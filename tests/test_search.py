@@ -352,7 +352,8 @@ def _exhaustive(arch, world, seqs, seq_len, gpn=8, backend=None, chunk=0, pipeli
     sm = timing.step_model(arch, seq_len, "bf16", gpu, backend)
     from llmc.compiler.backends import get_backend
 
-    sharded = [2, 3] if get_backend(backend).zero12 == "fsdp2" else [1, 3]  # (FSDP2 runs ZeRO-1 as ZeRO-2)
+    # FSDP2 runs ZeRO-1 as ZeRO-2; DeepSpeed runs ZeRO-1 (BF16_Optimizer) and ZeRO-2 (gradient partitions) each its own
+    sharded = {"fsdp2": [2, 3], "deepspeed": [1, 2, 3]}.get(get_backend(backend).zero12, [1, 3])
     out = []
     for t in (t for t in divisors(world) if t <= gpn and gpn % t == 0):
         if arch.n_heads % t or arch.kv_heads % t:

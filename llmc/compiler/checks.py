@@ -25,7 +25,8 @@ P017   error     optimizer / parameter offload on a backend whose job does not o
 P018   error     a pinned parallel dimension (tp, pp or a pipeline schedule, cp, ep, dp_replicate with sharding) the
                  backend that runs the plan does not run
 P020   error     predicted model FLOP/s above the dense peak of the precision the plan trains in (an MFU above 100%)
-P021   info      zero_stage 1 on an FSDP2 backend (torchtitan, native): it runs as ZeRO-2 (FSDP2 has no ZeRO-1)
+P021   info      zero_stage 1 on an FSDP2 backend (torchtitan, native): it runs, and is planned, as ZeRO-2 (FSDP2
+                 has no ZeRO-1)
 T001   warning   peak LR outside the pre-training range / far from the size-aware value
 T002   warning   no warmup, very long warmup, no decay, or a barely decaying schedule
 T003   warning   no gradient clipping
@@ -78,6 +79,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from typing import NamedTuple
 
 from llmc.compiler.units import GiB, gib, hours
 from llmc.diagnostics import Diagnostic, line_for
@@ -263,17 +265,17 @@ def check_zero_pin(run, backend, sink: Sink) -> None:
     reduce-scatters every gradient to its shard (torchtitan docs/fsdp.md, https://github.com/pytorch/torchtitan/blob/
     main/docs/fsdp.md: 1D mesh + reshard_after_forward=False = FSDP1 SHARD_GRAD_OP = ZeRO-2; PyTorch's
     ShardingStrategy.SHARD_GRAD_OP, https://pytorch.org/docs/stable/fsdp.html: "Gradients and optimizer states are
-    sharded during computation"). The job runs, and the plan is sized and timed as, ZeRO-2 (the FSDP2 profile's
-    stage-1 states are its stage-2 ones, ``backends._FSDP2_STATES``); llmc's DeepSpeed runner runs the pin as
-    ZeRO-1."""
+    sharded during computation"). The job runs, and the plan is sized, timed and named as, ZeRO-2: the search takes
+    the pin as stage 2 (:func:`llmc.compiler.search.zero_stages`), so the plan, the lock and the emitted jobs are
+    those of ``zero_stage: 2``; llmc's DeepSpeed runner runs the pin as ZeRO-1."""
     if run.parallelism.zero_stage != 1 or backend.zero12 != "fsdp2":
         return
     sink.add("P021", "info", "parallelism.zero_stage",
-             f"zero_stage 1 on {backend.name} runs as ZeRO-2: FSDP2 shards the gradients with the optimizer states "
-             "(fully_shard reduce-scatters every gradient; its reshard_after_forward=False, what llmc runs for ZeRO-1/2, "
-             "is FSDP1's SHARD_GRAD_OP, ZeRO-2), so the plan is sized and timed as ZeRO-2 and zero_stage 2 builds the "
-             f"same {backend.name} job",
-             "pin zero_stage 2 to say what runs (ZeRO-1 itself: training.backend deepspeed)")
+             f"zero_stage 1 on {backend.name} runs as ZeRO-2, and the plan says so (zero2): FSDP2 shards the gradients "
+             "with the optimizer states (fully_shard reduce-scatters every gradient; its reshard_after_forward=False, "
+             "what llmc runs for ZeRO-1/2, is FSDP1's SHARD_GRAD_OP, ZeRO-2), so the plan is sized, timed and built as "
+             f"ZeRO-2: the same {backend.name} job as zero_stage 2",
+             "pin zero_stage 2, what runs (ZeRO-1 itself: training.backend deepspeed)")
 
 
 def check_backend_options(run, backend, sink: Sink) -> None:
@@ -631,15 +633,35 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
 P004_HINT_SHARE = 0.25
 
 
+class _Hint(NamedTuple):
+    """One of P004's hints: its words (those that quote a need end in ")"), whether the change alone fits (None: not
+    evaluated) and the usable memory it is compared with (the backend it moves to may keep another share)."""
+    text: str
+    fits: bool | None
+    usable: float = 0.0
+
+
+def _hint_list(hints: list[_Hint]) -> list[str]:
+    """P004's hints in order: those that fit on their own first, then those not evaluated, then those that help but do
+    not fit on their own, each of these saying that it is still over the usable memory."""
+    out = [h.text for h in hints if h.fits] + [h.text for h in hints if h.fits is None]
+    for h in hints:
+        if h.fits is False:  # (inside the parentheses that quote its need)
+            note = f"still over the {gib(h.usable)} usable: combine it with another change"
+            out.append(f"{h.text[:-1]}, {note})" if h.text.endswith(")") else f"{h.text} ({note})")
+    return out
+
+
 def _p004_hints(run, res, gpu, seqs: int, usable: float) -> str:
     """P004's hint: what would bring the closest layout (``res.closest``) under ``usable``, each change evaluated on
     the memory model (:func:`llmc.compiler.memory.memory_per_gpu`, with the run's settings as the search's memory
     function binds them) and offered only where it helps: more GPUs where a larger shard group fits (how many),
     another value of each pinned degree (the nearest that fits, else the one that saves the most), CPU offload where
     the backend that offloads runs the pinned layout (P018's rule, :func:`unrun_pins`), a shorter seq_len, a GPU of
-    the table with the memory; all but more GPUs when they save at least :data:`P004_HINT_SHARE` of the excess. A
-    calibration's memory factors (which this check does not see) are carried over as the closest's ratio to the
-    uncalibrated model on the same backend."""
+    the table with the memory; all but more GPUs when they save at least :data:`P004_HINT_SHARE` of the excess.
+    Those that fit on their own come first; one that does not says it is still over the usable memory
+    (:func:`_hint_list`). A calibration's memory factors (which this check does not see) are carried over as the
+    closest's ratio to the uncalibrated model on the same backend."""
     from llmc.compiler import memory
 
     data, training = _pre(run)
@@ -662,13 +684,13 @@ def _p004_hints(run, res, gpu, seqs: int, usable: float) -> str:
         return raw(plan, backend, seq_len, offload) * (scale if backend == res.backend else 1.0)
 
     helps = c.per_gpu_bytes - P004_HINT_SHARE * (c.per_gpu_bytes - usable)  # a hint must get below this
-    hints = []
+    hints: list[_Hint] = []
     if (cp_hint := _cp_unavailable_hint(run, gpu, res.backend)) is not None:
-        hints.append(cp_hint)  # without CP more GPUs never split one sequence
+        hints.append(_Hint(cp_hint, True))  # without CP more GPUs never split one sequence (a CP layout that fits)
     elif (more := _more_gpus_hint(run, gpu, c.plan, seqs, need, usable, res.backend)) is not None:
         hints.append(more)
     hints += _pin_hints(run, gpu, c.plan, seqs, need, usable, helps, res.backend)
-    if (off := _offload_hint(run, c.plan, seqs, need, helps)) is not None:
+    if (off := _offload_hint(run, c.plan, seqs, need, helps, gpu.hbm_bytes)) is not None:
         hints.append(off)
     seq = data.seq_len
     if seq > 2048 and seq % 2 == 0:
@@ -679,7 +701,8 @@ def _p004_hints(run, res, gpu, seqs: int, usable: float) -> str:
         n = _least(run, half, lambda q: need(q, seq_len=seq // 2), res.backend) if half is not None else \
             (math.inf, None)
         if n[0] <= helps:
-            hints.append(f"a shorter seq_len than {seq} ({seq // 2:,}: about {gib(n[0])} per GPU)")
+            hints.append(_Hint(f"a shorter seq_len than {seq} ({seq // 2:,}: about {gib(n[0])} per GPU)",
+                               n[0] <= usable, usable))
     from llmc.compiler.hardware import GPUS, nvlink_group, supports
     from llmc.compiler.search import usable_bytes
 
@@ -687,12 +710,12 @@ def _p004_hints(run, res, gpu, seqs: int, usable: float) -> str:
                      and usable_bytes(g.hbm_bytes, res.backend) >= c.per_gpu_bytes
                      and supports(g, training.precision) and nvlink_group(g) >= c.plan.tp),
                     key=lambda g: (g.hbm_bytes, g.key))
-    if bigger:
-        hints.append(f"a GPU with more memory ({bigger[0].key}: {gib(bigger[0].hbm_bytes)})")
+    if bigger:  # (its usable memory holds the closest layout's)
+        hints.append(_Hint(f"a GPU with more memory ({bigger[0].key}: {gib(bigger[0].hbm_bytes)})", True))
     if not hints:
         return ("no single change llmc evaluates (more GPUs, another value of a pinned degree, CPU offload, a shorter "
                 "seq_len, a GPU of its table) gets it under the usable memory: a smaller model, or several at once")
-    return "try " + "; ".join(hints)
+    return "try " + "; ".join(_hint_list(hints))
 
 
 def _batch_split(p, dp: int, seqs: int) -> int | None:
@@ -755,7 +778,7 @@ def _relayout(run, p, world: int, seqs: int, backend: str, **changes):
     return None if m is None else dataclasses.replace(q, grad_accum=m)
 
 
-def _more_gpus_hint(run, gpu, p, seqs: int, need, usable: float, backend: str) -> str | None:
+def _more_gpus_hint(run, gpu, p, seqs: int, need, usable: float, backend: str) -> _Hint | None:
     """"more GPUs" where a larger shard group fits: the closest layout ``p`` (and, where pp is not pinned, ``p``
     without its pipeline, whose stages torchtitan keeps unsharded) with its data-parallel ranks doubled until the
     memory model (``need``) fits it (the memory of a larger shard group never rises, so the first fit is the fewest
@@ -772,9 +795,12 @@ def _more_gpus_hint(run, gpu, p, seqs: int, need, usable: float, backend: str) -
     if par.dp_shard is not None:
         # more GPUs keep the pinned shard group: they shrink the memory only through tp / pp / cp grown on them,
         # which this hint does not evaluate (the search does, at the count it is given)
-        free = [d for d in ("tp", "pp", "cp") if getattr(par, d) is None]
-        return (f"more GPUs (hardware.count {2 * world:,}, ...: with dp_shard pinned at {par.dp_shard}, the search "
-                f"can use them only for {' / '.join(free)}, not evaluated here)") if free else None
+        from llmc.compiler.backends import get_backend
+
+        runs = get_backend(backend).supports  # (the degrees the backend runs: DeepSpeed folds none of them in)
+        free = [d for d in ("tp", "pp", "cp") if getattr(par, d) is None and d in runs]
+        return _Hint(f"more GPUs (hardware.count {2 * world:,}, ...: with dp_shard pinned at {par.dp_shard}, the "
+                     f"search can use them only for {' / '.join(free)}, not evaluated here)", None) if free else None
     dr = par.dp_replicate or 1
     bases = [p]
     if par.pp is None and p.pp > 1 and par.pp_schedule in (None, "1F1B") and par.pp_virtual_stages in (None, 1):
@@ -801,16 +827,16 @@ def _more_gpus_hint(run, gpu, p, seqs: int, need, usable: float, backend: str) -
                 m = least // (q.micro_batch * ds * dr)
             n, q = _least(run, dataclasses.replace(q, grad_accum=m), need, backend)
             if n <= usable:
-                return (f"more GPUs: hardware.count {w:,} would need about {gib(n)} per GPU as {describe(q)}"
-                        + (f", with a global batch of at least {least:,} sequences (training.global_batch_tokens "
-                           f"{least * seq:,})" if least is not None else ""))
+                return _Hint(f"more GPUs: hardware.count {w:,} would need about {gib(n)} per GPU as {describe(q)}"
+                             + (f", with a global batch of at least {least:,} sequences (training.global_batch_tokens "
+                                f"{least * seq:,})" if least is not None else ""), True)
     return None
 
 
 _DEGREES = ("tp", "pp", "cp", "ep", "dp_shard", "micro_batch")
 
 
-def _pin_hints(run, gpu, p, seqs: int, need, usable: float, helps: float, backend: str) -> list[str]:
+def _pin_hints(run, gpu, p, seqs: int, need, usable: float, helps: float, backend: str) -> list[_Hint]:
     """For each pinned part of the layout, the value that would fit the closest layout ``p`` (the nearest to the
     pin), else the one that saves the most where it saves at least :data:`P004_HINT_SHARE` of the excess; the
     other pins and the closest's searched values kept, the data-parallel ranks rebalanced (:func:`_relayout`)."""
@@ -834,8 +860,8 @@ def _pin_hints(run, gpu, p, seqs: int, need, usable: float, helps: float, backen
         options["ep"] = [{"ep": e} for e in divisors(arch.moe.num_experts) if e == 1 or "ep" in sup]
     if (par.dp_shard is not None or par.dp_replicate is not None) and p.dp_replicate > 1:
         options["dp_shard"] = [{"dp_shard": p.dp_shard * p.dp_replicate, "dp_replicate": 1}]
-    if par.zero_stage is not None:
-        options["zero_stage"] = [{"zero_stage": z} for z in (1, 2, 3)]
+    if par.zero_stage is not None:  # (FSDP2 runs 1 as 2: llmc.compiler.search.zero_stages)
+        options["zero_stage"] = [{"zero_stage": z} for z in (1, 2, 3) if not (z == 1 and be.zero12 == "fsdp2")]
     if par.micro_batch is not None:
         options["micro_batch"] = [{"micro_batch": 1 << i} for i in range(p.micro_batch.bit_length())
                                   if 1 << i < p.micro_batch]
@@ -868,16 +894,24 @@ def _pin_hints(run, gpu, p, seqs: int, need, usable: float, helps: float, backen
             continue
         shown = [f for f in ch if f != "ac_layers" and not (f == "pp_virtual_stages" and ch[f] == getattr(p, f) == 1)]
         drop = " (and remove ac_layers)" if "ac_layers" in ch and par.ac_layers is not None else ""
-        out.append(f"parallelism.{', '.join(f'{f} {ch[f]}' for f in shown)}{drop} instead of the pinned "
-                   f"{', '.join(f'{f} {getattr(p, f)}' for f in shown)} (about {gib(n)} per GPU"
-                   + (", which fits; or unpin it and let the search choose)" if n <= usable else ")"))
+        out.append(_Hint(f"parallelism.{', '.join(f'{f} {ch[f]}' for f in shown)}{drop} instead of the pinned "
+                         f"{', '.join(f'{f} {_pinned(par, p, f)}' for f in shown)} (about {gib(n)} per GPU"
+                         + (", which fits; or unpin it and let the search choose)" if n <= usable else ")"),
+                         n <= usable, usable))
     return out
 
 
-def _offload_hint(run, p, seqs: int, need, helps: float) -> str | None:
+def _pinned(par, p, field: str):
+    """The pinned value of ``field`` a hint names: the closest layout ``p``'s, but the spec's ZeRO stage (a ZeRO-1 pin
+    the closest runs as ZeRO-2 on FSDP2, :func:`llmc.compiler.search.zero_stages`)."""
+    return par.zero_stage if field == "zero_stage" and par.zero_stage is not None else getattr(p, field)
+
+
+def _offload_hint(run, p, seqs: int, need, helps: float, capacity: float) -> _Hint | None:
     """CPU optimizer offload (or, with it on, parameter offload) where it saves at least :data:`P004_HINT_SHARE` of
     the excess on the backend that offloads, whose runner must run the pinned layout (P018's rule:
-    :func:`unrun_pins`; the closest's searched dimensions it does not run folded into data parallelism)."""
+    :func:`unrun_pins`; the closest's searched dimensions it does not run folded into data parallelism); whether it
+    fits is judged against that backend's usable share of the GPU's ``capacity``."""
     from llmc.compiler.backends import BACKENDS, get_backend, resolve_backend
 
     par = run.parallelism
@@ -911,10 +945,12 @@ def _offload_hint(run, p, seqs: int, need, helps: float) -> str | None:
         n, q = _least(run, q, lambda x: need(x, backend=name, offload=offload), name, offload=True)
     if n > helps:
         return None
-    from llmc.compiler.search import describe
+    from llmc.compiler.search import describe, usable_bytes
 
     label = "CPU parameter offload" if offload[1] else "CPU optimizer offload"
-    return f"{label} (parallelism.{what}{switch}: about {gib(n)} per GPU as {describe(q)} on {name})"
+    there = usable_bytes(capacity, name)
+    return _Hint(f"{label} (parallelism.{what}{switch}: about {gib(n)} per GPU as {describe(q)} on {name})",
+                 n <= there, there)
 
 
 def _cp_seq_problem(run, gpu) -> tuple[str, str] | None:

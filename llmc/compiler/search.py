@@ -16,9 +16,10 @@ dp_shard x cp, ``plan.ep_domain``):
   its expert mesh needs efsdp = dp_shard x cp x tp / ep whole, parallel_dims.py build_mesh, and its all-to-all
   splits the experts evenly over the EP ranks, token_dispatcher.py), dp_shard x cp on the other profiles.
 * dp_shard x dp_replicate = the rest (HSDP: shard inside a node or a few nodes, replicate across);
-  ZeRO-1 (shard optimizer state, reduce once per step) or ZeRO-3/FSDP over dp_shard; on a backend that shards with
-  FSDP2 (``Backend.zero12 == "fsdp2"``: torchtitan, native), which runs ZeRO-1 as ZeRO-2, ZeRO-2 or ZeRO-3, so the
-  plan names the stage that runs.
+  ZeRO-1 (shard optimizer state, reduce once per step), ZeRO-2 (and gradients, reduced every micro-batch) or
+  ZeRO-3/FSDP over dp_shard on DeepSpeed; on a backend that shards with FSDP2 (``Backend.zero12 == "fsdp2"``:
+  torchtitan, native), which runs ZeRO-1 as ZeRO-2, ZeRO-2 or ZeRO-3, so the plan names the stage that runs
+  (:func:`zero_stages`).
 * micro_batch: powers of two up to 16K tokens per GPU; grad_accum from the batch identity
   global_batch_seqs = micro_batch x grad_accum x dp (integral or rejected; >= pp when pp > 1).
 * activation checkpointing: none, selective, full.
@@ -122,15 +123,20 @@ def divisors(n: int) -> list[int]:
 
 
 def zero_stages(pinned: int | None, shard: int, offload_optimizer: bool, backend: str) -> tuple[int, ...]:
-    """The ZeRO stages the search tries for a shard group of ``shard`` (dp_shard x cp) ranks: the pinned one; without
-    a shard group DDP (0), or with optimizer offload ZeRO-2 (ZeRO-Offload on one GPU, Ren et al. 2021 sec. 6); else
-    the backend's sharded stages (FSDP2 runs ZeRO-1 as ZeRO-2: 2 and 3 there; 1 and 3 on DeepSpeed). P004's hints
-    (``checks``) ask the same."""
+    """The ZeRO stages the search tries for a shard group of ``shard`` (dp_shard x cp) ranks: the pinned one (a ZeRO-1
+    pin on a backend that shards with FSDP2, ``Backend.zero12 == "fsdp2"``, as the ZeRO-2 it runs: FSDP2 has no
+    ZeRO-1, checks.check_zero_pin, P021, so the plan names what runs); without a shard group DDP (0), or with
+    optimizer offload ZeRO-2 (ZeRO-Offload on one GPU, Ren et al. 2021 sec. 6); else the backend's sharded stages:
+    2 and 3 on FSDP2; 1, 2 and 3 on DeepSpeed, whose ZeRO-1 (BF16_Optimizer: replicated fp32 gradients, reduced once
+    per step) and ZeRO-2 (fp32 gradient partitions, reduced every micro-batch) differ in memory and time
+    (``backends.ds_reduce_buffer_bytes``, ``timing._Layout._split``); 1 and 3 on the reference profiles (megatron,
+    generic). P004's hints (``checks``) ask the same."""
+    zero12 = backends.get_backend(backend).zero12
     if pinned is not None:
-        return (pinned,)
+        return (2,) if pinned == 1 and zero12 == "fsdp2" else (pinned,)
     if shard == 1:
         return (2,) if offload_optimizer else (0,)
-    return (2, 3) if backends.get_backend(backend).zero12 == "fsdp2" else (1, 3)
+    return {"fsdp2": (2, 3), "deepspeed": (1, 2, 3)}.get(zero12, (1, 3))
 
 
 def micro_steps(per_dp: int, micro_batch: int, pp: int, schedule: str) -> int | None:
