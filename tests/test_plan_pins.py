@@ -101,7 +101,7 @@ def test_data_parallel_line_says_how_the_backend_runs_zero1():
     r = runner.invoke(app, ["plan", "examples/llama3_405b_h100x16384.yaml"])
     assert r.exit_code == 0, r.output
     line = " ".join(r.output.split("data parallel", 1)[1].split("pipeline", 1)[0].split())
-    assert "FSDP2 over 256 ranks" in line and "reshard_after_forward=False" in line and "ZeRO-1 (optimizer" not in line
+    assert "FSDP2 over 128 ranks" in line and "reshard_after_forward=False" in line and "ZeRO-1 (optimizer" not in line
     spec = Path("examples/llama3_8b_h100x8.yaml")
     # (a 1B model: DeepSpeed's ZeRO-1 under bf16 keeps a replicated fp32 gradient, BF16_Optimizer, which 8B at 8192
     # tokens does not fit beside on 80 GB)

@@ -52,7 +52,9 @@ def test_report_sections_and_numbers():
     assert f"{c.time.days:.1f} days" in text
     assert f"${c.cost.usd:,.0f}" in text
     assert "405,853,388,800" in text  # exact parameter count (Llama 3 paper, arXiv:2407.21783, table 3: 405B)
-    assert c.reasons[0].startswith("fastest of") and "fastest of" in text and "step time:" in text
+    # (the fastest, pp 8 at 68.6 GiB, is within the memory model's error of the usable 75.2 GiB: the plan is pp 16)
+    assert c.reasons[0].startswith("chosen within the error band over the fastest") and " of 95 fitting" in text
+    assert "step time:" in text
 
 
 def test_json_has_the_documented_keys():

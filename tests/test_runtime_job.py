@@ -121,8 +121,9 @@ def test_stages_run_the_loss_slices_and_sampling_batch_their_plan_sized(monkeypa
 
 def test_pretraining_runs_the_loss_slices_its_search_chose(monkeypatch):
     """Llama 3 8B on 8 H100s on DeepSpeed (as in the README's example): the whole micro-step's logits do not fit without
-    recomputing blocks, the search slices the loss instead (the runner's option), and the pre-training job computes it in
-    those slices; torchtitan's job has its own chunked loss and never gets a slice from the search."""
+    recomputing blocks, the search slices the loss instead (the runner's option; and recomputes one block, without which
+    the plan's 68.4 GiB is within the memory model's 12% error of the usable 75.2 GiB), and the pre-training job computes
+    it in those slices; torchtitan's job has its own chunked loss and never gets a slice from the search."""
     import yaml
 
     from llmc.spec.load import loads_spec
@@ -132,7 +133,7 @@ def test_pretraining_runs_the_loss_slices_its_search_chose(monkeypatch):
             "training": {"precision": "bf16", "global_batch_tokens": 4_194_304, "backend": "deepspeed"}}
     monkeypatch.setenv("WORLD_SIZE", "8")
     lock = lock_for(loads_spec(yaml.safe_dump(spec), file="spec.yaml")[0])
-    assert lock["plan"]["loss_chunk_tokens"] == 512 and lock["plan"]["activation_checkpointing"] == "none"
+    assert lock["plan"]["loss_chunk_tokens"] == 512 and lock["plan"]["activation_checkpointing"] == "partial"
     assert TrainJob.from_lock(lock).loss_chunk == 512
     spec["training"]["backend"] = "torchtitan"
     assert lock_for(loads_spec(yaml.safe_dump(spec), file="spec.yaml")[0])["plan"]["loss_chunk_tokens"] == 0

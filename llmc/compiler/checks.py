@@ -607,11 +607,10 @@ def check_search(run, res, gpu, global_batch_seqs: int, sink: Sink) -> None:
                      "relax the parallelism pins")
         return
     p = res.best.plan
-    from llmc.compiler.search import BUBBLE_MICROS_PER_STAGE, bubble_warning
+    from llmc.compiler.search import BUBBLE_MICROS_PER_STAGE, bubble_fraction, bubble_warning
 
     if bubble_warning(p):
-        v = p.pp_virtual_stages if p.pp_schedule == "Interleaved1F1B" else 1
-        bubble = (p.pp - 1) / (v * p.grad_accum + p.pp - 1)
+        bubble = bubble_fraction(p)
         sink.add("P006", "warning", "parallelism.pp",
                  f"{p.grad_accum} micro-batches for {p.pp} pipeline stages ({p.pp_schedule}): "
                  f"bubble ~{100 * bubble:.0f}% of pipeline time (Narayanan et al. 2021: (p-1)/(v*m+p-1))",

@@ -714,7 +714,7 @@ def _check_lowp_gain(run: RunSpec, gpu: GPU, seq_len: int, searched: _Searched, 
                   f"({fastest.step_seconds:.2f} s per step), beats bf16 here")
         if fastest.step_seconds * (1 + o.band) >= low:  # the simpler-layout rule chose this plan over it
             layout += (f", but it is within the model's {100 * o.band:.0f}% error band of this plan, which the search "
-                       "chose over it (the simpler-layout rule: see the plan's why): a gain not beyond the model's error")
+                       "chose over it (its rule within the error band: see the plan's why): a gain not beyond the model's error")
         else:
             layout += "; pin it under parallelism"
     else:

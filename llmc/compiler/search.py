@@ -41,13 +41,19 @@ dp_shard x dp_replicate splits per layout), and batch rejections are kept once p
 reason (all are counted).
 
 Ranking: step time (0.1 % bins), then memory per GPU, then simplicity (fewer parallel dimensions, no
-interleaving). Within the model's error band of the fastest a simpler layout (:func:`_simplicity`: less
-recomputation, then fewer pipeline stages, then no CP, then smaller TP and EP) is chosen when it is safe on its own
-(:meth:`_Search.declined`: its memory the memory model's error below the usable limit, no pipeline-bubble warning);
-where none of a class the search evaluated passes, a search focused on that class finds its fastest one that does
-(:meth:`_Search.focus`: the pruning skips candidates that cannot beat what is known, such as a smaller micro-batch
-with less memory). Rejected layouts keep a one-line reason, and ``reasons`` explains the choice against the best plan
-for every other value of each dimension; every verdict there is read off the candidates' own numbers.
+interleaving). Within the model's error band of the fastest the choice is never riskier than the fastest, and safer
+where the fastest's memory is at risk (:func:`_choose`): where the memory model's error reaches the fastest's memory
+from the usable limit, the fastest candidate of the band it does not reach (with a P006 bubble no larger) takes the
+fastest's place, simpler or not (a search with that stricter fit check, :meth:`_Search.sub_search`); then a simpler
+layout (:func:`_simplicity`: less recomputation, then fewer pipeline stages, then no CP, then smaller TP and EP) is
+chosen when it is no riskier than that plan (:meth:`_Search.declined`: its memory the memory model's error below the
+usable limit or no more than that plan's, its P006 bubble no larger); where none of a class the search evaluated
+passes, a search focused on that class finds its fastest one that does (:meth:`_Search.focus`: the pruning skips
+candidates that cannot beat what is known, such as a smaller micro-batch with less memory). Rejected layouts keep a
+one-line reason, and ``reasons`` explains the choice against the best plan for every other value of each dimension;
+every verdict there is read off the candidates' own numbers (a tie is a difference that prints as 0.0%; a value
+whose evaluated candidates did not fit but whose others the step-time bound skipped is "pruned", not "does not
+fit").
 """
 
 from __future__ import annotations
@@ -159,6 +165,22 @@ def bubble_warning(p: ParallelPlan) -> bool:
             and v * p.grad_accum < BUBBLE_MICROS_PER_STAGE * p.pp)
 
 
+def _bubble(pp: int, schedule: str, v: int, m: int) -> float:
+    """:func:`bubble_fraction` of a pipeline of ``pp`` stages running ``schedule`` with ``v`` chunks per rank over
+    ``m`` micro-batches."""
+    v = v if schedule == "Interleaved1F1B" else 1
+    if pp <= 1 or schedule == "ZBVZeroBubble" or v * m >= BUBBLE_MICROS_PER_STAGE * pp:
+        return 0.0
+    return (pp - 1) / (v * m + pp - 1)
+
+
+def bubble_fraction(p: ParallelPlan) -> float:
+    """The bubble P006 quotes where :func:`bubble_warning` draws it, the pipeline's idle share (p - 1) / (v m + p - 1)
+    (Narayanan et al. 2021, arXiv:2104.04473 sec. 2.2); 0 where it draws none. What the simpler-layout rule compares:
+    a plan's bubble may be no larger than the fastest's (:class:`_Reference`)."""
+    return _bubble(p.pp, p.pp_schedule, p.pp_virtual_stages, p.grad_accum)
+
+
 def _complexity(p: ParallelPlan) -> int:
     return ((p.tp > 1) + (p.pp > 1) + (p.cp > 1) + (p.ep > 1) + (p.dp_replicate > 1 and p.dp_shard > 1)
             + (p.pp_schedule != "1F1B") + (p.activation_checkpointing != "none") + (p.zero_stage == 3))
@@ -170,6 +192,17 @@ _AC_RANK = {ac: i for i, ac in enumerate(AC_RANKS)}
 
 def _step_bin(step: float) -> int:
     return round(math.log(step) / _LOG_BIN)
+
+
+def _pct(step: float, ref: float) -> float:
+    """``step`` against ``ref`` in percent (+: slower), as the reasons print it."""
+    return 100 * (step / ref - 1)
+
+
+def _tied(step: float, ref: float) -> bool:
+    """A tie in the reasons: the percentage they print (one decimal) is 0.0; the list of other values and the verdict
+    beside it use this one threshold."""
+    return f"{abs(_pct(step, ref)):.1f}" == "0.0"
 
 
 def _rank_key(c: Candidate):
@@ -203,6 +236,18 @@ def describe(p: ParallelPlan) -> str:
     if p.loss_chunk_tokens:
         parts.append(f"loss_slice={p.loss_chunk_tokens}")
     return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """The plan the simpler-layout rule measures a candidate's risk against (:meth:`_Search.declined`): the fastest,
+    or, where the memory model's error reaches the fastest's memory, the fastest candidate in the band it does not
+    reach."""
+
+    cand: Candidate
+    mem: int  # its memory per GPU
+    bubble: float  # its P006 bubble (bubble_fraction; 0: none)
+    name: str  # how the reasons call it, possessive ("the fastest's")
 
 
 @dataclass
@@ -324,7 +369,22 @@ class _Search:
         self.band = 0.0  # relative error band for the simpler-layout preference (see search())
         self.mem_band = MEMORY_ERROR_BAND  # the memory model's relative error, kept below the usable limit (declined)
         self.fit_check = True  # False: fits_fn passes every candidate (the reasons do not call them fitting)
-        self.no_bubble = False  # only micro-batch counts that draw no bubble warning (a focused search: focus)
+        # a sub-search for the simpler-layout rule (sub_search): only micro-batch counts whose P006 bubble is at most
+        # max_bubble (None: any), only candidates no slower than step_cap, and only the best one (best_only: its
+        # can_skip is can_skip_best, which compares with the fastest found, ``top``, instead of the best of every value)
+        self.max_bubble: float | None = None
+        self.step_cap = math.inf
+        self.best_only = False
+        self.top = math.inf
+        self.sub_fitting: list[Candidate] = []  # the sub-searches' candidates (counted in SearchResult.fitting)
+        # what the step-time bound skipped, for the reasons of dp_shard, recomputation and micro-batch (whose values
+        # the search does not compare exactly; pruned_bounds): per dp_shard and micro-batch the least bound of the
+        # families and layouts skipped whole that stand for it, the least bound of any (every AC mode), and the
+        # dp_shard, micro-batch, AC mode and bound of each candidate skipped inside a layout, flat
+        self.skipped_ds: dict[int, float] = {}
+        self.skipped_mb: dict[int, float] = {}
+        self.skipped_any: float | None = None
+        self.skipped_cands: list = []
         # CP would be a candidate but is not searched below CP_MIN_SEQ tokens (the reasons say so: cp_unsearched)
         self.cp_off = cp_unsearched(pins, seq_len, world)
         self.pruned = 0
@@ -357,44 +417,66 @@ class _Search:
             return self.memory(c.plan).per_gpu_bytes
         return c.per_gpu_bytes
 
-    def declined(self, c: Candidate) -> list[str]:
-        """Why the simpler-layout rule does not take ``c`` over a faster candidate (empty: it may): its memory per GPU
-        must stay at least the memory model's error (``mem_band``) below the usable limit (so that the model's error
-        does not reach the out-of-memory the faster one may be further from; not checked without a fit check), and it
-        must draw no pipeline-bubble warning (P006, :func:`bubble_warning`). Both are the candidate's own: pinning a
-        dimension of the plan chosen keeps it chosen."""
+    def mem_safe(self, mem: float) -> bool:
+        """Does ``mem`` bytes per GPU stay the memory model's error (``mem_band``) below the usable limit?"""
+        return mem * (1 + self.mem_band) <= self.usable()
+
+    def reference(self, c: Candidate, name: str) -> _Reference:
+        return _Reference(c, self.exact_bytes(c), bubble_fraction(c.plan), name)
+
+    def declined(self, c: Candidate, ref: _Reference) -> list[str]:
+        """Why the simpler-layout rule does not take ``c`` over ``ref`` (the fastest, or the fastest the memory error
+        does not reach; empty: it may): never a riskier plan for simplicity. Its memory per GPU must stay the memory
+        model's error (``mem_band``) below the usable limit, or be no more than ``ref``'s (not checked without a fit
+        check), and its P006 bubble (:func:`bubble_fraction`) be no larger than ``ref``'s (none where ``ref`` draws
+        none)."""
         out = []
         p = c.plan
-        if self.fit_check and c.per_gpu_bytes * (1 + self.mem_band) > self.usable():  # (at least its memory)
+        if self.fit_check and c.per_gpu_bytes > ref.mem and not self.mem_safe(c.per_gpu_bytes):  # (at least its own)
             mem = self.exact_bytes(c)
-            if mem * (1 + self.mem_band) > self.usable():
+            if mem > ref.mem and not self.mem_safe(mem):
                 out.append(f"its {gib(mem)} is within the memory model's {100 * self.mem_band:.0f}% error of the "
-                           f"{self.usable_txt()}")
-        if bubble_warning(p):
+                           f"{self.usable_txt()}" + ("" if self.mem_safe(ref.mem) else f", above {ref.name} "
+                                                     f"{gib(ref.mem)}"))
+        bubble = bubble_fraction(p)
+        if bubble > ref.bubble:
             v = p.pp_virtual_stages if p.pp_schedule == "Interleaved1F1B" else 1
-            out.append(f"its pipeline bubble draws P006 ({p.grad_accum} micro-batches"
-                       f"{f' x v{v}' if v > 1 else ''} for {p.pp} stages)")
+            what = f"{p.grad_accum} micro-batches{f' x v{v}' if v > 1 else ''} for {p.pp} stages"
+            out.append(f"its pipeline bubble draws P006 ({what})" if not ref.bubble else
+                       f"its pipeline bubble, ~{100 * bubble:.1f}% (P006: {what}), is larger than {ref.name} "
+                       f"~{100 * ref.bubble:.1f}%")
         return out
 
-    def focus(self, c: Candidate) -> Candidate | None:
-        """The fastest candidate of ``c``'s recomputation mode and degrees (tp, pp, cp, ep) that :meth:`declined`
-        does not decline, exactly: a search pinned to them whose fit check is the memory model's error below the
-        usable limit and whose micro-batch counts draw no bubble warning (its best is what an exhaustive search
-        gives, where this search skipped candidates of that class that could not beat what it knew). None when the
-        memory model refuses the pins."""
-        p = c.plan
-        pins = self.pins.model_copy(update={"tp": p.tp, "pp": p.pp, "cp": p.cp, "ep": p.ep,
-                                            "activation_checkpointing": p.activation_checkpointing})
+    def sub_search(self, pins, ref: _Reference | None, max_bubble: float, step_cap: float = math.inf
+                   ) -> Candidate | None:
+        """The fastest candidate under ``pins`` that :meth:`declined` does not decline against ``ref`` (None: whose
+        memory the memory model's error does not reach), exactly: a search whose fit check adds that memory rule, whose
+        micro-batch counts draw no P006 bubble larger than ``max_bubble`` and that skips what cannot beat the fastest
+        it found or is slower than ``step_cap`` (its best is what an exhaustive search gives, where this search skipped
+        candidates that could not beat what it knew, such as a smaller micro-batch with less memory). None when there
+        is none (or the memory model refuses the pins). Its candidates count as evaluated (``sub_fitting``)."""
         fits, usable, band = self.fits_fn, self.usable(), self.mem_band
-        tight = ((lambda m: fits(m) and m.per_gpu_bytes * (1 + band) <= usable) if self.fit_check else fits)
+        cap = -1 if ref is None else ref.mem
+        tight = ((lambda m: fits(m) and (m.per_gpu_bytes * (1 + band) <= usable or m.per_gpu_bytes <= cap))
+                 if self.fit_check else fits)
         F = _Search(self.arch, self.sm, self.world, self.gpu, self.seq_len, self.G, pins, self.memory_fn, tight, 0,
                     self.peak_fn, self.loss_slice)
-        F.fit_check, F.mem_band, F.no_bubble = self.fit_check, band, True
+        F.fit_check, F.mem_band, F.max_bubble, F.step_cap, F.best_only = self.fit_check, band, max_bubble, step_cap, True
+        F.can_skip = F.can_skip_best
         F.mem_cache = self.mem_cache  # (the same memory function: its results are shared)
         before = len(self.mem_cache)
         _run(F)
         self.evaluated += len(self.mem_cache) - before
+        self.sub_fitting.extend(F.fitting)
         return min(F.fitting, key=_rank_key, default=None)
+
+    def focus(self, c: Candidate, ref: _Reference) -> Candidate | None:
+        """The fastest candidate of ``c``'s recomputation mode and degrees (tp, pp, cp, ep) that :meth:`declined`
+        does not decline against ``ref`` (:meth:`sub_search` pinned to them)."""
+        p = c.plan
+        pins = self.pins.model_copy(update={"tp": p.tp, "pp": p.pp, "cp": p.cp, "ep": p.ep,
+                                            "activation_checkpointing": p.activation_checkpointing})
+        return self.sub_search(pins, ref, ref.bubble)
 
     def memory(self, plan: ParallelPlan) -> MemoryNumbers:
         # memory depends on dp_replicate only through "is there data parallelism" (buffers), and on
@@ -445,6 +527,8 @@ class _Search:
 
     def add_fit(self, cand: Candidate, lay: _Layout) -> None:
         self.fitting.append(cand)
+        if self.best_only and cand.step_seconds < self.top:  # (the fastest found: can_skip_best's bound)
+            self.top = cand.step_seconds
         rk = _rank_key(cand)
         best_rank = self.best_rank
         if not lay.keys:
@@ -460,6 +544,32 @@ class _Search:
         if cur is None or rk < cur:
             self.layout_best[lk] = cand
             self.layout_rank[lk] = rk
+
+    def pruned_bounds(self, keys) -> dict[tuple[str, object], float]:
+        """For each (dimension, value) of ``keys`` (dp_shard, activation_checkpointing, micro_batch) that the step-time
+        bound skipped a candidate of, the least bound of those: a lower bound on the step time of the value's
+        candidates that were not evaluated. Families and layouts skipped whole stand for every member's dp_shard, every
+        micro-batch of theirs and every recomputation mode searched (with their bound, below each of theirs)."""
+        out: dict[tuple[str, object], float] = {}
+        cands = self.skipped_cands
+        for i in range(0, len(cands), 4):
+            ds, mb, ac, b = cands[i:i + 4]
+            for k in (("dp_shard", ds), ("micro_batch", mb), ("activation_checkpointing", ac)):
+                if k in keys and (k not in out or b < out[k]):
+                    out[k] = b
+        # the layouts and families skipped whole (_run)
+        for k, b in self.skipped_ds.items():
+            if ("dp_shard", k) in keys and b < out.get(("dp_shard", k), math.inf):
+                out[("dp_shard", k)] = b
+        for k, b in self.skipped_mb.items():
+            if ("micro_batch", k) in keys and b < out.get(("micro_batch", k), math.inf):
+                out[("micro_batch", k)] = b
+        if self.skipped_any is not None:
+            for ac in self.acs + (("partial",) if self.partial else ()):
+                k = ("activation_checkpointing", ac)
+                if k in keys and self.skipped_any < out.get(k, math.inf):
+                    out[k] = self.skipped_any
+        return out
 
     # ------------------------------------------------------------------ pruning
     def can_skip(self, lay: _Layout, step: float | None = None) -> bool:
@@ -477,6 +587,12 @@ class _Search:
             faster = sum(1 for c in self.layout_best.values() if c.step_seconds <= bound)
             return faster > self.top_k
         return cur.step_seconds <= bound
+
+    def can_skip_best(self, lay: _Layout, step: float | None = None) -> bool:
+        """A sub-search's :meth:`can_skip` (``best_only``): skip what is slower than ``step_cap`` or cannot beat the
+        fastest candidate found (it ranks after it: a later 0.1 % step bin)."""
+        t = lay.lb if step is None else step
+        return t > self.step_cap or self.top * TIE <= t
 
     def corner_fits(self, lay: _Layout) -> bool:
         """Does this layout's least-memory candidate (smallest micro-batch, strongest AC) fit?
@@ -606,6 +722,7 @@ class _Search:
                 step, mfu = lay.none_times[i] if ac == "none" else lay.timer.time(mb, lay.per_dp // mb, ac)
                 if self.can_skip(lay, step):
                     skipped = True
+                    self.skipped_cands.extend((lay.ds, mb, ac, step))
                     continue  # fits or not, it cannot improve any required comparison
                 if lay.ds * lay.c > 1:
                     first = self.fit_from_ds(lay, mb, ac)
@@ -625,6 +742,7 @@ class _Search:
                     step, mfu = lay.timer.time(mb, lay.per_dp // mb, ac, False, 0, True)
                     if self.can_skip(lay, step):
                         skipped = True
+                        self.skipped_cands.extend((lay.ds, mb, ac, step))
                         continue
                 self.add_fit(Candidate(plan, step, mfu, mem.per_gpu_bytes, True, ""), lay)
                 any_fit = True
@@ -635,7 +753,10 @@ class _Search:
         if self.partial:
             for mb in lay.mbs:
                 # full recomputation keeps the least: where it does not fit, no partial one does
-                if mb >= nofit_from or (fit_ac.get(mb) == "none" and not fit_chunk[mb]):
+                if mb >= nofit_from:
+                    continue
+                if fit_ac.get(mb) == "none" and not fit_chunk[mb]:
+                    self.skipped_cands.extend((lay.ds, mb, "partial", fit_step[mb]))  # (fits, and is slower)
                     continue  # ... and where nothing is recomputed (with the whole loss), none is needed
                 outcomes = [self.try_partial(lay, mb, fit_step.get(mb))]
                 chunk = self.chunk(lay, mb)
@@ -685,7 +806,8 @@ class _Search:
                 return None
             if weaker_step is not None:  # only counts faster than the weaker mode that fits (or tied with it) can rank
                 limit = weaker_step * TIE  # before it (_rank_key: 0.1 % bins, then less memory)
-                if time(mb, m, "partial", False, 1)[0] >= limit:
+                if (t_1 := time(mb, m, "partial", False, 1)[0]) >= limit:
+                    self.skipped_cands.extend((lay.ds, mb, "partial", t_1))
                     return None
                 a, b = 1, hi
                 while a < b:  # the largest count still below the limit (step time rises with the count)
@@ -699,7 +821,8 @@ class _Search:
             top, hi = min(top, below - 1), min(hi, below - 1)
             if hi < lo:
                 return None
-        if self.can_skip(lay, time(mb, m, "partial", False, lo)[0]):
+        if self.can_skip(lay, (t_lo := time(mb, m, "partial", False, lo)[0])):
+            self.skipped_cands.extend((lay.ds, mb, "partial", t_lo))
             return False
         if lo < hi and self.can_skip(lay, time(mb, m, "partial", False, hi)[0]):
             a, b = lo, hi  # the largest count that could still improve a comparison (can_skip is monotone in time)
@@ -793,12 +916,13 @@ def search(arch, sm: StepModel, *, world: int, gpu, seq_len: int, global_batch_s
             the fit checks of the candidates; default ``memory_fn``. The best plan's memory is
             ``memory_fn``'s.
         fits_fn: ``MemoryNumbers -> bool`` (default: ``memory.fits``).
-        band: the model's relative error band; among fitting plans predicted within it of the fastest,
-            the simplest (:func:`_simplicity`: the least recomputation, then the fewest pipeline stages, then no CP,
-            then the smallest TP and EP) that :meth:`_Search.declined` does not decline is chosen, and ``reasons``
-            says which rule decided (0 = always the fastest).
-        mem_band: the memory model's relative error (default :data:`MEMORY_ERROR_BAND`): a simpler plan must leave it
-            below the usable limit.
+        band: the model's relative error band; among fitting plans predicted within it of the fastest, the
+            safer where the fastest's memory is within ``mem_band`` of the usable limit, then the simplest
+            (:func:`_simplicity`: the least recomputation, then the fewest pipeline stages, then no CP, then the
+            smallest TP and EP) that is no riskier (:func:`_choose`), and ``reasons`` says which rule decided (0 =
+            always the fastest).
+        mem_band: the memory model's relative error (default :data:`MEMORY_ERROR_BAND`): a plan taken within the band
+            leaves it below the usable limit, or holds no more than the fastest.
         fit_check: False when ``fits_fn`` passes every candidate (the reasons then do not call them fitting).
         loss_slice: tokens per slice of the loss the backend's runner can compute (``memory.loss_slice_tokens``; 0:
             it cannot): a candidate whose whole logits do not fit is tried with the loss in slices
@@ -830,12 +954,27 @@ def _run(S: _Search) -> None:
         heap.append((fam.lb, 0, n, fam))
     heapq.heapify(heap)
     n = len(heap)
+    # what the bound skips whole, for pruned_bounds: the first bound (the least: the heap gives nondecreasing bounds,
+    # a family's layouts entering at bounds no less than its own) of each dp_shard and micro-batch, and the first of
+    # all (every AC mode)
+    skipped_ds, skipped_mb = S.skipped_ds, S.skipped_mb
+    track = not S.best_only  # (a sub-search's reasons are not written)
     while heap:
         item = heapq.heappop(heap)
         if item[1] == 0:
             fam = item[-1]
             if S.can_skip(fam):  # exact: every member's bound is >= the family's, and can_skip is monotone
                 S.pruned += len(fam.members)
+                if not track:
+                    continue
+                if S.skipped_any is None:
+                    S.skipped_any = fam.lb
+                for ds, _ in fam.members:
+                    if ds not in skipped_ds:
+                        skipped_ds[ds] = fam.lb
+                for mb in fam.mbs:
+                    if mb not in skipped_mb:
+                        skipped_mb[mb] = fam.lb
                 continue
             for lay in fam.expand():
                 n += 1
@@ -845,6 +984,15 @@ def _run(S: _Search) -> None:
         lay = item[-1]
         if S.can_skip(lay):
             S.pruned += 1
+            if not track:
+                continue
+            if S.skipped_any is None:
+                S.skipped_any = lay.lb
+            if lay.ds not in skipped_ds:
+                skipped_ds[lay.ds] = lay.lb
+            for mb in lay.mbs:
+                if mb not in skipped_mb:
+                    skipped_mb[mb] = lay.lb
             continue
         if S.corner_fits(lay):
             S.evaluate(lay)
@@ -967,8 +1115,8 @@ def _enumerate_dp(S: _Search, t, p, c, dp, per_dp, moe, L) -> list[_Family]:
             m = micro_steps(per_dp, mb, p, sched)
             if m is None:
                 continue  # (not whole micro-batches; under pp fewer than pp, or interleaved not a multiple of pp)
-            if S.no_bubble and p > 1 and sched != "ZBVZeroBubble" and v * m < BUBBLE_MICROS_PER_STAGE * p:
-                continue  # (bubble_warning: a focused search for the simpler-layout rule, _Search.focus)
+            if S.max_bubble is not None and _bubble(p, sched, v, m) > S.max_bubble:
+                continue  # (a bubble larger than the simpler-layout rule allows: _Search.sub_search)
             mbs.append(mb)
         why = None
         if not mbs:  # every (dp_shard, ep, ZeRO) of this schedule is rejected with the same reason
@@ -1065,42 +1213,59 @@ _SIMPLER_RULE = "less recomputation, then fewer pipeline stages, then no context
 def _choose(S: _Search, fitting: list[Candidate]) -> tuple[Candidate, str | None]:
     """(the chosen candidate, the reason line of the simpler-layout rule or None) from the ranked fitting candidates.
 
-    Of the candidates predicted within the error band ``S.band`` of the fastest and no more complex than it
-    (:func:`_simplicity`), the simplest (then the first in rank) that :meth:`_Search.declined` does not decline: a
-    simpler one, or, where the fastest itself is declined, an as simple one; the fastest when there is none. Class by
-    class (recomputation mode and degrees, simplest first), where none of the class's evaluated candidates passes,
-    :meth:`_Search.focus` finds its fastest one that does (and refines the one taken). What is declined depends on
-    the candidate alone, so pinning a dimension of the chosen plan keeps it chosen. The line says which rule decided:
-    the one taken and what it passed, or the simplest one declined and why (and a layout of smaller degrees in the
-    band that recomputes more, so is not simpler)."""
+    Never a riskier plan than the fastest for simplicity, and a safer one where the fastest's memory is at risk:
+
+    1. Where the memory model's error (``S.mem_band``) reaches the fastest's memory from the usable limit, the fastest
+       candidate predicted within the error band ``S.band`` that it does not reach (and whose P006 bubble is no larger)
+       takes the fastest's place as the reference, simpler or not (:meth:`_Search.sub_search`, exact); where there is
+       none the fastest stays, and the line says its memory is within the error.
+    2. Of the candidates within the band and no more complex than the reference (:func:`_simplicity`), the simplest
+       (then the first in rank) that :meth:`_Search.declined` does not decline against it: memory the error below the
+       usable limit or no more than the reference's, a bubble no larger than the reference's. Class by class
+       (recomputation mode and degrees, simplest first), :meth:`_Search.focus` finds the class's fastest one that
+       passes (the search skipped what could not beat what it knew) and refines the one taken.
+
+    The line says which rule decided: the one taken and what it passed, or the simplest one declined and why (and a
+    layout of smaller degrees in the band that recomputes more, so is not simpler)."""
     fastest = fitting[0]
     if S.band <= 0:
         return fastest, None
     limit = fastest.step_seconds * (1.0 + S.band)
-    s0 = _simplicity(fastest.plan)
-    pool = sorted((c for c in fitting if c.step_seconds <= limit and _simplicity(c.plan) <= s0),
-                  key=lambda c: (_simplicity(c.plan), _rank_key(c)))
     band = f"inside the model's +-{100 * S.band:.0f}% error band"
+    err = f"the memory model's {100 * S.mem_band:.0f}% error"
 
     def slower(c: Candidate) -> str:
         return f"{100 * (c.step_seconds / fastest.step_seconds - 1):.1f}% slower"
+
+    top = S.reference(fastest, "the fastest's")
+    risky = S.fit_check and not S.mem_safe(top.mem)
+    safe = None  # (1.)
+    if risky:
+        safe = S.sub_search(S.pins, None, top.bubble, limit)
+        if safe is not None and safe.step_seconds > limit:
+            safe = None
+    ref = top if safe is None else S.reference(safe, f"{describe(safe.plan)}'s")
+    s0 = _simplicity(ref.cand.plan)
+    cands = fitting if safe is None else [safe, *(c for c in fitting if c.plan != safe.plan)]
+    pool = sorted((c for c in cands if c.step_seconds <= limit and _simplicity(c.plan) <= s0),
+                  key=lambda c: (_simplicity(c.plan), _rank_key(c)))
 
     first_declined = chosen = outside = None  # outside: the first declined one's class's best that passes, too slow
     for _, members in itertools.groupby(pool, key=lambda c: _simplicity(c.plan)):
         members = list(members)
         for c in members:
-            why = S.declined(c)
+            why = S.declined(c, ref)
             if not why:
                 chosen = c
                 break
             if first_declined is None:
                 first_declined = (c, why)
-        if chosen is fastest:
+        if chosen is ref.cand:
             break
         # the fastest candidate of this class that passes, exactly: this search skips candidates that cannot beat
         # what it knows, and a slower one of the class (a smaller micro-batch, a finer shard) may pass where the ones
         # it evaluated do not
-        exact = S.focus(members[0])
+        exact = S.focus(members[0], ref)
         if exact is not None and exact.step_seconds <= limit and (chosen is None or _rank_key(exact) < _rank_key(chosen)):
             chosen = exact
         elif exact is not None and exact.step_seconds > limit and outside is None and first_declined is not None \
@@ -1108,20 +1273,25 @@ def _choose(S: _Search, fitting: list[Candidate]) -> tuple[Candidate, str | None
             outside = exact
         if chosen is not None:
             break
-    ref = fastest if chosen is None else chosen
+    chosen = chosen or ref.cand  # (the reference passes against itself: its class always yields one)
     # the first layout of smaller degrees in the band that the order above does not count as simpler, for recomputing
     # more than the plan (the reviewer's question: why not the one with fewer pipeline stages?)
-    rank = _AC_RANK[ref.plan.activation_checkpointing]
-    heavier = min((c for c in fitting if c.step_seconds <= limit and _degrees(c.plan) < _degrees(ref.plan)
+    rank = _AC_RANK[chosen.plan.activation_checkpointing]
+    heavier = min((c for c in fitting if c.step_seconds <= limit and _degrees(c.plan) < _degrees(chosen.plan)
                    and _AC_RANK[c.plan.activation_checkpointing] > rank),
                   key=lambda c: (_degrees(c.plan), _rank_key(c)), default=None)
     heavy_note = None
     if heavier is not None:
-        heavy_note = (f"{describe(heavier.plan)} ({slower(heavier)}, {band}), of smaller degrees, is not simpler: it "
-                      f"recomputes more ({heavier.plan.ac_label} against {ref.plan.ac_label})"
-                      + "".join(f"; {w}" for w in S.declined(heavier)))
-    if chosen is fastest or chosen is None:
+        heavy_note = (("the fastest" if heavier is fastest else f"{describe(heavier.plan)} ({slower(heavier)}, {band})")
+                      + ", of smaller degrees, is not simpler: it "
+                      f"recomputes more ({heavier.plan.ac_label} against {chosen.plan.ac_label})"
+                      + "".join(f"; {w}" for w in S.declined(heavier, ref)))
+    at_risk = f"{gib(top.mem)}, within {err} of the {S.usable_txt()}"
+    if chosen is fastest:
         notes = []
+        if risky:
+            notes.append(f"kept the fastest though it needs {at_risk}: no candidate {band} has memory that error below the limit"
+                         + (" with a pipeline bubble no larger" if top.bubble else ""))
         if first_declined is not None and _simplicity(first_declined[0].plan) < s0:
             d, dwhy = first_declined
             notes.append(f"kept the fastest over the simpler {describe(d.plan)} ({_SIMPLER_RULE}): {slower(d)} "
@@ -1131,18 +1301,33 @@ def _choose(S: _Search, fitting: list[Candidate]) -> tuple[Candidate, str | None
         if heavy_note:
             notes.append(("" if notes else "kept the fastest: ") + heavy_note)
         return fastest, "; ".join(notes) or None
-    checks = [f"{gib(S.exact_bytes(chosen))}, at least the memory model's {100 * S.mem_band:.0f}% error below the "
-              f"{S.usable_txt()}"] if S.fit_check else []
+    checks = []
+    against = top if chosen is safe else ref  # (what it was checked against)
+    if S.fit_check:
+        mem = S.exact_bytes(chosen)
+        checks.append(f"{gib(mem)}, at least {err} below the {S.usable_txt()}" if S.mem_safe(mem) else
+                      f"{gib(mem)}, no more than {against.name} {gib(against.mem)}")
     if chosen.plan.pp > 1:
-        checks.append("no pipeline-bubble warning (P006)")
+        bubble = bubble_fraction(chosen.plan)
+        checks.append("no pipeline-bubble warning (P006)" if not bubble else
+                      f"a pipeline bubble of ~{100 * bubble:.1f}% (P006), no larger than {against.name} "
+                      f"~{100 * against.bubble:.1f}%")
     passed = ", with " + " and ".join(checks) if checks else ""
-    if _simplicity(chosen.plan) < s0:
-        note = (f"chose the simpler {describe(chosen.plan)} over the fastest {describe(fastest.plan)}: "
-                f"{slower(chosen)} predicted, {band} ({_SIMPLER_RULE}){passed}")
-    else:  # as simple as the fastest, which was declined (the first of its class in the pool)
-        note = (f"chose {describe(chosen.plan)} over the fastest {describe(fastest.plan)}, as simple (the same degrees "
-                f"and recomputation): {slower(chosen)} predicted, {band}{passed}; the fastest was declined: "
-                + "; ".join(S.declined(fastest)))
+    simpler = _simplicity(chosen.plan) < _simplicity(fastest.plan)
+    if chosen is safe:
+        note = (f"chose {describe(chosen.plan)} over the fastest {describe(fastest.plan)}, which needs {at_risk}: the "
+                f"fastest candidate {band} whose memory stays that error below the limit"
+                + (f" (and simpler: {_SIMPLER_RULE})" if simpler else "") + f", {slower(chosen)} predicted{passed}")
+    else:
+        note = "" if safe is None else (
+            f"the fastest, {describe(fastest.plan)}, needs {at_risk}; {describe(safe.plan)} ({slower(safe)}, "
+            f"{gib(ref.mem)}) is the fastest candidate {band} whose memory stays that error below the limit; ")
+        if safe is None and risky:
+            note = (f"the fastest needs {at_risk}, and no candidate {band} has memory that error below the limit"
+                    + (" with a pipeline bubble no larger" if top.bubble else "") + "; ")
+        note += (f"chose the simpler {describe(chosen.plan)} over "
+                 + (f"the fastest {describe(fastest.plan)}" if safe is None else "it")
+                 + f": {slower(chosen)} predicted, {band} ({_SIMPLER_RULE}){passed}")
     if first_declined is not None and first_declined[0] is not fastest:
         d, dwhy = first_declined
         note += (f"; {describe(d.plan)} ({slower(d)}), "
@@ -1183,14 +1368,22 @@ def _result(S: _Search) -> SearchResult:
     if best is not None:
         S.memory(best.plan)  # counted when not cached (a candidate whose memory a weaker AC mode bounded)
         mem = S.memory_fn(best.plan)  # with every stage's bytes
+    n_fit = len(fitting)
+    if S.sub_fitting:  # the simpler-layout rule's sub-searches' candidates, where new (they fit too)
+        seen_plans = {c.plan for c in fitting}
+        n_fit += len({c.plan for c in S.sub_fitting} - seen_plans)
     res = SearchResult(
         best=best, memory=mem, alternatives=alternatives, rejected=rejected,
-        rejected_counts=dict(S.counts), closest=closest, reasons=[], evaluated=S.evaluated, fitting=len(fitting),
+        rejected_counts=dict(S.counts), closest=closest, reasons=[], evaluated=S.evaluated, fitting=n_fit,
         batch_blocked=S.layouts_total > 0 and S.layouts_batch_bad == S.layouts_total, backend=S.sm.backend,
         fastest=fastest,
     )
+    # the values whose every evaluated candidate failed the fit check but that the step-time bound skipped others of
+    # ("does not fit" only where none was skipped)
+    unfit = {k for k in S.nofit_by if k[0] in _PRUNABLE_DIMS and k not in S.best_by} if best is not None else ()
     res.reasons = explain(res, S.sm, S.best_by, S.nofit_by, S.struct_by, S.capacity, fitting, S.pins,
-                          exact=S.exact_bytes, fit_check=S.fit_check, cp_off=S.cp_off)
+                          exact=S.exact_bytes, fit_check=S.fit_check, cp_off=S.cp_off,
+                          pruned_by=S.pruned_bounds(unfit) if unfit else {})
     if simpler_note:
         res.reasons.insert(1, simpler_note)
     return res
@@ -1247,46 +1440,59 @@ _DIM_LABEL = {
 
 
 _SIMPLER_DIMS = ("tp", "pp", "cp", "ep", "activation_checkpointing")
+#: the dimensions whose values the step-time bound may skip candidates of without a fitting one of the value (the
+#: others are REQUIRED_DIMS: a value without a fitting candidate had every candidate evaluated)
+_PRUNABLE_DIMS = ("dp_shard", "activation_checkpointing", "micro_batch")
 #: the dimension whose values trade memory for step time: the reasons give each other value's memory per GPU beside its
 #: step time (ZeRO-1 for a step 0.5 % faster than ZeRO-3 may hold a third more), so the choice can be judged
 _MEMORY_TRADE_DIMS = ("zero_stage",)
 
 
 def _verdict(dim, chosen, values, best_by, nofit_by, best: Candidate, pick: str, exact,
-             cp_off: bool = False) -> str:
+             cp_off: bool = False, pruned_by=None) -> str:
     """Why this value and not another, in a few words, each read off the candidates' own numbers (``best``: the
     chosen candidate; ``best_by``: the best fitting candidate per (dimension, value); ``pick``: why the simpler-layout
     rule chose ``best`` over a faster one ("": it did not); ``exact``: a candidate's memory; ``cp_off``: CP is not
-    searched, so a value other rejections rule out may run with it). Only for the dimensions with a "simpler" value
-    (:data:`_SIMPLER_DIMS`): a faster value is named as faster (the choice then was the simpler layout's), a tie as a
-    tie (with less memory only where the chosen holds less), "the only workable choice" only when no other value
-    fits."""
+    searched, so a value other rejections rule out may run with it; ``pruned_by``: per (dimension, value) without a
+    fitting candidate the least step-time bound of its skipped ones). Only for the dimensions with a "simpler" value
+    (:data:`_SIMPLER_DIMS`): a faster value is named as faster (the choice then was the simpler-layout rule's), a tie
+    as a tie (the printed percentage 0.0, as in the list: :func:`_tied`; with less memory only where the chosen holds
+    less), "needed" only when every candidate of the simpler values failed the fit check, "the only workable choice"
+    only when no other value fits."""
     if dim not in _SIMPLER_DIMS or not values:
         return ""
     step = best.step_seconds
-    b0 = _step_bin(step)
+    pruned_by = pruned_by or {}
     rank = _AC_RANK.__getitem__ if dim == "activation_checkpointing" else (lambda v: v)
     alts = [(v, best_by[(dim, v)]) for v in values if (dim, v) in best_by]
-    faster = [(v, c) for v, c in alts if _step_bin(c.step_seconds) < b0]
+    faster = [(v, c) for v, c in alts if c.step_seconds < step and not _tied(c.step_seconds, step)]
     if faster:
         v, c = min(faster, key=lambda vc: (vc[1].step_seconds, rank(vc[0])))
-        return f" ({v} is {100 * (1 - c.step_seconds / step):.1f}% faster{': ' + pick if pick else ''})"
+        # (without the simpler-layout rule's pick, the faster one ranked after the chosen: the same 0.1 % step bin)
+        why = pick or "ranked after it in the same 0.1% step bin, where less memory, then fewer dimensions, go first"
+        return f" ({v} is {-_pct(c.step_seconds, step):.1f}% faster: {why})"
     simpler = [v for v in values if rank(v) < rank(chosen)]
     fit_simpler = [(v, c) for v, c in alts if rank(v) < rank(chosen)]
     if fit_simpler:
         v, c = min(fit_simpler, key=lambda vc: (vc[1].step_seconds, rank(vc[0])))
-        if _step_bin(c.step_seconds) > b0:
-            return f" (faster than {v} by {100 * (c.step_seconds / step - 1):.1f}%)"
+        if not _tied(c.step_seconds, step):
+            return f" (faster than {v} by {_pct(c.step_seconds, step):.1f}%)"
         return f" (tie with {v}{', less memory' if exact(best) < exact(c) else ''})"
     if not simpler:
         return " (the simplest choice)"
+    skipped = [v for v in simpler if (dim, v) in pruned_by]
+    if skipped:  # not all of a simpler value's candidates were evaluated: no claim that it does not fit
+        v = min(skipped, key=lambda v: (pruned_by[(dim, v)], rank(v)))
+        return f" ({v}: pruned by the step-time bound, >= {_pct(pruned_by[(dim, v)], step):+.1f}%)"
     unfit = [v for v in simpler if (dim, v) in nofit_by]
     if unfit:
         v = max(unfit, key=rank)
         return f" (needed: {v} does not fit{' at cp 1' if cp_off else ''}, >= {gib(nofit_by[(dim, v)])})"
     if alts:  # the simpler values cannot run; every other value that fits is slower
         v, c = min(alts, key=lambda vc: (vc[1].step_seconds, rank(vc[0])))
-        return f" (faster than {v} by {100 * (c.step_seconds / step - 1):.1f}%)"
+        if _tied(c.step_seconds, step):
+            return f" (tie with {v}{', less memory' if exact(best) < exact(c) else ''})"
+        return f" (faster than {v} by {_pct(c.step_seconds, step):.1f}%)"
     return " (the only workable choice without context parallelism)" if cp_off else " (the only workable choice)"
 
 
@@ -1309,10 +1515,12 @@ def pins_set(pins) -> dict:
 
 def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capacity: int,
             fitting: list[Candidate], pins=None, *, exact=None, fit_check: bool = True,
-            cp_off: bool = False) -> list[str]:
+            cp_off: bool = False, pruned_by=None) -> list[str]:
     """The choice in words: what was picked, and what every other value of each dimension costs. ``exact``: a
     candidate's memory (default: its ``per_gpu_bytes``); ``fit_check``: whether the candidates were checked to fit;
-    ``cp_off``: CP would be a candidate but is not searched below :data:`CP_MIN_SEQ` (:func:`cp_unsearched`)."""
+    ``cp_off``: CP would be a candidate but is not searched below :data:`CP_MIN_SEQ` (:func:`cp_unsearched`);
+    ``pruned_by``: per (dimension, value) of ``nofit_by`` without a fitting candidate, the least step-time bound of the
+    candidates of it the search skipped (such a value is "pruned", not "does not fit")."""
     best = res.best
     if best is None:
         return []
@@ -1323,10 +1531,13 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
     _, _, br = step_time(sm, b)
     step = best.step_seconds
     simpler = simpler_pick and _simplicity(b) < _simplicity(res.fastest.plan)
+    pruned_by = pruned_by or {}
+    # (not simpler than the fastest, not the fastest: taken for memory, _choose's first rule)
     pick = ("" if not simpler_pick else "chosen as the simpler layout within the error band" if simpler else
-            "chosen within the error band as safe on its own")
+            "chosen within the error band as the fastest's memory is within the memory model's error")
     head = ("fastest" if not simpler_pick else "chosen as the simpler layout within the error band (over the fastest)"
-            if simpler else "chosen within the error band over the fastest (as simple, and safe on its own)")
+            if simpler else "chosen within the error band over the fastest (its memory is within the memory model's "
+            "error of the limit)")
     out.append(f"{head} of {res.fitting} {'fitting ' if fit_check else ''}candidates evaluated"
                f"{'' if fit_check else ' without a fit check'} ({res.evaluated} memory evaluations, the "
                f"rest pruned by a step-time bound): "
@@ -1354,11 +1565,14 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
         for val in values:
             alt = best_by.get((dim, val))
             if alt is not None:
-                pct = 100 * (alt.step_seconds / step - 1)
-                text = "tie" if abs(pct) < 0.05 else f"{'+' if pct > 0 else '-'}{abs(pct):.1f}%"
+                pct = _pct(alt.step_seconds, step)
+                text = "tie" if _tied(alt.step_seconds, step) else f"{'+' if pct > 0 else '-'}{abs(pct):.1f}%"
                 if dim in _MEMORY_TRADE_DIMS:  # what the other value would hold: the speed bought with memory
                     text += f" at {gib(exact(alt))}"
                 texts.setdefault(text, []).append(val)
+            elif (dim, val) in pruned_by:  # some failed the fit check, others were not evaluated
+                texts.setdefault(f"pruned by the step-time bound (>= {_pct(pruned_by[(dim, val)], step):+.1f}%; "
+                                 f"those evaluated do not fit, >= {gib(nofit_by[(dim, val)])})", []).append(val)
             elif (dim, val) in nofit_by:
                 texts.setdefault(f"does not fit (>= {gib(nofit_by[(dim, val)])})", []).append(val)
             elif (dim, val) in struct_by:
@@ -1366,7 +1580,7 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
         bits = [f"{', '.join(str(v) for v in vals)}: {text}" for text, vals in texts.items()]
         if bits:
             found = "" if dim in REQUIRED_DIMS else " (best found)"
-            verdict = _verdict(dim, chosen, values, best_by, nofit_by, best, pick, exact, cp_off)
+            verdict = _verdict(dim, chosen, values, best_by, nofit_by, best, pick, exact, cp_off, pruned_by)
             out.append(f"{_DIM_LABEL[dim]} {shown}{verdict}; others{found}: " + "; ".join(bits[:6])
                        + (f"; ... {len(bits) - 6} more" if len(bits) > 6 else ""))
     if b.pp > 1:

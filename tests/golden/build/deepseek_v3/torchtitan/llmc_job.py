@@ -1146,7 +1146,7 @@ def _trainer_config(spec):
             min_lr_factor=0.1,
         ),
         training=TrainingConfig(
-            local_batch_size=240,
+            local_batch_size=480,
             global_batch_size=15360,
             seq_len=4096,
             max_norm=1.0,
@@ -1167,10 +1167,10 @@ def _trainer_config(spec):
         ),
         parallelism=ParallelismConfig(
             data_parallel_replicate_degree=1,
-            data_parallel_shard_degree=64,
+            data_parallel_shard_degree=32,
             fsdp_reshard_after_forward='never',
             tensor_parallel_degree=2,
-            pipeline_parallel_degree=16,
+            pipeline_parallel_degree=32,
             pipeline_parallel_schedule='1F1B',
             pipeline_parallel_microbatch_size=1,
             module_fqns_per_model_part=None,
