@@ -47,18 +47,11 @@ def _errors(c) -> set[str]:
 
 
 def _p004_hints(c) -> list[str]:
-    """P004's hints ("try a; b; c", split at the semicolons outside parentheses)."""
+    """P004's hints ("try a; b; c", split at the semicolons outside parentheses: test_p004_hints._split)."""
+    from test_p004_hints import _split
+
     (d,) = [d for d in c.diagnostics if d.code == "P004"]
-    assert d.hint.startswith("try "), d.hint
-    out, depth, cur = [], 0, ""
-    for ch in d.hint[4:]:
-        depth += (ch == "(") - (ch == ")")
-        if ch == ";" and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    return out + [cur.strip()]
+    return _split(d.hint)
 
 
 # ------------------------------------------------------------------------------------------- 1. DeepSpeed ZeRO-2
