@@ -141,6 +141,7 @@ def test_a_zero1_pin_on_fsdp2_plans_and_builds_the_zero2_job(runner, tmp_path, b
     assert r.exit_code == 0, r.output
     plan_part = " ".join(r.output.split("Diagnostics")[0].split())
     assert f"{backend}'s ZeRO-2" in plan_part and "ZeRO-1" not in plan_part and " zero1 " not in plan_part
+    assert "zero_stage=1 (runs as 2)" in plan_part  # (the pins line: the spec's pin, and what runs)
 
 
 def test_a_zero1_pin_on_fsdp2_is_named_as_pinned_in_p004():

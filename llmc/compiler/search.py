@@ -1546,7 +1546,9 @@ def explain(res: SearchResult, sm: StepModel, best_by, nofit_by, struct_by, capa
                f"({100 * backends.fit_headroom(sm.backend):.0f}% of {gib(capacity)})")
     top = sorted(((k, v) for k, v in br.items() if v > 0), key=lambda kv: -kv[1])[:4]
     out.append("step time: " + ", ".join(f"{k} {100 * v / step:.0f}%" for k, v in top))
-    pinned = [f"{k}={v}" for k, v in pins_set(pins).items()]
+    # (a ZeRO-1 pin runs as the ZeRO-2 of FSDP2 backends, zero_stages: the line names what the plan runs)
+    pinned = [f"{k}={v}" + (f" (runs as {b.zero_stage})" if k == "zero_stage" and v != b.zero_stage else "")
+              for k, v in pins_set(pins).items()]
     if pinned:
         out.append("fixed: " + ", ".join(pinned) + " (pinned by the spec, or a dimension the backend does not run)")
     for dim in ("tp", "pp", "cp", "ep", "dp_shard", "zero_stage", "pp_schedule", "activation_checkpointing",
