@@ -1327,7 +1327,8 @@ def _choose(S: _Search, fitting: list[Candidate]) -> tuple[Candidate, str | None
                     + (" with a pipeline bubble no larger" if top.bubble else "") + "; ")
         note += (f"chose the simpler {describe(chosen.plan)} over "
                  + (f"the fastest {describe(fastest.plan)}" if safe is None else "it")
-                 + f": {slower(chosen)} predicted, {band} ({_SIMPLER_RULE}){passed}")
+                 + f": {slower(chosen)}{'' if safe is None else ' than the fastest'} predicted, {band} "
+                 f"({_SIMPLER_RULE}){passed}")
     if first_declined is not None and first_declined[0] is not fastest:
         d, dwhy = first_declined
         note += (f"; {describe(d.plan)} ({slower(d)}), "
