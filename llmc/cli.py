@@ -952,7 +952,7 @@ def report(
 ) -> None:
     """Plot a run's measured metrics against the build's predictions (PNGs and report.html)."""
     from llmc.lockfile import LOCK_FILE, read_lock
-    from llmc.runreport import make_report, summary_lines
+    from llmc.runreport import make_report, read_stages, summary_lines
 
     rd = run_dir.resolve()
     if (rd / LOCK_FILE).exists():
@@ -969,9 +969,10 @@ def report(
 
     dest = out or rd / "report"
     try:
-        paths = make_report(rd, lock, dest)
+        stages = read_stages(rd, lock)  # (each metrics.jsonl read once, for the files and the summary)
+        paths = make_report(rd, lock, dest, stages)
         skipped: list[str] = []  # run files left out of the report (warnings)
-        summary = summary_lines(rd, lock, skipped)  # validation loss first -> last, eval task results
+        summary = summary_lines(rd, lock, skipped, stages)  # validation loss first -> last, eval task results
     except FileNotFoundError as e:
         _fail([f"{run_dir}: error[L011] {e}"])
     except MetricsError as e:

@@ -313,15 +313,23 @@ def read_evals(run_dir: str | Path, lock: dict, skipped: list[str] | None = None
     return out
 
 
-def summary_lines(run_dir: str | Path, lock: dict, skipped: list[str] | None = None) -> list[str]:
+def read_stages(run_dir: str | Path, lock: dict) -> list[StageMetrics]:
+    """Every stage's metrics under ``run_dir`` (:func:`find_stages`, :func:`read_metrics` against the lock's spec):
+    read once, for :func:`make_report` and :func:`summary_lines` alike."""
+    return [read_metrics(p, name, _get(lock, "spec", "sha256")) for name, p in find_stages(run_dir, lock)]
+
+
+def summary_lines(run_dir: str | Path, lock: dict, skipped: list[str] | None = None,
+                  stages: list[StageMetrics] | None = None) -> list[str]:
     """Per stage: validation loss/perplexity first -> last, then each eval task's metrics, then each
     metric by checkpoint step (``eval.every_checkpoints``). A ``warning[L013]`` line per eval summary left out
-    (:func:`_read_summary`) goes to ``skipped`` when given (for stderr), else after those lines."""
+    (:func:`_read_summary`) goes to ``skipped`` when given (for stderr), else after those lines. ``stages``: the
+    metrics already read (:func:`read_stages`; None: read here)."""
     lines: list[str] = []
     left_out: list[str] = [] if skipped is None else skipped
     formats: dict[str, str] = {}
-    for name, path in find_stages(run_dir, lock):
-        sm = read_metrics(path, name, _get(lock, "spec", "sha256"))
+    for sm in read_stages(run_dir, lock) if stages is None else stages:
+        name = sm.name
         if note := sm.note():  # (a relaunch under this lock after steps under another spec)
             lines.append(f"{name}: {note}")
         steps, vals = sm.series("val_loss")
@@ -628,15 +636,16 @@ step time is each record's mean training time per step since the previous record
 """
 
 
-def make_report(run_dir: str | Path, lock: dict, out_dir: str | Path) -> list[Path]:
+def make_report(run_dir: str | Path, lock: dict, out_dir: str | Path,
+                stages: list[StageMetrics] | None = None) -> list[Path]:
     """Write the PNGs and ``report.html`` for every stage found under ``run_dir``; return their paths
-    (PNGs in stage then plot order, the HTML last). Raises FileNotFoundError when no metrics exist."""
-    found = find_stages(run_dir, lock)
-    if not found:
+    (PNGs in stage then plot order, the HTML last). Raises FileNotFoundError when no metrics exist. ``stages``: the
+    metrics already read (:func:`read_stages`; None: read here)."""
+    stages = read_stages(run_dir, lock) if stages is None else stages
+    if not stages:
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (run a stage first)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stages = [read_metrics(p, name, _get(lock, "spec", "sha256")) for name, p in found]
     pngs: list[Path] = []
     for sm in stages:
         p = predictions(lock, sm.name, sm.backend)
